@@ -1,0 +1,56 @@
+"""moe_replay: find the routers of any PyTorch MoE, record their expert choices, replay them.
+
+Example:
+    >>> import torch, moe_replay as mr
+    >>> model = mr.models.build("softmax_topk")
+    >>> x = torch.randint(0, model.config.vocab_size, (2, 8))
+    >>> session = mr.attach(model)
+    >>> with session.capture():
+    ...     _ = model(x)
+    >>> routes = session.routes()
+    >>> routes.indices.shape          # [tokens, routers, k]
+    torch.Size([16, 2, 2])
+    >>> with session.replay(routes):
+    ...     model(x, labels=x).loss.backward()
+    >>> session.detach()
+"""
+
+from __future__ import annotations
+
+from . import models
+from .discovery import Adapter, RouterSite, find_routers, format_sites
+from .errors import (
+    CaptureOverflowError,
+    MoEReplayError,
+    ReplayConsumptionError,
+    RouterNotFoundError,
+    RoutesValidationError,
+    SessionStateError,
+    UnsupportedRouterError,
+)
+from .ring import index_dtype
+from .routes import Routes
+from .session import DEFAULT_CAPACITY, Session, attach
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_CAPACITY",
+    "Adapter",
+    "CaptureOverflowError",
+    "MoEReplayError",
+    "ReplayConsumptionError",
+    "RouterNotFoundError",
+    "RouterSite",
+    "Routes",
+    "RoutesValidationError",
+    "Session",
+    "SessionStateError",
+    "UnsupportedRouterError",
+    "__version__",
+    "attach",
+    "find_routers",
+    "format_sites",
+    "index_dtype",
+    "models",
+]

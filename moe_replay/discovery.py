@@ -1,0 +1,390 @@
+"""Finding the routers of any ``nn.Module`` MoE.
+
+A router is found by pattern, not by class: its attribute or class name looks like a
+router (``gate``, ``router``, ``*TopkRouter``, ``wg`` ...), it owns a ``[num_experts,
+hidden]`` weight (or a single ``Linear`` child with ``num_experts`` outputs), and that
+expert count agrees with what the surrounding code says (an ``experts`` container,
+``num_experts``-like attributes, the model's config). A shared-expert gate
+(``Linear(hidden, 1)``) and an MLP's ``gate_proj`` fail these tests.
+
+``include=`` and ``exclude=`` override the patterns; they take names, globs, regexes,
+classes, predicates, or a list of those. :class:`Adapter` says how to intercept a
+router family that the generic path gets wrong.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from torch import nn
+
+from .errors import RouterNotFoundError
+
+__all__ = ["Adapter", "Matcher", "RouterSite", "find_routers", "format_sites"]
+
+Matcher = Union[str, re.Pattern[str], type, Callable[[str, nn.Module], bool], Iterable[Any]]
+"""What ``include=`` / ``exclude=`` accept: a module path or glob (``"layers.*.gate"``),
+a compiled regex, a module class, a predicate ``(name, module) -> bool``, or a list of those."""
+
+_EXPERT_KEYS = (
+    "num_experts",
+    "n_routed_experts",
+    "num_local_experts",
+    "moe_num_experts",
+    "n_experts",
+    "num_routed_experts",
+    "expert_count",
+    "num_total_experts",
+)
+_TOPK_KEYS = (
+    "top_k",
+    "num_experts_per_tok",
+    "moe_top_k",
+    "topk",
+    "num_experts_per_token",
+    "experts_per_token",
+    "num_selected_experts",
+    "n_activated_experts",
+    "router_topk",
+    "moe_k",
+    "k",
+)
+_NESTED_CONFIGS = ("text_config", "ffn_config", "moe_config", "language_config", "llm_config")
+
+_NAME_HIT = re.compile(r"(router|gate|gating|^wg$|^switch$)", re.I)
+_NAME_MISS = re.compile(r"(proj|_up|up_|shared|norm|act|_fn|expert|attn|lora)", re.I)
+_CLASS_HIT = re.compile(r"(router|gate|gating)", re.I)
+_CLASS_MISS = re.compile(r"(mlp|expert|attention|decoder|layer$|block|proj|norm|activation|gated|glu)", re.I)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to intercept routers that the generic path gets wrong.
+
+    Args:
+        name: short label shown in ``find_routers`` tables.
+        match: predicate ``(name, module) -> bool`` selecting the routers it applies to.
+        scope: ``"router"`` intercepts the router's own forward; ``"parent"`` the module
+            that holds it (for a bare ``Linear`` gate whose top-k runs in the MoE block).
+        decision: ``"auto"``, ``"topk"``, ``"argmax"`` or ``"max"``: which call is the decision.
+        unsupported: a reason; routers it matches are refused at ``attach`` with it.
+
+    Example:
+        >>> import moe_replay as mr
+        >>> ad = mr.Adapter("my-gate", match=lambda n, m: n.endswith(".wg"), scope="parent")
+    """
+
+    name: str
+    match: Callable[[str, nn.Module], bool]
+    scope: str = "router"
+    decision: str = "auto"
+    unsupported: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("router", "parent"):
+            raise ValueError(f"Adapter scope must be 'router' or 'parent', got {self.scope!r}")
+        if self.decision not in ("auto", "topk", "argmax", "max"):
+            raise ValueError(f"Adapter decision must be auto/topk/argmax/max, got {self.decision!r}")
+
+
+def _is_plain_linear(name: str, module: nn.Module) -> bool:
+    return type(module).forward is nn.Linear.forward
+
+
+def _is_sparsemixer(name: str, module: nn.Module) -> bool:
+    return "phimoe" in type(module).__name__.lower() and "router" in type(module).__name__.lower()
+
+
+#: Adapters tried after the user's, first match wins.
+BUILTIN_ADAPTERS: tuple[Adapter, ...] = (
+    Adapter(
+        "phimoe-sparsemixer",
+        match=_is_sparsemixer,
+        unsupported="PhiMoE's sparsemixer picks experts by iterative masked argmax with a "
+        "straight-through estimator; its weights are not a gather of scores at the chosen experts, "
+        "so replay cannot be exact",
+    ),
+    Adapter("linear-gate", match=_is_plain_linear, scope="parent"),
+)
+
+
+@dataclass(frozen=True)
+class RouterSite:
+    """One router found in a model.
+
+    Attributes:
+        name: module path of the router (``model.get_submodule(name)``).
+        module_class: class name of the router module.
+        num_experts: expert count E (the width of its scores).
+        top_k: experts chosen per token.
+        scope: module path whose forward is intercepted (the router, or its MoE block).
+        decision: which call is the decision (``auto``: topk, or argmax/max when k is 1).
+        adapter: ``generic`` or the name of the :class:`Adapter` that applies.
+        unsupported: why this router cannot be replayed, or None.
+    """
+
+    name: str
+    module_class: str
+    num_experts: int
+    top_k: int
+    scope: str
+    decision: str = "auto"
+    adapter: str = "generic"
+    unsupported: str | None = None
+    module: nn.Module | None = field(default=None, repr=False, compare=False)
+    scope_module: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def how(self) -> str:
+        """One line saying how this router is intercepted."""
+        if self.unsupported:
+            return f"refused: {self.unsupported}"
+        call = {"auto": "topk" if self.top_k > 1 else "topk/argmax/max"}.get(self.decision, self.decision)
+        where = "its own forward" if self.scope == self.name else f"forward of '{self.scope}'"
+        return f"{call} in {where}"
+
+
+def format_sites(sites: Sequence[RouterSite]) -> str:
+    """A plain-text table of routers, as printed by ``python -m moe_replay inspect``."""
+    rows = [("router", "class", "E", "k", "intercepted")]
+    rows += [(s.name, s.module_class, str(s.num_experts), str(s.top_k), s.how) for s in sites]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
+    lines.insert(1, "-" * max(len(x) for x in lines))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- matching
+def _compile_matcher(spec: Matcher | None) -> Callable[[str, nn.Module], bool] | None:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return lambda n, m: n == spec or fnmatch.fnmatchcase(n, spec)
+    if isinstance(spec, re.Pattern):
+        return lambda n, m: spec.fullmatch(n) is not None
+    if isinstance(spec, type):
+        return lambda n, m: isinstance(m, spec)
+    if callable(spec):
+        return lambda n, m: bool(spec(n, m))
+    if isinstance(spec, Iterable):
+        parts = [_compile_matcher(s) for s in spec]
+        return lambda n, m: any(p(n, m) for p in parts if p is not None)
+    raise TypeError(
+        f"include/exclude take a name, glob, regex, class, predicate or a list of those; got {type(spec).__name__}"
+    )
+
+
+def _describe(spec: Matcher) -> str:
+    if isinstance(spec, list | tuple | set):
+        return ", ".join(_describe(s) for s in spec)
+    if isinstance(spec, re.Pattern):
+        return f"re:{spec.pattern}"
+    if isinstance(spec, type):
+        return spec.__name__
+    return repr(spec) if isinstance(spec, str) else getattr(spec, "__name__", repr(spec))
+
+
+# ----------------------------------------------------------------------- attributes
+def _int_attr(obj: Any, keys: Sequence[str]) -> int | None:
+    if obj is None:
+        return None
+    for key in keys:
+        v = getattr(obj, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _config_int(config: Any, keys: Sequence[str]) -> int | None:
+    if config is None:
+        return None
+    found = _int_attr(config, keys)
+    if found is not None:
+        return found
+    for sub in _NESTED_CONFIGS:
+        found = _int_attr(getattr(config, sub, None), keys)
+        if found is not None:
+            return found
+    return None
+
+
+def _expert_width(module: nn.Module) -> int | None:
+    """E from the router's weight ``[E, hidden]`` or its single Linear child."""
+    own = dict(module.named_parameters(recurse=False))
+    w = own.get("weight")
+    if w is None:
+        w = next((p for p in own.values() if p.dim() == 2), None)
+    if w is not None and w.dim() == 2:
+        return int(w.shape[0])
+    linears = [m for m in module.children() if isinstance(m, nn.Linear)]
+    if len(linears) == 1:
+        return int(linears[0].out_features)
+    return None
+
+
+def _expert_counts(module: nn.Module, parent: nn.Module | None, config: Any) -> set[int]:
+    counts = set()
+    for obj in (module, parent):
+        v = _int_attr(obj, _EXPERT_KEYS)
+        if v:
+            counts.add(v)
+    if parent is not None:
+        experts = getattr(parent, "experts", None)
+        if isinstance(experts, nn.ModuleList | nn.Sequential):
+            counts.add(len(experts))
+        v = _int_attr(experts, _EXPERT_KEYS)
+        if v:
+            counts.add(v)
+    v = _config_int(config, _EXPERT_KEYS)
+    if v:
+        counts.add(v)
+    return counts
+
+
+def _top_k(module: nn.Module, parent: nn.Module | None, config: Any) -> int | None:
+    for obj in (module, parent):
+        v = _int_attr(obj, _TOPK_KEYS)
+        if v:
+            return v
+    v = _config_int(config, _TOPK_KEYS)
+    if v:
+        return v
+    if re.search(r"top1|top_1|switch", type(module).__name__, re.I):
+        return 1
+    return None
+
+
+def _looks_like_router(name: str, module: nn.Module) -> bool:
+    attr = name.rsplit(".", 1)[-1]
+    cls = type(module).__name__
+    name_hit = bool(_NAME_HIT.search(attr)) and not _NAME_MISS.search(attr)
+    class_hit = bool(_CLASS_HIT.search(cls)) and not _CLASS_MISS.search(cls)
+    return name_hit or class_hit
+
+
+def _parent_name(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _nearest_config(name: str, modules: dict[str, nn.Module]) -> Any:
+    while True:
+        cfg = getattr(modules.get(name), "config", None)
+        if cfg is not None and not isinstance(cfg, nn.Module):
+            return cfg
+        if not name:
+            return None
+        name = _parent_name(name)
+
+
+# ----------------------------------------------------------------------- the search
+def find_routers(
+    model: nn.Module,
+    include: Matcher | None = None,
+    exclude: Matcher | None = None,
+    *,
+    adapters: Sequence[Adapter] = (),
+    top_k: int | None = None,
+    num_experts: int | None = None,
+) -> list[RouterSite]:
+    """Find the MoE routers of ``model``.
+
+    Args:
+        model: any ``nn.Module``.
+        include: take exactly the modules it matches as routers (names, globs, regexes,
+            classes, predicates or a list), instead of the built-in patterns.
+        exclude: drop the routers it matches.
+        adapters: extra :class:`Adapter` rules, tried before the built-in ones.
+        top_k: k for every router, when the model does not say.
+        num_experts: E for every router, when its weight does not say.
+
+    Returns:
+        One :class:`RouterSite` per router, in module order (unsupported ones included,
+        with ``unsupported`` set; ``attach`` refuses those).
+
+    Raises:
+        RouterNotFoundError: no router found, or ``include`` matched nothing.
+
+    Example:
+        >>> import moe_replay as mr
+        >>> model = mr.models.build("softmax_topk")
+        >>> [s.name for s in mr.find_routers(model)][:2]
+        ['layers.0.mlp.router', 'layers.1.mlp.router']
+    """
+    inc = _compile_matcher(include)
+    exc = _compile_matcher(exclude)
+    modules = dict(model.named_modules())
+    chosen: list[str] = []
+    for name, module in modules.items():
+        if inc is not None:
+            if not inc(name, module):
+                continue
+        elif not name or not _looks_like_router(name, module):
+            continue
+        if exc is not None and exc(name, module):
+            continue
+        chosen.append(name)
+
+    sites: list[RouterSite] = []
+    problems: list[str] = []
+    for name in chosen:
+        if any(name.startswith(other + ".") for other in chosen if other != name and other):
+            continue  # a router inside a router: the outer one holds the decision
+        module = modules[name]
+        parent = modules.get(_parent_name(name)) if name else None
+        config = _nearest_config(name, modules)
+        width = num_experts or _expert_width(module)
+        counts = _expert_counts(module, parent, config)
+        if inc is None:
+            cls_router = bool(_CLASS_HIT.search(type(module).__name__))
+            if width is None or width < 2:
+                continue
+            if counts and width not in counts:
+                continue
+            if not counts and not cls_router:
+                continue
+        elif width is None:
+            problems.append(f"'{name}': cannot tell its expert count; pass num_experts=")
+            continue
+        k = top_k or _top_k(module, parent, config)
+        if k is None:
+            problems.append(f"'{name}' ({type(module).__name__}, {width} experts): cannot tell its top-k; pass top_k=")
+            continue
+        adapter = next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.match(name, module)), None)
+        scope_name = name
+        if adapter is not None and adapter.scope == "parent":
+            if not name:
+                problems.append(f"'{name}': a bare gate at the root has no parent block to intercept")
+                continue
+            scope_name = _parent_name(name)
+        sites.append(
+            RouterSite(
+                name=name,
+                module_class=type(module).__name__,
+                num_experts=int(width),
+                top_k=int(k),
+                scope=scope_name,
+                decision=adapter.decision if adapter else "auto",
+                adapter=adapter.name if adapter else "generic",
+                unsupported=adapter.unsupported if adapter else None,
+                module=module,
+                scope_module=modules[scope_name],
+            )
+        )
+    if problems:
+        raise RouterNotFoundError("some routers could not be described:\n  " + "\n  ".join(problems))
+    if not sites:
+        if include is not None:
+            raise RouterNotFoundError(
+                f"include={_describe(include)} matched no module of {type(model).__name__}; "
+                f"module paths look like {[n for n in list(modules)[1:4]]}"
+            )
+        raise RouterNotFoundError(
+            f"no MoE router found in {type(model).__name__} ({len(modules)} modules scanned). "
+            "Name the router modules with include=, e.g. mr.attach(model, include='layers.*.mlp.gate') "
+            "or include=MyRouterClass, and pass top_k=/num_experts= if the modules do not carry them"
+        )
+    return sites

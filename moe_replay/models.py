@@ -1,0 +1,427 @@
+"""Small but real MoE transformers in pure torch, one per router style users meet.
+
+They serve the demo, the tests, the benchmarks and the notebooks. Each is a causal
+decoder (attention with a KV cache, RMSNorm, SwiGLU experts) whose MoE layers use one
+of five router styles:
+
+=================  ==========================================================================
+``softmax_topk``   a router module returning (logits, weights, indices): softmax, top-k,
+                   renormalise (Qwen2/3-MoE, OLMoE)
+``topk_softmax``   top-k on the logits, then softmax over the k (Mixtral-inference, gpt-fast)
+``grouped_sigmoid`` sigmoid scores, a selection-only bias and group-limited top-k (DeepSeek-V3)
+``linear_gate``    a bare ``nn.Linear`` gate with the top-k in the MoE block (Mixtral in
+                   transformers v4, DBRX-style blocks)
+``top1_argmax``    a top-1 router choosing by ``argmax`` (Switch Transformer)
+=================  ==========================================================================
+
+Example:
+    >>> import torch, moe_replay as mr
+    >>> model = mr.models.build("grouped_sigmoid", num_layers=2)
+    >>> ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    >>> model.generate(ids, max_new_tokens=3).shape
+    torch.Size([1, 8])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+__all__ = [
+    "STYLES",
+    "Experts",
+    "GroupedSigmoidRouter",
+    "MoEBlock",
+    "MoEConfig",
+    "MoEOutput",
+    "MoETransformer",
+    "SoftmaxTopKRouter",
+    "Top1ArgmaxRouter",
+    "TopKSoftmaxRouter",
+    "build",
+]
+
+STYLES: tuple[str, ...] = ("softmax_topk", "topk_softmax", "grouped_sigmoid", "linear_gate", "top1_argmax")
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class MoEConfig:
+    """Shape and router style of a reference MoE."""
+
+    router: str = "softmax_topk"
+    vocab_size: int = 128
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_experts: int = 8
+    top_k: int = 2
+    expert_size: int = 64
+    max_positions: int = 512
+    first_dense_layers: int = 0
+    shared_expert: bool = False
+    norm_topk_prob: bool = True
+    n_group: int = 4
+    topk_group: int = 2
+    routed_scaling_factor: float = 2.5
+    group_weights_from_topk: bool = False
+    expert_impl: str = "sparse"
+    router_init_std: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.router not in STYLES:
+            raise ValueError(f"unknown router style {self.router!r}; choose one of {STYLES}")
+        if self.router == "top1_argmax":
+            self.top_k = 1
+        if self.expert_impl not in ("sparse", "dense"):
+            raise ValueError("expert_impl must be 'sparse' or 'dense'")
+        if self.router == "grouped_sigmoid" and self.num_experts % self.n_group:
+            raise ValueError("num_experts must be a multiple of n_group")
+
+
+@dataclass
+class MoEOutput:
+    """What :class:`MoETransformer` returns."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+
+
+# ----------------------------------------------------------------------------- routers
+class SoftmaxTopKRouter(nn.Module):
+    """Softmax over all experts, top-k, renormalise; returns (logits, weights, indices)."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.top_k, self.num_experts, self.norm_topk_prob = cfg.top_k, cfg.num_experts, cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(x.dtype), indices
+
+
+class TopKSoftmaxRouter(nn.Module):
+    """Top-k on the logits, then softmax over the k chosen; returns (weights, indices)."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.top_k, self.num_experts = cfg.top_k, cfg.num_experts
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        top_logits, indices = logits.topk(self.top_k, dim=-1)
+        return F.softmax(top_logits, dim=-1, dtype=torch.float).to(x.dtype), indices
+
+
+class GroupedSigmoidRouter(nn.Module):
+    """Sigmoid scores, selection-only bias, group-limited top-k (DeepSeek-V3 style).
+
+    With ``group_weights_from_topk`` the weights are the top-k values of the group-masked
+    scores (DeepSeek-V2 group-limited greedy) instead of a gather from the scores.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.top_k, self.num_experts = cfg.top_k, cfg.num_experts
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scale, self.norm_topk_prob = cfg.routed_scaling_factor, cfg.norm_topk_prob
+        self.weights_from_topk = cfg.group_weights_from_topk
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        choice = scores.detach() + self.e_score_correction_bias if not self.weights_from_topk else scores
+        grouped = rearrange(choice, "t (g e) -> t g e", g=self.n_group)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(choice.shape)
+        masked = choice.masked_fill(score_mask == 0, 0.0)
+        top_values, indices = torch.topk(masked, k=self.top_k, dim=-1, sorted=False)
+        weights = top_values if self.weights_from_topk else scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights * self.scale).to(x.dtype), indices
+
+
+class Top1ArgmaxRouter(nn.Module):
+    """Switch-style top-1 router: softmax, argmax, weight = probability of the chosen expert."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.top_k, self.num_experts = 1, cfg.num_experts
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float)
+        index = torch.argmax(probs, dim=-1)
+        weight = probs.gather(-1, index.unsqueeze(-1))
+        return weight.to(x.dtype), index.unsqueeze(-1)
+
+
+_ROUTERS: dict[str, type[nn.Module]] = {
+    "softmax_topk": SoftmaxTopKRouter,
+    "topk_softmax": TopKSoftmaxRouter,
+    "grouped_sigmoid": GroupedSigmoidRouter,
+    "top1_argmax": Top1ArgmaxRouter,
+}
+
+
+# ----------------------------------------------------------------------------- experts
+class Experts(nn.Module):
+    """E SwiGLU experts with stacked weights.
+
+    ``sparse`` runs each expert on its tokens (one host sync per call for the counts);
+    ``dense`` runs every expert on every token and masks: no sync, CUDA-graph safe.
+    Both sum the k expert outputs of a token in slot order, so results are deterministic.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.num_experts, self.impl = cfg.num_experts, cfg.expert_impl
+        self.gate_up = nn.Parameter(torch.empty(cfg.num_experts, 2 * cfg.expert_size, cfg.hidden_size))
+        self.down = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, cfg.expert_size))
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down[e])
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        t, k = indices.shape
+        if self.impl == "dense":
+            outs = torch.stack([self._expert(e, x) for e in range(self.num_experts)], dim=1)  # [T, E, H]
+            picked = outs.gather(1, indices.unsqueeze(-1).expand(t, k, x.shape[-1]))  # [T, k, H]
+        else:
+            flat = indices.reshape(-1)
+            order = flat.argsort(stable=True)
+            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+            token_of = order // k
+            picked_flat = x.new_empty(t * k, x.shape[-1])
+            start = 0
+            for e, c in enumerate(counts):
+                if c:
+                    sel = order[start : start + c]
+                    picked_flat[sel] = self._expert(e, x[token_of[start : start + c]])
+                    start += c
+            picked = picked_flat.view(t, k, -1)
+        return (picked * weights.unsqueeze(-1).to(picked.dtype)).sum(dim=1)
+
+
+class _DenseMLP(nn.Module):
+    def __init__(self, hidden: int, size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, size, bias=False)
+        self.up_proj = nn.Linear(hidden, size, bias=False)
+        self.down_proj = nn.Linear(size, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEBlock(nn.Module):
+    """Router + experts (+ an optional gated shared expert)."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.style, self.top_k, self.num_experts = cfg.router, cfg.top_k, cfg.num_experts
+        self.norm_topk_prob = cfg.norm_topk_prob
+        if cfg.router == "linear_gate":
+            self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        else:
+            self.router = _ROUTERS[cfg.router](cfg)
+        self.experts = Experts(cfg)
+        if cfg.shared_expert:
+            self.shared_expert = _DenseMLP(cfg.hidden_size, cfg.expert_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, indices) of every token, ``[T, k]`` each."""
+        if self.style == "linear_gate":
+            probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+            weights, indices = torch.topk(probs, self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return weights.to(x.dtype), indices
+        out = self.router(x)
+        if self.style == "softmax_topk":
+            return out[1], out[2]
+        return out[0], out[1]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        weights, indices = self.route(x)
+        y = self.experts(x, indices, weights)
+        if hasattr(self, "shared_expert"):
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- transformer
+class _RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        q, k, v = (rearrange(t, "b s (h d) -> b h s d", h=self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(rearrange(out, "b h s d -> b s (h d)")), (k, v)
+
+
+class _Layer(nn.Module):
+    def __init__(self, cfg: MoEConfig, moe: bool) -> None:
+        super().__init__()
+        self.input_norm = _RMSNorm(cfg.hidden_size)
+        self.attn = _Attention(cfg)
+        self.post_norm = _RMSNorm(cfg.hidden_size)
+        self.mlp: nn.Module = MoEBlock(cfg) if moe else _DenseMLP(cfg.hidden_size, cfg.expert_size * cfg.top_k)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        a, kv = self.attn(self.input_norm(x), mask, cache)
+        x = x + a
+        return x + self.mlp(self.post_norm(x)), kv
+
+
+class MoETransformer(nn.Module):
+    """A causal MoE decoder. Its MoE layers are ``layers.{i}.mlp`` (:class:`MoEBlock`)."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos = nn.Embedding(config.max_positions, config.hidden_size)
+        self.layers = nn.ModuleList(
+            _Layer(config, moe=i >= config.first_dense_layers) for i in range(config.num_layers)
+        )
+        self.norm = _RMSNorm(config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> MoEOutput:
+        """Logits ``[B, S, V]``; ``labels`` (HF convention, shifted inside, -100 ignored) give a loss.
+
+        ``attention_mask`` ``[B, past + S]`` marks real tokens with 1 (left padding allowed).
+        """
+        b, s = input_ids.shape
+        past = past_key_values[0][0].shape[2] if past_key_values else 0
+        total = past + s
+        if attention_mask is None:
+            attention_mask = torch.ones(b, total, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        causal = torch.ones(s, total, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)
+        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        mask = mask | ~mask.any(dim=-1, keepdim=True)  # fully padded rows attend anywhere (ignored)
+        x = self.embed(input_ids) + self.pos(position_ids)
+        new_cache: KVCache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, mask, past_key_values[i] if past_key_values else None)
+            new_cache.append(kv)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return MoEOutput(logits=logits, loss=loss, past_key_values=new_cache if use_cache else None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 8,
+        attention_mask: torch.Tensor | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Decode with a KV cache; returns prompt and new tokens, ``[B, S + max_new_tokens]``.
+
+        Routers see the prompt in one forward, then one token per sequence per step; the
+        last sampled token is never fed back, so it is never routed.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        seq, cache, step_input = input_ids, None, input_ids
+        for _ in range(max_new_tokens):
+            out = self(step_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            last = out.logits[:, -1].float()
+            if do_sample:
+                probs = F.softmax(last / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            else:
+                nxt = last.argmax(dim=-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)
+            step_input = nxt
+        return seq
+
+
+def _init(model: MoETransformer, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            continue
+        std = model.config.router_init_std if (".router." in name or name.endswith("mlp.gate.weight")) else 0.05
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    for m in model.modules():
+        if isinstance(m, GroupedSigmoidRouter):
+            m.e_score_correction_bias.copy_(torch.randn(m.num_experts, generator=g) * 0.1)
+
+
+def build(style: str = "softmax_topk", *, seed: int = 0, **overrides: Any) -> MoETransformer:
+    """A reference MoE of the given router style with seeded random weights.
+
+    Args:
+        style: one of :data:`STYLES`.
+        seed: initialisation seed (same seed, same weights).
+        **overrides: any :class:`MoEConfig` field (``num_layers``, ``num_experts``, ``top_k``...).
+    """
+    cfg = replace(MoEConfig(router=style), **overrides) if overrides else MoEConfig(router=style)
+    model = MoETransformer(cfg)
+    _init(model, seed)
+    return model.eval()

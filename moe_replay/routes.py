@@ -1,0 +1,384 @@
+"""``Routes``: the routing decisions of T tokens through L routers.
+
+A route is the list of ``k`` expert indices one router chose for one token. A row of
+``-1`` means "no recorded route": during replay that token is routed natively.
+
+Routes live on the host in the smallest signed integer dtype that holds every expert
+index and ``-1`` (int16 up to 32767 experts), and convert to int64 on demand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import RoutesValidationError
+
+__all__ = ["FORMAT_VERSION", "Routes"]
+
+#: Version of the ``.npz`` layout written by :meth:`Routes.save`.
+FORMAT_VERSION = 1
+_MAGIC = "moe_replay.routes"
+
+TokenIndex = int | slice | Sequence[int] | np.ndarray | torch.Tensor
+
+
+def _storage_dtype(num_experts: int) -> torch.dtype:
+    """Smallest signed dtype holding ``0 .. num_experts - 1`` and ``-1``."""
+    if num_experts <= 2**15 - 1:
+        return torch.int16
+    return torch.int32
+
+
+def fingerprint(names: Sequence[str], num_experts: Sequence[int], top_k: Sequence[int]) -> str:
+    """A short hash of a router set (names, expert counts, k), to tell models apart."""
+    text = json.dumps([list(names), list(num_experts), list(top_k)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def validate_rows(rows: torch.Tensor, num_experts: int, top_k: int | None, name: str) -> None:
+    """Check one router's ``[T, k]`` rows: integer dtype, range, -1 rows, duplicates.
+
+    Raises:
+        RoutesValidationError: naming the router and the first offending token.
+    """
+    if not isinstance(rows, torch.Tensor):
+        raise RoutesValidationError(f"routes for router '{name}' must be a tensor, got {type(rows).__name__}")
+    if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+        raise RoutesValidationError(
+            f"routes for router '{name}' have dtype {rows.dtype}; expert indices must be integers "
+            "(cast with .long() only if the values are exact integers; NaN is never a valid index)"
+        )
+    if rows.dim() != 2:
+        raise RoutesValidationError(
+            f"routes for router '{name}' must be 2-D [tokens, k], got shape {tuple(rows.shape)}"
+        )
+    if top_k is not None and rows.shape[1] != top_k:
+        raise RoutesValidationError(
+            f"router '{name}' chooses k={top_k} experts per token, but its routes have k={rows.shape[1]}"
+        )
+    if rows.numel() == 0:
+        return
+    r = rows.long()
+    missing = r == -1
+    bad = ((r < -1) | (r >= num_experts)).any(dim=1)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        raise RoutesValidationError(
+            f"router '{name}' has {num_experts} experts, but token {t} has indices {r[t].tolist()}: "
+            f"each index must be in [0, {num_experts - 1}], or the whole row -1 (route natively)"
+        )
+    partial = missing.any(dim=1) & ~missing.all(dim=1)
+    if bool(partial.any()):
+        t = int(partial.nonzero()[0, 0])
+        raise RoutesValidationError(
+            f"router '{name}', token {t}: row {r[t].tolist()} mixes -1 with expert indices; "
+            "a row is either all -1 (route natively) or k valid experts"
+        )
+    if r.shape[1] > 1:
+        s = r.sort(dim=1).values
+        dup = ((s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)).any(dim=1)
+        if bool(dup.any()):
+            t = int(dup.nonzero()[0, 0])
+            raise RoutesValidationError(
+                f"router '{name}', token {t}: row {r[t].tolist()} repeats an expert; a router picks "
+                "k distinct experts (zero padding often causes this: mark missing rows with -1)"
+            )
+
+
+class Routes:
+    """Routing decisions of T tokens through L routers.
+
+    Args:
+        layers: one integer tensor ``[T_l, k_l]`` per router, in router order.
+        names: module path of each router, as in ``model.named_modules()``.
+        num_experts: expert count, one for all routers or one per router.
+
+    Example:
+        >>> import torch, moe_replay as mr
+        >>> r = mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["layers.0.gate"], num_experts=4)
+        >>> r.indices.shape
+        torch.Size([2, 1, 2])
+        >>> r[1:].per_layer()[0].tolist()
+        [[2, 3]]
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[torch.Tensor],
+        names: Sequence[str],
+        num_experts: int | Sequence[int],
+        *,
+        validate: bool = True,
+    ) -> None:
+        names = tuple(str(n) for n in names)
+        layers = list(layers)
+        if len(layers) != len(names):
+            raise RoutesValidationError(f"got {len(layers)} routing tensors for {len(names)} router names")
+        if len(set(names)) != len(names):
+            raise RoutesValidationError(f"router names repeat: {sorted(n for n in names if names.count(n) > 1)}")
+        if isinstance(num_experts, int | np.integer):
+            experts = (int(num_experts),) * len(names)
+        else:
+            experts = tuple(int(e) for e in num_experts)
+            if len(experts) != len(names):
+                raise RoutesValidationError(f"got {len(experts)} expert counts for {len(names)} routers")
+        data: list[torch.Tensor] = []
+        for name, rows, e in zip(names, layers, experts, strict=True):
+            if isinstance(rows, np.ndarray):
+                rows = torch.from_numpy(rows)
+            if validate:
+                validate_rows(rows, e, None, name)
+            data.append(rows.detach().to("cpu", _storage_dtype(e)).contiguous())
+        self._names = names
+        self._experts = experts
+        self._data = data
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Module path of each router."""
+        return self._names
+
+    @property
+    def experts_per_layer(self) -> tuple[int, ...]:
+        """Expert count of each router."""
+        return self._experts
+
+    @property
+    def k_per_layer(self) -> tuple[int, ...]:
+        """Experts chosen per token by each router."""
+        return tuple(int(d.shape[1]) for d in self._data)
+
+    @property
+    def tokens_per_layer(self) -> tuple[int, ...]:
+        """Rows recorded for each router."""
+        return tuple(int(d.shape[0]) for d in self._data)
+
+    @property
+    def num_experts(self) -> int:
+        """Expert count shared by all routers (raises if they differ: see ``experts_per_layer``)."""
+        return self._uniform(self._experts, "expert counts", "experts_per_layer")
+
+    @property
+    def top_k(self) -> int:
+        """k shared by all routers (raises if they differ: see ``k_per_layer``)."""
+        return self._uniform(self.k_per_layer, "k values", "k_per_layer")
+
+    @property
+    def num_tokens(self) -> int:
+        """Token count shared by all routers (raises if they differ: see ``tokens_per_layer``)."""
+        return self._uniform(self.tokens_per_layer, "token counts", "tokens_per_layer")
+
+    @property
+    def num_layers(self) -> int:
+        """Number of routers."""
+        return len(self._names)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the router set (names, expert counts, k); equal for routes of the same model."""
+        return fingerprint(self._names, self._experts, self.k_per_layer)
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held by the indices."""
+        return sum(d.numel() * d.element_size() for d in self._data)
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    @staticmethod
+    def _uniform(values: Sequence[int], what: str, alt: str) -> int:
+        if not values:
+            raise ValueError("these routes hold no router")
+        if len(set(values)) != 1:
+            raise ValueError(f"routers differ in {what} ({sorted(set(values))}); use .{alt}")
+        return int(values[0])
+
+    # ------------------------------------------------------------------ views
+    @property
+    def indices(self) -> torch.Tensor:
+        """int64 tensor ``[T, L, k]``; -1 rows are unrecorded tokens.
+
+        Raises ``ValueError`` when routers differ in T or k; use :meth:`per_layer` then.
+        """
+        self.num_tokens, self.top_k  # noqa: B018 - raise early with a clear message
+        if not self._data:
+            return torch.empty(0, 0, 0, dtype=torch.long)
+        return torch.stack([d.long() for d in self._data], dim=1)
+
+    def per_layer(self) -> tuple[torch.Tensor, ...]:
+        """One int64 tensor ``[T_l, k_l]`` per router, in router order."""
+        return tuple(d.long() for d in self._data)
+
+    def layer(self, name: str) -> torch.Tensor:
+        """The int64 ``[T, k]`` routes of one router, by module path."""
+        try:
+            return self._data[self._names.index(name)].long()
+        except ValueError:
+            raise KeyError(f"no router named '{name}' in these routes; routers: {list(self._names)}") from None
+
+    @property
+    def missing(self) -> torch.Tensor:
+        """Boolean ``[T, L]``: True where a token has no recorded route (a -1 row)."""
+        self.num_tokens  # noqa: B018
+        return torch.stack([(d < 0).all(dim=1) for d in self._data], dim=1)
+
+    def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
+        """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows)."""
+        arr = torch.stack(self._data, dim=1).numpy() if self._data else np.empty((0, 0, 0), np.int16)
+        return arr.astype(dtype) if dtype is not None else arr.copy()
+
+    @classmethod
+    def from_numpy(
+        cls,
+        array: np.ndarray,
+        *,
+        names: Sequence[str],
+        num_experts: int | Sequence[int],
+    ) -> Routes:
+        """Build routes from a ``[T, L, k]`` integer array (-1 rows are unrecorded)."""
+        array = np.asarray(array)
+        if array.ndim != 3:
+            raise RoutesValidationError(f"expected a [tokens, layers, k] array, got shape {array.shape}")
+        if array.shape[1] != len(names):
+            raise RoutesValidationError(f"array has {array.shape[1]} layers but {len(names)} names were given")
+        if not np.issubdtype(array.dtype, np.integer):
+            raise RoutesValidationError(f"routes array has dtype {array.dtype}; expert indices must be integers")
+        t = torch.from_numpy(array.astype(np.int64, copy=False))
+        return cls([t[:, i] for i in range(array.shape[1])], names=names, num_experts=num_experts)
+
+    # ------------------------------------------------------------------ slicing
+    def __getitem__(self, index: TokenIndex) -> Routes:
+        """Select tokens (rows) of every router: ``routes[a:b]``, an index list or a mask."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        if isinstance(index, np.ndarray | list | tuple):
+            index = torch.as_tensor(np.asarray(index))
+        self.num_tokens  # noqa: B018 - token slicing needs one T
+        data = [d[index] for d in self._data]
+        return Routes._trusted(data, self._names, self._experts)
+
+    def select(self, names: Iterable[str]) -> Routes:
+        """Keep only the named routers, in the order given."""
+        names = list(names)
+        pos = []
+        for n in names:
+            if n not in self._names:
+                raise KeyError(f"no router named '{n}' in these routes; routers: {list(self._names)}")
+            pos.append(self._names.index(n))
+        return Routes._trusted([self._data[i] for i in pos], names, [self._experts[i] for i in pos])
+
+    @classmethod
+    def cat(cls, parts: Sequence[Routes]) -> Routes:
+        """Concatenate routes along tokens; all parts must hold the same routers."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("Routes.cat needs at least one Routes")
+        first = parts[0]
+        for i, p in enumerate(parts[1:], 1):
+            if p.names != first.names or p.experts_per_layer != first.experts_per_layer:
+                raise RoutesValidationError(
+                    f"Routes.cat: part {i} holds routers {list(p.names)} with experts {p.experts_per_layer}, "
+                    f"part 0 holds {list(first.names)} with {first.experts_per_layer}"
+                )
+            if p.k_per_layer != first.k_per_layer:
+                raise RoutesValidationError(f"Routes.cat: part {i} has k {p.k_per_layer}, part 0 {first.k_per_layer}")
+        data = [torch.cat([p._data[j] for p in parts]) for j in range(first.num_layers)]
+        return cls._trusted(data, first.names, first.experts_per_layer)
+
+    @classmethod
+    def _trusted(cls, data: Sequence[torch.Tensor], names: Sequence[str], experts: Sequence[int]) -> Routes:
+        """Build from already-validated storage tensors without checking again."""
+        obj = cls.__new__(cls)
+        obj._names = tuple(names)
+        obj._experts = tuple(int(e) for e in experts)
+        obj._data = [d.to(_storage_dtype(e)).contiguous() for d, e in zip(data, obj._experts, strict=True)]
+        return obj
+
+    # ------------------------------------------------------------------ compare
+    def equal(self, other: Routes) -> bool:
+        """True when both hold the same routers and identical rows."""
+        return (
+            isinstance(other, Routes)
+            and self._names == other._names
+            and self._experts == other._experts
+            and all(torch.equal(a.long(), b.long()) for a, b in zip(self._data, other._data, strict=True))
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Routes) and self.equal(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        t = set(self.tokens_per_layer)
+        k = set(self.k_per_layer)
+        e = set(self._experts)
+
+        def one(s: set[int]) -> str:
+            return str(next(iter(s))) if len(s) == 1 else f"{min(s)}..{max(s)}"
+
+        missing = sum(int((d < 0).all(dim=1).sum()) for d in self._data)
+        return (
+            f"Routes(tokens={one(t) if t else 0}, routers={self.num_layers}, k={one(k) if k else '-'}, "
+            f"experts={one(e) if e else '-'}, missing_rows={missing}, nbytes={self.nbytes})"
+        )
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a ``.npz`` file (numpy arrays and JSON metadata, never pickle)."""
+        meta = {
+            "magic": _MAGIC,
+            "format_version": FORMAT_VERSION,
+            "names": list(self._names),
+            "num_experts": list(self._experts),
+            "fingerprint": self.fingerprint,
+        }
+        arrays: dict[str, Any] = {f"layer_{i}": d.numpy() for i, d in enumerate(self._data)}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Routes:
+        """Read a file written by :meth:`save`; every field is validated.
+
+        Raises:
+            RoutesValidationError: the file is not a routes file, is truncated or corrupted,
+                or has an unknown format version.
+        """
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                if meta.get("magic") != _MAGIC:
+                    raise RoutesValidationError(f"{path} is not a moe_replay routes file")
+                version = meta.get("format_version")
+                if version != FORMAT_VERSION:
+                    raise RoutesValidationError(
+                        f"{path} has routes format version {version}; this moe_replay reads version "
+                        f"{FORMAT_VERSION}: upgrade moe_replay or re-save the routes"
+                    )
+                names = meta["names"]
+                layers = [torch.from_numpy(z[f"layer_{i}"].copy()) for i in range(len(names))]
+        except RoutesValidationError:
+            raise
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeError) as e:
+            raise RoutesValidationError(
+                f"cannot read routes from {path}: the file is truncated or corrupted ({e})"
+            ) from e
+        routes = cls(layers, names=names, num_experts=meta["num_experts"])
+        if meta.get("fingerprint") not in (None, routes.fingerprint):
+            raise RoutesValidationError(f"{path}: the stored fingerprint does not match its contents (corrupted)")
+        return routes

@@ -1,0 +1,92 @@
+"""find_routers: patterns, overrides and refusals."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import moe_replay as mr
+
+
+def test_skips_shared_expert_gates_and_dense_layers() -> None:
+    model = mr.models.build("linear_gate", num_layers=4, first_dense_layers=2, shared_expert=True)
+    sites = mr.find_routers(model)
+    assert [s.name for s in sites] == ["layers.2.mlp.gate", "layers.3.mlp.gate"]
+    assert all(s.scope == s.name.rsplit(".", 1)[0] and s.adapter == "linear-gate" for s in sites)
+    assert (sites[0].num_experts, sites[0].top_k) == (8, 2)
+
+
+@pytest.mark.parametrize(
+    "include",
+    [
+        "layers.1.mlp.router",
+        "layers.1.*.router",
+        re.compile(r"layers\.1\.mlp\.router"),
+        lambda n, m: n == "layers.1.mlp.router",
+        ["layers.1.mlp.router"],
+    ],
+)
+def test_include_forms(include) -> None:
+    model = mr.models.build("softmax_topk", num_layers=3)
+    assert [s.name for s in mr.find_routers(model, include=include)] == ["layers.1.mlp.router"]
+
+
+def test_include_class_and_exclude() -> None:
+    model = mr.models.build("top1_argmax", num_layers=3)
+    names = [s.name for s in mr.find_routers(model, include=mr.models.Top1ArgmaxRouter, exclude="layers.0.*")]
+    assert names == ["layers.1.mlp.router", "layers.2.mlp.router"]
+
+
+class _Custom(nn.Module):
+    """An MoE no pattern knows: the router is called 'selector'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.selector = nn.Linear(16, 6, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.selector(x).softmax(-1).topk(3, dim=-1)
+        out = torch.zeros_like(x)
+        for slot in range(3):
+            for e, expert in enumerate(self.experts):
+                sel = idx[:, slot] == e
+                out = out + sel[:, None] * w[:, slot : slot + 1] * expert(x)
+        return out
+
+
+def test_unknown_model_needs_include_and_then_works() -> None:
+    model = _Custom()
+    with pytest.raises(mr.RouterNotFoundError, match="include="):
+        mr.find_routers(model)
+    with pytest.raises(mr.RouterNotFoundError, match="top_k="):
+        mr.find_routers(model, include="selector")
+    (site,) = mr.find_routers(model, include="selector", top_k=3)
+    assert (site.num_experts, site.scope) == (6, "")
+    x = torch.randn(5, 16)
+    with mr.attach(model, include="selector", top_k=3) as session:
+        with session.capture():
+            ref = model(x)
+        with session.replay(session.routes()):
+            assert torch.equal(model(x), ref)
+
+
+def test_adapter_can_refuse_or_rescope() -> None:
+    model = mr.models.build("softmax_topk", num_layers=2)
+    refuse = mr.Adapter("fused", match=lambda n, m: n.endswith("router"), unsupported="fused kernel")
+    sites = mr.find_routers(model, adapters=[refuse])
+    assert all(s.unsupported == "fused kernel" and s.how.startswith("refused") for s in sites)
+    with pytest.raises(mr.UnsupportedRouterError, match="fused kernel"):
+        mr.attach(model, adapters=[refuse])
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with pytest.raises(ValueError, match="scope"):
+        mr.Adapter("x", match=lambda n, m: True, scope="block")
+
+
+def test_format_sites_table() -> None:
+    text = mr.format_sites(mr.find_routers(mr.models.build("top1_argmax")))
+    assert text.splitlines()[0].split()[:4] == ["router", "class", "E", "k"]
+    assert "layers.0.mlp.router  Top1ArgmaxRouter  8  1" in text

@@ -1,0 +1,92 @@
+"""Routes: views, slicing, files and numpy round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import moe_replay as mr
+
+
+def make(t: int = 10, layers: int = 3, k: int = 2, e: int = 8, seed: int = 0) -> mr.Routes:
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) for _ in range(layers)]
+    return mr.Routes(rows, names=[f"layers.{i}.gate" for i in range(layers)], num_experts=e)
+
+
+def test_views_agree() -> None:
+    r = make()
+    assert r.indices.shape == (10, 3, 2) and r.indices.dtype == torch.long
+    for i, layer in enumerate(r.per_layer()):
+        assert torch.equal(layer, r.indices[:, i])
+        assert torch.equal(r.layer(f"layers.{i}.gate"), layer)
+    assert (r.num_tokens, r.num_layers, r.top_k, r.num_experts) == (10, 3, 2, 8)
+    assert repr(r) == "Routes(tokens=10, routers=3, k=2, experts=8, missing_rows=0, nbytes=120)"
+
+
+def test_slicing_and_cat() -> None:
+    r = make(t=12)
+    assert r[2:5].equal(mr.Routes([t[2:5] for t in r.per_layer()], names=r.names, num_experts=8))
+    assert mr.Routes.cat([r[:4], r[4:9], r[9:]]).equal(r)
+    assert torch.equal(r[[0, 5]].indices, r.indices[[0, 5]])
+    mask = torch.arange(12) % 2 == 0
+    assert torch.equal(r[mask].indices, r.indices[mask])
+    assert r[3].num_tokens == 1 and r[-1].equal(r[11:])
+    with pytest.raises(mr.RoutesValidationError, match="part 1 holds routers"):
+        mr.Routes.cat([r, r.select(["layers.1.gate"])])
+
+
+def test_numpy_round_trip_keeps_missing_rows() -> None:
+    r = make()
+    arr = r.to_numpy()
+    arr[4] = -1
+    back = mr.Routes.from_numpy(arr, names=r.names, num_experts=8)
+    assert back.missing[4].all() and not back.missing[3].any()
+    assert np.array_equal(back.to_numpy(), arr)
+    assert "missing_rows=3" in repr(back)
+    with pytest.raises(mr.RoutesValidationError, match="integers"):
+        mr.Routes.from_numpy(arr.astype(np.float32), names=r.names, num_experts=8)
+
+
+@pytest.mark.parametrize("e", [8, 256, 300, 40000])
+def test_save_load_round_trip(tmp_path, e: int) -> None:
+    r = make(e=e)
+    path = tmp_path / "routes.npz"
+    r.save(path)
+    back = mr.Routes.load(path)
+    assert back.equal(r) and back.fingerprint == r.fingerprint
+    with np.load(path, allow_pickle=False) as z:  # plain arrays, no pickle needed
+        assert set(z.files) == {"meta", "layer_0", "layer_1", "layer_2"}
+
+
+def test_load_rejects_corrupt_truncated_and_future_files(tmp_path) -> None:
+    r = make()
+    good = tmp_path / "good.npz"
+    r.save(good)
+    raw = good.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted"):
+        mr.Routes.load(tmp_path / "cut.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
+    with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted"):
+        mr.Routes.load(tmp_path / "junk.npz")
+    import json
+
+    meta = {"magic": "moe_replay.routes", "format_version": 99, "names": ["a"], "num_experts": [8]}
+    np.savez(tmp_path / "v99.npz", meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), layer_0=np.zeros((1, 2)))
+    with pytest.raises(mr.RoutesValidationError, match="format version 99"):
+        mr.Routes.load(tmp_path / "v99.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted"):
+        mr.Routes.load(tmp_path / "other.npz")
+
+
+def test_heterogeneous_routers_need_per_layer() -> None:
+    a = make(t=4, layers=1, k=2, e=8)
+    b = mr.Routes([torch.tensor([[1], [2], [3]])], names=["mtp.gate"], num_experts=4)
+    r = mr.Routes([*a.per_layer(), *b.per_layer()], names=[*a.names, *b.names], num_experts=[8, 4])
+    assert r.tokens_per_layer == (4, 3) and r.k_per_layer == (2, 1)
+    with pytest.raises(ValueError, match="per_layer"):
+        r.indices
+    assert "tokens=3..4" in repr(r)

@@ -1,0 +1,260 @@
+"""Capture and replay on the five reference router styles."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe_replay as mr
+from moe_replay.models import MoEBlock
+
+from .conftest import assert_untouched, clone_model, perturb_routers, snapshot
+
+
+def build(style: str, **kw) -> mr.models.MoETransformer:
+    return mr.models.build(style, num_layers=3, first_dense_layers=1, shared_expert=True, **kw)
+
+
+def test_capture_then_replay_is_bit_exact(style: str, tokens: torch.Tensor) -> None:
+    model = build(style)
+    with mr.attach(model) as session:
+        with session.capture():
+            ref = model(tokens).logits
+        routes = session.routes()
+        assert routes.num_tokens == tokens.numel()
+        assert routes.names == (
+            "layers.1.mlp." + ("gate" if style == "linear_gate" else "router"),
+            "layers.2.mlp." + ("gate" if style == "linear_gate" else "router"),
+        )
+        with session.replay(routes):
+            out = model(tokens).logits
+    assert torch.equal(ref, out)
+
+
+def test_replay_forces_recorded_experts_after_perturbation(style: str, tokens: torch.Tensor) -> None:
+    model = build(style)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(tokens)
+        recorded = session.routes()
+        perturb_routers(session)
+        with session.capture():
+            model(tokens)
+        free = session.routes()
+        assert not free.equal(recorded), "the perturbation should change some decisions"
+        with session.replay(recorded), session.capture():
+            model(tokens)
+        forced = session.routes()
+    assert forced.equal(recorded)
+
+
+# hand-written gather-based routers: what replay must compute, written without moe_replay
+def _reference_route(block: MoEBlock, x: torch.Tensor, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if block.style == "linear_gate":
+        probs = F.softmax(block.gate(x), dim=-1, dtype=torch.float)
+        w = probs.gather(1, forced)
+        return (w / w.sum(-1, keepdim=True)).to(x.dtype), forced
+    r = block.router
+    if block.style == "softmax_topk":
+        probs = F.softmax(F.linear(x, r.weight), dim=-1, dtype=torch.float)
+        w = probs.gather(1, forced)
+        return (w / w.sum(-1, keepdim=True)).to(x.dtype), forced
+    if block.style == "topk_softmax":
+        return F.softmax(F.linear(x, r.weight).gather(1, forced), dim=-1, dtype=torch.float).to(x.dtype), forced
+    if block.style == "grouped_sigmoid":
+        scores = torch.sigmoid(F.linear(x.float(), r.weight.float()))
+        w = scores.gather(1, forced)
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return (w * r.scale).to(x.dtype), forced
+    probs = F.softmax(F.linear(x, r.weight), dim=-1, dtype=torch.float)
+    return probs.gather(1, forced).to(x.dtype), forced
+
+
+def _reference_model(model: torch.nn.Module, routes: mr.Routes) -> torch.nn.Module:
+    ref = clone_model(model)
+    layers = dict(zip(routes.names, routes.per_layer(), strict=True))
+    for name, m in ref.named_modules():
+        if isinstance(m, MoEBlock):
+            key = name + (".gate" if m.style == "linear_gate" else ".router")
+            forced = layers[key]
+            m.route = types.MethodType(lambda self, x, f=forced: _reference_route(self, x, f), m)
+    return ref
+
+
+@pytest.mark.parametrize("weights_from_topk", [False, True])
+def test_replay_gradients_match_gather_reference(style: str, tokens: torch.Tensor, weights_from_topk: bool) -> None:
+    if weights_from_topk and style != "grouped_sigmoid":
+        pytest.skip("only the group-limited router has the masked-weights variant")
+    model = build(style, group_weights_from_topk=weights_from_topk)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(tokens)
+        routes = session.routes()
+        perturb_routers(session, scale=2.0)
+        reference = _reference_model(model, routes)
+        with session.replay(routes):
+            loss = model(tokens, labels=tokens).loss
+            loss.backward()
+    ref_loss = reference(tokens, labels=tokens).loss
+    ref_loss.backward()
+    assert torch.allclose(loss, ref_loss, atol=1e-6, rtol=0)
+    ref_params = dict(reference.named_parameters())
+    router_grads = 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.allclose(p.grad, ref_params[name].grad, atol=1e-6, rtol=0), name
+        if name.endswith(("router.weight", "mlp.gate.weight")):
+            assert p.grad.abs().sum() > 0, f"no gradient reached {name}"
+            router_grads += 1
+    assert router_grads == 2
+
+
+def test_masked_group_scores_get_unmasked_weights(tokens: torch.Tensor) -> None:
+    """DeepSeek-V2 style: a forced expert outside the chosen groups keeps its real score."""
+    model = build("grouped_sigmoid", group_weights_from_topk=True, num_experts=16, n_group=4, topk_group=1)
+    router = model.layers[1].mlp.router
+    seen = {}
+    orig = router.forward
+    router.forward = lambda x: seen.setdefault("out", orig(x))
+    with mr.attach(model) as session:
+        with session.capture():
+            model(tokens)
+        routes = session.routes()
+        perturb_routers(session, scale=3.0)
+        seen.clear()
+        with session.replay(routes):
+            model(tokens)
+    del router.forward
+    weights = seen["out"][0]
+    assert (weights > 0).all(), "a gather from masked scores would give zero weights"
+
+
+def test_missing_rows_route_natively(tokens: torch.Tensor) -> None:
+    model = build("softmax_topk")
+    with mr.attach(model) as session:
+        with session.capture():
+            model(tokens)
+        recorded = session.routes()
+        perturb_routers(session)
+        with session.capture():
+            model(tokens)
+        free = session.routes()
+        layers = [t.clone() for t in recorded.per_layer()]
+        blank = torch.zeros(tokens.numel(), dtype=torch.bool)
+        blank[::3] = True
+        layers[0][blank] = -1  # the first MoE layer has no routes for these tokens
+        partial = mr.Routes(layers, names=recorded.names, num_experts=recorded.num_experts)
+        with session.replay(partial), session.capture():
+            model(tokens)
+        got = session.routes()
+    first, second = got.per_layer()
+    assert torch.equal(first[~blank], recorded.per_layer()[0][~blank])
+    assert torch.equal(first[blank], free.per_layer()[0][blank])  # same inputs to layer 1: native choice
+    assert torch.equal(second, recorded.per_layer()[1])
+
+
+def test_capture_accumulates_forwards_in_call_order(tokens: torch.Tensor) -> None:
+    model = build("topk_softmax")
+    with mr.attach(model) as session:
+        with session.capture():
+            model(tokens[:1])
+        a = session.routes()
+        with session.capture():
+            model(tokens[1:])
+        b = session.routes()
+        with session.capture():
+            model(tokens[:1])
+            model(tokens[1:])
+        both = session.routes()
+        with session.capture(clear=False):
+            model(tokens[:1])
+        appended = session.routes()
+    assert both.equal(mr.Routes.cat([a, b]))
+    assert appended.equal(mr.Routes.cat([a, b, a]))
+
+
+def test_replay_consumes_rows_across_forwards(tokens: torch.Tensor) -> None:
+    model = build("softmax_topk")
+    with mr.attach(model) as session:
+        with session.capture():
+            model(tokens[:1])
+            model(tokens[1:])
+        routes = session.routes()
+        perturb_routers(session)
+        with session.replay(routes), session.capture():
+            model(tokens[:1])
+            model(tokens[1:])
+        assert session.routes().equal(routes)
+
+
+def test_generate_capture_matches_teacher_forced_replay() -> None:
+    model = build("grouped_sigmoid")
+    prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    with mr.attach(model) as session:
+        with session.capture():
+            seq = model.generate(prompt, max_new_tokens=5)
+        routes = session.routes()
+        assert routes.num_tokens == seq.shape[1] - 1  # the last sampled token is never routed
+        perturb_routers(session)
+        with session.replay(routes), session.capture():
+            model(seq[:, :-1])
+        assert session.routes().equal(routes)
+
+
+def test_session_repr_and_state(tokens: torch.Tensor) -> None:
+    model = build("softmax_topk")
+    session = mr.attach(model, capacity=128)
+    assert repr(session) == "Session(model=MoETransformer, routers=2, capacity=128, state=idle)"
+    with session.capture():
+        assert session.state == "capturing"
+        model(tokens)
+    routes = session.routes()
+    with session.replay(routes), session.capture():
+        assert session.state == "replaying+capturing"
+        model(tokens)
+    assert "layers.1.mlp.router" in session.table()
+    session.detach()
+    assert session.state == "detached"
+    session.detach()  # idempotent
+
+
+def test_verify_reports_each_router_once(tokens: torch.Tensor) -> None:
+    model = build("linear_gate")
+    with mr.attach(model) as session:
+        assert session.verify(tokens) == {"layers.1.mlp.gate": 1, "layers.2.mlp.gate": 1}
+        with pytest.raises(mr.SessionStateError):
+            session.routes()  # verify records nothing
+
+
+def test_detach_leaves_model_untouched(style: str, tokens: torch.Tensor) -> None:
+    model = build(style)
+    before = snapshot(model)
+    session = mr.attach(model)
+    with session.capture():
+        model(tokens)
+    with session.replay(session.routes()):
+        model(tokens, labels=tokens).loss.backward()
+    model.zero_grad(set_to_none=True)
+    session.detach()
+    assert_untouched(model, before)
+    assert type(model.layers[1].mlp).forward is MoEBlock.forward
+    with pytest.raises(mr.SessionStateError, match="detached"):
+        with session.capture():
+            pass
+    mr.attach(model).detach()  # a new session can attach again
+
+
+def test_deepcopy_of_attached_model_is_plain(tokens: torch.Tensor) -> None:
+    model = build("linear_gate")
+    with mr.attach(model) as session:
+        twin = clone_model(model)  # e.g. a frozen reference policy made while attached
+        with session.capture():
+            model(tokens)
+        assert session.routes().num_tokens == tokens.numel()
+        perturb_routers(session)
+        # the twin runs its own (unperturbed) routers natively, with no link to the session
+        assert not torch.equal(twin(tokens).logits, model(tokens).logits)
+        assert twin.layers[1].mlp.forward.__self__ is twin.layers[1].mlp

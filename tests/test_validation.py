@@ -1,0 +1,216 @@
+"""Every validation error names the problem, and the model is left exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_replay as mr
+
+from .conftest import assert_untouched, snapshot
+
+
+@pytest.fixture
+def setup(tokens: torch.Tensor):
+    model = mr.models.build("softmax_topk", num_layers=2)
+    before = snapshot(model)
+    session = mr.attach(model)
+    with session.capture():
+        model(tokens)
+    routes = session.routes()
+    yield model, session, routes, tokens
+    session.detach()
+    model.zero_grad(set_to_none=True)
+    assert_untouched(model, before)
+
+
+def _with_layer(routes: mr.Routes, i: int, rows: torch.Tensor) -> list[torch.Tensor]:
+    layers = [t.clone() for t in routes.per_layer()]
+    layers[i] = rows
+    return layers
+
+
+def test_unknown_router_names(setup) -> None:
+    model, session, routes, x = setup
+    bad = mr.Routes(routes.per_layer(), names=["layers.0.mlp.router", "layers.9.mlp.router"], num_experts=8)
+    with pytest.raises(mr.RouterNotFoundError, match=r"layers\.9\.mlp\.router"):
+        with session.replay(bad):
+            model(x)
+
+
+def test_missing_router_is_strict(setup) -> None:
+    model, session, routes, x = setup
+    part = routes.select(["layers.0.mlp.router"])
+    with pytest.raises(mr.RoutesValidationError, match=r"layers\.1\.mlp\.router.*strict=False"):
+        with session.replay(part):
+            model(x)
+    with session.replay(part, strict=False), session.capture():
+        model(x)
+    assert torch.equal(session.routes().per_layer()[0], routes.per_layer()[0])
+
+
+def test_wrong_k(setup) -> None:
+    model, session, routes, x = setup
+    bad = mr.Routes([t[:, :1] for t in routes.per_layer()], names=routes.names, num_experts=8)
+    with pytest.raises(mr.RoutesValidationError, match="k=2.*k=1"):
+        with session.replay(bad):
+            model(x)
+
+
+def test_wrong_num_experts(setup) -> None:
+    model, session, routes, x = setup
+    bad = mr.Routes(routes.per_layer(), names=routes.names, num_experts=16)
+    with pytest.raises(mr.RoutesValidationError, match="8 experts.*16"):
+        with session.replay(bad):
+            model(x)
+
+
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [(8, r"in \[0, 7\]"), (-2, r"in \[0, 7\]"), (None, "repeats an expert"), (-1, "mixes -1")],
+)
+def test_bad_indices(setup, value, pattern) -> None:
+    model, session, routes, x = setup
+    rows = routes.per_layer()[0].clone()
+    if value is None:
+        rows[3, 1] = rows[3, 0]
+    else:
+        rows[3, 1] = value
+    with pytest.raises(mr.RoutesValidationError, match=pattern) as err:
+        mr.Routes(_with_layer(routes, 0, rows), names=routes.names, num_experts=8)
+    assert "token 3" in str(err.value)
+
+
+def test_float_and_nan_indices(setup) -> None:
+    _, _, routes, _ = setup
+    rows = routes.per_layer()[0].float()
+    with pytest.raises(mr.RoutesValidationError, match="dtype torch.float32"):
+        mr.Routes(_with_layer(routes, 0, rows), names=routes.names, num_experts=8)
+    rows[0, 0] = float("nan")
+    with pytest.raises(mr.RoutesValidationError, match="integers"):
+        mr.Routes(_with_layer(routes, 0, rows), names=routes.names, num_experts=8)
+
+
+def test_too_few_rows_consumed(setup) -> None:
+    model, session, routes, x = setup
+    with pytest.raises(mr.ReplayConsumptionError, match=r"'layers\.0\.mlp\.router' consumed 12 of 24 rows"):
+        with session.replay(routes):
+            model(x[:1])
+    # the session stays usable
+    with session.replay(routes):
+        model(x)
+
+
+def test_too_many_rows_fail_at_the_forward(setup) -> None:
+    model, session, routes, x = setup
+    with pytest.raises(mr.ReplayConsumptionError, match=r"only 12 were recorded"):
+        with session.replay(routes[:12]):
+            model(x)
+    with session.replay(routes[:12], strict=False):
+        model(x[:1])
+
+
+def test_replay_takes_routes_only(setup) -> None:
+    model, session, routes, x = setup
+    with pytest.raises(mr.RoutesValidationError, match="takes a Routes"):
+        with session.replay(routes.indices):  # type: ignore[arg-type]
+            model(x)
+
+
+def test_nesting_and_second_session_are_refused(setup) -> None:
+    model, session, routes, x = setup
+    with session.capture():
+        with pytest.raises(mr.SessionStateError, match="do not nest"):
+            with session.capture():
+                pass
+    with session.replay(routes):
+        with pytest.raises(mr.SessionStateError, match="do not nest"):
+            with session.replay(routes):
+                pass
+        model(x)
+    with pytest.raises(mr.SessionStateError, match="already has an attached session"):
+        mr.attach(model)
+
+
+def test_exception_mid_forward_keeps_session_usable(setup) -> None:
+    model, session, routes, x = setup
+    layer = model.layers[1].mlp.experts
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("expert failure")
+
+    layer.forward = boom
+    for ctx in (session.capture(), session.replay(routes)):
+        with pytest.raises(RuntimeError, match="expert failure"):
+            with ctx:
+                model(x)
+        assert session.state == "idle"
+    del layer.forward
+    with session.replay(routes), session.capture():
+        model(x)
+    assert session.routes().equal(routes)
+
+
+def test_bad_attach_arguments_leave_model_untouched(tokens: torch.Tensor) -> None:
+    model = mr.models.build("linear_gate", num_layers=2, shared_expert=True)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="capacity"):
+        mr.attach(model, capacity=0)
+    with pytest.raises(mr.RouterNotFoundError, match="include="):
+        mr.attach(model, include="no.such.module")
+    with pytest.raises(mr.UnsupportedRouterError, match="both be intercepted"):
+        mr.attach(model, include=["layers.0.mlp.gate", "layers.0.mlp.shared_expert_gate"], num_experts=8, top_k=2)
+    assert_untouched(model, before)
+
+
+def test_overflow_is_reported_or_keeps_newest(tokens: torch.Tensor) -> None:
+    model = mr.models.build("topk_softmax", num_layers=2)
+    with mr.attach(model, capacity=10) as session:
+        with session.capture():
+            model(tokens)
+        with pytest.raises(mr.CaptureOverflowError, match=r"'layers\.0\.mlp\.router' wrote 24 rows.*capacity is 10"):
+            session.routes()
+    with mr.attach(model, capacity=1000) as session:
+        with session.capture():
+            for i in range(3):
+                model(tokens[:, 4 * i : 4 * i + 4])
+        full = session.routes()
+    with mr.attach(model, capacity=10, keep_newest=True) as session:
+        with session.capture():
+            for i in range(3):
+                model(tokens[:, 4 * i : 4 * i + 4])
+        newest = session.routes()
+    assert newest.num_tokens == 10
+    assert newest.equal(full[-10:])
+
+
+def test_router_that_never_runs_is_reported(tokens: torch.Tensor) -> None:
+    model = mr.models.build("softmax_topk", num_layers=2)
+    model.spare = mr.models.SoftmaxTopKRouter(model.config)  # a router built twice, never called
+    with mr.attach(model) as session:
+        with session.capture():
+            model(tokens)
+        with pytest.raises(mr.UnsupportedRouterError, match=r"\['spare'\] recorded no row"):
+            session.routes()
+        assert session.routes(allow_silent=True).tokens_per_layer == (24, 24, 0)
+        with pytest.raises(mr.UnsupportedRouterError, match="did not run"):
+            session.verify(tokens)
+
+
+def test_router_without_visible_decision_is_refused(tokens: torch.Tensor) -> None:
+    model = mr.models.build("softmax_topk", num_layers=2)
+    router = model.layers[0].mlp.router
+
+    def fused(x):  # a "kernel" that picks experts without a top-k call
+        logits = torch.nn.functional.linear(x, router.weight)
+        idx = logits.sort(dim=-1, descending=True).indices[:, :2]
+        return logits, logits.softmax(-1).gather(1, idx), idx
+
+    router.forward = fused
+    before = snapshot(model)
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'layers\.0\.mlp\.router' ran, but no decision"):
+            with session.capture():
+                model(tokens)
+    del router.forward
+    assert_untouched(model, before)
