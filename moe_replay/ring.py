@@ -99,9 +99,12 @@ class ReplaySource:
         )
         # one padding row keeps reads past the end in bounds; they are reported at exit
         pad = torch.full((1, self.top_k), -1 if self.has_missing else 0, dtype=rows.dtype)
-        self.buf = torch.cat([rows, pad]).to(device=device, dtype=dtype, non_blocking=True)
+        host = torch.cat([rows, pad]).to(dtype)
+        if device.type == "cuda":
+            host = host.pin_memory()  # an asynchronous upload: entering replay never syncs
+        self.buf = host.to(device=device, non_blocking=True)
         self.consumed = torch.zeros((), dtype=torch.long, device=device)
-        self.limit = torch.tensor(self.num_rows, dtype=torch.long, device=device)
+        self.limit = torch.full((), self.num_rows, dtype=torch.long, device=device)
         self._arange = _Positions.get(device, max(self.num_rows + 1, 1))
         self.host_consumed = 0  # lower bound, advanced by eager calls only
 
