@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 from . import models
+from .batch import BatchLayout, pack_routes, pad_routes
 from .discovery import Adapter, RouterSite, find_routers, format_sites
 from .errors import (
     CaptureOverflowError,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_CAPACITY",
     "Adapter",
+    "BatchLayout",
     "CaptureOverflowError",
     "MoEReplayError",
     "ReplayConsumptionError",
@@ -53,4 +55,6 @@ __all__ = [
     "format_sites",
     "index_dtype",
     "models",
+    "pack_routes",
+    "pad_routes",
 ]
