@@ -29,6 +29,7 @@ from .errors import (
     SessionStateError,
     UnsupportedRouterError,
 )
+from .generation import generation_lengths, split_generation
 from .ring import index_dtype
 from .routes import Routes
 from .session import DEFAULT_CAPACITY, Session, attach
@@ -53,8 +54,10 @@ __all__ = [
     "attach",
     "find_routers",
     "format_sites",
+    "generation_lengths",
     "index_dtype",
     "models",
     "pack_routes",
     "pad_routes",
+    "split_generation",
 ]
