@@ -30,6 +30,7 @@ from .errors import (
     UnsupportedRouterError,
 )
 from .generation import generation_lengths, split_generation
+from .metrics import RoutingComparison, compare
 from .ring import index_dtype
 from .routes import Routes
 from .session import DEFAULT_CAPACITY, Session, attach
@@ -47,11 +48,13 @@ __all__ = [
     "RouterSite",
     "Routes",
     "RoutesValidationError",
+    "RoutingComparison",
     "Session",
     "SessionStateError",
     "UnsupportedRouterError",
     "__version__",
     "attach",
+    "compare",
     "find_routers",
     "format_sites",
     "generation_lengths",
