@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from . import models
+from . import interop, models
 from .batch import BatchLayout, pack_routes, pad_routes
 from .discovery import Adapter, RouterSite, find_routers, format_sites
 from .errors import (
@@ -30,6 +30,7 @@ from .errors import (
     UnsupportedRouterError,
 )
 from .generation import generation_lengths, split_generation
+from .interop import LayerMap
 from .metrics import RoutingComparison, compare
 from .ring import index_dtype
 from .routes import Routes
@@ -42,6 +43,7 @@ __all__ = [
     "Adapter",
     "BatchLayout",
     "CaptureOverflowError",
+    "LayerMap",
     "MoEReplayError",
     "ReplayConsumptionError",
     "RouterNotFoundError",
@@ -59,6 +61,7 @@ __all__ = [
     "format_sites",
     "generation_lengths",
     "index_dtype",
+    "interop",
     "models",
     "pack_routes",
     "pad_routes",
