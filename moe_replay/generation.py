@@ -190,9 +190,9 @@ def split_generation(
     if lengths is None:
         if eos_token_id is not None and sequences is None:
             raise ValueError("eos_token_id needs sequences to find where each sequence stopped")
-        gen = generation_lengths(sequences, p, eos_token_id) if sequences is not None else torch.full((b,), n)
+        gen = generation_lengths(sequences, p, eos_token_id).cpu() if sequences is not None else torch.full((b,), n)
     else:
-        gen = torch.as_tensor(lengths).long().reshape(-1)
+        gen = torch.as_tensor(lengths).long().reshape(-1).cpu()
         if gen.numel() != b or bool((gen < 1).any()) or bool((gen > n).any()):
             raise ValueError(f"lengths must be {b} values in 1..{n}, got {gen.tolist()}")
 

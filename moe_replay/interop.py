@@ -394,9 +394,16 @@ def _drop_last(routes: Routes, drop_last: bool, fmt: str) -> Routes:
     return routes[: routes.num_tokens - 1]
 
 
-def _with_last(layers: list[torch.Tensor], extra_rows: int = 1) -> list[torch.Tensor]:
-    """Append ``extra_rows`` -1 rows (the never-routed last token)."""
-    return [torch.cat([x, torch.full((extra_rows, x.shape[1]), -1, dtype=x.dtype)]) for x in layers]
+def _skipped(layers: list[torch.Tensor], start: int) -> list[torch.Tensor]:
+    """Prepend ``start`` -1 rows: leading tokens the engine was asked not to return."""
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    return [torch.cat([torch.full((int(start), x.shape[1]), -1, dtype=x.dtype), x]) for x in layers]
+
+
+def _with_last(layers: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Append a -1 row: the last token, which no forward routed."""
+    return [torch.cat([x, torch.full((1, x.shape[1]), -1, dtype=x.dtype)]) for x in layers]
 
 
 # ----------------------------------------------------------------------------- vLLM
@@ -431,6 +438,7 @@ def from_vllm(
     layer_map: LayerMap,
     *,
     completion_len: int | None = None,
+    prompt_start: int = 0,
 ) -> Routes:
     """Routes of one sequence from newer vLLM's split arrays.
 
@@ -443,6 +451,8 @@ def from_vllm(
         prompt_routed_experts: may be None for an empty prompt.
         completion_len: ``len(token_ids)``. An array with ``completion_len`` rows has its
             last row replaced by -1 (no forward routed that token).
+        prompt_start: prompt tokens the engine left out at the front (a request with
+            ``routed_experts_prompt_start``); they get -1 rows.
 
     Returns:
         ``prompt_len + completion_len`` rows, the last one -1.
@@ -454,7 +464,6 @@ def from_vllm(
         prompt = _as_array(prompt_routed_experts, "prompt_routed_experts")
     p_rows = _from_array(prompt, layer_map, "moe", "prompt_routed_experts")
     g_rows = _from_array(gen, layer_map, "moe", "routed_experts")
-    pad = 1
     if completion_len is not None:
         c = int(completion_len)
         if gen.shape[0] == c and c > 0:
@@ -464,7 +473,7 @@ def from_vllm(
                 f"routed_experts has {gen.shape[0]} rows for {c} generated tokens; vLLM gives {c - 1} (or {c})"
             )
     layers = [torch.cat([a, b]) for a, b in zip(p_rows, g_rows, strict=True)]
-    return _routes(_with_last(layers, pad), layer_map, "vLLM prompt_routed_experts/routed_experts")
+    return _routes(_with_last(_skipped(layers, prompt_start)), layer_map, "vLLM prompt_routed_experts/routed_experts")
 
 
 def to_vllm(
@@ -561,9 +570,7 @@ def from_sglang(
             f"SGLang routed_experts has {arr.shape[0]} rows from token {start}; a sequence of {num_tokens} tokens "
             f"has {int(num_tokens) - 1 - int(start)} (the last token is never routed)"
         )
-    layers = _from_array(arr, layer_map, "all", "SGLang routed_experts")
-    if start:
-        layers = [torch.cat([torch.full((int(start), x.shape[1]), -1, dtype=x.dtype), x]) for x in layers]
+    layers = _skipped(_from_array(arr, layer_map, "all", "SGLang routed_experts"), start)
     return _routes(_with_last(layers), layer_map, "SGLang routed_experts")
 
 

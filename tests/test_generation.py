@@ -127,6 +127,24 @@ def test_reference_packed_rows_are_isolated() -> None:
     assert torch.allclose(packed[0, 6:], alone[0], atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reference_generate_on_cuda() -> None:
+    """Capture on the device, split on the host, replay a packed batch on the device."""
+    model = mr.models.build("grouped_sigmoid", num_layers=3, first_dense_layers=1).cuda()
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture():
+            seq = model.generate(prompt.cuda(), N, attention_mask=mask.cuda())
+        seqs = mr.split_generation(session.routes(), attention_mask=mask, sequences=seq)
+        tokens = _tokens(prompt, mask, seq.cpu(), torch.full((B,), N))
+        layout = mr.BatchLayout.packed([len(t) for t in tokens])
+        with session.replay(layout.routes(seqs)), session.capture(), torch.no_grad():
+            model(layout.tokens(tokens).cuda(), position_ids=layout.position_ids().cuda())
+        forced = mr.Routes.cat(layout.unpack(session.routes()))
+    assert mr.compare(mr.Routes.cat(seqs), forced).overall == 0.0
+
+
 # ----------------------------------------------------------------------------- transformers models
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampling"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"])

@@ -116,6 +116,8 @@ def test_vllm_split_arrays_both_ways(dtype) -> None:
     # an array with a row for every generated token: its last row was never routed
     padded_gen = np.concatenate([gen_arr, gen_arr[:1]])
     assert interop.from_vllm(prompt_arr, padded_gen, LM, completion_len=4).equal(r)
+    skipped = interop.from_vllm(prompt_arr[3:], gen_arr, LM, completion_len=4, prompt_start=3)
+    assert bool(skipped[:3].missing.all()) and skipped[3:].equal(r[3:])
     with pytest.raises(mr.RoutesValidationError, match="vLLM gives 5"):
         interop.from_vllm(prompt_arr, gen_arr, LM, completion_len=6)
 
