@@ -17,7 +17,8 @@ Example:
 
 from __future__ import annotations
 
-from . import models
+from . import interop, models
+from .batch import BatchLayout, pack_routes, pad_routes
 from .discovery import Adapter, RouterSite, find_routers, format_sites
 from .errors import (
     CaptureOverflowError,
@@ -28,6 +29,9 @@ from .errors import (
     SessionStateError,
     UnsupportedRouterError,
 )
+from .generation import generation_lengths, split_generation
+from .interop import LayerMap
+from .metrics import RoutingComparison, compare
 from .ring import index_dtype
 from .routes import Routes
 from .session import DEFAULT_CAPACITY, Session, attach
@@ -37,20 +41,29 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_CAPACITY",
     "Adapter",
+    "BatchLayout",
     "CaptureOverflowError",
+    "LayerMap",
     "MoEReplayError",
     "ReplayConsumptionError",
     "RouterNotFoundError",
     "RouterSite",
     "Routes",
     "RoutesValidationError",
+    "RoutingComparison",
     "Session",
     "SessionStateError",
     "UnsupportedRouterError",
     "__version__",
     "attach",
+    "compare",
     "find_routers",
     "format_sites",
+    "generation_lengths",
     "index_dtype",
+    "interop",
     "models",
+    "pack_routes",
+    "pad_routes",
+    "split_generation",
 ]

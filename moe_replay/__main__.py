@@ -10,17 +10,15 @@ import torch
 
 from . import models
 from .discovery import find_routers, format_sites
+from .metrics import compare
 from .routes import Routes
 from .session import attach
 
 
 def _mismatch(a: Routes, b: Routes) -> tuple[float, list[float]]:
-    """Fraction of router decisions (token, layer, slot as a set) that differ."""
-    per_layer = []
-    for x, y in zip(a.per_layer(), b.per_layer(), strict=True):
-        same = (x.sort(-1).values == y.sort(-1).values).all(-1)
-        per_layer.append(1.0 - same.float().mean().item())
-    return sum(per_layer) / len(per_layer), per_layer
+    """Fraction of router decisions (the set of k experts) that differ, overall and per router."""
+    c = compare(a, b)
+    return c.overall, [float(x) for x in c.per_layer]
 
 
 def demo(style: str = "softmax_topk", new_tokens: int = 16, seed: int = 0, device: str = "cpu") -> dict[str, float]:

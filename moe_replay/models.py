@@ -343,16 +343,27 @@ class MoETransformer(nn.Module):
         """Logits ``[B, S, V]``; ``labels`` (HF convention, shifted inside, -100 ignored) give a loss.
 
         ``attention_mask`` ``[B, past + S]`` marks real tokens with 1 (left padding allowed).
+        ``position_ids`` without an ``attention_mask`` may pack several sequences in a row:
+        positions restarting mark where each begins (``BatchLayout.position_ids()``).
         """
         b, s = input_ids.shape
         past = past_key_values[0][0].shape[2] if past_key_values else 0
         total = past + s
+        packed = None
+        if attention_mask is None and position_ids is not None and not past:
+            # packed rows (as in transformers): a position that does not follow its left
+            # neighbour starts a new sequence, and sequences do not attend to each other
+            starts = torch.ones_like(position_ids, dtype=torch.bool)
+            starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+            packed = starts.long().cumsum(-1)
         if attention_mask is None:
             attention_mask = torch.ones(b, total, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         causal = torch.ones(s, total, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)
         mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        if packed is not None:
+            mask = mask & (packed[:, None, :, None] == packed[:, None, None, :])
         mask = mask | ~mask.any(dim=-1, keepdim=True)  # fully padded rows attend anywhere (ignored)
         x = self.embed(input_ids) + self.pos(position_ids)
         new_cache: KVCache = []

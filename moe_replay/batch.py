@@ -1,0 +1,273 @@
+"""Training batches from per-sequence routes: padded, packed, or prompt-left / completion-right.
+
+A training forward over a ``[rows, row_length]`` batch shows every router its tokens
+batch-major: row 0's positions, then row 1's, and so on. A :class:`BatchLayout` says
+where each sequence sits in that grid, and builds from it, in the same order:
+
+* :meth:`BatchLayout.routes`: the replay :class:`~moe_replay.Routes` (pad positions are
+  -1 rows, routed natively);
+* :meth:`BatchLayout.tokens`, :meth:`BatchLayout.attention_mask`,
+  :meth:`BatchLayout.position_ids`: the matching model inputs;
+* :meth:`BatchLayout.unpack`: the inverse, per-sequence routes from a capture of that
+  forward.
+
+Example:
+    >>> import torch, moe_replay as mr
+    >>> a = mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["layers.0.gate"], num_experts=4)
+    >>> b = mr.Routes([torch.tensor([[1, 2]])], names=["layers.0.gate"], num_experts=4)
+    >>> layout = mr.BatchLayout.padded([2, 1])          # right padding, 2 rows of 2
+    >>> layout.routes([a, b]).layer("layers.0.gate").tolist()
+    [[0, 1], [2, 3], [1, 2], [-1, -1]]
+    >>> mr.BatchLayout.packed([2, 1]).routes([a, b]).num_tokens   # one row of 3
+    3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import RoutesValidationError
+from .routes import Routes
+
+__all__ = ["BatchLayout", "pack_routes", "pad_routes"]
+
+
+def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
+    """Rows ``routes[index]`` of every router, with a -1 row wherever ``index`` is -1."""
+    index = index.long()
+    hole = index < 0
+    safe = index.clamp(min=0)
+    layers = []
+    for rows in routes.per_layer():
+        if rows.shape[0] == 0:
+            if not bool(hole.all()):
+                raise RoutesValidationError("cannot take rows from routes that hold no rows")
+            picked = torch.full((index.numel(), rows.shape[1]), -1, dtype=torch.long)
+        else:
+            picked = rows[safe]
+            picked[hole] = -1
+        layers.append(picked)
+    return Routes(layers, names=routes.names, num_experts=routes.experts_per_layer, validate=False)
+
+
+def check_same_routers(parts: Sequence[Routes], what: str = "sequence") -> None:
+    """All parts hold the same routers, expert counts and k (else a clear error)."""
+    if not parts:
+        raise ValueError(f"need at least one {what}")
+    first = parts[0]
+    for i, p in enumerate(parts):
+        if not isinstance(p, Routes):
+            raise TypeError(f"{what} {i} is a {type(p).__name__}, not Routes")
+        if (p.names, p.experts_per_layer, p.k_per_layer) != (first.names, first.experts_per_layer, first.k_per_layer):
+            raise RoutesValidationError(
+                f"{what} {i} holds routers {list(p.names)[:3]}... (experts {p.experts_per_layer[:3]}, "
+                f"k {p.k_per_layer[:3]}), {what} 0 holds {list(first.names)[:3]}... (experts "
+                f"{first.experts_per_layer[:3]}, k {first.k_per_layer[:3]}): they come from different models"
+            )
+
+
+def _lengths(values: Sequence[int] | torch.Tensor, what: str = "lengths") -> list[int]:
+    out = [int(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+    if not out:
+        raise ValueError(f"{what} is empty: a batch needs at least one sequence")
+    bad = [v for v in out if v < 0]
+    if bad:
+        raise ValueError(f"{what} must be >= 0, got {bad[0]}")
+    return out
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where each sequence sits in a ``[rows, row_length]`` training batch.
+
+    ``placements[i] = (row, start, length)``: sequence ``i`` fills positions
+    ``start .. start + length - 1`` of row ``row``; every other position is padding.
+    Build one with :meth:`padded`, :meth:`packed` or :meth:`split`.
+    """
+
+    rows: int
+    row_length: int
+    placements: tuple[tuple[int, int, int], ...]
+
+    def __post_init__(self) -> None:
+        taken = torch.zeros(self.rows, self.row_length, dtype=torch.bool)
+        for i, (r, s, n) in enumerate(self.placements):
+            if not (0 <= r < self.rows and s >= 0 and n >= 0 and s + n <= self.row_length):
+                raise ValueError(
+                    f"sequence {i} at row {r}, positions {s}..{s + n - 1} does not fit a "
+                    f"[{self.rows}, {self.row_length}] batch"
+                )
+            if bool(taken[r, s : s + n].any()):
+                raise ValueError(f"sequence {i} overlaps another sequence in row {r}")
+            taken[r, s : s + n] = True
+
+    # ------------------------------------------------------------- builders
+    @classmethod
+    def padded(
+        cls, lengths: Sequence[int] | torch.Tensor, *, side: str = "right", length: int | None = None
+    ) -> BatchLayout:
+        """One sequence per row, padded on ``side`` ("right" or "left") to ``length`` (default: the longest)."""
+        ls = _lengths(lengths)
+        width = max(ls) if length is None else int(length)
+        if width < max(ls):
+            raise ValueError(f"length={width} is shorter than the longest sequence ({max(ls)} tokens)")
+        if side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        return cls(len(ls), width, tuple((i, 0 if side == "right" else width - n, n) for i, n in enumerate(ls)))
+
+    @classmethod
+    def packed(cls, lengths: Sequence[int] | torch.Tensor, *, row_length: int | None = None) -> BatchLayout:
+        """Sequences back to back (varlen packing), in order.
+
+        Without ``row_length`` every sequence goes into one row. With it, a sequence that
+        does not fit the current row starts the next one; rows are right-padded.
+        """
+        ls = _lengths(lengths)
+        if row_length is None:
+            places, at = [], 0
+            for n in ls:
+                places.append((0, at, n))
+                at += n
+            return cls(1, at, tuple(places))
+        width = int(row_length)
+        if max(ls) > width:
+            raise ValueError(f"a sequence of {max(ls)} tokens does not fit row_length={width}; raise row_length")
+        places, row, at = [], 0, 0
+        for n in ls:
+            if at + n > width:
+                row, at = row + 1, 0
+            places.append((row, at, n))
+            at += n
+        return cls(row + 1, width, tuple(places))
+
+    @classmethod
+    def split(
+        cls,
+        prompt_lengths: Sequence[int] | torch.Tensor,
+        lengths: Sequence[int] | torch.Tensor,
+        *,
+        prompt_width: int | None = None,
+        row_length: int | None = None,
+    ) -> BatchLayout:
+        """Prompts left-padded to ``prompt_width``, completions right-padded after it.
+
+        The layout of the ``sequences`` that ``generate()`` returns for a left-padded batch,
+        and of verl's rollout batches. ``lengths`` are whole sequence lengths (prompt plus
+        completion).
+        """
+        ps, ls = _lengths(prompt_lengths, "prompt_lengths"), _lengths(lengths)
+        if len(ps) != len(ls):
+            raise ValueError(f"got {len(ps)} prompt lengths for {len(ls)} sequences")
+        short = [i for i, (p, n) in enumerate(zip(ps, ls, strict=True)) if n < p]
+        if short:
+            raise ValueError(f"sequence {short[0]} is shorter than its prompt")
+        pw = max(ps) if prompt_width is None else int(prompt_width)
+        if pw < max(ps):
+            raise ValueError(f"prompt_width={pw} is shorter than the longest prompt ({max(ps)} tokens)")
+        need = max(pw + n - p for p, n in zip(ps, ls, strict=True))
+        width = need if row_length is None else int(row_length)
+        if width < need:
+            raise ValueError(f"row_length={width} is too short: the longest completion ends at {need}")
+        return cls(len(ls), width, tuple((i, pw - p, n) for i, (p, n) in enumerate(zip(ps, ls, strict=True))))
+
+    # ------------------------------------------------------------- views
+    @property
+    def num_sequences(self) -> int:
+        """How many sequences the batch holds."""
+        return len(self.placements)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Token count of each sequence."""
+        return tuple(n for _, _, n in self.placements)
+
+    def __repr__(self) -> str:
+        pad = self.rows * self.row_length - sum(self.lengths)
+        return (
+            f"BatchLayout(rows={self.rows}, row_length={self.row_length}, sequences={self.num_sequences}, "
+            f"padding={pad})"
+        )
+
+    def flat_positions(self, i: int) -> torch.Tensor:
+        """Where sequence ``i``'s tokens sit in the batch-major flattened batch."""
+        r, s, n = self.placements[i]
+        return torch.arange(n) + r * self.row_length + s
+
+    def source_index(self) -> torch.Tensor:
+        """For each flattened batch position, its row in the concatenated sequences, or -1 (padding)."""
+        index = torch.full((self.rows * self.row_length,), -1, dtype=torch.long)
+        offset = 0
+        for i, (_, _, n) in enumerate(self.placements):
+            index[self.flat_positions(i)] = torch.arange(offset, offset + n)
+            offset += n
+        return index
+
+    # ------------------------------------------------------------- builders of inputs
+    def routes(self, sequences: Sequence[Routes]) -> Routes:
+        """Replay routes for this batch: ``rows * row_length`` rows, batch-major, -1 at padding."""
+        seqs = list(sequences)
+        self._check_count(len(seqs))
+        check_same_routers(seqs)
+        for i, (seq, n) in enumerate(zip(seqs, self.lengths, strict=True)):
+            if seq.num_tokens != n:
+                raise RoutesValidationError(
+                    f"sequence {i} has {seq.num_tokens} rows of routes but the layout gives it {n} positions"
+                )
+        return take_rows(Routes.cat(seqs), self.source_index())
+
+    def unpack(self, routes: Routes) -> list[Routes]:
+        """Per-sequence routes from the routes of a forward over this batch (the inverse of :meth:`routes`)."""
+        total = self.rows * self.row_length
+        if routes.num_tokens != total:
+            raise RoutesValidationError(
+                f"these routes hold {routes.num_tokens} rows, a [{self.rows}, {self.row_length}] batch has {total}"
+            )
+        return [routes[self.flat_positions(i)] for i in range(self.num_sequences)]
+
+    def tokens(self, sequences: Sequence[torch.Tensor], pad_id: int = 0) -> torch.Tensor:
+        """The ``[rows, row_length]`` input ids, ``pad_id`` at padding."""
+        seqs = [torch.as_tensor(s).reshape(-1) for s in sequences]
+        self._check_count(len(seqs))
+        out = torch.full((self.rows, self.row_length), int(pad_id), dtype=torch.long)
+        for i, ((r, s, n), ids) in enumerate(zip(self.placements, seqs, strict=True)):
+            if ids.numel() != n:
+                raise ValueError(f"sequence {i} has {ids.numel()} tokens but the layout gives it {n} positions")
+            out[r, s : s + n] = ids.long()
+        return out
+
+    def attention_mask(self) -> torch.Tensor:
+        """``[rows, row_length]``: 1 on tokens, 0 on padding (packed rows need :meth:`position_ids` too)."""
+        out = torch.zeros(self.rows, self.row_length, dtype=torch.long)
+        for r, s, n in self.placements:
+            out[r, s : s + n] = 1
+        return out
+
+    def position_ids(self) -> torch.Tensor:
+        """``[rows, row_length]``: 0, 1, ... within each sequence (0 at padding).
+
+        For packed rows pass these (and no attention mask) to a model that reads packing
+        from restarting positions, as transformers and the reference models do.
+        """
+        out = torch.zeros(self.rows, self.row_length, dtype=torch.long)
+        for r, s, n in self.placements:
+            out[r, s : s + n] = torch.arange(n)
+        return out
+
+    def _check_count(self, n: int) -> None:
+        if n != self.num_sequences:
+            raise ValueError(f"got {n} sequences for a layout of {self.num_sequences}")
+
+
+def pad_routes(sequences: Sequence[Routes], *, side: str = "right", length: int | None = None) -> Routes:
+    """Routes for a padded batch, one sequence per row: ``BatchLayout.padded(...).routes(sequences)``."""
+    seqs = list(sequences)
+    return BatchLayout.padded([s.num_tokens for s in seqs], side=side, length=length).routes(seqs)
+
+
+def pack_routes(sequences: Sequence[Routes], *, row_length: int | None = None) -> Routes:
+    """Routes for a packed batch: ``BatchLayout.packed(...).routes(sequences)``."""
+    seqs = list(sequences)
+    return BatchLayout.packed([s.num_tokens for s in seqs], row_length=row_length).routes(seqs)

@@ -1,0 +1,213 @@
+"""Per-sequence routes from a capture taken while generating.
+
+A capture records rows in call order. For a batch of ``B`` prompts padded to ``P``
+tokens, ``generate()`` (transformers, or any decode loop with a KV cache) runs:
+
+* one prompt forward: ``B * P`` rows, batch-major (sequence 0's positions, then
+  sequence 1's...), padding positions included;
+* one forward per decode step, each of ``B`` rows: the token sampled at step ``t`` is
+  fed at step ``t + 1``.
+
+``N`` new tokens take ``N - 1`` decode steps: the last sampled token is never fed back,
+so it has no route. Inference engines (vLLM, SGLang) behave the same way. In the
+per-sequence routes that :func:`split_generation` returns, the last token of every
+sequence has a -1 row: replay routes it natively. Its route cannot change the loss: no
+later position attends to it and its logits predict nothing that is trained on.
+
+Sequences that stopped early (an end-of-sequence token) keep being fed padding by
+transformers' ``generate()`` until the whole batch stops; those rows, like prompt
+padding, are dropped (or marked -1 with ``keep_padding=True``).
+
+Example:
+    >>> import torch, moe_replay as mr
+    >>> model = mr.models.build("softmax_topk")
+    >>> prompt = torch.randint(1, 128, (2, 4))
+    >>> mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])      # sequence 0 is left-padded
+    >>> with mr.attach(model) as session:
+    ...     with session.capture():
+    ...         out = model.generate(prompt, max_new_tokens=3, attention_mask=mask)
+    ...     seqs = mr.split_generation(session.routes(), attention_mask=mask)
+    >>> [s.num_tokens for s in seqs]                              # real prompt + 3 new tokens
+    [6, 7]
+    >>> bool(seqs[0].missing[-1].all())                           # the last token: no route
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .batch import take_rows
+from .errors import RoutesValidationError
+from .routes import Routes
+
+__all__ = ["generation_lengths", "split_generation"]
+
+
+def generation_lengths(
+    sequences: torch.Tensor,
+    prompt_len: int,
+    eos_token_id: int | Sequence[int] | None,
+) -> torch.Tensor:
+    """New tokens per sequence, up to and including the first end-of-sequence token.
+
+    Args:
+        sequences: ``[B, prompt_len + N]`` as ``generate()`` returns them.
+        prompt_len: padded prompt width ``P``.
+        eos_token_id: one id or several; ``None`` means every sequence ran all ``N`` steps.
+    """
+    new = sequences[:, prompt_len:]
+    b, n = new.shape
+    if eos_token_id is None:
+        return torch.full((b,), n, dtype=torch.long)
+    eos = torch.as_tensor(eos_token_id, dtype=new.dtype).reshape(-1)
+    hit = torch.isin(new, eos)
+    first = torch.where(hit.any(dim=1), hit.long().argmax(dim=1) + 1, torch.full((b,), n))
+    return first.long()
+
+
+def _prompt_mask(
+    batch_size: int,
+    prompt_len: int,
+    attention_mask: torch.Tensor | None,
+    prompt_lengths: Sequence[int] | torch.Tensor | None,
+    padding_side: str,
+) -> torch.Tensor:
+    if attention_mask is not None:
+        if prompt_lengths is not None:
+            raise ValueError("pass attention_mask or prompt_lengths, not both")
+        mask = torch.as_tensor(attention_mask)
+        if mask.dim() != 2 or mask.shape[0] != batch_size or mask.shape[1] < prompt_len:
+            raise ValueError(
+                f"attention_mask must be [batch, >= prompt_len] = [{batch_size}, >= {prompt_len}], "
+                f"got {tuple(mask.shape)}"
+            )
+        return mask[:, :prompt_len].bool().cpu()
+    if prompt_lengths is None:
+        return torch.ones(batch_size, prompt_len, dtype=torch.bool)
+    lengths = torch.as_tensor(prompt_lengths).long().reshape(-1)
+    if lengths.numel() != batch_size or bool((lengths > prompt_len).any()) or bool((lengths < 0).any()):
+        raise ValueError(f"prompt_lengths must be {batch_size} values in 0..{prompt_len}, got {lengths.tolist()}")
+    pos = torch.arange(prompt_len)
+    if padding_side == "left":
+        return pos[None, :] >= prompt_len - lengths[:, None]
+    if padding_side == "right":
+        return pos[None, :] < lengths[:, None]
+    raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+
+
+def split_generation(
+    routes: Routes,
+    *,
+    batch_size: int | None = None,
+    prompt_len: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    prompt_lengths: Sequence[int] | torch.Tensor | None = None,
+    padding_side: str = "left",
+    sequences: torch.Tensor | None = None,
+    new_tokens: int | None = None,
+    lengths: Sequence[int] | torch.Tensor | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    keep_padding: bool = False,
+) -> list[Routes]:
+    """Split a capture taken around one batched ``generate()`` into per-sequence routes.
+
+    Each sequence's routes are aligned to its token positions: its real prompt tokens,
+    then its generated tokens. The last one has a -1 row (never routed, see the module
+    docstring).
+
+    Args:
+        routes: the capture (``session.routes()``), ``B * P + B * (N - 1)`` rows.
+        batch_size: ``B``; inferred from ``attention_mask``, ``prompt_lengths`` or ``sequences``.
+        prompt_len: padded prompt width ``P``; inferred from a ``[B, P]`` ``attention_mask``.
+        attention_mask: the prompt mask given to ``generate()`` (1 = token, 0 = padding);
+            a longer mask is cut to its first ``P`` columns.
+        prompt_lengths, padding_side: instead of a mask, real prompt lengths and the side
+            the prompts were padded on.
+        sequences: ``generate()``'s ``[B, P + N]`` output, to check ``N`` and find
+            end-of-sequence tokens.
+        new_tokens: ``N``; inferred from the row count.
+        lengths: new tokens per sequence (a sequence that stopped early has fewer);
+            default: from ``sequences`` and ``eos_token_id``, else ``N`` each.
+        eos_token_id: end-of-sequence id(s) to find ``lengths`` in ``sequences``.
+        keep_padding: keep every position of ``generate()``'s ``[B, P + N]`` grid, with -1
+            rows at padding, so that ``Routes.cat(result)`` replays a forward over
+            ``sequences`` itself. By default padding is dropped.
+
+    Returns:
+        One :class:`~moe_replay.Routes` per sequence.
+
+    Raises:
+        RoutesValidationError: the row count does not fit ``B``, ``P`` and ``N``.
+    """
+    if not isinstance(routes, Routes):
+        raise TypeError(f"split_generation takes Routes, got {type(routes).__name__}")
+    tokens = set(routes.tokens_per_layer)
+    if len(tokens) != 1:
+        raise RoutesValidationError(
+            f"routers recorded different row counts {sorted(tokens)}: a generate() capture gives every router "
+            "the same rows; was the capture cut, or did some routers not run?"
+        )
+    total = tokens.pop()
+
+    if batch_size is None:
+        for source in (attention_mask, sequences):
+            if source is not None:
+                batch_size = int(torch.as_tensor(source).shape[0])
+                break
+        else:
+            if prompt_lengths is not None:
+                batch_size = len(torch.as_tensor(prompt_lengths).reshape(-1))
+    if batch_size is None or batch_size < 1:
+        raise ValueError("give batch_size (or attention_mask, prompt_lengths or sequences to infer it)")
+    if prompt_len is None:
+        if attention_mask is None:
+            raise ValueError("give prompt_len, the padded prompt width (or a [batch, prompt_len] attention_mask)")
+        prompt_len = int(torch.as_tensor(attention_mask).shape[1])
+    b, p = int(batch_size), int(prompt_len)
+
+    decode = total - b * p
+    if decode < 0 or decode % b:
+        raise RoutesValidationError(
+            f"the capture holds {total} rows per router; a generate() over {b} prompts of {p} positions "
+            f"gives {b}*{p} prompt rows plus {b} rows per decode step. Check batch_size and prompt_len, and "
+            "that the capture holds exactly one generate() call"
+        )
+    n = decode // b + 1
+    if sequences is not None:
+        seq_n = int(sequences.shape[1]) - p
+        if seq_n != n:
+            raise RoutesValidationError(
+                f"sequences hold {seq_n} new tokens, but the capture holds {decode // b} decode steps "
+                f"(= {n} new tokens): was more than one generate() captured?"
+            )
+    if new_tokens is not None and int(new_tokens) != n:
+        raise RoutesValidationError(f"new_tokens={new_tokens}, but the capture holds {n - 1} decode steps")
+
+    prompt_mask = _prompt_mask(b, p, attention_mask, prompt_lengths, padding_side)
+    if lengths is None:
+        if eos_token_id is not None and sequences is None:
+            raise ValueError("eos_token_id needs sequences to find where each sequence stopped")
+        gen = generation_lengths(sequences, p, eos_token_id).cpu() if sequences is not None else torch.full((b,), n)
+    else:
+        gen = torch.as_tensor(lengths).long().reshape(-1).cpu()
+        if gen.numel() != b or bool((gen < 1).any()) or bool((gen > n).any()):
+            raise ValueError(f"lengths must be {b} values in 1..{n}, got {gen.tolist()}")
+
+    # capture row of every (sequence, grid position); -1 where nothing was routed
+    grid = torch.full((b, p + n), -1, dtype=torch.long)
+    grid[:, :p] = torch.arange(b * p).view(b, p)
+    step = torch.arange(n - 1)
+    grid[:, p : p + n - 1] = b * p + step[None, :] * b + torch.arange(b)[:, None]
+    keep = torch.zeros(b, p + n, dtype=torch.bool)
+    keep[:, :p] = prompt_mask
+    keep[:, p:] = torch.arange(n)[None, :] < gen[:, None]
+    last = p + gen - 1
+    grid[torch.arange(b), last] = -1  # the last token of each sequence was never routed (or is EOS fed as input)
+    grid[~keep] = -1
+
+    if keep_padding:
+        return [take_rows(routes, grid[i]) for i in range(b)]
+    return [take_rows(routes, grid[i][keep[i]]) for i in range(b)]

@@ -1,0 +1,256 @@
+"""Routing comparison: how often two sets of routes choose different experts.
+
+:func:`compare` computes the figures the R3 paper (arXiv 2510.11370) reports for an
+inference engine against a training forward on the same tokens: the share of router
+decisions that differ (about 10% for Qwen3-30B-A3B there), the share of tokens that
+differ in at least one router (94% there), plus the mean number of differing routers
+per token and each side's expert load.
+
+**What a decision is.** One router's choice for one token: the *set* of its k experts.
+Two decisions are the same when they pick the same experts, in any order: the MoE
+output sums the chosen experts' outputs, so the order of the k slots does not change
+which experts run (R3 replays the binary expert-selection mask). ``mode="slot"``
+compares slot by slot instead (same experts in the same order), for checking that a
+conversion kept the order.
+
+Rows of -1 (no recorded route) on either side are excluded and counted.
+
+Example:
+    >>> import torch, moe_replay as mr
+    >>> a = mr.Routes([torch.tensor([[0, 1], [2, 3], [0, 2]])], names=["gate"], num_experts=4)
+    >>> b = mr.Routes([torch.tensor([[1, 0], [2, 1], [-1, -1]])], names=["gate"], num_experts=4)
+    >>> c = mr.compare(a, b)
+    >>> c.overall, c.excluded.tolist()       # [1, 0] equals [0, 1] as a set; the -1 row is left out
+    (0.5, [1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import RoutesValidationError
+from .routes import Routes
+
+__all__ = ["RoutingComparison", "compare"]
+
+
+@dataclass(frozen=True, repr=False)
+class RoutingComparison:
+    """What :func:`compare` returns. Fractions are of compared decisions or tokens.
+
+    Attributes:
+        names: the routers compared, in order.
+        mode: ``"set"`` or ``"slot"``.
+        differ: per router, decisions that differ.
+        compared: per router, decisions compared (rows recorded on both sides).
+        excluded: per router, rows left out (-1 on either side).
+        tokens: tokens with at least one compared decision.
+        tokens_differ: of those, tokens where at least one router differs.
+        differing_routers: differing decisions summed over tokens.
+        shared_experts: per router, experts the two sides share, summed over compared rows.
+        top_k: per router.
+        load_a, load_b: ``[routers, max experts]`` how many compared tokens each expert
+            received on each side.
+    """
+
+    names: tuple[str, ...]
+    mode: str
+    differ: np.ndarray
+    compared: np.ndarray
+    excluded: np.ndarray
+    tokens: int
+    tokens_differ: int
+    differing_routers: int
+    shared_experts: np.ndarray
+    top_k: tuple[int, ...]
+    load_a: np.ndarray
+    load_b: np.ndarray
+
+    @property
+    def per_layer(self) -> np.ndarray:
+        """Fraction of decisions that differ, per router (NaN where nothing was compared)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.compared > 0, self.differ / np.maximum(self.compared, 1), np.nan)
+
+    @property
+    def overall(self) -> float:
+        """Fraction of all compared decisions that differ."""
+        total = int(self.compared.sum())
+        return float(self.differ.sum() / total) if total else float("nan")
+
+    @property
+    def token_fraction(self) -> float:
+        """Fraction of compared tokens that differ in at least one router."""
+        return self.tokens_differ / self.tokens if self.tokens else float("nan")
+
+    @property
+    def routers_per_token(self) -> float:
+        """Mean number of differing routers per compared token."""
+        return self.differing_routers / self.tokens if self.tokens else float("nan")
+
+    @property
+    def overlap(self) -> float:
+        """Mean share of the k experts that both sides chose, over compared decisions."""
+        slots = float((self.compared * np.asarray(self.top_k)).sum())
+        return float(self.shared_experts.sum() / slots) if slots else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The headline figures and per-router fractions, as plain Python values."""
+        return {
+            "mode": self.mode,
+            "overall": self.overall,
+            "token_fraction": self.token_fraction,
+            "routers_per_token": self.routers_per_token,
+            "overlap": self.overlap,
+            "tokens": self.tokens,
+            "excluded_rows": int(self.excluded.sum()),
+            "per_layer": dict(zip(self.names, [float(x) for x in self.per_layer], strict=True)),
+        }
+
+    def __repr__(self) -> str:
+        decisions = int(self.compared.sum())
+        lines = [
+            f"RoutingComparison(mode={self.mode!r}, routers={len(self.names)}, tokens={self.tokens}, "
+            f"excluded_rows={int(self.excluded.sum())})",
+            f"  decisions differing:            {_pct(self.overall)} ({int(self.differ.sum())} of {decisions})",
+            f"  tokens differing in any router: {_pct(self.token_fraction)} ({self.tokens_differ} of {self.tokens})",
+            f"  differing routers per token:    {self.routers_per_token:.3f}",
+            f"  experts shared per decision:    {_pct(self.overlap)}",
+        ]
+        per = [f"{n}: {_pct(x)}" for n, x in zip(self.names, self.per_layer, strict=True)]
+        shown = per[:8] + ([f"... (+{len(per) - 8} more)"] if len(per) > 8 else [])
+        lines.append("  per router: " + ", ".join(shown))
+        return "\n".join(lines)
+
+    def plot(self, *, router: str | int | None = None) -> Any:
+        """Two panels: the share of differing decisions per router, and expert load on each side.
+
+        Args:
+            router: whose expert load to draw (name or index); default: summed over routers.
+
+        Returns:
+            The matplotlib ``Figure``. Needs matplotlib: ``pip install "moe_replay[plot]"``.
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError(
+                "RoutingComparison.plot() needs matplotlib: pip install 'moe_replay[plot]' (or matplotlib)"
+            ) from e
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+        x = np.arange(len(self.names))
+        left.bar(x, np.nan_to_num(self.per_layer) * 100, color="tab:red")
+        left.set_xlabel("router")
+        left.set_ylabel("decisions differing (%)")
+        left.set_title(f"{_pct(self.overall)} of decisions, {_pct(self.token_fraction)} of tokens differ")
+        if len(self.names) <= 16:
+            left.set_xticks(x, [n.rsplit(".", 3)[-3] if n.count(".") >= 3 else n for n in self.names], rotation=90)
+        if router is None:
+            a, b, title = self.load_a.sum(axis=0), self.load_b.sum(axis=0), "expert load, all routers"
+        else:
+            i = router if isinstance(router, int) else self.names.index(router)
+            a, b, title = self.load_a[i], self.load_b[i], f"expert load, {self.names[i]}"
+        e = np.arange(a.shape[0])
+        right.bar(e - 0.2, a, width=0.4, label="a")
+        right.bar(e + 0.2, b, width=0.4, label="b")
+        right.set_xlabel("expert")
+        right.set_ylabel("tokens")
+        right.set_title(title)
+        right.legend()
+        fig.tight_layout()
+        return fig
+
+
+def _pct(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{100 * x:.2f}%"
+
+
+def compare(a: Routes, b: Routes, *, mode: str = "set", names: Sequence[str] | None = None) -> RoutingComparison:
+    """Compare two routings of the same tokens, router by router.
+
+    Args:
+        a, b: routes of the same tokens (e.g. an engine's rollout and a training forward);
+            routers are matched by name.
+        mode: ``"set"`` (default): a decision is the set of k experts; ``"slot"``: the
+            ordered k slots.
+        names: compare only these routers (default: all, which both must hold).
+
+    Raises:
+        RoutesValidationError: the two hold different routers, token counts, k or
+            expert counts.
+    """
+    if mode not in ("set", "slot"):
+        raise ValueError(f"mode must be 'set' or 'slot', got {mode!r}")
+    if not isinstance(a, Routes) or not isinstance(b, Routes):
+        raise TypeError("compare takes two Routes")
+    if names is None:
+        if set(a.names) != set(b.names):
+            only_a = [n for n in a.names if n not in b.names]
+            only_b = [n for n in b.names if n not in a.names]
+            raise RoutesValidationError(
+                f"the two hold different routers (only in a: {only_a[:3]}, only in b: {only_b[:3]}); pass names= "
+                "to compare the common ones"
+            )
+        names = a.names
+    names = tuple(names)
+    for side, r in (("a", a), ("b", b)):
+        absent = [n for n in names if n not in r.names]
+        if absent:
+            raise RoutesValidationError(f"{side} holds no routes for routers {absent[:3]}")
+    xs = [a.layer(n) for n in names]
+    ys = [b.layer(n) for n in names]
+    ea = [a.experts_per_layer[a.names.index(n)] for n in names]
+    eb = [b.experts_per_layer[b.names.index(n)] for n in names]
+    counts = {x.shape[0] for x in xs} | {y.shape[0] for y in ys}
+    if len(counts) != 1:
+        raise RoutesValidationError(
+            f"the routes cover different token counts {sorted(counts)}; compare routes of the same tokens"
+        )
+    for n, x, y, e1, e2 in zip(names, xs, ys, ea, eb, strict=True):
+        if x.shape[1] != y.shape[1] or e1 != e2:
+            raise RoutesValidationError(
+                f"router '{n}': a has k={x.shape[1]} over {e1} experts, b has k={y.shape[1]} over {e2}"
+            )
+    t = counts.pop()
+    width = max(ea) if ea else 0
+    differ, compared, excluded, shared = [], [], [], []
+    load_a = np.zeros((len(names), width), dtype=np.int64)
+    load_b = np.zeros((len(names), width), dtype=np.int64)
+    token_differ = torch.zeros(t, dtype=torch.long)
+    token_seen = torch.zeros(t, dtype=torch.bool)
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        ok = ~((x < 0).all(dim=1) | (y < 0).all(dim=1))
+        xv, yv = x[ok], y[ok]
+        if mode == "set":
+            same = (xv.sort(dim=1).values == yv.sort(dim=1).values).all(dim=1)
+        else:
+            same = (xv == yv).all(dim=1)
+        d = torch.zeros(t, dtype=torch.bool)
+        d[ok] = ~same
+        token_differ += d.long()
+        token_seen |= ok
+        differ.append(int(d.sum()))
+        compared.append(int(ok.sum()))
+        excluded.append(int((~ok).sum()))
+        shared.append(int((xv[:, :, None] == yv[:, None, :]).any(dim=2).sum()))
+        load_a[i] = torch.bincount(xv.reshape(-1), minlength=width).numpy()[:width]
+        load_b[i] = torch.bincount(yv.reshape(-1), minlength=width).numpy()[:width]
+    return RoutingComparison(
+        names=names,
+        mode=mode,
+        differ=np.asarray(differ, dtype=np.int64),
+        compared=np.asarray(compared, dtype=np.int64),
+        excluded=np.asarray(excluded, dtype=np.int64),
+        tokens=int(token_seen.sum()),
+        tokens_differ=int((token_differ > 0).sum()),
+        differing_routers=int(token_differ.sum()),
+        shared_experts=np.asarray(shared, dtype=np.int64),
+        top_k=tuple(int(x.shape[1]) for x in xs),
+        load_a=load_a,
+        load_b=load_b,
+    )

@@ -1,0 +1,92 @@
+"""BatchLayout: replay routes, inputs and the inverse for padded, packed and split batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_replay as mr
+
+NAMES = ("layers.0.gate", "layers.1.gate")
+
+
+def seq(n: int, offset: int) -> mr.Routes:
+    """Top-1 routes whose expert numbers the token: offset, offset + 1, ..."""
+    rows = (torch.arange(n) + offset).unsqueeze(1)
+    return mr.Routes([rows, rows + 100], names=NAMES, num_experts=512)
+
+
+SEQS = [seq(3, 0), seq(1, 10), seq(4, 20)]
+
+
+def experts(routes: mr.Routes) -> list[int]:
+    return routes.layer(NAMES[0])[:, 0].tolist()
+
+
+def test_padded_right_and_left() -> None:
+    right = mr.BatchLayout.padded([3, 1, 4])
+    assert (right.rows, right.row_length) == (3, 4)
+    assert experts(right.routes(SEQS)) == [0, 1, 2, -1, 10, -1, -1, -1, 20, 21, 22, 23]
+    left = mr.BatchLayout.padded([3, 1, 4], side="left", length=5)
+    assert experts(left.routes(SEQS))[:10] == [-1, -1, 0, 1, 2, -1, -1, -1, -1, 10]
+    assert left.attention_mask()[0].tolist() == [0, 0, 1, 1, 1]
+    assert left.position_ids()[0].tolist() == [0, 0, 0, 1, 2]
+    assert mr.pad_routes(SEQS, side="left", length=5).equal(left.routes(SEQS))
+
+
+def test_packed_one_row_and_rows() -> None:
+    one = mr.BatchLayout.packed([3, 1, 4])
+    assert (one.rows, one.row_length) == (1, 8)
+    assert experts(one.routes(SEQS)) == [0, 1, 2, 10, 20, 21, 22, 23]
+    assert one.position_ids().tolist() == [[0, 1, 2, 0, 0, 1, 2, 3]]
+    rows = mr.BatchLayout.packed([3, 1, 4], row_length=5)
+    assert rows.placements == ((0, 0, 3), (0, 3, 1), (1, 0, 4))
+    assert experts(rows.routes(SEQS)) == [0, 1, 2, 10, -1, 20, 21, 22, 23, -1]
+    assert mr.pack_routes(SEQS, row_length=5).equal(rows.routes(SEQS))
+
+
+def test_split_layout_is_generate_grid() -> None:
+    layout = mr.BatchLayout.split([2, 1, 3], [3, 1, 4], prompt_width=3)
+    assert layout.placements == ((0, 1, 3), (1, 2, 1), (2, 0, 4))
+    assert layout.attention_mask().tolist() == [[0, 1, 1, 1], [0, 0, 1, 0], [1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        mr.BatchLayout.padded([3, 1, 4]),
+        mr.BatchLayout.padded([3, 1, 4], side="left", length=6),
+        mr.BatchLayout.packed([3, 1, 4]),
+        mr.BatchLayout.packed([3, 1, 4], row_length=4),
+        mr.BatchLayout.split([2, 1, 3], [3, 1, 4], prompt_width=4, row_length=7),
+    ],
+    ids=repr,
+)
+def test_unpack_inverts_routes_and_tokens_line_up(layout: mr.BatchLayout) -> None:
+    batch = layout.routes(SEQS)
+    assert batch.num_tokens == layout.rows * layout.row_length
+    assert all(a.equal(b) for a, b in zip(layout.unpack(batch), SEQS, strict=True))
+    ids = [torch.tensor(experts(s)) for s in SEQS]  # token ids equal to the expert numbers
+    flat = layout.tokens(ids, pad_id=-1).reshape(-1)
+    assert flat.tolist() == experts(batch)  # the routers see tokens in the same order
+    assert int(layout.attention_mask().sum()) == sum(layout.lengths)
+
+
+def test_layout_errors() -> None:
+    with pytest.raises(ValueError, match="shorter than the longest"):
+        mr.BatchLayout.padded([3, 5], length=4)
+    with pytest.raises(ValueError, match="does not fit row_length"):
+        mr.BatchLayout.packed([3, 6], row_length=5)
+    with pytest.raises(ValueError, match="overlaps"):
+        mr.BatchLayout(1, 4, ((0, 0, 3), (0, 2, 2)))
+    layout = mr.BatchLayout.padded([3, 1, 4])
+    with pytest.raises(mr.RoutesValidationError, match="sequence 1 has 2 rows"):
+        layout.routes([SEQS[0], seq(2, 0), SEQS[2]])
+    with pytest.raises(ValueError, match="got 2 sequences"):
+        layout.routes(SEQS[:2])
+    other = mr.Routes([torch.zeros(1, 1, dtype=torch.long)] * 2, names=["x", "y"], num_experts=4)
+    with pytest.raises(mr.RoutesValidationError, match="different models"):
+        layout.routes([SEQS[0], other, SEQS[2]])
+    with pytest.raises(mr.RoutesValidationError, match="a \\[3, 4\\] batch has 12"):
+        layout.unpack(SEQS[0])
+    assert repr(layout) == "BatchLayout(rows=3, row_length=4, sequences=3, padding=4)"

@@ -1,0 +1,225 @@
+"""Capture through generate(), per-sequence alignment, replay in one teacher-forced forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_replay as mr
+
+from .conftest import perturb_routers
+
+B, P, N = 3, 5, 6
+
+
+def _prompt(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, 128, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[0, :2] = 0  # left padding of different lengths
+    mask[2, :1] = 0
+    return prompt.masked_fill(mask == 0, 0), mask
+
+
+def _tokens(prompt: torch.Tensor, mask: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Each sequence's real tokens: prompt without padding, then its generated tokens."""
+    return [torch.cat([prompt[i][mask[i].bool()], seq[i, P : P + int(lengths[i])]]) for i in range(len(prompt))]
+
+
+def _layouts(lengths: list[int]) -> list[tuple[str, mr.BatchLayout]]:
+    return [
+        ("right-padded", mr.BatchLayout.padded(lengths)),
+        ("left-padded", mr.BatchLayout.padded(lengths, side="left", length=max(lengths) + 1)),
+        ("packed", mr.BatchLayout.packed(lengths)),
+        ("packed rows", mr.BatchLayout.packed(lengths, row_length=max(lengths) + 2)),
+    ]
+
+
+def _inputs(layout: mr.BatchLayout, kind: str) -> dict[str, torch.Tensor | bool]:
+    if kind.startswith("packed"):  # packing is read from restarting positions, with no mask and no cache
+        return {"position_ids": layout.position_ids(), "use_cache": False}
+    return {"attention_mask": layout.attention_mask(), "position_ids": layout.position_ids()}
+
+
+def _train_forward(session: mr.Session, model, layout, ids, kind, routes=None) -> list[mr.Routes]:
+    """One teacher-forced forward over the batch; what each router chose, per sequence."""
+    kwargs = _inputs(layout, kind)
+    with torch.no_grad():
+        if routes is None:
+            with session.capture():
+                model(ids, **kwargs)
+        else:
+            with session.replay(routes), session.capture():
+                model(ids, **kwargs)
+    return layout.unpack(session.routes())
+
+
+def _check_replay(session, model, seqs, tokens) -> dict[str, float]:
+    """Replay in padded and packed batches; return the free-routing mismatch of each layout."""
+    lengths = [len(t) for t in tokens]
+    rollout = mr.Routes.cat(seqs)
+    free_mismatch = {}
+    for kind, layout in _layouts(lengths):
+        ids = layout.tokens(tokens)
+        free = _train_forward(session, model, layout, ids, kind)
+        free_mismatch[kind] = mr.compare(rollout, mr.Routes.cat(free)).overall
+        forced = _train_forward(session, model, layout, ids, kind, layout.routes(seqs))
+        for seq, got in zip(seqs, forced, strict=True):
+            kept = ~seq.missing.all(dim=1)
+            assert torch.equal(got.indices[kept], seq.indices[kept]), kind
+    return free_mismatch
+
+
+def _check_forced_after_update(session, model, seqs, tokens) -> None:
+    """After a policy update the free routing drifts; replay still forces every recorded route."""
+    perturb_routers(session, scale=1.5)
+    lengths = [len(t) for t in tokens]
+    rollout = mr.Routes.cat(seqs)
+    kind, layout = _layouts(lengths)[2]  # packed
+    ids = layout.tokens(tokens)
+    drift = mr.compare(rollout, mr.Routes.cat(_train_forward(session, model, layout, ids, kind))).overall
+    assert drift > 0.05, "the update should change some decisions, or the check below proves nothing"
+    forced = mr.Routes.cat(_train_forward(session, model, layout, ids, kind, layout.routes(seqs)))
+    assert mr.compare(rollout, forced).overall == 0.0
+
+
+# ----------------------------------------------------------------------------- reference models
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_reference_generate_left_padded(style: str, do_sample: bool) -> None:
+    model = mr.models.build(style, num_layers=3, first_dense_layers=1)
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture():
+            seq = model.generate(
+                prompt, N, attention_mask=mask, do_sample=do_sample, generator=torch.Generator().manual_seed(1)
+            )
+        capture = session.routes()
+        assert capture.num_tokens == B * P + B * (N - 1)
+        seqs = mr.split_generation(capture, attention_mask=mask, sequences=seq)
+        assert [s.num_tokens for s in seqs] == [int(m.sum()) + N for m in mask]
+        assert all(bool(s.missing[-1].all()) and not bool(s.missing[:-1].any()) for s in seqs)
+        tokens = _tokens(prompt, mask, seq, torch.full((B,), N))
+        free = _check_replay(session, model, seqs, tokens)
+        # a numeric fact, not an equality: float32 decode with a KV cache and one full
+        # forward agree on nearly every decision; misaligned routes would disagree on most
+        assert max(free.values()) < 0.05, free
+
+        # keep_padding: routes for a forward over generate()'s own [B, P + N] output
+        grid = mr.split_generation(capture, attention_mask=mask, sequences=seq, keep_padding=True)
+        full_mask = torch.cat([mask, torch.ones(B, N, dtype=torch.long)], dim=1)
+        with session.replay(mr.Routes.cat(grid)), session.capture(), torch.no_grad():
+            model(seq, attention_mask=full_mask)
+        got = session.routes()
+        kept = ~mr.Routes.cat(grid).missing.all(dim=1)
+        assert torch.equal(got.indices[kept], mr.Routes.cat(grid).indices[kept])
+
+        _check_forced_after_update(session, model, seqs, tokens)
+
+
+def test_reference_packed_rows_are_isolated() -> None:
+    """Packed sequences must not attend to each other, or packed free routing means nothing."""
+    model = mr.models.build("softmax_topk")
+    a, b = torch.randint(1, 128, (1, 6)), torch.randint(1, 128, (1, 4))
+    layout = mr.BatchLayout.packed([6, 4])
+    with torch.no_grad():
+        packed = model(layout.tokens([a, b]), position_ids=layout.position_ids()).logits
+        alone = model(b).logits
+    assert torch.allclose(packed[0, 6:], alone[0], atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reference_generate_on_cuda() -> None:
+    """Capture on the device, split on the host, replay a packed batch on the device."""
+    model = mr.models.build("grouped_sigmoid", num_layers=3, first_dense_layers=1).cuda()
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture():
+            seq = model.generate(prompt.cuda(), N, attention_mask=mask.cuda())
+        seqs = mr.split_generation(session.routes(), attention_mask=mask, sequences=seq)
+        tokens = _tokens(prompt, mask, seq.cpu(), torch.full((B,), N))
+        layout = mr.BatchLayout.packed([len(t) for t in tokens])
+        with session.replay(layout.routes(seqs)), session.capture(), torch.no_grad():
+            model(layout.tokens(tokens).cuda(), position_ids=layout.position_ids().cuda())
+        forced = mr.Routes.cat(layout.unpack(session.routes()))
+    assert mr.compare(mr.Routes.cat(seqs), forced).overall == 0.0
+
+
+# ----------------------------------------------------------------------------- transformers models
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampling"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"])
+def test_hf_generate_left_padded_with_eos(family: str, do_sample: bool) -> None:
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build(family)
+    prompt, mask = _prompt()
+    kwargs = dict(attention_mask=mask, max_new_tokens=N, do_sample=do_sample, pad_token_id=0)
+    if do_sample:
+        kwargs.update(top_k=0, top_p=1.0, temperature=1.0)
+    with mr.attach(model) as session:
+        torch.manual_seed(5)
+        with torch.no_grad():
+            probe = model.generate(prompt, **kwargs)
+        # end-of-sequence ids that stop every sequence before N tokens: generate() stops early,
+        # and finished sequences are fed padding until the others finish
+        eos = sorted({int(probe[0, P + 1]), int(probe[1, P + 3]), int(probe[2, P + 2])})
+        torch.manual_seed(5)
+        with session.capture(), torch.no_grad():
+            seq = model.generate(prompt, eos_token_id=eos, **kwargs)
+        lengths = mr.generation_lengths(seq, P, eos)
+        assert seq.shape[1] - P < N and int(lengths.min()) < int(lengths.max())
+        capture = session.routes()
+        seqs = mr.split_generation(capture, attention_mask=mask, sequences=seq, eos_token_id=eos)
+        assert [s.num_tokens for s in seqs] == (mask.sum(dim=1) + lengths).tolist()
+        tokens = _tokens(prompt, mask, seq, lengths)
+        free = _check_replay(session, model, seqs, tokens)
+        assert max(free.values()) < 0.05, free
+        _check_forced_after_update(session, model, seqs, tokens)
+
+
+# ----------------------------------------------------------------------------- alignment rules
+def _numbered(rows: int, names=("layers.0.gate",)) -> mr.Routes:
+    """Top-1 routes whose expert is the capture row number: alignment becomes readable."""
+    r = torch.arange(rows).unsqueeze(1)
+    return mr.Routes([r for _ in names], names=names, num_experts=1024)
+
+
+def test_rows_follow_call_order() -> None:
+    b, p, n = 2, 3, 4  # prompt rows 0..5, then decode steps of 2 rows: 6,7 | 8,9 | 10,11
+    seqs = mr.split_generation(_numbered(b * p + b * (n - 1)), batch_size=b, prompt_len=p)
+    assert seqs[0].indices[:, 0, 0].tolist() == [0, 1, 2, 6, 8, 10, -1]
+    assert seqs[1].indices[:, 0, 0].tolist() == [3, 4, 5, 7, 9, 11, -1]
+
+
+def test_padding_is_dropped_or_marked() -> None:
+    b, p, n = 2, 3, 3
+    routes = _numbered(b * p + b * (n - 1))
+    left = mr.split_generation(routes, prompt_lengths=[2, 3], prompt_len=p)
+    assert left[0].indices[:, 0, 0].tolist() == [1, 2, 6, 8, -1]
+    right = mr.split_generation(routes, prompt_lengths=[2, 3], prompt_len=p, padding_side="right")
+    assert right[0].indices[:, 0, 0].tolist() == [0, 1, 6, 8, -1]
+    grid = mr.split_generation(routes, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), keep_padding=True)
+    assert grid[0].indices[:, 0, 0].tolist() == [-1, 1, 2, 6, 8, -1]
+    stopped = mr.split_generation(routes, batch_size=b, prompt_len=p, lengths=[1, 3])
+    assert stopped[0].indices[:, 0, 0].tolist() == [0, 1, 2, -1]  # its one token is its last
+    assert stopped[1].indices[:, 0, 0].tolist() == [3, 4, 5, 7, 9, -1]
+
+
+def test_generation_lengths_stop_at_first_eos() -> None:
+    seq = torch.tensor([[9, 9, 5, 2, 7], [9, 9, 1, 1, 1], [9, 9, 3, 7, 2]])
+    assert mr.generation_lengths(seq, 2, [2, 7]).tolist() == [2, 3, 2]
+    assert mr.generation_lengths(seq, 2, None).tolist() == [3, 3, 3]
+
+
+def test_split_errors_name_the_counts() -> None:
+    routes = _numbered(13)
+    with pytest.raises(mr.RoutesValidationError, match="13 rows per router"):
+        mr.split_generation(routes, batch_size=2, prompt_len=3)
+    with pytest.raises(mr.RoutesValidationError, match="was more than one generate"):
+        mr.split_generation(_numbered(12), batch_size=2, prompt_len=3, sequences=torch.zeros(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="give batch_size"):
+        mr.split_generation(_numbered(12), prompt_len=3)
+    with pytest.raises(ValueError, match="lengths must be 2 values"):
+        mr.split_generation(_numbered(12), batch_size=2, prompt_len=3, lengths=[1, 9])
+    uneven = mr.Routes([torch.zeros(4, 1, dtype=torch.long), torch.zeros(6, 1, dtype=torch.long)], ["a", "b"], 2)
+    with pytest.raises(mr.RoutesValidationError, match="different row counts"):
+        mr.split_generation(uneven, batch_size=2, prompt_len=1)
