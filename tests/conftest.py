@@ -2,13 +2,90 @@
 
 from __future__ import annotations
 
+import collections
 import copy
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from torch import nn
 
 import moe_replay as mr
+
+# ----------------------------------------------------------------------------- hypothesis
+# "ci" (the default): a fixed, bounded set of examples, so CI time and the case counts in
+# docs/reliability.md do not drift. "explore": fresh random examples on every run; scale
+# the number with MOE_REPLAY_EXAMPLES (a factor), e.g. MOE_REPLAY_HYPOTHESIS=explore MOE_REPLAY_EXAMPLES=20.
+settings.register_profile(
+    "ci", deadline=None, derandomize=True, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("explore", deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("MOE_REPLAY_HYPOTHESIS", "ci"))
+_EXAMPLES_FACTOR = float(os.environ.get("MOE_REPLAY_EXAMPLES", "1"))
+
+
+def examples(n: int) -> settings:
+    """Settings for a property test: ``n`` examples in CI (times ``MOE_REPLAY_EXAMPLES``)."""
+    return settings(max_examples=max(1, round(n * _EXAMPLES_FACTOR)))
+
+
+# ----------------------------------------------------------------------------- case counts
+# Reliability tests (marked ``@pytest.mark.reliability("topic")``) count the cases they try
+# with ``tried()``: one per hypothesis example, per fault point, per thread iteration...
+# A test that never calls it counts one case per run. With MOE_REPLAY_CASES=path.json the
+# counts and outcomes are written there (tests/reliability_report.py renders them).
+_CASES: collections.Counter[str] = collections.Counter()
+_RUNS: dict[str, dict[str, Any]] = {}
+_CURRENT: list[str] = []
+
+
+def tried(n: int = 1) -> None:
+    """Count ``n`` cases tried by the running reliability test."""
+    if _CURRENT:
+        _CASES[_CURRENT[-1]] += n
+
+
+def _test_id(item: pytest.Item) -> str:
+    return item.nodeid.split("[", 1)[0]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    marker = item.get_closest_marker("reliability")
+    if marker is None:
+        yield
+        return
+    key = _test_id(item)
+    before = _CASES[key]
+    _CURRENT.append(key)
+    try:
+        yield
+    finally:
+        _CURRENT.pop()
+        if _CASES[key] == before:
+            _CASES[key] += 1
+        doc = (getattr(getattr(item, "function", None), "__doc__", None) or "").strip().split("\n")[0]
+        run = _RUNS.setdefault(key, {"topic": marker.args[0] if marker.args else "other", "doc": doc})
+        run["items"] = run.get("items", 0) + 1
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    key = report.nodeid.split("[", 1)[0]
+    if key in _RUNS and (report.when == "call" or report.outcome != "passed"):
+        outcome = "xfailed" if hasattr(report, "wasxfail") else report.outcome
+        _RUNS[key].setdefault("outcomes", collections.Counter())[outcome] += 1
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = os.environ.get("MOE_REPLAY_CASES")
+    if path:
+        out = {k: {**v, "cases": _CASES[k], "outcomes": dict(v.get("outcomes", {}))} for k, v in _RUNS.items()}
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1, sort_keys=True)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
