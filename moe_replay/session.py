@@ -83,6 +83,7 @@ class Session:
         self._replaying = False
         self._attached = False
         self._has_capture = False
+        self._interrupted: str | None = None  # the exception that ended the last capture, if one did
 
     # ------------------------------------------------------------- properties
     @property
@@ -209,31 +210,57 @@ class Session:
             clear: start from empty rings (default); ``False`` appends to the last capture.
 
         Inside :meth:`replay`, a capture records the forced experts.
+
+        An exception that leaves the block ends the capture. The rows written before it
+        stay in the rings (nothing is rewound: the routers that ran in the failed forward
+        keep its rows, the others do not have them), so :meth:`routes` refuses them unless
+        asked for ``allow_partial=True``, and ``clear=False`` cannot append to them. The
+        recompute rows of the block's forwards are dropped: do not run their backward.
         """
         self._check_attached()
         if self._capturing:
             raise SessionStateError("a capture is already running on this session; captures do not nest")
+        if not clear and self._interrupted is not None:
+            raise SessionStateError(
+                f"the last capture was interrupted by {self._interrupted}, so its rows may stop half-way "
+                "through a forward and capture(clear=False) cannot append to them: start a new capture, "
+                "or read them with routes(allow_partial=True)"
+            )
         if clear:
             for h in self._hooks:
                 assert h.capture_ring is not None
                 h.capture_ring.reset()
+            self._interrupted = None
         for h in self._hooks:
             h.calls = h.decisions = 0
         self._has_capture = True
         self._set(capturing=True)
         try:
             yield self
+        except BaseException as exc:
+            self._interrupted = f"{type(exc).__name__}({str(exc)[:200]!r})"
+            self._drop_recomputes()
+            raise
         finally:
             self._set(capturing=False)
 
-    def routes(self, *, allow_silent: bool = False) -> Routes:
+    def _drop_recomputes(self) -> None:
+        """Forget the rows kept for activation-checkpoint recomputes (their forwards failed)."""
+        for h in self._hooks:
+            h.pending.clear()
+
+    def routes(self, *, allow_silent: bool = False, allow_partial: bool = False) -> Routes:
         """The rows recorded by the last capture, copied to the host in one pass.
 
         Args:
             allow_silent: accept routers that recorded no row while others did (by default
                 that is an error: such a router never ran, e.g. a module built twice).
+            allow_partial: read the rows of a capture that an exception interrupted: each
+                router's rows as written before the exception, so the routers that ran in
+                the failed forward hold more rows than the others. Implies ``allow_silent``.
 
         Raises:
+            SessionStateError: nothing was captured, or the capture was interrupted.
             CaptureOverflowError: a router wrote more rows than ``capacity`` (unless the
                 session keeps only the newest rows).
         """
@@ -241,6 +268,15 @@ class Session:
         if not self._has_capture:
             raise SessionStateError("nothing was captured yet: run forwards inside `with session.capture():`")
         written = _read_counters([h.capture_ring.written for h in self._hooks if h.capture_ring is not None])
+        if self._interrupted is not None and not allow_partial:
+            counts = ", ".join(f"'{h.name}': {w}" for h, w in list(zip(self._hooks, written, strict=True))[:4])
+            raise SessionStateError(
+                f"the last capture was interrupted by {self._interrupted}; a forward may have stopped half-way, "
+                f"so the routers' rows may not line up (rows per router: {counts}"
+                + (", ..." if len(written) > 4 else "")
+                + "). Capture again, or call routes(allow_partial=True) to read the rows written before the exception"
+            )
+        allow_silent = allow_silent or allow_partial
         over = [(h, w) for h, w in zip(self._hooks, written, strict=True) if w > self.capacity]
         if over and not self.keep_newest:
             worst = max(w for _, w in over)
@@ -342,8 +378,7 @@ class Session:
             for h, _, _ in plan:
                 h.replay_source = None
             if not ok:
-                for h in self._hooks:
-                    h.pending.clear()
+                self._drop_recomputes()
         if ok and strict:
             used = _read_counters([src.consumed for _, src in sources if src is not None])
             bad = [

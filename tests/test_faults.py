@@ -1,0 +1,402 @@
+"""Faults: exceptions mid-forward, re-entrance, threads. The session stays usable and honest.
+
+What a failed forward leaves (documented in docs/reliability.md and in ``Session.capture``):
+
+* capture: the rows of the routers that ran before the exception stay in the rings
+  (nothing is rewound); the capture is marked interrupted, so ``routes()`` refuses it
+  unless ``allow_partial=True`` and ``capture(clear=False)`` cannot append to it;
+* replay: an exception that leaves the block ends the replay: its consumption is dropped
+  with it and the next replay starts at row 0. Caught inside the block, the routers are
+  out of step, and a strict replay reports it (at the forward or at the block's end);
+* either way the rows kept for activation-checkpoint recomputes are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import moe_replay as mr
+
+from .conftest import assert_untouched, snapshot, tried
+from .tinymoe import FAULT_POINTS, Fault, RouterSpec, TinyMoE
+
+SPECS = [
+    RouterSpec(8, 2),
+    RouterSpec(6, 1, "argmax"),
+    RouterSpec(16, 3, "grouped", n_group=4, topk_group=2),
+]
+LEAD = (2, 5)
+TOKENS = 10
+EXCEPTIONS = {"RuntimeError": RuntimeError, "KeyboardInterrupt": KeyboardInterrupt}
+
+
+def _grad_ctx(grad: bool) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if grad else torch.no_grad()
+
+
+def _routers_that_ran(layer: int, point: str) -> int:
+    return layer + 1 if point in ("in_router_after_decision", "in_experts") else layer
+
+
+@pytest.mark.reliability("faults")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("exc", list(EXCEPTIONS), ids=list(EXCEPTIONS))
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("point", FAULT_POINTS)
+def test_exception_mid_capture(point: str, layer: int, exc: str, grad: bool) -> None:
+    """An exception mid-capture keeps the rows of the routers that ran, flags the capture, and nothing else changes."""
+    model = TinyMoE(SPECS)
+    before = snapshot(model)
+    x = model.inputs(LEAD)
+    session = mr.attach(model)
+    with _grad_ctx(grad), session.capture():
+        expected_out = model(x)
+    expected = session.routes()
+
+    model.inject(Fault(layer, point, EXCEPTIONS[exc]("injected fault")))
+    with pytest.raises(EXCEPTIONS[exc], match="injected fault") as err, _grad_ctx(grad):
+        with session.capture():
+            model(x)
+    assert type(err.value) is EXCEPTIONS[exc]  # the model's own exception, not one of ours
+    assert session.state == "idle"
+    with pytest.raises(mr.SessionStateError, match=rf"interrupted by {exc}\('injected fault'\).*allow_partial=True"):
+        session.routes()
+    with pytest.raises(mr.SessionStateError, match=r"capture\(clear=False\) cannot append"):
+        with session.capture(clear=False):
+            pass
+    partial = session.routes(allow_partial=True)
+    ran = _routers_that_ran(layer, point)
+    assert partial.tokens_per_layer == tuple(TOKENS if i < ran else 0 for i in range(len(SPECS)))
+    for i in range(ran):
+        assert torch.equal(partial.per_layer()[i], expected.per_layer()[i])
+
+    model.inject(None)
+    with _grad_ctx(grad), session.capture():  # a new capture starts clean
+        out = model(x)
+    assert torch.equal(out, expected_out) and session.routes().equal(expected)
+    with _grad_ctx(grad), session.replay(expected), session.capture():
+        out = model(x)
+    assert torch.equal(out, expected_out) and session.routes().equal(expected)
+    session.detach()
+    model.zero_grad(set_to_none=True)
+    assert_untouched(model, before)
+
+
+@pytest.mark.reliability("faults")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("exc", list(EXCEPTIONS), ids=list(EXCEPTIONS))
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("point", FAULT_POINTS)
+def test_exception_mid_replay(point: str, layer: int, exc: str, grad: bool) -> None:
+    """An exception mid-replay ends the replay; the next replay starts at row 0 and forces every row."""
+    model = TinyMoE(SPECS)
+    x = model.inputs(LEAD)
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    routes = session.routes()
+    model.perturb(scale=3.0)
+    before = snapshot(model)
+    with torch.no_grad():
+        forced_out = model(x, forced=list(routes.per_layer()))  # the hand-written gather reference
+
+    model.inject(Fault(layer, point, EXCEPTIONS[exc]("injected fault")))
+    with pytest.raises(EXCEPTIONS[exc], match="injected fault") as err, _grad_ctx(grad):
+        with session.replay(routes), session.capture():
+            model(x)
+    assert type(err.value) is EXCEPTIONS[exc]  # not masked by a consumption error
+    assert session.state == "idle"
+    assert session.routes(allow_partial=True).tokens_per_layer[: _routers_that_ran(layer, point)] == (TOKENS,) * (
+        _routers_that_ran(layer, point)
+    )
+
+    model.inject(None)
+    with _grad_ctx(grad), session.replay(routes), session.capture():
+        out = model(x)
+    assert session.routes().equal(routes)
+    assert torch.equal(out, forced_out)
+    session.detach()
+    model.zero_grad(set_to_none=True)
+    assert_untouched(model, before)
+
+
+@pytest.mark.reliability("faults")
+def test_failure_caught_inside_the_replay_block_is_reported() -> None:
+    """A failed forward caught inside a strict replay puts routers out of step: the next forward or the exit says so."""
+    model = TinyMoE(SPECS)
+    x = model.inputs(LEAD)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        fault = Fault(1, "before_router")
+        # retrying the failed forward: router 0 already consumed its rows
+        with pytest.raises(mr.ReplayConsumptionError, match=r"'layers\.0\.router' needs rows 10\.\.19 but only 10"):
+            with session.replay(routes):
+                model.inject(fault)
+                with pytest.raises(RuntimeError, match="injected fault"):
+                    model(x)
+                model.inject(None)
+                model(x)
+        tried()
+        # going on with the next forward: routers 1 and 2 read the failed forward's rows
+        with pytest.raises(mr.ReplayConsumptionError, match=r"'layers\.1\.router' consumed 10 of 20 rows"):
+            with session.replay(mr.Routes.cat([routes, routes])):
+                model.inject(fault)
+                with pytest.raises(RuntimeError, match="injected fault"):
+                    model(x)
+                model.inject(None)
+                model(x)
+        tried()
+        with session.replay(routes), session.capture():  # and the session is still fine
+            model(x)
+        assert session.routes().equal(routes)
+
+
+# ----------------------------------------------------------------------------- checkpointing
+class _Checkpointed(nn.Module):
+    """A decoder layer run under non-reentrant activation checkpointing."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return checkpoint(self.inner, *args, use_reentrant=False)
+
+
+def _checkpointed(style: str) -> mr.models.MoETransformer:
+    # dense experts: a recompute with the wrong rows saves tensors of the same shapes, so
+    # checkpointing itself cannot notice; only the gradients can
+    model = mr.models.build(style, num_layers=2, expert_impl="dense")
+    model.layers = nn.ModuleList(_Checkpointed(layer) for layer in model.layers)
+    return model
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _step(model: nn.Module, x: torch.Tensor, ctx: contextlib.AbstractContextManager) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    with ctx:
+        model(x, labels=x).loss.backward()
+    return _grads(model)
+
+
+def _fail_experts(model: nn.Module) -> nn.Module:
+    experts = model.layers[1].inner.mlp.experts
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected fault")
+
+    experts.forward = boom
+    return experts
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.reliability("faults")
+@pytest.mark.parametrize("mode", ["capture", "replay"])
+def test_failed_forward_leaves_no_recompute_rows(mode: str, tokens: torch.Tensor) -> None:
+    """After a block left by an exception, checkpoint recomputes of later forwards get their own rows."""
+    model = _checkpointed("softmax_topk")
+    before = snapshot(model)
+    other = torch.randint(0, 128, tokens.shape, generator=torch.Generator().manual_seed(5))
+    plain = _step(copy.deepcopy(model), tokens, contextlib.nullcontext())
+    session = mr.attach(model)
+    with session.capture(), torch.no_grad():
+        model(tokens)
+    routes = session.routes()
+
+    def block() -> contextlib.AbstractContextManager:
+        return session.capture() if mode == "capture" else session.replay(routes)
+
+    expected = _step(model, tokens, block())
+    experts = _fail_experts(model)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        with block():
+            model(other, labels=other)  # layer 0 ran (and was checkpointed) before the failure
+    del experts.forward
+    assert _same(_step(model, tokens, block()), expected)
+    assert _same(_step(model, tokens, contextlib.nullcontext()), plain)  # idle: untouched by the failure
+    session.detach()
+    model.zero_grad(set_to_none=True)
+    assert_untouched(model, before)
+
+
+@pytest.mark.reliability("faults")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: recompute rows are a FIFO per router; a failed forward caught inside the block leaves its "
+    "entries, and the next backward's recompute takes them (silently wrong gradients with dense experts)",
+)
+def test_failure_caught_inside_a_block_leaves_no_recompute_rows(tokens: torch.Tensor) -> None:
+    """A failed forward caught inside a capture does not hand its rows to the next forward's recompute."""
+    model = _checkpointed("softmax_topk")
+    other = torch.randint(0, 128, tokens.shape, generator=torch.Generator().manual_seed(5))
+    with mr.attach(model) as session:
+        expected = _step(model, tokens, session.capture())
+        experts = _fail_experts(model)
+        model.zero_grad(set_to_none=True)
+        with session.capture():
+            with pytest.raises(RuntimeError, match="injected fault"):
+                model(other, labels=other)
+            del experts.forward
+            model(tokens, labels=tokens).loss.backward()
+        assert _same(_grads(model), expected)
+
+
+@pytest.mark.reliability("faults")
+@pytest.mark.parametrize(
+    "style",
+    [
+        pytest.param(
+            s,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known: a decision on detached scores (DeepSeek-V3 bias) keeps no recompute row, so the "
+                "recompute during backward records its rows a second time",
+            ),
+        )
+        if s == "grouped_sigmoid"
+        else s
+        for s in mr.models.STYLES
+    ],
+)
+def test_checkpointed_capture_records_each_token_once(style: str, tokens: torch.Tensor) -> None:
+    """Capture under activation checkpointing, backward inside the block: one row per token, replay exact."""
+    model = _checkpointed(style)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(tokens, labels=tokens).loss.backward()
+        routes = session.routes()
+        assert routes.tokens_per_layer == (tokens.numel(),) * 2
+        with session.replay(routes):
+            model(tokens, labels=tokens).loss.backward()
+
+
+# ----------------------------------------------------------------------------- re-entrance
+@pytest.mark.reliability("re-entrance")
+@pytest.mark.parametrize("target", ["same model", "submodule", "parent", "model sharing a router"])
+def test_second_session_is_refused(target: str, tokens: torch.Tensor) -> None:
+    """A second session on the model, a submodule, a parent or a model sharing a router: refused; the first works on."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    before = snapshot(model)
+    first = mr.attach(model.layers[1] if target == "parent" else model)
+    second = {
+        "same model": model,
+        "submodule": model.layers[1],
+        "parent": model,
+        "model sharing a router": nn.ModuleDict({"mlp": model.layers[1].mlp}),
+    }[target]
+    pattern = "already has an attached session" if target == "same model" else "already intercepted by another session"
+    with pytest.raises(mr.SessionStateError, match=pattern):
+        mr.attach(second)
+    with first.capture():
+        ref = model(tokens).logits
+    routes = first.routes()
+    with first.replay(routes), first.capture():
+        assert torch.equal(model(tokens).logits, ref)
+    assert first.routes().equal(routes)
+    first.detach()
+    mr.attach(second).detach()  # free again once the first one is gone
+    assert_untouched(model, before)
+
+
+@pytest.mark.reliability("re-entrance")
+@pytest.mark.parametrize("outer", ["capture", "replay"])
+def test_verify_inside_a_block_is_refused(outer: str, tokens: torch.Tensor) -> None:
+    """verify() inside capture() or replay() is refused, and the block goes on recording."""
+    model = mr.models.build("topk_softmax", num_layers=2)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(tokens)
+        routes = session.routes()
+        block = session.capture() if outer == "capture" else session.replay(routes)
+        with block:
+            with pytest.raises(mr.SessionStateError, match="idle session"):
+                session.verify(tokens)
+            model(tokens)
+        assert session.state == "idle"
+        if outer == "capture":
+            assert session.routes().equal(routes)
+
+
+# ----------------------------------------------------------------------------- threads
+@pytest.mark.reliability("concurrency")
+def test_sessions_in_threads_stay_independent() -> None:
+    """Sessions on two models in two threads capture and replay at once; a third thread's plain top-k is untouched."""
+    iterations = 30
+    specs = [
+        [RouterSpec(8, 2), RouterSpec(12, 3, "topk_softmax")],
+        [RouterSpec(8, 2, "sigmoid_topk"), RouterSpec(16, 3, "grouped", n_group=4, topk_group=2)],
+    ]
+    models = [TinyMoE(s, seed=i) for i, s in enumerate(specs)]
+    plain = TinyMoE(specs[0], seed=7)  # same router names and shapes as model 0, never attached
+    inputs = [[m.inputs((3, 4), seed=100 * i + j) for j in range(iterations)] for i, m in enumerate(models)]
+    plain_x = plain.inputs((3, 4), seed=999)
+    with torch.no_grad():
+        plain_out = plain(plain_x)
+    # expected results, computed one thread at a time
+    expected: list[list[tuple[mr.Routes, torch.Tensor]]] = []
+    sessions = [mr.attach(m) for m in models]
+    for m, s, xs in zip(models, sessions, inputs, strict=True):
+        rows = []
+        for x in xs:
+            with torch.no_grad(), s.capture():
+                m(x)
+            routes = s.routes()
+            with torch.no_grad():
+                perturbed = copy.deepcopy(m)
+                perturbed.perturb(scale=3.0)
+                rows.append((routes, perturbed(x, forced=list(routes.per_layer()))))
+        expected.append(rows)
+        m.perturb(scale=3.0)  # replays below must force the recorded experts
+
+    barrier = threading.Barrier(3)
+    errors: list[str] = []
+
+    def attached(i: int) -> None:
+        m, s = models[i], sessions[i]
+        try:
+            for j in range(iterations):
+                barrier.wait()
+                routes, forced_out = expected[i][j]
+                with torch.no_grad(), s.replay(routes), s.capture():
+                    out = m(inputs[i][j])
+                if not s.routes().equal(routes) or not torch.equal(out, forced_out):
+                    errors.append(f"model {i}, iteration {j}: wrong routes or output")
+        except BaseException as e:  # reported below, in the main thread
+            errors.append(f"model {i}: {type(e).__name__}: {e}")
+            barrier.abort()
+
+    def unattached() -> None:
+        try:
+            for j in range(iterations):
+                barrier.wait()
+                with torch.no_grad():
+                    if not torch.equal(plain(plain_x), plain_out):
+                        errors.append(f"plain model, iteration {j}: output changed")
+        except BaseException as e:
+            errors.append(f"plain model: {type(e).__name__}: {e}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=attached, args=(i,)) for i in range(2)] + [threading.Thread(target=unattached)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for s in sessions:
+        s.detach()
+    assert not errors, errors[:5]
+    tried(3 * iterations)
