@@ -304,6 +304,13 @@ class Session:
         return Routes._trusted(rows, self.names, [s.num_experts for s in self._sites])
 
     # ------------------------------------------------------------- replay
+    def _other_model(self, routes: Routes) -> str:
+        return (
+            f" The routes were recorded on a different router set: routes.fingerprint is {routes.fingerprint}, "
+            f"session.fingerprint is {self.fingerprint} (a fingerprint hashes the router names, expert counts "
+            "and k)."
+        )
+
     def _check_routes(self, routes: Routes, strict: bool) -> list[tuple[RouterHook, RouterSite, int]]:
         if not isinstance(routes, Routes):
             raise RoutesValidationError(
@@ -315,8 +322,11 @@ class Session:
             raise RouterNotFoundError(
                 f"the routes name routers that this model does not have: {unknown[:5]}"
                 + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-                + f". This model's routers are {list(self.names[:3])}...: were the routes recorded on "
-                "another model, or do the names need mapping (see moe_replay.interop)?"
+                + f". This model's routers are {list(self.names[:3])}"
+                + ("..." if len(self.names) > 3 else "")
+                + "."
+                + self._other_model(routes)
+                + " Record the routes on this model, or map the names (see moe_replay.interop)"
             )
         missing = [n for n in self.names if n not in routes.names]
         if missing and strict:
@@ -326,20 +336,25 @@ class Session:
                 + "; replay every router, or pass strict=False to route those natively"
             )
         plan = []
+        wrong = []
         for h, s in zip(self._hooks, self._sites, strict=True):
             if s.name not in routes.names:
                 continue
             j = routes.names.index(s.name)
             e, k = routes.experts_per_layer[j], routes.k_per_layer[j]
             if e != s.num_experts:
-                raise RoutesValidationError(
-                    f"router '{s.name}' has {s.num_experts} experts, but the routes were recorded for {e}"
-                )
-            if k != s.top_k:
-                raise RoutesValidationError(
-                    f"router '{s.name}' chooses k={s.top_k} experts per token, but its routes have k={k}"
-                )
+                wrong.append(f"router '{s.name}' has {s.num_experts} experts, but the routes were recorded for {e}")
+            elif k != s.top_k:
+                wrong.append(f"router '{s.name}' chooses k={s.top_k} experts per token, but its routes have k={k}")
             plan.append((h, s, j))
+        if wrong:
+            raise RoutesValidationError(
+                "; ".join(wrong[:4])
+                + (f" (+{len(wrong) - 4} more routers)" if len(wrong) > 4 else "")
+                + "."
+                + self._other_model(routes)
+                + " Record the routes on this model"
+            )
         return plan
 
     @contextlib.contextmanager

@@ -9,6 +9,8 @@ import moe_replay as mr
 
 from .conftest import assert_untouched, snapshot
 
+pytestmark = pytest.mark.reliability("bad inputs")
+
 
 @pytest.fixture
 def setup(tokens: torch.Tensor):
@@ -30,12 +32,64 @@ def _with_layer(routes: mr.Routes, i: int, rows: torch.Tensor) -> list[torch.Ten
     return layers
 
 
-def test_unknown_router_names(setup) -> None:
+def _still_replays(model, session: mr.Session, routes: mr.Routes, x: torch.Tensor) -> None:
+    """After an error, the session replays good routes exactly."""
+    with session.replay(routes), session.capture():
+        model(x)
+    assert session.routes().equal(routes)
+
+
+def _recorded_on(x: torch.Tensor, style: str = "softmax_topk", **config) -> mr.Routes:
+    other = mr.models.build(style, num_layers=2, **config)
+    with mr.attach(other) as session:
+        with session.capture():
+            other(x)
+        return session.routes()
+
+
+# each case: routes that do not fit the model, the error, and what its message must say
+OTHER_MODELS = {
+    "an unknown router name": (
+        lambda r, x: mr.Routes(r.per_layer(), names=["layers.0.mlp.router", "layers.9.mlp.router"], num_experts=8),
+        mr.RouterNotFoundError,
+        r"does not have: \['layers\.9\.mlp\.router'\]",
+    ),
+    "another model's router names": (
+        lambda r, x: _recorded_on(x, "linear_gate"),
+        mr.RouterNotFoundError,
+        r"layers\.0\.mlp\.gate",
+    ),
+    "fewer experts": (lambda r, x: _recorded_on(x, num_experts=4), mr.RoutesValidationError, "8 experts.*for 4"),
+    "more experts": (lambda r, x: _recorded_on(x, num_experts=16), mr.RoutesValidationError, "8 experts.*for 16"),
+    "expert count relabelled": (
+        lambda r, x: mr.Routes(r.per_layer(), names=r.names, num_experts=16),
+        mr.RoutesValidationError,
+        "8 experts.*for 16",
+    ),
+    "smaller k": (lambda r, x: _recorded_on(x, top_k=1), mr.RoutesValidationError, "k=2.*k=1"),
+    "larger k": (lambda r, x: _recorded_on(x, top_k=3), mr.RoutesValidationError, "k=2.*k=3"),
+    "k cut": (
+        lambda r, x: mr.Routes([t[:, :1] for t in r.per_layer()], names=r.names, num_experts=8),
+        mr.RoutesValidationError,
+        "k=2.*k=1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_MODELS))
+def test_routes_recorded_on_another_model(setup, case: str) -> None:
+    """Routes whose router set differs (names, E, k) are refused before any forward, naming both fingerprints."""
     model, session, routes, x = setup
-    bad = mr.Routes(routes.per_layer(), names=["layers.0.mlp.router", "layers.9.mlp.router"], num_experts=8)
-    with pytest.raises(mr.RouterNotFoundError, match=r"layers\.9\.mlp\.router"):
+    make, error, pattern = OTHER_MODELS[case]
+    bad = make(routes, x)
+    assert bad.fingerprint != session.fingerprint == routes.fingerprint
+    with pytest.raises(error, match=pattern) as err:
         with session.replay(bad):
-            model(x)
+            raise AssertionError("the routes must be refused before the block runs")
+    message = str(err.value)
+    assert f"routes.fingerprint is {bad.fingerprint}, session.fingerprint is {session.fingerprint}" in message
+    assert session.state == "idle"
+    _still_replays(model, session, routes, x)
 
 
 def test_missing_router_is_strict(setup) -> None:
@@ -47,22 +101,6 @@ def test_missing_router_is_strict(setup) -> None:
     with session.replay(part, strict=False), session.capture():
         model(x)
     assert torch.equal(session.routes().per_layer()[0], routes.per_layer()[0])
-
-
-def test_wrong_k(setup) -> None:
-    model, session, routes, x = setup
-    bad = mr.Routes([t[:, :1] for t in routes.per_layer()], names=routes.names, num_experts=8)
-    with pytest.raises(mr.RoutesValidationError, match="k=2.*k=1"):
-        with session.replay(bad):
-            model(x)
-
-
-def test_wrong_num_experts(setup) -> None:
-    model, session, routes, x = setup
-    bad = mr.Routes(routes.per_layer(), names=routes.names, num_experts=16)
-    with pytest.raises(mr.RoutesValidationError, match="8 experts.*16"):
-        with session.replay(bad):
-            model(x)
 
 
 @pytest.mark.parametrize(
@@ -117,6 +155,7 @@ def test_replay_takes_routes_only(setup) -> None:
             model(x)
 
 
+@pytest.mark.reliability("re-entrance")
 def test_nesting_and_second_session_are_refused(setup) -> None:
     model, session, routes, x = setup
     with session.capture():
@@ -132,6 +171,7 @@ def test_nesting_and_second_session_are_refused(setup) -> None:
         mr.attach(model)
 
 
+@pytest.mark.reliability("faults")
 def test_exception_mid_forward_keeps_session_usable(setup) -> None:
     model, session, routes, x = setup
     layer = model.layers[1].mlp.experts
@@ -163,6 +203,7 @@ def test_bad_attach_arguments_leave_model_untouched(tokens: torch.Tensor) -> Non
     assert_untouched(model, before)
 
 
+@pytest.mark.reliability("overflow")
 def test_overflow_is_reported_or_keeps_newest(tokens: torch.Tensor) -> None:
     model = mr.models.build("topk_softmax", num_layers=2)
     with mr.attach(model, capacity=10) as session:
