@@ -13,7 +13,9 @@ import hashlib
 import io
 import json
 import os
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -362,23 +364,56 @@ class Routes:
                 raw = f.read()
             with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
-                if meta.get("magic") != _MAGIC:
-                    raise RoutesValidationError(f"{path} is not a moe_replay routes file")
-                version = meta.get("format_version")
-                if version != FORMAT_VERSION:
-                    raise RoutesValidationError(
-                        f"{path} has routes format version {version}; this moe_replay reads version "
-                        f"{FORMAT_VERSION}: upgrade moe_replay or re-save the routes"
-                    )
-                names = meta["names"]
+                names, experts = _read_meta(meta, path)
                 layers = [torch.from_numpy(z[f"layer_{i}"].copy()) for i in range(len(names))]
         except RoutesValidationError:
             raise
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeError) as e:
+        except _READ_ERRORS as e:
             raise RoutesValidationError(
-                f"cannot read routes from {path}: the file is truncated or corrupted ({e})"
+                f"cannot read routes from {path}: the file is truncated or corrupted ({type(e).__name__}: {e})"
             ) from e
-        routes = cls(layers, names=names, num_experts=meta["num_experts"])
+        try:
+            routes = cls(layers, names=names, num_experts=experts)
+        except RoutesValidationError as e:
+            raise RoutesValidationError(f"{path}: {e}") from e
         if meta.get("fingerprint") not in (None, routes.fingerprint):
             raise RoutesValidationError(f"{path}: the stored fingerprint does not match its contents (corrupted)")
         return routes
+
+
+#: What reading a damaged ``.npz`` can raise: zip structure, deflate stream, npy header, JSON.
+_READ_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    struct.error,
+    NotImplementedError,  # zipfile: a flag or method that a flipped bit turned on
+    UnicodeError,
+)
+
+
+def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
+    """Check the JSON metadata of a routes file; returns (names, expert counts)."""
+    if not isinstance(meta, dict) or meta.get("magic") != _MAGIC:
+        raise RoutesValidationError(f"{path} is not a moe_replay routes file (no '{_MAGIC}' metadata)")
+    version = meta.get("format_version")
+    if version is None:
+        raise RoutesValidationError(f"{path} has no routes format version: it is corrupted")
+    if version != FORMAT_VERSION or type(version) is not int:
+        raise RoutesValidationError(
+            f"{path} has routes format version {version!r}; this moe_replay reads version "
+            f"{FORMAT_VERSION}: upgrade moe_replay or re-save the routes"
+        )
+    names, experts = meta.get("names"), meta.get("num_experts")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise RoutesValidationError(f"{path}: the router names are not a list of strings (corrupted)")
+    if (
+        not isinstance(experts, list)
+        or len(experts) != len(names)
+        or not all(isinstance(e, int) and not isinstance(e, bool) for e in experts)
+    ):
+        raise RoutesValidationError(f"{path}: the expert counts are not one integer per router (corrupted)")
+    return names, experts

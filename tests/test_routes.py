@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import moe_replay as mr
+
+from .conftest import tried
 
 
 def make(t: int = 10, layers: int = 3, k: int = 2, e: int = 8, seed: int = 0) -> mr.Routes:
@@ -60,7 +64,9 @@ def test_save_load_round_trip(tmp_path, e: int) -> None:
         assert set(z.files) == {"meta", "layer_0", "layer_1", "layer_2"}
 
 
+@pytest.mark.reliability("files")
 def test_load_rejects_corrupt_truncated_and_future_files(tmp_path) -> None:
+    """Half a file, junk bytes, a future format version and a foreign .npz are refused."""
     r = make()
     good = tmp_path / "good.npz"
     r.save(good)
@@ -71,8 +77,6 @@ def test_load_rejects_corrupt_truncated_and_future_files(tmp_path) -> None:
     (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
     with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted"):
         mr.Routes.load(tmp_path / "junk.npz")
-    import json
-
     meta = {"magic": "moe_replay.routes", "format_version": 99, "names": ["a"], "num_experts": [8]}
     np.savez(tmp_path / "v99.npz", meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), layer_0=np.zeros((1, 2)))
     with pytest.raises(mr.RoutesValidationError, match="format version 99"):
@@ -80,6 +84,71 @@ def test_load_rejects_corrupt_truncated_and_future_files(tmp_path) -> None:
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted"):
         mr.Routes.load(tmp_path / "other.npz")
+
+
+@pytest.mark.reliability("files")
+@pytest.mark.parametrize("damage", ["flip every byte", "cut at every length"])
+def test_every_damaged_copy_is_refused_or_identical(tmp_path, damage: str) -> None:
+    """Every single-byte change and every truncation of a routes file: refused, or read back identical."""
+    r = make(t=6, layers=2, e=300)
+    good = tmp_path / "good.npz"
+    r.save(good)
+    raw = good.read_bytes()
+    bad = tmp_path / "bad.npz"
+    outcomes = {"refused": 0, "identical": 0}
+    for i in range(len(raw)):
+        if damage == "flip every byte":
+            data = bytearray(raw)
+            data[i] ^= 0xFF
+        else:
+            data = raw[:i]
+        bad.write_bytes(bytes(data))
+        try:
+            back = mr.Routes.load(bad)
+        except mr.RoutesValidationError:
+            outcomes["refused"] += 1
+        else:  # a byte the format does not depend on (zip padding, a header field numpy ignores)
+            assert back.equal(r), f"byte {i}: damaged file read back as different routes"
+            outcomes["identical"] += 1
+    tried(len(raw))
+    assert outcomes["refused"] > 0.5 * len(raw)
+
+
+_META = {"magic": "moe_replay.routes", "format_version": 1, "names": ["a", "b"], "num_experts": [8, 8]}
+_LAYERS = {"layer_0": np.array([[0, 1]] * 3, np.int16), "layer_1": np.array([[2, 3]] * 3, np.int16)}
+
+# each case: (metadata, layer arrays) of a damaged file, and what the error must say
+MALFORMED = {
+    "metadata is a list": ([1, 2], _LAYERS, "not a moe_replay routes file"),
+    "wrong magic": ({**_META, "magic": "other"}, _LAYERS, "not a moe_replay routes file"),
+    "no format version": ({k: v for k, v in _META.items() if k != "format_version"}, _LAYERS, "no routes format"),
+    "format version as text": ({**_META, "format_version": "1"}, _LAYERS, "format version '1'"),
+    "format version from the future": ({**_META, "format_version": 2}, _LAYERS, "format version 2.*upgrade"),
+    "names missing": ({k: v for k, v in _META.items() if k != "names"}, _LAYERS, "names are not a list"),
+    "names as one string": ({**_META, "names": "ab"}, _LAYERS, "names are not a list of strings"),
+    "names as numbers": ({**_META, "names": [1, 2]}, _LAYERS, "names are not a list of strings"),
+    "expert counts missing": ({k: v for k, v in _META.items() if k != "num_experts"}, _LAYERS, "expert counts"),
+    "expert counts as text": ({**_META, "num_experts": ["8", "8"]}, _LAYERS, "expert counts are not one integer"),
+    "expert count fractional": ({**_META, "num_experts": [8.5, 8]}, _LAYERS, "expert counts are not one integer"),
+    "expert counts short": ({**_META, "num_experts": [8]}, _LAYERS, "expert counts are not one integer"),
+    "a layer missing": ({**_META, "names": ["a", "b", "c"], "num_experts": [8] * 3}, _LAYERS, "layer_2"),
+    "float indices": (_META, {**_LAYERS, "layer_0": np.zeros((3, 2))}, "dtype torch.float64"),
+    "1-D indices": (_META, {**_LAYERS, "layer_0": np.zeros(3, np.int16)}, "2-D"),
+    "index out of range": (_META, {**_LAYERS, "layer_1": np.array([[2, 8]] * 3, np.int16)}, r"in \[0, 7\]"),
+    "stored fingerprint differs": ({**_META, "fingerprint": "0" * 16}, _LAYERS, "fingerprint does not match"),
+}
+
+
+@pytest.mark.reliability("files")
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_load_rejects_malformed_metadata(tmp_path, case: str) -> None:
+    """A routes file whose metadata or arrays are malformed is refused with a message naming the file."""
+    meta, layers, pattern = MALFORMED[case]
+    path = tmp_path / "routes.npz"
+    np.savez(path, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **layers)
+    with pytest.raises(mr.RoutesValidationError, match=pattern) as err:
+        mr.Routes.load(path)
+    assert str(path) in str(err.value)
 
 
 def test_heterogeneous_routers_need_per_layer() -> None:
