@@ -16,6 +16,11 @@ from torch import nn
 
 import moe_replay as mr
 
+# The test models are tiny: intra-op threads buy nothing, and on a busy 2-core machine the
+# spinning of torch's thread pool made each op up to ~100x slower. One thread keeps the
+# suite's time steady.
+torch.set_num_threads(1)
+
 # ----------------------------------------------------------------------------- hypothesis
 # "ci" (the default): a fixed, bounded set of examples, so CI time and the case counts in
 # docs/reliability.md do not drift. "explore": fresh random examples on every run; scale
