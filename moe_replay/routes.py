@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import operator
 import os
 import struct
 import zipfile
@@ -40,14 +41,28 @@ def _storage_dtype(num_experts: int) -> torch.dtype:
     return torch.int32
 
 
+def _expert_count(value: Any) -> int:
+    """A positive integer expert count, or a clear error (never a silent ``int(8.5)``)."""
+    try:
+        e = operator.index(value)
+    except TypeError:
+        raise RoutesValidationError(f"an expert count must be an integer, got {value!r}") from None
+    if e < 1:
+        raise RoutesValidationError(f"an expert count must be at least 1, got {e}")
+    return int(e)
+
+
 def fingerprint(names: Sequence[str], num_experts: Sequence[int], top_k: Sequence[int]) -> str:
     """A short hash of a router set (names, expert counts, k), to tell models apart."""
     text = json.dumps([list(names), list(num_experts), list(top_k)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def validate_rows(rows: torch.Tensor, num_experts: int, top_k: int | None, name: str) -> None:
+def validate_rows(rows: torch.Tensor, num_experts: int, top_k: int | None, name: str, *, rows_too: bool = True) -> None:
     """Check one router's ``[T, k]`` rows: integer dtype, range, -1 rows, duplicates.
+
+    ``rows_too=False`` checks only what a conversion to the storage dtype needs (dtype,
+    shape, range) and leaves the per-row checks (whole -1 rows, distinct experts).
 
     Raises:
         RoutesValidationError: naming the router and the first offending token.
@@ -70,7 +85,6 @@ def validate_rows(rows: torch.Tensor, num_experts: int, top_k: int | None, name:
     if rows.numel() == 0:
         return
     r = rows.long()
-    missing = r == -1
     bad = ((r < -1) | (r >= num_experts)).any(dim=1)
     if bool(bad.any()):
         t = int(bad.nonzero()[0, 0])
@@ -78,6 +92,13 @@ def validate_rows(rows: torch.Tensor, num_experts: int, top_k: int | None, name:
             f"router '{name}' has {num_experts} experts, but token {t} has indices {r[t].tolist()}: "
             f"each index must be in [0, {num_experts - 1}], or the whole row -1 (route natively)"
         )
+    if rows_too:
+        _check_row_sets(r, name)
+
+
+def _check_row_sets(r: torch.Tensor, name: str) -> None:
+    """Each row is all -1 or k distinct experts (``r``: int64 ``[T, k]``, in range)."""
+    missing = r == -1
     partial = missing.any(dim=1) & ~missing.all(dim=1)
     if bool(partial.any()):
         t = int(partial.nonzero()[0, 0])
@@ -103,6 +124,9 @@ class Routes:
         layers: one integer tensor ``[T_l, k_l]`` per router, in router order.
         names: module path of each router, as in ``model.named_modules()``.
         num_experts: expert count, one for all routers or one per router.
+        validate: ``False`` skips the per-row checks (whole -1 rows, distinct experts) here;
+            :meth:`Session.replay` then runs them before any forward. The dtype and the
+            range of the indices are always checked.
 
     Example:
         >>> import torch, moe_replay as mr
@@ -127,22 +151,23 @@ class Routes:
             raise RoutesValidationError(f"got {len(layers)} routing tensors for {len(names)} router names")
         if len(set(names)) != len(names):
             raise RoutesValidationError(f"router names repeat: {sorted(n for n in names if names.count(n) > 1)}")
-        if isinstance(num_experts, int | np.integer):
-            experts = (int(num_experts),) * len(names)
+        if isinstance(num_experts, str) or not isinstance(num_experts, Iterable):
+            experts = (_expert_count(num_experts),) * len(names)
         else:
-            experts = tuple(int(e) for e in num_experts)
+            experts = tuple(_expert_count(e) for e in num_experts)
             if len(experts) != len(names):
                 raise RoutesValidationError(f"got {len(experts)} expert counts for {len(names)} routers")
         data: list[torch.Tensor] = []
         for name, rows, e in zip(names, layers, experts, strict=True):
             if isinstance(rows, np.ndarray):
                 rows = torch.from_numpy(rows)
-            if validate:
-                validate_rows(rows, e, None, name)
+            # dtype and range are always checked: the storage dtype is narrower than int64
+            validate_rows(rows, e, None, name, rows_too=validate)
             data.append(rows.detach().to("cpu", _storage_dtype(e)).contiguous())
         self._names = names
         self._experts = experts
         self._data = data
+        self._validated = bool(validate)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -236,9 +261,22 @@ class Routes:
         return torch.stack([(d < 0).all(dim=1) for d in self._data], dim=1)
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
-        """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows)."""
+        """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
+
+        ``dtype`` converts the array; a dtype that cannot hold every value exactly (uint8
+        and -1 rows, int8 and 200 experts) is refused rather than wrapped around.
+        """
         arr = torch.stack(self._data, dim=1).numpy() if self._data else np.empty((0, 0, 0), np.int16)
-        return arr.astype(dtype) if dtype is not None else arr.copy()
+        if dtype is None:
+            return arr.copy()
+        out = arr.astype(dtype)
+        if arr.size and not np.array_equal(out, arr):
+            lo, hi = int(arr.min()), int(arr.max())
+            raise RoutesValidationError(
+                f"to_numpy({np.dtype(dtype).name}) would change values: these routes hold indices from {lo} "
+                f"to {hi}" + (" (-1 marks unrecorded rows)" if lo < 0 else "") + "; pick a dtype that holds them"
+            )
+        return out
 
     @classmethod
     def from_numpy(
@@ -268,7 +306,7 @@ class Routes:
             index = torch.as_tensor(np.asarray(index))
         self.num_tokens  # noqa: B018 - token slicing needs one T
         data = [d[index] for d in self._data]
-        return Routes._trusted(data, self._names, self._experts)
+        return Routes._trusted(data, self._names, self._experts, self._validated)
 
     def select(self, names: Iterable[str]) -> Routes:
         """Keep only the named routers, in the order given."""
@@ -278,7 +316,7 @@ class Routes:
             if n not in self._names:
                 raise KeyError(f"no router named '{n}' in these routes; routers: {list(self._names)}")
             pos.append(self._names.index(n))
-        return Routes._trusted([self._data[i] for i in pos], names, [self._experts[i] for i in pos])
+        return Routes._trusted([self._data[i] for i in pos], names, [self._experts[i] for i in pos], self._validated)
 
     @classmethod
     def cat(cls, parts: Sequence[Routes]) -> Routes:
@@ -296,16 +334,27 @@ class Routes:
             if p.k_per_layer != first.k_per_layer:
                 raise RoutesValidationError(f"Routes.cat: part {i} has k {p.k_per_layer}, part 0 {first.k_per_layer}")
         data = [torch.cat([p._data[j] for p in parts]) for j in range(first.num_layers)]
-        return cls._trusted(data, first.names, first.experts_per_layer)
+        return cls._trusted(data, first.names, first.experts_per_layer, all(p._validated for p in parts))
 
     @classmethod
-    def _trusted(cls, data: Sequence[torch.Tensor], names: Sequence[str], experts: Sequence[int]) -> Routes:
-        """Build from already-validated storage tensors without checking again."""
+    def _trusted(
+        cls, data: Sequence[torch.Tensor], names: Sequence[str], experts: Sequence[int], validated: bool = True
+    ) -> Routes:
+        """Build from storage tensors of checked routes without checking again."""
         obj = cls.__new__(cls)
         obj._names = tuple(names)
         obj._experts = tuple(int(e) for e in experts)
         obj._data = [d.to(_storage_dtype(e)).contiguous() for d, e in zip(data, obj._experts, strict=True)]
+        obj._validated = validated
         return obj
+
+    def _ensure_valid(self) -> None:
+        """Run the per-row checks that ``validate=False`` skipped (once)."""
+        if not self._validated:
+            for name, d in zip(self._names, self._data, strict=True):
+                if d.numel():
+                    _check_row_sets(d.long(), name)
+            self._validated = True
 
     # ------------------------------------------------------------------ compare
     def equal(self, other: Routes) -> bool:

@@ -317,6 +317,7 @@ class Session:
                 f"replay takes a Routes object, got {type(routes).__name__}; build one with "
                 "mr.Routes(...) or mr.Routes.from_numpy(...)"
             )
+        routes._ensure_valid()  # routes built with validate=False are checked before any forward
         unknown = [n for n in routes.names if n not in self.names]
         if unknown:
             raise RouterNotFoundError(

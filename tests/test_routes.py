@@ -131,6 +131,7 @@ MALFORMED = {
     "expert counts as text": ({**_META, "num_experts": ["8", "8"]}, _LAYERS, "expert counts are not one integer"),
     "expert count fractional": ({**_META, "num_experts": [8.5, 8]}, _LAYERS, "expert counts are not one integer"),
     "expert counts short": ({**_META, "num_experts": [8]}, _LAYERS, "expert counts are not one integer"),
+    "expert count zero": ({**_META, "num_experts": [0, 8]}, _LAYERS, "at least 1"),
     "a layer missing": ({**_META, "names": ["a", "b", "c"], "num_experts": [8] * 3}, _LAYERS, "layer_2"),
     "float indices": (_META, {**_LAYERS, "layer_0": np.zeros((3, 2))}, "dtype torch.float64"),
     "1-D indices": (_META, {**_LAYERS, "layer_0": np.zeros(3, np.int16)}, "2-D"),
@@ -149,6 +150,47 @@ def test_load_rejects_malformed_metadata(tmp_path, case: str) -> None:
     with pytest.raises(mr.RoutesValidationError, match=pattern) as err:
         mr.Routes.load(path)
     assert str(path) in str(err.value)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    ("count", "pattern"), [(0, "at least 1"), (-8, "at least 1"), (8.5, "integer, got 8.5"), ("8", "integer, got '8'")]
+)
+def test_expert_counts_are_positive_integers(count: object, pattern: str) -> None:
+    """An expert count of 0, negative, fractional or text is refused, never rounded."""
+    with pytest.raises(mr.RoutesValidationError, match=pattern):
+        mr.Routes([torch.tensor([[0, 1]])], names=["gate"], num_experts=count)  # type: ignore[arg-type]
+    with pytest.raises(mr.RoutesValidationError, match=pattern):
+        mr.Routes([torch.tensor([[0, 1]])], names=["gate"], num_experts=[count])  # type: ignore[list-item]
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    ("e", "dtype", "missing", "fits"),
+    [
+        (256, np.uint8, False, True),
+        (256, np.uint8, True, False),  # -1 would become 255, a valid expert
+        (257, np.uint8, False, False),
+        (128, np.int8, True, True),
+        (200, np.int8, False, False),
+        (40000, np.int16, False, False),
+        (40000, np.int32, True, True),
+    ],
+)
+def test_to_numpy_refuses_a_dtype_that_changes_values(e: int, dtype: type, missing: bool, fits: bool) -> None:
+    """to_numpy(dtype) never wraps an index or a -1 row around: it converts exactly or refuses."""
+    r = make(t=64, e=e, k=1, seed=3)
+    rows = [t.clone() for t in r.per_layer()]
+    rows[0][: e % 64] = e - 1  # the largest index appears
+    if missing:
+        rows[1][5] = -1
+    r = mr.Routes(rows, names=r.names, num_experts=e)
+    if fits:
+        back = mr.Routes.from_numpy(r.to_numpy(dtype), names=r.names, num_experts=e)
+        assert back.equal(r)
+    else:
+        with pytest.raises(mr.RoutesValidationError, match=f"to_numpy\\({np.dtype(dtype).name}\\) would change values"):
+            r.to_numpy(dtype)
 
 
 def test_heterogeneous_routers_need_per_layer() -> None:

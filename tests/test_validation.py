@@ -103,30 +103,68 @@ def test_missing_router_is_strict(setup) -> None:
     assert torch.equal(session.routes().per_layer()[0], routes.per_layer()[0])
 
 
-@pytest.mark.parametrize(
-    ("value", "pattern"),
-    [(8, r"in \[0, 7\]"), (-2, r"in \[0, 7\]"), (None, "repeats an expert"), (-1, "mixes -1")],
-)
-def test_bad_indices(setup, value, pattern) -> None:
+BAD_VALUES = {
+    "E": (8, r"in \[0, 7\]"),
+    "E + 1": (9, r"in \[0, 7\]"),
+    "2**15 (wraps in int16)": (2**15, r"in \[0, 7\]"),
+    "2**16 + 1 (wraps to 1 in int16)": (2**16 + 1, r"in \[0, 7\]"),
+    "2**40": (2**40, r"in \[0, 7\]"),
+    "-2": (-2, r"in \[0, 7\]"),
+    "-2**15 - 1": (-(2**15) - 1, r"in \[0, 7\]"),
+    "a repeated expert": (None, "repeats an expert"),
+    "-1 beside an expert": (-1, "mixes -1"),
+}
+ROW_CHECKS = ("a repeated expert", "-1 beside an expert")  # the checks validate=False defers to replay
+
+
+@pytest.mark.parametrize("path", ["Routes", "from_numpy", "Routes(validate=False)"])
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_indices(setup, case: str, path: str) -> None:
+    """Out-of-range indices, repeated experts and partial -1 rows are refused, naming router and token."""
     model, session, routes, x = setup
+    value, pattern = BAD_VALUES[case]
     rows = routes.per_layer()[0].clone()
-    if value is None:
-        rows[3, 1] = rows[3, 0]
-    else:
-        rows[3, 1] = value
+    rows[3, 1] = rows[3, 0] if value is None else value
+    layers = _with_layer(routes, 0, rows)
     with pytest.raises(mr.RoutesValidationError, match=pattern) as err:
-        mr.Routes(_with_layer(routes, 0, rows), names=routes.names, num_experts=8)
-    assert "token 3" in str(err.value)
+        if path == "Routes":
+            mr.Routes(layers, names=routes.names, num_experts=8)
+        elif path == "from_numpy":
+            mr.Routes.from_numpy(torch.stack(layers, dim=1).numpy(), names=routes.names, num_experts=8)
+        else:
+            unchecked = mr.Routes(layers, names=routes.names, num_experts=8, validate=False)
+            assert case in ROW_CHECKS, "dtype and range are checked even with validate=False"
+            with session.replay(unchecked[2:]):  # slices keep the deferred check
+                raise AssertionError("the routes must be refused before the block runs")
+    assert "'layers.0.mlp.router'" in str(err.value)
+    deferred = path == "Routes(validate=False)" and case in ROW_CHECKS
+    assert ("token 1" if deferred else "token 3") in str(err.value)  # token 1 of the slice [2:]
+    _still_replays(model, session, routes, x)
 
 
-def test_float_and_nan_indices(setup) -> None:
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda r: r.float(), id="float32"),
+        pytest.param(lambda r: r.half(), id="float16"),
+        pytest.param(lambda r: r.bfloat16(), id="bfloat16"),
+        pytest.param(lambda r: r.double(), id="float64"),
+        pytest.param(lambda r: r.float().index_fill(0, torch.tensor([0]), float("nan")), id="NaN"),
+        pytest.param(lambda r: r.float().index_fill(0, torch.tensor([0]), float("inf")), id="inf"),
+        pytest.param(lambda r: r > 3, id="bool"),
+        pytest.param(lambda r: r.to(torch.complex64), id="complex"),
+        pytest.param(lambda r: r[:, 0], id="1-D"),
+        pytest.param(lambda r: r[None], id="3-D"),
+        pytest.param(lambda r: r.tolist(), id="a list"),
+    ],
+)
+def test_indices_that_are_not_an_integer_matrix(setup, make, validate: bool) -> None:
+    """Float (NaN, inf too), bool or complex indices, or not a [tokens, k] tensor: refused, even with validate=False."""
     _, _, routes, _ = setup
-    rows = routes.per_layer()[0].float()
-    with pytest.raises(mr.RoutesValidationError, match="dtype torch.float32"):
-        mr.Routes(_with_layer(routes, 0, rows), names=routes.names, num_experts=8)
-    rows[0, 0] = float("nan")
-    with pytest.raises(mr.RoutesValidationError, match="integers"):
-        mr.Routes(_with_layer(routes, 0, rows), names=routes.names, num_experts=8)
+    rows = make(routes.per_layer()[0])
+    with pytest.raises(mr.RoutesValidationError, match=r"router 'layers\.0\.mlp\.router'.*(integers|2-D|a tensor)"):
+        mr.Routes(_with_layer(routes, 0, rows), names=routes.names, num_experts=8, validate=validate)
 
 
 def test_too_few_rows_consumed(setup) -> None:
