@@ -366,6 +366,12 @@ class Session:
         route that token natively. Routes are checked against the model before any
         forward runs.
 
+        A forward that raises is not rewound: the routers that ran before the exception
+        have consumed its rows. An exception that leaves the block ends the replay there
+        (no consumption check; the exception propagates as it is) and the next replay
+        starts from row 0. Caught inside the block, the routers are out of step: a strict
+        replay then fails at the forward that overdraws or when the block ends.
+
         Args:
             routes: what to replay (from :meth:`routes`, a file, or an engine's output).
             strict: on leaving, every router must have consumed exactly its rows, and

@@ -41,7 +41,9 @@ def test_slicing_and_cat() -> None:
         mr.Routes.cat([r, r.select(["layers.1.gate"])])
 
 
+@pytest.mark.reliability("round trips")
 def test_numpy_round_trip_keeps_missing_rows() -> None:
+    """to_numpy/from_numpy keeps -1 rows; a float array is refused."""
     r = make()
     arr = r.to_numpy()
     arr[4] = -1
@@ -54,7 +56,9 @@ def test_numpy_round_trip_keeps_missing_rows() -> None:
 
 
 @pytest.mark.parametrize("e", [8, 256, 300, 40000])
+@pytest.mark.reliability("round trips")
 def test_save_load_round_trip(tmp_path, e: int) -> None:
+    """save/load is exact for 8, 256, 300 and 40000 experts, in plain arrays without pickle."""
     r = make(e=e)
     path = tmp_path / "routes.npz"
     r.save(path)

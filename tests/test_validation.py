@@ -93,6 +93,7 @@ def test_routes_recorded_on_another_model(setup, case: str) -> None:
 
 
 def test_missing_router_is_strict(setup) -> None:
+    """Routes missing a router are refused unless strict=False, which routes that router natively."""
     model, session, routes, x = setup
     part = routes.select(["layers.0.mlp.router"])
     with pytest.raises(mr.RoutesValidationError, match=r"layers\.1\.mlp\.router.*strict=False"):
@@ -168,6 +169,7 @@ def test_indices_that_are_not_an_integer_matrix(setup, make, validate: bool) -> 
 
 
 def test_too_few_rows_consumed(setup) -> None:
+    """Unconsumed rows are reported when the block ends, naming router and counts; the session stays usable."""
     model, session, routes, x = setup
     with pytest.raises(mr.ReplayConsumptionError, match=r"'layers\.0\.mlp\.router' consumed 12 of 24 rows"):
         with session.replay(routes):
@@ -178,6 +180,7 @@ def test_too_few_rows_consumed(setup) -> None:
 
 
 def test_too_many_rows_fail_at_the_forward(setup) -> None:
+    """Routes too short for the tokens fail at the forward that overdraws, also with strict=False."""
     model, session, routes, x = setup
     with pytest.raises(mr.ReplayConsumptionError, match=r"only 12 were recorded"):
         with session.replay(routes[:12]):
@@ -187,6 +190,7 @@ def test_too_many_rows_fail_at_the_forward(setup) -> None:
 
 
 def test_replay_takes_routes_only(setup) -> None:
+    """replay() of something that is not a Routes (a bare tensor) is refused."""
     model, session, routes, x = setup
     with pytest.raises(mr.RoutesValidationError, match="takes a Routes"):
         with session.replay(routes.indices):  # type: ignore[arg-type]
@@ -195,6 +199,7 @@ def test_replay_takes_routes_only(setup) -> None:
 
 @pytest.mark.reliability("re-entrance")
 def test_nesting_and_second_session_are_refused(setup) -> None:
+    """Nested capture, nested replay and a second attach on the same model are refused."""
     model, session, routes, x = setup
     with session.capture():
         with pytest.raises(mr.SessionStateError, match="do not nest"):
@@ -211,6 +216,7 @@ def test_nesting_and_second_session_are_refused(setup) -> None:
 
 @pytest.mark.reliability("faults")
 def test_exception_mid_forward_keeps_session_usable(setup) -> None:
+    """An expert that raises during capture and replay: the session returns to idle and replays exactly."""
     model, session, routes, x = setup
     layer = model.layers[1].mlp.experts
 
@@ -230,6 +236,7 @@ def test_exception_mid_forward_keeps_session_usable(setup) -> None:
 
 
 def test_bad_attach_arguments_leave_model_untouched(tokens: torch.Tensor) -> None:
+    """Bad capacity, an include matching nothing, two routers in one scope: refused, model untouched."""
     model = mr.models.build("linear_gate", num_layers=2, shared_expert=True)
     before = snapshot(model)
     with pytest.raises(ValueError, match="capacity"):
@@ -243,6 +250,7 @@ def test_bad_attach_arguments_leave_model_untouched(tokens: torch.Tensor) -> Non
 
 @pytest.mark.reliability("overflow")
 def test_overflow_is_reported_or_keeps_newest(tokens: torch.Tensor) -> None:
+    """Overflow on a reference model: reported with router, rows and capacity, or the newest rows kept."""
     model = mr.models.build("topk_softmax", num_layers=2)
     with mr.attach(model, capacity=10) as session:
         with session.capture():
@@ -264,6 +272,7 @@ def test_overflow_is_reported_or_keeps_newest(tokens: torch.Tensor) -> None:
 
 
 def test_router_that_never_runs_is_reported(tokens: torch.Tensor) -> None:
+    """A router that never runs (built twice) is reported by routes() and verify()."""
     model = mr.models.build("softmax_topk", num_layers=2)
     model.spare = mr.models.SoftmaxTopKRouter(model.config)  # a router built twice, never called
     with mr.attach(model) as session:
@@ -277,6 +286,7 @@ def test_router_that_never_runs_is_reported(tokens: torch.Tensor) -> None:
 
 
 def test_router_without_visible_decision_is_refused(tokens: torch.Tensor) -> None:
+    """A router whose top-k the hook cannot see (a fused kernel) is refused, never skipped."""
     model = mr.models.build("softmax_topk", num_layers=2)
     router = model.layers[0].mlp.router
 
