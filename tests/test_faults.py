@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -41,15 +42,20 @@ def _grad_ctx(grad: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if grad else torch.no_grad()
 
 
+def _at_every_fault(test: Callable[..., None]) -> Callable[..., None]:
+    """Run ``test`` for each fault point x layer x exception type x with/without gradients."""
+    test = pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])(test)
+    test = pytest.mark.parametrize("exc", list(EXCEPTIONS), ids=list(EXCEPTIONS))(test)
+    test = pytest.mark.parametrize("layer", [0, 1, 2])(test)
+    test = pytest.mark.parametrize("point", FAULT_POINTS)(test)
+    return pytest.mark.reliability("faults")(test)
+
+
 def _routers_that_ran(layer: int, point: str) -> int:
     return layer + 1 if point in ("in_router_after_decision", "in_experts") else layer
 
 
-@pytest.mark.reliability("faults")
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-@pytest.mark.parametrize("exc", list(EXCEPTIONS), ids=list(EXCEPTIONS))
-@pytest.mark.parametrize("layer", [0, 1, 2])
-@pytest.mark.parametrize("point", FAULT_POINTS)
+@_at_every_fault
 def test_exception_mid_capture(point: str, layer: int, exc: str, grad: bool) -> None:
     """An exception mid-capture keeps the rows of the routers that ran, flags the capture, and nothing else changes."""
     model = TinyMoE(SPECS)
@@ -89,11 +95,7 @@ def test_exception_mid_capture(point: str, layer: int, exc: str, grad: bool) -> 
     assert_untouched(model, before)
 
 
-@pytest.mark.reliability("faults")
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-@pytest.mark.parametrize("exc", list(EXCEPTIONS), ids=list(EXCEPTIONS))
-@pytest.mark.parametrize("layer", [0, 1, 2])
-@pytest.mark.parametrize("point", FAULT_POINTS)
+@_at_every_fault
 def test_exception_mid_replay(point: str, layer: int, exc: str, grad: bool) -> None:
     """An exception mid-replay ends the replay; the next replay starts at row 0 and forces every row."""
     model = TinyMoE(SPECS)
@@ -136,25 +138,22 @@ def test_failure_caught_inside_the_replay_block_is_reported() -> None:
         with session.capture():
             model(x)
         routes = session.routes()
-        fault = Fault(1, "before_router")
-        # retrying the failed forward: router 0 already consumed its rows
-        with pytest.raises(mr.ReplayConsumptionError, match=r"'layers\.0\.router' needs rows 10\.\.19 but only 10"):
-            with session.replay(routes):
-                model.inject(fault)
-                with pytest.raises(RuntimeError, match="injected fault"):
+        # (routes for the block, what the out-of-step routers report)
+        cases = [
+            # retrying the failed forward: router 0 already consumed its rows
+            (routes, r"'layers\.0\.router' needs rows 10\.\.19 but only 10"),
+            # going on with the next forward: routers 1 and 2 read the failed forward's rows
+            (mr.Routes.cat([routes, routes]), r"'layers\.1\.router' consumed 10 of 20 rows"),
+        ]
+        for block_routes, pattern in cases:
+            with pytest.raises(mr.ReplayConsumptionError, match=pattern):
+                with session.replay(block_routes):
+                    model.inject(Fault(1, "before_router"))
+                    with pytest.raises(RuntimeError, match="injected fault"):
+                        model(x)
+                    model.inject(None)
                     model(x)
-                model.inject(None)
-                model(x)
-        tried()
-        # going on with the next forward: routers 1 and 2 read the failed forward's rows
-        with pytest.raises(mr.ReplayConsumptionError, match=r"'layers\.1\.router' consumed 10 of 20 rows"):
-            with session.replay(mr.Routes.cat([routes, routes])):
-                model.inject(fault)
-                with pytest.raises(RuntimeError, match="injected fault"):
-                    model(x)
-                model.inject(None)
-                model(x)
-        tried()
+            tried()
         with session.replay(routes), session.capture():  # and the session is still fine
             model(x)
         assert session.routes().equal(routes)
