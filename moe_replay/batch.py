@@ -50,7 +50,8 @@ def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
             picked = rows[safe]
             picked[hole] = -1
         layers.append(picked)
-    return Routes(layers, names=routes.names, num_experts=routes.experts_per_layer, validate=False)
+    # rows of checked routes and whole -1 rows: as checked as the routes they come from
+    return Routes._trusted(layers, routes.names, routes.experts_per_layer, routes._validated)
 
 
 def check_same_routers(parts: Sequence[Routes], what: str = "sequence") -> None:
