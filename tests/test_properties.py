@@ -168,6 +168,63 @@ def test_random_routes_are_forced_exactly(
         assert torch.equal(got, native), f"router {i}: a -1 row was not routed natively"
 
 
+@st.composite
+def reference_configs(draw: st.DrawFn) -> dict:
+    """Configurations of the reference transformers in moe_replay.models."""
+    style = draw(st.sampled_from(mr.models.STYLES))
+    cfg = {
+        "style": style,
+        "num_layers": draw(st.integers(1, 3)),
+        "first_dense_layers": draw(st.integers(0, 1)),
+        "shared_expert": draw(st.booleans()),
+        "expert_impl": draw(st.sampled_from(["sparse", "dense"])),
+        "norm_topk_prob": draw(st.booleans()),
+        "hidden_size": 32,
+        "expert_size": 16,
+        "num_heads": 2,
+    }
+    assume(cfg["num_layers"] > cfg["first_dense_layers"])
+    if style == "grouped_sigmoid":
+        n_group, per_group = draw(st.integers(1, 4)), draw(st.integers(1, 6))
+        topk_group = draw(st.integers(1, n_group))
+        k = draw(st.integers(1, min(6, topk_group * per_group)))
+        spec = RouterSpec(n_group * per_group, k, "grouped", n_group=n_group, topk_group=topk_group)
+        assume(spec.num_experts >= 2 and not spec.ambiguous)
+        weights_from_topk = draw(st.booleans())
+        cfg |= {"num_experts": spec.num_experts, "top_k": k, "n_group": n_group, "topk_group": topk_group}
+        cfg["group_weights_from_topk"] = weights_from_topk
+    else:
+        e = draw(st.integers(2, 40))
+        cfg |= {"num_experts": e, "top_k": 1 if style == "top1_argmax" else draw(st.integers(1, min(e, 6)))}
+    return cfg
+
+
+@pytest.mark.reliability("round trips")
+@examples(40)
+@given(cfg=reference_configs(), lead=st.tuples(st.integers(1, 3), st.integers(1, 8)), seed=st.integers(0, 2**16))
+def test_reference_models_capture_then_replay(cfg: dict, lead: tuple[int, int], seed: int) -> None:
+    """Reference transformers of random configuration (a gate in the MoE block too): replay is exact and forces."""
+    tried()
+    config = dict(cfg)
+    model = mr.models.build(config.pop("style"), seed=seed, **config)
+    ids = torch.randint(0, model.config.vocab_size, lead, generator=torch.Generator().manual_seed(seed))
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            ref = model(ids).logits
+        routes = session.routes()
+        assert routes.tokens_per_layer == (ids.numel(),) * (cfg["num_layers"] - cfg["first_dense_layers"])
+        with torch.no_grad(), session.replay(routes), session.capture():
+            assert torch.equal(model(ids).logits, ref)
+        assert session.routes().equal(routes)
+        with torch.no_grad():
+            for s in session.sites:
+                s.module.weight.mul_(-1.0)  # reverses every router's preferences
+        with session.replay(routes), session.capture():
+            model(ids, labels=ids).loss.backward()
+        assert session.routes().equal(routes)
+        assert all(s.module.weight.grad is not None for s in session.sites)
+
+
 @pytest.mark.reliability("round trips")
 @examples(20)
 @given(
