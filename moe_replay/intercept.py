@@ -20,10 +20,10 @@ checkpointing checks that.
 
 from __future__ import annotations
 
-import collections
 import copy
 import sys
 import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,51 +44,100 @@ _MASKS = {torch.masked_fill, torch.Tensor.masked_fill}
 _WHERE = {torch.where, torch.Tensor.where}
 _WATCHED = _TOPK | _ARGMAX | _MAX | _MASKS | _WHERE
 
-#: How many recompute entries a router keeps before dropping the oldest (a forward whose
-#: backward never ran); pipeline schedules keep far fewer micro-batches in flight.
-MAX_PENDING_RECOMPUTES = 1024
-
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _ckpt_code() -> types.CodeType | None:
-    try:
-        from torch.utils.checkpoint import CheckpointFunction
-
-        return CheckpointFunction.forward.__code__
-    except (ImportError, AttributeError):  # pragma: no cover - torch without reentrant checkpoint
-        return None
-
-
-_REENTRANT_FORWARD = _ckpt_code()
-
-
-def _in_reentrant_checkpoint(max_depth: int = 40) -> bool:
-    """True inside the forward of a reentrant ``torch.utils.checkpoint`` region."""
-    f = sys._getframe(2)
-    for _ in range(max_depth):
-        if f is None:
-            return False
-        if f.f_code is _REENTRANT_FORWARD:
-            return True
-        f = f.f_back
-    return False
-
-
-def _recomputable() -> bool:
-    """Will this forward run again during backward (activation checkpointing)?"""
-    if torch.is_grad_enabled():
-        # non-reentrant checkpointing packs saved tensors through default hooks
-        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    if torch.is_inference_mode_enabled():
-        return False
-    return _in_reentrant_checkpoint()
-
-
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+# ----------------------------------------------------------------- activation checkpointing
+# A router inside a checkpointed region runs twice: in the forward, and again in backward
+# when the region is recomputed. The rows of the forward are kept per region object
+# (weakly: they go when the autograd graph goes), and the recompute of that region takes
+# them back in call order. So backward needs no ordering assumption: it works after the
+# capture/replay context exited, for any number of micro-batches in any backward order,
+# and again for a second backward over a retained graph.
+#
+# A region object is
+# * non-reentrant torch.utils.checkpoint: its `_CheckpointFrame`. The forward's pack hook
+#   holds it, the recompute's pack hook a weak reference to it (torch/utils/checkpoint.py:
+#   `_checkpoint_hook`, `_recomputation_hook`); only the innermost one is visible;
+# * reentrant checkpointing (torch's `CheckpointFunction`, and any autograd.Function that
+#   runs its forward again in its backward, as Megatron's and DeepSpeed's do): that
+#   Function's ctx, found on the Python stack in its `forward` and in its `backward`.
+
+try:
+    from torch.utils.checkpoint import _CheckpointFrame
+except ImportError:  # pragma: no cover - torch without non-reentrant checkpoint
+    _CheckpointFrame = None  # type: ignore[assignment,misc]
+
+_FunctionCtx = torch.autograd.function.BackwardCFunction
+
+#: How many Python frames above a router call are searched for reentrant checkpoints.
+MAX_STACK_DEPTH = 128
+
+
+def _frame_of_hook(fn: Any) -> tuple[Any, bool]:
+    """The ``_CheckpointFrame`` a pack hook of torch.utils.checkpoint refers to, and whether it recomputes."""
+    for _ in range(3):
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                v = cell.cell_contents
+            except ValueError:
+                continue
+            recompute = isinstance(v, weakref.ref)
+            if recompute:
+                v = v()
+            if _CheckpointFrame is not None and isinstance(v, _CheckpointFrame):
+                return v, recompute
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            break
+    return None, False
+
+
+def _regions() -> list[tuple[Any, bool]]:
+    """The checkpoint regions around this router call, innermost first, each with "being recomputed?"."""
+    out: list[tuple[Any, bool]] = []
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None:
+        frame, recompute = _frame_of_hook(hooks[0])
+        if frame is not None:
+            out.append((frame, recompute))
+        elif getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint":
+            raise UnsupportedRouterError(
+                "moe_replay does not know this torch version's non-reentrant checkpoint (no checkpoint frame in "
+                "its saved-tensor hooks), so a recompute could not be given the experts of its forward; "
+                "checkpoint with use_reentrant=True, or report the torch version"
+            )
+    # an autograd.Function runs its forward with gradients off, its backward inside a graph task
+    if (torch.is_grad_enabled() and not _in_backward()) or torch.is_inference_mode_enabled():
+        return out
+    f: types.FrameType | None = sys._getframe(2)
+    for _ in range(MAX_STACK_DEPTH):
+        if f is None:
+            break
+        code = f.f_code
+        if code.co_argcount and code.co_varnames[0] == "ctx" and code.co_name in ("forward", "backward"):
+            ctx = f.f_locals.get("ctx")
+            if isinstance(ctx, _FunctionCtx):
+                out.append((ctx, code.co_name == "backward"))
+        f = f.f_back
+    return out
+
+
+class _Kept:
+    """The rows one router got inside one checkpointed region, and the recompute's position in them."""
+
+    __slots__ = ("graph_task", "pos", "rows")
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.graph_task = -1
+        self.pos = 0
 
 
 @dataclass
@@ -104,9 +153,7 @@ class RouterHook:
     replay_source: ReplaySource | None = None
     capturing: bool = False
     replaying: bool = False
-    pending: collections.deque[torch.Tensor] = field(
-        default_factory=lambda: collections.deque(maxlen=MAX_PENDING_RECOMPUTES)
-    )
+    kept: weakref.WeakKeyDictionary[Any, _Kept] = field(default_factory=weakref.WeakKeyDictionary)
     calls: int = 0  # scope forwards since the counter was reset (eager only)
     decisions: int = 0  # decision calls seen since the counter was reset (eager only)
     _decided: bool = False
@@ -163,39 +210,73 @@ class RouterHook:
     def decide(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Answer the decision call: native (capture), forced (replay) or recompute."""
         self._decided = True
-        if not _compiling():
+        eager = not _compiling()
+        if eager:
             self.decisions += 1
         x: torch.Tensor = args[0] if args else kwargs["input"]
         lead = x.shape[:-1]
         n = x.numel() // self.num_experts
         source = self._unmasked(x).reshape(-1, self.num_experts)
-        grad = torch.is_grad_enabled() and source.requires_grad
+        regions = _regions() if eager else []
+        if regions and _in_backward():  # a recompute: its forward's rows, never recorded nor counted again
+            forced = self._recomputed(regions, n)
+            if forced is None:  # its forward ran while the session was idle
+                return func(*args, **kwargs)
+            return self._answer(func, args, kwargs, source, forced, lead)
 
-        eager = not _compiling()
-        record = True
-        if eager and self.pending and _in_backward():
-            record = False  # a recompute: its forward already recorded these rows
-            forced = self.pending.popleft()
-            if forced.shape[0] != n:
-                raise ReplayConsumptionError(
-                    f"router '{self.name}' is recomputed for {n} tokens during backward, but its next "
-                    f"forward had {forced.shape[0]}: backward passes must run in the order of their forwards"
-                )
-        elif self.replaying:
+        if self.replaying:
             forced = self._forced(func, x, args, kwargs, n)
-            if eager and _recomputable():
-                self.pending.append(forced)
-        elif not grad:  # native decision, answered by the call itself
+        elif not (torch.is_grad_enabled() and source.requires_grad):  # native, answered by the call itself
             out = func(*args, **kwargs)
-            self._record(self._indices_of(func, out, n))
+            idx = self._indices_of(func, out, n)
+            self._record(idx)
+            self._keep(regions, idx)
             return out
-        else:  # native decision, values through gather so that a recompute matches
+        else:  # native decision, values through gather so that a recompute saves the same tensors
             forced = self._native(func, x, args, kwargs, n)
-            if eager and _recomputable():
-                self.pending.append(forced)
-        if record:
-            self._record(forced)
+        self._record(forced)
+        self._keep(regions, forced)
         return self._answer(func, args, kwargs, source, forced, lead)
+
+    def _keep(self, regions: list[tuple[Any, bool]], forced: torch.Tensor) -> None:
+        """Keep the rows on every region that may be recomputed later (all of them, in a forward)."""
+        for region, recomputing in regions:
+            if not recomputing:
+                kept = self.kept.get(region)
+                if kept is None:
+                    kept = self.kept[region] = _Kept()
+                kept.rows.append(forced)
+
+    def _recomputed(self, regions: list[tuple[Any, bool]], n: int) -> torch.Tensor | None:
+        """The rows this router got in the forward of the innermost region now being recomputed."""
+        kept = next((k for r, recomputing in regions if recomputing and (k := self.kept.get(r)) is not None), None)
+        if kept is None:
+            if self.kept and not any(recomputing for _, recomputing in regions):
+                raise UnsupportedRouterError(
+                    f"router '{self.name}' runs in a checkpointed region that is itself run again inside the "
+                    "recompute of an outer non-reentrant checkpoint: moe_replay cannot see the outer region to "
+                    "give it the experts of its forward. Do not nest non-reentrant checkpoints, or make the "
+                    "outer one reentrant"
+                )
+            return None
+        task = torch._C._current_graph_task_id()
+        if kept.graph_task != task:  # a new backward recomputes the region from its start
+            kept.graph_task, kept.pos = task, 0
+        if kept.pos >= len(kept.rows):
+            raise ReplayConsumptionError(
+                f"router '{self.name}' ran {kept.pos + 1} times in the recompute of a checkpointed region but "
+                f"{len(kept.rows)} times in its forward: the checkpointed function must run the same routers "
+                "each time"
+            )
+        forced = kept.rows[kept.pos]
+        kept.pos += 1
+        if forced.shape[0] != n:
+            raise ReplayConsumptionError(
+                f"router '{self.name}' is recomputed for {n} tokens during backward, but its forward had "
+                f"{forced.shape[0]}: the checkpointed function must see the same inputs each time"
+            )
+        self._keep(regions, forced)  # regions first run inside this recompute (nested checkpoints)
+        return forced
 
     def _forced(
         self, func: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], n: int
@@ -287,7 +368,7 @@ class ScopedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         hook = self.__moe_replay_hook__
-        if hook.capturing or hook.replaying or (not _compiling() and hook.pending and _in_backward()):
+        if hook.capturing or hook.replaying or (not _compiling() and hook.kept and _in_backward()):
             return hook._run(self.__wrapped__, args, kwargs)
         return self.__wrapped__(*args, **kwargs)
 

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "CHECKPOINTING",
     "STYLES",
     "Experts",
     "GroupedSigmoidRouter",
@@ -47,6 +49,9 @@ __all__ = [
 ]
 
 STYLES: tuple[str, ...] = ("softmax_topk", "topk_softmax", "grouped_sigmoid", "linear_gate", "top1_argmax")
+
+#: Activation checkpointing of each layer while gradients are on (``torch.utils.checkpoint``).
+CHECKPOINTING: tuple[str, ...] = ("none", "reentrant", "non_reentrant")
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -73,6 +78,7 @@ class MoEConfig:
     group_weights_from_topk: bool = False
     expert_impl: str = "sparse"
     router_init_std: float = 0.5
+    checkpointing: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +88,8 @@ class MoEConfig:
             self.top_k = 1
         if self.expert_impl not in ("sparse", "dense"):
             raise ValueError("expert_impl must be 'sparse' or 'dense'")
+        if self.checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
         if self.router == "grouped_sigmoid" and self.num_experts % self.n_group:
             raise ValueError("num_experts must be a multiple of n_group")
 
@@ -317,6 +325,14 @@ class _Layer(nn.Module):
         return x + self.mlp(self.post_norm(x)), kv
 
 
+def _layer_flat(
+    layer: _Layer, x: torch.Tensor, mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer with flat tensor outputs, as reentrant checkpointing needs them."""
+    x, (k, v) = layer(x, mask, cache)
+    return x, k, v
+
+
 class MoETransformer(nn.Module):
     """A causal MoE decoder. Its MoE layers are ``layers.{i}.mlp`` (:class:`MoEBlock`)."""
 
@@ -367,8 +383,21 @@ class MoETransformer(nn.Module):
         mask = mask | ~mask.any(dim=-1, keepdim=True)  # fully padded rows attend anywhere (ignored)
         x = self.embed(input_ids) + self.pos(position_ids)
         new_cache: KVCache = []
+        ckpt = self.config.checkpointing != "none" and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, mask, past_key_values[i] if past_key_values else None)
+            cache = past_key_values[i] if past_key_values else None
+            if ckpt:
+                x, k, v = checkpoint(
+                    _layer_flat,
+                    layer,
+                    x,
+                    mask,
+                    cache,
+                    use_reentrant=self.config.checkpointing == "reentrant",
+                )
+                kv = (k, v)
+            else:
+                x, kv = layer(x, mask, cache)
             new_cache.append(kv)
         logits = self.lm_head(self.norm(x))
         loss = None

@@ -214,8 +214,9 @@ class Session:
         An exception that leaves the block ends the capture. The rows written before it
         stay in the rings (nothing is rewound: the routers that ran in the failed forward
         keep its rows, the others do not have them), so :meth:`routes` refuses them unless
-        asked for ``allow_partial=True``, and ``clear=False`` cannot append to them. The
-        recompute rows of the block's forwards are dropped: do not run their backward.
+        asked for ``allow_partial=True``, and ``clear=False`` cannot append to them. Rows
+        kept for activation-checkpoint recomputes belong to each forward's autograd graph:
+        a failed forward's go with its graph, a finished forward's backward still gets its own.
         """
         self._check_attached()
         if self._capturing:
@@ -239,15 +240,9 @@ class Session:
             yield self
         except BaseException as exc:
             self._interrupted = f"{type(exc).__name__}({str(exc)[:200]!r})"
-            self._drop_recomputes()
             raise
         finally:
             self._set(capturing=False)
-
-    def _drop_recomputes(self) -> None:
-        """Forget the rows kept for activation-checkpoint recomputes (their forwards failed)."""
-        for h in self._hooks:
-            h.pending.clear()
 
     def routes(self, *, allow_silent: bool = False, allow_partial: bool = False) -> Routes:
         """The rows recorded by the last capture, copied to the host in one pass.
@@ -399,8 +394,6 @@ class Session:
             sources = [(h, h.replay_source) for h, _, _ in plan]
             for h, _, _ in plan:
                 h.replay_source = None
-            if not ok:
-                self._drop_recomputes()
         if ok and strict:
             used = _read_counters([src.consumed for _, src in sources if src is not None])
             bad = [

@@ -50,7 +50,7 @@ def test_capture_hot_path_does_not_reallocate(tokens: torch.Tensor) -> None:
             for _ in range(20):
                 model(tokens)
         assert [(h.capture_ring.buf.data_ptr(), h.capture_ring.written.data_ptr()) for h in hooks] == ptrs
-        assert all(len(h.pending) == 0 for h in hooks)  # no per-call bookkeeping without gradients
+        assert all(len(h.kept) == 0 for h in hooks)  # no per-call bookkeeping without gradients
         assert session.routes().num_tokens == 20 * tokens.numel()
 
 

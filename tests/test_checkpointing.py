@@ -1,0 +1,345 @@
+"""Activation checkpointing: a recompute gets its forward's experts, is never recorded or counted twice."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import moe_replay as mr
+from moe_replay.models import MoETransformer
+
+from .conftest import perturb_routers
+
+MODES = ("reentrant", "non_reentrant")
+
+
+def build(style: str = "softmax_topk", **kw) -> MoETransformer:
+    return mr.models.build(style, **{"num_layers": 3, "first_dense_layers": 1, **kw})
+
+
+def batch(n: int = 2, seq: int = 10, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=0), name
+    routers = [n for n in a if n.endswith(("router.weight", "mlp.gate.weight"))]
+    assert routers and all(a[n].abs().sum() > 0 for n in routers), "no gradient reached a router"
+
+
+def log_experts(model: MoETransformer) -> list[tuple[str, bool, torch.Tensor]]:
+    """Record (layer, during backward?, indices) each time an MoE layer runs its experts."""
+    log: list[tuple[str, bool, torch.Tensor]] = []
+    for name, m in model.named_modules():
+        if name.endswith("mlp.experts"):
+            inner = m.forward
+
+            def fwd(self, x, indices, weights, name=name, inner=inner):
+                log.append((name, torch._C._current_graph_task_id() != -1, indices.detach().clone()))
+                return inner(x, indices, weights)
+
+            m.forward = types.MethodType(fwd, m)
+    return log
+
+
+def assert_recomputed_with(log: list[tuple[str, bool, torch.Tensor]], routes: mr.Routes) -> None:
+    """Each MoE layer was recomputed once in backward, with exactly the experts of ``routes``."""
+    recomputed = {name: idx for name, bwd, idx in log if bwd}
+    assert sum(bwd for _, bwd, _ in log) == len(routes.names) == len(recomputed)
+    for router, rows in zip(routes.names, routes.per_layer(), strict=True):
+        assert torch.equal(recomputed[router.rsplit(".", 1)[0] + ".experts"], rows), router
+
+
+def record(session: mr.Session, model: MoETransformer, *xs: torch.Tensor) -> mr.Routes:
+    with session.capture(), torch.no_grad():
+        for x in xs:
+            model(x)
+    return session.routes()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("style", ["softmax_topk", "grouped_sigmoid", "top1_argmax", "linear_gate"])
+def test_replay_under_checkpointing_matches_plain_replay(style: str, mode: str) -> None:
+    model, x = build(style), batch()
+    with mr.attach(model) as session:
+        routes = record(session, model, x)
+        perturb_routers(session, scale=2.0)
+        with session.replay(routes):
+            model(x, labels=x).loss.backward()
+        plain = grads(model)
+        model.config.checkpointing = mode
+        with session.replay(routes):  # strict: each forward is counted once, not again in its recompute
+            model(x, labels=x).loss.backward()
+        assert_same_grads(grads(model), plain)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_after_the_replay_context_exited(mode: str) -> None:
+    model, x = build(), batch()
+    with mr.attach(model) as session:
+        routes = record(session, model, x)
+        perturb_routers(session, scale=2.0)
+        with session.replay(routes):
+            model(x, labels=x).loss.backward()
+        plain = grads(model)
+        model.config.checkpointing = mode
+        with session.replay(routes):
+            loss = model(x, labels=x).loss
+        assert session.state == "idle"
+        log = log_experts(model)
+        loss.backward()  # the recompute still gets the replayed rows, natively it would not
+        assert_same_grads(grads(model), plain)
+    assert_recomputed_with(log, routes)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("inside", [True, False], ids=["backward-inside", "backward-after"])
+def test_capture_recompute_reuses_forward_experts_after_weights_changed(mode: str, inside: bool) -> None:
+    model, x = build(checkpointing=mode), batch()
+    with mr.attach(model) as session:
+        with session.capture():
+            loss = model(x, labels=x).loss
+            if not inside:
+                captured = session.routes()
+            perturb_routers(session, scale=3.0)  # the recompute now sees other router weights
+            log = log_experts(model)
+            if inside:
+                loss.backward()  # still capturing: the recompute must not be recorded again
+                captured = session.routes()
+        if not inside:
+            loss.backward()
+        assert captured.num_tokens == x.numel()
+        free = record(session, model, x)
+    assert not free.equal(captured), "the perturbation should change what the routers choose"
+    assert_recomputed_with(log, captured)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_micro_batches_backward_in_any_order(mode: str) -> None:
+    model = build()
+    xs = [batch(seed=s) for s in range(3)]
+    with mr.attach(model) as session:
+        routes = record(session, model, *xs)
+        perturb_routers(session, scale=2.0)
+        with session.replay(routes):
+            for x in xs:
+                model(x, labels=x).loss.backward()
+        plain = grads(model)
+        model.config.checkpointing = mode
+        with session.replay(routes):
+            losses = [model(x, labels=x).loss for x in xs]
+        for i in (2, 0, 1):  # e.g. a pipeline schedule; accumulation into .grad
+            losses[i].backward()
+        assert_same_grads(grads(model), plain)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_discarded_forward_leaves_nothing_for_the_next_backward(mode: str) -> None:
+    model = build()
+    a, b = batch(seed=1), batch(seed=2)
+    with mr.attach(model) as session:
+        routes = record(session, model, a, b)
+        perturb_routers(session, scale=2.0)
+        with session.replay(routes[a.numel() :]):
+            model(b, labels=b).loss.backward()
+        plain = grads(model)
+        model.config.checkpointing = mode
+        with session.replay(routes):
+            model(a, labels=a)  # e.g. a logged loss: its graph is dropped, never backpropagated
+            loss = model(b, labels=b).loss
+        loss.backward()
+        assert_same_grads(grads(model), plain)
+        del loss
+        assert all(len(h.kept) == 0 for h in session._hooks)  # released with the graphs
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_retained_graph_recomputes_with_the_same_rows_twice(mode: str) -> None:
+    model, x = build(checkpointing=mode), batch()
+    with mr.attach(model) as session:
+        routes = record(session, model, x)
+        perturb_routers(session, scale=2.0)
+        with session.replay(routes):
+            loss = model(x, labels=x).loss
+        loss.backward(retain_graph=True)
+        once = grads(model)
+        loss.backward()
+        assert_same_grads(grads(model), once)
+
+
+@pytest.mark.parametrize("mode", ("none", *MODES))
+def test_other_saved_tensor_hooks(mode: str) -> None:
+    """Offloading saved tensors (alone, or around checkpointed layers) keeps nothing it should not."""
+    model, x = build(), batch()
+    with mr.attach(model) as session:
+        routes = record(session, model, x)
+        perturb_routers(session, scale=2.0)
+        with session.replay(routes):
+            model(x, labels=x).loss.backward()
+        plain = grads(model)
+        model.config.checkpointing = mode
+        with torch.autograd.graph.save_on_cpu():
+            with session.replay(routes):
+                loss = model(x, labels=x).loss
+            assert all(len(h.kept) == (mode != "none") for h in session._hooks)
+            loss.backward()
+        assert_same_grads(grads(model), plain)
+
+
+def test_replay_with_no_grad_under_reentrant_checkpoint_keeps_nothing() -> None:
+    """An old-log-prob pass under no_grad inside checkpointed layers leaves no rows behind."""
+    model, x = build(), batch()
+    with mr.attach(model) as session:
+        routes = record(session, model, x)
+        with session.replay(routes), torch.no_grad():
+            torch.utils.checkpoint.checkpoint(model, x, use_reentrant=True)
+        assert all(len(h.kept) == 0 for h in session._hooks)
+
+
+def test_checkpoint_wrapping_the_whole_model_with_several_routers() -> None:
+    model, x = build(num_layers=4), batch()
+    with mr.attach(model) as session:
+        routes = record(session, model, x)
+        perturb_routers(session, scale=2.0)
+        with session.replay(routes):
+            model(x, labels=x).loss.backward()
+        plain = grads(model)
+        anchor = torch.zeros((), requires_grad=True)  # reentrant checkpointing needs an input with grad
+        for reentrant in (True, False):
+            with session.replay(routes):
+                loss = torch.utils.checkpoint.checkpoint(
+                    lambda t, a: model(t, labels=t).loss + a, x, anchor, use_reentrant=reentrant
+                )
+            loss.backward()
+            anchor.grad = None
+            assert_same_grads(grads(model), plain)
+
+
+@pytest.mark.parametrize("outer,inner", [("reentrant", "non_reentrant"), ("non_reentrant", "reentrant")])
+def test_nested_checkpoints(outer: str, inner: str) -> None:
+    model, x = build(checkpointing=inner), batch()
+    anchor = torch.zeros((), requires_grad=True)  # reentrant checkpointing needs an input with grad
+    with mr.attach(model) as session:
+        routes = record(session, model, x)
+        perturb_routers(session, scale=2.0)
+        model.config.checkpointing = "none"
+        with session.replay(routes):
+            model(x, labels=x).loss.backward()
+        plain = grads(model)
+        model.config.checkpointing = inner
+        with session.replay(routes):
+            loss = torch.utils.checkpoint.checkpoint(
+                lambda t, a: model(t, labels=t).loss + a, x, anchor, use_reentrant=outer == "reentrant"
+            )
+        loss.backward()
+        assert_same_grads(grads(model), plain)
+
+
+def test_nested_non_reentrant_checkpoints_are_refused_not_misrouted() -> None:
+    model, x = build(checkpointing="non_reentrant"), batch()
+    with mr.attach(model) as session:
+        routes = record(session, model, x)
+        with session.replay(routes):
+            loss = torch.utils.checkpoint.checkpoint(lambda t: model(t, labels=t).loss, x, use_reentrant=False)
+        with pytest.raises(mr.UnsupportedRouterError, match="nest"):
+            loss.backward()
+
+
+class _RerunInBackward(torch.autograd.Function):
+    """A hand-written reentrant checkpoint, as Megatron and DeepSpeed write theirs."""
+
+    @staticmethod
+    def forward(ctx, run, x):
+        ctx.run = run
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_(x.requires_grad)
+        with torch.enable_grad():
+            out = ctx.run(x)
+        torch.autograd.backward(out, grad)
+        return None, x.grad
+
+
+def test_any_function_that_reruns_its_forward_in_backward() -> None:
+    model, x = build(num_layers=2, first_dense_layers=0), batch()
+    block = model.layers[1].mlp
+    with mr.attach(block) as session:
+        h = model.embed(x).detach()
+        routes = record(session, block, h)
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes):
+            block(h).square().sum().backward()
+        plain = grads(model)
+        with session.replay(routes):
+            out = _RerunInBackward.apply(block, h.requires_grad_())
+        log = log_experts(model)
+        out.square().sum().backward()
+        assert_same_grads(grads(model), plain)
+    assert len(log) == 1 and log[0][1]
+    assert torch.equal(log[0][2], routes.per_layer()[0])
+
+
+def _tiny_hf(family: str) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    common = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    if family == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(num_experts=8, moe_intermediate_size=16, mlp_only_layers=[], **common)
+        return transformers.Qwen3MoeForCausalLM(cfg)
+    cfg = transformers.MixtralConfig(num_local_experts=8, **common)
+    return transformers.MixtralForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("how", ["reentrant", "non_reentrant", "offload"])
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_hf_gradient_checkpointing_enable(family: str, how: str) -> None:
+    model, x = _tiny_hf(family), batch()
+    if how == "offload":  # activations saved to pinned host memory around each checkpointed layer
+        if not torch.cuda.is_available() or not hasattr(model, "activation_checkpointing_enable"):
+            pytest.skip("offloaded checkpointing needs CUDA and a transformers that has it")
+        model, x = model.cuda(), x.cuda()
+    model.train()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(x, use_cache=False)
+        routes = session.routes()
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes):
+            model(x, labels=x, use_cache=False).loss.backward()
+        plain = grads(model)
+        kwargs = {"use_reentrant": how == "reentrant"}
+        if how == "offload":
+            model.activation_checkpointing_enable(kwargs, offload=True)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        with session.replay(routes), session.capture():
+            loss = model(x, labels=x, use_cache=False).loss
+            loss.backward()
+        assert session.routes().equal(routes)  # recorded once, forced in forward and recompute
+        assert_same_grads(grads(model), plain, atol=1e-6 if x.device.type == "cpu" else 1e-5)
