@@ -31,6 +31,7 @@ from .errors import (
 )
 from .generation import generation_lengths, split_generation
 from .interop import LayerMap
+from .losses import RouterScores, load_balancing_loss
 from .metrics import RoutingComparison, compare
 from .ring import index_dtype
 from .routes import Routes
@@ -47,6 +48,7 @@ __all__ = [
     "MoEReplayError",
     "ReplayConsumptionError",
     "RouterNotFoundError",
+    "RouterScores",
     "RouterSite",
     "Routes",
     "RoutesValidationError",
@@ -62,6 +64,7 @@ __all__ = [
     "generation_lengths",
     "index_dtype",
     "interop",
+    "load_balancing_loss",
     "models",
     "pack_routes",
     "pad_routes",

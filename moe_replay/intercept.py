@@ -154,6 +154,7 @@ class RouterHook:
     capturing: bool = False
     replaying: bool = False
     kept: weakref.WeakKeyDictionary[Any, _Kept] = field(default_factory=weakref.WeakKeyDictionary)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (scores, indices) per decision, when kept
     calls: int = 0  # scope forwards since the counter was reset (eager only)
     decisions: int = 0  # decision calls seen since the counter was reset (eager only)
     _decided: bool = False
@@ -231,11 +232,15 @@ class RouterHook:
             idx = self._indices_of(func, out, n)
             self._record(idx)
             self._keep(regions, idx)
+            if self.seen is not None:
+                self.seen.append((source, idx))
             return out
         else:  # native decision, values through gather so that a recompute saves the same tensors
             forced = self._native(func, x, args, kwargs, n)
         self._record(forced)
         self._keep(regions, forced)
+        if self.seen is not None:
+            self.seen.append((source, forced))
         return self._answer(func, args, kwargs, source, forced, lead)
 
     def _keep(self, regions: list[tuple[Any, bool]], forced: torch.Tensor) -> None:
@@ -368,7 +373,12 @@ class ScopedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         hook = self.__moe_replay_hook__
-        if hook.capturing or hook.replaying or (not _compiling() and hook.kept and _in_backward()):
+        if (
+            hook.capturing
+            or hook.replaying
+            or hook.seen is not None
+            or (not _compiling() and hook.kept and _in_backward())
+        ):
             return hook._run(self.__wrapped__, args, kwargs)
         return self.__wrapped__(*args, **kwargs)
 

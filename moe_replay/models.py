@@ -219,14 +219,17 @@ class Experts(nn.Module):
             order = flat.argsort(stable=True)
             counts = torch.bincount(flat, minlength=self.num_experts).tolist()
             token_of = order // k
-            picked_flat = x.new_empty(t * k, x.shape[-1])
+            picked_flat: torch.Tensor | None = None  # allocated in the experts' dtype (autocast may change it)
             start = 0
             for e, c in enumerate(counts):
                 if c:
                     sel = order[start : start + c]
-                    picked_flat[sel] = self._expert(e, x[token_of[start : start + c]])
+                    out = self._expert(e, x[token_of[start : start + c]])
+                    if picked_flat is None:
+                        picked_flat = out.new_empty(t * k, x.shape[-1])
+                    picked_flat[sel] = out
                     start += c
-            picked = picked_flat.view(t, k, -1)
+            picked = picked_flat.view(t, k, -1) if picked_flat is not None else x.new_zeros(t, k, x.shape[-1])
         return (picked * weights.unsqueeze(-1).to(picked.dtype)).sum(dim=1)
 
 

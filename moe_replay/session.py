@@ -28,6 +28,7 @@ from .errors import (
     UnsupportedRouterError,
 )
 from .intercept import RouterHook
+from .losses import RouterScores
 from .ring import CaptureRing, ReplaySource
 from .routes import Routes, fingerprint
 
@@ -409,6 +410,30 @@ class Session:
                     + ". Each forward consumes one row per token; run the forwards the routes were "
                     "recorded for, slice the routes, or pass strict=False"
                 )
+
+    # ------------------------------------------------------------- scores
+    @contextlib.contextmanager
+    def keep_scores(self) -> Iterator[RouterScores]:
+        """Keep, for every router decision, the scores it was made on and the experts used.
+
+        Works in any state (idle, capture, replay); the scores keep their autograd graph, for
+        :func:`~moe_replay.load_balancing_loss`. Eager mode: under ``torch.compile`` the
+        decision happens inside the compiled graph and nothing is kept.
+
+        Yields:
+            A :class:`RouterScores`, filled while the context is open.
+        """
+        self._check_attached()
+        if any(h.seen is not None for h in self._hooks):
+            raise SessionStateError("scores are already being kept on this session; keep_scores() does not nest")
+        kept = RouterScores(self.names)
+        for h in self._hooks:
+            h.seen = kept._calls[h.name]
+        try:
+            yield kept
+        finally:
+            for h in self._hooks:
+                h.seen = None
 
     # ------------------------------------------------------------- dry run
     def verify(self, *args: Any, **kwargs: Any) -> dict[str, int]:

@@ -1,0 +1,156 @@
+"""Training losses that follow the replayed routes, and the router scores they need.
+
+A model's own load-balancing (auxiliary) loss usually runs its own top-k again on the
+router logits: transformers' ``load_balancing_loss_func`` (Mixtral, Qwen-MoE, OLMoE...)
+takes ``router_logits`` and calls ``torch.topk`` on them, outside the router's forward.
+During a replay that top-k is neither seen nor forced by moe_replay, so such a loss
+counts the experts the *current* router would choose, not the experts the forward used.
+:func:`load_balancing_loss` counts the experts that were actually used (the replayed
+ones) and takes its probabilities from the scores each router computed in this forward,
+so its gradient reaches the routers.
+
+Get both from the session with :meth:`Session.keep_scores`:
+
+Example:
+    >>> import torch, moe_replay as mr
+    >>> model = mr.models.build("softmax_topk")
+    >>> x = torch.randint(0, model.config.vocab_size, (2, 8))
+    >>> session = mr.attach(model)
+    >>> with session.capture():
+    ...     _ = model(x)
+    >>> routes = session.routes()
+    >>> with session.replay(routes), session.keep_scores() as seen:
+    ...     out = model(x, labels=x)
+    >>> seen
+    RouterScores(routers=2, tokens=[16, 16])
+    >>> aux = mr.load_balancing_loss(seen.scores, seen.indices)  # this router's top-k runs on probabilities
+    >>> (out.loss + 0.01 * aux).backward()
+    >>> session.detach()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["RouterScores", "load_balancing_loss"]
+
+
+class RouterScores:
+    """What each router's decision call saw while :meth:`Session.keep_scores` was open.
+
+    For every router: the score tensor its top-k (or argmax) ran on, ``[tokens, E]``, with
+    its autograd graph, and the experts the forward used, ``[tokens, k]`` int64 (the
+    forced ones during a replay). Several forwards are concatenated in call order.
+    Recomputes of activation checkpointing are not counted again.
+
+    The scores are what the model passed to its top-k: probabilities for routers that
+    pick on softmax outputs (Qwen-MoE, Mixtral in transformers), logits for routers that
+    pick first and softmax the k after (``softmax(scores)`` gives the probabilities), and
+    whatever a biased or group-limited router selects on (DeepSeek-V3 selects on detached
+    scores plus a bias: no gradient flows through those).
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names: tuple[str, ...] = tuple(names)
+        self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.names}
+
+    def _get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        calls = self._calls[name]
+        if not calls:
+            raise LookupError(
+                f"router '{name}' made no decision while the scores were kept; run the forward inside "
+                "`with session.keep_scores():`"
+            )
+        if len(calls) == 1:
+            return calls[0]
+        return torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls])
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores [T, E], indices [T, k])`` of one router."""
+        if name not in self._calls:
+            raise KeyError(f"no router named '{name}'; the routers are {list(self.names)}")
+        return self._get(name)
+
+    @property
+    def scores(self) -> list[torch.Tensor]:
+        """Per router, the ``[T, E]`` scores its decision was made on (with gradients)."""
+        return [self._get(n)[0] for n in self.names]
+
+    @property
+    def indices(self) -> list[torch.Tensor]:
+        """Per router, the ``[T, k]`` experts the forward used."""
+        return [self._get(n)[1] for n in self.names]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        tokens = [sum(int(s.shape[0]) for s, _ in self._calls[n]) for n in self.names]
+        return f"RouterScores(routers={len(self.names)}, tokens={tokens})"
+
+
+def load_balancing_loss(
+    probs: torch.Tensor | Sequence[torch.Tensor],
+    indices: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss from the experts used and the current router probabilities.
+
+    For each router, ``E * sum_e f_e * P_e``, where ``f_e`` is the number of (token, slot)
+    assignments to expert ``e`` divided by the number of tokens (so ``sum_e f_e = k``) and
+    ``P_e`` the mean probability of ``e`` over the tokens; the result is the mean over
+    routers. It is 1 per slot (``k`` in all) when routing is uniform. This is the formula of
+    transformers' ``load_balancing_loss_func`` (models/mixtral/modeling_mixtral.py) for one
+    layer; that function pools the tokens of all layers into one count instead of averaging
+    per layer, and re-runs top-k on the logits. Divide by ``k`` for Megatron's normalisation.
+
+    Models' own aux losses re-run top-k on the router logits, so they do not follow the
+    replay: use this one, with ``probs`` and ``indices`` from :meth:`Session.keep_scores`.
+
+    Args:
+        probs: ``[T, E]`` router probabilities (one tensor, or one per router); gradients
+            flow through them. Pass ``scores.softmax(-1)`` for routers whose top-k runs on
+            logits.
+        indices: ``[T, k]`` experts each token used (one tensor, or one per router).
+        mask: optional ``[T]`` (or any shape with ``T`` elements) weights of the tokens to
+            count, e.g. the attention mask; padding gets 0.
+
+    Returns:
+        A scalar float32 tensor.
+
+    Example:
+        >>> import torch, moe_replay as mr
+        >>> probs = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+        >>> mr.load_balancing_loss(probs, torch.tensor([[0], [0]]))  # 2 * (1.0 * 0.65 + 0.0 * 0.35)
+        tensor(1.3000)
+    """
+    if isinstance(probs, torch.Tensor):
+        probs = [probs]
+    if isinstance(indices, torch.Tensor):
+        indices = [indices]
+    if len(probs) != len(indices) or not probs:
+        raise ValueError(
+            f"load_balancing_loss takes one probability tensor per index tensor, got {len(probs)} and {len(indices)}"
+        )
+    losses = []
+    for i, (p, idx) in enumerate(zip(probs, indices, strict=True)):
+        if p.dim() != 2 or idx.dim() != 2 or p.shape[0] != idx.shape[0]:
+            raise ValueError(
+                f"router {i}: probs must be [tokens, experts] and indices [tokens, k] with the same tokens, "
+                f"got {tuple(p.shape)} and {tuple(idx.shape)}"
+            )
+        t, e = p.shape
+        w = torch.ones(t, device=p.device) if mask is None else mask.reshape(-1).to(p.device, torch.float32)
+        if w.shape[0] != t:
+            raise ValueError(f"mask has {w.shape[0]} elements, but router {i} has {t} tokens")
+        total = w.sum()
+        counts = torch.zeros(e, device=p.device).index_add_(
+            0, idx.reshape(-1).long(), w.repeat_interleave(idx.shape[1])
+        )
+        f = counts / total
+        p_mean = (p.float() * w[:, None]).sum(0) / total
+        losses.append(e * (f * p_mean).sum())
+    return torch.stack(losses).mean()

@@ -1,0 +1,129 @@
+"""load_balancing_loss and Session.keep_scores: the loss follows the experts the forward used."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+
+import moe_replay as mr
+import moe_replay.losses
+
+from .conftest import perturb_routers
+
+
+def by_hand(probs: torch.Tensor, indices: torch.Tensor, mask: list[float] | None = None) -> float:
+    """E * sum_e f_e * P_e written out with loops."""
+    t, e = probs.shape
+    w = mask or [1.0] * t
+    total = sum(w)
+    loss = 0.0
+    for expert in range(e):
+        f = sum(w[i] * sum(1 for j in indices[i].tolist() if j == expert) for i in range(t)) / total
+        p = sum(w[i] * float(probs[i, expert]) for i in range(t)) / total
+        loss += f * p
+    return e * loss
+
+
+def test_matches_hand_computation() -> None:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randn(7, 5, generator=g).softmax(-1)
+    idx = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(7)])
+    assert mr.load_balancing_loss(probs, idx).item() == pytest.approx(by_hand(probs, idx), abs=1e-6)
+    mask = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    got = mr.load_balancing_loss(probs, idx, mask=torch.tensor(mask)).item()
+    assert got == pytest.approx(by_hand(probs, idx, mask), abs=1e-6)
+    two = mr.load_balancing_loss([probs, probs.flip(0)], [idx, idx[:, :1].flip(0)]).item()
+    assert two == pytest.approx((by_hand(probs, idx) + by_hand(probs.flip(0), idx[:, :1].flip(0))) / 2, abs=1e-6)
+
+
+def test_uniform_routing_gives_k() -> None:
+    probs = torch.full((8, 4), 0.25)
+    idx = torch.tensor([[0, 1], [2, 3]] * 4)
+    assert mr.load_balancing_loss(probs, idx).item() == pytest.approx(2.0)
+
+
+def test_bad_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match="same tokens"):
+        mr.load_balancing_loss(torch.rand(4, 3), torch.zeros(5, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="one probability tensor per index tensor"):
+        mr.load_balancing_loss([torch.rand(4, 3)], [])
+    with pytest.raises(ValueError, match="mask"):
+        mr.load_balancing_loss(torch.rand(4, 3), torch.zeros(4, 1, dtype=torch.long), mask=torch.ones(3))
+
+
+def test_follows_replayed_routes_and_reaches_routers(tokens: torch.Tensor) -> None:
+    model = mr.models.build("softmax_topk", num_layers=2)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(tokens)
+        routes = session.routes()
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes), session.keep_scores() as seen:
+            model(tokens)
+        assert repr(seen) == f"RouterScores(routers=2, tokens={[tokens.numel()] * 2})"
+        for got, rows in zip(seen.indices, routes.per_layer(), strict=True):
+            assert torch.equal(got, rows)
+        loss = mr.load_balancing_loss(seen.scores, seen.indices)
+        hand = sum(by_hand(p.detach(), i) for p, i in zip(seen.scores, routes.per_layer(), strict=True)) / 2
+        assert loss.item() == pytest.approx(hand, abs=1e-6)
+        # what a model's own aux loss computes: top-k again on the current scores
+        native = [p.topk(2, dim=-1).indices for p in seen.scores]
+        assert not all(torch.equal(a, b) for a, b in zip(native, seen.indices, strict=True))
+        assert mr.load_balancing_loss(seen.scores, native).item() != pytest.approx(loss.item(), abs=1e-4)
+        loss.backward()
+    assert all(model.layers[i].mlp.router.weight.grad.abs().sum() > 0 for i in range(2))
+
+
+def test_keep_scores_idle_under_checkpointing_and_nesting(tokens: torch.Tensor) -> None:
+    model = mr.models.build("topk_softmax", num_layers=2, checkpointing="non_reentrant")
+    with mr.attach(model) as session:
+        with session.keep_scores() as seen:
+            model(tokens, labels=tokens).loss.backward()  # the recompute is not kept again
+            with pytest.raises(mr.SessionStateError, match="nest"):
+                with session.keep_scores():
+                    pass
+        assert session.state == "idle"
+        assert repr(seen) == f"RouterScores(routers=2, tokens={[tokens.numel()] * 2})"
+        # this router's top-k runs on logits: softmax gives the probabilities
+        probs = [s.softmax(-1) for s in seen.scores]
+        assert all(torch.allclose(p.sum(-1), torch.ones(tokens.numel())) for p in probs)
+        name = session.names[0]
+        assert torch.equal(seen[name][1], seen.indices[0])
+        with pytest.raises(KeyError, match="no router named"):
+            seen["nope"]
+        model(tokens)  # outside the context: nothing more is kept
+        assert seen.scores[0].shape == (tokens.numel(), 8)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_equals_transformers_aux_loss_per_layer_on_native_routing() -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        mlp_only_layers=[],
+    )
+    model = transformers.Qwen3MoeForCausalLM(cfg)
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with mr.attach(model) as session, session.keep_scores() as seen:
+        out = model(x, output_router_logits=True, use_cache=False)
+    for logits, probs, idx in zip(out.router_logits, seen.scores, seen.indices, strict=True):
+        theirs = load_balancing_loss_func((logits,), 8, 2)
+        assert mr.load_balancing_loss(probs, idx).item() == pytest.approx(theirs.item(), abs=1e-6)
+
+
+def test_docstring_examples() -> None:
+    assert doctest.testmod(moe_replay.losses).failed == 0
