@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from . import interop, models
+from . import distributed, interop, models
 from .batch import BatchLayout, pack_routes, pad_routes
 from .discovery import Adapter, RouterSite, find_routers, format_sites
 from .errors import (
@@ -59,6 +59,7 @@ __all__ = [
     "__version__",
     "attach",
     "compare",
+    "distributed",
     "find_routers",
     "format_sites",
     "generation_lengths",

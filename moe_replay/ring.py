@@ -7,6 +7,7 @@ its storage: it works unchanged inside CUDA graphs and compiled regions.
 
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 import torch
@@ -26,6 +27,17 @@ def index_dtype(num_experts: int) -> torch.dtype:
     return torch.int32
 
 
+def _static_address(t: torch.Tensor) -> torch.Tensor:
+    """Tell torch.compile that ``t`` keeps its address across calls, as parameters do.
+
+    What ``torch._dynamo.mark_static_address(t)`` does (torch/_dynamo/decorators.py), without
+    importing dynamo: CUDA graphs of ``mode="reduce-overhead"`` then read and update the
+    ring in place instead of skipping graphs for a mutated input or copying it per call.
+    """
+    t._dynamo_static_input_type = "unguarded"  # type: ignore[attr-defined]
+    return t
+
+
 class _Positions:
     """A shared ``arange`` per device, so a call slices positions instead of building them."""
 
@@ -35,7 +47,7 @@ class _Positions:
     def get(cls, device: torch.device, n: int) -> torch.Tensor:
         cur = cls._cache.get(device)
         if cur is None or cur.numel() < n:
-            cur = torch.arange(max(n, 1024), device=device, dtype=torch.long)
+            cur = _static_address(torch.arange(max(n, 1024), device=device, dtype=torch.long))
             cls._cache[device] = cur
         return cur
 
@@ -54,8 +66,10 @@ class CaptureRing:
         self.capacity = int(capacity)
         self.top_k = int(top_k)
         self.device = device
-        self.buf = torch.zeros(self.capacity, self.top_k, dtype=index_dtype(num_experts), device=device)
-        self.written = torch.zeros((), dtype=torch.long, device=device)
+        self.buf = _static_address(
+            torch.zeros(self.capacity, self.top_k, dtype=index_dtype(num_experts), device=device)
+        )
+        self.written = _static_address(torch.zeros((), dtype=torch.long, device=device))
         self._arange = _Positions.get(device, self.capacity)
 
     def reset(self) -> None:
@@ -102,9 +116,11 @@ class ReplaySource:
         host = torch.cat([rows, pad]).to(dtype)
         if device.type == "cuda":
             host = host.pin_memory()  # an asynchronous upload: entering replay never syncs
-        self.buf = host.to(device=device, non_blocking=True)
-        self.consumed = torch.zeros((), dtype=torch.long, device=device)
-        self.limit = torch.full((), self.num_rows, dtype=torch.long, device=device)
+        self.buf = _static_address(host.to(device=device, non_blocking=True))
+        if "torch._dynamo" in sys.modules:  # compiled models: no recompile when the routes length changes
+            torch._dynamo.maybe_mark_dynamic(self.buf, 0)
+        self.consumed = _static_address(torch.zeros((), dtype=torch.long, device=device))
+        self.limit = _static_address(torch.full((), self.num_rows, dtype=torch.long, device=device))
         self._arange = _Positions.get(device, max(self.num_rows + 1, 1))
         self.host_consumed = 0  # lower bound, advanced by eager calls only
 

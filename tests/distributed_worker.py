@@ -1,0 +1,147 @@
+"""Capture and replay under DDP and FSDP2, and moving routes between ranks.
+
+Run by tests/test_distributed.py with 2 CPU processes (gloo), and on 2 GPUs with NCCL:
+
+    PYTHONPATH=. torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py
+
+Every rank prints one line "rank R: ... ok"; any failure raises on the rank that found it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import moe_replay as mr
+from moe_replay.distributed import gather_routes, scatter_routes, split_routes
+
+ATOL = 1e-5
+
+
+def _batch(rank: int, device: torch.device) -> torch.Tensor:
+    """Each rank's own tokens: a different count per rank."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randint(0, 128, (2 + rank, 9), generator=g).to(device)
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.weight"):
+                p.add_(3 * p.detach().std().item() * torch.randn(p.shape, generator=g).to(p.device))
+
+
+def _capture(model: torch.nn.Module, session: mr.Session, x: torch.Tensor) -> mr.Routes:
+    with session.capture(), torch.no_grad():
+        model(x)
+    return session.routes()
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if hasattr(g, "full_tensor"):  # FSDP2 shards gradients as DTensors
+            g = g.full_tensor()
+        out[name] = g.detach().clone()
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _same_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    assert got.keys() == want.keys(), what
+    for name, g in want.items():
+        assert torch.allclose(got[name], g, atol=ATOL, rtol=0), f"{what}: gradient of {name} differs"
+
+
+def run_checks(rank: int, world: int, device: torch.device) -> None:
+    torch.manual_seed(0)
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1, expert_impl="dense").to(device)
+    batches = [_batch(r, device) for r in range(world)]
+
+    # what every rank's tokens route to, computed here on an unshared copy
+    reference = copy.deepcopy(model)
+    ref_session = mr.attach(reference)
+    expected = [_capture(reference, ref_session, b) for b in batches]
+
+    # DDP: each rank captures its own tokens
+    session = mr.attach(model)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    mine = _capture(ddp, session, batches[rank])
+    assert mine.equal(expected[rank]), "DDP capture differs from this rank's own forward"
+
+    # gather to rank 0, split back by rank and by batch, scatter back
+    parts = gather_routes(mine, dst=0)
+    if rank == 0:
+        assert parts is not None and len(parts) == world
+        assert all(p.equal(e) for p, e in zip(parts, expected, strict=True)), "gathered routes differ"
+        everything = mr.Routes.cat(parts)
+        again = split_routes(everything, [p.num_tokens for p in parts])
+        assert all(a.equal(p) for a, p in zip(again, parts, strict=True))
+        per_sequence = split_routes(parts[-1], [batches[-1].shape[1]] * batches[-1].shape[0])
+        assert mr.Routes.cat(per_sequence).equal(parts[-1]) and len(per_sequence) == batches[-1].shape[0]
+    else:
+        assert parts is None
+    back = scatter_routes(parts, src=0)
+    assert back.equal(mine), "scattered routes differ from what this rank captured"
+
+    # the mean gradient over all ranks' replayed batches, computed here without any wrapper
+    _perturb(model)
+    _perturb(reference)
+    fsdp_model = copy.deepcopy(reference)  # plain forward: the copy has no session
+    for b, routes in zip(batches, expected, strict=True):
+        with ref_session.replay(routes):
+            (reference(b, labels=b).loss / world).backward()
+    want = _grads(reference)
+
+    # DDP replay step: gradients are averaged over ranks
+    with session.replay(back):
+        ddp(batches[rank], labels=batches[rank]).loss.backward()
+    _same_grads(_grads(model), want, "DDP")
+
+    # FSDP2: shard every layer and the root, replay this rank's routes
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in fsdp_model.layers:
+        fully_shard(layer)
+    fully_shard(fsdp_model)
+    with mr.attach(fsdp_model) as fsdp_session:
+        assert _capture(fsdp_model, fsdp_session, batches[rank]).num_tokens == batches[rank].numel()
+        with fsdp_session.replay(back), fsdp_session.capture():
+            fsdp_model(batches[rank], labels=batches[rank]).loss.backward()
+        assert fsdp_session.routes().equal(back), "FSDP2 replay did not force this rank's routes"
+    _same_grads(_grads(fsdp_model), want, "FSDP2")
+    print(f"rank {rank}: DDP and FSDP2 capture/replay, gather/split/scatter of routes ok ({device})", flush=True)
+
+
+def spawned(rank: int, world: int, init_method: str) -> None:
+    """Entry point for torch.multiprocessing.spawn (CPU, gloo)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        run_checks(rank, world, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    """Entry point for torchrun: NCCL on one GPU per rank when CUDA is there, else gloo."""
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        run_checks(dist.get_rank(), dist.get_world_size(), device)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

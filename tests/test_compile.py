@@ -1,0 +1,148 @@
+"""torch.compile: capture and replay inside compiled models, one compile per session state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import moe_replay as mr
+
+from .conftest import perturb_routers
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_fullgraph_states_compile_once_each(tokens: torch.Tensor) -> None:
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1, expert_impl="dense")
+    eager = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1, expert_impl="dense")
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    with mr.attach(model) as session, torch.no_grad():
+        assert torch.equal(compiled(tokens).logits, eager(tokens).logits)  # idle
+        with session.capture():
+            compiled(tokens)
+            compiled(tokens[:1])
+        routes = session.routes()
+        with mr.attach(eager) as plain:
+            with plain.capture():
+                eager(tokens)
+                eager(tokens[:1])
+            assert routes.equal(plain.routes())
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes), session.capture():
+            compiled(tokens)
+            compiled(tokens[:1])
+        assert session.routes().equal(routes)  # forced in the compiled graph, and recorded
+        with session.replay(routes):
+            compiled(tokens)
+            compiled(tokens[:1])
+        compiled_graphs = counter.frame_count
+        # switching back and forth, and routes of another length, compile nothing new
+        longer = mr.Routes.cat([routes, routes])
+        for _ in range(2):
+            compiled(tokens)
+            with session.capture():
+                compiled(tokens)
+            with session.replay(longer):
+                for _ in range(2):
+                    compiled(tokens)
+                    compiled(tokens[:1])
+            with session.replay(routes), session.capture():
+                compiled(tokens)
+                compiled(tokens[:1])
+            assert session.routes().equal(routes)
+        assert counter.frame_count == compiled_graphs
+    # idle, capture, replay+capture and replay, each for the two batch shapes at most
+    assert compiled_graphs <= 8
+
+
+def test_compiled_training_step_follows_routes_and_matches_eager(tokens: torch.Tensor) -> None:
+    model = mr.models.build("grouped_sigmoid", num_layers=2, first_dense_layers=1, expert_impl="dense")
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(tokens)
+        routes = session.routes()
+        perturb_routers(session, scale=3.0)
+
+        def step(fn):
+            with session.replay(routes), session.keep_scores() as seen:
+                out = fn(tokens, labels=tokens)
+            aux = mr.load_balancing_loss(seen.scores, seen.indices)
+            (out.loss + 0.1 * aux).backward()
+            assert all(torch.equal(a, b) for a, b in zip(seen.indices, routes.per_layer(), strict=True))
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+            return out.loss.detach(), grads
+
+        loss, grads = step(model)
+        counter = CompileCounter()
+        compiled = torch.compile(model, fullgraph=True, backend=counter)
+        for _ in range(2):
+            c_loss, c_grads = step(compiled)
+            assert torch.allclose(c_loss, loss, atol=1e-6)
+            for name, g in grads.items():
+                assert torch.allclose(c_grads[name], g, atol=1e-5), name
+        assert counter.frame_count == 1
+        assert grads["layers.1.mlp.router.weight"].abs().sum() > 0
+
+
+def test_graph_breaks_outside_the_router(tokens: torch.Tensor) -> None:
+    """The sparse experts read counts on the host: a graph break, after the router's decision."""
+    model = mr.models.build("topk_softmax", num_layers=2, first_dense_layers=1)
+    compiled = torch.compile(model, backend="eager")
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            compiled(tokens)
+        routes = session.routes()
+        assert routes.num_tokens == tokens.numel()
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes):
+            ref = model(tokens).logits
+        with session.replay(routes), session.capture():
+            out = compiled(tokens).logits
+        assert session.routes().equal(routes)
+        assert torch.equal(out, ref)
+
+
+def test_inductor_replay_and_capture(tokens: torch.Tensor) -> None:
+    model = mr.models.build("grouped_sigmoid", num_layers=1, expert_impl="dense")
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(tokens)
+        routes = session.routes()
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes):
+            ref = model(tokens).logits
+        compiled = torch.compile(model, fullgraph=True)
+        with session.replay(routes), session.capture():
+            out = compiled(tokens).logits
+        assert session.routes().equal(routes)
+        assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_checkpointed_layers_under_compile(tokens: torch.Tensor, mode: str) -> None:
+    """Dynamo does not trace a checkpointed region with side effects: it runs eagerly, and still holds."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1, expert_impl="dense")
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(tokens)
+        routes = session.routes()
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes):
+            model(tokens, labels=tokens).loss.backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        model.config.checkpointing = mode
+        compiled = torch.compile(model, backend="aot_eager")
+        with session.replay(routes), session.capture():
+            compiled(tokens, labels=tokens).loss.backward()
+        assert session.routes().equal(routes)  # recorded once, not again in the recompute
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, want[name], atol=1e-5), name

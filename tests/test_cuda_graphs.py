@@ -1,0 +1,123 @@
+"""CUDA graphs: capture records every graph replay in order; replay reads from the device cursor.
+
+A graph runs the kernels recorded when it was captured, whatever the session state is
+when it is replayed: capture a graph in the state it should run in.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_replay as mr
+
+from .conftest import perturb_routers
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+BATCH, STEPS = 4, 12
+
+
+def build() -> mr.models.MoETransformer:
+    return mr.models.build("grouped_sigmoid", num_layers=3, first_dense_layers=1, expert_impl="dense").cuda()
+
+
+def step_inputs(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (BATCH, 1), generator=g).cuda() for _ in range(STEPS)]
+
+
+def eager_routes(model: torch.nn.Module, session: mr.Session, inputs: list[torch.Tensor]) -> mr.Routes:
+    with session.capture(), torch.no_grad():
+        for ids in inputs:
+            model(ids)
+    return session.routes()
+
+
+def warm_up(model: torch.nn.Module, static: torch.Tensor) -> None:
+    """What CUDA graph capture needs first: a few eager runs on a side stream (session idle)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            model(static)
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def graphed(model: torch.nn.Module, static: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """One fixed-shape step captured into a graph, in the session's current state."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = model(static).logits
+    return graph, out
+
+
+def test_capture_inside_cuda_graph_records_every_replay_in_order() -> None:
+    model, inputs = build(), step_inputs()
+    with mr.attach(model, capacity=BATCH * STEPS) as session:
+        expected = eager_routes(model, session, inputs)
+        static = torch.zeros_like(inputs[0])
+        warm_up(model, static)
+        with session.capture():
+            graph, out = graphed(model, static)
+        assert session.routes().num_tokens == 0  # capturing a graph runs nothing
+        logits = []
+        with session.capture():
+            for ids in inputs:
+                static.copy_(ids)
+                graph.replay()
+                logits.append(out.clone())
+        routes = session.routes()
+        assert routes.equal(expected)
+        with torch.no_grad():
+            for ids, got in zip(inputs, logits, strict=True):
+                assert torch.allclose(got, model(ids).logits, atol=1e-5)
+
+
+def test_replay_inside_cuda_graph_consumes_from_the_device_cursor() -> None:
+    model, inputs = build(), step_inputs()
+    with mr.attach(model, capacity=BATCH * STEPS) as session:
+        routes = eager_routes(model, session, inputs)
+        perturb_routers(session, scale=3.0)
+        assert not eager_routes(model, session, inputs).equal(routes)
+        expected = []
+        with session.replay(routes), torch.no_grad():
+            for ids in inputs:
+                expected.append(model(ids).logits)
+        static = torch.zeros_like(inputs[0])
+        warm_up(model, static)
+        # strict: leaving checks that the graph replays consumed exactly the recorded rows
+        with session.replay(routes), session.capture():
+            graph, out = graphed(model, static)
+            for ids, ref in zip(inputs, expected, strict=True):
+                static.copy_(ids)
+                graph.replay()
+                assert torch.allclose(out, ref, atol=1e-5)
+        assert session.routes().equal(routes)  # each replay read its own rows, in order
+
+
+def test_reduce_overhead_compiled_decode_capture_and_replay() -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, inputs = build(), step_inputs()
+    with mr.attach(model, capacity=BATCH * STEPS) as session:
+        expected = eager_routes(model, session, inputs)
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        with session.capture(), torch.no_grad():
+            for ids in inputs:
+                torch.compiler.cudagraph_mark_step_begin()
+                compiled(ids)
+        assert session.routes().equal(expected)
+        perturb_routers(session, scale=3.0)
+        with session.replay(expected), session.capture(), torch.no_grad():
+            for ids in inputs:
+                torch.compiler.cudagraph_mark_step_begin()
+                compiled(ids)
+        assert session.routes().equal(expected)
+    assert counters["inductor"]["cudagraph_skips"] == 0, "the compiled step did not run as a CUDA graph"
+    torch._dynamo.reset()

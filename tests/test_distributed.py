@@ -1,0 +1,25 @@
+"""2 CPU processes (gloo): DDP and FSDP2 capture and replay; routes gathered, split and scattered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from . import distributed_worker
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def test_ddp_and_fsdp2_on_two_processes(tmp_path) -> None:
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(distributed_worker.spawned, args=(2, init), nprocs=2, join=True)
+
+
+def test_split_routes_checks_sizes() -> None:
+    import moe_replay as mr
+
+    routes = mr.Routes([torch.zeros(5, 1, dtype=torch.long)], names=["gate"], num_experts=2)
+    with pytest.raises(ValueError, match="add up"):
+        mr.distributed.split_routes(routes, [2, 2])
