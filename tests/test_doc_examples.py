@@ -1,4 +1,4 @@
-"""The examples in the docstrings of the rollout-to-training modules run as written."""
+"""The examples in the docstrings of the rollout-to-training and training modules run as written."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import doctest
 
 import pytest
 
-from moe_replay import batch, generation, interop, metrics
+from moe_replay import batch, distributed, generation, interop, losses, metrics
 
 
-@pytest.mark.parametrize("module", [batch, generation, interop, metrics], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [batch, distributed, generation, interop, losses, metrics], ids=lambda m: m.__name__)
 def test_docstring_examples(module) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"{module.__name__} has no example"
