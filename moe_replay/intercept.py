@@ -75,6 +75,7 @@ except ImportError:  # pragma: no cover - torch without non-reentrant checkpoint
     _CheckpointFrame = None  # type: ignore[assignment,misc]
 
 _FunctionCtx = torch.autograd.function.BackwardCFunction
+_CTX_METHODS = frozenset(("forward", "backward"))
 
 #: How many Python frames above a router call are searched for reentrant checkpoints.
 MAX_STACK_DEPTH = 128
@@ -121,7 +122,7 @@ def _regions() -> list[tuple[Any, bool]]:
         if f is None:
             break
         code = f.f_code
-        if code.co_argcount and code.co_varnames[0] == "ctx" and code.co_name in ("forward", "backward"):
+        if code.co_name in _CTX_METHODS and code.co_argcount and code.co_varnames[0] == "ctx":
             ctx = f.f_locals.get("ctx")
             if isinstance(ctx, _FunctionCtx):
                 out.append((ctx, code.co_name == "backward"))
