@@ -67,16 +67,30 @@ def record(session: mr.Session, model: MoETransformer, *xs: torch.Tensor) -> mr.
     return session.routes()
 
 
+def routes_and_plain_grads(
+    session: mr.Session, model: MoETransformer, *xs: torch.Tensor
+) -> tuple[mr.Routes, dict[str, torch.Tensor]]:
+    """Record the routes of ``xs``, perturb the routers, and replay them without checkpointing.
+
+    Returns the routes and the gradients of that plain replay, which every checkpointed
+    replay of the same routes must reproduce.
+    """
+    routes = record(session, model, *xs)
+    perturb_routers(session, scale=2.0)
+    mode, model.config.checkpointing = model.config.checkpointing, "none"
+    with session.replay(routes):
+        for x in xs:
+            model(x, labels=x).loss.backward()
+    model.config.checkpointing = mode
+    return routes, grads(model)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("style", ["softmax_topk", "grouped_sigmoid", "top1_argmax", "linear_gate"])
 def test_replay_under_checkpointing_matches_plain_replay(style: str, mode: str) -> None:
     model, x = build(style), batch()
     with mr.attach(model) as session:
-        routes = record(session, model, x)
-        perturb_routers(session, scale=2.0)
-        with session.replay(routes):
-            model(x, labels=x).loss.backward()
-        plain = grads(model)
+        routes, plain = routes_and_plain_grads(session, model, x)
         model.config.checkpointing = mode
         with session.replay(routes):  # strict: each forward is counted once, not again in its recompute
             model(x, labels=x).loss.backward()
@@ -87,11 +101,7 @@ def test_replay_under_checkpointing_matches_plain_replay(style: str, mode: str) 
 def test_backward_after_the_replay_context_exited(mode: str) -> None:
     model, x = build(), batch()
     with mr.attach(model) as session:
-        routes = record(session, model, x)
-        perturb_routers(session, scale=2.0)
-        with session.replay(routes):
-            model(x, labels=x).loss.backward()
-        plain = grads(model)
+        routes, plain = routes_and_plain_grads(session, model, x)
         model.config.checkpointing = mode
         with session.replay(routes):
             loss = model(x, labels=x).loss
@@ -129,12 +139,7 @@ def test_micro_batches_backward_in_any_order(mode: str) -> None:
     model = build()
     xs = [batch(seed=s) for s in range(3)]
     with mr.attach(model) as session:
-        routes = record(session, model, *xs)
-        perturb_routers(session, scale=2.0)
-        with session.replay(routes):
-            for x in xs:
-                model(x, labels=x).loss.backward()
-        plain = grads(model)
+        routes, plain = routes_and_plain_grads(session, model, *xs)
         model.config.checkpointing = mode
         with session.replay(routes):
             losses = [model(x, labels=x).loss for x in xs]
@@ -167,14 +172,13 @@ def test_discarded_forward_leaves_nothing_for_the_next_backward(mode: str) -> No
 def test_retained_graph_recomputes_with_the_same_rows_twice(mode: str) -> None:
     model, x = build(checkpointing=mode), batch()
     with mr.attach(model) as session:
-        routes = record(session, model, x)
-        perturb_routers(session, scale=2.0)
+        routes, plain = routes_and_plain_grads(session, model, x)
         with session.replay(routes):
             loss = model(x, labels=x).loss
         loss.backward(retain_graph=True)
-        once = grads(model)
-        loss.backward()
-        assert_same_grads(grads(model), once)
+        assert_same_grads(grads(model), plain)
+        loss.backward()  # recomputed again, from the start of the region
+        assert_same_grads(grads(model), plain)
 
 
 @pytest.mark.parametrize("mode", ("none", *MODES))
@@ -182,11 +186,7 @@ def test_other_saved_tensor_hooks(mode: str) -> None:
     """Offloading saved tensors (alone, or around checkpointed layers) keeps nothing it should not."""
     model, x = build(), batch()
     with mr.attach(model) as session:
-        routes = record(session, model, x)
-        perturb_routers(session, scale=2.0)
-        with session.replay(routes):
-            model(x, labels=x).loss.backward()
-        plain = grads(model)
+        routes, plain = routes_and_plain_grads(session, model, x)
         model.config.checkpointing = mode
         with torch.autograd.graph.save_on_cpu():
             with session.replay(routes):
@@ -209,11 +209,7 @@ def test_replay_with_no_grad_under_reentrant_checkpoint_keeps_nothing() -> None:
 def test_checkpoint_wrapping_the_whole_model_with_several_routers() -> None:
     model, x = build(num_layers=4), batch()
     with mr.attach(model) as session:
-        routes = record(session, model, x)
-        perturb_routers(session, scale=2.0)
-        with session.replay(routes):
-            model(x, labels=x).loss.backward()
-        plain = grads(model)
+        routes, plain = routes_and_plain_grads(session, model, x)
         anchor = torch.zeros((), requires_grad=True)  # reentrant checkpointing needs an input with grad
         for reentrant in (True, False):
             with session.replay(routes):
@@ -230,13 +226,7 @@ def test_nested_checkpoints(outer: str, inner: str) -> None:
     model, x = build(checkpointing=inner), batch()
     anchor = torch.zeros((), requires_grad=True)  # reentrant checkpointing needs an input with grad
     with mr.attach(model) as session:
-        routes = record(session, model, x)
-        perturb_routers(session, scale=2.0)
-        model.config.checkpointing = "none"
-        with session.replay(routes):
-            model(x, labels=x).loss.backward()
-        plain = grads(model)
-        model.config.checkpointing = inner
+        routes, plain = routes_and_plain_grads(session, model, x)
         with session.replay(routes):
             loss = torch.utils.checkpoint.checkpoint(
                 lambda t, a: model(t, labels=t).loss + a, x, anchor, use_reentrant=outer == "reentrant"
