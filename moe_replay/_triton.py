@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -122,22 +123,49 @@ def _launch(kernel: Any, total: int, *args: Any, k: int) -> bool:
     return False
 
 
-def ring_write(buf: torch.Tensor, cursor: torch.Tensor, idx: torch.Tensor, n: int) -> None:
-    """Write the ``n`` rows of ``idx`` into ``buf`` at ``cursor`` (wrapping), and advance it."""
+def _give_up(err: Exception) -> None:
+    global _kernels
+    _kernels = None
+    warnings.warn(
+        f"moe_replay: the Triton ring kernels failed to run ({type(err).__name__}: {err}); using torch ops "
+        "from now on (set MOE_REPLAY_TRITON=0 to skip the kernels)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def ring_write(buf: torch.Tensor, cursor: torch.Tensor, idx: torch.Tensor, n: int) -> bool:
+    """Write the ``n`` rows of ``idx`` into ``buf`` at ``cursor`` (wrapping), and advance it.
+
+    False (nothing written) when the kernel could not run; the kernels are then off for good.
+    """
     kernels = _get()
     assert kernels is not None
     k = buf.shape[1]
-    idx = idx.contiguous()
-    if not _launch(kernels[0], n * k, idx, buf, cursor, n * k, n, buf.shape[0], k=k):
+    try:
+        moved = _launch(kernels[0], n * k, idx.contiguous(), buf, cursor, n * k, n, buf.shape[0], k=k)
+    except Exception as err:  # e.g. no compiler for this GPU: raised before anything ran
+        _give_up(err)
+        return False
+    if not moved:
         cursor.add_(n)
+    return True
 
 
-def source_read(buf: torch.Tensor, cursor: torch.Tensor, n: int, last_row: int) -> torch.Tensor:
-    """Rows ``cursor .. cursor + n - 1`` of ``buf`` (clamped to ``last_row``) as int64; advance it."""
+def source_read(buf: torch.Tensor, cursor: torch.Tensor, n: int, last_row: int) -> torch.Tensor | None:
+    """Rows ``cursor .. cursor + n - 1`` of ``buf`` (clamped to ``last_row``) as int64; advance it.
+
+    None (nothing read) when the kernel could not run; the kernels are then off for good.
+    """
     kernels = _get()
     assert kernels is not None
     k = buf.shape[1]
     out = torch.empty(n, k, dtype=torch.long, device=buf.device)
-    if not _launch(kernels[1], n * k, buf, out, cursor, n * k, n, last_row, k=k):
+    try:
+        moved = _launch(kernels[1], n * k, buf, out, cursor, n * k, n, last_row, k=k)
+    except Exception as err:
+        _give_up(err)
+        return None
+    if not moved:
         cursor.add_(n)
     return out

@@ -132,3 +132,28 @@ def test_cuda_session_records_the_same_with_and_without_kernels() -> None:
         with session.replay(fast), session.capture():
             model(x)
         assert session.routes().equal(fast)
+
+
+class _Broken:
+    """A kernel whose launch fails (as when triton cannot compile for the GPU)."""
+
+    def __getitem__(self, grid: tuple[int, ...]) -> object:
+        def launch(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("no compiler for this device")
+
+        return launch
+
+
+def test_a_failing_kernel_turns_the_kernels_off_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_triton, "_kernels", (_Broken(), _Broken()))
+    monkeypatch.setattr(_triton, "_tried", True)
+    ring = CaptureRing(8, 2, 8, torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="torch ops from now on"):
+        assert not _triton.ring_write(ring.buf, ring.written, torch.ones(3, 2, dtype=torch.long), 3)
+    assert _triton._get() is None
+    assert int(ring.written) == 0 and not ring.buf.any()
+    monkeypatch.setattr(_triton, "_kernels", (_Broken(), _Broken()))
+    src = ReplaySource(torch.ones(4, 2, dtype=torch.long), 8, torch.device("cpu"))
+    with pytest.warns(RuntimeWarning):
+        assert _triton.source_read(src.buf, src.consumed, 2, src.num_rows) is None
+    assert int(src.consumed) == 0
