@@ -247,16 +247,21 @@ def profile_variants(
 ) -> dict[str, Any]:
     """Per-forward op and kernel counts of each variant, and the ops whose counts differ from the first.
 
-    The difference between a variant's wall time and its operators' self time is Python.
+    Runs exactly ``forwards`` forwards per variant (what a replay variant's routes cover):
+    the first warms up, the others are profiled. The difference between a variant's wall
+    time and its operators' self time is Python.
     """
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    warm = 1 if forwards > 1 else 0
+    forwards -= warm
     per: dict[str, dict[str, Any]] = {}
     for v in variants:
-        prepare(forwards + 1)
+        prepare(forwards + warm)
         with v.context():
-            v.step()  # warm
+            for _ in range(warm):
+                v.step()
             synchronize(device)
             with profile(activities=acts) as prof:
                 t0 = time.perf_counter()

@@ -121,7 +121,7 @@ def markdown(results: dict[str, Any]) -> str:
             order = (
                 f"{c['capture_graph_replays_matched']}/{c['replays']}"
                 + (" (check graph: all)" if c["check_graph_in_order"] else " (check graph: NOT in order)")
-                + f"; eager matches {c['eager_replays_matched']}/{c['replays']}"
+                + f"; eager steps match {c['eager_replays_matched']}/{c.get('eager_replays', c['replays'])}"
             )
             if torch_col:
                 order += f"; torch-op ring graph {c['capture_graph_torch_replays_matched']}/{c['replays']}"

@@ -54,8 +54,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         prefill_tokens=8192,
         decode_batch=64,
         decode_past=512,
-        reps={"prefill": 15, "decode": 25, "graph": 30},
-        inner={"prefill": 2, "decode": 8, "graph": 20},
+        reps={"prefill": 15, "decode": 20, "graph": 30},
+        inner={"prefill": 2, "decode": 5, "graph": 20},
         graph_replays=220,
     ),
     "cpu": dict(
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace, log: Any = sys.stderr) -> dict[str, Any]:
                     if args.profile:
                         chosen = [v for v in variants if v.name in ("plain", "capture", "replay")]
                         results["profile"][w.name] = profile_variants(
-                            chosen, device=device, forwards=min(inner, 4), prepare=w.prepare
+                            chosen, device=device, forwards=inner, prepare=w.prepare
                         )
             except Exception as e:
                 if args.smoke:

@@ -59,7 +59,8 @@ def test_graph_replays_are_recorded_in_order(smoke: tuple[dict, str]) -> None:
     g = smoke[0]["graph"]
     c = g["checks"]
     assert c["check_graph_in_order"] and c["capture_graph_in_order"]
-    assert c["capture_graph_replays_matched"] == c["eager_replays_matched"] == c["replays"] > 1
+    assert c["capture_graph_replays_matched"] == c["replays"] > 1
+    assert c["eager_replays_matched"] == c["eager_replays"] > 1
     assert c["rows_per_router"] == [c["replays"] * g["batch"]] * g["layers"]
 
 
