@@ -161,12 +161,25 @@ def kernels_active(device: torch.device) -> bool:
     return _triton.enabled(torch.empty(0, device=device))
 
 
-def eager_variants(w: Workload, inner: int, routes: mr.Routes, recipe_forced: list[torch.Tensor]) -> list[Variant]:
+@contextlib.contextmanager
+def _capturing_without_ring(w: Workload, capacity: int) -> Iterator[mr.Session]:
+    """A capture whose ring writes do nothing: what the interception itself costs (a diagnostic)."""
+    with _capturing(w, capacity) as session:
+        for h in session._hooks:
+            if h.capture_ring is not None:
+                h.capture_ring.write = lambda idx: None  # type: ignore[method-assign]
+        yield session
+
+
+def eager_variants(
+    w: Workload, inner: int, routes: mr.Routes, recipe_forced: list[torch.Tensor], diagnose: bool = False
+) -> list[Variant]:
     """The variants of one workload: plain, moe_replay idle/capture/replay, recipe, naive hook.
 
     ``routes`` and ``recipe_forced`` are the routes of one forward (the same input every time).
     Where the ring runs Triton kernels (CUDA), ``capture_torch`` / ``replay_torch`` time
-    the torch-op path too.
+    the torch-op path too. ``diagnose`` adds ``capture_noring``: capture with the ring write
+    skipped, which splits capture's cost into interception (Python) and ring write.
     """
     capacity = w.tokens * inner
     routes_inner = mr.Routes.cat([routes] * inner)
@@ -186,6 +199,8 @@ def eager_variants(w: Workload, inner: int, routes: mr.Routes, recipe_forced: li
             Variant("capture_torch", lambda: torch_ops(_capturing(w, capacity)), step),
             Variant("replay_torch", lambda: torch_ops(_replaying(w, capacity, routes_inner)), step),
         ]
+    if diagnose:
+        variants.append(Variant("capture_noring", lambda: _capturing_without_ring(w, capacity), step))
     return variants
 
 
@@ -201,8 +216,9 @@ def check_workload(w: Workload) -> tuple[mr.Routes, list[torch.Tensor], dict[str
     Returns the routes of one forward, the recipe's forced indices, the checks and the
     bytes stored per token by each approach (every router, all k indices).
     """
-    w.prepare(1)
+    w.prepare(2)
     plain = w.forward().clone()
+    rerun = w.forward().clone()  # run-to-run noise of the plain forward (atomics in some kernels)
     with _attached(w, w.tokens) as session:
         with session.capture():
             w.prepare(1)
@@ -227,6 +243,7 @@ def check_workload(w: Workload) -> tuple[mr.Routes, list[torch.Tensor], dict[str
         naive_rows = naive.per_router()
         naive_bytes = naive.nbytes() / w.tokens
     checks = {
+        "plain_rerun_max_diff": _max_diff(rerun, plain),
         "capture_output_max_diff": _max_diff(captured, plain),
         "replay_output_max_diff": _max_diff(replayed, plain),
         "recipe_output_max_diff": _max_diff(recipe_plain, plain),

@@ -124,7 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-past", type=int, default=None, help="KV-cache length of each decode step")
     p.add_argument("--layers", type=int, default=None, help="override the layer count of both models")
     p.add_argument("--graph-replays", type=int, default=None, help="graph replays checked for in-order recording")
-    p.add_argument("--profile", action="store_true", help="also profile plain / capture / replay (torch.profiler)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile plain / capture / replay (torch.profiler) and time capture with the\n"
+        "ring write skipped (capture_noring), to split capture's cost",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(
         "--clock",
@@ -195,7 +200,7 @@ def run(args: argparse.Namespace, log: Any = sys.stderr) -> dict[str, Any]:
                 w = make_workload(family, shape, model, info, tokens=tokens, batch=batch, past=past, seed=args.seed)
                 with torch.no_grad():
                     routes, forced, checks, nbytes = check_workload(w)
-                    variants = eager_variants(w, inner, routes, forced)
+                    variants = eager_variants(w, inner, routes, forced, diagnose=args.profile)
                     t0 = time.perf_counter()
                     times = time_variants(
                         variants,
