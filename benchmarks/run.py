@@ -64,8 +64,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         prefill_tokens=1024,
         decode_batch=16,
         decode_past=128,
-        reps={"prefill": 15, "decode": 25, "graph": 0},
-        inner={"prefill": 2, "decode": 8, "graph": 0},
+        reps={"prefill": 20, "decode": 40, "graph": 0},
+        inner={"prefill": 2, "decode": 4, "graph": 0},
         graph_replays=0,
     ),
     "smoke": dict(
