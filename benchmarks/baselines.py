@@ -54,7 +54,32 @@ def _replayable(cls: type) -> type:
     return sub
 
 
-class RecipeRouting:
+class _Recorder:
+    """Index outputs collected by forward hooks on the routers, in call order."""
+
+    def __init__(self, routers: Sequence[nn.Module]) -> None:
+        self.routers = list(routers)
+        self.recorded: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    def _hook(self, record: Any) -> None:
+        self._handles = [r.register_forward_hook(record) for r in self.routers]
+
+    def _unhook(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def per_router(self) -> list[torch.Tensor]:
+        """The recorded index tensors of each router, concatenated over forwards."""
+        n = len(self.routers)
+        return [torch.cat(self.recorded[i::n]) for i in range(n)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.recorded)
+
+
+class RecipeRouting(_Recorder):
     """The router-subclass + output-recorder recipe on a list of router modules.
 
     ``install()`` swaps each router's class for its replayable subclass (the recipe does
@@ -62,17 +87,15 @@ class RecipeRouting:
     """
 
     def __init__(self, routers: Sequence[nn.Module]) -> None:
-        self.routers = list(routers)
-        self.recorded: list[torch.Tensor] = []
+        super().__init__(routers)
         self._classes: list[type] = []
-        self._handles: list[Any] = []
 
     def install(self, record: bool = False) -> RecipeRouting:
         self._classes = [type(r) for r in self.routers]
         for r in self.routers:
             r.__class__ = _replayable(type(r))
         if record:
-            self._handles = [r.register_forward_hook(self._record) for r in self.routers]
+            self._hook(self._record)
         return self
 
     def _record(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -85,46 +108,22 @@ class RecipeRouting:
 
     def uninstall(self) -> None:
         self.force(None)
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._unhook()
         for r, cls in zip(self.routers, self._classes, strict=True):
             r.__dict__.pop("_forced_indices", None)
             r.__class__ = cls
         self._classes = []
 
-    def per_router(self) -> list[torch.Tensor]:
-        """The recorded index tensors of each router, concatenated over forwards."""
-        n = len(self.routers)
-        return [torch.cat(self.recorded[i::n]) for i in range(n)]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.recorded)
-
-
-class NaiveHook:
+class NaiveHook(_Recorder):
     """A forward hook per router that copies its indices to the host on every call."""
 
-    def __init__(self, routers: Sequence[nn.Module]) -> None:
-        self.routers = list(routers)
-        self.recorded: list[torch.Tensor] = []
-        self._handles: list[Any] = []
-
     def install(self) -> NaiveHook:
-        self._handles = [r.register_forward_hook(self._record) for r in self.routers]
+        self._hook(self._record)
         return self
 
     def _record(self, module: nn.Module, args: Any, out: Any) -> None:
         self.recorded.append(out[INDEX_OUTPUT].cpu())
 
     def uninstall(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def per_router(self) -> list[torch.Tensor]:
-        n = len(self.routers)
-        return [torch.cat(self.recorded[i::n]) for i in range(n)]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.recorded)
+        self._unhook()

@@ -28,11 +28,11 @@ _ONE_PROGRAM = 8192
 #: Elements per program when a write is split over several (then the cursor moves after).
 _SPLIT_BLOCK = 1024
 
-_kernels: tuple[Any, Any] | None = None
+_kernel: Any = None
 _tried = False
 
 
-def _build() -> tuple[Any, Any] | None:
+def _build() -> Any:
     try:
         import triton
         import triton.language as tl
@@ -40,60 +40,46 @@ def _build() -> tuple[Any, Any] | None:
         return None
 
     @triton.jit
-    def ring_write_kernel(
-        idx_ptr,
-        buf_ptr,
+    def copy_rows_kernel(
+        src_ptr,
+        dst_ptr,
         cursor_ptr,
         total,
         n_rows,
-        capacity,
+        bound,
         K: tl.constexpr,
         BLOCK: tl.constexpr,
         ADVANCE: tl.constexpr,
+        INTO_RING: tl.constexpr,
     ):
+        # INTO_RING: flat [n, K] rows -> ring rows cursor.. (wrapping at `bound` rows);
+        # otherwise ring rows cursor.. (clamped to row `bound`) -> flat [n, K] rows.
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < total
         start = tl.load(cursor_ptr)
         row = offs // K
-        vals = tl.load(idx_ptr + offs, mask=mask, other=0)
-        dst = ((start + row) % capacity) * K + (offs - row * K)
-        tl.store(buf_ptr + dst, vals.to(buf_ptr.dtype.element_ty), mask=mask)
+        col = offs - row * K
+        if INTO_RING:
+            src = offs
+            dst = ((start + row) % bound) * K + col
+        else:
+            src = tl.minimum(start + row, bound) * K + col
+            dst = offs
+        vals = tl.load(src_ptr + src, mask=mask, other=0)
+        tl.store(dst_ptr + dst, vals.to(dst_ptr.dtype.element_ty), mask=mask)
         if ADVANCE:
             tl.debug_barrier()  # every thread has read the cursor before it moves
             tl.store(cursor_ptr, start + n_rows)
 
-    @triton.jit
-    def source_read_kernel(
-        buf_ptr,
-        out_ptr,
-        cursor_ptr,
-        total,
-        n_rows,
-        last_row,
-        K: tl.constexpr,
-        BLOCK: tl.constexpr,
-        ADVANCE: tl.constexpr,
-    ):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < total
-        start = tl.load(cursor_ptr)
-        row = offs // K
-        src = tl.minimum(start + row, last_row) * K + (offs - row * K)
-        vals = tl.load(buf_ptr + src, mask=mask, other=0)
-        tl.store(out_ptr + offs, vals.to(tl.int64), mask=mask)
-        if ADVANCE:
-            tl.debug_barrier()
-            tl.store(cursor_ptr, start + n_rows)
-
-    return ring_write_kernel, source_read_kernel
+    return copy_rows_kernel
 
 
-def _get() -> tuple[Any, Any] | None:
-    global _kernels, _tried
+def _get() -> Any:
+    global _kernel, _tried
     if not _tried:
         _tried = True
-        _kernels = _build() if os.environ.get("MOE_REPLAY_TRITON", "1") != "0" else None
-    return _kernels
+        _kernel = _build() if os.environ.get("MOE_REPLAY_TRITON", "1") != "0" else None
+    return _kernel
 
 
 def enabled(t: torch.Tensor) -> bool:
@@ -104,28 +90,39 @@ def enabled(t: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
     """Use the torch ops inside this block (to compare against them, or to rule the kernels out)."""
-    global _kernels, _tried
+    global _kernel, _tried
     saved = _get()
-    _kernels = None
+    _kernel = None
     try:
         yield
     finally:
-        _kernels, _tried = saved, True
+        _kernel, _tried = saved, True
 
 
-def _launch(kernel: Any, total: int, *args: Any, k: int) -> bool:
-    """Run ``kernel`` over ``total`` elements; True when it also moved the cursor."""
-    if total <= _ONE_PROGRAM:
-        block = max(16, 1 << (total - 1).bit_length())
-        kernel[(1,)](*args, K=k, BLOCK=block, ADVANCE=True, num_warps=1 if block <= 1024 else 4)
-        return True
-    kernel[((total + _SPLIT_BLOCK - 1) // _SPLIT_BLOCK,)](*args, K=k, BLOCK=_SPLIT_BLOCK, ADVANCE=False, num_warps=4)
-    return False
+def _copy_rows(src: torch.Tensor, dst: torch.Tensor, cursor: torch.Tensor, n: int, bound: int, into_ring: bool) -> bool:
+    """Launch the kernel over ``n`` rows; False when it could not run (the kernels are then off)."""
+    kernel = _get()
+    k = (dst if into_ring else src).shape[1]
+    total = n * k
+    args = (src, dst, cursor, total, n, bound)
+    try:  # a failure (e.g. no compiler for this GPU) is raised before anything was enqueued
+        if total <= _ONE_PROGRAM:
+            block = max(16, 1 << (total - 1).bit_length())
+            warps = 1 if block <= 1024 else 4
+            kernel[(1,)](*args, K=k, BLOCK=block, ADVANCE=True, INTO_RING=into_ring, num_warps=warps)
+            return True
+        grid = ((total + _SPLIT_BLOCK - 1) // _SPLIT_BLOCK,)
+        kernel[grid](*args, K=k, BLOCK=_SPLIT_BLOCK, ADVANCE=False, INTO_RING=into_ring, num_warps=4)
+    except Exception as err:
+        _give_up(err)
+        return False
+    cursor.add_(n)  # split over programs: the cursor moves after all of them
+    return True
 
 
 def _give_up(err: Exception) -> None:
-    global _kernels
-    _kernels = None
+    global _kernel
+    _kernel = None
     warnings.warn(
         f"moe_replay: the Triton ring kernels failed to run ({type(err).__name__}: {err}); using torch ops "
         "from now on (set MOE_REPLAY_TRITON=0 to skip the kernels)",
@@ -139,17 +136,7 @@ def ring_write(buf: torch.Tensor, cursor: torch.Tensor, idx: torch.Tensor, n: in
 
     False (nothing written) when the kernel could not run; the kernels are then off for good.
     """
-    kernels = _get()
-    assert kernels is not None
-    k = buf.shape[1]
-    try:
-        moved = _launch(kernels[0], n * k, idx.contiguous(), buf, cursor, n * k, n, buf.shape[0], k=k)
-    except Exception as err:  # e.g. no compiler for this GPU: raised before anything ran
-        _give_up(err)
-        return False
-    if not moved:
-        cursor.add_(n)
-    return True
+    return _copy_rows(idx.contiguous(), buf, cursor, n, buf.shape[0], into_ring=True)
 
 
 def source_read(buf: torch.Tensor, cursor: torch.Tensor, n: int, last_row: int) -> torch.Tensor | None:
@@ -157,15 +144,5 @@ def source_read(buf: torch.Tensor, cursor: torch.Tensor, n: int, last_row: int) 
 
     None (nothing read) when the kernel could not run; the kernels are then off for good.
     """
-    kernels = _get()
-    assert kernels is not None
-    k = buf.shape[1]
-    out = torch.empty(n, k, dtype=torch.long, device=buf.device)
-    try:
-        moved = _launch(kernels[1], n * k, buf, out, cursor, n * k, n, last_row, k=k)
-    except Exception as err:
-        _give_up(err)
-        return None
-    if not moved:
-        cursor.add_(n)
-    return out
+    out = torch.empty(n, buf.shape[1], dtype=torch.long, device=buf.device)
+    return out if _copy_rows(buf, out, cursor, n, last_row, into_ring=False) else None

@@ -145,14 +145,14 @@ class _Broken:
 
 
 def test_a_failing_kernel_turns_the_kernels_off_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_triton, "_kernels", (_Broken(), _Broken()))
+    monkeypatch.setattr(_triton, "_kernel", _Broken())
     monkeypatch.setattr(_triton, "_tried", True)
     ring = CaptureRing(8, 2, 8, torch.device("cpu"))
     with pytest.warns(RuntimeWarning, match="torch ops from now on"):
         assert not _triton.ring_write(ring.buf, ring.written, torch.ones(3, 2, dtype=torch.long), 3)
     assert _triton._get() is None
     assert int(ring.written) == 0 and not ring.buf.any()
-    monkeypatch.setattr(_triton, "_kernels", (_Broken(), _Broken()))
+    monkeypatch.setattr(_triton, "_kernel", _Broken())
     src = ReplaySource(torch.ones(4, 2, dtype=torch.long), 8, torch.device("cpu"))
     with pytest.warns(RuntimeWarning):
         assert _triton.source_read(src.buf, src.consumed, 2, src.num_rows) is None
