@@ -54,6 +54,12 @@ def _model(w: dict[str, Any]) -> str:
     return f"{w['model']} ({w.get('layers', '?')}L, E={w.get('experts', '?')}, k={w.get('top_k', '?')})"
 
 
+def _machine(m: dict[str, Any]) -> str:
+    if m["device_type"] == "cpu":
+        return f"{m['cpu']}, CPU only, {m['threads']} torch thread(s)"
+    return f"{m['device_name']}; host {m['cpu']}"
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each applicable target with the measured ratio and whether it is met."""
     dev = results["meta"]["device_type"]
@@ -83,10 +89,16 @@ def markdown(results: dict[str, Any]) -> str:
     """The results as markdown tables."""
     m = results["meta"]
     out = [
-        f"Machine: {m['device_name']} ({m['device_type']}); {m['cpu']}, {m['threads']} threads. "
-        f"torch {m['torch']}, transformers {m.get('transformers') or 'not installed'}, dtype {m['dtype']}, "
-        f"{m['date']}. Clock: {m.get('clock', 'wall')}. Repetitions {m['reps']} (interleaved, rotated order); "
-        "ratios are medians of per-repetition ratios to the plain forward (quartiles in brackets).",
+        f"Machine: {_machine(m)}. torch {m['torch']}"
+        + (f" (CUDA {m['cuda']})" if m.get("cuda") else "")
+        + f", transformers {m.get('transformers') or 'not installed'}, {m['dtype']}, {m['date']}"
+        + (f", commit {m['commit']}" if m.get("commit") else "")
+        + f". Clock: {'process CPU time' if m.get('clock') == 'cpu' else 'wall'}. Repetitions "
+        + ", ".join(f"{k} {v}" for k, v in m["reps"].items() if v)
+        + " (forwards per timed block: "
+        + ", ".join(f"{k} {v}" for k, v in m["inner"].items() if v)
+        + "), interleaved in rotated order; ratios are medians of per-repetition ratios to the plain forward "
+        "(quartiles in brackets).",
     ]
     if m.get("smoke"):
         out.append("\n**Smoke run: checks the harness only; these timings mean nothing.**")
@@ -163,7 +175,12 @@ def markdown(results: dict[str, Any]) -> str:
             )
     prof = results.get("profile")
     if prof:
-        out += ["", "Profile (per forward; `extra ops`: aten ops added against the plain forward, Δ self-CPU µs):", ""]
+        out += [
+            "",
+            "Profile, per forward (one profiled pass per variant: op and kernel counts are exact, the µs are one "
+            "sample, not a timing). `extra ops`: aten ops added against the plain forward (Δ count, Δ self-CPU µs):",
+            "",
+        ]
         out += ["| workload | variant | wall µs | aten ops | aten self µs | kernels | kernel µs | extra ops |"]
         out.append("|---|---|---:|---:|---:|---:|---:|---|")
         for name, per in prof.items():
