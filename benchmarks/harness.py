@@ -172,13 +172,14 @@ def _capturing_without_ring(w: Workload, capacity: int) -> Iterator[mr.Session]:
 
 
 def eager_variants(
-    w: Workload, inner: int, routes: mr.Routes, recipe_forced: list[torch.Tensor], diagnose: bool = False
+    w: Workload, inner: int, routes: mr.Routes, recipe_forced: list[torch.Tensor] | None, diagnose: bool = False
 ) -> list[Variant]:
     """The variants of one workload: plain, moe_replay idle/capture/replay, recipe, naive hook.
 
     ``routes`` and ``recipe_forced`` are the routes of one forward (the same input every time).
     Where the ring runs Triton kernels (CUDA), ``capture_torch`` / ``replay_torch`` time
-    the torch-op path too. ``diagnose`` adds ``capture_noring``: capture with the ring write
+    the torch-op path too. Without ``recipe_forced`` the recipe and the naive hook are left
+    out (they do not fit these routers). ``diagnose`` adds ``capture_noring``: capture with the ring write
     skipped, which splits capture's cost into interception (Python) and ring write.
     """
     capacity = w.tokens * inner
@@ -190,10 +191,13 @@ def eager_variants(
         Variant("idle", lambda: _attached(w, capacity), step),
         Variant("capture", lambda: _capturing(w, capacity), step),
         Variant("replay", lambda: _replaying(w, capacity, routes_inner), step),
-        Variant("recipe_capture", lambda: _recipe(routers, None), step),
-        Variant("recipe_replay", lambda: _recipe(routers, recipe_forced), step),
-        Variant("naive_capture", lambda: _naive(routers), step),
     ]
+    if recipe_forced is not None:
+        variants += [
+            Variant("recipe_capture", lambda: _recipe(routers, None), step),
+            Variant("recipe_replay", lambda: _recipe(routers, recipe_forced), step),
+            Variant("naive_capture", lambda: _naive(routers), step),
+        ]
     if kernels_active(next(w.model.parameters()).device):
         variants += [
             Variant("capture_torch", lambda: torch_ops(_capturing(w, capacity)), step),
@@ -209,26 +213,10 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
 
 
-@torch.no_grad()
-def check_workload(w: Workload) -> tuple[mr.Routes, list[torch.Tensor], dict[str, Any], dict[str, float]]:
-    """Run each approach once; check they record the same experts and replay reproduces the forward.
-
-    Returns the routes of one forward, the recipe's forced indices, the checks and the
-    bytes stored per token by each approach (every router, all k indices).
-    """
-    w.prepare(2)
-    plain = w.forward().clone()
-    rerun = w.forward().clone()  # run-to-run noise of the plain forward (atomics in some kernels)
-    with _attached(w, w.tokens) as session:
-        with session.capture():
-            w.prepare(1)
-            captured = w.forward().clone()
-        routes = session.routes()
-        ours = sum(h.capture_ring.buf.nbytes for h in session._hooks if h.capture_ring is not None) / w.tokens
-        with session.replay(routes):
-            w.prepare(1)
-            replayed = w.forward().clone()
-    rows = [r.long().to(plain.device) for r in routes.per_layer()]
+def _check_baselines(
+    w: Workload, rows: list[torch.Tensor], plain: torch.Tensor
+) -> tuple[list[torch.Tensor], dict, dict]:
+    """The recipe and the naive hook, once each: their rows, checks and bytes per token."""
     with _recipe(w.routers, None) as recipe:
         w.prepare(1)
         recipe_plain = w.forward().clone()
@@ -243,18 +231,51 @@ def check_workload(w: Workload) -> tuple[mr.Routes, list[torch.Tensor], dict[str
         naive_rows = naive.per_router()
         naive_bytes = naive.nbytes() / w.tokens
     checks = {
-        "plain_rerun_max_diff": _max_diff(rerun, plain),
-        "capture_output_max_diff": _max_diff(captured, plain),
-        "replay_output_max_diff": _max_diff(replayed, plain),
         "recipe_output_max_diff": _max_diff(recipe_plain, plain),
         "recipe_replay_output_max_diff": _max_diff(recipe_replayed, plain),
-        "routes_tokens": routes.num_tokens,
         "recipe_indices_equal": all(torch.equal(a, b.reshape(a.shape)) for a, b in zip(rows, recipe_rows, strict=True)),
         "naive_indices_equal": all(
             torch.equal(a.cpu(), b.reshape(a.shape)) for a, b in zip(rows, naive_rows, strict=True)
         ),
     }
-    nbytes = {"moe_replay": ours, "recipe": recipe_bytes, "naive": naive_bytes}
+    return recipe_rows, checks, {"recipe": recipe_bytes, "naive": naive_bytes}
+
+
+@torch.no_grad()
+def check_workload(w: Workload) -> tuple[mr.Routes, list[torch.Tensor] | None, dict[str, Any], dict[str, float]]:
+    """Run each approach once; check they record the same experts and replay reproduces the forward.
+
+    Returns the routes of one forward, the recipe's forced indices (None when the recipe
+    does not fit these routers: ``checks["baselines_error"]`` says why), the checks and
+    the bytes stored per token by each approach (every router, all k indices).
+    """
+    w.prepare(2)
+    plain = w.forward().clone()
+    rerun = w.forward().clone()  # run-to-run noise of the plain forward (atomics in some kernels)
+    with _attached(w, w.tokens) as session:
+        with session.capture():
+            w.prepare(1)
+            captured = w.forward().clone()
+        routes = session.routes()
+        ours = sum(h.capture_ring.buf.nbytes for h in session._hooks if h.capture_ring is not None) / w.tokens
+        with session.replay(routes):
+            w.prepare(1)
+            replayed = w.forward().clone()
+    checks: dict[str, Any] = {
+        "plain_rerun_max_diff": _max_diff(rerun, plain),
+        "capture_output_max_diff": _max_diff(captured, plain),
+        "replay_output_max_diff": _max_diff(replayed, plain),
+        "routes_tokens": routes.num_tokens,
+    }
+    nbytes: dict[str, Any] = {"moe_replay": ours}
+    rows = [r.long().to(plain.device) for r in routes.per_layer()]
+    try:  # the recipe is written for (logits, weights, indices) routers; time moe_replay regardless
+        recipe_rows, more, more_bytes = _check_baselines(w, rows, plain)
+    except Exception as e:
+        checks["baselines_error"] = f"{type(e).__name__}: {e}"
+        return routes, None, checks, nbytes
+    checks.update(more)
+    nbytes.update(more_bytes)
     return routes, recipe_rows, checks, nbytes
 
 

@@ -151,19 +151,27 @@ def markdown(results: dict[str, Any]) -> str:
         if "error" in w:
             continue
         b, c = w["bytes_per_token"], w["checks"]
-        same = c["recipe_indices_equal"] and c["naive_indices_equal"]
         noise = c.get("plain_rerun_max_diff", 0.0)
-        diffs = [c[k] for k in ("capture_output_max_diff", "replay_output_max_diff", "recipe_replay_output_max_diff")]
-        if not same:
-            note = f"**MISMATCH** of recorded experts: {c}"
-        elif max(diffs) == 0:
-            note = "same experts recorded by all three; replay output identical"
-        elif max(diffs) <= noise:
-            note = f"same experts recorded by all three; replay output within run-to-run noise (max abs diff {noise:g})"
+        diffs = [
+            c[k]
+            for k in ("capture_output_max_diff", "replay_output_max_diff", "recipe_replay_output_max_diff")
+            if k in c
+        ]
+        if "baselines_error" in c:
+            same = "recipe and naive hook not applicable here (" + c["baselines_error"] + ")"
+        elif c["recipe_indices_equal"] and c["naive_indices_equal"]:
+            same = "same experts recorded by all three"
         else:
-            note = f"same experts recorded by all three; **replay output differs** (max abs diff {max(diffs):g})"
+            same = "**MISMATCH** of the experts recorded by moe_replay, the recipe and the naive hook"
+        if max(diffs) == 0:
+            note = f"{same}; replay output identical"
+        elif max(diffs) <= noise:
+            note = f"{same}; replay output within run-to-run noise (max abs diff {noise:g})"
+        else:
+            note = f"{same}; **replay output differs** (max abs diff {max(diffs):g})"
         out.append(
-            f"| {w['model']} | {_shape(w)} | {b['moe_replay']:.0f} | {b['recipe']:.0f} | {b['naive']:.0f} | {note} |"
+            f"| {w['model']} | {_shape(w)} | {b['moe_replay']:.0f} | {b.get('recipe', float('nan')):.0f} | "
+            f"{b.get('naive', float('nan')):.0f} | {note} |"
         )
     rows = targets(results)
     if rows and not m.get("smoke"):

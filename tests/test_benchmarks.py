@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import moe_replay as mr
 from benchmarks import report
+from benchmarks.harness import check_workload, eager_variants, time_variants
 from benchmarks.run import main
-from benchmarks.workloads import transformers_version
+from benchmarks.workloads import make_workload, transformers_version
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +84,17 @@ def test_targets_are_met_or_missed_by_the_measured_ratio() -> None:
     assert [(r["target"], r["met"]) for r in rows] == [("CPU reference prefill, capture", True)]
     results["workloads"][0]["variants"]["capture"]["ratio"] = 1.06
     assert not report.targets(results)[0]["met"]
+
+
+def test_routers_the_recipe_does_not_fit_still_time_moe_replay() -> None:
+    model = mr.models.build("topk_softmax", num_layers=2)  # returns (weights, indices): not the recipe's shape
+    w = make_workload("reference", "prefill", model, {"layers": 2}, tokens=12, batch=1, past=0)
+    routes, forced, checks, nbytes = check_workload(w)
+    assert forced is None and "baselines_error" in checks
+    assert checks["replay_output_max_diff"] == 0 and routes.num_tokens == 12
+    assert set(nbytes) == {"moe_replay"}
+    names = [v.name for v in eager_variants(w, 1, routes, forced)]
+    assert names == ["plain", "idle", "capture", "replay"]
+    with torch.no_grad():
+        times = time_variants(eager_variants(w, 1, routes, forced), device=torch.device("cpu"), reps=1, inner=1)
+    assert all(len(t) == 1 for t in times.values())
