@@ -412,9 +412,9 @@ class _DecisionMode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
+        if func not in _WATCHED:  # the hot path: every other torch call of the scope forward
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
-        if func not in _WATCHED:
-            return func(*args, **kwargs)
         hook = self.hook
         if hook.matches(func, args, kwargs):
             return hook.decide(func, args, kwargs)

@@ -12,6 +12,8 @@ from typing import ClassVar
 
 import torch
 
+from . import _triton
+
 __all__ = ["CaptureRing", "ReplaySource", "index_dtype"]
 
 
@@ -83,6 +85,8 @@ class CaptureRing:
             self.written.add_(n - self.capacity)
             idx = idx[n - self.capacity :]
             n = self.capacity
+        if _triton.enabled(idx) and _triton.ring_write(self.buf, self.written, idx, n):
+            return  # CUDA: one kernel did it all (cursor, wrap, cast, advance)
         pos = torch.remainder(self.written + self._arange[:n], self.capacity)
         self.buf.index_copy_(0, pos, idx.to(self.buf.dtype))
         self.written.add_(n)
@@ -126,6 +130,10 @@ class ReplaySource:
 
     def read(self, n: int) -> torch.Tensor:
         """The next ``n`` rows as int64 ``[n, k]`` (-1 rows stay -1); advances the cursor."""
+        if _triton.enabled(self.buf):  # CUDA: one kernel (clamp, gather, cast, advance)
+            out = _triton.source_read(self.buf, self.consumed, n, self.num_rows)
+            if out is not None:
+                return out
         arange = self._arange if n <= self._arange.numel() else _Positions.get(self.buf.device, n)
         pos = torch.minimum(self.consumed + arange[:n], self.limit)
         self.consumed.add_(n)

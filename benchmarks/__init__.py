@@ -1,0 +1,1 @@
+"""Capture and replay overhead benchmarks; entry point: ``python -m benchmarks.run``."""

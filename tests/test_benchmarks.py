@@ -1,0 +1,100 @@
+"""The benchmark harness in smoke mode: it runs end to end and its checks hold (timings are not checked)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_replay as mr
+from benchmarks import report
+from benchmarks.harness import check_workload, eager_variants, time_variants
+from benchmarks.run import main
+from benchmarks.workloads import make_workload, transformers_version
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["--smoke", "--device", "cpu", "--out", str(out)]) == 0
+    return json.loads(Path(out).read_text()), text.getvalue()
+
+
+def test_every_workload_and_variant_is_timed(smoke: tuple[dict, str]) -> None:
+    results, _ = smoke
+    want = {("reference", "prefill"), ("reference", "decode")}
+    if transformers_version() is not None:
+        want |= {("qwen3", "prefill"), ("qwen3", "decode")}
+    assert {(w["model"], w["shape"]) for w in results["workloads"]} == want
+    for w in results["workloads"]:
+        assert "error" not in w
+        v = w["variants"]
+        assert {"plain", "idle", "capture", "replay", "recipe_capture", "recipe_replay", "naive_capture"} <= set(v)
+        assert all(len(x["times_ms"]) == w["reps"] and x["median_ms"] > 0 for x in v.values())
+        assert v["plain"]["ratio"] == 1.0
+
+
+def test_all_approaches_record_the_same_experts_and_replay_is_exact(smoke: tuple[dict, str]) -> None:
+    for w in smoke[0]["workloads"]:
+        c = w["checks"]
+        assert c["recipe_indices_equal"] and c["naive_indices_equal"], w["model"]
+        assert c["routes_tokens"] == w["tokens"]
+        assert c["plain_rerun_max_diff"] == c["capture_output_max_diff"] == c["replay_output_max_diff"] == 0
+        assert c["recipe_output_max_diff"] == 0 and c["recipe_replay_output_max_diff"] == 0
+
+
+def test_bytes_per_token(smoke: tuple[dict, str]) -> None:
+    for w in smoke[0]["workloads"]:
+        indices = w["layers"] * w["top_k"]
+        b = w["bytes_per_token"]
+        assert b["moe_replay"] == indices * mr.index_dtype(w["experts"]).itemsize
+        assert b["recipe"] == b["naive"] == indices * 8  # int64 index tensors
+
+
+def test_graph_replays_are_recorded_in_order(smoke: tuple[dict, str]) -> None:
+    g = smoke[0]["graph"]
+    c = g["checks"]
+    assert c["check_graph_in_order"] and c["capture_graph_in_order"]
+    assert c["capture_graph_replays_matched"] == c["replays"] > 1
+    assert c["eager_replays_matched"] == c["eager_replays"] > 1
+    assert c["rows_per_router"] == [c["replays"] * g["batch"]] * g["layers"]
+
+
+def test_markdown_has_a_row_per_workload(smoke: tuple[dict, str]) -> None:
+    results, printed = smoke
+    assert printed.strip() == report.markdown(results).strip()
+    for w in results["workloads"]:
+        assert f"| {w['model']} (" in printed
+    assert "Smoke run" in printed
+
+
+def test_targets_are_met_or_missed_by_the_measured_ratio() -> None:
+    def workload(shape: str, capture: float) -> dict:
+        v = {"ratio": capture, "ratio_q1": capture, "ratio_q3": capture, "median_ms": 1.0}
+        return {"model": "reference", "shape": shape, "variants": {"capture": v}}
+
+    results = {"meta": {"device_type": "cpu"}, "workloads": [workload("prefill", 1.04), workload("decode", 1.5)]}
+    rows = report.targets(results)
+    assert [(r["target"], r["met"]) for r in rows] == [("CPU reference prefill, capture", True)]
+    results["workloads"][0]["variants"]["capture"]["ratio"] = 1.06
+    assert not report.targets(results)[0]["met"]
+
+
+def test_routers_the_recipe_does_not_fit_still_time_moe_replay() -> None:
+    model = mr.models.build("topk_softmax", num_layers=2)  # returns (weights, indices): not the recipe's shape
+    w = make_workload("reference", "prefill", model, {"layers": 2}, tokens=12, batch=1, past=0)
+    routes, forced, checks, nbytes = check_workload(w)
+    assert forced is None and "baselines_error" in checks
+    assert checks["replay_output_max_diff"] == 0 and routes.num_tokens == 12
+    assert set(nbytes) == {"moe_replay"}
+    names = [v.name for v in eager_variants(w, 1, routes, forced)]
+    assert names == ["plain", "idle", "capture", "replay"]
+    with torch.no_grad():
+        times = time_variants(eager_variants(w, 1, routes, forced), device=torch.device("cpu"), reps=1, inner=1)
+    assert all(len(t) == 1 for t in times.values())
