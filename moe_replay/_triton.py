@@ -8,7 +8,11 @@ and per step (two for very large writes: the kernel, then the cursor update). No
 synchronisation and no allocation beyond the output of a read, so both work inside CUDA
 graphs. Not used while torch.compile traces (inductor fuses the torch ops itself).
 
-Set the environment variable ``MOE_REPLAY_TRITON=0`` to use the torch ops everywhere.
+Off by default: measured on an H200 (torch 2.11, bf16, benchmarks/RESULTS.md), a Triton
+launch from Python costs more than the five torch kernels in an eager decode step
+(capture 1.052x against 1.005x of the plain step), and inside a CUDA graph both are
+within 1% of the plain graph (0.998x and 1.002x). Set ``MOE_REPLAY_TRITON=1`` to use
+the kernels, or use :func:`forced` in a block.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["disabled", "enabled", "ring_write", "source_read"]
+__all__ = ["disabled", "enabled", "forced", "ring_write", "source_read"]
 
 #: Elements one program handles while also moving the cursor (a decode step: batch x k).
 _ONE_PROGRAM = 8192
@@ -78,7 +82,7 @@ def _get() -> Any:
     global _kernel, _tried
     if not _tried:
         _tried = True
-        _kernel = _build() if os.environ.get("MOE_REPLAY_TRITON", "1") != "0" else None
+        _kernel = _build() if os.environ.get("MOE_REPLAY_TRITON", "0") == "1" else None
     return _kernel
 
 
@@ -97,6 +101,18 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _kernel, _tried = saved, True
+
+
+@contextlib.contextmanager
+def forced() -> Iterator[bool]:
+    """Use the kernels inside this block where triton imports; yields whether they are on."""
+    global _kernel, _tried
+    saved, saved_tried = _kernel, _tried
+    _kernel, _tried = _build(), True
+    try:
+        yield _kernel is not None
+    finally:
+        _kernel, _tried = saved, saved_tried
 
 
 def _copy_rows(src: torch.Tensor, dst: torch.Tensor, cursor: torch.Tensor, n: int, bound: int, into_ring: bool) -> bool:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -56,6 +57,19 @@ def compare_with_torch_ops(device: torch.device) -> None:
             assert int(a.consumed) == int(b.consumed)
 
 
+@pytest.fixture
+def kernels_on() -> Iterator[None]:
+    """The kernels are opt-in (MOE_REPLAY_TRITON=1); these tests switch them on."""
+    with _triton.forced() as on:
+        assert on
+        yield
+
+
+def test_kernels_are_off_by_default() -> None:
+    if os.environ.get("MOE_REPLAY_TRITON") != "1":
+        assert not _triton.enabled(torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu"))
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_kernels_match_torch_ops_in_the_interpreter() -> None:
     """The kernels' indexing, on the CPU through Triton's interpreter (set before triton imports)."""
@@ -69,7 +83,12 @@ def test_kernels_match_torch_ops_in_the_interpreter() -> None:
         """
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "MOE_REPLAY_TRITON": "1",
+        "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -87,14 +106,14 @@ def test_disabled_restores_and_cpu_never_uses_kernels() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
-def test_cuda_kernels_match_torch_ops() -> None:
+def test_cuda_kernels_match_torch_ops(kernels_on: None) -> None:
     assert _triton.enabled(torch.zeros(1, device="cuda"))
     compare_with_torch_ops(torch.device("cuda"))
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
-def test_cuda_graph_replays_write_in_order_without_sync() -> None:
+def test_cuda_graph_replays_write_in_order_without_sync(kernels_on: None) -> None:
     ring = CaptureRing(64, 4, 128, torch.device("cuda"))
     static = torch.zeros(8, 4, dtype=torch.long, device="cuda")
     ring.write(static)  # compile the kernel before capturing
@@ -119,7 +138,7 @@ def test_cuda_graph_replays_write_in_order_without_sync() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_session_records_the_same_with_and_without_kernels() -> None:
+def test_cuda_session_records_the_same_with_and_without_kernels(kernels_on: None) -> None:
     model = mr.models.build("softmax_topk", num_layers=2, num_experts=16, top_k=4).cuda()
     x = torch.randint(0, 128, (3, 40), device="cuda")
     with mr.attach(model) as session, torch.no_grad():
