@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import math
 import re
 import types
 from collections.abc import Callable, Iterable, Sequence
@@ -127,6 +128,25 @@ BUILTIN_ADAPTERS: tuple[Adapter, ...] = (
     Adapter("hash-table", match=_has_expert_table, decision="lookup"),
     Adapter("linear-gate", match=_is_plain_linear, scope="parent"),
 )
+
+
+#: Used for a product-key gate (Doge's CDMoE, PEER): see :func:`_product_key_experts`.
+_PRODUCT_KEY = Adapter(
+    "product-key",
+    match=lambda n, m: False,
+    unsupported="product-key routing picks experts by a top-k over sums of two half-key top-k scores; "
+    "an expert outside the candidate products has no score to gather, so replay cannot be exact",
+)
+
+
+def _product_key_experts(module: nn.Module, parent: nn.Module | None) -> int | None:
+    """E when ``module`` is a gate scoring two halves of sqrt(E) keys beside E experts held as
+    embedding rows (a product-key MoE), else None."""
+    out = getattr(module, "out_features", None)
+    if parent is None or not isinstance(out, int) or any(isinstance(c, nn.ModuleList) for c in parent.children()):
+        return None  # (a parent holding a list of layers is a model with token embeddings, not a block)
+    rows = [m.num_embeddings for m in parent.children() if isinstance(m, nn.Embedding)]
+    return next((n for n in set(rows) if rows.count(n) >= 2 and n >= 4 and out == 2 * math.isqrt(n)), None)
 
 
 #: Used when a router's forward cannot reach any decision call (it returns scores only).
@@ -441,7 +461,13 @@ def find_routers(
         counts = _expert_counts(module, parent, config)
         candidates = [num_experts] if num_experts else _expert_widths(module)
         width = candidates[0] if len(candidates) == 1 else None
-        if inc is None:
+        refusal = next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.unsupported and a.match(name, module)), None)
+        product_key = _product_key_experts(module, parent) if refusal is None else None
+        if product_key:
+            refusal, counts = _PRODUCT_KEY, {product_key}
+        if refusal is not None and inc is None:  # a known router family that cannot be replayed: report it
+            width, k = max(counts, default=width or 0), top_k or _top_k(module, parent, config) or 1
+        elif inc is None:
             if not _near_experts(module, parent, candidates):
                 continue
             if counts:
@@ -453,11 +479,12 @@ def find_routers(
         elif width is None:
             problems.append(f"'{name}': cannot tell its expert count; pass num_experts=")
             continue
-        k = top_k or _top_k(module, parent, config)
+        if refusal is None or inc is not None:
+            k = top_k or _top_k(module, parent, config)
         if k is None:
             problems.append(f"'{name}' ({type(module).__name__}, {width} experts): cannot tell its top-k; pass top_k=")
             continue
-        adapter = next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.match(name, module)), None)
+        adapter = refusal or next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.match(name, module)), None)
         if adapter is None and name and not _reaches_decision(type(module).forward, type(module)):
             adapter = _BLOCK_DECISION  # it only scores: the top-k runs in its MoE block
         scope_name = name

@@ -268,3 +268,24 @@ def test_decision_width_and_k(router: type[nn.Module], width: int, k: int) -> No
             ref = block(x)
         with session.replay(session.routes()):
             assert torch.equal(block(x), ref)
+
+
+class _ProductKeyMoE(nn.Module):
+    """Doge's CDMoE shape: a gate over two halves of sqrt(E) keys, experts as embedding rows."""
+
+    def __init__(self, num_experts: int = 16) -> None:
+        super().__init__()
+        keys = int(num_experts**0.5)
+        self.router_gate = nn.Linear(D, 2 * keys, bias=False)
+        self.down_embed = nn.Embedding(num_experts, D)
+        self.up_embed = nn.Embedding(num_experts, D)
+        self.num_experts_per_tok = 2
+
+
+def test_product_key_router_is_refused_with_its_reason() -> None:
+    model = nn.ModuleDict({"mlp": _ProductKeyMoE()})
+    (site,) = mr.find_routers(model)
+    assert (site.name, site.adapter, site.num_experts) == ("mlp.router_gate", "product-key", 16)
+    with pytest.raises(mr.UnsupportedRouterError, match="product-key routing"):
+        mr.attach(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
