@@ -467,6 +467,10 @@ def build(model_type: str) -> Built | str:
 def _checked(model: nn.Module, kinds: set[str], failures: list[str]) -> Built | None:
     """``model`` ready for the checks, if it is a routed MoE whose plain forward runs."""
     model.float().eval()
+    for m in model.modules():  # no KV cache: hybrid models reject an attention cache of linear layers
+        cfg = getattr(m, "config", None)
+        if getattr(cfg, "use_cache", None):
+            cfg.use_cache = False
     _fill_expert_tables(model)
     if not has_experts(model):
         kinds.add("not-moe")
@@ -512,6 +516,6 @@ def run_family(model_type: str) -> FamilyResult:
 
 _NOT_BUILT = {
     "no-model": "no model class of its own (a sub-config of a composite model)",
-    "not-moe": "no MoE layer in the built model",
+    "not-moe": "no expert container in the built model",
     "not-routed": "experts are selected without a router (no router-shaped parameter in the MoE block)",
 }

@@ -16,6 +16,7 @@ A model whose routers cannot be replayed exactly must be refused by ``attach`` w
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 import time
@@ -108,16 +109,33 @@ def _router_shaped(block: nn.Module, skip: set[int], count: int) -> bool:
     return False
 
 
+def _product_key_blocks(model: nn.Module) -> dict[str, int]:
+    """Blocks whose experts are rows of two or more equal embedding tables (Doge's CDMoE, PEER),
+    scored by a 2-D weight with one row per half-key: 2 * isqrt(E) rows."""
+    out = {}
+    for name, m in model.named_modules():
+        if any(isinstance(c, nn.ModuleList) for c in m.children()):
+            continue  # a model holding its layers, with token embeddings: not a block
+        rows = [c.num_embeddings for c in m.children() if isinstance(c, nn.Embedding)]
+        for n in set(rows):
+            if rows.count(n) >= 2 and n >= 4:
+                keys = 2 * math.isqrt(n)
+                if any(p.dim() == 2 and p.shape[0] == keys for p in m.parameters()):
+                    out[name] = n
+    return out
+
+
 def moe_blocks(model: nn.Module) -> dict[str, int]:
     """The routed MoE blocks of ``model``, found without moe_replay: name -> expert count.
 
     A block is the parent of an expert container (a module named like ``experts`` or of an
     ``*Experts`` class holding E >= 2 experts) that also owns, outside its containers and shared
-    experts, a 2-D parameter with about one row per expert: the router's weight.
+    experts, a 2-D parameter with about one row per expert: the router's weight. Product-key
+    blocks (experts as embedding rows) count too.
     """
     containers = _containers(model)
     modules = dict(model.named_modules())
-    out: dict[str, int] = {}
+    out: dict[str, int] = _product_key_blocks(model)
     for name, c in containers.items():
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         inside = {id(p) for n, m in containers.items() if n.startswith(parent + ".") for p in m.parameters()}
@@ -128,7 +146,7 @@ def moe_blocks(model: nn.Module) -> dict[str, int]:
 
 
 def has_experts(model: nn.Module) -> bool:
-    return bool(_containers(model))
+    return bool(_containers(model)) or bool(_product_key_blocks(model))
 
 
 # ----------------------------------------------------------------------- the checks
