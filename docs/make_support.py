@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import pathlib
 import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing is downloaded
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -49,6 +49,7 @@ _TOPK_KEYS = (
     "top_k",
     "num_experts_per_tok",
     "moe_top_k",
+    "moe_topk",
     "topk",
     "num_experts_per_token",
     "experts_per_token",
@@ -216,7 +217,13 @@ class RouterSite:
         """One line saying how this router is intercepted."""
         if self.unsupported:
             return f"refused: {self.unsupported}"
-        call = {"auto": "topk" if self.top_k > 1 else "topk/argmax/max"}.get(self.decision, self.decision)
+        k = self.top_k
+        call = {
+            "auto": "topk/argmax/max" if k == 1 else f"topk or {k} argmax/max",
+            "argmax": "argmax" if k == 1 else f"{k} argmax",
+            "max": "max" if k == 1 else f"{k} max",
+            "lookup": "table lookup",
+        }.get(self.decision, self.decision)
         where = "its own forward" if self.scope == self.name else f"forward of '{self.scope}'"
         return f"{call} in {where}"
 

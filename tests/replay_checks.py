@@ -72,7 +72,8 @@ def _int(v: Any) -> bool:
 
 
 def expert_count(m: nn.Module) -> int | None:
-    """How many experts a container holds: its attribute, its children of one class, or a 3-D weight."""
+    """How many experts a container holds: its attribute, its children of one class, or the leading
+    dimension of its 3-D weights (its own or its layers', as Aria's grouped GEMM layers)."""
     for key in ("num_experts", "num_local_experts", "n_routed_experts", "total_experts"):
         v = getattr(m, key, None)
         if _int(v):
@@ -80,10 +81,7 @@ def expert_count(m: nn.Module) -> int | None:
     if isinstance(m, nn.ModuleList | nn.ModuleDict):
         classes = [type(c) for c in m.children()]
         return max((classes.count(c) for c in set(classes)), default=0)
-    for p in m.parameters(recurse=False):
-        if p.dim() == 3:
-            return int(p.shape[0])
-    return None
+    return next((int(p.shape[0]) for p in m.parameters() if p.dim() == 3), None)
 
 
 def _looks_like_experts(name: str, m: nn.Module) -> bool:
