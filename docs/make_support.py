@@ -44,12 +44,25 @@ def _row(name: str, r: FamilyResult) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def render(hf: list[FamilyResult], styles: list[FamilyResult], when: datetime.date) -> str:
+def others(results: list[FamilyResult]) -> list[FamilyResult]:
+    """The model types not counted: not built, or not a routed MoE of their own."""
+    return [r for r in results if not r.built]
+
+
+def render(hf: list[FamilyResult], bf16: list[FamilyResult], styles: list[FamilyResult], when: datetime.date) -> str:
     built = [r for r in hf if r.built]
+    bf16_built = [r for r in bf16 if r.built]
+    bf16_passed = sum(r.status == "pass" for r in bf16_built)
+    bf16_refused = sum(r.status == "refused" for r in bf16_built)
+    broken = sorted({r.model_type for r in bf16 if r.status == "no-build"} - {r.model_type for r in others(hf)})
+    bf16_line = (
+        f"The same checks in bfloat16: {bf16_passed} of {len(bf16_built)} pass, {bf16_refused} refused, "
+        f"{len(bf16_built) - bf16_passed - bf16_refused} failing"
+        + (f"; the plain bf16 forward of {', '.join(f'`{t}`' for t in broken)} fails on CPU." if broken else ".")
+    )
     passed = [r for r in built if r.status == "pass"]
     refused = [r for r in built if r.status == "refused"]
     failed = [r for r in built if r.status == "fail"]
-    others = [r for r in hf if not r.built]
     rate = 100 * len(passed) / max(1, len(built))
     lines = [
         "# Support matrix",
@@ -69,7 +82,9 @@ def render(hf: list[FamilyResult], styles: list[FamilyResult], when: datetime.da
         "",
         f"**{len(passed)} of the {len(built)} families that build pass all four checks ({rate:.1f}%)**; "
         f"{len(refused)} refused at `attach` with a reason, {len(failed)} failing; "
-        f"{len(hf)} model types enumerated, {len(others)} not counted (listed at the end with the reason).",
+        f"{len(hf)} model types enumerated, {len(others(hf))} not counted (listed at the end with the reason).",
+        "",
+        bf16_line,
         "",
         "## HuggingFace transformers",
         "",
@@ -90,7 +105,7 @@ def render(hf: list[FamilyResult], styles: list[FamilyResult], when: datetime.da
         "",
         "| model type | why |",
         "|---|---|",
-        *[f"| `{r.model_type}` | {_UNBUILT.get(r.status, '')}{_cell(r.notes)} |" for r in others],
+        *[f"| `{r.model_type}` | {_UNBUILT.get(r.status, '')}{_cell(r.notes)} |" for r in others(hf)],
         "",
     ]
     return "\n".join(lines)
@@ -101,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "support.md")
     args = parser.parse_args(argv)
     hf = [hf_sweep.result(t) for t in hf_sweep.model_types()]
+    bf16 = [hf_sweep.result(t, torch.bfloat16) for t in hf_sweep.model_types()]
     styles = [check_model(style, router_styles.build(style)[0]) for style in router_styles.STYLES]
-    args.out.write_text(render(hf, styles, datetime.date.today()))
+    args.out.write_text(render(hf, bf16, styles, datetime.date.today()))
     built = [r for r in hf if r.built]
     print(f"{sum(r.status == 'pass' for r in built)}/{len(built)} built families pass ({len(hf)} enumerated)")
     print(f"wrote {args.out}")

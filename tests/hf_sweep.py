@@ -427,7 +427,7 @@ def _try(make: Callable[[Any], nn.Module], cfg: Any) -> nn.Module | None:
         raise
 
 
-def build(model_type: str) -> Built | str:
+def build(model_type: str, dtype: torch.dtype = torch.float32) -> Built | str:
     """A tiny eval-mode model of ``model_type`` whose plain forward runs, or why there is none.
 
     Returns ``no-model``, ``not-moe`` or ``not-routed`` for types that are not a routed MoE model
@@ -453,7 +453,7 @@ def build(model_type: str) -> Built | str:
                 if model is None or type(model) in classes:
                     continue
                 classes.add(type(model))
-                built = _checked(model, kinds, failures)
+                built = _checked(model, kinds, failures, dtype)
                 if built is not None:
                     built.fallback = failures[0] if failures else ""
                     return built
@@ -464,9 +464,9 @@ def build(model_type: str) -> Built | str:
     return "not-routed" if "not-routed" in kinds else "not-moe" if kinds else "no-model"
 
 
-def _checked(model: nn.Module, kinds: set[str], failures: list[str]) -> Built | None:
-    """``model`` ready for the checks, if it is a routed MoE whose plain forward runs."""
-    model.float().eval()
+def _checked(model: nn.Module, kinds: set[str], failures: list[str], dtype: torch.dtype) -> Built | None:
+    """``model`` ready for the checks, if it is a routed MoE whose plain forward runs in ``dtype``."""
+    model.to(dtype).eval()
     for m in model.modules():  # no KV cache: hybrid models reject an attention cache of linear layers
         cfg = getattr(m, "config", None)
         if getattr(cfg, "use_cache", None):
@@ -490,9 +490,9 @@ def _checked(model: nn.Module, kinds: set[str], failures: list[str]) -> Built | 
 
 
 @cache
-def result(model_type: str) -> FamilyResult:
+def result(model_type: str, dtype: torch.dtype = torch.float32) -> FamilyResult:
     """:func:`run_family`, once per process (the per-family tests and the pass-rate test share it)."""
-    return run_family(model_type)
+    return run_family(model_type, dtype)
 
 
 @contextlib.contextmanager
@@ -506,16 +506,16 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_family(model_type: str) -> FamilyResult:
-    """Build ``model_type`` tiny and run the four checks; never raises."""
+def run_family(model_type: str, dtype: torch.dtype = torch.float32) -> FamilyResult:
+    """Build ``model_type`` tiny in ``dtype`` and run the four checks; never raises."""
     with _one_thread():
-        return _run_family(model_type)
+        return _run_family(model_type, dtype)
 
 
-def _run_family(model_type: str) -> FamilyResult:
+def _run_family(model_type: str, dtype: torch.dtype) -> FamilyResult:
     t0 = time.perf_counter()
     try:
-        built = build(model_type)
+        built = build(model_type, dtype)
     except BuildError as e:
         res = FamilyResult(model_type, "no-build", notes=str(e))
     except Exception as e:  # a crash in the sweep itself

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -20,9 +21,11 @@ _NOT_APPLICABLE = ("no-build", "no-model", "not-moe", "not-routed")
 PASS_RATE = 0.95
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("model_type", hf_sweep.model_types())
-def test_family(model_type: str) -> None:
-    res = hf_sweep.result(model_type)
+def test_family(model_type: str, dtype: torch.dtype) -> None:
+    """fp32, and bf16 (routers that cast to fp32 themselves, bf16 ties) where the plain bf16 forward runs."""
+    res = hf_sweep.result(model_type, dtype)
     if res.status in _NOT_APPLICABLE:
         pytest.skip(f"{res.status}: {res.notes}")
     if res.status == "refused":
