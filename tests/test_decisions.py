@@ -159,8 +159,6 @@ def test_successive_argmax_under_activation_checkpointing(mode: str) -> None:
             block.zero_grad()
             ckpt = checkpoint(block, x, use_reentrant=False)
             ckpt.square().sum().backward()
-        if mode == "replay":
-            assert all(not h.pending for h in session._hooks), "the recompute consumed its rows"
     assert torch.equal(plain, ckpt)
     assert all(torch.allclose(g, p.grad) for g, p in zip(grads, block.parameters(), strict=True))
 
