@@ -15,14 +15,19 @@ router family that the generic path gets wrong.
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import math
 import re
+import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+import torch
 from torch import nn
 
 from .errors import RouterNotFoundError
+from .intercept import DECISIONS
 
 __all__ = ["Adapter", "Matcher", "RouterSite", "find_routers", "format_sites"]
 
@@ -44,12 +49,15 @@ _TOPK_KEYS = (
     "top_k",
     "num_experts_per_tok",
     "moe_top_k",
+    "moe_topk",
     "topk",
     "num_experts_per_token",
     "experts_per_token",
     "num_selected_experts",
     "n_activated_experts",
+    "num_activated_experts",
     "router_topk",
+    "top_k_experts",
     "moe_k",
     "k",
 )
@@ -70,7 +78,9 @@ class Adapter:
         match: predicate ``(name, module) -> bool`` selecting the routers it applies to.
         scope: ``"router"`` intercepts the router's own forward; ``"parent"`` the module
             that holds it (for a bare ``Linear`` gate whose top-k runs in the MoE block).
-        decision: ``"auto"``, ``"topk"``, ``"argmax"`` or ``"max"``: which call is the decision.
+        decision: which call is the decision: ``"auto"`` (a ``topk``, or ``k`` successive
+            ``argmax``/``max`` calls), ``"topk"``, ``"argmax"``, ``"max"``, or ``"lookup"`` (hash
+            routing: the experts are read from a ``[vocab, k]`` integer table).
         unsupported: a reason; routers it matches are refused at ``attach`` with it.
 
     Example:
@@ -87,8 +97,8 @@ class Adapter:
     def __post_init__(self) -> None:
         if self.scope not in ("router", "parent"):
             raise ValueError(f"Adapter scope must be 'router' or 'parent', got {self.scope!r}")
-        if self.decision not in ("auto", "topk", "argmax", "max"):
-            raise ValueError(f"Adapter decision must be auto/topk/argmax/max, got {self.decision!r}")
+        if self.decision not in DECISIONS:
+            raise ValueError(f"Adapter decision must be one of {'/'.join(DECISIONS)}, got {self.decision!r}")
 
 
 def _is_plain_linear(name: str, module: nn.Module) -> bool:
@@ -97,6 +107,14 @@ def _is_plain_linear(name: str, module: nn.Module) -> bool:
 
 def _is_sparsemixer(name: str, module: nn.Module) -> bool:
     return "phimoe" in type(module).__name__.lower() and "router" in type(module).__name__.lower()
+
+
+def _has_expert_table(name: str, module: nn.Module) -> bool:
+    """A hash router: it owns an integer ``[vocab, k]`` table of expert ids (DeepSeek-V4)."""
+    return any(
+        b.dim() == 2 and not b.dtype.is_floating_point and b.dtype != torch.bool and b.shape[0] > b.shape[1]
+        for b in module.buffers(recurse=False)
+    )
 
 
 #: Adapters tried after the user's, first match wins.
@@ -108,8 +126,64 @@ BUILTIN_ADAPTERS: tuple[Adapter, ...] = (
         "straight-through estimator; its weights are not a gather of scores at the chosen experts, "
         "so replay cannot be exact",
     ),
+    Adapter("hash-table", match=_has_expert_table, decision="lookup"),
     Adapter("linear-gate", match=_is_plain_linear, scope="parent"),
 )
+
+
+#: Used for a product-key gate (Doge's CDMoE, PEER): see :func:`_product_key_experts`.
+_PRODUCT_KEY = Adapter(
+    "product-key",
+    match=lambda n, m: False,
+    unsupported="product-key routing picks experts by a top-k over sums of two half-key top-k scores; "
+    "an expert outside the candidate products has no score to gather, so replay cannot be exact",
+)
+
+
+def _product_key_experts(module: nn.Module, parent: nn.Module | None) -> int | None:
+    """E when ``module`` is a gate scoring two halves of sqrt(E) keys beside E experts held as
+    embedding rows (a product-key MoE), else None."""
+    out = getattr(module, "out_features", None)
+    if parent is None or not isinstance(out, int) or any(isinstance(c, nn.ModuleList) for c in parent.children()):
+        return None  # (a parent holding a list of layers is a model with token embeddings, not a block)
+    rows = [m.num_embeddings for m in parent.children() if isinstance(m, nn.Embedding)]
+    return next((n for n in set(rows) if rows.count(n) >= 2 and n >= 4 and out == 2 * math.isqrt(n)), None)
+
+
+#: Used when a router's forward cannot reach any decision call (it returns scores only).
+_BLOCK_DECISION = Adapter("block-decision", match=lambda n, m: False, scope="parent")
+
+_DECISION_NAMES = frozenset({"topk", "argmax", "max", "sort", "argsort", "kthvalue"})
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:  # comprehensions, lambdas, nested functions
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _reaches_decision(fn: Any, owner: type, depth: int = 0) -> bool:
+    """Can ``fn`` (a router's forward) call a top-k, argmax or max, directly or through the
+    methods of its class and the module-level functions it calls? True when it cannot be told
+    (no Python code to read): only a router proven to return scores alone is widened to its block.
+    """
+    fn = inspect.unwrap(fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return True
+    names = _code_names(code)
+    if names & _DECISION_NAMES:
+        return True
+    if depth >= 3:
+        return False
+    scope = getattr(fn, "__globals__", {})
+    for name in names:
+        target = getattr(owner, name, None) if name not in scope else scope[name]
+        if isinstance(target, types.FunctionType) and _reaches_decision(target, owner, depth + 1):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -143,7 +217,13 @@ class RouterSite:
         """One line saying how this router is intercepted."""
         if self.unsupported:
             return f"refused: {self.unsupported}"
-        call = {"auto": "topk" if self.top_k > 1 else "topk/argmax/max"}.get(self.decision, self.decision)
+        k = self.top_k
+        call = {
+            "auto": "topk/argmax/max" if k == 1 else f"topk or {k} argmax/max",
+            "argmax": "argmax" if k == 1 else f"{k} argmax",
+            "max": "max" if k == 1 else f"{k} max",
+            "lookup": "table lookup",
+        }.get(self.decision, self.decision)
         where = "its own forward" if self.scope == self.name else f"forward of '{self.scope}'"
         return f"{call} in {where}"
 
@@ -212,27 +292,49 @@ def _config_int(config: Any, keys: Sequence[str]) -> int | None:
     return None
 
 
-def _expert_width(module: nn.Module) -> int | None:
-    """E from the router's weight ``[E, hidden]`` or its single Linear child."""
+def _expert_widths(module: nn.Module) -> list[int]:
+    """Candidate E, best first: the router's weight ``[E, hidden]``, else its Linear layers.
+
+    A router that is a small MLP (ZAYA) scores experts with its last ``Linear``; a router
+    wrapping one ``Linear`` scores with that one.
+    """
     own = dict(module.named_parameters(recurse=False))
     w = own.get("weight")
     if w is None:
         w = next((p for p in own.values() if p.dim() == 2), None)
     if w is not None and w.dim() == 2:
-        return int(w.shape[0])
-    linears = [m for m in module.children() if isinstance(m, nn.Linear)]
-    if len(linears) == 1:
-        return int(linears[0].out_features)
+        return [int(w.shape[0])]
+    return [int(m.out_features) for m in reversed(list(module.modules())) if isinstance(m, nn.Linear)]
+
+
+def _decision_width(width: int, counts: set[int], module: nn.Module) -> int | None:
+    """The width of the score tensor the decision runs over, or None if ``width`` is no router's.
+
+    ``width`` is the router weight's row count. It is accepted when some expert count says so;
+    a weight with extra rows is accepted too: rows for shared experts that the decision does not
+    choose (the decision then runs over the routed experts only), or a few null experts (zero or
+    skip experts) that the decision may choose.
+    """
+    if width in counts:
+        return width
+    shared = _int_attr(module, ("n_shared_experts", "num_shared_experts"))
+    for c in sorted(counts):
+        if shared and width == c + shared:
+            return c
+        if c < width <= 2 * c:
+            return width
     return None
 
 
 def _expert_counts(module: nn.Module, parent: nn.Module | None, config: Any) -> set[int]:
-    counts = set()
-    for obj in (module, parent):
-        v = _int_attr(obj, _EXPERT_KEYS)
-        if v:
-            counts.add(v)
+    counts = {v for v in (_int_attr(module, (key,)) for key in _EXPERT_KEYS) if v}
+    v = _int_attr(parent, _EXPERT_KEYS)
+    if v:
+        counts.add(v)
     if parent is not None:
+        for child in parent.children():  # stacked expert weights [E, ...] beside the router (gpt-fast)
+            if child is not module and not isinstance(child, nn.modules.conv._ConvNd):
+                counts.update(int(p.shape[0]) for p in child.parameters(recurse=False) if p.dim() == 3)
         experts = getattr(parent, "experts", None)
         if isinstance(experts, nn.ModuleList | nn.Sequential):
             counts.add(len(experts))
@@ -253,9 +355,34 @@ def _top_k(module: nn.Module, parent: nn.Module | None, config: Any) -> int | No
     v = _config_int(config, _TOPK_KEYS)
     if v:
         return v
-    if re.search(r"top1|top_1|switch", type(module).__name__, re.I):
+    named = re.search(r"top_?(\d+)", type(module).__name__, re.I)
+    if named:
+        return int(named.group(1))
+    if re.search(r"switch", type(module).__name__, re.I):
         return 1
     return None
+
+
+def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[int]) -> bool:
+    """Does the router say it has experts, or sit beside an expert container?
+
+    A container is a sibling named like ``experts`` or of an ``*Experts`` class, or one
+    holding stacked expert weights (a 3-D parameter with one slice per expert, as gpt-fast's
+    ``cond_ffn``). This keeps gates that are not routers (a linear-attention ``forget_gate``) out.
+    """
+    if _int_attr(module, _EXPERT_KEYS):
+        return True
+    for attr, child in parent.named_children() if parent is not None else ():
+        if child is module:
+            continue
+        cls = type(child).__name__.lower()
+        if ("expert" in attr.lower() or cls.endswith("experts")) and "shared" not in attr.lower() + cls:
+            return True
+        if isinstance(child, nn.modules.conv._ConvNd):
+            continue
+        if any(p.dim() == 3 and p.shape[0] in widths for p in child.parameters(recurse=False)):
+            return True
+    return False
 
 
 def _looks_like_router(name: str, module: nn.Module) -> bool:
@@ -271,10 +398,12 @@ def _parent_name(name: str) -> str:
 
 
 def _nearest_config(name: str, modules: dict[str, nn.Module]) -> Any:
+    """The config (``config``, or ``args`` as MegaBlocks and mistral-inference call it) nearest above."""
     while True:
-        cfg = getattr(modules.get(name), "config", None)
-        if cfg is not None and not isinstance(cfg, nn.Module):
-            return cfg
+        for key in ("config", "args"):
+            cfg = getattr(modules.get(name), key, None)
+            if cfg is not None and not isinstance(cfg, nn.Module | tuple | list | dict | str):
+                return cfg
         if not name:
             return None
         name = _parent_name(name)
@@ -336,24 +465,35 @@ def find_routers(
         module = modules[name]
         parent = modules.get(_parent_name(name)) if name else None
         config = _nearest_config(name, modules)
-        width = num_experts or _expert_width(module)
         counts = _expert_counts(module, parent, config)
-        if inc is None:
-            cls_router = bool(_CLASS_HIT.search(type(module).__name__))
+        candidates = [num_experts] if num_experts else _expert_widths(module)
+        width = candidates[0] if len(candidates) == 1 else None
+        refusal = next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.unsupported and a.match(name, module)), None)
+        product_key = _product_key_experts(module, parent) if refusal is None else None
+        if product_key:
+            refusal, counts = _PRODUCT_KEY, {product_key}
+        if refusal is not None and inc is None:  # a known router family that cannot be replayed: report it
+            width, k = max(counts, default=width or 0), top_k or _top_k(module, parent, config) or 1
+        elif inc is None:
+            if not _near_experts(module, parent, candidates):
+                continue
+            if counts:
+                width = next((w for w in (_decision_width(c, counts, module) for c in candidates) if w), None)
+            elif not _CLASS_HIT.search(type(module).__name__):
+                continue
             if width is None or width < 2:
-                continue
-            if counts and width not in counts:
-                continue
-            if not counts and not cls_router:
                 continue
         elif width is None:
             problems.append(f"'{name}': cannot tell its expert count; pass num_experts=")
             continue
-        k = top_k or _top_k(module, parent, config)
+        if refusal is None or inc is not None:
+            k = top_k or _top_k(module, parent, config)
         if k is None:
             problems.append(f"'{name}' ({type(module).__name__}, {width} experts): cannot tell its top-k; pass top_k=")
             continue
-        adapter = next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.match(name, module)), None)
+        adapter = refusal or next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.match(name, module)), None)
+        if adapter is None and name and not _reaches_decision(type(module).forward, type(module)):
+            adapter = _BLOCK_DECISION  # it only scores: the top-k runs in its MoE block
         scope_name = name
         if adapter is not None and adapter.scope == "parent":
             if not name:

@@ -2,8 +2,11 @@
 
 While the scope module of a router (the router itself, or its MoE block for a bare
 ``nn.Linear`` gate) runs, a :class:`torch.overrides.TorchFunctionMode` watches for the
-decision call: ``topk`` with ``k == top_k`` over the expert dimension, or ``argmax`` /
-``max`` for top-1 routers. The mode is thread-local and active for that forward alone.
+decision: one ``topk`` with ``k == top_k`` over the expert dimension, or ``top_k``
+successive ``argmax`` / ``max`` calls (one per slot: a top-1 router, or a top-2 gate that
+takes a second argmax after masking the first expert, as in DeepSpeed and fairseq), or,
+for hash routing, one lookup of a ``[vocab, top_k]`` integer table. The mode is
+thread-local and active for that forward alone.
 
 * capture: the decision runs natively and its indices are written to the ring;
 * replay: the call is answered with ``(source.gather(-1, forced), forced)``, where
@@ -42,7 +45,12 @@ _ARGMAX = {torch.argmax, torch.Tensor.argmax}
 _MAX = {torch.max, torch.Tensor.max}
 _MASKS = {torch.masked_fill, torch.Tensor.masked_fill}
 _WHERE = {torch.where, torch.Tensor.where}
-_WATCHED = _TOPK | _ARGMAX | _MAX | _MASKS | _WHERE
+_LOOKUP = {torch.Tensor.__getitem__}
+_WATCHED = frozenset(_TOPK | _ARGMAX | _MAX | _MASKS | _WHERE)
+_WATCHED_LOOKUP = _WATCHED | _LOOKUP
+
+#: Decision kinds a router can declare (``auto``: topk, or successive argmax/max calls).
+DECISIONS = ("auto", "topk", "argmax", "max", "lookup")
 
 
 def _compiling() -> bool:
@@ -148,7 +156,7 @@ class RouterHook:
     name: str
     num_experts: int
     top_k: int
-    decision: str  # "auto" (topk, or argmax/max when top_k == 1), "topk", "argmax" or "max"
+    decision: str  # one of DECISIONS
     scope: nn.Module
     capture_ring: CaptureRing | None = None
     replay_source: ReplaySource | None = None
@@ -157,9 +165,16 @@ class RouterHook:
     kept: weakref.WeakKeyDictionary[Any, _Kept] = field(default_factory=weakref.WeakKeyDictionary)
     seen: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (scores, indices) per decision, when kept
     calls: int = 0  # scope forwards since the counter was reset (eager only)
-    decisions: int = 0  # decision calls seen since the counter was reset (eager only)
+    decisions: int = 0  # decisions seen since the counter was reset (eager only)
     _decided: bool = False
     _masks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # a decision may span several calls (successive argmax): the slots answered so far
+    _slots: list[torch.Tensor] = field(default_factory=list)
+    _kind: Any = None  # the function family of the first call of the decision
+    _row: torch.Tensor | None = None  # [n, k] rows the decision is answered with (replay, recompute)
+    _recompute: bool = False  # the decision is a checkpoint recompute
+    _regions: list[tuple[Any, bool]] = field(default_factory=list)
+    _source: torch.Tensor | None = None  # the scores of the decision's first call
 
     # ------------------------------------------------------------- scope forward
     def wrap(self, forward: Callable[..., Any]) -> ScopedForward:
@@ -169,80 +184,128 @@ class RouterHook:
     def _run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._decided = False
         self._masks = []
+        self._slots, self._kind, self._row, self._source, self._regions = [], None, None, None, []
         try:
             with _DecisionMode(self):
                 out = forward(*args, **kwargs)
         finally:
             self._masks = []
+            seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []
         if not _compiling():
             self.calls += 1
             if not self._decided:
+                expected = (
+                    f"a lookup of a [vocab, {self.top_k}] expert table"
+                    if self.decision == "lookup"
+                    else f"topk(k={self.top_k}) or {self.top_k} successive argmax/max calls over "
+                    f"{self.num_experts} experts"
+                )
+                partial = f" (saw {seen} of its {self.top_k} argmax/max calls)" if seen else ""
                 raise UnsupportedRouterError(
-                    f"router '{self.name}' ran, but no decision call was seen in its forward: expected "
-                    f"topk(k={self.top_k}) over {self.num_experts} experts"
-                    + (" or argmax/max" if self.top_k == 1 else "")
-                    + ". It may use a fused kernel or compute the top-k elsewhere: name the module that "
-                    "calls the top-k with include=, or register an Adapter; nothing was recorded or forced"
+                    f"router '{self.name}' ran, but no decision call was seen in its forward{partial}: "
+                    f"expected {expected}. It may use a fused kernel or compute the top-k elsewhere: name "
+                    "the module that calls the top-k with include=, or register an Adapter; nothing was "
+                    "recorded or forced"
                 )
         return out
 
     # ------------------------------------------------------------- the decision
     def matches(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Is this call the router's decision?"""
+        """Is this call (part of) the router's decision?"""
         if self._decided:
             return False
         x = args[0] if args else kwargs.get("input")
+        if func in _LOOKUP:
+            index = args[1] if len(args) > 1 else None
+            return (
+                self.decision == "lookup"
+                and isinstance(x, torch.Tensor)
+                and _is_int(x)
+                and x.dim() == 2
+                and x.shape[1] == self.top_k
+                and isinstance(index, torch.Tensor)
+                and _is_int(index)
+            )
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.num_experts:
             return False
         if func in _TOPK:
-            if self.decision not in ("auto", "topk"):
+            if self.decision not in ("auto", "topk") or self._slots:
                 return False
             k = args[1] if len(args) > 1 else kwargs.get("k")
             dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
             largest = args[3] if len(args) > 3 else kwargs.get("largest", True)
             return k == self.top_k and isinstance(dim, int) and dim in (-1, x.dim() - 1) and bool(largest)
-        if self.top_k != 1:
+        kind = _ARGMAX if func in _ARGMAX else _MAX if func in _MAX else None
+        if kind is None or self.decision not in ("auto", "argmax" if kind is _ARGMAX else "max"):
             return False
-        kind = "argmax" if func in _ARGMAX else "max" if func in _MAX else None
-        if kind is None or self.decision not in ("auto", kind):
-            return False
+        if self._slots and kind is not self._kind:
+            return False  # the slots of one decision are taken by calls of one kind
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         return isinstance(dim, int) and dim in (-1, x.dim() - 1)
 
     def decide(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Answer the decision call: native (capture), forced (replay) or recompute."""
-        self._decided = True
-        eager = not _compiling()
-        if eager:
-            self.decisions += 1
-        x: torch.Tensor = args[0] if args else kwargs["input"]
-        lead = x.shape[:-1]
-        n = x.numel() // self.num_experts
-        source = self._unmasked(x).reshape(-1, self.num_experts)
-        regions = _regions() if eager else []
-        if regions and _in_backward():  # a recompute: its forward's rows, never recorded nor counted again
-            forced = self._recomputed(regions, n)
-            if forced is None:  # its forward ran while the session was idle
-                return func(*args, **kwargs)
-            return self._answer(func, args, kwargs, source, forced, lead)
+        """Answer one decision call: native (capture), forced (replay) or recompute.
 
-        if self.replaying:
-            forced = self._forced(func, x, args, kwargs, n)
-        elif not (torch.is_grad_enabled() and source.requires_grad):  # native, answered by the call itself
-            out = func(*args, **kwargs)
-            idx = self._indices_of(func, out, n)
-            self._record(idx)
-            self._keep(regions, idx)
-            if self.seen is not None:
-                self.seen.append((source, idx))
-            return out
+        A ``topk`` or a table lookup answers all ``k`` slots at once; an ``argmax``/``max``
+        answers the next slot. The row is recorded when its last slot is answered.
+        """
+        x: torch.Tensor = args[0] if args else kwargs["input"]
+        lookup = func in _LOOKUP
+        span = self.top_k if (lookup or func in _TOPK) else 1
+        source: torch.Tensor | None = None
+        if lookup:
+            index: torch.Tensor = args[1]
+            n, lead = index.numel(), index.shape
+        else:
+            n, lead = x.numel() // self.num_experts, x.shape[:-1]
+            source = self._unmasked(x).reshape(-1, self.num_experts)
+        if not self._slots:
+            self._start(func, source, n)
+        start = sum(t.shape[1] for t in self._slots)
+        out = None
+        if self._row is not None:
+            forced = self._row[:, start : start + span]
+            if not self._recompute and self.replay_source is not None and self.replay_source.has_missing:
+                forced = torch.where(forced < 0, self._native(func, x, args, kwargs, n, span), forced)
+        elif self._recompute or source is None or not (torch.is_grad_enabled() and source.requires_grad):
+            out = func(*args, **kwargs)  # native, answered by the call itself
+            forced = self._indices_of(func, out, n, span)
         else:  # native decision, values through gather so that a recompute saves the same tensors
-            forced = self._native(func, x, args, kwargs, n)
-        self._record(forced)
-        self._keep(regions, forced)
-        if self.seen is not None:
-            self.seen.append((source, forced))
+            forced = self._native(func, x, args, kwargs, n, span)
+        self._slots.append(forced)
+        if start + span == self.top_k:
+            self._finish()
+        if out is not None:
+            return out
+        if lookup:
+            return forced.reshape(*lead, span)
+        assert source is not None
         return self._answer(func, args, kwargs, source, forced, lead)
+
+    def _start(self, func: Any, source: torch.Tensor | None, n: int) -> None:
+        """The first call of a decision: where its rows come from."""
+        eager = not _compiling()
+        self._kind = _ARGMAX if func in _ARGMAX else _MAX if func in _MAX else None
+        self._source, self._row, self._recompute = source, None, False
+        self._regions = _regions() if eager else []
+        if self._regions and _in_backward():  # a recompute: its forward's rows, never recorded nor counted again
+            self._recompute = True
+            self._row = self._recomputed(self._regions, n)  # None: its forward ran while the session was idle
+        elif self.replaying:
+            self._row = self._forced(n)
+
+    def _finish(self) -> None:
+        """The last slot is answered: record the row, keep it for recomputes and for ``keep_scores``."""
+        row = self._slots[0] if len(self._slots) == 1 else torch.cat(self._slots, dim=1)
+        self._decided = True
+        if not _compiling():
+            self.decisions += 1
+        if self._recompute:
+            return
+        self._record(row)
+        self._keep(self._regions, row)
+        if self.seen is not None and self._source is not None:
+            self.seen.append((self._source, row))
 
     def _keep(self, regions: list[tuple[Any, bool]], forced: torch.Tensor) -> None:
         """Keep the rows on every region that may be recomputed later (all of them, in a forward)."""
@@ -284,9 +347,8 @@ class RouterHook:
         self._keep(regions, forced)  # regions first run inside this recompute (nested checkpoints)
         return forced
 
-    def _forced(
-        self, func: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], n: int
-    ) -> torch.Tensor:
+    def _forced(self, n: int) -> torch.Tensor:
+        """The next ``n`` recorded rows ``[n, k]`` (-1 rows stay -1)."""
         src = self.replay_source
         assert src is not None
         if not _compiling() and not _graph_capturing():
@@ -297,29 +359,27 @@ class RouterHook:
                     "these forwards (check the batch against the routes, or slice the routes)"
                 )
             src.host_consumed += n
-        forced = src.read(n)
-        if src.has_missing:  # -1 rows: this token is routed natively
-            forced = torch.where(forced < 0, self._native(func, x, args, kwargs, n), forced)
-        return forced
+        return src.read(n)
 
     def _native(
-        self, func: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], n: int
+        self, func: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], n: int, span: int
     ) -> torch.Tensor:
         """The indices the model's own call would choose, without autograd."""
         rest = {k: v for k, v in kwargs.items() if k != "input"}
         out = func(x.detach(), *args[1:], **rest)
-        return self._indices_of(func, out, n)
+        return self._indices_of(func, out, n, span)
 
-    def _indices_of(self, func: Any, out: Any, n: int) -> torch.Tensor:
-        idx = out if func in _ARGMAX else out[1]
-        return idx.reshape(n, self.top_k)
+    @staticmethod
+    def _indices_of(func: Any, out: Any, n: int, span: int) -> torch.Tensor:
+        idx = out if (func in _ARGMAX or func in _LOOKUP) else out[1]
+        return idx.reshape(n, span)
 
     def _record(self, idx: torch.Tensor) -> None:
         if self.capturing and self.capture_ring is not None:
             self.capture_ring.write(idx)
 
+    @staticmethod
     def _answer(
-        self,
         func: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -327,8 +387,9 @@ class RouterHook:
         forced: torch.Tensor,
         lead: torch.Size,
     ) -> Any:
-        values = source.gather(-1, forced).reshape(*lead, self.top_k)
-        idx = forced.reshape(*lead, self.top_k)
+        span = forced.shape[1]
+        values = source.gather(-1, forced).reshape(*lead, span)
+        idx = forced.reshape(*lead, span)
         if func in _TOPK:
             return torch.return_types.topk((values, idx))
         keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
@@ -394,6 +455,10 @@ class ScopedForward:
         return f"<moe_replay forward of router '{self.__moe_replay_hook__.name}'>"
 
 
+def _is_int(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
 def _graph_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -404,6 +469,7 @@ class _DecisionMode(TorchFunctionMode):
     def __init__(self, hook: RouterHook) -> None:
         super().__init__()
         self.hook = hook
+        self.watched = _WATCHED_LOOKUP if hook.decision == "lookup" else _WATCHED
 
     def __torch_function__(
         self,
@@ -412,7 +478,7 @@ class _DecisionMode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if func not in _WATCHED:  # the hot path: every other torch call of the scope forward
+        if func not in self.watched:  # the hot path: every other torch call of the scope forward
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         hook = self.hook

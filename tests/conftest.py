@@ -21,6 +21,9 @@ import moe_replay as mr
 # suite's time steady.
 torch.set_num_threads(1)
 
+# No test downloads anything: transformers must not even try (it reads this when it is imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # ----------------------------------------------------------------------------- hypothesis
 # "ci" (the default): a fixed, bounded set of examples, so CI time and the case counts in
 # docs/reliability.md do not drift. "explore": fresh random examples on every run; scale

@@ -1,0 +1,289 @@
+"""Decision kinds beyond one top-k call: successive argmax (top-2 gates), hash-table lookups,
+routers that only score (top-k in the block), and the discovery rules that go with them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import moe_replay as mr
+
+E, D = 6, 16
+
+
+class Top2ArgmaxGate(nn.Module):
+    """A fairseq/DeepSpeed-style top-2 gate: argmax, mask the winner, argmax again.
+
+    ``calls`` argmax calls are made (1 simulates a broken router that stops after the first).
+    """
+
+    def __init__(self, calls: int = 2) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.k, self.calls, self.last = 2, calls, None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gates = F.softmax(self.wg(x), dim=1)
+        first = torch.argmax(gates, dim=1)
+        mask1 = F.one_hot(first, E)
+        second = torch.argmax(gates.masked_fill(mask1.bool(), float("-inf")), dim=1) if self.calls == 2 else first
+        idx = torch.stack([first, second], dim=1)
+        w = (gates * (mask1 + F.one_hot(second, E))).sum(dim=1, keepdim=True)
+        self.last = idx
+        return gates.gather(1, idx) / w, idx
+
+
+class HashRouter(nn.Module):
+    """DeepSeek-V4-style hash routing: experts from a token-id table, weights gathered from scores."""
+
+    def __init__(self, vocab: int = 32) -> None:
+        super().__init__()
+        self.top_k, self.num_experts = 2, E
+        self.weight = nn.Parameter(torch.randn(E, D))
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("tid2eid", torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(vocab)]))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x, self.weight).sigmoid()
+        idx = self.tid2eid[ids.reshape(-1)].long()
+        return scores.gather(1, idx), idx
+
+
+class ScoringRouter(nn.Module):
+    """A router module that only returns logits: the top-k runs in its block (DBRX style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class Block(nn.Module):
+    def __init__(self, router: nn.Module, top_k: int = 2) -> None:
+        super().__init__()
+        self.router, self.top_k, self.num_experts = router, top_k, E
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(self.router, HashRouter):
+            w, idx = self.router(x, ids)
+        elif isinstance(self.router, ScoringRouter):
+            w, idx = torch.topk(self.router(x).softmax(-1), self.top_k, dim=-1)
+        else:
+            w, idx = self.router(x)
+        out = torch.zeros_like(x)
+        for slot in range(idx.shape[1]):
+            for e, expert in enumerate(self.experts):
+                out = out + (idx[:, slot] == e)[:, None] * w[:, slot : slot + 1] * expert(x)
+        return out
+
+
+def _forced_routes(session: mr.Session, n: int, seed: int = 5) -> mr.Routes:
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(n)])
+    return mr.Routes([rows], names=session.names, num_experts=E)
+
+
+# ----------------------------------------------------------------------- successive argmax
+def test_top2_by_successive_argmax_is_one_decision_of_k2() -> None:
+    torch.manual_seed(0)
+    block, x = Block(Top2ArgmaxGate()), torch.randn(10, D)
+    (site,) = mr.find_routers(block)
+    assert (site.name, site.top_k, site.num_experts, site.scope) == ("router", 2, E, "router")
+    with mr.attach(block) as session:
+        with session.capture():
+            ref = block(x)
+        native = block.router.last
+        routes = session.routes()
+        assert torch.equal(routes.layer("router"), native)  # both slots, in call order
+        with session.replay(routes):
+            assert torch.equal(block(x), ref)
+        forced = _forced_routes(session, 10)
+        with session.replay(forced), session.capture():
+            out = block(x)
+        assert torch.equal(block.router.last, forced.layer("router"))
+        assert session.routes().equal(forced)
+    # the gate's own code computed the weights from the forced experts
+    gates = F.softmax(block.router.wg(x), dim=1)
+    f = forced.layer("router")
+    w = gates.gather(1, f) / gates.gather(1, f).sum(1, keepdim=True)
+    experts = list(enumerate(block.experts))
+    expect = sum((f[:, s] == e)[:, None] * w[:, s : s + 1] * ex(x) for s in range(2) for e, ex in experts)
+    assert torch.allclose(out, expect, atol=1e-6)
+
+
+def test_successive_argmax_with_missing_rows_routes_those_tokens_natively() -> None:
+    torch.manual_seed(1)
+    block, x = Block(Top2ArgmaxGate()), torch.randn(8, D)
+    with mr.attach(block) as session:
+        with session.capture():
+            block(x)
+        native = session.routes().layer("router")
+        forced = _forced_routes(session, 8).layer("router").clone()
+        forced[::2] = -1
+        with session.replay(mr.Routes([forced], names=session.names, num_experts=E)):
+            block(x)
+    got = block.router.last
+    assert torch.equal(got[1::2], forced[1::2])
+    assert torch.equal(got[::2], native[::2])
+
+
+def test_router_that_stops_after_one_argmax_is_an_error() -> None:
+    block = Block(Top2ArgmaxGate(calls=1))
+    with mr.attach(block) as session, session.capture():
+        with pytest.raises(mr.UnsupportedRouterError, match="1 of its 2 argmax"):
+            block(torch.randn(4, D))
+
+
+@pytest.mark.parametrize("mode", ["capture", "replay"])
+def test_successive_argmax_under_activation_checkpointing(mode: str) -> None:
+    torch.manual_seed(2)
+    block, x = Block(Top2ArgmaxGate()), torch.randn(10, D)
+    with mr.attach(block) as session:
+        with session.capture():
+            block(x)
+        routes = session.routes()
+        with torch.no_grad():
+            block.router.wg.weight.add_(torch.randn_like(block.router.wg.weight))
+        # two forwards (plain, then checkpointed): replay the routes twice
+        ctx = session.replay(mr.Routes.cat([routes, routes])) if mode == "replay" else session.capture()
+        with ctx:
+            plain = block(x)
+            plain.square().sum().backward()
+            grads = [p.grad.clone() for p in block.parameters()]
+            block.zero_grad()
+            ckpt = checkpoint(block, x, use_reentrant=False)
+            ckpt.square().sum().backward()
+    assert torch.equal(plain, ckpt)
+    assert all(torch.allclose(g, p.grad) for g, p in zip(grads, block.parameters(), strict=True))
+
+
+# ----------------------------------------------------------------------- hash lookup
+def test_hash_router_lookup_is_captured_and_forced() -> None:
+    torch.manual_seed(3)
+    block, x, ids = Block(HashRouter()), torch.randn(10, D), torch.randint(0, 32, (10,))
+    (site,) = mr.find_routers(block)
+    assert (site.adapter, site.decision, site.top_k) == ("hash-table", "lookup", 2)
+    with mr.attach(block) as session:
+        with session.capture():
+            ref = block(x, ids)
+        routes = session.routes()
+        assert torch.equal(routes.layer("router"), block.router.tid2eid[ids])
+        with session.replay(routes):
+            assert torch.equal(block(x, ids), ref)
+        forced = _forced_routes(session, 10)
+        with session.replay(forced), session.capture():
+            out = block(x, ids)
+        assert session.routes().equal(forced)
+        out.sum().backward()
+    assert block.router.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------- discovery
+def test_router_that_only_scores_is_intercepted_in_its_block() -> None:
+    block = Block(ScoringRouter())
+    (site,) = mr.find_routers(block)
+    assert (site.adapter, site.scope, site.num_experts, site.top_k) == ("block-decision", "", E, 2)
+    _assert_round_trip(block)
+
+
+def _assert_round_trip(block: Block) -> None:
+    """Capture, then replay: the same output."""
+    x = torch.randn(6, D)
+    with mr.attach(block) as session:
+        with session.capture():
+            ref = block(x)
+        with session.replay(session.routes()):
+            assert torch.equal(block(x), ref)
+
+
+class _Attention(nn.Module):
+    """A linear-attention layer with a `forget_gate` as wide as the expert count: not a router."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forget_gate = nn.Linear(D, E)
+        self.proj = nn.Linear(D, D)
+
+
+def test_gates_away_from_experts_are_not_routers() -> None:
+    model = nn.ModuleDict({"attn": _Attention(), "moe": Block(Top2ArgmaxGate())})
+    model.config = type("Cfg", (), {"num_experts": E, "num_experts_per_tok": 2})()
+    assert [s.name for s in mr.find_routers(model)] == ["moe.router"]
+
+
+class _SharedColumnsRouter(nn.Module):
+    """Rows for 2 shared experts after the routed ones (Inkling): the top-k runs over the routed E."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.n_shared_experts, self.top_k = E, 2, 2
+        self.weight = nn.Parameter(torch.randn(E + 2, D))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x, self.weight).sigmoid()
+        w, idx = torch.topk(scores[:, :E], 2, dim=-1)
+        return w, idx
+
+
+class _NullExpertRouter(nn.Module):
+    """A router MLP scoring E experts plus one skip expert (ZAYA): the top-k runs over E + 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 1
+        self.down = nn.Linear(D, 8)
+        self.out = nn.Linear(8, E + 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = torch.topk(self.out(self.down(x)).softmax(-1), 1, dim=-1)
+        return w, idx.clamp(max=E - 1)
+
+
+class SwitchTop1Router(nn.Module):
+    """No attribute says k: the class name does (``NllbMoeTop2Router``, ``...Top1Router``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(D, E)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.classifier(x).softmax(-1)
+        idx = torch.argmax(probs, dim=-1, keepdim=True)
+        return probs.gather(-1, idx), idx
+
+
+@pytest.mark.parametrize(
+    ("router", "width", "k"), [(_SharedColumnsRouter, E, 2), (_NullExpertRouter, E + 1, 1), (SwitchTop1Router, E, 1)]
+)
+def test_decision_width_and_k(router: type[nn.Module], width: int, k: int) -> None:
+    block = Block(router(), top_k=k)
+    (site,) = mr.find_routers(block)
+    assert (site.num_experts, site.top_k) == (width, k)
+    _assert_round_trip(block)
+
+
+class _ProductKeyMoE(nn.Module):
+    """Doge's CDMoE shape: a gate over two halves of sqrt(E) keys, experts as embedding rows."""
+
+    def __init__(self, num_experts: int = 16) -> None:
+        super().__init__()
+        keys = int(num_experts**0.5)
+        self.router_gate = nn.Linear(D, 2 * keys, bias=False)
+        self.down_embed = nn.Embedding(num_experts, D)
+        self.up_embed = nn.Embedding(num_experts, D)
+        self.num_experts_per_tok = 2
+
+
+def test_product_key_router_is_refused_with_its_reason() -> None:
+    model = nn.ModuleDict({"mlp": _ProductKeyMoE()})
+    (site,) = mr.find_routers(model)
+    assert (site.name, site.adapter, site.num_experts) == ("mlp.router_gate", "product-key", 16)
+    with pytest.raises(mr.UnsupportedRouterError, match="product-key routing"):
+        mr.attach(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
