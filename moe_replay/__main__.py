@@ -1,18 +1,32 @@
-"""Command line: ``python -m moe_replay {demo,inspect}``."""
+"""Command line: ``python -m moe_replay {demo,inspect}`` (also installed as ``moe-replay``).
+
+``demo`` runs the whole loop on a reference MoE; ``inspect`` prints the routers that
+:func:`moe_replay.attach` would intercept in a reference model, a local HuggingFace
+checkpoint directory or a tiny random instance of an HF model type.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from . import models
 from .discovery import find_routers, format_sites
+from .errors import MoEReplayError
 from .metrics import compare
 from .routes import Routes
 from .session import attach
+
+
+class _UsageError(Exception):
+    """A command-line argument that names nothing usable; printed as ``error: ...``."""
 
 
 def _mismatch(a: Routes, b: Routes) -> tuple[float, list[float]]:
@@ -69,33 +83,215 @@ def demo(style: str = "softmax_topk", new_tokens: int = 16, seed: int = 0, devic
     return {"free_drift": drift, "replay_drift": replay_drift, "min_grad": min(grads)}
 
 
-def inspect_model(target: str) -> str:
-    """The router table of a reference model style."""
+# --------------------------------------------------------------------------- inspect
+def load_model(target: str, *, seed: int = 0, layers: int | None = None) -> tuple[nn.Module, str]:
+    """The model ``inspect`` looks at, and one line describing where it came from.
+
+    ``target`` is a reference style (:data:`moe_replay.models.STYLES`), a local HF
+    checkpoint directory (``config.json`` + weights), or an HF model type such as
+    ``qwen3_moe`` (a tiny random instance; needs transformers).
+    """
+    from . import _hf
+
+    extra: dict[str, Any] = {}
     if target in models.STYLES:
-        return format_sites(find_routers(models.build(target)))
-    raise SystemExit(f"unknown model '{target}': use one of {', '.join(models.STYLES)}")
+        if layers is not None:
+            extra["num_layers"] = layers
+        model = models.build(target, seed=seed, **extra)
+        cfg = model.config
+        return model, (f"reference MoE '{target}': {cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k}")
+    if _hf.is_checkpoint_dir(target):
+        model = _hf.load_checkpoint(target)
+        return model, f"{type(model).__name__} loaded from the checkpoint directory {target}"
+    if Path(target).exists() or "/" in target or "\\" in target:
+        raise _UsageError(
+            f"'{target}' is not a checkpoint directory (a directory with a config.json). Models are not "
+            "downloaded: save one with model.save_pretrained(path) and pass that path"
+        )
+    if layers is not None:
+        extra["num_hidden_layers"] = layers
+    try:
+        model = _hf.tiny_model(target, seed=seed, **extra)
+    except ValueError as e:
+        raise _UsageError(f"{e}; reference styles are {', '.join(models.STYLES)}") from None
+    return model, f"{type(model).__name__}: a tiny random instance of the HF model type '{target}'"
+
+
+def _example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A small batch of token ids for a dry run."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int):
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = getattr(emb, "num_embeddings", 2)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = torch.randint(0, int(vocab), (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    inputs = {"input_ids": ids}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
+    return inputs
+
+
+def inspect_model(
+    target: str,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    top_k: int | None = None,
+    num_experts: int | None = None,
+    verify: bool = False,
+    seed: int = 0,
+    layers: int | None = None,
+) -> str:
+    """The router table of a model (see :func:`load_model` for what ``target`` can be).
+
+    With ``verify``, one forward on 8 random tokens checks that every router runs and
+    that its decision call is seen.
+    """
+    model, origin = load_model(target, seed=seed, layers=layers)
+    sites = find_routers(
+        model,
+        include=list(include) if include else None,
+        exclude=list(exclude) if exclude else None,
+        top_k=top_k,
+        num_experts=num_experts,
+    )
+    refused = [s for s in sites if s.unsupported]
+    lines = [f"model: {origin}", format_sites(sites), ""]
+    lines.append(
+        f"{len(sites)} router(s), {len(sites) - len(refused)} replayable"
+        + (f"; attach() refuses {len(refused)}: exclude them with exclude= to replay the others" if refused else "")
+    )
+    if verify and not refused:
+        with attach(
+            model,
+            include=list(include) if include else None,
+            exclude=list(exclude) if exclude else None,
+            top_k=top_k,
+            num_experts=num_experts,
+        ) as session:
+            calls = session.verify(**_example_inputs(model))
+        runs = sorted(set(calls.values()))
+        lines.append(
+            f"verify: one forward on 8 tokens ran every router ({', '.join(map(str, runs))} call(s) each) "
+            "and saw every decision call"
+        )
+    elif verify:
+        lines.append("verify: skipped, some routers are refused")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- parser
+_DESCRIPTION = """\
+Capture and replay the routing of PyTorch Mixture-of-Experts models.
+Run `python -m moe_replay COMMAND --help` for the options and examples of a command."""
+
+_EPILOG = """\
+examples:
+  python -m moe_replay demo                       # the whole loop, on CPU in seconds
+  python -m moe_replay inspect qwen3_moe          # the routers of a tiny random Qwen3-MoE
+  python -m moe_replay inspect ./my-checkpoint    # the routers of a saved HF model"""
+
+_DEMO_EPILOG = """\
+examples:
+  python -m moe_replay demo
+  python -m moe_replay demo --style grouped_sigmoid --new-tokens 32
+  python -m moe_replay demo --device cuda
+
+The exit status is 0 when replay reproduced every recorded route and gradients reached
+every router, 1 otherwise."""
+
+_INSPECT_EPILOG = f"""\
+MODEL is one of:
+  a reference style     {", ".join(models.STYLES)}
+  a checkpoint folder   a local directory written by save_pretrained (config.json +
+                        weights); nothing is downloaded
+  an HF model type      e.g. qwen3_moe, mixtral, deepseek_v3, olmoe: a tiny random
+                        instance built from that type's default config, shrunk
+The last two need HuggingFace transformers (pip install 'moe_replay[hf]').
+
+examples:
+  python -m moe_replay inspect softmax_topk
+  python -m moe_replay inspect qwen3_moe --verify
+  python -m moe_replay inspect ./my-checkpoint --exclude '*.shared_expert_gate'
+  python -m moe_replay inspect ./my-model --include 'layers.*.moe.router' --top-k 2
+
+Columns: router (module path), class, E (experts), k (experts per token), and how the
+decision call is intercepted. Routers marked 'refused' make attach() raise."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_replay", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt
+    )
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    p = sub.add_parser(
+        "demo",
+        help="capture while generating, perturb the routers, replay with gradients",
+        description=textwrap.dedent("""\
+            Build a 4-layer reference MoE, record the experts every router chooses while it
+            generates, perturb the router weights (a stand-in for a policy update), show how
+            many routing decisions a free forward now changes, then replay the recorded routes
+            in a training forward and backward and check that every route was reproduced and
+            every router got a gradient."""),
+        epilog=_DEMO_EPILOG,
+        formatter_class=fmt,
+    )
+    p.add_argument("--style", default="softmax_topk", choices=models.STYLES, help="router style of the reference MoE")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and prompt (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    q = sub.add_parser(
+        "inspect",
+        help="print the routers of a reference model, a local HF checkpoint or an HF model type",
+        description="Print the router table of a model: every module that attach() would intercept, its "
+        "expert count E, its top-k and how its decision call is intercepted.",
+        epilog=_INSPECT_EPILOG,
+        formatter_class=fmt,
+    )
+    q.add_argument("model", metavar="MODEL", help="reference style, checkpoint directory or HF model type")
+    q.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        help="take exactly the modules matching this name or glob as routers (repeatable)",
+    )
+    q.add_argument(
+        "--exclude", action="append", metavar="PATTERN", help="drop the routers matching this name or glob (repeatable)"
+    )
+    q.add_argument("--top-k", type=int, help="k for every router, when the model does not say")
+    q.add_argument("--num-experts", type=int, help="expert count for every router, when its weight does not say")
+    q.add_argument(
+        "--verify", action="store_true", help="also run one forward on random tokens and check that every router fires"
+    )
+    q.add_argument("--layers", type=int, help="layer count of a reference or tiny random model")
+    q.add_argument("--seed", type=int, default=0, help="seed of a random model's weights (default 0)")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m moe_replay``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m moe_replay",
-        description="Capture and replay MoE routing. Commands: demo (the whole loop on a reference MoE), "
-        "inspect (print the routers a model has).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="capture while generating, perturb the routers, replay with gradients")
-    p.add_argument("--style", default="softmax_topk", choices=models.STYLES, help="router style of the reference MoE")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and prompt")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    q = sub.add_parser("inspect", help="print the router table of a model")
-    q.add_argument("model", help=f"a reference style ({', '.join(models.STYLES)})")
-    args = parser.parse_args(argv)
+    """Entry point of ``python -m moe_replay`` and ``moe-replay``."""
+    args = _parser().parse_args(argv)
     if args.command == "demo":
         out = demo(args.style, args.new_tokens, args.seed, args.device)
         return 0 if out["replay_drift"] == 0.0 and out["min_grad"] > 0 else 1
-    print(inspect_model(args.model))
+    try:
+        print(
+            inspect_model(
+                args.model,
+                include=args.include,
+                exclude=args.exclude,
+                top_k=args.top_k,
+                num_experts=args.num_experts,
+                verify=args.verify,
+                seed=args.seed,
+                layers=args.layers,
+            )
+        )
+    except (_UsageError, MoEReplayError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -234,7 +234,7 @@ def format_sites(sites: Sequence[RouterSite]) -> str:
     rows += [(s.name, s.module_class, str(s.num_experts), str(s.top_k), s.how) for s in sites]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
-    lines.insert(1, "-" * max(len(x) for x in lines))
+    lines.insert(1, "-" * min(max(len(x) for x in lines), 120))
     return "\n".join(lines)
 
 
