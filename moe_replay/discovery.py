@@ -229,7 +229,16 @@ class RouterSite:
 
 
 def format_sites(sites: Sequence[RouterSite]) -> str:
-    """A plain-text table of routers, as printed by ``python -m moe_replay inspect``."""
+    """A plain-text table of routers, as printed by ``python -m moe_replay inspect``.
+
+    Example:
+        >>> import moe_replay as mr
+        >>> print(mr.format_sites(mr.find_routers(mr.models.build("linear_gate"))))
+        router             class   E  k  intercepted
+        ------------------------------------------------------------------
+        layers.0.mlp.gate  Linear  8  2  topk in forward of 'layers.0.mlp'
+        layers.1.mlp.gate  Linear  8  2  topk in forward of 'layers.1.mlp'
+    """
     rows = [("router", "class", "E", "k", "intercepted")]
     rows += [(s.name, s.module_class, str(s.num_experts), str(s.top_k), s.how) for s in sites]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -21,6 +21,11 @@ def index_dtype(num_experts: int) -> torch.dtype:
     """Smallest integer dtype that holds the indices ``0 .. num_experts - 1``.
 
     uint8 up to 256 experts (1 byte per index), int16 up to 32768, int32 beyond.
+
+    Example:
+        >>> import moe_replay as mr
+        >>> mr.index_dtype(128), mr.index_dtype(384)
+        (torch.uint8, torch.int16)
     """
     if num_experts <= 256:
         return torch.uint8
