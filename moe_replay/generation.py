@@ -141,6 +141,22 @@ def split_generation(
 
     Raises:
         RoutesValidationError: the row count does not fit ``B``, ``P`` and ``N``.
+
+    Example:
+        Replay a rollout in one teacher-forced forward over ``generate()``'s output:
+
+        >>> import torch, moe_replay as mr
+        >>> model = mr.models.build("softmax_topk")
+        >>> prompt, mask = torch.randint(1, 128, (2, 4)), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+        >>> with mr.attach(model) as session:
+        ...     with session.capture():
+        ...         seqs = model.generate(prompt, max_new_tokens=3, attention_mask=mask)
+        ...     parts = mr.split_generation(session.routes(), attention_mask=mask, keep_padding=True)
+        ...     full_mask = torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], dim=1)
+        ...     with session.replay(mr.Routes.cat(parts)):
+        ...         model(seqs, attention_mask=full_mask, labels=seqs).loss.backward()
+        >>> [p.num_tokens for p in parts]  # the [2, 4 + 3] grid of generate()'s output
+        [7, 7]
     """
     if not isinstance(routes, Routes):
         raise TypeError(f"split_generation takes Routes, got {type(routes).__name__}")

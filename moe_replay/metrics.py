@@ -183,6 +183,26 @@ def compare(a: Routes, b: Routes, *, mode: str = "set", names: Sequence[str] | N
     Raises:
         RoutesValidationError: the two hold different routers, token counts, k or
             expert counts.
+
+    Example:
+        >>> import torch, moe_replay as mr
+        >>> model = mr.models.build("softmax_topk")
+        >>> x = torch.randint(0, model.config.vocab_size, (2, 8))
+        >>> with mr.attach(model) as session:
+        ...     with session.capture():
+        ...         _ = model(x)
+        ...     before = session.routes()
+        ...     with torch.no_grad():  # flip the first router: it now picks its bottom-k
+        ...         _ = model.layers[0].mlp.router.weight.neg_()
+        ...     with session.capture():
+        ...         _ = model(x)
+        ...     after = session.routes()
+        >>> report = mr.compare(before, after)
+        >>> float(report.per_layer[0])  # every decision of the first router changed
+        1.0
+        >>> print(report)  # doctest: +ELLIPSIS
+        RoutingComparison(mode='set', routers=2, tokens=16, excluded_rows=0)
+          decisions differing: ...
     """
     if mode not in ("set", "slot"):
         raise ValueError(f"mode must be 'set' or 'slot', got {mode!r}")

@@ -43,51 +43,48 @@ print(f"policy: {cfg.num_layers} MoE layers, {cfg.num_experts} experts, top-{cfg
 # Our engine is a **bfloat16 copy** of the policy: the same weights computed in another
 # precision, which is one of the sources of the engine/trainer mismatch. (With vLLM or
 # SGLang you would ask the engine for its routed experts instead, and convert them with
-# `moe_replay.interop`.)
+# `moe_replay.interop`: see [docs/formats.md](../docs/formats.md).)
 #
 # We attach a session to the engine and capture while it samples 12 new tokens for a
-# batch of 8 prompts. Capture costs one small device write per router per forward: no
-# host synchronisation, so it also runs inside CUDA graphs.
+# batch of 8 prompts of different lengths, left-padded as generation needs them. Capture
+# costs one small device write per router per forward, with no host synchronisation.
 
 # %%
 engine = copy.deepcopy(policy).to(torch.bfloat16)
 engine_session = mr.attach(engine)
 
-batch, prompt_len, new_tokens = 8, 6, 12
-prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len))
+batch, prompt_len, new_tokens = 8, 8, 12
+prompt_lengths = torch.randint(3, prompt_len + 1, (batch,))
+prompt_mask = (torch.arange(prompt_len) >= prompt_len - prompt_lengths[:, None]).long()  # left padding
+prompts = torch.randint(1, cfg.vocab_size, (batch, prompt_len)) * prompt_mask
 with engine_session.capture():
     sequences = engine.generate(
-        prompts, max_new_tokens=new_tokens, do_sample=True, generator=torch.Generator().manual_seed(1)
+        prompts, max_new_tokens=new_tokens, attention_mask=prompt_mask, do_sample=True,
+        generator=torch.Generator().manual_seed(1),
     )
 captured = engine_session.routes()
-print("sequences:", tuple(sequences.shape))
+print("sequences:", tuple(sequences.shape), "| prompt lengths:", prompt_lengths.tolist())
 print("captured: ", captured)
 
 # %% [markdown]
 # ## 2. Align the routes with the training batch
 #
-# The capture holds rows in the order the routers saw them: the prompt forward (8 x 6
-# rows), then one row per sequence per decode step. The last sampled token is never fed
-# back, so it has no route: 8 x 6 + 8 x 11 = 136 rows.
+# The capture holds rows in the order the routers saw them: the prompt forward (8 x 8
+# rows, padding included), then one row per sequence per decode step. The last sampled
+# token is never fed back, so it has no route: 8 x 8 + 8 x 11 = 152 rows.
 #
-# The training forward runs over `sequences` (8 x 18 tokens, row by row), so it needs
-# one route per token in that order. The last token of each sequence gets a `-1` row,
-# which means "route natively": its route cannot change the loss, since no later token
-# attends to it and its logits predict nothing.
+# The training forward runs over `sequences` (8 x 20 tokens, row by row), so it needs
+# one route per token in that order. `mr.split_generation` cuts the capture into one
+# `Routes` per sequence, aligned to its token positions; with `keep_padding=True` the
+# padding positions stay in place as `-1` rows, so that `Routes.cat` gives exactly the
+# rows of a forward over `sequences`. A `-1` row means "route natively": padding, and the
+# last token of each sequence, whose route cannot change the loss (no later token attends
+# to it and its logits predict nothing).
 
 # %%
-def training_order(routes, batch, prompt_len, new_tokens):
-    """Routes of a batched generate() in the token order of a forward over its output."""
-    b = torch.arange(batch)[:, None]
-    t = torch.arange(prompt_len + new_tokens)[None, :]
-    row = torch.where(t < prompt_len, b * prompt_len + t, batch * prompt_len + (t - prompt_len) * batch + b)
-    last = t == prompt_len + new_tokens - 1
-    arr = routes.to_numpy()[row.clamp(max=routes.num_tokens - 1).flatten().numpy()]
-    arr[last.expand(batch, -1).flatten().numpy()] = -1
-    return mr.Routes.from_numpy(arr, names=routes.names, num_experts=routes.experts_per_layer)
-
-
-rollout = training_order(captured, batch, prompt_len, new_tokens)
+per_sequence = mr.split_generation(captured, attention_mask=prompt_mask, sequences=sequences, keep_padding=True)
+rollout = mr.Routes.cat(per_sequence)
+attention_mask = torch.cat([prompt_mask, torch.ones(batch, new_tokens, dtype=torch.long)], dim=1)
 print(rollout)
 
 # %% [markdown]
@@ -98,7 +95,7 @@ print(rollout)
 # %%
 def token_logprobs(model, sequences):
     """log p(token t+1 | tokens <= t) for every position but the last: [batch, len - 1]."""
-    logits = model(sequences).logits[:, :-1].float()
+    logits = model(sequences, attention_mask=attention_mask).logits[:, :-1].float()
     return torch.log_softmax(logits, dim=-1).gather(-1, sequences[:, 1:, None]).squeeze(-1)
 
 
@@ -112,39 +109,28 @@ completion[:, prompt_len - 1 :] = True  # positions whose next token was generat
 # ## 3. The engine/trainer mismatch, before any update
 #
 # Attach a session to the training policy (float32) and run a plain forward over the
-# rollout tokens, capturing which experts the trainer would choose on its own. Then run
-# the same forward replaying the rollout's routes.
+# rollout tokens, capturing which experts the trainer would choose on its own.
+# `mr.compare` reports the R3 paper's figures: the share of router decisions that differ,
+# the share of tokens that differ in at least one router, and more. Rows that are -1 on
+# either side (padding, last tokens) are left out.
 
 # %%
 session = mr.attach(policy)
-
-
-def mismatch(a, b):
-    """Per router: the share of tokens whose set of k experts differs (-1 rows skipped)."""
-    out = []
-    for x, y in zip(a.per_layer(), b.per_layer(), strict=True):
-        keep = (x >= 0).all(-1) & (y >= 0).all(-1)
-        same = (x[keep].sort(-1).values == y[keep].sort(-1).values).all(-1)
-        out.append(1 - same.float().mean().item())
-    return torch.tensor(out)
-
-
 with torch.no_grad(), session.capture():
     free_logprobs = token_logprobs(policy, sequences)
-before = mismatch(rollout, session.routes())
-print(f"routing mismatch engine vs trainer: {before.mean():.1%} of decisions (per router: "
-      + ", ".join(f"{m:.1%}" for m in before) + ")")
-
-with torch.no_grad(), session.replay(rollout):
-    replay_logprobs = token_logprobs(policy, sequences)
+before = mr.compare(rollout, session.routes())
+before
 
 # %% [markdown]
 # The importance ratio `exp(trainer logprob - engine logprob)` of a generated token should
 # be 1 before any update. Tokens routed through other experts than the engine's carry the
-# largest errors; replay removes that part and leaves only the numerical noise of bf16
-# against float32.
+# largest errors. Replaying the rollout's routes removes that part and leaves only the
+# numerical noise of bf16 against float32.
 
 # %%
+with torch.no_grad(), session.replay(rollout):
+    replay_logprobs = token_logprobs(policy, sequences)
+
 for label, logprobs in (("free routing", free_logprobs), ("replay", replay_logprobs)):
     err = (logprobs - old_logprobs).abs()[completion]
     print(f"|log ratio| with {label:12}: mean {err.mean():.5f}, max {err.max():.5f}")
@@ -185,18 +171,17 @@ optimizer.zero_grad()
 # %%
 with torch.no_grad(), session.capture():
     token_logprobs(policy, sequences)
-after = mismatch(rollout, session.routes())
-print(f"routing mismatch after one step: {after.mean():.1%} of decisions")
+after = mr.compare(rollout, session.routes())
+after
 
-fig, ax = plt.subplots(figsize=(6, 2.4))
-pos = torch.arange(len(before))
-ax.bar(pos - 0.2, before * 100, width=0.4, label="before the update")
-ax.bar(pos + 0.2, after * 100, width=0.4, label="after one step")
-ax.set_xticks(pos, [n.split(".mlp")[0] for n in rollout.names])
-ax.set_ylabel("decisions differing (%)")
-ax.set_title("routing mismatch against the rollout, per layer")
-ax.legend(fontsize=8)
-plt.show()
+# %% [markdown]
+# `plot()` draws the mismatch per router and the expert load on each side (`a` is the
+# rollout, `b` the updated policy's free routing):
+
+# %%
+fig = after.plot()
+fig.set_size_inches(9, 2.8)
+fig.tight_layout()
 
 # %% [markdown]
 # ## 5. A training step with replay under activation checkpointing
@@ -237,8 +222,9 @@ for c in counters:
     c.remove()
 
 print("router runs (forward + recompute):", runs)
-print(f"routing mismatch under replay: {mismatch(rollout, forced).mean():.1%} of decisions")
-assert all(n == 2 for n in runs.values()) and mismatch(rollout, forced).max() == 0
+replayed = mr.compare(rollout, forced)
+assert all(n == 2 for n in runs.values()) and replayed.overall == 0
+replayed
 
 # %% [markdown]
 # ## Expert load
