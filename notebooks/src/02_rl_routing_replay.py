@@ -190,18 +190,23 @@ fig.tight_layout()
 # time during backward to rebuild its activations. That recompute must use the same
 # experts as the forward, or the gradient is computed for a different network.
 # moe_replay detects the recompute (it runs inside the autograd engine) and hands each
-# router the very rows its forward consumed. Nothing to switch by hand, and every row is
+# router the very rows its forward used. Nothing to switch by hand, and every row is
 # counted once in the end-of-replay check.
 #
-# Here we checkpoint every decoder layer with `torch.utils.checkpoint`, count how often
-# each router runs, and capture inside the replay to record what was forced.
+# The reference models checkpoint every layer with `torch.utils.checkpoint` when
+# `config.checkpointing` is `"non_reentrant"` or `"reentrant"`; an HF model has its own
+# gradient-checkpointing switch (notebook 4), and your own code can wrap its layers in
+# `torch.utils.checkpoint.checkpoint`. To see the recompute happen we count how often each
+# router runs, and we capture inside the replay to record what was forced.
+#
+# **Load balancing.** A model's own auxiliary loss usually runs its own top-k again on the
+# router logits, outside the router; under replay it would count the experts the current
+# router *would* pick, not the ones the forward used. `mr.load_balancing_loss` takes the
+# experts actually used and the current router probabilities, which `session.keep_scores()`
+# collects during the forward (with their gradients).
 
 # %%
-from torch.utils.checkpoint import checkpoint
-
-for layer in policy.layers:
-    layer.forward = lambda *args, _inner=layer.forward: checkpoint(_inner, *args, use_reentrant=False)
-
+policy.config.checkpointing = "non_reentrant"
 runs = dict.fromkeys(session.names, 0)
 
 
@@ -211,9 +216,10 @@ def count_run(module, args, output, name):
 
 counters = [policy.get_submodule(n).register_forward_hook(partial(count_run, name=n)) for n in session.names]
 
-with session.replay(rollout), session.capture():
+with session.replay(rollout), session.capture(), session.keep_scores() as kept:
     logprobs = token_logprobs(policy, sequences)
-    loss = ppo_loss(logprobs, old_logprobs, advantages, completion)
+    aux_loss = mr.load_balancing_loss(kept.scores, kept.indices, mask=attention_mask)
+    loss = ppo_loss(logprobs, old_logprobs, advantages, completion) + 0.01 * aux_loss
     loss.backward()
 forced = session.routes()
 optimizer.step()
@@ -222,6 +228,7 @@ for c in counters:
     c.remove()
 
 print("router runs (forward + recompute):", runs)
+print(f"load-balancing loss {aux_loss.item():.2f} ({cfg.top_k} when the load is perfectly balanced)")
 replayed = mr.compare(rollout, forced)
 assert all(n == 2 for n in runs.values()) and replayed.overall == 0
 replayed
@@ -229,9 +236,7 @@ replayed
 # %% [markdown]
 # ## Expert load
 #
-# How many token slots each expert received in the rollout, per layer. A router's own
-# load-balancing loss usually recomputes its top-k from the logits, so it does not see the
-# replayed routes; compute it from the routes instead.
+# How many token slots each expert received in the rollout, per layer:
 
 # %%
 load = torch.stack([torch.bincount(r[r >= 0], minlength=cfg.num_experts) for r in rollout.per_layer()])
