@@ -108,10 +108,8 @@ def load_model(target: str, *, seed: int = 0, layers: int | None = None) -> tupl
             f"'{target}' is not a checkpoint directory (a directory with a config.json). Models are not "
             "downloaded: save one with model.save_pretrained(path) and pass that path"
         )
-    if layers is not None:
-        extra["num_hidden_layers"] = layers
     try:
-        model = _hf.tiny_model(target, seed=seed, **extra)
+        model = _hf.tiny_model(target, seed=seed, **({"layers": layers} if layers is not None else {}))
     except ValueError as e:
         raise _UsageError(f"{e}; reference styles are {', '.join(models.STYLES)}") from None
     return model, f"{type(model).__name__}: a tiny random instance of the HF model type '{target}'"
