@@ -132,8 +132,9 @@ print("replay reproduced the logits bit for bit")
 
 # %% [markdown]
 # Now change the router weights, as a training step would. A free forward routes some
-# tokens differently; under replay, every router picks the recorded experts again. A
-# capture inside the replay records what was forced.
+# tokens differently (`mr.compare` counts the router decisions, the sets of k experts,
+# that differ); under replay, every router picks the recorded experts again. A capture
+# inside the replay records what was forced.
 
 # %%
 with torch.no_grad():
@@ -143,8 +144,7 @@ with torch.no_grad():
 with session.capture():
     model(x)
 free = session.routes()
-changed = (free.indices.sort(-1).values != routes.indices.sort(-1).values).any(-1).float().mean()
-print(f"free forward: {changed:.0%} of (token, router) decisions changed")
+print(f"free forward: {mr.compare(routes, free).overall:.0%} of the router decisions changed")
 
 with session.replay(routes), session.capture():
     loss = model(x, labels=x).loss

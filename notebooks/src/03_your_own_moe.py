@@ -7,8 +7,8 @@
 #
 # 1. a **noisy top-k dispatcher** (the router of Shazeer et al. 2017, as in nanoGPT-MoE
 #    variants) with an unusual name: found with `include=`;
-# 2. a **score head** that only computes scores, with the top-k in the MoE block: this
-#    needs an `Adapter` that intercepts the block instead of the head.
+# 2. a **score head** that only computes scores, with the top-k in the MoE block, and a
+#    logging call that looks like a decision: an `Adapter` says where the decision is.
 #
 # The only thing moe_replay needs from a router is that its decision is one `topk`
 # (or `argmax` / `max` for top-1) call over a `[tokens, num_experts]` score tensor.
@@ -41,14 +41,16 @@ class Dispatcher(nn.Module):
 
 
 class ScoreHead(nn.Module):
-    """Only scores; the block picks the experts."""
+    """Only scores (the block picks the experts), and a statistic for the training logs."""
 
     def __init__(self, dim: int, n_experts: int) -> None:
         super().__init__()
         self.proj = nn.Parameter(torch.randn(n_experts, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(x @ self.proj.T)
+        scores = torch.sigmoid(x @ self.proj.T)
+        self.peak = scores.max(dim=-1).values.mean().detach()  # how confident the router is
+        return scores
 
 
 class SparseLayer(nn.Module):
@@ -150,9 +152,12 @@ session.detach()
 # ## The top-k is in the block: an `Adapter`
 #
 # `ScoreHead` returns scores and the block calls `torch.topk`. Interception is scoped to
-# one module's forward (that is what keeps it from catching unrelated `topk` calls), so
-# intercepting the head sees no decision. moe_replay does not let that pass silently: the
-# first forward raises, and nothing is recorded or forced.
+# one module's forward (that is what keeps it from catching unrelated calls). When a
+# router's forward contains no decision call at all, moe_replay sees that and intercepts
+# its block instead. This head, though, calls `max(dim=-1)` for its logs, and a top-2
+# router may decide by two successive `max` calls (DeepSpeed's and fairseq's gates do), so
+# the head is taken at its word. It does not pass silently: the first forward raises, and
+# nothing is recorded or forced.
 
 # %%
 model = TinyMoE("scores").eval()
@@ -166,14 +171,17 @@ except mr.UnsupportedRouterError as e:
 session.detach()
 
 # %% [markdown]
-# An `Adapter` says how to intercept a family of routers. `scope="parent"` intercepts the
-# forward of the module that holds the router (here the `SparseLayer`), while the router
-# itself still names the routes. Adapters are matched by a predicate; the table shows
-# which one applies. (A bare `nn.Linear` gate gets this treatment automatically: that is
+# An `Adapter` says how to intercept a family of routers, matched by a predicate.
+# `scope="parent"` intercepts the forward of the module that holds the router (here the
+# `SparseLayer`), while the router still names the routes; `decision="topk"` says which
+# call is the decision, so the logging `max` passes through. The table shows which
+# adapter applies. (A bare `nn.Linear` gate gets the parent scope automatically: that is
 # the built-in `linear-gate` adapter.)
 
 # %%
-score_head = mr.Adapter("score-head", match=lambda name, m: isinstance(m, ScoreHead), scope="parent")
+score_head = mr.Adapter(
+    "score-head", match=lambda name, m: isinstance(m, ScoreHead), scope="parent", decision="topk"
+)
 session = mr.attach(model, include=ScoreHead, adapters=[score_head])
 print(session.table())
 print(session.verify(x))
@@ -198,8 +206,7 @@ with torch.no_grad():
 with session.capture():
     model(x)
 free = session.routes()
-print(f"free forward after the change: {(free.indices != routes.indices).any(-1).float().mean():.0%} "
-      "of (token, router) decisions differ")
+print(f"free forward after the change: {mr.compare(routes, free).overall:.0%} of the router decisions differ")
 
 with session.replay(routes), session.capture():
     loss = F.mse_loss(model(x), y)
