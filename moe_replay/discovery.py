@@ -14,6 +14,7 @@ router family that the generic path gets wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import inspect
 import math
@@ -25,6 +26,7 @@ from typing import Any, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import RouterNotFoundError
 from .intercept import DECISIONS
@@ -78,10 +80,13 @@ class Adapter:
         match: predicate ``(name, module) -> bool`` selecting the routers it applies to.
         scope: ``"router"`` intercepts the router's own forward; ``"parent"`` the module
             that holds it (for a bare ``Linear`` gate whose top-k runs in the MoE block).
-        decision: which call is the decision: ``"auto"`` (a ``topk``, or ``k`` successive
-            ``argmax``/``max`` calls), ``"topk"``, ``"argmax"``, ``"max"``, or ``"lookup"`` (hash
-            routing: the experts are read from a ``[vocab, k]`` integer table).
+        decision: which calls may be the decision: ``"auto"`` (any, established by effect),
+            ``"topk"``, ``"argmax"``, ``"max"`` (only calls of that function), or ``"lookup"``
+            (hash routing: the experts are read from a ``[vocab, k]`` integer table).
         unsupported: a reason; routers it matches are refused at ``attach`` with it.
+        call: the decision is decision-like call number ``call`` (0-based, in call order) of
+            the scope's forward, as listed by a refusal or by ``verify()``; for forwards where
+            moe_replay cannot tell which call decides.
 
     Example:
         >>> import moe_replay as mr
@@ -93,6 +98,7 @@ class Adapter:
     scope: str = "router"
     decision: str = "auto"
     unsupported: str | None = None
+    call: int | None = None
 
     def __post_init__(self) -> None:
         if self.scope not in ("router", "parent"):
@@ -153,6 +159,11 @@ def _product_key_experts(module: nn.Module, parent: nn.Module | None) -> int | N
 #: Used when a router's forward cannot reach any decision call (it returns scores only).
 _BLOCK_DECISION = Adapter("block-decision", match=lambda n, m: False, scope="parent")
 
+_SOFT = (
+    "soft routing: its block weights every expert and calls no topk, argmax, max or sort, so it makes no "
+    "expert choice; soft routing has no expert choice to record or replay"
+)
+
 _DECISION_NAMES = frozenset({"topk", "argmax", "max", "sort", "argsort", "kthvalue"})
 
 
@@ -180,10 +191,21 @@ def _reaches_decision(fn: Any, owner: type, depth: int = 0) -> bool:
         return False
     scope = getattr(fn, "__globals__", {})
     for name in names:
-        target = getattr(owner, name, None) if name not in scope else scope[name]
-        if isinstance(target, types.FunctionType) and _reaches_decision(target, owner, depth + 1):
-            return True
+        targets = [scope[name]] if name in scope else [k.__dict__.get(name) for k in owner.__mro__]  # super() too
+        for target in targets:
+            if isinstance(target, types.FunctionType) and _reaches_decision(target, owner, depth + 1):
+                return True
     return False
+
+
+def _soft_block(block: nn.Module, gate: nn.Module) -> bool:
+    """A block that holds only its gate and experts, and whose forward can reach no decision call."""
+    others = [
+        c
+        for n, c in block.named_children()
+        if c is not gate and "expert" not in n.lower() and not isinstance(c, nn.Dropout)
+    ]
+    return not others and not _reaches_decision(type(block).forward, type(block))
 
 
 @dataclass(frozen=True)
@@ -193,8 +215,10 @@ class RouterSite:
     Attributes:
         name: module path of the router (``model.get_submodule(name)``).
         module_class: class name of the router module.
-        num_experts: expert count E (the width of its scores).
-        top_k: experts chosen per token.
+        num_experts: expert count E (the width of its scores), as discovery reads it; the
+            router's decision confirms or corrects it at its first forward.
+        top_k: experts chosen per token, as discovery reads it (None: not said by any
+            attribute; learned from the decision at the router's first forward).
         scope: module path whose forward is intercepted (the router, or its MoE block).
         decision: which call is the decision (``auto``: topk, or argmax/max when k is 1).
         adapter: ``generic`` or the name of the :class:`Adapter` that applies.
@@ -204,11 +228,12 @@ class RouterSite:
     name: str
     module_class: str
     num_experts: int
-    top_k: int
+    top_k: int | None
     scope: str
     decision: str = "auto"
     adapter: str = "generic"
     unsupported: str | None = None
+    call: int | None = None
     module: nn.Module | None = field(default=None, repr=False, compare=False)
     scope_module: nn.Module | None = field(default=None, repr=False, compare=False)
 
@@ -217,13 +242,15 @@ class RouterSite:
         """One line saying how this router is intercepted."""
         if self.unsupported:
             return f"refused: {self.unsupported}"
-        k = self.top_k
         call = {
-            "auto": "topk/argmax/max" if k == 1 else f"topk or {k} argmax/max",
-            "argmax": "argmax" if k == 1 else f"{k} argmax",
-            "max": "max" if k == 1 else f"{k} max",
+            "auto": "decision by effect",
+            "topk": "topk by effect",
+            "argmax": "argmax by effect",
+            "max": "max by effect",
             "lookup": "table lookup",
         }.get(self.decision, self.decision)
+        if self.call is not None:
+            call = f"call #{self.call}"
         where = "its own forward" if self.scope == self.name else f"forward of '{self.scope}'"
         return f"{call} in {where}"
 
@@ -240,7 +267,7 @@ def format_sites(sites: Sequence[RouterSite]) -> str:
         layers.1.mlp.gate  Linear  8  2  topk or 2 argmax/max in forward of 'layers.1.mlp'
     """
     rows = [("router", "class", "E", "k", "intercepted")]
-    rows += [(s.name, s.module_class, str(s.num_experts), str(s.top_k), s.how) for s in sites]
+    rows += [(s.name, s.module_class, str(s.num_experts), str(s.top_k or "?"), s.how) for s in sites]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
     lines.insert(1, "-" * min(max(len(x) for x in lines), 120))
@@ -301,18 +328,34 @@ def _config_int(config: Any, keys: Sequence[str]) -> int | None:
     return None
 
 
-def _expert_widths(module: nn.Module) -> list[int]:
-    """Candidate E, best first: the router's weight ``[E, hidden]``, else its Linear layers.
-
-    A router that is a small MLP (ZAYA) scores experts with its last ``Linear``; a router
-    wrapping one ``Linear`` scores with that one.
-    """
+def _own_weight(module: nn.Module) -> torch.Tensor | None:
+    """The router's own weight: ``weight``, a parametrized one, or its only 1-D/2-D parameter."""
     own = dict(module.named_parameters(recurse=False))
     w = own.get("weight")
+    if w is None and parametrize.is_parametrized(module, "weight"):
+        with torch.no_grad():
+            w = module.weight  # the value the forward uses, whatever the parametrization stores
     if w is None:
         w = next((p for p in own.values() if p.dim() == 2), None)
+    if w is None:
+        flat = [p for p in own.values() if p.dim() == 1]
+        w = flat[0] if len(flat) == 1 else None
+    return w
+
+
+def _expert_widths(module: nn.Module, counts: set[int]) -> list[int]:
+    """Candidate E, best first: from the router's weight, else its Linear layers.
+
+    The weight may be ``[E, hidden]``, transposed ``[hidden, E]``, or flat ``[E * hidden]``
+    (then an expert count found nearby divides it). A router that is a small MLP (ZAYA) scores
+    experts with its last ``Linear``; a router wrapping one ``Linear`` scores with that one.
+    These are hints: the router's decision establishes E at its first forward.
+    """
+    w = _own_weight(module)
     if w is not None and w.dim() == 2:
-        return [int(w.shape[0])]
+        return [int(w.shape[0]), int(w.shape[1])]
+    if w is not None and w.dim() == 1:
+        return sorted((c for c in counts if c > 1 and w.numel() % c == 0 and w.numel() > c), reverse=True)
     return [int(m.out_features) for m in reversed(list(module.modules())) if isinstance(m, nn.Linear)]
 
 
@@ -475,8 +518,8 @@ def find_routers(
         parent = modules.get(_parent_name(name)) if name else None
         config = _nearest_config(name, modules)
         counts = _expert_counts(module, parent, config)
-        candidates = [num_experts] if num_experts else _expert_widths(module)
-        width = candidates[0] if len(candidates) == 1 else None
+        candidates = [num_experts] if num_experts else _expert_widths(module, counts)
+        width = candidates[0] if candidates else None
         refusal = next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.unsupported and a.match(name, module)), None)
         product_key = _product_key_experts(module, parent) if refusal is None else None
         if product_key:
@@ -487,7 +530,9 @@ def find_routers(
             if not _near_experts(module, parent, candidates):
                 continue
             if counts:
-                width = next((w for w in (_decision_width(c, counts, module) for c in candidates) if w), None)
+                width = next((c for c in candidates if c in counts), None) or next(
+                    (w for w in (_decision_width(c, counts, module) for c in candidates) if w), None
+                )
             elif not _CLASS_HIT.search(type(module).__name__):
                 continue
             if width is None or width < 2:
@@ -496,10 +541,7 @@ def find_routers(
             problems.append(f"'{name}': cannot tell its expert count; pass num_experts=")
             continue
         if refusal is None or inc is not None:
-            k = top_k or _top_k(module, parent, config)
-        if k is None:
-            problems.append(f"'{name}' ({type(module).__name__}, {width} experts): cannot tell its top-k; pass top_k=")
-            continue
+            k = top_k or _top_k(module, parent, config)  # a hint; None: learned from the decision
         adapter = refusal or next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.match(name, module)), None)
         if adapter is None and name and not _reaches_decision(type(module).forward, type(module)):
             adapter = _BLOCK_DECISION  # it only scores: the top-k runs in its MoE block
@@ -509,16 +551,19 @@ def find_routers(
                 problems.append(f"'{name}': a bare gate at the root has no parent block to intercept")
                 continue
             scope_name = _parent_name(name)
+            if not adapter.unsupported and _soft_block(modules[scope_name], module):
+                adapter = dataclasses.replace(adapter, unsupported=_SOFT)
         sites.append(
             RouterSite(
                 name=name,
                 module_class=type(module).__name__,
                 num_experts=int(width),
-                top_k=int(k),
+                top_k=int(k) if k else None,
                 scope=scope_name,
                 decision=adapter.decision if adapter else "auto",
                 adapter=adapter.name if adapter else "generic",
                 unsupported=adapter.unsupported if adapter else None,
+                call=adapter.call if adapter else None,
                 module=module,
                 scope_module=modules[scope_name],
             )

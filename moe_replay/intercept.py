@@ -1,12 +1,13 @@
-"""Interception of a router's decision call inside its own forward.
+"""Interception of a router's decision inside its own forward.
 
 While the scope module of a router (the router itself, or its MoE block for a bare
-``nn.Linear`` gate) runs, a :class:`torch.overrides.TorchFunctionMode` watches for the
-decision: one ``topk`` with ``k == top_k`` over the expert dimension, or ``top_k``
-successive ``argmax`` / ``max`` calls (one per slot: a top-1 router, or a top-2 gate that
-takes a second argmax after masking the first expert, as in DeepSpeed and fairseq), or,
-for hash routing, one lookup of a ``[vocab, top_k]`` integer table. The mode is
-thread-local and active for that forward alone.
+``nn.Linear`` gate) runs, a :class:`torch.overrides.TorchFunctionMode` watches its
+decision-like calls (``topk``, ``argmax``/``max`` over a dimension, ``sort``/``argsort``)
+and counts them. Which of them make the decision is not guessed from signatures: it is
+established once per router by its effect (:mod:`moe_replay.evidence`), at the router's
+first eager forward under a session, and every later forward must make the same calls.
+For hash routing an :class:`~moe_replay.Adapter` declares a lookup of a ``[vocab, top_k]``
+integer table instead. The mode is thread-local and active for that forward alone.
 
 * capture: the decision runs natively and its indices are written to the ring;
 * replay: the call is answered with ``(source.gather(-1, forced), forced)``, where
@@ -36,6 +37,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import ReplayConsumptionError, UnsupportedRouterError
+from .evidence import DECISION_FUNCS, Evidence, decision_call, establish
 from .ring import CaptureRing, ReplaySource
 
 __all__ = ["RouterHook"]
@@ -46,10 +48,10 @@ _MAX = {torch.max, torch.Tensor.max}
 _MASKS = {torch.masked_fill, torch.Tensor.masked_fill}
 _WHERE = {torch.where, torch.Tensor.where}
 _LOOKUP = {torch.Tensor.__getitem__}
-_WATCHED = frozenset(_TOPK | _ARGMAX | _MAX | _MASKS | _WHERE)
-_WATCHED_LOOKUP = _WATCHED | _LOOKUP
+_WATCHED = frozenset(DECISION_FUNCS | _MASKS | _WHERE)
+_WATCHED_LOOKUP = frozenset(_MASKS | _WHERE | _LOOKUP)
 
-#: Decision kinds a router can declare (``auto``: topk, or successive argmax/max calls).
+#: Decision kinds a router can declare (``auto``: whichever calls the evidence shows).
 DECISIONS = ("auto", "topk", "argmax", "max", "lookup")
 
 
@@ -151,30 +153,90 @@ class _Kept:
 
 @dataclass
 class RouterHook:
-    """Per-router interception state; one per found router, owned by a session."""
+    """Per-router interception state; one per found router, owned by a session.
+
+    ``num_experts`` and ``top_k`` start as discovery's hints (None when it had none) and
+    become the facts of the established decision.
+    """
 
     name: str
-    num_experts: int
-    top_k: int
+    num_experts: int | None
+    top_k: int | None
     decision: str  # one of DECISIONS
     scope: nn.Module
     capture_ring: CaptureRing | None = None
     replay_source: ReplaySource | None = None
     capturing: bool = False
     replaying: bool = False
+    verifying: bool = False  # run through the decision, record nothing
     kept: weakref.WeakKeyDictionary[Any, _Kept] = field(default_factory=weakref.WeakKeyDictionary)
     seen: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (scores, indices) per decision, when kept
     calls: int = 0  # scope forwards since the counter was reset (eager only)
     decisions: int = 0  # decisions seen since the counter was reset (eager only)
+    call: int | None = None  # the decision call an Adapter names
+    declared_top_k: bool = False  # top_k was given by the user: evidence must agree
+    on_established: Callable[[RouterHook], None] | None = None
+    evidence: dict[bool, Evidence] = field(default_factory=dict)  # by the scope's `training` flag
     _decided: bool = False
     _masks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # a decision may span several calls (successive argmax): the slots answered so far
+    _ordinal: int = 0  # decision-like calls seen so far in this forward
+    _plan: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # decision ordinal -> signature
+    _count: int = 0  # decision-like calls the established forward makes
+    # a decision may span several calls (successive top-1 slots): the slots answered so far
     _slots: list[torch.Tensor] = field(default_factory=list)
-    _kind: Any = None  # the function family of the first call of the decision
     _row: torch.Tensor | None = None  # [n, k] rows the decision is answered with (replay, recompute)
     _recompute: bool = False  # the decision is a checkpoint recompute
     _regions: list[tuple[Any, bool]] = field(default_factory=list)
     _source: torch.Tensor | None = None  # the scores of the decision's first call
+
+    # ------------------------------------------------------------- evidence
+    def unproven(self) -> bool:
+        """No decision established yet for the scope's current ``training`` flag."""
+        return self.decision != "lookup" and self.scope.training not in self.evidence
+
+    def prove(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Evidence | None:
+        """Establish the decision on these inputs (eager only; see :mod:`moe_replay.evidence`).
+
+        None when the forward chose for no token (empty inputs): established at a later forward.
+        """
+        if _compiling() or _graph_capturing():
+            raise UnsupportedRouterError(
+                f"router '{self.name}' runs for the first time inside torch.compile or CUDA graph capture, so which "
+                "of its calls decides has not been established (that takes one eager forward). Run one eager "
+                "forward of the model after attach (any session state; session.verify(example) does it) before "
+                "compiling or capturing a graph"
+            )
+        family = self.decision if self.decision in ("topk", "argmax", "max") else None
+        ev = establish(
+            self.name,
+            self.scope,
+            forward,
+            args,
+            kwargs,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            declared_top_k=self.declared_top_k,
+            call=self.call,
+            family=family,
+        )
+        if ev is None:
+            return None
+        other = next(iter(self.evidence.values()), None)
+        if other is not None and (other.top_k, other.num_experts) != (ev.top_k, ev.num_experts):
+            raise UnsupportedRouterError(
+                f"router '{self.name}' chooses {other.top_k} of {other.num_experts} experts with training="
+                f"{other.training} but {ev.top_k} of {ev.num_experts} with training={ev.training}: one set of "
+                "routes cannot serve both; name the decision with an Adapter"
+            )
+        self.evidence[ev.training] = ev
+        self.top_k, self.num_experts = ev.top_k, ev.num_experts
+        if self.on_established is not None:
+            self.on_established(self)
+        return ev
+
+    def _arm(self, ev: Evidence) -> None:
+        self._plan = {i: ev.calls[i].signature for i in ev.decision}
+        self._count = ev.count
 
     # ------------------------------------------------------------- scope forward
     def wrap(self, forward: Callable[..., Any]) -> ScopedForward:
@@ -182,9 +244,20 @@ class RouterHook:
         return ScopedForward(self, forward)
 
     def _run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        ev: Evidence | None = None
+        if self.decision != "lookup":
+            ev = self.evidence.get(self.scope.training)
+            if ev is None:
+                ev = self.prove(forward, args, kwargs)
+            if ev is None:  # no token to choose for: nothing to record or force
+                if not _compiling():
+                    self.calls += 1
+                return forward(*args, **kwargs)
+            self._arm(ev)
         self._decided = False
+        self._ordinal = 0
         self._masks = []
-        self._slots, self._kind, self._row, self._source, self._regions = [], None, None, None, []
+        self._slots, self._row, self._source, self._regions = [], None, None, []
         try:
             with _DecisionMode(self):
                 out = forward(*args, **kwargs)
@@ -193,66 +266,67 @@ class RouterHook:
             seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []
         if not _compiling():
             self.calls += 1
+            if ev is not None and self._ordinal != ev.count:
+                raise UnsupportedRouterError(
+                    f"router '{self.name}' made {self._ordinal} decision-like calls in this forward, but "
+                    f"{ev.count} in the forward its decision was established on; its control flow changed, so "
+                    f"the decision cannot be told any more (established: {ev.describe()}). Detach and attach "
+                    "again if the model changed; nothing more was recorded or forced"
+                )
             if not self._decided:
                 expected = (
                     f"a lookup of a [vocab, {self.top_k}] expert table"
-                    if self.decision == "lookup"
-                    else f"topk(k={self.top_k}) or {self.top_k} successive argmax/max calls over "
-                    f"{self.num_experts} experts"
+                    if ev is None
+                    else " + ".join(ev.calls[i].describe() for i in ev.decision)
                 )
-                partial = f" (saw {seen} of its {self.top_k} argmax/max calls)" if seen else ""
+                partial = f" (saw {seen} of its {len(ev.decision)} calls)" if seen and ev is not None else ""
                 raise UnsupportedRouterError(
-                    f"router '{self.name}' ran, but no decision call was seen in its forward{partial}: "
-                    f"expected {expected}. It may use a fused kernel or compute the top-k elsewhere: name "
-                    "the module that calls the top-k with include=, or register an Adapter; nothing was "
-                    "recorded or forced"
+                    f"router '{self.name}' ran, but its decision was not made in its forward{partial}: expected "
+                    f"{expected}. Nothing was recorded or forced"
                 )
         return out
 
     # ------------------------------------------------------------- the decision
-    def matches(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """Is this call (part of) the router's decision?"""
-        if self._decided:
+    def on_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], sig: tuple[str, int, int]) -> Any:
+        """A decision-like call of the scope forward: the decision's, or passed through."""
+        i = self._ordinal
+        self._ordinal = i + 1
+        expected = self._plan.get(i)
+        if expected is None:
+            return func(*args, **kwargs)
+        if sig != expected:
+            raise UnsupportedRouterError(
+                f"router '{self.name}': decision-like call #{i} of its forward is now {sig[0]}(k={sig[1]}) over "
+                f"{sig[2]}, but it was {expected[0]}(k={expected[1]}) over {expected[2]} when its decision was "
+                "established; its control flow changed. Nothing was recorded or forced"
+            )
+        return self.decide(func, args, kwargs, sig[1])
+
+    def is_lookup(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Is this call the table lookup of a hash router?"""
+        if self._decided or func not in _LOOKUP:
             return False
         x = args[0] if args else kwargs.get("input")
-        if func in _LOOKUP:
-            index = args[1] if len(args) > 1 else None
-            return (
-                self.decision == "lookup"
-                and isinstance(x, torch.Tensor)
-                and _is_int(x)
-                and x.dim() == 2
-                and x.shape[1] == self.top_k
-                and isinstance(index, torch.Tensor)
-                and _is_int(index)
-            )
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.num_experts:
-            return False
-        if func in _TOPK:
-            if self.decision not in ("auto", "topk") or self._slots:
-                return False
-            k = args[1] if len(args) > 1 else kwargs.get("k")
-            dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
-            largest = args[3] if len(args) > 3 else kwargs.get("largest", True)
-            return k == self.top_k and isinstance(dim, int) and dim in (-1, x.dim() - 1) and bool(largest)
-        kind = _ARGMAX if func in _ARGMAX else _MAX if func in _MAX else None
-        if kind is None or self.decision not in ("auto", "argmax" if kind is _ARGMAX else "max"):
-            return False
-        if self._slots and kind is not self._kind:
-            return False  # the slots of one decision are taken by calls of one kind
-        dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        return isinstance(dim, int) and dim in (-1, x.dim() - 1)
+        index = args[1] if len(args) > 1 else None
+        return (
+            isinstance(x, torch.Tensor)
+            and _is_int(x)
+            and x.dim() == 2
+            and x.shape[1] == self.top_k
+            and isinstance(index, torch.Tensor)
+            and _is_int(index)
+        )
 
-    def decide(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def decide(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], span: int) -> Any:
         """Answer one decision call: native (capture), forced (replay) or recompute.
 
-        A ``topk`` or a table lookup answers all ``k`` slots at once; an ``argmax``/``max``
+        A ``topk`` or a table lookup answers ``span`` slots at once; an ``argmax``/``max``
         answers the next slot. The row is recorded when its last slot is answered.
         """
         x: torch.Tensor = args[0] if args else kwargs["input"]
         lookup = func in _LOOKUP
-        span = self.top_k if (lookup or func in _TOPK) else 1
         source: torch.Tensor | None = None
+        assert self.top_k is not None and self.num_experts is not None
         if lookup:
             index: torch.Tensor = args[1]
             n, lead = index.numel(), index.shape
@@ -285,7 +359,6 @@ class RouterHook:
     def _start(self, func: Any, source: torch.Tensor | None, n: int) -> None:
         """The first call of a decision: where its rows come from."""
         eager = not _compiling()
-        self._kind = _ARGMAX if func in _ARGMAX else _MAX if func in _MAX else None
         self._source, self._row, self._recompute = source, None, False
         self._regions = _regions() if eager else []
         if self._regions and _in_backward():  # a recompute: its forward's rows, never recorded nor counted again
@@ -375,7 +448,7 @@ class RouterHook:
         return idx.reshape(n, span)
 
     def _record(self, idx: torch.Tensor) -> None:
-        if self.capturing and self.capture_ring is not None:
+        if self.capturing and not self.verifying and self.capture_ring is not None:
             self.capture_ring.write(idx)
 
     @staticmethod
@@ -438,10 +511,13 @@ class ScopedForward:
         if (
             hook.capturing
             or hook.replaying
+            or hook.verifying
             or hook.seen is not None
             or (not _compiling() and hook.kept and _in_backward())
         ):
             return hook._run(self.__wrapped__, args, kwargs)
+        if not _compiling() and hook.unproven() and not _graph_capturing():
+            hook.prove(self.__wrapped__, args, kwargs)  # once: which call decides, by its effect
         return self.__wrapped__(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., Any]:
@@ -482,9 +558,15 @@ class _DecisionMode(TorchFunctionMode):
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         hook = self.hook
-        if hook.matches(func, args, kwargs):
-            return hook.decide(func, args, kwargs)
-        out = func(*args, **kwargs)
         if func in _MASKS or func in _WHERE:
+            out = func(*args, **kwargs)
             hook.note_mask(func, args, kwargs, out)
-        return out
+            return out
+        if func in _LOOKUP:
+            if hook.is_lookup(func, args, kwargs):
+                return hook.decide(func, args, kwargs, hook.top_k or 1)
+            return func(*args, **kwargs)
+        sig = decision_call(func, args, kwargs)
+        if sig is None:
+            return func(*args, **kwargs)
+        return hook.on_call(func, args, kwargs, sig)

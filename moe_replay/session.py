@@ -10,15 +10,16 @@ every module back as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .discovery import Adapter, Matcher, RouterSite, find_routers, format_sites
+from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, find_routers, format_sites
 from .errors import (
     CaptureOverflowError,
     ReplayConsumptionError,
@@ -27,9 +28,11 @@ from .errors import (
     SessionStateError,
     UnsupportedRouterError,
 )
+from .evidence import VerifyReport
 from .intercept import RouterHook
 from .losses import RouterScores
-from .ring import CaptureRing, ReplaySource
+from .orphans import OrphanWatch, watch_forward
+from .ring import CaptureRing, ReplaySource, index_dtype
 from .routes import Routes, fingerprint
 
 __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
@@ -72,10 +75,16 @@ class Session:
         sites: Sequence[RouterSite],
         capacity: int = DEFAULT_CAPACITY,
         keep_newest: bool = False,
+        *,
+        declared_top_k: bool = False,
+        excluded: Callable[[str, nn.Module], bool] | None = None,
     ) -> None:
         self._model_ref = weakref.ref(model)
         self._model_name = type(model).__name__
-        self._sites = tuple(sites)
+        self._sites = list(sites)
+        self._declared_top_k = declared_top_k
+        self._excluded = excluded
+        self._watch_pending = True  # the first capture's first forward is watched for orphan decisions
         self.capacity = int(capacity)
         self.keep_newest = bool(keep_newest)
         self._hooks: list[RouterHook] = []
@@ -89,8 +98,12 @@ class Session:
     # ------------------------------------------------------------- properties
     @property
     def sites(self) -> tuple[RouterSite, ...]:
-        """The routers this session intercepts, in module order."""
-        return self._sites
+        """The routers this session intercepts, in module order.
+
+        ``top_k`` and ``num_experts`` are those of each router's established decision once it
+        ran (discovery's hints before that; ``top_k`` is None where discovery had none).
+        """
+        return tuple(self._sites)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -144,15 +157,17 @@ class Session:
             for s in self._sites:
                 scope = s.scope_module
                 assert scope is not None
-                device = _device_of(s.module or scope)
                 hook = RouterHook(
                     name=s.name,
                     num_experts=s.num_experts,
                     top_k=s.top_k,
                     decision=s.decision,
                     scope=scope,
-                    capture_ring=CaptureRing(self.capacity, s.top_k, s.num_experts, device),
+                    call=s.call,
+                    declared_top_k=self._declared_top_k,
+                    on_established=self._established,
                 )
+                self._new_ring(hook, s)
                 own = scope.__dict__.get("forward", _MISSING)
                 scope.forward = hook.wrap(scope.forward)
                 self._installed.append((scope, own))
@@ -161,6 +176,39 @@ class Session:
             self._uninstall()
             raise
         self._attached = True
+
+    def _new_ring(self, hook: RouterHook, site: RouterSite) -> None:
+        """A capture ring for ``hook`` once its k and E are known (from discovery, or its decision)."""
+        if hook.top_k is None or hook.num_experts is None:
+            hook.capture_ring = None
+            return
+        ring = hook.capture_ring
+        if ring is not None and ring.top_k == hook.top_k and ring.buf.dtype == index_dtype(hook.num_experts):
+            return
+        hook.capture_ring = CaptureRing(
+            self.capacity, hook.top_k, hook.num_experts, _device_of(site.module or hook.scope)
+        )
+
+    def _established(self, hook: RouterHook) -> None:
+        """A router's decision was established: its site and ring follow the evidence."""
+        i = self._hooks.index(hook) if hook in self._hooks else len(self._hooks)
+        site = self._sites[i]
+        if (site.top_k, site.num_experts) != (hook.top_k, hook.num_experts):
+            self._sites[i] = dataclasses.replace(site, top_k=hook.top_k, num_experts=hook.num_experts)
+        self._new_ring(hook, site)
+
+    def _watch(self) -> Callable[[], None] | None:
+        """Watch the model's next forward for decisions outside every router (see :mod:`.orphans`)."""
+        model = self._model_ref()
+        if model is None or torch.compiler.is_compiling():
+            return None
+        return watch_forward(model, self._scopes(), self._widths(), self._excluded)
+
+    def _scopes(self) -> list[str]:
+        return [s.scope for s in self._sites]
+
+    def _widths(self) -> set[int]:
+        return {h.num_experts for h in self._hooks if h.num_experts}
 
     def _uninstall(self) -> None:
         for scope, own in reversed(self._installed):
@@ -230,12 +278,14 @@ class Session:
             )
         if clear:
             for h in self._hooks:
-                assert h.capture_ring is not None
-                h.capture_ring.reset()
+                if h.capture_ring is not None:
+                    h.capture_ring.reset()
             self._interrupted = None
         for h in self._hooks:
             h.calls = h.decisions = 0
         self._has_capture = True
+        stop = self._watch() if self._watch_pending else None
+        self._watch_pending = False
         self._set(capturing=True)
         try:
             yield self
@@ -244,6 +294,8 @@ class Session:
             raise
         finally:
             self._set(capturing=False)
+            if stop is not None:
+                stop()
 
     def routes(self, *, allow_silent: bool = False, allow_partial: bool = False) -> Routes:
         """The rows recorded by the last capture, copied to the host in one pass.
@@ -263,7 +315,15 @@ class Session:
         self._check_attached()
         if not self._has_capture:
             raise SessionStateError("nothing was captured yet: run forwards inside `with session.capture():`")
-        written = _read_counters([h.capture_ring.written for h in self._hooks if h.capture_ring is not None])
+        rings = [h.capture_ring for h in self._hooks]
+        counted = _read_counters([r.written for r in rings if r is not None])
+        written = [counted.pop(0) if r is not None else 0 for r in rings]
+        if not any(written) and not any(h.calls for h in self._hooks) and not allow_silent:
+            raise UnsupportedRouterError(
+                f"the capture recorded nothing: none of the {len(self._hooks)} routers of this session ran inside "
+                "capture(). Was the model rebuilt or reloaded after attach (attach to the model you run), or did "
+                "no forward run in the block?"
+            )
         if self._interrupted is not None and not allow_partial:
             counts = ", ".join(f"'{h.name}': {w}" for h, w in list(zip(self._hooks, written, strict=True))[:4])
             raise SessionStateError(
@@ -293,9 +353,8 @@ class Session:
                     "them with exclude=, or call routes(allow_silent=True)"
                 )
         rows = [
-            h.capture_ring.rows(w, self.keep_newest)
-            for h, w in zip(self._hooks, written, strict=True)
-            if h.capture_ring
+            r.rows(w, self.keep_newest) if r is not None else torch.zeros(0, h.top_k or 1, dtype=torch.long)
+            for h, r, w in zip(self._hooks, rings, written, strict=True)
         ]
         return Routes._trusted(rows, self.names, [s.num_experts for s in self._sites])
 
@@ -384,7 +443,7 @@ class Session:
         plan = self._check_routes(routes, strict)
         layers = routes._data
         for h, s, j in plan:
-            h.replay_source = ReplaySource(layers[j], s.num_experts, h.capture_ring.device)  # type: ignore[union-attr]
+            h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope))
         self._set(replaying=True)
         ok = False
         try:
@@ -436,13 +495,28 @@ class Session:
                 h.seen = None
 
     # ------------------------------------------------------------- dry run
-    def verify(self, *args: Any, **kwargs: Any) -> dict[str, int]:
-        """Run ``model(*args, **kwargs)`` once without gradients and check every router.
+    def verify(self, *args: Any, **kwargs: Any) -> VerifyReport:
+        """Prove every router's decision on one forward ``model(*args, **kwargs)``, without gradients.
 
-        Each router must run and its decision call must be seen. Nothing is recorded.
+        Each router must run, and which of its calls decides is established by effect (the first
+        forward under a session does this once per router; see :mod:`moe_replay.evidence`): a
+        call whose choice is changed must change the output, calls whose choice does not reach the
+        output (logging, a stable-softmax ``max``) are named and ignored. Nothing is recorded.
 
         Returns:
-            How many times each router ran in that forward.
+            A :class:`VerifyReport`: per router, how many times it ran (it is a ``dict`` of those
+            counts), and ``report.evidence[name]``, which call decides and why. ``print`` it.
+
+        Raises:
+            UnsupportedRouterError: a router did not run, or no call of its forward decides.
+
+        Example:
+            >>> import torch, moe_replay as mr
+            >>> model = mr.models.build("softmax_topk", num_layers=1)
+            >>> with mr.attach(model) as session:
+            ...     report = session.verify(torch.zeros(1, 4, dtype=torch.long))
+            >>> report["layers.0.mlp.router"]
+            1
         """
         self._check_attached()
         if self._capturing or self._replaying:
@@ -450,24 +524,25 @@ class Session:
         model = self._model_ref()
         if model is None:
             raise SessionStateError("the model of this session no longer exists")
-        rings = [h.capture_ring for h in self._hooks]
         for h in self._hooks:
-            h.capture_ring, h.calls, h.decisions = None, 0, 0
+            h.calls, h.decisions = 0, 0
+            h.verifying = True
+        watch = OrphanWatch(model, self._scopes(), self._widths(), self._excluded)
         try:
-            self._set(capturing=True)
-            with torch.no_grad():
+            with torch.no_grad(), watch:
                 model(*args, **kwargs)
         finally:
-            self._set(capturing=False)
-            for h, r in zip(self._hooks, rings, strict=True):
-                h.capture_ring = r
+            for h in self._hooks:
+                h.verifying = False
         never = [h.name for h in self._hooks if h.calls == 0]
         if never:
             raise UnsupportedRouterError(
                 f"routers {never} did not run in this forward: they are not on the forward path (a module "
                 "built twice, or replaced after loading?); exclude them or name the right ones with include="
             )
-        return {h.name: h.calls for h in self._hooks}
+        watch.check()
+        evidence = {h.name: h.evidence[h.scope.training] for h in self._hooks if h.scope.training in h.evidence}
+        return VerifyReport({h.name: h.calls for h in self._hooks}, evidence)
 
 
 class _Missing:
@@ -544,7 +619,14 @@ def attach(
             raise SessionStateError(
                 f"{type(model).__name__} already has an attached session ({other!r}); detach it first"
             )
-        session = Session(model, sites, capacity=capacity, keep_newest=keep_newest)
+        session = Session(
+            model,
+            sites,
+            capacity=capacity,
+            keep_newest=keep_newest,
+            declared_top_k=top_k is not None,
+            excluded=_compile_matcher(exclude),
+        )
         session._install()
         _ATTACHED[model] = session
     return session

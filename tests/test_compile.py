@@ -24,6 +24,7 @@ def test_fullgraph_states_compile_once_each(tokens: torch.Tensor) -> None:
     counter = CompileCounter()
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     with mr.attach(model) as session, torch.no_grad():
+        session.verify(tokens)  # one eager forward establishes each decision; compiled code cannot
         assert torch.equal(compiled(tokens).logits, eager(tokens).logits)  # idle
         with session.capture():
             compiled(tokens)
@@ -97,6 +98,7 @@ def test_graph_breaks_outside_the_router(tokens: torch.Tensor) -> None:
     model = mr.models.build("topk_softmax", num_layers=2, first_dense_layers=1)
     compiled = torch.compile(model, backend="eager")
     with mr.attach(model) as session, torch.no_grad():
+        session.verify(tokens)
         with session.capture():
             compiled(tokens)
         routes = session.routes()
@@ -124,6 +126,20 @@ def test_inductor_replay_and_capture(tokens: torch.Tensor) -> None:
             out = compiled(tokens).logits
         assert session.routes().equal(routes)
         assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_first_forward_under_compile_is_refused_with_the_fix(tokens: torch.Tensor) -> None:
+    """No decision is taken on trust: compiled code cannot run the probe, so it says what to do."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1, expert_impl="dense")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with mr.attach(model) as session, torch.no_grad():
+        with pytest.raises(Exception, match=r"session\.verify\(example\)") as err, session.capture():
+            compiled(tokens)
+        assert "has not been established" in str(err.value)
+        session.verify(tokens)
+        with session.capture():
+            compiled(tokens)
+        assert session.routes().num_tokens == tokens.numel()
 
 
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])

@@ -133,11 +133,21 @@ def test_successive_argmax_with_missing_rows_routes_those_tokens_natively() -> N
     assert torch.equal(got[::2], native[::2])
 
 
-def test_router_that_stops_after_one_argmax_is_an_error() -> None:
-    block = Block(Top2ArgmaxGate(calls=1))
-    with mr.attach(block) as session, session.capture():
-        with pytest.raises(mr.UnsupportedRouterError, match="1 of its 2 argmax"):
-            block(torch.randn(4, D))
+def test_router_whose_k_attribute_overstates_its_decision_is_replayed_by_the_evidence() -> None:
+    """``k = 2`` says the attribute, but one argmax decides (the second slot repeats it): k is 1."""
+    torch.manual_seed(4)
+    block, x = Block(Top2ArgmaxGate(calls=1)), torch.randn(10, D)
+    with mr.attach(block) as session:
+        report = session.verify(x)
+        assert (report.evidence["router"].top_k, session.sites[0].top_k) == (1, 1)
+        with session.capture():
+            block(x)
+        assert torch.equal(session.routes().layer("router"), block.router.last[:, :1])
+        g = torch.Generator().manual_seed(9)
+        forced = torch.randint(0, E, (10, 1), generator=g)
+        with session.replay(mr.Routes([forced], names=session.names, num_experts=E)):
+            block(x)
+    assert torch.equal(block.router.last, forced.expand(10, 2))
 
 
 @pytest.mark.parametrize("mode", ["capture", "replay"])

@@ -62,14 +62,13 @@ def test_unknown_model_needs_include_and_then_works() -> None:
     model = _Custom()
     with pytest.raises(mr.RouterNotFoundError, match="include="):
         mr.find_routers(model)
-    with pytest.raises(mr.RouterNotFoundError, match="top_k="):
-        mr.find_routers(model, include="selector")
-    (site,) = mr.find_routers(model, include="selector", top_k=3)
-    assert (site.num_experts, site.scope) == (6, "")
+    (site,) = mr.find_routers(model, include="selector")
+    assert (site.num_experts, site.scope, site.top_k) == (6, "", None)  # k: learned from the decision
     x = torch.randn(5, 16)
-    with mr.attach(model, include="selector", top_k=3) as session:
+    with mr.attach(model, include="selector") as session:
         with session.capture():
             ref = model(x)
+        assert session.sites[0].top_k == 3
         with session.replay(session.routes()):
             assert torch.equal(model(x), ref)
 

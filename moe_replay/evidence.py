@@ -1,0 +1,513 @@
+"""Which call of a router's forward is its decision: established by effect, once per router.
+
+A router's forward may make several calls that look like a decision: a ``topk`` taken for
+logging, a ``max`` for a numerically stable softmax, a group ``topk`` before the expert
+``topk``, two ``topk(k=1)`` calls that together choose two experts. Their signatures do not
+say which one chooses the experts; their effect does. So, the first time a router's forward
+runs eagerly under a session (in any state), moe_replay runs that forward a few more times
+without gradients, with the same inputs, the same random state and the same buffers:
+
+1. twice as it is, to record every decision-like call (``topk``, ``argmax``/``max`` over a
+   dimension, ``sort``/``argsort``) and to measure the run-to-run noise of the output;
+2. once per candidate call, with that call's *indices* changed (its values kept), to see
+   whether the forward's output changes. A call whose indices never reach the output
+   (logging, a stable-softmax ``max``, a dispatch that only reads values) is not a decision;
+3. the decision is the last call that matters over the expert width: the one that fixes
+   the final choice. An earlier call over the same width is part of the decision too
+   (successive top-1 slots) when changing it still changes the output while the later
+   calls are held at their own choice; otherwise it only shaped the scores (a group
+   selection) and runs natively.
+
+k is the number of indices the decision calls produce together, E the width they choose
+from; attribute names and weight shapes found by discovery are hints that narrow the
+search, never a substitute for it. Where no call matters, or the evidence contradicts what
+the user declared, the router is refused with the calls that were seen. The model is left
+as it was: random state and buffers are put back after every probe run, and the real
+forward then runs once, exactly as it would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import UnsupportedRouterError
+
+__all__ = ["Call", "Evidence", "VerifyReport", "decision_call", "establish"]
+
+_FAMILY: dict[Any, str] = {
+    torch.topk: "topk",
+    torch.Tensor.topk: "topk",
+    torch.argmax: "argmax",
+    torch.Tensor.argmax: "argmax",
+    torch.max: "max",
+    torch.Tensor.max: "max",
+    torch.sort: "sort",
+    torch.Tensor.sort: "sort",
+    torch.argsort: "argsort",
+    torch.Tensor.argsort: "argsort",
+}
+#: The torch functions whose calls may be a decision.
+DECISION_FUNCS = frozenset(_FAMILY)
+
+_MASKS = frozenset({torch.masked_fill, torch.Tensor.masked_fill, torch.where, torch.Tensor.where})
+
+
+def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, name: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def decision_call(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, int, int] | None:
+    """``(family, k, width)`` when this torch call chooses indices along the last dimension.
+
+    ``k`` is the number of indices per row it returns (1 for ``argmax``/``max``, the width for a
+    ``sort``); ``width`` the size of the dimension chosen from. Calls along another dimension,
+    a ``max`` of two tensors and a ``max``/``argmax`` over all elements are not decisions.
+    """
+    family = _FAMILY.get(func)
+    if family is None:
+        return None
+    x = _arg(args, kwargs, 0, "input")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.dtype == torch.bool:
+        return None  # a router scores [tokens, E] (or [..., tokens, E]); 1-D calls sort tokens
+    width = int(x.shape[-1])
+    if family == "topk":
+        k, dim = _arg(args, kwargs, 1, "k"), _arg(args, kwargs, 2, "dim", -1)
+    elif family in ("argmax", "max"):
+        k, dim = 1, _arg(args, kwargs, 1, "dim")
+    else:
+        k, dim = width, _arg(args, kwargs, 1, "dim", -1)
+    if isinstance(k, bool) or not isinstance(k, int) or isinstance(dim, bool) or not isinstance(dim, int):
+        return None
+    if dim not in (-1, x.dim() - 1) or width < 2:
+        return None
+    return family, k, width
+
+
+@dataclass(frozen=True)
+class Call:
+    """One decision-like call seen in a router's forward.
+
+    Attributes:
+        ordinal: its position among the decision-like calls of that forward (0-based).
+        family: ``topk``, ``argmax``, ``max``, ``sort`` or ``argsort``.
+        k: indices per row it returns.
+        width: size of the dimension it chooses from.
+        rows: rows (tokens) it chose for in the forward it was seen in.
+        where: ``file:line`` of the model code that made it.
+        effect: whether changing its indices changed the forward's output (None: not probed).
+    """
+
+    ordinal: int
+    family: str
+    k: int
+    width: int
+    rows: int
+    where: str
+    effect: bool | None = None
+
+    @property
+    def signature(self) -> tuple[str, int, int]:
+        return self.family, self.k, self.width
+
+    def describe(self) -> str:
+        """``#1 topk(k=2) over 8 at model.py:42``."""
+        k = f"k={self.k}" if self.family == "topk" else ""
+        return f"#{self.ordinal} {self.family}({k}) over {self.width} at {self.where}"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """How a router's decision was established.
+
+    Attributes:
+        calls: every decision-like call of its forward, in call order, with its effect.
+        decision: ordinals of the calls that make the decision, in slot order.
+        top_k: experts chosen per token (the decision calls' indices together).
+        num_experts: the width the decision chooses from.
+        training: the module's ``training`` flag when it was established.
+        reason: one sentence saying why these calls decide.
+    """
+
+    calls: tuple[Call, ...]
+    decision: tuple[int, ...]
+    top_k: int
+    num_experts: int
+    training: bool
+    reason: str
+
+    @property
+    def count(self) -> int:
+        """Decision-like calls per forward."""
+        return len(self.calls)
+
+    def describe(self) -> str:
+        """A few lines for ``verify()`` and error messages."""
+        lines = [f"decides with {' + '.join(self.calls[i].describe() for i in self.decision)}: {self.reason}"]
+        for c in self.calls:
+            if c.ordinal not in self.decision:
+                why = {True: "shapes the scores only", False: "its indices do not reach the output"}.get(
+                    c.effect, "not of the family the Adapter names"
+                )
+                lines.append(f"  ignores {c.describe()} ({why})")
+        return "\n".join(lines)
+
+
+class VerifyReport(dict[str, int]):
+    """What :meth:`Session.verify` returns: per router, how many times it ran in the forward.
+
+    ``evidence`` holds, per router, the :class:`Evidence` of its decision; ``str(report)``
+    is a readable account of which call decides in every router and why.
+    """
+
+    def __init__(self, calls: Mapping[str, int], evidence: Mapping[str, Evidence]) -> None:
+        super().__init__(calls)
+        self.evidence: dict[str, Evidence] = dict(evidence)
+
+    def __str__(self) -> str:
+        lines = [f"verified {len(self)} routers:"]
+        for name, n in self.items():
+            ev = self.evidence.get(name)
+            how = ev.describe().replace("\n", "\n    ") if ev is not None else "hash table lookup (declared)"
+            k = f"k={ev.top_k} of {ev.num_experts}, " if ev is not None else ""
+            lines.append(f"  {name}: {k}ran {n}x, {how}")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython / notebooks
+        printer.text(str(self))
+
+
+# ----------------------------------------------------------------------------- probe runs
+def _where() -> str:
+    """``file:line`` of the innermost frame outside torch and moe_replay."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    f = sys._getframe(2)
+    while f is not None:
+        path = os.path.abspath(f.f_code.co_filename)
+        if not path.startswith(here) and not path.startswith(torch_dir):
+            return f"{os.path.basename(path)}:{f.f_lineno}"
+        f = f.f_back
+    return "?"
+
+
+def _changed(family: str, out: Any, width: int) -> Any:
+    """``out`` with its indices moved to other experts and its values kept."""
+    if family in ("argmax", "argsort"):
+        return (out + 1) % width if family == "argmax" else out.roll(1, dims=-1)
+    values, idx = out[0], out[1]
+    idx = idx.roll(1, dims=-1) if family == "sort" else (idx + 1) % width
+    return type(out)((values, idx))
+
+
+class _ProbeMode(TorchFunctionMode):
+    """Counts the decision-like calls of one forward; changes or holds some of them."""
+
+    def __init__(self, change: int | None, hold: dict[int, Any]) -> None:
+        super().__init__()
+        self.change, self.hold = change, hold
+        self.calls: list[Call] = []
+        self.outs: list[Any] = []
+        self.masked: list[torch.Tensor] = []
+        self.unmasked: list[bool] = []  # per call: its input is a masked copy that was seen
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _MASKS:
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor):
+                self.masked.append(out)
+            return out
+        sig = decision_call(func, args, kwargs) if func in DECISION_FUNCS else None
+        if sig is None:
+            return func(*args, **kwargs)
+        i = len(self.calls)
+        x = _arg(args, kwargs, 0, "input")
+        self.calls.append(Call(i, *sig, rows=x.numel() // sig[2], where=_where()))
+        self.unmasked.append(any(m is x for m in self.masked))
+        if i in self.hold:
+            out = self.hold[i]
+        else:
+            out = func(*args, **kwargs)
+            if i == self.change:
+                out = _changed(sig[0], out, sig[2])
+        self.outs.append(out)
+        return out
+
+
+def _leaves(obj: Any, out: list[Any], depth: int = 0) -> list[Any]:
+    if isinstance(obj, torch.Tensor) or depth > 8:
+        out.append(obj)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            _leaves(v, out, depth + 1)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            _leaves(v, out, depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _leaves(getattr(obj, f.name), out, depth + 1)
+    return out
+
+
+def _distance(a: Any, b: Any) -> float:
+    """How far two forward outputs are apart: 0 when equal, inf when their structure differs."""
+    la, lb = _leaves(a, []), _leaves(b, [])
+    if len(la) != len(lb):
+        return math.inf
+    worst = 0.0
+    for x, y in zip(la, lb, strict=True):
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            continue
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return math.inf
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return math.inf
+            continue
+        x, y = x.detach().double(), y.detach().double()
+        same = (x == y) | (x.isnan() & y.isnan())
+        if bool(same.all()):
+            continue
+        diff = (x - y).abs().masked_fill(same, 0.0)
+        worst = max(worst, float(diff.max()) if not bool(diff.isnan().any()) else math.inf)
+    return worst
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_clone(v) for v in obj)
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    if type(obj) is dict:
+        return {k: _clone(v) for k, v in obj.items()}
+    return obj
+
+
+class _Snapshot:
+    """Random state and buffers of the scope, put back after each probe run."""
+
+    def __init__(self, scope: nn.Module) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = (
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        )
+        self.buffers = [(b, b.detach().clone()) for b in scope.buffers()]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        with torch.no_grad():
+            for b, v in self.buffers:
+                if b.shape == v.shape:
+                    b.copy_(v)
+
+
+@contextlib.contextmanager
+def _syncs_allowed() -> Iterator[None]:
+    """Establishing runs once and reads values back; a sync-debug mode must not trip on it."""
+    mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)
+
+
+class _Prober:
+    def __init__(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], scope: nn.Module):
+        self.forward, self.args, self.kwargs = forward, args, kwargs
+        self.snapshot = _Snapshot(scope)
+
+    def run(self, change: int | None = None, hold: dict[int, Any] | None = None) -> tuple[Any, _ProbeMode]:
+        mode = _ProbeMode(change, hold or {})
+        self.snapshot.restore()
+        with torch.no_grad(), mode:
+            out = self.forward(*_clone(self.args), **_clone(self.kwargs))
+        return out, mode
+
+
+# ----------------------------------------------------------------------------- establish
+def _refuse(name: str, calls: Sequence[Call], why: str, fix: str) -> UnsupportedRouterError:
+    seen = "\n  ".join(c.describe() + ("" if c.effect is None else f" (changes the output: {c.effect})") for c in calls)
+    return UnsupportedRouterError(
+        f"router '{name}': {why}. Decision-like calls seen in its forward:\n  {seen or '(none)'}\n{fix}; "
+        "nothing was recorded or forced"
+    )
+
+
+def establish(
+    name: str,
+    scope: nn.Module,
+    forward: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    num_experts: int | None,
+    top_k: int | None,
+    declared_top_k: bool = False,
+    call: int | None = None,
+    family: str | None = None,
+) -> Evidence | None:
+    """Find the decision of ``scope``'s forward on these inputs by changing each candidate's choice.
+
+    Args:
+        name: the router's name, for messages.
+        scope: the module whose forward is run.
+        forward: its original forward.
+        args, kwargs: the inputs of the forward being run.
+        num_experts: the expert width discovery expects, or None.
+        top_k: k discovery expects (a hint), or None.
+        declared_top_k: ``top_k`` was given by the user: a different k is refused, not learned.
+        call: an ordinal that an :class:`~moe_replay.Adapter` names as the decision.
+        family: only calls of this family may decide (``topk``, ``argmax``, ``max``).
+
+    Returns:
+        The evidence, or None when the forward chose for no token (empty inputs): nothing to
+        establish, record or force yet.
+
+    Raises:
+        UnsupportedRouterError: no call decides, or the evidence contradicts what was declared.
+    """
+    if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in _leaves((args, kwargs), [])):
+        return None
+    with _syncs_allowed():
+        return _establish(name, scope, forward, args, kwargs, num_experts, top_k, declared_top_k, call, family)
+
+
+def _establish(
+    name: str,
+    scope: nn.Module,
+    forward: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_experts: int | None,
+    top_k: int | None,
+    declared_top_k: bool,
+    call: int | None,
+    family: str | None,
+) -> Evidence | None:
+    probe = _Prober(forward, args, kwargs, scope)
+    try:
+        base, seen = probe.run()
+        calls = seen.calls
+        if calls and not any(c.rows for c in calls):
+            return None  # no token to choose for
+        again, seen2 = probe.run()
+        if [c.signature for c in seen2.calls] != [c.signature for c in calls]:
+            raise _refuse(
+                name,
+                calls,
+                "its forward makes different decision-like calls from one run to the next on the same inputs",
+                "Make the forward's control flow deterministic, or name the decision with an Adapter",
+            )
+        noise = _distance(base, again)
+        tolerance = 0.0 if noise == 0 else 16 * noise
+        fix = (
+            "If a fused kernel or soft routing (every expert weighted, no choice) makes the decision, it cannot be "
+            "replayed; otherwise name the module that makes it with include=, or the call with "
+            "mr.Adapter(..., call=N)"
+        )
+        if call is not None:
+            if not 0 <= call < len(calls):
+                raise _refuse(name, calls, f"the Adapter names call #{call}, which its forward does not make", fix)
+            chosen = calls[call]
+            k = chosen.k
+            return _verdict(name, calls, (call,), chosen.width, k, top_k, declared_top_k, scope, "named by an Adapter")
+
+        def effect(i: int, hold: dict[int, Any] | None = None) -> bool:
+            out, _ = probe.run(change=i, hold=hold)
+            return _distance(base, out) > tolerance
+
+        candidates = [c for c in calls if family is None or c.family == family]
+        effects = {c.ordinal: effect(c.ordinal) for c in candidates}
+        calls = tuple(dataclasses.replace(c, effect=effects.get(c.ordinal)) for c in calls)
+        mattering = [c for c in calls if c.effect]
+        if not mattering:
+            why = "no decision-like call in its forward changes the output when its choice changes"
+            if not calls:
+                why = (
+                    "its forward makes no decision-like call (topk, argmax, max, sort): soft routing (every expert "
+                    "weighted) has no expert choice to record or replay"
+                )
+            elif noise > 0 and not math.isfinite(noise):
+                why = "its output differs between two runs on the same inputs, so no effect can be measured"
+            raise _refuse(name, calls, why, fix)
+        # the decision fixes the final choice: the last call that matters over the expert width
+        pool = [c for c in mattering if c.width == num_experts] or [
+            c for c in mattering if c.width == max(m.width for m in mattering)
+        ]
+        anchor = pool[-1]
+        slots = [anchor.ordinal]
+        hold = {anchor.ordinal: seen.outs[anchor.ordinal]}
+        for c in reversed([m for m in mattering if m.ordinal < anchor.ordinal]):
+            if c.width != anchor.width:
+                continue
+            if effect(c.ordinal, hold):  # its indices still reach the output: a slot of the decision
+                slots.insert(0, c.ordinal)
+                hold[c.ordinal] = seen.outs[c.ordinal]
+        if any(calls[i].family in ("sort", "argsort") for i in slots):
+            raise _refuse(
+                name,
+                calls,
+                "its experts are chosen by a sort of the scores; moe_replay forces topk, argmax and max decisions",
+                "Select the experts with torch.topk(scores, k), or name another call with mr.Adapter(..., call=N)",
+            )
+        shapers = [c for c in mattering if c.ordinal not in slots and c.ordinal < slots[0]]
+        if shapers and not seen.unmasked[slots[0]]:
+            raise _refuse(
+                name,
+                calls,
+                f"an earlier choice ({shapers[-1].describe()}) reshapes the scores of its decision by an operation "
+                "moe_replay cannot undo (it reads through masked_fill and where only), so a forced expert outside "
+                "that choice would get a masked weight",
+                "Mask the scores with masked_fill or torch.where",
+            )
+        why = "changing its choice changes the output"
+        if len(slots) > 1:
+            why = f"{len(slots)} successive calls, each of whose choices reaches the output"
+        if shapers:
+            why += "; earlier choices only shape its scores"
+        k = sum(calls[i].k for i in slots)
+        return _verdict(name, calls, tuple(slots), anchor.width, k, top_k, declared_top_k, scope, why)
+    finally:
+        probe.snapshot.restore()
+
+
+def _verdict(
+    name: str,
+    calls: Sequence[Call],
+    slots: tuple[int, ...],
+    width: int,
+    k: int,
+    top_k: int | None,
+    declared_top_k: bool,
+    scope: nn.Module,
+    why: str,
+) -> Evidence:
+    if declared_top_k and top_k is not None and top_k != k:
+        raise _refuse(
+            name,
+            calls,
+            f"top_k={top_k} was given, but its decision ({' + '.join(calls[i].describe() for i in slots)}) "
+            f"chooses {k} experts per token",
+            f"Pass top_k={k}, or leave top_k out: k is read from the decision",
+        )
+    return Evidence(tuple(calls), slots, k, width, bool(scope.training), why)

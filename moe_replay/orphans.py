@@ -1,0 +1,160 @@
+"""Every decision in a captured forward belongs to an attached router, or it is an error.
+
+Discovery finds routers by pattern; a router it missed (a parametrized or flat weight, an
+unusual name, a module rebuilt after attach) would simply not be recorded or forced. So the
+first forward of a session's first capture, and every ``verify()``, is watched as a whole: a
+decision-like call (see :func:`moe_replay.evidence.decision_call`) over an expert width made in
+a module that is neither an attached router's scope (or inside one), nor a module that holds
+routers (a model's own forward may take a top-k of all router logits for its auxiliary loss),
+nor a module the user excluded, is an orphan, and the forward raises with its module and line.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import UnsupportedRouterError
+from .evidence import DECISION_FUNCS, _where, decision_call
+
+__all__ = ["OrphanWatch"]
+
+_ATTENTION = re.compile(r"(attn|attention|indexer)", re.I)
+
+
+def _calling_module(names: dict[int, str]) -> str | None:
+    """Name of the innermost module of ``names`` whose method is on the Python stack."""
+    f = sys._getframe(2)
+    while f is not None:
+        me = f.f_locals.get("self")
+        if isinstance(me, nn.Module) and id(me) in names:
+            return names[id(me)]
+        f = f.f_back
+    return None
+
+
+class OrphanWatch(TorchFunctionMode):
+    """Watches one model forward for decision-like calls outside every attached router.
+
+    Args:
+        model: the model the session is attached to.
+        scopes: module paths whose forwards are intercepted.
+        widths: the expert widths of the attached routers.
+        excluded: ``(name, module) -> bool`` for modules the user excluded from discovery.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scopes: Iterable[str],
+        widths: Iterable[int],
+        excluded: Callable[[str, nn.Module], bool] | None = None,
+    ) -> None:
+        super().__init__()
+        self.modules = dict(model.named_modules())
+        self.names = {id(m): n for n, m in self.modules.items()}
+        self.scopes = tuple(scopes)
+        self.widths = frozenset(widths)
+        self.excluded = excluded
+        self.found: list[str] = []
+
+    def _in_moe(self, name: str) -> bool:
+        """Inside an MoE block (a module holding experts), and not inside attention?
+
+        A sparse-attention indexer's top-k over keys can be as wide as the expert count; it
+        is not a routing decision, and it sits in an attention module beside no experts.
+        """
+        parts = name.split(".") if name else []
+        for i in range(len(parts), -1, -1):
+            sub = ".".join(parts[:i])
+            module = self.modules[sub]
+            if _ATTENTION.search(parts[i - 1] if i else "") or _ATTENTION.search(type(module).__name__):
+                return False
+            for child_name, child in module.named_children():
+                if "expert" in child_name.lower() and "shared" not in child_name.lower():
+                    return True
+                if any(p.dim() == 3 for p in child.parameters(recurse=False)):
+                    return True
+        return False
+
+    def _known(self, name: str) -> bool:
+        for scope in self.scopes:
+            if not scope or name == scope or name.startswith(scope + ".") or scope.startswith(name + ".") or not name:
+                return True
+        if self.excluded is not None:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                sub = ".".join(parts[:i])
+                if self.excluded(sub, self.modules[sub]):
+                    return True
+        return False
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in DECISION_FUNCS:
+            sig = decision_call(func, args, kwargs)
+            if sig is not None and sig[2] in self.widths and (sig[0] != "topk" or sig[1] < sig[2]):
+                name = _calling_module(self.names)
+                if name is not None and not self._known(name) and self._in_moe(name) and len(self.found) < 8:
+                    self.found.append(
+                        f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} at {_where()}"
+                    )
+        return func(*args, **kwargs)
+
+    def check(self) -> None:
+        """Raise if the watched forward made a decision outside every attached router."""
+        if self.found:
+            detail = "\n  ".join(dict.fromkeys(self.found))
+            raise UnsupportedRouterError(
+                "decision-like calls over an expert width ran outside every attached router, so those routers "
+                f"would be neither recorded nor forced:\n  {detail}\nAttach them too (include= their module, "
+                "or the module that holds their gate), or exclude= them to leave them native on purpose"
+            )
+
+
+def watch_forward(
+    model: nn.Module,
+    scopes: Iterable[str],
+    widths: Iterable[int],
+    excluded: Callable[[str, nn.Module], bool] | None,
+) -> Callable[[], None]:
+    """Watch the next forward of ``model``; returns a function that stops watching.
+
+    Pre- and post-hooks on the model enter and leave an :class:`OrphanWatch` around its next
+    forward (the post-hook runs even when the forward raises), then remove themselves.
+    """
+    state: dict[str, Any] = {}
+
+    def pre(module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling() or "watch" in state:
+            return
+        state["watch"] = OrphanWatch(model, scopes, widths, excluded)
+        state["watch"].__enter__()
+
+    def post(module: nn.Module, args: Any, out: Any) -> None:
+        watch = state.pop("watch", None)
+        if watch is None:
+            return
+        watch.__exit__(None, None, None)
+        stop()
+        watch.check()
+
+    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post, always_call=True)]
+
+    def stop() -> None:
+        watch = state.pop("watch", None)
+        if watch is not None:
+            watch.__exit__(None, None, None)
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+    return stop

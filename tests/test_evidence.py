@@ -1,0 +1,532 @@
+"""Decisions established by effect: router code that defeats a signature-based guess.
+
+Every case is a small MoE of our own. Which experts a token really went to is observed
+independently of moe_replay, by hooks on the experts that match the rows they receive to the
+block's input rows; capture must record exactly those experts, and replay must make the
+experts receive exactly the forced tokens, or moe_replay must refuse with a message that names
+the call and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+import moe_replay as mr
+
+E, D, T = 8, 16, 24
+
+
+class Experts(nn.ModuleList):
+    def __init__(self, n: int = E) -> None:
+        super().__init__(nn.Linear(D, D) for _ in range(n))
+
+
+def dispatch(experts: nn.ModuleList, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        if tok.numel():
+            out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
+    return out
+
+
+# ----------------------------------------------------------------------- router code under test
+class LoggingTopKBlock(nn.Module):
+    """Case 1: a top-k of the detached logits for a confidence metric, then the real top-k."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+        self.top_k = 2
+        self.confidence: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.gate(x)
+        self.confidence = torch.topk(logits.detach(), self.top_k, dim=-1).values.mean()
+        w, idx = torch.topk(logits.softmax(-1), self.top_k, dim=-1)
+        return dispatch(self.experts, x, idx, w)
+
+
+class LoggingInRouter(nn.Module):
+    """Case 1 in a router module: a logged ``max`` and a logged ``topk``, then the decision."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k, self.num_experts = 2, E
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        self.stats["argmax"] = logits.max(dim=-1).indices
+        self.stats["top"] = logits.topk(self.top_k, dim=-1).indices
+        probs = logits.softmax(-1)
+        w, idx = torch.topk(probs + 0.3 * torch.linspace(0, 1, E), self.top_k, dim=-1)
+        return probs.gather(-1, idx), idx
+
+
+class StableSoftmaxRouter(nn.Module):
+    """Case 2: ``logits - max`` for a stable softmax, then ``argmax`` (k=1) or ``topk`` (k=2) of biased probs."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.register_buffer("bias", torch.linspace(-0.2, 0.2, E))
+        self.top_k, self.num_experts = k, E
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        z = (logits - logits.max(-1, keepdim=True).values).exp()
+        probs = z / z.sum(-1, keepdim=True)
+        if self.top_k == 1:
+            idx = torch.argmax(probs + self.bias, dim=-1, keepdim=True)
+        else:
+            idx = torch.topk(probs + self.bias, self.top_k, dim=-1).indices
+        return probs.gather(-1, idx), idx
+
+
+class SuccessiveTop1Router(nn.Module):
+    """Case 5: a top-2 made of two ``topk(k=1)`` calls, the second on masked scores; no k attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.weight).softmax(-1)
+        w1, i1 = probs.topk(1, dim=-1)
+        masked = probs.masked_fill(F.one_hot(i1[:, 0], E).bool(), float("-inf"))
+        _, i2 = masked.topk(1, dim=-1)
+        idx = torch.cat([i1, i2], dim=-1)
+        return probs.gather(-1, idx), idx
+
+
+class RenamedKRouter(nn.Module):
+    """Case 6: k under a name no discovery rule knows."""
+
+    def __init__(self, attr: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        setattr(self, attr, 2)
+        self.attr = attr
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.weight).softmax(-1)
+        w, idx = probs.topk(getattr(self, self.attr), dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+class FlatWeightRouter(nn.Module):
+    """Case 7: the gate weight kept flat (sharding) and viewed as [E, D]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E * D))
+        self.top_k = 2
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = (x @ self.weight.view(E, D).T).softmax(-1)
+        w, idx = probs.topk(self.top_k, dim=-1)
+        return w, idx
+
+
+class TransposedWeightRouter(nn.Module):
+    """Case 7: the gate weight stored [D, E], used as ``x @ w``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D, E))
+        self.top_k = 2
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = (x @ self.weight).softmax(-1)
+        w, idx = probs.topk(self.top_k, dim=-1)
+        return w, idx
+
+
+class GroupLimitedRouter(nn.Module):
+    """Case 8: DeepSeek-style group-limited greedy with ``n_group == top_k``."""
+
+    def __init__(self, n_group: int = 2, topk_group: int = 1, top_k: int = 2) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.n_group, self.topk_group, self.top_k, self.num_experts = n_group, topk_group, top_k, E
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(F.linear(x, self.weight))
+        grouped = scores.view(-1, self.n_group, E // self.n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        group_idx = torch.topk(group_scores, self.topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_scores).scatter(1, group_idx, 1.0)
+        keep = mask.unsqueeze(-1).expand_as(grouped).reshape(scores.shape)
+        idx = torch.topk(scores.masked_fill(keep == 0, 0.0), self.top_k, dim=-1).indices
+        w = scores.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+class RouterBlock(nn.Module):
+    """An MoE block around a router module that returns ``(weights, indices)``."""
+
+    def __init__(self, router: nn.Module) -> None:
+        super().__init__()
+        self.router = router
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        return dispatch(self.experts, x, idx, w)
+
+
+class TwoLayers(nn.Module):
+    """Two residual MoE layers, so that routes span several routers."""
+
+    def __init__(self, make: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([make(), make()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------- independent observation
+class ExpertSpy:
+    """Which tokens each expert of each block received, read from the experts' own inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), Experts)]
+        self.handles = []
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.used: dict[int, torch.Tensor] = {}
+        for b, block in enumerate(self.blocks):
+            self.handles.append(block.register_forward_pre_hook(self._block_input(b)))
+            for e, expert in enumerate(block.experts):
+                self.handles.append(expert.register_forward_pre_hook(self._expert_input(b, e)))
+
+    def _block_input(self, b: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            self.inputs[b] = args[0].detach().clone()
+            self.used[b] = torch.zeros(args[0].shape[0], E, dtype=torch.bool)
+
+        return hook
+
+    def _expert_input(self, b: int, e: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            rows = args[0].detach()
+            match = (rows[:, None, :] == self.inputs[b][None, :, :]).all(-1)  # [received, tokens]
+            self.used[b][match.any(0), e] = True
+
+        return hook
+
+    def experts_of(self, b: int) -> torch.Tensor:
+        """``[tokens, E]`` boolean: which experts each token of block ``b`` went to in the last forward."""
+        return self.used[b].clone()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def as_sets(rows: torch.Tensor) -> torch.Tensor:
+    """``[tokens, k]`` indices as a ``[tokens, E]`` boolean."""
+    return torch.zeros(rows.shape[0], E, dtype=torch.bool).scatter(1, rows.long(), True)
+
+
+def perturb(model: nn.Module, scale: float = 3.0) -> None:
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" not in name:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def assert_capture_and_replay_are_exact(model: nn.Module, **attach: object) -> mr.Session:
+    """Capture records the experts used; after the routers change, replay makes the experts receive the
+    recorded tokens, and free routing would not have."""
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+    spy = ExpertSpy(model)
+    try:
+        with mr.attach(model, **attach) as session:
+            with torch.no_grad(), session.capture():
+                captured = model(x)  # the first forward also establishes each decision (probe runs)
+            routes = session.routes()
+            with torch.no_grad():
+                assert torch.equal(model(x), captured)  # a plain forward, observed alone
+            for b, name in enumerate(session.names):
+                assert torch.equal(as_sets(routes.layer(name)), spy.experts_of(b)), f"capture of {name}"
+            perturb(model)
+            with torch.no_grad():
+                model(x)
+            free = [spy.experts_of(b) for b in range(len(session.names))]
+            assert any(not torch.equal(f, as_sets(routes.layer(n))) for f, n in zip(free, session.names, strict=True))
+            with torch.no_grad(), session.replay(routes), session.capture():
+                model(x)
+            for b, name in enumerate(session.names):
+                assert torch.equal(spy.experts_of(b), as_sets(routes.layer(name))), f"replay of {name}"
+            assert session.routes().equal(routes)
+            report = session.verify(x)
+            assert set(report.evidence) == set(session.names)
+        return session
+    finally:
+        spy.remove()
+
+
+# ----------------------------------------------------------------------- cases 1, 2, 5, 6, 7, 8
+CASES: dict[str, Callable[[], nn.Module]] = {
+    "1-logging-topk-in-block": LoggingTopKBlock,
+    "1-logging-max-and-topk-in-router": lambda: RouterBlock(LoggingInRouter()),
+    "2-stable-softmax-argmax": lambda: RouterBlock(StableSoftmaxRouter(1)),
+    "2-stable-softmax-topk2": lambda: RouterBlock(StableSoftmaxRouter(2)),
+    "5-successive-topk1": lambda: RouterBlock(SuccessiveTop1Router()),
+    "6-k-as-top_n": lambda: RouterBlock(RenamedKRouter("top_n")),
+    "6-k-as-n_pick": lambda: RouterBlock(RenamedKRouter("n_pick")),
+    "6-k-as-num_selected": lambda: RouterBlock(RenamedKRouter("num_selected")),
+    "7-flat-weight": lambda: RouterBlock(FlatWeightRouter()),
+    "7-transposed-weight": lambda: RouterBlock(TransposedWeightRouter()),
+    "8-groups-equal-k": lambda: RouterBlock(GroupLimitedRouter(n_group=2, topk_group=1, top_k=2)),
+    "8-groups-equal-k-two-kept": lambda: RouterBlock(GroupLimitedRouter(n_group=2, topk_group=2, top_k=2)),
+    "8-four-groups": lambda: RouterBlock(GroupLimitedRouter(n_group=4, topk_group=2, top_k=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_zero_configuration_capture_and_replay_are_exact(case: str) -> None:
+    model = TwoLayers(CASES[case])
+    session = assert_capture_and_replay_are_exact(model)
+    expected_k = 1 if case == "2-stable-softmax-argmax" else 2
+    assert [s.top_k for s in session.sites] == [expected_k, expected_k]
+    assert [s.num_experts for s in session.sites] == [E, E]
+
+
+def test_verify_names_the_deciding_call_and_the_ignored_ones() -> None:
+    model = TwoLayers(lambda: RouterBlock(LoggingInRouter()))
+    x = torch.randn(T, D)
+    with mr.attach(model) as session:
+        report = session.verify(x)
+    ev = report.evidence["layers.0.router"]
+    assert [c.family for c in ev.calls] == ["max", "topk", "topk"]
+    assert ev.decision == (2,)
+    assert [c.effect for c in ev.calls[:2]] == [False, False]
+    text = str(report)
+    assert "decides with #2 topk(k=2) over 8 at test_evidence.py" in text
+    assert "ignores #0 max() over 8" in text and "its indices do not reach the output" in text
+
+
+def test_successive_top1_slots_are_one_decision_in_call_order() -> None:
+    model = TwoLayers(lambda: RouterBlock(SuccessiveTop1Router()))
+    with mr.attach(model) as session:
+        report = session.verify(torch.randn(T, D))
+    assert report.evidence["layers.0.router"].decision == (0, 1)
+    assert "2 successive calls" in report.evidence["layers.0.router"].reason
+
+
+def test_group_selection_is_ignored_and_named_as_shaping_the_scores() -> None:
+    model = TwoLayers(lambda: RouterBlock(GroupLimitedRouter(n_group=4, topk_group=2)))
+    with mr.attach(model) as session:
+        ev = session.verify(torch.randn(T, D)).evidence["layers.0.router"]
+    assert ev.decision == (2,)
+    assert ev.calls[1].effect is True  # the group top-k matters, but only through the scores
+    assert "shapes the scores only" in ev.describe()
+
+
+# ----------------------------------------------------------------------- case 3: parametrized weights
+class _Scale(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 1.5 * w
+
+
+class LinearGateBlock(nn.Module):
+    """Mixtral-style: a bare ``Linear`` gate, the top-k in the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+        self.top_k = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = torch.topk(self.gate(x).softmax(-1), self.top_k, dim=-1)
+        return dispatch(self.experts, x, idx, w)
+
+
+@pytest.mark.parametrize("how", ["parametrize", "weight_norm"])
+def test_parametrized_gate_weight_is_found_and_forced(how: str) -> None:
+    model = TwoLayers(LinearGateBlock)
+    gate = model.layers[1].gate
+    if how == "parametrize":
+        parametrize.register_parametrization(gate, "weight", _Scale())
+    else:
+        torch.nn.utils.parametrizations.weight_norm(gate)
+    assert [s.name for s in mr.find_routers(model)] == ["layers.0.gate", "layers.1.gate"]
+    assert_capture_and_replay_are_exact(model)
+
+
+# ----------------------------------------------------------------------- orphans and nothing ran
+class _Scorer(nn.Module):
+    """A router no naming rule recognises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_w = nn.Parameter(torch.randn(E, D))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = F.linear(x, self.proj_w).softmax(-1).topk(2, dim=-1)
+        return w, idx
+
+
+class ScorerBlock(RouterBlock):
+    """The router held under a name no rule knows either."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Identity())
+        del self.router
+        self.pick = _Scorer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.pick(x)
+        return dispatch(self.experts, x, idx, w)
+
+
+def test_a_decision_outside_every_attached_router_is_an_error_naming_it() -> None:
+    model = TwoLayers(lambda: RouterBlock(RenamedKRouter("top_n")))
+    model.layers[1] = ScorerBlock()
+    x = torch.randn(T, D)
+    with mr.attach(model) as session:
+        assert session.names == ("layers.0.router",)
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'layers\.1\.pick' \(_Scorer\): topk over 8 at test_ev"):
+            session.verify(x)
+        with pytest.raises(mr.UnsupportedRouterError, match="outside every attached router"), session.capture():
+            model(x)
+    # named, it is attached and exact; excluded, it is left native on purpose
+    assert_capture_and_replay_are_exact(model, include=["layers.0.router", "layers.1.pick"])
+    with mr.attach(model, exclude="layers.1*") as session:
+        with session.capture():
+            model(x)
+        assert session.routes().names == ("layers.0.router",)
+
+
+def test_a_capture_in_which_no_router_ran_is_an_error() -> None:
+    model = TwoLayers(LinearGateBlock)
+    rebuilt = TwoLayers(LinearGateBlock)
+    with mr.attach(model) as session:
+        with session.capture():
+            rebuilt(torch.randn(T, D))  # the model was rebuilt after attach
+        with pytest.raises(mr.UnsupportedRouterError, match="recorded nothing: none of the 2 routers"):
+            session.routes()
+
+
+# ----------------------------------------------------------------------- refusals
+class SoftMoE(nn.Module):
+    """Case 9: every expert weighted, no choice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+        self.num_experts = E
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.gate(x).softmax(-1)
+        return sum(w[:, e, None] * expert(x) for e, expert in enumerate(self.experts))
+
+
+def test_soft_routing_is_refused_as_such() -> None:
+    model = TwoLayers(SoftMoE)
+    with pytest.raises(mr.MoEReplayError, match="soft routing"):
+        mr.attach(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+class UnusedDecisionRouter(nn.Module):
+    """A top-k whose indices are dropped: the block mixes every expert (soft routing in disguise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k, self.num_experts = 2, E
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.weight).softmax(-1)
+        probs.topk(2, dim=-1)
+        return probs, torch.arange(E).expand(x.shape[0], E)
+
+
+def test_no_call_that_matters_is_refused_listing_the_calls() -> None:
+    model = TwoLayers(lambda: RouterBlock(UnusedDecisionRouter()))
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError) as err:
+        session.verify(torch.randn(T, D))
+    msg = str(err.value)
+    assert "no decision-like call in its forward changes the output" in msg
+    assert "#0 topk(k=2) over 8 at test_evidence.py" in msg and "Adapter(..., call=N)" in msg
+
+
+def test_declared_top_k_that_the_decision_contradicts_is_refused() -> None:
+    model = TwoLayers(lambda: RouterBlock(RenamedKRouter("top_n")))
+    with mr.attach(model, top_k=3) as session, pytest.raises(mr.UnsupportedRouterError) as err:
+        session.verify(torch.randn(T, D))
+    assert "top_k=3 was given, but its decision (#0 topk(k=2) over 8" in str(err.value)
+    assert "Pass top_k=2" in str(err.value)
+
+
+class MulMaskedGroupRouter(GroupLimitedRouter):
+    """Group-limited routing whose group mask is a product: a forced expert outside it would weigh 0."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(F.linear(x, self.weight))
+        grouped = scores.view(-1, self.n_group, E // self.n_group)
+        group_idx = torch.topk(grouped.amax(-1), self.topk_group, dim=-1).indices
+        mask = torch.zeros(x.shape[0], self.n_group).scatter(1, group_idx, 1.0)
+        masked = scores * mask.repeat_interleave(E // self.n_group, dim=1)
+        w, idx = torch.topk(masked, self.top_k, dim=-1)
+        return w, idx
+
+
+def test_group_mask_that_cannot_be_undone_is_refused() -> None:
+    model = TwoLayers(lambda: RouterBlock(MulMaskedGroupRouter(n_group=4, topk_group=1)))
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="cannot undo"):
+        session.verify(torch.randn(T, D))
+
+
+def test_adapter_can_name_the_deciding_call() -> None:
+    model = TwoLayers(lambda: RouterBlock(LoggingInRouter()))
+    pick = mr.Adapter("pick", match=lambda n, m: isinstance(m, LoggingInRouter), call=2)
+    session = assert_capture_and_replay_are_exact(model, adapters=[pick])
+    assert all(s.call == 2 for s in session.sites)
+
+
+# ----------------------------------------------------------------------- the model is left as it was
+class CountingRouter(RenamedKRouter):
+    """A router that counts its calls in a buffer and draws jitter from the random stream."""
+
+    def __init__(self) -> None:
+        super().__init__("top_k")
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen += 1
+        return super().forward(x + 1e-3 * torch.randn_like(x))
+
+
+def test_probing_leaves_buffers_and_the_random_stream_as_one_forward_would() -> None:
+    x = torch.randn(T, D)
+    plain = TwoLayers(lambda: RouterBlock(CountingRouter()))
+    probed = TwoLayers(lambda: RouterBlock(CountingRouter()))
+    torch.manual_seed(5)
+    want = plain(x)
+    next_plain = torch.randn(3)
+    torch.manual_seed(5)
+    with mr.attach(probed) as session, session.capture():
+        got = probed(x)  # the first forward establishes every decision, then runs once
+        next_probed = torch.randn(3)
+    assert torch.equal(got, want)
+    assert [int(m.router.seen) for m in probed.layers] == [1, 1]
+    assert torch.equal(next_probed, next_plain)
