@@ -11,14 +11,14 @@ docs/formats.md is the table of formats, with the source of every fact.
 ==========================  ============================================================
 engine / trainer            readers and writers
 ==========================  ============================================================
-vLLM 0.22-0.33, <= 0.20     :func:`from_vllm_output`, :func:`from_vllm`, :func:`to_vllm`,
-                            :func:`from_vllm_legacy`, :func:`to_vllm_legacy`
-vLLM 0.21                   :func:`from_vllm_split`, :func:`to_vllm_split`
-SGLang 0.5                  :func:`from_sglang`, :func:`to_sglang`
-Megatron-core 0.19          :func:`to_megatron`, :func:`from_megatron`,
-                            :func:`from_megatron_inference`, :func:`to_megatron_inference`
-verl 0.9                    :func:`to_verl`, :func:`from_verl`
-multi-turn                  :func:`stitch_turns`
+vLLM 0.22-0.33, <= 0.20     from_vllm_output, from_vllm, to_vllm,
+                            from_vllm_legacy, to_vllm_legacy
+vLLM 0.21                   from_vllm_split, to_vllm_split
+SGLang 0.5                  from_sglang, to_sglang
+Megatron-core 0.19          to_megatron, from_megatron,
+                            from_megatron_inference, to_megatron_inference
+verl 0.9                    to_verl, from_verl
+multi-turn                  stitch_turns
 ==========================  ============================================================
 
 **Layers.** Engines number layers by the model's hidden-layer index ("all hidden layers":

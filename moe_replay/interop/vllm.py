@@ -1,14 +1,14 @@
 """vLLM's ``routed_experts``, by release.
 
-=============  ===========================================  ===============  ================
-vLLM           rows (one sequence)                          layer columns    dtype
-=============  ===========================================  ===============  ================
-<= 0.20        ``[prompt_len + gen_len - 1]``               all hidden       int32
-0.21.0 only    ``prompt_routed_experts`` ``[prompt_len]``   MoE layers only  int16
+=============  =============================================  ===============  ==============
+vLLM           rows (one sequence)                            layer columns    dtype
+=============  =============================================  ===============  ==============
+<= 0.20        ``[prompt_len + gen_len - 1]``                 all hidden       int32
+0.21.0 only    ``prompt_routed_experts`` ``[prompt_len]``     MoE layers only  int16
                + ``routed_experts`` ``[gen_len - 1]``
-0.22 - 0.33    ``[prompt_len - prompt_start + gen_len - 1]``  all hidden     uint8 (<= 256
-                                                                            experts), uint16
-=============  ===========================================  ===============  ================
+0.22 - 0.33    ``[prompt_len - prompt_start + gen_len - 1]``  all hidden       uint8 (<= 256
+                                                                               experts), uint16
+=============  =============================================  ===============  ==============
 
 ``prompt_start`` is the request's ``SamplingParams.routed_experts_prompt_start`` (0.22+).
 The last sampled token never has a row. Dense layers' columns are zero. docs/formats.md

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import doctest
+import importlib
 import inspect
 from pathlib import Path
 
+import pytest
 import torch
 
 import moe_replay as mr
@@ -52,3 +55,11 @@ def test_every_raise_in_interop_is_a_moe_replay_error() -> None:
                 if name not in allowed:
                     bad.append(f"{path.name}:{node.lineno} raises {name}")
     assert not bad, bad
+
+
+@pytest.mark.parametrize("name", ["layer_map", "vllm", "sglang", "megatron", "verl", "turns"])
+def test_module_examples_run(name: str) -> None:
+    """The examples in each engine module's docstrings run (tests/test_docs.py covers the package's own)."""
+    module = importlib.import_module(f"moe_replay.interop.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0
