@@ -68,7 +68,7 @@ def stitch_turns(
     parts = list(turns)
     try:
         check_same_routers(parts, "turn")
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise RoutesValidationError(str(e)) from None
     for i in range(1, len(parts)):
         if parts[i].num_tokens < parts[i - 1].num_tokens:

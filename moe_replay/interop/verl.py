@@ -54,7 +54,10 @@ def to_verl(
     for the last token). ``dtype`` is int16, as verl stores it.
     """
     seqs = list(sequences)
-    check_same_routers(seqs)
+    try:
+        check_same_routers(seqs)
+    except (TypeError, ValueError) as e:
+        raise RoutesValidationError(f"to_verl: {e}") from None
     lengths = [s.num_tokens for s in seqs]
     row_length = None
     if response_width is not None:

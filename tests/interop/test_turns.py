@@ -76,3 +76,13 @@ def test_turns_that_are_not_one_sequence_are_refused() -> None:
         interop.stitch_turns([r2, r1])
     with pytest.raises(mr.RoutesValidationError, match="overlap must be"):
         interop.stitch_turns([r1, r2], overlap="any")
+
+
+def test_bad_turn_lists_raise_library_errors() -> None:
+    with pytest.raises(mr.RoutesValidationError, match="need at least one turn"):
+        interop.stitch_turns([])
+    with pytest.raises(mr.RoutesValidationError, match="not Routes"):
+        interop.stitch_turns([M.routes(M.truth(3)), "turn"])
+    other = mr.Routes([M.routes(M.truth(3)).layer(M.names[0])], names=["model.layers.1.mlp.gate"], num_experts=32)
+    with pytest.raises(mr.RoutesValidationError, match="different models"):
+        interop.stitch_turns([M.routes(M.truth(3)), other])
