@@ -222,7 +222,7 @@ def from_vllm(
     if arr.ndim < 1 or arr.shape[0] != want:
         rows = arr.shape[0] if arr.ndim else 0
         hint = ""
-        if start == 0 and rows < want:
+        if start == 0 and 0 < want - rows <= p:
             hint = (
                 f" If the request set routed_experts_prompt_start, pass prompt_start= (this array would fit "
                 f"prompt_start={want - rows})."
