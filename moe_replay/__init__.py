@@ -22,6 +22,7 @@ from .batch import BatchLayout, pack_routes, pad_routes
 from .discovery import Adapter, RouterSite, find_routers, format_sites
 from .errors import (
     CaptureOverflowError,
+    LayerMapError,
     MoEReplayError,
     ReplayConsumptionError,
     RouterNotFoundError,
@@ -45,6 +46,7 @@ __all__ = [
     "BatchLayout",
     "CaptureOverflowError",
     "LayerMap",
+    "LayerMapError",
     "MoEReplayError",
     "ReplayConsumptionError",
     "RouterNotFoundError",

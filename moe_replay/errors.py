@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CaptureOverflowError",
+    "LayerMapError",
     "MoEReplayError",
     "ReplayConsumptionError",
     "RouterNotFoundError",
@@ -31,6 +32,10 @@ class UnsupportedRouterError(MoEReplayError):
 
 class RoutesValidationError(MoEReplayError, ValueError):
     """Routes that do not fit the model or are malformed (range, k, duplicates, dtype)."""
+
+
+class LayerMapError(MoEReplayError, ValueError):
+    """A :class:`~moe_replay.LayerMap` that cannot place the routers on the engine's layers."""
 
 
 class CaptureOverflowError(MoEReplayError):

@@ -1,0 +1,196 @@
+"""Helpers shared by the engine modules: arrays in, per-router rows out, and back."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import RoutesValidationError
+from ..routes import Routes
+from .layer_map import LayerMap, check_layout
+
+
+def as_array(data: Any, what: str) -> np.ndarray:
+    """An integer numpy array from an array, a tensor or nested lists."""
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().numpy()
+    try:
+        arr = np.asarray(data)
+    except (TypeError, ValueError) as e:  # ragged lists
+        raise RoutesValidationError(f"{what} is not a rectangular array: {e}") from None
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+        raise RoutesValidationError(f"{what} must be an integer array, got dtype {arr.dtype}")
+    return arr
+
+
+def npy_from_base64(text: str | bytes, what: str) -> np.ndarray:
+    """Decode base64 of a ``.npy`` file (no pickles)."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    except Exception as e:  # binascii.Error, ValueError: not base64 or not an .npy file
+        raise RoutesValidationError(f"{what} is not base64 of a .npy file: {e}") from None
+
+
+def npy_to_base64(arr: np.ndarray) -> str:
+    """Base64 of ``arr`` saved as a ``.npy`` file."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def check_shape(arr: np.ndarray, lm: LayerMap, layout: str, what: str) -> None:
+    """``arr`` is ``[tokens, width, k]`` for ``layout``; the error says which layout it does fit."""
+    check_layout(layout)
+    width, k = lm.width(layout), lm.k
+    if arr.ndim == 3 and arr.shape[1] == width and arr.shape[2] == k:
+        return
+    other = "moe" if layout == "all" else "all"
+    hint = ""
+    if arr.ndim == 3 and arr.shape[1] == lm.width(other) and arr.shape[2] == k:
+        hint = f" (its layer count fits layout='{other}')"
+    raise RoutesValidationError(
+        f"{what} has shape {tuple(arr.shape)}; with layout='{layout}' this model needs [tokens, {width}, {k}] "
+        f"({lm.num_layers} hidden layers, {len(lm.moe_layers)} with a router, k={k}){hint}. Check "
+        "num_layers of the LayerMap and the layout the engine writes"
+    )
+
+
+def columns(
+    arr: np.ndarray, lm: LayerMap, layout: str, what: str, native: np.ndarray | None = None
+) -> list[torch.Tensor]:
+    """One ``[T, k]`` int64 tensor per router of ``lm`` from an engine array ``[T, width, k]``.
+
+    Dense-layer columns of an "all" array must be all zeros (engines leave them so): any
+    other value means the map places routers on the wrong layers. ``native`` marks rows
+    that hold no route (they become -1).
+    """
+    check_shape(arr, lm, layout, what)
+    rows = arr.astype(np.int64)
+    if layout == "all" and lm.dense_layers:
+        dense = rows[:, list(lm.dense_layers)]
+        bad = (dense != 0).any(axis=(0, 2))
+        if bad.any():
+            j = lm.dense_layers[int(np.argmax(bad))]
+            raise RoutesValidationError(
+                f"{what}: column {j} holds expert choices, but no router of the LayerMap sits at layer {j} (a "
+                f"dense layer, whose column engines leave zero). The map is off: it places routers at layers "
+                f"{list(lm.moe_layers)[:8]}. Check num_layers and layers="
+            )
+    if native is not None:
+        rows[native] = -1
+    out = []
+    for nm, k in zip(lm.names, lm.top_k, strict=True):
+        col = lm.column(nm, layout)
+        if col is None:
+            out.append(torch.full((arr.shape[0], k), -1, dtype=torch.long))
+        else:
+            out.append(torch.from_numpy(np.ascontiguousarray(rows[:, col])))
+    return out
+
+
+def make_routes(layers: list[torch.Tensor], lm: LayerMap, what: str) -> Routes:
+    """Validated routes of the map's routers (range, k, duplicates), the error prefixed with ``what``."""
+    try:
+        return Routes(layers, names=lm.names, num_experts=lm.num_experts)
+    except RoutesValidationError as e:
+        raise RoutesValidationError(f"{what}: {e}") from None
+
+
+def ordered(routes: Routes, lm: LayerMap) -> list[torch.Tensor | None]:
+    """Routes' rows in the map's router order (None for MTP routers)."""
+    if not isinstance(routes, Routes):
+        raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
+    missing = [n for n in lm.names if n not in routes.names and n not in lm.extra_names]
+    if missing:
+        raise RoutesValidationError(f"the routes hold no rows for routers {missing[:4]} of the LayerMap")
+    unknown = [n for n in routes.names if n not in lm.names]
+    if unknown:
+        raise RoutesValidationError(
+            f"the routes hold routers {unknown[:4]} that the LayerMap does not place; build the map from the "
+            "same session or routes"
+        )
+    out: list[torch.Tensor | None] = []
+    for nm, e, k in zip(lm.names, lm.num_experts, lm.top_k, strict=True):
+        if nm in lm.extra_names:
+            out.append(None)
+            continue
+        j = routes.names.index(nm)
+        if (routes.experts_per_layer[j], routes.k_per_layer[j]) != (e, k):
+            raise RoutesValidationError(
+                f"router '{nm}': the routes have {routes.experts_per_layer[j]} experts and k="
+                f"{routes.k_per_layer[j]}, the LayerMap {e} and k={k}"
+            )
+        out.append(routes.layer(nm))
+    return out
+
+
+def to_array(routes: Routes, lm: LayerMap, layout: str, dtype: Any, what: str, *, allow_missing: bool) -> np.ndarray:
+    """``[T, width, k]`` engine array of ``dtype``; dense columns 0, as engines leave them.
+
+    A -1 row ("route natively") is written as -1 when ``allow_missing`` and the dtype is
+    signed; otherwise it is refused: the engine format has no such row.
+    """
+    check_layout(layout)
+    dt = np.dtype(dtype)
+    if not np.issubdtype(dt, np.integer):
+        raise RoutesValidationError(f"dtype must be an integer dtype, got {dt}")
+    if lm.max_experts - 1 > np.iinfo(dt).max:
+        raise RoutesValidationError(f"{dt} cannot hold expert index {lm.max_experts - 1}; use a wider dtype")
+    arr = np.zeros((routes.num_tokens, lm.width(layout), lm.k), dtype=np.int64)
+    for nm, rows in zip(lm.names, ordered(routes, lm), strict=True):
+        if rows is None:
+            continue
+        hole = (rows < 0).all(dim=1)
+        if bool(hole.any()) and not (allow_missing and np.iinfo(dt).min < 0):
+            first = int(hole.nonzero()[0, 0])
+            raise RoutesValidationError(
+                f"{what}: router '{nm}' has no route for token {first} (a -1 row), and this format has no row "
+                "meaning 'route natively'. Write only tokens that hold routes (prompt_start=/start_len= skip "
+                "leading ones), or fill them first"
+            )
+        arr[:, lm.column(nm, layout)] = rows.numpy()
+    return arr.astype(dt)
+
+
+def cut_last(routes: Routes, drop: bool, fmt: str) -> Routes:
+    """The routes without the last token's row, which engines never write."""
+    if not isinstance(routes, Routes):
+        raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
+    if routes.num_tokens == 0:
+        raise RoutesValidationError(f"{fmt}: the routes hold no token")
+    if not drop and not bool(routes[-1].missing.all()):
+        raise RoutesValidationError(
+            f"{fmt} has no row for the last token (engines never route it), but these routes hold a route for "
+            "it (a capture of a training forward?). Pass drop_last=True to drop that row"
+        )
+    return routes[: routes.num_tokens - 1]
+
+
+def skip_front(routes: Routes, start: int, what: str, name: str) -> Routes:
+    """Routes from token ``start`` on (the rows an engine asked to start there writes)."""
+    start = check_start(start, name)
+    if start > routes.num_tokens:
+        raise RoutesValidationError(f"{what}: {name}={start} is past the {routes.num_tokens} tokens of the routes")
+    return routes[start:]
+
+
+def check_start(start: int, name: str) -> int:
+    """A non-negative integer offset."""
+    if isinstance(start, bool) or not isinstance(start, int | np.integer) or int(start) < 0:
+        raise RoutesValidationError(f"{name} must be an integer >= 0, got {start!r}")
+    return int(start)
+
+
+def with_front(layers: list[torch.Tensor], start: int) -> list[torch.Tensor]:
+    """Prepend ``start`` -1 rows: leading tokens the engine was asked not to return."""
+    return [torch.cat([torch.full((int(start), x.shape[1]), -1, dtype=x.dtype), x]) for x in layers]
+
+
+def with_last(layers: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Append a -1 row: the last token, which no forward routed."""
+    return [torch.cat([x, torch.full((1, x.shape[1]), -1, dtype=x.dtype)]) for x in layers]

@@ -1,0 +1,234 @@
+"""The explicit map between an engine's layer numbering and a model's router names."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import LayerMapError
+from ..routes import Routes
+
+__all__ = ["LAYER_PATTERN", "LayerMap"]
+
+#: How a router's module path names its hidden layer: ``model.layers.3.mlp.gate`` -> 3.
+LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)"
+_LAYOUTS = ("all", "moe")
+
+
+def check_layout(layout: str) -> None:
+    """``layout`` is "all" (a column per hidden layer) or "moe" (a column per MoE layer)."""
+    if layout not in _LAYOUTS:
+        raise LayerMapError(f"layout must be 'all' (every hidden layer) or 'moe' (MoE layers only), got {layout!r}")
+
+
+def _config_layers(session: Any) -> int | None:
+    """``config.num_hidden_layers`` (or ``num_layers``) of the session's model, when it has one."""
+    ref = getattr(session, "_model_ref", None)
+    model = ref() if callable(ref) else None
+    config = getattr(model, "config", None)
+    for attr in ("num_hidden_layers", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Explicit map between an engine's layer numbering and a model's router names.
+
+    Build it with :meth:`from_session`, :meth:`from_routes` or :meth:`from_names`.
+
+    Attributes:
+        names: router module paths, in the order the ``Routes`` hold them.
+        layers: hidden-layer index of each router.
+        num_layers: the engine's layer count, ``config.num_hidden_layers``.
+        num_experts, top_k: per router.
+        mtp: ``"error"`` refuses routers at ``layer >= num_layers`` (MTP layers, which
+            engines do not record); ``"native"`` gives them -1 rows when reading engine
+            data and leaves them out when writing it.
+
+    Example:
+        >>> import moe_replay as mr
+        >>> lm = mr.LayerMap.from_names(["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"], 3, 8, 2)
+        >>> lm.dense_layers, lm.width("all"), lm.width("moe")
+        ((0,), 3, 2)
+    """
+
+    names: tuple[str, ...]
+    layers: tuple[int, ...]
+    num_layers: int
+    num_experts: tuple[int, ...]
+    top_k: tuple[int, ...]
+    mtp: str = "error"
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        if not n:
+            raise LayerMapError("a LayerMap needs at least one router")
+        if not (len(self.layers) == len(self.num_experts) == len(self.top_k) == n):
+            raise LayerMapError(
+                f"LayerMap: {n} names, {len(self.layers)} layers, {len(self.num_experts)} expert counts and "
+                f"{len(self.top_k)} k values; give one of each per router"
+            )
+        if self.num_layers < 1:
+            raise LayerMapError(f"num_layers must be the engine's hidden-layer count (>= 1), got {self.num_layers}")
+        if self.mtp not in ("error", "native"):
+            raise LayerMapError(f"mtp must be 'error' or 'native', got {self.mtp!r}")
+        neg = [nm for nm, i in zip(self.names, self.layers, strict=True) if i < 0]
+        if neg:
+            raise LayerMapError(f"routers {neg} have a negative layer index")
+        seen: dict[int, str] = {}
+        for nm, i in zip(self.names, self.layers, strict=True):
+            if i in seen:
+                raise LayerMapError(
+                    f"routers '{seen[i]}' and '{nm}' both map to hidden layer {i}; an engine records one router "
+                    "per layer. Exclude one from the session (a shared-expert gate?) or give layers= explicitly"
+                )
+            seen[i] = nm
+        extra = self.extra_names
+        if extra and self.mtp == "error":
+            at = [self.layers[self.names.index(x)] for x in extra]
+            raise LayerMapError(
+                f"routers {list(extra)[:4]} sit at layers {at[:4]}, but num_layers={self.num_layers} gives the "
+                f"engine hidden layers 0..{self.num_layers - 1} only. If the model has more hidden layers, "
+                f"num_layers is wrong: pass its config.num_hidden_layers (at least {max(at) + 1}). If these are "
+                "multi-token-prediction (MTP) layers past the last hidden layer, which engines do not record, "
+                "build the map with mtp='native' to route them natively, or exclude them from the session"
+            )
+
+    # ------------------------------------------------------------- builders
+    @classmethod
+    def from_names(
+        cls,
+        names: Sequence[str],
+        num_layers: int,
+        num_experts: int | Sequence[int],
+        top_k: int | Sequence[int],
+        *,
+        layers: Sequence[int] | None = None,
+        pattern: str = LAYER_PATTERN,
+        mtp: str = "error",
+    ) -> LayerMap:
+        """Map router names to hidden layers, parsing ``...layers.<i>...`` unless ``layers`` is given."""
+        names = tuple(str(n) for n in names)
+        if layers is None:
+            rx = re.compile(pattern)
+            found = []
+            for nm in names:
+                m = rx.search(nm)
+                if m is None:
+                    raise LayerMapError(
+                        f"cannot find a layer index in router name '{nm}' (pattern {pattern!r}); pass "
+                        "layers=[...] with the hidden-layer index of each router"
+                    )
+                found.append(int(m.group(1)))
+            layers = found
+        e = (int(num_experts),) * len(names) if isinstance(num_experts, int) else tuple(int(x) for x in num_experts)
+        k = (int(top_k),) * len(names) if isinstance(top_k, int) else tuple(int(x) for x in top_k)
+        return cls(names, tuple(int(i) for i in layers), int(num_layers), e, k, mtp)
+
+    @classmethod
+    def from_session(
+        cls,
+        session: Any,
+        num_layers: int,
+        *,
+        layers: Sequence[int] | None = None,
+        pattern: str = LAYER_PATTERN,
+        mtp: str = "error",
+    ) -> LayerMap:
+        """The routers of an attached session; ``num_layers`` is the model's ``config.num_hidden_layers``.
+
+        Raises:
+            LayerMapError: ``num_layers`` differs from the model's own
+                ``config.num_hidden_layers`` (or ``num_layers``), or the routers do not fit it.
+        """
+        configured = _config_layers(session)
+        if configured is not None and configured != int(num_layers):
+            raise LayerMapError(
+                f"num_layers={num_layers}, but the model's config says {configured} hidden layers. Pass "
+                f"num_layers={configured}: the engine numbers layers as the model's config does"
+            )
+        sites = session.sites
+        return cls.from_names(
+            [s.name for s in sites],
+            num_layers,
+            [s.num_experts for s in sites],
+            [s.top_k for s in sites],
+            layers=layers,
+            pattern=pattern,
+            mtp=mtp,
+        )
+
+    @classmethod
+    def from_routes(
+        cls,
+        routes: Routes,
+        num_layers: int,
+        *,
+        layers: Sequence[int] | None = None,
+        pattern: str = LAYER_PATTERN,
+        mtp: str = "error",
+    ) -> LayerMap:
+        """The routers that ``routes`` hold."""
+        return cls.from_names(
+            routes.names,
+            num_layers,
+            routes.experts_per_layer,
+            routes.k_per_layer,
+            layers=layers,
+            pattern=pattern,
+            mtp=mtp,
+        )
+
+    # ------------------------------------------------------------- views
+    @property
+    def extra_names(self) -> tuple[str, ...]:
+        """Routers past the engine's last hidden layer (MTP)."""
+        return tuple(nm for nm, i in zip(self.names, self.layers, strict=True) if i >= self.num_layers)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Hidden-layer indices that hold a router, ascending."""
+        return tuple(sorted(i for i in self.layers if i < self.num_layers))
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        """Hidden-layer indices without a router (dense MLP layers)."""
+        moe = set(self.layers)
+        return tuple(i for i in range(self.num_layers) if i not in moe)
+
+    @property
+    def k(self) -> int:
+        """The k shared by every router (engine arrays have one k)."""
+        ks = set(self.top_k)
+        if len(ks) != 1:
+            raise LayerMapError(f"routers differ in k ({sorted(ks)}); engine arrays hold one k for all layers")
+        return ks.pop()
+
+    @property
+    def max_experts(self) -> int:
+        """The largest expert count of any router (what an engine sizes its dtype by)."""
+        return max(self.num_experts)
+
+    def width(self, layout: str) -> int:
+        """Layer columns of an engine array: all hidden layers, or MoE layers only."""
+        check_layout(layout)
+        return self.num_layers if layout == "all" else len(self.moe_layers)
+
+    def column(self, name: str, layout: str) -> int | None:
+        """The engine column of router ``name`` (None for an MTP router)."""
+        check_layout(layout)
+        i = self.layers[self.names.index(name)]
+        if i >= self.num_layers:
+            return None
+        return i if layout == "all" else self.moe_layers.index(i)
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerMap(routers={len(self.names)}, num_layers={self.num_layers}, moe_layers={len(self.moe_layers)}, "
+            f"dense_layers={list(self.dense_layers)}, mtp={list(self.extra_names)})"
+        )

@@ -1,0 +1,164 @@
+"""Megatron-core's routes (read from megatron-core 0.19.2).
+
+* Training: ``RouterReplay.set_replay_data`` / ``get_recorded_data()``, a list with one
+  ``[num_tokens, k]`` index tensor per MoE layer of the stage, in the order the routers
+  were built (layer order). Every index is gathered: there is no "route natively" row.
+* Inference: ``DynamicInferenceRequest.routing_indices``, numpy
+  ``[total_tokens - 1, num_moe_layers, k]`` int32; prefix-cached blocks reuse the routes
+  stored with them.
+
+docs/formats.md cites the source of each fact.
+
+Example:
+    >>> import torch, moe_replay as mr
+    >>> r = mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["decoder.layers.1.mlp.router"], num_experts=4)
+    >>> lm = mr.LayerMap.from_routes(r, num_layers=2)
+    >>> mr.interop.to_megatron(r, layer_map=lm)[0].tolist()
+    [[0, 1], [2, 3]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import RoutesValidationError, UnsupportedRouterError
+from ..routes import Routes
+from ._common import as_array, columns, cut_last, make_routes, ordered, to_array, with_last
+from .layer_map import LayerMap
+
+__all__ = [
+    "check_megatron_config",
+    "from_megatron",
+    "from_megatron_inference",
+    "to_megatron",
+    "to_megatron_inference",
+]
+
+
+def _seq_first(n: int, batch_size: int) -> torch.Tensor:
+    """Index mapping batch-major ``[B, S]`` rows to Megatron's sequence-first ``[S, B]`` order."""
+    if batch_size < 1 or n % batch_size:
+        raise RoutesValidationError(f"{n} rows do not split into batch_size={batch_size} sequences")
+    s = n // batch_size
+    return torch.arange(n).view(batch_size, s).t().reshape(-1)
+
+
+def to_megatron(
+    routes: Routes,
+    *,
+    layer_map: LayerMap | None = None,
+    batch_size: int | None = None,
+    fill: int | None = None,
+) -> list[torch.Tensor]:
+    """The list ``RouterReplay.set_replay_data`` takes: one int64 ``[tokens, k]`` per MoE layer.
+
+    The list order must match the order the routers were built in (layer order). Tokens
+    are in the order the routers see them: a packed (THD) batch in packed order; an
+    unpacked ``[S, B]`` batch sequence-first, which ``batch_size`` converts to from these
+    batch-major routes.
+
+    Args:
+        layer_map: order routers by hidden layer and leave out MTP routers (default: the
+            order of ``routes``).
+        fill: Megatron gathers every forced index and has no "route natively" row; -1 rows
+            are refused unless ``fill`` is given: they are then written as experts
+            ``fill, fill + 1, ..., fill + k - 1``.
+    """
+    if not isinstance(routes, Routes):
+        raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
+    if layer_map is not None:
+        placed = zip(layer_map.layers, layer_map.names, ordered(routes, layer_map), strict=True)
+        pairs = sorted(((i, nm, t) for i, nm, t in placed if t is not None), key=lambda x: x[0])
+        order, tensors = [nm for _, nm, _ in pairs], [t for _, _, t in pairs]
+    else:
+        tensors = list(routes.per_layer())
+        order = list(routes.names)
+    out = []
+    for nm, t, e in zip(order, tensors, [routes.experts_per_layer[routes.names.index(n)] for n in order], strict=True):
+        hole = (t < 0).all(dim=1)
+        if bool(hole.any()):
+            if fill is None:
+                raise RoutesValidationError(
+                    f"router '{nm}' has {int(hole.sum())} rows without a route (-1: the last token, padding, prefix "
+                    "cache); Megatron's replay cannot route a token natively. Drop those tokens, or pass fill="
+                )
+            if not 0 <= int(fill) <= e - t.shape[1]:
+                raise RoutesValidationError(f"fill={fill}: experts fill..fill+{t.shape[1] - 1} must exist (< {e})")
+            t = t.clone()
+            t[hole] = torch.arange(t.shape[1]) + int(fill)
+        if batch_size is not None:
+            t = t[_seq_first(t.shape[0], int(batch_size))]
+        out.append(t.long().contiguous())
+    return out
+
+
+def from_megatron(
+    tensors: Sequence[torch.Tensor],
+    names: Sequence[str],
+    num_experts: int | Sequence[int],
+    *,
+    batch_size: int | None = None,
+) -> Routes:
+    """Routes from Megatron's per-MoE-layer list (``RouterReplay.get_recorded_data()``).
+
+    ``names`` are this model's routers in Megatron's layer order; ``batch_size`` converts
+    sequence-first ``[S, B]`` token order back to batch-major.
+    """
+    tensors = [torch.as_tensor(t).detach().cpu() for t in tensors]
+    if len(tensors) != len(names):
+        raise RoutesValidationError(f"got {len(tensors)} Megatron layers for {len(names)} router names")
+    if batch_size is not None:
+        inverse = [torch.argsort(_seq_first(t.shape[0], int(batch_size))) for t in tensors]
+        tensors = [t[i] for t, i in zip(tensors, inverse, strict=True)]
+    return Routes(tensors, names=names, num_experts=num_experts)
+
+
+def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_tokens: int | None = None) -> Routes:
+    """Routes of one sequence from Megatron inference's ``routing_indices``.
+
+    ``DynamicInferenceRequest.routing_indices`` is ``[total_tokens - 1, num_moe_layers, k]``
+    int32: MoE layers only, in layer order, the last token unrouted.
+
+    Args:
+        num_tokens: prompt plus generated tokens, to check the row count.
+
+    Returns:
+        ``rows + 1`` tokens, the last one -1.
+    """
+    arr = as_array(routing_indices, "routing_indices")
+    if arr.dtype.name in ("uint8", "uint16", "int16"):
+        raise RoutesValidationError(f"routing_indices is {arr.dtype}; Megatron inference writes int32")
+    if num_tokens is not None and (arr.ndim < 1 or arr.shape[0] != int(num_tokens) - 1):
+        raise RoutesValidationError(
+            f"routing_indices has {arr.shape[0] if arr.ndim else 0} rows; a request of {num_tokens} tokens has "
+            f"{int(num_tokens) - 1} (the last token is never routed)"
+        )
+    layers = columns(arr, layer_map, "moe", "Megatron routing_indices")
+    return make_routes(with_last(layers), layer_map, "Megatron routing_indices")
+
+
+def to_megatron_inference(routes: Routes, layer_map: LayerMap, *, drop_last: bool = False) -> np.ndarray:
+    """Megatron inference's ``routing_indices`` for one sequence: ``[T - 1, num_moe_layers, k]`` int32."""
+    body = cut_last(routes, drop_last, "Megatron routing_indices")
+    return to_array(body, layer_map, "moe", np.int32, "Megatron routing_indices", allow_missing=False)
+
+
+def check_megatron_config(config: Any) -> None:
+    """Refuse a Megatron ``TransformerConfig`` whose router would skip routing replay.
+
+    In megatron-core 0.19, ``moe_router_fusion=True`` returns from the fused top-k before
+    the replay hook is reached, so ``moe_enable_routing_replay`` then does nothing, and
+    nothing in Megatron checks the pair.
+
+    Raises:
+        UnsupportedRouterError: replay is enabled together with router fusion.
+    """
+    if getattr(config, "moe_enable_routing_replay", False) and getattr(config, "moe_router_fusion", False):
+        raise UnsupportedRouterError(
+            "moe_enable_routing_replay=True with moe_router_fusion=True: Megatron's fused router returns before "
+            "the replay hook, so the routes would be ignored silently. Set moe_router_fusion=False"
+        )

@@ -1,0 +1,118 @@
+"""SGLang's ``meta_info["routed_experts"]`` (read from SGLang 0.5.23).
+
+Base64 of the raw bytes of a flat, row-major **int32** array
+``[seq_len - 1 - routed_experts_start_len, num_hidden_layers, k]``: all hidden layers
+(dense columns zero), fused shared-expert slots cut off, no dtype field. Prefix-cached
+tokens carry the routes recorded when their KV slot was computed. docs/formats.md cites
+the source of each fact.
+
+Example:
+    >>> import base64, numpy as np, moe_replay as mr
+    >>> lm = mr.LayerMap.from_names(["model.layers.1.mlp.gate"], num_layers=2, num_experts=4, top_k=2)
+    >>> rows = np.array([[[0, 0], [0, 3]], [[0, 0], [2, 1]]], np.int32)   # 3 tokens, 2 hidden layers
+    >>> meta_info = {"routed_experts": base64.b64encode(rows.tobytes()).decode()}
+    >>> r = mr.interop.from_sglang(meta_info, lm, num_tokens=3)
+    >>> r.layer("model.layers.1.mlp.gate").tolist()
+    [[0, 3], [2, 1], [-1, -1]]
+    >>> mr.interop.to_sglang(r, lm) == meta_info
+    True
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import RoutesValidationError
+from ..routes import Routes
+from ._common import check_start, columns, cut_last, make_routes, skip_front, to_array, with_front, with_last
+from .layer_map import LayerMap
+
+__all__ = ["from_sglang", "to_sglang"]
+
+
+def _payload(response: Mapping[str, Any] | str | bytes) -> str | bytes:
+    if isinstance(response, str | bytes):
+        return response
+    if not isinstance(response, Mapping):
+        raise RoutesValidationError(f"expected an SGLang response or meta_info dict, got {type(response).__name__}")
+    meta = response.get("meta_info", response)
+    if not isinstance(meta, Mapping) or meta.get("routed_experts") is None:
+        raise RoutesValidationError(
+            "meta_info has no routed_experts: launch SGLang with --enable-return-routed-experts and send "
+            "return_routed_experts=True"
+        )
+    sent = meta.get("routed_experts_dtype")
+    if sent is not None and str(sent).lower() != "int32":
+        raise RoutesValidationError(
+            f"meta_info says routed_experts_dtype={sent!r}; SGLang (up to 0.5.23) sends no such field and always "
+            "writes int32. This payload was re-encoded by something else: decode it there"
+        )
+    return meta["routed_experts"]
+
+
+def from_sglang(
+    response: Mapping[str, Any] | str | bytes,
+    layer_map: LayerMap,
+    *,
+    num_tokens: int | None = None,
+    start_len: int = 0,
+) -> Routes:
+    """Routes of one sequence from SGLang's ``meta_info["routed_experts"]``.
+
+    Args:
+        response: a ``/generate`` response (with ``meta_info``), its ``meta_info``, or the
+            base64 string itself. Each of ``n > 1`` samples is its own response.
+        num_tokens: prompt plus completion length (as returned, after stop trimming), to
+            check the row count: SGLang writes ``num_tokens - 1 - start_len`` rows.
+        start_len: the request's ``routed_experts_start_len``: tokens left out at the
+            front; they get -1 rows.
+
+    Returns:
+        ``start_len + rows + 1`` tokens; the first ``start_len`` and the last are -1.
+
+    Raises:
+        RoutesValidationError: not base64, a size that is not whole rows of
+            ``num_hidden_layers * k`` int32 values, a row count that does not fit
+            ``num_tokens``, a dense layer's column holding experts, invalid experts.
+    """
+    start = check_start(start_len, "start_len")
+    payload = _payload(response)
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RoutesValidationError(f"SGLang routed_experts is not base64: {e}") from None
+    width, k = layer_map.num_layers, layer_map.k
+    if len(raw) % (4 * width * k):
+        raise RoutesValidationError(
+            f"SGLang routed_experts holds {len(raw)} bytes, not whole rows of num_hidden_layers*k = {width}*{k} "
+            "int32 values: check the LayerMap's num_layers and k"
+        )
+    arr = np.frombuffer(raw, dtype="<i4").reshape(-1, width, k)
+    if num_tokens is not None and arr.shape[0] != int(num_tokens) - 1 - start:
+        raise RoutesValidationError(
+            f"SGLang routed_experts has {arr.shape[0]} rows; a sequence of {num_tokens} tokens with "
+            f"start_len={start} has {int(num_tokens) - 1 - start} (the last token is never routed)"
+            + (
+                f". If the request set routed_experts_start_len, pass start_len={int(num_tokens) - 1 - arr.shape[0]}"
+                if not start and arr.shape[0] < int(num_tokens) - 1
+                else ""
+            )
+        )
+    layers = columns(arr, layer_map, "all", "SGLang routed_experts")
+    return make_routes(with_last(with_front(layers, start)), layer_map, "SGLang routed_experts")
+
+
+def to_sglang(routes: Routes, layer_map: LayerMap, *, start_len: int = 0, drop_last: bool = False) -> dict[str, str]:
+    """SGLang's ``{"routed_experts": base64}`` for one sequence: int32, all hidden layers.
+
+    Rows from ``start_len`` to the second-to-last token; the last token's row must be -1
+    unless ``drop_last=True``, and every written row must hold a route.
+    """
+    body = skip_front(cut_last(routes, drop_last, "SGLang routed_experts"), start_len, "to_sglang", "start_len")
+    arr = to_array(body, layer_map, "all", np.dtype("<i4"), "SGLang routed_experts", allow_missing=False)
+    return {"routed_experts": base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode()}

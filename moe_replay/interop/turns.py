@@ -1,0 +1,127 @@
+"""One conversation's routes from the routes of its turns.
+
+A multi-turn conversation is one growing sequence: each turn's prompt is the previous
+turn's whole sequence plus new tokens. With ``routed_experts_prompt_start`` (vLLM 0.22+)
+or ``routed_experts_start_len`` (SGLang) each turn returns only the rows after the part
+already received, and its converted routes hold -1 rows for the rest.
+:func:`stitch_turns` lays the turns over each other into the routes of the final sequence.
+
+Example:
+    >>> import torch, moe_replay as mr
+    >>> def routes(rows):
+    ...     return mr.Routes([torch.tensor(rows)], names=["model.layers.0.mlp.gate"], num_experts=4)
+    >>> turn1 = routes([[0], [1], [-1]])                 # 3 tokens, the last one unrouted
+    >>> turn2 = routes([[-1], [-1], [2], [3], [-1]])     # 5 tokens, returned from token 2 on
+    >>> mr.interop.stitch_turns([turn1, turn2]).layer("model.layers.0.mlp.gate").tolist()
+    [[0], [1], [2], [3], [-1]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..batch import check_same_routers
+from ..errors import RoutesValidationError
+from ..routes import Routes
+
+__all__ = ["stitch_turns"]
+
+_OVERLAP = ("check", "first", "last")
+_GAPS = ("error", "native")
+
+
+def stitch_turns(
+    turns: Sequence[Routes],
+    *,
+    token_ids: Sequence[Sequence[int]] | None = None,
+    overlap: str = "check",
+    gaps: str = "error",
+) -> Routes:
+    """The routes of a conversation's final sequence from the routes of its turns, in order.
+
+    Each turn's routes are aligned to all tokens of that turn's sequence (prompt plus
+    completion), as every ``from_*`` reader returns them, and each turn's sequence
+    starts with the previous one's. Row ``t`` of the result is row ``t`` of the turns
+    that hold a route there.
+
+    Args:
+        turns: routes of each turn, oldest first.
+        token_ids: each turn's whole token sequence; when given, each must start with the
+            previous one (a re-tokenised history does not, and cannot be stitched).
+        overlap: a token routed by more than one turn: ``"check"`` (default) requires the
+            same experts (as a vLLM 0.22+ prefix-cache hit or SGLang's KV slot gives),
+            ``"first"`` keeps the earliest turn's route (the one its tokens were sampled
+            with), ``"last"`` the latest.
+        gaps: a token other than the last routed by no turn: ``"error"`` (default; usually
+            an off-by-one ``prompt_start``) or ``"native"`` (a -1 row, routed natively).
+
+    Raises:
+        RoutesValidationError: turns of different models, a turn shorter than the one
+            before, token ids that are not prefixes, disagreeing overlaps, gaps.
+    """
+    if overlap not in _OVERLAP:
+        raise RoutesValidationError(f"overlap must be one of {_OVERLAP}, got {overlap!r}")
+    if gaps not in _GAPS:
+        raise RoutesValidationError(f"gaps must be one of {_GAPS}, got {gaps!r}")
+    parts = list(turns)
+    try:
+        check_same_routers(parts, "turn")
+    except (TypeError, ValueError) as e:
+        raise RoutesValidationError(str(e)) from None
+    for i in range(1, len(parts)):
+        if parts[i].num_tokens < parts[i - 1].num_tokens:
+            raise RoutesValidationError(
+                f"turn {i} has {parts[i].num_tokens} tokens, turn {i - 1} {parts[i - 1].num_tokens}: each turn's "
+                "sequence must extend the previous one"
+            )
+    if token_ids is not None:
+        ids = [list(t) for t in token_ids]
+        if len(ids) != len(parts):
+            raise RoutesValidationError(f"got token_ids for {len(ids)} turns and routes for {len(parts)}")
+        for i, (seq, r) in enumerate(zip(ids, parts, strict=True)):
+            if len(seq) != r.num_tokens:
+                raise RoutesValidationError(f"turn {i}: {len(seq)} token ids, {r.num_tokens} routed tokens")
+            if i and seq[: len(ids[i - 1])] != ids[i - 1]:
+                at = next(j for j, (a, b) in enumerate(zip(seq, ids[i - 1], strict=False)) if a != b)
+                raise RoutesValidationError(
+                    f"turn {i}'s tokens differ from turn {i - 1}'s at position {at}: the history was re-tokenised, "
+                    "so the turns are not one sequence"
+                )
+    total = parts[-1].num_tokens
+    out = []
+    for j, name in enumerate(parts[-1].names):
+        k = parts[-1].k_per_layer[j]
+        acc = torch.full((total, k), -1, dtype=torch.long)
+        seen = torch.zeros(total, dtype=torch.bool)
+        owner = torch.full((total,), -1, dtype=torch.long)
+        for i, r in enumerate(parts):
+            rows = r.layer(name)
+            n = rows.shape[0]
+            has = ~(rows < 0).all(dim=1)
+            both = has & seen[:n]
+            if bool(both.any()) and overlap == "check":
+                diff = both & (rows.sort(dim=1).values != acc[:n].sort(dim=1).values).any(dim=1)
+                if bool(diff.any()):
+                    t = int(diff.nonzero()[0, 0])
+                    raise RoutesValidationError(
+                        f"router '{name}', token {t}: turn {int(owner[t])} routed it to {acc[t].tolist()}, turn {i} "
+                        f"to {rows[t].tolist()}. Pass overlap='first' (the routes its tokens were sampled with) or "
+                        "'last', or request each turn from where the previous one ended (prompt_start/start_len)"
+                    )
+            take = has if overlap == "last" else has & ~seen[:n]
+            acc[:n][take] = rows[take]
+            owner[:n][take] = i
+            seen[:n] |= has
+        out.append(acc)
+        if gaps == "error" and bool(seen.any()):  # a router no turn routes at all (MTP) has no gaps
+            hole = ~seen[: total - 1]
+            if bool(hole.any()):
+                t = int(hole.nonzero()[0, 0])
+                raise RoutesValidationError(
+                    f"router '{name}': token {t} of {total} is routed by no turn. A turn's start (prompt_start / "
+                    "start_len) is probably one too far: the previous turn's last token has no route of its own, "
+                    "so the next turn must start at or before it. Pass gaps='native' to route such tokens natively"
+                )
+    return Routes(out, names=parts[-1].names, num_experts=parts[-1].experts_per_layer)

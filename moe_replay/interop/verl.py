@@ -1,0 +1,109 @@
+"""verl's batch ``routed_experts`` (read from verl 0.9.1).
+
+The agent loop stores ``[batch, prompt_width + response_width, layers, k]`` **int16**:
+each sequence's engine rows placed from ``prompt_width - len(prompt_ids)`` (prompt
+left-padded, response right-padded), zeros everywhere else, including the last token's
+row, which the engine does not return. ``layers`` is what the engine returned: all hidden
+layers for SGLang and vLLM 0.22+. docs/formats.md cites the source of each fact.
+
+Example:
+    >>> import torch, moe_replay as mr
+    >>> r = mr.Routes([torch.tensor([[0, 1], [2, 3], [-1, -1]])], names=["model.layers.0.mlp.gate"], num_experts=4)
+    >>> lm = mr.LayerMap.from_routes(r, num_layers=1)
+    >>> batch = mr.interop.to_verl([r], lm, prompt_lengths=[2], prompt_width=3)
+    >>> batch.dtype, tuple(batch.shape)
+    (torch.int16, (1, 4, 1, 2))
+    >>> mask = torch.tensor([[0, 1, 1, 1]])
+    >>> mr.interop.from_verl(batch, mask, lm)[0].equal(r)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..batch import BatchLayout, check_same_routers
+from ..errors import RoutesValidationError
+from ..routes import Routes
+from ._common import as_array, columns, make_routes, to_array
+from .layer_map import LayerMap
+
+__all__ = ["from_verl", "to_verl"]
+
+
+def to_verl(
+    sequences: Sequence[Routes],
+    layer_map: LayerMap,
+    *,
+    prompt_lengths: Sequence[int] | torch.Tensor,
+    prompt_width: int | None = None,
+    response_width: int | None = None,
+    layout: str = "all",
+    fill: int = 0,
+    dtype: torch.dtype = torch.int16,
+) -> torch.Tensor:
+    """verl's batch ``routed_experts`` ``[batch, prompt_width + response_width, layers, k]``.
+
+    Each sequence's prompt is left-padded to ``prompt_width`` and its response
+    right-padded. ``layout`` is the engine's: "all" hidden layers (SGLang, vLLM 0.22+ and
+    <= 0.20) or "moe" layers (vLLM 0.21). Padding is written as ``fill`` (0, as verl does);
+    rows without a route keep -1 (moe_replay's "route natively"; verl itself writes 0
+    for the last token). ``dtype`` is int16, as verl stores it.
+    """
+    seqs = list(sequences)
+    try:
+        check_same_routers(seqs)
+    except (TypeError, ValueError) as e:
+        raise RoutesValidationError(f"to_verl: {e}") from None
+    lengths = [s.num_tokens for s in seqs]
+    row_length = None
+    if response_width is not None:
+        pw = prompt_width if prompt_width is not None else int(torch.as_tensor(prompt_lengths).max())
+        row_length = pw + int(response_width)
+    try:
+        bl = BatchLayout.split(prompt_lengths, lengths, prompt_width=prompt_width, row_length=row_length)
+    except ValueError as e:
+        raise RoutesValidationError(f"to_verl: {e}") from None
+    width, k = layer_map.width(layout), layer_map.k
+    out = torch.full((bl.rows, bl.row_length, width, k), int(fill), dtype=dtype)
+    for i, seq in enumerate(seqs):
+        r, s, n = bl.placements[i]
+        arr = to_array(seq, layer_map, layout, np.int64, f"verl sequence {i}", allow_missing=True)
+        out[r, s : s + n] = torch.from_numpy(arr).to(dtype)
+    return out
+
+
+def from_verl(
+    routed_experts: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer_map: LayerMap,
+    *,
+    layout: str = "all",
+    last_routed: bool = False,
+) -> list[Routes]:
+    """Per-sequence routes from verl's ``[batch, seq, layers, k]`` ``routed_experts``.
+
+    Tokens are the positions where ``attention_mask`` is 1. The last token of each
+    sequence gets a -1 row (engines never route it, verl leaves zeros there) unless
+    ``last_routed`` (routes recorded in a training forward).
+    """
+    arr = as_array(routed_experts, "routed_experts")
+    mask = torch.as_tensor(attention_mask).bool().cpu()
+    if arr.ndim != 4 or tuple(mask.shape) != arr.shape[:2]:
+        raise RoutesValidationError(
+            f"verl routed_experts must be [batch, seq, layers, k] with a [batch, seq] attention_mask; got "
+            f"{tuple(arr.shape)} and {tuple(mask.shape)}"
+        )
+    out = []
+    for i in range(arr.shape[0]):
+        keep = mask[i].numpy()
+        if not keep.any():
+            raise RoutesValidationError(f"sequence {i} has no token (its attention_mask is all 0)")
+        rows = arr[i][keep]
+        last = np.zeros(rows.shape[0], dtype=bool)
+        last[-1] = not last_routed
+        out.append(make_routes(columns(rows, layer_map, layout, f"verl sequence {i}", last), layer_map, "verl"))
+    return out

@@ -1,0 +1,469 @@
+"""vLLM's ``routed_experts``, by release.
+
+=============  =============================================  ===============  ==============
+vLLM           rows (one sequence)                            layer columns    dtype
+=============  =============================================  ===============  ==============
+<= 0.20        ``[prompt_len + gen_len - 1]``                 all hidden       int32
+0.21.0 only    ``prompt_routed_experts`` ``[prompt_len]``     MoE layers only  int16
+               + ``routed_experts`` ``[gen_len - 1]``
+0.22 - 0.33    ``[prompt_len - prompt_start + gen_len - 1]``  all hidden       uint8 (<= 256
+                                                                               experts), uint16
+=============  =============================================  ===============  ==============
+
+``prompt_start`` is the request's ``SamplingParams.routed_experts_prompt_start`` (0.22+).
+The last sampled token never has a row. Dense layers' columns are zero. docs/formats.md
+cites the source of each fact.
+
+Example:
+    >>> import numpy as np, moe_replay as mr
+    >>> lm = mr.LayerMap.from_names(["model.layers.1.mlp.gate"], num_layers=2, num_experts=4, top_k=2)
+    >>> arr = np.zeros((3, 2, 2), np.uint8)   # prompt of 2, 2 generated: 2 + 2 - 1 rows
+    >>> arr[:, 1] = [[0, 3], [1, 2], [3, 1]]
+    >>> r = mr.interop.from_vllm(arr, lm, prompt_len=2, completion_len=2)
+    >>> r.layer("model.layers.1.mlp.gate").tolist()
+    [[0, 3], [1, 2], [3, 1], [-1, -1]]
+    >>> turn = mr.interop.from_vllm(arr[1:], lm, prompt_len=2, completion_len=2, prompt_start=1)
+    >>> turn.layer("model.layers.1.mlp.gate").tolist()     # token 0 was not returned
+    [[-1, -1], [1, 2], [3, 1], [-1, -1]]
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import RoutesValidationError
+from ..routes import Routes
+from ._common import (
+    as_array,
+    check_start,
+    columns,
+    cut_last,
+    make_routes,
+    npy_from_base64,
+    npy_to_base64,
+    ordered,
+    skip_front,
+    to_array,
+    with_front,
+    with_last,
+)
+from .layer_map import LayerMap
+
+__all__ = [
+    "VLLM_TESTED",
+    "from_vllm",
+    "from_vllm_legacy",
+    "from_vllm_output",
+    "from_vllm_split",
+    "to_vllm",
+    "to_vllm_legacy",
+    "to_vllm_split",
+    "vllm_array_from_base64",
+    "vllm_array_to_base64",
+    "vllm_dtype",
+    "vllm_layout",
+]
+
+#: The newest vLLM release whose routed-experts format was read; later ones are refused
+#: unless ``version=`` names a release up to it.
+VLLM_TESTED = (0, 33)
+
+_LEGACY, _SPLIT, _CURRENT = "<=0.20", "0.21", "0.22-0.33"
+_DTYPE_OF = {_LEGACY: ("int32",), _SPLIT: ("int16",), _CURRENT: ("uint8", "uint16")}
+
+
+def vllm_layout(version: str | tuple[int, ...]) -> str:
+    """The routed-experts layout of a vLLM release: ``"<=0.20"``, ``"0.21"`` or ``"0.22-0.33"``.
+
+    Args:
+        version: ``vllm.__version__`` (``"0.33.0"``, ``"v0.22.1rc1"``...) or ``(major, minor)``.
+
+    Raises:
+        RoutesValidationError: a release newer than the last one read (0.33), or not a version.
+    """
+    if isinstance(version, tuple):
+        parts = tuple(int(x) for x in version[:2])
+    else:
+        m = re.match(r"v?(\d+)\.(\d+)", str(version).strip())
+        if m is None:
+            raise RoutesValidationError(f"cannot read a vLLM version from {version!r}; give e.g. '0.33.0'")
+        parts = (int(m.group(1)), int(m.group(2)))
+    if len(parts) != 2:
+        raise RoutesValidationError(f"a vLLM version needs major and minor numbers, got {version!r}")
+    if parts > VLLM_TESTED:
+        raise RoutesValidationError(
+            f"vLLM {parts[0]}.{parts[1]} is newer than the last release whose routed-experts format was read "
+            f"({VLLM_TESTED[0]}.{VLLM_TESTED[1]}). Check its CompletionOutput.routed_experts, then pass the "
+            "oldest read release with the same format, e.g. version='0.33'"
+        )
+    if parts <= (0, 20):
+        return _LEGACY
+    return _SPLIT if parts == (0, 21) else _CURRENT
+
+
+def vllm_dtype(num_experts: int) -> np.dtype:
+    """The dtype vLLM 0.22+ writes: uint8 for up to 256 experts, else uint16."""
+    return np.dtype(np.uint8 if int(num_experts) <= 256 else np.uint16)
+
+
+def vllm_array_from_base64(text: str | bytes) -> np.ndarray:
+    """The array of an OpenAI-server choice's ``routed_experts``: base64 of a ``.npy`` file."""
+    return npy_from_base64(text, "vLLM routed_experts")
+
+
+def vllm_array_to_base64(arr: np.ndarray) -> str:
+    """What vLLM's OpenAI server sends for ``arr``: base64 of its ``.npy`` file."""
+    return npy_to_base64(arr)
+
+
+def _array(data: Any, what: str) -> np.ndarray:
+    if isinstance(data, str | bytes):
+        data = vllm_array_from_base64(data)
+    return as_array(data, what)
+
+
+def _detect(arr: np.ndarray, version: Any, split: bool) -> str:
+    """The layout of a vLLM array: from ``version=``, else from the dtype vLLM wrote."""
+    if version is not None:
+        layout = vllm_layout(version)
+        known = {d: lay for lay, ds in _DTYPE_OF.items() for d in ds}
+        if arr.dtype.name in known and known[arr.dtype.name] != layout:
+            raise RoutesValidationError(
+                f"routed_experts is {arr.dtype}, which vLLM writes in releases {known[arr.dtype.name]}, not in "
+                f"{version} ({layout}: {'/'.join(_DTYPE_OF[layout])}). Check the version"
+            )
+        return layout
+    if split:
+        return _SPLIT
+    name = arr.dtype.name
+    if name in _DTYPE_OF[_CURRENT]:
+        return _CURRENT
+    if name == "int32":
+        return _LEGACY
+    if name == "int16":
+        raise RoutesValidationError(
+            "routed_experts is int16 without prompt_routed_experts: vLLM 0.21 writes int16 and splits off the "
+            "prompt rows. Read it with from_vllm_split(prompt_routed_experts, routed_experts, ...), or pass "
+            "version= if it came from another release"
+        )
+    raise RoutesValidationError(
+        f"routed_experts is {arr.dtype}, which no vLLM release writes (int32 up to 0.20, int16 in 0.21, "
+        "uint8/uint16 from 0.22): it was converted on the way. Pass version= (vllm.__version__ of the engine)"
+    )
+
+
+def _check_current_dtype(arr: np.ndarray, lm: LayerMap) -> None:
+    if arr.dtype.name in ("uint8", "uint16") and arr.dtype != vllm_dtype(lm.max_experts):
+        raise RoutesValidationError(
+            f"routed_experts is {arr.dtype}, but vLLM writes {vllm_dtype(lm.max_experts)} for {lm.max_experts} "
+            "experts: check the LayerMap's num_experts"
+        )
+
+
+def from_vllm(
+    routed_experts: Any,
+    layer_map: LayerMap,
+    *,
+    prompt_len: int,
+    completion_len: int,
+    prompt_start: int = 0,
+    version: str | tuple[int, ...] | None = None,
+) -> Routes:
+    """Routes of one sequence from a ``CompletionOutput.routed_experts`` array (vLLM <= 0.20, 0.22-0.33).
+
+    vLLM 0.22-0.33 write ``[prompt_len - prompt_start + completion_len - 1,
+    num_hidden_layers, k]`` uint8 (uint16 above 256 experts), vLLM <= 0.20 the same rows
+    (``prompt_start`` 0) as int32. The release is told by the dtype unless ``version=``
+    names it; the row count must match exactly, or the call fails: a shift is never guessed.
+
+    Args:
+        routed_experts: the array, or the OpenAI server's base64 ``.npy`` string.
+        prompt_len: ``len(RequestOutput.prompt_token_ids)``.
+        completion_len: ``len(CompletionOutput.token_ids)`` (after stop-string trimming,
+            which cuts the dropped tokens' rows too).
+        prompt_start: the request's ``routed_experts_prompt_start``: prompt tokens left out
+            at the front; they get -1 rows.
+        version: ``vllm.__version__`` of the engine, needed when the dtype was changed on
+            the way (e.g. to int64).
+
+    Returns:
+        ``prompt_len + completion_len`` rows; the first ``prompt_start`` and the last are -1.
+
+    Raises:
+        RoutesValidationError: dtype, layer width, k or row count do not fit the release and
+            the LayerMap; a dense layer's column holds experts; invalid expert indices.
+    """
+    arr = _array(routed_experts, "routed_experts")
+    layout = _detect(arr, version, split=False)
+    if layout == _SPLIT:
+        raise RoutesValidationError(
+            "vLLM 0.21 splits routes into prompt_routed_experts and routed_experts: use from_vllm_split"
+        )
+    p, c = check_start(prompt_len, "prompt_len"), check_start(completion_len, "completion_len")
+    start = check_start(prompt_start, "prompt_start")
+    if start > p:
+        raise RoutesValidationError(
+            f"prompt_start={start} is past the prompt ({p} tokens); vLLM requires <= prompt_len"
+        )
+    if layout == _LEGACY and start:
+        raise RoutesValidationError(
+            "vLLM <= 0.20 (int32) has no routed_experts_prompt_start; an int32 array with prompt_start > 0 fits no "
+            "release. Pass version= if the dtype was changed on the way"
+        )
+    if layout == _CURRENT:
+        _check_current_dtype(arr, layer_map)
+    want = p - start + c - 1
+    if want < 0:
+        raise RoutesValidationError(f"prompt_len={p}, prompt_start={start}, completion_len={c} leave no token")
+    if arr.ndim < 1 or arr.shape[0] != want:
+        rows = arr.shape[0] if arr.ndim else 0
+        hint = ""
+        if start == 0 and 0 < want - rows <= p:
+            hint = (
+                f" If the request set routed_experts_prompt_start, pass prompt_start= (this array would fit "
+                f"prompt_start={want - rows})."
+            )
+        elif start and rows == want + start:
+            hint = " The array covers the whole prompt: was routed_experts_prompt_start set on the request?"
+        raise RoutesValidationError(
+            f"routed_experts has {rows} rows; vLLM {layout} writes prompt_len - prompt_start + completion_len - 1 = "
+            f"{p} - {start} + {c} - 1 = {want} (the last token is never routed).{hint}"
+        )
+    layers = columns(arr, layer_map, "all", f"vLLM {layout} routed_experts")
+    return make_routes(with_last(with_front(layers, start)), layer_map, f"vLLM {layout} routed_experts")
+
+
+def to_vllm(
+    routes: Routes,
+    layer_map: LayerMap,
+    *,
+    prompt_start: int = 0,
+    drop_last: bool = False,
+) -> np.ndarray:
+    """vLLM 0.22-0.33's ``routed_experts`` for one sequence: all hidden layers, uint8 or uint16.
+
+    Rows from ``prompt_start`` to the second-to-last token; the last token's row must be
+    -1 (engines never route it) unless ``drop_last=True``. Every written row must hold a
+    route: vLLM has no "route natively" row.
+    """
+    body = skip_front(cut_last(routes, drop_last, "vLLM routed_experts"), prompt_start, "to_vllm", "prompt_start")
+    return to_array(
+        body, layer_map, "all", vllm_dtype(layer_map.max_experts), "vLLM routed_experts", allow_missing=False
+    )
+
+
+def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: int | None = None) -> Routes:
+    """Routes of one sequence from vLLM <= 0.20's ``routed_experts``: ``[seq_len - 1, num_hidden_layers, k]`` int32.
+
+    Args:
+        num_tokens: ``len(prompt_token_ids) + len(token_ids)``, to check the row count.
+
+    Returns:
+        ``rows + 1`` tokens, the last one -1.
+    """
+    arr = _array(routed_experts, "routed_experts")
+    if num_tokens is not None and (arr.ndim < 1 or arr.shape[0] != int(num_tokens) - 1):
+        raise RoutesValidationError(
+            f"routed_experts has {arr.shape[0] if arr.ndim else 0} rows; a sequence of {num_tokens} tokens has "
+            f"{int(num_tokens) - 1} (the last token is never routed)"
+        )
+    layers = columns(arr, layer_map, "all", "vLLM <=0.20 routed_experts")
+    return make_routes(with_last(layers), layer_map, "vLLM <=0.20 routed_experts")
+
+
+def to_vllm_legacy(routes: Routes, layer_map: LayerMap, *, drop_last: bool = False) -> np.ndarray:
+    """vLLM <= 0.20's ``routed_experts``: ``[T - 1, num_hidden_layers, k]`` int32, dense columns 0."""
+    body = cut_last(routes, drop_last, "vLLM routed_experts")
+    return to_array(body, layer_map, "all", np.int32, "vLLM <=0.20 routed_experts", allow_missing=False)
+
+
+def from_vllm_split(
+    prompt_routed_experts: Any,
+    routed_experts: Any,
+    layer_map: LayerMap,
+    *,
+    completion_len: int,
+    cached_tokens: int | None = None,
+) -> Routes:
+    """Routes of one sequence from vLLM 0.21's split arrays (MoE layers only, int16).
+
+    ``RequestOutput.prompt_routed_experts`` ``[prompt_len, num_moe_layers, k]`` and
+    ``CompletionOutput.routed_experts`` ``[completion_len - 1, ...]`` (``completion_len``
+    rows are read too, aligned from the front: the last row is then the last token's).
+    vLLM 0.21 leaves the rows of prefix-cached prompt tokens **zero**.
+
+    Args:
+        completion_len: ``len(CompletionOutput.token_ids)``.
+        cached_tokens: how many leading prompt tokens came from the prefix cache: their
+            zero rows become -1 (route natively). Without it, an all-zero prompt row is
+            ambiguous and refused.
+
+    Returns:
+        ``prompt_len + completion_len`` rows.
+    """
+    gen = _array(routed_experts, "routed_experts")
+    prompt = _array(prompt_routed_experts, "prompt_routed_experts")
+    for arr, what in ((prompt, "prompt_routed_experts"), (gen, "routed_experts")):
+        if arr.dtype.name in ("int32", "uint8", "uint16"):
+            raise RoutesValidationError(f"{what} is {arr.dtype}; vLLM 0.21 writes int16")
+    c = check_start(completion_len, "completion_len")
+    if gen.ndim < 1 or gen.shape[0] not in (c - 1, c) or c == 0:
+        raise RoutesValidationError(
+            f"routed_experts has {gen.shape[0] if gen.ndim else 0} rows for {c} generated tokens; vLLM 0.21 gives "
+            f"{c - 1} (the last token is never routed)"
+        )
+    p_layers = columns(prompt, layer_map, "moe", "vLLM 0.21 prompt_routed_experts")
+    g_layers = columns(gen, layer_map, "moe", "vLLM 0.21 routed_experts")
+    p_rows = np.asarray(prompt, dtype=np.int64)
+    zero = (p_rows == 0).all(axis=(1, 2))
+    if cached_tokens is None:
+        if zero.any():
+            i = int(np.argmax(zero))
+            raise RoutesValidationError(
+                f"prompt_routed_experts row {i} is all zeros: vLLM 0.21 leaves prefix-cached prompt rows zero, "
+                "so it cannot tell a cached token from one routed to expert 0 everywhere. Pass cached_tokens= "
+                "(the prompt tokens served from the prefix cache; 0 when caching was off)"
+            )
+    else:
+        n = check_start(cached_tokens, "cached_tokens")
+        if n > prompt.shape[0]:
+            raise RoutesValidationError(f"cached_tokens={n} is more than the {prompt.shape[0]} prompt rows")
+        if not zero[:n].all():
+            i = int(np.argmin(zero[:n]))
+            raise RoutesValidationError(
+                f"cached_tokens={n}, but prompt row {i} holds routes: vLLM 0.21 leaves cached rows zero. Check "
+                "cached_tokens"
+            )
+        p_layers = [torch.cat([torch.full((n, x.shape[1]), -1, dtype=x.dtype), x[n:]]) for x in p_layers]
+    layers = [torch.cat([a, b]) for a, b in zip(p_layers, g_layers, strict=True)]
+    if gen.shape[0] == c - 1:
+        layers = with_last(layers)
+    return make_routes(layers, layer_map, "vLLM 0.21 prompt_routed_experts/routed_experts")
+
+
+def to_vllm_split(
+    routes: Routes, layer_map: LayerMap, prompt_len: int, *, drop_last: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM 0.21's ``(prompt_routed_experts, routed_experts)`` for one sequence: MoE layers, int16.
+
+    Leading -1 prompt rows (prefix-cached tokens) are written as zeros, as 0.21 does;
+    any other -1 row is refused.
+    """
+    body = cut_last(routes, drop_last, "vLLM 0.21 routed_experts")
+    p = check_start(prompt_len, "prompt_len")
+    if p > body.num_tokens:
+        raise RoutesValidationError(f"prompt_len={p} does not fit a sequence of {routes.num_tokens} tokens")
+    hole = torch.stack([(x < 0).all(dim=1) for x in ordered(body, layer_map) if x is not None]).all(dim=0)
+    cached = min(int(hole.long().cumprod(0).sum()), p)
+    filled = body
+    if cached:
+        zeros = [torch.zeros(cached, x.shape[1], dtype=torch.long) for x in body.per_layer()]
+        fixed = [torch.cat([z, x[cached:]]) for z, x in zip(zeros, body.per_layer(), strict=True)]
+        filled = Routes._trusted(fixed, body.names, body.experts_per_layer, False)
+    arr = to_array(filled, layer_map, "moe", np.int16, "vLLM 0.21 routed_experts", allow_missing=False)
+    return arr[:p], arr[p:]
+
+
+def from_vllm_output(
+    output: Any,
+    layer_map: LayerMap,
+    *,
+    index: int = 0,
+    prompt_len: int | None = None,
+    prompt_start: int = 0,
+    version: str | tuple[int, ...] | None = None,
+    cached_tokens: int | None = None,
+) -> Routes:
+    """Routes of one completion from a vLLM ``RequestOutput`` or ``CompletionOutput``, any release.
+
+    The release is told by ``version=`` or by what vLLM wrote: a
+    ``RequestOutput.prompt_routed_experts`` (0.21), else the dtype (uint8/uint16: 0.22+,
+    int32: <= 0.20). The row count must then fit exactly; nothing is shifted to fit.
+
+    Args:
+        output: a ``RequestOutput`` (completion ``index`` is read; with ``n > 1`` each
+            completion carries its own full array) or one ``CompletionOutput``.
+        prompt_len: the prompt's token count; read from ``RequestOutput.prompt_token_ids``
+            when not given, required with a ``CompletionOutput``.
+        prompt_start: the request's ``routed_experts_prompt_start`` (0.22+).
+        version: ``vllm.__version__`` of the engine.
+        cached_tokens: vLLM 0.21 only: prompt tokens served from the prefix cache.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> import numpy as np, moe_replay as mr
+        >>> lm = mr.LayerMap.from_names(["model.layers.0.mlp.gate"], num_layers=1, num_experts=4, top_k=1)
+        >>> comp = SimpleNamespace(token_ids=[7, 8], routed_experts=np.array([[[1]], [[2]]], np.uint8))
+        >>> mr.interop.from_vllm_output(comp, lm, prompt_len=1).layer("model.layers.0.mlp.gate").tolist()
+        [[1], [2], [-1]]
+    """
+    if hasattr(output, "outputs"):
+        outs = output.outputs
+        if not -len(outs) <= index < len(outs):
+            raise RoutesValidationError(f"index={index}, but this RequestOutput has {len(outs)} completions")
+        comp = outs[index]
+        ids = output.prompt_token_ids
+        if ids is None and prompt_len is None:
+            raise RoutesValidationError("this RequestOutput has no prompt_token_ids: pass prompt_len=")
+        if ids is not None:
+            if prompt_len is not None and int(prompt_len) != len(ids):
+                raise RoutesValidationError(
+                    f"prompt_len={prompt_len}, but the RequestOutput's prompt has {len(ids)} tokens"
+                )
+            prompt_len = len(ids)
+        prompt_routed = getattr(output, "prompt_routed_experts", None)
+    elif hasattr(output, "routed_experts") and hasattr(output, "token_ids"):
+        comp, prompt_routed = output, None
+        if prompt_len is None:
+            raise RoutesValidationError(
+                "a CompletionOutput does not know its prompt: pass prompt_len=len(request_output.prompt_token_ids)"
+            )
+    else:
+        raise RoutesValidationError(f"expected a vLLM RequestOutput or CompletionOutput, got {type(output).__name__}")
+    if comp.routed_experts is None:
+        raise RoutesValidationError(
+            "this output has no routed_experts: start vLLM with enable_return_routed_experts=True"
+        )
+    assert prompt_len is not None
+    arr = _array(comp.routed_experts, "routed_experts")
+    layout = _detect(arr, version, split=prompt_routed is not None)
+    completion_len = len(comp.token_ids)
+    if layout == _SPLIT:
+        if prompt_routed is None:
+            raise RoutesValidationError(
+                "vLLM 0.21 keeps the prompt's rows in RequestOutput.prompt_routed_experts: pass the RequestOutput"
+            )
+        if check_start(prompt_start, "prompt_start"):
+            raise RoutesValidationError("vLLM 0.21 has no routed_experts_prompt_start; prompt_start must be 0")
+        prompt = _array(prompt_routed, "prompt_routed_experts")
+        if prompt.ndim < 1 or prompt.shape[0] != prompt_len:
+            raise RoutesValidationError(
+                f"prompt_routed_experts has {prompt.shape[0] if prompt.ndim else 0} rows for a prompt of "
+                f"{prompt_len} tokens; vLLM 0.21 writes one per prompt token"
+            )
+        return from_vllm_split(prompt, arr, layer_map, completion_len=completion_len, cached_tokens=cached_tokens)
+    if prompt_routed is not None:
+        raise RoutesValidationError(
+            f"this output has prompt_routed_experts, which only vLLM 0.21 writes, but version={version!r}"
+        )
+    if cached_tokens is not None:
+        raise RoutesValidationError(
+            f"cached_tokens= is for vLLM 0.21 only; in {layout} prefix-cached rows carry their real routes"
+        )
+    return from_vllm(
+        arr,
+        layer_map,
+        prompt_len=prompt_len,
+        completion_len=completion_len,
+        prompt_start=prompt_start,
+        version=version if version is not None else _layout_version(layout),
+    )
+
+
+def _layout_version(layout: str) -> str:
+    """A release of ``layout``, as a version string."""
+    return {_LEGACY: "0.20", _SPLIT: "0.21", _CURRENT: "0.33"}[layout]

@@ -1,0 +1,46 @@
+"""LayerMap: router names to the engine's hidden-layer columns."""
+
+from __future__ import annotations
+
+import pytest
+
+import moe_replay as mr
+
+NAMES = tuple(f"model.layers.{i}.mlp.gate" for i in (1, 2, 3))
+LM = mr.LayerMap.from_names(NAMES, 4, 16, 2)
+
+
+def test_layer_map_from_names_and_session() -> None:
+    assert LM.layers == (1, 2, 3) and LM.dense_layers == (0,) and LM.moe_layers == (1, 2, 3)
+    assert [LM.column(n, "all") for n in NAMES] == [1, 2, 3]
+    assert [LM.column(n, "moe") for n in NAMES] == [0, 1, 2]
+    assert (LM.width("all"), LM.width("moe"), LM.max_experts) == (4, 3, 16)
+    assert repr(LM) == "LayerMap(routers=3, num_layers=4, moe_layers=3, dense_layers=[0], mtp=[])"
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    with mr.attach(model) as session:
+        lm = mr.LayerMap.from_session(session, num_layers=3)
+    assert lm.names == ("layers.1.mlp.router", "layers.2.mlp.router") and lm.dense_layers == (0,)
+
+
+def test_from_session_names_a_wrong_layer_count() -> None:
+    """A 4-layer model mapped with num_layers=3: the message says the count is wrong, not that layer 3 is MTP."""
+    model = mr.models.build("softmax_topk", num_layers=4)
+    with mr.attach(model) as session:
+        with pytest.raises(mr.LayerMapError, match="num_layers=3, but the model's config says 4 hidden layers"):
+            mr.LayerMap.from_session(session, num_layers=3)
+        assert mr.LayerMap.from_session(session, num_layers=4).moe_layers == (0, 1, 2, 3)
+
+
+def test_layer_map_errors() -> None:
+    with pytest.raises(mr.LayerMapError, match="num_layers is wrong.*at least 5.*MTP.*mtp='native'"):
+        mr.LayerMap.from_names([*NAMES, "model.layers.4.mlp.gate"], 4, 16, 2)
+    with pytest.raises(mr.LayerMapError, match="both map to hidden layer 1"):
+        mr.LayerMap.from_names(["model.layers.1.mlp.gate", "model.layers.1.mlp.shared_gate"], 4, 16, 2)
+    with pytest.raises(mr.LayerMapError, match="cannot find a layer index in router name 'gate'"):
+        mr.LayerMap.from_names(["gate"], 4, 16, 2)
+    assert mr.LayerMap.from_names(["gate"], 4, 16, 2, layers=[2]).moe_layers == (2,)
+    with pytest.raises(mr.LayerMapError, match="engine arrays hold one k"):
+        _ = mr.LayerMap.from_names(NAMES[:2], 4, 16, [2, 4]).k
+    with pytest.raises(mr.LayerMapError, match="layout must be"):
+        LM.width("dense")
+    assert issubclass(mr.LayerMapError, ValueError) and issubclass(mr.LayerMapError, mr.MoEReplayError)

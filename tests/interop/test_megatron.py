@@ -1,0 +1,61 @@
+"""Megatron-core 0.19: RouterReplay's per-layer list and inference ``routing_indices``."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import moe_replay as mr
+from moe_replay import interop
+
+from .engines import Model, megatron_routing_indices
+
+M = Model()
+
+
+def test_router_replay_list_and_token_order() -> None:
+    """megatron-core 0.19.2 ``transformer/moe/router_replay.py:29-42``: ``set_replay_data`` takes one
+    ``[num_tokens, topk]`` tensor per router in instantiation (layer) order; REPLAY_FORWARD gathers
+    every index (``:167-173``), so there is no "route natively" row.
+    """
+    seqs = [M.routes(M.truth(4, seed=s), last=False) for s in range(3)]
+    batch = mr.pad_routes(seqs)  # batch-major [3 sequences, 4 positions]
+    layers = interop.to_megatron(batch, layer_map=M.layer_map)
+    assert len(layers) == 3 and all(t.dtype == torch.int64 and t.shape == (12, 2) for t in layers)
+    assert torch.equal(layers[0], batch.layer(M.names[0]))
+    seq_first = interop.to_megatron(batch, batch_size=3)  # Megatron's unpacked [S, B] order
+    s, b = 1, 2
+    assert torch.equal(seq_first[0][s * 3 + b], batch.layer(M.names[0])[b * 4 + s])
+    assert interop.from_megatron(seq_first, M.names, M.num_experts, batch_size=3).equal(batch)
+    with pytest.raises(mr.RoutesValidationError, match="cannot route a token natively"):
+        interop.to_megatron(M.routes(M.truth(3)))
+    filled = interop.to_megatron(M.routes(M.truth(3)), fill=5)
+    assert filled[0][-1].tolist() == [5, 6]
+    with pytest.raises(mr.RoutesValidationError, match="must exist"):
+        interop.to_megatron(M.routes(M.truth(3)), fill=15)
+
+
+def test_inference_routing_indices() -> None:
+    """megatron-core 0.19.2 ``inference/inference_request.py:376-377, 470-477``: ``[total_tokens - 1,
+    num_moe_layers, topk]``; ``inference/contexts/routing_metadata.py:50-54``: int32.
+    """
+    truth = M.truth(7, seed=5)
+    arr = megatron_routing_indices(M, truth)
+    assert arr.dtype == np.int32 and arr.shape == (6, 3, 2)
+    r = interop.from_megatron_inference(arr, M.layer_map, num_tokens=7)
+    assert r.equal(M.routes(truth))
+    assert np.array_equal(interop.to_megatron_inference(r, M.layer_map), arr)
+    with pytest.raises(mr.RoutesValidationError, match="a request of 8 tokens"):
+        interop.from_megatron_inference(arr, M.layer_map, num_tokens=8)
+    with pytest.raises(mr.RoutesValidationError, match="fits layout='all'"):  # an all-layer array is not this format
+        interop.from_megatron_inference(np.zeros((6, 4, 2), np.int32), M.layer_map)
+
+
+def test_router_fusion_bypass_is_refused() -> None:
+    """megatron-core 0.19.2 ``transformer/moe/moe_utils.py:772-792``: the fused top-k returns before replay."""
+    with pytest.raises(mr.UnsupportedRouterError, match="moe_router_fusion=False"):
+        interop.check_megatron_config(SimpleNamespace(moe_enable_routing_replay=True, moe_router_fusion=True))
+    interop.check_megatron_config(SimpleNamespace(moe_enable_routing_replay=True, moe_router_fusion=False))

@@ -1,0 +1,98 @@
+"""SGLang 0.5.23: fake ``meta_info`` written as SGLang's code writes it (see engines.py)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+import moe_replay as mr
+from moe_replay import interop
+
+from .engines import Model, sglang_meta_info
+
+DEEPSEEK = Model()
+
+
+def test_single_turn_int32_all_layers_without_a_dtype_field() -> None:
+    """SGLang 0.5.23: flat int32 bytes, all hidden layers, fused shared-expert slots cut off.
+
+    ``state_capturer/routed_experts.py:72-73`` (``num_hidden_layers``), ``:119-121`` and ``:145-147``
+    (slots past k cut), ``state_capturer/base.py:38-42`` (int32), ``managers/detokenizer_manager.py:432-448``
+    (base64 of ``tobytes()``; no dtype key).
+    """
+    m = DEEPSEEK
+    truth = m.truth(8)
+    meta = sglang_meta_info(m, truth)
+    raw = base64.b64decode(meta["routed_experts"])
+    assert len(raw) == 7 * 4 * 2 * 4  # seq_len - 1 rows of num_hidden_layers * k int32 values
+    r = interop.from_sglang(meta, m.layer_map, num_tokens=8)
+    assert r.equal(m.routes(truth))
+    assert interop.from_sglang({"meta_info": meta}, m.layer_map).equal(r)  # the whole /generate response
+    assert interop.from_sglang(meta["routed_experts"], m.layer_map).equal(r)  # the bare string
+    back = interop.to_sglang(r, m.layer_map)
+    assert back == {"routed_experts": meta["routed_experts"]}  # no routed_experts_dtype: SGLang sends none
+    with pytest.raises(mr.RoutesValidationError, match="a sequence of 9 tokens"):
+        interop.from_sglang(meta, m.layer_map, num_tokens=9)
+
+
+def test_start_len_multi_turn() -> None:
+    """SGLang 0.5.23 ``managers/io_struct.py:264-268``: ``routed_experts_start_len`` gives rows
+    ``[start_len, seqlen - 1)``.
+    """
+    m = DEEPSEEK
+    truth = m.truth(10, seed=1)
+    meta = sglang_meta_info(m, truth, start_len=6)
+    r = interop.from_sglang(meta, m.layer_map, num_tokens=10, start_len=6)
+    assert r.equal(m.routes(truth, front=6))
+    assert interop.to_sglang(r, m.layer_map, start_len=6) == {"routed_experts": meta["routed_experts"]}
+    with pytest.raises(mr.RoutesValidationError, match="pass start_len=6"):
+        interop.from_sglang(meta, m.layer_map, num_tokens=10)
+
+
+def test_stop_trimming_and_prefix_cache() -> None:
+    """Rows follow ``seqlen = len(origin_input_ids) + len(output_ids_through_stop)``
+    (``scheduler_components/batch_result_processor.py:136-179``); a prefix-cached token keeps the route
+    recorded in its KV slot (``state_capturer/base.py:173-188``): two requests sharing a cached prompt
+    return the same prompt rows, with no marker.
+    """
+    m = DEEPSEEK
+    truth = m.truth(9, seed=2)
+    trimmed = sglang_meta_info(m, truth, trim=2)
+    assert interop.from_sglang(trimmed, m.layer_map, num_tokens=7).equal(m.routes(truth[:7]))
+    other = truth.copy()
+    other[5:] = m.truth(4, seed=3)  # the same 5-token prompt, another completion
+    a = interop.from_sglang(sglang_meta_info(m, truth), m.layer_map, num_tokens=9)
+    b = interop.from_sglang(sglang_meta_info(m, other), m.layer_map, num_tokens=9)
+    assert a[:5].equal(b[:5]) and not bool(a.missing[:8].any())
+
+
+def test_n_samples_and_many_experts() -> None:
+    """Each of ``n`` samples is its own response; int32 holds any expert index (here 300 experts)."""
+    m = Model(num_experts=300)
+    samples = [m.truth(6, seed=s) for s in range(3)]
+    samples[1][0, 0] = [299, 256]
+    for t in samples:
+        meta = sglang_meta_info(m, t)
+        r = interop.from_sglang(meta, m.layer_map, num_tokens=6)
+        assert r.equal(m.routes(t))
+        assert interop.to_sglang(r, m.layer_map) == {"routed_experts": meta["routed_experts"]}
+
+
+def test_what_sglang_never_sends_is_refused() -> None:
+    m = DEEPSEEK
+    meta = sglang_meta_info(m, m.truth(5, seed=4))
+    with pytest.raises(mr.RoutesValidationError, match="sends no such field"):
+        interop.from_sglang({**meta, "routed_experts_dtype": "uint8"}, m.layer_map)
+    assert interop.from_sglang({**meta, "routed_experts_dtype": "int32"}, m.layer_map).num_tokens == 5
+    with pytest.raises(mr.RoutesValidationError, match="not whole rows"):
+        interop.from_sglang({"routed_experts": base64.b64encode(b"\0" * 12).decode()}, m.layer_map)
+    with pytest.raises(mr.RoutesValidationError, match="--enable-return-routed-experts"):
+        interop.from_sglang({"routed_experts": None}, m.layer_map)
+    with pytest.raises(mr.RoutesValidationError, match="not base64"):
+        interop.from_sglang({"routed_experts": "***"}, m.layer_map)
+    dense = np.zeros((2, 4, 2), np.int32)
+    dense[:, 0] = [0, 1]  # an expert in the dense layer's column: the map is wrong
+    with pytest.raises(mr.RoutesValidationError, match="column 0 holds expert choices"):
+        interop.from_sglang(base64.b64encode(dense.tobytes()).decode(), m.layer_map)
