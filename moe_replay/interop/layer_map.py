@@ -153,6 +153,12 @@ class LayerMap:
                 f"num_layers={configured}: the engine numbers layers as the model's config does"
             )
         sites = session.sites
+        unknown = [s.name for s in sites if s.top_k is None]
+        if unknown:
+            raise LayerMapError(
+                f"the k of routers {unknown[:3]} is not known yet: it is read from each router's decision at its "
+                "first forward. Run one forward first (session.verify(example) does it)"
+            )
         return cls.from_names(
             [s.name for s in sites],
             num_layers,
