@@ -262,9 +262,9 @@ def format_sites(sites: Sequence[RouterSite]) -> str:
         >>> import moe_replay as mr
         >>> print(mr.format_sites(mr.find_routers(mr.models.build("linear_gate"))))
         router             class   E  k  intercepted
-        ----------------------------------------------------------------------------------
-        layers.0.mlp.gate  Linear  8  2  topk or 2 argmax/max in forward of 'layers.0.mlp'
-        layers.1.mlp.gate  Linear  8  2  topk or 2 argmax/max in forward of 'layers.1.mlp'
+        --------------------------------------------------------------------------------
+        layers.0.mlp.gate  Linear  8  2  decision by effect in forward of 'layers.0.mlp'
+        layers.1.mlp.gate  Linear  8  2  decision by effect in forward of 'layers.1.mlp'
     """
     rows = [("router", "class", "E", "k", "intercepted")]
     rows += [(s.name, s.module_class, str(s.num_experts), str(s.top_k or "?"), s.how) for s in sites]

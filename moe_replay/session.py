@@ -318,12 +318,6 @@ class Session:
         rings = [h.capture_ring for h in self._hooks]
         counted = _read_counters([r.written for r in rings if r is not None])
         written = [counted.pop(0) if r is not None else 0 for r in rings]
-        if not any(written) and not any(h.calls for h in self._hooks) and not allow_silent:
-            raise UnsupportedRouterError(
-                f"the capture recorded nothing: none of the {len(self._hooks)} routers of this session ran inside "
-                "capture(). Was the model rebuilt or reloaded after attach (attach to the model you run), or did "
-                "no forward run in the block?"
-            )
         if self._interrupted is not None and not allow_partial:
             counts = ", ".join(f"'{h.name}': {w}" for h, w in list(zip(self._hooks, written, strict=True))[:4])
             raise SessionStateError(
@@ -333,6 +327,12 @@ class Session:
                 + "). Capture again, or call routes(allow_partial=True) to read the rows written before the exception"
             )
         allow_silent = allow_silent or allow_partial
+        if not any(written) and not any(h.calls for h in self._hooks) and not allow_silent:
+            raise UnsupportedRouterError(
+                f"the capture recorded nothing: none of the {len(self._hooks)} routers of this session ran inside "
+                "capture(). Was the model rebuilt or reloaded after attach (attach to the model you run), or did "
+                "no forward run in the block?"
+            )
         over = [(h, w) for h, w in zip(self._hooks, written, strict=True) if w > self.capacity]
         if over and not self.keep_newest:
             worst = max(w for _, w in over)
