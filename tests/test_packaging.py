@@ -17,14 +17,18 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def _installed_from_here() -> importlib.metadata.Distribution | None:
-    """The installed moe_replay distribution, if it was installed from this checkout."""
-    try:
-        dist = importlib.metadata.distribution("moe_replay")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    direct = dist.read_text("direct_url.json")
-    url = json.loads(direct).get("url", "") if direct else ""
-    return dist if url.rstrip("/") == ROOT.as_uri() else None
+    """The metadata of moe_replay installed from this checkout (``pip install -e .``), if any.
+
+    That is a ``.dist-info`` whose ``direct_url.json`` names this checkout, or the
+    ``.egg-info`` an editable build leaves in it.
+    """
+    for dist in importlib.metadata.distributions(name="moe_replay"):
+        direct = dist.read_text("direct_url.json")
+        if direct and json.loads(direct).get("url", "").rstrip("/") == ROOT.as_uri():
+            return dist
+        if Path(str(dist.locate_file(""))).resolve() == ROOT:
+            return dist
+    return None
 
 
 def test_version_is_written_once() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,25 @@ def test_attach_works_again_after_the_internal_is_back() -> None:
         with session.capture():
             model(x)
         assert session.routes().num_tokens == 4
+
+
+def test_a_missing_speed_hint_warns_once_and_replay_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``maybe_mark_dynamic`` a compiled model only recompiles more: a warning, not an error."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch._dynamo", types.ModuleType("torch._dynamo"))
+    monkeypatch.setattr(_torch_compat, "_warned", set())
+    t = torch.zeros(3)
+    with pytest.warns(UserWarning, match="maybe_mark_dynamic"):
+        _torch_compat.maybe_mark_dynamic(t, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _torch_compat.maybe_mark_dynamic(t, 0)  # once only
+    model = mr.models.build("softmax_topk")
+    x = torch.randint(0, model.config.vocab_size, (1, 4))
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        with session.replay(routes):
+            model(x)
