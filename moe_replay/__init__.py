@@ -38,6 +38,7 @@ from .ring import index_dtype
 from .routes import Routes
 from .session import DEFAULT_CAPACITY, Session, attach
 
+#: The version of moe_replay; the one place it is written (pyproject.toml reads it from here).
 __version__ = "0.1.0"
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Command line: ``python -m moe_replay {demo,inspect}`` (also installed as ``moe-replay``).
+"""Command line: ``moe-replay {demo,inspect}`` (also ``python -m moe_replay``).
 
 ``demo`` runs the whole loop on a reference MoE; ``inspect`` prints the routers that
 :func:`moe_replay.attach` would intercept in a reference model, a local HuggingFace
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import models
+from . import __version__, models
 from .discovery import find_routers, format_sites
 from .errors import MoEReplayError
 from .metrics import compare
@@ -27,6 +27,27 @@ from .session import attach
 
 class _UsageError(Exception):
     """A command-line argument that names nothing usable; printed as ``error: ...``."""
+
+
+def _device(name: str) -> torch.device:
+    """The torch device ``--device`` names, checked to be usable here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise _UsageError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) is a CPU-only build"
+            if torch.version.cuda is None
+            else "no CUDA device is visible"
+        )
+        raise _UsageError(f"--device {name}: {why}; run with --device cpu or install a CUDA build of torch")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+        raise _UsageError(f"--device {name} cannot be used: {first}") from None
+    return device
 
 
 def _mismatch(a: Routes, b: Routes) -> tuple[float, list[float]]:
@@ -158,7 +179,13 @@ def inspect_model(
     lines = [f"model: {origin}", format_sites(sites), ""]
     lines.append(
         f"{len(sites)} router(s), {len(sites) - len(refused)} replayable"
-        + (f"; attach() refuses {len(refused)}: exclude them with exclude= to replay the others" if refused else "")
+        + (
+            f"; attach() refuses {len(refused)}: exclude them with --exclude to replay the others"
+            if 0 < len(refused) < len(sites)
+            else "; attach() refuses this model: none of its routers can be replayed exactly"
+            if refused
+            else ""
+        )
     )
     if verify and not refused:
         with attach(
@@ -184,6 +211,10 @@ _DESCRIPTION = """\
 Capture and replay the routing of PyTorch Mixture-of-Experts models.
 Run `python -m moe_replay COMMAND --help` for the options and examples of a command."""
 
+#: The program name shown in help: the installed console script's, or the module's.
+PROG = "moe-replay"
+MODULE_PROG = "python -m moe_replay"
+
 _EPILOG = """\
 examples:
   python -m moe_replay demo                       # the whole loop, on CPU in seconds
@@ -197,7 +228,7 @@ examples:
   python -m moe_replay demo --device cuda
 
 The exit status is 0 when replay reproduced every recorded route and gradients reached
-every router, 1 otherwise."""
+every router, 1 otherwise, and 2 when --device cannot be used here."""
 
 _INSPECT_EPILOG = f"""\
 MODEL is one of:
@@ -218,11 +249,16 @@ Columns: router (module path), class, E (experts), k (experts per token), and ho
 decision call is intercepted. Routers marked 'refused' make attach() raise."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
+
+    def named(text: str) -> str:
+        return text.replace(MODULE_PROG, prog)
+
     parser = argparse.ArgumentParser(
-        prog="python -m moe_replay", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt
+        prog=prog, description=named(_DESCRIPTION), epilog=named(_EPILOG), formatter_class=fmt
     )
+    parser.add_argument("--version", action="version", version=f"moe_replay {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     p = sub.add_parser(
         "demo",
@@ -233,7 +269,7 @@ def _parser() -> argparse.ArgumentParser:
             many routing decisions a free forward now changes, then replay the recorded routes
             in a training forward and backward and check that every route was reproduced and
             every router got a gradient."""),
-        epilog=_DEMO_EPILOG,
+        epilog=named(_DEMO_EPILOG),
         formatter_class=fmt,
     )
     p.add_argument("--style", default="softmax_topk", choices=models.STYLES, help="router style of the reference MoE")
@@ -245,7 +281,7 @@ def _parser() -> argparse.ArgumentParser:
         help="print the routers of a reference model, a local HF checkpoint or an HF model type",
         description="Print the router table of a model: every module that attach() would intercept, its "
         "expert count E, its top-k and how its decision call is intercepted.",
-        epilog=_INSPECT_EPILOG,
+        epilog=named(_INSPECT_EPILOG),
         formatter_class=fmt,
     )
     q.add_argument("model", metavar="MODEL", help="reference style, checkpoint directory or HF model type")
@@ -268,11 +304,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m moe_replay`` and ``moe-replay``."""
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Entry point of ``moe-replay`` and ``python -m moe_replay``; returns the exit status."""
+    args = _parser(prog).parse_args(argv)
     if args.command == "demo":
-        out = demo(args.style, args.new_tokens, args.seed, args.device)
+        try:
+            device = _device(args.device)
+        except _UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        out = demo(args.style, args.new_tokens, args.seed, str(device))
         return 0 if out["replay_drift"] == 0.0 and out["min_grad"] > 0 else 1
     try:
         print(
@@ -294,4 +335,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog=MODULE_PROG))

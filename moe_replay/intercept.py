@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import _torch_compat
 from .errors import ReplayConsumptionError, UnsupportedRouterError
 from .evidence import DECISION_FUNCS, Evidence, decision_call, establish
 from .ring import CaptureRing, ReplaySource
@@ -60,7 +61,7 @@ def _compiling() -> bool:
 
 
 def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
+    return _torch_compat.current_graph_task_id() != -1
 
 
 # ----------------------------------------------------------------- activation checkpointing
@@ -79,12 +80,8 @@ def _in_backward() -> bool:
 #   runs its forward again in its backward, as Megatron's and DeepSpeed's do): that
 #   Function's ctx, found on the Python stack in its `forward` and in its `backward`.
 
-try:
-    from torch.utils.checkpoint import _CheckpointFrame
-except ImportError:  # pragma: no cover - torch without non-reentrant checkpoint
-    _CheckpointFrame = None  # type: ignore[assignment,misc]
-
-_FunctionCtx = torch.autograd.function.BackwardCFunction
+_CheckpointFrame = _torch_compat.CheckpointFrame  # None on a torch without it
+_FunctionCtx = _torch_compat.BackwardCFunction
 _CTX_METHODS = frozenset(("forward", "backward"))
 
 #: How many Python frames above a router call are searched for reentrant checkpoints.
@@ -113,7 +110,7 @@ def _frame_of_hook(fn: Any) -> tuple[Any, bool]:
 def _regions() -> list[tuple[Any, bool]]:
     """The checkpoint regions around this router call, innermost first, each with "being recomputed?"."""
     out: list[tuple[Any, bool]] = []
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    hooks = _torch_compat.top_saved_tensors_hooks()
     if hooks is not None:
         frame, recompute = _frame_of_hook(hooks[0])
         if frame is not None:
@@ -401,7 +398,7 @@ class RouterHook:
                     "outer one reentrant"
                 )
             return None
-        task = torch._C._current_graph_task_id()
+        task = _torch_compat.current_graph_task_id()
         if kept.graph_task != task:  # a new backward recomputes the region from its start
             kept.graph_task, kept.pos = task, 0
         if kept.pos >= len(kept.rows):

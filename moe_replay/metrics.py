@@ -56,6 +56,7 @@ class RoutingComparison:
         top_k: per router.
         load_a, load_b: ``[routers, max experts]`` how many compared tokens each expert
             received on each side.
+        labels: what ``a`` and ``b`` are, for the plot's legend (``("a", "b")`` unless given).
     """
 
     names: tuple[str, ...]
@@ -70,6 +71,7 @@ class RoutingComparison:
     top_k: tuple[int, ...]
     load_a: np.ndarray
     load_b: np.ndarray
+    labels: tuple[str, str] = ("a", "b")
 
     @property
     def per_layer(self) -> np.ndarray:
@@ -110,13 +112,15 @@ class RoutingComparison:
             "tokens": self.tokens,
             "excluded_rows": int(self.excluded.sum()),
             "per_layer": dict(zip(self.names, [float(x) for x in self.per_layer], strict=True)),
+            "labels": self.labels,
         }
 
     def __repr__(self) -> str:
         decisions = int(self.compared.sum())
+        named = "" if self.labels == ("a", "b") else f", labels={self.labels!r}"
         lines = [
             f"RoutingComparison(mode={self.mode!r}, routers={len(self.names)}, tokens={self.tokens}, "
-            f"excluded_rows={int(self.excluded.sum())})",
+            f"excluded_rows={int(self.excluded.sum())}{named})",
             f"  decisions differing:            {_pct(self.overall)} ({int(self.differ.sum())} of {decisions})",
             f"  tokens differing in any router: {_pct(self.token_fraction)} ({self.tokens_differ} of {self.tokens})",
             f"  differing routers per token:    {self.routers_per_token:.3f}",
@@ -130,47 +134,122 @@ class RoutingComparison:
     def plot(self, *, router: str | int | None = None) -> Any:
         """Two panels: the share of differing decisions per router, and expert load on each side.
 
+        Routers are labelled by their layer number when their names differ only in it
+        (``model.layers.N.mlp.gate``), else by the part of their names that differs. The
+        legend names the two sides by :attr:`labels` (``compare(..., labels=...)``).
+
         Args:
-            router: whose expert load to draw (name or index); default: summed over routers.
+            router: whose expert load to draw (name or position in :attr:`names`); default:
+                summed over routers.
 
         Returns:
             The matplotlib ``Figure``. Needs matplotlib: ``pip install "moe_replay[plot]"``.
+
+        Example:
+            >>> import torch, moe_replay as mr
+            >>> a = mr.Routes([torch.tensor([[0, 1], [2, 3]])] * 2, names=["l.0.gate", "l.1.gate"], num_experts=4)
+            >>> fig = mr.compare(a, a, labels=("rollout", "training")).plot()
+            >>> fig.axes[1].get_legend_handles_labels()[1], fig.axes[0].get_xlabel()
+            (['rollout', 'training'], 'layer N (l.N.gate)')
         """
         try:
             import matplotlib.pyplot as plt
+            from matplotlib.ticker import MaxNLocator
         except ImportError as e:
             raise ImportError(
                 "RoutingComparison.plot() needs matplotlib: pip install 'moe_replay[plot]' (or matplotlib)"
             ) from e
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+        ticks, axis = _router_labels(self.names)
         x = np.arange(len(self.names))
-        left.bar(x, np.nan_to_num(self.per_layer) * 100, color="tab:red")
-        left.set_xlabel("router")
-        left.set_ylabel("decisions differing (%)")
-        left.set_title(f"{_pct(self.overall)} of decisions, {_pct(self.token_fraction)} of tokens differ")
-        if len(self.names) <= 16:
-            left.set_xticks(x, [n.rsplit(".", 3)[-3] if n.count(".") >= 3 else n for n in self.names], rotation=90)
+        per = self.per_layer
+        left.set_xlabel(axis)
+        step = max(1, -(-len(x) // 16))  # at most 16 tick labels
+        long = max((len(t) for t in ticks), default=0) > 4
+        left.set_xticks(x[::step], ticks[::step], rotation=30 if long else 0, ha="right" if long else "center")
+        left.set_xlim(-0.6, len(x) - 0.4)
+        if int(self.differ.sum()) == 0 and int(self.compared.sum()) > 0:
+            left.set_yticks([])
+            left.text(
+                0.5,
+                0.5,
+                f"no difference\nall {int(self.compared.sum())} decisions are the same",
+                transform=left.transAxes,
+                ha="center",
+                va="center",
+                fontsize=12,
+            )
+            left.set_title(f"{self.labels[0]} vs {self.labels[1]}: no decision differs")
+        else:
+            left.bar(x, np.nan_to_num(per) * 100, color="tab:red")
+            left.set_ylabel("decisions differing (%)")
+            left.set_ylim(bottom=0)
+            left.set_title(f"{_pct(self.overall)} of decisions, {_pct(self.token_fraction)} of tokens differ")
+        for i in np.flatnonzero(np.isnan(per)):  # nothing compared: say so rather than draw a zero
+            left.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, transform=left.get_xaxis_transform())
         if router is None:
-            a, b, title = self.load_a.sum(axis=0), self.load_b.sum(axis=0), "expert load, all routers"
+            a, b = self.load_a.sum(axis=0), self.load_b.sum(axis=0)
+            title, ylabel = "expert load, all routers", "token slots (all routers)"
         else:
             i = router if isinstance(router, int) else self.names.index(router)
-            a, b, title = self.load_a[i], self.load_b[i], f"expert load, {self.names[i]}"
+            a, b, title, ylabel = self.load_a[i], self.load_b[i], f"expert load, {self.names[i]}", "tokens"
         e = np.arange(a.shape[0])
-        right.bar(e - 0.2, a, width=0.4, label="a")
-        right.bar(e + 0.2, b, width=0.4, label="b")
+        if len(e) <= 32:
+            right.bar(e - 0.2, a, width=0.4, label=self.labels[0])
+            right.bar(e + 0.2, b, width=0.4, label=self.labels[1])
+        else:  # paired bars of many experts blur into bands: two outlines instead
+            right.step(e, a, where="mid", label=self.labels[0])
+            right.step(e, b, where="mid", label=self.labels[1], alpha=0.8)
+            right.set_ylim(bottom=0)
+        right.xaxis.set_major_locator(MaxNLocator(integer=True))
+        right.set_xlim(-0.6, len(e) - 0.4)
         right.set_xlabel("expert")
-        right.set_ylabel("tokens")
+        right.set_ylabel(ylabel)
         right.set_title(title)
         right.legend()
         fig.tight_layout()
         return fig
 
 
+def _router_labels(names: Sequence[str]) -> tuple[list[str], str]:
+    """Short tick labels for routers, and the axis label that explains them.
+
+    Names that differ in one integer part only give that integer (``layer`` axis, the
+    pattern shown); otherwise the parts all names share at both ends are cut off.
+    """
+    if not names:
+        return [], "router"
+    parts = [n.split(".") for n in names]
+    if len(names) > 1 and len({len(p) for p in parts}) == 1:
+        varying = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
+        if len(varying) == 1 and all(p[varying[0]].isdigit() for p in parts):
+            i = varying[0]
+            pattern = ".".join([*parts[0][:i], "N", *parts[0][i + 1 :]])
+            return [p[i] for p in parts], f"layer N ({pattern})"
+    head = 0
+    while all(len(p) > head + 1 for p in parts) and len({p[head] for p in parts}) == 1:
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 for p in parts) and len({p[-1 - tail] for p in parts}) == 1:
+        tail += 1
+    short = [".".join(p[head : len(p) - tail]) for p in parts]
+    if len(names) == 1 or len(set(short)) < len(short):
+        short = list(names)
+    return short, "router"
+
+
 def _pct(x: float) -> str:
     return "n/a" if np.isnan(x) else f"{100 * x:.2f}%"
 
 
-def compare(a: Routes, b: Routes, *, mode: str = "set", names: Sequence[str] | None = None) -> RoutingComparison:
+def compare(
+    a: Routes,
+    b: Routes,
+    *,
+    mode: str = "set",
+    names: Sequence[str] | None = None,
+    labels: tuple[str, str] = ("a", "b"),
+) -> RoutingComparison:
     """Compare two routings of the same tokens, router by router.
 
     Args:
@@ -179,6 +258,8 @@ def compare(a: Routes, b: Routes, *, mode: str = "set", names: Sequence[str] | N
         mode: ``"set"`` (default): a decision is the set of k experts; ``"slot"``: the
             ordered k slots.
         names: compare only these routers (default: all, which both must hold).
+        labels: what ``a`` and ``b`` are, for the plot's legend and the repr, e.g.
+            ``("rollout", "training")``.
 
     Raises:
         RoutesValidationError: the two hold different routers, token counts, k or
@@ -208,6 +289,8 @@ def compare(a: Routes, b: Routes, *, mode: str = "set", names: Sequence[str] | N
         raise ValueError(f"mode must be 'set' or 'slot', got {mode!r}")
     if not isinstance(a, Routes) or not isinstance(b, Routes):
         raise TypeError("compare takes two Routes")
+    if isinstance(labels, str) or len(labels) != 2 or not all(isinstance(x, str) for x in labels):
+        raise TypeError(f"labels must be two strings, one for a and one for b, got {labels!r}")
     if names is None:
         if set(a.names) != set(b.names):
             only_a = [n for n in a.names if n not in b.names]
@@ -273,4 +356,5 @@ def compare(a: Routes, b: Routes, *, mode: str = "set", names: Sequence[str] | N
         top_k=tuple(int(x.shape[1]) for x in xs),
         load_a=load_a,
         load_b=load_b,
+        labels=(labels[0], labels[1]),
     )

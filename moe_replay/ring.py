@@ -7,12 +7,11 @@ its storage: it works unchanged inside CUDA graphs and compiled regions.
 
 from __future__ import annotations
 
-import sys
 from typing import ClassVar
 
 import torch
 
-from . import _triton
+from . import _torch_compat, _triton
 
 __all__ = ["CaptureRing", "ReplaySource", "index_dtype"]
 
@@ -37,12 +36,10 @@ def index_dtype(num_experts: int) -> torch.dtype:
 def _static_address(t: torch.Tensor) -> torch.Tensor:
     """Tell torch.compile that ``t`` keeps its address across calls, as parameters do.
 
-    What ``torch._dynamo.mark_static_address(t)`` does (torch/_dynamo/decorators.py), without
-    importing dynamo: CUDA graphs of ``mode="reduce-overhead"`` then read and update the
-    ring in place instead of skipping graphs for a mutated input or copying it per call.
+    CUDA graphs of ``mode="reduce-overhead"`` then read and update the ring in place instead
+    of skipping graphs for a mutated input or copying it per call (see ``_torch_compat``).
     """
-    t._dynamo_static_input_type = "unguarded"  # type: ignore[attr-defined]
-    return t
+    return _torch_compat.mark_static_address(t)
 
 
 class _Positions:
@@ -126,8 +123,7 @@ class ReplaySource:
         if device.type == "cuda":
             host = host.pin_memory()  # an asynchronous upload: entering replay never syncs
         self.buf = _static_address(host.to(device=device, non_blocking=True))
-        if "torch._dynamo" in sys.modules:  # compiled models: no recompile when the routes length changes
-            torch._dynamo.maybe_mark_dynamic(self.buf, 0)
+        _torch_compat.maybe_mark_dynamic(self.buf, 0)  # compiled models: no recompile when the routes length changes
         self.consumed = _static_address(torch.zeros((), dtype=torch.long, device=device))
         self.limit = _static_address(torch.full((), self.num_rows, dtype=torch.long, device=device))
         self._arange = _Positions.get(device, max(self.num_rows + 1, 1))

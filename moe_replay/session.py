@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _torch_compat
 from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, find_routers, format_sites
 from .errors import (
     CaptureOverflowError,
@@ -603,6 +604,7 @@ def attach(
         raise TypeError(f"attach takes an nn.Module, got {type(model).__name__}")
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"capacity must be a positive number of rows, got {capacity!r}")
+    _torch_compat.check()  # a torch whose internals moved is refused here, before anything is installed
     sites = find_routers(
         model, include=include, exclude=exclude, adapters=adapters, top_k=top_k, num_experts=num_experts
     )
@@ -611,7 +613,12 @@ def attach(
         detail = "\n  ".join(f"'{s.name}' ({s.module_class}): {s.unsupported}" for s in refused[:4])
         raise UnsupportedRouterError(
             f"{len(refused)} router(s) cannot be replayed exactly:\n  {detail}\n"
-            "Nothing was installed. Exclude them with exclude= to replay the others."
+            "Nothing was installed. "
+            + (
+                "Exclude them with exclude= to replay the others."
+                if len(refused) < len(sites)
+                else "No router of this model can be replayed exactly, so there is nothing to attach."
+            )
         )
     with _ATTACH_LOCK:
         other = _ATTACHED.get(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +45,51 @@ def test_every_command_has_help_with_examples(command: str, capsys) -> None:
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "examples:" in text and f"python -m moe_replay {command}" in text
+    assert "examples:" in text and f"moe-replay {command}" in text and "python -m" not in text
+
+
+def test_program_name_is_the_console_script_or_the_module(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: moe-replay ")
+    res = subprocess.run([sys.executable, "-m", "moe_replay", "--help"], capture_output=True, text=True, check=True)
+    assert res.stdout.startswith("usage: python -m moe_replay ") and "python -m moe_replay demo" in res.stdout
+    script = Path(sys.executable).parent / "moe-replay"  # installed by pip install -e .
+    if script.exists():
+        res = subprocess.run([str(script), "demo", "--help"], capture_output=True, text=True, check=True)
+        assert res.stdout.startswith("usage: moe-replay demo ") and "python -m" not in res.stdout
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"moe_replay {mr.__version__} (torch {torch.__version__})"
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "no_such_device"])
+def test_demo_on_an_unusable_device_is_one_line(device: str, capsys) -> None:
+    if device.startswith("cuda") and torch.cuda.device_count() > int(device.partition(":")[2] or 0):
+        pytest.skip("this device exists here")
+    assert main(["demo", "--device", device]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing of the demo ran
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith((f"error: --device {device}", f"error: --device '{device}'")), captured.err
+    if device == "cuda" and torch.version.cuda is None:
+        assert "CPU-only build" in lines[0] and torch.__version__ in lines[0]
+
+
+def test_demo_device_error_from_the_shell() -> None:
+    """The same through the interpreter: one line on stderr, no traceback, a non-zero status."""
+    if torch.cuda.is_available():
+        pytest.skip("cuda is usable here")
+    res = subprocess.run(
+        [sys.executable, "-m", "moe_replay", "demo", "--device", "cuda"], capture_output=True, text=True
+    )
+    assert res.returncode == 2 and res.stdout == ""
+    assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr and "cuda" in res.stderr
 
 
 def test_inspect_reference(capsys) -> None:
@@ -135,3 +180,21 @@ def test_tiny_config_caps_layers_and_takes_overrides() -> None:
     assert len(cfg.layer_types) == 3  # per-layer lists follow the depth
     with pytest.raises(ValueError, match="not a model type"):
         tiny_config("no_such_model_type")
+
+
+def test_a_model_with_no_replayable_router_is_refused_as_such(capsys) -> None:
+    """PhiMoE's only routers are refused: no advice to exclude them "to replay the others"."""
+    pytest.importorskip("transformers")
+    from moe_replay._hf import tiny_model
+
+    assert main(["inspect", "phimoe"]) == 0
+    text = capsys.readouterr().out
+    assert "none of its routers can be replayed exactly" in text and "the others" not in text
+    with pytest.raises(mr.UnsupportedRouterError) as info:
+        mr.attach(tiny_model("phimoe"))
+    assert "No router of this model can be replayed exactly" in str(info.value)
+    assert "the others" not in str(info.value)
+    model = mr.models.build("softmax_topk")  # some refused, some not: excluding them is the advice
+    refuse_first = mr.Adapter("x", match=lambda n, m: n == "layers.0.mlp.router", unsupported="a test refusal")
+    with pytest.raises(mr.UnsupportedRouterError, match="to replay the others"):
+        mr.attach(model, adapters=[refuse_first])

@@ -113,10 +113,105 @@ def test_render_docstring_sections_and_examples() -> None:
     assert "```python\n>>> 1 + 1\n2\n```" in md and "**Args**" in md and "**Example**" in md
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/concepts.md", "docs/api.md"])
-def test_relative_links_resolve(page: str) -> None:
-    path = ROOT / page
-    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
-    local = [link for link in links if "://" not in link and not link.startswith("mailto:")]
-    missing = [link for link in local if not (path.parent / link).exists()]
-    assert not missing, f"{page} links to missing files: {missing}"
+#: Every page a reader follows links on: README, docs/ and the benchmark results.
+PAGES = sorted(
+    str(p.relative_to(ROOT))
+    for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "benchmarks" / "RESULTS.md"]
+)
+_FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1", re.M | re.S)
+_INLINE_LINK = re.compile(r"\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
+_REF_DEF = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", re.M)
+_HEADING = re.compile(r"^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$", re.M)
+_HTML_ANCHOR = re.compile(r"<a\s+(?:name|id)=\"([^\"]+)\"", re.I)
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks, with inline code spans kept as plain text."""
+    return _FENCE.sub("", text)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: the rendered text, lower case, punctuation dropped, spaces to '-'."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link's text only
+    text = re.sub(r"<[^>]+>", "", text).replace("`", "")
+    text = re.sub(r"[^\w\- ]", "", text.lower())
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    """Every anchor a page has: its headings' slugs (repeats get -1, -2, ...) and HTML anchors."""
+    text = _prose(page.read_text())
+    seen: dict[str, int] = {}
+    out = set(_HTML_ANCHOR.findall(text))
+    for heading in _HEADING.findall(text):
+        base = slug(heading)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def broken_links(page: Path) -> list[str]:
+    """The relative links of a page whose file does not exist or whose anchor is not in the target page."""
+    text = _prose(page.read_text())
+    broken = []
+    for target in _INLINE_LINK.findall(text) + _REF_DEF.findall(text):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # https:, mailto: ...
+            continue
+        path, _, fragment = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if path.startswith("/") or not dest.exists():
+            broken.append(f"{target} (no such file)")
+        elif fragment and dest.suffix == ".md" and fragment not in anchors(dest):
+            broken.append(f"{target} (no heading with anchor #{fragment} in {dest.name})")
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_and_anchors_resolve(page: str) -> None:
+    broken = broken_links(ROOT / page)
+    assert not broken, f"{page} has broken links: {broken}"
+
+
+def test_every_linked_page_is_checked() -> None:
+    assert {"README.md", "docs/concepts.md", "docs/api.md", "benchmarks/RESULTS.md"} <= set(PAGES)
+
+
+def test_slugs_follow_github() -> None:
+    assert slug("-1 rows: route natively") == "-1-rows-route-natively"
+    assert slug("How that compares with Megatron's router replay") == "how-that-compares-with-megatrons-router-replay"
+    assert slug("torch.compile") == "torchcompile"
+    assert slug("Several processes (DDP, FSDP2)") == "several-processes-ddp-fsdp2"
+    assert slug("`find_routers`") == "find_routers"
+    assert slug("[Concepts](docs/concepts.md) in one paragraph") == "concepts-in-one-paragraph"
+
+
+def test_the_checker_finds_broken_files_and_anchors(tmp_path: Path) -> None:
+    (tmp_path / "other.md").write_text("# Other\n\n## A part\n\n## A part\n\n```md\n## Not a heading\n```\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Page\n\n## Here\n\n[ok](other.md) [ok](other.md#a-part) [ok](other.md#a-part-1) [ok](#here)\n"
+        "[web](https://example.org/x#y) [bad](missing.md) [bad](other.md#nope) [bad](#not-here)\n"
+        "[bad](other.md#not-a-heading)\n\n[ref]: other.md#gone\n\n```md\n[in code](nowhere.md)\n```\n"
+    )
+    assert broken_links(page) == [
+        "missing.md (no such file)",
+        "other.md#nope (no heading with anchor #nope in other.md)",
+        "#not-here (no heading with anchor #not-here in page.md)",
+        "other.md#not-a-heading (no heading with anchor #not-a-heading in other.md)",
+        "other.md#gone (no heading with anchor #gone in other.md)",
+    ]
+
+
+def test_discovery_page_lists_the_hint_names() -> None:
+    """docs/discovery.md's table of attribute names is the one discovery reads."""
+    from moe_replay import discovery
+
+    rows = {}
+    for line in (ROOT / "docs" / "discovery.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 2:
+            rows[cells[0]] = tuple(re.findall(r"`([^`]+)`", cells[1]))
+    assert rows["`E`, the expert count"] == discovery._EXPERT_KEYS
+    assert rows["`k`, experts per token"] == discovery._TOPK_KEYS
+    assert rows["nested configs searched"] == discovery._NESTED_CONFIGS

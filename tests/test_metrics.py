@@ -97,7 +97,58 @@ def test_plot(monkeypatch: pytest.MonkeyPatch) -> None:
     fig = c.plot()
     left, right = fig.axes
     assert len(left.patches) == 3 and len(right.patches) == 2 * E
+    heights = [p.get_height() for p in left.patches]
+    assert heights == pytest.approx([100 * x for x in c.per_layer])
     assert len(c.plot(router=NAMES[1]).axes[1].patches) == 2 * E
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r"moe_replay\[plot\]"):
         c.plot()
+
+
+def test_plot_labels_routers_and_expert_ticks() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    a, b = routes(base()), routes(base(1))
+    c = mr.compare(a, b, labels=("rollout", "training"))
+    assert c.labels == ("rollout", "training") and "labels=('rollout', 'training')" in repr(c)
+    assert mr.compare(a, b).labels == ("a", "b") and "labels" not in repr(mr.compare(a, b))
+    left, right = c.plot().axes
+    assert right.get_legend_handles_labels()[1] == ["rollout", "training"]
+    assert [t.get_text() for t in right.get_legend().get_texts()] == ["rollout", "training"]
+    # routers by layer number, the name pattern on the axis; not rotated
+    assert [t.get_text() for t in left.get_xticklabels()] == [n.split(".")[1] for n in NAMES]
+    assert left.get_xlabel() == "layer N (layers.N.gate)"
+    assert all(t.get_rotation() == 0 for t in left.get_xticklabels())
+    # whole experts only on the expert axis
+    ticks = [t for t in right.get_xticks() if right.get_xlim()[0] <= t <= right.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    with pytest.raises(TypeError, match="two strings"):
+        mr.compare(a, b, labels="rollout")
+
+
+def test_plot_says_no_difference_at_zero() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    a = routes(base())
+    left, _ = mr.compare(a, a).plot().axes
+    texts = [t.get_text() for t in left.texts]
+    assert any(t.startswith("no difference") for t in texts), texts
+    assert not [p for p in left.patches if p.get_height() != 0]  # no empty bars on a ±0.04 axis
+    assert list(left.get_yticks()) == []
+    differing = mr.compare(a, routes(base(1))).plot().axes[0]
+    assert not any("no difference" in t.get_text() for t in differing.texts)
+
+
+def test_router_labels() -> None:
+    from moe_replay.metrics import _router_labels
+
+    hf = [f"model.layers.{i}.mlp.gate" for i in (1, 2, 3)]  # a dense first layer: numbers, not positions
+    assert _router_labels(hf) == (["1", "2", "3"], "layer N (model.layers.N.mlp.gate)")
+    mixed = ["encoder.moe.router", "decoder.moe.router"]
+    assert _router_labels(mixed) == (["encoder", "decoder"], "router")
+    assert _router_labels(["model.gate"]) == (["model.gate"], "router")
+    assert _router_labels(["a.gate", "b.x.gate"]) == (["a", "b.x"], "router")

@@ -86,8 +86,8 @@ fig, ax = plt.subplots(figsize=(6, 2.2))
 im = ax.imshow(load, aspect="auto", cmap="viridis")
 ax.set_xlabel("expert")
 ax.set_ylabel("router (layer)")
-ax.set_title("token-slots routed to each expert")
-fig.colorbar(im, ax=ax)
+ax.set_title("token slots routed to each expert")
+fig.colorbar(im, ax=ax, label="token slots")
 plt.show()
 
 # %% [markdown]

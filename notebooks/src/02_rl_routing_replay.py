@@ -118,7 +118,7 @@ completion[:, prompt_len - 1 :] = True  # positions whose next token was generat
 session = mr.attach(policy)
 with torch.no_grad(), session.capture():
     free_logprobs = token_logprobs(policy, sequences)
-before = mr.compare(rollout, session.routes())
+before = mr.compare(rollout, session.routes(), labels=("engine rollout", "trainer"))
 before
 
 # %% [markdown]
@@ -171,12 +171,12 @@ optimizer.zero_grad()
 # %%
 with torch.no_grad(), session.capture():
     token_logprobs(policy, sequences)
-after = mr.compare(rollout, session.routes())
+after = mr.compare(rollout, session.routes(), labels=("rollout", "updated policy"))
 after
 
 # %% [markdown]
-# `plot()` draws the mismatch per router and the expert load on each side (`a` is the
-# rollout, `b` the updated policy's free routing):
+# `plot()` draws the mismatch per router and the expert load on each side, named by the
+# `labels` given to `compare`:
 
 # %%
 fig = after.plot()
@@ -229,7 +229,7 @@ for c in counters:
 
 print("router runs (forward + recompute):", runs)
 print(f"load-balancing loss {aux_loss.item():.2f} ({cfg.top_k} when the load is perfectly balanced)")
-replayed = mr.compare(rollout, forced)
+replayed = mr.compare(rollout, forced, labels=("rollout", "replayed"))
 assert all(n == 2 for n in runs.values()) and replayed.overall == 0
 replayed
 
@@ -245,7 +245,7 @@ im = ax.imshow(load, aspect="auto", cmap="viridis")
 ax.set_yticks(range(len(rollout.names)), [n.split(".mlp")[0] for n in rollout.names])
 ax.set_xlabel("expert")
 ax.set_title("token slots per expert in the rollout")
-fig.colorbar(im, ax=ax)
+fig.colorbar(im, ax=ax, label="token slots")
 plt.show()
 
 session.detach()

@@ -1,0 +1,163 @@
+"""The private torch internals moe_replay uses, each found once by feature detection.
+
+Every use of a private torch name goes through this module, so a torch release that moved
+one fails with a :class:`~moe_replay.errors.MoEReplayError` naming the internal, what it is
+for and the torch version, at :func:`moe_replay.attach` (through :func:`check`), never with an
+``AttributeError`` inside a forward. docs/concepts.md ("Torch internals used") says why each
+one is needed.
+
+Lookups happen at import; the names bound here are the torch functions themselves (or a
+function that raises), so the hot path pays nothing for the indirection.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .errors import MoEReplayError
+
+__all__ = [
+    "TESTED_TORCH",
+    "BackwardCFunction",
+    "CheckpointFrame",
+    "check",
+    "current_graph_task_id",
+    "mark_static_address",
+    "maybe_mark_dynamic",
+    "missing",
+    "top_saved_tensors_hooks",
+]
+
+#: The torch versions the suite runs on, as pyproject.toml declares them.
+TESTED_TORCH = ">=2.11,<2.15"
+
+#: Internal -> what moe_replay needs it for; filled by the lookups below.
+_MISSING: dict[str, str] = {}
+#: The internals without which no capture or replay can run (checked by :func:`check`).
+_REQUIRED = (
+    "torch._C._current_graph_task_id",
+    "torch._C._autograd._top_saved_tensors_default_hooks",
+    "torch.autograd.function.BackwardCFunction",
+)
+
+
+def _message(path: str, why: str) -> str:
+    return (
+        f"moe_replay needs `{path}` ({why}), which torch {torch.__version__} does not have. moe_replay is "
+        f"tested with torch{TESTED_TORCH}: install a torch in that range, or report this torch version"
+    )
+
+
+def _find(path: str, why: str) -> Any:
+    """The object at the dotted ``path`` under ``torch``, or None (recorded in ``_MISSING``)."""
+    obj: Any = torch
+    for part in path.split(".")[1:]:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            _MISSING[path] = why
+            return None
+    return obj
+
+
+def _unavailable(path: str, why: str) -> Callable[..., Any]:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise MoEReplayError(_message(path, why))
+
+    fail.__qualname__ = fail.__name__ = f"missing:{path}"
+    return fail
+
+
+def _function(path: str, why: str) -> Callable[..., Any]:
+    fn = _find(path, why)
+    return fn if callable(fn) else _unavailable(path, why)
+
+
+#: ``() -> int``: the id of the autograd graph task running now, -1 outside backward. It tells
+#: the recompute of a checkpointed region (inside backward) from its forward, and one backward
+#: from the next over a retained graph.
+current_graph_task_id: Callable[[], int] = _function(
+    "torch._C._current_graph_task_id", "to tell a recompute in backward from a forward"
+)
+
+_top_hooks = _function(
+    "torch._C._autograd._top_saved_tensors_default_hooks",
+    "to find the non-reentrant activation checkpoint a router runs in",
+)
+
+
+def top_saved_tensors_hooks() -> tuple[Any, Any] | None:
+    """The innermost ``(pack, unpack)`` saved-tensor hooks, or None: how non-reentrant
+    ``torch.utils.checkpoint`` marks the region it runs (and recomputes)."""
+    return _top_hooks(False)
+
+
+#: ``torch.utils.checkpoint._CheckpointFrame``: the object of one non-reentrant checkpoint
+#: region, which its pack hooks hold. None when torch has no such class: a router inside a
+#: non-reentrant checkpoint is then refused (intercept.py), other uses are not affected.
+CheckpointFrame: type | None
+try:
+    from torch.utils.checkpoint import _CheckpointFrame as CheckpointFrame  # type: ignore[no-redef]
+except ImportError:  # pragma: no cover - depends on the torch version
+    CheckpointFrame = None
+    _MISSING["torch.utils.checkpoint._CheckpointFrame"] = "to find the region of a non-reentrant checkpoint"
+
+#: The class of the ``ctx`` of a custom ``autograd.Function``: how a reentrant checkpoint
+#: (torch's, Megatron's, DeepSpeed's) is recognised on the Python stack.
+BackwardCFunction: type = _find(
+    "torch.autograd.function.BackwardCFunction", "to find reentrant activation checkpoints on the Python stack"
+) or type("_MissingBackwardCFunction", (), {})
+
+
+def mark_static_address(t: torch.Tensor) -> torch.Tensor:
+    """Tell torch.compile that ``t`` keeps its address across calls, as parameters do.
+
+    What ``torch._dynamo.mark_static_address(t)`` does (torch/_dynamo/decorators.py), without
+    importing dynamo: it sets the private tensor attribute ``_dynamo_static_input_type``. CUDA
+    graphs of ``mode="reduce-overhead"`` then read and update the ring in place instead of
+    skipping graphs for a mutated input or copying it per call. If a torch release stops
+    reading the attribute, those graphs are skipped (slower, still correct).
+    """
+    t._dynamo_static_input_type = "unguarded"  # type: ignore[attr-defined]
+    return t
+
+
+_warned: set[str] = set()
+
+
+def maybe_mark_dynamic(t: torch.Tensor, dim: int) -> None:
+    """``torch._dynamo.maybe_mark_dynamic(t, dim)`` when dynamo is loaded (compiled models):
+    routes of another length then need no recompile. Without it, they recompile (a warning)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return
+    fn = getattr(dynamo, "maybe_mark_dynamic", None)
+    if fn is None:
+        if "maybe_mark_dynamic" not in _warned:
+            _warned.add("maybe_mark_dynamic")
+            warnings.warn(
+                f"torch {torch.__version__} has no torch._dynamo.maybe_mark_dynamic: a compiled model recompiles "
+                "for routes of each new length (still correct)",
+                stacklevel=3,
+            )
+        return
+    fn(t, dim)
+
+
+def missing() -> dict[str, str]:
+    """The internals this torch lacks, each with what it is needed for (empty on tested versions)."""
+    return dict(_MISSING)
+
+
+def check() -> None:
+    """Raise :class:`MoEReplayError` if this torch lacks an internal every capture and replay uses.
+
+    Called by :func:`moe_replay.attach` before anything is installed.
+    """
+    for path in _REQUIRED:
+        if path in _MISSING:
+            raise MoEReplayError(_message(path, _MISSING[path]))
