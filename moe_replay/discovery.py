@@ -164,7 +164,7 @@ _SOFT = (
     "expert choice; soft routing has no expert choice to record or replay"
 )
 
-_DECISION_NAMES = frozenset({"topk", "argmax", "max", "sort", "argsort", "kthvalue"})
+_DECISION_NAMES = frozenset({"topk", "argmax", "max", "argmin", "min", "sort", "argsort", "kthvalue"})
 
 
 def _code_names(code: types.CodeType) -> set[str]:
@@ -424,6 +424,8 @@ def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[
     """
     if _int_attr(module, _EXPERT_KEYS):
         return True
+    if _owns_gate(module):
+        return True
     for attr, child in parent.named_children() if parent is not None else ():
         if child is module:
             continue
@@ -437,6 +439,20 @@ def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[
     return False
 
 
+def _has_experts(module: nn.Module) -> bool:
+    """Holds an expert container: a child named like ``experts`` (not shared ones)."""
+    return any("expert" in n.lower() and "shared" not in n.lower() for n, _ in module.named_children())
+
+
+def _owns_gate(module: nn.Module) -> bool:
+    """An MoE block that scores experts with a gate *parameter* of its own (``w_gate``, ``gate_weight``)."""
+    gate = any(
+        _NAME_HIT.search(n) and not _NAME_MISS.search(n) and p.dim() in (1, 2)
+        for n, p in module.named_parameters(recurse=False)
+    )
+    return gate and _has_experts(module)
+
+
 def _looks_like_router(name: str, module: nn.Module) -> bool:
     attr = name.rsplit(".", 1)[-1]
     cls = type(module).__name__
@@ -447,6 +463,21 @@ def _looks_like_router(name: str, module: nn.Module) -> bool:
 
 def _parent_name(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
+def _holder(name: str, modules: dict[str, nn.Module]) -> str:
+    """The module that holds ``name`` and runs it: its parent, past ``ModuleList``-like containers.
+
+    A gate kept in ``self.gates = nn.ModuleList([gate])`` (tutel) belongs to the MoE layer
+    that calls ``self.gates[0](x)``, not to the list, which has no forward.
+    """
+    parent = _parent_name(name)
+    while parent and isinstance(modules.get(parent), _CONTAINERS) and not isinstance(modules[parent], nn.Sequential):
+        parent = _parent_name(parent)
+    return parent
 
 
 def _nearest_config(name: str, modules: dict[str, nn.Module]) -> Any:
@@ -503,7 +534,7 @@ def find_routers(
         if inc is not None:
             if not inc(name, module):
                 continue
-        elif not name or not _looks_like_router(name, module):
+        elif not name or not (_looks_like_router(name, module) or _owns_gate(module)):
             continue
         if exc is not None and exc(name, module):
             continue
@@ -515,10 +546,12 @@ def find_routers(
         if any(name.startswith(other + ".") for other in chosen if other != name and other):
             continue  # a router inside a router: the outer one holds the decision
         module = modules[name]
-        parent = modules.get(_parent_name(name)) if name else None
+        parent = modules.get(_holder(name, modules)) if name else None
         config = _nearest_config(name, modules)
         counts = _expert_counts(module, parent, config)
         candidates = [num_experts] if num_experts else _expert_widths(module, counts)
+        if not candidates:  # a router with no weight of its own (its block scores): an expert count says E
+            candidates = sorted(counts, reverse=True)
         width = candidates[0] if candidates else None
         refusal = next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.unsupported and a.match(name, module)), None)
         product_key = _product_key_experts(module, parent) if refusal is None else None
@@ -543,15 +576,20 @@ def find_routers(
         if refusal is None or inc is not None:
             k = top_k or _top_k(module, parent, config)  # a hint; None: learned from the decision
         adapter = refusal or next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.match(name, module)), None)
-        if adapter is None and name and not _reaches_decision(type(module).forward, type(module)):
+        if (
+            adapter is None
+            and name
+            and not _owns_gate(module)  # a block with its own gate parameter: its forward holds the decision
+            and not _reaches_decision(type(module).forward, type(module))
+        ):
             adapter = _BLOCK_DECISION  # it only scores: the top-k runs in its MoE block
         scope_name = name
         if adapter is not None and adapter.scope == "parent":
             if not name:
                 problems.append(f"'{name}': a bare gate at the root has no parent block to intercept")
                 continue
-            scope_name = _parent_name(name)
-            if not adapter.unsupported and _soft_block(modules[scope_name], module):
+            scope_name = _holder(name, modules)
+            if not adapter.unsupported and _is_plain_linear(name, module) and _soft_block(modules[scope_name], module):
                 adapter = dataclasses.replace(adapter, unsupported=_SOFT)
         sites.append(
             RouterSite(

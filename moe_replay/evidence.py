@@ -29,6 +29,7 @@ forward then runs once, exactly as it would have.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -56,7 +57,15 @@ _FAMILY: dict[Any, str] = {
     torch.Tensor.sort: "sort",
     torch.argsort: "argsort",
     torch.Tensor.argsort: "argsort",
+    torch.argmin: "argmin",
+    torch.Tensor.argmin: "argmin",
+    torch.min: "min",
+    torch.Tensor.min: "min",
+    torch.kthvalue: "kthvalue",
+    torch.Tensor.kthvalue: "kthvalue",
 }
+#: Families whose indices the replay can answer with forced experts.
+FORCEABLE = frozenset({"topk", "argmax", "max", "argmin", "min"})
 #: The torch functions whose calls may be a decision.
 DECISION_FUNCS = frozenset(_FAMILY)
 
@@ -83,8 +92,10 @@ def decision_call(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -
     width = int(x.shape[-1])
     if family == "topk":
         k, dim = _arg(args, kwargs, 1, "k"), _arg(args, kwargs, 2, "dim", -1)
-    elif family in ("argmax", "max"):
+    elif family in ("argmax", "max", "argmin", "min"):
         k, dim = 1, _arg(args, kwargs, 1, "dim")
+    elif family == "kthvalue":
+        k, dim = 1, _arg(args, kwargs, 2, "dim", -1)
     else:
         k, dim = width, _arg(args, kwargs, 1, "dim", -1)
     if isinstance(k, bool) or not isinstance(k, int) or isinstance(dim, bool) or not isinstance(dim, int):
@@ -203,19 +214,31 @@ def _where() -> str:
 
 def _changed(family: str, out: Any, width: int) -> Any:
     """``out`` with its indices moved to other experts and its values kept."""
-    if family in ("argmax", "argsort"):
-        return (out + 1) % width if family == "argmax" else out.roll(1, dims=-1)
+    if family in ("argmax", "argmin"):
+        return (out + 1) % width
+    if family == "argsort":
+        return out.roll(1, dims=-1)
     values, idx = out[0], out[1]
     idx = idx.roll(1, dims=-1) if family == "sort" else (idx + 1) % width
+    return type(out)((values, idx))
+
+
+def _changed_slot(out: Any, slot: int, width: int) -> Any:
+    """A ``topk`` result with only slot ``slot`` moved to an expert the row does not hold."""
+    values, idx = out[0], out[1]
+    taken = torch.zeros(*idx.shape[:-1], width, dtype=torch.bool, device=idx.device).scatter(-1, idx, True)
+    free = (~taken).to(torch.int8).argmax(-1)
+    idx = idx.clone()
+    idx[..., slot] = free
     return type(out)((values, idx))
 
 
 class _ProbeMode(TorchFunctionMode):
     """Counts the decision-like calls of one forward; changes or holds some of them."""
 
-    def __init__(self, change: int | None, hold: dict[int, Any]) -> None:
+    def __init__(self, change: int | None, hold: dict[int, Any], slot: int | None = None) -> None:
         super().__init__()
-        self.change, self.hold = change, hold
+        self.change, self.hold, self.slot = change, hold, slot
         self.calls: list[Call] = []
         self.outs: list[Any] = []
         self.masked: list[torch.Tensor] = []
@@ -242,7 +265,7 @@ class _ProbeMode(TorchFunctionMode):
         else:
             out = func(*args, **kwargs)
             if i == self.change:
-                out = _changed(sig[0], out, sig[2])
+                out = _changed(sig[0], out, sig[2]) if self.slot is None else _changed_slot(out, self.slot, sig[2])
         self.outs.append(out)
         return out
 
@@ -286,6 +309,12 @@ def _distance(a: Any, b: Any) -> float:
     return worst
 
 
+def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """Tokens in the forward's first input tensor of two or more dimensions (``[..., tokens, hidden]``)."""
+    x = next((a for a in _leaves((args, kwargs), []) if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
+    return None if x is None else x.numel() // max(int(x.shape[-1]), 1)
+
+
 def _clone(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
@@ -298,24 +327,86 @@ def _clone(obj: Any) -> Any:
     return obj
 
 
+#: Parameters up to this many elements are copied before probing and put back after each run;
+#: larger ones (expert weights) are only checked not to change.
+_COPY_LIMIT = 1 << 20
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"forward"}  # torch's own state (hook dicts...) is not ours
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
+
+
+def _shallow(v: Any) -> Any:
+    return copy.copy(v) if isinstance(v, list | dict | set) else v
+
+
 class _Snapshot:
-    """Random state and buffers of the scope, put back after each probe run."""
+    """What a probe run could change in the scope, put back after each run.
+
+    The global and CUDA random state, every generator a module holds, the buffers and small
+    parameters (in place, as a forward may update a balancing bias), and the plain attributes
+    of every module in the scope (step counters, cached statistics). While a probe runs, the
+    forward hooks of the scope's submodules are set aside, so that user hooks (utilisation
+    counters, loggers) see one forward, not the probe runs.
+    """
 
     def __init__(self, scope: nn.Module) -> None:
         self.cpu = torch.get_rng_state()
         self.cuda = (
             torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         )
-        self.buffers = [(b, b.detach().clone()) for b in scope.buffers()]
+        self.modules = list(scope.modules())
+        self.tensors = [(b, b.detach().clone()) for b in scope.buffers()]
+        self.big: list[tuple[torch.Tensor, int]] = []
+        for p in scope.parameters():
+            if p.numel() <= _COPY_LIMIT:
+                self.tensors.append((p, p.detach().clone()))
+            else:
+                self.big.append((p, p._version))
+        self.attrs = [
+            (m, {k: _shallow(v) for k, v in vars(m).items() if k not in _MODULE_INTERNALS}) for m in self.modules
+        ]
+        held = {id(t) for t, _ in self.tensors}
+        for _, attrs in self.attrs:  # tensors kept as plain attributes (statistics updated in place)
+            for v in attrs.values():
+                if isinstance(v, torch.Tensor) and id(v) not in held and v.numel() <= _COPY_LIMIT:
+                    held.add(id(v))
+                    self.tensors.append((v, v.detach().clone()))
+        self.generators = [
+            (g, g.get_state()) for m in self.modules for g in vars(m).values() if isinstance(g, torch.Generator)
+        ]
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+        for g, state in self.generators:
+            g.set_state(state)
         with torch.no_grad():
-            for b, v in self.buffers:
-                if b.shape == v.shape:
-                    b.copy_(v)
+            for t, v in self.tensors:
+                if t.shape == v.shape:
+                    t.copy_(v)
+        for m, attrs in self.attrs:
+            for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_INTERNALS]:
+                delattr(m, k)
+            for k, v in attrs.items():
+                m.__dict__[k] = _shallow(v)
+        changed = [p for p, version in self.big if p._version != version]
+        if changed:
+            raise UnsupportedRouterError(
+                f"a forward of this router changes a parameter of {tuple(changed[0].shape)} in place; moe_replay "
+                "cannot put it back after the runs that establish the decision. Keep such state in a buffer"
+            )
+
+    @contextlib.contextmanager
+    def hooks_aside(self) -> Iterator[None]:
+        """The forward hooks of the scope's submodules are not called during a probe run."""
+        saved = [(m, name, getattr(m, name)) for m in self.modules[1:] for name in _HOOKS if getattr(m, name, None)]
+        for m, name, _ in saved:
+            setattr(m, name, type(getattr(m, name))())
+        try:
+            yield
+        finally:
+            for m, name, hooks in saved:
+                setattr(m, name, hooks)
 
 
 @contextlib.contextmanager
@@ -336,10 +427,12 @@ class _Prober:
         self.forward, self.args, self.kwargs = forward, args, kwargs
         self.snapshot = _Snapshot(scope)
 
-    def run(self, change: int | None = None, hold: dict[int, Any] | None = None) -> tuple[Any, _ProbeMode]:
-        mode = _ProbeMode(change, hold or {})
+    def run(
+        self, change: int | None = None, hold: dict[int, Any] | None = None, slot: int | None = None
+    ) -> tuple[Any, _ProbeMode]:
+        mode = _ProbeMode(change, hold or {}, slot)
         self.snapshot.restore()
-        with torch.no_grad(), mode:
+        with torch.no_grad(), self.snapshot.hooks_aside(), mode:
             out = self.forward(*_clone(self.args), **_clone(self.kwargs))
         return out, mode
 
@@ -432,8 +525,8 @@ def _establish(
             k = chosen.k
             return _verdict(name, calls, (call,), chosen.width, k, top_k, declared_top_k, scope, "named by an Adapter")
 
-        def effect(i: int, hold: dict[int, Any] | None = None) -> bool:
-            out, _ = probe.run(change=i, hold=hold)
+        def effect(i: int, hold: dict[int, Any] | None = None, slot: int | None = None) -> bool:
+            out, _ = probe.run(change=i, hold=hold, slot=slot)
             return _distance(base, out) > tolerance
 
         candidates = [c for c in calls if family is None or c.family == family]
@@ -463,13 +556,30 @@ def _establish(
             if effect(c.ordinal, hold):  # its indices still reach the output: a slot of the decision
                 slots.insert(0, c.ordinal)
                 hold[c.ordinal] = seen.outs[c.ordinal]
-        if any(calls[i].family in ("sort", "argsort") for i in slots):
+        odd = next((calls[i].family for i in slots if calls[i].family not in FORCEABLE), None)
+        if odd is not None:
             raise _refuse(
                 name,
                 calls,
-                "its experts are chosen by a sort of the scores; moe_replay forces topk, argmax and max decisions",
+                f"its experts are chosen by {odd} of the scores; moe_replay forces topk, argmax/argmin and "
+                "max/min decisions",
                 "Select the experts with torch.topk(scores, k), or name another call with mr.Adapter(..., call=N)",
             )
+        tokens = _tokens(args, kwargs)
+        if tokens is not None and anchor.width == tokens != anchor.rows:
+            raise _refuse(
+                name,
+                calls,
+                f"its decision {anchor.describe()} chooses among the {tokens} tokens, for {anchor.rows} rows: experts "
+                "choose tokens (expert-choice routing), so there is no per-token choice to record or replay",
+                "Route by token choice (a top-k over experts per token)",
+            )
+        used = calls[anchor.ordinal].k
+        if len(slots) == 1 and anchor.family == "topk" and used > 1 and not effect(anchor.ordinal, slot=used - 1):
+            # a top-(k+1) whose last slots only feed a statistic (noisy top-k gating's load estimate)
+            used -= 1
+            while used > 1 and not effect(anchor.ordinal, slot=used - 1):
+                used -= 1
         shapers = [c for c in mattering if c.ordinal not in slots and c.ordinal < slots[0]]
         if shapers and not seen.unmasked[slots[0]]:
             raise _refuse(
@@ -485,7 +595,9 @@ def _establish(
             why = f"{len(slots)} successive calls, each of whose choices reaches the output"
         if shapers:
             why += "; earlier choices only shape its scores"
-        k = sum(calls[i].k for i in slots)
+        k = sum(calls[i].k for i in slots) if len(slots) > 1 else used
+        if k < calls[anchor.ordinal].k:
+            why += f"; only its first {k} of {calls[anchor.ordinal].k} slots reach the output"
         return _verdict(name, calls, tuple(slots), anchor.width, k, top_k, declared_top_k, scope, why)
     finally:
         probe.snapshot.restore()

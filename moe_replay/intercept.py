@@ -44,8 +44,8 @@ from .ring import CaptureRing, ReplaySource
 __all__ = ["RouterHook"]
 
 _TOPK = {torch.topk, torch.Tensor.topk}
-_ARGMAX = {torch.argmax, torch.Tensor.argmax}
-_MAX = {torch.max, torch.Tensor.max}
+_ARGMAX = {torch.argmax, torch.Tensor.argmax, torch.argmin, torch.Tensor.argmin}  # calls that return indices only
+_MIN = {torch.min, torch.Tensor.min}
 _MASKS = {torch.masked_fill, torch.Tensor.masked_fill}
 _WHERE = {torch.where, torch.Tensor.where}
 _LOOKUP = {torch.Tensor.__getitem__}
@@ -53,7 +53,7 @@ _WATCHED = frozenset(DECISION_FUNCS | _MASKS | _WHERE)
 _WATCHED_LOOKUP = frozenset(_MASKS | _WHERE | _LOOKUP)
 
 #: Decision kinds a router can declare (``auto``: whichever calls the evidence shows).
-DECISIONS = ("auto", "topk", "argmax", "max", "lookup")
+DECISIONS = ("auto", "topk", "argmax", "max", "argmin", "min", "lookup")
 
 
 def _compiling() -> bool:
@@ -203,7 +203,7 @@ class RouterHook:
                 "forward of the model after attach (any session state; session.verify(example) does it) before "
                 "compiling or capturing a graph"
             )
-        family = self.decision if self.decision in ("topk", "argmax", "max") else None
+        family = self.decision if self.decision not in ("auto", "lookup") else None
         ev = establish(
             self.name,
             self.scope,
@@ -333,24 +333,27 @@ class RouterHook:
         if not self._slots:
             self._start(func, source, n)
         start = sum(t.shape[1] for t in self._slots)
+        take = min(span, self.top_k - start)  # this call's slots that the decision uses
         out = None
         if self._row is not None:
-            forced = self._row[:, start : start + span]
+            forced = self._row[:, start : start + take]
             if not self._recompute and self.replay_source is not None and self.replay_source.has_missing:
-                forced = torch.where(forced < 0, self._native(func, x, args, kwargs, n, span), forced)
+                forced = torch.where(forced < 0, self._native(func, x, args, kwargs, n, span)[:, :take], forced)
         elif self._recompute or source is None or not (torch.is_grad_enabled() and source.requires_grad):
             out = func(*args, **kwargs)  # native, answered by the call itself
-            forced = self._indices_of(func, out, n, span)
+            forced = self._indices_of(func, out, n, span)[:, :take]
         else:  # native decision, values through gather so that a recompute saves the same tensors
-            forced = self._native(func, x, args, kwargs, n, span)
+            forced = self._native(func, x, args, kwargs, n, span)[:, :take]
         self._slots.append(forced)
-        if start + span == self.top_k:
+        if start + take == self.top_k:
             self._finish()
         if out is not None:
             return out
         if lookup:
             return forced.reshape(*lead, span)
         assert source is not None
+        if take < span:  # slots past the decision (a top-(k+1) for a load estimate): the best others
+            forced = torch.cat([forced, _best_others(source, forced, span - take, args, kwargs)], dim=1)
         return self._answer(func, args, kwargs, source, forced, lead)
 
     def _start(self, func: Any, source: torch.Tensor | None, n: int) -> None:
@@ -467,6 +470,8 @@ class RouterHook:
             values, idx = values.squeeze(-1), idx.squeeze(-1)
         if func in _ARGMAX:
             return idx
+        if func in _MIN:
+            return torch.return_types.min((values, idx))
         return torch.return_types.max((values, idx))
 
     # ------------------------------------------------------------- masked sources
@@ -526,6 +531,17 @@ class ScopedForward:
 
     def __repr__(self) -> str:
         return f"<moe_replay forward of router '{self.__moe_replay_hook__.name}'>"
+
+
+def _best_others(
+    source: torch.Tensor, chosen: torch.Tensor, m: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The ``m`` best experts of each row outside ``chosen`` (-1 entries of ``chosen`` hold none)."""
+    largest = bool(args[3] if len(args) > 3 else kwargs.get("largest", True))
+    fill = float("-inf") if largest else float("inf")
+    scores = source.detach().clone()
+    scores.scatter_(-1, chosen.clamp(min=0), torch.where(chosen >= 0, fill, scores.gather(-1, chosen.clamp(min=0))))
+    return scores.topk(m, dim=-1, largest=largest).indices
 
 
 def _is_int(t: torch.Tensor) -> bool:
