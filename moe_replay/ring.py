@@ -82,6 +82,7 @@ class Budget:
     def __init__(self, limit: int | None = None) -> None:
         self.limit = limit
         self.held = 0
+        self.rings = 0  # rings drawing on it: growth near the limit leaves each its share
 
     def room(self) -> int | None:
         """Bytes that may still be allocated (None: no limit)."""
@@ -127,6 +128,7 @@ class CaptureRing:
         self.keep_newest = bool(keep_newest)
         self.name = name
         self.budget = budget if budget is not None else Budget()
+        self.budget.rings += 1
         self._row_bytes = self.top_k * self.dtype.itemsize
         self._cuda = self.device.type == "cuda"
         #: what fixed the ring's first segment in place (a graph or a compiled region), if anything did
@@ -270,8 +272,8 @@ class CaptureRing:
         if need > 0:  # double what is held, and at least what this call needs
             rows = max(need, self.rows_held)
             room = self.budget.room()
-            if room is not None and rows * self._row_bytes > room:
-                rows = max(need, room // self._row_bytes)  # up to the limit; _alloc raises past it
+            if room is not None:  # under a limit, at most a fair share of what is left (each router grows alike)
+                rows = max(need, min(rows, room // (self._row_bytes * max(self.budget.rings, 1))))
             self._segments.append(self._alloc(rows))
         done = 0
         while done < n:

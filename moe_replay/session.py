@@ -335,6 +335,7 @@ class Session:
             if expected_tokens is not None:
                 for r in rings:
                     r.reserve(r.host_written + expected_tokens)
+                self.capacity = max([self.capacity] + [r.capacity for r in rings])
         except BaseException:
             self._budget.limit = limit
             if clear:
@@ -361,8 +362,9 @@ class Session:
         Eager captures grow on their own; a CUDA graph or a compiled model writes into a
         ring of fixed size, baked in when the graph is captured or the model compiled. So
         size the rings first, for the whole capture (all forwards of one ``capture()``
-        block), then capture the graph or compile. An empty ring gets a first segment of
-        ``rows`` rows; one that holds rows of an appending capture gets a segment more.
+        block), then capture the graph or compile. Call it between captures: rings smaller
+        than ``rows`` are replaced by empty ones of ``rows`` rows, so read the last
+        capture's routes first (``capture(expected_tokens=...)`` does the same on entering).
 
         Example:
             >>> import moe_replay as mr
@@ -379,10 +381,19 @@ class Session:
         self._check_attached()
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows must be a positive int, got {rows!r}")
+        if self._capturing:
+            raise SessionStateError(
+                "reserve() runs between captures (it replaces rings); inside this block the rings grow on "
+                "their own, or enter the capture with capture(expected_tokens=...)"
+            )
         rings = self._rings()
         self._check_fixed(rings, rows)
-        for r in rings:
+        small = [r for r in rings if r.capacity < rows]
+        for r in small:
+            r.reset()
             r.reserve(rows)
+        if small:  # the last capture's rows went with the old rings
+            self._has_capture, self._interrupted = False, None
         self.capacity = max([self.capacity] + [r.capacity for r in rings])
 
     def _check_fixed(self, rings: Sequence[CaptureRing], rows: int) -> None:
