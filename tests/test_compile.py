@@ -172,7 +172,9 @@ def test_compiled_capture_writes_a_fixed_ring_and_raises_at_the_overflowing_forw
         assert all(r.fixed_by == "a compiled region" for r in session._rings())
         # fixed for good: eager forwards cannot grow it either, and raise at the forward that would overflow
         ran = 0
-        with pytest.raises(mr.CaptureOverflowError, match=rf"at least {3 * n} rows, but its ring is fixed at {capacity}"):
+        with pytest.raises(
+            mr.CaptureOverflowError, match=rf"at least {3 * n} rows, but its ring is fixed at {capacity}"
+        ):
             with session.capture():
                 for _ in range(5):
                     model(tokens)

@@ -90,24 +90,30 @@ def test_capture_hot_path_does_not_reallocate(tokens: torch.Tensor) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_capture_and_replay_never_sync() -> None:
+@pytest.mark.parametrize("capacity", [mr.DEFAULT_CAPACITY, 8], ids=["preallocated", "growing"])
+def test_cuda_capture_and_replay_never_sync(capacity: int) -> None:
+    """No host sync in capture or replay; with capacity=8 the rings grow several times inside the checked block."""
     model = mr.models.build("grouped_sigmoid", num_layers=2, expert_impl="dense").cuda()
     x = torch.randint(0, 128, (4, 16), device="cuda")
-    with mr.attach(model) as session:
+    with mr.attach(model, capacity=capacity) as session:
         with session.capture(), torch.no_grad():
             model(x)  # warm-up: lazy CUDA init may sync
         routes = session.routes()
+        held = sum(m["rows"] for m in session.memory().values())
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             with torch.no_grad():
                 with session.capture():
-                    model(x)
+                    for _ in range(6):  # 6 x 64 rows per router
+                        model(x)
                 with session.replay(routes, strict=False):
                     model(x)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        assert session.routes().equal(routes)
+        assert session.routes().equal(mr.Routes.cat([routes] * 6))
+        if capacity == 8:
+            assert sum(m["rows"] for m in session.memory().values()) > held  # it grew while checked
 
 
 def test_capture_grows_past_ten_times_its_capacity_and_keeps_every_row_in_order() -> None:
