@@ -169,6 +169,7 @@ class CaptureRing:
         self._segments = [self.buf]
         self.capacity = rows
         self._arange = _Positions.get(self.device, rows)
+        self._overflow_msg = f"{OVERFLOW_MARK} router '{self.name}' would write past the {rows} rows of its fixed ring"
 
     @property
     def fixed(self) -> bool:
@@ -312,16 +313,12 @@ class CaptureRing:
     def _write_fixed(self, idx: torch.Tensor, n: int) -> None:
         """Rows at the device cursor into the first segment (wrapping), and advance it."""
         cap = self.capacity
-        if self.keep_newest:
-            if n > cap:  # only the newest rows can fit; `written` still counts all
-                self.written.add_(n - cap)
-                idx = idx[n - cap :]
-                n = cap
-        elif not self._cuda:  # CPU: the device check raises at once, inside compiled code too
-            torch._assert_async(
-                self.written + n <= cap,
-                f"{OVERFLOW_MARK} router '{self.name}' would write past the {cap} rows of its fixed ring",
-            )
+        if not self.keep_newest and not self._cuda:  # CPU: the device check raises at once, in compiled code too
+            torch._assert_async(self.written + n <= cap, self._overflow_msg)
+        if n > cap:  # only the newest rows can fit; `written` still counts all (an overflow, unless keep_newest)
+            self.written.add_(n - cap)
+            idx = idx[n - cap :]
+            n = cap
         if _triton.enabled(idx) and _triton.ring_write(self.buf, self.written, idx, n):
             return  # CUDA: one kernel did it all (cursor, wrap, cast, advance)
         arange = self._arange if n <= self._arange.numel() else _Positions.get(self.device, n)

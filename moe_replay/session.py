@@ -463,8 +463,9 @@ class Session:
             raise CaptureOverflowError(
                 f"capture overflow: {detail}, but their rings are fixed at {ring.capacity} rows ({ring.fixed_by} "
                 "writes into them, and a graph replay or compiled call runs no Python, so the overflow is seen "
-                f"only now). capacity={worst} holds this run: call session.reserve({worst}) before capturing the "
-                f"graph or compiling, or attach with capacity={worst}"
+                f"only now). capacity={worst} holds this run: attach with capacity={worst}, or call "
+                f"session.reserve({worst}) right after attach, then capture the graph or compile (a fixed ring "
+                "cannot be replaced in this session)"
             )
         if not allow_silent and written and max(written) > 0:
             silent = [h.name for h, w in zip(self._hooks, written, strict=True) if w == 0]
