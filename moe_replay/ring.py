@@ -104,9 +104,10 @@ class CaptureRing:
         >>> import torch
         >>> from moe_replay.ring import CaptureRing
         >>> ring = CaptureRing(4, 2, 8, torch.device("cpu"))
-        >>> ring.write(torch.arange(20).reshape(10, 2) % 8)   # 10 rows: two segments more
-        >>> ring.rows_held, ring.nbytes, ring.rows(10).shape
-        (16, 32, torch.Size([10, 2]))
+        >>> ring.write(torch.arange(20).reshape(10, 2) % 8)   # 10 rows: a segment of 6 more
+        >>> ring.write(torch.zeros(3, 2, dtype=torch.long))   # 13 rows: doubles what it holds
+        >>> ring.rows_held, ring.nbytes, ring.rows(13).shape
+        (20, 40, torch.Size([13, 2]))
     """
 
     def __init__(
