@@ -42,6 +42,7 @@ ORDER = (
     "load_balancing_loss",
     "split_generation",
     "generation_lengths",
+    "generation_capacity",
     "BatchLayout",
     "pad_routes",
     "pack_routes",

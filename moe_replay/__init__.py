@@ -30,7 +30,7 @@ from .errors import (
     SessionStateError,
     UnsupportedRouterError,
 )
-from .generation import generation_lengths, split_generation
+from .generation import generation_capacity, generation_lengths, split_generation
 from .interop import LayerMap
 from .losses import RouterScores, load_balancing_loss
 from .metrics import RoutingComparison, compare
@@ -65,6 +65,7 @@ __all__ = [
     "distributed",
     "find_routers",
     "format_sites",
+    "generation_capacity",
     "generation_lengths",
     "index_dtype",
     "interop",

@@ -6,7 +6,10 @@ imports, one kernel does all of it: it reads the device cursor, writes (or reads
 rows with the cast, and moves the cursor, so a ring write costs one launch per router
 and per step (two for very large writes: the kernel, then the cursor update). No host
 synchronisation and no allocation beyond the output of a read, so both work inside CUDA
-graphs. Not used while torch.compile traces (inductor fuses the torch ops itself).
+graphs. Not used while torch.compile traces (inductor fuses the torch ops itself), nor
+for an eager write into a growing ring (one copy at a host-known offset and the cursor
+update: no positions to compute); it serves the fixed-ring path (CUDA-graph capture,
+``keep_newest``, a ring fixed by a graph) and replay reads.
 
 Off by default: measured on an H200 (torch 2.11, bf16, benchmarks/RESULTS.md), a Triton
 launch from Python costs more than the five torch kernels in an eager decode step

@@ -39,7 +39,7 @@ class LayerMapError(MoEReplayError, ValueError):
 
 
 class CaptureOverflowError(MoEReplayError):
-    """A router recorded more rows than the capture capacity holds."""
+    """A capture that does not fit: rows past a fixed ring (CUDA graph, torch.compile), or memory past ``max_bytes``."""
 
 
 class ReplayConsumptionError(MoEReplayError):

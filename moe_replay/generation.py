@@ -43,7 +43,29 @@ from .batch import take_rows
 from .errors import RoutesValidationError
 from .routes import Routes
 
-__all__ = ["generation_lengths", "split_generation"]
+__all__ = ["generation_capacity", "generation_lengths", "split_generation"]
+
+
+def generation_capacity(batch_size: int, prompt_len: int, max_new_tokens: int) -> int:
+    """Rows per router that a capture around one ``generate()`` call needs, at most.
+
+    ``batch_size * (prompt_len + max_new_tokens)``: every padded prompt position, and one
+    row per sequence per new token. ``generate()`` records ``B * P + B * (N - 1)`` rows
+    (the last token is never fed back); a decode loop that feeds it records ``B * (P + N)``.
+    Count ``batch_size`` as the sequences generated (prompts x ``num_return_sequences``).
+    Pass it to :meth:`Session.reserve` before capturing a CUDA graph or compiling, or as
+    ``capture(expected_tokens=...)``, so that a graphed rollout fits the first time.
+
+    Example:
+        >>> import moe_replay as mr
+        >>> mr.generation_capacity(batch_size=64, prompt_len=512, max_new_tokens=1024)
+        98304
+    """
+    values = {"batch_size": batch_size, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens}
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    return batch_size * (prompt_len + max_new_tokens)
 
 
 def generation_lengths(

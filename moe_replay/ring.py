@@ -1,8 +1,17 @@
 """Device-resident buffers: the capture ring and the replay source.
 
-Both keep their position in a 0-d int64 tensor on the router's device, so the hot path
-never reads a value back to the host, never grows a Python list and never reallocates
-its storage: it works unchanged inside CUDA graphs and compiled regions.
+A capture ring records one router's expert indices in call order. In eager mode it grows:
+the host knows how many rows each call writes from the shape of its input, so it keeps
+its own count and, when a write would pass the end of the current device segment,
+continues in a new one (doubling what is held). Rows never move, nothing is read back to
+the host, and :meth:`CaptureRing.rows` joins the segments when the capture is read.
+
+Where addresses or shapes must stay fixed (inside a CUDA graph being captured, inside a
+region ``torch.compile`` traced), the ring writes into its first segment at a device-side
+cursor, exactly as a fixed ring: that code runs again later without any Python, so the
+ring cannot grow there. A ring written that way is *fixed* from then on (its first
+segment is baked into the graph). The replay source keeps its position in a device
+cursor too.
 """
 
 from __future__ import annotations
@@ -12,8 +21,12 @@ from typing import ClassVar
 import torch
 
 from . import _torch_compat, _triton
+from .errors import CaptureOverflowError
 
-__all__ = ["CaptureRing", "ReplaySource", "index_dtype"]
+__all__ = ["OVERFLOW_MARK", "CaptureRing", "ReplaySource", "index_dtype"]
+
+#: Start of the message of the device-side check a fixed CPU ring runs (see :meth:`CaptureRing.write`).
+OVERFLOW_MARK = "moe_replay capture overflow:"
 
 
 def index_dtype(num_experts: int) -> torch.dtype:
@@ -42,6 +55,10 @@ def _static_address(t: torch.Tensor) -> torch.Tensor:
     return _torch_compat.mark_static_address(t)
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 class _Positions:
     """A shared ``arange`` per device, so a call slices positions instead of building them."""
 
@@ -56,51 +73,292 @@ class _Positions:
         return cur
 
 
-class CaptureRing:
-    """``capacity`` rows of ``k`` expert indices on one device, written in call order.
+class Budget:
+    """Bytes held by the capture rings of one session, against an optional limit."""
 
-    ``written`` counts every row ever written since the last reset; rows past
-    ``capacity`` overwrite the oldest ones, and the overflow is reported when the rows
-    are read (see :meth:`rows`).
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.held = 0
+        self.rings = 0  # rings drawing on it: growth near the limit leaves each its share
+
+    def room(self) -> int | None:
+        """Bytes that may still be allocated (None: no limit)."""
+        return None if self.limit is None else self.limit - self.held
+
+
+class CaptureRing:
+    """One router's recorded rows (``k`` expert indices each) on its device, in call order.
+
+    ``capacity`` is the first segment's rows: in eager mode the ring grows past it by
+    adding segments; under CUDA-graph capture and ``torch.compile`` it is a fixed ring of
+    ``capacity`` rows. With ``keep_newest=True`` it is a fixed ring that wraps: past
+    ``capacity`` rows it overwrites the oldest (for monitoring, never for training data).
+
+    ``written`` is the device-side count of rows written since :meth:`reset` (every path
+    advances it; graph replays and compiled calls only advance it).
+
+    Example:
+        >>> import torch
+        >>> from moe_replay.ring import CaptureRing
+        >>> ring = CaptureRing(4, 2, 8, torch.device("cpu"))
+        >>> ring.write(torch.arange(20).reshape(10, 2) % 8)   # 10 rows: a segment of 6 more
+        >>> ring.write(torch.zeros(3, 2, dtype=torch.long))   # 13 rows: doubles what it holds
+        >>> ring.rows_held, ring.nbytes, ring.rows(13).shape
+        (20, 40, torch.Size([13, 2]))
     """
 
-    def __init__(self, capacity: int, top_k: int, num_experts: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        top_k: int,
+        num_experts: int,
+        device: torch.device,
+        *,
+        keep_newest: bool = False,
+        name: str = "",
+        budget: Budget | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1 row, got {capacity}")
-        self.capacity = int(capacity)
         self.top_k = int(top_k)
-        self.device = device
-        self.buf = _static_address(
-            torch.zeros(self.capacity, self.top_k, dtype=index_dtype(num_experts), device=device)
-        )
-        self.written = _static_address(torch.zeros((), dtype=torch.long, device=device))
-        self._arange = _Positions.get(device, self.capacity)
+        self.device = torch.device(device)
+        self.dtype = index_dtype(num_experts)
+        self.keep_newest = bool(keep_newest)
+        self.name = name
+        self.budget = budget if budget is not None else Budget()
+        self.budget.rings += 1
+        self._row_bytes = self.top_k * self.dtype.itemsize
+        self._cuda = self.device.type == "cuda"
+        #: what fixed the ring's first segment in place (a graph or a compiled region), if anything did
+        self.fixed_by: str | None = None
+        self._fixed = self.keep_newest  # writes go to the first segment at the device cursor
+        self.written = _static_address(torch.zeros((), dtype=torch.long, device=self.device))
+        self._segments: list[torch.Tensor] = []
+        self._set_first(int(capacity))
+        self.reset()
+
+    # ------------------------------------------------------------- storage
+    def _alloc(self, rows: int, *, zeros: bool = False) -> torch.Tensor:
+        nbytes = rows * self._row_bytes
+        room = self.budget.room()
+        if room is not None and nbytes > room:
+            raise CaptureOverflowError(
+                f"router '{self.name}' needs {rows} more rows ({_fmt_bytes(nbytes)}) to go on recording, which "
+                f"would pass max_bytes={self.budget.limit} ({_fmt_bytes(self.budget.held)} held now). Raise "
+                "max_bytes, capture fewer tokens per capture() block, or read the rows recorded before this "
+                "forward with routes(allow_partial=True)"
+            )
+        make = torch.zeros if zeros else torch.empty
+        with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
+            t = make(rows, self.top_k, dtype=self.dtype, device=self.device)
+        self.budget.held += nbytes
+        return t
+
+    def _set_first(self, rows: int) -> None:
+        """(Re)allocate the first segment with ``rows`` rows, dropping every segment."""
+        freed = sum(s.shape[0] for s in self._segments) * self._row_bytes
+        self.budget.held -= freed
+        try:
+            buf = self._alloc(rows, zeros=True)
+        except BaseException:
+            self.budget.held += freed
+            raise
+        self.buf = _static_address(buf)
+        self._segments = [self.buf]
+        self.capacity = rows
+        self._arange = _Positions.get(self.device, rows)
+        self._overflow_msg = f"{OVERFLOW_MARK} router '{self.name}' would write past the {rows} rows of its fixed ring"
+
+    @property
+    def fixed(self) -> bool:
+        """Does the ring write into its first segment only (``keep_newest``, or fixed by a graph)?"""
+        return self._fixed
+
+    @property
+    def rows_held(self) -> int:
+        """Rows allocated on the device, over every segment."""
+        return sum(s.shape[0] for s in self._segments)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated on the device, over every segment."""
+        return self.rows_held * self._row_bytes
+
+    @property
+    def host_written(self) -> int:
+        """Rows written by eager calls since :meth:`reset` (exact unless the ring is fixed)."""
+        return self._host
 
     def reset(self) -> None:
-        """Forget every row (one device write, no host sync)."""
+        """Forget every row (one device write, no host sync); the segments stay for the next capture."""
         self.written.zero_()
+        self._host = 0  # rows written by eager calls (all rows, for a ring that is not fixed)
+        self._seg = 0  # index of the segment eager writes go to, and the next row in it
+        self._off = 0
+        self._cur = self._segments[0]
+        self._cur_rows = self._cur.shape[0]
 
+    def reserve(self, rows: int) -> None:
+        """Make room for ``rows`` rows since the last reset, allocated now rather than during forwards.
+
+        An empty ring that no graph has fixed gets a first segment of ``rows`` rows, so
+        a CUDA graph or compiled region captured afterwards holds them too.
+
+        Raises:
+            CaptureOverflowError: the ring is fixed with fewer rows, or ``max_bytes`` is passed.
+        """
+        rows = int(rows)
+        if rows <= self.capacity:
+            return
+        if self._fixed:
+            why = "keep_newest=True" if self.fixed_by is None else f"{self.fixed_by} writes into its first segment"
+            if self.fixed_by is not None or self._host:
+                raise CaptureOverflowError(
+                    f"router '{self.name}' cannot make room for {rows} rows: its ring is fixed at "
+                    f"{self.capacity} rows ({why}). Reserve before capturing the graph or compiling the model "
+                    f"(session.reserve({rows})), or attach with capacity={rows}"
+                )
+        if self._host == 0:
+            self._set_first(rows)
+            self.reset()
+            return
+        held = self.rows_held
+        if rows > held:
+            self._segments.append(self._alloc(max(rows - held, 1)))
+
+    def release(self) -> None:
+        """Free the segments past the first that hold no row (those an earlier capture grew)."""
+        if len(self._segments) > 1 and (self._fixed or self._seg == 0):
+            self.budget.held -= sum(s.shape[0] for s in self._segments[1:]) * self._row_bytes
+            del self._segments[1:]
+            if self._fixed:
+                self._seg, self._cur, self._cur_rows = 0, self.buf, self.capacity
+
+    # ------------------------------------------------------------- writing
     def write(self, idx: torch.Tensor) -> None:
-        """Append the rows of ``idx`` (``[n, k]``, any integer dtype) at the device cursor."""
+        """Append the rows of ``idx`` (``[n, k]``, any integer dtype).
+
+        Eager: at the host's count, growing when the current segment is full (no host
+        sync, no copy of earlier rows). Under CUDA-graph capture or ``torch.compile``:
+        into the fixed first segment at the device cursor.
+
+        Raises:
+            CaptureOverflowError: a fixed ring that the host can see would overflow (one
+                call larger than it, or eager rows past its end), or growth would pass
+                ``max_bytes``.
+        """
+        if _compiling():
+            self._fixed, self.fixed_by = True, "a compiled region"
+            self._write_fixed(idx, idx.shape[0])
+            return
         n = idx.shape[0]
-        if n > self.capacity:  # only the newest rows can fit; `written` still counts all
-            self.written.add_(n - self.capacity)
-            idx = idx[n - self.capacity :]
-            n = self.capacity
+        if self._fixed or (self._cuda and torch.cuda.is_current_stream_capturing()):
+            self._write_fixed_eager(idx, n)
+            return
+        off = self._off
+        if off + n <= self._cur_rows:  # the hot path: one copy (with the cast), one cursor update
+            self._cur[off : off + n].copy_(idx)
+            self._off = off + n
+        else:
+            self._write_growing(idx, n)
+        self._host += n
+        self.written.add_(n)
+
+    def _write_growing(self, idx: torch.Tensor, n: int) -> None:
+        """A write past the current segment: allocate first (a refused growth writes nothing), then copy."""
+        spare = sum(s.shape[0] for s in self._segments[self._seg + 1 :])
+        need = n - (self._cur_rows - self._off) - spare
+        if need > 0:  # double what is held, and at least what this call needs
+            rows = max(need, self.rows_held)
+            room = self.budget.room()
+            if room is not None:  # under a limit, at most a fair share of what is left (each router grows alike)
+                rows = max(need, min(rows, room // (self._row_bytes * max(self.budget.rings, 1))))
+            self._segments.append(self._alloc(rows))
+        done = 0
+        while done < n:
+            if self._off == self._cur_rows:
+                self._seg += 1
+                self._cur = self._segments[self._seg]
+                self._cur_rows, self._off = self._cur.shape[0], 0
+            take = min(self._cur_rows - self._off, n - done)
+            self._cur[self._off : self._off + take].copy_(idx[done : done + take])
+            self._off += take
+            done += take
+
+    def _write_fixed_eager(self, idx: torch.Tensor, n: int) -> None:
+        graph = self._cuda and torch.cuda.is_current_stream_capturing()
+        if graph and not self._fixed:
+            self._fixed, self.fixed_by = True, "a CUDA graph"
+        if not self.keep_newest:
+            # the host sees this call, not the graph replays and compiled calls: its count is a lower bound
+            if graph and n > self.capacity:
+                what = f"each replay of the CUDA graph being captured would write {n} rows"
+            elif not graph and self._host + n > self.capacity:
+                what = f"this forward would bring it to at least {self._host + n} rows"
+            else:
+                what = ""
+            if what:
+                raise CaptureOverflowError(
+                    f"router '{self.name}': {what}, but its ring is fixed at {self.capacity} rows ({self.fixed_by} "
+                    "writes into it, so it cannot grow). Size the ring for the whole capture before capturing the "
+                    "graph or compiling: attach(..., capacity=rows) or session.reserve(rows); "
+                    "mr.generation_capacity(batch, prompt_len, max_new_tokens) gives the rows of a generate() call"
+                )
+        if not graph:
+            self._host += n
+        self._write_fixed(idx, n)
+
+    def _write_fixed(self, idx: torch.Tensor, n: int) -> None:
+        """Rows at the device cursor into the first segment (wrapping), and advance it."""
+        cap = self.capacity
+        if not self.keep_newest and not self._cuda:  # CPU: the device check raises at once, in compiled code too
+            torch._assert_async(self.written + n <= cap, self._overflow_msg)
+        if n > cap:  # only the newest rows can fit; `written` still counts all (an overflow, unless keep_newest)
+            self.written.add_(n - cap)
+            idx = idx[n - cap :]
+            n = cap
         if _triton.enabled(idx) and _triton.ring_write(self.buf, self.written, idx, n):
             return  # CUDA: one kernel did it all (cursor, wrap, cast, advance)
-        pos = torch.remainder(self.written + self._arange[:n], self.capacity)
+        arange = self._arange if n <= self._arange.numel() else _Positions.get(self.device, n)
+        pos = torch.remainder(self.written + arange[:n], cap)
         self.buf.index_copy_(0, pos, idx.to(self.buf.dtype))
         self.written.add_(n)
 
-    def rows(self, written: int, keep_newest: bool) -> torch.Tensor:
-        """The rows in write order, on the host; ``written`` comes from one batched read."""
+    # ------------------------------------------------------------- reading
+    def overflowed(self, written: int) -> bool:
+        """Did rows go past what the ring holds (never for a growing ring; ``keep_newest`` wraps)?"""
+        return self._fixed and not self.keep_newest and written > self.capacity
+
+    def rows(self, written: int | None = None, keep_newest: bool | None = None) -> torch.Tensor:
+        """The rows in write order, on the host, in one pass over the segments.
+
+        Args:
+            written: the device count, from one batched read of every ring (read here if None).
+            keep_newest: for a fixed ring that wrapped, return its newest ``capacity`` rows
+                (what a ring built with ``keep_newest=True`` always does).
+        """
+        if written is None:
+            written = int(self.written)
+        if self._fixed:
+            if written <= self.capacity:
+                return self.buf[:written].cpu()
+            if not (self.keep_newest or keep_newest):
+                raise AssertionError("overflow must be handled by the caller")
+            start = written % self.capacity
+            return torch.cat([self.buf[start:], self.buf[:start]]).cpu()
+        if written != self._host:
+            raise AssertionError(f"ring '{self.name}': device count {written} != host count {self._host}")
         if written <= self.capacity:
             return self.buf[:written].cpu()
-        if not keep_newest:
-            raise AssertionError("overflow must be handled by the caller")
-        start = written % self.capacity
-        return torch.cat([self.buf[start:], self.buf[:start]]).cpu()
+        out = torch.empty(written, self.top_k, dtype=self.dtype)
+        pos = 0
+        for seg in self._segments:
+            take = min(seg.shape[0], written - pos)
+            if take <= 0:
+                break
+            out[pos : pos + take].copy_(seg[:take])
+            pos += take
+        return out
 
 
 class ReplaySource:
@@ -139,3 +397,15 @@ class ReplaySource:
         pos = torch.minimum(self.consumed + arange[:n], self.limit)
         self.consumed.add_(n)
         return self.buf.index_select(0, pos).long()
+
+
+def _fmt_bytes(n: int) -> str:
+    """``n`` bytes for people: ``512 B``, ``16.0 KiB``, ``1.5 MiB``."""
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"

@@ -33,12 +33,14 @@ from .evidence import VerifyReport
 from .intercept import RouterHook
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_forward
-from .ring import CaptureRing, ReplaySource, index_dtype
+from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, index_dtype
 from .routes import Routes, fingerprint
 
 __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
 
-#: Rows per router kept by a capture unless ``capacity=`` says otherwise.
+#: Rows per router of a capture ring's first segment unless ``capacity=`` says otherwise: an
+#: eager capture grows past it; under CUDA graphs, ``torch.compile`` and ``keep_newest`` it
+#: is the fixed size of the ring.
 DEFAULT_CAPACITY = 1 << 16
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
@@ -76,6 +78,7 @@ class Session:
         sites: Sequence[RouterSite],
         capacity: int = DEFAULT_CAPACITY,
         keep_newest: bool = False,
+        max_bytes: int | None = None,
         *,
         declared_top_k: bool = False,
         excluded: Callable[[str, nn.Module], bool] | None = None,
@@ -88,6 +91,8 @@ class Session:
         self._watch_pending = True  # the first capture's first forward is watched for orphan decisions
         self.capacity = int(capacity)
         self.keep_newest = bool(keep_newest)
+        self.max_bytes = max_bytes
+        self._budget = Budget(max_bytes)
         self._hooks: list[RouterHook] = []
         self._installed: list[tuple[nn.Module, Any]] = []
         self._capturing = False
@@ -130,14 +135,66 @@ class Session:
         return fingerprint(self.names, [s.num_experts for s in self._sites], [s.top_k for s in self._sites])
 
     def __repr__(self) -> str:
+        extra = (", keep_newest=True" if self.keep_newest else "") + (
+            f", max_bytes={self.max_bytes}" if self.max_bytes is not None else ""
+        )
         return (
-            f"Session(model={self._model_name}, routers={len(self._sites)}, capacity={self.capacity}, "
-            f"state={self.state})"
+            f"Session(model={self._model_name}, routers={len(self._sites)}, capacity={self.capacity}{extra}, "
+            f"held={self._held_text()}, state={self.state})"
         )
 
+    def memory(self) -> dict[str, dict[str, int]]:
+        """Capture memory held on each device: routers, rows (summed over them) and bytes.
+
+        Example:
+            >>> import moe_replay as mr
+            >>> with mr.attach(mr.models.build("softmax_topk"), capacity=1024) as session:
+            ...     session.memory()
+            {'cpu': {'routers': 2, 'rows': 2048, 'bytes': 4096}}
+        """
+        out: dict[str, dict[str, int]] = {}
+        for r in self._rings():
+            d = out.setdefault(str(r.device), {"routers": 0, "rows": 0, "bytes": 0})
+            d["routers"] += 1
+            d["rows"] += r.rows_held
+            d["bytes"] += r.nbytes
+        return out
+
+    def _held_text(self) -> str:
+        if not self._hooks:
+            return "nothing"
+        parts = []
+        for device in dict.fromkeys(str(r.device) for r in self._rings()):
+            rings = [r for r in self._rings() if str(r.device) == device]
+            lo, hi = min(r.rows_held for r in rings), max(r.rows_held for r in rings)
+            rows = f"{lo}" if lo == hi else f"{lo}-{hi}"
+            parts.append(f"{device}: {rows} rows x {len(rings)} routers, {_fmt_bytes(sum(r.nbytes for r in rings))}")
+        return "; ".join(parts)
+
     def table(self) -> str:
-        """The router table (name, class, E, k, how it is intercepted)."""
-        return format_sites(self._sites)
+        """The router table (name, class, E, k, how it is intercepted) and the capture memory held."""
+        text = format_sites(self._sites)
+        if not self._hooks:
+            return text
+        fixed = [r.name for r in self._rings() if r.fixed_by is not None]
+        mode = (
+            "fixed rings that wrap (keep_newest)"
+            if self.keep_newest
+            else f"grows in eager mode from {self.capacity} rows per router"
+        )
+        lines = [text, "", f"capture memory: {mode}"]
+        lines += [
+            f"  {dev}: {m['routers']} routers, {m['rows']} rows, {_fmt_bytes(m['bytes'])}"
+            for dev, m in self.memory().items()
+        ]
+        if self.max_bytes is not None:
+            lines.append(f"  limit: max_bytes={self.max_bytes}")
+        if fixed:
+            lines.append(f"  fixed at {self.capacity} rows by a CUDA graph or compiled region: {len(fixed)} routers")
+        return "\n".join(lines)
+
+    def _rings(self) -> list[CaptureRing]:
+        return [h.capture_ring for h in self._hooks if h.capture_ring is not None]
 
     # ------------------------------------------------------------- install
     def _install(self) -> None:
@@ -186,8 +243,17 @@ class Session:
         ring = hook.capture_ring
         if ring is not None and ring.top_k == hook.top_k and ring.buf.dtype == index_dtype(hook.num_experts):
             return
+        if ring is not None:  # discovery's k or E was wrong: the decision says otherwise, nothing was written
+            self._budget.held -= ring.nbytes
+            self._budget.rings -= 1
         hook.capture_ring = CaptureRing(
-            self.capacity, hook.top_k, hook.num_experts, _device_of(site.module or hook.scope)
+            self.capacity,
+            hook.top_k,
+            hook.num_experts,
+            _device_of(site.module or hook.scope),
+            keep_newest=self.keep_newest,
+            name=site.name,
+            budget=self._budget,
         )
 
     def _established(self, hook: RouterHook) -> None:
@@ -253,11 +319,28 @@ class Session:
 
     # ------------------------------------------------------------- capture
     @contextlib.contextmanager
-    def capture(self, *, clear: bool = True) -> Iterator[Session]:
+    def capture(
+        self, *, clear: bool = True, expected_tokens: int | None = None, max_bytes: int | None = None
+    ) -> Iterator[Session]:
         """Record the experts every router chooses, for any number of forwards.
+
+        In eager mode the rings grow as needed (see :meth:`reserve` for the CUDA-graph and
+        ``torch.compile`` paths, where they cannot).
 
         Args:
             clear: start from empty rings (default); ``False`` appends to the last capture.
+            expected_tokens: the tokens (rows per router) this block will record, allocated
+                on entering: :meth:`reserve` for this capture. For a ``generate()`` call,
+                :func:`~moe_replay.generation_capacity` computes it.
+            max_bytes: the most bytes the capture rings of this session may hold during
+                this block (default: ``attach``'s ``max_bytes``). A forward that would need
+                more raises :class:`CaptureOverflowError` at once.
+
+        Raises:
+            CaptureOverflowError: ``expected_tokens`` do not fit a fixed ring, or
+                ``max_bytes`` is below what the rings need. At a forward: a fixed ring
+                (CUDA graph, ``torch.compile``) that would overflow where the host can
+                see it, or growth past ``max_bytes``.
 
         Inside :meth:`replay`, a capture records the forced experts.
 
@@ -277,11 +360,37 @@ class Session:
                 "through a forward and capture(clear=False) cannot append to them: start a new capture, "
                 "or read them with routes(allow_partial=True)"
             )
+        for name, value in (("expected_tokens", expected_tokens), ("max_bytes", max_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        rings = self._rings()
+        if expected_tokens is not None:
+            self._check_fixed(rings, expected_tokens + (0 if clear else max(r.host_written for r in rings)))
         if clear:
-            for h in self._hooks:
-                if h.capture_ring is not None:
-                    h.capture_ring.reset()
+            for r in rings:
+                r.reset()
             self._interrupted = None
+        limit = self._budget.limit
+        try:
+            if max_bytes is not None:
+                self._budget.limit = max_bytes
+            if self._budget.limit is not None and self._budget.held > self._budget.limit:
+                for r in rings:
+                    r.release()
+                if self._budget.held > self._budget.limit:
+                    raise CaptureOverflowError(
+                        f"the capture rings already hold {_fmt_bytes(self._budget.held)}, more than "
+                        f"max_bytes={self._budget.limit}: attach with a smaller capacity, or raise max_bytes"
+                    )
+            if expected_tokens is not None:
+                for r in rings:
+                    r.reserve(r.host_written + expected_tokens)
+                self.capacity = max([self.capacity] + [r.capacity for r in rings])
+        except BaseException:
+            self._budget.limit = limit
+            if clear:
+                self._has_capture = False  # the rings were cleared: nothing to read
+            raise
         for h in self._hooks:
             h.calls = h.decisions = 0
         self._has_capture = True
@@ -292,11 +401,77 @@ class Session:
             yield self
         except BaseException as exc:
             self._interrupted = f"{type(exc).__name__}({str(exc)[:200]!r})"
+            if isinstance(exc, RuntimeError) and OVERFLOW_MARK in str(exc):
+                raise self._device_overflow(exc) from exc
             raise
         finally:
             self._set(capturing=False)
             if stop is not None:
                 stop()
+            self._budget.limit = limit
+
+    def reserve(self, rows: int) -> None:
+        """Allocate every router's ring for ``rows`` rows now, before a capture needs them.
+
+        Eager captures grow on their own; a CUDA graph or a compiled model writes into a
+        ring of fixed size, baked in when the graph is captured or the model compiled. So
+        size the rings first, for the whole capture (all forwards of one ``capture()``
+        block), then capture the graph or compile. Call it between captures: rings smaller
+        than ``rows`` are replaced by empty ones of ``rows`` rows, so read the last
+        capture's routes first (``capture(expected_tokens=...)`` does the same on entering).
+
+        Example:
+            >>> import moe_replay as mr
+            >>> session = mr.attach(mr.models.build("softmax_topk"), capacity=16)
+            >>> session.reserve(mr.generation_capacity(batch_size=8, prompt_len=32, max_new_tokens=64))
+            >>> session.capacity
+            768
+            >>> session.detach()
+
+        Raises:
+            CaptureOverflowError: a ring that a CUDA graph or compiled region already writes
+                into holds fewer rows (it cannot be replaced), or ``max_bytes`` would be passed.
+        """
+        self._check_attached()
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be a positive int, got {rows!r}")
+        if self._capturing:
+            raise SessionStateError(
+                "reserve() runs between captures (it replaces rings); inside this block the rings grow on "
+                "their own, or enter the capture with capture(expected_tokens=...)"
+            )
+        rings = self._rings()
+        self._check_fixed(rings, rows)
+        small = [r for r in rings if r.capacity < rows]
+        for r in small:
+            r.reset()
+            r.reserve(rows)
+        if small:  # the last capture's rows went with the old rings
+            self._has_capture, self._interrupted = False, None
+        self.capacity = max([self.capacity] + [r.capacity for r in rings])
+
+    def _check_fixed(self, rings: Sequence[CaptureRing], rows: int) -> None:
+        """Refuse, before anything changes, rows that a ring fixed in a graph cannot take."""
+        small = [r for r in rings if r.fixed_by is not None and rows > r.capacity]
+        if small:
+            raise CaptureOverflowError(
+                f"{len(small)} routers (first: '{small[0].name}') write into rings fixed at {small[0].capacity} "
+                f"rows by {small[0].fixed_by}, which cannot be replaced by rings of {rows} rows. Reserve before "
+                f"capturing the graph or compiling: session.reserve({rows}) right after attach, or "
+                f"attach(..., capacity={rows})"
+            )
+
+    def _device_overflow(self, exc: BaseException) -> CaptureOverflowError:
+        """The error for a fixed CPU ring's device check (raised inside compiled code)."""
+        rings = [r for r in self._rings() if r.device.type == "cpu" and r.fixed_by is not None]
+        counts = ", ".join(f"'{r.name}': {int(r.written)} of {r.capacity}" for r in rings[:4])
+        return CaptureOverflowError(
+            f"capture overflow at this forward: {str(exc).split(OVERFLOW_MARK, 1)[-1].strip()} (rows written so far "
+            f"per router: {counts}{', ...' if len(rings) > 4 else ''}). A compiled region runs no Python per call, "
+            "so its ring cannot grow: size it for the whole capture before compiling, with "
+            "attach(..., capacity=rows) or session.reserve(rows); the rows recorded before this forward are "
+            "readable with routes(allow_partial=True)"
+        )
 
     def routes(self, *, allow_silent: bool = False, allow_partial: bool = False) -> Routes:
         """The rows recorded by the last capture, copied to the host in one pass.
@@ -310,8 +485,9 @@ class Session:
 
         Raises:
             SessionStateError: nothing was captured, or the capture was interrupted.
-            CaptureOverflowError: a router wrote more rows than ``capacity`` (unless the
-                session keeps only the newest rows).
+            CaptureOverflowError: rows went past a ring that a CUDA graph or a compiled
+                region writes into (its fixed size); eager captures grow instead, and
+                ``keep_newest`` rings keep the newest rows.
         """
         self._check_attached()
         if not self._has_capture:
@@ -334,16 +510,24 @@ class Session:
                 "capture(). Was the model rebuilt or reloaded after attach (attach to the model you run), or did "
                 "no forward run in the block?"
             )
-        over = [(h, w) for h, w in zip(self._hooks, written, strict=True) if w > self.capacity]
-        if over and not self.keep_newest:
+        over = [
+            (h, w)
+            for h, w in zip(self._hooks, written, strict=True)
+            if h.capture_ring is not None and h.capture_ring.overflowed(w)
+        ]
+        if over:
             worst = max(w for _, w in over)
+            ring = over[0][0].capture_ring
+            assert ring is not None
             detail = "; ".join(f"'{h.name}' wrote {w} rows" for h, w in over[:4])
             if len(over) > 4:
                 detail += f" (+{len(over) - 4} more routers)"
             raise CaptureOverflowError(
-                f"capture overflow: {detail}, but the capacity is {self.capacity} rows per router. Attach "
-                f"with capacity={worst} or more, capture fewer tokens, or attach with keep_newest=True to "
-                "keep only the newest rows"
+                f"capture overflow: {detail}, but their rings are fixed at {ring.capacity} rows ({ring.fixed_by} "
+                "writes into them, and a graph replay or compiled call runs no Python, so the overflow is seen "
+                f"only now). capacity={worst} holds this run: attach with capacity={worst}, or call "
+                f"session.reserve({worst}) right after attach, then capture the graph or compile (a fixed ring "
+                "cannot be replaced in this session)"
             )
         if not allow_silent and written and max(written) > 0:
             silent = [h.name for h, w in zip(self._hooks, written, strict=True) if w == 0]
@@ -354,7 +538,7 @@ class Session:
                     "them with exclude=, or call routes(allow_silent=True)"
                 )
         rows = [
-            r.rows(w, self.keep_newest) if r is not None else torch.zeros(0, h.top_k or 1, dtype=torch.long)
+            r.rows(w) if r is not None else torch.zeros(0, h.top_k or 1, dtype=torch.long)
             for h, r, w in zip(self._hooks, rings, written, strict=True)
         ]
         return Routes._trusted(rows, self.names, [s.num_experts for s in self._sites])
@@ -576,14 +760,20 @@ def attach(
     top_k: int | None = None,
     num_experts: int | None = None,
     keep_newest: bool = False,
+    max_bytes: int | None = None,
 ) -> Session:
     """Find the routers of ``model`` and install interception on them, once.
 
     Args:
         model: any ``nn.Module`` MoE.
-        capacity: rows (tokens) each router can record per capture.
+        capacity: rows (tokens) per router allocated now. An eager capture grows past it
+            (in segments, no host sync, no copy); under CUDA graphs and ``torch.compile``
+            it is the fixed size of the ring (see :meth:`Session.reserve`).
         include, exclude, adapters, top_k, num_experts: see :func:`find_routers`.
-        keep_newest: on overflow keep the newest ``capacity`` rows instead of raising.
+        keep_newest: a fixed ring of ``capacity`` rows that wraps, keeping the newest rows
+            and never raising: for monitoring, not for routes you train on.
+        max_bytes: the most bytes the capture rings may hold, all routers together; a
+            forward that would grow them past it raises :class:`CaptureOverflowError`.
 
     Returns:
         A :class:`Session`; also a context manager that detaches on exit.
@@ -592,12 +782,13 @@ def attach(
         RouterNotFoundError: no router found.
         UnsupportedRouterError: a router whose decision cannot be intercepted.
         SessionStateError: the model already has a session.
+        CaptureOverflowError: the first segments alone take more than ``max_bytes``.
 
     Example:
         >>> import moe_replay as mr
         >>> session = mr.attach(mr.models.build("top1_argmax"), capacity=4096)
         >>> session
-        Session(model=MoETransformer, routers=2, capacity=4096, state=idle)
+        Session(model=MoETransformer, routers=2, capacity=4096, held=cpu: 4096 rows x 2 routers, 8.0 KiB, state=idle)
         >>> session.detach()
     """
     if not isinstance(model, nn.Module):
@@ -605,6 +796,8 @@ def attach(
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"capacity must be a positive number of rows, got {capacity!r}")
     _torch_compat.check()  # a torch whose internals moved is refused here, before anything is installed
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+        raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
     sites = find_routers(
         model, include=include, exclude=exclude, adapters=adapters, top_k=top_k, num_experts=num_experts
     )
@@ -626,11 +819,20 @@ def attach(
             raise SessionStateError(
                 f"{type(model).__name__} already has an attached session ({other!r}); detach it first"
             )
+        if max_bytes is not None:
+            first = sum(capacity * (s.top_k or 1) * index_dtype(s.num_experts).itemsize for s in sites)
+            if first > max_bytes:
+                raise CaptureOverflowError(
+                    f"the first capture segments of {len(sites)} routers take {_fmt_bytes(first)} "
+                    f"({capacity} rows each), more than max_bytes={max_bytes}: attach with a smaller capacity "
+                    "(eager captures grow as needed) or raise max_bytes. Nothing was installed"
+                )
         session = Session(
             model,
             sites,
             capacity=capacity,
             keep_newest=keep_newest,
+            max_bytes=max_bytes,
             declared_top_k=top_k is not None,
             excluded=_compile_matcher(exclude),
         )

@@ -98,3 +98,17 @@ def test_routers_the_recipe_does_not_fit_still_time_moe_replay() -> None:
     with torch.no_grad():
         times = time_variants(eager_variants(w, 1, routes, forced), device=torch.device("cpu"), reps=1, inner=1)
     assert all(len(t) == 1 for t in times.values())
+
+
+def test_capacity_benchmark_runs_and_growing_captures_record_the_same(tmp_path: Path) -> None:
+    from benchmarks import capacity
+
+    out = tmp_path / "capacity.json"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert capacity.main(["--smoke", "--device", "cpu", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for r in results["ring"]:
+        assert set(r["variants"]) == {"preallocated", "growing", "regrown", "wrapping"}
+    for r in results["model"]:
+        assert r["checks"]["same_routes"] and r["checks"]["segments_when_growing"] > 1
+        assert set(r["variants"]) == {"plain", "capture_preallocated", "capture_growing"}

@@ -162,3 +162,46 @@ def test_checkpointed_layers_under_compile(tokens: torch.Tensor, mode: str) -> N
         assert session.routes().equal(routes)  # recorded once, not again in the recompute
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, want[name], atol=1e-5), name
+
+
+def test_compiled_capture_writes_a_fixed_ring_and_raises_at_the_overflowing_forward(tokens: torch.Tensor) -> None:
+    """A compiled region cannot grow its ring: on CPU the forward that would overflow it raises, rows before stay."""
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1, expert_impl="dense")
+    n = tokens.numel()
+    capacity = 2 * n + n // 2  # two forwards fit, the third does not
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with mr.attach(model, capacity=capacity) as session, torch.no_grad():
+        with session.capture():
+            for _ in range(2):
+                model(tokens)
+        two = session.routes()
+        assert not any(r.fixed for r in session._rings())  # eager writes never fix a ring
+        ran = 0
+        with pytest.raises(mr.CaptureOverflowError, match=r"capture overflow at this forward") as err:
+            with session.capture():
+                for _ in range(5):
+                    compiled(tokens)
+                    ran += 1
+        assert ran == 2
+        assert f"'layers.1.mlp.router': {2 * n} of {capacity}" in str(err.value)
+        assert session.routes(allow_partial=True).equal(two)
+        assert all(r.fixed_by == "a compiled region" for r in session._rings())
+        # fixed for good: eager forwards cannot grow it either, and raise at the forward that would overflow
+        ran = 0
+        with pytest.raises(
+            mr.CaptureOverflowError, match=rf"at least {3 * n} rows, but its ring is fixed at {capacity}"
+        ):
+            with session.capture():
+                for _ in range(5):
+                    model(tokens)
+                    ran += 1
+        assert ran == 2
+        with pytest.raises(mr.CaptureOverflowError, match="cannot be replaced"):
+            session.reserve(4 * n)
+        with pytest.raises(mr.CaptureOverflowError, match="cannot be replaced"):
+            with session.capture(expected_tokens=4 * n):
+                pass
+        with session.capture(expected_tokens=2 * n):  # what fits is fine
+            for _ in range(2):
+                compiled(tokens)
+        assert session.routes().equal(two)

@@ -121,3 +121,49 @@ def test_reduce_overhead_compiled_decode_capture_and_replay() -> None:
         assert session.routes().equal(expected)
     assert counters["inductor"]["cudagraph_skips"] == 0, "the compiled step did not run as a CUDA graph"
     torch._dynamo.reset()
+
+
+def test_a_graph_step_larger_than_the_fixed_ring_raises_when_captured() -> None:
+    """The host sees the graph being captured: a step whose rows alone overflow the ring fails there."""
+    model = build()
+    with mr.attach(model, capacity=BATCH - 1) as session:
+        static = torch.zeros(BATCH, 1, dtype=torch.long, device="cuda")
+        warm_up(model, static)
+        with pytest.raises(
+            mr.CaptureOverflowError, match=rf"each replay of the CUDA graph being captured would write {BATCH} rows"
+        ):
+            with session.capture():
+                graphed(model, static)
+
+
+def test_graph_replays_past_the_fixed_ring_are_reported_by_routes_with_the_capacity_that_holds_them() -> None:
+    """Replays run no Python: routes() finds the overflow on the device counter and names the capacity needed."""
+    model, inputs = build(), step_inputs()
+    half = BATCH * STEPS // 2
+    with mr.attach(model, capacity=half) as session:
+        static = torch.zeros_like(inputs[0])
+        warm_up(model, static)
+        with session.capture():
+            graph, _ = graphed(model, static)
+        with session.capture():
+            for ids in inputs:
+                static.copy_(ids)
+                graph.replay()
+        with pytest.raises(
+            mr.CaptureOverflowError,
+            match=rf"wrote {BATCH * STEPS} rows.*fixed at {half} rows.*capacity={BATCH * STEPS} holds this run",
+        ):
+            session.routes()
+        with pytest.raises(mr.CaptureOverflowError, match="cannot be replaced"):
+            session.reserve(BATCH * STEPS)
+    with mr.attach(model, capacity=1) as session:  # sized before the graph is captured, the run fits
+        session.reserve(BATCH * STEPS)
+        expected = eager_routes(model, session, inputs)
+        static = torch.zeros_like(inputs[0])
+        warm_up(model, static)
+        with session.capture():
+            graph, _ = graphed(model, static)
+            for ids in inputs:
+                static.copy_(ids)
+                graph.replay()
+        assert session.routes().equal(expected)

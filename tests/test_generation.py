@@ -223,3 +223,17 @@ def test_split_errors_name_the_counts() -> None:
     uneven = mr.Routes([torch.zeros(4, 1, dtype=torch.long), torch.zeros(6, 1, dtype=torch.long)], ["a", "b"], 2)
     with pytest.raises(mr.RoutesValidationError, match="different row counts"):
         mr.split_generation(uneven, batch_size=2, prompt_len=1)
+
+
+def test_generation_capacity_holds_a_generate_call_without_growing() -> None:
+    """capture(expected_tokens=generation_capacity(...)) allocates once; generate() then never grows a ring."""
+    model = mr.models.build("softmax_topk")
+    b, p, n = 3, 5, 4
+    prompt = torch.randint(1, 128, (b, p), generator=torch.Generator().manual_seed(0))
+    need = mr.generation_capacity(batch_size=b, prompt_len=p, max_new_tokens=n)
+    with mr.attach(model, capacity=1) as session:
+        with session.capture(expected_tokens=need):
+            first = [(r.buf.data_ptr(), r.rows_held) for r in session._rings()]
+            model.generate(prompt, max_new_tokens=n)
+            assert [(r.buf.data_ptr(), r.rows_held) for r in session._rings()] == first == [(f, need) for f, _ in first]
+        assert session.routes().num_tokens == b * p + b * (n - 1) <= need

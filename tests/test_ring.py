@@ -15,21 +15,55 @@ def test_index_dtype_is_smallest() -> None:
     assert index_dtype(2**15 + 1) == torch.int32
 
 
-def test_ring_wraps_and_counts_every_row() -> None:
-    ring = CaptureRing(5, 2, 300, torch.device("cpu"))
+def test_keep_newest_ring_wraps_and_counts_every_row() -> None:
+    ring = CaptureRing(5, 2, 300, torch.device("cpu"), keep_newest=True)
     assert ring.buf.dtype == torch.int16
     rows = torch.arange(14).reshape(7, 2)
     ring.write(rows[:3])
     ring.write(rows[3:])
-    assert int(ring.written) == 7
-    assert torch.equal(ring.rows(7, keep_newest=True).long(), rows[2:])
+    assert int(ring.written) == 7 and ring.rows_held == 5
+    assert torch.equal(ring.rows(7).long(), rows[2:])
     ring.reset()
     ring.write(rows[:2])
-    assert torch.equal(ring.rows(2, keep_newest=False).long(), rows[:2])
+    assert torch.equal(ring.rows(2).long(), rows[:2])
     ring.reset()
     ring.write(rows)  # more rows in one call than the capacity
     assert int(ring.written) == 7
-    assert torch.equal(ring.rows(7, keep_newest=True).long(), rows[2:])
+    assert torch.equal(ring.rows(7).long(), rows[2:])
+
+
+def test_growing_ring_never_moves_a_row() -> None:
+    """Past its first segment the ring adds segments (doubling what it holds); written rows stay where they are."""
+    ring = CaptureRing(4, 3, 64, torch.device("cpu"))
+    rows = torch.randint(0, 64, (200, 3))
+    seen: dict[int, int] = {}  # segment data_ptr -> its rows, as first seen
+    start = 0
+    for n in [1, 3, 0, 5, 2, 17, 1, 40, 3, 128]:
+        ring.write(rows[start : start + n])
+        start += n
+        for seg in ring._segments:
+            assert seen.setdefault(seg.data_ptr(), seg.shape[0]) == seg.shape[0]
+        assert ring.host_written == int(ring.written) == start
+        assert start <= ring.rows_held <= max(4, 2 * start)
+    assert len(seen) == len(ring._segments) > 4
+    assert torch.equal(ring.rows(start).long(), rows[:start])
+    held = ring.rows_held
+    ring.reset()  # the segments stay for the next capture of the same size
+    ring.write(rows[:start])
+    assert ring.rows_held == held and torch.equal(ring.rows(start).long(), rows[:start])
+
+
+def test_reserve_sizes_the_first_segment_of_an_empty_ring() -> None:
+    ring = CaptureRing(4, 2, 8, torch.device("cpu"))
+    ring.write(torch.zeros(9, 2, dtype=torch.long))
+    ring.reset()
+    ring.reserve(100)  # empty: one first segment of 100 rows, what a graph captured next would write into
+    assert ring.capacity == ring.rows_held == 100 and len(ring._segments) == 1
+    ring.write(torch.ones(60, 2, dtype=torch.long))
+    ring.reserve(150)  # holds rows: a segment more, nothing moves
+    assert ring.capacity == 100 and ring.rows_held == 150
+    ring.write(torch.ones(90, 2, dtype=torch.long))
+    assert ring.rows_held == 150 and bool((ring.rows(150) == 1).all())
 
 
 def test_replay_source_reads_in_order_and_clamps() -> None:
@@ -56,21 +90,115 @@ def test_capture_hot_path_does_not_reallocate(tokens: torch.Tensor) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_capture_and_replay_never_sync() -> None:
+@pytest.mark.parametrize("capacity", [mr.DEFAULT_CAPACITY, 8], ids=["preallocated", "growing"])
+def test_cuda_capture_and_replay_never_sync(capacity: int) -> None:
+    """No host sync in capture or replay; with capacity=8 the rings grow several times inside the checked block."""
     model = mr.models.build("grouped_sigmoid", num_layers=2, expert_impl="dense").cuda()
     x = torch.randint(0, 128, (4, 16), device="cuda")
-    with mr.attach(model) as session:
+    with mr.attach(model, capacity=capacity) as session:
         with session.capture(), torch.no_grad():
             model(x)  # warm-up: lazy CUDA init may sync
         routes = session.routes()
+        held = sum(m["rows"] for m in session.memory().values())
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             with torch.no_grad():
                 with session.capture():
-                    model(x)
+                    for _ in range(6):  # 6 x 64 rows per router
+                        model(x)
                 with session.replay(routes, strict=False):
                     model(x)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        assert session.routes().equal(routes)
+        assert session.routes().equal(mr.Routes.cat([routes] * 6))
+        if capacity == 8:
+            assert sum(m["rows"] for m in session.memory().values()) > held  # it grew while checked
+
+
+def test_capture_grows_past_ten_times_its_capacity_and_keeps_every_row_in_order() -> None:
+    """Eager capture: many forwards of varied lengths, more than 10x the first segment, every row back in order."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(n) for n in torch.randint(1, 40, (60,), generator=g)]
+    xs = [torch.randint(0, model.config.vocab_size, (1, n), generator=g) for n in lengths]
+    total = sum(lengths)
+    with mr.attach(model, capacity=total) as session:  # the reference: one preallocated ring
+        with session.capture(), torch.no_grad():
+            for x in xs:
+                model(x)
+        full = session.routes()
+    capacity = 64
+    assert total > 10 * capacity
+    with mr.attach(model, capacity=capacity) as session:
+        with session.capture(), torch.no_grad():
+            for x in xs:
+                model(x)
+        routes = session.routes()
+        held = session.memory()["cpu"]
+    assert routes.num_tokens == total and routes.equal(full)
+    assert held["rows"] >= 2 * total and held["rows"] <= 2 * 2 * total  # two routers, at most doubled
+    # the rows of forward i are rows start_i .. start_i + n_i of the capture, in order
+    with mr.attach(model, capacity=total) as session:
+        start = 0
+        for x, n in zip(xs, lengths, strict=True):
+            with session.capture(), torch.no_grad():
+                model(x)
+            per_forward = session.routes()
+            assert per_forward.equal(routes[start : start + n])
+            start += n
+
+
+def test_max_bytes_stops_at_the_forward_that_would_pass_it(tokens: torch.Tensor) -> None:
+    model = mr.models.build("softmax_topk", num_layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    k = 2
+    with pytest.raises(mr.CaptureOverflowError, match="max_bytes=100"):
+        mr.attach(model, capacity=1000, max_bytes=100)  # the first segments alone: refused, nothing installed
+    assert all(torch.equal(v, model.state_dict()[n]) for n, v in before.items())
+    assert "forward" not in model.layers[0].mlp.router.__dict__
+    limit = 2 * 64 * k * 3  # two routers, up to 3 x 64 rows each
+    with mr.attach(model, capacity=16, max_bytes=limit) as session:
+        assert session.sites[0].top_k == k
+        ran = 0
+        with pytest.raises(mr.CaptureOverflowError, match=r"would pass max_bytes=768") as err:
+            with session.capture(), torch.no_grad():
+                for _ in range(20):
+                    model(tokens)  # 24 rows per forward
+                    ran += 1
+        assert ran == limit // (2 * 24 * k)  # stops at the first forward whose rows pass the limit
+        assert "routes(allow_partial=True)" in str(err.value)
+        assert session.memory()["cpu"]["bytes"] <= limit
+        partial = session.routes(allow_partial=True)
+        assert partial.tokens_per_layer[1] == 8 * 24
+        with session.capture(max_bytes=10**6), torch.no_grad():  # a larger limit for one block
+            for _ in range(20):
+                model(tokens)
+        assert session.routes().num_tokens == 20 * 24
+        assert session._budget.limit == limit  # the block's limit ended with it
+        first = 2 * 16 * k  # the first segments
+        with session.capture(max_bytes=first):  # a lower limit: the segments an earlier capture grew are freed
+            assert session.memory()["cpu"]["bytes"] == first
+        with pytest.raises(mr.CaptureOverflowError, match="already hold"):
+            with session.capture(max_bytes=first - 1):
+                pass
+
+
+def test_expected_tokens_and_reserve_allocate_before_the_forwards(tokens: torch.Tensor) -> None:
+    model = mr.models.build("softmax_topk", num_layers=2)
+    with mr.attach(model, capacity=8) as session:
+        with session.capture(expected_tokens=5 * 24), torch.no_grad():
+            assert session.memory()["cpu"]["rows"] == 2 * 5 * 24
+            ptrs = [r.buf.data_ptr() for r in session._rings()]
+            for _ in range(5):
+                model(tokens)
+            assert [r.buf.data_ptr() for r in session._rings()] == ptrs  # nothing allocated during forwards
+            assert all(len(r._segments) == 1 for r in session._rings())
+        assert session.routes().num_tokens == 5 * 24
+        need = mr.generation_capacity(batch_size=4, prompt_len=100, max_new_tokens=50)
+        assert need == 4 * 150
+        session.reserve(need)
+        assert session.capacity == need and session.memory()["cpu"]["rows"] == 2 * need
+        assert f"capacity={need}" in repr(session)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        mr.generation_capacity(1, 2, -1)

@@ -212,15 +212,24 @@ def test_generate_capture_matches_teacher_forced_replay() -> None:
 def test_session_repr_and_state(tokens: torch.Tensor) -> None:
     model = build("softmax_topk")
     session = mr.attach(model, capacity=128)
-    assert repr(session) == "Session(model=MoETransformer, routers=2, capacity=128, state=idle)"
+    k = session.sites[0].top_k
+    held = f"held=cpu: 128 rows x 2 routers, {2 * 128 * k} B"
+    assert repr(session) == f"Session(model=MoETransformer, routers=2, capacity=128, {held}, state=idle)"
     with session.capture():
         assert session.state == "capturing"
-        model(tokens)
+        for _ in range(6):
+            model(tokens)  # 6 x 24 rows: each ring grows once, to twice its first segment
+    assert session.memory() == {"cpu": {"routers": 2, "rows": 2 * 256, "bytes": 2 * 256 * k}}
+    assert "held=cpu: 256 rows x 2 routers, 1.0 KiB" in repr(session)
     routes = session.routes()
     with session.replay(routes), session.capture():
         assert session.state == "replaying+capturing"
-        model(tokens)
-    assert "layers.1.mlp.router" in session.table()
+        for _ in range(6):
+            model(tokens)
+    table = session.table()
+    assert "layers.1.mlp.router" in table
+    assert "capture memory: grows in eager mode from 128 rows per router" in table
+    assert "cpu: 2 routers, 512 rows, 1.0 KiB" in table
     session.detach()
     assert session.state == "detached"
     session.detach()  # idempotent
