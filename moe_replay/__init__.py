@@ -21,12 +21,19 @@ from . import distributed, interop, models
 from .batch import BatchLayout, pack_routes, pad_routes
 from .discovery import Adapter, RouterSite, find_routers, format_sites
 from .errors import (
+    ArgumentTypeError,
     CaptureOverflowError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    MissingFileError,
     MoEReplayError,
+    NotAFileError,
     ReplayConsumptionError,
     RouterNotFoundError,
     RoutesValidationError,
     SessionStateError,
+    TokenIndexError,
+    UnknownRouterError,
     UnsupportedRouterError,
 )
 from .generation import generation_lengths, split_generation
@@ -42,10 +49,15 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_CAPACITY",
     "Adapter",
+    "ArgumentTypeError",
     "BatchLayout",
     "CaptureOverflowError",
+    "InvalidArgumentError",
     "LayerMap",
+    "MissingDependencyError",
+    "MissingFileError",
     "MoEReplayError",
+    "NotAFileError",
     "ReplayConsumptionError",
     "RouterNotFoundError",
     "RouterScores",
@@ -55,6 +67,8 @@ __all__ = [
     "RoutingComparison",
     "Session",
     "SessionStateError",
+    "TokenIndexError",
+    "UnknownRouterError",
     "UnsupportedRouterError",
     "__version__",
     "attach",

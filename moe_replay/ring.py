@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from . import _triton
+from .errors import InvalidArgumentError
 
 __all__ = ["CaptureRing", "ReplaySource", "index_dtype"]
 
@@ -69,7 +70,7 @@ class CaptureRing:
 
     def __init__(self, capacity: int, top_k: int, num_experts: int, device: torch.device) -> None:
         if capacity < 1:
-            raise ValueError(f"capacity must be at least 1 row, got {capacity}")
+            raise InvalidArgumentError(f"capacity must be at least 1 row, got {capacity}")
         self.capacity = int(capacity)
         self.top_k = int(top_k)
         self.device = device

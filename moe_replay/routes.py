@@ -23,7 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import RoutesValidationError
+from .errors import (
+    InvalidArgumentError,
+    RoutesValidationError,
+    UnknownRouterError,
+)
 
 __all__ = ["FORMAT_VERSION", "Routes"]
 
@@ -226,9 +230,9 @@ class Routes:
     @staticmethod
     def _uniform(values: Sequence[int], what: str, alt: str) -> int:
         if not values:
-            raise ValueError("these routes hold no router")
+            raise InvalidArgumentError("these routes hold no router")
         if len(set(values)) != 1:
-            raise ValueError(f"routers differ in {what} ({sorted(set(values))}); use .{alt}")
+            raise InvalidArgumentError(f"routers differ in {what} ({sorted(set(values))}); use .{alt}")
         return int(values[0])
 
     # ------------------------------------------------------------------ views
@@ -252,7 +256,9 @@ class Routes:
         try:
             return self._data[self._names.index(name)].long()
         except ValueError:
-            raise KeyError(f"no router named '{name}' in these routes; routers: {list(self._names)}") from None
+            raise UnknownRouterError(
+                f"no router named '{name}' in these routes; routers: {list(self._names)}"
+            ) from None
 
     @property
     def missing(self) -> torch.Tensor:
@@ -314,7 +320,7 @@ class Routes:
         pos = []
         for n in names:
             if n not in self._names:
-                raise KeyError(f"no router named '{n}' in these routes; routers: {list(self._names)}")
+                raise UnknownRouterError(f"no router named '{n}' in these routes; routers: {list(self._names)}")
             pos.append(self._names.index(n))
         return Routes._trusted([self._data[i] for i in pos], names, [self._experts[i] for i in pos], self._validated)
 
@@ -323,7 +329,7 @@ class Routes:
         """Concatenate routes along tokens; all parts must hold the same routers."""
         parts = list(parts)
         if not parts:
-            raise ValueError("Routes.cat needs at least one Routes")
+            raise InvalidArgumentError("Routes.cat needs at least one Routes")
         first = parts[0]
         for i, p in enumerate(parts[1:], 1):
             if p.names != first.names or p.experts_per_layer != first.experts_per_layer:

@@ -20,7 +20,9 @@ from torch import nn
 
 from .discovery import Adapter, Matcher, RouterSite, find_routers, format_sites
 from .errors import (
+    ArgumentTypeError,
     CaptureOverflowError,
+    InvalidArgumentError,
     ReplayConsumptionError,
     RouterNotFoundError,
     RoutesValidationError,
@@ -525,9 +527,9 @@ def attach(
         >>> session.detach()
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"attach takes an nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"attach takes an nn.Module, got {type(model).__name__}")
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise ValueError(f"capacity must be a positive number of rows, got {capacity!r}")
+        raise InvalidArgumentError(f"capacity must be a positive number of rows, got {capacity!r}")
     sites = find_routers(
         model, include=include, exclude=exclude, adapters=adapters, top_k=top_k, num_experts=num_experts
     )
