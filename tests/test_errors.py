@@ -38,9 +38,7 @@ def _builtin_raises(path: Path, root: Path = PACKAGE.parent) -> list[str]:
 
 def _sources() -> list[Path]:
     return [
-        p
-        for p in sorted(PACKAGE.rglob("*.py"))
-        if not ({p.name, *p.relative_to(PACKAGE).parts[:1]} & ALLOWED_MODULES)
+        p for p in sorted(PACKAGE.rglob("*.py")) if not ({p.name, *p.relative_to(PACKAGE).parts[:1]} & ALLOWED_MODULES)
     ]
 
 
