@@ -24,6 +24,7 @@ checkpointing checks that.
 from __future__ import annotations
 
 import copy
+import operator
 import sys
 import types
 import weakref
@@ -450,6 +451,10 @@ class ScopedForward:
         if isinstance(inner, types.MethodType) and inner.__self__ is scope and id(scope) in memo:
             return types.MethodType(inner.__func__, memo[id(scope)])
         return copy.deepcopy(inner, memo)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled (torch.save(model), spawn, Ray): the plain forward it wraps, as a deep copy gets
+        return (operator.itemgetter(0), ((self.__wrapped__,),))
 
     def __repr__(self) -> str:
         return f"<moe_replay forward of router '{self.__moe_replay_hook__.name}'>"

@@ -18,7 +18,7 @@ import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -360,6 +360,37 @@ class Routes:
                 raise UnknownRouterError(f"no router named '{n}' in these routes; routers: {list(self._names)}")
             pos.append(self._names.index(n))
         return Routes._trusted([self._data[i] for i in pos], names, [self._experts[i] for i in pos], self._validated)
+
+    def rename(self, prefixes: Mapping[str, str]) -> Routes:
+        """The same routes under other router names: each name's longest matching prefix is replaced.
+
+        The explicit way to replay routes recorded under other module paths (a model wrapped
+        by DDP, ``torch.compile``, PEFT or a module of one's own; :meth:`Session.replay` does
+        it by itself when one prefix change fits every name, and refuses when several do).
+
+        Args:
+            prefixes: ``{old_prefix: new_prefix}``; ``""`` matches every name (adds a prefix).
+
+        Raises:
+            RoutesValidationError: two routers would get the same name.
+
+        Example:
+            >>> import torch, moe_replay as mr
+            >>> r = mr.Routes([torch.tensor([[0, 1]])], names=["layers.0.gate"], num_experts=4)
+            >>> r.rename({"": "module."}).names
+            ('module.layers.0.gate',)
+            >>> r.rename({"": "module."}).rename({"module.": ""}).equal(r)
+            True
+        """
+        keys = sorted(prefixes, key=len, reverse=True)
+        names = []
+        for n in self._names:
+            old = next((k for k in keys if n.startswith(k)), None)
+            names.append(n if old is None else prefixes[old] + n[len(old) :])
+        if len(set(names)) != len(names):
+            twice = sorted({m for m in names if names.count(m) > 1})
+            raise RoutesValidationError(f"rename({dict(prefixes)!r}) gives two routers the same name: {twice[:4]}")
+        return Routes._trusted(self._data, names, self._experts, self._validated)
 
     @classmethod
     def cat(cls, parts: Sequence[Routes]) -> Routes:
