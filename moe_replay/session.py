@@ -832,7 +832,10 @@ def _references(scope: nn.Module, wrapper: ScopedForward) -> tuple[list[Callable
         if isinstance(d, dict):
             in_dict(d, depth)
 
-    in_dict(scope.__dict__, 0)
+    try:
+        in_dict(scope.__dict__, 0)
+    finally:  # the two closures refer to each other: break that cycle, or a cell would keep holding the wrapper
+        visit = in_dict = None  # type: ignore[assignment]
     return setters, containers, opaque
 
 
