@@ -404,7 +404,7 @@ def _run_threads(target: Callable[[int], None], n: int = THREADS) -> list[str]:
 
 @pytest.mark.reliability("concurrency")
 def test_threads_forwarding_one_model_inside_one_capture_are_refused() -> None:
-    """4 threads forward one model inside a capture held by the main thread: each refused; the main thread's rows exact."""
+    """4 threads forward one model inside the main thread's capture: each refused; the main thread's rows exact."""
     forwards, main_forwards = 60, 40
     model = TinyMoE(SPECS)
     xs = [model.inputs(LEAD, seed=j) for j in range(main_forwards)]
