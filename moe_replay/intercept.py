@@ -357,7 +357,9 @@ class RouterHook:
                 raise ReplayConsumptionError(
                     f"router '{self.name}' needs rows {src.host_consumed}..{src.host_consumed + n - 1} "
                     f"but only {src.num_rows} were recorded for it: the routes are too short for "
-                    "these forwards (check the batch against the routes, or slice the routes)"
+                    "these forwards (check the batch against the routes, or slice the routes). Routes captured "
+                    "around generate() are in generation order: for a teacher-forced forward, convert them "
+                    "with mr.split_generation(...) and lay them out with mr.BatchLayout"
                 )
             src.host_consumed += n
         return src.read(n)

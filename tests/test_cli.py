@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import moe_replay as mr
-from moe_replay.__main__ import demo, main
+from moe_replay.__main__ import _as_options, demo, main
 
 
 def test_demo_reports_drift_then_exact_replay(capsys) -> None:
@@ -135,3 +136,15 @@ def test_tiny_config_caps_layers_and_takes_overrides() -> None:
     assert len(cfg.layer_types) == 3  # per-layer lists follow the depth
     with pytest.raises(ValueError, match="not a model type"):
         tiny_config("no_such_model_type")
+
+
+@pytest.mark.reliability("bad inputs")
+def test_errors_suggest_options_not_python_keywords(capsys) -> None:
+    """The CLI's errors say --include/--exclude/--top-k, never include= (Python syntax)."""
+    for argv in (["--include", "nothing.matches"], ["--exclude", "*"]):
+        assert main(["inspect", "softmax_topk", *argv]) == 1
+        err = capsys.readouterr().err
+        assert "--include" in err, err
+        assert not re.search(r"\b(include|exclude|top_k|num_experts)=", err), err
+    assert "--exclude 'x'" in _as_options("try mr.attach(model, exclude='x')")
+    assert _as_options("pass top_k=/num_experts= if") == "pass --top-k/--num-experts if"
