@@ -356,6 +356,7 @@ def _ddp(model: torch.nn.Module):
     return torch.nn.parallel.DistributedDataParallel(model)
 
 
+@pytest.mark.reliability("wrappers")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("direction", ["bare to wrapped", "wrapped to bare"])
 @pytest.mark.parametrize("wrapper", ["module holder", "DistributedDataParallel"])

@@ -148,6 +148,7 @@ def test_checkpointed_layers_under_compile(tokens: torch.Tensor, mode: str) -> N
         assert torch.allclose(p.grad, want[name], atol=1e-5), name
 
 
+@pytest.mark.reliability("wrappers")
 @pytest.mark.parametrize("direction", ["bare to compiled", "compiled to bare"])
 def test_routes_cross_the_compile_wrapper(tokens: torch.Tensor, direction: str) -> None:
     """Routes recorded on the bare model replay on torch.compile's wrapper (routers under _orig_mod.), and back."""
