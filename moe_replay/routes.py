@@ -518,7 +518,9 @@ class Routes:
         return routes
 
 
-def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype]:
+def _header(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str | os.PathLike[str]
+) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one ``.npy`` member, read from its header; its size must match them."""
     with zf.open(info) as f:
         version = npformat.read_magic(f)
@@ -527,14 +529,18 @@ def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...]
         elif version == (2, 0):
             shape, _, dtype = npformat.read_array_header_2_0(f)
         else:
-            raise ValueError(f"array {info.filename} has .npy version {version}")
+            raise _corrupted(path, f"array {info.filename} has .npy version {version}")
         start = f.tell()
     if dtype.hasobject:
-        raise ValueError(f"array {info.filename} holds Python objects")
+        raise _corrupted(path, f"array {info.filename} holds Python objects")
     size = start + math.prod(shape) * dtype.itemsize
     if size != info.file_size:
-        raise ValueError(f"array {info.filename} declares {size} bytes but holds {info.file_size}")
+        raise _corrupted(path, f"array {info.filename} declares {size} bytes but holds {info.file_size}")
     return tuple(int(d) for d in shape), dtype
+
+
+def _corrupted(path: str | os.PathLike[str], why: str) -> RoutesValidationError:
+    return RoutesValidationError(f"cannot read routes from {path}: the file is truncated or corrupted ({why})")
 
 
 def _read_members(
@@ -551,7 +557,7 @@ def _read_members(
     meta_info = infos.get("meta.npy")
     if meta_info is None:
         raise RoutesValidationError(f"{path} is not a moe_replay routes file (no '{_MAGIC}' metadata)")
-    shape, dtype = _header(zf, meta_info)
+    shape, dtype = _header(zf, meta_info, path)
     if len(shape) != 1 or dtype != np.uint8 or meta_info.file_size > _MAX_META_BYTES:
         raise RoutesValidationError(f"{path} is not a moe_replay routes file (its metadata is not short JSON)")
     with zf.open(meta_info) as f:
@@ -568,7 +574,7 @@ def _read_members(
     missing = [n.removesuffix(".npy") for n in wanted if n not in infos]
     if missing:
         raise RoutesValidationError(f"{path} has no array {missing[0]} (truncated or corrupted)")
-    headers = [_header(zf, infos[n]) for n in wanted[1:]]
+    headers = [_header(zf, infos[n], path) for n in wanted[1:]]
     if meta.get("fingerprint") is not None and all(len(s) == 2 for s, _ in headers):
         if meta["fingerprint"] != fingerprint(names, experts, [s[1] for s, _ in headers]):
             raise RoutesValidationError(f"{path}: the stored fingerprint does not match its contents (corrupted)")
