@@ -21,13 +21,20 @@ from . import distributed, interop, models
 from .batch import BatchLayout, pack_routes, pad_routes
 from .discovery import Adapter, RouterSite, find_routers, format_sites
 from .errors import (
+    ArgumentTypeError,
     CaptureOverflowError,
+    InvalidArgumentError,
     LayerMapError,
+    MissingDependencyError,
+    MissingFileError,
     MoEReplayError,
+    NotAFileError,
     ReplayConsumptionError,
     RouterNotFoundError,
     RoutesValidationError,
     SessionStateError,
+    TokenIndexError,
+    UnknownRouterError,
     UnsupportedRouterError,
 )
 from .generation import generation_capacity, generation_lengths, split_generation
@@ -44,11 +51,16 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_CAPACITY",
     "Adapter",
+    "ArgumentTypeError",
     "BatchLayout",
     "CaptureOverflowError",
+    "InvalidArgumentError",
     "LayerMap",
     "LayerMapError",
+    "MissingDependencyError",
+    "MissingFileError",
     "MoEReplayError",
+    "NotAFileError",
     "ReplayConsumptionError",
     "RouterNotFoundError",
     "RouterScores",
@@ -58,6 +70,8 @@ __all__ = [
     "RoutingComparison",
     "Session",
     "SessionStateError",
+    "TokenIndexError",
+    "UnknownRouterError",
     "UnsupportedRouterError",
     "__version__",
     "attach",

@@ -8,6 +8,7 @@ checkpoint directory or a tiny random instance of an HF model type.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -329,9 +330,20 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             )
         )
     except (_UsageError, MoEReplayError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_as_options(str(e))}", file=sys.stderr)
         return 1
     return 0
+
+
+def _as_options(message: str) -> str:
+    """A library message in this command's words: ``--include 'x'`` where it says ``include='x'``."""
+    message = re.sub(r"mr\.attach\(model, (\w+)=('[^']*')\)", lambda m: f"--{m[1]} {m[2]}", message)
+    message = message.replace(" or include=MyRouterClass", "")
+    return re.sub(
+        r"\b(include|exclude|top_k|num_experts)=(\S?)",
+        lambda m: f"--{m[1].replace('_', '-')}" + (f" {m[2]}" if m[2] and m[2] not in ",./;)" else m[2]),
+        message,
+    )
 
 
 if __name__ == "__main__":

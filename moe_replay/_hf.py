@@ -24,6 +24,8 @@ from typing import Any
 
 from torch import nn
 
+from .errors import InvalidArgumentError, MissingDependencyError, MissingFileError
+
 __all__ = ["is_checkpoint_dir", "load_checkpoint", "tiny_config", "tiny_model"]
 
 
@@ -31,7 +33,7 @@ def _transformers() -> Any:
     try:
         return importlib.import_module("transformers")
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             "this needs HuggingFace transformers, which is not installed: pip install 'moe_replay[hf]' "
             "(or pip install transformers)"
         ) from e
@@ -301,7 +303,7 @@ def tiny_config(model_type: str, layers: int | None = _LAYERS, **overrides: Any)
     try:
         cls = tf.CONFIG_MAPPING[model_type]
     except KeyError:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"'{model_type}' is not a model type of the installed transformers {tf.__version__} "
             "(model types look like 'qwen3_moe', 'mixtral', 'deepseek_v3')"
         ) from None
@@ -320,7 +322,7 @@ def _build(tf: Any, config: Any) -> nn.Module:
             return getattr(tf, name).from_config(config)
         except ValueError:  # no model of this kind for that config class
             continue
-    raise ValueError(f"transformers has no model class for config {type(config).__name__}")
+    raise InvalidArgumentError(f"transformers has no model class for config {type(config).__name__}")
 
 
 def tiny_model(model_type: str, *, seed: int = 0, layers: int | None = _LAYERS, **overrides: Any) -> nn.Module:
@@ -347,11 +349,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> nn.Module:
     """
     tf = _transformers()
     if not is_checkpoint_dir(path):
-        raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
+        raise MissingFileError(f"{path} is not a model directory: it has no config.json")
     config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
     for auto in (tf.AutoModelForCausalLM, tf.AutoModel):
         try:
             return auto.from_pretrained(path, config=config, local_files_only=True).eval()
         except ValueError:
             continue
-    raise ValueError(f"transformers has no model class for the config in {path} ({type(config).__name__})")
+    raise InvalidArgumentError(f"transformers has no model class for the config in {path} ({type(config).__name__})")

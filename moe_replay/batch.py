@@ -29,7 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import RoutesValidationError
+from .errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    RoutesValidationError,
+)
 from .routes import Routes
 
 __all__ = ["BatchLayout", "pack_routes", "pad_routes"]
@@ -57,11 +61,11 @@ def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
 def check_same_routers(parts: Sequence[Routes], what: str = "sequence") -> None:
     """All parts hold the same routers, expert counts and k (else a clear error)."""
     if not parts:
-        raise ValueError(f"need at least one {what}")
+        raise InvalidArgumentError(f"need at least one {what}")
     first = parts[0]
     for i, p in enumerate(parts):
         if not isinstance(p, Routes):
-            raise TypeError(f"{what} {i} is a {type(p).__name__}, not Routes")
+            raise ArgumentTypeError(f"{what} {i} is a {type(p).__name__}, not Routes")
         if (p.names, p.experts_per_layer, p.k_per_layer) != (first.names, first.experts_per_layer, first.k_per_layer):
             raise RoutesValidationError(
                 f"{what} {i} holds routers {list(p.names)[:3]}... (experts {p.experts_per_layer[:3]}, "
@@ -73,10 +77,10 @@ def check_same_routers(parts: Sequence[Routes], what: str = "sequence") -> None:
 def _lengths(values: Sequence[int] | torch.Tensor, what: str = "lengths") -> list[int]:
     out = [int(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
     if not out:
-        raise ValueError(f"{what} is empty: a batch needs at least one sequence")
+        raise InvalidArgumentError(f"{what} is empty: a batch needs at least one sequence")
     bad = [v for v in out if v < 0]
     if bad:
-        raise ValueError(f"{what} must be >= 0, got {bad[0]}")
+        raise InvalidArgumentError(f"{what} must be >= 0, got {bad[0]}")
     return out
 
 
@@ -97,12 +101,12 @@ class BatchLayout:
         taken = torch.zeros(self.rows, self.row_length, dtype=torch.bool)
         for i, (r, s, n) in enumerate(self.placements):
             if not (0 <= r < self.rows and s >= 0 and n >= 0 and s + n <= self.row_length):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"sequence {i} at row {r}, positions {s}..{s + n - 1} does not fit a "
                     f"[{self.rows}, {self.row_length}] batch"
                 )
             if bool(taken[r, s : s + n].any()):
-                raise ValueError(f"sequence {i} overlaps another sequence in row {r}")
+                raise InvalidArgumentError(f"sequence {i} overlaps another sequence in row {r}")
             taken[r, s : s + n] = True
 
     # ------------------------------------------------------------- builders
@@ -114,9 +118,9 @@ class BatchLayout:
         ls = _lengths(lengths)
         width = max(ls) if length is None else int(length)
         if width < max(ls):
-            raise ValueError(f"length={width} is shorter than the longest sequence ({max(ls)} tokens)")
+            raise InvalidArgumentError(f"length={width} is shorter than the longest sequence ({max(ls)} tokens)")
         if side not in ("left", "right"):
-            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+            raise InvalidArgumentError(f"side must be 'left' or 'right', got {side!r}")
         return cls(len(ls), width, tuple((i, 0 if side == "right" else width - n, n) for i, n in enumerate(ls)))
 
     @classmethod
@@ -135,7 +139,9 @@ class BatchLayout:
             return cls(1, at, tuple(places))
         width = int(row_length)
         if max(ls) > width:
-            raise ValueError(f"a sequence of {max(ls)} tokens does not fit row_length={width}; raise row_length")
+            raise InvalidArgumentError(
+                f"a sequence of {max(ls)} tokens does not fit row_length={width}; raise row_length"
+            )
         places, row, at = [], 0, 0
         for n in ls:
             if at + n > width:
@@ -161,17 +167,17 @@ class BatchLayout:
         """
         ps, ls = _lengths(prompt_lengths, "prompt_lengths"), _lengths(lengths)
         if len(ps) != len(ls):
-            raise ValueError(f"got {len(ps)} prompt lengths for {len(ls)} sequences")
+            raise InvalidArgumentError(f"got {len(ps)} prompt lengths for {len(ls)} sequences")
         short = [i for i, (p, n) in enumerate(zip(ps, ls, strict=True)) if n < p]
         if short:
-            raise ValueError(f"sequence {short[0]} is shorter than its prompt")
+            raise InvalidArgumentError(f"sequence {short[0]} is shorter than its prompt")
         pw = max(ps) if prompt_width is None else int(prompt_width)
         if pw < max(ps):
-            raise ValueError(f"prompt_width={pw} is shorter than the longest prompt ({max(ps)} tokens)")
+            raise InvalidArgumentError(f"prompt_width={pw} is shorter than the longest prompt ({max(ps)} tokens)")
         need = max(pw + n - p for p, n in zip(ps, ls, strict=True))
         width = need if row_length is None else int(row_length)
         if width < need:
-            raise ValueError(f"row_length={width} is too short: the longest completion ends at {need}")
+            raise InvalidArgumentError(f"row_length={width} is too short: the longest completion ends at {need}")
         return cls(len(ls), width, tuple((i, pw - p, n) for i, (p, n) in enumerate(zip(ps, ls, strict=True))))
 
     # ------------------------------------------------------------- views
@@ -235,7 +241,9 @@ class BatchLayout:
         out = torch.full((self.rows, self.row_length), int(pad_id), dtype=torch.long)
         for i, ((r, s, n), ids) in enumerate(zip(self.placements, seqs, strict=True)):
             if ids.numel() != n:
-                raise ValueError(f"sequence {i} has {ids.numel()} tokens but the layout gives it {n} positions")
+                raise InvalidArgumentError(
+                    f"sequence {i} has {ids.numel()} tokens but the layout gives it {n} positions"
+                )
             out[r, s : s + n] = ids.long()
         return out
 
@@ -259,7 +267,7 @@ class BatchLayout:
 
     def _check_count(self, n: int) -> None:
         if n != self.num_sequences:
-            raise ValueError(f"got {n} sequences for a layout of {self.num_sequences}")
+            raise InvalidArgumentError(f"got {n} sequences for a layout of {self.num_sequences}")
 
 
 def pad_routes(sequences: Sequence[Routes], *, side: str = "right", length: int | None = None) -> Routes:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import RouterNotFoundError
+from .errors import ArgumentTypeError, InvalidArgumentError, RouterNotFoundError
 from .intercept import DECISIONS
 
 __all__ = ["Adapter", "Matcher", "RouterSite", "find_routers", "format_sites"]
@@ -102,9 +102,9 @@ class Adapter:
 
     def __post_init__(self) -> None:
         if self.scope not in ("router", "parent"):
-            raise ValueError(f"Adapter scope must be 'router' or 'parent', got {self.scope!r}")
+            raise InvalidArgumentError(f"Adapter scope must be 'router' or 'parent', got {self.scope!r}")
         if self.decision not in DECISIONS:
-            raise ValueError(f"Adapter decision must be one of {'/'.join(DECISIONS)}, got {self.decision!r}")
+            raise InvalidArgumentError(f"Adapter decision must be one of {'/'.join(DECISIONS)}, got {self.decision!r}")
 
 
 def _is_plain_linear(name: str, module: nn.Module) -> bool:
@@ -289,7 +289,7 @@ def _compile_matcher(spec: Matcher | None) -> Callable[[str, nn.Module], bool] |
     if isinstance(spec, Iterable):
         parts = [_compile_matcher(s) for s in spec]
         return lambda n, m: any(p(n, m) for p in parts if p is not None)
-    raise TypeError(
+    raise ArgumentTypeError(
         f"include/exclude take a name, glob, regex, class, predicate or a list of those; got {type(spec).__name__}"
     )
 

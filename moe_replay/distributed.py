@@ -23,7 +23,10 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .errors import RoutesValidationError
+from .errors import (
+    InvalidArgumentError,
+    RoutesValidationError,
+)
 from .routes import Routes
 
 __all__ = ["gather_routes", "scatter_routes", "split_routes"]
@@ -40,7 +43,9 @@ def split_routes(routes: Routes, tokens: Sequence[int]) -> list[Routes]:
     """
     sizes = [int(t) for t in tokens]
     if any(t < 0 for t in sizes) or sum(sizes) != routes.num_tokens:
-        raise ValueError(f"split sizes {sizes} must be non-negative and add up to the {routes.num_tokens} tokens")
+        raise InvalidArgumentError(
+            f"split sizes {sizes} must be non-negative and add up to the {routes.num_tokens} tokens"
+        )
     out, start = [], 0
     for t in sizes:
         out.append(routes[start : start + t])
@@ -139,7 +144,7 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
     is_src = dist.get_rank() == src
     if is_src:
         if parts is None or len(parts) != world:
-            raise ValueError(f"scatter_routes needs one Routes per rank ({world}) on the source rank")
+            raise InvalidArgumentError(f"scatter_routes needs one Routes per rank ({world}) on the source rank")
         first = parts[0]
         for p in parts[1:]:
             if p.fingerprint != first.fingerprint:

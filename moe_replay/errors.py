@@ -7,13 +7,20 @@ Every error names what is wrong and what to do about it. All of them derive from
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentTypeError",
     "CaptureOverflowError",
+    "InvalidArgumentError",
     "LayerMapError",
+    "MissingDependencyError",
+    "MissingFileError",
     "MoEReplayError",
+    "NotAFileError",
     "ReplayConsumptionError",
     "RouterNotFoundError",
     "RoutesValidationError",
     "SessionStateError",
+    "TokenIndexError",
+    "UnknownRouterError",
     "UnsupportedRouterError",
 ]
 
@@ -24,6 +31,12 @@ class MoEReplayError(RuntimeError):
 
 class RouterNotFoundError(MoEReplayError, LookupError):
     """No router was found, or a named router is not in the model."""
+
+
+class UnknownRouterError(RouterNotFoundError, KeyError):
+    """A router name that a ``Routes`` or a result does not hold (also a ``KeyError``)."""
+
+    __str__ = RuntimeError.__str__  # the message, not KeyError's quoted repr of it
 
 
 class UnsupportedRouterError(MoEReplayError):
@@ -48,3 +61,31 @@ class ReplayConsumptionError(MoEReplayError):
 
 class SessionStateError(MoEReplayError):
     """An operation that the session's current state does not allow (nesting, detached)."""
+
+
+class InvalidArgumentError(MoEReplayError, ValueError):
+    """An argument with a value the function cannot use (also a ``ValueError``)."""
+
+
+class ArgumentTypeError(MoEReplayError, TypeError):
+    """An argument of the wrong type (also a ``TypeError``)."""
+
+
+class TokenIndexError(MoEReplayError, IndexError):
+    """A token index outside the routes (also an ``IndexError``)."""
+
+
+class MissingFileError(MoEReplayError, FileNotFoundError):
+    """A file to read does not exist (also a ``FileNotFoundError``)."""
+
+    __str__ = RuntimeError.__str__
+
+
+class NotAFileError(MoEReplayError, IsADirectoryError):
+    """A path to read is a directory, not a file (also an ``IsADirectoryError``)."""
+
+    __str__ = RuntimeError.__str__
+
+
+class MissingDependencyError(MoEReplayError, ImportError):
+    """An optional package that this feature needs is not installed (also an ``ImportError``)."""

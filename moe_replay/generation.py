@@ -40,7 +40,11 @@ from collections.abc import Sequence
 import torch
 
 from .batch import take_rows
-from .errors import RoutesValidationError
+from .errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    RoutesValidationError,
+)
 from .routes import Routes
 
 __all__ = ["generation_capacity", "generation_lengths", "split_generation"]
@@ -99,10 +103,10 @@ def _prompt_mask(
 ) -> torch.Tensor:
     if attention_mask is not None:
         if prompt_lengths is not None:
-            raise ValueError("pass attention_mask or prompt_lengths, not both")
+            raise InvalidArgumentError("pass attention_mask or prompt_lengths, not both")
         mask = torch.as_tensor(attention_mask)
         if mask.dim() != 2 or mask.shape[0] != batch_size or mask.shape[1] < prompt_len:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"attention_mask must be [batch, >= prompt_len] = [{batch_size}, >= {prompt_len}], "
                 f"got {tuple(mask.shape)}"
             )
@@ -111,13 +115,15 @@ def _prompt_mask(
         return torch.ones(batch_size, prompt_len, dtype=torch.bool)
     lengths = torch.as_tensor(prompt_lengths).long().reshape(-1)
     if lengths.numel() != batch_size or bool((lengths > prompt_len).any()) or bool((lengths < 0).any()):
-        raise ValueError(f"prompt_lengths must be {batch_size} values in 0..{prompt_len}, got {lengths.tolist()}")
+        raise InvalidArgumentError(
+            f"prompt_lengths must be {batch_size} values in 0..{prompt_len}, got {lengths.tolist()}"
+        )
     pos = torch.arange(prompt_len)
     if padding_side == "left":
         return pos[None, :] >= prompt_len - lengths[:, None]
     if padding_side == "right":
         return pos[None, :] < lengths[:, None]
-    raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
 
 def split_generation(
@@ -181,7 +187,7 @@ def split_generation(
         [7, 7]
     """
     if not isinstance(routes, Routes):
-        raise TypeError(f"split_generation takes Routes, got {type(routes).__name__}")
+        raise ArgumentTypeError(f"split_generation takes Routes, got {type(routes).__name__}")
     tokens = set(routes.tokens_per_layer)
     if len(tokens) != 1:
         raise RoutesValidationError(
@@ -199,10 +205,12 @@ def split_generation(
             if prompt_lengths is not None:
                 batch_size = len(torch.as_tensor(prompt_lengths).reshape(-1))
     if batch_size is None or batch_size < 1:
-        raise ValueError("give batch_size (or attention_mask, prompt_lengths or sequences to infer it)")
+        raise InvalidArgumentError("give batch_size (or attention_mask, prompt_lengths or sequences to infer it)")
     if prompt_len is None:
         if attention_mask is None:
-            raise ValueError("give prompt_len, the padded prompt width (or a [batch, prompt_len] attention_mask)")
+            raise InvalidArgumentError(
+                "give prompt_len, the padded prompt width (or a [batch, prompt_len] attention_mask)"
+            )
         prompt_len = int(torch.as_tensor(attention_mask).shape[1])
     b, p = int(batch_size), int(prompt_len)
 
@@ -227,12 +235,12 @@ def split_generation(
     prompt_mask = _prompt_mask(b, p, attention_mask, prompt_lengths, padding_side)
     if lengths is None:
         if eos_token_id is not None and sequences is None:
-            raise ValueError("eos_token_id needs sequences to find where each sequence stopped")
+            raise InvalidArgumentError("eos_token_id needs sequences to find where each sequence stopped")
         gen = generation_lengths(sequences, p, eos_token_id).cpu() if sequences is not None else torch.full((b,), n)
     else:
         gen = torch.as_tensor(lengths).long().reshape(-1).cpu()
         if gen.numel() != b or bool((gen < 1).any()) or bool((gen > n).any()):
-            raise ValueError(f"lengths must be {b} values in 1..{n}, got {gen.tolist()}")
+            raise InvalidArgumentError(f"lengths must be {b} values in 1..{n}, got {gen.tolist()}")
 
     # capture row of every (sequence, grid position); -1 where nothing was routed
     grid = torch.full((b, p + n), -1, dtype=torch.long)

@@ -25,6 +25,7 @@ checkpointing checks that.
 from __future__ import annotations
 
 import copy
+import operator
 import sys
 import types
 import weakref
@@ -429,7 +430,9 @@ class RouterHook:
                 raise ReplayConsumptionError(
                     f"router '{self.name}' needs rows {src.host_consumed}..{src.host_consumed + n - 1} "
                     f"but only {src.num_rows} were recorded for it: the routes are too short for "
-                    "these forwards (check the batch against the routes, or slice the routes)"
+                    "these forwards (check the batch against the routes, or slice the routes). Routes captured "
+                    "around generate() are in generation order: for a teacher-forced forward, convert them "
+                    "with mr.split_generation(...) and lay them out with mr.BatchLayout"
                 )
             src.host_consumed += n
         return src.read(n)
@@ -528,6 +531,10 @@ class ScopedForward:
         if isinstance(inner, types.MethodType) and inner.__self__ is scope and id(scope) in memo:
             return types.MethodType(inner.__func__, memo[id(scope)])
         return copy.deepcopy(inner, memo)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled (torch.save(model), spawn, Ray): the plain forward it wraps, as a deep copy gets
+        return (operator.itemgetter(0), ((self.__wrapped__,),))
 
     def __repr__(self) -> str:
         return f"<moe_replay forward of router '{self.__moe_replay_hook__.name}'>"

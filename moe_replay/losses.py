@@ -34,6 +34,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import InvalidArgumentError, RouterNotFoundError, UnknownRouterError
+
 __all__ = ["RouterScores", "load_balancing_loss"]
 
 
@@ -59,7 +61,7 @@ class RouterScores:
     def _get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         calls = self._calls[name]
         if not calls:
-            raise LookupError(
+            raise RouterNotFoundError(
                 f"router '{name}' made no decision while the scores were kept; run the forward inside "
                 "`with session.keep_scores():`"
             )
@@ -70,7 +72,7 @@ class RouterScores:
     def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores [T, E], indices [T, k])`` of one router."""
         if name not in self._calls:
-            raise KeyError(f"no router named '{name}'; the routers are {list(self.names)}")
+            raise UnknownRouterError(f"no router named '{name}'; the routers are {list(self.names)}")
         return self._get(name)
 
     @property
@@ -132,20 +134,20 @@ def load_balancing_loss(
     if isinstance(indices, torch.Tensor):
         indices = [indices]
     if len(probs) != len(indices) or not probs:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"load_balancing_loss takes one probability tensor per index tensor, got {len(probs)} and {len(indices)}"
         )
     losses = []
     for i, (p, idx) in enumerate(zip(probs, indices, strict=True)):
         if p.dim() != 2 or idx.dim() != 2 or p.shape[0] != idx.shape[0]:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"router {i}: probs must be [tokens, experts] and indices [tokens, k] with the same tokens, "
                 f"got {tuple(p.shape)} and {tuple(idx.shape)}"
             )
         t, e = p.shape
         w = torch.ones(t, device=p.device) if mask is None else mask.reshape(-1).to(p.device, torch.float32)
         if w.shape[0] != t:
-            raise ValueError(f"mask has {w.shape[0]} elements, but router {i} has {t} tokens")
+            raise InvalidArgumentError(f"mask has {w.shape[0]} elements, but router {i} has {t} tokens")
         total = w.sum()
         counts = torch.zeros(e, device=p.device).index_add_(
             0, idx.reshape(-1).long(), w.repeat_interleave(idx.shape[1])

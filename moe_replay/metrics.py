@@ -33,7 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import RoutesValidationError
+from .errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    RoutesValidationError,
+)
 from .routes import Routes
 
 __all__ = ["RoutingComparison", "compare"]
@@ -156,7 +161,7 @@ class RoutingComparison:
             import matplotlib.pyplot as plt
             from matplotlib.ticker import MaxNLocator
         except ImportError as e:
-            raise ImportError(
+            raise MissingDependencyError(
                 "RoutingComparison.plot() needs matplotlib: pip install 'moe_replay[plot]' (or matplotlib)"
             ) from e
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -286,11 +291,11 @@ def compare(
           decisions differing: ...
     """
     if mode not in ("set", "slot"):
-        raise ValueError(f"mode must be 'set' or 'slot', got {mode!r}")
+        raise InvalidArgumentError(f"mode must be 'set' or 'slot', got {mode!r}")
     if not isinstance(a, Routes) or not isinstance(b, Routes):
-        raise TypeError("compare takes two Routes")
+        raise ArgumentTypeError("compare takes two Routes")
     if isinstance(labels, str) or len(labels) != 2 or not all(isinstance(x, str) for x in labels):
-        raise TypeError(f"labels must be two strings, one for a and one for b, got {labels!r}")
+        raise ArgumentTypeError(f"labels must be two strings, one for a and one for b, got {labels!r}")
     if names is None:
         if set(a.names) != set(b.names):
             only_a = [n for n in a.names if n not in b.names]

@@ -33,6 +33,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import InvalidArgumentError
+
 __all__ = [
     "CHECKPOINTING",
     "STYLES",
@@ -83,15 +85,15 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if self.router not in STYLES:
-            raise ValueError(f"unknown router style {self.router!r}; choose one of {STYLES}")
+            raise InvalidArgumentError(f"unknown router style {self.router!r}; choose one of {STYLES}")
         if self.router == "top1_argmax":
             self.top_k = 1
         if self.expert_impl not in ("sparse", "dense"):
-            raise ValueError("expert_impl must be 'sparse' or 'dense'")
+            raise InvalidArgumentError("expert_impl must be 'sparse' or 'dense'")
         if self.checkpointing not in CHECKPOINTING:
-            raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
+            raise InvalidArgumentError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
         if self.router == "grouped_sigmoid" and self.num_experts % self.n_group:
-            raise ValueError("num_experts must be a multiple of n_group")
+            raise InvalidArgumentError("num_experts must be a multiple of n_group")
 
 
 @dataclass

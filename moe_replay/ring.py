@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from . import _torch_compat, _triton
-from .errors import CaptureOverflowError
+from .errors import CaptureOverflowError, InvalidArgumentError
 
 __all__ = ["OVERFLOW_MARK", "CaptureRing", "ReplaySource", "index_dtype"]
 
@@ -119,7 +119,7 @@ class CaptureRing:
         budget: Budget | None = None,
     ) -> None:
         if capacity < 1:
-            raise ValueError(f"capacity must be at least 1 row, got {capacity}")
+            raise InvalidArgumentError(f"capacity must be at least 1 row, got {capacity}")
         self.top_k = int(top_k)
         self.device = torch.device(device)
         self.dtype = index_dtype(num_experts)

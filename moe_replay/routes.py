@@ -12,24 +12,38 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import operator
 import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib import format as npformat
 
-from .errors import RoutesValidationError
+from .errors import (
+    InvalidArgumentError,
+    MissingFileError,
+    NotAFileError,
+    RoutesValidationError,
+    TokenIndexError,
+    UnknownRouterError,
+)
 
-__all__ = ["FORMAT_VERSION", "Routes"]
+__all__ = ["FORMAT_VERSION", "MAX_LOAD_BYTES", "Routes"]
 
 #: Version of the ``.npz`` layout written by :meth:`Routes.save`.
 FORMAT_VERSION = 1
 _MAGIC = "moe_replay.routes"
+#: The most bytes :meth:`Routes.load` decompresses unless ``max_bytes=`` says otherwise.
+MAX_LOAD_BYTES = 1 << 33
+_MAX_META_BYTES = 1 << 24
+#: Unsigned dtypes whose values do not all fit int64 (uint64) or that torch compares only partly.
+_WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
 
 TokenIndex = int | slice | Sequence[int] | np.ndarray | torch.Tensor
 
@@ -58,6 +72,20 @@ def fingerprint(names: Sequence[str], num_experts: Sequence[int], top_k: Sequenc
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _exact_int64(rows: torch.Tensor, num_experts: int, name: str) -> torch.Tensor:
+    """Wide unsigned rows as int64, refusing values that int64 would wrap (uint64 all-ones is not -1)."""
+    arr = rows.detach().cpu().numpy()
+    over = (arr >= num_experts).any(axis=1) if arr.ndim == 2 else np.zeros(0, bool)
+    if over.any():
+        t = int(over.nonzero()[0][0])
+        raise RoutesValidationError(
+            f"router '{name}' has {num_experts} experts, but token {t} has indices {arr[t].tolist()} "
+            f"({rows.dtype}): each index must be in [0, {num_experts - 1}]; an unsigned dtype has no -1 "
+            "(missing rows need a signed dtype)"
+        )
+    return torch.from_numpy(arr.astype(np.int64))
+
+
 def validate_rows(rows: torch.Tensor, num_experts: int, top_k: int | None, name: str, *, rows_too: bool = True) -> None:
     """Check one router's ``[T, k]`` rows: integer dtype, range, -1 rows, duplicates.
 
@@ -84,7 +112,7 @@ def validate_rows(rows: torch.Tensor, num_experts: int, top_k: int | None, name:
         )
     if rows.numel() == 0:
         return
-    r = rows.long()
+    r = _exact_int64(rows, num_experts, name) if rows.dtype in _WIDE_UNSIGNED else rows.long()
     bad = ((r < -1) | (r >= num_experts)).any(dim=1)
     if bool(bad.any()):
         t = int(bad.nonzero()[0, 0])
@@ -163,6 +191,8 @@ class Routes:
                 rows = torch.from_numpy(rows)
             # dtype and range are always checked: the storage dtype is narrower than int64
             validate_rows(rows, e, None, name, rows_too=validate)
+            if rows.dtype in _WIDE_UNSIGNED:
+                rows = _exact_int64(rows, e, name)
             data.append(rows.detach().to("cpu", _storage_dtype(e)).contiguous())
         self._names = names
         self._experts = experts
@@ -226,9 +256,9 @@ class Routes:
     @staticmethod
     def _uniform(values: Sequence[int], what: str, alt: str) -> int:
         if not values:
-            raise ValueError("these routes hold no router")
+            raise InvalidArgumentError("these routes hold no router")
         if len(set(values)) != 1:
-            raise ValueError(f"routers differ in {what} ({sorted(set(values))}); use .{alt}")
+            raise InvalidArgumentError(f"routers differ in {what} ({sorted(set(values))}); use .{alt}")
         return int(values[0])
 
     # ------------------------------------------------------------------ views
@@ -252,7 +282,9 @@ class Routes:
         try:
             return self._data[self._names.index(name)].long()
         except ValueError:
-            raise KeyError(f"no router named '{name}' in these routes; routers: {list(self._names)}") from None
+            raise UnknownRouterError(
+                f"no router named '{name}' in these routes; routers: {list(self._names)}"
+            ) from None
 
     @property
     def missing(self) -> torch.Tensor:
@@ -294,14 +326,25 @@ class Routes:
             raise RoutesValidationError(f"array has {array.shape[1]} layers but {len(names)} names were given")
         if not np.issubdtype(array.dtype, np.integer):
             raise RoutesValidationError(f"routes array has dtype {array.dtype}; expert indices must be integers")
-        t = torch.from_numpy(array.astype(np.int64, copy=False))
+        if np.issubdtype(array.dtype, np.unsignedinteger) and array.dtype.itemsize >= 8:
+            t = torch.from_numpy(np.ascontiguousarray(array))  # checked exactly, never wrapped to -1
+        else:
+            t = torch.from_numpy(array.astype(np.int64, copy=False))
         return cls([t[:, i] for i in range(array.shape[1])], names=names, num_experts=num_experts)
 
     # ------------------------------------------------------------------ slicing
     def __getitem__(self, index: TokenIndex) -> Routes:
-        """Select tokens (rows) of every router: ``routes[a:b]``, an index list or a mask."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
+        """Select tokens (rows) of every router: ``routes[a:b]``, an index list or a mask.
+
+        An integer selects one token (a ``Routes`` of one row); out of range it raises
+        :class:`~moe_replay.TokenIndexError` (an ``IndexError``).
+        """
+        if _is_integer(index):
+            i, n = operator.index(index), self.num_tokens  # type: ignore[arg-type]
+            if not -n <= i < n:
+                raise TokenIndexError(f"token index {i} is out of range for routes of {n} tokens")
+            i %= n
+            index = slice(i, i + 1)
         if isinstance(index, np.ndarray | list | tuple):
             index = torch.as_tensor(np.asarray(index))
         self.num_tokens  # noqa: B018 - token slicing needs one T
@@ -314,16 +357,47 @@ class Routes:
         pos = []
         for n in names:
             if n not in self._names:
-                raise KeyError(f"no router named '{n}' in these routes; routers: {list(self._names)}")
+                raise UnknownRouterError(f"no router named '{n}' in these routes; routers: {list(self._names)}")
             pos.append(self._names.index(n))
         return Routes._trusted([self._data[i] for i in pos], names, [self._experts[i] for i in pos], self._validated)
+
+    def rename(self, prefixes: Mapping[str, str]) -> Routes:
+        """The same routes under other router names: each name's longest matching prefix is replaced.
+
+        The explicit way to replay routes recorded under other module paths (a model wrapped
+        by DDP, ``torch.compile``, PEFT or a module of one's own; :meth:`Session.replay` does
+        it by itself when one prefix change fits every name, and refuses when several do).
+
+        Args:
+            prefixes: ``{old_prefix: new_prefix}``; ``""`` matches every name (adds a prefix).
+
+        Raises:
+            RoutesValidationError: two routers would get the same name.
+
+        Example:
+            >>> import torch, moe_replay as mr
+            >>> r = mr.Routes([torch.tensor([[0, 1]])], names=["layers.0.gate"], num_experts=4)
+            >>> r.rename({"": "module."}).names
+            ('module.layers.0.gate',)
+            >>> r.rename({"": "module."}).rename({"module.": ""}).equal(r)
+            True
+        """
+        keys = sorted(prefixes, key=len, reverse=True)
+        names = []
+        for n in self._names:
+            old = next((k for k in keys if n.startswith(k)), None)
+            names.append(n if old is None else prefixes[old] + n[len(old) :])
+        if len(set(names)) != len(names):
+            twice = sorted({m for m in names if names.count(m) > 1})
+            raise RoutesValidationError(f"rename({dict(prefixes)!r}) gives two routers the same name: {twice[:4]}")
+        return Routes._trusted(self._data, names, self._experts, self._validated)
 
     @classmethod
     def cat(cls, parts: Sequence[Routes]) -> Routes:
         """Concatenate routes along tokens; all parts must hold the same routers."""
         parts = list(parts)
         if not parts:
-            raise ValueError("Routes.cat needs at least one Routes")
+            raise InvalidArgumentError("Routes.cat needs at least one Routes")
         first = parts[0]
         for i, p in enumerate(parts[1:], 1):
             if p.names != first.names or p.experts_per_layer != first.experts_per_layer:
@@ -401,26 +475,40 @@ class Routes:
             np.savez_compressed(f, **arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Routes:
+    def load(cls, path: str | os.PathLike[str], *, max_bytes: int | None = MAX_LOAD_BYTES) -> Routes:
         """Read a file written by :meth:`save`; every field is validated.
 
+        The array headers are checked before anything is decompressed: a file that would
+        take more than ``max_bytes`` bytes when decompressed, whose headers disagree with
+        its contents or its stored fingerprint, or that holds arrays the format does not
+        have, is refused without reading its data.
+
+        Args:
+            path: the ``.npz`` file.
+            max_bytes: refuse files larger than this once decompressed (``None``: no limit).
+
         Raises:
+            MissingFileError: no file at ``path`` (a ``FileNotFoundError``).
+            NotAFileError: ``path`` is a directory (an ``IsADirectoryError``).
             RoutesValidationError: the file is not a routes file, is truncated or corrupted,
-                or has an unknown format version.
+                is over ``max_bytes``, or has an unknown format version.
         """
+        if os.path.isdir(path):
+            raise NotAFileError(f"cannot read routes from {path}: it is a directory, not a routes file")
+        if not os.path.exists(path):
+            raise MissingFileError(f"cannot read routes from {path}: no such file")
         try:
             with open(path, "rb") as f:
                 raw = f.read()
-            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-                meta = json.loads(bytes(z["meta"]).decode())
-                names, experts = _read_meta(meta, path)
-                layers = [torch.from_numpy(z[f"layer_{i}"].copy()) for i in range(len(names))]
+            with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+                meta, layers = _read_members(zf, path, max_bytes)
         except RoutesValidationError:
             raise
         except _READ_ERRORS as e:
             raise RoutesValidationError(
                 f"cannot read routes from {path}: the file is truncated or corrupted ({type(e).__name__}: {e})"
             ) from e
+        names, experts = _read_meta(meta, path)
         try:
             routes = cls(layers, names=names, num_experts=experts)
         except RoutesValidationError as e:
@@ -428,6 +516,73 @@ class Routes:
         if meta.get("fingerprint") not in (None, routes.fingerprint):
             raise RoutesValidationError(f"{path}: the stored fingerprint does not match its contents (corrupted)")
         return routes
+
+
+def _header(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str | os.PathLike[str]
+) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one ``.npy`` member, read from its header; its size must match them."""
+    with zf.open(info) as f:
+        version = npformat.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = npformat.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = npformat.read_array_header_2_0(f)
+        else:
+            raise _corrupted(path, f"array {info.filename} has .npy version {version}")
+        start = f.tell()
+    if dtype.hasobject:
+        raise _corrupted(path, f"array {info.filename} holds Python objects")
+    size = start + math.prod(shape) * dtype.itemsize
+    if size != info.file_size:
+        raise _corrupted(path, f"array {info.filename} declares {size} bytes but holds {info.file_size}")
+    return tuple(int(d) for d in shape), dtype
+
+
+def _corrupted(path: str | os.PathLike[str], why: str) -> RoutesValidationError:
+    return RoutesValidationError(f"cannot read routes from {path}: the file is truncated or corrupted ({why})")
+
+
+def _read_members(
+    zf: zipfile.ZipFile, path: str | os.PathLike[str], max_bytes: int | None
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """The metadata and layer arrays of a routes ``.npz``, each checked before it is decompressed."""
+    infos = {i.filename: i for i in zf.infolist()}
+    total = sum(i.file_size for i in infos.values())
+    if max_bytes is not None and total > max_bytes:
+        raise RoutesValidationError(
+            f"{path} would take {total} bytes once decompressed, more than max_bytes={max_bytes}; "
+            "if the file is trusted, load it with a larger max_bytes (or max_bytes=None)"
+        )
+    meta_info = infos.get("meta.npy")
+    if meta_info is None:
+        raise RoutesValidationError(f"{path} is not a moe_replay routes file (no '{_MAGIC}' metadata)")
+    shape, dtype = _header(zf, meta_info, path)
+    if len(shape) != 1 or dtype != np.uint8 or meta_info.file_size > _MAX_META_BYTES:
+        raise RoutesValidationError(f"{path} is not a moe_replay routes file (its metadata is not short JSON)")
+    with zf.open(meta_info) as f:
+        meta = json.loads(bytes(npformat.read_array(f, allow_pickle=False)).decode())
+    names, experts = _read_meta(meta, path)
+    wanted = ["meta.npy", *(f"layer_{i}.npy" for i in range(len(names)))]
+    extra = sorted(set(infos) - set(wanted))
+    if extra:
+        raise RoutesValidationError(
+            f"{path} holds arrays that a routes file of {len(names)} routers does not have: "
+            f"{[n.removesuffix('.npy') for n in extra[:5]]}" + (" ..." if len(extra) > 5 else "") + " (corrupted, "
+            "or written by something else)"
+        )
+    missing = [n.removesuffix(".npy") for n in wanted if n not in infos]
+    if missing:
+        raise RoutesValidationError(f"{path} has no array {missing[0]} (truncated or corrupted)")
+    headers = [_header(zf, infos[n], path) for n in wanted[1:]]
+    if meta.get("fingerprint") is not None and all(len(s) == 2 for s, _ in headers):
+        if meta["fingerprint"] != fingerprint(names, experts, [s[1] for s, _ in headers]):
+            raise RoutesValidationError(f"{path}: the stored fingerprint does not match its contents (corrupted)")
+    layers = []
+    for n in wanted[1:]:
+        with zf.open(infos[n]) as f:
+            layers.append(torch.from_numpy(npformat.read_array(f, allow_pickle=False)))
+    return meta, layers
 
 
 #: What reading a damaged ``.npz`` can raise: zip structure, deflate stream, npy header, JSON.
@@ -442,6 +597,18 @@ _READ_ERRORS = (
     NotImplementedError,  # zipfile: a flag or method that a flipped bit turned on
     UnicodeError,
 )
+
+
+def _int_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _is_integer(index: Any) -> bool:
+    if isinstance(index, bool):
+        return False
+    if isinstance(index, int | np.integer):
+        return True
+    return isinstance(index, torch.Tensor) and index.dim() == 0 and _int_dtype(index.dtype)
 
 
 def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import gc
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +26,10 @@ from torch import nn
 from . import _torch_compat
 from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, find_routers, format_sites
 from .errors import (
+    ArgumentTypeError,
     CaptureOverflowError,
+    InvalidArgumentError,
+    MoEReplayError,
     ReplayConsumptionError,
     RouterNotFoundError,
     RoutesValidationError,
@@ -30,7 +37,7 @@ from .errors import (
     UnsupportedRouterError,
 )
 from .evidence import VerifyReport
-from .intercept import RouterHook
+from .intercept import RouterHook, ScopedForward
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, index_dtype
@@ -53,6 +60,87 @@ def _device_of(module: nn.Module) -> torch.device:
     for t in module.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class _Owner:
+    """The thread holding a session's open blocks (capture, replay, keep_scores, verify)."""
+
+    __slots__ = ("blocks", "ident", "lock")
+
+    def __init__(self) -> None:
+        self.ident: int | None = None
+        self.blocks = 0
+        self.lock = threading.Lock()
+
+
+def _other_thread(what: str, holder: int) -> SessionStateError:
+    return SessionStateError(
+        f"{what} in thread {threading.get_ident()}, while thread {holder} has a block (capture, replay, "
+        "keep_scores or verify) open on this session: one session records the forwards of one thread, in "
+        "order, or the rows of concurrent forwards would interleave differently in each router. Give each "
+        "thread its own model and session (copy.deepcopy(model), then mr.attach), or run the forwards in the "
+        "thread that opened the block"
+    )
+
+
+@dataclass(eq=False)
+class _SessionHook(RouterHook):
+    """A router hook that knows its session's block holder and the device the model is on.
+
+    A forward from another thread while a block is open is refused before the router does
+    anything (eager mode; a recompute in backward may run in autograd's own thread). A
+    device error from a model moved inside a block is reported as such.
+    """
+
+    owner: _Owner | None = None
+
+    def _run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if torch.compiler.is_compiling():
+            return super()._run(forward, args, kwargs)
+        owner = self.owner
+        if owner is not None and owner.ident not in (None, threading.get_ident()) and not _in_backward():
+            raise _other_thread(f"a forward reached router '{self.name}'", owner.ident)  # type: ignore[arg-type]
+        try:
+            return super()._run(forward, args, kwargs)
+        except RuntimeError as e:
+            moved = None if isinstance(e, MoEReplayError) else self._moved()
+            if moved is None:
+                raise
+            raise SessionStateError(moved) from e
+
+    def _moved(self) -> str | None:
+        held = self.capture_ring.device if self.capture_ring is not None else None
+        if held is None and self.replay_source is not None:
+            held = self.replay_source.buf.device
+        now = _device_of(self.scope)
+        if held is None or held == now:
+            return None
+        return (
+            f"router '{self.name}' now runs on {now}, but this session's buffers for it are on {held}: the model "
+            "was moved inside a capture() or replay() block. Move the model between blocks: each block starts "
+            "on the model's current device"
+        )
+
+
+class _HostRows:
+    """A detached session's copy of one capture ring's rows, on the host (the ring's reading interface)."""
+
+    def __init__(self, ring: CaptureRing, written: int) -> None:
+        self.capacity, self.fixed_by = ring.capacity, ring.fixed_by
+        self.written = torch.tensor(written)
+        self._over = ring.overflowed(written)
+        self._rows = None if self._over else ring.rows(written)
+
+    def overflowed(self, written: int) -> bool:
+        return self._over
+
+    def rows(self, written: int | None = None, keep_newest: bool | None = None) -> torch.Tensor:
+        assert self._rows is not None, "overflow must be handled by the caller"
+        return self._rows
 
 
 class Session:
@@ -100,6 +188,10 @@ class Session:
         self._attached = False
         self._has_capture = False
         self._interrupted: str | None = None  # the exception that ended the last capture, if one did
+        self._owner = _Owner()
+        self._wrappers: list[ScopedForward] = []
+        self._kept_rows: list[_HostRows] | None = None  # the capture rows, copied at detach
+        self._renamed: dict[str, str] | None = None  # the prefix map of the last replay, if it needed one
 
     # ------------------------------------------------------------- properties
     @property
@@ -134,10 +226,23 @@ class Session:
         """Hash of the router set; equals ``Routes.fingerprint`` of routes recorded here."""
         return fingerprint(self.names, [s.num_experts for s in self._sites], [s.top_k for s in self._sites])
 
+    @property
+    def renamed(self) -> dict[str, str] | None:
+        """The prefix map that fitted the last replayed routes' router names to this model, if one did.
+
+        Routes recorded on the bare model and replayed on it wrapped (DDP's ``module.``,
+        ``torch.compile``'s ``_orig_mod.``, PEFT's ``base_model.model.``, an attribute of a
+        user's wrapper), or the reverse, match their routers one to one by a common suffix:
+        e.g. ``{"": "module."}``. ``None`` when the names matched as they were.
+        """
+        return dict(self._renamed) if self._renamed is not None else None
+
     def __repr__(self) -> str:
         extra = (", keep_newest=True" if self.keep_newest else "") + (
             f", max_bytes={self.max_bytes}" if self.max_bytes is not None else ""
         )
+        if self._renamed is not None:
+            extra += ", routes renamed " + ", ".join(f"{a!r}->{b!r}" for a, b in self._renamed.items())
         return (
             f"Session(model={self._model_name}, routers={len(self._sites)}, capacity={self.capacity}{extra}, "
             f"held={self._held_text()}, state={self.state})"
@@ -212,26 +317,35 @@ class Session:
                     f"'{s.scope}' is already intercepted by another session; detach that session first"
                 )
         try:
-            for s in self._sites:
-                scope = s.scope_module
-                assert scope is not None
-                hook = RouterHook(
-                    name=s.name,
-                    num_experts=s.num_experts,
-                    top_k=s.top_k,
-                    decision=s.decision,
-                    scope=scope,
-                    call=s.call,
-                    declared_top_k=self._declared_top_k,
-                    on_established=self._established,
-                )
-                self._new_ring(hook, s)
-                own = scope.__dict__.get("forward", _MISSING)
-                scope.forward = hook.wrap(scope.forward)
-                self._installed.append((scope, own))
-                self._hooks.append(hook)
+            # buffers are ordinary tensors even when attach runs under torch.inference_mode()
+            with torch.inference_mode(False):
+                for s in self._sites:
+                    scope = s.scope_module
+                    assert scope is not None
+                    hook = _SessionHook(
+                        name=s.name,
+                        num_experts=s.num_experts,
+                        top_k=s.top_k,
+                        decision=s.decision,
+                        scope=scope,
+                        call=s.call,
+                        declared_top_k=self._declared_top_k,
+                        on_established=self._established,
+                        owner=self._owner,
+                    )
+                    self._new_ring(hook, s)
+                    own = scope.__dict__.get("forward", _MISSING)
+                    wrapper = hook.wrap(scope.forward)
+                    scope.forward = wrapper
+                    self._installed.append((scope, own))
+                    self._wrappers.append(wrapper)
+                    self._hooks.append(hook)
         except BaseException:
-            self._uninstall()
+            for action in self._removal_plan():
+                action()
+            self._installed.clear()
+            self._wrappers.clear()
+            self._hooks.clear()
             raise
         self._attached = True
 
@@ -286,17 +400,134 @@ class Session:
         self._installed.clear()
         self._hooks.clear()
 
+    def _removal_plan(self) -> list[Callable[[], None]]:
+        """How to take out every wrapper of this session, wherever it now sits; refuses if one cannot be.
+
+        A wrapper still installed as the module's ``forward`` gives back what was there
+        before attach. A wrapper that something installed later now wraps (accelerate's
+        ``add_hook_to_module`` keeps it as ``_old_forward``; a closure, a ``functools.partial``
+        or a callable object may hold it) is replaced, where it is held, by the forward it
+        wrapped. A wrapper no longer reachable from the module was taken out by someone
+        else: the module is left as it is. Nothing is changed until every wrapper is placed.
+        """
+        actions: list[Callable[[], None]] = []
+        refused: list[str] = []
+        for i in range(len(self._wrappers)):  # no zip/enumerate: their result tuples would hold the wrapper
+            scope, own = self._installed[i]
+            wrapper = self._wrappers[i]
+            if scope.__dict__.get("forward", _MISSING) is wrapper:
+                actions.append(functools.partial(_restore_forward, scope, own))
+                continue
+            setters, containers, opaque = _references(scope, wrapper)
+            outside = _outside_referrers(wrapper, [*containers, self._wrappers])
+            name = next((s.scope for s in self._sites if s.scope_module is scope), type(scope).__name__)
+            if opaque or outside:
+                refused.append(
+                    f"'{name}' (its forward is now {_describe(scope.__dict__.get('forward'))}; the moe_replay "
+                    f"wrapper is held by {', '.join([*opaque, *outside][:3])})"
+                )
+                continue
+            inner = wrapper.__wrapped__
+            actions.extend(functools.partial(setter, inner) for setter in setters)
+        if refused:
+            raise SessionStateError(
+                "cannot detach without undoing other code's changes: something installed after attach wraps "
+                f"the moe_replay wrapper where it cannot be taken out: {'; '.join(refused[:3])}"
+                + (f" (+{len(refused) - 3} more)" if len(refused) > 3 else "")
+                + ". Remove that wrapper first (e.g. accelerate's remove_hook_from_module), then detach; "
+                "the session stays attached and nothing was changed"
+            )
+        return actions
+
     def detach(self) -> None:
-        """Remove every wrapper; the model is exactly as before :func:`attach`. Idempotent."""
+        """Remove every wrapper of this session, and only those. Idempotent.
+
+        Other code that changed a module's ``forward`` after attach keeps its change: a wrapper
+        installed on top of this session's (accelerate's ``add_hook_to_module``, say) stays and
+        now calls the original forward; a wrapper removed while attached stays removed. Where
+        this session's wrapper is held in a way it cannot edit, detach refuses and changes nothing.
+
+        The rows of the last capture are copied to the host, so :meth:`routes` still reads
+        them after detach.
+
+        Raises:
+            SessionStateError: another thread has a block open, or a wrapper cannot be taken out.
+        """
         if not self._attached:
             return
+        self._check_thread("detach()")
+        plan = self._removal_plan()
         self._set(capturing=False, replaying=False)
-        self._uninstall()
+        self._keep_rows()
+        for action in plan:
+            action()
+        self._installed.clear()
+        self._wrappers.clear()
+        self._hooks.clear()
         self._attached = False
         model = self._model_ref()
         with _ATTACH_LOCK:
             if model is not None and _ATTACHED.get(model) is self:
                 del _ATTACHED[model]
+
+    def _keep_rows(self) -> None:
+        """Copy what the last capture recorded to the host, for :meth:`routes` after detach."""
+        if not self._has_capture:
+            return
+        rings = [h.capture_ring for h in self._hooks]
+        if any(r is not None and r.device.type == "meta" for r in rings):
+            self._has_capture = False  # rows of a model on the meta device hold no values
+            return
+        counted = _read_counters([r.written for r in rings if r is not None])
+        self._kept_rows = [_HostRows(r, counted.pop(0)) if r is not None else None for r in rings]
+
+    # ------------------------------------------------------------- threads, devices
+    def _check_thread(self, what: str) -> None:
+        holder = self._owner.ident
+        if holder is not None and holder != threading.get_ident():
+            raise _other_thread(what, holder)
+
+    @contextlib.contextmanager
+    def _block(self, what: str) -> Iterator[None]:
+        """Hold the session for this thread while a capture/replay/keep_scores/verify block is open."""
+        owner, me = self._owner, threading.get_ident()
+        with owner.lock:
+            if owner.ident is not None and owner.ident != me:
+                raise _other_thread(what, owner.ident)
+            owner.ident = me
+            owner.blocks += 1
+        try:
+            yield
+        finally:
+            with owner.lock:
+                owner.blocks -= 1
+                if owner.blocks == 0:
+                    owner.ident = None
+
+    def _follow_devices(self) -> None:
+        """Put each capture ring on its router's current device (the model moved since attach).
+
+        Runs when a block starts, so a moved model is followed at no cost per forward.
+        Rows already recorded move with the ring.
+        """
+        for h, s in zip(self._hooks, self._sites, strict=True):
+            ring = h.capture_ring
+            if ring is None:
+                continue
+            device = _device_of(s.module or h.scope)
+            if ring.device == device:
+                continue
+            with torch.inference_mode(False):
+                self._budget.held -= ring.nbytes
+                self._budget.rings -= 1
+                h.capture_ring = None
+                self._new_ring(h, s)
+                new = h.capture_ring
+                assert new is not None
+                if "meta" not in (ring.device.type, device.type):
+                    written = int(ring.written)
+                    if written and not ring.overflowed(written):
+                        new.write(ring.rows(written).to(device))
 
     def __enter__(self) -> Session:
         return self
@@ -352,8 +583,15 @@ class Session:
         a failed forward's go with its graph, a finished forward's backward still gets its own.
         """
         self._check_attached()
+        with self._block("capture()"):
+            with self._capture(clear, expected_tokens, max_bytes):
+                yield self
+
+    @contextlib.contextmanager
+    def _capture(self, clear: bool, expected_tokens: int | None, max_bytes: int | None) -> Iterator[None]:
         if self._capturing:
             raise SessionStateError("a capture is already running on this session; captures do not nest")
+        self._follow_devices()
         if not clear and self._interrupted is not None:
             raise SessionStateError(
                 f"the last capture was interrupted by {self._interrupted}, so its rows may stop half-way "
@@ -362,7 +600,7 @@ class Session:
             )
         for name, value in (("expected_tokens", expected_tokens), ("max_bytes", max_bytes)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
         rings = self._rings()
         if expected_tokens is not None:
             self._check_fixed(rings, expected_tokens + (0 if clear else max(r.host_written for r in rings)))
@@ -398,7 +636,7 @@ class Session:
         self._watch_pending = False
         self._set(capturing=True)
         try:
-            yield self
+            yield
         except BaseException as exc:
             self._interrupted = f"{type(exc).__name__}({str(exc)[:200]!r})"
             if isinstance(exc, RuntimeError) and OVERFLOW_MARK in str(exc):
@@ -434,7 +672,7 @@ class Session:
         """
         self._check_attached()
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"rows must be a positive int, got {rows!r}")
+            raise InvalidArgumentError(f"rows must be a positive int, got {rows!r}")
         if self._capturing:
             raise SessionStateError(
                 "reserve() runs between captures (it replaces rings); inside this block the rings grow on "
@@ -476,6 +714,9 @@ class Session:
     def routes(self, *, allow_silent: bool = False, allow_partial: bool = False) -> Routes:
         """The rows recorded by the last capture, copied to the host in one pass.
 
+        Still readable after :meth:`detach` (the rows were copied to the host then), as a
+        profiler's results are after its context.
+
         Args:
             allow_silent: accept routers that recorded no row while others did (by default
                 that is an error: such a router never ran, e.g. a module built twice).
@@ -484,19 +725,27 @@ class Session:
                 the failed forward hold more rows than the others. Implies ``allow_silent``.
 
         Raises:
-            SessionStateError: nothing was captured, or the capture was interrupted.
+            SessionStateError: nothing was captured, the capture was interrupted, or another
+                thread has a block open on this session.
             CaptureOverflowError: rows went past a ring that a CUDA graph or a compiled
                 region writes into (its fixed size); eager captures grow instead, and
                 ``keep_newest`` rings keep the newest rows.
         """
-        self._check_attached()
         if not self._has_capture:
+            if not self._attached:
+                raise SessionStateError("this session was detached before it captured anything")
             raise SessionStateError("nothing was captured yet: run forwards inside `with session.capture():`")
-        rings = [h.capture_ring for h in self._hooks]
+        if self._attached:
+            self._check_thread("routes()")
+            rings: list[Any] = [h.capture_ring for h in self._hooks]
+        else:
+            assert self._kept_rows is not None
+            rings = list(self._kept_rows)
+        names = self.names
         counted = _read_counters([r.written for r in rings if r is not None])
         written = [counted.pop(0) if r is not None else 0 for r in rings]
         if self._interrupted is not None and not allow_partial:
-            counts = ", ".join(f"'{h.name}': {w}" for h, w in list(zip(self._hooks, written, strict=True))[:4])
+            counts = ", ".join(f"'{n}': {w}" for n, w in list(zip(names, written, strict=True))[:4])
             raise SessionStateError(
                 f"the last capture was interrupted by {self._interrupted}; a forward may have stopped half-way, "
                 f"so the routers' rows may not line up (rows per router: {counts}"
@@ -506,20 +755,15 @@ class Session:
         allow_silent = allow_silent or allow_partial
         if not any(written) and not any(h.calls for h in self._hooks) and not allow_silent:
             raise UnsupportedRouterError(
-                f"the capture recorded nothing: none of the {len(self._hooks)} routers of this session ran inside "
+                f"the capture recorded nothing: none of the {len(names)} routers of this session ran inside "
                 "capture(). Was the model rebuilt or reloaded after attach (attach to the model you run), or did "
                 "no forward run in the block?"
             )
-        over = [
-            (h, w)
-            for h, w in zip(self._hooks, written, strict=True)
-            if h.capture_ring is not None and h.capture_ring.overflowed(w)
-        ]
+        over = [(n, r, w) for n, r, w in zip(names, rings, written, strict=True) if r is not None and r.overflowed(w)]
         if over:
-            worst = max(w for _, w in over)
-            ring = over[0][0].capture_ring
-            assert ring is not None
-            detail = "; ".join(f"'{h.name}' wrote {w} rows" for h, w in over[:4])
+            worst = max(w for _, _, w in over)
+            ring = over[0][1]
+            detail = "; ".join(f"'{n}' wrote {w} rows" for n, _, w in over[:4])
             if len(over) > 4:
                 detail += f" (+{len(over) - 4} more routers)"
             raise CaptureOverflowError(
@@ -530,7 +774,7 @@ class Session:
                 "cannot be replaced in this session)"
             )
         if not allow_silent and written and max(written) > 0:
-            silent = [h.name for h, w in zip(self._hooks, written, strict=True) if w == 0]
+            silent = [n for n, w in zip(names, written, strict=True) if w == 0]
             if silent:
                 raise UnsupportedRouterError(
                     f"routers {silent} recorded no row while others recorded up to {max(written)}: they never "
@@ -538,10 +782,10 @@ class Session:
                     "them with exclude=, or call routes(allow_silent=True)"
                 )
         rows = [
-            r.rows(w) if r is not None else torch.zeros(0, h.top_k or 1, dtype=torch.long)
-            for h, r, w in zip(self._hooks, rings, written, strict=True)
+            r.rows(w) if r is not None else torch.zeros(0, s.top_k or 1, dtype=torch.long)
+            for s, r, w in zip(self._sites, rings, written, strict=True)
         ]
-        return Routes._trusted(rows, self.names, [s.num_experts for s in self._sites])
+        return Routes._trusted(rows, names, [s.num_experts for s in self._sites])
 
     # ------------------------------------------------------------- replay
     def _other_model(self, routes: Routes) -> str:
@@ -551,13 +795,34 @@ class Session:
             "and k)."
         )
 
-    def _check_routes(self, routes: Routes, strict: bool) -> list[tuple[RouterHook, RouterSite, int]]:
+    def _fit_names(self, routes: Routes) -> tuple[Routes, dict[str, str] | None]:
+        """Routes whose router names this model has: as given, or mapped by one common prefix change."""
+        if all(n in self.names for n in routes.names):
+            return routes, None
+        candidates = _prefix_maps(routes.names, self.names)
+        if len(candidates) == 1:
+            (old, new), _ = candidates[0]
+            return routes.rename({old: new}), {old: new}
+        if len(candidates) > 1:
+            listed = "; ".join(
+                f"{old!r}->{new!r} (e.g. '{next(iter(m))}' -> '{next(iter(m.values()))}')"
+                for (old, new), m in candidates[:4]
+            )
+            raise RouterNotFoundError(
+                f"the routes' router names match this model's in more than one way: {listed}"
+                + (f" (+{len(candidates) - 4} more)" if len(candidates) > 4 else "")
+                + ". Say which: routes.rename({old_prefix: new_prefix}), then replay"
+            )
+        return routes, None
+
+    def _check_routes(self, routes: Routes, strict: bool) -> tuple[Routes, list[tuple[RouterHook, RouterSite, int]]]:
         if not isinstance(routes, Routes):
             raise RoutesValidationError(
                 f"replay takes a Routes object, got {type(routes).__name__}; build one with "
                 "mr.Routes(...) or mr.Routes.from_numpy(...)"
             )
         routes._ensure_valid()  # routes built with validate=False are checked before any forward
+        routes, self._renamed = self._fit_names(routes)
         unknown = [n for n in routes.names if n not in self.names]
         if unknown:
             raise RouterNotFoundError(
@@ -567,7 +832,7 @@ class Session:
                 + ("..." if len(self.names) > 3 else "")
                 + "."
                 + self._other_model(routes)
-                + " Record the routes on this model, or map the names (see moe_replay.interop)"
+                + " Record the routes on this model, or rename them: routes.rename({'old.prefix.': 'new.prefix.'})"
             )
         missing = [n for n in self.names if n not in routes.names]
         if missing and strict:
@@ -596,7 +861,7 @@ class Session:
                 + self._other_model(routes)
                 + " Record the routes on this model"
             )
-        return plan
+        return routes, plan
 
     @contextlib.contextmanager
     def replay(self, routes: Routes, *, strict: bool = True) -> Iterator[Session]:
@@ -623,16 +888,24 @@ class Session:
             ReplayConsumptionError: on leaving, if a router consumed too few or too many rows.
         """
         self._check_attached()
+        with self._block("replay()"):
+            with self._replay(routes, strict):
+                yield self
+
+    @contextlib.contextmanager
+    def _replay(self, routes: Routes, strict: bool) -> Iterator[None]:
         if self._replaying:
             raise SessionStateError("a replay is already running on this session; replays do not nest")
-        plan = self._check_routes(routes, strict)
+        routes, plan = self._check_routes(routes, strict)
+        self._follow_devices()
         layers = routes._data
-        for h, s, j in plan:
-            h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope))
+        with torch.inference_mode(False):  # the cursors are ordinary tensors, whatever the caller's mode
+            for h, s, j in plan:
+                h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope))
         self._set(replaying=True)
         ok = False
         try:
-            yield self
+            yield
             ok = True
         finally:
             self._set(replaying=False)
@@ -652,7 +925,10 @@ class Session:
                     f"replay ended with unconsumed or overdrawn routes: {detail}"
                     + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")
                     + ". Each forward consumes one row per token; run the forwards the routes were "
-                    "recorded for, slice the routes, or pass strict=False"
+                    "recorded for, slice the routes, or pass strict=False. Routes captured around generate() "
+                    "hold the prompt once and one row per new token in generation order (the last token "
+                    "unrouted): for a teacher-forced forward convert them with mr.split_generation(...) "
+                    "and lay them out with mr.BatchLayout"
                 )
 
     # ------------------------------------------------------------- scores
@@ -668,16 +944,17 @@ class Session:
             A :class:`RouterScores`, filled while the context is open.
         """
         self._check_attached()
-        if any(h.seen is not None for h in self._hooks):
-            raise SessionStateError("scores are already being kept on this session; keep_scores() does not nest")
-        kept = RouterScores(self.names)
-        for h in self._hooks:
-            h.seen = kept._calls[h.name]
-        try:
-            yield kept
-        finally:
+        with self._block("keep_scores()"):
+            if any(h.seen is not None for h in self._hooks):
+                raise SessionStateError("scores are already being kept on this session; keep_scores() does not nest")
+            kept = RouterScores(self.names)
             for h in self._hooks:
-                h.seen = None
+                h.seen = kept._calls[h.name]
+            try:
+                yield kept
+            finally:
+                for h in self._hooks:
+                    h.seen = None
 
     # ------------------------------------------------------------- dry run
     def verify(self, *args: Any, **kwargs: Any) -> VerifyReport:
@@ -709,16 +986,17 @@ class Session:
         model = self._model_ref()
         if model is None:
             raise SessionStateError("the model of this session no longer exists")
-        for h in self._hooks:
-            h.calls, h.decisions = 0, 0
-            h.verifying = True
-        watch = OrphanWatch(model, self._scopes(), self._widths(), self._excluded)
-        try:
-            with torch.no_grad(), watch:
-                model(*args, **kwargs)
-        finally:
+        with self._block("verify()"):
             for h in self._hooks:
-                h.verifying = False
+                h.calls, h.decisions = 0, 0
+                h.verifying = True
+            watch = OrphanWatch(model, self._scopes(), self._widths(), self._excluded)
+            try:
+                with torch.no_grad(), watch:
+                    model(*args, **kwargs)
+            finally:
+                for h in self._hooks:
+                    h.verifying = False
         never = [h.name for h in self._hooks if h.calls == 0]
         if never:
             raise UnsupportedRouterError(
@@ -735,6 +1013,148 @@ class _Missing:
 
 
 _MISSING = _Missing()
+
+
+def _restore_forward(scope: nn.Module, own: Any) -> None:
+    if own is _MISSING:
+        scope.__dict__.pop("forward", None)
+    else:
+        scope.forward = own
+
+
+def _describe(fn: Any) -> str:
+    if fn is None:
+        return "the class's forward"
+    name = getattr(fn, "__qualname__", None) or getattr(getattr(fn, "func", None), "__qualname__", None)
+    return f"{type(fn).__name__} {name}" if name else type(fn).__name__
+
+
+#: How deep the callables reachable from a module's attributes are searched for a wrapper.
+_MAX_WRAPPER_DEPTH = 8
+
+
+def _references(scope: nn.Module, wrapper: ScopedForward) -> tuple[list[Callable[[Any], None]], list[Any], list[str]]:
+    """Where the callables reachable from ``scope``'s attributes hold ``wrapper``.
+
+    Returns setters that replace each reference (given the new value), the containers
+    holding one (for :func:`_outside_referrers`), and the references no setter can reach.
+    Copies of the wrapper's attributes that ``functools.update_wrapper`` made
+    (``__moe_replay_hook__``, ``__wrapped__``) are found too.
+    """
+    hook = wrapper.__moe_replay_hook__
+    setters: list[Callable[[Any], None]] = []
+    containers: list[Any] = []
+    opaque: list[str] = []
+    seen: set[int] = set()
+
+    def in_dict(d: dict[str, Any], depth: int) -> None:
+        for key, value in list(d.items()):
+            if value is wrapper:
+                setters.append(lambda new, d=d, key=key: d.__setitem__(key, new))
+                containers.append(d)
+            elif key == "__moe_replay_hook__" and value is hook:
+                setters.append(lambda new, d=d, key=key: d.pop(key, None))
+                containers.append(d)
+            elif callable(value):
+                visit(value, depth + 1)
+
+    def visit(obj: Any, depth: int) -> None:
+        if depth > _MAX_WRAPPER_DEPTH or id(obj) in seen or isinstance(obj, nn.Module | torch.Tensor | type):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, types.MethodType):
+            if obj.__func__ is wrapper:
+                opaque.append(f"a method bound to {type(obj.__self__).__name__}")
+            else:
+                visit(obj.__func__, depth + 1)
+            return
+        if isinstance(obj, functools.partial):
+            part = obj
+            if part.func is wrapper:
+                setters.append(lambda new, p=part: p.__setstate__((new, p.args, p.keywords, p.__dict__)))
+                containers.append(part)
+            else:
+                visit(part.func, depth + 1)
+            for i, arg in enumerate(part.args):
+                if arg is wrapper:
+                    setters.append(
+                        lambda new, p=part, i=i: p.__setstate__(
+                            (p.func, (*p.args[:i], new, *p.args[i + 1 :]), p.keywords, p.__dict__)
+                        )
+                    )
+                    containers.append(part.args)
+                elif callable(arg):
+                    visit(arg, depth + 1)
+            if part.keywords:
+                in_dict(part.keywords, depth)
+        if isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    value = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                if value is wrapper:
+                    setters.append(lambda new, c=cell: setattr(c, "cell_contents", new))
+                    containers.append(cell)
+                elif callable(value):
+                    visit(value, depth + 1)
+        d = getattr(obj, "__dict__", None)
+        if isinstance(d, dict):
+            in_dict(d, depth)
+
+    try:
+        in_dict(scope.__dict__, 0)
+    finally:  # the two closures refer to each other: break that cycle, or a cell would keep holding the wrapper
+        visit = in_dict = None  # type: ignore[assignment]
+    return setters, containers, opaque
+
+
+def _outside_referrers(wrapper: ScopedForward, known: Sequence[Any]) -> list[str]:
+    """What else holds ``wrapper`` (besides ``known`` containers and running frames)."""
+    ids = {id(k) for k in known}
+    out = []
+    for ref in gc.get_referrers(wrapper):
+        if id(ref) in ids or isinstance(ref, types.FrameType):
+            continue
+        out.append(f"a {type(ref).__name__} that moe_replay cannot edit")
+    return out
+
+
+def _prefix_maps(names: Sequence[str], targets: Sequence[str]) -> list[tuple[tuple[str, str], dict[str, str]]]:
+    """The ways one prefix change maps every name in ``names`` onto a distinct name in ``targets``.
+
+    A wrapper adds, removes or swaps leading module names (``module.``, ``_orig_mod.``,
+    ``base_model.model.``), so each candidate keeps a common suffix of whole module names.
+    Only the candidates keeping the longest suffix (fewest names changed) are returned;
+    more than one of them is an ambiguity.
+    """
+    if not names:
+        return []
+    wanted = set(targets)
+    first = names[0].split(".")
+    found: dict[tuple[str, str], tuple[int, dict[str, str]]] = {}
+    for t in targets:
+        parts = t.split(".")
+        common = 0
+        while common < min(len(parts), len(first)) and parts[-1 - common] == first[-1 - common]:
+            common += 1
+        if common == 0:
+            continue
+        old = ".".join(first[: len(first) - common]) + ("." if common < len(first) else "")
+        new = ".".join(parts[: len(parts) - common]) + ("." if common < len(parts) else "")
+        if (old, new) in found or not all(n.startswith(old) for n in names):
+            continue
+        mapping = {n: new + n[len(old) :] for n in names}
+        if all(m in wanted for m in mapping.values()) and len(set(mapping.values())) == len(mapping):
+            found[(old, new)] = (common, mapping)
+    if not found:
+        return []
+    best = max(c for c, _ in found.values())
+    out: dict[tuple[str, ...], tuple[tuple[str, str], dict[str, str]]] = {}
+    for pair, (c, m) in found.items():
+        if c == best:
+            out.setdefault(tuple(m.values()), (pair, m))  # two prefix pairs may map the names alike
+    return list(out.values())
 
 
 def _read_counters(counters: Sequence[torch.Tensor]) -> list[int]:
@@ -792,12 +1212,12 @@ def attach(
         >>> session.detach()
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"attach takes an nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"attach takes an nn.Module, got {type(model).__name__}")
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise ValueError(f"capacity must be a positive number of rows, got {capacity!r}")
+        raise InvalidArgumentError(f"capacity must be a positive number of rows, got {capacity!r}")
     _torch_compat.check()  # a torch whose internals moved is refused here, before anything is installed
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
-        raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
+        raise InvalidArgumentError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
     sites = find_routers(
         model, include=include, exclude=exclude, adapters=adapters, top_k=top_k, num_experts=num_experts
     )

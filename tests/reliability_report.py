@@ -28,7 +28,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "reliability.md"
 BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
-TOPICS = ("round trips", "bad inputs", "files", "faults", "re-entrance", "concurrency", "overflow")
+TOPICS = (
+    "round trips",
+    "bad inputs",
+    "files",
+    "faults",
+    "re-entrance",
+    "concurrency",
+    "wrappers",
+    "lifecycle",
+    "overflow",
+)
 
 
 def run() -> tuple[int, dict[str, dict], float]:

@@ -333,3 +333,56 @@ def test_hf_gradient_checkpointing_enable(family: str, how: str) -> None:
             loss.backward()
         assert session.routes().equal(routes)  # recorded once, forced in forward and recompute
         assert_same_grads(grads(model), plain, atol=1e-6 if x.device.type == "cpu" else 1e-5)
+
+
+class Wrapped(torch.nn.Module):
+    """Holds the model as ``module``, as DistributedDataParallel does (router names gain ``module.``)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _ddp(model: torch.nn.Module):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("direction", ["bare to wrapped", "wrapped to bare"])
+@pytest.mark.parametrize("wrapper", ["module holder", "DistributedDataParallel"])
+def test_checkpointed_replay_across_a_wrapper(mode: str, direction: str, wrapper: str) -> None:
+    """Routes recorded on the bare model replay under checkpointing on the wrapped one (names mapped), and back."""
+    import torch.distributed as dist
+
+    model, x = build("grouped_sigmoid"), batch()
+    try:
+        wrapped = Wrapped(model) if wrapper == "module holder" else _ddp(model)
+        src, dst = (model, wrapped) if direction == "bare to wrapped" else (wrapped, model)
+        with mr.attach(src) as s:
+            routes = record(s, src, x)
+            perturb_routers(s, scale=2.0)
+        with mr.attach(model) as bare:  # the reference: the bare model, its own names, no checkpointing
+            with bare.replay(routes.rename({"module.": ""})):
+                model(x, labels=x).loss.backward()
+        plain = grads(model)
+        model.config.checkpointing = mode
+        with mr.attach(dst) as session:
+            with session.replay(routes), session.capture():
+                dst(x, labels=x).loss.backward()
+            assert session.renamed == ({"": "module."} if direction == "bare to wrapped" else {"module.": ""})
+            back = {new: old for old, new in session.renamed.items()}
+            assert session.routes().rename(back).equal(routes)  # forced and recorded once, not again in recompute
+        assert_same_grads(grads(model), plain)
+    finally:
+        if wrapper != "module holder" and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

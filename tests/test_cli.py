@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import moe_replay as mr
-from moe_replay.__main__ import demo, main
+from moe_replay.__main__ import _as_options, demo, main
 
 
 def test_demo_reports_drift_then_exact_replay(capsys) -> None:
@@ -198,3 +199,15 @@ def test_a_model_with_no_replayable_router_is_refused_as_such(capsys) -> None:
     refuse_first = mr.Adapter("x", match=lambda n, m: n == "layers.0.mlp.router", unsupported="a test refusal")
     with pytest.raises(mr.UnsupportedRouterError, match="to replay the others"):
         mr.attach(model, adapters=[refuse_first])
+
+
+@pytest.mark.reliability("bad inputs")
+def test_errors_suggest_options_not_python_keywords(capsys) -> None:
+    """The CLI's errors say --include/--exclude/--top-k, never include= (Python syntax)."""
+    for argv in (["--include", "nothing.matches"], ["--exclude", "*"]):
+        assert main(["inspect", "softmax_topk", *argv]) == 1
+        err = capsys.readouterr().err
+        assert "--include" in err, err
+        assert not re.search(r"\b(include|exclude|top_k|num_experts)=", err), err
+    assert "--exclude 'x'" in _as_options("try mr.attach(model, exclude='x')")
+    assert _as_options("pass top_k=/num_experts= if") == "pass --top-k/--num-experts if"

@@ -205,3 +205,30 @@ def test_compiled_capture_writes_a_fixed_ring_and_raises_at_the_overflowing_forw
             for _ in range(2):
                 compiled(tokens)
         assert session.routes().equal(two)
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("direction", ["bare to compiled", "compiled to bare"])
+def test_routes_cross_the_compile_wrapper(tokens: torch.Tensor, direction: str) -> None:
+    """Routes recorded on the bare model replay on torch.compile's wrapper (routers under _orig_mod.), and back."""
+    model = mr.models.build("grouped_sigmoid", num_layers=2, first_dense_layers=1, expert_impl="dense")
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    src, dst = (model, compiled) if direction == "bare to compiled" else (compiled, model)
+    with mr.attach(src) as s, torch.no_grad():
+        with s.capture():
+            src(tokens)
+        routes = s.routes()
+        perturb_routers(s, scale=3.0)
+    assert routes.names[0].startswith("_orig_mod.") == (direction == "compiled to bare")
+    with mr.attach(model) as bare, bare.replay(routes.rename({"_orig_mod.": ""})), torch.no_grad():
+        ref = model(tokens).logits  # the reference: eager, the bare model's own names
+    with mr.attach(dst) as session, torch.no_grad():
+        with session.replay(routes), session.capture():
+            out = dst(tokens).logits
+        expected = {"": "_orig_mod."} if direction == "bare to compiled" else {"_orig_mod.": ""}
+        assert session.renamed == expected and "routes renamed" in repr(session)
+        back = {new: old for old, new in expected.items()}
+        assert session.routes().rename(back).equal(routes)  # forced in the compiled graph, and recorded
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert counter.frame_count >= 1

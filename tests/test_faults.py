@@ -379,3 +379,159 @@ def test_sessions_in_threads_stay_independent() -> None:
         s.detach()
     assert not errors, errors[:5]
     tried(3 * iterations)
+
+
+THREADS = 4
+
+
+def _run_threads(target: Callable[[int], None], n: int = THREADS) -> list[str]:
+    errors: list[str] = []
+
+    def wrapped(i: int) -> None:
+        try:
+            target(i)
+        except BaseException as e:  # reported by the main thread
+            errors.append(f"thread {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    return errors
+
+
+@pytest.mark.reliability("concurrency")
+def test_threads_forwarding_one_model_inside_one_capture_are_refused() -> None:
+    """4 threads forward one model inside the main thread's capture: each refused; the main thread's rows exact."""
+    forwards, main_forwards = 60, 40
+    model = TinyMoE(SPECS)
+    xs = [model.inputs(LEAD, seed=j) for j in range(main_forwards)]
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        for x in xs:
+            model(x)
+    expected = session.routes()
+    assert expected.num_tokens == main_forwards * TOKENS
+
+    outcomes: list[str] = []
+    start = threading.Barrier(THREADS + 1)
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        start.wait()
+        for j in range(forwards):
+            try:
+                with torch.no_grad():
+                    model(model.inputs(LEAD, seed=1000 * i + j))
+            except mr.SessionStateError as e:
+                assert "its own model and session" in str(e), str(e)
+                outcome = "refused"
+            else:
+                outcome = "ran"  # only possible outside the main thread's block
+            with lock:
+                outcomes.append(outcome)
+        with pytest.raises(mr.SessionStateError, match=r"routes\(\) in thread"):
+            session.routes()  # the main thread holds its block until every worker is done
+
+    workers = [threading.Thread(target=lambda i=i: _catch(worker, i, outcomes)) for i in range(THREADS)]
+    for t in workers:
+        t.start()
+    with torch.no_grad(), session.capture():
+        start.wait()
+        for x in xs:
+            model(x)
+        for t in workers:  # the block stays open until every worker is done
+            t.join(timeout=300)
+        got = session.routes()
+    session.detach()
+    assert not [o for o in outcomes if o.startswith("error")], outcomes[:5]
+    assert outcomes.count("refused") == THREADS * forwards, outcomes[:5]
+    assert got.equal(expected)  # every row of every forward that ran, in order, in every router
+    assert len(set(got.tokens_per_layer)) == 1
+    tried(THREADS * forwards + main_forwards)
+
+
+def _catch(fn: Callable[[int], None], i: int, log: list[str]) -> None:
+    try:
+        fn(i)
+    except BaseException as e:
+        log.append(f"error in thread {i}: {type(e).__name__}: {e}")
+
+
+@pytest.mark.reliability("concurrency")
+def test_threads_racing_for_one_session_record_consistently_or_are_refused() -> None:
+    """4 threads race to capture on one model's session, 75 rounds: each capture exact in every router, or refused."""
+    rounds = 75
+    model = TinyMoE(SPECS)
+    xs = [[model.inputs((i + 1, 3), seed=100 * i + j) for j in range(rounds)] for i in range(THREADS)]
+    session = mr.attach(model)
+    expected = []
+    for i in range(THREADS):
+        per = []
+        for j in range(rounds):
+            with torch.no_grad(), session.capture():
+                model(xs[i][j])
+            per.append(session.routes())
+        expected.append(per)
+    barrier = threading.Barrier(THREADS)
+    won = [0] * rounds
+    refused = [0] * THREADS
+    lock = threading.Lock()
+
+    def racer(i: int) -> None:
+        for j in range(rounds):
+            barrier.wait()
+            try:
+                with torch.no_grad(), session.capture():
+                    model(xs[i][j])
+                    got = session.routes()
+            except mr.SessionStateError as e:
+                assert "its own model and session" in str(e), str(e)
+                refused[i] += 1
+                continue
+            assert got.equal(expected[i][j]), f"thread {i}, round {j}: rows differ"
+            with lock:
+                won[j] += 1
+
+    errors = _run_threads(racer)
+    session.detach()
+    assert not errors, errors[:5]
+    assert all(w >= 1 for w in won)  # each round someone recorded, exactly
+    assert sum(won) + sum(refused) == THREADS * rounds
+    tried(THREADS * rounds)
+
+
+@pytest.mark.reliability("concurrency")
+def test_one_model_and_session_per_thread_at_scale() -> None:
+    """4 threads, each with its own model and session, 100 captures and replays each: all exact."""
+    iterations = 100
+    models = [TinyMoE(SPECS, seed=i) for i in range(THREADS)]
+    xs = [[m.inputs((2, 3), seed=10 * i + j) for j in range(iterations)] for i, m in enumerate(models)]
+    sessions = [mr.attach(m) for m in models]
+    expected = []
+    for m, s, inputs in zip(models, sessions, xs, strict=True):
+        with torch.no_grad(), s.capture():
+            for x in inputs:
+                m(x)
+        expected.append(s.routes())
+    barrier = threading.Barrier(THREADS)
+
+    def worker(i: int) -> None:
+        m, s = models[i], sessions[i]
+        barrier.wait()
+        for j in range(iterations):
+            with torch.no_grad(), s.capture():
+                m(xs[i][j])
+            r = s.routes()
+            assert r.equal(expected[i][j * 6 : (j + 1) * 6]), f"thread {i}, forward {j}"
+            with torch.no_grad(), s.replay(r), s.capture():
+                m(xs[i][j])
+            assert s.routes().equal(r)
+
+    errors = _run_threads(worker)
+    for s in sessions:
+        s.detach()
+    assert not errors, errors[:5]
+    tried(THREADS * iterations)

@@ -237,3 +237,23 @@ def test_generation_capacity_holds_a_generate_call_without_growing() -> None:
             model.generate(prompt, max_new_tokens=n)
             assert [(r.buf.data_ptr(), r.rows_held) for r in session._rings()] == first == [(f, need) for f, _ in first]
         assert session.routes().num_tokens == b * p + b * (n - 1) <= need
+
+
+@pytest.mark.reliability("bad inputs")
+def test_raw_generate_routes_in_a_teacher_forced_forward_point_to_split_generation() -> None:
+    """Raw generate() routes replayed in a teacher-forced forward: the error names split_generation and BatchLayout."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt, mask = _prompt()
+    full_mask = torch.cat([mask, torch.ones(B, N, dtype=torch.long)], dim=1)
+    with mr.attach(model) as session:
+        with session.capture():
+            seq = model.generate(prompt, N, attention_mask=mask)
+        raw = session.routes()
+        # the whole sequences: more tokens than generate() routed (overdrawn at the forward)
+        with pytest.raises(mr.ReplayConsumptionError, match=r"split_generation.*BatchLayout"):
+            with session.replay(raw), torch.no_grad():
+                model(seq, attention_mask=full_mask)
+        # fewer tokens than were routed: reported when the block ends
+        with pytest.raises(mr.ReplayConsumptionError, match=r"generate\(\).*split_generation.*BatchLayout"):
+            with session.replay(raw), torch.no_grad():
+                model(seq[:, : P + 2], attention_mask=full_mask[:, : P + 2])

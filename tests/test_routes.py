@@ -86,7 +86,7 @@ def test_load_rejects_corrupt_truncated_and_future_files(tmp_path) -> None:
     with pytest.raises(mr.RoutesValidationError, match="format version 99"):
         mr.Routes.load(tmp_path / "v99.npz")
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
-    with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted"):
+    with pytest.raises(mr.RoutesValidationError, match="not a moe_replay routes file"):
         mr.Routes.load(tmp_path / "other.npz")
 
 
@@ -205,3 +205,118 @@ def test_heterogeneous_routers_need_per_layer() -> None:
     with pytest.raises(ValueError, match="per_layer"):
         r.indices
     assert "tokens=3..4" in repr(r)
+
+
+# ----------------------------------------------------------------------------- edges
+@pytest.mark.reliability("bad inputs")
+def test_token_index_out_of_range_is_an_index_error() -> None:
+    """routes[i] outside the tokens raises IndexError (a MoEReplayError); numpy and 0-d tensor ints index too."""
+    r = make(t=3)
+    for i in (3, 100, -4, np.int64(7), torch.tensor(3)):
+        with pytest.raises(mr.TokenIndexError, match=r"out of range for routes of 3 tokens") as err:
+            r[i]
+        assert isinstance(err.value, IndexError)
+        tried()
+    for i in (0, 2, -1, -3, np.int64(1), torch.tensor(2)):
+        j = int(i) % 3
+        assert r[i].equal(r[j : j + 1])
+        tried()
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_wide_unsigned_values_are_never_read_as_missing_rows(kind: str) -> None:
+    """A uint64 all-ones index is refused as out of range, not read as -1 (a native row); small values are exact."""
+    names = ["a", "b"]
+    for big in (2**64 - 1, 2**63, 2**32 + 1, 8):
+        arr = np.array([[[0, 1], [2, 3]], [[big, big], [4, 5]]], dtype=np.uint64)
+        with pytest.raises(mr.RoutesValidationError, match=r"token 1 has indices") as err:
+            if kind == "numpy":
+                mr.Routes.from_numpy(arr, names=names, num_experts=8)
+            else:
+                t = torch.from_numpy(arr)
+                mr.Routes([t[:, 0], t[:, 1]], names=names, num_experts=8)
+        assert str(big) in str(err.value)
+        tried()
+    ok = np.array([[[7, 0]], [[1, 6]]], dtype=np.uint64)
+    r = mr.Routes.from_numpy(ok, names=["a"], num_experts=8)
+    assert r.indices.tolist() == [[[7, 0]], [[1, 6]]]
+    for dtype in (np.uint16, np.uint32):
+        assert mr.Routes.from_numpy(ok.astype(dtype), names=["a"], num_experts=8).equal(r)
+
+
+@pytest.mark.reliability("files")
+def test_load_of_a_missing_file_or_a_directory(tmp_path) -> None:
+    """Routes.load: a missing path is a FileNotFoundError, a directory an IsADirectoryError (both MoEReplayError)."""
+    with pytest.raises(mr.MissingFileError, match="no such file") as err:
+        mr.Routes.load(tmp_path / "nope.npz")
+    assert isinstance(err.value, FileNotFoundError) and str(tmp_path) in str(err.value)
+    with pytest.raises(mr.NotAFileError, match="is a directory") as err2:
+        mr.Routes.load(tmp_path)
+    assert isinstance(err2.value, IsADirectoryError)
+
+
+def _zip_with(path, members: dict[str, bytes]) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _meta(names: list[str], experts: list[int]) -> bytes:
+    meta = {"magic": "moe_replay.routes", "format_version": 1, "names": names, "num_experts": experts}
+    return _npy(np.frombuffer(json.dumps(meta).encode(), np.uint8))
+
+
+@pytest.mark.reliability("files")
+def test_load_checks_sizes_before_decompressing(tmp_path) -> None:
+    """A file over max_bytes once decompressed, or whose array header lies about its size, is refused unread."""
+    import tracemalloc
+
+    big = tmp_path / "bomb.npz"
+    rows = np.zeros((4_000_000, 1), np.int16)  # 8 MB of zeros: about 8 KB compressed
+    _zip_with(big, {"meta.npy": _meta(["a"], [8]), "layer_0.npy": _npy(rows)})
+    assert big.stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(mr.RoutesValidationError, match=r"more than max_bytes=1000000"):
+            mr.Routes.load(big, max_bytes=1_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
+    assert mr.Routes.load(big).num_tokens == 4_000_000  # under the default limit it is a valid file
+
+    # a header that claims 10**12 rows over a few bytes of data: refused before numpy allocates
+    liar = _npy(np.zeros((3, 2), np.int16)).replace(b"(3, 2)", b"(1000000000000, 2)")
+    _zip_with(tmp_path / "liar.npz", {"meta.npy": _meta(["a"], [8]), "layer_0.npy": liar})
+    with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted.*declares"):
+        mr.Routes.load(tmp_path / "liar.npz")
+
+
+@pytest.mark.reliability("files")
+@pytest.mark.parametrize("extra", ["layer_2", "notes", "meta_copy"])
+def test_load_refuses_extra_arrays(tmp_path, extra: str) -> None:
+    """A routes file holding arrays beyond its metadata and one per router is refused, naming them."""
+    path = tmp_path / "extra.npz"
+    layers = {f"layer_{i}": np.array([[0, 1]], np.int16) for i in range(2)}
+    np.savez(
+        path,
+        meta=np.frombuffer(json.dumps({**_META_OK}).encode(), np.uint8),
+        **layers,
+        **{extra: np.zeros(2, np.int16)},
+    )
+    with pytest.raises(mr.RoutesValidationError, match=rf"does not have: \['{extra}'\]"):
+        mr.Routes.load(path)
+
+
+_META_OK = {"magic": "moe_replay.routes", "format_version": 1, "names": ["a", "b"], "num_experts": [8, 8]}

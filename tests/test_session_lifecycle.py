@@ -1,0 +1,453 @@
+"""A session in real training code: other wrappers, detach, pickling, inference mode, device moves, renamed routers."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import moe_replay as mr
+from moe_replay.intercept import ScopedForward
+
+from .conftest import assert_untouched, snapshot, tried
+from .tinymoe import RouterSpec, TinyMoE
+
+SPECS = [RouterSpec(8, 2), RouterSpec(6, 1, "argmax"), RouterSpec(16, 3, "grouped", n_group=4, topk_group=2)]
+
+
+def model_and_input(seed: int = 0) -> tuple[TinyMoE, torch.Tensor]:
+    model = TinyMoE(SPECS, seed=seed)
+    return model, model.inputs((2, 5), seed=seed)
+
+
+def plain_routes(model: nn.Module, x: torch.Tensor) -> mr.Routes:
+    with mr.attach(model) as s, torch.no_grad(), s.capture():
+        model(x)
+    return s.routes()
+
+
+def ours_reachable(model: nn.Module) -> list[str]:
+    """Module attributes (and what they wrap) that still lead to a moe_replay wrapper or hook."""
+    found = []
+    for name, m in model.named_modules():
+        for key, value in m.__dict__.items():
+            seen: set[int] = set()
+            todo = [value]
+            while todo:
+                v = todo.pop()
+                if id(v) in seen or isinstance(v, nn.Module | torch.Tensor):
+                    continue
+                seen.add(id(v))
+                if isinstance(v, ScopedForward) or getattr(v, "__moe_replay_hook__", None) is not None:
+                    found.append(f"{name}.{key}")
+                    break
+                if isinstance(v, functools.partial):
+                    todo += [v.func, *v.args]
+                for cell in getattr(v, "__closure__", None) or ():
+                    todo.append(cell.cell_contents)
+                d = getattr(v, "__dict__", None)
+                if isinstance(d, dict) and callable(v):
+                    todo += list(d.values())
+    return found
+
+
+# ----------------------------------------------------------------------------- other wrappers (point 2)
+class CountingHook:
+    """A stand-in for accelerate's ModelHook: counts the forwards it sees."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        self.calls += 1
+        return args, kwargs
+
+
+def add_hook_to_module(module: nn.Module, hook: CountingHook) -> None:
+    """What accelerate.hooks.add_hook_to_module does to a module's forward."""
+    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
+        old_forward = module._old_forward
+    else:
+        old_forward = module.forward
+        module._old_forward = old_forward
+    module._hf_hook = hook
+
+    def new_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = module._hf_hook.pre_forward(module, *args, **kwargs)
+        return module._old_forward(*args, **kwargs)
+
+    module.forward = functools.update_wrapper(functools.partial(new_forward, module), old_forward)
+
+
+def remove_hook_from_module(module: nn.Module) -> None:
+    """What accelerate.hooks.remove_hook_from_module does."""
+    if hasattr(module, "_hf_hook"):
+        delattr(module, "_hf_hook")
+    if hasattr(module, "_old_forward"):
+        module.forward = module._old_forward
+        delattr(module, "_old_forward")
+
+
+def _closure_wrapper(m: nn.Module, log: list[str]) -> None:
+    inner = m.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        log.append("closure")
+        return inner(*args, **kwargs)
+
+    m.forward = forward
+
+
+class _ObjectWrapper:
+    def __init__(self, fn: Callable[..., Any], log: list[str]) -> None:
+        self.fn, self.log = fn, log
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.log.append("object")
+        return self.fn(*args, **kwargs)
+
+
+WRAPPERS: dict[str, Callable[[nn.Module, list[str]], None]] = {
+    "accelerate hook": lambda m, log: add_hook_to_module(m, CountingHook()),
+    "closure": _closure_wrapper,
+    "callable object": lambda m, log: setattr(m, "forward", _ObjectWrapper(m.forward, log)),
+    "functools.partial": lambda m, log: setattr(
+        m, "forward", functools.partial(lambda fn, *a, **k: (log.append("partial"), fn(*a, **k))[1], m.forward)
+    ),
+}
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("kind", list(WRAPPERS))
+def test_detach_keeps_a_wrapper_added_after_attach(kind: str) -> None:
+    """A wrapper added after attach (accelerate-style, closure, object, partial) survives detach; only ours goes."""
+    model, x = model_and_input()
+    want = plain_routes(model, x)
+    with torch.no_grad():
+        ref = model(x)
+    session = mr.attach(model)
+    log: list[str] = []
+    routers = [model.layers[i].router for i in range(len(SPECS))]
+    for r in routers:
+        WRAPPERS[kind](r, log)
+    with torch.no_grad(), session.capture():
+        model(x)
+    assert session.routes().equal(want)  # the chain still records
+    session.detach()
+    assert not ours_reachable(model), ours_reachable(model)
+    calls = len(log) + sum(getattr(getattr(r, "_hf_hook", None), "calls", 0) for r in routers)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    after = len(log) + sum(getattr(getattr(r, "_hf_hook", None), "calls", 0) for r in routers)
+    assert after == calls + len(routers)  # every added wrapper still runs
+    assert plain_routes(model, x).equal(want)  # and a new session attaches and records through it
+    if kind == "accelerate hook":
+        for r in routers:
+            remove_hook_from_module(r)
+        with torch.no_grad():
+            assert torch.equal(model(x), ref)
+    tried(len(routers))
+
+
+@pytest.mark.reliability("wrappers")
+def test_detach_does_not_put_back_a_wrapper_removed_while_attached() -> None:
+    """An accelerate-style hook added before attach and removed while attached stays removed after detach."""
+    model, x = model_and_input()
+    want = plain_routes(model, x)
+    router = model.layers[0].router
+    add_hook_to_module(router, CountingHook())
+    session = mr.attach(model)
+    remove_hook_from_module(router)  # this also drops the session's wrapper of that router
+    session.detach()
+    assert not hasattr(router, "_hf_hook")
+    with torch.no_grad():
+        model(x)  # no AttributeError: '_hf_hook'
+    assert plain_routes(model, x).equal(want)
+
+
+@pytest.mark.reliability("wrappers")
+def test_detach_refuses_when_its_wrapper_is_held_where_it_cannot_edit() -> None:
+    """A wrapper held by a list it cannot edit: detach refuses, changes nothing, and works once that is undone."""
+    model, x = model_and_input()
+    before = snapshot(model)
+    want = plain_routes(model, x)
+    router = model.layers[1].router
+    session = mr.attach(model)
+    registry = [router.forward]
+    router.forward = lambda *a, **k: registry[0](*a, **k)
+    with pytest.raises(mr.SessionStateError, match=r"cannot detach.*layers\.1\.router.*held by a list.*remove_hook"):
+        session.detach()
+    assert session.attached
+    with torch.no_grad(), session.capture():
+        model(x)
+    assert session.routes().equal(want)  # still attached and working
+    router.forward = registry.pop()
+    session.detach()
+    assert_untouched(model, before)
+
+
+# ----------------------------------------------------------------------------- after the block (point 3)
+@pytest.mark.reliability("lifecycle")
+def test_routes_are_readable_after_detach() -> None:
+    """What a session recorded stays readable after detach (kept on the host), with every check routes() makes."""
+    model, x = model_and_input()
+    with mr.attach(model) as s, s.capture(), torch.no_grad():
+        model(x)
+    want = s.routes()
+    assert want.num_tokens == 10 and not s.attached
+    assert s.routes().equal(want)
+    with mr.attach(model) as s2, torch.no_grad():
+        with s2.capture():
+            model(x)
+        assert s2.routes().equal(want)
+    # an interrupted capture stays refused after detach, unless asked
+    s3 = mr.attach(model)
+    with pytest.raises(RuntimeError, match="boom"), s3.capture(), torch.no_grad():
+        model(x)
+        raise RuntimeError("boom")
+    s3.detach()
+    with pytest.raises(mr.SessionStateError, match="interrupted"):
+        s3.routes()
+    assert s3.routes(allow_partial=True).equal(want)
+    s4 = mr.attach(model)
+    s4.detach()
+    with pytest.raises(mr.SessionStateError, match="detached before it captured"):
+        s4.routes()
+    with pytest.raises(mr.SessionStateError, match="detached"):
+        s4.capture().__enter__()
+
+
+# ----------------------------------------------------------------------------- pickling (point 5)
+def _save_load(model: nn.Module, how: str) -> nn.Module:
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(model))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+@pytest.mark.parametrize("state", ["idle", "capturing"])
+def test_pickled_attached_model_comes_out_plain(how: str, state: str) -> None:
+    """pickle/torch.save of an attached model (idle or mid-capture) gives a plain model, as deepcopy does."""
+    model, x = model_and_input()
+    want = plain_routes(model, x)
+    with torch.no_grad():
+        ref = model(x)
+    with mr.attach(model) as session:
+        if state == "capturing":
+            with session.capture(), torch.no_grad():
+                copy_ = _save_load(model, how)
+                model(x)
+            assert session.routes().equal(want)
+        else:
+            copy_ = _save_load(model, how)
+        assert not ours_reachable(copy_)
+        with torch.no_grad():
+            assert torch.equal(copy_(x), ref)
+        assert plain_routes(copy_, x).equal(want)  # a session of its own, beside the original's
+    deep = copy.deepcopy(copy_)
+    assert not ours_reachable(deep)
+
+
+# ----------------------------------------------------------------------------- inference mode (point 6)
+@pytest.mark.reliability("lifecycle")
+def test_attach_and_replay_under_inference_mode() -> None:
+    """attach() or replay() under torch.inference_mode(): buffers stay ordinary; capture and replay work outside it."""
+    model, x = model_and_input()
+    want = plain_routes(model, x)
+    with torch.inference_mode():
+        session = mr.attach(model)
+    assert not any(h.capture_ring.buf.is_inference() or h.capture_ring.written.is_inference() for h in session._hooks)
+    with torch.no_grad(), session.capture():
+        model(x)
+    assert session.routes().equal(want)
+    with torch.inference_mode(), session.capture():
+        model(x)
+    assert session.routes().equal(want)
+    with torch.inference_mode():
+        block = session.replay(want)
+        block.__enter__()
+    with session.capture():
+        model(x).sum().backward()
+    block.__exit__(None, None, None)
+    assert session.routes().equal(want)
+    session.detach()
+
+
+# ----------------------------------------------------------------------------- device moves (point 7)
+@pytest.mark.reliability("lifecycle")
+def test_model_moved_between_blocks_is_followed() -> None:
+    """A model moved after attach (to meta and back here): the next block re-homes the buffers; rows stay exact."""
+    model, x = model_and_input()
+    want = plain_routes(model, x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    model.to("meta")
+    with torch.no_grad(), session.capture():
+        out = model(x.to("meta"))
+    assert out.device.type == "meta"
+    assert {h.capture_ring.device.type for h in session._hooks} == {"meta"}
+    model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    with torch.no_grad(), session.capture():
+        model(x)
+    assert {h.capture_ring.device.type for h in session._hooks} == {"cpu"}
+    assert session.routes().equal(want)
+    model.to(torch.float64)  # a dtype change needs nothing
+    with torch.no_grad(), session.capture():
+        model(x.double())
+    assert session.routes().num_tokens == 10
+    session.detach()
+
+
+@pytest.mark.reliability("lifecycle")
+def test_model_moved_inside_a_block_is_a_clear_error() -> None:
+    """A model moved inside a capture block: a SessionStateError saying so, not torch's raw device message."""
+    model, x = model_and_input()
+    session = mr.attach(model)
+    with pytest.raises(mr.SessionStateError, match="moved inside a capture"), session.capture(), torch.no_grad():
+        model(x)
+        model.to("meta")
+        model(x.to("meta"))
+    session.detach()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_model_moved_to_cuda_and_back_after_attach() -> None:
+    model, x = model_and_input()
+    want = plain_routes(model, x)
+    session = mr.attach(model)
+    model.cuda()
+    with torch.no_grad(), session.capture():
+        model(x.cuda())
+    assert session._hooks[0].capture_ring.device.type == "cuda"
+    got = session.routes()
+    assert got.equal(want)
+    with torch.no_grad(), session.replay(got), session.capture():
+        model(x.cuda())
+    model.cpu()
+    with torch.no_grad(), session.replay(got), session.capture():
+        model(x)
+    assert session.routes().equal(want)
+    session.detach()
+
+
+# ----------------------------------------------------------------------------- renamed routers (point 4)
+class Holder(nn.Module):
+    """A user's wrapper: the model is an attribute."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+
+class DDPLike(Holder):
+    """Holds the model as ``module``, as DistributedDataParallel does."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        nn.Module.__init__(self)
+        self.module = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+WRAPS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "user wrapper": Holder,
+    "DDP-style module.": DDPLike,
+    "two levels": lambda m: DDPLike(Holder(m)),
+}
+PREFIX = {
+    "user wrapper": "inner.",
+    "DDP-style module.": "module.",
+    "two levels": "module.inner.",
+}
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("direction", ["bare to wrapped", "wrapped to bare", "wrapped to other wrapper"])
+@pytest.mark.parametrize("wrap", list(WRAPS))
+def test_routes_replay_across_wrappers(wrap: str, direction: str) -> None:
+    """Routes recorded on the bare model replay on it wrapped (user, DDP-style) and back, mapped and said so."""
+    model, x = model_and_input()
+    wrapped = WRAPS[wrap](model)
+    other = Holder(model) if wrap != "user wrapper" else DDPLike(model)
+    src, dst = {
+        "bare to wrapped": (model, wrapped),
+        "wrapped to bare": (wrapped, model),
+        "wrapped to other wrapper": (wrapped, other),
+    }[direction]
+    with mr.attach(src) as s, s.capture(), torch.no_grad():
+        src(x)
+    routes = s.routes()
+    model.perturb(scale=3.0)  # replay must force the recorded experts
+    with torch.no_grad():
+        forced = model(x, forced=list(routes.per_layer()))
+    with mr.attach(dst) as session:
+        with session.replay(routes), session.capture(), torch.no_grad():
+            out = dst(x)
+            assert "routes renamed" in repr(session)
+        old, new = next(iter(session.renamed.items()))
+        assert session.routes().rename({new: old}).equal(routes)
+    assert torch.equal(out, forced)
+    names = {"bare to wrapped": ("", PREFIX[wrap])}.get(direction)
+    if names:
+        assert session.renamed == {names[0]: names[1]}
+
+
+@pytest.mark.reliability("wrappers")
+def test_ambiguous_renaming_is_refused_listing_candidates() -> None:
+    """Routes that fit two sub-models by suffix are refused, listing both; an explicit rename picks one."""
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.dec = TinyMoE(SPECS[:1], seed=1), TinyMoE(SPECS[:1], seed=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dec(self.enc(x))
+
+    pair = Pair()
+    x = pair.enc.inputs((2, 5))
+    routes = plain_routes(pair.enc, x)
+    assert routes.names == ("layers.0.router",)
+    with mr.attach(pair) as session:
+        with pytest.raises(mr.RouterNotFoundError, match=r"more than one way.*'enc\.'.*'dec\.'.*routes\.rename"):
+            with session.replay(routes, strict=False):
+                pass
+        with session.replay(routes.rename({"": "enc."}), strict=False), session.capture(), torch.no_grad():
+            pair(x)
+        assert session.renamed is None
+        assert session.routes().select(["enc.layers.0.router"]).rename({"enc.": ""}).equal(routes)
+
+
+def test_rename_refuses_collisions_and_round_trips() -> None:
+    r = mr.Routes([torch.tensor([[0, 1]]), torch.tensor([[2, 3]])], names=["a.gate", "b.gate"], num_experts=4)
+    assert r.rename({"a.": "x.", "": "y."}).names == ("x.gate", "y.b.gate")
+    assert r.rename({"": "m."}).rename({"m.": ""}).equal(r)
+    with pytest.raises(mr.RoutesValidationError, match="same name"):
+        r.rename({"a.": "c.", "b.": "c."})
+
+
+def test_no_mapping_still_names_both_fingerprints() -> None:
+    model, x = model_and_input()
+    routes = plain_routes(model, x).rename({"layers.": "blocks."}).rename({"blocks.0.": "other.0."})
+    with mr.attach(model) as session, pytest.raises(mr.RouterNotFoundError, match="fingerprint.*routes.rename"):
+        with session.replay(routes):
+            pass
