@@ -68,7 +68,7 @@ def generation_capacity(batch_size: int, prompt_len: int, max_new_tokens: int) -
     values = {"batch_size": batch_size, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens}
     for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+            raise InvalidArgumentError(f"{name} must be a non-negative int, got {v!r}")
     return batch_size * (prompt_len + max_new_tokens)
 
 

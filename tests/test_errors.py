@@ -16,8 +16,8 @@ from .conftest import tried
 
 PACKAGE = Path(mr.__file__).resolve().parent
 
-#: Modules still being converted elsewhere; they raise builtin errors until that lands.
-ALLOWED_MODULES = {"interop.py", "interop"}
+#: Modules allowed to raise builtin errors for bad input: none.
+ALLOWED_MODULES: set[str] = set()
 #: Builtin exceptions that are not errors about the caller's input (internal invariants).
 NOT_INPUT_ERRORS = {"AssertionError", "NotImplementedError", "StopIteration", "KeyboardInterrupt"}
 
@@ -44,7 +44,7 @@ def _sources() -> list[Path]:
 
 @pytest.mark.reliability("bad inputs")
 def test_no_builtin_exception_is_raised_for_bad_input() -> None:
-    """Every raise in moe_replay (AST scan, interop allowed until converted) is a MoEReplayError subclass."""
+    """Every raise in moe_replay (an AST scan of every module) is a MoEReplayError subclass."""
     sources = _sources()
     assert len(sources) > 10 and any(p.name == "session.py" for p in sources)
     found = [hit for p in sources for hit in _builtin_raises(p)]
