@@ -161,6 +161,17 @@ def rollout_routes_from_generate(
     empty = [i for i, c in enumerate(completions) if not c]
     if empty:
         raise RoutesValidationError(f"completion {empty[0]} is empty; generate() returns at least one token")
+    # generate() stops when every sequence has ended or after max_new_tokens: the longest completion has them all
+    b, n = len(prompts), max(len(c) for c in completions)
+    rows = set(routes.tokens_per_layer)
+    expected = b * width + b * (n - 1)
+    if rows != {expected}:
+        raise RoutesValidationError(
+            f"the capture around generate() holds {sorted(rows)} rows per router, but {b} prompts of {width} "
+            f"positions and {n} new tokens with a KV cache give {b}*{width} + {b}*{n - 1} = {expected}. Did generate() "
+            "run without a KV cache (use_cache=False in the model's config or generation kwargs: each step then "
+            "routes the whole sequence again), or more than once?"
+        )
     seqs = split_generation(
         routes,
         batch_size=len(prompts),
@@ -168,6 +179,7 @@ def rollout_routes_from_generate(
         prompt_lengths=[len(p) for p in prompts],
         padding_side="left",
         lengths=[len(c) for c in completions],
+        new_tokens=n,
     )
     for i, (s, p, c) in enumerate(zip(seqs, prompts, completions, strict=True)):
         if s.num_tokens != len(p) + len(c):  # pragma: no cover - split_generation guarantees it

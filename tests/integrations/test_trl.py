@@ -405,6 +405,27 @@ def test_vllm_routed_experts_give_the_generation_routes() -> None:
         mr_trl.rollout_routes_from_vllm(outputs, prompts, completions, lm)
 
 
+def test_generation_without_kv_cache_is_refused() -> None:
+    # without a cache every decode step routes the whole sequence again: no single route per token exists
+    model = policy().eval()
+    prompts = [[5, 6, 7], [8, 9]]
+    ids = torch.tensor([[5, 6, 7], [PAD, 8, 9]])
+    mask = (ids != PAD).long()
+    with mr.attach(model) as session:
+        for use_cache, fails in ((True, False), (False, True)):
+            with session.capture(), torch.no_grad():
+                out = model.generate(
+                    ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD, use_cache=use_cache
+                )
+            completions = [row[3:].tolist() for row in out]
+            call = lambda: mr_trl.rollout_routes_from_generate(session.routes(), prompts, completions)  # noqa: E731
+            if fails:
+                with pytest.raises(mr.RoutesValidationError, match="KV cache"):
+                    call()
+            else:
+                assert [r.num_tokens for r in call()] == [6, 5]
+
+
 class _FakeLLM:
     """Stands in for vLLM's ``LLM`` on CPU: generates with a copy of the policy (the "engine") and
     returns RequestOutputs whose routed_experts are the engine's own routes, in vLLM 0.22+'s layout."""
