@@ -418,12 +418,12 @@ def test_generation_without_kv_cache_is_refused() -> None:
                     ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD, use_cache=use_cache
                 )
             completions = [row[3:].tolist() for row in out]
-            call = lambda: mr_trl.rollout_routes_from_generate(session.routes(), prompts, completions)  # noqa: E731
             if fails:
                 with pytest.raises(mr.RoutesValidationError, match="KV cache"):
-                    call()
+                    mr_trl.rollout_routes_from_generate(session.routes(), prompts, completions)
             else:
-                assert [r.num_tokens for r in call()] == [6, 5]
+                seqs = mr_trl.rollout_routes_from_generate(session.routes(), prompts, completions)
+                assert [r.num_tokens for r in seqs] == [6, 5]
 
 
 class _FakeLLM:
