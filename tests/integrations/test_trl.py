@@ -496,3 +496,24 @@ def test_r3_trains_on_the_engines_routes() -> None:
         assert math.isfinite(logs[0]["moe_replay/ratio/max"])
         trainer.detach_routing_replay()
         trainer.vllm_generation.llm.session.detach()
+
+
+def test_the_colocated_engine_is_started_with_routed_experts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TRL builds its colocated engine with `LLM(...)` from trl.generation.vllm_generation
+    from trl.generation import vllm_generation
+
+    made: list[dict[str, Any]] = []
+    monkeypatch.setattr(vllm_generation, "LLM", lambda *a, **kw: made.append(kw), raising=False)
+    with mr_trl._engine_returns_routes(True):
+        vllm_generation.LLM(model="m", seed=0)
+    vllm_generation.LLM(model="m")  # outside: as TRL wrote it
+    assert made == [{"model": "m", "seed": 0, "enable_return_routed_experts": True}, {"model": "m"}]
+
+
+def test_the_core_does_not_import_trl() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, moe_replay, moe_replay.integrations; assert 'trl' not in sys.modules, 'trl was imported'"
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[2])
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
