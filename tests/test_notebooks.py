@@ -20,8 +20,8 @@ pytest.importorskip("matplotlib")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SOURCES = sorted((NOTEBOOKS / "src").glob("*.py"))
-NEEDS = {"04_huggingface_model": "transformers"}
-PLOTS = ("01", "02")
+NEEDS = {"04_huggingface_model": "transformers", "05_grpo_routing_replay": "trl"}
+PLOTS = ("01", "02", "05")
 
 
 def _build() -> ModuleType:
@@ -35,8 +35,8 @@ def _build() -> ModuleType:
 build = _build()
 
 
-def test_there_are_four_notebooks() -> None:
-    assert [s.stem[:2] for s in SOURCES] == ["01", "02", "03", "04"]
+def test_there_are_five_notebooks() -> None:
+    assert [s.stem[:2] for s in SOURCES] == ["01", "02", "03", "04", "05"]
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)

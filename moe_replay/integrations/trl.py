@@ -1,0 +1,764 @@
+"""Routing replay in TRL's ``GRPOTrainer``: R2 with transformers generation, R3 with vLLM.
+
+:class:`RoutingReplayGRPOTrainer` is TRL's ``GRPOTrainer`` with routing replay. It records
+the experts the policy chose for every rollout token and forces them in every later
+forward over those completions: the old-logprob forward, each ``num_iterations`` pass of
+the loss, and the reference model's forward when the reference is an MoE of the same
+architecture. Combine weights still come from the current router scores, so the routers
+keep learning.
+
+* **R2**, ``use_vllm=False``: the routes are captured while ``generate()`` runs, split per
+  sequence (:func:`~moe_replay.split_generation`) and laid out for TRL's batches, left-padded
+  prompts then right-padded completions (:meth:`~moe_replay.BatchLayout.split`).
+* **R3**, ``use_vllm=True`` with ``vllm_mode="colocate"``: the routes are read from vLLM's
+  ``CompletionOutput.routed_experts`` (:func:`moe_replay.interop.from_vllm_output`). The
+  trainer starts vLLM with ``enable_return_routed_experts=True``, the one vLLM option this needs.
+
+Three lines change in a TRL script::
+
+    from moe_replay.integrations.trl import RoutingReplayGRPOTrainer   # instead of trl's GRPOTrainer
+
+    trainer = RoutingReplayGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
+    trainer.train()
+
+Logged every step, next to TRL's own metrics (``clip_ratio/*``, and with vLLM
+``sampling/importance_sampling_ratio/*``):
+
+* ``moe_replay/<forward>/decisions_differ`` and ``.../tokens_differ``: the share of router
+  decisions, and of tokens in at least one router, where the router left free would choose
+  other experts than the rollout did (``<forward>``: ``old`` for the old-logprob forward,
+  ``train`` for the loss forwards, ``ref`` for the reference model);
+* ``moe_replay/native_rows``: the share of (token, router) rows of the sequences that have
+  no recorded route and are routed natively (the last token of each sequence: no forward
+  routed it);
+* ``moe_replay/ratio/max``, ``.../min``, ``.../outside_clip``: the importance ratio
+  ``exp(logp - old_logp)`` over completion tokens, and the share of them outside
+  ``[1 - epsilon_low, 1 + epsilon_high]``.
+
+The "free" choice is the top-k of the scores the router's decision ran on, kept by
+:meth:`~moe_replay.Session.keep_scores`: exact for routers that take a plain top-k of
+their scores (Qwen-MoE, Mixtral, OLMoE); for group-limited routers it ignores the group mask.
+
+Tested with TRL 1.16 (``GRPOTrainer`` internals change between releases: other versions are
+refused unless ``allow_untested_trl=True``). Not supported (refused at construction): tools
+and environments, ``rollout_func``, transformers continuous batching, vision-language
+models, and vLLM server mode (TRL's server does not return ``routed_experts``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..batch import BatchLayout
+from ..errors import MoEReplayError, RouterNotFoundError, RoutesValidationError, SessionStateError
+from ..generation import split_generation
+from ..interop import LayerMap
+from ..losses import RouterScores, load_balancing_loss
+from ..metrics import compare
+from ..routes import Routes
+from ..session import DEFAULT_CAPACITY, Session, attach
+
+try:
+    import trl
+    from trl import GRPOTrainer
+except ImportError as e:  # pragma: no cover - exercised only without trl
+    raise ImportError(
+        "moe_replay.integrations.trl needs TRL: pip install 'moe_replay[trl]' (or pip install 'trl>=1.16,<1.17')"
+    ) from e
+
+__all__ = [
+    "MODES",
+    "TESTED_TRL",
+    "RoutingReplayGRPOTrainer",
+    "RoutingReplayMixin",
+    "UnsupportedTrainerSetupError",
+    "rollout_routes_from_generate",
+    "rollout_routes_from_vllm",
+    "routes_from_vllm_output",
+]
+
+#: TRL releases (major.minor) this integration was tested with.
+TESTED_TRL: tuple[str, ...] = ("1.16",)
+
+#: ``routing_replay`` values: force the rollout's experts, only measure, or do nothing.
+MODES = ("replay", "measure", "off")
+
+#: Key of the per-completion ``[serial, index]`` tensor added to TRL's batches.
+IDS_KEY = "moe_replay_ids"
+
+_OVERRIDDEN = (
+    "_generate_single_turn",
+    "_generate_and_score_completions",
+    "_get_per_token_logps_and_entropies",
+    "compute_loss",
+)
+
+
+class UnsupportedTrainerSetupError(MoEReplayError, ValueError):
+    """A trainer configuration that routing replay does not support; refused before training."""
+
+
+# ----------------------------------------------------------------------------- rollouts
+@dataclass
+class _Rollout:
+    """Per-sequence routes of one generation batch, and the tokens they were recorded for."""
+
+    serial: int
+    mode: str
+    source: str
+    routes: list[Routes]
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    layouts: dict[tuple[Any, ...], _BatchRoutes] = field(default_factory=dict)
+
+
+@dataclass
+class _BatchRoutes:
+    """Replay routes for one ``[B, P + C]`` batch, with what the metrics need."""
+
+    routes: Routes
+    missing: torch.Tensor  # [T, L] bool, host
+    native_share: float  # -1 rows among the sequences' own (token, router) rows
+    device_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _as_ids(tokens: Any) -> list[int]:
+    if isinstance(tokens, torch.Tensor):
+        return [int(t) for t in tokens.reshape(-1).tolist()]
+    return [int(t) for t in tokens]
+
+
+def rollout_routes_from_generate(
+    routes: Routes,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    pad_to_multiple_of: int | None = None,
+) -> list[Routes]:
+    """Per-sequence routes from a capture around TRL's transformers ``generate()`` call.
+
+    TRL left-pads the prompts to the longest (rounded up to ``pad_to_multiple_of``) and
+    cuts each completion after its first end-of-sequence token. Each result holds
+    ``len(prompt) + len(completion)`` rows; the last one is -1 (no forward routed it).
+
+    Raises:
+        RoutesValidationError: the capture does not fit the prompts and completions.
+    """
+    prompts = [_as_ids(p) for p in prompt_ids]
+    completions = [_as_ids(c) for c in completion_ids]
+    if len(prompts) != len(completions) or not prompts:
+        raise RoutesValidationError(f"got {len(prompts)} prompts for {len(completions)} completions")
+    width = max(len(p) for p in prompts)
+    if pad_to_multiple_of:
+        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    empty = [i for i, c in enumerate(completions) if not c]
+    if empty:
+        raise RoutesValidationError(f"completion {empty[0]} is empty; generate() returns at least one token")
+    # generate() stops when every sequence has ended or after max_new_tokens: the longest completion has them all
+    b, n = len(prompts), max(len(c) for c in completions)
+    rows = set(routes.tokens_per_layer)
+    expected = b * width + b * (n - 1)
+    if rows != {expected}:
+        raise RoutesValidationError(
+            f"the capture around generate() holds {sorted(rows)} rows per router, but {b} prompts of {width} "
+            f"positions and {n} new tokens with a KV cache give {b}*{width} + {b}*{n - 1} = {expected}. Did generate() "
+            "run without a KV cache (use_cache=False in the model's config or generation kwargs: each step then "
+            "routes the whole sequence again), or more than once?"
+        )
+    seqs = split_generation(
+        routes,
+        batch_size=len(prompts),
+        prompt_len=width,
+        prompt_lengths=[len(p) for p in prompts],
+        padding_side="left",
+        lengths=[len(c) for c in completions],
+        new_tokens=n,
+    )
+    for i, (s, p, c) in enumerate(zip(seqs, prompts, completions, strict=True)):
+        if s.num_tokens != len(p) + len(c):  # pragma: no cover - split_generation guarantees it
+            raise RoutesValidationError(f"sequence {i}: {s.num_tokens} rows for {len(p) + len(c)} tokens")
+    return seqs
+
+
+def routes_from_vllm_output(request_output: Any, layer_map: LayerMap, *, index: int = 0) -> Routes:
+    """Routes of completion ``index`` of one vLLM ``RequestOutput``: the trainer's only engine reader.
+
+    vLLM 0.22 and later write ``CompletionOutput.routed_experts`` as one array
+    ``[prompt_len + gen_len - 1, num_hidden_layers, top_k]`` over every hidden layer (dense
+    layers' columns 0), uint8 up to 256 experts; :func:`moe_replay.interop.from_vllm_output`
+    reads it. The result has ``prompt_len + gen_len`` rows, the last one -1.
+    """
+    from .. import interop
+
+    return interop.from_vllm_output(request_output, layer_map, index=index)
+
+
+def rollout_routes_from_vllm(
+    outputs: Sequence[Any],
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    layer_map: LayerMap,
+) -> list[Routes]:
+    """Per-sequence routes from the ``RequestOutput`` list of vLLM's ``LLM.generate``.
+
+    Completions are taken in order (every completion of the first request, then of the
+    next); each must hold exactly the prompt and completion tokens TRL trains on.
+
+    Raises:
+        RoutesValidationError: the outputs do not match the prompts and completions, or
+            a completion has no ``routed_experts`` (vLLM was started without
+            ``enable_return_routed_experts=True``).
+    """
+    found: list[tuple[Any, int]] = [(o, j) for o in outputs for j in range(len(o.outputs))]
+    if len(found) != len(completion_ids) or len(prompt_ids) != len(completion_ids):
+        raise RoutesValidationError(
+            f"vLLM returned {len(found)} completions, but the trainer holds {len(completion_ids)} completions "
+            f"for {len(prompt_ids)} prompts"
+        )
+    seqs = []
+    for i, ((out, j), p, c) in enumerate(zip(found, prompt_ids, completion_ids, strict=True)):
+        p, c = _as_ids(p), _as_ids(c)
+        if _as_ids(out.prompt_token_ids or []) != p or _as_ids(out.outputs[j].token_ids) != c:
+            raise RoutesValidationError(
+                f"completion {i}: vLLM's prompt and completion tokens differ from those the trainer holds; the "
+                "outputs are not in the trainer's order"
+            )
+        r = routes_from_vllm_output(out, layer_map, index=j)
+        if r.num_tokens != len(p) + len(c):
+            raise RoutesValidationError(
+                f"completion {i}: vLLM's routed_experts give {r.num_tokens} rows for {len(p)} prompt and {len(c)} "
+                "completion tokens"
+            )
+        seqs.append(r)
+    return seqs
+
+
+@contextlib.contextmanager
+def _recording(obj: Any, method: str) -> Iterator[list[Any]]:
+    """Record what ``obj.method(...)`` returns while the block runs; the method is put back after."""
+    calls: list[Any] = []
+    own = obj.__dict__.get(method, _MISSING)
+    original = getattr(obj, method)
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    setattr(obj, method, recorded)
+    try:
+        yield calls
+    finally:
+        if own is _MISSING:
+            delattr(obj, method)
+        else:
+            setattr(obj, method, own)
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+@contextlib.contextmanager
+def _engine_returns_routes(enabled: bool) -> Iterator[None]:
+    """Build TRL's colocated vLLM engine with ``enable_return_routed_experts=True``.
+
+    TRL 1.16 passes no engine options through its config, so the constructor TRL calls
+    gets this one added while the trainer is built.
+    """
+    if not enabled:
+        yield
+        return
+    from trl.generation import vllm_generation
+
+    original = getattr(vllm_generation, "LLM", None)
+    if original is None:  # vLLM is not installed: TRL raises its own ImportError
+        yield
+        return
+
+    def llm(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("enable_return_routed_experts", True)
+        return original(*args, **kwargs)
+
+    vllm_generation.LLM = llm
+    try:
+        yield
+    finally:
+        vllm_generation.LLM = original
+
+
+def _check_trl_version(allow_untested: bool) -> None:
+    version = str(getattr(trl, "__version__", "0"))
+    minor = ".".join(version.split(".")[:2])
+    if minor not in TESTED_TRL and not allow_untested:
+        raise UnsupportedTrainerSetupError(
+            f"moe_replay's TRL integration was tested with TRL {', '.join(TESTED_TRL)}.x, this is TRL {version}: "
+            "GRPOTrainer's internals that it extends change between releases. Install "
+            "'trl>=1.16,<1.17' (pip install 'moe_replay[trl]'), or pass allow_untested_trl=True and check the "
+            "logged moe_replay/* metrics"
+        )
+    missing = [m for m in _OVERRIDDEN if not callable(getattr(GRPOTrainer, m, None))]
+    if missing:
+        raise UnsupportedTrainerSetupError(
+            f"this TRL's GRPOTrainer has no {missing}: the integration cannot hook into it; install 'trl>=1.16,<1.17'"
+        )
+
+
+def _probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """The router probabilities: ``scores`` if they are already a distribution per token, else their softmax."""
+    s = scores.detach()
+    if (
+        s.numel()
+        and bool((s >= 0).all())
+        and torch.allclose(s.float().sum(-1), s.new_ones(s.shape[0]).float(), atol=1e-3)
+    ):
+        return scores
+    return scores.float().softmax(-1)
+
+
+# ----------------------------------------------------------------------------- the trainer
+class RoutingReplayMixin:
+    """Routing replay over ``GRPOTrainer``'s extension points; put it before ``GRPOTrainer``.
+
+    Args (keyword-only, on top of ``GRPOTrainer``'s):
+        routing_replay: ``"replay"`` (default, or ``True``): force the rollout's experts in
+            every later forward; ``"measure"``: route freely and log how far that is from the
+            rollout's experts; ``"off"`` (or ``False``): attach nothing, exactly ``GRPOTrainer``.
+        replay_ref_model: replay in the reference model's forward too. ``None`` (default):
+            when it is an MoE with the same routers; ``True``: required (an error otherwise).
+        verify_replay: also capture every replayed forward and check, with
+            :func:`~moe_replay.compare`, that it used every forced expert (a host copy per
+            forward; for debugging).
+        capacity: capture rows per router; default: enough for one generation batch of
+            ``max_completion_length`` tokens after prompts of up to 1024.
+        attach_kwargs: passed to :func:`moe_replay.attach` (``include=``, ``exclude=``, ``adapters=``).
+        allow_untested_trl: run with a TRL release this integration was not tested with.
+
+    Attributes:
+        moe_session: the policy's :class:`~moe_replay.Session` (None when off).
+        moe_ref_session: the reference model's session, when its forward is replayed.
+    """
+
+    moe_session: Session | None
+    moe_ref_session: Session | None
+
+    def __init__(
+        self,
+        *args: Any,
+        routing_replay: str | bool = "replay",
+        replay_ref_model: bool | None = None,
+        verify_replay: bool = False,
+        capacity: int | None = None,
+        attach_kwargs: dict[str, Any] | None = None,
+        allow_untested_trl: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        mode = {True: "replay", False: "off"}.get(routing_replay, routing_replay)  # type: ignore[call-overload]
+        if mode not in MODES:
+            raise ValueError(f"routing_replay must be one of {MODES} (or True/False), got {routing_replay!r}")
+        self._mr_mode: str = mode
+        self.moe_session = None
+        self.moe_ref_session = None
+        self._mr_rollouts: dict[str, _Rollout | None] = {"train": None, "eval": None}
+        self._mr_serial = 0
+        self._mr_batch: tuple[str, list[int] | None, dict[str, Any] | None] | None = None
+        self._mr_verify = bool(verify_replay)
+        self._mr_layer_map: LayerMap | None = None
+        if mode == "off":
+            super().__init__(*args, **kwargs)
+            return
+        _check_trl_version(allow_untested_trl)
+        config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        _refuse_before(config, kwargs)
+        use_vllm = bool(getattr(config, "use_vllm", False))
+        with _engine_returns_routes(use_vllm and getattr(config, "vllm_mode", "colocate") == "colocate"):
+            super().__init__(*args, **kwargs)
+        _refuse_after(self)
+        if capacity is None:
+            a = self.args  # type: ignore[attr-defined]
+            rows = a.per_device_train_batch_size * a.steps_per_generation * (a.max_completion_length + 1024)
+            capacity = max(DEFAULT_CAPACITY, int(rows))
+        model = self.model  # type: ignore[attr-defined]
+        self.moe_session = attach(model, capacity=capacity, **(attach_kwargs or {}))
+        try:
+            self.moe_ref_session = self._mr_attach_ref(replay_ref_model, capacity, attach_kwargs or {})
+        except BaseException:
+            self.moe_session.detach()
+            raise
+
+    # ------------------------------------------------------------- set-up
+    def _mr_attach_ref(self, wanted: bool | None, capacity: int, attach_kwargs: dict[str, Any]) -> Session | None:
+        """A session on the reference model when its forward is replayed (a PEFT reference is the policy itself)."""
+        ref = getattr(self, "ref_model", None)
+        if ref is None or wanted is False:
+            return None
+        assert self.moe_session is not None
+        try:
+            session = attach(ref, capacity=capacity, **attach_kwargs)
+        except RouterNotFoundError:
+            if wanted:
+                raise UnsupportedTrainerSetupError(
+                    "replay_ref_model=True, but the reference model has no router: it is not an MoE"
+                ) from None
+            return None
+        if session.fingerprint != self.moe_session.fingerprint:
+            session.detach()
+            if wanted:
+                raise UnsupportedTrainerSetupError(
+                    "replay_ref_model=True, but the reference model's routers differ from the policy's (names, "
+                    f"expert counts or k: fingerprint {session.fingerprint} against {self.moe_session.fingerprint})"
+                )
+            return None
+        return session
+
+    def detach_routing_replay(self) -> None:
+        """Remove moe_replay from the models; the trainer then runs as a plain ``GRPOTrainer``."""
+        for s in (self.moe_session, self.moe_ref_session):
+            if s is not None:
+                s.detach()
+        self.moe_session = self.moe_ref_session = None
+        self._mr_mode = "off"
+
+    # ------------------------------------------------------------- generation
+    def _generate_single_turn(
+        self, prompt_ids: Any, images: Any, multimodal_fields: Any, num_generations: int, has_tool_images: bool = False
+    ) -> Any:
+        session = self.moe_session
+        if session is None:
+            return super()._generate_single_turn(  # type: ignore[misc]
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        mode = "train" if self.model.training else "eval"  # type: ignore[attr-defined]
+        self._mr_rollouts[mode] = None
+        if self.use_vllm:  # type: ignore[attr-defined]
+            gen = self.vllm_generation  # type: ignore[attr-defined]
+            if getattr(gen, "llm", None) is None:
+                raise UnsupportedTrainerSetupError(
+                    "routing replay reads routed_experts from the colocated vLLM engine (vllm_mode='colocate')"
+                )
+            with _recording(gen.llm, "generate") as calls:
+                completion_ids, logprobs = super()._generate_single_turn(  # type: ignore[misc]
+                    prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+                )
+            if len(calls) != 1:
+                raise SessionStateError(f"expected one vLLM generate call for this batch, saw {len(calls)}")
+            outputs = list(calls[0])
+            tp = int(getattr(gen, "tensor_parallel_size", 1) or 1)
+            if tp > 1:  # TRL keeps this rank's share of the TP group's outputs
+                rank = torch.distributed.get_rank(group=gen.tp_group)
+                outputs = outputs[rank * len(prompt_ids) : (rank + 1) * len(prompt_ids)]
+            seqs = rollout_routes_from_vllm(outputs, prompt_ids, completion_ids, self._mr_vllm_layer_map())
+            source = "vLLM routed_experts"
+        else:
+            with session.capture():
+                completion_ids, logprobs = super()._generate_single_turn(  # type: ignore[misc]
+                    prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+                )
+            seqs = rollout_routes_from_generate(
+                session.routes(),
+                prompt_ids,
+                completion_ids,
+                pad_to_multiple_of=self.pad_to_multiple_of,  # type: ignore[attr-defined]
+            )
+            source = "transformers generate()"
+        self._mr_serial += 1
+        self._mr_rollouts[mode] = _Rollout(
+            serial=self._mr_serial,
+            mode=mode,
+            source=source,
+            routes=seqs,
+            prompts=[_as_ids(p) for p in prompt_ids],
+            completions=[_as_ids(c) for c in completion_ids],
+        )
+        return completion_ids, logprobs
+
+    def _mr_vllm_layer_map(self) -> LayerMap:
+        if self._mr_layer_map is None:
+            assert self.moe_session is not None
+            cfg = self.model.config  # type: ignore[attr-defined]
+            text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+            self._mr_layer_map = LayerMap.from_session(self.moe_session, int(text.num_hidden_layers))
+        return self._mr_layer_map
+
+    def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
+        if self.moe_session is None:
+            return super()._generate_and_score_completions(inputs)  # type: ignore[misc]
+        mode = "train" if self.model.training else "eval"  # type: ignore[attr-defined]
+        self._mr_rollouts[mode] = None
+        self._mr_batch = (mode, None, None)
+        try:
+            output = super()._generate_and_score_completions(inputs)  # type: ignore[misc]
+        finally:
+            self._mr_batch = None
+        rollout = self._mr_rollouts[mode]
+        if rollout is None:
+            raise SessionStateError("no routes were recorded for this generation batch")
+        n = int(output["prompt_ids"].shape[0])
+        if n != len(rollout.routes):
+            raise RoutesValidationError(f"the batch holds {n} completions, the rollout recorded {len(rollout.routes)}")
+        ids = torch.stack([torch.full((n,), rollout.serial, dtype=torch.long), torch.arange(n)], dim=1)
+        output[IDS_KEY] = ids.to(output["prompt_ids"].device)
+        return output
+
+    # ------------------------------------------------------------- training forwards
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        if self.moe_session is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        ids = inputs.get(IDS_KEY)
+        if ids is None:
+            raise RoutesValidationError(
+                f"this batch has no '{IDS_KEY}': it was not made by this trainer's generation, so its routes are "
+                "unknown. Let the trainer generate the batches, or build it with routing_replay='off'"
+            )
+        ids = ids.detach().cpu()
+        mode = "train" if self.model.training else "eval"  # type: ignore[attr-defined]
+        rollout = self._mr_rollouts[mode]
+        serials = set(ids[:, 0].tolist())
+        if rollout is None or serials != {rollout.serial}:
+            held = "none" if rollout is None else rollout.serial
+            raise RoutesValidationError(
+                f"this batch comes from generation batch {sorted(serials)}, but the routes held are of batch {held}: "
+                "batches must be trained on before the next generation"
+            )
+        self._mr_batch = (mode, ids[:, 1].tolist(), inputs)
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        finally:
+            self._mr_batch = None
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        batch_size: int | None = None,
+        compute_entropy: bool = False,
+        compute_aux_loss: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        def plain(aux: bool = compute_aux_loss) -> Any:
+            return super(RoutingReplayMixin, self)._get_per_token_logps_and_entropies(  # type: ignore[misc]
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, aux, **kwargs
+            )
+
+        if self.moe_session is None:
+            return plain()
+        ref = getattr(self, "ref_model", None)
+        is_ref = ref is not None and model is ref
+        session = self.moe_ref_session if is_ref else self.moe_session
+        if session is None:
+            return plain()  # a reference model that is not an MoE of the same architecture
+        if self._mr_batch is None:
+            raise SessionStateError(
+                "a forward over completions ran outside the trainer's generation and loss steps, so moe_replay does "
+                "not know which rollout's routes it needs"
+            )
+        mode, rows, inputs = self._mr_batch
+        rollout = self._mr_rollouts[mode]
+        if rollout is None:
+            raise SessionStateError(f"no rollout routes are held for {mode} batches")
+        kind = "ref" if is_ref else ("old" if rows is None else "train")
+        if rows is None:
+            rows = list(range(len(rollout.routes)))
+        batch = _batch_routes(rollout, rows, input_ids, attention_mask, logits_to_keep)
+        replaying = self._mr_mode == "replay"
+        own_aux = compute_aux_loss and replaying
+        with contextlib.ExitStack() as stack:
+            if replaying:
+                stack.enter_context(session.replay(batch.routes))
+            if self._mr_verify and replaying:
+                stack.enter_context(session.capture())
+            kept = stack.enter_context(session.keep_scores())
+            logps, entropies, aux = plain(compute_aux_loss and not own_aux)
+            stats = _disagreement(kept, batch, replaying)
+            if own_aux:
+                aux = load_balancing_loss(
+                    [_probabilities(s) for s in kept.scores], kept.indices, mask=attention_mask.reshape(-1)
+                )
+            del kept
+        if self._mr_verify and replaying:
+            c = compare(session.routes(), batch.routes)
+            if int(c.differ.sum()) or int(c.compared.sum()) != int((~batch.missing).sum()):
+                raise RoutesValidationError(
+                    f"the {kind} forward did not use every replayed expert: {int(c.differ.sum())} of "
+                    f"{int(c.compared.sum())} decisions differ from the routes"
+                )
+        metrics = self._metrics[mode]  # type: ignore[attr-defined]
+        metrics[f"moe_replay/{kind}/decisions_differ"].append(stats[0])
+        metrics[f"moe_replay/{kind}/tokens_differ"].append(stats[1])
+        if kind == "train":
+            metrics["moe_replay/native_rows"].append(batch.native_share)
+            old = None if inputs is None else inputs.get("old_per_token_logps")
+            if old is not None:
+                self._mr_log_ratio(metrics, logps, old, inputs)
+        return logps, entropies, aux
+
+    def _mr_log_ratio(self, metrics: Any, logps: torch.Tensor, old: torch.Tensor, inputs: dict[str, Any]) -> None:
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        keep = mask.bool()
+        if not bool(keep.any()):
+            return
+        ratio = torch.exp(logps.detach() - old)[keep]
+        lo, hi = 1 - self.epsilon_low, 1 + self.epsilon_high  # type: ignore[attr-defined]
+        out = ((ratio < lo) | (ratio > hi)).float().mean()
+        vals = torch.stack([ratio.max(), ratio.min(), out]).tolist()
+        metrics["moe_replay/ratio/max"].append(vals[0])
+        metrics["moe_replay/ratio/min"].append(vals[1])
+        metrics["moe_replay/ratio/outside_clip"].append(vals[2])
+
+
+def _refuse_before(config: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse the set-ups that cannot work, before TRL builds anything."""
+    for name in ("tools", "rollout_func", "environment_factory"):
+        if kwargs.get(name):
+            raise UnsupportedTrainerSetupError(
+                f"routing replay does not support {name}= yet: multi-turn and custom rollouts generate outside the "
+                "single generate() call it records. Pass routing_replay='off'"
+            )
+    if config is None:
+        return
+    if getattr(config, "use_transformers_continuous_batching", False):
+        raise UnsupportedTrainerSetupError(
+            "routing replay does not support use_transformers_continuous_batching: its generate_batch() schedules "
+            "the tokens in an order the capture cannot split per sequence. Use the default generate() or vLLM"
+        )
+    if getattr(config, "use_vllm", False):
+        if getattr(config, "vllm_mode", "colocate") != "colocate":
+            raise UnsupportedTrainerSetupError(
+                "routing replay with vLLM needs vllm_mode='colocate': TRL's vLLM server (trl vllm-serve) does not "
+                "return vLLM's routed_experts"
+            )
+        extra = getattr(config, "generation_kwargs", None) or {}
+        if extra.get("routed_experts_prompt_start"):
+            raise UnsupportedTrainerSetupError(
+                "routed_experts_prompt_start in generation_kwargs: the trainer needs the routes of the whole prompt"
+            )
+
+
+def _refuse_after(trainer: Any) -> None:
+    if getattr(trainer, "_is_vlm", False):
+        raise UnsupportedTrainerSetupError(
+            "routing replay does not support vision-language models in GRPOTrainer yet (image tokens are untested)"
+        )
+
+
+def _batch_routes(
+    rollout: _Rollout, rows: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+) -> _BatchRoutes:
+    """The replay routes of TRL's ``[B, P + C]`` batch, after checking it holds the rollout's tokens."""
+    b, s = (int(x) for x in input_ids.shape)
+    c = int(logits_to_keep)
+    p = s - c
+    key = (tuple(rows), p, s)
+    cached = rollout.layouts.get(key)
+    if len(rows) != b:
+        raise RoutesValidationError(f"the batch has {b} rows, but {len(rows)} sequences were named for it")
+    bad = [i for i in rows if not 0 <= i < len(rollout.routes)]
+    if bad:
+        raise RoutesValidationError(f"sequence {bad[0]} is not in the rollout of {len(rollout.routes)} sequences")
+    prompts = [rollout.prompts[i] for i in rows]
+    comps = [rollout.completions[i] for i in rows]
+    long_p = [r for r, x in enumerate(prompts) if len(x) > p]
+    long_c = [r for r, x in enumerate(comps) if len(x) > c]
+    if long_p or long_c:
+        r = (long_p or long_c)[0]
+        raise RoutesValidationError(
+            f"batch row {r} (rollout sequence {rows[r]}): its {len(prompts[r])} prompt and {len(comps[r])} completion "
+            f"tokens do not fit the batch's {p} prompt and {c} completion positions: routes and batch do not line up"
+        )
+    layout = BatchLayout.split(
+        [len(x) for x in prompts], [len(x) + len(y) for x, y in zip(prompts, comps, strict=True)], prompt_width=p,
+        row_length=s,
+    )  # fmt: skip
+    expected = layout.tokens([torch.tensor(x + y) for x, y in zip(prompts, comps, strict=True)], pad_id=-1)
+    placed = expected >= 0
+    got = input_ids.detach().cpu()
+    wrong = (got != expected) & placed
+    if bool(wrong.any()):
+        r, t = (int(v) for v in wrong.nonzero()[0])
+        raise RoutesValidationError(
+            f"batch row {r}, position {t} holds token {int(got[r, t])}, but rollout sequence {rows[r]} has token "
+            f"{int(expected[r, t])} there: routes and batch do not line up (a batch edited after generation?)"
+        )
+    outside = attention_mask.detach().cpu().bool() & ~placed
+    if bool(outside.any()):
+        r, t = (int(v) for v in outside.nonzero()[0])
+        raise RoutesValidationError(
+            f"batch row {r} attends to position {t}, outside rollout sequence {rows[r]}'s tokens: routes and batch "
+            "do not line up"
+        )
+    if cached is not None:
+        return cached
+    routes = layout.routes([rollout.routes[i] for i in rows])
+    missing = routes.missing
+    own = placed.reshape(-1)
+    native = float(missing[own].float().mean()) if bool(own.any()) else 0.0
+    out = _BatchRoutes(routes=routes, missing=missing, native_share=native)
+    rollout.layouts[key] = out
+    return out
+
+
+def _disagreement(kept: RouterScores, batch: _BatchRoutes, replaying: bool) -> tuple[float, float]:
+    """Shares of decisions and of tokens where the free choice differs from the rollout's routes."""
+    routes = batch.routes
+    t = routes.num_tokens
+    differ = compared = None
+    token_any = token_seen = None
+    for name in routes.names:
+        try:
+            scores, used = kept[name]
+        except LookupError as e:
+            raise SessionStateError(
+                f"router '{name}' kept no scores in this forward (a compiled model?): the routing metrics need an "
+                "eager forward"
+            ) from e
+        if scores.shape[0] != t:
+            raise RoutesValidationError(
+                f"router '{name}' made {scores.shape[0]} decisions in this forward, the routes hold {t} rows"
+            )
+        device = scores.device
+        rollout = batch.device_rows.get(name)
+        if rollout is None or rollout.device != device:
+            rollout = batch.device_rows[name] = routes.layer(name).to(device)
+        free = scores.detach().topk(used.shape[1], dim=-1).indices if replaying else used
+        valid = rollout[:, 0] >= 0
+        d = (free.sort(-1).values != rollout.sort(-1).values).any(-1) & valid
+        if differ is None:
+            differ, compared = d.sum(), valid.sum()
+            token_any, token_seen = d.clone(), valid.clone()
+        else:
+            differ, compared = differ + d.sum(), compared + valid.sum()
+            token_any |= d
+            token_seen |= valid
+    assert differ is not None and compared is not None and token_any is not None and token_seen is not None
+    n_diff, n_cmp, t_diff, t_seen = torch.stack([differ, compared, token_any.sum(), token_seen.sum()]).tolist()
+    return (n_diff / n_cmp if n_cmp else 0.0, t_diff / t_seen if t_seen else 0.0)
+
+
+class RoutingReplayGRPOTrainer(RoutingReplayMixin, GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with routing replay (R2 with transformers generation, R3 with colocated vLLM).
+
+    Takes ``GRPOTrainer``'s arguments and the keyword arguments of :class:`RoutingReplayMixin`.
+
+    Example:
+        >>> from moe_replay.integrations.trl import RoutingReplayGRPOTrainer  # doctest: +SKIP
+        >>> trainer = RoutingReplayGRPOTrainer(  # doctest: +SKIP
+        ...     model="Qwen/Qwen3-30B-A3B", reward_funcs=reward, args=GRPOConfig(num_iterations=2), train_dataset=ds
+        ... )
+        >>> trainer.train()  # doctest: +SKIP
+    """

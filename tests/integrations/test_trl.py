@@ -1,0 +1,519 @@
+"""Routing replay in TRL's GRPOTrainer, on a tiny random Qwen3-MoE policy, on CPU.
+
+The replay is checked independently of the integration's own metrics: every call of the
+policy session's ``replay`` is wrapped by the test with a capture, and ``compare()`` of that
+capture against the routes shows that the forward used every recorded expert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import moe_replay as mr
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+tokenizers = pytest.importorskip("tokenizers")
+
+from trl import GRPOConfig  # noqa: E402
+
+from moe_replay.integrations import trl as mr_trl  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+VOCAB = 48
+PAD, EOS = 0, 1
+
+
+def tokenizer() -> Any:
+    """A word-level tokenizer over ``<pad> <eos> w0 .. w45``, built offline."""
+    vocab = {"<pad>": PAD, "<eos>": EOS, **{f"w{i}": i + 2 for i in range(VOCAB - 2)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def policy(seed: int = 0, layers: int = 2) -> Any:
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, router_aux_loss_coef=0.01,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def dataset(n: int = 8) -> Any:
+    # prompts of 2 to 4 words, so TRL left-pads them
+    return datasets.Dataset.from_dict(
+        {"prompt": [" ".join(f"w{(5 * i + j) % 40}" for j in range(2 + i % 3)) for i in range(n)]}
+    )
+
+
+def reward(completions: list[str], **_: Any) -> list[float]:
+    return [c.count("w3") - 0.1 * len(c.split()) for c in completions]
+
+
+def config(out: str, **kw: Any) -> GRPOConfig:
+    base = dict(
+        output_dir=out, per_device_train_batch_size=4, num_generations=4, max_completion_length=5, num_iterations=2,
+        steps_per_generation=2, max_steps=4, logging_steps=1, learning_rate=3e-2, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, seed=0, temperature=1.0,
+    )  # fmt: skip
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def spy_replays(session: mr.Session) -> list[tuple[mr.Routes, mr.RoutingComparison]]:
+    """Wrap ``session.replay`` with a capture; record ``(routes, compare(captured, routes))`` per replay."""
+    seen: list[tuple[mr.Routes, mr.RoutingComparison]] = []
+    original = session.replay
+
+    @contextlib.contextmanager
+    def replay(routes: mr.Routes, **kwargs: Any) -> Any:
+        with original(routes, **kwargs):
+            with session.capture():
+                yield session
+            seen.append((routes, mr.compare(session.routes(), routes)))
+
+    session.replay = replay  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.fixture(scope="module")
+def trained() -> Any:
+    """A few GRPO steps with replay (num_iterations=2, two micro-batches per generation), and its replays."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = mr_trl.RoutingReplayGRPOTrainer(
+            model=policy(), reward_funcs=reward, args=config(out), train_dataset=dataset(), processing_class=tokenizer()
+        )
+        replays = spy_replays(trainer.moe_session)
+        trainer.train()
+        yield SimpleNamespace(trainer=trainer, replays=replays, logs=trainer.state.log_history[:-1])
+        trainer.detach_routing_replay()
+
+
+def test_every_replayed_forward_forces_every_recorded_route(trained: Any) -> None:
+    # 4 steps, 2 micro-batches per generation, num_iterations=2: one generation every 4 steps
+    # -> one old-logprob forward (the whole generation batch) and 4 loss forwards
+    assert len(trained.replays) == 5
+    for routes, c in trained.replays:
+        recorded = int((~routes.missing).sum())
+        assert recorded > 0
+        assert int(c.compared.sum()) == recorded  # every recorded route was compared...
+        assert int(c.differ.sum()) == 0  # ...and used
+    old, *losses = (r for r, _ in trained.replays)
+    assert old.num_tokens == 8 * (old.num_tokens // 8)  # the 8 sequences of the generation batch
+    for r in losses:
+        assert r.num_tokens % 4 == 0  # micro-batches of 4 sequences
+
+
+def test_each_sequence_is_replayed_with_its_own_generation_routes(trained: Any) -> None:
+    # the old-logprob forward's routes, cut per row, equal what generate() chose for that sequence
+    t = trained.trainer
+    rollout = t._mr_rollouts["train"]
+    old = trained.replays[0][0]
+    rows, width = 8, old.num_tokens // 8
+    p = width - max(len(c) for c in rollout.completions)
+    for i in range(rows):
+        n_p, n_c = len(rollout.prompts[i]), len(rollout.completions[i])
+        own = old[i * width + p - n_p : i * width + p + n_c]
+        assert torch.equal(own.indices, rollout.routes[i].indices)
+        assert bool(own.missing[-1].all())  # the last token: never routed during generation
+        pad = old[i * width : i * width + p - n_p]
+        assert pad.num_tokens == 0 or bool(pad.missing.all())
+
+
+def test_metrics_are_logged_every_step_and_in_range(trained: Any) -> None:
+    logs = trained.logs
+    assert len(logs) == 4
+    for entry in logs:
+        for key in ("moe_replay/train/decisions_differ", "moe_replay/train/tokens_differ", "moe_replay/native_rows"):
+            assert key in entry and 0.0 <= entry[key] <= 1.0, (key, entry.get(key))
+        assert entry["moe_replay/train/decisions_differ"] <= entry["moe_replay/train/tokens_differ"]
+        assert 0.0 < entry["moe_replay/native_rows"] < 0.5  # the last token of each sequence, nothing else
+        assert "clip_ratio/region_mean" in entry  # TRL's own ratio statistics are still logged
+        assert 0.0 < entry["moe_replay/ratio/min"] <= entry["moe_replay/ratio/max"]
+        assert 0.0 <= entry["moe_replay/ratio/outside_clip"] <= 1.0
+    assert "moe_replay/old/decisions_differ" in logs[0]
+    # the first loss pass runs the weights the rollout ran: the ratio is 1 and free routing agrees
+    assert logs[0]["moe_replay/ratio/max"] == pytest.approx(1.0, abs=1e-4)
+    assert logs[0]["moe_replay/train/decisions_differ"] == 0.0
+    assert logs[0]["moe_replay/old/decisions_differ"] <= 0.05  # float32: the KV cache moves a decision rarely if ever
+
+
+def _forward_metrics(t: Any, rows: list[int], ids: torch.Tensor, mask: torch.Tensor, c: int) -> dict[str, float]:
+    """Run the trainer's forward over a batch of the held rollout; return the metrics it appended."""
+    t._metrics["train"].clear()
+    t._mr_batch = ("train", rows, None)
+    try:
+        with torch.no_grad():
+            t._get_per_token_logps_and_entropies(t.model, ids, mask, c)
+    finally:
+        t._mr_batch = None
+    out = {k: v[-1] for k, v in t._metrics["train"].items()}
+    t._metrics["train"].clear()
+    return out
+
+
+def test_measured_disagreement_matches_compare_of_a_free_forward(trained: Any) -> None:
+    t = trained.trainer
+    rollout = t._mr_rollouts["train"]
+    rows = list(range(len(rollout.routes)))
+    ids, mask, c = grid(rollout, rows)
+    routes = mr_trl._batch_routes(rollout, rows, ids, mask, c).routes
+    # measure mode: the figure is compare() of a free forward against the rollout's routes
+    t._mr_mode = "measure"
+    try:
+        got = _forward_metrics(t, rows, ids, mask, c)
+    finally:
+        t._mr_mode = "replay"
+    with torch.no_grad(), t.moe_session.capture():
+        t.model(input_ids=ids, attention_mask=mask)
+    free = mr.compare(t.moe_session.routes(), routes)
+    assert got["moe_replay/train/decisions_differ"] == pytest.approx(free.overall)
+    assert got["moe_replay/train/tokens_differ"] == pytest.approx(free.token_fraction)
+    assert free.overall > 0  # the policy was trained after this rollout: some decisions moved
+
+
+def test_replay_mode_measures_the_router_that_would_choose_otherwise(trained: Any) -> None:
+    t = trained.trainer
+    rollout = t._mr_rollouts["train"]
+    rows = list(range(len(rollout.routes)))
+    ids, mask, c = grid(rollout, rows)
+    gate = t.model.model.layers[0].mlp.gate.weight
+    with torch.no_grad():
+        gate.neg_()  # the first router now ranks its experts upside down: its free top-2 is the old bottom-2
+    try:
+        flipped = _forward_metrics(t, rows, ids, mask, c)
+    finally:
+        with torch.no_grad():
+            gate.neg_()
+    assert flipped["moe_replay/train/tokens_differ"] == 1.0
+    assert flipped["moe_replay/train/decisions_differ"] >= 0.5  # one of the two routers differs everywhere
+
+
+def test_native_rows_share_matches_the_layout(trained: Any) -> None:
+    rollout = trained.trainer._mr_rollouts["train"]
+    tokens = sum(len(p) + len(c) for p, c in zip(rollout.prompts, rollout.completions, strict=True))
+    expected = len(rollout.routes) / tokens  # one -1 row per sequence, in every router
+    whole = mr.Routes.cat(rollout.routes)
+    assert float(whole.missing.float().mean()) == pytest.approx(expected)
+
+
+def grid(rollout: Any, rows: list[int], extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """TRL's batch for ``rows`` of a rollout: prompts left-padded, completions right-padded (plus ``extra`` columns)."""
+    p = max(len(x) for x in rollout.prompts)
+    c = max(len(x) for x in rollout.completions) + extra
+    ids = torch.full((len(rows), p + c), PAD)
+    mask = torch.zeros_like(ids)
+    for r, i in enumerate(rows):
+        seq = rollout.prompts[i] + rollout.completions[i]
+        start = p - len(rollout.prompts[i])
+        ids[r, start : start + len(seq)] = torch.tensor(seq)
+        mask[r, start : start + len(seq)] = 1
+    return ids, mask, c
+
+
+def test_a_batch_that_does_not_match_its_routes_is_refused(trained: Any) -> None:
+    rollout = trained.trainer._mr_rollouts["train"]
+    rows = [0, 1]
+    ids, mask, c = grid(rollout, rows, extra=1)
+    batch = mr_trl._batch_routes(rollout, rows, ids, mask, c)  # lines up
+    assert batch.routes.num_tokens == ids.numel()
+    bad = ids.clone()
+    p = ids.shape[1] - c
+    bad[1, p] = (bad[1, p] + 1) % VOCAB
+    with pytest.raises(mr.RoutesValidationError, match="do not line up"):
+        mr_trl._batch_routes(rollout, rows, bad, mask, c)
+    with pytest.raises(mr.RoutesValidationError, match="do not line up"):
+        mr_trl._batch_routes(rollout, rows[::-1], ids, mask, c)
+    with pytest.raises(mr.RoutesValidationError, match="do not line up"):
+        mr_trl._batch_routes(rollout, rows, ids[:, 1:], mask[:, 1:], c)  # a prompt column cut off
+    with pytest.raises(mr.RoutesValidationError, match="attends to position"):
+        mr_trl._batch_routes(rollout, rows, ids, torch.ones_like(mask), c)
+
+
+def test_loss_on_a_batch_without_routes_is_refused(trained: Any) -> None:
+    t = trained.trainer
+    inputs = {"prompt_ids": torch.zeros(1, 2, dtype=torch.long)}
+    with pytest.raises(mr.RoutesValidationError, match="moe_replay_ids"):
+        t.compute_loss(t.model, inputs)
+    stale = {"moe_replay_ids": torch.tensor([[t._mr_rollouts["train"].serial - 1, 0]])}
+    with pytest.raises(mr.RoutesValidationError, match="generation batch"):
+        t.compute_loss(t.model, stale)
+
+
+def test_off_attaches_nothing_and_measure_does_not_force() -> None:
+    with tempfile.TemporaryDirectory() as out:
+        model = policy()
+        forwards = {n: m.forward for n, m in model.named_modules()}
+        trainer = mr_trl.RoutingReplayGRPOTrainer(
+            model=model, reward_funcs=reward, args=config(out, max_steps=1), train_dataset=dataset(),
+            processing_class=tokenizer(), routing_replay="off",
+        )  # fmt: skip
+        assert trainer.moe_session is None
+        assert all(getattr(m.forward, "__moe_replay_hook__", None) is None for m in model.modules())
+        trainer.train()
+        assert not any(k.startswith("moe_replay/") for k in trainer.state.log_history[0])
+        assert {n: m.forward for n, m in model.named_modules()}.keys() == forwards.keys()
+
+        model = policy()
+        trainer = mr_trl.RoutingReplayGRPOTrainer(
+            model=model, reward_funcs=reward, args=config(out, max_steps=4), train_dataset=dataset(),
+            processing_class=tokenizer(), routing_replay="measure",
+        )  # fmt: skip
+        replays = spy_replays(trainer.moe_session)
+        trainer.train()
+        assert replays == []
+        logs = trainer.state.log_history[:-1]
+        assert all(0.0 <= e["moe_replay/train/decisions_differ"] <= 1.0 for e in logs)
+        trainer.detach_routing_replay()
+        assert all(getattr(m.forward, "__moe_replay_hook__", None) is None for m in model.modules())
+
+
+def test_reference_model_of_the_same_architecture_is_replayed(tmp_path: Any) -> None:
+    # beta != 0: TRL builds the reference model from the policy's path
+    path = tmp_path / "policy"
+    policy(seed=1).save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    trainer = mr_trl.RoutingReplayGRPOTrainer(
+        model=str(path), reward_funcs=reward, args=config(str(tmp_path / "out"), max_steps=1, beta=0.1),
+        train_dataset=dataset(), processing_class=tokenizer(),
+    )  # fmt: skip
+    assert trainer.moe_ref_session is not None
+    ref_replays = spy_replays(trainer.moe_ref_session)
+    trainer.train()
+    assert len(ref_replays) == 1
+    (routes, c), = ref_replays  # fmt: skip
+    assert int(c.differ.sum()) == 0 and int(c.compared.sum()) == int((~routes.missing).sum())
+    assert "moe_replay/ref/decisions_differ" in trainer.state.log_history[0]
+    trainer.detach_routing_replay()
+
+
+def test_verify_replay_checks_every_forward_itself() -> None:
+    with tempfile.TemporaryDirectory() as out:
+        trainer = mr_trl.RoutingReplayGRPOTrainer(
+            model=policy(), reward_funcs=reward, args=config(out, max_steps=2), train_dataset=dataset(),
+            processing_class=tokenizer(), verify_replay=True,
+        )  # fmt: skip
+        checked = []
+        original = mr_trl.compare
+        mr_trl.compare = lambda a, b: checked.append(original(a, b)) or checked[-1]  # type: ignore[assignment]
+        try:
+            trainer.train()
+        finally:
+            mr_trl.compare = original
+        assert len(checked) == 3  # the old-logprob forward and two loss forwards
+        assert all(int(c.differ.sum()) == 0 and int(c.compared.sum()) > 0 for c in checked)
+        trainer.detach_routing_replay()
+
+
+def test_load_balancing_loss_follows_the_replayed_experts(trained: Any) -> None:
+    # the aux loss the trainer adds is computed from the replayed experts: forcing other experts changes it
+    t = trained.trainer
+    rollout = t._mr_rollouts["train"]
+    rows = list(range(len(rollout.routes)))
+    ids, mask, c = grid(rollout, rows)
+    t._mr_batch = ("train", rows, None)
+    try:
+        with torch.no_grad():
+            _, _, aux = t._get_per_token_logps_and_entropies(t.model, ids, mask, c, compute_aux_loss=True)
+    finally:
+        t._mr_batch = None
+    batch = mr_trl._batch_routes(rollout, rows, ids, mask, c)
+    session = t.moe_session
+    with torch.no_grad(), session.replay(batch.routes), session.keep_scores() as kept:
+        t.model(input_ids=ids, attention_mask=mask)
+    expected = mr.load_balancing_loss(kept.scores, kept.indices, mask=mask.reshape(-1))
+    assert float(aux) == pytest.approx(float(expected), rel=1e-5)
+    # the experts the forward used are the rollout's on every recorded row
+    for name, used in zip(kept.names, kept.indices, strict=True):
+        rec = batch.routes.layer(name)
+        ok = rec[:, 0] >= 0
+        assert torch.equal(used[ok].sort(-1).values, rec[ok].sort(-1).values)
+
+
+def test_unsupported_setups_are_refused_before_training() -> None:
+    with tempfile.TemporaryDirectory() as out:
+        for kw, match in (
+            (dict(args=config(out, use_vllm=True, vllm_mode="server")), "colocate"),
+            (dict(args=config(out), tools=[len]), "tools"),
+            (dict(args=config(out, use_transformers_continuous_batching=True)), "continuous_batching"),
+        ):
+            with pytest.raises(mr_trl.UnsupportedTrainerSetupError, match=match):
+                mr_trl.RoutingReplayGRPOTrainer(
+                    model=policy(), reward_funcs=reward, train_dataset=dataset(), processing_class=tokenizer(), **kw
+                )
+    with pytest.raises(ValueError, match="routing_replay"):
+        mr_trl.RoutingReplayGRPOTrainer(model=policy(), routing_replay="sometimes")
+
+
+# ----------------------------------------------------------------------------- R3: vLLM outputs
+def _vllm_output(prompt: list[int], completion: list[int], routes: mr.Routes, num_layers: int, lm: mr.LayerMap) -> Any:
+    """A RequestOutput as vLLM 0.22+ writes it: one routed_experts array over prompt and completion,
+    ``[prompt_len + gen_len - 1, num_hidden_layers, k]`` (dense layers' columns 0), uint8 up to 256 experts."""
+    body = routes[: routes.num_tokens - 1]
+    arr = np.zeros((body.num_tokens, num_layers, lm.k), dtype=np.uint8)
+    for name in body.names:
+        arr[:, lm.column(name, "all")] = body.layer(name).numpy().astype(np.uint8)
+    comp = SimpleNamespace(token_ids=list(completion), routed_experts=arr)
+    return SimpleNamespace(prompt_token_ids=list(prompt), outputs=[comp])
+
+
+def test_vllm_routed_experts_give_the_generation_routes() -> None:
+    # a 3-layer model whose first layer is dense: vLLM writes zeros in that column
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=3,
+        mlp_only_layers=[0], num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8,
+        num_experts_per_tok=2, pad_token_id=PAD, eos_token_id=None, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+        completions = [row[width:].tolist() for row in out]
+        from_generate = mr_trl.rollout_routes_from_generate(session.routes(), prompts, completions)
+        lm = mr.LayerMap.from_session(session, num_layers=3)
+    assert lm.dense_layers == (0,)
+    outputs = [_vllm_output(p, c, r, 3, lm) for p, c, r in zip(prompts, completions, from_generate, strict=True)]
+    assert outputs[0].outputs[0].routed_experts.shape == (len(prompts[0]) + 4 - 1, 3, 2)
+    from_vllm = mr_trl.rollout_routes_from_vllm(outputs, prompts, completions, lm)
+    for a, b in zip(from_generate, from_vllm, strict=True):
+        assert torch.equal(a.indices, b.indices)
+    # completions out of order are refused, as are outputs without routed_experts
+    with pytest.raises(mr.RoutesValidationError, match="order"):
+        mr_trl.rollout_routes_from_vllm(outputs[::-1], prompts, completions, lm)
+    outputs[1].outputs[0].routed_experts = None
+    with pytest.raises(mr.RoutesValidationError, match="enable_return_routed_experts"):
+        mr_trl.rollout_routes_from_vllm(outputs, prompts, completions, lm)
+
+
+def test_generation_without_kv_cache_is_refused() -> None:
+    # without a cache every decode step routes the whole sequence again: no single route per token exists
+    model = policy().eval()
+    prompts = [[5, 6, 7], [8, 9]]
+    ids = torch.tensor([[5, 6, 7], [PAD, 8, 9]])
+    mask = (ids != PAD).long()
+    with mr.attach(model) as session:
+        for use_cache, fails in ((True, False), (False, True)):
+            with session.capture(), torch.no_grad():
+                out = model.generate(
+                    ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD, use_cache=use_cache
+                )
+            completions = [row[3:].tolist() for row in out]
+            if fails:
+                with pytest.raises(mr.RoutesValidationError, match="KV cache"):
+                    mr_trl.rollout_routes_from_generate(session.routes(), prompts, completions)
+            else:
+                seqs = mr_trl.rollout_routes_from_generate(session.routes(), prompts, completions)
+                assert [r.num_tokens for r in seqs] == [6, 5]
+
+
+class _FakeLLM:
+    """Stands in for vLLM's ``LLM`` on CPU: generates with a copy of the policy (the "engine") and
+    returns RequestOutputs whose routed_experts are the engine's own routes, in vLLM 0.22+'s layout."""
+
+    def __init__(self, engine: Any, num_layers: int, max_tokens: int) -> None:
+        self.engine, self.num_layers, self.max_tokens = engine, num_layers, max_tokens
+        self.session = mr.attach(engine)
+        self.lm = mr.LayerMap.from_session(self.session, num_layers=num_layers)
+
+    def generate(self, prompts: list[dict[str, Any]], sampling_params: Any = None, use_tqdm: bool = False) -> list[Any]:
+        outs = []
+        for p in prompts:
+            ids = torch.tensor([p["prompt_token_ids"]])
+            with self.session.capture(), torch.no_grad():
+                seq = self.engine.generate(ids, max_new_tokens=self.max_tokens, do_sample=True, pad_token_id=PAD)
+            comp = seq[0, ids.shape[1] :].tolist()
+            if EOS in comp:
+                comp = comp[: comp.index(EOS) + 1]
+            routes = mr_trl.rollout_routes_from_generate(self.session.routes(), [ids[0].tolist()], [comp])[0]
+            out = _vllm_output(ids[0].tolist(), comp, routes, self.num_layers, self.lm)
+            with torch.no_grad():  # the sampled tokens' logprobs, as vLLM returns them
+                logits = self.engine(seq[:, : ids.shape[1] + len(comp)]).logits[0, ids.shape[1] - 1 : -1]
+            lp = logits.log_softmax(-1).gather(-1, torch.tensor(comp)[:, None])[:, 0].tolist()
+            out.outputs[0].logprobs = [{t: SimpleNamespace(logprob=v)} for t, v in zip(comp, lp, strict=True)]
+            outs.append(out)
+        return outs
+
+
+class _FakeVLLMGeneration:
+    """TRL's VLLMGeneration in colocate mode, reduced to what GRPOTrainer calls."""
+
+    def __init__(self, llm: _FakeLLM, trainer_model: Any) -> None:
+        self.llm, self.model, self.tensor_parallel_size = llm, trainer_model, 1
+
+    def sync_weights(self) -> None:
+        self.llm.engine.load_state_dict(self.model.state_dict())
+
+    def generate(self, prompts: list[list[int]], images: Any, num_generations: int, profiler: Any = None) -> tuple:
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts])
+        completion_ids = [o.outputs[0].token_ids for o in outs]
+        logprobs = [[[next(iter(d.values())).logprob] for d in o.outputs[0].logprobs] for o in outs]
+        return [o.prompt_token_ids for o in outs], completion_ids, logprobs, None
+
+
+def test_r3_trains_on_the_engines_routes() -> None:
+    # use_vllm=True needs vLLM and a GPU; here the trainer's vLLM object is replaced by a CPU stand-in
+    # that returns RequestOutputs in vLLM's format, and the trainer takes its generate() path for vLLM
+    with tempfile.TemporaryDirectory() as out:
+        model = policy(seed=2)
+        trainer = mr_trl.RoutingReplayGRPOTrainer(
+            model=model, reward_funcs=reward, args=config(out, max_steps=2), train_dataset=dataset(),
+            processing_class=tokenizer(),
+        )  # fmt: skip
+        engine = policy(seed=2)
+        trainer.use_vllm = True
+        trainer.vllm_generation = _FakeVLLMGeneration(_FakeLLM(engine, 2, 5), trainer.model)
+        trainer._last_loaded_step = -1
+        replays = spy_replays(trainer.moe_session)
+        trainer.train()
+        rollout = trainer._mr_rollouts["train"]
+        assert rollout.source == "vLLM routed_experts"
+        assert len(replays) >= 2
+        for routes, c in replays:
+            assert int(c.differ.sum()) == 0 and int(c.compared.sum()) == int((~routes.missing).sum())
+        logs = trainer.state.log_history[:-1]
+        assert "sampling/importance_sampling_ratio/max" in logs[0]  # TRL's own vLLM ratio statistics
+        assert 0.0 <= logs[0]["moe_replay/old/decisions_differ"] <= 1.0
+        assert math.isfinite(logs[0]["moe_replay/ratio/max"])
+        trainer.detach_routing_replay()
+        trainer.vllm_generation.llm.session.detach()
+
+
+def test_the_colocated_engine_is_started_with_routed_experts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TRL builds its colocated engine with `LLM(...)` from trl.generation.vllm_generation
+    from trl.generation import vllm_generation
+
+    made: list[dict[str, Any]] = []
+    monkeypatch.setattr(vllm_generation, "LLM", lambda *a, **kw: made.append(kw), raising=False)
+    with mr_trl._engine_returns_routes(True):
+        vllm_generation.LLM(model="m", seed=0)
+    vllm_generation.LLM(model="m")  # outside: as TRL wrote it
+    assert made == [{"model": "m", "seed": 0, "enable_return_routed_experts": True}, {"model": "m"}]
+
+
+def test_the_core_does_not_import_trl() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, moe_replay, moe_replay.integrations; assert 'trl' not in sys.modules, 'trl was imported'"
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[2])
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
