@@ -116,9 +116,18 @@ def _is_sparsemixer(name: str, module: nn.Module) -> bool:
 
 
 def _has_expert_table(name: str, module: nn.Module) -> bool:
-    """A hash router: it owns an integer ``[vocab, k]`` table of expert ids (DeepSeek-V4)."""
+    """A hash router: it owns an integer ``[vocab, k]`` table of expert ids (DeepSeek-V4).
+
+    Narrower than the experts it chooses from (a ``[steps, E]`` history of loads is no table).
+    """
+    w = _own_weight(module)
+    experts = int(w.shape[0]) if w is not None and w.dim() == 2 else None
     return any(
-        b.dim() == 2 and not b.dtype.is_floating_point and b.dtype != torch.bool and b.shape[0] > b.shape[1]
+        b.dim() == 2
+        and not b.dtype.is_floating_point
+        and b.dtype != torch.bool
+        and b.shape[0] > b.shape[1]
+        and (experts is None or b.shape[1] < experts)
         for b in module.buffers(recurse=False)
     )
 

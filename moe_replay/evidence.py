@@ -32,12 +32,16 @@ import contextlib
 import copy
 import dataclasses
 import math
+import numbers
 import os
+import random
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -69,6 +73,16 @@ FORCEABLE = frozenset({"topk", "argmax", "max", "argmin", "min"})
 #: The torch functions whose calls may be a decision.
 DECISION_FUNCS = frozenset(_FAMILY)
 
+#: Probe runs in progress (any thread): routers nested in a probed scope run plainly meanwhile.
+PROBING = [0]
+
+
+class _Nesting(threading.local):
+    depth = 0  # scope forwards running in this thread (eager): a mode sees only its own scope's calls
+
+
+NESTING = _Nesting()
+
 _MASKS = frozenset({torch.masked_fill, torch.Tensor.masked_fill, torch.where, torch.Tensor.where})
 
 
@@ -98,8 +112,11 @@ def decision_call(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -
         k, dim = 1, _arg(args, kwargs, 2, "dim", -1)
     else:
         k, dim = width, _arg(args, kwargs, 1, "dim", -1)
-    if isinstance(k, bool) or not isinstance(k, int) or isinstance(dim, bool) or not isinstance(dim, int):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or isinstance(dim, bool):
         return None
+    if not isinstance(dim, numbers.Integral):
+        return None
+    k, dim = int(k), int(dim)
     if dim not in (-1, x.dim() - 1) or width < 2:
         return None
     return family, k, width
@@ -239,6 +256,7 @@ class _ProbeMode(TorchFunctionMode):
     def __init__(self, change: int | None, hold: dict[int, Any], slot: int | None = None) -> None:
         super().__init__()
         self.change, self.hold, self.slot = change, hold, slot
+        self.depth = NESTING.depth
         self.calls: list[Call] = []
         self.outs: list[Any] = []
         self.masked: list[torch.Tensor] = []
@@ -254,7 +272,7 @@ class _ProbeMode(TorchFunctionMode):
                 self.masked.append(out)
             return out
         sig = decision_call(func, args, kwargs) if func in DECISION_FUNCS else None
-        if sig is None:
+        if sig is None or NESTING.depth != self.depth:  # not a decision, or one of a router nested inside
             return func(*args, **kwargs)
         i = len(self.calls)
         x = _arg(args, kwargs, 0, "input")
@@ -282,31 +300,54 @@ def _leaves(obj: Any, out: list[Any], depth: int = 0) -> list[Any]:
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
             _leaves(getattr(obj, f.name), out, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type | nn.Module) and not callable(obj):
+        for v in vars(obj).values():  # a plain result object
+            _leaves(v, out, depth + 1)
     return out
 
 
-def _distance(a: Any, b: Any) -> float:
-    """How far two forward outputs are apart: 0 when equal, inf when their structure differs."""
+def _distance(a: Any, b: Any, tol: float = 0.0) -> tuple[float, int]:
+    """How far two forward outputs are apart, and in how many elements (by more than ``tol``).
+
+    ``(0, 0)`` when equal; ``inf`` when their structure differs.
+    """
     la, lb = _leaves(a, []), _leaves(b, [])
     if len(la) != len(lb):
-        return math.inf
-    worst = 0.0
+        return math.inf, sys.maxsize
+    worst, count = 0.0, 0
     for x, y in zip(la, lb, strict=True):
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             continue
         if x.shape != y.shape or x.dtype != y.dtype:
-            return math.inf
+            return math.inf, sys.maxsize
         if not x.is_floating_point():
-            if not torch.equal(x, y):
-                return math.inf
+            unequal = int((x != y).sum())
+            if unequal:
+                worst, count = math.inf, count + unequal
             continue
         x, y = x.detach().double(), y.detach().double()
         same = (x == y) | (x.isnan() & y.isnan())
         if bool(same.all()):
             continue
-        diff = (x - y).abs().masked_fill(same, 0.0)
-        worst = max(worst, float(diff.max()) if not bool(diff.isnan().any()) else math.inf)
-    return worst
+        diff = (x - y).abs().masked_fill(same, 0.0).nan_to_num(nan=math.inf)
+        worst = max(worst, float(diff.max()))
+        count += int((diff > tol).sum())
+    return worst, count
+
+
+def _indices(out: Any, family: str, rows: int) -> torch.Tensor:
+    idx = out if family in ("argmax", "argmin", "argsort") else out[1]
+    return idx.reshape(rows, -1)
+
+
+def _disjoint(call: Call, out: Any, slots: list[tuple[Call, Any]]) -> bool:
+    """Do the indices of ``out`` share no expert with those of ``slots`` in any row (slots of one decision)?"""
+    try:
+        mine = _indices(out, call.family, call.rows)
+        rest = torch.cat([_indices(o, c.family, call.rows) for c, o in slots], 1)
+    except (RuntimeError, IndexError, TypeError):
+        return False
+    return not bool((mine[:, :, None] == rest[:, None, :]).any())
 
 
 def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -353,23 +394,25 @@ class _Snapshot:
         self.cuda = (
             torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         )
+        self.py_random, self.np_random = random.getstate(), np.random.get_state()
         self.modules = list(scope.modules())
-        self.tensors = [(b, b.detach().clone()) for b in scope.buffers()]
+        self.held = [(m, dict(m._buffers), dict(m._parameters)) for m in self.modules]  # rebinding, too
+        self.tensors = [(b, b.detach().clone(), b._version) for b in scope.buffers()]
         self.big: list[tuple[torch.Tensor, int]] = []
         for p in scope.parameters():
             if p.numel() <= _COPY_LIMIT:
-                self.tensors.append((p, p.detach().clone()))
+                self.tensors.append((p, p.detach().clone(), p._version))
             else:
                 self.big.append((p, p._version))
         self.attrs = [
             (m, {k: _shallow(v) for k, v in vars(m).items() if k not in _MODULE_INTERNALS}) for m in self.modules
         ]
-        held = {id(t) for t, _ in self.tensors}
+        held = {id(t) for t, _, _ in self.tensors}
         for _, attrs in self.attrs:  # tensors kept as plain attributes (statistics updated in place)
             for v in attrs.values():
                 if isinstance(v, torch.Tensor) and id(v) not in held and v.numel() <= _COPY_LIMIT:
                     held.add(id(v))
-                    self.tensors.append((v, v.detach().clone()))
+                    self.tensors.append((v, v.detach().clone(), v._version))
         self.generators = [
             (g, g.get_state()) for m in self.modules for g in vars(m).values() if isinstance(g, torch.Generator)
         ]
@@ -378,12 +421,20 @@ class _Snapshot:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+        random.setstate(self.py_random)
+        np.random.set_state(self.np_random)
+        for m, buffers, params in self.held:
+            for now, then in ((m._buffers, buffers), (m._parameters, params)):
+                if len(now) != len(then) or any(now.get(k) is not v for k, v in then.items()):
+                    now.clear()
+                    now.update(then)
         for g, state in self.generators:
             g.set_state(state)
         with torch.no_grad():
-            for t, v in self.tensors:
-                if t.shape == v.shape:
+            for i, (t, v, version) in enumerate(self.tensors):
+                if t._version != version and t.shape == v.shape:  # only what a run changed: no needless bump
                     t.copy_(v)
+                    self.tensors[i] = (t, v, t._version)
         for m, attrs in self.attrs:
             for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_INTERNALS]:
                 delattr(m, k)
@@ -422,6 +473,10 @@ def _syncs_allowed() -> Iterator[None]:
             torch.cuda.set_sync_debug_mode(mode)
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class _Prober:
     def __init__(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], scope: nn.Module):
         self.forward, self.args, self.kwargs = forward, args, kwargs
@@ -432,8 +487,14 @@ class _Prober:
     ) -> tuple[Any, _ProbeMode]:
         mode = _ProbeMode(change, hold or {}, slot)
         self.snapshot.restore()
-        with torch.no_grad(), self.snapshot.hooks_aside(), mode:
-            out = self.forward(*_clone(self.args), **_clone(self.kwargs))
+        PROBING[0] += 1
+        try:
+            # the caller's grad mode (a router may compute more with gradients on), saving nothing
+            # through a checkpoint's saved-tensor hooks
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), self.snapshot.hooks_aside(), mode:
+                out = self.forward(*_clone(self.args), **_clone(self.kwargs))
+        finally:
+            PROBING[0] -= 1
         return out, mode
 
 
@@ -511,11 +572,12 @@ def _establish(
                 "its forward makes different decision-like calls from one run to the next on the same inputs",
                 "Make the forward's control flow deterministic, or name the decision with an Adapter",
             )
-        noise = _distance(base, again)
+        noise, _ = _distance(base, again)
         tolerance = 0.0 if noise == 0 else 16 * noise
         fix = (
             "If a fused kernel or soft routing (every expert weighted, no choice) makes the decision, it cannot be "
-            "replayed; otherwise name the module that makes it with include=, or the call with "
+            "replayed; identical experts (an upcycled model before training) hide every choice: establish it on "
+            "a trained model; otherwise name the module that makes it with include=, or the call with "
             "mr.Adapter(..., call=N)"
         )
         if call is not None:
@@ -525,9 +587,14 @@ def _establish(
             k = chosen.k
             return _verdict(name, calls, (call,), chosen.width, k, top_k, declared_top_k, scope, "named by an Adapter")
 
+        reach: dict[int, int] = {}  # output elements that changing each call changes
+
         def effect(i: int, hold: dict[int, Any] | None = None, slot: int | None = None) -> bool:
             out, _ = probe.run(change=i, hold=hold, slot=slot)
-            return _distance(base, out) > tolerance
+            worst, count = _distance(base, out, tolerance)
+            if hold is None and slot is None:
+                reach[i] = count
+            return worst > tolerance
 
         candidates = [c for c in calls if family is None or c.family == family]
         effects = {c.ordinal: effect(c.ordinal) for c in candidates}
@@ -547,12 +614,18 @@ def _establish(
         pool = [c for c in mattering if c.width == num_experts] or [
             c for c in mattering if c.width == max(m.width for m in mattering)
         ]
+        # a call whose change reaches only a sliver of the output (one auxiliary-loss value) is not
+        # the decision, which changes the tokens' hidden states; of the rest, the last fixes the choice
+        most = max(reach.get(c.ordinal, 0) for c in mattering)
+        broad = [c for c in mattering if 8 * reach.get(c.ordinal, 0) >= most]
+        pool = [c for c in pool if c in broad] or pool
         anchor = pool[-1]
         slots = [anchor.ordinal]
         hold = {anchor.ordinal: seen.outs[anchor.ordinal]}
-        for c in reversed([m for m in mattering if m.ordinal < anchor.ordinal]):
-            if c.width != anchor.width:
-                continue
+        for c in reversed([m for m in broad if m.ordinal < anchor.ordinal]):
+            held = [(calls[i], seen.outs[i]) for i in slots]
+            if c.width != anchor.width or not _disjoint(c, seen.outs[c.ordinal], held):
+                continue  # a slot of the decision never repeats an expert the other slots chose
             if effect(c.ordinal, hold):  # its indices still reach the output: a slot of the decision
                 slots.insert(0, c.ordinal)
                 hold[c.ordinal] = seen.outs[c.ordinal]
@@ -575,12 +648,17 @@ def _establish(
                 "Route by token choice (a top-k over experts per token)",
             )
         used = calls[anchor.ordinal].k
-        if len(slots) == 1 and anchor.family == "topk" and used > 1 and not effect(anchor.ordinal, slot=used - 1):
+        if (
+            len(slots) == 1
+            and anchor.family == "topk"
+            and 1 < used < anchor.width
+            and not effect(anchor.ordinal, slot=used - 1)
+        ):
             # a top-(k+1) whose last slots only feed a statistic (noisy top-k gating's load estimate)
             used -= 1
             while used > 1 and not effect(anchor.ordinal, slot=used - 1):
                 used -= 1
-        shapers = [c for c in mattering if c.ordinal not in slots and c.ordinal < slots[0]]
+        shapers = [c for c in broad if c.ordinal not in slots and c.ordinal < slots[0]]
         if shapers and not seen.unmasked[slots[0]]:
             raise _refuse(
                 name,

@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _torch_compat
 from .errors import ReplayConsumptionError, UnsupportedRouterError
-from .evidence import DECISION_FUNCS, Evidence, decision_call, establish
+from .evidence import DECISION_FUNCS, NESTING, PROBING, Evidence, decision_call, establish
 from .ring import CaptureRing, ReplaySource
 
 __all__ = ["RouterHook"]
@@ -174,7 +174,7 @@ class RouterHook:
     call: int | None = None  # the decision call an Adapter names
     declared_top_k: bool = False  # top_k was given by the user: evidence must agree
     on_established: Callable[[RouterHook], None] | None = None
-    evidence: dict[bool, Evidence] = field(default_factory=dict)  # by the scope's `training` flag
+    evidence: dict[tuple[bool, bool], Evidence] = field(default_factory=dict)  # by mode()
     _decided: bool = False
     _masks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     _ordinal: int = 0  # decision-like calls seen so far in this forward
@@ -190,7 +190,12 @@ class RouterHook:
     # ------------------------------------------------------------- evidence
     def unproven(self) -> bool:
         """No decision established yet for the scope's current ``training`` flag."""
-        return self.decision != "lookup" and self.scope.training not in self.evidence
+        return self.decision != "lookup" and self.mode() not in self.evidence
+
+    def mode(self) -> tuple[bool, bool]:
+        """What the evidence is kept by: the scope's ``training`` flag and whether gradients are on
+        (a router may make other calls in each, Megatron's aux-loss top-k only with gradients)."""
+        return bool(self.scope.training), torch.is_grad_enabled()
 
     def prove(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Evidence | None:
         """Establish the decision on these inputs (eager only; see :mod:`moe_replay.evidence`).
@@ -222,11 +227,11 @@ class RouterHook:
         other = next(iter(self.evidence.values()), None)
         if other is not None and (other.top_k, other.num_experts) != (ev.top_k, ev.num_experts):
             raise UnsupportedRouterError(
-                f"router '{self.name}' chooses {other.top_k} of {other.num_experts} experts with training="
-                f"{other.training} but {ev.top_k} of {ev.num_experts} with training={ev.training}: one set of "
-                "routes cannot serve both; name the decision with an Adapter"
+                f"router '{self.name}' chooses {other.top_k} of {other.num_experts} experts in one mode (training, "
+                f"gradients) but {ev.top_k} of {ev.num_experts} in {self.mode()}: one set of routes cannot serve "
+                "both; name the decision with an Adapter"
             )
-        self.evidence[ev.training] = ev
+        self.evidence[self.mode()] = ev
         self.top_k, self.num_experts = ev.top_k, ev.num_experts
         if self.on_established is not None:
             self.on_established(self)
@@ -244,7 +249,7 @@ class RouterHook:
     def _run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         ev: Evidence | None = None
         if self.decision != "lookup":
-            ev = self.evidence.get(self.scope.training)
+            ev = self.evidence.get(self.mode())
             if ev is None:
                 ev = self.prove(forward, args, kwargs)
             if ev is None:  # no token to choose for: nothing to record or force
@@ -512,7 +517,18 @@ class ScopedForward:
         self.__wrapped__ = inner
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _compiling():
+            return self._call(args, kwargs)
+        NESTING.depth += 1  # the modes of scopes around this one ignore its calls
+        try:
+            return self._call(args, kwargs)
+        finally:
+            NESTING.depth -= 1
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hook = self.__moe_replay_hook__
+        if PROBING[0]:  # inside another router's probe run: run plainly
+            return self.__wrapped__(*args, **kwargs)
         if (
             hook.capturing
             or hook.replaying
@@ -566,6 +582,7 @@ class _DecisionMode(TorchFunctionMode):
         super().__init__()
         self.hook = hook
         self.watched = _WATCHED_LOOKUP if hook.decision == "lookup" else _WATCHED
+        self.depth = 0 if _compiling() else NESTING.depth
 
     def __torch_function__(
         self,
@@ -577,6 +594,8 @@ class _DecisionMode(TorchFunctionMode):
         if func not in self.watched:  # the hot path: every other torch call of the scope forward
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
+        if not _compiling() and NESTING.depth != self.depth:  # a call of a router nested in this scope
+            return func(*args, **kwargs)
         hook = self.hook
         if func in _MASKS or func in _WHERE:
             out = func(*args, **kwargs)

@@ -99,7 +99,7 @@ class OrphanWatch(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func in DECISION_FUNCS:
+        if func in DECISION_FUNCS and not torch.compiler.is_compiling():
             sig = decision_call(func, args, kwargs)
             if sig is not None and sig[2] in self.widths and (sig[0] != "topk" or sig[1] < sig[2]):
                 name = _calling_module(self.names)

@@ -1004,7 +1004,8 @@ class Session:
                 "built twice, or replaced after loading?); exclude them or name the right ones with include="
             )
         watch.check()
-        evidence = {h.name: h.evidence[h.scope.training] for h in self._hooks if h.scope.training in h.evidence}
+        with torch.no_grad():
+            evidence = {h.name: h.evidence[h.mode()] for h in self._hooks if h.mode() in h.evidence}
         return VerifyReport({h.name: h.calls for h in self._hooks}, evidence)
 
 

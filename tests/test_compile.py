@@ -216,6 +216,7 @@ def test_routes_cross_the_compile_wrapper(tokens: torch.Tensor, direction: str) 
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     src, dst = (model, compiled) if direction == "bare to compiled" else (compiled, model)
     with mr.attach(src) as s, torch.no_grad():
+        model(tokens)  # one eager forward establishes each decision (compiled code cannot)
         with s.capture():
             src(tokens)
         routes = s.routes()
@@ -224,6 +225,7 @@ def test_routes_cross_the_compile_wrapper(tokens: torch.Tensor, direction: str) 
     with mr.attach(model) as bare, bare.replay(routes.rename({"_orig_mod.": ""})), torch.no_grad():
         ref = model(tokens).logits  # the reference: eager, the bare model's own names
     with mr.attach(dst) as session, torch.no_grad():
+        model(tokens)
         with session.replay(routes), session.capture():
             out = dst(tokens).logits
         expected = {"": "_orig_mod."} if direction == "bare to compiled" else {"_orig_mod.": ""}

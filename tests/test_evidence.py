@@ -208,14 +208,15 @@ class ExpertSpy:
         self.inputs: dict[int, torch.Tensor] = {}
         self.used: dict[int, torch.Tensor] = {}
         for b, block in enumerate(self.blocks):
-            self.handles.append(block.register_forward_pre_hook(self._block_input(b)))
+            self.handles.append(block.register_forward_pre_hook(self._block_input(b), with_kwargs=True))
             for e, expert in enumerate(block.experts):
                 self.handles.append(expert.register_forward_pre_hook(self._expert_input(b, e)))
 
     def _block_input(self, b: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            self.inputs[b] = args[0].detach().clone()
-            self.used[b] = torch.zeros(args[0].shape[0], E, dtype=torch.bool)
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor]) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            self.inputs[b] = x.detach().clone()
+            self.used[b] = torch.zeros(x.shape[0], E, dtype=torch.bool)
 
         return hook
 

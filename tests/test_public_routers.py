@@ -1,0 +1,1362 @@
+"""Router code of public MoE libraries and tricky router code, with zero configuration.
+
+Each block mirrors, call for call, what decides in one upstream router (our own code, small),
+with plain ``Linear`` experts so that :class:`tests.test_evidence.ExpertSpy` sees which tokens
+each expert really received. The rule checked: a replay is proven exact, or it is refused; a
+silent wrong result (rows that are not the experts used, a replay not forced, wrong k or E, the
+model or its random state left altered) is the worst outcome.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moe_replay as mr
+from tests.test_evidence import (
+    D,
+    E,
+    Experts,
+    ExpertSpy,
+    LinearGateBlock,
+    RouterBlock,
+    T,
+    TwoLayers,
+    as_sets,
+    assert_capture_and_replay_are_exact,
+    dispatch,
+    perturb,
+)
+
+
+def _x(seed: int = 1, t: int = T) -> torch.Tensor:
+    return torch.randn(t, D, generator=torch.Generator().manual_seed(seed))
+
+
+# =================================================================== public libraries
+class ShazeerNoisyGate(nn.Module):
+    """fastmoe ``fmoe/gates/noisy_gate.py`` ``NoisyGate`` (and davidmrau/mixture-of-experts
+    ``noisy_top_k_gating``): ``w_gate``/``w_noise`` ``[d, E]`` parameters, a top-(k+1) of the noisy
+    logits of which only the first k columns are used; the (k+1)-th value feeds the load loss."""
+
+    def __init__(self, top_k: int = 2) -> None:
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.randn(D, E))
+        self.w_noise = nn.Parameter(torch.randn(D, E))
+        self.top_k, self.num_expert, self.tot_expert = top_k, E, E
+        self.softplus, self.softmax = nn.Softplus(), nn.Softmax(1)
+        self.loss: torch.Tensor | None = None
+
+    def forward(self, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clean = inp @ self.w_gate
+        noise_stddev = (self.softplus(inp @ self.w_noise) + 1e-2) * self.training
+        logits = clean + torch.randn_like(clean) * noise_stddev
+        top_logits, top_indices = logits.topk(min(self.top_k + 1, self.tot_expert), dim=1)
+        top_k_logits = top_logits[:, : self.top_k]
+        top_k_indices = top_indices[:, : self.top_k]
+        top_k_gates = self.softmax(top_k_logits)
+        gates = torch.zeros_like(logits).scatter(1, top_k_indices, top_k_gates)
+        self.loss = gates.sum(0).float().var()
+        return top_k_indices.contiguous().view(-1), top_k_gates.contiguous().unsqueeze(1)
+
+
+class FMoEBlock(nn.Module):
+    """fastmoe ``FMoE``: ``self.gate`` returns flat indices ``[T*k]`` and gates ``[T, 1, k]``."""
+
+    def __init__(self, gate: nn.Module) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = Experts()
+        self.num_expert, self.top_k = E, gate.top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx, score = self.gate(x)
+        return dispatch(self.experts, x, idx.view(-1, self.top_k), score.view(-1, self.top_k))
+
+
+def test_fastmoe_noisy_gate_top_k_plus_one_records_the_k_experts_used() -> None:
+    """Once silent (wrong k, extra rows): the top-(k+1) call is taken as a k+1 decision; routes hold 3 experts
+    per token while 2 are used, so routes != experts used and k is reported as 3."""
+    model = TwoLayers(lambda: FMoEBlock(ShazeerNoisyGate())).eval()
+    session = assert_capture_and_replay_are_exact(model)
+    assert [s.top_k for s in session.sites] == [2, 2]
+
+
+def assert_exact_in_training(model: nn.Module, **attach: object) -> mr.Session:
+    """Like ``assert_capture_and_replay_are_exact`` for a noisy (training-mode) router: the same seed
+    before every forward, so that a plain forward and the captured one draw the same noise."""
+    x = _x()
+    spy = ExpertSpy(model)
+    try:
+        with mr.attach(model, **attach) as session:
+            torch.manual_seed(3)
+            with torch.no_grad(), session.capture():
+                captured = model(x)
+            routes = session.routes()
+            torch.manual_seed(3)
+            with torch.no_grad():
+                assert torch.equal(model(x), captured), "the captured forward is not the plain forward"
+            for b, name in enumerate(session.names):
+                assert torch.equal(as_sets(routes.layer(name)), spy.experts_of(b)), f"capture of {name}"
+            perturb(model)
+            torch.manual_seed(4)
+            with torch.no_grad(), session.replay(routes):
+                model(x)
+            for b, name in enumerate(session.names):
+                assert torch.equal(spy.experts_of(b), as_sets(routes.layer(name))), f"replay of {name}"
+        return session
+    finally:
+        spy.remove()
+
+
+def test_fastmoe_noisy_gate_in_training_mode() -> None:
+    model = TwoLayers(lambda: FMoEBlock(ShazeerNoisyGate()))
+    session = assert_exact_in_training(model)
+    assert [s.top_k for s in session.sites] == [2, 2]
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Expert-choice routing (Zhou et al. 2022; e.g. the ``ExpertChoiceRouter`` of several torch
+    codebases): each expert takes its top-``capacity`` tokens, a top-k over the *token* dimension.
+    There is no per-token top-k to record: it must be refused."""
+
+    def __init__(self, capacity: int = 6) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.num_experts, self.capacity = E, capacity
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.gate(x).softmax(-1)  # [T, E]
+        w, tok = torch.topk(scores.t(), self.capacity, dim=-1)  # [E, capacity] over tokens
+        return w, tok
+
+
+class ExpertChoiceBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = ExpertChoiceRouter()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, tok = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out.index_add(0, tok[e], w[e, :, None] * expert(x[tok[e]]))
+        return out
+
+
+def test_expert_choice_routing_is_refused_not_recorded_as_tokens() -> None:
+    """Once silent (wrong k/E): the top-k over tokens is accepted as a decision with E = number of tokens
+    and k = capacity; routes hold token ids as if they were experts."""
+    model = TwoLayers(ExpertChoiceBlock)
+    with pytest.raises(mr.MoEReplayError):
+        with mr.attach(model) as session:
+            with session.capture():
+                model(_x())
+            routes = session.routes()
+            pytest.fail(f"expert choice accepted: k={routes.top_k} E={[s.num_experts for s in session.sites]}")
+
+
+class TopKGateTutel(nn.Module):
+    """tutel ``tutel/gates/top.py`` ``LinearTopKGate``: holds ``wg`` and returns logits; the top-k
+    runs in the layer (``tutel/impls/moe_layer.py``), over ``softmax(logits)``."""
+
+    def __init__(self, k: int = 2) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.top_k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wg(x.float())
+
+
+def _tutel_extract_critical(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    topk_indices = torch.topk(scores, top_k, dim=1).indices
+    indices_s = [x.view(-1) for x in topk_indices.chunk(top_k, dim=1)]
+    masks_se = [F.one_hot(i, num_classes=scores.shape[1]).to(scores.dtype) for i in indices_s]
+    gates_s = [(scores * m).sum(dim=1) for m in masks_se]
+    return torch.stack(indices_s, 1), torch.stack(gates_s, 1)
+
+
+class TutelMOELayer(nn.Module):
+    """tutel ``MOELayer``: ``self.gates = ModuleList([gate])``, ``self.experts``, ``num_global_experts``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.ModuleList([TopKGateTutel()])
+        self.experts = Experts()
+        self.num_global_experts = E
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gates[0]
+        scores = F.softmax(gate(x), dim=1)
+        idx, w = _tutel_extract_critical(scores, gate.top_k)
+        return dispatch(self.experts, x, idx, w)
+
+
+def test_tutel_layer_gate_in_a_module_list_is_found_and_exact() -> None:
+    """Once not found: the gate sits in a ``gates`` ModuleList, not beside the experts; no router is found."""
+    model = TwoLayers(TutelMOELayer)
+    assert_capture_and_replay_are_exact(model)
+
+
+class ColossalTop2Router(nn.Module):
+    """ColossalAI ``colossalai/moe/routers.py`` ``Top2Router`` (used by OpenMoE): no parameters, takes the
+    gate logits; argmax, masked_fill of the first choice, argmax again; returns combine weights ``[T, E]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k_value = 2
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(inputs, dim=-1)
+        num_experts = probs.size(-1)
+        top1_idx = torch.argmax(probs, dim=-1)
+        mask1 = F.one_hot(top1_idx, num_classes=num_experts).to(torch.int32)
+        logits_except1 = probs.masked_fill(mask1.bool(), float("-inf"))
+        top2_idx = torch.argmax(logits_except1, dim=-1)
+        mask2 = F.one_hot(top2_idx, num_classes=num_experts).to(torch.int32)
+        weight = mask1 * probs + mask2 * probs
+        return weight, torch.stack([top1_idx, top2_idx], 1)
+
+
+class ColossalSparseMLP(nn.Module):
+    """ColossalAI ``SparseMLP``: ``gate_weight`` is a parameter of the block, ``F.linear`` in its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts = E
+        self.gate_weight = nn.Parameter(torch.randn(E, D))
+        self.router = ColossalTop2Router()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_logits = F.linear(x, self.gate_weight)
+        weight, idx = self.router(gate_logits)
+        return dispatch(self.experts, x, idx, weight.gather(1, idx))
+
+
+def test_colossalai_openmoe_top2_router_without_parameters_is_found_and_exact() -> None:
+    """Once not found: the router module owns no weight (the block owns ``gate_weight``); no router is found."""
+    model = TwoLayers(ColossalSparseMLP)
+    session = assert_capture_and_replay_are_exact(model)
+    assert [s.top_k for s in session.sites] == [2, 2]
+
+
+class RauMoE(nn.Module):
+    """davidmrau/mixture-of-experts ``moe.py`` ``MoE``: the gate is the block's own ``w_gate`` ``[d, E]``
+    parameter, ``self.k``; top-(k+1) of the logits, first k columns used."""
+
+    def __init__(self, k: int = 2) -> None:
+        super().__init__()
+        self.num_experts, self.k = E, k
+        self.experts = Experts()
+        self.w_gate = nn.Parameter(torch.randn(D, E))
+        self.w_noise = nn.Parameter(torch.randn(D, E))
+        self.softmax = nn.Softmax(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x @ self.w_gate
+        top_logits, top_indices = logits.topk(min(self.k + 1, self.num_experts), dim=1)
+        top_k_logits, top_k_indices = top_logits[:, : self.k], top_indices[:, : self.k]
+        return dispatch(self.experts, x, top_k_indices, self.softmax(top_k_logits))
+
+
+def test_davidmrau_moe_gate_parameter_on_the_block_is_found_and_exact() -> None:
+    """Once not found: no module looks like a router (the gate is a parameter of the MoE block)."""
+    model = TwoLayers(RauMoE)
+    session = assert_capture_and_replay_are_exact(model)
+    assert [s.top_k for s in session.sites] == [2, 2]
+
+
+def test_davidmrau_moe_named_with_include_records_k_experts() -> None:
+    """Once silent (wrong k) once named: the top-(k+1) is the decision, routes hold 3 experts per token."""
+    model = TwoLayers(RauMoE)
+    session = assert_capture_and_replay_are_exact(model, include=["layers.0", "layers.1"])
+    assert [s.top_k for s in session.sites] == [2, 2]
+
+
+# =================================================================== the model is left as one forward leaves it
+class ParamBiasRouter(nn.Module):
+    """Aux-loss-free balancing (DeepSeek-V3 style) with the bias kept as a frozen ``nn.Parameter``
+    (as several ports do, e.g. ``e_score_correction_bias = nn.Parameter(..., requires_grad=False)``) and
+    updated inside the forward in training; the bias only shifts the selection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(E), requires_grad=False)
+        self.top_k, self.num_experts, self.update_rate = 2, E, 0.1
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(F.linear(x, self.weight))
+        idx = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1).indices
+        if self.training:
+            load = torch.bincount(idx.flatten(), minlength=E).float()
+            with torch.no_grad():
+                self.e_score_correction_bias.add_(self.update_rate * torch.sign(load.mean() - load))
+        w = scores.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+def test_a_parameter_updated_in_the_forward_is_left_as_one_forward_leaves_it() -> None:
+    """Once refused, the model left altered: the probe restores buffers, not parameters; the balancing bias moves
+    once per probe run, so two unchanged runs differ ("its output differs between two runs") and the
+    router is refused, and the refused forward has left the bias two updates away."""
+    x = _x()
+    plain, probed = TwoLayers(lambda: RouterBlock(ParamBiasRouter())), TwoLayers(lambda: RouterBlock(ParamBiasRouter()))
+    with torch.no_grad():
+        want = plain(x)
+    refused = None
+    with mr.attach(probed) as session, torch.no_grad():
+        try:
+            with session.capture():
+                got = probed(x)
+        except mr.MoEReplayError as err:
+            refused = err
+    for a, b in zip(plain.layers[:1], probed.layers[:1], strict=True):
+        assert torch.equal(a.router.e_score_correction_bias, b.router.e_score_correction_bias), "bias altered"
+    assert refused is None, str(refused)
+    assert torch.equal(got, want)
+
+
+class StatsRouter(nn.Module):
+    """A router that keeps routing statistics in plain attributes (a Python step counter and a
+    tokens-per-expert tensor that is not a registered buffer), as logging code often does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k = 2
+        self.steps = 0
+        self.tokens_per_expert = torch.zeros(E)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.steps += 1
+        w, idx = F.linear(x, self.weight).softmax(-1).topk(self.top_k, dim=-1)
+        self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=E)
+        return w, idx
+
+
+def test_router_statistics_count_one_forward() -> None:
+    """Once silent (model altered): probe runs count as forwards in the router's own statistics."""
+    model = TwoLayers(lambda: RouterBlock(StatsRouter()))
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(_x())
+        routes = session.routes()
+    r = model.layers[0].router
+    assert r.steps == 1
+    assert torch.equal(
+        r.tokens_per_expert, torch.bincount(routes.layer("layers.0.router").flatten().long(), minlength=E).float()
+    )
+
+
+class GeneratorJitterRouter(nn.Module):
+    """Switch-style multiplicative jitter in training drawn from the router's own ``torch.Generator``
+    (reproducible per-module noise), then a top-1 (``argmax``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k, self.eps = 1, 0.5
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            noise = torch.rand(x.shape, generator=self.generator) * 2 * self.eps + 1.0 - self.eps
+            x = x * noise
+        probs = F.linear(x, self.weight).softmax(-1)
+        idx = probs.argmax(-1, keepdim=True)
+        return probs.gather(1, idx), idx
+
+
+def test_a_router_with_its_own_generator_is_probed_without_drawing_from_it() -> None:
+    """Once silent (RNG changed) or refused, when the probe restored the global random state only; each
+    probe run draws new jitter from the router's generator."""
+    x = _x()
+    plain, probed = (
+        TwoLayers(lambda: RouterBlock(GeneratorJitterRouter())),
+        TwoLayers(lambda: RouterBlock(GeneratorJitterRouter())),
+    )
+    with torch.no_grad():
+        want = plain(x)
+    refused = None
+    with mr.attach(probed) as session, torch.no_grad():
+        try:
+            with session.capture():
+                got = probed(x)
+        except mr.MoEReplayError as err:
+            refused = err
+    a, b = plain.layers[0].router.generator, probed.layers[0].router.generator
+    assert torch.equal(a.get_state(), b.get_state()), "the router's generator was drawn from by the probe"
+    assert refused is None, str(refused)
+    assert torch.equal(got, want)
+
+
+def test_user_hooks_on_experts_see_one_forward() -> None:
+    """Once silent (side effects): a forward hook counting expert calls (utilisation logging) also sees the
+    probe runs, with their changed routing, when the scope is the block (bare ``Linear`` gate)."""
+    model = TwoLayers(LinearGateBlock)
+    seen: list[int] = []
+    for block in model.layers:
+        for expert in block.experts:
+            expert.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    with torch.no_grad():
+        model(_x())
+    plain = list(seen)
+    seen.clear()
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(_x())
+    assert seen == plain
+
+
+AUX_TRACKER: dict[str, torch.Tensor] = {}
+
+
+class MegatronTrackedRouter(nn.Module):
+    """Megatron-core ``TopKRouter``: the load-balancing loss is added into a global tracker
+    (``save_to_aux_losses_tracker``: ``tracker[name]['values'][layer] += loss``) inside the router's forward."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.topk, self.layer_number = 2, layer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        probs, idx = torch.topk(logits.softmax(-1), self.topk, dim=-1)
+        aux = (F.one_hot(idx, E).sum((0, 1)).float() * logits.softmax(-1).mean(0)).sum()
+        values = AUX_TRACKER.setdefault("load_balancing_loss", torch.zeros(2))
+        values[self.layer_number] += aux.detach()
+        return probs, idx
+
+
+def test_a_global_aux_loss_tracker_sees_one_forward_once_verify_has_run() -> None:
+    """A known limit (README): state outside the router's modules sees the probe runs of a router's first
+    forward. verify() on an example first takes them, so a later capture adds to the tracker once."""
+    layers = iter(range(2))
+    model = TwoLayers(lambda: RouterBlock(MegatronTrackedRouter(next(layers))))
+    AUX_TRACKER.clear()
+    with torch.no_grad():
+        model(_x())
+    plain = AUX_TRACKER["load_balancing_loss"].clone()
+    with mr.attach(model) as session:
+        session.verify(_x(seed=7))
+        AUX_TRACKER.clear()
+        with torch.no_grad(), session.capture():
+            model(_x())
+    assert torch.equal(AUX_TRACKER["load_balancing_loss"], plain)
+
+
+# =================================================================== tricky decision code
+class ThresholdRouter(nn.Module):
+    """Top-k by threshold: the experts are those whose score reaches the k-th largest *value*; the
+    top-k's indices feed only the load-balancing statistic returned with the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k, self.num_experts = 2, E
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.weight).softmax(-1)
+        vals, idx = probs.topk(self.top_k, dim=-1)
+        chosen = probs >= vals[:, -1:]
+        load = F.one_hot(idx, E).sum((0, 1))
+        w = torch.where(chosen, probs, 0.0)
+        return w, chosen, load
+
+
+class ThresholdBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = ThresholdRouter()
+        self.experts = Experts()
+        self.load: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, chosen, self.load = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok = chosen[:, e].nonzero().squeeze(-1)
+            if tok.numel():
+                out = out.index_add(0, tok, w[tok, e, None] * expert(x[tok]))
+        return out
+
+
+def test_threshold_selection_by_topk_values_is_a_documented_limit() -> None:
+    """A known limit (README "Limits"): experts chosen by comparing scores with a top-k's *values* are
+    not a decision call. The top-k is taken as the decision (its indices reach the returned load),
+    so capture records the right experts, but a forced replay does not move the threshold's choice."""
+    model = TwoLayers(ThresholdBlock)
+    x = _x()
+    spy = ExpertSpy(model)
+    try:
+        with mr.attach(model) as session:
+            with torch.no_grad(), session.capture():
+                model(x)
+            routes = session.routes()
+            with torch.no_grad():
+                model(x)
+            assert all(torch.equal(as_sets(routes.layer(n)), spy.experts_of(b)) for b, n in enumerate(session.names))
+    finally:
+        spy.remove()
+
+
+class NearestCentroidRouter(nn.Module):
+    """Clustering / nearest-centroid routing: each token goes to the expert whose centroid is
+    closest, ``argmin`` of distances (no topk/argmax/max)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.centroids = nn.Parameter(torch.randn(E, D))
+        self.top_k, self.num_experts = 1, E
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = torch.cdist(x, self.centroids)
+        idx = dist.argmin(-1, keepdim=True)
+        return torch.ones_like(idx, dtype=x.dtype), idx
+
+
+def test_argmin_routing_is_forced_or_refused_naming_argmin() -> None:
+    """Once a misleading refusal: an argmin/min decision is refused as "soft routing (every expert weighted)"."""
+    model = TwoLayers(lambda: RouterBlock(NearestCentroidRouter()))
+    try:
+        assert_capture_and_replay_are_exact(model)
+    except mr.MoEReplayError as err:
+        assert "soft routing" not in str(err), str(err)
+
+
+class KthvalueRouter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k, self.num_experts = 2, E
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.weight).softmax(-1)
+        thr = probs.kthvalue(E - self.top_k + 1, dim=-1, keepdim=True).values
+        idx = (probs >= thr).nonzero()[:, 1].view(-1, self.top_k)
+        return probs.gather(1, idx), idx
+
+
+class ArgsortSliceRouter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k, self.num_experts = 2, E
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.weight).softmax(-1)
+        idx = (-probs).argsort(dim=-1)[:, : self.top_k]
+        return probs.gather(1, idx), idx
+
+
+@pytest.mark.parametrize("router", [KthvalueRouter, ArgsortSliceRouter])
+def test_kthvalue_and_argsort_slice_are_forced_or_refused(router: type[nn.Module]) -> None:
+    model = TwoLayers(lambda: RouterBlock(router()))
+    try:
+        assert_capture_and_replay_are_exact(model)
+    except mr.MoEReplayError:
+        pass
+
+
+# =================================================================== coverage: more public router styles
+def top1(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, index = t.topk(k=1, dim=-1)
+    values, index = (v.squeeze(dim=-1) for v in (values, index))
+    return values, index
+
+
+class LucidrainsTop2Gating(nn.Module):
+    """lucidrains/mixture-of-experts ``Top2Gating``: ``w_gating`` ``[d, E]`` used by einsum on ``[b, n, d]``,
+    ``top1`` = ``topk(k=1)`` + squeeze, the second on ``raw_gates * (1 - one_hot(first))`` (a product, not a
+    ``masked_fill``), gates renormalised; second policy ``all`` (no random drop), ample capacity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_gates, self.eps = E, 1e-9
+        self.w_gating = nn.Parameter(torch.randn(D, E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw_gates = torch.einsum("...bnd,...de->...bne", x, self.w_gating).softmax(dim=-1)
+        gate_1, index_1 = top1(raw_gates)
+        mask_1 = F.one_hot(index_1, self.num_gates).float()
+        gates_without_top_1 = raw_gates * (1.0 - mask_1)
+        gate_2, index_2 = top1(gates_without_top_1)
+        denom = gate_1 + gate_2 + self.eps
+        return torch.stack([gate_1 / denom, gate_2 / denom], -1), torch.stack([index_1, index_2], -1)
+
+
+class LucidrainsMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts = E
+        self.gate = LucidrainsTop2Gating()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x[None])  # [b=1, n, d]
+        return dispatch(self.experts, x, idx[0], w[0])
+
+
+def _gumbel_rsample(shape: torch.Size) -> torch.Tensor:
+    return torch.distributions.gumbel.Gumbel(torch.tensor(0.0), torch.tensor(1.0)).rsample(shape)
+
+
+def _fairseq_top2gating(logits: torch.Tensor, sampling: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fairseq ``fairseq/modules/moe/top2gate.py`` ``top2gating`` (capacity left out): argmax keepdim, the
+    second argmax over Gumbel-noised logits with the first ``masked_fill``-ed to -inf, gates from masks."""
+    gates = F.softmax(logits, dim=1)
+    num_experts = gates.shape[1]
+    indices1_s = torch.argmax(gates, dim=1, keepdim=True)
+    mask1 = torch.zeros_like(gates).scatter_(1, indices1_s, 1)
+    logits_w_noise = logits + _gumbel_rsample(logits.shape) if sampling else logits
+    logits_except1 = logits_w_noise.masked_fill(mask1.bool(), float("-inf"))
+    indices2_s = torch.argmax(logits_except1, dim=1, keepdim=True)
+    mask2 = F.one_hot(indices2_s[:, 0], num_experts).to(gates.dtype)
+    gates1_s, gates2_s = (gates * mask1).sum(dim=1), (gates * mask2).sum(dim=1)
+    denom_s = torch.clamp(gates1_s + gates2_s, min=torch.finfo(gates.dtype).eps)
+    return torch.stack([gates1_s / denom_s, gates2_s / denom_s], 1), torch.cat([indices1_s, indices2_s], 1)
+
+
+class FairseqTop2Gate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _fairseq_top2gating(self.wg(x), sampling=self.training)
+
+
+class FairseqMOELayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = FairseqTop2Gate()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x)
+        return dispatch(self.experts, x, idx, w)
+
+
+class STMoETopNGating(nn.Module):
+    """lucidrains/st-moe-pytorch ``TopNGating``: ``to_gates`` Linear, Gumbel noise in training, softmax,
+    ``topk(k=top_n)``, the top-n dimension moved first (``'... k -> k ...'``), gates renormalised."""
+
+    def __init__(self, top_n: int = 2) -> None:
+        super().__init__()
+        self.to_gates = nn.Linear(D, E, bias=False)
+        self.num_gates, self.top_n = E, top_n
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.to_gates(x)
+        if self.training:
+            u = torch.zeros_like(logits).uniform_(0, 1)
+            noise = -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+            logits = logits + noise
+        raw_gates = logits.softmax(dim=-1)
+        gates, gate_indices = raw_gates.topk(k=self.top_n, dim=-1)
+        gates, gate_indices = gates.movedim(-1, 0), gate_indices.movedim(-1, 0)
+        gates = gates / gates.sum(0, keepdim=True).clamp(min=1e-9)
+        return gates.movedim(0, -1), gate_indices.movedim(0, -1)
+
+
+class STMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = STMoETopNGating()
+        self.experts = Experts()
+        self.num_experts = E
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x)
+        return dispatch(self.experts, x, idx, w)
+
+
+def _vllm_grouped_topk(
+    gating_output: torch.Tensor, topk: int, num_expert_group: int, topk_group: int, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM / SGLang torch-native ``grouped_topk`` with ``e_score_correction_bias``: sigmoid scores, group
+    scores from the top-2 of biased scores, ``topk(sorted=False)`` of groups, ``scatter_`` group mask,
+    ``masked_fill(~mask, -inf)``, expert ``topk(sorted=False)``, weights from the unbiased scores."""
+    scores = gating_output.sigmoid()
+    num_token = scores.shape[0]
+    original_scores = scores
+    scores = scores + bias.unsqueeze(0)
+    group_scores = scores.view(num_token, num_expert_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = (
+        group_mask.unsqueeze(-1)
+        .expand(num_token, num_expert_group, scores.shape[-1] // num_expert_group)
+        .reshape(num_token, -1)
+    )
+    tmp_scores = scores.masked_fill(~score_mask.bool(), float("-inf"))
+    topk_ids = torch.topk(tmp_scores, k=topk, dim=-1, sorted=False)[1]
+    topk_weights = original_scores.gather(1, topk_ids)
+    return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids.to(torch.int32)
+
+
+class ReplicatedLinear(nn.Linear):
+    """vLLM's ``ReplicatedLinear``: returns ``(output, output_bias)``."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return F.linear(x, self.weight), None
+
+
+class FusedMoE(nn.Module):
+    """vLLM ``FusedMoE`` (torch-native path): takes hidden states and router logits, routes and runs experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.global_num_experts, self.top_k, self.num_expert_group, self.topk_group = E, 2, 4, 2
+        self.e_score_correction_bias = nn.Parameter(torch.linspace(-0.1, 0.1, E), requires_grad=False)
+        self.experts = Experts()
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        w, ids = _vllm_grouped_topk(
+            router_logits, self.top_k, self.num_expert_group, self.topk_group, self.e_score_correction_bias
+        )
+        return dispatch(self.experts, hidden_states, ids.long(), w)
+
+
+class VllmDeepseekV2MoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_routed_experts = E
+        self.gate = ReplicatedLinear(D, E, bias=False)
+        self.experts = FusedMoE()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router_logits, _ = self.gate(x)
+        return self.experts(hidden_states=x, router_logits=router_logits)
+
+
+class TorchtuneRouter(nn.Module):
+    """torchtune ``torchtune/modules/moe/moe.py`` ``TokenChoiceTopKRouter``: ``gate`` module passed in,
+    sigmoid in fp32, ``topk(dim=1)``, histc counts, stable argsort of the flat indices, returns
+    (scores sorted by expert, token ids sorted by expert, tokens per expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.num_experts, self.experts_per_token = E, 2
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(self.gate(x).to(torch.float32))
+        top_scores, selected = torch.topk(scores, k=self.experts_per_token, dim=1)
+        num_tokens_per_expert = torch.histc(
+            selected.view(-1).float(), bins=self.num_experts, min=0, max=self.num_experts
+        )
+        order = torch.argsort(selected.view(-1), stable=True)
+        return top_scores.view(-1)[order], order // self.experts_per_token, num_tokens_per_expert
+
+
+class TorchtuneMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = TorchtuneRouter()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top_scores, token_idx, counts = self.router(x)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts.long().tolist()):
+            tok = token_idx[start : start + n]
+            if n:
+                out = out.index_add(0, tok, top_scores[start : start + n, None] * self.experts[e](x[tok]))
+            start += n
+        return out
+
+
+class JetMoEGating(nn.Module):
+    """JetMoE ``jetmoe/utils/gate.py`` ``top_k_gating``: ``self.layer`` Linear, fp32 logits, ``topk(dim=1)``,
+    softmax over the top-k logits, flat sort of expert ids for dispatch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.input_size, self.top_k = E, D, 2
+        self.layer = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.layer(x).float()
+        top_k_logits, top_k_indices = logits.topk(self.top_k, dim=1)
+        top_k_gates = torch.softmax(top_k_logits, dim=1).type_as(x)
+        _, index_sorted_experts = top_k_indices.flatten().sort(0)
+        self.index_sorted_experts = index_sorted_experts
+        return top_k_gates, top_k_indices
+
+
+class JetMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = JetMoEGating()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        return dispatch(self.experts, x, idx, w)
+
+
+class FastMoENaiveGate(nn.Module):
+    """fastmoe ``NaiveGate``: ``self.gate`` Linear, ``topk(k, largest=True, sorted=False)``, softmax of the
+    top values; returns flat indices and ``[T, 1, k]`` scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E)
+        self.top_k, self.num_expert, self.tot_expert = 2, E, E
+
+    def forward(self, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = self.gate(inp)
+        val, idx = torch.topk(gate, k=self.top_k, dim=-1, largest=True, sorted=False)
+        score = F.softmax(val.view(-1, 1, self.top_k), dim=-1)
+        return idx.view(-1), score
+
+
+STYLES = {
+    "lucidrains-top2gating": LucidrainsMoE,
+    "fairseq-top2gating": FairseqMOELayer,
+    "st-moe-topn-gating": STMoE,
+    "vllm-grouped-topk-fused-moe": VllmDeepseekV2MoE,
+    "torchtune-token-choice": TorchtuneMoE,
+    "jetmoe-top-k-gating": JetMoE,
+    "fastmoe-naive-gate": lambda: FMoEBlock(FastMoENaiveGate()),
+    "tutel-linear-top-k-gate": TutelMOELayer,
+}
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_public_router_style_eval(style: str) -> None:
+    model = TwoLayers(STYLES[style]).eval()
+    session = assert_capture_and_replay_are_exact(model)
+    assert [s.top_k for s in session.sites] == [2, 2]
+    assert [s.num_experts for s in session.sites] == [E, E]
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_public_router_style_training(style: str) -> None:
+    model = TwoLayers(STYLES[style]).train()
+    session = assert_exact_in_training(model)
+    assert [s.top_k for s in session.sites] == [2, 2]
+
+
+# =================================================================== static "soft routing" guesses
+class StaticHelperGating(LucidrainsTop2Gating):
+    """The same top-2 with its top-1 helper as a ``@staticmethod`` (or a ``classmethod``, a callable
+    attribute, a ``functools.partial``): ordinary Python, but the static reading does not follow it."""
+
+    @staticmethod
+    def _top1(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, index = t.topk(k=1, dim=-1)
+        return values.squeeze(-1), index.squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw_gates = torch.einsum("...bnd,...de->...bne", x, self.w_gating).softmax(dim=-1)
+        gate_1, index_1 = self._top1(raw_gates)
+        gate_2, index_2 = self._top1(raw_gates * (1.0 - F.one_hot(index_1, self.num_gates).float()))
+        denom = gate_1 + gate_2 + self.eps
+        return torch.stack([gate_1 / denom, gate_2 / denom], -1), torch.stack([index_1, index_2], -1)
+
+
+class StaticHelperMoE(LucidrainsMoE):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = StaticHelperGating()
+
+
+def test_top_k_in_a_staticmethod_helper_is_not_refused_as_soft_routing() -> None:
+    """Once refused at attach: "soft routing: ... calls no topk" although every forward calls topk twice;
+    the static reading of the code skips staticmethods, and no forward is run to look."""
+    model = TwoLayers(StaticHelperMoE).eval()
+    assert_capture_and_replay_are_exact(model)
+
+
+# =================================================================== grad vs no_grad, train vs eval
+class _AuxLossAutoScaler(torch.autograd.Function):
+    """Megatron ``MoEAuxLossAutoScaler``: identity on the probs, the aux loss gets a gradient in backward."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return output
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (aux_loss,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad, torch.ones_like(aux_loss)
+
+
+class MegatronAuxRouter(nn.Module):
+    """Megatron-core ``TopKRouter.routing``: the decision top-k, then, only ``if self.training and
+    torch.is_grad_enabled()``, ``compute_routing_scores_for_aux_loss`` takes a second ``topk(scores, k)``
+    for the aux-loss routing map, attached to the probs by ``MoEAuxLossAutoScaler``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.topk, self.num_experts = 2, E
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        top_scores, top_indices = torch.topk(logits, k=self.topk, dim=1)
+        probs = torch.softmax(top_scores, dim=-1, dtype=torch.float32)
+        if self.training and torch.is_grad_enabled():
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            _, aux_indices = torch.topk(scores, k=self.topk, dim=1)
+            routing_map = torch.zeros_like(logits).int().scatter(1, aux_indices, 1).bool()
+            aux = (routing_map.float().mean(0) * scores.mean(0)).sum() * self.num_experts
+            probs = _AuxLossAutoScaler.apply(probs, aux)
+        return probs, top_indices
+
+
+def test_megatron_router_training_with_gradients_is_not_refused() -> None:
+    """Once a wrong refusal: the probe runs under no_grad, where Megatron's aux-loss branch
+    (``self.training and torch.is_grad_enabled()``) is skipped; the real training forward makes one more
+    top-k and is refused as "its control flow changed"."""
+    model = TwoLayers(lambda: RouterBlock(MegatronAuxRouter())).train()
+    x = _x()
+    spy = ExpertSpy(model)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x).sum().backward()
+        routes = session.routes()
+        for b, name in enumerate(session.names):
+            assert torch.equal(as_sets(routes.layer(name)), spy.experts_of(b))
+        perturb(model)
+        with session.replay(routes):
+            model(x).sum().backward()
+        for b, name in enumerate(session.names):
+            assert torch.equal(spy.experts_of(b), as_sets(routes.layer(name)))
+    spy.remove()
+
+
+class SwitchJitterRouter(nn.Module):
+    """fastmoe ``SwitchGate`` / Switch Transformers: multiplicative ``rand_like`` jitter only in training,
+    ``topk(k=1)`` of fp32 softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E)
+        self.top_k, self.switch_eps = 1, 0.1
+
+    def forward(self, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        score = self.gate(inp)
+        if self.training:
+            noise = torch.rand_like(score) * 2 * self.switch_eps + 1.0 - self.switch_eps
+            score = score + noise
+        score = F.softmax(score.float(), dim=-1)
+        top1_score, top1_idx = torch.topk(score, k=1, dim=-1, largest=True)
+        return top1_score, top1_idx
+
+
+def test_capture_in_training_and_replay_in_eval() -> None:
+    model = TwoLayers(lambda: RouterBlock(SwitchJitterRouter())).train()
+    x = _x()
+    spy = ExpertSpy(model)
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        routes = session.routes()
+        perturb(model)
+        model.eval()
+        with torch.no_grad(), session.replay(routes):
+            model(x)
+        for b, name in enumerate(session.names):
+            assert torch.equal(spy.experts_of(b), as_sets(routes.layer(name)))
+    spy.remove()
+
+
+class UpcycledBlock(LinearGateBlock):
+    """Sparse upcycling: every expert starts as a copy of one dense MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for e in range(1, E):
+            self.experts[e].load_state_dict(self.experts[0].state_dict())
+
+
+def test_upcycled_model_with_identical_experts_is_refused_naming_the_cause() -> None:
+    """At step 0 of an upcycled MoE every expert is the same MLP: no choice changes the output, so the
+    decision cannot be proven, and the refusal says identical experts may be why (never a silent guess)."""
+    model = TwoLayers(UpcycledBlock)
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="identical experts"):
+        session.verify(_x())
+
+
+class SharedRouterBlock(nn.Module):
+    """One router used twice per forward (a block applied twice, weight sharing): two dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = StatsRouter()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        h = x + dispatch(self.experts, x, idx, w)
+        w2, idx2 = self.router(h)
+        return h + dispatch(self.experts, h, idx2, w2)
+
+
+def test_router_called_twice_per_forward_replays_both_calls() -> None:
+    model = TwoLayers(SharedRouterBlock)
+    x = _x()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            want = model(x)
+        routes = session.routes()
+        assert routes.layer("layers.0.router").shape[0] == 2 * T
+        with torch.no_grad(), session.replay(routes):
+            assert torch.equal(model(x), want)
+        perturb(model)
+        with torch.no_grad(), session.replay(routes), session.capture():
+            model(x)
+        assert session.routes().equal(routes)
+
+
+def test_first_forward_on_one_token_then_a_batch() -> None:
+    model = TwoLayers(lambda: RouterBlock(ParamFreeStatsRouter()))
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(_x(t=1))
+        session.routes()
+    assert_capture_and_replay_are_exact(model)
+
+
+class ParamFreeStatsRouter(StatsRouter):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.linear(x, self.weight).softmax(-1).topk(self.top_k, dim=-1)
+
+
+def test_bf16_router_with_ties() -> None:
+    model = TwoLayers(LinearGateBlock).to(torch.bfloat16)
+    with torch.no_grad():
+        for block in model.layers:
+            block.gate.weight.zero_()  # every score ties
+    x = _x().to(torch.bfloat16)
+    spy = ExpertSpy(model)
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            captured = model(x)
+        routes = session.routes()
+        with torch.no_grad():
+            assert torch.equal(model(x), captured)  # observed alone (the first forward also ran the probes)
+        for b, name in enumerate(session.names):
+            assert torch.equal(as_sets(routes.layer(name)), spy.experts_of(b))
+        perturb(model, scale=1.0)
+        with torch.no_grad(), session.replay(routes):
+            model(x)
+        for b, name in enumerate(session.names):
+            assert torch.equal(spy.experts_of(b), as_sets(routes.layer(name)))
+    spy.remove()
+
+
+# =================================================================== an aux-loss top-k returned with the output
+def _load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The Switch/Mixtral load-balancing loss as blocks often compute it themselves: its own top-k of the
+    routing weights, fraction of tokens per expert times mean probability."""
+    routing_weights = router_logits.softmax(-1)
+    _, selected = torch.topk(routing_weights, top_k, dim=-1)
+    tokens_per_expert = F.one_hot(selected, E).float().mean(0)
+    return (tokens_per_expert * routing_weights.mean(0)).sum() * E
+
+
+class AuxReturningBlock(nn.Module):
+    """A Mixtral-style block (bare ``Linear`` gate, top-k in the block) that returns ``(out, aux_loss)``,
+    computing the aux loss with its own top-k, after (``aux_first=False``) or before the decision."""
+
+    def __init__(self, aux_first: bool = False) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+        self.top_k, self.aux_first = 2, aux_first
+        self.register_buffer("bias", torch.linspace(0.0, 0.2, E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gate(x)
+        aux = _load_balancing_loss(logits, self.top_k) if self.aux_first else None
+        probs = logits.softmax(-1)
+        _, idx = torch.topk(probs + self.bias, self.top_k, dim=-1)
+        w = probs.gather(1, idx)
+        if aux is None:
+            aux = _load_balancing_loss(logits, self.top_k)
+        return dispatch(self.experts, x, idx, w / w.sum(-1, keepdim=True)), aux
+
+
+class AuxModel(nn.Module):
+    def __init__(self, aux_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([AuxReturningBlock(aux_first), AuxReturningBlock(aux_first)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        aux = x.new_zeros(())
+        for layer in self.layers:
+            out, a = layer(x)
+            x, aux = x + out, aux + a
+        return x + 0 * aux
+
+
+@pytest.mark.parametrize("aux_first", [False, True], ids=["aux-after", "aux-before"])
+def test_an_aux_loss_top_k_in_the_block_output_is_not_a_slot_of_the_decision(aux_first: bool) -> None:
+    """Once silent (wrong k): the aux loss's own top-k changes the block's output (the returned loss), and so
+    does the decision; both are taken as slots of one decision with k = 4, and routes hold 4 experts
+    per token while 2 are used."""
+    model = AuxModel(aux_first)
+    session = assert_capture_and_replay_are_exact(model)
+    assert [s.top_k for s in session.sites] == [2, 2]
+
+
+# =================================================================== more state and output shapes
+class BufferBiasRouter(ParamBiasRouter):
+    """The same balancing-bias update with the bias as a registered buffer (torchtitan, HF): restored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        bias = self.e_score_correction_bias.detach().clone()
+        del self.e_score_correction_bias
+        self.register_buffer("e_score_correction_bias", bias)
+
+
+def test_a_buffer_updated_in_the_forward_is_left_as_one_forward_leaves_it() -> None:
+    x = _x()
+    plain, probed = (
+        TwoLayers(lambda: RouterBlock(BufferBiasRouter())),
+        TwoLayers(lambda: RouterBlock(BufferBiasRouter())),
+    )
+    with torch.no_grad():
+        want = plain(x)
+    with mr.attach(probed) as session, torch.no_grad(), session.capture():
+        got = probed(x)
+    for a, b in zip(plain.layers, probed.layers, strict=True):
+        assert torch.equal(a.router.e_score_correction_bias, b.router.e_score_correction_bias)
+    assert torch.equal(got, want)
+
+
+class RouterOutput:
+    """A plain result class (not a dataclass, not a tuple), as some codebases return from routers."""
+
+    def __init__(self, weights: torch.Tensor, indices: torch.Tensor) -> None:
+        self.weights, self.indices = weights, indices
+
+
+class PlainOutputRouter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k = 2
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        w, idx = F.linear(x, self.weight).softmax(-1).topk(self.top_k, dim=-1)
+        return RouterOutput(w, idx)
+
+
+class PlainOutputBlock(RouterBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.router(x)
+        return dispatch(self.experts, x, out.indices, out.weights)
+
+
+def test_a_router_returning_a_plain_object_is_not_refused() -> None:
+    """Once a wrong refusal: the probe compares outputs through tensors, mappings, sequences and dataclasses;
+    a plain result object has no leaves, so no call "changes the output" and the router is refused."""
+    assert_capture_and_replay_are_exact(TwoLayers(lambda: PlainOutputBlock(PlainOutputRouter())))
+
+
+class GShardRandomRoutingGate(FastMoENaiveGate):
+    """fastmoe ``GShardGate(random_routing=True)`` (capacity pruning left out): the second expert of a
+    token is dropped at random, by an in-place ``masked_fill_(-1)`` on the returned top-k indices."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = self.gate(x)
+        topk_val, topk_idx = torch.topk(gate, k=self.top_k, dim=-1, largest=True, sorted=False)
+        score = F.softmax(topk_val, dim=-1)
+        rand_routing_prob = torch.rand(gate.size(0))
+        mask = 2 * score[:, 1] < rand_routing_prob
+        topk_idx[:, 1].masked_fill_(mask, -1)
+        return topk_idx.reshape(-1), score.unsqueeze(1)
+
+
+def test_gshard_random_routing_in_place_on_the_indices() -> None:
+    """The indices are changed in place after the decision: the routes are the decision (the dropped
+    second expert included); replay under the same random state must drop the same ones."""
+    model = TwoLayers(lambda: FMoEBlock(GShardRandomRoutingGate()))
+    x = _x()
+    with mr.attach(model) as session:
+        torch.manual_seed(7)
+        with torch.no_grad(), session.capture():
+            want = model(x)
+        routes = session.routes()
+        assert (routes.layer("layers.0.gate") >= 0).all()
+        torch.manual_seed(7)
+        with torch.no_grad(), session.replay(routes):
+            assert torch.equal(model(x), want)
+        torch.manual_seed(7)
+        with torch.no_grad(), session.replay(routes), session.capture():
+            model(x)
+        assert session.routes().equal(routes)
+
+
+class NestedBlock(nn.Module):
+    """A block whose bare ``Linear`` gate is intercepted in the block's forward, and which holds another
+    MoE (hierarchical / MoE-of-MoE): the inner router runs inside the outer router's scope."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+        self.top_k = 2
+        self.inner = RouterBlock(ParamFreeStatsRouter())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = torch.topk(self.gate(x).softmax(-1), self.top_k, dim=-1)
+        return dispatch(self.experts, x, idx, w) + self.inner(x)
+
+
+def test_a_router_inside_another_routers_scope_records_one_forward() -> None:
+    """Once a wrong refusal: the outer scope's probe runs also run the inner router, whose own first forward runs
+    its probes, so two probe runs of the outer scope see different calls ("different decision-like calls
+    from one run to the next")."""
+    model = TwoLayers(NestedBlock)
+    x = _x()
+    with mr.attach(model) as session:
+        assert len(session.names) == 4
+        with torch.no_grad(), session.capture():
+            want = model(x)
+        routes = session.routes()
+        assert {routes.layer(n).shape[0] for n in session.names} == {T}
+        perturb(model)
+        with torch.no_grad(), session.replay(routes), session.capture():
+            model(x)
+        assert session.routes().equal(routes)
+        del want
+
+
+class NumpyKRouter(nn.Module):
+    """k read from a config array (a numpy integer, which ``torch.topk`` accepts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import numpy as np
+
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k = np.array([2])[0]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.linear(x, self.weight).softmax(-1).topk(self.top_k, dim=-1)
+
+
+def test_top_k_with_a_numpy_integer_k_is_seen() -> None:
+    """Once refused, misleadingly: a ``topk`` whose k is a numpy integer is not recognised as a decision
+    call, so the router is refused as if it made no choice."""
+    assert_capture_and_replay_are_exact(TwoLayers(lambda: RouterBlock(NumpyKRouter())))
+
+
+class LoadHistoryRouter(nn.Module):
+    """A top-k router that keeps an integer history of tokens per expert per step (``[steps, E]``
+    ``long`` buffer) for load monitoring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k = 2
+        self.register_buffer("load_history", torch.zeros(64, E, dtype=torch.long))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = F.linear(x, self.weight).softmax(-1).topk(self.top_k, dim=-1)
+        self.load_history[self.step % 64] = torch.bincount(idx.flatten(), minlength=E)
+        self.step += 1
+        return w, idx
+
+
+def test_a_router_with_an_integer_history_buffer_is_not_taken_for_a_hash_router() -> None:
+    assert_capture_and_replay_are_exact(TwoLayers(lambda: RouterBlock(LoadHistoryRouter())))
+
+
+class ReassignedBufferRouter(nn.Module):
+    """Aux-free balancing whose bias buffer is updated out of place (``self.bias = self.bias + ...``),
+    which replaces the buffer object registered under that name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k = 2
+        self.register_buffer("expert_bias", torch.zeros(E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(F.linear(x, self.weight))
+        idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
+        load = torch.bincount(idx.flatten(), minlength=E).float()
+        self.expert_bias = self.expert_bias + 0.1 * torch.sign(load.mean() - load)
+        w = scores.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+def test_a_buffer_reassigned_in_the_forward_is_left_as_one_forward_leaves_it() -> None:
+    """Once refused, the model left altered: the probe keeps the buffer *objects* and copies their values back;
+    a forward that rebinds the buffer name leaves the new object in place, so the bias moves once per
+    probe run (and the two unchanged probe runs differ)."""
+    x = _x()
+    plain = TwoLayers(lambda: RouterBlock(ReassignedBufferRouter()))
+    probed = TwoLayers(lambda: RouterBlock(ReassignedBufferRouter()))
+    with torch.no_grad():
+        want = plain(x)
+    refused = None
+    with mr.attach(probed) as session, torch.no_grad():
+        try:
+            with session.capture():
+                got = probed(x)
+        except mr.MoEReplayError as err:
+            refused = err
+    a, b = plain.layers[0].router.expert_bias, probed.layers[0].router.expert_bias
+    assert torch.equal(a, b), "bias altered"
+    assert refused is None, str(refused)
+    assert torch.equal(got, want)
+
+
+class PyRandomRouter(nn.Module):
+    """Random second-expert drop decided with Python's ``random`` (per batch), as layer-drop code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k, self.p = 2, 0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import random
+
+        w, idx = F.linear(x, self.weight).softmax(-1).topk(self.top_k, dim=-1)
+        if self.training and random.random() < self.p:
+            w = w * torch.tensor([1.0, 0.0])
+        return w, idx
+
+
+def test_python_random_state_is_left_as_one_forward_leaves_it() -> None:
+    """RNG CHANGED: the probe puts back torch's random state only; Python's ``random`` advances once per
+    probe run."""
+    import random
+
+    x = _x()
+    model = TwoLayers(lambda: RouterBlock(PyRandomRouter()))
+    random.seed(0)
+    with torch.no_grad():
+        model(x)
+    want = random.random()
+    random.seed(0)
+    refused = None
+    with mr.attach(model) as session, torch.no_grad():
+        try:
+            with session.capture():
+                model(x)
+        except mr.MoEReplayError as err:
+            refused = err
+    assert random.random() == want
+    assert refused is None, str(refused)
