@@ -85,6 +85,11 @@ _CheckpointFrame = _torch_compat.CheckpointFrame  # None on a torch without it
 _FunctionCtx = _torch_compat.BackwardCFunction
 _CTX_METHODS = frozenset(("forward", "backward"))
 
+#: Evidence established on a module, kept for later sessions on it (a benchmark or a trainer may
+#: attach many times): by mode, forward function and what was declared. Every forward still checks
+#: that it makes the calls the evidence lists.
+_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Evidence]] = weakref.WeakKeyDictionary()
+
 #: How many Python frames above a router call are searched for reentrant checkpoints.
 MAX_STACK_DEPTH = 128
 
@@ -210,20 +215,31 @@ class RouterHook:
                 "compiling or capturing a graph"
             )
         family = self.decision if self.decision not in ("auto", "lookup") else None
-        ev = establish(
-            self.name,
-            self.scope,
-            forward,
-            args,
-            kwargs,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            declared_top_k=self.declared_top_k,
-            call=self.call,
-            family=family,
+        known = _KNOWN.setdefault(self.scope, {})
+        key = (
+            self.mode(),
+            getattr(forward, "__func__", forward),
+            self.call,
+            family,
+            self.top_k if self.declared_top_k else None,
         )
-        if ev is None:
-            return None
+        ev = known.get(key)
+        if ev is None:  # not established by an earlier session on this module
+            ev = establish(
+                self.name,
+                self.scope,
+                forward,
+                args,
+                kwargs,
+                num_experts=self.num_experts,
+                top_k=self.top_k,
+                declared_top_k=self.declared_top_k,
+                call=self.call,
+                family=family,
+            )
+            if ev is None:
+                return None
+            known[key] = ev
         other = next(iter(self.evidence.values()), None)
         if other is not None and (other.top_k, other.num_experts) != (ev.top_k, ev.num_experts):
             raise UnsupportedRouterError(
