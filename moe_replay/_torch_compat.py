@@ -84,6 +84,10 @@ current_graph_task_id: Callable[[], int] = _function(
     "torch._C._current_graph_task_id", "to tell a recompute in backward from a forward"
 )
 
+#: ``(cond, msg) -> None``: a device-side assert, no host sync (a fixed CPU ring's overflow check
+#: raises at the forward, in compiled code too).
+assert_async: Callable[..., None] = _function("torch._assert_async", "to check a fixed capture ring on the device")
+
 _top_hooks = _function(
     "torch._C._autograd._top_saved_tensors_default_hooks",
     "to find the non-reentrant activation checkpoint a router runs in",

@@ -128,18 +128,23 @@ def watch_forward(
 ) -> Callable[[], None]:
     """Watch the next forward of ``model``; returns a function that stops watching.
 
-    Pre- and post-hooks on the model enter and leave an :class:`OrphanWatch` around its next
-    forward (the post-hook runs even when the forward raises), then remove themselves.
+    Global module hooks (none stored on the model, which stays picklable) enter an
+    :class:`OrphanWatch` when ``model``'s forward starts and leave it when it ends, also
+    when it raises; then they remove themselves.
     """
+    from torch.nn.modules import module as _module
+
     state: dict[str, Any] = {}
 
     def pre(module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling() or "watch" in state:
+        if module is not model or torch.compiler.is_compiling() or "watch" in state:
             return
         state["watch"] = OrphanWatch(model, scopes, widths, excluded)
         state["watch"].__enter__()
 
     def post(module: nn.Module, args: Any, out: Any) -> None:
+        if module is not model:
+            return
         watch = state.pop("watch", None)
         if watch is None:
             return
@@ -147,7 +152,10 @@ def watch_forward(
         stop()
         watch.check()
 
-    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post, always_call=True)]
+    handles = [
+        _module.register_module_forward_pre_hook(pre),
+        _module.register_module_forward_hook(post, always_call=True),
+    ]
 
     def stop() -> None:
         watch = state.pop("watch", None)

@@ -312,7 +312,7 @@ class CaptureRing:
         """Rows at the device cursor into the first segment (wrapping), and advance it."""
         cap = self.capacity
         if not self.keep_newest and not self._cuda:  # CPU: the device check raises at once, in compiled code too
-            torch._assert_async(self.written + n <= cap, self._overflow_msg)
+            _torch_compat.assert_async(self.written + n <= cap, self._overflow_msg)
         if n > cap:  # only the newest rows can fit; `written` still counts all (an overflow, unless keep_newest)
             self.written.add_(n - cap)
             idx = idx[n - cap :]

@@ -51,6 +51,8 @@ __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
 DEFAULT_CAPACITY = 1 << 16
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+#: Models whose forward was watched for decisions outside every router, by router scopes and mode.
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, set[tuple[Any, ...]]] = weakref.WeakKeyDictionary()
 _ATTACH_LOCK = threading.Lock()
 
 
@@ -63,7 +65,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
+    return _torch_compat.current_graph_task_id() != -1
 
 
 class _Owner:
@@ -379,10 +381,19 @@ class Session:
         self._new_ring(hook, site)
 
     def _watch(self) -> Callable[[], None] | None:
-        """Watch the model's next forward for decisions outside every router (see :mod:`.orphans`)."""
+        """Watch the model's next forward for decisions outside every router (see :mod:`.orphans`).
+
+        Once per model, set of routers and mode: a later session on the same routers (a trainer or
+        a benchmark attaching again) does not pay for the watch again.
+        """
         model = self._model_ref()
         if model is None or torch.compiler.is_compiling():
             return None
+        key = (tuple(self._scopes()), model.training)
+        seen = _WATCHED.setdefault(model, set())
+        if key in seen:
+            return None
+        seen.add(key)
         return watch_forward(model, self._scopes(), self._widths(), self._excluded)
 
     def _scopes(self) -> list[str]:

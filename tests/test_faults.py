@@ -109,6 +109,8 @@ def test_exception_mid_replay(point: str, layer: int, exc: str, grad: bool) -> N
     with torch.no_grad():
         forced_out = model(x, forced=list(routes.per_layer()))  # the hand-written gather reference
 
+    with _grad_ctx(grad):
+        model(x)  # each router's decision is established in this grad mode before the fault goes in
     model.inject(Fault(layer, point, EXCEPTIONS[exc]("injected fault")))
     with pytest.raises(EXCEPTIONS[exc], match="injected fault") as err, _grad_ctx(grad):
         with session.replay(routes), session.capture():

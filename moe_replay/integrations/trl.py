@@ -57,7 +57,14 @@ import torch
 from torch import nn
 
 from ..batch import BatchLayout
-from ..errors import MoEReplayError, RouterNotFoundError, RoutesValidationError, SessionStateError
+from ..errors import (
+    InvalidArgumentError,
+    MissingDependencyError,
+    MoEReplayError,
+    RouterNotFoundError,
+    RoutesValidationError,
+    SessionStateError,
+)
 from ..generation import split_generation
 from ..interop import LayerMap
 from ..losses import RouterScores, load_balancing_loss
@@ -69,7 +76,7 @@ try:
     import trl
     from trl import GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without trl
-    raise ImportError(
+    raise MissingDependencyError(
         "moe_replay.integrations.trl needs TRL: pip install 'moe_replay[trl]' (or pip install 'trl>=1.16,<1.17')"
     ) from e
 
@@ -365,7 +372,7 @@ class RoutingReplayMixin:
     ) -> None:
         mode = {True: "replay", False: "off"}.get(routing_replay, routing_replay)  # type: ignore[call-overload]
         if mode not in MODES:
-            raise ValueError(f"routing_replay must be one of {MODES} (or True/False), got {routing_replay!r}")
+            raise InvalidArgumentError(f"routing_replay must be one of {MODES} (or True/False), got {routing_replay!r}")
         self._mr_mode: str = mode
         self.moe_session = None
         self.moe_ref_session = None
