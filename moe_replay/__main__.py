@@ -200,8 +200,9 @@ def inspect_model(
         runs = sorted(set(calls.values()))
         lines.append(
             f"verify: one forward on 8 tokens ran every router ({', '.join(map(str, runs))} call(s) each) "
-            "and saw every decision call"
+            "and established each decision by its effect:"
         )
+        lines.extend(str(calls).splitlines()[1:])
     elif verify:
         lines.append("verify: skipped, some routers are refused")
     return "\n".join(lines)

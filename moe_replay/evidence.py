@@ -216,14 +216,18 @@ class VerifyReport(dict[str, int]):
 
 
 # ----------------------------------------------------------------------------- probe runs
+_MACHINERY = ("evidence.py", "intercept.py", "orphans.py", "session.py")
+
+
 def _where() -> str:
-    """``file:line`` of the innermost frame outside torch and moe_replay."""
+    """``file:line`` of the innermost frame of model code (outside torch and this interception)."""
     here = os.path.dirname(os.path.abspath(__file__))
+    own = {os.path.join(here, name) for name in _MACHINERY}
     torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
     f = sys._getframe(2)
     while f is not None:
         path = os.path.abspath(f.f_code.co_filename)
-        if not path.startswith(here) and not path.startswith(torch_dir):
+        if path not in own and not path.startswith(torch_dir):
             return f"{os.path.basename(path)}:{f.f_lineno}"
         f = f.f_back
     return "?"

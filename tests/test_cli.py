@@ -100,6 +100,7 @@ def test_inspect_reference(capsys) -> None:
     for name, module in model.named_modules():
         if isinstance(module, mr.models.MoEBlock):
             assert f"{name}.gate " in text
+            assert f"{name}.gate: k=2 of 8, ran 1x, decides with #0 topk(k=2) over 8 at models.py:" in text
     assert "verify: one forward" in text
 
 
