@@ -255,7 +255,7 @@ class RouterHook:
         return ev
 
     def _arm(self, ev: Evidence) -> None:
-        if ev is not self._armed:  # the plan of the mode now running, built once per mode change
+        if _compiling() or ev is not self._armed:  # eager: the plan of the mode now running, built once
             self._plan = {i: ev.calls[i].signature for i in ev.decision}
             self._count = ev.count
             self._armed = ev

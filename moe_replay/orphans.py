@@ -137,13 +137,13 @@ def watch_forward(
     state: dict[str, Any] = {}
 
     def pre(module: nn.Module, args: Any) -> None:
-        if module is not model or torch.compiler.is_compiling() or "watch" in state:
+        if torch.compiler.is_compiling() or module is not model or "watch" in state:
             return
         state["watch"] = OrphanWatch(model, scopes, widths, excluded)
         state["watch"].__enter__()
 
     def post(module: nn.Module, args: Any, out: Any) -> None:
-        if module is not model:
+        if torch.compiler.is_compiling() or module is not model:
             return
         watch = state.pop("watch", None)
         if watch is None:

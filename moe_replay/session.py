@@ -389,12 +389,18 @@ class Session:
         model = self._model_ref()
         if model is None or torch.compiler.is_compiling():
             return None
+        if not self._mark_watched(model):
+            return None
+        return watch_forward(model, self._scopes(), self._widths(), self._excluded)
+
+    def _mark_watched(self, model: nn.Module) -> bool:
+        """Record that ``model``'s forward is (being) watched with these routers; False if it was before."""
         key = (tuple(self._scopes()), model.training)
         seen = _WATCHED.setdefault(model, set())
         if key in seen:
-            return None
+            return False
         seen.add(key)
-        return watch_forward(model, self._scopes(), self._widths(), self._excluded)
+        return True
 
     def _scopes(self) -> list[str]:
         return [s.scope for s in self._sites]
@@ -1015,6 +1021,7 @@ class Session:
                 "built twice, or replaced after loading?); exclude them or name the right ones with include="
             )
         watch.check()
+        self._mark_watched(model)  # a capture need not watch this model's forward again
         with torch.no_grad():
             evidence = {h.name: h.evidence[h.mode()] for h in self._hooks if h.mode() in h.evidence}
         return VerifyReport({h.name: h.calls for h in self._hooks}, evidence)
