@@ -69,6 +69,7 @@ def _training(model: nn.Module) -> Iterator[None]:
     """``model`` in train mode with gradients and HF gradient checkpointing; put back as it was after."""
     was_training = model.training
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    had_input_hook = hasattr(model, "_require_grads_hook")
     model.train()
     model.requires_grad_(True)
     kwargs = {"use_reentrant": False}
@@ -83,6 +84,8 @@ def _training(model: nn.Module) -> Iterator[None]:
             model.activation_checkpointing_disable()
         else:
             model.gradient_checkpointing_disable()
+        if not had_input_hook and hasattr(model, "_require_grads_hook"):  # enabling added it; disabling keeps it
+            model.disable_input_require_grads()
         model.zero_grad(set_to_none=True)
         for n, p in model.named_parameters():
             p.requires_grad_(grads[n])
