@@ -21,7 +21,7 @@ Prints a markdown table (``benchmarks/RESULTS.md`` format) and writes every numb
 Examples:
     python -m benchmarks.run --smoke                       # seconds: checks the harness
     python -m benchmarks.run --device cpu --out cpu.json   # the CPU figures
-    python -m benchmarks.run --device cuda --out gpu.json  # H100/H200, bf16, about 5 minutes
+    python -m benchmarks.run --device cuda --out gpu.json --md gpu.md  # H100/H200, bf16, ~5 min
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--smoke", action="store_true", help="tiny models, 2 repetitions: checks the harness, not timings")
     p.add_argument("--out", default=None, help="write every number to this JSON file (rewritten after each workload)")
+    p.add_argument("--md", default=None, help="also write the markdown tables (printed on stdout) to this file")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per workload (after one warm-up)")
     p.add_argument("--inner", type=int, default=None, help="forwards per timed block")
     p.add_argument("--prefill-tokens", type=int, default=None)
@@ -357,7 +358,11 @@ def _line(entry: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     results = run(args)
-    print(markdown(results))
+    text = markdown(results)
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text + "\n")
     return 0
 
 

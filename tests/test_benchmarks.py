@@ -20,9 +20,11 @@ from benchmarks.workloads import make_workload, transformers_version
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    md = out.with_suffix(".md")
     text = io.StringIO()
     with contextlib.redirect_stdout(text), contextlib.redirect_stderr(io.StringIO()):
-        assert main(["--smoke", "--device", "cpu", "--out", str(out)]) == 0
+        assert main(["--smoke", "--device", "cpu", "--out", str(out), "--md", str(md)]) == 0
+    assert md.read_text() == text.getvalue()
     return json.loads(Path(out).read_text()), text.getvalue()
 
 
