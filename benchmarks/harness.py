@@ -114,7 +114,10 @@ def summarise(times: dict[str, list[float]], baseline: str) -> dict[str, dict[st
 # ----------------------------------------------------------------------------- variants
 @contextlib.contextmanager
 def _attached(w: Workload, capacity: int) -> Iterator[mr.Session]:
+    """A session on the workload's model, warmed up: one untimed eager forward, at which every router
+    establishes its decision (a one-off cost of each new session, kept out of the timed block)."""
     with mr.attach(w.model, capacity=capacity) as session:
+        w.warm()
         yield session
 
 
@@ -213,8 +216,35 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
 
 
+def _index_output(out: Any) -> torch.Tensor | None:
+    """The expert indices in a router's output: its first integer tensor."""
+    items = out if isinstance(out, (tuple, list)) else (out,)
+    return next((t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)
+
+
+@contextlib.contextmanager
+def _router_outputs(routers: list[torch.nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
+    """The indices each router returned, per call, gathered by forward hooks (a check, never timed)."""
+    seen: list[list[torch.Tensor]] = [[] for _ in routers]
+
+    def hook(i: int) -> Callable[..., None]:
+        def record(module: torch.nn.Module, args: Any, out: Any) -> None:
+            idx = _index_output(out)
+            if idx is not None:
+                seen[i].append(idx.detach().clone())
+
+        return record
+
+    handles = [r.register_forward_hook(hook(i)) for i, r in enumerate(routers)]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _check_baselines(
-    w: Workload, rows: list[torch.Tensor], plain: torch.Tensor
+    w: Workload, rows: list[torch.Tensor], captured: torch.Tensor
 ) -> tuple[list[torch.Tensor], dict, dict]:
     """The recipe and the naive hook, once each: their rows, checks and bytes per token."""
     with _recipe(w.routers, None) as recipe:
@@ -231,8 +261,8 @@ def _check_baselines(
         naive_rows = naive.per_router()
         naive_bytes = naive.nbytes() / w.tokens
     checks = {
-        "recipe_output_max_diff": _max_diff(recipe_plain, plain),
-        "recipe_replay_output_max_diff": _max_diff(recipe_replayed, plain),
+        "recipe_output_max_diff": _max_diff(recipe_plain, captured),
+        "recipe_replay_output_max_diff": _max_diff(recipe_replayed, recipe_plain),
         "recipe_indices_equal": all(torch.equal(a, b.reshape(a.shape)) for a, b in zip(rows, recipe_rows, strict=True)),
         "naive_indices_equal": all(
             torch.equal(a.cpu(), b.reshape(a.shape)) for a, b in zip(rows, naive_rows, strict=True)
@@ -245,6 +275,12 @@ def _check_baselines(
 def check_workload(w: Workload) -> tuple[mr.Routes, list[torch.Tensor] | None, dict[str, Any], dict[str, float]]:
     """Run each approach once; check they record the same experts and replay reproduces the forward.
 
+    Exact checks (the same forward): moe_replay's captured rows are the indices each router
+    returned in the captured forward; replaying them reproduces the captured output (the
+    recipe: its replay, its own capture). Between separate forwards (plain and its rerun,
+    plain and capture, moe_replay and the recipe or the naive hook) a GPU forward may differ
+    by run-to-run noise (atomics, near-tied scores); those are reported, not asserted.
+
     Returns the routes of one forward, the recipe's forced indices (None when the recipe
     does not fit these routers: ``checks["baselines_error"]`` says why), the checks and
     the bytes stored per token by each approach (every router, all k indices).
@@ -253,7 +289,7 @@ def check_workload(w: Workload) -> tuple[mr.Routes, list[torch.Tensor] | None, d
     plain = w.forward().clone()
     rerun = w.forward().clone()  # run-to-run noise of the plain forward (atomics in some kernels)
     with _attached(w, w.tokens) as session:
-        with session.capture():
+        with session.capture(), _router_outputs(w.routers) as returned:
             w.prepare(1)
             captured = w.forward().clone()
         routes = session.routes()
@@ -261,16 +297,20 @@ def check_workload(w: Workload) -> tuple[mr.Routes, list[torch.Tensor] | None, d
         with session.replay(routes):
             w.prepare(1)
             replayed = w.forward().clone()
+    rows = [r.long().to(plain.device) for r in routes.per_layer()]
     checks: dict[str, Any] = {
         "plain_rerun_max_diff": _max_diff(rerun, plain),
         "capture_output_max_diff": _max_diff(captured, plain),
-        "replay_output_max_diff": _max_diff(replayed, plain),
+        "replay_output_max_diff": _max_diff(replayed, captured),
         "routes_tokens": routes.num_tokens,
+        "captured_rows_are_router_outputs": all(
+            len(seen) == 1 and torch.equal(r, seen[0].long().reshape(r.shape))
+            for r, seen in zip(rows, returned, strict=True)
+        ),
     }
     nbytes: dict[str, Any] = {"moe_replay": ours}
-    rows = [r.long().to(plain.device) for r in routes.per_layer()]
     try:  # the recipe is written for (logits, weights, indices) routers; time moe_replay regardless
-        recipe_rows, more, more_bytes = _check_baselines(w, rows, plain)
+        recipe_rows, more, more_bytes = _check_baselines(w, rows, captured)
     except Exception as e:
         checks["baselines_error"] = f"{type(e).__name__}: {e}"
         return routes, None, checks, nbytes

@@ -22,6 +22,9 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("cuda", "decode", "capture", 1.03, "decode 64x1 eager, capture"),
     ("cuda", "decode", "replay", 1.03, "decode 64x1 eager, replay"),
     ("cuda", "decode-graph", "capture_graph", 1.01, "decode in a CUDA graph, capture"),
+    ("cuda", "train", "capture", 1.005, "training step (checkpointing), capture"),
+    ("cuda", "train", "replay", 1.005, "training step (checkpointing), replay"),
+    ("cuda", "generate", "capture", 1.01, "generate() eager, capture"),
     ("cpu", "prefill", "capture", 1.05, "CPU reference prefill, capture"),
 )
 
@@ -64,7 +67,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each applicable target with the measured ratio and whether it is met."""
     dev = results["meta"]["device_type"]
     rows = []
-    for w in [*results.get("workloads", []), *([results["graph"]] if results.get("graph") else [])]:
+    graph = [results["graph"]] if results.get("graph") else []
+    for w in [*results.get("workloads", []), *graph, *results.get("steps", [])]:
         for t_dev, shape, variant, limit, what in TARGETS:
             if t_dev != dev or w.get("shape") != shape or "variants" not in w:
                 continue
@@ -83,6 +87,70 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+_STEP_COLUMNS = (
+    ("capture", "capture"),
+    ("replay", "replay"),
+    ("recipe_capture", "HF recipe capture"),
+    ("recipe_replay", "HF recipe replay"),
+)
+
+
+def _step_shape(w: dict[str, Any]) -> str:
+    if w["shape"] == "train":
+        return f"training step, fwd+bwd, gradient checkpointing, {w['batch']} x {w['seq']} tokens"
+    return f"generate() eager greedy, {w['batch']} x ({w['prompt']} + {w['new']}) tokens"
+
+
+def _step_checks(w: dict[str, Any]) -> str:
+    c = w["checks"]
+    if w["shape"] == "train":
+        text = (
+            f"routes {c['routes_tokens']} rows per router for {w['tokens']} tokens (recompute not recorded again); "
+            f"replay vs capture: loss diff {c['replay_loss_diff']:g}, router grads max diff "
+            f"{c['replay_router_grad_max_diff']:g}; capture vs plain loss diff {c['capture_loss_diff']:g}"
+        )
+        if "recipe_indices_equal" in c:
+            text += (
+                f"; recipe records {c['recipe_records_per_step']}x per step (forward and recompute), "
+                f"same experts as moe_replay: {'yes' if c['recipe_indices_equal'] else 'no'}"
+            )
+    else:
+        text = (
+            f"routes {c['routes_tokens']} rows per router (B*P + B*(N-1) = {c['expected_tokens']}), "
+            f"{c['generated_tokens']} new tokens; capture generated the plain sequences: "
+            f"{'yes' if c['capture_sequences_equal'] else 'no (separate runs, near-ties)'}"
+        )
+        if "recipe_rows" in c:
+            eq = c["recipe_indices_equal"]
+            text += "; recipe: " + (
+                "not compared (its run generated other tokens)"
+                if eq is None
+                else ("same experts" if eq else "**other experts**")
+            )
+    if "baselines_error" in c:
+        text += f"; recipe not applicable ({c['baselines_error']})"
+    return text
+
+
+def _steps(steps: list[dict[str, Any]]) -> list[str]:
+    if not steps:
+        return []
+    cols = [(k, c) for k, c in _STEP_COLUMNS if any(k in w.get("variants", {}) for w in steps)]
+    out = [
+        "",
+        "| model | step | plain ms | " + " | ".join(c for _, c in cols) + " | checks |",
+        "|---|---|---:|" + "---|" * len(cols) + "---|",
+    ]
+    for w in steps:
+        if "error" in w:
+            out.append(f"| {w['model']} | {w['shape']} | error: {w['error']} |" + " |" * (len(cols) + 1))
+            continue
+        v = w["variants"]
+        cells = " | ".join(_ratio(v.get(k)) for k, _ in cols)
+        out.append(f"| {_model(w)} | {_step_shape(w)} | {v['plain']['median_ms']:.1f} | {cells} | {_step_checks(w)} |")
+    return out
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -132,9 +200,12 @@ def markdown(results: dict[str, Any]) -> str:
             c = g["checks"]
             graphed = "" if g.get("graphed") else " (emulated: no CUDA)"
             order = (
-                f"{c['capture_graph_replays_matched']}/{c['replays']}"
-                + (" (check graph: all)" if c["check_graph_in_order"] else " (check graph: NOT in order)")
-                + f"; eager steps match {c['eager_replays_matched']}/{c.get('eager_replays', c['replays'])}"
+                f"{c['capture_graph_replays_matched']}/{c['replays']} (inputs replayed forward, then reversed: "
+                "each replay's rows in its own place)"
+                + f"; check graph vs its own hooks {c['check_graph_replays_matched']}/{c['replays']}"
+                + f"; vs the check graph where both outputs are identical {c['capture_vs_check_matched']}/"
+                + f"{c['capture_vs_check_compared']}"
+                + f"; eager steps vs their own hooks {c['eager_replays_matched']}/{c['eager_replays']}"
             )
             if torch_col:
                 order += f"; torch-op ring graph {c['capture_graph_torch_replays_matched']}/{c['replays']}"
@@ -152,27 +223,36 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         b, c = w["bytes_per_token"], w["checks"]
         noise = c.get("plain_rerun_max_diff", 0.0)
-        diffs = [
-            c[k]
-            for k in ("capture_output_max_diff", "replay_output_max_diff", "recipe_replay_output_max_diff")
-            if k in c
-        ]
+        own = (
+            "captured rows = the routers' own outputs"
+            if c.get("captured_rows_are_router_outputs", True)
+            else "**captured rows differ from the routers' own outputs**"
+        )
         if "baselines_error" in c:
-            same = "recipe and naive hook not applicable here (" + c["baselines_error"] + ")"
+            same = f"{own}; recipe and naive hook not applicable here (" + c["baselines_error"] + ")"
         elif c["recipe_indices_equal"] and c["naive_indices_equal"]:
-            same = "same experts recorded by all three"
+            same = f"{own}; same experts recorded by the recipe and the naive hook"
+        elif c.get("recipe_output_max_diff", 0.0) > 0 or noise > 0:
+            same = (
+                f"{own}; the recipe's and the naive hook's separate forwards differ from it by run-to-run "
+                f"noise (output max abs diff {c.get('recipe_output_max_diff', 0.0):g}), so near-tied experts differ"
+            )
         else:
-            same = "**MISMATCH** of the experts recorded by moe_replay, the recipe and the naive hook"
-        if max(diffs) == 0:
-            note = f"{same}; replay output identical"
-        elif max(diffs) <= noise:
-            note = f"{same}; replay output within run-to-run noise (max abs diff {noise:g})"
+            same = f"{own}; **MISMATCH** of the experts recorded by the recipe or the naive hook (identical outputs)"
+        replay = c["replay_output_max_diff"]
+        if replay == 0 and c.get("recipe_replay_output_max_diff", 0.0) == 0:
+            note = f"{same}; replays identical to their captures"
         else:
-            note = f"{same}; **replay output differs** (max abs diff {max(diffs):g})"
+            note = (
+                f"{same}; replay vs its capture max abs diff {replay:g}"
+                + (f" (recipe {c['recipe_replay_output_max_diff']:g})" if "recipe_replay_output_max_diff" in c else "")
+                + f"; plain vs its rerun {noise:g}"
+            )
         out.append(
             f"| {w['model']} | {_shape(w)} | {b['moe_replay']:.0f} | {b.get('recipe', float('nan')):.0f} | "
             f"{b.get('naive', float('nan')):.0f} | {note} |"
         )
+    out += _steps(results.get("steps", []))
     rows = targets(results)
     if rows and not m.get("smoke"):
         out += ["", "| target | model | limit | measured | |", "|---|---|---:|---:|---|"]

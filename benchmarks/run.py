@@ -12,13 +12,16 @@ Qwen3-MoE-shaped transformers model when transformers is installed) and each sha
 * ``naive_capture``: a forward hook copying the indices to the host on every call;
 
 and, on CUDA, capture inside a CUDA-graphed decode step (see :mod:`benchmarks.graph`).
+On the Qwen3-MoE-shaped model, whole steps (see :mod:`benchmarks.steps`): a training
+step (forward + backward with HF gradient checkpointing; plain, capture, replay, the
+recipe) and an eager ``generate()`` call (plain, capture, the recipe capturing).
 Prints a markdown table (``benchmarks/RESULTS.md`` format) and writes every number to
 ``--out``.
 
 Examples:
     python -m benchmarks.run --smoke                       # seconds: checks the harness
     python -m benchmarks.run --device cpu --out cpu.json   # the CPU figures
-    python -m benchmarks.run --device cuda --out gpu.json  # H100/H200, bf16, a few minutes
+    python -m benchmarks.run --device cuda --out gpu.json --md gpu.md  # H100/H200, bf16, ~5 min
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ import torch
 from .graph import bench_graph
 from .harness import check_workload, eager_variants, profile_variants, summarise, time_variants
 from .report import markdown
+from .steps import bench_generate, bench_train
 from .workloads import build_model, make_workload, transformers_version
 
 __all__ = ["main", "run"]
 
+_SHAPES = ("prefill", "decode", "graph", "train", "generate")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: Defaults per setting: reps / inner forwards per timed block, by shape, and input sizes.
@@ -54,9 +59,11 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         prefill_tokens=8192,
         decode_batch=64,
         decode_past=512,
-        reps={"prefill": 15, "decode": 20, "graph": 30},
-        inner={"prefill": 2, "decode": 5, "graph": 20},
+        reps={"prefill": 15, "decode": 15, "graph": 20, "train": 10, "generate": 8},
+        inner={"prefill": 2, "decode": 5, "graph": 20, "train": 1, "generate": 1},
         graph_replays=220,
+        train=(4, 2048),
+        generate=(32, 64, 48),
     ),
     "cpu": dict(
         size="cpu",
@@ -64,9 +71,11 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         prefill_tokens=1024,
         decode_batch=16,
         decode_past=128,
-        reps={"prefill": 20, "decode": 40, "graph": 0},
-        inner={"prefill": 2, "decode": 4, "graph": 0},
+        reps={"prefill": 20, "decode": 40, "graph": 0, "train": 12, "generate": 10},
+        inner={"prefill": 2, "decode": 4, "graph": 0, "train": 1, "generate": 1},
         graph_replays=0,
+        train=(2, 256),
+        generate=(8, 32, 16),
     ),
     "smoke": dict(
         size="smoke",
@@ -74,9 +83,11 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         prefill_tokens=24,
         decode_batch=4,
         decode_past=6,
-        reps={"prefill": 2, "decode": 2, "graph": 2},
-        inner={"prefill": 1, "decode": 2, "graph": 2},
+        reps={"prefill": 2, "decode": 2, "graph": 2, "train": 2, "generate": 2},
+        inner={"prefill": 1, "decode": 2, "graph": 2, "train": 1, "generate": 1},
         graph_replays=3,
+        train=(2, 8),
+        generate=(2, 4, 3),
     ),
 }
 
@@ -114,15 +125,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", nargs="+", default=["reference", "qwen3"], choices=["reference", "qwen3"], help="models to run"
     )
-    p.add_argument("--shape", nargs="+", default=["prefill", "decode", "graph"], choices=["prefill", "decode", "graph"])
+    p.add_argument(
+        "--shape",
+        nargs="+",
+        default=list(_SHAPES),
+        choices=_SHAPES,
+        help="workloads (train and generate run on the qwen3 model only)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny models, 2 repetitions: checks the harness, not timings")
     p.add_argument("--out", default=None, help="write every number to this JSON file (rewritten after each workload)")
+    p.add_argument("--md", default=None, help="also write the markdown tables (printed on stdout) to this file")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per workload (after one warm-up)")
     p.add_argument("--inner", type=int, default=None, help="forwards per timed block")
     p.add_argument("--prefill-tokens", type=int, default=None)
     p.add_argument("--decode-batch", type=int, default=None)
     p.add_argument("--decode-past", type=int, default=None, help="KV-cache length of each decode step")
     p.add_argument("--layers", type=int, default=None, help="override the layer count of both models")
+    p.add_argument("--train-batch", type=int, default=None, help="sequences per training step")
+    p.add_argument("--train-seq", type=int, default=None, help="tokens per sequence of a training step")
+    p.add_argument("--generate-batch", type=int, default=None, help="sequences per generate() call")
+    p.add_argument("--generate-prompt", type=int, default=None, help="prompt tokens per sequence")
+    p.add_argument("--generate-new", type=int, default=None, help="tokens generated per sequence")
     p.add_argument("--graph-replays", type=int, default=None, help="graph replays checked for in-order recording")
     p.add_argument(
         "--profile",
@@ -170,7 +193,7 @@ def run(args: argparse.Namespace, log: Any = sys.stderr) -> dict[str, Any]:
         "clock": args.clock,
         "argv": sys.argv[1:],
     }
-    results: dict[str, Any] = {"meta": meta, "workloads": [], "graph": None, "skipped": []}
+    results: dict[str, Any] = {"meta": meta, "workloads": [], "graph": None, "steps": [], "skipped": []}
     if args.profile:
         results["profile"] = {}
 
@@ -257,12 +280,69 @@ def run(args: argparse.Namespace, log: Any = sys.stderr) -> dict[str, Any]:
                     results["graph"] = {"model": family, "shape": "decode-graph", "error": f"{type(e).__name__}: {e}"}
                 say("graph: " + _line(results["graph"]))
                 save()
+        if family == "qwen3":
+            _run_steps(args, d, meta, model, device, clock, results, say, save)
+        elif any(s in args.shape for s in ("train", "generate")) and "qwen3" not in args.model:
+            results["skipped"].append("train, generate: run on the qwen3 model only")
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     save()
     return results
+
+
+def _run_steps(
+    args: argparse.Namespace,
+    d: dict[str, Any],
+    meta: dict[str, Any],
+    model: torch.nn.Module,
+    device: torch.device,
+    clock: Any,
+    results: dict[str, Any],
+    say: Any,
+    save: Any,
+) -> None:
+    """The training-step and ``generate()`` workloads on ``model`` (see :mod:`benchmarks.steps`)."""
+    for shape in [s for s in ("train", "generate") if s in args.shape]:
+        t0 = time.perf_counter()
+        progress = lambda s, n=shape: say(f"  qwen3/{n} {s}")  # noqa: E731
+        try:
+            if shape == "train":
+                batch, seq = args.train_batch or d["train"][0], args.train_seq or d["train"][1]
+                entry = bench_train(
+                    model,
+                    batch=batch,
+                    seq=seq,
+                    reps=meta["reps"]["train"],
+                    inner=meta["inner"]["train"],
+                    seed=args.seed,
+                    clock=clock,
+                    progress=progress,
+                )
+            else:
+                b, p, n = d["generate"]
+                entry = bench_generate(
+                    model,
+                    batch=args.generate_batch or b,
+                    prompt=args.generate_prompt or p,
+                    new=args.generate_new or n,
+                    reps=meta["reps"]["generate"],
+                    seed=args.seed,
+                    clock=clock,
+                    progress=progress,
+                )
+            entry["seconds"] = round(time.perf_counter() - t0, 1)
+        except Exception as e:
+            if args.smoke:
+                raise
+            traceback.print_exc(file=sys.stderr)
+            entry = {"model": "qwen3", "shape": shape, "error": f"{type(e).__name__}: {e}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results["steps"].append(entry)
+        say(f"qwen3/{shape}: " + _line(entry))
+        save()
 
 
 def _line(entry: dict[str, Any]) -> str:
@@ -278,7 +358,11 @@ def _line(entry: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     results = run(args)
-    print(markdown(results))
+    text = markdown(results)
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text + "\n")
     return 0
 
 

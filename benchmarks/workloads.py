@@ -24,7 +24,7 @@ from torch import nn
 import moe_replay as mr
 from moe_replay.models import MoEConfig, MoETransformer
 
-__all__ = ["SIZES", "Workload", "build_model", "make_workload", "transformers_version"]
+__all__ = ["SIZES", "Workload", "build_model", "make_workload", "routers_of", "transformers_version"]
 
 #: Model shapes per size. ``gpu`` is the Qwen3-30B-A3B MoE layer (hidden 2048, 128
 #: experts, top-8, expert width 768) with the layer count cut to 8; ``cpu`` keeps the
@@ -92,6 +92,11 @@ def transformers_version() -> str | None:
     except ImportError:
         return None
     return str(transformers.__version__)
+
+
+def routers_of(model: nn.Module) -> list[nn.Module]:
+    """The router modules of ``model``, in module order."""
+    return [s.module for s in mr.find_routers(model) if s.module is not None]
 
 
 def _init_params(model: nn.Module, seed: int) -> None:
@@ -174,6 +179,7 @@ class Workload:
     info: dict[str, Any]
     _step: Callable[[], torch.Tensor] = field(repr=False, default=lambda: torch.empty(0))
     _prepare: Callable[[int], None] = field(repr=False, default=lambda n: None)
+    _warm: Callable[[], Any] | None = field(repr=False, default=None)
 
     @property
     def name(self) -> str:
@@ -187,7 +193,13 @@ class Workload:
     @property
     def routers(self) -> list[nn.Module]:
         """The router modules, in module order."""
-        return [s.module for s in mr.find_routers(self.model) if s.module is not None]
+        return routers_of(self.model)
+
+    def warm(self) -> None:
+        """One untimed eager forward that leaves prepared inputs alone (a fresh session's routers
+        establish their decision at their first eager forward)."""
+        with torch.no_grad():
+            (self._warm or self._step)()
 
     def prepare(self, n: int) -> None:
         self._prepare(n)
@@ -262,13 +274,15 @@ def make_workload(
     ]
     caches: list[Any] = []
 
+    def fresh() -> Any:
+        c = DynamicCache()
+        for i, (k, v) in enumerate(kv):
+            c.update(k, v, i)
+        return c
+
     def prepare(n: int) -> None:
         caches.clear()
-        for _ in range(n):
-            c = DynamicCache()
-            for i, (k, v) in enumerate(kv):
-                c.update(k, v, i)
-            caches.append(c)
+        caches.extend(fresh() for _ in range(n))
 
     def step() -> torch.Tensor:
         cache = caches.pop() if caches else None
@@ -278,4 +292,5 @@ def make_workload(
         return model(input_ids=ids, use_cache=True, **{cache_arg: cache}).logits
 
     w._step, w._prepare = step, prepare
+    w._warm = lambda: model(input_ids=ids, use_cache=True, **{cache_arg: fresh()})
     return w

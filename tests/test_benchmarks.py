@@ -20,9 +20,11 @@ from benchmarks.workloads import make_workload, transformers_version
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    md = out.with_suffix(".md")
     text = io.StringIO()
     with contextlib.redirect_stdout(text), contextlib.redirect_stderr(io.StringIO()):
-        assert main(["--smoke", "--device", "cpu", "--out", str(out)]) == 0
+        assert main(["--smoke", "--device", "cpu", "--out", str(out), "--md", str(md)]) == 0
+    assert md.read_text() == text.getvalue()
     return json.loads(Path(out).read_text()), text.getvalue()
 
 
@@ -32,6 +34,7 @@ def test_every_workload_and_variant_is_timed(smoke: tuple[dict, str]) -> None:
     if transformers_version() is not None:
         want |= {("qwen3", "prefill"), ("qwen3", "decode")}
     assert {(w["model"], w["shape"]) for w in results["workloads"]} == want
+    assert all("error" not in w for w in results["steps"])
     for w in results["workloads"]:
         assert "error" not in w
         v = w["variants"]
@@ -44,6 +47,7 @@ def test_all_approaches_record_the_same_experts_and_replay_is_exact(smoke: tuple
     for w in smoke[0]["workloads"]:
         c = w["checks"]
         assert c["recipe_indices_equal"] and c["naive_indices_equal"], w["model"]
+        assert c["captured_rows_are_router_outputs"], w["model"]
         assert c["routes_tokens"] == w["tokens"]
         assert c["plain_rerun_max_diff"] == c["capture_output_max_diff"] == c["replay_output_max_diff"] == 0
         assert c["recipe_output_max_diff"] == 0 and c["recipe_replay_output_max_diff"] == 0
@@ -61,9 +65,77 @@ def test_graph_replays_are_recorded_in_order(smoke: tuple[dict, str]) -> None:
     g = smoke[0]["graph"]
     c = g["checks"]
     assert c["check_graph_in_order"] and c["capture_graph_in_order"]
-    assert c["capture_graph_replays_matched"] == c["replays"] > 1
+    assert c["check_graph_replays_matched"] == c["capture_graph_replays_matched"] == c["replays"] > 1
+    # emulated graphs are the same eager step: every output agrees, so every replay is compared
+    assert c["capture_vs_check_matched"] == c["capture_vs_check_compared"] == c["replays"]
     assert c["eager_replays_matched"] == c["eager_replays"] > 1
     assert c["rows_per_router"] == [c["replays"] * g["batch"]] * g["layers"]
+
+
+def test_order_check_counts_replays_out_of_place() -> None:
+    from benchmarks.graph import _blocks, _rows_in_order
+
+    model = mr.models.build("softmax_topk", num_layers=2)
+    inputs = torch.randint(0, model.config.vocab_size, (4, 3, 1), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            for x in inputs:
+                model(x)
+        routes = session.routes()
+        blocks = _blocks(routes, 3)
+    assert len(blocks) == 4
+    assert _rows_in_order(routes, blocks, 3) == {
+        "rows_per_router": [12, 12],
+        "replays_matched": 4,
+        "replays_compared": 4,
+        "in_order": True,
+    }
+    swapped = [blocks[1], blocks[0], *blocks[2:]]
+    assert all(not torch.equal(a, b) for a, b in zip(blocks[0], blocks[1], strict=True))
+    out = _rows_in_order(routes, swapped, 3)
+    assert out["replays_matched"] == 2 and not out["in_order"]
+    only = _rows_in_order(routes, swapped, 3, compare=[False, False, True, True])
+    assert only["replays_matched"] == only["replays_compared"] == 2 and only["in_order"]
+
+
+def test_training_step_and_generate_run_and_check(smoke: tuple[dict, str]) -> None:
+    results, printed = smoke
+    if transformers_version() is None:
+        assert results["steps"] == []
+        return
+    steps = {w["shape"]: w for w in results["steps"]}
+    assert set(steps) == {"train", "generate"}
+    train, gen = steps["train"], steps["generate"]
+    assert set(train["variants"]) == {"plain", "capture", "replay", "recipe_capture", "recipe_replay"}
+    assert set(gen["variants"]) == {"plain", "capture", "recipe_capture"}
+    for w in (train, gen):
+        assert all(len(x["times_ms"]) == w["reps"] and x["median_ms"] > 0 for x in w["variants"].values())
+        assert f"{w['model']} ({w['layers']}L" in printed
+    c = train["checks"]
+    assert c["routes_tokens"] == train["tokens"] == train["batch"] * train["seq"]
+    assert c["recipe_records_per_step"] == 2  # the recompute ran: checkpointing was on
+    assert c["recipe_indices_equal"]
+    assert c["replay_loss_diff"] == c["replay_router_grad_max_diff"] == c["capture_loss_diff"] == 0
+    c = gen["checks"]
+    assert c["generated_tokens"] == gen["new"]
+    assert c["routes_tokens"] == c["expected_tokens"] == gen["tokens"]
+    assert c["capture_sequences_equal"] and c["recipe_indices_equal"]
+
+
+def test_training_step_leaves_the_model_as_it_was() -> None:
+    pytest.importorskip("transformers")
+    from benchmarks.steps import bench_train
+    from benchmarks.workloads import build_model
+
+    model, _ = build_model("qwen3", "smoke", torch.device("cpu"), torch.float32, layers=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
+    out = bench_train(model, batch=1, seq=4, reps=1, inner=1)
+    assert out["checks"]["routes_tokens"] == 4
+    assert not model.training and not any(p.requires_grad or p.grad is not None for p in model.parameters())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert hooks == [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
 
 
 def test_markdown_has_a_row_per_workload(smoke: tuple[dict, str]) -> None:
