@@ -511,6 +511,7 @@ def _refuse(name: str, calls: Sequence[Call], why: str, fix: str) -> Unsupported
     )
 
 
+@_syncs_allowed()  # establishing runs once and reads values back
 def establish(
     name: str,
     scope: nn.Module,
@@ -535,7 +536,7 @@ def establish(
         top_k: k discovery expects (a hint), or None.
         declared_top_k: ``top_k`` was given by the user: a different k is refused, not learned.
         call: an ordinal that an :class:`~moe_replay.Adapter` names as the decision.
-        family: only calls of this family may decide (``topk``, ``argmax``, ``max``).
+        family: only calls of this family may decide (``topk``, ``argmax``, ``max``, ``argmin``, ``min``).
 
     Returns:
         The evidence, or None when the forward chose for no token (empty inputs): nothing to
@@ -546,22 +547,6 @@ def establish(
     """
     if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in _leaves((args, kwargs), [])):
         return None
-    with _syncs_allowed():
-        return _establish(name, scope, forward, args, kwargs, num_experts, top_k, declared_top_k, call, family)
-
-
-def _establish(
-    name: str,
-    scope: nn.Module,
-    forward: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    num_experts: int | None,
-    top_k: int | None,
-    declared_top_k: bool,
-    call: int | None,
-    family: str | None,
-) -> Evidence | None:
     probe = _Prober(forward, args, kwargs, scope)
     try:
         base, seen = probe.run()

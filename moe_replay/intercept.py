@@ -184,8 +184,7 @@ class RouterHook:
     _masks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     _ordinal: int = 0  # decision-like calls seen so far in this forward
     _plan: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # decision ordinal -> signature
-    _count: int = 0  # decision-like calls the established forward makes
-    _armed: Evidence | None = None  # the evidence _plan and _count were built from
+    _armed: Evidence | None = None  # the evidence _plan was built from
     # a decision may span several calls (successive top-1 slots): the slots answered so far
     _slots: list[torch.Tensor] = field(default_factory=list)
     _row: torch.Tensor | None = None  # [n, k] rows the decision is answered with (replay, recompute)
@@ -257,7 +256,6 @@ class RouterHook:
     def _arm(self, ev: Evidence) -> None:
         if _compiling() or ev is not self._armed:  # eager: the plan of the mode now running, built once
             self._plan = {i: ev.calls[i].signature for i in ev.decision}
-            self._count = ev.count
             self._armed = ev
 
     # ------------------------------------------------------------- scope forward
