@@ -10,8 +10,9 @@
 # 2. a **score head** that only computes scores, with the top-k in the MoE block, and a
 #    logging call that looks like a decision: an `Adapter` says where the decision is.
 #
-# The only thing moe_replay needs from a router is that its decision is one `topk`
-# (or `argmax` / `max` for top-1) call over a `[tokens, num_experts]` score tensor.
+# The only thing moe_replay needs from a router is that its decision is made by `topk`
+# (or `argmax` / `max` calls, one per slot) over a `[tokens, num_experts]` score tensor;
+# which call that is, it establishes itself by changing each candidate's choice once.
 
 # %%
 import torch
@@ -110,9 +111,10 @@ except mr.RouterNotFoundError as e:
 
 # %% [markdown]
 # `include=` takes a module path, a glob, a compiled regex, a class, a predicate
-# `(name, module) -> bool`, or a list of those. When the module does not say how many
-# experts it scores (the dispatcher has two `Linear` children), moe_replay asks for
-# `num_experts=`; `k` was read from its `k` attribute.
+# `(name, module) -> bool`, or a list of those. Nothing else is needed: attribute names and
+# weight shapes are only hints, and the router's first forward establishes which call
+# decides, with its `k` and `E` (`session.verify(x)` prints it). `num_experts=` and `top_k=`
+# may still be given; a decision that contradicts them is refused.
 
 # %%
 try:
@@ -154,10 +156,11 @@ session.detach()
 # `ScoreHead` returns scores and the block calls `torch.topk`. Interception is scoped to
 # one module's forward (that is what keeps it from catching unrelated calls). When a
 # router's forward contains no decision call at all, moe_replay sees that and intercepts
-# its block instead. This head, though, calls `max(dim=-1)` for its logs, and a top-2
-# router may decide by two successive `max` calls (DeepSpeed's and fairseq's gates do), so
-# the head is taken at its word. It does not pass silently: the first forward raises, and
-# nothing is recorded or forced.
+# its block instead. This head, though, calls `max(dim=-1)` for its logs, so it is taken at
+# its word and intercepted in its own forward. There the probe of the first forward finds
+# that changing the `max`'s choice changes nothing: no call of the head decides. It does
+# not pass silently: the first forward raises, lists the calls it saw, and nothing is
+# recorded or forced.
 
 # %%
 model = TinyMoE("scores").eval()
@@ -173,9 +176,9 @@ session.detach()
 # %% [markdown]
 # An `Adapter` says how to intercept a family of routers, matched by a predicate.
 # `scope="parent"` intercepts the forward of the module that holds the router (here the
-# `SparseLayer`), while the router still names the routes; `decision="topk"` says which
-# call is the decision, so the logging `max` passes through. The table shows which
-# adapter applies. (A bare `nn.Linear` gate gets the parent scope automatically: that is
+# `SparseLayer`), while the router still names the routes; `decision="topk"` limits the
+# search to `topk` calls (the probe would find it anyway: the logging `max` changes
+# nothing). The table shows which adapter applies, and `verify` which call decides. (A bare `nn.Linear` gate gets the parent scope automatically: that is
 # the built-in `linear-gate` adapter.)
 
 # %%
