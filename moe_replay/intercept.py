@@ -222,6 +222,7 @@ class RouterHook:
             self.call,
             family,
             self.top_k if self.declared_top_k else None,
+            _settings(self.scope),
         )
         ev = known.get(key)
         if ev is None:  # not established by an earlier session on this module
@@ -252,6 +253,16 @@ class RouterHook:
         if self.on_established is not None:
             self.on_established(self)
         return ev
+
+    def forget(self) -> None:
+        """Drop the evidence of the mode now running (here and for later sessions): it no longer holds."""
+        mode = self.mode()
+        self.evidence.pop(mode, None)
+        known = _KNOWN.get(self.scope)
+        if known is not None:
+            for key in [k for k in known if k[0] == mode]:
+                del known[key]
+        self._armed = None
 
     def _arm(self, ev: Evidence) -> None:
         if _compiling() or ev is not self._armed:  # eager: the plan of the mode now running, built once
@@ -287,11 +298,13 @@ class RouterHook:
         if not _compiling():
             self.calls += 1
             if ev is not None and self._ordinal != ev.count:
+                self.forget()
                 raise UnsupportedRouterError(
                     f"router '{self.name}' made {self._ordinal} decision-like calls in this forward, but "
                     f"{ev.count} in the forward its decision was established on; its control flow changed, so "
-                    f"the decision cannot be told any more (established: {ev.describe()}). Detach and attach "
-                    "again if the model changed; nothing more was recorded or forced"
+                    f"this forward's decision cannot be told (established: {ev.describe()}). If the model was "
+                    "changed on purpose, the decision is established again at the next forward; nothing more "
+                    "was recorded or forced"
                 )
             if not self._decided:
                 expected = (
@@ -315,10 +328,13 @@ class RouterHook:
         if expected is None:
             return func(*args, **kwargs)
         if sig != expected:
+            if not _compiling():
+                self.forget()
             raise UnsupportedRouterError(
                 f"router '{self.name}': decision-like call #{i} of its forward is now {sig[0]}(k={sig[1]}) over "
                 f"{sig[2]}, but it was {expected[0]}(k={expected[1]}) over {expected[2]} when its decision was "
-                "established; its control flow changed. Nothing was recorded or forced"
+                "established; its control flow changed (an attribute such as its k?). Nothing was recorded or "
+                "forced; if the change was on purpose, the decision is established again at the next forward"
             )
         return self.decide(func, args, kwargs, sig[1])
 
@@ -582,6 +598,17 @@ def _best_others(
     scores = source.detach().clone()
     scores.scatter_(-1, chosen.clamp(min=0), torch.where(chosen >= 0, fill, scores.gather(-1, chosen.clamp(min=0))))
     return scores.topk(m, dim=-1, largest=largest).indices
+
+
+def _settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
+    """The plain settings of a module and its children (``top_k = 2``...): a decision established
+    under other settings is not reused."""
+    return tuple(
+        (f"{name}.{k}", v)
+        for name, m in module.named_modules()
+        for k, v in sorted(vars(m).items())
+        if isinstance(v, int | float | str | bool) and not k.startswith("_")
+    )
 
 
 def _is_int(t: torch.Tensor) -> bool:

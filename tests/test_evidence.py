@@ -531,3 +531,18 @@ def test_probing_leaves_buffers_and_the_random_stream_as_one_forward_would() -> 
     assert torch.equal(got, want)
     assert [int(m.router.seen) for m in probed.layers] == [1, 1]
     assert torch.equal(next_probed, next_plain)
+
+
+def test_a_router_changed_after_its_decision_was_established_raises_then_is_established_again() -> None:
+    model = TwoLayers(lambda: RouterBlock(RenamedKRouter("top_n")))
+    x = torch.randn(T, D)
+    with mr.attach(model) as session:
+        session.verify(x)
+        for block in model.layers:
+            block.router.top_n = 3  # on purpose: now a top-3 router
+        with pytest.raises(mr.UnsupportedRouterError, match=r"now topk\(k=3\) over 8, but it was topk\(k=2\)"):
+            with torch.no_grad(), session.capture():  # the mode verify() established
+                model(x)
+    # a new session establishes the new decision (nothing stale is reused), and replays it exactly
+    session = assert_capture_and_replay_are_exact(model)
+    assert [s.top_k for s in session.sites] == [3, 3]
