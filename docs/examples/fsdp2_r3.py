@@ -169,6 +169,7 @@ def spawned(rank: int, world: int, init_method: str) -> None:
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         run(rank, world)
+        dist.barrier()  # both ranks are done with every collective before either tears gloo down
     finally:
         dist.destroy_process_group()
 
@@ -178,6 +179,7 @@ def main() -> None:
         dist.init_process_group("gloo")
         try:
             run(dist.get_rank(), dist.get_world_size())
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         return
