@@ -3,8 +3,12 @@
 A session installs one wrapper per router (on the forward of the router, or of its MoE
 block) and allocates one capture ring per router on the router's device. Switching
 between idle, capture and replay changes flags, never hooks, so a compiled model or a
-captured CUDA graph keeps working. ``detach`` (and leaving ``with attach(...)``) puts
-every module back as it was.
+captured CUDA graph keeps working. ``detach`` (and leaving ``with attach(...)``) takes
+out every wrapper of the session, and only those, wherever other code has put them since.
+
+One thread holds a session while it has a block open (capture, replay, keep_scores,
+verify); a forward or a block from another thread meanwhile is refused, so the rows of
+every router stay in one order. Give each thread its own model and session.
 """
 
 from __future__ import annotations
@@ -839,7 +843,7 @@ class Session:
                 "mr.Routes(...) or mr.Routes.from_numpy(...)"
             )
         routes._ensure_valid()  # routes built with validate=False are checked before any forward
-        routes, self._renamed = self._fit_names(routes)
+        routes, renamed = self._fit_names(routes)
         unknown = [n for n in routes.names if n not in self.names]
         if unknown:
             raise RouterNotFoundError(
@@ -878,6 +882,7 @@ class Session:
                 + self._other_model(routes)
                 + " Record the routes on this model"
             )
+        self._renamed = renamed
         return routes, plan
 
     @contextlib.contextmanager
