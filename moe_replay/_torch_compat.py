@@ -27,9 +27,11 @@ __all__ = [
     "CheckpointFrame",
     "check",
     "current_graph_task_id",
+    "fwd_grad_enabled",
     "mark_static_address",
     "maybe_mark_dynamic",
     "missing",
+    "register_jit_builtin",
     "top_saved_tensors_hooks",
 ]
 
@@ -83,6 +85,13 @@ def _function(path: str, why: str) -> Callable[..., Any]:
 current_graph_task_id: Callable[[], int] = _function(
     "torch._C._current_graph_task_id", "to tell a recompute in backward from a forward"
 )
+
+#: ``() -> bool``: is forward-mode AD on? ``torch.no_grad()`` leaves it on; a custom
+#: ``autograd.Function`` turns it off while its ``forward`` runs. So with gradients off and this
+#: on, no reentrant checkpoint is running its forward, and the Python stack need not be searched.
+fwd_grad_enabled: Callable[[], bool] = _find(
+    "torch._C._is_fwd_grad_enabled", "to skip the search for reentrant checkpoints under no_grad"
+) or (lambda: False)
 
 #: ``(cond, msg) -> None``: a device-side assert, no host sync (a fixed CPU ring's overflow check
 #: raises at the forward, in compiled code too).
@@ -150,6 +159,16 @@ def maybe_mark_dynamic(t: torch.Tensor, dim: int) -> None:
             )
         return
     fn(t, dim)
+
+
+_jit_register = _find("torch.jit._builtins._register_builtin", "to let TorchScript compile torch.topk while attached")
+
+
+def register_jit_builtin(fn: Callable[..., Any], op: str) -> None:
+    """Tell TorchScript that the Python function ``fn`` is the operator ``op`` (``aten::topk``):
+    scripted code that calls ``torch.topk`` while a session has it wrapped compiles as before."""
+    if _jit_register is not None:
+        _jit_register(fn, op)
 
 
 def missing() -> dict[str, str]:

@@ -73,12 +73,22 @@ FORCEABLE = frozenset({"topk", "argmax", "max", "argmin", "min"})
 #: The torch functions whose calls may be a decision.
 DECISION_FUNCS = frozenset(_FAMILY)
 
+#: The lean wrappers of torch's functions, each to the function it wraps (filled by moe_replay._lean).
+#: Traced code may hand a mode the wrapper itself (dynamo calls what ``torch.topk`` names); modes
+#: read it as the function it wraps.
+UNWRAP: dict[Any, Any] = {}
+
 #: Probe runs in progress (any thread): routers nested in a probed scope run plainly meanwhile.
 PROBING = [0]
 
 
 class _Nesting(threading.local):
+    """What runs in this thread: how deep in router scopes, and which lean router (if any) gets calls."""
+
     depth = 0  # scope forwards running in this thread (eager): a mode sees only its own scope's calls
+    lean: Any = None  # the router hook whose lean forward runs innermost now (see moe_replay._lean)
+    auditing = False  # a forward is checking that its calls come through the lean wrappers
+    via: Any = None  # the original torch function a lean wrapper is calling right now
 
 
 NESTING = _Nesting()
@@ -112,11 +122,12 @@ def decision_call(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -
         k, dim = 1, _arg(args, kwargs, 2, "dim", -1)
     else:
         k, dim = width, _arg(args, kwargs, 1, "dim", -1)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or isinstance(dim, bool):
-        return None
-    if not isinstance(dim, numbers.Integral):
-        return None
-    k, dim = int(k), int(dim)
+    if type(k) is not int or type(dim) is not int:  # the common case is plain ints: no ABC checks
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or isinstance(dim, bool):
+            return None
+        if not isinstance(dim, numbers.Integral):
+            return None
+        k, dim = int(k), int(dim)
     if dim not in (-1, x.dim() - 1) or width < 2:
         return None
     return family, k, width
@@ -216,7 +227,7 @@ class VerifyReport(dict[str, int]):
 
 
 # ----------------------------------------------------------------------------- probe runs
-_MACHINERY = ("evidence.py", "intercept.py", "orphans.py", "session.py")
+_MACHINERY = ("evidence.py", "intercept.py", "orphans.py", "session.py", "_lean.py")
 
 
 def _where() -> str:
@@ -270,6 +281,7 @@ class _ProbeMode(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        func = UNWRAP.get(func, func)
         if func in _MASKS:
             out = func(*args, **kwargs)
             if isinstance(out, torch.Tensor):

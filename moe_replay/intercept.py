@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import _torch_compat
+from . import _lean, _torch_compat
 from .errors import ReplayConsumptionError, UnsupportedRouterError
-from .evidence import DECISION_FUNCS, NESTING, PROBING, Evidence, decision_call, establish
+from .evidence import DECISION_FUNCS, NESTING, PROBING, UNWRAP, Evidence, decision_call, establish
 from .ring import CaptureRing, ReplaySource
 
 __all__ = ["RouterHook"]
@@ -50,8 +50,9 @@ _MIN = {torch.min, torch.Tensor.min}
 _MASKS = {torch.masked_fill, torch.Tensor.masked_fill}
 _WHERE = {torch.where, torch.Tensor.where}
 _LOOKUP = {torch.Tensor.__getitem__}
-_WATCHED = frozenset(DECISION_FUNCS | _MASKS | _WHERE)
-_WATCHED_LOOKUP = frozenset(_MASKS | _WHERE | _LOOKUP)
+# with the lean wrappers: traced code may hand the mode a wrapper itself (read as what it wraps)
+_WATCHED = frozenset(DECISION_FUNCS | _MASKS | _WHERE | set(UNWRAP))
+_WATCHED_LOOKUP = frozenset(_MASKS | _WHERE | _LOOKUP | {w for w, f in UNWRAP.items() if f in _MASKS | _WHERE})
 
 #: Decision kinds a router can declare (``auto``: whichever calls the evidence shows).
 DECISIONS = ("auto", "topk", "argmax", "max", "argmin", "min", "lookup")
@@ -90,6 +91,10 @@ _CTX_METHODS = frozenset(("forward", "backward"))
 #: that it makes the calls the evidence lists.
 _KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Evidence]] = weakref.WeakKeyDictionary()
 
+#: Router scopes whose indices were changed in place after they returned them: their rows are copied at
+#: the call from then on, by every session (see RouterHook.indices_changed_in_place).
+_IN_PLACE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
 #: How many Python frames above a router call are searched for reentrant checkpoints.
 MAX_STACK_DEPTH = 128
 
@@ -127,8 +132,11 @@ def _regions() -> list[tuple[Any, bool]]:
                 "its saved-tensor hooks), so a recompute could not be given the experts of its forward; "
                 "checkpoint with use_reentrant=True, or report the torch version"
             )
-    # an autograd.Function runs its forward with gradients off, its backward inside a graph task
-    if (torch.is_grad_enabled() and not _in_backward()) or torch.is_inference_mode_enabled():
+    # an autograd.Function runs its forward with gradients (and forward-mode AD) off, its backward
+    # inside a graph task
+    if _in_backward():
+        pass
+    elif torch.is_grad_enabled() or _torch_compat.fwd_grad_enabled() or torch.is_inference_mode_enabled():
         return out
     f: types.FrameType | None = sys._getframe(2)
     for _ in range(MAX_STACK_DEPTH):
@@ -190,7 +198,17 @@ class RouterHook:
     _row: torch.Tensor | None = None  # [n, k] rows the decision is answered with (replay, recompute)
     _recompute: bool = False  # the decision is a checkpoint recompute
     _regions: list[tuple[Any, bool]] = field(default_factory=list)
-    _source: torch.Tensor | None = None  # the scores of the decision's first call
+    _source: torch.Tensor | None = None  # the scores of the decision's first call (kept for keep_scores)
+    _compiled: bool = False  # this forward is being traced by torch.compile
+    _eager: bool = True  # this forward runs eagerly, outside CUDA-graph capture: host-side counts hold
+    # per mode: the evidence a forward was audited under, and whether every call it acted on came
+    # through the lean wrappers (then later forwards run without the mode)
+    _lean: dict[tuple[bool, bool], tuple[Evidence, bool]] = field(default_factory=dict)
+    _missed: bool = False  # the audit saw a call that did not come through a lean wrapper
+    _audit: bool = False  # this forward is audited: its rows are copied at the call, and watched
+    _watch: tuple[torch.Tensor, int] | None = None  # the audited forward's indices and their version
+    _copy_at_call: bool = False  # the model changes its indices in place: never hold them for a later copy
+    _hold: bool = True  # this forward's rows may be held by the ring and copied later
 
     # ------------------------------------------------------------- evidence
     def unproven(self) -> bool:
@@ -254,10 +272,16 @@ class RouterHook:
             self.on_established(self)
         return ev
 
+    def indices_changed_in_place(self) -> None:
+        """Held indices of this router were changed in place: copy its rows at the call from now on."""
+        self._copy_at_call = True
+        _IN_PLACE.add(self.scope)
+
     def forget(self) -> None:
         """Drop the evidence of the mode now running (here and for later sessions): it no longer holds."""
         mode = self.mode()
         self.evidence.pop(mode, None)
+        self._lean.pop(mode, None)
         known = _KNOWN.get(self.scope)
         if known is not None:
             for key in [k for k in known if k[0] == mode]:
@@ -265,9 +289,9 @@ class RouterHook:
         self._armed = None
 
     def _arm(self, ev: Evidence) -> None:
-        if _compiling() or ev is not self._armed:  # eager: the plan of the mode now running, built once
-            self._plan = {i: ev.calls[i].signature for i in ev.decision}
-            self._armed = ev
+        """The plan of the mode now running: built when it changes in eager code, at every trace when compiled."""
+        self._plan = {i: ev.calls[i].signature for i in ev.decision}
+        self._armed = ev
 
     # ------------------------------------------------------------- scope forward
     def wrap(self, forward: Callable[..., Any]) -> ScopedForward:
@@ -275,27 +299,67 @@ class RouterHook:
         return ScopedForward(self, forward)
 
     def _run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        compiling = _compiling()
         ev: Evidence | None = None
+        how = "mode"
         if self.decision != "lookup":
-            ev = self.evidence.get(self.mode())
+            mode = self.mode()
+            ev = self.evidence.get(mode)
             if ev is None:
                 ev = self.prove(forward, args, kwargs)
             if ev is None:  # no token to choose for: nothing to record or force
-                if not _compiling():
+                if not compiling:
                     self.calls += 1
                 return forward(*args, **kwargs)
-            self._arm(ev)
+            if compiling or ev is not self._armed:
+                self._arm(ev)
+            if not compiling:
+                lean = self._lean.get(mode)
+                how = "audit" if lean is None or lean[0] is not ev else "lean" if lean[1] else "mode"
         self._decided = False
         self._ordinal = 0
         self._masks = []
-        self._slots, self._row, self._source, self._regions = [], None, None, []
+        self._slots, self._row, self._source = [], None, None
+        # where this forward runs, found once for its decision: eager or not, and its checkpoint regions
+        self._compiled = compiling
+        self._eager = not compiling and not _graph_capturing()
+        self._audit = how == "audit"
+        if self._watch is not None and not compiling:  # the audited forward's indices changed in place since?
+            held, version = self._watch
+            self._watch = None
+            self._copy_at_call = self._copy_at_call or held._version != version
+        # the ring may hold the indices and copy them later, unless they may change in place meanwhile
+        if self._audit and self.scope in _IN_PLACE:
+            self._copy_at_call = True
+        self._hold = not (self._audit or self._copy_at_call)
+        self._regions = [] if compiling else _regions()
+        state = NESTING
         try:
-            with _DecisionMode(self):
-                out = forward(*args, **kwargs)
+            if how == "lean":  # the lean wrappers hand this forward's decision-like calls to on_lean
+                _lean.enter()
+                state.lean = self
+                try:
+                    out = forward(*args, **kwargs)
+                finally:
+                    state.lean = None
+                    _lean.leave()
+            elif how == "audit":  # the mode decides, and checks that every call it acts on came through a wrapper
+                self._missed = False
+                auditing, state.auditing = state.auditing, True
+                _lean.enter()
+                try:
+                    with _DecisionMode(self, compiling, audit=True):
+                        out = forward(*args, **kwargs)
+                finally:
+                    state.auditing = auditing
+                    _lean.leave()
+            else:
+                with _DecisionMode(self, compiling):
+                    out = forward(*args, **kwargs)
         finally:
             self._masks = []
             seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []
-        if not _compiling():
+        if not compiling:
             self.calls += 1
             if ev is not None and self._ordinal != ev.count:
                 self.forget()
@@ -317,7 +381,20 @@ class RouterHook:
                     f"router '{self.name}' ran, but its decision was not made in its forward{partial}: expected "
                     f"{expected}. Nothing was recorded or forced"
                 )
+            if how == "audit":  # later forwards in this mode go lean when every call came through a wrapper
+                self._lean[self.mode()] = (ev, not self._missed)
         return out
+
+    def on_lean(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call of a wrapped torch function in this router's lean forward (see :mod:`moe_replay._lean`)."""
+        if func in _MASKS or func in _WHERE:
+            out = func(*args, **kwargs)
+            self.note_mask(func, args, kwargs, out)
+            return out
+        sig = decision_call(func, args, kwargs)
+        if sig is None:
+            return func(*args, **kwargs)
+        return self.on_call(func, args, kwargs, sig)
 
     # ------------------------------------------------------------- the decision
     def on_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], sig: tuple[str, int, int]) -> Any:
@@ -361,45 +438,49 @@ class RouterHook:
         """
         x: torch.Tensor = args[0] if args else kwargs["input"]
         lookup = func in _LOOKUP
-        source: torch.Tensor | None = None
-        assert self.top_k is not None and self.num_experts is not None
+        num_experts = self.num_experts
+        assert self.top_k is not None and num_experts is not None
         if lookup:
             index: torch.Tensor = args[1]
             n, lead = index.numel(), index.shape
+            scores = x
         else:
-            n, lead = x.numel() // self.num_experts, x.shape[:-1]
-            source = self._unmasked(x).reshape(-1, self.num_experts)
-        if not self._slots:
-            self._start(func, source, n)
-        start = sum(t.shape[1] for t in self._slots)
+            n, lead = x.numel() // num_experts, x.shape[:-1]
+            scores = self._unmasked(x) if self._masks else x  # what a forced expert's value is read from
+        first = not self._slots
+        if first:
+            self._start(n)
+            if self.seen is not None and not lookup:
+                self._source = scores.reshape(-1, num_experts)
+        start = 0 if first else sum(t.shape[1] for t in self._slots)
         take = min(span, self.top_k - start)  # this call's slots that the decision uses
-        out = None
-        if self._row is not None:
-            forced = self._row[:, start : start + take]
+        row = self._row
+        if row is not None:  # replay or recompute: the recorded slots
+            forced = row if take == row.shape[1] else row[:, start : start + take]
             if not self._recompute and self.replay_source is not None and self.replay_source.has_missing:
                 forced = torch.where(forced < 0, self._native(func, x, args, kwargs, n, span)[:, :take], forced)
-        elif self._recompute or source is None or not (torch.is_grad_enabled() and source.requires_grad):
+        elif lookup or self._recompute or not (scores.requires_grad and torch.is_grad_enabled()):
             out = func(*args, **kwargs)  # native, answered by the call itself
-            forced = self._indices_of(func, out, n, span)[:, :take]
+            forced = self._indices_of(func, out, n, span)
+            self._slots.append(forced if take == span else forced[:, :take])
+            if start + take == self.top_k:
+                self._finish()
+            return out
         else:  # native decision, values through gather so that a recompute saves the same tensors
             forced = self._native(func, x, args, kwargs, n, span)[:, :take]
         self._slots.append(forced)
         if start + take == self.top_k:
             self._finish()
-        if out is not None:
-            return out
         if lookup:
             return forced.reshape(*lead, span)
-        assert source is not None
+        source = scores.reshape(-1, num_experts)
         if take < span:  # slots past the decision (a top-(k+1) for a load estimate): the best others
             forced = torch.cat([forced, _best_others(source, forced, span - take, args, kwargs)], dim=1)
         return self._answer(func, args, kwargs, source, forced, lead)
 
-    def _start(self, func: Any, source: torch.Tensor | None, n: int) -> None:
+    def _start(self, n: int) -> None:
         """The first call of a decision: where its rows come from."""
-        eager = not _compiling()
-        self._source, self._row, self._recompute = source, None, False
-        self._regions = _regions() if eager else []
+        self._row, self._recompute = None, False
         if self._regions and _in_backward():  # a recompute: its forward's rows, never recorded nor counted again
             self._recompute = True
             self._row = self._recomputed(self._regions, n)  # None: its forward ran while the session was idle
@@ -410,12 +491,19 @@ class RouterHook:
         """The last slot is answered: record the row, keep it for recomputes and for ``keep_scores``."""
         row = self._slots[0] if len(self._slots) == 1 else torch.cat(self._slots, dim=1)
         self._decided = True
-        if not _compiling():
+        if not self._compiled:
             self.decisions += 1
         if self._recompute:
             return
-        self._record(row)
-        self._keep(self._regions, row)
+        if self.capturing and not self.verifying and self.capture_ring is not None:
+            if self._eager:
+                self.capture_ring.write_eager(row, hold=self._hold)
+            else:
+                self.capture_ring.write(row)
+        if self._audit and not self._compiled and not row.is_inference():  # changed in place later?
+            self._watch = (row, row._version)
+        if self._regions:
+            self._keep(self._regions, row)
         if self.seen is not None and self._source is not None:
             self.seen.append((self._source, row))
 
@@ -463,7 +551,7 @@ class RouterHook:
         """The next ``n`` recorded rows ``[n, k]`` (-1 rows stay -1)."""
         src = self.replay_source
         assert src is not None
-        if not _compiling() and not _graph_capturing():
+        if self._eager:
             if src.host_consumed + n > src.num_rows:
                 raise ReplayConsumptionError(
                     f"router '{self.name}' needs rows {src.host_consumed}..{src.host_consumed + n - 1} "
@@ -472,7 +560,7 @@ class RouterHook:
                     "around generate() are in generation order: for a teacher-forced forward, convert them "
                     "with mr.split_generation(...) and lay them out with mr.BatchLayout"
                 )
-            src.host_consumed += n
+            return src.read_eager(n)
         return src.read(n)
 
     def _native(
@@ -486,11 +574,7 @@ class RouterHook:
     @staticmethod
     def _indices_of(func: Any, out: Any, n: int, span: int) -> torch.Tensor:
         idx = out if (func in _ARGMAX or func in _LOOKUP) else out[1]
-        return idx.reshape(n, span)
-
-    def _record(self, idx: torch.Tensor) -> None:
-        if self.capturing and not self.verifying and self.capture_ring is not None:
-            self.capture_ring.write(idx)
+        return idx if idx.dim() == 2 and idx.shape[1] == span else idx.reshape(n, span)
 
     @staticmethod
     def _answer(
@@ -516,16 +600,18 @@ class RouterHook:
         return torch.return_types.max((values, idx))
 
     # ------------------------------------------------------------- masked sources
-    def note_mask(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        """Remember that ``out`` is a masked copy of a score tensor (group-limited routing)."""
+    def note_mask(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> bool:
+        """Remember that ``out`` is a masked copy of a score tensor (group-limited routing); True if it is."""
         if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[-1] != self.num_experts:
-            return
+            return False
         if func in _MASKS:
             src = args[0] if args else kwargs.get("input")
         else:  # where(cond, scores, fill)
             src = args[1] if len(args) > 1 else kwargs.get("input")
         if isinstance(src, torch.Tensor) and src.shape == out.shape:
             self._masks.append((out, src))
+            return True
+        return False
 
     def _unmasked(self, x: torch.Tensor) -> torch.Tensor:
         changed = True
@@ -552,11 +638,14 @@ class ScopedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _compiling():
             return self._call(args, kwargs)
-        NESTING.depth += 1  # the modes of scopes around this one ignore its calls
+        state = NESTING
+        state.depth += 1  # the modes of scopes around this one ignore its calls
+        lean, state.lean = state.lean, None  # and a lean router around it gets none of them
         try:
             return self._call(args, kwargs)
         finally:
-            NESTING.depth -= 1
+            state.depth -= 1
+            state.lean = lean
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hook = self.__moe_replay_hook__
@@ -616,17 +705,23 @@ def _is_int(t: torch.Tensor) -> bool:
 
 
 def _graph_capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    # a stream can only be capturing once CUDA is initialised: that check is the cheap one
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 class _DecisionMode(TorchFunctionMode):
-    """Routes the scope forward's torch calls: decisions to the hook, the rest through."""
+    """Routes the scope forward's torch calls: decisions to the hook, the rest through.
 
-    def __init__(self, hook: RouterHook) -> None:
+    Auditing, it also notes (``hook._missed``) a call it acts on that did not come through a
+    lean wrapper: the router then keeps the mode.
+    """
+
+    def __init__(self, hook: RouterHook, compiling: bool, audit: bool = False) -> None:
         super().__init__()
         self.hook = hook
         self.watched = _WATCHED_LOOKUP if hook.decision == "lookup" else _WATCHED
-        self.depth = 0 if _compiling() else NESTING.depth
+        self.depth = -1 if compiling else NESTING.depth  # -1: compiled, no nesting to tell
+        self.audit = audit
 
     def __torch_function__(
         self,
@@ -638,12 +733,15 @@ class _DecisionMode(TorchFunctionMode):
         if func not in self.watched:  # the hot path: every other torch call of the scope forward
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
-        if not _compiling() and NESTING.depth != self.depth:  # a call of a router nested in this scope
+        if self.depth >= 0 and NESTING.depth != self.depth:  # a call of a router nested in this scope
             return func(*args, **kwargs)
+        func = UNWRAP.get(func, func)
         hook = self.hook
+        wrapped = not self.audit or NESTING.via is func
         if func in _MASKS or func in _WHERE:
             out = func(*args, **kwargs)
-            hook.note_mask(func, args, kwargs, out)
+            if hook.note_mask(func, args, kwargs, out) and not wrapped:
+                hook._missed = True
             return out
         if func in _LOOKUP:
             if hook.is_lookup(func, args, kwargs):
@@ -652,4 +750,6 @@ class _DecisionMode(TorchFunctionMode):
         sig = decision_call(func, args, kwargs)
         if sig is None:
             return func(*args, **kwargs)
+        if not wrapped:
+            hook._missed = True
         return hook.on_call(func, args, kwargs, sig)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import UnsupportedRouterError
-from .evidence import DECISION_FUNCS, _where, decision_call
+from .evidence import DECISION_FUNCS, UNWRAP, _where, decision_call
 
 __all__ = ["OrphanWatch"]
 
@@ -99,6 +99,7 @@ class OrphanWatch(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        func = UNWRAP.get(func, func)
         if func in DECISION_FUNCS and not torch.compiler.is_compiling():
             sig = decision_call(func, args, kwargs)
             if sig is not None and sig[2] in self.widths and (sig[0] != "topk" or sig[1] < sig[2]):

@@ -16,14 +16,21 @@ cursor too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 
 from . import _torch_compat, _triton
-from .errors import CaptureOverflowError, InvalidArgumentError
+from .errors import CaptureOverflowError, InvalidArgumentError, UnsupportedRouterError
 
-__all__ = ["OVERFLOW_MARK", "CaptureRing", "ReplaySource", "index_dtype"]
+__all__ = ["OVERFLOW_MARK", "CaptureRing", "ReplaySource", "flush_rings", "index_dtype"]
+
+#: Eager calls whose indices a ring holds before copying them in one go, and the most rows it holds.
+_HOLD_CALLS = 64
+_HOLD_ROWS = 1 << 16
+#: Rows a replay source turns into int64 at once for eager reads (one cast for many decode steps).
+_CHUNK_ROWS = 4096
 
 #: Start of the message of the device-side check a fixed CPU ring runs (see :meth:`CaptureRing.write`).
 OVERFLOW_MARK = "moe_replay capture overflow:"
@@ -134,6 +141,10 @@ class CaptureRing:
         self._fixed = self.keep_newest  # writes go to the first segment at the device cursor
         self.written = _static_address(torch.zeros((), dtype=torch.long, device=self.device))
         self._segments: list[torch.Tensor] = []
+        self._end = 0  # rows held over every segment
+        self._copy_now = False  # indices were changed in place once: copy them at each call
+        #: called when held indices turn out to have been changed in place (the router learns it)
+        self.on_changed: Callable[[], None] | None = None
         self._set_first(int(capacity))
         self.reset()
 
@@ -165,6 +176,7 @@ class CaptureRing:
             raise
         self.buf = _static_address(buf)
         self._segments = [self.buf]
+        self._end = rows
         self.capacity = rows
         self._arange = _Positions.get(self.device, rows)
         self._overflow_msg = f"{OVERFLOW_MARK} router '{self.name}' would write past the {rows} rows of its fixed ring"
@@ -193,10 +205,8 @@ class CaptureRing:
         """Forget every row (one device write, no host sync); the segments stay for the next capture."""
         self.written.zero_()
         self._host = 0  # rows written by eager calls (all rows, for a ring that is not fixed)
-        self._seg = 0  # index of the segment eager writes go to, and the next row in it
-        self._off = 0
-        self._cur = self._segments[0]
-        self._cur_rows = self._cur.shape[0]
+        self._held: list[tuple[torch.Tensor, int, int]] = []  # (indices, their version, first row) not copied yet
+        self._held_rows = 0
 
     def reserve(self, rows: int) -> None:
         """Make room for ``rows`` rows since the last reset, allocated now rather than during forwards.
@@ -224,15 +234,17 @@ class CaptureRing:
             return
         held = self.rows_held
         if rows > held:
-            self._segments.append(self._alloc(max(rows - held, 1)))
+            more = max(rows - held, 1)
+            self._segments.append(self._alloc(more))
+            self._end += more
 
     def release(self) -> None:
         """Free the segments past the first that hold no row (those an earlier capture grew)."""
-        if len(self._segments) > 1 and (self._fixed or self._seg == 0):
+        if len(self._segments) > 1 and (self._fixed or self._host <= self.capacity):
+            self._flush()
             self.budget.held -= sum(s.shape[0] for s in self._segments[1:]) * self._row_bytes
             del self._segments[1:]
-            if self._fixed:
-                self._seg, self._cur, self._cur_rows = 0, self.buf, self.capacity
+            self._end = self.capacity
 
     # ------------------------------------------------------------- writing
     def write(self, idx: torch.Tensor) -> None:
@@ -251,39 +263,84 @@ class CaptureRing:
             self._fixed, self.fixed_by = True, "a compiled region"
             self._write_fixed(idx, idx.shape[0])
             return
+        if self._cuda and torch.cuda.is_current_stream_capturing():
+            self._write_fixed_eager(idx, idx.shape[0])  # rows held from eager calls stay held: copied later
+            return
+        self.write_eager(idx, hold=False)
+
+    def write_eager(self, idx: torch.Tensor, hold: bool = True) -> None:
+        """:meth:`write` for a caller that knows it runs eagerly, outside CUDA-graph capture.
+
+        The rows get their place at once (the ring grows here, and the device cursor moves, so
+        a graph or compiled region that writes next writes after them), but the copy waits: the
+        ring holds ``idx`` itself and copies many calls' rows together, later (see :meth:`_flush`).
+        If ``idx`` is changed in place in the meantime, the copy raises rather than record it.
+        ``hold=False`` copies now (a caller that will reuse ``idx``).
+        """
         n = idx.shape[0]
-        if self._fixed or (self._cuda and torch.cuda.is_current_stream_capturing()):
+        if self._fixed:
+            self._flush()
             self._write_fixed_eager(idx, n)
             return
-        off = self._off
-        if off + n <= self._cur_rows:  # the hot path: one copy (with the cast), one cursor update
-            self._cur[off : off + n].copy_(idx)
-            self._off = off + n
-        else:
-            self._write_growing(idx, n)
-        self._host += n
+        start = self._host
+        if start + n > self._end:
+            self._grow(start + n - self._end)
+        self._host = start + n
         self.written.add_(n)
+        # inference tensors have no version counter; a tensor on another device fails in the copy, now
+        if not hold or self._copy_now or idx.is_inference() or idx.device != self.device:
+            self._flush()
+            self._place(idx, start)
+            return
+        self._held.append((idx, idx._version, start))
+        self._held_rows += n
+        if len(self._held) >= _HOLD_CALLS or self._held_rows >= _HOLD_ROWS:
+            self._flush()
 
-    def _write_growing(self, idx: torch.Tensor, n: int) -> None:
-        """A write past the current segment: allocate first (a refused growth writes nothing), then copy."""
-        spare = sum(s.shape[0] for s in self._segments[self._seg + 1 :])
-        need = n - (self._cur_rows - self._off) - spare
-        if need > 0:  # double what is held, and at least what this call needs
-            rows = max(need, self.rows_held)
-            room = self.budget.room()
-            if room is not None:  # under a limit, at most a fair share of what is left (each router grows alike)
-                rows = max(need, min(rows, room // (self._row_bytes * max(self.budget.rings, 1))))
-            self._segments.append(self._alloc(rows))
-        done = 0
-        while done < n:
-            if self._off == self._cur_rows:
-                self._seg += 1
-                self._cur = self._segments[self._seg]
-                self._cur_rows, self._off = self._cur.shape[0], 0
-            take = min(self._cur_rows - self._off, n - done)
-            self._cur[self._off : self._off + take].copy_(idx[done : done + take])
-            self._off += take
-            done += take
+    def _grow(self, need: int) -> None:
+        """Add a segment for at least ``need`` more rows: double what is held (allocated first, so
+        a refused growth changes nothing)."""
+        rows = max(need, self.rows_held)
+        room = self.budget.room()
+        if room is not None:  # under a limit, at most a fair share of what is left (each router grows alike)
+            rows = max(need, min(rows, room // (self._row_bytes * max(self.budget.rings, 1))))
+        self._segments.append(self._alloc(rows))
+        self._end += rows
+
+    def _place(self, rows: torch.Tensor, start: int) -> None:
+        """Copy ``rows`` to the ring's rows ``start, start + 1, ...`` (over segments, with the cast)."""
+        n, done, first = rows.shape[0], 0, 0
+        for seg in self._segments:
+            size = seg.shape[0]
+            at = start + done - first
+            if at < size:
+                take = min(size - at, n - done)
+                seg[at : at + take].copy_(rows if take == n else rows[done : done + take])
+                done += take
+                if done == n:
+                    return
+            first += size
+
+    def _flush(self) -> None:
+        """Copy the held rows into their places (one concatenation and copy for many calls)."""
+        held = self._held
+        if not held:
+            return
+        self._held, self._held_rows = [], 0
+        for t, version, start in held:
+            if t._version != version:
+                self._copy_now = True  # from now on this ring copies at each call
+                if self.on_changed is not None:
+                    self.on_changed()
+                raise UnsupportedRouterError(
+                    f"router '{self.name}': the expert indices it chose for rows {start}..{start + t.shape[0] - 1} "
+                    "were changed in place after the router returned them (by the model, or by code holding "
+                    "them), before moe_replay copied them. The rows recorded in this capture are not "
+                    "trustworthy; capture again. To record such a router, copy its indices before changing "
+                    "them (indices = indices.clone())"
+                )
+        rows = held[0][0] if len(held) == 1 else torch.cat([t.reshape(-1, self.top_k) for t, _, _ in held])
+        self._place(rows, held[0][2])
 
     def _write_fixed_eager(self, idx: torch.Tensor, n: int) -> None:
         graph = self._cuda and torch.cuda.is_current_stream_capturing()
@@ -337,6 +394,7 @@ class CaptureRing:
             keep_newest: for a fixed ring that wrapped, return its newest ``capacity`` rows
                 (what a ring built with ``keep_newest=True`` always does).
         """
+        self._flush()
         if written is None:
             written = int(self.written)
         if self._fixed:
@@ -386,9 +444,33 @@ class ReplaySource:
         self.limit = _static_address(torch.full((), self.num_rows, dtype=torch.long, device=device))
         self._arange = _Positions.get(device, max(self.num_rows + 1, 1))
         self.host_consumed = 0  # lower bound, advanced by eager calls only
+        self._by_device = False  # a graph or compiled region read: the host count is behind the device's
+        self._chunk = self.buf[:0].long()  # the rows from _chunk_at on, as int64, for eager reads
+        self._chunk_at = 0
+
+    def read_eager(self, n: int) -> torch.Tensor:
+        """:meth:`read` for an eager caller that checked ``n`` rows are left: rows at the host's count.
+
+        The host's count is the device cursor as long as no CUDA graph or compiled region has
+        read from this source (those move the device cursor alone); after one has, the read
+        goes by the device cursor.
+        """
+        h = self.host_consumed
+        self.host_consumed = h + n
+        if self._by_device:
+            return self.read(n)
+        self.consumed.add_(n)
+        lo = self._chunk_at
+        if h < lo or h + n > lo + self._chunk.shape[0]:  # int64 rows for many reads at once
+            self._chunk_at = h
+            self._chunk = self.buf[h : max(h + n, h + _CHUNK_ROWS)].long()
+            lo = h
+        return self._chunk[h - lo : h - lo + n]
 
     def read(self, n: int) -> torch.Tensor:
         """The next ``n`` rows as int64 ``[n, k]`` (-1 rows stay -1); advances the cursor."""
+        if _compiling() or (self.buf.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._by_device = True  # replays of this code move the device cursor without the host
         if _triton.enabled(self.buf):  # CUDA: one kernel (clamp, gather, cast, advance)
             out = _triton.source_read(self.buf, self.consumed, n, self.num_rows)
             if out is not None:
@@ -397,6 +479,20 @@ class ReplaySource:
         pos = torch.minimum(self.consumed + arange[:n], self.limit)
         self.consumed.add_(n)
         return self.buf.index_select(0, pos).long()
+
+
+def flush_rings(rings: list[CaptureRing | None] | list[CaptureRing]) -> None:
+    """Copy every ring's held rows into place; if some were changed in place meanwhile, raise naming all."""
+    bad: list[tuple[str, UnsupportedRouterError]] = []
+    for ring in rings:
+        if ring is not None and isinstance(ring, CaptureRing):
+            try:
+                ring._flush()
+            except UnsupportedRouterError as e:
+                bad.append((ring.name, e))
+    if bad:
+        more = f" (the same for {', '.join(repr(n) for n, _ in bad[1:4])}{', ...' if len(bad) > 4 else ''})"
+        raise UnsupportedRouterError(str(bad[0][1]) + (more if len(bad) > 1 else ""))
 
 
 def _fmt_bytes(n: int) -> str:

@@ -1,0 +1,380 @@
+"""Lean interception (moe_replay/_lean.py): a router whose decision-like calls all go through torch's
+module functions runs its later forwards without the TorchFunctionMode, with the same results.
+
+What a forward ran under is observed from inside the router: the torch-function mode stack that its
+own code sees. The rows are observed independently, from the experts' inputs (tests/test_evidence.py).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import _get_current_function_mode_stack
+
+import moe_replay as mr
+from moe_replay import _lean
+
+from .test_evidence import (
+    D,
+    E,
+    ExpertSpy,
+    GroupLimitedRouter,
+    RouterBlock,
+    T,
+    TwoLayers,
+    as_sets,
+    dispatch,
+    perturb,
+)
+
+topk_bound_early = torch.topk  # a name bound before any session: the wrappers never see its calls
+
+
+class SeenModes(nn.Module):
+    """A router that notes how many torch-function modes its own code runs under."""
+
+    def __init__(self, how: str = "function", top_k: int = 2) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.how, self.top_k = how, top_k
+        self.modes: list[int] = []
+        self.extra_argmax = False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.modes.append(len(_get_current_function_mode_stack()))
+        probs = F.linear(x, self.weight).softmax(-1)
+        if self.extra_argmax:  # a later forward that takes another path
+            probs = probs + 0 * torch.argmax(probs, dim=-1, keepdim=True)
+        if self.how == "function":
+            w, idx = torch.topk(probs, self.top_k, dim=-1)
+        elif self.how == "method":
+            w, idx = probs.topk(self.top_k, dim=-1)
+        else:
+            w, idx = topk_bound_early(probs, self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+def _x(seed: int = 1) -> torch.Tensor:
+    return torch.randn(T, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _routers(model: nn.Module) -> list[SeenModes]:
+    return [m for m in model.modules() if isinstance(m, SeenModes)]
+
+
+def _capture_replay_exact(model: nn.Module, forwards: int = 3) -> list[int]:
+    """Capture (several forwards), then replay after perturbing: the experts get exactly the recorded rows.
+
+    Returns the mode depth each router's code saw, per forward, over the whole run.
+    """
+    xs = [_x(i) for i in range(forwards)]
+    spy = ExpertSpy(model)
+    try:
+        with mr.attach(model) as session:
+            used = []
+            with torch.no_grad(), session.capture():
+                for x in xs:
+                    model(x)
+                    used.append([spy.experts_of(b) for b in range(len(session.names))])
+            routes = session.routes()
+            for b, name in enumerate(session.names):
+                rows = routes.layer(name).reshape(forwards, T, -1)
+                for f in range(forwards):
+                    assert torch.equal(as_sets(rows[f]), used[f][b]), f"capture of {name}, forward {f}"
+            perturb(model)
+            with torch.no_grad(), session.replay(routes):
+                for f, x in enumerate(xs):
+                    model(x)
+                    for b, name in enumerate(session.names):
+                        want = as_sets(routes.layer(name).reshape(forwards, T, -1)[f])
+                        assert torch.equal(spy.experts_of(b), want), f"replay of {name}, forward {f}"
+    finally:
+        spy.remove()
+    return [d for r in _routers(model) for d in r.modes]
+
+
+def test_a_router_calling_torch_topk_goes_lean_after_one_audited_forward_and_stays_exact() -> None:
+    model = TwoLayers(lambda: RouterBlock(SeenModes("function")))
+    seen = _capture_replay_exact(model, forwards=3)
+    per_router = [r.modes for r in _routers(model)]
+    for modes in per_router:
+        # probe runs and the audited first forward run under a mode; every later forward under none
+        assert modes[-5:] == [0, 0, 0, 0, 0], modes
+        assert max(modes) >= 1
+    assert seen
+
+
+@pytest.mark.parametrize("how", ["method", "bound early"])
+def test_a_decision_that_bypasses_the_wrappers_keeps_the_mode_and_stays_exact(how: str) -> None:
+    model = TwoLayers(lambda: RouterBlock(SeenModes(how)))
+    _capture_replay_exact(model, forwards=3)
+    for r in _routers(model):
+        assert r.modes[-5:] == [1, 1, 1, 1, 1], r.modes  # the mode, every forward
+
+
+def test_a_lean_forward_that_makes_another_decision_like_call_is_refused() -> None:
+    model = TwoLayers(lambda: RouterBlock(SeenModes("function")))
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(_x())
+            model(_x(2))
+        assert _routers(model)[0].modes[-1] == 0  # lean by now
+        for r in _routers(model):
+            r.extra_argmax = True
+        with session.capture(), pytest.raises(mr.UnsupportedRouterError, match="control flow changed"):
+            model(_x(3))
+
+
+class FunctionalGroups(GroupLimitedRouter):
+    """Case 8 (group-limited greedy) written with torch's module functions, or with tensor methods."""
+
+    def __init__(self, functions: bool) -> None:
+        super().__init__(n_group=4, topk_group=2, top_k=2)
+        self.functions = functions
+        self.modes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.modes.append(len(_get_current_function_mode_stack()))
+        scores = torch.sigmoid(F.linear(x, self.weight))
+        grouped = scores.view(-1, self.n_group, E // self.n_group)
+        if self.functions:
+            group_scores = torch.topk(grouped, 2, dim=-1).values.sum(-1)
+            group_idx = torch.topk(group_scores, self.topk_group, dim=-1).indices
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            group_idx = group_scores.topk(self.topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_scores).scatter(1, group_idx, 1.0)
+        keep = mask.unsqueeze(-1).expand_as(grouped).reshape(scores.shape)
+        if self.functions:
+            w, idx = torch.topk(torch.masked_fill(scores, keep == 0, 0.0), self.top_k, dim=-1)
+        else:
+            w, idx = scores.masked_fill(keep == 0, 0.0).topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+def test_group_limited_routing_through_torch_functions_goes_lean_with_the_modes_values_and_gradients() -> None:
+    """Forced experts outside the chosen groups get their unmasked scores, lean as under the mode."""
+
+    def run(functions: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        torch.manual_seed(0)
+        model = TwoLayers(lambda: RouterBlock(FunctionalGroups(functions)))
+        x = _x()
+        with mr.attach(model) as session:
+            with torch.no_grad(), session.capture():
+                model(x)
+            routes = session.routes()
+            perturb(model)
+            with torch.no_grad():
+                model(x)
+            with session.replay(mr.Routes.cat([routes, routes])):
+                model(x)  # audited
+                out = model(x)
+                out.square().sum().backward()
+        depths = [layer.router.modes[-1] for layer in model.layers]
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], depths
+
+    lean_out, lean_grads, lean_depths = run(functions=True)
+    mode_out, mode_grads, mode_depths = run(functions=False)
+    assert lean_depths == [0, 0] and mode_depths == [1, 1]
+    torch.testing.assert_close(lean_out, mode_out, rtol=0, atol=0)
+    for a, b in zip(lean_grads, mode_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_nested_lean_routers_count_only_their_own_calls() -> None:
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = RouterBlock(SeenModes("function"))
+            self.gate = SeenModes("function")
+            self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w, idx = self.gate(x)
+            return dispatch(self.experts, self.inner(x), idx, w)
+
+    torch.manual_seed(0)
+    model = Outer()
+    with mr.attach(model) as session, torch.no_grad():
+        assert sorted(session.names) == ["gate", "inner.router"]
+        with session.capture():
+            for i in range(3):
+                model(_x(i))
+        routes = session.routes()
+        assert [model.gate.modes[-1], model.inner.router.modes[-1]] == [0, 0]
+        with session.replay(routes):
+            out = [model(_x(i)) for i in range(3)]
+        with session.replay(routes):
+            again = [model(_x(i)) for i in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(out, again, strict=True))
+
+
+def test_the_wrappers_are_in_place_only_while_an_eager_router_forward_runs() -> None:
+    seen: list[bool] = []
+
+    class Noting(SeenModes):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            seen.append(torch.topk is not _lean.ORIGINALS["topk"])
+            return super().forward(x)
+
+    model = TwoLayers(lambda: RouterBlock(Noting()))
+    with mr.attach(model) as session, torch.no_grad():
+        assert torch.topk is _lean.ORIGINALS["topk"]
+        with session.capture():
+            model(_x())
+            model(_x(1))
+        assert torch.topk is _lean.ORIGINALS["topk"] and torch.where is _lean.ORIGINALS["where"]
+        model(_x(2))  # idle: no interception at all
+    # per router: probe runs without, then the audited forward with them; the lean forward with; idle without
+    assert seen[-4:] == [True, True, False, False], seen
+    assert seen[:-4].count(True) == 2 and seen[:-4][-1] is True, seen
+    assert torch.topk is _lean.ORIGINALS["topk"]
+
+
+def test_another_librarys_wrapper_is_neither_replaced_nor_removed() -> None:
+    model = TwoLayers(lambda: RouterBlock(SeenModes("function")))
+    calls: list[int] = []
+    original = torch.topk
+
+    def theirs(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    torch.topk = theirs
+    try:
+        _capture_replay_exact(model, forwards=3)  # their wrapper stays: the router keeps the mode
+        assert torch.topk is theirs and calls
+        assert [r.modes[-1] for r in _routers(model)] == [1, 1]
+    finally:
+        torch.topk = original
+
+
+def test_torchscript_compiles_torch_topk_inside_a_lean_forward() -> None:
+    scripted: list[torch.Tensor] = []
+
+    class Scripting(SeenModes):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if not scripted and torch.topk is not _lean.ORIGINALS["topk"]:
+
+                def top2(x: torch.Tensor) -> torch.Tensor:
+                    return torch.topk(x, 2, dim=-1).indices
+
+                scripted.append(torch.jit.script(top2)(x))
+            return super().forward(x)
+
+    model = TwoLayers(lambda: RouterBlock(Scripting()))
+    x = _x()
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(x)
+        model(x)
+    assert scripted and torch.equal(scripted[0], x.topk(2, dim=-1).indices)
+
+
+def test_other_threads_calls_pass_through_while_a_lean_forward_runs() -> None:
+    model = TwoLayers(lambda: RouterBlock(SeenModes()))
+    results: list[bool] = []
+    started, go = threading.Event(), threading.Event()
+
+    def other() -> None:
+        started.set()
+        go.wait(5)
+        x = _x(9)
+        results.append(torch.equal(torch.topk(x, 3, dim=-1).indices, x.argsort(-1, descending=True)[:, :3]))
+
+    def slow_hook(module: nn.Module, args: object) -> None:
+        go.set()  # the other thread calls torch.topk while this router's lean forward is open
+        started.wait(5)
+
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(_x())
+        t = threading.Thread(target=other)
+        t.start()
+        handle = model.layers[0].router.register_forward_pre_hook(slow_hook)
+        with session.capture():
+            model(_x(1))
+        handle.remove()
+        t.join(10)
+        assert session.routes().num_tokens == T
+    assert results == [True]
+
+
+def test_a_router_that_changes_its_indices_in_place_is_recorded_as_it_decided() -> None:
+    """fastmoe's GShard gate drops experts with an in-place fill on the indices it returns; the audited
+    forward sees the change, and from then on the rows are copied at the call."""
+
+    class Offsetting(RouterBlock):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w, idx = self.router(x)
+            out = dispatch(self.experts, x, idx, w)
+            idx.add_(E).sub_(E)  # the same values, changed in place after the router returned them
+            return out
+
+    model = TwoLayers(lambda: Offsetting(SeenModes()))
+    _capture_replay_exact(model, forwards=4)
+
+
+def test_indices_changed_in_place_after_being_held_are_refused_then_copied_at_the_call() -> None:
+    class Late(RouterBlock):
+        """Changes the previous forward's indices in place, after the router ran again."""
+
+        def __init__(self, router: nn.Module) -> None:
+            super().__init__(router)
+            self.previous: torch.Tensor | None = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w, idx = self.router(x)
+            if self.previous is not None:
+                self.previous.add_(E).sub_(E)
+            self.previous = idx
+            return dispatch(self.experts, x, idx, w)
+
+    model = TwoLayers(lambda: Late(SeenModes()))
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            for i in range(3):
+                model(_x(i))
+        with pytest.raises(mr.UnsupportedRouterError, match="changed in place"):
+            session.routes()
+    _capture_replay_exact(model, forwards=3)  # a new session: learned again, and exact
+
+
+def test_lean_replay_gives_the_gradients_of_the_mode() -> None:
+    def run(lean: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = TwoLayers(lambda: RouterBlock(SeenModes("function" if lean else "method")))
+        x = _x()
+        with mr.attach(model) as session:
+            with torch.no_grad(), session.capture():
+                model(x)
+            routes = session.routes()
+            perturb(model)
+            with session.replay(mr.Routes.cat([routes, routes])):
+                model(x)  # audited (mode)
+                model(x).square().sum().backward()
+        assert [r.modes[-1] for r in _routers(model)] == ([0, 0] if lean else [1, 1])
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for a, b in zip(run(lean=True), run(lean=False), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lean_works_after_replay_reads_more_rows_than_one_int64_chunk() -> None:
+    from moe_replay import ring
+
+    model = TwoLayers(lambda: RouterBlock(SeenModes()))
+    xs = [_x(i) for i in range(ring._CHUNK_ROWS // T + 3)]
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            for x in xs:
+                model(x)
+        routes = session.routes()
+        perturb(model)
+        with session.replay(routes), session.capture():
+            for x in xs:
+                model(x)
+        assert session.routes().equal(routes)
