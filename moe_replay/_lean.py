@@ -83,6 +83,11 @@ UNWRAP.update({_WRAPPERS[name]: fn for name, fn in ORIGINALS.items()})
 
 
 _SWAPS = [(name, ORIGINALS[name], _WRAPPERS[name]) for name in _NAMES]
+_KEYS = tuple(_NAMES)
+_OURS = tuple(_WRAPPERS[name] for name in _KEYS)
+_THEIRS = tuple(ORIGINALS[name] for name in _KEYS)
+_ON = dict(zip(_KEYS, _OURS, strict=True))
+_OFF = dict(zip(_KEYS, _THEIRS, strict=True))
 for _name, _op in _NAMES.items():
     _torch_compat.register_jit_builtin(_WRAPPERS[_name], _op)
 
@@ -94,6 +99,9 @@ def enter() -> None:
         _depth += 1
         if _depth == 1:
             names = torch.__dict__
+            if tuple(map(names.__getitem__, _KEYS)) == _THEIRS:  # the usual case, in one go
+                names.update(_ON)
+                return
             for name, orig, wrapper in _SWAPS:
                 if names[name] is orig:  # never over another library's wrapper
                     names[name] = wrapper
@@ -106,6 +114,9 @@ def leave() -> None:
         _depth -= 1
         if _depth == 0:
             names = torch.__dict__
+            if tuple(map(names.__getitem__, _KEYS)) == _OURS:
+                names.update(_OFF)
+                return
             for name, orig, wrapper in _SWAPS:
                 if names[name] is wrapper:
                     names[name] = orig

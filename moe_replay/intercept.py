@@ -300,6 +300,10 @@ class RouterHook:
 
     def _run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         compiling = _compiling()
+        if not compiling:  # the hot path: a lean router whose evidence for this mode is armed
+            lean = self._lean.get((self.scope.training, torch.is_grad_enabled()))
+            if lean is not None and lean[1] and lean[0] is self._armed:
+                return self._run_lean(forward, args, kwargs, lean[0])
         ev: Evidence | None = None
         how = "mode"
         if self.decision != "lookup":
@@ -361,29 +365,67 @@ class RouterHook:
             seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []
         if not compiling:
             self.calls += 1
-            if ev is not None and self._ordinal != ev.count:
-                self.forget()
-                raise UnsupportedRouterError(
-                    f"router '{self.name}' made {self._ordinal} decision-like calls in this forward, but "
-                    f"{ev.count} in the forward its decision was established on; its control flow changed, so "
-                    f"this forward's decision cannot be told (established: {ev.describe()}). If the model was "
-                    "changed on purpose, the decision is established again at the next forward; nothing more "
-                    "was recorded or forced"
-                )
-            if not self._decided:
-                expected = (
-                    f"a lookup of a [vocab, {self.top_k}] expert table"
-                    if ev is None
-                    else " + ".join(ev.calls[i].describe() for i in ev.decision)
-                )
-                partial = f" (saw {seen} of its {len(ev.decision)} calls)" if seen and ev is not None else ""
-                raise UnsupportedRouterError(
-                    f"router '{self.name}' ran, but its decision was not made in its forward{partial}: expected "
-                    f"{expected}. Nothing was recorded or forced"
-                )
+            self._check_ran(ev, seen)
             if how == "audit":  # later forwards in this mode go lean when every call came through a wrapper
                 self._lean[self.mode()] = (ev, not self._missed)
         return out
+
+    def _run_lean(
+        self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ev: Evidence
+    ) -> Any:
+        """:meth:`_run` of a lean router: no mode, the wrappers hand its calls to :meth:`on_lean`.
+
+        Every per-forward field starts as :meth:`_run` leaves it (reset in its ``finally``).
+        """
+        self._decided = False
+        self._ordinal = 0
+        self._compiled = self._audit = False
+        self._eager = not _graph_capturing()
+        if self._watch is not None:
+            held, version = self._watch
+            self._watch = None
+            self._copy_at_call = self._copy_at_call or held._version != version
+        self._hold = not self._copy_at_call
+        self._regions = _regions()
+        state = NESTING
+        _lean.enter()
+        state.lean = self
+        try:
+            out = forward(*args, **kwargs)
+        finally:
+            state.lean = None
+            _lean.leave()
+            seen = len(self._slots)
+            if self._masks:
+                self._masks = []
+            self._slots, self._row, self._source, self._regions = [], None, None, []
+        self.calls += 1
+        if self._ordinal != ev.count or not self._decided:
+            self._check_ran(ev, seen)
+        return out
+
+    def _check_ran(self, ev: Evidence | None, seen: int) -> None:
+        """After an eager forward: it made the calls its evidence lists, and its decision."""
+        if ev is not None and self._ordinal != ev.count:
+            self.forget()
+            raise UnsupportedRouterError(
+                f"router '{self.name}' made {self._ordinal} decision-like calls in this forward, but "
+                f"{ev.count} in the forward its decision was established on; its control flow changed, so "
+                f"this forward's decision cannot be told (established: {ev.describe()}). If the model was "
+                "changed on purpose, the decision is established again at the next forward; nothing more "
+                "was recorded or forced"
+            )
+        if not self._decided:
+            expected = (
+                f"a lookup of a [vocab, {self.top_k}] expert table"
+                if ev is None
+                else " + ".join(ev.calls[i].describe() for i in ev.decision)
+            )
+            partial = f" (saw {seen} of its {len(ev.decision)} calls)" if seen and ev is not None else ""
+            raise UnsupportedRouterError(
+                f"router '{self.name}' ran, but its decision was not made in its forward{partial}: expected "
+                f"{expected}. Nothing was recorded or forced"
+            )
 
     def on_lean(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A call of a wrapped torch function in this router's lean forward (see :mod:`moe_replay._lean`)."""
@@ -394,6 +436,39 @@ class RouterHook:
         sig = decision_call(func, args, kwargs)
         if sig is None:
             return func(*args, **kwargs)
+        i = self._ordinal
+        if (
+            self._plan.get(i) == sig
+            and sig[1] == self.top_k
+            and not (self._regions or self._slots or self._masks or self.verifying)
+            and self.seen is None
+        ):  # the common cases: the whole decision in this call, outside checkpointing
+            x = args[0] if args else kwargs["input"]
+            n = x.numel() // sig[2]
+            if self.replaying:
+                src = self.replay_source
+                if src is not None and not src.has_missing and self._eager:
+                    self._ordinal = i + 1
+                    forced = self._forced(n)
+                    self._decided = True
+                    self.decisions += 1
+                    if self.capturing and self.capture_ring is not None:
+                        self.capture_ring.write_eager(forced, hold=self._hold)
+                    source = x if x.dim() == 2 else x.reshape(-1, sig[2])
+                    return self._answer(func, args, kwargs, source, forced, x.shape[:-1])
+            elif not (x.requires_grad and torch.is_grad_enabled()):  # capture, or the decision alone
+                self._ordinal = i + 1
+                out = func(*args, **kwargs)
+                self._decided = True
+                self.decisions += 1
+                ring = self.capture_ring
+                if self.capturing and ring is not None:
+                    idx = self._indices_of(func, out, n, sig[1])
+                    if self._eager:
+                        ring.write_eager(idx, hold=self._hold)
+                    else:
+                        ring.write(idx)
+                return out
         return self.on_call(func, args, kwargs, sig)
 
     # ------------------------------------------------------------- the decision
@@ -586,8 +661,10 @@ class RouterHook:
         lead: torch.Size,
     ) -> Any:
         span = forced.shape[1]
-        values = source.gather(-1, forced).reshape(*lead, span)
-        idx = forced.reshape(*lead, span)
+        values = source.gather(-1, forced)
+        idx = forced
+        if len(lead) != 1:  # scores of more than two dimensions
+            values, idx = values.reshape(*lead, span), idx.reshape(*lead, span)
         if func in _TOPK:
             return torch.return_types.topk((values, idx))
         keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
@@ -642,6 +719,9 @@ class ScopedForward:
         state.depth += 1  # the modes of scopes around this one ignore its calls
         lean, state.lean = state.lean, None  # and a lean router around it gets none of them
         try:
+            hook = self.__moe_replay_hook__
+            if (hook.capturing or hook.replaying) and not PROBING[0]:  # the hot path, as in _call
+                return hook._run(self.__wrapped__, args, kwargs)
             return self._call(args, kwargs)
         finally:
             state.depth -= 1

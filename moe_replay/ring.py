@@ -339,7 +339,7 @@ class CaptureRing:
                     "trustworthy; capture again. To record such a router, copy its indices before changing "
                     "them (indices = indices.clone())"
                 )
-        rows = held[0][0] if len(held) == 1 else torch.cat([t.reshape(-1, self.top_k) for t, _, _ in held])
+        rows = held[0][0] if len(held) == 1 else torch.cat([t for t, _, _ in held])  # each [n, k]
         self._place(rows, held[0][2])
 
     def _write_fixed_eager(self, idx: torch.Tensor, n: int) -> None:
