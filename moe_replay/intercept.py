@@ -91,6 +91,12 @@ _CTX_METHODS = frozenset(("forward", "backward"))
 #: that it makes the calls the evidence lists.
 _KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Evidence]] = weakref.WeakKeyDictionary()
 
+#: Per router scope and mode (training, gradients): the evidence a forward was audited under, and
+#: whether all its calls came through the lean wrappers. Kept for later sessions, as the evidence is.
+_LEAN_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], tuple[Evidence, bool]]] = (
+    weakref.WeakKeyDictionary()
+)
+
 #: Router scopes whose indices were changed in place after they returned them: their rows are copied at
 #: the call from then on, by every session (see RouterHook.indices_changed_in_place).
 _IN_PLACE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -118,10 +124,21 @@ def _frame_of_hook(fn: Any) -> tuple[Any, bool]:
     return None, False
 
 
+_top_hooks = _torch_compat.top_saved_tensors_hooks
+_graph_task = _torch_compat.current_graph_task_id
+_fwd_grad = _torch_compat.fwd_grad_enabled
+_NO_REGIONS: list[tuple[Any, bool]] = []  # returned, never changed, when a call is in no region
+
+
 def _regions() -> list[tuple[Any, bool]]:
     """The checkpoint regions around this router call, innermost first, each with "being recomputed?"."""
+    hooks = _top_hooks()
+    # the common case first: no saved-tensor hooks, not in backward, and not inside an autograd.Function's
+    # forward (which runs with gradients and forward-mode AD off)
+    if hooks is None and _graph_task() == -1:
+        if torch.is_grad_enabled() or _fwd_grad() or torch.is_inference_mode_enabled():
+            return _NO_REGIONS
     out: list[tuple[Any, bool]] = []
-    hooks = _torch_compat.top_saved_tensors_hooks()
     if hooks is not None:
         frame, recompute = _frame_of_hook(hooks[0])
         if frame is not None:
@@ -209,6 +226,10 @@ class RouterHook:
     _watch: tuple[torch.Tensor, int] | None = None  # the audited forward's indices and their version
     _copy_at_call: bool = False  # the model changes its indices in place: never hold them for a later copy
     _hold: bool = True  # this forward's rows may be held by the ring and copied later
+
+    def __post_init__(self) -> None:
+        self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
+        self._copy_at_call = self.scope in _IN_PLACE
 
     # ------------------------------------------------------------- evidence
     def unproven(self) -> bool:
@@ -300,10 +321,6 @@ class RouterHook:
 
     def _run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         compiling = _compiling()
-        if not compiling:  # the hot path: a lean router whose evidence for this mode is armed
-            lean = self._lean.get((self.scope.training, torch.is_grad_enabled()))
-            if lean is not None and lean[1] and lean[0] is self._armed:
-                return self._run_lean(forward, args, kwargs, lean[0])
         ev: Evidence | None = None
         how = "mode"
         if self.decision != "lookup":
@@ -331,10 +348,9 @@ class RouterHook:
         if self._watch is not None and not compiling:  # the audited forward's indices changed in place since?
             held, version = self._watch
             self._watch = None
-            self._copy_at_call = self._copy_at_call or held._version != version
+            if held._version != version:
+                self.indices_changed_in_place()
         # the ring may hold the indices and copy them later, unless they may change in place meanwhile
-        if self._audit and self.scope in _IN_PLACE:
-            self._copy_at_call = True
         self._hold = not (self._audit or self._copy_at_call)
         self._regions = [] if compiling else _regions()
         state = NESTING
@@ -375,8 +391,10 @@ class RouterHook:
     ) -> Any:
         """:meth:`_run` of a lean router: no mode, the wrappers hand its calls to :meth:`on_lean`.
 
-        Every per-forward field starts as :meth:`_run` leaves it (reset in its ``finally``).
+        Called by :class:`ScopedForward` itself (it does the scope's nesting here). Every
+        per-forward field starts as :meth:`_run` leaves it (reset in its ``finally``).
         """
+        self._admit()
         self._decided = False
         self._ordinal = 0
         self._compiled = self._audit = False
@@ -384,16 +402,23 @@ class RouterHook:
         if self._watch is not None:
             held, version = self._watch
             self._watch = None
-            self._copy_at_call = self._copy_at_call or held._version != version
+            if held._version != version:
+                self.indices_changed_in_place()
         self._hold = not self._copy_at_call
         self._regions = _regions()
         state = NESTING
+        outer = state.lean
+        state.depth += 1
         _lean.enter()
         state.lean = self
         try:
             out = forward(*args, **kwargs)
+        except RuntimeError as e:
+            self._failed(e)
+            raise
         finally:
-            state.lean = None
+            state.lean = outer
+            state.depth -= 1
             _lean.leave()
             seen = len(self._slots)
             if self._masks:
@@ -403,6 +428,12 @@ class RouterHook:
         if self._ordinal != ev.count or not self._decided:
             self._check_ran(ev, seen)
         return out
+
+    def _admit(self) -> None:
+        """May an eager forward of this router run now? (A session refuses other threads' forwards.)"""
+
+    def _failed(self, error: RuntimeError) -> None:
+        """A runtime error in an eager forward of this router: raise a clearer one where there is one."""
 
     def _check_ran(self, ev: Evidence | None, seen: int) -> None:
         """After an eager forward: it made the calls its evidence lists, and its decision."""
@@ -713,15 +744,17 @@ class ScopedForward:
         self.__wrapped__ = inner
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hook = self.__moe_replay_hook__
         if _compiling():
             return self._call(args, kwargs)
+        if (hook.capturing or hook.replaying) and not PROBING[0]:  # the hot path: a lean router, armed
+            lean = hook._lean.get((hook.scope.training, torch.is_grad_enabled()))
+            if lean is not None and lean[1] and lean[0] is hook._armed:
+                return hook._run_lean(self.__wrapped__, args, kwargs, lean[0])
         state = NESTING
         state.depth += 1  # the modes of scopes around this one ignore its calls
         lean, state.lean = state.lean, None  # and a lean router around it gets none of them
         try:
-            hook = self.__moe_replay_hook__
-            if (hook.capturing or hook.replaying) and not PROBING[0]:  # the hot path, as in _call
-                return hook._run(self.__wrapped__, args, kwargs)
             return self._call(args, kwargs)
         finally:
             state.depth -= 1

@@ -107,16 +107,22 @@ class _SessionHook(RouterHook):
     def _run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if torch.compiler.is_compiling():
             return super()._run(forward, args, kwargs)
-        owner = self.owner
-        if owner is not None and owner.ident not in (None, threading.get_ident()) and not _in_backward():
-            raise _other_thread(f"a forward reached router '{self.name}'", owner.ident)  # type: ignore[arg-type]
+        self._admit()
         try:
             return super()._run(forward, args, kwargs)
         except RuntimeError as e:
-            moved = None if isinstance(e, MoEReplayError) else self._moved()
-            if moved is None:
-                raise
-            raise SessionStateError(moved) from e
+            self._failed(e)
+            raise
+
+    def _admit(self) -> None:
+        owner = self.owner
+        if owner is not None and owner.ident not in (None, threading.get_ident()) and not _in_backward():
+            raise _other_thread(f"a forward reached router '{self.name}'", owner.ident)  # type: ignore[arg-type]
+
+    def _failed(self, error: RuntimeError) -> None:
+        moved = None if isinstance(error, MoEReplayError) else self._moved()
+        if moved is not None:
+            raise SessionStateError(moved) from error
 
     def _moved(self) -> str | None:
         held = self.capture_ring.device if self.capture_ring is not None else None
