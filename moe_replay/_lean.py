@@ -54,10 +54,13 @@ _lock = threading.Lock()
 _depth = 0  # router forwards running with the wrappers in place, over all threads
 
 
+_compiling = torch.compiler.is_compiling
+
+
 def _wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(orig)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():  # compiled routers keep the mode; dynamo never reads the state
+        if _compiling():  # compiled routers keep the mode; dynamo never reads the state
             return orig(*args, **kwargs)
         state = NESTING
         hook = state.lean

@@ -9,6 +9,11 @@ first eager forward under a session, and every later forward must make the same 
 For hash routing an :class:`~moe_replay.Adapter` declares a lookup of a ``[vocab, top_k]``
 integer table instead. The mode is thread-local and active for that forward alone.
 
+Once a router has been audited (one forward under the mode with the lean wrappers of
+:mod:`moe_replay._lean` in place, every call the mode acted on having come through them),
+its eager forwards run *lean*: no mode, the wrappers hand its decision-like calls to
+:meth:`RouterHook.on_lean`, which answers them as the mode would.
+
 * capture: the decision runs natively and its indices are written to the ring;
 * replay: the call is answered with ``(source.gather(-1, forced), forced)``, where
   ``source`` is the score tensor (or, when that tensor is a ``masked_fill``/``where``
@@ -27,6 +32,7 @@ from __future__ import annotations
 import copy
 import operator
 import sys
+import threading
 import types
 import weakref
 from collections.abc import Callable
@@ -58,8 +64,7 @@ _WATCHED_LOOKUP = frozenset(_MASKS | _WHERE | _LOOKUP | {w for w, f in UNWRAP.it
 DECISIONS = ("auto", "topk", "argmax", "max", "argmin", "min", "lookup")
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+_compiling = torch.compiler.is_compiling
 
 
 def _in_backward() -> bool:
@@ -204,6 +209,7 @@ class RouterHook:
     call: int | None = None  # the decision call an Adapter names
     declared_top_k: bool = False  # top_k was given by the user: evidence must agree
     on_established: Callable[[RouterHook], None] | None = None
+    owner: Any = None  # what holds the session's blocks: ``.ident`` is the thread allowed to run forwards
     evidence: dict[tuple[bool, bool], Evidence] = field(default_factory=dict)  # by mode()
     _decided: bool = False
     _masks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -394,11 +400,13 @@ class RouterHook:
         Called by :class:`ScopedForward` itself (it does the scope's nesting here). Every
         per-forward field starts as :meth:`_run` leaves it (reset in its ``finally``).
         """
-        self._admit()
+        owner = self.owner
+        if owner is not None and owner.ident is not None and owner.ident != threading.get_ident():
+            self._admit()  # raises, unless this is a recompute in autograd's thread
         self._decided = False
         self._ordinal = 0
         self._compiled = self._audit = False
-        self._eager = not _graph_capturing()
+        self._eager = not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
         if self._watch is not None:
             held, version = self._watch
             self._watch = None
@@ -464,7 +472,7 @@ class RouterHook:
             out = func(*args, **kwargs)
             self.note_mask(func, args, kwargs, out)
             return out
-        sig = decision_call(func, args, kwargs)
+        sig = _topk_call(args, kwargs) if func is _TOPK_FN else decision_call(func, args, kwargs)
         if sig is None:
             return func(*args, **kwargs)
         i = self._ordinal
@@ -494,7 +502,7 @@ class RouterHook:
                 self.decisions += 1
                 ring = self.capture_ring
                 if self.capturing and ring is not None:
-                    idx = self._indices_of(func, out, n, sig[1])
+                    idx = out[1] if func is _TOPK_FN and out[1].dim() == 2 else self._indices_of(func, out, n, sig[1])
                     if self._eager:
                         ring.write_eager(idx, hold=self._hold)
                     else:
@@ -815,6 +823,22 @@ def _settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
 
 def _is_int(t: torch.Tensor) -> bool:
     return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+_TOPK_FN = torch.topk  # as imported: torch's own function (the lean wrapper hands over this one)
+
+
+def _topk_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int, int] | None:
+    """:func:`~moe_replay.evidence.decision_call` for ``torch.topk``, its common forms read directly."""
+    if len(args) >= 2 and type(args[1]) is int and (not kwargs or kwargs.keys() <= {"dim", "largest", "sorted"}):
+        x = args[0]
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", -1) if kwargs else -1
+        if type(x) is torch.Tensor and type(dim) is int and x.dim() >= 2 and x.dtype != torch.bool:
+            width = x.shape[-1]
+            if (dim == -1 or dim == x.dim() - 1) and width >= 2:
+                return "topk", args[1], width
+            return None
+    return decision_call(_TOPK_FN, args, kwargs)
 
 
 def _graph_capturing() -> bool:

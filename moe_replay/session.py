@@ -102,8 +102,6 @@ class _SessionHook(RouterHook):
     device error from a model moved inside a block is reported as such.
     """
 
-    owner: _Owner | None = None
-
     def _run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if torch.compiler.is_compiling():
             return super()._run(forward, args, kwargs)
