@@ -184,3 +184,16 @@ def test_capacity_benchmark_runs_and_growing_captures_record_the_same(tmp_path: 
     for r in results["model"]:
         assert r["checks"]["same_routes"] and r["checks"]["segments_when_growing"] > 1
         assert set(r["variants"]) == {"plain", "capture_preallocated", "capture_growing"}
+
+
+def test_router_call_benchmark_times_lean_and_mode_forwards(tmp_path: Path) -> None:
+    from benchmarks import router_call
+
+    out = tmp_path / "router.json"
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert router_call.main(["--smoke", "--device", "cpu", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["us"]) == {"plain", "idle", "capture", "replay", "capture (mode)", "replay (mode)"}
+    assert all(v > 0 for v in results["us"].values())
+    assert "| capture (mode) |" in text.getvalue()
