@@ -8,6 +8,7 @@ own code sees. The rows are observed independently, from the experts' inputs (te
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -156,33 +157,39 @@ class FunctionalGroups(GroupLimitedRouter):
         return w / w.sum(-1, keepdim=True), idx
 
 
-def test_group_limited_routing_through_torch_functions_goes_lean_with_the_modes_values_and_gradients() -> None:
-    """Forced experts outside the chosen groups get their unmasked scores, lean as under the mode."""
+def _replayed_with_gradients(make: Callable[[], nn.Module]) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """Capture, perturb the routers, replay twice (the first forward is the audited one) and backward:
+    the output, the gradients and the mode depth each router's code saw in the last forward."""
+    torch.manual_seed(0)
+    model = TwoLayers(make)
+    x = _x()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        routes = session.routes()
+        perturb(model)
+        with session.replay(mr.Routes.cat([routes, routes])):
+            model(x)
+            out = model(x)
+            out.square().sum().backward()
+    depths = [layer.router.modes[-1] for layer in model.layers]
+    return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], depths
 
-    def run(functions: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-        torch.manual_seed(0)
-        model = TwoLayers(lambda: RouterBlock(FunctionalGroups(functions)))
-        x = _x()
-        with mr.attach(model) as session:
-            with torch.no_grad(), session.capture():
-                model(x)
-            routes = session.routes()
-            perturb(model)
-            with torch.no_grad():
-                model(x)
-            with session.replay(mr.Routes.cat([routes, routes])):
-                model(x)  # audited
-                out = model(x)
-                out.square().sum().backward()
-        depths = [layer.router.modes[-1] for layer in model.layers]
-        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], depths
 
-    lean_out, lean_grads, lean_depths = run(functions=True)
-    mode_out, mode_grads, mode_depths = run(functions=False)
+def _assert_lean_matches_the_mode(lean: Callable[[], nn.Module], mode: Callable[[], nn.Module]) -> None:
+    lean_out, lean_grads, lean_depths = _replayed_with_gradients(lean)
+    mode_out, mode_grads, mode_depths = _replayed_with_gradients(mode)
     assert lean_depths == [0, 0] and mode_depths == [1, 1]
     torch.testing.assert_close(lean_out, mode_out, rtol=0, atol=0)
     for a, b in zip(lean_grads, mode_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_group_limited_routing_through_torch_functions_goes_lean_with_the_modes_values_and_gradients() -> None:
+    """Forced experts outside the chosen groups get their unmasked scores, lean as under the mode."""
+    _assert_lean_matches_the_mode(
+        lambda: RouterBlock(FunctionalGroups(functions=True)), lambda: RouterBlock(FunctionalGroups(functions=False))
+    )
 
 
 def test_nested_lean_routers_count_only_their_own_calls() -> None:
@@ -344,24 +351,8 @@ def test_indices_changed_in_place_after_being_held_are_refused_then_copied_at_th
     _capture_replay_exact(model, forwards=3)  # a new session: learned again, and exact
 
 
-def test_lean_replay_gives_the_gradients_of_the_mode() -> None:
-    def run(lean: bool) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        model = TwoLayers(lambda: RouterBlock(SeenModes("function" if lean else "method")))
-        x = _x()
-        with mr.attach(model) as session:
-            with torch.no_grad(), session.capture():
-                model(x)
-            routes = session.routes()
-            perturb(model)
-            with session.replay(mr.Routes.cat([routes, routes])):
-                model(x)  # audited (mode)
-                model(x).square().sum().backward()
-        assert [r.modes[-1] for r in _routers(model)] == ([0, 0] if lean else [1, 1])
-        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    for a, b in zip(run(lean=True), run(lean=False), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+def test_lean_replay_gives_the_outputs_and_gradients_of_the_mode() -> None:
+    _assert_lean_matches_the_mode(lambda: RouterBlock(SeenModes("function")), lambda: RouterBlock(SeenModes("method")))
 
 
 def test_lean_works_after_replay_reads_more_rows_than_one_int64_chunk() -> None:
