@@ -260,17 +260,17 @@ def test_another_librarys_wrapper_is_neither_replaced_nor_removed() -> None:
         torch.topk = original
 
 
+def _top2(x: torch.Tensor) -> torch.Tensor:
+    return torch.topk(x, 2, dim=-1).indices
+
+
 def test_torchscript_compiles_torch_topk_inside_a_lean_forward() -> None:
     scripted: list[torch.Tensor] = []
 
     class Scripting(SeenModes):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if not scripted and torch.topk is not _lean.ORIGINALS["topk"]:
-
-                def top2(x: torch.Tensor) -> torch.Tensor:
-                    return torch.topk(x, 2, dim=-1).indices
-
-                scripted.append(torch.jit.script(top2)(x))
+                scripted.append(torch.jit.script(_top2)(x))
             return super().forward(x)
 
     model = TwoLayers(lambda: RouterBlock(Scripting()))
