@@ -23,6 +23,7 @@ back, so other code that wraps these names keeps working.
 from __future__ import annotations
 
 import functools
+import operator
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -87,6 +88,7 @@ UNWRAP.update({_WRAPPERS[name]: fn for name, fn in ORIGINALS.items()})
 
 _SWAPS = [(name, ORIGINALS[name], _WRAPPERS[name]) for name in _NAMES]
 _KEYS = tuple(_NAMES)
+_CURRENT = operator.itemgetter(*_KEYS)  # what torch's names are bound to now, as a tuple
 _OURS = tuple(_WRAPPERS[name] for name in _KEYS)
 _THEIRS = tuple(ORIGINALS[name] for name in _KEYS)
 _ON = dict(zip(_KEYS, _OURS, strict=True))
@@ -102,7 +104,7 @@ def enter() -> None:
         _depth += 1
         if _depth == 1:
             names = torch.__dict__
-            if tuple(map(names.__getitem__, _KEYS)) == _THEIRS:  # the usual case, in one go
+            if _CURRENT(names) == _THEIRS:  # the usual case, in one go
                 names.update(_ON)
                 return
             for name, orig, wrapper in _SWAPS:
@@ -117,7 +119,7 @@ def leave() -> None:
         _depth -= 1
         if _depth == 0:
             names = torch.__dict__
-            if tuple(map(names.__getitem__, _KEYS)) == _OURS:
+            if _CURRENT(names) == _OURS:
                 names.update(_OFF)
                 return
             for name, orig, wrapper in _SWAPS:
