@@ -171,7 +171,7 @@ def _capturing_without_ring(w: Workload, capacity: int) -> Iterator[mr.Session]:
         for h in session._hooks:
             if h.capture_ring is not None:
                 h.capture_ring.write = lambda idx: None  # type: ignore[method-assign]
-                h.capture_ring.write_eager = lambda idx, hold=True: None  # type: ignore[method-assign]
+                h.capture_ring.write_eager = lambda idx: None  # type: ignore[method-assign]
         yield session
 
 

@@ -36,17 +36,27 @@ __all__ = ["main", "run"]
 
 
 class _Router(nn.Module):
-    """A Qwen3-MoE router: linear, softmax, top-k, renormalise (``method``: ``scores.topk``)."""
+    """A Qwen3-MoE router: linear, softmax, top-k (``torch.topk``), renormalise."""
 
-    def __init__(self, hidden: int, experts: int, top_k: int, method: bool) -> None:
+    def __init__(self, hidden: int, experts: int, top_k: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(experts, hidden) / hidden**0.5)
-        self.top_k, self.method = top_k, method
+        self.top_k = top_k
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float)
-        w, idx = probs.topk(self.top_k, dim=-1) if self.method else torch.topk(probs, self.top_k, dim=-1)
+        w, idx = self.decide(probs)
         return w / w.sum(dim=-1, keepdim=True), idx
+
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(probs, self.top_k, dim=-1)
+
+
+class _MethodRouter(_Router):
+    """The same router deciding with ``probs.topk``: it keeps the mode."""
+
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return probs.topk(self.top_k, dim=-1)
 
 
 class _Block(nn.Module):
@@ -77,8 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     blocks = {
-        method: _Block(_Router(args.hidden, args.experts, args.top_k, method), args.experts).to(device, dtype)
-        for method in (False, True)
+        method: _Block(router(args.hidden, args.experts, args.top_k), args.experts).to(device, dtype)
+        for method, router in ((False, _Router), (True, _MethodRouter))
     }
     sessions = {method: mr.attach(block) for method, block in blocks.items()}
     calls = args.calls

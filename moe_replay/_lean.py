@@ -22,9 +22,12 @@ back, so other code that wraps these names keeps working.
 
 from __future__ import annotations
 
+import builtins
+import dis
 import functools
 import operator
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +36,7 @@ import torch
 from . import _torch_compat
 from .evidence import NESTING, UNWRAP
 
-__all__ = ["ORIGINALS", "enter", "leave"]
+__all__ = ["ORIGINALS", "bypasses", "enter", "leave"]
 
 #: The names wrapped, with the aten operator TorchScript should compile each wrapper to.
 _NAMES = {
@@ -97,19 +100,26 @@ for _name, _op in _NAMES.items():
     _torch_compat.register_jit_builtin(_WRAPPERS[_name], _op)
 
 
-def enter() -> None:
-    """Put the wrappers in place for a router forward (the first of nested or concurrent ones does)."""
+def enter() -> bool:
+    """Put the wrappers in place for a router forward (the first of nested or concurrent ones does).
+
+    Returns whether every name is ours now: where another library has wrapped one since
+    torch was imported, a lean forward would not see the calls made through it, and must
+    run under the mode instead.
+    """
     global _depth
     with _lock:
         _depth += 1
-        if _depth == 1:
-            names = torch.__dict__
-            if _CURRENT(names) == _THEIRS:  # the usual case, in one go
-                names.update(_ON)
-                return
-            for name, orig, wrapper in _SWAPS:
-                if names[name] is orig:  # never over another library's wrapper
-                    names[name] = wrapper
+        names = torch.__dict__
+        if _depth > 1:
+            return _CURRENT(names) == _OURS
+        if _CURRENT(names) == _THEIRS:  # the usual case, in one go
+            names.update(_ON)
+            return True
+        for name, orig, wrapper in _SWAPS:
+            if names[name] is orig:  # never over another library's wrapper
+                names[name] = wrapper
+        return False
 
 
 def leave() -> None:
@@ -125,3 +135,85 @@ def leave() -> None:
             for name, orig, wrapper in _SWAPS:
                 if names[name] is wrapper:
                     names[name] = orig
+
+
+# ----------------------------------------------------------------------------- the router's code
+#: How far the code a router's forward reaches is read, and how much of it.
+_MAX_DEPTH = 6
+_MAX_CODES = 200
+
+
+def bypasses(forward: Callable[..., Any]) -> list[str]:
+    """The places in a router's code that would call a decision-like function or a mask without a wrapper.
+
+    The audited forward shows that the calls it made came through the wrappers; a later forward
+    may take another branch. So the code itself is read too: the scope's ``forward``, the
+    functions it names as globals, the methods and submodule forwards it reaches through
+    ``self``, and the functions defined inside them. A ``topk``/``argmax``/``max``/``min``/
+    ``sort``/``argsort``/``kthvalue``/``masked_fill``/``where`` taken as an attribute of anything
+    but the ``torch`` module (``scores.topk``, ``torch.Tensor.topk``) or a global name bound to
+    torch's own function (``from torch import topk``) is such a place. Code reached in other ways
+    (a callable passed in as an argument, say) is not read. A router with any such place keeps the
+    mode: only a router whose reachable code calls these through ``torch.`` goes lean.
+    """
+    out: list[str] = []
+    seen: set[int] = set()
+    originals = {id(fn): name for name, fn in ORIGINALS.items()}
+
+    def where(code: types.CodeType, ins: dis.Instruction) -> str:
+        line = ins.positions.lineno if ins.positions is not None else code.co_firstlineno
+        return f"{code.co_filename.rsplit('/', 1)[-1]}:{line}"
+
+    def read(fn: Any, owner: Any, depth: int) -> None:
+        fn = getattr(fn, "__func__", fn)
+        code = getattr(fn, "__code__", None)
+        if code is None or id(code) in seen:
+            return
+        if depth > _MAX_DEPTH or len(seen) >= _MAX_CODES:
+            out.append(f"{getattr(fn, '__qualname__', fn)} (too deep to read)")
+            return
+        module = getattr(fn, "__module__", "") or ""
+        if module == "torch" or module.startswith("torch."):
+            return  # torch's own code
+        read_code(code, getattr(fn, "__globals__", {}), owner, depth)
+
+    def read_code(code: types.CodeType, names: dict[str, Any], owner: Any, depth: int) -> None:
+        seen.add(id(code))
+        self_name = code.co_varnames[0] if code.co_argcount and owner is not None else None
+        previous: dis.Instruction | None = None
+        for ins in dis.get_instructions(code):
+            op, name = ins.opname, ins.argval
+            if op.startswith(("LOAD_ATTR", "LOAD_METHOD")) and isinstance(name, str):
+                base = previous
+                on_torch = (
+                    base is not None
+                    and base.opname.startswith(("LOAD_GLOBAL", "LOAD_NAME"))
+                    and names.get(base.argval) is torch
+                )
+                if name in _NAMES and not on_torch:
+                    out.append(f".{name} at {where(code, ins)}")
+                elif (
+                    base is not None
+                    and base.opname.startswith("LOAD_FAST")
+                    and base.argval == self_name
+                    and owner is not None
+                ):
+                    target = getattr(owner, name, None)
+                    if isinstance(target, torch.nn.Module):
+                        inner = target.forward
+                        if getattr(inner, "__moe_replay_hook__", None) is None:  # another router reads its own
+                            read(type(target).forward, target, depth + 1)
+                    elif isinstance(target, types.MethodType):
+                        read(target, target.__self__, depth + 1)
+            elif op.startswith(("LOAD_GLOBAL", "LOAD_NAME")) and isinstance(name, str):
+                target = names.get(name, getattr(builtins, name, None))
+                if id(target) in originals:
+                    out.append(f"{name} (torch.{originals[id(target)]} bound at import) at {where(code, ins)}")
+                elif isinstance(target, types.FunctionType):
+                    read(target, None, depth + 1)
+            elif isinstance(ins.argval, types.CodeType):
+                read_code(ins.argval, names, owner, depth + 1)
+            previous = ins
+
+    read(forward, getattr(forward, "__self__", None), 0)
+    return out

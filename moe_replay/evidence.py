@@ -78,9 +78,6 @@ DECISION_FUNCS = frozenset(_FAMILY)
 #: read it as the function it wraps.
 UNWRAP: dict[Any, Any] = {}
 
-#: Probe runs in progress (any thread): routers nested in a probed scope run plainly meanwhile.
-PROBING = [0]
-
 
 class _Nesting(threading.local):
     """What runs in this thread: how deep in router scopes, and which lean router (if any) gets calls."""
@@ -89,6 +86,7 @@ class _Nesting(threading.local):
     lean: Any = None  # the router hook whose lean forward runs innermost now (see moe_replay._lean)
     auditing = False  # a forward is checking that its calls come through the lean wrappers
     via: Any = None  # the original torch function a lean wrapper is calling right now
+    probing = 0  # probe runs in progress in this thread: routers nested in a probed scope run plainly
 
 
 NESTING = _Nesting()
@@ -503,14 +501,14 @@ class _Prober:
     ) -> tuple[Any, _ProbeMode]:
         mode = _ProbeMode(change, hold or {}, slot)
         self.snapshot.restore()
-        PROBING[0] += 1
+        NESTING.probing += 1
         try:
             # the caller's grad mode (a router may compute more with gradients on), saving nothing
             # through a checkpoint's saved-tensor hooks
             with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), self.snapshot.hooks_aside(), mode:
                 out = self.forward(*_clone(self.args), **_clone(self.kwargs))
         finally:
-            PROBING[0] -= 1
+            NESTING.probing -= 1
         return out, mode
 
 

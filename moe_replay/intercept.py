@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
 from .errors import ReplayConsumptionError, UnsupportedRouterError
-from .evidence import DECISION_FUNCS, NESTING, PROBING, UNWRAP, Evidence, decision_call, establish
+from .evidence import DECISION_FUNCS, NESTING, UNWRAP, Evidence, decision_call, establish
 from .ring import CaptureRing, ReplaySource
 
 __all__ = ["RouterHook"]
@@ -101,10 +101,6 @@ _KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Evidence]] = 
 _LEAN_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], tuple[Evidence, bool]]] = (
     weakref.WeakKeyDictionary()
 )
-
-#: Router scopes whose indices were changed in place after they returned them: their rows are copied at
-#: the call from then on, by every session (see RouterHook.indices_changed_in_place).
-_IN_PLACE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 #: How many Python frames above a router call are searched for reentrant checkpoints.
 MAX_STACK_DEPTH = 128
@@ -228,14 +224,10 @@ class RouterHook:
     # through the lean wrappers (then later forwards run without the mode)
     _lean: dict[tuple[bool, bool], tuple[Evidence, bool]] = field(default_factory=dict)
     _missed: bool = False  # the audit saw a call that did not come through a lean wrapper
-    _audit: bool = False  # this forward is audited: its rows are copied at the call, and watched
-    _watch: tuple[torch.Tensor, int] | None = None  # the audited forward's indices and their version
-    _copy_at_call: bool = False  # the model changes its indices in place: never hold them for a later copy
-    _hold: bool = True  # this forward's rows may be held by the ring and copied later
+    _audit: bool = False  # this forward is audited
 
     def __post_init__(self) -> None:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
-        self._copy_at_call = self.scope in _IN_PLACE
 
     # ------------------------------------------------------------- evidence
     def unproven(self) -> bool:
@@ -299,11 +291,6 @@ class RouterHook:
             self.on_established(self)
         return ev
 
-    def indices_changed_in_place(self) -> None:
-        """Held indices of this router were changed in place: copy its rows at the call from now on."""
-        self._copy_at_call = True
-        _IN_PLACE.add(self.scope)
-
     def forget(self) -> None:
         """Drop the evidence of the mode now running (here and for later sessions): it no longer holds."""
         mode = self.mode()
@@ -325,7 +312,9 @@ class RouterHook:
         """The replacement ``forward`` installed on the scope module."""
         return ScopedForward(self, forward)
 
-    def _run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _run(
+        self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], lean_ok: bool = True
+    ) -> Any:
         compiling = _compiling()
         ev: Evidence | None = None
         how = "mode"
@@ -340,7 +329,7 @@ class RouterHook:
                 return forward(*args, **kwargs)
             if compiling or ev is not self._armed:
                 self._arm(ev)
-            if not compiling:
+            if not compiling and lean_ok:
                 lean = self._lean.get(mode)
                 how = "audit" if lean is None or lean[0] is not ev else "lean" if lean[1] else "mode"
         self._decided = False
@@ -351,18 +340,13 @@ class RouterHook:
         self._compiled = compiling
         self._eager = not compiling and not _graph_capturing()
         self._audit = how == "audit"
-        if self._watch is not None and not compiling:  # the audited forward's indices changed in place since?
-            held, version = self._watch
-            self._watch = None
-            if held._version != version:
-                self.indices_changed_in_place()
-        # the ring may hold the indices and copy them later, unless they may change in place meanwhile
-        self._hold = not (self._audit or self._copy_at_call)
         self._regions = [] if compiling else _regions()
         state = NESTING
         try:
+            if how == "lean" and not _lean.enter():  # another library wraps one of the names: the mode
+                _lean.leave()
+                how = "mode"
             if how == "lean":  # the lean wrappers hand this forward's decision-like calls to on_lean
-                _lean.enter()
                 state.lean = self
                 try:
                     out = forward(*args, **kwargs)
@@ -388,8 +372,9 @@ class RouterHook:
         if not compiling:
             self.calls += 1
             self._check_ran(ev, seen)
-            if how == "audit":  # later forwards in this mode go lean when every call came through a wrapper
-                self._lean[self.mode()] = (ev, not self._missed)
+            if how == "audit":  # later forwards in this mode go lean when every call came through a wrapper,
+                # and no other branch of the router's code could make one that does not
+                self._lean[self.mode()] = (ev, not self._missed and not _lean.bypasses(forward))
         return out
 
     def _run_lean(
@@ -403,21 +388,25 @@ class RouterHook:
         owner = self.owner
         if owner is not None and owner.ident is not None and owner.ident != threading.get_ident():
             self._admit()  # raises, unless this is a recompute in autograd's thread
+        regions = _regions()  # before the wrappers go in: it may raise
+        if not _lean.enter():  # another library wraps one of the names since: this forward runs under the mode
+            _lean.leave()
+            state = NESTING
+            state.depth += 1
+            outer, state.lean = state.lean, None
+            try:
+                return self._run(forward, args, kwargs, lean_ok=False)
+            finally:
+                state.depth -= 1
+                state.lean = outer
         self._decided = False
         self._ordinal = 0
         self._compiled = self._audit = False
         self._eager = not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
-        if self._watch is not None:
-            held, version = self._watch
-            self._watch = None
-            if held._version != version:
-                self.indices_changed_in_place()
-        self._hold = not self._copy_at_call
-        self._regions = _regions()
+        self._regions = regions
         state = NESTING
         outer = state.lean
         state.depth += 1
-        _lean.enter()
         state.lean = self
         try:
             out = forward(*args, **kwargs)
@@ -492,7 +481,7 @@ class RouterHook:
                     self._decided = True
                     self.decisions += 1
                     if self.capturing and self.capture_ring is not None:
-                        self.capture_ring.write_eager(forced, hold=self._hold)
+                        self.capture_ring.write_eager(forced)
                     source = x if x.dim() == 2 else x.reshape(-1, sig[2])
                     return self._answer(func, args, kwargs, source, forced, x.shape[:-1])
             elif not (x.requires_grad and torch.is_grad_enabled()):  # capture, or the decision alone
@@ -504,7 +493,7 @@ class RouterHook:
                 if self.capturing and ring is not None:
                     idx = out[1] if func is _TOPK_FN and out[1].dim() == 2 else self._indices_of(func, out, n, sig[1])
                     if self._eager:
-                        ring.write_eager(idx, hold=self._hold)
+                        ring.write_eager(idx)
                     else:
                         ring.write(idx)
                 return out
@@ -611,11 +600,9 @@ class RouterHook:
             return
         if self.capturing and not self.verifying and self.capture_ring is not None:
             if self._eager:
-                self.capture_ring.write_eager(row, hold=self._hold)
+                self.capture_ring.write_eager(row)
             else:
                 self.capture_ring.write(row)
-        if self._audit and not self._compiled and not row.is_inference():  # changed in place later?
-            self._watch = (row, row._version)
         if self._regions:
             self._keep(self._regions, row)
         if self.seen is not None and self._source is not None:
@@ -755,7 +742,7 @@ class ScopedForward:
         hook = self.__moe_replay_hook__
         if _compiling():
             return self._call(args, kwargs)
-        if (hook.capturing or hook.replaying) and not PROBING[0]:  # the hot path: a lean router, armed
+        if (hook.capturing or hook.replaying) and not NESTING.probing:  # the hot path: a lean router, armed
             lean = hook._lean.get((hook.scope.training, torch.is_grad_enabled()))
             if lean is not None and lean[1] and lean[0] is hook._armed:
                 return hook._run_lean(self.__wrapped__, args, kwargs, lean[0])
@@ -770,7 +757,7 @@ class ScopedForward:
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hook = self.__moe_replay_hook__
-        if PROBING[0]:  # inside another router's probe run: run plainly
+        if NESTING.probing:  # inside another router's probe run (in this thread): run plainly
             return self.__wrapped__(*args, **kwargs)
         if (
             hook.capturing

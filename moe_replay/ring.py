@@ -16,19 +16,15 @@ cursor too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 
 from . import _torch_compat, _triton
-from .errors import CaptureOverflowError, InvalidArgumentError, UnsupportedRouterError
+from .errors import CaptureOverflowError, InvalidArgumentError
 
-__all__ = ["OVERFLOW_MARK", "CaptureRing", "ReplaySource", "flush_rings", "index_dtype"]
+__all__ = ["OVERFLOW_MARK", "CaptureRing", "ReplaySource", "index_dtype"]
 
-#: Eager calls whose indices a ring holds before copying them in one go, and the most rows it holds.
-_HOLD_CALLS = 64
-_HOLD_ROWS = 1 << 16
 #: Rows a replay source turns into int64 at once for eager reads (one cast for many decode steps).
 _CHUNK_ROWS = 4096
 
@@ -142,9 +138,6 @@ class CaptureRing:
         self.written = _static_address(torch.zeros((), dtype=torch.long, device=self.device))
         self._segments: list[torch.Tensor] = []
         self._end = 0  # rows held over every segment
-        self._copy_now = False  # indices were changed in place once: copy them at each call
-        #: called when held indices turn out to have been changed in place (the router learns it)
-        self.on_changed: Callable[[], None] | None = None
         self._set_first(int(capacity))
         self.reset()
 
@@ -205,8 +198,6 @@ class CaptureRing:
         """Forget every row (one device write, no host sync); the segments stay for the next capture."""
         self.written.zero_()
         self._host = 0  # rows written by eager calls (all rows, for a ring that is not fixed)
-        self._held: list[tuple[torch.Tensor, int, int]] = []  # (indices, their version, first row) not copied yet
-        self._held_rows = 0
 
     def reserve(self, rows: int) -> None:
         """Make room for ``rows`` rows since the last reset, allocated now rather than during forwards.
@@ -241,7 +232,6 @@ class CaptureRing:
     def release(self) -> None:
         """Free the segments past the first that hold no row (those an earlier capture grew)."""
         if len(self._segments) > 1 and (self._fixed or self._host <= self.capacity):
-            self._flush()
             self.budget.held -= sum(s.shape[0] for s in self._segments[1:]) * self._row_bytes
             del self._segments[1:]
             self._end = self.capacity
@@ -264,38 +254,29 @@ class CaptureRing:
             self._write_fixed(idx, idx.shape[0])
             return
         if self._cuda and torch.cuda.is_current_stream_capturing():
-            self._write_fixed_eager(idx, idx.shape[0])  # rows held from eager calls stay held: copied later
+            self._write_fixed_eager(idx, idx.shape[0])
             return
-        self.write_eager(idx, hold=False)
+        self.write_eager(idx)
 
-    def write_eager(self, idx: torch.Tensor, hold: bool = True) -> None:
+    def write_eager(self, idx: torch.Tensor) -> None:
         """:meth:`write` for a caller that knows it runs eagerly, outside CUDA-graph capture.
 
-        The rows get their place at once (the ring grows here, and the device cursor moves, so
-        a graph or compiled region that writes next writes after them), but the copy waits: the
-        ring holds ``idx`` itself and copies many calls' rows together, later (see :meth:`_flush`).
-        If ``idx`` is changed in place in the meantime, the copy raises rather than record it.
-        ``hold=False`` copies now (a caller that will reuse ``idx``).
+        At the host's count, growing when the current segment is full (no host sync, no copy
+        of earlier rows); the device cursor moves too, so a graph or compiled region that
+        writes next in the same capture writes after these rows. The copy is made now, so
+        whatever changes ``idx`` later (in place, through ``.data`` or another view) does not
+        change what was recorded.
         """
         n = idx.shape[0]
         if self._fixed:
-            self._flush()
             self._write_fixed_eager(idx, n)
             return
         start = self._host
         if start + n > self._end:
             self._grow(start + n - self._end)
+        self._place(idx, start)  # first: a copy that fails (another device) counts nothing
         self._host = start + n
         self.written.add_(n)
-        # inference tensors have no version counter; a tensor on another device fails in the copy, now
-        if not hold or self._copy_now or idx.is_inference() or idx.device != self.device:
-            self._flush()
-            self._place(idx, start)
-            return
-        self._held.append((idx, idx._version, start))
-        self._held_rows += n
-        if len(self._held) >= _HOLD_CALLS or self._held_rows >= _HOLD_ROWS:
-            self._flush()
 
     def _grow(self, need: int) -> None:
         """Add a segment for at least ``need`` more rows: double what is held (allocated first, so
@@ -320,27 +301,6 @@ class CaptureRing:
                 if done == n:
                     return
             first += size
-
-    def _flush(self) -> None:
-        """Copy the held rows into their places (one concatenation and copy for many calls)."""
-        held = self._held
-        if not held:
-            return
-        self._held, self._held_rows = [], 0
-        for t, version, start in held:
-            if t._version != version:
-                self._copy_now = True  # from now on this ring copies at each call
-                if self.on_changed is not None:
-                    self.on_changed()
-                raise UnsupportedRouterError(
-                    f"router '{self.name}': the expert indices it chose for rows {start}..{start + t.shape[0] - 1} "
-                    "were changed in place after the router returned them (by the model, or by code holding "
-                    "them), before moe_replay copied them. The rows recorded in this capture are not "
-                    "trustworthy; capture again. To record such a router, copy its indices before changing "
-                    "them (indices = indices.clone())"
-                )
-        rows = held[0][0] if len(held) == 1 else torch.cat([t for t, _, _ in held])  # each [n, k]
-        self._place(rows, held[0][2])
 
     def _write_fixed_eager(self, idx: torch.Tensor, n: int) -> None:
         graph = self._cuda and torch.cuda.is_current_stream_capturing()
@@ -394,7 +354,6 @@ class CaptureRing:
             keep_newest: for a fixed ring that wrapped, return its newest ``capacity`` rows
                 (what a ring built with ``keep_newest=True`` always does).
         """
-        self._flush()
         if written is None:
             written = int(self.written)
         if self._fixed:
@@ -479,20 +438,6 @@ class ReplaySource:
         pos = torch.minimum(self.consumed + arange[:n], self.limit)
         self.consumed.add_(n)
         return self.buf.index_select(0, pos).long()
-
-
-def flush_rings(rings: list[CaptureRing | None] | list[CaptureRing]) -> None:
-    """Copy every ring's held rows into place; if some were changed in place meanwhile, raise naming all."""
-    bad: list[tuple[str, UnsupportedRouterError]] = []
-    for ring in rings:
-        if ring is not None and isinstance(ring, CaptureRing):
-            try:
-                ring._flush()
-            except UnsupportedRouterError as e:
-                bad.append((ring.name, e))
-    if bad:
-        more = f" (the same for {', '.join(repr(n) for n, _ in bad[1:4])}{', ...' if len(bad) > 4 else ''})"
-        raise UnsupportedRouterError(str(bad[0][1]) + (more if len(bad) > 1 else ""))
 
 
 def _fmt_bytes(n: int) -> str:

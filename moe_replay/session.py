@@ -44,7 +44,7 @@ from .evidence import VerifyReport
 from .intercept import RouterHook, ScopedForward
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_forward
-from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, flush_rings, index_dtype
+from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, index_dtype
 from .routes import Routes, fingerprint
 
 __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
@@ -102,12 +102,14 @@ class _SessionHook(RouterHook):
     device error from a model moved inside a block is reported as such.
     """
 
-    def _run(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _run(
+        self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], lean_ok: bool = True
+    ) -> Any:
         if torch.compiler.is_compiling():
-            return super()._run(forward, args, kwargs)
+            return super()._run(forward, args, kwargs, lean_ok)
         self._admit()
         try:
-            return super()._run(forward, args, kwargs)
+            return super()._run(forward, args, kwargs, lean_ok)
         except RuntimeError as e:
             self._failed(e)
             raise
@@ -197,7 +199,6 @@ class Session:
         self._replaying = False
         self._attached = False
         self._has_capture = False
-        self._lost: MoEReplayError | None = None  # rows a detach could not keep, and why
         self._interrupted: str | None = None  # the exception that ended the last capture, if one did
         self._owner = _Owner()
         self._wrappers: list[ScopedForward] = []
@@ -380,7 +381,6 @@ class Session:
             name=site.name,
             budget=self._budget,
         )
-        hook.capture_ring.on_changed = hook.indices_changed_in_place
 
     def _established(self, hook: RouterHook) -> None:
         """A router's decision was established: its site and ring follow the evidence."""
@@ -504,11 +504,6 @@ class Session:
         rings = [h.capture_ring for h in self._hooks]
         if any(r is not None and r.device.type == "meta" for r in rings):
             self._has_capture = False  # rows of a model on the meta device hold no values
-            return
-        try:
-            flush_rings(rings)
-        except UnsupportedRouterError as e:  # detach still completes; routes() says what was lost
-            self._lost = e
             return
         counted = _read_counters([r.written for r in rings if r is not None])
         self._kept_rows = [_HostRows(r, counted.pop(0)) if r is not None else None for r in rings]
@@ -664,7 +659,6 @@ class Session:
         for h in self._hooks:
             h.calls = h.decisions = 0
         self._has_capture = True
-        self._lost = None
         stop = self._watch() if self._watch_pending else None
         self._watch_pending = False
         self._set(capturing=True)
@@ -764,8 +758,6 @@ class Session:
                 region writes into (its fixed size); eager captures grow instead, and
                 ``keep_newest`` rings keep the newest rows.
         """
-        if self._lost is not None:
-            raise self._lost
         if not self._has_capture:
             if not self._attached:
                 raise SessionStateError("this session was detached before it captured anything")
@@ -773,7 +765,6 @@ class Session:
         if self._attached:
             self._check_thread("routes()")
             rings: list[Any] = [h.capture_ring for h in self._hooks]
-            flush_rings(rings)
         else:
             assert self._kept_rows is not None
             rings = list(self._kept_rows)
