@@ -98,7 +98,7 @@ _KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Evidence]] = 
 
 #: Per router scope and mode (training, gradients): the evidence a forward was audited under, and
 #: whether all its calls came through the lean wrappers. Kept for later sessions, as the evidence is.
-_LEAN_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], tuple[Evidence, bool]]] = (
+_LEAN_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], tuple[Evidence, bool, str]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -222,7 +222,7 @@ class RouterHook:
     _eager: bool = True  # this forward runs eagerly, outside CUDA-graph capture: host-side counts hold
     # per mode: the evidence a forward was audited under, and whether every call it acted on came
     # through the lean wrappers (then later forwards run without the mode)
-    _lean: dict[tuple[bool, bool], tuple[Evidence, bool]] = field(default_factory=dict)
+    _lean: dict[tuple[bool, bool], tuple[Evidence, bool, str]] = field(default_factory=dict)
     _missed: bool = False  # the audit saw a call that did not come through a lean wrapper
     _audit: bool = False  # this forward is audited
 
@@ -230,6 +230,16 @@ class RouterHook:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
 
     # ------------------------------------------------------------- evidence
+    def interception(self) -> str:
+        """How this router's eager forwards run in the current (training, gradients) mode:
+        ``"lean"``, ``"mode: <why>"`` (under the TorchFunctionMode), or ``"not audited yet"``."""
+        verdict = self._lean.get(self.mode())
+        if self.decision == "lookup":
+            return "mode: a declared table lookup"
+        if verdict is None:
+            return "not audited yet"
+        return "lean" if verdict[1] else f"mode: {verdict[2]}"
+
     def unproven(self) -> bool:
         """No decision established yet for the scope's current ``training`` flag."""
         return self.decision != "lookup" and self.mode() not in self.evidence
@@ -374,7 +384,15 @@ class RouterHook:
             self._check_ran(ev, seen)
             if how == "audit":  # later forwards in this mode go lean when every call came through a wrapper,
                 # and no other branch of the router's code could make one that does not
-                self._lean[self.mode()] = (ev, not self._missed and not _lean.bypasses(forward))
+                places = _lean.bypasses(forward)
+                why = (
+                    f"its code calls {places[0]}, not through torch's function"
+                    if places
+                    else "a call the mode acted on did not come through torch's function"
+                    if self._missed
+                    else ""
+                )
+                self._lean[self.mode()] = (ev, not why, why)
         return out
 
     def _run_lean(

@@ -308,6 +308,17 @@ class Session:
             lines.append(f"  limit: max_bytes={self.max_bytes}")
         if fixed:
             lines.append(f"  fixed at {self.capacity} rows by a CUDA graph or compiled region: {len(fixed)} routers")
+        how = {h.name: h.interception() for h in self._hooks}
+        counts = {k: sum(v.startswith(k) for v in how.values()) for k in ("lean", "mode", "not")}
+        lines += [
+            "",
+            f"eager forwards: {counts['lean']} routers lean, {counts['mode']} under the TorchFunctionMode"
+            + (f", {counts['not']} not audited yet (at their next capture or replay forward)" if counts["not"] else ""),
+        ]
+        slow = [(n, v) for n, v in how.items() if v.startswith("mode")]
+        lines += [f"  {n}: {v[len('mode: ') :]}" for n, v in slow[:4]]
+        if len(slow) > 4:
+            lines.append(f"  ... {len(slow) - 4} more")
         return "\n".join(lines)
 
     def _rings(self) -> list[CaptureRing]:

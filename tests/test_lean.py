@@ -486,3 +486,16 @@ def test_a_probe_in_another_thread_does_not_turn_this_threads_routers_plain() ->
         assert rows.shape[0] == 3 * T
         for f in range(3):
             assert torch.equal(as_sets(rows[f * T : (f + 1) * T]), used[f][b])
+
+
+def test_the_session_table_says_which_routers_run_lean_and_why_the_others_do_not() -> None:
+    lean_model = TwoLayers(lambda: RouterBlock(SeenModes()))
+    mode_model = TwoLayers(lambda: RouterBlock(MethodForm()))
+    for model, want in ((lean_model, "2 routers lean, 0 under"), (mode_model, "0 routers lean, 2 under")):
+        with mr.attach(model) as session, torch.no_grad():
+            assert "2 not audited yet" in session.table()
+            with session.capture():
+                model(_x())
+            table = session.table()
+        assert want in table
+        assert ("its code calls .topk at test_lean.py" in table) == (model is mode_model)
