@@ -224,7 +224,6 @@ class RouterHook:
     # through the lean wrappers (then later forwards run without the mode)
     _lean: dict[tuple[bool, bool], tuple[Evidence, bool, str]] = field(default_factory=dict)
     _missed: bool = False  # the audit saw a call that did not come through a lean wrapper
-    _audit: bool = False  # this forward is audited
 
     def __post_init__(self) -> None:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
@@ -349,7 +348,6 @@ class RouterHook:
         # where this forward runs, found once for its decision: eager or not, and its checkpoint regions
         self._compiled = compiling
         self._eager = not compiling and not _graph_capturing()
-        self._audit = how == "audit"
         self._regions = [] if compiling else _regions()
         state = NESTING
         try:
@@ -419,7 +417,7 @@ class RouterHook:
                 state.lean = outer
         self._decided = False
         self._ordinal = 0
-        self._compiled = self._audit = False
+        self._compiled = False
         self._eager = not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
         self._regions = regions
         state = NESTING
