@@ -12,6 +12,7 @@ function that raises), so the hot path pays nothing for the indirection.
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from collections.abc import Callable
@@ -25,6 +26,7 @@ __all__ = [
     "TESTED_TORCH",
     "BackwardCFunction",
     "CheckpointFrame",
+    "before_graph_capture",
     "check",
     "current_graph_task_id",
     "fwd_grad_enabled",
@@ -169,6 +171,35 @@ def register_jit_builtin(fn: Callable[..., Any], op: str) -> None:
     scripted code that calls ``torch.topk`` while a session has it wrapped compiles as before."""
     if _jit_register is not None:
         _jit_register(fn, op)
+
+
+_BEFORE_CAPTURE: list[Callable[[], None]] = []
+
+
+def before_graph_capture(callback: Callable[[], None]) -> None:
+    """Run ``callback`` eagerly each time a CUDA graph capture begins, before it begins.
+
+    ``torch.cuda.CUDAGraph.capture_begin`` (what ``torch.cuda.graph``,
+    ``make_graphed_callables`` and torch.compile's CUDA graphs call) is wrapped once, the
+    first time a callback is registered; the wrapper calls every registered callback, then
+    torch's method. moe_replay's rings count eager rows on the host and bring their device
+    cursors up to date there, so a graph never bakes in a stale position.
+    """
+    if callback not in _BEFORE_CAPTURE:
+        _BEFORE_CAPTURE.append(callback)
+    cls = getattr(torch.cuda, "CUDAGraph", None)
+    original = getattr(cls, "capture_begin", None)
+    if original is None or getattr(original, "__moe_replay__", False):
+        return
+
+    @functools.wraps(original)
+    def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for cb in _BEFORE_CAPTURE:
+            cb()
+        return original(self, *args, **kwargs)
+
+    capture_begin.__moe_replay__ = True  # type: ignore[attr-defined]
+    cls.capture_begin = capture_begin  # type: ignore[union-attr]
 
 
 def missing() -> dict[str, str]:

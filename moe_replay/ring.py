@@ -12,10 +12,18 @@ cursor, exactly as a fixed ring: that code runs again later without any Python, 
 ring cannot grow there. A ring written that way is *fixed* from then on (its first
 segment is baked into the graph). The replay source keeps its position in a device
 cursor too.
+
+Eager calls leave the device cursor behind: the host knows their rows, so each call is one
+copy (capture) or no kernel at all (a replay read is a view of rows already cast), and the
+rows the device cursor has not counted yet (the *lag*) are added to it in one kernel where a
+reader needs it: reading ``written``/``consumed``, an eager call on a fixed ring, the first
+run of compiled code, and the start of a CUDA-graph capture (:func:`_torch_compat.before_graph_capture`).
+A graph capture that finds a lag all the same raises: it would bake a stale cursor in.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import ClassVar
 
 import torch
@@ -27,6 +35,35 @@ __all__ = ["OVERFLOW_MARK", "CaptureRing", "ReplaySource", "index_dtype"]
 
 #: Rows a replay source turns into int64 at once for eager reads (one cast for many decode steps).
 _CHUNK_ROWS = 4096
+
+#: Views a ring or a source prepares at once for eager calls of one size (one op for many calls).
+_VIEWS = 64
+
+#: Rings and sources on CUDA: a CUDA-graph capture first brings their device cursors up to date.
+_LAGGING: weakref.WeakSet[CaptureRing | ReplaySource] = weakref.WeakSet()
+
+
+def _catch_up_all() -> None:
+    """Add every CUDA ring's and source's lag to its device cursor, and wait for it (before a graph
+    capture begins: the graph's replays may run on another stream)."""
+    devices = set()
+    for obj in list(_LAGGING):
+        if obj._lag:
+            obj._catch_up()
+            devices.add(obj._cursor.device)
+    for device in devices:
+        torch.cuda.synchronize(device)
+
+
+def _no_lag(obj: CaptureRing | ReplaySource, what: str) -> None:
+    if obj._lag:
+        raise CaptureOverflowError(
+            f"router '{obj.name}': a CUDA graph is being captured while {obj._lag} eagerly {what} rows are not yet "
+            "counted on the device, so the graph would start at a stale position. Capture graphs with "
+            "torch.cuda.graph (or make_graphed_callables, or torch.compile), which moe_replay brings up to date "
+            "first; or read session.routes() before capturing"
+        )
+
 
 #: Start of the message of the device-side check a fixed CPU ring runs (see :meth:`CaptureRing.write`).
 OVERFLOW_MARK = "moe_replay capture overflow:"
@@ -98,7 +135,8 @@ class CaptureRing:
     ``capacity`` rows it overwrites the oldest (for monitoring, never for training data).
 
     ``written`` is the device-side count of rows written since :meth:`reset` (every path
-    advances it; graph replays and compiled calls only advance it).
+    advances it; graph replays and compiled calls only advance it). Eager writes leave it
+    behind and reading it brings it up to date (see the module docstring).
 
     Example:
         >>> import torch
@@ -135,7 +173,15 @@ class CaptureRing:
         #: what fixed the ring's first segment in place (a graph or a compiled region), if anything did
         self.fixed_by: str | None = None
         self._fixed = self.keep_newest  # writes go to the first segment at the device cursor
-        self.written = _static_address(torch.zeros((), dtype=torch.long, device=self.device))
+        self._cursor = _static_address(torch.zeros((), dtype=torch.long, device=self.device))
+        self._lag = 0  # rows eager writes made that _cursor does not count yet
+        # views of the next rows for eager writes of one size: (position of views[0], rows each, views)
+        self._views: tuple[torch.Tensor, ...] = ()
+        self._view_at = 0
+        self._view_n = 0
+        if self._cuda:
+            _torch_compat.before_graph_capture(_catch_up_all)
+            _LAGGING.add(self)
         self._segments: list[torch.Tensor] = []
         self._end = 0  # rows held over every segment
         self._set_first(int(capacity))
@@ -169,6 +215,7 @@ class CaptureRing:
             raise
         self.buf = _static_address(buf)
         self._segments = [self.buf]
+        self._views = ()
         self._end = rows
         self.capacity = rows
         self._arange = _Positions.get(self.device, rows)
@@ -190,13 +237,32 @@ class CaptureRing:
         return self.rows_held * self._row_bytes
 
     @property
+    def written(self) -> torch.Tensor:
+        """The device cursor: rows written since :meth:`reset`, counted on the device (0-dim int64)."""
+        if self._lag:
+            self._catch_up()
+        return self._cursor
+
+    def _catch_up(self) -> None:
+        """Count the eager rows the device cursor is behind by (one kernel; eager code only).
+
+        The cursor is raised to the host's count, never past it nor back: where compiled code
+        or a graph brought it up to date first (or further), this changes nothing.
+        """
+        if self._lag:
+            self._cursor.clamp_min_(self._host)
+            self._lag = 0
+
+    @property
     def host_written(self) -> int:
         """Rows written by eager calls since :meth:`reset` (exact unless the ring is fixed)."""
         return self._host
 
     def reset(self) -> None:
         """Forget every row (one device write, no host sync); the segments stay for the next capture."""
-        self.written.zero_()
+        self._cursor.zero_()
+        self._lag = 0
+        self._views = ()
         self._host = 0  # rows written by eager calls (all rows, for a ring that is not fixed)
 
     def reserve(self, rows: int) -> None:
@@ -228,6 +294,7 @@ class CaptureRing:
             more = max(rows - held, 1)
             self._segments.append(self._alloc(more))
             self._end += more
+            self._views = ()
 
     def release(self) -> None:
         """Free the segments past the first that hold no row (those an earlier capture grew)."""
@@ -235,6 +302,7 @@ class CaptureRing:
             self.budget.held -= sum(s.shape[0] for s in self._segments[1:]) * self._row_bytes
             del self._segments[1:]
             self._end = self.capacity
+            self._views = ()
 
     # ------------------------------------------------------------- writing
     def write(self, idx: torch.Tensor) -> None:
@@ -250,6 +318,10 @@ class CaptureRing:
                 ``max_bytes``.
         """
         if _compiling():
+            if self._lag:  # rows of eager writes before: the compiled code's first run counts them (only that
+                # run: dynamo guards on the lag, 0 from then on); raised to the host count, so counting twice is harmless
+                self._cursor.clamp_min_(self._host)
+                self._lag = 0
             self._fixed, self.fixed_by = True, "a compiled region"
             self._write_fixed(idx, idx.shape[0])
             return
@@ -265,18 +337,41 @@ class CaptureRing:
         of earlier rows); the device cursor moves too, so a graph or compiled region that
         writes next in the same capture writes after these rows. The copy is made now, so
         whatever changes ``idx`` later (in place, through ``.data`` or another view) does not
-        change what was recorded.
+        change what was recorded. The device cursor is left behind (``_lag``): one copy per call.
         """
         n = idx.shape[0]
         if self._fixed:
             self._write_fixed_eager(idx, n)
             return
         start = self._host
-        if start + n > self._end:
-            self._grow(start + n - self._end)
-        self._place(idx, start)  # first: a copy that fails (another device) counts nothing
+        views = self._views
+        i = start - self._view_at
+        if n == self._view_n and 0 <= i < len(views) * n and i % n == 0:  # decode: the same rows each call
+            views[i // n].copy_(idx)  # first: a copy that fails (another device) counts nothing
+        else:
+            if start + n > self._end:
+                self._grow(start + n - self._end)
+            self._place(idx, start)
+            if n:
+                self._prepare_views(start + n, n)
         self._host = start + n
-        self.written.add_(n)
+        self._lag += n
+
+    def _prepare_views(self, start: int, n: int) -> None:
+        """Views of the rows ``start, start + n, ...`` of the segment holding ``start`` (up to ``_VIEWS``)."""
+        first = 0
+        for seg in self._segments:
+            at = start - first
+            size = seg.shape[0]
+            if at < size:
+                m = min(_VIEWS, (size - at) // n)
+                if m > 1:
+                    self._views = seg.narrow(0, at, m * n).split(n)
+                    self._view_at, self._view_n = start, n
+                    return
+                break
+            first += size
+        self._views = ()
 
     def _grow(self, need: int) -> None:
         """Add a segment for at least ``need`` more rows: double what is held (allocated first, so
@@ -304,6 +399,10 @@ class CaptureRing:
 
     def _write_fixed_eager(self, idx: torch.Tensor, n: int) -> None:
         graph = self._cuda and torch.cuda.is_current_stream_capturing()
+        if graph:
+            _no_lag(self, "written")
+        else:
+            self._catch_up()
         if graph and not self._fixed:
             self._fixed, self.fixed_by = True, "a CUDA graph"
         if not self.keep_newest:
@@ -328,18 +427,19 @@ class CaptureRing:
     def _write_fixed(self, idx: torch.Tensor, n: int) -> None:
         """Rows at the device cursor into the first segment (wrapping), and advance it."""
         cap = self.capacity
+        cursor = self._cursor
         if not self.keep_newest and not self._cuda:  # CPU: the device check raises at once, in compiled code too
-            _torch_compat.assert_async(self.written + n <= cap, self._overflow_msg)
+            _torch_compat.assert_async(cursor + n <= cap, self._overflow_msg)
         if n > cap:  # only the newest rows can fit; `written` still counts all (an overflow, unless keep_newest)
-            self.written.add_(n - cap)
+            cursor.add_(n - cap)
             idx = idx[n - cap :]
             n = cap
-        if _triton.enabled(idx) and _triton.ring_write(self.buf, self.written, idx, n):
+        if _triton.enabled(idx) and _triton.ring_write(self.buf, cursor, idx, n):
             return  # CUDA: one kernel did it all (cursor, wrap, cast, advance)
         arange = self._arange if n <= self._arange.numel() else _Positions.get(self.device, n)
-        pos = torch.remainder(self.written + arange[:n], cap)
+        pos = torch.remainder(cursor + arange[:n], cap)
         self.buf.index_copy_(0, pos, idx.to(self.buf.dtype))
-        self.written.add_(n)
+        cursor.add_(n)
 
     # ------------------------------------------------------------- reading
     def overflowed(self, written: int) -> bool:
@@ -382,10 +482,12 @@ class ReplaySource:
     """The recorded rows of one router on its device, consumed in order by a device cursor.
 
     ``has_missing`` is fixed when the routes are loaded: only then does a read also
-    need the native choice for -1 rows.
+    need the native choice for -1 rows. Eager reads leave the device cursor behind, as
+    eager ring writes do (see the module docstring).
     """
 
-    def __init__(self, rows: torch.Tensor, num_experts: int, device: torch.device) -> None:
+    def __init__(self, rows: torch.Tensor, num_experts: int, device: torch.device, name: str = "") -> None:
+        self.name = name
         self.num_rows = int(rows.shape[0])
         self.top_k = int(rows.shape[1])
         self.has_missing = bool((rows < 0).any()) if rows.numel() else False
@@ -399,44 +501,83 @@ class ReplaySource:
             host = host.pin_memory()  # an asynchronous upload: entering replay never syncs
         self.buf = _static_address(host.to(device=device, non_blocking=True))
         _torch_compat.maybe_mark_dynamic(self.buf, 0)  # compiled models: no recompile when the routes length changes
-        self.consumed = _static_address(torch.zeros((), dtype=torch.long, device=device))
+        self._cursor = _static_address(torch.zeros((), dtype=torch.long, device=device))
+        self._lag = 0  # rows eager reads took that _cursor does not count yet
         self.limit = _static_address(torch.full((), self.num_rows, dtype=torch.long, device=device))
         self._arange = _Positions.get(device, max(self.num_rows + 1, 1))
         self.host_consumed = 0  # lower bound, advanced by eager calls only
         self._by_device = False  # a graph or compiled region read: the host count is behind the device's
         self._chunk = self.buf[:0].long()  # the rows from _chunk_at on, as int64, for eager reads
         self._chunk_at = 0
+        # views of the next rows of _chunk for eager reads of one size: (position of views[0], rows each, views)
+        self._views: tuple[torch.Tensor, ...] = ()
+        self._view_at = 0
+        self._view_n = 0
+        if device.type == "cuda":
+            _torch_compat.before_graph_capture(_catch_up_all)
+            _LAGGING.add(self)
+
+    @property
+    def consumed(self) -> torch.Tensor:
+        """The device cursor: rows read so far, counted on the device (0-dim int64)."""
+        if self._lag:
+            self._catch_up()
+        return self._cursor
+
+    def _catch_up(self) -> None:
+        """Count the eager reads the device cursor is behind by (one kernel; eager code only): raised to
+        the host's count, never past it nor back (see :meth:`CaptureRing._catch_up`)."""
+        if self._lag:
+            self._cursor.clamp_min_(self.host_consumed)
+            self._lag = 0
 
     def read_eager(self, n: int) -> torch.Tensor:
         """:meth:`read` for an eager caller that checked ``n`` rows are left: rows at the host's count.
 
         The host's count is the device cursor as long as no CUDA graph or compiled region has
         read from this source (those move the device cursor alone); after one has, the read
-        goes by the device cursor.
+        goes by the device cursor. Reads of one size are views prepared many at a time (no op).
         """
         h = self.host_consumed
         self.host_consumed = h + n
         if self._by_device:
+            self._catch_up()
             return self.read(n)
-        self.consumed.add_(n)
+        self._lag += n
+        views = self._views
+        i = h - self._view_at
+        if n == self._view_n and 0 <= i < len(views) * n and i % n == 0:  # decode: the same rows each call
+            return views[i // n]
         lo = self._chunk_at
         if h < lo or h + n > lo + self._chunk.shape[0]:  # int64 rows for many reads at once
             self._chunk_at = h
             self._chunk = self.buf[h : max(h + n, h + _CHUNK_ROWS)].long()
             lo = h
+        m = min(_VIEWS, (self._chunk.shape[0] - (h - lo)) // n) if n else 0
+        if m > 1:
+            self._views = self._chunk.narrow(0, h - lo, m * n).split(n)
+            self._view_at, self._view_n = h, n
+            return self._views[0]
         return self._chunk[h - lo : h - lo + n]
 
     def read(self, n: int) -> torch.Tensor:
         """The next ``n`` rows as int64 ``[n, k]`` (-1 rows stay -1); advances the cursor."""
-        if _compiling() or (self.buf.is_cuda and torch.cuda.is_current_stream_capturing()):
+        cursor = self._cursor
+        if _compiling():
+            if self._lag:  # eager reads before: the compiled code's first run counts them (see write())
+                cursor.clamp_min_(self.host_consumed)
+                self._lag = 0
             self._by_device = True  # replays of this code move the device cursor without the host
+        elif self.buf.is_cuda and torch.cuda.is_current_stream_capturing():
+            _no_lag(self, "read")
+            self._by_device = True
         if _triton.enabled(self.buf):  # CUDA: one kernel (clamp, gather, cast, advance)
-            out = _triton.source_read(self.buf, self.consumed, n, self.num_rows)
+            out = _triton.source_read(self.buf, cursor, n, self.num_rows)
             if out is not None:
                 return out
         arange = self._arange if n <= self._arange.numel() else _Positions.get(self.buf.device, n)
-        pos = torch.minimum(self.consumed + arange[:n], self.limit)
-        self.consumed.add_(n)
+        pos = torch.minimum(cursor + arange[:n], self.limit)
+        cursor.add_(n)
         return self.buf.index_select(0, pos).long()
 
 

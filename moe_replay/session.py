@@ -940,7 +940,7 @@ class Session:
         layers = routes._data
         with torch.inference_mode(False):  # the cursors are ordinary tensors, whatever the caller's mode
             for h, s, j in plan:
-                h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope))
+                h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope), name=h.name)
         self._set(replaying=True)
         ok = False
         try:

@@ -234,3 +234,40 @@ def test_routes_cross_the_compile_wrapper(tokens: torch.Tensor, direction: str) 
         assert session.routes().rename(back).equal(routes)  # forced in the compiled graph, and recorded
     assert torch.allclose(out, ref, atol=1e-6)
     assert counter.frame_count >= 1
+
+
+@pytest.mark.parametrize("style", ["softmax_topk", "grouped_sigmoid"])
+def test_eager_and_compiled_forwards_mixed_in_one_capture_and_one_replay(style: str) -> None:
+    """Eager forwards count their rows on the host and leave the device cursor behind; the compiled code's
+    first run brings it up to date. Rows and forced experts come out as if every forward were eager."""
+    model = mr.models.build(style, num_layers=2, first_dense_layers=1, expert_impl="dense")
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randint(0, 128, (2, 6), generator=g) for _ in range(6)]
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    run = [model, model, compiled, compiled, model, compiled]  # eager, compiled, eager again, compiled again
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            for x in xs:
+                model(x)
+        want = session.routes()
+        with session.capture():
+            for f, x in zip(run, xs, strict=True):
+                f(x)
+        assert session.routes().equal(want)
+        assert all(r.fixed_by == "a compiled region" for r in session._rings())
+        with session.capture():  # a new capture, compiled forwards only: nothing of the last one's catch-up
+            for x in xs:
+                compiled(x)
+        assert session.routes().equal(want)
+        perturb_routers(session, scale=3.0)  # the routers' own choice is now another
+        with session.replay(want):
+            ref = [model(x).logits for x in xs]
+        with session.replay(want):
+            out = [f(x).logits for f, x in zip(run, xs, strict=True)]
+        with session.capture():
+            model(xs[0])
+        assert not session.routes().equal(want[: xs[0].numel()])  # the perturbation changed the free choice
+    for a, b in zip(out, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert counter.frame_count >= 1

@@ -6,6 +6,8 @@ when it is replayed: capture a graph in the state it should run in.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -167,3 +169,64 @@ def test_graph_replays_past_the_fixed_ring_are_reported_by_routes_with_the_capac
                 static.copy_(ids)
                 graph.replay()
         assert session.routes().equal(expected)
+
+
+def test_eager_steps_then_graph_replays_in_one_capture_and_one_replay() -> None:
+    """Eager steps count their rows on the host and leave the device cursors behind; a graph capture
+    (torch.cuda.graph) brings them up to date first, so its replays write and read after the eager rows."""
+    model, inputs = build(), step_inputs()
+    first = 5  # eager steps before the graph
+    with mr.attach(model, capacity=BATCH * STEPS) as session:
+        expected = eager_routes(model, session, inputs)
+        static = torch.zeros_like(inputs[0])
+        warm_up(model, static)
+        with session.capture():
+            with torch.no_grad():
+                for ids in inputs[:first]:
+                    model(ids)
+            graph, _ = graphed(model, static)
+            for ids in inputs[first:]:
+                static.copy_(ids)
+                graph.replay()
+        assert session.routes().equal(expected)
+        perturb_routers(session, scale=3.0)
+        assert not eager_routes(model, session, inputs).equal(expected)
+        with session.replay(expected), torch.no_grad():
+            want = [model(ids).logits for ids in inputs]
+        got = []
+        with session.replay(expected), session.capture():
+            with torch.no_grad():
+                got += [model(ids).logits for ids in inputs[:first]]
+            graph, out = graphed(model, static)
+            for ids in inputs[first:]:
+                static.copy_(ids)
+                graph.replay()
+                got.append(out.clone())
+        assert session.routes().equal(expected)  # each step read its own rows, in order
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_eager_steps_then_reduce_overhead_compiled_steps() -> None:
+    """The same with torch.compile's CUDA graphs: the compiled code's first run counts the eager rows."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, inputs = build(), step_inputs()
+    first = 5
+    with mr.attach(model, capacity=BATCH * STEPS) as session:
+        expected = eager_routes(model, session, inputs)
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for state in ("capture", "replay"):
+            if state == "replay":
+                perturb_routers(session, scale=3.0)
+            ctx = session.replay(expected) if state == "replay" else contextlib.nullcontext()
+            with ctx, session.capture(), torch.no_grad():
+                for ids in inputs[:first]:
+                    model(ids)
+                for ids in inputs[first:]:
+                    torch.compiler.cudagraph_mark_step_begin()
+                    compiled(ids)
+            assert session.routes().equal(expected), state
+    torch._dynamo.reset()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import moe_replay as mr
 from moe_replay.ring import CaptureRing, ReplaySource, index_dtype
+
+from .conftest import examples
 
 
 def test_index_dtype_is_smallest() -> None:
@@ -202,3 +206,69 @@ def test_expected_tokens_and_reserve_allocate_before_the_forwards(tokens: torch.
         assert f"capacity={need}" in repr(session)
     with pytest.raises(ValueError, match="max_new_tokens"):
         mr.generation_capacity(1, 2, -1)
+
+
+# runs of equal sizes (what decode writes), changes of size, empty writes, and reads of the cursor between
+_RUNS = st.lists(st.tuples(st.integers(0, 9), st.integers(1, 80), st.booleans()), min_size=1, max_size=6)
+
+
+@examples(150)
+@given(capacity=st.integers(1, 300), runs=_RUNS)
+def test_eager_writes_of_any_sizes_keep_every_row_and_the_device_count(
+    capacity: int, runs: list[tuple[int, int, bool]]
+) -> None:
+    """Eager writes leave the device cursor behind; every row and the count still come back exact."""
+    ring = CaptureRing(capacity, 3, 64, torch.device("cpu"))
+    g = torch.Generator().manual_seed(capacity)
+    expected = []
+    for size, times, look in runs:
+        for _ in range(times):
+            idx = torch.randint(0, 64, (size, 3), generator=g)
+            ring.write(idx)
+            expected.append(idx.clone())
+            idx.fill_(63)  # a later change to what the router returned changes nothing recorded
+        total = sum(t.shape[0] for t in expected)
+        assert ring.host_written == total
+        if look:  # a reader of the device count sees every row written so far
+            assert int(ring.written) == total
+    total = sum(t.shape[0] for t in expected)
+    assert int(ring.written) == total
+    assert torch.equal(ring.rows(total).long(), torch.cat(expected))
+
+
+@examples(150)
+@given(runs=_RUNS)
+def test_eager_reads_of_any_sizes_take_the_rows_in_order(runs: list[tuple[int, int, bool]]) -> None:
+    """Eager reads are views prepared many at a time; each is the next rows, and the device count follows."""
+    need = sum(size * times for size, times, _ in runs)
+    rows = torch.randint(0, 64, (need, 3), generator=torch.Generator().manual_seed(need))
+    src = ReplaySource(rows, 64, torch.device("cpu"))
+    done = 0
+    for size, times, look in runs:
+        for _ in range(times):
+            got = src.read_eager(size)
+            assert torch.equal(got, rows[done : done + size])
+            done += size
+        if look:
+            assert int(src.consumed) == done == src.host_consumed
+    assert int(src.consumed) == done == need
+    assert torch.equal(src.read(1), torch.zeros(1, 3, dtype=torch.long))  # past the end: the padding row
+
+
+def test_a_graph_captured_behind_eager_writes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backstop: a capture that did not go through torch.cuda.CUDAGraph.capture_begin, with rows not yet
+    counted on the device, would bake in a stale cursor. It raises, and the rows stay."""
+    ring = CaptureRing(16, 2, 8, torch.device("cpu"))
+    src = ReplaySource(torch.ones(8, 2, dtype=torch.long), 8, torch.device("cpu"), name="r")
+    ring.write(torch.ones(3, 2, dtype=torch.long))
+    src.read_eager(3)
+    ring._cuda = True  # as if on a GPU, in the middle of a capture
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    with pytest.raises(mr.CaptureOverflowError, match="3 eagerly written rows are not yet counted"):
+        ring.write(torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(mr.CaptureOverflowError, match="'r': .*3 eagerly read rows are not yet counted"):
+        src.read(3)
+    monkeypatch.undo()
+    assert not ring.fixed and ring.host_written == 3 and int(ring.written) == 3
+    assert int(src.consumed) == 3
