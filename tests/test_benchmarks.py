@@ -197,3 +197,41 @@ def test_router_call_benchmark_times_lean_and_mode_forwards(tmp_path: Path) -> N
     assert set(results["us"]) == {"plain", "idle", "capture", "replay", "capture (mode)", "replay (mode)"}
     assert all(v > 0 for v in results["us"].values())
     assert "| capture (mode) |" in text.getvalue()
+
+
+def test_paired_benchmark_pairs_every_variant_in_both_roles(tmp_path: Path) -> None:
+    from benchmarks import paired
+
+    out = tmp_path / "paired.json"
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert paired.main(["--smoke", "--device", "cpu", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["decode"]) == set(paired.VARIANTS)
+    for name in paired.VARIANTS:  # each variant ran against the plain copy, each copy in each role
+        r = results["decode"][name]
+        assert r["pairs"] == 2 * results["meta"]["steps"] and r["q1"] <= r["ratio"] <= r["q3"], name
+    assert set(results["generate"]) == {"capture", "recipe_capture"}
+    assert all(r["pairs"] == 2 for r in results["generate"].values())
+    assert "| decode 64x1" in text.getvalue()
+
+
+def test_paired_ratios_take_the_variant_over_the_plain_step_in_alternating_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks import paired
+
+    now = [0.0]
+    calls: list[str] = []
+    monkeypatch.setattr(paired.time, "perf_counter", lambda: now[0])
+
+    def run(name: str, seconds: float):
+        def step() -> None:
+            calls.append(name)
+            now[0] += seconds
+
+        return step
+
+    ratios = paired.paired_ratios(torch.device("cpu"), 4, run("v", 3.0), run("p", 2.0))
+    assert calls == ["v", "p", "p", "v", "v", "p", "p", "v"]
+    assert ratios == [1.5] * 4
