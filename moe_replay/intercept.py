@@ -418,7 +418,7 @@ class RouterHook:
         self._decided = False
         self._ordinal = 0
         self._compiled = False
-        self._eager = not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+        self._eager = not _graph_capturing()
         self._regions = regions
         state = NESTING
         outer = state.lean
@@ -433,10 +433,13 @@ class RouterHook:
             state.lean = outer
             state.depth -= 1
             _lean.leave()
-            seen = len(self._slots)
+            seen = len(self._slots)  # (a single-call decision leaves _slots and _masks empty: nothing to renew)
+            if seen:
+                self._slots = []
             if self._masks:
                 self._masks = []
-            self._slots, self._row, self._source, self._regions = [], None, None, []
+            self._row = self._source = None
+            self._regions = _NO_REGIONS
         self.calls += 1
         if self._ordinal != ev.count or not self._decided:
             self._check_ran(ev, seen)
@@ -473,11 +476,14 @@ class RouterHook:
 
     def on_lean(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A call of a wrapped torch function in this router's lean forward (see :mod:`moe_replay._lean`)."""
-        if func in _MASKS or func in _WHERE:
+        if func is _TOPK_FN:
+            sig = _topk_call(args, kwargs)
+        elif func in _MASKS or func in _WHERE:
             out = func(*args, **kwargs)
             self.note_mask(func, args, kwargs, out)
             return out
-        sig = _topk_call(args, kwargs) if func is _TOPK_FN else decision_call(func, args, kwargs)
+        else:
+            sig = decision_call(func, args, kwargs)
         if sig is None:
             return func(*args, **kwargs)
         i = self._ordinal
@@ -493,11 +499,13 @@ class RouterHook:
                 src = self.replay_source
                 if src is not None and not src.has_missing and self._eager:
                     self._ordinal = i + 1
-                    forced = self._forced(n)
+                    forced = src.read_eager(n) if src.host_consumed + n <= src.num_rows else self._forced(n)
                     self._decided = True
                     self.decisions += 1
                     if self.capturing and self.capture_ring is not None:
                         self.capture_ring.write_eager(forced)
+                    if func is _TOPK_FN and x.dim() == 2:  # the common form, answered directly
+                        return _TOPK_RESULT((x.gather(-1, forced), forced))
                     source = x if x.dim() == 2 else x.reshape(-1, sig[2])
                     return self._answer(func, args, kwargs, source, forced, x.shape[:-1])
             elif not (x.requires_grad and torch.is_grad_enabled()):  # capture, or the decision alone
@@ -831,9 +839,13 @@ def _is_int(t: torch.Tensor) -> bool:
 _TOPK_FN = torch.topk  # as imported: torch's own function (the lean wrapper hands over this one)
 
 
+_TOPK_RESULT = torch.return_types.topk
+_TOPK_KWARGS = frozenset(("dim", "largest", "sorted"))
+
+
 def _topk_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int, int] | None:
     """:func:`~moe_replay.evidence.decision_call` for ``torch.topk``, its common forms read directly."""
-    if len(args) >= 2 and type(args[1]) is int and (not kwargs or kwargs.keys() <= {"dim", "largest", "sorted"}):
+    if len(args) >= 2 and type(args[1]) is int and (not kwargs or kwargs.keys() <= _TOPK_KWARGS):
         x = args[0]
         dim = args[2] if len(args) > 2 else kwargs.get("dim", -1) if kwargs else -1
         if type(x) is torch.Tensor and type(dim) is int and x.dim() >= 2 and x.dtype != torch.bool:

@@ -319,7 +319,7 @@ class CaptureRing:
         """
         if _compiling():
             if self._lag:  # rows of eager writes before: the compiled code's first run counts them (only that
-                # run: dynamo guards on the lag, 0 from then on); raised to the host count, so counting twice is harmless
+                # run: dynamo guards on the lag, 0 from then on); raised to the host count: twice is harmless
                 self._cursor.clamp_min_(self._host)
                 self._lag = 0
             self._fixed, self.fixed_by = True, "a compiled region"
