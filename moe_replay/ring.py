@@ -571,6 +571,9 @@ class ReplaySource:
         elif self.buf.is_cuda and torch.cuda.is_current_stream_capturing():
             _no_lag(self, "read")
             self._by_device = True
+        else:  # an eager read by the device cursor (code after a graph break): the host's count stays behind
+            self._catch_up()
+            self._by_device = True
         if _triton.enabled(self.buf):  # CUDA: one kernel (clamp, gather, cast, advance)
             out = _triton.source_read(self.buf, cursor, n, self.num_rows)
             if out is not None:

@@ -272,3 +272,13 @@ def test_a_graph_captured_behind_eager_writes_is_refused(monkeypatch: pytest.Mon
     monkeypatch.undo()
     assert not ring.fixed and ring.host_written == 3 and int(ring.written) == 3
     assert int(src.consumed) == 3
+
+
+def test_eager_reads_then_a_read_by_the_device_cursor_then_eager_reads_stay_in_order() -> None:
+    """Code after a graph break reads by the device cursor: it starts after the eager reads, and eager reads
+    after it go by the device cursor too (the host's count no longer follows)."""
+    rows = torch.arange(40).reshape(20, 2)
+    src = ReplaySource(rows, 64, torch.device("cpu"))
+    got = [src.read_eager(3), src.read_eager(3), src.read(4), src.read_eager(3), src.read_eager(2)]
+    assert torch.equal(torch.cat(got), rows[:15])
+    assert int(src.consumed) == 15
