@@ -175,9 +175,9 @@ class CaptureRing:
         self._fixed = self.keep_newest  # writes go to the first segment at the device cursor
         self._cursor = _static_address(torch.zeros((), dtype=torch.long, device=self.device))
         self._lag = 0  # rows eager writes made that _cursor does not count yet
-        # views of the next rows for eager writes of one size: (position of views[0], rows each, views)
-        self._views: tuple[torch.Tensor, ...] = ()
-        self._view_at = 0
+        # views of the next rows for eager writes of one size (_view_n rows each), by the host count they start
+        # at; none while the ring is fixed
+        self._at: dict[int, torch.Tensor] = {}
         self._view_n = 0
         if self._cuda:
             _torch_compat.before_graph_capture(_catch_up_all)
@@ -215,7 +215,7 @@ class CaptureRing:
             raise
         self.buf = _static_address(buf)
         self._segments = [self.buf]
-        self._views = ()
+        self._at = {}
         self._end = rows
         self.capacity = rows
         self._arange = _Positions.get(self.device, rows)
@@ -262,7 +262,7 @@ class CaptureRing:
         """Forget every row (one device write, no host sync); the segments stay for the next capture."""
         self._cursor.zero_()
         self._lag = 0
-        self._views = ()
+        self._at = {}
         self._host = 0  # rows written by eager calls (all rows, for a ring that is not fixed)
 
     def reserve(self, rows: int) -> None:
@@ -294,7 +294,7 @@ class CaptureRing:
             more = max(rows - held, 1)
             self._segments.append(self._alloc(more))
             self._end += more
-            self._views = ()
+            self._at = {}
 
     def release(self) -> None:
         """Free the segments past the first that hold no row (those an earlier capture grew)."""
@@ -302,7 +302,7 @@ class CaptureRing:
             self.budget.held -= sum(s.shape[0] for s in self._segments[1:]) * self._row_bytes
             del self._segments[1:]
             self._end = self.capacity
-            self._views = ()
+            self._at = {}
 
     # ------------------------------------------------------------- writing
     def write(self, idx: torch.Tensor) -> None:
@@ -322,7 +322,7 @@ class CaptureRing:
                 # run: dynamo guards on the lag, 0 from then on); raised to the host count: twice is harmless
                 self._cursor.clamp_min_(self._host)
                 self._lag = 0
-            self._fixed, self.fixed_by = True, "a compiled region"
+            self._fixed, self.fixed_by, self._at = True, "a compiled region", {}
             self._write_fixed(idx, idx.shape[0])
             return
         if self._cuda and torch.cuda.is_current_stream_capturing():
@@ -340,14 +340,13 @@ class CaptureRing:
         change what was recorded. The device cursor is left behind (``_lag``): one copy per call.
         """
         n = idx.shape[0]
-        if self._fixed:
+        start = self._host
+        view = self._at.get(start) if n == self._view_n else None
+        if view is not None:  # decode: the same rows each call
+            view.copy_(idx)  # first: a copy that fails (another device) counts nothing
+        elif self._fixed:
             self._write_fixed_eager(idx, n)
             return
-        start = self._host
-        views = self._views
-        i = start - self._view_at
-        if n == self._view_n and 0 <= i < len(views) * n and i % n == 0:  # decode: the same rows each call
-            views[i // n].copy_(idx)  # first: a copy that fails (another device) counts nothing
         else:
             if start + n > self._end:
                 self._grow(start + n - self._end)
@@ -366,12 +365,12 @@ class CaptureRing:
             if at < size:
                 m = min(_VIEWS, (size - at) // n)
                 if m > 1:
-                    self._views = seg.narrow(0, at, m * n).split(n)
-                    self._view_at, self._view_n = start, n
+                    self._at = dict(zip(range(start, start + m * n, n), seg.narrow(0, at, m * n).split(n), strict=True))
+                    self._view_n = n
                     return
                 break
             first += size
-        self._views = ()
+        self._at = {}
 
     def _grow(self, need: int) -> None:
         """Add a segment for at least ``need`` more rows: double what is held (allocated first, so
@@ -404,7 +403,7 @@ class CaptureRing:
         else:
             self._catch_up()
         if graph and not self._fixed:
-            self._fixed, self.fixed_by = True, "a CUDA graph"
+            self._fixed, self.fixed_by, self._at = True, "a CUDA graph", {}
         if not self.keep_newest:
             # the host sees this call, not the graph replays and compiled calls: its count is a lower bound
             if graph and n > self.capacity:
@@ -509,9 +508,9 @@ class ReplaySource:
         self._by_device = False  # a graph or compiled region read: the host count is behind the device's
         self._chunk = self.buf[:0].long()  # the rows from _chunk_at on, as int64, for eager reads
         self._chunk_at = 0
-        # views of the next rows of _chunk for eager reads of one size: (position of views[0], rows each, views)
-        self._views: tuple[torch.Tensor, ...] = ()
-        self._view_at = 0
+        # views of the next rows of _chunk for eager reads of one size (_view_n rows each), by the host count
+        # they start at
+        self._at: dict[int, torch.Tensor] = {}
         self._view_n = 0
         if device.type == "cuda":
             _torch_compat.before_graph_capture(_catch_up_all)
@@ -544,10 +543,9 @@ class ReplaySource:
             self._catch_up()
             return self.read(n)
         self._lag += n
-        views = self._views
-        i = h - self._view_at
-        if n == self._view_n and 0 <= i < len(views) * n and i % n == 0:  # decode: the same rows each call
-            return views[i // n]
+        view = self._at.get(h) if n == self._view_n else None
+        if view is not None:  # decode: the same rows each call
+            return view
         lo = self._chunk_at
         if h < lo or h + n > lo + self._chunk.shape[0]:  # int64 rows for many reads at once
             self._chunk_at = h
@@ -555,9 +553,10 @@ class ReplaySource:
             lo = h
         m = min(_VIEWS, (self._chunk.shape[0] - (h - lo)) // n) if n else 0
         if m > 1:
-            self._views = self._chunk.narrow(0, h - lo, m * n).split(n)
-            self._view_at, self._view_n = h, n
-            return self._views[0]
+            views = self._chunk.narrow(0, h - lo, m * n).split(n)
+            self._at = dict(zip(range(h, h + m * n, n), views, strict=True))
+            self._view_n = n
+            return views[0]
         return self._chunk[h - lo : h - lo + n]
 
     def read(self, n: int) -> torch.Tensor:
