@@ -36,7 +36,7 @@ import torch
 from . import _torch_compat
 from .evidence import NESTING, UNWRAP
 
-__all__ = ["ORIGINALS", "bypasses", "enter", "leave"]
+__all__ = ["ORIGINALS", "REFUSED", "bypasses", "enter", "leave", "run"]
 
 #: The names wrapped, with the aten operator TorchScript should compile each wrapper to.
 _NAMES = {
@@ -58,7 +58,8 @@ _lock = threading.Lock()
 _depth = 0  # router forwards running with the wrappers in place, over all threads
 
 
-_compiling = torch.compiler.is_compiling
+# only dynamo can trace a wrapper (they are in place while an eager router forward runs alone)
+_compiling = _torch_compat.dynamo_compiling
 
 
 def _wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,11 +77,7 @@ def _wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
                 return orig(*args, **kwargs)
             finally:
                 state.via = None
-        state.lean = None  # the router's own torch calls while it answers are not its forward's
-        try:
-            return hook.on_lean(orig, args, kwargs)
-        finally:
-            state.lean = hook
+        return hook.on_lean(orig, args, kwargs)  # (it clears state.lean while it makes torch calls of its own)
 
     return wrapper
 
@@ -94,6 +91,7 @@ _KEYS = tuple(_NAMES)
 _CURRENT = operator.itemgetter(*_KEYS)  # what torch's names are bound to now, as a tuple
 _OURS = tuple(_WRAPPERS[name] for name in _KEYS)
 _THEIRS = tuple(ORIGINALS[name] for name in _KEYS)
+_TORCH = torch.__dict__
 _ON = dict(zip(_KEYS, _OURS, strict=True))
 _OFF = dict(zip(_KEYS, _THEIRS, strict=True))
 for _name, _op in _NAMES.items():
@@ -120,6 +118,46 @@ def enter() -> bool:
             if names[name] is orig:  # never over another library's wrapper
                 names[name] = wrapper
         return False
+
+
+#: What :func:`run` returns, without running the forward, when another library wraps one of the names.
+REFUSED: Any = object()
+
+
+def run(hook: Any, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a lean router's forward: the wrappers in place, and its calls handed to ``hook.on_lean``.
+
+    :func:`enter`, the forward and :func:`leave` in one Python frame (this runs at every router
+    call of an eager decode step). Returns :data:`REFUSED`, having run nothing, where another
+    library wraps one of the names since torch was imported: the forward must run under the mode.
+    """
+    global _depth
+    names = _TORCH
+    with _lock:
+        _depth += 1
+        if _depth == 1 and _CURRENT(names) == _THEIRS:  # the usual case, in one go
+            names.update(_ON)
+        elif _CURRENT(names) != _OURS:
+            _depth -= 1
+            return REFUSED
+    state = NESTING
+    outer = state.lean
+    state.depth += 1
+    state.lean = hook
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        state.lean = outer
+        state.depth -= 1
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                if _CURRENT(names) == _OURS:
+                    names.update(_OFF)
+                else:
+                    for name, orig, wrapper in _SWAPS:
+                        if names[name] is wrapper:
+                            names[name] = orig
 
 
 def leave() -> None:

@@ -23,17 +23,23 @@ import torch
 from .errors import MoEReplayError
 
 __all__ = [
+    "COMPILER",
+    "CUDA",
     "TESTED_TORCH",
     "BackwardCFunction",
     "CheckpointFrame",
+    "bad_fork",
     "before_graph_capture",
     "check",
     "current_graph_task_id",
+    "dynamo_compiling",
     "fwd_grad_enabled",
+    "graph_capturing",
     "mark_static_address",
     "maybe_mark_dynamic",
     "missing",
     "register_jit_builtin",
+    "stream_capturing",
     "top_saved_tensors_hooks",
 ]
 
@@ -105,10 +111,59 @@ _top_hooks = _function(
 )
 
 
-def top_saved_tensors_hooks() -> tuple[Any, Any] | None:
-    """The innermost ``(pack, unpack)`` saved-tensor hooks, or None: how non-reentrant
-    ``torch.utils.checkpoint`` marks the region it runs (and recomputes)."""
-    return _top_hooks(False)
+#: ``() -> (pack, unpack) | None``: the innermost saved-tensor hooks, or None: how non-reentrant
+#: ``torch.utils.checkpoint`` marks the region it runs (and recomputes). A partial, so that the
+#: router's hot path calls torch's function with no Python frame between.
+top_saved_tensors_hooks: Callable[[], tuple[Any, Any] | None] = functools.partial(_top_hooks, False)
+
+#: ``() -> bool``: is dynamo tracing the caller? One Python frame where ``is_compiling()`` takes
+#: two; dynamo reads it as True. For code that only dynamo can trace: torch's own
+#: ``is_compiling()`` is also True under export and AOT tracing.
+dynamo_compiling: Callable[[], bool] = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
+
+class _CompilingFlag:
+    """``torch.compiler`` as far as ``_is_compiling_flag`` goes, on a torch that keeps no such flag."""
+
+    @property
+    def _is_compiling_flag(self) -> bool:
+        return torch.compiler.is_compiling()
+
+
+#: An object whose ``_is_compiling_flag`` is ``torch.compiler.is_compiling()`` in eager code (code
+#: that dynamo is not tracing): ``torch.compiler`` itself, read with no call, where torch keeps it.
+COMPILER: Any = (
+    torch.compiler if isinstance(getattr(torch.compiler, "_is_compiling_flag", None), bool) else _CompilingFlag()
+)
+
+
+class _CudaState:
+    """``torch.cuda`` as far as ``_initialized`` goes, on a torch that keeps no such flag."""
+
+    @property
+    def _initialized(self) -> bool:
+        return torch.cuda.is_initialized()
+
+
+#: An object whose ``_initialized`` says whether CUDA is initialised in this process (maybe a forked
+#: child's inherited flag: :data:`bad_fork` tells): ``torch.cuda`` itself, read with no call, where it keeps it.
+CUDA: Any = torch.cuda if isinstance(getattr(torch.cuda, "_initialized", None), bool) else _CudaState()
+#: ``() -> bool``: is the current CUDA stream capturing a graph? (Ask once CUDA is initialised.)
+stream_capturing: Callable[[], bool] = (
+    getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
+)
+#: ``() -> bool``: is this a forked child of a process that had initialised CUDA?
+bad_fork: Callable[[], bool] = getattr(torch._C, "_cuda_isInBadFork", None) or (lambda: False)
+
+
+def graph_capturing() -> bool:
+    """Is a CUDA graph being captured on the current stream?
+
+    ``torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()`` with two Python
+    frames fewer (it runs at every router forward): a stream can only capture once CUDA is
+    initialised (in this process: not in a forked child).
+    """
+    return CUDA._initialized and not bad_fork() and stream_capturing()
 
 
 #: ``torch.utils.checkpoint._CheckpointFrame``: the object of one non-reentrant checkpoint

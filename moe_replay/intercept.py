@@ -128,6 +128,14 @@ def _frame_of_hook(fn: Any) -> tuple[Any, bool]:
 _top_hooks = _torch_compat.top_saved_tensors_hooks
 _graph_task = _torch_compat.current_graph_task_id
 _fwd_grad = _torch_compat.fwd_grad_enabled
+_graph_capturing = _torch_compat.graph_capturing
+_dynamo_compiling = _torch_compat.dynamo_compiling
+_COMPILER = _torch_compat.COMPILER
+_CUDA = _torch_compat.CUDA
+_cuda_capturing = _torch_compat.stream_capturing
+_cuda_bad_fork = _torch_compat.bad_fork
+_grad = torch.is_grad_enabled
+_get_ident = threading.get_ident
 _NO_REGIONS: list[tuple[Any, bool]] = []  # returned, never changed, when a call is in no region
 
 
@@ -224,6 +232,12 @@ class RouterHook:
     # through the lean wrappers (then later forwards run without the mode)
     _lean: dict[tuple[bool, bool], tuple[Evidence, bool, str]] = field(default_factory=dict)
     _missed: bool = False  # the audit saw a call that did not come through a lean wrapper
+    # the lean fast path: the form of the decision call it answers, learned at the last one answered in full
+    # (its ordinal, the arguments after the scores, the keywords, the scores' width and dtype); and that form
+    # in a forward where it may answer (eager, outside checkpointing, nothing kept, the rows at hand), else None
+    _form: tuple[int, tuple[Any, ...], dict[str, Any], int, torch.dtype] | None = None
+    _fast: tuple[int, tuple[Any, ...], dict[str, Any], int, torch.dtype] | None = None
+    _slow: bool = False  # this lean forward went through the general path: its per-forward fields are renewed
 
     def __post_init__(self) -> None:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
@@ -310,11 +324,13 @@ class RouterHook:
             for key in [k for k in known if k[0] == mode]:
                 del known[key]
         self._armed = None
+        self._form = None
 
     def _arm(self, ev: Evidence) -> None:
         """The plan of the mode now running: built when it changes in eager code, at every trace when compiled."""
         self._plan = {i: ev.calls[i].signature for i in ev.decision}
         self._armed = ev
+        self._form = None
 
     # ------------------------------------------------------------- scope forward
     def wrap(self, forward: Callable[..., Any]) -> ScopedForward:
@@ -345,6 +361,7 @@ class RouterHook:
         self._ordinal = 0
         self._masks = []
         self._slots, self._row, self._source = [], None, None
+        self._fast = None  # (the lean fast path is _run_lean's alone)
         # where this forward runs, found once for its decision: eager or not, and its checkpoint regions
         self._compiled = compiling
         self._eager = not compiling and not _graph_capturing()
@@ -394,19 +411,48 @@ class RouterHook:
         return out
 
     def _run_lean(
-        self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ev: Evidence
+        self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ev: Evidence, grad: bool
     ) -> Any:
         """:meth:`_run` of a lean router: no mode, the wrappers hand its calls to :meth:`on_lean`.
 
-        Called by :class:`ScopedForward` itself (it does the scope's nesting here). Every
-        per-forward field starts as :meth:`_run` leaves it (reset in its ``finally``).
+        Called by :class:`ScopedForward` itself (it does the scope's nesting here), with whether
+        gradients are on. Every per-forward field starts as :meth:`_run` leaves it (reset in its
+        ``finally``). This runs at every router call of an eager decode step: each line counts.
         """
         owner = self.owner
-        if owner is not None and owner.ident is not None and owner.ident != threading.get_ident():
+        if owner is not None and owner.ident != _get_ident() and owner.ident is not None:
             self._admit()  # raises, unless this is a recompute in autograd's thread
-        regions = _regions()  # before the wrappers go in: it may raise
-        if not _lean.enter():  # another library wraps one of the names since: this forward runs under the mode
-            _lean.leave()
+        self._decided = False
+        self._ordinal = 0
+        # (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing(), inline)
+        self._eager = eager = not (_CUDA._initialized and not _cuda_bad_fork() and _cuda_capturing())
+        # before the wrappers go in, as it may raise: the checkpoint regions, none in the common case
+        if _top_hooks() is None and _graph_task() == -1 and (grad or _fwd_grad()):
+            self._slow = False
+            fast = self._form if eager and not self.verifying and self.seen is None else None
+            if fast is None:
+                pass
+            elif self.replaying:  # the rows are at hand, none missing, and a capture has its ring
+                src = self.replay_source
+                if src is None or src.has_missing or (self.capturing and self.capture_ring is None):
+                    fast = None
+            elif grad or self.capture_ring is None:  # with gradients, the values must come from a gather
+                fast = None
+            self._fast = fast
+        else:
+            self._regions, self._slow, self._fast = _regions(), True, None
+        try:
+            out = _lean.run(self, forward, args, kwargs)
+        except RuntimeError as e:
+            self._failed(e)
+            raise
+        finally:
+            seen = 0
+            if self._slow:  # what the general path may have set in this forward goes
+                seen = len(self._slots)
+                self._slots, self._masks, self._row, self._source = [], [], None, None
+                self._regions = _NO_REGIONS
+        if out is _lean.REFUSED:  # another library wraps one of the names since: this forward runs under the mode
             state = NESTING
             state.depth += 1
             outer, state.lean = state.lean, None
@@ -415,33 +461,8 @@ class RouterHook:
             finally:
                 state.depth -= 1
                 state.lean = outer
-        self._decided = False
-        self._ordinal = 0
-        self._compiled = False
-        self._eager = not _graph_capturing()
-        self._regions = regions
-        state = NESTING
-        outer = state.lean
-        state.depth += 1
-        state.lean = self
-        try:
-            out = forward(*args, **kwargs)
-        except RuntimeError as e:
-            self._failed(e)
-            raise
-        finally:
-            state.lean = outer
-            state.depth -= 1
-            _lean.leave()
-            seen = len(self._slots)  # (a single-call decision leaves _slots and _masks empty: nothing to renew)
-            if seen:
-                self._slots = []
-            if self._masks:
-                self._masks = []
-            self._row = self._source = None
-            self._regions = _NO_REGIONS
         self.calls += 1
-        if self._ordinal != ev.count or not self._decided:
+        if self._ordinal != len(ev.calls) or not self._decided:
             self._check_ran(ev, seen)
         return out
 
@@ -475,12 +496,52 @@ class RouterHook:
             )
 
     def on_lean(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """A call of a wrapped torch function in this router's lean forward (see :mod:`moe_replay._lean`)."""
+        """A call of a wrapped torch function in this router's lean forward (see :mod:`moe_replay._lean`).
+
+        The decision call in the form the last one had (``torch.topk(scores, k, dim=-1)``: the same
+        arguments after the scores, 2-D scores of the same width and dtype, at the same place in the
+        forward) is answered at once; any other call goes to :meth:`_on_lean`.
+        """
+        form = self._fast
+        if form is not None and func is _TOPK_FN and self._ordinal == form[0] and args[1:] == form[1]:
+            x = args[0] if args else None
+            if (
+                type(x) is _TENSOR
+                and kwargs == form[2]
+                and x.dim() == 2
+                and x.shape[1] == form[3]
+                and x.dtype is form[4]
+            ):
+                self._ordinal += 1
+                self._decided = True
+                self.decisions += 1
+                if self.replaying:
+                    src = self.replay_source
+                    n = x.shape[0]
+                    forced = src.read_eager(n) if src.host_consumed + n <= src.num_rows else self._forced(n)
+                    if self.capturing:
+                        self.capture_ring.write_eager(forced)
+                    return _TOPK_RESULT((x.gather(1, forced), forced))
+                out = func(*args, **kwargs)
+                self.capture_ring.write_eager(out[1])
+                return out
+        state = NESTING
+        state.lean = None  # the router's own torch calls while it answers are not its forward's
+        try:
+            return self._on_lean(func, args, kwargs)
+        finally:
+            state.lean = self
+
+    def _on_lean(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """:meth:`on_lean` for every call its fast path does not answer."""
+        self._slow = True
+        self._compiled = False
         if func is _TOPK_FN:
             sig = _topk_call(args, kwargs)
         elif func in _MASKS or func in _WHERE:
             out = func(*args, **kwargs)
-            self.note_mask(func, args, kwargs, out)
+            if self.note_mask(func, args, kwargs, out):
+                self._fast = None  # the decision reads the unmasked scores
             return out
         else:
             sig = decision_call(func, args, kwargs)
@@ -495,6 +556,8 @@ class RouterHook:
         ):  # the common cases: the whole decision in this call, outside checkpointing
             x = args[0] if args else kwargs["input"]
             n = x.numel() // sig[2]
+            if func is _TOPK_FN and type(x) is _TENSOR and x.dim() == 2 and _plain(args[1:], kwargs):
+                self._form = (i, args[1:], dict(kwargs), sig[2], x.dtype)  # the fast path answers the next ones
             if self.replaying:
                 src = self.replay_source
                 if src is not None and not src.has_missing and self._eager:
@@ -764,12 +827,27 @@ class ScopedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         hook = self.__moe_replay_hook__
-        if _compiling():
+        if _dynamo_compiling():
             return self._call(args, kwargs)
-        if (hook.capturing or hook.replaying) and not NESTING.probing:  # the hot path: a lean router, armed
-            lean = hook._lean.get((hook.scope.training, torch.is_grad_enabled()))
-            if lean is not None and lean[1] and lean[0] is hook._armed:
-                return hook._run_lean(self.__wrapped__, args, kwargs, lean[0])
+        if hook.capturing or hook.replaying:  # the hot path: a lean router, armed
+            grad = _grad()
+            lean = hook._lean.get((hook.scope.training, grad))
+            if (
+                lean is not None
+                and lean[1]
+                and lean[0] is hook._armed
+                and not NESTING.probing
+                and not _COMPILER._is_compiling_flag  # (export, AOT tracing: is_compiling() in eager code)
+            ):
+                return hook._run_lean(self.__wrapped__, args, kwargs, lean[0], grad)
+        elif (
+            not hook.verifying
+            and hook.seen is None
+            and not hook.kept.data  # (a region kept may be recomputed in backward: _call looks)
+            and NESTING.depth == 0  # no scope around this one, whose mode or lean forward must not see its calls
+            and ((hook.scope.training, _grad()) in hook.evidence or hook.decision == "lookup")
+        ):  # idle and established: the plain forward
+            return self.__wrapped__(*args, **kwargs)
         state = NESTING
         state.depth += 1  # the modes of scopes around this one ignore its calls
         lean, state.lean = state.lean, None  # and a lean router around it gets none of them
@@ -840,6 +918,15 @@ _TOPK_FN = torch.topk  # as imported: torch's own function (the lean wrapper han
 
 
 _TOPK_RESULT = torch.return_types.topk
+_TENSOR = torch.Tensor
+_PLAIN = (int, bool, type(None))
+
+
+def _plain(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Are these arguments plain values (``k``, ``dim``, ``largest``...), compared by ``==`` safely?"""
+    return all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values())
+
+
 _TOPK_KWARGS = frozenset(("dim", "largest", "sorted"))
 
 
@@ -854,11 +941,6 @@ def _topk_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int,
                 return "topk", args[1], width
             return None
     return decision_call(_TOPK_FN, args, kwargs)
-
-
-def _graph_capturing() -> bool:
-    # a stream can only be capturing once CUDA is initialised: that check is the cheap one
-    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 class _DecisionMode(TorchFunctionMode):

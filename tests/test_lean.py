@@ -499,3 +499,128 @@ def test_the_session_table_says_which_routers_run_lean_and_why_the_others_do_not
             table = session.table()
         assert want in table
         assert ("its code calls .topk at test_lean.py" in table) == (model is mode_model)
+
+
+# ----------------------------------------------------------------------------- the fast path
+class FormRouter(SeenModes):
+    """Decides with ``torch.topk`` in the call form named by ``form``, which a test changes between forwards."""
+
+    form = "dim keyword"
+
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.top_k
+        if self.form == "dim keyword":
+            return torch.topk(probs, k, dim=-1)
+        if self.form == "positional":
+            return torch.topk(probs, k, -1)
+        if self.form == "unsorted":
+            return torch.topk(probs, k, dim=-1, sorted=False)
+        if self.form == "3-D scores":
+            w, idx = torch.topk(probs.unsqueeze(0), k, dim=-1)
+            return w[0], idx[0]
+        if self.form == "float64 scores":
+            w, idx = torch.topk(probs.double(), k, dim=-1)
+            return w.float(), idx
+        raise AssertionError(self.form)
+
+
+FORMS = ["dim keyword", "dim keyword", "positional", "positional", "unsorted", "3-D scores", "float64 scores"]
+FORMS += ["dim keyword", "3-D scores", "3-D scores"]
+
+
+def _general_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The routers whose calls the lean fast path left to the general one, in call order."""
+    calls: list[str] = []
+    general = mr.intercept.RouterHook._on_lean
+
+    def spy(self: mr.intercept.RouterHook, func: Callable[..., object], args: tuple, kwargs: dict) -> object:
+        calls.append(self.name)
+        return general(self, func, args, kwargs)
+
+    monkeypatch.setattr(mr.intercept.RouterHook, "_on_lean", spy)
+    return calls
+
+
+def test_the_fast_path_answers_only_the_call_form_it_learned_and_every_answer_is_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = TwoLayers(lambda: RouterBlock(FormRouter()))
+    routers = [r for r in model.modules() if isinstance(r, FormRouter)]
+    general = _general_calls(monkeypatch)
+    xs = [_x(i) for i in range(len(FORMS))]
+    spy = ExpertSpy(model)
+    try:
+        with mr.attach(model) as session:
+            with torch.no_grad(), session.capture():
+                model(xs[0])  # establishes and audits: the later forwards run lean
+            per_forward: list[list[str]] = []
+            for state in ("capture", "replay"):
+                if state == "replay":
+                    routes = session.routes()
+                    perturb(model)
+                ctx = session.capture() if state == "capture" else session.replay(routes)
+                with torch.no_grad(), ctx:
+                    for f, (form, x) in enumerate(zip(FORMS, xs, strict=True)):
+                        for r in routers:
+                            r.form = form
+                        general.clear()
+                        model(x)
+                        per_forward.append(list(general))
+                        for b, name in enumerate(session.names):
+                            rows = session.routes().layer(name) if state == "capture" else routes.layer(name)
+                            want = as_sets(rows.reshape(-1, T, rows.shape[-1])[f])
+                            assert torch.equal(spy.experts_of(b), want), f"{state} of {name}, forward {f} ({form})"
+    finally:
+        spy.remove()
+    learned = None  # the form of the last decision the general path answered in full (2-D scores only)
+    for f, form in enumerate(FORMS + FORMS):
+        if form == learned:  # answered at once
+            assert per_forward[f] == [], (f, form)
+        else:  # a new form, or scores the fast path does not take: the general path, which learns 2-D forms
+            assert sorted(per_forward[f]) == sorted(session.names), (f, form)
+            learned = form if form != "3-D scores" else learned
+
+
+def test_scores_kept_after_fast_forwards_are_kept_for_every_decision() -> None:
+    model = TwoLayers(lambda: RouterBlock(FormRouter()))
+    with mr.attach(model) as session, torch.no_grad():
+        model(_x(0))
+        with session.capture():
+            for i in range(3):
+                model(_x(i))
+        routes = session.routes()
+        assert all(h._form is not None for h in session._hooks)  # the fast path answered the later forwards
+        with session.replay(routes[: T * 2]), session.keep_scores() as kept:
+            model(_x(0))
+            model(_x(1))
+        for name in session.names:
+            scores, used = kept[name]
+            assert scores.shape == (2 * T, E)
+            assert torch.equal(used, routes.layer(name)[: 2 * T].long())
+        assert dict(session.verify(_x(2))) == dict.fromkeys(session.names, 1)
+
+
+class LoggedTwin(SeenModes):
+    """Makes a top-k of the decision's very form first, for a statistic that does not reach the output."""
+
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.logged = torch.topk(probs.detach(), self.top_k, dim=-1)[1]
+        return torch.topk(probs, self.top_k, dim=-1)
+
+
+def test_a_top_k_of_the_decisions_form_at_another_place_in_the_forward_is_not_taken_for_it() -> None:
+    model = TwoLayers(lambda: RouterBlock(LoggedTwin()))
+    seen = _capture_replay_exact(model, forwards=4)
+    assert seen[-1] == 0  # the later forwards ran lean
+    with mr.attach(model) as session, torch.no_grad():
+        model(_x(0))
+        with session.capture():
+            for i in range(3):
+                model(_x(i))
+        assert all(h._form is not None and h._form[0] == 1 for h in session._hooks)  # the second call decides
+        routes = session.routes()
+        perturb(model)
+        with session.replay(routes):
+            for i in range(3):
+                model(_x(i))
+            assert all(h.replay_source.host_consumed == 3 * T for h in session._hooks)  # one decision each

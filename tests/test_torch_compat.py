@@ -132,3 +132,22 @@ def test_a_missing_speed_hint_warns_once_and_replay_still_works(monkeypatch: pyt
         routes = session.routes()
         with session.replay(routes):
             model(x)
+
+
+def test_the_hot_paths_flags_say_what_torchs_own_functions_say() -> None:
+    assert _torch_compat.COMPILER._is_compiling_flag is torch.compiler.is_compiling() is False
+    assert _torch_compat._CompilingFlag()._is_compiling_flag is False  # the stand-in where torch keeps no flag
+    assert bool(_torch_compat.CUDA._initialized) == torch.cuda.is_initialized()
+    assert _torch_compat._CudaState()._initialized == torch.cuda.is_initialized()
+    capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+    assert bool(_torch_compat.graph_capturing()) == capturing
+    assert _torch_compat.top_saved_tensors_hooks() is None
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert _torch_compat.top_saved_tensors_hooks() is not None
+    assert _torch_compat.dynamo_compiling() is False
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if _torch_compat.dynamo_compiling() else x - 1
+
+    assert traced(torch.zeros(1)).item() == 1.0  # dynamo reads it as True
