@@ -45,8 +45,11 @@ __all__ = ["main", "paired_ratios"]
 #: Decode pairs per batch of prepared caches (each step gets a fresh KV cache, built untimed).
 _CHUNK = 10
 
-#: The variants paired against the plain model.
+#: The variants paired against the plain model by default.
 VARIANTS = ("idle", "capture", "replay", "recipe_capture", "recipe_replay")
+#: Also on request (``--variants``): ``wrap``, each router's forward behind one plain Python function that
+#: calls it, the floor of any interception that runs Python at every router call.
+EXTRA_VARIANTS = ("wrap",)
 
 
 def _time(device: torch.device, fn: Callable[[], Any]) -> float:
@@ -83,6 +86,16 @@ def _variant(name: str, model: nn.Module, warm: Callable[[], Any], routes: mr.Ro
     ``routes``: for ``replay``, the routes of every step to come; for ``recipe_replay``, those of one step
     (the recipe forces the same indices at every forward).
     """
+    if name == "wrap":
+        routers = routers_of(model)
+        for r in routers:
+            r.forward = _wrapped(r.forward)
+        try:
+            yield
+        finally:
+            for r in routers:
+                del r.forward
+        return
     if name.startswith("recipe"):
         recipe = RecipeRouting(routers_of(model)).install(record=name == "recipe_capture")
         if name == "recipe_replay":
@@ -105,6 +118,13 @@ def _variant(name: str, model: nn.Module, warm: Callable[[], Any], routes: mr.Ro
             yield
 
 
+def _wrapped(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(*args: Any, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs)
+
+    return wrap
+
+
 def _decode(models: list[nn.Module], info: dict[str, Any], batch: int, past: int) -> list[Workload]:
     return [make_workload("qwen3", "decode", m, info, tokens=0, batch=batch, past=past, seed=0) for m in models]
 
@@ -120,7 +140,7 @@ def bench_decode(models: list[nn.Module], info: dict[str, Any], device: torch.de
         one = s.routes()
     routes = mr.Routes.cat([one] * args.steps)
     out: dict[str, Any] = {}
-    for name in VARIANTS:
+    for name in args.variants:
         ratios: list[float] = []
         for v in (0, 1):  # which copy runs the variant
             wv, wp = work[v], work[1 - v]
@@ -224,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generate-batch", type=int, default=32)
     p.add_argument("--generate-prompt", type=int, default=64)
     p.add_argument("--generate-new", type=int, default=48)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=VARIANTS + EXTRA_VARIANTS,
+        help="decode variants to pair against the plain model (wrap: one plain Python layer per router)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny models, few pairs: checks the harness, not timings")
     p.add_argument("--out", default=None, help="write the numbers to this JSON file")
     args = p.parse_args(argv)
@@ -249,15 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.generate_pairs:
         result["generate"] = bench_generate(models, device, args)
-    lines = [f"| workload | {' | '.join(VARIANTS)} |", "|---" * (len(VARIANTS) + 1) + "|"]
+    shown = args.variants
+    lines = [f"| workload | {' | '.join(shown)} |", "|---" * (len(shown) + 1) + "|"]
     lines.append(
         f"| decode {args.decode_batch}x1, past {args.decode_past} | "
-        + " | ".join(_fmt(result["decode"][v]) for v in VARIANTS)
+        + " | ".join(_fmt(result["decode"][v]) for v in shown)
         + " |"
     )
     if "generate" in result:
         gen = result["generate"]
-        cells = [_fmt(gen[v]) if v in gen else "—" for v in VARIANTS]
+        cells = [_fmt(gen[v]) if v in gen else "—" for v in shown]
         lines.append(
             f"| generate() {args.generate_batch} x ({args.generate_prompt} + {args.generate_new}) | "
             + " | ".join(cells)

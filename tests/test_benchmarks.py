@@ -235,3 +235,35 @@ def test_paired_ratios_take_the_variant_over_the_plain_step_in_alternating_order
     ratios = paired.paired_ratios(torch.device("cpu"), 4, run("v", 3.0), run("p", 2.0))
     assert calls == ["v", "p", "p", "v", "v", "p", "p", "v"]
     assert ratios == [1.5] * 4
+
+
+def test_paired_benchmark_runs_the_variants_asked_for_and_wrap_leaves_the_routers_as_they_were(
+    tmp_path: Path,
+) -> None:
+    from benchmarks import paired
+    from benchmarks.workloads import build_model, routers_of
+
+    out = tmp_path / "paired.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert paired.main(["--smoke", "--device", "cpu", "--variants", "wrap", "idle", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["decode"]) == {"wrap", "idle"}
+    model, _ = build_model("qwen3", "smoke", torch.device("cpu"), torch.float32)
+    routers = routers_of(model)
+    with paired._variant("wrap", model, lambda: None, None):
+        assert all("forward" in r.__dict__ for r in routers)
+    assert not any("forward" in r.__dict__ for r in routers)
+
+
+def test_hostwork_counts_the_python_each_variant_adds_per_router_call(tmp_path: Path) -> None:
+    from benchmarks import hostwork
+
+    assert hostwork.count(lambda: None)["frames"] == 1
+    out = tmp_path / "hostwork.json"
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert hostwork.main(["--variants", "idle", "capture", "replay", "wrap", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["wrap"]["frames"] == 1  # one plain layer per router call: its own frame, nothing else
+    assert 0 < r["idle"]["bytecodes"] < r["capture"]["bytecodes"]
+    assert r["capture"]["c_calls"] > r["idle"]["c_calls"]
+    assert "| replay |" in text.getvalue()
