@@ -216,7 +216,7 @@ class RouterHook:
     owner: Any = None  # what holds the session's blocks: ``.ident`` is the thread allowed to run forwards
     evidence: dict[tuple[bool, bool], Evidence] = field(default_factory=dict)  # by mode()
     _decided: bool = False
-    _masks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    _masks: list[tuple[torch.Tensor, torch.Tensor | _EitherSide]] = field(default_factory=list)
     _ordinal: int = 0  # decision-like calls seen so far in this forward
     _plan: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # decision ordinal -> signature
     _armed: Evidence | None = None  # the evidence _plan was built from
@@ -791,27 +791,62 @@ class RouterHook:
 
     # ------------------------------------------------------------- masked sources
     def note_mask(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> bool:
-        """Remember that ``out`` is a masked copy of a score tensor (group-limited routing); True if it is."""
+        """Remember that ``out`` is a masked copy of a score tensor (group-limited routing); True if it is.
+
+        ``masked_fill(scores, mask, value)`` masks its first argument. ``torch.where(cond, a, b)``
+        (and ``a.where(cond, b)``) keeps ``a`` where ``cond`` holds and ``b`` elsewhere, so the
+        scores may be either: the one of the output's shape when the other is a number or
+        broadcast; when both are, the one that is not a fill (constant along the experts), told on
+        the device when a forced expert's value is read (:class:`_EitherSide`).
+        """
         if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[-1] != self.num_experts:
             return False
+        src: torch.Tensor | _EitherSide | None = None
         if func in _MASKS:
-            src = args[0] if args else kwargs.get("input")
-        else:  # where(cond, scores, fill)
-            src = args[1] if len(args) > 1 else kwargs.get("input")
-        if isinstance(src, torch.Tensor) and src.shape == out.shape:
-            self._masks.append((out, src))
-            return True
-        return False
+            x = args[0] if args else kwargs.get("input")
+            src = x if isinstance(x, torch.Tensor) and x.shape == out.shape else None
+        else:
+            if func is torch.Tensor.where:  # a.where(cond, b)
+                a = args[0] if args else None
+            else:  # torch.where(cond, a, b)
+                a = args[1] if len(args) > 1 else kwargs.get("input")
+            b = args[2] if len(args) > 2 else kwargs.get("other")
+            full_a = isinstance(a, torch.Tensor) and a.shape == out.shape
+            full_b = isinstance(b, torch.Tensor) and b.shape == out.shape
+            if full_a and full_b:
+                src = _EitherSide(a, b)
+            elif full_a or full_b:
+                src = a if full_a else b
+        if src is None:
+            return False
+        self._masks.append((out, src))
+        return True
 
     def _unmasked(self, x: torch.Tensor) -> torch.Tensor:
-        changed = True
-        while changed:
-            changed = False
-            for out, src in self._masks:
-                if out is x:
-                    x, changed = src, True
-                    break
+        """The scores ``x`` is a masked copy of (through any chain of masks), else ``x``."""
+        for out, src in self._masks:
+            if out is x:
+                if isinstance(src, _EitherSide):
+                    return src.scores(out, self._unmasked)
+                return self._unmasked(src)
         return x
+
+
+class _EitherSide:
+    """Both value arguments of a ``torch.where`` have its output's shape: the scores are the side that is
+    not a fill. Told on the device (no host sync, so in compiled code and CUDA graphs too): a side
+    whose every row is one value is the fill; where neither or both are, the output itself is read."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.a, self.b = a, b
+
+    def scores(self, out: torch.Tensor, unmasked: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        a, b = self.a, self.b
+        a_fill = (a == a[..., :1]).all()
+        b_fill = (b == b[..., :1]).all()
+        return torch.where(a_fill & ~b_fill, unmasked(b), torch.where(b_fill & ~a_fill, unmasked(a), out))
 
 
 class ScopedForward:

@@ -624,3 +624,31 @@ def test_a_top_k_of_the_decisions_form_at_another_place_in_the_forward_is_not_ta
             for i in range(3):
                 model(_x(i))
             assert all(h.replay_source.host_consumed == 3 * T for h in session._hooks)  # one decision each
+
+
+#: The group mask of FunctionalGroups written with torch.where: the scores in either value argument, the fill
+#: a number or a tensor, as a module function (lean) or a tensor method (the mode).
+WHERE_MASKS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "scores first, number fill": lambda x, drop: torch.where(~drop, x, 0.0),
+    "scores first, tensor fill": lambda x, drop: torch.where(~drop, x, torch.zeros_like(x)),
+    "fill first, number": lambda x, drop: torch.where(drop, 0.0, x),
+    "fill first, tensor": lambda x, drop: torch.where(drop, torch.zeros_like(x), x),
+    "keywords, fill first": lambda x, drop: torch.where(drop, input=torch.zeros_like(x), other=x),
+    "method, tensor fill": lambda x, drop: x.where(~drop, torch.zeros_like(x)),
+    "method, number fill": lambda x, drop: x.where(~drop, 0.0),
+}
+
+
+@pytest.mark.parametrize("how", list(WHERE_MASKS))
+def test_a_where_mask_with_the_scores_in_either_argument_replays_the_unmasked_scores(how: str) -> None:
+    """Forced experts outside the chosen groups get their scores whichever side of torch.where holds them."""
+
+    class WhereGroups(FunctionalGroups):
+        def masked(self, x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+            return WHERE_MASKS[how](x, drop)
+
+    got_out, got_grads, _ = _replayed_with_gradients(lambda: RouterBlock(WhereGroups()))
+    want_out, want_grads, _ = _replayed_with_gradients(lambda: RouterBlock(FunctionalGroups()))
+    torch.testing.assert_close(got_out, want_out, rtol=0, atol=0)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
