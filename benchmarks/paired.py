@@ -14,6 +14,9 @@ their quartiles, over both role assignments.
 
     python -m benchmarks.paired --device cuda --out benchmarks/results/gpu-paired.json
 
+``--variants wrap`` pairs one plain Python layer around each router's forward (no moe_replay): the
+floor of any interception that runs Python at every router call.
+
 ``--smoke`` runs tiny models on the CPU in seconds (checks the harness, not timings).
 """
 
