@@ -36,7 +36,20 @@ import torch
 from . import _torch_compat
 from .evidence import NESTING, UNWRAP
 
-__all__ = ["ORIGINALS", "REFUSED", "bypasses", "enter", "leave", "run"]
+__all__ = [
+    "CURRENT",
+    "NAMES",
+    "OFF",
+    "ON",
+    "ORIGINALS",
+    "OURS",
+    "SWAP",
+    "THEIRS",
+    "bypasses",
+    "enter",
+    "leave",
+    "put_back",
+]
 
 #: The names wrapped, with the aten operator TorchScript should compile each wrapper to.
 _NAMES = {
@@ -54,8 +67,18 @@ _NAMES = {
 #: torch's own functions, as imported.
 ORIGINALS: dict[str, Callable[..., Any]] = {name: getattr(torch, name) for name in _NAMES}
 
-_lock = threading.Lock()
-_depth = 0  # router forwards running with the wrappers in place, over all threads
+
+class _Swap:
+    """Router forwards running with the wrappers in place, over all threads (the first puts them in)."""
+
+    __slots__ = ("depth", "lock")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.lock = threading.Lock()
+
+
+SWAP = _Swap()
 
 
 # only dynamo can trace a wrapper (they are in place while an eager router forward runs alone)
@@ -82,18 +105,70 @@ def _wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-_WRAPPERS = {name: _wrap(fn) for name, fn in ORIGINALS.items()}
+def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`_wrap` for ``topk``, which answers a lean router's decision in its learned form itself.
+
+    The hook's ``_fast`` is ``(ordinal, rest, keywords, width, dtype, source, ring)`` in a forward
+    where the decision may be answered at once (see ``RouterHook._fast``): a call at that ordinal
+    with those arguments after 2-D scores of that width and dtype is answered here, without a
+    frame of the hook's: the native top-k with its indices copied into ``ring`` (capture), or the
+    recorded rows of ``source`` and a ``gather`` (replay, copied into ``ring`` too when one is
+    given). Any other call goes to ``hook.on_lean``, which answers as the mode would.
+    """
+
+    @functools.wraps(orig)
+    def topk(*args: Any, **kwargs: Any) -> Any:
+        if _compiling():
+            return orig(*args, **kwargs)
+        state = NESTING
+        hook = state.lean
+        if hook is None:
+            if not state.auditing:
+                return orig(*args, **kwargs)
+            state.via = orig
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                state.via = None
+        form = hook._fast
+        if form is not None and hook._ordinal == form[0] and args[1:] == form[1] and kwargs == form[2] and args:
+            x = args[0]
+            if type(x) is _TENSOR and x.dim() == 2 and x.shape[1] == form[3] and x.dtype is form[4]:
+                hook._ordinal += 1
+                hook._decided = True
+                hook.decisions += 1
+                src, ring = form[5], form[6]
+                if src is None:  # capture
+                    out = orig(*args, **kwargs)
+                    ring.write_eager(out[1])
+                    return out
+                n = x.shape[0]
+                forced = src.read_eager(n) if src.host_consumed + n <= src.num_rows else hook._forced(n)
+                if ring is not None:
+                    ring.write_eager(forced)
+                return _TOPK_RESULT((x.gather(1, forced), forced))
+        return hook.on_lean(orig, args, kwargs)  # (it clears state.lean while it makes torch calls of its own)
+
+    return topk
+
+
+_TENSOR = torch.Tensor
+_TOPK_RESULT = torch.return_types.topk
+_WRAPPERS = {name: (_wrap_topk if name == "topk" else _wrap)(fn) for name, fn in ORIGINALS.items()}
 UNWRAP.update({_WRAPPERS[name]: fn for name, fn in ORIGINALS.items()})
 
 
 _SWAPS = [(name, ORIGINALS[name], _WRAPPERS[name]) for name in _NAMES]
 _KEYS = tuple(_NAMES)
-_CURRENT = operator.itemgetter(*_KEYS)  # what torch's names are bound to now, as a tuple
-_OURS = tuple(_WRAPPERS[name] for name in _KEYS)
-_THEIRS = tuple(ORIGINALS[name] for name in _KEYS)
-_TORCH = torch.__dict__
-_ON = dict(zip(_KEYS, _OURS, strict=True))
-_OFF = dict(zip(_KEYS, _THEIRS, strict=True))
+#: What torch's names are bound to now, as a tuple: ``CURRENT(NAMES)``.
+CURRENT = operator.itemgetter(*_KEYS)
+NAMES = torch.__dict__
+#: The names bound to the wrappers; to torch's functions.
+OURS = tuple(_WRAPPERS[name] for name in _KEYS)
+THEIRS = tuple(ORIGINALS[name] for name in _KEYS)
+#: ``NAMES.update(ON)`` puts every wrapper in; ``NAMES.update(OFF)`` every original back.
+ON = dict(zip(_KEYS, OURS, strict=True))
+OFF = dict(zip(_KEYS, THEIRS, strict=True))
 for _name, _op in _NAMES.items():
     _torch_compat.register_jit_builtin(_WRAPPERS[_name], _op)
 
@@ -103,16 +178,17 @@ def enter() -> bool:
 
     Returns whether every name is ours now: where another library has wrapped one since
     torch was imported, a lean forward would not see the calls made through it, and must
-    run under the mode instead.
+    run under the mode instead. A lean router's forward does this inline
+    (``ScopedForward.__call__``): with ``SWAP.lock``, ``SWAP.depth`` up by one, and where it is
+    the first, ``NAMES.update(ON)`` when ``CURRENT(NAMES) == THEIRS``.
     """
-    global _depth
-    with _lock:
-        _depth += 1
-        names = torch.__dict__
-        if _depth > 1:
-            return _CURRENT(names) == _OURS
-        if _CURRENT(names) == _THEIRS:  # the usual case, in one go
-            names.update(_ON)
+    with SWAP.lock:
+        SWAP.depth += 1
+        names = NAMES
+        if SWAP.depth > 1:
+            return CURRENT(names) == OURS
+        if CURRENT(names) == THEIRS:  # the usual case, in one go
+            names.update(ON)
             return True
         for name, orig, wrapper in _SWAPS:
             if names[name] is orig:  # never over another library's wrapper
@@ -120,59 +196,23 @@ def enter() -> bool:
         return False
 
 
-#: What :func:`run` returns, without running the forward, when another library wraps one of the names.
-REFUSED: Any = object()
-
-
-def run(hook: Any, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run a lean router's forward: the wrappers in place, and its calls handed to ``hook.on_lean``.
-
-    :func:`enter`, the forward and :func:`leave` in one Python frame (this runs at every router
-    call of an eager decode step). Returns :data:`REFUSED`, having run nothing, where another
-    library wraps one of the names since torch was imported: the forward must run under the mode.
-    """
-    global _depth
-    names = _TORCH
-    with _lock:
-        _depth += 1
-        if _depth == 1 and _CURRENT(names) == _THEIRS:  # the usual case, in one go
-            names.update(_ON)
-        elif _CURRENT(names) != _OURS:
-            _depth -= 1
-            return REFUSED
-    state = NESTING
-    outer = state.lean
-    state.depth += 1
-    state.lean = hook
-    try:
-        return forward(*args, **kwargs)
-    finally:
-        state.lean = outer
-        state.depth -= 1
-        with _lock:
-            _depth -= 1
-            if _depth == 0:
-                if _CURRENT(names) == _OURS:
-                    names.update(_OFF)
-                else:
-                    for name, orig, wrapper in _SWAPS:
-                        if names[name] is wrapper:
-                            names[name] = orig
-
-
 def leave() -> None:
     """The router forward is over; the last one puts torch's functions back (where ours still are)."""
-    global _depth
-    with _lock:
-        _depth -= 1
-        if _depth == 0:
-            names = torch.__dict__
-            if _CURRENT(names) == _OURS:
-                names.update(_OFF)
-                return
-            for name, orig, wrapper in _SWAPS:
-                if names[name] is wrapper:
-                    names[name] = orig
+    with SWAP.lock:
+        SWAP.depth -= 1
+        if SWAP.depth == 0:
+            put_back()
+
+
+def put_back() -> None:
+    """Torch's functions back where the wrappers are (the last router forward does this, under ``SWAP.lock``)."""
+    names = NAMES
+    if CURRENT(names) == OURS:
+        names.update(OFF)
+        return
+    for name, orig, wrapper in _SWAPS:
+        if names[name] is wrapper:
+            names[name] = orig
 
 
 # ----------------------------------------------------------------------------- the router's code

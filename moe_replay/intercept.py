@@ -136,6 +136,8 @@ _cuda_capturing = _torch_compat.stream_capturing
 _cuda_bad_fork = _torch_compat.bad_fork
 _grad = torch.is_grad_enabled
 _get_ident = threading.get_ident
+_LEAN_NAMES, _LEAN_SWAP, _lean_current = _lean.NAMES, _lean.SWAP, _lean.CURRENT
+_LEAN_OURS, _LEAN_THEIRS, _LEAN_ON, _LEAN_OFF = _lean.OURS, _lean.THEIRS, _lean.ON, _lean.OFF
 _NO_REGIONS: list[tuple[Any, bool]] = []  # returned, never changed, when a call is in no region
 
 
@@ -233,10 +235,12 @@ class RouterHook:
     _lean: dict[tuple[bool, bool], tuple[Evidence, bool, str]] = field(default_factory=dict)
     _missed: bool = False  # the audit saw a call that did not come through a lean wrapper
     # the lean fast path: the form of the decision call it answers, learned at the last one answered in full
-    # (its ordinal, the arguments after the scores, the keywords, the scores' width and dtype); and that form
-    # in a forward where it may answer (eager, outside checkpointing, nothing kept, the rows at hand), else None
+    # (its ordinal, the arguments after the scores, the keywords, the scores' width and dtype); and, in a
+    # forward where the ``topk`` wrapper may answer it at once (eager, outside checkpointing, nothing kept,
+    # the rows at hand), that form with the replay source to read
+    # (None in capture) and the capture ring to write (None in replay alone), else None
     _form: tuple[int, tuple[Any, ...], dict[str, Any], int, torch.dtype] | None = None
-    _fast: tuple[int, tuple[Any, ...], dict[str, Any], int, torch.dtype] | None = None
+    _fast: tuple[int, tuple[Any, ...], dict[str, Any], int, torch.dtype, Any, Any] | None = None
     _slow: bool = False  # this lean forward went through the general path: its per-forward fields are renewed
 
     def __post_init__(self) -> None:
@@ -361,7 +365,7 @@ class RouterHook:
         self._ordinal = 0
         self._masks = []
         self._slots, self._row, self._source = [], None, None
-        self._fast = None  # (the lean fast path is _run_lean's alone)
+        self._fast = None  # (the lean fast path is ScopedForward's alone)
         # where this forward runs, found once for its decision: eager or not, and its checkpoint regions
         self._compiled = compiling
         self._eager = not compiling and not _graph_capturing()
@@ -410,61 +414,17 @@ class RouterHook:
                 self._lean[self.mode()] = (ev, not why, why)
         return out
 
-    def _run_lean(
-        self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ev: Evidence, grad: bool
-    ) -> Any:
-        """:meth:`_run` of a lean router: no mode, the wrappers hand its calls to :meth:`on_lean`.
-
-        Called by :class:`ScopedForward` itself (it does the scope's nesting here), with whether
-        gradients are on. Every per-forward field starts as :meth:`_run` leaves it (reset in its
-        ``finally``). This runs at every router call of an eager decode step: each line counts.
-        """
-        owner = self.owner
-        if owner is not None and owner.ident != _get_ident() and owner.ident is not None:
-            self._admit()  # raises, unless this is a recompute in autograd's thread
-        self._decided = False
-        self._ordinal = 0
-        # (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing(), inline)
-        self._eager = eager = not (_CUDA._initialized and not _cuda_bad_fork() and _cuda_capturing())
-        # before the wrappers go in, as it may raise: the checkpoint regions, none in the common case
-        if _top_hooks() is None and _graph_task() == -1 and (grad or _fwd_grad()):
-            self._slow = False
-            fast = self._form if eager and not self.verifying and self.seen is None else None
-            if fast is None:
-                pass
-            elif self.replaying:  # the rows are at hand, none missing, and a capture has its ring
-                src = self.replay_source
-                if src is None or src.has_missing or (self.capturing and self.capture_ring is None):
-                    fast = None
-            elif grad or self.capture_ring is None:  # with gradients, the values must come from a gather
-                fast = None
-            self._fast = fast
-        else:
-            self._regions, self._slow, self._fast = _regions(), True, None
+    def _refused_lean(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A lean forward refused at :class:`ScopedForward` (another library wraps one of torch's names since
+        it was imported): this forward runs under the mode, nested as :class:`ScopedForward` nests."""
+        state = NESTING
+        state.depth += 1
+        outer, state.lean = state.lean, None
         try:
-            out = _lean.run(self, forward, args, kwargs)
-        except RuntimeError as e:
-            self._failed(e)
-            raise
+            return self._run(forward, args, kwargs, lean_ok=False)
         finally:
-            seen = 0
-            if self._slow:  # what the general path may have set in this forward goes
-                seen = len(self._slots)
-                self._slots, self._masks, self._row, self._source = [], [], None, None
-                self._regions = _NO_REGIONS
-        if out is _lean.REFUSED:  # another library wraps one of the names since: this forward runs under the mode
-            state = NESTING
-            state.depth += 1
-            outer, state.lean = state.lean, None
-            try:
-                return self._run(forward, args, kwargs, lean_ok=False)
-            finally:
-                state.depth -= 1
-                state.lean = outer
-        self.calls += 1
-        if self._ordinal != len(ev.calls) or not self._decided:
-            self._check_ran(ev, seen)
-        return out
+            state.depth -= 1
+            state.lean = outer
 
     def _admit(self) -> None:
         """May an eager forward of this router run now? (A session refuses other threads' forwards.)"""
@@ -496,35 +456,8 @@ class RouterHook:
             )
 
     def on_lean(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """A call of a wrapped torch function in this router's lean forward (see :mod:`moe_replay._lean`).
-
-        The decision call in the form the last one had (``torch.topk(scores, k, dim=-1)``: the same
-        arguments after the scores, 2-D scores of the same width and dtype, at the same place in the
-        forward) is answered at once; any other call goes to :meth:`_on_lean`.
-        """
-        form = self._fast
-        if form is not None and func is _TOPK_FN and self._ordinal == form[0] and args[1:] == form[1]:
-            x = args[0] if args else None
-            if (
-                type(x) is _TENSOR
-                and kwargs == form[2]
-                and x.dim() == 2
-                and x.shape[1] == form[3]
-                and x.dtype is form[4]
-            ):
-                self._ordinal += 1
-                self._decided = True
-                self.decisions += 1
-                if self.replaying:
-                    src = self.replay_source
-                    n = x.shape[0]
-                    forced = src.read_eager(n) if src.host_consumed + n <= src.num_rows else self._forced(n)
-                    if self.capturing:
-                        self.capture_ring.write_eager(forced)
-                    return _TOPK_RESULT((x.gather(1, forced), forced))
-                out = func(*args, **kwargs)
-                self.capture_ring.write_eager(out[1])
-                return out
+        """A call of a wrapped torch function in this router's lean forward (see :mod:`moe_replay._lean`)
+        that the ``topk`` wrapper's fast path did not answer: answered as the mode would."""
         state = NESTING
         state.lean = None  # the router's own torch calls while it answers are not its forward's
         try:
@@ -533,7 +466,7 @@ class RouterHook:
             state.lean = self
 
     def _on_lean(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """:meth:`on_lean` for every call its fast path does not answer."""
+        """:meth:`on_lean`, with this thread's lean router cleared."""
         self._slow = True
         self._compiled = False
         if func is _TOPK_FN:
@@ -864,28 +797,103 @@ class ScopedForward:
         hook = self.__moe_replay_hook__
         if _dynamo_compiling():
             return self._call(args, kwargs)
-        if hook.capturing or hook.replaying:  # the hot path: a lean router, armed
-            grad = _grad()
-            lean = hook._lean.get((hook.scope.training, grad))
+        if not (hook.capturing or hook.replaying):
             if (
-                lean is not None
-                and lean[1]
-                and lean[0] is hook._armed
-                and not NESTING.probing
-                and not _COMPILER._is_compiling_flag  # (export, AOT tracing: is_compiling() in eager code)
-            ):
-                return hook._run_lean(self.__wrapped__, args, kwargs, lean[0], grad)
-        elif (
-            not hook.verifying
-            and hook.seen is None
-            and not hook.kept.data  # (a region kept may be recomputed in backward: _call looks)
-            and NESTING.depth == 0  # no scope around this one, whose mode or lean forward must not see its calls
-            and ((hook.scope.training, _grad()) in hook.evidence or hook.decision == "lookup")
-        ):  # idle and established: the plain forward
-            return self.__wrapped__(*args, **kwargs)
+                not hook.verifying
+                and hook.seen is None
+                and not hook.kept.data  # (a region kept may be recomputed in backward: _call looks)
+                and NESTING.depth == 0  # no scope around this one, whose mode or lean forward must not see its calls
+                and ((hook.scope.training, _grad()) in hook.evidence or hook.decision == "lookup")
+            ):  # idle and established: the plain forward
+                return self.__wrapped__(*args, **kwargs)
+            return self._nested(args, kwargs)
+        grad = _grad()
+        lean = hook._lean.get((hook.scope.training, grad))
+        if (
+            lean is None
+            or not lean[1]
+            or lean[0] is not hook._armed
+            or NESTING.probing
+            or _COMPILER._is_compiling_flag  # (export, AOT tracing: is_compiling() in eager code)
+        ):
+            return self._nested(args, kwargs)
+        # The hot path, a lean router armed: RouterHook._run without the mode, in this one frame (it runs
+        # at every router call of an eager decode step: each line counts). Every per-forward field of the
+        # hook starts as _run leaves it (reset in its finally).
+        ev = lean[0]
+        owner = hook.owner
+        if owner is not None and owner.ident != _get_ident() and owner.ident is not None:
+            hook._admit()  # raises, unless this is a recompute in autograd's thread
+        hook._decided = False
+        hook._ordinal = 0
+        # (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing(), inline)
+        hook._eager = eager = not (_CUDA._initialized and not _cuda_bad_fork() and _cuda_capturing())
+        # before the wrappers go in, as it may raise: the checkpoint regions, none in the common case
+        if _top_hooks() is None and _graph_task() == -1 and (grad or _fwd_grad()):
+            hook._slow = False
+            fast = hook._form if eager and not hook.verifying and hook.seen is None else None
+            if fast is None:
+                pass
+            elif hook.replaying:  # the rows are at hand, none missing, and a capture has its ring
+                src = hook.replay_source
+                ring = hook.capture_ring if hook.capturing else None
+                missing = src is None or src.has_missing or (ring is None and hook.capturing)
+                fast = None if missing else (*fast, src, ring)
+            elif grad or hook.capture_ring is None:  # with gradients, the values must come from a gather
+                fast = None
+            else:
+                fast = (*fast, None, hook.capture_ring)
+            hook._fast = fast
+        else:
+            hook._regions, hook._slow, hook._fast = _regions(), True, None
+        # the wrappers in place (_lean.enter, inline), unless another library wraps one of the names since
+        names, swap = _LEAN_NAMES, _LEAN_SWAP
+        refused = False
+        with swap.lock:
+            swap.depth = depth = swap.depth + 1
+            if depth == 1 and _lean_current(names) == _LEAN_THEIRS:  # the usual case, in one go
+                names.update(_LEAN_ON)
+            elif _lean_current(names) != _LEAN_OURS:
+                swap.depth = depth - 1
+                refused = True
+        if refused:  # (with the lock let go: the forward may nest routers)
+            return hook._refused_lean(self.__wrapped__, args, kwargs)
         state = NESTING
+        outer = state.lean
         state.depth += 1  # the modes of scopes around this one ignore its calls
-        lean, state.lean = state.lean, None  # and a lean router around it gets none of them
+        state.lean = hook  # the wrappers hand this forward's calls to the hook
+        try:
+            try:
+                out = self.__wrapped__(*args, **kwargs)
+            finally:
+                state.lean = outer
+                state.depth -= 1
+                with swap.lock:  # (_lean.leave, inline)
+                    swap.depth = depth = swap.depth - 1
+                    if depth == 0:
+                        if _lean_current(names) == _LEAN_OURS:
+                            names.update(_LEAN_OFF)
+                        else:
+                            _lean.put_back()
+        except RuntimeError as e:
+            hook._failed(e)  # (with the wrappers out and the nesting undone)
+            raise
+        finally:
+            seen = 0
+            if hook._slow:  # what the general path may have set in this forward goes
+                seen = len(hook._slots)
+                hook._slots, hook._masks, hook._row, hook._source = [], [], None, None
+                hook._regions = _NO_REGIONS
+        hook.calls += 1
+        if hook._ordinal != len(ev.calls) or not hook._decided:
+            hook._check_ran(ev, seen)
+        return out
+
+    def _nested(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """:meth:`_call`, nested in this thread's scopes: their modes ignore its calls, their lean forwards get none."""
+        state = NESTING
+        state.depth += 1
+        lean, state.lean = state.lean, None
         try:
             return self._call(args, kwargs)
         finally:

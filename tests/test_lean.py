@@ -441,6 +441,40 @@ def test_a_library_that_wraps_a_name_after_the_audit_sends_the_router_back_to_th
     torch.testing.assert_close(wrapped, plain, rtol=0, atol=0)
 
 
+class NotingTheLock(SeenModes):
+    """A router that notes whether the wrappers' lock is held while its forward runs."""
+
+    held: list[bool]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.held.append(_lean.SWAP.lock.locked())
+        return super().forward(x)
+
+
+def test_no_router_forward_runs_holding_the_wrappers_lock_not_even_a_refused_lean_one() -> None:
+    # a router nested in this forward, or another thread's, must be able to take its own turn at the wrappers
+    torch.manual_seed(0)
+    model = TwoLayers(lambda: RouterBlock(NotingTheLock()))
+    for r in _routers(model):
+        r.held = []
+    x = _x()
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+            model(x)  # lean
+        original = torch.masked_fill
+        torch.masked_fill = lambda *a, **k: original(*a, **k)  # a library wraps a name after the audit
+        try:
+            with session.replay(session.routes()):
+                model(x)  # refused lean: under the mode
+                model(x)
+        finally:
+            torch.masked_fill = original
+    routers = _routers(model)
+    assert [r.modes[-3:] for r in routers] == [[0, 1, 1], [0, 1, 1]]  # lean, then the mode
+    assert not any(held for r in routers for held in r.held), [r.held for r in routers]
+
+
 def test_a_probe_in_another_thread_does_not_turn_this_threads_routers_plain() -> None:
     """Establishing one model's decisions (probe runs) in a thread leaves another thread's capture whole."""
     inside, done = threading.Event(), threading.Event()
