@@ -267,3 +267,17 @@ def test_hostwork_counts_the_python_each_variant_adds_per_router_call(tmp_path: 
     assert 0 < r["idle"]["bytecodes"] < r["capture"]["bytecodes"]
     assert r["capture"]["c_calls"] > r["idle"]["c_calls"]
     assert "| replay |" in text.getvalue()
+
+
+def test_spans_times_every_router_call_of_each_variant_against_the_plain_one(tmp_path: Path) -> None:
+    from benchmarks import spans
+
+    out = tmp_path / "spans.json"
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert spans.main(["--smoke", "--device", "cpu", "--variants", "capture", "replay", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["spans"]
+    assert list(r) == ["plain", "capture", "replay"]
+    assert r["plain"]["added_us"] == 0 and all(v["span_us"] > 0 and v["step_host_ms"] > 0 for v in r.values())
+    assert r["capture"]["added_us"] == r["capture"]["span_us"] - r["plain"]["span_us"]  # one round
+    assert "| capture |" in text.getvalue()
