@@ -133,7 +133,13 @@ def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
         form = hook._fast
         if form is not None and hook._ordinal == form[0] and args[1:] == form[1] and kwargs == form[2] and args:
             x = args[0]
-            if type(x) is _TENSOR and x.dim() == 2 and x.shape[1] == form[3] and x.dtype is form[4]:
+            if (
+                type(x) is _TENSOR
+                and x.dim() == 2
+                and x.shape[1] == form[3]
+                and x.dtype is form[4]
+                and (not hook._entry_grad or (_top_hooks() is None and _fwd_grad()))  # (no checkpoint opened inside)
+            ):
                 hook._ordinal += 1
                 hook._decided = True
                 hook.decisions += 1
@@ -153,6 +159,8 @@ def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _TENSOR = torch.Tensor
+_top_hooks = _torch_compat.top_saved_tensors_hooks
+_fwd_grad = _torch_compat.fwd_grad_enabled
 _TOPK_RESULT = torch.return_types.topk
 _WRAPPERS = {name: (_wrap_topk if name == "topk" else _wrap)(fn) for name, fn in ORIGINALS.items()}
 UNWRAP.update({_WRAPPERS[name]: fn for name, fn in ORIGINALS.items()})

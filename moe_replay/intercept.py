@@ -182,12 +182,13 @@ def _regions() -> list[tuple[Any, bool]]:
 class _Kept:
     """The rows one router got inside one checkpointed region, and the recompute's position in them."""
 
-    __slots__ = ("graph_task", "pos", "rows")
+    __slots__ = ("forced", "graph_task", "pos", "rows")
 
     def __init__(self) -> None:
         self.rows: list[torch.Tensor] = []
         self.graph_task = -1
         self.pos = 0
+        self.forced = False  # some rows were forced (replayed), not chosen by the scores
 
 
 @dataclass
@@ -226,6 +227,7 @@ class RouterHook:
     _slots: list[torch.Tensor] = field(default_factory=list)
     _row: torch.Tensor | None = None  # [n, k] rows the decision is answered with (replay, recompute)
     _recompute: bool = False  # the decision is a checkpoint recompute
+    _entry_grad: bool = False  # gradients were on when this forward began (a backward may recompute it)
     _regions: list[tuple[Any, bool]] = field(default_factory=list)
     _source: torch.Tensor | None = None  # the scores of the decision's first call (kept for keep_scores)
     _compiled: bool = False  # this forward is being traced by torch.compile
@@ -370,6 +372,7 @@ class RouterHook:
         self._compiled = compiling
         self._eager = not compiling and not _graph_capturing()
         self._regions = [] if compiling else _regions()
+        self._entry_grad = torch.is_grad_enabled()
         state = NESTING
         try:
             if how == "lean" and not _lean.enter():  # another library wraps one of the names: the mode
@@ -493,6 +496,7 @@ class RouterHook:
                 self._form = (i, args[1:], dict(kwargs), sig[2], x.dtype)  # the fast path answers the next ones
             if self.replaying:
                 src = self.replay_source
+                self._refuse_inner_checkpoint()
                 if src is not None and not src.has_missing and self._eager:
                     self._ordinal = i + 1
                     forced = src.read_eager(n) if src.host_consumed + n <= src.num_rows else self._forced(n)
@@ -608,7 +612,34 @@ class RouterHook:
             self._recompute = True
             self._row = self._recomputed(self._regions, n)  # None: its forward ran while the session was idle
         elif self.replaying:
+            if not self._compiled:
+                self._refuse_inner_checkpoint()
             self._row = self._forced(n)
+
+    def _refuse_inner_checkpoint(self) -> None:
+        """Refuse to force a decision made inside an activation checkpoint opened in the router's own forward.
+
+        In backward such a checkpoint runs the code inside it again, the decision with it, where no
+        router forward runs: nothing could force that decision, and the gradients would come from
+        the experts the current scores choose, not the replayed ones. A checkpoint around the router
+        (or its layer) is recomputed exactly. Only a forward that began with gradients on can be
+        recomputed; the common case (no saved-tensor hooks, not inside an ``autograd.Function``'s
+        forward) costs two flag reads.
+        """
+        if not self._entry_grad or (_top_hooks() is None and _fwd_grad()):
+            return
+        outer = {id(region) for region, _ in self._regions}
+        for region, recomputing in _regions():
+            if id(region) in outer or recomputing:
+                continue
+            name = type(region).__name__
+            if (_CheckpointFrame is not None and isinstance(region, _CheckpointFrame)) or "checkpoint" in name.lower():
+                raise UnsupportedRouterError(
+                    f"router '{self.name}' makes its decision inside an activation checkpoint opened in its own "
+                    f"forward ({name}): in backward that checkpoint runs the decision again where it cannot be "
+                    "forced, so the replayed gradients would come from other experts. Checkpoint around the "
+                    "router or its layer instead (those recomputes get the replayed experts); nothing was forced"
+                )
 
     def _finish(self) -> None:
         """The last slot is answered: record the row, keep it for recomputes and for ``keep_scores``."""
@@ -624,18 +655,20 @@ class RouterHook:
             else:
                 self.capture_ring.write(row)
         if self._regions:
-            self._keep(self._regions, row)
+            self._keep(self._regions, row, self._row is not None)
         if self.seen is not None and self._source is not None:
             self.seen.append((self._source, row))
 
-    def _keep(self, regions: list[tuple[Any, bool]], forced: torch.Tensor) -> None:
-        """Keep the rows on every region that may be recomputed later (all of them, in a forward)."""
+    def _keep(self, regions: list[tuple[Any, bool]], rows: torch.Tensor, forced: bool) -> None:
+        """Keep the rows on every region that may be recomputed later (all of them, in a forward);
+        ``forced``: they were replayed, not chosen by the scores."""
         for region, recomputing in regions:
             if not recomputing:
                 kept = self.kept.get(region)
                 if kept is None:
                     kept = self.kept[region] = _Kept()
-                kept.rows.append(forced)
+                kept.rows.append(rows)
+                kept.forced = kept.forced or forced
 
     def _recomputed(self, regions: list[tuple[Any, bool]], n: int) -> torch.Tensor | None:
         """The rows this router got in the forward of the innermost region now being recomputed."""
@@ -665,7 +698,9 @@ class RouterHook:
                 f"router '{self.name}' is recomputed for {n} tokens during backward, but its forward had "
                 f"{forced.shape[0]}: the checkpointed function must see the same inputs each time"
             )
-        self._keep(regions, forced)  # regions first run inside this recompute (nested checkpoints)
+        self._keep(regions, forced, kept.forced)  # regions first run inside this recompute (nested checkpoints)
+        if kept.forced:  # (under an outer reentrant checkpoint the forward ran without gradients: checked now)
+            self._refuse_inner_checkpoint()
         return forced
 
     def _forced(self, n: int) -> torch.Tensor:
@@ -826,6 +861,7 @@ class ScopedForward:
             hook._admit()  # raises, unless this is a recompute in autograd's thread
         hook._decided = False
         hook._ordinal = 0
+        hook._entry_grad = grad
         # (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing(), inline)
         hook._eager = eager = not (_CUDA._initialized and not _cuda_bad_fork() and _cuda_capturing())
         # before the wrappers go in, as it may raise: the checkpoint regions, none in the common case
@@ -879,6 +915,7 @@ class ScopedForward:
             hook._failed(e)  # (with the wrappers out and the nesting undone)
             raise
         finally:
+            hook._fast = None  # (it holds the replay source and the ring: they go with their session's block)
             seen = 0
             if hook._slow:  # what the general path may have set in this forward goes
                 seen = len(hook._slots)

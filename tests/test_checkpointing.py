@@ -386,3 +386,97 @@ def test_checkpointed_replay_across_a_wrapper(mode: str, direction: str, wrapper
     finally:
         if wrapper != "module holder" and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _CheckpointInside(torch.nn.Module):
+    """A router that checkpoints its own scoring and top-k, inside its forward."""
+
+    def __init__(self, mode: str | None, d: int = 8, e: int = 6) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(e, d, generator=torch.Generator().manual_seed(0)))
+        self.top_k = 2
+        self.mode = mode  # None: no checkpoint
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = torch.topk(torch.nn.functional.linear(x, self.weight).softmax(-1), self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode is None:
+            return self.route(x)
+        return torch.utils.checkpoint.checkpoint(self.route, x, use_reentrant=self.mode == "reentrant")
+
+
+class _InsideBlock(torch.nn.Module):
+    def __init__(self, mode: str | None) -> None:
+        super().__init__()
+        self.router = _CheckpointInside(mode)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            weight = (w * (idx == e)).sum(-1, keepdim=True)
+            out = out + weight * expert(x)
+        return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("captured_with_gradients", [False, True])
+def test_a_checkpoint_opened_inside_the_routers_forward_is_refused_in_a_replay_with_gradients(
+    mode: str, captured_with_gradients: bool
+) -> None:
+    # in backward the checkpoint would run the top-k again, unforced: the gradients would follow other experts
+    torch.manual_seed(0)
+    model = _InsideBlock(mode)
+    x = torch.randn(10, 8, requires_grad=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with mr.attach(model) as session:
+        with session.capture(), torch.set_grad_enabled(captured_with_gradients):
+            model(x)
+            model(x)  # (with gradients: the lean fast path has learned the call's form)
+        routes = session.routes()
+        with session.replay(routes, strict=False):  # (strict: the refused forward consumed nothing)
+            with pytest.raises(mr.UnsupportedRouterError, match="checkpoint opened in its own forward"):
+                model(x)
+        with session.replay(routes), torch.no_grad():  # without gradients nothing is recomputed: replayed
+            model(x)
+            model(x)
+    assert model.router.forward.__func__ is _CheckpointInside.forward
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_replay_through_a_checkpoint_inside_the_router_gives_the_plain_replays_gradients_when_allowed() -> None:
+    # the same router without the inner checkpoint, replayed: what the refused case would have had to match
+    def replayed(mode: str | None) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = _InsideBlock(mode)
+        x = torch.randn(10, 8)
+        with mr.attach(model) as session:
+            with session.capture(), torch.no_grad():
+                model(x)
+            with torch.no_grad():
+                model.router.weight.mul_(-1)  # the current scores choose other experts
+            with session.replay(session.routes()), torch.no_grad():
+                return model(x)
+
+    torch.testing.assert_close(replayed("non_reentrant"), replayed(None), rtol=0, atol=0)
+    torch.testing.assert_close(replayed("reentrant"), replayed(None), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inner", MODES)
+def test_under_an_outer_reentrant_checkpoint_the_inner_one_is_refused_at_its_recompute(inner: str) -> None:
+    # the outer checkpoint's forward runs without gradients; its recompute in backward is where the
+    # replayed rows would reach the inner checkpoint, whose own recompute could not be forced
+    torch.manual_seed(0)
+    model = _InsideBlock(inner)
+    x = torch.randn(10, 8, requires_grad=True)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(x)
+        routes = session.routes()
+        with session.replay(routes):
+            y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=True)
+        with pytest.raises(mr.UnsupportedRouterError, match="checkpoint opened in its own forward"):
+            y.sum().backward()

@@ -686,3 +686,22 @@ def test_a_where_mask_with_the_scores_in_either_argument_replays_the_unmasked_sc
     torch.testing.assert_close(got_out, want_out, rtol=0, atol=0)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_replayed_routers_rows_go_when_the_replay_block_ends() -> None:
+    import gc
+    import weakref
+
+    model = TwoLayers(lambda: RouterBlock(SeenModes()))
+    x = _x()
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+            model(x)
+        with session.replay(session.routes()):
+            model(x)
+            model(x)  # the lean fast path
+            sources = [weakref.ref(h.replay_source) for h in session._hooks]
+        model(x)  # idle
+        gc.collect()
+        assert all(s() is None for s in sources)  # nothing still holds a device copy of the rows
