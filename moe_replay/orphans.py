@@ -4,9 +4,12 @@ Discovery finds routers by pattern; a router it missed (a parametrized or flat w
 unusual name, a module rebuilt after attach) would simply not be recorded or forced. So the
 first forward of a session's first capture, and every ``verify()``, is watched as a whole: a
 decision-like call (see :func:`moe_replay.evidence.decision_call`) over an expert width made in
-a module that is neither an attached router's scope (or inside one), nor a module that holds
-routers (a model's own forward may take a top-k of all router logits for its auxiliary loss),
-nor a module the user excluded, is an orphan, and the forward raises with its module and line.
+a module inside an MoE block (a module that holds experts) that is neither an attached router's
+scope (or inside one) nor a module the user excluded is an orphan, and the forward raises with
+its module and line. That includes the block that holds a router module and takes a top-k of
+its own over the router's scores to dispatch: the router's top-k (for an auxiliary loss, say)
+would be forced while the dispatch ran native. A model's own forward, outside every MoE block,
+may take a top-k of all router logits for its auxiliary loss: that is not watched.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class OrphanWatch(TorchFunctionMode):
 
     def _known(self, name: str) -> bool:
         for scope in self.scopes:
-            if not scope or name == scope or name.startswith(scope + ".") or scope.startswith(name + ".") or not name:
+            if not scope or name == scope or name.startswith(scope + "."):
                 return True
         if self.excluded is not None:
             parts = name.split(".")
@@ -105,8 +108,15 @@ class OrphanWatch(TorchFunctionMode):
             if sig is not None and sig[2] in self.widths and (sig[0] != "topk" or sig[1] < sig[2]):
                 name = _calling_module(self.names)
                 if name is not None and not self._known(name) and self._in_moe(name) and len(self.found) < 8:
+                    held = [s for s in self.scopes if not name or s.startswith(name + ".")]
+                    hint = (
+                        f" (it holds the attached router '{held[0]}' but decides outside it: if this call dispatches, "
+                        f"attach {name or 'the model'!r} as the router instead, include=[{name!r}])"
+                        if held
+                        else ""
+                    )
                     self.found.append(
-                        f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} at {_where()}"
+                        f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} at {_where()}{hint}"
                     )
         return func(*args, **kwargs)
 

@@ -9,6 +9,7 @@ the call and the fix.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import pytest
@@ -413,6 +414,106 @@ def test_a_decision_outside_every_attached_router_is_an_error_naming_it() -> Non
         with session.capture():
             model(x)
         assert session.routes().names == ("layers.0.router",)
+
+
+class _AuxRouter(nn.Module):
+    """A router module that takes a top-k for its auxiliary loss and returns the logits with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k = 2
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        probs = logits.softmax(-1)
+        load = F.one_hot(torch.topk(probs, self.top_k, dim=-1).indices, E).float().sum(1).mean(0)
+        return logits, E * (load * probs.mean(0)).sum()
+
+
+class DispatchOutside(RouterBlock):
+    """The block around it dispatches with a top-k of its own over the router's logits."""
+
+    def __init__(self) -> None:
+        super().__init__(_AuxRouter())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, aux = self.router(x)
+        w, idx = torch.topk(logits.softmax(-1), 2, dim=-1)
+        return dispatch(self.experts, x, idx, w) + 0 * aux
+
+
+def test_a_block_that_dispatches_outside_the_router_it_holds_is_an_error_naming_it() -> None:
+    # the router's own top-k changes its output (the loss), so it would be forced, and the dispatch run native
+    model = TwoLayers(DispatchOutside)
+    x = torch.randn(T, D)
+    with mr.attach(model) as session:
+        assert session.names == ("layers.0.router", "layers.1.router")
+        with pytest.raises(
+            mr.UnsupportedRouterError,
+            match=r"'layers\.0' \(DispatchOutside\): topk over 8 .*"
+            r"holds the attached router 'layers\.0\.router'.*include=\['layers\.0'\]",
+        ):
+            session.verify(x)
+        with pytest.raises(mr.UnsupportedRouterError, match="outside every attached router"), session.capture():
+            model(x)
+    assert_capture_and_replay_are_exact(model, include=["layers.0", "layers.1"])  # as the hint says
+
+
+class FlaggedBias(nn.Module):
+    """Two top-k calls of one form every forward; a flag on a config object picks which one dispatches."""
+
+    def __init__(self, cfg: types.SimpleNamespace) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.register_buffer("bias", torch.randn(E))
+        self.cfg, self.top_k = cfg, 2
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = F.linear(x, self.weight).sigmoid()
+        plain, biased = self.pick(s), self.pick(s + self.bias)
+        idx = biased if self.cfg.use_bias else plain
+        return s.gather(-1, idx), idx
+
+    def pick(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.topk(s, 2, dim=-1).indices
+
+
+class FlaggedBiasByMethod(FlaggedBias):
+    def pick(self, s: torch.Tensor) -> torch.Tensor:
+        return s.topk(2, dim=-1).indices  # a Tensor method: the router keeps the mode
+
+
+@pytest.mark.parametrize("method", [False, True], ids=["lean", "mode"])
+def test_a_flag_that_switches_which_call_dispatches_is_an_error_then_established_again(method: bool) -> None:
+    # the calls are the same in number and form either way: only what the router returns tells
+    cfg = types.SimpleNamespace(use_bias=False)
+    router = FlaggedBiasByMethod if method else FlaggedBias
+    model = TwoLayers(lambda: RouterBlock(router(cfg)))
+    x = torch.randn(T, D)
+    spy = ExpertSpy(model)
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            with session.capture():
+                model(x)
+                model(x)
+            cfg.use_bias = True  # the bias steers routing from now on
+            for name in session.names:  # each router, at its next forward
+                with pytest.raises(mr.UnsupportedRouterError, match=f"'{name}' returned .* other indices"):
+                    with session.capture():
+                        model(x)
+            with session.capture():  # established again, on the call that now dispatches
+                model(x)
+            routes = session.routes()
+            for b, name in enumerate(session.names):
+                assert torch.equal(as_sets(routes.layer(name)), spy.experts_of(b))
+            perturb(model)
+            with session.replay(routes):
+                model(x)
+            for b, name in enumerate(session.names):
+                assert torch.equal(spy.experts_of(b), as_sets(routes.layer(name)))
+    finally:
+        spy.remove()
 
 
 def test_a_capture_in_which_no_router_ran_is_an_error() -> None:
