@@ -93,16 +93,19 @@ def _wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
         state = NESTING
         hook = state.lean
         if hook is None:
-            if not state.auditing:
-                return orig(*args, **kwargs)
-            state.via = orig  # the mode checks that the call it gets came through here
-            try:
-                return orig(*args, **kwargs)
-            finally:
-                state.via = None
+            return _audited(state, orig, args, kwargs) if state.auditing else orig(*args, **kwargs)
         return hook.on_lean(orig, args, kwargs)  # (it clears state.lean while it makes torch calls of its own)
 
     return wrapper
+
+
+def _audited(state: Any, orig: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A call outside any lean forward while a forward is audited: the mode checks that it came through here."""
+    state.via = orig
+    try:
+        return orig(*args, **kwargs)
+    finally:
+        state.via = None
 
 
 def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,13 +126,7 @@ def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
         state = NESTING
         hook = state.lean
         if hook is None:
-            if not state.auditing:
-                return orig(*args, **kwargs)
-            state.via = orig
-            try:
-                return orig(*args, **kwargs)
-            finally:
-                state.via = None
+            return _audited(state, orig, args, kwargs) if state.auditing else orig(*args, **kwargs)
         form = hook._fast
         if form is not None and hook._ordinal == form[0] and args[1:] == form[1] and kwargs == form[2] and args:
             x = args[0]
@@ -147,11 +144,13 @@ def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
                 if src is None:  # capture
                     out = orig(*args, **kwargs)
                     ring.write_eager(out[1])
+                    hook._answered = out[1]
                     return out
                 n = x.shape[0]
                 forced = src.read_eager(n) if src.host_consumed + n <= src.num_rows else hook._forced(n)
                 if ring is not None:
                     ring.write_eager(forced)
+                hook._answered = forced
                 return _TOPK_RESULT((x.gather(1, forced), forced))
         return hook.on_lean(orig, args, kwargs)  # (it clears state.lean while it makes torch calls of its own)
 

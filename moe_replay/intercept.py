@@ -244,6 +244,10 @@ class RouterHook:
     _form: tuple[int, tuple[Any, ...], dict[str, Any], int, torch.dtype] | None = None
     _fast: tuple[int, tuple[Any, ...], dict[str, Any], int, torch.dtype, Any, Any] | None = None
     _slow: bool = False  # this lean forward went through the general path: its per-forward fields are renewed
+    # the indices a top-k decision call of this forward returned (None: not a top-k answered in one call); and
+    # per evidence, where the router's output held them when first seen (None: it did not return them)
+    _answered: torch.Tensor | None = None
+    _returns: tuple[Evidence, int | None, type] | None = None
 
     def __post_init__(self) -> None:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
@@ -365,6 +369,7 @@ class RouterHook:
                 how = "audit" if lean is None or lean[0] is not ev else "lean" if lean[1] else "mode"
         self._decided = False
         self._ordinal = 0
+        self._answered = None
         self._masks = []
         self._slots, self._row, self._source = [], None, None
         self._fast = None  # (the lean fast path is ScopedForward's alone)
@@ -404,6 +409,8 @@ class RouterHook:
         if not compiling:
             self.calls += 1
             self._check_ran(ev, seen)
+            if ev is not None:
+                self._check_returned(ev, out)
             if how == "audit":  # later forwards in this mode go lean when every call came through a wrapper,
                 # and no other branch of the router's code could make one that does not
                 places = _lean.bypasses(forward)
@@ -458,6 +465,40 @@ class RouterHook:
                 f"{expected}. Nothing was recorded or forced"
             )
 
+    def _check_returned(self, ev: Evidence, out: Any) -> None:
+        """After an eager forward: a router that returned its decision's indices still returns them, and no others.
+
+        Learned at the first forward under ``ev`` whose top-k decision was answered in one call: where the
+        router's output (a tensor, tuple or list) holds the indices that call returned, or a view of them
+        (the same storage), if it does. A later forward that returns other indices there took another branch
+        after the decision (a flag that picks which of two top-k calls of the same form dispatches): what was
+        recorded or forced is not what the router returned, and the forward raises. (The hot path compares
+        identities and comes here only when they differ.)
+        """
+        answered, self._answered = self._answered, None
+        if answered is None:
+            return
+        pos = -1 if _holds(out, answered) else None
+        if pos is None and isinstance(out, tuple | list):
+            pos = next((i for i, o in enumerate(out) if _holds(o, answered)), None)
+        known = self._returns
+        if known is None or known[0] is not ev:
+            self._returns = (ev, pos, type(out))
+            return
+        if known[1] is None or pos == known[1]:
+            return
+        self._returns = None
+        self.forget()
+        where = "as its output" if known[1] < 0 else f"as item {known[1]} of its output"
+        decision = " + ".join(ev.calls[i].describe() for i in ev.decision)
+        raise UnsupportedRouterError(
+            f"router '{self.name}' returned the indices of its decision call ({decision}) {where} when its "
+            "decision was established, and other indices in this forward: it took another branch after the "
+            "decision (a setting or a config flag that picks which call dispatches?), so what was recorded or "
+            "forced in this forward is not what it returned. The decision is established again at the next "
+            "forward"
+        )
+
     def on_lean(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A call of a wrapped torch function in this router's lean forward (see :mod:`moe_replay._lean`)
         that the ``topk`` wrapper's fast path did not answer: answered as the mode would."""
@@ -505,6 +546,7 @@ class RouterHook:
                     if self.capturing and self.capture_ring is not None:
                         self.capture_ring.write_eager(forced)
                     if func is _TOPK_FN and x.dim() == 2:  # the common form, answered directly
+                        self._answered = forced
                         return _TOPK_RESULT((x.gather(-1, forced), forced))
                     source = x if x.dim() == 2 else x.reshape(-1, sig[2])
                     return self._answer(func, args, kwargs, source, forced, x.shape[:-1])
@@ -520,6 +562,8 @@ class RouterHook:
                         ring.write_eager(idx)
                     else:
                         ring.write(idx)
+                if func is _TOPK_FN:
+                    self._answered = out[1]
                 return out
         return self.on_call(func, args, kwargs, sig)
 
@@ -540,7 +584,10 @@ class RouterHook:
                 "established; its control flow changed (an attribute such as its k?). Nothing was recorded or "
                 "forced; if the change was on purpose, the decision is established again at the next forward"
             )
-        return self.decide(func, args, kwargs, sig[1])
+        out = self.decide(func, args, kwargs, sig[1])
+        if type(out) is _TOPK_RESULT and self._decided:
+            self._answered = out[1]
+        return out
 
     def is_lookup(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Is this call the table lookup of a hash router?"""
@@ -861,6 +908,7 @@ class ScopedForward:
             hook._admit()  # raises, unless this is a recompute in autograd's thread
         hook._decided = False
         hook._ordinal = 0
+        hook._answered = None
         hook._entry_grad = grad
         # (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing(), inline)
         hook._eager = eager = not (_CUDA._initialized and not _cuda_bad_fork() and _cuda_capturing())
@@ -924,6 +972,14 @@ class ScopedForward:
         hook.calls += 1
         if hook._ordinal != len(ev.calls) or not hook._decided:
             hook._check_ran(ev, seen)
+        returns = hook._returns  # (it returned the decision's indices: where, and in what)
+        if returns is None or returns[0] is not ev:
+            hook._check_returned(ev, out)
+        elif (at := returns[1]) is not None and (
+            type(out) is not returns[2] or (out if at < 0 else out[at]) is not hook._answered
+        ):
+            hook._check_returned(ev, out)
+        hook._answered = None
         return out
 
     def _nested(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -977,6 +1033,17 @@ def _best_others(
     scores = source.detach().clone()
     scores.scatter_(-1, chosen.clamp(min=0), torch.where(chosen >= 0, fill, scores.gather(-1, chosen.clamp(min=0))))
     return scores.topk(m, dim=-1, largest=largest).indices
+
+
+def _holds(out: Any, indices: torch.Tensor) -> bool:
+    """Is ``out`` these indices, or a view of them?"""
+    if out is indices:
+        return True
+    if not isinstance(out, torch.Tensor) or out.device != indices.device or out.dtype != indices.dtype:
+        return False
+    if out.numel() == 0 or indices.numel() == 0:
+        return out.numel() == indices.numel()
+    return out.untyped_storage().data_ptr() == indices.untyped_storage().data_ptr()
 
 
 def _settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
