@@ -585,7 +585,7 @@ class RouterHook:
                 "forced; if the change was on purpose, the decision is established again at the next forward"
             )
         out = self.decide(func, args, kwargs, sig[1])
-        if type(out) is _TOPK_RESULT and self._decided:
+        if type(out) is _TOPK_RESULT and self._decided and not self._compiled:  # (eager forwards are checked)
             self._answered = out[1]
         return out
 
