@@ -92,6 +92,8 @@ class _Nesting(threading.local):
 NESTING = _Nesting()
 
 _MASKS = frozenset({torch.masked_fill, torch.Tensor.masked_fill, torch.where, torch.Tensor.where})
+#: Families whose result carries values beside the indices.
+_VALUED = frozenset({"topk", "max", "min", "sort", "kthvalue"})
 
 
 def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, name: str, default: Any = None) -> Any:
@@ -263,14 +265,41 @@ def _changed_slot(out: Any, slot: int, width: int) -> Any:
     return type(out)((values, idx))
 
 
+def _changed_values(out: Any) -> Any:
+    """A ``(values, indices)`` result with its values moved (the best of a row and the k-th swap places, or
+    rows take each other's values), its indices kept; ``out`` itself where neither is possible."""
+    values, idx = out[0], out[1]
+    if values.dim() and values.shape[-1] > 1 and values.dim() == idx.dim():
+        return type(out)((values.flip(-1), idx))
+    if values.dim() and values.shape[0] > 1:
+        return type(out)((values.roll(1, 0), idx))
+    return out
+
+
+def _masks_some(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Did some scores of a row change (by more than 1%) while other nonzero ones did not (a mask that
+    moved), rather than all of them (a rescaling, a shift) or none?"""
+    if before.shape != after.shape or before.dim() == 0:
+        return False
+    a, b = before.detach().flatten(0, -2) if before.dim() > 1 else before.detach()[None], after.detach()
+    b = b.flatten(0, -2) if b.dim() > 1 else b[None]
+    a, b = a.double(), b.double()
+    changed = (a - b).abs() > 1e-2 * torch.maximum(a.abs(), b.abs())  # (rounding is not a change)
+    kept = ~changed & (a != 0)
+    return bool((changed.any(-1) & kept.any(-1)).any())
+
+
 class _ProbeMode(TorchFunctionMode):
     """Counts the decision-like calls of one forward; changes or holds some of them."""
 
-    def __init__(self, change: int | None, hold: dict[int, Any], slot: int | None = None) -> None:
+    def __init__(
+        self, change: int | None, hold: dict[int, Any], slot: int | None = None, values: int | None = None
+    ) -> None:
         super().__init__()
-        self.change, self.hold, self.slot = change, hold, slot
+        self.change, self.hold, self.slot, self.values = change, hold, slot, values
         self.depth = NESTING.depth
         self.calls: list[Call] = []
+        self.ins: list[torch.Tensor] = []  # each call's scores
         self.outs: list[Any] = []
         self.masked: list[torch.Tensor] = []
         self.unmasked: list[bool] = []  # per call: its input is a masked copy that was seen
@@ -291,6 +320,7 @@ class _ProbeMode(TorchFunctionMode):
         i = len(self.calls)
         x = _arg(args, kwargs, 0, "input")
         self.calls.append(Call(i, *sig, rows=x.numel() // sig[2], where=_where()))
+        self.ins.append(x)
         self.unmasked.append(any(m is x for m in self.masked))
         if i in self.hold:
             out = self.hold[i]
@@ -298,6 +328,8 @@ class _ProbeMode(TorchFunctionMode):
             out = func(*args, **kwargs)
             if i == self.change:
                 out = _changed(sig[0], out, sig[2]) if self.slot is None else _changed_slot(out, self.slot, sig[2])
+            elif i == self.values and sig[0] in _VALUED:
+                out = _changed_values(out)
         self.outs.append(out)
         return out
 
@@ -497,9 +529,13 @@ class _Prober:
         self.snapshot = _Snapshot(scope)
 
     def run(
-        self, change: int | None = None, hold: dict[int, Any] | None = None, slot: int | None = None
+        self,
+        change: int | None = None,
+        hold: dict[int, Any] | None = None,
+        slot: int | None = None,
+        values: int | None = None,
     ) -> tuple[Any, _ProbeMode]:
-        mode = _ProbeMode(change, hold or {}, slot)
+        mode = _ProbeMode(change, hold or {}, slot, values)
         self.snapshot.restore()
         NESTING.probing += 1
         try:
@@ -658,6 +694,19 @@ def establish(
             while used > 1 and not effect(anchor.ordinal, slot=used - 1):
                 used -= 1
         shapers = [c for c in broad if c.ordinal not in slots and c.ordinal < slots[0]]
+        if not shapers and not seen.unmasked[slots[0]]:  # a mask built from an earlier call's values?
+            for c in calls[: slots[0]]:
+                if c.family in _VALUED and c.ordinal not in slots:
+                    _, moved = probe.run(values=c.ordinal)
+                    if len(moved.ins) > slots[0] and _masks_some(seen.ins[slots[0]], moved.ins[slots[0]]):
+                        raise _refuse(
+                            name,
+                            calls,
+                            f"the values of an earlier call ({c.describe()}) select which scores of its decision "
+                            "are masked, by an operation moe_replay cannot undo (it reads through masked_fill and "
+                            "where only), so a forced expert outside that selection would get a masked weight",
+                            "Mask the scores with masked_fill or torch.where",
+                        )
         if shapers and not seen.unmasked[slots[0]]:
             raise _refuse(
                 name,

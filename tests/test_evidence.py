@@ -598,6 +598,47 @@ def test_group_mask_that_cannot_be_undone_is_refused() -> None:
         session.verify(torch.randn(T, D))
 
 
+class ThresholdGroupRouter(GroupLimitedRouter):
+    """Groups kept by a threshold taken from a top-k's values; the mask applied by ``how``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(n_group=4, topk_group=2)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(F.linear(x, self.weight))
+        group_scores = scores.view(-1, self.n_group, E // self.n_group).amax(-1)
+        threshold = torch.topk(group_scores, self.topk_group, dim=-1).values[:, -1:]
+        keep = (group_scores >= threshold).repeat_interleave(E // self.n_group, dim=1)
+        masked = scores * keep if self.how == "product" else scores.masked_fill(~keep, 0.0)
+        w, idx = torch.topk(masked, self.top_k, dim=-1)
+        return w, idx
+
+
+class RescaledRouter(GroupLimitedRouter):
+    """Scores divided by each row's best and shifted by it (a hand-written stable softmax): not a mask."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        e = (logits - torch.max(logits, dim=-1, keepdim=True).values).exp()
+        probs = e / e.sum(-1, keepdim=True)
+        scores = probs / torch.max(probs, dim=-1, keepdim=True).values
+        w, idx = torch.topk(scores, self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+def test_a_group_mask_built_from_a_top_ks_values_is_refused_unless_it_can_be_undone() -> None:
+    # a product with a mask the group scores' threshold selects: a forced expert outside would weigh 0
+    model = TwoLayers(lambda: RouterBlock(ThresholdGroupRouter("product")))
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="values of an earlier call"):
+        session.verify(torch.randn(T, D))
+    assert_capture_and_replay_are_exact(TwoLayers(lambda: RouterBlock(ThresholdGroupRouter("masked_fill"))))
+
+
+def test_scores_rescaled_by_a_max_are_not_taken_for_a_mask() -> None:
+    assert_capture_and_replay_are_exact(TwoLayers(lambda: RouterBlock(RescaledRouter())))
+
+
 def test_adapter_can_name_the_deciding_call() -> None:
     model = TwoLayers(lambda: RouterBlock(LoggingInRouter()))
     pick = mr.Adapter("pick", match=lambda n, m: isinstance(m, LoggingInRouter), call=2)
