@@ -38,6 +38,7 @@ TOPICS = (
     "wrappers",
     "lifecycle",
     "overflow",
+    "silent replays",
 )
 
 

@@ -422,12 +422,13 @@ class _InsideBlock(torch.nn.Module):
         return out
 
 
+@pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("captured_with_gradients", [False, True])
 def test_a_checkpoint_opened_inside_the_routers_forward_is_refused_in_a_replay_with_gradients(
     mode: str, captured_with_gradients: bool
 ) -> None:
-    # in backward the checkpoint would run the top-k again, unforced: the gradients would follow other experts
+    """A checkpoint inside the router's own forward, replayed with gradients: refused (its recompute is unforced)."""
     torch.manual_seed(0)
     model = _InsideBlock(mode)
     x = torch.randn(10, 8, requires_grad=True)
@@ -465,10 +466,10 @@ def test_a_replay_through_a_checkpoint_inside_the_router_gives_the_plain_replays
     torch.testing.assert_close(replayed("reentrant"), replayed(None), rtol=0, atol=0)
 
 
+@pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("inner", MODES)
 def test_under_an_outer_reentrant_checkpoint_the_inner_one_is_refused_at_its_recompute(inner: str) -> None:
-    # the outer checkpoint's forward runs without gradients; its recompute in backward is where the
-    # replayed rows would reach the inner checkpoint, whose own recompute could not be forced
+    """The same inside an outer reentrant checkpoint (whose forward has no gradients): refused at its recompute."""
     torch.manual_seed(0)
     model = _InsideBlock(inner)
     x = torch.randn(10, 8, requires_grad=True)

@@ -443,8 +443,9 @@ class DispatchOutside(RouterBlock):
         return dispatch(self.experts, x, idx, w) + 0 * aux
 
 
+@pytest.mark.reliability("silent replays")
 def test_a_block_that_dispatches_outside_the_router_it_holds_is_an_error_naming_it() -> None:
-    # the router's own top-k changes its output (the loss), so it would be forced, and the dispatch run native
+    """A block dispatching with its own top-k beside its router's aux-loss top-k: refused; attached, exact."""
     model = TwoLayers(DispatchOutside)
     x = torch.randn(T, D)
     with mr.attach(model) as session:
@@ -484,9 +485,10 @@ class FlaggedBiasByMethod(FlaggedBias):
         return s.topk(2, dim=-1).indices  # a Tensor method: the router keeps the mode
 
 
+@pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("method", [False, True], ids=["lean", "mode"])
 def test_a_flag_that_switches_which_call_dispatches_is_an_error_then_established_again(method: bool) -> None:
-    # the calls are the same in number and form either way: only what the router returns tells
+    """A config flag switches which of two same-form top-k calls dispatches: that forward raises, then exact."""
     cfg = types.SimpleNamespace(use_bias=False)
     router = FlaggedBiasByMethod if method else FlaggedBias
     model = TwoLayers(lambda: RouterBlock(router(cfg)))
@@ -627,12 +629,41 @@ class RescaledRouter(GroupLimitedRouter):
         return w / w.sum(-1, keepdim=True), idx
 
 
+@pytest.mark.reliability("silent replays")
 def test_a_group_mask_built_from_a_top_ks_values_is_refused_unless_it_can_be_undone() -> None:
-    # a product with a mask the group scores' threshold selects: a forced expert outside would weigh 0
+    """Groups kept by a threshold from a top-k's values, masked by a product: refused; by masked_fill, exact."""
     model = TwoLayers(lambda: RouterBlock(ThresholdGroupRouter("product")))
     with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="values of an earlier call"):
         session.verify(torch.randn(T, D))
     assert_capture_and_replay_are_exact(TwoLayers(lambda: RouterBlock(ThresholdGroupRouter("masked_fill"))))
+
+
+class MinimumWeightRouter(GroupLimitedRouter):
+    """A top-2 whose second expert is dropped when its weight is under half the first's."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = torch.topk(F.linear(x, self.weight).softmax(-1), self.top_k, dim=-1)
+        keep = w >= 0.5 * w[:, :1]
+        return w * keep, idx.masked_fill(~keep, -1)  # (-1: no expert)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(strict=True, reason="known gap: a cut after the top-k on the current scores is not seen")
+def test_a_cut_after_the_top_k_is_replayed_or_refused() -> None:
+    """Known gap: a minimum-weight cut after the top-k; the experts used are not the recorded ones, no error."""
+    model = TwoLayers(lambda: RouterBlock(MinimumWeightRouter()))
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+    spy = ExpertSpy(model)
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            with session.capture():
+                model(x)
+            routes = session.routes()
+            with session.replay(routes):
+                model(x)
+            assert all(torch.equal(spy.experts_of(b), as_sets(routes.layer(n))) for b, n in enumerate(session.names))
+    finally:
+        spy.remove()
 
 
 def test_scores_rescaled_by_a_max_are_not_taken_for_a_mask() -> None:
