@@ -17,7 +17,9 @@ calls do not all go through the wrappers keep the mode; compiled code always doe
 sees a wrapper (they are in place only while an eager router forward runs).
 
 Only names still bound to torch's own functions are wrapped, and only our own wrappers are put
-back, so other code that wraps these names keeps working.
+back, so other code that wraps these names keeps working. A lean forward wraps only the names its
+router can reach (:class:`Names`): those its code reads as ``torch.<name>`` and those the audited
+forward called through torch's own code; a router deciding with ``torch.topk`` alone swaps one name.
 """
 
 from __future__ import annotations
@@ -37,18 +39,17 @@ from . import _torch_compat
 from .evidence import NESTING, UNWRAP
 
 __all__ = [
-    "CURRENT",
+    "ALL",
     "NAMES",
-    "OFF",
-    "ON",
     "ORIGINALS",
-    "OURS",
     "SWAP",
-    "THEIRS",
+    "Names",
     "bypasses",
     "enter",
     "leave",
+    "names_of",
     "put_back",
+    "reach",
 ]
 
 #: The names wrapped, with the aten operator TorchScript should compile each wrapper to.
@@ -66,19 +67,6 @@ _NAMES = {
 }
 #: torch's own functions, as imported.
 ORIGINALS: dict[str, Callable[..., Any]] = {name: getattr(torch, name) for name in _NAMES}
-
-
-class _Swap:
-    """Router forwards running with the wrappers in place, over all threads (the first puts them in)."""
-
-    __slots__ = ("depth", "lock")
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.lock = threading.Lock()
-
-
-SWAP = _Swap()
 
 
 # only dynamo can trace a wrapper (they are in place while an eager router forward runs alone)
@@ -102,6 +90,9 @@ def _wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
 def _audited(state: Any, orig: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A call outside any lean forward while a forward is audited: the mode checks that it came through here."""
     state.via = orig
+    used = state.used
+    if used is not None:
+        used.add(orig)
     try:
         return orig(*args, **kwargs)
     finally:
@@ -166,40 +157,112 @@ UNWRAP.update({_WRAPPERS[name]: fn for name, fn in ORIGINALS.items()})
 
 
 _SWAPS = [(name, ORIGINALS[name], _WRAPPERS[name]) for name in _NAMES]
-_KEYS = tuple(_NAMES)
-#: What torch's names are bound to now, as a tuple: ``CURRENT(NAMES)``.
-CURRENT = operator.itemgetter(*_KEYS)
+#: torch's module dict, where the names are swapped.
 NAMES = torch.__dict__
-#: The names bound to the wrappers; to torch's functions.
-OURS = tuple(_WRAPPERS[name] for name in _KEYS)
-THEIRS = tuple(ORIGINALS[name] for name in _KEYS)
-#: ``NAMES.update(ON)`` puts every wrapper in; ``NAMES.update(OFF)`` every original back.
-ON = dict(zip(_KEYS, OURS, strict=True))
-OFF = dict(zip(_KEYS, THEIRS, strict=True))
 for _name, _op in _NAMES.items():
     _torch_compat.register_jit_builtin(_WRAPPERS[_name], _op)
+#: Each original function to its name.
+NAME_OF = {fn: name for name, fn in ORIGINALS.items()}
 
 
-def enter() -> bool:
-    """Put the wrappers in place for a router forward (the first of nested or concurrent ones does).
+class Names:
+    """Some of the wrapped names, with what swapping them in and out takes, prepared once.
 
-    Returns whether every name is ours now: where another library has wrapped one since
-    torch was imported, a lean forward would not see the calls made through it, and must
-    run under the mode instead. A lean router's forward does this inline
-    (``ScopedForward.__call__``): with ``SWAP.lock``, ``SWAP.depth`` up by one, and where it is
-    the first, ``NAMES.update(ON)`` when ``CURRENT(NAMES) == THEIRS``.
+    ``current(NAMES)`` is what they are bound to now, to compare with ``ours`` (the wrappers) or
+    ``theirs`` (torch's functions); ``NAMES.update(on)`` puts the wrappers in, ``NAMES.update(off)``
+    torch's functions back. Get one with :func:`names_of`.
+    """
+
+    __slots__ = ("current", "keys", "off", "on", "ours", "theirs")
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self.current = operator.itemgetter(*keys)
+        ours = tuple(_WRAPPERS[k] for k in keys)
+        theirs = tuple(ORIGINALS[k] for k in keys)
+        self.ours: Any = ours if len(keys) > 1 else ours[0]  # (what itemgetter returns for one key)
+        self.theirs: Any = theirs if len(keys) > 1 else theirs[0]
+        self.on = dict(zip(keys, ours, strict=True))
+        self.off = dict(zip(keys, theirs, strict=True))
+
+    def __repr__(self) -> str:
+        return f"Names({', '.join(self.keys)})"
+
+
+_KNOWN_NAMES: dict[frozenset[str], Names] = {}
+
+
+def names_of(names: Any) -> Names:
+    """The :class:`Names` of these names (an iterable of wrapped names; none or an unknown one: all of them)."""
+    key = frozenset(names)
+    if not key or not key <= _NAMES.keys():
+        key = frozenset(_NAMES)
+    found = _KNOWN_NAMES.get(key)
+    if found is None:
+        found = _KNOWN_NAMES[key] = Names(tuple(n for n in _NAMES if n in key))
+    return found
+
+
+#: Every wrapped name (what an audited forward swaps).
+ALL = names_of(_NAMES)
+
+
+class _Swap:
+    """Router forwards running with wrappers in place, over all threads (the first puts them in).
+
+    ``put``: the names put in since the first of them began, for the last to take out (all of them once
+    a nested or concurrent forward with names of its own has come in).
+    """
+
+    __slots__ = ("depth", "lock", "put")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.lock = threading.Lock()
+        self.put = ALL
+
+
+SWAP = _Swap()
+
+
+def put_in(names: Names) -> bool:
+    """With ``SWAP.lock`` held and ``SWAP.depth`` raised: the wrappers of ``names`` in place.
+
+    The first forward with every name still torch's puts them in at once; later ones (nested, or in
+    another thread) put in those not in yet. Returns False, changing nothing, where another library
+    has wrapped one of ``names`` since torch was imported: a lean forward would not see the calls
+    made through it, and must run under the mode instead.
+    """
+    d = NAMES
+    now = names.current(d)
+    if now == names.theirs and SWAP.depth == 1:  # the usual case, in one go
+        d.update(names.on)
+        SWAP.put = names
+        return True
+    for name in names.keys:
+        if d[name] is not ORIGINALS[name] and d[name] is not _WRAPPERS[name]:
+            return False
+    d.update(names.on)
+    SWAP.put = ALL
+    return True
+
+
+def enter(names: Names = ALL) -> bool:
+    """Put the wrappers of ``names`` in place for a router forward (see :func:`put_in`).
+
+    Returns whether each of them is ours now. Where one is another library's, the others of ``ALL`` are
+    put in all the same (the audited forward, which checks whether its calls came through them).
+    A lean router's forward does this inline (``ScopedForward.__call__``).
     """
     with SWAP.lock:
         SWAP.depth += 1
-        names = NAMES
-        if SWAP.depth > 1:
-            return CURRENT(names) == OURS
-        if CURRENT(names) == THEIRS:  # the usual case, in one go
-            names.update(ON)
+        if put_in(names):
             return True
-        for name, orig, wrapper in _SWAPS:
-            if names[name] is orig:  # never over another library's wrapper
-                names[name] = wrapper
+        if names is ALL:
+            for name, orig, wrapper in _SWAPS:
+                if NAMES[name] is orig:  # never over another library's wrapper
+                    NAMES[name] = wrapper
+            SWAP.put = ALL
         return False
 
 
@@ -213,13 +276,14 @@ def leave() -> None:
 
 def put_back() -> None:
     """Torch's functions back where the wrappers are (the last router forward does this, under ``SWAP.lock``)."""
-    names = NAMES
-    if CURRENT(names) == OURS:
-        names.update(OFF)
+    names, put = NAMES, SWAP.put
+    SWAP.put = ALL
+    if put.current(names) == put.ours:
+        names.update(put.off)
         return
-    for name, orig, wrapper in _SWAPS:
-        if names[name] is wrapper:
-            names[name] = orig
+    for name in put.keys:
+        if names[name] is _WRAPPERS[name]:
+            names[name] = ORIGINALS[name]
 
 
 # ----------------------------------------------------------------------------- the router's code
@@ -229,12 +293,19 @@ _MAX_CODES = 200
 
 
 def bypasses(forward: Callable[..., Any]) -> list[str]:
-    """The places in a router's code that would call a decision-like function or a mask without a wrapper.
+    """The places in a router's code that would call a decision-like function or a mask without a wrapper
+    (see :func:`reach`)."""
+    return reach(forward)[0]
+
+
+def reach(forward: Callable[..., Any]) -> tuple[list[str], frozenset[str]]:
+    """The places in a router's code that would call a decision-like function or a mask without a wrapper,
+    and the wrapped names it calls through ``torch.`` (those its lean forwards swap, with the audit's).
 
     The audited forward shows that the calls it made came through the wrappers; a later forward
     may take another branch. So the code itself is read too: the scope's ``forward``, the
     functions it names as globals, the methods and submodule forwards it reaches through
-    ``self``, and the functions defined inside them. A ``topk``/``argmax``/``max``/``min``/
+    ``self`` (through ``super()`` too), and the functions defined inside them. A ``topk``/``argmax``/``max``/``min``/
     ``sort``/``argsort``/``kthvalue``/``masked_fill``/``where`` taken as an attribute of anything
     but the ``torch`` module (``scores.topk``, ``torch.Tensor.topk``) or a global name bound to
     torch's own function (``from torch import topk``) is such a place. Code reached in other ways
@@ -242,6 +313,7 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
     mode: only a router whose reachable code calls these through ``torch.`` goes lean.
     """
     out: list[str] = []
+    used: set[str] = set()
     seen: set[int] = set()
     originals = {id(fn): name for name, fn in ORIGINALS.items()}
 
@@ -266,8 +338,23 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
         seen.add(id(code))
         self_name = code.co_varnames[0] if code.co_argcount and owner is not None else None
         previous: dis.Instruction | None = None
+        calls_super = False
         for ins in dis.get_instructions(code):
             op, name = ins.opname, ins.argval
+            if op.startswith(("LOAD_GLOBAL", "LOAD_NAME")) and name == "super" and owner is not None:
+                calls_super = True
+            if calls_super and op.startswith(("LOAD_ATTR", "LOAD_METHOD", "LOAD_SUPER_ATTR")) and isinstance(name, str):
+                for cls in type(owner).__mro__:  # super().<name>: any class's <name> (all of them read)
+                    found = cls.__dict__.get(name)
+                    if isinstance(found, types.FunctionType):
+                        read(found, owner, depth + 1)
+            if (
+                previous is not None
+                and previous.opname.startswith(("LOAD_GLOBAL", "LOAD_NAME"))
+                and names.get(previous.argval) is torch
+                and (not op.startswith(("LOAD_ATTR", "LOAD_METHOD")) or name == "__dict__")
+            ):  # the module itself handed on (getattr(torch, name), torch.__dict__...): any name may be called
+                used.update(_NAMES)
             if op.startswith(("LOAD_ATTR", "LOAD_METHOD")) and isinstance(name, str):
                 base = previous
                 on_torch = (
@@ -275,7 +362,9 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
                     and base.opname.startswith(("LOAD_GLOBAL", "LOAD_NAME"))
                     and names.get(base.argval) is torch
                 )
-                if name in _NAMES and not on_torch:
+                if name in _NAMES and on_torch:
+                    used.add(name)
+                elif name in _NAMES:
                     out.append(f".{name} at {where(code, ins)}")
                 elif (
                     base is not None
@@ -301,4 +390,4 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
             previous = ins
 
     read(forward, getattr(forward, "__self__", None), 0)
-    return out
+    return out, frozenset(used)

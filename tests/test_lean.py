@@ -151,6 +151,110 @@ def test_a_lean_forward_that_makes_another_decision_like_call_is_refused() -> No
             model(_x(3))
 
 
+def _swapped_now() -> list[str]:
+    """The wrapped names bound to a wrapper now."""
+    return [name for name, fn in _lean.ORIGINALS.items() if getattr(torch, name) is not fn]
+
+
+class Swapped(SeenModes):
+    """Notes, in each forward, which of the wrapped names are bound to a wrapper while its code runs."""
+
+    def __init__(self, top_k: int = 2) -> None:
+        super().__init__(top_k)
+        self.note = _swapped_now  # (an attribute holding a function: not read with the router's code)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.swapped = self.note()
+        return super().forward(x)
+
+
+def _argmax_in_torch(probs: torch.Tensor) -> torch.Tensor:
+    return torch.argmax(probs, dim=-1, keepdim=True)
+
+
+_argmax_in_torch.__module__ = "torch._moe_replay_test"  # read as torch's own code: not read at all
+
+
+class TorchDecides(Swapped):
+    """A top-1 router whose decision is made inside a function of torch's own (its code is not read)."""
+
+    def __init__(self) -> None:
+        super().__init__(top_k=1)
+
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = _argmax_in_torch(probs)
+        return probs.gather(-1, idx), idx
+
+
+class ByName(Swapped):
+    """Reaches torch's functions by name: every wrapped name may be called."""
+
+    extra: str | None = None
+
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.extra is not None:
+            probs = probs + 0 * getattr(torch, self.extra)(probs, dim=-1, keepdim=True)
+        return torch.topk(probs, self.top_k, dim=-1)
+
+
+def test_a_lean_forward_swaps_only_the_names_its_router_can_reach() -> None:
+    model = TwoLayers(lambda: RouterBlock(Swapped()))
+    _capture_replay_exact(model, forwards=3)
+    for r in _routers(model):
+        assert r.modes[-1] == 0
+        assert r.swapped == ["topk", "argmax"], r.swapped  # read in its code: torch.topk, torch.argmax
+    assert all(getattr(torch, name) is fn for name, fn in _lean.ORIGINALS.items())
+
+
+def test_a_decision_made_inside_torchs_own_code_swaps_the_names_the_audit_saw() -> None:
+    model = TwoLayers(lambda: RouterBlock(TorchDecides()))
+    _capture_replay_exact(model, forwards=3)
+    for r in _routers(model):
+        assert r.modes[-1] == 0 and r.swapped == ["argmax"], (r.modes, r.swapped)
+
+
+def test_a_router_reaching_torch_by_name_swaps_every_name_and_a_new_call_is_refused() -> None:
+    model = TwoLayers(lambda: RouterBlock(ByName()))
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(_x())
+            model(_x(2))
+        r = _routers(model)[0]
+        assert r.modes[-1] == 0 and r.swapped == list(_lean.ORIGINALS), (r.modes, r.swapped)
+        for r in _routers(model):
+            r.extra = "argmin"
+        with session.capture(), pytest.raises(mr.UnsupportedRouterError, match="control flow changed"):
+            model(_x(3))
+
+
+def test_forwards_running_together_each_get_their_names_and_the_last_puts_every_one_back() -> None:
+    # a second router forward (nested in the first, or in another thread) with names of its own
+    first, second = _lean.names_of(["topk"]), _lean.names_of(["masked_fill", "topk"])
+    assert _lean.enter(first)
+    assert _swapped_now() == ["topk"]
+    assert _lean.enter(second)
+    assert _swapped_now() == ["topk", "masked_fill"]
+    _lean.leave()
+    assert _swapped_now() == ["topk", "masked_fill"]  # the first still runs
+    _lean.leave()
+    assert _swapped_now() == [] and _lean.SWAP.depth == 0
+
+
+def test_a_name_another_library_wrapped_is_refused_and_nothing_else_is_swapped() -> None:
+    original = torch.masked_fill
+    theirs = lambda *a, **k: original(*a, **k)  # noqa: E731
+    torch.masked_fill = theirs
+    try:
+        assert not _lean.enter(_lean.names_of(["masked_fill", "topk"]))
+        assert _swapped_now() == ["masked_fill"] and torch.masked_fill is theirs  # (theirs, not ours)
+        _lean.leave()
+        assert _lean.enter(_lean.names_of(["topk"]))  # a router that does not call it is not concerned
+        _lean.leave()
+        assert torch.masked_fill is theirs and torch.topk is _lean.ORIGINALS["topk"]
+    finally:
+        torch.masked_fill = original
+
+
 class FunctionalGroups(GroupLimitedRouter):
     """Case 8 (group-limited greedy) written with torch's module functions."""
 
@@ -462,14 +566,14 @@ def test_no_router_forward_runs_holding_the_wrappers_lock_not_even_a_refused_lea
         with session.capture():
             model(x)
             model(x)  # lean
-        original = torch.masked_fill
-        torch.masked_fill = lambda *a, **k: original(*a, **k)  # a library wraps a name after the audit
+        original = torch.topk
+        torch.topk = lambda *a, **k: original(*a, **k)  # a library wraps the router's name after the audit
         try:
             with session.replay(session.routes()):
                 model(x)  # refused lean: under the mode
                 model(x)
         finally:
-            torch.masked_fill = original
+            torch.topk = original
     routers = _routers(model)
     assert [r.modes[-3:] for r in routers] == [[0, 1, 1], [0, 1, 1]]  # lean, then the mode
     assert not any(held for r in routers for held in r.held), [r.held for r in routers]
