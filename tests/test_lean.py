@@ -492,10 +492,18 @@ def test_lean_works_after_replay_reads_more_rows_than_one_int64_chunk() -> None:
         assert session.routes().equal(routes)
 
 
-def test_a_mask_in_a_branch_the_audit_did_not_take_keeps_the_router_under_the_mode() -> None:
+class LateMaskBelow(LateMask):
+    """:class:`LateMask` reached through ``super().decide``: the branch is in a parent class's code."""
+
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().decide(probs)
+
+
+@pytest.mark.parametrize("router", [LateMask, LateMaskBelow])
+def test_a_mask_in_a_branch_the_audit_did_not_take_keeps_the_router_under_the_mode(router: type) -> None:
     """The audited forward has no mask; a later, longer forward masks with a tensor method. The router's
     code is read too, so it never goes lean, and the replay reads forced experts' unmasked scores."""
-    model = TwoLayers(lambda: RouterBlock(LateMask()))
+    model = TwoLayers(lambda: RouterBlock(router()))
     weights: list[torch.Tensor] = []
     handles = [
         layer.router.register_forward_hook(lambda m, a, out: weights.append(out[0].detach())) for layer in model.layers
