@@ -18,8 +18,8 @@ sees a wrapper (they are in place only while an eager router forward runs).
 
 Only names still bound to torch's own functions are wrapped, and only our own wrappers are put
 back, so other code that wraps these names keeps working. A lean forward wraps only the names its
-router can reach (:class:`Names`): those its code reads as ``torch.<name>`` and those the audited
-forward called through torch's own code; a router deciding with ``torch.topk`` alone swaps one name.
+router can reach (:class:`Names`): those its code reads as ``torch.<name>``, those the audited
+forward called through torch's own code, and the masks (``MASKS``) always.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from .evidence import NESTING, UNWRAP
 
 __all__ = [
     "ALL",
+    "MASKS",
     "NAMES",
     "ORIGINALS",
     "SWAP",
@@ -205,6 +206,9 @@ def names_of(names: Any) -> Names:
 
 #: Every wrapped name (what an audited forward swaps).
 ALL = names_of(_NAMES)
+#: Swapped in every lean forward: a mask missed would give forced experts masked weights, where a
+#: decision-like call missed on a branch the audit did not take only goes uncounted.
+MASKS = frozenset({"masked_fill", "where"})
 
 
 class _Swap:
@@ -305,7 +309,8 @@ def reach(forward: Callable[..., Any]) -> tuple[list[str], frozenset[str]]:
     The audited forward shows that the calls it made came through the wrappers; a later forward
     may take another branch. So the code itself is read too: the scope's ``forward``, the
     functions it names as globals, the methods and submodule forwards it reaches through
-    ``self`` (through ``super()`` too), and the functions defined inside them. A ``topk``/``argmax``/``max``/``min``/
+    ``self`` (through ``super()`` too, and functions or callable objects kept as its attributes), and the
+    functions defined inside them. A ``topk``/``argmax``/``max``/``min``/
     ``sort``/``argsort``/``kthvalue``/``masked_fill``/``where`` taken as an attribute of anything
     but the ``torch`` module (``scores.topk``, ``torch.Tensor.topk``) or a global name bound to
     torch's own function (``from torch import topk``) is such a place. Code reached in other ways
@@ -379,6 +384,10 @@ def reach(forward: Callable[..., Any]) -> tuple[list[str], frozenset[str]]:
                             read(type(target).forward, target, depth + 1)
                     elif isinstance(target, types.MethodType):
                         read(target, target.__self__, depth + 1)
+                    elif isinstance(target, types.FunctionType):  # a function kept as an attribute
+                        read(target, None, depth + 1)
+                    elif isinstance(call := _call_of(target), types.FunctionType):
+                        read(call, target, depth + 1)  # an object called like one
             elif op.startswith(("LOAD_GLOBAL", "LOAD_NAME")) and isinstance(name, str):
                 target = names.get(name, getattr(builtins, name, None))
                 if id(target) in originals:
@@ -391,3 +400,8 @@ def reach(forward: Callable[..., Any]) -> tuple[list[str], frozenset[str]]:
 
     read(forward, getattr(forward, "__self__", None), 0)
     return out, frozenset(used)
+
+
+def _call_of(obj: Any) -> Any:
+    """The ``__call__`` that calling ``obj`` runs (looked up on its class, as a call does), or None."""
+    return next((c.__dict__["__call__"] for c in type(obj).__mro__ if "__call__" in c.__dict__), None)

@@ -423,7 +423,7 @@ class RouterHook:
                     if self._missed
                     else ""
                 )
-                names = _lean.names_of(names | {_lean.NAME_OF[f] for f in audited})
+                names = _lean.names_of(names | _lean.MASKS | {_lean.NAME_OF[f] for f in audited})
                 self._lean[self.mode()] = (ev, not why, why, names)
         return out
 

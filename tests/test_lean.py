@@ -153,7 +153,7 @@ def test_a_lean_forward_that_makes_another_decision_like_call_is_refused() -> No
 
 def _swapped_now() -> list[str]:
     """The wrapped names bound to a wrapper now."""
-    return [name for name, fn in _lean.ORIGINALS.items() if getattr(torch, name) is not fn]
+    return [name for name, fn in _lean.ORIGINALS.items() if _lean.NAMES[name] is not fn]
 
 
 class Swapped(SeenModes):
@@ -161,7 +161,7 @@ class Swapped(SeenModes):
 
     def __init__(self, top_k: int = 2) -> None:
         super().__init__(top_k)
-        self.note = _swapped_now  # (an attribute holding a function: not read with the router's code)
+        self.note = _swapped_now  # (read with the router's code: it calls none of the names)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.swapped = self.note()
@@ -202,7 +202,8 @@ def test_a_lean_forward_swaps_only_the_names_its_router_can_reach() -> None:
     _capture_replay_exact(model, forwards=3)
     for r in _routers(model):
         assert r.modes[-1] == 0
-        assert r.swapped == ["topk", "argmax"], r.swapped  # read in its code: torch.topk, torch.argmax
+        # read in its code: torch.topk, torch.argmax; and the masks, always
+        assert r.swapped == ["topk", "argmax", "masked_fill", "where"], r.swapped
     assert all(getattr(torch, name) is fn for name, fn in _lean.ORIGINALS.items())
 
 
@@ -210,7 +211,7 @@ def test_a_decision_made_inside_torchs_own_code_swaps_the_names_the_audit_saw() 
     model = TwoLayers(lambda: RouterBlock(TorchDecides()))
     _capture_replay_exact(model, forwards=3)
     for r in _routers(model):
-        assert r.modes[-1] == 0 and r.swapped == ["argmax"], (r.modes, r.swapped)
+        assert r.modes[-1] == 0 and r.swapped == ["argmax", "masked_fill", "where"], (r.modes, r.swapped)
 
 
 def test_a_router_reaching_torch_by_name_swaps_every_name_and_a_new_call_is_refused() -> None:
@@ -522,6 +523,48 @@ def test_a_mask_in_a_branch_the_audit_did_not_take_keeps_the_router_under_the_mo
     for h in handles:
         h.remove()
     assert [layer.router.modes[-1] for layer in model.layers] == [1, 1]
+    assert all(bool((w > 0).all()) for w in weights[-2:])  # no forced expert got the masked 0.0
+
+
+def _late_mask(probs: torch.Tensor) -> torch.Tensor:
+    if probs.shape[0] > T:  # only in forwards of many tokens: the experts scored below the mean are out
+        probs = probs.masked_fill(probs < probs.mean(-1, keepdim=True), 0.0)
+    return probs
+
+
+class AttributeMask(SeenModes):
+    """Masks through a function kept as an attribute, with a tensor method, only in long forwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask = _late_mask
+
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(self.mask(probs), self.top_k, dim=-1)
+
+
+def test_a_mask_in_a_function_kept_as_an_attribute_keeps_the_router_under_the_mode() -> None:
+    """The audited forward has no mask; the function the router keeps as an attribute is read too, so
+    the router never goes lean, and the replay reads forced experts' unmasked scores."""
+    model = TwoLayers(lambda: RouterBlock(AttributeMask()))
+    weights: list[torch.Tensor] = []
+    handles = [
+        layer.router.register_forward_hook(lambda m, a, out: weights.append(out[0].detach())) for layer in model.layers
+    ]
+    xs = [_x(1), _x(2), torch.randn(2 * T, D, generator=torch.Generator().manual_seed(3))]
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            for x in xs:
+                model(x)
+        routes = session.routes()
+        perturb(model)
+        weights.clear()
+        with torch.no_grad(), session.replay(routes):
+            for x in xs:
+                model(x)
+    for h in handles:
+        h.remove()
+    assert [layer.router.modes[-1] for layer in model.layers] == [1, 1]  # the mode
     assert all(bool((w > 0).all()) for w in weights[-2:])  # no forced expert got the masked 0.0
 
 
