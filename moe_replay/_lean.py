@@ -17,9 +17,7 @@ calls do not all go through the wrappers keep the mode; compiled code always doe
 sees a wrapper (they are in place only while an eager router forward runs).
 
 Only names still bound to torch's own functions are wrapped, and only our own wrappers are put
-back, so other code that wraps these names keeps working. A lean forward wraps only the names its
-router can reach (:class:`Names`): those its code reads as ``torch.<name>``, those the audited
-forward called through torch's own code, and the masks (``MASKS``) always.
+back, so other code that wraps these names keeps working.
 """
 
 from __future__ import annotations
@@ -39,18 +37,18 @@ from . import _torch_compat
 from .evidence import NESTING, UNWRAP
 
 __all__ = [
-    "ALL",
-    "MASKS",
+    "CURRENT",
     "NAMES",
+    "OFF",
+    "ON",
     "ORIGINALS",
+    "OURS",
     "SWAP",
-    "Names",
+    "THEIRS",
     "bypasses",
     "enter",
     "leave",
-    "names_of",
     "put_back",
-    "reach",
 ]
 
 #: The names wrapped, with the aten operator TorchScript should compile each wrapper to.
@@ -68,6 +66,19 @@ _NAMES = {
 }
 #: torch's own functions, as imported.
 ORIGINALS: dict[str, Callable[..., Any]] = {name: getattr(torch, name) for name in _NAMES}
+
+
+class _Swap:
+    """Router forwards running with the wrappers in place, over all threads (the first puts them in)."""
+
+    __slots__ = ("depth", "lock")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.lock = threading.Lock()
+
+
+SWAP = _Swap()
 
 
 # only dynamo can trace a wrapper (they are in place while an eager router forward runs alone)
@@ -91,9 +102,6 @@ def _wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
 def _audited(state: Any, orig: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A call outside any lean forward while a forward is audited: the mode checks that it came through here."""
     state.via = orig
-    used = state.used
-    if used is not None:
-        used.add(orig)
     try:
         return orig(*args, **kwargs)
     finally:
@@ -158,115 +166,40 @@ UNWRAP.update({_WRAPPERS[name]: fn for name, fn in ORIGINALS.items()})
 
 
 _SWAPS = [(name, ORIGINALS[name], _WRAPPERS[name]) for name in _NAMES]
-#: torch's module dict, where the names are swapped.
+_KEYS = tuple(_NAMES)
+#: What torch's names are bound to now, as a tuple: ``CURRENT(NAMES)``.
+CURRENT = operator.itemgetter(*_KEYS)
 NAMES = torch.__dict__
+#: The names bound to the wrappers; to torch's functions.
+OURS = tuple(_WRAPPERS[name] for name in _KEYS)
+THEIRS = tuple(ORIGINALS[name] for name in _KEYS)
+#: ``NAMES.update(ON)`` puts every wrapper in; ``NAMES.update(OFF)`` every original back.
+ON = dict(zip(_KEYS, OURS, strict=True))
+OFF = dict(zip(_KEYS, THEIRS, strict=True))
 for _name, _op in _NAMES.items():
     _torch_compat.register_jit_builtin(_WRAPPERS[_name], _op)
-#: Each original function to its name.
-NAME_OF = {fn: name for name, fn in ORIGINALS.items()}
 
 
-class Names:
-    """Some of the wrapped names, with what swapping them in and out takes, prepared once.
+def enter() -> bool:
+    """Put the wrappers in place for a router forward (the first of nested or concurrent ones does).
 
-    ``current(NAMES)`` is what they are bound to now, to compare with ``ours`` (the wrappers) or
-    ``theirs`` (torch's functions); ``NAMES.update(on)`` puts the wrappers in, ``NAMES.update(off)``
-    torch's functions back. Get one with :func:`names_of`.
-    """
-
-    __slots__ = ("current", "keys", "off", "on", "ours", "theirs")
-
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        self.keys = keys
-        self.current = operator.itemgetter(*keys)
-        ours = tuple(_WRAPPERS[k] for k in keys)
-        theirs = tuple(ORIGINALS[k] for k in keys)
-        self.ours: Any = ours if len(keys) > 1 else ours[0]  # (what itemgetter returns for one key)
-        self.theirs: Any = theirs if len(keys) > 1 else theirs[0]
-        self.on = dict(zip(keys, ours, strict=True))
-        self.off = dict(zip(keys, theirs, strict=True))
-
-    def __repr__(self) -> str:
-        return f"Names({', '.join(self.keys)})"
-
-
-_KNOWN_NAMES: dict[frozenset[str], Names] = {}
-
-
-def names_of(names: Any) -> Names:
-    """The :class:`Names` of these names (an iterable of wrapped names; none or an unknown one: all of them)."""
-    key = frozenset(names)
-    if not key or not key <= _NAMES.keys():
-        key = frozenset(_NAMES)
-    found = _KNOWN_NAMES.get(key)
-    if found is None:
-        found = _KNOWN_NAMES[key] = Names(tuple(n for n in _NAMES if n in key))
-    return found
-
-
-#: Every wrapped name (what an audited forward swaps).
-ALL = names_of(_NAMES)
-#: Swapped in every lean forward: a mask missed would give forced experts masked weights, where a
-#: decision-like call missed on a branch the audit did not take only goes uncounted.
-MASKS = frozenset({"masked_fill", "where"})
-
-
-class _Swap:
-    """Router forwards running with wrappers in place, over all threads (the first puts them in).
-
-    ``put``: the names put in since the first of them began, for the last to take out (all of them once
-    a nested or concurrent forward with names of its own has come in).
-    """
-
-    __slots__ = ("depth", "lock", "put")
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.lock = threading.Lock()
-        self.put = ALL
-
-
-SWAP = _Swap()
-
-
-def put_in(names: Names) -> bool:
-    """With ``SWAP.lock`` held and ``SWAP.depth`` raised: the wrappers of ``names`` in place.
-
-    The first forward with every name still torch's puts them in at once; later ones (nested, or in
-    another thread) put in those not in yet. Returns False, changing nothing, where another library
-    has wrapped one of ``names`` since torch was imported: a lean forward would not see the calls
-    made through it, and must run under the mode instead.
-    """
-    d = NAMES
-    now = names.current(d)
-    if now == names.theirs and SWAP.depth == 1:  # the usual case, in one go
-        d.update(names.on)
-        SWAP.put = names
-        return True
-    for name in names.keys:
-        if d[name] is not ORIGINALS[name] and d[name] is not _WRAPPERS[name]:
-            return False
-    d.update(names.on)
-    SWAP.put = ALL
-    return True
-
-
-def enter(names: Names = ALL) -> bool:
-    """Put the wrappers of ``names`` in place for a router forward (see :func:`put_in`).
-
-    Returns whether each of them is ours now. Where one is another library's, the others of ``ALL`` are
-    put in all the same (the audited forward, which checks whether its calls came through them).
-    A lean router's forward does this inline (``ScopedForward.__call__``).
+    Returns whether every name is ours now: where another library has wrapped one since
+    torch was imported, a lean forward would not see the calls made through it, and must
+    run under the mode instead. A lean router's forward does this inline
+    (``ScopedForward.__call__``): with ``SWAP.lock``, ``SWAP.depth`` up by one, and where it is
+    the first, ``NAMES.update(ON)`` when ``CURRENT(NAMES) == THEIRS``.
     """
     with SWAP.lock:
         SWAP.depth += 1
-        if put_in(names):
+        names = NAMES
+        if SWAP.depth > 1:
+            return CURRENT(names) == OURS
+        if CURRENT(names) == THEIRS:  # the usual case, in one go
+            names.update(ON)
             return True
-        if names is ALL:
-            for name, orig, wrapper in _SWAPS:
-                if NAMES[name] is orig:  # never over another library's wrapper
-                    NAMES[name] = wrapper
-            SWAP.put = ALL
+        for name, orig, wrapper in _SWAPS:
+            if names[name] is orig:  # never over another library's wrapper
+                names[name] = wrapper
         return False
 
 
@@ -280,14 +213,13 @@ def leave() -> None:
 
 def put_back() -> None:
     """Torch's functions back where the wrappers are (the last router forward does this, under ``SWAP.lock``)."""
-    names, put = NAMES, SWAP.put
-    SWAP.put = ALL
-    if put.current(names) == put.ours:
-        names.update(put.off)
+    names = NAMES
+    if CURRENT(names) == OURS:
+        names.update(OFF)
         return
-    for name in put.keys:
-        if names[name] is _WRAPPERS[name]:
-            names[name] = ORIGINALS[name]
+    for name, orig, wrapper in _SWAPS:
+        if names[name] is wrapper:
+            names[name] = orig
 
 
 # ----------------------------------------------------------------------------- the router's code
@@ -297,28 +229,23 @@ _MAX_CODES = 200
 
 
 def bypasses(forward: Callable[..., Any]) -> list[str]:
-    """The places in a router's code that would call a decision-like function or a mask without a wrapper
-    (see :func:`reach`)."""
-    return reach(forward)[0]
-
-
-def reach(forward: Callable[..., Any]) -> tuple[list[str], frozenset[str]]:
-    """The places in a router's code that would call a decision-like function or a mask without a wrapper,
-    and the wrapped names it calls through ``torch.`` (those its lean forwards swap, with the audit's).
+    """The places in a router's code that would call a decision-like function or a mask without a wrapper.
 
     The audited forward shows that the calls it made came through the wrappers; a later forward
-    may take another branch. So the code itself is read too: the scope's ``forward``, the
-    functions it names as globals, the methods and submodule forwards it reaches through
-    ``self`` (through ``super()`` too, and functions or callable objects kept as its attributes), and the
-    functions defined inside them. A ``topk``/``argmax``/``max``/``min``/
-    ``sort``/``argsort``/``kthvalue``/``masked_fill``/``where`` taken as an attribute of anything
-    but the ``torch`` module (``scores.topk``, ``torch.Tensor.topk``) or a global name bound to
-    torch's own function (``from torch import topk``) is such a place. Code reached in other ways
-    (a callable passed in as an argument, say) is not read. A router with any such place keeps the
-    mode: only a router whose reachable code calls these through ``torch.`` goes lean.
+    may take another branch. So the code itself is read too: the scope's ``forward``; the
+    functions it names as globals, or as attributes of a module or class it names
+    (``utils.route``, ``Routing.pick``); the methods, submodule forwards (those of a container's
+    children too), functions and callable objects it reaches through ``self`` or ``super()``;
+    the functions a decorated one wraps; and the functions defined inside all of these. A
+    ``topk``/``argmax``/``max``/``min``/``sort``/``argsort``/``kthvalue``/``masked_fill``/``where``
+    taken as an attribute of anything but the ``torch`` module (``scores.topk``,
+    ``torch.Tensor.topk``) or a global name bound to torch's own function (``from torch import
+    topk``) is such a place. Code reached in other ways (a callable passed in as an argument,
+    held in a local variable or a container, or reached through two attributes) is not read. A
+    router with any such place keeps the mode: only a router whose reachable code calls these
+    through ``torch.`` goes lean.
     """
     out: list[str] = []
-    used: set[str] = set()
     seen: set[int] = set()
     originals = {id(fn): name for name, fn in ORIGINALS.items()}
 
@@ -328,6 +255,9 @@ def reach(forward: Callable[..., Any]) -> tuple[list[str], frozenset[str]]:
 
     def read(fn: Any, owner: Any, depth: int) -> None:
         fn = getattr(fn, "__func__", fn)
+        wrapped = getattr(fn, "__wrapped__", None)
+        if wrapped is not None and wrapped is not fn:  # a decorated function: what it wraps too
+            read(wrapped, owner, depth + 1)
         code = getattr(fn, "__code__", None)
         if code is None or id(code) in seen:
             return
@@ -335,9 +265,34 @@ def reach(forward: Callable[..., Any]) -> tuple[list[str], frozenset[str]]:
             out.append(f"{getattr(fn, '__qualname__', fn)} (too deep to read)")
             return
         module = getattr(fn, "__module__", "") or ""
-        if module == "torch" or module.startswith("torch."):
+        if _is_torch(module):
             return  # torch's own code
+        for cell in getattr(fn, "__closure__", None) or ():  # a decorator's wrapper calls what it closes over
+            try:
+                held = cell.cell_contents
+            except ValueError:  # (an empty cell)
+                continue
+            if isinstance(held, types.FunctionType):
+                read(held, owner, depth + 1)
         read_code(code, getattr(fn, "__globals__", {}), owner, depth)
+
+    def read_attribute(target: Any, depth: int) -> None:
+        """What a router reaches as ``self.<name>``: a method, a submodule, a function or a callable object."""
+        if isinstance(target, torch.nn.Module):
+            if getattr(target.forward, "__moe_replay_hook__", None) is not None:
+                return  # another router reads its own
+            forward = type(target).forward
+            if _is_torch(getattr(forward, "__module__", "") or ""):  # a container's: its children's
+                for child in target.children():
+                    read_attribute(child, depth + 1)
+            else:
+                read(forward, target, depth + 1)
+        elif isinstance(target, types.MethodType):
+            read(target, target.__self__, depth + 1)
+        elif isinstance(target, types.FunctionType):  # a function kept as an attribute
+            read(target, None, depth + 1)
+        elif isinstance(call := _call_of(target), types.FunctionType):  # an object called like one
+            read(call, target, depth + 1)
 
     def read_code(code: types.CodeType, names: dict[str, Any], owner: Any, depth: int) -> None:
         seen.add(id(code))
@@ -351,25 +306,19 @@ def reach(forward: Callable[..., Any]) -> tuple[list[str], frozenset[str]]:
             if calls_super and op.startswith(("LOAD_ATTR", "LOAD_METHOD", "LOAD_SUPER_ATTR")) and isinstance(name, str):
                 for cls in type(owner).__mro__:  # super().<name>: any class's <name> (all of them read)
                     found = cls.__dict__.get(name)
+                    if isinstance(found, (staticmethod, classmethod)):
+                        found = found.__func__
                     if isinstance(found, types.FunctionType):
                         read(found, owner, depth + 1)
-            if (
-                previous is not None
-                and previous.opname.startswith(("LOAD_GLOBAL", "LOAD_NAME"))
-                and names.get(previous.argval) is torch
-                and (not op.startswith(("LOAD_ATTR", "LOAD_METHOD")) or name == "__dict__")
-            ):  # the module itself handed on (getattr(torch, name), torch.__dict__...): any name may be called
-                used.update(_NAMES)
             if op.startswith(("LOAD_ATTR", "LOAD_METHOD")) and isinstance(name, str):
                 base = previous
-                on_torch = (
-                    base is not None
-                    and base.opname.startswith(("LOAD_GLOBAL", "LOAD_NAME"))
-                    and names.get(base.argval) is torch
+                named = (
+                    names.get(base.argval, getattr(builtins, base.argval, None))
+                    if base is not None and base.opname.startswith(("LOAD_GLOBAL", "LOAD_NAME"))
+                    else None
                 )
-                if name in _NAMES and on_torch:
-                    used.add(name)
-                elif name in _NAMES:
+                on_torch = named is torch
+                if name in _NAMES and not on_torch:
                     out.append(f".{name} at {where(code, ins)}")
                 elif (
                     base is not None
@@ -377,17 +326,13 @@ def reach(forward: Callable[..., Any]) -> tuple[list[str], frozenset[str]]:
                     and base.argval == self_name
                     and owner is not None
                 ):
-                    target = getattr(owner, name, None)
-                    if isinstance(target, torch.nn.Module):
-                        inner = target.forward
-                        if getattr(inner, "__moe_replay_hook__", None) is None:  # another router reads its own
-                            read(type(target).forward, target, depth + 1)
-                    elif isinstance(target, types.MethodType):
-                        read(target, target.__self__, depth + 1)
-                    elif isinstance(target, types.FunctionType):  # a function kept as an attribute
+                    read_attribute(getattr(owner, name, None), depth)
+                elif isinstance(named, (types.ModuleType, type)) and not _is_torch(
+                    getattr(named, "__name__" if isinstance(named, types.ModuleType) else "__module__", "") or ""
+                ):  # a function of a module or class the code names: utils.route, Routing.pick
+                    target = getattr(named, name, None)
+                    if isinstance(target, (types.FunctionType, types.MethodType)):
                         read(target, None, depth + 1)
-                    elif isinstance(call := _call_of(target), types.FunctionType):
-                        read(call, target, depth + 1)  # an object called like one
             elif op.startswith(("LOAD_GLOBAL", "LOAD_NAME")) and isinstance(name, str):
                 target = names.get(name, getattr(builtins, name, None))
                 if id(target) in originals:
@@ -399,7 +344,12 @@ def reach(forward: Callable[..., Any]) -> tuple[list[str], frozenset[str]]:
             previous = ins
 
     read(forward, getattr(forward, "__self__", None), 0)
-    return out, frozenset(used)
+    return out
+
+
+def _is_torch(module: str) -> bool:
+    """Is this module name torch's own (``torch`` or ``torch.*``)?"""
+    return module == "torch" or module.startswith("torch.")
 
 
 def _call_of(obj: Any) -> Any:

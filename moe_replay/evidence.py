@@ -86,7 +86,6 @@ class _Nesting(threading.local):
     lean: Any = None  # the router hook whose lean forward runs innermost now (see moe_replay._lean)
     auditing = False  # a forward is checking that its calls come through the lean wrappers
     via: Any = None  # the original torch function a lean wrapper is calling right now
-    used: Any = None  # auditing: the set of torch functions called through the wrappers so far
     probing = 0  # probe runs in progress in this thread: routers nested in a probed scope run plainly
 
 

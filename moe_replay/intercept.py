@@ -136,8 +136,8 @@ _cuda_capturing = _torch_compat.stream_capturing
 _cuda_bad_fork = _torch_compat.bad_fork
 _grad = torch.is_grad_enabled
 _get_ident = threading.get_ident
-_LEAN_NAMES, _LEAN_SWAP, _lean_put_in = _lean.NAMES, _lean.SWAP, _lean.put_in
-_LeanNames = _lean.Names
+_LEAN_NAMES, _LEAN_SWAP, _lean_current = _lean.NAMES, _lean.SWAP, _lean.CURRENT
+_LEAN_OURS, _LEAN_THEIRS, _LEAN_ON, _LEAN_OFF = _lean.OURS, _lean.THEIRS, _lean.ON, _lean.OFF
 _NO_REGIONS: list[tuple[Any, bool]] = []  # returned, never changed, when a call is in no region
 
 
@@ -233,8 +233,8 @@ class RouterHook:
     _compiled: bool = False  # this forward is being traced by torch.compile
     _eager: bool = True  # this forward runs eagerly, outside CUDA-graph capture: host-side counts hold
     # per mode: the evidence a forward was audited under, and whether every call it acted on came
-    # through the lean wrappers (then later forwards run without the mode), and the names they swap
-    _lean: dict[tuple[bool, bool], tuple[Evidence, bool, str, _LeanNames]] = field(default_factory=dict)
+    # through the lean wrappers (then later forwards run without the mode)
+    _lean: dict[tuple[bool, bool], tuple[Evidence, bool, str]] = field(default_factory=dict)
     _missed: bool = False  # the audit saw a call that did not come through a lean wrapper
     # the lean fast path: the form of the decision call it answers, learned at the last one answered in full
     # (its ordinal, the arguments after the scores, the keywords, the scores' width and dtype); and, in a
@@ -380,7 +380,7 @@ class RouterHook:
         self._entry_grad = torch.is_grad_enabled()
         state = NESTING
         try:
-            if how == "lean" and not _lean.enter(lean[3]):  # another library wraps one of the names: the mode
+            if how == "lean" and not _lean.enter():  # another library wraps one of the names: the mode
                 _lean.leave()
                 how = "mode"
             if how == "lean":  # the lean wrappers hand this forward's decision-like calls to on_lean
@@ -393,14 +393,12 @@ class RouterHook:
             elif how == "audit":  # the mode decides, and checks that every call it acts on came through a wrapper
                 self._missed = False
                 auditing, state.auditing = state.auditing, True
-                outer_used, state.used = state.used, set()
                 _lean.enter()
                 try:
                     with _DecisionMode(self, compiling, audit=True):
                         out = forward(*args, **kwargs)
                 finally:
                     state.auditing = auditing
-                    audited, state.used = state.used, outer_used
                     _lean.leave()
             else:
                 with _DecisionMode(self, compiling):
@@ -415,7 +413,7 @@ class RouterHook:
                 self._check_returned(ev, out)
             if how == "audit":  # later forwards in this mode go lean when every call came through a wrapper,
                 # and no other branch of the router's code could make one that does not
-                places, names = _lean.reach(forward)
+                places = _lean.bypasses(forward)
                 why = (
                     f"its code calls {places[0]}, not through torch's function"
                     if places
@@ -423,8 +421,7 @@ class RouterHook:
                     if self._missed
                     else ""
                 )
-                names = _lean.names_of(names | _lean.MASKS | {_lean.NAME_OF[f] for f in audited})
-                self._lean[self.mode()] = (ev, not why, why, names)
+                self._lean[self.mode()] = (ev, not why, why)
         return out
 
     def _refused_lean(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -933,16 +930,14 @@ class ScopedForward:
             hook._fast = fast
         else:
             hook._regions, hook._slow, hook._fast = _regions(), True, None
-        # the wrappers of the names it can reach in place (_lean.enter, inline), unless another library
-        # wraps one of them since
-        names, swap, mine = _LEAN_NAMES, _LEAN_SWAP, lean[3]
+        # the wrappers in place (_lean.enter, inline), unless another library wraps one of the names since
+        names, swap = _LEAN_NAMES, _LEAN_SWAP
         refused = False
         with swap.lock:
             swap.depth = depth = swap.depth + 1
-            if depth == 1 and mine.current(names) == mine.theirs:  # the usual case, in one go
-                names.update(mine.on)
-                swap.put = mine
-            elif not _lean_put_in(mine):
+            if depth == 1 and _lean_current(names) == _LEAN_THEIRS:  # the usual case, in one go
+                names.update(_LEAN_ON)
+            elif _lean_current(names) != _LEAN_OURS:
                 swap.depth = depth - 1
                 refused = True
         if refused:  # (with the lock let go: the forward may nest routers)
@@ -960,9 +955,8 @@ class ScopedForward:
                 with swap.lock:  # (_lean.leave, inline)
                     swap.depth = depth = swap.depth - 1
                     if depth == 0:
-                        put = swap.put
-                        if put is mine and mine.current(names) == mine.ours:
-                            names.update(mine.off)
+                        if _lean_current(names) == _LEAN_OURS:
+                            names.update(_LEAN_OFF)
                         else:
                             _lean.put_back()
         except RuntimeError as e:

@@ -8,6 +8,7 @@ own code sees. The rows are observed independently, from the experts' inputs (te
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import Callable
 
 import pytest
@@ -149,111 +150,6 @@ def test_a_lean_forward_that_makes_another_decision_like_call_is_refused() -> No
             r.extra_argmax = True
         with session.capture(), pytest.raises(mr.UnsupportedRouterError, match="control flow changed"):
             model(_x(3))
-
-
-def _swapped_now() -> list[str]:
-    """The wrapped names bound to a wrapper now."""
-    return [name for name, fn in _lean.ORIGINALS.items() if _lean.NAMES[name] is not fn]
-
-
-class Swapped(SeenModes):
-    """Notes, in each forward, which of the wrapped names are bound to a wrapper while its code runs."""
-
-    def __init__(self, top_k: int = 2) -> None:
-        super().__init__(top_k)
-        self.note = _swapped_now  # (read with the router's code: it calls none of the names)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.swapped = self.note()
-        return super().forward(x)
-
-
-def _argmax_in_torch(probs: torch.Tensor) -> torch.Tensor:
-    return torch.argmax(probs, dim=-1, keepdim=True)
-
-
-_argmax_in_torch.__module__ = "torch._moe_replay_test"  # read as torch's own code: not read at all
-
-
-class TorchDecides(Swapped):
-    """A top-1 router whose decision is made inside a function of torch's own (its code is not read)."""
-
-    def __init__(self) -> None:
-        super().__init__(top_k=1)
-
-    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = _argmax_in_torch(probs)
-        return probs.gather(-1, idx), idx
-
-
-class ByName(Swapped):
-    """Reaches torch's functions by name: every wrapped name may be called."""
-
-    extra: str | None = None
-
-    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.extra is not None:
-            probs = probs + 0 * getattr(torch, self.extra)(probs, dim=-1, keepdim=True)
-        return torch.topk(probs, self.top_k, dim=-1)
-
-
-def test_a_lean_forward_swaps_only_the_names_its_router_can_reach() -> None:
-    model = TwoLayers(lambda: RouterBlock(Swapped()))
-    _capture_replay_exact(model, forwards=3)
-    for r in _routers(model):
-        assert r.modes[-1] == 0
-        # read in its code: torch.topk, torch.argmax; and the masks, always
-        assert r.swapped == ["topk", "argmax", "masked_fill", "where"], r.swapped
-    assert all(getattr(torch, name) is fn for name, fn in _lean.ORIGINALS.items())
-
-
-def test_a_decision_made_inside_torchs_own_code_swaps_the_names_the_audit_saw() -> None:
-    model = TwoLayers(lambda: RouterBlock(TorchDecides()))
-    _capture_replay_exact(model, forwards=3)
-    for r in _routers(model):
-        assert r.modes[-1] == 0 and r.swapped == ["argmax", "masked_fill", "where"], (r.modes, r.swapped)
-
-
-def test_a_router_reaching_torch_by_name_swaps_every_name_and_a_new_call_is_refused() -> None:
-    model = TwoLayers(lambda: RouterBlock(ByName()))
-    with mr.attach(model) as session, torch.no_grad():
-        with session.capture():
-            model(_x())
-            model(_x(2))
-        r = _routers(model)[0]
-        assert r.modes[-1] == 0 and r.swapped == list(_lean.ORIGINALS), (r.modes, r.swapped)
-        for r in _routers(model):
-            r.extra = "argmin"
-        with session.capture(), pytest.raises(mr.UnsupportedRouterError, match="control flow changed"):
-            model(_x(3))
-
-
-def test_forwards_running_together_each_get_their_names_and_the_last_puts_every_one_back() -> None:
-    # a second router forward (nested in the first, or in another thread) with names of its own
-    first, second = _lean.names_of(["topk"]), _lean.names_of(["masked_fill", "topk"])
-    assert _lean.enter(first)
-    assert _swapped_now() == ["topk"]
-    assert _lean.enter(second)
-    assert _swapped_now() == ["topk", "masked_fill"]
-    _lean.leave()
-    assert _swapped_now() == ["topk", "masked_fill"]  # the first still runs
-    _lean.leave()
-    assert _swapped_now() == [] and _lean.SWAP.depth == 0
-
-
-def test_a_name_another_library_wrapped_is_refused_and_nothing_else_is_swapped() -> None:
-    original = torch.masked_fill
-    theirs = lambda *a, **k: original(*a, **k)  # noqa: E731
-    torch.masked_fill = theirs
-    try:
-        assert not _lean.enter(_lean.names_of(["masked_fill", "topk"]))
-        assert _swapped_now() == ["masked_fill"] and torch.masked_fill is theirs  # (theirs, not ours)
-        _lean.leave()
-        assert _lean.enter(_lean.names_of(["topk"]))  # a router that does not call it is not concerned
-        _lean.leave()
-        assert torch.masked_fill is theirs and torch.topk is _lean.ORIGINALS["topk"]
-    finally:
-        torch.masked_fill = original
 
 
 class FunctionalGroups(GroupLimitedRouter):
@@ -532,21 +428,68 @@ def _late_mask(probs: torch.Tensor) -> torch.Tensor:
     return probs
 
 
-class AttributeMask(SeenModes):
-    """Masks through a function kept as an attribute, with a tensor method, only in long forwards."""
+def _decorated(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def wrapper(*args: torch.Tensor) -> torch.Tensor:  # (no functools.wraps: found through the closure)
+        return fn(*args)
 
-    def __init__(self) -> None:
+    return wrapper
+
+
+helpers = types.ModuleType("helpers")  # a module of the user's, named by the router's code
+helpers.late_mask = _late_mask
+
+
+class _Masking:
+    """Holds the mask as a static method, and as an object called like a function."""
+
+    pick = staticmethod(_late_mask)
+
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        return _late_mask(probs)
+
+
+class _MaskModule(nn.Module):
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        return _late_mask(probs)
+
+
+class MaskedSomewhere(SeenModes):
+    """Masks with a tensor method, only in long forwards, in code reached in one of several ways."""
+
+    def __init__(self, how: str) -> None:
         super().__init__()
-        self.mask = _late_mask
+        self.how = how
+        self.mask = _late_mask  # a function kept as an attribute
+        self.masking = _Masking()  # an object called like a function
+        self.stages = nn.ModuleList([_MaskModule()])  # a container's child
 
     def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.topk(self.mask(probs), self.top_k, dim=-1)
+        if self.how == "attribute":
+            probs = self.mask(probs)
+        elif self.how == "callable object":
+            probs = self.masking(probs)
+        elif self.how == "module function":
+            probs = helpers.late_mask(probs)
+        elif self.how == "static method":
+            probs = _Masking.pick(probs)
+        elif self.how == "container child":
+            for stage in self.stages:
+                probs = stage(probs)
+        elif self.how == "decorated":
+            probs = _closure_masked(probs)
+        return torch.topk(probs, self.top_k, dim=-1)
 
 
-def test_a_mask_in_a_function_kept_as_an_attribute_keeps_the_router_under_the_mode() -> None:
-    """The audited forward has no mask; the function the router keeps as an attribute is read too, so
-    the router never goes lean, and the replay reads forced experts' unmasked scores."""
-    model = TwoLayers(lambda: RouterBlock(AttributeMask()))
+_closure_masked = _decorated(_late_mask)
+READ_WAYS = ["attribute", "callable object", "module function", "static method", "container child", "decorated"]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", READ_WAYS)
+def test_a_mask_in_code_reached_other_ways_keeps_the_router_under_the_mode(how: str) -> None:
+    """The audited forward has no mask; the code it sits in is read too, so the router never goes lean,
+    and the replay reads forced experts' unmasked scores."""
+    model = TwoLayers(lambda: RouterBlock(MaskedSomewhere(how)))
     weights: list[torch.Tensor] = []
     handles = [
         layer.router.register_forward_hook(lambda m, a, out: weights.append(out[0].detach())) for layer in model.layers
@@ -566,6 +509,40 @@ def test_a_mask_in_a_function_kept_as_an_attribute_keeps_the_router_under_the_mo
         h.remove()
     assert [layer.router.modes[-1] for layer in model.layers] == [1, 1]  # the mode
     assert all(bool((w > 0).all()) for w in weights[-2:])  # no forced expert got the masked 0.0
+
+
+def _reroute_overflow(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Switch-style capacity in a helper module: a token whose expert is full goes to its best one with room."""
+    full = torch.bincount(idx.flatten(), minlength=probs.shape[-1]) > 2
+    if bool(full.any()):  # only when a forward overflows an expert (long forwards)
+        alt = torch.argmax(probs - 2.0 * full.to(probs.dtype), dim=-1, keepdim=True)
+        idx = torch.where(full[idx], alt, idx)
+    return idx
+
+
+helpers.reroute_overflow = _reroute_overflow
+
+
+class Rerouting(SeenModes):
+    def __init__(self) -> None:
+        super().__init__(top_k=1)
+
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = helpers.reroute_overflow(probs, torch.topk(probs, 1, dim=-1).indices)
+        return probs.gather(-1, idx), idx
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_decision_like_call_in_a_helper_on_a_branch_the_audit_did_not_take_is_refused() -> None:
+    model = TwoLayers(lambda: RouterBlock(Rerouting()))
+    g = torch.Generator().manual_seed(1)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(torch.randn(2, D, generator=g))  # two tokens: no expert overflows
+            model(torch.randn(2, D, generator=g))
+        assert _routers(model)[0].modes[-1] == 0  # lean by now
+        with session.capture(), pytest.raises(mr.UnsupportedRouterError, match="control flow changed"):
+            model(torch.randn(8 * T, D, generator=g))  # experts overflow: the helper's argmax reroutes
 
 
 def test_a_library_that_wraps_a_name_after_the_audit_sends_the_router_back_to_the_mode() -> None:
