@@ -281,3 +281,16 @@ def test_spans_times_every_router_call_of_each_variant_against_the_plain_one(tmp
     assert r["plain"]["added_us"] == 0 and all(v["span_us"] > 0 and v["step_host_ms"] > 0 for v in r.values())
     assert r["capture"]["added_us"] == r["capture"]["span_us"] - r["plain"]["span_us"]  # one round
     assert "| capture |" in text.getvalue()
+
+
+def test_instructions_runs_each_variant_and_reads_callgrinds_totals(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import instructions
+
+    for variant in instructions.VARIANTS:  # what callgrind runs, here without it
+        instructions.run_calls(variant, 2)
+    report = "version: 1\ncmd: python\nevents: Ir I1mr D1mr D1mw\nfl=(1) x.c\n1 2 0 0 0\ntotals: 1200 30 4 5\n"
+    assert instructions.collected(report) == {"Ir": 1200, "I1mr": 30, "D1mr": 4, "D1mw": 5}
+    with pytest.raises(RuntimeError, match="totals"):
+        instructions.collected("events: Ir\n")
+    monkeypatch.setattr(instructions.shutil, "which", lambda name: None)
+    assert instructions.main(["--calls", "1"]) == 2  # no valgrind: says so instead of a number
