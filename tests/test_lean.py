@@ -401,6 +401,13 @@ def test_a_mask_in_a_branch_the_audit_did_not_take_keeps_the_router_under_the_mo
     """The audited forward has no mask; a later, longer forward masks with a tensor method. The router's
     code is read too, so it never goes lean, and the replay reads forced experts' unmasked scores."""
     model = TwoLayers(lambda: RouterBlock(router()))
+    weights = _replayed_weights_of_a_long_forward(model)
+    assert [layer.router.modes[-1] for layer in model.layers] == [1, 1]
+    assert all(bool((w > 0).all()) for w in weights)  # no forced expert got the masked 0.0
+
+
+def _replayed_weights_of_a_long_forward(model: nn.Module) -> list[torch.Tensor]:
+    """Capture two short forwards and a long one, perturb, replay them: each router's weights in the long one."""
     weights: list[torch.Tensor] = []
     handles = [
         layer.router.register_forward_hook(lambda m, a, out: weights.append(out[0].detach())) for layer in model.layers
@@ -418,8 +425,7 @@ def test_a_mask_in_a_branch_the_audit_did_not_take_keeps_the_router_under_the_mo
                 model(x)
     for h in handles:
         h.remove()
-    assert [layer.router.modes[-1] for layer in model.layers] == [1, 1]
-    assert all(bool((w > 0).all()) for w in weights[-2:])  # no forced expert got the masked 0.0
+    return weights[-len(model.layers) :]
 
 
 def _late_mask(probs: torch.Tensor) -> torch.Tensor:
@@ -490,25 +496,9 @@ def test_a_mask_in_code_reached_other_ways_keeps_the_router_under_the_mode(how: 
     """The audited forward has no mask; the code it sits in is read too, so the router never goes lean,
     and the replay reads forced experts' unmasked scores."""
     model = TwoLayers(lambda: RouterBlock(MaskedSomewhere(how)))
-    weights: list[torch.Tensor] = []
-    handles = [
-        layer.router.register_forward_hook(lambda m, a, out: weights.append(out[0].detach())) for layer in model.layers
-    ]
-    xs = [_x(1), _x(2), torch.randn(2 * T, D, generator=torch.Generator().manual_seed(3))]
-    with mr.attach(model) as session:
-        with torch.no_grad(), session.capture():
-            for x in xs:
-                model(x)
-        routes = session.routes()
-        perturb(model)
-        weights.clear()
-        with torch.no_grad(), session.replay(routes):
-            for x in xs:
-                model(x)
-    for h in handles:
-        h.remove()
+    weights = _replayed_weights_of_a_long_forward(model)
     assert [layer.router.modes[-1] for layer in model.layers] == [1, 1]  # the mode
-    assert all(bool((w > 0).all()) for w in weights[-2:])  # no forced expert got the masked 0.0
+    assert all(bool((w > 0).all()) for w in weights)  # no forced expert got the masked 0.0
 
 
 def _reroute_overflow(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
