@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 import dis
 import functools
+import inspect
 import operator
 import threading
 import types
@@ -326,12 +327,22 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
                     and base.argval == self_name
                     and owner is not None
                 ):
-                    read_attribute(getattr(owner, name, None), depth)
+                    static = inspect.getattr_static(owner, name, None)
+                    if isinstance(static, property):  # its getter is code the router runs: read, not run
+                        read(static.fget, owner, depth + 1)
+                    else:
+                        try:
+                            target = getattr(owner, name, None)
+                        except Exception:  # (an attribute that fails to resolve fails the router's forward too)
+                            target = None
+                        read_attribute(target, depth)
                 elif isinstance(named, (types.ModuleType, type)) and not _is_torch(
                     getattr(named, "__name__" if isinstance(named, types.ModuleType) else "__module__", "") or ""
                 ):  # a function of a module or class the code names: utils.route, Routing.pick
-                    target = getattr(named, name, None)
-                    if isinstance(target, (types.FunctionType, types.MethodType)):
+                    target = inspect.getattr_static(named, name, None)  # (no lazy import, no descriptor run)
+                    if isinstance(target, (staticmethod, classmethod)):
+                        target = target.__func__
+                    if isinstance(target, types.FunctionType):
                         read(target, None, depth + 1)
             elif op.startswith(("LOAD_GLOBAL", "LOAD_NAME")) and isinstance(name, str):
                 target = names.get(name, getattr(builtins, name, None))

@@ -501,6 +501,52 @@ def test_a_mask_in_code_reached_other_ways_keeps_the_router_under_the_mode(how: 
     assert all(bool((w > 0).all()) for w in weights)  # no forced expert got the masked 0.0
 
 
+def _import_on_demand(name: str) -> object:
+    raise ImportError(f"lazy.{name} needs an optional dependency")
+
+
+lazy = types.ModuleType("lazy")  # a module importing its attributes on first use (PEP 562)
+lazy.__getattr__ = _import_on_demand  # type: ignore[method-assign]
+
+
+class NamesALazyModule(SeenModes):
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if probs.shape[0] < 0:  # never: reading the code must not import what the branch would
+            probs = lazy.optional_kernel(probs)
+        return torch.topk(probs, self.top_k, dim=-1)
+
+
+class MasksInAProperty(SeenModes):
+    """Reaches its mask through a property (reading must not run it: it counts its runs)."""
+
+    runs = 0
+
+    @property
+    def masked(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        MasksInAProperty.runs += 1
+        return lambda probs: probs.masked_fill(probs < probs.mean(-1, keepdim=True), 0.0)
+
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if probs.shape[0] > T:
+            probs = self.masked(probs)
+        return torch.topk(probs, self.top_k, dim=-1)
+
+
+def test_reading_a_routers_code_runs_none_of_it_not_even_a_modules_lazy_import() -> None:
+    model = TwoLayers(lambda: RouterBlock(NamesALazyModule()))
+    _capture_replay_exact(model, forwards=3)
+    assert [r.modes[-1] for r in _routers(model)] == [0, 0]  # lean
+
+
+def test_a_property_the_router_reaches_is_read_and_not_run() -> None:
+    model = TwoLayers(lambda: RouterBlock(MasksInAProperty()))
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(_x(1))
+        model(_x(2))
+    assert MasksInAProperty.runs == 0  # short forwards: the branch never ran, and reading ran nothing
+    assert [r.modes[-1] for r in _routers(model)] == [1, 1]  # its getter's code was read: the mode
+
+
 def _reroute_overflow(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Switch-style capacity in a helper module: a token whose expert is full goes to its best one with room."""
     full = torch.bincount(idx.flatten(), minlength=probs.shape[-1]) > 2
