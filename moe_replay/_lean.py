@@ -235,8 +235,9 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
     The audited forward shows that the calls it made came through the wrappers; a later forward
     may take another branch. So the code itself is read too: the scope's ``forward``; the
     functions it names as globals, or as attributes of a module or class it names
-    (``utils.route``, ``Routing.pick``); the methods, submodule forwards (those of a container's
-    children too), functions and callable objects it reaches through ``self`` or ``super()``;
+    (``utils.route``, ``Routing.pick``); the methods, property getters, submodule forwards (those
+    of a container's children too), functions and callable objects it reaches through ``self`` or
+    ``super()``;
     the functions a decorated one wraps; and the functions defined inside all of these. A
     ``topk``/``argmax``/``max``/``min``/``sort``/``argsort``/``kthvalue``/``masked_fill``/``where``
     taken as an attribute of anything but the ``torch`` module (``scores.topk``,
