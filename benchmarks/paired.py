@@ -33,11 +33,13 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
 
 import moe_replay as mr
+from moe_replay.ring import CaptureRing
 
 from .baselines import RecipeRouting
 from .harness import _quantile, synchronize
@@ -51,8 +53,15 @@ _CHUNK = 10
 #: The variants paired against the plain model by default.
 VARIANTS = ("idle", "capture", "replay", "recipe_capture", "recipe_replay")
 #: Also on request (``--variants``): ``wrap``, each router's forward behind one plain Python function that
-#: calls it, the floor of any interception that runs Python at every router call.
-EXTRA_VARIANTS = ("wrap",)
+#: calls it, the floor of any interception that runs Python at every router call; and two diagnostics of what
+#: a capture read from the router's output costs: ``capture_unchecked`` copies the rows with a plain cast
+#: (no check that each names an expert), ``capture_nocopy`` only counts them (nothing recorded: its routes
+#: are void). Neither is a mode of the library.
+EXTRA_VARIANTS = ("wrap", "capture_unchecked", "capture_nocopy")
+
+
+def _count_only(ring: CaptureRing, idx: torch.Tensor) -> None:
+    ring._host += idx.shape[0]
 
 
 def _time(device: torch.device, fn: Callable[[], Any]) -> float:
@@ -108,6 +117,13 @@ def _variant(name: str, model: nn.Module, warm: Callable[[], Any], routes: mr.Ro
             yield
         finally:
             recipe.uninstall()
+        return
+    if name in ("capture_unchecked", "capture_nocopy"):
+        write = CaptureRing.write_eager if name == "capture_unchecked" else _count_only
+        with mock.patch.object(CaptureRing, "write_checked", write), mr.attach(model) as session:
+            warm()
+            with session.capture():
+                yield
         return
     with mr.attach(model) as session:
         warm()
