@@ -580,9 +580,11 @@ class Rerouting(SeenModes):
 
 @pytest.mark.reliability("silent replays")
 def test_a_decision_like_call_in_a_helper_on_a_branch_the_audit_did_not_take_is_never_replayed_wrong() -> None:
-    """The overflow branch reroutes in a helper module. Capture reads the router's output: the rerouted experts,
-    those the experts got. Replaying them, the branch runs again (refused: control flow changed) or not (the
-    experts get exactly the recorded rows): never a silent difference."""
+    """An argmax reroute in a helper module, on a branch the audit did not take: recorded as used, never replayed wrong.
+
+    Capture reads the router's output: the rerouted experts, those the experts got. Replaying them, the branch
+    runs again (refused: control flow changed) or not (the experts get exactly the recorded rows).
+    """
     model = TwoLayers(lambda: RouterBlock(Rerouting()))
     spy = ExpertSpy(model)
     g = torch.Generator().manual_seed(1)
@@ -1045,8 +1047,10 @@ def _other_top_k(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.reliability("silent replays")
 def test_rows_read_from_another_branchs_output_are_what_the_router_used_and_replay_refuses_that_branch() -> None:
-    """A branch that returns another fresh [tokens, k] tensor of experts: capture records what the experts got;
-    a replay that takes that branch again is refused, one that does not forces those rows exactly."""
+    """Another branch returns other fresh indices: capture records the experts used; that branch replayed is refused.
+
+    A replay that does not take the branch forces those rows exactly.
+    """
     model = TwoLayers(lambda: RouterBlock(AfterDecision()))
     spy = ExpertSpy(model)
 
