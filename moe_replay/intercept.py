@@ -14,11 +14,7 @@ Once a router has been audited (one forward under the mode with the lean wrapper
 its eager forwards run *lean*: no mode, the wrappers hand its decision-like calls to
 :meth:`RouterHook.on_lean`, which answers them as the mode would.
 
-* capture: the decision runs natively and its indices are written to the ring; once a
-  lean router's first lean capture has shown that it returns the very tensor its top-k
-  made, untouched, later captures without gradients run its forward plainly and copy the
-  rows from its output as it returns (checked: the same place, a fresh ``[tokens, k]``
-  tensor, every value an expert), with no interception at all (see ``ScopedForward``);
+* capture: the decision runs natively and its indices are written to the ring;
 * replay: the call is answered with ``(source.gather(-1, forced), forced)``, where
   ``source`` is the score tensor (or, when that tensor is a ``masked_fill``/``where``
   of another one, the unmasked scores: group-limited routers mask out groups before
@@ -48,7 +44,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
-from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError
+from .errors import ReplayConsumptionError, UnsupportedRouterError
 from .evidence import DECISION_FUNCS, NESTING, UNWRAP, Evidence, decision_call, establish
 from .ring import CaptureRing, ReplaySource
 
@@ -139,7 +135,6 @@ _CUDA = _torch_compat.CUDA
 _cuda_capturing = _torch_compat.stream_capturing
 _cuda_bad_fork = _torch_compat.bad_fork
 _grad = torch.is_grad_enabled
-_inference = torch.is_inference_mode_enabled
 _get_ident = threading.get_ident
 _LEAN_NAMES, _LEAN_SWAP, _lean_current = _lean.NAMES, _lean.SWAP, _lean.CURRENT
 _LEAN_OURS, _LEAN_THEIRS, _LEAN_ON, _LEAN_OFF = _lean.OURS, _lean.THEIRS, _lean.ON, _lean.OFF
@@ -253,13 +248,6 @@ class RouterHook:
     # per evidence, where the router's output held them when first seen (None: it did not return them)
     _answered: torch.Tensor | None = None
     _returns: tuple[Evidence, int | None, type] | None = None
-    # capture from the router's output (see ScopedForward): learned once per evidence, at a lean capture whose
-    # router returned its top-k decision's own indices, untouched: (evidence, where in the output, the output's
-    # type, the input's last dimension, the indices' dtype, k); and the evidence it was found not to hold for
-    _take: tuple[Evidence, int, type, torch.Size, torch.dtype, int] | None = None
-    _untaken: Evidence | None = None
-    # on CUDA, a _take whose values check is still on its way to the host: (take, flag in pinned memory, event)
-    _pending: tuple[Any, torch.Tensor, Any] | None = None
 
     def __post_init__(self) -> None:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
@@ -347,14 +335,12 @@ class RouterHook:
                 del known[key]
         self._armed = None
         self._form = None
-        self._take = self._pending = None
 
     def _arm(self, ev: Evidence) -> None:
         """The plan of the mode now running: built when it changes in eager code, at every trace when compiled."""
         self._plan = {i: ev.calls[i].signature for i in ev.decision}
         self._armed = ev
         self._form = None
-        self._take = self._pending = None
 
     # ------------------------------------------------------------- scope forward
     def wrap(self, forward: Callable[..., Any]) -> ScopedForward:
@@ -511,109 +497,6 @@ class RouterHook:
             "decision (a setting or a config flag that picks which call dispatches?), so what was recorded or "
             "forced in this forward is not what it returned. The decision is established again at the next "
             "forward"
-        )
-
-    def _learn_take(self, ev: Evidence, out: Any, args: tuple[Any, ...]) -> None:
-        """After a lean capture: may later captures under ``ev`` read the rows from the router's output?
-
-        Yes when the router returned, at a place of its output, the very tensor its top-k decision
-        made (one call), untouched since: no in-place write (its version counter is 0), and the
-        values the ring recorded when the top-k returned (this catches writes through ``.data``,
-        which skip the counter); one row per token of its first argument. Anything else is
-        remembered, so this is tried once per evidence. Transient states (gradients on, inference
-        mode, a fixed ring) leave it for a later forward.
-
-        The values are compared on the device. On CUDA the answer comes back without a host sync
-        (a copy into pinned memory, then an event that :meth:`_settle` polls at later forwards):
-        until it is in, captures keep the interception.
-        """
-        ring, answered, returns = self.capture_ring, self._answered, self._returns
-        if (
-            not self.capturing
-            or self.replaying
-            or ring is None
-            or ring.fixed
-            or not self._eager
-            or torch.is_grad_enabled()
-            or torch.is_inference_mode_enabled()
-            or answered is None
-        ):
-            return
-        self._untaken = ev
-        if returns is None or returns[0] is not ev or returns[1] is None or len(ev.decision) != 1:
-            return
-        at, x = returns[1], args[0] if args else None
-        idx = out if at < 0 else out[at]
-        if (
-            idx is not answered
-            or type(x) is not _TENSOR
-            or x.dim() == 0
-            or x.shape[-1] == 0
-            or idx.dim() != 2
-            or idx.shape[0] * x.shape[-1] != x.numel()
-            or idx.is_inference()
-            or idx._version != 0
-        ):
-            return
-        n = idx.shape[0]
-        differ = (ring.tail(n) != idx).any()
-        ring.table(n)  # (what the next capture's copy gathers from, made now)
-        take = (ev, at, returns[2], x.shape[-1:], idx.dtype, idx.shape[1])
-        if differ.is_cuda:
-            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            flag.copy_(differ, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self._pending = (take, flag, done)
-        elif not differ:
-            self._take = take
-
-    def _settle(self, ev: Evidence) -> None:
-        """The values check of :meth:`_learn_take` on CUDA: once its event has passed, take or not."""
-        pending = self._pending
-        assert pending is not None
-        take, flag, done = pending
-        if take[0] is not ev:
-            self._pending = None
-        elif done.query():
-            self._pending = None
-            if not flag.item():  # (pinned host memory, written by now: no sync)
-                self._take = take
-
-    def _refuse_taken(self, ev: Evidence, out: Any, range_error: RoutesValidationError | None = None) -> None:
-        """A capture read from the router's output found no indices of the established form there: raise."""
-        take, self._take = self._take, None
-        self.forget()
-        decision = " + ".join(ev.calls[i].describe() for i in ev.decision)
-        if range_error is not None:
-            raise UnsupportedRouterError(
-                f"router '{self.name}' returned expert indices outside 0..{self.num_experts - 1} in this forward "
-                f"(a marker such as -1 for a dropped token?), where its decision ({decision}) returned expert "
-                "indices when it was established: these rows cannot be recorded as experts. Nothing was "
-                "recorded for it in this forward; its decision is established again at the next forward"
-            ) from range_error
-        assert take is not None
-        at = take[1]
-        idx = out if at < 0 else out[at] if type(out) is take[2] and isinstance(out, tuple | list) else None
-        if type(idx) is not _TENSOR:
-            got = f"{type(out).__name__}" if idx is None else type(idx).__name__
-        else:
-            try:
-                version = idx._version
-            except RuntimeError:
-                version = 0
-            got = (
-                f"the same tensor changed in place ({version} writes) after it was made"
-                if version
-                else f"a tensor of shape {list(idx.shape)} and dtype {idx.dtype}"
-            )
-        where = "as its output" if at < 0 else f"as item {at} of its output"
-        raise UnsupportedRouterError(
-            f"router '{self.name}' returned the indices of its decision call ({decision}) {where}, untouched, when "
-            f"its decision was established, and {got} in this forward (expected [tokens, {take[5]}] {take[4]}, "
-            "fresh): it took another branch after its decision or changed the indices in place, so what it chose "
-            "cannot be told from its output. Nothing was recorded for it in this forward; its decision is "
-            "established again at the next forward"
         )
 
     def on_lean(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -1023,51 +906,6 @@ class ScopedForward:
         owner = hook.owner
         if owner is not None and owner.ident != _get_ident() and owner.ident is not None:
             hook._admit()  # raises, unless this is a recompute in autograd's thread
-        take = hook._take
-        if (
-            take is not None
-            and take[0] is ev
-            and not grad
-            and not hook.replaying
-            and not hook.verifying
-            and hook.seen is None
-            and NESTING.depth == 0
-            and args
-            and type(x := args[0]) is _TENSOR
-            and x.shape[-1:] == take[3]
-            and (ring := hook.capture_ring) is not None
-            and not _inference()
-            and _top_hooks() is None
-            and _graph_task() == -1
-            and not (_CUDA._initialized and not _cuda_bad_fork() and _cuda_capturing())
-        ):  # a capture that reads the rows from the router's output (learned in _learn_take): no interception.
-            # The output holds a fresh tensor of the established form, or the forward raises; the copy checks
-            # that every value names an expert.
-            try:
-                out = self.__wrapped__(*args, **kwargs)
-            except RuntimeError as e:
-                hook._failed(e)
-                raise
-            at = take[1]
-            idx = out if at < 0 else out[at] if type(out) is take[2] else None
-            try:
-                other = (
-                    type(idx) is not _TENSOR
-                    or idx._version  # (a tensor made in inference mode raises)
-                    or idx.dtype is not take[4]
-                    or idx.shape != (x.numel() // take[3][0], take[5])
-                )
-            except RuntimeError:
-                other = True
-            if other:
-                hook._refuse_taken(ev, out)
-            try:
-                ring.write_checked(idx)
-            except RoutesValidationError as e:
-                hook._refuse_taken(ev, out, e)
-            hook.calls += 1
-            hook.decisions += 1
-            return out
         hook._decided = False
         hook._ordinal = 0
         hook._answered = None
@@ -1141,11 +979,6 @@ class ScopedForward:
             type(out) is not returns[2] or (out if at < 0 else out[at]) is not hook._answered
         ):
             hook._check_returned(ev, out)
-        if hook.capturing and hook._take is None:  # may later captures read the rows from the output?
-            if hook._pending is not None:
-                hook._settle(ev)
-            elif hook._untaken is not ev:
-                hook._learn_take(ev, out, args)
         hook._answered = None
         return out
 

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 
 from . import _torch_compat, _triton
-from .errors import CaptureOverflowError, InvalidArgumentError, RoutesValidationError
+from .errors import CaptureOverflowError, InvalidArgumentError
 
 __all__ = ["OVERFLOW_MARK", "CaptureRing", "ReplaySource", "index_dtype"]
 
@@ -162,7 +162,6 @@ class CaptureRing:
         if capacity < 1:
             raise InvalidArgumentError(f"capacity must be at least 1 row, got {capacity}")
         self.top_k = int(top_k)
-        self.num_experts = int(num_experts)
         self.device = torch.device(device)
         self.dtype = index_dtype(num_experts)
         self.keep_newest = bool(keep_newest)
@@ -180,8 +179,6 @@ class CaptureRing:
         # at; none while the ring is fixed
         self._at: dict[int, torch.Tensor] = {}
         self._view_n = 0
-        # [n, num_experts] tables of 0..num_experts-1 in the ring's dtype, by n: write_checked gathers from them
-        self._tables: dict[int, torch.Tensor] = {}
         if self._cuda:
             _torch_compat.before_graph_capture(_catch_up_all)
             _LAGGING.add(self)
@@ -358,59 +355,6 @@ class CaptureRing:
                 self._prepare_views(start + n, n)
         self._host = start + n
         self._lag += n
-
-    def write_checked(self, idx: torch.Tensor) -> None:
-        """:meth:`write_eager` for indices that no intercepted decision call made (a router's output):
-        every value is checked to name an expert (``0 <= i < num_experts``) as it is copied.
-
-        One kernel, as for :meth:`write_eager`: a ``gather`` from a table of the experts' numbers
-        in the ring's dtype, whose bounds check is the validation. A value outside raises
-        (``RuntimeError`` on the CPU; a device-side assert on CUDA) where a cast alone would wrap it
-        to another expert (-1 to 255 in a ring of bytes) with no error.
-        """
-        n = idx.shape[0]
-        table = self._tables.get(n)
-        if table is None:
-            table = self.table(n)
-        view = self._at.get(self._host) if n == self._view_n else None
-        try:
-            if view is not None:  # decode: the same rows each call
-                torch.gather(table, 1, idx, out=view)
-                self._host += n
-                self._lag += n
-                return
-            rows = torch.gather(table, 1, idx)
-        except RuntimeError as e:
-            raise RoutesValidationError(
-                f"ring '{self.name}': a row names no expert of 0..{self.num_experts - 1}"
-            ) from e
-        self.write_eager(rows)
-
-    def table(self, n: int) -> torch.Tensor:
-        """The ``[n, num_experts]`` table :meth:`write_checked` gathers ``n`` rows from (made now if new)."""
-        if len(self._tables) > 8:
-            self._tables.clear()
-        with torch.inference_mode(False):
-            experts = torch.arange(self.num_experts, dtype=self.dtype, device=self.device)
-        table = self._tables[n] = experts.expand(n, self.num_experts)
-        return table
-
-    def tail(self, n: int) -> torch.Tensor:
-        """The last ``n`` rows eager writes made (a device tensor, in the ring's dtype), for checks.
-
-        Not for a fixed ring, whose eager writes go to the device cursor, which the host does not follow.
-        """
-        if self._fixed:
-            raise AssertionError(f"ring '{self.name}': tail() of a fixed ring")
-        end, start, first = self._host, self._host - n, 0
-        parts = []
-        for seg in self._segments:
-            size = seg.shape[0]
-            lo, hi = max(start - first, 0), min(end - first, size)
-            if lo < hi:
-                parts.append(seg[lo:hi])
-            first += size
-        return torch.cat(parts) if len(parts) != 1 else parts[0]
 
     def _prepare_views(self, start: int, n: int) -> None:
         """Views of the rows ``start, start + n, ...`` of the segment holding ``start`` (up to ``_VIEWS``)."""

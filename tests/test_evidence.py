@@ -488,12 +488,7 @@ class FlaggedBiasByMethod(FlaggedBias):
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("method", [False, True], ids=["lean", "mode"])
 def test_a_flag_that_switches_which_call_dispatches_is_an_error_then_established_again(method: bool) -> None:
-    """A config flag switches which of two same-form top-k calls dispatches: that forward raises, then exact.
-
-    Under the mode, the capture's forward raises. A lean router's capture reads the indices the router returns
-    (the biased ones, those its experts got): the replay's forward, which forces the call the decision was
-    established on, raises instead.
-    """
+    """A config flag switches which of two same-form top-k calls dispatches: that forward raises, then exact."""
     cfg = types.SimpleNamespace(use_bias=False)
     router = FlaggedBiasByMethod if method else FlaggedBias
     model = TwoLayers(lambda: RouterBlock(router(cfg)))
@@ -502,19 +497,12 @@ def test_a_flag_that_switches_which_call_dispatches_is_an_error_then_established
     try:
         with mr.attach(model) as session, torch.no_grad():
             with session.capture():
-                for _ in range(3):
-                    model(x)
+                model(x)
+                model(x)
             cfg.use_bias = True  # the bias steers routing from now on
-            if not method:
-                with session.capture():
-                    model(x)
-                used = [spy.experts_of(b) for b in range(len(session.names))]
-                recorded = session.routes()
-                for b, name in enumerate(session.names):
-                    assert torch.equal(as_sets(recorded.layer(name)), used[b])
             for name in session.names:  # each router, at its next forward
                 with pytest.raises(mr.UnsupportedRouterError, match=f"'{name}' returned .* other indices"):
-                    with session.capture() if method else session.replay(recorded):
+                    with session.capture():
                         model(x)
             with session.capture():  # established again, on the call that now dispatches
                 model(x)

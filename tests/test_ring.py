@@ -95,14 +95,9 @@ def test_capture_hot_path_does_not_reallocate(tokens: torch.Tensor) -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("capacity", [mr.DEFAULT_CAPACITY, 8], ids=["preallocated", "growing"])
-@pytest.mark.parametrize("kind", ["grouped_sigmoid", "softmax_topk"])
-def test_cuda_capture_and_replay_never_sync(capacity: int, kind: str) -> None:
-    """No host sync in capture or replay; with capacity=8 the rings grow several times inside the checked block.
-
-    softmax_topk's routers (lean, returning their top-k's indices) find out inside the checked block that
-    captures may read the rows from their output, and do so from then on.
-    """
-    model = mr.models.build(kind, num_layers=2, expert_impl="dense").cuda()
+def test_cuda_capture_and_replay_never_sync(capacity: int) -> None:
+    """No host sync in capture or replay; with capacity=8 the rings grow several times inside the checked block."""
+    model = mr.models.build("grouped_sigmoid", num_layers=2, expert_impl="dense").cuda()
     x = torch.randint(0, 128, (4, 16), device="cuda")
     with mr.attach(model, capacity=capacity) as session:
         with session.capture(), torch.no_grad():
@@ -121,7 +116,6 @@ def test_cuda_capture_and_replay_never_sync(capacity: int, kind: str) -> None:
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert session.routes().equal(mr.Routes.cat([routes] * 6))
-        assert all((h._take is not None) == (kind == "softmax_topk") for h in session._hooks)
         if capacity == 8:
             assert sum(m["rows"] for m in session.memory().values()) > held  # it grew while checked
 
@@ -288,75 +282,3 @@ def test_eager_reads_then_a_read_by_the_device_cursor_then_eager_reads_stay_in_o
     got = [src.read_eager(3), src.read_eager(3), src.read(4), src.read_eager(3), src.read_eager(2)]
     assert torch.equal(torch.cat(got), rows[:15])
     assert int(src.consumed) == 15
-
-
-@examples(100)
-@given(capacity=st.integers(1, 300), runs=_RUNS, experts=st.sampled_from([5, 64, 256, 300]))
-def test_checked_writes_keep_every_row_and_mix_with_plain_ones(
-    capacity: int, runs: list[tuple[int, int, bool]], experts: int
-) -> None:
-    """write_checked (the rows of a router's output) records what write records, in order with it."""
-    ring = CaptureRing(capacity, 3, experts, torch.device("cpu"))
-    g = torch.Generator().manual_seed(capacity + experts)
-    expected = []
-    for i, (size, times, look) in enumerate(runs):
-        for _ in range(times):
-            idx = torch.randint(0, experts, (size, 3), generator=g)
-            (ring.write_checked if i % 2 == 0 else ring.write)(idx)
-            expected.append(idx.clone())
-            idx.fill_(experts - 1)  # recorded at the call: later writes to the output change nothing
-        if look:
-            assert int(ring.written) == sum(t.shape[0] for t in expected)
-    total = sum(t.shape[0] for t in expected)
-    assert ring.host_written == total
-    assert torch.equal(ring.rows(total).long(), torch.cat(expected))
-
-
-@pytest.mark.parametrize("value", [-1, 256, 300, 2**40])
-@pytest.mark.parametrize("repeat", [False, True], ids=["first write", "decode view"])
-def test_a_checked_write_of_a_value_that_names_no_expert_raises_and_records_nothing(value: int, repeat: bool) -> None:
-    """A plain cast would wrap -1 to expert 255 of a byte ring (256 experts): the checked write refuses it."""
-    ring = CaptureRing(64, 2, 256, torch.device("cpu"))
-    good = torch.randint(0, 256, (4, 2))
-    if repeat:  # the ring has views of the next rows: the check must hold on that path too
-        for _ in range(3):
-            ring.write_checked(good)
-    before = ring.host_written
-    bad = good.clone()
-    bad[2, 1] = value
-    with pytest.raises(mr.RoutesValidationError, match="names no expert"):
-        ring.write_checked(bad)
-    assert ring.host_written == before
-    ring.write_checked(good)
-    assert torch.equal(ring.rows(before + 4)[-4:].long(), good)
-
-
-_CUDA_BAD_WRITE = """
-import torch
-from moe_replay.ring import CaptureRing
-ring = CaptureRing(64, 2, 256, torch.device("cuda"))
-good = torch.randint(0, 256, (4, 2), device="cuda")
-for _ in range(3):
-    ring.write_checked(good)
-bad = good.clone()
-bad[2, 1] = {value}
-ring.write_checked(bad)
-torch.cuda.synchronize()
-print("RECORDED", ring.rows(16).tolist())
-"""
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("value", [-1, 300])
-def test_a_checked_write_on_cuda_of_a_value_that_names_no_expert_fails_loudly(value: int) -> None:
-    """On CUDA the bounds check is a device-side assert, fatal to the process: run in a child."""
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-c", _CUDA_BAD_WRITE.format(value=value)], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode != 0, done.stdout
-    assert "RECORDED" not in done.stdout
-    assert "out of bounds" in done.stderr or "device-side assert" in done.stderr, done.stderr[-2000:]
