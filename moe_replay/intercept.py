@@ -975,10 +975,13 @@ class ScopedForward:
         returns = hook._returns  # (it returned the decision's indices: where, and in what)
         if returns is None or returns[0] is not ev:
             hook._check_returned(ev, out)
-        elif (at := returns[1]) is not None and (
-            type(out) is not returns[2] or (out if at < 0 else out[at]) is not hook._answered
-        ):
-            hook._check_returned(ev, out)
+        elif (at := returns[1]) is not None:
+            try:
+                other = type(out) is not returns[2] or (out if at < 0 else out[at]) is not hook._answered
+            except IndexError:  # a shorter tuple than when established
+                other = True
+            if other:
+                hook._check_returned(ev, out)
         hook._answered = None
         return out
 

@@ -873,3 +873,32 @@ def test_a_replayed_routers_rows_go_when_the_replay_block_ends() -> None:
         model(x)  # idle
         gc.collect()
         assert all(s() is None for s in sources)  # nothing still holds a device copy of the rows
+
+
+class ShorterOutput(SeenModes):
+    """Returns ``(weights, indices)``, or on a later forward (another branch) ``(indices,)`` alone."""
+
+    short = False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w, idx = super().forward(x)
+        return (idx,) if self.short else (w, idx)
+
+
+class LastItemBlock(RouterBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.router(x)[-1]
+        return dispatch(self.experts, x, idx, torch.full(idx.shape, 0.5))
+
+
+def test_a_lean_router_that_returns_a_shorter_tuple_later_is_refused_with_the_librarys_error() -> None:
+    model = TwoLayers(lambda: LastItemBlock(ShorterOutput()))
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            for seed in range(3):
+                model(_x(seed))
+        assert _routers(model)[0].modes[-1] == 0  # lean by now
+        for r in _routers(model):
+            r.short = True
+        with pytest.raises(mr.UnsupportedRouterError, match="other indices"), session.capture():
+            model(_x(4))
