@@ -95,9 +95,10 @@ def test_capture_hot_path_does_not_reallocate(tokens: torch.Tensor) -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("capacity", [mr.DEFAULT_CAPACITY, 8], ids=["preallocated", "growing"])
-def test_cuda_capture_and_replay_never_sync(capacity: int) -> None:
+@pytest.mark.parametrize("kind", ["grouped_sigmoid", "softmax_topk"])  # under the mode; lean
+def test_cuda_capture_and_replay_never_sync(capacity: int, kind: str) -> None:
     """No host sync in capture or replay; with capacity=8 the rings grow several times inside the checked block."""
-    model = mr.models.build("grouped_sigmoid", num_layers=2, expert_impl="dense").cuda()
+    model = mr.models.build(kind, num_layers=2, expert_impl="dense").cuda()
     x = torch.randint(0, 128, (4, 16), device="cuda")
     with mr.attach(model, capacity=capacity) as session:
         with session.capture(), torch.no_grad():
