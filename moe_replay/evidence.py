@@ -293,26 +293,51 @@ class _ProbeMode(TorchFunctionMode):
     """Counts the decision-like calls of one forward; changes or holds some of them."""
 
     def __init__(
-        self, change: int | None, hold: dict[int, Any], slot: int | None = None, values: int | None = None
+        self,
+        change: int | None,
+        hold: dict[int, Any],
+        slot: int | None = None,
+        values: int | None = None,
+        force: dict[int, tuple[Any, int]] | None = None,
+        choices: list[Any] | None = None,
     ) -> None:
         super().__init__()
         self.change, self.hold, self.slot, self.values = change, hold, slot, values
+        # ordinal -> (a result, the slots of it the decision uses): that call is answered as a replay would
+        self.force = force or {}
+        self.answered = 0  # forced calls answered so far in this run
+        # after a forced call: the results of the later choices, in order (see _after), and where each was made;
+        # ``held`` given, each is answered with its own result there
+        self.choices: list[Any] = []
+        self.where: list[str] = []
+        self.held = choices
+        self.unheld = False
         self.depth = NESTING.depth
         self.calls: list[Call] = []
         self.ins: list[torch.Tensor] = []  # each call's scores
         self.outs: list[Any] = []
         self.masked: list[torch.Tensor] = []
         self.unmasked: list[bool] = []  # per call: its input is a masked copy that was seen
+        self.sources: list[tuple[torch.Tensor, torch.Tensor]] = []  # (masked copy, the scores it masks), forcing
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
         func = UNWRAP.get(func, func)
+        answered = self.answered
+        out = self._call(func, args, kwargs)
+        if answered and self.answered == answered:  # a call after the forced decision (not one of its slots)
+            return self._after(func, args, kwargs, out)
+        return out
+
+    def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if func in _MASKS:
             out = func(*args, **kwargs)
             if isinstance(out, torch.Tensor):
                 self.masked.append(out)
+                if self.force and (src := _mask_source(func, args, kwargs, out)) is not None:
+                    self.sources.append((out, src))
             return out
         sig = decision_call(func, args, kwargs) if func in DECISION_FUNCS else None
         if sig is None or NESTING.depth != self.depth:  # not a decision, or one of a router nested inside
@@ -323,15 +348,163 @@ class _ProbeMode(TorchFunctionMode):
         self.ins.append(x)
         self.unmasked.append(any(m is x for m in self.masked))
         if i in self.hold:
-            out = self.hold[i]
+            out = _clone(self.hold[i])  # (the forward may write into what it gets)
+        elif i in self.force:
+            out = _forced(sig[0], *self.force[i], self._unmasked(x), args, kwargs)
+            self.answered += 1
         else:
             out = func(*args, **kwargs)
             if i == self.change:
                 out = _changed(sig[0], out, sig[2]) if self.slot is None else _changed_slot(out, self.slot, sig[2])
             elif i == self.values and sig[0] in _VALUED:
                 out = _changed_values(out)
-        self.outs.append(out)
+        self.outs.append(_clone(out))  # as made: the forward may write into it later
         return out
+
+    def _unmasked(self, x: torch.Tensor) -> torch.Tensor:
+        """The scores ``x`` is a masked copy of (through any chain of masks), else ``x``: a replay reads there."""
+        for out, src in self.sources:
+            if out is x:
+                return self._unmasked(src)
+        return x
+
+    def _after(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        """A call after the forced decision: a *later choice* when it makes integers or booleans out of
+        floating values (a comparison with a threshold, a ``topk``/``argmax``/``sort`` of weights, a
+        rounding cast) or cuts them piecewise (``relu``, ``clamp``, ``threshold``...). Its result is kept,
+        or answered with the one held for it. Tests for an exact zero or a non-finite value (``bool()``,
+        ``nonzero``, ``isnan``, ``x > 0``...) are not choices: they tell an underflow from a weight."""
+        ins = _leaves((args, kwargs), [])
+        if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in ins):
+            return out
+        name = getattr(func, "__name__", "")
+        if name.startswith("_") and not name.startswith("__"):
+            name = name.lstrip("_")  # (F.threshold is torch's _threshold)
+        outs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor)]
+        discrete = any(not (t.is_floating_point() or t.is_complex()) for t in outs)
+        if _tests_zero(name, args, kwargs, outs) or not (discrete or _cuts(name, args)):
+            return out
+        if name.endswith("_like") or name.startswith("new_"):  # (the shape of a tensor, not its values)
+            return out
+        in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE
+        written = _leaves(kwargs.get("out"), []) or ([args[0]] if in_place and args else [])
+        return self._choice(out, [t for t in written if isinstance(t, torch.Tensor)])
+
+    def _choice(self, out: Any, written: list[torch.Tensor]) -> Any:
+        """Keep a later choice's result, or answer it with the one held for it (of the same structure only);
+        what the call wrote into (``out=``, in place) gets the held result too."""
+        n = len(self.choices)
+        self.choices.append(_clone(out))
+        self.where.append(_where())
+        if self.held is None:
+            return out
+        held = self.held[n] if n < len(self.held) else None
+        got, want = _leaves(out, []), _leaves(held, [])
+        if (
+            held is None
+            or len(got) != len(want)
+            or any(
+                isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor)
+                or (isinstance(a, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype))
+                for a, b in zip(got, want, strict=True)
+            )
+        ):
+            self.unheld = True  # the later choices differ in number or shape: they cannot be held
+            return out
+        with torch.no_grad():
+            for t in written:
+                source = next((b for a, b in zip(got, want, strict=True) if a is t), want[0])
+                if isinstance(source, torch.Tensor) and t.shape == source.shape:
+                    t.copy_(source)
+        return out if written and any(out is t for t in written) else _clone(held)
+
+
+#: Operators that write into their first argument.
+_IN_PLACE = frozenset(
+    {"__setitem__"}
+    | {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul")}
+    | {f"__i{op}__" for op in ("and", "or", "xor", "lshift", "rshift")}
+)
+#: Calls that only tell zero (or a non-finite value) from the rest: not a choice by a threshold.
+_ZERO_TESTS = frozenset(
+    {"bool", "nonzero", "nonzero_static", "argwhere", "count_nonzero", "any", "all"}
+    | {"isnan", "isinf", "isfinite", "isposinf", "isneginf", "isreal", "signbit"}
+)
+#: Comparisons, which are a zero test against the number 0.
+_COMPARISONS = frozenset(
+    {"ne", "eq", "not_equal", "gt", "ge", "lt", "le", "greater", "greater_equal", "less", "less_equal"}
+    | {f"__{op}__" for op in ("ne", "eq", "gt", "ge", "lt", "le")}
+)
+#: Piecewise functions that cut floating values (to zero, a bound or a step) without making integers.
+_CUT_NAMES = frozenset(
+    {"relu", "relu6", "threshold", "heaviside", "hardtanh", "clamp", "clamp_min", "clamp_max", "clip"}
+    | {"maximum", "minimum", "fmax", "fmin", "sign", "sgn", "round", "floor", "ceil", "trunc", "fix"}
+    | _COMPARISONS
+)
+
+
+def _cuts(name: str, args: tuple[Any, ...]) -> bool:
+    """Is this call a piecewise cut of floating values (in place, or ``torch.max(a, b)``, too)?"""
+    base = name[:-1] if name.endswith("_") and not name.endswith("__") else name
+    if base in _CUT_NAMES:
+        return True
+    return base in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor)
+
+
+def _tests_zero(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[torch.Tensor]) -> bool:
+    """Does this call only tell zero from nonzero (``bool()``, ``x != 0``, ``x > 0``, ``.to(torch.bool)``...)?"""
+    base = name[:-1] if name.endswith("_") and not name.endswith("__") else name
+    if base in _ZERO_TESTS:
+        return True
+    if base in _COMPARISONS:
+        return any(isinstance(a, numbers.Number) and a == 0 for a in (*args, *kwargs.values()))
+    return name in ("to", "type") and bool(outs) and all(t.dtype == torch.bool for t in outs)
+
+
+def _mask_source(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor | None:
+    """The scores ``out`` is a masked copy of: ``masked_fill``'s input; of ``torch.where``'s two value
+    arguments, the one of the output's shape that is not a fill (constant along the last dimension)."""
+    if out.dim() == 0:
+        return None
+    if func in (torch.masked_fill, torch.Tensor.masked_fill):
+        x = _arg(args, kwargs, 0, "input")
+        return x if isinstance(x, torch.Tensor) and x.shape == out.shape else None
+    a = (args[0] if args else None) if func is torch.Tensor.where else _arg(args, kwargs, 1, "input")
+    b = _arg(args, kwargs, 2, "other")
+    full = [t for t in (a, b) if isinstance(t, torch.Tensor) and t.shape == out.shape]
+    if len(full) == 2:
+        full = [t for t in full if not bool((t == t[..., :1]).all())]
+    return full[0] if len(full) == 1 else None
+
+
+def _forced(
+    family: str, held: Any, used: int, scores: torch.Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> Any:
+    """The answer a replay gives a decision call: the first ``used`` indices of ``held`` (the slots past
+    them, which only feed a statistic, are the best others of the current scores), the values read from
+    ``scores``."""
+    idx = (held if family in ("argmax", "argmin") else held[1]).clone()  # (the forward may write into it)
+    if family == "topk" and used < idx.shape[-1]:
+        lead, span = idx.shape[:-1], idx.shape[-1]
+        rows, source = idx.reshape(-1, span)[:, :used], scores.reshape(-1, scores.shape[-1])
+        idx = torch.cat([rows, best_others(source, rows, span - used, args, dict(kwargs))], dim=1).reshape(*lead, span)
+    at = idx if idx.dim() == scores.dim() else idx.unsqueeze(-1)
+    values = scores.gather(-1, at)
+    if at is not idx:
+        values = values.squeeze(-1)
+    return idx if family in ("argmax", "argmin") else type(held)((values, idx))
+
+
+def best_others(
+    source: torch.Tensor, chosen: torch.Tensor, m: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The ``m`` best experts of each row of ``source`` outside ``chosen`` (-1 entries of ``chosen`` hold
+    none), for a ``topk`` called with ``args``/``kwargs``: what a replay answers the slots past the decision."""
+    largest = bool(args[3] if len(args) > 3 else kwargs.get("largest", True))
+    fill = float("-inf") if largest else float("inf")
+    scores = source.detach().clone()
+    scores.scatter_(-1, chosen.clamp(min=0), torch.where(chosen >= 0, fill, scores.gather(-1, chosen.clamp(min=0))))
+    return scores.topk(m, dim=-1, largest=largest).indices
 
 
 def _leaves(obj: Any, out: list[Any], depth: int = 0) -> list[Any]:
@@ -406,7 +579,11 @@ def _clone(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_clone(v) for v in obj)
+        items = tuple(_clone(v) for v in obj)
+        if type(obj) is not tuple:  # torch.return_types (topk, max...): the same type back
+            with contextlib.suppress(TypeError):
+                return type(obj)(items)
+        return items
     if isinstance(obj, list):
         return [_clone(v) for v in obj]
     if type(obj) is dict:
@@ -534,15 +711,19 @@ class _Prober:
         hold: dict[int, Any] | None = None,
         slot: int | None = None,
         values: int | None = None,
+        force: dict[int, Any] | None = None,
+        inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+        choices: list[Any] | None = None,
     ) -> tuple[Any, _ProbeMode]:
-        mode = _ProbeMode(change, hold or {}, slot, values)
+        mode = _ProbeMode(change, hold or {}, slot, values, force, choices)
+        args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
         self.snapshot.restore()
         NESTING.probing += 1
         try:
             # the caller's grad mode (a router may compute more with gradients on), saving nothing
             # through a checkpoint's saved-tensor hooks
             with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), self.snapshot.hooks_aside(), mode:
-                out = self.forward(*_clone(self.args), **_clone(self.kwargs))
+                out = self.forward(*_clone(args), **_clone(kwargs))
         finally:
             NESTING.probing -= 1
         return out, mode
@@ -620,7 +801,9 @@ def establish(
                 raise _refuse(name, calls, f"the Adapter names call #{call}, which its forward does not make", fix)
             chosen = calls[call]
             k = chosen.k
-            return _verdict(name, calls, (call,), chosen.width, k, top_k, declared_top_k, scope, "named by an Adapter")
+            ev = _verdict(name, calls, (call,), chosen.width, k, top_k, declared_top_k, scope, "named by an Adapter")
+            _refuse_later_choice(name, probe, calls, seen, ev.decision, ev.top_k)
+            return ev
 
         reach: dict[int, int] = {}  # output elements that changing each call changes
 
@@ -707,6 +890,8 @@ def establish(
                             "where only), so a forced expert outside that selection would get a masked weight",
                             "Mask the scores with masked_fill or torch.where",
                         )
+        if shapers and seen.unmasked[slots[0]]:
+            _refuse_shaped_source(name, probe, calls, seen, tuple(slots), used, shapers)
         if shapers and not seen.unmasked[slots[0]]:
             raise _refuse(
                 name,
@@ -724,9 +909,203 @@ def establish(
         k = sum(calls[i].k for i in slots) if len(slots) > 1 else used
         if k < calls[anchor.ordinal].k:
             why += f"; only its first {k} of {calls[anchor.ordinal].k} slots reach the output"
-        return _verdict(name, calls, tuple(slots), anchor.width, k, top_k, declared_top_k, scope, why)
+        ev = _verdict(name, calls, tuple(slots), anchor.width, k, top_k, declared_top_k, scope, why)
+        _refuse_later_choice(name, probe, calls, seen, ev.decision, ev.top_k)
+        return ev
     finally:
         probe.snapshot.restore()
+
+
+def _refuse_shaped_source(
+    name: str,
+    probe: _Prober,
+    calls: Sequence[Call],
+    seen: _ProbeMode,
+    slots: tuple[int, ...],
+    used: int,
+    shapers: Sequence[Call],
+) -> None:
+    """Refuse a decision whose masked scores read through to scores an earlier choice still shapes.
+
+    A replay reads a forced expert's value through the ``masked_fill``/``where`` that made the
+    decision's scores. When what it reads through to was itself built from an earlier choice (a
+    top-4 scattered into zeros, then masked and a top-2 taken), a forced expert outside the
+    earlier choice gets a weight of zero. Seen by holding the decision and moving each earlier
+    choice: the scores read through must not be filled (zero or infinite) in other places.
+    """
+    force = {i: (seen.outs[i], used if len(slots) == 1 else calls[i].k) for i in slots}
+    _, ref = probe.run(force=force)
+    if len(ref.ins) <= slots[0]:
+        return
+    before = ref._unmasked(ref.ins[slots[0]])
+    if before is ref.ins[slots[0]]:
+        return  # (no mask seen in this run)
+    for c in shapers:
+        _, moved = probe.run(change=c.ordinal, force=force)
+        if len(moved.ins) > slots[0] and _fills_moved(before, moved._unmasked(moved.ins[slots[0]])):
+            raise _refuse(
+                name,
+                calls,
+                f"its decision's scores are masked with masked_fill or where, but what that mask reads through "
+                f"to is itself shaped by an earlier choice ({c.describe()}), so a forced expert outside that "
+                "choice would get a masked weight",
+                "Mask the unmasked scores themselves (masked_fill/torch.where on the scores the earlier choice "
+                "was made from)",
+            )
+
+
+def _fills_moved(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Are other places of the scores filled (zero, or infinite as a mask makes them) after than before?"""
+    if before.shape != after.shape:
+        return True
+    a, b = before.detach(), after.detach()
+    return bool((((a == 0) | a.isinf()) != ((b == 0) | b.isinf())).any())
+
+
+#: Random inputs a decision is held on, beside the real inputs with their tokens rolled (seeds).
+_OTHER_INPUTS = (0, 1, 2, 3, 4, 5)
+
+
+def _refuse_later_choice(
+    name: str, probe: _Prober, calls: Sequence[Call], seen: _ProbeMode, decision: tuple[int, ...], k: int
+) -> None:
+    """Refuse a router whose forward chooses again from the current scores after its decision.
+
+    A replay forces the decision; a later choice made from the scores (a top-p or minimum-weight
+    cut, tokens dropped by score over a capacity) would run on the replayed forward's own scores
+    and keep other experts than the recorded ones, with no error. So the decision is held as a
+    replay answers it (the recorded indices, the values read from the current scores), and the
+    calls after it that make integers or booleans out of floating values, or cut them piecewise,
+    are its later choices (see :meth:`_ProbeMode._after`). Where there are any, the forward runs
+    on other inputs (the tokens rolled; random values of the inputs' mean and spread) twice:
+    the later choices made afresh, and held at their results on the real inputs. If the
+    output's structure differs between the two (other experts named, zeros in other places: a
+    weight cut to zero is an expert dropped), the later choices pick the experts: refused. So is
+    a forward with later choices that cannot be checked (no other input runs). Choices that do
+    not reach the output (a statistic, a log) or always agree (a guarded division) pass, and so
+    does a weight under a thousandth of the largest, too small to tell from rounding.
+    """
+    force = {i: (seen.outs[i], k if len(decision) == 1 else calls[i].k) for i in decision}
+    _, first = probe.run(force=force)
+    if not first.choices:
+        return  # nothing chosen after the decision
+    chosen = " + ".join(calls[i].describe() for i in decision)
+    later = ", ".join(dict.fromkeys(first.where))
+    fix = (
+        "Make that choice part of the decision (mask the scores with masked_fill or torch.where before the "
+        "top-k), or drop tokens and experts after it only by rules that do not read the scores (position, a "
+        "fixed capacity)"
+    )
+    checked = 0
+    for inputs in _other_inputs(probe.args, probe.kwargs):
+        try:
+            fresh, _ = probe.run(force=force, inputs=inputs)
+        except Exception:  # (a forward that fails on other inputs tells nothing either way)
+            continue
+        checked += 1
+        try:
+            held, holding = probe.run(force=force, inputs=inputs, choices=first.choices)
+            where = "the number or shape of its later choices" if holding.unheld else _restructured(fresh, held, k)
+        except Exception as e:
+            where = f"whether its forward runs at all ({type(e).__name__} when they are held)"
+        if where is not None:
+            raise _refuse(
+                name,
+                calls,
+                f"after its decision ({chosen}) its forward chooses again from the current scores (at {later}): "
+                f"with the decision held, {where} changes when the scores change. A replay forces the decision "
+                "but not that later choice (a top-p or minimum-weight cut, tokens dropped by score over a "
+                "capacity), so the experts used would not be the recorded ones",
+                fix,
+            )
+    if not checked:
+        raise _refuse(
+            name,
+            calls,
+            f"after its decision ({chosen}) its forward makes choices from floating values (at {later}) that "
+            "could not be checked: it takes no floating input of two or more dimensions to vary, or fails on "
+            "every other input tried. A later choice from the current scores would not be replayed",
+            fix + "; or name the module whose forward returns the decision with include=",
+        )
+
+
+def _other_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The inputs with their first floating tensor of two or more dimensions (the hidden states, also in a
+    list, tuple or dict) replaced: its tokens rolled (by one, and by half), then random values of its
+    mean and spread (the last two of four times its spread). Nothing when there is none."""
+    found = _first_floating((args, kwargs))
+    if found is None:
+        return
+    x = found[1]
+    rows = x.detach().reshape(-1, x.shape[-1])
+    ref = x.detach().float()
+    others: list[torch.Tensor] = []
+    for shift in dict.fromkeys((1, rows.shape[0] // 2)):
+        if 0 < shift < rows.shape[0]:
+            others.append(rows.roll(shift, 0).reshape(x.shape))
+    for seed in _OTHER_INPUTS:  # the last ones four times as spread: sharper scores, more lopsided weights
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        spread = ref.std(unbiased=False) * (4 if seed >= len(_OTHER_INPUTS) - 2 else 1)
+        others.append((noise.to(x.device) * spread + ref.mean()).to(x.dtype))
+    for other in others:
+        new_args, new_kwargs = _replaced((args, kwargs), found[0], other)
+        yield new_args, new_kwargs
+
+
+def _first_floating(obj: Any, depth: int = 0) -> tuple[tuple[Any, ...], torch.Tensor] | None:
+    """``(path, tensor)`` of the first floating tensor of two or more dimensions in nested tuples, lists, dicts."""
+    if isinstance(obj, torch.Tensor):
+        ok = obj.is_floating_point() and obj.dim() >= 2 and obj.numel() > 1
+        return ((), obj) if ok else None
+    if depth > 4:
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
+    for key, value in items:
+        found = _first_floating(value, depth + 1)
+        if found is not None:
+            return (key, *found[0]), found[1]
+    return None
+
+
+def _replaced(obj: Any, path: tuple[Any, ...], value: Any) -> Any:
+    """``obj`` with the item at ``path`` replaced (containers copied along the path)."""
+    if not path:
+        return value
+    key, rest = path[0], path[1:]
+    if isinstance(obj, dict):
+        return {**obj, key: _replaced(obj[key], rest, value)}
+    items = list(obj)
+    items[key] = _replaced(items[key], rest, value)
+    return type(obj)(items) if isinstance(obj, list) or type(obj) is tuple else tuple(items)
+
+
+def _restructured(a: Any, b: Any, k: int) -> str | None:
+    """Which tensor of two outputs of one forward has another structure, or None: other integers (rows of
+    ``k`` compared as sets: an order of slots is no other choice), or zeros in other places. Scalars
+    (statistics) are not compared."""
+    la, lb = _leaves(a, []), _leaves(b, [])
+    if len(la) != len(lb):
+        return "the number of tensors it returns"
+    for n, (x, y) in enumerate(zip(la, lb, strict=True)):
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dim() == 0:
+            continue
+        what = f"tensor #{n} of its output"
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return f"the shape of {what}"
+        x, y = x.detach(), y.detach()
+        if not (x.is_floating_point() or x.is_complex()):
+            if x.dtype != torch.bool and x.shape[-1] == k:
+                x, y = x.sort(-1).values, y.sort(-1).values
+            if not torch.equal(x, y):
+                return f"{what} ({str(x.dtype).removeprefix('torch.')}: the experts it names)"
+            continue
+        x, y = x.abs().double(), y.abs().double()
+        moved = (x == 0) != (y == 0)
+        if bool(moved.any()):
+            scale = float(torch.maximum(x.nan_to_num(0, 0, 0).max(), y.nan_to_num(0, 0, 0).max()))
+            if bool((moved & (torch.maximum(x, y) > 1e-3 * scale)).any()):
+                return f"{what} (which of its weights are zero)"
+    return None
 
 
 def _verdict(

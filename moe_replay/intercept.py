@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
 from .errors import ReplayConsumptionError, UnsupportedRouterError
-from .evidence import DECISION_FUNCS, NESTING, UNWRAP, Evidence, decision_call, establish
+from .evidence import DECISION_FUNCS, NESTING, UNWRAP, Evidence, best_others, decision_call, establish
 from .ring import CaptureRing, ReplaySource
 
 __all__ = ["RouterHook"]
@@ -649,7 +649,7 @@ class RouterHook:
             return forced.reshape(*lead, span)
         source = scores.reshape(-1, num_experts)
         if take < span:  # slots past the decision (a top-(k+1) for a load estimate): the best others
-            forced = torch.cat([forced, _best_others(source, forced, span - take, args, kwargs)], dim=1)
+            forced = torch.cat([forced, best_others(source, forced, span - take, args, kwargs)], dim=1)
         return self._answer(func, args, kwargs, source, forced, lead)
 
     def _start(self, n: int) -> None:
@@ -1025,17 +1025,6 @@ class ScopedForward:
 
     def __repr__(self) -> str:
         return f"<moe_replay forward of router '{self.__moe_replay_hook__.name}'>"
-
-
-def _best_others(
-    source: torch.Tensor, chosen: torch.Tensor, m: int, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> torch.Tensor:
-    """The ``m`` best experts of each row outside ``chosen`` (-1 entries of ``chosen`` hold none)."""
-    largest = bool(args[3] if len(args) > 3 else kwargs.get("largest", True))
-    fill = float("-inf") if largest else float("inf")
-    scores = source.detach().clone()
-    scores.scatter_(-1, chosen.clamp(min=0), torch.where(chosen >= 0, fill, scores.gather(-1, chosen.clamp(min=0))))
-    return scores.topk(m, dim=-1, largest=largest).indices
 
 
 def _holds(out: Any, indices: torch.Tensor) -> bool:

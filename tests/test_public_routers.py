@@ -487,23 +487,19 @@ class ThresholdBlock(nn.Module):
         return out
 
 
-def test_threshold_selection_by_topk_values_is_a_documented_limit() -> None:
-    """A known limit (README "Limits"): experts chosen by comparing scores with a top-k's *values* are
-    not a decision call. The top-k is taken as the decision (its indices reach the returned load),
-    so capture records the right experts, but a forced replay does not move the threshold's choice."""
+@pytest.mark.reliability("silent replays")
+def test_threshold_selection_by_topk_values_is_refused() -> None:
+    """Once a documented limit: experts chosen by comparing scores with a top-k's *values* are not a
+    decision call. The top-k is the decision (its indices reach the returned load), and a forced replay
+    did not move the threshold's choice. That comparison is a later choice from the scores: refused."""
     model = TwoLayers(ThresholdBlock)
-    x = _x()
-    spy = ExpertSpy(model)
-    try:
-        with mr.attach(model) as session:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match="chooses again from the current scores"):
             with torch.no_grad(), session.capture():
-                model(x)
-            routes = session.routes()
-            with torch.no_grad():
-                model(x)
-            assert all(torch.equal(as_sets(routes.layer(n)), spy.experts_of(b)) for b, n in enumerate(session.names))
-    finally:
-        spy.remove()
+                model(_x())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 class NearestCentroidRouter(nn.Module):
@@ -1172,22 +1168,27 @@ def test_a_router_returning_a_plain_object_is_not_refused() -> None:
 
 class GShardRandomRoutingGate(FastMoENaiveGate):
     """fastmoe ``GShardGate(random_routing=True)`` (capacity pruning left out): the second expert of a
-    token is dropped at random, by an in-place ``masked_fill_(-1)`` on the returned top-k indices."""
+    token is dropped at random, by an in-place ``masked_fill_(-1)`` on the returned top-k indices;
+    ``by_score``: with a chance that falls with its softmax weight, as fastmoe does, else a fair coin."""
+
+    def __init__(self, by_score: bool = True) -> None:
+        super().__init__()
+        self.by_score = by_score
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate = self.gate(x)
         topk_val, topk_idx = torch.topk(gate, k=self.top_k, dim=-1, largest=True, sorted=False)
         score = F.softmax(topk_val, dim=-1)
         rand_routing_prob = torch.rand(gate.size(0))
-        mask = 2 * score[:, 1] < rand_routing_prob
+        mask = 2 * score[:, 1] < rand_routing_prob if self.by_score else rand_routing_prob < 0.5
         topk_idx[:, 1].masked_fill_(mask, -1)
         return topk_idx.reshape(-1), score.unsqueeze(1)
 
 
-def test_gshard_random_routing_in_place_on_the_indices() -> None:
-    """The indices are changed in place after the decision: the routes are the decision (the dropped
-    second expert included); replay under the same random state must drop the same ones."""
-    model = TwoLayers(lambda: FMoEBlock(GShardRandomRoutingGate()))
+def test_random_routing_in_place_on_the_indices() -> None:
+    """The indices are changed in place after the decision, at random: the routes are the decision (the
+    dropped second expert included); replay under the same random state must drop the same ones."""
+    model = TwoLayers(lambda: FMoEBlock(GShardRandomRoutingGate(by_score=False)))
     x = _x()
     with mr.attach(model) as session:
         torch.manual_seed(7)
@@ -1202,6 +1203,16 @@ def test_gshard_random_routing_in_place_on_the_indices() -> None:
         with torch.no_grad(), session.replay(routes), session.capture():
             model(x)
         assert session.routes().equal(routes)
+
+
+@pytest.mark.reliability("silent replays")
+def test_gshard_random_routing_by_score_is_refused() -> None:
+    """fastmoe's random routing drops the second expert with a chance set by its current weight: after a
+    replayed decision it drops by the replayed forward's scores, not the recorded ones. Refused."""
+    model = TwoLayers(lambda: FMoEBlock(GShardRandomRoutingGate()))
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="chooses again"):
+        with torch.no_grad(), session.capture():
+            model(_x())
 
 
 class NestedBlock(nn.Module):
