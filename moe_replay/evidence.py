@@ -999,10 +999,12 @@ def _refuse_later_choice(
     checked = 0
     for inputs in _other_inputs(probe.args, probe.kwargs):
         try:
-            fresh, _ = probe.run(force=force, inputs=inputs)
+            fresh, again = probe.run(force=force, inputs=inputs)
         except Exception:  # (a forward that fails on other inputs tells nothing either way)
             continue
         checked += 1
+        if _same(again.choices, first.choices):
+            continue  # the later choices come out as on the real inputs: holding them changes nothing
         try:
             held, holding = probe.run(force=force, inputs=inputs, choices=first.choices)
             where = "the number or shape of its later choices" if holding.unheld else _restructured(fresh, held, k)
@@ -1050,6 +1052,19 @@ def _other_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tup
     for other in others:
         new_args, new_kwargs = _replaced((args, kwargs), found[0], other)
         yield new_args, new_kwargs
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    """Are two runs' later choices the same, result for result?"""
+    la, lb = _leaves(a, []), _leaves(b, [])
+    return len(la) == len(lb) and all(
+        isinstance(x, torch.Tensor)
+        and isinstance(y, torch.Tensor)
+        and x.shape == y.shape
+        and x.dtype == y.dtype
+        and torch.equal(x, y)
+        for x, y in zip(la, lb, strict=True)
+    )
 
 
 def _first_floating(obj: Any, depth: int = 0) -> tuple[tuple[Any, ...], torch.Tensor] | None:

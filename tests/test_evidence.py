@@ -705,9 +705,11 @@ class ScoresThresholdRouter(GroupLimitedRouter):
 )
 @pytest.mark.parametrize("tokens", [T, 1])
 def test_a_choice_from_the_scores_after_the_decision_is_refused(router: type[nn.Module], tokens: int) -> None:
-    """Once the known gap: a cut after the top-k on the current scores (a minimum weight, top-p, tokens
-    dropped by score over a capacity) replayed the top-k and cut again by the replayed forward's own
-    scores, so the experts used were not the recorded ones, with no error."""
+    """Once the known gap: a cut after the top-k by the current scores replayed other experts; now refused.
+
+    A minimum weight, top-p, tokens dropped by score over a capacity, ``F.threshold``, ``out=``: the
+    replay forced the top-k and the router cut again by the replayed forward's own scores, so the
+    experts used were not the recorded ones, with no error."""
     if router is ScoreCapacityRouter and tokens < E:
         pytest.skip("under E tokens, the capacity keeps every token")
     model = TwoLayers(lambda: RouterBlock(router()))
@@ -790,8 +792,9 @@ class PickyRouter(MinimumWeightRouter):
 
 @pytest.mark.reliability("silent replays")
 def test_later_choices_are_checked_on_inputs_in_containers_and_refused_where_they_cannot_be() -> None:
-    """The hidden states inside a tuple are varied too; a router whose forward fails on every other input
-    has later choices that cannot be checked: refused, not passed."""
+    """Hidden states in a tuple are varied too; later choices that cannot be checked are refused, not passed.
+
+    A router whose forward fails on every other input has later choices that cannot be checked."""
     x = torch.randn(T, D)
     packed = TwoLayers(lambda: PackedBlock(PackedInputRouter()))
     with mr.attach(packed) as session, pytest.raises(mr.UnsupportedRouterError, match="chooses again"):
@@ -814,6 +817,7 @@ class ScatteredTopFourRouter(GroupLimitedRouter):
 
 @pytest.mark.reliability("silent replays")
 def test_a_mask_that_reads_through_to_scores_an_earlier_choice_shaped_is_refused() -> None:
+    """A top-4 scattered into zeros, masked, then a top-2: a forced expert would weigh 0; refused."""
     model = TwoLayers(lambda: RouterBlock(ScatteredTopFourRouter()))
     with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="shaped by an earlier choice"):
         session.verify(torch.randn(T, D))
@@ -836,8 +840,9 @@ class CuttingBlock(nn.Module):
 @pytest.mark.reliability("silent replays")
 @pytest.mark.xfail(strict=True, reason="known gap: a later cut is seen only in what the router scope returns")
 def test_a_cut_inside_a_scope_that_returns_hidden_states_is_replayed_or_refused() -> None:
-    """Known gap: a cut after the top-k inside a block attached as the router, which returns only hidden
-    states; the experts used are not the recorded ones, no error."""
+    """Known gap: a cut after the top-k inside a block attached as the router (it returns hidden states).
+
+    The experts used are not the recorded ones, no error."""
     model = TwoLayers(lambda: CuttingBlock())
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
     spy = ExpertSpy(model)

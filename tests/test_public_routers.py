@@ -489,9 +489,10 @@ class ThresholdBlock(nn.Module):
 
 @pytest.mark.reliability("silent replays")
 def test_threshold_selection_by_topk_values_is_refused() -> None:
-    """Once a documented limit: experts chosen by comparing scores with a top-k's *values* are not a
-    decision call. The top-k is the decision (its indices reach the returned load), and a forced replay
-    did not move the threshold's choice. That comparison is a later choice from the scores: refused."""
+    """Once a documented limit: experts chosen by a threshold at a top-k's values, unforced; now refused.
+
+    The top-k is the decision (its indices reach the returned load), and a forced replay did not move
+    the threshold's choice. That comparison is a later choice from the scores."""
     model = TwoLayers(ThresholdBlock)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with mr.attach(model) as session:
@@ -1207,8 +1208,10 @@ def test_random_routing_in_place_on_the_indices() -> None:
 
 @pytest.mark.reliability("silent replays")
 def test_gshard_random_routing_by_score_is_refused() -> None:
-    """fastmoe's random routing drops the second expert with a chance set by its current weight: after a
-    replayed decision it drops by the replayed forward's scores, not the recorded ones. Refused."""
+    """fastmoe's random routing drops by the current weight after a replayed decision: refused.
+
+    The second expert is dropped with a chance set by its weight, so after a replayed decision it is
+    dropped by the replayed forward's scores, not the recorded ones."""
     model = TwoLayers(lambda: FMoEBlock(GShardRandomRoutingGate()))
     with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="chooses again"):
         with torch.no_grad(), session.capture():
