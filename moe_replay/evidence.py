@@ -176,6 +176,9 @@ class Evidence:
         num_experts: the width the decision chooses from.
         training: the module's ``training`` flag when it was established.
         reason: one sentence saying why these calls decide.
+        mirrors: later calls that choose again from the decision's own scores and find its experts
+            (Switch's ``max`` of the probabilities after their ``argmax``): a replay answers them with
+            the forced experts too, so that the weight they read is the forced expert's.
     """
 
     calls: tuple[Call, ...]
@@ -184,6 +187,7 @@ class Evidence:
     num_experts: int
     training: bool
     reason: str
+    mirrors: tuple[int, ...] = ()
 
     @property
     def count(self) -> int:
@@ -194,7 +198,9 @@ class Evidence:
         """A few lines for ``verify()`` and error messages."""
         lines = [f"decides with {' + '.join(self.calls[i].describe() for i in self.decision)}: {self.reason}"]
         for c in self.calls:
-            if c.ordinal not in self.decision:
+            if c.ordinal in self.mirrors:
+                lines.append(f"  answers {c.describe()} with the same experts (it finds the decision's again)")
+            elif c.ordinal not in self.decision:
                 why = {True: "shapes the scores only", False: "its indices do not reach the output"}.get(
                     c.effect, "not of the family the Adapter names"
                 )
@@ -382,7 +388,7 @@ class _ProbeMode(TorchFunctionMode):
             name = name.lstrip("_")  # (F.threshold is torch's _threshold)
         outs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor)]
         discrete = any(not (t.is_floating_point() or t.is_complex()) for t in outs)
-        if _tests_zero(name, args, kwargs, outs) or not (discrete or _cuts(name, args)):
+        if _tests_zero(name, args, kwargs, outs) or not (discrete or _cuts(name, args, kwargs)):
             return out
         if name.endswith("_like") or name.startswith("new_"):  # (the shape of a tensor, not its values)
             return out
@@ -428,7 +434,7 @@ _IN_PLACE = frozenset(
 #: Calls that only tell zero (or a non-finite value) from the rest: not a choice by a threshold.
 _ZERO_TESTS = frozenset(
     {"bool", "nonzero", "nonzero_static", "argwhere", "count_nonzero", "any", "all"}
-    | {"isnan", "isinf", "isfinite", "isposinf", "isneginf", "isreal", "signbit"}
+    | {"isnan", "isinf", "isfinite", "isposinf", "isneginf", "isreal"}
 )
 #: Comparisons, which are a zero test against the number 0.
 _COMPARISONS = frozenset(
@@ -438,16 +444,19 @@ _COMPARISONS = frozenset(
 #: Piecewise functions that cut floating values (to zero, a bound or a step) without making integers.
 _CUT_NAMES = frozenset(
     {"relu", "relu6", "threshold", "heaviside", "hardtanh", "clamp", "clamp_min", "clamp_max", "clip"}
-    | {"maximum", "minimum", "fmax", "fmin", "sign", "sgn", "round", "floor", "ceil", "trunc", "fix"}
+    | {"maximum", "minimum", "fmax", "fmin", "sign", "sgn", "signbit", "round", "floor", "ceil", "trunc", "fix"}
+    | {"hardshrink", "softshrink", "hardsigmoid", "hardswish", "floor_divide", "remainder", "fmod"}
     | _COMPARISONS
 )
 
 
-def _cuts(name: str, args: tuple[Any, ...]) -> bool:
+def _cuts(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
     """Is this call a piecewise cut of floating values (in place, or ``torch.max(a, b)``, too)?"""
     base = name[:-1] if name.endswith("_") and not name.endswith("__") else name
     if base in _CUT_NAMES:
         return True
+    if base in ("div", "divide", "true_divide"):
+        return kwargs.get("rounding_mode") is not None  # (a floor or a truncation)
     return base in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor)
 
 
@@ -802,7 +811,8 @@ def establish(
             chosen = calls[call]
             k = chosen.k
             ev = _verdict(name, calls, (call,), chosen.width, k, top_k, declared_top_k, scope, "named by an Adapter")
-            _refuse_later_choice(name, probe, calls, seen, ev.decision, ev.top_k)
+            ev = dataclasses.replace(ev, mirrors=_mirrors(calls, seen, ev))
+            _refuse_later_choice(name, probe, calls, seen, ev)
             return ev
 
         reach: dict[int, int] = {}  # output elements that changing each call changes
@@ -910,7 +920,8 @@ def establish(
         if k < calls[anchor.ordinal].k:
             why += f"; only its first {k} of {calls[anchor.ordinal].k} slots reach the output"
         ev = _verdict(name, calls, tuple(slots), anchor.width, k, top_k, declared_top_k, scope, why)
-        _refuse_later_choice(name, probe, calls, seen, ev.decision, ev.top_k)
+        ev = dataclasses.replace(ev, mirrors=_mirrors(calls, seen, ev))
+        _refuse_later_choice(name, probe, calls, seen, ev)
         return ev
     finally:
         probe.snapshot.restore()
@@ -966,9 +977,29 @@ def _fills_moved(before: torch.Tensor, after: torch.Tensor) -> bool:
 _OTHER_INPUTS = (0, 1, 2, 3, 4, 5)
 
 
-def _refuse_later_choice(
-    name: str, probe: _Prober, calls: Sequence[Call], seen: _ProbeMode, decision: tuple[int, ...], k: int
-) -> None:
+def _mirrors(calls: Sequence[Call], seen: _ProbeMode, ev: Evidence) -> tuple[int, ...]:
+    """Later calls of a one-call decision that choose from its very scores tensor, k of the same width, and
+    find its experts (Switch's ``max(probs).values`` after ``argmax(probs)``): natively the same choice,
+    so a replay answers them with the forced experts (their values read at those experts)."""
+    if len(ev.decision) != 1:
+        return ()
+    d = calls[ev.decision[0]]
+    mine = _indices(seen.outs[d.ordinal], d.family, d.rows)[:, : ev.top_k]
+    found = []
+    for c in calls[d.ordinal + 1 :]:
+        if (
+            c.family in FORCEABLE
+            and c.width == d.width
+            and c.k == ev.top_k
+            and c.rows == d.rows
+            and seen.ins[c.ordinal] is seen.ins[d.ordinal]
+            and torch.equal(_indices(seen.outs[c.ordinal], c.family, c.rows), mine)
+        ):
+            found.append(c.ordinal)
+    return tuple(found)
+
+
+def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence) -> None:
     """Refuse a router whose forward chooses again from the current scores after its decision.
 
     A replay forces the decision; a later choice made from the scores (a top-p or minimum-weight
@@ -985,7 +1016,9 @@ def _refuse_later_choice(
     not reach the output (a statistic, a log) or always agree (a guarded division) pass, and so
     does a weight under a thousandth of the largest, too small to tell from rounding.
     """
+    decision, k = ev.decision, ev.top_k
     force = {i: (seen.outs[i], k if len(decision) == 1 else calls[i].k) for i in decision}
+    force.update({i: (seen.outs[i], k) for i in ev.mirrors})
     _, first = probe.run(force=force)
     if not first.choices:
         return  # nothing chosen after the decision
@@ -1114,11 +1147,12 @@ def _restructured(a: Any, b: Any, k: int) -> str | None:
             if not torch.equal(x, y):
                 return f"{what} ({str(x.dtype).removeprefix('torch.')}: the experts it names)"
             continue
+        tol = max(1e-3, 2 * torch.finfo(x.dtype).eps) if x.is_floating_point() else 1e-3  # (bf16 rounds to 0 too)
         x, y = x.abs().double(), y.abs().double()
         moved = (x == 0) != (y == 0)
         if bool(moved.any()):
             scale = float(torch.maximum(x.nan_to_num(0, 0, 0).max(), y.nan_to_num(0, 0, 0).max()))
-            if bool((moved & (torch.maximum(x, y) > 1e-3 * scale)).any()):
+            if bool((moved & (torch.maximum(x, y) > tol * scale)).any()):
                 return f"{what} (which of its weights are zero)"
     return None
 

@@ -223,6 +223,7 @@ class RouterHook:
     _ordinal: int = 0  # decision-like calls seen so far in this forward
     _plan: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # decision ordinal -> signature
     _armed: Evidence | None = None  # the evidence _plan was built from
+    _mirrors: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # later calls answered like the decision
     # a decision may span several calls (successive top-1 slots): the slots answered so far
     _slots: list[torch.Tensor] = field(default_factory=list)
     _row: torch.Tensor | None = None  # [n, k] rows the decision is answered with (replay, recompute)
@@ -339,6 +340,7 @@ class RouterHook:
     def _arm(self, ev: Evidence) -> None:
         """The plan of the mode now running: built when it changes in eager code, at every trace when compiled."""
         self._plan = {i: ev.calls[i].signature for i in ev.decision}
+        self._mirrors = {i: ev.calls[i].signature for i in ev.mirrors}
         self._armed = ev
         self._form = None
 
@@ -528,7 +530,7 @@ class RouterHook:
         if (
             self._plan.get(i) == sig
             and sig[1] == self.top_k
-            and not (self._regions or self._slots or self._masks or self.verifying)
+            and not (self._regions or self._slots or self._masks or self.verifying or self._mirrors)
             and self.seen is None
         ):  # the common cases: the whole decision in this call, outside checkpointing
             x = args[0] if args else kwargs["input"]
@@ -574,6 +576,8 @@ class RouterHook:
         self._ordinal = i + 1
         expected = self._plan.get(i)
         if expected is None:
+            if self._row is not None and self._mirrors.get(i) == sig:  # forced rows: answer it with them too
+                return self._mirror(func, args, kwargs, sig[1])
             return func(*args, **kwargs)
         if sig != expected:
             if not _compiling():
@@ -588,6 +592,18 @@ class RouterHook:
         if type(out) is _TOPK_RESULT and self._decided and not self._compiled:  # (eager forwards are checked)
             self._answered = out[1]
         return out
+
+    def _mirror(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], span: int) -> Any:
+        """A later call that natively finds the decision's experts again (see ``Evidence.mirrors``): the
+        forced rows of this forward, their values read from its scores."""
+        x: torch.Tensor = args[0] if args else kwargs["input"]
+        assert self._row is not None and self.num_experts is not None
+        forced = self._row if self._row.shape[1] == span else self._row[:, :span]
+        if not self._recompute and self.replay_source is not None and self.replay_source.has_missing:
+            native = self._native(func, x, args, kwargs, forced.shape[0], span)
+            forced = torch.where(forced < 0, native, forced)
+        scores = self._unmasked(x) if self._masks else x
+        return self._answer(func, args, kwargs, scores.reshape(-1, self.num_experts), forced, x.shape[:-1])
 
     def is_lookup(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Is this call the table lookup of a hash router?"""

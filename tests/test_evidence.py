@@ -913,3 +913,18 @@ def test_a_router_changed_after_its_decision_was_established_raises_then_is_esta
     # a new session establishes the new decision (nothing stale is reused), and replays it exactly
     session = assert_capture_and_replay_are_exact(model)
     assert [s.top_k for s in session.sites] == [3, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_zero_that_rounding_makes_is_not_a_dropped_expert(dtype: torch.dtype) -> None:
+    """Hidden states that round to exactly 0 in one run are not weights cut to zero: bf16 rounding is
+    about 4e-3 of the largest value; in float32 a zero there is a change of structure."""
+    from moe_replay.evidence import _restructured
+
+    a = torch.tensor([[1.39, 0.002], [0.5, 0.7]], dtype=dtype)
+    b = a.clone()
+    b[0, 1] = 0
+    assert (_restructured(a, b, 2) is None) == (dtype == torch.bfloat16)
+    cut = a.clone()
+    cut[1, 0] = 0  # a weight of a third of the largest, cut
+    assert _restructured(a, cut, 2) is not None

@@ -1374,3 +1374,66 @@ def test_python_random_state_is_left_as_one_forward_leaves_it() -> None:
             refused = err
     assert random.random() == want
     assert refused is None, str(refused)
+
+
+class SwitchTransformersTop1Router(nn.Module):
+    """transformers ``SwitchTransformersTop1Router``: ``argmax`` of the probabilities for the expert, a
+    capacity by position, and the weight a separate ``torch.max(probs).values``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(D, E, bias=False)
+        self.num_experts, self.expert_capacity = E, T
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.classifier(x)
+        probs = F.softmax(logits, dim=-1)
+        expert_index = F.one_hot(torch.argmax(probs, dim=-1), num_classes=self.num_experts)
+        expert_index = expert_index * (torch.cumsum(expert_index, dim=-2) <= self.expert_capacity)
+        return expert_index, torch.max(probs, dim=-1).values.unsqueeze(-1), logits
+
+
+class SwitchBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = SwitchTransformersTop1Router()
+        self.experts = Experts()
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expert_index, weight, logits = self.router(x)
+        self.seen.append((expert_index, weight, logits))
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok = expert_index[:, e].nonzero().squeeze(-1)
+            if tok.numel():
+                out = out.index_add(0, tok, weight[tok] * expert(x[tok]))
+        return out
+
+
+def test_switch_weight_read_by_a_later_max_is_the_forced_experts() -> None:
+    """Once silent: Switch's weight is ``torch.max(probs)`` after the ``argmax``; a replay forced the argmax
+    while the max still read the current best expert's probability, so the combine weight and its
+    gradient belonged to another expert. The max finds the decision's expert natively: it is answered
+    with the forced one too."""
+    model = TwoLayers(SwitchBlock)
+    x = _x()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        routes = session.routes()
+        perturb(model)
+        for layer in model.layers:
+            layer.seen.clear()
+        with torch.no_grad(), session.replay(routes):
+            model(x)
+        report = session.verify(x)
+    moved = 0
+    for layer, name in zip(model.layers, session.names, strict=True):
+        expert_index, weight, logits = layer.seen[0]
+        forced = routes.layer(name).long()
+        assert torch.equal(expert_index.nonzero()[:, 1:], forced)
+        assert torch.equal(weight, logits.softmax(-1).gather(-1, forced))
+        moved += int((logits.argmax(-1, keepdim=True) != forced).sum())
+    assert moved  # the current scores prefer other experts: the max alone would have read theirs
+    assert "answers #1 max() over 8" in str(report)
