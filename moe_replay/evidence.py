@@ -1014,23 +1014,69 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
     weight cut to zero is an expert dropped), the later choices pick the experts: refused. So is
     a forward with later choices that cannot be checked (no other input runs). Choices that do
     not reach the output (a statistic, a log) or always agree (a guarded division) pass, and so
-    does a weight under a thousandth of the largest, too small to tell from rounding.
+    does a weight under a thousandth of the largest, too small to tell from rounding. A forward of
+    fewer than ``_FEW_TOKENS`` tokens is checked again on random inputs of that many, where it
+    runs on them: a choice among tokens (a capacity by score) has nothing to choose from in one.
     """
-    decision, k = ev.decision, ev.top_k
-    force = {i: (seen.outs[i], k if len(decision) == 1 else calls[i].k) for i in decision}
-    force.update({i: (seen.outs[i], k) for i in ev.mirrors})
+    force = _force(calls, seen, ev)
     _, first = probe.run(force=force)
     if not first.choices:
         return  # nothing chosen after the decision
-    chosen = " + ".join(calls[i].describe() for i in decision)
+    chosen = " + ".join(calls[i].describe() for i in ev.decision)
     later = ", ".join(dict.fromkeys(first.where))
     fix = (
         "Make that choice part of the decision (mask the scores with masked_fill or torch.where before the "
         "top-k), or drop tokens and experts after it only by rules that do not read the scores (position, a "
         "fixed capacity)"
     )
+    checked, where = _check_later(probe, force, first, probe.args, probe.kwargs, ev.top_k)
+    if where is None and checked and calls[ev.decision[0]].rows < _FEW_TOKENS:
+        where = _check_on_more_tokens(probe, calls, ev)
+    if where is not None:
+        raise _refuse(
+            name,
+            calls,
+            f"after its decision ({chosen}) its forward chooses again from the current scores (at {later}): "
+            f"with the decision held, {where} changes when the scores change. A replay forces the decision "
+            "but not that later choice (a top-p or minimum-weight cut, tokens dropped by score over a "
+            "capacity), so the experts used would not be the recorded ones",
+            fix,
+        )
+    if not checked:
+        raise _refuse(
+            name,
+            calls,
+            f"after its decision ({chosen}) its forward makes choices from floating values (at {later}) that "
+            "could not be checked: it takes no floating input of two or more dimensions to vary, or fails on "
+            "every other input tried. A later choice from the current scores would not be replayed",
+            fix + "; or name the module whose forward returns the decision with include=",
+        )
+
+
+#: Below this many tokens, later choices are checked again on random inputs of this many.
+_FEW_TOKENS = 32
+
+
+def _force(calls: Sequence[Call], seen: _ProbeMode, ev: Evidence) -> dict[int, tuple[Any, int]]:
+    """The decision (and its mirrors) as ``seen`` made it, to be held in a probe run."""
+    single = len(ev.decision) == 1
+    force = {i: (seen.outs[i], ev.top_k if single else calls[i].k) for i in ev.decision}
+    force.update({i: (seen.outs[i], ev.top_k) for i in ev.mirrors})
+    return force
+
+
+def _check_later(
+    probe: _Prober,
+    force: dict[int, tuple[Any, int]],
+    first: _ProbeMode,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    k: int,
+) -> tuple[int, str | None]:
+    """Run the held decision on other inputs than ``args``/``kwargs``, the later choices made afresh and held
+    at ``first``'s: how many inputs ran, and what changed structure (None: nothing)."""
     checked = 0
-    for inputs in _other_inputs(probe.args, probe.kwargs):
+    for inputs in _other_inputs(args, kwargs):
         try:
             fresh, again = probe.run(force=force, inputs=inputs)
         except Exception:  # (a forward that fails on other inputs tells nothing either way)
@@ -1044,24 +1090,34 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
         except Exception as e:
             where = f"whether its forward runs at all ({type(e).__name__} when they are held)"
         if where is not None:
-            raise _refuse(
-                name,
-                calls,
-                f"after its decision ({chosen}) its forward chooses again from the current scores (at {later}): "
-                f"with the decision held, {where} changes when the scores change. A replay forces the decision "
-                "but not that later choice (a top-p or minimum-weight cut, tokens dropped by score over a "
-                "capacity), so the experts used would not be the recorded ones",
-                fix,
-            )
-    if not checked:
-        raise _refuse(
-            name,
-            calls,
-            f"after its decision ({chosen}) its forward makes choices from floating values (at {later}) that "
-            "could not be checked: it takes no floating input of two or more dimensions to vary, or fails on "
-            "every other input tried. A later choice from the current scores would not be replayed",
-            fix + "; or name the module whose forward returns the decision with include=",
-        )
+            return checked, where
+    return checked, None
+
+
+def _check_on_more_tokens(probe: _Prober, calls: Sequence[Call], ev: Evidence) -> str | None:
+    """:func:`_check_later` from random inputs of at least ``_FEW_TOKENS`` tokens (the decision held as made
+    on them), where the forward runs on such inputs and makes the same calls; None otherwise."""
+    found = _first_floating((probe.args, probe.kwargs))
+    if found is None:
+        return None
+    x = found[1]
+    m = math.ceil(_FEW_TOKENS / max(1, x.numel() // x.shape[-1]))
+    ref = x.detach().float()
+    noise = torch.randn((x.shape[0] * m, *x.shape[1:]), generator=torch.Generator().manual_seed(len(_OTHER_INPUTS)))
+    big = (noise.to(x.device) * ref.std(unbiased=False) + ref.mean()).to(x.dtype)
+    args, kwargs = _replaced((probe.args, probe.kwargs), found[0], big)
+    try:
+        _, seen = probe.run(inputs=(args, kwargs))
+        if [c.signature for c in seen.calls] != [c.signature for c in calls]:
+            return None
+        force = _force(seen.calls, seen, ev)
+        _, first = probe.run(force=force, inputs=(args, kwargs))
+    except Exception:  # (a forward tied to its token count: checked on its own only)
+        return None
+    if not first.choices:
+        return None
+    _, where = _check_later(probe, force, first, args, kwargs, ev.top_k)
+    return None if where is None else f"{where} (on {big.numel() // big.shape[-1]} tokens)"
 
 
 def _other_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
