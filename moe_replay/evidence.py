@@ -306,9 +306,11 @@ class _ProbeMode(TorchFunctionMode):
         values: int | None = None,
         force: dict[int, tuple[Any, int]] | None = None,
         choices: list[Any] | None = None,
+        fill: float | None = None,
     ) -> None:
         super().__init__()
         self.change, self.hold, self.slot, self.values = change, hold, slot, values
+        self.fill = fill  # with ``values``: that call's values all replaced by this number, not moved
         # ordinal -> (a result, the slots of it the decision uses): that call is answered as a replay would
         self.force = force or {}
         self.answered = 0  # forced calls answered so far in this run
@@ -363,7 +365,9 @@ class _ProbeMode(TorchFunctionMode):
             if i == self.change:
                 out = _changed(sig[0], out, sig[2]) if self.slot is None else _changed_slot(out, self.slot, sig[2])
             elif i == self.values and sig[0] in _VALUED:
-                out = _changed_values(out)
+                out = (
+                    _changed_values(out) if self.fill is None else type(out)((out[0].detach() * 0 + self.fill, out[1]))
+                )
         self.outs.append(_clone(out))  # as made: the forward may write into it later
         return out
 
@@ -723,8 +727,9 @@ class _Prober:
         force: dict[int, Any] | None = None,
         inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
         choices: list[Any] | None = None,
+        fill: float | None = None,
     ) -> tuple[Any, _ProbeMode]:
-        mode = _ProbeMode(change, hold or {}, slot, values, force, choices)
+        mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill)
         args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
         self.snapshot.restore()
         NESTING.probing += 1
@@ -887,11 +892,29 @@ def establish(
             while used > 1 and not effect(anchor.ordinal, slot=used - 1):
                 used -= 1
         shapers = [c for c in broad if c.ordinal not in slots and c.ordinal < slots[0]]
-        if not shapers and not seen.unmasked[slots[0]]:  # a mask built from an earlier call's values?
+
+        held = {i: seen.outs[i] for i in slots}
+
+        def harmless(change: int | None = None, values: int | None = None) -> bool:
+            """Can a mask moe_replay cannot read through not reach the output? Where the decision's values
+            never do (its values set to 0, then 1: its weights are read elsewhere, a gather of unmasked
+            scores at its indices) and moving the earlier choice with the decision held changes nothing."""
+            for fill in (0.0, 1.0):
+                for i in slots:
+                    if calls[i].family in _VALUED:
+                        out, _ = probe.run(values=i, fill=fill)
+                        if _distance(base, out, tolerance)[0] > tolerance:
+                            return False
+            out, _ = probe.run(change=change, values=values, hold=held)
+            return _distance(base, out, tolerance)[0] <= tolerance
+
+        unmasked = seen.unmasked[slots[0]]
+        if not shapers and not unmasked:  # a mask built from an earlier call's values?
             for c in calls[: slots[0]]:
                 if c.family in _VALUED and c.ordinal not in slots:
                     _, moved = probe.run(values=c.ordinal)
-                    if len(moved.ins) > slots[0] and _masks_some(seen.ins[slots[0]], moved.ins[slots[0]]):
+                    masks = len(moved.ins) > slots[0] and _masks_some(seen.ins[slots[0]], moved.ins[slots[0]])
+                    if masks and not harmless(values=c.ordinal):
                         raise _refuse(
                             name,
                             calls,
@@ -900,9 +923,9 @@ def establish(
                             "where only), so a forced expert outside that selection would get a masked weight",
                             "Mask the scores with masked_fill or torch.where",
                         )
-        if shapers and seen.unmasked[slots[0]]:
+        if shapers and unmasked:
             _refuse_shaped_source(name, probe, calls, seen, tuple(slots), used, shapers)
-        if shapers and not seen.unmasked[slots[0]]:
+        if shapers and not unmasked and not all(harmless(change=c.ordinal) for c in shapers):
             raise _refuse(
                 name,
                 calls,

@@ -602,6 +602,36 @@ def test_group_mask_that_cannot_be_undone_is_refused() -> None:
         session.verify(torch.randn(T, D))
 
 
+class ViewMaskedGroupRouter(GroupLimitedRouter):
+    """torchtitan node-limited / DeepSeek-V3 reference ``Gate``: the group mask applied to a 3-D view, in
+    place (``gathered``: the weights read from the unmasked scores at the chosen experts, else from the
+    masked ones, where a forced expert outside the groups would weigh 0)."""
+
+    def __init__(self, gathered: bool) -> None:
+        super().__init__(n_group=4, topk_group=2)
+        self.gathered = gathered
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(F.linear(x, self.weight))
+        grouped = (scores + 0).view(x.shape[0], self.n_group, -1)
+        group_idx = torch.topk(grouped.amax(-1), self.topk_group, dim=-1).indices
+        drop = torch.ones(x.shape[0], self.n_group, dtype=torch.bool).scatter(1, group_idx, False)
+        masked = grouped.masked_fill_(drop.unsqueeze(-1), 0.0).flatten(1)
+        idx = torch.topk(masked, self.top_k, dim=-1).indices
+        w = (scores if self.gathered else masked).gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+def test_a_mask_on_a_view_is_harmless_where_the_weights_are_read_from_unmasked_scores() -> None:
+    """Once wrongly refused: a mask moe_replay cannot read through (on a view, in place) cannot reach the
+    output when the weights are gathered from the unmasked scores; where they come from the masked ones,
+    refused."""
+    assert_capture_and_replay_are_exact(TwoLayers(lambda: RouterBlock(ViewMaskedGroupRouter(gathered=True))))
+    model = TwoLayers(lambda: RouterBlock(ViewMaskedGroupRouter(gathered=False)))
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="cannot undo"):
+        session.verify(torch.randn(T, D))
+
+
 class ThresholdGroupRouter(GroupLimitedRouter):
     """Groups kept by a threshold taken from a top-k's values; the mask applied by ``how``."""
 
