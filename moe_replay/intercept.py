@@ -48,7 +48,7 @@ from .errors import ReplayConsumptionError, UnsupportedRouterError
 from .evidence import DECISION_FUNCS, NESTING, UNWRAP, Evidence, best_others, decision_call, establish
 from .ring import CaptureRing, ReplaySource
 
-__all__ = ["RouterHook"]
+__all__ = ["ClassForward", "RouterHook"]
 
 _TOPK = {torch.topk, torch.Tensor.topk}
 _ARGMAX = {torch.argmax, torch.Tensor.argmax, torch.argmin, torch.Tensor.argmin}  # calls that return indices only
@@ -1028,19 +1028,65 @@ class ScopedForward:
             hook.prove(self.__wrapped__, args, kwargs)  # once: which call decides, by its effect
         return self.__wrapped__(*args, **kwargs)
 
+    def _class_forward(self) -> bool:
+        """Does it wrap its module's class forward (the module had no ``forward`` of its own)?"""
+        inner, scope = self.__wrapped__, self.__moe_replay_hook__.scope
+        return (
+            isinstance(inner, types.MethodType)
+            and inner.__self__ is scope
+            and inner.__func__ is getattr(type(scope), "forward", None)
+        )
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., Any]:
-        inner = self.__wrapped__
-        scope = self.__moe_replay_hook__.scope
-        if isinstance(inner, types.MethodType) and inner.__self__ is scope and id(scope) in memo:
-            return types.MethodType(inner.__func__, memo[id(scope)])
-        return copy.deepcopy(inner, memo)
+        # a deep copy of the model: the plain forward it wraps (the copy's class forward, looked up at each call)
+        if self._class_forward():
+            return ClassForward(copy.deepcopy(self.__moe_replay_hook__.scope, memo))
+        return copy.deepcopy(self.__wrapped__, memo)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # pickled (torch.save(model), spawn, Ray): the plain forward it wraps, as a deep copy gets
+        if self._class_forward():
+            return (ClassForward, (self.__moe_replay_hook__.scope,))
         return (operator.itemgetter(0), ((self.__wrapped__,),))
 
     def __repr__(self) -> str:
         return f"<moe_replay forward of router '{self.__moe_replay_hook__.name}'>"
+
+
+class ClassForward:
+    """The ``forward`` a copy of an attached router gets (a deep copy, ``pickle``, ``torch.save``): its class's
+    forward, looked up at each call as for a module with no ``forward`` of its own, so a later patch of the
+    class reaches it. :func:`~moe_replay.attach` on the copy takes it for no forward of its own (and removes
+    it at detach)."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    @property
+    def __self__(self) -> nn.Module:  # (read as a bound method is: its module, its function, its signature)
+        return self.module
+
+    @property
+    def __func__(self) -> Callable[..., Any]:
+        return type(self.module).forward
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        return types.MethodType(type(self.module).forward, self.module)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ClassForward, (self.module,))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ClassForward:
+        return ClassForward(copy.deepcopy(self.module, memo))
+
+    def __repr__(self) -> str:
+        return f"<forward of {type(self.module).__name__} (its class's)>"
 
 
 def _holds(out: Any, indices: torch.Tensor) -> bool:

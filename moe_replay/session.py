@@ -41,7 +41,7 @@ from .errors import (
     UnsupportedRouterError,
 )
 from .evidence import VerifyReport
-from .intercept import RouterHook, ScopedForward
+from .intercept import ClassForward, RouterHook, ScopedForward
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, index_dtype
@@ -358,6 +358,8 @@ class Session:
                     )
                     self._new_ring(hook, s)
                     own = scope.__dict__.get("forward", _MISSING)
+                    if isinstance(own, ClassForward) and own.module is scope:  # (a copy of an attached model's)
+                        own = _MISSING
                     wrapper = hook.wrap(scope.forward)
                     scope.forward = wrapper
                     self._installed.append((scope, own))

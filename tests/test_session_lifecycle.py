@@ -259,6 +259,35 @@ def test_pickled_attached_model_comes_out_plain(how: str, state: str) -> None:
     assert not ours_reachable(deep)
 
 
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copy_of_an_attached_model_follows_a_later_patch_of_its_router_class(how: str) -> None:
+    """A copy made while attached calls its routers' class forward at each call, as a plain model does (a kernel
+    library patching the class after the copy reaches it), and an attach and detach on the copy leave its
+    routers with no ``forward`` of their own."""
+    model, x = model_and_input()
+    with mr.attach(model) as session:
+        copy_ = copy.deepcopy(model) if how == "deepcopy" else _save_load(model, how)
+        routers = [copy_.get_submodule(n) for n in session.names]
+    cls = type(routers[0])
+    original, seen = cls.forward, []
+
+    def patched(self: nn.Module, *args: object, **kwargs: object) -> object:
+        seen.append(self)
+        return original(self, *args, **kwargs)
+
+    cls.forward = patched  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            copy_(x)
+    finally:
+        cls.forward = original  # type: ignore[method-assign]
+    assert [id(m) for m in seen] == [id(m) for m in routers]
+    with mr.attach(copy_):
+        pass
+    assert not [n for n, m in copy_.named_modules() if "forward" in m.__dict__]
+
+
 # ----------------------------------------------------------------------------- inference mode (point 6)
 @pytest.mark.reliability("lifecycle")
 def test_attach_and_replay_under_inference_mode() -> None:
