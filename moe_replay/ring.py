@@ -232,6 +232,11 @@ class CaptureRing:
         return sum(s.shape[0] for s in self._segments)
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (``top_k`` indices)."""
+        return self._row_bytes
+
+    @property
     def nbytes(self) -> int:
         """Bytes allocated on the device, over every segment."""
         return self.rows_held * self._row_bytes
@@ -295,6 +300,30 @@ class CaptureRing:
             self._segments.append(self._alloc(more))
             self._end += more
             self._at = {}
+
+    def bytes_after(self, rows: int, *, clear: bool) -> int:
+        """Bytes the ring holds once cleared (``clear``: :meth:`reset`, then :meth:`release`) and made room
+        for ``rows`` more rows by :meth:`reserve`: what those would allocate, worked out without allocating."""
+        host = 0 if clear else self._host
+        base = self.capacity if self._fixed or host <= self.capacity else self.rows_held
+        return max(base, host + rows) * self._row_bytes
+
+    def grow_first(self, rows: int) -> None:
+        """A first segment of ``rows`` rows (more than it has), the rows written since the last reset moved
+        into it in order: a ring sized for a graph or a compiled region keeps the capture it holds.
+
+        Raises:
+            CaptureOverflowError: ``max_bytes`` would be passed (nothing changed).
+        """
+        rows = int(rows)
+        if rows <= self.capacity:
+            return
+        written = int(self.written)
+        kept = self.rows(written, keep_newest=True) if written else None
+        self._set_first(max(rows, 0 if kept is None else kept.shape[0]))
+        self.reset()
+        if kept is not None:
+            self.write_eager(kept.to(self.device))
 
     def release(self) -> None:
         """Free the segments past the first that hold no row (those an earlier capture grew)."""

@@ -644,6 +644,15 @@ class Session:
         rings = self._rings()
         if expected_tokens is not None:
             self._check_fixed(rings, expected_tokens + (0 if clear else max(r.host_written for r in rings)))
+        cap = max_bytes if max_bytes is not None else self._budget.limit
+        need = sum(r.bytes_after(expected_tokens or 0, clear=clear) for r in rings)
+        if cap is not None and need > cap:  # refused before the last capture is cleared
+            raise CaptureOverflowError(
+                f"this capture needs capture rings of at least {_fmt_bytes(need)}"
+                + (f" for expected_tokens={expected_tokens}" if expected_tokens else "")
+                + f", more than max_bytes={cap}; nothing was cleared. Attach with a smaller capacity, expect "
+                "fewer tokens per capture() block, or raise max_bytes"
+            )
         if clear:
             for r in rings:
                 r.reset()
@@ -695,8 +704,8 @@ class Session:
         ring of fixed size, baked in when the graph is captured or the model compiled. So
         size the rings first, for the whole capture (all forwards of one ``capture()``
         block), then capture the graph or compile. Call it between captures: rings smaller
-        than ``rows`` are replaced by empty ones of ``rows`` rows, so read the last
-        capture's routes first (``capture(expected_tokens=...)`` does the same on entering).
+        than ``rows`` are replaced by rings of ``rows`` rows that keep the rows of the last
+        capture (``routes()`` still reads them, ``capture(clear=False)`` appends after them).
 
         Example:
             >>> import moe_replay as mr
@@ -720,12 +729,15 @@ class Session:
             )
         rings = self._rings()
         self._check_fixed(rings, rows)
-        small = [r for r in rings if r.capacity < rows]
-        for r in small:
-            r.reset()
-            r.reserve(rows)
-        if small:  # the last capture's rows went with the old rings
-            self._has_capture, self._interrupted = False, None
+        need = sum(max(rows, r.host_written) * r.row_bytes if r.capacity < rows else r.nbytes for r in rings)
+        if self._budget.limit is not None and need > self._budget.limit:
+            raise CaptureOverflowError(
+                f"reserve({rows}) would bring the capture rings to {_fmt_bytes(need)}, more than "
+                f"max_bytes={self._budget.limit}; nothing was changed. Reserve fewer rows, or raise max_bytes"
+            )
+        for r in rings:
+            if r.capacity < rows:
+                r.grow_first(rows)  # (the last capture's rows move into the new ring)
         self.capacity = max([self.capacity] + [r.capacity for r in rings])
 
     def _check_fixed(self, rings: Sequence[CaptureRing], rows: int) -> None:

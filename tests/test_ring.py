@@ -184,9 +184,39 @@ def test_max_bytes_stops_at_the_forward_that_would_pass_it(tokens: torch.Tensor)
         first = 2 * 16 * k  # the first segments
         with session.capture(max_bytes=first):  # a lower limit: the segments an earlier capture grew are freed
             assert session.memory()["cpu"]["bytes"] == first
-        with pytest.raises(mr.CaptureOverflowError, match="already hold"):
+        with pytest.raises(mr.CaptureOverflowError, match=f"more than max_bytes={first - 1}; nothing was cleared"):
             with session.capture(max_bytes=first - 1):
                 pass
+
+
+@pytest.mark.reliability("lifecycle")
+def test_reserve_and_a_refused_capture_keep_the_last_capture(tokens: torch.Tensor) -> None:
+    """reserve() between captures moves the rows held into the larger rings (routes() reads them, clear=False
+    appends after them), and a capture() refused on entering (max_bytes, expected_tokens) clears nothing."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    with mr.attach(model, capacity=16) as session, torch.no_grad():
+        with session.capture():
+            model(tokens)
+        first = session.routes()
+        session.reserve(4096)
+        assert session.capacity == 4096 and session.routes().equal(first)
+        with session.capture(clear=False):
+            model(tokens[:, :3])
+        both = session.routes()
+        assert both.num_tokens == first.num_tokens + tokens.shape[0] * 3
+        assert both[: first.num_tokens].equal(first)
+        for bad in ({"max_bytes": 10}, {"expected_tokens": 10**9, "max_bytes": 10**6}, {"expected_tokens": 2.5}):
+            with pytest.raises(mr.MoEReplayError), session.capture(**bad):  # type: ignore[arg-type]
+                model(tokens)
+            assert session.routes().equal(both), bad
+        limit = session.memory()["cpu"]["bytes"]
+    with mr.attach(model, capacity=16, max_bytes=2 * 16 * 2 * 4) as session, torch.no_grad():
+        with session.capture():
+            model(tokens)
+        kept = session.routes()
+        with pytest.raises(mr.CaptureOverflowError, match="nothing was changed"):
+            session.reserve(limit)
+        assert session.routes().equal(kept) and session.capacity == 16
 
 
 def test_expected_tokens_and_reserve_allocate_before_the_forwards(tokens: torch.Tensor) -> None:
