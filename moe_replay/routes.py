@@ -26,6 +26,7 @@ import torch
 from numpy.lib import format as npformat
 
 from .errors import (
+    ArgumentTypeError,
     InvalidArgumentError,
     MissingFileError,
     NotAFileError,
@@ -339,21 +340,17 @@ class Routes:
         An integer selects one token (a ``Routes`` of one row); out of range it raises
         :class:`~moe_replay.TokenIndexError` (an ``IndexError``).
         """
-        if _is_integer(index):
-            i, n = operator.index(index), self.num_tokens  # type: ignore[arg-type]
-            if not -n <= i < n:
-                raise TokenIndexError(f"token index {i} is out of range for routes of {n} tokens")
-            i %= n
-            index = slice(i, i + 1)
-        if isinstance(index, np.ndarray | list | tuple):
-            index = torch.as_tensor(np.asarray(index))
-        self.num_tokens  # noqa: B018 - token slicing needs one T
-        data = [d[index] for d in self._data]
+        n = self.num_tokens  # (token slicing needs one T)
+        rows = _token_rows(index, n)
+        data = [d[rows] for d in self._data]
         return Routes._trusted(data, self._names, self._experts, self._validated)
 
     def select(self, names: Iterable[str]) -> Routes:
         """Keep only the named routers, in the order given."""
         names = list(names)
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise RoutesValidationError(f"select() names a router more than once: {twice[:4]}; name each once")
         pos = []
         for n in names:
             if n not in self._names:
@@ -398,6 +395,9 @@ class Routes:
         parts = list(parts)
         if not parts:
             raise InvalidArgumentError("Routes.cat needs at least one Routes")
+        for i, p in enumerate(parts):
+            if not isinstance(p, Routes):
+                raise ArgumentTypeError(f"Routes.cat takes Routes only; part {i} is a {type(p).__name__}")
         first = parts[0]
         for i, p in enumerate(parts[1:], 1):
             if p.names != first.names or p.experts_per_layer != first.experts_per_layer:
@@ -461,7 +461,22 @@ class Routes:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write a ``.npz`` file (numpy arrays and JSON metadata, never pickle)."""
+        """Write a ``.npz`` file (numpy arrays and JSON metadata, never pickle).
+
+        The rows are checked first (those of routes built with ``validate=False`` too), so a file
+        written here is one :meth:`load` reads back.
+
+        Raises:
+            RoutesValidationError: rows that :meth:`load` would refuse (a mixed ``-1`` row, duplicates).
+            NotAFileError: ``path`` is a directory.
+            MissingFileError: the folder of ``path`` does not exist.
+        """
+        self._ensure_valid()
+        if os.path.isdir(path):
+            raise NotAFileError(f"cannot write routes to {path}: it is a directory; give a file name (routes.npz)")
+        folder = os.path.dirname(os.fspath(path))
+        if folder and not os.path.isdir(folder):
+            raise MissingFileError(f"cannot write routes to {path}: no folder {folder}; create it first")
         meta = {
             "magic": _MAGIC,
             "format_version": FORMAT_VERSION,
@@ -601,6 +616,51 @@ _READ_ERRORS = (
 
 def _int_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
+    """``index`` of :meth:`Routes.__getitem__` as rows of ``n`` tokens: a slice of positive step, or a 1-D
+    ``int64`` tensor of positions in range (a boolean mask of ``n`` becomes its positions)."""
+    if _is_integer(index):
+        i = operator.index(index)
+        if not -n <= i < n:
+            raise TokenIndexError(f"token index {i} is out of range for routes of {n} tokens")
+        i %= n
+        return slice(i, i + 1)
+    if isinstance(index, slice):
+        for part in (index.start, index.stop, index.step):
+            if part is not None and not _is_integer(part):
+                raise ArgumentTypeError(f"a token slice takes integers, got {index!r}")
+        if index.step is not None and operator.index(index.step) <= 0:
+            raise TokenIndexError(
+                f"a token slice needs a positive step, got {index!r}; to reverse, index with a list: "
+                "routes[list(range(n - 1, -1, -1))]"
+            )
+        return index
+    if isinstance(index, np.ndarray | list | tuple | torch.Tensor):
+        try:
+            rows = torch.as_tensor(index if isinstance(index, torch.Tensor) else np.asarray(index))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ArgumentTypeError(f"token indices must be integers or a boolean mask, got {index!r}") from e
+        if rows.dim() != 1:
+            raise TokenIndexError(f"token indices must be 1-D (one entry per token), got shape {tuple(rows.shape)}")
+        if rows.dtype == torch.bool:
+            if rows.numel() != n:
+                raise TokenIndexError(f"a boolean token mask must have one entry per token ({n}), got {rows.numel()}")
+            return rows.nonzero().flatten()
+        if rows.numel() == 0:
+            return rows.long()
+        if not _int_dtype(rows.dtype):
+            raise ArgumentTypeError(f"token indices must be integers or a boolean mask, got dtype {rows.dtype}")
+        rows = rows.long().cpu()
+        bad = rows[(rows < -n) | (rows >= n)]
+        if bad.numel():
+            raise TokenIndexError(f"token index {int(bad[0])} is out of range for routes of {n} tokens")
+        return rows % max(n, 1)
+    raise ArgumentTypeError(
+        f"routes[...] takes an integer, a slice, a list or tensor of token positions, or a boolean mask, got "
+        f"{type(index).__name__} {index!r}"
+    )
 
 
 def _is_integer(index: Any) -> bool:

@@ -224,6 +224,56 @@ def test_token_index_out_of_range_is_an_index_error() -> None:
 
 
 @pytest.mark.reliability("bad inputs")
+def test_token_indices_that_are_not_token_positions_are_refused() -> None:
+    """routes[...] with a float, None, a string, a reversed slice, a 2-D or out-of-range list, or a mask of
+    another length: a MoEReplayError naming the index, never a malformed Routes or a plain error."""
+    r = make(t=4)
+    bad: list[tuple[object, type[Exception]]] = [
+        (1.5, mr.ArgumentTypeError),
+        (None, mr.ArgumentTypeError),
+        ("a", mr.ArgumentTypeError),
+        (slice(None, None, -1), mr.TokenIndexError),
+        (slice(0, 2.5), mr.ArgumentTypeError),
+        ([0, 4], mr.TokenIndexError),
+        ([0, -5], mr.TokenIndexError),
+        ([[0, 1], [2, 3]], mr.TokenIndexError),
+        ([0.0, 1.0], mr.ArgumentTypeError),
+    ]
+    for index, error in bad:
+        with pytest.raises(error):
+            r[index]  # type: ignore[index]
+        tried()
+    for mask in (torch.tensor([True, False]), np.ones(5, dtype=bool)):
+        with pytest.raises(mr.TokenIndexError, match="one entry per token"):
+            r[mask]
+        tried()
+    with pytest.raises(mr.ArgumentTypeError, match="part 1 is a Tensor"):
+        mr.Routes.cat([r, torch.zeros(1)])  # type: ignore[list-item]
+    assert r[[3, -4]].equal(mr.Routes.cat([r[3], r[0]]))  # negative positions count from the end
+    assert r[[]].num_tokens == 0
+    assert r[np.array([1, 2])].equal(r[1:3])
+
+
+@pytest.mark.reliability("files")
+def test_what_save_writes_load_reads_back_or_save_refuses(tmp_path) -> None:
+    """save() checks the rows of routes built with validate=False, and refuses a directory or a missing folder,
+    so no file is written that load() would refuse; select() refuses a name given twice."""
+    unchecked = mr.Routes([torch.tensor([[0, -1]])], names=["a"], num_experts=4, validate=False)
+    with pytest.raises(mr.RoutesValidationError):
+        unchecked.save(tmp_path / "mixed.npz")
+    assert not (tmp_path / "mixed.npz").exists()
+    r = make(t=3)
+    with pytest.raises(mr.RoutesValidationError, match="more than once"):
+        r.select(["layers.0.gate", "layers.0.gate"])
+    with pytest.raises(mr.NotAFileError, match="is a directory"):
+        r.save(tmp_path)
+    with pytest.raises(mr.MissingFileError, match="create it first"):
+        r.save(tmp_path / "no" / "such" / "r.npz")
+    r.save(tmp_path / "r.npz")
+    assert mr.Routes.load(tmp_path / "r.npz").equal(r)
+
+
+@pytest.mark.reliability("bad inputs")
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_wide_unsigned_values_are_never_read_as_missing_rows(kind: str) -> None:
     """A uint64 all-ones index is refused as out of range, not read as -1 (a native row); small values are exact."""
