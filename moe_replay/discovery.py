@@ -18,6 +18,7 @@ import dataclasses
 import fnmatch
 import inspect
 import math
+import numbers
 import re
 import types
 from collections.abc import Callable, Iterable, Sequence
@@ -528,6 +529,7 @@ def find_routers(
 
     Raises:
         RouterNotFoundError: no router found, or ``include`` matched nothing.
+        InvalidArgumentError: ``top_k`` or ``num_experts`` is not a positive int, or ``top_k`` exceeds it.
 
     Example:
         >>> import moe_replay as mr
@@ -535,6 +537,11 @@ def find_routers(
         >>> [s.name for s in mr.find_routers(model)][:2]
         ['layers.0.mlp.router', 'layers.1.mlp.router']
     """
+    for what, value in (("top_k", top_k), ("num_experts", num_experts)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise InvalidArgumentError(f"{what} must be a positive int (or None: read from the model), got {value!r}")
+    if top_k is not None and num_experts is not None and top_k > num_experts:
+        raise InvalidArgumentError(f"top_k={top_k} chooses more experts than num_experts={num_experts} has")
     inc = _compile_matcher(include)
     exc = _compile_matcher(exclude)
     modules = dict(model.named_modules())

@@ -245,6 +245,11 @@ def test_bad_attach_arguments_leave_model_untouched(tokens: torch.Tensor) -> Non
         mr.attach(model, include="no.such.module")
     with pytest.raises(mr.UnsupportedRouterError, match="both be intercepted"):
         mr.attach(model, include=["layers.0.mlp.gate", "layers.0.mlp.shared_expert_gate"], num_experts=8, top_k=2)
+    for bad in ({"top_k": -3}, {"top_k": 0}, {"top_k": 2.5}, {"top_k": "2"}, {"top_k": True}, {"num_experts": 0}):
+        with pytest.raises(mr.InvalidArgumentError, match=f"{next(iter(bad))} must be a positive int"):
+            mr.attach(model, **bad)  # type: ignore[arg-type]
+    with pytest.raises(mr.InvalidArgumentError, match="more experts than"):
+        mr.attach(model, top_k=9, num_experts=8)
     assert_untouched(model, before)
 
 
