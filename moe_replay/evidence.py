@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import math
 import numbers
@@ -37,6 +38,8 @@ import os
 import random
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -327,6 +330,11 @@ class _ProbeMode(TorchFunctionMode):
         self.masked: list[torch.Tensor] = []
         self.unmasked: list[bool] = []  # per call: its input is a masked copy that was seen
         self.sources: list[tuple[torch.Tensor, torch.Tensor]] = []  # (masked copy, the scores it masks), forcing
+        # what is read from the scores: before the decision, each floating result's tensor inputs (by id); from
+        # the forced decision on, the tensors its scores, its values and what is made of them are (see _scored)
+        self._made: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, ...]]] = {}
+        self._scores: dict[int, weakref.ref[torch.Tensor]] = {}
+        self.scored: list[bool] = []  # per later choice: made from the scores
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -335,9 +343,57 @@ class _ProbeMode(TorchFunctionMode):
         func = UNWRAP.get(func, func)
         answered = self.answered
         out = self._call(func, args, kwargs)
-        if answered and self.answered == answered:  # a call after the forced decision (not one of its slots)
-            return self._after(func, args, kwargs, out)
+        if not self.force:
+            return out
+        if not answered:  # before the decision: where each floating result came from
+            if self.answered == answered:
+                ins = tuple(id(t) for t in _leaves((args, kwargs), []) if isinstance(t, torch.Tensor))
+                for t in _leaves(out, []):
+                    if isinstance(t, torch.Tensor) and t.is_floating_point():
+                        self._made[id(t)] = (weakref.ref(t), ins)
+            return out
+        scored = self._mark(args, kwargs, out)
+        if self.answered == answered:  # a call after the forced decision (not one of its slots)
+            return self._after(func, args, kwargs, out, scored)
         return out
+
+    def _is_scored(self, t: Any) -> bool:
+        ref = self._scores.get(id(t))
+        return ref is not None and ref() is t
+
+    def _score(self, t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            self._scores[id(t)] = weakref.ref(t)
+
+    def _mark(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> bool:
+        """After the decision: is this call read from the scores? Its results are then too."""
+        if not any(self._is_scored(t) for t in _leaves((args, kwargs), [])):
+            return False
+        for t in _leaves(out, []):
+            self._score(t)
+        return True
+
+    def _seed(self, x: torch.Tensor, out: Any) -> None:
+        """The forced decision's scores (and the tensors of their width they were made of in this forward,
+        back to its inputs) and the values it answers: what a later choice from the scores reads."""
+        width = x.shape[-1] if x.dim() else 0
+        todo = [x, self._unmasked(x)]
+        while todo:
+            t = todo.pop()
+            if self._is_scored(t):
+                continue
+            self._score(t)
+            made = self._made.get(id(t))
+            if made is None or made[0]() is not t:
+                continue
+            for i in made[1]:
+                parent = self._made.get(i)
+                p = parent[0]() if parent is not None else None
+                if p is not None and p.dim() and p.shape[-1] == width:
+                    todo.append(p)
+        for t in _leaves(out, []):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self._score(t)
 
     def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if func in _MASKS:
@@ -360,6 +416,7 @@ class _ProbeMode(TorchFunctionMode):
         elif i in self.force:
             out = _forced(sig[0], *self.force[i], self._unmasked(x), args, kwargs)
             self.answered += 1
+            self._seed(x, out)
         else:
             out = func(*args, **kwargs)
             if i == self.change:
@@ -378,7 +435,7 @@ class _ProbeMode(TorchFunctionMode):
                 return self._unmasked(src)
         return x
 
-    def _after(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+    def _after(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, scored: bool) -> Any:
         """A call after the forced decision: a *later choice* when it makes integers or booleans out of
         floating values (a comparison with a threshold, a ``topk``/``argmax``/``sort`` of weights, a
         rounding cast) or cuts them piecewise (``relu``, ``clamp``, ``threshold``...). Its result is kept,
@@ -398,17 +455,20 @@ class _ProbeMode(TorchFunctionMode):
             return out
         in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE
         written = _leaves(kwargs.get("out"), []) or ([args[0]] if in_place and args else [])
-        return self._choice(out, [t for t in written if isinstance(t, torch.Tensor)])
+        return self._choice(out, [t for t in written if isinstance(t, torch.Tensor)], scored)
 
-    def _choice(self, out: Any, written: list[torch.Tensor]) -> Any:
-        """Keep a later choice's result, or answer it with the one held for it (of the same structure only);
-        what the call wrote into (``out=``, in place) gets the held result too."""
+    def _choice(self, out: Any, written: list[torch.Tensor], scored: bool) -> Any:
+        """Keep a later choice's result, or answer it with the one held for it (of the same structure only;
+        :data:`_FRESH` held: made afresh); what the call wrote into (``out=``, in place) gets the held result too."""
         n = len(self.choices)
         self.choices.append(_clone(out))
         self.where.append(_where())
+        self.scored.append(scored)
         if self.held is None:
             return out
         held = self.held[n] if n < len(self.held) else None
+        if held is _FRESH:
+            return out
         got, want = _leaves(out, []), _leaves(held, [])
         if (
             held is None
@@ -716,6 +776,7 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
 class _Prober:
     def __init__(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], scope: nn.Module):
         self.forward, self.args, self.kwargs = forward, args, kwargs
+        self.took = 0.0  # seconds of the longest run on the real inputs
         self.snapshot = _Snapshot(scope)
 
     def run(
@@ -731,16 +792,83 @@ class _Prober:
     ) -> tuple[Any, _ProbeMode]:
         mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill)
         args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
+        # on inputs of its own making, a forward may loop on where its real inputs never take it (an iteration
+        # to a tolerance that extreme values never reach): such a run is given up, as one that raises
+        limit = None if inputs is None else max(_PROBE_SECONDS, _PROBE_FACTOR * self.took)
         self.snapshot.restore()
         NESTING.probing += 1
+        start = time.perf_counter()
         try:
             # the caller's grad mode (a router may compute more with gradients on), saving nothing
             # through a checkpoint's saved-tensor hooks
             with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), self.snapshot.hooks_aside(), mode:
-                out = self.forward(*_clone(args), **_clone(kwargs))
+                out = _within(limit, self.forward, *_clone(args), **_clone(kwargs))
         finally:
             NESTING.probing -= 1
+        if inputs is None:
+            self.took = max(self.took, time.perf_counter() - start)
         return out, mode
+
+
+#: A probe run on other inputs is given up after this many seconds, or this many times the longest run on
+#: the real inputs, whichever is longer.
+_PROBE_SECONDS = 1.0
+_PROBE_FACTOR = 50.0
+
+
+class ProbeTimeout(Exception):
+    """A probe run on inputs of the probe's own making that did not end in time (see ``_Prober.run``)."""
+
+
+class _Overtime(BaseException):
+    """Raised in the probing thread at its deadline: a ``BaseException``, so that no ``except Exception`` of
+    the forward's own code takes it for one of its errors and goes on."""
+
+
+def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, raising :class:`ProbeTimeout` if it still runs after ``seconds`` (None: no limit).
+
+    The stop is raised in this thread from a timer (once), at the next bytecode it runs (a loop in Python
+    stops there; a long C call first returns). Once ``fn`` has returned or raised, none is raised any more.
+    """
+    if seconds is None or _SET_ASYNC_EXC is None:
+        return fn(*args, **kwargs)
+    me, lock, state = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}
+
+    def fire() -> None:
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                _SET_ASYNC_EXC(ctypes.c_ulong(me), ctypes.py_object(_Overtime))
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    over = False
+    try:
+        try:
+            timer.start()
+            return fn(*args, **kwargs)
+        except _Overtime:
+            over = True
+    except _Overtime:  # (raised as the inner handler began)
+        over = True
+    finally:
+        while True:  # disarm; a stop raised while disarming is the one fired, taken here
+            try:
+                timer.cancel()
+                with lock:
+                    state["done"] = True
+                    if state["fired"]:  # (set, not raised yet: taken back)
+                        _SET_ASYNC_EXC(ctypes.c_ulong(me), None)
+                break
+            except _Overtime:
+                over = True
+    if over:
+        raise ProbeTimeout(f"a probe run on other inputs still ran after {seconds:.1f} s")
+    raise AssertionError("unreachable")
+
+
+_SET_ASYNC_EXC: Any = getattr(getattr(ctypes, "pythonapi", None), "PyThreadState_SetAsyncExc", None)
 
 
 # ----------------------------------------------------------------------------- establish
@@ -1052,7 +1180,7 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
         "top-k), or drop tokens and experts after it only by rules that do not read the scores (position, a "
         "fixed capacity)"
     )
-    checked, where = _check_later(probe, force, first, probe.args, probe.kwargs, ev.top_k)
+    checked, where = _check_later(probe, force, first, probe.args, probe.kwargs, ev)
     if where is None and checked and calls[ev.decision[0]].rows < _FEW_TOKENS:
         where = _check_on_more_tokens(probe, calls, ev)
     if where is not None:
@@ -1094,7 +1222,7 @@ def _check_later(
     first: _ProbeMode,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    k: int,
+    ev: Evidence,
 ) -> tuple[int, str | None]:
     """Run the held decision on other inputs than ``args``/``kwargs``, the later choices made afresh and held
     at ``first``'s: how many inputs ran, and what changed structure (None: nothing)."""
@@ -1109,12 +1237,66 @@ def _check_later(
             continue  # the later choices come out as on the real inputs: holding them changes nothing
         try:
             held, holding = probe.run(force=force, inputs=inputs, choices=first.choices)
-            where = "the number or shape of its later choices" if holding.unheld else _restructured(fresh, held, k)
+            if holding.unheld:
+                where = "the number or shape of its later choices"
+            else:
+                where = _restructured(fresh, held, ev.top_k)
+                where = where or _hidden_moved(probe, force, fresh, first, again, inputs, ev)
         except Exception as e:
             where = f"whether its forward runs at all ({type(e).__name__} when they are held)"
         if where is not None:
             return checked, where
     return checked, None
+
+
+def _discrete(result: Any) -> bool:
+    """Does a call's result hold integers or booleans only?"""
+    ts = [t for t in _leaves(result, []) if isinstance(t, torch.Tensor)]
+    return bool(ts) and not any(t.is_floating_point() or t.is_complex() for t in ts)
+
+
+#: A later choice to make afresh in a probe run that holds the others (see ``_ProbeMode._choice``).
+_FRESH: Any = object()
+
+
+def _hidden_moved(
+    probe: _Prober,
+    force: dict[int, tuple[Any, int]],
+    fresh: Any,
+    first: _ProbeMode,
+    again: _ProbeMode,
+    inputs: tuple[tuple[Any, ...], dict[str, Any]],
+    ev: Evidence,
+) -> str | None:
+    """Where the output shows no experts (a block that returns its hidden states): do the later choices made
+    from the scores move those states? Only those that make integers or booleans (a comparison with a
+    threshold) are held at ``first``'s, the others made afresh (an expert's ``relu`` reads the hidden
+    states, not the scores; a ``clamp`` of a weight holds values, not a choice), and the floating outputs
+    of neither the decision's nor the experts' width are compared (``fresh``: the output with every later
+    choice made afresh): a cut that drops an expert after the top-k shows there."""
+    differ = [
+        n
+        for n, (a, b) in enumerate(zip(again.choices, first.choices, strict=False))
+        if again.scored[n] and _discrete(a) and not _same([a], [b])
+    ]
+    if not differ or len(again.choices) != len(first.choices):
+        return None
+    choices = [c if n in differ else _FRESH for n, c in enumerate(first.choices)]
+    held, holding = probe.run(force=force, inputs=inputs, choices=choices)
+    if holding.unheld:
+        return "the number or shape of its later choices"
+    la, lb = _leaves(fresh, []), _leaves(held, [])
+    for n, (x, y) in enumerate(zip(la, lb, strict=False)):
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point()):
+            continue
+        if x.dim() < 2 or x.shape != y.shape or x.shape[-1] in (ev.top_k, ev.num_experts):
+            continue
+        x, y = x.detach().double(), y.detach().double()
+        scale = float(torch.maximum(x.abs(), y.abs()).nan_to_num(0, 0, 0).max())
+        tol = max(1e-3, 2 * torch.finfo(la[n].dtype).eps)
+        if float((x - y).abs().nan_to_num(0, 0, 0).max()) > tol * scale:
+            return f"tensor #{n} of its output (the hidden states it returns: the experts they are made of)"
+    return None
 
 
 def _check_on_more_tokens(probe: _Prober, calls: Sequence[Call], ev: Evidence) -> str | None:
@@ -1139,7 +1321,7 @@ def _check_on_more_tokens(probe: _Prober, calls: Sequence[Call], ev: Evidence) -
         return None
     if not first.choices:
         return None
-    _, where = _check_later(probe, force, first, args, kwargs, ev.top_k)
+    _, where = _check_later(probe, force, first, args, kwargs, ev)
     return None if where is None else f"{where} (on {big.numel() // big.shape[-1]} tokens)"
 
 

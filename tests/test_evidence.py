@@ -868,27 +868,68 @@ class CuttingBlock(nn.Module):
         return dispatch(self.experts, x, idx.masked_fill(~keep, -1), w * keep)  # (-1: no expert)
 
 
-@pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(strict=True, reason="known gap: a later cut is seen only in what the router scope returns")
-def test_a_cut_inside_a_scope_that_returns_hidden_states_is_replayed_or_refused() -> None:
-    """Known gap: a cut after the top-k inside a block attached as the router (it returns hidden states).
+class TopPBlock(nn.Module):
+    """An MoE block with its gate as a linear layer, a top-p cut after the top-k, returning hidden states
+    and its logits (the shape of HF's Mixtral-era blocks)."""
 
-    The experts used are not the recorded ones, no error."""
-    model = TwoLayers(lambda: CuttingBlock())
-    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
-    spy = ExpertSpy(model)
-    try:
-        with mr.attach(model, include=["layers.0", "layers.1"]) as session, torch.no_grad():
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gate(x)
+        w, idx = torch.topk(logits.softmax(-1), 3, dim=-1)
+        before = w.cumsum(-1) - w  # the mass of the slots before each
+        w = torch.where(before < 0.5, w, torch.zeros_like(w))
+        return dispatch(self.experts, x, idx, w / w.sum(-1, keepdim=True)), logits
+
+
+class ReluExperts(Experts):
+    def __init__(self) -> None:
+        nn.ModuleList.__init__(
+            self, (nn.Sequential(nn.Linear(D, 2 * D), nn.ReLU(), nn.Linear(2 * D, D)) for _ in range(E))
+        )
+
+
+class ReluBlock(nn.Module):
+    """An MoE block with ReLU experts (Switch, NLLB) and a statistic of its weights: neither is a later choice
+    from the scores that picks experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.experts = ReluExperts()
+        self.confident = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = torch.topk(F.linear(x, self.weight).softmax(-1), 2, dim=-1)
+        self.confident = (w[:, 0] > 0.5).float().mean().detach()  # logged, never used
+        return dispatch(self.experts, x, idx, w)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("tokens", [T, 1])
+@pytest.mark.parametrize("block", [CuttingBlock, TopPBlock])
+def test_a_cut_inside_a_scope_that_returns_hidden_states_is_refused(block: type[nn.Module], tokens: int) -> None:
+    """A minimum-weight or top-p cut after the top-k inside a block that returns its hidden states: refused.
+
+    The output names no expert, so the cut is seen in the hidden states: with the decision held, the
+    cut made afresh on other scores moves them. Before, the experts used were not the recorded ones,
+    with no error."""
+    model = TwoLayers(block)
+    x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(1))
+    with mr.attach(model, include=["layers.0", "layers.1"]) as session, torch.no_grad():
+        with pytest.raises(mr.UnsupportedRouterError, match="chooses again from the current scores") as info:
             with session.capture():
                 model(x)
-            routes = session.routes()
-            perturb(model)
-            with session.replay(routes):
-                model(x)
-            used = [spy.experts_of(b) for b in range(len(session.names))]
-            assert all(torch.equal(u, as_sets(routes.layer(n))) for u, n in zip(used, session.names, strict=True))
-    except mr.UnsupportedRouterError:
-        pass  # refused: what the test asks for
+        assert "hidden states" in str(info.value)
+
+
+def test_relu_experts_and_a_statistic_in_a_block_that_returns_hidden_states_replay_exactly() -> None:
+    """Expert ReLUs cut the hidden states, not the scores, and a logged statistic does not reach the output:
+    such a block is exact, not refused."""
+    assert_capture_and_replay_are_exact(TwoLayers(ReluBlock), include=["layers.0", "layers.1"])
 
 
 def test_scores_rescaled_by_a_max_are_not_taken_for_a_mask() -> None:
