@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import is_integer
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -199,8 +200,18 @@ class BatchLayout:
         )
 
     def flat_positions(self, i: int) -> torch.Tensor:
-        """Where sequence ``i``'s tokens sit in the batch-major flattened batch."""
-        r, s, n = self.placements[i]
+        """Where sequence ``i``'s tokens sit in the batch-major flattened batch (``i < 0`` counts from the end).
+
+        Raises:
+            InvalidArgumentError: ``i`` is not the index of one of the layout's sequences.
+        """
+        count = self.num_sequences
+        if not is_integer(i) or not -count <= int(i) < count:
+            raise InvalidArgumentError(
+                f"flat_positions({i!r}): this layout holds {count} sequences; give an integer index in "
+                f"{-count}..{count - 1}"
+            )
+        r, s, n = self.placements[int(i)]
         return torch.arange(n) + r * self.row_length + s
 
     def source_index(self) -> torch.Tensor:

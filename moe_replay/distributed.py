@@ -26,6 +26,7 @@ import torch.distributed as dist
 from .errors import (
     InvalidArgumentError,
     RoutesValidationError,
+    SessionStateError,
 )
 from .routes import Routes
 
@@ -51,6 +52,17 @@ def split_routes(routes: Routes, tokens: Sequence[int]) -> list[Routes]:
         out.append(routes[start : start + t])
         start += t
     return out
+
+
+def _check_initialized(what: str) -> None:
+    """Refuse a collective before ``torch.distributed`` has a process group (not under ``torchrun``, say)."""
+    if not dist.is_available():
+        raise SessionStateError(f"{what} needs torch.distributed, which this build of torch does not include")
+    if not dist.is_initialized():
+        raise SessionStateError(
+            f"{what} is a collective, but torch.distributed has no process group: call "
+            "torch.distributed.init_process_group() on every rank first (torchrun sets up its environment)"
+        )
 
 
 def _device(group: dist.ProcessGroup | None) -> torch.device:
@@ -108,7 +120,9 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
 
     Raises:
         RoutesValidationError: on every rank, when the ranks' routes are for different routers.
+        SessionStateError: no process group was initialized.
     """
+    _check_initialized("gather_routes")
     device = _device(group)
     world = dist.get_world_size(group)
     header = torch.tensor(_header(routes), dtype=torch.int64, device=device)
@@ -138,7 +152,11 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
 
     Returns:
         This rank's routes.
+
+    Raises:
+        SessionStateError: no process group was initialized.
     """
+    _check_initialized("scatter_routes")
     device = _device(group)
     world = dist.get_world_size(group)
     is_src = dist.get_rank() == src

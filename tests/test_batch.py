@@ -90,3 +90,12 @@ def test_layout_errors() -> None:
     with pytest.raises(mr.RoutesValidationError, match="a \\[3, 4\\] batch has 12"):
         layout.unpack(SEQS[0])
     assert repr(layout) == "BatchLayout(rows=3, row_length=4, sequences=3, padding=4)"
+
+
+@pytest.mark.parametrize("index", [3, -4, 1.0, "0"])
+def test_flat_positions_of_a_sequence_the_layout_does_not_hold(index: object) -> None:
+    """An index past the layout's sequences (or not an integer) names how many it holds."""
+    layout = mr.BatchLayout.padded([3, 1, 4])
+    assert layout.flat_positions(-1).tolist() == layout.flat_positions(2).tolist()  # from the end, as a list does
+    with pytest.raises(mr.InvalidArgumentError, match=r"holds 3 sequences.*-3\.\.2"):
+        layout.flat_positions(index)  # type: ignore[arg-type]
