@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["is_integer"]
+from .errors import InvalidArgumentError
+
+__all__ = ["check_count", "is_integer"]
 
 
 def is_integer(value: Any) -> bool:
@@ -21,3 +23,16 @@ def is_integer(value: Any) -> bool:
         and value.dim() == 0
         and not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
     )
+
+
+def check_count(value: Any, name: str) -> int:
+    """``value`` as an ``int`` >= 0: a count of rows, tokens or sequences.
+
+    A float is refused rather than cut (2.9 is not 2 tokens), as are bools and negatives.
+
+    Raises:
+        InvalidArgumentError: ``value`` is not a non-negative integer.
+    """
+    if not is_integer(value) or int(value) < 0:
+        raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)

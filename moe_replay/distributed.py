@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from ._checks import check_count
 from .errors import (
     InvalidArgumentError,
     RoutesValidationError,
@@ -42,11 +43,9 @@ def split_routes(routes: Routes, tokens: Sequence[int]) -> list[Routes]:
         >>> [p.num_tokens for p in mr.distributed.split_routes(r, [2, 3])]
         [2, 3]
     """
-    sizes = [int(t) for t in tokens]
-    if any(t < 0 for t in sizes) or sum(sizes) != routes.num_tokens:
-        raise InvalidArgumentError(
-            f"split sizes {sizes} must be non-negative and add up to the {routes.num_tokens} tokens"
-        )
+    sizes = [check_count(t, f"split size {i}") for i, t in enumerate(tokens)]
+    if sum(sizes) != routes.num_tokens:
+        raise InvalidArgumentError(f"split sizes {sizes} must add up to the {routes.num_tokens} tokens")
     out, start = [], 0
     for t in sizes:
         out.append(routes[start : start + t])

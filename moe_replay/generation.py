@@ -39,6 +39,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._checks import check_count
 from .batch import take_rows
 from .errors import (
     ArgumentTypeError,
@@ -65,11 +66,11 @@ def generation_capacity(batch_size: int, prompt_len: int, max_new_tokens: int) -
         >>> mr.generation_capacity(batch_size=64, prompt_len=512, max_new_tokens=1024)
         98304
     """
-    values = {"batch_size": batch_size, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens}
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise InvalidArgumentError(f"{name} must be a non-negative int, got {v!r}")
-    return batch_size * (prompt_len + max_new_tokens)
+    b, p, n = (
+        check_count(v, name)
+        for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("max_new_tokens", max_new_tokens))
+    )
+    return b * (p + n)
 
 
 def generation_lengths(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -99,3 +101,29 @@ def test_flat_positions_of_a_sequence_the_layout_does_not_hold(index: object) ->
     assert layout.flat_positions(-1).tolist() == layout.flat_positions(2).tolist()  # from the end, as a list does
     with pytest.raises(mr.InvalidArgumentError, match=r"holds 3 sequences.*-3\.\.2"):
         layout.flat_positions(index)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: mr.BatchLayout.padded([2.9, 5]),
+        lambda: mr.BatchLayout.padded(torch.tensor([2.9, 5.0])),
+        lambda: mr.BatchLayout.packed([2.9, 5]),
+        lambda: mr.BatchLayout.split([1.5, 2], [3, 5]),
+        lambda: mr.BatchLayout.padded([3, 5], length=6.5),
+        lambda: mr.BatchLayout.packed([3, 5], row_length=8.5),
+    ],
+    ids=["padded", "padded tensor", "packed", "split", "length", "row_length"],
+)
+def test_lengths_that_are_not_integers_are_refused_not_cut(build: Callable[[], mr.BatchLayout]) -> None:
+    """2.9 tokens is not 2: refused as generation_capacity refuses 2.5, naming the value."""
+    with pytest.raises(mr.InvalidArgumentError, match=r"must be a non-negative int, got \d\.\d"):
+        build()
+
+
+def test_lengths_must_be_one_per_sequence() -> None:
+    with pytest.raises(mr.InvalidArgumentError, match=r"1-D, one length per sequence; got shape \(1, 2\)"):
+        mr.BatchLayout.packed(torch.tensor([[3, 5]]))
+    with pytest.raises(mr.ArgumentTypeError, match="one length per sequence"):
+        mr.BatchLayout.padded(3)  # type: ignore[arg-type]
+    assert mr.BatchLayout.padded(torch.tensor([3, 5])).lengths == mr.BatchLayout.padded([3, 5]).lengths
