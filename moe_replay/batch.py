@@ -24,11 +24,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from ._checks import check_count, is_integer
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -75,12 +77,16 @@ def check_same_routers(parts: Sequence[Routes], what: str = "sequence") -> None:
 
 
 def _lengths(values: Sequence[int] | torch.Tensor, what: str = "lengths") -> list[int]:
-    out = [int(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+    """One token count per sequence, as ints: a 1-D tensor or array, or a sequence of integers."""
+    if isinstance(values, torch.Tensor | np.ndarray):
+        if values.ndim != 1:
+            raise InvalidArgumentError(f"{what} must be 1-D, one length per sequence; got shape {tuple(values.shape)}")
+        values = values.tolist()
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        raise ArgumentTypeError(f"{what} must be one length per sequence (a list or a 1-D tensor), got {values!r}")
+    out = [check_count(v, f"{what}[{i}]") for i, v in enumerate(values)]
     if not out:
         raise InvalidArgumentError(f"{what} is empty: a batch needs at least one sequence")
-    bad = [v for v in out if v < 0]
-    if bad:
-        raise InvalidArgumentError(f"{what} must be >= 0, got {bad[0]}")
     return out
 
 
@@ -116,7 +122,7 @@ class BatchLayout:
     ) -> BatchLayout:
         """One sequence per row, padded on ``side`` ("right" or "left") to ``length`` (default: the longest)."""
         ls = _lengths(lengths)
-        width = max(ls) if length is None else int(length)
+        width = max(ls) if length is None else check_count(length, "length")
         if width < max(ls):
             raise InvalidArgumentError(f"length={width} is shorter than the longest sequence ({max(ls)} tokens)")
         if side not in ("left", "right"):
@@ -137,7 +143,7 @@ class BatchLayout:
                 places.append((0, at, n))
                 at += n
             return cls(1, at, tuple(places))
-        width = int(row_length)
+        width = check_count(row_length, "row_length")
         if max(ls) > width:
             raise InvalidArgumentError(
                 f"a sequence of {max(ls)} tokens does not fit row_length={width}; raise row_length"
@@ -171,11 +177,11 @@ class BatchLayout:
         short = [i for i, (p, n) in enumerate(zip(ps, ls, strict=True)) if n < p]
         if short:
             raise InvalidArgumentError(f"sequence {short[0]} is shorter than its prompt")
-        pw = max(ps) if prompt_width is None else int(prompt_width)
+        pw = max(ps) if prompt_width is None else check_count(prompt_width, "prompt_width")
         if pw < max(ps):
             raise InvalidArgumentError(f"prompt_width={pw} is shorter than the longest prompt ({max(ps)} tokens)")
         need = max(pw + n - p for p, n in zip(ps, ls, strict=True))
-        width = need if row_length is None else int(row_length)
+        width = need if row_length is None else check_count(row_length, "row_length")
         if width < need:
             raise InvalidArgumentError(f"row_length={width} is too short: the longest completion ends at {need}")
         return cls(len(ls), width, tuple((i, pw - p, n) for i, (p, n) in enumerate(zip(ps, ls, strict=True))))
@@ -199,8 +205,18 @@ class BatchLayout:
         )
 
     def flat_positions(self, i: int) -> torch.Tensor:
-        """Where sequence ``i``'s tokens sit in the batch-major flattened batch."""
-        r, s, n = self.placements[i]
+        """Where sequence ``i``'s tokens sit in the batch-major flattened batch (``i < 0`` counts from the end).
+
+        Raises:
+            InvalidArgumentError: ``i`` is not the index of one of the layout's sequences.
+        """
+        count = self.num_sequences
+        if not is_integer(i) or not -count <= int(i) < count:
+            raise InvalidArgumentError(
+                f"flat_positions({i!r}): this layout holds {count} sequences; give an integer index in "
+                f"{-count}..{count - 1}"
+            )
+        r, s, n = self.placements[int(i)]
         return torch.arange(n) + r * self.row_length + s
 
     def source_index(self) -> torch.Tensor:

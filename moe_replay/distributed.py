@@ -23,9 +23,11 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from ._checks import check_count
 from .errors import (
     InvalidArgumentError,
     RoutesValidationError,
+    SessionStateError,
 )
 from .routes import Routes
 
@@ -41,16 +43,25 @@ def split_routes(routes: Routes, tokens: Sequence[int]) -> list[Routes]:
         >>> [p.num_tokens for p in mr.distributed.split_routes(r, [2, 3])]
         [2, 3]
     """
-    sizes = [int(t) for t in tokens]
-    if any(t < 0 for t in sizes) or sum(sizes) != routes.num_tokens:
-        raise InvalidArgumentError(
-            f"split sizes {sizes} must be non-negative and add up to the {routes.num_tokens} tokens"
-        )
+    sizes = [check_count(t, f"split size {i}") for i, t in enumerate(tokens)]
+    if sum(sizes) != routes.num_tokens:
+        raise InvalidArgumentError(f"split sizes {sizes} must add up to the {routes.num_tokens} tokens")
     out, start = [], 0
     for t in sizes:
         out.append(routes[start : start + t])
         start += t
     return out
+
+
+def _check_initialized(what: str) -> None:
+    """Refuse a collective before ``torch.distributed`` has a process group (not under ``torchrun``, say)."""
+    if not dist.is_available():
+        raise SessionStateError(f"{what} needs torch.distributed, which this build of torch does not include")
+    if not dist.is_initialized():
+        raise SessionStateError(
+            f"{what} is a collective, but torch.distributed has no process group: call "
+            "torch.distributed.init_process_group() on every rank first (torchrun sets up its environment)"
+        )
 
 
 def _device(group: dist.ProcessGroup | None) -> torch.device:
@@ -108,7 +119,9 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
 
     Raises:
         RoutesValidationError: on every rank, when the ranks' routes are for different routers.
+        SessionStateError: no process group was initialized.
     """
+    _check_initialized("gather_routes")
     device = _device(group)
     world = dist.get_world_size(group)
     header = torch.tensor(_header(routes), dtype=torch.int64, device=device)
@@ -138,7 +151,11 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
 
     Returns:
         This rank's routes.
+
+    Raises:
+        SessionStateError: no process group was initialized.
     """
+    _check_initialized("scatter_routes")
     device = _device(group)
     world = dist.get_world_size(group)
     is_src = dist.get_rank() == src

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._checks import check_count
 from .batch import take_rows
 from .errors import (
     ArgumentTypeError,
@@ -65,11 +66,11 @@ def generation_capacity(batch_size: int, prompt_len: int, max_new_tokens: int) -
         >>> mr.generation_capacity(batch_size=64, prompt_len=512, max_new_tokens=1024)
         98304
     """
-    values = {"batch_size": batch_size, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens}
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise InvalidArgumentError(f"{name} must be a non-negative int, got {v!r}")
-    return batch_size * (prompt_len + max_new_tokens)
+    b, p, n = (
+        check_count(v, name)
+        for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("max_new_tokens", max_new_tokens))
+    )
+    return b * (p + n)
 
 
 def generation_lengths(
@@ -126,6 +127,45 @@ def _prompt_mask(
     raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
 
+def _batch_size(
+    batch_size: int | None,
+    attention_mask: torch.Tensor | None,
+    prompt_lengths: Sequence[int] | torch.Tensor | None,
+    sequences: torch.Tensor | None,
+) -> int:
+    """``B``, the sequences generated: the one count that every argument giving it agrees on.
+
+    ``generate(num_return_sequences=n)`` generates ``n`` sequences per prompt, so its
+    capture and ``sequences`` hold ``n`` times the rows of the prompt mask it was given.
+    """
+    counts: dict[str, int] = {}
+    if batch_size is not None:
+        counts["batch_size"] = check_count(batch_size, "batch_size")
+    if attention_mask is not None:
+        counts["attention_mask"] = int(torch.as_tensor(attention_mask).shape[0])
+    if prompt_lengths is not None:
+        counts["prompt_lengths"] = len(torch.as_tensor(prompt_lengths).reshape(-1))
+    if sequences is not None:
+        counts["sequences"] = int(torch.as_tensor(sequences).shape[0])
+    if not counts or min(counts.values()) < 1:
+        raise InvalidArgumentError("give batch_size (or attention_mask, prompt_lengths or sequences to infer it)")
+    if len(set(counts.values())) == 1:
+        return next(iter(counts.values()))
+    said = {"batch_size": "batch_size={}", "prompt_lengths": "prompt_lengths has {} values"}
+    given = ", ".join(said.get(name, name + " has {} rows").format(n) for name, n in counts.items())
+    prompts = {counts[k] for k in ("attention_mask", "prompt_lengths") if k in counts}
+    generated = {counts[k] for k in ("sequences", "batch_size") if k in counts}
+    hint = ""
+    if len(prompts) == len(generated) == 1 and min(generated) % min(prompts) == 0:
+        n = min(generated) // min(prompts)
+        hint = (
+            f". With generate(num_return_sequences={n}) each prompt gives {n} sequences, and the capture holds "
+            f"rows for all {min(generated)}: repeat the prompt mask per returned sequence, "
+            f"attention_mask.repeat_interleave({n}, dim=0) (prompt_lengths likewise)"
+        )
+    raise InvalidArgumentError(f"the arguments disagree on the batch size: {given}{hint}")
+
+
 def split_generation(
     routes: Routes,
     *,
@@ -148,10 +188,14 @@ def split_generation(
 
     Args:
         routes: the capture (``session.routes()``), ``B * P + B * (N - 1)`` rows.
-        batch_size: ``B``; inferred from ``attention_mask``, ``prompt_lengths`` or ``sequences``.
+        batch_size: ``B``, the sequences generated; inferred from ``attention_mask``,
+            ``prompt_lengths`` or ``sequences``, which must all agree on it.
         prompt_len: padded prompt width ``P``; inferred from a ``[B, P]`` ``attention_mask``.
         attention_mask: the prompt mask given to ``generate()`` (1 = token, 0 = padding);
-            a longer mask is cut to its first ``P`` columns.
+            a longer mask is cut to its first ``P`` columns. With
+            ``num_return_sequences=n`` each prompt gives ``n`` sequences: pass
+            ``attention_mask.repeat_interleave(n, dim=0)``. The row count alone cannot
+            tell a mask of too few rows from more new tokens, so pass ``sequences`` too.
         prompt_lengths, padding_side: instead of a mask, real prompt lengths and the side
             the prompts were padded on.
         sequences: ``generate()``'s ``[B, P + N]`` output, to check ``N`` and find
@@ -169,6 +213,8 @@ def split_generation(
 
     Raises:
         RoutesValidationError: the row count does not fit ``B``, ``P`` and ``N``.
+        InvalidArgumentError: the arguments disagree on ``B`` (a prompt mask not repeated
+            for ``num_return_sequences``).
 
     Example:
         Replay a rollout in one teacher-forced forward over ``generate()``'s output:
@@ -196,23 +242,14 @@ def split_generation(
         )
     total = tokens.pop()
 
-    if batch_size is None:
-        for source in (attention_mask, sequences):
-            if source is not None:
-                batch_size = int(torch.as_tensor(source).shape[0])
-                break
-        else:
-            if prompt_lengths is not None:
-                batch_size = len(torch.as_tensor(prompt_lengths).reshape(-1))
-    if batch_size is None or batch_size < 1:
-        raise InvalidArgumentError("give batch_size (or attention_mask, prompt_lengths or sequences to infer it)")
+    batch_size = _batch_size(batch_size, attention_mask, prompt_lengths, sequences)
     if prompt_len is None:
         if attention_mask is None:
             raise InvalidArgumentError(
                 "give prompt_len, the padded prompt width (or a [batch, prompt_len] attention_mask)"
             )
         prompt_len = int(torch.as_tensor(attention_mask).shape[1])
-    b, p = int(batch_size), int(prompt_len)
+    b, p = batch_size, check_count(prompt_len, "prompt_len")
 
     decode = total - b * p
     if decode < 0 or decode % b:

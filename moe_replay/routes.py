@@ -146,6 +146,25 @@ def _check_row_sets(r: torch.Tensor, name: str) -> None:
             )
 
 
+def check_exact(values: np.ndarray, converted: np.ndarray | torch.Tensor, what: str) -> None:
+    """Refuse a conversion of ``values`` that changed any of them.
+
+    ``converted`` holds ``values`` in another dtype: one that cannot hold every value
+    exactly (uint8 and -1 rows, int8 and 200 experts, bool) wraps them around or collapses
+    them, which is refused rather than written. ``what`` names the conversion.
+    """
+    if isinstance(converted, torch.Tensor):
+        converted = converted.to(torch.int64).numpy()
+    if values.size and not np.array_equal(converted, values):
+        lo, hi = int(values.min()), int(values.max())
+        raise RoutesValidationError(
+            f"{what} would change values: "
+            + (f"they are all {lo}" if lo == hi else f"they run from {lo} to {hi}")
+            + (" (-1 marks unrecorded rows)" if lo < 0 else "")
+            + "; pick a dtype that holds them"
+        )
+
+
 class Routes:
     """Routing decisions of T tokens through L routers.
 
@@ -303,12 +322,7 @@ class Routes:
         if dtype is None:
             return arr.copy()
         out = arr.astype(dtype)
-        if arr.size and not np.array_equal(out, arr):
-            lo, hi = int(arr.min()), int(arr.max())
-            raise RoutesValidationError(
-                f"to_numpy({np.dtype(dtype).name}) would change values: these routes hold indices from {lo} "
-                f"to {hi}" + (" (-1 marks unrecorded rows)" if lo < 0 else "") + "; pick a dtype that holds them"
-            )
+        check_exact(arr, out, f"to_numpy({np.dtype(dtype).name})")
         return out
 
     @classmethod

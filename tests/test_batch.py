@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -90,3 +92,38 @@ def test_layout_errors() -> None:
     with pytest.raises(mr.RoutesValidationError, match="a \\[3, 4\\] batch has 12"):
         layout.unpack(SEQS[0])
     assert repr(layout) == "BatchLayout(rows=3, row_length=4, sequences=3, padding=4)"
+
+
+@pytest.mark.parametrize("index", [3, -4, 1.0, "0"])
+def test_flat_positions_of_a_sequence_the_layout_does_not_hold(index: object) -> None:
+    """An index past the layout's sequences (or not an integer) names how many it holds."""
+    layout = mr.BatchLayout.padded([3, 1, 4])
+    assert layout.flat_positions(-1).tolist() == layout.flat_positions(2).tolist()  # from the end, as a list does
+    with pytest.raises(mr.InvalidArgumentError, match=r"holds 3 sequences.*-3\.\.2"):
+        layout.flat_positions(index)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: mr.BatchLayout.padded([2.9, 5]),
+        lambda: mr.BatchLayout.padded(torch.tensor([2.9, 5.0])),
+        lambda: mr.BatchLayout.packed([2.9, 5]),
+        lambda: mr.BatchLayout.split([1.5, 2], [3, 5]),
+        lambda: mr.BatchLayout.padded([3, 5], length=6.5),
+        lambda: mr.BatchLayout.packed([3, 5], row_length=8.5),
+    ],
+    ids=["padded", "padded tensor", "packed", "split", "length", "row_length"],
+)
+def test_lengths_that_are_not_integers_are_refused_not_cut(build: Callable[[], mr.BatchLayout]) -> None:
+    """2.9 tokens is not 2: refused as generation_capacity refuses 2.5, naming the value."""
+    with pytest.raises(mr.InvalidArgumentError, match=r"must be a non-negative int, got \d\.\d"):
+        build()
+
+
+def test_lengths_must_be_one_per_sequence() -> None:
+    with pytest.raises(mr.InvalidArgumentError, match=r"1-D, one length per sequence; got shape \(1, 2\)"):
+        mr.BatchLayout.packed(torch.tensor([[3, 5]]))
+    with pytest.raises(mr.ArgumentTypeError, match="one length per sequence"):
+        mr.BatchLayout.padded(3)  # type: ignore[arg-type]
+    assert mr.BatchLayout.padded(torch.tensor([3, 5])).lengths == mr.BatchLayout.padded([3, 5]).lengths

@@ -26,3 +26,16 @@ def test_split_routes_checks_sizes() -> None:
     routes = mr.Routes([torch.zeros(5, 1, dtype=torch.long)], names=["gate"], num_experts=2)
     with pytest.raises(ValueError, match="add up"):
         mr.distributed.split_routes(routes, [2, 2])
+    with pytest.raises(mr.InvalidArgumentError, match="split size 0 must be a non-negative int, got 2.9"):
+        mr.distributed.split_routes(routes, [2.9, 3])  # not cut to [2, 3]
+
+
+@pytest.mark.parametrize("collective", ["gather_routes", "scatter_routes"])
+def test_collectives_without_a_process_group_say_to_initialize_one(collective: str) -> None:
+    import moe_replay as mr
+
+    assert not dist.is_initialized()
+    routes = mr.Routes([torch.zeros(5, 1, dtype=torch.long)], names=["gate"], num_experts=2)
+    args = (routes,) if collective == "gather_routes" else ([routes],)
+    with pytest.raises(mr.SessionStateError, match=f"{collective} .*init_process_group"):
+        getattr(mr.distributed, collective)(*args)

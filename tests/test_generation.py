@@ -225,6 +225,48 @@ def test_split_errors_name_the_counts() -> None:
         mr.split_generation(uneven, batch_size=2, prompt_len=1)
 
 
+def test_a_prompt_mask_not_repeated_per_returned_sequence_is_named() -> None:
+    """generate(num_return_sequences=n): n sequences per prompt. A mask of the prompts' rows is refused, naming
+    both row counts and the repeat that fixes it, not blamed on a second generate() call.
+    """
+    prompts, n, p, new = 2, 3, 3, 4
+    routes = _numbered(prompts * n * p + prompts * n * (new - 1))
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    out = torch.zeros(prompts * n, p + new, dtype=torch.long)
+    pattern = rf"attention_mask has {prompts} rows, sequences has {prompts * n} rows.*repeat_interleave\({n}, dim=0\)"
+    with pytest.raises(mr.InvalidArgumentError, match=pattern):
+        mr.split_generation(routes, attention_mask=mask, sequences=out)
+    with pytest.raises(
+        mr.InvalidArgumentError, match=rf"batch_size={prompts * n}, prompt_lengths has {prompts} values"
+    ):
+        mr.split_generation(routes, batch_size=prompts * n, prompt_len=p, prompt_lengths=mask.sum(1))
+    repeated = mr.split_generation(routes, attention_mask=mask.repeat_interleave(n, dim=0), sequences=out)
+    by_lengths = mr.split_generation(routes, prompt_lengths=mask.sum(1).repeat_interleave(n), prompt_len=p)
+    assert len(repeated) == prompts * n and all(a.equal(b) for a, b in zip(repeated, by_lengths, strict=True))
+
+
+def test_hf_generate_with_num_return_sequences_replays_with_the_repeated_mask() -> None:
+    """The fix the error names works: with the mask repeated, the split replays generate()'s own output exactly."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    n = 2
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(
+                prompt, attention_mask=mask, max_new_tokens=N, do_sample=True, num_return_sequences=n, pad_token_id=0
+            )
+        with pytest.raises(mr.InvalidArgumentError, match=f"repeat_interleave\\({n}, dim=0\\)"):
+            mr.split_generation(session.routes(), attention_mask=mask, sequences=out)
+        grid_mask = mask.repeat_interleave(n, dim=0)
+        parts = mr.split_generation(session.routes(), attention_mask=grid_mask, sequences=out, keep_padding=True)
+        assert len(parts) == B * n
+        full_mask = torch.cat([grid_mask, torch.ones(B * n, out.shape[1] - P, dtype=torch.long)], dim=1)
+        with session.replay(mr.Routes.cat(parts)), session.capture(), torch.no_grad():
+            model(out, attention_mask=full_mask)
+        assert mr.compare(mr.Routes.cat(parts), session.routes()).overall == 0.0
+
+
 def test_generation_capacity_holds_a_generate_call_without_growing() -> None:
     """capture(expected_tokens=generation_capacity(...)) allocates once; generate() then never grows a ring."""
     model = mr.models.build("softmax_topk")

@@ -19,13 +19,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import RoutesValidationError, UnsupportedRouterError
+from ..errors import ArgumentTypeError, InvalidArgumentError, RoutesValidationError, UnsupportedRouterError
 from ..routes import Routes
 from ._common import as_array, columns, cut_last, make_routes, ordered, to_array, with_last
 from .layer_map import LayerMap
@@ -147,6 +147,17 @@ def to_megatron_inference(routes: Routes, layer_map: LayerMap, *, drop_last: boo
     return to_array(body, layer_map, "moe", np.int32, "Megatron routing_indices", allow_missing=False)
 
 
+#: The two ``TransformerConfig`` settings whose pair silently skips replay.
+_REPLAY_SETTINGS = ("moe_enable_routing_replay", "moe_router_fusion")
+
+
+def _replay_settings(config: Any) -> dict[str, Any]:
+    """The settings of ``_REPLAY_SETTINGS`` that ``config`` holds: a mapping's items, else an object's attributes."""
+    if isinstance(config, Mapping):
+        return {key: config[key] for key in _REPLAY_SETTINGS if key in config}
+    return {key: getattr(config, key) for key in _REPLAY_SETTINGS if hasattr(config, key)}
+
+
 def check_megatron_config(config: Any) -> None:
     """Refuse a Megatron ``TransformerConfig`` whose router would skip routing replay.
 
@@ -154,10 +165,29 @@ def check_megatron_config(config: Any) -> None:
     the replay hook is reached, so ``moe_enable_routing_replay`` then does nothing, and
     nothing in Megatron checks the pair.
 
+    Args:
+        config: a ``TransformerConfig`` or any object with its attributes (Megatron's
+            ``args``), or a mapping of its settings read by key (a YAML or JSON config,
+            ``vars(config)``, a checkpoint's args). A setting it does not hold is off, as
+            Megatron's default.
+
     Raises:
         UnsupportedRouterError: replay is enabled together with router fusion.
+        ArgumentTypeError: ``config`` is not a mapping and holds neither setting (None, or not
+            a Megatron config).
+        InvalidArgumentError: ``config`` is a mapping that holds neither setting.
     """
-    if getattr(config, "moe_enable_routing_replay", False) and getattr(config, "moe_router_fusion", False):
+    settings = _replay_settings(config)
+    if not settings:
+        why = (
+            f"check_megatron_config found neither {_REPLAY_SETTINGS[0]} nor {_REPLAY_SETTINGS[1]} in this "
+            f"{type(config).__name__}, so it cannot check it. Pass Megatron's TransformerConfig (or its args), or "
+            "a mapping of its settings such as the YAML or JSON config (the section that holds them)"
+        )
+        if isinstance(config, Mapping):
+            raise InvalidArgumentError(why)
+        raise ArgumentTypeError(why)
+    if all(settings.get(key, False) for key in _REPLAY_SETTINGS):
         raise UnsupportedRouterError(
             "moe_enable_routing_replay=True with moe_router_fusion=True: Megatron's fused router returns before "
             "the replay hook, so the routes would be ignored silently. Set moe_router_fusion=False"

@@ -25,9 +25,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .._checks import is_integer
 from ..batch import BatchLayout, check_same_routers
-from ..errors import RoutesValidationError
-from ..routes import Routes
+from ..errors import ArgumentTypeError, RoutesValidationError
+from ..routes import Routes, check_exact
 from ._common import as_array, columns, make_routes, to_array
 from .layer_map import LayerMap
 
@@ -51,8 +52,18 @@ def to_verl(
     right-padded. ``layout`` is the engine's: "all" hidden layers (SGLang, vLLM 0.22+ and
     <= 0.20) or "moe" layers (vLLM 0.21). Padding is written as ``fill`` (0, as verl does);
     rows without a route keep -1 (moe_replay's "route natively"; verl itself writes 0
-    for the last token). ``dtype`` is int16, as verl stores it.
+    for the last token). ``dtype`` is int16, as verl stores it; a dtype that cannot hold
+    every value exactly (bool, uint8 and -1 rows or ``fill=300``) is refused, as
+    :meth:`Routes.to_numpy` refuses it, rather than wrapped around.
+
+    Raises:
+        RoutesValidationError: the sequences do not fit the map or the layout, or ``dtype``
+            would change a value.
     """
+    if not isinstance(dtype, torch.dtype):
+        raise ArgumentTypeError(f"to_verl: dtype must be a torch.dtype (torch.int16, as verl stores it), got {dtype!r}")
+    if not is_integer(fill):
+        raise ArgumentTypeError(f"to_verl: fill must be an integer (the padding value, 0 as verl writes), got {fill!r}")
     seqs = list(sequences)
     try:
         check_same_routers(seqs)
@@ -68,11 +79,19 @@ def to_verl(
     except ValueError as e:
         raise RoutesValidationError(f"to_verl: {e}") from None
     width, k = layer_map.width(layout), layer_map.k
-    out = torch.full((bl.rows, bl.row_length, width, k), int(fill), dtype=dtype)
+    pad = _exactly(np.array(int(fill)), dtype, f"to_verl(dtype={dtype}): fill={fill}")
+    out = torch.full((bl.rows, bl.row_length, width, k), pad.item(), dtype=dtype)
     for i, seq in enumerate(seqs):
         r, s, n = bl.placements[i]
         arr = to_array(seq, layer_map, layout, np.int64, f"verl sequence {i}", allow_missing=True)
-        out[r, s : s + n] = torch.from_numpy(arr).to(dtype)
+        out[r, s : s + n] = _exactly(arr, dtype, f"to_verl(dtype={dtype}): verl sequence {i}")
+    return out
+
+
+def _exactly(values: np.ndarray, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``values`` as a tensor of ``dtype``, refused where the dtype would change one (the rule of ``to_numpy``)."""
+    out = torch.from_numpy(values).to(dtype)
+    check_exact(values, out, what)
     return out
 
 

@@ -116,8 +116,15 @@ def vllm_array_from_base64(text: str | bytes) -> np.ndarray:
 
 
 def vllm_array_to_base64(arr: np.ndarray) -> str:
-    """What vLLM's OpenAI server sends for ``arr``: base64 of its ``.npy`` file."""
-    return npy_to_base64(arr)
+    """What vLLM's OpenAI server sends for ``arr``: base64 of its ``.npy`` file.
+
+    ``arr`` holds expert indices: an integer array, tensor or nested lists. Anything else
+    (floats, an object array, ragged lists) is refused, as :func:`from_vllm` refuses it.
+
+    Raises:
+        RoutesValidationError: ``arr`` is not a rectangular integer array.
+    """
+    return npy_to_base64(as_array(arr, "vLLM routed_experts"))
 
 
 def _array(data: Any, what: str) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from collections.abc import Callable, Mapping
+from types import MappingProxyType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -59,3 +60,23 @@ def test_router_fusion_bypass_is_refused() -> None:
     with pytest.raises(mr.UnsupportedRouterError, match="moe_router_fusion=False"):
         interop.check_megatron_config(SimpleNamespace(moe_enable_routing_replay=True, moe_router_fusion=True))
     interop.check_megatron_config(SimpleNamespace(moe_enable_routing_replay=True, moe_router_fusion=False))
+
+
+@pytest.mark.parametrize("as_config", [dict, lambda **kw: MappingProxyType(kw)], ids=["dict", "mapping"])
+def test_a_config_mapping_is_read_by_key(as_config: Callable[..., Mapping[str, bool]]) -> None:
+    """A YAML/JSON config or ``vars(config)`` holds the same settings as keys: checked the same way."""
+    with pytest.raises(mr.UnsupportedRouterError, match="moe_router_fusion=False"):
+        interop.check_megatron_config(as_config(moe_enable_routing_replay=True, moe_router_fusion=True))
+    interop.check_megatron_config(as_config(moe_enable_routing_replay=True, moe_router_fusion=False))
+    interop.check_megatron_config(as_config(moe_router_fusion=True))  # replay off (Megatron's default)
+
+
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [(None, mr.ArgumentTypeError), (object(), mr.ArgumentTypeError), ({"model": {}}, mr.InvalidArgumentError)],
+    ids=["None", "object", "mapping without the settings"],
+)
+def test_a_config_it_cannot_read_is_refused(config: object, error: type[mr.MoEReplayError]) -> None:
+    """A config holding neither setting is refused, naming what it accepts, rather than passed unchecked."""
+    with pytest.raises(error, match=r"neither moe_enable_routing_replay nor moe_router_fusion.*TransformerConfig"):
+        interop.check_megatron_config(config)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+import moe_replay as mr
 from moe_replay import interop
 
 from .engines import Model, capture_buffer, verl_padded
@@ -33,3 +35,37 @@ def test_padded_agent_loop_layout() -> None:
     moe_layout = interop.to_verl(seqs, M.layer_map, prompt_lengths=prompts, layout="moe")
     assert moe_layout.shape == (2, prompt_width + max(responses), 3, 2)
     assert np.array_equal(moe_layout[0, 2:8].numpy().astype(np.int64), truths[0][:6])  # MoE columns only
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fill", "holds"),
+    [
+        (torch.int16, 0, True),
+        (torch.int32, 300, True),
+        (torch.float32, 300, True),
+        (torch.int8, 0, True),
+        (torch.int8, 300, False),  # the padding value wraps around
+        (torch.uint8, 0, False),  # -1 rows would become 255
+        (torch.uint8, 300, False),
+        (torch.bool, 0, False),  # every expert would become True
+    ],
+)
+def test_a_dtype_that_changes_a_value_is_refused(dtype: torch.dtype, fill: int, holds: bool) -> None:
+    """to_verl(dtype=...) writes every route, -1 row and ``fill`` exactly, or refuses, as Routes.to_numpy does."""
+    seqs = [M.routes(M.truth(5, seed=i)) for i in range(2)]  # each ends in a -1 row: the unrouted last token
+    prompts = [2, 3]  # the first sequence is padded: its row holds fill
+    wide = interop.to_verl(seqs, M.layer_map, prompt_lengths=prompts, fill=fill, dtype=torch.int64)
+    assert bool((wide == -1).any()) and bool((wide == fill).any())
+    if holds:
+        got = interop.to_verl(seqs, M.layer_map, prompt_lengths=prompts, fill=fill, dtype=dtype)
+        assert got.dtype == dtype and torch.equal(got.to(torch.int64), wide)
+    else:
+        with pytest.raises(mr.RoutesValidationError, match=r"to_verl\(dtype=.*would change values"):
+            interop.to_verl(seqs, M.layer_map, prompt_lengths=prompts, fill=fill, dtype=dtype)
+
+
+@pytest.mark.parametrize("bad", [{"fill": 2.5}, {"dtype": "int16"}, {"dtype": np.int16}])
+def test_a_fill_or_dtype_of_the_wrong_type_is_refused(bad: dict) -> None:
+    seqs = [M.routes(M.truth(5))]
+    with pytest.raises(mr.ArgumentTypeError, match="fill must be an integer|dtype must be a torch.dtype"):
+        interop.to_verl(seqs, M.layer_map, prompt_lengths=[2], **bad)

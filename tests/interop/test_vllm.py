@@ -146,6 +146,15 @@ def test_openai_server_base64_npy() -> None:
         interop.from_vllm("bm90IGFuIG5weQ==", m.layer_map, prompt_len=3, completion_len=4)
 
 
+@pytest.mark.parametrize(
+    "arr", [np.array([1, "a"], dtype=object), np.zeros((2, 3)), [[1, 2], [3]]], ids=["object", "float", "ragged"]
+)
+def test_base64_of_an_array_that_holds_no_expert_indices_is_refused(arr: object) -> None:
+    """Only an integer array is written: from_vllm reads nothing else back."""
+    with pytest.raises(mr.RoutesValidationError, match="vLLM routed_experts"):
+        interop.vllm_array_to_base64(arr)  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------- 0.21
 def test_021_split_layout_and_cached_zero_rows() -> None:
     """vLLM 0.21.0: int16, MoE layers only, prompt rows split off; cached prompt rows stay 0.

@@ -1,0 +1,38 @@
+"""Argument checks shared by the modules: a value is refused, never truncated or wrapped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgumentError
+
+__all__ = ["check_count", "is_integer"]
+
+
+def is_integer(value: Any) -> bool:
+    """A Python or numpy integer, or a 0-d integer tensor; never a bool, a float (2.0 included) or a string."""
+    if isinstance(value, bool | np.bool_):
+        return False
+    if isinstance(value, int | np.integer):
+        return True
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
+    )
+
+
+def check_count(value: Any, name: str) -> int:
+    """``value`` as an ``int`` >= 0: a count of rows, tokens or sequences.
+
+    A float is refused rather than cut (2.9 is not 2 tokens), as are bools and negatives.
+
+    Raises:
+        InvalidArgumentError: ``value`` is not a non-negative integer.
+    """
+    if not is_integer(value) or int(value) < 0:
+        raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
