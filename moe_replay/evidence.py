@@ -310,6 +310,7 @@ class _ProbeMode(TorchFunctionMode):
         force: dict[int, tuple[Any, int]] | None = None,
         choices: list[Any] | None = None,
         fill: float | None = None,
+        early: list[Any] | None = None,
     ) -> None:
         super().__init__()
         self.change, self.hold, self.slot, self.values = change, hold, slot, values
@@ -335,6 +336,12 @@ class _ProbeMode(TorchFunctionMode):
         self._made: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, ...]]] = {}
         self._scores: dict[int, weakref.ref[torch.Tensor]] = {}
         self.scored: list[bool] = []  # per later choice: made from the scores
+        # before a forced decision: the choices that make integers or booleans of floating values and are no
+        # decision-like call (a number of experts per token from a threshold), as later choices are kept/held
+        self.early: list[Any] = []
+        self.early_where: list[str] = []
+        self.early_held = early
+        self.early_unheld = False
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -345,12 +352,20 @@ class _ProbeMode(TorchFunctionMode):
         out = self._call(func, args, kwargs)
         if not self.force:
             return out
-        if not answered:  # before the decision: where each floating result came from
+        if not answered:  # before the decision: where each floating result came from, and earlier choices
             if self.answered == answered:
                 ins = tuple(id(t) for t in _leaves((args, kwargs), []) if isinstance(t, torch.Tensor))
                 for t in _leaves(out, []):
                     if isinstance(t, torch.Tensor) and t.is_floating_point():
                         self._made[id(t)] = (weakref.ref(t), ins)
+                written = None if func in DECISION_FUNCS else self._chooses(func, args, kwargs, out)
+                if written is not None and _discrete(out):
+                    n = len(self.early)
+                    self.early.append(_clone(out))
+                    self.early_where.append(_where())
+                    if self.early_held is not None:
+                        out, unheld = _hold(out, written, self.early_held[n] if n < len(self.early_held) else None)
+                        self.early_unheld |= unheld
             return out
         scored = self._mark(args, kwargs, out)
         if self.answered == answered:  # a call after the forced decision (not one of its slots)
@@ -441,21 +456,27 @@ class _ProbeMode(TorchFunctionMode):
         rounding cast) or cuts them piecewise (``relu``, ``clamp``, ``threshold``...). Its result is kept,
         or answered with the one held for it. Tests for an exact zero or a non-finite value (``bool()``,
         ``nonzero``, ``isnan``, ``x > 0``...) are not choices: they tell an underflow from a weight."""
+        written = self._chooses(func, args, kwargs, out)
+        return out if written is None else self._choice(out, written, scored)
+
+    @staticmethod
+    def _chooses(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[torch.Tensor] | None:
+        """Is this call a choice (see :meth:`_after`)? The tensors it wrote into (``out=``, in place) if so."""
         ins = _leaves((args, kwargs), [])
         if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in ins):
-            return out
+            return None
         name = getattr(func, "__name__", "")
         if name.startswith("_") and not name.startswith("__"):
             name = name.lstrip("_")  # (F.threshold is torch's _threshold)
         outs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor)]
         discrete = any(not (t.is_floating_point() or t.is_complex()) for t in outs)
         if _tests_zero(name, args, kwargs, outs) or not (discrete or _cuts(name, args, kwargs)):
-            return out
+            return None
         if name.endswith("_like") or name.startswith("new_"):  # (the shape of a tensor, not its values)
-            return out
+            return None
         in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE
         written = _leaves(kwargs.get("out"), []) or ([args[0]] if in_place and args else [])
-        return self._choice(out, [t for t in written if isinstance(t, torch.Tensor)], scored)
+        return [t for t in written if isinstance(t, torch.Tensor)]
 
     def _choice(self, out: Any, written: list[torch.Tensor], scored: bool) -> Any:
         """Keep a later choice's result, or answer it with the one held for it (of the same structure only;
@@ -469,24 +490,31 @@ class _ProbeMode(TorchFunctionMode):
         held = self.held[n] if n < len(self.held) else None
         if held is _FRESH:
             return out
-        got, want = _leaves(out, []), _leaves(held, [])
-        if (
-            held is None
-            or len(got) != len(want)
-            or any(
-                isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor)
-                or (isinstance(a, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype))
-                for a, b in zip(got, want, strict=True)
-            )
-        ):
-            self.unheld = True  # the later choices differ in number or shape: they cannot be held
-            return out
-        with torch.no_grad():
-            for t in written:
-                source = next((b for a, b in zip(got, want, strict=True) if a is t), want[0])
-                if isinstance(source, torch.Tensor) and t.shape == source.shape:
-                    t.copy_(source)
-        return out if written and any(out is t for t in written) else _clone(held)
+        out, unheld = _hold(out, written, held)
+        self.unheld |= unheld  # the later choices differ in number or shape: they cannot be held
+        return out
+
+
+def _hold(out: Any, written: list[torch.Tensor], held: Any) -> tuple[Any, bool]:
+    """A choice's result answered with ``held`` (what it wrote into, ``out=`` or in place, gets it too), and
+    False; or ``out`` and True where ``held`` is missing or of another structure (it cannot be held)."""
+    got, want = _leaves(out, []), _leaves(held, [])
+    if (
+        held is None
+        or len(got) != len(want)
+        or any(
+            isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor)
+            or (isinstance(a, torch.Tensor) and (a.shape != b.shape or a.dtype != b.dtype))
+            for a, b in zip(got, want, strict=True)
+        )
+    ):
+        return out, True
+    with torch.no_grad():
+        for t in written:
+            source = next((b for a, b in zip(got, want, strict=True) if a is t), want[0])
+            if isinstance(source, torch.Tensor) and t.shape == source.shape:
+                t.copy_(source)
+    return (out if written and any(out is t for t in written) else _clone(held)), False
 
 
 #: Operators that write into their first argument.
@@ -789,8 +817,9 @@ class _Prober:
         inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
         choices: list[Any] | None = None,
         fill: float | None = None,
+        early: list[Any] | None = None,
     ) -> tuple[Any, _ProbeMode]:
-        mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill)
+        mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill, early)
         args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
         # on inputs of its own making, a forward may loop on where its real inputs never take it (an iteration
         # to a tolerance that extreme values never reach): such a run is given up, as one that raises
@@ -1171,6 +1200,8 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
     """
     force = _force(calls, seen, ev)
     _, first = probe.run(force=force)
+    if first.early:
+        _refuse_earlier_choice(name, probe, calls, force, first, ev)
     if not first.choices:
         return  # nothing chosen after the decision
     chosen = " + ".join(calls[i].describe() for i in ev.decision)
@@ -1202,6 +1233,50 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
             "every other input tried. A later choice from the current scores would not be replayed",
             fix + "; or name the module whose forward returns the decision with include=",
         )
+
+
+def _refuse_earlier_choice(
+    name: str, probe: _Prober, calls: Sequence[Call], force: dict[int, tuple[Any, int]], first: _ProbeMode, ev: Evidence
+) -> None:
+    """Refuse a router whose forward chooses from floating values before its decision what picks experts
+    after it (a number of experts per token from a threshold, the slots past it weighed 0).
+
+    A replay forces the decision, not such a choice: it is made again from the current values. So, with
+    the decision held, the forward runs on other inputs (as for later choices) with the earlier choices
+    made afresh and held at their results on the real inputs; an output of another structure (other
+    experts named, zeros in other places) refuses it. Comparisons that only test for zero, and the
+    choices of the decision-like calls (a group selection, which the decision reads through), are not
+    held here.
+    """
+    for inputs in _other_inputs(probe.args, probe.kwargs):
+        try:
+            fresh, again = probe.run(force=force, inputs=inputs)
+        except Exception:  # (a forward that fails on other inputs tells nothing either way)
+            continue
+        if _same(again.early, first.early):
+            continue
+        try:
+            held, holding = probe.run(force=force, inputs=inputs, early=first.early)
+            if holding.early_unheld:
+                where = "the number or shape of its earlier choices"
+            else:
+                where = _restructured(fresh, held, ev.top_k)
+        except Exception as e:
+            where = f"whether its forward runs at all ({type(e).__name__} when they are held)"
+        if where is not None:
+            chosen = " + ".join(calls[i].describe() for i in ev.decision)
+            raise _refuse(
+                name,
+                calls,
+                f"before its decision ({chosen}) its forward chooses from floating values (at "
+                f"{', '.join(dict.fromkeys(first.early_where))}) what picks experts after it: with the decision "
+                f"held, {where} changes with that choice. A replay forces the decision but makes that choice "
+                "again from the current values (a number of experts per token from a threshold, say), so the "
+                "experts used would not be the recorded ones",
+                "Make every choice of experts part of the decision (mask the scores with masked_fill or "
+                "torch.where before the top-k), or name the module whose forward returns the experts used "
+                "with include=",
+            )
 
 
 #: Below this many tokens, later choices are checked again on random inputs of this many.

@@ -181,6 +181,49 @@ def test_megatron_sinkhorn_router_in_training_is_established_in_bounded_time_and
     assert_exact_in_training(TwoLayers(MegatronSinkhornBlock).train(), _x(t=tokens), scale=0.05)
 
 
+class AdaKRouter(nn.Module):
+    """Ada-K routing (Yue et al., ICLR 2025): an allocator picks how many experts each token uses (a
+    threshold count in eval, a sample in training) before the top-k; the slots past it weigh 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.allocator = nn.Linear(D, 3, bias=False)
+        self.top_k = 3
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.allocator(x)
+        if self.training:
+            k = torch.distributions.Categorical(logits=a.float()).sample() + 1
+        else:
+            k = (torch.sigmoid(a) > 0.5).sum(-1).clamp(min=1)
+        w, idx = torch.topk(F.softmax(self.gate(x), dim=-1), self.top_k, dim=-1)
+        w = w * (torch.arange(self.top_k) < k.unsqueeze(-1))
+        return w / w.sum(-1, keepdim=True), idx
+
+
+class ZeroSkippingBlock(RouterBlock):
+    """Dispatch that runs an expert only where its weight is not 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        return dispatch(self.experts, x, idx.masked_fill(w == 0, -1), w)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("tokens", [T, 1])
+def test_a_number_of_experts_chosen_before_the_top_k_is_refused(training: bool, tokens: int) -> None:
+    """Ada-K: the number of experts a token uses is chosen before the top-k from the allocator's scores, and
+    a replay would choose it again: the slots it drops would differ from the recorded ones. Refused; before,
+    kmax experts were recorded per token and another subset of them ran at replay, with no error."""
+    model = TwoLayers(lambda: ZeroSkippingBlock(AdaKRouter())).train(training)
+    with mr.attach(model) as session, torch.no_grad():
+        with pytest.raises(mr.UnsupportedRouterError, match="before its decision"):
+            with session.capture():
+                model(_x(t=tokens))
+
+
 class ExpertChoiceRouter(nn.Module):
     """Expert-choice routing (Zhou et al. 2022; e.g. the ``ExpertChoiceRouter`` of several torch
     codebases): each expert takes its top-``capacity`` tokens, a top-k over the *token* dimension.
