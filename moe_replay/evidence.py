@@ -1211,7 +1211,7 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
         "top-k), or drop tokens and experts after it only by rules that do not read the scores (position, a "
         "fixed capacity)"
     )
-    checked, where = _check_later(probe, force, first, probe.args, probe.kwargs, ev)
+    checked, where = _vary(probe, force, first, probe.args, probe.kwargs, ev, early=False)
     if where is None and checked and calls[ev.decision[0]].rows < _FEW_TOKENS:
         where = _check_on_more_tokens(probe, calls, ev)
     if where is not None:
@@ -1248,35 +1248,21 @@ def _refuse_earlier_choice(
     choices of the decision-like calls (a group selection, which the decision reads through), are not
     held here.
     """
-    for inputs in _other_inputs(probe.args, probe.kwargs):
-        try:
-            fresh, again = probe.run(force=force, inputs=inputs)
-        except Exception:  # (a forward that fails on other inputs tells nothing either way)
-            continue
-        if _same(again.early, first.early):
-            continue
-        try:
-            held, holding = probe.run(force=force, inputs=inputs, early=first.early)
-            if holding.early_unheld:
-                where = "the number or shape of its earlier choices"
-            else:
-                where = _restructured(fresh, held, ev.top_k)
-        except Exception as e:
-            where = f"whether its forward runs at all ({type(e).__name__} when they are held)"
-        if where is not None:
-            chosen = " + ".join(calls[i].describe() for i in ev.decision)
-            raise _refuse(
-                name,
-                calls,
-                f"before its decision ({chosen}) its forward chooses from floating values (at "
-                f"{', '.join(dict.fromkeys(first.early_where))}) what picks experts after it: with the decision "
-                f"held, {where} changes with that choice. A replay forces the decision but makes that choice "
-                "again from the current values (a number of experts per token from a threshold, say), so the "
-                "experts used would not be the recorded ones",
-                "Make every choice of experts part of the decision (mask the scores with masked_fill or "
-                "torch.where before the top-k), or name the module whose forward returns the experts used "
-                "with include=",
-            )
+    _, where = _vary(probe, force, first, probe.args, probe.kwargs, ev, early=True)
+    if where is not None:
+        chosen = " + ".join(calls[i].describe() for i in ev.decision)
+        raise _refuse(
+            name,
+            calls,
+            f"before its decision ({chosen}) its forward chooses from floating values (at "
+            f"{', '.join(dict.fromkeys(first.early_where))}) what picks experts after it: with the decision "
+            f"held, {where} changes with that choice. A replay forces the decision but makes that choice "
+            "again from the current values (a number of experts per token from a threshold, say), so the "
+            "experts used would not be the recorded ones",
+            "Make every choice of experts part of the decision (mask the scores with masked_fill or "
+            "torch.where before the top-k), or name the module whose forward returns the experts used "
+            "with include=",
+        )
 
 
 #: Below this many tokens, later choices are checked again on random inputs of this many.
@@ -1291,16 +1277,19 @@ def _force(calls: Sequence[Call], seen: _ProbeMode, ev: Evidence) -> dict[int, t
     return force
 
 
-def _check_later(
+def _vary(
     probe: _Prober,
     force: dict[int, tuple[Any, int]],
     first: _ProbeMode,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     ev: Evidence,
+    *,
+    early: bool,
 ) -> tuple[int, str | None]:
-    """Run the held decision on other inputs than ``args``/``kwargs``, the later choices made afresh and held
-    at ``first``'s: how many inputs ran, and what changed structure (None: nothing)."""
+    """Run the held decision on other inputs than ``args``/``kwargs``, the later choices (``early``: the
+    earlier ones) made afresh and held at ``first``'s: how many inputs ran, and what changed structure
+    (None: nothing). Later choices are also read in the hidden states a scope returns (:func:`_hidden_moved`)."""
     checked = 0
     for inputs in _other_inputs(args, kwargs):
         try:
@@ -1308,15 +1297,19 @@ def _check_later(
         except Exception:  # (a forward that fails on other inputs tells nothing either way)
             continue
         checked += 1
-        if _same(again.choices, first.choices):
-            continue  # the later choices come out as on the real inputs: holding them changes nothing
+        if _same(again.early, first.early) if early else _same(again.choices, first.choices):
+            continue  # the choices come out as on the real inputs: holding them changes nothing
         try:
-            held, holding = probe.run(force=force, inputs=inputs, choices=first.choices)
-            if holding.unheld:
-                where = "the number or shape of its later choices"
+            if early:
+                held, holding = probe.run(force=force, inputs=inputs, early=first.early)
+            else:
+                held, holding = probe.run(force=force, inputs=inputs, choices=first.choices)
+            if holding.early_unheld if early else holding.unheld:
+                where = f"the number or shape of its {'earlier' if early else 'later'} choices"
             else:
                 where = _restructured(fresh, held, ev.top_k)
-                where = where or _hidden_moved(probe, force, fresh, first, again, inputs, ev)
+                if not early:
+                    where = where or _hidden_moved(probe, force, fresh, first, again, inputs, ev)
         except Exception as e:
             where = f"whether its forward runs at all ({type(e).__name__} when they are held)"
         if where is not None:
@@ -1375,8 +1368,8 @@ def _hidden_moved(
 
 
 def _check_on_more_tokens(probe: _Prober, calls: Sequence[Call], ev: Evidence) -> str | None:
-    """:func:`_check_later` from random inputs of at least ``_FEW_TOKENS`` tokens (the decision held as made
-    on them), where the forward runs on such inputs and makes the same calls; None otherwise."""
+    """:func:`_vary` of the later choices from random inputs of at least ``_FEW_TOKENS`` tokens (the decision
+    held as made on them), where the forward runs on such inputs and makes the same calls; None otherwise."""
     found = _first_floating((probe.args, probe.kwargs))
     if found is None:
         return None
@@ -1396,7 +1389,7 @@ def _check_on_more_tokens(probe: _Prober, calls: Sequence[Call], ev: Evidence) -
         return None
     if not first.choices:
         return None
-    _, where = _check_later(probe, force, first, args, kwargs, ev)
+    _, where = _vary(probe, force, first, args, kwargs, ev, early=False)
     return None if where is None else f"{where} (on {big.numel() // big.shape[-1]} tokens)"
 
 
