@@ -350,7 +350,7 @@ class _ProbeMode(TorchFunctionMode):
         func = UNWRAP.get(func, func)
         answered = self.answered
         out = self._call(func, args, kwargs)
-        if not self.force:
+        if not self.force or NESTING.depth != self.depth:  # (a call of a router nested inside: its own)
             return out
         if not answered:  # before the decision: where each floating result came from, and earlier choices
             if self.answered == answered:
@@ -358,8 +358,8 @@ class _ProbeMode(TorchFunctionMode):
                 for t in _leaves(out, []):
                     if isinstance(t, torch.Tensor) and t.is_floating_point():
                         self._made[id(t)] = (weakref.ref(t), ins)
-                written = None if func in DECISION_FUNCS else self._chooses(func, args, kwargs, out)
-                if written is not None and _discrete(out):
+                written = None if func in DECISION_FUNCS else _chooses(func, args, kwargs, out)
+                if written is not None and (_discrete(out) or _steps(func, kwargs)):
                     n = len(self.early)
                     self.early.append(_clone(out))
                     self.early_where.append(_where())
@@ -456,27 +456,8 @@ class _ProbeMode(TorchFunctionMode):
         rounding cast) or cuts them piecewise (``relu``, ``clamp``, ``threshold``...). Its result is kept,
         or answered with the one held for it. Tests for an exact zero or a non-finite value (``bool()``,
         ``nonzero``, ``isnan``, ``x > 0``...) are not choices: they tell an underflow from a weight."""
-        written = self._chooses(func, args, kwargs, out)
+        written = _chooses(func, args, kwargs, out)
         return out if written is None else self._choice(out, written, scored)
-
-    @staticmethod
-    def _chooses(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[torch.Tensor] | None:
-        """Is this call a choice (see :meth:`_after`)? The tensors it wrote into (``out=``, in place) if so."""
-        ins = _leaves((args, kwargs), [])
-        if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in ins):
-            return None
-        name = getattr(func, "__name__", "")
-        if name.startswith("_") and not name.startswith("__"):
-            name = name.lstrip("_")  # (F.threshold is torch's _threshold)
-        outs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor)]
-        discrete = any(not (t.is_floating_point() or t.is_complex()) for t in outs)
-        if _tests_zero(name, args, kwargs, outs) or not (discrete or _cuts(name, args, kwargs)):
-            return None
-        if name.endswith("_like") or name.startswith("new_"):  # (the shape of a tensor, not its values)
-            return None
-        in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE
-        written = _leaves(kwargs.get("out"), []) or ([args[0]] if in_place and args else [])
-        return [t for t in written if isinstance(t, torch.Tensor)]
 
     def _choice(self, out: Any, written: list[torch.Tensor], scored: bool) -> Any:
         """Keep a later choice's result, or answer it with the one held for it (of the same structure only;
@@ -493,6 +474,25 @@ class _ProbeMode(TorchFunctionMode):
         out, unheld = _hold(out, written, held)
         self.unheld |= unheld  # the later choices differ in number or shape: they cannot be held
         return out
+
+
+def _chooses(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[torch.Tensor] | None:
+    """Is this call a choice (see :meth:`_ProbeMode._after`)? The tensors it wrote into (``out=``, in place) if so."""
+    ins = _leaves((args, kwargs), [])
+    if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in ins):
+        return None
+    name = getattr(func, "__name__", "")
+    if name.startswith("_") and not name.startswith("__"):
+        name = name.lstrip("_")  # (F.threshold is torch's _threshold)
+    outs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor)]
+    discrete = any(not (t.is_floating_point() or t.is_complex()) for t in outs)
+    if _tests_zero(name, args, kwargs, outs) or not (discrete or _cuts(name, args, kwargs)):
+        return None
+    if name.endswith("_like") or name.startswith("new_"):  # (the shape of a tensor, not its values)
+        return None
+    in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE
+    written = _leaves(kwargs.get("out"), []) or ([args[0]] if in_place and args else [])
+    return [t for t in written if isinstance(t, torch.Tensor)]
 
 
 def _hold(out: Any, written: list[torch.Tensor], held: Any) -> tuple[Any, bool]:
@@ -540,6 +540,19 @@ _CUT_NAMES = frozenset(
     | {"hardshrink", "softshrink", "hardsigmoid", "hardswish", "floor_divide", "remainder", "fmod"}
     | _COMPARISONS
 )
+
+
+#: Cuts to a step (a count as a float): earlier choices like comparisons, unlike ``relu``/``clamp`` of scores.
+_STEP_NAMES = frozenset(
+    {"sign", "sgn", "signbit", "round", "floor", "ceil", "trunc", "fix", "heaviside", "floor_divide"}
+)
+
+
+def _steps(func: Any, kwargs: Mapping[str, Any]) -> bool:
+    """Does this call round floating values to steps (``round``, ``ceil``, a floor division)?"""
+    name = getattr(func, "__name__", "").lstrip("_")
+    base = name[:-1] if name.endswith("_") else name
+    return base in _STEP_NAMES or (base in ("div", "divide", "true_divide") and kwargs.get("rounding_mode") is not None)
 
 
 def _cuts(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
@@ -857,21 +870,25 @@ class _Overtime(BaseException):
 def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, raising :class:`ProbeTimeout` if it still runs after ``seconds`` (None: no limit).
 
-    The stop is raised in this thread from a timer (once), at the next bytecode it runs (a loop in Python
-    stops there; a long C call first returns). Once ``fn`` has returned or raised, none is raised any more.
+    The stop is raised in this thread from a timer, at the next bytecode it runs (a loop in Python stops
+    there; a long C call first returns), and raised again every quarter of a second while ``fn`` runs (a
+    bare ``except:`` in its code may take one). Once ``fn`` has returned or raised, none is raised any more.
     """
     if seconds is None or _SET_ASYNC_EXC is None:
         return fn(*args, **kwargs)
-    me, lock, state = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}
+    me, lock, state, stop = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}, threading.Event()
 
     def fire() -> None:
-        with lock:
-            if not state["done"]:
+        wait = seconds
+        while not stop.wait(wait):
+            with lock:
+                if state["done"]:
+                    return
                 state["fired"] = True
                 _SET_ASYNC_EXC(ctypes.c_ulong(me), ctypes.py_object(_Overtime))
+            wait = 0.25
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
+    timer = threading.Thread(target=fire, daemon=True)
     over = False
     try:
         try:
@@ -884,7 +901,7 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
     finally:
         while True:  # disarm; a stop raised while disarming is the one fired, taken here
             try:
-                timer.cancel()
+                stop.set()
                 with lock:
                     state["done"] = True
                     if state["fired"]:  # (set, not raised yet: taken back)
@@ -909,6 +926,7 @@ def _refuse(name: str, calls: Sequence[Call], why: str, fix: str) -> Unsupported
     )
 
 
+@torch.compiler.disable  # (never traced: a forward that reaches it inside a compiled model runs it eagerly)
 @_syncs_allowed()  # establishing runs once and reads values back
 def establish(
     name: str,
@@ -1304,12 +1322,14 @@ def _vary(
                 held, holding = probe.run(force=force, inputs=inputs, early=first.early)
             else:
                 held, holding = probe.run(force=force, inputs=inputs, choices=first.choices)
+            hidden = _hidden_shape(inputs)
             if holding.early_unheld if early else holding.unheld:
                 where = f"the number or shape of its {'earlier' if early else 'later'} choices"
+            elif early:
+                where = _restructured(fresh, held, ev, hidden) or _hidden_differs(fresh, held, hidden, ev)
             else:
-                where = _restructured(fresh, held, ev.top_k)
-                if not early:
-                    where = where or _hidden_moved(probe, force, fresh, first, again, inputs, ev)
+                where = _restructured(fresh, held, ev, hidden)
+                where = where or _hidden_moved(probe, force, fresh, first, again, inputs, ev)
         except Exception as e:
             where = f"whether its forward runs at all ({type(e).__name__} when they are held)"
         if where is not None:
@@ -1353,15 +1373,35 @@ def _hidden_moved(
     held, holding = probe.run(force=force, inputs=inputs, choices=choices)
     if holding.unheld:
         return "the number or shape of its later choices"
-    la, lb = _leaves(fresh, []), _leaves(held, [])
+    return _hidden_differs(fresh, held, _hidden_shape(inputs), ev)
+
+
+def _hidden_shape(inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> torch.Size | None:
+    """The shape of the hidden states a forward takes (its first floating input of two or more dimensions)."""
+    found = _first_floating(inputs)
+    return None if found is None else found[1].shape
+
+
+def _hidden_like(t: Any, hidden: torch.Size | None, ev: Evidence) -> bool:
+    """Is ``t`` hidden states, as the forward took them (their shape, of neither the decision's width nor k)?"""
+    return (
+        hidden is not None
+        and isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and t.shape == hidden
+        and t.shape[-1] not in (ev.top_k, ev.num_experts)
+    )
+
+
+def _hidden_differs(a: Any, b: Any, hidden: torch.Size | None, ev: Evidence) -> str | None:
+    """Which hidden states of two outputs of one forward differ past rounding, or None."""
+    la, lb = _leaves(a, []), _leaves(b, [])
     for n, (x, y) in enumerate(zip(la, lb, strict=False)):
-        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point()):
+        if not (_hidden_like(x, hidden, ev) and isinstance(y, torch.Tensor) and y.shape == x.shape):
             continue
-        if x.dim() < 2 or x.shape != y.shape or x.shape[-1] in (ev.top_k, ev.num_experts):
-            continue
+        tol = max(1e-3, 2 * torch.finfo(x.dtype).eps)
         x, y = x.detach().double(), y.detach().double()
         scale = float(torch.maximum(x.abs(), y.abs()).nan_to_num(0, 0, 0).max())
-        tol = max(1e-3, 2 * torch.finfo(la[n].dtype).eps)
         if float((x - y).abs().nan_to_num(0, 0, 0).max()) > tol * scale:
             return f"tensor #{n} of its output (the hidden states it returns: the experts they are made of)"
     return None
@@ -1456,10 +1496,12 @@ def _replaced(obj: Any, path: tuple[Any, ...], value: Any) -> Any:
     return type(obj)(items) if isinstance(obj, list) or type(obj) is tuple else tuple(items)
 
 
-def _restructured(a: Any, b: Any, k: int) -> str | None:
+def _restructured(a: Any, b: Any, ev: Evidence, hidden: torch.Size | None = None) -> str | None:
     """Which tensor of two outputs of one forward has another structure, or None: other integers (rows of
     ``k`` compared as sets: an order of slots is no other choice), or zeros in other places. Scalars
-    (statistics) are not compared."""
+    (statistics) are not compared, nor the zeros of hidden states (see :func:`_hidden_like`; in bf16 a
+    sum of experts rounds to 0 here or there): :func:`_hidden_differs` reads those."""
+    k = ev.top_k
     la, lb = _leaves(a, []), _leaves(b, [])
     if len(la) != len(lb):
         return "the number of tensors it returns"
@@ -1470,6 +1512,8 @@ def _restructured(a: Any, b: Any, k: int) -> str | None:
         if x.shape != y.shape or x.dtype != y.dtype:
             return f"the shape of {what}"
         x, y = x.detach(), y.detach()
+        if _hidden_like(x, hidden, ev):
+            continue
         if not (x.is_floating_point() or x.is_complex()):
             if x.dtype != torch.bool and x.shape[-1] == k:
                 x, y = x.sort(-1).values, y.sort(-1).values

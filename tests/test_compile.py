@@ -142,6 +142,29 @@ def test_first_forward_under_compile_is_refused_with_the_fix(tokens: torch.Tenso
         assert session.routes().num_tokens == tokens.numel()
 
 
+def test_a_model_compiled_before_attach_leaves_no_probe_state_behind(tokens: torch.Tensor) -> None:
+    """A model compiled and run before attach, then captured compiled with no eager forward: its routers are
+    established eagerly (the probe is never traced), and nothing is left half-done for later sessions (once,
+    a traced probe left the nesting count negative and every later capture in the process recorded nothing)."""
+    from moe_replay.evidence import NESTING
+
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        compiled(tokens)
+        with mr.attach(model) as session:
+            try:
+                with session.capture():
+                    compiled(tokens)
+            except Exception:  # (torch may refuse the mode inside a graph it compiled without one)
+                pass
+        assert NESTING.probing == 0 and NESTING.depth == 0
+        fresh = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+        with mr.attach(fresh) as other, other.capture():
+            fresh(tokens)
+        assert other.routes().num_tokens == tokens.numel()
+
+
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
 def test_checkpointed_layers_under_compile(tokens: torch.Tensor, mode: str) -> None:
     """Dynamo does not trace a checkpointed region with side effects: it runs eagerly, and still holds."""

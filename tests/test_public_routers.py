@@ -202,6 +202,32 @@ class AdaKRouter(nn.Module):
         return w / w.sum(-1, keepdim=True), idx
 
 
+class AdaKBlock(nn.Module):
+    """Ada-K inside one block: a linear gate and an allocator whose count is rounded (a float, no integer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.allocator = nn.Linear(D, 3, bias=False)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = torch.round(torch.sigmoid(self.allocator(x)).sum(-1)).clamp(min=1)
+        w, idx = torch.topk(F.softmax(self.gate(x), dim=-1), 3, dim=-1)
+        w = w * (torch.arange(3) < k.unsqueeze(-1))
+        return dispatch(self.experts, x, idx.masked_fill(w == 0, -1), w)
+
+
+def test_a_number_of_experts_rounded_before_the_top_k_inside_a_block_is_refused() -> None:
+    """Ada-K written inside the MoE block (the block is the router scope, its output hidden states), with the
+    count rounded as a float: refused, read from the hidden states. Before, other experts ran at replay."""
+    model = TwoLayers(AdaKBlock)
+    with mr.attach(model, include=["layers.0", "layers.1"]) as session, torch.no_grad():
+        with pytest.raises(mr.UnsupportedRouterError, match="before its decision"):
+            with session.capture():
+                model(_x())
+
+
 class ZeroSkippingBlock(RouterBlock):
     """Dispatch that runs an expert only where its weight is not 0."""
 
