@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 import moe_replay as mr
+from moe_replay import _lean
 from moe_replay.ring import CaptureRing
 
 from .baselines import RecipeRouting
@@ -55,8 +56,10 @@ VARIANTS = ("idle", "capture", "replay", "recipe_capture", "recipe_replay")
 #: Also on request (``--variants``): ``wrap``, each router's forward behind one plain Python function that
 #: calls it, the floor of any interception that runs Python at every router call; and ``capture_nocopy``, a
 #: diagnostic: capture with the copy into the ring taken out (the rows are counted, not recorded: its routes
-#: are void), which splits what capture costs between the interception and the copy. Not a mode of the library.
-EXTRA_VARIANTS = ("wrap", "capture_nocopy")
+#: are void), which splits what capture costs between the interception and the copy; and ``capture_held``, a
+#: diagnostic: capture with the lean wrappers put in once around each model forward (not at each router call),
+#: what holding them for a step would save. Not modes of the library.
+EXTRA_VARIANTS = ("wrap", "capture_nocopy", "capture_held")
 
 
 def _count_only(ring: CaptureRing, idx: torch.Tensor) -> None:
@@ -127,6 +130,16 @@ def _variant(name: str, model: nn.Module, warm: Callable[[], Any], routes: mr.Ro
             with session.capture():
                 yield
         return
+    if name == "capture_held":
+        with mr.attach(model) as session:
+            warm()
+            model.forward = _held(model.forward)
+            try:
+                with session.capture():
+                    yield
+            finally:
+                del model.forward
+        return
     with mr.attach(model) as session:
         warm()
         state: AbstractContextManager[Any] = nullcontext()
@@ -137,6 +150,19 @@ def _variant(name: str, model: nn.Module, warm: Callable[[], Any], routes: mr.Ro
             state = session.replay(routes, strict=False)
         with state:
             yield
+
+
+def _held(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` with the lean wrappers put in before it and taken out after it (once per model forward)."""
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        _lean.enter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            _lean.leave()
+
+    return held
 
 
 def _wrapped(forward: Callable[..., Any]) -> Callable[..., Any]:
