@@ -123,6 +123,15 @@ class _SessionHook(RouterHook):
         moved = None if isinstance(error, MoEReplayError) else self._moved()
         if moved is not None:
             raise SessionStateError(moved) from error
+        if type(error).__module__.startswith("torch._dynamo") and self.mode() not in self._lean:
+            # a compiled model whose router ran its first forward under the session outside the graph (at a
+            # graph break): dynamo then compiles the router's own frame under the interception, and may fail
+            raise UnsupportedRouterError(
+                f"router '{self.name}' ran its first forward under this session inside a torch.compile'd model, "
+                f"outside the compiled graph (at a graph break), and torch.compile failed on it under the "
+                f"interception ({type(error).__name__}). Run one eager forward of the model after attach "
+                "(session.verify(example) does it) before the first compiled call"
+            ) from error
 
     def _moved(self) -> str | None:
         held = self.capture_ring.device if self.capture_ring is not None else None

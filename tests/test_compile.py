@@ -165,6 +165,39 @@ def test_a_model_compiled_before_attach_leaves_no_probe_state_behind(tokens: tor
         assert other.routes().num_tokens == tokens.numel()
 
 
+@pytest.mark.parametrize("compiled_first", [True, False], ids=["run-compiled-before-attach", "compiled-after"])
+def test_a_first_forward_at_a_graph_break_is_refused_with_the_fix_or_runs(
+    tokens: torch.Tensor, compiled_first: bool
+) -> None:
+    """No fullgraph: a router's first forward under the session may run at a graph break, where dynamo compiles
+    the router's own frame under the interception. Where torch fails there, the error is ours and names the fix;
+    after one eager forward, compiled capture and replay force the recorded experts."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        if compiled_first:
+            compiled(tokens)
+        with mr.attach(model) as session:
+            try:
+                with session.capture():
+                    compiled(tokens)
+            except Exception as e:  # torch's own failure, reported as what to do
+                assert isinstance(e, mr.UnsupportedRouterError), f"{type(e).__name__}: {e}"
+                assert "session.verify(example)" in str(e)
+            session.verify(tokens)
+            with session.capture():
+                compiled(tokens)
+            routes = session.routes()
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            with session.capture():
+                compiled(tokens)
+            assert not session.routes().equal(routes)  # the routers choose other experts now
+            with session.replay(routes), session.capture():
+                compiled(tokens)
+            assert session.routes().equal(routes)
+
+
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
 def test_checkpointed_layers_under_compile(tokens: torch.Tensor, mode: str) -> None:
     """Dynamo does not trace a checkpointed region with side effects: it runs eagerly, and still holds."""
