@@ -42,6 +42,24 @@ def _calling_module(names: dict[int, str]) -> str | None:
     return None
 
 
+def _experts_held(module: nn.Module) -> frozenset[int] | None:
+    """The expert counts ``module`` holds (maybe empty: held, count unknown); None where it holds no experts."""
+    counts: set[int] = {p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3}
+    held = bool(counts)
+    for child_name, child in module.named_children():
+        own = {p.shape[0] for p in child.parameters(recurse=False) if p.dim() == 3}
+        low = child_name.lower()
+        if "expert" in low and "shared" not in low:
+            held = True
+            counts |= own
+            if isinstance(child, nn.ModuleList | nn.ModuleDict | nn.Sequential):
+                counts.add(len(child))
+        elif own:
+            held = True
+            counts |= own
+    return frozenset(counts) if held else None
+
+
 class OrphanWatch(TorchFunctionMode):
     """Watches one model forward for decision-like calls outside every attached router.
 
@@ -67,24 +85,24 @@ class OrphanWatch(TorchFunctionMode):
         self.excluded = excluded
         self.found: list[str] = []
 
-    def _in_moe(self, name: str) -> bool:
-        """Inside an MoE block (a module holding experts), and not inside attention?
+    def _moe_widths(self, name: str) -> frozenset[int] | None:
+        """The expert counts of the MoE structure the module ``name`` runs in; None outside one.
 
-        A sparse-attention indexer's top-k over keys can be as wide as the expert count; it
-        is not a routing decision, and it sits in an attention module beside no experts.
+        The innermost module on the path (itself first) that holds experts decides: a child
+        named ``expert*`` (not ``shared``), or 3-D parameters of its own or of a child, whose
+        first dimension is an expert count. Attention that holds no experts ends the search: a
+        sparse-attention indexer's top-k over keys can be as wide as the expert count; it is not
+        a routing decision. Attention that holds experts (SwitchHead's expert heads) is MoE.
         """
         parts = name.split(".") if name else []
         for i in range(len(parts), -1, -1):
-            sub = ".".join(parts[:i])
-            module = self.modules[sub]
+            module = self.modules[".".join(parts[:i])]
+            widths = _experts_held(module)
+            if widths is not None:
+                return widths
             if _ATTENTION.search(parts[i - 1] if i else "") or _ATTENTION.search(type(module).__name__):
-                return False
-            for child_name, child in module.named_children():
-                if "expert" in child_name.lower() and "shared" not in child_name.lower():
-                    return True
-                if any(p.dim() == 3 for p in child.parameters(recurse=False)):
-                    return True
-        return False
+                return None
+        return None
 
     def _known(self, name: str) -> bool:
         for scope in self.scopes:
@@ -105,9 +123,11 @@ class OrphanWatch(TorchFunctionMode):
         func = UNWRAP.get(func, func)
         if func in DECISION_FUNCS and not torch.compiler.is_compiling():
             sig = decision_call(func, args, kwargs)
-            if sig is not None and sig[2] in self.widths and (sig[0] != "topk" or sig[1] < sig[2]):
+            if sig is not None and (sig[0] != "topk" or sig[1] < sig[2]) and len(self.found) < 8:
                 name = _calling_module(self.names)
-                if name is not None and not self._known(name) and self._in_moe(name) and len(self.found) < 8:
+                moe = None if name is None or self._known(name) else self._moe_widths(name)
+                # over the width of an attached router, or of the experts of the block it runs in
+                if moe is not None and (sig[2] in self.widths or sig[2] in moe):
                     held = [s for s in self.scopes if not name or s.startswith(name + ".")]
                     hint = (
                         f" (it holds the attached router '{held[0]}' but decides outside it: if this call dispatches, "

@@ -484,9 +484,10 @@ class CaptureRing:
         """
         if written is None:
             written = int(self.written)
+        # copies: the rows returned outlive this ring's next writes (a CPU ring's .cpu() would be the ring itself)
         if self._fixed:
             if written <= self.capacity:
-                return self.buf[:written].cpu()
+                return self.buf[:written].to("cpu", copy=True)
             if not (self.keep_newest or keep_newest):
                 raise AssertionError("overflow must be handled by the caller")
             start = written % self.capacity
@@ -494,7 +495,7 @@ class CaptureRing:
         if written != self._host:
             raise AssertionError(f"ring '{self.name}': device count {written} != host count {self._host}")
         if written <= self.capacity:
-            return self.buf[:written].cpu()
+            return self.buf[:written].to("cpu", copy=True)
         out = torch.empty(written, self.top_k, dtype=self.dtype)
         pos = 0
         for seg in self._segments:

@@ -213,7 +213,7 @@ class Routes:
             validate_rows(rows, e, None, name, rows_too=validate)
             if rows.dtype in _WIDE_UNSIGNED:
                 rows = _exact_int64(rows, e, name)
-            data.append(rows.detach().to("cpu", _storage_dtype(e)).contiguous())
+            data.append(rows.detach().to("cpu", _storage_dtype(e), copy=True).contiguous())  # never the caller's
         self._names = names
         self._experts = experts
         self._data = data

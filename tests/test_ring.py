@@ -313,3 +313,14 @@ def test_eager_reads_then_a_read_by_the_device_cursor_then_eager_reads_stay_in_o
     got = [src.read_eager(3), src.read_eager(3), src.read(4), src.read_eager(3), src.read_eager(2)]
     assert torch.equal(torch.cat(got), rows[:15])
     assert int(src.consumed) == 15
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("experts", [8, 300])  # 300: the ring's dtype is the routes' storage dtype (int16)
+def test_routes_read_from_a_cpu_ring_outlive_its_next_capture(experts: int) -> None:
+    ring = CaptureRing(16, 2, experts, torch.device("cpu"))
+    ring.write(torch.tensor([[1, 2], [3, 4]]))
+    first = ring.rows(2)
+    ring.reset()
+    ring.write(torch.tensor([[5, 6], [7, 0]]))
+    assert first.tolist() == [[1, 2], [3, 4]]

@@ -370,3 +370,12 @@ def test_load_refuses_extra_arrays(tmp_path, extra: str) -> None:
 
 
 _META_OK = {"magic": "moe_replay.routes", "format_version": 1, "names": ["a", "b"], "num_experts": [8, 8]}
+
+
+@pytest.mark.reliability("silent replays")
+def test_routes_never_hold_the_callers_tensor() -> None:
+    """Rows in the storage dtype already (int16) are copied: editing the caller's buffer changes nothing."""
+    rows = torch.tensor([[0, 1], [2, 3]], dtype=torch.int16)
+    routes = mr.Routes([rows], names=["r"], num_experts=8)
+    rows[0] = torch.tensor([3, 3], dtype=torch.int16)  # the caller reuses its buffer: a duplicate expert now
+    assert routes.layer("r").tolist() == [[0, 1], [2, 3]]

@@ -1,0 +1,120 @@
+"""Decisions outside every attached router: refused wherever they choose among experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moe_replay as mr
+
+D, E, T = 16, 4, 6
+
+
+class FFN(nn.Module):
+    """An MoE feed-forward block whose ``gate`` discovery finds."""
+
+    def __init__(self, num_experts: int = E) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, num_experts, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
+        return out
+
+
+class ExpertHeads(nn.Module):
+    """Attention whose value projection is chosen per head among experts (SwitchHead's form)."""
+
+    def __init__(self, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.sel = nn.Parameter(torch.randn(heads * E, D))
+        self.v = nn.Parameter(torch.randn(heads * E, D, D // heads) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = F.linear(x, self.sel).view(x.shape[0], self.heads, E).sigmoid()
+        w, idx = scores.topk(1, dim=-1)  # one expert per token and head
+        chosen = idx[..., 0] + torch.arange(self.heads) * E  # [T, heads]
+        v = torch.einsum("td,thdo->tho", x, self.v[chosen])
+        return (w * v).reshape(x.shape[0], -1)
+
+
+class SigmaFFN(nn.Module):
+    """An MoE layer no naming rule finds (σ-MoE's form): expert keys stacked ``[E, D, H]``, ``expert_sel``."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.expert_sel = nn.Parameter(torch.randn(num_experts, D))
+        self.keys = nn.Parameter(torch.randn(num_experts, D, D) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = F.linear(x, self.expert_sel).sigmoid().topk(2, dim=-1)
+        return torch.einsum("td,tkdh,tk->th", x, self.keys[idx], w)
+
+
+class Indexer(nn.Module):
+    """A sparse-attention indexer: a top-k over keys, as wide as the expert count here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = x @ x.t()  # [T, T]: T == E keys
+        w, idx = scores.topk(2, dim=-1)
+        return x[idx].mean(1) * w.mean(-1, keepdim=True).sigmoid()
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.indexer = Indexer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.indexer(x)
+
+
+class Layer(nn.Module):
+    def __init__(self, mixer: nn.Module, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attention = mixer
+        self.mlp = ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(x)
+        return x + self.mlp(x)
+
+
+@pytest.mark.reliability("silent replays")
+def test_attention_that_chooses_among_experts_is_refused_when_not_attached() -> None:
+    """Attention is not exempt where it holds experts: its choice would run native at replay."""
+    model = nn.Sequential(Layer(ExpertHeads(), FFN()))
+    with mr.attach(model) as session:
+        assert session.names == ("0.mlp.gate",)
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'0\.attention' \(ExpertHeads\): topk over 4"):
+            session.verify(torch.randn(T, D))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("experts", [E, 6])
+def test_an_unfound_moe_layer_is_refused_whatever_its_expert_count(experts: int) -> None:
+    """Its top-k is over its own experts, which need not number as many as an attached router's."""
+    model = nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), SigmaFFN(experts)))
+    with mr.attach(model) as session:
+        assert session.names == ("0.mlp.gate",)
+        with pytest.raises(mr.UnsupportedRouterError, match=rf"'1\.mlp' \(SigmaFFN\): topk over {experts}"):
+            session.verify(torch.randn(T, D))
+
+
+def test_an_attention_top_k_over_keys_is_not_a_decision() -> None:
+    """A sparse-attention indexer beside no experts is left alone, even as wide as the expert count."""
+    model = nn.Sequential(Layer(Attention(), FFN()))
+    x = torch.randn(E, D)  # as many keys as experts
+    with mr.attach(model) as session:
+        session.verify(x)
+        with session.capture():
+            model(x)
+        assert session.routes().names == ("0.mlp.gate",)
