@@ -500,11 +500,17 @@ class Session:
         them after detach.
 
         Raises:
-            SessionStateError: another thread has a block open, or a wrapper cannot be taken out.
+            SessionStateError: a block of this session is open (in any thread), or a wrapper cannot be
+                taken out.
         """
         if not self._attached:
             return
         self._check_thread("detach()")
+        if self._owner.blocks:
+            raise SessionStateError(
+                "detach() inside an open capture(), replay() or keep_scores() block of this session: the forwards "
+                "later in the block would be neither recorded nor forced. Leave the block first, then detach"
+            )
         plan = self._removal_plan()
         self._set(capturing=False, replaying=False)
         self._keep_rows()
@@ -1066,9 +1072,16 @@ class Session:
                 "built twice, or replaced after loading?); exclude them or name the right ones with include="
             )
         watch.check()
-        self._mark_watched(model)  # a capture need not watch this model's forward again
         with torch.no_grad():
             evidence = {h.name: h.evidence[h.mode()] for h in self._hooks if h.mode() in h.evidence}
+        unproven = [h.name for h in self._hooks if h.decision != "lookup" and h.name not in evidence]
+        if unproven:
+            raise UnsupportedRouterError(
+                f"routers {unproven} ran but chose experts for no token in this forward (an input with no "
+                "tokens, or routers of a modality this input lacks?), so which of their calls decides was not "
+                "established. Verify on an example that reaches every router, or exclude= the others"
+            )
+        self._mark_watched(model)  # a capture need not watch this model's forward again
         return VerifyReport({h.name: h.calls for h in self._hooks}, evidence)
 
 

@@ -480,3 +480,26 @@ def test_no_mapping_still_names_both_fingerprints() -> None:
     with mr.attach(model) as session, pytest.raises(mr.RouterNotFoundError, match="fingerprint.*routes.rename"):
         with session.replay(routes):
             pass
+
+
+def test_detach_inside_an_open_block_is_refused_and_the_block_goes_on() -> None:
+    """Forwards later in the block would be neither recorded nor forced: detach waits for the block to close."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    x = torch.randint(0, 128, (2, 8))
+    session = mr.attach(model)
+    with session.capture():
+        model(x)
+        with pytest.raises(mr.SessionStateError, match="inside an open capture"):
+            session.detach()
+        model(x)
+    assert session.routes().num_tokens == 2 * x.numel()
+    session.detach()
+    assert "forward" not in vars(model.layers[0].mlp.router)
+
+
+def test_verify_on_an_input_with_no_tokens_proves_nothing_and_says_so() -> None:
+    model = mr.models.build("softmax_topk", num_layers=2)
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match="chose experts for no token"):
+            session.verify(torch.zeros(1, 0, dtype=torch.long))
+        assert session.verify(torch.zeros(1, 3, dtype=torch.long))["layers.0.mlp.router"] == 1
