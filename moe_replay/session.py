@@ -1217,6 +1217,9 @@ def _prefix_maps(names: Sequence[str], targets: Sequence[str]) -> list[tuple[tup
             common += 1
         if common == 0:
             continue
+        lead, other = first[: len(first) - common], parts[: len(parts) - common]
+        if lead and other and lead[-1].isdigit() and other[-1].isdigit():
+            continue  # another index into a module list: another layer, not a wrapper's prefix
         old = ".".join(first[: len(first) - common]) + ("." if common < len(first) else "")
         new = ".".join(parts[: len(parts) - common]) + ("." if common < len(parts) else "")
         if (old, new) in found or not all(n.startswith(old) for n in names):

@@ -503,3 +503,17 @@ def test_verify_on_an_input_with_no_tokens_proves_nothing_and_says_so() -> None:
         with pytest.raises(mr.UnsupportedRouterError, match="chose experts for no token"):
             session.verify(torch.zeros(1, 0, dtype=torch.long))
         assert session.verify(torch.zeros(1, 3, dtype=torch.long))["layers.0.mlp.router"] == 1
+
+
+def test_routes_of_another_layer_are_not_fitted_by_changing_its_index() -> None:
+    """The one-prefix fit is for wrappers (``module.``, ``_orig_mod.``); it never maps layer 3's router to layer 1's."""
+    a = mr.models.build("softmax_topk", num_layers=4, first_dense_layers=3)  # router: layers.3.mlp.router
+    b = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)  # router: layers.1.mlp.router
+    x = torch.randint(0, 128, (1, 6))
+    with mr.attach(a) as sa, sa.capture():
+        a(x)
+    routes = sa.routes()
+    with mr.attach(b) as sb:
+        with pytest.raises(mr.MoEReplayError, match="layers.3.mlp.router"), sb.replay(routes):
+            b(x)
+        assert sb.renamed is None or sb.renamed == {}
