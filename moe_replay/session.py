@@ -500,9 +500,13 @@ class Session:
         them after detach.
 
         Raises:
-            SessionStateError: a block of this session is open (in any thread), or a wrapper cannot be
+            SessionStateError: a block of this session is open (in any thread), a replayed forward's
+                checkpointed region still awaits its recompute in backward, or a wrapper cannot be
                 taken out.
         """
+        self._detach(recompute_check=True)
+
+    def _detach(self, *, recompute_check: bool) -> None:
         if not self._attached:
             return
         self._check_thread("detach()")
@@ -511,6 +515,8 @@ class Session:
                 "detach() inside an open capture(), replay() or keep_scores() block of this session: the forwards "
                 "later in the block would be neither recorded nor forced. Leave the block first, then detach"
             )
+        if recompute_check:
+            self._check_no_forced_recompute()
         plan = self._removal_plan()
         self._set(capturing=False, replaying=False)
         self._keep_rows()
@@ -524,6 +530,23 @@ class Session:
         with _ATTACH_LOCK:
             if model is not None and _ATTACHED.get(model) is self:
                 del _ATTACHED[model]
+
+    def _check_no_forced_recompute(self) -> None:
+        """Refuse to go while a checkpointed region of a replayed forward still awaits its recompute."""
+        def waiting(h: RouterHook) -> bool:  # forced rows whose region no backward has begun to recompute
+            return any(k.forced and k.graph_task == -1 for k in h.kept.values())
+
+        pending = [h.name for h in self._hooks if waiting(h)]
+        if pending:
+            gc.collect()  # a freed graph's regions may sit in a reference cycle
+            pending = [h.name for h in self._hooks if waiting(h)]
+        if pending:
+            raise SessionStateError(
+                f"routers {pending[:4]} hold replayed rows for the recompute of a checkpointed region whose backward "
+                "has not run: after detach that recompute would choose its experts natively, and the gradients "
+                "would follow other experts than the forward. Run backward (or free the graph: del the loss) "
+                "before detach"
+            )
 
     def _keep_rows(self) -> None:
         """Copy what the last capture recorded to the host, for :meth:`routes` after detach."""
@@ -587,8 +610,9 @@ class Session:
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # leaving on an error, the graph of a replayed forward goes with it: nothing awaits a recompute
+        self._detach(recompute_check=exc_type is None)
 
     def _check_attached(self) -> None:
         if not self._attached:

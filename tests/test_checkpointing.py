@@ -243,6 +243,7 @@ def test_nested_non_reentrant_checkpoints_are_refused_not_misrouted() -> None:
             loss = torch.utils.checkpoint.checkpoint(lambda t: model(t, labels=t).loss, x, use_reentrant=False)
         with pytest.raises(mr.UnsupportedRouterError, match="nest"):
             loss.backward()
+        del loss  # its regions were never recomputed: detach waits for the graph to go
 
 
 class _RerunInBackward(torch.autograd.Function):
@@ -481,3 +482,22 @@ def test_under_an_outer_reentrant_checkpoint_the_inner_one_is_refused_at_its_rec
             y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=True)
         with pytest.raises(mr.UnsupportedRouterError, match="checkpoint opened in its own forward"):
             y.sum().backward()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_detach_waits_for_the_backward_of_a_replayed_checkpointed_forward(tokens: torch.Tensor, mode: str) -> None:
+    """After detach, the recompute would choose natively and the gradients follow other experts: refused."""
+    model = mr.models.build("softmax_topk", num_layers=2, checkpointing=mode).train()
+    session = mr.attach(model)
+    with session.capture():
+        model(tokens)
+    routes = session.routes()
+    perturb_routers(session, scale=3.0)
+    with session.replay(routes):
+        loss = model(tokens, labels=tokens).loss
+    with pytest.raises(mr.SessionStateError, match="recompute of a checkpointed region"):
+        session.detach()
+    loss.backward()  # with the session: the recompute is forced
+    session.detach()
+    assert all("forward" not in vars(m) for m in model.modules())
