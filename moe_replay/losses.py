@@ -118,10 +118,15 @@ def load_balancing_loss(
             logits.
         indices: ``[T, k]`` experts each token used (one tensor, or one per router).
         mask: optional ``[T]`` (or any shape with ``T`` elements) weights of the tokens to
-            count, e.g. the attention mask; padding gets 0.
+            count, e.g. the attention mask; padding gets 0. A router with no token counted (all
+            padding, or no token at all) contributes 0.
 
     Returns:
         A scalar float32 tensor.
+
+    Raises:
+        InvalidArgumentError: shapes that do not match, or indices that are not experts
+            ``0..E-1`` (checked with one host sync per router).
 
     Example:
         >>> import torch, moe_replay as mr
@@ -145,10 +150,19 @@ def load_balancing_loss(
                 f"got {tuple(p.shape)} and {tuple(idx.shape)}"
             )
         t, e = p.shape
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise InvalidArgumentError(f"router {i}: indices must be integers (expert numbers), got {idx.dtype}")
+        if idx.numel():
+            low, high = torch.stack([idx.min(), idx.max()]).tolist()  # (one host sync)
+            if low < 0 or high >= e:
+                raise InvalidArgumentError(
+                    f"router {i}: indices must be experts 0..{e - 1}, got values from {low} to {high} (-1 marks an "
+                    "unrecorded row of Routes: select the recorded tokens, or pass a mask and valid rows)"
+                )
         w = torch.ones(t, device=p.device) if mask is None else mask.reshape(-1).to(p.device, torch.float32)
         if w.shape[0] != t:
             raise InvalidArgumentError(f"mask has {w.shape[0]} elements, but router {i} has {t} tokens")
-        total = w.sum()
+        total = w.sum().clamp_min(torch.finfo(torch.float32).tiny)  # no token counted: 0, not 0 / 0
         counts = torch.zeros(e, device=p.device).index_add_(
             0, idx.reshape(-1).long(), w.repeat_interleave(idx.shape[1])
         )

@@ -50,6 +50,32 @@ def test_bad_shapes_are_refused() -> None:
         mr.load_balancing_loss(torch.rand(4, 3), torch.zeros(4, 1, dtype=torch.long), mask=torch.ones(3))
 
 
+@pytest.mark.parametrize(
+    ("indices", "match"),
+    [
+        (torch.full((4, 2), 0.9), "must be integers"),  # would count expert 0
+        (torch.full((4, 2), 8), "experts 0..7"),
+        (torch.full((4, 2), -1), "unrecorded row"),
+    ],
+)
+def test_indices_that_are_not_experts_are_refused(indices: torch.Tensor, match: str) -> None:
+    with pytest.raises(mr.InvalidArgumentError, match=match):
+        mr.load_balancing_loss(torch.rand(4, 8).softmax(-1), indices)
+
+
+def test_a_router_with_no_token_counted_contributes_zero_not_nan() -> None:
+    """An all-padding micro-batch must not turn the training loss into NaN."""
+    probs = torch.rand(4, 8).softmax(-1).requires_grad_()
+    idx = torch.zeros(4, 2, dtype=torch.long)
+    loss = mr.load_balancing_loss(probs, idx, mask=torch.zeros(4))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(probs.grad).all()
+    assert mr.load_balancing_loss(torch.rand(0, 8), torch.zeros(0, 2, dtype=torch.long)).item() == 0.0
+    both = mr.load_balancing_loss([probs, probs], [idx, idx], mask=torch.tensor([1.0, 0, 0, 0]))
+    assert torch.isfinite(both) and both > 0
+
+
 def test_follows_replayed_routes_and_reaches_routers(tokens: torch.Tensor) -> None:
     model = mr.models.build("softmax_topk", num_layers=2)
     with mr.attach(model) as session:
