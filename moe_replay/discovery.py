@@ -268,6 +268,9 @@ class RouterSite:
 def format_sites(sites: Sequence[RouterSite]) -> str:
     """A plain-text table of routers, as printed by ``python -m moe_replay inspect``.
 
+    Raises ``ArgumentTypeError`` for anything but :class:`RouterSite` items (what
+    :func:`find_routers` returns).
+
     Example:
         >>> import moe_replay as mr
         >>> print(mr.format_sites(mr.find_routers(mr.models.build("linear_gate"))))
@@ -276,6 +279,9 @@ def format_sites(sites: Sequence[RouterSite]) -> str:
         layers.0.mlp.gate  Linear  8  2  decision by effect in forward of 'layers.0.mlp'
         layers.1.mlp.gate  Linear  8  2  decision by effect in forward of 'layers.1.mlp'
     """
+    sites = list(sites) if isinstance(sites, Iterable) else sites
+    if not isinstance(sites, list) or not all(isinstance(s, RouterSite) for s in sites):
+        raise ArgumentTypeError(f"format_sites takes the RouterSites find_routers returns, got {sites!r:.80}")
     rows = [("router", "class", "E", "k", "intercepted")]
     rows += [(s.name, s.module_class, str(s.num_experts), str(s.top_k or "?"), s.how) for s in sites]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -542,6 +548,11 @@ def find_routers(
             raise InvalidArgumentError(f"{what} must be a positive int (or None: read from the model), got {value!r}")
     if top_k is not None and num_experts is not None and top_k > num_experts:
         raise InvalidArgumentError(f"top_k={top_k} chooses more experts than num_experts={num_experts} has")
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"find_routers takes an nn.Module, got {type(model).__name__}")
+    adapters = list(adapters) if isinstance(adapters, Iterable) else adapters
+    if not isinstance(adapters, list) or not all(isinstance(a, Adapter) for a in adapters):
+        raise ArgumentTypeError(f"adapters must be a sequence of mr.Adapter, got {adapters!r:.80}")
     inc = _compile_matcher(include)
     exc = _compile_matcher(exclude)
     modules = dict(model.named_modules())

@@ -85,9 +85,18 @@ def generation_lengths(
         prompt_len: padded prompt width ``P``.
         eos_token_id: one id or several; ``None`` means every sequence ran all ``N`` steps.
     """
+    if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
+        raise InvalidArgumentError(
+            f"sequences must be the [batch, prompt_len + new] tensor generate() returns, got "
+            f"{tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else type(sequences).__name__}"
+        )
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or not 0 <= prompt_len <= sequences.shape[1]:
+        raise InvalidArgumentError(
+            f"prompt_len must be an int from 0 to the sequences' width {sequences.shape[1]}, got {prompt_len!r}"
+        )
     new = sequences[:, prompt_len:]
     b, n = new.shape
-    if eos_token_id is None:
+    if eos_token_id is None or n == 0:
         return torch.full((b,), n, dtype=torch.long)
     eos = torch.as_tensor(eos_token_id, dtype=new.dtype).reshape(-1)
     hit = torch.isin(new, eos)

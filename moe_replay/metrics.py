@@ -294,7 +294,7 @@ def compare(
         raise InvalidArgumentError(f"mode must be 'set' or 'slot', got {mode!r}")
     if not isinstance(a, Routes) or not isinstance(b, Routes):
         raise ArgumentTypeError("compare takes two Routes")
-    if isinstance(labels, str) or len(labels) != 2 or not all(isinstance(x, str) for x in labels):
+    if not isinstance(labels, tuple | list) or len(labels) != 2 or not all(isinstance(x, str) for x in labels):
         raise ArgumentTypeError(f"labels must be two strings, one for a and one for b, got {labels!r}")
     if names is None:
         if set(a.names) != set(b.names):

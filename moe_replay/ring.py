@@ -79,6 +79,8 @@ def index_dtype(num_experts: int) -> torch.dtype:
         >>> mr.index_dtype(128), mr.index_dtype(384)
         (torch.uint8, torch.int16)
     """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise InvalidArgumentError(f"num_experts must be a positive int, got {num_experts!r}")
     if num_experts <= 256:
         return torch.uint8
     if num_experts <= 2**15:
@@ -199,8 +201,15 @@ class CaptureRing:
                 "forward with routes(allow_partial=True)"
             )
         make = torch.zeros if zeros else torch.empty
-        with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
-            t = make(rows, self.top_k, dtype=self.dtype, device=self.device)
+        try:
+            with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
+                t = make(rows, self.top_k, dtype=self.dtype, device=self.device)
+        except RuntimeError as e:  # out of memory, or a size torch cannot allocate at all
+            raise CaptureOverflowError(
+                f"router '{self.name}': cannot allocate {rows} rows ({_fmt_bytes(nbytes)}) on {self.device} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}). Ask for fewer rows (capacity=, reserve()), "
+                "or capture fewer tokens per capture() block"
+            ) from e
         self.budget.held += nbytes
         return t
 

@@ -64,7 +64,20 @@ def _expert_count(value: Any) -> int:
         raise RoutesValidationError(f"an expert count must be an integer, got {value!r}") from None
     if e < 1:
         raise RoutesValidationError(f"an expert count must be at least 1, got {e}")
+    if e > _MAX_EXPERTS:
+        raise RoutesValidationError(f"an expert count must be at most {_MAX_EXPERTS}, got {e}")
     return int(e)
+
+
+#: The most experts one router may have (expert numbers must fit an int32 on every engine).
+_MAX_EXPERTS = 2**31 - 1
+
+
+def _path(path: Any, what: str) -> str | os.PathLike[str]:
+    """``path`` if it names a file (a ``str`` or ``os.PathLike``), else a clear error."""
+    if not isinstance(path, str | os.PathLike):
+        raise ArgumentTypeError(f"{what} takes a file path (a str or os.PathLike), got {type(path).__name__}")
+    return path
 
 
 def fingerprint(names: Sequence[str], num_experts: Sequence[int], top_k: Sequence[int]) -> str:
@@ -193,6 +206,10 @@ class Routes:
         *,
         validate: bool = True,
     ) -> None:
+        if not isinstance(layers, Iterable):
+            raise ArgumentTypeError(f"layers must be a sequence of [tokens, k] tensors, one per router, got {layers!r}")
+        if isinstance(names, str) or not isinstance(names, Iterable):
+            raise ArgumentTypeError(f"names must be a sequence of router names, got {names!r:.60}")
         names = tuple(str(n) for n in names)
         layers = list(layers)
         if len(layers) != len(names):
@@ -209,6 +226,8 @@ class Routes:
         for name, rows, e in zip(names, layers, experts, strict=True):
             if isinstance(rows, np.ndarray):
                 rows = torch.from_numpy(rows)
+            if isinstance(rows, torch.Tensor) and rows.device.type == "meta":
+                raise RoutesValidationError(f"router '{name}': rows on the meta device hold no values")
             # dtype and range are always checked: the storage dtype is narrower than int64
             validate_rows(rows, e, None, name, rows_too=validate)
             if rows.dtype in _WIDE_UNSIGNED:
@@ -318,6 +337,11 @@ class Routes:
         ``dtype`` converts the array; a dtype that cannot hold every value exactly (uint8
         and -1 rows, int8 and 200 experts) is refused rather than wrapped around.
         """
+        if dtype is not None:
+            try:
+                dtype = np.dtype(dtype)
+            except TypeError as e:
+                raise ArgumentTypeError(f"to_numpy() takes a numpy dtype, got {dtype!r}: {e}") from None
         arr = torch.stack(self._data, dim=1).numpy() if self._data else np.empty((0, 0, 0), np.int16)
         if dtype is None:
             return arr.copy()
@@ -361,6 +385,8 @@ class Routes:
 
     def select(self, names: Iterable[str]) -> Routes:
         """Keep only the named routers, in the order given."""
+        if isinstance(names, str) or not isinstance(names, Iterable):
+            raise ArgumentTypeError(f"select() takes router names (a list of str), got {names!r:.60}")
         names = list(names)
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
@@ -393,6 +419,10 @@ class Routes:
             >>> r.rename({"": "module."}).rename({"module.": ""}).equal(r)
             True
         """
+        if not isinstance(prefixes, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in prefixes.items()
+        ):
+            raise ArgumentTypeError(f"rename() takes a mapping of str prefixes {{old: new}}, got {prefixes!r:.60}")
         keys = sorted(prefixes, key=len, reverse=True)
         names = []
         for n in self._names:
@@ -485,6 +515,7 @@ class Routes:
             NotAFileError: ``path`` is a directory.
             MissingFileError: the folder of ``path`` does not exist.
         """
+        _path(path, "save()")
         self._ensure_valid()
         if os.path.isdir(path):
             raise NotAFileError(f"cannot write routes to {path}: it is a directory; give a file name (routes.npz)")
@@ -522,6 +553,7 @@ class Routes:
             RoutesValidationError: the file is not a routes file, is truncated or corrupted,
                 is over ``max_bytes``, or has an unknown format version.
         """
+        _path(path, "load()")
         if os.path.isdir(path):
             raise NotAFileError(f"cannot read routes from {path}: it is a directory, not a routes file")
         if not os.path.exists(path):
@@ -537,11 +569,13 @@ class Routes:
             raise RoutesValidationError(
                 f"cannot read routes from {path}: the file is truncated or corrupted ({type(e).__name__}: {e})"
             ) from e
-        names, experts = _read_meta(meta, path)
         try:
+            names, experts = _read_meta(meta, path)
             routes = cls(layers, names=names, num_experts=experts)
         except RoutesValidationError as e:
             raise RoutesValidationError(f"{path}: {e}") from e
+        except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
+            raise _corrupted(path, f"{type(e).__name__}: {e}") from e
         if meta.get("fingerprint") not in (None, routes.fingerprint):
             raise RoutesValidationError(f"{path}: the stored fingerprint does not match its contents (corrupted)")
         return routes
@@ -625,6 +659,9 @@ _READ_ERRORS = (
     struct.error,
     NotImplementedError,  # zipfile: a flag or method that a flipped bit turned on
     UnicodeError,
+    TypeError,  # an array of a kind torch does not take (str, datetime64)
+    OverflowError,
+    RecursionError,  # JSON nested past the interpreter's depth
 )
 
 

@@ -533,6 +533,7 @@ class Session:
 
     def _check_no_forced_recompute(self) -> None:
         """Refuse to go while a checkpointed region of a replayed forward still awaits its recompute."""
+
         def waiting(h: RouterHook) -> bool:  # forced rows whose region no backward has begun to recompute
             return any(k.forced and k.graph_task == -1 for k in h.kept.values())
 

@@ -100,3 +100,44 @@ def test_bad_input_errors_keep_their_builtin_type() -> None:
         assert isinstance(err.value, builtin), (err.value, builtin)
         assert str(err.value) and not str(err.value).startswith("'"), str(err.value)
     tried(len(cases))
+
+
+def _routes() -> mr.Routes:
+    return mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["r"], num_experts=8)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda: mr.Routes(None, names=["r"], num_experts=8), id="Routes(layers=None)"),
+        pytest.param(lambda: mr.Routes([torch.zeros(2, 2, device="meta")], names=["r"], num_experts=8), id="meta"),
+        pytest.param(lambda: mr.Routes([torch.zeros(2, 2).long()], names=["r"], num_experts=10**30), id="E=1e30"),
+        pytest.param(lambda: _routes().rename({1: 2}), id="rename(int keys)"),
+        pytest.param(lambda: _routes().select(None), id="select(None)"),
+        pytest.param(lambda: _routes().to_numpy("nope"), id="to_numpy(bad dtype)"),
+        pytest.param(lambda: _routes().save(None), id="save(None)"),
+        pytest.param(lambda: mr.Routes.load(None), id="load(None)"),
+        pytest.param(lambda: mr.attach(mr.models.build("softmax_topk", num_layers=1), capacity=2**62), id="capacity"),
+        pytest.param(lambda: mr.find_routers(None), id="find_routers(None)"),
+        pytest.param(lambda: mr.find_routers(mr.models.build("softmax_topk"), adapters=[5]), id="adapters=[5]"),
+        pytest.param(lambda: mr.format_sites([1]), id="format_sites([1])"),
+        pytest.param(lambda: mr.index_dtype(None), id="index_dtype(None)"),
+        pytest.param(lambda: mr.generation_lengths(torch.ones(4, dtype=torch.long), 1, 0), id="1-D sequences"),
+        pytest.param(lambda: mr.generation_lengths(torch.ones(2, 4, dtype=torch.long), 9, 0), id="prompt_len>width"),
+        pytest.param(lambda: mr.compare(_routes(), _routes(), labels=None), id="compare(labels=None)"),
+    ],
+)
+def test_public_functions_given_wrong_types_or_sizes_raise_our_errors(call) -> None:
+    with pytest.raises(mr.MoEReplayError):
+        call()
+
+
+def test_a_ring_too_large_to_allocate_leaves_the_model_as_it_was() -> None:
+    model = mr.models.build("softmax_topk", num_layers=1)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(mr.CaptureOverflowError, match="cannot allocate"):
+        mr.attach(model, capacity=2**62)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    assert all("forward" not in vars(m) for m in model.modules())
+    with mr.attach(model) as session, session.capture():
+        model(torch.zeros(1, 3, dtype=torch.long))
