@@ -325,15 +325,17 @@ class RouterHook:
             self.on_established(self)
         return ev
 
-    def forget(self) -> None:
-        """Drop the evidence of the mode now running (here and for later sessions): it no longer holds."""
-        mode = self.mode()
-        self.evidence.pop(mode, None)
-        self._lean.pop(mode, None)
+    def forget(self, *, every_mode: bool = False) -> None:
+        """Drop the evidence of the mode now running, or of every mode (here and for later sessions): it no
+        longer holds."""
+        modes = {*self.evidence, *self._lean} if every_mode else {self.mode()}
         known = _KNOWN.get(self.scope)
-        if known is not None:
-            for key in [k for k in known if k[0] == mode]:
-                del known[key]
+        for mode in modes:
+            self.evidence.pop(mode, None)
+            self._lean.pop(mode, None)
+            if known is not None:
+                for key in [k for k in known if k[0] == mode]:
+                    del known[key]
         self._armed = None
         self._form = None
 
@@ -890,9 +892,14 @@ class ScopedForward:
     def __init__(self, hook: RouterHook, inner: Callable[..., Any]) -> None:
         self.__moe_replay_hook__ = hook
         self.__wrapped__ = inner
+        #: the class's forward it wraps (the module had none of its own), or None: a later patch of the class
+        #: (a kernel library's, a fix) is followed, as it would be without the session
+        self._class_fn: Any = inner.__func__ if self._class_forward() else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         hook = self.__moe_replay_hook__
+        if self._class_fn is not None and type(hook.scope).forward is not self._class_fn:
+            self._follow_class()
         if _dynamo_compiling():
             return self._call(args, kwargs)
         if not (hook.capturing or hook.replaying):
@@ -1027,6 +1034,14 @@ class ScopedForward:
         if not _compiling() and hook.unproven() and not _graph_capturing():
             hook.prove(self.__wrapped__, args, kwargs)  # once: which call decides, by its effect
         return self.__wrapped__(*args, **kwargs)
+
+    def _follow_class(self) -> None:
+        """The class's forward was patched since attach: wrap the new one; its decision is established again."""
+        hook = self.__moe_replay_hook__
+        fn = type(hook.scope).forward
+        self.__wrapped__ = types.MethodType(fn, hook.scope)
+        self._class_fn = fn
+        hook.forget(every_mode=True)
 
     def _class_forward(self) -> bool:
         """Does it wrap its module's class forward (the module had no ``forward`` of its own)?"""

@@ -517,3 +517,33 @@ def test_routes_of_another_layer_are_not_fitted_by_changing_its_index() -> None:
         with pytest.raises(mr.MoEReplayError, match="layers.3.mlp.router"), sb.replay(routes):
             b(x)
         assert sb.renamed is None or sb.renamed == {}
+
+
+def test_a_class_patch_after_attach_reaches_the_attached_model() -> None:
+    """As without the session (a kernel library patching the router class late): the new forward runs,
+    and its decision is established again."""
+    from moe_replay.models import SoftmaxTopKRouter
+
+    model = mr.models.build("softmax_topk", num_layers=2)
+    x = torch.randint(0, 128, (1, 4))
+    orig, calls = SoftmaxTopKRouter.forward, []
+
+    def patched(self: nn.Module, h: torch.Tensor) -> Any:
+        calls.append(1)
+        return orig(self, h)
+
+    with mr.attach(model) as session:
+        with session.capture():
+            ref = model(x).logits
+        routes = session.routes()
+        SoftmaxTopKRouter.forward = patched
+        try:
+            with session.replay(routes), session.capture():
+                out = model(x).logits
+            assert calls, "the patched forward did not run"
+            assert session.routes().equal(routes) and torch.equal(out, ref)
+        finally:
+            SoftmaxTopKRouter.forward = orig
+        calls.clear()
+        model(x)
+        assert not calls  # the patch undone: the original again
