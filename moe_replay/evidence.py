@@ -1101,10 +1101,25 @@ def establish(
         if shapers and unmasked:
             _refuse_shaped_source(name, probe, calls, seen, tuple(slots), used, shapers)
         if shapers and not unmasked and not all(harmless(change=c.ordinal) for c in shapers):
+            last = shapers[-1]
+            _, moved = probe.run(change=last.ordinal)
+            a = seen.ins[slots[0]]
+            b = moved.ins[slots[0]] if len(moved.ins) > slots[0] else None
+            if b is not None and a.shape == b.shape and torch.equal(a, b):  # it does not touch the decision's scores
+                raise _refuse(
+                    name,
+                    calls,
+                    f"its forward makes more than one independent choice that reaches the output ({last.describe()} "
+                    f"and its decision {calls[slots[0]].describe()}): moving the earlier one leaves the decision's "
+                    "scores as they were, so they are two routers (per-modality gates, or one per projection) in "
+                    "one module's forward, and one router is one choice per call",
+                    "Attach the modules that each make one choice (include= each gate, or the function's module), "
+                    "or an Adapter(call=N) naming the one to record",
+                )
             raise _refuse(
                 name,
                 calls,
-                f"an earlier choice ({shapers[-1].describe()}) reshapes the scores of its decision by an operation "
+                f"an earlier choice ({last.describe()}) reshapes the scores of its decision by an operation "
                 "moe_replay cannot undo (it reads through masked_fill and where only), so a forced expert outside "
                 "that choice would get a masked weight",
                 "Mask the scores with masked_fill or torch.where",

@@ -1024,3 +1024,29 @@ def test_a_zero_that_rounding_makes_is_not_a_dropped_expert(dtype: torch.dtype) 
     cut = a.clone()
     cut[1, 0] = 0  # a weight of a third of the largest, cut
     assert _restructured(a, cut, ev) is not None  # type: ignore[arg-type]
+
+
+class _ModalityGates(nn.Module):
+    """Two gates in one module's forward, each choosing for its own tokens (MoMa's per-modality routing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.ModuleList(nn.Linear(D, E, bias=False) for _ in range(2))
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        half = x.shape[0] // 2
+        for m, part in enumerate((slice(0, half), slice(half, None))):
+            w, idx = self.gates[m](x[part]).softmax(-1).topk(2, dim=-1)
+            out[part] = dispatch(self.experts, x[part], idx, w)
+        return out
+
+
+def test_two_independent_choices_in_one_forward_are_named_as_two_routers() -> None:
+    """Refused, and not as a mask: moving one choice leaves the other's scores as they were."""
+    model = TwoLayers(_ModalityGates)
+    with mr.attach(model, include=["layers.0", "layers.1"]) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match="more than one independent choice") as err:
+            session.verify(torch.randn(T, D))
+    assert "reshapes the scores" not in str(err.value)
