@@ -328,6 +328,7 @@ class _ProbeMode(TorchFunctionMode):
         self.calls: list[Call] = []
         self.ins: list[torch.Tensor] = []  # each call's scores
         self.outs: list[Any] = []
+        self.aside: list[str] = []  # choices along another dimension than the last (not decisions), described
         self.masked: list[torch.Tensor] = []
         self.unmasked: list[bool] = []  # per call: its input is a masked copy that was seen
         self.sources: list[tuple[torch.Tensor, torch.Tensor]] = []  # (masked copy, the scores it masks), forcing
@@ -410,6 +411,16 @@ class _ProbeMode(TorchFunctionMode):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 self._score(t)
 
+    def _note_aside(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Describe a top-k or arg-max of a score matrix along another dimension than the last."""
+        x = _arg(args, kwargs, 0, "input")
+        family = _FAMILY.get(func)
+        pos, default = (2, -1) if family in ("topk", "kthvalue") else (1, None)
+        dim = _arg(args, kwargs, pos, "dim", default)
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.is_floating_point() and isinstance(dim, int):
+            if dim not in (-1, x.dim() - 1):
+                self.aside.append(f"{family} along dim {dim} of {tuple(x.shape)} at {_where()}")
+
     def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if func in _MASKS:
             out = func(*args, **kwargs)
@@ -420,6 +431,8 @@ class _ProbeMode(TorchFunctionMode):
             return out
         sig = decision_call(func, args, kwargs) if func in DECISION_FUNCS else None
         if sig is None or NESTING.depth != self.depth:  # not a decision, or one of a router nested inside
+            if sig is None and func in DECISION_FUNCS and len(self.aside) < 4:
+                self._note_aside(func, args, kwargs)
             return func(*args, **kwargs)
         i = len(self.calls)
         x = _arg(args, kwargs, 0, "input")
@@ -1015,6 +1028,12 @@ def establish(
                     "its forward makes no decision-like call (topk, argmax, max, sort): soft routing (every expert "
                     "weighted) has no expert choice to record or replay"
                 )
+                if seen.aside:
+                    why = (
+                        f"its forward chooses only along another dimension than the last ({seen.aside[0]}): "
+                        "moe_replay reads a choice among experts along the last dimension of the scores. Put the "
+                        "experts last (scores.transpose(...)) and choose with dim=-1"
+                    )
             elif noise > 0 and not math.isfinite(noise):
                 why = "its output differs between two runs on the same inputs, so no effect can be measured"
             raise _refuse(name, calls, why, fix)

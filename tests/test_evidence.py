@@ -1050,3 +1050,25 @@ def test_two_independent_choices_in_one_forward_are_named_as_two_routers() -> No
         with pytest.raises(mr.UnsupportedRouterError, match="more than one independent choice") as err:
             session.verify(torch.randn(T, D))
     assert "reshapes the scores" not in str(err.value)
+
+
+class _ExpertsInTheMiddle(nn.Module):
+    """Scores laid out ``[batch, E, seq]``, the top-k along dim 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k = 2
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.einsum("bsd,ed->bes", x[None], self.weight).softmax(1)
+        w, idx = torch.topk(scores, 2, dim=1)
+        return w.transpose(1, 2)[0], idx.transpose(1, 2)[0]
+
+
+def test_a_choice_along_another_dimension_is_refused_saying_so() -> None:
+    """Not as soft routing: the message names the call and asks for the experts last."""
+    model = TwoLayers(lambda: RouterBlock(_ExpertsInTheMiddle()))
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match=r"another dimension than the last \(topk along dim 1"):
+            session.verify(torch.randn(T, D))
