@@ -29,6 +29,10 @@ from .evidence import DECISION_FUNCS, UNWRAP, _where, decision_call
 __all__ = ["OrphanWatch"]
 
 _ATTENTION = re.compile(r"(attn|attention|indexer)", re.I)
+#: Decision-like calls that return indices by nature (not a stable softmax's max).
+_INDEX_CHOICES = frozenset(("topk", "argmax", "argmin"))
+#: Modules whose 3-D weights are filters, not experts.
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _calling_module(names: dict[int, str]) -> str | None:
@@ -42,22 +46,32 @@ def _calling_module(names: dict[int, str]) -> str | None:
     return None
 
 
-def _experts_held(module: nn.Module) -> frozenset[int] | None:
-    """The expert counts ``module`` holds (maybe empty: held, count unknown); None where it holds no experts."""
-    counts: set[int] = {p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3}
-    held = bool(counts)
+def _holds_experts(module: nn.Module) -> bool:
+    """A child named ``expert*`` (not ``shared``), or a child with 3-D parameters (stacked experts)."""
     for child_name, child in module.named_children():
-        own = {p.shape[0] for p in child.parameters(recurse=False) if p.dim() == 3}
         low = child_name.lower()
         if "expert" in low and "shared" not in low:
-            held = True
-            counts |= own
+            return True
+        if any(p.dim() == 3 for p in child.parameters(recurse=False)):
+            return True
+    return False
+
+
+def _expert_banks(module: nn.Module) -> set[int]:
+    """How many experts ``module`` holds, by each bank it holds directly: the length of an ``expert*``
+    module list, the first dimension of 3-D parameters of its own or of an ``expert*`` child (not a
+    convolution's weight)."""
+    banks: set[int] = set()
+    if not isinstance(module, _CONV):
+        banks |= {p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3}
+    for child_name, child in module.named_children():
+        low = child_name.lower()
+        if "expert" in low and "shared" not in low:
             if isinstance(child, nn.ModuleList | nn.ModuleDict | nn.Sequential):
-                counts.add(len(child))
-        elif own:
-            held = True
-            counts |= own
-    return frozenset(counts) if held else None
+                banks.add(len(child))
+            if not isinstance(child, _CONV):
+                banks |= {p.shape[0] for p in child.parameters(recurse=False) if p.dim() == 3}
+    return banks
 
 
 class OrphanWatch(TorchFunctionMode):
@@ -85,24 +99,38 @@ class OrphanWatch(TorchFunctionMode):
         self.excluded = excluded
         self.found: list[str] = []
 
-    def _moe_widths(self, name: str) -> frozenset[int] | None:
-        """The expert counts of the MoE structure the module ``name`` runs in; None outside one.
+    def _in_moe(self, name: str) -> bool:
+        """Inside an MoE block (a module holding experts), and not inside attention?
 
-        The innermost module on the path (itself first) that holds experts decides: a child
-        named ``expert*`` (not ``shared``), or 3-D parameters of its own or of a child, whose
-        first dimension is an expert count. Attention that holds no experts ends the search: a
-        sparse-attention indexer's top-k over keys can be as wide as the expert count; it is not
-        a routing decision. Attention that holds experts (SwitchHead's expert heads) is MoE.
+        A sparse-attention indexer's top-k over keys can be as wide as the expert count; it
+        is not a routing decision, and it sits in an attention module beside no experts.
         """
         parts = name.split(".") if name else []
         for i in range(len(parts), -1, -1):
             module = self.modules[".".join(parts[:i])]
-            widths = _experts_held(module)
-            if widths is not None:
-                return widths
             if _ATTENTION.search(parts[i - 1] if i else "") or _ATTENTION.search(type(module).__name__):
-                return None
-        return None
+                return False
+            if _holds_experts(module):
+                return True
+        return False
+
+    def _chooses_among_experts(self, name: str, width: int) -> bool:
+        """Does a module on the path (itself first) hold a bank of experts that a choice over ``width``
+        picks from: ``width`` of them, or ``width`` per group of them (SwitchHead's experts per head)?
+        For choices of indices (top-k, arg-max) only: attention that holds such a bank chooses experts
+        too, and an MoE layer no router was found for may have another expert count than the routers."""
+        parts = name.split(".") if name else []
+        for i in range(len(parts), -1, -1):
+            if any(n % width == 0 for n in _expert_banks(self.modules[".".join(parts[:i])])):
+                return True
+        return False
+
+    def _orphan(self, name: str, sig: tuple[str, int, int]) -> bool:
+        """A call over an attached router's width in an MoE block, or a choice of indices over experts a
+        module on its path holds."""
+        if sig[2] in self.widths and self._in_moe(name):
+            return True
+        return sig[0] in _INDEX_CHOICES and sig[1] < sig[2] and self._chooses_among_experts(name, sig[2])
 
     def _known(self, name: str) -> bool:
         for scope in self.scopes:
@@ -125,9 +153,7 @@ class OrphanWatch(TorchFunctionMode):
             sig = decision_call(func, args, kwargs)
             if sig is not None and (sig[0] != "topk" or sig[1] < sig[2]) and len(self.found) < 8:
                 name = _calling_module(self.names)
-                moe = None if name is None or self._known(name) else self._moe_widths(name)
-                # over the width of an attached router, or of the experts of the block it runs in
-                if moe is not None and (sig[2] in self.widths or sig[2] in moe):
+                if name is not None and not self._known(name) and self._orphan(name, sig):
                     held = [s for s in self.scopes if not name or s.startswith(name + ".")]
                     hint = (
                         f" (it holds the attached router '{held[0]}' but decides outside it: if this call dispatches, "

@@ -118,3 +118,42 @@ def test_an_attention_top_k_over_keys_is_not_a_decision() -> None:
         with session.capture():
             model(x)
         assert session.routes().names == ("0.mlp.gate",)
+
+
+class EinsumAttention(nn.Module):
+    """q, k, v stacked in one 3-D weight, a stable softmax by hand: no choice among experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, D, D) * D**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = torch.einsum("th,nhd->ntd", x, self.w)
+        scores = q @ k.t()
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        return scores.softmax(-1) @ v
+
+
+class ConvMixer(nn.Module):
+    """A token mixer with a convolution (a 3-D weight) and a max over its channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(D, D, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.t()[None])[0].t()
+        return y - y.max(dim=-1, keepdim=True).values
+
+
+@pytest.mark.parametrize("tokens", [E, 3])  # as many keys as experts; as many as the stacked weight's first dim
+@pytest.mark.parametrize("mixer", [EinsumAttention, ConvMixer])
+def test_attention_or_convolutions_with_3d_weights_are_not_decisions(mixer: type[nn.Module], tokens: int) -> None:
+    model = nn.Sequential(Layer(mixer(), FFN()))
+    x = torch.randn(tokens, D)
+    with mr.attach(model) as session:
+        session.verify(x)
+        with session.capture():
+            ref = model(x)
+        with session.replay(session.routes()):
+            assert torch.equal(model(x), ref)
