@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import sys
 import threading
 import types
 import weakref
@@ -501,10 +502,12 @@ class Session:
 
         Raises:
             SessionStateError: a block of this session is open (in any thread), a replayed forward's
-                checkpointed region still awaits its recompute in backward, or a wrapper cannot be
-                taken out.
+                checkpointed region still awaits its recompute in backward (not checked while an
+                exception unwinds: in a ``finally:`` clause the graph goes with the error), or a
+                wrapper cannot be taken out.
         """
-        self._detach(recompute_check=True)
+        # while an exception unwinds (a finally: clause), the graph of a replayed forward goes with it
+        self._detach(recompute_check=sys.exc_info()[0] is None)
 
     def _detach(self, *, recompute_check: bool) -> None:
         if not self._attached:

@@ -501,3 +501,20 @@ def test_detach_waits_for_the_backward_of_a_replayed_checkpointed_forward(tokens
     loss.backward()  # with the session: the recompute is forced
     session.detach()
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_detach_in_a_finally_clause_after_an_error_still_detaches(tokens: torch.Tensor) -> None:
+    """A step that fails with a replayed, checkpointed loss alive: detach in finally goes, the error stays."""
+    model = mr.models.build("softmax_topk", num_layers=2, checkpointing="non_reentrant").train()
+    session = mr.attach(model)
+    with session.capture():
+        model(tokens)
+    routes = session.routes()
+    with pytest.raises(RuntimeError, match="micro-batch 1"):
+        try:
+            with session.replay(routes):
+                loss = model(tokens, labels=tokens).loss  # noqa: F841 - alive while the error unwinds
+            raise RuntimeError("micro-batch 1 failed")
+        finally:
+            session.detach()
+    assert all("forward" not in vars(m) for m in model.modules())
