@@ -125,8 +125,10 @@ def load_balancing_loss(
         A scalar float32 tensor.
 
     Raises:
-        InvalidArgumentError: shapes that do not match, or indices that are not experts
-            ``0..E-1`` (checked with one host sync per router).
+        InvalidArgumentError: shapes that do not match, indices that are not integers, or (on
+            the CPU) indices that are not experts ``0..E-1``. On an accelerator, and in compiled
+            code, such indices stop the kernel that counts them instead (no host sync is spent on
+            the check).
 
     Example:
         >>> import torch, moe_replay as mr
@@ -152,8 +154,9 @@ def load_balancing_loss(
         t, e = p.shape
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise InvalidArgumentError(f"router {i}: indices must be integers (expert numbers), got {idx.dtype}")
-        if idx.numel():
-            low, high = torch.stack([idx.min(), idx.max()]).tolist()  # (one host sync)
+        if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            # on the host at no cost; on an accelerator, or compiled, the kernel refuses them (no sync here)
+            low, high = torch.stack([idx.min(), idx.max()]).tolist()
             if low < 0 or high >= e:
                 raise InvalidArgumentError(
                     f"router {i}: indices must be experts 0..{e - 1}, got values from {low} to {high} (-1 marks an "

@@ -146,3 +146,10 @@ def test_equals_transformers_aux_loss_per_layer_on_native_routing() -> None:
     for logits, probs, idx in zip(out.router_logits, seen.scores, seen.indices, strict=True):
         theirs = load_balancing_loss_func((logits,), 8, 2)
         assert mr.load_balancing_loss(probs, idx).item() == pytest.approx(theirs.item(), abs=1e-6)
+
+
+def test_compiles_in_one_graph() -> None:
+    """The index checks spend no host sync in compiled code (training steps compile with fullgraph=True)."""
+    probs, idx = torch.rand(6, 8).softmax(-1), torch.randint(0, 8, (6, 2))
+    compiled = torch.compile(mr.load_balancing_loss, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled(probs, idx), mr.load_balancing_loss(probs, idx))
