@@ -214,19 +214,28 @@ class Evidence:
 class VerifyReport(dict[str, int]):
     """What :meth:`Session.verify` returns: per router, how many times it ran in the forward.
 
-    ``evidence`` holds, per router, the :class:`Evidence` of its decision; ``str(report)``
-    is a readable account of which call decides in every router and why.
+    ``evidence`` holds, per router, the :class:`Evidence` of its decision; ``idle``, the
+    routers that ran but chose for no token (a modality this input lacks), whose decision is
+    not established by this forward; ``str(report)`` is a readable account of which call
+    decides in every router and why.
     """
 
-    def __init__(self, calls: Mapping[str, int], evidence: Mapping[str, Evidence]) -> None:
+    def __init__(self, calls: Mapping[str, int], evidence: Mapping[str, Evidence], idle: Sequence[str] = ()) -> None:
         super().__init__(calls)
         self.evidence: dict[str, Evidence] = dict(evidence)
+        self.idle: tuple[str, ...] = tuple(idle)
 
     def __str__(self) -> str:
-        lines = [f"verified {len(self)} routers:"]
+        head = f"verified {len(self) - len(self.idle)} routers"
+        lines = [head + (f", {len(self.idle)} idle:" if self.idle else ":")]
         for name, n in self.items():
             ev = self.evidence.get(name)
-            how = ev.describe().replace("\n", "\n    ") if ev is not None else "hash table lookup (declared)"
+            if ev is not None:
+                how = ev.describe().replace("\n", "\n    ")
+            elif name in self.idle:
+                how = "chose for no token: not established (verify on an input that reaches it)"
+            else:
+                how = "hash table lookup (declared)"
             k = f"k={ev.top_k} of {ev.num_experts}, " if ev is not None else ""
             lines.append(f"  {name}: {k}ran {n}x, {how}")
         return "\n".join(lines)

@@ -1063,10 +1063,13 @@ class Session:
 
         Returns:
             A :class:`VerifyReport`: per router, how many times it ran (it is a ``dict`` of those
-            counts), and ``report.evidence[name]``, which call decides and why. ``print`` it.
+            counts), ``report.evidence[name]``, which call decides and why, and ``report.idle``, the
+            routers that ran on no token (their decision is established at a later forward that
+            reaches them). ``print`` it.
 
         Raises:
-            UnsupportedRouterError: a router did not run, or no call of its forward decides.
+            UnsupportedRouterError: a router did not run, no call of its forward decides, or no
+                router chose for any token (an input with no tokens).
 
         Example:
             >>> import torch, moe_replay as mr
@@ -1102,15 +1105,15 @@ class Session:
         watch.check()
         with torch.no_grad():
             evidence = {h.name: h.evidence[h.mode()] for h in self._hooks if h.mode() in h.evidence}
-        unproven = [h.name for h in self._hooks if h.decision != "lookup" and h.name not in evidence]
-        if unproven:
+        deciding = [h.name for h in self._hooks if h.decision != "lookup"]
+        idle = [n for n in deciding if n not in evidence]
+        if idle and len(idle) == len(deciding):
             raise UnsupportedRouterError(
-                f"routers {unproven} ran but chose experts for no token in this forward (an input with no "
-                "tokens, or routers of a modality this input lacks?), so which of their calls decides was not "
-                "established. Verify on an example that reaches every router, or exclude= the others"
+                f"no router chose experts for any token in this forward ({idle[:4]} ran on none: an input with no "
+                "tokens?), so nothing was established. Verify on an example with tokens"
             )
         self._mark_watched(model)  # a capture need not watch this model's forward again
-        return VerifyReport({h.name: h.calls for h in self._hooks}, evidence)
+        return VerifyReport({h.name: h.calls for h in self._hooks}, evidence, idle)
 
 
 class _Missing:

@@ -500,7 +500,7 @@ def test_detach_inside_an_open_block_is_refused_and_the_block_goes_on() -> None:
 def test_verify_on_an_input_with_no_tokens_proves_nothing_and_says_so() -> None:
     model = mr.models.build("softmax_topk", num_layers=2)
     with mr.attach(model) as session:
-        with pytest.raises(mr.UnsupportedRouterError, match="chose experts for no token"):
+        with pytest.raises(mr.UnsupportedRouterError, match="no router chose experts for any token"):
             session.verify(torch.zeros(1, 0, dtype=torch.long))
         assert session.verify(torch.zeros(1, 3, dtype=torch.long))["layers.0.mlp.router"] == 1
 
@@ -547,3 +547,31 @@ def test_a_class_patch_after_attach_reaches_the_attached_model() -> None:
         calls.clear()
         model(x)
         assert not calls  # the patch undone: the original again
+
+
+class _ModalityBlock(nn.Module):
+    """Text and image tokens routed by their own routers; a text-only input reaches the image router with none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = mr.models.build("softmax_topk", num_layers=1).layers[0].mlp
+        self.image = mr.models.build("softmax_topk", num_layers=1).layers[0].mlp
+
+    def forward(self, x: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        out[~is_image] = self.text(x[~is_image][None])[0]
+        out[is_image] = self.image(x[is_image][None])[0]
+        return out
+
+
+def test_verify_names_routers_that_ran_on_no_token_and_passes_the_others() -> None:
+    model = _ModalityBlock()
+    x = torch.randn(6, model.text.router.weight.shape[1])
+    with mr.attach(model) as session:
+        report = session.verify(x, torch.zeros(6, dtype=torch.bool))  # text only
+        assert report.idle == ("image.router",) and "text.router" in report.evidence
+        assert "chose for no token" in str(report) and "lookup" not in str(report)
+        both = torch.arange(6) % 2 == 0
+        with session.capture():
+            model(x, both)
+        assert session.routes().tokens_per_layer == (3, 3)
