@@ -895,6 +895,7 @@ class ScopedForward:
         #: the class's forward it wraps (the module had none of its own), or None: a later patch of the class
         #: (a kernel library's, a fix) is followed, as it would be without the session
         self._class_fn: Any = inner.__func__ if self._class_forward() else None
+        self._class_raw = _raw_forward(type(hook.scope)) if self._class_fn is not None else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         hook = self.__moe_replay_hook__
@@ -1036,11 +1037,19 @@ class ScopedForward:
         return self.__wrapped__(*args, **kwargs)
 
     def _follow_class(self) -> None:
-        """The class's forward was patched since attach: wrap the new one; its decision is established again."""
+        """The class's forward was patched since attach: wrap the new one; its decision is established again.
+
+        A descriptor that makes a new callable at each access (``functools.partialmethod``) is the
+        same forward as long as the class holds the same descriptor."""
         hook = self.__moe_replay_hook__
-        fn = type(hook.scope).forward
-        self.__wrapped__ = types.MethodType(fn, hook.scope)
-        self._class_fn = fn
+        cls = type(hook.scope)
+        raw = _raw_forward(cls)
+        if raw is self._class_raw:
+            return
+        fn = cls.forward
+        get = getattr(raw, "__get__", None)
+        self.__wrapped__ = get(hook.scope, cls) if get is not None else raw
+        self._class_fn, self._class_raw = fn, raw
         hook.forget(every_mode=True)
 
     def _class_forward(self) -> bool:
@@ -1066,6 +1075,14 @@ class ScopedForward:
 
     def __repr__(self) -> str:
         return f"<moe_replay forward of router '{self.__moe_replay_hook__.name}'>"
+
+
+def _raw_forward(cls: type) -> Any:
+    """The ``forward`` a class holds, as stored (the descriptor, not what an access makes of it)."""
+    for klass in cls.__mro__:
+        if "forward" in vars(klass):
+            return vars(klass)["forward"]
+    return None
 
 
 class ClassForward:

@@ -225,7 +225,11 @@ class Routes:
         data: list[torch.Tensor] = []
         for name, rows, e in zip(names, layers, experts, strict=True):
             if isinstance(rows, np.ndarray):
-                rows = torch.from_numpy(rows)
+                if rows.dtype.hasobject or rows.dtype.kind not in "iub":
+                    raise RoutesValidationError(
+                        f"router '{name}': rows must be integers (expert numbers), got a numpy array of {rows.dtype}"
+                    )
+                rows = torch.from_numpy(np.array(rows, order="C"))  # a copy: no negative strides, writable
             if isinstance(rows, torch.Tensor) and rows.device.type == "meta":
                 raise RoutesValidationError(f"router '{name}': rows on the meta device hold no values")
             # dtype and range are always checked: the storage dtype is narrower than int64

@@ -379,3 +379,19 @@ def test_routes_never_hold_the_callers_tensor() -> None:
     routes = mr.Routes([rows], names=["r"], num_experts=8)
     rows[0] = torch.tensor([3, 3], dtype=torch.int16)  # the caller reuses its buffer: a duplicate expert now
     assert routes.layer("r").tolist() == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda a: a[::-1], lambda a: a[:, ::-1], lambda a: (a.setflags(write=False), a)[1], np.asfortranarray],
+    ids=["reversed", "reversed columns", "read-only", "fortran"],
+)
+def test_numpy_rows_of_any_layout_are_taken_exactly(make) -> None:
+    rows = make(np.array([[0, 1], [2, 3], [4, 5]], dtype=np.int64))
+    assert mr.Routes([rows], names=["r"], num_experts=8).layer("r").tolist() == rows.tolist()
+
+
+def test_numpy_rows_that_are_not_integers_are_refused() -> None:
+    for rows in (np.array([[0, 1]], dtype=object), np.array([[0.0, 1.0]])):
+        with pytest.raises(mr.RoutesValidationError, match="must be integers"):
+            mr.Routes([rows], names=["r"], num_experts=8)
