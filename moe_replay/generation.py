@@ -193,7 +193,10 @@ def split_generation(
 
     Each sequence's routes are aligned to its token positions: its real prompt tokens,
     then its generated tokens. The last one has a -1 row (never routed, see the module
-    docstring).
+    docstring). The prompts must have run in one forward: a chunked prefill
+    (``generate(prefill_chunk_size=...)``) routes them chunk by chunk, every sequence's
+    chunk in turn, an order the rows alone cannot tell apart from one forward (the capture
+    keeps no forward boundaries), so it must not be split here.
 
     Args:
         routes: the capture (``session.routes()``), ``B * P + B * (N - 1)`` rows.

@@ -655,6 +655,16 @@ def _refuse_before(config: Any, kwargs: dict[str, Any]) -> None:
             raise UnsupportedTrainerSetupError(
                 "routed_experts_prompt_start in generation_kwargs: the trainer needs the routes of the whole prompt"
             )
+    elif (getattr(config, "generation_kwargs", None) or {}).get("prefill_chunk_size"):
+        raise UnsupportedTrainerSetupError(_CHUNKED_PREFILL)
+
+
+#: Why a chunked prefill cannot be split per sequence (a generate() call recorded as rows only).
+_CHUNKED_PREFILL = (
+    "routing replay does not support a chunked prefill (prefill_chunk_size): generate() then routes the prompts "
+    "chunk by chunk, every sequence's chunk in turn, and the capture holds no forward boundaries to split that "
+    "order per sequence. Leave prefill_chunk_size unset, or use vLLM"
+)
 
 
 def _refuse_after(trainer: Any) -> None:
@@ -662,6 +672,12 @@ def _refuse_after(trainer: Any) -> None:
         raise UnsupportedTrainerSetupError(
             "routing replay does not support vision-language models in GRPOTrainer yet (image tokens are untested)"
         )
+    if getattr(getattr(trainer, "args", None), "use_vllm", False):
+        return
+    model = getattr(trainer, "model", None)
+    for config in (getattr(trainer, "generation_config", None), getattr(model, "generation_config", None)):
+        if getattr(config, "prefill_chunk_size", None):
+            raise UnsupportedTrainerSetupError(_CHUNKED_PREFILL)
 
 
 def _batch_routes(

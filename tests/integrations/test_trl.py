@@ -351,6 +351,7 @@ def test_unsupported_setups_are_refused_before_training() -> None:
             (dict(args=config(out, use_vllm=True, vllm_mode="server")), "colocate"),
             (dict(args=config(out), tools=[len]), "tools"),
             (dict(args=config(out, use_transformers_continuous_batching=True)), "continuous_batching"),
+            (dict(args=config(out, generation_kwargs={"prefill_chunk_size": 2})), "chunked prefill"),
         ):
             with pytest.raises(mr_trl.UnsupportedTrainerSetupError, match=match):
                 mr_trl.RoutingReplayGRPOTrainer(
