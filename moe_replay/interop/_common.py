@@ -61,16 +61,30 @@ def check_shape(arr: np.ndarray, lm: LayerMap, layout: str, what: str) -> None:
 
 
 def columns(
-    arr: np.ndarray, lm: LayerMap, layout: str, what: str, native: np.ndarray | None = None
+    arr: np.ndarray,
+    lm: LayerMap,
+    layout: str,
+    what: str,
+    native: np.ndarray | None = None,
+    *,
+    negative_ok: bool = False,
 ) -> list[torch.Tensor]:
     """One ``[T, k]`` int64 tensor per router of ``lm`` from an engine array ``[T, width, k]``.
 
     Dense-layer columns of an "all" array must be all zeros (engines leave them so): any
     other value means the map places routers on the wrong layers. ``native`` marks rows
-    that hold no route (they become -1).
+    that hold no route (they become -1). A negative value is refused unless ``negative_ok``
+    (a format that writes -1 for a token with no route, as verl's): engines fill their
+    buffers with zeros, so one is padding or damage from elsewhere, not a route.
     """
     check_shape(arr, lm, layout, what)
     rows = arr.astype(np.int64)
+    if not negative_ok and rows.size and rows.min() < 0:
+        t = int(np.argwhere(rows < 0)[0][0])
+        raise RoutesValidationError(
+            f"{what}: token {t} holds a negative expert number ({int(rows.min())}); engines write none (their "
+            "buffers are zero-filled), so this is padding or damage from another tool. Cut it before reading"
+        )
     if layout == "all" and lm.dense_layers:
         dense = rows[:, list(lm.dense_layers)]
         bad = (dense != 0).any(axis=(0, 2))

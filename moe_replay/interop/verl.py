@@ -124,5 +124,6 @@ def from_verl(
         rows = arr[i][keep]
         last = np.zeros(rows.shape[0], dtype=bool)
         last[-1] = not last_routed
-        out.append(make_routes(columns(rows, layer_map, layout, f"verl sequence {i}", last), layer_map, "verl"))
+        layers = columns(rows, layer_map, layout, f"verl sequence {i}", last, negative_ok=True)  # (-1: no route)
+        out.append(make_routes(layers, layer_map, "verl"))
     return out

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast
+import base64
 import doctest
 import importlib
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +65,18 @@ def test_module_examples_run(name: str) -> None:
     module = importlib.import_module(f"moe_replay.interop.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.parametrize("reader", ["sglang", "vllm", "megatron"])
+def test_a_negative_expert_in_engine_data_is_refused(reader: str) -> None:
+    """Engines fill their buffers with zeros: a -1 is padding or damage from elsewhere, never a route to skip."""
+    lm = mr.LayerMap.from_names(["model.layers.1.mlp.gate"], num_layers=2, num_experts=4, top_k=2)
+    arr = np.zeros((3, 2, 2), np.int32)
+    arr[:, 1] = [[0, 3], [-1, -1], [1, 2]]
+    with pytest.raises(mr.RoutesValidationError, match="token 1 holds a negative expert"):
+        if reader == "sglang":
+            interop.from_sglang({"routed_experts": base64.b64encode(arr.tobytes()).decode()}, lm, num_tokens=4)
+        elif reader == "vllm":
+            interop.from_vllm(arr, lm, prompt_len=2, completion_len=2)
+        else:
+            interop.from_megatron_inference(arr[:, 1:], lm, num_tokens=4)
