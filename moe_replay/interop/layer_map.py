@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import LayerMapError
+from .._checks import is_integer
+from ..errors import InvalidArgumentError, LayerMapError
 from ..routes import Routes
 
 __all__ = ["LAYER_PATTERN", "LayerMap"]
@@ -126,7 +127,12 @@ class LayerMap:
                     )
                 found.append(int(m.group(1)))
             layers = found
-        e = (int(num_experts),) * len(names) if isinstance(num_experts, int) else tuple(int(x) for x in num_experts)
+        if not (is_integer(num_experts) or isinstance(num_experts, Sequence)) or isinstance(num_experts, str):
+            raise InvalidArgumentError(f"num_experts must be an int or one int per router, got {num_experts!r}")
+        counts = (num_experts,) * len(names) if is_integer(num_experts) else tuple(num_experts)
+        if not all(is_integer(x) for x in counts):
+            raise InvalidArgumentError(f"num_experts must be an int or one int per router, got {num_experts!r}")
+        e = tuple(int(x) for x in counts)
         k = (int(top_k),) * len(names) if isinstance(top_k, int) else tuple(int(x) for x in top_k)
         return cls(names, tuple(int(i) for i in layers), int(num_layers), e, k, mtp)
 

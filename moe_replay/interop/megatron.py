@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import check_count, is_integer
 from ..errors import ArgumentTypeError, InvalidArgumentError, RoutesValidationError, UnsupportedRouterError
 from ..routes import Routes
 from ._common import as_array, columns, cut_last, make_routes, ordered, to_array, with_last
@@ -86,7 +87,7 @@ def to_megatron(
                     f"router '{nm}' has {int(hole.sum())} rows without a route (-1: the last token, padding, prefix "
                     "cache); Megatron's replay cannot route a token natively. Drop those tokens, or pass fill="
                 )
-            if not 0 <= int(fill) <= e - t.shape[1]:
+            if not is_integer(fill) or not 0 <= int(fill) <= e - t.shape[1]:
                 raise RoutesValidationError(f"fill={fill}: experts fill..fill+{t.shape[1] - 1} must exist (< {e})")
             t = t.clone()
             t[hole] = torch.arange(t.shape[1]) + int(fill)
@@ -132,7 +133,7 @@ def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_to
     arr = as_array(routing_indices, "routing_indices")
     if arr.dtype.name in ("uint8", "uint16", "int16"):
         raise RoutesValidationError(f"routing_indices is {arr.dtype}; Megatron inference writes int32")
-    if num_tokens is not None and (arr.ndim < 1 or arr.shape[0] != int(num_tokens) - 1):
+    if num_tokens is not None and (arr.ndim < 1 or arr.shape[0] != check_count(num_tokens, "num_tokens") - 1):
         raise RoutesValidationError(
             f"routing_indices has {arr.shape[0] if arr.ndim else 0} rows; a request of {num_tokens} tokens has "
             f"{int(num_tokens) - 1} (the last token is never routed)"

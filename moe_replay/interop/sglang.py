@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_count
 from ..errors import RoutesValidationError
 from ..routes import Routes
 from ._common import check_start, columns, cut_last, make_routes, skip_front, to_array, with_front, with_last
@@ -93,7 +94,7 @@ def from_sglang(
             "int32 values: check the LayerMap's num_layers and k"
         )
     arr = np.frombuffer(raw, dtype="<i4").reshape(-1, width, k)
-    if num_tokens is not None and arr.shape[0] != int(num_tokens) - 1 - start:
+    if num_tokens is not None and arr.shape[0] != check_count(num_tokens, "num_tokens") - 1 - start:
         raise RoutesValidationError(
             f"SGLang routed_experts has {arr.shape[0]} rows; a sequence of {num_tokens} tokens with "
             f"start_len={start} has {int(num_tokens) - 1 - start} (the last token is never routed)"

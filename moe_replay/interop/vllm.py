@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import check_count, is_integer
 from ..errors import RoutesValidationError
 from ..routes import Routes
 from ._common import (
@@ -86,6 +87,8 @@ def vllm_layout(version: str | tuple[int, ...]) -> str:
         RoutesValidationError: a release newer than the last one read (0.33), or not a version.
     """
     if isinstance(version, tuple):
+        if not all(is_integer(x) for x in version[:2]):
+            raise RoutesValidationError(f"a vLLM version tuple holds ints, as (0, 33); got {version!r}")
         parts = tuple(int(x) for x in version[:2])
     else:
         m = re.match(r"v?(\d+)\.(\d+)", str(version).strip())
@@ -273,7 +276,7 @@ def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: in
         ``rows + 1`` tokens, the last one -1.
     """
     arr = _array(routed_experts, "routed_experts")
-    if num_tokens is not None and (arr.ndim < 1 or arr.shape[0] != int(num_tokens) - 1):
+    if num_tokens is not None and (arr.ndim < 1 or arr.shape[0] != check_count(num_tokens, "num_tokens") - 1):
         raise RoutesValidationError(
             f"routed_experts has {arr.shape[0] if arr.ndim else 0} rows; a sequence of {num_tokens} tokens has "
             f"{int(num_tokens) - 1} (the last token is never routed)"

@@ -80,3 +80,44 @@ def test_a_negative_expert_in_engine_data_is_refused(reader: str) -> None:
             interop.from_vllm(arr, lm, prompt_len=2, completion_len=2)
         else:
             interop.from_megatron_inference(arr[:, 1:], lm, num_tokens=4)
+
+
+_NM = ["model.layers.0.mlp.gate"]
+_ONE = np.zeros((1, 1, 2), np.int32) + np.array([0, 1], np.int32)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda: mr.LayerMap.from_names(_NM, 2, None, 2), id="num_experts=None"),
+        pytest.param(
+            lambda: interop.from_vllm(
+                _ONE.astype(np.uint8),
+                mr.LayerMap.from_names(_NM, 1, 4, 2),
+                prompt_len=1,
+                completion_len=1,
+                version=("a", "b"),
+            ),
+            id="version of strings",
+        ),
+        pytest.param(
+            lambda: interop.from_sglang(
+                base64.b64encode(_ONE.tobytes()).decode(), mr.LayerMap.from_names(_NM, 1, 4, 2), num_tokens=2.5
+            ),
+            id="num_tokens=2.5",
+        ),
+        pytest.param(
+            lambda: interop.from_vllm_legacy(_ONE, mr.LayerMap.from_names(_NM, 1, 4, 2), num_tokens="2"),
+            id="num_tokens='2'",
+        ),
+        pytest.param(
+            lambda: interop.to_megatron(
+                mr.Routes([torch.tensor([[0, 1], [-1, -1]])], names=_NM, num_experts=4), fill=0.5
+            ),
+            id="fill=0.5",
+        ),
+    ],
+)
+def test_values_that_are_not_integers_are_refused_not_cut(call) -> None:
+    with pytest.raises(mr.MoEReplayError):
+        call()
