@@ -58,8 +58,10 @@ VARIANTS = ("idle", "capture", "replay", "recipe_capture", "recipe_replay")
 #: diagnostic: capture with the copy into the ring taken out (the rows are counted, not recorded: its routes
 #: are void), which splits what capture costs between the interception and the copy; and ``capture_held``, a
 #: diagnostic: capture with the lean wrappers put in once around each model forward (not at each router call),
-#: what holding them for a step would save. Not modes of the library.
-EXTRA_VARIANTS = ("wrap", "capture_nocopy", "capture_held")
+#: what holding them for a step would save; and ``copy_floor``, no moe_replay: ``torch.topk`` wrapped in one
+#: Python function that copies its indices into a buffer, the floor of any capture that records the decision
+#: at the call. Not modes of the library.
+EXTRA_VARIANTS = ("wrap", "capture_nocopy", "capture_held", "copy_floor")
 
 
 def _count_only(ring: CaptureRing, idx: torch.Tensor) -> None:
@@ -130,6 +132,13 @@ def _variant(name: str, model: nn.Module, warm: Callable[[], Any], routes: mr.Ro
             with session.capture():
                 yield
         return
+    if name == "copy_floor":
+        model.forward = _copy_floor(model.forward)
+        try:
+            yield
+        finally:
+            del model.forward
+        return
     if name == "capture_held":
         with mr.attach(model) as session:
             warm()
@@ -163,6 +172,38 @@ def _held(forward: Callable[..., Any]) -> Callable[..., Any]:
             _lean.leave()
 
     return held
+
+
+def _copy_floor(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` with ``torch.topk`` wrapped for its duration: the native top-k, its indices copied into a buffer.
+
+    The least an exact capture does at a router call (one Python layer around the decision and one copy of
+    its indices, made at the call), with no session, no check and no cursor on the device: a floor.
+    """
+    orig = torch.topk
+    views: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+    count = [0]
+
+    def topk(*args: Any, **kwargs: Any) -> Any:
+        out = orig(*args, **kwargs)
+        idx = out[1]
+        key = (idx.shape, idx.device)
+        slots = views.get(key)
+        if slots is None:
+            slots = views[key] = list(torch.empty(64, *idx.shape, dtype=torch.uint8, device=idx.device).unbind(0))
+        i = count[0]
+        slots[i & 63].copy_(idx)
+        count[0] = i + 1
+        return out
+
+    def floor(*args: Any, **kwargs: Any) -> Any:
+        torch.topk = topk
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            torch.topk = orig
+
+    return floor
 
 
 def _wrapped(forward: Callable[..., Any]) -> Callable[..., Any]:
