@@ -33,6 +33,7 @@ __all__ = [
     "check",
     "current_graph_task_id",
     "dynamo_compiling",
+    "functorch_transform",
     "fwd_grad_enabled",
     "graph_capturing",
     "mark_static_address",
@@ -152,6 +153,11 @@ CUDA: Any = torch.cuda if isinstance(getattr(torch.cuda, "_initialized", None), 
 stream_capturing: Callable[[], bool] = (
     getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 )
+#: ``() -> object | None``: the innermost ``torch.func`` transform running now (``vmap``, ``grad``,
+#: ``jvp``...), or None outside every transform.
+functorch_transform: Callable[[], Any] = _find(
+    "torch._C._functorch.peek_interpreter_stack", "to refuse a capture or replay inside torch.func transforms"
+) or (lambda: None)
 #: ``() -> bool``: is this a forked child of a process that had initialised CUDA?
 bad_fork: Callable[[], bool] = getattr(torch._C, "_cuda_isInBadFork", None) or (lambda: False)
 

@@ -134,6 +134,7 @@ _COMPILER = _torch_compat.COMPILER
 _CUDA = _torch_compat.CUDA
 _cuda_capturing = _torch_compat.stream_capturing
 _cuda_bad_fork = _torch_compat.bad_fork
+_transform = _torch_compat.functorch_transform
 _grad = torch.is_grad_enabled
 _get_ident = threading.get_ident
 _LEAN_NAMES, _LEAN_SWAP, _lean_current = _lean.NAMES, _lean.SWAP, _lean.CURRENT
@@ -445,6 +446,17 @@ class RouterHook:
 
     def _failed(self, error: RuntimeError) -> None:
         """A runtime error in an eager forward of this router: raise a clearer one where there is one."""
+
+    def _refuse_transform(self) -> None:
+        """A forward inside a ``torch.func`` transform while a block is open: refused, before anything is recorded."""
+        raise UnsupportedRouterError(
+            f"router '{self.name}' ran inside a torch.func transform (vmap, grad, jvp, jacrev...) while a "
+            "capture, replay, keep_scores or verify block is open. A transform batches or wraps the router's "
+            "tensors: under vmap one call routes the tokens of every batch entry with one row per token of one "
+            "entry, so rows can be neither recorded nor forced one per token. Run the forward outside the "
+            "transform (for gradients: loss.backward(); for a batch: concatenate the inputs); nothing was "
+            "recorded or forced in this forward"
+        )
 
     def _check_ran(self, ev: Evidence | None, seen: int) -> None:
         """After an eager forward: it made the calls its evidence lists, and its decision."""
@@ -913,6 +925,8 @@ class ScopedForward:
             ):  # idle and established: the plain forward
                 return self.__wrapped__(*args, **kwargs)
             return self._nested(args, kwargs)
+        if _transform() is not None and not _compiling():  # (export and AOT tracing run transforms of their own)
+            hook._refuse_transform()
         grad = _grad()
         lean = hook._lean.get((hook.scope.training, grad))
         if (
@@ -1031,8 +1045,10 @@ class ScopedForward:
             or hook.seen is not None
             or (not _compiling() and hook.kept and _in_backward())
         ):
+            if not _compiling() and _transform() is not None:
+                hook._refuse_transform()
             return hook._run(self.__wrapped__, args, kwargs)
-        if not _compiling() and hook.unproven() and not _graph_capturing():
+        if not _compiling() and hook.unproven() and not _graph_capturing() and _transform() is None:
             hook.prove(self.__wrapped__, args, kwargs)  # once: which call decides, by its effect
         return self.__wrapped__(*args, **kwargs)
 

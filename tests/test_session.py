@@ -272,3 +272,37 @@ def test_deepcopy_of_attached_model_is_plain(tokens: torch.Tensor) -> None:
         # the twin runs its own (unperturbed) routers natively, with no link to the session
         assert not torch.equal(twin(tokens).logits, model(tokens).logits)
         assert twin.layers[1].mlp.forward.__self__ is twin.layers[1].mlp
+
+
+@pytest.mark.parametrize("established", [False, True], ids=["first-forward", "established"])
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_torch_func_transforms_are_refused_in_blocks(tokens: torch.Tensor, transform: str, established: bool) -> None:
+    """Under vmap one router call routes every batch entry's tokens: rows cannot be one per token, so refused."""
+    model = build("softmax_topk", expert_impl="dense")  # (the sparse experts' bincount cannot be vmapped)
+    before = snapshot(model)
+    batch = torch.stack([tokens, tokens.flip(-1), tokens.roll(1, -1)])
+    params = dict(model.named_parameters())
+
+    def run() -> None:
+        if transform == "vmap":
+            torch.func.vmap(lambda t: model(t).logits)(batch)
+        else:
+            torch.func.grad(lambda p: torch.func.functional_call(model, p, (tokens,)).logits.sum())(params)
+
+    with mr.attach(model) as session:
+        with torch.no_grad():
+            if established:
+                with session.capture():
+                    model(tokens)
+            with session.capture():
+                model(tokens)
+            routes = session.routes()
+            run()  # outside blocks: the plain forward, nothing recorded
+        for block in (session.capture, lambda: session.replay(routes)):
+            with pytest.raises(mr.UnsupportedRouterError, match="torch.func transform"):
+                with block():
+                    run()
+        with session.capture(), session.replay(routes):  # the session still works, and forces the routes
+            model(tokens)
+        assert torch.equal(session.routes().indices, routes.indices)
+    assert_untouched(model, before)
