@@ -738,6 +738,18 @@ def _shallow(v: Any) -> Any:
     return copy.copy(v) if isinstance(v, list | dict | set) else v
 
 
+def _attr_tensors(v: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors an attribute holds: itself, or the items of a list, tuple or dict (nested a little)."""
+    if isinstance(v, torch.Tensor):
+        yield v
+    elif depth < 2 and isinstance(v, list | tuple):
+        for item in v:
+            yield from _attr_tensors(item, depth + 1)
+    elif depth < 2 and isinstance(v, dict):
+        for item in v.values():
+            yield from _attr_tensors(item, depth + 1)
+
+
 class _Snapshot:
     """What a probe run could change in the scope, put back after each run.
 
@@ -767,11 +779,12 @@ class _Snapshot:
             (m, {k: _shallow(v) for k, v in vars(m).items() if k not in _MODULE_INTERNALS}) for m in self.modules
         ]
         held = {id(t) for t, _, _ in self.tensors}
-        for _, attrs in self.attrs:  # tensors kept as plain attributes (statistics updated in place)
-            for v in attrs.values():
-                if isinstance(v, torch.Tensor) and id(v) not in held and v.numel() <= _COPY_LIMIT:
-                    held.add(id(v))
-                    self.tensors.append((v, v.detach().clone(), v._version))
+        for _, attrs in self.attrs:  # tensors kept as plain attributes (statistics updated in place),
+            for v in attrs.values():  # also inside a dict or list attribute (OLMo-core's BufferCache)
+                for t in _attr_tensors(v):
+                    if id(t) not in held and t.numel() <= _COPY_LIMIT:
+                        held.add(id(t))
+                        self.tensors.append((t, t.detach().clone(), t._version))
         self.generators = [
             (g, g.get_state()) for m in self.modules for g in vars(m).values() if isinstance(g, torch.Generator)
         ]

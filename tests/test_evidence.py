@@ -9,6 +9,7 @@ the call and the fix.
 
 from __future__ import annotations
 
+import collections
 import copy
 import types
 from collections.abc import Callable
@@ -993,6 +994,34 @@ def test_probing_leaves_buffers_and_the_random_stream_as_one_forward_would() -> 
     assert torch.equal(got, want)
     assert [int(m.router.seen) for m in probed.layers] == [1, 1]
     assert torch.equal(next_probed, next_plain)
+
+
+class CachedCountsRouter(RenamedKRouter):
+    """OLMo-core ``MoERouter``: tokens per expert accumulated in place in a ``BufferCache`` (a dict
+    attribute, kept out of the module's buffers), for the aux-loss-free bias update."""
+
+    def __init__(self) -> None:
+        super().__init__("top_k")
+        self._cache = collections.OrderedDict(batch_size_per_expert=torch.zeros(E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = super().forward(x)
+        with torch.no_grad():
+            self._cache["batch_size_per_expert"] += torch.histc(idx.float(), bins=E, min=0, max=E - 1)
+        return w, idx
+
+
+def test_probing_leaves_tensors_held_in_a_dict_attribute_as_one_forward_would() -> None:
+    """Once changed: tensors inside a dict attribute were not put back after the probe runs, so the
+    first forward under a session counted each token once per probe run (34 times)."""
+    x = torch.randn(T, D)
+    plain = TwoLayers(lambda: RouterBlock(CachedCountsRouter()))
+    probed = TwoLayers(lambda: RouterBlock(CachedCountsRouter()))
+    plain(x)
+    with mr.attach(probed) as session, session.capture():
+        probed(x)
+    for a, b in zip(plain.layers, probed.layers, strict=True):
+        assert torch.equal(a.router._cache["batch_size_per_expert"], b.router._cache["batch_size_per_expert"])
 
 
 def test_a_router_changed_after_its_decision_was_established_raises_then_is_established_again() -> None:
