@@ -1065,7 +1065,10 @@ def establish(
         ]
         # a call whose change reaches only a sliver of the output (one auxiliary-loss value) is not
         # the decision, which changes the tokens' hidden states; of the rest, the last fixes the choice
-        most = max(reach.get(c.ordinal, 0) for c in mattering)
+        # (a change that changes the output's shape, a capacity set by the busiest expert, say, reaches a count
+        # that cannot be compared: such a call is broad, and the others are measured against the finite counts)
+        counted = [reach.get(c.ordinal, 0) for c in mattering if reach.get(c.ordinal, 0) != sys.maxsize]
+        most = max(counted, default=0)
         broad = [c for c in mattering if 8 * reach.get(c.ordinal, 0) >= most]
         pool = [c for c in pool if c in broad] or pool
         anchor = pool[-1]

@@ -1101,3 +1101,52 @@ def test_a_choice_along_another_dimension_is_refused_saying_so() -> None:
     with mr.attach(model) as session:
         with pytest.raises(mr.UnsupportedRouterError, match=r"another dimension than the last \(topk along dim 1"):
             session.verify(torch.randn(T, D))
+
+
+class BusiestCapacityTop2Gate(nn.Module):
+    """DeepSpeed's ``top2gating`` with ``drop_tokens=False``: two ``argmax`` calls, then combine weights
+    ``[S, E, C]`` whose capacity ``C`` is the busiest expert's count, so a change of a choice may change the
+    shape of what the gate returns."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        with torch.no_grad():
+            self.wg.weight.normal_(generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.wg(x)
+        gates = logits.softmax(-1)
+        mask1 = F.one_hot(torch.argmax(gates, dim=1), E)
+        mask2 = F.one_hot(torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1), E)
+        loc1 = mask1.cumsum(0) - 1
+        loc2 = mask2.cumsum(0) - 1 + mask1.sum(0, keepdim=True)
+        capacity = int((mask1 + mask2).sum(0).max())
+        g1, g2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
+        slot1 = F.one_hot((loc1 * mask1).sum(1), capacity).float()
+        slot2 = F.one_hot((loc2 * mask2).sum(1), capacity).float()
+        combine = torch.einsum("s,se,sc->sec", g1 / (g1 + g2), mask1.float(), slot1)
+        combine = combine + torch.einsum("s,se,sc->sec", g2 / (g1 + g2), mask2.float(), slot2)
+        return combine, combine.bool()
+
+
+class BusiestCapacityTop2Block(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.gate = BusiestCapacityTop2Gate(seed)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        combine, dispatch = self.gate(x)
+        slots = torch.einsum("sec,sd->ecd", dispatch.to(x.dtype), x)
+        out = torch.stack([expert(slots[e]) for e, expert in enumerate(self.experts)])
+        return torch.einsum("sec,ecd->sd", combine, out)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_choice_whose_change_reshapes_the_output_stays_a_slot_of_the_decision(seed: int) -> None:
+    """Once wrong: a change of the second choice changed the capacity (the gate's output shape), which counted
+    as reaching every element, so the first choice's finite reach looked like a sliver and it was left out: a
+    top-2 gate was recorded as top-1, its first expert chosen afresh at replay, with no error."""
+    session = assert_capture_and_replay_are_exact(TwoLayers(lambda: BusiestCapacityTop2Block(seed)))
+    assert [site.top_k for site in session.sites] == [2, 2]
