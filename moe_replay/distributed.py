@@ -23,8 +23,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ._checks import check_count
+from ._checks import check_count, is_integer
 from .errors import (
+    ArgumentTypeError,
     InvalidArgumentError,
     RoutesValidationError,
     SessionStateError,
@@ -64,6 +65,16 @@ def _check_initialized(what: str) -> None:
         )
 
 
+def _check_peer(rank: object, group: dist.ProcessGroup | None, what: str) -> int:
+    """``rank`` as the global rank of a member of ``group`` (every rank passes the same value, so all raise)."""
+    ranks = dist.get_process_group_ranks(group)
+    if not is_integer(rank) or int(rank) not in ranks:  # type: ignore[arg-type]
+        raise InvalidArgumentError(
+            f"{what}={rank!r} is not a rank of the group; give the global rank of one of its members {ranks}"
+        )
+    return int(rank)  # type: ignore[arg-type]
+
+
 def _device(group: dist.ProcessGroup | None) -> torch.device:
     if "nccl" in str(dist.get_backend(group)).lower():
         return torch.device("cuda", torch.cuda.current_device())
@@ -86,27 +97,14 @@ def _pack(routes: Routes, device: torch.device) -> torch.Tensor:
     return torch.cat(flat).to(device) if flat else torch.empty(0, dtype=dtype, device=device)
 
 
-def _unpack(flat: torch.Tensor, tokens: Sequence[int], like: Routes) -> Routes:
+def _unpack(flat: torch.Tensor, tokens: Sequence[int], like: Routes, validated: bool) -> Routes:
     data, start = [], 0
     for t, k in zip(tokens, like.k_per_layer, strict=True):
         n = int(t) * k
         data.append((flat[start : start + n].to(torch.int32) - 1).reshape(int(t), k))
         start += n
-    return Routes._trusted(data, like.names, like.experts_per_layer)
-
-
-def _header(routes: Routes) -> list[int]:
-    return [*_fingerprint_words(routes), *routes.tokens_per_layer]
-
-
-def _check_same_routers(headers: list[list[int]], routes: Routes) -> None:
-    fps = {tuple(h[:2]) for h in headers}
-    lengths = {len(h) for h in headers}
-    if len(fps) != 1 or len(lengths) != 1:
-        raise RoutesValidationError(
-            "the ranks hold routes of different router sets (names, expert counts or k differ): every rank "
-            f"must capture with the same model; this rank's routes: {routes!r}"
-        )
+    # rows of routes built with validate=False stay unchecked: replay checks them before any forward
+    return Routes._trusted(data, like.names, like.experts_per_layer, validated)
 
 
 def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None = None) -> list[Routes] | None:
@@ -119,17 +117,38 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
 
     Raises:
         RoutesValidationError: on every rank, when the ranks' routes are for different routers.
+        ArgumentTypeError: on every rank, when a rank passed something else than Routes.
+        InvalidArgumentError: ``dst`` is not a rank of the group.
         SessionStateError: no process group was initialized.
     """
     _check_initialized("gather_routes")
+    dst = _check_peer(dst, group, "dst")
     device = _device(group)
     world = dist.get_world_size(group)
-    header = torch.tensor(_header(routes), dtype=torch.int64, device=device)
+    ok = isinstance(routes, Routes)
+    # a header of the same size on every rank, whatever it holds: a rank that cannot take part says so here,
+    # and every rank raises, instead of one raising while the others wait in a collective
+    fixed = [1, *_fingerprint_words(routes), routes.num_layers, int(routes._validated)] if ok else [0] * 5
+    header = torch.tensor(fixed, dtype=torch.int64, device=device)
     headers = [torch.empty_like(header) for _ in range(world)]
     dist.all_gather(headers, header, group=group)
     rows = [h.tolist() for h in headers]
-    _check_same_routers(rows, routes)
-    lengths = [sum(t * k for t, k in zip(r[2:], routes.k_per_layer, strict=True)) for r in rows]
+    if not ok:
+        raise ArgumentTypeError(f"gather_routes takes Routes, got {type(routes).__name__} (on every rank)")
+    failed = [r for r, h in enumerate(rows) if not h[0]]
+    if failed:
+        raise ArgumentTypeError(f"gather_routes: group rank(s) {failed} passed something else than Routes")
+    if len({tuple(h[1:4]) for h in rows}) != 1:
+        raise RoutesValidationError(
+            "the ranks hold routes of different router sets (names, expert counts or k differ): every rank "
+            f"must capture with the same model; this rank's routes: {routes!r}"
+        )
+    mine_tokens = torch.tensor(routes.tokens_per_layer, dtype=torch.int64, device=device)
+    all_tokens = [torch.empty_like(mine_tokens) for _ in range(world)]
+    if routes.num_layers:
+        dist.all_gather(all_tokens, mine_tokens, group=group)
+    tokens = [t.tolist() for t in all_tokens]
+    lengths = [sum(t * k for t, k in zip(ts, routes.k_per_layer, strict=True)) for ts in tokens]
     longest = max(lengths)
     mine = _pack(routes, device)
     padded = torch.zeros(longest, dtype=mine.dtype, device=device)
@@ -140,7 +159,27 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
     if not is_dst:
         return None
     assert bufs is not None
-    return [_unpack(b[:n].cpu(), r[2:], routes) for b, n, r in zip(bufs, lengths, rows, strict=True)]
+    return [
+        _unpack(b[:n].cpu(), ts, routes, bool(h[4])) for b, n, ts, h in zip(bufs, lengths, tokens, rows, strict=True)
+    ]
+
+
+# why the source rank refused its parts, told to every rank so that all raise
+_SCATTER_REFUSALS = {
+    1: (InvalidArgumentError, "scatter_routes needs one Routes per rank ({world}) on the source rank {src}"),
+    2: (ArgumentTypeError, "scatter_routes takes Routes parts; the source rank {src} was given something else"),
+    3: (RoutesValidationError, "scatter_routes: the parts on source rank {src} hold routes of other router sets"),
+}
+
+
+def _scatter_refusal(parts: Sequence[Routes] | None, world: int) -> int:
+    if parts is None or isinstance(parts, Routes | str) or not isinstance(parts, Sequence) or len(parts) != world:
+        return 1
+    if not all(isinstance(p, Routes) for p in parts):
+        return 2
+    if len({p.fingerprint for p in parts}) != 1:
+        return 3
+    return 0
 
 
 def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.ProcessGroup | None = None) -> Routes:
@@ -153,39 +192,55 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
         This rank's routes.
 
     Raises:
+        InvalidArgumentError, ArgumentTypeError, RoutesValidationError: on every rank, when
+            the source rank's ``parts`` are not one Routes per rank of the same routers.
+        InvalidArgumentError: ``src`` is not a rank of the group.
         SessionStateError: no process group was initialized.
     """
     _check_initialized("scatter_routes")
+    src = _check_peer(src, group, "src")
     device = _device(group)
     world = dist.get_world_size(group)
     is_src = dist.get_rank() == src
+    meta: list[int] = [0, 0, 0, 0]
     if is_src:
-        if parts is None or len(parts) != world:
-            raise InvalidArgumentError(f"scatter_routes needs one Routes per rank ({world}) on the source rank")
-        first = parts[0]
-        for p in parts[1:]:
-            if p.fingerprint != first.fingerprint:
-                raise RoutesValidationError("scatter_routes: the parts hold routes of different router sets")
-        names = "\n".join(first.names).encode()
-        meta = [len(first.names), len(names), int(_wire_dtype(first) == torch.int32)]
-        meta += [*first.experts_per_layer, *first.k_per_layer]
-        for p in parts:
-            meta += list(p.tokens_per_layer)
-    # broadcast the layout: router count and names length first, then the rest
-    head = torch.tensor(meta[:3] if is_src else [0, 0, 0], dtype=torch.int64, device=device)
+        refused = _scatter_refusal(parts, world)
+        if refused:
+            meta = [refused, 0, 0, 0]
+        else:
+            assert parts is not None
+            first = parts[0]
+            names = [n.encode() for n in first.names]
+            meta = [0, first.num_layers, sum(len(n) for n in names), int(_wire_dtype(first) == torch.int32)]
+            meta += [*first.experts_per_layer, *first.k_per_layer, *(len(n) for n in names)]
+            meta += [int(p._validated) for p in parts]
+            for p in parts:
+                meta += list(p.tokens_per_layer)
+    # broadcast the layout: whether the source refused, router count and names length first, then the rest
+    head = torch.tensor(meta[:4], dtype=torch.int64, device=device)
     dist.broadcast(head, src=src, group=group)
-    layers, name_bytes, wide = (int(v) for v in head.tolist())
-    body = torch.zeros(2 * layers + world * layers, dtype=torch.int64, device=device)
+    refused, layers, name_bytes, wide = (int(v) for v in head.tolist())
+    if refused:
+        cls, text = _SCATTER_REFUSALS[refused]
+        raise cls(text.format(world=world, src=src))
+    body = torch.zeros(3 * layers + world + world * layers, dtype=torch.int64, device=device)
     names_t = torch.zeros(name_bytes, dtype=torch.uint8, device=device)
     if is_src:
-        body.copy_(torch.tensor(meta[3:], dtype=torch.int64))
-        names_t.copy_(torch.frombuffer(bytearray(names), dtype=torch.uint8))
+        body.copy_(torch.tensor(meta[4:], dtype=torch.int64))
+        if name_bytes:
+            names_t.copy_(torch.frombuffer(bytearray(b"".join(names)), dtype=torch.uint8))
     dist.broadcast(body, src=src, group=group)
-    dist.broadcast(names_t, src=src, group=group)
+    if name_bytes:
+        dist.broadcast(names_t, src=src, group=group)
     b = body.tolist()
-    experts, ks = b[:layers], b[layers : 2 * layers]
-    tokens = [b[2 * layers + r * layers : 2 * layers + (r + 1) * layers] for r in range(world)]
-    names_list = bytes(names_t.cpu().tolist()).decode().split("\n") if layers else []
+    experts, ks, name_lens = b[:layers], b[layers : 2 * layers], b[2 * layers : 3 * layers]
+    validated = b[3 * layers : 3 * layers + world]
+    at = 3 * layers + world
+    tokens = [b[at + r * layers : at + (r + 1) * layers] for r in range(world)]
+    raw, names_list, start = bytes(names_t.cpu().tolist()), [], 0
+    for n in name_lens:
+        names_list.append(raw[start : start + n].decode())
+        start += n
     like = Routes._trusted([torch.empty(0, k, dtype=torch.int32) for k in ks], names_list, experts)
     lengths = [sum(t * k for t, k in zip(ts, ks, strict=True)) for ts in tokens]
     longest = max(lengths)
@@ -200,4 +255,4 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
             chunks.append(torch.cat([flat, flat.new_zeros(longest - flat.numel())]))
     dist.scatter(out, chunks, src=src, group=group)
     me = dist.get_rank(group)
-    return _unpack(out[: lengths[me]].cpu(), tokens[me], like)
+    return _unpack(out[: lengths[me]].cpu(), tokens[me], like, bool(validated[me]))

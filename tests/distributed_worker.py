@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -117,6 +119,49 @@ def run_checks(rank: int, world: int, device: torch.device) -> None:
         assert fsdp_session.routes().equal(back), "FSDP2 replay did not force this rank's routes"
     _same_grads(_grads(fsdp_model), want, "FSDP2")
     print(f"rank {rank}: DDP and FSDP2 capture/replay, gather/split/scatter of routes ok ({device})", flush=True)
+    check_refusals(rank, world, model, session)
+    print(f"rank {rank}: bad inputs to gather/scatter refused on every rank ({device})", flush=True)
+
+
+def _raises(error: type[Exception], match: str, call: Callable[[], object]) -> None:
+    try:
+        call()
+    except error as e:
+        assert re.search(match, str(e)), f"{type(e).__name__}: {e} does not match {match!r}"
+    else:
+        raise AssertionError(f"no {error.__name__} raised")
+
+
+def check_refusals(rank: int, world: int, model: torch.nn.Module, session: mr.Session) -> None:
+    """Bad input on one rank is refused on every rank, with the group still usable after each refusal."""
+    a = mr.Routes([torch.zeros(3 + rank, 1, dtype=torch.long)] * 2, names=["a", "b"], num_experts=4)
+    more = mr.Routes([torch.zeros(3, 1, dtype=torch.long)] * 3, names=["a", "b", "c"], num_experts=4)
+    # a router more on one rank: headers of other sizes once aborted the process inside gloo
+    _raises(mr.RoutesValidationError, "different router sets", lambda: gather_routes(more if rank else a))
+    _raises(mr.ArgumentTypeError, "Routes", lambda: gather_routes("routes" if rank else a))  # type: ignore[arg-type]
+    _raises(mr.InvalidArgumentError, "dst=99 is not a rank", lambda: gather_routes(a, dst=99))
+    # the source rank's refusal reaches every rank instead of leaving them waiting in a broadcast
+    _raises(mr.InvalidArgumentError, "one Routes per rank", lambda: scatter_routes([a] if rank == 0 else None))
+    mixed = [a, *([more] * (world - 1))]
+    _raises(mr.RoutesValidationError, "other router sets", lambda: scatter_routes(mixed if rank == 0 else None))
+    # names travel whole, whatever characters they hold
+    odd = mr.Routes([torch.ones(rank + 1, 1, dtype=torch.long)] * 2, names=["é.gate", "x\ny"], num_experts=4)
+    parts = gather_routes(odd)
+    assert scatter_routes(parts).equal(odd), "names changed on the way"
+    # rows left unchecked (validate=False) stay unchecked: replay checks them after the trip too
+    x = _batch(rank, next(model.parameters()).device)
+    good = _capture(model, session, x)
+    layers = [d.clone() for d in good.per_layer()]
+    layers[0][0] = layers[0][0, 0]  # token 0 repeats an expert
+    bad = mr.Routes(layers, good.names, good.experts_per_layer, validate=False)
+    back = scatter_routes(gather_routes(bad))
+    assert back.equal(bad)
+
+    def replay() -> None:
+        with session.replay(back), torch.no_grad():
+            model(x)
+
+    _raises(mr.RoutesValidationError, "repeats an expert", replay)
 
 
 def spawned(rank: int, world: int, init_method: str) -> None:
