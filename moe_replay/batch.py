@@ -104,6 +104,16 @@ class BatchLayout:
     placements: tuple[tuple[int, int, int], ...]
 
     def __post_init__(self) -> None:
+        check_count(self.rows, "rows")
+        check_count(self.row_length, "row_length")
+        if isinstance(self.placements, str) or not isinstance(self.placements, Iterable):
+            raise ArgumentTypeError(f"placements must be (row, start, length) triples, got {self.placements!r:.60}")
+        for i, place in enumerate(self.placements):
+            if not isinstance(place, Sequence) or len(place) != 3 or not all(is_integer(v) for v in place):
+                raise InvalidArgumentError(f"placement {i} must be a (row, start, length) of ints, got {place!r}")
+        object.__setattr__(self, "rows", int(self.rows))
+        object.__setattr__(self, "row_length", int(self.row_length))
+        object.__setattr__(self, "placements", tuple(tuple(int(v) for v in p) for p in self.placements))
         taken = torch.zeros(self.rows, self.row_length, dtype=torch.bool)
         for i, (r, s, n) in enumerate(self.placements):
             if not (0 <= r < self.rows and s >= 0 and n >= 0 and s + n <= self.row_length):
@@ -231,9 +241,8 @@ class BatchLayout:
     # ------------------------------------------------------------- builders of inputs
     def routes(self, sequences: Sequence[Routes]) -> Routes:
         """Replay routes for this batch: ``rows * row_length`` rows, batch-major, -1 at padding."""
-        seqs = list(sequences)
+        seqs = _sequences(sequences)
         self._check_count(len(seqs))
-        check_same_routers(seqs)
         for i, (seq, n) in enumerate(zip(seqs, self.lengths, strict=True)):
             if seq.num_tokens != n:
                 raise RoutesValidationError(
@@ -243,6 +252,8 @@ class BatchLayout:
 
     def unpack(self, routes: Routes) -> list[Routes]:
         """Per-sequence routes from the routes of a forward over this batch (the inverse of :meth:`routes`)."""
+        if not isinstance(routes, Routes):
+            raise ArgumentTypeError(f"unpack takes the Routes of a forward over the batch, got {type(routes).__name__}")
         total = self.rows * self.row_length
         if routes.num_tokens != total:
             raise RoutesValidationError(
@@ -252,7 +263,17 @@ class BatchLayout:
 
     def tokens(self, sequences: Sequence[torch.Tensor], pad_id: int = 0) -> torch.Tensor:
         """The ``[rows, row_length]`` input ids, ``pad_id`` at padding."""
-        seqs = [torch.as_tensor(s).reshape(-1) for s in sequences]
+        if not is_integer(pad_id):
+            raise InvalidArgumentError(f"pad_id must be an integer token id, got {pad_id!r}")
+        seqs = []
+        for i, ids in enumerate(sequences):
+            try:
+                t = torch.as_tensor(ids)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ArgumentTypeError(f"sequence {i} is not token ids (a tensor or a list of ints): {e}") from None
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise InvalidArgumentError(f"sequence {i} holds {t.dtype} values; token ids are integers")
+            seqs.append(t.reshape(-1))
         self._check_count(len(seqs))
         out = torch.full((self.rows, self.row_length), int(pad_id), dtype=torch.long)
         for i, ((r, s, n), ids) in enumerate(zip(self.placements, seqs, strict=True)):
@@ -286,13 +307,24 @@ class BatchLayout:
             raise InvalidArgumentError(f"got {n} sequences for a layout of {self.num_sequences}")
 
 
+def _sequences(sequences: Sequence[Routes]) -> list[Routes]:
+    """A list of per-sequence Routes of the same routers (one Routes is not a list of sequences)."""
+    if isinstance(sequences, Routes) or not isinstance(sequences, Iterable):
+        raise ArgumentTypeError(
+            f"give one Routes per sequence (a list), got {type(sequences).__name__}; for one sequence pass [routes]"
+        )
+    seqs = list(sequences)
+    check_same_routers(seqs)
+    return seqs
+
+
 def pad_routes(sequences: Sequence[Routes], *, side: str = "right", length: int | None = None) -> Routes:
     """Routes for a padded batch, one sequence per row: ``BatchLayout.padded(...).routes(sequences)``."""
-    seqs = list(sequences)
+    seqs = _sequences(sequences)
     return BatchLayout.padded([s.num_tokens for s in seqs], side=side, length=length).routes(seqs)
 
 
 def pack_routes(sequences: Sequence[Routes], *, row_length: int | None = None) -> Routes:
     """Routes for a packed batch: ``BatchLayout.packed(...).routes(sequences)``."""
-    seqs = list(sequences)
+    seqs = _sequences(sequences)
     return BatchLayout.packed([s.num_tokens for s in seqs], row_length=row_length).routes(seqs)

@@ -51,6 +51,29 @@ from .routes import Routes
 __all__ = ["generation_capacity", "generation_lengths", "split_generation"]
 
 
+def _integers(values: object, what: str) -> torch.Tensor:
+    """``values`` as a 1-D int64 tensor; floats, bools and strings are refused, never cut (2.9 is not 2)."""
+    try:
+        t = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InvalidArgumentError(f"{what} must be integers, got {values!r:.80}: {e}") from None
+    if t.numel() == 0:
+        return t.long().reshape(-1)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise InvalidArgumentError(f"{what} must be integers, got {t.tolist()!r:.80}")
+    return t.long().reshape(-1)
+
+
+def _as_mask(attention_mask: object) -> torch.Tensor:
+    try:
+        mask = torch.as_tensor(attention_mask)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InvalidArgumentError(f"attention_mask must be a [batch, prompt_len] tensor of 0/1, got {e}") from None
+    if mask.dim() != 2:
+        raise InvalidArgumentError(f"attention_mask must be [batch, prompt_len], got shape {tuple(mask.shape)}")
+    return mask
+
+
 def generation_capacity(batch_size: int, prompt_len: int, max_new_tokens: int) -> int:
     """Rows per router that a capture around one ``generate()`` call needs, at most.
 
@@ -96,10 +119,12 @@ def generation_lengths(
         )
     new = sequences[:, prompt_len:]
     b, n = new.shape
-    if eos_token_id is None or n == 0:
+    if eos_token_id is None:
         return torch.full((b,), n, dtype=torch.long)
-    eos = torch.as_tensor(eos_token_id, dtype=new.dtype).reshape(-1)
-    hit = torch.isin(new, eos)
+    eos = _integers(eos_token_id, "eos_token_id").to(new.device)
+    if n == 0:
+        return torch.full((b,), n, dtype=torch.long)
+    hit = torch.isin(new.long(), eos)
     first = torch.where(hit.any(dim=1), hit.long().argmax(dim=1) + 1, torch.full((b,), n))
     return first.long()
 
@@ -114,7 +139,7 @@ def _prompt_mask(
     if attention_mask is not None:
         if prompt_lengths is not None:
             raise InvalidArgumentError("pass attention_mask or prompt_lengths, not both")
-        mask = torch.as_tensor(attention_mask)
+        mask = _as_mask(attention_mask)
         if mask.dim() != 2 or mask.shape[0] != batch_size or mask.shape[1] < prompt_len:
             raise InvalidArgumentError(
                 f"attention_mask must be [batch, >= prompt_len] = [{batch_size}, >= {prompt_len}], "
@@ -123,7 +148,7 @@ def _prompt_mask(
         return mask[:, :prompt_len].bool().cpu()
     if prompt_lengths is None:
         return torch.ones(batch_size, prompt_len, dtype=torch.bool)
-    lengths = torch.as_tensor(prompt_lengths).long().reshape(-1)
+    lengths = _integers(prompt_lengths, "prompt_lengths")
     if lengths.numel() != batch_size or bool((lengths > prompt_len).any()) or bool((lengths < 0).any()):
         raise InvalidArgumentError(
             f"prompt_lengths must be {batch_size} values in 0..{prompt_len}, got {lengths.tolist()}"
@@ -151,9 +176,9 @@ def _batch_size(
     if batch_size is not None:
         counts["batch_size"] = check_count(batch_size, "batch_size")
     if attention_mask is not None:
-        counts["attention_mask"] = int(torch.as_tensor(attention_mask).shape[0])
+        counts["attention_mask"] = int(_as_mask(attention_mask).shape[0])
     if prompt_lengths is not None:
-        counts["prompt_lengths"] = len(torch.as_tensor(prompt_lengths).reshape(-1))
+        counts["prompt_lengths"] = len(_integers(prompt_lengths, "prompt_lengths"))
     if sequences is not None:
         counts["sequences"] = int(torch.as_tensor(sequences).shape[0])
     if not counts or min(counts.values()) < 1:
@@ -197,6 +222,14 @@ def split_generation(
     (``generate(prefill_chunk_size=...)``) routes them chunk by chunk, every sequence's
     chunk in turn, an order the rows alone cannot tell apart from one forward (the capture
     keeps no forward boundaries), so it must not be split here.
+
+    Nor may the capture of a beam search (``num_beams > 1``) or of assisted decoding
+    (``assistant_model``, ``prompt_lookup_num_tokens``): beam search reorders its hypotheses
+    between steps, so a decode step's row ``j`` is not the token of returned sequence ``j``,
+    and assisted decoding feeds several candidate tokens per step, rejected ones included.
+    ``generate(num_beams=n, num_return_sequences=n)`` gives exactly the row counts of ``n``
+    sampled sequences per prompt, so nothing here can tell it apart: it splits without an
+    error into routes of other tokens. Sample or decode greedily when capturing a rollout.
 
     Args:
         routes: the capture (``session.routes()``), ``B * P + B * (N - 1)`` rows.
@@ -246,6 +279,11 @@ def split_generation(
     """
     if not isinstance(routes, Routes):
         raise ArgumentTypeError(f"split_generation takes Routes, got {type(routes).__name__}")
+    if sequences is not None and (not isinstance(sequences, torch.Tensor) or sequences.dim() != 2):
+        raise InvalidArgumentError(
+            f"sequences must be the [batch, prompt_len + new] tensor generate() returns, got "
+            f"{tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else type(sequences).__name__}"
+        )
     tokens = set(routes.tokens_per_layer)
     if len(tokens) != 1:
         raise RoutesValidationError(
@@ -276,9 +314,10 @@ def split_generation(
         if seq_n != n:
             raise RoutesValidationError(
                 f"sequences hold {seq_n} new tokens, but the capture holds {decode // b} decode steps "
-                f"(= {n} new tokens): was more than one generate() captured?"
+                f"(= {n} new tokens): was more than one generate() captured, or a beam search or assisted "
+                "decoding (not supported: see split_generation's docstring)?"
             )
-    if new_tokens is not None and int(new_tokens) != n:
+    if new_tokens is not None and check_count(new_tokens, "new_tokens") != n:
         raise RoutesValidationError(f"new_tokens={new_tokens}, but the capture holds {n - 1} decode steps")
 
     prompt_mask = _prompt_mask(b, p, attention_mask, prompt_lengths, padding_side)

@@ -127,3 +127,49 @@ def test_lengths_must_be_one_per_sequence() -> None:
     with pytest.raises(mr.ArgumentTypeError, match="one length per sequence"):
         mr.BatchLayout.padded(3)  # type: ignore[arg-type]
     assert mr.BatchLayout.padded(torch.tensor([3, 5])).lengths == mr.BatchLayout.padded([3, 5]).lengths
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: mr.pad_routes([SEQS[0], "routes"]),  # type: ignore[list-item]
+        lambda: mr.pack_routes([SEQS[0], torch.zeros(2, 1)]),  # type: ignore[list-item]
+        lambda: mr.pad_routes(SEQS[2]),  # one Routes is not a list of sequences (it iterates by token)
+        lambda: mr.BatchLayout.padded([1, 1, 1, 1]).routes(SEQS[2]),
+        lambda: mr.BatchLayout.padded([3]).unpack(torch.zeros(3, 1)),  # type: ignore[arg-type]
+        lambda: mr.BatchLayout(1.5, 4, ((0, 0, 2),)),  # type: ignore[arg-type]
+        lambda: mr.BatchLayout(1, "4", ((0, 0, 2),)),  # type: ignore[arg-type]
+        lambda: mr.BatchLayout(1, 4, ((0, 0.5, 2),)),  # type: ignore[arg-type]
+        lambda: mr.BatchLayout(1, 4, ((0, 0),)),  # type: ignore[arg-type]
+        lambda: mr.BatchLayout(1, 4, None),  # type: ignore[arg-type]
+        lambda: mr.BatchLayout.padded([1]).tokens(["a"]),  # type: ignore[list-item]
+        lambda: mr.BatchLayout.padded([1, 2]).tokens([torch.tensor([1]), torch.tensor([2, 3])], pad_id="x"),
+    ],
+    ids=[
+        "pad str",
+        "pack tensor",
+        "pad one Routes",
+        "routes one Routes",
+        "unpack tensor",
+        "float rows",
+        "str row_length",
+        "float start",
+        "pair placement",
+        "no placements",
+        "str ids",
+        "str pad_id",
+    ],
+)
+def test_inputs_of_the_wrong_type_are_moe_replay_errors(call: Callable[[], object]) -> None:
+    with pytest.raises(mr.MoEReplayError):
+        call()
+
+
+def test_token_ids_and_pad_id_are_refused_not_cut() -> None:
+    """1.7 is not token 1: float ids and pad ids are refused, as float lengths are."""
+    layout = mr.BatchLayout.padded([2, 1])
+    with pytest.raises(mr.InvalidArgumentError, match="sequence 0 holds torch.float32 values"):
+        layout.tokens([torch.tensor([1.7, 2.2]), torch.tensor([3])])
+    with pytest.raises(mr.InvalidArgumentError, match="pad_id must be an integer token id, got 0.5"):
+        layout.tokens([torch.tensor([1, 2]), torch.tensor([3])], pad_id=0.5)
+    assert layout.tokens([[1, 2], [3]], pad_id=torch.tensor(9)).tolist() == [[1, 2], [3, 9]]

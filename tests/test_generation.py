@@ -299,3 +299,40 @@ def test_raw_generate_routes_in_a_teacher_forced_forward_point_to_split_generati
         with pytest.raises(mr.ReplayConsumptionError, match=r"generate\(\).*split_generation.*BatchLayout"):
             with session.replay(raw), torch.no_grad():
                 model(seq[:, : P + 2], attention_mask=full_mask[:, : P + 2])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(prompt_lengths=[2.9, 3], prompt_len=3),  # once cut to 2: a prompt token dropped
+        dict(prompt_lengths=[True, True], prompt_len=3),
+        dict(prompt_lengths="23", prompt_len=3),
+        dict(batch_size=2, prompt_len=3, new_tokens=3.9),
+        dict(prompt_len=3, sequences=[[9] * 6, [9] * 6]),
+        dict(prompt_len=3, sequences=torch.tensor([[9, 9, 9, 5, 2, 7], [9, 9, 9, 1, 1, 1]]), eos_token_id=2.5),
+        dict(attention_mask="mask"),
+    ],
+    ids=[
+        "float prompt_lengths",
+        "bool prompt_lengths",
+        "str prompt_lengths",
+        "float new_tokens",
+        "list sequences",
+        "float eos",
+        "str mask",
+    ],
+)
+def test_split_refuses_values_that_are_not_integers(kwargs: dict) -> None:
+    with pytest.raises(mr.InvalidArgumentError):
+        mr.split_generation(_numbered(2 * 3 + 2 * 2), **kwargs)
+
+
+def test_generation_lengths_refuses_an_eos_that_is_not_an_integer() -> None:
+    seq = torch.tensor([[9, 9, 5, 2, 7], [9, 9, 1, 1, 1]])
+    with pytest.raises(mr.InvalidArgumentError, match="eos_token_id must be integers, got 2.5"):
+        mr.generation_lengths(seq, 2, 2.5)  # once matched token 2
+    with pytest.raises(mr.InvalidArgumentError, match="eos_token_id must be integers"):
+        mr.generation_lengths(seq, 2, "2")  # type: ignore[arg-type]
+    assert mr.generation_lengths(seq, 2, []).tolist() == [3, 3]  # no end-of-sequence id: all ran
+    assert mr.generation_lengths(seq.int(), 2, 2**40).tolist() == [3, 3]  # never in int32 ids
+    assert mr.generation_lengths(seq, 2, torch.tensor([2, 7])).tolist() == [2, 3]
