@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -655,8 +655,11 @@ def _refuse_before(config: Any, kwargs: dict[str, Any]) -> None:
             raise UnsupportedTrainerSetupError(
                 "routed_experts_prompt_start in generation_kwargs: the trainer needs the routes of the whole prompt"
             )
-    elif (getattr(config, "generation_kwargs", None) or {}).get("prefill_chunk_size"):
-        raise UnsupportedTrainerSetupError(_CHUNKED_PREFILL)
+    else:
+        extra = getattr(config, "generation_kwargs", None) or {}
+        refusal = _unsplittable(extra.get)
+        if refusal:
+            raise UnsupportedTrainerSetupError(refusal)
 
 
 #: Why a chunked prefill cannot be split per sequence (a generate() call recorded as rows only).
@@ -665,6 +668,28 @@ _CHUNKED_PREFILL = (
     "chunk by chunk, every sequence's chunk in turn, and the capture holds no forward boundaries to split that "
     "order per sequence. Leave prefill_chunk_size unset, or use vLLM"
 )
+
+
+#: Why a beam search or assisted decoding cannot be split per sequence.
+_REORDERED = (
+    "routing replay does not support {what} in generate(): {why}, so the rows of a capture do not follow each "
+    "sequence's tokens and cannot be split per sequence (beam search with num_return_sequences=num_beams has the "
+    "row counts of sampling, so nothing later would notice). Sample or decode greedily, or use vLLM"
+)
+
+
+def _unsplittable(get: Callable[[str], Any]) -> str | None:
+    """Why generate() with these settings (``get(name)`` reads one) records rows that cannot be split, or None."""
+    if get("prefill_chunk_size"):
+        return _CHUNKED_PREFILL
+    beams = get("num_beams")
+    if isinstance(beams, int) and beams > 1:
+        return _REORDERED.format(what=f"beam search (num_beams={beams})", why="beams are reordered between steps")
+    if get("assistant_model") is not None or get("prompt_lookup_num_tokens") or get("assistant_early_exit"):
+        return _REORDERED.format(
+            what="assisted decoding", why="candidate tokens are fed several at a time, rejected ones too"
+        )
+    return None
 
 
 def _refuse_after(trainer: Any) -> None:
@@ -676,8 +701,11 @@ def _refuse_after(trainer: Any) -> None:
         return
     model = getattr(trainer, "model", None)
     for config in (getattr(trainer, "generation_config", None), getattr(model, "generation_config", None)):
-        if getattr(config, "prefill_chunk_size", None):
-            raise UnsupportedTrainerSetupError(_CHUNKED_PREFILL)
+        if config is None:
+            continue
+        refusal = _unsplittable(lambda name, config=config: getattr(config, name, None))
+        if refusal:
+            raise UnsupportedTrainerSetupError(refusal)
 
 
 def _batch_routes(

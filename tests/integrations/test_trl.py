@@ -352,6 +352,8 @@ def test_unsupported_setups_are_refused_before_training() -> None:
             (dict(args=config(out), tools=[len]), "tools"),
             (dict(args=config(out, use_transformers_continuous_batching=True)), "continuous_batching"),
             (dict(args=config(out, generation_kwargs={"prefill_chunk_size": 2})), "chunked prefill"),
+            (dict(args=config(out, generation_kwargs={"num_beams": 2})), "beam search"),
+            (dict(args=config(out, generation_kwargs={"prompt_lookup_num_tokens": 3})), "assisted decoding"),
         ):
             with pytest.raises(mr_trl.UnsupportedTrainerSetupError, match=match):
                 mr_trl.RoutingReplayGRPOTrainer(
@@ -359,6 +361,16 @@ def test_unsupported_setups_are_refused_before_training() -> None:
                 )
     with pytest.raises(ValueError, match="routing_replay"):
         mr_trl.RoutingReplayGRPOTrainer(model=policy(), routing_replay="sometimes")
+
+
+@pytest.mark.parametrize(("setting", "match"), [("num_beams", "beam search"), ("prefill_chunk_size", "chunked")])
+def test_a_model_generation_config_that_reorders_rows_is_refused(setting: str, match: str) -> None:
+    model = policy()
+    setattr(model.generation_config, setting, 2)
+    with tempfile.TemporaryDirectory() as out, pytest.raises(mr_trl.UnsupportedTrainerSetupError, match=match):
+        mr_trl.RoutingReplayGRPOTrainer(
+            model=model, reward_funcs=reward, train_dataset=dataset(), processing_class=tokenizer(), args=config(out)
+        )
 
 
 # ----------------------------------------------------------------------------- R3: vLLM outputs
