@@ -33,6 +33,7 @@ __all__ = [
     "check",
     "current_graph_task_id",
     "dynamo_compiling",
+    "exporting",
     "functorch_transform",
     "fwd_grad_enabled",
     "graph_capturing",
@@ -153,6 +154,9 @@ CUDA: Any = torch.cuda if isinstance(getattr(torch.cuda, "_initialized", None), 
 stream_capturing: Callable[[], bool] = (
     getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 )
+#: ``() -> bool``: is ``torch.export`` tracing the caller (strict or not)? Unlike a compiled graph, an exported
+#: program keeps no guards on what it was traced under.
+exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
 #: ``() -> object | None``: the innermost ``torch.func`` transform running now (``vmap``, ``grad``,
 #: ``jvp``...), or None outside every transform.
 functorch_transform: Callable[[], Any] = _find(

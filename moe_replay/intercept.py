@@ -135,6 +135,7 @@ _CUDA = _torch_compat.CUDA
 _cuda_capturing = _torch_compat.stream_capturing
 _cuda_bad_fork = _torch_compat.bad_fork
 _transform = _torch_compat.functorch_transform
+_exporting = _torch_compat.exporting
 _grad = torch.is_grad_enabled
 _get_ident = threading.get_ident
 _LEAN_NAMES, _LEAN_SWAP, _lean_current = _lean.NAMES, _lean.SWAP, _lean.CURRENT
@@ -456,6 +457,15 @@ class RouterHook:
             "entry, so rows can be neither recorded nor forced one per token. Run the forward outside the "
             "transform (for gradients: loss.backward(); for a batch: concatenate the inputs); nothing was "
             "recorded or forced in this forward"
+        )
+
+    def _refuse_export(self) -> None:
+        """``torch.export`` tracing a forward while a block is open: refused (the program would keep the block)."""
+        raise UnsupportedRouterError(
+            f"router '{self.name}' is being exported (torch.export) while a capture, replay, keep_scores or verify "
+            "block is open. An exported program keeps no guards, so what the block adds to the forward (writes into "
+            "this session's capture ring, forced rows) would run at every later call of the program, inside blocks "
+            "or not. Export outside the blocks: the program then routes natively"
         )
 
     def _check_ran(self, ev: Evidence | None, seen: int) -> None:
@@ -1047,6 +1057,8 @@ class ScopedForward:
         ):
             if not _compiling() and _transform() is not None:
                 hook._refuse_transform()
+            if _exporting():
+                hook._refuse_export()
             return hook._run(self.__wrapped__, args, kwargs)
         if not _compiling() and hook.unproven() and not _graph_capturing() and _transform() is None:
             hook.prove(self.__wrapped__, args, kwargs)  # once: which call decides, by its effect

@@ -327,3 +327,39 @@ def test_eager_and_compiled_forwards_mixed_in_one_capture_and_one_replay(style: 
     for a, b in zip(out, ref, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     assert counter.frame_count >= 1
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_inside_a_block_is_refused_and_outside_routes_natively(tokens: torch.Tensor, strict: bool) -> None:
+    """Once silent: an export inside capture() traced the ring write into a program with no guards, which then
+    wrote into the session's ring at every call, in blocks or not."""
+    model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense").eval()
+    wrapped = _Logits(model)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(tokens)
+        routes = session.routes()
+        for block in (session.capture, lambda: session.replay(routes)):
+            # (strict export traces with dynamo, which raises its own error carrying the refusal's message)
+            error = Exception if strict else mr.UnsupportedRouterError
+            with pytest.raises(error, match="is being exported"), block():
+                torch.export.export(wrapped, (tokens,), strict=strict)
+        program = torch.export.export(wrapped, (tokens,), strict=strict).module()
+        perturb_routers(session, scale=3.0)
+        with session.capture():
+            plain = model(tokens).logits
+        native = session.routes()
+        assert not native.equal(routes)
+        with session.capture():  # the program routes natively and writes nothing into the ring
+            assert torch.equal(program(tokens), plain)
+            model(tokens)
+        assert session.routes().equal(native)
