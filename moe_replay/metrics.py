@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from .errors import (
     InvalidArgumentError,
     MissingDependencyError,
     RoutesValidationError,
+    UnknownRouterError,
 )
 from .routes import Routes
 
@@ -136,6 +137,20 @@ class RoutingComparison:
         lines.append("  per router: " + ", ".join(shown))
         return "\n".join(lines)
 
+    def _router_position(self, router: str | int) -> int:
+        """Position in :attr:`names` of a router given by name or position."""
+        if isinstance(router, str):
+            if router not in self.names:
+                raise UnknownRouterError(f"no router named '{router}' in this comparison; routers: {list(self.names)}")
+            return self.names.index(router)
+        if not isinstance(router, int | np.integer) or isinstance(router, bool):
+            raise ArgumentTypeError(f"router must be a router name or a position in names, got {router!r:.60}")
+        if not -len(self.names) <= int(router) < len(self.names):
+            raise InvalidArgumentError(
+                f"router={int(router)} is out of range: this comparison holds {len(self.names)} router(s)"
+            )
+        return int(router) % len(self.names)
+
     def plot(self, *, router: str | int | None = None) -> Any:
         """Two panels: the share of differing decisions per router, and expert load on each side.
 
@@ -146,6 +161,10 @@ class RoutingComparison:
         Args:
             router: whose expert load to draw (name or position in :attr:`names`); default:
                 summed over routers.
+
+        Raises:
+            UnknownRouterError, InvalidArgumentError, ArgumentTypeError: ``router`` names
+                no router of the comparison.
 
         Returns:
             The matplotlib ``Figure``. Needs matplotlib: ``pip install "moe_replay[plot]"``.
@@ -164,6 +183,7 @@ class RoutingComparison:
             raise MissingDependencyError(
                 "RoutingComparison.plot() needs matplotlib: pip install 'moe_replay[plot]' (or matplotlib)"
             ) from e
+        pos = None if router is None else self._router_position(router)  # before a figure is made
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
         ticks, axis = _router_labels(self.names)
         x = np.arange(len(self.names))
@@ -192,12 +212,11 @@ class RoutingComparison:
             left.set_title(f"{_pct(self.overall)} of decisions, {_pct(self.token_fraction)} of tokens differ")
         for i in np.flatnonzero(np.isnan(per)):  # nothing compared: say so rather than draw a zero
             left.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, transform=left.get_xaxis_transform())
-        if router is None:
+        if pos is None:
             a, b = self.load_a.sum(axis=0), self.load_b.sum(axis=0)
             title, ylabel = "expert load, all routers", "token slots (all routers)"
         else:
-            i = router if isinstance(router, int) else self.names.index(router)
-            a, b, title, ylabel = self.load_a[i], self.load_b[i], f"expert load, {self.names[i]}", "tokens"
+            a, b, title, ylabel = self.load_a[pos], self.load_b[pos], f"expert load, {self.names[pos]}", "tokens"
         e = np.arange(a.shape[0])
         if len(e) <= 32:
             right.bar(e - 0.2, a, width=0.4, label=self.labels[0])
@@ -268,7 +287,10 @@ def compare(
 
     Raises:
         RoutesValidationError: the two hold different routers, token counts, k or
-            expert counts.
+            expert counts, or rows that are no decision (built with ``validate=False``:
+            a row mixing -1 with experts, or repeating an expert).
+        ArgumentTypeError, InvalidArgumentError: ``names`` is not a list of distinct
+            router names, or is empty.
 
     Example:
         >>> import torch, moe_replay as mr
@@ -296,6 +318,15 @@ def compare(
         raise ArgumentTypeError("compare takes two Routes")
     if not isinstance(labels, tuple | list) or len(labels) != 2 or not all(isinstance(x, str) for x in labels):
         raise ArgumentTypeError(f"labels must be two strings, one for a and one for b, got {labels!r}")
+    if names is not None:
+        if isinstance(names, str) or not isinstance(names, Iterable):
+            raise ArgumentTypeError(f"names must be a list of router names, got {names!r:.60}")
+        names = tuple(names)
+        if not all(isinstance(n, str) for n in names):
+            raise ArgumentTypeError(f"names must be router names (str), got {list(names)!r:.80}")
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise InvalidArgumentError(f"names lists a router more than once: {twice[:3]}; name each once")
     if names is None:
         if set(a.names) != set(b.names):
             only_a = [n for n in a.names if n not in b.names]
@@ -306,16 +337,30 @@ def compare(
             )
         names = a.names
     names = tuple(names)
+    if not names:
+        why = "names= is empty" if a.names else "the routes hold no router"
+        raise InvalidArgumentError(f"nothing to compare: {why}")
     for side, r in (("a", a), ("b", b)):
         absent = [n for n in names if n not in r.names]
         if absent:
             raise RoutesValidationError(f"{side} holds no routes for routers {absent[:3]}")
+        r._ensure_valid()  # rows built with validate=False: a partial -1 row or a repeated expert is no decision
     xs = [a.layer(n) for n in names]
     ys = [b.layer(n) for n in names]
     ea = [a.experts_per_layer[a.names.index(n)] for n in names]
     eb = [b.experts_per_layer[b.names.index(n)] for n in names]
     counts = {x.shape[0] for x in xs} | {y.shape[0] for y in ys}
     if len(counts) != 1:
+        if all(x.shape[0] == y.shape[0] for x, y in zip(xs, ys, strict=True)):
+            # a and b agree router by router: the routers see different tokens (an encoder and a decoder)
+            groups: dict[int, list[str]] = {}
+            for n, x in zip(names, xs, strict=True):
+                groups.setdefault(int(x.shape[0]), []).append(n)
+            raise RoutesValidationError(
+                "the routers hold different token counts ("
+                + "; ".join(f"{t} rows: {ns[:2]}{' ...' if len(ns) > 2 else ''}" for t, ns in groups.items())
+                + "), so their rows are not the same tokens; compare each group on its own with names="
+            )
         raise RoutesValidationError(
             f"the routes cover different token counts {sorted(counts)}; compare routes of the same tokens"
         )

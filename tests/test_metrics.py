@@ -152,3 +152,57 @@ def test_router_labels() -> None:
     assert _router_labels(mixed) == (["encoder", "decoder"], "router")
     assert _router_labels(["model.gate"]) == (["model.gate"], "router")
     assert _router_labels(["a.gate", "b.x.gate"]) == (["a", "b.x"], "router")
+
+
+def test_bad_names_are_refused_not_misread() -> None:
+    """A str is not split into one-letter routers; a router named twice is not counted twice."""
+    a = routes(base())
+    with pytest.raises(mr.ArgumentTypeError, match="list of router names"):
+        mr.compare(a, a, names=NAMES[0])
+    with pytest.raises(mr.ArgumentTypeError, match="list of router names"):
+        mr.compare(a, a, names=3)  # type: ignore[arg-type]
+    with pytest.raises(mr.InvalidArgumentError, match="more than once"):
+        mr.compare(a, a, names=[NAMES[0], NAMES[0]])
+    with pytest.raises(mr.InvalidArgumentError, match="names= is empty"):
+        mr.compare(a, a, names=[])
+    none = mr.Routes([], names=[], num_experts=E)
+    with pytest.raises(mr.InvalidArgumentError, match="hold no router"):
+        mr.compare(none, none)
+
+
+def test_unvalidated_rows_are_checked_before_counting() -> None:
+    """Routes(validate=False) may hold rows that are no decision: refused, not counted as one."""
+    good = torch.tensor([[0, 1], [2, 3]])
+    partial = mr.Routes([torch.tensor([[0, -1], [2, 3]])], names=["g"], num_experts=4, validate=False)
+    with pytest.raises(mr.RoutesValidationError, match="mixes -1"):
+        mr.compare(partial, mr.Routes([good], names=["g"], num_experts=4))
+    repeated = mr.Routes([torch.tensor([[0, 0], [2, 3]])], names=["g"], num_experts=4, validate=False)
+    with pytest.raises(mr.RoutesValidationError, match="repeats an expert"):
+        mr.compare(mr.Routes([good], names=["g"], num_experts=4), repeated)  # overlap would read 100%
+
+
+def test_routers_of_different_token_counts_are_named() -> None:
+    """An encoder and a decoder see different tokens: the error says which routers, and names=."""
+    r = mr.Routes([torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0, 1]])], names=["enc", "dec"], num_experts=4)
+    with pytest.raises(mr.RoutesValidationError, match=r"2 rows: \['enc'\]; 1 rows: \['dec'\].*names="):
+        mr.compare(r, r)
+    assert mr.compare(r, r, names=["dec"]).overall == 0.0
+
+
+def test_plot_router_that_is_not_there() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    matplotlib.use("Agg")
+    c = mr.compare(routes(base()), routes(base(1)))
+    figures = plt.get_fignums()
+    with pytest.raises(mr.UnknownRouterError, match="no router named 'nope'"):
+        c.plot(router="nope")
+    with pytest.raises(mr.InvalidArgumentError, match="out of range"):
+        c.plot(router=3)
+    with pytest.raises(mr.ArgumentTypeError, match="router must be"):
+        c.plot(router=1.0)  # type: ignore[arg-type]
+    assert plt.get_fignums() == figures  # no half-drawn figure left open
+    assert c.plot(router=-1).axes[1].get_title() == f"expert load, {NAMES[-1]}"
+    assert c.plot(router=np.int64(0)).axes[1].get_title() == f"expert load, {NAMES[0]}"
