@@ -30,11 +30,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from .errors import InvalidArgumentError, RouterNotFoundError, UnknownRouterError
+from .errors import ArgumentTypeError, InvalidArgumentError, RouterNotFoundError, UnknownRouterError
 
 __all__ = ["RouterScores", "load_balancing_loss"]
 
@@ -116,7 +116,8 @@ def load_balancing_loss(
         probs: ``[T, E]`` router probabilities (one tensor, or one per router); gradients
             flow through them. Pass ``scores.softmax(-1)`` for routers whose top-k runs on
             logits.
-        indices: ``[T, k]`` experts each token used (one tensor, or one per router).
+        indices: ``[T, k]`` experts each token used (one tensor, or one per router), on any
+            device (``Routes.layer(name)`` is on the host): they are moved to ``probs``' device.
         mask: optional ``[T]`` (or any shape with ``T`` elements) weights of the tokens to
             count, e.g. the attention mask; padding gets 0. A router with no token counted (all
             padding, or no token at all) contributes 0.
@@ -129,6 +130,7 @@ def load_balancing_loss(
             the CPU) indices that are not experts ``0..E-1``. On an accelerator, and in compiled
             code, such indices stop the kernel that counts them instead (no host sync is spent on
             the check).
+        ArgumentTypeError: ``probs``, ``indices`` or ``mask`` that are not tensors.
 
     Example:
         >>> import torch, moe_replay as mr
@@ -136,16 +138,17 @@ def load_balancing_loss(
         >>> mr.load_balancing_loss(probs, torch.tensor([[0], [0]]))  # 2 * (1.0 * 0.65 + 0.0 * 0.35)
         tensor(1.3000)
     """
-    if isinstance(probs, torch.Tensor):
-        probs = [probs]
-    if isinstance(indices, torch.Tensor):
-        indices = [indices]
+    probs, indices = _tensors(probs, "probs"), _tensors(indices, "indices")
     if len(probs) != len(indices) or not probs:
         raise InvalidArgumentError(
             f"load_balancing_loss takes one probability tensor per index tensor, got {len(probs)} and {len(indices)}"
         )
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise ArgumentTypeError(f"mask must be a tensor of token weights, got {type(mask).__name__}")
     losses = []
     for i, (p, idx) in enumerate(zip(probs, indices, strict=True)):
+        if p.device.type == "cpu":
+            idx = idx.cpu()  # checked below at no cost
         if p.dim() != 2 or idx.dim() != 2 or p.shape[0] != idx.shape[0]:
             raise InvalidArgumentError(
                 f"router {i}: probs must be [tokens, experts] and indices [tokens, k] with the same tokens, "
@@ -167,9 +170,23 @@ def load_balancing_loss(
             raise InvalidArgumentError(f"mask has {w.shape[0]} elements, but router {i} has {t} tokens")
         total = w.sum().clamp_min(torch.finfo(torch.float32).tiny)  # no token counted: 0, not 0 / 0
         counts = torch.zeros(e, device=p.device).index_add_(
-            0, idx.reshape(-1).long(), w.repeat_interleave(idx.shape[1])
+            0, idx.reshape(-1).to(p.device, torch.long), w.repeat_interleave(idx.shape[1])
         )
         f = counts / total
         p_mean = (p.float() * w[:, None]).sum(0) / total
         losses.append(e * (f * p_mean).sum())
     return torch.stack(losses).mean()
+
+
+def _tensors(value: object, what: str) -> list[torch.Tensor]:
+    """One tensor, or a sequence of them, as a list (a clear error for anything else)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    need = f"{what} must be a tensor or a list of tensors, one per router"
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable) or hasattr(value, "shape"):
+        raise ArgumentTypeError(f"{need}; got a {type(value).__name__}")
+    out = list(value)
+    bad = next((i for i, x in enumerate(out) if not isinstance(x, torch.Tensor)), None)
+    if bad is not None:
+        raise ArgumentTypeError(f"{need}; {what}[{bad}] is a {type(out[bad]).__name__}")
+    return out

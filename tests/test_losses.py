@@ -153,3 +153,26 @@ def test_compiles_in_one_graph() -> None:
     probs, idx = torch.rand(6, 8).softmax(-1), torch.randint(0, 8, (6, 2))
     compiled = torch.compile(mr.load_balancing_loss, fullgraph=True, backend="eager")
     assert torch.allclose(compiled(probs, idx), mr.load_balancing_loss(probs, idx))
+
+
+def test_inputs_that_are_not_tensors_are_refused_clearly() -> None:
+    probs, idx = torch.rand(2, 4).softmax(-1), torch.tensor([[0], [1]])
+    for bad_probs, bad_idx in ((probs.numpy(), idx), (probs, idx.numpy()), (probs, [[0], [1]]), (probs, 3)):
+        with pytest.raises(mr.ArgumentTypeError, match="a tensor or a list of tensors"):
+            mr.load_balancing_loss(bad_probs, bad_idx)
+    with pytest.raises(mr.ArgumentTypeError, match="mask must be a tensor"):
+        mr.load_balancing_loss(probs, idx, mask=[1, 0])
+    # any iterable of tensors, a generator too
+    gen = mr.load_balancing_loss((p for p in [probs]), (i for i in [idx]))
+    assert gen.item() == pytest.approx(mr.load_balancing_loss(probs, idx).item())
+
+
+def test_indices_on_another_device_follow_the_probabilities() -> None:
+    """Routes are on the host while the scores are on the accelerator: the indices are moved."""
+    probs, idx = torch.rand(3, 4).softmax(-1), torch.tensor([[0], [1], [1]])
+    want = mr.load_balancing_loss(probs, idx)
+    meta = torch.empty(3, 4, device="meta")  # another device than the indices', without an accelerator
+    assert mr.load_balancing_loss(meta, idx).device.type == "meta"
+    if torch.cuda.is_available():
+        assert mr.load_balancing_loss(probs.cuda(), idx).item() == pytest.approx(want.item())
+        assert mr.load_balancing_loss(probs, idx.cuda()).item() == pytest.approx(want.item())
