@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__, models
 from .discovery import find_routers, format_sites
-from .errors import MoEReplayError
+from .errors import InvalidArgumentError, MoEReplayError
 from .metrics import compare
 from .routes import Routes
 from .session import attach
@@ -60,7 +60,12 @@ def _mismatch(a: Routes, b: Routes) -> tuple[float, list[float]]:
 def demo(style: str = "softmax_topk", new_tokens: int = 16, seed: int = 0, device: str = "cpu") -> dict[str, float]:
     """Capture while generating, perturb the routers, replay; print and return the figures."""
     torch.manual_seed(seed)
-    model = models.build(style, seed=seed, num_layers=4, num_experts=16, top_k=min(2, 16)).to(device)
+    if new_tokens < 1:
+        raise InvalidArgumentError(f"new_tokens must be at least 1, got {new_tokens}")
+    positions = max(512, 8 + new_tokens)  # the prompt's 8 tokens and every generated one
+    model = models.build(style, seed=seed, num_layers=4, num_experts=16, top_k=min(2, 16), max_positions=positions).to(
+        device
+    )
     cfg = model.config
     prompt = torch.randint(0, cfg.vocab_size, (1, 8), device=device)
     session = attach(model)
@@ -123,7 +128,12 @@ def load_model(target: str, *, seed: int = 0, layers: int | None = None) -> tupl
         cfg = model.config
         return model, (f"reference MoE '{target}': {cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k}")
     if _hf.is_checkpoint_dir(target):
-        model = _hf.load_checkpoint(target)
+        try:
+            model = _hf.load_checkpoint(target)
+        except (MoEReplayError, ImportError):
+            raise
+        except Exception as e:  # transformers' own: no weights, a config.json that is no JSON, an unknown type
+            raise _UsageError(f"cannot load the checkpoint directory {target}: {_first_line(e)}") from None
         return model, f"{type(model).__name__} loaded from the checkpoint directory {target}"
     if Path(target).exists() or "/" in target or "\\" in target:
         raise _UsageError(
@@ -134,7 +144,17 @@ def load_model(target: str, *, seed: int = 0, layers: int | None = None) -> tupl
         model = _hf.tiny_model(target, seed=seed, **({"layers": layers} if layers is not None else {}))
     except ValueError as e:
         raise _UsageError(f"{e}; reference styles are {', '.join(models.STYLES)}") from None
+    except (MoEReplayError, ImportError):
+        raise
+    except Exception as e:  # transformers could not build this type from its default config
+        raise _UsageError(f"cannot build a tiny random '{target}': {_first_line(e)}") from None
     return model, f"{type(model).__name__}: a tiny random instance of the HF model type '{target}'"
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: first line`` of an exception, for a one-line error."""
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -230,7 +250,8 @@ examples:
   python -m moe_replay demo --device cuda
 
 The exit status is 0 when replay reproduced every recorded route and gradients reached
-every router, 1 otherwise, and 2 when --device cannot be used here."""
+every router, 1 otherwise, and 2 when --device cannot be used here or --new-tokens is
+not a positive count."""
 
 _INSPECT_EPILOG = f"""\
 MODEL is one of:
@@ -249,6 +270,17 @@ examples:
 
 Columns: router (module path), class, E (experts), k (experts per token), and how the
 decision call is intercepted. Routers marked 'refused' make attach() raise."""
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -301,7 +333,11 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     q.add_argument(
         "--verify", action="store_true", help="also run one forward on random tokens and check that every router fires"
     )
-    q.add_argument("--layers", type=int, help="layer count of a reference or tiny random model")
+    q.add_argument(
+        "--layers",
+        type=_positive,
+        help="layer count of a reference model; of a tiny random HF model, at most its default depth",
+    )
     q.add_argument("--seed", type=int, default=0, help="seed of a random model's weights (default 0)")
     return parser
 
@@ -312,6 +348,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     if args.command == "demo":
         try:
             device = _device(args.device)
+            if args.new_tokens < 1:
+                raise _UsageError(f"--new-tokens must be at least 1, got {args.new_tokens}")
         except _UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

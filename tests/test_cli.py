@@ -123,6 +123,57 @@ def test_inspect_errors_are_one_line_and_exit_1(tmp_path, capsys) -> None:
     assert "matched no module" in capsys.readouterr().err
 
 
+def test_demo_token_counts_it_cannot_or_can_run(capsys) -> None:
+    """--new-tokens 0 is a one-line usage error; past the reference model's 512 positions the demo still runs."""
+    for bad in ("0", "-3"):
+        assert main(["demo", "--new-tokens", bad]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == f"error: --new-tokens must be at least 1, got {bad}\n"
+    with pytest.raises(mr.InvalidArgumentError, match="at least 1"):
+        demo(new_tokens=0)
+    assert demo(new_tokens=510)["replay_drift"] == 0.0  # 8 prompt tokens + 510: over max_positions=512
+
+
+def test_inspect_layers_must_be_positive(capsys) -> None:
+    """--layers 0 built a model with no router and blamed discovery ("no MoE router found")."""
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["inspect", "softmax_topk", "--layers", bad])
+        assert exit_info.value.code == 2
+        assert f"argument --layers: must be at least 1, got {bad}" in capsys.readouterr().err
+    assert main(["inspect", "softmax_topk", "--layers", "3"]) == 0
+    assert "layers.2.mlp.router" in capsys.readouterr().out
+
+
+def test_inspect_a_checkpoint_directory_transformers_cannot_load(tmp_path, capsys) -> None:
+    """A broken config.json, or no weights: one line naming the folder, not transformers' traceback."""
+    pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_text("not json")
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: cannot load the checkpoint directory {tmp_path}: OSError: ")
+        and len(err.splitlines()) == 1
+    ), err
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_moe"}')  # no weights beside it
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load the checkpoint directory") and len(err.splitlines()) == 1, err
+
+
+def test_inspect_a_model_type_transformers_cannot_build(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from moe_replay import _hf
+
+    def broken(*args, **kwargs):
+        raise AttributeError("'MusicgenConfig' object has no attribute 'dropout'")  # as musicgen does
+
+    monkeypatch.setattr(_hf, "tiny_model", broken)
+    assert main(["inspect", "musicgen"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot build a tiny random 'musicgen': AttributeError: 'MusicgenConfig' object")
+    assert len(err.splitlines()) == 1
+
+
 def test_inspect_without_transformers(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     assert main(["inspect", "qwen3_moe"]) == 1

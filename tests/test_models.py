@@ -1,0 +1,36 @@
+"""The reference models: a configuration they cannot run, or an input past their positions, is refused clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_replay as mr
+
+
+@pytest.mark.parametrize(
+    ("style", "overrides", "match"),
+    [
+        ("softmax_topk", {"num_expert": 4}, r"\['num_expert'\], which MoEConfig has no field"),
+        ("softmax_topk", {"router": "linear_gate"}, "first argument, not router='linear_gate'"),
+        ("softmax_topk", {"num_experts": 4, "top_k": 8}, "more than the num_experts=4"),
+        ("softmax_topk", {"top_k": 0}, "top_k must be a positive int"),
+        ("topk_softmax", {"num_experts": 0}, "num_experts must be a positive int"),
+        ("linear_gate", {"hidden_size": 30}, "multiple of num_heads=4"),
+        ("grouped_sigmoid", {"topk_group": 8}, r"topk_group must be in 1\.\.n_group=4"),
+    ],
+)
+def test_a_configuration_that_cannot_run_is_refused_at_build(style: str, overrides: dict, match: str) -> None:
+    with pytest.raises(mr.InvalidArgumentError, match=match):
+        mr.models.build(style, **overrides)
+
+
+def test_positions_past_max_positions_are_refused() -> None:
+    """Not an IndexError from the position embedding, also when generate() runs past the end."""
+    model = mr.models.build("softmax_topk", max_positions=8)
+    assert model(torch.zeros(1, 8, dtype=torch.long)).logits.shape == (1, 8, 128)
+    with pytest.raises(mr.InvalidArgumentError, match=r"9 positions \(0 cached \+ 9 new\) exceed max_positions=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(mr.InvalidArgumentError, match=r"\(8 cached \+ 1 new\) exceed max_positions=8"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=6)
+    assert model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=5).shape == (1, 9)
