@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -94,6 +94,18 @@ class MoEConfig:
             raise InvalidArgumentError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
         if self.router == "grouped_sigmoid" and self.num_experts % self.n_group:
             raise InvalidArgumentError("num_experts must be a multiple of n_group")
+        for name in ("vocab_size", "hidden_size", "num_heads", "num_experts", "top_k", "expert_size", "max_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise InvalidArgumentError(f"top_k={self.top_k} is more than the num_experts={self.num_experts} experts")
+        if self.hidden_size % self.num_heads:
+            raise InvalidArgumentError(
+                f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}"
+            )
+        if self.router == "grouped_sigmoid" and not 1 <= self.topk_group <= self.n_group:
+            raise InvalidArgumentError(f"topk_group must be in 1..n_group={self.n_group}, got {self.topk_group}")
 
 
 @dataclass
@@ -370,6 +382,11 @@ class MoETransformer(nn.Module):
         b, s = input_ids.shape
         past = past_key_values[0][0].shape[2] if past_key_values else 0
         total = past + s
+        if total > self.config.max_positions:
+            raise InvalidArgumentError(
+                f"{total} positions ({past} cached + {s} new) exceed max_positions={self.config.max_positions}; "
+                "build the model with a larger max_positions"
+            )
         packed = None
         if attention_mask is None and position_ids is not None and not past:
             # packed rows (as in transformers): a position that does not follow its left
@@ -466,6 +483,16 @@ def build(style: str = "softmax_topk", *, seed: int = 0, **overrides: Any) -> Mo
         seed: initialisation seed (same seed, same weights).
         **overrides: any :class:`MoEConfig` field (``num_layers``, ``num_experts``, ``top_k``...).
     """
+    if "router" in overrides:
+        raise InvalidArgumentError(
+            f"pass the router style as build's first argument, not router={overrides['router']!r}"
+        )
+    unknown = sorted(set(overrides) - {f.name for f in fields(MoEConfig)})
+    if unknown:
+        raise InvalidArgumentError(
+            f"build() got {unknown}, which MoEConfig has no field for; "
+            f"fields: {[f.name for f in fields(MoEConfig) if f.name != 'router']}"
+        )
     cfg = replace(MoEConfig(router=style), **overrides) if overrides else MoEConfig(router=style)
     model = MoETransformer(cfg)
     _init(model, seed)
