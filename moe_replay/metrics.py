@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,7 @@ from .routes import Routes
 __all__ = ["RoutingComparison", "compare"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class RoutingComparison:
     """What :func:`compare` returns. Fractions are of compared decisions or tokens.
 
@@ -78,6 +78,19 @@ class RoutingComparison:
     load_a: np.ndarray
     load_b: np.ndarray
     labels: tuple[str, str] = ("a", "b")
+
+    def __eq__(self, other: object) -> bool:
+        """Same routers, mode, labels and counts (the arrays compared element by element)."""
+        if not isinstance(other, RoutingComparison):
+            return NotImplemented
+        return all(
+            np.array_equal(getattr(self, f.name), getattr(other, f.name))
+            if isinstance(getattr(self, f.name), np.ndarray)
+            else getattr(self, f.name) == getattr(other, f.name)
+            for f in fields(self)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
     def per_layer(self) -> np.ndarray:

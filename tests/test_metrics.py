@@ -206,3 +206,12 @@ def test_plot_router_that_is_not_there() -> None:
     assert plt.get_fignums() == figures  # no half-drawn figure left open
     assert c.plot(router=-1).axes[1].get_title() == f"expert load, {NAMES[-1]}"
     assert c.plot(router=np.int64(0)).axes[1].get_title() == f"expert load, {NAMES[0]}"
+
+
+def test_comparisons_compare_equal_by_value() -> None:
+    """``==`` on two comparisons holding numpy arrays raised "truth value of an array is ambiguous"."""
+    a, b = routes(base()), routes(base(1))
+    assert mr.compare(a, b) == mr.compare(a, b)
+    assert mr.compare(a, b) != mr.compare(a, a)
+    assert mr.compare(a, b) != mr.compare(a, b, labels=("x", "y"))
+    assert mr.compare(a, b) != "not a comparison"
