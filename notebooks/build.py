@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="check that stored notebooks match their sources")
     args = parser.parse_args(argv)
     sources = sorted(p for p in SOURCES.glob("*.py") if not args.only or any(o in p.name for o in args.only))
+    if not sources:  # a typo would otherwise build (or check) nothing and succeed
+        names = ", ".join(p.stem for p in sorted(SOURCES.glob("*.py")))
+        print(f"no notebook source matches {' '.join(args.only)}; the sources are {names}", file=sys.stderr)
+        return 2
     stale = []
     for src in sources:
         nb = to_notebook(parse(src))

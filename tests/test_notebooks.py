@@ -54,6 +54,14 @@ def test_stored_notebook_matches_source_and_has_outputs(source: Path) -> None:
     assert build.local_paths(stored) == []
 
 
+def test_a_selection_that_matches_nothing_fails(capsys) -> None:
+    """``build.py 99`` (a typo) built nothing and exited 0; ``--check 99`` checked nothing."""
+    assert build.main(["99"]) == 2
+    assert build.main(["--check", "99"]) == 2
+    assert "no notebook source matches 99; the sources are 01_quick_start" in capsys.readouterr().err
+    assert build.main(["--check", "01"]) == 0
+
+
 def test_parse_round_trip(tmp_path: Path) -> None:
     src = tmp_path / "nb.py"
     src.write_text("# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n\n# %%\nprint(x)\n")
