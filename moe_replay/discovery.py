@@ -569,6 +569,7 @@ def find_routers(
 
     sites: list[RouterSite] = []
     problems: list[str] = []
+    too_many: list[str] = []  # routers with fewer experts than a top_k= given
     for name in chosen:
         if any(name.startswith(other + ".") for other in chosen if other != name and other):
             continue  # a router inside a router: the outer one holds the decision
@@ -602,6 +603,8 @@ def find_routers(
             continue
         if refusal is None or inc is not None:
             k = top_k or _top_k(module, parent, config)  # a hint; None: learned from the decision
+            if top_k is not None and top_k > int(width):
+                too_many.append(f"'{name}' ({width} experts)")
         adapter = refusal or next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.match(name, module)), None)
         if (
             adapter is None
@@ -632,6 +635,11 @@ def find_routers(
                 module=module,
                 scope_module=modules[scope_name],
             )
+        )
+    if too_many:
+        raise InvalidArgumentError(
+            f"top_k={top_k} chooses more experts than these routers have: {', '.join(too_many)}; pass the k "
+            "the routers choose, or leave top_k unset to read it from their decisions"
         )
     if problems:
         raise RouterNotFoundError("some routers could not be described:\n  " + "\n  ".join(problems))

@@ -10,6 +10,8 @@ from torch import nn
 
 import moe_replay as mr
 
+from .conftest import assert_untouched, snapshot
+
 
 def test_skips_shared_expert_gates_and_dense_layers() -> None:
     model = mr.models.build("linear_gate", num_layers=4, first_dense_layers=2, shared_expert=True)
@@ -89,3 +91,14 @@ def test_format_sites_table() -> None:
     text = mr.format_sites(mr.find_routers(mr.models.build("top1_argmax")))
     assert text.splitlines()[0].split()[:4] == ["router", "class", "E", "k"]
     assert "layers.0.mlp.router  Top1ArgmaxRouter  8  1" in text
+
+
+def test_a_top_k_above_the_expert_count_is_refused_before_anything_is_attached() -> None:
+    model = mr.models.build("softmax_topk")
+    before = snapshot(model)
+    with pytest.raises(mr.InvalidArgumentError, match="top_k=9 chooses more experts"):
+        mr.find_routers(model, top_k=9)
+    with pytest.raises(mr.InvalidArgumentError, match="8 experts"):
+        mr.attach(model, top_k=9)
+    assert_untouched(model, before)
+    assert [s.top_k for s in mr.find_routers(model, top_k=8)] == [8, 8]  # all of them is still a choice
