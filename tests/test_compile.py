@@ -338,10 +338,12 @@ class _Logits(torch.nn.Module):
         return self.model(x).logits
 
 
+@pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 def test_export_inside_a_block_is_refused_and_outside_routes_natively(tokens: torch.Tensor, strict: bool) -> None:
-    """Once silent: an export inside capture() traced the ring write into a program with no guards, which then
-    wrote into the session's ring at every call, in blocks or not."""
+    """torch.export inside a capture or replay block (ring writes kept in a guardless program): refused.
+
+    Once silent: the exported program wrote into the session's ring at every call, in blocks or not."""
     model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense").eval()
     wrapped = _Logits(model)
     with mr.attach(model) as session, torch.no_grad():

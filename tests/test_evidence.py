@@ -1143,9 +1143,12 @@ class BusiestCapacityTop2Block(nn.Module):
         return torch.einsum("sec,ecd->sd", combine, out)
 
 
+@pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("seed", range(8))
 def test_a_choice_whose_change_reshapes_the_output_stays_a_slot_of_the_decision(seed: int) -> None:
-    """Once wrong: a change of the second choice changed the capacity (the gate's output shape), which counted
+    """A top-2 gate whose slots are sized by the busiest expert (DeepSpeed, no dropping): both choices forced.
+
+    Once wrong: a change of the second choice changed the capacity (the gate's output shape), which counted
     as reaching every element, so the first choice's finite reach looked like a sliver and it was left out: a
     top-2 gate was recorded as top-1, its first expert chosen afresh at replay, with no error."""
     session = assert_capture_and_replay_are_exact(TwoLayers(lambda: BusiestCapacityTop2Block(seed)))

@@ -274,6 +274,7 @@ def test_deepcopy_of_attached_model_is_plain(tokens: torch.Tensor) -> None:
         assert twin.layers[1].mlp.forward.__self__ is twin.layers[1].mlp
 
 
+@pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("established", [False, True], ids=["first-forward", "established"])
 @pytest.mark.parametrize("transform", ["vmap", "grad"])
 def test_torch_func_transforms_are_refused_in_blocks(tokens: torch.Tensor, transform: str, established: bool) -> None:
