@@ -318,6 +318,7 @@ def test_eager_reads_then_a_read_by_the_device_cursor_then_eager_reads_stay_in_o
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("experts", [8, 300])  # 300: the ring's dtype is the routes' storage dtype (int16)
 def test_routes_read_from_a_cpu_ring_outlive_its_next_capture(experts: int) -> None:
+    """Rows read from a CPU ring are a copy: the next capture into the ring leaves them as they were."""
     ring = CaptureRing(16, 2, experts, torch.device("cpu"))
     ring.write(torch.tensor([[1, 2], [3, 4]]))
     first = ring.rows(2)
