@@ -216,6 +216,29 @@ def test_paired_benchmark_pairs_every_variant_in_both_roles(tmp_path: Path) -> N
     assert "| decode 64x1" in text.getvalue()
 
 
+def test_the_copy_floor_copies_every_decision_and_puts_torch_topk_back() -> None:
+    """The floor variant does what a capture at the call must: one copy of each router's top-k indices."""
+    from benchmarks import paired
+    from benchmarks.workloads import build_model
+
+    model, _ = build_model("qwen3", "smoke", torch.device("cpu"), torch.float32)
+    seen: list[torch.Tensor] = []
+    for site in mr.find_routers(model):  # the indices each router returns ([logits, weights, indices])
+        site.module.register_forward_hook(lambda m, i, o: seen.append(o[-1].clone()))
+    forward = paired._copy_floor(model.forward)
+    topk = torch.topk
+    with torch.no_grad():
+        forward(torch.randint(0, 64, (2, 5)))
+    assert torch.topk is topk
+    cells = dict(zip(forward.__code__.co_freevars, (c.cell_contents for c in forward.__closure__), strict=True))
+    floor_topk = cells["topk"]
+    state = dict(zip(floor_topk.__code__.co_freevars, (c.cell_contents for c in floor_topk.__closure__), strict=True))
+    (slots,) = state["views"].values()
+    assert state["count"] == [len(seen)] and len(seen) > 1
+    for i, idx in enumerate(seen):
+        assert torch.equal(slots[i].long(), idx)
+
+
 def test_paired_ratios_take_the_variant_over_the_plain_step_in_alternating_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
