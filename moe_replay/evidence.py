@@ -1066,8 +1066,13 @@ def establish(
         # a call whose change reaches only a sliver of the output (one auxiliary-loss value) is not
         # the decision, which changes the tokens' hidden states; of the rest, the last fixes the choice
         # (a change that changes the output's shape, a capacity set by the busiest expert, say, reaches a count
-        # that cannot be compared: such a call is broad, and the others are measured against the finite counts)
+        # that cannot be compared: such a call is broad, and the others are measured against the finite counts
+        # and against one element per token for it, less than any slot of a decision reaches, as it moves every
+        # token: an auxiliary-loss call stays a sliver when every slot of the decision reshapes the output)
+        tokens = _tokens(args, kwargs)
         counted = [reach.get(c.ordinal, 0) for c in mattering if reach.get(c.ordinal, 0) != sys.maxsize]
+        if tokens is not None and any(reach.get(c.ordinal) == sys.maxsize for c in mattering):
+            counted.append(tokens)
         most = max(counted, default=0)
         broad = [c for c in mattering if 8 * reach.get(c.ordinal, 0) >= most]
         pool = [c for c in pool if c in broad] or pool
@@ -1090,7 +1095,6 @@ def establish(
                 "max/min decisions",
                 "Select the experts with torch.topk(scores, k), or name another call with mr.Adapter(..., call=N)",
             )
-        tokens = _tokens(args, kwargs)
         if tokens is not None and anchor.width == tokens != anchor.rows:
             raise _refuse(
                 name,

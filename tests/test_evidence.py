@@ -1153,3 +1153,34 @@ def test_a_choice_whose_change_reshapes_the_output_stays_a_slot_of_the_decision(
     top-2 gate was recorded as top-1, its first expert chosen afresh at replay, with no error."""
     session = assert_capture_and_replay_are_exact(TwoLayers(lambda: BusiestCapacityTop2Block(seed)))
     assert [site.top_k for site in session.sites] == [2, 2]
+
+
+class BusiestCapacityTop2GateWithAuxLoss(BusiestCapacityTop2Gate):
+    """The same gate, also returning a load-balancing loss built from a later ``topk`` of its gates."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        combine, dispatch = super().forward(x)
+        gates = self.wg(x).softmax(-1)
+        counts = F.one_hot(torch.topk(gates, 2, dim=-1).indices, E).float().sum(1).mean(0)
+        return combine, dispatch, (counts * gates.mean(0)).sum() * E
+
+
+class BusiestCapacityTop2BlockWithAuxLoss(BusiestCapacityTop2Block):
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.gate = BusiestCapacityTop2GateWithAuxLoss(seed)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        combine, dispatch, self.aux_loss = self.gate(x)
+        slots = torch.einsum("sec,sd->ecd", dispatch.to(x.dtype), x)
+        out = torch.stack([expert(slots[e]) for e, expert in enumerate(self.experts)])
+        return torch.einsum("sec,ecd->sd", combine, out)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_an_aux_loss_call_stays_a_sliver_when_every_slot_of_the_decision_reshapes_the_output(seed: int) -> None:
+    """Once refused: with both choices reshaping the output, the aux-loss top-k (one element) was the only finite
+    reach, so it counted as broad, was taken for the decision, and the gate refused as two independent choices."""
+    session = assert_capture_and_replay_are_exact(TwoLayers(lambda: BusiestCapacityTop2BlockWithAuxLoss(seed)))
+    assert [site.top_k for site in session.sites] == [2, 2]
