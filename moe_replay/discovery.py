@@ -603,8 +603,10 @@ def find_routers(
             continue
         if refusal is None or inc is not None:
             k = top_k or _top_k(module, parent, config)  # a hint; None: learned from the decision
-            if top_k is not None and top_k > int(width):
-                too_many.append(f"'{name}' ({width} experts)")
+            # (a width with no expert count beside it is a hint, a Linear's width under include=: only the counts
+            # say the router has fewer experts than top_k; num_experts= is checked above)
+            if top_k is not None and counts and top_k > max(int(width), *counts):
+                too_many.append(f"'{name}' ({max(int(width), *counts)} experts)")
         adapter = refusal or next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.match(name, module)), None)
         if (
             adapter is None

@@ -102,3 +102,44 @@ def test_a_top_k_above_the_expert_count_is_refused_before_anything_is_attached()
         mr.attach(model, top_k=9)
     assert_untouched(model, before)
     assert [s.top_k for s in mr.find_routers(model, top_k=8)] == [8, 8]  # all of them is still a choice
+
+
+class _TemperatureRouter(nn.Module):
+    """A top-2 router with a per-token temperature head registered after its gate (its last Linear has one
+    output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(16, 8, bias=False)
+        self.temperature = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = nn.functional.softplus(self.temperature(x)) + 0.5
+        return torch.topk((self.gate(x) / t).softmax(-1), 2, dim=-1)
+
+
+class _TemperatureBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = _TemperatureRouter()
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
+        return out
+
+
+def test_a_top_k_is_checked_against_expert_counts_not_a_width_hint() -> None:
+    """Once refused: under include= the width hint was the last Linear's (a temperature head: 1), so a correct
+    top_k=2 was refused as choosing more experts than the router has; the decision is a top-2 over 8."""
+    model = _TemperatureBlock()
+    assert [s.num_experts for s in mr.find_routers(model, include="router")] == [1]  # (a hint)
+    with mr.attach(model, include="router", top_k=2) as session, session.capture():
+        model(torch.randn(6, 16))
+    assert [(s.num_experts, s.top_k) for s in session.sites] == [(8, 2)]
+    with pytest.raises(mr.InvalidArgumentError, match=r"'router' \(8 experts\)"):
+        mr.find_routers(model, include="router", top_k=9)
