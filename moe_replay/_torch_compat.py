@@ -43,6 +43,7 @@ __all__ = [
     "register_jit_builtin",
     "stream_capturing",
     "top_saved_tensors_hooks",
+    "tracing",
 ]
 
 #: The torch versions the suite runs on, as pyproject.toml declares them.
@@ -157,6 +158,18 @@ stream_capturing: Callable[[], bool] = (
 #: ``() -> bool``: is ``torch.export`` tracing the caller (strict or not)? Unlike a compiled graph, an exported
 #: program keeps no guards on what it was traced under.
 exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
+_jit_tracing: Callable[[], bool] = getattr(torch._C, "_is_tracing", None) or torch.jit.is_tracing
+_PROXY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
+_dispatch_mode: Callable[[Any], Any] = getattr(torch._C, "_get_dispatch_mode", None) or (lambda key: None)
+
+
+def tracing() -> bool:
+    """Is ``torch.jit.trace`` (the TorchScript ``torch.onnx.export`` too) or ``make_fx`` tracing the eager
+    caller? Like an exported program, what they make keeps no guards on what it was traced under. (Not to be
+    asked in code dynamo traces.)"""
+    return _jit_tracing() or (_PROXY is not None and _dispatch_mode(_PROXY) is not None)
+
+
 #: ``() -> object | None``: the innermost ``torch.func`` transform running now (``vmap``, ``grad``,
 #: ``jvp``...), or None outside every transform.
 functorch_transform: Callable[[], Any] = _find(

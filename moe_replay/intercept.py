@@ -136,6 +136,7 @@ _cuda_capturing = _torch_compat.stream_capturing
 _cuda_bad_fork = _torch_compat.bad_fork
 _transform = _torch_compat.functorch_transform
 _exporting = _torch_compat.exporting
+_tracing = _torch_compat.tracing
 _grad = torch.is_grad_enabled
 _get_ident = threading.get_ident
 _LEAN_NAMES, _LEAN_SWAP, _lean_current = _lean.NAMES, _lean.SWAP, _lean.CURRENT
@@ -460,12 +461,14 @@ class RouterHook:
         )
 
     def _refuse_export(self) -> None:
-        """``torch.export`` tracing a forward while a block is open: refused (the program would keep the block)."""
+        """``torch.export`` or a tracer tracing a forward while a block is open: refused (the program would keep
+        the block)."""
         raise UnsupportedRouterError(
-            f"router '{self.name}' is being exported (torch.export) while a capture, replay, keep_scores or verify "
-            "block is open. An exported program keeps no guards, so what the block adds to the forward (writes into "
-            "this session's capture ring, forced rows) would run at every later call of the program, inside blocks "
-            "or not. Export outside the blocks: the program then routes natively"
+            f"router '{self.name}' is being exported (torch.export, torch.jit.trace, make_fx) while a capture, "
+            "replay, keep_scores or verify block is open. An exported or traced program keeps no guards, so what the "
+            "block adds to the forward (writes into this session's capture ring, forced rows) would run at every "
+            "later call of the program, inside blocks or not. Export outside the blocks: the program then routes "
+            "natively"
         )
 
     def _check_ran(self, ev: Evidence | None, seen: int) -> None:
@@ -945,6 +948,7 @@ class ScopedForward:
             or lean[0] is not hook._armed
             or NESTING.probing
             or _COMPILER._is_compiling_flag  # (export, AOT tracing: is_compiling() in eager code)
+            or _tracing()  # (jit.trace, make_fx: refused in _call)
         ):
             return self._nested(args, kwargs)
         # The hot path, a lean router armed: RouterHook._run without the mode, in this one frame (it runs
@@ -1057,7 +1061,7 @@ class ScopedForward:
         ):
             if not _compiling() and _transform() is not None:
                 hook._refuse_transform()
-            if _exporting():
+            if _exporting() or (not _compiling() and _tracing()):
                 hook._refuse_export()
             return hook._run(self.__wrapped__, args, kwargs)
         if not _compiling() and hook.unproven() and not _graph_capturing() and _transform() is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -362,6 +364,41 @@ def test_export_inside_a_block_is_refused_and_outside_routes_natively(tokens: to
         native = session.routes()
         assert not native.equal(routes)
         with session.capture():  # the program routes natively and writes nothing into the ring
+            assert torch.equal(program(tokens), plain)
+            model(tokens)
+        assert session.routes().equal(native)
+
+
+def _jit_trace(module: torch.nn.Module, x: torch.Tensor) -> Any:
+    return torch.jit.trace(module, (x,), check_trace=False)
+
+
+def _make_fx(module: torch.nn.Module, x: torch.Tensor) -> Any:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(module)(x)
+
+
+@pytest.mark.parametrize("tracer", [_jit_trace, _make_fx], ids=["jit.trace", "make_fx"])
+def test_a_trace_inside_a_block_is_refused_and_outside_routes_natively(tokens: torch.Tensor, tracer: Any) -> None:
+    """Once silent, as export was: a program traced inside replay() forced the replayed experts at every later
+    call, outside blocks too, with the routers changed; one traced inside capture() wrote into the ring."""
+    model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense").eval()
+    wrapped = _Logits(model)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(tokens)
+        routes = session.routes()
+        for block in (session.capture, lambda: session.replay(routes)):
+            with pytest.raises(mr.UnsupportedRouterError, match="is being exported"), block():
+                tracer(wrapped, tokens)
+        program = tracer(wrapped, tokens)
+        perturb_routers(session, scale=3.0)
+        with session.capture():
+            plain = model(tokens).logits
+        native = session.routes()
+        assert not native.equal(routes)
+        with session.capture():
             assert torch.equal(program(tokens), plain)
             model(tokens)
         assert session.routes().equal(native)
