@@ -738,6 +738,11 @@ def _shallow(v: Any) -> Any:
     return copy.copy(v) if isinstance(v, list | dict | set) else v
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter; None for an inference tensor, which keeps none (made under inference_mode)."""
+    return None if t.is_inference() else t._version
+
+
 def _attr_tensors(v: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     """The tensors an attribute holds: itself, or the items of a list, tuple or dict (nested a little)."""
     if isinstance(v, torch.Tensor):
@@ -768,13 +773,13 @@ class _Snapshot:
         self.py_random, self.np_random = random.getstate(), np.random.get_state()
         self.modules = list(scope.modules())
         self.held = [(m, dict(m._buffers), dict(m._parameters)) for m in self.modules]  # rebinding, too
-        self.tensors = [(b, b.detach().clone(), b._version) for b in scope.buffers()]
+        self.tensors = [(b, b.detach().clone(), _version(b)) for b in scope.buffers()]
         self.big: list[tuple[torch.Tensor, int]] = []
         for p in scope.parameters():
             if p.numel() <= _COPY_LIMIT:
-                self.tensors.append((p, p.detach().clone(), p._version))
+                self.tensors.append((p, p.detach().clone(), _version(p)))
             else:
-                self.big.append((p, p._version))
+                self.big.append((p, _version(p)))
         self.attrs = [
             (m, {k: _shallow(v) for k, v in vars(m).items() if k not in _MODULE_INTERNALS}) for m in self.modules
         ]
@@ -784,7 +789,7 @@ class _Snapshot:
                 for t in _attr_tensors(v):
                     if id(t) not in held and t.numel() <= _COPY_LIMIT:
                         held.add(id(t))
-                        self.tensors.append((t, t.detach().clone(), t._version))
+                        self.tensors.append((t, t.detach().clone(), _version(t)))
         self.generators = [
             (g, g.get_state()) for m in self.modules for g in vars(m).values() if isinstance(g, torch.Generator)
         ]
@@ -804,7 +809,10 @@ class _Snapshot:
             g.set_state(state)
         with torch.no_grad():
             for i, (t, v, version) in enumerate(self.tensors):
-                if t._version != version and t.shape == v.shape:  # only what a run changed: no needless bump
+                if version is None:  # an inference tensor: changed in place only under inference_mode, by value
+                    if torch.is_inference_mode_enabled() and t.shape == v.shape and not torch.equal(t, v):
+                        t.copy_(v)
+                elif t._version != version and t.shape == v.shape:  # only what a run changed: no needless bump
                     t.copy_(v)
                     self.tensors[i] = (t, v, t._version)
         for m, attrs in self.attrs:
@@ -812,7 +820,7 @@ class _Snapshot:
                 delattr(m, k)
             for k, v in attrs.items():
                 m.__dict__[k] = _shallow(v)
-        changed = [p for p, version in self.big if p._version != version]
+        changed = [p for p, version in self.big if version is not None and p._version != version]
         if changed:
             raise UnsupportedRouterError(
                 f"a forward of this router changes a parameter of {tuple(changed[0].shape)} in place; moe_replay "

@@ -1184,3 +1184,43 @@ def test_an_aux_loss_call_stays_a_sliver_when_every_slot_of_the_decision_reshape
     reach, so it counted as broad, was taken for the decision, and the gate refused as two independent choices."""
     session = assert_capture_and_replay_are_exact(TwoLayers(lambda: BusiestCapacityTop2BlockWithAuxLoss(seed)))
     assert [site.top_k for site in session.sites] == [2, 2]
+
+
+class LazyCachedCountsRouter(RenamedKRouter):
+    """``CachedCountsRouter`` with its counts made at its first forward (under inference_mode in a rollout:
+    an inference tensor, which keeps no version counter), in a dict attribute or directly."""
+
+    def __init__(self, in_dict: bool) -> None:
+        super().__init__("top_k")
+        self.in_dict = in_dict
+        self._cache: dict[str, torch.Tensor] = {}
+        self.counts: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor | None:
+        return self._cache.get("counts") if self.in_dict else self.counts
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = super().forward(x)
+        with torch.no_grad():
+            if self.get() is None:
+                self._cache["counts"] = self.counts = torch.zeros(E)  # (one of the two is read)
+            self.get().add_(torch.histc(idx.float(), bins=E, min=0, max=E - 1))  # type: ignore[union-attr]
+        return w, idx
+
+
+@pytest.mark.parametrize("in_dict", [True, False], ids=["dict-attribute", "attribute"])
+def test_probing_puts_back_inference_tensors_under_inference_mode(in_dict: bool) -> None:
+    """Once a raw 'Inference tensors do not track version counter' at the first capture under inference_mode
+    after a rollout under it made the counts: the snapshot read their version counter."""
+    x = torch.randn(T, D)
+    plain = TwoLayers(lambda: RouterBlock(LazyCachedCountsRouter(in_dict)))
+    probed = TwoLayers(lambda: RouterBlock(LazyCachedCountsRouter(in_dict)))
+    with torch.inference_mode():
+        plain(x)
+        probed(x)
+    with mr.attach(probed) as session, torch.inference_mode(), session.capture():
+        probed(x)
+    with torch.inference_mode():
+        plain(x)
+    for a, b in zip(plain.layers, probed.layers, strict=True):
+        assert torch.equal(a.router.get(), b.router.get())
