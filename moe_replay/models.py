@@ -382,11 +382,19 @@ class MoETransformer(nn.Module):
         b, s = input_ids.shape
         past = past_key_values[0][0].shape[2] if past_key_values else 0
         total = past + s
-        if total > self.config.max_positions:
+        if position_ids is None and total > self.config.max_positions:
             raise InvalidArgumentError(
                 f"{total} positions ({past} cached + {s} new) exceed max_positions={self.config.max_positions}; "
                 "build the model with a larger max_positions"
             )
+        # given positions (packed rows restart them: a row may be longer than max_positions) are checked themselves
+        if position_ids is not None and position_ids.numel():
+            low, high = int(position_ids.min()), int(position_ids.max())
+            if low < 0 or high >= self.config.max_positions:
+                raise InvalidArgumentError(
+                    f"position_ids hold {low}..{high}, outside 0..{self.config.max_positions - 1} "
+                    f"(max_positions={self.config.max_positions}); build the model with a larger max_positions"
+                )
         packed = None
         if attention_mask is None and position_ids is not None and not past:
             # packed rows (as in transformers): a position that does not follow its left

@@ -34,3 +34,18 @@ def test_positions_past_max_positions_are_refused() -> None:
     with pytest.raises(mr.InvalidArgumentError, match=r"\(8 cached \+ 1 new\) exceed max_positions=8"):
         model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=6)
     assert model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=5).shape == (1, 9)
+
+
+def test_a_packed_row_longer_than_max_positions_runs_and_given_positions_are_checked() -> None:
+    """Once refused: a packed row restarts its positions, so a row longer than max_positions used positions
+    below it and ran as before 08a3f50; explicit positions past the end were an IndexError."""
+    model = mr.models.build("softmax_topk", num_layers=1, max_positions=8)
+    layout = mr.BatchLayout.packed([6, 6])
+    seqs = [torch.arange(6), torch.arange(6, 12)]
+    with torch.no_grad():
+        packed = model(layout.tokens(seqs), position_ids=layout.position_ids()).logits
+        alone = model(seqs[1][None]).logits
+    assert torch.allclose(packed[0, 6:], alone[0], atol=1e-5)
+    for positions in ([[0, 1, 8]], [[-1, 0, 1]]):
+        with pytest.raises(mr.InvalidArgumentError, match=r"position_ids hold .* outside 0\.\.7"):
+            model(torch.zeros(1, 3, dtype=torch.long), position_ids=torch.tensor(positions))
