@@ -37,6 +37,7 @@ __all__ = [
     "functorch_transform",
     "fwd_grad_enabled",
     "graph_capturing",
+    "is_batched",
     "mark_static_address",
     "maybe_mark_dynamic",
     "missing",
@@ -175,6 +176,9 @@ def tracing() -> bool:
 functorch_transform: Callable[[], Any] = _find(
     "torch._C._functorch.peek_interpreter_stack", "to refuse a capture or replay inside torch.func transforms"
 ) or (lambda: None)
+#: ``(tensor) -> bool``: is this a tensor batched by ``vmap``? Unlike :data:`functorch_transform`, dynamo traces it
+#: (and guards on it), so compiled code called inside ``vmap`` can tell.
+is_batched: Callable[[torch.Tensor], bool] = getattr(torch._C._functorch, "is_batchedtensor", None) or (lambda t: False)
 #: ``() -> bool``: is this a forked child of a process that had initialised CUDA?
 bad_fork: Callable[[], bool] = getattr(torch._C, "_cuda_isInBadFork", None) or (lambda: False)
 

@@ -135,6 +135,7 @@ _CUDA = _torch_compat.CUDA
 _cuda_capturing = _torch_compat.stream_capturing
 _cuda_bad_fork = _torch_compat.bad_fork
 _transform = _torch_compat.functorch_transform
+_is_batched = _torch_compat.is_batched
 _exporting = _torch_compat.exporting
 _tracing = _torch_compat.tracing
 _grad = torch.is_grad_enabled
@@ -1061,6 +1062,10 @@ class ScopedForward:
         ):
             if not _compiling() and _transform() is not None:
                 hook._refuse_transform()
+            if _dynamo_compiling() and any(
+                isinstance(a, torch.Tensor) and _is_batched(a) for a in (*args, *kwargs.values())
+            ):
+                hook._refuse_transform()  # compiled code called inside vmap (dynamo cannot ask for the transform)
             if _exporting() or (not _compiling() and _tracing()):
                 hook._refuse_export()
             return hook._run(self.__wrapped__, args, kwargs)

@@ -402,3 +402,21 @@ def test_a_trace_inside_a_block_is_refused_and_outside_routes_natively(tokens: t
             assert torch.equal(program(tokens), plain)
             model(tokens)
         assert session.routes().equal(native)
+
+
+def test_vmap_over_a_compiled_model_inside_a_block_is_refused(tokens: torch.Tensor) -> None:
+    """Once silent: dynamo cannot ask for the torch.func transform, so vmap over a compiled model in replay()
+    forced one entry's rows onto every entry with no error (capture() raised a raw dynamo error)."""
+    model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense").eval()
+    compiled = torch.compile(model, backend="eager")
+    batch = torch.stack([tokens, tokens.flip(-1)])
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(tokens)  # (the first forward under a session runs eagerly)
+        routes = session.routes()
+        for block in (session.capture, lambda: session.replay(routes)):
+            with pytest.raises(mr.UnsupportedRouterError, match="torch.func transform"), block():
+                torch.func.vmap(lambda t: compiled(t).logits)(batch)
+        with session.capture(), session.replay(routes):  # compiled, outside vmap: still forced and recorded
+            compiled(tokens)
+        assert session.routes().equal(routes)
