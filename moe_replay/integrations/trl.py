@@ -700,12 +700,15 @@ def _refuse_after(trainer: Any) -> None:
     if getattr(getattr(trainer, "args", None), "use_vllm", False):
         return
     model = getattr(trainer, "model", None)
-    for config in (getattr(trainer, "generation_config", None), getattr(model, "generation_config", None)):
-        if config is None:
-            continue
-        refusal = _unsplittable(lambda name, config=config: getattr(config, name, None))
-        if refusal:
-            raise UnsupportedTrainerSetupError(refusal)
+    configs = [getattr(trainer, "generation_config", None), getattr(model, "generation_config", None)]
+
+    def setting(name: str) -> Any:
+        """What generate() uses: the trainer's config, where it leaves a setting unset (None) the model's."""
+        return next((v for v in (getattr(c, name, None) for c in configs if c is not None) if v is not None), None)
+
+    refusal = _unsplittable(setting)
+    if refusal:
+        raise UnsupportedTrainerSetupError(refusal)
 
 
 def _batch_routes(

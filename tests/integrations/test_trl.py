@@ -530,3 +530,18 @@ def test_the_core_does_not_import_trl() -> None:
     code = "import sys, moe_replay, moe_replay.integrations; assert 'trl' not in sys.modules, 'trl was imported'"
     root = str(__import__("pathlib").Path(__file__).resolve().parents[2])
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root})
+
+
+def test_a_model_generation_config_overridden_by_the_trainer_is_not_refused() -> None:
+    """Once refused: the model's num_beams=4 was refused though generation_kwargs={'num_beams': 1} overrides it,
+    and generate() samples with one beam."""
+    model = policy()
+    model.generation_config.num_beams = 4
+    with tempfile.TemporaryDirectory() as out:
+        mr_trl.RoutingReplayGRPOTrainer(
+            model=model,
+            reward_funcs=reward,
+            train_dataset=dataset(),
+            processing_class=tokenizer(),
+            args=config(out, generation_kwargs={"num_beams": 1}),
+        )
