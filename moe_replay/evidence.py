@@ -784,12 +784,18 @@ class _Snapshot:
             (m, {k: _shallow(v) for k, v in vars(m).items() if k not in _MODULE_INTERNALS}) for m in self.modules
         ]
         held = {id(t) for t, _, _ in self.tensors}
+        budget = _COPY_LIMIT  # (a list of past logits kept for logging is watched, not copied)
         for _, attrs in self.attrs:  # tensors kept as plain attributes (statistics updated in place),
             for v in attrs.values():  # also inside a dict or list attribute (OLMo-core's BufferCache)
                 for t in _attr_tensors(v):
-                    if id(t) not in held and t.numel() <= _COPY_LIMIT:
-                        held.add(id(t))
+                    if id(t) in held:
+                        continue
+                    held.add(id(t))
+                    if t.numel() <= budget:
+                        budget -= t.numel()
                         self.tensors.append((t, t.detach().clone(), _version(t)))
+                    else:
+                        self.big.append((t, _version(t)))
         self.generators = [
             (g, g.get_state()) for m in self.modules for g in vars(m).values() if isinstance(g, torch.Generator)
         ]
@@ -823,8 +829,9 @@ class _Snapshot:
         changed = [p for p, version in self.big if version is not None and p._version != version]
         if changed:
             raise UnsupportedRouterError(
-                f"a forward of this router changes a parameter of {tuple(changed[0].shape)} in place; moe_replay "
-                "cannot put it back after the runs that establish the decision. Keep such state in a buffer"
+                f"a forward of this router changes a tensor of {tuple(changed[0].shape)} in place (a large parameter, "
+                "or one of many tensors it keeps in attributes); moe_replay does not copy such tensors and cannot put "
+                "it back after the runs that establish the decision. Keep such state in a buffer"
             )
 
     @contextlib.contextmanager

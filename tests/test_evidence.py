@@ -1224,3 +1224,31 @@ def test_probing_puts_back_inference_tensors_under_inference_mode(in_dict: bool)
         plain(x)
     for a, b in zip(plain.layers, probed.layers, strict=True):
         assert torch.equal(a.router.get(), b.router.get())
+
+
+class LoggedLogitsRouter(RenamedKRouter):
+    """Keeps every forward's logits in a list attribute, for a later plot: a history far larger than a router."""
+
+    def __init__(self, history: int, width: int) -> None:
+        super().__init__("top_k")
+        self.history = [torch.zeros(width) for _ in range(history)]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.history.append(F.linear(x, self.weight).detach())
+        return super().forward(x)
+
+
+def test_probe_runs_watch_a_large_history_of_tensors_instead_of_copying_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list of tensors beyond the copy budget is watched by version, not cloned; the list itself is put back."""
+    from moe_replay import evidence
+
+    cloned: list[int] = []
+    clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: cloned.append(t.numel()) or clone(t, *a, **k))
+    width = evidence._COPY_LIMIT // 16
+    model = TwoLayers(lambda: RouterBlock(LoggedLogitsRouter(history=64, width=width)))
+    x = torch.randn(T, D)
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(x)
+    assert sum(cloned) < 2 * 64 * width  # less than the two histories: each probe snapshot copies a budget's worth
+    assert [len(layer.router.history) for layer in model.layers] == [65, 65]  # one forward's entry, not one per probe
