@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import itertools
 import sys
 import threading
 import types
@@ -62,11 +63,18 @@ _ATTACH_LOCK = threading.Lock()
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
+    """Where ``module`` runs: its tensors' device, or for weights offloaded by accelerate (on ``meta``
+    between forwards: ``cpu_offload``, ``dispatch_model``/``device_map`` with CPU or disk offload) the
+    execution device of its hooks. A ring on ``meta`` would hold no rows."""
+    device = next((t.device for t in itertools.chain(module.parameters(), module.buffers())), torch.device("cpu"))
+    if device.type == "meta":
+        for m in module.modules():
+            hook = getattr(m, "_hf_hook", None)
+            for h in (hook, *getattr(hook, "hooks", ())):
+                run = getattr(h, "execution_device", None)
+                if run is not None:
+                    return run if isinstance(run, torch.device) else torch.device(run)
+    return device
 
 
 def _in_backward() -> bool:

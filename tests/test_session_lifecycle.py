@@ -342,6 +342,46 @@ def test_model_moved_between_blocks_is_followed() -> None:
 
 
 @pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize("when", ["before attach", "after attach"])
+def test_accelerate_cpu_offload_records_and_replays_on_the_execution_device(when: str) -> None:
+    """accelerate's CPU offload keeps the weights on meta between forwards: the rows live where the routers run.
+
+    They were put on meta, where a capture wrote nothing and routes() (or a replay) raised torch's
+    NotImplementedError ("Cannot copy out of meta tensor").
+    """
+    accelerate = pytest.importorskip("accelerate")
+    model, x = model_and_input()
+    want = plain_routes(model, x)  # before the routers change
+    model.perturb()
+    with torch.no_grad():
+        ref_free = model(x)
+    ref_forced = copy.deepcopy(model)
+    with mr.attach(ref_forced) as s, torch.no_grad(), s.replay(want):
+        ref_forced_out = ref_forced(x)
+    free = plain_routes(model, x)
+    assert not free.equal(want)
+
+    def offload() -> None:
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+
+    if when == "before attach":
+        offload()
+    session = mr.attach(model)
+    if when == "after attach":
+        offload()
+    assert model.layers[0].router.weight.device.type == "meta"
+    with torch.no_grad(), session.capture():
+        assert torch.equal(model(x), ref_free)
+    assert {h.capture_ring.device.type for h in session._hooks} == {"cpu"}
+    assert session.routes().equal(free)
+    with torch.no_grad(), session.replay(want), session.capture():
+        assert torch.equal(model(x), ref_forced_out)
+    assert session.routes().equal(want)
+    session.detach()
+    assert not ours_reachable(model)
+
+
+@pytest.mark.reliability("lifecycle")
 def test_model_moved_inside_a_block_is_a_clear_error() -> None:
     """A model moved inside a capture block: a SessionStateError saying so, not torch's raw device message."""
     model, x = model_and_input()
