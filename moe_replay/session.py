@@ -213,6 +213,7 @@ class Session:
         self._budget = Budget(max_bytes)
         self._hooks: list[RouterHook] = []
         self._installed: list[tuple[nn.Module, Any]] = []
+        self._held: dict[int, nn.Module | None] = {}  # what a moved scope's path held when last found in the model
         self._capturing = False
         self._replaying = False
         self._attached = False
@@ -594,6 +595,46 @@ class Session:
                 if owner.blocks == 0:
                     owner.ident = None
 
+    def _check_in_place(self) -> None:
+        """Refuse a block where a router would run without this session's wrapper.
+
+        Its ``forward`` set back to the plain one after attach (accelerate's ``remove_hook_from_module``
+        on a hook added before attach puts back the forward it kept, dropping the wrapper too), or
+        its module replaced in the model (``layer.mlp.gate = new``): that router would route
+        natively, which only a strict replay's count would notice. One lookup per router when
+        nothing changed.
+        """
+        model = self._model_ref()
+        for i in range(len(self._wrappers)):
+            scope, wrapper = self._installed[i][0], self._wrappers[i]
+            name = self._sites[i].scope
+            now = scope.__dict__.get("forward", _MISSING)
+            if now is not wrapper and (
+                now is _MISSING
+                or (isinstance(now, types.MethodType) and now.__self__ is scope and now == wrapper.__wrapped__)
+                or (isinstance(now, types.MethodType) and now.__self__ is scope and now.__func__ is type(scope).forward)
+            ):
+                raise SessionStateError(
+                    f"the forward of '{name}' was set back to its own after attach, which took this session's "
+                    "wrapper out (accelerate's remove_hook_from_module does that to a hook added before attach): "
+                    "its router would route natively. Detach and attach again"
+                )
+            if model is None:
+                continue
+            held: nn.Module | None = model
+            for part in name.split(".") if name else ():  # get_submodule, without its getattr per level
+                held = held._modules.get(part) if held is not None else None
+            if held is scope or held is self._held.get(i, _MISSING):
+                continue
+            if not any(m is scope for m in model.modules()):
+                raise SessionStateError(
+                    f"'{name}' is no longer the {type(scope).__name__} module this session intercepts ("
+                    + (f"it now holds another {type(held).__name__}" if held is not None else "it is gone")
+                    + "): a router module replaced after attach would route natively. Detach and attach again "
+                    "to intercept the new one"
+                )
+            self._held[i] = held  # still in the model at another place (a PEFT wrapper around it, say)
+
     def _follow_devices(self) -> None:
         """Put each capture ring on its router's current device (the model moved since attach).
 
@@ -682,6 +723,7 @@ class Session:
     def _capture(self, clear: bool, expected_tokens: int | None, max_bytes: int | None) -> Iterator[None]:
         if self._capturing:
             raise SessionStateError("a capture is already running on this session; captures do not nest")
+        self._check_in_place()
         self._follow_devices()
         if not clear and self._interrupted is not None:
             raise SessionStateError(
@@ -1001,6 +1043,7 @@ class Session:
         if self._replaying:
             raise SessionStateError("a replay is already running on this session; replays do not nest")
         routes, plan = self._check_routes(routes, strict)
+        self._check_in_place()
         self._follow_devices()
         layers = routes._data
         with torch.inference_mode(False):  # the cursors are ordinary tensors, whatever the caller's mode

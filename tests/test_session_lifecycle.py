@@ -173,6 +173,60 @@ def test_detach_does_not_put_back_a_wrapper_removed_while_attached() -> None:
 
 
 @pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_block_refuses_a_router_whose_wrapper_was_removed(strict: bool) -> None:
+    """remove_hook_from_module on a hook added before attach drops the session's wrapper: refused, not native.
+
+    A replay(strict=False) used to route that router natively with no error, and a capture
+    blamed a router that "never ran"."""
+    model, x = model_and_input()
+    router = model.layers[0].router
+    add_hook_to_module(router, CountingHook())
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    want = session.routes()
+    remove_hook_from_module(router)
+    with pytest.raises(mr.SessionStateError, match=r"forward of 'layers\.0\.router' was set back.*attach again"):
+        with torch.no_grad(), session.replay(want, strict=strict):
+            model(x)
+    with pytest.raises(mr.SessionStateError, match="remove_hook_from_module"), session.capture():
+        pass
+    del router.forward  # the same with no instance forward at all
+    with pytest.raises(mr.SessionStateError, match="set back"), session.capture():
+        pass
+    session.detach()
+    assert not ours_reachable(model)
+    assert plain_routes(model, x).equal(want)  # attach again: recorded and replayed as before
+    tried(3)
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_block_refuses_a_router_module_replaced_after_attach(strict: bool) -> None:
+    """A router module replaced in the model after attach is not intercepted: refused, not routed natively."""
+    model, x = model_and_input()
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    want = session.routes()
+    old = model.layers[1].router
+    new = copy.deepcopy(old)
+    new.__dict__.pop("forward", None)
+    model.layers[1].router = new
+    with pytest.raises(mr.SessionStateError, match=r"'layers\.1\.router' is no longer the .*attach again"):
+        with torch.no_grad(), session.replay(want, strict=strict):
+            model(x)
+    model.layers[1].router = nn.Sequential(old)  # held elsewhere in the model (as a PEFT wrapper holds it): fine
+    with torch.no_grad(), session.capture():
+        model.layers[1].router = old
+        model(x)
+    assert session.routes().equal(want)
+    session.detach()
+    tried(2)
+
+
+@pytest.mark.reliability("wrappers")
 def test_detach_refuses_when_its_wrapper_is_held_where_it_cannot_edit() -> None:
     """A wrapper held by a list it cannot edit: detach refuses, changes nothing, and works once that is undone."""
     model, x = model_and_input()
