@@ -300,6 +300,12 @@ class RouterHook:
             _settings(self.scope),
         )
         ev = known.get(key)
+        if ev is None and any(isinstance(a, torch.Tensor) and a.is_meta for a in (*args, *kwargs.values())):
+            raise UnsupportedRouterError(
+                f"router '{self.name}' runs for the first time under a session on the meta device, where its "
+                "decision cannot be established (that takes forwards with values). Run one forward of the model "
+                "on a real device after attach (session.verify(example) does it), then move it to meta"
+            )
         if ev is None:  # not established by an earlier session on this module
             ev = establish(
                 self.name,

@@ -1325,7 +1325,13 @@ def _read_counters(counters: Sequence[torch.Tensor]) -> list[int]:
     by_device: dict[torch.device, list[int]] = {}
     for i, c in enumerate(counters):
         by_device.setdefault(c.device, []).append(i)
-    for _device, idx in by_device.items():
+    for device, idx in by_device.items():
+        if device.type == "meta":
+            raise SessionStateError(
+                "the model ran on the meta device in this block, where rows and counts hold no values: capture "
+                "and check a replay on a real device (a strict replay on meta cannot be checked; strict=False "
+                "skips the check)"
+            )
         vals = torch.stack([counters[i] for i in idx]).cpu().tolist()
         for i, v in zip(idx, vals, strict=True):
             out[i] = int(v)

@@ -436,6 +436,33 @@ def test_accelerate_cpu_offload_records_and_replays_on_the_execution_device(when
 
 
 @pytest.mark.reliability("lifecycle")
+def test_meta_forwards_that_cannot_be_read_or_established_are_clear_errors() -> None:
+    """On meta: a first forward (nothing to establish with), routes() and a strict replay's check (no values)
+    are MoEReplayErrors, not torch's Tensor.item()/"Cannot copy out of meta tensor" errors."""
+    model, x = model_and_input()
+    want = plain_routes(model, x)
+    fresh = copy.deepcopy(model).to("meta")
+    with mr.attach(fresh) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match="meta device.*real device"):
+            with torch.no_grad():
+                fresh(x.to("meta"))
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)  # established on the CPU
+    model.to("meta")
+    with torch.no_grad(), session.capture():
+        model(x.to("meta"))
+    with pytest.raises(mr.SessionStateError, match="meta device"):
+        session.routes()
+    with pytest.raises(mr.SessionStateError, match="meta device"), torch.no_grad(), session.replay(want):
+        model(x.to("meta"))
+    with torch.no_grad(), session.replay(want, strict=False):
+        assert model(x.to("meta")).device.type == "meta"
+    session.detach()
+    tried(4)
+
+
+@pytest.mark.reliability("lifecycle")
 def test_model_moved_inside_a_block_is_a_clear_error() -> None:
     """A model moved inside a capture block: a SessionStateError saying so, not torch's raw device message."""
     model, x = model_and_input()
