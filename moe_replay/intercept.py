@@ -357,6 +357,12 @@ class RouterHook:
         self._form = None
 
     # ------------------------------------------------------------- scope forward
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a copy of the model (deepcopy, pickle) reaches a hook only through another wrapper's attributes that
+        # functools.update_wrapper copied from the session's (accelerate's add_hook_to_module after attach):
+        # the copy has no session, so it holds None there (the hook's lock and rings cannot be copied)
+        return (type(None), ())
+
     def wrap(self, forward: Callable[..., Any]) -> ScopedForward:
         """The replacement ``forward`` installed on the scope module."""
         return ScopedForward(self, forward)

@@ -156,6 +156,38 @@ def test_detach_keeps_a_wrapper_added_after_attach(kind: str) -> None:
     tried(len(routers))
 
 
+def _logged_forward(inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return inner(*args, **kwargs)
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_through_a_wrapper_that_copied_ours_attributes_is_plain(how: str) -> None:
+    """A wrapper added after attach with functools.update_wrapper (accelerate's add_hook_to_module) holds a copy
+    of the session's hook among its attributes: a copy of the model used to fail on the hook's lock
+    (TypeError: cannot pickle '_thread.lock' object); it now comes out plain."""
+    model, x = model_and_input()
+    want = plain_routes(model, x)
+    session = mr.attach(model)
+    routers = [model.layers[i].router for i in range(len(SPECS))]
+    if how == "deepcopy":
+        for r in routers:
+            add_hook_to_module(r, CountingHook())
+        copied = copy.deepcopy(model)
+    else:  # a picklable wrapper of the same form
+        for r in routers:
+            r.forward = functools.update_wrapper(functools.partial(_logged_forward, r.forward), r.forward)
+        copied = pickle.loads(pickle.dumps(model))
+    assert not ours_reachable(copied)
+    with torch.no_grad(), session.capture():
+        copied(x)  # not recorded by the original's session
+        model(x)
+    assert session.routes().equal(want)
+    assert plain_routes(copied, x).equal(want)
+    session.detach()
+    tried(1)
+
+
 @pytest.mark.reliability("wrappers")
 def test_detach_does_not_put_back_a_wrapper_removed_while_attached() -> None:
     """An accelerate-style hook added before attach and removed while attached stays removed after detach."""
