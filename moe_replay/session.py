@@ -626,6 +626,13 @@ class Session:
                 held = held._modules.get(part) if held is not None else None
             if held is scope or held is self._held.get(i, _MISSING):
                 continue
+            dup = next((m for m in (held.modules() if held is not None else ()) if _copy_of_router(m)), None)
+            if dup is not None:  # what runs at that path now is a copy of it made after attach
+                raise SessionStateError(
+                    f"'{name}' now holds a copy of the router module this session intercepts, made after attach "
+                    f"({type(held).__name__}; PEFT's modules_to_save makes one), and the copy is not intercepted: "
+                    "it would route natively. Attach after wrapping the model (get_peft_model, then mr.attach)"
+                )
             if not any(m is scope for m in model.modules()):
                 raise SessionStateError(
                     f"'{name}' is no longer the {type(scope).__name__} module this session intercepts ("
@@ -1172,6 +1179,12 @@ class _Missing:
 
 
 _MISSING = _Missing()
+
+
+def _copy_of_router(module: nn.Module) -> bool:
+    """Is ``module`` a copy of an attached router's scope (deepcopy, pickle), not attached itself?"""
+    own = module.__dict__.get("forward")
+    return isinstance(own, ClassForward) and own.module is module
 
 
 def _restore_forward(scope: nn.Module, own: Any) -> None:

@@ -258,6 +258,37 @@ def test_a_block_refuses_a_router_module_replaced_after_attach(strict: bool) -> 
     tried(2)
 
 
+class _ModulesToSave(nn.Module):
+    """What PEFT's modules_to_save puts at a router's path: the original, and a copy that runs."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict({"default": copy.deepcopy(original)})
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.modules_to_save["default"](*args, **kwargs)
+
+
+@pytest.mark.reliability("wrappers")
+def test_a_block_refuses_a_copy_of_a_router_made_after_attach_at_its_path() -> None:
+    """PEFT's modules_to_save after attach runs a copy of the router, not intercepted: refused, not native."""
+    model, x = model_and_input()
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    want = session.routes()
+    model.layers[0].router = _ModulesToSave(model.layers[0].router)
+    with pytest.raises(mr.SessionStateError, match=r"'layers\.0\.router' now holds a copy.*modules_to_save"):
+        with torch.no_grad(), session.replay(want, strict=False):
+            model(x)
+    with pytest.raises(mr.SessionStateError, match="now holds a copy"), session.capture():
+        pass
+    session.detach()
+    assert not ours_reachable(model)
+    tried(2)
+
+
 @pytest.mark.reliability("wrappers")
 def test_detach_refuses_when_its_wrapper_is_held_where_it_cannot_edit() -> None:
     """A wrapper held by a list it cannot edit: detach refuses, changes nothing, and works once that is undone."""
