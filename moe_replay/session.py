@@ -213,6 +213,7 @@ class Session:
         self._budget = Budget(max_bytes)
         self._hooks: list[RouterHook] = []
         self._installed: list[tuple[nn.Module, Any]] = []
+        self._reached: dict[int, Any] = {}  # a scope's forward, other than the wrapper, found to lead to it
         self._held: dict[int, nn.Module | None] = {}  # what a moved scope's path held when last found in the model
         self._capturing = False
         self._replaying = False
@@ -598,27 +599,27 @@ class Session:
     def _check_in_place(self) -> None:
         """Refuse a block where a router would run without this session's wrapper.
 
-        Its ``forward`` set back to the plain one after attach (accelerate's ``remove_hook_from_module``
-        on a hook added before attach puts back the forward it kept, dropping the wrapper too), or
-        its module replaced in the model (``layer.mlp.gate = new``): that router would route
-        natively, which only a strict replay's count would notice. One lookup per router when
-        nothing changed.
+        Its ``forward`` no longer reaching the wrapper: set back to the plain one after attach
+        (accelerate's ``remove_hook_from_module`` on a hook added before attach puts back the forward
+        it kept, dropping the wrapper too), or wrapped again around that forward (accelerate's
+        ``add_hook_to_module`` on a module hooked before attach); its module replaced in the model
+        (``layer.mlp.gate = new``), or a copy of it running at its path. Each would route natively,
+        which only a strict replay's count would notice. One lookup per router when nothing changed.
         """
         model = self._model_ref()
         for i in range(len(self._wrappers)):
             scope, wrapper = self._installed[i][0], self._wrappers[i]
             name = self._sites[i].scope
             now = scope.__dict__.get("forward", _MISSING)
-            if now is not wrapper and (
-                now is _MISSING
-                or (isinstance(now, types.MethodType) and now.__self__ is scope and now == wrapper.__wrapped__)
-                or (isinstance(now, types.MethodType) and now.__self__ is scope and now.__func__ is type(scope).forward)
-            ):
-                raise SessionStateError(
-                    f"the forward of '{name}' was set back to its own after attach, which took this session's "
-                    "wrapper out (accelerate's remove_hook_from_module does that to a hook added before attach): "
-                    "its router would route natively. Detach and attach again"
-                )
+            if now is not wrapper and now is not self._reached.get(i, wrapper):
+                if not self._reaches(scope, wrapper, now):
+                    raise SessionStateError(
+                        f"the forward of '{name}' no longer calls this session's wrapper: it was set back to the "
+                        "forward from before attach, or wrapped again around that one (accelerate's "
+                        "remove_hook_from_module does that to a hook added before attach, and add_hook_to_module on "
+                        "such a module too), so its router would route natively. Detach and attach again"
+                    )
+                self._reached[i] = now  # (not checked again while the forward stays this object)
             if model is None:
                 continue
             held: nn.Module | None = model
@@ -641,6 +642,17 @@ class Session:
                     "to intercept the new one"
                 )
             self._held[i] = held  # still in the model at another place (a PEFT wrapper around it, say)
+
+    def _reaches(self, scope: nn.Module, wrapper: ScopedForward, now: Any) -> bool:
+        """Does the ``forward`` of ``scope`` (``now``, another than ``wrapper``) still lead to ``wrapper``?"""
+        if now is _MISSING or (
+            isinstance(now, types.MethodType)
+            and now.__self__ is scope
+            and (now == wrapper.__wrapped__ or now.__func__ is type(scope).forward)
+        ):
+            return False  # the plain forward
+        setters, containers, opaque = _references(scope, wrapper)
+        return bool(setters or opaque or _outside_referrers(wrapper, [*containers, self._wrappers]))
 
     def _follow_devices(self) -> None:
         """Put each capture ring on its router's current device (the model moved since attach).
