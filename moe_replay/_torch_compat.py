@@ -156,9 +156,16 @@ CUDA: Any = torch.cuda if isinstance(getattr(torch.cuda, "_initialized", None), 
 stream_capturing: Callable[[], bool] = (
     getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 )
+
+
 #: ``() -> bool``: is ``torch.export`` tracing the caller (strict or not)? Unlike a compiled graph, an exported
 #: program keeps no guards on what it was traced under.
-exporting: Callable[[], bool] = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
+#: (The flag itself, read as a module global: dynamo reads its value, where torch 2.11's dynamo answers
+#: ``is_exporting()`` with True inside ``torch.compile`` too.)
+def exporting() -> bool:
+    return bool(getattr(torch.compiler, "_is_exporting_flag", False))
+
+
 _jit_tracing: Callable[[], bool] = getattr(torch._C, "_is_tracing", None) or torch.jit.is_tracing
 _PROXY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
 _dispatch_mode: Callable[[Any], Any] = getattr(torch._C, "_get_dispatch_mode", None) or (lambda key: None)
