@@ -570,6 +570,7 @@ class Rerouting(SeenModes):
 
 @pytest.mark.reliability("silent replays")
 def test_a_decision_like_call_in_a_helper_on_a_branch_the_audit_did_not_take_is_refused() -> None:
+    """A capacity reroute's argmax in a helper, run only when an expert overflows: refused, not left unforced."""
     model = TwoLayers(lambda: RouterBlock(Rerouting()))
     g = torch.Generator().manual_seed(1)
     with mr.attach(model) as session, torch.no_grad():
