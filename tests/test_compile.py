@@ -340,33 +340,12 @@ class _Logits(torch.nn.Module):
         return self.model(x).logits
 
 
-@pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
-def test_export_inside_a_block_is_refused_and_outside_routes_natively(tokens: torch.Tensor, strict: bool) -> None:
-    """torch.export inside a capture or replay block (ring writes kept in a guardless program): refused.
+def _export(module: torch.nn.Module, x: torch.Tensor) -> Any:
+    return torch.export.export(module, (x,)).module()
 
-    Once silent: the exported program wrote into the session's ring at every call, in blocks or not."""
-    model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense").eval()
-    wrapped = _Logits(model)
-    with mr.attach(model) as session, torch.no_grad():
-        with session.capture():
-            model(tokens)
-        routes = session.routes()
-        for block in (session.capture, lambda: session.replay(routes)):
-            # (strict export traces with dynamo, which raises its own error carrying the refusal's message)
-            error = Exception if strict else mr.UnsupportedRouterError
-            with pytest.raises(error, match="is being exported"), block():
-                torch.export.export(wrapped, (tokens,), strict=strict)
-        program = torch.export.export(wrapped, (tokens,), strict=strict).module()
-        perturb_routers(session, scale=3.0)
-        with session.capture():
-            plain = model(tokens).logits
-        native = session.routes()
-        assert not native.equal(routes)
-        with session.capture():  # the program routes natively and writes nothing into the ring
-            assert torch.equal(program(tokens), plain)
-            model(tokens)
-        assert session.routes().equal(native)
+
+def _export_strict(module: torch.nn.Module, x: torch.Tensor) -> Any:
+    return torch.export.export(module, (x,), strict=True).module()
 
 
 def _jit_trace(module: torch.nn.Module, x: torch.Tensor) -> Any:
@@ -379,26 +358,33 @@ def _make_fx(module: torch.nn.Module, x: torch.Tensor) -> Any:
     return make_fx(module)(x)
 
 
-@pytest.mark.parametrize("tracer", [_jit_trace, _make_fx], ids=["jit.trace", "make_fx"])
-def test_a_trace_inside_a_block_is_refused_and_outside_routes_natively(tokens: torch.Tensor, tracer: Any) -> None:
-    """Once silent, as export was: a program traced inside replay() forced the replayed experts at every later
-    call, outside blocks too, with the routers changed; one traced inside capture() wrote into the ring."""
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "make", [_export, _export_strict, _jit_trace, _make_fx], ids=["export", "export-strict", "jit.trace", "make_fx"]
+)
+def test_export_or_trace_inside_a_block_is_refused_and_outside_routes_natively(tokens: torch.Tensor, make: Any) -> None:
+    """torch.export, jit.trace or make_fx inside a capture or replay block (a guardless program): refused.
+
+    Once silent: a program made inside replay() forced the replayed experts at every later call, outside
+    blocks too and with the routers changed; one made inside capture() wrote into the session's ring."""
     model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense").eval()
     wrapped = _Logits(model)
+    # (strict export traces with dynamo, which raises its own error carrying the refusal's message)
+    error = Exception if make is _export_strict else mr.UnsupportedRouterError
     with mr.attach(model) as session, torch.no_grad():
         with session.capture():
             model(tokens)
         routes = session.routes()
         for block in (session.capture, lambda: session.replay(routes)):
-            with pytest.raises(mr.UnsupportedRouterError, match="is being exported"), block():
-                tracer(wrapped, tokens)
-        program = tracer(wrapped, tokens)
+            with pytest.raises(error, match="is being exported"), block():
+                make(wrapped, tokens)
+        program = make(wrapped, tokens)
         perturb_routers(session, scale=3.0)
         with session.capture():
             plain = model(tokens).logits
         native = session.routes()
         assert not native.equal(routes)
-        with session.capture():
+        with session.capture():  # the program routes natively and writes nothing into the ring
             assert torch.equal(program(tokens), plain)
             model(tokens)
         assert session.routes().equal(native)
