@@ -159,6 +159,38 @@ def _check_row_sets(r: torch.Tensor, name: str) -> None:
             )
 
 
+def integer_array(data: Any, what: str) -> np.ndarray:
+    """``data`` (a numpy array, a tensor on any device, nested lists) as an integer numpy array.
+
+    Anything that holds no exact expert numbers is refused, never cast: a tensor or array of
+    floats, bools or objects, a meta tensor, ragged lists, and uint64 values past int64 (which
+    an int64 cast would turn into negative numbers).
+
+    Raises:
+        RoutesValidationError: naming ``what`` and what is wrong with it.
+    """
+    if isinstance(data, torch.Tensor):
+        if data.device.type == "meta":
+            raise RoutesValidationError(f"{what} is a tensor on the meta device: it holds no values")
+        if not _int_dtype(data.dtype):
+            raise RoutesValidationError(f"{what} must hold integers (expert indices), got a tensor of {data.dtype}")
+        data = data.detach().cpu().resolve_conj().resolve_neg().numpy()
+    try:
+        arr = np.asarray(data)
+    except (TypeError, ValueError) as e:  # ragged lists, objects numpy cannot hold
+        raise RoutesValidationError(f"{what} is not a rectangular array: {e}") from None
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+        raise RoutesValidationError(f"{what} must hold integers (expert indices), got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.ndim and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        past = (arr > np.iinfo(np.int64).max).reshape(arr.shape[0], -1).any(axis=1)
+        t = int(np.argmax(past))
+        raise RoutesValidationError(
+            f"{what}: token {t} has indices up to {int(arr[t].max())} ({arr.dtype}), past int64: no expert "
+            "number (an int64 cast would make it negative, and -1 means 'route natively')"
+        )
+    return arr
+
+
 def check_exact(values: np.ndarray, converted: np.ndarray | torch.Tensor, what: str) -> None:
     """Refuse a conversion of ``values`` that changed any of them.
 
@@ -346,6 +378,8 @@ class Routes:
                 dtype = np.dtype(dtype)
             except TypeError as e:
                 raise ArgumentTypeError(f"to_numpy() takes a numpy dtype, got {dtype!r}: {e}") from None
+        if self._data:
+            self.num_tokens, self.top_k  # noqa: B018 - one [T, L, k] array needs one T and one k
         arr = torch.stack(self._data, dim=1).numpy() if self._data else np.empty((0, 0, 0), np.int16)
         if dtype is None:
             return arr.copy()
@@ -362,17 +396,12 @@ class Routes:
         num_experts: int | Sequence[int],
     ) -> Routes:
         """Build routes from a ``[T, L, k]`` integer array (-1 rows are unrecorded)."""
-        array = np.asarray(array)
+        array = integer_array(array, "the routes array")
         if array.ndim != 3:
             raise RoutesValidationError(f"expected a [tokens, layers, k] array, got shape {array.shape}")
         if array.shape[1] != len(names):
             raise RoutesValidationError(f"array has {array.shape[1]} layers but {len(names)} names were given")
-        if not np.issubdtype(array.dtype, np.integer):
-            raise RoutesValidationError(f"routes array has dtype {array.dtype}; expert indices must be integers")
-        if np.issubdtype(array.dtype, np.unsignedinteger) and array.dtype.itemsize >= 8:
-            t = torch.from_numpy(np.ascontiguousarray(array))  # checked exactly, never wrapped to -1
-        else:
-            t = torch.from_numpy(array.astype(np.int64, copy=False))
+        t = torch.from_numpy(array.astype(np.int64, copy=False))  # uint64 past int64 was refused above
         return cls([t[:, i] for i in range(array.shape[1])], names=names, num_experts=num_experts)
 
     # ------------------------------------------------------------------ slicing

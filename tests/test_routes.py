@@ -202,8 +202,9 @@ def test_heterogeneous_routers_need_per_layer() -> None:
     b = mr.Routes([torch.tensor([[1], [2], [3]])], names=["mtp.gate"], num_experts=4)
     r = mr.Routes([*a.per_layer(), *b.per_layer()], names=[*a.names, *b.names], num_experts=[8, 4])
     assert r.tokens_per_layer == (4, 3) and r.k_per_layer == (2, 1)
-    with pytest.raises(ValueError, match="per_layer"):
-        r.indices
+    for whole in (lambda: r.indices, r.to_numpy):
+        with pytest.raises(mr.InvalidArgumentError, match="per_layer"):
+            whole()
     assert "tokens=3..4" in repr(r)
 
 
@@ -395,3 +396,17 @@ def test_numpy_rows_that_are_not_integers_are_refused() -> None:
     for rows in (np.array([[0, 1]], dtype=object), np.array([[0.0, 1.0]])):
         with pytest.raises(mr.RoutesValidationError, match="must be integers"):
             mr.Routes([rows], names=["r"], num_experts=8)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        [[[0, 1]], [[1]]],
+        torch.zeros(2, 1, 2, dtype=torch.bfloat16),
+        torch.zeros(2, 1, 2, dtype=torch.long, device="meta"),
+    ],
+    ids=["ragged lists", "bfloat16 tensor", "meta tensor"],
+)
+def test_from_numpy_refuses_what_holds_no_expert_numbers(array) -> None:
+    with pytest.raises(mr.RoutesValidationError, match="rectangular|must hold integers|holds no values"):
+        mr.Routes.from_numpy(array, names=["r"], num_experts=8)

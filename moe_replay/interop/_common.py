@@ -10,21 +10,13 @@ import numpy as np
 import torch
 
 from ..errors import RoutesValidationError
-from ..routes import Routes
+from ..routes import Routes, integer_array
 from .layer_map import LayerMap, check_layout
 
 
 def as_array(data: Any, what: str) -> np.ndarray:
-    """An integer numpy array from an array, a tensor or nested lists."""
-    if isinstance(data, torch.Tensor):
-        data = data.detach().cpu().numpy()
-    try:
-        arr = np.asarray(data)
-    except (TypeError, ValueError) as e:  # ragged lists
-        raise RoutesValidationError(f"{what} is not a rectangular array: {e}") from None
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
-        raise RoutesValidationError(f"{what} must be an integer array, got dtype {arr.dtype}")
-    return arr
+    """An integer numpy array from an array, a tensor or nested lists (see :func:`integer_array`)."""
+    return integer_array(data, what)
 
 
 def npy_from_base64(text: str | bytes, what: str) -> np.ndarray:

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -109,7 +109,13 @@ def from_megatron(
     ``names`` are this model's routers in Megatron's layer order; ``batch_size`` converts
     sequence-first ``[S, B]`` token order back to batch-major.
     """
-    tensors = [torch.as_tensor(t).detach().cpu() for t in tensors]
+    if not isinstance(tensors, Iterable):
+        raise ArgumentTypeError(
+            f"from_megatron takes a list of [tokens, k] index tensors, got {type(tensors).__name__}"
+        )
+    tensors = [
+        torch.from_numpy(np.ascontiguousarray(as_array(t, f"Megatron layer {i}"))) for i, t in enumerate(tensors)
+    ]
     if len(tensors) != len(names):
         raise RoutesValidationError(f"got {len(tensors)} Megatron layers for {len(names)} router names")
     if batch_size is not None:

@@ -53,7 +53,13 @@ def _payload(response: Mapping[str, Any] | str | bytes) -> str | bytes:
             f"meta_info says routed_experts_dtype={sent!r}; SGLang (up to 0.5.23) sends no such field and always "
             "writes int32. This payload was re-encoded by something else: decode it there"
         )
-    return meta["routed_experts"]
+    payload = meta["routed_experts"]
+    if not isinstance(payload, str | bytes):
+        raise RoutesValidationError(
+            f"meta_info['routed_experts'] is a {type(payload).__name__}; SGLang sends a base64 string of int32 "
+            "bytes. Decoded or re-encoded data came from elsewhere: read it there"
+        )
+    return payload
 
 
 def from_sglang(

@@ -121,3 +121,36 @@ _ONE = np.zeros((1, 1, 2), np.int32) + np.array([0, 1], np.int32)
 def test_values_that_are_not_integers_are_refused_not_cut(call) -> None:
     with pytest.raises(mr.MoEReplayError):
         call()
+
+
+_NOT_EXPERT_NUMBERS = {
+    "bfloat16": lambda shape: torch.zeros(shape, dtype=torch.bfloat16),
+    "bool": lambda shape: torch.zeros(shape, dtype=torch.bool),
+    "meta": lambda shape: torch.zeros(shape, dtype=torch.int32, device="meta"),
+    "uint64 all-ones": lambda shape: np.full(shape, 2**64 - 1, np.uint64),  # an int64 cast makes it -1
+    "ragged": lambda shape: [[[0, 1]], [[1]]],
+}
+_READERS = {
+    "vllm": lambda data, lm: interop.from_vllm(data, lm, prompt_len=2, completion_len=2, version="0.33"),
+    "vllm_legacy": lambda data, lm: interop.from_vllm_legacy(data, lm),
+    "megatron_inference": lambda data, lm: interop.from_megatron_inference(data, lm),
+    "megatron": lambda data, lm: interop.from_megatron([data], lm.names, 4),
+    "verl": lambda data, lm: interop.from_verl(data, torch.ones(1, 3, dtype=torch.long), lm),
+    "Routes.from_numpy": lambda data, lm: mr.Routes.from_numpy(data, names=lm.names, num_experts=4),
+}
+_SHAPES = {"megatron": (3, 2), "verl": (1, 3, 1, 2)}
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("reader", list(_READERS))
+@pytest.mark.parametrize("kind", list(_NOT_EXPERT_NUMBERS))
+def test_data_that_holds_no_expert_numbers_is_refused(reader: str, kind: str) -> None:
+    """Engine data of floats, bools, meta tensors, uint64 past int64 or ragged lists is refused by every reader.
+
+    A RoutesValidationError names it; never a raw torch or numpy error, and never a cast (uint64
+    all-ones read as int64 is -1, which verl's reader took for "route natively").
+    """
+    lm = mr.LayerMap.from_names(_NM, 1, 4, 2)
+    data = _NOT_EXPERT_NUMBERS[kind](_SHAPES.get(reader, (3, 1, 2)))
+    with pytest.raises(mr.RoutesValidationError, match="must hold integers|holds no values|past int64|rectangular"):
+        _READERS[reader](data, lm)

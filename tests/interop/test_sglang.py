@@ -96,3 +96,11 @@ def test_what_sglang_never_sends_is_refused() -> None:
     dense[:, 0] = [0, 1]  # an expert in the dense layer's column: the map is wrong
     with pytest.raises(mr.RoutesValidationError, match="column 0 holds expert choices"):
         interop.from_sglang(base64.b64encode(dense.tobytes()).decode(), m.layer_map)
+
+
+@pytest.mark.parametrize("payload", [5, [[0, 1]], np.zeros((1, 1, 2), np.int32)])
+def test_a_payload_that_is_not_a_base64_string_is_refused(payload: object) -> None:
+    """SGLang sends a base64 string; anything else (decoded by another tool) is a RoutesValidationError."""
+    lm = mr.LayerMap.from_names(["model.layers.0.mlp.gate"], num_layers=1, num_experts=4, top_k=2)
+    with pytest.raises(mr.RoutesValidationError, match="base64"):
+        interop.from_sglang({"routed_experts": payload}, lm)
