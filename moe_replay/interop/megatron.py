@@ -40,8 +40,15 @@ __all__ = [
 ]
 
 
-def _seq_first(n: int, batch_size: int) -> torch.Tensor:
-    """Index mapping batch-major ``[B, S]`` rows to Megatron's sequence-first ``[S, B]`` order."""
+def _seq_first(n: int, batch_size: Any) -> torch.Tensor:
+    """Index mapping batch-major ``[B, S]`` rows to Megatron's sequence-first ``[S, B]`` order.
+
+    ``batch_size`` must be an integer: 2.5 is refused, not cut to 2 (which would reorder
+    the rows as two sequences).
+    """
+    if not is_integer(batch_size):
+        raise InvalidArgumentError(f"batch_size must be an integer (the sequences of the batch), got {batch_size!r}")
+    batch_size = int(batch_size)
     if batch_size < 1 or n % batch_size:
         raise RoutesValidationError(f"{n} rows do not split into batch_size={batch_size} sequences")
     s = n // batch_size
@@ -92,7 +99,7 @@ def to_megatron(
             t = t.clone()
             t[hole] = torch.arange(t.shape[1]) + int(fill)
         if batch_size is not None:
-            t = t[_seq_first(t.shape[0], int(batch_size))]
+            t = t[_seq_first(t.shape[0], batch_size)]
         out.append(t.long().contiguous())
     return out
 
@@ -119,7 +126,7 @@ def from_megatron(
     if len(tensors) != len(names):
         raise RoutesValidationError(f"got {len(tensors)} Megatron layers for {len(names)} router names")
     if batch_size is not None:
-        inverse = [torch.argsort(_seq_first(t.shape[0], int(batch_size))) for t in tensors]
+        inverse = [torch.argsort(_seq_first(t.shape[0], batch_size)) for t in tensors]
         tensors = [t[i] for t, i in zip(tensors, inverse, strict=True)]
     return Routes(tensors, names=names, num_experts=num_experts)
 

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._checks import is_integer
-from ..batch import BatchLayout, check_same_routers
+from .._checks import check_count, is_integer
+from ..batch import BatchLayout, _lengths, check_same_routers
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes, check_exact
 from ._common import as_array, columns, make_routes, to_array
@@ -71,10 +71,11 @@ def to_verl(
         raise RoutesValidationError(f"to_verl: {e}") from None
     lengths = [s.num_tokens for s in seqs]
     row_length = None
-    if response_width is not None:
-        pw = prompt_width if prompt_width is not None else int(torch.as_tensor(prompt_lengths).max())
-        row_length = pw + int(response_width)
     try:
+        if response_width is not None:  # an integer: 2.5 is refused, never cut to 2
+            widest = max(_lengths(prompt_lengths, "prompt_lengths"))
+            pw = widest if prompt_width is None else check_count(prompt_width, "prompt_width")
+            row_length = pw + check_count(response_width, "response_width")
         bl = BatchLayout.split(prompt_lengths, lengths, prompt_width=prompt_width, row_length=row_length)
     except ValueError as e:
         raise RoutesValidationError(f"to_verl: {e}") from None

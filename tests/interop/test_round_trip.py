@@ -116,6 +116,25 @@ _ONE = np.zeros((1, 1, 2), np.int32) + np.array([0, 1], np.int32)
             ),
             id="fill=0.5",
         ),
+        pytest.param(  # cut to 1, the rows would not be reordered at all
+            lambda: interop.to_megatron(
+                mr.Routes([torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0]])], names=_NM, num_experts=4), batch_size=1.5
+            ),
+            id="to_megatron batch_size=1.5",
+        ),
+        pytest.param(  # cut to 2, the rows would be reordered as two sequences
+            lambda: interop.from_megatron([torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0]])], _NM, 4, batch_size=2.5),
+            id="from_megatron batch_size=2.5",
+        ),
+        pytest.param(
+            lambda: interop.to_verl(
+                [mr.Routes([torch.tensor([[0, 1], [-1, -1]])], names=_NM, num_experts=4)],
+                mr.LayerMap.from_names(_NM, 1, 4, 2),
+                prompt_lengths=[1],
+                response_width=1.5,
+            ),
+            id="response_width=1.5",
+        ),
     ],
 )
 def test_values_that_are_not_integers_are_refused_not_cut(call) -> None:
