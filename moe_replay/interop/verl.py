@@ -96,6 +96,23 @@ def _exactly(values: np.ndarray, dtype: torch.dtype, what: str) -> torch.Tensor:
     return out
 
 
+def _mask(attention_mask: torch.Tensor) -> np.ndarray:
+    """``attention_mask`` as a bool array; only 0 and 1 are a mask (position ids or token ids are not)."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.device.type == "meta":
+        raise RoutesValidationError("attention_mask is a tensor on the meta device: it holds no values")
+    try:
+        mask = torch.as_tensor(attention_mask).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise RoutesValidationError(f"attention_mask must be a [batch, seq] tensor of 0 and 1: {e}") from None
+    if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)]
+        raise RoutesValidationError(
+            f"attention_mask holds {bad[0].item() if bad.numel() else mask.dtype}, not only 0 and 1: pass verl's "
+            "attention_mask (1 at each token, 0 at padding)"
+        )
+    return mask.bool().numpy()
+
+
 def from_verl(
     routed_experts: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -103,15 +120,30 @@ def from_verl(
     *,
     layout: str = "all",
     last_routed: bool = False,
+    fill: int = 0,
 ) -> list[Routes]:
     """Per-sequence routes from verl's ``[batch, seq, layers, k]`` ``routed_experts``.
 
-    Tokens are the positions where ``attention_mask`` is 1. The last token of each
-    sequence gets a -1 row (engines never route it, verl leaves zeros there) unless
-    ``last_routed`` (routes recorded in a training forward).
+    Tokens are the positions where ``attention_mask`` is 1: one run per sequence (the
+    prompt left-padded, the response right-padded). The last token of each sequence gets
+    a -1 row (engines never route it, verl leaves zeros there) unless ``last_routed``
+    (routes recorded in a training forward).
+
+    Nothing is dropped: every padding position must hold ``fill`` (0, as verl writes;
+    :func:`to_verl`'s ``fill=``). A route there means the mask does not belong to these
+    routes (shifted, or another batch's), and is refused.
+
+    Raises:
+        RoutesValidationError: shapes that do not fit, a mask of other values than 0 and 1
+            or with a gap inside a sequence, a padding position holding a route, rows that
+            do not fit the map or are no routes.
     """
+    if not is_integer(fill):
+        raise ArgumentTypeError(
+            f"from_verl: fill must be an integer (the padding value, 0 as verl writes), got {fill!r}"
+        )
     arr = as_array(routed_experts, "routed_experts")
-    mask = torch.as_tensor(attention_mask).bool().cpu()
+    mask = _mask(attention_mask)
     if arr.ndim != 4 or tuple(mask.shape) != arr.shape[:2]:
         raise RoutesValidationError(
             f"verl routed_experts must be [batch, seq, layers, k] with a [batch, seq] attention_mask; got "
@@ -119,9 +151,25 @@ def from_verl(
         )
     out = []
     for i in range(arr.shape[0]):
-        keep = mask[i].numpy()
+        keep = mask[i]
         if not keep.any():
             raise RoutesValidationError(f"sequence {i} has no token (its attention_mask is all 0)")
+        at = np.flatnonzero(keep)
+        if at[-1] - at[0] + 1 != at.size:
+            gap = int(at[np.argmax(np.diff(at) > 1)]) + 1
+            raise RoutesValidationError(
+                f"sequence {i}: attention_mask is 0 at position {gap}, inside the sequence (positions {int(at[0])}.."
+                f"{int(at[-1])}); verl's mask is one run of 1s per sequence, so this is not the mask of these routes"
+            )
+        pad = (arr[i][~keep] != int(fill)).any(axis=(1, 2))
+        if pad.any():
+            j = int(np.flatnonzero(~keep)[np.argmax(pad)])
+            raise RoutesValidationError(
+                f"sequence {i}, position {j} is padding (attention_mask 0) but holds {arr[i, j].tolist()[:4]}, not "
+                f"fill={fill}: the mask does not match these routes (shifted, or another batch's), and reading it "
+                "would drop that row. Pass the attention_mask of this batch, or fill= if padding was written with "
+                "another value"
+            )
         rows = arr[i][keep]
         last = np.zeros(rows.shape[0], dtype=bool)
         last[-1] = not last_routed

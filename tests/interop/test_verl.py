@@ -69,3 +69,46 @@ def test_a_fill_or_dtype_of_the_wrong_type_is_refused(bad: dict) -> None:
     seqs = [M.routes(M.truth(5))]
     with pytest.raises(mr.ArgumentTypeError, match="fill must be an integer|dtype must be a torch.dtype"):
         interop.to_verl(seqs, M.layer_map, prompt_lengths=[2], **bad)
+
+
+def _padded_batch() -> tuple[torch.Tensor, torch.Tensor, list[mr.Routes]]:
+    """verl's padded batch of two sequences (prompts 4 and 6 of width 6, responses 3 and 5) and its mask."""
+    prompts, responses = [4, 6], [3, 5]
+    truths = [M.truth(p + c, seed=i) for i, (p, c) in enumerate(zip(prompts, responses, strict=True))]
+    batch, mask = verl_padded([capture_buffer(M, t)[:-1] for t in truths], prompts, 6, 5)
+    return batch, mask, [M.routes(t) for t in truths]
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_mask_that_does_not_belong_to_the_routes_is_refused() -> None:
+    """from_verl drops no route: a mask that leaves a routed position out, has a gap, or is not 0/1 is refused."""
+    batch, mask, truths = _padded_batch()
+    assert all(a.equal(b) for a, b in zip(interop.from_verl(batch, mask, M.layer_map), truths, strict=True))
+    shifted = mask.clone()
+    shifted[0, 2] = 0  # the first prompt token of sequence 0 left out: its routes would be dropped
+    with pytest.raises(mr.RoutesValidationError, match="sequence 0, position 2 is padding .* holds"):
+        interop.from_verl(batch, shifted, M.layer_map)
+    gap = mask.clone()
+    gap[1, 3] = 0
+    with pytest.raises(mr.RoutesValidationError, match="sequence 1: attention_mask is 0 at position 3"):
+        interop.from_verl(batch, gap, M.layer_map)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # position_ids passed for the mask
+    with pytest.raises(mr.RoutesValidationError, match="not only 0 and 1"):
+        interop.from_verl(batch, positions, M.layer_map)
+    for bad in ("mask", torch.ones(2, 11, device="meta")):
+        with pytest.raises(mr.RoutesValidationError, match="attention_mask"):
+            interop.from_verl(batch, bad, M.layer_map)
+
+
+def test_padding_of_another_value_reads_back_with_the_same_fill() -> None:
+    batch, mask, truths = _padded_batch()
+    prompts = [4, 6]
+    for fill in (0, -1, 7):
+        written = interop.to_verl(truths, M.layer_map, prompt_lengths=prompts, fill=fill, response_width=5)
+        back = interop.from_verl(written, mask, M.layer_map, fill=fill)
+        assert all(a.equal(b) for a, b in zip(back, truths, strict=True))
+        if fill:
+            with pytest.raises(mr.RoutesValidationError, match="not fill=0.*fill="):
+                interop.from_verl(written, mask, M.layer_map)
+    with pytest.raises(mr.ArgumentTypeError, match="fill must be an integer"):
+        interop.from_verl(batch, mask, M.layer_map, fill=0.5)
