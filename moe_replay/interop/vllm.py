@@ -269,6 +269,10 @@ def to_vllm(
 def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: int | None = None) -> Routes:
     """Routes of one sequence from vLLM <= 0.20's ``routed_experts``: ``[seq_len - 1, num_hidden_layers, k]`` int32.
 
+    The dtype of another release is refused: uint8/uint16 (vLLM 0.22+, whose array starts
+    at ``routed_experts_prompt_start``: read it with :func:`from_vllm`) and int16 (0.21:
+    :func:`from_vllm_split`). An int32 array converted on the way (to int64) is read.
+
     Args:
         num_tokens: ``len(prompt_token_ids) + len(token_ids)``, to check the row count.
 
@@ -276,6 +280,13 @@ def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: in
         ``rows + 1`` tokens, the last one -1.
     """
     arr = _array(routed_experts, "routed_experts")
+    if arr.dtype.name in _DTYPE_OF[_CURRENT] + _DTYPE_OF[_SPLIT]:
+        other = _CURRENT if arr.dtype.name in _DTYPE_OF[_CURRENT] else _SPLIT
+        use = "from_vllm(..., prompt_start=) (its rows start at routed_experts_prompt_start)"
+        raise RoutesValidationError(
+            f"routed_experts is {arr.dtype}, which vLLM {other} writes, not vLLM <= 0.20 (int32). Read it with "
+            + (use if other == _CURRENT else "from_vllm_split(prompt_routed_experts, routed_experts, ...)")
+        )
     if num_tokens is not None and (arr.ndim < 1 or arr.shape[0] != check_count(num_tokens, "num_tokens") - 1):
         raise RoutesValidationError(
             f"routed_experts has {arr.shape[0] if arr.ndim else 0} rows; a sequence of {num_tokens} tokens has "

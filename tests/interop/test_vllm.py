@@ -210,6 +210,25 @@ def test_020_int32_all_layers() -> None:
         interop.from_vllm(arr[2:], m.layer_map, prompt_len=5, completion_len=3, prompt_start=2)
 
 
+def test_the_legacy_reader_refuses_the_arrays_of_later_releases() -> None:
+    """from_vllm_legacy reads int32 only: a 0.22+ uint8 array may start at routed_experts_prompt_start.
+
+    Read as starting at token 0 it would shift every row; from_vllm with prompt_start= reads it.
+    """
+    m = DEEPSEEK
+    truth = m.truth(8, seed=13)
+    later = vllm_033_routed_experts(m, truth, 5, prompt_start=2)
+    with pytest.raises(mr.RoutesValidationError, match=r"uint8, which vLLM 0.22-0.33 writes.*from_vllm\("):
+        interop.from_vllm_legacy(later, m.layer_map)
+    r = interop.from_vllm(later, m.layer_map, prompt_len=5, completion_len=3, prompt_start=2)
+    assert r.equal(m.routes(truth, front=2))
+    split = vllm_021_request_output(m, [1] * 5, [([2] * 3, truth)])
+    with pytest.raises(mr.RoutesValidationError, match="int16, which vLLM 0.21 writes.*from_vllm_split"):
+        interop.from_vllm_legacy(split.outputs[0].routed_experts, m.layer_map)
+    converted = vllm_020_routed_experts(m, truth).astype(np.int64)  # int32 widened on the way: still read
+    assert interop.from_vllm_legacy(converted, m.layer_map, num_tokens=8).equal(m.routes(truth))
+
+
 # ----------------------------------------------------------------------------- releases, dtypes, layers
 def test_version_and_dtype_must_agree() -> None:
     m = DEEPSEEK
