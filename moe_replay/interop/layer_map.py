@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,13 @@ def check_layout(layout: str) -> None:
     """``layout`` is "all" (a column per hidden layer) or "moe" (a column per MoE layer)."""
     if layout not in _LAYOUTS:
         raise LayerMapError(f"layout must be 'all' (every hidden layer) or 'moe' (MoE layers only), got {layout!r}")
+
+
+def _items(values: Any, what: str) -> tuple[Any, ...]:
+    """``values`` as a tuple, or a LayerMapError when it is not a sequence."""
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise LayerMapError(f"{what} must be a sequence, one entry per router; got {values!r:.80}")
+    return tuple(values)
 
 
 def _config_layers(session: Any) -> int | None:
@@ -51,6 +58,12 @@ class LayerMap:
             engines do not record); ``"native"`` gives them -1 rows when reading engine
             data and leaves them out when writing it.
 
+    Raises:
+        LayerMapError: a field that does not hold what it names (a layer count, layer
+            index, expert count or k that is not an integer: 3.7 is refused, never cut to
+            3; k below 1 or above the router's expert count), repeated layers, routers past
+            ``num_layers`` without ``mtp="native"``.
+
     Example:
         >>> import moe_replay as mr
         >>> lm = mr.LayerMap.from_names(["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"], 3, 8, 2)
@@ -66,6 +79,7 @@ class LayerMap:
     mtp: str = "error"
 
     def __post_init__(self) -> None:
+        self._check_values()
         n = len(self.names)
         if not n:
             raise LayerMapError("a LayerMap needs at least one router")
@@ -100,6 +114,32 @@ class LayerMap:
                 "build the map with mtp='native' to route them natively, or exclude them from the session"
             )
 
+    def _check_values(self) -> None:
+        """Every field holds what it names: integers are integers (3.7 layers is refused, never cut to 3).
+
+        Stores them as plain ``int`` tuples (numpy and 0-d tensor integers are taken).
+        """
+        if isinstance(self.names, str) or not all(isinstance(nm, str) for nm in _items(self.names, "names")):
+            raise LayerMapError(f"names must be router module paths (a sequence of str), got {self.names!r:.80}")
+        if not is_integer(self.num_layers):
+            raise LayerMapError(f"num_layers must be an integer (config.num_hidden_layers), got {self.num_layers!r}")
+        fields: dict[str, tuple[int, ...]] = {}
+        for attr, low in (("layers", 0), ("num_experts", 1), ("top_k", 1)):
+            values = _items(getattr(self, attr), attr)
+            bad = [v for v in values if not is_integer(v)]
+            if bad:
+                raise LayerMapError(f"{attr} must be integers, one per router; got {bad[0]!r}")
+            fields[attr] = tuple(int(v) for v in values)
+            if attr != "layers" and any(v < low for v in fields[attr]):
+                raise LayerMapError(f"{attr} must be at least {low} for every router, got {list(fields[attr])[:8]}")
+        over = [(k, e) for k, e in zip(fields["top_k"], fields["num_experts"], strict=False) if k > e]
+        if over:
+            raise LayerMapError(f"top_k={over[0][0]} is more than the {over[0][1]} experts of a router")
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "num_layers", int(self.num_layers))
+        for attr, values in fields.items():
+            object.__setattr__(self, attr, values)
+
     # ------------------------------------------------------------- builders
     @classmethod
     def from_names(
@@ -114,6 +154,8 @@ class LayerMap:
         mtp: str = "error",
     ) -> LayerMap:
         """Map router names to hidden layers, parsing ``...layers.<i>...`` unless ``layers`` is given."""
+        if isinstance(names, str) or not isinstance(names, Iterable):
+            raise LayerMapError(f"names must be router module paths (a list of str), got {names!r:.80}")
         names = tuple(str(n) for n in names)
         if layers is None:
             rx = re.compile(pattern)
@@ -132,9 +174,10 @@ class LayerMap:
         counts = (num_experts,) * len(names) if is_integer(num_experts) else tuple(num_experts)
         if not all(is_integer(x) for x in counts):
             raise InvalidArgumentError(f"num_experts must be an int or one int per router, got {num_experts!r}")
-        e = tuple(int(x) for x in counts)
-        k = (int(top_k),) * len(names) if isinstance(top_k, int) else tuple(int(x) for x in top_k)
-        return cls(names, tuple(int(i) for i in layers), int(num_layers), e, k, mtp)
+        if not (is_integer(top_k) or isinstance(top_k, Iterable)) or isinstance(top_k, str):
+            raise InvalidArgumentError(f"top_k must be an int or one int per router, got {top_k!r}")
+        k = (top_k,) * len(names) if is_integer(top_k) else tuple(top_k)
+        return cls(names, tuple(layers), num_layers, counts, k, mtp)  # type: ignore[arg-type]  # checked there
 
     @classmethod
     def from_session(
@@ -153,6 +196,8 @@ class LayerMap:
                 ``config.num_hidden_layers`` (or ``num_layers``), or the routers do not fit it.
         """
         configured = _config_layers(session)
+        if not is_integer(num_layers):
+            raise LayerMapError(f"num_layers must be an integer (config.num_hidden_layers), got {num_layers!r}")
         if configured is not None and configured != int(num_layers):
             raise LayerMapError(
                 f"num_layers={num_layers}, but the model's config says {configured} hidden layers. Pass "

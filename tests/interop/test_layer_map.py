@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import moe_replay as mr
@@ -44,3 +45,31 @@ def test_layer_map_errors() -> None:
     with pytest.raises(mr.LayerMapError, match="layout must be"):
         LM.width("dense")
     assert issubclass(mr.LayerMapError, ValueError) and issubclass(mr.LayerMapError, mr.MoEReplayError)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    ("args", "kwargs", "what"),
+    [
+        ((NAMES, 4.7, 16, 2), {}, "num_layers must be an integer"),  # int() made it 4
+        ((NAMES, "4", 16, 2), {}, "num_layers must be an integer"),
+        ((NAMES, 4, 16, [2.5, 2, 2]), {}, "top_k must be integers"),  # int() made it 2
+        ((NAMES, 4, 16, 2.5), {}, "top_k must be an int"),
+        ((NAMES, 4, 16, 0), {}, "top_k must be at least 1"),
+        ((NAMES, 4, 16, 17), {}, "top_k=17 is more than the 16 experts"),
+        ((NAMES, 4, 0, 2), {}, "num_experts must be at least 1"),
+        ((NAMES, 4, 16, 2), {"layers": [1.5, 2, 3]}, "layers must be integers"),  # int() made it 1
+        ((NAMES[0], 4, 16, 2), {}, "names must be router module paths"),  # a str read as one name per letter
+    ],
+)
+def test_a_layer_map_value_that_is_not_what_it_names_is_refused(args, kwargs, what) -> None:
+    """LayerMap refuses a float layer count, layer index or k, a k of 0 or past the experts: never cut to an int."""
+    with pytest.raises(mr.MoEReplayError, match=what):
+        mr.LayerMap.from_names(*args, **kwargs)
+
+
+def test_layer_map_fields_are_stored_as_ints() -> None:
+    lm = mr.LayerMap.from_names(NAMES, np.int64(4), np.int32(16), np.int64(2), layers=np.array([1, 2, 3]))
+    assert lm == LM and all(type(v) is int for v in (*lm.layers, lm.num_layers, *lm.num_experts, *lm.top_k))
+    with pytest.raises(mr.LayerMapError, match="num_layers must be an integer"):
+        mr.LayerMap(NAMES, (1, 2, 3), 3.5, (16,) * 3, (2,) * 3)
