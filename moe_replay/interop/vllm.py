@@ -422,11 +422,13 @@ def from_vllm_output(
         >>> mr.interop.from_vllm_output(comp, lm, prompt_len=1).layer("model.layers.0.mlp.gate").tolist()
         [[1], [2], [-1]]
     """
+    if prompt_len is not None:
+        prompt_len = check_start(prompt_len, "prompt_len")  # 2.5 is refused, never cut to 2
     if hasattr(output, "outputs"):
         outs = output.outputs
-        if not -len(outs) <= index < len(outs):
+        if not is_integer(index) or not -len(outs) <= int(index) < len(outs):
             raise RoutesValidationError(f"index={index}, but this RequestOutput has {len(outs)} completions")
-        comp = outs[index]
+        comp = outs[int(index)]
         ids = output.prompt_token_ids
         if ids is None and prompt_len is None:
             raise RoutesValidationError("this RequestOutput has no prompt_token_ids: pass prompt_len=")

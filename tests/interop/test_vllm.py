@@ -115,6 +115,12 @@ def test_n_samples_each_carry_the_prompt_rows() -> None:
     assert r0.equal(m.routes(t0)) and r1.equal(m.routes(t1)) and r0[:5].equal(r1[:5])
     with pytest.raises(mr.RoutesValidationError, match="2 completions"):
         interop.from_vllm_output(out, m.layer_map, index=2)
+    assert interop.from_vllm_output(out, m.layer_map, index=np.int64(-1)).equal(r1)
+    for index in (0.0, 1.0, True):  # never cut or read as an int: 1.0 is not completion 1
+        with pytest.raises(mr.RoutesValidationError, match=f"index={index}"):
+            interop.from_vllm_output(out, m.layer_map, index=index)
+    with pytest.raises(mr.RoutesValidationError, match="prompt_len must be an integer"):
+        interop.from_vllm_output(out, m.layer_map, prompt_len=5.5)  # was cut to 5, which matched the prompt
 
 
 def test_more_than_256_experts_is_uint16() -> None:
