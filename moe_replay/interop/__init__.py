@@ -18,6 +18,7 @@ SGLang 0.5                  from_sglang, to_sglang
 Megatron-core 0.19          to_megatron, from_megatron,
                             from_megatron_inference, to_megatron_inference
 verl 0.9                    to_verl, from_verl
+NeMo-RL (@7ea279ab)         from_nemo_rl, to_nemo_rl, nemo_rl_dtype
 multi-turn                  stitch_turns
 ==========================  ============================================================
 
@@ -29,8 +30,8 @@ zeros means the map is wrong, and is refused.
 **The last token.** Engines never route the last sampled token. Every ``from_*`` function
 returns routes aligned to *all* tokens (prompt plus completion) and gives the last token
 (and tokens the engine was asked to leave out at the front) a -1 row, which replay routes
-natively. Every ``to_*`` function for an engine drops the last row; it refuses if the row
-holds a route unless ``drop_last=True``.
+natively. Every ``to_*`` function for an engine drops the last row (NeMo-RL's writes its
+placeholder row there); it refuses if the row holds a route unless ``drop_last=True``.
 
 Example:
     >>> import numpy as np, moe_replay as mr
@@ -56,6 +57,7 @@ from .megatron import (
     to_megatron,
     to_megatron_inference,
 )
+from .nemo_rl import from_nemo_rl, nemo_rl_dtype, to_nemo_rl
 from .sglang import from_sglang, to_sglang
 from .turns import stitch_turns
 from .verl import from_verl, to_verl
@@ -78,15 +80,18 @@ __all__ = [
     "check_megatron_config",
     "from_megatron",
     "from_megatron_inference",
+    "from_nemo_rl",
     "from_sglang",
     "from_verl",
     "from_vllm",
     "from_vllm_legacy",
     "from_vllm_output",
     "from_vllm_split",
+    "nemo_rl_dtype",
     "stitch_turns",
     "to_megatron",
     "to_megatron_inference",
+    "to_nemo_rl",
     "to_sglang",
     "to_verl",
     "to_vllm",

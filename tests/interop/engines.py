@@ -203,3 +203,36 @@ def verl_padded(rows_per_seq: list[np.ndarray], prompt_lens: list[int], prompt_w
         out[i, start : start + rows.shape[0]] = torch.from_numpy(rows.astype(np.int16))
         mask[i, start : start + rows.shape[0] + 1] = 1  # the engine's rows stop one short of the last token
     return out, mask
+
+
+# ----------------------------------------------------------------------------- NeMo-RL
+def nemo_rl_routed_experts(
+    model: Model, truth: np.ndarray, prompt_len: int, *, returned: int | None = None, split: bool = False
+) -> np.ndarray:
+    """The ``[S, L, K]`` array NeMo-RL's vLLM chat server attaches to a choice (NVIDIA-NeMo/RL @7ea279ab).
+
+    ``nemo_rl/models/generation/vllm/utils.py:238-272``: ``valid_length = padded_length = prompt + generation
+    tokens``; ``pad_and_align_routed_expert_indices`` (``:141-235``) concatenates 0.21's
+    ``prompt_routed_experts`` (``split``: MoE layers only) or takes vLLM 0.22+'s array (all hidden layers,
+    NeMo-RL pins vLLM 0.25.1), casts it to the carry dtype (``:36-58``, ``interfaces.py:61-69``), fills
+    ``[S, L, K]`` with ``arange(K)`` (``:220-229``), copies the first ``min(S - 1, returned)`` rows
+    (``:230-232``) and sets rows vLLM did not return to -1 (``:233-234``). ``returned`` defaults to
+    all ``S - 1``.
+    """
+    s = truth.shape[0]
+    rows = truth[: s - 1] if split else vllm_033_routed_experts(model, truth, prompt_len)
+    rows = rows[: s - 1 if returned is None else returned]
+    dtype = {"int8": np.int8, "int16": np.int16, "int32": np.int32}[
+        "int8" if model.num_experts <= 128 else "int16" if model.num_experts <= 32768 else "int32"
+    ]
+    full = np.broadcast_to(np.arange(model.k, dtype=dtype), (s, rows.shape[1], model.k)).copy()
+    full[: rows.shape[0]] = rows.astype(dtype)
+    full[rows.shape[0] : s - 1] = -1
+    return full
+
+
+def nemo_rl_envelope(full: np.ndarray) -> str:
+    """``encode_routed_experts`` (``nemo_rl/utils/routed_experts_codec.py:45-67``): ``nrlre1:<dtype>:<S>x<L>x<K>:``
+    and base64 of the array's C-contiguous (native, little-endian) bytes.
+    """
+    return f"nrlre1:{full.dtype.name}:{'x'.join(map(str, full.shape))}:" + base64.b64encode(full.tobytes()).decode()

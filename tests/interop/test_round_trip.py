@@ -37,6 +37,8 @@ def test_capture_round_trips_through_every_format() -> None:
         assert interop.from_vllm_split(*interop.to_vllm_split(s, lm, p), lm, completion_len=c, cached_tokens=0).equal(s)
         assert interop.from_sglang(interop.to_sglang(s, lm), lm, num_tokens=s.num_tokens).equal(s)
         assert interop.from_megatron_inference(interop.to_megatron_inference(s, lm), lm).equal(s)
+        for layout in ("all", "moe"):
+            assert interop.from_nemo_rl(interop.to_nemo_rl(s, lm, layout=layout), lm, num_tokens=s.num_tokens).equal(s)
     verl = interop.to_verl(seqs, lm, prompt_lengths=plen)
     verl_mask = mr.BatchLayout.split(plen, [s.num_tokens for s in seqs]).attention_mask()
     assert all(a.equal(b) for a, b in zip(interop.from_verl(verl, verl_mask, lm), seqs, strict=True))
@@ -59,7 +61,7 @@ def test_every_raise_in_interop_is_a_moe_replay_error() -> None:
     assert not bad, bad
 
 
-@pytest.mark.parametrize("name", ["layer_map", "vllm", "sglang", "megatron", "verl", "turns"])
+@pytest.mark.parametrize("name", ["layer_map", "vllm", "sglang", "megatron", "verl", "turns", "nemo_rl"])
 def test_module_examples_run(name: str) -> None:
     """The examples in each engine module's docstrings run (tests/test_docs.py covers the package's own)."""
     module = importlib.import_module(f"moe_replay.interop.{name}")
@@ -153,6 +155,7 @@ _READERS = {
     "vllm": lambda data, lm: interop.from_vllm(data, lm, prompt_len=2, completion_len=2, version="0.33"),
     "vllm_legacy": lambda data, lm: interop.from_vllm_legacy(data, lm),
     "megatron_inference": lambda data, lm: interop.from_megatron_inference(data, lm),
+    "nemo_rl legacy list": lambda data, lm: interop.from_nemo_rl(data, lm),
     "megatron": lambda data, lm: interop.from_megatron([data], lm.names, 4),
     "verl": lambda data, lm: interop.from_verl(data, torch.ones(1, 3, dtype=torch.long), lm),
     "Routes.from_numpy": lambda data, lm: mr.Routes.from_numpy(data, names=lm.names, num_experts=4),

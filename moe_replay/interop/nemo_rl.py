@@ -1,0 +1,244 @@
+"""NeMo-RL's routed-experts wire envelope (read from NVIDIA-NeMo/RL @7ea279ab).
+
+``"nrlre1:<dtype>:<S>x<L>x<K>:<base64>"``: base64 of the C-contiguous bytes of an array
+``[S, L, K]``, dtype int8, int16 or int32 (the narrowest signed one holding expert ids and
+-1), little-endian. A plain nested list ``[S][L][K]`` is the legacy payload. NeMo-RL's
+vLLM server builds it per chat choice from ``CompletionOutput.routed_experts``:
+
+* ``S`` is every token of the sequence, prompt and completion.
+* Rows ``0 .. S - 2`` are vLLM's rows, aligned from the front. When vLLM returned fewer,
+  NeMo-RL fills the rest with all -1 rows (its Megatron side routes them natively); where
+  vLLM actually lost them cannot be told, so they are refused unless ``missing="native"``.
+* Row ``S - 1``, the last token, which no forward routed, is NeMo-RL's placeholder
+  ``0, 1, .., K - 1`` in every column.
+* ``L`` is what vLLM returned: all hidden layers (vLLM 0.22+, dense columns zero; NeMo-RL
+  pins 0.25.1) or MoE layers only (0.21); NeMo-RL's Megatron side takes either.
+
+docs/formats.md cites the source of each fact.
+
+Example:
+    >>> import base64, numpy as np, moe_replay as mr
+    >>> lm = mr.LayerMap.from_names(["model.layers.1.mlp.gate"], num_layers=2, num_experts=4, top_k=2)
+    >>> rows = np.array([[[0, 0], [0, 3]], [[0, 0], [2, 1]], [[0, 1], [0, 1]]], np.int8)  # 3 tokens
+    >>> payload = "nrlre1:int8:3x2x2:" + base64.b64encode(rows.tobytes()).decode()
+    >>> r = mr.interop.from_nemo_rl(payload, lm, num_tokens=3)
+    >>> r.layer("model.layers.1.mlp.gate").tolist()
+    [[0, 3], [2, 1], [-1, -1]]
+    >>> mr.interop.to_nemo_rl(r, lm) == payload
+    True
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .._checks import check_count
+from ..errors import RoutesValidationError
+from ..routes import Routes
+from ._common import as_array, columns, cut_last, make_routes, to_array, with_last
+from .layer_map import LayerMap, check_layout
+
+__all__ = ["from_nemo_rl", "nemo_rl_dtype", "to_nemo_rl"]
+
+_MAGIC = "nrlre1"
+_DTYPES = {"int8": np.dtype("<i1"), "int16": np.dtype("<i2"), "int32": np.dtype("<i4")}
+_WHAT = "NeMo-RL routed_experts"
+_MISSING = ("error", "native")
+
+
+def nemo_rl_dtype(num_experts: int) -> str:
+    """The dtype NeMo-RL carries routes in: int8 up to 128 experts, int16 up to 32768, else int32."""
+    n = check_count(num_experts, "num_experts")
+    if n < 1:
+        raise RoutesValidationError("num_experts must be at least 1")
+    return next(name for name, dt in _DTYPES.items() if n - 1 <= np.iinfo(dt).max)
+
+
+def _unwrap(payload: Any) -> tuple[Any, int | None]:
+    """The payload of a chat message, a choice or a NeMo Gym output item, and its token count."""
+    if not isinstance(payload, Mapping):
+        return payload, None
+    msg = payload.get("message", payload)
+    if not isinstance(msg, Mapping) or msg.get("routed_experts") is None:
+        raise RoutesValidationError(
+            f"{_WHAT}: the mapping has no routed_experts (NeMo-RL sets it on each chat choice's message when "
+            "policy.router_replay.enabled is on)"
+        )
+    ids = [msg.get("prompt_token_ids"), msg.get("generation_token_ids")]
+    if any(x is None for x in ids):
+        return msg["routed_experts"], None
+    try:
+        return msg["routed_experts"], len(ids[0]) + len(ids[1])
+    except TypeError:
+        raise RoutesValidationError(
+            f"{_WHAT}: prompt_token_ids and generation_token_ids must be lists of token ids, got "
+            f"{type(ids[0]).__name__} and {type(ids[1]).__name__}"
+        ) from None
+
+
+def _decode(text: str | bytes) -> np.ndarray:
+    """The ``[S, L, K]`` array of an ``nrlre1`` envelope."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", errors="replace")
+    parts = text.split(":", 3)
+    if len(parts) != 4 or parts[0] != _MAGIC:
+        head = parts[0][:16]
+        raise RoutesValidationError(
+            f"{_WHAT}: envelope version {head!r} is not read (only '{_MAGIC}')"
+            if head != _MAGIC and re.fullmatch(r"nrlre\d+", head)
+            else f"{_WHAT} is not a '{_MAGIC}:<dtype>:<S>x<L>x<K>:<base64>' envelope (starts {text[:24]!r})"
+        )
+    _, name, shape, data = parts
+    if name not in _DTYPES:
+        raise RoutesValidationError(f"{_WHAT}: dtype {name!r} is not one NeMo-RL writes ({', '.join(_DTYPES)})")
+    m = re.fullmatch(r"([0-9]+)x([0-9]+)x([0-9]+)", shape)
+    if m is None:
+        raise RoutesValidationError(f"{_WHAT}: shape {shape!r} is not three integers <S>x<L>x<K>")
+    dims = tuple(int(g) for g in m.groups())
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RoutesValidationError(f"{_WHAT}: the data is not base64: {e}") from None
+    dt = _DTYPES[name]
+    if len(raw) != dims[0] * dims[1] * dims[2] * dt.itemsize:
+        raise RoutesValidationError(
+            f"{_WHAT}: {len(raw)} bytes of data, but shape {shape} of {name} needs "
+            f"{dims[0] * dims[1] * dims[2] * dt.itemsize}: the payload was cut or its header changed"
+        )
+    return np.frombuffer(raw, dtype=dt).reshape(dims)
+
+
+def _layout(arr: np.ndarray, lm: LayerMap) -> str:
+    """The layout a width fits: "moe" or "all" (equal only when every hidden layer routes, then one layout)."""
+    if arr.ndim == 3 and arr.shape[2] == lm.k:
+        for layout in ("moe", "all"):
+            if arr.shape[1] == lm.width(layout):
+                return layout
+    raise RoutesValidationError(
+        f"{_WHAT} has shape {tuple(arr.shape)}; this model needs [tokens, {lm.width('moe')} (MoE layers) or "
+        f"{lm.width('all')} (all hidden layers), {lm.k}]. Check num_layers and k of the LayerMap"
+    )
+
+
+def from_nemo_rl(
+    payload: Any,
+    layer_map: LayerMap,
+    *,
+    num_tokens: int | None = None,
+    missing: str = "error",
+) -> Routes:
+    """Routes of one sequence from NeMo-RL's ``routed_experts``: the envelope or the legacy list.
+
+    Args:
+        payload: the ``nrlre1`` envelope string; a chat message, choice or NeMo Gym output
+            item holding it (with ``prompt_token_ids`` and ``generation_token_ids``, which
+            give ``num_tokens``); or the legacy nested list ``[S][L][K]``.
+        num_tokens: prompt plus completion length, to check the row count: NeMo-RL writes
+            one row per token.
+        missing: all -1 rows, which NeMo-RL writes where vLLM returned fewer rows than the
+            sequence has: ``"error"`` (default: the rows vLLM did return were placed from
+            the front, a guess) or ``"native"`` (take NeMo-RL's alignment; those tokens get
+            -1 rows).
+
+    Returns:
+        ``S`` tokens; the last is -1.
+
+    Raises:
+        RoutesValidationError: not an ``nrlre1`` envelope (or another version), a dtype
+            NeMo-RL does not write or too narrow for the map's experts, a shape that is not
+            three integers or that the bytes do not fill, a row count other than
+            ``num_tokens``, a width that is neither the map's MoE-layer nor hidden-layer
+            count, a last row that is not the placeholder, -1 rows (unless
+            ``missing="native"``), a dense column holding experts, invalid experts.
+    """
+    if missing not in _MISSING:
+        raise RoutesValidationError(f"missing must be one of {_MISSING}, got {missing!r}")
+    payload, counted = _unwrap(payload)
+    if isinstance(payload, str | bytes):
+        arr = _decode(payload)
+        if np.iinfo(arr.dtype).max < layer_map.max_experts - 1:
+            raise RoutesValidationError(
+                f"{_WHAT} is {arr.dtype.name}, which cannot hold the expert ids of {layer_map.max_experts} experts "
+                f"(NeMo-RL uses {nemo_rl_dtype(layer_map.max_experts)}): ids past {np.iinfo(arr.dtype).max} were "
+                "wrapped. Check the LayerMap's num_experts, or NeMo-RL's routed_experts_dtype"
+            )
+    else:
+        arr = as_array(payload, _WHAT)
+    if num_tokens is None:
+        num_tokens = counted
+    elif counted is not None and check_count(num_tokens, "num_tokens") != counted:
+        raise RoutesValidationError(f"num_tokens={num_tokens}, but the message holds {counted} token ids")
+    layout = _layout(arr, layer_map)
+    if num_tokens is not None and arr.shape[0] != check_count(num_tokens, "num_tokens"):
+        raise RoutesValidationError(
+            f"{_WHAT} has {arr.shape[0]} rows; NeMo-RL writes one per token, prompt and completion: {num_tokens}"
+        )
+    if not arr.shape[0]:
+        raise RoutesValidationError(f"{_WHAT} holds no token")
+    placeholder = np.arange(arr.shape[2])
+    if not (arr[-1] == placeholder).all():
+        raise RoutesValidationError(
+            f"{_WHAT}: the last row {arr[-1].tolist()[:4]} is not NeMo-RL's placeholder {placeholder.tolist()} in "
+            "every column (the last token is never routed). This payload was not written by NeMo-RL, or its rows "
+            "are shifted"
+        )
+    body = arr[:-1].astype(np.int64)
+    hole = (body == -1).all(axis=(1, 2))
+    neg = (body < 0).any(axis=(1, 2))
+    if missing == "error" and neg.any():
+        t = int(np.argmax(neg))
+        raise RoutesValidationError(
+            f"{_WHAT}: token {t} is all -1: NeMo-RL's fill for rows vLLM did not return ({int(hole.sum())} tokens "
+            "here). NeMo-RL placed the rows vLLM did return from the front, so whether they belong to their tokens "
+            "cannot be told. Pass missing='native' to take that alignment and route those tokens natively"
+            if hole[t]
+            else f"{_WHAT}: token {t} holds negative values {body[t].tolist()[:4]}; NeMo-RL writes -1 only across "
+            "a whole token row"
+        )
+    body[hole] = 0
+    layers = columns(body, layer_map, layout, _WHAT, native=hole, negative_ok=True)
+    return make_routes(with_last(layers), layer_map, _WHAT)
+
+
+def to_nemo_rl(
+    routes: Routes,
+    layer_map: LayerMap,
+    *,
+    layout: str = "all",
+    dtype: str | None = None,
+    drop_last: bool = False,
+) -> str:
+    """NeMo-RL's ``nrlre1`` envelope for one sequence: a row per token, the last its placeholder.
+
+    A token whose every router holds -1 is written as an all -1 row, as NeMo-RL writes a
+    route vLLM did not return; a single router's -1 row as -1 in its column.
+
+    Args:
+        layout: "all" hidden layers (vLLM 0.22+, as NeMo-RL pins) or "moe" layers (0.21).
+        dtype: "int8", "int16" or "int32"; by default NeMo-RL's choice for the map's expert
+            count (:func:`nemo_rl_dtype`). One too narrow for the experts is refused.
+        drop_last: write the placeholder over a route the last token holds (otherwise
+            refused: the format has no route for it).
+
+    Raises:
+        RoutesValidationError: routes that do not fit the map, a dtype NeMo-RL does not
+            carry or too narrow, a route for the last token without ``drop_last=True``.
+    """
+    check_layout(layout)
+    name = nemo_rl_dtype(layer_map.max_experts) if dtype is None else dtype
+    if name not in _DTYPES:
+        raise RoutesValidationError(f"to_nemo_rl: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    body = cut_last(routes, drop_last, _WHAT)
+    arr = to_array(body, layer_map, layout, _DTYPES[name], _WHAT, allow_missing=True)
+    cols = [c for c in (layer_map.column(n, layout) for n in layer_map.names) if c is not None]
+    arr[(arr[:, cols] == -1).all(axis=(1, 2))] = -1
+    last = np.broadcast_to(np.arange(layer_map.k, dtype=arr.dtype), (1, *arr.shape[1:]))
+    arr = np.ascontiguousarray(np.concatenate([arr, last]))
+    shape = "x".join(str(d) for d in arr.shape)
+    return f"{_MAGIC}:{name}:{shape}:{base64.b64encode(arr.tobytes()).decode()}"
