@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__, models
 from .discovery import find_routers, format_sites
-from .errors import InvalidArgumentError, MoEReplayError
+from .errors import InvalidArgumentError, MissingDependencyError, MoEReplayError
 from .metrics import compare
 from .routes import Routes
 from .session import attach
@@ -144,6 +144,12 @@ def load_model(target: str, *, seed: int = 0, layers: int | None = None) -> tupl
         model = _hf.tiny_model(target, seed=seed, **({"layers": layers} if layers is not None else {}))
     except ValueError as e:
         raise _UsageError(f"{e}; reference styles are {', '.join(models.STYLES)}") from None
+    except MissingDependencyError:  # a typo of a reference style lands here too: name both readings
+        raise _UsageError(
+            f"'{target}' is not a reference style ({', '.join(models.STYLES)}) nor a checkpoint directory; "
+            "read as an HF model type it needs HuggingFace transformers, which is not installed: "
+            "pip install 'moe_replay[hf]'"
+        ) from None
     except (MoEReplayError, ImportError):
         raise
     except Exception as e:  # transformers could not build this type from its default config
@@ -313,8 +319,9 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     q = sub.add_parser(
         "inspect",
         help="print the routers of a reference model, a local HF checkpoint or an HF model type",
-        description="Print the router table of a model: every module that attach() would intercept, its "
-        "expert count E, its top-k and how its decision call is intercepted.",
+        description=textwrap.dedent("""\
+            Print the router table of a model: every module that attach() would intercept, its
+            expert count E, its top-k and how its decision call is intercepted."""),
         epilog=named(_INSPECT_EPILOG),
         formatter_class=fmt,
     )

@@ -47,6 +47,7 @@ def test_every_command_has_help_with_examples(command: str, capsys) -> None:
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "examples:" in text and f"moe-replay {command}" in text and "python -m" not in text
+    assert max(map(len, text.splitlines())) <= 100, "the help's prose is wrapped for a terminal"
 
 
 def test_program_name_is_the_console_script_or_the_module(capsys) -> None:
@@ -179,6 +180,11 @@ def test_inspect_without_transformers(monkeypatch: pytest.MonkeyPatch, capsys) -
     assert main(["inspect", "qwen3_moe"]) == 1
     assert "pip install" in capsys.readouterr().err
     assert main(["inspect", "top1_argmax"]) == 0  # reference models need no transformers
+    capsys.readouterr()
+    assert main(["inspect", "softmax-topk"]) == 1  # a typo of a style: not only "install transformers"
+    err = capsys.readouterr().err
+    assert "'softmax-topk' is not a reference style (softmax_topk, " in err and "pip install" in err
+    assert len(err.splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- HF
