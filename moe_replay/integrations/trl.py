@@ -321,6 +321,39 @@ def _check_trl_version(allow_untested: bool) -> None:
         )
 
 
+#: The ``attach`` options a trainer passes on through ``attach_kwargs``.
+_ATTACH_OPTIONS = ("include", "exclude", "adapters", "top_k", "num_experts", "max_bytes")
+
+
+def _check_options(
+    replay_ref_model: object, verify_replay: object, capacity: object, attach_kwargs: object
+) -> dict[str, Any]:
+    """Refuse this integration's own arguments when they are of the wrong kind; returns ``attach_kwargs``."""
+    if not isinstance(replay_ref_model, (bool, type(None))):
+        raise InvalidArgumentError(f"replay_ref_model must be None, True or False, got {replay_ref_model!r}")
+    if not isinstance(verify_replay, bool):
+        raise InvalidArgumentError(f"verify_replay must be True or False, got {verify_replay!r}")
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+        raise InvalidArgumentError(f"capacity must be a positive number of rows (or None), got {capacity!r}")
+    if attach_kwargs is None:
+        return {}
+    if not isinstance(attach_kwargs, dict):
+        raise InvalidArgumentError(f"attach_kwargs must be a dict of mr.attach options, got {attach_kwargs!r}")
+    if "capacity" in attach_kwargs:
+        raise InvalidArgumentError("pass capacity= to the trainer itself, not in attach_kwargs")
+    if "keep_newest" in attach_kwargs:
+        raise InvalidArgumentError(
+            "attach_kwargs keep_newest: a ring that keeps only the newest rows drops the rollout's first rows, and "
+            "the trainer needs the route of every token; leave it out (captures grow as needed)"
+        )
+    unknown = sorted(str(k) for k in attach_kwargs if k not in _ATTACH_OPTIONS)
+    if unknown:
+        raise InvalidArgumentError(
+            f"attach_kwargs {unknown} are not options of mr.attach the trainer passes on; those are {_ATTACH_OPTIONS}"
+        )
+    return dict(attach_kwargs)
+
+
 def _probabilities(scores: torch.Tensor) -> torch.Tensor:
     """The router probabilities: ``scores`` if they are already a distribution per token, else their softmax."""
     s = scores.detach()
@@ -348,7 +381,9 @@ class RoutingReplayMixin:
             forward; for debugging).
         capacity: capture rows per router; default: enough for one generation batch of
             ``max_completion_length`` tokens after prompts of up to 1024.
-        attach_kwargs: passed to :func:`moe_replay.attach` (``include=``, ``exclude=``, ``adapters=``).
+        attach_kwargs: passed to :func:`moe_replay.attach`: ``include``, ``exclude``, ``adapters``,
+            ``top_k``, ``num_experts``, ``max_bytes`` (``capacity`` is the argument above;
+            ``keep_newest`` is refused: it drops rollout rows).
         allow_untested_trl: run with a TRL release this integration was not tested with.
 
     Attributes:
@@ -373,6 +408,7 @@ class RoutingReplayMixin:
         mode = {True: "replay", False: "off"}.get(routing_replay, routing_replay)  # type: ignore[call-overload]
         if mode not in MODES:
             raise InvalidArgumentError(f"routing_replay must be one of {MODES} (or True/False), got {routing_replay!r}")
+        attach_kwargs = _check_options(replay_ref_model, verify_replay, capacity, attach_kwargs)
         self._mr_mode: str = mode
         self.moe_session = None
         self.moe_ref_session = None
@@ -396,9 +432,15 @@ class RoutingReplayMixin:
             rows = a.per_device_train_batch_size * a.steps_per_generation * (a.max_completion_length + 1024)
             capacity = max(DEFAULT_CAPACITY, int(rows))
         model = self.model  # type: ignore[attr-defined]
-        self.moe_session = attach(model, capacity=capacity, **(attach_kwargs or {}))
         try:
-            self.moe_ref_session = self._mr_attach_ref(replay_ref_model, capacity, attach_kwargs or {})
+            self.moe_session = attach(model, capacity=capacity, **attach_kwargs)
+        except RouterNotFoundError as e:
+            raise RouterNotFoundError(
+                f"routing replay needs an MoE policy: {e}. Give the trainer those options as "
+                "attach_kwargs={'include': ...}; a dense model has nothing to replay (routing_replay='off')"
+            ) from None
+        try:
+            self.moe_ref_session = self._mr_attach_ref(replay_ref_model, capacity, attach_kwargs)
         except BaseException:
             self.moe_session.detach()
             raise
@@ -407,6 +449,11 @@ class RoutingReplayMixin:
     def _mr_attach_ref(self, wanted: bool | None, capacity: int, attach_kwargs: dict[str, Any]) -> Session | None:
         """A session on the reference model when its forward is replayed (a PEFT reference is the policy itself)."""
         ref = getattr(self, "ref_model", None)
+        if wanted and ref is None and not getattr(self, "beta", 0.0):
+            raise UnsupportedTrainerSetupError(
+                "replay_ref_model=True, but beta=0.0: the trainer builds no reference model and runs no reference "
+                "forward. Set beta in GRPOConfig, or leave replay_ref_model unset"
+            )
         if ref is None or wanted is False:
             return None
         assert self.moe_session is not None

@@ -363,6 +363,54 @@ def test_unsupported_setups_are_refused_before_training() -> None:
         mr_trl.RoutingReplayGRPOTrainer(model=policy(), routing_replay="sometimes")
 
 
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(attach_kwargs={"capacity": 10}), "pass capacity= to the trainer itself"),
+        (dict(attach_kwargs={"keep_newest": True}), "keep_newest.*drops the rollout's first rows"),
+        (dict(attach_kwargs={"inclde": "x"}), r"\['inclde'\] are not options of mr.attach.*'include'"),
+        (dict(attach_kwargs=["include"]), "attach_kwargs must be a dict"),
+        (dict(verify_replay="no"), "verify_replay must be True or False, got 'no'"),
+        (dict(replay_ref_model="yes"), "replay_ref_model must be None, True or False"),
+        (dict(capacity="big"), "capacity must be a positive number"),
+    ],
+)
+def test_the_trainers_own_arguments_are_checked_before_trl_builds_anything(kw: dict[str, Any], match: str) -> None:
+    model = policy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(mr.InvalidArgumentError, match=match):
+        mr_trl.RoutingReplayGRPOTrainer(model=model, reward_funcs=reward, train_dataset=dataset(), **kw)
+    assert all("forward" not in m.__dict__ for m in model.modules())  # refused before TRL or moe_replay wrapped it
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_replay_ref_model_true_without_a_reference_model_is_refused() -> None:
+    """``replay_ref_model=True`` promises a replayed reference forward; with beta=0 there is none."""
+    model = policy()
+    with tempfile.TemporaryDirectory() as out:
+        with pytest.raises(mr_trl.UnsupportedTrainerSetupError, match="replay_ref_model=True, but beta=0.0"):
+            mr_trl.RoutingReplayGRPOTrainer(
+                model=model, reward_funcs=reward, args=config(out, beta=0.0), train_dataset=dataset(),
+                processing_class=tokenizer(), replay_ref_model=True,
+            )  # fmt: skip
+    routers = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    assert routers and all("forward" not in m.__dict__ for m in routers)  # the policy's session was detached
+
+
+def test_a_dense_policy_is_refused_in_the_trainers_words() -> None:
+    cfg = transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None,
+    )  # fmt: skip
+    dense = transformers.AutoModelForCausalLM.from_config(cfg)
+    with tempfile.TemporaryDirectory() as out, pytest.raises(mr.RouterNotFoundError) as info:
+        mr_trl.RoutingReplayGRPOTrainer(
+            model=dense, reward_funcs=reward, args=config(out), train_dataset=dataset(), processing_class=tokenizer()
+        )
+    text = str(info.value)
+    assert "needs an MoE policy" in text and "attach_kwargs=" in text and "routing_replay='off'" in text
+
+
 @pytest.mark.parametrize(("setting", "match"), [("num_beams", "beam search"), ("prefill_chunk_size", "chunked")])
 def test_a_model_generation_config_that_reorders_rows_is_refused(setting: str, match: str) -> None:
     model = policy()
