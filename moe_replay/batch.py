@@ -97,6 +97,22 @@ class BatchLayout:
     ``placements[i] = (row, start, length)``: sequence ``i`` fills positions
     ``start .. start + length - 1`` of row ``row``; every other position is padding.
     Build one with :meth:`padded`, :meth:`packed` or :meth:`split`.
+
+    Example:
+        A rollout batch as ``generate()`` and TRL lay it out: prompts of 2 and 3 tokens
+        left-padded, then the completions (sequences of 4 and 5 tokens in all):
+
+        >>> import torch, moe_replay as mr
+        >>> layout = mr.BatchLayout.split(prompt_lengths=[2, 3], lengths=[4, 5])
+        >>> layout
+        BatchLayout(rows=2, row_length=5, sequences=2, padding=1)
+        >>> layout.tokens([torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12, 13])]).tolist()
+        [[0, 5, 6, 7, 8], [9, 10, 11, 12, 13]]
+        >>> layout.attention_mask().tolist()
+        [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+
+        ``layout.routes(per_sequence_routes)`` gives the replay routes of that batch, with
+        -1 rows (routed natively) at the padding.
     """
 
     rows: int

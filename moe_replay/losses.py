@@ -52,6 +52,20 @@ class RouterScores:
     pick first and softmax the k after (``softmax(scores)`` gives the probabilities), and
     whatever a biased or group-limited router selects on (DeepSeek-V3 selects on detached
     scores plus a bias: no gradient flows through those).
+
+    Example:
+        >>> import torch, moe_replay as mr
+        >>> model = mr.models.build("softmax_topk")
+        >>> x = torch.randint(0, model.config.vocab_size, (2, 8))
+        >>> with mr.attach(model) as session, session.keep_scores() as kept:
+        ...     out = model(x, labels=x)
+        >>> kept
+        RouterScores(routers=2, tokens=[16, 16])
+        >>> scores, experts = kept["layers.0.mlp.router"]
+        >>> tuple(scores.shape), tuple(experts.shape)
+        ((16, 8), (16, 2))
+        >>> aux = mr.load_balancing_loss(kept.scores, kept.indices)  # differentiable in the scores
+        >>> (out.loss + 0.01 * aux).backward()
     """
 
     def __init__(self, names: Sequence[str]) -> None:

@@ -1108,6 +1108,21 @@ class Session:
 
         Yields:
             A :class:`RouterScores`, filled while the context is open.
+
+        Example:
+            The load-balancing loss of the experts a replay forced:
+
+            >>> import torch, moe_replay as mr
+            >>> model = mr.models.build("softmax_topk")
+            >>> x = torch.randint(0, model.config.vocab_size, (2, 8))
+            >>> with mr.attach(model) as session:
+            ...     with session.capture():
+            ...         _ = model(x)
+            ...     with session.replay(session.routes()), session.keep_scores() as kept:
+            ...         loss = model(x, labels=x).loss
+            >>> aux = mr.load_balancing_loss(kept.scores, kept.indices)
+            >>> aux.requires_grad
+            True
         """
         self._check_attached()
         with self._block("keep_scores()"):

@@ -26,6 +26,8 @@ MAIN = (
     "compare",
     "load_balancing_loss",
     "split_generation",
+    "BatchLayout",
+    "RouterScores",
     "index_dtype",
     "models",
 )
