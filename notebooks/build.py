@@ -89,10 +89,23 @@ def execute(nb: nbformat.NotebookNode, workdir: Path, timeout: int = TIMEOUT_S) 
 
 
 def _clean(nb: nbformat.NotebookNode) -> None:
-    """Drop per-run metadata so that a rebuild only changes what the cells printed."""
+    """Drop per-run metadata so that a rebuild only changes what the cells printed.
+
+    Adjacent outputs of one stream are joined: the kernel splits a cell's prints into
+    stream messages by timing, which would change the stored notebook from run to run.
+    """
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        outputs = []
+        for out in cell.get("outputs", []):
+            prev = outputs[-1] if outputs else None
+            if prev is not None and out.output_type == prev.output_type == "stream" and out.name == prev.name:
+                prev.text += out.text
+            else:
+                outputs.append(out)
+        if "outputs" in cell:
+            cell.outputs = outputs
 
 
 def local_paths(nb: nbformat.NotebookNode) -> list[str]:

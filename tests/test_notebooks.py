@@ -62,6 +62,29 @@ def test_a_selection_that_matches_nothing_fails(capsys) -> None:
     assert build.main(["--check", "01"]) == 0
 
 
+def test_clean_joins_a_cells_stream_outputs() -> None:
+    """The kernel splits prints into stream messages by timing; stored, they are one output per stream."""
+    nb = build.to_notebook([("code", "print(1); print(2)")])
+    new = nbformat.v4.new_output
+    nb.cells[0].outputs = [
+        new("stream", name="stdout", text="a\n"),
+        new("stream", name="stdout", text="b\n"),
+        new("stream", name="stderr", text="warn\n"),
+        new("stream", name="stdout", text="c\n"),
+        new("display_data", data={"text/plain": "x"}),
+        new("stream", name="stdout", text="d\n"),
+    ]
+    build._clean(nb)
+    got = [(o.output_type, o.get("name"), o.get("text")) for o in nb.cells[0].outputs]
+    assert got == [
+        ("stream", "stdout", "a\nb\n"),
+        ("stream", "stderr", "warn\n"),
+        ("stream", "stdout", "c\n"),
+        ("display_data", None, None),
+        ("stream", "stdout", "d\n"),
+    ]
+
+
 def test_parse_round_trip(tmp_path: Path) -> None:
     src = tmp_path / "nb.py"
     src.write_text("# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n\n# %%\nprint(x)\n")
