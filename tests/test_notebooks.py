@@ -54,6 +54,16 @@ def test_stored_notebook_matches_source_and_has_outputs(source: Path) -> None:
     assert build.local_paths(stored) == []
 
 
+def test_the_notebooks_extra_installs_what_every_notebook_imports() -> None:
+    """The README's ``pip install -e ".[notebooks]"`` is all a reader needs to run all five."""
+    tomllib = pytest.importorskip("tomllib")
+    import re
+
+    extra = tomllib.loads((NOTEBOOKS.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=!~\[ ]", req, maxsplit=1)[0] for req in extra["notebooks"]}
+    assert {"jupyter", "matplotlib", *NEEDS.values()} <= names
+
+
 def test_a_selection_that_matches_nothing_fails(capsys) -> None:
     """``build.py 99`` (a typo) built nothing and exited 0; ``--check 99`` checked nothing."""
     assert build.main(["99"]) == 2
