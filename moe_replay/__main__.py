@@ -79,6 +79,10 @@ def demo(style: str = "softmax_topk", new_tokens: int = 16, seed: int = 0, devic
     rollout = session.routes()
     tokens = seq[:, :-1]
     print(f"1. captured {rollout.num_tokens} tokens x {rollout.num_layers} routers while generating {new_tokens}")
+    print(
+        f"   (the prompt's {prompt.shape[1]}, then {rollout.num_tokens - prompt.shape[1]} generated: "
+        "the last sampled token is never fed back, so never routed)"
+    )
     print(f"   {rollout}")
 
     # 2. policy update stand-in: perturb the router weights, look at the drift

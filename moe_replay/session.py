@@ -309,7 +309,14 @@ class Session:
         return "; ".join(parts)
 
     def table(self) -> str:
-        """The router table (name, class, E, k, how it is intercepted) and the capture memory held."""
+        """The router table (name, class, E, k, how it is intercepted) and the capture memory held.
+
+        Then, for eager forwards, how many routers run **lean** (plain calls, no per-call
+        overhead), how many run under the ``TorchFunctionMode`` (exact, but slower in a
+        host-bound decode step; the line of code that keeps each one there follows), and how
+        many are not audited yet (that happens at their next capture or replay forward). See
+        "Lean forwards" in docs/concepts.md.
+        """
         text = format_sites(self._sites)
         if not self._hooks:
             return text

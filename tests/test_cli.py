@@ -19,6 +19,8 @@ def test_demo_reports_drift_then_exact_replay(capsys) -> None:
     text = capsys.readouterr().out
     assert out["free_drift"] > 0 and out["replay_drift"] == 0.0 and out["min_grad"] > 0
     assert "OK: replay reproduced every recorded route" in text
+    # the row count is explained: a prompt of 8, then every generated token but the last
+    assert "captured 13 tokens x 4 routers while generating 6\n   (the prompt's 8, then 5 generated" in text
 
 
 def test_demo_every_style() -> None:
