@@ -707,6 +707,12 @@ def _refuse_before(config: Any, kwargs: dict[str, Any]) -> None:
         refusal = _unsplittable(extra.get)
         if refusal:
             raise UnsupportedTrainerSetupError(refusal)
+        if extra.get("use_cache") is False:
+            raise UnsupportedTrainerSetupError(
+                "routing replay does not support use_cache=False in generation_kwargs: without a KV cache every "
+                "decode step routes the whole sequence again, so no single route per token exists. Leave use_cache "
+                "unset, or use vLLM"
+            )
 
 
 #: Why a chunked prefill cannot be split per sequence (a generate() call recorded as rows only).

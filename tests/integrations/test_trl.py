@@ -354,6 +354,7 @@ def test_unsupported_setups_are_refused_before_training() -> None:
             (dict(args=config(out, generation_kwargs={"prefill_chunk_size": 2})), "chunked prefill"),
             (dict(args=config(out, generation_kwargs={"num_beams": 2})), "beam search"),
             (dict(args=config(out, generation_kwargs={"prompt_lookup_num_tokens": 3})), "assisted decoding"),
+            (dict(args=config(out, generation_kwargs={"use_cache": False})), "use_cache=False"),
         ):
             with pytest.raises(mr_trl.UnsupportedTrainerSetupError, match=match):
                 mr_trl.RoutingReplayGRPOTrainer(
