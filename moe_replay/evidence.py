@@ -352,6 +352,9 @@ class _ProbeMode(TorchFunctionMode):
         self.early_where: list[str] = []
         self.early_held = early
         self.early_unheld = False
+        # before a forced decision: what piecewise cuts (``relu``, ``clamp``) made, so that a comparison of it
+        # with 0 is a threshold (``relu(scores - t) > 0``), not a test for zero
+        self._cut: dict[int, weakref.ref[torch.Tensor]] = {}
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -369,6 +372,8 @@ class _ProbeMode(TorchFunctionMode):
                     if isinstance(t, torch.Tensor) and t.is_floating_point():
                         self._made[id(t)] = (weakref.ref(t), ins)
                 written = None if func in DECISION_FUNCS else _chooses(func, args, kwargs, out)
+                compared = None if func in DECISION_FUNCS else self._cut_compared(func, args, kwargs, out)
+                written = compared if written is None else written
                 if written is not None and (_discrete(out) or _steps(func, kwargs)):
                     n = len(self.early)
                     self.early.append(_clone(out))
@@ -381,6 +386,23 @@ class _ProbeMode(TorchFunctionMode):
         if self.answered == answered:  # a call after the forced decision (not one of its slots)
             return self._after(func, args, kwargs, out, scored)
         return out
+
+    def _cut_compared(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Any] | None:
+        """Before the decision: note what a piecewise cut makes; a comparison of it with 0 is a choice (by the
+        threshold the cut applied), answered as :func:`_chooses` answers one (``[]``: it wrote into nothing)."""
+        name = getattr(func, "__name__", "").strip("_")
+        base = name[:-1] if name.endswith("_") else name
+        if base in _CUT_NAMES and base not in _COMPARISONS:
+            for t in _leaves(out, []):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    self._cut[id(t)] = weakref.ref(t)
+            return None
+        if base not in _COMPARISONS or base in _EQUALITIES:
+            return None
+        if not any(isinstance(a, numbers.Number) and a == 0 for a in (*args, *kwargs.values())):
+            return None
+        cut = any(isinstance(t, torch.Tensor) and (r := self._cut.get(id(t))) is not None and r() is t for t in args)
+        return [] if cut else None
 
     def _is_scored(self, t: Any) -> bool:
         ref = self._scores.get(id(t))
@@ -588,13 +610,30 @@ def _cuts(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
 
 
 def _tests_zero(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[torch.Tensor]) -> bool:
-    """Does this call only tell zero from nonzero (``bool()``, ``x != 0``, ``x > 0``, ``.to(torch.bool)``...)?"""
+    """Does this call only tell zero from nonzero (``bool()``, ``x != 0``, ``x > 0``, ``.to(torch.bool)``...)?
+
+    An ordering comparison with 0 of values of both signs (``logits - threshold > 0``) is no zero test: it
+    cuts them at a threshold folded into them, a choice like any other comparison with a threshold."""
     base = name[:-1] if name.endswith("_") and not name.endswith("__") else name
     if base in _ZERO_TESTS:
         return True
     if base in _COMPARISONS:
-        return any(isinstance(a, numbers.Number) and a == 0 for a in (*args, *kwargs.values()))
+        if not any(isinstance(a, numbers.Number) and a == 0 for a in (*args, *kwargs.values())):
+            return False
+        return base in _EQUALITIES or not any(_signed(a) for a in (*args, *kwargs.values()))
     return name in ("to", "type") and bool(outs) and all(t.dtype == torch.bool for t in outs)
+
+
+#: Comparisons for equality: with 0, a zero test whatever the signs of the values.
+_EQUALITIES = frozenset({"ne", "eq", "not_equal", "__ne__", "__eq__"})
+
+
+def _signed(t: Any) -> bool:
+    """Does ``t`` hold floating values of both signs (strictly below and strictly above 0)?"""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() < 2:
+        return False
+    with torch.no_grad():
+        return bool((t < 0).any()) and bool((t > 0).any())
 
 
 def _mask_source(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor | None:
@@ -1039,6 +1078,7 @@ def establish(
             if not 0 <= call < len(calls):
                 raise _refuse(name, calls, f"the Adapter names call #{call}, which its forward does not make", fix)
             chosen = calls[call]
+            _refuse_chosen_tokens(name, probe, calls, chosen)
             k = chosen.k
             ev = _verdict(name, calls, (call,), chosen.width, k, top_k, declared_top_k, scope, "named by an Adapter")
             ev = dataclasses.replace(ev, mirrors=_mirrors(calls, seen, ev))
@@ -1118,6 +1158,7 @@ def establish(
                 "choose tokens (expert-choice routing), so there is no per-token choice to record or replay",
                 "Route by token choice (a top-k over experts per token)",
             )
+        _refuse_chosen_tokens(name, probe, calls, anchor)
         used = calls[anchor.ordinal].k
         if (
             len(slots) == 1
@@ -1509,6 +1550,54 @@ def _check_on_more_tokens(probe: _Prober, calls: Sequence[Call], ev: Evidence) -
         return None
     _, where = _vary(probe, force, first, args, kwargs, ev, early=False)
     return None if where is None else f"{where} (on {big.numel() // big.shape[-1]} tokens)"
+
+
+def _refuse_chosen_tokens(name: str, probe: _Prober, calls: Sequence[Call], decision: Call) -> None:
+    """Refuse a decision made for the tokens that their values pick (top-any gating: the tokens no expert's
+    threshold takes get a fallback top-k of their own, ``topk(logits[inactive], k)``).
+
+    Its rows are a subset of the tokens chosen afresh at every forward, so they are not one per token, and a
+    replay would make that choice again from the current values. Seen as a decision made for another share
+    of the tokens on random inputs of the same shape (their values' mean, the second four times as spread),
+    or not made at all on them; a forward that fails on them tells nothing. Few tokens hold little to choose
+    from (one token is all in or all out): more such inputs are tried where the forward has fewer than
+    ``_FEW_TOKENS``, none of other shapes (a branch taken on more tokens only is never run for it).
+    """
+    found = _first_floating((probe.args, probe.kwargs))
+    tokens = _tokens(probe.args, probe.kwargs)
+    if found is None or not tokens:
+        return
+    x = found[1]
+    ref = x.detach().float()
+    nth = [c.ordinal for c in calls if c.signature == decision.signature].index(decision.ordinal)
+    tries = 2 if tokens >= _FEW_TOKENS else min(_FEW_CHOICE_TRIES, 1 + math.ceil(_FEW_TOKENS / tokens))
+    for n in range(tries):
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(len(_OTHER_INPUTS) + 1 + n))
+        spread = ref.std(unbiased=False) * (4 if n == 1 else 1)
+        other = (noise.to(x.device) * spread + ref.mean()).to(x.dtype)
+        try:
+            _, seen = probe.run(inputs=_replaced((probe.args, probe.kwargs), found[0], other))
+        except Exception:  # (a forward tied to its inputs' values: nothing to compare)
+            continue
+        same = [c for c in seen.calls if c.signature == decision.signature][nth : nth + 1]
+        if same and same[0].rows == decision.rows:
+            continue
+        made = f"for {same[0].rows}" if same else "for none"
+        raise _refuse(
+            name,
+            calls,
+            f"its decision ({decision.describe()}) is made for {decision.rows} of the {tokens} tokens it took, "
+            f"and {made} of as many tokens of other values: which tokens it decides for is chosen from their "
+            "values before it (top-any or threshold gating, with a fallback top-k for the tokens no threshold "
+            "takes), so its rows are not one per token, and a replay would choose those tokens again from the "
+            "current values",
+            "Decide for every token in one call (mask the scores with masked_fill or torch.where before one "
+            "top-k), or name the module whose forward returns the experts used with include=",
+        )
+
+
+#: At most this many random inputs tried by :func:`_refuse_chosen_tokens` on a forward of few tokens.
+_FEW_CHOICE_TRIES = 8
 
 
 def _other_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:

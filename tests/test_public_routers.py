@@ -1570,3 +1570,115 @@ def test_switch_weight_read_by_a_later_max_is_the_forced_experts() -> None:
         moved += int((logits.argmax(-1, keepdim=True) != forced).sum())
     assert moved  # the current scores prefer other experts: the max alone would have read theirs
     assert "answers #1 max() over 8" in str(report)
+
+
+# =================================================================== top-any (dynamic-k) gating
+class _SignSTE(torch.autograd.Function):
+    """The straight-through step of top-any gating: ``scores > 0`` forward, the identity backward."""
+
+    @staticmethod
+    def forward(ctx: object, scores: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return (scores > 0).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+class TopAnyGate(nn.Module):
+    """Top-any gating (DynMoE, Guo et al. 2024, as public reimplementations write ``_gating_logic``): cosine
+    scores minus per-expert trainable thresholds, ``relu``, a straight-through ``> 0`` mask; the tokens that
+    no expert takes get a fallback ``topk(logits[inactive], min_experts)``; the weights are a softmax over
+    the active experts. ``fallback_all``: the fallback top-k over every token, used where none is active
+    (``torch.where``), the mask read from the signed logits (``"signed"``: ``logits > 0``) or from the
+    ``relu`` of them (``"relu"``: ``gated > 0``)."""
+
+    def __init__(self, fallback_all: str | None = None) -> None:
+        super().__init__()
+        self.sim_matrix = nn.Parameter(torch.randn(D, E))
+        self.gates = nn.Parameter(torch.zeros(E))
+        self.max_experts, self.min_experts, self.fallback_all = E, 1, fallback_all
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.normalize(x, dim=-1) @ F.normalize(self.sim_matrix, dim=0) - torch.sigmoid(self.gates)
+        gated = F.relu(logits)
+        if self.fallback_all is not None:
+            mask = ((logits if self.fallback_all == "signed" else gated) > 0).to(logits.dtype)
+            fallback = torch.zeros_like(mask).scatter(1, torch.topk(logits, self.min_experts, dim=-1).indices, 1.0)
+            mask = torch.where(mask.sum(1, keepdim=True) == 0, fallback, mask)
+        else:
+            mask = _SignSTE.apply(gated)
+            inactive = mask.sum(1) == 0
+            if inactive.any():
+                fallback = torch.topk(logits[inactive], self.min_experts, dim=-1).indices
+                rows = torch.where(inactive)[0]
+                mask.index_put_((rows.unsqueeze(1).expand(-1, self.min_experts), fallback), torch.tensor(1.0))
+        masked = torch.where(mask > 0, gated, torch.tensor(-torch.inf, dtype=gated.dtype))
+        return F.softmax(masked, dim=-1)
+
+
+class MinWeightCutRouter(nn.Module):
+    """A minimum-weight cut after the top-k, written as a comparison with 0 (``w - t > 0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k, self.min_weight = 3, 0.2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = F.linear(x, self.weight).softmax(-1).topk(self.top_k, dim=-1)
+        w = w * ((w - self.min_weight) > 0)
+        return torch.zeros(x.shape[0], E, dtype=w.dtype).scatter(1, idx, w)
+
+
+class DenseWeightBlock(nn.Module):
+    """Dispatch by a dense ``[tokens, E]`` weight matrix: each expert runs on the tokens it weighs."""
+
+    def __init__(self, router: nn.Module) -> None:
+        super().__init__()
+        self.router = router
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok = torch.where(w[:, e] != 0)[0]
+            if tok.numel():
+                out = out.index_add(0, tok, w[tok, e, None] * expert(x[tok]))
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("tokens", [T, 1])
+def test_top_any_gating_with_a_fallback_top_k_for_some_tokens_is_refused(training: bool, tokens: int) -> None:
+    """Top-any gating decides with a top-k only for the tokens no expert's threshold takes: refused.
+
+    Once silent: that fallback top-k was taken for the decision, so the routes held one row for each
+    token without an active expert (21 rows for 24 tokens), not the experts the others used, and a replay
+    chose those tokens again from the current values. On one token (a decode step), too."""
+    model = TwoLayers(lambda: DenseWeightBlock(TopAnyGate())).train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with mr.attach(model) as session, torch.no_grad():
+        with pytest.raises(mr.UnsupportedRouterError, match="which tokens it decides for is chosen from their"):
+            with session.capture():
+                model(_x(t=tokens))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("router", ["signed", "relu", "min-weight-cut"])
+def test_a_threshold_compared_with_zero_is_refused(router: str) -> None:
+    """A threshold written as a comparison with 0 (``s - t > 0``, ``relu(s - t) > 0``) is refused.
+
+    Once silent: such a comparison was taken for a test of zero, so top-any gating with a fallback top-k
+    over every token recorded the top-1 while tokens above the thresholds used their own experts, and a
+    minimum-weight cut after the top-k was not replayed: other experts ran than the recorded ones."""
+    gate = MinWeightCutRouter if router == "min-weight-cut" else lambda: TopAnyGate(fallback_all=router)
+    model = TwoLayers(lambda: DenseWeightBlock(gate()))
+    with mr.attach(model) as session, torch.no_grad():
+        with pytest.raises(mr.UnsupportedRouterError, match="(before|after) its decision"):
+            with session.capture():
+                model(_x())
