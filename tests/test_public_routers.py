@@ -1682,3 +1682,126 @@ def test_a_threshold_compared_with_zero_is_refused(router: str) -> None:
         with pytest.raises(mr.UnsupportedRouterError, match="(before|after) its decision"):
             with session.capture():
                 model(_x())
+
+
+# =================================================================== MoE++ (zero, copy and constant experts)
+MOEPP_TOP_K = 2  # (MoE++ keeps k in a module-level constant, not on any module)
+
+
+class _CopyExpert(nn.Module):
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs
+
+
+class _ZeroExpert(nn.Module):
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(inputs)
+
+
+class _ConstantExpert(nn.Module):
+    """MoE++'s constant expert: its own ``wg`` Linear(d, 2) mixes the input with a learned vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.constant = nn.Parameter(torch.randn(D))
+        self.wg = nn.Linear(D, 2, bias=False)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        weight = self.wg(inputs).softmax(-1)
+        return weight[:, :1] * inputs + weight[:, 1:] * self.constant
+
+
+def _moepp_gating(logits: torch.Tensor) -> dict[int, list[torch.Tensor]]:
+    """MoE++ ``gating``: softmax, ``topk(k=MOE_TOP_K)``, the zero expert's weight set to 0 by its index, an
+    in-place renormalisation; returned as ``{expert: [token_ids, gates]}``."""
+    num_experts = logits.size(1)
+    gates, indices = torch.topk(F.softmax(logits, dim=1), k=MOEPP_TOP_K, dim=1)
+    gates = torch.where(indices == (num_experts - 1), torch.zeros_like(gates), gates)
+    gates /= torch.sum(gates, dim=1, keepdim=True)
+    expert_info: dict[int, list[torch.Tensor]] = {}
+    for expert_id in range(num_experts):
+        token_ids, score_ids = torch.nonzero(indices == expert_id, as_tuple=True)
+        expert_info[expert_id] = [token_ids, gates[token_ids, score_ids]]
+    return expert_info
+
+
+class MoEPPRouter(nn.Module):
+    """MoE++ ``Router``: a two-layer ``wg`` (Linear, Tanh, Linear), a ``gate_map`` Linear(E, E) adding the
+    previous layer's logits (gating residuals), the gating function kept as an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Sequential(nn.Linear(D, E * 8, bias=False), nn.Tanh(), nn.Linear(E * 8, E, bias=False))
+        self.gate_map = nn.Linear(E, E, bias=False)
+        self.gate = _moepp_gating
+
+    def forward(
+        self, x: torch.Tensor, gate_residual: torch.Tensor | None
+    ) -> tuple[dict[int, list[torch.Tensor]], torch.Tensor]:
+        logits = self.wg(x.float())
+        if gate_residual is not None:
+            logits += self.gate_map(gate_residual)
+        return self.gate(logits), logits
+
+
+class MoEPPLayer(nn.Module):
+    """MoE++ ``MOELayer``: E - 4 FFN experts, two constant experts, a copy and a zero expert (the last)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = MoEPPRouter()
+        ffn = [nn.Linear(D, D) for _ in range(E - 4)]
+        self.experts = nn.ModuleList([*ffn, _ConstantExpert(), _ConstantExpert(), _CopyExpert(), _ZeroExpert()])
+        self.received: set[tuple[int, int]] = set()  # (token, expert) pairs of the last forward
+
+    def forward(self, x: torch.Tensor, gate_residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        output = torch.zeros_like(x)
+        expert_info, gate_residual = self.gate(x, gate_residual)
+        self.received = set()
+        for expert, (indices, gating) in expert_info.items():
+            self.received |= {(int(t), expert) for t in indices}
+            output.index_add_(0, indices, gating.unsqueeze(-1) * self.experts[expert](x.index_select(0, indices)))
+        return output, gate_residual
+
+
+class MoEPPModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([MoEPPLayer(), MoEPPLayer()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = None
+        for layer in self.layers:
+            y, residual = layer(x, residual)
+            x = x + y
+        return x
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_moe_plus_plus_routers_with_null_experts_and_gating_residuals_are_exact(training: bool) -> None:
+    """MoE++: k only in a module-level constant, zero/copy/constant experts among the E (a constant expert
+    holds a ``wg`` of its own), logits carried from layer to layer, routes returned as a dict of lists."""
+    model = MoEPPModel().train(training)
+    x = _x()
+
+    def used(name: str) -> set[tuple[int, int]]:
+        return {(t, int(e)) for t, row in enumerate(routes.layer(name).tolist()) for e in row}
+
+    with mr.attach(model) as session:
+        assert session.names == ("layers.0.gate", "layers.1.gate")
+        with torch.no_grad(), session.capture():
+            want = model(x)
+        routes = session.routes()
+        assert [s.top_k for s in session.sites] == [MOEPP_TOP_K] * 2
+        assert all(layer.received == used(n) for layer, n in zip(model.layers, session.names, strict=True))
+        assert any(e >= E - 4 for n in session.names for _, e in used(n))  # null experts were chosen
+        with torch.no_grad(), session.replay(routes):
+            assert torch.equal(model(x), want)
+        perturb(model)
+        with torch.no_grad():
+            model(x)
+        assert any(layer.received != used(n) for layer, n in zip(model.layers, session.names, strict=True))
+        with torch.no_grad(), session.replay(routes):
+            model(x)
+        assert all(layer.received == used(n) for layer, n in zip(model.layers, session.names, strict=True))
