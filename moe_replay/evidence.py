@@ -1215,10 +1215,13 @@ def establish(
                     calls,
                     f"its forward makes more than one independent choice that reaches the output ({last.describe()} "
                     f"and its decision {calls[slots[0]].describe()}): moving the earlier one leaves the decision's "
-                    "scores as they were, so they are two routers (per-modality gates, or one per projection) in "
-                    "one module's forward, and one router is one choice per call",
-                    "Attach the modules that each make one choice (include= each gate, or the function's module), "
-                    "or an Adapter(call=N) naming the one to record",
+                    "scores as they were, and one router is one choice per call. Either they are two routers in "
+                    "one module's forward (per-modality gates, one per projection), or the experts are chosen in "
+                    "steps that no one call holds (top-p: a sort, a cumulative sum and an argmax of where it "
+                    "crosses p), which cannot be replayed as one decision",
+                    "Two routers: attach the modules that each make one choice (include= each gate, or the "
+                    "function's module), or an Adapter(call=N) naming the one to record. A choice made in steps: "
+                    "route with one top-k (or mask the scores before one top-k)",
                 )
             raise _refuse(
                 name,

@@ -636,6 +636,57 @@ def test_threshold_selection_by_topk_values_is_refused() -> None:
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+class TopPRouter(nn.Module):
+    """Top-p routing ("Harder Tasks Need More Experts", Dynamic_MoE): the experts sorted by probability,
+    kept until their cumulative mass crosses p (the argmax of the crossing); a dense ``[T, E]`` weight."""
+
+    def __init__(self, p: float = 0.4) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.top_p = p
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = F.softmax(self.gate(x), dim=1, dtype=torch.float)
+        ordered, order = torch.sort(weights, dim=-1, descending=True)
+        beyond = torch.cumsum(ordered, dim=-1) > self.top_p
+        crossing = F.one_hot(beyond.long().argmax(dim=-1), num_classes=E).bool()
+        dropped = torch.zeros_like(beyond).scatter_(-1, order, beyond & ~crossing)
+        return weights.masked_fill(dropped, 0.0), ~dropped
+
+
+class TopPBlock(ThresholdBlock):
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.router = TopPRouter()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, chosen = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok = chosen[:, e].nonzero().squeeze(-1)
+            if tok.numel():
+                out = out.index_add(0, tok, w[tok, e, None] * expert(x[tok]))
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+def test_top_p_routing_by_sort_and_cumulative_sum_is_refused_naming_it() -> None:
+    """Top-p routing (a sort, a cumulative sum, an argmax where it crosses p) is refused, and the error names it.
+
+    No one call holds its choice of experts, so there is nothing to force; the refusal once blamed two
+    routers in one forward only, which sent the user to an Adapter that is refused too."""
+    model = TwoLayers(TopPBlock)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match="top-p") as caught:
+            with torch.no_grad(), session.capture():
+                model(_x())
+    assert "one top-k" in str(caught.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 class NearestCentroidRouter(nn.Module):
     """Clustering / nearest-centroid routing: each token goes to the expert whose centroid is
     closest, ``argmin`` of distances (no topk/argmax/max)."""
