@@ -200,6 +200,61 @@ def _batch_size(
     raise InvalidArgumentError(f"the arguments disagree on the batch size: {given}{hint}")
 
 
+def _runs(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """``sizes`` as ``(size, repeats)`` runs, zeros left out."""
+    runs: list[list[int]] = []
+    for size in sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        elif size:
+            runs.append([size, 1])
+    return tuple((size, count) for size, count in runs)
+
+
+def _check_forwards(calls: tuple[tuple[int, int], ...] | None, b: int, p: int, n: int) -> None:
+    """The capture's forwards are one ``generate()`` call's: ``b * p`` prompt rows, then ``n - 1`` steps of ``b``.
+
+    The row count alone also fits other forwards in another order: two ``generate()`` calls
+    of ``b / 2`` sequences each (their outputs concatenated), a chunked prefill, a prompt
+    mask of fewer rows than the sequences generated (``num_return_sequences``). The routes
+    that :meth:`Session.routes` returns remember their forwards; other routes (loaded,
+    sliced, built) do not, and are split by the row count alone.
+    """
+    want = _runs([b * p, *[b] * (n - 1)])
+    if calls is None or calls == want:
+        return
+    seen = ", ".join(f"{size}" if count == 1 else f"{size} x{count}" for size, count in calls[:8])
+    if len(calls) > 8:
+        seen += ", ..."
+    hint = (
+        "more than one generate() in the capture() block (capture each call in its own block, or split each "
+        "call's rows on its own), a chunked prefill (prefill_chunk_size), generate(use_cache=False) (each step "
+        "routes the whole sequence again), assisted decoding, or a generate() continued from an earlier call's "
+        "past_key_values (only the uncached tokens are routed)"
+    )
+    (first, once), rest = calls[0], calls[1:]
+    m = first // p if p else 0
+    if (
+        once == 1
+        and m > b
+        and m % b == 0
+        and first == m * p
+        and all(size == m for size, _ in rest[:1])
+        and len(rest) <= 1
+    ):
+        r = m // b
+        hint = (
+            f"one generate() over {m} sequences: with generate(num_return_sequences={r}) each prompt gives {r}, so "
+            f"pass the prompt mask repeated per returned sequence, attention_mask.repeat_interleave({r}, dim=0) "
+            "(prompt_lengths likewise), and sequences= to check the new tokens"
+        )
+    raise RoutesValidationError(
+        f"the capture's routers ran forwards of {seen} rows, but one generate() over {b} sequences of {p} prompt "
+        f"positions runs one prompt forward of {b * p} rows, then forwards of {b} rows (one new token per "
+        f"sequence); split in that order these rows would give tokens other tokens' experts. Was it {hint}?"
+    )
+
+
 def split_generation(
     routes: Routes,
     *,
@@ -218,10 +273,13 @@ def split_generation(
 
     Each sequence's routes are aligned to its token positions: its real prompt tokens,
     then its generated tokens. The last one has a -1 row (never routed, see the module
-    docstring). The prompts must have run in one forward: a chunked prefill
-    (``generate(prefill_chunk_size=...)``) routes them chunk by chunk, every sequence's
-    chunk in turn, an order the rows alone cannot tell apart from one forward (the capture
-    keeps no forward boundaries), so it must not be split here.
+    docstring). The capture must hold one ``generate()`` call whose prompts ran in one
+    forward. The routes that :meth:`~moe_replay.Session.routes` returns remember the rows
+    of each forward, and other forwards are refused even where the row count fits: a
+    chunked prefill (``generate(prefill_chunk_size=...)``, every sequence's chunk in turn),
+    two ``generate()`` calls whose outputs were joined, ``use_cache=False``. Routes that
+    were saved and loaded, sliced or joined, or captured in compiled code or a CUDA graph,
+    no longer know their forwards and are split by the row count alone.
 
     Nor may the capture of a beam search (``num_beams > 1``) or of assisted decoding
     (``assistant_model``, ``prompt_lookup_num_tokens``): beam search reorders its hypotheses
@@ -257,7 +315,8 @@ def split_generation(
         One :class:`~moe_replay.Routes` per sequence.
 
     Raises:
-        RoutesValidationError: the row count does not fit ``B``, ``P`` and ``N``.
+        RoutesValidationError: the row count does not fit ``B``, ``P`` and ``N``, or the
+            capture's forwards are not one prompt forward then one per new token.
         InvalidArgumentError: the arguments disagree on ``B`` (a prompt mask not repeated
             for ``num_return_sequences``).
 
@@ -309,6 +368,7 @@ def split_generation(
             "that the capture holds exactly one generate() call"
         )
     n = decode // b + 1
+    _check_forwards(routes._call_rows, b, p, n)
     if sequences is not None:
         seq_n = int(sequences.shape[1]) - p
         if seq_n != n:

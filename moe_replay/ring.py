@@ -278,6 +278,8 @@ class CaptureRing:
         self._lag = 0
         self._at = {}
         self._host = 0  # rows written by eager calls (all rows, for a ring that is not fixed)
+        # rows of the eager calls, in order, as [rows, calls] runs (decode steps repeat one size): they sum to _host
+        self._calls: list[list[int]] = []
 
     def reserve(self, rows: int) -> None:
         """Make room for ``rows`` rows since the last reset, allocated now rather than during forwards.
@@ -329,10 +331,12 @@ class CaptureRing:
             return
         written = int(self.written)
         kept = self.rows(written, keep_newest=True) if written else None
+        calls = self.call_rows(written)
         self._set_first(max(rows, 0 if kept is None else kept.shape[0]))
         self.reset()
         if kept is not None:
             self.write_eager(kept.to(self.device))
+            self.keep_call_rows(calls)
 
     def release(self) -> None:
         """Free the segments past the first that hold no row (those an earlier capture grew)."""
@@ -393,6 +397,7 @@ class CaptureRing:
                 self._prepare_views(start + n, n)
         self._host = start + n
         self._lag += n
+        self._count_call(n)
 
     def _prepare_views(self, start: int, n: int) -> None:
         """Views of the rows ``start, start + n, ...`` of the segment holding ``start`` (up to ``_VIEWS``)."""
@@ -459,6 +464,7 @@ class CaptureRing:
                 )
         if not graph:
             self._host += n
+            self._count_call(n)
         self._write_fixed(idx, n)
 
     def _write_fixed(self, idx: torch.Tensor, n: int) -> None:
@@ -478,7 +484,32 @@ class CaptureRing:
         self.buf.index_copy_(0, pos, idx.to(self.buf.dtype))
         cursor.add_(n)
 
+    def _count_call(self, n: int) -> None:
+        """One more eager call of ``n`` rows (a ``keep_newest`` ring, which drops rows, keeps no calls)."""
+        calls = self._calls
+        if calls and calls[-1][0] == n:
+            calls[-1][1] += 1
+        elif n and not self.keep_newest:
+            calls.append([n, 1])
+
     # ------------------------------------------------------------- reading
+    def call_rows(self, written: int) -> tuple[tuple[int, int], ...] | None:
+        """The rows of each call since :meth:`reset`, as ``(rows, calls)`` runs in order; None where unknown.
+
+        Known when every one of the ``written`` rows came from an eager call: a graph replay
+        or a compiled call writes rows that no host count sees, and a ``keep_newest`` ring
+        drops its oldest ones. Calls of no rows are left out.
+        """
+        if self.keep_newest or sum(n * c for n, c in self._calls) != written:
+            return None
+        return tuple((n, c) for n, c in self._calls)
+
+    def keep_call_rows(self, calls: tuple[tuple[int, int], ...] | None) -> None:
+        """The calls of rows that were written here in one call, copied from the ring that recorded them."""
+        known = calls is not None and sum(n * c for n, c in calls) == self._host
+        # unknown: a run of -1 rows never lets the calls sum to the rows written
+        self._calls = [[n, c] for n, c in calls] if known and calls is not None else [[-1, 1]]
+
     def overflowed(self, written: int) -> bool:
         """Did rows go past what the ring holds (never for a growing ring; ``keep_newest`` wraps)?"""
         return self._fixed and not self.keep_newest and written > self.capacity

@@ -273,6 +273,7 @@ class Routes:
         self._experts = experts
         self._data = data
         self._validated = bool(validate)
+        self._call_rows: tuple[tuple[int, int], ...] | None = None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -497,6 +498,9 @@ class Routes:
         obj._experts = tuple(int(e) for e in experts)
         obj._data = [d.to(_storage_dtype(e)).contiguous() for d, e in zip(data, obj._experts, strict=True)]
         obj._validated = validated
+        #: a capture's rows per router call, as (rows, calls) runs, set by Session.routes() only: every
+        #: other Routes (sliced, joined, loaded, built) holds rows that no longer follow those calls
+        obj._call_rows = None
         return obj
 
     def _ensure_valid(self) -> None:

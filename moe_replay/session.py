@@ -164,6 +164,11 @@ class _HostRows:
         self.written = torch.tensor(written)
         self._over = ring.overflowed(written)
         self._rows = None if self._over else ring.rows(written)
+        self._calls = ring.call_rows(written)
+
+    def call_rows(self, written: int) -> tuple[tuple[int, int], ...] | None:
+        """The ring's rows per call when it was copied (see :meth:`CaptureRing.call_rows`)."""
+        return self._calls
 
     def overflowed(self, written: int) -> bool:
         return self._over
@@ -685,6 +690,7 @@ class Session:
                     written = int(ring.written)
                     if written and not ring.overflowed(written):
                         new.write(ring.rows(written).to(device))
+                        new.keep_call_rows(ring.call_rows(written))
 
     def __enter__(self) -> Session:
         return self
@@ -956,7 +962,11 @@ class Session:
             r.rows(w) if r is not None else torch.zeros(0, s.top_k or 1, dtype=torch.long)
             for s, r, w in zip(self._sites, rings, written, strict=True)
         ]
-        return Routes._trusted(rows, names, [s.num_experts for s in self._sites])
+        routes = Routes._trusted(rows, names, [s.num_experts for s in self._sites])
+        # the forwards the rows came from, where every router saw the same ones (split_generation checks them)
+        calls = {r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)}
+        routes._call_rows = calls.pop() if len(calls) == 1 else None
+        return routes
 
     # ------------------------------------------------------------- replay
     def _other_model(self, routes: Routes) -> str:

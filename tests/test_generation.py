@@ -258,6 +258,11 @@ def test_hf_generate_with_num_return_sequences_replays_with_the_repeated_mask() 
             )
         with pytest.raises(mr.InvalidArgumentError, match=f"repeat_interleave\\({n}, dim=0\\)"):
             mr.split_generation(session.routes(), attention_mask=mask, sequences=out)
+        # without sequences the row count fits 2n - 1 + P new tokens; the capture's forwards do not
+        with pytest.raises(
+            mr.RoutesValidationError, match=f"num_return_sequences={n}.*repeat_interleave\\({n}, dim=0\\)"
+        ):
+            mr.split_generation(session.routes(), attention_mask=mask)
         grid_mask = mask.repeat_interleave(n, dim=0)
         parts = mr.split_generation(session.routes(), attention_mask=grid_mask, sequences=out, keep_padding=True)
         assert len(parts) == B * n
@@ -336,3 +341,81 @@ def test_generation_lengths_refuses_an_eos_that_is_not_an_integer() -> None:
     assert mr.generation_lengths(seq, 2, []).tolist() == [3, 3]  # no end-of-sequence id: all ran
     assert mr.generation_lengths(seq.int(), 2, 2**40).tolist() == [3, 3]  # never in int32 ids
     assert mr.generation_lengths(seq, 2, torch.tensor([2, 7])).tolist() == [2, 3]
+
+
+@pytest.mark.reliability("bad inputs")
+def test_two_generate_calls_in_one_capture_are_refused_not_split_as_one() -> None:
+    """Two generate() calls in one capture, their outputs joined, are refused: the rows fit one call of both batches.
+
+    ``b`` sequences in two calls of ``b / 2`` record as many rows as one call of ``b``, in
+    another order: split by the row count alone, most tokens got other tokens' experts.
+    The routes a capture returns remember their forwards; capturing each call on its own
+    is the remedy and replays exactly.
+    """
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture():
+            a = model.generate(prompt, N, attention_mask=mask)
+            b = model.generate(prompt, N, attention_mask=mask, do_sample=True)
+        joined = session.routes()
+        seen = rf"forwards of {B * P}, {B} x{N - 1}, {B * P}, {B} x{N - 1} rows.*more than one generate"
+        with pytest.raises(mr.RoutesValidationError, match=seen):
+            mr.split_generation(joined, attention_mask=torch.cat([mask, mask]), sequences=torch.cat([a, b]))
+        with pytest.raises(mr.RoutesValidationError, match=seen):
+            mr.split_generation(joined, attention_mask=mask)  # without sequences: one call of 2N + P - 1 tokens
+        parts, outs = [], []
+        for sample in (False, True):
+            with session.capture():
+                outs.append(model.generate(prompt, N, attention_mask=mask, do_sample=sample))
+            parts += mr.split_generation(session.routes(), attention_mask=mask, sequences=outs[-1], keep_padding=True)
+        full_mask = torch.cat([torch.cat([mask, mask]), torch.ones(2 * B, N, dtype=torch.long)], dim=1)
+        with session.replay(mr.Routes.cat(parts)), session.capture(), torch.no_grad():
+            model(torch.cat(outs), attention_mask=full_mask)
+        assert mr.compare(mr.Routes.cat(parts), session.routes()).overall == 0.0
+
+
+@pytest.mark.parametrize(
+    ("setting", "match"),
+    [
+        # the prompt but its last token in chunks of 2, then that token and the new ones one at a time
+        (dict(prefill_chunk_size=2), rf"forwards of {2 * B} x{(P - 1) // 2}, {B} x{N} rows.*chunked prefill"),
+        # every step routes the whole sequence again
+        (dict(use_cache=False), rf"forwards of {B * P}, {B * (P + 1)}, {B * (P + 2)}, .*use_cache=False"),
+    ],
+    ids=["chunked prefill", "no KV cache"],
+)
+def test_hf_generate_whose_forwards_are_not_prompt_then_steps_is_refused(setting: dict, match: str) -> None:
+    """Forwards other than one prompt forward and one per new token are refused, not split by the row count.
+
+    A chunked prefill records the row count of one prompt forward, in another order.
+    """
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, attention_mask=mask, max_new_tokens=N, pad_token_id=0, **setting)
+        with pytest.raises(mr.RoutesValidationError, match=match):
+            mr.split_generation(session.routes(), attention_mask=mask)
+
+
+def test_a_capture_remembers_its_forwards_through_reserve_and_only_while_eager() -> None:
+    """reserve() moves the rows and their forwards; rows no host call counted (compiled) leave them unknown."""
+    model = mr.models.build("softmax_topk")
+    x = torch.randint(1, 128, (2, 5))
+    with mr.attach(model, capacity=4) as session:
+        with session.capture(), torch.no_grad():
+            model(x)
+            model(x[:, :1])
+            model(x[:, :1])
+        want = ((10, 1), (2, 2))
+        assert session.routes()._call_rows == want
+        session.reserve(64)  # a new first segment: the rows move in one write
+        assert session.routes()._call_rows == want
+        with session.capture(clear=False), torch.no_grad():
+            model(x[:, :1])
+        assert session.routes()._call_rows == ((10, 1), (2, 3))
+        assert session.routes()[1:]._call_rows is None  # sliced rows no longer follow the forwards
+        session.detach()
+        assert session.routes()._call_rows == ((10, 1), (2, 3))  # kept at detach

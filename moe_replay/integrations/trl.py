@@ -715,11 +715,11 @@ def _refuse_before(config: Any, kwargs: dict[str, Any]) -> None:
             )
 
 
-#: Why a chunked prefill cannot be split per sequence (a generate() call recorded as rows only).
+#: Why a chunked prefill is not split per sequence (split_generation takes one prompt forward).
 _CHUNKED_PREFILL = (
     "routing replay does not support a chunked prefill (prefill_chunk_size): generate() then routes the prompts "
-    "chunk by chunk, every sequence's chunk in turn, and the capture holds no forward boundaries to split that "
-    "order per sequence. Leave prefill_chunk_size unset, or use vLLM"
+    "chunk by chunk, every sequence's chunk in turn, and split_generation splits one prompt forward only. Leave "
+    "prefill_chunk_size unset, or use vLLM"
 )
 
 
