@@ -397,7 +397,11 @@ class CaptureRing:
                 self._prepare_views(start + n, n)
         self._host = start + n
         self._lag += n
-        self._count_call(n)
+        calls = self._calls  # (_count_call, inline: this runs at every captured router call)
+        if calls and calls[-1][0] == n:
+            calls[-1][1] += 1
+        elif n and not self.keep_newest:
+            calls.append([n, 1])
 
     def _prepare_views(self, start: int, n: int) -> None:
         """Views of the rows ``start, start + n, ...`` of the segment holding ``start`` (up to ``_VIEWS``)."""
