@@ -44,7 +44,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
-from .errors import ReplayConsumptionError, UnsupportedRouterError
+from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError
 from .evidence import DECISION_FUNCS, NESTING, UNWRAP, Evidence, best_others, decision_call, establish
 from .ring import CaptureRing, ReplaySource
 
@@ -322,6 +322,12 @@ class RouterHook:
             if ev is None:
                 return None
             known[key] = ev
+        self._check_rows_fit(ev)
+        for mode, was in list(self.evidence.items()):
+            if (was.top_k, was.num_experts) != (ev.top_k, ev.num_experts) and not any(
+                v is was and k[-1] == key[-1] for k, v in known.items()
+            ):  # established in another mode under other settings (its k, changed since): it no longer holds
+                self._forget_modes({mode})
         other = next(iter(self.evidence.values()), None)
         if other is not None and (other.top_k, other.num_experts) != (ev.top_k, ev.num_experts):
             raise UnsupportedRouterError(
@@ -335,10 +341,39 @@ class RouterHook:
             self.on_established(self)
         return ev
 
+    def _check_rows_fit(self, ev: Evidence) -> None:
+        """Refuse a decision whose k or E differs from the rows in use: routes for a router whose k no
+        attribute said (checked only now), or a decision established again after the model changed
+        inside a block. Forced rows of another k would be cut or padded, and a capture would mix rows of
+        two shapes in one router's routes. Nothing is adopted, so every later forward in the block
+        refuses too; the block's end clears the rows and the decision is adopted at the next one."""
+        now = (ev.top_k, ev.num_experts)
+        src = self.replay_source
+        if src is not None and (src.top_k, src.num_experts) != now:
+            raise RoutesValidationError(
+                f"router '{self.name}' chooses {ev.top_k} of {ev.num_experts} experts (its decision, established at "
+                f"this forward), but the routes being replayed hold rows of {src.top_k} of {src.num_experts} experts "
+                "for it: they were recorded on another model, or the model changed since (inside this replay() "
+                "block, say). Nothing was forced in this forward; leave the block and replay routes recorded on the "
+                "model as it is now"
+            )
+        ring = self.capture_ring
+        if self.capturing and ring is not None and ring.host_written and (ring.top_k, ring.num_experts) != now:
+            raise UnsupportedRouterError(
+                f"router '{self.name}' now chooses {ev.top_k} of {ev.num_experts} experts (its decision was "
+                "established again at this forward: the model changed inside this capture() block), but this "
+                f"capture already holds {ring.host_written} rows of {ring.top_k} of {ring.num_experts} experts for "
+                "it, and one router's routes hold rows of one shape. Nothing was recorded in this forward; start a "
+                "new capture (routes(allow_partial=True) reads the rows recorded before the change)"
+            )
+
     def forget(self, *, every_mode: bool = False) -> None:
         """Drop the evidence of the mode now running, or of every mode (here and for later sessions): it no
         longer holds."""
-        modes = {*self.evidence, *self._lean} if every_mode else {self.mode()}
+        self._forget_modes({*self.evidence, *self._lean} if every_mode else {self.mode()})
+
+    def _forget_modes(self, modes: set[tuple[bool, bool]]) -> None:
+        """Drop the evidence of ``modes``, here and for later sessions."""
         known = _KNOWN.get(self.scope)
         for mode in modes:
             self.evidence.pop(mode, None)

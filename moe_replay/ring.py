@@ -164,6 +164,7 @@ class CaptureRing:
         if capacity < 1:
             raise InvalidArgumentError(f"capacity must be at least 1 row, got {capacity}")
         self.top_k = int(top_k)
+        self.num_experts = int(num_experts)
         self.device = torch.device(device)
         self.dtype = index_dtype(num_experts)
         self.keep_newest = bool(keep_newest)
@@ -563,6 +564,7 @@ class ReplaySource:
         self.name = name
         self.num_rows = int(rows.shape[0])
         self.top_k = int(rows.shape[1])
+        self.num_experts = int(num_experts)
         self.has_missing = bool((rows < 0).any()) if rows.numel() else False
         dtype = (
             index_dtype(num_experts) if not self.has_missing else torch.int16 if num_experts < 2**15 else torch.int32

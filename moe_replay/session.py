@@ -160,7 +160,7 @@ class _HostRows:
     """A detached session's copy of one capture ring's rows, on the host (the ring's reading interface)."""
 
     def __init__(self, ring: CaptureRing, written: int) -> None:
-        self.capacity, self.fixed_by = ring.capacity, ring.fixed_by
+        self.capacity, self.fixed_by, self.num_experts = ring.capacity, ring.fixed_by, ring.num_experts
         self.written = torch.tensor(written)
         self._over = ring.overflowed(written)
         self._rows = None if self._over else ring.rows(written)
@@ -412,9 +412,11 @@ class Session:
             hook.capture_ring = None
             return
         ring = hook.capture_ring
-        if ring is not None and ring.top_k == hook.top_k and ring.buf.dtype == index_dtype(hook.num_experts):
+        if ring is not None and (ring.top_k, ring.num_experts) == (hook.top_k, hook.num_experts):
             return
-        if ring is not None:  # discovery's k or E was wrong: the decision says otherwise, nothing was written
+        if ring is not None and ring.host_written and not self._capturing:
+            return  # the decision changed since the last capture: its rows stay readable until the next one
+        if ring is not None:  # discovery's k or E was wrong, or the model changed: no row of this capture is held
             self._budget.held -= ring.nbytes
             self._budget.rings -= 1
         hook.capture_ring = CaptureRing(
@@ -778,10 +780,21 @@ class Session:
                 + f", more than max_bytes={cap}; nothing was cleared. Attach with a smaller capacity, expect "
                 "fewer tokens per capture() block, or raise max_bytes"
             )
+        stale = [h.name for h in self._hooks if _stale_ring(h)]
+        if stale and not clear:
+            raise SessionStateError(
+                f"routers {stale[:4]} choose another number of experts (k or E) than when the last capture recorded "
+                "their rows (the model changed since), so capture(clear=False) cannot append to those rows: start a "
+                "new capture"
+            )
         if clear:
             for r in rings:
                 r.reset()
             self._interrupted = None
+            for h, site in zip(self._hooks, self._sites, strict=True):
+                if _stale_ring(h):  # rings of the last capture, kept readable until now
+                    self._new_ring(h, site)
+            rings = self._rings()
         limit = self._budget.limit
         try:
             if max_bytes is not None:
@@ -962,7 +975,8 @@ class Session:
             r.rows(w) if r is not None else torch.zeros(0, s.top_k or 1, dtype=torch.long)
             for s, r, w in zip(self._sites, rings, written, strict=True)
         ]
-        routes = Routes._trusted(rows, names, [s.num_experts for s in self._sites])
+        experts = [r.num_experts if r is not None else s.num_experts for s, r in zip(self._sites, rings, strict=True)]
+        routes = Routes._trusted(rows, names, experts)  # (a ring kept from before a change: the E it recorded)
         # the forwards the rows came from, where every router saw the same ones (split_generation checks them)
         calls = {r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)}
         routes._call_rows = calls.pop() if len(calls) == 1 else None
@@ -1223,6 +1237,12 @@ class _Missing:
 
 
 _MISSING = _Missing()
+
+
+def _stale_ring(hook: RouterHook) -> bool:
+    """Does ``hook``'s ring hold rows of another k or E than its decision now has (kept for ``routes()``)?"""
+    ring = hook.capture_ring
+    return ring is not None and (ring.top_k, ring.num_experts) != (hook.top_k, hook.num_experts)
 
 
 def _copy_of_router(module: nn.Module) -> bool:

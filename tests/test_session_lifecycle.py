@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -760,3 +761,62 @@ def test_verify_names_routers_that_ran_on_no_token_and_passes_the_others() -> No
         with session.capture():
             model(x, both)
         assert session.routes().tokens_per_layer == (3, 3)
+
+
+# ----------------------------------------------------------------------------- a router's k changed
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize("block", ["replay", "capture"])
+@pytest.mark.parametrize("new_k", [1, 3])
+def test_a_router_whose_k_changes_inside_a_block_refuses_every_forward(block: str, new_k: int) -> None:
+    """A router whose k changes inside a block refuses every forward, retried too: no row is cut, padded or mixed."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    x = torch.randint(0, 128, (2, 8))
+    router = model.layers[0].mlp.router
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        if block == "replay":
+            # the retry loop catches the first refusal (the control flow changed); the next forward must
+            # not force rows of k=2 on a router that now chooses new_k (cut to 1 or padded to 3)
+            with pytest.raises(mr.RoutesValidationError, match=f"chooses {new_k} of 8.*rows of 2 of 8"):
+                with session.replay(routes):
+                    router.top_k = new_k
+                    for _ in range(3):
+                        with contextlib.suppress(mr.UnsupportedRouterError):
+                            model(x)
+        else:
+            with session.capture(clear=False):
+                router.top_k = new_k
+                for _ in range(3):
+                    with pytest.raises(mr.UnsupportedRouterError):
+                        model(x)
+            assert session.routes().equal(routes)  # nothing dropped, nothing of another k appended
+        tried()
+
+
+@pytest.mark.reliability("lifecycle")
+def test_a_router_whose_k_changes_between_blocks_keeps_the_last_capture_readable() -> None:
+    """A router whose k changes between blocks is established again; the last capture stays readable as it was."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    x = torch.randint(0, 128, (2, 8))
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        model.layers[0].mlp.router.top_k = 1
+        session.verify(x)  # another mode (no gradients) than the capture's: its evidence of k=2 no longer holds
+        assert [s.top_k for s in session.sites] == [1, 2]
+        assert session.routes().equal(routes)
+        with pytest.raises(mr.SessionStateError, match="cannot append"):
+            with session.capture(clear=False):
+                pass
+        assert session.routes().equal(routes)
+        with pytest.raises(mr.RoutesValidationError, match="k=1"), session.replay(routes):
+            pass
+        with session.capture():
+            ref = model(x).logits
+        now = session.routes()
+        assert now.k_per_layer == (1, 2)
+        with session.replay(now):
+            assert torch.equal(model(x).logits, ref)
