@@ -1045,7 +1045,8 @@ class Session:
             e, k = routes.experts_per_layer[j], routes.k_per_layer[j]
             if e != s.num_experts:
                 wrong.append(f"router '{s.name}' has {s.num_experts} experts, but the routes were recorded for {e}")
-            elif k != s.top_k:
+            elif s.top_k is not None and k != s.top_k:  # (a k no attribute says: checked when its decision is
+                # established, at its first forward, which refuses routes of another k before forcing them)
                 wrong.append(f"router '{s.name}' chooses k={s.top_k} experts per token, but its routes have k={k}")
             plan.append((h, s, j))
         if wrong:
@@ -1065,7 +1066,9 @@ class Session:
 
         Every router consumes its rows in order, one row per token per forward; -1 rows
         route that token natively. Routes are checked against the model before any
-        forward runs.
+        forward runs; the k of a router that no attribute gives, not run yet under this
+        session, is checked when its first forward establishes its decision, before
+        anything is forced.
 
         A forward that raises is not rewound: the routers that ran before the exception
         have consumed its rows. An exception that leaves the block ends the replay there
@@ -1080,7 +1083,7 @@ class Session:
 
         Raises:
             RoutesValidationError / RouterNotFoundError: before any forward, if the routes
-                do not fit the model.
+                do not fit the model (at a router's first forward, for its k as above).
             ReplayConsumptionError: on leaving, if a router consumed too few or too many rows.
         """
         self._check_attached()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 import moe_replay as mr
 
@@ -102,6 +105,43 @@ def test_missing_router_is_strict(setup) -> None:
     with session.replay(part, strict=False), session.capture():
         model(x)
     assert torch.equal(session.routes().per_layer()[0], routes.per_layer()[0])
+
+
+class _KInForward(nn.Module):
+    """A bare gate whose k is written only in its block's forward: no attribute tells discovery."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(16, 8, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
+        return x + out
+
+
+def test_routes_for_a_router_of_unknown_k_are_checked_at_its_first_forward() -> None:
+    """Routes replayed before a router's first forward, its k unknown: forced if they fit its decision, else refused."""
+    model = nn.Sequential(_KInForward(), _KInForward())
+    x = torch.randn(6, 16)
+    with mr.attach(recorder := copy.deepcopy(model)) as session, session.capture():
+        ref = recorder(x)
+    routes = session.routes()
+    cut = mr.Routes([t[:, :1] for t in routes.per_layer()], names=routes.names, num_experts=8)
+    before = snapshot(model)
+    with mr.attach(model) as session:
+        assert [s.top_k for s in session.sites] == [None, None]
+        for _ in range(2):  # a retry inside the block is refused too
+            with pytest.raises(mr.RoutesValidationError, match=r"'0\.gate' chooses 2 of 8.*rows of 1 of 8"):
+                with session.replay(cut):
+                    model(x)
+        with session.replay(routes):
+            assert torch.equal(model(x), ref)
+    assert_untouched(model, before)
 
 
 BAD_VALUES = {
