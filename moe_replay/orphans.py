@@ -1,9 +1,10 @@
 """Every decision in a captured forward belongs to an attached router, or it is an error.
 
 Discovery finds routers by pattern; a router it missed (a parametrized or flat weight, an
-unusual name, a module rebuilt after attach) would simply not be recorded or forced. So the
-first forward of a session's first capture, and every ``verify()``, is watched as a whole: a
-decision-like call (see :func:`moe_replay.evidence.decision_call`) over an expert width made in
+unusual name, a module added after attach) would simply not be recorded or forced. So the
+first forward under capture or replay is watched as a whole (at every block until one forward
+passes, and again once the modules on the way to the routers change), and so is every
+``verify()``: a decision-like call (see :func:`moe_replay.evidence.decision_call`) over an expert width made in
 a module inside an MoE block (a module that holds experts) that is neither an attached router's
 scope (or inside one) nor a module the user excluded is an orphan, and the forward raises with
 its module and line. That includes the block that holds a router module and takes a top-k of
@@ -182,12 +183,14 @@ def watch_forward(
     scopes: Iterable[str],
     widths: Iterable[int],
     excluded: Callable[[str, nn.Module], bool] | None,
+    on_pass: Callable[[], None] | None = None,
 ) -> Callable[[], None]:
     """Watch the next forward of ``model``; returns a function that stops watching.
 
     Global module hooks (none stored on the model, which stays picklable) enter an
     :class:`OrphanWatch` when ``model``'s forward starts and leave it when it ends, also
-    when it raises; then they remove themselves.
+    when it raises; then they remove themselves. ``on_pass`` is called once a forward ran to
+    its end with no decision outside the routers (not after one that raised).
     """
     from torch.nn.modules import module as _module
 
@@ -208,6 +211,8 @@ def watch_forward(
         watch.__exit__(None, None, None)
         stop()
         watch.check()
+        if on_pass is not None and sys.exc_info()[0] is None:  # (always_call: also run while the forward raises)
+            on_pass()
 
     handles = [
         _module.register_module_forward_pre_hook(pre),

@@ -57,8 +57,9 @@ __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
 DEFAULT_CAPACITY = 1 << 16
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
-#: Models whose forward was watched for decisions outside every router, by router scopes and mode.
-_WATCHED: weakref.WeakKeyDictionary[nn.Module, set[tuple[Any, ...]]] = weakref.WeakKeyDictionary()
+#: Models whose forward passed the watch for decisions outside every router: by router scopes and
+#: training flag, the modules on the way to the routers that it passed with.
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _Skeleton]] = weakref.WeakKeyDictionary()
 _ATTACH_LOCK = threading.Lock()
 
 
@@ -211,7 +212,7 @@ class Session:
         self._sites = list(sites)
         self._declared_top_k = declared_top_k
         self._excluded = excluded
-        self._watch_pending = True  # the first capture's first forward is watched for orphan decisions
+        self._watching = False  # a block of this session watches the model's next forward (see _watch)
         self.capacity = int(capacity)
         self.keep_newest = bool(keep_newest)
         self.max_bytes = max_bytes
@@ -440,24 +441,39 @@ class Session:
     def _watch(self) -> Callable[[], None] | None:
         """Watch the model's next forward for decisions outside every router (see :mod:`.orphans`).
 
-        Once per model, set of routers and mode: a later session on the same routers (a trainer or
-        a benchmark attaching again) does not pay for the watch again.
+        At the start of every capture and replay block, until one forward passes the watch, and again
+        once a module on the way to the routers was added or replaced (a new MoE layer, a dense MLP
+        swapped for an MoE block): a router that discovery never saw would run natively, neither
+        recorded nor forced. Once per model, set of routers, mode and module skeleton: a later
+        session on the same routers (a trainer or a benchmark attaching again) does not pay for it again.
         """
         model = self._model_ref()
-        if model is None or torch.compiler.is_compiling():
+        if model is None or self._watching or torch.compiler.is_compiling():
             return None
-        if not self._mark_watched(model):
+        scopes = self._scopes()
+        passed = _WATCHED.get(model, {}).get((tuple(scopes), model.training))
+        if passed is not None and passed.holds(model, scopes):
             return None
-        return watch_forward(model, self._scopes(), self._widths(), self._excluded)
+        ref = weakref.ref(model)
 
-    def _mark_watched(self, model: nn.Module) -> bool:
-        """Record that ``model``'s forward is (being) watched with these routers; False if it was before."""
-        key = (tuple(self._scopes()), model.training)
-        seen = _WATCHED.setdefault(model, set())
-        if key in seen:
-            return False
-        seen.add(key)
-        return True
+        def on_pass() -> None:
+            watched = ref()
+            if watched is not None:
+                self._mark_watched(watched)
+
+        stop = watch_forward(model, scopes, self._widths(), self._excluded, on_pass=on_pass)
+        self._watching = True
+
+        def stop_watching() -> None:
+            self._watching = False
+            stop()
+
+        return stop_watching
+
+    def _mark_watched(self, model: nn.Module) -> None:
+        """Record that a forward of ``model`` passed the watch with these routers, as the model is now."""
+        scopes = self._scopes()
+        _WATCHED.setdefault(model, {})[(tuple(scopes), model.training)] = _Skeleton(model, scopes)
 
     def _scopes(self) -> list[str]:
         return [s.scope for s in self._sites]
@@ -819,8 +835,7 @@ class Session:
         for h in self._hooks:
             h.calls = h.decisions = 0
         self._has_capture = True
-        stop = self._watch() if self._watch_pending else None
-        self._watch_pending = False
+        stop = self._watch()
         self._set(capturing=True)
         try:
             yield
@@ -1102,6 +1117,7 @@ class Session:
         with torch.inference_mode(False):  # the cursors are ordinary tensors, whatever the caller's mode
             for h, s, j in plan:
                 h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope), name=h.name)
+        stop = self._watch()
         self._set(replaying=True)
         ok = False
         try:
@@ -1109,6 +1125,8 @@ class Session:
             ok = True
         finally:
             self._set(replaying=False)
+            if stop is not None:
+                stop()
             sources = [(h, h.replay_source) for h, _, _ in plan]
             for h, _, _ in plan:
                 h.replay_source = None
@@ -1233,6 +1251,48 @@ class Session:
             )
         self._mark_watched(model)  # a capture need not watch this model's forward again
         return VerifyReport({h.name: h.calls for h in self._hooks}, evidence, idle)
+
+
+class _Skeleton:
+    """The modules on the paths from a model to its router scopes, and the children of each, held weakly.
+
+    A module added or replaced there (a new MoE layer in the layer list, a dense MLP swapped for an
+    MoE block, a head added to the model) changes it, so the watch runs again; what lies off those
+    paths is not compared (a deep walk of every module at each block would cost more than a forward
+    of a small model).
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, model: nn.Module, scopes: Sequence[str]) -> None:
+        self._parts = [
+            (weakref.ref(m), tuple(weakref.ref(c) for c in m._modules.values() if c is not None))
+            for m in _on_the_way(model, scopes)
+        ]
+
+    def holds(self, model: nn.Module, scopes: Sequence[str]) -> bool:
+        """Is ``model`` still made of the modules this skeleton was taken from, on the way to ``scopes``?"""
+        modules = _on_the_way(model, scopes)
+        if len(modules) != len(self._parts):
+            return False
+        for m, (ref, kids) in zip(modules, self._parts, strict=True):
+            now = [c for c in m._modules.values() if c is not None]
+            if ref() is not m or len(now) != len(kids) or any(r() is not c for r, c in zip(kids, now, strict=True)):
+                return False
+        return True
+
+
+def _on_the_way(model: nn.Module, scopes: Sequence[str]) -> list[nn.Module]:
+    """``model`` and the modules on the paths to ``scopes`` (not the scopes themselves), once each, in order."""
+    found: dict[int, nn.Module] = {id(model): model}
+    for scope in scopes:
+        m: nn.Module | None = model
+        for part in scope.split(".")[:-1] if scope else ():
+            m = m._modules.get(part) if m is not None else None
+            if m is None:
+                break
+            found.setdefault(id(m), m)
+    return list(found.values())
 
 
 class _Missing:

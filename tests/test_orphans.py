@@ -9,6 +9,8 @@ from torch import nn
 
 import moe_replay as mr
 
+from .conftest import tried
+
 D, E, T = 16, 4, 6
 
 
@@ -107,6 +109,39 @@ def test_an_unfound_moe_layer_is_refused_whatever_its_expert_count(experts: int)
         assert session.names == ("0.mlp.gate",)
         with pytest.raises(mr.UnsupportedRouterError, match=rf"'1\.mlp' \(SigmaFFN\): topk over {experts}"):
             session.verify(torch.randn(T, D))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("block", ["capture", "replay"])
+def test_an_unfound_router_is_refused_at_every_block_until_a_forward_passes(block: str) -> None:
+    """An unfound router is refused again on a retry, in replay blocks too, and in a layer added after attach."""
+    x = torch.randn(T, D)
+    routes = mr.Routes([torch.tensor([[0, 1]] * T)], names=["0.mlp.gate"], num_experts=E)
+
+    def run(session: mr.Session, model: nn.Module) -> None:
+        with session.capture() if block == "capture" else session.replay(routes):
+            model(x)
+
+    model = nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), SigmaFFN(E)))
+    for _ in range(2):  # a second session on the model, as a retry after the error would attach
+        with mr.attach(model) as session:
+            for _ in range(2):  # a retry in the same session
+                with pytest.raises(mr.UnsupportedRouterError, match=r"'1\.mlp' \(SigmaFFN\)"):
+                    run(session, model)
+                tried()
+    changes = {
+        "a layer appended": lambda m: m.append(Layer(nn.Identity(), SigmaFFN(E))),
+        "a mixer replaced": lambda m: setattr(m[0], "attention", ExpertHeads()),
+    }
+    for change in changes.values():
+        model = nn.Sequential(Layer(nn.Identity(), FFN()))
+        with mr.attach(model) as session:
+            run(session, model)  # watched, and passed
+            run(session, model)
+            change(model)
+            with pytest.raises(mr.UnsupportedRouterError, match="outside every attached router"):
+                run(session, model)
+        tried()
 
 
 def test_an_attention_top_k_over_keys_is_not_a_decision() -> None:
