@@ -72,7 +72,7 @@ OVERFLOW_MARK = "moe_replay capture overflow:"
 def index_dtype(num_experts: int) -> torch.dtype:
     """Smallest integer dtype that holds the indices ``0 .. num_experts - 1``.
 
-    uint8 up to 256 experts (1 byte per index), int16 up to 32768, int32 beyond.
+    uint8 up to 256 experts (1 byte per index), int16 up to 32768, int32 up to 2**31.
 
     Example:
         >>> import moe_replay as mr
@@ -81,6 +81,10 @@ def index_dtype(num_experts: int) -> torch.dtype:
     """
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise InvalidArgumentError(f"num_experts must be a positive int, got {num_experts!r}")
+    if num_experts > 2**31:
+        raise InvalidArgumentError(
+            f"num_experts={num_experts} is more than int32 indices hold (2**31 experts); no MoE routes this many"
+        )
     if num_experts <= 256:
         return torch.uint8
     if num_experts <= 2**15:

@@ -16,7 +16,9 @@ from .conftest import examples
 def test_index_dtype_is_smallest() -> None:
     assert index_dtype(8) == index_dtype(256) == torch.uint8
     assert index_dtype(257) == torch.int16
-    assert index_dtype(2**15 + 1) == torch.int32
+    assert index_dtype(2**15 + 1) == index_dtype(2**31) == torch.int32
+    with pytest.raises(mr.InvalidArgumentError, match="int32"):
+        index_dtype(2**31 + 1)  # expert 2**31 does not fit
 
 
 def test_keep_newest_ring_wraps_and_counts_every_row() -> None:
