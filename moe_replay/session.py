@@ -760,8 +760,10 @@ class Session:
         An exception that leaves the block ends the capture. The rows written before it
         stay in the rings (nothing is rewound: the routers that ran in the failed forward
         keep its rows, the others do not have them), so :meth:`routes` refuses them unless
-        asked for ``allow_partial=True``, and ``clear=False`` cannot append to them. Rows
-        kept for activation-checkpoint recomputes belong to each forward's autograd graph:
+        asked for ``allow_partial=True``, and ``clear=False`` cannot append to them. Caught
+        inside the block, a failed forward leaves the routers out of step with nothing to
+        mark it (a failure outside every router is not seen): let it leave the block, or
+        capture again. Rows kept for activation-checkpoint recomputes belong to each forward's autograd graph:
         a failed forward's go with its graph, a finished forward's backward still gets its own.
         """
         self._check_attached()
