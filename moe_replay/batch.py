@@ -36,7 +36,7 @@ from .errors import (
     InvalidArgumentError,
     RoutesValidationError,
 )
-from .routes import Routes
+from .routes import Routes, reorder_hint
 
 __all__ = ["BatchLayout", "pack_routes", "pad_routes"]
 
@@ -72,7 +72,8 @@ def check_same_routers(parts: Sequence[Routes], what: str = "sequence") -> None:
             raise RoutesValidationError(
                 f"{what} {i} holds routers {list(p.names)[:3]}... (experts {p.experts_per_layer[:3]}, "
                 f"k {p.k_per_layer[:3]}), {what} 0 holds {list(first.names)[:3]}... (experts "
-                f"{first.experts_per_layer[:3]}, k {first.k_per_layer[:3]}): they come from different models"
+                f"{first.experts_per_layer[:3]}, k {first.k_per_layer[:3]})"
+                + (reorder_hint(p, first, i, what) or ": they come from different models")
             )
 
 

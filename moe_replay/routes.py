@@ -481,7 +481,7 @@ class Routes:
             if p.names != first.names or p.experts_per_layer != first.experts_per_layer:
                 raise RoutesValidationError(
                     f"Routes.cat: part {i} holds routers {list(p.names)} with experts {p.experts_per_layer}, "
-                    f"part 0 holds {list(first.names)} with {first.experts_per_layer}"
+                    f"part 0 holds {list(first.names)} with {first.experts_per_layer}" + reorder_hint(p, first, i)
                 )
             if p.k_per_layer != first.k_per_layer:
                 raise RoutesValidationError(f"Routes.cat: part {i} has k {p.k_per_layer}, part 0 {first.k_per_layer}")
@@ -616,6 +616,13 @@ class Routes:
         if meta.get("fingerprint") not in (None, routes.fingerprint):
             raise RoutesValidationError(f"{path}: the stored fingerprint does not match its contents (corrupted)")
         return routes
+
+
+def reorder_hint(part: Routes, first: Routes, i: int, what: str = "part") -> str:
+    """What to do when ``part`` (number ``i``) holds the routers of ``first`` in another order ("" when not)."""
+    if set(part.names) != set(first.names) or part.names == first.names:
+        return ""
+    return f": the same routers in another order; reorder {what} {i} with .select() and the names of {what} 0"
 
 
 def _header(

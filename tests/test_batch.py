@@ -89,6 +89,8 @@ def test_layout_errors() -> None:
     other = mr.Routes([torch.zeros(1, 1, dtype=torch.long)] * 2, names=["x", "y"], num_experts=4)
     with pytest.raises(mr.RoutesValidationError, match="different models"):
         layout.routes([SEQS[0], other, SEQS[2]])
+    with pytest.raises(mr.RoutesValidationError, match=r"another order; reorder sequence 2 with \.select\(\)"):
+        layout.routes([*SEQS[:2], SEQS[2].select(NAMES[::-1])])
     with pytest.raises(mr.RoutesValidationError, match="a \\[3, 4\\] batch has 12"):
         layout.unpack(SEQS[0])
     assert repr(layout) == "BatchLayout(rows=3, row_length=4, sequences=3, padding=4)"

@@ -39,6 +39,8 @@ def test_slicing_and_cat() -> None:
     assert r[3].num_tokens == 1 and r[-1].equal(r[11:])
     with pytest.raises(mr.RoutesValidationError, match="part 1 holds routers"):
         mr.Routes.cat([r, r.select(["layers.1.gate"])])
+    with pytest.raises(mr.RoutesValidationError, match=r"another order; reorder part 1 with \.select\(\)"):
+        mr.Routes.cat([r, r.select(r.names[::-1])])
 
 
 @pytest.mark.reliability("round trips")
