@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import ArgumentTypeError, InvalidArgumentError, RouterNotFoundError
+from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError, RouterNotFoundError
 from .intercept import DECISIONS
 
 __all__ = ["Adapter", "Matcher", "RouterSite", "find_routers", "format_sites"]
@@ -651,6 +651,18 @@ def find_routers(
                 f"include={_describe(include)} matched no module of {type(model).__name__}; "
                 f"module paths look like {[n for n in list(modules)[1:4]]}"
             )
+        if num_experts is not None:  # routers of another expert count than the one given?
+            try:
+                found = find_routers(model, exclude=exclude, adapters=adapters, top_k=top_k)
+            except MoEReplayError:
+                found = []
+            if found:
+                widths = sorted({s.num_experts for s in found})
+                raise RouterNotFoundError(
+                    f"num_experts={num_experts} is the expert count of no router of {type(model).__name__}: without "
+                    f"it, {len(found)} routers are found ('{found[0].name}', ...) with {widths} experts. Leave "
+                    "num_experts out (it is for routers whose weight does not say their expert count)"
+                )
         raise RouterNotFoundError(
             f"no MoE router found in {type(model).__name__} ({len(modules)} modules scanned). "
             "Name the router modules with include=, e.g. mr.attach(model, include='layers.*.mlp.gate') "

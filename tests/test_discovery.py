@@ -104,6 +104,19 @@ def test_a_top_k_above_the_expert_count_is_refused_before_anything_is_attached()
     assert [s.top_k for s in mr.find_routers(model, top_k=8)] == [8, 8]  # all of them is still a choice
 
 
+def test_a_num_experts_no_router_has_is_named_as_the_problem() -> None:
+    """Once refused as 'no MoE router found ... pass num_experts=', when num_experts= itself hid the routers."""
+    model = mr.models.build("softmax_topk")
+    for wrong in (7, 2**40):
+        with pytest.raises(
+            mr.RouterNotFoundError, match=rf"num_experts={wrong} is the expert count of no router.*\[8\]"
+        ):
+            mr.find_routers(model, num_experts=wrong)
+    assert [s.num_experts for s in mr.find_routers(model, num_experts=16)] == [16, 16]  # (a hint the decision corrects)
+    with pytest.raises(mr.RouterNotFoundError, match="no MoE router found"):
+        mr.find_routers(nn.Linear(4, 4), num_experts=4)
+
+
 class _TemperatureRouter(nn.Module):
     """A top-2 router with a per-token temperature head registered after its gate (its last Linear has one
     output)."""
