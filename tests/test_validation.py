@@ -11,6 +11,7 @@ from torch import nn
 import moe_replay as mr
 
 from .conftest import assert_untouched, snapshot
+from .test_orphans import FFN
 
 pytestmark = pytest.mark.reliability("bad inputs")
 
@@ -107,26 +108,9 @@ def test_missing_router_is_strict(setup) -> None:
     assert torch.equal(session.routes().per_layer()[0], routes.per_layer()[0])
 
 
-class _KInForward(nn.Module):
-    """A bare gate whose k is written only in its block's forward: no attribute tells discovery."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = nn.Linear(16, 8, bias=False)
-        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, idx = self.gate(x).softmax(-1).topk(2, dim=-1)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
-        return x + out
-
-
 def test_routes_for_a_router_of_unknown_k_are_checked_at_its_first_forward() -> None:
     """Routes replayed before a router's first forward, its k unknown: forced if they fit its decision, else refused."""
-    model = nn.Sequential(_KInForward(), _KInForward())
+    model = nn.Sequential(FFN(8), FFN(8))  # a bare gate whose k is written only in its block's forward
     x = torch.randn(6, 16)
     with mr.attach(recorder := copy.deepcopy(model)) as session, session.capture():
         ref = recorder(x)
