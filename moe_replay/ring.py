@@ -603,6 +603,12 @@ class ReplaySource:
             self._catch_up()
         return self._cursor
 
+    @property
+    def read_by_device(self) -> bool:
+        """Has a CUDA graph or compiled region read from it? Those reads are clamped to a padding row past
+        the end, where no host check runs: only the device cursor tells an overdraw."""
+        return self._by_device
+
     def _catch_up(self) -> None:
         """Count the eager reads the device cursor is behind by (one kernel; eager code only): raised to
         the host's count, never past it nor back (see :meth:`CaptureRing._catch_up`)."""

@@ -1096,12 +1096,15 @@ class Session:
         Args:
             routes: what to replay (from :meth:`routes`, a file, or an engine's output).
             strict: on leaving, every router must have consumed exactly its rows, and
-                every router must have routes. ``False`` allows partial replay.
+                every router must have routes. ``False`` allows partial replay (rows left
+                unconsumed, routers without routes); reading past the end of a router's rows
+                is an error either way.
 
         Raises:
             RoutesValidationError / RouterNotFoundError: before any forward, if the routes
                 do not fit the model (at a router's first forward, for its k as above).
-            ReplayConsumptionError: on leaving, if a router consumed too few or too many rows.
+            ReplayConsumptionError: on leaving, if a router consumed too few (strict) or too many rows;
+                in eager mode, at the forward that reads past the end of its rows.
         """
         self._check_attached()
         with self._block("replay()"):
@@ -1132,13 +1135,24 @@ class Session:
             sources = [(h, h.replay_source) for h, _, _ in plan]
             for h, _, _ in plan:
                 h.replay_source = None
-        if ok and strict:
+        if not strict:  # unconsumed rows are fine; an overdraw never is (eager forwards raise at once)
+            sources = [(h, src) for h, src in sources if src is not None and src.read_by_device]
+        if ok and sources:
             used = _read_counters([src.consumed for _, src in sources if src is not None])
             bad = [
                 (h.name, u, src.num_rows)
                 for (h, src), u in zip(sources, used, strict=True)
-                if src is not None and u != src.num_rows
+                if src is not None and (u > src.num_rows or (strict and u != src.num_rows))
             ]
+            if bad and not strict:
+                detail = "; ".join(f"'{n}' read {u} of {r} rows" for n, u, r in bad[:6])
+                raise ReplayConsumptionError(
+                    f"replay read past the end of its routes in compiled code or a CUDA graph: {detail}"
+                    + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")
+                    + ". The tokens past the end were not given recorded experts (a compiled read is clamped to a "
+                    "padding row, where no forward can raise): their outputs are not a replay. strict=False allows "
+                    "rows left unconsumed, never too few; slice the forwards to the routes, or pass longer routes"
+                )
             if bad:
                 detail = "; ".join(f"'{n}' consumed {u} of {r} rows" for n, u, r in bad[:6])
                 raise ReplayConsumptionError(

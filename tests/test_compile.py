@@ -406,3 +406,27 @@ def test_vmap_over_a_compiled_model_inside_a_block_is_refused(tokens: torch.Tens
         with session.capture(), session.replay(routes):  # compiled, outside vmap: still forced and recorded
             compiled(tokens)
         assert session.routes().equal(routes)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_non_strict_compiled_replay_that_reads_past_its_routes_fails_at_exit(tokens: torch.Tensor) -> None:
+    """A strict=False replay whose compiled forwards read past the end of the routes fails when the block exits.
+
+    Once silent: compiled reads past the end are clamped to a padding row, so the tokens of the extra forward
+    were all sent to expert 0 and only a strict replay reported it. Leaving rows unread stays allowed."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1, expert_impl="dense")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    n = tokens.numel()
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(tokens)
+            model(tokens)
+        routes = session.routes()
+        with pytest.raises(mr.ReplayConsumptionError, match=rf"'layers.1.mlp.router' read {3 * n} of {2 * n} rows"):
+            with session.replay(routes, strict=False):
+                for _ in range(3):
+                    compiled(tokens)
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes, strict=False), session.capture():  # a prefix: fine, and forced
+            compiled(tokens)
+        assert session.routes().equal(routes[:n])
