@@ -1214,6 +1214,10 @@ class Session:
         call whose choice is changed must change the output, calls whose choice does not reach the
         output (logging, a stable-softmax ``max``) are named and ignored. Nothing is recorded.
 
+        The forward runs eagerly, also on a compiled model (``torch.compile``'s wrapper,
+        ``model.compile()``, compiled layers): compiled code cannot establish a decision, so
+        this is the eager forward a compiled model needs once after ``attach``.
+
         Returns:
             A :class:`VerifyReport`: per router, how many times it ran (it is a ``dict`` of those
             counts), ``report.evidence[name]``, which call decides and why, and ``report.idle``, the
@@ -1243,8 +1247,9 @@ class Session:
                 h.calls, h.decisions = 0, 0
                 h.verifying = True
             watch = OrphanWatch(model, self._scopes(), self._widths(), self._excluded)
-            try:
-                with torch.no_grad(), watch:
+            try:  # eagerly, also where the model or some of its modules are compiled: the decisions are
+                # established by running forwards, which compiled code cannot (the fix every refusal names)
+                with torch.no_grad(), torch.compiler.set_stance("force_eager"), watch:
                     model(*args, **kwargs)
             finally:
                 for h in self._hooks:

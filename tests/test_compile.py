@@ -430,3 +430,42 @@ def test_a_non_strict_compiled_replay_that_reads_past_its_routes_fails_at_exit(t
         with session.replay(routes, strict=False), session.capture():  # a prefix: fine, and forced
             compiled(tokens)
         assert session.routes().equal(routes[:n])
+
+
+def _compile_in_place(model: torch.nn.Module, backend: Any) -> torch.nn.Module:
+    model.compile(fullgraph=True, backend=backend)
+    return model
+
+
+def _compile_a_layer(model: torch.nn.Module, backend: Any) -> torch.nn.Module:
+    model.layers[1].compile(fullgraph=True, backend=backend)
+    return model
+
+
+@pytest.mark.parametrize(
+    "compile_",
+    [lambda m, b: torch.compile(m, fullgraph=True, backend=b), _compile_in_place, _compile_a_layer],
+    ids=["torch.compile", "model.compile", "layer.compile"],
+)
+def test_verify_establishes_a_compiled_model_eagerly(tokens: torch.Tensor, compile_: Any) -> None:
+    """session.verify(example), the fix every refusal names, runs eagerly on a compiled model: once, it ran the
+    compiled code, which cannot establish a decision, and failed with torch's error (model.compile() left no eager
+    forward at all). Afterwards the compiled code captures and forces."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1, expert_impl="dense")
+    eager = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1, expert_impl="dense")
+    counter = CompileCounter()
+    target = compile_(model, counter)
+    with mr.attach(target) as session, torch.no_grad():
+        session.verify(tokens)
+        assert counter.frame_count == 0  # (verify compiled nothing)
+        with session.capture():
+            target(tokens)
+        routes = session.routes()
+        assert counter.frame_count >= 1
+        with mr.attach(eager) as plain, plain.capture():
+            eager(tokens)
+        assert routes.equal(plain.routes().rename(dict(zip(plain.names, routes.names, strict=True))))
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes), session.capture():
+            target(tokens)
+        assert session.routes().equal(routes)
