@@ -67,6 +67,25 @@ DECISIONS = ("auto", "topk", "argmax", "max", "argmin", "min", "lookup")
 _compiling = torch.compiler.is_compiling
 
 
+def _traced(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A scope forward that torch.compile traces: the mode is traced with it."""
+    return forward(*args, **kwargs)
+
+
+@torch.compiler.disable
+def _uncompiled(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """An eager scope forward under the mode, eager all the way down.
+
+    Eager code may run inside a compiled model (at a graph break around the router) or call
+    compiled code (a compiled experts module or helper inside the scope). torch.compile would
+    then compile those frames with the mode on the stack, which it cannot trace (and which
+    answers as an eager forward: host counts, eager ring writes). So dynamo skips the frames of
+    this forward, and compiled code inside it runs as plain Python.
+    """
+    with torch.compiler.set_stance("force_eager"):
+        return forward(*args, **kwargs)
+
+
 def _in_backward() -> bool:
     return _torch_compat.current_graph_task_id() != -1
 
@@ -451,13 +470,13 @@ class RouterHook:
                 _lean.enter()
                 try:
                     with _DecisionMode(self, compiling, audit=True):
-                        out = forward(*args, **kwargs)
+                        out = _uncompiled(forward, args, kwargs)
                 finally:
                     state.auditing = auditing
                     _lean.leave()
             else:
                 with _DecisionMode(self, compiling):
-                    out = forward(*args, **kwargs)
+                    out = (_traced if compiling else _uncompiled)(forward, args, kwargs)
         finally:
             self._masks = []
             seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []

@@ -469,3 +469,35 @@ def test_verify_establishes_a_compiled_model_eagerly(tokens: torch.Tensor, compi
         with session.replay(routes), session.capture():
             target(tokens)
         assert session.routes().equal(routes)
+
+
+@pytest.mark.parametrize("compiled", ["the model", "the experts inside the router's scope"])
+def test_a_router_under_the_mode_runs_eagerly_among_compiled_code(tokens: torch.Tensor, compiled: str) -> None:
+    """A bare gate is intercepted over its whole MoE block, under the mode (its experts call a tensor method).
+
+    Once, compiled frames inside that eager forward were compiled with the mode on the stack, and torch failed
+    on every capture: a compiled model whose sparse experts graph-break, and an eager model with its experts
+    compiled. The forward now runs eagerly inside, and records and forces as an eager one."""
+    model = mr.models.build("linear_gate", num_layers=2, first_dense_layers=1)
+    counter = CompileCounter()
+    if compiled == "the model":
+        run = torch.compile(model, backend=counter)
+    else:
+        model.layers[1].mlp.experts.compile(backend=counter)
+        run = model
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(tokens)
+        want = session.routes()
+        assert session.table().count("not through torch's function") == 1  # (it keeps the mode)
+        with session.capture():
+            run(tokens)
+        assert session.routes().equal(want)
+        perturb_routers(session, scale=3.0)
+        with session.replay(want):
+            ref = model(tokens).logits
+        with session.replay(want), session.capture():
+            out = run(tokens).logits
+        assert session.routes().equal(want)
+        assert torch.allclose(out, ref, atol=1e-6)
+    assert counter.frame_count >= 1
