@@ -67,23 +67,48 @@ DECISIONS = ("auto", "topk", "argmax", "max", "argmin", "min", "lookup")
 _compiling = torch.compiler.is_compiling
 
 
-def _traced(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """A scope forward that torch.compile traces: the mode is traced with it."""
-    return forward(*args, **kwargs)
+_UNCOMPILED = threading.local()  # .on: this thread runs a router forward through _uncompiled
+
+
+class _EagerStance:
+    """torch.compile's ``force_eager`` stance while any thread runs a router forward through :func:`_uncompiled`.
+
+    The stance is global: the first forward sets it and the last one puts back what was there, so forwards that
+    overlap in several threads never leave it set (each entering and leaving it would: the second thread to enter
+    keeps ``force_eager`` as what to put back)."""
+
+    lock = threading.Lock()
+    users = 0
+    held: Any = None  # the stance's context manager, entered by the first user
 
 
 @torch.compiler.disable
-def _uncompiled(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """An eager scope forward under the mode, eager all the way down.
+def _uncompiled(run: Callable[..., Any], *args: Any) -> Any:
+    """An eager router forward under the session's interception, eager all the way down.
 
     Eager code may run inside a compiled model (at a graph break around the router) or call
     compiled code (a compiled experts module or helper inside the scope). torch.compile would
-    then compile those frames with the mode on the stack, which it cannot trace (and which
-    answers as an eager forward: host counts, eager ring writes). So dynamo skips the frames of
-    this forward, and compiled code inside it runs as plain Python.
+    then compile those frames one by one, with the mode on the stack, which it cannot trace,
+    and with the hook's eager bookkeeping (host counts, eager ring writes) in them. So dynamo
+    skips the frames of this forward, and compiled code inside it runs as plain Python.
     """
-    with torch.compiler.set_stance("force_eager"):
-        return forward(*args, **kwargs)
+    stance = _EagerStance
+    with stance.lock:
+        if stance.users == 0:
+            held = torch.compiler.set_stance("force_eager")
+            held.__enter__()
+            stance.held = held
+        stance.users += 1
+    _UNCOMPILED.on = True
+    try:
+        return run(*args)
+    finally:
+        _UNCOMPILED.on = False
+        with stance.lock:
+            stance.users -= 1
+            if stance.users == 0:
+                held, stance.held = stance.held, None
+                held.__exit__(None, None, None)
 
 
 def _in_backward() -> bool:
@@ -425,6 +450,8 @@ class RouterHook:
         self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], lean_ok: bool = True
     ) -> Any:
         compiling = _compiling()
+        if not compiling and not getattr(_UNCOMPILED, "on", False):
+            return _uncompiled(RouterHook._run, self, forward, args, kwargs, lean_ok)
         ev: Evidence | None = None
         how = "mode"
         if self.decision != "lookup":
@@ -470,13 +497,13 @@ class RouterHook:
                 _lean.enter()
                 try:
                     with _DecisionMode(self, compiling, audit=True):
-                        out = _uncompiled(forward, args, kwargs)
+                        out = forward(*args, **kwargs)
                 finally:
                     state.auditing = auditing
                     _lean.leave()
             else:
                 with _DecisionMode(self, compiling):
-                    out = (_traced if compiling else _uncompiled)(forward, args, kwargs)
+                    out = forward(*args, **kwargs)
         finally:
             self._masks = []
             seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []

@@ -500,4 +500,49 @@ def test_a_router_under_the_mode_runs_eagerly_among_compiled_code(tokens: torch.
             out = run(tokens).logits
         assert session.routes().equal(want)
         assert torch.allclose(out, ref, atol=1e-6)
+        run(tokens)  # idle: compiled code runs compiled
     assert counter.frame_count >= 1
+
+
+def test_a_first_forward_with_gradients_at_a_graph_break_is_established_eagerly(tokens: torch.Tensor) -> None:
+    """verify() establishes the routers without gradients; the first compiled training forward then reaches each
+    router in a new mode. Without fullgraph, dynamo runs that router at a graph break: once, it compiled the
+    session's eager bookkeeping frame by frame there and failed; now it runs eagerly and is established."""
+    model = mr.models.build("grouped_sigmoid", num_layers=2, first_dense_layers=1, expert_impl="dense")
+    compiled = torch.compile(model, backend="eager")
+    with mr.attach(model) as session:
+        session.verify(tokens)
+        with session.capture(), torch.no_grad():
+            model(tokens)
+        want = session.routes()
+        with session.capture():
+            compiled(tokens).logits.sum().backward()
+        assert session.routes().equal(want)
+        perturb_routers(session, scale=3.0)
+        with session.replay(want), session.capture():
+            compiled(tokens).logits.sum().backward()
+        assert session.routes().equal(want)
+
+
+def test_router_forwards_that_overlap_in_threads_leave_compiled_code_compiled() -> None:
+    """The force_eager stance of an eager router forward is global: forwards that overlap in two threads and end
+    in the order they began must still put back the stance that was there, or every later compiled call runs eager."""
+    import threading
+    import time
+
+    from moe_replay.intercept import _uncompiled
+
+    started = threading.Barrier(2)
+
+    def forward(delay: float) -> None:
+        started.wait()
+        time.sleep(delay)
+
+    threads = [threading.Thread(target=_uncompiled, args=(forward, d)) for d in (0.05, 0.1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counter = CompileCounter()
+    torch.compile(lambda x: x + 1, backend=counter)(torch.zeros(2))
+    assert counter.frame_count == 1
