@@ -71,15 +71,36 @@ _UNCOMPILED = threading.local()  # .on: this thread runs a router forward throug
 
 
 class _EagerStance:
-    """torch.compile's ``force_eager`` stance while any thread runs a router forward through :func:`_uncompiled`.
+    """torch.compile's ``force_eager`` stance while any thread runs eager work of the session's (``with EAGER:``).
 
-    The stance is global: the first forward sets it and the last one puts back what was there, so forwards that
-    overlap in several threads never leave it set (each entering and leaving it would: the second thread to enter
-    keeps ``force_eager`` as what to put back)."""
+    The stance is global: the first user sets it and the last one puts back what was there, so users that overlap
+    in several threads never leave it set (each entering and leaving it would: the second thread to enter keeps
+    ``force_eager`` as what to put back). Router forwards under the mode (:func:`_uncompiled`) and
+    :meth:`Session.verify` share it."""
 
-    lock = threading.Lock()
-    users = 0
-    held: Any = None  # the stance's context manager, entered by the first user
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.held: Any = None  # the stance's context manager, entered by the first user
+
+    def __enter__(self) -> None:
+        with self.lock:
+            if self.users == 0:
+                held = torch.compiler.set_stance("force_eager")
+                held.__enter__()
+                self.held = held
+            self.users += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                held, self.held = self.held, None
+                held.__exit__(None, None, None)
+
+
+#: The one counted ``force_eager`` stance of the process (see :class:`_EagerStance`).
+EAGER = _EagerStance()
 
 
 @torch.compiler.disable
@@ -92,23 +113,12 @@ def _uncompiled(run: Callable[..., Any], *args: Any) -> Any:
     and with the hook's eager bookkeeping (host counts, eager ring writes) in them. So dynamo
     skips the frames of this forward, and compiled code inside it runs as plain Python.
     """
-    stance = _EagerStance
-    with stance.lock:
-        if stance.users == 0:
-            held = torch.compiler.set_stance("force_eager")
-            held.__enter__()
-            stance.held = held
-        stance.users += 1
-    _UNCOMPILED.on = True
-    try:
-        return run(*args)
-    finally:
-        _UNCOMPILED.on = False
-        with stance.lock:
-            stance.users -= 1
-            if stance.users == 0:
-                held, stance.held = stance.held, None
-                held.__exit__(None, None, None)
+    with EAGER:
+        _UNCOMPILED.on = True
+        try:
+            return run(*args)
+        finally:
+            _UNCOMPILED.on = False
 
 
 def _in_backward() -> bool:

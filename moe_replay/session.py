@@ -43,7 +43,7 @@ from .errors import (
     UnsupportedRouterError,
 )
 from .evidence import VerifyReport
-from .intercept import ClassForward, RouterHook, ScopedForward
+from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, index_dtype
@@ -1249,7 +1249,7 @@ class Session:
             watch = OrphanWatch(model, self._scopes(), self._widths(), self._excluded)
             try:  # eagerly, also where the model or some of its modules are compiled: the decisions are
                 # established by running forwards, which compiled code cannot (the fix every refusal names)
-                with torch.no_grad(), torch.compiler.set_stance("force_eager"), watch:
+                with torch.no_grad(), EAGER, watch:
                     model(*args, **kwargs)
             finally:
                 for h in self._hooks:

@@ -546,3 +546,34 @@ def test_router_forwards_that_overlap_in_threads_leave_compiled_code_compiled() 
     counter = CompileCounter()
     torch.compile(lambda x: x + 1, backend=counter)(torch.zeros(2))
     assert counter.frame_count == 1
+
+
+def test_verify_that_overlaps_a_router_forward_in_another_thread_leaves_compiled_code_compiled() -> None:
+    """verify() runs its forward under the same counted force_eager stance as router forwards: a verify() that
+    ends while a router forward of another thread still runs must not leave the stance set for compiled code."""
+    import threading
+
+    from moe_replay.intercept import _uncompiled
+
+    model = mr.models.build("softmax_topk", num_layers=1)
+    other_started, verify_done = threading.Event(), threading.Event()
+
+    def other_forward() -> None:
+        other_started.set()
+        verify_done.wait(timeout=10)
+
+    other = threading.Thread(target=_uncompiled, args=(other_forward,))
+
+    def start_other(module: torch.nn.Module, args: Any) -> None:
+        other.start()
+        other_started.wait(timeout=10)
+
+    handle = model.register_forward_pre_hook(start_other)
+    with mr.attach(model) as session:
+        session.verify(torch.zeros(1, 4, dtype=torch.long))
+    handle.remove()
+    verify_done.set()
+    other.join()
+    counter = CompileCounter()
+    torch.compile(lambda x: x + 1, backend=counter)(torch.zeros(2))
+    assert counter.frame_count == 1
