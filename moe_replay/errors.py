@@ -6,6 +6,9 @@ Every error names what is wrong and what to do about it. All of them derive from
 
 from __future__ import annotations
 
+import ast
+import re
+
 __all__ = [
     "ArgumentTypeError",
     "CaptureOverflowError",
@@ -89,3 +92,32 @@ class NotAFileError(MoEReplayError, IsADirectoryError):
 
 class MissingDependencyError(MoEReplayError, ImportError):
     """An optional package that this feature needs is not installed (also an ``ImportError``)."""
+
+
+_TRACED = re.compile(r"raised exception (\w+)\((.*)\)", re.DOTALL)
+
+
+def _from_compiler(error: BaseException) -> MoEReplayError | None:
+    """The error of ours that torch.compile traced being raised, which it reports as its own, or None.
+
+    Under ``fullgraph=True`` (or wherever the compiler cannot fall back to running the code), an error that a
+    router forward raises while dynamo traces it comes out as dynamo's ``Unsupported`` exception, whose cause
+    holds ``raised exception UnsupportedRouterError("...")``. This rebuilds that error (same class, same
+    message), so that a block can raise it from the compiler's: what is wrong and what to do stay a
+    :class:`MoEReplayError`.
+    """
+    seen: set[int] = set()
+    at: BaseException | None = error
+    while at is not None and id(at) not in seen and type(at).__module__.startswith("torch."):
+        seen.add(id(at))
+        for arg in at.args:
+            found = _TRACED.fullmatch(arg.strip()) if isinstance(arg, str) else None
+            cls = globals().get(found[1]) if found is not None else None
+            if isinstance(cls, type) and issubclass(cls, MoEReplayError):
+                try:
+                    message = ast.literal_eval(found[2])
+                except (ValueError, SyntaxError):
+                    message = found[2]
+                return cls(message if isinstance(message, str) else found[2])
+        at = at.__cause__ or at.__context__
+    return None

@@ -41,6 +41,7 @@ from .errors import (
     RoutesValidationError,
     SessionStateError,
     UnsupportedRouterError,
+    _from_compiler,
 )
 from .evidence import VerifyReport
 from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
@@ -620,6 +621,11 @@ class Session:
             owner.blocks += 1
         try:
             yield
+        except Exception as e:  # a refusal that torch.compile traced comes out as its own error: ours again
+            ours = _from_compiler(e)
+            if ours is None:
+                raise
+            raise ours from e
         finally:
             with owner.lock:
                 owner.blocks -= 1

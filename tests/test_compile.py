@@ -577,3 +577,26 @@ def test_verify_that_overlaps_a_router_forward_in_another_thread_leaves_compiled
     counter = CompileCounter()
     torch.compile(lambda x: x + 1, backend=counter)(torch.zeros(2))
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("block", ["capture", "replay"])
+def test_a_first_forward_under_fullgraph_is_refused_with_our_error(tokens: torch.Tensor, block: str) -> None:
+    """Under fullgraph=True the compiler cannot run a router's first forward eagerly, and reports the refusal
+    it traced as its own Unsupported error; the block raises ours again, with the fix, and nothing is left set."""
+    from moe_replay.evidence import NESTING
+
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with mr.attach(model) as session:
+        with torch.no_grad():
+            session.verify(tokens)
+            with session.capture():
+                model(tokens)
+        routes = session.routes()
+    with mr.attach(model) as session:
+        ctx = session.capture() if block == "capture" else session.replay(routes)
+        with pytest.raises(mr.UnsupportedRouterError, match=r"session\.verify\(example\)") as raised:
+            with ctx:
+                compiled(tokens)
+        assert raised.value.__cause__ is not None  # the compiler's error kept as the cause
+        assert NESTING.probing == 0 and NESTING.depth == 0
