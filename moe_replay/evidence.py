@@ -51,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import UnsupportedRouterError
 
-__all__ = ["Call", "Evidence", "VerifyReport", "decision_call", "establish"]
+__all__ = ["Call", "Evidence", "VerifyReport", "decision_call", "establish", "unwrap"]
 
 _FAMILY: dict[Any, str] = {
     torch.topk: "topk",
@@ -80,6 +80,40 @@ DECISION_FUNCS = frozenset(_FAMILY)
 #: Traced code may hand a mode the wrapper itself (dynamo calls what ``torch.topk`` names); modes
 #: read it as the function it wraps.
 UNWRAP: dict[Any, Any] = {}
+
+#: torch's operators of the decision-like and masking functions by their aten names, each overload whose call
+#: reads as the function's (``torch.ops.aten.topk``, ``torch.ops.aten.topk.default``, ``torch.ops.aten.max.dim``...)
+#: to that function: a router that calls the operator makes the same choice, and is read (and answered) as
+#: one that calls the function. The overloads that write into given tensors (``.out``, ``.values``) are not.
+_ATEN_OVERLOADS = {
+    "topk": ("default",),
+    "argmax": ("default",),
+    "argmin": ("default",),
+    "max": ("default", "dim", "other"),
+    "min": ("default", "dim", "other"),
+    "sort": ("default", "stable"),
+    "argsort": ("default", "stable"),
+    "kthvalue": ("default",),
+    "masked_fill": ("Scalar", "Tensor"),
+    "where": ("default", "self", "ScalarOther", "ScalarSelf", "Scalar"),
+}
+_ATEN: dict[Any, Any] = {}
+for _name, _overloads in _ATEN_OVERLOADS.items():
+    _packet = getattr(torch.ops.aten, _name)
+    _ATEN[_packet] = getattr(torch, _name)
+    _ATEN.update({getattr(_packet, o): getattr(torch, _name) for o in _overloads})
+UNWRAP.update(_ATEN)
+#: Keywords of an aten operator that torch's function does not take (its ``self``, the tensors an ``out``
+#: overload writes into): a call with them is run as it is, not read as the function's.
+_ATEN_ONLY_KEYWORDS = frozenset({"self", "out", "values", "indices", "max", "max_values", "min", "min_indices"})
+
+
+def unwrap(func: Any, kwargs: Mapping[str, Any] | None) -> Any:
+    """The torch function a call of ``func`` is read as: what a lean wrapper or an aten operator stands for."""
+    found = UNWRAP.get(func)
+    if found is None or (kwargs and func in _ATEN and not _ATEN_ONLY_KEYWORDS.isdisjoint(kwargs)):
+        return func
+    return found
 
 
 class _Nesting(threading.local):
@@ -360,7 +394,7 @@ class _ProbeMode(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        func = UNWRAP.get(func, func)
+        func = unwrap(func, kwargs)
         answered = self.answered
         out = self._call(func, args, kwargs)
         if not self.force or NESTING.depth != self.depth:  # (a call of a router nested inside: its own)
@@ -390,7 +424,7 @@ class _ProbeMode(TorchFunctionMode):
     def _cut_compared(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Any] | None:
         """Before the decision: note what a piecewise cut makes; a comparison of it with 0 is a choice (by the
         threshold the cut applied), answered as :func:`_chooses` answers one (``[]``: it wrote into nothing)."""
-        name = getattr(func, "__name__", "").strip("_")
+        name = getattr(func, "__name__", "").partition(".")[0].strip("_")  # (an aten operator: gt.Tensor)
         base = name[:-1] if name.endswith("_") else name
         if base in _CUT_NAMES and base not in _COMPARISONS:
             for t in _leaves(out, []):
@@ -525,7 +559,7 @@ def _chooses(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any)
     ins = _leaves((args, kwargs), [])
     if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in ins):
         return None
-    name = getattr(func, "__name__", "")
+    name = getattr(func, "__name__", "").partition(".")[0]  # (an aten operator: gt.Tensor)
     if name.startswith("_") and not name.startswith("__"):
         name = name.lstrip("_")  # (F.threshold is torch's _threshold)
     outs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor)]
@@ -594,7 +628,7 @@ _STEP_NAMES = frozenset(
 
 def _steps(func: Any, kwargs: Mapping[str, Any]) -> bool:
     """Does this call round floating values to steps (``round``, ``ceil``, a floor division)?"""
-    name = getattr(func, "__name__", "").lstrip("_")
+    name = getattr(func, "__name__", "").partition(".")[0].lstrip("_")  # (an aten operator: round.decimals)
     base = name[:-1] if name.endswith("_") else name
     return base in _STEP_NAMES or (base in ("div", "divide", "true_divide") and kwargs.get("rounding_mode") is not None)
 

@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError
-from .evidence import DECISION_FUNCS, NESTING, UNWRAP, Evidence, best_others, decision_call, establish
+from .evidence import DECISION_FUNCS, NESTING, UNWRAP, Evidence, best_others, decision_call, establish, unwrap
 from .ring import CaptureRing, ReplaySource
 
 __all__ = ["ClassForward", "RouterHook"]
@@ -1342,7 +1342,7 @@ class _DecisionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.depth >= 0 and NESTING.depth != self.depth:  # a call of a router nested in this scope
             return func(*args, **kwargs)
-        func = UNWRAP.get(func, func)
+        func = unwrap(func, kwargs)
         hook = self.hook
         wrapped = not self.audit or NESTING.via is func
         if func in _MASKS or func in _WHERE:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import UnsupportedRouterError
-from .evidence import DECISION_FUNCS, UNWRAP, _where, decision_call
+from .evidence import DECISION_FUNCS, _where, decision_call, unwrap
 
 __all__ = ["OrphanWatch"]
 
@@ -149,7 +149,7 @@ class OrphanWatch(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        func = UNWRAP.get(func, func)
+        func = unwrap(func, kwargs)
         if func in DECISION_FUNCS and not torch.compiler.is_compiling():
             sig = decision_call(func, args, kwargs)
             if sig is not None and (sig[0] != "topk" or sig[1] < sig[2]) and len(self.found) < 8:

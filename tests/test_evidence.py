@@ -1252,3 +1252,43 @@ def test_probe_runs_watch_a_large_history_of_tensors_instead_of_copying_it(monke
         model(x)
     assert sum(cloned) < 2 * 64 * width  # less than the two histories: each probe snapshot copies a budget's worth
     assert [len(layer.router.history) for layer in model.layers] == [65, 65]  # one forward's entry, not one per probe
+
+
+class AtenTopKBlock(LinearGateBlock):
+    """The top-k called as torch's operator, ``torch.ops.aten.topk`` (or an overload of it), not ``torch.topk``."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        topk = torch.ops.aten.topk if self.op == "packet" else torch.ops.aten.topk.default
+        w, idx = topk(probs, self.top_k)
+        return dispatch(self.experts, x, idx, w)
+
+
+@pytest.mark.parametrize("op", ["packet", "default"])
+def test_a_top_k_called_as_an_aten_operator_is_the_decision(op: str) -> None:
+    """A top-k called as torch's aten operator is read as torch.topk: recorded and forced exactly."""
+    session = assert_capture_and_replay_are_exact(TwoLayers(lambda: AtenTopKBlock(op)))
+    assert list(session.names) == ["layers.0.gate", "layers.1.gate"]
+
+
+class AtenDecoyBlock(LinearGateBlock):
+    """``torch.topk`` picks the weights, the aten operator picks the experts the tokens go to."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        _, shown = torch.topk(probs, self.top_k)
+        _, used = torch.ops.aten.topk.default(probs, self.top_k)
+        return dispatch(self.experts, x, used, probs.gather(1, shown))
+
+
+def test_experts_chosen_by_an_aten_operator_beside_a_torch_top_k_are_refused() -> None:
+    """A block whose experts come from an aten top-k and whose weights come from a torch.topk is refused, not
+    replayed with only the weights forced."""
+    model = TwoLayers(AtenDecoyBlock)
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match="more than one independent choice"):
+            session.verify(torch.randn(T, D))
