@@ -354,9 +354,15 @@ class _ProbeMode(TorchFunctionMode):
         choices: list[Any] | None = None,
         fill: float | None = None,
         early: list[Any] | None = None,
+        scramble: int | None = None,
     ) -> None:
         super().__init__()
         self.change, self.hold, self.slot, self.values = change, hold, slot, values
+        # values leaving torch (see _opaque): where, in this run; with ``scramble`` (a width), those of that width
+        # are handed over with their last dimension rolled by one (their experts moved)
+        self.escapes: list[str] = []
+        self.scramble = scramble
+        self._rolled: list[torch.Tensor] = []
         self.fill = fill  # with ``values``: that call's values all replaced by this number, not moved
         # ordinal -> (a result, the slots of it the decision uses): that call is answered as a replay would
         self.force = force or {}
@@ -487,6 +493,8 @@ class _ProbeMode(TorchFunctionMode):
                 self.aside.append(f"{family} along dim {dim} of {tuple(x.shape)} at {_where()}")
 
     def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if (func in _ESCAPES or _foreign(func)) and NESTING.depth == self.depth:
+            return self._escape(func, args, kwargs)
         if func in _MASKS:
             out = func(*args, **kwargs)
             if isinstance(out, torch.Tensor):
@@ -521,6 +529,26 @@ class _ProbeMode(TorchFunctionMode):
         self.outs.append(_clone(out))  # as made: the forward may write into it later
         return out
 
+    def _escape(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call that takes floating values out of torch's sight (see :data:`_ESCAPES`): noted, and with
+        ``scramble``, made on copies of its inputs of that width with their experts moved."""
+        out = func(*args, **kwargs)
+        floating = [t for t in _leaves((args, kwargs), []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not any(t.dim() and t.shape[-1] >= 2 for t in floating) or (func not in _ESCAPES and _floating(out)):
+            return out  # (nothing of a width to choose from; an operator that makes values only chooses nothing)
+        self.escapes.append(f"{getattr(func, '__name__', func)} at {_where()}")
+        width = self.scramble
+        if width is None or not any(t.dim() and t.shape[-1] == width for t in floating):
+            return out
+
+        def moved(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.shape[-1] == width:
+                self._rolled.append(rolled := t.detach().roll(1, -1))
+                return rolled
+            return t
+
+        return func(*[moved(a) for a in args], **{k: moved(v) for k, v in kwargs.items()})
+
     def _unmasked(self, x: torch.Tensor) -> torch.Tensor:
         """The scores ``x`` is a masked copy of (through any chain of masks), else ``x``: a replay reads there."""
         for out, src in self.sources:
@@ -552,6 +580,31 @@ class _ProbeMode(TorchFunctionMode):
         out, unheld = _hold(out, written, held)
         self.unheld |= unheld  # the later choices differ in number or shape: they cannot be held
         return out
+
+
+#: Calls that hand a tensor's values over to code outside torch (numpy, a Python list), where no mode sees what
+#: is chosen from them; so are the operators of other libraries (``torch.ops.<library>``) that make integers.
+_ESCAPES = frozenset({torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.__array__})
+#: Operator namespaces of torch's own, whose operators are read like torch's functions.
+_OWN_OPS = frozenset({"aten", "prims"})
+
+
+def _foreign(func: Any) -> bool:
+    """Is ``func`` an operator registered by another library (``torch.ops.mylib.route``, or an overload of it)?"""
+    namespace = getattr(func, "namespace", None)
+    if namespace is None and callable(overloads := getattr(func, "overloads", None)):  # a packet: its overloads'
+        try:
+            names = overloads()
+        except Exception:  # (not an operator after all)
+            return False
+        namespace = getattr(getattr(func, names[0], None), "namespace", None) if names else None
+    return isinstance(namespace, str) and namespace not in _OWN_OPS
+
+
+def _floating(result: Any) -> bool:
+    """Does a call's result hold floating tensors only (no integers, no booleans)?"""
+    ts = [t for t in _leaves(result, []) if isinstance(t, torch.Tensor)]
+    return all(t.is_floating_point() or t.is_complex() for t in ts)
 
 
 def _chooses(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[torch.Tensor] | None:
@@ -954,8 +1007,9 @@ class _Prober:
         choices: list[Any] | None = None,
         fill: float | None = None,
         early: list[Any] | None = None,
+        scramble: int | None = None,
     ) -> tuple[Any, _ProbeMode]:
-        mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill, early)
+        mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill, early, scramble)
         args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
         # on inputs of its own making, a forward may loop on where its real inputs never take it (an iteration
         # to a tolerance that extreme values never reach): such a run is given up, as one that raises
@@ -1117,6 +1171,7 @@ def establish(
             ev = _verdict(name, calls, (call,), chosen.width, k, top_k, declared_top_k, scope, "named by an Adapter")
             ev = dataclasses.replace(ev, mirrors=_mirrors(calls, seen, ev))
             _refuse_later_choice(name, probe, calls, seen, ev)
+            _refuse_escapes(name, probe, calls, seen, ev, tolerance)
             return ev
 
         reach: dict[int, int] = {}  # output elements that changing each call changes
@@ -1276,6 +1331,7 @@ def establish(
         ev = _verdict(name, calls, tuple(slots), anchor.width, k, top_k, declared_top_k, scope, why)
         ev = dataclasses.replace(ev, mirrors=_mirrors(calls, seen, ev))
         _refuse_later_choice(name, probe, calls, seen, ev)
+        _refuse_escapes(name, probe, calls, seen, ev, tolerance)
         return ev
     finally:
         probe.snapshot.restore()
@@ -1407,6 +1463,40 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
             "every other input tried. A later choice from the current scores would not be replayed",
             fix + "; or name the module whose forward returns the decision with include=",
         )
+
+
+def _refuse_escapes(
+    name: str, probe: _Prober, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence, tolerance: float
+) -> None:
+    """Refuse a router whose forward hands values of the expert width out of torch (``tensor.numpy()``,
+    ``.tolist()``, another library's operator) and gets back what reaches its output.
+
+    No mode sees what code outside torch does with them: it may choose the experts the tokens go to
+    (an ``argsort`` in numpy, a fused kernel) while a ``torch.topk`` beside it sets only their weights,
+    and a replay would force that top-k alone. So, with the decision held as a replay answers it, the
+    forward runs again with those values handed over with their experts moved (the last dimension rolled
+    by one): an output that changes (past the run-to-run noise) reads something chosen there. Logging a
+    copy changes nothing, and passes; a forward that makes no such call costs nothing here.
+    """
+    if not seen.escapes:
+        return
+    force = _force(calls, seen, ev)
+    held, _ = probe.run(force=force)
+    moved, mode = probe.run(force=force, scramble=ev.num_experts)
+    if not mode._rolled or _distance(held, moved, tolerance)[0] <= tolerance:
+        return
+    chosen = " + ".join(calls[i].describe() for i in ev.decision)
+    where = ", ".join(dict.fromkeys(mode.escapes))
+    raise _refuse(
+        name,
+        calls,
+        f"its forward hands values over {ev.num_experts} experts out of torch ({where}) "
+        f"and what comes back reaches its output: with its decision ({chosen}) held, the output changes when "
+        "those values' experts are moved. What is chosen there (the experts the tokens go to, say) is out of "
+        "moe_replay's sight: a replay would force the decision but not that choice",
+        "Choose the experts with torch.topk (or argmax/max) of the scores in the router's forward, and use its "
+        "indices; a fused kernel's choice cannot be recorded or forced",
+    )
 
 
 def _refuse_earlier_choice(

@@ -15,6 +15,7 @@ import types
 from collections.abc import Callable
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1292,3 +1293,49 @@ def test_experts_chosen_by_an_aten_operator_beside_a_torch_top_k_are_refused() -
     with mr.attach(model) as session:
         with pytest.raises(mr.UnsupportedRouterError, match="more than one independent choice"):
             session.verify(torch.randn(T, D))
+
+
+class NumpyDispatchBlock(LinearGateBlock):
+    """``torch.topk`` sets the weights; the experts the tokens go to are an ``argsort`` in numpy (before or after)."""
+
+    def __init__(self, numpy_first: bool) -> None:
+        super().__init__()
+        self.numpy_first = numpy_first
+
+    def _in_numpy(self, probs: torch.Tensor) -> torch.Tensor:
+        order = np.argsort(-probs.detach().numpy(), axis=-1, kind="stable")
+        return torch.from_numpy(order[:, : self.top_k].copy())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        used = self._in_numpy(probs) if self.numpy_first else None
+        _, shown = torch.topk(probs, self.top_k)
+        used = self._in_numpy(probs) if used is None else used
+        return dispatch(self.experts, x, used, probs.gather(1, shown))
+
+
+@pytest.mark.parametrize("numpy_first", [False, True])
+def test_experts_chosen_in_numpy_beside_a_torch_top_k_are_refused(numpy_first: bool) -> None:
+    """A block whose experts are chosen in numpy and whose weights come from a torch.topk is refused, naming the
+    numpy call, not replayed with only the weights forced."""
+    model = TwoLayers(lambda: NumpyDispatchBlock(numpy_first))
+    before = copy.deepcopy(model.state_dict())
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match=r"out of torch \(numpy at test_evidence"):
+            session.verify(torch.randn(T, D))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class NumpyLoggingBlock(LinearGateBlock):
+    """Keeps a numpy copy of the probabilities and their rows as lists (for a plot), then routes with torch.topk."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        self.seen = (probs.detach().numpy().copy(), probs.tolist())
+        w, idx = torch.topk(probs, self.top_k)
+        return dispatch(self.experts, x, idx, w)
+
+
+def test_a_copy_of_the_scores_kept_in_numpy_for_logging_is_not_refused() -> None:
+    """Scores handed to numpy or a Python list only for logging do not reach the output: the router is exact."""
+    assert_capture_and_replay_are_exact(TwoLayers(NumpyLoggingBlock))
