@@ -541,8 +541,14 @@ class _ProbeMode(TorchFunctionMode):
         if width is None or not any(t.dim() and t.shape[-1] == width for t in floating):
             return out
 
-        def moved(t: Any) -> Any:
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.shape[-1] == width:
+        def moved(t: Any) -> Any:  # (after the decision, only what is read from its scores: not counts of its experts)
+            if (
+                isinstance(t, torch.Tensor)
+                and t.is_floating_point()
+                and t.dim()
+                and t.shape[-1] == width
+                and (not self.answered or self._is_scored(t))
+            ):
                 self._rolled.append(rolled := t.detach().roll(1, -1))
                 return rolled
             return t
@@ -1482,9 +1488,14 @@ def _refuse_escapes(
         return
     force = _force(calls, seen, ev)
     held, _ = probe.run(force=force)
-    moved, mode = probe.run(force=force, scramble=ev.num_experts)
-    if not mode._rolled or _distance(held, moved, tolerance)[0] <= tolerance:
-        return
+    mode = _ProbeMode(None, {}, scramble=ev.num_experts)  # (what a run that raises noted is lost with it)
+    try:
+        moved, mode = probe.run(force=force, scramble=ev.num_experts)
+    except Exception:  # the forward fails on what comes back (split sizes read from the moved values, say)
+        mode.escapes, mode._rolled = seen.escapes, [held]
+    else:
+        if not mode._rolled or _distance(held, moved, tolerance)[0] <= tolerance:
+            return
     chosen = " + ".join(calls[i].describe() for i in ev.decision)
     where = ", ".join(dict.fromkeys(mode.escapes))
     raise _refuse(

@@ -1339,3 +1339,24 @@ class NumpyLoggingBlock(LinearGateBlock):
 def test_a_copy_of_the_scores_kept_in_numpy_for_logging_is_not_refused() -> None:
     """Scores handed to numpy or a Python list only for logging do not reach the output: the router is exact."""
     assert_capture_and_replay_are_exact(TwoLayers(NumpyLoggingBlock))
+
+
+class HistcSplitBlock(LinearGateBlock):
+    """Megatron-style: tokens sorted by expert, the counts per expert a float ``histc`` read back as split sizes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = torch.topk(self.gate(x).softmax(-1), self.top_k)
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.histc(flat.float(), bins=E, min=0, max=E - 1)
+        rows = x.repeat_interleave(self.top_k, 0)[order]
+        sizes = [int(c) for c in counts.tolist()]
+        done = [expert(part) for expert, part in zip(self.experts, rows.split(sizes), strict=True)]
+        out = torch.zeros_like(rows).index_copy(0, order, torch.cat(done)) * w.flatten()[:, None]
+        return out.view(-1, self.top_k, D).sum(1)
+
+
+def test_counts_of_the_chosen_experts_read_back_as_split_sizes_are_not_refused() -> None:
+    """Counts per expert made from the decision's indices and read back to the host (split sizes) are no choice
+    outside torch: the router is exact."""
+    assert_capture_and_replay_are_exact(TwoLayers(HistcSplitBlock))
