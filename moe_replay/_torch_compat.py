@@ -12,6 +12,7 @@ function that raises), so the hot path pays nothing for the indirection.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import warnings
@@ -37,6 +38,7 @@ __all__ = [
     "functorch_transform",
     "fwd_grad_enabled",
     "graph_capturing",
+    "hidden_from_dispatch_modes",
     "is_batched",
     "mark_static_address",
     "maybe_mark_dynamic",
@@ -198,6 +200,38 @@ def graph_capturing() -> bool:
     initialised (in this process: not in a forked child).
     """
     return CUDA._initialized and not bad_fork() and stream_capturing()
+
+
+_dispatch_depth: Callable[[], int] = _find(
+    "torch._C._len_torch_dispatch_stack", "to hide moe_replay's own ops from selective activation checkpointing"
+) or (lambda: 0)
+_mode_stack: Callable[[], list[Any]] = _find(
+    "torch.utils._python_dispatch._get_current_dispatch_mode_stack",
+    "to hide moe_replay's own ops from selective activation checkpointing",
+) or (lambda: [])
+_disable_modes: Callable[[], Any] = (
+    _find(
+        "torch.utils._python_dispatch._disable_current_modes",
+        "to hide moe_replay's own ops from selective activation checkpointing",
+    )
+    or contextlib.nullcontext
+)
+
+
+def hidden_from_dispatch_modes() -> contextlib.AbstractContextManager[Any]:
+    """A context in which the torch dispatch modes now active do not see the ops run (eager code only).
+
+    moe_replay's own ops in a router forward (the probe runs that establish a decision, the native
+    choice under a capture or a replay, ring reads and writes) run in a forward but not in its
+    recompute. Selective activation checkpointing (``create_selective_checkpoint_contexts``) caches
+    ops by their order of call in the forward and hands them out in that order in the recompute: an op
+    it saw in the forward alone would shift every later one of its kind. So these ops run with the
+    dispatch modes off, unless one of them is one of torch's own (fake tensors, tracing), which must see
+    every op. A no-op when no mode is active (the common case: one C call).
+    """
+    if not _dispatch_depth() or any(m.is_infra_mode() for m in _mode_stack()):
+        return contextlib.nullcontext()
+    return _disable_modes()
 
 
 #: ``torch.utils.checkpoint._CheckpointFrame``: the object of one non-reentrant checkpoint

@@ -29,6 +29,7 @@ checkpointing checks that.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import sys
@@ -194,6 +195,8 @@ _exporting = _torch_compat.exporting
 _tracing = _torch_compat.tracing
 _grad = torch.is_grad_enabled
 _get_ident = threading.get_ident
+_hidden = _torch_compat.hidden_from_dispatch_modes
+_NOTHING = contextlib.nullcontext()
 _LEAN_NAMES, _LEAN_SWAP, _lean_current = _lean.NAMES, _lean.SWAP, _lean.CURRENT
 _LEAN_OURS, _LEAN_THEIRS, _LEAN_ON, _LEAN_OFF = _lean.OURS, _lean.THEIRS, _lean.ON, _lean.OFF
 _NO_REGIONS: list[tuple[Any, bool]] = []  # returned, never changed, when a call is in no region
@@ -361,18 +364,19 @@ class RouterHook:
                 "on a real device after attach (session.verify(example) does it), then move it to meta"
             )
         if ev is None:  # not established by an earlier session on this module
-            ev = establish(
-                self.name,
-                self.scope,
-                forward,
-                args,
-                kwargs,
-                num_experts=self.num_experts,
-                top_k=self.top_k,
-                declared_top_k=self.declared_top_k,
-                call=self.call,
-                family=family,
-            )
+            with _hidden():  # (the probe runs are not the forward's: a checkpoint's recompute makes none)
+                ev = establish(
+                    self.name,
+                    self.scope,
+                    forward,
+                    args,
+                    kwargs,
+                    num_experts=self.num_experts,
+                    top_k=self.top_k,
+                    declared_top_k=self.declared_top_k,
+                    call=self.call,
+                    family=family,
+                )
             if ev is None:
                 return None
             known[key] = ev
@@ -732,7 +736,8 @@ class RouterHook:
         forced = self._row if self._row.shape[1] == span else self._row[:, :span]
         if not self._recompute and self.replay_source is not None and self.replay_source.has_missing:
             native = self._native(func, x, args, kwargs, forced.shape[0], span)
-            forced = torch.where(forced < 0, native, forced)
+            with self._aside():
+                forced = torch.where(forced < 0, native, forced)
         scores = self._unmasked(x) if self._masks else x
         return self._answer(func, args, kwargs, scores.reshape(-1, self.num_experts), forced, x.shape[:-1])
 
@@ -772,23 +777,33 @@ class RouterHook:
         if first:
             self._start(n)
             if self.seen is not None and not lookup:
-                self._source = scores.reshape(-1, num_experts)
+                with self._aside():
+                    self._source = scores.reshape(-1, num_experts)
         start = 0 if first else sum(t.shape[1] for t in self._slots)
         take = min(span, self.top_k - start)  # this call's slots that the decision uses
         row = self._row
         if row is not None:  # replay or recompute: the recorded slots
-            forced = row if take == row.shape[1] else row[:, start : start + take]
+            if take != row.shape[1]:
+                with self._aside():
+                    row = row[:, start : start + take]
+            forced = row
             if not self._recompute and self.replay_source is not None and self.replay_source.has_missing:
-                forced = torch.where(forced < 0, self._native(func, x, args, kwargs, n, span)[:, :take], forced)
-        elif lookup or self._recompute or not (scores.requires_grad and torch.is_grad_enabled()):
+                native = self._native(func, x, args, kwargs, n, span, take)
+                with self._aside():
+                    forced = torch.where(forced < 0, native, forced)
+        elif self._recompute or (
+            not self._regions and (lookup or not (scores.requires_grad and torch.is_grad_enabled()))
+        ):
             out = func(*args, **kwargs)  # native, answered by the call itself
-            forced = self._indices_of(func, out, n, span)
-            self._slots.append(forced if take == span else forced[:, :take])
+            with self._aside():
+                forced = self._indices_of(func, out, n, span)
+                self._slots.append(forced if take == span else forced[:, :take])
             if start + take == self.top_k:
                 self._finish()
             return out
-        else:  # native decision, values through gather so that a recompute saves the same tensors
-            forced = self._native(func, x, args, kwargs, n, span)[:, :take]
+        else:  # native decision, answered as its recompute will be: with gradients, the same saved tensors;
+            # in a checkpointed region, the same ops (selective checkpointing hands out its ops in call order)
+            forced = self._native(func, x, args, kwargs, n, span, take)
         self._slots.append(forced)
         if start + take == self.top_k:
             self._finish()
@@ -837,7 +852,11 @@ class RouterHook:
 
     def _finish(self) -> None:
         """The last slot is answered: record the row, keep it for recomputes and for ``keep_scores``."""
-        row = self._slots[0] if len(self._slots) == 1 else torch.cat(self._slots, dim=1)
+        if len(self._slots) == 1:
+            row = self._slots[0]
+        else:
+            with self._aside():
+                row = torch.cat(self._slots, dim=1)
         self._decided = True
         if not self._compiled:
             self.decisions += 1
@@ -845,11 +864,14 @@ class RouterHook:
             return
         if self.capturing and not self.verifying and self.capture_ring is not None:
             if self._eager:
-                self.capture_ring.write_eager(row)
+                with self._aside():
+                    self.capture_ring.write_eager(row)
             else:
                 self.capture_ring.write(row)
         if self._regions:
             self._keep(self._regions, row, self._row is not None)
+            if self._row is None:  # a later call that finds these experts again is answered as in the recompute
+                self._row = row
         if self.seen is not None and self._source is not None:
             self.seen.append((self._source, row))
 
@@ -910,16 +932,31 @@ class RouterHook:
                     "around generate() are in generation order: for a teacher-forced forward, convert them "
                     "with mr.split_generation(...) and lay them out with mr.BatchLayout"
                 )
-            return src.read_eager(n)
+            with self._aside():
+                return src.read_eager(n)
         return src.read(n)
 
     def _native(
-        self, func: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], n: int, span: int
+        self,
+        func: Any,
+        x: torch.Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        n: int,
+        span: int,
+        take: int | None = None,
     ) -> torch.Tensor:
-        """The indices the model's own call would choose, without autograd."""
+        """The indices ``[n, take]`` (all ``span`` by default) the model's own call would choose, without
+        autograd and unseen by dispatch modes."""
         rest = {k: v for k, v in kwargs.items() if k != "input"}
-        out = func(x.detach(), *args[1:], **rest)
-        return self._indices_of(func, out, n, span)
+        with self._aside():
+            idx = self._indices_of(func, func(x.detach(), *args[1:], **rest), n, span)
+            return idx if take is None or take == span else idx[:, :take]
+
+    def _aside(self) -> contextlib.AbstractContextManager[Any]:
+        """Where moe_replay's own ops of an eager forward run: unseen by the dispatch modes active (see
+        :func:`~moe_replay._torch_compat.hidden_from_dispatch_modes`); in compiled code, as they are."""
+        return _NOTHING if self._compiled else _hidden()
 
     @staticmethod
     def _indices_of(func: Any, out: Any, n: int, span: int) -> torch.Tensor:

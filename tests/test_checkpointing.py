@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import pytest
@@ -518,3 +519,83 @@ def test_detach_in_a_finally_clause_after_an_error_still_detaches(tokens: torch.
         finally:
             session.detach()
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def _selective(save: set | None):
+    """A ``context_fn`` for selective activation checkpointing: ``save`` ops kept (None: every op)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, func, *args, **kwargs):
+        keep = save is None or func in save
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return lambda: create_selective_checkpoint_contexts(policy)
+
+
+_SAVED = {"mm": {torch.ops.aten.mm.default}, "gather": {torch.ops.aten.gather.default}, "every op": None}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("saved", list(_SAVED))
+@pytest.mark.parametrize("block", ["replay", "capture", "idle"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-forward", "established"])
+def test_selective_activation_checkpointing_gives_the_forced_reference_gradients(
+    saved: str, block: str, first: bool
+) -> None:
+    """Under selective activation checkpointing the gradients are those of the recorded experts, forced by hand.
+
+    Selective checkpointing hands out the ops it saved in the forward by their order of call, so the
+    library's own ops (the probe runs that establish a decision at a router's first forward in a mode,
+    idle or not, the native choice, ring reads and writes) must not be seen in a forward that its
+    recompute does not make, or every later op of their kind is handed another op's output.
+    """
+    import copy
+
+    from .tinymoe import RouterSpec, TinyMoE
+
+    specs = [
+        RouterSpec(8, 2),
+        RouterSpec(6, 1, "argmax"),
+        RouterSpec(8, 2, "grouped", n_group=4, topk_group=2),
+        RouterSpec(6, 1, "max"),
+    ]
+    model = TinyMoE(specs)
+    x = model.inputs((3, 5))
+
+    def loss(m: torch.nn.Module, context_fn=None, forced=None) -> torch.Tensor:
+        def body(h: torch.Tensor) -> torch.Tensor:
+            for i, layer in enumerate(m.layers):
+                h = layer(h, None if forced is None else forced[i].reshape(*x.shape[:-1], -1))
+            return h
+
+        h = x.clone().requires_grad_(True)
+        out = (
+            body(h)
+            if context_fn is None
+            else torch.utils.checkpoint.checkpoint(body, h, use_reentrant=False, context_fn=context_fn)
+        )
+        return out.square().sum()
+
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(x)
+        routes = session.routes()
+        model.perturb(scale=2.0)  # the current scores choose other experts
+        if block == "capture":  # a capture with gradients: the recompute must use the forward's own choice
+            with session.capture(), torch.no_grad():
+                model(x)
+            now = session.routes()
+            assert not now.equal(routes)
+            routes = now
+        if not first:  # the decisions established (in this grad mode) outside the checkpoint
+            with session.replay(routes):
+                loss(model)
+        reference = copy.deepcopy(model)  # a plain copy: the recorded experts forced by its own gather
+        loss(reference, forced=None if block == "idle" else routes.per_layer()).backward()
+        blocks = {"replay": session.replay(routes), "capture": session.capture(), "idle": contextlib.nullcontext()}
+        with blocks[block]:
+            out = loss(model, _selective(_SAVED[saved]))
+        out.backward()
+        if block == "capture":
+            assert session.routes().equal(routes)
+        assert_same_grads(grads(model), grads(reference))
