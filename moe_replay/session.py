@@ -221,7 +221,7 @@ class Session:
         self._hooks: list[RouterHook] = []
         self._installed: list[tuple[nn.Module, Any]] = []
         self._reached: dict[int, Any] = {}  # a scope's forward, other than the wrapper, found to lead to it
-        self._held: dict[int, nn.Module | None] = {}  # what a moved scope's path held when last found in the model
+        self._paths: dict[int, str] = {}  # where a scope wrapped after attach now sits (its path, wrappers inserted)
         self._capturing = False
         self._replaying = False
         self._attached = False
@@ -477,7 +477,8 @@ class Session:
         _WATCHED.setdefault(model, {})[(tuple(scopes), model.training)] = _Skeleton(model, scopes)
 
     def _scopes(self) -> list[str]:
-        return [s.scope for s in self._sites]
+        """Where the scopes sit in the model now (their paths at attach, with any wrapper inserted since)."""
+        return [self._paths.get(i, s.scope) for i, s in enumerate(self._sites)]
 
     def _widths(self) -> set[int]:
         return {h.num_experts for h in self._hooks if h.num_experts}
@@ -640,7 +641,10 @@ class Session:
         it kept, dropping the wrapper too), or wrapped again around that forward (accelerate's
         ``add_hook_to_module`` on a module hooked before attach); its module replaced in the model
         (``layer.mlp.gate = new``), or a copy of it running at its path. Each would route natively,
-        which only a strict replay's count would notice. One lookup per router when nothing changed.
+        which only a strict replay's count would notice. A router module moved to another path (a layer
+        removed, inserted or reordered) is refused too: its rows would go under a path that now names
+        another module. Wrapped where it sits (a checkpoint or PEFT wrapper: its path with segments
+        inserted), it goes on under its name. One lookup per router when nothing changed.
         """
         model = self._model_ref()
         for i in range(len(self._wrappers)):
@@ -656,13 +660,9 @@ class Session:
                         "such a module too), so its router would route natively. Detach and attach again"
                     )
                 self._reached[i] = now  # (not checked again while the forward stays this object)
-            if model is None:
+            if model is None or _module_at(model, self._paths.get(i, name)) is scope:
                 continue
-            held: nn.Module | None = model
-            for part in name.split(".") if name else ():  # get_submodule, without its getattr per level
-                held = held._modules.get(part) if held is not None else None
-            if held is scope or held is self._held.get(i, _MISSING):
-                continue
+            held = _module_at(model, name)
             dup = next((m for m in (held.modules() if held is not None else ()) if _copy_of_router(m)), None)
             if dup is not None:  # what runs at that path now is a copy of it made after attach
                 raise SessionStateError(
@@ -670,14 +670,23 @@ class Session:
                     f"({type(held).__name__}; PEFT's modules_to_save makes one), and the copy is not intercepted: "
                     "it would route natively. Attach after wrapping the model (get_peft_model, then mr.attach)"
                 )
-            if not any(m is scope for m in model.modules()):
+            found = [p for p, m in model.named_modules(remove_duplicate=False) if m is scope]
+            if not found:
                 raise SessionStateError(
                     f"'{name}' is no longer the {type(scope).__name__} module this session intercepts ("
                     + (f"it now holds another {type(held).__name__}" if held is not None else "it is gone")
                     + "): a router module replaced after attach would route natively. Detach and attach again "
                     "to intercept the new one"
                 )
-            self._held[i] = held  # still in the model at another place (a PEFT wrapper around it, say)
+            wrapped = [p for p in found if _inserted_into(name, p)]
+            if not wrapped:
+                raise SessionStateError(
+                    f"the module this session intercepts as '{name}' now sits at '{found[0]}': the model's modules "
+                    "moved after attach (a layer removed, inserted or reordered), so its rows would be recorded and "
+                    "replayed under a path that names another module of the model as it is now. Detach and attach "
+                    "again"
+                )
+            self._paths[i] = wrapped[0]  # its path with wrappers inserted (a PEFT or checkpoint wrapper around it)
 
     def _reaches(self, scope: nn.Module, wrapper: ScopedForward, now: Any) -> bool:
         """Does the ``forward`` of ``scope`` (``now``, another than ``wrapper``) still lead to ``wrapper``?"""
@@ -1249,6 +1258,7 @@ class Session:
         if model is None:
             raise SessionStateError("the model of this session no longer exists")
         with self._block("verify()"):
+            self._check_in_place()
             for h in self._hooks:
                 h.calls, h.decisions = 0, 0
                 h.verifying = True
@@ -1333,6 +1343,20 @@ def _stale_ring(hook: RouterHook) -> bool:
     """Does ``hook``'s ring hold rows of another k or E than its decision now has (kept for ``routes()``)?"""
     ring = hook.capture_ring
     return ring is not None and (ring.top_k, ring.num_experts) != (hook.top_k, hook.num_experts)
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path`` of ``model``, or None (``get_submodule`` without its getattr per level)."""
+    held: nn.Module | None = model
+    for part in path.split(".") if path else ():
+        held = held._modules.get(part) if held is not None else None
+    return held
+
+
+def _inserted_into(old: str, new: str) -> bool:
+    """Is ``new`` the path ``old`` with segments inserted (wrappers around the module or a parent)?"""
+    rest = iter(new.split(".") if new else ())
+    return all(part in rest for part in (old.split(".") if old else ()))
 
 
 def _copy_of_router(module: nn.Module) -> bool:

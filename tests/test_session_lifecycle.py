@@ -260,6 +260,70 @@ def test_a_block_refuses_a_router_module_replaced_after_attach(strict: bool) -> 
     tried(2)
 
 
+class _Wrapped(nn.Module):
+    """A module wrapped where it sits (as torch's checkpoint_wrapper or FSDP1 wrap a layer): its path gets a segment."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.wrapped = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapped(*args, **kwargs)
+
+
+def _swap_layers(model: nn.Module) -> None:
+    model.layers[1], model.layers[2] = model.layers[2], model.layers[1]
+
+
+def _drop_dense_layer(model: nn.Module) -> None:
+    del model.layers[0]
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("move", [_swap_layers, _drop_dense_layer], ids=["swap", "drop"])
+@pytest.mark.parametrize("block", ["capture", "replay", "verify"])
+def test_a_block_refuses_routers_moved_to_other_paths_after_attach(
+    move: Callable[[nn.Module], None], block: str
+) -> None:
+    """Routers moved to other paths after attach are refused at the next block, not recorded under their old paths."""
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    x = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    want = session.routes()
+    move(model)
+    opened = {
+        "capture": session.capture,
+        "replay": lambda: session.replay(want),
+        "verify": lambda: contextlib.nullcontext(session.verify(x)),
+    }
+    with pytest.raises(mr.SessionStateError, match=r"intercepts as 'layers\.\d\.mlp\.router' now sits at 'layers\."):
+        with torch.no_grad(), opened[block]():
+            model(x)
+    session.detach()
+    assert not ours_reachable(model)
+    tried()
+
+
+@pytest.mark.reliability("wrappers")
+def test_routers_wrapped_where_they_sit_after_attach_keep_their_names() -> None:
+    """Layers wrapped in place after attach (a checkpoint wrapper) keep recording and replaying under their names."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    x = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    want = plain_routes(model, x)
+    session = mr.attach(model)
+    for i, layer in enumerate(model.layers):
+        model.layers[i] = _Wrapped(layer)
+    with torch.no_grad(), session.replay(want), session.capture():
+        model(x)
+    assert session.routes().equal(want)
+    assert session.verify(x) == {n: 1 for n in session.names}
+    session.detach()
+    assert not ours_reachable(model)
+    tried()
+
+
 class _ModulesToSave(nn.Module):
     """What PEFT's modules_to_save puts at a router's path: the original, and a copy that runs."""
 
