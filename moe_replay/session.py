@@ -732,6 +732,20 @@ class Session:
         # leaving on an error, the graph of a replayed forward goes with it: nothing awaits a recompute
         self._detach(recompute_check=exc_type is None)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Refuse ``copy.copy``, ``copy.deepcopy`` and ``pickle``: a session is the interception on one live model.
+
+        A copy would share this session's wrappers and rings (detaching it would leave this one
+        attached with nothing installed), and a pickle could not hold them.
+        """
+        raise SessionStateError(
+            "a Session cannot be copied or pickled: it is the interception installed on one live model (its "
+            "wrappers, capture rings and thread lock), and a copy would share them. Keep what it recorded with "
+            "session.routes() (a Routes pickles, or .save(path)); for another model, copy the model (a copy of an "
+            "attached model comes out plain) and mr.attach the copy. An object that keeps the session as an "
+            "attribute (a trainer, a module) cannot be copied while it holds it"
+        )
+
     def _check_attached(self) -> None:
         if not self._attached:
             raise SessionStateError("this session was detached; call mr.attach(model) again")

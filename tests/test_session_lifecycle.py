@@ -443,6 +443,32 @@ def test_pickled_attached_model_comes_out_plain(how: str, state: str) -> None:
 
 
 @pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle", "a model holding it"])
+def test_a_session_cannot_be_copied_and_goes_on_as_it_was(how: str) -> None:
+    """Copying or pickling a session is refused with the way out, and the session goes on as it was."""
+    model, x = model_and_input()
+    before = snapshot(model)
+    want = plain_routes(model, x)
+    session = mr.attach(model)
+    holder = nn.Module()
+    holder.session = session  # (a trainer or a user's module that keeps the session as an attribute)
+    copies = {
+        "copy": lambda: copy.copy(session),
+        "deepcopy": lambda: copy.deepcopy(session),
+        "pickle": lambda: pickle.dumps(session),
+        "a model holding it": lambda: copy.deepcopy(holder),
+    }
+    with pytest.raises(mr.SessionStateError, match=r"cannot be copied or pickled.*session\.routes\(\)"):
+        copies[how]()
+    with torch.no_grad(), session.replay(want), session.capture():
+        model(x)
+    assert session.routes().equal(want)
+    session.detach()
+    assert_untouched(model, before)
+    tried()
+
+
+@pytest.mark.reliability("wrappers")
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 def test_a_copy_of_an_attached_model_follows_a_later_patch_of_its_router_class(how: str) -> None:
     """A copy made while attached calls its routers' class forward at each call, as a plain model does (a kernel
