@@ -61,7 +61,9 @@ def _expert_count(value: Any) -> int:
     try:
         e = operator.index(value)
     except TypeError:
-        raise RoutesValidationError(f"an expert count must be an integer, got {value!r}") from None
+        e = None
+    if e is None or isinstance(value, bool):  # (True is not 1 expert)
+        raise RoutesValidationError(f"an expert count must be an integer, got {value!r}")
     if e < 1:
         raise RoutesValidationError(f"an expert count must be at least 1, got {e}")
     if e > _MAX_EXPERTS:
@@ -410,7 +412,8 @@ class Routes:
         """Select tokens (rows) of every router: ``routes[a:b]``, an index list or a mask.
 
         An integer selects one token (a ``Routes`` of one row); out of range it raises
-        :class:`~moe_replay.TokenIndexError` (an ``IndexError``).
+        :class:`~moe_replay.TokenIndexError` (an ``IndexError``). Only tokens are indexed:
+        ``routes[0, 1]`` is refused (pick routers with :meth:`select` or :meth:`layer`).
         """
         n = self.num_tokens  # (token slicing needs one T)
         rows = _token_rows(index, n)
@@ -732,7 +735,12 @@ def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
                 "routes[list(range(n - 1, -1, -1))]"
             )
         return index
-    if isinstance(index, np.ndarray | list | tuple | torch.Tensor):
+    if isinstance(index, tuple):  # routes[0, 1]: one index per dimension in numpy's reading, not two tokens
+        raise ArgumentTypeError(
+            f"routes[...] indexes tokens only, got {len(index)} indices {index!r:.60}: pass token positions as a "
+            "list (routes[[0, 1]]), and pick routers with routes.select([...]) or routes.layer(name)"
+        )
+    if isinstance(index, np.ndarray | list | torch.Tensor):
         try:
             rows = torch.as_tensor(index if isinstance(index, torch.Tensor) else np.asarray(index))
         except (TypeError, ValueError, RuntimeError) as e:

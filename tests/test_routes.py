@@ -160,10 +160,11 @@ def test_load_rejects_malformed_metadata(tmp_path, case: str) -> None:
 
 @pytest.mark.reliability("bad inputs")
 @pytest.mark.parametrize(
-    ("count", "pattern"), [(0, "at least 1"), (-8, "at least 1"), (8.5, "integer, got 8.5"), ("8", "integer, got '8'")]
+    ("count", "pattern"),
+    [(0, "at least 1"), (-8, "at least 1"), (8.5, "integer, got 8.5"), ("8", "integer, got '8'"), (True, "got True")],
 )
 def test_expert_counts_are_positive_integers(count: object, pattern: str) -> None:
-    """An expert count of 0, negative, fractional or text is refused, never rounded."""
+    """An expert count of 0, negative, fractional, text or a bool is refused, never rounded."""
     with pytest.raises(mr.RoutesValidationError, match=pattern):
         mr.Routes([torch.tensor([[0, 1]])], names=["gate"], num_experts=count)  # type: ignore[arg-type]
     with pytest.raises(mr.RoutesValidationError, match=pattern):
@@ -228,8 +229,9 @@ def test_token_index_out_of_range_is_an_index_error() -> None:
 
 @pytest.mark.reliability("bad inputs")
 def test_token_indices_that_are_not_token_positions_are_refused() -> None:
-    """routes[...] with a float, None, a string, a reversed slice, a 2-D or out-of-range list, or a mask of
-    another length: a MoEReplayError naming the index, never a malformed Routes or a plain error."""
+    """routes[...] with a float, None, a string, a reversed slice, a 2-D or out-of-range list, a tuple
+    (``routes[0, 1]``) or a mask of another length: a MoEReplayError naming the index, never a malformed Routes
+    or a plain error."""
     r = make(t=4)
     bad: list[tuple[object, type[Exception]]] = [
         (1.5, mr.ArgumentTypeError),
@@ -241,6 +243,7 @@ def test_token_indices_that_are_not_token_positions_are_refused() -> None:
         ([0, -5], mr.TokenIndexError),
         ([[0, 1], [2, 3]], mr.TokenIndexError),
         ([0.0, 1.0], mr.ArgumentTypeError),
+        ((0, 1), mr.ArgumentTypeError),  # routes[0, 1]: a token and a router, in numpy's reading
     ]
     for index, error in bad:
         with pytest.raises(error):
