@@ -1433,6 +1433,10 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
     does a weight under a thousandth of the largest, too small to tell from rounding. A forward of
     fewer than ``_FEW_TOKENS`` tokens is checked again on random inputs of that many, where it
     runs on them: a choice among tokens (a capacity by score) has nothing to choose from in one.
+    Then on one of its tokens repeated (at least ``_MANY_TOKENS`` times), which sends every token to
+    the same experts: a capacity that the real tokens, spread over the experts, left unfilled is
+    filled there, so tokens dropped by score over it are seen whatever the batch the router was
+    first run on.
     """
     force = _force(calls, seen, ev)
     _, first = probe.run(force=force)
@@ -1450,6 +1454,8 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
     checked, where = _vary(probe, force, first, probe.args, probe.kwargs, ev, early=False)
     if where is None and checked and calls[ev.decision[0]].rows < _FEW_TOKENS:
         where = _check_on_more_tokens(probe, calls, ev)
+    if where is None and checked:
+        where = _check_on_more_tokens(probe, calls, ev, one_token=True)
     if where is not None:
         raise _refuse(
             name,
@@ -1542,6 +1548,8 @@ def _refuse_earlier_choice(
 
 #: Below this many tokens, later choices are checked again on random inputs of this many.
 _FEW_TOKENS = 32
+#: Later choices are also checked on one token repeated at least this many times (a fixed capacity below it fills).
+_MANY_TOKENS = 256
 
 
 def _force(calls: Sequence[Call], seen: _ProbeMode, ev: Evidence) -> dict[int, tuple[Any, int]]:
@@ -1664,17 +1672,24 @@ def _hidden_differs(a: Any, b: Any, hidden: torch.Size | None, ev: Evidence) -> 
     return None
 
 
-def _check_on_more_tokens(probe: _Prober, calls: Sequence[Call], ev: Evidence) -> str | None:
-    """:func:`_vary` of the later choices from random inputs of at least ``_FEW_TOKENS`` tokens (the decision
-    held as made on them), where the forward runs on such inputs and makes the same calls; None otherwise."""
+def _check_on_more_tokens(
+    probe: _Prober, calls: Sequence[Call], ev: Evidence, *, one_token: bool = False
+) -> str | None:
+    """:func:`_vary` of the later choices from random inputs of at least ``_FEW_TOKENS`` tokens (``one_token``:
+    the first token repeated, at least ``_MANY_TOKENS`` times; the decision held as made on them), where the
+    forward runs on such inputs and makes the same calls; None otherwise."""
     found = _first_floating((probe.args, probe.kwargs))
     if found is None:
         return None
     x = found[1]
-    m = math.ceil(_FEW_TOKENS / max(1, x.numel() // x.shape[-1]))
-    ref = x.detach().float()
-    noise = torch.randn((x.shape[0] * m, *x.shape[1:]), generator=torch.Generator().manual_seed(len(_OTHER_INPUTS)))
-    big = (noise.to(x.device) * ref.std(unbiased=False) + ref.mean()).to(x.dtype)
+    m = math.ceil((_MANY_TOKENS if one_token else _FEW_TOKENS) / max(1, x.numel() // x.shape[-1]))
+    shape = (x.shape[0] * m, *x.shape[1:])
+    if one_token:  # every token the same: all go to the same experts, and any capacity below their count fills
+        big = x.detach().reshape(-1, x.shape[-1])[:1].expand(math.prod(shape[:-1]), -1).reshape(shape).clone()
+    else:
+        ref = x.detach().float()
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(len(_OTHER_INPUTS)))
+        big = (noise.to(x.device) * ref.std(unbiased=False) + ref.mean()).to(x.dtype)
     args, kwargs = _replaced((probe.args, probe.kwargs), found[0], big)
     try:
         _, seen = probe.run(inputs=(args, kwargs))
@@ -1687,7 +1702,8 @@ def _check_on_more_tokens(probe: _Prober, calls: Sequence[Call], ev: Evidence) -
     if not first.choices:
         return None
     _, where = _vary(probe, force, first, args, kwargs, ev, early=False)
-    return None if where is None else f"{where} (on {big.numel() // big.shape[-1]} tokens)"
+    tokens = big.numel() // big.shape[-1]
+    return None if where is None else f"{where} (on {tokens} {'copies of one token' if one_token else 'tokens'})"
 
 
 def _refuse_chosen_tokens(name: str, probe: _Prober, calls: Sequence[Call], decision: Call) -> None:

@@ -9,6 +9,9 @@ model or its random state left altered) is the worst outcome.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1848,3 +1851,669 @@ def test_moe_plus_plus_routers_with_null_experts_and_gating_residuals_are_exact(
         with torch.no_grad(), session.replay(routes):
             model(x)
         assert all(layer.received == used(n) for layer, n in zip(model.layers, session.names, strict=True))
+
+
+# =================================================================== capacity, second-expert policies, token dropping
+def assert_replay_repeats_the_capture(model: nn.Module, x: torch.Tensor | None = None) -> mr.Session:
+    """For routers that drop tokens over a capacity by position: capture records the experts chosen (the
+    experts used are among them), a replay on unchanged weights is bit-identical, and after the routers
+    change, a replay sends every token to exactly the experts it went to at capture, where a free forward
+    does not. The same seed before every forward, so that noise in training is drawn alike."""
+    x = _x() if x is None else x
+    spy = ExpertSpy(model)
+    try:
+        with mr.attach(model) as session:
+            torch.manual_seed(3)
+            with torch.no_grad(), session.capture():
+                captured = model(x)
+            routes = session.routes()
+            used = [spy.experts_of(b) for b in range(len(session.names))]
+            for b, name in enumerate(session.names):
+                assert not (used[b] & ~as_sets(routes.layer(name))).any(), f"capture of {name}"
+            torch.manual_seed(3)
+            with torch.no_grad(), session.replay(routes):
+                assert torch.equal(model(x), captured)
+            perturb(model)
+            torch.manual_seed(3)
+            with torch.no_grad():
+                model(x)
+            assert any(not torch.equal(spy.experts_of(b), used[b]) for b in range(len(used)))
+            torch.manual_seed(4)
+            with torch.no_grad(), session.replay(routes):
+                model(x)
+            for b, name in enumerate(session.names):
+                assert torch.equal(spy.experts_of(b), used[b]), f"replay of {name}"
+        return session
+    finally:
+        spy.remove()
+
+
+def _capacity_dispatch(experts: nn.ModuleList, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+    """fairseq / DeepSpeed ``MOELayer``: ``[S, E, C]`` combine weights, tokens dispatched into ``[E, C, d]``."""
+    dispatched = torch.einsum("sec,sm->ecm", combine.bool().to(x.dtype), x)
+    out = torch.stack([expert(dispatched[e]) for e, expert in enumerate(experts)])
+    return torch.einsum("sec,ecm->sm", combine.to(x.dtype), out)
+
+
+def _one_hot(indices: torch.Tensor, num_classes: int, unsqueeze_indices: bool = False) -> torch.Tensor:
+    """fairseq ``top2gate.one_hot``: a scatter into zeros of the indices' dtype."""
+    if unsqueeze_indices:
+        indices = indices.unsqueeze(-1)
+    output = torch.zeros((*indices.shape[:-1], num_classes), dtype=indices.dtype)
+    return output.scatter_(len(output.shape) - 1, indices, 1)
+
+
+def _fairseq_top1gating_capacity(logits: torch.Tensor, capacity_factor: float, eval_mode: bool) -> torch.Tensor:
+    """fairseq ``fairseq/modules/moe/top1gate.py`` ``top1gating``: argmax, capacity from a token fraction in
+    eval and ``capacity_factor * S/E`` in training, positions by cumulative sum, tokens past capacity dropped.
+    (The histogram logged upstream is taken of float indices here: ``histc`` of integers fails on a CPU.)"""
+    gates = F.softmax(logits, dim=1)
+    num_tokens, num_experts = gates.shape
+    capacity = math.ceil(0.25 * num_tokens) if eval_mode else int(capacity_factor * math.ceil(num_tokens / num_experts))
+    indices1_s = torch.argmax(gates, dim=1)
+    mask1 = _one_hot(indices1_s, num_classes=num_experts, unsqueeze_indices=True)
+    hist = 100 * torch.histc(indices1_s.squeeze().float() + 1, bins=num_experts, min=1, max=num_experts) / num_tokens
+    torch.sort(hist, dim=0, descending=True)
+    gates1_s = (gates * mask1).sum(dim=1)
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    mask1 = mask1 * torch.lt(locations1, capacity)
+    locations1_s = torch.sum(locations1 * mask1, dim=1)
+    gates1 = gates1_s.unsqueeze(-1) * mask1.to(gates1_s.dtype)
+    locations1_sc = _one_hot(locations1_s, num_classes=capacity, unsqueeze_indices=True)
+    return torch.bmm(gates1.unsqueeze(-1), locations1_sc.to(gates1.dtype).unsqueeze(1))
+
+
+def _fairseq_top2gating_capacity(
+    logits: torch.Tensor, policy: str, normalize_before_dropping: bool, eval_mode: bool, batch_prioritized: bool
+) -> torch.Tensor:
+    """fairseq ``fairseq/modules/moe/top2gate.py`` ``top2gating`` (and HF ``NllbMoeTop2Router.route_tokens``):
+    the second expert by argmax of Gumbel-noised (``sampling``) logits with the first masked; ``random`` drops
+    it where ``2 * gate2`` is under a uniform draw; positions by cumulative sum, or over tokens sorted by their
+    best probability (``batch_prioritized_routing``); tokens past capacity dropped; gates renormalised."""
+    gates = F.softmax(logits, dim=1)
+    num_tokens, num_experts = gates.shape
+    capacity = math.ceil(0.25 * num_tokens) if eval_mode else 2 * math.ceil(num_tokens / num_experts)
+    indices1_s = torch.argmax(gates, dim=1, keepdim=True)
+    mask1 = _one_hot(indices1_s, num_experts)
+    logits_w_noise = logits + _gumbel_rsample(logits.shape) if policy == "sampling" else logits
+    logits_except1 = logits_w_noise.masked_fill(mask1.bool(), float("-inf"))
+    indices2_s = torch.argmax(logits_except1, dim=1, keepdim=True)
+    mask2 = _one_hot(indices2_s, num_experts)
+    gates1_s, gates2_s = (gates * mask1).sum(dim=1), (gates * mask2).sum(dim=1)
+    if normalize_before_dropping:
+        denom_s = torch.clamp(gates1_s + gates2_s, min=torch.finfo(gates1_s.dtype).eps)
+        gates1_s, gates2_s = gates1_s / denom_s, gates2_s / denom_s
+    if policy == "random":
+        sampled = (2 * gates2_s) > torch.rand_like(gates2_s)
+        mask2 = mask2 * sampled.repeat(num_experts, 1).transpose(1, 0)
+    if batch_prioritized:
+        importance_scores = -1 * gates.max(dim=1)[0]
+        sorted_mask1 = mask1[importance_scores.argsort(dim=0)]
+        locations1 = ((torch.cumsum(sorted_mask1, dim=0) - 1) * sorted_mask1)[
+            importance_scores.argsort(dim=0).argsort(dim=0)
+        ]
+        sorted_mask2 = mask2[importance_scores.argsort(dim=0)]
+        locations2 = ((torch.cumsum(sorted_mask2, dim=0) - 1) * sorted_mask2)[
+            importance_scores.argsort(dim=0).argsort(dim=0)
+        ]
+    else:
+        locations1, locations2 = torch.cumsum(mask1, dim=0) - 1, torch.cumsum(mask2, dim=0) - 1
+    locations2 += torch.sum(mask1, dim=0, keepdim=True)
+    mask1, mask2 = mask1 * torch.lt(locations1, capacity), mask2 * torch.lt(locations2, capacity)
+    if not normalize_before_dropping:
+        gates1_s, gates2_s = (gates * mask1).sum(dim=1), (gates * mask2).sum(dim=1)
+        denom_s = torch.clamp(gates1_s + gates2_s, min=torch.finfo(gates1_s.dtype).eps)
+        gates1_s, gates2_s = gates1_s / denom_s, gates2_s / denom_s
+    combine = 0
+    for g_s, mask, loc in ((gates1_s, mask1, locations1), (gates2_s, mask2, locations2)):
+        loc_sc = _one_hot(torch.sum(loc * mask, dim=1), num_classes=capacity, unsqueeze_indices=True)
+        g = g_s.unsqueeze(-1) * mask.to(g_s.dtype)
+        combine = combine + torch.bmm(g.unsqueeze(-1), loc_sc.to(g.dtype).unsqueeze(1))
+    return combine
+
+
+class FairseqCapacityGate(nn.Module):
+    """fairseq ``Top1Gate`` / ``Top2Gate``: ``wg`` Linear, then ``top1gating`` or ``top2gating``."""
+
+    def __init__(self, k: int, policy: str = "sampling", before: bool = False, prioritized: bool = False) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.k, self.second_expert_policy, self.normalize_gate_prob_before_dropping = k, policy, before
+        self.batch_prioritized_routing = prioritized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.k == 1:
+            return _fairseq_top1gating_capacity(self.wg(x), 1.0, not self.training)
+        return _fairseq_top2gating_capacity(
+            self.wg(x),
+            self.second_expert_policy,
+            self.normalize_gate_prob_before_dropping,
+            not self.training,
+            self.batch_prioritized_routing,
+        )
+
+
+class FairseqCapacityLayer(nn.Module):
+    def __init__(self, **gate: object) -> None:
+        super().__init__()
+        self.gate = FairseqCapacityGate(**gate)  # type: ignore[arg-type]
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _capacity_dispatch(self.experts, x, self.gate(x))
+
+
+def _tutel_critical_with_capacity(
+    scores: torch.Tensor, top_k: int, capacity_factor: float, prioritized: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]:
+    """tutel ``tutel/impls/fast_dispatch.py`` ``extract_critical``: one top-k, split into slots; positions by
+    cumulative sum (or over tokens sorted by their best score: ``compute_sorted_location``), later slots after
+    the earlier ones; gates renormalised; capacity ``k * cf * S/E``, or the largest position where cf <= 0."""
+    num_experts = scores.size(1)
+    topk_indices = torch.topk(scores, top_k, dim=1).indices
+    indices_s = [x.view(-1) for x in topk_indices.chunk(top_k, dim=1)]
+    masks_se = [torch.zeros(x.size(0), num_experts, dtype=x.dtype).scatter_(1, x.unsqueeze(-1), 1) for x in indices_s]
+    gates_s = [(scores * x).sum(dim=1) for x in masks_se]
+    if prioritized:
+        importance_scores = -1 * scores.max(dim=1)[0]
+
+        def compute_location(x: torch.Tensor) -> torch.Tensor:
+            sorted_x = x[importance_scores.argsort(dim=0)]
+            return ((torch.cumsum(sorted_x, dim=0) - 1) * sorted_x)[importance_scores.argsort(dim=0).argsort(dim=0)]
+    else:
+
+        def compute_location(x: torch.Tensor) -> torch.Tensor:
+            return torch.cumsum(x, dim=0) - 1
+
+    locations1 = compute_location(masks_se[0])
+    locations_s = [torch.sum(locations1 * masks_se[0], dim=1).to(torch.int32)]
+    acc_base = None
+    for k in range(1, top_k):
+        acc = torch.sum(masks_se[k - 1], dim=0, keepdim=True)
+        acc_base = acc if acc_base is None else acc_base + acc
+        locations2 = compute_location(masks_se[k])
+        locations2 += acc_base
+        locations_s.append(torch.sum(locations2 * masks_se[k], dim=1).to(torch.int32))
+    if top_k > 1:
+        denom_s = torch.clamp(sum(gates_s), min=torch.finfo(gates_s[0].dtype).eps)
+        gates_s = [x / denom_s for x in gates_s]
+    samples_per_expert = (scores.size(0) + num_experts - 1) // num_experts
+    if capacity_factor > 0:
+        capacity = top_k * int(capacity_factor * samples_per_expert)
+    else:
+        capacity = int(max(int(loc.max()) for loc in locations_s)) + 1
+    return indices_s, locations_s, gates_s, capacity
+
+
+class TutelCapacityLayer(nn.Module):
+    """tutel ``MOELayer.forward`` with gate noise in training (``gate_noise * randn / E``) and the dispatch of
+    its kernels (``fast_encode``/``fast_decode``): rows at or past capacity are not sent."""
+
+    def __init__(self, k: int = 2, capacity_factor: float = 1.0, prioritized: bool = False) -> None:
+        super().__init__()
+        self.gates = nn.ModuleList([TopKGateTutel(k)])
+        self.experts = Experts()
+        self.num_global_experts, self.capacity_factor, self.gate_noise = E, capacity_factor, 1.0
+        self.batch_prioritized_routing = prioritized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gctx = self.gates[0]
+        logits = gctx(x)
+        if self.training and self.gate_noise > 0:
+            logits = logits + self.gate_noise * torch.randn_like(logits) / self.num_global_experts
+        scores = F.softmax(logits, dim=1)
+        indices_s, locations_s, gates_s, capacity = _tutel_critical_with_capacity(
+            scores, gctx.top_k, self.capacity_factor, self.batch_prioritized_routing
+        )
+        slots = torch.zeros(E * capacity, x.shape[1], dtype=x.dtype)
+        for i, loc in zip(indices_s, locations_s, strict=True):
+            sent = loc < capacity
+            slots = slots.index_add(0, (i.long() * capacity + loc.long())[sent], x[sent])
+        y = torch.stack([expert(slots.view(E, capacity, -1)[e]) for e, expert in enumerate(self.experts)])
+        y = y.view(E * capacity, -1)
+        out = torch.zeros_like(x)
+        for i, loc, g in zip(indices_s, locations_s, gates_s, strict=True):
+            sent = (loc < capacity)[:, None]
+            out = out + g[:, None] * y[(i.long() * capacity + loc.long()).clamp(max=E * capacity - 1)] * sent
+        return out
+
+
+class LucidrainsPolicyTop2Gating(nn.Module):
+    """lucidrains/mixture-of-experts ``Top2Gating`` in full: the second expert kept by ``second_policy``
+    (``all``, ``none``, ``threshold``: its renormalised gate over a threshold, ``random``: with a chance of
+    ``gate_2 / threshold``), then each expert's capacity filled by position (``cumsum_exclusive``)."""
+
+    def __init__(self, policy: str) -> None:
+        super().__init__()
+        self.eps, self.num_gates, self.w_gating = 1e-9, E, nn.Parameter(torch.randn(D, E))
+        self.second_policy_train = self.second_policy_eval = policy
+        self.second_threshold_train = self.second_threshold_eval = 0.2
+        self.capacity_factor_train, self.capacity_factor_eval = 1.25, 2.0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        group_size = x.shape[-2]
+        suffix = "train" if self.training else "eval"
+        policy, threshold = getattr(self, f"second_policy_{suffix}"), getattr(self, f"second_threshold_{suffix}")
+        capacity_factor = getattr(self, f"capacity_factor_{suffix}")
+        raw_gates = torch.einsum("...bnd,...de->...bne", x, self.w_gating).softmax(dim=-1)
+        gate_1, index_1 = top1(raw_gates)
+        mask_1 = F.one_hot(index_1, self.num_gates).float()
+        gate_2, index_2 = top1(raw_gates * (1.0 - mask_1))
+        mask_2 = F.one_hot(index_2, self.num_gates).float()
+        denom = gate_1 + gate_2 + self.eps
+        gate_1, gate_2 = gate_1 / denom, gate_2 / denom
+        if policy == "none":
+            mask_2 = torch.zeros_like(mask_2)
+        elif policy == "threshold":
+            mask_2 *= (gate_2 > threshold).float()[..., None]
+        elif policy == "random":
+            probs = torch.zeros_like(gate_2).uniform_(0.0, 1.0)
+            mask_2 *= (probs < (gate_2 / max(threshold, self.eps))).float().unsqueeze(-1)
+        capacity = float(max(min(group_size, int((group_size * capacity_factor) / self.num_gates)), 4))
+        position_1 = F.pad(mask_1, (0, 0, 1, 0)).cumsum(dim=-2)[..., :-1, :] * mask_1
+        mask_1 *= (position_1 < capacity).float()
+        position_2 = (
+            F.pad(mask_2, (0, 0, 1, 0)).cumsum(dim=-2)[..., :-1, :] + mask_1.sum(dim=-2, keepdim=True)
+        ) * mask_2
+        mask_2 *= (position_2 < capacity).float()
+        gates = torch.stack([gate_1 * mask_1.sum(dim=-1), gate_2 * mask_2.sum(dim=-1)], -1)
+        return gates, torch.stack([index_1, index_2], -1)
+
+
+class LucidrainsPolicyMoE(LucidrainsMoE):
+    def __init__(self, policy: str) -> None:
+        super().__init__()
+        self.gate = LucidrainsPolicyTop2Gating(policy)  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x[None])
+        return dispatch(self.experts, x, idx[0], w[0])
+
+
+class STMoERandomTopNGating(STMoETopNGating):
+    """lucidrains/st-moe-pytorch ``TopNGating`` as it is now: each expert past the first routed with a chance
+    of ``gate / threshold`` (``probs < gates / threshold``, in training and eval), then capacity by position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("threshold_train", torch.tensor([1e-9, 0.2]))
+        self.register_buffer("threshold_eval", torch.tensor([1e-9, 0.2]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        threshold = self.threshold_train if self.training else self.threshold_eval
+        gates, gate_indices = self.to_gates(x).softmax(dim=-1).topk(k=self.top_n, dim=-1)
+        gates, gate_indices = gates.movedim(-1, 0), gate_indices.movedim(-1, 0)
+        mask = F.one_hot(gate_indices, self.num_gates).float()
+        gates = gates / gates.sum(0, keepdim=True).clamp(min=1e-9)
+        probs = torch.zeros_like(gates).uniform_(0.0, 1.0)
+        should_route = probs < gates / threshold.clamp(min=1e-9)[:, None]
+        should_route[0, ...] = True
+        mask *= should_route.float()[..., None]
+        gates = gates * mask.sum(dim=-1)
+        return gates.movedim(0, -1), gate_indices.movedim(0, -1)
+
+
+class STMoERandom(STMoE):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = STMoERandomTopNGating()
+
+
+class NllbPrioritizedRouter(nn.Module):
+    """HF ``transformers/models/nllb_moe/modeling_nllb_moe.py`` ``NllbMoeTop2Router`` with
+    ``batch_prioritized_routing`` and a fixed ``expert_capacity`` in training: positions over the tokens
+    sorted by their best probability, so which tokens an expert keeps past capacity is chosen by score."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.expert_capacity = E, 16
+        self.classifier = nn.Linear(D, E, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        router_logits = self.classifier(hidden_states)
+        router_probs = F.softmax(router_logits, dim=-1)
+        top_1_mask = F.one_hot(torch.argmax(router_probs, dim=-1), num_classes=self.num_experts)
+        logits_except_top_1 = router_logits.masked_fill(top_1_mask.bool(), float("-inf"))
+        top_2_mask = F.one_hot(torch.argmax(logits_except_top_1, dim=-1), num_classes=self.num_experts)
+        importance_scores = -1 * router_probs.max(dim=1)[0]
+        order, back = importance_scores.argsort(dim=0), importance_scores.argsort(dim=0).argsort(dim=0)
+        locations1 = ((torch.cumsum(top_1_mask[order], dim=0) - 1) * top_1_mask[order])[back]
+        locations2 = ((torch.cumsum(top_2_mask[order], dim=0) - 1) * top_2_mask[order])[back]
+        locations2 += torch.sum(top_1_mask, dim=0, keepdim=True)
+        top_1_mask = top_1_mask * torch.lt(locations1, self.expert_capacity)
+        top_2_mask = top_2_mask * torch.lt(locations2, self.expert_capacity)
+        top_1_max_probs = (router_probs * top_1_mask).sum(dim=1)
+        top_2_max_probs = (router_probs * top_2_mask).sum(dim=1)
+        denom_s = torch.clamp(top_1_max_probs + top_2_max_probs, min=torch.finfo(router_probs.dtype).eps)
+        router_probs = (top_1_max_probs / denom_s)[:, None] * top_1_mask + (top_2_max_probs / denom_s)[
+            :, None
+        ] * top_2_mask
+        return top_1_mask, router_probs
+
+
+class DenseProbsBlock(nn.Module):
+    """An MoE block around a router returning ``(anything, [T, E] weights)``: each expert runs on the tokens
+    that give it a weight."""
+
+    def __init__(self, router: nn.Module) -> None:
+        super().__init__()
+        self.router = router
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, probs = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok = (probs[:, e] != 0).nonzero()[:, 0]
+            if tok.numel():
+                out = out.index_add(0, tok, probs[tok, e, None] * expert(x[tok]))
+        return out
+
+
+class MegatronDroppingRouter(nn.Module):
+    """Megatron-core ``TopKRouter`` with ``moe_router_pre_softmax`` and token dropping
+    (``moe_utils.topk_routing_with_score_function`` then ``apply_router_token_dropping``): a capacity of
+    ``cf * S*k/E`` per expert, filled by ``topk`` over the tokens of the probs (``probs``) or of the map
+    (``position``), where it is under the number of tokens."""
+
+    def __init__(self, drop_policy: str, capacity_factor: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D) * 0.3)
+        self.topk, self.drop_policy, self.capacity_factor = 2, drop_policy, capacity_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        probs, top_indices = torch.topk(scores, k=self.topk, dim=1, sorted=torch.is_grad_enabled())
+        routing_probs = torch.zeros_like(logits).scatter(1, top_indices, probs.type_as(logits))
+        routing_map = torch.zeros_like(logits).int().scatter(1, top_indices, 1).bool()
+        num_tokens, num_experts = routing_probs.shape
+        expert_capacity = math.ceil(num_tokens * self.topk / num_experts * self.capacity_factor)
+        if expert_capacity > num_tokens:
+            capacity_mask = torch.ones_like(routing_probs).bool()
+        else:
+            ranked = routing_probs if self.drop_policy == "probs" else routing_map.int()
+            _, capacity_indices = torch.topk(ranked, k=expert_capacity, dim=0, sorted=False)
+            capacity_mask = torch.zeros_like(routing_probs).scatter(0, capacity_indices, 1).bool()
+        final_map = torch.logical_and(routing_map, capacity_mask)
+        return final_map, routing_probs * final_map
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: FairseqCapacityLayer(k=1), id="fairseq-top1gating"),
+        pytest.param(lambda: FairseqCapacityLayer(k=2, policy="sampling"), id="fairseq-top2gating-sampling"),
+        pytest.param(lambda: FairseqCapacityLayer(k=2, policy="all"), id="fairseq-top2gating-all"),
+        pytest.param(lambda: FairseqCapacityLayer(k=2, policy="all", before=True), id="fairseq-normalize-before"),
+        pytest.param(lambda: TutelCapacityLayer(k=2), id="tutel-top2-cf1"),
+        pytest.param(lambda: TutelCapacityLayer(k=1), id="tutel-top1-cf1"),
+        pytest.param(lambda: TutelCapacityLayer(k=2, capacity_factor=0.0), id="tutel-top2-cf0"),
+        pytest.param(lambda: LucidrainsPolicyMoE("all"), id="lucidrains-all"),
+        pytest.param(lambda: LucidrainsPolicyMoE("none"), id="lucidrains-none"),
+        pytest.param(lambda: DenseProbsBlock(MegatronDroppingRouter("position", 1.0)), id="megatron-drop-position"),
+    ],
+)
+def test_capacity_filled_by_position_is_replayed_exactly(make: Callable[[], nn.Module], training: bool) -> None:
+    """Tokens past an expert's capacity dropped by their position (fairseq, tutel, lucidrains, Megatron's
+    ``drop_policy="position"``): the drops follow from the forced experts alone, so a replay repeats them."""
+    assert_replay_repeats_the_capture(TwoLayers(make).train(training))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: FairseqCapacityLayer(k=2, policy="random"), id="fairseq-second-expert-random"),
+        pytest.param(lambda: FairseqCapacityLayer(k=2, policy="all", prioritized=True), id="fairseq-prioritized"),
+        pytest.param(lambda: TutelCapacityLayer(k=2, prioritized=True), id="tutel-prioritized"),
+        pytest.param(lambda: LucidrainsPolicyMoE("threshold"), id="lucidrains-threshold"),
+        pytest.param(lambda: LucidrainsPolicyMoE("random"), id="lucidrains-random"),
+        pytest.param(STMoERandom, id="st-moe-random-routing"),
+        pytest.param(lambda: DenseProbsBlock(MegatronDroppingRouter("probs", 1.0)), id="megatron-drop-probs"),
+    ],
+)
+def test_a_second_expert_or_a_capacity_chosen_by_score_is_refused(
+    make: Callable[[], nn.Module], training: bool
+) -> None:
+    """Public gates that drop the second expert or fill a capacity by the current scores are refused.
+
+    fairseq/NLLB's ``random`` second-expert policy, lucidrains' ``threshold``/``random`` policies, st-moe's
+    random routing of the experts past the first, and batch-prioritized or Megatron ``probs`` capacity:
+    a replay would force the experts but drop them again by the replayed forward's scores."""
+    model = TwoLayers(make).train(training)
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="chooses again"):
+        with torch.no_grad(), session.capture():
+            model(_x())
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    ("make", "first_tokens"),
+    [
+        pytest.param(lambda: DenseProbsBlock(NllbPrioritizedRouter()), 8, id="nllb-prioritized-fixed-capacity"),
+        pytest.param(lambda: DenseProbsBlock(MegatronDroppingRouter("probs", 3.0)), T, id="megatron-probs-cf3"),
+    ],
+)
+def test_a_capacity_by_score_that_the_first_batch_leaves_unfilled_is_refused(
+    make: Callable[[], nn.Module], first_tokens: int
+) -> None:
+    """A capacity filled by score is refused even where the first batch, spread over the experts, leaves it unfilled.
+
+    Once silent: NLLB-MoE's batch-prioritized routing with a fixed ``expert_capacity`` of 16 first run on 8
+    tokens, or Megatron's ``drop_policy="probs"`` with ``capacity_factor=3``, filled no capacity on the
+    inputs they were established on; a later batch of 128 tokens dropped tokens by the replayed forward's
+    scores, and the experts used at replay were not those of the capture."""
+    model = TwoLayers(make).train()
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="copies of one token"):
+        with torch.no_grad():
+            model(_x(t=first_tokens))
+        with torch.no_grad(), session.capture():
+            model(_x(t=128))
+
+
+class TitanNodeLimitedRouter(nn.Module):
+    """torchtitan ``torchtitan/models/common/moe.py`` ``TokenChoiceTopKRouter`` with node-limited routing:
+    sigmoid scores plus the block's ``expert_bias``; groups by the sum of their top-2, ``masked_fill`` of the
+    others on the unflattened view; ``topk(sorted=False)``; weights gathered from the unbiased scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.num_experts, self.num_expert_groups, self.num_limited_groups, self.top_k = E, 4, 2, 2
+
+    def forward(self, x: torch.Tensor, expert_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(self.gate(x))
+        grouped = (scores + expert_bias).unflatten(-1, (self.num_expert_groups, E // self.num_expert_groups))
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        _, group_idx = torch.topk(group_scores, k=self.num_limited_groups, dim=-1, sorted=False)
+        group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(-1, group_idx, False)
+        scores_for_choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(-2)
+        _, ids = torch.topk(scores_for_choice, k=self.top_k, dim=-1, sorted=False)
+        top = scores.gather(dim=-1, index=ids)
+        return top / (top.sum(dim=-1, keepdim=True) + 1e-20), ids, scores
+
+
+class TitanNodeLimitedMoE(nn.Module):
+    """torchtitan ``MoE``: ``expert_bias`` and ``tokens_per_expert`` buffers (the count grows in training);
+    ``score_before_experts`` weighs the expert outputs token by token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = TitanNodeLimitedRouter()
+        self.experts = Experts()
+        self.register_buffer("expert_bias", torch.linspace(-0.05, 0.05, E))
+        self.register_buffer("tokens_per_expert", torch.zeros(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, ids, scores = self.router(x, self.expert_bias)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert.add_(torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, ids, True).sum(0))
+        return dispatch(self.experts, x, ids, w)
+
+
+def _sglang_biased_grouped_topk(
+    gating_output: torch.Tensor, correction_bias: torch.Tensor, topk: int, num_expert_group: int, topk_group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGLang ``python/sglang/srt/layers/moe/topk.py`` ``biased_grouped_topk_impl`` (torch path, renormalise,
+    routed scaling on the output): sigmoid, bias for the choice, group top-2 sums, ``masked_fill`` of the other
+    groups, expert ``topk(sorted=False)``, weights gathered from the unbiased scores."""
+    scores = gating_output.sigmoid()
+    num_token = scores.shape[0]
+    scores_for_choice = scores.view(num_token, -1) + correction_bias.unsqueeze(0)
+    group_scores = scores_for_choice.view(num_token, num_expert_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = (
+        group_mask.unsqueeze(-1).expand(num_token, num_expert_group, E // num_expert_group).reshape(num_token, -1)
+    )
+    tmp_scores = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
+    _, topk_ids = torch.topk(tmp_scores, k=topk, dim=-1, sorted=False)
+    topk_weights = scores.gather(1, topk_ids)
+    topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True) * 2.5
+    return topk_weights.to(torch.float32), topk_ids.to(torch.int32)
+
+
+def _vllm_fused_topk_native(gating_output: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM ``fused_topk`` torch-native fallback: softmax in fp32, ``topk``, renormalise."""
+    topk_weights, topk_ids = torch.topk(F.softmax(gating_output.float(), dim=-1), topk, dim=-1)
+    return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids
+
+
+class EngineTopKMoE(nn.Module):
+    """An inference engine's MoE: the gate's logits handed to the engine's top-k function."""
+
+    def __init__(self, grouped: bool) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+        self.top_k, self.num_experts, self.grouped = 2, E, grouped
+        self.correction_bias = nn.Parameter(torch.linspace(-0.05, 0.05, E), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.gate(x)
+        if self.grouped:
+            w, ids = _sglang_biased_grouped_topk(logits, self.correction_bias, self.top_k, 4, 2)
+        else:
+            w, ids = _vllm_fused_topk_native(logits, self.top_k)
+        return dispatch(self.experts, x, ids.long(), w)
+
+
+class MegatronScoreFunctionRouter(nn.Module):
+    """Megatron-core ``topk_routing_with_score_function`` with group-limited routing (``group_limited_topk``:
+    group top-(k/groups) sums, ``masked_fill`` -inf, ``topk`` of the masked scores whose values are the
+    probs) and ``moe_router_pre_softmax``, or sigmoid scores with an ``expert_bias`` and a scaling factor."""
+
+    def __init__(self, score_function: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D) * 0.3)
+        self.topk, self.num_groups, self.group_topk, self.score_function = 2, 4, 2, score_function
+        self.register_buffer("expert_bias", torch.linspace(-0.05, 0.05, E))
+
+    def _group_limited_topk(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tokens = scores.shape[0]
+        group_scores = scores.view(num_tokens, self.num_groups, -1).topk(self.topk // self.group_topk, dim=-1)[0]
+        group_idx = torch.topk(group_scores.sum(dim=-1), k=self.group_topk, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros(num_tokens, self.num_groups).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(num_tokens, self.num_groups, E // self.num_groups)
+        masked_scores = scores.masked_fill(~score_mask.reshape(num_tokens, -1).bool(), float("-inf"))
+        return torch.topk(masked_scores, k=self.topk, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        if self.score_function == "softmax":  # use_pre_softmax
+            probs, top_indices = self._group_limited_topk(torch.softmax(logits, dim=-1, dtype=torch.float32))
+        else:
+            scores = torch.sigmoid(logits.float())
+            _, top_indices = self._group_limited_topk(scores + self.expert_bias.float())
+            scores = torch.gather(scores, dim=1, index=top_indices)
+            probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20) * 2.5
+        routing_probs = torch.zeros_like(logits).scatter(1, top_indices, probs.type_as(logits))
+        return torch.zeros_like(logits).int().scatter(1, top_indices, 1).bool(), routing_probs
+
+
+class LlamaMoENoisyGate(nn.Module):
+    """LLaMA-MoE ``smoe/modules/moe/moe_gates.py`` ``TopKBalancedNoisyGate``: an MLP gate, noise scaled by a
+    softplus of ``weight_noise`` in training, top-(k+1) of which the first k are used (the (k+1)-th and k-th
+    values are thresholds of the load estimate ``normal.cdf``), a softmax of the top-k logits; returns a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.num_selects = E, 2
+        self.gate_network = nn.Sequential(nn.Linear(D, E, bias=False), nn.Tanh(), nn.Linear(E, E, bias=False))
+        self.weight_noise = nn.Linear(D, E, bias=False)
+        self.softmax, self.softplus, self.noise_epsilon = nn.Softmax(1), nn.Softplus(), 1e-2
+        self.normal = torch.distributions.Normal(0.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> dict[str, object]:
+        logits_gate = self.gate_network(x)
+        logits = logits_gate
+        if self.training:
+            noise_control = self.softplus(self.weight_noise(x)) + self.noise_epsilon
+            logits_noise = torch.randn_like(logits_gate) * noise_control
+            logits = logits_gate + logits_noise
+        top_logits, top_indices = logits.topk(min(self.num_selects + 1, self.num_experts), dim=1)
+        top_k_indices = top_indices[:, : self.num_selects]
+        top_k_scores = self.softmax(top_logits[:, : self.num_selects])
+        scores_filtered = torch.zeros_like(logits).scatter(dim=1, index=top_k_indices, src=top_k_scores)
+        importance = scores_filtered.sum(0)
+        if self.training:
+            flat, m = top_logits.flatten(), top_logits.size(1)
+            positions_in = torch.arange(top_logits.size(0)) * m + self.num_selects
+            threshold_if_in = flat.gather(0, positions_in).unsqueeze(1)
+            threshold_if_out = flat.gather(0, positions_in - 1).unsqueeze(1)
+            is_in = torch.gt(logits_noise, threshold_if_in)
+            prob_if_in = self.normal.cdf((logits_gate - threshold_if_in) / noise_control)
+            prob_if_out = self.normal.cdf((logits_gate - threshold_if_out) / noise_control)
+            load = torch.where(is_in, prob_if_in, prob_if_out).sum(0)
+        else:
+            load = (scores_filtered > 0).sum(0)
+        balance = importance.var() / (importance.mean() ** 2 + 1e-10) + load.float().var() / (
+            load.float().mean() ** 2 + 1e-10
+        )
+        return {"topK_indices": top_k_indices, "topK_scores": top_k_scores, "balance_loss": balance * 1e-2}
+
+
+class LlamaMoELayer(nn.Module):
+    """LLaMA-MoE ``LinearGLUMoELayer`` with ``UniversalCalculator``: flat indices sorted, tokens split per
+    expert by ``bincount``, outputs scaled by the sorted scores and added back by ``index_add``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = LlamaMoENoisyGate()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate(x)
+        indices, scores = gate["topK_indices"].flatten(), gate["topK_scores"].flatten()
+        batch_indices = torch.arange(x.shape[0]).repeat_interleave(self.gate.num_selects)
+        _, order = indices.sort(0)
+        split = torch.split(x.index_select(0, batch_indices[order]), indices.bincount(minlength=E).tolist(), dim=0)
+        outs = torch.cat([self.experts[e](split[e]) for e in range(E) if split[e].shape[0] > 0], 0)
+        outs = outs * scores.index_select(0, order).reshape(-1, 1)
+        self.balance_loss = gate["balance_loss"]
+        return torch.zeros_like(x).index_add(0, batch_indices[order], outs)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(TitanNodeLimitedMoE, id="torchtitan-node-limited"),
+        pytest.param(lambda: EngineTopKMoE(grouped=True), id="sglang-biased-grouped-topk"),
+        pytest.param(lambda: EngineTopKMoE(grouped=False), id="vllm-fused-topk-native"),
+        pytest.param(lambda: DenseProbsBlock(MegatronScoreFunctionRouter("softmax")), id="megatron-pre-softmax-groups"),
+        pytest.param(
+            lambda: DenseProbsBlock(MegatronScoreFunctionRouter("sigmoid")), id="megatron-sigmoid-bias-groups"
+        ),
+        pytest.param(LlamaMoELayer, id="llama-moe-topk-balanced-noisy"),
+    ],
+)
+def test_group_limited_and_noisy_library_routers_are_exact(make: Callable[[], nn.Module], training: bool) -> None:
+    """torchtitan node-limited routing, SGLang/vLLM torch top-k paths, Megatron group-limited routing with pre-softmax
+    or a biased sigmoid, LLaMA-MoE's noisy top-(k+1) gate: each token gets exactly the recorded experts."""
+    session = assert_exact_in_training(TwoLayers(make).train(training))
+    assert [s.top_k for s in session.sites] == [2, 2]
