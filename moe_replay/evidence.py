@@ -101,7 +101,7 @@ _ATEN: dict[Any, Any] = {}
 for _name, _overloads in _ATEN_OVERLOADS.items():
     _packet = getattr(torch.ops.aten, _name)
     _ATEN[_packet] = getattr(torch, _name)
-    _ATEN.update({getattr(_packet, o): getattr(torch, _name) for o in _overloads})
+    _ATEN.update({getattr(_packet, o): getattr(torch, _name) for o in _overloads if o in _packet.overloads()})
 UNWRAP.update(_ATEN)
 #: Keywords of an aten operator that torch's function does not take (its ``self``, the tensors an ``out``
 #: overload writes into): a call with them is run as it is, not read as the function's.
