@@ -94,14 +94,17 @@ class MissingDependencyError(MoEReplayError, ImportError):
     """An optional package that this feature needs is not installed (also an ``ImportError``)."""
 
 
-_TRACED = re.compile(r"raised exception (\w+)\((.*)\)", re.DOTALL)
+#: How dynamo reports an exception raised in code it traced: ``raised exception Name("message")`` (torch 2.13),
+#: ``raised exception Name((ConstantVariable(str: "message"),))`` (torch 2.11); the message a Python literal.
+_TRACED = re.compile(r"raised exception (\w+)\(")
+_LITERAL = re.compile(r"""(?:\(+ConstantVariable\(str: )?("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')""")
 
 
 def _from_compiler(error: BaseException) -> MoEReplayError | None:
     """The error of ours that torch.compile traced being raised, which it reports as its own, or None.
 
     Under ``fullgraph=True`` (or wherever the compiler cannot fall back to running the code), an error that a
-    router forward raises while dynamo traces it comes out as dynamo's ``Unsupported`` exception, whose cause
+    router forward raises while dynamo traces it comes out as dynamo's ``Unsupported`` exception, whose text
     holds ``raised exception UnsupportedRouterError("...")``. This rebuilds that error (same class, same
     message), so that a block can raise it from the compiler's: what is wrong and what to do stay a
     :class:`MoEReplayError`.
@@ -110,14 +113,17 @@ def _from_compiler(error: BaseException) -> MoEReplayError | None:
     at: BaseException | None = error
     while at is not None and id(at) not in seen and type(at).__module__.startswith("torch."):
         seen.add(id(at))
-        for arg in at.args:
-            found = _TRACED.fullmatch(arg.strip()) if isinstance(arg, str) else None
-            cls = globals().get(found[1]) if found is not None else None
-            if isinstance(cls, type) and issubclass(cls, MoEReplayError):
+        for text in (a for a in at.args if isinstance(a, str)):
+            for found in _TRACED.finditer(text):
+                cls = globals().get(found[1])
+                literal = _LITERAL.match(text, found.end())
+                if not (isinstance(cls, type) and issubclass(cls, MoEReplayError)) or literal is None:
+                    continue
                 try:
-                    message = ast.literal_eval(found[2])
+                    message = ast.literal_eval(literal[1])
                 except (ValueError, SyntaxError):
-                    message = found[2]
-                return cls(message if isinstance(message, str) else found[2])
+                    continue
+                if isinstance(message, str):
+                    return cls(message)
         at = at.__cause__ or at.__context__
     return None
