@@ -211,7 +211,9 @@ def _runs(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple((size, count) for size, count in runs)
 
 
-def _check_forwards(calls: tuple[tuple[int, int], ...] | None, b: int, p: int, n: int) -> None:
+def _check_forwards(
+    calls: tuple[tuple[int, int], ...] | None, b: int, p: int, n: int, *, returned: bool = False
+) -> None:
     """The capture's forwards are one ``generate()`` call's: ``b * p`` prompt rows, then ``n - 1`` steps of ``b``.
 
     The row count alone also fits other forwards in another order: two ``generate()`` calls
@@ -219,6 +221,10 @@ def _check_forwards(calls: tuple[tuple[int, int], ...] | None, b: int, p: int, n
     mask of fewer rows than the sequences generated (``num_return_sequences``). The routes
     that :meth:`Session.routes` returns remember their forwards; other routes (loaded,
     sliced, built) do not, and are split by the row count alone.
+
+    ``returned``: ``b`` is the row count of ``generate()``'s output. A capture of ``r``
+    times as many sequences then is no ``num_return_sequences`` (its output holds every
+    sequence generated) but a beam search, which returns fewer than it runs.
     """
     want = _runs([b * p, *[b] * (n - 1)])
     if calls is None or calls == want:
@@ -243,10 +249,19 @@ def _check_forwards(calls: tuple[tuple[int, int], ...] | None, b: int, p: int, n
         and len(rest) <= 1
     ):
         r = m // b
+        beams = (
+            f"a beam search: generate() ran {m} hypotheses, {r} per {'returned sequence' if returned else 'mask row'} "
+            "(num_beams > 1), and reordered them between steps, so its rows cannot be split per sequence; sample or "
+            "decode greedily"
+        )
         hint = (
-            f"one generate() over {m} sequences: with generate(num_return_sequences={r}) each prompt gives {r}, so "
-            f"pass the prompt mask repeated per returned sequence, attention_mask.repeat_interleave({r}, dim=0) "
-            "(prompt_lengths likewise), and sequences= to check the new tokens"
+            beams
+            if returned
+            else (
+                f"one generate() over {m} sequences: with generate(num_return_sequences={r}) each prompt gives {r}, "
+                f"so pass the prompt mask repeated per returned sequence, attention_mask.repeat_interleave({r}, "
+                f"dim=0) (prompt_lengths likewise), and sequences= to check the new tokens; or {beams}"
+            )
         )
     raise RoutesValidationError(
         f"the capture's routers ran forwards of {seen} rows, but one generate() over {b} sequences of {p} prompt "
@@ -368,7 +383,7 @@ def split_generation(
             "that the capture holds exactly one generate() call"
         )
     n = decode // b + 1
-    _check_forwards(routes._call_rows, b, p, n)
+    _check_forwards(routes._call_rows, b, p, n, returned=sequences is not None)
     if sequences is not None:
         seq_n = int(sequences.shape[1]) - p
         if seq_n != n:

@@ -272,6 +272,42 @@ def test_hf_generate_with_num_return_sequences_replays_with_the_repeated_mask() 
         assert mr.compare(mr.Routes.cat(parts), session.routes()).overall == 0.0
 
 
+@pytest.mark.parametrize("returned", [1, 2])
+def test_hf_beam_search_with_fewer_returned_sequences_is_named_not_blamed_on_the_mask(returned: int) -> None:
+    """num_beams=4 returning fewer sequences: the capture runs 4 hypotheses per prompt. The refusal names beam search.
+
+    Its rows fit a num_return_sequences=4 generate() whose prompt mask was not repeated, but
+    a mask already repeated to the returned sequences (which sequences= shows) rules that out:
+    telling the user to repeat it again sends them in a circle, or, without sequences=, to a
+    split of 4 sequences per prompt from reordered beams.
+    """
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    beams = 4
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(
+                prompt,
+                attention_mask=mask,
+                max_new_tokens=N,
+                num_beams=beams,
+                num_return_sequences=returned,
+                pad_token_id=0,
+            )
+        capture = session.routes()
+    grid_mask = mask.repeat_interleave(returned, dim=0)
+    per = beams // returned  # hypotheses per returned sequence
+    with pytest.raises(
+        mr.RoutesValidationError, match=rf"beam search.*hypotheses, {per} per returned sequence"
+    ) as info:
+        mr.split_generation(capture, attention_mask=grid_mask, sequences=out)
+    assert "repeat_interleave" not in str(info.value)  # the mask already matches the returned sequences
+    # without sequences= the rows fit both: the mask not repeated for num_return_sequences, or a beam search
+    with pytest.raises(mr.RoutesValidationError, match=r"num_return_sequences=.*num_beams"):
+        mr.split_generation(capture, attention_mask=grid_mask)
+
+
 def test_generation_capacity_holds_a_generate_call_without_growing() -> None:
     """capture(expected_tokens=generation_capacity(...)) allocates once; generate() then never grows a ring."""
     model = mr.models.build("softmax_topk")
