@@ -365,6 +365,12 @@ def split_generation(
             "the same rows; was the capture cut, or did some routers not run?"
         )
     total = tokens.pop()
+    if routes._dropped_rows > 0:
+        raise RoutesValidationError(
+            f"this capture kept only its newest {total} rows per router: keep_newest=True dropped the oldest "
+            f"{routes._dropped_rows} rows, so the rows no longer start at generate()'s prompt forward and would "
+            "give tokens other tokens' experts. Capture without keep_newest: an eager capture grows to hold every row"
+        )
 
     batch_size = _batch_size(batch_size, attention_mask, prompt_lengths, sequences)
     if prompt_len is None:

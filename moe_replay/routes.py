@@ -276,6 +276,7 @@ class Routes:
         self._data = data
         self._validated = bool(validate)
         self._call_rows: tuple[tuple[int, int], ...] | None = None
+        self._dropped_rows = 0
 
     # ------------------------------------------------------------------ shape
     @property
@@ -504,6 +505,9 @@ class Routes:
         #: a capture's rows per router call, as (rows, calls) runs, set by Session.routes() only: every
         #: other Routes (sliced, joined, loaded, built) holds rows that no longer follow those calls
         obj._call_rows = None
+        #: rows per router (at most) that a keep_newest capture dropped before the first it holds,
+        #: set by Session.routes() only: such rows no longer start at a forward (split_generation refuses them)
+        obj._dropped_rows = 0
         return obj
 
     def _ensure_valid(self) -> None:

@@ -1026,6 +1026,10 @@ class Session:
         # the forwards the rows came from, where every router saw the same ones (split_generation checks them)
         calls = {r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)}
         routes._call_rows = calls.pop() if len(calls) == 1 else None
+        if self.keep_newest:  # a ring that wrapped holds its newest rows only
+            routes._dropped_rows = max(
+                (w - r.capacity for r, w in zip(rings, written, strict=True) if r is not None), default=0
+            )
         return routes
 
     # ------------------------------------------------------------- replay

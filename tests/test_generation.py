@@ -322,6 +322,29 @@ def test_generation_capacity_holds_a_generate_call_without_growing() -> None:
         assert session.routes().num_tokens == b * p + b * (n - 1) <= need
 
 
+def test_a_keep_newest_capture_that_dropped_rows_is_refused_not_split_by_its_row_count() -> None:
+    """A keep_newest ring that wrapped holds the newest rows of generate(), from the middle of its prompt forward.
+
+    Such routes remember no forwards, so split_generation splits them by the row count:
+    rows that fit fewer new tokens, each moved to another token. They are refused, naming
+    the rows dropped; a capture that did not wrap splits as any other.
+    """
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt, mask = _prompt()
+    rows = B * P + B * (N - 1)
+    kept = B * P + B * (N - 3)  # the row count of a generate() of N - 2 new tokens
+    with mr.attach(model, capacity=kept, keep_newest=True) as session:
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, N, attention_mask=mask)
+        assert session.routes().num_tokens == kept
+        with pytest.raises(mr.RoutesValidationError, match=rf"keep_newest.*dropped the oldest {rows - kept} rows"):
+            mr.split_generation(session.routes(), attention_mask=mask)
+        with session.capture(), torch.no_grad():
+            seq = model.generate(prompt, N - 2, attention_mask=mask)  # fits the ring: nothing dropped
+        whole = mr.split_generation(session.routes(), attention_mask=mask, sequences=seq)
+    assert [s.num_tokens for s in whole] == (mask.sum(dim=1) + N - 2).tolist()
+
+
 @pytest.mark.reliability("bad inputs")
 def test_raw_generate_routes_in_a_teacher_forced_forward_point_to_split_generation() -> None:
     """Raw generate() routes replayed in a teacher-forced forward: the error names split_generation and BatchLayout."""
