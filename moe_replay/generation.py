@@ -317,7 +317,8 @@ def split_generation(
         prompt_lengths, padding_side: instead of a mask, real prompt lengths and the side
             the prompts were padded on.
         sequences: ``generate()``'s ``[B, P + N]`` output, to check ``N`` and find
-            end-of-sequence tokens.
+            end-of-sequence tokens. From ``generate(inputs_embeds=...)``, which returns
+            the ``N`` new tokens only, put the prompt ids before them.
         new_tokens: ``N``; inferred from the row count.
         lengths: new tokens per sequence (a sequence that stopped early has fewer);
             default: from ``sequences`` and ``eos_token_id``, else ``N`` each.
@@ -393,10 +394,16 @@ def split_generation(
     if sequences is not None:
         seq_n = int(sequences.shape[1]) - p
         if seq_n != n:
+            cause = (
+                f"was it generate(inputs_embeds=...), which returns only the new tokens, not the prompt? Pass "
+                f"sequences=torch.cat([prompt_ids, output], dim=1), the [{b}, {p} + {n}] sequences"
+                if int(sequences.shape[1]) == n
+                else "was more than one generate() captured, or a beam search or assisted decoding (not supported: "
+                "see split_generation's docstring)?"
+            )
             raise RoutesValidationError(
                 f"sequences hold {seq_n} new tokens, but the capture holds {decode // b} decode steps "
-                f"(= {n} new tokens): was more than one generate() captured, or a beam search or assisted "
-                "decoding (not supported: see split_generation's docstring)?"
+                f"(= {n} new tokens): {cause}"
             )
     if new_tokens is not None and check_count(new_tokens, "new_tokens") != n:
         raise RoutesValidationError(f"new_tokens={new_tokens}, but the capture holds {n - 1} decode steps")

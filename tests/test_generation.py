@@ -308,6 +308,31 @@ def test_hf_beam_search_with_fewer_returned_sequences_is_named_not_blamed_on_the
         mr.split_generation(capture, attention_mask=grid_mask)
 
 
+def test_hf_generate_from_inputs_embeds_output_without_the_prompt_is_named() -> None:
+    """generate(inputs_embeds=...) returns only the new tokens: refused, naming it; with the prompt first it replays."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            new = model.generate(
+                inputs_embeds=model.get_input_embeddings()(prompt),
+                attention_mask=mask,
+                max_new_tokens=N,
+                pad_token_id=0,
+            )
+        capture = session.routes()
+        assert new.shape == (B, N)
+        with pytest.raises(mr.RoutesValidationError, match=r"inputs_embeds.*only the new tokens.*torch.cat"):
+            mr.split_generation(capture, attention_mask=mask, sequences=new)
+        seq = torch.cat([prompt, new], dim=1)
+        parts = mr.split_generation(capture, attention_mask=mask, sequences=seq, keep_padding=True)
+        full_mask = torch.cat([mask, torch.ones(B, N, dtype=torch.long)], dim=1)
+        with session.replay(mr.Routes.cat(parts)), session.capture(), torch.no_grad():
+            model(seq, attention_mask=full_mask)
+        assert mr.compare(mr.Routes.cat(parts), session.routes()).overall == 0.0
+
+
 def test_generation_capacity_holds_a_generate_call_without_growing() -> None:
     """capture(expected_tokens=generation_capacity(...)) allocates once; generate() then never grows a ring."""
     model = mr.models.build("softmax_topk")
