@@ -996,6 +996,25 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@contextlib.contextmanager
+def _autocast_cache_aside() -> Iterator[None]:
+    """Autocast's cache of cast weights is neither read nor filled while this runs.
+
+    A probe run inside an autocast region would otherwise leave the casts of the router's weights in
+    that cache, and the forward after it would take them from there instead of casting: an op fewer in
+    the forward than in its recompute, which selective activation checkpointing (ops handed out by
+    their order of call) cannot match.
+    """
+    if not torch.is_autocast_cache_enabled():
+        yield
+        return
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(True)
+
+
 class _Prober:
     def __init__(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], scope: nn.Module):
         self.forward, self.args, self.kwargs = forward, args, kwargs
@@ -1025,8 +1044,13 @@ class _Prober:
         start = time.perf_counter()
         try:
             # the caller's grad mode (a router may compute more with gradients on), saving nothing
-            # through a checkpoint's saved-tensor hooks
-            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), self.snapshot.hooks_aside(), mode:
+            # through a checkpoint's saved-tensor hooks, and leaving autocast's cache of casts as it was
+            with (
+                torch.autograd.graph.saved_tensors_hooks(_keep, _keep),
+                self.snapshot.hooks_aside(),
+                _autocast_cache_aside(),
+                mode,
+            ):
                 out = _within(limit, self.forward, *_clone(args), **_clone(kwargs))
         finally:
             NESTING.probing -= 1

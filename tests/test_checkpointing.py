@@ -539,15 +539,19 @@ _SAVED = {"mm": {torch.ops.aten.mm.default}, "gather": {torch.ops.aten.gather.de
 @pytest.mark.parametrize("saved", list(_SAVED))
 @pytest.mark.parametrize("block", ["replay", "capture", "idle"])
 @pytest.mark.parametrize("first", [True, False], ids=["first-forward", "established"])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
 def test_selective_activation_checkpointing_gives_the_forced_reference_gradients(
-    saved: str, block: str, first: bool
+    saved: str, block: str, first: bool, amp: bool
 ) -> None:
     """Under selective activation checkpointing the gradients are those of the recorded experts, forced by hand.
 
     Selective checkpointing hands out the ops it saved in the forward by their order of call, so the
     library's own ops (the probe runs that establish a decision at a router's first forward in a mode,
     idle or not, the native choice, ring reads and writes) must not be seen in a forward that its
-    recompute does not make, or every later op of their kind is handed another op's output.
+    recompute does not make, or every later op of their kind is handed another op's output. Under
+    autocast the probe runs must not fill its cache of cast weights either: the forward would then take
+    the router weight's cast from that cache while its recompute casts it (torch's RuntimeError
+    "aten._to_copy.default invocation index ... not found in storage").
     """
     import copy
 
@@ -569,12 +573,13 @@ def test_selective_activation_checkpointing_gives_the_forced_reference_gradients
             return h
 
         h = x.clone().requires_grad_(True)
-        out = (
-            body(h)
-            if context_fn is None
-            else torch.utils.checkpoint.checkpoint(body, h, use_reentrant=False, context_fn=context_fn)
-        )
-        return out.square().sum()
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):  # (a fresh region, and cache, per step)
+            out = (
+                body(h)
+                if context_fn is None
+                else torch.utils.checkpoint.checkpoint(body, h, use_reentrant=False, context_fn=context_fn)
+            )
+        return out.float().square().sum()
 
     with mr.attach(model) as session:
         with session.capture(), torch.no_grad():
