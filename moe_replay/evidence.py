@@ -32,6 +32,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import itertools
 import math
 import numbers
 import os
@@ -775,35 +776,39 @@ def best_others(
     return scores.topk(m, dim=-1, largest=largest).indices
 
 
-def _leaves(obj: Any, out: list[Any], depth: int = 0) -> list[Any]:
-    if isinstance(obj, torch.Tensor) or depth > 8:
+def _leaves(obj: Any, out: list[Any], depth: int = 0, ints: bool = False) -> list[Any]:
+    """The tensors in nested containers and result objects (``ints``: Python ints too), in order."""
+    if isinstance(obj, torch.Tensor) or depth > 8 or (ints and type(obj) is int):
         out.append(obj)
     elif isinstance(obj, Mapping):
         for v in obj.values():
-            _leaves(v, out, depth + 1)
+            _leaves(v, out, depth + 1, ints)
     elif isinstance(obj, list | tuple):
         for v in obj:
-            _leaves(v, out, depth + 1)
+            _leaves(v, out, depth + 1, ints)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
-            _leaves(getattr(obj, f.name), out, depth + 1)
+            _leaves(getattr(obj, f.name), out, depth + 1, ints)
     elif hasattr(obj, "__dict__") and not isinstance(obj, type | nn.Module) and not callable(obj):
         for v in vars(obj).values():  # a plain result object
-            _leaves(v, out, depth + 1)
+            _leaves(v, out, depth + 1, ints)
     return out
 
 
 def _distance(a: Any, b: Any, tol: float = 0.0) -> tuple[float, int]:
     """How far two forward outputs are apart, and in how many elements (by more than ``tol``).
 
-    ``(0, 0)`` when equal; ``inf`` when their structure differs.
+    ``(0, 0)`` when equal; ``inf`` when their structure differs. Python ints count as elements too (a router
+    may return its tokens per expert as a list: JetMoE's ``expert_size``).
     """
-    la, lb = _leaves(a, []), _leaves(b, [])
+    la, lb = _leaves(a, [], ints=True), _leaves(b, [], ints=True)
     if len(la) != len(lb):
         return math.inf, sys.maxsize
     worst, count = 0.0, 0
     for x, y in zip(la, lb, strict=True):
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            if type(x) is int and type(y) is int and x != y:
+                worst, count = math.inf, count + 1
             continue
         if x.shape != y.shape or x.dtype != y.dtype:
             return math.inf, sys.maxsize
@@ -1016,10 +1021,22 @@ def _autocast_cache_aside() -> Iterator[None]:
 
 
 class _Prober:
-    def __init__(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], scope: nn.Module):
-        self.forward, self.args, self.kwargs = forward, args, kwargs
+    def __init__(
+        self,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        scope: nn.Module,
+        snapshot: _Snapshot | None = None,
+        limit: float | None = None,
+    ):
+        self.forward, self.args, self.kwargs, self.scope = forward, args, kwargs, scope
         self.took = 0.0  # seconds of the longest run on the real inputs
-        self.snapshot = _Snapshot(scope)
+        self.limit = limit  # seconds a run on ``args``/``kwargs`` may take (None: no limit; they are the forward's)
+        self.snapshot = _Snapshot(scope) if snapshot is None else snapshot
+        #: inputs of the shape of its own made of real values (the real forward's other tokens, each alone, for a
+        #: forward on one of them): later and earlier choices are varied on them first
+        self.others: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def run(
         self,
@@ -1038,7 +1055,7 @@ class _Prober:
         args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
         # on inputs of its own making, a forward may loop on where its real inputs never take it (an iteration
         # to a tolerance that extreme values never reach): such a run is given up, as one that raises
-        limit = None if inputs is None else max(_PROBE_SECONDS, _PROBE_FACTOR * self.took)
+        limit = self.limit if inputs is None else max(_PROBE_SECONDS, _PROBE_FACTOR * self.took, self.limit or 0.0)
         self.snapshot.restore()
         NESTING.probing += 1
         start = time.perf_counter()
@@ -1148,7 +1165,14 @@ def establish(
     call: int | None = None,
     family: str | None = None,
 ) -> Evidence | None:
-    """Find the decision of ``scope``'s forward on these inputs by changing each candidate's choice.
+    """Find the decision of ``scope``'s forward on these inputs by changing each candidate's choice, and check
+    it on other numbers of tokens.
+
+    A forward may take another branch on another number of tokens (a decode step's one token, a prefill's
+    many): a choice made only there before or after the decision, or a decision whose indices do not reach
+    the output there. So the decision found is checked (not found again: the search is weak on one token)
+    on one of the tokens alone, where the forward took more, and on random inputs of at least ``_FEW_TOKENS``
+    tokens, where it took fewer (see :func:`_check_elsewhere`).
 
     Args:
         name: the router's name, for messages.
@@ -1166,11 +1190,152 @@ def establish(
         establish, record or force yet.
 
     Raises:
-        UnsupportedRouterError: no call decides, or the evidence contradicts what was declared.
+        UnsupportedRouterError: no call decides, or the evidence contradicts what was declared, or the
+            decision does not hold on another number of tokens.
     """
     if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in _leaves((args, kwargs), [])):
         return None
     probe = _Prober(forward, args, kwargs, scope)
+    ev = _establish(
+        name,
+        probe,
+        num_experts=num_experts,
+        top_k=top_k,
+        declared_top_k=declared_top_k,
+        call=call,
+        family=family,
+    )
+    if ev is None:
+        return None
+    limit = max(_PROBE_SECONDS, _PROBE_FACTOR * probe.took)  # (inputs of the probe's own making)
+    for what, inputs, others in _other_counts(args, kwargs):
+        other = _Prober(forward, *inputs, scope, snapshot=probe.snapshot, limit=limit)
+        other.others = others
+        try:
+            _check_elsewhere(name, other, ev, what)
+        except UnsupportedRouterError:
+            raise
+        except Exception:  # a forward tied to its number of tokens (another input of that length): its own only
+            continue
+        finally:
+            probe.snapshot.restore()
+    return ev
+
+
+def _check_elsewhere(name: str, probe: _Prober, ev: Evidence, what: str) -> None:
+    """Check the decision ``ev`` on the inputs ``probe`` runs (``what``: a few words saying what they are).
+
+    Where the forward makes the same decision-like calls there (other calls are refused at the forward that
+    makes them): changing the decision's last call must change the output, and so must changing the last of
+    the k slots of a top-k alone; the slots past k of a top-(k+1) must not; and the choices made after (and
+    before) it and the values handed out of torch are refused as on the real inputs
+    (:func:`_refuse_later_choice`, :func:`_refuse_escapes`), varied on ``probe.others`` first.
+    """
+    base, seen = probe.run()
+    calls = seen.calls
+    if [c.signature for c in calls] != [c.signature for c in ev.calls] or not any(c.rows for c in calls):
+        return
+    again, _ = probe.run()
+    noise, _ = _distance(base, again)
+    if not math.isfinite(noise):
+        return
+    tolerance = 0.0 if noise == 0 else 16 * noise
+    there = dataclasses.replace(ev, calls=tuple(calls))
+    anchor = calls[ev.decision[-1]]
+    try:
+
+        def reaches(slot: int | None = None) -> bool:
+            out, _ = probe.run(change=anchor.ordinal, slot=slot)
+            return _distance(base, out, tolerance)[0] > tolerance
+
+        if not reaches():
+            raise _refuse(
+                name,
+                calls,
+                f"on {what}, changing the choice of its decision ({_chosen(ev)}) does not change the output, as it "
+                "does on the tokens it was established on: its forward takes another branch there, where the "
+                "experts are chosen otherwise (from the values, a dense mask), and forcing this decision would not "
+                "force the experts used",
+                "Choose the experts with the decision's indices whatever the number of tokens",
+            )
+        last = ev.top_k - 1  # (a cut or a threshold drops the last slots first)
+        if len(ev.decision) == 1 and anchor.family == "topk" and last > 0 and not reaches(last):
+            raise _refuse(
+                name,
+                calls,
+                f"on {what}, slot {last + 1} of its decision ({_chosen(ev)}) does not reach the output, as it does "
+                "on the tokens it was established on: its forward uses fewer experts there (a threshold or a cut "
+                "in another branch), and the rows recorded would name experts it did not use",
+                "Use the same number of the decision's slots whatever the number of tokens",
+            )
+        if len(ev.decision) == 1 and anchor.family == "topk" and ev.top_k < anchor.k:
+            past = next((j for j in range(ev.top_k, anchor.k) if reaches(j)), None)
+            if past is not None:
+                raise _refuse(
+                    name,
+                    calls,
+                    f"on {what}, slot {past + 1} of its decision ({_chosen(ev)}) reaches the output, but on the "
+                    f"tokens it was established on only its first {ev.top_k} do: its forward uses another number of "
+                    "experts there, and the rows recorded hold only the first ones",
+                    "Use the same number of the decision's slots whatever the number of tokens, or declare k "
+                    "with mr.Adapter(..., top_k=K)",
+                )
+        _refuse_later_choice(name, probe, calls, seen, there)
+        _refuse_escapes(name, probe, calls, seen, there, tolerance)
+    except UnsupportedRouterError as e:
+        raise UnsupportedRouterError(
+            f"{e}. (Found on {what}: a router's decision is checked on another number of tokens too, as a "
+            "forward may take another branch there: a decode step's one token, a prefill's many)"
+        ) from e
+
+
+def _chosen(ev: Evidence) -> str:
+    """The calls that make a decision, as ``#0 topk(k=2) over 8 at model.py:42``."""
+    return " + ".join(ev.calls[i].describe() for i in ev.decision)
+
+
+def _other_counts(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[tuple[str, tuple[tuple[Any, ...], dict[str, Any]], list[tuple[tuple[Any, ...], dict[str, Any]]]]]:
+    """The inputs with their hidden states (their first floating tensor of two or more dimensions) replaced by
+    the first token alone (where there are more), and by random values of their mean and spread, at least
+    ``_FEW_TOKENS`` tokens (where there are fewer); each with a few words saying what it is, and other inputs
+    of its shape made of real values to vary its choices on (the next ``_FEW_TOKENS`` tokens, each alone: one
+    token's random variations seldom move a threshold)."""
+    found = _first_floating((args, kwargs))
+    if found is None:
+        return []
+    path, x = found
+    rows = x.detach().reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    out = []
+    if n > 1:
+        one = (1,) * (x.dim() - 1)
+        alone = [rows[i : i + 1].reshape(*one, x.shape[-1]).clone() for i in range(min(n, _FEW_TOKENS + 1))]
+        inputs = [_replaced((args, kwargs), path, t) for t in alone]
+        out.append(("one of its tokens alone", inputs[0], inputs[1:]))
+    if n < _FEW_TOKENS:
+        m = math.ceil(_FEW_TOKENS / n)
+        shape = (x.shape[0] * m, *x.shape[1:])
+        ref = x.detach().float()
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(len(_OTHER_INPUTS)))
+        many = (noise.to(x.device) * ref.std(unbiased=False) + ref.mean()).to(x.dtype)
+        out.append((f"{n * m} tokens of random values", _replaced((args, kwargs), path, many), []))
+    return out
+
+
+def _establish(
+    name: str,
+    probe: _Prober,
+    *,
+    num_experts: int | None,
+    top_k: int | None,
+    declared_top_k: bool = False,
+    call: int | None = None,
+    family: str | None = None,
+) -> Evidence | None:
+    """:func:`establish` on the inputs ``probe`` runs, on them alone."""
+    args, kwargs = probe.args, probe.kwargs
     try:
         base, seen = probe.run()
         calls = seen.calls
@@ -1198,7 +1363,8 @@ def establish(
             chosen = calls[call]
             _refuse_chosen_tokens(name, probe, calls, chosen)
             k = chosen.k
-            ev = _verdict(name, calls, (call,), chosen.width, k, top_k, declared_top_k, scope, "named by an Adapter")
+            named = "named by an Adapter"
+            ev = _verdict(name, calls, (call,), chosen.width, k, top_k, declared_top_k, probe.scope, named)
             ev = dataclasses.replace(ev, mirrors=_mirrors(calls, seen, ev))
             _refuse_later_choice(name, probe, calls, seen, ev)
             _refuse_escapes(name, probe, calls, seen, ev, tolerance)
@@ -1358,7 +1524,7 @@ def establish(
         k = sum(calls[i].k for i in slots) if len(slots) > 1 else used
         if k < calls[anchor.ordinal].k:
             why += f"; only its first {k} of {calls[anchor.ordinal].k} slots reach the output"
-        ev = _verdict(name, calls, tuple(slots), anchor.width, k, top_k, declared_top_k, scope, why)
+        ev = _verdict(name, calls, tuple(slots), anchor.width, k, top_k, declared_top_k, probe.scope, why)
         ev = dataclasses.replace(ev, mirrors=_mirrors(calls, seen, ev))
         _refuse_later_choice(name, probe, calls, seen, ev)
         _refuse_escapes(name, probe, calls, seen, ev, tolerance)
@@ -1598,7 +1764,8 @@ def _vary(
     earlier ones) made afresh and held at ``first``'s: how many inputs ran, and what changed structure
     (None: nothing). Later choices are also read in the hidden states a scope returns (:func:`_hidden_moved`)."""
     checked = 0
-    for inputs in _other_inputs(args, kwargs):
+    own = args is probe.args and kwargs is probe.kwargs
+    for inputs in itertools.chain(probe.others if own else (), _other_inputs(args, kwargs)):
         try:
             fresh, again = probe.run(force=force, inputs=inputs)
         except Exception:  # (a forward that fails on other inputs tells nothing either way)

@@ -13,7 +13,7 @@ import collections
 import copy
 import types
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -1360,3 +1360,162 @@ def test_counts_of_the_chosen_experts_read_back_as_split_sizes_are_not_refused()
     """Counts per expert made from the decision's indices and read back to the host (split sizes) are no choice
     outside torch: the router is exact."""
     assert_capture_and_replay_are_exact(TwoLayers(HistcSplitBlock))
+
+
+# ----------------------------------------------------------------------- branches on the number of tokens
+#: Forwards of this many tokens or fewer take the decode branch of the routers below.
+DECODE = 4
+
+
+class TokenCountBlock(LinearGateBlock):
+    """A Linear gate and a top-k in the block, then a branch on the number of tokens (``decode``: few)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        return self.after(x, probs, w, idx, decode=x.shape[0] <= DECODE)
+
+    def after(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, decode: bool) -> Any:
+        return dispatch(self.experts, x, idx, w)
+
+
+class DecodeCut(TokenCountBlock):
+    """Decode only: a slot weighing under 0.2 is dropped (a minimum-weight cut after the top-k)."""
+
+    def after(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, decode: bool) -> Any:
+        if decode:
+            idx = torch.where(w >= 0.2, idx, torch.full_like(idx, -1))
+        return dispatch(self.experts, x, idx, w)
+
+
+class DecodeDenseMask(TokenCountBlock):
+    """Decode only: the experts are those scoring at least the k-th value (a dense mask), not the indices."""
+
+    def after(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, decode: bool) -> Any:
+        if not decode:
+            return dispatch(self.experts, x, idx, w)
+        mask = probs >= w[:, -1:]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok = mask[:, e].nonzero().flatten()
+            if tok.numel():
+                out = out.index_add(0, tok, probs[tok, e, None] * expert(x[tok]))
+        return out
+
+
+class PrefillCapacity(TokenCountBlock):
+    """Prefill only (over 20 tokens): at most 3 tokens per expert, kept by weight (dropped by score)."""
+
+    def after(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, decode: bool) -> Any:
+        if x.shape[0] > 20:
+            flat, counts = idx.flatten(), [0] * E
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            for j in torch.argsort(-w.flatten(), stable=True).tolist():
+                if counts[int(flat[j])] < 3:
+                    counts[int(flat[j])] += 1
+                    keep[j] = True
+            idx = torch.where(keep.view_as(idx), idx, torch.full_like(idx, -1))
+        return dispatch(self.experts, x, idx, w)
+
+
+class DecodeThresholdK(LinearGateBlock):
+    """Decode only: experts per token from a threshold before the top-k (its second slot dropped under it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        decode = x.shape[0] <= DECODE
+        if decode:
+            n = (probs > 0.25).sum(-1, keepdim=True).clamp(1, self.top_k)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        if decode:
+            idx = torch.where(torch.arange(self.top_k) < n, idx, torch.full_like(idx, -1))
+        return dispatch(self.experts, x, idx, w)
+
+
+class DecodeBias(TokenCountBlock):
+    """Decode only: a bias added to the scores before the same top-k. Forcing that top-k forces the experts
+    used on every branch: exact, not refused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        scores = probs + torch.linspace(-0.3, 0.3, E) if x.shape[0] <= DECODE else probs
+        _, idx = torch.topk(scores, self.top_k, dim=-1)
+        return dispatch(self.experts, x, idx, probs.gather(-1, idx))
+
+
+def _prefill_then_decode(steps: int = 5) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(T, D, generator=g)] + [torch.randn(1, D, generator=g) for _ in range(steps)]
+
+
+BRANCHES = {
+    "decode-cut": DecodeCut,
+    "decode-dense-mask": DecodeDenseMask,
+    "prefill-capacity": PrefillCapacity,
+    "decode-threshold-k": DecodeThresholdK,
+}
+
+
+#: Each block, with which forward comes first: the branch is not taken there.
+BRANCH_ORDERS = [
+    ("decode-cut", "prefill-first"),
+    ("decode-dense-mask", "prefill-first"),
+    ("decode-threshold-k", "prefill-first"),
+    ("decode-threshold-k", "decode-first"),  # (on one token its second slot may weigh 0: k=1 was learned)
+    ("prefill-capacity", "decode-first"),
+]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(("block", "order"), BRANCH_ORDERS)
+def test_a_branch_taken_only_on_another_number_of_tokens_is_refused_at_the_first_forward(
+    block: str, order: str
+) -> None:
+    """A choice that a block makes only on another number of tokens than its first forward's is refused then.
+
+    Decode steps (one token) or a prefill (many) may take another branch: a weight cut or a threshold on
+    the number of experts, a dense mask of the values instead of the indices, a capacity dropping by score.
+    Before, a prefill-first capture recorded experts the decode steps did not use (and a decode-first one
+    those a prefill did not), and the replays forced rows that were not the experts used, with no error.
+    """
+    model = TwoLayers(BRANCHES[block])
+    xs = _prefill_then_decode()
+    if order == "decode-first":
+        xs = xs[1:] + xs[:1]
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        with pytest.raises(mr.UnsupportedRouterError, match="Found on (one of its tokens alone|32 tokens)") as info:
+            model(xs[0])
+        refused = str(info.value).split("'")[1]
+        assert session.routes(allow_partial=True).layer(refused).shape[0] == 0  # nothing recorded for it
+
+
+@pytest.mark.parametrize("decode_first", [False, True], ids=["prefill-first", "decode-first"])
+def test_a_branch_on_the_number_of_tokens_that_only_shapes_the_scores_replays_exactly(decode_first: bool) -> None:
+    """A bias added before the same top-k in decode steps only: every branch's experts are forced, not refused."""
+    model = TwoLayers(DecodeBias)
+    xs = _prefill_then_decode()
+    if decode_first:
+        xs = xs[1:] + xs[:1]
+    spy = ExpertSpy(model)
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            used, outs = [], []
+            with session.capture():
+                for x in xs:
+                    outs.append(model(x))
+                    used.append([spy.experts_of(b) for b in range(2)])
+            routes = session.routes()
+            with session.replay(routes):
+                assert all(torch.equal(model(x), out) for x, out in zip(xs, outs, strict=True))
+            perturb(model)
+            with session.replay(routes):
+                for x, was in zip(xs, used, strict=True):
+                    model(x)
+                    assert all(torch.equal(spy.experts_of(b), was[b]) for b in range(2))
+            start = 0
+            for x, was in zip(xs, used, strict=True):
+                for b, name in enumerate(session.names):
+                    assert torch.equal(as_sets(routes.layer(name)[start : start + x.shape[0]]), was[b])
+                start += x.shape[0]
+    finally:
+        spy.remove()
