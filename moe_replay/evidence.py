@@ -423,7 +423,7 @@ class _ProbeMode(TorchFunctionMode):
                         out, unheld = _hold(out, written, self.early_held[n] if n < len(self.early_held) else None)
                         self.early_unheld |= unheld
             return out
-        scored = self._mark(args, kwargs, out)
+        scored = self._mark(args, kwargs, out, func)
         if self.answered == answered:  # a call after the forced decision (not one of its slots)
             return self._after(func, args, kwargs, out, scored)
         return out
@@ -453,9 +453,10 @@ class _ProbeMode(TorchFunctionMode):
         if isinstance(t, torch.Tensor):
             self._scores[id(t)] = weakref.ref(t)
 
-    def _mark(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> bool:
-        """After the decision: is this call read from the scores? Its results are then too."""
-        if not any(self._is_scored(t) for t in _leaves((args, kwargs), [])):
+    def _mark(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, func: Any = None) -> bool:
+        """After the decision: is this call read from the scores? Its results are then too (not those of a call
+        that takes only their shape, as ``zeros_like``: a mask of the chosen experts scattered into it is no score)."""
+        if func in _SHAPE_ONLY or not any(self._is_scored(t) for t in _leaves((args, kwargs), [])):
             return False
         for t in _leaves(out, []):
             self._score(t)
@@ -589,6 +590,22 @@ class _ProbeMode(TorchFunctionMode):
         return out
 
 
+#: Calls whose results take only the shape, type and device of their tensor arguments, none of their values.
+_SHAPE_ONLY = frozenset(
+    {
+        torch.zeros_like,
+        torch.ones_like,
+        torch.empty_like,
+        torch.full_like,
+        torch.rand_like,
+        torch.randn_like,
+        torch.randint_like,
+        torch.Tensor.new_zeros,
+        torch.Tensor.new_ones,
+        torch.Tensor.new_empty,
+        torch.Tensor.new_full,
+    }
+)
 #: Calls that hand a tensor's values over to code outside torch (numpy, a Python list), where no mode sees what
 #: is chosen from them; so are the operators of other libraries (``torch.ops.<library>``) that make integers.
 _ESCAPES = frozenset({torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.__array__})

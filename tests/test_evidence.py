@@ -1362,6 +1362,28 @@ def test_counts_of_the_chosen_experts_read_back_as_split_sizes_are_not_refused()
     assert_capture_and_replay_are_exact(TwoLayers(HistcSplitBlock))
 
 
+class ScatteredCountSplitBlock(LinearGateBlock):
+    """Counts per expert summed from a float mask of the chosen experts, scattered into ``zeros_like`` of the
+    scores, read back as split sizes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        w, idx = torch.topk(probs, self.top_k)
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        sizes = [int(c) for c in torch.zeros_like(probs).scatter(1, idx, 1.0).sum(0).tolist()]
+        rows = x.repeat_interleave(self.top_k, 0)[order]
+        done = [expert(part) for expert, part in zip(self.experts, rows.split(sizes), strict=True)]
+        out = torch.zeros_like(rows).index_copy(0, order, torch.cat(done)) * w.flatten()[:, None]
+        return out.view(-1, self.top_k, D).sum(1)
+
+
+def test_counts_scattered_into_a_tensor_shaped_like_the_scores_are_not_read_as_scores() -> None:
+    """Counts per expert summed from a mask of the decision's indices scattered into ``zeros_like`` of the scores
+    hold none of the scores' values: read back as split sizes, the router is exact."""
+    assert_capture_and_replay_are_exact(TwoLayers(ScatteredCountSplitBlock))
+
+
 # ----------------------------------------------------------------------- branches on the number of tokens
 #: Forwards of this many tokens or fewer take the decode branch of the routers below.
 DECODE = 4
