@@ -113,6 +113,24 @@ def _mask(attention_mask: torch.Tensor) -> np.ndarray:
     return mask.bool().numpy()
 
 
+def _check_unrouted_last(row: np.ndarray, i: int, position: int, fill: int) -> None:
+    """The last token's row of sequence ``i`` holds no route: only 0 (verl), -1 (:func:`to_verl`) or ``fill``.
+
+    Engines never route the last token, so its row is read as -1. A route there means the rows
+    are shifted against the mask (with k=1 an engine's zero row then reads as expert 0 and the
+    whole sequence one token off), or were recorded in a training forward: either way reading
+    it would drop that route.
+    """
+    held = (row != 0) & (row != -1) & (row != fill)
+    if held.any():
+        raise RoutesValidationError(
+            f"sequence {i}: the last token (position {position}) holds {row.tolist()[:4]}, but engines never route "
+            "the last token and verl leaves its row 0, so reading it would drop a route. The rows are shifted "
+            "against the attention_mask (or belong to another batch); if they were recorded in a training "
+            "forward, which routes the last token too, pass last_routed=True"
+        )
+
+
 def from_verl(
     routed_experts: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -127,7 +145,8 @@ def from_verl(
     Tokens are the positions where ``attention_mask`` is 1: one run per sequence (the
     prompt left-padded, the response right-padded). The last token of each sequence gets
     a -1 row (engines never route it, verl leaves zeros there) unless ``last_routed``
-    (routes recorded in a training forward).
+    (routes recorded in a training forward); without ``last_routed`` that row must hold
+    no route (0, -1 or ``fill``), since a route there would be dropped.
 
     Nothing is dropped: every padding position must hold ``fill`` (0, as verl writes;
     :func:`to_verl`'s ``fill=``). A route there means the mask does not belong to these
@@ -135,8 +154,9 @@ def from_verl(
 
     Raises:
         RoutesValidationError: shapes that do not fit, a mask of other values than 0 and 1
-            or with a gap inside a sequence, a padding position holding a route, rows that
-            do not fit the map or are no routes.
+            or with a gap inside a sequence, a padding position holding a route, a last
+            token holding a route without ``last_routed=True``, rows that do not fit the map
+            or are no routes.
     """
     if not is_integer(fill):
         raise ArgumentTypeError(
@@ -171,6 +191,8 @@ def from_verl(
                 "another value"
             )
         rows = arr[i][keep]
+        if not last_routed:
+            _check_unrouted_last(rows[-1], i, int(at[-1]), int(fill))
         last = np.zeros(rows.shape[0], dtype=bool)
         last[-1] = not last_routed
         layers = columns(rows, layer_map, layout, f"verl sequence {i}", last, negative_ok=True)  # (-1: no route)

@@ -112,3 +112,27 @@ def test_padding_of_another_value_reads_back_with_the_same_fill() -> None:
                 interop.from_verl(written, mask, M.layer_map)
     with pytest.raises(mr.ArgumentTypeError, match="fill must be an integer"):
         interop.from_verl(batch, mask, M.layer_map, fill=0.5)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_route_at_the_unrouted_last_token_is_refused_not_dropped() -> None:
+    """The last token's row holds no route in verl's batch; a route there is refused, never overwritten with -1.
+
+    With k=1 an engine's zero row is a valid route (expert 0), so rows shifted one position
+    against the mask were read as a whole sequence one token off, the last route dropped.
+    """
+    top1 = Model(k=1)
+    truth = top1.truth(6, seed=3)
+    rows = capture_buffer(top1, truth)[:-1]  # the engine's rows: all but the last token
+    batch, mask = verl_padded([rows], [3], 4, 3)
+    assert interop.from_verl(batch, mask, top1.layer_map)[0].equal(top1.routes(truth))
+    shifted = torch.zeros_like(batch)
+    shifted[:, 1:] = batch[:, :-1]  # one position later than the mask says
+    with pytest.raises(mr.RoutesValidationError, match="sequence 0: the last token .* holds"):
+        interop.from_verl(shifted, mask, top1.layer_map)
+    trained = M.routes(M.truth(5, seed=4), last=False)  # a training forward's capture routes the last token
+    written = interop.to_verl([trained], M.layer_map, prompt_lengths=[2])
+    with pytest.raises(mr.RoutesValidationError, match="last_routed=True"):
+        interop.from_verl(written, torch.ones(1, 5, dtype=torch.long), M.layer_map)
+    back = interop.from_verl(written, torch.ones(1, 5, dtype=torch.long), M.layer_map, last_routed=True)
+    assert back[0].equal(trained)
