@@ -260,6 +260,16 @@ def test_token_indices_that_are_not_token_positions_are_refused() -> None:
     assert r[np.array([1, 2])].equal(r[1:3])
 
 
+def test_a_uint8_token_index_is_refused_as_ambiguous() -> None:
+    """torch reads a uint8 index tensor as a mask, numpy as positions: neither reading is taken silently."""
+    r = make(t=4)
+    byte_mask = torch.tensor([1, 0, 1, 0], dtype=torch.uint8)
+    with pytest.raises(mr.ArgumentTypeError, match=r"uint8 .* ambiguous.*\.bool\(\).*\.long\(\)"):
+        r[byte_mask]
+    assert r[byte_mask.bool()].equal(r[[0, 2]])
+    assert r[byte_mask.long()].equal(r[[1, 0, 1, 0]])
+
+
 @pytest.mark.reliability("files")
 def test_what_save_writes_load_reads_back_or_save_refuses(tmp_path) -> None:
     """save() checks the rows of routes built with validate=False, and refuses a directory or a missing folder,
