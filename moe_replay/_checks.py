@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -9,7 +10,10 @@ import torch
 
 from .errors import InvalidArgumentError
 
-__all__ = ["check_count", "is_integer"]
+__all__ = ["MAX_COUNT", "check_count", "is_collection", "is_integer"]
+
+#: The largest count or offset taken: one past it no tensor or array index holds.
+MAX_COUNT = 2**63 - 1
 
 
 def is_integer(value: Any) -> bool:
@@ -25,6 +29,19 @@ def is_integer(value: Any) -> bool:
     )
 
 
+def is_collection(value: Any) -> bool:
+    """Items to iterate over: a list, tuple, 1-D or wider array or tensor; never a str, bytes or 0-d array.
+
+    A 0-d array or tensor is iterable to ``isinstance(..., Iterable)`` but raises when iterated:
+    it is one value, as a number is.
+    """
+    if isinstance(value, str | bytes):
+        return False
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return value.ndim > 0
+    return isinstance(value, Iterable)
+
+
 def check_count(value: Any, name: str) -> int:
     """``value`` as an ``int`` >= 0: a count of rows, tokens or sequences.
 
@@ -35,4 +52,6 @@ def check_count(value: Any, name: str) -> int:
     """
     if not is_integer(value) or int(value) < 0:
         raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
+    if int(value) > MAX_COUNT:
+        raise InvalidArgumentError(f"{name}={value} is past what a tensor index holds (2**63 - 1)")
     return int(value)

@@ -24,13 +24,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ._checks import check_count, is_integer
+from ._checks import check_count, is_collection, is_integer
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -83,7 +83,7 @@ def _lengths(values: Sequence[int] | torch.Tensor, what: str = "lengths") -> lis
         if values.ndim != 1:
             raise InvalidArgumentError(f"{what} must be 1-D, one length per sequence; got shape {tuple(values.shape)}")
         values = values.tolist()
-    if isinstance(values, str) or not isinstance(values, Iterable):
+    if not is_collection(values):
         raise ArgumentTypeError(f"{what} must be one length per sequence (a list or a 1-D tensor), got {values!r}")
     out = [check_count(v, f"{what}[{i}]") for i, v in enumerate(values)]
     if not out:
@@ -123,7 +123,7 @@ class BatchLayout:
     def __post_init__(self) -> None:
         check_count(self.rows, "rows")
         check_count(self.row_length, "row_length")
-        if isinstance(self.placements, str) or not isinstance(self.placements, Iterable):
+        if not is_collection(self.placements):
             raise ArgumentTypeError(f"placements must be (row, start, length) triples, got {self.placements!r:.60}")
         for i, place in enumerate(self.placements):
             if not isinstance(place, Sequence) or len(place) != 3 or not all(is_integer(v) for v in place):
@@ -324,13 +324,18 @@ class BatchLayout:
             raise InvalidArgumentError(f"got {n} sequences for a layout of {self.num_sequences}")
 
 
+def routes_list(values: Sequence[Routes], what: str = "sequence") -> list[Routes]:
+    """``values`` as a list of Routes, one per ``what`` (one Routes is not a list of them)."""
+    if not is_collection(values):
+        raise ArgumentTypeError(
+            f"give one Routes per {what} (a list), got {type(values).__name__}; for one {what} pass [routes]"
+        )
+    return list(values)
+
+
 def _sequences(sequences: Sequence[Routes]) -> list[Routes]:
     """A list of per-sequence Routes of the same routers (one Routes is not a list of sequences)."""
-    if isinstance(sequences, Routes) or not isinstance(sequences, Iterable):
-        raise ArgumentTypeError(
-            f"give one Routes per sequence (a list), got {type(sequences).__name__}; for one sequence pass [routes]"
-        )
-    seqs = list(sequences)
+    seqs = routes_list(sequences)
     check_same_routers(seqs)
     return seqs
 

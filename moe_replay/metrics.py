@@ -26,13 +26,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
+from ._checks import is_collection
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -332,7 +333,7 @@ def compare(
     if not isinstance(labels, tuple | list) or len(labels) != 2 or not all(isinstance(x, str) for x in labels):
         raise ArgumentTypeError(f"labels must be two strings, one for a and one for b, got {labels!r}")
     if names is not None:
-        if isinstance(names, str) or not isinstance(names, Iterable):
+        if not is_collection(names):
             raise ArgumentTypeError(f"names must be a list of router names, got {names!r:.60}")
         names = tuple(names)
         if not all(isinstance(n, str) for n in names):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npformat
 
+from ._checks import is_collection
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -240,9 +241,9 @@ class Routes:
         *,
         validate: bool = True,
     ) -> None:
-        if not isinstance(layers, Iterable):
-            raise ArgumentTypeError(f"layers must be a sequence of [tokens, k] tensors, one per router, got {layers!r}")
-        if isinstance(names, str) or not isinstance(names, Iterable):
+        if not is_collection(layers):
+            raise ArgumentTypeError(f"layers must be one [tokens, k] tensor per router (a list), got {layers!r:.60}")
+        if not is_collection(names):
             raise ArgumentTypeError(f"names must be a sequence of router names, got {names!r:.60}")
         names = tuple(str(n) for n in names)
         layers = list(layers)
@@ -250,7 +251,7 @@ class Routes:
             raise RoutesValidationError(f"got {len(layers)} routing tensors for {len(names)} router names")
         if len(set(names)) != len(names):
             raise RoutesValidationError(f"router names repeat: {sorted(n for n in names if names.count(n) > 1)}")
-        if isinstance(num_experts, str) or not isinstance(num_experts, Iterable):
+        if not is_collection(num_experts):  # one count for all routers (an int, a 0-d array or tensor)
             experts = (_expert_count(num_experts),) * len(names)
         else:
             experts = tuple(_expert_count(e) for e in num_experts)
@@ -380,8 +381,12 @@ class Routes:
         if dtype is not None:
             try:
                 dtype = np.dtype(dtype)
-            except TypeError as e:
-                raise ArgumentTypeError(f"to_numpy() takes a numpy dtype, got {dtype!r}: {e}") from None
+            except (TypeError, ValueError) as e:
+                raise ArgumentTypeError(f"to_numpy() takes a numpy dtype, got {dtype!r:.60}: {e}") from None
+            if dtype.kind not in "biuf":  # (bool and narrow dtypes are checked value by value below)
+                raise ArgumentTypeError(
+                    f"to_numpy() takes a numeric dtype (np.int16, np.int32...), got {dtype}: it holds no expert numbers"
+                )
         if self._data:
             self.num_tokens, self.top_k  # noqa: B018 - one [T, L, k] array needs one T and one k
         arr = torch.stack(self._data, dim=1).numpy() if self._data else np.empty((0, 0, 0), np.int16)
@@ -401,6 +406,9 @@ class Routes:
     ) -> Routes:
         """Build routes from a ``[T, L, k]`` integer array (-1 rows are unrecorded)."""
         array = integer_array(array, "the routes array")
+        if not is_collection(names):
+            raise ArgumentTypeError(f"names must be a sequence of router names, got {names!r:.60}")
+        names = list(names)
         if array.ndim != 3:
             raise RoutesValidationError(f"expected a [tokens, layers, k] array, got shape {array.shape}")
         if array.shape[1] != len(names):
@@ -423,7 +431,7 @@ class Routes:
 
     def select(self, names: Iterable[str]) -> Routes:
         """Keep only the named routers, in the order given."""
-        if isinstance(names, str) or not isinstance(names, Iterable):
+        if not is_collection(names):
             raise ArgumentTypeError(f"select() takes router names (a list of str), got {names!r:.60}")
         names = list(names)
         if len(set(names)) != len(names):
@@ -474,6 +482,8 @@ class Routes:
     @classmethod
     def cat(cls, parts: Sequence[Routes]) -> Routes:
         """Concatenate routes along tokens; all parts must hold the same routers."""
+        if not is_collection(parts):
+            raise ArgumentTypeError(f"Routes.cat takes a list of Routes, got {type(parts).__name__}")
         parts = list(parts)
         if not parts:
             raise InvalidArgumentError("Routes.cat needs at least one Routes")

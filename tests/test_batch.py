@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,3 +176,13 @@ def test_token_ids_and_pad_id_are_refused_not_cut() -> None:
     with pytest.raises(mr.InvalidArgumentError, match="pad_id must be an integer token id, got 0.5"):
         layout.tokens([torch.tensor([1, 2]), torch.tensor([3])], pad_id=0.5)
     assert layout.tokens([[1, 2], [3]], pad_id=torch.tensor(9)).tolist() == [[1, 2], [3, 9]]
+
+
+@pytest.mark.parametrize("value", [np.array(3), torch.tensor(3), 7, None])
+def test_sequences_that_are_no_list_are_refused(value: object) -> None:
+    """A 0-d array or tensor is iterable to isinstance but one value: refused as any non-list, never a raw error."""
+    for call in (mr.pad_routes, mr.pack_routes):
+        with pytest.raises(mr.ArgumentTypeError, match="one Routes per sequence"):
+            call(value)  # type: ignore[arg-type]
+    with pytest.raises(mr.MoEReplayError, match="one length per sequence"):
+        mr.BatchLayout.padded(value)  # type: ignore[arg-type]

@@ -161,6 +161,9 @@ def test_bad_names_are_refused_not_misread() -> None:
         mr.compare(a, a, names=NAMES[0])
     with pytest.raises(mr.ArgumentTypeError, match="list of router names"):
         mr.compare(a, a, names=3)  # type: ignore[arg-type]
+    for zero_d in (np.array(3), torch.tensor(3)):  # iterable to isinstance, but one value
+        with pytest.raises(mr.ArgumentTypeError, match="list of router names"):
+            mr.compare(a, a, names=zero_d)  # type: ignore[arg-type]
     with pytest.raises(mr.InvalidArgumentError, match="more than once"):
         mr.compare(a, a, names=[NAMES[0], NAMES[0]])
     with pytest.raises(mr.InvalidArgumentError, match="names= is empty"):

@@ -425,3 +425,35 @@ def test_numpy_rows_that_are_not_integers_are_refused() -> None:
 def test_from_numpy_refuses_what_holds_no_expert_numbers(array) -> None:
     with pytest.raises(mr.RoutesValidationError, match="rectangular|must hold integers|holds no values"):
         mr.Routes.from_numpy(array, names=["r"], num_experts=8)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_an_argument_of_the_wrong_kind_is_a_moe_replay_error() -> None:
+    """Routes, Routes.from_numpy, select, cat and to_numpy given a value of the wrong kind for one argument (names
+    that are a number or a 0-d array, a structured dtype) raise a MoEReplayError, never a bare TypeError."""
+    r = make(t=3)
+    wrong = [None, "x", 2.5, -1, True, np.array(3), torch.tensor(3), object(), {"a": 1}, 10**30, [("a", "<i4")]]
+    calls = {
+        "Routes": (mr.Routes, {"layers": r.per_layer(), "names": r.names, "num_experts": 8}),
+        "from_numpy": (mr.Routes.from_numpy, {"array": r.to_numpy(), "names": r.names, "num_experts": 8}),
+        "select": (r.select, {"names": r.names}),
+        "cat": (mr.Routes.cat, {"parts": [r, r]}),
+        "to_numpy": (r.to_numpy, {"dtype": np.int32}),
+    }
+    for name, (fn, good) in calls.items():
+        fn(**good)
+        for arg in good:
+            for value in wrong:
+                try:
+                    fn(**{**good, arg: value})
+                except mr.MoEReplayError:
+                    pass
+                except Exception as e:
+                    pytest.fail(f"{name}({arg}={value!r:.30}) raised {type(e).__name__}: {e}")
+                tried()
+
+
+def test_one_expert_count_for_all_routers_may_be_a_0d_array_or_tensor() -> None:
+    r = make(t=3)
+    for count in (np.array(8), torch.tensor(8), np.int64(8)):
+        assert mr.Routes(r.per_layer(), names=r.names, num_experts=count).equal(r)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import MAX_COUNT
 from ..errors import RoutesValidationError
 from ..routes import Routes, integer_array
 from .layer_map import LayerMap, check_layout
@@ -187,8 +188,8 @@ def skip_front(routes: Routes, start: int, what: str, name: str) -> Routes:
 
 def check_start(start: int, name: str) -> int:
     """A non-negative integer offset."""
-    if isinstance(start, bool) or not isinstance(start, int | np.integer) or int(start) < 0:
-        raise RoutesValidationError(f"{name} must be an integer >= 0, got {start!r}")
+    if isinstance(start, bool) or not isinstance(start, int | np.integer) or not 0 <= int(start) <= MAX_COUNT:
+        raise RoutesValidationError(f"{name} must be an integer >= 0 (a token count), got {start!r}")
     return int(start)
 
 

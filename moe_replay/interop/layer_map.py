@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import is_integer
-from ..errors import InvalidArgumentError, LayerMapError
+from .._checks import is_collection, is_integer
+from ..errors import ArgumentTypeError, InvalidArgumentError, LayerMapError
 from ..routes import Routes
 
 __all__ = ["LAYER_PATTERN", "LayerMap"]
@@ -22,6 +22,16 @@ def check_layout(layout: str) -> None:
     """``layout`` is "all" (a column per hidden layer) or "moe" (a column per MoE layer)."""
     if layout not in _LAYOUTS:
         raise LayerMapError(f"layout must be 'all' (every hidden layer) or 'moe' (MoE layers only), got {layout!r}")
+
+
+def check_map(layer_map: Any, what: str) -> LayerMap:
+    """``layer_map`` if it is a :class:`LayerMap`, else an error naming ``what`` takes one."""
+    if not isinstance(layer_map, LayerMap):
+        raise ArgumentTypeError(
+            f"{what} takes a LayerMap as layer_map (LayerMap.from_session, from_routes or from_names), got "
+            f"{type(layer_map).__name__}"
+        )
+    return layer_map
 
 
 def _items(values: Any, what: str) -> tuple[Any, ...]:
@@ -41,6 +51,22 @@ def _config_layers(session: Any) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def _layer_pattern(pattern: Any) -> re.Pattern[str]:
+    """``pattern`` compiled: a regular expression whose first group is the layer index."""
+    if not isinstance(pattern, str | re.Pattern):
+        raise ArgumentTypeError(f"pattern must be a regular expression (a str), got {type(pattern).__name__}")
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise LayerMapError(f"pattern {pattern!r} is not a regular expression: {e}") from None
+    if rx.groups < 1:
+        raise LayerMapError(
+            f"pattern {rx.pattern!r} has no group: its first group (...) must match the layer index, as in "
+            r"r'layers\.(\d+)'"
+        )
+    return rx
 
 
 @dataclass(frozen=True)
@@ -154,27 +180,31 @@ class LayerMap:
         mtp: str = "error",
     ) -> LayerMap:
         """Map router names to hidden layers, parsing ``...layers.<i>...`` unless ``layers`` is given."""
-        if isinstance(names, str) or not isinstance(names, Iterable):
+        if not is_collection(names):
             raise LayerMapError(f"names must be router module paths (a list of str), got {names!r:.80}")
         names = tuple(str(n) for n in names)
+        if layers is not None and not is_collection(layers):
+            raise LayerMapError(f"layers must be one hidden-layer index per router (a list of int), got {layers!r:.60}")
         if layers is None:
-            rx = re.compile(pattern)
+            rx = _layer_pattern(pattern)
             found = []
             for nm in names:
                 m = rx.search(nm)
-                if m is None:
+                index = None if m is None else m.group(1)
+                if index is None or not index.isdecimal():
                     raise LayerMapError(
-                        f"cannot find a layer index in router name '{nm}' (pattern {pattern!r}); pass "
-                        "layers=[...] with the hidden-layer index of each router"
+                        f"cannot find a layer index in router name '{nm}' (pattern {pattern!r}"
+                        + ("" if m is None else f" matches {m.group(0)!r}, whose first group is not a number")
+                        + "); pass layers=[...] with the hidden-layer index of each router"
                     )
-                found.append(int(m.group(1)))
+                found.append(int(index))
             layers = found
         if not (is_integer(num_experts) or isinstance(num_experts, Sequence)) or isinstance(num_experts, str):
             raise InvalidArgumentError(f"num_experts must be an int or one int per router, got {num_experts!r}")
         counts = (num_experts,) * len(names) if is_integer(num_experts) else tuple(num_experts)
         if not all(is_integer(x) for x in counts):
             raise InvalidArgumentError(f"num_experts must be an int or one int per router, got {num_experts!r}")
-        if not (is_integer(top_k) or isinstance(top_k, Iterable)) or isinstance(top_k, str):
+        if not (is_integer(top_k) or is_collection(top_k)):
             raise InvalidArgumentError(f"top_k must be an int or one int per router, got {top_k!r}")
         k = (top_k,) * len(names) if is_integer(top_k) else tuple(top_k)
         return cls(names, tuple(layers), num_layers, counts, k, mtp)  # type: ignore[arg-type]  # checked there
@@ -231,6 +261,8 @@ class LayerMap:
         mtp: str = "error",
     ) -> LayerMap:
         """The routers that ``routes`` hold."""
+        if not isinstance(routes, Routes):
+            raise ArgumentTypeError(f"LayerMap.from_routes takes Routes, got {type(routes).__name__}")
         return cls.from_names(
             routes.names,
             num_layers,

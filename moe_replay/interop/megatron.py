@@ -19,17 +19,17 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from .._checks import check_count, is_integer
+from .._checks import check_count, is_collection, is_integer
 from ..errors import ArgumentTypeError, InvalidArgumentError, RoutesValidationError, UnsupportedRouterError
 from ..routes import Routes
 from ._common import as_array, columns, cut_last, make_routes, ordered, to_array, with_last
-from .layer_map import LayerMap
+from .layer_map import LayerMap, check_map
 
 __all__ = [
     "check_megatron_config",
@@ -76,6 +76,8 @@ def to_megatron(
             are refused unless ``fill`` is given: they are then written as experts
             ``fill, fill + 1, ..., fill + k - 1``.
     """
+    if layer_map is not None:
+        check_map(layer_map, "to_megatron")
     if not isinstance(routes, Routes):
         raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
     if layer_map is not None:
@@ -116,10 +118,13 @@ def from_megatron(
     ``names`` are this model's routers in Megatron's layer order; ``batch_size`` converts
     sequence-first ``[S, B]`` token order back to batch-major.
     """
-    if not isinstance(tensors, Iterable):
+    if not is_collection(tensors):
         raise ArgumentTypeError(
             f"from_megatron takes a list of [tokens, k] index tensors, got {type(tensors).__name__}"
         )
+    if not is_collection(names):
+        raise ArgumentTypeError(f"from_megatron: names must be the router names in layer order, got {names!r:.60}")
+    names = list(names)
     tensors = [
         torch.from_numpy(np.ascontiguousarray(as_array(t, f"Megatron layer {i}"))) for i, t in enumerate(tensors)
     ]
@@ -143,6 +148,7 @@ def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_to
     Returns:
         ``rows + 1`` tokens, the last one -1.
     """
+    check_map(layer_map, "from_megatron_inference")
     arr = as_array(routing_indices, "routing_indices")
     if arr.dtype.name in ("uint8", "uint16", "int16"):
         raise RoutesValidationError(f"routing_indices is {arr.dtype}; Megatron inference writes int32")
@@ -157,6 +163,7 @@ def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_to
 
 def to_megatron_inference(routes: Routes, layer_map: LayerMap, *, drop_last: bool = False) -> np.ndarray:
     """Megatron inference's ``routing_indices`` for one sequence: ``[T - 1, num_moe_layers, k]`` int32."""
+    check_map(layer_map, "to_megatron_inference")
     body = cut_last(routes, drop_last, "Megatron routing_indices")
     return to_array(body, layer_map, "moe", np.int32, "Megatron routing_indices", allow_missing=False)
 

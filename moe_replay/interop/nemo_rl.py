@@ -42,7 +42,7 @@ from .._checks import check_count
 from ..errors import RoutesValidationError
 from ..routes import Routes
 from ._common import as_array, columns, cut_last, make_routes, to_array, with_last
-from .layer_map import LayerMap, check_layout
+from .layer_map import LayerMap, check_layout, check_map
 
 __all__ = ["from_nemo_rl", "nemo_rl_dtype", "to_nemo_rl"]
 
@@ -55,8 +55,8 @@ _MISSING = ("error", "native")
 def nemo_rl_dtype(num_experts: int) -> str:
     """The dtype NeMo-RL carries routes in: int8 up to 128 experts, int16 up to 32768, else int32."""
     n = check_count(num_experts, "num_experts")
-    if n < 1:
-        raise RoutesValidationError("num_experts must be at least 1")
+    if not 1 <= n <= np.iinfo(np.int32).max + 1:
+        raise RoutesValidationError(f"num_experts must be from 1 to 2**31 (int32 expert ids), got {n}")
     return next(name for name, dt in _DTYPES.items() if n - 1 <= np.iinfo(dt).max)
 
 
@@ -157,6 +157,7 @@ def from_nemo_rl(
             count, a last row that is not the placeholder, -1 rows (unless
             ``missing="native"``), a dense column holding experts, invalid experts.
     """
+    check_map(layer_map, "from_nemo_rl")
     if missing not in _MISSING:
         raise RoutesValidationError(f"missing must be one of {_MISSING}, got {missing!r}")
     payload, counted = _unwrap(payload)
@@ -230,9 +231,10 @@ def to_nemo_rl(
         RoutesValidationError: routes that do not fit the map, a dtype NeMo-RL does not
             carry or too narrow, a route for the last token without ``drop_last=True``.
     """
+    check_map(layer_map, "to_nemo_rl")
     check_layout(layout)
     name = nemo_rl_dtype(layer_map.max_experts) if dtype is None else dtype
-    if name not in _DTYPES:
+    if not isinstance(name, str) or name not in _DTYPES:
         raise RoutesValidationError(f"to_nemo_rl: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     body = cut_last(routes, drop_last, _WHAT)
     arr = to_array(body, layer_map, layout, _DTYPES[name], _WHAT, allow_missing=True)

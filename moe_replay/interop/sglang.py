@@ -31,7 +31,7 @@ from .._checks import check_count
 from ..errors import RoutesValidationError
 from ..routes import Routes
 from ._common import check_start, columns, cut_last, make_routes, skip_front, to_array, with_front, with_last
-from .layer_map import LayerMap
+from .layer_map import LayerMap, check_map
 
 __all__ = ["from_sglang", "to_sglang"]
 
@@ -87,6 +87,7 @@ def from_sglang(
             ``num_hidden_layers * k`` int32 values, a row count that does not fit
             ``num_tokens``, a dense layer's column holding experts, invalid experts.
     """
+    check_map(layer_map, "from_sglang")
     start = check_start(start_len, "start_len")
     payload = _payload(response)
     try:
@@ -120,6 +121,7 @@ def to_sglang(routes: Routes, layer_map: LayerMap, *, start_len: int = 0, drop_l
     Rows from ``start_len`` to the second-to-last token; the last token's row must be -1
     unless ``drop_last=True``, and every written row must hold a route.
     """
+    check_map(layer_map, "to_sglang")
     body = skip_front(cut_last(routes, drop_last, "SGLang routed_experts"), start_len, "to_sglang", "start_len")
     arr = to_array(body, layer_map, "all", np.dtype("<i4"), "SGLang routed_experts", allow_missing=False)
     return {"routed_experts": base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode()}

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..batch import check_same_routers
-from ..errors import RoutesValidationError
+from .._checks import is_collection
+from ..batch import check_same_routers, routes_list
+from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes
 
 __all__ = ["stitch_turns"]
@@ -65,7 +66,7 @@ def stitch_turns(
         raise RoutesValidationError(f"overlap must be one of {_OVERLAP}, got {overlap!r}")
     if gaps not in _GAPS:
         raise RoutesValidationError(f"gaps must be one of {_GAPS}, got {gaps!r}")
-    parts = list(turns)
+    parts = routes_list(turns, "turn")
     try:
         check_same_routers(parts, "turn")
     except (TypeError, ValueError) as e:
@@ -77,7 +78,12 @@ def stitch_turns(
                 "sequence must extend the previous one"
             )
     if token_ids is not None:
-        ids = [list(t) for t in token_ids]
+        turn_ids = list(token_ids) if is_collection(token_ids) else None
+        if turn_ids is None or not all(is_collection(t) for t in turn_ids):
+            raise ArgumentTypeError(
+                f"token_ids must hold each turn's token ids (a list of lists, one per turn), got {token_ids!r:.60}"
+            )
+        ids = [list(t) for t in turn_ids]
         if len(ids) != len(parts):
             raise RoutesValidationError(f"got token_ids for {len(ids)} turns and routes for {len(parts)}")
         for i, (seq, r) in enumerate(zip(ids, parts, strict=True)):

@@ -25,12 +25,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._checks import check_count, is_integer
-from ..batch import BatchLayout, _lengths, check_same_routers
+from .._checks import MAX_COUNT, check_count, is_integer
+from ..batch import BatchLayout, _lengths, check_same_routers, routes_list
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes, check_exact
 from ._common import as_array, columns, make_routes, to_array
-from .layer_map import LayerMap
+from .layer_map import LayerMap, check_map
 
 __all__ = ["from_verl", "to_verl"]
 
@@ -60,11 +60,14 @@ def to_verl(
         RoutesValidationError: the sequences do not fit the map or the layout, or ``dtype``
             would change a value.
     """
+    check_map(layer_map, "to_verl")
     if not isinstance(dtype, torch.dtype):
         raise ArgumentTypeError(f"to_verl: dtype must be a torch.dtype (torch.int16, as verl stores it), got {dtype!r}")
     if not is_integer(fill):
         raise ArgumentTypeError(f"to_verl: fill must be an integer (the padding value, 0 as verl writes), got {fill!r}")
-    seqs = list(sequences)
+    if not -MAX_COUNT - 1 <= int(fill) <= MAX_COUNT:
+        raise RoutesValidationError(f"to_verl: fill={fill} fits no integer dtype; use 0, as verl writes")
+    seqs = routes_list(sequences)
     try:
         check_same_routers(seqs)
     except (TypeError, ValueError) as e:
@@ -158,6 +161,7 @@ def from_verl(
             token holding a route without ``last_routed=True``, rows that do not fit the map
             or are no routes.
     """
+    check_map(layer_map, "from_verl")
     if not is_integer(fill):
         raise ArgumentTypeError(
             f"from_verl: fill must be an integer (the padding value, 0 as verl writes), got {fill!r}"

@@ -52,7 +52,7 @@ from ._common import (
     with_front,
     with_last,
 )
-from .layer_map import LayerMap
+from .layer_map import LayerMap, check_map
 
 __all__ = [
     "VLLM_TESTED",
@@ -109,7 +109,16 @@ def vllm_layout(version: str | tuple[int, ...]) -> str:
 
 
 def vllm_dtype(num_experts: int) -> np.dtype:
-    """The dtype vLLM 0.22+ writes: uint8 for up to 256 experts, else uint16."""
+    """The dtype vLLM 0.22+ writes: uint8 for up to 256 experts, else uint16.
+
+    Raises:
+        RoutesValidationError: ``num_experts`` is not an integer from 1 to 65536 (256.5 is
+            refused, never cut to 256).
+    """
+    if not is_integer(num_experts) or not 1 <= int(num_experts) <= 2**16:
+        raise RoutesValidationError(
+            f"num_experts must be an integer from 1 to 65536 (what uint16 expert ids hold), got {num_experts!r:.60}"
+        )
     return np.dtype(np.uint8 if int(num_experts) <= 256 else np.uint16)
 
 
@@ -207,6 +216,7 @@ def from_vllm(
         RoutesValidationError: dtype, layer width, k or row count do not fit the release and
             the LayerMap; a dense layer's column holds experts; invalid expert indices.
     """
+    check_map(layer_map, "from_vllm")
     arr = _array(routed_experts, "routed_experts")
     layout = _detect(arr, version, split=False)
     if layout == _SPLIT:
@@ -260,6 +270,7 @@ def to_vllm(
     -1 (engines never route it) unless ``drop_last=True``. Every written row must hold a
     route: vLLM has no "route natively" row.
     """
+    check_map(layer_map, "to_vllm")
     body = skip_front(cut_last(routes, drop_last, "vLLM routed_experts"), prompt_start, "to_vllm", "prompt_start")
     return to_array(
         body, layer_map, "all", vllm_dtype(layer_map.max_experts), "vLLM routed_experts", allow_missing=False
@@ -279,6 +290,7 @@ def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: in
     Returns:
         ``rows + 1`` tokens, the last one -1.
     """
+    check_map(layer_map, "from_vllm_legacy")
     arr = _array(routed_experts, "routed_experts")
     if arr.dtype.name in _DTYPE_OF[_CURRENT] + _DTYPE_OF[_SPLIT]:
         other = _CURRENT if arr.dtype.name in _DTYPE_OF[_CURRENT] else _SPLIT
@@ -298,6 +310,7 @@ def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: in
 
 def to_vllm_legacy(routes: Routes, layer_map: LayerMap, *, drop_last: bool = False) -> np.ndarray:
     """vLLM <= 0.20's ``routed_experts``: ``[T - 1, num_hidden_layers, k]`` int32, dense columns 0."""
+    check_map(layer_map, "to_vllm_legacy")
     body = cut_last(routes, drop_last, "vLLM routed_experts")
     return to_array(body, layer_map, "all", np.int32, "vLLM <=0.20 routed_experts", allow_missing=False)
 
@@ -326,6 +339,7 @@ def from_vllm_split(
     Returns:
         ``prompt_len + completion_len`` rows.
     """
+    check_map(layer_map, "from_vllm_split")
     gen = _array(routed_experts, "routed_experts")
     prompt = _array(prompt_routed_experts, "prompt_routed_experts")
     for arr, what in ((prompt, "prompt_routed_experts"), (gen, "routed_experts")):
@@ -374,6 +388,7 @@ def to_vllm_split(
     Leading -1 prompt rows (prefix-cached tokens) are written as zeros, as 0.21 does;
     any other -1 row is refused.
     """
+    check_map(layer_map, "to_vllm_split")
     body = cut_last(routes, drop_last, "vLLM 0.21 routed_experts")
     p = check_start(prompt_len, "prompt_len")
     if p > body.num_tokens:
@@ -422,6 +437,7 @@ def from_vllm_output(
         >>> mr.interop.from_vllm_output(comp, lm, prompt_len=1).layer("model.layers.0.mlp.gate").tolist()
         [[1], [2], [-1]]
     """
+    check_map(layer_map, "from_vllm_output")
     if prompt_len is not None:
         prompt_len = check_start(prompt_len, "prompt_len")  # 2.5 is refused, never cut to 2
     if hasattr(output, "outputs"):

@@ -73,3 +73,18 @@ def test_layer_map_fields_are_stored_as_ints() -> None:
     assert lm == LM and all(type(v) is int for v in (*lm.layers, lm.num_layers, *lm.num_experts, *lm.top_k))
     with pytest.raises(mr.LayerMapError, match="num_layers must be an integer"):
         mr.LayerMap(NAMES, (1, 2, 3), 3.5, (16,) * 3, (2,) * 3)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "what"),
+    [
+        ("(", "is not a regular expression"),
+        (r"layers\.\d+", "has no group"),  # its match has no group 1 to read a layer from
+        (r"layers\.(\d+)?x", "cannot find a layer index"),  # the group is optional: it may match nothing
+        (r"(layers)\.\d+", "whose first group is not a number"),
+    ],
+)
+def test_a_pattern_that_reads_no_layer_index_is_refused(pattern: str, what: str) -> None:
+    with pytest.raises(mr.LayerMapError, match=what):
+        mr.LayerMap.from_names(["model.layers.3.mlp.gate"], 4, 8, 2, pattern=pattern)
+    assert mr.LayerMap.from_names(["model.layers.3.mlp.gate"], 4, 8, 2, pattern=r"layers\.(\d+)").layers == (3,)

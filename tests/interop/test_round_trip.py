@@ -16,6 +16,8 @@ import torch
 import moe_replay as mr
 from moe_replay import interop
 
+from ..conftest import tried
+
 
 def test_capture_round_trips_through_every_format() -> None:
     model = mr.models.build("grouped_sigmoid", num_layers=3, first_dense_layers=1, num_experts=16, n_group=4)
@@ -176,3 +178,83 @@ def test_data_that_holds_no_expert_numbers_is_refused(reader: str, kind: str) ->
     data = _NOT_EXPERT_NUMBERS[kind](_SHAPES.get(reader, (3, 1, 2)))
     with pytest.raises(mr.RoutesValidationError, match="must hold integers|holds no values|past int64|rectangular"):
         _READERS[reader](data, lm)
+
+
+#: Values of the wrong kind for any argument: none a converter can read.
+_WRONG = [None, "x", 2.5, -1, True, [], [1, 2], np.array(3), torch.tensor(3), object(), {"a": 1}, (1,), 10**30]
+
+
+def _converter_calls() -> dict[str, tuple[object, dict[str, object]]]:
+    """Each public converter with arguments it reads without error, by name."""
+    lm = mr.LayerMap.from_names(["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"], 3, 8, 2)
+    rows = [torch.tensor([[0, 1], [2, 3], [-1, -1]])] * 2
+    r = mr.Routes(rows, names=lm.names, num_experts=8)
+    full = mr.Routes([torch.tensor([[0, 1], [2, 3], [4, 5]])] * 2, names=lm.names, num_experts=8)
+    split = interop.to_vllm_split(r, lm, 2)
+    return {
+        "from_vllm": (
+            interop.from_vllm,
+            {"routed_experts": interop.to_vllm(r, lm), "layer_map": lm, "prompt_len": 2, "completion_len": 1},
+        ),
+        "to_vllm": (interop.to_vllm, {"routes": r, "layer_map": lm}),
+        "from_vllm_legacy": (
+            interop.from_vllm_legacy,
+            {"routed_experts": interop.to_vllm_legacy(r, lm), "layer_map": lm},
+        ),
+        "to_vllm_legacy": (interop.to_vllm_legacy, {"routes": r, "layer_map": lm}),
+        "from_vllm_split": (
+            interop.from_vllm_split,
+            {"prompt_routed_experts": split[0], "routed_experts": split[1], "layer_map": lm, "completion_len": 1},
+        ),
+        "to_vllm_split": (interop.to_vllm_split, {"routes": r, "layer_map": lm, "prompt_len": 2}),
+        "from_sglang": (interop.from_sglang, {"response": interop.to_sglang(r, lm), "layer_map": lm}),
+        "to_sglang": (interop.to_sglang, {"routes": r, "layer_map": lm}),
+        "to_megatron": (interop.to_megatron, {"routes": full, "layer_map": lm}),
+        "from_megatron": (
+            interop.from_megatron,
+            {"tensors": interop.to_megatron(full), "names": full.names, "num_experts": 8},
+        ),
+        "from_megatron_inference": (
+            interop.from_megatron_inference,
+            {"routing_indices": interop.to_megatron_inference(r, lm), "layer_map": lm},
+        ),
+        "to_megatron_inference": (interop.to_megatron_inference, {"routes": r, "layer_map": lm}),
+        "from_nemo_rl": (interop.from_nemo_rl, {"payload": interop.to_nemo_rl(r, lm), "layer_map": lm}),
+        "to_nemo_rl": (interop.to_nemo_rl, {"routes": r, "layer_map": lm}),
+        "to_verl": (interop.to_verl, {"sequences": [r], "layer_map": lm, "prompt_lengths": [2]}),
+        "from_verl": (
+            interop.from_verl,
+            {
+                "routed_experts": interop.to_verl([r], lm, prompt_lengths=[2]),
+                "attention_mask": torch.ones(1, 3),
+                "layer_map": lm,
+            },
+        ),
+        "stitch_turns": (interop.stitch_turns, {"turns": [r, r], "token_ids": [[1, 2, 3], [1, 2, 3]]}),
+        "LayerMap.from_names": (
+            mr.LayerMap.from_names,
+            {"names": lm.names, "num_layers": 3, "num_experts": 8, "top_k": 2},
+        ),
+        "LayerMap.from_routes": (mr.LayerMap.from_routes, {"routes": r, "num_layers": 3}),
+        "vllm_dtype": (interop.vllm_dtype, {"num_experts": 8}),
+        "nemo_rl_dtype": (interop.nemo_rl_dtype, {"num_experts": 8}),
+    }
+
+
+@pytest.mark.reliability("bad inputs")
+def test_an_argument_of_the_wrong_kind_is_a_moe_replay_error() -> None:
+    """Every converter given a value of the wrong kind for any one argument (a LayerMap that is a string, names
+    that are a number or a 0-d array, a count past int64, a pattern that is no regex) raises a MoEReplayError,
+    never a bare TypeError, AttributeError or StopIteration from inside."""
+    for name, (fn, good) in _converter_calls().items():
+        fn(**good)  # the arguments are right as given
+        params = inspect.signature(fn).parameters.values()
+        for param in [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]:
+            for value in _WRONG:
+                try:
+                    fn(**{**good, param.name: value})
+                except mr.MoEReplayError:
+                    pass
+                except Exception as e:
+                    pytest.fail(f"{name}({param.name}={value!r:.30}) raised {type(e).__name__}: {e}")
+                tried()

@@ -297,3 +297,11 @@ def test_writers_refuse_rows_the_engine_cannot_hold() -> None:
     with pytest.raises(mr.RoutesValidationError, match="no route for token 0"):
         interop.to_vllm_legacy(holes, m.layer_map)
     assert interop.to_vllm(holes, m.layer_map, prompt_start=2).shape == (3, 4, 2)
+
+
+@pytest.mark.parametrize("count", [256.5, "300", 0, 2**16 + 1, True])
+def test_vllm_dtype_refuses_what_is_no_expert_count(count: object) -> None:
+    """256.5 is not cut to 256 (uint8) nor "300" parsed: the dtype follows an expert count only."""
+    with pytest.raises(mr.RoutesValidationError, match="num_experts must be an integer"):
+        interop.vllm_dtype(count)  # type: ignore[arg-type]
+    assert interop.vllm_dtype(256) == np.uint8 and interop.vllm_dtype(257) == np.uint16
