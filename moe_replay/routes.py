@@ -162,6 +162,15 @@ def _check_row_sets(r: torch.Tensor, name: str) -> None:
             )
 
 
+def _native(arr: np.ndarray, *, copy: bool = False) -> np.ndarray:
+    """``arr`` in the machine's byte order, C-contiguous (a copy when ``copy``): what torch.from_numpy takes.
+
+    A file or buffer written on a machine of the other byte order holds the same numbers;
+    torch refuses such an array, numpy converts it exactly.
+    """
+    return np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C", copy=True if copy else None)
+
+
 def integer_array(data: Any, what: str) -> np.ndarray:
     """``data`` (a numpy array, a tensor on any device, nested lists) as an integer numpy array.
 
@@ -184,6 +193,7 @@ def integer_array(data: Any, what: str) -> np.ndarray:
         raise RoutesValidationError(f"{what} is not a rectangular array: {e}") from None
     if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
         raise RoutesValidationError(f"{what} must hold integers (expert indices), got dtype {arr.dtype}")
+    arr = _native(arr)  # (uint64 of the other byte order is not np.uint64 to the check below)
     if arr.dtype == np.uint64 and arr.ndim and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
         past = (arr > np.iinfo(np.int64).max).reshape(arr.shape[0], -1).any(axis=1)
         t = int(np.argmax(past))
@@ -264,7 +274,7 @@ class Routes:
                     raise RoutesValidationError(
                         f"router '{name}': rows must be integers (expert numbers), got a numpy array of {rows.dtype}"
                     )
-                rows = torch.from_numpy(np.array(rows, order="C"))  # a copy: no negative strides, writable
+                rows = torch.from_numpy(_native(rows, copy=True))
             if isinstance(rows, torch.Tensor) and rows.device.type == "meta":
                 raise RoutesValidationError(f"router '{name}': rows on the meta device hold no values")
             # dtype and range are always checked: the storage dtype is narrower than int64
@@ -705,7 +715,7 @@ def _read_members(
     layers = []
     for n in wanted[1:]:
         with zf.open(infos[n]) as f:
-            layers.append(torch.from_numpy(npformat.read_array(f, allow_pickle=False)))
+            layers.append(torch.from_numpy(_native(npformat.read_array(f, allow_pickle=False))))
     return meta, layers
 
 

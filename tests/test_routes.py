@@ -457,3 +457,24 @@ def test_one_expert_count_for_all_routers_may_be_a_0d_array_or_tensor() -> None:
     r = make(t=3)
     for count in (np.array(8), torch.tensor(8), np.int64(8)):
         assert mr.Routes(r.per_layer(), names=r.names, num_experts=count).equal(r)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_arrays_of_the_other_byte_order_hold_the_same_numbers(tmp_path) -> None:
+    """Big-endian rows (a file or buffer from a machine of the other byte order) are read exactly: torch refuses
+    them as they are, and a big-endian uint64 all-ones index was cast to -1 (a native row) instead of refused."""
+    rows = np.array([[0, 1], [2, 3], [-1, -1]])
+    r = mr.Routes([torch.from_numpy(rows)], names=["a"], num_experts=4)
+    for dtype in (">i2", ">i4", ">i8"):
+        assert mr.Routes([rows.astype(dtype)], names=["a"], num_experts=4).equal(r)
+        assert mr.Routes.from_numpy(rows.astype(dtype)[:, None], names=["a"], num_experts=4).equal(r)
+        path = tmp_path / f"{dtype[1:]}.npz"
+        meta = {"magic": "moe_replay.routes", "format_version": 1, "names": ["a"], "num_experts": [4]}
+        np.savez(path, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), layer_0=rows.astype(dtype))
+        assert mr.Routes.load(path).equal(r)
+        tried()
+    for dtype in (">u2", ">u8"):
+        assert mr.Routes.from_numpy(rows[:2].astype(dtype)[:, None], names=["a"], num_experts=4).equal(r[:2])
+    ones = np.full((1, 1, 2), 2**64 - 1, ">u8")
+    with pytest.raises(mr.RoutesValidationError, match="past int64"):
+        mr.Routes.from_numpy(ones, names=["a"], num_experts=4)
