@@ -62,8 +62,9 @@ class RoutingComparison:
         shared_experts: per router, experts the two sides share, summed over compared rows.
         top_k: per router.
         load_a, load_b: ``[routers, max experts]`` how many compared tokens each expert
-            received on each side.
+            received on each side (0 past a router's own expert count).
         labels: what ``a`` and ``b`` are, for the plot's legend (``("a", "b")`` unless given).
+        num_experts: per router (empty when not given: the width of ``load_a`` for each).
     """
 
     names: tuple[str, ...]
@@ -79,6 +80,7 @@ class RoutingComparison:
     load_a: np.ndarray
     load_b: np.ndarray
     labels: tuple[str, str] = ("a", "b")
+    num_experts: tuple[int, ...] = ()
 
     def __eq__(self, other: object) -> bool:
         """Same routers, mode, labels and counts (the arrays compared element by element)."""
@@ -230,7 +232,9 @@ class RoutingComparison:
             a, b = self.load_a.sum(axis=0), self.load_b.sum(axis=0)
             title, ylabel = "expert load, all routers", "token slots (all routers)"
         else:
-            a, b, title, ylabel = self.load_a[pos], self.load_b[pos], f"expert load, {self.names[pos]}", "tokens"
+            own = self.num_experts[pos] if self.num_experts else self.load_a.shape[1]  # not the widest router's
+            a, b = self.load_a[pos, :own], self.load_b[pos, :own]
+            title, ylabel = f"expert load, {self.names[pos]}", "tokens"
         e = np.arange(a.shape[0])
         if len(e) <= 32:
             right.bar(e - 0.2, a, width=0.4, label=self.labels[0])
@@ -421,4 +425,5 @@ def compare(
         load_a=load_a,
         load_b=load_b,
         labels=(labels[0], labels[1]),
+        num_experts=tuple(ea),
     )

@@ -218,3 +218,21 @@ def test_comparisons_compare_equal_by_value() -> None:
     assert mr.compare(a, b) != mr.compare(a, a)
     assert mr.compare(a, b) != mr.compare(a, b, labels=("x", "y"))
     assert mr.compare(a, b) != "not a comparison"
+
+
+def test_plot_of_one_router_draws_its_own_experts_only() -> None:
+    """Routers of 4 and 300 experts: router 0's load panel shows 4 experts, not 300 with 296 that never exist."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    small = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    wide = torch.tensor([[0, 299], [5, 6], [7, 8]])
+    a = mr.Routes([small, wide], names=["layers.0.gate", "layers.1.gate"], num_experts=[4, 300])
+    b = mr.Routes([small.flip(0), wide], names=a.names, num_experts=[4, 300])
+    c = mr.compare(a, b)
+    own = c.plot(router=0).axes[1]
+    assert len(own.patches) == 2 * 4 and own.get_xlim()[1] < 4
+    assert [p.get_height() for p in own.patches[:4]] == c.load_a[0, :4].tolist()
+    assert c.plot(router="layers.1.gate").axes[1].get_xlim()[1] > 299
+    assert c.num_experts == (4, 300)
