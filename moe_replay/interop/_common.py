@@ -109,9 +109,14 @@ def make_routes(layers: list[torch.Tensor], lm: LayerMap, what: str) -> Routes:
 
 
 def ordered(routes: Routes, lm: LayerMap) -> list[torch.Tensor | None]:
-    """Routes' rows in the map's router order (None for MTP routers)."""
+    """Routes' rows in the map's router order (None for MTP routers).
+
+    Rows of routes built with ``validate=False`` are checked first (a row mixing -1 with
+    experts, a repeated expert): an engine format would carry them on, a -1 in uint8 as 255.
+    """
     if not isinstance(routes, Routes):
         raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
+    routes._ensure_valid()
     missing = [n for n in lm.names if n not in routes.names and n not in lm.extra_names]
     if missing:
         raise RoutesValidationError(f"the routes hold no rows for routers {missing[:4]} of the LayerMap")

@@ -80,6 +80,7 @@ def to_megatron(
         check_map(layer_map, "to_megatron")
     if not isinstance(routes, Routes):
         raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
+    routes._ensure_valid()  # (validate=False: a repeated expert collapses in Megatron's routing map)
     if layer_map is not None:
         placed = zip(layer_map.layers, layer_map.names, ordered(routes, layer_map), strict=True)
         pairs = sorted(((i, nm, t) for i, nm, t in placed if t is not None), key=lambda x: x[0])

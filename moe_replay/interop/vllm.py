@@ -399,7 +399,8 @@ def to_vllm_split(
     if cached:
         zeros = [torch.zeros(cached, x.shape[1], dtype=torch.long) for x in body.per_layer()]
         fixed = [torch.cat([z, x[cached:]]) for z, x in zip(zeros, body.per_layer(), strict=True)]
-        filled = Routes._trusted(fixed, body.names, body.experts_per_layer, False)
+        # (the rows were checked by ordered() above; the zero rows are 0.21's cached rows, no route)
+        filled = Routes._trusted(fixed, body.names, body.experts_per_layer, True)
     arr = to_array(filled, layer_map, "moe", np.int16, "vLLM 0.21 routed_experts", allow_missing=False)
     return arr[:p], arr[p:]
 

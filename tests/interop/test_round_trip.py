@@ -258,3 +258,31 @@ def test_an_argument_of_the_wrong_kind_is_a_moe_replay_error() -> None:
                 except Exception as e:
                     pytest.fail(f"{name}({param.name}={value!r:.30}) raised {type(e).__name__}: {e}")
                 tried()
+
+
+_WRITERS = {
+    "to_vllm": lambda r, lm: interop.to_vllm(r, lm),
+    "to_vllm_legacy": lambda r, lm: interop.to_vllm_legacy(r, lm),
+    "to_vllm_split": lambda r, lm: interop.to_vllm_split(r, lm, 1),
+    "to_sglang": lambda r, lm: interop.to_sglang(r, lm),
+    "to_megatron": lambda r, lm: interop.to_megatron(r[:-1]),
+    "to_megatron with a map": lambda r, lm: interop.to_megatron(r[:-1], layer_map=lm),
+    "to_megatron_inference": lambda r, lm: interop.to_megatron_inference(r, lm),
+    "to_verl": lambda r, lm: interop.to_verl([r], lm, prompt_lengths=[1]),
+    "to_nemo_rl": lambda r, lm: interop.to_nemo_rl(r, lm),
+}
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("writer", list(_WRITERS))
+@pytest.mark.parametrize("row", [[3, -1], [1, 1]], ids=["mixed -1", "repeated expert"])
+def test_writers_check_rows_that_validate_false_left_unchecked(writer: str, row: list[int]) -> None:
+    """Routes(validate=False) leave the per-row checks to the replay; an engine format would carry such a row on
+    (uint8 writes -1 as 255, an expert; Megatron collapses a repeated one), so every writer checks it first."""
+    rows = torch.tensor([[0, 2], row, [-1, -1]])
+    lm = mr.LayerMap.from_names(_NM, 1, 256, 2)
+    unchecked = mr.Routes([rows], names=_NM, num_experts=256, validate=False)
+    with pytest.raises(mr.RoutesValidationError, match="token 1: row .* (mixes -1|repeats an expert)"):
+        _WRITERS[writer](unchecked, lm)
+    fine = mr.Routes([torch.tensor([[0, 2], [1, 3], [-1, -1]])], names=_NM, num_experts=256, validate=False)
+    _WRITERS[writer](fine, lm)
