@@ -774,6 +774,9 @@ def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
             rows = torch.as_tensor(index if isinstance(index, torch.Tensor) else np.asarray(index))
         except (TypeError, ValueError, RuntimeError) as e:
             raise ArgumentTypeError(f"token indices must be integers or a boolean mask, got {index!r}") from e
+        if rows.device.type == "meta":
+            raise ArgumentTypeError("token indices on the meta device hold no values; pass them on the host")
+        rows = rows.detach().cpu()  # routes live on the host: a mask or positions on an accelerator are read here
         if rows.dim() != 1:
             raise TokenIndexError(f"token indices must be 1-D (one entry per token), got shape {tuple(rows.shape)}")
         if rows.dtype == torch.bool:
@@ -784,7 +787,7 @@ def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
             return rows.long()
         if not _int_dtype(rows.dtype):
             raise ArgumentTypeError(f"token indices must be integers or a boolean mask, got dtype {rows.dtype}")
-        rows = rows.long().cpu()
+        rows = rows.long()
         bad = rows[(rows < -n) | (rows >= n)]
         if bad.numel():
             raise TokenIndexError(f"token index {int(bad[0])} is out of range for routes of {n} tokens")

@@ -260,6 +260,20 @@ def test_token_indices_that_are_not_token_positions_are_refused() -> None:
     assert r[np.array([1, 2])].equal(r[1:3])
 
 
+def test_token_indices_on_the_meta_device_are_refused() -> None:
+    with pytest.raises(mr.ArgumentTypeError, match="meta device"):
+        make(t=4)[torch.ones(4, dtype=torch.bool, device="meta")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_token_indices_on_an_accelerator_are_read_on_the_host() -> None:
+    """An attention mask on the GPU selects tokens of host-side routes (it raised torch's device-mismatch error)."""
+    r = make(t=4)
+    mask = torch.tensor([True, False, True, True])
+    for index in (mask, mask.nonzero().flatten(), torch.zeros(0, dtype=torch.long)):
+        assert r[index.cuda()].equal(r[index])
+
+
 def test_a_uint8_token_index_is_refused_as_ambiguous() -> None:
     """torch reads a uint8 index tensor as a mask, numpy as positions: neither reading is taken silently."""
     r = make(t=4)
