@@ -18,6 +18,11 @@ Sequences that stopped early (an end-of-sequence token) keep being fed padding b
 transformers' ``generate()`` until the whole batch stops; those rows, like prompt
 padding, are dropped (or marked -1 with ``keep_padding=True``).
 
+The routes of a capture also remember what the model's forwards were fed, and
+:func:`split_generation` refuses what would give tokens the routes of others: a capture
+during which the KV cache moved rows between forwards (beam search), and ``sequences``
+whose tokens are not those their rows were fed.
+
 Example:
     >>> import torch, moe_replay as mr
     >>> model = mr.models.build("softmax_topk")
@@ -270,6 +275,58 @@ def _check_forwards(
     )
 
 
+def _check_moves(routes: Routes) -> None:
+    """Refuse a capture during which the KV cache moved rows between forwards (beam or contrastive search)."""
+    moved = routes._rows_moved
+    if moved is None:
+        return
+    why = (
+        "as a beam search (num_beams > 1) does between steps to reorder its hypotheses"
+        if moved.endswith(".reorder_cache")
+        else "as a contrastive search (penalty_alpha) does to keep each sequence's chosen candidate"
+    )
+    raise RoutesValidationError(
+        f"while this capture ran, the KV cache given to the model moved rows between forwards ({moved}, {why}), "
+        "so row j of a decode step does not continue row j of the forward before it: no split of the rows by their "
+        "order gives each sequence the routes of its own tokens, not even where every row was fed the tokens of "
+        "one returned sequence (hypotheses that share a token swap rows unseen). Capture a rollout decoded with "
+        "num_beams=1 (greedy or sampling)"
+    )
+
+
+def _check_tokens(routes: Routes, sequences: torch.Tensor, grid: torch.Tensor, keep: torch.Tensor, p: int) -> None:
+    """Refuse ``sequences`` whose tokens are not those the rows given to them were fed, where those were recorded."""
+    fed = routes._fed_ids
+    if fed is None:
+        return
+    routed = keep & (grid >= 0)
+    where = routed.nonzero()  # (sequence, position) of each row given, in the order of got and want
+    got = fed[grid[routed]]
+    want = sequences.detach().to("cpu", torch.long)[routed]
+    bad = (got >= 0) & (got != want)
+    if not bool(bad.any()):
+        return
+    prompt = bad & (where[:, 1] < p)
+    k = int((prompt if bool(prompt.any()) else bad).nonzero()[0])
+    i, j = (int(v) for v in where[k])
+    if bool(prompt.any()):
+        raise RoutesValidationError(
+            f"sequences do not hold the prompts this capture's prompt forward was fed: {int(prompt.sum())} prompt "
+            f"tokens differ (first: sequence {i}, position {j} holds {int(want[k])}, but its row was fed "
+            f"{int(got[k])}). Are they the sequences of another generate() call, or in another order than generate() "
+            "returned them (sorted, shuffled, grouped)? Pass the very sequences this generate() returned, in its order"
+        )
+    raise RoutesValidationError(
+        f"the new tokens in sequences are not the tokens this capture's decode steps were fed: {int(bad.sum())} "
+        f"differ (first: sequence {i}, new token {j - p} is {int(want[k])}, but row {i} of decode step {j - p + 1} "
+        f"was fed {int(got[k])}), so the split would give them the routes of other tokens. Are they the sequences of "
+        "another generate() call over the same prompts? Or did the decode loop reorder its sequences between steps, "
+        "as a beam search (num_beams > 1) does (with num_return_sequences=num_beams it has the row counts of "
+        "sampling)? Capture a rollout decoded with num_beams=1 (greedy or sampling), and pass the very sequences "
+        "that generate() returned"
+    )
+
+
 def split_generation(
     routes: Routes,
     *,
@@ -301,8 +358,16 @@ def split_generation(
     between steps, so a decode step's row ``j`` is not the token of returned sequence ``j``,
     and assisted decoding feeds several candidate tokens per step, rejected ones included.
     ``generate(num_beams=n, num_return_sequences=n)`` gives exactly the row counts of ``n``
-    sampled sequences per prompt, so nothing here can tell it apart: it splits without an
-    error into routes of other tokens. Sample or decode greedily when capturing a rollout.
+    sampled sequences per prompt, so the row counts cannot tell it apart; what the forwards
+    were fed can. The routes that :meth:`~moe_replay.Session.routes` returns also remember
+    the token ids each forward was fed, and whether the KV cache passed to the model moved
+    rows between forwards (``reorder_cache``, as beam search does;
+    ``batch_select_indices`` or ``batch_repeat_interleave``, as contrastive search does).
+    A capture during which the cache moved rows is refused; given ``sequences``, each
+    token must be the one its row was fed (sequences of another call, or in another
+    order, are refused). Sample or decode greedily when
+    capturing a rollout, and pass ``sequences``: a decode loop of your own that moves rows
+    through a cache without those methods shows only in the tokens.
 
     Args:
         routes: the capture (``session.routes()``), ``B * P + B * (N - 1)`` rows.
@@ -316,9 +381,10 @@ def split_generation(
             tell a mask of too few rows from more new tokens, so pass ``sequences`` too.
         prompt_lengths, padding_side: instead of a mask, real prompt lengths and the side
             the prompts were padded on.
-        sequences: ``generate()``'s ``[B, P + N]`` output, to check ``N`` and find
-            end-of-sequence tokens. From ``generate(inputs_embeds=...)``, which returns
-            the ``N`` new tokens only, put the prompt ids before them.
+        sequences: ``generate()``'s ``[B, P + N]`` output, to check ``N``, find
+            end-of-sequence tokens and check every kept token against the token its row
+            was fed (where the capture recorded it). From ``generate(inputs_embeds=...)``,
+            which returns the ``N`` new tokens only, put the prompt ids before them.
         new_tokens: ``N``; inferred from the row count.
         lengths: new tokens per sequence (a sequence that stopped early has fewer);
             default: from ``sequences`` and ``eos_token_id``, else ``N`` each.
@@ -331,8 +397,10 @@ def split_generation(
         One :class:`~moe_replay.Routes` per sequence.
 
     Raises:
-        RoutesValidationError: the row count does not fit ``B``, ``P`` and ``N``, or the
-            capture's forwards are not one prompt forward then one per new token.
+        RoutesValidationError: the row count does not fit ``B``, ``P`` and ``N``; the
+            capture's forwards are not one prompt forward then one per new token; the KV
+            cache moved rows between forwards (beam search); or ``sequences`` hold other
+            tokens than their rows were fed.
         InvalidArgumentError: the arguments disagree on ``B`` (a prompt mask not repeated
             for ``num_return_sequences``).
 
@@ -391,6 +459,7 @@ def split_generation(
         )
     n = decode // b + 1
     _check_forwards(routes._call_rows, b, p, n, returned=sequences is not None)
+    _check_moves(routes)
     if sequences is not None:
         seq_n = int(sequences.shape[1]) - p
         if seq_n != n:
@@ -432,6 +501,8 @@ def split_generation(
     last = p + gen - 1
     grid[torch.arange(b), last] = -1  # the last token of each sequence was never routed (or is EOS fed as input)
     grid[~keep] = -1
+    if sequences is not None:
+        _check_tokens(routes, sequences, grid, keep, p)
 
     if keep_padding:
         return [take_rows(routes, grid[i]) for i in range(b)]

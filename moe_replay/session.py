@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import _torch_compat
+from ._feeds import FeedRecord
 from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, find_routers, format_sites
 from .errors import (
     ArgumentTypeError,
@@ -231,6 +232,7 @@ class Session:
         self._wrappers: list[ScopedForward] = []
         self._kept_rows: list[_HostRows] | None = None  # the capture rows, copied at detach
         self._renamed: dict[str, str] | None = None  # the prefix map of the last replay, if it needed one
+        self._feeds: FeedRecord | None = None  # what the model's forwards were fed during the last capture
 
     # ------------------------------------------------------------- properties
     @property
@@ -786,6 +788,11 @@ class Session:
 
         Inside :meth:`replay`, a capture records the forced experts.
 
+        Once per forward of the model (not per router call), a capture also keeps a copy of
+        the token ids fed, on their device, and watches the KV cache given to the model for
+        calls that move its rows (beam search's ``reorder_cache``):
+        :func:`~moe_replay.split_generation` checks a ``generate()`` capture against them.
+
         An exception that leaves the block ends the capture. The rows written before it
         stay in the rings (nothing is rewound: the routers that ran in the failed forward
         keep its rows, the others do not have them), so :meth:`routes` refuses them unless
@@ -866,6 +873,10 @@ class Session:
         for h in self._hooks:
             h.calls = h.decisions = 0
         self._has_capture = True
+        if clear or self._feeds is None:
+            self._feeds = FeedRecord()
+        model = self._model_ref()
+        stop_feeds = self._feeds.start(model) if model is not None else None
         stop = self._watch()
         self._set(capturing=True)
         try:
@@ -879,6 +890,8 @@ class Session:
             self._set(capturing=False)
             if stop is not None:
                 stop()
+            if stop_feeds is not None:
+                stop_feeds()
             self._budget.limit = limit
 
     def reserve(self, rows: int) -> None:
@@ -1026,6 +1039,9 @@ class Session:
         # the forwards the rows came from, where every router saw the same ones (split_generation checks them)
         calls = {r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)}
         routes._call_rows = calls.pop() if len(calls) == 1 else None
+        if self._feeds is not None:  # what each row's forward was fed, where the forwards line up with the rows
+            routes._fed_ids = self._feeds.rows(routes._call_rows)
+            routes._rows_moved = self._feeds.moved
         if self.keep_newest:  # a ring that wrapped holds its newest rows only
             routes._dropped_rows = max(
                 (w - r.capacity for r, w in zip(rings, written, strict=True) if r is not None), default=0

@@ -308,6 +308,162 @@ def test_hf_beam_search_with_fewer_returned_sequences_is_named_not_blamed_on_the
         mr.split_generation(capture, attention_mask=grid_mask)
 
 
+def _cache_of(out: object) -> object:
+    """The KV cache a generate(return_dict_in_generate=True) output holds."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("beams", [2, 4])
+def test_hf_beam_search_returning_every_beam_is_refused_not_split(beams: int) -> None:
+    """num_beams=n, num_return_sequences=n: the row counts of n samples per prompt, rows of reordered hypotheses.
+
+    It used to split without an error, with or without sequences=, into routes of other
+    tokens. The capture saw the KV cache reorder its rows (beam search's reorder_cache):
+    refused, naming it, with or without sequences; the cache's method is put back after.
+    """
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(
+                prompt,
+                attention_mask=mask,
+                max_new_tokens=N,
+                num_beams=beams,
+                num_return_sequences=beams,
+                pad_token_id=0,
+                return_dict_in_generate=True,
+            )
+        capture = session.routes()
+    seqs, grid_mask = out.sequences, mask.repeat_interleave(beams, dim=0)
+    assert seqs.shape == (B * beams, P + N) and capture.num_tokens == B * beams * (P + N - 1)  # sampling's counts
+    for given in (dict(sequences=seqs), {}):
+        with pytest.raises(mr.RoutesValidationError, match=r"reorder_cache, as a beam search.*num_beams=1"):
+            mr.split_generation(capture, attention_mask=grid_mask, **given)
+    cache = _cache_of(out)
+    assert cache is not None and "reorder_cache" not in vars(cache)  # watched while capturing only
+
+
+class _SwapBeams:
+    """A logits processor that makes two beams trade rows and back while fed the same tokens (a, b), X, Y, Z...
+
+    After the prompt the beams are [a] and [b]; both continue with X, [b, X] scoring better,
+    so beam search moves it to row 0 (the cache is reordered); both continue with Y,
+    [a, X, Y] scoring better, so it moves back. Row 0 was fed a, X, Y, Z and row 1 b, X,
+    Y, Z, which are exactly the returned sequences, but row 0 fed X with [b]'s cache.
+    """
+
+    def __init__(self, p: int, tokens: list[int]) -> None:
+        self.p, (self.a, self.b, self.x, self.y, self.z) = p, tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(scores, -1e9)
+        step = input_ids.shape[1] - self.p
+        for r in range(input_ids.shape[0]):
+            if step == 0:
+                out[r, self.a], out[r, self.b] = -1.0, -2.0
+            elif step == 1:
+                out[r, self.x] = -5.0 if int(input_ids[r, -1]) == self.a else -0.1
+            elif step == 2:
+                out[r, self.y] = 0.0 if int(input_ids[r, self.p]) == self.a else -10.0
+            else:
+                out[r, self.z] = 0.0
+        return out
+
+
+@pytest.mark.reliability("bad inputs")
+def test_beams_that_swap_rows_while_fed_the_returned_tokens_are_refused() -> None:
+    """Every row fed exactly the tokens of the returned sequence of its number, yet a row held another beam's cache.
+
+    The tokens alone cannot show it: the split would give [a, X]'s X the routes that X got
+    after [b]. The cache's reorder shows it: refused.
+    """
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    transformers = pytest.importorskip("transformers")
+    model = tiny_hf.build("qwen3_moe")
+    p, new = 4, 5
+    prompt = torch.randint(3, 128, (1, p), generator=torch.Generator().manual_seed(1))
+    swap = _SwapBeams(p, (torch.randperm(120, generator=torch.Generator().manual_seed(1))[:5] + 3).tolist())
+    fed: list[torch.Tensor] = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: fed.append(k["input_ids"].clone()), with_kwargs=True)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(
+                prompt,
+                max_new_tokens=new,
+                num_beams=2,
+                num_return_sequences=2,
+                pad_token_id=0,
+                length_penalty=0.0,
+                logits_processor=transformers.LogitsProcessorList([swap]),
+            )
+        hook.remove()
+        capture = session.routes()
+        assert [f.reshape(-1).tolist() for f in fed[1:]] == out[:, p:-1].T.tolist()  # each row fed its sequence
+        assert out[:, p + 1].tolist() == [swap.x, swap.x] and out[:, p].tolist() == [swap.a, swap.b]
+        with session.capture(), torch.no_grad():
+            model(out)  # the returned sequences in one forward: X after [a], X after [b]
+        truth = session.routes()
+    # the premise: row 0 of decode step 2 (fed X) holds the experts of X after [b], not those of X after [a]
+    x_after_a, x_after_b, row_fed_x = truth.indices[p + 1], truth.indices[p + new + p + 1], capture.indices[2 * p + 2]
+    assert torch.equal(row_fed_x, x_after_b) and not torch.equal(row_fed_x, x_after_a)
+    for given in (dict(sequences=out), {}):
+        with pytest.raises(mr.RoutesValidationError, match=r"moved rows.*reorder_cache.*not even where every row"):
+            mr.split_generation(capture, batch_size=2, prompt_len=p, **given)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_decode_loop_that_selects_cache_rows_is_refused() -> None:
+    """A decode loop of one's own that picks rows of its KV cache between steps (batch_select_indices, as
+    contrastive search does): refused, though its forwards are one prompt forward and one per new token."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    transformers = pytest.importorskip("transformers")
+    model = tiny_hf.build("mixtral")
+    prompt, _ = _prompt()
+    with mr.attach(model) as session:
+        for select in (False, True):
+            cache = transformers.DynamicCache(config=model.config)
+            seq, step = prompt, prompt
+            with session.capture(), torch.no_grad():
+                for _ in range(N - 1):
+                    nxt = model(step, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    if select:  # keep every row, in another order
+                        cache.batch_select_indices(torch.tensor([1, 2, 0]))
+                        seq, nxt = seq[[1, 2, 0]], nxt[[1, 2, 0]]
+                    seq, step = torch.cat([seq, nxt], dim=1), nxt
+            if not select:
+                parts = mr.split_generation(session.routes(), batch_size=B, prompt_len=P, sequences=seq)
+                assert [s.num_tokens for s in parts] == [P + N - 1] * B
+                continue
+            with pytest.raises(mr.RoutesValidationError, match=r"DynamicCache.batch_select_indices, as a contrastive"):
+                mr.split_generation(session.routes(), batch_size=B, prompt_len=P, sequences=seq)
+            assert "batch_select_indices" not in vars(cache)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_sequences_of_another_call_or_order_are_refused() -> None:
+    """sequences= from another generate() over the same prompts, or in another row order: each kept token is
+    checked against the token its row was fed (these used to split without an error)."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture():
+            seq = model.generate(
+                prompt, N, attention_mask=mask, do_sample=True, generator=torch.Generator().manual_seed(1)
+            )
+        capture = session.routes()
+    other = model.generate(prompt, N, attention_mask=mask, do_sample=True, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(seq, other)
+    with pytest.raises(mr.RoutesValidationError, match=r"new tokens in sequences are not the tokens.*another generate"):
+        mr.split_generation(capture, attention_mask=mask, sequences=other)
+    with pytest.raises(mr.RoutesValidationError, match=r"do not hold the prompts.*in another order"):
+        mr.split_generation(capture, attention_mask=mask, sequences=seq[[1, 0, 2]])
+    assert len(mr.split_generation(capture, attention_mask=mask, sequences=seq)) == B
+
+
 def test_hf_generate_from_inputs_embeds_output_without_the_prompt_is_named() -> None:
     """generate(inputs_embeds=...) returns only the new tokens: refused, naming it; with the prompt first it replays."""
     tiny_hf = pytest.importorskip("tests.tiny_hf")

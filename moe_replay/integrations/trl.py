@@ -726,8 +726,8 @@ _CHUNKED_PREFILL = (
 #: Why a beam search or assisted decoding cannot be split per sequence.
 _REORDERED = (
     "routing replay does not support {what} in generate(): {why}, so the rows of a capture do not follow each "
-    "sequence's tokens and cannot be split per sequence (beam search with num_return_sequences=num_beams has the "
-    "row counts of sampling, so nothing later would notice). Sample or decode greedily, or use vLLM"
+    "sequence's tokens and cannot be split per sequence (refused here rather than after the generation has run). "
+    "Sample or decode greedily, or use vLLM"
 )
 
 

@@ -1,0 +1,195 @@
+"""What the forwards of a capture were fed, for :func:`~moe_replay.split_generation` to check.
+
+A capture's rows say which experts each router chose, in call order, and nothing about the
+tokens: rows split per sequence by their order alone go to other tokens wherever the
+decode loop did not keep each sequence in its row (a beam search reorders its hypotheses
+between steps), and nothing in the rows shows it. So while a session captures, one forward
+pre-hook on the model it is attached to keeps the token ids each forward was fed (a copy
+on their device: no host sync per step), and notes a call to a method of the KV cache
+passed to it (``cache``, ``past_key_values``) that moves or copies the cache's rows between
+forwards: ``reorder_cache`` (beam search), ``batch_select_indices`` and
+``batch_repeat_interleave`` (contrastive search). Those methods are watched on the cache
+object itself for the length of the capture, and put back when it ends.
+
+The hook runs once per forward of the model, not per router call. It records nothing in
+code that ``torch.compile`` traces or a CUDA graph captures (no host call sees such a
+forward's replays: the forwards of its rows are unknown too), and the rows of such a capture
+are split by their order alone, unchecked.
+"""
+
+from __future__ import annotations
+
+import operator
+import types
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._torch_compat import graph_capturing
+
+__all__ = ["FeedRecord"]
+
+#: cache methods that move or copy rows between forwards: beam search, contrastive search
+ROW_MOVES = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
+#: the methods of ROW_MOVES that a type has (none for tensors, ints...), by type
+_MOVES_OF: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def _inert(module: nn.Module, args: Any, kwargs: Any) -> None:
+    """The pre-hook a copy of the model gets while a capture runs (deepcopy, pickle): records nothing."""
+    return None
+
+
+class _Forward:
+    """What one forward of the model was fed."""
+
+    __slots__ = ("count", "ids")
+
+    def __init__(self, count: int, ids: torch.Tensor | None) -> None:
+        self.count = count  # tokens fed (rows per router call); -1 where unknown
+        self.ids = ids  # a copy of the ids fed, None where fed embeddings
+
+
+class FeedRecord:
+    """The inputs of each forward of one model during a capture, and any move of its cache's rows."""
+
+    def __init__(self) -> None:
+        self.forwards: list[_Forward] = []
+        #: the first cache method that moved rows during the capture, as ``Class.method``
+        self.moved: str | None = None
+        self._caches: dict[int, tuple[Any, list[tuple[str, Any, Any]]]] = {}
+        self._active = False
+
+    # ------------------------------------------------------------- recording
+    def start(self, model: nn.Module) -> Callable[[], None]:
+        """Record the forwards of ``model`` until the returned function is called."""
+        self._active = True
+        handle = model.register_forward_pre_hook(_FeedHook(self), with_kwargs=True)
+
+        def stop() -> None:
+            handle.remove()
+            self._active = False
+            self._unwatch()
+
+        return stop
+
+    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """One forward of the model: keep its ids, watch its cache (runs once per forward)."""
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() > 0:
+            count, kept = ids.numel(), ids.clone()  # (ids carry no autograd history)
+        else:
+            embeds = kwargs.get("inputs_embeds")
+            count = int(embeds.shape[:-1].numel()) if isinstance(embeds, torch.Tensor) and embeds.dim() > 1 else -1
+            kept = None
+        self.forwards.append(_Forward(count, kept))
+        for value in kwargs.values():  # the cache, under whatever name (cache, past_key_values, cache_params...)
+            kind = type(value)
+            moves = _MOVES_OF.get(kind)
+            if moves is None:
+                moves = _MOVES_OF[kind] = tuple(name for name in ROW_MOVES if callable(getattr(kind, name, None)))
+            if moves:
+                seen = self._caches.get(id(value))
+                if seen is None or seen[0]() is not value:
+                    self._watch(value, moves)
+
+    def _watch(self, cache: Any, names: tuple[str, ...]) -> None:
+        """Note calls of ``cache``'s row-moving methods ``names`` while this capture runs."""
+        try:
+            ref = weakref.ref(cache)
+            own = vars(cache)
+        except TypeError:  # no weak reference or no instance dict: its moves cannot be watched
+            return
+        record = weakref.ref(self)
+        patched = []
+        for name in names:
+            before = own.get(name)
+            method = types.MethodType(_noting(record, name, before), cache)
+            own[name] = method
+            patched.append((name, method, before))
+        self._caches[id(cache)] = (ref, patched)
+
+    def _unwatch(self) -> None:
+        """Put back every cache method this record watches (where nothing replaced it since)."""
+        for ref, patched in self._caches.values():
+            cache = ref()
+            if cache is None:
+                continue
+            own = vars(cache)
+            for name, method, before in patched:
+                if own.get(name) is method:
+                    if before is None:
+                        del own[name]
+                    else:
+                        own[name] = before
+        self._caches.clear()
+
+    # ------------------------------------------------------------- reading
+    def rows(self, calls: tuple[tuple[int, int], ...] | None) -> torch.Tensor | None:
+        """The token id fed at each row of a capture whose router calls were ``calls``.
+
+        A host tensor of one id per row (-1 where not known: a forward fed embeddings), or
+        None where the forwards do not line up with the router calls (unknown calls, forwards
+        in compiled code, a router called more than once per forward, forwards of another
+        model).
+        """
+        if calls is None:
+            return None
+        sizes = [n for n, c in calls for _ in range(c)]
+        fed = [f for f in self.forwards if f.count]
+        if [f.count for f in fed] != sizes:
+            return None
+        return _flat([f.ids for f in fed], sizes, torch.long)
+
+
+def _noting(record: weakref.ref[FeedRecord], name: str, before: Any) -> Callable[..., Any]:
+    """A cache method that notes its call in ``record`` (while it captures), then runs as before."""
+
+    def method(cache: Any, *args: Any, **kwargs: Any) -> Any:
+        rec = record()
+        if rec is not None and rec._active and rec.moved is None:
+            rec.moved = f"{type(cache).__name__}.{name}"
+        if before is not None:
+            return before(*args, **kwargs)
+        return getattr(type(cache), name)(cache, *args, **kwargs)
+
+    return method
+
+
+def _flat(parts: list[torch.Tensor | None], sizes: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+    """``parts`` flattened into one host tensor of ``sum(sizes)`` values, -1 for a missing part; None if all are."""
+    known = [p for p in parts if p is not None]
+    if not known:
+        return None
+    device = known[0].device
+    flat = torch.cat(
+        [
+            p.reshape(-1).to(device, dtype) if p is not None else torch.full((n,), -1, dtype=dtype, device=device)
+            for p, n in zip(parts, sizes, strict=True)
+        ]
+    )
+    return flat.cpu()  # one copy to the host
+
+
+class _FeedHook:
+    """The forward pre-hook of the model while a capture runs; a copy of the model gets an inert one."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: FeedRecord) -> None:
+        self.record = record
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if torch.compiler.is_compiling() or graph_capturing():  # (nothing baked into a graph's every replay)
+            return None
+        self.record.fed(args, kwargs)
+        return None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
+        return _inert
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (operator.itemgetter(0), ((_inert,),))
