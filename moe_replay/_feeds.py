@@ -4,12 +4,17 @@ A capture's rows say which experts each router chose, in call order, and nothing
 tokens: rows split per sequence by their order alone go to other tokens wherever the
 decode loop did not keep each sequence in its row (a beam search reorders its hypotheses
 between steps), and nothing in the rows shows it. So while a session captures, one forward
-pre-hook on the model it is attached to keeps the token ids each forward was fed (a copy
-on their device: no host sync per step), and notes a call to a method of the KV cache
-passed to it (``cache``, ``past_key_values``) that moves or copies the cache's rows between
-forwards: ``reorder_cache`` (beam search), ``batch_select_indices`` and
-``batch_repeat_interleave`` (contrastive search). Those methods are watched on the cache
-object itself for the length of the capture, and put back when it ends.
+pre-hook on the model it is attached to keeps, per forward:
+
+* the token ids it was fed (a copy on their device: no host sync per step);
+* the attention mask of the tokens fed, where the forward fed more than one token per
+  sequence (the prompt forward of ``generate()``);
+
+and notes a call to a method of the KV cache passed to it (``cache``, ``past_key_values``)
+that moves or copies the cache's rows between forwards: ``reorder_cache`` (beam search),
+``batch_select_indices`` and ``batch_repeat_interleave`` (contrastive search). Those methods
+are watched on the cache object itself for the length of the capture, and put back when it
+ends.
 
 The hook runs once per forward of the model, not per router call. It records nothing in
 code that ``torch.compile`` traces or a CUDA graph captures (no host call sees such a
@@ -46,11 +51,12 @@ def _inert(module: nn.Module, args: Any, kwargs: Any) -> None:
 class _Forward:
     """What one forward of the model was fed."""
 
-    __slots__ = ("count", "ids")
+    __slots__ = ("count", "ids", "mask")
 
-    def __init__(self, count: int, ids: torch.Tensor | None) -> None:
+    def __init__(self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None) -> None:
         self.count = count  # tokens fed (rows per router call); -1 where unknown
         self.ids = ids  # a copy of the ids fed, None where fed embeddings
+        self.mask = mask  # a copy of the attention mask of the tokens fed, or None
 
 
 class FeedRecord:
@@ -77,7 +83,7 @@ class FeedRecord:
         return stop
 
     def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """One forward of the model: keep its ids, watch its cache (runs once per forward)."""
+        """One forward of the model: keep its ids and prompt mask, watch its cache (runs once per forward)."""
         ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() > 0:
             count, kept = ids.numel(), ids.clone()  # (ids carry no autograd history)
@@ -85,7 +91,20 @@ class FeedRecord:
             embeds = kwargs.get("inputs_embeds")
             count = int(embeds.shape[:-1].numel()) if isinstance(embeds, torch.Tensor) and embeds.dim() > 1 else -1
             kept = None
-        self.forwards.append(_Forward(count, kept))
+        mask = kwargs.get("attention_mask")
+        width = kept.shape[-1] if kept is not None and kept.dim() == 2 else 0
+        if (
+            width > 1
+            and isinstance(mask, torch.Tensor)
+            and not mask.is_floating_point()  # (an additive float mask holds no 0/1)
+            and mask.dim() == 2
+            and mask.shape[0] == kept.shape[0]  # type: ignore[union-attr]
+            and mask.shape[1] >= width
+        ):
+            mask = mask[:, -width:] != 0  # (a copy)
+        else:
+            mask = None
+        self.forwards.append(_Forward(count, kept, mask))
         for value in kwargs.values():  # the cache, under whatever name (cache, past_key_values, cache_params...)
             kind = type(value)
             moves = _MOVES_OF.get(kind)
@@ -128,21 +147,21 @@ class FeedRecord:
         self._caches.clear()
 
     # ------------------------------------------------------------- reading
-    def rows(self, calls: tuple[tuple[int, int], ...] | None) -> torch.Tensor | None:
-        """The token id fed at each row of a capture whose router calls were ``calls``.
+    def rows(self, calls: tuple[tuple[int, int], ...] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The token id and prompt-mask value fed at each row of a capture whose router calls were ``calls``.
 
-        A host tensor of one id per row (-1 where not known: a forward fed embeddings), or
-        None where the forwards do not line up with the router calls (unknown calls, forwards
-        in compiled code, a router called more than once per forward, forwards of another
-        model).
+        Two host tensors of one value per row (-1 where not known: a forward fed embeddings,
+        or no prompt mask), or ``(None, None)`` where the forwards do not line up with the
+        router calls (unknown calls, forwards in compiled code, a router called more than
+        once per forward, forwards of another model).
         """
         if calls is None:
-            return None
+            return None, None
         sizes = [n for n, c in calls for _ in range(c)]
         fed = [f for f in self.forwards if f.count]
         if [f.count for f in fed] != sizes:
-            return None
-        return _flat([f.ids for f in fed], sizes, torch.long)
+            return None, None
+        return _flat([f.ids for f in fed], sizes, torch.long), _flat([f.mask for f in fed], sizes, torch.int8)
 
 
 def _noting(record: weakref.ref[FeedRecord], name: str, before: Any) -> Callable[..., Any]:

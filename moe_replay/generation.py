@@ -20,8 +20,9 @@ padding, are dropped (or marked -1 with ``keep_padding=True``).
 
 The routes of a capture also remember what the model's forwards were fed, and
 :func:`split_generation` refuses what would give tokens the routes of others: a capture
-during which the KV cache moved rows between forwards (beam search), and ``sequences``
-whose tokens are not those their rows were fed.
+during which the KV cache moved rows between forwards (beam search), a prompt mask other
+than the one ``generate()`` ran with, and ``sequences`` whose tokens are not those their
+rows were fed.
 
 Example:
     >>> import torch, moe_replay as mr
@@ -294,6 +295,56 @@ def _check_moves(routes: Routes) -> None:
     )
 
 
+def _check_prompt_mask(
+    routes: Routes,
+    prompt_mask: torch.Tensor,
+    attention_mask: object,
+    prompt_lengths: Sequence[int] | torch.Tensor | None,
+    padding_side: str,
+) -> None:
+    """Refuse a prompt mask other than the one ``generate()``'s prompt forward ran with, where it was recorded.
+
+    A mask of padding on the wrong side, of another batch, or none for a padded batch would
+    give prompt tokens the rows of padding, and drop rows of real tokens.
+    """
+    fed = routes._fed_mask
+    b, p = prompt_mask.shape
+    if fed is None or b * p == 0:
+        return
+    ran = fed[: b * p].view(b, p)
+    known = ran >= 0
+    differ = known & (ran.bool() != prompt_mask)
+    if not bool(differ.any()):
+        return
+    i, j = (int(v) for v in differ.nonzero()[0])
+    if attention_mask is not None:
+        given = "attention_mask"
+        hint = (
+            "pass the attention_mask generate() was given (with num_return_sequences=n, "
+            "attention_mask.repeat_interleave(n, dim=0): each prompt repeated in place)"
+        )
+    elif prompt_lengths is not None:
+        given = f"prompt_lengths with padding_side={padding_side!r}"
+        side = "right" if padding_side == "left" else "left"
+        other = _prompt_mask(b, p, None, prompt_lengths, side)
+        fits = not bool((known & (ran.bool() != other)).any())
+        hint = (
+            f"the prompts were padded on the {side}: pass padding_side={side!r}"
+            if fits
+            else "pass the attention_mask generate() was given"
+        )
+    else:
+        given = "none given: every prompt position a token"
+        hint = "generate() ran with padding: pass the attention_mask it was given"
+    say = {True: "a token", False: "padding"}
+    raise RoutesValidationError(
+        f"the prompt mask ({given}) is not the attention mask generate()'s prompt forward ran with: "
+        f"{int(differ.sum())} of the {b}x{p} prompt positions differ (first: sequence {i}, position {j} is "
+        f"{say[bool(prompt_mask[i, j])]} here but was {say[bool(ran[i, j])]} there), so the split would give prompt "
+        f"tokens the rows of padding and drop rows of real tokens: {hint}"
+    )
+
+
 def _check_tokens(routes: Routes, sequences: torch.Tensor, grid: torch.Tensor, keep: torch.Tensor, p: int) -> None:
     """Refuse ``sequences`` whose tokens are not those the rows given to them were fed, where those were recorded."""
     fed = routes._fed_ids
@@ -360,12 +411,13 @@ def split_generation(
     ``generate(num_beams=n, num_return_sequences=n)`` gives exactly the row counts of ``n``
     sampled sequences per prompt, so the row counts cannot tell it apart; what the forwards
     were fed can. The routes that :meth:`~moe_replay.Session.routes` returns also remember
-    the token ids each forward was fed, and whether the KV cache passed to the model moved
-    rows between forwards (``reorder_cache``, as beam search does;
-    ``batch_select_indices`` or ``batch_repeat_interleave``, as contrastive search does).
-    A capture during which the cache moved rows is refused; given ``sequences``, each
-    token must be the one its row was fed (sequences of another call, or in another
-    order, are refused). Sample or decode greedily when
+    the token ids each forward was fed, the attention mask of its prompt forward, and
+    whether the KV cache passed to the model moved rows between forwards
+    (``reorder_cache``, as beam search does; ``batch_select_indices`` or
+    ``batch_repeat_interleave``, as contrastive search does). A capture during which the
+    cache moved rows is refused, as is a prompt mask other than the one ``generate()`` ran
+    with; given ``sequences``, each token must be the one its row was fed (sequences of
+    another call, or in another order, are refused). Sample or decode greedily when
     capturing a rollout, and pass ``sequences``: a decode loop of your own that moves rows
     through a cache without those methods shows only in the tokens.
 
@@ -399,8 +451,8 @@ def split_generation(
     Raises:
         RoutesValidationError: the row count does not fit ``B``, ``P`` and ``N``; the
             capture's forwards are not one prompt forward then one per new token; the KV
-            cache moved rows between forwards (beam search); or ``sequences`` hold other
-            tokens than their rows were fed.
+            cache moved rows between forwards (beam search); ``sequences`` hold other
+            tokens than their rows were fed; or the prompt mask is not ``generate()``'s.
         InvalidArgumentError: the arguments disagree on ``B`` (a prompt mask not repeated
             for ``num_return_sequences``).
 
@@ -478,6 +530,7 @@ def split_generation(
         raise RoutesValidationError(f"new_tokens={new_tokens}, but the capture holds {n - 1} decode steps")
 
     prompt_mask = _prompt_mask(b, p, attention_mask, prompt_lengths, padding_side)
+    _check_prompt_mask(routes, prompt_mask, attention_mask, prompt_lengths, padding_side)
     if lengths is None:
         if eos_token_id is not None and sequences is None:
             raise InvalidArgumentError("eos_token_id needs sequences to find where each sequence stopped")

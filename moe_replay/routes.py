@@ -289,6 +289,7 @@ class Routes:
         self._call_rows: tuple[tuple[int, int], ...] | None = None
         self._dropped_rows = 0
         self._fed_ids: torch.Tensor | None = None
+        self._fed_mask: torch.Tensor | None = None
         self._rows_moved: str | None = None
 
     # ------------------------------------------------------------------ shape
@@ -530,9 +531,11 @@ class Routes:
         #: rows per router (at most) that a keep_newest capture dropped before the first it holds,
         #: set by Session.routes() only: such rows no longer start at a forward (split_generation refuses them)
         obj._dropped_rows = 0
-        #: set by Session.routes() only: the token id each row's forward fed it (-1 where unknown), and
-        #: the cache method that moved rows between forwards, if one did (split_generation checks them)
+        #: set by Session.routes() only, one value per row: the token id its forward was fed, and the
+        #: attention mask of a forward that fed several tokens per sequence (-1 where unknown); and the
+        #: cache method that moved rows between forwards, if one did (split_generation checks them)
         obj._fed_ids = None
+        obj._fed_mask = None
         obj._rows_moved = None
         return obj
 

@@ -789,9 +789,10 @@ class Session:
         Inside :meth:`replay`, a capture records the forced experts.
 
         Once per forward of the model (not per router call), a capture also keeps a copy of
-        the token ids fed, on their device, and watches the KV cache given to the model for
-        calls that move its rows (beam search's ``reorder_cache``):
-        :func:`~moe_replay.split_generation` checks a ``generate()`` capture against them.
+        the token ids fed, on their device, and the attention mask of a prompt forward, and
+        watches the KV cache given to the model for calls that move its rows (beam search's
+        ``reorder_cache``): :func:`~moe_replay.split_generation` checks a ``generate()``
+        capture against them.
 
         An exception that leaves the block ends the capture. The rows written before it
         stay in the rings (nothing is rewound: the routers that ran in the failed forward
@@ -1040,7 +1041,7 @@ class Session:
         calls = {r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)}
         routes._call_rows = calls.pop() if len(calls) == 1 else None
         if self._feeds is not None:  # what each row's forward was fed, where the forwards line up with the rows
-            routes._fed_ids = self._feeds.rows(routes._call_rows)
+            routes._fed_ids, routes._fed_mask = self._feeds.rows(routes._call_rows)
             routes._rows_moved = self._feeds.moved
         if self.keep_newest:  # a ring that wrapped holds its newest rows only
             routes._dropped_rows = max(

@@ -464,6 +464,30 @@ def test_sequences_of_another_call_or_order_are_refused() -> None:
     assert len(mr.split_generation(capture, attention_mask=mask, sequences=seq)) == B
 
 
+@pytest.mark.reliability("bad inputs")
+def test_a_prompt_mask_other_than_generates_is_refused() -> None:
+    """Prompt lengths padded on the wrong side, no mask for a padded batch, another batch's mask: each would
+    give prompt tokens the rows of padding (they used to split without an error). The mask that generate()'s
+    prompt forward ran with is recorded, and any other is refused, naming the fix."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt, mask = _prompt()
+    lengths = mask.sum(dim=1)
+    with mr.attach(model) as session:
+        with session.capture():
+            seq = model.generate(prompt, N, attention_mask=mask)
+        capture = session.routes()
+    with pytest.raises(
+        mr.RoutesValidationError, match=r"padding_side='right'.*padded on the left: pass padding_side='left'"
+    ):
+        mr.split_generation(capture, prompt_lengths=lengths, prompt_len=P, padding_side="right", sequences=seq)
+    with pytest.raises(mr.RoutesValidationError, match=r"none given.*generate\(\) ran with padding"):
+        mr.split_generation(capture, batch_size=B, prompt_len=P, sequences=seq)
+    with pytest.raises(mr.RoutesValidationError, match=r"\(attention_mask\) is not the attention mask"):
+        mr.split_generation(capture, attention_mask=mask.flip(0), sequences=seq)
+    left = mr.split_generation(capture, prompt_lengths=lengths, prompt_len=P, sequences=seq)
+    assert all(a.equal(b) for a, b in zip(left, mr.split_generation(capture, attention_mask=mask), strict=True))
+
+
 def test_hf_generate_from_inputs_embeds_output_without_the_prompt_is_named() -> None:
     """generate(inputs_embeds=...) returns only the new tokens: refused, naming it; with the prompt first it replays."""
     tiny_hf = pytest.importorskip("tests.tiny_hf")
