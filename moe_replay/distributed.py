@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -44,7 +45,9 @@ def split_routes(routes: Routes, tokens: Sequence[int]) -> list[Routes]:
         >>> [p.num_tokens for p in mr.distributed.split_routes(r, [2, 3])]
         [2, 3]
     """
-    sizes = [check_count(t, f"split size {i}") for i, t in enumerate(tokens)]
+    if not isinstance(routes, Routes):
+        raise ArgumentTypeError(f"split_routes takes Routes, got {type(routes).__name__}")
+    sizes = [check_count(t, f"split size {i}") for i, t in enumerate(_ordered(tokens, "split_routes sizes"))]
     if sum(sizes) != routes.num_tokens:
         raise InvalidArgumentError(f"split sizes {sizes} must add up to the {routes.num_tokens} tokens")
     out, start = [], 0
@@ -52,6 +55,23 @@ def split_routes(routes: Routes, tokens: Sequence[int]) -> list[Routes]:
         out.append(routes[start : start + t])
         start += t
     return out
+
+
+def _ordered(values: Sequence[int], what: str) -> Sequence[int]:
+    """``values`` if they come in an order (a list, tuple, 1-D tensor or array), else a clear error.
+
+    A set or a mapping iterates in an order of its own (``{3, 2}`` gives 2 first), which would
+    cut the parts in the wrong sizes without a word.
+    """
+    if isinstance(values, torch.Tensor | np.ndarray):
+        if values.ndim != 1:
+            raise InvalidArgumentError(f"{what} must be 1-D, one size per part; got shape {tuple(values.shape)}")
+        return values.tolist()
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise ArgumentTypeError(
+            f"{what} must be one size per part, in order (a list, a tuple or a 1-D tensor), got {type(values).__name__}"
+        )
+    return values
 
 
 def _check_initialized(what: str) -> None:

@@ -30,6 +30,26 @@ def test_split_routes_checks_sizes() -> None:
         mr.distributed.split_routes(routes, [2.9, 3])  # not cut to [2, 3]
 
 
+def test_split_routes_refuses_sizes_without_an_order_and_what_is_not_routes() -> None:
+    import numpy as np
+
+    import moe_replay as mr
+
+    routes = mr.Routes([torch.arange(5).reshape(5, 1)], names=["gate"], num_experts=8)
+    # a set iterates in an order of its own ({3, 2} gives 2 first): the parts would be cut in other sizes
+    with pytest.raises(mr.ArgumentTypeError, match="in order"):
+        mr.distributed.split_routes(routes, {3, 2})
+    with pytest.raises(mr.ArgumentTypeError, match="in order"):
+        mr.distributed.split_routes(routes, 5)
+    with pytest.raises(mr.InvalidArgumentError, match="1-D"):
+        mr.distributed.split_routes(routes, torch.tensor([[3, 2]]))
+    with pytest.raises(mr.ArgumentTypeError, match="takes Routes"):
+        mr.distributed.split_routes(routes.per_layer()[0], [3, 2])
+    for sizes in ([3, 2], (3, 2), torch.tensor([3, 2]), np.array([3, 2])):
+        parts = mr.distributed.split_routes(routes, sizes)
+        assert [p.layer("gate").flatten().tolist() for p in parts] == [[0, 1, 2], [3, 4]]
+
+
 @pytest.mark.parametrize("collective", ["gather_routes", "scatter_routes"])
 def test_collectives_without_a_process_group_say_to_initialize_one(collective: str) -> None:
     import moe_replay as mr
