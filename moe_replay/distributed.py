@@ -85,14 +85,47 @@ def _check_initialized(what: str) -> None:
         )
 
 
-def _check_peer(rank: object, group: dist.ProcessGroup | None, what: str) -> int:
-    """``rank`` as the global rank of a member of ``group`` (every rank passes the same value, so all raise)."""
-    ranks = dist.get_process_group_ranks(group)
-    if not is_integer(rank) or int(rank) not in ranks:  # type: ignore[arg-type]
+def _members(group: dist.ProcessGroup | None, what: str) -> list[int]:
+    """The global ranks of ``group``, in group-rank order; refuse a group this process is not in.
+
+    A process outside the group takes no part in its collectives (torch skips them there): it
+    is refused on its own, and the members go on without it.
+    """
+    outside = group is dist.GroupMember.NON_GROUP_MEMBER
+    if not outside and group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ArgumentTypeError(f"{what} takes group=None or a torch.distributed ProcessGroup, got {group!r:.60}")
+    if outside or dist.get_rank(group) < 0:
         raise InvalidArgumentError(
-            f"{what}={rank!r} is not a rank of the group; give the global rank of one of its members {ranks}"
+            f"{what}: this process (global rank {dist.get_rank()}) is not a member of the group (dist.new_group "
+            "gives the processes left out a placeholder): call it only on the group's ranks"
         )
-    return int(rank)  # type: ignore[arg-type]
+    return dist.get_process_group_ranks(group)
+
+
+def _peer(rank: object, ranks: Sequence[int]) -> int:
+    """``rank`` as the global rank of a member of the group, or -1 (refused after the ranks compared theirs)."""
+    return int(rank) if is_integer(rank) and int(rank) in ranks else -1  # type: ignore[arg-type]
+
+
+def _check_peers(mine: object, peers: Sequence[int], ranks: Sequence[int], what: str, name: str) -> int:
+    """Refuse, on every rank, a ``name`` (``dst``/``src``) that is no member's rank or that the ranks disagree on.
+
+    ``peers`` holds what each rank of the group passed (:func:`_peer`), as every rank received it,
+    so every rank raises, where a collective with two roots would leave them all waiting.
+    """
+    if _peer(mine, ranks) < 0:
+        raise InvalidArgumentError(
+            f"{name}={mine!r} is not a rank of the group; give the global rank of one of its members {ranks}"
+        )
+    bad = [r for r, p in enumerate(peers) if p < 0]
+    if bad:
+        raise InvalidArgumentError(f"{what}: group rank(s) {bad} passed a {name} that is not a rank of the group")
+    if len(set(peers)) != 1:
+        raise InvalidArgumentError(
+            f"{what}: the ranks passed different {name} values {list(peers)} (by group rank); every rank of the "
+            f"group must pass the same {name}"
+        )
+    return int(mine)  # type: ignore[arg-type]
 
 
 def _device(group: dist.ProcessGroup | None) -> torch.device:
@@ -130,7 +163,8 @@ def _unpack(flat: torch.Tensor, tokens: Sequence[int], like: Routes, validated: 
 def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None = None) -> list[Routes] | None:
     """Collect every rank's routes on rank ``dst``.
 
-    Every rank of ``group`` must call it. Ranks may hold different token counts.
+    Every rank of ``group`` must call it, with the same ``dst``. Ranks may hold different
+    token counts.
 
     Returns:
         On ``dst``: one :class:`Routes` per rank of the group, in rank order. Elsewhere: None.
@@ -138,18 +172,19 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
     Raises:
         RoutesValidationError: on every rank, when the ranks' routes are for different routers.
         ArgumentTypeError: on every rank, when a rank passed something else than Routes.
-        InvalidArgumentError: ``dst`` is not a rank of the group.
+        InvalidArgumentError: on every rank, when a rank's ``dst`` is not a rank of the group or
+            the ranks passed different ones; on this rank alone, when it is not in ``group``.
         SessionStateError: no process group was initialized.
     """
     _check_initialized("gather_routes")
-    dst = _check_peer(dst, group, "dst")
+    ranks = _members(group, "gather_routes")
     device = _device(group)
-    world = dist.get_world_size(group)
+    world = len(ranks)
     ok = isinstance(routes, Routes)
     # a header of the same size on every rank, whatever it holds: a rank that cannot take part says so here,
     # and every rank raises, instead of one raising while the others wait in a collective
     fixed = [1, *_fingerprint_words(routes), routes.num_layers, int(routes._validated)] if ok else [0] * 5
-    header = torch.tensor(fixed, dtype=torch.int64, device=device)
+    header = torch.tensor([*fixed, _peer(dst, ranks)], dtype=torch.int64, device=device)
     headers = [torch.empty_like(header) for _ in range(world)]
     dist.all_gather(headers, header, group=group)
     rows = [h.tolist() for h in headers]
@@ -158,6 +193,7 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
     failed = [r for r, h in enumerate(rows) if not h[0]]
     if failed:
         raise ArgumentTypeError(f"gather_routes: group rank(s) {failed} passed something else than Routes")
+    dst = _check_peers(dst, [h[5] for h in rows], ranks, "gather_routes", "dst")
     if len({tuple(h[1:4]) for h in rows}) != 1:
         raise RoutesValidationError(
             "the ranks hold routes of different router sets (names, expert counts or k differ): every rank "
@@ -205,8 +241,9 @@ def _scatter_refusal(parts: Sequence[Routes] | None, world: int) -> int:
 def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.ProcessGroup | None = None) -> Routes:
     """Send rank ``i`` of the group ``parts[i]`` from rank ``src``; the inverse of :func:`gather_routes`.
 
-    Every rank of ``group`` must call it; only ``src`` passes ``parts`` (one per rank; other
-    ranks pass None). Use :func:`split_routes` to cut one global batch into the parts.
+    Every rank of ``group`` must call it, with the same ``src``; only ``src`` passes ``parts``
+    (one per rank; other ranks pass None). Use :func:`split_routes` to cut one global batch into
+    the parts.
 
     Returns:
         This rank's routes.
@@ -214,14 +251,16 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
     Raises:
         InvalidArgumentError, ArgumentTypeError, RoutesValidationError: on every rank, when
             the source rank's ``parts`` are not one Routes per rank of the same routers.
-        InvalidArgumentError: ``src`` is not a rank of the group.
+        InvalidArgumentError: on every rank, when a rank's ``src`` is not a rank of the group or
+            the ranks passed different ones; on this rank alone, when it is not in ``group``.
         SessionStateError: no process group was initialized.
     """
     _check_initialized("scatter_routes")
-    src = _check_peer(src, group, "src")
+    ranks = _members(group, "scatter_routes")
     device = _device(group)
-    world = dist.get_world_size(group)
-    is_src = dist.get_rank() == src
+    world = len(ranks)
+    root = _peer(src, ranks)
+    is_src = root >= 0 and dist.get_rank() == root
     meta: list[int] = [0, 0, 0, 0]
     if is_src:
         refused = _scatter_refusal(parts, world)
@@ -236,10 +275,14 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
             meta += [int(p._validated) for p in parts]
             for p in parts:
                 meta += list(p.tokens_per_layer)
-    # broadcast the layout: whether the source refused, router count and names length first, then the rest
-    head = torch.tensor(meta[:4], dtype=torch.int64, device=device)
-    dist.broadcast(head, src=src, group=group)
-    refused, layers, name_bytes, wide = (int(v) for v in head.tolist())
+    # every rank says which rank it takes for the source (all must agree before a broadcast from it), and
+    # the source its layout: whether it refused, router count, names length, index width
+    head = torch.tensor([root, *meta[:4]], dtype=torch.int64, device=device)
+    heads = [torch.empty_like(head) for _ in range(world)]
+    dist.all_gather(heads, head, group=group)
+    rows = [h.tolist() for h in heads]
+    src = _check_peers(src, [h[0] for h in rows], ranks, "scatter_routes", "src")
+    refused, layers, name_bytes, wide = rows[ranks.index(src)][1:]
     if refused:
         cls, text = _SCATTER_REFUSALS[refused]
         raise cls(text.format(world=world, src=src))

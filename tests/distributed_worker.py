@@ -10,6 +10,7 @@ Every rank prints one line "rank R: ... ok"; any failure raises on the rank that
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import re
 from collections.abc import Callable
@@ -121,6 +122,8 @@ def run_checks(rank: int, world: int, device: torch.device) -> None:
     print(f"rank {rank}: DDP and FSDP2 capture/replay, gather/split/scatter of routes ok ({device})", flush=True)
     check_refusals(rank, world, model, session)
     print(f"rank {rank}: bad inputs to gather/scatter refused on every rank ({device})", flush=True)
+    check_group_refusals(rank, world)
+    print(f"rank {rank}: groups this rank is not in and disagreeing roots refused ({device})", flush=True)
 
 
 def _raises(error: type[Exception], match: str, call: Callable[[], object]) -> None:
@@ -164,10 +167,35 @@ def check_refusals(rank: int, world: int, model: torch.nn.Module, session: mr.Se
     _raises(mr.RoutesValidationError, "repeats an expert", replay)
 
 
+def check_group_refusals(rank: int, world: int) -> None:
+    """A group this process is not in, or ranks that disagree on the root: refused, never left waiting."""
+    a = mr.Routes([torch.zeros(3 + rank, 1, dtype=torch.long)] * 2, names=["a", "b"], num_experts=4)
+    # a process outside the group is refused on its own (torch would skip the collective there), the members
+    # go on without it; something else than a group is refused before any collective
+    last = dist.new_group([world - 1])
+    if rank == world - 1:
+        got = gather_routes(a, dst=rank, group=last)
+        assert got is not None and got[0].equal(a) and scatter_routes(got, src=rank, group=last).equal(a)
+    else:
+        _raises(mr.InvalidArgumentError, "not a member of the group", lambda: gather_routes(a, group=last))
+        _raises(mr.InvalidArgumentError, "not a member of the group", lambda: scatter_routes(None, group=last))
+    _raises(mr.ArgumentTypeError, "ProcessGroup", lambda: gather_routes(a, group="world"))  # type: ignore[arg-type]
+    if world > 1:
+        # ranks that disagree on the root, or one that names no member, are refused on every rank instead
+        # of waiting for each other in a collective with two roots
+        _raises(mr.InvalidArgumentError, "different dst", lambda: gather_routes(a, dst=rank))
+        _raises(mr.InvalidArgumentError, "different src", lambda: scatter_routes([a] * world, src=rank))
+        _raises(mr.InvalidArgumentError, "dst", lambda: gather_routes(a, dst=99 if rank else 0))
+        _raises(mr.InvalidArgumentError, "src", lambda: scatter_routes([a] * world, src=0 if rank else 99))
+    assert scatter_routes(gather_routes(a)).equal(a), "the group is usable after the refusals"
+
+
 def spawned(rank: int, world: int, init_method: str) -> None:
     """Entry point for torch.multiprocessing.spawn (CPU, gloo)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    # a rank left waiting in a collective fails the test within a minute, not gloo's default half hour
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     try:
         run_checks(rank, world, torch.device("cpu"))
     finally:
