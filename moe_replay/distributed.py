@@ -150,6 +150,25 @@ def _pack(routes: Routes, device: torch.device) -> torch.Tensor:
     return torch.cat(flat).to(device) if flat else torch.empty(0, dtype=dtype, device=device)
 
 
+def _calls(routes: Routes) -> tuple[int, list[int]]:
+    """What a capture knows of its forwards: its count of ``(rows, calls)`` runs (-1: none known), the runs flat.
+
+    :meth:`Session.routes` records them and :func:`~moe_replay.split_generation` checks them (and
+    the rows a ``keep_newest`` capture dropped); routes sent to another rank are the same capture,
+    so they travel with the rows and :func:`_restore` puts them back.
+    """
+    calls = routes._call_rows
+    return (-1, []) if calls is None else (len(calls), [int(v) for run in calls for v in run])
+
+
+def _restore(routes: Routes, runs: int, flat: Sequence[int], dropped: int) -> Routes:
+    """Routes received from another rank, with its capture's forwards and dropped rows (see :func:`_calls`)."""
+    if runs >= 0:
+        routes._call_rows = tuple((int(flat[2 * i]), int(flat[2 * i + 1])) for i in range(runs))
+    routes._dropped_rows = int(dropped)
+    return routes
+
+
 def _unpack(flat: torch.Tensor, tokens: Sequence[int], like: Routes, validated: bool) -> Routes:
     data, start = [], 0
     for t, k in zip(tokens, like.k_per_layer, strict=True):
@@ -164,7 +183,8 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
     """Collect every rank's routes on rank ``dst``.
 
     Every rank of ``group`` must call it, with the same ``dst``. Ranks may hold different
-    token counts.
+    token counts. What a capture knows of its forwards (which
+    :func:`~moe_replay.split_generation` checks) comes along with its rows.
 
     Returns:
         On ``dst``: one :class:`Routes` per rank of the group, in rank order. Elsewhere: None.
@@ -181,9 +201,14 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
     device = _device(group)
     world = len(ranks)
     ok = isinstance(routes, Routes)
+    runs, calls = _calls(routes) if ok else (-1, [])
     # a header of the same size on every rank, whatever it holds: a rank that cannot take part says so here,
     # and every rank raises, instead of one raising while the others wait in a collective
-    fixed = [1, *_fingerprint_words(routes), routes.num_layers, int(routes._validated)] if ok else [0] * 5
+    fixed = (
+        [1, *_fingerprint_words(routes), routes.num_layers, int(routes._validated), routes._dropped_rows, runs]
+        if ok
+        else [0] * 7
+    )
     header = torch.tensor([*fixed, _peer(dst, ranks)], dtype=torch.int64, device=device)
     headers = [torch.empty_like(header) for _ in range(world)]
     dist.all_gather(headers, header, group=group)
@@ -193,17 +218,23 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
     failed = [r for r, h in enumerate(rows) if not h[0]]
     if failed:
         raise ArgumentTypeError(f"gather_routes: group rank(s) {failed} passed something else than Routes")
-    dst = _check_peers(dst, [h[5] for h in rows], ranks, "gather_routes", "dst")
+    dst = _check_peers(dst, [h[7] for h in rows], ranks, "gather_routes", "dst")
     if len({tuple(h[1:4]) for h in rows}) != 1:
         raise RoutesValidationError(
             "the ranks hold routes of different router sets (names, expert counts or k differ): every rank "
             f"must capture with the same model; this rank's routes: {routes!r}"
         )
-    mine_tokens = torch.tensor(routes.tokens_per_layer, dtype=torch.int64, device=device)
-    all_tokens = [torch.empty_like(mine_tokens) for _ in range(world)]
-    if routes.num_layers:
-        dist.all_gather(all_tokens, mine_tokens, group=group)
-    tokens = [t.tolist() for t in all_tokens]
+    # every rank's row counts per router, then its capture's forwards (padded to the most any rank has)
+    most = max(max(h[6], 0) for h in rows)
+    sizes = torch.tensor(
+        [*routes.tokens_per_layer, *calls, *[0] * (2 * most - len(calls))], dtype=torch.int64, device=device
+    )
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    if sizes.numel():
+        dist.all_gather(all_sizes, sizes, group=group)
+    got = [t.tolist() for t in all_sizes]
+    layers = routes.num_layers
+    tokens = [g[:layers] for g in got]
     lengths = [sum(t * k for t, k in zip(ts, routes.k_per_layer, strict=True)) for ts in tokens]
     longest = max(lengths)
     mine = _pack(routes, device)
@@ -216,7 +247,8 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
         return None
     assert bufs is not None
     return [
-        _unpack(b[:n].cpu(), ts, routes, bool(h[4])) for b, n, ts, h in zip(bufs, lengths, tokens, rows, strict=True)
+        _restore(_unpack(b[:n].cpu(), ts, routes, bool(h[4])), h[6], g[layers:], h[5])
+        for b, n, ts, h, g in zip(bufs, lengths, tokens, rows, got, strict=True)
     ]
 
 
@@ -243,7 +275,7 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
 
     Every rank of ``group`` must call it, with the same ``src``; only ``src`` passes ``parts``
     (one per rank; other ranks pass None). Use :func:`split_routes` to cut one global batch into
-    the parts.
+    the parts. What a capture knows of its forwards comes along with its rows.
 
     Returns:
         This rank's routes.
@@ -261,35 +293,39 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
     world = len(ranks)
     root = _peer(src, ranks)
     is_src = root >= 0 and dist.get_rank() == root
-    meta: list[int] = [0, 0, 0, 0]
+    meta: list[int] = [0, 0, 0, 0, 0]
     if is_src:
         refused = _scatter_refusal(parts, world)
         if refused:
-            meta = [refused, 0, 0, 0]
+            meta = [refused, 0, 0, 0, 0]
         else:
             assert parts is not None
             first = parts[0]
             names = [n.encode() for n in first.names]
+            sent = [_calls(p) for p in parts]
             meta = [0, first.num_layers, sum(len(n) for n in names), int(_wire_dtype(first) == torch.int32)]
+            meta.append(sum(len(flat) for _, flat in sent))
             meta += [*first.experts_per_layer, *first.k_per_layer, *(len(n) for n in names)]
             meta += [int(p._validated) for p in parts]
             for p in parts:
                 meta += list(p.tokens_per_layer)
+            for p, (runs, flat) in zip(parts, sent, strict=True):
+                meta += [p._dropped_rows, runs, *flat]
     # every rank says which rank it takes for the source (all must agree before a broadcast from it), and
-    # the source its layout: whether it refused, router count, names length, index width
-    head = torch.tensor([root, *meta[:4]], dtype=torch.int64, device=device)
+    # the source its layout: whether it refused, router count, names length, index width, forwards' length
+    head = torch.tensor([root, *meta[:5]], dtype=torch.int64, device=device)
     heads = [torch.empty_like(head) for _ in range(world)]
     dist.all_gather(heads, head, group=group)
     rows = [h.tolist() for h in heads]
     src = _check_peers(src, [h[0] for h in rows], ranks, "scatter_routes", "src")
-    refused, layers, name_bytes, wide = rows[ranks.index(src)][1:]
+    refused, layers, name_bytes, wide, flat_len = rows[ranks.index(src)][1:]
     if refused:
         cls, text = _SCATTER_REFUSALS[refused]
         raise cls(text.format(world=world, src=src))
-    body = torch.zeros(3 * layers + world + world * layers, dtype=torch.int64, device=device)
+    body = torch.zeros(3 * layers + world + world * layers + 2 * world + flat_len, dtype=torch.int64, device=device)
     names_t = torch.zeros(name_bytes, dtype=torch.uint8, device=device)
     if is_src:
-        body.copy_(torch.tensor(meta[4:], dtype=torch.int64))
+        body.copy_(torch.tensor(meta[5:], dtype=torch.int64))
         if name_bytes:
             names_t.copy_(torch.frombuffer(bytearray(b"".join(names)), dtype=torch.uint8))
     dist.broadcast(body, src=src, group=group)
@@ -300,6 +336,13 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
     validated = b[3 * layers : 3 * layers + world]
     at = 3 * layers + world
     tokens = [b[at + r * layers : at + (r + 1) * layers] for r in range(world)]
+    at += world * layers
+    forwards = []  # each part's (dropped rows, runs, flat runs)
+    for _ in range(world):
+        dropped, runs = b[at], b[at + 1]
+        n = 2 * max(runs, 0)
+        forwards.append((dropped, runs, b[at + 2 : at + 2 + n]))
+        at += 2 + n
     raw, names_list, start = bytes(names_t.cpu().tolist()), [], 0
     for n in name_lens:
         names_list.append(raw[start : start + n].decode())
@@ -318,4 +361,5 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
             chunks.append(torch.cat([flat, flat.new_zeros(longest - flat.numel())]))
     dist.scatter(out, chunks, src=src, group=group)
     me = dist.get_rank(group)
-    return _unpack(out[: lengths[me]].cpu(), tokens[me], like, bool(validated[me]))
+    dropped, runs, flat = forwards[me]
+    return _restore(_unpack(out[: lengths[me]].cpu(), tokens[me], like, bool(validated[me])), runs, flat, dropped)

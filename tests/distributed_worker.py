@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -124,6 +125,8 @@ def run_checks(rank: int, world: int, device: torch.device) -> None:
     print(f"rank {rank}: bad inputs to gather/scatter refused on every rank ({device})", flush=True)
     check_group_refusals(rank, world)
     print(f"rank {rank}: groups this rank is not in and disagreeing roots refused ({device})", flush=True)
+    check_forwards_travel(rank, model, session)
+    print(f"rank {rank}: a capture's forwards travel with its rows ({device})", flush=True)
 
 
 def _raises(error: type[Exception], match: str, call: Callable[[], object]) -> None:
@@ -188,6 +191,46 @@ def check_group_refusals(rank: int, world: int) -> None:
         _raises(mr.InvalidArgumentError, "dst", lambda: gather_routes(a, dst=99 if rank else 0))
         _raises(mr.InvalidArgumentError, "src", lambda: scatter_routes([a] * world, src=0 if rank else 99))
     assert scatter_routes(gather_routes(a)).equal(a), "the group is usable after the refusals"
+
+
+def _decode(model: torch.nn.Module, ids: torch.Tensor, prefill: int) -> None:
+    """A prefill of ``ids`` in chunks of ``prefill`` positions, then two decode steps of every sequence."""
+    past = None
+    for at in range(0, ids.shape[1], prefill):
+        past = model(ids[:, at : at + prefill], past_key_values=past, use_cache=True).past_key_values
+    for _ in range(2):
+        past = model(ids[:, :1], past_key_values=past, use_cache=True).past_key_values
+
+
+def check_forwards_travel(rank: int, model: torch.nn.Module, session: mr.Session) -> None:
+    """What a capture knows of its forwards (which split_generation checks) crosses ranks with its rows."""
+    ids = _batch(rank, next(model.parameters()).device)[:2, :4]  # 2 sequences of 4 prompt positions
+
+    def trip(routes: mr.Routes) -> list[mr.Routes]:
+        """``routes``, then what scatter gives back of them here, and on rank 0 what gather gave."""
+        parts = gather_routes(routes)
+        return [routes, scatter_routes(parts), *([parts[rank]] if parts is not None else [])]
+
+    split = functools.partial(mr.split_generation, batch_size=2)
+    with session.capture(), torch.no_grad():
+        _decode(model, ids, 4)
+    plain = session.routes()
+    want = split(plain, prompt_len=4)
+    for r in trip(plain):
+        assert all(a.equal(b) for a, b in zip(split(r, prompt_len=4), want, strict=True))
+    # a prefill in two chunks has the row count of one: refused here, so refused after the trip too
+    with session.capture(), torch.no_grad():
+        _decode(model, ids, 2)
+    for r in trip(session.routes()):
+        _raises(mr.RoutesValidationError, "ran forwards of", functools.partial(split, r, prompt_len=4))
+    # a keep_newest capture that dropped its oldest rows: they no longer start at the prompt
+    other = copy.deepcopy(model)  # (comes out plain)
+    with mr.attach(other, capacity=4, keep_newest=True) as newest:
+        with newest.capture(), torch.no_grad():
+            _decode(other, ids[:, :2], 2)
+        cut = newest.routes()
+    for r in trip(cut):
+        _raises(mr.RoutesValidationError, "keep_newest", functools.partial(split, r, prompt_len=2))
 
 
 def spawned(rank: int, world: int, init_method: str) -> None:
