@@ -1210,6 +1210,7 @@ def establish(
         UnsupportedRouterError: no call decides, or the evidence contradicts what was declared, or the
             decision does not hold on another number of tokens.
     """
+    _refuse_sharded_inside(name, scope)  # (on empty inputs too: every rank refuses at the same forward)
     if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in _leaves((args, kwargs), [])):
         return None
     probe = _Prober(forward, args, kwargs, scope)
@@ -1237,6 +1238,41 @@ def establish(
         finally:
             probe.snapshot.restore()
     return ev
+
+
+def _sharded_inside(scope: nn.Module) -> tuple[str, nn.Module] | None:
+    """A module inside ``scope`` (not ``scope`` itself) that FSDP shards on its own, with its path in ``scope``.
+
+    Such a module gathers its parameters from the other ranks when it runs: FSDP2's
+    ``fully_shard`` in hooks around its call (with them set aside, its parameters stay sharded
+    DTensors), FSDP1's wrapper in its own forward (a collective every rank must join).
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # (never imported: no module of the model is sharded by it)
+    kinds = tuple(k for k in (getattr(fsdp, "FSDPModule", None), getattr(fsdp, "FullyShardedDataParallel", None)) if k)
+    if not kinds:
+        return None
+    return next(((p, m) for p, m in scope.named_modules() if m is not scope and isinstance(m, kinds)), None)
+
+
+def _refuse_sharded_inside(name: str, scope: nn.Module) -> None:
+    """Refuse to establish a decision by running a forward that holds a module FSDP shards on its own.
+
+    The probe runs the forward again on this rank alone: such a module would either run on its
+    shards or gather them in a collective that the other ranks do not join (a hang, an abort, or
+    other tensors received in its place).
+    """
+    found = _sharded_inside(scope)
+    if found is None:
+        return
+    path, module = found
+    raise UnsupportedRouterError(
+        f"router '{name}' decides in the forward of {type(scope).__name__}, which runs '{path}' "
+        f"({type(module).__name__}), sharded on its own by FSDP: it gathers its parameters from the other ranks "
+        "when it runs, and establishing which call decides runs this forward again on this rank alone, where "
+        "it cannot. Shard the MoE block as one unit (fully_shard the layer or the block, not a module inside it), "
+        "or establish before sharding: attach, run one forward in each mode the model will run (training with "
+        "gradients, eval without), detach, then shard and attach again; nothing was forced"
+    )
 
 
 def _check_elsewhere(name: str, probe: _Prober, ev: Evidence, what: str) -> None:

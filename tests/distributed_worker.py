@@ -127,6 +127,8 @@ def run_checks(rank: int, world: int, device: torch.device) -> None:
     print(f"rank {rank}: groups this rank is not in and disagreeing roots refused ({device})", flush=True)
     check_forwards_travel(rank, model, session)
     print(f"rank {rank}: a capture's forwards travel with its rows ({device})", flush=True)
+    check_sharded_inside_scope(rank, device)
+    print(f"rank {rank}: a router decided around a module sharded on its own refused ({device})", flush=True)
 
 
 def _raises(error: type[Exception], match: str, call: Callable[[], object]) -> None:
@@ -231,6 +233,52 @@ def check_forwards_travel(rank: int, model: torch.nn.Module, session: mr.Session
         cut = newest.routes()
     for r in trip(cut):
         _raises(mr.RoutesValidationError, "keep_newest", functools.partial(split, r, prompt_len=2))
+
+
+def check_sharded_inside_scope(rank: int, device: torch.device) -> None:
+    """A router decided around a module FSDP shards on its own: refused on every rank, or established before.
+
+    The forward that decides runs the experts, sharded on their own (as with expert parallelism); it
+    is refused at its first forward rather than run again on one rank alone to establish the decision
+    (FSDP2: on its shards; FSDP1: with a gather the other ranks never join). Established before
+    sharding, as the refusal says, it runs.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from moe_replay.models import Experts, _Layer
+
+    x = _batch(rank, device)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return mr.models.build("linear_gate", num_layers=1, expert_impl="dense").to(device)  # (decided in the block)
+
+    def fsdp2(model: torch.nn.Module) -> torch.nn.Module:
+        fully_shard(model.layers[0].mlp.experts)
+        fully_shard(model.layers[0])
+        fully_shard(model)
+        return model
+
+    def fsdp1(model: torch.nn.Module) -> torch.nn.Module:
+        policy = ModuleWrapPolicy({Experts, _Layer})
+        return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id=device)
+
+    for shard in (fsdp2, fsdp1):
+        model = shard(build())
+        with mr.attach(model):
+            # a rank whose micro-batch is empty refuses at the same forward as the others
+            first = x[:0] if rank == 0 else x
+            _raises(mr.UnsupportedRouterError, "sharded on its own by FSDP", functools.partial(model, first))
+    model = build()
+    with mr.attach(model), torch.no_grad():
+        model(x)  # established here, before sharding
+    model = fsdp2(model)
+    with mr.attach(model) as session:
+        routes = _capture(model, session, x)
+        with session.replay(routes), session.capture(), torch.no_grad():
+            model(x)
+        assert session.routes().equal(routes)
 
 
 def spawned(rank: int, world: int, init_method: str) -> None:
