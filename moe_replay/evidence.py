@@ -1241,25 +1241,33 @@ def establish(
 
 
 def _sharded_inside(scope: nn.Module) -> tuple[str, nn.Module] | None:
-    """A module inside ``scope`` (not ``scope`` itself) that FSDP shards on its own, with its path in ``scope``.
+    """A module inside ``scope`` (not ``scope`` itself) whose parameters are distributed across ranks, and its path.
 
-    Such a module gathers its parameters from the other ranks when it runs: FSDP2's
-    ``fully_shard`` in hooks around its call (with them set aside, its parameters stay sharded
-    DTensors), FSDP1's wrapper in its own forward (a collective every rank must join).
+    Such a module gathers or redistributes them when it runs: FSDP2's ``fully_shard`` and tensor
+    parallelism's ``parallelize_module`` in hooks around its call (set aside in a probe run, so that
+    its parameters stay DTensors among plain tensors), FSDP1's wrapper in its own forward (a
+    collective every rank must join).
     """
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # (never imported: no module of the model is sharded by it)
+    fsdp, dtensor = sys.modules.get("torch.distributed.fsdp"), sys.modules.get("torch.distributed.tensor")
     kinds = tuple(k for k in (getattr(fsdp, "FSDPModule", None), getattr(fsdp, "FullyShardedDataParallel", None)) if k)
-    if not kinds:
+    dt = getattr(dtensor, "DTensor", None)
+    if not kinds and dt is None:  # (never imported: no module of the model is distributed by them)
         return None
-    return next(((p, m) for p, m in scope.named_modules() if m is not scope and isinstance(m, kinds)), None)
+    for path, m in scope.named_modules():
+        if m is not scope and (
+            (kinds and isinstance(m, kinds))
+            or (dt is not None and any(isinstance(p, dt) for p in m.parameters(recurse=False)))
+        ):
+            return path, m
+    return None
 
 
 def _refuse_sharded_inside(name: str, scope: nn.Module) -> None:
-    """Refuse to establish a decision by running a forward that holds a module FSDP shards on its own.
+    """Refuse to establish a decision by running a forward that holds a module whose parameters are distributed.
 
-    The probe runs the forward again on this rank alone: such a module would either run on its
-    shards or gather them in a collective that the other ranks do not join (a hang, an abort, or
-    other tensors received in its place).
+    The probe runs the forward again on this rank alone, with the hooks of the modules inside set
+    aside: such a module would run on its shards, or gather them in a collective that the other
+    ranks do not join (a hang, an abort, or other tensors received in its place).
     """
     found = _sharded_inside(scope)
     if found is None:
@@ -1267,11 +1275,12 @@ def _refuse_sharded_inside(name: str, scope: nn.Module) -> None:
     path, module = found
     raise UnsupportedRouterError(
         f"router '{name}' decides in the forward of {type(scope).__name__}, which runs '{path}' "
-        f"({type(module).__name__}), sharded on its own by FSDP: it gathers its parameters from the other ranks "
-        "when it runs, and establishing which call decides runs this forward again on this rank alone, where "
-        "it cannot. Shard the MoE block as one unit (fully_shard the layer or the block, not a module inside it), "
-        "or establish before sharding: attach, run one forward in each mode the model will run (training with "
-        "gradients, eval without), detach, then shard and attach again; nothing was forced"
+        f"({type(module).__name__}), whose parameters are distributed across ranks on their own (FSDP on that "
+        "module, or tensor parallelism): it gathers them from the other ranks when it runs, and establishing "
+        "which call decides runs this forward again on this rank alone, where it cannot. Shard the MoE block as "
+        "one unit (fully_shard the layer or the block, not a module inside it), or establish before sharding: "
+        "attach, run one forward in each mode the model will run (training with gradients, eval without), "
+        "detach, then shard and attach again; nothing was forced"
     )
 
 

@@ -236,15 +236,19 @@ def check_forwards_travel(rank: int, model: torch.nn.Module, session: mr.Session
 
 
 def check_sharded_inside_scope(rank: int, device: torch.device) -> None:
-    """A router decided around a module FSDP shards on its own: refused on every rank, or established before.
+    """A router decided around a module distributed on its own: refused on every rank, or established before.
 
-    The forward that decides runs the experts, sharded on their own (as with expert parallelism); it
-    is refused at its first forward rather than run again on one rank alone to establish the decision
-    (FSDP2: on its shards; FSDP1: with a gather the other ranks never join). Established before
-    sharding, as the refusal says, it runs.
+    The forward that decides runs the experts sharded on their own (as with expert parallelism), or a
+    gate split by tensor parallelism; it is refused at its first forward rather than run again on one
+    rank alone to establish the decision (FSDP2, tensor parallelism: on its shards, their hooks set
+    aside; FSDP1: with a gather the other ranks never join). Established before sharding, as the
+    refusal says, it runs.
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     from moe_replay.models import Experts, _Layer
 
@@ -264,12 +268,16 @@ def check_sharded_inside_scope(rank: int, device: torch.device) -> None:
         policy = ModuleWrapPolicy({Experts, _Layer})
         return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id=device)
 
-    for shard in (fsdp2, fsdp1):
+    def tensor_parallel(model: torch.nn.Module) -> torch.nn.Module:  # the gate's columns over the ranks
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        return parallelize_module(model, mesh, {"layers.0.mlp.gate": ColwiseParallel(output_layouts=Replicate())})
+
+    for shard in (fsdp2, fsdp1, tensor_parallel):
         model = shard(build())
         with mr.attach(model):
             # a rank whose micro-batch is empty refuses at the same forward as the others
             first = x[:0] if rank == 0 else x
-            _raises(mr.UnsupportedRouterError, "sharded on its own by FSDP", functools.partial(model, first))
+            _raises(mr.UnsupportedRouterError, "distributed across ranks", functools.partial(model, first))
     model = build()
     with mr.attach(model), torch.no_grad():
         model(x)  # established here, before sharding
