@@ -402,6 +402,8 @@ class _ProbeMode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         func = unwrap(func, kwargs)
+        if _collective(func):  # before it runs: a probe run on this rank alone never talks to the others
+            raise _Communicates(getattr(func, "__name__", None) or str(func))
         answered = self.answered
         out = self._call(func, args, kwargs)
         if not self.force or NESTING.depth != self.depth:  # (a call of a router nested inside: its own)
@@ -611,6 +613,25 @@ _SHAPE_ONLY = frozenset(
 _ESCAPES = frozenset({torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.__array__})
 #: Operator namespaces of torch's own, whose operators are read like torch's functions.
 _OWN_OPS = frozenset({"aten", "prims"})
+
+
+#: The namespaces of torch's operators that communicate across ranks (c10d's, and the functional collectives').
+_COLLECTIVE_OPS = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
+
+
+def _collective(func: Any) -> bool:
+    """Is ``func`` a ``torch.distributed`` collective or point-to-point call, or one of their operators?"""
+    if getattr(func, "__module__", None) == "torch.distributed.distributed_c10d":
+        return True
+    return getattr(func, "namespace", None) in _COLLECTIVE_OPS
+
+
+class _Communicates(BaseException):
+    """A probe run reached a call that communicates across ranks (named in ``args[0]``).
+
+    A ``BaseException``, as :class:`_Overtime` is, so that no ``except Exception`` around a probe
+    run takes it: :func:`establish` refuses the router with it.
+    """
 
 
 def _foreign(func: Any) -> bool:
@@ -1214,29 +1235,38 @@ def establish(
     if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in _leaves((args, kwargs), [])):
         return None
     probe = _Prober(forward, args, kwargs, scope)
-    ev = _establish(
-        name,
-        probe,
-        num_experts=num_experts,
-        top_k=top_k,
-        declared_top_k=declared_top_k,
-        call=call,
-        family=family,
-    )
-    if ev is None:
-        return None
-    limit = max(_PROBE_SECONDS, _PROBE_FACTOR * probe.took)  # (inputs of the probe's own making)
-    for what, inputs, others in _other_counts(args, kwargs):
-        other = _Prober(forward, *inputs, scope, snapshot=probe.snapshot, limit=limit)
-        other.others = others
-        try:
-            _check_elsewhere(name, other, ev, what)
-        except UnsupportedRouterError:
-            raise
-        except Exception:  # a forward tied to its number of tokens (another input of that length): its own only
-            continue
-        finally:
-            probe.snapshot.restore()
+    try:
+        ev = _establish(
+            name,
+            probe,
+            num_experts=num_experts,
+            top_k=top_k,
+            declared_top_k=declared_top_k,
+            call=call,
+            family=family,
+        )
+        if ev is None:
+            return None
+        limit = max(_PROBE_SECONDS, _PROBE_FACTOR * probe.took)  # (inputs of the probe's own making)
+        for what, inputs, others in _other_counts(args, kwargs):
+            other = _Prober(forward, *inputs, scope, snapshot=probe.snapshot, limit=limit)
+            other.others = others
+            try:
+                _check_elsewhere(name, other, ev, what)
+            except UnsupportedRouterError:
+                raise
+            except Exception:  # a forward tied to its number of tokens (another input of that length): its own only
+                continue
+            finally:
+                probe.snapshot.restore()
+    except _Communicates as e:
+        raise UnsupportedRouterError(
+            f"router '{name}': its forward ({type(scope).__name__}) communicates across ranks ({e.args[0]}), and "
+            "establishing which call decides runs it again on this rank alone, where the other ranks would not "
+            "join that collective (a hang, or their next collective answering this one). Keep the router's "
+            "forward local: compute what it shares across ranks (expert counts for a load-balancing loss, say) "
+            "after it, outside its module; nothing was forced"
+        ) from None
     return ev
 
 

@@ -129,6 +129,8 @@ def run_checks(rank: int, world: int, device: torch.device) -> None:
     print(f"rank {rank}: a capture's forwards travel with its rows ({device})", flush=True)
     check_sharded_inside_scope(rank, device)
     print(f"rank {rank}: a router decided around a module sharded on its own refused ({device})", flush=True)
+    check_router_that_communicates(rank, device)
+    print(f"rank {rank}: a router whose forward communicates refused ({device})", flush=True)
 
 
 def _raises(error: type[Exception], match: str, call: Callable[[], object]) -> None:
@@ -287,6 +289,50 @@ def check_sharded_inside_scope(rank: int, device: torch.device) -> None:
         with session.replay(routes), session.capture(), torch.no_grad():
             model(x)
         assert session.routes().equal(routes)
+
+
+class _CountingRouter(torch.nn.Module):
+    """A router that sums its expert counts over the ranks in its forward (as Megatron's does for its
+    load-balancing loss under sequence parallelism)."""
+
+    def __init__(self, hidden: int = 16, experts: int = 8, k: int = 2) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(experts, hidden))
+        self.top_k, self.num_experts = k, experts
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, experts = torch.topk(torch.softmax(x @ self.weight.t(), dim=-1), self.top_k, dim=-1)
+        ones = torch.ones(experts.numel(), device=x.device)
+        counts = torch.zeros(self.num_experts, device=x.device).index_add_(0, experts.flatten(), ones)
+        dist.all_reduce(counts)
+        self.tokens_per_expert = counts
+        return weights, experts
+
+
+class _CountingMoE(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = _CountingRouter()
+        self.experts = torch.nn.Parameter(torch.randn(8, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.router(x)
+        return x + (weights[..., None] * self.experts[experts]).sum(-2)
+
+
+def check_router_that_communicates(rank: int, device: torch.device) -> None:
+    """A router whose forward calls a collective is refused on every rank at its first forward.
+
+    Establishing its decision would run that collective again on this rank alone, as many times as
+    this rank's tokens take (one token here, many there): the other ranks' next collectives would
+    answer it, or none would.
+    """
+    torch.manual_seed(0)
+    model = _CountingMoE().to(device)
+    x = torch.randn(1 if rank == 0 else 40, 16, device=device)
+    with mr.attach(model):
+        _raises(mr.UnsupportedRouterError, "communicates across ranks", functools.partial(model, x))
+    assert not hasattr(model.router, "tokens_per_expert"), "the refused forward left state behind"
 
 
 def spawned(rank: int, world: int, init_method: str) -> None:
