@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -30,12 +31,13 @@ def is_integer(value: Any) -> bool:
 
 
 def is_collection(value: Any) -> bool:
-    """Items to iterate over: a list, tuple, 1-D or wider array or tensor; never a str, bytes or 0-d array.
+    """Items in order: a list, tuple, 1-D or wider array or tensor; never a str, bytes, 0-d array or set.
 
     A 0-d array or tensor is iterable to ``isinstance(..., Iterable)`` but raises when iterated:
-    it is one value, as a number is.
+    it is one value, as a number is. A set iterates in an order of its own (``{3, 2}`` gives 2
+    first), so lengths, names or parts given as one would be taken in another order than written.
     """
-    if isinstance(value, str | bytes):
+    if isinstance(value, str | bytes | AbstractSet):
         return False
     if isinstance(value, np.ndarray | torch.Tensor):
         return value.ndim > 0

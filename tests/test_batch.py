@@ -186,3 +186,18 @@ def test_sequences_that_are_no_list_are_refused(value: object) -> None:
             call(value)  # type: ignore[arg-type]
     with pytest.raises(mr.MoEReplayError, match="one length per sequence"):
         mr.BatchLayout.padded(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: mr.BatchLayout.padded({3, 2}),  # type: ignore[arg-type]
+        lambda: mr.BatchLayout.packed(frozenset({5, 1}), row_length=8),  # type: ignore[arg-type]
+        lambda: mr.Routes([torch.zeros(2, 1, dtype=torch.long)], {"a"}, num_experts=4),  # type: ignore[arg-type]
+    ],
+    ids=["padded", "packed", "Routes names"],
+)
+def test_a_set_is_refused_where_order_matters(call: Callable[[], object]) -> None:
+    """{3, 2} iterates as 2, 3: lengths, sequences or names given as a set would be taken in another order."""
+    with pytest.raises(mr.ArgumentTypeError):
+        call()
