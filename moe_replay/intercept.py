@@ -18,7 +18,8 @@ its eager forwards run *lean*: no mode, the wrappers hand its decision-like call
 * replay: the call is answered with ``(source.gather(-1, forced), forced)``, where
   ``source`` is the score tensor (or, when that tensor is a ``masked_fill``/``where``
   of another one, the unmasked scores: group-limited routers mask out groups before
-  the top-k, and a forced expert outside the chosen groups must still get its score);
+  the top-k, and a forced expert outside the chosen groups must still get its score;
+  forced experts that the call itself could have picked get their masked values);
 * recompute (activation checkpointing): a router running again during backward gets
   the very rows its forward got, whatever mode the session is in by then.
 
@@ -739,7 +740,13 @@ class RouterHook:
             with self._aside():
                 forced = torch.where(forced < 0, native, forced)
         scores = self._unmasked(x) if self._masks else x
-        return self._answer(func, args, kwargs, scores.reshape(-1, self.num_experts), forced, x.shape[:-1])
+        source = scores.reshape(-1, self.num_experts)
+        values = None
+        if scores is not x:  # a masked copy: read as the call itself would where it could have chosen these
+            n = forced.shape[0]
+            native = self._native(func, x, args, kwargs, n, span)
+            values = self._through_mask(x.reshape(-1, self.num_experts), source, forced, native)
+        return self._answer(func, args, kwargs, source, forced, x.shape[:-1], values)
 
     def is_lookup(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Is this call the table lookup of a hash router?"""
@@ -782,6 +789,7 @@ class RouterHook:
         start = 0 if first else sum(t.shape[1] for t in self._slots)
         take = min(span, self.top_k - start)  # this call's slots that the decision uses
         row = self._row
+        native: torch.Tensor | None = None  # the call's own choice, where it was made aside
         if row is not None:  # replay or recompute: the recorded slots
             if take != row.shape[1]:
                 with self._aside():
@@ -803,7 +811,7 @@ class RouterHook:
             return out
         else:  # native decision, answered as its recompute will be: with gradients, the same saved tensors;
             # in a checkpointed region, the same ops (selective checkpointing hands out its ops in call order)
-            forced = self._native(func, x, args, kwargs, n, span, take)
+            forced = native = self._native(func, x, args, kwargs, n, span, take)
         self._slots.append(forced)
         if start + take == self.top_k:
             self._finish()
@@ -812,7 +820,12 @@ class RouterHook:
         source = scores.reshape(-1, num_experts)
         if take < span:  # slots past the decision (a top-(k+1) for a load estimate): the best others
             forced = torch.cat([forced, best_others(source, forced, span - take, args, kwargs)], dim=1)
-        return self._answer(func, args, kwargs, source, forced, lead)
+        values = None
+        if scores is not x:  # a masked copy decides: forced experts it could have chosen read their masked values
+            if native is None:
+                native = self._native(func, x, args, kwargs, n, span, take)
+            values = self._through_mask(x.reshape(-1, num_experts), source, forced, native)
+        return self._answer(func, args, kwargs, source, forced, lead, values)
 
     def _start(self, n: int) -> None:
         """The first call of a decision: where its rows come from."""
@@ -963,6 +976,31 @@ class RouterHook:
         idx = out if (func in _ARGMAX or func in _LOOKUP) else out[1]
         return idx if idx.dim() == 2 and idx.shape[1] == span else idx.reshape(n, span)
 
+    def _through_mask(
+        self, masked: torch.Tensor, source: torch.Tensor, forced: torch.Tensor, native: torch.Tensor
+    ) -> torch.Tensor:
+        """The values ``[n, span]`` of the ``forced`` experts of a decision made on ``masked``, a masked copy of
+        ``source`` (``masked_fill``/``where``), given the call's own choice ``native`` ``[n, take]``.
+
+        Where a row's forced experts are a choice the call itself could return (their masked values are those
+        of its own choice: the same experts, or others tied with them), they get the masked values, exactly
+        as the call returns them. A mask that leaves fewer than k selectable experts for a token (an
+        availability mask, too few groups kept) makes the call pick masked experts at the fill (0, -inf):
+        replayed on the forward they were captured from, such routes get back the captured values, whichever
+        of the tied masked experts the capture's top-k returned. In every other row the values are read
+        through the mask from ``source``: a forced expert outside the groups the current scores chose gets
+        its real score. The slots past ``native``'s (the best others of a top-(k+1)) read ``source``.
+        """
+        take = native.shape[1]
+        with self._aside():
+            held = masked.detach()
+            ours = held.gather(-1, forced[:, :take]).sort(-1).values
+            own = (ours == held.gather(-1, native).sort(-1).values).all(-1, keepdim=True)
+            if take < forced.shape[1]:
+                slots = torch.arange(forced.shape[1], device=forced.device) < take
+                own = own & slots
+        return torch.where(own, masked.gather(-1, forced), source.gather(-1, forced))
+
     @staticmethod
     def _answer(
         func: Any,
@@ -971,9 +1009,13 @@ class RouterHook:
         source: torch.Tensor,
         forced: torch.Tensor,
         lead: torch.Size,
+        values: torch.Tensor | None = None,
     ) -> Any:
+        """The decision call's result with the ``forced`` indices ``[n, span]``; their values read from
+        ``source``, or ``values`` where given."""
         span = forced.shape[1]
-        values = source.gather(-1, forced)
+        if values is None:
+            values = source.gather(-1, forced)
         idx = forced
         if len(lead) != 1:  # scores of more than two dimensions
             values, idx = values.reshape(*lead, span), idx.reshape(*lead, span)

@@ -406,12 +406,19 @@ def test_a_mask_in_a_branch_the_audit_did_not_take_keeps_the_router_under_the_mo
     assert all(bool((w > 0).all()) for w in weights)  # no forced expert got the masked 0.0
 
 
-def _replayed_weights_of_a_long_forward(model: nn.Module) -> list[torch.Tensor]:
-    """Capture two short forwards and a long one, perturb, replay them: each router's weights in the long one."""
+def _replayed_weights_of_a_long_forward(
+    model: nn.Module, seen: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> list[torch.Tensor]:
+    """Capture two short forwards and a long one, perturb, replay them: each router's weights in the long one
+    (and in ``seen``, each router's input and experts there)."""
     weights: list[torch.Tensor] = []
-    handles = [
-        layer.router.register_forward_hook(lambda m, a, out: weights.append(out[0].detach())) for layer in model.layers
-    ]
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def note(m: nn.Module, a: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, torch.Tensor]) -> None:
+        weights.append(out[0].detach())
+        inputs.append((a[0].detach(), out[1]))
+
+    handles = [layer.router.register_forward_hook(note) for layer in model.layers]
     xs = [_x(1), _x(2), torch.randn(2 * T, D, generator=torch.Generator().manual_seed(3))]
     with mr.attach(model) as session:
         with torch.no_grad(), session.capture():
@@ -425,6 +432,8 @@ def _replayed_weights_of_a_long_forward(model: nn.Module) -> list[torch.Tensor]:
                 model(x)
     for h in handles:
         h.remove()
+    if seen is not None:
+        seen.extend(inputs[-len(model.layers) :])
     return weights[-len(model.layers) :]
 
 
@@ -496,9 +505,18 @@ def test_a_mask_in_code_reached_other_ways_keeps_the_router_under_the_mode(how: 
     """The audited forward has no mask; the code it sits in is read too, so the router never goes lean,
     and the replay reads forced experts' unmasked scores."""
     model = TwoLayers(lambda: RouterBlock(MaskedSomewhere(how)))
-    weights = _replayed_weights_of_a_long_forward(model)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    weights = _replayed_weights_of_a_long_forward(model, seen)
     assert [layer.router.modes[-1] for layer in model.layers] == [1, 1]  # the mode
-    assert all(bool((w > 0).all()) for w in weights)  # no forced expert got the masked 0.0
+    read_through = 0
+    for w, (x, idx), layer in zip(weights, seen, model.layers, strict=True):
+        masked = _late_mask(F.linear(x, layer.router.weight).softmax(-1))
+        # (a row of forced experts the masked top-k could return itself gets its values, masked 0.0 included)
+        own = masked.gather(1, idx).sort(-1).values == masked.topk(idx.shape[1], dim=-1).values.sort(-1).values
+        others = ~own.all(-1)
+        assert bool((w[others] > 0).all())  # no other forced expert got the masked 0.0
+        read_through += int((masked.gather(1, idx)[others] == 0).sum())
+    assert read_through > 0  # (forced experts the mask excludes were read through)
 
 
 def _import_on_demand(name: str) -> object:

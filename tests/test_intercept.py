@@ -1,0 +1,262 @@
+"""Replay of decisions made on masked scores (``masked_fill``/``where`` copies read through).
+
+A router that masks its own scores (an availability mask, a padding mask, group-limited routing
+with too few groups) may leave fewer than k selectable experts for a token: its top-k then picks
+masked experts, whose values are the mask's fill (``-inf``, or 0 after a softmax). A replay reads
+forced experts' values through the mask (a forced expert outside the groups the current scores
+chose gets its real score), but the experts the call itself could have picked must get the very
+values the call returns: otherwise a replay of the captured routes gives other weights than the
+capture, with no error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import moe_replay as mr
+
+E, D, T, K = 8, 16, 12, 3
+
+
+def allowed_of(x: torch.Tensor) -> torch.Tensor:
+    """Which experts each token may use: every third token two, the next one, the rest all (k = 3)."""
+    allowed = torch.ones(x.shape[0], E, dtype=torch.bool)
+    allowed[0::3, 2:] = False
+    allowed[1::3, 1:] = False
+    return allowed
+
+
+class Router(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k, self.num_experts = K, E
+        self.kept: torch.Tensor | None = None  # the experts its mask left selectable in the last forward
+
+
+class InfMaskedLogits(Router):
+    """Unavailable experts' logits set to -inf, a softmax over the top-k values (weight 0 for a masked pick)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kept = allowed_of(x)
+        logits = F.linear(x, self.weight).masked_fill(~self.kept, float("-inf"))
+        values, idx = logits.topk(self.top_k, dim=-1)
+        return values.softmax(-1), idx
+
+
+class ZeroAfterSoftmax(Router):
+    """Unavailable experts' probabilities set to 0 (``torch.where``, through torch's functions), renormalised."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kept = allowed_of(x)
+        probs = torch.where(self.kept, F.linear(x, self.weight).softmax(-1), 0.0)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+class GroupLimitedGreedy(Router):
+    """DeepSeek-V2 group-limited greedy: the weights are the top-k values of the group-masked scores; with
+    ``topk_group`` groups of 2 experts kept, fewer than k = 3 are selectable."""
+
+    def __init__(self, n_group: int = 4, topk_group: int = 1) -> None:
+        super().__init__()
+        self.n_group, self.topk_group = n_group, topk_group
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x, self.weight).softmax(-1)
+        group_scores = scores.view(x.shape[0], self.n_group, -1).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        keep = group_mask.unsqueeze(-1).expand(-1, self.n_group, E // self.n_group).reshape(x.shape[0], -1)
+        self.kept = keep.bool()
+        return torch.topk(scores.masked_fill(~self.kept, 0.0), k=self.top_k, dim=-1, sorted=False)
+
+
+class BiasedGroupLimited(Router):
+    """DeepSeek-V3 style: sigmoid scores, a selection-only bias (some choices below 0), group mask to 0.0;
+    the weights are the top-k values less the bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("e_score_correction_bias", torch.linspace(-0.6, 0.3, E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x, self.weight).sigmoid()
+        choice = scores + self.e_score_correction_bias
+        group_scores = choice.view(-1, 4, E // 4).topk(2, dim=-1)[0].sum(-1)
+        group_idx = torch.topk(group_scores, k=1, dim=-1, sorted=False)[1]
+        keep = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).repeat_interleave(E // 4, dim=1)
+        self.kept = keep.bool()
+        values, idx = torch.topk(choice.masked_fill(~self.kept, 0.0), k=self.top_k, dim=-1, sorted=False)
+        w = values - self.e_score_correction_bias[idx]
+        return w / w.sum(-1, keepdim=True), idx
+
+
+class Block(nn.Module):
+    def __init__(self, router: nn.Module) -> None:
+        super().__init__()
+        self.router = router
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if tok.numel():
+                out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
+        return out
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, make: Callable[[], nn.Module], checkpointed: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([Block(make()), Block(make())])
+        self.checkpointed = checkpointed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + (checkpoint(layer, x, use_reentrant=False) if self.checkpointed else layer(x))
+        return x
+
+
+ROUTERS: dict[str, Callable[[], nn.Module]] = {
+    "inf-masked-logits": InfMaskedLogits,
+    "zero-after-softmax": ZeroAfterSoftmax,
+    "group-limited-greedy": GroupLimitedGreedy,
+    "biased-group-limited": BiasedGroupLimited,
+}
+
+
+class RouterOutputs:
+    """What each router returned (weights, indices), forward by forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.handles = [
+            layer.router.register_forward_hook(lambda m, a, o: self.seen.append((o[0].detach().clone(), o[1].clone())))
+            for layer in model.layers
+        ]
+
+    def last(self, n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.seen[-n:]
+
+
+def tokens() -> torch.Tensor:
+    return torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+
+
+def masked_picks(model: nn.Module, x: torch.Tensor) -> int:
+    """How many of the first router's choices its own mask excludes (the premise of these tests)."""
+    router = model.layers[0].router
+    with torch.no_grad():
+        idx = router(x)[1]
+    return int((~router.kept.gather(1, idx)).sum())
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_a_mask_that_leaves_fewer_than_k_experts_replays_the_captured_weights(name: str) -> None:
+    """Captured in eval without gradients, replayed with and without gradients in train mode: the
+    router returns the captured weights, and the gradients are those of a plain forward."""
+    model, x = TwoLayers(ROUTERS[name]), tokens()
+    assert masked_picks(model, x) > 0
+    out = model(x)
+    out.square().sum().backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    spy = RouterOutputs(model)
+    with mr.attach(model) as session:
+        model.eval()
+        with torch.no_grad(), session.capture():
+            captured = model(x)
+        captured_weights = spy.last()
+        routes = session.routes()
+        with torch.no_grad(), session.replay(routes):
+            assert torch.equal(model(x), captured)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(spy.last(), captured_weights, strict=True))
+        model.train()
+        with session.replay(routes):
+            replayed = model(x)
+            replayed.square().sum().backward()
+        assert torch.equal(replayed.detach(), captured)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert grads.keys() == plain_grads.keys()
+        assert all(torch.equal(grads[n], plain_grads[n]) for n in grads), name
+        with session.capture():  # with gradients on, the capture answers with a gather too
+            assert torch.equal(model(x).detach(), out.detach())
+
+
+@pytest.mark.parametrize("name", ["inf-masked-logits", "zero-after-softmax"])
+def test_whichever_tied_masked_expert_was_captured_its_weight_is_replayed(name: str) -> None:
+    """Which of several masked experts (tied at the fill) a top-k returns is up to the implementation (CPU
+    and GPU may differ): routes naming other masked experts replay them, with the captured weights."""
+    model, x = TwoLayers(ROUTERS[name]), tokens()
+    allowed = allowed_of(x)
+    spy = RouterOutputs(model)
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        captured = spy.last()
+        routes = session.routes()
+        layers = []
+        for layer_name in routes.names:
+            rows = routes.layer(layer_name).long().clone()
+            for t in range(T):
+                unused = [e for e in range(E) if not allowed[t, e] and e not in rows[t].tolist()]
+                for slot in range(K):
+                    if not allowed[t, rows[t, slot]] and unused:
+                        rows[t, slot] = unused.pop()  # another masked expert: a tie another top-k may return
+            layers.append(rows)
+        others = mr.Routes(layers, routes.names, E)
+        assert not others.equal(routes)
+        with torch.no_grad(), session.replay(others):
+            model(x)
+    for (w, idx), (w0, _), rows in zip(spy.last(), captured, layers, strict=True):
+        assert torch.equal(idx, rows)
+        assert torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("name", ["inf-masked-logits", "group-limited-greedy"])
+def test_a_checkpointed_replay_of_masked_picks_recomputes_the_same_values(name: str) -> None:
+    """Under non-reentrant activation checkpointing the recompute reads the masked values as its forward
+    did (the same saved tensors), and the gradients are a plain forward's."""
+    model, x = TwoLayers(ROUTERS[name], checkpointed=True), tokens()
+    model(x).square().sum().backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            captured = model(x)
+        with session.replay(session.routes()):
+            replayed = model(x)
+            replayed.square().sum().backward()
+    assert torch.equal(replayed.detach(), captured)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in plain_grads)
+
+
+def test_forced_experts_outside_the_current_groups_still_get_their_scores() -> None:
+    """With enough groups kept the call never picks a masked expert itself: after the router changed, a
+    forced expert outside the groups its scores now choose gets its real score, not the mask's 0."""
+    model, x = TwoLayers(lambda: GroupLimitedGreedy(n_group=4, topk_group=2)), tokens()
+    spy = RouterOutputs(model)
+    router = model.layers[0].router
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        routes = session.routes()
+        with torch.no_grad():
+            router.weight.add_(3 * torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(2)))
+            native = router(x)[1]
+        assert not torch.equal(native.sort(-1).values, routes.layer(session.names[0]).long().sort(-1).values)
+        with torch.no_grad(), session.replay(routes):
+            model(x)
+    w, idx = spy.last()[0]
+    assert torch.equal(w, F.linear(x, router.weight).softmax(-1).gather(1, idx))
