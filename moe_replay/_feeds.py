@@ -25,7 +25,6 @@ are split by their order alone, unchecked.
 from __future__ import annotations
 
 import operator
-import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -126,7 +125,7 @@ class FeedRecord:
         patched = []
         for name in names:
             before = own.get(name)
-            method = types.MethodType(_noting(record, name, before), cache)
+            method = _noting(record, ref, name, before)
             own[name] = method
             patched.append((name, method, before))
         self._caches[id(cache)] = (ref, patched)
@@ -164,16 +163,22 @@ class FeedRecord:
         return _flat([f.ids for f in fed], sizes, torch.long), _flat([f.mask for f in fed], sizes, torch.int8)
 
 
-def _noting(record: weakref.ref[FeedRecord], name: str, before: Any) -> Callable[..., Any]:
-    """A cache method that notes its call in ``record`` (while it captures), then runs as before."""
+def _noting(record: weakref.ref[FeedRecord], cache: weakref.ref[Any], name: str, before: Any) -> Callable[..., Any]:
+    """A cache method (set on the cache itself) that notes its call in ``record`` while it captures, then runs
+    as before.
 
-    def method(cache: Any, *args: Any, **kwargs: Any) -> Any:
-        rec = record()
+    It holds the cache by a weak reference only: a method bound to it in its own ``__dict__`` would be a
+    reference cycle, keeping every cache of a capture (the whole KV tensors) alive until the cycle collector
+    runs, long after the forward that used it.
+    """
+
+    def method(*args: Any, **kwargs: Any) -> Any:
+        rec, obj = record(), cache()
         if rec is not None and rec._active and rec.moved is None:
-            rec.moved = f"{type(cache).__name__}.{name}"
+            rec.moved = f"{type(obj).__name__}.{name}"
         if before is not None:
             return before(*args, **kwargs)
-        return getattr(type(cache), name)(cache, *args, **kwargs)
+        return getattr(type(obj), name)(obj, *args, **kwargs)
 
     return method
 

@@ -683,3 +683,27 @@ def test_a_capture_remembers_its_forwards_through_reserve_and_only_while_eager()
         assert session.routes()[1:]._call_rows is None  # sliced rows no longer follow the forwards
         session.detach()
         assert session.routes()._call_rows == ((10, 1), (2, 3))  # kept at detach
+
+
+def test_a_cache_watched_during_a_capture_is_freed_with_its_last_reference() -> None:
+    """The watch on a KV cache's row-moving methods holds no reference cycle: a decode loop that makes a
+    fresh cache per step frees each one when it is dropped, not when the cycle collector runs (the KV
+    tensors of every step would pile up on the device until then)."""
+    import gc
+    import weakref
+
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    transformers = pytest.importorskip("transformers")
+    model = tiny_hf.build("mixtral")
+    prompt, _ = _prompt()
+    gc.disable()
+    try:
+        with mr.attach(model) as session, session.capture(), torch.no_grad():
+            cache = transformers.DynamicCache(config=model.config)
+            model(prompt, cache=cache, use_cache=True)
+            assert "reorder_cache" in vars(cache)  # (watched while the capture runs)
+            gone = weakref.ref(cache)
+            del cache
+            assert gone() is None
+    finally:
+        gc.enable()
