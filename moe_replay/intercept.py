@@ -989,13 +989,15 @@ class RouterHook:
         replayed on the forward they were captured from, such routes get back the captured values, whichever
         of the tied masked experts the capture's top-k returned. In every other row the values are read
         through the mask from ``source``: a forced expert outside the groups the current scores chose gets
-        its real score. The slots past ``native``'s (the best others of a top-(k+1)) read ``source``.
+        its real score. NaN values are equal to each other here (a top-k returns a NaN score, or a NaN fill,
+        as it returns any other). The slots past ``native``'s (the best others of a top-(k+1)) read ``source``.
         """
         take = native.shape[1]
         with self._aside():
             held = masked.detach()
             ours = held.gather(-1, forced[:, :take]).sort(-1).values
-            own = (ours == held.gather(-1, native).sort(-1).values).all(-1, keepdim=True)
+            theirs = held.gather(-1, native).sort(-1).values  # (sorted: NaNs last on both sides)
+            own = ((ours == theirs) | (ours.isnan() & theirs.isnan())).all(-1, keepdim=True)
             if take < forced.shape[1]:
                 slots = torch.arange(forced.shape[1], device=forced.device) < take
                 own = own & slots

@@ -260,3 +260,56 @@ def test_forced_experts_outside_the_current_groups_still_get_their_scores() -> N
             model(x)
     w, idx = spy.last()[0]
     assert torch.equal(w, F.linear(x, router.weight).softmax(-1).gather(1, idx))
+
+
+class NaNAmongTheScores(Router):
+    """A NaN score (an overflow upstream) for expert 0 of some tokens, unavailable experts' logits set to -inf:
+    the top-k returns the NaN as it returns any value, and the weights of its row are zeroed after."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kept = allowed_of(x)
+        logits = F.linear(x, self.weight)
+        broken = torch.zeros_like(logits, dtype=torch.bool)
+        broken[0::4, 0] = True
+        logits = torch.where(broken, float("nan"), logits).masked_fill(~self.kept, float("-inf"))
+        values, idx = logits.topk(self.top_k, dim=-1)
+        return values.softmax(-1).nan_to_num(0.0), idx
+
+
+class NaNFill(Router):
+    """Unavailable experts' probabilities set to NaN, picked last (``largest=False`` over negated
+    probabilities), their weights zeroed after the top-k."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kept = allowed_of(x)
+        cost = torch.where(self.kept, -F.linear(x, self.weight).softmax(-1), float("nan"))
+        values, idx = cost.topk(self.top_k, dim=-1, largest=False)
+        return -values.nan_to_num(0.0), idx
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, NaNs at the same places included."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("make", [NaNAmongTheScores, NaNFill], ids=["nan-score", "nan-fill"])
+def test_a_nan_among_the_masked_values_is_replayed_as_the_call_returns_it(make: Callable[[], nn.Module]) -> None:
+    """A NaN is not equal to itself: the forced experts of a row holding one are still the call's own choice, and
+    get the masked values the call returns (not their real scores), in a replay and in a capture with gradients."""
+    model, x = TwoLayers(make), tokens()
+    assert masked_picks(model, x) > 0
+    with torch.no_grad():
+        weights = model.layers[0].router(x)[0]
+    assert not weights.isnan().any()
+    plain = model(x)
+    spy = RouterOutputs(model)
+    with mr.attach(model) as session:
+        with session.capture():  # with gradients on, the capture answers with a gather
+            assert torch.equal(model(x), plain)
+        with torch.no_grad(), session.capture():
+            captured = model(x)
+        captured_weights = spy.last()
+        routes = session.routes()
+        with torch.no_grad(), session.replay(routes):
+            assert torch.equal(model(x), captured)
+        assert all(_same(a[0], b[0]) for a, b in zip(spy.last(), captured_weights, strict=True))
