@@ -818,8 +818,10 @@ class RouterHook:
         if lookup:
             return forced.reshape(*lead, span)
         source = scores.reshape(-1, num_experts)
-        if take < span:  # slots past the decision (a top-(k+1) for a load estimate): the best others
-            forced = torch.cat([forced, best_others(source, forced, span - take, args, kwargs)], dim=1)
+        if take < span:  # slots past the decision (a top-(k+1) for a load estimate): the best others of what
+            # the call sees (a masked copy's, as the call would pick them: never an expert its mask left out)
+            shown = source if scores is x else x.reshape(-1, num_experts)
+            forced = torch.cat([forced, best_others(shown, forced, span - take, args, kwargs)], dim=1)
         values = None
         if scores is not x:  # a masked copy decides: forced experts it could have chosen read their masked values
             if native is None:
@@ -990,7 +992,8 @@ class RouterHook:
         of the tied masked experts the capture's top-k returned. In every other row the values are read
         through the mask from ``source``: a forced expert outside the groups the current scores chose gets
         its real score. NaN values are equal to each other here (a top-k returns a NaN score, or a NaN fill,
-        as it returns any other). The slots past ``native``'s (the best others of a top-(k+1)) read ``source``.
+        as it returns any other). The slots past ``native``'s (the best others of a top-(k+1)) were chosen
+        from ``masked``, as the call chooses them, and read it.
         """
         take = native.shape[1]
         with self._aside():
@@ -999,8 +1002,7 @@ class RouterHook:
             theirs = held.gather(-1, native).sort(-1).values  # (sorted: NaNs last on both sides)
             own = ((ours == theirs) | (ours.isnan() & theirs.isnan())).all(-1, keepdim=True)
             if take < forced.shape[1]:
-                slots = torch.arange(forced.shape[1], device=forced.device) < take
-                own = own & slots
+                own = own | (torch.arange(forced.shape[1], device=forced.device) >= take)
         return torch.where(own, masked.gather(-1, forced), source.gather(-1, forced))
 
     @staticmethod

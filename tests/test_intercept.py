@@ -313,3 +313,41 @@ def test_a_nan_among_the_masked_values_is_replayed_as_the_call_returns_it(make: 
         with torch.no_grad(), session.replay(routes):
             assert torch.equal(model(x), captured)
         assert all(_same(a[0], b[0]) for a, b in zip(spy.last(), captured_weights, strict=True))
+
+
+class MarginOverTheNext(Router):
+    """A top-(k+1) of the masked probabilities: each weight is its probability less half the best one left out
+    (0 where the mask left no other)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kept = allowed_of(x)
+        probs = F.linear(x, self.weight).softmax(-1).masked_fill(~self.kept, 0.0)
+        values, idx = probs.topk(self.top_k + 1, dim=-1)
+        return values[:, : self.top_k] - 0.5 * values[:, self.top_k :], idx[:, : self.top_k]
+
+
+def test_the_slots_past_k_of_a_masked_top_k_plus_one_are_those_the_call_returns() -> None:
+    """The slot past k of a top-(k+1) over a masked copy is the best expert the mask left, at its masked value: a
+    capture with gradients gives the plain forward's outputs and gradients, and a replay the captured weights."""
+    model, x = TwoLayers(MarginOverTheNext), tokens()
+    assert masked_picks(model, x) > 0
+    plain = model(x)
+    plain.square().sum().backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    spy = RouterOutputs(model)
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            captured = model(x)
+        captured_weights = spy.last()
+        routes = session.routes()
+        with session.capture():
+            assert torch.equal(model(x), plain)
+        with torch.no_grad(), session.replay(routes):
+            assert torch.equal(model(x), captured)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(spy.last(), captured_weights, strict=True))
+        with session.replay(routes):
+            model(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == plain_grads.keys()
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
