@@ -620,10 +620,12 @@ _COLLECTIVE_OPS = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c1
 
 
 def _collective(func: Any) -> bool:
-    """Is ``func`` a ``torch.distributed`` collective or point-to-point call, or one of their operators?"""
+    """Is ``func`` a ``torch.distributed`` collective or point-to-point call, or one of their operators (an
+    overload, or the packet of them that ``torch.ops.<namespace>.<name>`` is, as the functional collectives
+    call it)?"""
     if getattr(func, "__module__", None) == "torch.distributed.distributed_c10d":
         return True
-    return getattr(func, "namespace", None) in _COLLECTIVE_OPS
+    return _namespace(func) in _COLLECTIVE_OPS
 
 
 class _Communicates(BaseException):
@@ -634,16 +636,22 @@ class _Communicates(BaseException):
     """
 
 
-def _foreign(func: Any) -> bool:
-    """Is ``func`` an operator registered by another library (``torch.ops.mylib.route``, or an overload of it)?"""
+def _namespace(func: Any) -> str | None:
+    """The namespace of an operator (``torch.ops.<namespace>.<name>``, or an overload of it), else None."""
     namespace = getattr(func, "namespace", None)
     if namespace is None and callable(overloads := getattr(func, "overloads", None)):  # a packet: its overloads'
         try:
             names = overloads()
         except Exception:  # (not an operator after all)
-            return False
+            return None
         namespace = getattr(getattr(func, names[0], None), "namespace", None) if names else None
-    return isinstance(namespace, str) and namespace not in _OWN_OPS
+    return namespace if isinstance(namespace, str) else None
+
+
+def _foreign(func: Any) -> bool:
+    """Is ``func`` an operator registered by another library (``torch.ops.mylib.route``, or an overload of it)?"""
+    namespace = _namespace(func)
+    return namespace is not None and namespace not in _OWN_OPS
 
 
 def _floating(result: Any) -> bool:

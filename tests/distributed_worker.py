@@ -291,28 +291,53 @@ def check_sharded_inside_scope(rank: int, device: torch.device) -> None:
         assert session.routes().equal(routes)
 
 
+def _all_reduce(counts: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(counts)
+    return counts
+
+
+def _functional_all_reduce(counts: torch.Tensor) -> torch.Tensor:
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.wait_tensor(funcol.all_reduce(counts, "sum", dist.group.WORLD))
+
+
+def _operator_all_reduce(counts: torch.Tensor) -> torch.Tensor:
+    ops = torch.ops._c10d_functional
+    return ops.wait_tensor(ops.all_reduce(counts, "sum", dist.group.WORLD.group_name))
+
+
+#: How a router may sum its expert counts over the ranks: torch.distributed's collective, the functional one
+#: (its operator's packet is what the forward calls), that operator called directly.
+_SHARES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "all_reduce": _all_reduce,
+    "functional all_reduce": _functional_all_reduce,
+    "all_reduce operator": _operator_all_reduce,
+}
+
+
 class _CountingRouter(torch.nn.Module):
     """A router that sums its expert counts over the ranks in its forward (as Megatron's does for its
     load-balancing loss under sequence parallelism)."""
 
-    def __init__(self, hidden: int = 16, experts: int = 8, k: int = 2) -> None:
+    def __init__(self, share: Callable[[torch.Tensor], torch.Tensor], hidden: int = 16, experts: int = 8) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(experts, hidden))
-        self.top_k, self.num_experts = k, experts
+        self.top_k, self.num_experts = 2, experts
+        self.share = share
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, experts = torch.topk(torch.softmax(x @ self.weight.t(), dim=-1), self.top_k, dim=-1)
         ones = torch.ones(experts.numel(), device=x.device)
         counts = torch.zeros(self.num_experts, device=x.device).index_add_(0, experts.flatten(), ones)
-        dist.all_reduce(counts)
-        self.tokens_per_expert = counts
+        self.tokens_per_expert = self.share(counts)
         return weights, experts
 
 
 class _CountingMoE(torch.nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, share: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
-        self.router = _CountingRouter()
+        self.router = _CountingRouter(share)
         self.experts = torch.nn.Parameter(torch.randn(8, 16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -320,19 +345,31 @@ class _CountingMoE(torch.nn.Module):
         return x + (weights[..., None] * self.experts[experts]).sum(-2)
 
 
+def _in_step(rank: int, device: torch.device, what: str) -> None:
+    """The ranks' next collectives are one and the same: no rank issued one that the others did not."""
+    mine = torch.tensor([float(rank + 1)], device=device)
+    dist.all_reduce(mine)
+    world = dist.get_world_size()
+    assert mine.item() == world * (world + 1) / 2, f"{what}: the ranks' collectives are out of step"
+
+
 def check_router_that_communicates(rank: int, device: torch.device) -> None:
     """A router whose forward calls a collective is refused on every rank at its first forward.
 
     Establishing its decision would run that collective again on this rank alone, as many times as
     this rank's tokens take (one token here, many there): the other ranks' next collectives would
-    answer it, or none would.
+    answer it, or none would. So the probe stops at the collective before it runs, whether the forward
+    calls torch.distributed's or a functional collective's operator.
     """
-    torch.manual_seed(0)
-    model = _CountingMoE().to(device)
-    x = torch.randn(1 if rank == 0 else 40, 16, device=device)
-    with mr.attach(model):
-        _raises(mr.UnsupportedRouterError, "communicates across ranks", functools.partial(model, x))
-    assert not hasattr(model.router, "tokens_per_expert"), "the refused forward left state behind"
+    for how, share in _SHARES.items():
+        for tokens in ((1, 40),):
+            torch.manual_seed(0)
+            model = _CountingMoE(share).to(device)
+            x = torch.randn(tokens[rank % 2], 16, device=device)
+            with mr.attach(model):
+                _raises(mr.UnsupportedRouterError, "communicates across ranks", functools.partial(model, x))
+            assert not hasattr(model.router, "tokens_per_expert"), f"{how}: the refused forward left state behind"
+            _in_step(rank, device, f"{how} on {tokens[rank % 2]} tokens")
 
 
 def spawned(rank: int, world: int, init_method: str) -> None:
