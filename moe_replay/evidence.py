@@ -52,7 +52,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import UnsupportedRouterError
 
-__all__ = ["Call", "Evidence", "VerifyReport", "decision_call", "establish", "unwrap"]
+__all__ = ["Call", "Evidence", "VerifyReport", "decision_call", "establish", "run_unestablished", "unwrap"]
 
 _FAMILY: dict[Any, str] = {
     torch.topk: "topk",
@@ -1268,14 +1268,66 @@ def establish(
             finally:
                 probe.snapshot.restore()
     except _Communicates as e:
-        raise UnsupportedRouterError(
-            f"router '{name}': its forward ({type(scope).__name__}) communicates across ranks ({e.args[0]}), and "
-            "establishing which call decides runs it again on this rank alone, where the other ranks would not "
-            "join that collective (a hang, or their next collective answering this one). Keep the router's "
-            "forward local: compute what it shares across ranks (expert counts for a load-balancing loss, say) "
-            "after it, outside its module; nothing was forced"
-        ) from None
+        raise _communicates(name, scope, e.args[0]) from None
     return ev
+
+
+def _communicates(name: str, scope: nn.Module, call: str, tokens: bool = True) -> UnsupportedRouterError:
+    """The refusal of a router whose forward reached ``call``, a collective (``tokens``: while its decision was
+    being established; else in a forward for no token, before it was)."""
+    why = (
+        "establishing which call decides runs it again on this rank alone, where the other ranks would not join "
+        "that collective (a hang, or their next collective answering this one)"
+        if tokens
+        else "the ranks with tokens in this forward refuse it (establishing which call decides runs it again on "
+        "one rank alone), so this rank, with none, refuses it too rather than wait in a collective they do not join"
+    )
+    return UnsupportedRouterError(
+        f"router '{name}': its forward ({type(scope).__name__}) communicates across ranks ({call}), and {why}. Keep "
+        "the router's forward local: compute what it shares across ranks (expert counts for a load-balancing loss, "
+        "say) after it, outside its module; nothing was forced"
+    )
+
+
+class _LocalOnly(TorchFunctionMode):
+    """A forward whose decision is not established yet, run for no token: stopped at a collective, before it runs."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        func = unwrap(func, kwargs)
+        if _collective(func):
+            raise _Communicates(getattr(func, "__name__", None) or str(func))
+        return func(*args, **kwargs)
+
+
+def run_unestablished(
+    name: str, scope: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Run a forward that :func:`establish` found nothing to establish on (no token to choose for).
+
+    A rank whose micro-batch is empty establishes nothing, while the others establish the decision
+    on their tokens and refuse a router whose forward communicates (:func:`establish`). So this
+    forward is refused at its first collective, before it runs, as theirs are: every rank refuses at
+    the same forward, and none is left waiting in a collective that the others never join.
+
+    Without a process group no collective can run: the forward runs as it is.
+
+    Raises:
+        UnsupportedRouterError: the forward calls a ``torch.distributed`` collective (what it changed in the
+            scope before is put back, as after a probe run).
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return forward(*args, **kwargs)
+    snapshot = _Snapshot(scope)
+    try:
+        with _LocalOnly():
+            return forward(*args, **kwargs)
+    except _Communicates as e:
+        snapshot.restore()
+        raise _communicates(name, scope, e.args[0], tokens=False) from None
 
 
 def _sharded_inside(scope: nn.Module) -> tuple[str, nn.Module] | None:

@@ -47,7 +47,17 @@ from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError
-from .evidence import DECISION_FUNCS, NESTING, UNWRAP, Evidence, best_others, decision_call, establish, unwrap
+from .evidence import (
+    DECISION_FUNCS,
+    NESTING,
+    UNWRAP,
+    Evidence,
+    best_others,
+    decision_call,
+    establish,
+    run_unestablished,
+    unwrap,
+)
 from .ring import CaptureRing, ReplaySource
 
 __all__ = ["ClassForward", "RouterHook"]
@@ -477,6 +487,7 @@ class RouterHook:
             if ev is None:  # no token to choose for: nothing to record or force
                 if not compiling:
                     self.calls += 1
+                    return run_unestablished(self.name, self.scope, forward, args, kwargs)
                 return forward(*args, **kwargs)
             if compiling or ev is not self._armed:
                 self._arm(ev)
@@ -1256,7 +1267,8 @@ class ScopedForward:
                 hook._refuse_export()
             return hook._run(self.__wrapped__, args, kwargs)
         if not _compiling() and hook.unproven() and not _graph_capturing() and _transform() is None:
-            hook.prove(self.__wrapped__, args, kwargs)  # once: which call decides, by its effect
+            if hook.prove(self.__wrapped__, args, kwargs) is None:  # once: which call decides, by its effect
+                return run_unestablished(hook.name, hook.scope, self.__wrapped__, args, kwargs)  # (no token)
         return self.__wrapped__(*args, **kwargs)
 
     def _follow_class(self) -> None:

@@ -325,11 +325,13 @@ class _CountingRouter(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(experts, hidden))
         self.top_k, self.num_experts = 2, experts
         self.share = share
+        self.forwards = 0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, experts = torch.topk(torch.softmax(x @ self.weight.t(), dim=-1), self.top_k, dim=-1)
         ones = torch.ones(experts.numel(), device=x.device)
         counts = torch.zeros(self.num_experts, device=x.device).index_add_(0, experts.flatten(), ones)
+        self.forwards += 1
         self.tokens_per_expert = self.share(counts)
         return weights, experts
 
@@ -359,16 +361,18 @@ def check_router_that_communicates(rank: int, device: torch.device) -> None:
     Establishing its decision would run that collective again on this rank alone, as many times as
     this rank's tokens take (one token here, many there): the other ranks' next collectives would
     answer it, or none would. So the probe stops at the collective before it runs, whether the forward
-    calls torch.distributed's or a functional collective's operator.
+    calls torch.distributed's or a functional collective's operator, and a rank with an empty
+    micro-batch (nothing to establish) refuses it at the same forward rather than wait in it alone.
     """
     for how, share in _SHARES.items():
-        for tokens in ((1, 40),):
+        for tokens in ((1, 40), (0, 40)):
             torch.manual_seed(0)
             model = _CountingMoE(share).to(device)
             x = torch.randn(tokens[rank % 2], 16, device=device)
             with mr.attach(model):
                 _raises(mr.UnsupportedRouterError, "communicates across ranks", functools.partial(model, x))
-            assert not hasattr(model.router, "tokens_per_expert"), f"{how}: the refused forward left state behind"
+            left = hasattr(model.router, "tokens_per_expert") or model.router.forwards
+            assert not left, f"{how} on {tokens[rank % 2]} tokens: the refused forward left state behind"
             _in_step(rank, device, f"{how} on {tokens[rank % 2]} tokens")
 
 
