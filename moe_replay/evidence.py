@@ -1331,12 +1331,15 @@ def run_unestablished(
 
 
 def _sharded_inside(scope: nn.Module) -> tuple[str, nn.Module] | None:
-    """A module inside ``scope`` (not ``scope`` itself) whose parameters are distributed across ranks, and its path.
+    """A module inside ``scope`` whose parameters are distributed across ranks, and its path (``""``: ``scope``).
 
     Such a module gathers or redistributes them when it runs: FSDP2's ``fully_shard`` and tensor
     parallelism's ``parallelize_module`` in hooks around its call (set aside in a probe run, so that
     its parameters stay DTensors among plain tensors), FSDP1's wrapper in its own forward (a
-    collective every rank must join).
+    collective every rank must join). ``scope`` itself may be FSDP's (its hooks gathered its
+    parameters before this forward: they are plain tensors in it), but not hold DTensor parameters
+    while its forward runs (tensor parallelism on it: its forward computes on DTensors, among the
+    probe's plain tensors, and redistributes them in collectives no mode sees).
     """
     fsdp, dtensor = sys.modules.get("torch.distributed.fsdp"), sys.modules.get("torch.distributed.tensor")
     kinds = tuple(k for k in (getattr(fsdp, "FSDPModule", None), getattr(fsdp, "FullyShardedDataParallel", None)) if k)
@@ -1344,9 +1347,8 @@ def _sharded_inside(scope: nn.Module) -> tuple[str, nn.Module] | None:
     if not kinds and dt is None:  # (never imported: no module of the model is distributed by them)
         return None
     for path, m in scope.named_modules():
-        if m is not scope and (
-            (kinds and isinstance(m, kinds))
-            or (dt is not None and any(isinstance(p, dt) for p in m.parameters(recurse=False)))
+        if (kinds and m is not scope and isinstance(m, kinds)) or (
+            dt is not None and any(isinstance(p, dt) for p in m.parameters(recurse=False))
         ):
             return path, m
     return None
@@ -1363,14 +1365,23 @@ def _refuse_sharded_inside(name: str, scope: nn.Module) -> None:
     if found is None:
         return
     path, module = found
+    if module is scope:
+        what = (
+            f"{type(scope).__name__}, whose own parameters are distributed across ranks while it runs (tensor "
+            "parallelism on it): its forward computes on them and redistributes them across ranks"
+        )
+    else:
+        what = (
+            f"{type(scope).__name__}, which runs '{path}' ({type(module).__name__}), whose parameters are distributed "
+            "across ranks on their own (FSDP on that module, or tensor parallelism): it gathers them from the other "
+            "ranks when it runs"
+        )
     raise UnsupportedRouterError(
-        f"router '{name}' decides in the forward of {type(scope).__name__}, which runs '{path}' "
-        f"({type(module).__name__}), whose parameters are distributed across ranks on their own (FSDP on that "
-        "module, or tensor parallelism): it gathers them from the other ranks when it runs, and establishing "
-        "which call decides runs this forward again on this rank alone, where it cannot. Shard the MoE block as "
-        "one unit (fully_shard the layer or the block, not a module inside it), or establish before sharding: "
-        "attach, run one forward in each mode the model will run (training with gradients, eval without), "
-        "detach, then shard and attach again; nothing was forced"
+        f"router '{name}' decides in the forward of {what}, and establishing which call decides runs this forward "
+        "again on this rank alone, where it cannot. Shard the MoE block as one unit (fully_shard the layer or the "
+        "block, not a module inside it), or establish before sharding: attach, run one forward in each mode the "
+        "model will run (training with gradients, eval without), detach, then shard and attach again; nothing was "
+        "forced"
     )
 
 

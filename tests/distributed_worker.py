@@ -289,6 +289,52 @@ def check_sharded_inside_scope(rank: int, device: torch.device) -> None:
         with session.replay(routes), session.capture(), torch.no_grad():
             model(x)
         assert session.routes().equal(routes)
+    check_router_distributed_itself(rank, device)
+
+
+def check_router_distributed_itself(rank: int, device: torch.device) -> None:
+    """A router module distributed itself: by FSDP2 it runs (its hooks gather its parameters before its forward),
+    by tensor parallelism it is refused on every rank at its first forward.
+
+    Split by tensor parallelism, its forward computes on DTensor parameters and inputs, which the probe's own
+    plain tensors cannot join, and redistributes them in collectives no mode sees.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return mr.models.build("softmax_topk", num_layers=1, expert_impl="dense").to(device)
+
+    x = _batch(rank, device)
+    model = build()
+    fully_shard(model.layers[0].mlp.router)
+    fully_shard(model)
+    with mr.attach(model) as session:
+        routes = _capture(model, session, x)
+        with session.replay(routes), session.capture(), torch.no_grad():
+            model(x)
+        assert session.routes().equal(routes), "FSDP2 on the router itself: replay did not force its routes"
+
+    def split(name: str, module: torch.nn.Module, mesh) -> None:  # the experts' rows of its weight over the ranks
+        module.weight = torch.nn.Parameter(distribute_tensor(module.weight.data, mesh, [Shard(0)]))
+
+    def replicated(module: torch.nn.Module, inputs: tuple, mesh) -> tuple:
+        return tuple(DTensor.from_local(t, mesh, [Replicate()]) for t in inputs)
+
+    def local(module: torch.nn.Module, outputs: tuple, mesh) -> tuple:
+        return tuple(o.full_tensor() if isinstance(o, DTensor) else o for o in outputs)
+
+    model = build()
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    distribute_module(model.layers[0].mlp.router, mesh, split, replicated, local)
+    same = _batch(0, device)  # (tensor parallelism: the same tokens on every rank)
+    with torch.no_grad():
+        model(same)  # it runs without a session
+    with mr.attach(model):
+        _raises(mr.UnsupportedRouterError, "distributed across ranks", functools.partial(model, same))
+    _in_step(rank, device, "a router split by tensor parallelism")
 
 
 def _all_reduce(counts: torch.Tensor) -> torch.Tensor:
