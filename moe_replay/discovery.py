@@ -508,6 +508,22 @@ def _nearest_config(name: str, modules: dict[str, nn.Module]) -> Any:
         name = _parent_name(name)
 
 
+def _one_router_per_block(sites: list[RouterSite], modules: dict[str, nn.Module]) -> list[RouterSite]:
+    """``sites`` less the gates that would be intercepted in the forward of a block that holds, beside them,
+    a router deciding in its own forward.
+
+    A block has one router. A gate found beside a router that decides itself (a ``Linear`` named like a
+    gate, as wide as the expert count, next to the experts: Gemma 4's ``per_layer_input_gate``) would be
+    intercepted in the forward of the whole block, around that router, and refused there as making no
+    choice of its own. Routers inside the experts of a block (an MoE of MoE blocks) are not beside its
+    gate, and gates sharing one block are left to ``attach``, which refuses them by name. Were a gate
+    dropped here a router after all, its decision would run outside every attached router, which the first
+    capture or replay forward refuses (see :mod:`moe_replay.orphans`).
+    """
+    deciding = {_holder(s.name, modules) for s in sites if s.scope == s.name and s.name}
+    return [s for s in sites if s.scope == s.name or s.scope not in deciding]
+
+
 # ----------------------------------------------------------------------- the search
 def find_routers(
     model: nn.Module,
@@ -569,7 +585,7 @@ def find_routers(
 
     sites: list[RouterSite] = []
     problems: list[str] = []
-    too_many: list[str] = []  # routers with fewer experts than a top_k= given
+    too_many: dict[str, str] = {}  # routers with fewer experts than a top_k= given
     for name in chosen:
         if any(name.startswith(other + ".") for other in chosen if other != name and other):
             continue  # a router inside a router: the outer one holds the decision
@@ -606,7 +622,7 @@ def find_routers(
             # (a width with no expert count beside it is a hint, a Linear's width under include=: only the counts
             # say the router has fewer experts than top_k; num_experts= is checked above)
             if top_k is not None and counts and top_k > max(int(width), *counts):
-                too_many.append(f"'{name}' ({max(int(width), *counts)} experts)")
+                too_many[name] = f"'{name}' ({max(int(width), *counts)} experts)"
         adapter = refusal or next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.match(name, module)), None)
         if (
             adapter is None
@@ -638,9 +654,12 @@ def find_routers(
                 scope_module=modules[scope_name],
             )
         )
+    if inc is None:
+        sites = _one_router_per_block(sites, modules)
+    too_many = {n: t for n, t in too_many.items() if any(s.name == n for s in sites)}
     if too_many:
         raise InvalidArgumentError(
-            f"top_k={top_k} chooses more experts than these routers have: {', '.join(too_many)}; pass the k "
+            f"top_k={top_k} chooses more experts than these routers have: {', '.join(too_many.values())}; pass the k "
             "the routers choose, or leave top_k unset to read it from their decisions"
         )
     if problems:

@@ -156,3 +156,154 @@ def test_a_top_k_is_checked_against_expert_counts_not_a_width_hint() -> None:
     assert [(s.num_experts, s.top_k) for s in session.sites] == [(8, 2)]
     with pytest.raises(mr.InvalidArgumentError, match=r"'router' \(8 experts\)"):
         mr.find_routers(model, include="router", top_k=9)
+
+
+class _Router(nn.Module):
+    """A top-2 router that decides in its own forward."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width, 16))
+        self.top_k = 2
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(nn.functional.linear(x, self.weight).softmax(-1), 2, dim=-1)
+
+
+class _Experts(nn.Module):
+    def __init__(self, num_experts: int = 6) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w = nn.Parameter(torch.randn(num_experts, 16, 16) / 4)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return sum(w[:, s, None] * torch.einsum("th,thg->tg", x, self.w[idx[:, s]]) for s in range(idx.shape[1]))
+
+
+class _GatedInputLayer(nn.Module):
+    """Gemma 4's decoder layer: its router, its experts and a gate of per-layer inputs, all side by side; the gate
+    is a ``Linear`` named like a router and, in some configurations, as wide as the expert count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = _Router()
+        self.experts = _Experts()
+        self.per_layer_input_gate = nn.Linear(16, 6, bias=False)
+        self.per_layer_projection = nn.Linear(6, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        x = x + self.experts(x, idx, w)
+        return x + self.per_layer_projection(nn.functional.gelu(self.per_layer_input_gate(x)))
+
+
+class _Layers(nn.Module):
+    def __init__(self, layer: type[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layer() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_gate_beside_a_router_that_decides_is_not_a_router() -> None:
+    """Once found as a bare-Linear router intercepted in the whole layer's forward (around the real router), and
+    refused at the first forward as soft routing: a Gemma 4 model whose per-layer input width equals its expert
+    count could not be attached at all."""
+    model = _Layers(_GatedInputLayer)
+    assert [s.name for s in mr.find_routers(model)] == ["layers.0.router", "layers.1.router"]
+    x = torch.randn(10, 16)
+    with mr.attach(model) as session:
+        with session.capture():
+            ref = model(x)
+        routes = session.routes()
+        with session.replay(routes):
+            assert torch.equal(model(x), ref)
+
+
+class _MoEOfMoEs(nn.Module):
+    """A bare gate choosing among experts that are MoE blocks with routers of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(16, 3, bias=False)
+        self.num_experts, self.top_k = 3, 1
+        self.experts = nn.ModuleList(_InnerMoE() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x).softmax(-1).topk(1, dim=-1)
+        return sum((idx == e) * w * expert(x) for e, expert in enumerate(self.experts))
+
+
+class _InnerMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = _Router()
+        self.experts = _Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        return self.experts(x, idx, w)
+
+
+def test_routers_inside_the_experts_of_a_gated_block_keep_its_gate() -> None:
+    model = _Layers(_MoEOfMoEs)
+    sites = mr.find_routers(model)
+    assert [s.name for s in sites if s.name.endswith(".gate")] == ["layers.0.gate", "layers.1.gate"]
+    assert len(sites) == 8
+    x = torch.randn(10, 16)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        with session.replay(routes), session.capture():
+            model(x)
+        assert session.routes().equal(routes)
+
+
+class _LoggedRouterBlock(nn.Module):
+    """The bare gate decides in the block; a router-like module beside it is only logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(16, 6, bias=False)
+        self.num_experts, self.top_k = 6, 2
+        self.router = _Router()
+        self.experts = _Experts()
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = self.router(x)[1]
+        w, idx = self.gate(x).softmax(-1).topk(2, dim=-1)
+        return self.experts(x, idx, w)
+
+
+def test_a_gate_set_aside_for_a_router_beside_it_is_still_caught_if_it_decides() -> None:
+    model = _Layers(_LoggedRouterBlock)
+    assert [s.name for s in mr.find_routers(model)] == ["layers.0.router", "layers.1.router"]
+    before = snapshot(model)
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="outside every attached router"):
+        with session.capture():
+            model(torch.randn(10, 16))
+    assert_untouched(model, before)
+
+
+def test_gemma4_with_a_per_layer_input_as_wide_as_its_experts_is_attached_by_its_routers() -> None:
+    pytest.importorskip("transformers")
+    from moe_replay._hf import tiny_model
+
+    model = tiny_model("gemma4_text", hidden_size_per_layer_input=8)
+    assert model.config.num_experts == model.model.layers[0].per_layer_input_gate.out_features
+    sites = mr.find_routers(model)
+    assert {s.module_class for s in sites} == {"Gemma4TextRouter"} and len(sites) == model.config.num_hidden_layers
+    x = torch.randint(1, 200, (2, 6))
+    with mr.attach(model) as session:
+        with session.capture():
+            ref = model(x).logits
+        with session.replay(session.routes()):
+            assert torch.equal(model(x).logits, ref)
