@@ -573,13 +573,17 @@ class _ProbeMode(TorchFunctionMode):
         or answered with the one held for it. Tests for an exact zero or a non-finite value (``bool()``,
         ``nonzero``, ``isnan``, ``x > 0``...) are not choices: they tell an underflow from a weight."""
         written = _chooses(func, args, kwargs, out)
-        return out if written is None else self._choice(out, written, scored)
+        if written is None:
+            return out
+        return self._choice(out, written, scored, None if written else _selection(func, args, kwargs, out))
 
-    def _choice(self, out: Any, written: list[torch.Tensor], scored: bool) -> Any:
+    def _choice(self, out: Any, written: list[torch.Tensor], scored: bool, selection: _Selection | None = None) -> Any:
         """Keep a later choice's result, or answer it with the one held for it (of the same structure only;
-        :data:`_FRESH` held: made afresh); what the call wrote into (``out=``, in place) gets the held result too."""
+        :data:`_FRESH` held: made afresh); what the call wrote into (``out=``, in place) gets the held result too.
+        A cut that selects (``selection``) is kept as where it cut and what it put there, and held by that place:
+        its other places take this run's values (see :class:`_Selection`)."""
         n = len(self.choices)
-        self.choices.append(_clone(out))
+        self.choices.append(selection.choice if selection is not None else _clone(out))
         self.where.append(_where())
         self.scored.append(scored)
         if self.held is None:
@@ -587,6 +591,10 @@ class _ProbeMode(TorchFunctionMode):
         held = self.held[n] if n < len(self.held) else None
         if held is _FRESH:
             return out
+        if selection is not None:
+            made = selection.held(held)
+            if made is not None:
+                return made
         out, unheld = _hold(out, written, held)
         self.unheld |= unheld  # the later choices differ in number or shape: they cannot be held
         return out
@@ -724,6 +732,72 @@ _CUT_NAMES = frozenset(
     | {"hardshrink", "softshrink", "hardsigmoid", "hardswish", "floor_divide", "remainder", "fmod"}
     | _COMPARISONS
 )
+
+
+#: Cuts that select, place by place, their input or a value they do not take from it (a bound, zero, their
+#: second operand): a choice of places, which :class:`_Selection` holds.
+_SELECTING = frozenset(
+    {"relu", "relu6", "threshold", "hardtanh", "hardshrink", "clamp", "clamp_min", "clamp_max", "clip"}
+    | {"maximum", "minimum", "fmax", "fmin", "max", "min"}
+)
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """A later choice made by a cut that selects (``clamp``, ``relu``, ``maximum``...): where it cut.
+
+    Its result on other inputs is not its choice: ``w / clamp(w.sum(), min=eps)`` that cuts nowhere keeps
+    the sums of the inputs it ran on, and a sum held from other inputs scales weights by an unrelated
+    number (in float16, to zero: weights "dropped" by a division that never cut). So it is kept as the
+    places it cut and the values it put there (:attr:`choice`, equal between runs that cut in the same
+    places to the same bounds), and held by those places: where it cut, the bound (or this run's second
+    operand), elsewhere this run's input, as the cut would have passed it.
+    """
+
+    x: torch.Tensor
+    other: torch.Tensor | None
+    cut: torch.Tensor
+    put: torch.Tensor
+
+    @property
+    def choice(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where it cut and what it put there (zero elsewhere)."""
+        return self.cut.clone(), self.put.clone()
+
+    def held(self, choice: Any) -> torch.Tensor | None:
+        """The cut's result with ``choice`` (another run's :attr:`choice`) held, or None if it does not fit."""
+        if not (isinstance(choice, tuple) and len(choice) == 2 and all(isinstance(t, torch.Tensor) for t in choice)):
+            return None
+        cut, put = choice
+        if cut.shape != self.cut.shape or cut.dtype != torch.bool or put.shape != self.put.shape:
+            return None
+        with torch.no_grad():
+            bound = put if self.other is None else self.other
+            return torch.where(cut, bound, self.x).to(self.put.dtype)
+
+
+def _selection(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], out: Any) -> _Selection | None:
+    """The places a cut that selects cut (see :class:`_Selection`), or None for any other call, one that
+    writes into a tensor, or bounds of tensors (which of two it put cannot be told)."""
+    name = getattr(func, "__name__", "").partition(".")[0].lstrip("_")  # (an aten operator; F.threshold)
+    x = _arg(args, kwargs, 0, "input")
+    if name not in _SELECTING or not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
+        return None
+    if not (out.is_floating_point() and x.is_floating_point()) or x.shape != out.shape:
+        return None
+    rest = [*args[1:], *(v for k, v in kwargs.items() if k != "input")]
+    tensors = [t for t in rest if isinstance(t, torch.Tensor)]
+    if name in ("maximum", "minimum", "fmax", "fmin", "max", "min"):
+        if len(tensors) != 1 or len(rest) != 1:
+            return None
+        other: torch.Tensor | None = tensors[0]
+    elif tensors:
+        return None
+    else:
+        other = None
+    with torch.no_grad():
+        cut = out != x
+        return _Selection(x.detach(), None if other is None else other.detach(), cut, torch.where(cut, out, 0).detach())
 
 
 #: Cuts to a step (a count as a float): earlier choices like comparisons, unlike ``relu``/``clamp`` of scores.

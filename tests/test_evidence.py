@@ -255,10 +255,13 @@ def perturb(model: nn.Module, scale: float = 3.0) -> None:
                 p.add_(scale * torch.randn(p.shape, generator=g))
 
 
-def assert_capture_and_replay_are_exact(model: nn.Module, **attach: object) -> mr.Session:
+def assert_capture_and_replay_are_exact(
+    model: nn.Module, *, dtype: torch.dtype = torch.float32, **attach: object
+) -> mr.Session:
     """Capture records the experts used; after the routers change, replay makes the experts receive the
-    recorded tokens, and free routing would not have."""
-    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+    recorded tokens, and free routing would not have. ``dtype``: of the model and its input."""
+    model.to(dtype)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(dtype)
     spy = ExpertSpy(model)
     try:
         with mr.attach(model, **attach) as session:
@@ -711,6 +714,14 @@ class ThresholdFunctionRouter(GroupLimitedRouter):
         return F.threshold(w, 0.2, 0.0), idx
 
 
+class ClampCutRouter(GroupLimitedRouter):
+    """A cut by ``clamp``: the weights less 0.2, those under it at zero; held by where it cut, not by what."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = torch.topk(F.linear(x, self.weight).softmax(-1), self.top_k, dim=-1)
+        return torch.clamp(w - 0.2, min=0.0), idx
+
+
 class OutArgumentRouter(GroupLimitedRouter):
     """A minimum-weight cut written through ``out=``."""
 
@@ -733,7 +744,7 @@ class ScoresThresholdRouter(GroupLimitedRouter):
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize(
     "router",
-    [MinimumWeightRouter, TopPRouter, ScoreCapacityRouter, ThresholdFunctionRouter, OutArgumentRouter],
+    [MinimumWeightRouter, TopPRouter, ScoreCapacityRouter, ThresholdFunctionRouter, ClampCutRouter, OutArgumentRouter],
 )
 @pytest.mark.parametrize("tokens", [T, 1])
 def test_a_choice_from_the_scores_after_the_decision_is_refused(router: type[nn.Module], tokens: int) -> None:
@@ -795,6 +806,30 @@ class SortedSlotsBlock(RouterBlock):
 )
 def test_choices_after_the_decision_that_change_no_expert_replay_exactly(block: Callable[[], nn.Module]) -> None:
     assert_capture_and_replay_are_exact(TwoLayers(block))
+
+
+class ClampedSumRouter(nn.Module):
+    """ERNIE-4.5-MoE's router: softmax in float32, a top-k, the weights divided by their sum clamped away from
+    zero (a guard that cuts nowhere here), returned in the input's dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(0.3 * torch.randn(E, D))
+        self.top_k, self.num_experts = 2, E
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x.float(), self.weight.float()).softmax(-1)
+        _, idx = torch.topk(probs, self.top_k, dim=-1)
+        w = probs.gather(1, idx)
+        return (w / torch.clamp(w.sum(-1, keepdim=True), min=1e-12)).to(x.dtype), idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_a_guarded_division_of_the_weights_is_no_choice_in_half_precision(dtype: torch.dtype) -> None:
+    """Once refused in float16 as a choice from the scores after the decision: the clamped sum was held at
+    its value on the real inputs while the forward ran on others, so weights were divided by an unrelated
+    sum and rounded to zero in float16, as if an expert had been dropped. A cut is held by where it cut."""
+    assert_capture_and_replay_are_exact(TwoLayers(lambda: RouterBlock(ClampedSumRouter())), dtype=dtype)
 
 
 class PackedInputRouter(MinimumWeightRouter):
