@@ -24,6 +24,7 @@ are split by their order alone, unchecked.
 
 from __future__ import annotations
 
+import copy
 import operator
 import weakref
 from collections.abc import Callable
@@ -125,9 +126,9 @@ class FeedRecord:
         patched = []
         for name in names:
             before = own.get(name)
-            method = _noting(record, ref, name, before)
-            own[name] = method
-            patched.append((name, method, before))
+            noting = _Noting(record, name, before, ref)
+            own[name] = noting
+            patched.append((name, noting, before))
         self._caches[id(cache)] = (ref, patched)
 
     def _unwatch(self) -> None:
@@ -137,8 +138,8 @@ class FeedRecord:
             if cache is None:
                 continue
             own = vars(cache)
-            for name, method, before in patched:
-                if own.get(name) is method:
+            for name, noting, before in patched:
+                if own.get(name) is noting:
                     if before is None:
                         del own[name]
                     else:
@@ -163,24 +164,43 @@ class FeedRecord:
         return _flat([f.ids for f in fed], sizes, torch.long), _flat([f.mask for f in fed], sizes, torch.int8)
 
 
-def _noting(record: weakref.ref[FeedRecord], cache: weakref.ref[Any], name: str, before: Any) -> Callable[..., Any]:
-    """A cache method (set on the cache itself) that notes its call in ``record`` while it captures, then runs
-    as before.
+class _Noting:
+    """A cache's row-moving method while a capture watches it: notes the call in the record, then runs as before.
 
-    It holds the cache by a weak reference only: a method bound to it in its own ``__dict__`` would be a
-    reference cycle, keeping every cache of a capture (the whole KV tensors) alive until the cycle collector
-    runs, long after the forward that used it.
+    It sits in the cache's instance dict, and holds the cache and the record by weak
+    reference only: a cache that the decode loop drops during the capture (each
+    ``generate()`` call makes its own) goes with its tensors at once, as it would unwatched,
+    not at the end of the capture or at the next garbage collection.
     """
 
-    def method(*args: Any, **kwargs: Any) -> Any:
-        rec, obj = record(), cache()
-        if rec is not None and rec._active and rec.moved is None:
-            rec.moved = f"{type(obj).__name__}.{name}"
-        if before is not None:
-            return before(*args, **kwargs)
-        return getattr(type(obj), name)(obj, *args, **kwargs)
+    __slots__ = ("before", "cache", "name", "record")
 
-    return method
+    def __init__(self, record: weakref.ref[FeedRecord] | None, name: str, before: Any, cache: weakref.ref[Any]) -> None:
+        self.record = record
+        self.name = name
+        self.before = before  # what the instance dict held under ``name`` before, or None: the class's method
+        self.cache = cache
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        cache = self.cache()
+        rec = self.record() if self.record is not None else None
+        if rec is not None and rec._active and rec.moved is None:
+            rec.moved = f"{type(cache).__name__}.{self.name}"
+        if self.before is not None:
+            return self.before(*args, **kwargs)
+        return getattr(type(cache), self.name)(cache, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        # a deep copy of the cache (deepcopy keeps it in memo before it copies the instance dict) runs its
+        # own method, unwatched: a capture watches it from the first forward it is given to
+        copied = memo.get(id(self.cache()))
+        if copied is None:
+            return self
+        return _Noting(None, self.name, copy.deepcopy(self.before, memo), weakref.ref(copied))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a pickled cache: its class's method, looked up on the cache as it is unpickled
+        return (getattr, (self.cache(), self.name))
 
 
 def _flat(parts: list[torch.Tensor | None], sizes: list[int], dtype: torch.dtype) -> torch.Tensor | None:

@@ -1,0 +1,65 @@
+"""What a capture records of the forwards it runs: token ids, prompt masks, moves of the KV cache's rows."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import weakref
+
+import pytest
+import torch
+
+import moe_replay as mr
+
+B, P, N = 3, 5, 4
+
+
+def _prompt() -> torch.Tensor:
+    return torch.randint(3, 128, (B, P), generator=torch.Generator().manual_seed(1))
+
+
+def test_a_cache_dropped_during_a_capture_goes_at_once() -> None:
+    """Each generate() call of a capture makes a KV cache and drops it when done; watching its row moves must not
+    keep it (and its tensors) alive until the capture ends, nor leave it to the garbage collector."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    caches = []
+    with mr.attach(model) as session:
+        enabled = gc.isenabled()
+        gc.disable()  # freed by reference counting, as without a capture: no cycle through the watched methods
+        try:
+            with session.capture(), torch.no_grad():
+                for _ in range(3):
+                    out = model.generate(_prompt(), max_new_tokens=N, pad_token_id=0, return_dict_in_generate=True)
+                    caches.append(weakref.ref(out.past_key_values))
+                    assert "reorder_cache" in vars(out.past_key_values)  # the premise: it is watched
+                    del out
+                    assert caches[-1]() is None
+        finally:
+            if enabled:
+                gc.enable()
+        assert len(session.routes()._call_rows) == 6  # three prompt forwards and their decode steps
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_watched_cache_moves_its_own_rows(how: str) -> None:
+    """A cache copied while a capture watches it: the copy's row moves act on the copy (and are seen once
+    a later forward is given it), the original's methods are put back at the end."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    transformers = pytest.importorskip("transformers")
+    model = tiny_hf.build("mixtral")
+    with mr.attach(model) as session:
+        cache = transformers.DynamicCache(config=model.config)
+        with session.capture(), torch.no_grad():
+            model(_prompt(), cache=cache, use_cache=True)
+            copied = copy.deepcopy(cache) if how == "deepcopy" else pickle.loads(pickle.dumps(cache))
+            keys = cache.layers[0].keys.clone()
+            copied.reorder_cache(torch.tensor([2, 0, 1]))
+            assert torch.equal(cache.layers[0].keys, keys)  # the original did not move
+            assert torch.equal(copied.layers[0].keys, keys[[2, 0, 1]])
+            assert session._feeds.moved is None  # not the rows of a cache the capture's forwards were given
+            model(_prompt()[:, :1], cache=copied, use_cache=True)
+            copied.reorder_cache(torch.tensor([1, 2, 0]))
+        assert "reorder_cache" not in vars(cache)
+        assert session.routes()._rows_moved == "DynamicCache.reorder_cache"
