@@ -60,12 +60,20 @@ class _Forward:
 
 
 class FeedRecord:
-    """The inputs of each forward of one model during a capture, and any move of its cache's rows."""
+    """The inputs of each forward of one model during a capture, and any move of its cache's rows.
 
-    def __init__(self) -> None:
+    Args:
+        keep_inputs: keep each forward's ids and prompt mask. A capture whose rows cannot be
+            lined up with its forwards (a ``keep_newest`` ring, which drops its oldest rows
+            and keeps no count of its calls) watches the cache alone: its forwards would
+            pile up for as long as it runs, and :meth:`rows` could not use them.
+    """
+
+    def __init__(self, keep_inputs: bool = True) -> None:
         self.forwards: list[_Forward] = []
         #: the first cache method that moved rows during the capture, as ``Class.method``
         self.moved: str | None = None
+        self._keep_inputs = keep_inputs
         self._caches: dict[int, tuple[Any, list[tuple[str, Any, Any]]]] = {}
         self._active = False
 
@@ -84,6 +92,20 @@ class FeedRecord:
 
     def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """One forward of the model: keep its ids and prompt mask, watch its cache (runs once per forward)."""
+        if self._keep_inputs:
+            self._keep(args, kwargs)
+        for value in kwargs.values():  # the cache, under whatever name (cache, past_key_values, cache_params...)
+            kind = type(value)
+            moves = _MOVES_OF.get(kind)
+            if moves is None:
+                moves = _MOVES_OF[kind] = tuple(name for name in ROW_MOVES if callable(getattr(kind, name, None)))
+            if moves:
+                seen = self._caches.get(id(value))
+                if seen is None or seen[0]() is not value:
+                    self._watch(value, moves)
+
+    def _keep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Keep a copy of the ids a forward was fed, and of its prompt mask."""
         ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() > 0:
             count, kept = ids.numel(), ids.clone()  # (ids carry no autograd history)
@@ -105,15 +127,6 @@ class FeedRecord:
         else:
             mask = None
         self.forwards.append(_Forward(count, kept, mask))
-        for value in kwargs.values():  # the cache, under whatever name (cache, past_key_values, cache_params...)
-            kind = type(value)
-            moves = _MOVES_OF.get(kind)
-            if moves is None:
-                moves = _MOVES_OF[kind] = tuple(name for name in ROW_MOVES if callable(getattr(kind, name, None)))
-            if moves:
-                seen = self._caches.get(id(value))
-                if seen is None or seen[0]() is not value:
-                    self._watch(value, moves)
 
     def _watch(self, cache: Any, names: tuple[str, ...]) -> None:
         """Note calls of ``cache``'s row-moving methods ``names`` while this capture runs."""
@@ -155,7 +168,7 @@ class FeedRecord:
         router calls (unknown calls, forwards in compiled code, a router called more than
         once per forward, forwards of another model).
         """
-        if calls is None:
+        if calls is None or not self._keep_inputs:
             return None, None
         sizes = [n for n, c in calls for _ in range(c)]
         fed = [f for f in self.forwards if f.count]

@@ -789,8 +789,9 @@ class Session:
         Inside :meth:`replay`, a capture records the forced experts.
 
         Once per forward of the model (not per router call), a capture also keeps a copy of
-        the token ids fed, on their device, and the attention mask of a prompt forward, and
-        watches the KV cache given to the model for calls that move its rows (beam search's
+        the token ids fed, on their device, and the attention mask of a prompt forward (not
+        with ``keep_newest``, whose rows no longer line up with the forwards), and watches
+        the KV cache given to the model for calls that move its rows (beam search's
         ``reorder_cache``): :func:`~moe_replay.split_generation` checks a ``generate()``
         capture against them.
 
@@ -875,7 +876,7 @@ class Session:
             h.calls = h.decisions = 0
         self._has_capture = True
         if clear or self._feeds is None:
-            self._feeds = FeedRecord()
+            self._feeds = FeedRecord(keep_inputs=not self.keep_newest)
         model = self._model_ref()
         stop_feeds = self._feeds.start(model) if model is not None else None
         stop = self._watch()

@@ -63,3 +63,18 @@ def test_a_copy_of_a_watched_cache_moves_its_own_rows(how: str) -> None:
             copied.reorder_cache(torch.tensor([1, 2, 0]))
         assert "reorder_cache" not in vars(cache)
         assert session.routes()._rows_moved == "DynamicCache.reorder_cache"
+
+
+def test_a_keep_newest_capture_keeps_no_inputs_but_sees_row_moves() -> None:
+    """A keep_newest session keeps a bounded ring for a capture of any length; the inputs of its forwards, which
+    no split can line up with its rows, must not pile up beside it. Its cache's row moves are still seen."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    with mr.attach(model, keep_newest=True, capacity=4 * B * P) as session:
+        with session.capture(), torch.no_grad():
+            for _ in range(20):
+                model(_prompt())
+            assert session._feeds.forwards == []
+            model.generate(_prompt(), max_new_tokens=N, num_beams=2, pad_token_id=0)
+        routes = session.routes()
+    assert routes._fed_ids is None and routes._rows_moved == "DynamicCache.reorder_cache"
