@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -76,11 +77,17 @@ class FeedRecord:
         self._keep_inputs = keep_inputs
         self._caches: dict[int, tuple[Any, list[tuple[str, Any, Any]]]] = {}
         self._active = False
+        self._thread: int | None = None  # the thread whose forwards are recorded: the one that started it
 
     # ------------------------------------------------------------- recording
     def start(self, model: nn.Module) -> Callable[[], None]:
-        """Record the forwards of ``model`` until the returned function is called."""
+        """Record the forwards of ``model`` in this thread until the returned function is called.
+
+        A forward in another thread is not the capture's (its routers refuse it): left out, it
+        would leave the forwards out of line with the rows.
+        """
         self._active = True
+        self._thread = threading.get_ident()
         handle = model.register_forward_pre_hook(_FeedHook(self), with_kwargs=True)
 
         def stop() -> None:
@@ -242,7 +249,8 @@ class _FeedHook:
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if torch.compiler.is_compiling() or graph_capturing():  # (nothing baked into a graph's every replay)
             return None
-        self.record.fed(args, kwargs)
+        if threading.get_ident() == self.record._thread:
+            self.record.fed(args, kwargs)
         return None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:

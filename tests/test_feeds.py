@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
+import threading
 import weakref
 
 import pytest
@@ -78,3 +79,30 @@ def test_a_keep_newest_capture_keeps_no_inputs_but_sees_row_moves() -> None:
             model.generate(_prompt(), max_new_tokens=N, num_beams=2, pad_token_id=0)
         routes = session.routes()
     assert routes._fed_ids is None and routes._rows_moved == "DynamicCache.reorder_cache"
+
+
+def test_a_forward_in_another_thread_leaves_the_capture_checked() -> None:
+    """A forward of the model in another thread while a capture runs is refused by the routers; it must not count
+    as one of the capture's forwards either, or the recorded inputs no longer line up with the rows and the checks
+    of what each row was fed are silently dropped."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt = _prompt()
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            model(prompt[:1, :2])
+        except mr.MoEReplayError as e:
+            errors.append(e)
+
+    with mr.attach(model) as session:
+        with session.capture():
+            seq = model.generate(prompt, N)
+            thread = threading.Thread(target=other)
+            thread.start()
+            thread.join()
+        capture = session.routes()
+    assert len(errors) == 1  # the premise: the other thread's forward was refused
+    assert len(mr.split_generation(capture, batch_size=B, prompt_len=P, sequences=seq)) == B
+    with pytest.raises(mr.RoutesValidationError, match="do not hold the prompts"):
+        mr.split_generation(capture, batch_size=B, prompt_len=P, sequences=seq[[1, 0, 2]])
