@@ -150,21 +150,40 @@ def _pack(routes: Routes, device: torch.device) -> torch.Tensor:
     return torch.cat(flat).to(device) if flat else torch.empty(0, dtype=dtype, device=device)
 
 
-def _calls(routes: Routes) -> tuple[int, list[int]]:
-    """What a capture knows of its forwards: its count of ``(rows, calls)`` runs (-1: none known), the runs flat.
+def _known(routes: Routes) -> list[int]:
+    """What a capture knows of its forwards, as ints: the ``(rows, calls)`` runs, what each row was fed, moves.
 
     :meth:`Session.routes` records them and :func:`~moe_replay.split_generation` checks them (and
     the rows a ``keep_newest`` capture dropped); routes sent to another rank are the same capture,
-    so they travel with the rows and :func:`_restore` puts them back.
+    so they travel with the rows and :func:`_restore` puts them back. Laid out as: the count of
+    runs (-1: none known) and the runs flat; the length of the name of the cache method that
+    moved rows (0: none) and its UTF-8 bytes; the count of rows whose fed token ids are known
+    (-1: none) and those ids; likewise the prompt-mask values.
     """
     calls = routes._call_rows
-    return (-1, []) if calls is None else (len(calls), [int(v) for run in calls for v in run])
+    out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
+    moved = (routes._rows_moved or "").encode()
+    out += [len(moved), *moved]
+    for fed in (routes._fed_ids, routes._fed_mask):
+        out += [-1] if fed is None else [fed.numel(), *fed.tolist()]
+    return out
 
 
-def _restore(routes: Routes, runs: int, flat: Sequence[int], dropped: int) -> Routes:
-    """Routes received from another rank, with its capture's forwards and dropped rows (see :func:`_calls`)."""
+def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
+    """Routes received from another rank, with its capture's forwards and dropped rows (see :func:`_known`)."""
+    runs, at = int(known[0]), 1
     if runs >= 0:
-        routes._call_rows = tuple((int(flat[2 * i]), int(flat[2 * i + 1])) for i in range(runs))
+        routes._call_rows = tuple((int(known[at + 2 * i]), int(known[at + 2 * i + 1])) for i in range(runs))
+        at += 2 * runs
+    n, at = int(known[at]), at + 1
+    routes._rows_moved = bytes(int(b) for b in known[at : at + n]).decode() if n else None
+    at += n
+    fed: list[torch.Tensor | None] = []
+    for dtype in (torch.long, torch.int8):
+        n, at = int(known[at]), at + 1
+        fed.append(torch.tensor(list(known[at : at + n]), dtype=dtype) if n >= 0 else None)
+        at += max(n, 0)
+    routes._fed_ids, routes._fed_mask = fed
     routes._dropped_rows = int(dropped)
     return routes
 
@@ -201,11 +220,11 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
     device = _device(group)
     world = len(ranks)
     ok = isinstance(routes, Routes)
-    runs, calls = _calls(routes) if ok else (-1, [])
+    known = _known(routes) if ok else []
     # a header of the same size on every rank, whatever it holds: a rank that cannot take part says so here,
     # and every rank raises, instead of one raising while the others wait in a collective
     fixed = (
-        [1, *_fingerprint_words(routes), routes.num_layers, int(routes._validated), routes._dropped_rows, runs]
+        [1, *_fingerprint_words(routes), routes.num_layers, int(routes._validated), routes._dropped_rows, len(known)]
         if ok
         else [0] * 7
     )
@@ -224,11 +243,8 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
             "the ranks hold routes of different router sets (names, expert counts or k differ): every rank "
             f"must capture with the same model; this rank's routes: {routes!r}"
         )
-    # every rank's row counts per router, then its capture's forwards (padded to the most any rank has)
-    most = max(max(h[6], 0) for h in rows)
-    sizes = torch.tensor(
-        [*routes.tokens_per_layer, *calls, *[0] * (2 * most - len(calls))], dtype=torch.int64, device=device
-    )
+    # every rank's row counts per router
+    sizes = torch.tensor(routes.tokens_per_layer, dtype=torch.int64, device=device)
     all_sizes = [torch.empty_like(sizes) for _ in range(world)]
     if sizes.numel():
         dist.all_gather(all_sizes, sizes, group=group)
@@ -243,12 +259,17 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
     is_dst = dist.get_rank() == dst
     bufs = [torch.empty_like(padded) for _ in range(world)] if is_dst else None
     dist.gather(padded, bufs, dst=dst, group=group)
+    # then what its capture knows of its forwards, padded to the most any rank has
+    most = max(h[6] for h in rows)
+    sent = torch.tensor(known + [0] * (most - len(known)), dtype=torch.int64, device=device)
+    knowns = [torch.empty_like(sent) for _ in range(world)] if is_dst else None
+    dist.gather(sent, knowns, dst=dst, group=group)
     if not is_dst:
         return None
-    assert bufs is not None
+    assert bufs is not None and knowns is not None
     return [
-        _restore(_unpack(b[:n].cpu(), ts, routes, bool(h[4])), h[6], g[layers:], h[5])
-        for b, n, ts, h, g in zip(bufs, lengths, tokens, rows, got, strict=True)
+        _restore(_unpack(b[:n].cpu(), ts, routes, bool(h[4])), k[: h[6]].tolist(), h[5])
+        for b, n, ts, h, k in zip(bufs, lengths, tokens, rows, knowns, strict=True)
     ]
 
 
@@ -294,6 +315,7 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
     root = _peer(src, ranks)
     is_src = root >= 0 and dist.get_rank() == root
     meta: list[int] = [0, 0, 0, 0, 0]
+    sent: list[list[int]] = []  # on the source: what each part's capture knows of its forwards
     if is_src:
         refused = _scatter_refusal(parts, world)
         if refused:
@@ -302,27 +324,28 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
             assert parts is not None
             first = parts[0]
             names = [n.encode() for n in first.names]
-            sent = [_calls(p) for p in parts]
+            sent = [_known(p) for p in parts]
             meta = [0, first.num_layers, sum(len(n) for n in names), int(_wire_dtype(first) == torch.int32)]
-            meta.append(sum(len(flat) for _, flat in sent))
+            meta.append(max(len(known) for known in sent))
             meta += [*first.experts_per_layer, *first.k_per_layer, *(len(n) for n in names)]
             meta += [int(p._validated) for p in parts]
             for p in parts:
                 meta += list(p.tokens_per_layer)
-            for p, (runs, flat) in zip(parts, sent, strict=True):
-                meta += [p._dropped_rows, runs, *flat]
+            for p, known in zip(parts, sent, strict=True):
+                meta += [p._dropped_rows, len(known)]
     # every rank says which rank it takes for the source (all must agree before a broadcast from it), and
-    # the source its layout: whether it refused, router count, names length, index width, forwards' length
+    # the source its layout: whether it refused, router count, names length, index width, the longest of
+    # what the parts' captures know of their forwards (scattered after the rows)
     head = torch.tensor([root, *meta[:5]], dtype=torch.int64, device=device)
     heads = [torch.empty_like(head) for _ in range(world)]
     dist.all_gather(heads, head, group=group)
     rows = [h.tolist() for h in heads]
     src = _check_peers(src, [h[0] for h in rows], ranks, "scatter_routes", "src")
-    refused, layers, name_bytes, wide, flat_len = rows[ranks.index(src)][1:]
+    refused, layers, name_bytes, wide, longest_known = rows[ranks.index(src)][1:]
     if refused:
         cls, text = _SCATTER_REFUSALS[refused]
         raise cls(text.format(world=world, src=src))
-    body = torch.zeros(3 * layers + world + world * layers + 2 * world + flat_len, dtype=torch.int64, device=device)
+    body = torch.zeros(3 * layers + world + world * layers + 2 * world, dtype=torch.int64, device=device)
     names_t = torch.zeros(name_bytes, dtype=torch.uint8, device=device)
     if is_src:
         body.copy_(torch.tensor(meta[5:], dtype=torch.int64))
@@ -337,12 +360,7 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
     at = 3 * layers + world
     tokens = [b[at + r * layers : at + (r + 1) * layers] for r in range(world)]
     at += world * layers
-    forwards = []  # each part's (dropped rows, runs, flat runs)
-    for _ in range(world):
-        dropped, runs = b[at], b[at + 1]
-        n = 2 * max(runs, 0)
-        forwards.append((dropped, runs, b[at + 2 : at + 2 + n]))
-        at += 2 + n
+    forwards = [(b[at + 2 * r], b[at + 2 * r + 1]) for r in range(world)]  # each part's (dropped rows, known)
     raw, names_list, start = bytes(names_t.cpu().tolist()), [], 0
     for n in name_lens:
         names_list.append(raw[start : start + n].decode())
@@ -360,6 +378,16 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
             flat = _pack(p, device)
             chunks.append(torch.cat([flat, flat.new_zeros(longest - flat.numel())]))
     dist.scatter(out, chunks, src=src, group=group)
+    known = torch.zeros(longest_known, dtype=torch.int64, device=device)
+    dist.scatter(
+        known,
+        [torch.tensor(k + [0] * (longest_known - len(k)), dtype=torch.int64, device=device) for k in sent]
+        if is_src
+        else None,
+        src=src,
+        group=group,
+    )
     me = dist.get_rank(group)
-    dropped, runs, flat = forwards[me]
-    return _restore(_unpack(out[: lengths[me]].cpu(), tokens[me], like, bool(validated[me])), runs, flat, dropped)
+    dropped, count = forwards[me]
+    routes = _unpack(out[: lengths[me]].cpu(), tokens[me], like, bool(validated[me]))
+    return _restore(routes, known[:count].tolist(), dropped)

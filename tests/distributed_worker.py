@@ -197,13 +197,36 @@ def check_group_refusals(rank: int, world: int) -> None:
     assert scatter_routes(gather_routes(a)).equal(a), "the group is usable after the refusals"
 
 
-def _decode(model: torch.nn.Module, ids: torch.Tensor, prefill: int) -> None:
-    """A prefill of ``ids`` in chunks of ``prefill`` positions, then two decode steps of every sequence."""
-    past = None
+class _Cache(list):
+    """A KV cache (the reference model's list of layers) that can reorder its rows, as beam search does."""
+
+    def reorder_cache(self, order: torch.Tensor) -> None:
+        self[:] = [(k[order], v[order]) for k, v in self]
+
+
+def _decode(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    prefill: int,
+    mask: torch.Tensor | None = None,
+    reorder: torch.Tensor | None = None,
+) -> None:
+    """A prefill of ``ids`` in chunks of ``prefill`` positions, then two decode steps of every sequence.
+
+    ``mask``: the prompt's attention mask. ``reorder``: the cache's rows are put in this order
+    between the steps.
+    """
+    past = _Cache()  # one cache object, updated in place (as transformers' DynamicCache is)
     for at in range(0, ids.shape[1], prefill):
-        past = model(ids[:, at : at + prefill], past_key_values=past, use_cache=True).past_key_values
+        past[:] = model(
+            ids[:, at : at + prefill], past_key_values=past, use_cache=True, attention_mask=mask
+        ).past_key_values
     for _ in range(2):
-        past = model(ids[:, :1], past_key_values=past, use_cache=True).past_key_values
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        past[:] = model(ids[:, :1], past_key_values=past, use_cache=True, attention_mask=mask).past_key_values
+        if reorder is not None:
+            past.reorder_cache(reorder)
 
 
 def check_forwards_travel(rank: int, model: torch.nn.Module, session: mr.Session) -> None:
@@ -220,8 +243,26 @@ def check_forwards_travel(rank: int, model: torch.nn.Module, session: mr.Session
         _decode(model, ids, 4)
     plain = session.routes()
     want = split(plain, prompt_len=4)
+    seq = torch.cat([ids, ids[:, :1], ids[:, :1], ids[:, :1]], dim=1).cpu()  # the prompt, the tokens fed, one more
     for r in trip(plain):
         assert all(a.equal(b) for a, b in zip(split(r, prompt_len=4), want, strict=True))
+        assert all(a.equal(b) for a, b in zip(split(r, prompt_len=4, sequences=seq), want, strict=True))
+        # what each row was fed travels too: sequences in another order are refused
+        _raises(
+            mr.RoutesValidationError,
+            "do not hold the prompts",
+            lambda r=r: split(r, prompt_len=4, sequences=seq[[1, 0]]),
+        )
+    # the prompt forward's attention mask: a split without it is refused after the trip too
+    with session.capture(), torch.no_grad():
+        _decode(model, ids, 4, mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], device=ids.device))
+    for r in trip(session.routes()):
+        _raises(mr.RoutesValidationError, "not the attention mask", functools.partial(split, r, prompt_len=4))
+    # a cache that moved its rows between the steps (beam search): no split by the row order
+    with session.capture(), torch.no_grad():
+        _decode(model, ids, 4, reorder=torch.tensor([1, 0], device=ids.device))
+    for r in trip(session.routes()):
+        _raises(mr.RoutesValidationError, "_Cache.reorder_cache", functools.partial(split, r, prompt_len=4))
     # a prefill in two chunks has the row count of one: refused here, so refused after the trip too
     with session.capture(), torch.no_grad():
         _decode(model, ids, 2)
