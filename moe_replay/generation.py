@@ -335,7 +335,11 @@ def _check_prompt_mask(
         )
     else:
         given = "none given: every prompt position a token"
-        hint = "generate() ran with padding: pass the attention_mask it was given"
+        hint = (
+            "generate() ran with padding: pass the attention_mask it was given. Given none, transformers' "
+            "generate() makes one that marks every pad_token_id in the prompts as padding, a real token of that "
+            "id too: pass input_ids.ne(pad_token_id), or generate with an explicit attention_mask"
+        )
     say = {True: "a token", False: "padding"}
     raise RoutesValidationError(
         f"the prompt mask ({given}) is not the attention mask generate()'s prompt forward ran with: "

@@ -488,6 +488,27 @@ def test_a_prompt_mask_other_than_generates_is_refused() -> None:
     assert all(a.equal(b) for a, b in zip(left, mr.split_generation(capture, attention_mask=mask), strict=True))
 
 
+def test_hf_generate_without_a_mask_over_a_prompt_holding_the_pad_id_names_the_mask_it_made() -> None:
+    """A prompt that holds the pad token id as a real token, generated without an attention_mask: transformers
+    makes one that marks it as padding, so a split without a mask is refused. The refusal names that mask
+    (the user gave none), and with it the split replays exactly."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt = _prompt()[0].clamp(min=3)  # no padding
+    prompt[1, 2] = 0  # the pad id, as a real token
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            seq = model.generate(prompt, max_new_tokens=N, pad_token_id=0)
+        with pytest.raises(mr.RoutesValidationError, match=r"none given.*input_ids\.ne\(pad_token_id\)"):
+            mr.split_generation(session.routes(), batch_size=B, prompt_len=P, sequences=seq)
+        mask = prompt.ne(0).long()
+        parts = mr.split_generation(session.routes(), attention_mask=mask, sequences=seq, keep_padding=True)
+        full_mask = torch.cat([mask, torch.ones(B, N, dtype=torch.long)], dim=1)
+        with session.replay(mr.Routes.cat(parts)), session.capture(), torch.no_grad():
+            model(seq, attention_mask=full_mask)
+        assert mr.compare(mr.Routes.cat(parts), session.routes()).overall == 0.0
+
+
 def test_hf_generate_from_inputs_embeds_output_without_the_prompt_is_named() -> None:
     """generate(inputs_embeds=...) returns only the new tokens: refused, naming it; with the prompt first it replays."""
     tiny_hf = pytest.importorskip("tests.tiny_hf")
