@@ -101,7 +101,7 @@ class FeedRecord:
         """One forward of the model: keep its ids and prompt mask, watch its cache (runs once per forward)."""
         if self._keep_inputs:
             self._keep(args, kwargs)
-        for value in kwargs.values():  # the cache, under whatever name (cache, past_key_values, cache_params...)
+        for value in (*args, *kwargs.values()):  # the cache, at any place or name (cache, past_key_values...)
             kind = type(value)
             moves = _MOVES_OF.get(kind)
             if moves is None:

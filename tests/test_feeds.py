@@ -106,3 +106,32 @@ def test_a_forward_in_another_thread_leaves_the_capture_checked() -> None:
     assert len(mr.split_generation(capture, batch_size=B, prompt_len=P, sequences=seq)) == B
     with pytest.raises(mr.RoutesValidationError, match="do not hold the prompts"):
         mr.split_generation(capture, batch_size=B, prompt_len=P, sequences=seq[[1, 0, 2]])
+
+
+class _Cache(list):
+    """The reference model's KV cache (a list of layers), updated in place, that can reorder its rows."""
+
+    def reorder_cache(self, order: torch.Tensor) -> None:
+        self[:] = [(k[order], v[order]) for k, v in self]
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_a_cache_given_at_any_place_is_watched(positional: bool) -> None:
+    """A decode loop of one's own that reorders its cache's rows between steps: seen whether the loop gives the
+    model its cache by name or by position."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt = _prompt()
+    cache, step = _Cache(), prompt
+    with mr.attach(model) as session:
+        with session.capture():
+            for _ in range(N - 1):
+                if positional:
+                    out = model(step, None, cache, True)
+                else:
+                    out = model(step, past_key_values=cache, use_cache=True)
+                cache[:] = out.past_key_values
+                cache.reorder_cache(torch.tensor([2, 0, 1]))
+                step = out.logits[:, -1:].argmax(-1)
+        with pytest.raises(mr.RoutesValidationError, match=r"_Cache\.reorder_cache"):
+            mr.split_generation(session.routes(), batch_size=B, prompt_len=P)
+    assert "reorder_cache" not in vars(cache)
