@@ -116,20 +116,23 @@ class FeedRecord:
         ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() > 0:
             count, kept = ids.numel(), ids.clone()  # (ids carry no autograd history)
+            fed = ids.shape if ids.dim() == 2 else None
         else:
             embeds = kwargs.get("inputs_embeds")
             count = int(embeds.shape[:-1].numel()) if isinstance(embeds, torch.Tensor) and embeds.dim() > 1 else -1
             kept = None
+            fed = embeds.shape[:2] if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 else None
         mask = kwargs.get("attention_mask")
-        width = kept.shape[-1] if kept is not None and kept.dim() == 2 else 0
-        if (
-            width > 1
+        if (  # [batch, positions] fed, several per sequence: a prompt forward (or a training one)
+            fed is not None
+            and fed[1] > 1
             and isinstance(mask, torch.Tensor)
             and not mask.is_floating_point()  # (an additive float mask holds no 0/1)
             and mask.dim() == 2
-            and mask.shape[0] == kept.shape[0]  # type: ignore[union-attr]
-            and mask.shape[1] >= width
+            and mask.shape[0] == fed[0]
+            and mask.shape[1] >= fed[1]
         ):
+            width = fed[1]
             mask = mask[:, -width:] != 0  # (a copy)
         else:
             mask = None

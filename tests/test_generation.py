@@ -534,6 +534,32 @@ def test_hf_generate_from_inputs_embeds_output_without_the_prompt_is_named() -> 
         assert mr.compare(mr.Routes.cat(parts), session.routes()).overall == 0.0
 
 
+@pytest.mark.reliability("bad inputs")
+def test_hf_generate_from_inputs_embeds_checks_the_prompt_mask() -> None:
+    """A prompt fed as embeddings has no ids to check the sequences' prompt tokens against, so the prompt mask
+    is the one check of the prompt rows: prompt lengths padded on the wrong side are refused (they split, with
+    or without sequences, giving prompt tokens the rows of padding)."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            new = model.generate(
+                inputs_embeds=model.get_input_embeddings()(prompt),
+                attention_mask=mask,
+                max_new_tokens=N,
+                pad_token_id=0,
+            )
+        capture = session.routes()
+    seq = torch.cat([prompt, new], dim=1)
+    lengths = mask.sum(dim=1)
+    for given in (dict(sequences=seq), {}):
+        with pytest.raises(mr.RoutesValidationError, match=r"padded on the left: pass padding_side='left'"):
+            mr.split_generation(capture, prompt_lengths=lengths, prompt_len=P, padding_side="right", **given)
+    left = mr.split_generation(capture, prompt_lengths=lengths, prompt_len=P, sequences=seq)
+    assert all(a.equal(b) for a, b in zip(left, mr.split_generation(capture, attention_mask=mask), strict=True))
+
+
 def test_generation_capacity_holds_a_generate_call_without_growing() -> None:
     """capture(expected_tokens=generation_capacity(...)) allocates once; generate() then never grows a ring."""
     model = mr.models.build("softmax_topk")
