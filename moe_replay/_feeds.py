@@ -169,6 +169,21 @@ class FeedRecord:
                         own[name] = before
         self._caches.clear()
 
+    def to_host(self) -> None:
+        """Move the kept inputs to the host, one copy per device and dtype: a detached session holds no device
+        memory (its :meth:`Session.routes` still reads them)."""
+        for name in ("ids", "mask"):
+            groups: dict[tuple[torch.device, torch.dtype], list[_Forward]] = {}
+            for f in self.forwards:
+                t = getattr(f, name)
+                if t is not None and t.device.type not in ("cpu", "meta"):
+                    groups.setdefault((t.device, t.dtype), []).append(f)
+            for held in groups.values():
+                parts = [getattr(f, name) for f in held]
+                flat = torch.cat([p.reshape(-1) for p in parts]).cpu()
+                for f, p, host in zip(held, parts, flat.split([p.numel() for p in parts]), strict=True):
+                    setattr(f, name, host.view(p.shape))
+
     # ------------------------------------------------------------- reading
     def rows(self, calls: tuple[tuple[int, int], ...] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The token id and prompt-mask value fed at each row of a capture whose router calls were ``calls``.

@@ -567,6 +567,8 @@ class Session:
         plan = self._removal_plan()
         self._set(capturing=False, replaying=False)
         self._keep_rows()
+        if self._feeds is not None:
+            self._feeds.to_host()  # (as the rows are)
         for action in plan:
             action()
         self._installed.clear()

@@ -108,6 +108,27 @@ def test_a_forward_in_another_thread_leaves_the_capture_checked() -> None:
         mr.split_generation(capture, batch_size=B, prompt_len=P, sequences=seq[[1, 0, 2]])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_detached_session_keeps_what_its_forwards_were_fed_on_the_host() -> None:
+    """detach() copies the rows to the host; the ids and prompt masks the capture kept go with them (a detached
+    session holds no device memory), and split_generation still checks them."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1).cuda()
+    prompt = _prompt().cuda()
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    with mr.attach(model) as session:
+        with session.capture():
+            seq = model.generate(prompt, N, attention_mask=mask)
+    kept = [t for f in session._feeds.forwards for t in (f.ids, f.mask) if t is not None]
+    assert len(kept) == N + 1 and all(t.device.type == "cpu" for t in kept)
+    capture = session.routes()
+    assert len(mr.split_generation(capture, attention_mask=mask, sequences=seq)) == B
+    with pytest.raises(mr.RoutesValidationError, match="not the attention mask"):
+        mr.split_generation(capture, prompt_len=P, sequences=seq)
+    with pytest.raises(mr.RoutesValidationError, match="do not hold the prompts"):
+        mr.split_generation(capture, attention_mask=mask, sequences=seq[[1, 0, 2]])
+
+
 class _Cache(list):
     """The reference model's KV cache (a list of layers), updated in place, that can reorder its rows."""
 
