@@ -509,20 +509,24 @@ def test_hf_generate_without_a_mask_over_a_prompt_holding_the_pad_id_names_the_m
         assert mr.compare(mr.Routes.cat(parts), session.routes()).overall == 0.0
 
 
+def _generate_from_embeds(
+    model: torch.nn.Module, session: mr.Session, prompt: torch.Tensor, mask: torch.Tensor
+) -> tuple[mr.Routes, torch.Tensor]:
+    """A capture of greedy generate(inputs_embeds=...) of ``N`` new tokens, and what it returned."""
+    with session.capture(), torch.no_grad():
+        new = model.generate(
+            inputs_embeds=model.get_input_embeddings()(prompt), attention_mask=mask, max_new_tokens=N, pad_token_id=0
+        )
+    return session.routes(), new
+
+
 def test_hf_generate_from_inputs_embeds_output_without_the_prompt_is_named() -> None:
     """generate(inputs_embeds=...) returns only the new tokens: refused, naming it; with the prompt first it replays."""
     tiny_hf = pytest.importorskip("tests.tiny_hf")
     model = tiny_hf.build("qwen3_moe")
     prompt, mask = _prompt()
     with mr.attach(model) as session:
-        with session.capture(), torch.no_grad():
-            new = model.generate(
-                inputs_embeds=model.get_input_embeddings()(prompt),
-                attention_mask=mask,
-                max_new_tokens=N,
-                pad_token_id=0,
-            )
-        capture = session.routes()
+        capture, new = _generate_from_embeds(model, session, prompt, mask)
         assert new.shape == (B, N)
         with pytest.raises(mr.RoutesValidationError, match=r"inputs_embeds.*only the new tokens.*torch.cat"):
             mr.split_generation(capture, attention_mask=mask, sequences=new)
@@ -543,14 +547,7 @@ def test_hf_generate_from_inputs_embeds_checks_the_prompt_mask() -> None:
     model = tiny_hf.build("qwen3_moe")
     prompt, mask = _prompt()
     with mr.attach(model) as session:
-        with session.capture(), torch.no_grad():
-            new = model.generate(
-                inputs_embeds=model.get_input_embeddings()(prompt),
-                attention_mask=mask,
-                max_new_tokens=N,
-                pad_token_id=0,
-            )
-        capture = session.routes()
+        capture, new = _generate_from_embeds(model, session, prompt, mask)
     seq = torch.cat([prompt, new], dim=1)
     lengths = mask.sum(dim=1)
     for given in (dict(sequences=seq), {}):
