@@ -53,14 +53,14 @@ def test_a_copy_of_a_watched_cache_moves_its_own_rows(how: str) -> None:
     with mr.attach(model) as session:
         cache = transformers.DynamicCache(config=model.config)
         with session.capture(), torch.no_grad():
-            model(_prompt(), cache=cache, use_cache=True)
+            model(_prompt(), use_cache=True, **{tiny_hf.cache_kwarg(model): cache})
             copied = copy.deepcopy(cache) if how == "deepcopy" else pickle.loads(pickle.dumps(cache))
             keys = cache.layers[0].keys.clone()
             copied.reorder_cache(torch.tensor([2, 0, 1]))
             assert torch.equal(cache.layers[0].keys, keys)  # the original did not move
             assert torch.equal(copied.layers[0].keys, keys[[2, 0, 1]])
             assert session._feeds.moved is None  # not the rows of a cache the capture's forwards were given
-            model(_prompt()[:, :1], cache=copied, use_cache=True)
+            model(_prompt()[:, :1], use_cache=True, **{tiny_hf.cache_kwarg(model): copied})
             copied.reorder_cache(torch.tensor([1, 2, 0]))
         assert "reorder_cache" not in vars(cache)
         assert session.routes()._rows_moved == "DynamicCache.reorder_cache"

@@ -49,3 +49,10 @@ def build(family: str, seed: int = 0) -> torch.nn.Module:
     cfg.eos_token_id = None
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The KV-cache argument of an HF forward: ``cache`` in newer transformers, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
