@@ -34,6 +34,7 @@ from .errors import (
     RoutesValidationError,
     SessionStateError,
     TokenIndexError,
+    TokenMismatchError,
     UnknownRouterError,
     UnsupportedRouterError,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "Session",
     "SessionStateError",
     "TokenIndexError",
+    "TokenMismatchError",
     "UnknownRouterError",
     "UnsupportedRouterError",
     "__version__",

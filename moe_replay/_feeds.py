@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._torch_compat import graph_capturing
+from ._torch_compat import functorch_transform, graph_capturing
+from .errors import TokenMismatchError
 
-__all__ = ["FeedRecord"]
+__all__ = ["FeedCheck", "FeedRecord"]
 
 #: cache methods that move or copy rows between forwards: beam search, contrastive search
 ROW_MOVES = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
@@ -113,15 +114,8 @@ class FeedRecord:
 
     def _keep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Keep a copy of the ids a forward was fed, and of its prompt mask."""
-        ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
-        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() > 0:
-            count, kept = ids.numel(), ids.clone()  # (ids carry no autograd history)
-            fed = ids.shape if ids.dim() == 2 else None
-        else:
-            embeds = kwargs.get("inputs_embeds")
-            count = int(embeds.shape[:-1].numel()) if isinstance(embeds, torch.Tensor) and embeds.dim() > 1 else -1
-            kept = None
-            fed = embeds.shape[:2] if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 else None
+        count, ids, fed = _inputs(args, kwargs)
+        kept = ids.clone() if ids is not None else None  # (ids carry no autograd history)
         mask = kwargs.get("attention_mask")
         if (  # [batch, positions] fed, several per sequence: a prompt forward (or a training one)
             fed is not None
@@ -202,6 +196,96 @@ class FeedRecord:
         return _flat([f.ids for f in fed], sizes, torch.long), _flat([f.mask for f in fed], sizes, torch.int8)
 
 
+class FeedCheck:
+    """During a replay: every forward of the model is fed the tokens its rows were recorded for.
+
+    Routes that know their tokens (:attr:`~moe_replay.Routes.token_ids`) are read in order,
+    one row per token fed; a forward fed other ids than the rows it is about to read were
+    recorded for would take another batch's experts without a sign. The model's forward
+    pre-hook compares them: at once where the ids are on the host (before any router runs),
+    else from a copy of them, compared in :meth:`finish` with one copy to the host when the
+    block ends (no host sync per forward).
+
+    Args:
+        want: the token id of each row, -1 where unknown.
+        position: the row the routers read next, or None where not known on the host
+            (compiled code or a CUDA graph read rows on the device): the forwards from there
+            on are not checked.
+        hint: what a mismatch error adds about these routes.
+    """
+
+    def __init__(self, want: torch.Tensor, position: Callable[[], int | None], hint: str = "") -> None:
+        self.want = want
+        self.position = position
+        self.hint = hint  # what the error adds, about these routes
+        self.forwards = 0  # forwards of the model in the block
+        self.pending: list[tuple[int, int, torch.Tensor]] = []  # (forward, first row, copy of its ids) to compare
+        self._lost = False  # a forward's rows were read where the host does not see them
+        self._thread: int | None = None
+
+    def start(self, model: nn.Module) -> Callable[[], None]:
+        """Check the forwards of ``model`` in this thread until the returned function is called."""
+        self._thread = threading.get_ident()
+        handle = model.register_forward_pre_hook(_FeedHook(self), with_kwargs=True)
+        return handle.remove
+
+    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """One forward of the model: its ids against the rows it will read."""
+        self.forwards += 1
+        start = None if self._lost else self.position()
+        if start is None:
+            self._lost = True
+            return
+        _, ids, _ = _inputs(args, kwargs)
+        if ids is None:
+            return
+        flat = ids.detach().reshape(-1)[: max(self.want.numel() - start, 0)]  # (past the end: the routers refuse)
+        if not flat.numel():
+            return
+        if flat.device.type == "cpu":
+            self._compare(self.forwards, start, flat)
+        else:
+            self.pending.append((self.forwards, start, flat.clone()))
+
+    def finish(self) -> None:
+        """Compare the forwards whose ids were on a device (one copy to the host for all of them)."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        host = torch.cat([ids.to(torch.long) for _, _, ids in pending]).cpu().split([len(p[2]) for p in pending])
+        for (forward, start, _), ids in zip(pending, host, strict=True):
+            self._compare(forward, start, ids)
+
+    def _compare(self, forward: int, start: int, ids: torch.Tensor) -> None:
+        want = self.want[start : start + ids.numel()]
+        got = ids.to("cpu", torch.long)
+        bad = (want >= 0) & (got != want)
+        if not bool(bad.any()):
+            return
+        j = int(bad.nonzero()[0])
+        raise TokenMismatchError(
+            f"forward {forward} of this replay() was fed other tokens than its routes were recorded for: "
+            f"{int(bad.sum())} of its {ids.numel()} tokens differ (first: token {j} of the forward, row {start + j} "
+            f"of the routes, is {int(got[j])}, but that row was recorded for {int(want[j])}), so it would take the "
+            "experts of other tokens. Are these the routes of another batch, micro-batch or rank, or the same "
+            "sequences in another order (shuffled, sorted by length, regrouped)? Replay the forwards the routes were "
+            "recorded for, in their order, or reorder the routes to the batch (routes[index], mr.BatchLayout). Routes "
+            "whose tokens differ on purpose: routes.with_token_ids(None) drops the check"
+            + (f". {self.hint}" if self.hint else "")
+        )
+
+
+def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, torch.Tensor | None, torch.Size | None]:
+    """What a forward of the model was fed: its token count (-1 where unknown), its ids (None where it was
+    fed embeddings), and its ``[batch, positions]`` shape where it has one."""
+    ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() > 0:
+        return ids.numel(), ids, ids.shape if ids.dim() == 2 else None
+    embeds = kwargs.get("inputs_embeds")
+    count = int(embeds.shape[:-1].numel()) if isinstance(embeds, torch.Tensor) and embeds.dim() > 1 else -1
+    return count, None, embeds.shape[:2] if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 else None
+
+
 class _Noting:
     """A cache's row-moving method while a capture watches it: notes the call in the record, then runs as before.
 
@@ -261,11 +345,14 @@ class _FeedHook:
 
     __slots__ = ("record",)
 
-    def __init__(self, record: FeedRecord) -> None:
+    def __init__(self, record: FeedRecord | FeedCheck) -> None:
         self.record = record
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if torch.compiler.is_compiling() or graph_capturing():  # (nothing baked into a graph's every replay)
+        if torch.compiler.is_compiling() or graph_capturing() or functorch_transform() is not None:
+            # (nothing baked into a graph's every replay; under vmap no row is one token: the routers refuse it)
+            if isinstance(self.record, FeedCheck):
+                self.record._lost = True  # (its rows are read where the host does not count them)
             return None
         if threading.get_ident() == self.record._thread:
             self.record.fed(args, kwargs)

@@ -36,7 +36,7 @@ from .errors import (
     InvalidArgumentError,
     RoutesValidationError,
 )
-from .routes import Routes, reorder_hint
+from .routes import Routes, _known_or_none, reorder_hint
 
 __all__ = ["BatchLayout", "pack_routes", "pad_routes"]
 
@@ -57,7 +57,13 @@ def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
             picked[hole] = -1
         layers.append(picked)
     # rows of checked routes and whole -1 rows: as checked as the routes they come from
-    return Routes._trusted(layers, routes.names, routes.experts_per_layer, routes._validated)
+    out = Routes._trusted(layers, routes.names, routes.experts_per_layer, routes._validated)
+    ids = routes._token_ids
+    if ids is not None:  # the token of each row taken; -1 at a hole
+        taken = ids[safe] if ids.numel() else torch.full((index.numel(),), -1, dtype=torch.long)
+        taken[hole] = -1
+        out._token_ids = _known_or_none(taken)
+    return out
 
 
 def check_same_routers(parts: Sequence[Routes], what: str = "sequence") -> None:

@@ -164,7 +164,7 @@ def _known(routes: Routes) -> list[int]:
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
     moved = (routes._rows_moved or "").encode()
     out += [len(moved), *moved]
-    for fed in (routes._fed_ids, routes._fed_mask):
+    for fed in (routes._token_ids, routes._fed_mask):
         out += [-1] if fed is None else [fed.numel(), *fed.tolist()]
     return out
 
@@ -183,7 +183,7 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         n, at = int(known[at]), at + 1
         fed.append(torch.tensor(list(known[at : at + n]), dtype=dtype) if n >= 0 else None)
         at += max(n, 0)
-    routes._fed_ids, routes._fed_mask = fed
+    routes._token_ids, routes._fed_mask = fed
     routes._dropped_rows = int(dropped)
     return routes
 

@@ -23,6 +23,7 @@ __all__ = [
     "RoutesValidationError",
     "SessionStateError",
     "TokenIndexError",
+    "TokenMismatchError",
     "UnknownRouterError",
     "UnsupportedRouterError",
 ]
@@ -60,6 +61,10 @@ class CaptureOverflowError(MoEReplayError):
 
 class ReplayConsumptionError(MoEReplayError):
     """A router consumed fewer or more rows than were recorded for it."""
+
+
+class TokenMismatchError(RoutesValidationError):
+    """A replayed forward fed other tokens than its routes were recorded for (:attr:`Routes.token_ids`)."""
 
 
 class SessionStateError(MoEReplayError):

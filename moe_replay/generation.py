@@ -52,7 +52,7 @@ from .errors import (
     InvalidArgumentError,
     RoutesValidationError,
 )
-from .routes import Routes
+from .routes import Routes, _known_or_none
 
 __all__ = ["generation_capacity", "generation_lengths", "split_generation"]
 
@@ -351,7 +351,7 @@ def _check_prompt_mask(
 
 def _check_tokens(routes: Routes, sequences: torch.Tensor, grid: torch.Tensor, keep: torch.Tensor, p: int) -> None:
     """Refuse ``sequences`` whose tokens are not those the rows given to them were fed, where those were recorded."""
-    fed = routes._fed_ids
+    fed = routes._token_ids
     if fed is None:
         return
     routed = keep & (grid >= 0)
@@ -561,6 +561,12 @@ def split_generation(
     if sequences is not None:
         _check_tokens(routes, sequences, grid, keep, p)
 
+    parts = [take_rows(routes, grid[i]) for i in range(b)]
+    if sequences is not None:  # every kept position's token: the rows' own where recorded (checked above), else read
+        seq = sequences.detach().to("cpu", torch.long)
+        ids = torch.where(keep & (seq >= 0), seq, -1)
+        for part, row in zip(parts, ids, strict=True):
+            part._token_ids = _known_or_none(row.clone())
     if keep_padding:
-        return [take_rows(routes, grid[i]) for i in range(b)]
-    return [take_rows(routes, grid[i][keep[i]]) for i in range(b)]
+        return parts
+    return [part[keep[i]] for i, part in enumerate(parts)]

@@ -288,7 +288,7 @@ class Routes:
         self._validated = bool(validate)
         self._call_rows: tuple[tuple[int, int], ...] | None = None
         self._dropped_rows = 0
-        self._fed_ids: torch.Tensor | None = None
+        self._token_ids: torch.Tensor | None = None
         self._fed_mask: torch.Tensor | None = None
         self._rows_moved: str | None = None
 
@@ -385,6 +385,41 @@ class Routes:
         self.num_tokens  # noqa: B018
         return torch.stack([(d < 0).all(dim=1) for d in self._data], dim=1)
 
+    @property
+    def token_ids(self) -> torch.Tensor | None:
+        """The token each row was recorded for: int64 ``[T]``, -1 where unknown; None where no row's is known.
+
+        A capture records them (the ids each forward of the attached model was fed, -1 at
+        prompt padding and where a forward was fed embeddings); :meth:`with_token_ids` sets
+        them on routes from elsewhere (an engine's rollout and its token ids). Slicing,
+        :meth:`select`, :meth:`cat`, :meth:`save`/:meth:`load`, the batch layouts and
+        :func:`~moe_replay.split_generation` keep them with their rows, and
+        :meth:`Session.replay` checks that every forward is fed these tokens, refusing
+        routes recorded for other tokens (another batch, order or rank) where the replayed
+        forwards would otherwise take them silently. They are no part of :meth:`equal`.
+        """
+        return None if self._token_ids is None else self._token_ids.clone()
+
+    def with_token_ids(self, token_ids: torch.Tensor | np.ndarray | Sequence[int] | None) -> Routes:
+        """The same routes, recorded for these tokens (see :attr:`token_ids`); ``None`` drops them.
+
+        Args:
+            token_ids: one id per row in row order (a ``[batch, positions]`` tensor is read
+                row-major, as a forward's rows are), -1 where unknown.
+
+        Raises:
+            RoutesValidationError: not one id per row, routers of different row counts, or an id below -1.
+
+        Example:
+            >>> import torch, moe_replay as mr
+            >>> r = mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["layers.0.gate"], num_experts=4)
+            >>> r.with_token_ids(torch.tensor([[17, 42]])).token_ids.tolist()
+            [17, 42]
+        """
+        out = Routes._trusted(self._data, self._names, self._experts, self._validated)
+        out._token_ids = None if token_ids is None else _ids(token_ids, self, "with_token_ids()")
+        return out
+
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
 
@@ -440,7 +475,9 @@ class Routes:
         n = self.num_tokens  # (token slicing needs one T)
         rows = _token_rows(index, n)
         data = [d[rows] for d in self._data]
-        return Routes._trusted(data, self._names, self._experts, self._validated)
+        out = Routes._trusted(data, self._names, self._experts, self._validated)
+        out._token_ids = None if self._token_ids is None else _known_or_none(self._token_ids[rows])
+        return out
 
     def select(self, names: Iterable[str]) -> Routes:
         """Keep only the named routers, in the order given."""
@@ -455,7 +492,9 @@ class Routes:
             if n not in self._names:
                 raise UnknownRouterError(f"no router named '{n}' in these routes; routers: {list(self._names)}")
             pos.append(self._names.index(n))
-        return Routes._trusted([self._data[i] for i in pos], names, [self._experts[i] for i in pos], self._validated)
+        out = Routes._trusted([self._data[i] for i in pos], names, [self._experts[i] for i in pos], self._validated)
+        out._token_ids = self._token_ids if pos else None
+        return out
 
     def rename(self, prefixes: Mapping[str, str]) -> Routes:
         """The same routes under other router names: each name's longest matching prefix is replaced.
@@ -490,7 +529,9 @@ class Routes:
         if len(set(names)) != len(names):
             twice = sorted({m for m in names if names.count(m) > 1})
             raise RoutesValidationError(f"rename({dict(prefixes)!r}) gives two routers the same name: {twice[:4]}")
-        return Routes._trusted(self._data, names, self._experts, self._validated)
+        out = Routes._trusted(self._data, names, self._experts, self._validated)
+        out._token_ids = self._token_ids
+        return out
 
     @classmethod
     def cat(cls, parts: Sequence[Routes]) -> Routes:
@@ -513,7 +554,12 @@ class Routes:
             if p.k_per_layer != first.k_per_layer:
                 raise RoutesValidationError(f"Routes.cat: part {i} has k {p.k_per_layer}, part 0 {first.k_per_layer}")
         data = [torch.cat([p._data[j] for p in parts]) for j in range(first.num_layers)]
-        return cls._trusted(data, first.names, first.experts_per_layer, all(p._validated for p in parts))
+        out = cls._trusted(data, first.names, first.experts_per_layer, all(p._validated for p in parts))
+        if any(p._token_ids is not None for p in parts):  # (a part of unknown tokens: -1 for each of its rows)
+            out._token_ids = torch.cat(
+                [p._token_ids if p._token_ids is not None else torch.full((p.num_tokens,), -1) for p in parts]
+            )
+        return out
 
     @classmethod
     def _trusted(
@@ -531,10 +577,11 @@ class Routes:
         #: rows per router (at most) that a keep_newest capture dropped before the first it holds,
         #: set by Session.routes() only: such rows no longer start at a forward (split_generation refuses them)
         obj._dropped_rows = 0
-        #: set by Session.routes() only, one value per row: the token id its forward was fed, and the
-        #: attention mask of a forward that fed several tokens per sequence (-1 where unknown); and the
-        #: cache method that moved rows between forwards, if one did (split_generation checks them)
-        obj._fed_ids = None
+        #: the token id of each row, -1 where unknown (see token_ids); every Routes of the same rows keeps them
+        obj._token_ids = None
+        #: set by Session.routes() only, one value per row: the attention mask of a forward that fed several
+        #: tokens per sequence (-1 where unknown); and the cache method that moved rows between forwards, if
+        #: one did (split_generation checks them)
         obj._fed_mask = None
         obj._rows_moved = None
         return obj
@@ -573,7 +620,9 @@ class Routes:
         missing = sum(int((d < 0).all(dim=1).sum()) for d in self._data)
         return (
             f"Routes(tokens={one(t) if t else 0}, routers={self.num_layers}, k={one(k) if k else '-'}, "
-            f"experts={one(e) if e else '-'}, missing_rows={missing}, nbytes={self.nbytes})"
+            f"experts={one(e) if e else '-'}, missing_rows={missing}, nbytes={self.nbytes}"
+            + ("" if self._token_ids is None else f", token_ids={int((self._token_ids >= 0).sum())} known")
+            + ")"
         )
 
     # ------------------------------------------------------------------ files
@@ -603,6 +652,8 @@ class Routes:
             "fingerprint": self.fingerprint,
         }
         arrays: dict[str, Any] = {f"layer_{i}": d.numpy() for i, d in enumerate(self._data)}
+        if self._token_ids is not None:
+            arrays["token_ids"] = self._token_ids.numpy()
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with open(path, "wb") as f:
             np.savez_compressed(f, **arrays)
@@ -635,7 +686,7 @@ class Routes:
             with open(path, "rb") as f:
                 raw = f.read()
             with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-                meta, layers = _read_members(zf, path, max_bytes)
+                meta, layers, ids = _read_members(zf, path, max_bytes)
         except RoutesValidationError:
             raise
         except _READ_ERRORS as e:
@@ -645,6 +696,8 @@ class Routes:
         try:
             names, experts = _read_meta(meta, path)
             routes = cls(layers, names=names, num_experts=experts)
+            if ids is not None:
+                routes._token_ids = _ids(ids, routes, "its token_ids")
         except RoutesValidationError as e:
             raise RoutesValidationError(f"{path}: {e}") from e
         except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
@@ -688,8 +741,8 @@ def _corrupted(path: str | os.PathLike[str], why: str) -> RoutesValidationError:
 
 def _read_members(
     zf: zipfile.ZipFile, path: str | os.PathLike[str], max_bytes: int | None
-) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """The metadata and layer arrays of a routes ``.npz``, each checked before it is decompressed."""
+) -> tuple[dict[str, Any], list[torch.Tensor], torch.Tensor | None]:
+    """The metadata, layer arrays and token ids (if saved) of a routes ``.npz``, each checked before decompressing."""
     infos = {i.filename: i for i in zf.infolist()}
     total = sum(i.file_size for i in infos.values())
     if max_bytes is not None and total > max_bytes:
@@ -707,7 +760,7 @@ def _read_members(
         meta = json.loads(bytes(npformat.read_array(f, allow_pickle=False)).decode())
     names, experts = _read_meta(meta, path)
     wanted = ["meta.npy", *(f"layer_{i}.npy" for i in range(len(names)))]
-    extra = sorted(set(infos) - set(wanted))
+    extra = sorted(set(infos) - set(wanted) - {"token_ids.npy"})
     if extra:
         raise RoutesValidationError(
             f"{path} holds arrays that a routes file of {len(names)} routers does not have: "
@@ -721,11 +774,18 @@ def _read_members(
     if meta.get("fingerprint") is not None and all(len(s) == 2 for s, _ in headers):
         if meta["fingerprint"] != fingerprint(names, experts, [s[1] for s, _ in headers]):
             raise RoutesValidationError(f"{path}: the stored fingerprint does not match its contents (corrupted)")
+    ids = None
+    if "token_ids.npy" in infos:
+        shape, dtype = _header(zf, infos["token_ids.npy"], path)
+        if len(shape) != 1 or dtype.kind != "i":
+            raise _corrupted(path, f"its token_ids are a {dtype} array of shape {shape}, not one int per row")
     layers = []
-    for n in wanted[1:]:
+    for n in wanted[1:] + (["token_ids.npy"] if "token_ids.npy" in infos else []):
         with zf.open(infos[n]) as f:
             layers.append(torch.from_numpy(_native(npformat.read_array(f, allow_pickle=False))))
-    return meta, layers
+    if "token_ids.npy" in infos:
+        ids = layers.pop()
+    return meta, layers, ids
 
 
 #: What reading a damaged ``.npz`` can raise: zip structure, deflate stream, npy header, JSON.
@@ -837,3 +897,45 @@ def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list
     ):
         raise RoutesValidationError(f"{path}: the expert counts are not one integer per router (corrupted)")
     return names, experts
+
+
+def _ids(token_ids: Any, routes: Routes, what: str) -> torch.Tensor | None:
+    """``token_ids`` as :attr:`Routes.token_ids` of ``routes``: int64 ``[T]`` on the host (None if none is known)."""
+    if isinstance(token_ids, torch.Tensor) and token_ids.dtype in _WIDE_UNSIGNED:
+        token_ids = token_ids.detach().cpu().numpy()  # (uint64 past int64 is refused below, not wrapped)
+    if isinstance(token_ids, np.ndarray):
+        if token_ids.dtype.hasobject or token_ids.dtype.kind not in "iu":
+            raise RoutesValidationError(f"{what}: token ids must be integers, got a numpy array of {token_ids.dtype}")
+        token_ids = _native(token_ids)
+        if token_ids.size and token_ids.dtype.kind == "u" and int(token_ids.max()) > np.iinfo(np.int64).max:
+            raise RoutesValidationError(f"{what}: token id {int(token_ids.max())} does not fit int64")
+        token_ids = torch.from_numpy(token_ids.astype(np.int64))
+    elif not isinstance(token_ids, torch.Tensor):
+        if not is_collection(token_ids):
+            raise ArgumentTypeError(f"{what}: token ids must be a tensor or a list of ints, got {token_ids!r:.60}")
+        try:
+            token_ids = torch.as_tensor(list(token_ids))
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise ArgumentTypeError(f"{what}: token ids must be integers: {e}") from None
+    if not _int_dtype(token_ids.dtype) or token_ids.device.type == "meta":
+        raise RoutesValidationError(f"{what}: token ids must be integers, got {token_ids.dtype} on {token_ids.device}")
+    tokens = set(routes.tokens_per_layer)
+    if len(tokens) > 1:
+        raise RoutesValidationError(
+            f"{what}: these routes hold different row counts per router {sorted(tokens)}, so no one id per row fits"
+        )
+    n = tokens.pop() if tokens else 0
+    flat = token_ids.detach().reshape(-1).to("cpu", torch.long, copy=True)
+    if flat.numel() != n:
+        raise RoutesValidationError(
+            f"{what}: {flat.numel()} token ids (shape {tuple(token_ids.shape)}) for routes of {n} rows; give one id "
+            "per row, in row order (-1 where unknown)"
+        )
+    if flat.numel() and int(flat.min()) < -1:
+        raise RoutesValidationError(f"{what}: token id {int(flat.min())}; ids are >= 0, or -1 where unknown")
+    return _known_or_none(flat)
+
+
+def _known_or_none(ids: torch.Tensor) -> torch.Tensor | None:
+    """``ids``, or None where not one of them is known."""
+    return ids if bool((ids >= 0).any()) else None

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import _torch_compat
-from ._feeds import FeedRecord
+from ._feeds import FeedCheck, FeedRecord
 from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, find_routers, format_sites
 from .errors import (
     ArgumentTypeError,
@@ -49,7 +49,7 @@ from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, index_dtype
-from .routes import Routes, fingerprint
+from .routes import Routes, _known_or_none, fingerprint
 
 __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
 
@@ -1044,7 +1044,10 @@ class Session:
         calls = {r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)}
         routes._call_rows = calls.pop() if len(calls) == 1 else None
         if self._feeds is not None:  # what each row's forward was fed, where the forwards line up with the rows
-            routes._fed_ids, routes._fed_mask = self._feeds.rows(routes._call_rows)
+            ids, routes._fed_mask = self._feeds.rows(routes._call_rows)
+            if ids is not None and routes._fed_mask is not None:
+                ids = torch.where(routes._fed_mask == 0, -1, ids)  # prompt padding: the token of no sequence
+            routes._token_ids = None if ids is None else _known_or_none(ids)
             routes._rows_moved = self._feeds.moved
         if self.keep_newest:  # a ring that wrapped holds its newest rows only
             routes._dropped_rows = max(
@@ -1140,6 +1143,15 @@ class Session:
         session, is checked when its first forward establishes its decision, before
         anything is forced.
 
+        Routes that know their tokens (:attr:`Routes.token_ids`: a capture's, kept through
+        slicing, files, :func:`split_generation` and the batch layouts) are checked against
+        the token ids each forward of the model is fed: a forward fed other tokens than its
+        rows were recorded for (another batch, micro-batch or rank, sequences in another
+        order) raises :class:`TokenMismatchError`, before any router reads a row where the
+        ids are on the host, and when the block ends where they are on a device (no host
+        sync per forward). Forwards fed embeddings, and those after a compiled or CUDA-graph
+        forward (whose reads the host does not count), are not checked.
+
         A forward that raises is not rewound: the routers that ran before the exception
         have consumed its rows. An exception that leaves the block ends the replay there
         (no consumption check; the exception propagates as it is) and the next replay
@@ -1158,6 +1170,20 @@ class Session:
                 do not fit the model (at a router's first forward, for its k as above).
             ReplayConsumptionError: on leaving, if a router consumed too few (strict) or too many rows;
                 in eager mode, at the forward that reads past the end of its rows.
+            TokenMismatchError: a forward fed other tokens than its rows were recorded for.
+
+        Example:
+            >>> import torch, moe_replay as mr
+            >>> model, ids = mr.models.build("softmax_topk"), torch.randint(0, 128, (2, 5))
+            >>> with mr.attach(model) as session:
+            ...     with session.capture():
+            ...         _ = model(ids)
+            ...     with session.replay(session.routes()):
+            ...         _ = model(ids)  # the same tokens: forced
+            ...     with session.replay(session.routes()):
+            ...         _ = model(ids.flip(0))  # doctest: +IGNORE_EXCEPTION_DETAIL
+            Traceback (most recent call last):
+            moe_replay.errors.TokenMismatchError: forward 1 of this replay() was fed other tokens ...
         """
         self._check_attached()
         with self._block("replay()"):
@@ -1168,6 +1194,8 @@ class Session:
     def _replay(self, routes: Routes, strict: bool) -> Iterator[None]:
         if self._replaying:
             raise SessionStateError("a replay is already running on this session; replays do not nest")
+        # routes of forwards of several sizes (a generate() capture) replayed in one forward: say how to lay them out
+        generated = isinstance(routes, Routes) and routes._call_rows is not None and len(routes._call_rows) > 1
         routes, plan = self._check_routes(routes, strict)
         self._check_in_place()
         self._follow_devices()
@@ -1175,6 +1203,7 @@ class Session:
         with torch.inference_mode(False):  # the cursors are ordinary tensors, whatever the caller's mode
             for h, s, j in plan:
                 h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope), name=h.name)
+        check, stop_check = self._token_check(routes, [h.replay_source for h, _, _ in plan], generated)
         stop = self._watch()
         self._set(replaying=True)
         ok = False
@@ -1185,9 +1214,13 @@ class Session:
             self._set(replaying=False)
             if stop is not None:
                 stop()
+            if stop_check is not None:
+                stop_check()
             sources = [(h, h.replay_source) for h, _, _ in plan]
             for h, _, _ in plan:
                 h.replay_source = None
+        if ok and check is not None:
+            check.finish()  # (before the row counts: forwards fed other tokens are why they would differ)
         if not strict:  # unconsumed rows are fine; an overdraw never is (eager forwards raise at once)
             sources = [(h, src) for h, src in sources if src is not None and src.read_by_device]
         if ok and sources:
@@ -1212,11 +1245,23 @@ class Session:
                     f"replay ended with unconsumed or overdrawn routes: {detail}"
                     + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")
                     + ". Each forward consumes one row per token; run the forwards the routes were "
-                    "recorded for, slice the routes, or pass strict=False. Routes captured around generate() "
-                    "hold the prompt once and one row per new token in generation order (the last token "
-                    "unrouted): for a teacher-forced forward convert them with mr.split_generation(...) "
-                    "and lay them out with mr.BatchLayout"
+                    f"recorded for, slice the routes, or pass strict=False. {_GENERATE_HINT}"
                 )
+
+    def _token_check(
+        self, routes: Routes, sources: Sequence[ReplaySource | None], generated: bool
+    ) -> tuple[FeedCheck | None, Callable[[], None] | None]:
+        """The check that each forward of the model is fed the tokens its rows were recorded for (where known)."""
+        model = self._model_ref()
+        held = [src for src in sources if src is not None]
+        if routes._token_ids is None or model is None or not held:
+            return None, None
+
+        def position() -> int | None:  # the row the routers read next, where the host counts their reads
+            return None if any(src.read_by_device for src in held) else max(src.host_consumed for src in held)
+
+        check = FeedCheck(routes._token_ids, position, hint=_GENERATE_HINT if generated else "")
+        return check, check.start(model)
 
     # ------------------------------------------------------------- scores
     @contextlib.contextmanager
@@ -1326,6 +1371,13 @@ class Session:
             )
         self._mark_watched(model)  # a capture need not watch this model's forward again
         return VerifyReport({h.name: h.calls for h in self._hooks}, evidence, idle)
+
+
+_GENERATE_HINT = (
+    "Routes captured around generate() hold the prompt once and one row per new token in generation order (the last "
+    "token unrouted): for a teacher-forced forward convert them with mr.split_generation(...) and lay them out with "
+    "mr.BatchLayout"
+)
 
 
 class _Skeleton:

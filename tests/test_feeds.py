@@ -78,7 +78,7 @@ def test_a_keep_newest_capture_keeps_no_inputs_but_sees_row_moves() -> None:
             assert session._feeds.forwards == []
             model.generate(_prompt(), max_new_tokens=N, num_beams=2, pad_token_id=0)
         routes = session.routes()
-    assert routes._fed_ids is None and routes._rows_moved == "DynamicCache.reorder_cache"
+    assert routes.token_ids is None and routes._rows_moved == "DynamicCache.reorder_cache"
 
 
 def test_a_forward_in_another_thread_leaves_the_capture_checked() -> None:
@@ -156,3 +156,138 @@ def test_a_cache_given_at_any_place_is_watched(positional: bool) -> None:
         with pytest.raises(mr.RoutesValidationError, match=r"_Cache\.reorder_cache"):
             mr.split_generation(session.routes(), batch_size=B, prompt_len=P)
     assert "reorder_cache" not in vars(cache)
+
+
+# ----------------------------------------------------------------------------- replays checked against their tokens
+def _batch(seed: int = 0, rows: int = 4, width: int = 6) -> torch.Tensor:
+    return torch.randint(3, 128, (rows, width), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "mistake",
+    ["rows shuffled", "another batch", "micro-batches swapped", "one token changed"],
+)
+def test_a_replay_fed_other_tokens_than_its_routes_is_refused_before_any_router_reads(mistake: str) -> None:
+    """Routes of a capture know the tokens their rows were recorded for: a forward fed others (a shuffled or
+    regrouped batch, another micro-batch, another rank's rows of the same size) is refused, not replayed."""
+    from tests.conftest import assert_untouched, snapshot
+
+    model = mr.models.build("softmax_topk")
+    before = snapshot(model)
+    ids = _batch()
+    wrong = {
+        "rows shuffled": [ids[[2, 0, 3, 1]]],
+        "another batch": [_batch(seed=7)],
+        "micro-batches swapped": [ids[2:], ids[:2]],
+        "one token changed": [torch.where(torch.arange(ids.numel()).view_as(ids) == 13, ids + 1, ids)],
+    }[mistake]
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids[:2])
+            model(ids[2:])
+        routes = session.routes()
+        with session.replay(routes, strict=False), torch.no_grad():
+            with pytest.raises(mr.TokenMismatchError, match="other tokens than its routes were recorded for") as e:
+                for part in wrong:
+                    model(part)
+            assert all(h.replay_source.host_consumed == 0 for h in session._hooks)  # refused before any read
+        assert isinstance(e.value, mr.RoutesValidationError)
+        # the right tokens, in one forward or in the forwards they were recorded in: replayed
+        with session.replay(routes), torch.no_grad():
+            model(ids)
+        with session.capture(), session.replay(routes), torch.no_grad():
+            model(ids[:2])
+            model(ids[2:])
+        assert session.routes().equal(routes)
+        # tokens that differ on purpose: the check goes with the routes' ids
+        with session.replay(routes.with_token_ids(None)), torch.no_grad():
+            for part in wrong:
+                model(part)
+    assert_untouched(model, before)
+
+
+@pytest.mark.reliability("silent replays")
+def test_saved_routes_refuse_another_batch_after_loading(tmp_path: object) -> None:
+    """The ids travel with the rows: routes saved, loaded elsewhere and sliced still refuse the wrong tokens."""
+    model = mr.models.build("softmax_topk")
+    ids = _batch()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        path = f"{tmp_path}/routes.npz"
+        session.routes().save(path)
+        routes = mr.Routes.load(path)
+        assert torch.equal(routes.token_ids, ids.reshape(-1))
+        second = routes[2 * ids.shape[1] :]  # the rows of sequences 2 and 3
+        with session.replay(second), torch.no_grad():
+            model(ids[2:])
+        with pytest.raises(mr.TokenMismatchError, match=r"row 0 of the routes"):
+            with session.replay(second), torch.no_grad():
+                model(ids[:2])
+
+
+@pytest.mark.reliability("silent replays")
+def test_padding_is_no_token_of_the_routes() -> None:
+    """A padded batch replayed with another pad id passes (padding was fed no token of a sequence); a real
+    token changed under the same mask is refused."""
+    model = mr.models.build("softmax_topk")
+    ids = _batch()
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding of the first sequence
+    mask[3, 4:] = 0  # right padding of the last
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(torch.where(mask.bool(), ids, 0), attention_mask=mask)
+        routes = session.routes()
+        assert int((routes.token_ids < 0).sum()) == int((mask == 0).sum())
+        with session.replay(routes), torch.no_grad():
+            model(torch.where(mask.bool(), ids, 5), attention_mask=mask)
+        changed = ids.clone()
+        changed[0, 2] += 1  # the first real token of the padded sequence
+        with pytest.raises(mr.TokenMismatchError, match=r"token 2 of the forward"):
+            with session.replay(routes), torch.no_grad():
+                model(torch.where(mask.bool(), changed, 0), attention_mask=mask)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_teacher_forced_replay_of_a_rollout_is_checked_against_its_sequences() -> None:
+    """split_generation gives each sequence's routes its tokens: a training batch laid out with those sequences
+    replays; the same routes with the sequences in another order are refused."""
+    model = mr.models.build("softmax_topk")
+    prompt = _prompt()
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            seqs = model.generate(prompt, max_new_tokens=N, attention_mask=mask)
+        parts = mr.split_generation(session.routes(), attention_mask=mask, sequences=seqs)
+        real = [s[torch.cat([m.bool(), torch.ones(N, dtype=torch.bool)])] for s, m in zip(seqs, mask, strict=True)]
+        for part, tokens in zip(parts, real, strict=True):
+            assert torch.equal(part.token_ids, tokens)  # the last token too: its row routes natively
+        layout = mr.BatchLayout.padded([p.num_tokens for p in parts])
+        with session.replay(layout.routes(parts)):
+            model(layout.tokens(real), attention_mask=layout.attention_mask()).logits.sum().backward()
+        swapped = [parts[2], parts[1], parts[0]]  # (sequences 0 and 2 are as long: only their tokens differ)
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(layout.routes(swapped)):
+                model(layout.tokens(real), attention_mask=layout.attention_mask())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ids_on_the_device_are_checked_when_the_block_ends() -> None:
+    """Ids on a GPU are compared once the block ends (no host sync per forward), naming the forward."""
+    model = mr.models.build("softmax_topk").cuda()
+    ids = _batch().cuda()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids[:2])
+            model(ids[2:])
+        routes = session.routes()
+        with session.replay(routes), torch.no_grad():
+            model(ids[:2])
+            model(ids[2:])
+        with pytest.raises(mr.TokenMismatchError, match=r"forward 2 of this replay"):
+            with session.replay(routes), torch.no_grad():
+                model(ids[:2])
+                model(ids[[3, 2]])

@@ -604,6 +604,11 @@ def test_raw_generate_routes_in_a_teacher_forced_forward_point_to_split_generati
         with session.capture():
             seq = model.generate(prompt, N, attention_mask=mask)
         raw = session.routes()
+        # the routes know their tokens: the forward's are refused before any router reads a row
+        with pytest.raises(mr.TokenMismatchError, match=r"generate\(\).*split_generation.*BatchLayout"):
+            with session.replay(raw), torch.no_grad():
+                model(seq, attention_mask=full_mask)
+        raw = raw.with_token_ids(None)
         # the whole sequences: more tokens than generate() routed (overdrawn at the forward)
         with pytest.raises(mr.ReplayConsumptionError, match=r"split_generation.*BatchLayout"):
             with session.replay(raw), torch.no_grad():

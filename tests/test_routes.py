@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -492,3 +493,83 @@ def test_arrays_of_the_other_byte_order_hold_the_same_numbers(tmp_path) -> None:
     ones = np.full((1, 1, 2), 2**64 - 1, ">u8")
     with pytest.raises(mr.RoutesValidationError, match="past int64"):
         mr.Routes.from_numpy(ones, names=["a"], num_experts=4)
+
+
+# ----------------------------------------------------------------------------- token ids
+def _with_ids() -> mr.Routes:
+    rows = [torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0]]), torch.tensor([[4, 5], [5, 6], [6, 7], [7, 4]])]
+    return mr.Routes(rows, names=["a.gate", "b.gate"], num_experts=8).with_token_ids(torch.tensor([[11, -1], [13, 14]]))
+
+
+def test_token_ids_follow_their_rows_through_every_transform(tmp_path: object) -> None:
+    """Each Routes made from routes with ids gives each of its rows the id of the row it came from."""
+    r = _with_ids()
+    assert r.token_ids.tolist() == [11, -1, 13, 14]
+    assert "token_ids=3 known" in repr(r)
+    assert r[2:].token_ids.tolist() == [13, 14]
+    assert r[[3, 0]].token_ids.tolist() == [14, 11]
+    assert r[torch.tensor([False, True, False, False])].token_ids is None  # (not one known)
+    assert r.select(["b.gate"]).token_ids.tolist() == [11, -1, 13, 14]
+    assert r.rename({"": "m."}).token_ids.tolist() == [11, -1, 13, 14]
+    plain = r.with_token_ids(None)
+    assert plain.token_ids is None and plain.equal(r)  # (ids are no part of the routing)
+    assert mr.Routes.cat([r[:1], plain[1:2], r[3:]]).token_ids.tolist() == [11, -1, 14]
+    assert mr.pad_routes([r[:2], r[2:3]]).token_ids.tolist() == [11, -1, 13, -1]
+    path = f"{tmp_path}/r.npz"
+    r.save(path)
+    assert mr.Routes.load(path).token_ids.tolist() == [11, -1, 13, 14]
+    plain.save(path)
+    assert mr.Routes.load(path).token_ids is None
+    r.token_ids[0] = 99  # a copy: the routes' own ids do not change
+    assert r.token_ids[0] == 11
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    ("ids", "match"),
+    [
+        ([1, 2, 3], r"3 token ids .* routes of 4 rows"),
+        ([1.0, 2.0, 3.0, 4.0], "must be integers"),
+        ([True, False, True, False], "must be integers"),
+        ([1, -2, 3, 4], "token id -2"),
+        (np.array([2**64 - 1, 1, 2, 3], dtype=np.uint64), "does not fit int64"),
+        (np.array(["a", "b", "c", "d"]), "must be integers"),
+        ("abcd", "a tensor or a list of ints"),
+        (torch.zeros(4, device="meta", dtype=torch.long), "must be integers"),
+    ],
+)
+def test_with_token_ids_refuses_what_is_not_one_id_per_row(ids: object, match: str) -> None:
+    r = _with_ids()
+    with pytest.raises(mr.MoEReplayError, match=match):
+        r.with_token_ids(ids)
+    assert r.token_ids.tolist() == [11, -1, 13, 14]  # unchanged
+
+
+def test_with_token_ids_needs_one_row_count() -> None:
+    r = mr.Routes([torch.tensor([[0, 1]]), torch.tensor([[0, 1], [1, 2]])], names=["a", "b"], num_experts=4)
+    with pytest.raises(mr.RoutesValidationError, match="different row counts"):
+        r.with_token_ids([1, 2])
+
+
+@pytest.mark.reliability("files")
+def test_a_file_with_bad_token_ids_is_refused(tmp_path: object) -> None:
+    """token_ids of another shape, dtype or range in a routes file: refused as corrupted, never read as ids."""
+    import zipfile
+
+    good = f"{tmp_path}/good.npz"
+    _with_ids().save(good)
+    for name, arr, match in [
+        ("short", np.array([1, 2], dtype=np.int64), "2 token ids"),
+        ("float", np.array([1.0, 2, 3, 4]), "not one int per row"),
+        ("below", np.array([1, -5, 3, 4], dtype=np.int64), "token id -5"),
+    ]:
+        path = f"{tmp_path}/{name}.npz"
+        with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as dst:
+            for item in src.infolist():
+                if item.filename != "token_ids.npy":
+                    dst.writestr(item, src.read(item.filename))
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            dst.writestr("token_ids.npy", buf.getvalue())
+        with pytest.raises(mr.RoutesValidationError, match=match):
+            mr.Routes.load(path)
