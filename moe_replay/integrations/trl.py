@@ -153,10 +153,13 @@ def rollout_routes_from_generate(
 
     TRL left-pads the prompts to the longest (rounded up to ``pad_to_multiple_of``) and
     cuts each completion after its first end-of-sequence token. Each result holds
-    ``len(prompt) + len(completion)`` rows; the last one is -1 (no forward routed it).
+    ``len(prompt) + len(completion)`` rows; the last one is -1 (no forward routed it), and
+    knows its tokens (:attr:`~moe_replay.Routes.token_ids`).
 
     Raises:
-        RoutesValidationError: the capture does not fit the prompts and completions.
+        RoutesValidationError: the capture does not fit the prompts and completions, or a
+            token is not the one its row was fed (completions of another call, or in
+            another order).
     """
     prompts = [_as_ids(p) for p in prompt_ids]
     completions = [_as_ids(c) for c in completion_ids]
@@ -179,6 +182,11 @@ def rollout_routes_from_generate(
             "run without a KV cache (use_cache=False in the model's config or generation kwargs: each step then "
             "routes the whole sequence again), or more than once?"
         )
+    # generate()'s [B, width + n] output, as far as TRL kept it: each token checked against the one its row was fed
+    grid = torch.zeros(b, width + n, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        grid[i, width - len(p) : width] = torch.tensor(p, dtype=torch.long)
+        grid[i, width : width + len(c)] = torch.tensor(c, dtype=torch.long)
     seqs = split_generation(
         routes,
         batch_size=len(prompts),
@@ -187,6 +195,7 @@ def rollout_routes_from_generate(
         padding_side="left",
         lengths=[len(c) for c in completions],
         new_tokens=n,
+        sequences=grid,
     )
     for i, (s, p, c) in enumerate(zip(seqs, prompts, completions, strict=True)):
         if s.num_tokens != len(p) + len(c):  # pragma: no cover - split_generation guarantees it
@@ -243,7 +252,7 @@ def rollout_routes_from_vllm(
                 f"completion {i}: vLLM's routed_experts give {r.num_tokens} rows for {len(p)} prompt and {len(c)} "
                 "completion tokens"
             )
-        seqs.append(r)
+        seqs.append(r.with_token_ids(p + c))
     return seqs
 
 

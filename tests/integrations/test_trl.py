@@ -452,13 +452,20 @@ def test_vllm_routed_experts_give_the_generation_routes() -> None:
             out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
         completions = [row[width:].tolist() for row in out]
         from_generate = mr_trl.rollout_routes_from_generate(session.routes(), prompts, completions)
+        for r, p, c in zip(from_generate, prompts, completions, strict=True):
+            assert r.token_ids.tolist() == p + c
+        # completions in another order than generate() returned them: their tokens are not their rows'
+        with pytest.raises(mr.RoutesValidationError, match="new tokens in sequences are not the tokens"):
+            mr_trl.rollout_routes_from_generate(
+                session.routes(), prompts, [completions[1], completions[0], completions[2]]
+            )
         lm = mr.LayerMap.from_session(session, num_layers=3)
     assert lm.dense_layers == (0,)
     outputs = [_vllm_output(p, c, r, 3, lm) for p, c, r in zip(prompts, completions, from_generate, strict=True)]
     assert outputs[0].outputs[0].routed_experts.shape == (len(prompts[0]) + 4 - 1, 3, 2)
     from_vllm = mr_trl.rollout_routes_from_vllm(outputs, prompts, completions, lm)
     for a, b in zip(from_generate, from_vllm, strict=True):
-        assert torch.equal(a.indices, b.indices)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.token_ids, b.token_ids)
     # completions out of order are refused, as are outputs without routed_experts
     with pytest.raises(mr.RoutesValidationError, match="order"):
         mr_trl.rollout_routes_from_vllm(outputs[::-1], prompts, completions, lm)
