@@ -430,13 +430,17 @@ def from_vllm_output(
         version: ``vllm.__version__`` of the engine.
         cached_tokens: vLLM 0.21 only: prompt tokens served from the prefix cache.
 
+    The result knows its tokens (:attr:`~moe_replay.Routes.token_ids`): the prompt's and the
+    completion's ids the output holds, so that a replay on other tokens is refused.
+
     Example:
         >>> from types import SimpleNamespace
         >>> import numpy as np, moe_replay as mr
         >>> lm = mr.LayerMap.from_names(["model.layers.0.mlp.gate"], num_layers=1, num_experts=4, top_k=1)
         >>> comp = SimpleNamespace(token_ids=[7, 8], routed_experts=np.array([[[1]], [[2]]], np.uint8))
-        >>> mr.interop.from_vllm_output(comp, lm, prompt_len=1).layer("model.layers.0.mlp.gate").tolist()
-        [[1], [2], [-1]]
+        >>> r = mr.interop.from_vllm_output(comp, lm, prompt_len=1)
+        >>> r.layer("model.layers.0.mlp.gate").tolist(), r.token_ids.tolist()  # (no prompt id in a CompletionOutput)
+        ([[1], [2], [-1]], [-1, 7, 8])
     """
     check_map(layer_map, "from_vllm_output")
     if prompt_len is not None:
@@ -457,7 +461,7 @@ def from_vllm_output(
             prompt_len = len(ids)
         prompt_routed = getattr(output, "prompt_routed_experts", None)
     elif hasattr(output, "routed_experts") and hasattr(output, "token_ids"):
-        comp, prompt_routed = output, None
+        comp, prompt_routed, ids = output, None, None
         if prompt_len is None:
             raise RoutesValidationError(
                 "a CompletionOutput does not know its prompt: pass prompt_len=len(request_output.prompt_token_ids)"
@@ -485,7 +489,8 @@ def from_vllm_output(
                 f"prompt_routed_experts has {prompt.shape[0] if prompt.ndim else 0} rows for a prompt of "
                 f"{prompt_len} tokens; vLLM 0.21 writes one per prompt token"
             )
-        return from_vllm_split(prompt, arr, layer_map, completion_len=completion_len, cached_tokens=cached_tokens)
+        routes = from_vllm_split(prompt, arr, layer_map, completion_len=completion_len, cached_tokens=cached_tokens)
+        return _with_tokens(routes, ids, prompt_len, comp.token_ids)
     if prompt_routed is not None:
         raise RoutesValidationError(
             f"this output has prompt_routed_experts, which only vLLM 0.21 writes, but version={version!r}"
@@ -494,7 +499,7 @@ def from_vllm_output(
         raise RoutesValidationError(
             f"cached_tokens= is for vLLM 0.21 only; in {layout} prefix-cached rows carry their real routes"
         )
-    return from_vllm(
+    routes = from_vllm(
         arr,
         layer_map,
         prompt_len=prompt_len,
@@ -502,6 +507,19 @@ def from_vllm_output(
         prompt_start=prompt_start,
         version=version if version is not None else _layout_version(layout),
     )
+    return _with_tokens(routes, ids, prompt_len, comp.token_ids)
+
+
+def _with_tokens(routes: Routes, prompt: Any, prompt_len: int, completion: Any) -> Routes:
+    """``routes`` knowing the tokens vLLM's output names (the prompt's -1 where only its length is known),
+    so that a replay fed other tokens is refused (:attr:`Routes.token_ids`)."""
+    try:
+        ids = [int(t) for t in (prompt if prompt is not None else [-1] * prompt_len)] + [int(t) for t in completion]
+    except (TypeError, ValueError):
+        return routes  # (token ids of a kind no id is read from: the rows are all there is)
+    if len(ids) != routes.num_tokens or any(t < -1 for t in ids):
+        return routes
+    return routes.with_token_ids(ids)
 
 
 def _layout_version(layout: str) -> str:

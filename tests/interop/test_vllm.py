@@ -177,6 +177,7 @@ def test_021_split_layout_and_cached_zero_rows() -> None:
         interop.from_vllm_output(out, m.layer_map)
     r = interop.from_vllm_output(out, m.layer_map, cached_tokens=2)
     assert r.equal(m.routes(truth, front=2))
+    assert r.token_ids.tolist() == list(range(5)) + list(range(4))
     with pytest.raises(mr.RoutesValidationError, match="cached_tokens=3, but prompt row 2 holds routes"):
         interop.from_vllm_output(out, m.layer_map, cached_tokens=3)
     p, g = interop.to_vllm_split(r, m.layer_map, prompt_len=5)
@@ -209,6 +210,8 @@ def test_020_int32_all_layers() -> None:
     out = SimpleNamespace(prompt_token_ids=[1] * 5, outputs=[SimpleNamespace(token_ids=[2] * 3, routed_experts=arr)])
     r = interop.from_vllm_output(out, m.layer_map)
     assert r.equal(m.routes(truth))
+    assert r.token_ids.tolist() == [1] * 5 + [2] * 3  # the tokens the output names: a replay fed others is refused
+    assert interop.from_vllm_output(out.outputs[0], m.layer_map, prompt_len=5).token_ids.tolist() == [-1] * 5 + [2] * 3
     assert interop.from_vllm_legacy(arr, m.layer_map, num_tokens=8).equal(r)
     back = interop.to_vllm_legacy(r, m.layer_map)
     assert back.dtype == np.int32 and np.array_equal(back, arr)
