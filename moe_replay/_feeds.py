@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._torch_compat import functorch_transform, graph_capturing
+from ._torch_compat import exporting, functorch_transform, graph_capturing, tracing
 from .errors import TokenMismatchError
 
 __all__ = ["FeedCheck", "FeedRecord"]
@@ -340,6 +340,18 @@ def _flat(parts: list[torch.Tensor | None], sizes: list[int], dtype: torch.dtype
     return flat.cpu()  # one copy to the host
 
 
+def _unseen() -> bool:
+    """Is this forward compiled, traced, exported, captured in a CUDA graph or run under a ``torch.func``
+    transform? Its ids are symbols or batches, and no host call sees the forwards of what it makes."""
+    return (
+        torch.compiler.is_compiling()
+        or graph_capturing()
+        or functorch_transform() is not None
+        or tracing()
+        or exporting()
+    )
+
+
 class _FeedHook:
     """The forward pre-hook of the model while a capture runs; a copy of the model gets an inert one."""
 
@@ -349,8 +361,8 @@ class _FeedHook:
         self.record = record
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if torch.compiler.is_compiling() or graph_capturing() or functorch_transform() is not None:
-            # (nothing baked into a graph's every replay; under vmap no row is one token: the routers refuse it)
+        if _unseen():
+            # (nothing baked into a graph's every replay or a traced program; under vmap no row is one token)
             if isinstance(self.record, FeedCheck):
                 self.record._lost = True  # (its rows are read where the host does not count them)
             return None

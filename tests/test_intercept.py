@@ -218,9 +218,12 @@ def test_whichever_tied_masked_expert_was_captured_its_weight_is_replayed(name: 
         assert not others.equal(routes)
         with torch.no_grad(), session.replay(others):
             model(x)
-    for (w, idx), (w0, _), rows in zip(spy.last(), captured, layers, strict=True):
+    for i, ((w, idx), (w0, _), rows) in enumerate(zip(spy.last(), captured, layers, strict=True)):
         assert torch.equal(idx, rows)
-        assert torch.equal(w, w0)
+        if i == 0:
+            assert torch.equal(w, w0)
+        else:  # its input went through other (zero-weight) experts above, summed in another order: rounding only
+            torch.testing.assert_close(w, w0, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["inf-masked-logits", "group-limited-greedy"])
