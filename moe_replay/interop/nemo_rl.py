@@ -60,10 +60,10 @@ def nemo_rl_dtype(num_experts: int) -> str:
     return next(name for name, dt in _DTYPES.items() if n - 1 <= np.iinfo(dt).max)
 
 
-def _unwrap(payload: Any) -> tuple[Any, int | None]:
-    """The payload of a chat message, a choice or a NeMo Gym output item, and its token count."""
+def _unwrap(payload: Any) -> tuple[Any, int | None, list[Any] | None]:
+    """The payload of a chat message, a choice or a NeMo Gym output item, its token count and token ids."""
     if not isinstance(payload, Mapping):
-        return payload, None
+        return payload, None, None
     msg = payload.get("message", payload)
     if not isinstance(msg, Mapping) or msg.get("routed_experts") is None:
         raise RoutesValidationError(
@@ -72,9 +72,9 @@ def _unwrap(payload: Any) -> tuple[Any, int | None]:
         )
     ids = [msg.get("prompt_token_ids"), msg.get("generation_token_ids")]
     if any(x is None for x in ids):
-        return msg["routed_experts"], None
+        return msg["routed_experts"], None, None
     try:
-        return msg["routed_experts"], len(ids[0]) + len(ids[1])
+        return msg["routed_experts"], len(ids[0]) + len(ids[1]), [*ids[0], *ids[1]]
     except TypeError:
         raise RoutesValidationError(
             f"{_WHAT}: prompt_token_ids and generation_token_ids must be lists of token ids, got "
@@ -147,7 +147,8 @@ def from_nemo_rl(
             -1 rows).
 
     Returns:
-        ``S`` tokens; the last is -1.
+        ``S`` tokens; the last is -1. From a message or item, they know their tokens
+        (:attr:`~moe_replay.Routes.token_ids`): its prompt and generation ids.
 
     Raises:
         RoutesValidationError: not an ``nrlre1`` envelope (or another version), a dtype
@@ -160,7 +161,7 @@ def from_nemo_rl(
     check_map(layer_map, "from_nemo_rl")
     if missing not in _MISSING:
         raise RoutesValidationError(f"missing must be one of {_MISSING}, got {missing!r}")
-    payload, counted = _unwrap(payload)
+    payload, counted, token_ids = _unwrap(payload)
     if isinstance(payload, str | bytes):
         arr = _decode(payload)
         if np.iinfo(arr.dtype).max < layer_map.max_experts - 1:
@@ -204,7 +205,9 @@ def from_nemo_rl(
         )
     body[hole] = 0
     layers = columns(body, layer_map, layout, _WHAT, native=hole, negative_ok=True)
-    return make_routes(with_last(layers), layer_map, _WHAT)
+    routes = make_routes(with_last(layers), layer_map, _WHAT)
+    # the message's prompt and generation ids: a replay fed other tokens is refused (Routes.token_ids)
+    return routes.with_token_ids(token_ids) if token_ids is not None else routes
 
 
 def to_nemo_rl(

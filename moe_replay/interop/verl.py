@@ -142,6 +142,7 @@ def from_verl(
     layout: str = "all",
     last_routed: bool = False,
     fill: int = 0,
+    input_ids: torch.Tensor | None = None,
 ) -> list[Routes]:
     """Per-sequence routes from verl's ``[batch, seq, layers, k]`` ``routed_experts``.
 
@@ -154,6 +155,10 @@ def from_verl(
     Nothing is dropped: every padding position must hold ``fill`` (0, as verl writes;
     :func:`to_verl`'s ``fill=``). A route there means the mask does not belong to these
     routes (shifted, or another batch's), and is refused.
+
+    Given the batch's ``[batch, seq]`` ``input_ids``, each sequence's routes know their tokens
+    (:attr:`~moe_replay.Routes.token_ids`), so a replay fed other tokens (micro-batches
+    regrouped between the rollout and the update) is refused.
 
     Raises:
         RoutesValidationError: shapes that do not fit, a mask of other values than 0 and 1
@@ -173,6 +178,14 @@ def from_verl(
             f"verl routed_experts must be [batch, seq, layers, k] with a [batch, seq] attention_mask; got "
             f"{tuple(arr.shape)} and {tuple(mask.shape)}"
         )
+    ids = None
+    if input_ids is not None:
+        ids = as_array(input_ids, "input_ids")
+        if ids.shape != mask.shape or ids.dtype.kind not in "iu":
+            raise RoutesValidationError(
+                f"from_verl: input_ids must be the batch's [batch, seq] integer token ids, like its attention_mask "
+                f"{tuple(mask.shape)}; got {ids.dtype} {tuple(ids.shape)}"
+            )
     out = []
     for i in range(arr.shape[0]):
         keep = mask[i]
@@ -200,5 +213,6 @@ def from_verl(
         last = np.zeros(rows.shape[0], dtype=bool)
         last[-1] = not last_routed
         layers = columns(rows, layer_map, layout, f"verl sequence {i}", last, negative_ok=True)  # (-1: no route)
-        out.append(make_routes(layers, layer_map, "verl"))
+        routes = make_routes(layers, layer_map, "verl")
+        out.append(routes.with_token_ids(ids[i][keep]) if ids is not None else routes)
     return out

@@ -31,6 +31,8 @@ def test_every_token_a_row_the_last_a_placeholder() -> None:
     assert interop.to_nemo_rl(r, m.layer_map) == payload
     message = {"routed_experts": payload, "prompt_token_ids": [1] * 5, "generation_token_ids": [2] * 4}
     assert interop.from_nemo_rl({"message": message}, m.layer_map).equal(r)  # a chat choice
+    assert interop.from_nemo_rl(message, m.layer_map).token_ids.tolist() == [1] * 5 + [2] * 4  # its tokens
+    assert r.token_ids is None  # (an envelope alone names none)
     with pytest.raises(mr.RoutesValidationError, match="one per token, prompt and completion: 10"):
         interop.from_nemo_rl(payload, m.layer_map, num_tokens=10)
     with pytest.raises(mr.RoutesValidationError, match="one per token, prompt and completion: 8"):

@@ -25,6 +25,14 @@ def test_padded_agent_loop_layout() -> None:
     batch, mask = verl_padded(engine_rows, prompts, prompt_width, response_width)
     seqs = interop.from_verl(batch, mask, M.layer_map)
     assert all(s.equal(M.routes(t)) for s, t in zip(seqs, truths, strict=True))
+    # with the batch's input_ids, each sequence's routes know their tokens (padding is none of them)
+    input_ids = torch.arange(mask.numel()).view(mask.shape) + 100
+    known = interop.from_verl(batch, mask, M.layer_map, input_ids=input_ids)
+    assert [r.token_ids.tolist() for r in known] == [i[m.bool()].tolist() for i, m in zip(input_ids, mask, strict=True)]
+    assert all(a.equal(b) for a, b in zip(known, seqs, strict=True))
+    for bad in (input_ids[:, 1:], input_ids.float()):
+        with pytest.raises(mr.MoEReplayError, match="input_ids"):
+            interop.from_verl(batch, mask, M.layer_map, input_ids=bad)
     back = interop.to_verl(seqs, M.layer_map, prompt_lengths=prompts, prompt_width=prompt_width, response_width=5)
     assert back.dtype == torch.int16
     for i, c in enumerate(responses):
