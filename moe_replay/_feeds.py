@@ -16,7 +16,8 @@ that moves or copies the cache's rows between forwards: ``reorder_cache`` (beam 
 are watched on the cache object itself for the length of the capture, and put back when it
 ends.
 
-The hook runs once per forward of the model, not per router call. It records nothing in
+The hook runs once per forward of the model, not per router call, and not for the forward a
+checkpoint runs again in backward (that recompute reads its forward's rows). It records nothing in
 code that ``torch.compile`` traces or a CUDA graph captures (no host call sees such a
 forward's replays: the forwards of its rows are unknown too), and the rows of such a capture
 are split by their order alone, unchecked.
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._torch_compat import exporting, functorch_transform, graph_capturing, tracing
+from ._torch_compat import current_graph_task_id, exporting, functorch_transform, graph_capturing, tracing
 from .errors import TokenMismatchError
 
 __all__ = ["FeedCheck", "FeedRecord"]
@@ -366,7 +367,8 @@ class _FeedHook:
             if isinstance(self.record, FeedCheck):
                 self.record._lost = True  # (its rows are read where the host does not count them)
             return None
-        if threading.get_ident() == self.record._thread:
+        if threading.get_ident() == self.record._thread and current_graph_task_id() == -1:
+            # (a forward inside backward is a checkpoint's recompute: it reads its forward's rows, not the next)
             self.record.fed(args, kwargs)
         return None
 

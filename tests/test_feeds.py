@@ -291,3 +291,35 @@ def test_ids_on_the_device_are_checked_when_the_block_ends() -> None:
             with session.replay(routes), torch.no_grad():
                 model(ids[:2])
                 model(ids[[3, 2]])
+
+
+@pytest.mark.parametrize("mode", ["capture", "replay"])
+def test_a_checkpoint_recompute_of_the_whole_model_is_no_forward_of_its_own(mode: str) -> None:
+    """A model checkpointed as a whole runs its forward again in backward (the recompute reads its forward's rows,
+    not the next ones): a capture keeps each micro-batch's ids once, and a replay of micro-batches each followed
+    by its backward compares every forward with its own rows."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = mr.models.build("softmax_topk").train()
+    ids = _batch()
+
+    def step(part: torch.Tensor) -> None:
+        checkpoint(model, part, use_reentrant=False).logits.sum().backward()
+
+    with mr.attach(model) as session:
+        with session.capture():
+            if mode == "capture":
+                step(ids[:2])
+                step(ids[2:])
+            else:
+                model(ids).logits.sum().backward()
+        routes = session.routes()
+        assert torch.equal(routes.token_ids, ids.reshape(-1))
+        with session.replay(routes), session.capture():
+            step(ids[:2])
+            step(ids[2:])
+        assert session.routes().equal(routes)
+        with pytest.raises(mr.TokenMismatchError, match=r"forward 2 of this replay"):
+            with session.replay(routes):
+                step(ids[:2])
+                step(ids[[3, 2]])
