@@ -555,7 +555,8 @@ class Routes:
                 raise RoutesValidationError(f"Routes.cat: part {i} has k {p.k_per_layer}, part 0 {first.k_per_layer}")
         data = [torch.cat([p._data[j] for p in parts]) for j in range(first.num_layers)]
         out = cls._trusted(data, first.names, first.experts_per_layer, all(p._validated for p in parts))
-        if any(p._token_ids is not None for p in parts):  # (a part of unknown tokens: -1 for each of its rows)
+        # a part of unknown tokens: -1 for each of its rows; a part of several row counts: no one id per row fits
+        if any(p._token_ids is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
             out._token_ids = torch.cat(
                 [p._token_ids if p._token_ids is not None else torch.full((p.num_tokens,), -1) for p in parts]
             )

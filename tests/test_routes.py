@@ -551,6 +551,19 @@ def test_with_token_ids_needs_one_row_count() -> None:
         r.with_token_ids([1, 2])
 
 
+def test_cat_with_a_part_of_several_row_counts_keeps_its_rows_and_no_ids() -> None:
+    """Parts whose routers hold different row counts (a partial capture) concatenate per router, as routes without
+    ids do; no one id per row fits the result, so it has none."""
+    rows = [torch.tensor([[0, 1]]), torch.tensor([[0, 1], [1, 2]])]
+    uneven = mr.Routes(rows, names=["a.gate", "b.gate"], num_experts=8)
+    known = _with_ids()
+    for parts in ([known, uneven], [uneven, known]):
+        out = mr.Routes.cat(parts)
+        assert out.tokens_per_layer == tuple(known.num_tokens + n for n in uneven.tokens_per_layer)
+        assert out.token_ids is None
+        assert mr.Routes.cat([p.with_token_ids(None) if p is known else p for p in parts]).equal(out)
+
+
 @pytest.mark.reliability("files")
 def test_a_file_with_bad_token_ids_is_refused(tmp_path: object) -> None:
     """token_ids of another shape, dtype or range in a routes file: refused as corrupted, never read as ids."""
