@@ -416,8 +416,12 @@ class Routes:
             >>> r.with_token_ids(torch.tensor([[17, 42]])).token_ids.tolist()
             [17, 42]
         """
+        ids = None if token_ids is None else _ids(token_ids, self, "with_token_ids()")
         out = Routes._trusted(self._data, self._names, self._experts, self._validated)
-        out._token_ids = None if token_ids is None else _ids(token_ids, self, "with_token_ids()")
+        # the same rows of the same forwards: what the capture knows of them stays (split_generation checks it)
+        out._call_rows, out._dropped_rows = self._call_rows, self._dropped_rows
+        out._fed_mask, out._rows_moved = self._fed_mask, self._rows_moved
+        out._token_ids = ids
         return out
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:

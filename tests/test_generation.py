@@ -594,6 +594,34 @@ def test_a_keep_newest_capture_that_dropped_rows_is_refused_not_split_by_its_row
     assert [s.num_tokens for s in whole] == (mask.sum(dim=1) + N - 2).tolist()
 
 
+@pytest.mark.parametrize("ids", ["none", "the tokens fed"])
+def test_routes_given_other_token_ids_keep_what_their_capture_knows_of_its_forwards(ids: str) -> None:
+    """with_token_ids() changes the ids alone: the forwards, prompt mask and dropped rows of the capture the rows
+    come from still refuse a split that would give tokens other tokens' experts."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt, mask = _prompt()
+
+    def other_ids(routes: mr.Routes) -> mr.Routes:
+        return routes.with_token_ids(None if ids == "none" else torch.arange(routes.num_tokens))
+
+    kept = B * P + B * (N - 3)
+    with mr.attach(model, capacity=kept, keep_newest=True) as session:
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, N, attention_mask=mask)
+        with pytest.raises(mr.RoutesValidationError, match="keep_newest"):
+            mr.split_generation(other_ids(session.routes()), attention_mask=mask)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, N, attention_mask=mask)
+        with pytest.raises(mr.RoutesValidationError, match="not the attention mask"):
+            mr.split_generation(other_ids(session.routes()), batch_size=B, prompt_len=P)  # (no mask: every position)
+        with session.capture(), torch.no_grad():
+            model.generate(prompt[:, 1:], N, attention_mask=mask[:, 1:])
+            model.generate(prompt[:, 1:], N, attention_mask=mask[:, 1:])  # two calls: forwards of two generate()s
+        with pytest.raises(mr.RoutesValidationError, match="ran forwards of"):
+            mr.split_generation(other_ids(session.routes()), batch_size=B, prompt_len=2 * (P - 1))
+
+
 @pytest.mark.reliability("bad inputs")
 def test_raw_generate_routes_in_a_teacher_forced_forward_point_to_split_generation() -> None:
     """Raw generate() routes replayed in a teacher-forced forward: the error names split_generation and BatchLayout."""
