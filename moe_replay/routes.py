@@ -906,6 +906,11 @@ def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list
 
 def _ids(token_ids: Any, routes: Routes, what: str) -> torch.Tensor | None:
     """``token_ids`` as :attr:`Routes.token_ids` of ``routes``: int64 ``[T]`` on the host (None if none is known)."""
+    if isinstance(token_ids, torch.Tensor) and (token_ids.layout != torch.strided or token_ids.is_nested):
+        kind = "nested" if token_ids.is_nested else str(token_ids.layout)
+        raise RoutesValidationError(f"{what}: token ids must be a dense tensor, got a {kind} one: pass one id per row")
+    if isinstance(token_ids, Mapping):  # (its keys are no ids in row order)
+        raise ArgumentTypeError(f"{what}: token ids must be a tensor or a list of ints, got {type(token_ids).__name__}")
     if isinstance(token_ids, torch.Tensor) and token_ids.dtype in _WIDE_UNSIGNED:
         token_ids = token_ids.detach().cpu().numpy()  # (uint64 past int64 is refused below, not wrapped)
     if isinstance(token_ids, np.ndarray):

@@ -536,6 +536,9 @@ def test_token_ids_follow_their_rows_through_every_transform(tmp_path: object) -
         (np.array(["a", "b", "c", "d"]), "must be integers"),
         ("abcd", "a tensor or a list of ints"),
         (torch.zeros(4, device="meta", dtype=torch.long), "must be integers"),
+        (torch.tensor([1, 2, 3, 4]).to_sparse(), "a dense tensor"),
+        (torch.tensor([[1, 2], [3, 4]]).to_sparse_csr(), "a dense tensor"),
+        ({11: "a", 12: "b", 13: "c", 14: "d"}, "a tensor or a list of ints"),  # (its keys are no ids in row order)
     ],
 )
 def test_with_token_ids_refuses_what_is_not_one_id_per_row(ids: object, match: str) -> None:
