@@ -58,9 +58,9 @@ def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
         layers.append(picked)
     # rows of checked routes and whole -1 rows: as checked as the routes they come from
     out = Routes._trusted(layers, routes.names, routes.experts_per_layer, routes._validated)
-    ids = routes._token_ids
+    ids = routes._token_ids  # (None for routes of no rows: not one id is known)
     if ids is not None:  # the token of each row taken; -1 at a hole
-        taken = ids[safe] if ids.numel() else torch.full((index.numel(),), -1, dtype=torch.long)
+        taken = ids[safe]  # (a copy)
         taken[hole] = -1
         out._token_ids = _known_or_none(taken)
     return out
