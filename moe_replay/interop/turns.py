@@ -50,7 +50,9 @@ def stitch_turns(
     Args:
         turns: routes of each turn, oldest first.
         token_ids: each turn's whole token sequence; when given, each must start with the
-            previous one (a re-tokenised history does not, and cannot be stitched).
+            previous one (a re-tokenised history does not, and cannot be stitched). The
+            result knows the conversation's tokens (:attr:`~moe_replay.Routes.token_ids`):
+            these, and those the turns' routes know (an engine reader's), which must agree.
         overlap: a token routed by more than one turn: ``"check"`` (default) requires the
             same experts (as a vLLM 0.22+ prefix-cache hit or SGLang's KV slot gives),
             ``"first"`` keeps the earliest turn's route (the one its tokens were sampled
@@ -96,6 +98,7 @@ def stitch_turns(
                     "so the turns are not one sequence"
                 )
     total = parts[-1].num_tokens
+    tokens = _conversation_tokens(parts, ids if token_ids is not None else None, total)
     out = []
     for j, name in enumerate(parts[-1].names):
         k = parts[-1].k_per_layer[j]
@@ -130,4 +133,25 @@ def stitch_turns(
                     "start_len) is probably one too far: the previous turn's last token has no route of its own, "
                     "so the next turn must start at or before it. Pass gaps='native' to route such tokens natively"
                 )
-    return Routes(out, names=parts[-1].names, num_experts=parts[-1].experts_per_layer)
+    return Routes(out, names=parts[-1].names, num_experts=parts[-1].experts_per_layer).with_token_ids(tokens)
+
+
+def _conversation_tokens(parts: list[Routes], given: list[list[int]] | None, total: int) -> torch.Tensor:
+    """The token of each position of the conversation, -1 where no turn knows it: from the ids given, and from
+    those each turn's routes know (:attr:`Routes.token_ids`, as read from an engine's output), which must agree."""
+    tokens = torch.full((total,), -1, dtype=torch.long)
+    for i, r in enumerate(parts):
+        for mine in (r.with_token_ids(given[i])._token_ids if given is not None else None, r._token_ids):
+            if mine is None:
+                continue
+            n = mine.numel()
+            clash = (tokens[:n] >= 0) & (mine >= 0) & (tokens[:n] != mine)
+            if bool(clash.any()):
+                at = int(clash.nonzero()[0])
+                raise RoutesValidationError(
+                    f"turn {i}'s tokens disagree at position {at}: {int(mine[at])} there, {int(tokens[at])} in an "
+                    "earlier turn or the ids given. The history was re-tokenised, or the ids given are not those the "
+                    "engine routed: the turns are not one sequence"
+                )
+            tokens[:n] = torch.where(mine >= 0, mine, tokens[:n])
+    return tokens

@@ -33,6 +33,9 @@ def test_vllm_turns_with_prompt_start_stitch_into_the_conversation() -> None:
     ]
     whole = interop.stitch_turns(turns, token_ids=[_ids(T1), _ids(T2)])
     assert whole.equal(M.routes(truth))
+    # the conversation's tokens, from the ids given or those vLLM's outputs name: a replay on others is refused
+    assert whole.token_ids.tolist() == _ids(T2)
+    assert interop.stitch_turns(turns).token_ids.tolist() == _ids(T2)
     # one token too far: turn 1's last token is routed by no turn
     late = vllm_033_request_output(M, _ids(T1 + U2), [(_ids(T2)[T1 + U2 :], truth)], prompt_start=T1)
     turns[1] = interop.from_vllm_output(late, M.layer_map, prompt_start=T1)
@@ -72,6 +75,10 @@ def test_turns_that_are_not_one_sequence_are_refused() -> None:
     retokenised[3] = 99
     with pytest.raises(mr.RoutesValidationError, match="differ from turn 0's at position 3"):
         interop.stitch_turns([r1, r2], token_ids=[_ids(T1), retokenised])
+    with pytest.raises(mr.RoutesValidationError, match="turn 1's tokens disagree at position 3: 99 there, 13"):
+        interop.stitch_turns([r1.with_token_ids(_ids(T1)), r2.with_token_ids(retokenised)])  # (the ids they know)
+    with pytest.raises(mr.RoutesValidationError, match="turn 1's tokens disagree at position 3"):
+        interop.stitch_turns([r1, r2.with_token_ids(retokenised)], token_ids=[_ids(T1), _ids(T2)])
     with pytest.raises(mr.RoutesValidationError, match="must extend the previous one"):
         interop.stitch_turns([r2, r1])
     with pytest.raises(mr.RoutesValidationError, match="overlap must be"):
