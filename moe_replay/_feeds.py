@@ -249,13 +249,15 @@ class FeedCheck:
             self.pending.append((self.forwards, start, flat.clone()))
 
     def finish(self) -> None:
-        """Compare the forwards whose ids were on a device (one copy to the host for all of them)."""
+        """Compare the forwards whose ids were on a device, in order (one copy to the host per device)."""
         pending, self.pending = self.pending, []
-        if not pending:
-            return
-        host = torch.cat([ids.to(torch.long) for _, _, ids in pending]).cpu().split([len(p[2]) for p in pending])
-        for (forward, start, _), ids in zip(pending, host, strict=True):
-            self._compare(forward, start, ids)
+        host: dict[int, torch.Tensor] = {}
+        for device in {ids.device for _, _, ids in pending}:
+            mine = [(i, ids) for i, (_, _, ids) in enumerate(pending) if ids.device == device]
+            flat = torch.cat([ids.to(torch.long) for _, ids in mine]).cpu()
+            host.update(zip([i for i, _ in mine], flat.split([ids.numel() for _, ids in mine]), strict=True))
+        for i, (forward, start, _) in enumerate(pending):
+            self._compare(forward, start, host[i])
 
     def _compare(self, forward: int, start: int, ids: torch.Tensor) -> None:
         want = self.want[start : start + ids.numel()]

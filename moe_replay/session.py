@@ -41,6 +41,7 @@ from .errors import (
     RouterNotFoundError,
     RoutesValidationError,
     SessionStateError,
+    TokenMismatchError,
     UnsupportedRouterError,
     _from_compiler,
 )
@@ -1210,6 +1211,13 @@ class Session:
         try:
             yield
             ok = True
+        except ReplayConsumptionError as e:  # a forward that overdrew: one fed other tokens is the likelier cause
+            if check is not None:
+                try:
+                    check.finish()
+                except TokenMismatchError as mismatch:
+                    raise mismatch from e
+            raise
         finally:
             self._set(replaying=False)
             if stop is not None:

@@ -323,3 +323,20 @@ def test_a_checkpoint_recompute_of_the_whole_model_is_no_forward_of_its_own(mode
             with session.replay(routes):
                 step(ids[:2])
                 step(ids[[3, 2]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_forward_that_overdraws_after_other_tokens_names_the_tokens() -> None:
+    """Ids on a GPU fed other tokens, then a forward that reads past the end: the error says which forward
+    was fed other tokens (the likelier cause), raised from the overdraw."""
+    model = mr.models.build("softmax_topk").cuda()
+    ids = _batch().cuda()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids[:2])
+        routes = session.routes()
+        with pytest.raises(mr.TokenMismatchError, match=r"forward 1 of this replay") as e:
+            with session.replay(routes), torch.no_grad():
+                model(ids[2:])
+                model(ids[2:])  # past the end of the routes
+        assert isinstance(e.value.__cause__, mr.ReplayConsumptionError)
