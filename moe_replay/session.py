@@ -1150,7 +1150,8 @@ class Session:
         rows were recorded for (another batch, micro-batch or rank, sequences in another
         order) raises :class:`TokenMismatchError`, before any router reads a row where the
         ids are on the host, and when the block ends where they are on a device (no host
-        sync per forward). Forwards fed embeddings, and those after a compiled or CUDA-graph
+        sync per forward; with ``strict=False``, which never syncs the host, device ids are
+        not checked). Forwards fed embeddings, and those after a compiled or CUDA-graph
         forward (whose reads the host does not count), are not checked.
 
         A forward that raises is not rewound: the routers that ran before the exception
@@ -1204,7 +1205,7 @@ class Session:
         with torch.inference_mode(False):  # the cursors are ordinary tensors, whatever the caller's mode
             for h, s, j in plan:
                 h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope), name=h.name)
-        check, stop_check = self._token_check(routes, [h.replay_source for h, _, _ in plan], generated)
+        check, stop_check = self._token_check(routes, [h.replay_source for h, _, _ in plan], generated, strict)
         stop = self._watch()
         self._set(replaying=True)
         ok = False
@@ -1257,7 +1258,7 @@ class Session:
                 )
 
     def _token_check(
-        self, routes: Routes, sources: Sequence[ReplaySource | None], generated: bool
+        self, routes: Routes, sources: Sequence[ReplaySource | None], generated: bool, strict: bool
     ) -> tuple[FeedCheck | None, Callable[[], None] | None]:
         """The check that each forward of the model is fed the tokens its rows were recorded for (where known)."""
         model = self._model_ref()
@@ -1268,7 +1269,8 @@ class Session:
         def position() -> int | None:  # the row the routers read next, where the host counts their reads
             return None if any(src.read_by_device for src in held) else max(src.host_consumed for src in held)
 
-        check = FeedCheck(routes._token_ids, position, hint=_GENERATE_HINT if generated else "")
+        # (device ids are read back when the block ends: a strict replay syncs there anyway, strict=False never does)
+        check = FeedCheck(routes._token_ids, position, hint=_GENERATE_HINT if generated else "", device_ids=strict)
         return check, check.start(model)
 
     # ------------------------------------------------------------- scores
