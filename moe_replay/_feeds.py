@@ -239,19 +239,21 @@ class FeedCheck:
     def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """One forward of the model: its ids against the rows it will read."""
         self.forwards += 1
-        start = None if self._lost else self.position()
-        if start is None:
-            self._lost = True
+        if self._lost:
             return
         _, ids, _ = _inputs(args, kwargs)
-        if ids is None:
+        if ids is None or not (self.device_ids or ids.device.type == "cpu"):
+            return
+        start = self.position()
+        if start is None:
+            self._lost = True
             return
         flat = ids.detach().reshape(-1)[: max(self.want.numel() - start, 0)]  # (past the end: the routers refuse)
         if not flat.numel():
             return
         if flat.device.type == "cpu":
             self._compare(self.forwards, start, flat)
-        elif self.device_ids:
+        else:
             self.pending.append((self.forwards, start, flat.clone()))
 
     def finish(self) -> None:

@@ -1150,8 +1150,8 @@ class Session:
         rows were recorded for (another batch, micro-batch or rank, sequences in another
         order) raises :class:`TokenMismatchError`, before any router reads a row where the
         ids are on the host, and when the block ends where they are on a device (no host
-        sync per forward; with ``strict=False``, which never syncs the host, device ids are
-        not checked). Forwards fed embeddings, and those after a compiled or CUDA-graph
+        sync per forward; with ``strict=False``, which never syncs the host, only the forwards
+        of a model on the CPU are checked). Forwards fed embeddings, and those after a compiled or CUDA-graph
         forward (whose reads the host does not count), are not checked.
 
         A forward that raises is not rewound: the routers that ran before the exception
@@ -1264,6 +1264,8 @@ class Session:
         model = self._model_ref()
         held = [src for src in sources if src is not None]
         if routes._token_ids is None or model is None or not held:
+            return None, None
+        if not strict and _device_of(model).type != "cpu":  # its ids are on the device: nothing to check at no sync
             return None, None
 
         def position() -> int | None:  # the row the routers read next, where the host counts their reads
