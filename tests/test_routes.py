@@ -542,6 +542,7 @@ def test_token_ids_follow_their_rows_through_every_transform(tmp_path: object) -
     ],
 )
 def test_with_token_ids_refuses_what_is_not_one_id_per_row(ids: object, match: str) -> None:
+    """Token ids of another count, floats, bools, ids below -1, uint64 past int64, strings: refused."""
     r = _with_ids()
     with pytest.raises(mr.MoEReplayError, match=match):
         r.with_token_ids(ids)
