@@ -106,6 +106,25 @@ completion = torch.zeros_like(old_logprobs, dtype=torch.bool)
 completion[:, prompt_len - 1 :] = True  # positions whose next token was generated
 
 # %% [markdown]
+# The routes also remember the token each row was recorded for (`rollout.token_ids`), and
+# every replayed forward is checked against them. Feeding the sequences in another order
+# than their routes, the misalignment that a shuffled or length-sorted minibatch causes in
+# an R3 pipeline, is refused before any router reads a row; a minibatch taken with its own
+# routes, in the same order, replays.
+
+# %%
+order = torch.randperm(batch, generator=torch.Generator().manual_seed(0))[:4]
+try:
+    with torch.no_grad(), engine_session.replay(rollout[: 4 * sequences.shape[1]]):
+        engine(sequences[order], attention_mask=attention_mask[order])
+except mr.TokenMismatchError as e:
+    print("refused:", str(e)[:150], "...")
+minibatch = mr.Routes.cat([per_sequence[i] for i in order])
+with torch.no_grad(), engine_session.replay(minibatch):
+    engine(sequences[order], attention_mask=attention_mask[order])
+print("the minibatch with its own routes:", minibatch)
+
+# %% [markdown]
 # ## 3. The engine/trainer mismatch, before any update
 #
 # Attach a session to the training policy (float32) and run a plain forward over the
