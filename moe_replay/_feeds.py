@@ -203,9 +203,11 @@ class FeedCheck:
     Routes that know their tokens (:attr:`~moe_replay.Routes.token_ids`) are read in order,
     one row per token fed; a forward fed other ids than the rows it is about to read were
     recorded for would take another batch's experts without a sign. The model's forward
-    pre-hook compares them: at once where the ids are on the host (before any router runs),
-    else from a copy of them, compared in :meth:`finish` with one copy to the host when the
-    block ends (no host sync per forward).
+    pre-hook compares them before any router runs where the ids are on the host, and for the
+    first forward fed ids on a device (one host sync: a wrong batch is refused before any
+    expert is forced or any optimizer step taken); the later device ids from a copy of them,
+    compared in :meth:`finish` with one copy to the host when the block ends (no host sync
+    per forward).
 
     Args:
         want: the token id of each row, -1 where unknown.
@@ -228,6 +230,7 @@ class FeedCheck:
         self.forwards = 0  # forwards of the model in the block
         self.pending: list[tuple[int, int, torch.Tensor]] = []  # (forward, first row, copy of its ids) to compare
         self._lost = False  # a forward's rows were read where the host does not see them
+        self._read_once = False  # device ids were read back once, at their first forward
         self._thread: int | None = None
 
     def start(self, model: nn.Module) -> Callable[[], None]:
@@ -251,7 +254,8 @@ class FeedCheck:
         flat = ids.detach().reshape(-1)[: max(self.want.numel() - start, 0)]  # (past the end: the routers refuse)
         if not flat.numel():
             return
-        if flat.device.type == "cpu":
+        if flat.device.type == "cpu" or not self._read_once:  # (the first device ids: one host sync, at once)
+            self._read_once = flat.device.type != "cpu"
             self._compare(self.forwards, start, flat)
         else:
             self.pending.append((self.forwards, start, flat.clone()))

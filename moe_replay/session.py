@@ -1149,10 +1149,11 @@ class Session:
         the token ids each forward of the model is fed: a forward fed other tokens than its
         rows were recorded for (another batch, micro-batch or rank, sequences in another
         order) raises :class:`TokenMismatchError`, before any router reads a row where the
-        ids are on the host, and when the block ends where they are on a device (no host
-        sync per forward; with ``strict=False``, which never syncs the host, only the forwards
-        of a model on the CPU are checked). Forwards fed embeddings, and those after a compiled or CUDA-graph
-        forward (whose reads the host does not count), are not checked.
+        ids are on the host, and for the first forward fed ids on a device (one host sync);
+        the later forwards' device ids when the block ends (no host sync per forward). With
+        ``strict=False``, which never syncs the host, only a model on the CPU is checked.
+        Forwards fed embeddings, and those after a compiled or CUDA-graph forward (whose
+        reads the host does not count), are not checked.
 
         A forward that raises is not rewound: the routers that ran before the exception
         have consumed its rows. An exception that leaves the block ends the replay there

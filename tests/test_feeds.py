@@ -275,8 +275,24 @@ def test_a_teacher_forced_replay_of_a_rollout_is_checked_against_its_sequences()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_first_device_ids_are_checked_before_any_router_reads() -> None:
+    """The first forward of a block fed ids on a GPU is compared at once (one host sync): a wrong batch is
+    refused before any expert is forced, so an optimizer step after it never runs on the wrong routes."""
+    model = mr.models.build("softmax_topk").cuda()
+    ids = _batch().cuda()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        with session.replay(session.routes(), strict=True):
+            with pytest.raises(mr.TokenMismatchError, match=r"forward 1 of this replay"):
+                model(ids.flip(0))
+            assert all(h.replay_source.host_consumed == 0 for h in session._hooks)
+            model(ids)  # (the block's rows, read by the right batch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ids_on_the_device_are_checked_when_the_block_ends() -> None:
-    """Ids on a GPU are compared once the block ends (no host sync per forward), naming the forward."""
+    """Later ids on a GPU are compared once the block ends (no host sync per forward), naming the forward."""
     model = mr.models.build("softmax_topk").cuda()
     ids = _batch().cuda()
     with mr.attach(model) as session:
@@ -327,16 +343,18 @@ def test_a_checkpoint_recompute_of_the_whole_model_is_no_forward_of_its_own(mode
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_forward_that_overdraws_after_other_tokens_names_the_tokens() -> None:
-    """Ids on a GPU fed other tokens, then a forward that reads past the end: the error says which forward
-    was fed other tokens (the likelier cause), raised from the overdraw."""
+    """Later ids on a GPU fed other tokens, then a forward that reads past the end: the error says which
+    forward was fed other tokens (the likelier cause), raised from the overdraw."""
     model = mr.models.build("softmax_topk").cuda()
     ids = _batch().cuda()
     with mr.attach(model) as session:
         with session.capture(), torch.no_grad():
             model(ids[:2])
+            model(ids[2:])
         routes = session.routes()
-        with pytest.raises(mr.TokenMismatchError, match=r"forward 1 of this replay") as e:
+        with pytest.raises(mr.TokenMismatchError, match=r"forward 2 of this replay") as e:
             with session.replay(routes), torch.no_grad():
-                model(ids[2:])
+                model(ids[:2])  # (the first forward's ids are compared at once: these are right)
+                model(ids[[3, 2]])
                 model(ids[2:])  # past the end of the routes
         assert isinstance(e.value.__cause__, mr.ReplayConsumptionError)
