@@ -291,8 +291,10 @@ def test_the_first_device_ids_are_checked_before_any_router_reads() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_ids_on_the_device_are_checked_when_the_block_ends() -> None:
-    """Later ids on a GPU are compared once the block ends (no host sync per forward), naming the forward."""
+@pytest.mark.parametrize("overdraw", [False, True])
+def test_ids_on_the_device_are_checked_when_the_block_ends(overdraw: bool) -> None:
+    """Later ids on a GPU are compared once the block ends (no host sync per forward), naming the forward; a
+    forward that then reads past the end gets that error too (the likelier cause), raised from the overdraw."""
     model = mr.models.build("softmax_topk").cuda()
     ids = _batch().cuda()
     with mr.attach(model) as session:
@@ -303,10 +305,13 @@ def test_ids_on_the_device_are_checked_when_the_block_ends() -> None:
         with session.replay(routes), torch.no_grad():
             model(ids[:2])
             model(ids[2:])
-        with pytest.raises(mr.TokenMismatchError, match=r"forward 2 of this replay"):
+        with pytest.raises(mr.TokenMismatchError, match=r"forward 2 of this replay") as e:
             with session.replay(routes), torch.no_grad():
-                model(ids[:2])
+                model(ids[:2])  # (the first forward's ids are compared at once: these are right)
                 model(ids[[3, 2]])
+                if overdraw:
+                    model(ids[2:])  # past the end of the routes
+        assert isinstance(e.value.__cause__, mr.ReplayConsumptionError) is overdraw
 
 
 @pytest.mark.parametrize("mode", ["capture", "replay"])
@@ -339,22 +344,3 @@ def test_a_checkpoint_recompute_of_the_whole_model_is_no_forward_of_its_own(mode
             with session.replay(routes):
                 step(ids[:2])
                 step(ids[[3, 2]])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_forward_that_overdraws_after_other_tokens_names_the_tokens() -> None:
-    """Later ids on a GPU fed other tokens, then a forward that reads past the end: the error says which
-    forward was fed other tokens (the likelier cause), raised from the overdraw."""
-    model = mr.models.build("softmax_topk").cuda()
-    ids = _batch().cuda()
-    with mr.attach(model) as session:
-        with session.capture(), torch.no_grad():
-            model(ids[:2])
-            model(ids[2:])
-        routes = session.routes()
-        with pytest.raises(mr.TokenMismatchError, match=r"forward 2 of this replay") as e:
-            with session.replay(routes), torch.no_grad():
-                model(ids[:2])  # (the first forward's ids are compared at once: these are right)
-                model(ids[[3, 2]])
-                model(ids[2:])  # past the end of the routes
-        assert isinstance(e.value.__cause__, mr.ReplayConsumptionError)
