@@ -3,8 +3,8 @@
 A capture's rows say which experts each router chose, in call order, and nothing about the
 tokens: rows split per sequence by their order alone go to other tokens wherever the
 decode loop did not keep each sequence in its row (a beam search reorders its hypotheses
-between steps), and nothing in the rows shows it. So while a session captures, one forward
-pre-hook on the model it is attached to keeps, per forward:
+between steps), and nothing in the rows shows it. So while a session captures, it keeps, per
+forward of the model it is attached to:
 
 * the token ids it was fed (a copy on their device: no host sync per step);
 * the attention mask of the tokens fed, where the forward fed more than one token per
@@ -16,8 +16,14 @@ that moves or copies the cache's rows between forwards: ``reorder_cache`` (beam 
 are watched on the cache object itself for the length of the capture, and put back when it
 ends.
 
-The hook runs once per forward of the model, not per router call, and not for the forward a
-checkpoint runs again in backward (that recompute reads its forward's rows). It records nothing in
+A forward is seen where it enters the model or any module between the model and its routers
+(:func:`feed_levels`): from a session's first block until it detaches, each of those modules has
+a ``forward`` of the session's (:class:`FeedForward`) that feeds the outermost call to the blocks
+open, then runs the module's own. So a wrapper around the model that calls an inner module
+(PEFT's ``PeftModel.generate`` runs the base model's ``generate()``, whose forwards never enter
+the ``PeftModel``), or code that calls ``model.forward(...)`` itself, is seen too. It runs once
+per forward of the model, not per router call, and not for the forward a checkpoint runs again
+in backward (that recompute reads its forward's rows). It records nothing in
 code that ``torch.compile`` traces or a CUDA graph captures (no host call sees such a
 forward's replays: the forwards of its rows are unknown too), and the rows of such a capture
 are split by their order alone, unchecked.
@@ -28,8 +34,9 @@ from __future__ import annotations
 import copy
 import operator
 import threading
+import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,18 +44,16 @@ from torch import nn
 
 from ._torch_compat import current_graph_task_id, exporting, functorch_transform, graph_capturing, tracing
 from .errors import TokenMismatchError
+from .intercept import ClassForward
 
-__all__ = ["FeedCheck", "FeedRecord"]
+__all__ = ["FeedCheck", "FeedForward", "FeedRecord", "feed_levels"]
 
 #: cache methods that move or copy rows between forwards: beam search, contrastive search
 ROW_MOVES = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
 #: the methods of ROW_MOVES that a type has (none for tensors, ints...), by type
 _MOVES_OF: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
-
-
-def _inert(module: nn.Module, args: Any, kwargs: Any) -> None:
-    """The pre-hook a copy of the model gets while a capture runs (deepcopy, pickle): records nothing."""
-    return None
+#: types that are no cache (looked up in no table)
+_PLAIN = frozenset({torch.Tensor, type(None), bool, int, float, str})
 
 
 class _Forward:
@@ -80,24 +85,29 @@ class FeedRecord:
         self._caches: dict[int, tuple[Any, list[tuple[str, Any, Any]]]] = {}
         self._active = False
         self._thread: int | None = None  # the thread whose forwards are recorded: the one that started it
+        self._inside = False  # a recorded forward runs now (the modules it enters below are the same forward)
 
     # ------------------------------------------------------------- recording
-    def start(self, model: nn.Module) -> Callable[[], None]:
-        """Record the forwards of ``model`` in this thread until the returned function is called.
+    def start(self, levels: Sequence[FeedForward]) -> Callable[[], None]:
+        """Record the forwards entering ``levels`` (:func:`feed_levels`) in this thread until the returned
+        function is called.
 
         A forward in another thread is not the capture's (its routers refuse it): left out, it
         would leave the forwards out of line with the rows.
         """
         self._active = True
         self._thread = threading.get_ident()
-        handle = model.register_forward_pre_hook(_FeedHook(self), with_kwargs=True)
+        remove = _enter_levels(levels, self)
 
         def stop() -> None:
-            handle.remove()
+            remove()
             self._active = False
             self._unwatch()
 
         return stop
+
+    def unseen(self) -> None:
+        """A forward compiled, traced, captured in a CUDA graph or under a transform: nothing to record."""
 
     def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """One forward of the model: keep its ids and prompt mask, watch its cache (runs once per forward)."""
@@ -105,6 +115,8 @@ class FeedRecord:
             self._keep(args, kwargs)
         for value in (*args, *kwargs.values()):  # the cache, at any place or name (cache, past_key_values...)
             kind = type(value)
+            if kind in _PLAIN:
+                continue
             moves = _MOVES_OF.get(kind)
             if moves is None:
                 moves = _MOVES_OF[kind] = tuple(name for name in ROW_MOVES if callable(getattr(kind, name, None)))
@@ -232,24 +244,65 @@ class FeedCheck:
         self._lost = False  # a forward's rows were read where the host does not see them
         self._read_once = False  # device ids were read back once, at their first forward
         self._thread: int | None = None
+        self._inside = False  # a checked forward runs now (the modules it enters below are the same forward)
+        self._sources: list[Any] = []
+        self._levels: list[FeedForward] = []
+        self._entry = "the model"
 
-    def start(self, model: nn.Module) -> Callable[[], None]:
-        """Check the forwards of ``model`` in this thread until the returned function is called."""
+    def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
+        """Check the forwards entering ``levels`` (:func:`feed_levels`) in this thread until the returned
+        function is called.
+
+        ``sources`` are the routers' :class:`~moe_replay.ring.ReplaySource`: their eager reads stop
+        at the rows of the forwards this check has seen (``cleared``), so that rows read by a forward
+        that went around every level (a submodule called alone) are refused at the router, not
+        replayed unchecked.
+        """
         self._thread = threading.get_ident()
-        handle = model.register_forward_pre_hook(_FeedHook(self), with_kwargs=True)
-        return handle.remove
+        self._sources = list(sources)
+        self._levels = list(levels)
+        self._entry = type(levels[0].module).__name__ if levels else "the model"
+        for level in self._levels:
+            level.compiled = False
+        for src in self._sources:
+            src.cleared = 0
+            src.guard = self._unseen_read
+        remove = _enter_levels(levels, self)
+
+        def stop() -> None:
+            remove()
+            self._open()
+            for src in self._sources:
+                src.guard = None
+
+        return stop
+
+    def _open(self) -> None:
+        """Every row may be read unchecked from here on (the forwards past this one cannot be checked)."""
+        self._lost = True
+        for src in self._sources:
+            src.cleared = src.num_rows
+
+    def unseen(self) -> None:
+        """A forward compiled, traced, captured in a CUDA graph or under a transform: its rows are read where the
+        host does not count them, so this forward and those after it are not checked."""
+        self._open()
 
     def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """One forward of the model: its ids against the rows it will read."""
         self.forwards += 1
+        if not self._lost and any(level.compiled for level in self._levels):
+            self._open()
         if self._lost:
             return
-        _, ids, _ = _inputs(args, kwargs)
-        if ids is None or not (self.device_ids or ids.device.type == "cpu"):
-            return
+        count, ids, _ = _inputs(args, kwargs)
         start = self.position()
-        if start is None:
-            self._lost = True
+        if start is None or count < 0:  # (rows read on the device; or fed what gives no token count)
+            self._open()
+            return
+        for src in self._sources:  # the rows this forward may read
+            src.cleared = min(src.num_rows, start + count)
+        if ids is None or not (self.device_ids or ids.device.type == "cpu"):
             return
         flat = ids.detach().reshape(-1)[: max(self.want.numel() - start, 0)]  # (past the end: the routers refuse)
         if not flat.numel():
@@ -270,6 +323,20 @@ class FeedCheck:
             host.update(zip([i for i, _ in mine], flat.split([ids.numel() for _, ids in mine]), strict=True))
         for i, (forward, start, _) in enumerate(pending):
             self._compare(forward, start, host[i])
+
+    def _unseen_read(self, router: str, start: int, n: int) -> None:
+        """A router reads rows no forward this check has seen was fed: refuse (see :meth:`start`)."""
+        if any(level.compiled for level in self._levels):  # (a compiled forward, whose routers run eagerly inside)
+            self._open()
+            return
+        raise TokenMismatchError(
+            f"router '{router}' reads rows {start}..{start + n - 1} of this replay's routes in a forward that did not "
+            f"enter {self._entry} (the module the session is attached to) nor any module between it and its routers, "
+            "so the tokens of those rows cannot be checked against the ids the routes were recorded for. Was a "
+            "submodule called on its own, or the model run through another path? Run the forward through the "
+            "attached model, attach the session to the module you call, or drop the check with "
+            "routes.with_token_ids(None) to replay by row order alone" + (f". {self.hint}" if self.hint else "")
+        )
 
     def _compare(self, forward: int, start: int, ids: torch.Tensor) -> None:
         want = self.want[start : start + ids.numel()]
@@ -367,27 +434,110 @@ def _unseen() -> bool:
     )
 
 
-class _FeedHook:
-    """The forward pre-hook of the model while a capture runs; a copy of the model gets an inert one."""
+def feed_levels(model: nn.Module, scopes: Sequence[nn.Module]) -> list[nn.Module]:
+    """The modules a forward of ``model`` enters on its way to every router, outermost first.
 
-    __slots__ = ("record",)
+    ``model`` itself, then each submodule holding every router's module (``scopes``) down to their
+    lowest common ancestor, leaving out containers that are never called (``ModuleList``,
+    ``ModuleDict``). For a transformers ``...ForCausalLM``: the model and its base ``model``.
+    """
+    names = {id(m): name for name, m in model.named_modules()}
+    paths = [names[id(s)].split(".")[:-1] if names.get(id(s)) else [] for s in scopes if id(s) in names]
+    common: list[str] = []
+    for parts in zip(*paths, strict=False) if paths else ():
+        if any(p != parts[0] for p in parts):
+            break
+        common.append(parts[0])
+    levels, module = [model], model
+    for part in common:
+        module = module.get_submodule(part)
+        if not isinstance(module, nn.ModuleList | nn.ModuleDict):
+            levels.append(module)
+    return levels
 
-    def __init__(self, record: FeedRecord | FeedCheck) -> None:
-        self.record = record
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+class FeedForward:
+    """A level's ``forward`` while its session is attached: the outermost forward in the thread of each record or
+    check watching it (a capture or replay block) is fed to it, then the level's own forward runs.
+
+    Installed at a session's first block and taken out at detach (a compiled model's guards then see one
+    object for the whole session); with no block open it only passes the call on.
+    """
+
+    def __init__(self, module: nn.Module, before: Any) -> None:
+        self.module = module
+        self.before = before  # the module's own ``forward`` attribute before, or None: its class's (looked up)
+        self.records: list[FeedRecord | FeedCheck] = []
+        #: a forward ran compiled since the last block began (its routers read where the host does not count)
+        self.compiled = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _compiling():
+            # (dynamo reads nothing of the records, and stores a constant: no guard on what a block holds)
+            self.compiled = True
+        elif self.records:
+            me = threading.get_ident()
+            entered = [r for r in self.records if not r._inside and r._thread == me]
+            if entered:  # (none inside a forward already fed to them: the modules it enters are the same forward)
+                return self._enter(entered, args, kwargs)
+        before = self.before
+        if before is not None:
+            return before(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)  # (a later patch of the class is followed)
+
+    def _enter(self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A forward of the model, fed to the records and checks ``entered`` (then it runs)."""
         if _unseen():
             # (nothing baked into a graph's every replay or a traced program; under vmap no row is one token)
-            if isinstance(self.record, FeedCheck):
-                self.record._lost = True  # (its rows are read where the host does not count them)
-            return None
-        if threading.get_ident() == self.record._thread and current_graph_task_id() == -1:
+            for r in entered:
+                r.unseen()
+        elif current_graph_task_id() == -1:
             # (a forward inside backward is a checkpoint's recompute: it reads its forward's rows, not the next)
-            self.record.fed(args, kwargs)
-        return None
+            for r in entered:
+                r.fed(args, kwargs)
+        for r in entered:
+            r._inside = True
+        try:
+            before = self.before
+            if before is not None:
+                return before(*args, **kwargs)
+            return type(self.module).forward(self.module, *args, **kwargs)
+        finally:
+            for r in entered:
+                r._inside = False
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
-        return _inert
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        """The forward it runs (for ``inspect.signature``, and what detach puts back where it is held)."""
+        return self.before if self.before is not None else types.MethodType(type(self.module).forward, self.module)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        # a deep copy of the model (a reference policy): the plain forward, its class's or its own before
+        if self.before is None:
+            return ClassForward(copy.deepcopy(self.module, memo))
+        return copy.deepcopy(self.before, memo)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (operator.itemgetter(0), ((_inert,),))
+        # pickled (torch.save(model), spawn): the plain forward, as a deep copy gets
+        if self.before is None:
+            return (ClassForward, (self.module,))
+        return (operator.itemgetter(0), ((self.before,),))
+
+    def __repr__(self) -> str:
+        return f"<moe_replay forward of {type(self.module).__name__} (its inputs recorded in blocks)>"
+
+
+_compiling = torch.compiler.is_compiling
+
+
+def _enter_levels(levels: Sequence[FeedForward], record: FeedRecord | FeedCheck) -> Callable[[], None]:
+    """Feed ``record`` the forwards entering ``levels``; returns the function that stops it."""
+    for wrapper in levels:
+        wrapper.records.append(record)
+
+    def remove() -> None:
+        for wrapper in levels:
+            if record in wrapper.records:
+                wrapper.records.remove(record)
+
+    return remove

@@ -148,7 +148,7 @@ def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
                     hook._answered = out[1]
                     return out
                 n = x.shape[0]
-                forced = src.read_eager(n) if src.host_consumed + n <= src.num_rows else hook._forced(n)
+                forced = src.read_eager(n) if src.host_consumed + n <= src.cleared else hook._forced(n)
                 if ring is not None:
                     ring.write_eager(forced)
                 hook._answered = forced

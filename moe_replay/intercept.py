@@ -689,7 +689,7 @@ class RouterHook:
                 self._refuse_inner_checkpoint()
                 if src is not None and not src.has_missing and self._eager:
                     self._ordinal = i + 1
-                    forced = src.read_eager(n) if src.host_consumed + n <= src.num_rows else self._forced(n)
+                    forced = src.read_eager(n) if src.host_consumed + n <= src.cleared else self._forced(n)
                     self._decided = True
                     self.decisions += 1
                     if self.capturing and self.capture_ring is not None:
@@ -958,6 +958,8 @@ class RouterHook:
                     "around generate() are in generation order: for a teacher-forced forward, convert them "
                     "with mr.split_generation(...) and lay them out with mr.BatchLayout"
                 )
+            if src.host_consumed + n > src.cleared and src.guard is not None:
+                src.guard(self.name, src.host_consumed, n)  # (rows no forward the token check saw was fed: it raises)
             with self._aside():
                 return src.read_eager(n)
         return src.read(n)

@@ -24,6 +24,7 @@ A graph capture that finds a lag all the same raises: it would bake a stale curs
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -585,6 +586,10 @@ class ReplaySource:
         self.limit = _static_address(torch.full((), self.num_rows, dtype=torch.long, device=device))
         self._arange = _Positions.get(device, max(self.num_rows + 1, 1))
         self.host_consumed = 0  # lower bound, advanced by eager calls only
+        #: eager reads up to this row need no look: beyond it (short of ``num_rows``), ``guard`` is called first
+        #: (a replay's token check clears the rows of each forward it sees)
+        self.cleared = self.num_rows
+        self.guard: Callable[[str, int, int], None] | None = None
         self._by_device = False  # a graph or compiled region read: the host count is behind the device's
         self._chunk = self.buf[:0].long()  # the rows from _chunk_at on, as int64, for eager reads
         self._chunk_at = 0

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import _torch_compat
-from ._feeds import FeedCheck, FeedRecord
+from ._feeds import FeedCheck, FeedForward, FeedRecord, feed_levels
 from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, find_routers, format_sites
 from .errors import (
     ArgumentTypeError,
@@ -222,6 +222,9 @@ class Session:
         self._budget = Budget(max_bytes)
         self._hooks: list[RouterHook] = []
         self._installed: list[tuple[nn.Module, Any]] = []
+        #: the modules between the model and its routers, and the forwards this session gave them (at its first block)
+        self._feed_installed: list[tuple[nn.Module, Any]] = []
+        self._feed_wrappers: list[FeedForward] = []
         self._reached: dict[int, Any] = {}  # a scope's forward, other than the wrapper, found to lead to it
         self._paths: dict[int, str] = {}  # where a scope wrapped after attach now sits (its path, wrappers inserted)
         self._capturing = False
@@ -402,11 +405,16 @@ class Session:
                     self._installed.append((scope, own))
                     self._wrappers.append(wrapper)
                     self._hooks.append(hook)
+            model = self._model_ref()
+            if model is not None:
+                self._install_feed_levels(model)
         except BaseException:
             for action in self._removal_plan():
                 action()
             self._installed.clear()
             self._wrappers.clear()
+            self._feed_installed.clear()
+            self._feed_wrappers.clear()
             self._hooks.clear()
             raise
         self._attached = True
@@ -507,23 +515,11 @@ class Session:
         """
         actions: list[Callable[[], None]] = []
         refused: list[str] = []
-        for i in range(len(self._wrappers)):  # no zip/enumerate: their result tuples would hold the wrapper
-            scope, own = self._installed[i]
-            wrapper = self._wrappers[i]
-            if scope.__dict__.get("forward", _MISSING) is wrapper:
-                actions.append(functools.partial(_restore_forward, scope, own))
-                continue
-            setters, containers, opaque = _references(scope, wrapper)
-            outside = _outside_referrers(wrapper, [*containers, self._wrappers])
-            name = next((s.scope for s in self._sites if s.scope_module is scope), type(scope).__name__)
-            if opaque or outside:
-                refused.append(
-                    f"'{name}' (its forward is now {_describe(scope.__dict__.get('forward'))}; the moe_replay "
-                    f"wrapper is held by {', '.join([*opaque, *outside][:3])})"
-                )
-                continue
-            inner = wrapper.__wrapped__
-            actions.extend(functools.partial(setter, inner) for setter in setters)
+        # the feed levels first: where one sits right over a router's wrapper (the model is the router's scope),
+        # the router's is the module's forward once it is out
+        under: dict[int, Any] = {}
+        self._plan_removal(self._feed_installed, self._feed_wrappers, actions, refused, under)
+        self._plan_removal(self._installed, self._wrappers, actions, refused, under)
         if refused:
             raise SessionStateError(
                 "cannot detach without undoing other code's changes: something installed after attach wraps "
@@ -533,6 +529,37 @@ class Session:
                 "the session stays attached and nothing was changed"
             )
         return actions
+
+    def _plan_removal(
+        self,
+        installed: list[tuple[nn.Module, Any]],
+        wrappers: list[Any],
+        actions: list[Callable[[], None]],
+        refused: list[str],
+        under: dict[int, Any],
+    ) -> None:
+        """:meth:`_removal_plan` for the wrappers of one list (``installed[i]`` is where ``wrappers[i]`` went).
+
+        ``under`` maps a module whose forward an earlier action gives back to what it gives back (added to).
+        """
+        for i in range(len(wrappers)):  # no zip/enumerate: their result tuples would hold the wrapper
+            scope, own = installed[i]
+            wrapper = wrappers[i]
+            if under.get(id(scope), scope.__dict__.get("forward", _MISSING)) is wrapper:
+                actions.append(functools.partial(_restore_forward, scope, own))
+                under[id(scope)] = own
+                continue
+            setters, containers, opaque = _references(scope, wrapper)
+            outside = _outside_referrers(wrapper, [*containers, wrappers])
+            name = next((s.scope for s in self._sites if s.scope_module is scope), type(scope).__name__)
+            if opaque or outside:
+                refused.append(
+                    f"'{name}' (its forward is now {_describe(scope.__dict__.get('forward'))}; the moe_replay "
+                    f"wrapper is held by {', '.join([*opaque, *outside][:3])})"
+                )
+                continue
+            inner = wrapper.__wrapped__
+            actions.extend(functools.partial(setter, inner) for setter in setters)
 
     def detach(self) -> None:
         """Remove every wrapper of this session, and only those. Idempotent.
@@ -574,6 +601,8 @@ class Session:
             action()
         self._installed.clear()
         self._wrappers.clear()
+        self._feed_installed.clear()
+        self._feed_wrappers.clear()
         self._hooks.clear()
         self._attached = False
         model = self._model_ref()
@@ -881,7 +910,7 @@ class Session:
         if clear or self._feeds is None:
             self._feeds = FeedRecord(keep_inputs=not self.keep_newest)
         model = self._model_ref()
-        stop_feeds = self._feeds.start(model) if model is not None else None
+        stop_feeds = self._feeds.start(self._feed_wrappers) if model is not None else None
         stop = self._watch()
         self._set(capturing=True)
         try:
@@ -1153,7 +1182,10 @@ class Session:
         the later forwards' device ids when the block ends (no host sync per forward). With
         ``strict=False``, which never syncs the host, only a model on the CPU is checked.
         Forwards fed embeddings, and those after a compiled or CUDA-graph forward (whose
-        reads the host does not count), are not checked.
+        reads the host does not count), are not checked. A forward is seen where it enters the
+        attached model or a module between it and the routers (a wrapper calling the inner
+        model, ``.forward`` called directly); one that enters none of them (a block called
+        alone) is refused at its first router.
 
         A forward that raises is not rewound: the routers that ran before the exception
         have consumed its rows. An exception that leaves the block ends the replay there
@@ -1173,7 +1205,8 @@ class Session:
                 do not fit the model (at a router's first forward, for its k as above).
             ReplayConsumptionError: on leaving, if a router consumed too few (strict) or too many rows;
                 in eager mode, at the forward that reads past the end of its rows.
-            TokenMismatchError: a forward fed other tokens than its rows were recorded for.
+            TokenMismatchError: a forward fed other tokens than its rows were recorded for, or one
+                whose tokens no check saw.
 
         Example:
             >>> import torch, moe_replay as mr
@@ -1274,7 +1307,19 @@ class Session:
 
         # (device ids are read back when the block ends: a strict replay syncs there anyway, strict=False never does)
         check = FeedCheck(routes._token_ids, position, hint=_GENERATE_HINT if generated else "", device_ids=strict)
-        return check, check.start(model)
+        return check, check.start(self._feed_wrappers, held)
+
+    def _install_feed_levels(self, model: nn.Module) -> None:
+        """A forward of the session's on each module a forward of the model enters on its way to the routers (see
+        :func:`~moe_replay._feeds.feed_levels`): the capture and replay blocks see the model's forwards there."""
+        for module in feed_levels(model, [h.scope for h in self._hooks]):
+            own = module.__dict__.get("forward", _MISSING)
+            if isinstance(own, ClassForward) and own.module is module:  # (a copy of an attached model's)
+                own = _MISSING
+            wrapper = FeedForward(module, None if own is _MISSING else own)
+            module.forward = wrapper
+            self._feed_installed.append((module, own))
+            self._feed_wrappers.append(wrapper)
 
     # ------------------------------------------------------------- scores
     @contextlib.contextmanager
@@ -1486,7 +1531,7 @@ def _describe(fn: Any) -> str:
 _MAX_WRAPPER_DEPTH = 8
 
 
-def _references(scope: nn.Module, wrapper: ScopedForward) -> tuple[list[Callable[[Any], None]], list[Any], list[str]]:
+def _references(scope: nn.Module, wrapper: Any) -> tuple[list[Callable[[Any], None]], list[Any], list[str]]:
     """Where the callables reachable from ``scope``'s attributes hold ``wrapper``.
 
     Returns setters that replace each reference (given the new value), the containers
@@ -1494,7 +1539,7 @@ def _references(scope: nn.Module, wrapper: ScopedForward) -> tuple[list[Callable
     Copies of the wrapper's attributes that ``functools.update_wrapper`` made
     (``__moe_replay_hook__``, ``__wrapped__``) are found too.
     """
-    hook = wrapper.__moe_replay_hook__
+    hook = getattr(wrapper, "__moe_replay_hook__", _MISSING)  # (a router's wrapper; a feed level's has none)
     setters: list[Callable[[Any], None]] = []
     containers: list[Any] = []
     opaque: list[str] = []

@@ -344,3 +344,133 @@ def test_a_checkpoint_recompute_of_the_whole_model_is_no_forward_of_its_own(mode
             with session.replay(routes):
                 step(ids[:2])
                 step(ids[[3, 2]])
+
+
+# ----------------------------------------------------------------------------- forwards through another door
+class _Wrapper(torch.nn.Module):
+    """A wrapper of the kind PEFT puts around a model: its generate() runs the inner model's own."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs: object) -> object:
+        return self.inner(**kwargs)
+
+    def generate(self, **kwargs: object) -> torch.Tensor:
+        return self.inner.generate(**kwargs)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_wrapper_whose_generate_runs_the_inner_model_is_seen() -> None:
+    """A session attached to a wrapper (PEFT's PeftModel) whose generate() calls the inner model's: the forwards never
+    enter the wrapper, yet a beam search in them is seen and its split refused, and the ids are recorded."""
+    from tests import tiny_hf
+
+    wrapped = _Wrapper(tiny_hf.build("qwen3_moe"))
+    prompt = _prompt()
+    with mr.attach(wrapped) as session:
+        with session.capture(), torch.no_grad():
+            out = wrapped.generate(
+                input_ids=prompt, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False
+            )
+        routes = session.routes()
+        assert routes.token_ids is not None
+        assert torch.equal(routes.token_ids[: B * 2 * P], prompt.repeat_interleave(2, dim=0).reshape(-1))
+        with pytest.raises(mr.RoutesValidationError, match="reorder_cache"):
+            mr.split_generation(routes, attention_mask=torch.ones(B * 2, P, dtype=torch.long), sequences=out)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("door", ["model.forward(...)", "the base model alone", "a wrapper calling .forward"])
+def test_a_forward_that_does_not_enter_the_attached_model_is_still_checked(door: str) -> None:
+    """Forwards that go around the attached module's __call__ (its forward called as a method, as wrappers do; the
+    base model of a ...ForCausalLM called alone) are checked against the routes' tokens too: wrong ids are refused."""
+    from tests import tiny_hf
+
+    model = tiny_hf.build("qwen3_moe")
+    ids = _batch()
+
+    def run(x: torch.Tensor) -> None:
+        if door == "model.forward(...)":
+            model.forward(input_ids=x)
+        elif door == "the base model alone":
+            model.model(input_ids=x)
+        else:
+            type("Around", (), {"__call__": lambda self, **kw: model.forward(**kw)})()(input_ids=x)
+
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            run(ids)
+        routes = session.routes()
+        assert torch.equal(routes.token_ids, ids.reshape(-1))
+        with session.replay(routes), torch.no_grad():
+            run(ids)
+        with pytest.raises(mr.TokenMismatchError, match="other tokens than its routes were recorded for"):
+            with session.replay(routes), torch.no_grad():
+                run(ids[[1, 0, 3, 2]])
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_submodule_called_alone_reads_no_rows_unchecked() -> None:
+    """A block of the model called on its own in a replay of routes that know their tokens: no check can see the
+    tokens of its rows, so its router refuses to read them (naming what to do) instead of forcing them."""
+    from tests.conftest import assert_untouched, snapshot
+
+    model = mr.models.build("softmax_topk")
+    before = snapshot(model)
+    ids = _batch()
+    hidden = torch.randn(ids.shape[0], ids.shape[1], model.config.hidden_size)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        routes = session.routes()
+        with pytest.raises(mr.TokenMismatchError, match=r"did not enter MoETransformer.*with_token_ids\(None\)"):
+            with session.replay(routes, strict=False), torch.no_grad():
+                model.layers[0].mlp(hidden)
+        # after a forward of the model, its rows only: the block called alone then reads past them
+        with pytest.raises(mr.TokenMismatchError, match=r"reads rows 24\.\.47"):
+            with session.replay(mr.Routes.cat([routes, routes]), strict=False), torch.no_grad():
+                model(ids)
+                model.layers[0].mlp(hidden)
+        with session.replay(routes.with_token_ids(None)), torch.no_grad():  # by row order alone: replayed
+            model.layers[0].mlp(hidden)
+            model.layers[1].mlp(hidden)
+    assert_untouched(model, before)
+
+
+def test_the_forwards_between_the_model_and_its_routers_are_their_own_again_after_detach() -> None:
+    """The modules a session watches (the model and its base model) get their forward back at detach; one that
+    another library replaced meanwhile keeps the replacement, which still runs; a copy made while attached runs
+    plainly, deep-copied or pickled."""
+    from tests import tiny_hf
+
+    model = tiny_hf.build("qwen3_moe")
+    ids = _batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with mr.attach(model) as session:
+        assert "forward" in vars(model) and "forward" in vars(model.model)
+        with session.capture(), torch.no_grad():
+            twin = copy.deepcopy(model)
+            model(input_ids=ids)
+        with torch.no_grad():
+            assert torch.equal(twin(input_ids=ids).logits, want)
+            assert torch.equal(pickle.loads(pickle.dumps(twin))(input_ids=ids).logits, want)
+        with mr.attach(twin) as other:  # (the copy is a model of its own)
+            with other.capture(), torch.no_grad():
+                twin(input_ids=ids)
+            assert other.routes().equal(session.routes())
+        assert all("forward" not in vars(m) for m in twin.modules())
+        calls = []
+        theirs = model.forward
+
+        def patched(*args: object, **kwargs: object) -> object:
+            calls.append(1)
+            return theirs(*args, **kwargs)
+
+        model.forward = patched
+    assert vars(model)["forward"] is patched and "forward" not in vars(model.model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
+    assert calls == [1]
