@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from .._checks import check_count
 from ..errors import RoutesValidationError
@@ -68,6 +69,7 @@ def from_sglang(
     *,
     num_tokens: int | None = None,
     start_len: int = 0,
+    token_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
 ) -> Routes:
     """Routes of one sequence from SGLang's ``meta_info["routed_experts"]``.
 
@@ -78,6 +80,10 @@ def from_sglang(
             check the row count: SGLang writes ``num_tokens - 1 - start_len`` rows.
         start_len: the request's ``routed_experts_start_len``: tokens left out at the
             front; they get -1 rows.
+        token_ids: the sequence's ids, prompt then completion (the ``input_ids`` sent, then
+            the response's ``output_ids``), one per token: the routes then know their tokens
+            (:attr:`~moe_replay.Routes.token_ids`), and a replay fed other tokens is refused.
+            SGLang's response holds the completion's ids but not the prompt's.
 
     Returns:
         ``start_len + rows + 1`` tokens; the first ``start_len`` and the last are -1.
@@ -85,7 +91,8 @@ def from_sglang(
     Raises:
         RoutesValidationError: not base64, a size that is not whole rows of
             ``num_hidden_layers * k`` int32 values, a row count that does not fit
-            ``num_tokens``, a dense layer's column holding experts, invalid experts.
+            ``num_tokens`` (or ``token_ids``), a dense layer's column holding experts,
+            invalid experts.
     """
     check_map(layer_map, "from_sglang")
     start = check_start(start_len, "start_len")
@@ -112,7 +119,17 @@ def from_sglang(
             )
         )
     layers = columns(arr, layer_map, "all", "SGLang routed_experts")
-    return make_routes(with_last(with_front(layers, start)), layer_map, "SGLang routed_experts")
+    routes = make_routes(with_last(with_front(layers, start)), layer_map, "SGLang routed_experts")
+    if token_ids is None:
+        return routes
+    ids = np.asarray(token_ids.cpu() if isinstance(token_ids, torch.Tensor) else token_ids).reshape(-1)
+    if ids.shape[0] != routes.num_tokens:
+        raise RoutesValidationError(
+            f"from_sglang: token_ids holds {ids.shape[0]} ids, but SGLang routed {arr.shape[0]} tokens with "
+            f"start_len={start}, so the sequence has {routes.num_tokens} (start_len + rows + the last token, never "
+            "routed): pass the prompt's input_ids then the response's output_ids"
+        )
+    return routes.with_token_ids(ids)
 
 
 def to_sglang(routes: Routes, layer_map: LayerMap, *, start_len: int = 0, drop_last: bool = False) -> dict[str, str]:

@@ -104,3 +104,17 @@ def test_a_payload_that_is_not_a_base64_string_is_refused(payload: object) -> No
     lm = mr.LayerMap.from_names(["model.layers.0.mlp.gate"], num_layers=1, num_experts=4, top_k=2)
     with pytest.raises(mr.RoutesValidationError, match="base64"):
         interop.from_sglang({"routed_experts": payload}, lm)
+
+
+def test_token_ids_make_routes_that_refuse_other_tokens() -> None:
+    """Given the prompt's ids and the response's ``output_ids``, SGLang's routes know their tokens (a replay fed
+    others is refused); ids of another length than the tokens SGLang routed are refused at once."""
+    m = DEEPSEEK
+    truth = m.truth(8)
+    meta = sglang_meta_info(m, truth, start_len=2)
+    ids = np.arange(100, 108)
+    r = interop.from_sglang(meta, m.layer_map, start_len=2, token_ids=ids)
+    assert r.token_ids.tolist() == ids.tolist()
+    assert r.with_token_ids(None).equal(interop.from_sglang(meta, m.layer_map, start_len=2))
+    with pytest.raises(mr.RoutesValidationError, match="token_ids holds 7 ids.*has 8"):
+        interop.from_sglang(meta, m.layer_map, start_len=2, token_ids=ids[:7])
