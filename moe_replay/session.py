@@ -721,9 +721,23 @@ class Session:
                     "again"
                 )
             self._paths[i] = wrapped[0]  # its path with wrappers inserted (a PEFT or checkpoint wrapper around it)
+        for i in range(len(self._feed_wrappers)):  # the forwards that feed the blocks the model's inputs
+            module, wrapper = self._feed_installed[i][0], self._feed_wrappers[i]
+            now = module.__dict__.get("forward", _MISSING)
+            if now is not wrapper and now is not self._reached.get(-1 - i, wrapper):
+                if not self._reaches(module, wrapper, now, self._feed_wrappers):
+                    raise SessionStateError(
+                        f"the forward of the {type(module).__name__} this session watches (the attached model, or a "
+                        "module between it and its routers) no longer calls this session's wrapper: it was set back "
+                        "to the forward from before attach, or wrapped again around that one (accelerate's "
+                        "remove_hook_from_module does that to a hook added before attach), so the tokens fed to the "
+                        "model would go unseen. Detach and attach again"
+                    )
+                self._reached[-1 - i] = now
 
-    def _reaches(self, scope: nn.Module, wrapper: ScopedForward, now: Any) -> bool:
-        """Does the ``forward`` of ``scope`` (``now``, another than ``wrapper``) still lead to ``wrapper``?"""
+    def _reaches(self, scope: nn.Module, wrapper: Any, now: Any, held: list[Any] | None = None) -> bool:
+        """Does the ``forward`` of ``scope`` (``now``, another than ``wrapper``) still lead to ``wrapper``? (``held``:
+        the session's list holding it, the routers' by default)"""
         if now is _MISSING or (
             isinstance(now, types.MethodType)
             and now.__self__ is scope
@@ -731,7 +745,9 @@ class Session:
         ):
             return False  # the plain forward
         setters, containers, opaque = _references(scope, wrapper)
-        return bool(setters or opaque or _outside_referrers(wrapper, [*containers, self._wrappers]))
+        return bool(
+            setters or opaque or _outside_referrers(wrapper, [*containers, self._wrappers if held is None else held])
+        )
 
     def _follow_devices(self) -> None:
         """Put each capture ring on its router's current device (the model moved since attach).

@@ -474,3 +474,24 @@ def test_the_forwards_between_the_model_and_its_routers_are_their_own_again_afte
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, want)
     assert calls == [1]
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_model_forward_set_back_after_attach_is_refused_at_the_next_block() -> None:
+    """The attached model's forward set back to its class's after attach (accelerate's remove_hook_from_module on a
+    hook added before attach does this): its forwards would go unseen, so the next block refuses, as for a router."""
+    model = mr.models.build("softmax_topk")
+    ids = _batch()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        routes = session.routes()
+        ours = vars(model)["forward"]
+        model.forward = type(model).forward.__get__(model)
+        for block in (session.capture, lambda: session.replay(routes)):
+            with pytest.raises(mr.SessionStateError, match="MoETransformer this session watches"):
+                with block():
+                    pass
+        model.forward = ours  # (put back: the blocks run again)
+        with session.replay(routes), torch.no_grad():
+            model(ids)
