@@ -42,7 +42,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._torch_compat import current_graph_task_id, exporting, functorch_transform, graph_capturing, tracing
+from ._torch_compat import (
+    current_graph_task_id,
+    dynamo_compiling,
+    exporting,
+    functorch_transform,
+    graph_capturing,
+    tracing,
+)
 from .errors import TokenMismatchError
 from .intercept import ClassForward
 
@@ -527,7 +534,7 @@ class FeedForward:
         return f"<moe_replay forward of {type(self.module).__name__} (its inputs recorded in blocks)>"
 
 
-_compiling = torch.compiler.is_compiling
+_compiling = dynamo_compiling  # (one frame; export traces with dynamo too, make_fx is seen by _unseen)
 
 
 def _enter_levels(levels: Sequence[FeedForward], record: FeedRecord | FeedCheck) -> Callable[[], None]:
