@@ -19,14 +19,15 @@ ends.
 A forward is seen where it enters the model or any module between the model and its routers
 (:func:`feed_levels`): from a session's first block until it detaches, each of those modules has
 a ``forward`` of the session's (:class:`FeedForward`) that feeds the outermost call to the blocks
-open, then runs the module's own. So a wrapper around the model that calls an inner module
-(PEFT's ``PeftModel.generate`` runs the base model's ``generate()``, whose forwards never enter
-the ``PeftModel``), or code that calls ``model.forward(...)`` itself, is seen too. It runs once
-per forward of the model, not per router call, and not for the forward a checkpoint runs again
-in backward (that recompute reads its forward's rows). It records nothing in
-code that ``torch.compile`` traces or a CUDA graph captures (no host call sees such a
-forward's replays: the forwards of its rows are unknown too), and the rows of such a capture
-are split by their order alone, unchecked.
+open, then runs the module's own (a call fed no token ids nor embeddings, such as a layer fed
+hidden states or a wrapper fed a batch of its own, is left to the modules it enters below). So a
+wrapper around the model that calls an inner module (PEFT's ``PeftModel.generate`` runs the base
+model's ``generate()``, whose forwards never enter the ``PeftModel``), or code that calls
+``model.forward(...)`` itself, is seen too. It runs once per forward of the model, not per router
+call, and not for the forward a checkpoint runs again in backward (that recompute reads its
+forward's rows). It records nothing in code that ``torch.compile`` traces or a CUDA graph
+captures (no host call sees such a forward's replays: the forwards of its rows are unknown too),
+and the rows of such a capture are split by their order alone, unchecked.
 """
 
 from __future__ import annotations
@@ -116,10 +117,23 @@ class FeedRecord:
     def unseen(self) -> None:
         """A forward compiled, traced, captured in a CUDA graph or under a transform: nothing to record."""
 
-    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """One forward of the model: keep its ids and prompt mask, watch its cache (runs once per forward)."""
+    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """A forward entering a level: watch its cache; keep its ids and prompt mask (once per forward).
+
+        Returns whether the forward is taken here: not where its inputs give no token count (a
+        module on the way fed hidden states, a wrapper fed a batch of its own), so that a level it
+        enters below is fed it, with the tokens.
+        """
+        count, ids, fed = _inputs(args, kwargs)
+        self._watch_caches(args, kwargs)
+        if count < 0:
+            return False
         if self._keep_inputs:
-            self._keep(args, kwargs)
+            self._keep(count, ids, fed, kwargs)
+        return True
+
+    def _watch_caches(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Watch the row moves of a cache among the inputs of a forward."""
         for value in (*args, *kwargs.values()):  # the cache, at any place or name (cache, past_key_values...)
             kind = type(value)
             if kind in _PLAIN:
@@ -132,9 +146,8 @@ class FeedRecord:
                 if seen is None or seen[0]() is not value:
                     self._watch(value, moves)
 
-    def _keep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Keep a copy of the ids a forward was fed, and of its prompt mask."""
-        count, ids, fed = _inputs(args, kwargs)
+    def _keep(self, count: int, ids: torch.Tensor | None, fed: torch.Size | None, kwargs: dict[str, Any]) -> None:
+        """Keep a copy of the ids a forward was fed (``_inputs``), and of its prompt mask."""
         kept = ids.clone() if ids is not None else None  # (ids carry no autograd history)
         mask = kwargs.get("attention_mask")
         if (  # [batch, positions] fed, several per sequence: a prompt forward (or a training one)
@@ -295,30 +308,39 @@ class FeedCheck:
         host does not count them, so this forward and those after it are not checked."""
         self._open()
 
-    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """One forward of the model: its ids against the rows it will read."""
-        self.forwards += 1
+    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """A forward entering a level: its ids against the rows it will read.
+
+        Returns whether the forward is taken here: not where its inputs give no token count (a
+        module on the way fed hidden states, a wrapper fed a batch of its own). A level it enters
+        below is fed it then; where none is, its routers find no rows cleared and refuse.
+        """
         if not self._lost and any(level.compiled for level in self._levels):
             self._open()
         if self._lost:
-            return
+            self.forwards += 1
+            return True
         count, ids, _ = _inputs(args, kwargs)
+        if count < 0:
+            return False
+        self.forwards += 1
         start = self.position()
-        if start is None or count < 0:  # (rows read on the device; or fed what gives no token count)
+        if start is None:  # (rows read on the device: the host does not know where this forward's rows begin)
             self._open()
-            return
+            return True
         for src in self._sources:  # the rows this forward may read
             src.cleared = min(src.num_rows, start + count)
         if ids is None or not (self.device_ids or ids.device.type == "cpu"):
-            return
+            return True
         flat = ids.detach().reshape(-1)[: max(self.want.numel() - start, 0)]  # (past the end: the routers refuse)
         if not flat.numel():
-            return
+            return True
         if flat.device.type == "cpu" or not self._read_once:  # (the first device ids: one host sync, at once)
             self._read_once = flat.device.type != "cpu"
             self._compare(self.forwards, start, flat)
         else:
             self.pending.append((self.forwards, start, flat.clone()))
+        return True
 
     def finish(self) -> None:
         """Compare the forwards whose ids were on a device, in order (one copy to the host per device)."""
@@ -338,9 +360,10 @@ class FeedCheck:
             return
         raise TokenMismatchError(
             f"router '{router}' reads rows {start}..{start + n - 1} of this replay's routes in a forward that did not "
-            f"enter {self._entry} (the module the session is attached to) nor any module between it and its routers, "
-            "so the tokens of those rows cannot be checked against the ids the routes were recorded for. Was a "
-            "submodule called on its own, or the model run through another path? Run the forward through the "
+            f"enter {self._entry} (the module the session is attached to) nor any module between it and its routers "
+            "fed token ids (input_ids) or inputs_embeds, so the tokens of those rows cannot be checked against the "
+            "ids the routes were recorded for. Was a submodule called on its own (fed hidden states), or the model "
+            "run through another path? Run the forward through the "
             "attached model, attach the session to the module you call, or drop the check with "
             "routes.with_token_ids(None) to replay by row order alone" + (f". {self.hint}" if self.hint else "")
         )
@@ -465,7 +488,8 @@ def feed_levels(model: nn.Module, scopes: Sequence[nn.Module]) -> list[nn.Module
 
 class FeedForward:
     """A level's ``forward`` while its session is attached: the outermost forward in the thread of each record or
-    check watching it (a capture or replay block) is fed to it, then the level's own forward runs.
+    check watching it (a capture or replay block) is fed to it, then the level's own forward runs. A forward fed no
+    token count is fed on to the levels it enters below (see :meth:`FeedCheck.fed`).
 
     Installed at a session's first block and taken out at detach (a compiled model's guards then see one
     object for the whole session); with no block open it only passes the call on.
@@ -499,9 +523,9 @@ class FeedForward:
             for r in entered:
                 r.unseen()
         elif current_graph_task_id() == -1:
-            # (a forward inside backward is a checkpoint's recompute: it reads its forward's rows, not the next)
-            for r in entered:
-                r.fed(args, kwargs)
+            # (fed no token count, it is left to the levels it enters below: they may see its tokens)
+            entered = [r for r in entered if r.fed(args, kwargs)]
+        # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True
         try:

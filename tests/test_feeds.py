@@ -495,3 +495,47 @@ def test_a_model_forward_set_back_after_attach_is_refused_at_the_next_block() ->
         model.forward = ours  # (put back: the blocks run again)
         with session.replay(routes), torch.no_grad():
             model(ids)
+
+
+class _BatchWrapper(torch.nn.Module):
+    """A wrapper fed a batch of its own (a dict), whose forward calls the inner model with its token ids."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> object:
+        return self.inner(batch["input_ids"])
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_module_on_the_way_fed_no_tokens_leaves_the_check_to_the_modules_below() -> None:
+    """With one MoE layer, that layer and its MoE block lie on the way to the routers too. Called alone with hidden
+    states they give no tokens to check: the router refuses the rows as for any block called alone, and the forwards
+    after it are still checked. A wrapper fed a batch of its own leaves its tokens to the model it calls."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    ids = _batch()
+    hidden = torch.randn(*ids.shape, model.config.hidden_size)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        routes = session.routes()
+        with pytest.raises(mr.TokenMismatchError, match=r"reads rows 0\.\..*fed hidden states"):
+            with session.replay(routes, strict=False), torch.no_grad():
+                model.layers[1].mlp(hidden)
+        with pytest.raises(mr.TokenMismatchError, match="forward 1 of this replay"):
+            with session.replay(routes, strict=False), torch.no_grad():
+                with pytest.raises(mr.TokenMismatchError, match="did not enter"):
+                    model.layers[1](hidden, None, None)
+                model(ids.flip(0))  # (not checked before: the layer alone left the rest of the block unchecked)
+    wrapped = _BatchWrapper(model)
+    with mr.attach(wrapped) as session:
+        with session.capture(), torch.no_grad():
+            wrapped({"input_ids": ids})
+        routes = session.routes()
+        assert torch.equal(routes.token_ids, ids.reshape(-1))
+        with session.replay(routes), torch.no_grad():
+            wrapped({"input_ids": ids})
+        with pytest.raises(mr.TokenMismatchError, match="forward 1 of this replay"):
+            with session.replay(routes), torch.no_grad():
+                wrapped({"input_ids": ids.flip(0)})
