@@ -501,6 +501,12 @@ class FeedForward:
         self.records: list[FeedRecord | FeedCheck] = []
         #: a forward ran compiled since the last block began (its routers read where the host does not count)
         self.compiled = False
+        #: the attached sessions it serves (two sessions, on the base model and on the whole, share a module)
+        self.users = 1
+
+    def leave(self) -> None:
+        """One of the sessions it serves detaches; it stays for the others."""
+        self.users -= 1
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _compiling():

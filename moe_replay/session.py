@@ -545,6 +545,12 @@ class Session:
         for i in range(len(wrappers)):  # no zip/enumerate: their result tuples would hold the wrapper
             scope, own = installed[i]
             wrapper = wrappers[i]
+            if isinstance(wrapper, FeedForward):
+                if wrapper.users > 1:  # another attached session watches this module too: it stays for that one
+                    actions.append(wrapper.leave)
+                    continue
+                # what it runs now (the detach of another session it served may have replaced a wrapper it held)
+                own = _MISSING if wrapper.before is None else wrapper.before
             if under.get(id(scope), scope.__dict__.get("forward", _MISSING)) is wrapper:
                 actions.append(functools.partial(_restore_forward, scope, own))
                 under[id(scope)] = own
@@ -1330,6 +1336,13 @@ class Session:
         :func:`~moe_replay._feeds.feed_levels`): the capture and replay blocks see the model's forwards there."""
         for module in feed_levels(model, [h.scope for h in self._hooks]):
             own = module.__dict__.get("forward", _MISSING)
+            if isinstance(own, FeedForward) and own.module is module:
+                # another attached session's (one on the base model, one on the whole): theirs serves both, and
+                # stays until the last of them detaches, whichever that is
+                own.users += 1
+                self._feed_installed.append((module, _MISSING))  # (what it gives back is read at detach)
+                self._feed_wrappers.append(own)
+                continue
             if isinstance(own, ClassForward) and own.module is module:  # (a copy of an attached model's)
                 own = _MISSING
             wrapper = FeedForward(module, None if own is _MISSING else own)

@@ -539,3 +539,30 @@ def test_a_module_on_the_way_fed_no_tokens_leaves_the_check_to_the_modules_below
         with pytest.raises(mr.TokenMismatchError, match="forward 1 of this replay"):
             with session.replay(routes), torch.no_grad():
                 wrapped({"input_ids": ids.flip(0)})
+
+
+@pytest.mark.parametrize("first", ["inner", "outer"])
+def test_two_sessions_that_watch_one_module_detach_in_either_order(first: str) -> None:
+    """A session on the base model and one on the whole model, each with its own routers, both watch the base
+    model's forward: either may detach first, the other still checks its tokens, and after both the model's modules
+    hold nothing of theirs."""
+    from tests import tiny_hf
+    from tests.conftest import assert_untouched, snapshot
+
+    model = tiny_hf.build("qwen3_moe")
+    before = snapshot(model)
+    ids = _batch()
+    inner = mr.attach(model.model, exclude="layers.1.mlp.gate")
+    outer = mr.attach(model, exclude="model.layers.0.mlp.gate")
+    with inner.capture(), outer.capture(), torch.no_grad():
+        model(input_ids=ids)
+    routes = {inner: inner.routes(), outer: outer.routes()}
+    gone, kept = (inner, outer) if first == "inner" else (outer, inner)
+    gone.detach()
+    with kept.replay(routes[kept]), torch.no_grad():
+        model(input_ids=ids)
+    with pytest.raises(mr.TokenMismatchError, match="other tokens"):
+        with kept.replay(routes[kept]), torch.no_grad():
+            model(input_ids=ids.flip(0))
+    kept.detach()
+    assert_untouched(model, before)
