@@ -117,16 +117,20 @@ class FeedRecord:
     def unseen(self) -> None:
         """A forward compiled, traced, captured in a CUDA graph or under a transform: nothing to record."""
 
-    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False) -> bool:
         """A forward entering a level: watch its cache; keep its ids and prompt mask (once per forward).
 
         Returns whether the forward is taken here: not where its inputs give no token count (a
         module on the way fed hidden states, a wrapper fed a batch of its own), so that a level it
-        enters below is fed it, with the tokens.
+        enters below is fed it, with the tokens. ``paired``: the level is an encoder-decoder, whose
+        routers read the rows of two token streams (the encoder's, the decoder's): no one id per
+        row, so none is kept.
         """
         count, ids, fed = _inputs(args, kwargs)
         self._watch_caches(args, kwargs)
-        if count < 0:
+        if paired:
+            count, ids, fed = -1, None, None
+        elif count < 0:
             return False
         if self._keep_inputs:
             self._keep(count, ids, fed, kwargs)
@@ -308,14 +312,16 @@ class FeedCheck:
         host does not count them, so this forward and those after it are not checked."""
         self._open()
 
-    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False) -> bool:
         """A forward entering a level: its ids against the rows it will read.
 
         Returns whether the forward is taken here: not where its inputs give no token count (a
         module on the way fed hidden states, a wrapper fed a batch of its own). A level it enters
         below is fed it then; where none is, its routers find no rows cleared and refuse.
+        ``paired``: the level is an encoder-decoder (see :meth:`FeedRecord.fed`), whose rows no one
+        id each describes: this forward and those after it are not checked.
         """
-        if not self._lost and any(level.compiled for level in self._levels):
+        if paired or (not self._lost and any(level.compiled for level in self._levels)):
             self._open()
         if self._lost:
             self.forwards += 1
@@ -501,6 +507,8 @@ class FeedForward:
         self.records: list[FeedRecord | FeedCheck] = []
         #: a forward ran compiled since the last block began (its routers read where the host does not count)
         self.compiled = False
+        #: an encoder-decoder (a transformers config says so): its forwards feed two token streams
+        self.paired = bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
         #: the attached sessions it serves (two sessions, on the base model and on the whole, share a module)
         self.users = 1
 
@@ -530,7 +538,7 @@ class FeedForward:
                 r.unseen()
         elif current_graph_task_id() == -1:
             # (fed no token count, it is left to the levels it enters below: they may see its tokens)
-            entered = [r for r in entered if r.fed(args, kwargs)]
+            entered = [r for r in entered if r.fed(args, kwargs, self.paired)]
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True

@@ -566,3 +566,25 @@ def test_two_sessions_that_watch_one_module_detach_in_either_order(first: str) -
             model(input_ids=ids.flip(0))
     kept.detach()
     assert_untouched(model, before)
+
+
+@pytest.mark.reliability("silent replays")
+def test_an_encoder_decoder_forward_gives_its_rows_no_token_ids() -> None:
+    """An encoder-decoder's decoder routers read rows of the decoder's tokens, its encoder routers those of the
+    input: no one id per row describes them. With inputs and targets of one length the rows lined up with the input
+    ids all the same, and a replay fed other decoder tokens passed the check. Its routes know no tokens now."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4,
+        num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1, pad_token_id=0, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
+    ids, targets = _batch(0), _batch(1)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(input_ids=ids, decoder_input_ids=targets)
+        routes = session.routes()
+        assert routes.token_ids is None
+        with session.replay(routes.with_token_ids(ids.reshape(-1))), torch.no_grad():  # (given ids: left unchecked)
+            model(input_ids=ids, decoder_input_ids=targets)
