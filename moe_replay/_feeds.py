@@ -17,7 +17,7 @@ are watched on the cache object itself for the length of the capture, and put ba
 ends.
 
 A forward is seen where it enters the model or any module between the model and its routers
-(:func:`feed_levels`): from a session's first block until it detaches, each of those modules has
+(:func:`feed_levels`): from a session's attach until its detach, each of those modules has
 a ``forward`` of the session's (:class:`FeedForward`) that feeds the outermost call to the blocks
 open, then runs the module's own (a call fed no token ids nor embeddings, such as a layer fed
 hidden states or a wrapper fed a batch of its own, is left to the modules it enters below). So a
@@ -497,7 +497,7 @@ class FeedForward:
     check watching it (a capture or replay block) is fed to it, then the level's own forward runs. A forward fed no
     token count is fed on to the levels it enters below (see :meth:`FeedCheck.fed`).
 
-    Installed at a session's first block and taken out at detach (a compiled model's guards then see one
+    Installed at attach and taken out at detach (a compiled model's guards then see one
     object for the whole session); with no block open it only passes the call on.
     """
 

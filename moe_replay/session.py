@@ -222,7 +222,7 @@ class Session:
         self._budget = Budget(max_bytes)
         self._hooks: list[RouterHook] = []
         self._installed: list[tuple[nn.Module, Any]] = []
-        #: the modules between the model and its routers, and the forwards this session gave them (at its first block)
+        #: the modules between the model and its routers, and the forwards this session gave them (at attach)
         self._feed_installed: list[tuple[nn.Module, Any]] = []
         self._feed_wrappers: list[FeedForward] = []
         self._reached: dict[int, Any] = {}  # a scope's forward, other than the wrapper, found to lead to it
