@@ -731,7 +731,10 @@ class Session:
             module, wrapper = self._feed_installed[i][0], self._feed_wrappers[i]
             now = module.__dict__.get("forward", _MISSING)
             if now is not wrapper and now is not self._reached.get(-1 - i, wrapper):
-                if not self._reaches(module, wrapper, now, self._feed_wrappers):
+                # (every attached session's list of them: one module's may serve two sessions)
+                with _ATTACH_LOCK:
+                    held = [s._feed_wrappers for s in list(_ATTACHED.values()) if s._attached]
+                if not self._reaches(module, wrapper, now, [self._feed_wrappers, *held]):
                     raise SessionStateError(
                         f"the forward of the {type(module).__name__} this session watches (the attached model, or a "
                         "module between it and its routers) no longer calls this session's wrapper: it was set back "
@@ -741,9 +744,9 @@ class Session:
                     )
                 self._reached[-1 - i] = now
 
-    def _reaches(self, scope: nn.Module, wrapper: Any, now: Any, held: list[Any] | None = None) -> bool:
+    def _reaches(self, scope: nn.Module, wrapper: Any, now: Any, held: Sequence[Any] | None = None) -> bool:
         """Does the ``forward`` of ``scope`` (``now``, another than ``wrapper``) still lead to ``wrapper``? (``held``:
-        the session's list holding it, the routers' by default)"""
+        the sessions' lists holding it, this session's routers' by default)"""
         if now is _MISSING or (
             isinstance(now, types.MethodType)
             and now.__self__ is scope
@@ -751,9 +754,7 @@ class Session:
         ):
             return False  # the plain forward
         setters, containers, opaque = _references(scope, wrapper)
-        return bool(
-            setters or opaque or _outside_referrers(wrapper, [*containers, self._wrappers if held is None else held])
-        )
+        return bool(setters or opaque or _outside_referrers(wrapper, [*containers, *(held or [self._wrappers])]))
 
     def _follow_devices(self) -> None:
         """Put each capture ring on its router's current device (the model moved since attach).

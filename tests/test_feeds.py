@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import pickle
 import threading
@@ -588,3 +589,22 @@ def test_an_encoder_decoder_forward_gives_its_rows_no_token_ids() -> None:
         assert routes.token_ids is None
         with session.replay(routes.with_token_ids(ids.reshape(-1))), torch.no_grad():  # (given ids: left unchecked)
             model(input_ids=ids, decoder_input_ids=targets)
+
+
+def test_a_forward_replaced_on_a_module_two_sessions_watch_is_refused_by_both() -> None:
+    """The base model's forward, watched by a session on it and one on the whole model, replaced after attach by one
+    that never calls theirs: the tokens fed there would go unseen by both, so each refuses its next block."""
+    from tests import tiny_hf
+
+    model = tiny_hf.build("qwen3_moe")
+    inner = mr.attach(model.model, exclude="layers.1.mlp.gate")
+    outer = mr.attach(model, exclude="model.layers.0.mlp.gate")
+    theirs = model.model.forward
+    model.model.forward = functools.partial(type(model.model).forward, model.model)  # (another library's own, say)
+    for session in (inner, outer):
+        with pytest.raises(mr.SessionStateError, match="Qwen3MoeModel this session watches"):
+            with session.capture():
+                pass
+    model.model.forward = theirs
+    outer.detach()
+    inner.detach()
