@@ -334,6 +334,14 @@ class FeedCheck:
         if start is None:  # (rows read on the device: the host does not know where this forward's rows begin)
             self._open()
             return True
+        behind = [src for src in self._sources if src.host_consumed != start]
+        if behind:  # (a forward that raised half-way, caught in the block: its later routers did not read its rows)
+            raise TokenMismatchError(
+                f"forward {self.forwards} of this replay() starts with its routers out of step: "
+                f"'{behind[0].name}' is at row {behind[0].host_consumed} of the routes, others at row {start}, so "
+                "they would read the rows of other tokens. Did an earlier forward in this block raise half-way and "
+                "was the exception caught inside it? Let it leave the block, and replay again from the start"
+            )
         for src in self._sources:  # the rows this forward may read
             src.cleared = min(src.num_rows, start + count)
         if ids is None or not (self.device_ids or ids.device.type == "cpu"):

@@ -608,3 +608,27 @@ def test_a_forward_replaced_on_a_module_two_sessions_watch_is_refused_by_both() 
     model.model.forward = theirs
     outer.detach()
     inner.detach()
+
+
+@pytest.mark.reliability("silent replays")
+def test_routers_out_of_step_after_a_caught_failure_are_refused_at_the_next_forward() -> None:
+    """A forward that raises half-way, caught inside a replay block, leaves its first routers a forward ahead of the
+    later ones; with strict=False nothing at exit would tell. The next forward is refused before any router reads."""
+    model = mr.models.build("softmax_topk")
+    ids = _batch()
+    experts = model.layers[0].mlp.experts  # (after the first router, before the second)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+            model(ids)
+        routes = session.routes()
+        with session.replay(routes, strict=False), torch.no_grad():
+            experts.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("an expert failed"))
+            with pytest.raises(RuntimeError, match="an expert failed"):
+                model(ids)
+            del experts.forward
+            with pytest.raises(mr.TokenMismatchError, match=r"out of step: 'layers.1.mlp.router' is at row 0 of the routes, others at row 24"):
+                model(ids)
+        with session.replay(routes), torch.no_grad():  # from the start: replayed
+            model(ids)
+            model(ids)
