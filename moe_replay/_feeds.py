@@ -158,13 +158,13 @@ class FeedRecord:
             fed is not None
             and fed[1] > 1
             and isinstance(mask, torch.Tensor)
-            and not mask.is_floating_point()  # (an additive float mask holds no 0/1)
             and mask.dim() == 2
             and mask.shape[0] == fed[0]
             and mask.shape[1] >= fed[1]
         ):
             width = fed[1]
-            mask = mask[:, -width:] != 0  # (a copy)
+            # a float mask is kept as it is: 0/1 or additive is read when the rows are (no host sync here)
+            mask = mask[:, -width:].clone() if mask.is_floating_point() else mask[:, -width:] != 0
         else:
             mask = None
         self.forwards.append(_Forward(count, kept, mask))
@@ -230,7 +230,8 @@ class FeedRecord:
         fed = [f for f in self.forwards if f.count]
         if [f.count for f in fed] != sizes:
             return None, None
-        return _flat([f.ids for f in fed], sizes, torch.long), _flat([f.mask for f in fed], sizes, torch.int8)
+        masks = [_zero_one(f.mask) for f in fed]
+        return _flat([f.ids for f in fed], sizes, torch.long), _flat(masks, sizes, torch.int8)
 
 
 class FeedCheck:
@@ -449,6 +450,21 @@ class _Noting:
     def __reduce__(self) -> tuple[Any, ...]:
         # a pickled cache: its class's method, looked up on the cache as it is unpickled
         return (getattr, (self.cache(), self.name))
+
+
+def _zero_one(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A kept prompt mask as 1 = token, 0 = padding; None where a float mask is not one of 0s and 1s.
+
+    A float mask of 0.0/1.0 (with at least one 1) marks tokens as an integer one does; any other float
+    mask is additive (0 for a token, a large negative number for padding, all 0s without padding), or
+    unknown: its forward's rows get no mask value rather than a guessed one.
+    """
+    if mask is None or not mask.is_floating_point():
+        return mask
+    ones = mask == 1
+    if bool(ones.any()) and bool((ones | (mask == 0)).all()):
+        return ones
+    return None
 
 
 def _flat(parts: list[torch.Tensor | None], sizes: list[int], dtype: torch.dtype) -> torch.Tensor | None:

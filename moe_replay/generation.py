@@ -77,6 +77,13 @@ def _as_mask(attention_mask: object) -> torch.Tensor:
         raise InvalidArgumentError(f"attention_mask must be a [batch, prompt_len] tensor of 0/1, got {e}") from None
     if mask.dim() != 2:
         raise InvalidArgumentError(f"attention_mask must be [batch, prompt_len], got shape {tuple(mask.shape)}")
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        odd = mask[(mask != 0) & (mask != 1)].unique()[:4].tolist() if not mask.is_complex() else "complex"
+        raise InvalidArgumentError(
+            f"attention_mask must hold 1 for a token and 0 for padding, got values {odd}: an additive mask "
+            "(0 for a token, -inf or a large negative number for padding) marks tokens the other way round; pass "
+            "the 0/1 mask given to generate() (for an additive one: (attention_mask == 0).long())"
+        )
     return mask
 
 

@@ -627,7 +627,8 @@ def test_routers_out_of_step_after_a_caught_failure_are_refused_at_the_next_forw
             with pytest.raises(RuntimeError, match="an expert failed"):
                 model(ids)
             del experts.forward
-            with pytest.raises(mr.TokenMismatchError, match=r"out of step: 'layers.1.mlp.router' is at row 0 of the routes, others at row 24"):
+            out_of_step = r"out of step: 'layers.1.mlp.router' is at row 0 of the routes, others at row 24"
+            with pytest.raises(mr.TokenMismatchError, match=out_of_step):
                 model(ids)
         with session.replay(routes), torch.no_grad():  # from the start: replayed
             model(ids)

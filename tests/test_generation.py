@@ -760,3 +760,56 @@ def test_a_capture_remembers_its_forwards_through_reserve_and_only_while_eager()
         assert session.routes()[1:]._call_rows is None  # sliced rows no longer follow the forwards
         session.detach()
         assert session.routes()._call_rows == ((10, 1), (2, 3))  # kept at detach
+
+
+@pytest.mark.reliability("bad inputs")
+def test_hf_generate_with_a_float_mask_checks_the_prompt_mask() -> None:
+    """A 0.0/1.0 float attention mask given to generate() is recorded as an integer one is: from embeddings, the
+    prompt mask is the one check of the prompt rows, and prompt lengths padded on the wrong side are refused
+    (with a float mask they used to split without an error)."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        capture, new = _generate_from_embeds(model, session, prompt, mask.float())
+    assert capture._fed_mask is not None
+    seq = torch.cat([prompt, new], dim=1)
+    lengths = mask.sum(dim=1)
+    with pytest.raises(mr.RoutesValidationError, match=r"padded on the left: pass padding_side='left'"):
+        mr.split_generation(capture, prompt_lengths=lengths, prompt_len=P, padding_side="right", sequences=seq)
+    left = mr.split_generation(capture, prompt_lengths=lengths, prompt_len=P, sequences=seq)
+    by_mask = mr.split_generation(capture, attention_mask=mask.float(), sequences=seq)
+    assert all(a.equal(b) for a, b in zip(left, by_mask, strict=True))
+
+
+@pytest.mark.reliability("bad inputs")
+def test_an_additive_or_non_binary_prompt_mask_is_refused() -> None:
+    """An additive mask (0 for a token, -inf for padding) read as 0/1 marks every token as padding and every pad
+    as a token; a mask of other values says nothing: both are refused, naming the 0/1 mask to pass."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture():
+            seq = model.generate(prompt, N, attention_mask=mask)
+        capture = session.routes()
+    additive = torch.zeros(B, P).masked_fill(mask == 0, float("-inf"))
+    with pytest.raises(mr.InvalidArgumentError, match=r"additive mask.*\(attention_mask == 0\)\.long\(\)"):
+        mr.split_generation(capture, attention_mask=additive, sequences=seq)
+    with pytest.raises(mr.InvalidArgumentError, match=r"got values \[2\]"):
+        mr.split_generation(capture, attention_mask=mask * 2, sequences=seq)
+    parts = mr.split_generation(capture, attention_mask=(additive == 0).long(), sequences=seq)
+    assert all(a.equal(b) for a, b in zip(parts, mr.split_generation(capture, attention_mask=mask), strict=True))
+
+
+def test_a_float_mask_is_read_as_zero_one_only_where_it_is() -> None:
+    """The feed record reads a kept float mask as 1 = token only where it holds 0s and 1s (and a 1): an additive
+    mask, or one of all zeros (additive without padding), gives its rows no mask value rather than a wrong one."""
+    from moe_replay._feeds import _zero_one
+
+    zero_one = torch.tensor([[0.0, 1.0, 1.0]])
+    assert _zero_one(zero_one).tolist() == [[False, True, True]]
+    assert _zero_one(torch.tensor([[float("-inf"), 0.0, 0.0]])) is None
+    assert _zero_one(torch.zeros(1, 3)) is None
+    assert _zero_one(torch.tensor([[0.5, 1.0, 1.0]])) is None
+    ints = torch.tensor([[0, 1]]).bool()
+    assert _zero_one(ints) is ints
