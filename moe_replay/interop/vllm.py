@@ -30,12 +30,13 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from .._checks import check_count, is_integer
+from .._checks import check_count, is_collection, is_integer
 from ..errors import RoutesValidationError
 from ..routes import Routes
 from ._common import (
@@ -446,11 +447,18 @@ def from_vllm_output(
     if prompt_len is not None:
         prompt_len = check_start(prompt_len, "prompt_len")  # 2.5 is refused, never cut to 2
     if hasattr(output, "outputs"):
-        outs = output.outputs
+        outs = _listed(output.outputs, "RequestOutput.outputs", "its CompletionOutputs")
         if not is_integer(index) or not -len(outs) <= int(index) < len(outs):
             raise RoutesValidationError(f"index={index}, but this RequestOutput has {len(outs)} completions")
         comp = outs[int(index)]
-        ids = output.prompt_token_ids
+        if not (hasattr(comp, "routed_experts") and hasattr(comp, "token_ids")):
+            raise RoutesValidationError(
+                f"RequestOutput.outputs[{index}] is a {type(comp).__name__}, not a vLLM CompletionOutput (with "
+                "token_ids and routed_experts)"
+            )
+        ids = getattr(output, "prompt_token_ids", None)
+        if ids is not None:
+            ids = _listed(ids, "RequestOutput.prompt_token_ids", "the prompt's token ids")
         if ids is None and prompt_len is None:
             raise RoutesValidationError("this RequestOutput has no prompt_token_ids: pass prompt_len=")
         if ids is not None:
@@ -475,7 +483,7 @@ def from_vllm_output(
     assert prompt_len is not None
     arr = _array(comp.routed_experts, "routed_experts")
     layout = _detect(arr, version, split=prompt_routed is not None)
-    completion_len = len(comp.token_ids)
+    completion_len = len(_listed(comp.token_ids, "CompletionOutput.token_ids", "the completion's token ids"))
     if layout == _SPLIT:
         if prompt_routed is None:
             raise RoutesValidationError(
@@ -508,6 +516,20 @@ def from_vllm_output(
         version=version if version is not None else _layout_version(layout),
     )
     return _with_tokens(routes, ids, prompt_len, comp.token_ids)
+
+
+def _listed(value: Any, what: str, holds: str) -> Any:
+    """``value`` if it is a sequence with a length (a list, tuple, array), else an error naming ``what``.
+
+    vLLM's outputs hold lists; anything else (None, a number, a generator) is not the field vLLM
+    writes, and its length would be a guess.
+    """
+    if not is_collection(value) or not hasattr(value, "__len__") or isinstance(value, Mapping):
+        raise RoutesValidationError(
+            f"{what} is {type(value).__name__}, not a list of {holds} as vLLM writes it: pass the output vLLM "
+            "returned, or a CompletionOutput with prompt_len="
+        )
+    return value
 
 
 def _with_tokens(routes: Routes, prompt: Any, prompt_len: int, completion: Any) -> Routes:

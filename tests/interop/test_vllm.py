@@ -308,3 +308,27 @@ def test_vllm_dtype_refuses_what_is_no_expert_count(count: object) -> None:
     with pytest.raises(mr.RoutesValidationError, match="num_experts must be an integer"):
         interop.vllm_dtype(count)  # type: ignore[arg-type]
     assert interop.vllm_dtype(256) == np.uint8 and interop.vllm_dtype(257) == np.uint16
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("outputs", None, "RequestOutput.outputs is NoneType"),
+        ("prompt_token_ids", 5, "RequestOutput.prompt_token_ids is int"),
+        ("token_ids", None, "CompletionOutput.token_ids is NoneType"),
+        ("token_ids", (t for t in range(3)), "CompletionOutput.token_ids is generator"),
+        ("completion", "text", "outputs\\[0\\] is a str, not a vLLM CompletionOutput"),
+    ],
+)
+def test_an_output_whose_fields_are_not_what_vllm_writes_is_refused(field: str, value: object, named: str) -> None:
+    """A RequestOutput or CompletionOutput field of another kind is named, never a bare TypeError from len()."""
+    m = DEEPSEEK
+    out = vllm_033_request_output(m, list(range(3)), [(list(range(3)), m.truth(6, seed=17))])
+    if field == "completion":
+        out.outputs[0] = value
+    elif field == "token_ids":
+        out.outputs[0].token_ids = value
+    else:
+        setattr(out, field, value)
+    with pytest.raises(mr.RoutesValidationError, match=named):
+        interop.from_vllm_output(out, m.layer_map)
