@@ -547,10 +547,7 @@ def split_generation(
             raise InvalidArgumentError("eos_token_id needs sequences to find where each sequence stopped")
         gen = generation_lengths(sequences, p, eos_token_id).cpu() if sequences is not None else torch.full((b,), n)
     else:
-        gen = torch.as_tensor(lengths).reshape(-1).cpu()
-        if gen.dtype.is_floating_point or gen.dtype.is_complex or gen.dtype == torch.bool:
-            raise InvalidArgumentError(f"lengths must be integers (tokens per sequence), got {gen.tolist()}")
-        gen = gen.long()
+        gen = _integers(lengths, "lengths (new tokens per sequence)").cpu()
         if gen.numel() != b or bool((gen < 1).any()) or bool((gen > n).any()):
             raise InvalidArgumentError(f"lengths must be {b} values in 1..{n}, got {gen.tolist()}")
 

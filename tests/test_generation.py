@@ -657,6 +657,10 @@ def test_raw_generate_routes_in_a_teacher_forced_forward_point_to_split_generati
         dict(prompt_len=3, sequences=[[9] * 6, [9] * 6]),
         dict(prompt_len=3, sequences=torch.tensor([[9, 9, 9, 5, 2, 7], [9, 9, 9, 1, 1, 1]]), eos_token_id=2.5),
         dict(attention_mask="mask"),
+        dict(batch_size=2, prompt_len=3, lengths=[2.0, 2]),
+        dict(batch_size=2, prompt_len=3, lengths="22"),  # was a bare TypeError from torch
+        dict(batch_size=2, prompt_len=3, lengths=[None, 2]),  # was a bare RuntimeError from torch
+        dict(batch_size=2, prompt_len=3, lengths={0: 2, 1: 2}),
     ],
     ids=[
         "float prompt_lengths",
@@ -666,6 +670,10 @@ def test_raw_generate_routes_in_a_teacher_forced_forward_point_to_split_generati
         "list sequences",
         "float eos",
         "str mask",
+        "float lengths",
+        "str lengths",
+        "None in lengths",
+        "dict lengths",
     ],
 )
 def test_split_refuses_values_that_are_not_integers(kwargs: dict) -> None:
