@@ -286,8 +286,16 @@ class BatchLayout:
 
     def tokens(self, sequences: Sequence[torch.Tensor], pad_id: int = 0) -> torch.Tensor:
         """The ``[rows, row_length]`` input ids, ``pad_id`` at padding."""
-        if not is_integer(pad_id):
-            raise InvalidArgumentError(f"pad_id must be an integer token id, got {pad_id!r}")
+        if not is_integer(pad_id) or not -(2**63) <= int(pad_id) < 2**63:
+            raise InvalidArgumentError(
+                f"pad_id must be an integer token id, got {pad_id!r:.60}, past the int64 of token ids"
+                if is_integer(pad_id)
+                else f"pad_id must be an integer token id, got {pad_id!r:.60}"
+            )
+        if not is_collection(sequences):
+            raise ArgumentTypeError(
+                f"tokens takes one sequence of token ids per sequence (a list), got {type(sequences).__name__}"
+            )
         seqs = []
         for i, ids in enumerate(sequences):
             try:

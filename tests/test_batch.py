@@ -176,6 +176,8 @@ def test_token_ids_and_pad_id_are_refused_not_cut() -> None:
     with pytest.raises(mr.InvalidArgumentError, match="pad_id must be an integer token id, got 0.5"):
         layout.tokens([torch.tensor([1, 2]), torch.tensor([3])], pad_id=0.5)
     assert layout.tokens([[1, 2], [3]], pad_id=torch.tensor(9)).tolist() == [[1, 2], [3, 9]]
+    with pytest.raises(mr.InvalidArgumentError, match="pad_id must be an integer token id, got 2361.*past the int64"):
+        layout.tokens([[1, 2], [3]], pad_id=2**71)  # was a bare OverflowError from torch.full
 
 
 @pytest.mark.parametrize("value", [np.array(3), torch.tensor(3), 7, None])
@@ -186,6 +188,8 @@ def test_sequences_that_are_no_list_are_refused(value: object) -> None:
             call(value)  # type: ignore[arg-type]
     with pytest.raises(mr.MoEReplayError, match="one length per sequence"):
         mr.BatchLayout.padded(value)  # type: ignore[arg-type]
+    with pytest.raises(mr.ArgumentTypeError, match="one sequence of token ids per sequence"):
+        mr.BatchLayout.padded([1]).tokens(value)  # type: ignore[arg-type]  # None was a bare TypeError
 
 
 @pytest.mark.parametrize(
