@@ -251,6 +251,16 @@ class Routes:
         *,
         validate: bool = True,
     ) -> None:
+        if isinstance(layers, torch.Tensor | np.ndarray) and layers.ndim > 0:
+            # one array holds no router axis of its own: iterating it would take its first dimension as the
+            # routers, so the [tokens, routers, k] of routes.indices and to_numpy() would pass transposed
+            # wherever tokens and routers are as many
+            raise ArgumentTypeError(
+                f"layers must be a list of [tokens, k] tensors, one per router; got one {type(layers).__name__} of "
+                f"shape {tuple(layers.shape)}, whose axes are not known. A [tokens, routers, k] array (as "
+                "routes.indices and routes.to_numpy() give) goes to Routes.from_numpy(array, names=..., "
+                "num_experts=...); for [routers, tokens, k] pass list(array)"
+            )
         if not is_collection(layers):
             raise ArgumentTypeError(f"layers must be one [tokens, k] tensor per router (a list), got {layers!r:.60}")
         if not is_collection(names):

@@ -412,6 +412,19 @@ def test_routes_never_hold_the_callers_tensor() -> None:
     assert routes.layer("r").tolist() == [[0, 1], [2, 3]]
 
 
+@pytest.mark.reliability("bad inputs")
+def test_one_array_of_every_router_is_refused_not_read_router_first() -> None:
+    """Routes(routes.indices, ...) took the first axis of the [tokens, routers, k] tensor as the routers: with as
+    many tokens as routers the rows came out transposed, replayed without an error. One array is refused."""
+    r = make(t=3, layers=3)
+    for stacked in (r.indices, r.to_numpy(), torch.stack(r.per_layer())):
+        with pytest.raises(mr.ArgumentTypeError, match="from_numpy"):
+            mr.Routes(stacked, names=r.names, num_experts=8)
+        tried()
+    assert mr.Routes.from_numpy(r.to_numpy(), names=r.names, num_experts=8).equal(r)
+    assert mr.Routes(list(torch.stack(r.per_layer())), names=r.names, num_experts=8).equal(r)
+
+
 @pytest.mark.parametrize(
     "make",
     [lambda a: a[::-1], lambda a: a[:, ::-1], lambda a: (a.setflags(write=False), a)[1], np.asfortranarray],
