@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import ArgumentTypeError, InvalidArgumentError
 
-__all__ = ["MAX_COUNT", "check_count", "is_collection", "is_integer"]
+__all__ = ["MAX_COUNT", "check_count", "check_flag", "is_collection", "is_integer"]
 
 #: The largest count or offset taken: one past it no tensor or array index holds.
 MAX_COUNT = 2**63 - 1
@@ -57,3 +57,18 @@ def check_count(value: Any, name: str) -> int:
     if int(value) > MAX_COUNT:
         raise InvalidArgumentError(f"{name}={value} is past what a tensor index holds (2**63 - 1)")
     return int(value)
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """``value`` as a ``bool``: ``True`` or ``False`` (numpy's too), nothing else.
+
+    A flag is never read by truth value: ``"false"`` from a config file or command line is a
+    true string, so ``keep_newest="false"`` would keep only the newest rows and ``drop_last="no"``
+    would drop a route, with no error.
+
+    Raises:
+        ArgumentTypeError: ``value`` is not a bool.
+    """
+    if not isinstance(value, bool | np.bool_):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r:.60} ({type(value).__name__})")
+    return bool(value)

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import check_count
+from ._checks import check_count, check_flag
 from .batch import take_rows
 from .errors import (
     ArgumentTypeError,
@@ -485,6 +485,7 @@ def split_generation(
     """
     if not isinstance(routes, Routes):
         raise ArgumentTypeError(f"split_generation takes Routes, got {type(routes).__name__}")
+    keep_padding = check_flag(keep_padding, "split_generation: keep_padding")
     if sequences is not None and (not isinstance(sequences, torch.Tensor) or sequences.dim() != 2):
         raise InvalidArgumentError(
             f"sequences must be the [batch, prompt_len + new] tensor generate() returns, got "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npformat
 
-from ._checks import is_collection
+from ._checks import check_flag, is_collection
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -251,6 +251,7 @@ class Routes:
         *,
         validate: bool = True,
     ) -> None:
+        validate = check_flag(validate, "validate")
         if isinstance(layers, torch.Tensor | np.ndarray) and layers.ndim > 0:
             # one array holds no router axis of its own: iterating it would take its first dimension as the
             # routers, so the [tokens, routers, k] of routes.indices and to_numpy() would pass transposed
@@ -295,7 +296,7 @@ class Routes:
         self._names = names
         self._experts = experts
         self._data = data
-        self._validated = bool(validate)
+        self._validated = validate
         self._call_rows: tuple[tuple[int, int], ...] | None = None
         self._dropped_rows = 0
         self._token_ids: torch.Tensor | None = None

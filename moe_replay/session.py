@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import _torch_compat
+from ._checks import check_flag
 from ._feeds import FeedCheck, FeedForward, FeedRecord, feed_levels
 from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, find_routers, format_sites
 from .errors import (
@@ -859,6 +860,7 @@ class Session:
         capture again. Rows kept for activation-checkpoint recomputes belong to each forward's autograd graph:
         a failed forward's go with its graph, a finished forward's backward still gets its own.
         """
+        clear = check_flag(clear, "capture(clear=)")
         self._check_attached()
         with self._block("capture()"):
             with self._capture(clear, expected_tokens, max_bytes):
@@ -1037,6 +1039,8 @@ class Session:
                 region writes into (its fixed size); eager captures grow instead, and
                 ``keep_newest`` rings keep the newest rows.
         """
+        allow_silent = check_flag(allow_silent, "routes(allow_silent=)")
+        allow_partial = check_flag(allow_partial, "routes(allow_partial=)")
         if not self._has_capture:
             if not self._attached:
                 raise SessionStateError("this session was detached before it captured anything")
@@ -1244,6 +1248,7 @@ class Session:
             Traceback (most recent call last):
             moe_replay.errors.TokenMismatchError: forward 1 of this replay() was fed other tokens ...
         """
+        strict = check_flag(strict, "replay(strict=)")
         self._check_attached()
         with self._block("replay()"):
             with self._replay(routes, strict):
@@ -1753,6 +1758,7 @@ def attach(
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
         raise InvalidArgumentError(f"capacity must be a positive number of rows, got {capacity!r}")
     _torch_compat.check()  # a torch whose internals moved is refused here, before anything is installed
+    keep_newest = check_flag(keep_newest, "keep_newest")
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
         raise InvalidArgumentError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
     sites = find_routers(

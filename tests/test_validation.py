@@ -334,3 +334,49 @@ def test_router_without_visible_decision_is_refused(tokens: torch.Tensor) -> Non
                 model(tokens)
     del router.forward
     assert_untouched(model, before)
+
+
+NOT_FLAGS = ["false", "no", 0, 1, None, [], torch.tensor(False)]
+
+
+@pytest.mark.parametrize("value", NOT_FLAGS, ids=repr)
+def test_a_flag_that_is_not_a_bool_is_refused_not_read_by_its_truth(value, tokens: torch.Tensor) -> None:
+    """keep_newest="false" (a config file's string) is true: the ring kept only its newest rows and dropped the
+    others with no error; allow_partial="no" read an interrupted capture, drop_last="no" dropped the last token's
+    route. Every flag takes True or False only, and is checked before anything happens."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    before = snapshot(model)
+    with pytest.raises(mr.ArgumentTypeError, match="keep_newest must be True or False"):
+        mr.attach(model, capacity=4, keep_newest=value)
+    assert_untouched(model, before)
+    with mr.attach(model) as session:
+        with pytest.raises(mr.ArgumentTypeError, match=r"capture\(clear=\) must be True or False"):
+            with session.capture(clear=value):
+                pass
+        with pytest.raises(RuntimeError, match="a forward failed"), session.capture():
+            model(tokens)
+            raise RuntimeError("a forward failed")
+        for flag in ("allow_partial", "allow_silent"):
+            with pytest.raises(mr.ArgumentTypeError, match=rf"routes\({flag}=\) must be True or False"):
+                session.routes(**{flag: value})
+        with session.capture():
+            model(tokens)
+        routes = session.routes()
+        with pytest.raises(mr.ArgumentTypeError, match=r"replay\(strict=\) must be True or False"):
+            with session.replay(routes, strict=value):
+                pass
+        with session.replay(routes), session.capture():  # nothing was left open
+            model(tokens)
+        assert session.routes().equal(routes)
+    with pytest.raises(mr.ArgumentTypeError, match="validate must be True or False"):
+        mr.Routes(routes.per_layer(), names=routes.names, num_experts=8, validate=value)
+    with pytest.raises(mr.ArgumentTypeError, match="keep_padding must be True or False"):
+        mr.split_generation(routes, batch_size=1, prompt_lengths=[4], keep_padding=value)
+    layer_map = mr.LayerMap.from_routes(routes, num_layers=2)
+    with pytest.raises(mr.ArgumentTypeError, match="drop_last must be True or False"):
+        mr.interop.to_vllm_legacy(routes, layer_map, drop_last=value)
+    with pytest.raises(mr.ArgumentTypeError, match="last_routed must be True or False"):
+        arr = torch.zeros(1, 3, 2, 2, dtype=torch.long)
+        mr.interop.from_verl(arr, torch.ones(1, 3, dtype=torch.long), layer_map, last_routed=value)
+    assert_untouched(model, before)
+    assert mr.Routes(routes.per_layer(), names=routes.names, num_experts=8, validate=False).equal(routes)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._checks import MAX_COUNT
+from .._checks import MAX_COUNT, check_flag
 from ..errors import RoutesValidationError
 from ..routes import Routes, integer_array
 from .layer_map import LayerMap, check_layout
@@ -173,6 +173,7 @@ def cut_last(routes: Routes, drop: bool, fmt: str) -> Routes:
     """The routes without the last token's row, which engines never write."""
     if not isinstance(routes, Routes):
         raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
+    drop = check_flag(drop, f"{fmt}: drop_last")
     if routes.num_tokens == 0:
         raise RoutesValidationError(f"{fmt}: the routes hold no token")
     if not drop and not bool(routes[-1].missing.all()):

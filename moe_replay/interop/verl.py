@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._checks import MAX_COUNT, check_count, is_integer
+from .._checks import MAX_COUNT, check_count, check_flag, is_integer
 from ..batch import BatchLayout, _lengths, check_same_routers, routes_list
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes, check_exact
@@ -167,6 +167,7 @@ def from_verl(
             or are no routes.
     """
     check_map(layer_map, "from_verl")
+    last_routed = check_flag(last_routed, "from_verl: last_routed")
     if not is_integer(fill):
         raise ArgumentTypeError(
             f"from_verl: fill must be an integer (the padding value, 0 as verl writes), got {fill!r}"
