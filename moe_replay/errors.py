@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+from typing import Any
 
 __all__ = [
     "ArgumentTypeError",
@@ -68,7 +69,15 @@ class TokenMismatchError(RoutesValidationError):
 
 
 class SessionStateError(MoEReplayError):
-    """An operation that the session's current state does not allow (nesting, detached)."""
+    """An operation that the session's current state does not allow (nesting, detached).
+
+    Where :func:`attach` raises it because another session holds the model (or one of its
+    routers), its ``session`` attribute is that session: ``e.session.detach()`` frees the model
+    where no name holds the session any more (a notebook cell that showed ``mr.attach(model)``).
+    """
+
+    #: the session in the way, where another one holds the model or a router (else None)
+    session: Any = None
 
 
 class InvalidArgumentError(MoEReplayError, ValueError):

@@ -376,9 +376,13 @@ class Session:
                     f"forward of '{s.scope}'; exclude one of them or give one an Adapter with scope='router'"
                 )
             scopes[id(s.scope_module)] = s.name
-            if getattr(s.scope_module.forward, "__moe_replay_hook__", None) is not None:
-                raise SessionStateError(
-                    f"'{s.scope}' is already intercepted by another session; detach that session first"
+            held = getattr(s.scope_module.forward, "__moe_replay_hook__", None)
+            if held is not None:
+                other = next((o for o in list(_ATTACHED.values()) if o._attached and held in o._hooks), None)
+                raise _held_by(
+                    f"'{s.scope}' is already intercepted by another session"
+                    + ("" if other is None else f" ({other!r})"),
+                    other,
                 )
         try:
             # buffers are ordinary tensors even when attach runs under torch.inference_mode()
@@ -1712,6 +1716,16 @@ def _read_counters(counters: Sequence[torch.Tensor]) -> list[int]:
     return [int(v) for v in out if v is not None]
 
 
+def _held_by(what: str, other: Session | None) -> SessionStateError:
+    """The error of an attach that ``other`` is in the way of, carrying it (see :class:`SessionStateError`)."""
+    err = SessionStateError(
+        f"{what}; detach that session first: session.detach()"
+        + (", or, where no name holds it any more, this error's .session.detach()" if other is not None else "")
+    )
+    err.session = other
+    return err
+
+
 def attach(
     model: nn.Module,
     capacity: int = DEFAULT_CAPACITY,
@@ -1779,9 +1793,7 @@ def attach(
     with _ATTACH_LOCK:
         other = _ATTACHED.get(model)
         if other is not None and other.attached:
-            raise SessionStateError(
-                f"{type(model).__name__} already has an attached session ({other!r}); detach it first"
-            )
+            raise _held_by(f"{type(model).__name__} already has an attached session ({other!r})", other)
         if max_bytes is not None:
             first = sum(capacity * (s.top_k or 1) * index_dtype(s.num_experts).itemsize for s in sites)
             if first > max_bytes:

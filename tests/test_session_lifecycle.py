@@ -910,3 +910,29 @@ def test_a_router_whose_k_changes_between_blocks_keeps_the_last_capture_readable
         assert now.k_per_layer == (1, 2)
         with session.replay(now):
             assert torch.equal(model(x).logits, ref)
+
+
+@pytest.mark.reliability("lifecycle")
+def test_a_session_no_name_holds_can_still_be_detached(tokens: torch.Tensor) -> None:
+    """A notebook cell showing ``mr.attach(model)`` keeps no name for the session; the next attach said
+    "detach it first" with nothing to detach. The error carries the session in the way, on the same model
+    and on a submodule of it, and detaching it leaves the model as it was."""
+    import gc
+
+    model = mr.models.build("softmax_topk", num_layers=2)
+    before = snapshot(model)
+    mr.attach(model)  # shown, then dropped
+    gc.collect()
+    for target in (model, model.layers[0]):
+        with pytest.raises(mr.SessionStateError, match=r"this error's \.session\.detach\(\)") as caught:
+            mr.attach(target)
+        held = caught.value.session
+        assert isinstance(held, mr.Session) and held.attached
+        with held.capture():  # the session it names is the one in the way
+            model(tokens)
+        assert held.routes().num_tokens == tokens.numel()
+    held.detach()
+    assert_untouched(model, before)
+    with mr.attach(model.layers[0]) as session:
+        assert session.names == ("mlp.router",)
+    assert_untouched(model, before)
