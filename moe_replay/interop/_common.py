@@ -100,8 +100,27 @@ def columns(
     return out
 
 
+#: Routes (token x router cells) all of expert 0 from which an engine array is taken for one that was never
+#: written: an engine whose capture did not run leaves zeros, and past this many no router sends every token
+#: to expert 0 by chance (k >= 2 repeats expert 0 in a row, refused as a duplicate at any size).
+_UNWRITTEN_CELLS = 64
+
+
 def make_routes(layers: list[torch.Tensor], lm: LayerMap, what: str) -> Routes:
-    """Validated routes of the map's routers (range, k, duplicates), the error prefixed with ``what``."""
+    """Validated routes of the map's routers (range, k, duplicates), the error prefixed with ``what``.
+
+    An array whose every route is expert 0 over many tokens is refused as never written (top-1
+    routers pass the duplicate check there).
+    """
+    written = [x[x[:, 0] >= 0] for x in layers]  # (-1 rows: routed natively, not written)
+    cells = sum(x.shape[0] for x in written)
+    if cells >= _UNWRITTEN_CELLS and max(lm.num_experts, default=0) > 1 and not any(bool(x.any()) for x in written):
+        raise RoutesValidationError(
+            f"{what}: every route is expert 0 ({cells} token x router routes): the zeros an engine leaves where "
+            "its routing capture did not run (a fused or monolithic MoE kernel that records nothing, a pipeline "
+            "stage whose routes were never gathered). Check that the engine records routes for every MoE layer; "
+            "where a model does send every token to expert 0, build the routes with mr.Routes(...)"
+        )
     try:
         return Routes(layers, names=lm.names, num_experts=lm.num_experts)
     except RoutesValidationError as e:

@@ -12,6 +12,8 @@ from moe_replay import interop
 
 from .engines import (
     Model,
+    megatron_routing_indices,
+    sglang_meta_info,
     vllm_020_routed_experts,
     vllm_021_request_output,
     vllm_033_request_output,
@@ -332,3 +334,33 @@ def test_an_output_whose_fields_are_not_what_vllm_writes_is_refused(field: str, 
         setattr(out, field, value)
     with pytest.raises(mr.RoutesValidationError, match=named):
         interop.from_vllm_output(out, m.layer_map)
+
+
+TOP1 = Model(num_layers=3, moe_layers=(0, 1, 2), k=1)  # top-1 routers: an all-zero row repeats no expert
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "megatron"])
+def test_an_array_the_engine_never_wrote_is_refused_for_top1_routers(engine: str) -> None:
+    """An engine whose capture did not run hands back its zero buffer (vllm#54730: a monolithic MoE kernel that
+    records nothing). With k >= 2 a zero row repeats expert 0 and is refused; with k = 1 it read as every token
+    routed to expert 0, and replay forced that with no error. Past a few tokens it is refused, naming the cause;
+    a short real sequence all on expert 0 still reads."""
+    m = TOP1
+
+    def read(truth: np.ndarray) -> mr.Routes:
+        t = truth.shape[0]
+        if engine == "vllm":
+            arr = vllm_033_routed_experts(m, truth, 4)
+            return interop.from_vllm(arr, m.layer_map, prompt_len=4, completion_len=t - 4)
+        if engine == "sglang":
+            return interop.from_sglang(sglang_meta_info(m, truth), m.layer_map, num_tokens=t)
+        return interop.from_megatron_inference(megatron_routing_indices(m, truth), m.layer_map, num_tokens=t)
+
+    unwritten = np.zeros((40, 3, 1), dtype=np.int64)  # 39 routed tokens x 3 routers
+    with pytest.raises(mr.RoutesValidationError, match=r"every route is expert 0 \(117 token x router.*did not run"):
+        read(unwritten)
+    written = unwritten.copy()
+    written[7, 2, 0] = 5
+    assert read(written).layer(m.names[2])[7].tolist() == [5]
+    short = np.zeros((8, 3, 1), dtype=np.int64)  # 21 routes on expert 0: a real router may choose so
+    assert read(short).layer(m.names[0])[:-1].eq(0).all()
