@@ -1725,7 +1725,7 @@ def _establish(
                             "Mask the scores with masked_fill or torch.where",
                         )
         if shapers and unmasked:
-            _refuse_shaped_source(name, probe, calls, seen, tuple(slots), used, shapers)
+            _refuse_shaped_source(name, probe, calls, seen, tuple(slots), used, shapers, tolerance)
         if shapers and not unmasked and not all(harmless(change=c.ordinal) for c in shapers):
             last = shapers[-1]
             _, moved = probe.run(change=last.ordinal)
@@ -1778,24 +1778,30 @@ def _refuse_shaped_source(
     slots: tuple[int, ...],
     used: int,
     shapers: Sequence[Call],
+    tolerance: float,
 ) -> None:
-    """Refuse a decision whose masked scores read through to scores an earlier choice still shapes.
+    """Refuse a decision whose masked scores read through to scores an earlier choice still shapes,
+    or reach the output by another way than the decision's values.
 
     A replay reads a forced expert's value through the ``masked_fill``/``where`` that made the
     decision's scores. When what it reads through to was itself built from an earlier choice (a
     top-4 scattered into zeros, then masked and a top-2 taken), a forced expert outside the
     earlier choice gets a weight of zero. Seen by holding the decision and moving each earlier
     choice: the scores read through must not be filled (zero or infinite) in other places.
+    Only the decision's values are read through: where the forward also reads the masked scores
+    themselves (the combine weights taken from them at the chosen experts, as Hunyuan's
+    ``topkgating`` does), a forced expert outside the earlier choice gets a masked weight too.
+    Seen the same way: with the decision held, moving an earlier choice must leave the output.
     """
     force = {i: (seen.outs[i], used if len(slots) == 1 else calls[i].k) for i in slots}
-    _, ref = probe.run(force=force)
-    if len(ref.ins) <= slots[0]:
-        return
-    before = ref._unmasked(ref.ins[slots[0]])
-    if before is ref.ins[slots[0]]:
-        return  # (no mask seen in this run)
+    held, ref = probe.run(force=force)
+    before = ref._unmasked(ref.ins[slots[0]]) if len(ref.ins) > slots[0] else None
+    moves = []
     for c in shapers:
-        _, moved = probe.run(change=c.ordinal, force=force)
+        out, moved = probe.run(change=c.ordinal, force=force)
+        moves.append((c, out))
+        if before is None or before is ref.ins[slots[0]]:
+            continue  # (no mask seen in this run)
         if len(moved.ins) > slots[0] and _fills_moved(before, moved._unmasked(moved.ins[slots[0]])):
             raise _refuse(
                 name,
@@ -1805,6 +1811,18 @@ def _refuse_shaped_source(
                 "choice would get a masked weight",
                 "Mask the unmasked scores themselves (masked_fill/torch.where on the scores the earlier choice "
                 "was made from)",
+            )
+    for c, out in moves:
+        if _distance(held, out, tolerance)[0] > tolerance:
+            raise _refuse(
+                name,
+                calls,
+                f"its decision's scores are masked with masked_fill or where after an earlier choice "
+                f"({c.describe()}), and its forward reads the masked scores by another way than the decision's "
+                "values (its weights taken from the masked scores, say): with the decision held, the output "
+                "changes when that choice moves, so a forced expert outside it would get a masked weight",
+                "Take the weights from the decision's values (topk of the masked scores) or gather them from "
+                "the unmasked scores at the chosen experts",
             )
 
 

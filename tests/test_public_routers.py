@@ -2517,3 +2517,102 @@ def test_group_limited_and_noisy_library_routers_are_exact(make: Callable[[], nn
     or a biased sigmoid, LLaMA-MoE's noisy top-(k+1) gate: each token gets exactly the recorded experts."""
     session = assert_exact_in_training(TwoLayers(make).train(training))
     assert [s.top_k for s in session.sites] == [2, 2]
+
+
+# =================================================================== more public libraries, transcribed
+def _hunyuan_topkgating(
+    logits: torch.Tensor,
+    topk: int,
+    group_limited_greedy: bool,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    capacity_factor: float,
+    drop_tokens: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tencent Hunyuan remote code (``modeling_hunyuan.py`` of Hunyuan-A13B / HunyuanImage-3) ``topkgating``: softmax
+    gates, the groups not kept by a group top-k (of each group's ``max``) set to 0 by ``masked_fill`` *on the gates
+    themselves*; a ``topk`` of them; capacity by priority (first choices first); the combine weights are the masked
+    gates (renormalised over the chosen experts), not the top-k's values."""
+    gates = F.softmax(logits.float(), dim=1)
+    if group_limited_greedy:
+        group_shape = [*gates.shape[:-1], n_group, gates.shape[-1] // n_group]
+        group_scores = gates.reshape(group_shape).max(dim=-1).values
+        group_idx = torch.topk(group_scores, topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(group_shape).reshape(list(gates.shape))
+        gates = gates.masked_fill(~score_mask.bool(), 0.0)
+    num_experts = int(gates.shape[1])
+    _, expert_index = torch.topk(gates, topk)
+    expert_mask = F.one_hot(expert_index, num_experts)
+    if drop_tokens:
+        expert_capacity = int(max(topk, topk * gates.shape[0] // gates.shape[1]) * capacity_factor)
+    else:
+        expert_capacity = torch.bincount(expert_index.flatten(), minlength=num_experts).max().item()
+    if norm_topk_prob and topk > 1:
+        gates_s = torch.matmul(expert_mask.float(), gates.unsqueeze(-1)).sum(dim=1)
+        router_probs = gates / torch.clamp(gates_s, min=torch.finfo(gates.dtype).eps)
+    else:
+        router_probs = gates
+    expert_mask = F.one_hot(expert_index.transpose(0, 1).reshape(-1), num_experts).to(torch.int32)
+    token_priority = torch.cumsum(expert_mask, dim=0) * expert_mask - 1
+    token_priority = token_priority.reshape((topk, -1, num_experts)).transpose(0, 1)
+    token_priority = torch.max(token_priority, dim=1)[0]
+    valid_mask = torch.logical_and(token_priority >= 0, token_priority < expert_capacity)
+    token_priority = torch.masked_fill(token_priority, ~valid_mask, 0)
+    dispatch_mask = F.one_hot(token_priority, expert_capacity).to(torch.bool)
+    dispatch_mask = torch.masked_fill(dispatch_mask, ~valid_mask.unsqueeze(-1).expand(-1, -1, expert_capacity), 0)
+    return torch.einsum("...te,...tec->...tec", router_probs, dispatch_mask), dispatch_mask
+
+
+class HunYuanTopKGate(nn.Module):
+    """Hunyuan ``HunYuanTopKGate``: an fp32 ``wg`` Linear on ``[batch, seq, d]`` inputs, then ``topkgating``."""
+
+    def __init__(self, group_limited_greedy: bool, drop_tokens: bool) -> None:
+        super().__init__()
+        self.moe_topk, self.drop_tokens, self.group_limited_greedy = 2, drop_tokens, group_limited_greedy
+        self.n_group, self.topk_group, self.norm_topk_prob, self.capacity_factor = 4, 2, True, 1.0
+        self.wg = nn.Linear(D, E, bias=False, dtype=torch.float32)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if self.wg.weight.dtype == torch.float32:
+            hidden_states = hidden_states.float()
+        logits = self.wg(hidden_states)
+        return _hunyuan_topkgating(
+            logits, self.moe_topk, self.group_limited_greedy, self.n_group, self.topk_group,
+            self.norm_topk_prob, self.capacity_factor, self.drop_tokens,
+        )  # fmt: skip
+
+
+class HunYuanMoE(nn.Module):
+    """Hunyuan ``HunYuanMoE``: dispatch by ``einsum`` into ``[E, C, d]``, chunks per expert, combine back."""
+
+    def __init__(self, group_limited_greedy: bool = False, drop_tokens: bool = True) -> None:
+        super().__init__()
+        self.gate = HunYuanTopKGate(group_limited_greedy, drop_tokens)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        combine, _dispatch = self.gate(x.unsqueeze(0))
+        return _capacity_dispatch(self.experts, x, combine)
+
+
+@pytest.mark.parametrize("drop_tokens", [True, False], ids=["capacity", "no-drop"])
+def test_hunyuan_topkgating_is_replayed_exactly(drop_tokens: bool) -> None:
+    """Hunyuan's ``topkgating`` without group limits: capacity by priority, weights from the gates: exact."""
+    session = assert_replay_repeats_the_capture(TwoLayers(lambda: HunYuanMoE(drop_tokens=drop_tokens)), _x(t=64))
+    assert [s.top_k for s in session.sites] == [2, 2]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("drop_tokens", [True, False], ids=["capacity", "no-drop"])
+def test_hunyuan_group_limited_weights_read_from_the_masked_gates_are_refused(drop_tokens: bool) -> None:
+    """Once silent (experts forced with weight 0): Hunyuan's group-limited greedy masks the gates themselves with
+    ``masked_fill`` and takes the combine weights from them; a replay reads the top-k's values through the mask,
+    but a forced expert outside the groups the current gates keep got a weight of 0 from the masked gates, and
+    contributed nothing to its token (about half the forced experts of a perturbed model)."""
+    model = TwoLayers(lambda: HunYuanMoE(group_limited_greedy=True, drop_tokens=drop_tokens))
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="masked weight"):
+        with torch.no_grad(), session.capture():
+            model(_x(t=64))
