@@ -394,16 +394,27 @@ def _decision_width(width: int, counts: set[int], module: nn.Module) -> int | No
     return None
 
 
+def _stacked(module: nn.Module) -> list[int]:
+    """First dimensions of the 3-D weights a module holds itself (stacked experts ``[E, ...]``), convolutions aside."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return []
+    return [int(p.shape[0]) for p in module.parameters(recurse=False) if p.dim() == 3]
+
+
 def _expert_counts(module: nn.Module, parent: nn.Module | None, config: Any) -> set[int]:
     counts = {v for v in (_int_attr(module, (key,)) for key in _EXPERT_KEYS) if v}
     v = _int_attr(parent, _EXPERT_KEYS)
     if v:
         counts.add(v)
-    if parent is not None:
-        for child in parent.children():  # stacked expert weights [E, ...] beside the router (gpt-fast)
-            if child is not module and not isinstance(child, nn.modules.conv._ConvNd):
-                counts.update(int(p.shape[0]) for p in child.parameters(recurse=False) if p.dim() == 3)
-        experts = getattr(parent, "experts", None)
+    # a block that owns its gate parameter (``router_DE``, ``w_gate``) holds its experts itself
+    holders = [h for h in (parent, module if _owns_gate(module) else None) if h is not None]
+    for holder in holders:
+        # stacked expert weights [E, ...] beside the router (gpt-fast), or held by the block itself (gpt-oss)
+        counts.update(_stacked(holder))
+        for child in holder.children():
+            if child is not module:
+                counts.update(_stacked(child))
+        experts = getattr(holder, "experts", None)
         if isinstance(experts, nn.ModuleList | nn.Sequential):
             counts.add(len(experts))
         v = _int_attr(experts, _EXPERT_KEYS)
@@ -448,11 +459,9 @@ def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[
         cls = type(child).__name__.lower()
         if ("expert" in attr.lower() or cls.endswith("experts")) and "shared" not in attr.lower() + cls:
             return True
-        if isinstance(child, nn.modules.conv._ConvNd):
-            continue
-        if any(p.dim() == 3 and p.shape[0] in widths for p in child.parameters(recurse=False)):
+        if any(e in widths for e in _stacked(child)):
             return True
-    return False
+    return parent is not None and any(e in widths for e in _stacked(parent))  # the block's own (gpt-oss)
 
 
 def _has_experts(module: nn.Module) -> bool:

@@ -2616,3 +2616,180 @@ def test_hunyuan_group_limited_weights_read_from_the_masked_gates_are_refused(dr
     with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="masked weight"):
         with torch.no_grad(), session.capture():
             model(_x(t=64))
+
+
+def _swiglu_oss(x: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    x_glu, x_linear = x[..., ::2], x[..., 1::2]
+    x_glu = x_glu.clamp(min=None, max=limit)
+    x_linear = x_linear.clamp(min=-limit, max=limit)
+    return x_glu * torch.sigmoid(alpha * x_glu) * (x_linear + 1)
+
+
+class GptOssMLPBlock(nn.Module):
+    """gpt-oss ``gpt_oss/torch/model.py`` ``MLPBlock``: a bare ``Linear`` gate, ``torch.topk(...).values`` softmaxed,
+    and the block's *own* stacked expert weights ``mlp1_weight [E, 2F, d]`` indexed by the chosen experts."""
+
+    def __init__(self, ffn: int = 8) -> None:
+        super().__init__()
+        self.num_experts, self.experts_per_token, self.swiglu_limit = E, 2, 7.0
+        self.norm = nn.RMSNorm(D)
+        self.gate = nn.Linear(D, E)
+        self.mlp1_weight = nn.Parameter(torch.randn(E, 2 * ffn, D) / math.sqrt(D))
+        self.mlp1_bias = nn.Parameter(torch.randn(E, 2 * ffn) * 0.1)
+        self.mlp2_weight = nn.Parameter(torch.randn(E, D, ffn) / math.sqrt(ffn))
+        self.mlp2_bias = nn.Parameter(torch.randn(E, D) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(x)
+        g = self.gate(t)
+        experts = torch.topk(g, k=self.experts_per_token, dim=-1, sorted=True)
+        expert_weights = torch.nn.functional.softmax(experts.values, dim=1)
+        return x + _gpt_oss_experts(self, t, experts.indices, expert_weights)
+
+
+def _gpt_oss_experts(block: GptOssMLPBlock, t: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The expert part of gpt-oss' ``MLPBlock.forward``: weights gathered per token and slot, ``einsum``."""
+    h = torch.einsum("beck,bk->bec", block.mlp1_weight[idx, ...], t) + block.mlp1_bias[idx, ...]
+    h = _swiglu_oss(h, limit=block.swiglu_limit)
+    h = torch.einsum("beck,bek->bec", block.mlp2_weight[idx, ...], h)
+    h += block.mlp2_bias[idx, ...]
+    return torch.einsum("bec,be->bc", h, w)
+
+
+def _gpt_oss_reference(block: GptOssMLPBlock, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """gpt-oss' block with the experts forced by hand: the gate's logits read at ``idx``, softmaxed."""
+    t = block.norm(x)
+    return x + _gpt_oss_experts(block, t, idx, F.softmax(block.gate(t).gather(-1, idx), dim=1))
+
+
+class Llama4Experts(nn.Module):
+    """llama-models ``models/llama4/moe.py`` ``Experts``: ``w1, w3 [e, D, F]``, ``w2 [e, F, D]``, ``bmm`` per expert."""
+
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.num_local_experts, self.dim = E, D
+        self.w1 = nn.Parameter(torch.randn(E, D, hidden) / math.sqrt(D))
+        self.w2 = nn.Parameter(torch.randn(E, hidden, D) / math.sqrt(hidden))
+        self.w3 = nn.Parameter(torch.randn(E, D, hidden) / math.sqrt(D))
+
+    def forward(self, routed_in_egD: torch.Tensor) -> torch.Tensor:
+        x_egD = routed_in_egD.view(self.num_local_experts, -1, self.dim)
+        middle = F.silu(torch.bmm(x_egD, self.w1)) * torch.bmm(x_egD, self.w3)
+        return torch.bmm(middle, self.w2).view(-1, self.dim)
+
+
+class Llama4MoE(nn.Module):
+    """llama-models ``models/llama4/moe.py`` ``MoE``: the block's own transposed gate ``router_DE [D, E]``, a top-k
+    scattered into ``-inf``, a sigmoid, and every expert run on every token weighted by it (0 where not chosen)."""
+
+    def __init__(self, top_k: int = 1) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.experts = Llama4Experts()
+        self.router_DE = nn.Parameter(torch.randn(D, E) / math.sqrt(D))
+        self.shared_expert = nn.Linear(D, D, bias=False)
+
+    def forward(self, x_bsD: torch.Tensor) -> torch.Tensor:
+        _, slen, dim = x_bsD.shape
+        x_aD = x_bsD.view(-1, dim)
+        router_scores = torch.matmul(x_aD, self.router_DE).transpose(0, 1)
+        router_scores_aK, router_indices_aK = torch.topk(router_scores.transpose(0, 1), self.top_k, dim=1)
+        return _llama4_experts(self, x_aD, router_scores, router_indices_aK, router_scores_aK).view(-1, slen, dim)
+
+
+def _llama4_experts(
+    block: Llama4MoE, x_aD: torch.Tensor, router_scores: torch.Tensor, idx: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """The rest of llama-models' ``MoE.forward`` after its top-k."""
+    a, dim = x_aD.shape
+    router_scores = (
+        torch.full_like(router_scores.transpose(0, 1), float("-inf")).scatter_(1, idx, values).transpose(0, 1)
+    )
+    router_indices = torch.arange(a).view(1, -1).expand(router_scores.size(0), -1)
+    router_scores = torch.sigmoid(router_scores)
+    routed_in = torch.gather(x_aD, dim=0, index=router_indices.reshape(-1, 1).expand(-1, dim))
+    routed_in = routed_in * router_scores.reshape(-1, 1)
+    out_aD = block.shared_expert(x_aD)
+    routed_out = block.experts(routed_in.detach())
+    return out_aD.scatter_add_(dim=0, index=router_indices.reshape(-1, 1).expand(-1, dim), src=routed_out.view(-1, dim))
+
+
+def _llama4_reference(block: Llama4MoE, x_bsD: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    _, slen, dim = x_bsD.shape
+    x_aD = x_bsD.view(-1, dim)
+    router_scores = torch.matmul(x_aD, block.router_DE).transpose(0, 1)
+    values = router_scores.transpose(0, 1).gather(1, idx)
+    return _llama4_experts(block, x_aD, router_scores, idx, values).view(-1, slen, dim)
+
+
+class ResidualStack(nn.Module):
+    """Two residual MoE blocks over ``[batch, seq, d]`` (or ``[tokens, d]``) inputs."""
+
+    def __init__(self, make: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([make(), make()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def assert_replay_matches_a_reference(
+    model: ResidualStack,
+    x: torch.Tensor,
+    reference: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    names: list[str],
+) -> None:
+    """Zero configuration finds ``names``; after the routers change, a replay (with gradients, in training) gives the
+    output and gradients of ``reference``, which forces the recorded experts by hand, and a free forward does not."""
+    with mr.attach(model) as session:
+        assert list(session.names) == names
+        with torch.no_grad(), session.capture():
+            captured = model(x)
+        routes = session.routes()
+        with torch.no_grad(), session.replay(routes):
+            assert torch.equal(model(x), captured)
+        with torch.no_grad():  # the gates only: weights of the experts that saturate a softmax hide a slot
+            for n, p in model.named_parameters():
+                if "gate" in n or "router" in n:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(11)))
+        model.train()
+        with session.replay(routes):
+            out = model(x)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+    h = x
+    for layer, name in zip(model.layers, names, strict=True):
+        h = reference(layer, h, routes.layer(name).long())
+    free = model(x)
+    assert torch.allclose(out, h, atol=1e-6) and not torch.allclose(free, h, atol=1e-3)
+    h.square().sum().backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == want.keys()
+    assert all(torch.allclose(grads[n], want[n], atol=1e-5) for n in want), "gradients of the replay"
+
+
+def test_gpt_oss_reference_block_with_its_own_expert_weights_is_found_and_exact() -> None:
+    """Once not found: gpt-oss' reference ``MLPBlock`` holds its stacked expert weights itself, not in an expert
+    child, so its ``gate`` was not taken for a router (zero configuration found none)."""
+
+    def reference(block: nn.Module, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return h + _gpt_oss_reference(block, h, idx)  # (the stack adds the block's output to its input)
+
+    model = ResidualStack(GptOssMLPBlock)
+    assert_replay_matches_a_reference(model, _x(), reference, ["layers.0.gate", "layers.1.gate"])
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_llama4_reference_moe_with_its_own_transposed_gate_is_found_and_exact(top_k: int) -> None:
+    """Once not found: llama-models' Llama 4 ``MoE`` scores with its own ``router_DE [D, E]`` parameter and keeps its
+    experts' count in the expert module (``num_local_experts``, 3-D weights), not on the block."""
+
+    def reference(block: nn.Module, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return h + _llama4_reference(block, h, idx)
+
+    model = ResidualStack(lambda: Llama4MoE(top_k))
+    assert_replay_matches_a_reference(model, _x().view(2, T // 2, D), reference, ["layers.0", "layers.1"])
