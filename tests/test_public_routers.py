@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -2793,3 +2794,408 @@ def test_llama4_reference_moe_with_its_own_transposed_gate_is_found_and_exact(to
 
     model = ResidualStack(lambda: Llama4MoE(top_k))
     assert_replay_matches_a_reference(model, _x().view(2, T // 2, D), reference, ["layers.0", "layers.1"])
+
+
+def _ds_capacity(gates: torch.Tensor, capacity_factor: torch.Tensor, min_capacity: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed ``sharded_moe._capacity``."""
+    num_tokens, num_experts = gates.shape
+    capacity = torch.ceil((num_tokens / num_experts) * capacity_factor).to(torch.int64)
+    if capacity < min_capacity:
+        capacity = min_capacity.to(torch.int64)
+    return capacity
+
+
+def _ds_gumbel(shape: torch.Size) -> torch.Tensor:
+    return torch.distributions.gumbel.Gumbel(torch.tensor(0.0), torch.tensor(1.0)).rsample(shape)
+
+
+def _ds_top1gating(
+    logits: torch.Tensor, capacity_factor: float, min_capacity: int, noisy: str | None, drop: bool, use_rts: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSpeed ``deepspeed/moe/sharded_moe.py`` ``top1gating``: ``argmax`` of Gumbel-noised logits (``RSample``) or
+    of the gates, one-hot mask, capacity (the busiest expert's count when not dropping), random token selection
+    (``use_rts``: a top-``capacity`` over the tokens of ``mask * uniform``), combine weights ``[S, E, C]``."""
+    if noisy == "RSample":
+        logits_w_noise = logits + _ds_gumbel(logits.shape)
+    gates = F.softmax(logits, dim=1)
+    capacity = _ds_capacity(gates, torch.tensor(capacity_factor), torch.tensor(min_capacity))
+    indices1_s = torch.argmax(logits_w_noise if noisy == "RSample" else gates, dim=1)
+    num_experts = int(gates.shape[1])
+    mask1 = F.one_hot(indices1_s, num_classes=num_experts)
+    exp_counts = torch.sum(mask1, dim=0).detach()
+    if not drop:
+        capacity = min(torch.max(exp_counts), torch.tensor(mask1.size(0)))
+    if use_rts:
+        uniform = torch.distributions.uniform.Uniform(low=torch.tensor(0.0), high=torch.tensor(1.0)).rsample
+        mask1_rand = mask1 * uniform(mask1.shape)
+    else:
+        mask1_rand = mask1
+    top_idx = torch.topk(mask1_rand, k=min(capacity, torch.tensor(mask1.size(0))), dim=0)[1]
+    mask1 = mask1 * torch.zeros_like(mask1).scatter_(0, top_idx, 1)
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    locations1_s = torch.sum(locations1 * mask1, dim=1)
+    gates = gates * mask1.float()
+    combine_weights = torch.einsum("se,sc->sec", gates, F.one_hot(locations1_s, capacity).float())
+    return combine_weights, combine_weights.bool()
+
+
+def _ds_top2gating(
+    logits: torch.Tensor, capacity_factor: float, min_capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSpeed ``top2gating`` as it is now: ``argmax`` of the gates, then Gumbel noise added *in place* to the
+    logits (``top2_2nd_expert_sampling``), the first masked to -inf and a second ``argmax``; capacity by position,
+    the second choices after all first ones; the two gates renormalised with in-place divisions."""
+    gates = F.softmax(logits, dim=1)
+    indices1_s = torch.argmax(gates, dim=1)
+    num_experts = int(gates.shape[1])
+    mask1 = F.one_hot(indices1_s, num_classes=num_experts)
+    logits += _ds_gumbel(logits.shape)
+    logits_except1 = logits.masked_fill(mask1.bool(), float("-inf"))
+    indices2_s = torch.argmax(logits_except1, dim=1)
+    mask2 = F.one_hot(indices2_s, num_classes=num_experts)
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    locations2 = torch.cumsum(mask2, dim=0) - 1
+    locations2 += torch.sum(mask1, dim=0, keepdim=True)
+    capacity = _ds_capacity(gates, torch.tensor(capacity_factor * 2), torch.tensor(min_capacity))
+    mask1 *= torch.lt(locations1, capacity)
+    mask2 *= torch.lt(locations2, capacity)
+    locations1_s = torch.sum(locations1 * mask1, dim=1)
+    locations2_s = torch.sum(locations2 * mask2, dim=1)
+    gates1_s = torch.einsum("se,se->s", gates, mask1.float())
+    gates2_s = torch.einsum("se,se->s", gates, mask2.float())
+    denom_s = torch.clamp(gates1_s + gates2_s, min=torch.finfo(gates.dtype).eps)
+    gates1_s /= denom_s
+    gates2_s /= denom_s
+    combine1 = torch.einsum(
+        "se,sc->sec", torch.einsum("s,se->se", gates1_s, mask1.float()), F.one_hot(locations1_s, capacity).float()
+    )
+    combine2 = torch.einsum(
+        "se,sc->sec", torch.einsum("s,se->se", gates2_s, mask2.float()), F.one_hot(locations2_s, capacity).float()
+    )
+    combine_weights = combine1 + combine2
+    return combine_weights, combine_weights.bool()
+
+
+def _ds_topkgating(
+    logits: torch.Tensor, k: int, capacity_factor: float, min_capacity: int, drop: bool, drop_policy: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSpeed ``topkgating``: ``topk`` of the gates, a boolean mask; over capacity, tokens dropped by a top-k over
+    the tokens of the top-k gates (``drop_policy="probs"``) or by position; the kept gates renormalised."""
+    gates = F.softmax(logits, dim=1)
+    top_gate, top_idx = torch.topk(gates, k=k, dim=1)
+    mask = torch.zeros_like(gates, dtype=torch.bool).scatter_(1, top_idx, 1)
+    if drop:
+        capacity = _ds_capacity(gates, torch.tensor(capacity_factor * k), torch.tensor(min_capacity))
+        if drop_policy == "probs":
+            topk_masked_gates = torch.zeros_like(gates).scatter(1, top_idx, top_gate)
+            selection = min(capacity, torch.tensor(gates.size(0)))
+            _, capacity_indices = torch.topk(topk_masked_gates, k=selection, dim=0, sorted=False)
+            mask &= torch.zeros_like(gates, dtype=torch.bool).scatter_(0, capacity_indices, True)
+            locations = torch.cumsum(mask, dim=0) - 1
+        else:
+            locations = torch.cumsum(mask, dim=0) - 1
+            mask *= torch.lt(locations, capacity)
+    else:
+        capacity = torch.max(torch.sum(mask, dim=0))
+        locations = torch.cumsum(mask, dim=0) - 1
+    gates_masked = gates * mask
+    gates_masked = gates_masked / torch.clamp(gates_masked.sum(-1, keepdim=True), min=torch.finfo(gates.dtype).eps)
+    combine_weights = torch.einsum("se,sec->sec", gates_masked, F.one_hot(locations * mask, capacity).float())
+    return combine_weights, combine_weights.bool()
+
+
+class DeepSpeedTopKGate(nn.Module):
+    """DeepSpeed ``TopKGate``: ``wg`` Linear applied in fp32 by ``F.linear``; ``Jitter`` noise on the input in training;
+    ``top1gating`` / ``top2gating`` / ``topkgating`` by k; ``RSample`` noise only in training."""
+
+    def __init__(self, k: int = 1, min_capacity: int = 8, **kw: object) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.k, self.capacity_factor, self.eval_capacity_factor, self.min_capacity = k, 1.0, 1.0, min_capacity
+        self.noisy_gate_policy = kw.get("noisy_gate_policy")
+        self.drop_tokens, self.use_rts = kw.get("drop_tokens", True), kw.get("use_rts", True)
+        self.drop_policy = kw.get("drop_policy", "probs")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        input_fp32 = x.float()
+        if self.noisy_gate_policy == "Jitter" and self.training:
+            input_fp32 = input_fp32 * torch.empty_like(input_fp32).uniform_(0.99, 1.01)
+        logits = F.linear(input_fp32, weight=self.wg.weight.float(), bias=None)
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        if self.k == 1:
+            noisy = self.noisy_gate_policy if self.training else None
+            return _ds_top1gating(logits, cf, self.min_capacity, noisy, self.drop_tokens, self.use_rts)
+        if self.k == 2:
+            return _ds_top2gating(logits, cf, self.min_capacity)
+        return _ds_topkgating(logits, self.k, cf, self.min_capacity, self.drop_tokens, self.drop_policy)
+
+
+class DeepSpeedMOELayer(nn.Module):
+    """DeepSpeed ``MOELayer`` (one process): dispatch into ``[E, C, d]`` by ``einsum``, experts, combine back."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__()
+        self.gate = DeepSpeedTopKGate(**kw)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        combine, _dispatch = self.gate(x)
+        return _capacity_dispatch(self.experts, x, combine)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(
+            lambda: DeepSpeedMOELayer(noisy_gate_policy="RSample", use_rts=False, min_capacity=1), id="top1-rsample"
+        ),
+        pytest.param(
+            lambda: DeepSpeedMOELayer(noisy_gate_policy="Jitter", use_rts=False, min_capacity=1), id="top1-jitter"
+        ),
+        pytest.param(lambda: DeepSpeedMOELayer(drop_tokens=False), id="top1-no-drop-rts"),
+        pytest.param(lambda: DeepSpeedMOELayer(k=2, min_capacity=1), id="top2-sampling-inplace"),
+        pytest.param(lambda: DeepSpeedMOELayer(k=3, min_capacity=1, drop_policy="position"), id="topk3-position"),
+        pytest.param(lambda: DeepSpeedMOELayer(k=3, drop_tokens=False), id="topk3-no-drop"),
+    ],
+)
+def test_deepspeed_gates_in_full_are_replayed_exactly(make: Callable[[], nn.Module], training: bool) -> None:
+    """DeepSpeed ``top1gating`` with ``RSample``/``Jitter`` noise, ``top2gating`` with its Gumbel noise added in place,
+    ``topkgating`` by position or without dropping: capacity filled by position, exact under another seed."""
+    session = assert_replay_repeats_the_capture(TwoLayers(make).train(training), _x(t=64))
+    assert {s.top_k for s in session.sites} == {session.sites[0].top_k}
+
+
+def test_deepspeed_topkgating_dropping_by_probs_is_refused() -> None:
+    """DeepSpeed ``topkgating`` with its default ``drop_policy="probs"``: tokens over capacity dropped by score."""
+    model = TwoLayers(lambda: DeepSpeedMOELayer(k=3, min_capacity=1))
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="chooses again"):
+        with torch.no_grad(), session.capture():
+            model(_x(t=64))
+
+
+def test_deepspeed_random_token_selection_replays_under_the_same_random_state() -> None:
+    """DeepSpeed's default ``use_rts=True`` drops the tokens over capacity by a random priority drawn after the
+    decision; like dropout, it is the model's own randomness: the same random state drops the same tokens."""
+    model = TwoLayers(lambda: DeepSpeedMOELayer(min_capacity=1))
+    x = _x(t=64)
+    spy = ExpertSpy(model)
+    try:
+        with mr.attach(model) as session:
+            torch.manual_seed(7)
+            with torch.no_grad(), session.capture():
+                model(x)
+            routes = session.routes()
+            used = [spy.experts_of(b) for b in range(2)]
+            perturb(model)
+            torch.manual_seed(7)
+            with torch.no_grad(), session.replay(routes), session.capture():
+                model(x)
+            assert session.routes().equal(routes)
+            assert all(torch.equal(spy.experts_of(b), used[b]) for b in range(2))
+    finally:
+        spy.remove()
+
+
+class MegaBlocksArgs:
+    """The part of MegaBlocks ``Arguments`` that ``LearnedRouter`` reads."""
+
+    def __init__(self, **kw: object) -> None:
+        self.hidden_size, self.moe_num_experts, self.moe_top_k = D, E, 2
+        self.moe_jitter_eps: float | None = 0.01
+        self.moe_normalize_expert_weights: float | None = 1.0
+        self.uniform_expert_assignment = False
+        self.__dict__.update(kw)
+
+
+class _UniformExpertAssignment(torch.autograd.Function):
+    """MegaBlocks' benchmarking override: expert ``i % E`` for the i-th slot, whatever the top-k chose."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, num_experts: int) -> torch.Tensor:
+        return torch.remainder(torch.arange(x.numel(), dtype=x.dtype, device=x.device), num_experts).view(x.shape)
+
+
+class MegaBlocksLearnedRouter(nn.Module):
+    """MegaBlocks ``megablocks/layers/router.py`` ``LearnedRouter`` in full: multiplicative ``rand`` jitter of the input
+    in training, softmax scores, ``topk`` (``max`` for k=1, squeezed), weights normalised by their p-norm, and the
+    ``uniform_expert_assignment`` override; returns (scores, weights, indices)."""
+
+    def __init__(self, args: MegaBlocksArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.layer = nn.Linear(args.hidden_size, args.moe_num_experts, bias=False)
+
+    def jitter(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = 1.0 - self.args.moe_jitter_eps, 1.0 + self.args.moe_jitter_eps
+        return low + torch.rand(x.size(), dtype=x.dtype, device=x.device) * (high - low)
+
+    def _top_k(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.args.moe_top_k == 1:
+            return scores.max(dim=-1, keepdim=True)
+        return torch.topk(scores, self.args.moe_top_k, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.training and self.args.moe_jitter_eps is not None:
+            x = x * self.jitter(x)
+        scores = self.layer(x.view(-1, x.shape[-1])).softmax(dim=-1)
+        expert_weights, expert_indices = self._top_k(scores)
+        if self.args.moe_normalize_expert_weights:
+            p = self.args.moe_normalize_expert_weights
+            expert_weights = expert_weights / torch.norm(expert_weights, p=p, dim=-1, keepdim=True)
+        if self.args.moe_top_k == 1:
+            expert_indices = expert_indices.squeeze(-1)
+        if self.args.uniform_expert_assignment:
+            expert_indices = _UniformExpertAssignment.apply(expert_indices, self.args.moe_num_experts)
+        return scores, expert_weights, expert_indices
+
+
+class MegaBlocksMoE(nn.Module):
+    def __init__(self, **kw: object) -> None:
+        super().__init__()
+        self.router = MegaBlocksLearnedRouter(MegaBlocksArgs(**kw))
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, w, idx = self.router(x)
+        return dispatch(self.experts, x, idx.view(x.shape[0], -1), w.view(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_megablocks_learned_router_with_jitter_and_normalised_weights_is_exact(k: int, training: bool) -> None:
+    """MegaBlocks ``LearnedRouter``, jitter (training), p-norm normalised weights, ``max`` for k=1, ``topk`` else."""
+    session = assert_exact_in_training(TwoLayers(lambda: MegaBlocksMoE(moe_top_k=k)).train(training))
+    assert [s.top_k for s in session.sites] == [k, k]
+
+
+def test_megablocks_uniform_expert_assignment_is_refused() -> None:
+    """MegaBlocks' ``uniform_expert_assignment`` replaces the top-k's experts: no choice of the router reaches the
+    output, so there is nothing to record; refused, not recorded as the experts used."""
+    model = TwoLayers(lambda: MegaBlocksMoE(uniform_expert_assignment=True))
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="changes the output"):
+        with torch.no_grad(), session.capture():
+            model(_x())
+
+
+class BaseSublayer(nn.Module):
+    """fairseq ``BaseSublayer``: a residual feed-forward with a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.ff1, self.ff2 = nn.LayerNorm(D), nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        return xs + self.ff2(F.relu(self.ff1(self.norm(xs))))
+
+
+class BaseExperts(Experts):
+    """fairseq's ``ModuleList`` of ``Sequential(BaseSublayer)`` experts (an ``Experts`` for the spy)."""
+
+    def __init__(self) -> None:
+        nn.ModuleList.__init__(self, [nn.Sequential(BaseSublayer()) for _ in range(E)])
+
+
+def _balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
+    """Stands for fairseq's ``libbase.balanced_assignment`` (a C++ auction): T/E tokens per expert, best pairs first,
+    computed off torch; the token order sorted by expert."""
+    s = scores.detach().cpu().numpy()
+    cap = s.shape[0] // s.shape[1]
+    taken: list[list[int]] = [[] for _ in range(s.shape[1])]
+    seen: set[int] = set()
+    for flat in np.argsort(-s, axis=None):
+        tok, ex = divmod(int(flat), s.shape[1])
+        if tok not in seen and len(taken[ex]) < cap:
+            taken[ex].append(tok)
+            seen.add(tok)
+    return torch.tensor([tok for toks in taken for tok in toks], dtype=torch.long)
+
+
+class FairseqBaseLayer(nn.Module):
+    """fairseq ``fairseq/modules/base_layer.py`` ``BaseLayer`` in one process (its all-to-alls are identities, its E
+    experts local): no-grad token-expert affinities to ``expert_centroids``; a balanced assignment when the input
+    requires grad (training), else ``greedy_assignment`` (a top-1, then a ``sort`` of the experts); each expert mixed
+    in by ``sigmoid`` of the token's affinity to its centroid, written back in place; the order undone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_local_experts, self.expert_id = E, 0
+        self.expert_centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(E, D), gain=0.1))
+        self.experts = BaseExperts()
+
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        features = input_features.reshape(-1, input_features.size(-1))
+        is_training = input_features.requires_grad
+        with torch.no_grad():
+            token_expert_affinities = features.matmul(self.expert_centroids.transpose(0, 1))
+        if is_training:
+            sort_by_expert = _balanced_assignment(token_expert_affinities)
+            input_splits = [features.size(0) // E] * E
+        else:
+            sort_by_expert, input_splits = self.greedy_assignment(token_expert_affinities)
+        routed_features = features[sort_by_expert]
+        start_index = 0
+        for index, num_features_to_add in enumerate(input_splits):
+            local_expert_index = index % self.num_local_experts
+            local_expert_features = routed_features[start_index : start_index + num_features_to_add]
+            if local_expert_features.size(0) > 0:
+                centroid = self.expert_centroids[self.expert_id * self.num_local_experts + local_expert_index]
+                alpha = torch.sigmoid(local_expert_features.mv(centroid)).unsqueeze(1)
+                mixed = alpha * self.experts[local_expert_index](local_expert_features)
+                routed_features[start_index : start_index + num_features_to_add] = (
+                    mixed + (1 - alpha) * local_expert_features
+                )
+            start_index += num_features_to_add
+        return routed_features[self.inverse_sort(sort_by_expert)].view(input_features.size())
+
+    def inverse_sort(self, order: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(order).scatter_(0, order, torch.arange(0, order.size(0), device=order.device))
+
+    def greedy_assignment(self, scores: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, list[int]]:
+        token_to_workers = torch.topk(scores, dim=1, k=k, largest=True).indices.view(-1)
+        token_to_workers, sort_ordering = torch.sort(token_to_workers)
+        output_splits = torch.zeros((E,), dtype=torch.long, device=scores.device)
+        workers, counts = torch.unique_consecutive(token_to_workers, return_counts=True)
+        output_splits[workers] = counts
+        return sort_ordering // k, output_splits.tolist()
+
+
+def test_fairseq_base_layer_is_not_taken_for_a_router_and_exact_when_named() -> None:
+    """fairseq BASE layers hold ``expert_centroids``, no gate: zero configuration finds no router and says so.
+    Named with ``include=``, its inference path (a top-1 of the affinities) is exact; its training path (a balanced
+    assignment computed off torch) is refused, not replayed by the top-1 it does not make."""
+    model = TwoLayers(FairseqBaseLayer)
+    with pytest.raises(mr.RouterNotFoundError, match="include="):
+        mr.attach(model)
+    session = assert_exact_in_training(model.eval(), include="layers.*")
+    assert [s.top_k for s in session.sites] == [1, 1]
+    x = _x().requires_grad_()
+    with mr.attach(model, include="layers.*") as session, pytest.raises(mr.UnsupportedRouterError):
+        with session.capture():
+            model(x)
+
+
+class SoftMoE(nn.Module):
+    """lucidrains ``soft_moe_pytorch/soft_moe.py`` ``SoftMoE``: every slot a softmax over all tokens of learned
+    ``slot_embeds [E, S, d]`` logits, every token a softmax over all slots; no expert choice."""
+
+    def __init__(self, num_slots: int = 2) -> None:
+        super().__init__()
+        self.norm, self.slot_norm = nn.RMSNorm(D), nn.RMSNorm(D)
+        self.slot_embeds = nn.Parameter(torch.randn(E, num_slots, D))
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        logits = torch.einsum("b n d, e s d -> b n e s", x, self.slot_norm(self.slot_embeds))
+        dispatch_weights = logits.softmax(dim=1)
+        combine_weights = logits.flatten(2).softmax(dim=-1)
+        slots = torch.einsum("b n d, b n e s -> b e s d", x, dispatch_weights)
+        out = torch.stack([expert(slots[:, e]) for e, expert in enumerate(self.experts)], dim=1)
+        return torch.einsum("b s d, b n s -> b n d", out.flatten(1, 2), combine_weights)
+
+
+def test_soft_moe_has_no_router_to_find() -> None:
+    """Soft MoE routes no token to a choice of experts: nothing is found, and ``attach`` says so."""
+    with pytest.raises(mr.RouterNotFoundError, match="no MoE router found"):
+        mr.attach(TwoLayers(SoftMoE))
