@@ -335,13 +335,20 @@ _ATTACH_OPTIONS = ("include", "exclude", "adapters", "top_k", "num_experts", "ma
 
 
 def _check_options(
-    replay_ref_model: object, verify_replay: object, capacity: object, attach_kwargs: object
+    replay_ref_model: object,
+    verify_replay: object,
+    capacity: object,
+    attach_kwargs: object,
+    allow_untested_trl: object = False,
 ) -> dict[str, Any]:
-    """Refuse this integration's own arguments when they are of the wrong kind; returns ``attach_kwargs``."""
+    """Refuse this integration's own arguments when they are of the wrong kind; returns ``attach_kwargs``.
+
+    A flag is never read by truth value: ``allow_untested_trl="false"`` from a config file is a true string."""
     if not isinstance(replay_ref_model, (bool, type(None))):
         raise InvalidArgumentError(f"replay_ref_model must be None, True or False, got {replay_ref_model!r}")
-    if not isinstance(verify_replay, bool):
-        raise InvalidArgumentError(f"verify_replay must be True or False, got {verify_replay!r}")
+    for name, flag in (("verify_replay", verify_replay), ("allow_untested_trl", allow_untested_trl)):
+        if not isinstance(flag, bool):
+            raise InvalidArgumentError(f"{name} must be True or False, got {flag!r}")
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
         raise InvalidArgumentError(f"capacity must be a positive number of rows (or None), got {capacity!r}")
     if attach_kwargs is None:
@@ -417,7 +424,7 @@ class RoutingReplayMixin:
         mode = {True: "replay", False: "off"}.get(routing_replay, routing_replay)  # type: ignore[call-overload]
         if mode not in MODES:
             raise InvalidArgumentError(f"routing_replay must be one of {MODES} (or True/False), got {routing_replay!r}")
-        attach_kwargs = _check_options(replay_ref_model, verify_replay, capacity, attach_kwargs)
+        attach_kwargs = _check_options(replay_ref_model, verify_replay, capacity, attach_kwargs, allow_untested_trl)
         self._mr_mode: str = mode
         self.moe_session = None
         self.moe_ref_session = None

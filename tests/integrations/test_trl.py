@@ -372,6 +372,7 @@ def test_unsupported_setups_are_refused_before_training() -> None:
         (dict(attach_kwargs={"inclde": "x"}), r"\['inclde'\] are not options of mr.attach.*'include'"),
         (dict(attach_kwargs=["include"]), "attach_kwargs must be a dict"),
         (dict(verify_replay="no"), "verify_replay must be True or False, got 'no'"),
+        (dict(allow_untested_trl="false"), "allow_untested_trl must be True or False, got 'false'"),
         (dict(replay_ref_model="yes"), "replay_ref_model must be None, True or False"),
         (dict(capacity="big"), "capacity must be a positive number"),
     ],
