@@ -131,6 +131,12 @@ def from_megatron(
     ]
     if len(tensors) != len(names):
         raise RoutesValidationError(f"got {len(tensors)} Megatron layers for {len(names)} router names")
+    rows = [t.shape[0] if t.ndim else 0 for t in tensors]
+    if len(set(rows)) > 1:  # every MoE layer routes every token of the micro-batch once
+        raise RoutesValidationError(
+            f"Megatron layers hold different token counts {rows}: each layer's [tokens, k] tensor routes the same "
+            "tokens. Pass the tensors of one micro-batch (get_recorded_data() of one forward)"
+        )
     if batch_size is not None:
         inverse = [torch.argsort(_seq_first(t.shape[0], batch_size)) for t in tensors]
         tensors = [t[i] for t, i in zip(tensors, inverse, strict=True)]

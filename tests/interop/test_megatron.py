@@ -39,6 +39,14 @@ def test_router_replay_list_and_token_order() -> None:
         interop.to_megatron(M.routes(M.truth(3)), fill=15)
 
 
+def test_layers_of_different_token_counts_are_refused() -> None:
+    """Once accepted: layers of two micro-batches mixed in one list made Routes that failed only at replay."""
+    layers = interop.to_megatron(M.routes(M.truth(4), last=False), layer_map=M.layer_map)
+    layers[1] = layers[1][:3]
+    with pytest.raises(mr.RoutesValidationError, match=r"different token counts \[4, 3, 4\]"):
+        interop.from_megatron(layers, M.names, M.num_experts)
+
+
 def test_inference_routing_indices() -> None:
     """megatron-core 0.19.2 ``inference/inference_request.py:376-377, 470-477``: ``[total_tokens - 1,
     num_moe_layers, topk]``; ``inference/contexts/routing_metadata.py:50-54``: int32.
