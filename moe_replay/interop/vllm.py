@@ -154,7 +154,9 @@ def _detect(arr: np.ndarray, version: Any, split: bool) -> str:
         if arr.dtype.name in known and known[arr.dtype.name] != layout:
             raise RoutesValidationError(
                 f"routed_experts is {arr.dtype}, which vLLM writes in releases {known[arr.dtype.name]}, not in "
-                f"{version} ({layout}: {'/'.join(_DTYPE_OF[layout])}). Check the version"
+                f"{version} ({layout}: {'/'.join(_DTYPE_OF[layout])}). Check the version; an array cast on the way "
+                "(verl stores int16) is read with its own reader (interop.from_verl), or cast back to the dtype "
+                "vLLM wrote"
             )
         return layout
     if split:
