@@ -142,12 +142,13 @@ def _variant(name: str, model: nn.Module, warm: Callable[[], Any], routes: mr.Ro
     if name == "capture_held":
         with mr.attach(model) as session:
             warm()
-            model.forward = _held(model.forward)
+            watched = model.__dict__["forward"]  # the session's own (it watches the forwards entering the model)
+            model.forward = _held(watched)
             try:
                 with session.capture():
                     yield
             finally:
-                del model.forward
+                model.forward = watched  # put back, so that detach finds its forward where it left it
         return
     with mr.attach(model) as session:
         warm()

@@ -277,6 +277,23 @@ def test_paired_benchmark_runs_the_variants_asked_for_and_wrap_leaves_the_router
     assert not any("forward" in r.__dict__ for r in routers)
 
 
+@pytest.mark.parametrize("name", ["wrap", "capture_nocopy", "capture_held", "copy_floor"])
+def test_each_diagnostic_variant_runs_and_leaves_the_model_as_it_found_it(name: str) -> None:
+    """Once broken: ``capture_held`` deleted the session's own forward on the model, so its detach refused."""
+    from benchmarks import paired
+    from benchmarks.workloads import build_model, make_workload
+
+    model, info = build_model("qwen3", "smoke", torch.device("cpu"), torch.float32)
+    work = make_workload("qwen3", "decode", model, info, tokens=0, batch=2, past=4, seed=0)
+    before = {m: dict(m.__dict__) for m in model.modules()}
+    with torch.no_grad():
+        work.warm()
+        with paired._variant(name, model, work.warm, None):
+            work.prepare(1)
+            work.forward()
+    assert {m: dict(m.__dict__) for m in model.modules()} == before
+
+
 def test_hostwork_counts_the_python_each_variant_adds_per_router_call(tmp_path: Path) -> None:
     from benchmarks import hostwork
 
