@@ -394,11 +394,25 @@ def _decision_width(width: int, counts: set[int], module: nn.Module) -> int | No
     return None
 
 
-def _stacked(module: nn.Module) -> list[int]:
-    """First dimensions of the 3-D weights a module holds itself (stacked experts ``[E, ...]``), convolutions aside."""
+def _stacked(module: nn.Module, named: bool = False) -> list[int]:
+    """First dimensions E of the stacked expert weights ``[E, ...]`` a module holds itself, convolutions aside.
+
+    ``named``: the module is named like an expert container, and any 3-D weight of it counts. Otherwise a
+    count needs two 3-D weights of the same E: experts are feed-forward layers, each with an up and a down
+    projection (gpt-fast's ``w1``/``w2``, gpt-oss' ``mlp1_weight``/``mlp2_weight``). A lone 3-D weight is
+    something else: a raw convolution kernel ``[channels, 1, width]``, a bilinear form, a per-head
+    projection, a class's prototypes; counting it as experts made a gate beside it a router.
+    """
     if isinstance(module, nn.modules.conv._ConvNd):
         return []
-    return [int(p.shape[0]) for p in module.parameters(recurse=False) if p.dim() == 3]
+    firsts = [int(p.shape[0]) for p in module.parameters(recurse=False) if p.dim() == 3]
+    return firsts if named else sorted({e for e in firsts if e > 1 and firsts.count(e) >= 2})
+
+
+def _named_experts(attr: str, module: nn.Module) -> bool:
+    """Named like an expert container (``experts``, an ``*Experts`` class), not like shared experts."""
+    cls = type(module).__name__.lower()
+    return ("expert" in attr.lower() or cls.endswith("experts")) and "shared" not in attr.lower() + cls
 
 
 def _expert_counts(module: nn.Module, parent: nn.Module | None, config: Any) -> set[int]:
@@ -411,9 +425,9 @@ def _expert_counts(module: nn.Module, parent: nn.Module | None, config: Any) -> 
     for holder in holders:
         # stacked expert weights [E, ...] beside the router (gpt-fast), or held by the block itself (gpt-oss)
         counts.update(_stacked(holder))
-        for child in holder.children():
+        for attr, child in holder.named_children():
             if child is not module:
-                counts.update(_stacked(child))
+                counts.update(_stacked(child, _named_experts(attr, child)))
         experts = getattr(holder, "experts", None)
         if isinstance(experts, nn.ModuleList | nn.Sequential):
             counts.add(len(experts))
@@ -456,8 +470,7 @@ def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[
     for attr, child in parent.named_children() if parent is not None else ():
         if child is module:
             continue
-        cls = type(child).__name__.lower()
-        if ("expert" in attr.lower() or cls.endswith("experts")) and "shared" not in attr.lower() + cls:
+        if _named_experts(attr, child):
             return True
         if any(e in widths for e in _stacked(child)):
             return True

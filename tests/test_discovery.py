@@ -307,3 +307,135 @@ def test_gemma4_with_a_per_layer_input_as_wide_as_its_experts_is_attached_by_its
             ref = model(x).logits
         with session.replay(session.routes()):
             assert torch.equal(model(x).logits, ref)
+
+
+# ----------------------------------------------------------------------- dense modules that look like MoE blocks
+_D, _H = 16, 4
+
+
+class _HeadGatedAttention(nn.Module):
+    """Attention with its per-head projections stacked ``[H, 3 * head_dim, D]`` and a per-head output gate
+    ``Linear(D, H)``: H gate outputs, a 3-D weight of H slices, no experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wqkv = nn.Parameter(torch.randn(_H, 3 * (_D // _H), _D) / 4)
+        self.gate = nn.Linear(_D, _H)
+        self.o = nn.Linear(_D, _D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = torch.einsum("bsd,hed->bhse", x, self.wqkv).chunk(3, -1)
+        a = q @ k.transpose(-1, -2) / (_D // _H) ** 0.5
+        a = (a - a.max(-1, keepdim=True).values).softmax(-1)
+        o = a @ v * torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)
+        return x + self.o(o.transpose(1, 2).reshape(x.shape))
+
+
+class _RawConvGated(nn.Module):
+    """A gated convolution mixer holding its depthwise kernel raw, ``[D, 1, width]``, beside a gate ``Linear(D, D)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_weight = nn.Parameter(torch.randn(_D, 1, 4) / 2)
+        self.gate = nn.Linear(_D, _D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.conv1d(nn.functional.pad(x.transpose(1, 2), (3, 0)), self.conv_weight, groups=_D)
+        return x + y.transpose(1, 2) * torch.sigmoid(self.gate(x))
+
+
+class _BilinearFusion(nn.Module):
+    """A gate ``Linear(D, D)`` beside an ``nn.Bilinear(D, D, D)``, whose weight is ``[D, D, D]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(_D, _D)
+        self.bilinear = nn.Bilinear(_D, _D, _D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.sigmoid(self.gate(x)) * self.bilinear(x, x)
+
+
+class _DenseLM(nn.Module):
+    def __init__(self, block: type[nn.Module]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(32, _D)
+        self.layers = nn.ModuleList([block(), block()])
+        self.lm_head = nn.Linear(_D, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+class _PrototypeClassifier(nn.Module):
+    """A classification head of 5 classes named like a gate, beside 5 class prototypes ``[5, D, 2]``; the
+    predicted class (an argmax over the 5 logits) is part of its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, _D)
+        self.prototypes = nn.Parameter(torch.randn(5, _D, 2))
+        self.gating_head = nn.Linear(_D, 5)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gating_head(self.emb(ids).mean(1))
+        return logits, logits.argmax(-1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: _DenseLM(_HeadGatedAttention), id="per-head-stacked-attention"),
+        pytest.param(lambda: _DenseLM(_RawConvGated), id="raw-conv-kernel"),
+        pytest.param(lambda: _DenseLM(_BilinearFusion), id="bilinear"),
+        pytest.param(_PrototypeClassifier, id="classifier-beside-prototypes"),
+    ],
+)
+def test_a_lone_3d_weight_beside_a_gate_is_no_expert_stack(make: object) -> None:
+    """Once a false router: a gate-named Linear as wide as the first dimension of one 3-D weight of its block
+    (per-head projections, a raw convolution kernel, a bilinear form, class prototypes) was taken for a router
+    choosing among stacked experts; the dense model attached, and the classifier's argmax was captured as routes."""
+    model = make()
+    with pytest.raises(mr.RouterNotFoundError, match="no MoE router found"):
+        mr.find_routers(model)
+    with pytest.raises(mr.RouterNotFoundError):
+        mr.attach(model)
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(ids)  # (a working dense model)
+
+
+def test_a_block_holding_an_up_and_a_down_expert_stack_is_still_found() -> None:
+    """Two 3-D weights of the same first dimension (experts' up and down projections) beside a bare gate
+    are the expert stack, whether the block holds them itself or a child does."""
+
+    class Own(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Linear(_D, 4, bias=False)
+            self.w_up = nn.Parameter(torch.randn(4, 12, _D) / 4)
+            self.w_down = nn.Parameter(torch.randn(4, _D, 12) / 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w, idx = self.gate(x).softmax(-1).topk(2, dim=-1)
+            h = torch.einsum("bsd,bskfd->bskf", x, self.w_up[idx]).relu()
+            return x + torch.einsum("bskf,bskdf,bsk->bsd", h, self.w_down[idx], w)
+
+    class Child(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ffn = Own()
+            del self.ffn.gate
+            self.gate = nn.Linear(_D, 4, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w, idx = self.gate(x).softmax(-1).topk(2, dim=-1)
+            h = torch.einsum("bsd,bskfd->bskf", x, self.ffn.w_up[idx]).relu()
+            return x + torch.einsum("bskf,bskdf,bsk->bsd", h, self.ffn.w_down[idx], w)
+
+    for block in (Own, Child):
+        sites = mr.find_routers(_DenseLM(block))
+        assert [(s.name, s.num_experts) for s in sites] == [("layers.0.gate", 4), ("layers.1.gate", 4)]
