@@ -1749,9 +1749,11 @@ def _establish(
                 name,
                 calls,
                 f"an earlier choice ({last.describe()}) reshapes the scores of its decision by an operation "
-                "moe_replay cannot undo (it reads through masked_fill and where only), so a forced expert outside "
-                "that choice would get a masked weight",
-                "Mask the scores with masked_fill or torch.where",
+                "moe_replay cannot undo (it reads through masked_fill and where only, made out of place: not "
+                "masked_fill_ in place nor a mask on a view of the scores), so a forced expert outside that choice "
+                "would get a masked weight",
+                "Mask the scores with masked_fill or torch.where, out of place, and read the weights from scores "
+                "the mask leaves untouched (an in-place masked_fill_ on a view also masks the tensor it views)",
             )
         why = "changing its choice changes the output"
         if len(slots) > 1:

@@ -2619,6 +2619,256 @@ def test_hunyuan_group_limited_weights_read_from_the_masked_gates_are_refused(dr
             model(_x(t=64))
 
 
+# =================================================================== group-limited routers, forced by hand
+class _HandForced(nn.Module):
+    """A router whose decision can be forced by hand: ``forced`` rows replace its top-k, their values read from the
+    scores before any group mask. What the forward then computes is what an exact replay of those rows computes."""
+
+    forced: torch.Tensor | None = None
+
+    def _decide(
+        self, masked: torch.Tensor, unmasked: torch.Tensor, k: int, sorted: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.forced is None:
+            return torch.topk(masked, k, dim=-1, sorted=sorted)
+        idx = self.forced.long().reshape(*masked.shape[:-1], k)
+        return unmasked.gather(-1, idx), idx
+
+
+class DeepSeekV2MoEGate(_HandForced):
+    """DeepSeek-V2 remote code (``modeling_deepseek.py``) ``MoEGate`` with ``topk_method="group_limited_greedy"``:
+    softmax scores of ``[batch, seq, d]`` inputs, groups by their best expert, the other groups set to 0.0 by
+    ``masked_fill``, ``topk(sorted=False)`` whose values are the weights, times ``routed_scaling_factor``; in
+    training a sequence-level auxiliary loss from the chosen experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.top_k, self.n_routed_experts, self.routed_scaling_factor, self.alpha = 2, E, 2.5, 0.001
+        self.n_group, self.topk_group = 4, 2
+        self.weight = nn.Parameter(torch.empty(E, D))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        bsz, seq_len, h = hidden_states.shape
+        scores = F.linear(hidden_states.view(-1, h), self.weight, None).softmax(dim=-1)
+        group_scores = scores.view(bsz * seq_len, self.n_group, -1).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = (
+            group_mask.unsqueeze(-1).expand(bsz * seq_len, self.n_group, E // self.n_group).reshape(bsz * seq_len, -1)
+        )
+        tmp_scores = scores.masked_fill(~score_mask.bool(), 0.0)
+        topk_weight, topk_idx = self._decide(tmp_scores, scores, self.top_k, sorted=False)
+        topk_weight = topk_weight * self.routed_scaling_factor
+        aux_loss = None
+        if self.training:
+            ce = torch.zeros(bsz, E).scatter_add_(1, topk_idx.view(bsz, -1), torch.ones(bsz, seq_len * self.top_k))
+            ce = ce.div_(seq_len * self.top_k / E)
+            aux_loss = (ce * scores.view(bsz, seq_len, -1).mean(dim=1)).sum(dim=1).mean() * self.alpha
+        return topk_idx, topk_weight, aux_loss
+
+
+class DeepSeekV2MoE(nn.Module):
+    """DeepSeek-V2 remote code ``DeepseekV2MoE``: in training ``repeat_interleave`` and one expert per slot with the
+    aux loss added by an ``autograd.Function``; in eval ``moe_infer`` (no gradients, tokens sorted by expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = DeepSeekV2MoEGate()
+        self.experts = Experts()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        orig_shape = hidden_states.shape
+        topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
+        x = hidden_states.view(-1, orig_shape[-1])
+        if self.training:
+            flat = topk_idx.view(-1)
+            x = x.repeat_interleave(self.gate.top_k, dim=0)
+            y = torch.empty_like(x)
+            for i, expert in enumerate(self.experts):
+                y[flat == i] = expert(x[flat == i])
+            y = (y.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)).sum(dim=1).view(*orig_shape)
+            return _AuxLossAutoScaler.apply(y, aux_loss)
+        return self._moe_infer(x, topk_idx, topk_weight).view(*orig_shape)
+
+    @torch.no_grad()
+    def _moe_infer(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        tokens_per_expert = topk_ids.new_zeros((topk_ids.shape[0], E)).scatter_(1, topk_ids, 1).sum(dim=0)
+        idxs = topk_ids.view(-1).argsort()
+        sorted_tokens = x[idxs // topk_ids.shape[1]]
+        outputs, start = [], 0
+        for i, n in enumerate(tokens_per_expert.tolist()):
+            if n:
+                outputs.append(self.experts[i](sorted_tokens[start : start + n]))
+            start += n
+        new_x = torch.empty(len(idxs), x.shape[-1])
+        new_x[idxs] = torch.cat(outputs, dim=0)
+        return new_x.view(*topk_ids.shape, -1).mul_(topk_weight.unsqueeze(dim=-1)).sum(dim=1)
+
+
+class DeepSeekV3ReferenceGate(_HandForced):
+    """DeepSeek-V3 ``inference/model.py`` ``Gate``: softmax or sigmoid scores, a ``bias`` only where ``dim == 7168``
+    (``with_bias``); groups by their best expert (no bias) or the sum of their top-2, the others set to -inf by
+    ``masked_fill_`` *in place* on a view of the scores; the weights gathered from ``original_scores``. Without a
+    bias, the scores viewed are ``original_scores`` themselves, so the mask reaches the weights (the 236B config:
+    softmax, 8 groups, 3 kept)."""
+
+    def __init__(self, score_func: str, with_bias: bool) -> None:
+        super().__init__()
+        self.topk, self.n_groups, self.topk_groups, self.score_func, self.route_scale = 2, 4, 2, score_func, 2.5
+        self.weight = nn.Parameter(torch.randn(E, D) * 0.5)
+        self.bias = nn.Parameter(torch.linspace(-0.1, 0.1, E)) if with_bias else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x, self.weight)
+        scores = scores.softmax(dim=-1, dtype=torch.float32) if self.score_func == "softmax" else scores.sigmoid()
+        original_scores = scores
+        unmasked = scores.clone() if self.forced is not None else scores  # (the hand-forced forward's weights)
+        if self.bias is not None:
+            scores = scores + self.bias
+        scores = scores.view(x.size(0), self.n_groups, -1)
+        group_scores = scores.amax(dim=-1) if self.bias is None else scores.topk(2, dim=-1)[0].sum(dim=-1)
+        indices = group_scores.topk(self.topk_groups, dim=-1)[1]
+        mask = scores.new_ones(x.size(0), self.n_groups, dtype=torch.bool).scatter_(1, indices, False)
+        scores = scores.masked_fill_(mask.unsqueeze(-1), float("-inf")).flatten(1)
+        if self.forced is None:
+            indices = torch.topk(scores, self.topk, dim=-1)[1]
+            weights = original_scores.gather(1, indices)
+        else:
+            indices = self.forced.long()
+            weights = unmasked.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights /= weights.sum(dim=-1, keepdim=True)
+        weights *= self.route_scale
+        return weights.type_as(x), indices
+
+
+class DeepSeekV3ReferenceMoE(nn.Module):
+    """DeepSeek-V3 ``inference/model.py`` ``MoE``: expert counts by ``bincount(...).tolist()``, ``torch.where``."""
+
+    def __init__(self, score_func: str = "sigmoid", with_bias: bool = True) -> None:
+        super().__init__()
+        self.dim, self.n_routed_experts = D, E
+        self.gate = DeepSeekV3ReferenceGate(score_func, with_bias)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, indices = self.gate(x)
+        y = torch.zeros_like(x)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts).tolist()
+        for i in range(self.n_routed_experts):
+            if counts[i]:
+                idx, top = torch.where(indices == i)
+                y[idx] += self.experts[i](x[idx]) * weights[idx, top, None]
+        return y
+
+
+class MegatronPostSoftmaxGroupRouter(_HandForced):
+    """Megatron-core ``topk_routing_with_score_function`` with ``group_limited_topk`` and no pre-softmax: the top-k of
+    the group-masked (-inf) *logits*, a softmax over its values, the scaling factor; a dense ``[T, E]`` probs map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D) * 0.5)
+        self.topk, self.num_groups, self.group_topk, self.scaling_factor = 2, 4, 2, 2.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        t = logits.shape[0]
+        group_scores = logits.view(t, self.num_groups, -1).topk(self.topk // self.group_topk, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.group_topk, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(t, self.num_groups, E // self.num_groups).reshape(t, -1)
+        scores, top_indices = self._decide(logits.masked_fill(~score_mask.bool(), float("-inf")), logits, self.topk)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).type_as(logits) * self.scaling_factor
+        routing_map = torch.zeros_like(logits).int().scatter(1, top_indices, 1).bool()
+        return routing_map, torch.zeros_like(logits).scatter(1, top_indices, probs)
+
+
+def _hand_forced(model: nn.Module, x: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+    """The forward without gradients with ``rows`` forced by hand (after a plain one: an attached session establishes
+    each decision at a router's first forward without gradients, which must make its own choice)."""
+    routers = [m for m in model.modules() if isinstance(m, _HandForced)]
+    with torch.no_grad():
+        model(x)
+    try:
+        for router, r in zip(routers, rows, strict=True):
+            router.forced = r
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for router in routers:
+            router.forced = None
+
+
+def assert_replay_is_the_hand_forced_forward(model: nn.Module, shape: tuple[int, ...], grad: bool) -> None:
+    """Capture on one input; a replay there gives the captured output; the captured rows replayed on another input
+    of the same shape, and on the first after the routers change, give what the forward computes with those rows
+    forced by hand (weights read from the unmasked scores), where a free forward chooses otherwise."""
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    mode = torch.enable_grad if grad else torch.no_grad
+    with mr.attach(model) as session:
+        with mode(), session.capture():
+            captured = model(x1)
+        routes = session.routes()
+        rows = [routes.layer(name) for name in session.names]
+        with torch.no_grad():
+            assert torch.equal(_hand_forced(model, x1, rows), captured.detach())
+        with mode(), session.replay(routes):
+            replayed = model(x1)
+        assert torch.equal(replayed.detach(), captured.detach())
+        if grad:
+            replayed.square().sum().backward()
+            assert all(m.weight.grad is not None for m in model.modules() if isinstance(m, _HandForced))
+        for x in (x2, None):
+            if x is None:
+                perturb(model)
+                x = x1
+            with torch.no_grad():
+                free = model(x)
+            expected = _hand_forced(model, x, rows)
+            assert not torch.equal(free, expected)  # (the rows are forced, not chosen again)
+            with mode(), session.replay(routes):
+                assert torch.equal(model(x).detach(), expected)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        pytest.param(DeepSeekV2MoE, (2, T // 2, D), id="deepseek-v2-group-limited-greedy"),
+        pytest.param(DeepSeekV3ReferenceMoE, (T, D), id="deepseek-v3-reference-gate-biased-sigmoid"),
+        pytest.param(lambda: DeepSeekV3ReferenceMoE("softmax"), (T, D), id="deepseek-v3-reference-gate-biased-softmax"),
+        pytest.param(
+            lambda: DenseProbsBlock(MegatronPostSoftmaxGroupRouter()), (T, D), id="megatron-groups-post-softmax"
+        ),
+    ],
+)
+def test_group_limited_routers_replay_the_hand_forced_forward(
+    make: Callable[[], nn.Module], shape: tuple[int, ...], training: bool, grad: bool
+) -> None:
+    """Group-limited routers of DeepSeek-V2's remote code, DeepSeek-V3's reference inference and Megatron-core, in
+    eval and training, with and without gradients: replayed rows give exactly the hand-forced forward, also on another
+    input and after the routers change."""
+    if grad and not training and make is DeepSeekV2MoE:
+        pytest.skip("DeepSeek-V2's moe_infer runs without gradients")
+    assert_replay_is_the_hand_forced_forward(TwoLayers(make).train(training), shape, grad)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_the_deepseek_v3_reference_gate_without_a_bias_is_refused_naming_the_in_place_mask(score_func: str) -> None:
+    """Once refused with the fix "mask the scores with masked_fill", which the code already calls: without a bias the
+    reference ``Gate`` masks ``original_scores`` itself, in place on a view, so a forced expert outside the groups the
+    current scores keep would weigh -inf. Refused, naming the in-place mask as what cannot be read through."""
+    model = TwoLayers(lambda: DeepSeekV3ReferenceMoE(score_func, with_bias=False))
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="masked_fill_ in place"):
+        with torch.no_grad(), session.capture():
+            model(_x())
+
+
 def _swiglu_oss(x: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     x_glu, x_linear = x[..., ::2], x[..., 1::2]
     x_glu = x_glu.clamp(min=None, max=limit)
