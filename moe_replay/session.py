@@ -749,6 +749,44 @@ class Session:
                     )
                 self._reached[-1 - i] = now
 
+    def _skeleton(self) -> dict[int, nn.Module]:
+        """The modules on the way to the routers and their children as a block starts, for
+        :meth:`_check_unchanged` as it ends (held for the block, so no id is reused meanwhile)."""
+        model = self._model_ref()
+        return {} if model is None else _on_the_way_and_children(model, self._scopes())
+
+    def _check_unchanged(self, what: str, skeleton: dict[int, nn.Module]) -> None:
+        """Refuse, as a block ends, a model whose routers or the modules on the way to them changed inside it.
+
+        The checks of :meth:`_check_in_place` and the watch for routers no one attached run as a
+        block starts; a change inside the block (a router module replaced, removed or moved, a
+        layer added, a wrapper taken off) would leave the forwards after it routing natively, their
+        rows dropped or recorded under another router's name. One lookup per router, as at the start.
+        """
+        model = self._model_ref()
+        try:
+            self._check_in_place()
+        except SessionStateError as e:
+            raise SessionStateError(
+                f"the model changed inside this {what} block: {e}. The forwards after the change were neither "
+                "recorded nor forced as this session's routers: change the model between blocks"
+                + (", and capture again (routes(allow_partial=True) reads the rows)" if what == "capture()" else "")
+            ) from None
+        gained = (
+            []
+            if model is None
+            else [m for i, m in _on_the_way_and_children(model, self._scopes()).items() if i not in skeleton]
+        )
+        if gained:
+            raise SessionStateError(
+                f"the model changed inside this {what} block: a module on the way to its routers was added or "
+                f"replaced (a {type(gained[0]).__name__}), so a forward after the change may have run a router that "
+                "no session intercepts (it would route natively, neither recorded nor forced), and nothing watched "
+                "for one. "
+                "Change the model between blocks (each block starts by checking it)"
+                + ("; capture again (routes(allow_partial=True) reads the rows)" if what == "capture()" else "")
+            )
+
     def _reaches(self, scope: nn.Module, wrapper: Any, now: Any, held: Sequence[Any] | None = None) -> bool:
         """Does the ``forward`` of ``scope`` (``now``, another than ``wrapper``) still lead to ``wrapper``? (``held``:
         the sessions' lists holding it, this session's routers' by default)"""
@@ -940,10 +978,12 @@ class Session:
             self._feeds = FeedRecord(keep_inputs=not self.keep_newest)
         model = self._model_ref()
         stop_feeds = self._feeds.start(self._feed_wrappers) if model is not None else None
+        skeleton = self._skeleton()
         stop = self._watch()
         self._set(capturing=True)
         try:
             yield
+            self._check_unchanged("capture()", skeleton)
         except BaseException as exc:
             self._interrupted = f"{type(exc).__name__}({str(exc)[:200]!r})"
             if isinstance(exc, RuntimeError) and OVERFLOW_MARK in str(exc):
@@ -1272,11 +1312,13 @@ class Session:
             for h, s, j in plan:
                 h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope), name=h.name)
         check, stop_check = self._token_check(routes, [h.replay_source for h, _, _ in plan], generated, strict)
+        skeleton = self._skeleton()
         stop = self._watch()
         self._set(replaying=True)
         ok = False
         try:
             yield
+            self._check_unchanged("replay()", skeleton)
             ok = True
         except ReplayConsumptionError as e:  # a forward that overdrew: one fed other tokens is the likelier cause
             if check is not None:
@@ -1504,6 +1546,17 @@ class _Skeleton:
             if ref() is not m or len(now) != len(kids) or any(r() is not c for r, c in zip(kids, now, strict=True)):
                 return False
         return True
+
+
+def _on_the_way_and_children(model: nn.Module, scopes: Sequence[str]) -> dict[int, nn.Module]:
+    """``model``, the modules on the paths to ``scopes`` and the children of each, by id."""
+    found: dict[int, nn.Module] = {}
+    for m in _on_the_way(model, scopes):
+        found[id(m)] = m
+        for c in m._modules.values():
+            if c is not None:
+                found[id(c)] = c
+    return found
 
 
 def _on_the_way(model: nn.Module, scopes: Sequence[str]) -> list[nn.Module]:

@@ -306,6 +306,64 @@ def test_a_block_refuses_routers_moved_to_other_paths_after_attach(
     tried()
 
 
+def _swap_routers(model: nn.Module) -> Callable[[], None]:
+    def swap() -> None:
+        layers = model.layers
+        layers[0].router, layers[1].router = layers[1].router, layers[0].router
+
+    swap()
+    return swap
+
+
+def _replace_router(model: nn.Module) -> Callable[[], None]:
+    old = model.layers[0].router
+    model.layers[0].router = TinyMoE([RouterSpec(8, 2)], seed=9).layers[0].router
+    return lambda: setattr(model.layers[0], "router", old)
+
+
+def _append_layer(model: nn.Module) -> Callable[[], None]:
+    model.layers.append(TinyMoE([RouterSpec(8, 2)], seed=9).layers[0])
+    return lambda: model.layers.__delitem__(-1)
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("change", [_swap_routers, _replace_router, _append_layer], ids=["swap", "replace", "append"])
+@pytest.mark.parametrize("block", ["capture", "replay", "replay-lax"])
+def test_a_model_changed_inside_a_block_is_refused_as_it_ends(
+    change: Callable[[nn.Module], Callable[[], None]], block: str
+) -> None:
+    """Once silent: routers swapped, replaced or added inside a block recorded rows under other names or natively."""
+    specs = [RouterSpec(8, 2)] * 3  # alike routers: a swap changes no shape, so only the session can see it
+    model = TinyMoE(specs)
+    x = model.inputs((2, 5))
+    before = snapshot(model)
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    want = session.routes()
+    opened = {
+        "capture": session.capture,
+        "replay": lambda: session.replay(mr.Routes.cat([want, want])),
+        "replay-lax": lambda: session.replay(mr.Routes.cat([want, want]), strict=False),
+    }
+    with pytest.raises(mr.SessionStateError, match=r"the model changed inside this (capture|replay)\(\) block"):
+        with torch.no_grad(), opened[block]():
+            model(x)
+            undo = change(model)
+            model(x)
+    if block == "capture":  # marked interrupted: its rows are not read as a whole capture
+        with pytest.raises(mr.SessionStateError, match="interrupted"):
+            session.routes()
+    assert session.state == "idle"
+    undo()  # the model as it was: the session goes on exactly
+    with torch.no_grad(), session.replay(want), session.capture():
+        model(x)
+    assert session.routes().equal(want)
+    session.detach()
+    assert_untouched(model, before)
+    tried()
+
+
 @pytest.mark.reliability("wrappers")
 def test_routers_wrapped_where_they_sit_after_attach_keep_their_names() -> None:
     """Layers wrapped in place after attach (a checkpoint wrapper) keep recording and replaying under their names."""
