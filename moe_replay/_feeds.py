@@ -51,7 +51,7 @@ from ._torch_compat import (
     graph_capturing,
     tracing,
 )
-from .errors import TokenMismatchError
+from .errors import TokenMismatchError, _script_refusal
 from .intercept import ClassForward
 
 __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "feed_levels"]
@@ -591,6 +591,10 @@ class FeedForward:
         if self.before is None:
             return (ClassForward, (self.module,))
         return (operator.itemgetter(0), ((self.before,),))
+
+    @property
+    def __globals__(self) -> dict[str, Any]:  # (what torch.jit.script reads first of a forward to compile)
+        raise _script_refusal(self, self.module, copied=False)
 
     def __repr__(self) -> str:
         return f"<moe_replay forward of {type(self.module).__name__} (its inputs recorded in blocks)>"

@@ -108,6 +108,30 @@ class MissingDependencyError(MoEReplayError, ImportError):
     """An optional package that this feature needs is not installed (also an ``ImportError``)."""
 
 
+class _ScriptError(UnsupportedRouterError, AttributeError):
+    """``torch.jit.script`` of a module whose ``forward`` is one of moe_replay's wrappers (also an ``AttributeError``:
+    raised where TorchScript reads the wrapper's ``__globals__``, so ``hasattr`` and ``getattr`` with a default still
+    find no such attribute)."""
+
+
+def _script_refusal(wrapper: object, module: object, copied: bool) -> _ScriptError:
+    """The error for TorchScript compiling ``wrapper``, the ``forward`` of ``module`` (``copied``: a copy's)."""
+    name = type(module).__name__
+    if copied:
+        return _ScriptError(
+            f"torch.jit.script cannot compile the forward of this {name}: it is a copy (copy.deepcopy, pickle, "
+            "torch.save) of a module that a moe_replay session was attached to, and keeps a forward attribute that "
+            "calls its class's forward. Take those off the copy first: mr.attach(copy).detach(), or `del "
+            "module.forward` on each such module"
+        )
+    return _ScriptError(
+        f"torch.jit.script of a model attached to a moe_replay session (the forward of this {name} is the session's "
+        f"{type(wrapper).__name__}): a scripted module runs no Python, so its routers would be neither recorded nor "
+        "forced. Detach first (session.detach()) to script the plain model; capture and replay run under "
+        "torch.compile"
+    )
+
+
 #: How dynamo reports an exception raised in code it traced: ``raised exception Name("message")`` (torch 2.13),
 #: ``raised exception Name((ConstantVariable(str: "message"),))`` (torch 2.11); the message a Python literal.
 _TRACED = re.compile(r"raised exception (\w+)\(")

@@ -46,7 +46,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
-from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError
+from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
     DECISION_FUNCS,
     NESTING,
@@ -1310,6 +1310,10 @@ class ScopedForward:
             return (ClassForward, (self.__moe_replay_hook__.scope,))
         return (operator.itemgetter(0), ((self.__wrapped__,),))
 
+    @property
+    def __globals__(self) -> dict[str, Any]:  # (what torch.jit.script reads first of a forward to compile)
+        raise _script_refusal(self, self.__moe_replay_hook__.scope, copied=False)
+
     def __repr__(self) -> str:
         return f"<moe_replay forward of router '{self.__moe_replay_hook__.name}'>"
 
@@ -1350,6 +1354,10 @@ class ClassForward:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (ClassForward, (self.module,))
+
+    @property
+    def __globals__(self) -> dict[str, Any]:  # (what torch.jit.script reads first of a forward to compile)
+        raise _script_refusal(self, self.module, copied=True)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ClassForward:
         return ClassForward(copy.deepcopy(self.module, memo))

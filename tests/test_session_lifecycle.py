@@ -526,6 +526,60 @@ def test_a_session_cannot_be_copied_and_goes_on_as_it_was(how: str) -> None:
     tried()
 
 
+class _ScriptableRouter(nn.Module):
+    """A router TorchScript compiles (a plain softmax top-2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+        self.top_k, self.num_experts = 2, 8
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = torch.topk(torch.softmax(x @ self.weight.t(), dim=-1), 2, dim=-1)
+        return values, indices
+
+
+class _ScriptableMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.routers = nn.ModuleList([_ScriptableRouter(), _ScriptableRouter()])
+        self.experts = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for router in self.routers:
+            w, i = router(x)
+            x = x + (w.unsqueeze(-1) * self.experts[i]).sum(dim=-2)
+        return x
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_torch_jit_script_of_an_attached_model_or_its_copy_is_a_clear_error() -> None:
+    """Once an AttributeError from inside TorchScript ('ScopedForward' has no '__globals__'), naming no way out."""
+    torch.manual_seed(0)
+    model, x = _ScriptableMoE(), torch.randn(6, 8)
+    want = model(x)
+    before = snapshot(model)
+    session = mr.attach(model, include=_ScriptableRouter)
+    session.verify(x)
+    for scripted in (model, model.routers[0]):  # the feed level's wrapper, and a router's
+        with pytest.raises(mr.UnsupportedRouterError, match=r"torch\.jit\.script of a model attached.*Detach first"):
+            torch.jit.script(scripted)
+    copied = copy.deepcopy(model)
+    with pytest.raises(mr.UnsupportedRouterError, match=r"it is a copy .*mr\.attach\(copy\)\.detach\(\)"):
+        torch.jit.script(copied)
+    assert not hasattr(model.forward, "__globals__")  # (still an AttributeError where one is looked for)
+    with torch.no_grad(), session.capture():  # the session goes on as it was
+        model(x)
+    assert session.routes().num_tokens == 6
+    session.detach()
+    assert_untouched(model, before)
+    mr.attach(copied, include=_ScriptableRouter).detach()  # the way out the error names
+    assert torch.allclose(torch.jit.script(copied)(x), want)
+    assert torch.allclose(torch.jit.script(model)(x), want)
+    tried(3)
+
+
 @pytest.mark.reliability("wrappers")
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 def test_a_copy_of_an_attached_model_follows_a_later_patch_of_its_router_class(how: str) -> None:
