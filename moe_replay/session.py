@@ -883,6 +883,9 @@ class Session:
                 ``max_bytes`` is below what the rings need. At a forward: a fixed ring
                 (CUDA graph, ``torch.compile``) that would overflow where the host can
                 see it, or growth past ``max_bytes``.
+            SessionStateError: on leaving, if the model changed inside the block (a router
+                replaced or moved, a module added on the way to the routers); the capture is
+                then marked interrupted.
 
         Inside :meth:`replay`, a capture records the forced experts.
 
@@ -1278,6 +1281,8 @@ class Session:
                 in eager mode, at the forward that reads past the end of its rows.
             TokenMismatchError: a forward fed other tokens than its rows were recorded for, or one
                 whose tokens no check saw.
+            SessionStateError: on leaving, if the model changed inside the block (a router
+                replaced or moved, a module added on the way to the routers).
 
         Example:
             >>> import torch, moe_replay as mr
