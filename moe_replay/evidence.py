@@ -1091,6 +1091,27 @@ class _Snapshot:
                 "it back after the runs that establish the decision. Keep such state in a buffer"
             )
 
+    def drew(self) -> bool:
+        """Has a run since the last :meth:`restore` drawn from a random stream the snapshot puts back?"""
+        if not torch.equal(torch.get_rng_state(), self.cpu) or random.getstate() != self.py_random:
+            return True
+        if self.cuda is not None and any(
+            not torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), self.cuda, strict=True)
+        ):
+            return True
+        np_now, np_then = np.random.get_state(), self.np_random
+        if np_now[0] != np_then[0] or not np.array_equal(np_now[1], np_then[1]) or np_now[2:] != np_then[2:]:
+            return True
+        return any(not torch.equal(g.get_state(), state) for g, state in self.generators)
+
+    def reseed(self, seed: int) -> None:
+        """Every random stream the snapshot puts back set to another state (``seed``), until the next restore."""
+        torch.manual_seed(seed)  # (the CUDA generators too)
+        random.seed(seed)
+        np.random.seed(seed)
+        for g, _ in self.generators:
+            g.manual_seed(seed)
+
     @contextlib.contextmanager
     def hooks_aside(self) -> Iterator[None]:
         """The forward hooks of the scope's submodules are not called during a probe run."""
@@ -1170,6 +1191,7 @@ class _Prober:
         fill: float | None = None,
         early: list[Any] | None = None,
         scramble: int | None = None,
+        reseed: int | None = None,
     ) -> tuple[Any, _ProbeMode]:
         mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill, early, scramble)
         args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
@@ -1177,6 +1199,8 @@ class _Prober:
         # to a tolerance that extreme values never reach): such a run is given up, as one that raises
         limit = self.limit if inputs is None else max(_PROBE_SECONDS, _PROBE_FACTOR * self.took, self.limit or 0.0)
         self.snapshot.restore()
+        if reseed is not None:  # (another random state than the forward's: what it draws comes out otherwise)
+            self.snapshot.reseed(reseed)
         NESTING.probing += 1
         start = time.perf_counter()
         try:
@@ -1884,19 +1908,32 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
     the same experts: a capacity that the real tokens, spread over the experts, left unfilled is
     filled there, so tokens dropped by score over it are seen whatever the batch the router was
     first run on.
+
+    A forward that draws from a random stream with the decision held is run again so under another
+    random state (see :func:`_refuse_drawn_choice`): experts dropped at random after the decision
+    (DeepSpeed's random token selection) are refused too.
     """
     force = _force(calls, seen, ev)
     _, first = probe.run(force=force)
+    drew = probe.snapshot.drew()
     if first.early:
         _refuse_earlier_choice(name, probe, calls, force, first, ev)
-    if not first.choices:
-        return  # nothing chosen after the decision
+    if first.choices:
+        _refuse_scored_choice(name, probe, calls, force, first, ev)
+    if drew:
+        _refuse_drawn_choice(name, probe, calls, force, ev)
+
+
+def _refuse_scored_choice(
+    name: str, probe: _Prober, calls: Sequence[Call], force: dict[int, tuple[Any, int]], first: _ProbeMode, ev: Evidence
+) -> None:
+    """The part of :func:`_refuse_later_choice` that varies the later choices ``first`` made (the decision held)."""
     chosen = " + ".join(calls[i].describe() for i in ev.decision)
     later = ", ".join(dict.fromkeys(first.where))
     fix = (
         "Make that choice part of the decision (mask the scores with masked_fill or torch.where before the "
-        "top-k), or drop tokens and experts after it only by rules that do not read the scores (position, a "
-        "fixed capacity)"
+        "top-k), or drop tokens and experts after it only by rules that neither read the scores nor draw from "
+        "the random stream (position, a fixed capacity)"
     )
     checked, where = _vary(probe, force, first, probe.args, probe.kwargs, ev, early=False)
     if where is None and checked and calls[ev.decision[0]].rows < _FEW_TOKENS:
@@ -2126,6 +2163,28 @@ def _check_on_more_tokens(
     """:func:`_vary` of the later choices from random inputs of at least ``_FEW_TOKENS`` tokens (``one_token``:
     the first token repeated, at least ``_MANY_TOKENS`` times; the decision held as made on them), where the
     forward runs on such inputs and makes the same calls; None otherwise."""
+    more = _more_tokens(probe, one_token=one_token)
+    if more is None:
+        return None
+    args, kwargs, tokens = more
+    try:
+        _, seen = probe.run(inputs=(args, kwargs))
+        if [c.signature for c in seen.calls] != [c.signature for c in calls]:
+            return None
+        force = _force(seen.calls, seen, ev)
+        _, first = probe.run(force=force, inputs=(args, kwargs))
+    except Exception:  # (a forward tied to its token count: checked on its own only)
+        return None
+    if not first.choices:
+        return None
+    _, where = _vary(probe, force, first, args, kwargs, ev, early=False)
+    return None if where is None else f"{where} (on {tokens} {'copies of one token' if one_token else 'tokens'})"
+
+
+def _more_tokens(probe: _Prober, *, one_token: bool = False) -> tuple[tuple[Any, ...], dict[str, Any], int] | None:
+    """The probe's inputs with their hidden states replaced by random ones of at least ``_FEW_TOKENS`` tokens
+    (``one_token``: the first token repeated, at least ``_MANY_TOKENS`` times), and that number of tokens;
+    None where the inputs hold no floating tensor of two or more dimensions."""
     found = _first_floating((probe.args, probe.kwargs))
     if found is None:
         return None
@@ -2139,19 +2198,76 @@ def _check_on_more_tokens(
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(len(_OTHER_INPUTS)))
         big = (noise.to(x.device) * ref.std(unbiased=False) + ref.mean()).to(x.dtype)
     args, kwargs = _replaced((probe.args, probe.kwargs), found[0], big)
-    try:
-        _, seen = probe.run(inputs=(args, kwargs))
-        if [c.signature for c in seen.calls] != [c.signature for c in calls]:
-            return None
-        force = _force(seen.calls, seen, ev)
-        _, first = probe.run(force=force, inputs=(args, kwargs))
-    except Exception:  # (a forward tied to its token count: checked on its own only)
+    return args, kwargs, big.numel() // big.shape[-1]
+
+
+def _refuse_drawn_choice(
+    name: str, probe: _Prober, calls: Sequence[Call], force: dict[int, tuple[Any, int]], ev: Evidence
+) -> None:
+    """Refuse a router that drops experts at random after its decision.
+
+    Called where its forward drew from a random stream with the decision held (``force``) as a replay holds
+    it. Run so under its own random state and under another, an output of another structure (other experts
+    named, zeros in other places), or hidden states that move with the choices (integers or booleans from
+    floating values) that came out otherwise, is a choice of experts drawn after the decision: DeepSpeed's
+    random token selection over a capacity, a second expert kept by a coin. A replay forces the decision, but
+    the training forward draws under another random state than the capture did, so it would drop other
+    experts than the capture dropped, with no error. Checked on the real inputs, then (a capacity the real
+    tokens left unfilled has nothing to drop) on one of their tokens repeated ``_MANY_TOKENS`` times. What
+    is drawn before the decision (jitter, Gumbel noise on the scores) is held with it, and dropout does not
+    choose (it makes no integers): hidden states that only its draws move are not a refusal.
+    """
+    where = _drawn(probe, force, None, ev)
+    more = _more_tokens(probe, one_token=True) if where is None else None
+    if more is not None:
+        args, kwargs, tokens = more
+        try:
+            _, seen = probe.run(inputs=(args, kwargs))
+            if [c.signature for c in seen.calls] == [c.signature for c in calls]:
+                where = _drawn(probe, _force(seen.calls, seen, ev), (args, kwargs), ev)
+                where = where and f"{where} (on {tokens} copies of one token)"
+        except Exception:  # (a forward tied to its token count: checked on its own only)
+            where = None
+    if where is not None:
+        raise _refuse(
+            name,
+            calls,
+            f"after its decision ({_chosen(ev)}) its forward draws from the random stream and chooses again: with "
+            f"the decision held, {where} changes with the random state. A replay forces the decision, not those "
+            "draws (tokens over a capacity dropped by a random priority, a second expert kept by a coin), and a "
+            "replayed forward runs under another random state than the capture, so the experts used would not "
+            "be the recorded ones",
+            "Turn the random choice after the decision off (DeepSpeed: use_rts=False), draw it before the "
+            "decision (noise on the scores, as jitter), or drop tokens and experts after it only by rules that "
+            "neither read the scores nor draw from the random stream (position, a fixed capacity)",
+        )
+
+
+def _drawn(
+    probe: _Prober,
+    force: dict[int, tuple[Any, int]],
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None,
+    ev: Evidence,
+) -> str | None:
+    """With the decision held (``force``) on ``inputs`` (None: the real ones), what of the output changes
+    between the forward's own random state and another (see :func:`_refuse_drawn_choice`), or None."""
+    own, first = probe.run(force=force, inputs=inputs)
+    other, again = probe.run(force=force, inputs=inputs, reseed=_RESEED)
+    hidden = _hidden_shape(inputs if inputs is not None else (probe.args, probe.kwargs))
+    where = _restructured(own, other, ev, hidden)
+    if where is not None or len(again.choices) != len(first.choices):
+        return where
+    differ = [n for n, (a, b) in enumerate(zip(again.choices, first.choices, strict=True)) if not _same([a], [b])]
+    if not differ or not any(_discrete(again.choices[n]) for n in differ):
         return None
-    if not first.choices:
-        return None
-    _, where = _vary(probe, force, first, args, kwargs, ev, early=False)
-    tokens = big.numel() // big.shape[-1]
-    return None if where is None else f"{where} (on {tokens} {'copies of one token' if one_token else 'tokens'})"
+    # under the other random state, the choices that came out otherwise held at their own state's: what they move
+    choices = [c if n in differ and _discrete(c) else _FRESH for n, c in enumerate(first.choices)]
+    held, holding = probe.run(force=force, inputs=inputs, choices=choices, reseed=_RESEED)
+    return None if holding.unheld else _hidden_differs(other, held, hidden, ev)
+
+
+#: The seed of the other random state :func:`_refuse_drawn_choice` runs a forward under.
+_RESEED = 0x5EED
 
 
 def _refuse_chosen_tokens(name: str, probe: _Prober, calls: Sequence[Call], decision: Call) -> None:
