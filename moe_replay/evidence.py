@@ -1106,7 +1106,9 @@ class _Snapshot:
 
     def reseed(self, seed: int) -> None:
         """Every random stream the snapshot puts back set to another state (``seed``), until the next restore."""
-        torch.manual_seed(seed)  # (the CUDA generators too)
+        torch.default_generator.manual_seed(seed)  # (not torch.manual_seed: it queues a seed for a CUDA not started)
+        if self.cuda is not None:
+            torch.cuda.manual_seed_all(seed)
         random.seed(seed)
         np.random.seed(seed)
         for g, _ in self.generators:
