@@ -160,8 +160,10 @@ def _capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_cap
 
 
 def _top1gating(logits: torch.Tensor, capacity_factor: float, min_capacity: int) -> tuple[torch.Tensor, ...]:
-    """Mirrors ``deepspeed/moe/sharded_moe.py`` (``top1gating``): argmax of the softmax, one-hot
-    masks, capacity by cumulative position, combine weights ``[S, E, C]`` from mask * gates."""
+    """Mirrors ``deepspeed/moe/sharded_moe.py`` (``top1gating``) with ``use_rts=False``: argmax of the
+    softmax, one-hot masks, capacity by cumulative position, combine weights ``[S, E, C]`` from mask *
+    gates. (DeepSpeed's default random token selection drops by a random draw after the decision:
+    refused, see ``test_public_routers::test_deepspeed_random_token_selection_is_refused``.)"""
     gates = F.softmax(logits, dim=1)
     num_tokens, num_experts = gates.shape
     capacity = _capacity(num_tokens, num_experts, capacity_factor, min_capacity)
