@@ -682,7 +682,13 @@ class RouterHook:
         ):  # the common cases: the whole decision in this call, outside checkpointing
             x = args[0] if args else kwargs["input"]
             n = x.numel() // sig[2]
-            if func is _TOPK_FN and type(x) is _TENSOR and x.dim() == 2 and _plain(args[1:], kwargs):
+            if (
+                func is _TOPK_FN
+                and type(x) is _TENSOR
+                and x.dim() == 2
+                and _plain(args[1:], kwargs)
+                and self._rows_on(x.device)  # (the fast path gathers with rows of the router's own device)
+            ):
                 self._form = (i, args[1:], dict(kwargs), sig[2], x.dtype)  # the fast path answers the next ones
             if self.replaying:
                 src = self.replay_source
@@ -690,6 +696,7 @@ class RouterHook:
                 if src is not None and not src.has_missing and self._eager:
                     self._ordinal = i + 1
                     forced = src.read_eager(n) if src.host_consumed + n <= src.cleared else self._forced(n)
+                    forced = _on_device_of(forced, x)
                     self._decided = True
                     self.decisions += 1
                     if self.capturing and self.capture_ring is not None:
@@ -745,7 +752,7 @@ class RouterHook:
         forced rows of this forward, their values read from its scores."""
         x: torch.Tensor = args[0] if args else kwargs["input"]
         assert self._row is not None and self.num_experts is not None
-        forced = self._row if self._row.shape[1] == span else self._row[:, :span]
+        forced = _on_device_of(self._row if self._row.shape[1] == span else self._row[:, :span], x)
         if not self._recompute and self.replay_source is not None and self.replay_source.has_missing:
             native = self._native(func, x, args, kwargs, forced.shape[0], span)
             with self._aside():
@@ -758,6 +765,10 @@ class RouterHook:
             native = self._native(func, x, args, kwargs, n, span)
             values = self._through_mask(x.reshape(-1, self.num_experts), source, forced, native)
         return self._answer(func, args, kwargs, source, forced, x.shape[:-1], values)
+
+    def _rows_on(self, device: torch.device) -> bool:
+        """Are the rows this forward records or forces kept on ``device`` (the router's own)?"""
+        return all(r is None or r.device == device for r in (self.replay_source, self.capture_ring))
 
     def is_lookup(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Is this call the table lookup of a hash router?"""
@@ -805,7 +816,7 @@ class RouterHook:
             if take != row.shape[1]:
                 with self._aside():
                     row = row[:, start : start + take]
-            forced = row
+            forced = row = _on_device_of(row, x)
             if not self._recompute and self.replay_source is not None and self.replay_source.has_missing:
                 native = self._native(func, x, args, kwargs, n, span, take)
                 with self._aside():
@@ -1364,6 +1375,13 @@ class ClassForward:
 
     def __repr__(self) -> str:
         return f"<forward of {type(self.module).__name__} (its class's)>"
+
+
+def _on_device_of(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Forced ``rows`` on the device of the decision call's scores ``x``: a router may take its top-k of a copy
+    on another device (``scores.cpu()``, then the indices moved back), and the call's answer must be where its
+    own indices would have been."""
+    return rows if rows.device == x.device else rows.to(x.device)
 
 
 def _holds(out: Any, indices: torch.Tensor) -> bool:

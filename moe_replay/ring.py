@@ -567,6 +567,7 @@ class ReplaySource:
 
     def __init__(self, rows: torch.Tensor, num_experts: int, device: torch.device, name: str = "") -> None:
         self.name = name
+        self.device = torch.device(device)
         self.num_rows = int(rows.shape[0])
         self.top_k = int(rows.shape[1])
         self.num_experts = int(num_experts)
