@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import inspect
 import math
 import numbers
@@ -171,7 +172,10 @@ _BLOCK_DECISION = Adapter("block-decision", match=lambda n, m: False, scope="par
 
 _SOFT = (
     "soft routing: its block weights every expert and calls no topk, argmax, max or sort, so it makes no "
-    "expert choice; soft routing has no expert choice to record or replay"
+    "expert choice; soft routing has no expert choice to record or replay. If it does choose experts, it does "
+    "so where moe_replay cannot see (a custom operator, TorchScript, numpy or Python lists, a random draw such "
+    "as torch.multinomial, a threshold): choose them with torch.topk (or argmax) in the block's Python code, "
+    "or name the module that does with include="
 )
 
 _DECISION_NAMES = frozenset({"topk", "argmax", "max", "argmin", "min", "sort", "argsort", "kthvalue"})
@@ -185,10 +189,11 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
-def _reaches_decision(fn: Any, owner: type, depth: int = 0) -> bool:
+def _reaches_decision(fn: Any, owner: type, depth: int = 0, instance: Any = None) -> bool:
     """Can ``fn`` (a router's forward) call a top-k, argmax or max, directly or through the
-    methods of its class and the module-level functions it calls? True when it cannot be told
-    (no Python code to read): only a router proven to return scores alone is widened to its block.
+    methods of its class, the attributes of ``instance`` and the module-level functions it calls?
+    True when it cannot be told (no Python code to read): only a router proven to return scores
+    alone is widened to its block.
     """
     fn = inspect.unwrap(fn)
     code = getattr(fn, "__code__", None)
@@ -202,10 +207,40 @@ def _reaches_decision(fn: Any, owner: type, depth: int = 0) -> bool:
     scope = getattr(fn, "__globals__", {})
     for name in names:
         targets = [scope[name]] if name in scope else [k.__dict__.get(name) for k in owner.__mro__]  # super() too
+        if instance is not None and name not in scope:  # what the forward reaches as ``self.<name>``
+            targets.append(inspect.getattr_static(instance, name, None))
         for target in targets:
-            if isinstance(target, types.FunctionType) and _reaches_decision(target, owner, depth + 1):
+            if _opaque_call(target) or (
+                isinstance(target, types.FunctionType) and _reaches_decision(target, owner, depth + 1, instance)
+            ):
                 return True
     return False
+
+
+def _opaque_call(target: Any) -> bool:
+    """Is ``target`` something a forward calls whose choice of experts cannot be read from its names: an
+    ``autograd.Function`` whose ``forward`` reaches a decision, torch's own decision function kept under
+    another name (``self.pick = torch.topk``, a ``functools.partial`` of it), or a callable with no Python
+    code to read (a custom operator, a TorchScript function)?"""
+    if isinstance(target, functools.partial):
+        return _opaque_call(target.func) or (
+            isinstance(target.func, types.FunctionType) and _reaches_decision(target.func, type(target), 1)
+        )
+    if isinstance(target, type):
+        forward = target.__dict__.get("forward")
+        return (
+            issubclass(target, torch.autograd.Function)
+            and isinstance(forward, (staticmethod, types.FunctionType))
+            and _reaches_decision(getattr(forward, "__func__", forward), target, 1)
+        )
+    if isinstance(target, types.BuiltinFunctionType):
+        return getattr(target, "__name__", None) in _DECISION_NAMES
+    return (
+        callable(target)
+        and not isinstance(target, (types.FunctionType, types.MethodType, types.ModuleType, nn.Module))
+        and getattr(inspect.unwrap(target), "__code__", None) is None
+        and (type(target).__module__ or "").startswith("torch")  # a custom op, a TorchScript function
+    )
 
 
 def _soft_block(block: nn.Module, gate: nn.Module) -> bool:
@@ -215,7 +250,7 @@ def _soft_block(block: nn.Module, gate: nn.Module) -> bool:
         for n, c in block.named_children()
         if c is not gate and "expert" not in n.lower() and not isinstance(c, nn.Dropout)
     ]
-    return not others and not _reaches_decision(type(block).forward, type(block))
+    return not others and not _reaches_decision(type(block).forward, type(block), instance=block)
 
 
 @dataclass(frozen=True)

@@ -1616,9 +1616,11 @@ def _establish(
         tolerance = 0.0 if noise == 0 else 16 * noise
         fix = (
             "If a fused kernel or soft routing (every expert weighted, no choice) makes the decision, it cannot be "
-            "replayed; identical experts (an upcycled model before training) hide every choice: establish it on "
-            "a trained model; otherwise name the module that makes it with include=, or the call with "
-            "mr.Adapter(..., call=N)"
+            "replayed, nor where the experts are chosen out of sight (a custom operator, a TorchScript function, "
+            "numpy or Python lists, a random draw such as torch.multinomial): choose them with torch.topk (or "
+            "argmax) in the router's Python code; identical experts (an upcycled model before training) hide "
+            "every choice: establish it on a trained model; otherwise name the module that makes it with "
+            "include=, or the call with mr.Adapter(..., call=N)"
         )
         if call is not None:
             if not 0 <= call < len(calls):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import types
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -1576,3 +1577,115 @@ def test_a_branch_on_the_number_of_tokens_that_only_shapes_the_scores_replays_ex
                 start += x.shape[0]
     finally:
         spy.remove()
+
+
+class _TopKFunction(torch.autograd.Function):
+    """A top-k inside an ``autograd.Function``'s forward (a custom backward, say)."""
+
+    @staticmethod
+    def forward(ctx: Any, probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(probs, k, dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: torch.Tensor, grad_indices: torch.Tensor) -> tuple[None, None]:
+        return None, None
+
+
+class HiddenTopKBlock(LinearGateBlock):
+    """A bare ``Linear`` gate and experts only; the top-k reached through ``how``, not named in the forward."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        if how == "partial":
+            self.pick = functools.partial(torch.topk, k=2, dim=-1)
+        elif how == "stored":
+            self.pick = torch.topk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        if self.how == "function":
+            w, idx = _TopKFunction.apply(probs, 2)
+        elif self.how == "partial":
+            w, idx = self.pick(probs)
+        else:
+            w, idx = self.pick(probs, 2, dim=-1)
+        return dispatch(self.experts, x, idx, w / w.sum(-1, keepdim=True))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["function", "partial", "stored"])
+def test_a_top_k_reached_through_an_autograd_function_or_a_stored_callable_is_the_decision(how: str) -> None:
+    """Once refused at attach as soft routing: a top-k in an ``autograd.Function`` or kept on ``self``
+    (``functools.partial(torch.topk, ...)``, ``torch.topk`` itself) was not read; recorded and forced exactly."""
+    assert_capture_and_replay_are_exact(TwoLayers(lambda: HiddenTopKBlock(how)))
+
+
+@torch.jit.script
+def _scripted_top2(probs: torch.Tensor) -> torch.Tensor:
+    return torch.topk(probs, 2, dim=-1)[1]
+
+
+class ScriptedTopKBlock(LinearGateBlock):
+    """The experts chosen by a TorchScript helper, whose calls no Python code can see."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        idx = _scripted_top2(probs)
+        w = probs.gather(-1, idx)
+        return dispatch(self.experts, x, idx, w / w.sum(-1, keepdim=True))
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_choice_made_out_of_sight_is_refused_saying_how_to_make_it_visible() -> None:
+    """Once refused as soft routing with no way out: a TorchScript top-k is refused, the message saying to
+    choose with torch.topk in Python; nothing stays installed."""
+    model = TwoLayers(ScriptedTopKBlock)
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(mr.UnsupportedRouterError, match=r"TorchScript.*torch\.topk"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(x)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+class CpuDecisionBlock(LinearGateBlock):
+    """The top-k taken of a host copy of the scores (``.cpu()``), its indices moved back to the device."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        idx = torch.topk(probs.detach().cpu(), 2, dim=-1).indices.to(x.device)
+        w = probs.gather(-1, idx)
+        return dispatch(self.experts, x, idx, w / w.sum(-1, keepdim=True))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_decision_taken_on_a_host_copy_of_device_scores_is_forced_exactly(grad: bool) -> None:
+    """Once a raw device-mismatch RuntimeError at replay: the rows on the GPU were gathered from the top-k's CPU
+    scores; they are now answered on the call's device, and replay equals the hand-forced reference."""
+    model = TwoLayers(CpuDecisionBlock).cuda()
+    x = torch.randn(T, D, device="cuda")
+    with mr.attach(model) as session:
+        with torch.set_grad_enabled(grad), session.capture():
+            model(x)
+        routes = session.routes()
+        rows = [routes.layer(n).long().cuda() for n in session.names]
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.gate.weight.add_(3 * torch.randn_like(layer.gate.weight))
+        for _ in range(3):  # the first replayed forward under the mode, the later ones lean
+            with torch.set_grad_enabled(grad), session.replay(routes):
+                out = model(x)
+            with torch.no_grad():
+                ref = x
+                for layer, r in zip(model.layers, rows, strict=True):
+                    probs = layer.gate(ref).softmax(-1)
+                    w = probs.gather(-1, r)
+                    ref = ref + dispatch(layer.experts, ref, r, w / w.sum(-1, keepdim=True))
+            assert torch.equal(out.detach(), ref)
