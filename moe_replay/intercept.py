@@ -375,7 +375,10 @@ class RouterHook:
                 "on a real device after attach (session.verify(example) does it), then move it to meta"
             )
         if ev is None:  # not established by an earlier session on this module
-            with _hidden():  # (the probe runs are not the forward's: a checkpoint's recompute makes none)
+            # (the probe runs are not the forward's: a checkpoint's recompute makes none; and they run under the
+            # mode, which torch.compile cannot trace: compiled code the forward calls runs eagerly there, also
+            # where the forward itself runs outside the session's eager stance, idle)
+            with _hidden(), EAGER:
                 ev = establish(
                     self.name,
                     self.scope,
