@@ -4076,3 +4076,342 @@ def test_weights_pruned_under_a_threshold_after_the_top_k_are_refused(kind: str,
     with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError):
         with torch.no_grad(), session.capture():
             model(_x())
+
+
+# =================================================================== engine routing and nanoMoE, forced by hand
+class SGLangFusedSharedGate(_HandForced):
+    """SGLang ``python/sglang/srt/layers/moe/topk.py`` ``biased_grouped_topk_impl`` (``grouped``) or
+    ``biased_topk_impl`` with ``num_fused_shared_experts=1``: ``top_k`` counts the shared expert, so the top-k of the
+    routed experts takes one column too many (``sorted=True``), whose id is overwritten in place by the shared expert's
+    (``randint`` over the one shared id) and whose weight by the routed weights' sum over ``routed_scaling_factor``;
+    renormalised over the routed columns. Inference code: the in-place write breaks a backward through the gather,
+    natively too."""
+
+    def __init__(self, grouped: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D) * 0.5)
+        self.e_score_correction_bias = nn.Parameter(torch.linspace(-0.1, 0.1, E), requires_grad=False)
+        self.top_k, self.num_fused_shared_experts, self.routed_scaling_factor = 3, 1, 2.5
+        self.num_expert_group, self.topk_group, self.grouped = 4, 2, grouped
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x, self.weight).sigmoid()
+        num_token, num_experts = scores.shape
+        scores_for_choice = scores.view(num_token, -1) + self.e_score_correction_bias.unsqueeze(0)
+        if self.grouped:
+            group_scores = scores_for_choice.view(num_token, self.num_expert_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+            group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores)
+            group_mask.scatter_(1, group_idx, 1)
+            score_mask = (
+                group_mask.unsqueeze(-1)
+                .expand(num_token, self.num_expert_group, scores.shape[-1] // self.num_expert_group)
+                .reshape(num_token, -1)
+            )
+            scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
+        if self.forced is None:
+            _, topk_ids = torch.topk(scores_for_choice, k=self.top_k, dim=-1, sorted=True)
+        else:  # the routed experts forced, the column the shared expert overwrites anything
+            topk_ids = torch.cat([self.forced.long(), self.forced[:, :1].long()], 1)
+        topk_weights = scores.gather(1, topk_ids)
+        topk_ids[:, -1] = torch.randint(
+            low=num_experts, high=num_experts + self.num_fused_shared_experts, size=(num_token,), dtype=topk_ids.dtype
+        )
+        topk_weights[:, -1] = topk_weights[:, :-1].sum(dim=-1) / self.routed_scaling_factor
+        topk_weights = topk_weights / topk_weights[:, :-1].sum(dim=-1, keepdim=True)
+        return topk_weights.to(torch.float32), topk_ids.to(torch.int32)
+
+
+class SGLangFusedSharedMoE(nn.Module):
+    """The routed experts and the fused shared expert (id ``E``) in one expert list."""
+
+    def __init__(self, grouped: bool = True) -> None:
+        super().__init__()
+        self.n_routed_experts = E
+        self.gate = SGLangFusedSharedGate(grouped)
+        self.experts = Experts(E + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, ids = self.gate(x)
+        return dispatch(self.experts, x, ids.long(), w)
+
+
+def _vllm_fast_topk(values: torch.Tensor, topk: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM ``vllm/model_executor/models/utils.py`` ``fast_topk``: a ``max(keepdim=True)`` for top-1."""
+    if topk == 1:
+        return torch.max(values, dim=dim, keepdim=True)
+    return torch.topk(values, topk, dim=dim)
+
+
+class VllmLlama4Router(_HandForced):
+    """vLLM ``vllm/model_executor/models/llama4.py`` ``Llama4MoE.custom_routing_function``: ``fast_topk`` of the router
+    logits, then the sigmoid of the chosen logits in fp32 (no renormalisation)."""
+
+    def __init__(self, top_k: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D) * 0.5)
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gating_output = F.linear(x, self.weight)
+        if self.forced is None:
+            router_scores, router_indices = _vllm_fast_topk(gating_output, self.top_k, dim=-1)
+        else:
+            router_indices = self.forced.long()
+            router_scores = gating_output.gather(-1, router_indices)
+        router_scores = torch.sigmoid(router_scores.float())
+        return router_scores, router_indices.to(torch.int32)
+
+
+class VllmLlama4MoE(nn.Module):
+    """vLLM's Llama 4 ``FusedMoE`` with ``apply_router_weight_on_input=True``: each expert gets its tokens scaled."""
+
+    def __init__(self, top_k: int = 1) -> None:
+        super().__init__()
+        self.num_experts = E
+        self.router = VllmLlama4Router(top_k)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, ids = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (ids.long() == e).nonzero(as_tuple=True)
+            if tok.numel():
+                out = out.index_add(0, tok, expert(x[tok] * w[tok, slot, None]))
+        return out
+
+
+class NanoMoERouter(_HandForced):
+    """nanoMoE (wolfecameron/nanoMoE ``model.py``) ``Router``: ``w_g`` Linear (softplus noise in place in training),
+    the router z-loss, a top-k of the logits scattered into ``-inf`` and softmaxed, a Switch aux loss, then a capacity
+    filled by position (``cumsum`` rank, the top-1 slots first): returns the used capacity, ``[N, E, C]`` combine
+    weights and their boolean mask."""
+
+    def __init__(self, noisy: bool) -> None:
+        super().__init__()
+        self.top_k, self.n_exp = 2, E
+        self.w_g = nn.Linear(D, E, bias=False)
+        self.w_noise = nn.Linear(D, E, bias=False) if noisy else None
+        self.train_capacity, self.eval_capacity, self.min_capacity = 1.25, 2.0, 4
+        self.losses: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.w_g.weight
+
+    def get_capacity(self, tokens_per_batch: int) -> int:
+        capacity_factor = self.train_capacity if self.training else self.eval_capacity
+        capacity = math.floor(self.top_k * capacity_factor * tokens_per_batch / self.n_exp)
+        capacity += capacity % 2
+        return int(max(capacity, self.min_capacity))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.size()
+        num_tokens = b * t
+        logits = self.w_g(x)
+        if self.w_noise is not None and self.training:
+            noise = F.softplus(self.w_noise(x))
+            noise *= torch.randn_like(noise)
+            logits += noise
+        z_loss = torch.mean(torch.logsumexp(logits, dim=-1) ** 2.0)
+        if self.forced is None:
+            top_k_logits, top_k_indices = logits.topk(self.top_k, dim=-1)
+        else:
+            top_k_indices = self.forced.long().view(b, t, self.top_k)
+            top_k_logits = logits.gather(-1, top_k_indices)
+        router_probs = torch.full_like(logits, float("-inf"))
+        router_probs.scatter_(-1, top_k_indices, top_k_logits)
+        router_probs = F.softmax(router_probs, dim=-1)
+        with torch.no_grad():
+            one_hot_indices = torch.sum(F.one_hot(top_k_indices, num_classes=self.n_exp).float(), dim=2)
+            tokens_per_expert = torch.mean(one_hot_indices.float(), dim=(0, 1))
+        aux_loss = self.n_exp * torch.sum(torch.mean(router_probs.float(), dim=(0, 1)) * tokens_per_expert)
+        self.losses = (z_loss, aux_loss)
+        exp_capacity = self.get_capacity(num_tokens)
+        exp_mask = F.one_hot(top_k_indices, num_classes=self.n_exp)
+        exp_mask = exp_mask.view(num_tokens, self.top_k, self.n_exp)
+        exp_mask = exp_mask.permute(1, 0, 2)
+        exp_rank = exp_mask.reshape(self.top_k * num_tokens, self.n_exp)
+        exp_rank = torch.cumsum(exp_rank, dim=0) - 1
+        exp_rank = exp_rank.reshape(self.top_k, num_tokens, self.n_exp)
+        exp_mask *= torch.lt(exp_rank, exp_capacity)
+        used_capacity = torch.sum(exp_mask, dim=(0, 1))
+        exp_rank = torch.sum(exp_mask * exp_rank, dim=-1)
+        router_probs = router_probs.view(num_tokens, self.n_exp)[None, :]
+        exp_weights = exp_mask * router_probs
+        exp_rank_sc = F.one_hot(exp_rank, num_classes=exp_capacity)
+        cb_weight = torch.sum(exp_weights.unsqueeze(3) * exp_rank_sc.unsqueeze(2), dim=0)
+        sec_mask = cb_weight.bool()
+        return used_capacity, cb_weight, sec_mask
+
+
+class NanoMoEExperts(nn.Module):
+    """nanoMoE ``MLPExperts``: ``c_fc [E, d, 4d]`` and ``c_proj [E, 4d, d]`` applied by ``bmm``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc = nn.Parameter(torch.randn(E, D, 2 * D) / 4)
+        self.c_proj = nn.Parameter(torch.randn(E, 2 * D, D) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(F.gelu(torch.bmm(x, self.c_fc)), self.c_proj)
+
+
+class NanoMoELayer(nn.Module):
+    """nanoMoE ``MOELayer``: tokens dispatched into ``[E, C, d]`` by the mask, combined back by the weights."""
+
+    def __init__(self, noisy: bool = False) -> None:
+        super().__init__()
+        self.router = NanoMoERouter(noisy)
+        self.experts = NanoMoEExperts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, n_embd = x.size()
+        num_tokens = b * t
+        _, exp_weight, exp_mask = self.router(x)
+        x = x.view(num_tokens, n_embd)
+        exp_mask = exp_mask.permute(1, 2, 0).type_as(x)
+        exp_batches = exp_mask @ x
+        exp_out = self.experts(exp_batches)
+        exp_weight = exp_weight.view(num_tokens, -1)
+        exp_out = exp_out.view(-1, n_embd)
+        return (exp_weight @ exp_out).view(b, t, n_embd)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "make, shape, grads, k",
+    [
+        pytest.param(SGLangFusedSharedMoE, (T, D), [False], 2, id="sglang-biased-grouped-fused-shared"),
+        pytest.param(lambda: SGLangFusedSharedMoE(False), (T, D), [False], 2, id="sglang-biased-fused-shared"),
+        pytest.param(lambda: VllmLlama4MoE(1), (T, D), [False, True], 1, id="vllm-llama4-fast-topk-max"),
+        pytest.param(lambda: VllmLlama4MoE(2), (T, D), [False, True], 2, id="vllm-llama4-fast-topk-2"),
+        pytest.param(NanoMoELayer, (2, T // 2, D), [False, True], 2, id="nanomoe-capacity-by-position"),
+    ],
+)
+def test_engine_routing_and_nanomoe_replay_the_hand_forced_forward(
+    make: Callable[[], nn.Module], shape: tuple[int, ...], grads: list[bool], k: int, training: bool
+) -> None:
+    """SGLang's torch-native biased top-k with a fused shared expert (one column of the top-k overwritten by the shared
+    expert's id: k is that of the routed experts), vLLM's Llama 4 routing (``max(keepdim=True)`` for top-1, a sigmoid of
+    the chosen logits) and nanoMoE's router with a capacity by position: replayed rows give exactly the hand-forced
+    forward, also on another input and after the routers change."""
+    for grad in grads:
+        assert_replay_is_the_hand_forced_forward(TwoLayers(make).train(training), shape, grad)
+    with mr.attach(TwoLayers(make).train(training)) as session:
+        session.verify(torch.randn(shape))
+        assert [(s.top_k, s.num_experts) for s in session.sites] == [(k, E), (k, E)]
+
+
+def test_nanomoe_noisy_router_in_training_replays_its_routes() -> None:
+    """nanoMoE's router with its softplus noise in training: a replay under another random state uses the captured
+    experts (its routes captured again are the same), and a capture under the same seed is the plain forward."""
+    model = TwoLayers(lambda: NanoMoELayer(noisy=True)).train()
+    x = _x().view(2, T // 2, D)
+    with mr.attach(model) as session:
+        torch.manual_seed(3)
+        with torch.no_grad(), session.capture():
+            captured = model(x)
+        routes = session.routes()
+        torch.manual_seed(3)
+        with torch.no_grad():
+            assert torch.equal(model(x), captured)
+        perturb(model)
+        torch.manual_seed(4)
+        with torch.no_grad(), session.replay(routes), session.capture():
+            model(x)
+        assert session.routes().equal(routes)
+        assert [(s.top_k, s.num_experts) for s in session.sites] == [(2, E), (2, E)]
+
+
+@torch.compile(dynamic=True, backend="eager")
+def _sglang_llama4_routing(
+    hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGLang ``python/sglang/srt/models/llama4.py`` ``Llama4MoE.custom_routing_function``, compiled as it is there."""
+    router_scores_aK, router_indices_aK = _vllm_fast_topk(gating_output, topk, dim=-1)
+    router_scores_aK = torch.sigmoid(router_scores_aK.float()).to(hidden_states.dtype)
+    return router_scores_aK.view(-1).reshape(router_scores_aK.shape), router_indices_aK.to(torch.int32)
+
+
+@torch.compile(dynamic=True, backend="eager")
+def _sglang_biased_grouped_topk(
+    gating_output: torch.Tensor, correction_bias: torch.Tensor, topk: int, num_expert_group: int, topk_group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGLang ``biased_grouped_topk_impl`` (no fused shared expert, renormalised), compiled as it is there."""
+    scores = gating_output.sigmoid()
+    num_token = scores.shape[0]
+    scores_for_choice = scores.view(num_token, -1) + correction_bias.unsqueeze(0)
+    group_scores = scores_for_choice.view(num_token, num_expert_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = (
+        group_mask.unsqueeze(-1)
+        .expand(num_token, num_expert_group, scores.shape[-1] // num_expert_group)
+        .reshape(num_token, -1)
+    )
+    tmp_scores = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
+    _, topk_ids = torch.topk(tmp_scores, k=topk, dim=-1, sorted=False)
+    topk_weights = scores.gather(1, topk_ids)
+    topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights.to(torch.float32), topk_ids.to(torch.int32)
+
+
+class CompiledRoutingMoE(_HandForced):
+    """An SGLang-style MoE block: a bare ``Linear`` router, the routing in a ``torch.compile``-d helper (Llama 4's
+    custom routing or the biased grouped top-k), then the experts."""
+
+    def __init__(self, kind: str, top_k: int = 2) -> None:
+        super().__init__()
+        self.router = nn.Linear(D, E, bias=False)
+        self.e_score_correction_bias = nn.Parameter(torch.linspace(-0.1, 0.1, E), requires_grad=False)
+        self.kind, self.top_k, self.num_experts = kind, top_k, E
+        self.experts = Experts()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.router.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)
+        if self.forced is not None:
+            ids = self.forced.long()
+            if self.kind == "llama4":
+                w = torch.sigmoid(logits.gather(-1, ids).float())
+            else:
+                w = logits.sigmoid().gather(1, ids)
+                w = w / w.sum(dim=-1, keepdim=True)
+        elif self.kind == "llama4":
+            w, ids = _sglang_llama4_routing(x, logits, self.top_k, False)
+        else:
+            w, ids = _sglang_biased_grouped_topk(logits, self.e_score_correction_bias, self.top_k, 4, 2)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (ids.long() == e).nonzero(as_tuple=True)
+            if tok.numel():
+                out = out.index_add(0, tok, expert(x[tok]) * w[tok, slot, None])
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: CompiledRoutingMoE("llama4", 1), id="sglang-llama4-compiled-top1"),
+        pytest.param(lambda: CompiledRoutingMoE("llama4", 2), id="sglang-llama4-compiled-top2"),
+        pytest.param(lambda: CompiledRoutingMoE("grouped"), id="sglang-biased-grouped-compiled"),
+    ],
+)
+def test_routing_in_a_compiled_helper_is_established_in_an_idle_forward(make: Callable[[], nn.Module]) -> None:
+    """Once a crash: the first idle forward after ``attach`` (or the first in a new grad mode) established the decision
+    with the probe's mode on and outside the session's eager stance, so the ``torch.compile``-d routing helper (SGLang's
+    and vLLM's torch-native routing functions are) was traced with the mode and raised a ``TypeError`` from dynamo."""
+    model = TwoLayers(make)
+    with mr.attach(model):
+        with torch.no_grad():
+            model(_x())  # idle: establishes the no-grad decision
+        model(_x())  # idle, with gradients: establishes again
+    assert_replay_is_the_hand_forced_forward(TwoLayers(make), (T, D), grad=True)
+    assert_replay_is_the_hand_forced_forward(TwoLayers(make), (T, D), grad=False)
