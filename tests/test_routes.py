@@ -603,3 +603,20 @@ def test_a_file_with_bad_token_ids_is_refused(tmp_path: object) -> None:
             dst.writestr("token_ids.npy", buf.getvalue())
         with pytest.raises(mr.RoutesValidationError, match=match):
             mr.Routes.load(path)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_repr_of_routes_of_many_routers_and_tokens_is_quick_and_short() -> None:
+    """Once repr(routes) read every row of every router: 48 routers x 1e6 tokens took seconds to print."""
+    import time
+
+    rows = torch.arange(8, dtype=torch.int16).repeat(200_000, 1)
+    r = mr.Routes([rows] * 48, names=[f"model.layers.{i}.mlp.gate" for i in range(48)], num_experts=128, validate=False)
+    start = time.perf_counter()
+    text = repr(r)
+    assert time.perf_counter() - start < 0.5
+    assert text == "Routes(tokens=200000, routers=48, k=8, experts=128, missing_rows=0, nbytes=153600000)"
+    half = r[::2]
+    assert repr(half).startswith("Routes(tokens=100000,") and "missing_rows=0" in repr(half)
+    gaps = mr.Routes([torch.tensor([[0, 1], [-1, -1], [2, 3], [-1, -1]])] * 2, names=["a", "b"], num_experts=4)
+    assert "missing_rows=4" in repr(gaps) and "missing_rows=2" in repr(gaps[:2])
