@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -140,10 +141,12 @@ def load_balancing_loss(
         A scalar float32 tensor.
 
     Raises:
-        InvalidArgumentError: shapes that do not match, indices that are not integers, or (on
-            the CPU) indices that are not experts ``0..E-1``. On an accelerator, and in compiled
-            code, such indices stop the kernel that counts them instead (no host sync is spent on
-            the check).
+        InvalidArgumentError: shapes that do not match, indices that are not integers, probs
+            that are not floating point, or (on the CPU) indices that are not experts
+            ``0..E-1`` or repeat an expert in a counted row, probs that are negative (logits) or not
+            finite, a mask with negative or non-finite weights. On an accelerator, and in
+            compiled code, out-of-range indices stop the kernel that counts them instead, and
+            the other values are not checked (no host sync is spent on the checks).
         ArgumentTypeError: ``probs``, ``indices`` or ``mask`` that are not tensors.
 
     Example:
@@ -169,8 +172,11 @@ def load_balancing_loss(
                 f"got {tuple(p.shape)} and {tuple(idx.shape)}"
             )
         t, e = p.shape
+        if not p.dtype.is_floating_point:
+            raise InvalidArgumentError(f"router {i}: probs must be floating-point probabilities, got {p.dtype}")
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise InvalidArgumentError(f"router {i}: indices must be integers (expert numbers), got {idx.dtype}")
+        host = p.device.type == "cpu" and not torch.compiler.is_compiling()
         if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
             # on the host at no cost; on an accelerator, or compiled, the kernel refuses them (no sync here)
             low, high = torch.stack([idx.min(), idx.max()]).tolist()
@@ -179,9 +185,26 @@ def load_balancing_loss(
                     f"router {i}: indices must be experts 0..{e - 1}, got values from {low} to {high} (-1 marks an "
                     "unrecorded row of Routes: select the recorded tokens, or pass a mask and valid rows)"
                 )
+        if host and p.numel():
+            low = float(p.detach().min())
+            if not math.isfinite(float(p.detach().sum())) or low < 0:
+                got = "a NaN or infinite value" if low >= 0 or not math.isfinite(low) else f"a minimum of {low:.4g}"
+                raise InvalidArgumentError(
+                    f"router {i}: probs must be probabilities (finite, not negative), got {got}: for scores that are "
+                    "logits pass scores.softmax(-1)"
+                )
         w = torch.ones(t, device=p.device) if mask is None else mask.reshape(-1).to(p.device, torch.float32)
         if w.shape[0] != t:
             raise InvalidArgumentError(f"mask has {w.shape[0]} elements, but router {i} has {t} tokens")
+        if host and mask is not None and w.numel() and not bool(((w >= 0) & w.isfinite()).all()):
+            raise InvalidArgumentError("mask must hold token weights, finite and not negative (1 counts, 0 skips)")
+        if host and idx.device.type == "cpu" and idx.shape[1] > 1 and t:
+            repeats = (idx.sort(dim=1).values.diff(dim=1) == 0).any(dim=1) & (w > 0)
+            if bool(repeats.any()):
+                raise InvalidArgumentError(
+                    f"router {i}: token {int(repeats.nonzero()[0, 0])} uses an expert twice; a token uses k distinct "
+                    "experts (zero padding often causes this: give padding weight 0 in mask)"
+                )
         total = w.sum().clamp_min(torch.finfo(torch.float32).tiny)  # no token counted: 0, not 0 / 0
         counts = torch.zeros(e, device=p.device).index_add_(
             0, idx.reshape(-1).to(p.device, torch.long), w.repeat_interleave(idx.shape[1])

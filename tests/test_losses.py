@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -66,7 +68,7 @@ def test_indices_that_are_not_experts_are_refused(indices: torch.Tensor, match: 
 def test_a_router_with_no_token_counted_contributes_zero_not_nan() -> None:
     """An all-padding micro-batch must not turn the training loss into NaN."""
     probs = torch.rand(4, 8).softmax(-1).requires_grad_()
-    idx = torch.zeros(4, 2, dtype=torch.long)
+    idx = torch.tensor([[0, 1]] * 4)
     loss = mr.load_balancing_loss(probs, idx, mask=torch.zeros(4))
     assert loss.item() == 0.0
     loss.backward()
@@ -176,3 +178,24 @@ def test_indices_on_another_device_follow_the_probabilities() -> None:
     if torch.cuda.is_available():
         assert mr.load_balancing_loss(probs.cuda(), idx).item() == pytest.approx(want.item())
         assert mr.load_balancing_loss(probs, idx.cuda()).item() == pytest.approx(want.item())
+
+
+@pytest.mark.parametrize(
+    ("probs", "indices", "mask", "match"),
+    [
+        (torch.randn(4, 6) - 3, torch.tensor([[0], [1], [2], [3]]), None, r"minimum of .*softmax\(-1\)"),
+        (torch.full((4, 6), float("nan")), torch.tensor([[0], [1], [2], [3]]), None, "NaN or infinite"),
+        (torch.ones(4, 6, dtype=torch.long), torch.tensor([[0], [1], [2], [3]]), None, "floating-point"),
+        (torch.full((4, 6), 1 / 6), torch.tensor([[0, 0], [1, 2], [2, 3], [3, 4]]), None, "uses an expert twice"),
+        (torch.full((4, 6), 1 / 6), torch.tensor([[0], [1], [2], [3]]), torch.tensor([1.0, -1, 1, 1]), "not negative"),
+        (torch.full((4, 6), 1 / 6), torch.tensor([[0], [1], [2], [3]]), torch.tensor([1, math.nan, 1, 1]), "finite"),
+    ],
+    ids=["logits", "nan-probs", "integer-probs", "repeated-expert", "negative-mask", "nan-mask"],
+)
+@pytest.mark.reliability("bad inputs")
+def test_values_that_are_no_probabilities_or_decisions_are_refused(
+    probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None, match: str
+) -> None:
+    """Once silent: logits, NaN or integer probs, a repeated expert or a negative mask gave a plausible number."""
+    with pytest.raises(mr.InvalidArgumentError, match=match):
+        mr.load_balancing_loss(probs, indices, mask=mask)
