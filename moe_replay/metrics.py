@@ -183,7 +183,10 @@ class RoutingComparison:
                 no router of the comparison.
 
         Returns:
-            The matplotlib ``Figure``. Needs matplotlib: ``pip install "moe_replay[plot]"``.
+            A matplotlib ``Figure`` that pyplot does not hold (calling ``plot()`` in a loop
+            leaves no figure open, and no display is needed): a notebook shows it as a
+            cell's value, ``fig.savefig("routing.png")`` writes it. Needs matplotlib:
+            ``pip install "moe_replay[plot]"``.
 
         Example:
             >>> import torch, moe_replay as mr
@@ -193,14 +196,15 @@ class RoutingComparison:
             (['rollout', 'training'], 'layer N (l.N.gate)')
         """
         try:
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure
             from matplotlib.ticker import MaxNLocator
         except ImportError as e:
             raise MissingDependencyError(
                 "RoutingComparison.plot() needs matplotlib: pip install 'moe_replay[plot]' (or matplotlib)"
             ) from e
         pos = None if router is None else self._router_position(router)  # before a figure is made
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+        fig = Figure(figsize=(11, 3.6))  # not pyplot's: nothing is left open, no display is needed
+        left, right = fig.subplots(1, 2)
         ticks, axis = _router_labels(self.names)
         x = np.arange(len(self.names))
         per = self.per_layer
@@ -280,6 +284,22 @@ def _router_labels(names: Sequence[str]) -> tuple[list[str], str]:
     return short, "router"
 
 
+def _check_same_tokens(a: Routes, b: Routes) -> None:
+    """Refuse routes that know their tokens (:attr:`Routes.token_ids`) and were recorded for other tokens."""
+    ids_a, ids_b = a.token_ids, b.token_ids
+    if ids_a is None or ids_b is None or ids_a.shape != ids_b.shape:
+        return
+    wrong = ((ids_a != ids_b) & (ids_a >= 0) & (ids_b >= 0)).nonzero()
+    if wrong.numel():
+        row = int(wrong[0, 0])
+        raise RoutesValidationError(
+            f"the two were recorded for other tokens: row {row} is token {int(ids_a[row])} in a but "
+            f"{int(ids_b[row])} in b ({wrong.shape[0]} of {ids_a.shape[0]} rows differ), so their decisions are not "
+            "comparable; compare routes of the same tokens in the same order (or drop the ids with "
+            "with_token_ids(None) to compare them anyway)"
+        )
+
+
 def _pct(x: float) -> str:
     return "n/a" if np.isnan(x) else f"{100 * x:.2f}%"
 
@@ -305,8 +325,10 @@ def compare(
 
     Raises:
         RoutesValidationError: the two hold different routers, token counts, k or
-            expert counts, or rows that are no decision (built with ``validate=False``:
-            a row mixing -1 with experts, or repeating an expert).
+            expert counts, were recorded for other tokens (both know their
+            :attr:`~moe_replay.Routes.token_ids` and they differ), or hold rows that are no
+            decision (built with ``validate=False``: a row mixing -1 with experts, or
+            repeating an expert).
         ArgumentTypeError, InvalidArgumentError: ``names`` is not a list of distinct
             router names, or is empty.
 
@@ -388,6 +410,7 @@ def compare(
                 f"router '{n}': a has k={x.shape[1]} over {e1} experts, b has k={y.shape[1]} over {e2}"
             )
     t = counts.pop()
+    _check_same_tokens(a, b)
     width = max(ea) if ea else 0
     differ, compared, excluded, shared = [], [], [], []
     load_a = np.zeros((len(names), width), dtype=np.int64)

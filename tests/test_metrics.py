@@ -100,8 +100,8 @@ def test_plot(monkeypatch: pytest.MonkeyPatch) -> None:
     heights = [p.get_height() for p in left.patches]
     assert heights == pytest.approx([100 * x for x in c.per_layer])
     assert len(c.plot(router=NAMES[1]).axes[1].patches) == 2 * E
-    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    with pytest.raises(ImportError, match=r"moe_replay\[plot\]"):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(mr.MissingDependencyError, match=r"moe_replay\[plot\]"):
         c.plot()
 
 
@@ -236,3 +236,62 @@ def test_plot_of_one_router_draws_its_own_experts_only() -> None:
     assert [p.get_height() for p in own.patches[:4]] == c.load_a[0, :4].tolist()
     assert c.plot(router="layers.1.gate").axes[1].get_xlim()[1] > 299
     assert c.num_experts == (4, 300)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_plot_leaves_no_figure_open_and_needs_no_display(tmp_path) -> None:
+    """Once every plot() opened a pyplot figure that stayed open: a loop of plots piled them up."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    c = mr.compare(routes(base()), routes(base(1)))
+    figs = [c.plot(router=i % len(NAMES)) for i in range(25)]
+    assert plt.get_fignums() == []
+    figs[-1].savefig(tmp_path / "routing.png")  # drawn without pyplot or a display
+    assert (tmp_path / "routing.png").stat().st_size > 0
+
+
+@pytest.mark.reliability("bad inputs")
+def test_routes_of_other_tokens_are_not_compared() -> None:
+    """Once silent: routes that know their tokens were compared even when recorded for other tokens."""
+    a = routes(base())
+    ids = torch.arange(T)
+    shuffled = ids.flip(0)
+    with pytest.raises(mr.RoutesValidationError, match=r"recorded for other tokens: row 0 is token 0 in a but 19"):
+        mr.compare(a.with_token_ids(ids), a.with_token_ids(shuffled))
+    partly = ids.clone()
+    partly[:5] = -1  # unknown ids compare with anything
+    assert mr.compare(a.with_token_ids(ids), a.with_token_ids(partly)).overall == 0.0
+    assert mr.compare(a.with_token_ids(ids), a).overall == 0.0  # one side knows no ids: nothing to check
+    assert mr.compare(a.with_token_ids(ids), a.with_token_ids(shuffled).with_token_ids(None)).overall == 0.0
+
+
+def test_every_figure_matches_a_numpy_computation_on_random_routes() -> None:
+    """compare() against the figures written out in numpy, on random routes with -1 rows, both modes."""
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        t, layers, k, e = int(rng.integers(1, 40)), int(rng.integers(1, 5)), int(rng.integers(1, 4)), 8
+        a = np.argsort(rng.random((t, layers, e)), axis=-1)[..., :k]
+        b = np.where((rng.random((t, layers)) < 0.3)[..., None], np.argsort(rng.random((t, layers, e)), -1)[..., :k], a)
+        a[rng.random((t, layers)) < 0.1] = -1
+        b[rng.random((t, layers)) < 0.1] = -1
+        names = [f"l.{i}.g" for i in range(layers)]
+        ra, rb = (mr.Routes.from_numpy(x, names=names, num_experts=e) for x in (a, b))
+        ok = ~((a < 0).all(-1) | (b < 0).all(-1))
+        for mode in ("set", "slot"):
+            same = (np.sort(a, -1) == np.sort(b, -1)).all(-1) if mode == "set" else (a == b).all(-1)
+            d = ok & ~same
+            c = mr.compare(ra, rb, mode=mode)
+            assert c.differ.tolist() == d.sum(0).tolist() and c.compared.tolist() == ok.sum(0).tolist()
+            assert c.excluded.tolist() == (~ok).sum(0).tolist()
+            assert c.tokens == ok.any(1).sum() and c.tokens_differ == d.any(1).sum()
+            assert c.differing_routers == d.sum()
+            shared = [sum(len(set(a[i, j]) & set(b[i, j])) for i in range(t) if ok[i, j]) for j in range(layers)]
+            assert c.shared_experts.tolist() == shared
+            for side, x in ((c.load_a, a), (c.load_b, b)):
+                want = [np.bincount(x[:, j][ok[:, j]].reshape(-1), minlength=e) for j in range(layers)]
+                assert np.array_equal(side, np.stack(want))
+            if ok.any():
+                assert c.overall == pytest.approx(d.sum() / ok.sum())
+                assert c.overlap == pytest.approx(sum(shared) / (ok.sum() * k))
