@@ -183,10 +183,7 @@ class RoutingComparison:
                 no router of the comparison.
 
         Returns:
-            A matplotlib ``Figure`` that pyplot does not hold (calling ``plot()`` in a loop
-            leaves no figure open, and no display is needed): a notebook shows it as a
-            cell's value, ``fig.savefig("routing.png")`` writes it. Needs matplotlib:
-            ``pip install "moe_replay[plot]"``.
+            The matplotlib ``Figure``. Needs matplotlib: ``pip install "moe_replay[plot]"``.
 
         Example:
             >>> import torch, moe_replay as mr
@@ -196,15 +193,14 @@ class RoutingComparison:
             (['rollout', 'training'], 'layer N (l.N.gate)')
         """
         try:
-            from matplotlib.figure import Figure
+            import matplotlib.pyplot as plt
             from matplotlib.ticker import MaxNLocator
         except ImportError as e:
             raise MissingDependencyError(
                 "RoutingComparison.plot() needs matplotlib: pip install 'moe_replay[plot]' (or matplotlib)"
             ) from e
         pos = None if router is None else self._router_position(router)  # before a figure is made
-        fig = Figure(figsize=(11, 3.6))  # not pyplot's: nothing is left open, no display is needed
-        left, right = fig.subplots(1, 2)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
         ticks, axis = _router_labels(self.names)
         x = np.arange(len(self.names))
         per = self.per_layer
