@@ -283,6 +283,41 @@ def _check_forwards(
     )
 
 
+def _width_hint(
+    calls: tuple[tuple[int, int], ...] | None,
+    b: int,
+    p: int,
+    attention_mask: object,
+    sequences: torch.Tensor | None,
+) -> str:
+    """What to pass where the row count does not fit ``b`` and ``p``, read from the capture's first forward if known."""
+    generic = "Check batch_size and prompt_len, and that the capture holds exactly one generate() call"
+    if not calls or b < 1 or calls[0][0] % b:
+        return generic
+    u = calls[0][0] // b
+    if u == p:
+        return generic
+    said = (
+        f"The capture's first forward (generate()'s prompt forward) routed {calls[0][0]} rows, {u} per sequence, "
+        f"not {p}"
+    )
+    width = int(torch.as_tensor(attention_mask).shape[1]) if attention_mask is not None else None
+    if width is not None and sequences is not None and width == int(sequences.shape[1]) and u < p:
+        return (
+            f"{said}: the attention_mask given covers generate()'s whole output ({width} columns); pass the prompt "
+            f"mask generate() was given, attention_mask[:, :{u}]"
+        )
+    if u < p:
+        return (
+            f"{said}. Were the prompts {u} wide (pass prompt_len={u}, or their own [{b}, {u}] mask)? Or was it a "
+            "generate() continued from an earlier call's past_key_values, which routes only the prompt tokens its "
+            f"cache did not hold? Split that as a generate() over those: prompt_len={u} and no attention_mask "
+            f"(and, to check the tokens, sequences[:, {p - u}:] if the prompt was {p} wide: the uncached tokens and "
+            "the new ones)"
+        )
+    return f"{said}: pass prompt_len={u}, the prompt width generate() ran with"
+
+
 def _check_moves(routes: Routes) -> None:
     """Refuse a capture during which the KV cache moved rows between forwards (beam or contrastive search)."""
     moved = routes._rows_moved
@@ -487,9 +522,15 @@ def split_generation(
         raise ArgumentTypeError(f"split_generation takes Routes, got {type(routes).__name__}")
     keep_padding = check_flag(keep_padding, "split_generation: keep_padding")
     if sequences is not None and (not isinstance(sequences, torch.Tensor) or sequences.dim() != 2):
+        output = isinstance(getattr(sequences, "sequences", None), torch.Tensor)
         raise InvalidArgumentError(
             f"sequences must be the [batch, prompt_len + new] tensor generate() returns, got "
             f"{tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else type(sequences).__name__}"
+            + (
+                ": generate(return_dict_in_generate=True) returns an output object; pass its .sequences"
+                if output
+                else ""
+            )
         )
     tokens = set(routes.tokens_per_layer)
     if len(tokens) != 1:
@@ -518,8 +559,8 @@ def split_generation(
     if decode < 0 or decode % b:
         raise RoutesValidationError(
             f"the capture holds {total} rows per router; a generate() over {b} prompts of {p} positions "
-            f"gives {b}*{p} prompt rows plus {b} rows per decode step. Check batch_size and prompt_len, and "
-            "that the capture holds exactly one generate() call"
+            f"gives {b}*{p} prompt rows plus {b} rows per decode step. "
+            + _width_hint(routes._call_rows, b, p, attention_mask, sequences)
         )
     n = decode // b + 1
     _check_forwards(routes._call_rows, b, p, n, returned=sequences is not None)

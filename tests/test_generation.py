@@ -821,3 +821,59 @@ def test_a_float_mask_is_read_as_zero_one_only_where_it_is() -> None:
     assert _zero_one(torch.tensor([[0.5, 1.0, 1.0]])) is None
     ints = torch.tensor([[0, 1]]).bool()
     assert _zero_one(ints) is ints
+
+
+@pytest.mark.reliability("bad inputs")
+def test_hf_generate_continued_from_past_key_values_names_the_uncached_width_and_splits_with_it() -> None:
+    """Once a generate() continued from an earlier call's past_key_values (a second turn) was refused with "check
+    batch_size and prompt_len" alone: the error now names the width its prompt forward routed, and the split
+    it suggests gives the two turns' routes that replay over the whole conversation."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    kwargs = dict(max_new_tokens=3, pad_token_id=0)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            first = model.generate(prompt, attention_mask=mask, return_dict_in_generate=True, **kwargs)
+        turn1 = mr.split_generation(session.routes(), attention_mask=mask, sequences=first.sequences, keep_padding=True)
+        cached = first.past_key_values.get_seq_length()  # the last sampled token is not in the cache
+        user = torch.randint(3, 128, (B, 2), generator=torch.Generator().manual_seed(9))
+        seq2 = torch.cat([first.sequences, user], dim=1)
+        mask2 = torch.cat([mask, torch.ones(B, seq2.shape[1] - P, dtype=torch.long)], dim=1)
+        with session.capture(), torch.no_grad():
+            cache = {tiny_hf.cache_kwarg(model): first.past_key_values}
+            out = model.generate(seq2, attention_mask=mask2, **cache, **kwargs)
+        capture = session.routes()
+        u = seq2.shape[1] - cached
+        with pytest.raises(mr.RoutesValidationError, match=rf"routed {B * u} rows, {u} per sequence.*past_key_values"):
+            mr.split_generation(capture, attention_mask=mask2, sequences=out)
+        turn2 = mr.split_generation(capture, batch_size=B, prompt_len=u, sequences=out[:, seq2.shape[1] - u :])
+        whole = mr.Routes.cat([mr.Routes.cat([a[:cached], b]) for a, b in zip(turn1, turn2, strict=True)])
+        full_mask = torch.cat([mask2, torch.ones(B, out.shape[1] - seq2.shape[1], dtype=torch.long)], dim=1)
+        with session.replay(whole), session.capture(), torch.no_grad():
+            model(out, attention_mask=full_mask)
+        assert whole.num_tokens == out.numel()
+        assert mr.compare(whole, session.routes()).overall == 0.0
+
+
+@pytest.mark.reliability("bad inputs")
+def test_split_names_a_mask_over_the_whole_output_and_a_generate_output_object() -> None:
+    """Once the mask over generate()'s whole output (prompt and new tokens) was refused with "check batch_size
+    and prompt_len" alone, and generate(return_dict_in_generate=True)'s output object given as sequences only by
+    its type: both errors now say what to pass."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(
+                prompt, attention_mask=mask, max_new_tokens=N, pad_token_id=0, return_dict_in_generate=True
+            )
+        capture = session.routes()
+    full_mask = torch.cat([mask, torch.ones(B, N, dtype=torch.long)], dim=1)
+    with pytest.raises(mr.RoutesValidationError, match=rf"whole output.*attention_mask\[:, :{P}\]"):
+        mr.split_generation(capture, attention_mask=full_mask, sequences=out.sequences)
+    with pytest.raises(mr.InvalidArgumentError, match=r"pass its \.sequences"):
+        mr.split_generation(capture, attention_mask=mask, sequences=out)
+    parts = mr.split_generation(capture, attention_mask=full_mask[:, :P], sequences=out.sequences)
+    assert [p.num_tokens for p in parts] == (mask.sum(dim=1) + N).tolist()
