@@ -98,6 +98,14 @@ class _Owner:
 
 
 def _other_thread(what: str, holder: int) -> SessionStateError:
+    if not any(t.ident == holder for t in threading.enumerate()):
+        return SessionStateError(
+            f"{what} in thread {threading.get_ident()}, while thread {holder}, which has ended, left a block "
+            "(capture, replay, keep_scores or verify) open on this session: it entered the block's context manager "
+            "(__enter__) and never left it, so the session still counts the block as running. Leave that block: "
+            "call __exit__(None, None, None) on the context manager it entered (or drop every reference to it), "
+            "then use the session again; open blocks with `with` so that they end with the code inside them"
+        )
     return SessionStateError(
         f"{what} in thread {threading.get_ident()}, while thread {holder} has a block (capture, replay, "
         "keep_scores or verify) open on this session: one session records the forwards of one thread, in "

@@ -506,6 +506,38 @@ def test_threads_racing_for_one_session_record_consistently_or_are_refused() -> 
 
 
 @pytest.mark.reliability("concurrency")
+def test_a_block_left_open_by_a_thread_that_ended_is_named_with_the_way_out() -> None:
+    """Once a block entered by hand in a worker thread that then ended refused every later call with "give each
+    thread its own model and session", as if the thread still ran: the error now says that thread ended with
+    the block open and how to leave it, and leaving it gives the session back, capture intact."""
+    model = TinyMoE(SPECS)
+    before = snapshot(model)
+    x = model.inputs(LEAD, seed=0)
+    session = mr.attach(model)
+    held: dict[str, contextlib.AbstractContextManager] = {}
+
+    def worker() -> None:
+        held["block"] = session.capture()
+        held["block"].__enter__()
+        with torch.no_grad():
+            model(x)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    for call in (lambda: model(x), session.routes, session.detach):
+        with pytest.raises(mr.SessionStateError, match=r"which has ended, left a block.*__exit__\(None, None, None\)"):
+            with torch.no_grad():
+                call()
+    held.pop("block").__exit__(None, None, None)
+    assert session.routes().num_tokens == TOKENS
+    with torch.no_grad(), session.replay(session.routes()), session.capture():
+        model(x)
+    session.detach()
+    assert_untouched(model, before)
+
+
+@pytest.mark.reliability("concurrency")
 def test_one_model_and_session_per_thread_at_scale() -> None:
     """4 threads, each with its own model and session, 100 captures and replays each: all exact."""
     iterations = 100
