@@ -535,6 +535,9 @@ class FeedForward:
         self.paired = bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
         #: the attached sessions it serves (two sessions, on the base model and on the whole, share a module)
         self.users = 1
+        #: what holds the blocks of each session it serves: ``.blocks``, the blocks open, and ``.admit_forward(what)``,
+        #: which refuses a forward of an asyncio task whose rows would interleave with the block's
+        self.owners: list[Any] = []
 
     def leave(self) -> None:
         """One of the sessions it serves detaches; it stays for the others."""
@@ -544,11 +547,19 @@ class FeedForward:
         if _compiling():
             # (dynamo reads nothing of the records, and stores a constant: no guard on what a block holds)
             self.compiled = True
-        elif self.records:
+            return self._run(args, kwargs)
+        for owner in self.owners:
+            if owner.blocks:  # (not a forward of another asyncio task while the block's awaits)
+                owner.admit_forward(f"a forward of {type(self.module).__name__}")
+        if self.records:
             me = threading.get_ident()
             entered = [r for r in self.records if not r._inside and r._thread == me]
             if entered:  # (none inside a forward already fed to them: the modules it enters are the same forward)
                 return self._enter(entered, args, kwargs)
+        return self._run(args, kwargs)
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The level's own forward."""
         before = self.before
         if before is not None:
             return before(*args, **kwargs)

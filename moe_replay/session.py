@@ -14,6 +14,7 @@ every router stay in one order. Give each thread its own model and session.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import gc
@@ -86,15 +87,95 @@ def _in_backward() -> bool:
     return _torch_compat.current_graph_task_id() != -1
 
 
-class _Owner:
-    """The thread holding a session's open blocks (capture, replay, keep_scores, verify)."""
+def _running_coroutine() -> Any:
+    """The coroutine of the asyncio task running now in this thread, or None (no event loop runs here)."""
+    aio = sys.modules.get("asyncio")
+    if aio is None:  # (never imported: no loop can run)
+        return None
+    try:
+        task = aio.current_task()
+    except RuntimeError:  # no running event loop in this thread
+        return None
+    return task.get_coro() if task is not None else None
 
-    __slots__ = ("blocks", "ident", "lock")
+
+def _suspended(coro: Any) -> bool:
+    """Whether ``coro`` waits at an ``await`` (neither running, which a forward nested in it sees, nor finished)."""
+    running = getattr(coro, "cr_running", None)
+    return running is False and getattr(coro, "cr_frame", None) is not None
+
+
+#: the block a context (an asyncio task and the tasks it starts) belongs to: the ``_Owner.mark`` of the block
+#: open when it was entered or copied
+_BLOCK_MARK: contextvars.ContextVar[object | None] = contextvars.ContextVar("moe_replay_block", default=None)
+
+
+class _Owner:
+    """The thread holding a session's open blocks (capture, replay, keep_scores, verify), and, where asyncio runs
+    there, which of its tasks may run forwards in them."""
+
+    __slots__ = ("blocks", "coro", "ident", "last", "lock", "mark")
 
     def __init__(self) -> None:
         self.ident: int | None = None
         self.blocks = 0
         self.lock = threading.Lock()
+        self.coro: Any = None  # the coroutine of the asyncio task that opened the outermost block, or None
+        self.last: Any = None  # the coroutine of the task that ran the block's last forward (at first: ``coro``)
+        self.mark: object | None = None  # the outermost block's mark, in the context that opened it
+
+    def open(self) -> None:
+        """The outermost block opens: mark the context that opens it (tasks started in it inherit the mark)."""
+        self.coro = self.last = _running_coroutine()
+        self.mark = object()
+        _BLOCK_MARK.set(self.mark)
+
+    def close(self) -> None:
+        """The outermost block ends."""
+        self.ident = self.coro = self.last = self.mark = None
+
+    def admit_forward(self, what: str) -> None:
+        """Refuse a forward (or a block) in the owner's thread whose rows would interleave with the block's.
+
+        Where asyncio tasks run the forwards: one from a task that is not the block's (started before it: a
+        sibling) while the task that opened the block waits at an ``await``; or one from a task other than the
+        last to run a forward in the block while that one waits at an ``await`` and is not the block's opener
+        (two tasks the block started, forwarding in turn). A task the opener awaits, or one that ran its forwards
+        and ended, is a sequence, not an interleaving.
+        """
+        if self.ident != threading.get_ident() or _in_backward():
+            return
+        coro = _running_coroutine()
+        last = self.last
+        if coro is None or coro is last:
+            return
+        if _BLOCK_MARK.get() is not self.mark:
+            if self.coro is not None and _suspended(self.coro):
+                raise SessionStateError(
+                    f"{what} from an asyncio task running {_named(coro)}, while the task that opened a block "
+                    f"(capture, replay, keep_scores or verify) of this session, running {_named(self.coro)}, waits "
+                    f"at an await: {_INTERLEAVE}"
+                )
+        elif last is not None and last is not self.coro and _suspended(last):
+            raise SessionStateError(
+                f"{what} from an asyncio task running {_named(coro)}, while another task started inside a block "
+                f"(capture, replay, keep_scores or verify) of this session, running {_named(last)}, ran forwards "
+                f"and waits at an await before its next: {_INTERLEAVE}"
+            )
+        self.last = coro
+
+
+_INTERLEAVE = (
+    "the forwards of the two would interleave in the block in no defined order (a capture would record their rows "
+    "mixed, a replay would give one task's rows to the other's tokens). Run the forwards of a block one task after "
+    "another (await each task before the next forwards), give concurrent tasks their own model and session "
+    "(copy.deepcopy(model), then mr.attach), or hold one asyncio.Lock around each block and each other forward of "
+    "the model"
+)
+
+
+def _named(coro: Any) -> str:
+    return f"{getattr(coro, '__name__', type(coro).__name__)}()"
 
 
 def _other_thread(what: str, holder: int) -> SessionStateError:
@@ -618,6 +699,9 @@ class Session:
             self._feeds.to_host()  # (as the rows are)
         for action in plan:
             action()
+        for feed in self._feed_wrappers:
+            if self._owner in feed.owners:
+                feed.owners.remove(self._owner)
         self._installed.clear()
         self._wrappers.clear()
         self._feed_installed.clear()
@@ -671,6 +755,10 @@ class Session:
         with owner.lock:
             if owner.ident is not None and owner.ident != me:
                 raise _other_thread(what, owner.ident)
+            if owner.blocks:
+                owner.admit_forward(what)
+            else:
+                owner.open()
             owner.ident = me
             owner.blocks += 1
         try:
@@ -684,7 +772,7 @@ class Session:
             with owner.lock:
                 owner.blocks -= 1
                 if owner.blocks == 0:
-                    owner.ident = None
+                    owner.close()
 
     def _check_in_place(self) -> None:
         """Refuse a block where a router would run without this session's wrapper.
@@ -1405,12 +1493,14 @@ class Session:
                 # another attached session's (one on the base model, one on the whole): theirs serves both, and
                 # stays until the last of them detaches, whichever that is
                 own.users += 1
+                own.owners.append(self._owner)
                 self._feed_installed.append((module, _MISSING))  # (what it gives back is read at detach)
                 self._feed_wrappers.append(own)
                 continue
             if isinstance(own, ClassForward) and own.module is module:  # (a copy of an attached model's)
                 own = _MISSING
             wrapper = FeedForward(module, None if own is _MISSING else own)
+            wrapper.owners.append(self._owner)
             module.forward = wrapper
             self._feed_installed.append((module, own))
             self._feed_wrappers.append(wrapper)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -535,6 +536,123 @@ def test_a_block_left_open_by_a_thread_that_ended_is_named_with_the_way_out() ->
         model(x)
     session.detach()
     assert_untouched(model, before)
+
+
+@pytest.mark.reliability("concurrency")
+@pytest.mark.parametrize("block", ["capture", "replay"])
+def test_asyncio_tasks_whose_forwards_would_interleave_in_one_block_are_refused(block: str) -> None:
+    """Once silent: asyncio tasks share a thread, so a forward from a sibling task while the task that opened a
+    capture or replay waited at an await, or from two tasks the block gathered, forwarding in turn, ran in the
+    block: a capture recorded their rows mixed, a replay gave one task's rows to the other. Each is now refused,
+    the block's own rows stay exact; a task awaited to its end (wait_for), awaits with no other forward, and a
+    block entered by hand in a task that has since ended (a notebook cell) still run."""
+    import asyncio
+
+    model = TinyMoE(SPECS)
+    before = snapshot(model)
+    x1, x2 = model.inputs(LEAD, seed=1), model.inputs(LEAD, seed=2)
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x1)
+        model(x1)
+    expected = session.routes()
+    one = expected[:TOKENS]
+
+    @contextlib.contextmanager
+    def opened(forwards: int = 2) -> Iterator[None]:
+        if block == "capture":
+            with torch.no_grad(), session.capture():
+                yield
+        else:
+            with torch.no_grad(), session.replay(mr.Routes.cat([one] * forwards)), session.capture():
+                yield
+
+    async def forward(x: torch.Tensor, pause: float = 0.0) -> None:
+        await asyncio.sleep(pause)
+        with torch.no_grad():
+            model(x)
+
+    async def own(*gaps: Callable[[], Any], child: bool = False) -> None:
+        with opened(3 if child else 2):
+            model(x1)
+            for gap in gaps:
+                await gap()
+            model(x1)
+
+    async def siblings() -> list[object]:
+        return await asyncio.gather(own(lambda: asyncio.sleep(0.01)), forward(x2), return_exceptions=True)
+
+    outcome = asyncio.run(siblings())
+    assert outcome[0] is None and isinstance(outcome[1], mr.SessionStateError), outcome
+    assert "running forward(), while the task that opened a block" in str(outcome[1])
+    assert "running own(), waits at an await" in str(outcome[1])
+    assert session.routes().equal(expected)  # the block's own forwards, none of the sibling's
+
+    async def rollout(x: torch.Tensor) -> None:  # a decode loop that awaits between its steps
+        await forward(x)
+        await forward(x)
+
+    async def gathered() -> None:  # two tasks of the block forward in turn
+        with opened(4):
+            await asyncio.gather(rollout(x1), rollout(x1))
+
+    with pytest.raises(mr.SessionStateError, match=r"running rollout\(\), while another task started inside"):
+        asyncio.run(gathered())
+
+    async def both() -> None:
+        await asyncio.gather(rollout(x1), rollout(x1))
+
+    with pytest.raises(mr.SessionStateError, match="another task started inside"), opened(4):
+        asyncio.run(both())  # a block opened outside the event loop: its tasks too
+
+    async def unawaited() -> None:  # the opener forwards while a task it started is half-way
+        with opened():
+            task = asyncio.create_task(forward(x1))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # (the task runs its forward, then waits)
+            model(x1)
+            await task
+
+    async def slow(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            model(x)
+        await asyncio.sleep(0.05)
+
+    async def unawaited_slow() -> None:
+        with opened():
+            task = asyncio.create_task(slow(x1))
+            await asyncio.sleep(0.01)
+            model(x1)
+            await task
+
+    with pytest.raises(mr.SessionStateError, match="another task started inside a block"):
+        asyncio.run(unawaited_slow())
+    asyncio.run(unawaited())  # its task had ended before the opener's forward: one after the other
+    assert session.routes().equal(expected)
+
+    asyncio.run(own(lambda: asyncio.wait_for(forward(x1), 1), child=True))  # a task awaited to its end
+    assert session.routes().equal(mr.Routes.cat([one] * 3))
+    asyncio.run(own(lambda: asyncio.sleep(0)))  # awaits of the opener alone
+    assert session.routes().equal(expected)
+
+    held: dict[str, contextlib.AbstractContextManager] = {}
+
+    async def enter() -> None:  # a cell that enters a block by hand and ends
+        held["block"] = session.capture() if block == "capture" else session.replay(expected)
+        held["block"].__enter__()
+
+    async def cells() -> None:
+        await asyncio.create_task(enter())
+        await asyncio.create_task(forward(x1))
+        await asyncio.create_task(forward(x1))
+        held.pop("block").__exit__(None, None, None)
+
+    asyncio.run(cells())
+    if block == "capture":
+        assert session.routes().equal(expected)
+    session.detach()
+    assert_untouched(model, before)
+    tried(7)
 
 
 @pytest.mark.reliability("concurrency")
