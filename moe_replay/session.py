@@ -143,11 +143,11 @@ class _Owner:
         (two tasks the block started, forwarding in turn). A task the opener awaits, or one that ran its forwards
         and ended, is a sequence, not an interleaving.
         """
-        if self.ident != threading.get_ident() or _in_backward():
-            return
+        if self.ident != threading.get_ident():
+            return  # (another thread's forward: its routers refuse it)
         coro = _running_coroutine()
         last = self.last
-        if coro is None or coro is last:
+        if coro is None or coro is last or _in_backward():
             return
         if _BLOCK_MARK.get() is not self.mark:
             if self.coro is not None and _suspended(self.coro):
