@@ -51,10 +51,10 @@ from ._torch_compat import (
     graph_capturing,
     tracing,
 )
-from .errors import TokenMismatchError, _script_refusal
+from .errors import RoutesValidationError, TokenMismatchError, _script_refusal
 from .intercept import ClassForward
 
-__all__ = ["FeedCheck", "FeedForward", "FeedRecord", "feed_levels"]
+__all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
 
 #: cache methods that move or copy rows between forwards: beam search, contrastive search
 ROW_MOVES = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
@@ -232,6 +232,40 @@ class FeedRecord:
             return None, None
         masks = [_zero_one(f.mask) for f in fed]
         return _flat([f.ids for f in fed], sizes, torch.long), _flat(masks, sizes, torch.int8)
+
+
+class MoveWatch(FeedRecord):
+    """During a replay: refuse a forward after the KV cache given to the model moved rows between forwards.
+
+    Replayed rows are read in call order, so row ``j`` of a decode step gets the experts recorded for row ``j``
+    of that step, chosen for the tokens before it in that row. A cache whose rows moved since the forward
+    before (a beam search's ``reorder_cache``, a contrastive search's ``batch_select_indices``) puts other
+    tokens before row ``j`` than the recorded forwards may have had, and no check of the tokens fed shows it
+    where hypotheses share a token: the replay would force one hypothesis's experts on another. So a forward
+    after such a move is refused before any router reads, whatever moves the capture saw.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(keep_inputs=False)
+
+    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False) -> bool:
+        """A forward entering a level: refused after a row move; its cache watched."""
+        moved = self.moved
+        if moved is not None:
+            why = (
+                "as a beam search (num_beams > 1) does between steps to reorder its hypotheses"
+                if moved.endswith(".reorder_cache")
+                else "as a contrastive search (penalty_alpha) does to keep each sequence's chosen candidate"
+            )
+            raise RoutesValidationError(
+                f"while this replay ran, the KV cache given to the model moved rows between forwards ({moved}, "
+                f"{why}), so row j of this forward no longer continues row j of the forward before it in an order "
+                "the routes can be checked against: the recorded rows would force one hypothesis's experts on "
+                "another (not seen in the tokens fed where hypotheses share a token). Replay decoding with "
+                "num_beams=1 (greedy or sampling), or replay a rollout teacher-forced over its sequences "
+                "(mr.split_generation, mr.BatchLayout)"
+            )
+        return super().fed(args, kwargs, paired)
 
 
 class FeedCheck:

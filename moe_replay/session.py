@@ -32,7 +32,7 @@ from torch import nn
 
 from . import _torch_compat
 from ._checks import check_flag
-from ._feeds import FeedCheck, FeedForward, FeedRecord, feed_levels
+from ._feeds import FeedCheck, FeedForward, FeedRecord, MoveWatch, feed_levels
 from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, find_routers, format_sites
 from .errors import (
     ArgumentTypeError,
@@ -1413,6 +1413,7 @@ class Session:
             for h, s, j in plan:
                 h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope), name=h.name)
         check, stop_check = self._token_check(routes, [h.replay_source for h, _, _ in plan], generated, strict)
+        stop_moves = MoveWatch().start(self._feed_wrappers) if self._model_ref() is not None else None
         skeleton = self._skeleton()
         stop = self._watch()
         self._set(replaying=True)
@@ -1434,6 +1435,8 @@ class Session:
                 stop()
             if stop_check is not None:
                 stop_check()
+            if stop_moves is not None:
+                stop_moves()
             sources = [(h, h.replay_source) for h, _, _ in plan]
             for h, _, _ in plan:
                 h.replay_source = None

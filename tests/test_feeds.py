@@ -633,3 +633,52 @@ def test_routers_out_of_step_after_a_caught_failure_are_refused_at_the_next_forw
         with session.replay(routes), torch.no_grad():  # from the start: replayed
             model(ids)
             model(ids)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_replay_whose_cache_moves_rows_between_forwards_is_refused() -> None:
+    """Once silent: a replayed decode loop whose KV cache moved rows between steps (a beam search reordering its
+    hypotheses) read row j of each step for whatever hypothesis now sat there, so hypotheses that share a token
+    (the token check passes) took each other's recorded experts. A forward after a row move in a replay is now
+    refused before any router reads; the cache's methods and the model are as before, and a replay with no move
+    runs exactly."""
+    from tests import tiny_hf
+
+    from .conftest import assert_untouched, snapshot
+
+    transformers = pytest.importorskip("transformers")
+    model = tiny_hf.build("qwen3_moe")
+    before = snapshot(model)
+    prompt = _prompt()
+
+    def decode(order: torch.Tensor | None) -> tuple[torch.Tensor, object]:
+        cache = transformers.DynamicCache()
+        kwargs = {tiny_hf.cache_kwarg(model): cache, "use_cache": True}
+        with torch.no_grad():
+            logits = [model(prompt, **kwargs).logits]
+            for _ in range(N - 1):
+                if order is not None:
+                    cache.reorder_cache(order)  # as beam search does between its steps
+                logits.append(model(torch.full((B, 1), 7), **kwargs).logits)  # one token shared by every row
+        return torch.cat(logits, dim=1), cache
+
+    session = mr.attach(model)
+    with session.capture():
+        decode(torch.arange(B))
+    routes = session.routes()
+    assert routes.token_ids is not None and routes._rows_moved == "DynamicCache.reorder_cache"  # the premise
+    with pytest.raises(mr.RoutesValidationError, match=r"moved rows between forwards \(DynamicCache\.reorder_cache"):
+        with session.replay(routes):
+            decode(torch.tensor([2, 0, 1]))  # other moves, the same tokens fed: no token check can see it
+    with pytest.raises(mr.RoutesValidationError, match="num_beams=1"):
+        with session.replay(routes):
+            decode(torch.arange(B))  # the capture's own moves are refused too: a replay cannot check them
+    with session.capture():
+        reference, _ = decode(None)
+    plain = session.routes()
+    with session.replay(plain):
+        replayed, cache = decode(None)
+    assert torch.equal(replayed, reference)
+    assert "reorder_cache" not in vars(cache)
+    session.detach()
+    assert_untouched(model, before)
