@@ -1285,9 +1285,16 @@ class Session:
 
     def _check_routes(self, routes: Routes, strict: bool) -> tuple[Routes, list[tuple[RouterHook, RouterSite, int]]]:
         if not isinstance(routes, Routes):
+            parts = isinstance(routes, list | tuple) and bool(routes) and all(isinstance(r, Routes) for r in routes)
             raise RoutesValidationError(
-                f"replay takes a Routes object, got {type(routes).__name__}; build one with "
-                "mr.Routes(...) or mr.Routes.from_numpy(...)"
+                f"replay takes a Routes object, got {type(routes).__name__}; "
+                + (
+                    f"these are {len(routes)} Routes (one per sequence, as split_generation returns them): lay "
+                    "them out as the batch you replay, mr.BatchLayout.padded(lengths).routes(parts) (or .packed), "
+                    "or mr.Routes.cat(parts) for generate()'s grid (keep_padding=True)"
+                    if parts
+                    else "build one with mr.Routes(...) or mr.Routes.from_numpy(...)"
+                )
             )
         routes._ensure_valid()  # routes built with validate=False are checked before any forward
         routes, renamed = self._fit_names(routes)

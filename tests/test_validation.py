@@ -221,6 +221,18 @@ def test_replay_takes_routes_only(setup) -> None:
             model(x)
 
 
+@pytest.mark.reliability("bad inputs")
+def test_replay_of_a_list_of_per_sequence_routes_names_how_to_lay_them_out(setup) -> None:
+    """Once a list of per-sequence Routes (what split_generation returns) given to replay() was refused only with
+    "build one with mr.Routes(...)": the error now names the layout that makes one Routes of them."""
+    model, session, routes, x = setup
+    with pytest.raises(mr.RoutesValidationError, match=r"2 Routes \(one per sequence.*BatchLayout.*Routes\.cat"):
+        with session.replay([routes[:12], routes[12:]]):  # type: ignore[arg-type]
+            model(x)
+    with session.replay(mr.Routes.cat([routes[:12], routes[12:]])):
+        model(x)
+
+
 @pytest.mark.reliability("re-entrance")
 def test_nesting_and_second_session_are_refused(setup) -> None:
     """Nested capture, nested replay and a second attach on the same model are refused."""
