@@ -249,7 +249,8 @@ class MoveWatch(FeedRecord):
         super().__init__(keep_inputs=False)
 
     def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False) -> bool:
-        """A forward entering a level: refused after a row move; its cache watched."""
+        """A forward entering a level: refused after a row move; its cache watched (at the first level it
+        enters, which is given the cache that the levels below it are given too)."""
         moved = self.moved
         if moved is not None:
             why = (
@@ -265,7 +266,8 @@ class MoveWatch(FeedRecord):
                 "num_beams=1 (greedy or sampling), or replay a rollout teacher-forced over its sequences "
                 "(mr.split_generation, mr.BatchLayout)"
             )
-        return super().fed(args, kwargs, paired)
+        self._watch_caches(args, kwargs)
+        return True
 
 
 class FeedCheck:
@@ -584,7 +586,7 @@ class FeedForward:
             return self._run(args, kwargs)
         for owner in self.owners:
             if owner.blocks:  # (not a forward of another asyncio task while the block's awaits)
-                owner.admit_forward(f"a forward of {type(self.module).__name__}")
+                owner.admit_forward(self.module)  # (named only where it refuses)
         if self.records:
             me = threading.get_ident()
             entered = [r for r in self.records if not r._inside and r._thread == me]

@@ -90,12 +90,9 @@ def _in_backward() -> bool:
 def _running_coroutine() -> Any:
     """The coroutine of the asyncio task running now in this thread, or None (no event loop runs here)."""
     aio = sys.modules.get("asyncio")
-    if aio is None:  # (never imported: no loop can run)
+    if aio is None or aio._get_running_loop() is None:  # never imported, or no loop runs in this thread
         return None
-    try:
-        task = aio.current_task()
-    except RuntimeError:  # no running event loop in this thread
-        return None
+    task = aio.current_task()
     return task.get_coro() if task is not None else None
 
 
@@ -134,14 +131,15 @@ class _Owner:
         """The outermost block ends."""
         self.ident = self.coro = self.last = self.mark = None
 
-    def admit_forward(self, what: str) -> None:
+    def admit_forward(self, what: str | nn.Module) -> None:
         """Refuse a forward (or a block) in the owner's thread whose rows would interleave with the block's.
 
         Where asyncio tasks run the forwards: one from a task that is not the block's (started before it: a
         sibling) while the task that opened the block waits at an ``await``; or one from a task other than the
         last to run a forward in the block while that one waits at an ``await`` and is not the block's opener
         (two tasks the block started, forwarding in turn). A task the opener awaits, or one that ran its forwards
-        and ended, is a sequence, not an interleaving.
+        and ended, is a sequence, not an interleaving. ``what`` names the block or forward (or is the module
+        whose forward it is: named only where it is refused).
         """
         if self.ident != threading.get_ident():
             return  # (another thread's forward: its routers refuse it)
@@ -149,6 +147,8 @@ class _Owner:
         last = self.last
         if coro is None or coro is last or _in_backward():
             return
+        if not isinstance(what, str):  # a forward of this module
+            what = f"a forward of {type(what).__name__}"
         if _BLOCK_MARK.get() is not self.mark:
             if self.coro is not None and _suspended(self.coro):
                 raise SessionStateError(
