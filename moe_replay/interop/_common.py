@@ -211,6 +211,21 @@ def skip_front(routes: Routes, start: int, what: str, name: str) -> Routes:
     return routes[start:]
 
 
+def check_routed_rows(arr: np.ndarray, num_tokens: int, what: str) -> None:
+    """``arr`` holds one row per token of a sequence of ``num_tokens`` but the last (which engines never route)."""
+    rows = arr.shape[0] if arr.ndim else 0
+    if num_tokens < 1:
+        raise RoutesValidationError(
+            f"num_tokens={num_tokens}, but a sequence has at least one token ({what} has {rows} rows, so "
+            f"{rows + 1} would fit)"
+        )
+    if arr.ndim < 1 or rows != num_tokens - 1:
+        raise RoutesValidationError(
+            f"{what} has {rows} rows; a sequence of {num_tokens} tokens has {num_tokens - 1} (the last token is "
+            f"never routed). Check num_tokens, and that the array is [tokens, layers, k] (not [layers, tokens, k])"
+        )
+
+
 def check_start(start: int, name: str) -> int:
     """A non-negative integer offset."""
     if isinstance(start, bool) or not isinstance(start, int | np.integer) or not 0 <= int(start) <= MAX_COUNT:

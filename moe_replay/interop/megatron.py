@@ -28,7 +28,7 @@ import torch
 from .._checks import check_count, is_collection, is_integer
 from ..errors import ArgumentTypeError, InvalidArgumentError, RoutesValidationError, UnsupportedRouterError
 from ..routes import Routes
-from ._common import as_array, columns, cut_last, make_routes, ordered, to_array, with_last
+from ._common import as_array, check_routed_rows, columns, cut_last, make_routes, ordered, to_array, with_last
 from .layer_map import LayerMap, check_map
 
 __all__ = [
@@ -150,7 +150,8 @@ def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_to
     int32: MoE layers only, in layer order, the last token unrouted.
 
     Args:
-        num_tokens: prompt plus generated tokens, to check the row count.
+        num_tokens: prompt plus generated tokens, to check the row count (without it the
+            array's rows are taken as ``num_tokens - 1``: the array does not say its length).
 
     Returns:
         ``rows + 1`` tokens, the last one -1.
@@ -159,11 +160,8 @@ def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_to
     arr = as_array(routing_indices, "routing_indices")
     if arr.dtype.name in ("uint8", "uint16", "int16"):
         raise RoutesValidationError(f"routing_indices is {arr.dtype}; Megatron inference writes int32")
-    if num_tokens is not None and (arr.ndim < 1 or arr.shape[0] != check_count(num_tokens, "num_tokens") - 1):
-        raise RoutesValidationError(
-            f"routing_indices has {arr.shape[0] if arr.ndim else 0} rows; a request of {num_tokens} tokens has "
-            f"{int(num_tokens) - 1} (the last token is never routed)"
-        )
+    if num_tokens is not None:
+        check_routed_rows(arr, check_count(num_tokens, "num_tokens"), "routing_indices")
     layers = columns(arr, layer_map, "moe", "Megatron routing_indices")
     return make_routes(with_last(layers), layer_map, "Megatron routing_indices")
 

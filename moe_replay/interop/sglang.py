@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._checks import check_count
-from ..errors import RoutesValidationError
+from .._checks import check_count, is_collection, is_integer
+from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes
 from ._common import check_start, columns, cut_last, make_routes, skip_front, to_array, with_front, with_last
 from .layer_map import LayerMap, check_map
@@ -37,9 +37,10 @@ from .layer_map import LayerMap, check_map
 __all__ = ["from_sglang", "to_sglang"]
 
 
-def _payload(response: Mapping[str, Any] | str | bytes) -> str | bytes:
+def _payload(response: Mapping[str, Any] | str | bytes) -> tuple[str | bytes, int | None]:
+    """The base64 payload, and the sequence's token count where ``meta_info`` says it (else None)."""
     if isinstance(response, str | bytes):
-        return response
+        return response, None
     if not isinstance(response, Mapping):
         raise RoutesValidationError(f"expected an SGLang response or meta_info dict, got {type(response).__name__}")
     meta = response.get("meta_info", response)
@@ -60,7 +61,66 @@ def _payload(response: Mapping[str, Any] | str | bytes) -> str | bytes:
             f"meta_info['routed_experts'] is a {type(payload).__name__}; SGLang sends a base64 string of int32 "
             "bytes. Decoded or re-encoded data came from elsewhere: read it there"
         )
-    return payload
+    return payload, _meta_tokens(meta)
+
+
+def _meta_tokens(meta: Mapping[str, Any]) -> int | None:
+    """``prompt_tokens + completion_tokens`` of ``meta_info``: the tokens SGLang's rows are counted against.
+
+    SGLang sends ``prompt_tokens = len(origin_input_ids)`` and ``completion_tokens =
+    len(output_ids_through_stop)``, the two lengths whose sum less one (less ``start_len``)
+    is its row count. None where either is absent or not a count (a ``meta_info`` rebuilt
+    by another tool): the rows are then checked against ``num_tokens=`` only.
+    """
+    counts = [meta.get("prompt_tokens"), meta.get("completion_tokens")]
+    if not all(is_integer(c) and int(c) >= 0 for c in counts):
+        return None
+    return sum(int(c) for c in counts)
+
+
+def _id_count(token_ids: Any) -> np.ndarray | torch.Tensor | list[Any]:
+    """``token_ids`` flattened to one entry per token (their values are checked by ``with_token_ids``)."""
+    if isinstance(token_ids, torch.Tensor):
+        return token_ids.detach().reshape(-1)
+    if isinstance(token_ids, np.ndarray):
+        return token_ids.reshape(-1)
+    if not is_collection(token_ids) or isinstance(token_ids, Mapping):  # (a dict's keys are no ids in order)
+        raise ArgumentTypeError(
+            f"from_sglang: token_ids must be the sequence's token ids (a list, array or tensor), got "
+            f"{type(token_ids).__name__}"
+        )
+    return list(token_ids)
+
+
+def _check_rows(rows: int, start: int, expected: int, source: str) -> None:
+    """SGLang's ``rows`` fit a sequence of ``expected`` tokens with ``start_len=start`` (``source`` says who said so).
+
+    Checked before any row is read: a count that does not fit is refused here, not by a replay
+    that runs out of rows (or has rows left) after its forwards.
+    """
+    if expected < 1:
+        raise RoutesValidationError(
+            f"{source} gives a sequence of {expected} tokens; SGLang routes sequences of at least one token"
+        )
+    if start > expected - 1:
+        raise RoutesValidationError(
+            f"start_len={start} is past the {expected - 1} routed tokens of a sequence of {expected} ({source}); "
+            "SGLang takes routed_experts_start_len within the prompt. Pass the request's routed_experts_start_len"
+        )
+    want = expected - 1 - start
+    if rows == want:
+        return
+    hint = ""
+    if not start and rows < want:
+        hint = f". If the request set routed_experts_start_len, pass start_len={want - rows}"
+    elif start and rows == want + start:
+        hint = ". The rows cover the whole sequence: did the request set routed_experts_start_len?"
+    if source.startswith("token_ids"):
+        hint += ". token_ids are the prompt's input_ids then the response's output_ids, one per token"
+    raise RoutesValidationError(
+        f"SGLang routed_experts has {rows} rows; a sequence of {expected} tokens ({source}) with start_len={start} "
+        f"has {want} (the last token is never routed); these rows fit {rows + 1 + start} tokens{hint}"
+    )
 
 
 def from_sglang(
@@ -77,7 +137,11 @@ def from_sglang(
         response: a ``/generate`` response (with ``meta_info``), its ``meta_info``, or the
             base64 string itself. Each of ``n > 1`` samples is its own response.
         num_tokens: prompt plus completion length (as returned, after stop trimming), to
-            check the row count: SGLang writes ``num_tokens - 1 - start_len`` rows.
+            check the row count: SGLang writes ``num_tokens - 1 - start_len`` rows. A
+            response or ``meta_info`` holding SGLang's ``prompt_tokens`` and
+            ``completion_tokens`` gives that count itself, and it is checked too (without
+            ``num_tokens`` it is the check). A bare base64 string says no count: its rows are
+            then taken as the sequence, and a wrong count is refused only by the replay.
         start_len: the request's ``routed_experts_start_len``: tokens left out at the
             front; they get -1 rows.
         token_ids: the sequence's ids, prompt then completion (the ``input_ids`` sent, then
@@ -91,12 +155,21 @@ def from_sglang(
     Raises:
         RoutesValidationError: not base64, a size that is not whole rows of
             ``num_hidden_layers * k`` int32 values, a row count that does not fit
-            ``num_tokens`` (or ``token_ids``), a dense layer's column holding experts,
-            invalid experts.
+            ``num_tokens``, ``token_ids`` or ``meta_info``'s token counts (checked before any
+            row is read), a dense layer's column holding experts, invalid experts.
     """
     check_map(layer_map, "from_sglang")
     start = check_start(start_len, "start_len")
-    payload = _payload(response)
+    payload, meta_count = _payload(response)
+    counts: list[tuple[int, str]] = []  # (tokens, who says so): every count given must fit the rows
+    if num_tokens is not None:
+        counts.append((check_count(num_tokens, "num_tokens"), f"num_tokens={int(num_tokens)}"))
+    ids = None
+    if token_ids is not None:
+        ids = _id_count(token_ids)
+        counts.append((len(ids), f"token_ids holds {len(ids)} ids"))
+    if meta_count is not None:
+        counts.append((meta_count, "meta_info's prompt_tokens + completion_tokens"))
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -108,28 +181,11 @@ def from_sglang(
             "int32 values: check the LayerMap's num_layers and k"
         )
     arr = np.frombuffer(raw, dtype="<i4").reshape(-1, width, k)
-    if num_tokens is not None and arr.shape[0] != check_count(num_tokens, "num_tokens") - 1 - start:
-        raise RoutesValidationError(
-            f"SGLang routed_experts has {arr.shape[0]} rows; a sequence of {num_tokens} tokens with "
-            f"start_len={start} has {int(num_tokens) - 1 - start} (the last token is never routed)"
-            + (
-                f". If the request set routed_experts_start_len, pass start_len={int(num_tokens) - 1 - arr.shape[0]}"
-                if not start and arr.shape[0] < int(num_tokens) - 1
-                else ""
-            )
-        )
+    for expected, source in counts:
+        _check_rows(arr.shape[0], start, expected, source)
     layers = columns(arr, layer_map, "all", "SGLang routed_experts")
     routes = make_routes(with_last(with_front(layers, start)), layer_map, "SGLang routed_experts")
-    if token_ids is None:
-        return routes
-    ids = np.asarray(token_ids.cpu() if isinstance(token_ids, torch.Tensor) else token_ids).reshape(-1)
-    if ids.shape[0] != routes.num_tokens:
-        raise RoutesValidationError(
-            f"from_sglang: token_ids holds {ids.shape[0]} ids, but SGLang routed {arr.shape[0]} tokens with "
-            f"start_len={start}, so the sequence has {routes.num_tokens} (start_len + rows + the last token, never "
-            "routed): pass the prompt's input_ids then the response's output_ids"
-        )
-    return routes.with_token_ids(ids)
+    return routes if ids is None else routes.with_token_ids(ids)
 
 
 def to_sglang(routes: Routes, layer_map: LayerMap, *, start_len: int = 0, drop_last: bool = False) -> dict[str, str]:

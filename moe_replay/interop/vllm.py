@@ -41,6 +41,7 @@ from ..errors import RoutesValidationError
 from ..routes import Routes
 from ._common import (
     as_array,
+    check_routed_rows,
     check_start,
     columns,
     cut_last,
@@ -289,6 +290,12 @@ def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: in
 
     Args:
         num_tokens: ``len(prompt_token_ids) + len(token_ids)``, to check the row count.
+            Without it the row count cannot be checked here: the array is all vLLM <= 0.20
+            returns, and it does not say how many tokens its sequence has, so its rows are
+            taken as ``num_tokens - 1`` (a transposed or cut array of a plausible shape is read
+            as one of another length, and refused only by the replay that runs out of rows).
+            Pass it, or read the whole ``RequestOutput`` with
+            ``from_vllm_output(output, layer_map, version="0.20")``, which counts the tokens.
 
     Returns:
         ``rows + 1`` tokens, the last one -1.
@@ -302,11 +309,8 @@ def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: in
             f"routed_experts is {arr.dtype}, which vLLM {other} writes, not vLLM <= 0.20 (int32). Read it with "
             + (use if other == _CURRENT else "from_vllm_split(prompt_routed_experts, routed_experts, ...)")
         )
-    if num_tokens is not None and (arr.ndim < 1 or arr.shape[0] != check_count(num_tokens, "num_tokens") - 1):
-        raise RoutesValidationError(
-            f"routed_experts has {arr.shape[0] if arr.ndim else 0} rows; a sequence of {num_tokens} tokens has "
-            f"{int(num_tokens) - 1} (the last token is never routed)"
-        )
+    if num_tokens is not None:
+        check_routed_rows(arr, check_count(num_tokens, "num_tokens"), "routed_experts")
     layers = columns(arr, layer_map, "all", "vLLM <=0.20 routed_experts")
     return make_routes(with_last(layers), layer_map, "vLLM <=0.20 routed_experts")
 

@@ -157,7 +157,13 @@ def vllm_021_request_output(
 
 # ----------------------------------------------------------------------------- SGLang
 def sglang_meta_info(
-    model: Model, truth: np.ndarray, *, start_len: int = 0, trim: int = 0, shared_slots: int = 1
+    model: Model,
+    truth: np.ndarray,
+    *,
+    start_len: int = 0,
+    trim: int = 0,
+    shared_slots: int = 1,
+    prompt_len: int | None = None,
 ) -> dict[str, object]:
     """SGLang 0.5.23's ``meta_info`` with ``routed_experts`` for one sequence.
 
@@ -169,12 +175,19 @@ def sglang_meta_info(
     (``scheduler_components/batch_result_processor.py:136-179``); sent as
     ``pybase64.b64encode(tensor.numpy().tobytes())`` (``managers/detokenizer_manager.py:432-448``):
     no dtype field. ``truth`` covers every token before ``trim`` stop-trimmed ones.
+
+    Given ``prompt_len``, ``meta_info`` also holds SGLang's token counts, ``prompt_tokens =
+    len(origin_input_ids)`` and ``completion_tokens = len(output_ids_through_stop)``
+    (``managers/scheduler_components/output_streamer.py``, ``_GenerationStreamAccumulator.accept``).
     """
     device = capture_buffer(model, truth, width=model.k + shared_slots)
     host = np.ascontiguousarray(device[:, :, : model.k]).astype(np.int32)
     seqlen = truth.shape[0] - trim
     rows = host[start_len : seqlen - 1]
-    return {"routed_experts": base64.b64encode(rows.tobytes()).decode(), "completion_tokens": 0}
+    meta: dict[str, object] = {"routed_experts": base64.b64encode(rows.tobytes()).decode()}
+    if prompt_len is not None:
+        meta.update(prompt_tokens=prompt_len, completion_tokens=seqlen - prompt_len)
+    return meta
 
 
 # ----------------------------------------------------------------------------- Megatron

@@ -57,7 +57,7 @@ def test_inference_routing_indices() -> None:
     r = interop.from_megatron_inference(arr, M.layer_map, num_tokens=7)
     assert r.equal(M.routes(truth))
     assert np.array_equal(interop.to_megatron_inference(r, M.layer_map), arr)
-    with pytest.raises(mr.RoutesValidationError, match="a request of 8 tokens"):
+    with pytest.raises(mr.RoutesValidationError, match="a sequence of 8 tokens"):
         interop.from_megatron_inference(arr, M.layer_map, num_tokens=8)
     with pytest.raises(mr.RoutesValidationError, match="fits layout='all'"):  # an all-layer array is not this format
         interop.from_megatron_inference(np.zeros((6, 4, 2), np.int32), M.layer_map)

@@ -116,5 +116,42 @@ def test_token_ids_make_routes_that_refuse_other_tokens() -> None:
     r = interop.from_sglang(meta, m.layer_map, start_len=2, token_ids=ids)
     assert r.token_ids.tolist() == ids.tolist()
     assert r.with_token_ids(None).equal(interop.from_sglang(meta, m.layer_map, start_len=2))
-    with pytest.raises(mr.RoutesValidationError, match="token_ids holds 7 ids.*has 8"):
+    with pytest.raises(mr.RoutesValidationError, match=r"token_ids holds 7 ids.*these rows fit 8 tokens"):
         interop.from_sglang(meta, m.layer_map, start_len=2, token_ids=ids[:7])
+
+
+@pytest.mark.reliability("bad inputs")
+def test_meta_info_token_counts_check_the_rows_without_num_tokens() -> None:
+    """Once a response whose rows did not fit its own meta_info token counts was read without num_tokens=,
+    its routes one token short, refused only when a replay ran out of rows."""
+    m = DEEPSEEK
+    truth = m.truth(9, seed=5)
+    meta = sglang_meta_info(m, truth, prompt_len=4)
+    assert (meta["prompt_tokens"], meta["completion_tokens"]) == (4, 5)
+    assert interop.from_sglang({"meta_info": meta}, m.layer_map).equal(m.routes(truth))
+    short = {**meta, "routed_experts": sglang_meta_info(m, truth[:8])["routed_experts"]}  # a row lost on the way
+    with pytest.raises(mr.RoutesValidationError, match=r"7 rows; a sequence of 9 tokens \(meta_info's prompt_tokens"):
+        interop.from_sglang({"meta_info": short}, m.layer_map)
+    with pytest.raises(mr.RoutesValidationError, match="meta_info's prompt_tokens"):  # each count given must fit
+        interop.from_sglang(short, m.layer_map, num_tokens=8)
+    assert interop.from_sglang(short["routed_experts"], m.layer_map).num_tokens == 8  # a bare string says no count
+    turn = sglang_meta_info(m, truth, start_len=3, prompt_len=4)
+    with pytest.raises(mr.RoutesValidationError, match="pass start_len=3"):
+        interop.from_sglang(turn, m.layer_map)
+    assert interop.from_sglang(turn, m.layer_map, start_len=3).equal(m.routes(truth, front=3))
+
+
+@pytest.mark.reliability("bad inputs")
+def test_counts_that_fit_no_sequence_are_refused_by_name() -> None:
+    """Once num_tokens=0 or a start_len past the sequence was refused as a sequence of "-1" or "-2" rows, and token
+    ids given as a dict were counted as one id."""
+    m = DEEPSEEK
+    meta = sglang_meta_info(m, m.truth(8, seed=6))
+    with pytest.raises(mr.RoutesValidationError, match="at least one token"):
+        interop.from_sglang(meta, m.layer_map, num_tokens=0)
+    with pytest.raises(mr.RoutesValidationError, match="start_len=9 is past the 7 routed tokens"):
+        interop.from_sglang(meta, m.layer_map, num_tokens=8, start_len=9)
+    with pytest.raises(mr.ArgumentTypeError, match="got dict"):
+        interop.from_sglang(meta, m.layer_map, token_ids={i: i for i in range(8)})
+    with pytest.raises(mr.RoutesValidationError, match="these rows fit 8 tokens"):
+        interop.from_sglang(meta, m.layer_map, token_ids=list(range(9)))

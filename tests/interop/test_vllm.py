@@ -240,6 +240,20 @@ def test_the_legacy_reader_refuses_the_arrays_of_later_releases() -> None:
     assert interop.from_vllm_legacy(converted, m.layer_map, num_tokens=8).equal(m.routes(truth))
 
 
+@pytest.mark.reliability("bad inputs")
+def test_legacy_row_counts_that_fit_no_sequence_are_refused_by_name() -> None:
+    """Once num_tokens=0 was refused as "a sequence of 0 tokens has -1" rows, and a [layers, tokens, k] array with
+    num_tokens= was refused without saying that its axes may be swapped."""
+    m = ALL_MOE
+    arr = vllm_020_routed_experts(m, m.truth(5, seed=30))  # [4, 3, 2]
+    with pytest.raises(mr.RoutesValidationError, match=r"num_tokens=0, but a sequence has at least one token"):
+        interop.from_vllm_legacy(arr[:0], m.layer_map, num_tokens=0)
+    with pytest.raises(mr.RoutesValidationError, match=r"3 rows; a sequence of 5 tokens has 4.*not \[layers, tokens"):
+        interop.from_vllm_legacy(np.ascontiguousarray(arr.transpose(1, 0, 2)[:, :3]), m.layer_map, num_tokens=5)
+    with pytest.raises(mr.RoutesValidationError, match="at least one token"):
+        interop.from_megatron_inference(megatron_routing_indices(m, m.truth(5, seed=30))[:0], m.layer_map, num_tokens=0)
+
+
 # ----------------------------------------------------------------------------- releases, dtypes, layers
 def test_version_and_dtype_must_agree() -> None:
     m = DEEPSEEK
