@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ArgumentTypeError, InvalidArgumentError
+from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError
 
-__all__ = ["MAX_COUNT", "check_count", "check_flag", "is_collection", "is_integer"]
+__all__ = ["MAX_COUNT", "check_count", "check_dense", "check_flag", "is_collection", "is_integer"]
 
 #: The largest count or offset taken: one past it no tensor or array index holds.
 MAX_COUNT = 2**63 - 1
@@ -72,3 +72,25 @@ def check_flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool | np.bool_):
         raise ArgumentTypeError(f"{name} must be True or False, got {value!r:.60} ({type(value).__name__})")
     return bool(value)
+
+
+def check_dense(value: Any, what: str, error: type[MoEReplayError] = ArgumentTypeError) -> None:
+    """Refuse a tensor whose values are not plain elements in memory: sparse, nested or quantized.
+
+    Such a tensor has no numpy view, no strides to slice and no integer values to compare
+    (a quantized one holds scaled integers), so taking it would raise torch's own error at
+    some later step, or read the wrong numbers. Anything that is not a tensor passes.
+
+    Raises:
+        ``error`` (an ArgumentTypeError unless told): naming ``what`` and the tensor's kind.
+    """
+    if not isinstance(value, torch.Tensor):
+        return
+    if value.is_nested or value.layout != torch.strided:
+        kind = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+        raise error(f"{what} is a {kind} tensor; pass a dense tensor (tensor.to_dense(), or one tensor per sequence)")
+    if value.is_quantized:
+        raise error(
+            f"{what} is a quantized tensor ({value.dtype}): its values are scaled, not integers; pass the integer "
+            "tensor (tensor.int_repr() holds the stored integers, tensor.dequantize() the values)"
+        )

