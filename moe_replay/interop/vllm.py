@@ -541,10 +541,10 @@ def _listed(value: Any, what: str, holds: str) -> Any:
 def _with_tokens(routes: Routes, prompt: Any, prompt_len: int, completion: Any) -> Routes:
     """``routes`` knowing the tokens vLLM's output names (the prompt's -1 where only its length is known),
     so that a replay fed other tokens is refused (:attr:`Routes.token_ids`)."""
-    try:
-        ids = [int(t) for t in (prompt if prompt is not None else [-1] * prompt_len)] + [int(t) for t in completion]
-    except (TypeError, ValueError):
+    given = [*(prompt if prompt is not None else [-1] * prompt_len), *completion]
+    if not all(is_integer(t) for t in given):  # (int(1.5) would be token 1: never cut to an id)
         return routes  # (token ids of a kind no id is read from: the rows are all there is)
+    ids = [int(t) for t in given]
     if len(ids) != routes.num_tokens or any(t < -1 for t in ids):
         return routes
     return routes.with_token_ids(ids)

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 import moe_replay as mr
 from moe_replay import interop
@@ -252,6 +253,23 @@ def test_legacy_row_counts_that_fit_no_sequence_are_refused_by_name() -> None:
         interop.from_vllm_legacy(np.ascontiguousarray(arr.transpose(1, 0, 2)[:, :3]), m.layer_map, num_tokens=5)
     with pytest.raises(mr.RoutesValidationError, match="at least one token"):
         interop.from_megatron_inference(megatron_routing_indices(m, m.truth(5, seed=30))[:0], m.layer_map, num_tokens=0)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_token_ids_that_are_no_integers_are_not_cut_to_ids() -> None:
+    """Once a CompletionOutput whose token_ids were floats (1.5) gave routes that knew token 1 there, int() cutting
+    them; now such ids are no ids, and the routes know none (torch and numpy integer ids are read exactly)."""
+    m = DEEPSEEK
+    truth = m.truth(6, seed=31)
+    arr = vllm_033_routed_experts(m, truth, 3)
+    floats = SimpleNamespace(token_ids=[1.5, 2.5, 3.5], routed_experts=arr)
+    r = interop.from_vllm_output(floats, m.layer_map, prompt_len=3)
+    assert r.equal(m.routes(truth)) and r.token_ids is None
+    tensors = SimpleNamespace(
+        prompt_token_ids=np.array([7, 8, 9]),
+        outputs=[SimpleNamespace(token_ids=torch.tensor([1, 2, 3]), routed_experts=arr)],
+    )
+    assert interop.from_vllm_output(tensors, m.layer_map).token_ids.tolist() == [7, 8, 9, 1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- releases, dtypes, layers
