@@ -124,6 +124,11 @@ def validate_rows(rows: torch.Tensor, num_experts: int, top_k: int | None, name:
         raise RoutesValidationError(
             f"routes for router '{name}' must be 2-D [tokens, k], got shape {tuple(rows.shape)}"
         )
+    if rows.shape[1] == 0:
+        raise RoutesValidationError(
+            f"routes for router '{name}' have shape {tuple(rows.shape)}: k=0 experts per token, but a router picks at "
+            "least one. Pass [tokens, k] rows (a token without a route is a row of k times -1)"
+        )
     if top_k is not None and rows.shape[1] != top_k:
         raise RoutesValidationError(
             f"router '{name}' chooses k={top_k} experts per token, but its routes have k={rows.shape[1]}"
@@ -273,7 +278,14 @@ class Routes:
             raise ArgumentTypeError(f"layers must be one [tokens, k] tensor per router (a list), got {layers!r:.60}")
         if not is_collection(names):
             raise ArgumentTypeError(f"names must be a sequence of router names, got {names!r:.60}")
-        names = tuple(str(n) for n in names)
+        names = tuple(names)
+        odd = [n for n in names if not isinstance(n, str)]
+        if odd:  # (str(None) would be a router named 'None': never one of the model's)
+            raise ArgumentTypeError(
+                f"router names must be str (module paths, as model.named_modules() gives them), got {odd[0]!r:.60} "
+                f"({type(odd[0]).__name__})"
+            )
+        names = tuple(str(n) for n in names)  # (a numpy str_ as a plain str)
         layers = list(layers)
         if len(layers) != len(names):
             raise RoutesValidationError(f"got {len(layers)} routing tensors for {len(names)} router names")

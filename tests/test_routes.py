@@ -688,3 +688,22 @@ def test_arrays_whose_numbers_are_no_expert_numbers_are_refused() -> None:
     with pytest.raises(mr.RoutesValidationError, match="masked entries"):
         mr.Routes.from_numpy(masked, names=["a"], num_experts=4)
     assert mr.Routes.from_numpy(np.ma.masked_array(arr), names=["a"], num_experts=4).indices.tolist() == arr.tolist()
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("name", [None, 1, b"layers.0.gate"], ids=["None", "int", "bytes"])
+def test_router_names_that_are_no_str_are_refused(name: object) -> None:
+    """Once a name that was no str was turned into one (None became a router named 'None', b'x' one named "b'x'"),
+    which no module of the model has."""
+    with pytest.raises(mr.ArgumentTypeError, match="router names must be str"):
+        mr.Routes([torch.tensor([[0, 1]])], names=[name], num_experts=4)
+    assert mr.Routes([torch.tensor([[0, 1]])], names=[np.str_("a")], num_experts=4).names == ("a",)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_rows_of_no_expert_per_token_are_refused() -> None:
+    """Once [tokens, 0] rows were taken as a router of k=0, every token of it 'missing' (no router picks none)."""
+    with pytest.raises(mr.RoutesValidationError, match="k=0 experts per token"):
+        mr.Routes([torch.zeros(3, 0, dtype=torch.long)], names=["a"], num_experts=4)
+    with pytest.raises(mr.RoutesValidationError, match="k=0 experts per token"):
+        mr.Routes.from_numpy(np.zeros((3, 1, 0), np.int64), names=["a"], num_experts=4)

@@ -182,6 +182,11 @@ class LayerMap:
         """Map router names to hidden layers, parsing ``...layers.<i>...`` unless ``layers`` is given."""
         if not is_collection(names):
             raise LayerMapError(f"names must be router module paths (a list of str), got {names!r:.80}")
+        odd = [n for n in names if not isinstance(n, str)]
+        if odd:  # (str(None) would map a router named 'None': never one of the model's)
+            raise LayerMapError(
+                f"names must be router module paths (str), got {odd[0]!r:.60} ({type(odd[0]).__name__})"
+            )
         names = tuple(str(n) for n in names)
         if layers is not None and not is_collection(layers):
             raise LayerMapError(f"layers must be one hidden-layer index per router (a list of int), got {layers!r:.60}")

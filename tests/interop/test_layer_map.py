@@ -88,3 +88,11 @@ def test_a_pattern_that_reads_no_layer_index_is_refused(pattern: str, what: str)
     with pytest.raises(mr.LayerMapError, match=what):
         mr.LayerMap.from_names(["model.layers.3.mlp.gate"], 4, 8, 2, pattern=pattern)
     assert mr.LayerMap.from_names(["model.layers.3.mlp.gate"], 4, 8, 2, pattern=r"layers\.(\d+)").layers == (3,)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("name", [None, 1, b"model.layers.0.mlp.gate"], ids=["None", "int", "bytes"])
+def test_names_that_are_no_str_are_refused(name: object) -> None:
+    """Once from_names turned a name that was no str into one (None mapped a router named 'None')."""
+    with pytest.raises(mr.LayerMapError, match="names must be router module paths"):
+        mr.LayerMap.from_names([name], num_layers=1, num_experts=4, top_k=2, layers=[0])
