@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import InvalidArgumentError, MissingDependencyError, MissingFileError
+from .errors import ArgumentTypeError, InvalidArgumentError, MissingDependencyError, MissingFileError
 
 __all__ = ["is_checkpoint_dir", "load_checkpoint", "tiny_config", "tiny_model"]
 
@@ -297,8 +297,16 @@ def tiny_config(model_type: str, layers: int | None = _LAYERS, **overrides: Any)
         **overrides: config fields to set on top (``num_experts=16`` ...).
 
     Raises:
-        ValueError: transformers does not know ``model_type``.
+        InvalidArgumentError: transformers does not know ``model_type`` (a ``ValueError``), or
+            ``layers`` is not a count >= 1.
+        ArgumentTypeError: ``model_type`` is not a str.
     """
+    if not isinstance(model_type, str):
+        raise ArgumentTypeError(f"model_type must be a transformers model type (a str), got {model_type!r:.60}")
+    if layers is not None and (not _int(layers) or layers < 1):
+        raise InvalidArgumentError(
+            f"layers must be a layer count >= 1 (or None: the default depth), got {layers!r:.60}"
+        )
     tf = _transformers()
     try:
         cls = tf.CONFIG_MAPPING[model_type]
@@ -347,6 +355,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> nn.Module:
 
     Only local files are read; the causal-LM class is tried first, then the base model.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise ArgumentTypeError(
+            f"load_checkpoint takes a directory path (a str or os.PathLike), got {type(path).__name__}"
+        )
     tf = _transformers()
     if not is_checkpoint_dir(path):
         raise MissingFileError(f"{path} is not a model directory: it has no config.json")

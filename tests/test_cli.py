@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -241,6 +243,28 @@ def test_tiny_config_caps_layers_and_takes_overrides() -> None:
     assert len(cfg.layer_types) == 3  # per-layer lists follow the depth
     with pytest.raises(ValueError, match="not a model type"):
         tiny_config("no_such_model_type")
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda hf: hf.tiny_config("qwen2_moe", 2.5), mr.InvalidArgumentError),
+        (lambda hf: hf.tiny_config("qwen2_moe", 0), mr.InvalidArgumentError),
+        (lambda hf: hf.tiny_config("qwen2_moe", True), mr.InvalidArgumentError),
+        (lambda hf: hf.tiny_config(["qwen2_moe"]), mr.ArgumentTypeError),
+        (lambda hf: hf.load_checkpoint(None), mr.ArgumentTypeError),
+    ],
+    ids=["layers-2.5", "layers-0", "layers-True", "type-list", "path-None"],
+)
+def test_hf_loaders_refuse_arguments_of_the_wrong_kind(call: Callable[[Any], object], error: type) -> None:
+    """Once 2.5 layers or a list as the model type raised transformers' or Python's own error, and 0 layers built
+    a model of no layer."""
+    pytest.importorskip("transformers")
+    from moe_replay import _hf
+
+    with pytest.raises(error):
+        call(_hf)
 
 
 def test_a_model_with_no_replayable_router_is_refused_as_such(capsys) -> None:
