@@ -177,7 +177,7 @@ def _native(arr: np.ndarray, *, copy: bool = False) -> np.ndarray:
     return np.array(arr, dtype=arr.dtype.newbyteorder("="), order="C", copy=True if copy else None)
 
 
-def integer_array(data: Any, what: str) -> np.ndarray:
+def integer_array(data: Any, what: str, holds: str = "expert indices") -> np.ndarray:
     """``data`` (a numpy array, a tensor on any device, nested lists) as an integer numpy array.
 
     Anything that holds no exact expert numbers is refused, never cast: a tensor or array of
@@ -197,14 +197,14 @@ def integer_array(data: Any, what: str) -> np.ndarray:
         if data.device.type == "meta":
             raise RoutesValidationError(f"{what} is a tensor on the meta device: it holds no values")
         if not _int_dtype(data.dtype):
-            raise RoutesValidationError(f"{what} must hold integers (expert indices), got a tensor of {data.dtype}")
+            raise RoutesValidationError(f"{what} must hold integers ({holds}), got a tensor of {data.dtype}")
         data = data.detach().cpu().resolve_conj().resolve_neg().numpy()
     try:
         arr = np.asarray(data)
     except (TypeError, ValueError) as e:  # ragged lists, objects numpy cannot hold
         raise RoutesValidationError(f"{what} is not a rectangular array: {e}") from None
     if arr.dtype.kind not in "iu":  # (timedelta64 counts as an integer to numpy: not an expert number)
-        raise RoutesValidationError(f"{what} must hold integers (expert indices), got dtype {arr.dtype}")
+        raise RoutesValidationError(f"{what} must hold integers ({holds}), got dtype {arr.dtype}")
     arr = _native(arr)  # (uint64 of the other byte order is not np.uint64 to the check below)
     if arr.dtype == np.uint64 and arr.ndim and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
         past = (arr > np.iinfo(np.int64).max).reshape(arr.shape[0], -1).any(axis=1)

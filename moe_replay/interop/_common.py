@@ -15,9 +15,9 @@ from ..routes import Routes, integer_array
 from .layer_map import LayerMap, check_layout
 
 
-def as_array(data: Any, what: str) -> np.ndarray:
+def as_array(data: Any, what: str, holds: str = "expert indices") -> np.ndarray:
     """An integer numpy array from an array, a tensor or nested lists (see :func:`integer_array`)."""
-    return integer_array(data, what)
+    return integer_array(data, what, holds)
 
 
 def npy_from_base64(text: str | bytes, what: str) -> np.ndarray:

@@ -181,7 +181,7 @@ def from_verl(
         )
     ids = None
     if input_ids is not None:
-        ids = as_array(input_ids, "input_ids")
+        ids = as_array(input_ids, "from_verl: input_ids", "token ids")
         if ids.shape != mask.shape or ids.dtype.kind not in "iu":
             raise RoutesValidationError(
                 f"from_verl: input_ids must be the batch's [batch, seq] integer token ids, like its attention_mask "

@@ -144,3 +144,14 @@ def test_a_route_at_the_unrouted_last_token_is_refused_not_dropped() -> None:
         interop.from_verl(written, torch.ones(1, 5, dtype=torch.long), M.layer_map)
     back = interop.from_verl(written, torch.ones(1, 5, dtype=torch.long), M.layer_map, last_routed=True)
     assert back[0].equal(trained)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_input_ids_that_are_no_integers_are_refused_as_token_ids() -> None:
+    """Once float input_ids were refused as holding no "expert indices", naming the wrong thing."""
+    r = mr.Routes([torch.tensor([[0, 1], [2, 3], [-1, -1]])], names=["model.layers.0.mlp.gate"], num_experts=4)
+    lm = mr.LayerMap.from_routes(r, num_layers=1)
+    batch = interop.to_verl([r], lm, prompt_lengths=[2])
+    mask = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(mr.RoutesValidationError, match=r"input_ids must hold integers \(token ids\)"):
+        interop.from_verl(batch, mask, lm, input_ids=torch.zeros(1, 3))
