@@ -87,8 +87,8 @@ class LayerMap:
     Raises:
         LayerMapError: a field that does not hold what it names (a layer count, layer
             index, expert count or k that is not an integer: 3.7 is refused, never cut to
-            3; k below 1 or above the router's expert count), repeated layers, routers past
-            ``num_layers`` without ``mtp="native"``.
+            3; k below 1 or above the router's expert count), repeated names or layers,
+            routers past ``num_layers`` without ``mtp="native"``.
 
     Example:
         >>> import moe_replay as mr
@@ -118,6 +118,9 @@ class LayerMap:
             raise LayerMapError(f"num_layers must be the engine's hidden-layer count (>= 1), got {self.num_layers}")
         if self.mtp not in ("error", "native"):
             raise LayerMapError(f"mtp must be 'error' or 'native', got {self.mtp!r}")
+        twice = sorted({nm for nm in self.names if self.names.count(nm) > 1})
+        if twice:  # (a name's column is found by its first place: the second would write or read the first's)
+            raise LayerMapError(f"router names repeat: {twice[:4]}; a LayerMap names each router once")
         neg = [nm for nm, i in zip(self.names, self.layers, strict=True) if i < 0]
         if neg:
             raise LayerMapError(f"routers {neg} have a negative layer index")

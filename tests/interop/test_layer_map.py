@@ -96,3 +96,11 @@ def test_names_that_are_no_str_are_refused(name: object) -> None:
     """Once from_names turned a name that was no str into one (None mapped a router named 'None')."""
     with pytest.raises(mr.LayerMapError, match="names must be router module paths"):
         mr.LayerMap.from_names([name], num_layers=1, num_experts=4, top_k=2, layers=[0])
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_router_named_twice_is_refused() -> None:
+    """Once a map naming a router twice was taken: to_vllm wrote its routes in the first column only (the second
+    layer's column left zero) and to_megatron sent its rows for both layers."""
+    with pytest.raises(mr.LayerMapError, match=r"router names repeat: \['a'\]"):
+        mr.LayerMap.from_names(["a", "a"], 2, 4, 2, layers=[0, 1])
