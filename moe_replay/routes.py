@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npformat
 
-from ._checks import check_dense, check_flag, is_collection
+from ._checks import check_count, check_dense, check_flag, is_collection
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -713,8 +713,11 @@ class Routes:
             NotAFileError: ``path`` is a directory (an ``IsADirectoryError``).
             RoutesValidationError: the file is not a routes file, is truncated or corrupted,
                 is over ``max_bytes``, or has an unknown format version.
+            InvalidArgumentError: ``max_bytes`` is not a byte count (2.5, "10", NaN) or None.
         """
         _path(path, "load()")
+        if max_bytes is not None:  # (a NaN limit compares false: it would be no limit, without a word)
+            max_bytes = check_count(max_bytes, "load(): max_bytes (a byte count, or None for no limit)")
         if os.path.isdir(path):
             raise NotAFileError(f"cannot read routes from {path}: it is a directory, not a routes file")
         if not os.path.exists(path):

@@ -707,3 +707,15 @@ def test_rows_of_no_expert_per_token_are_refused() -> None:
         mr.Routes([torch.zeros(3, 0, dtype=torch.long)], names=["a"], num_experts=4)
     with pytest.raises(mr.RoutesValidationError, match="k=0 experts per token"):
         mr.Routes.from_numpy(np.zeros((3, 1, 0), np.int64), names=["a"], num_experts=4)
+
+
+@pytest.mark.reliability("files")
+@pytest.mark.parametrize("limit", ["10", 2.5, float("nan"), True, -1], ids=["str", "float", "nan", "bool", "negative"])
+def test_a_load_limit_that_is_no_byte_count_is_refused(tmp_path: object, limit: object) -> None:
+    """Once max_bytes=NaN loaded any file (a NaN limit compares false: no limit), and max_bytes="10" was reported
+    as a truncated or corrupted file."""
+    path = f"{tmp_path}/r.npz"
+    make(t=2).save(path)
+    with pytest.raises(mr.InvalidArgumentError, match="max_bytes"):
+        mr.Routes.load(path, max_bytes=limit)
+    assert mr.Routes.load(path, max_bytes=None).equal(make(t=2))
