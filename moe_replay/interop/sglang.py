@@ -67,10 +67,12 @@ def _payload(response: Mapping[str, Any] | str | bytes) -> tuple[str | bytes, in
 def _meta_tokens(meta: Mapping[str, Any]) -> int | None:
     """``prompt_tokens + completion_tokens`` of ``meta_info``: the tokens SGLang's rows are counted against.
 
-    SGLang sends ``prompt_tokens = len(origin_input_ids)`` and ``completion_tokens =
-    len(output_ids_through_stop)``, the two lengths whose sum less one (less ``start_len``)
-    is its row count. None where either is absent or not a count (a ``meta_info`` rebuilt
-    by another tool): the rows are then checked against ``num_tokens=`` only.
+    SGLang sends ``prompt_tokens = len(origin_input_ids)`` and a ``completion_tokens`` that
+    is ``len(output_ids_through_stop)`` in recent releases and ``len(output_ids)`` (which a
+    stop string may leave longer than the rows' sequence) in earlier ones. So their sum less
+    one (less ``start_len``) bounds the row count from above: more rows than that are
+    refused, fewer are left to ``num_tokens=`` and the replay's own count. None where either
+    is absent or not a count (a ``meta_info`` rebuilt by another tool).
     """
     counts = [meta.get("prompt_tokens"), meta.get("completion_tokens")]
     if not all(is_integer(c) and int(c) >= 0 for c in counts):
@@ -92,8 +94,9 @@ def _id_count(token_ids: Any) -> np.ndarray | torch.Tensor | list[Any]:
     return list(token_ids)
 
 
-def _check_rows(rows: int, start: int, expected: int, source: str) -> None:
-    """SGLang's ``rows`` fit a sequence of ``expected`` tokens with ``start_len=start`` (``source`` says who said so).
+def _check_rows(rows: int, start: int, expected: int, source: str, at_most: bool = False) -> None:
+    """SGLang's ``rows`` fit a sequence of ``expected`` tokens with ``start_len=start`` (``source`` says who said so);
+    ``at_most``: ``expected`` is an upper bound, and fewer rows fit too.
 
     Checked before any row is read: a count that does not fit is refused here, not by a replay
     that runs out of rows (or has rows left) after its forwards.
@@ -108,10 +111,12 @@ def _check_rows(rows: int, start: int, expected: int, source: str) -> None:
             "SGLang takes routed_experts_start_len within the prompt. Pass the request's routed_experts_start_len"
         )
     want = expected - 1 - start
-    if rows == want:
+    if rows == want or (at_most and rows < want):
         return
     hint = ""
-    if not start and rows < want:
+    if at_most:
+        hint = " at most: the rows hold more tokens than the response"
+    elif not start and rows < want:
         hint = f". If the request set routed_experts_start_len, pass start_len={want - rows}"
     elif start and rows == want + start:
         hint = ". The rows cover the whole sequence: did the request set routed_experts_start_len?"
@@ -139,9 +144,10 @@ def from_sglang(
         num_tokens: prompt plus completion length (as returned, after stop trimming), to
             check the row count: SGLang writes ``num_tokens - 1 - start_len`` rows. A
             response or ``meta_info`` holding SGLang's ``prompt_tokens`` and
-            ``completion_tokens`` gives that count itself, and it is checked too (without
-            ``num_tokens`` it is the check). A bare base64 string says no count: its rows are
-            then taken as the sequence, and a wrong count is refused only by the replay.
+            ``completion_tokens`` bounds that count itself (more rows are refused; fewer may
+            be a stop string's trim, which only ``num_tokens`` tells). Without ``num_tokens``
+            the rows are taken as the sequence, and a row count short of it is refused only
+            by the replay.
         start_len: the request's ``routed_experts_start_len``: tokens left out at the
             front; they get -1 rows.
         token_ids: the sequence's ids, prompt then completion (the ``input_ids`` sent, then
@@ -155,21 +161,22 @@ def from_sglang(
     Raises:
         RoutesValidationError: not base64, a size that is not whole rows of
             ``num_hidden_layers * k`` int32 values, a row count that does not fit
-            ``num_tokens``, ``token_ids`` or ``meta_info``'s token counts (checked before any
-            row is read), a dense layer's column holding experts, invalid experts.
+            ``num_tokens`` or ``token_ids``, more rows than ``meta_info``'s token counts
+            allow (checked before any row is read), a dense layer's column holding experts, invalid experts.
     """
     check_map(layer_map, "from_sglang")
     start = check_start(start_len, "start_len")
     payload, meta_count = _payload(response)
-    counts: list[tuple[int, str]] = []  # (tokens, who says so): every count given must fit the rows
+    # (tokens, who says so, whether only an upper bound): every count given must fit the rows
+    counts: list[tuple[int, str, bool]] = []
     if num_tokens is not None:
-        counts.append((check_count(num_tokens, "num_tokens"), f"num_tokens={int(num_tokens)}"))
+        counts.append((check_count(num_tokens, "num_tokens"), f"num_tokens={int(num_tokens)}", False))
     ids = None
     if token_ids is not None:
         ids = _id_count(token_ids)
-        counts.append((len(ids), f"token_ids holds {len(ids)} ids"))
+        counts.append((len(ids), f"token_ids holds {len(ids)} ids", False))
     if meta_count is not None:
-        counts.append((meta_count, "meta_info's prompt_tokens + completion_tokens"))
+        counts.append((meta_count, "meta_info's prompt_tokens + completion_tokens", True))
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -181,8 +188,8 @@ def from_sglang(
             "int32 values: check the LayerMap's num_layers and k"
         )
     arr = np.frombuffer(raw, dtype="<i4").reshape(-1, width, k)
-    for expected, source in counts:
-        _check_rows(arr.shape[0], start, expected, source)
+    for expected, source, at_most in counts:
+        _check_rows(arr.shape[0], start, expected, source, at_most)
     layers = columns(arr, layer_map, "all", "SGLang routed_experts")
     routes = make_routes(with_last(with_front(layers, start)), layer_map, "SGLang routed_experts")
     return routes if ids is None else routes.with_token_ids(ids)

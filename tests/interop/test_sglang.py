@@ -122,22 +122,27 @@ def test_token_ids_make_routes_that_refuse_other_tokens() -> None:
 
 @pytest.mark.reliability("bad inputs")
 def test_meta_info_token_counts_check_the_rows_without_num_tokens() -> None:
-    """Once a response whose rows did not fit its own meta_info token counts was read without num_tokens=,
-    its routes one token short, refused only when a replay ran out of rows."""
+    """Once a response holding more rows than its own meta_info token counts allow was read without
+    num_tokens=, as routes of more tokens than the sequence has."""
     m = DEEPSEEK
     truth = m.truth(9, seed=5)
     meta = sglang_meta_info(m, truth, prompt_len=4)
     assert (meta["prompt_tokens"], meta["completion_tokens"]) == (4, 5)
     assert interop.from_sglang({"meta_info": meta}, m.layer_map).equal(m.routes(truth))
-    short = {**meta, "routed_experts": sglang_meta_info(m, truth[:8])["routed_experts"]}  # a row lost on the way
-    with pytest.raises(mr.RoutesValidationError, match=r"7 rows; a sequence of 9 tokens \(meta_info's prompt_tokens"):
-        interop.from_sglang({"meta_info": short}, m.layer_map)
+    long = {**meta, "routed_experts": sglang_meta_info(m, m.truth(10, seed=6))["routed_experts"]}  # a row too many
+    with pytest.raises(mr.RoutesValidationError, match=r"9 rows; a sequence of 9 tokens \(meta_info's prompt_tokens"):
+        interop.from_sglang({"meta_info": long}, m.layer_map)
     with pytest.raises(mr.RoutesValidationError, match="meta_info's prompt_tokens"):  # each count given must fit
-        interop.from_sglang(short, m.layer_map, num_tokens=8)
-    assert interop.from_sglang(short["routed_experts"], m.layer_map).num_tokens == 8  # a bare string says no count
+        interop.from_sglang(long, m.layer_map, num_tokens=10)
+    # fewer rows than the counts say may be a stop string's trim (completion_tokens = len(output_ids) in earlier
+    # releases): the counts bound the rows, num_tokens= says how many
+    short = {**meta, "routed_experts": sglang_meta_info(m, truth[:8])["routed_experts"]}
+    assert interop.from_sglang({"meta_info": short}, m.layer_map).num_tokens == 8
+    with pytest.raises(mr.RoutesValidationError, match=r"7 rows; a sequence of 9 tokens \(num_tokens=9\)"):
+        interop.from_sglang(short, m.layer_map, num_tokens=9)
     turn = sglang_meta_info(m, truth, start_len=3, prompt_len=4)
     with pytest.raises(mr.RoutesValidationError, match="pass start_len=3"):
-        interop.from_sglang(turn, m.layer_map)
+        interop.from_sglang(turn, m.layer_map, num_tokens=9)
     assert interop.from_sglang(turn, m.layer_map, start_len=3).equal(m.routes(truth, front=3))
 
 
