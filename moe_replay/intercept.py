@@ -345,6 +345,39 @@ class RouterHook:
         (a router may make other calls in each, Megatron's aux-loss top-k only with gradients)."""
         return bool(self.scope.training), torch.is_grad_enabled()
 
+    def describe_mode(self) -> str:
+        """The current mode in words, as a refusal names it: ``"train mode with gradients"`` and the like."""
+        training, grad = self.mode()
+        return f"{'train' if training else 'eval'} mode {'with' if grad else 'without'} gradients"
+
+    def establish_hint(self) -> str:
+        """What establishes the decision in the current mode, for a refusal of a compiled or captured first forward.
+
+        The evidence is kept per mode: ``session.verify(example)`` runs without gradients, so it does not
+        establish the mode of a compiled training step, and ``model.compile()`` leaves no other eager forward.
+        """
+        training, grad = self.mode()
+        done = sorted(self.evidence)
+        seen = (
+            " (established so far: "
+            + ", ".join(f"{'train' if t else 'eval'} mode {'with' if g else 'without'} gradients" for t, g in done)
+            + ")"
+            if done
+            else ""
+        )
+        state = "model.train()" if training else "model.eval()"
+        if not grad:
+            return (
+                f"Run one eager forward of the model after attach under {state} and torch.no_grad(){seen}: "
+                "session.verify(example) does it"
+            )
+        return (
+            f"Run one eager forward of the model after attach under {state} with gradients on{seen}: "
+            "session.verify(example) runs without gradients, so it does not; call the uncompiled module, or the "
+            "compiled one inside torch.compiler.set_stance('force_eager') (model.compile() leaves no other eager "
+            "forward), once"
+        )
+
     def prove(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Evidence | None:
         """Establish the decision on these inputs (eager only; see :mod:`moe_replay.evidence`).
 
@@ -352,10 +385,9 @@ class RouterHook:
         """
         if _compiling() or _graph_capturing():
             raise UnsupportedRouterError(
-                f"router '{self.name}' runs for the first time inside torch.compile or CUDA graph capture, so which "
-                "of its calls decides has not been established (that takes one eager forward). Run one eager "
-                "forward of the model after attach (any session state; session.verify(example) does it) before "
-                "compiling or capturing a graph"
+                f"router '{self.name}' runs for the first time in {self.describe_mode()} inside torch.compile or "
+                "CUDA graph capture, so which of its calls decides has not been established (that takes one eager "
+                f"forward in that mode). {self.establish_hint()} before the compiled call or the graph capture"
             )
         family = self.decision if self.decision not in ("auto", "lookup") else None
         known = _KNOWN.setdefault(self.scope, {})

@@ -232,8 +232,7 @@ class _SessionHook(RouterHook):
             raise UnsupportedRouterError(
                 f"router '{self.name}' ran its first forward under this session inside a torch.compile'd model, "
                 f"outside the compiled graph (at a graph break), and torch.compile failed on it under the "
-                f"interception ({type(error).__name__}). Run one eager forward of the model after attach "
-                "(session.verify(example) does it) before the first compiled call"
+                f"interception ({type(error).__name__}). {self.establish_hint()} before the first compiled call"
             ) from error
 
     def _moved(self) -> str | None:

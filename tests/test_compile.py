@@ -600,3 +600,50 @@ def test_a_first_forward_under_fullgraph_is_refused_with_our_error(tokens: torch
                 compiled(tokens)
         assert raised.value.__cause__ is not None  # the compiler's error kept as the cause
         assert NESTING.probing == 0 and NESTING.depth == 0
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["torch.compile", "model.compile"])
+def test_a_compiled_training_step_after_verify_is_refused_with_a_fix_that_works(how: str) -> None:
+    """Once the refusal of a compiled first forward with gradients said session.verify(example) fixes it.
+
+    verify() runs without gradients and the decision is established per gradient mode, so after it a
+    fullgraph training step was refused again with the same advice, and a model.compile()'d model had no
+    eager forward with gradients to run at all. The refusal now names the mode and a fix that works (one
+    forward under torch.compiler.set_stance('force_eager')), after which the compiled step replays the
+    recorded experts: its output and gradients are those of a hand-written gather at the recorded rows."""
+    from .tinymoe import RouterSpec, TinyMoE
+
+    specs = [RouterSpec(8, 2), RouterSpec(6, 1, "argmax"), RouterSpec(8, 2, "grouped", n_group=4, topk_group=2)]
+    model = TinyMoE(specs)
+    reference = TinyMoE(specs)
+    x = model.inputs((3, 5))
+    if how == "model.compile":
+        model.compile(fullgraph=True, backend="aot_eager")
+        target: torch.nn.Module = model
+    else:
+        target = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with mr.attach(model) as session:
+        session.verify(x)
+        with session.capture(), torch.no_grad():
+            target(x)
+        routes = session.routes()
+        model.perturb(scale=2.0)
+        with pytest.raises(mr.UnsupportedRouterError, match="with gradients") as raised, session.replay(routes):
+            target(x).square().sum().backward()
+        assert "set_stance('force_eager')" in str(raised.value) and "verify(example) runs without" in str(raised.value)
+        with torch.compiler.set_stance("force_eager"):
+            target(x).square().sum()  # the fix the refusal names: one eager forward with gradients
+        model.zero_grad(set_to_none=True)
+        with session.replay(routes), session.capture():
+            out = target(x)
+            out.square().sum().backward()
+        assert session.routes().equal(routes)
+    reference.load_state_dict(model.state_dict())
+    want = reference(x, forced=routes.per_layer())
+    want.square().sum().backward()
+    assert torch.allclose(out, want, atol=1e-6)
+    got = dict(model.named_parameters())
+    for name, p in reference.named_parameters():
+        assert torch.allclose(got[name].grad, p.grad, atol=1e-5), name
+    assert all(got[f"layers.{i}.router.weight"].grad.abs().sum() > 0 for i in range(3))
