@@ -892,10 +892,32 @@ class RouterHook:
         if self._regions and _in_backward():  # a recompute: its forward's rows, never recorded nor counted again
             self._recompute = True
             self._row = self._recomputed(self._regions, n)  # None: its forward ran while the session was idle
-        elif self.replaying:
+            return
+        if _in_backward() and self._entry_grad and not self._compiled:
+            self._refuse_unseen_recompute()
+        if self.replaying:
             if not self._compiled:
                 self._refuse_inner_checkpoint()
             self._row = self._forced(n)
+
+    def _refuse_unseen_recompute(self) -> None:
+        """Refuse a forward with gradients inside backward that belongs to no checkpoint region it can see.
+
+        Such a forward is the recompute of a region whose object is hidden (compiled autograd runs a
+        reentrant checkpoint's backward from a frame of its own, where its ``ctx`` is not on the stack),
+        or a forward made by a backward hook. Taken as a new forward, a replay would force it with the
+        next rows (or, after the block, route it natively) and a capture would record it a second time.
+        Nothing here is kept or pending only in idle sessions, which run it as it ran.
+        """
+        if not (self.replaying or self.capturing or self.kept):
+            return
+        raise UnsupportedRouterError(
+            f"router '{self.name}' runs with gradients inside backward, in no activation checkpoint moe_replay "
+            "can see (a reentrant checkpoint under compiled autograd, or a forward made by a backward hook): "
+            "the recompute of a checkpointed region would get other experts than its forward, or be recorded "
+            "again. Checkpoint with use_reentrant=False (its recompute is seen under compiled autograd too), or "
+            "turn compiled autograd off; nothing was forced or recorded"
+        )
 
     def _refuse_inner_checkpoint(self) -> None:
         """Refuse to force a decision made inside an activation checkpoint opened in the router's own forward.

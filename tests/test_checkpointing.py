@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import types
 
 import pytest
@@ -604,3 +605,52 @@ def test_selective_activation_checkpointing_gives_the_forced_reference_gradients
         if block == "capture":
             assert session.routes().equal(routes)
         assert_same_grads(grads(model), grads(reference))
+
+
+class _Rerun(torch.autograd.Function):
+    """Reruns ``fn`` in backward, as a reentrant checkpoint does, its ctx named so that no stack search finds it."""
+
+    @staticmethod
+    def forward(context, fn, h):
+        context.fn = fn
+        context.save_for_backward(h)
+        with torch.no_grad():
+            return fn(h)
+
+    @staticmethod
+    def backward(context, grad):
+        (h,) = context.saved_tensors
+        h = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = context.fn(h)
+        torch.autograd.backward(out, grad)
+        return None, h.grad
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("block", ["replay", "capture"])
+def test_a_recompute_it_cannot_see_inside_a_block_is_refused(block: str) -> None:
+    """Once silent: a recompute in backward in no region it could see was taken for a new forward.
+
+    A rerun-in-backward Function whose ctx is not found on the stack (compiled autograd runs a reentrant
+    checkpoint's backward from a frame of its own; here its ctx is named otherwise) made a capture record
+    every row twice and a replay force the recompute with the next rows. A forward with gradients inside
+    backward in no region it can see is now refused inside a block, naming the way out."""
+    from .tinymoe import RouterSpec, TinyMoE
+
+    model = TinyMoE([RouterSpec(8, 2), RouterSpec(6, 1, "argmax")])
+    x = model.inputs((3, 5))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(x)
+        routes = session.routes()
+        with session.replay(routes):  # each decision established with gradients, eagerly
+            model(x).sum().backward()
+        blocks = {"replay": lambda: session.replay(routes), "capture": session.capture}
+        with pytest.raises(mr.UnsupportedRouterError, match="use_reentrant=False"), blocks[block]():
+            h = x.clone().requires_grad_(True)
+            for layer in model.layers:
+                h = _Rerun.apply(layer, h)
+            h.square().sum().backward()
+        del h
+        gc.collect()
