@@ -893,7 +893,7 @@ class RouterHook:
             self._recompute = True
             self._row = self._recomputed(self._regions, n)  # None: its forward ran while the session was idle
             return
-        if _in_backward() and self._entry_grad and not self._compiled:
+        if not self._compiled and self._entry_grad and _in_backward():  # (compiled code cannot ask)
             self._refuse_unseen_recompute()
         if self.replaying:
             if not self._compiled:
