@@ -725,6 +725,8 @@ class RouterHook:
                 and self._rows_on(x.device)  # (the fast path gathers with rows of the router's own device)
             ):
                 self._form = (i, args[1:], dict(kwargs), sig[2], x.dtype)  # the fast path answers the next ones
+            if self._entry_grad and _in_backward():  # (in no checkpoint region it can see: not its forward's)
+                self._refuse_unseen_recompute()
             if self.replaying:
                 src = self.replay_source
                 self._refuse_inner_checkpoint()

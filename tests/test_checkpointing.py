@@ -627,6 +627,67 @@ class _Rerun(torch.autograd.Function):
         return None, h.grad
 
 
+class _LeanBlock(torch.nn.Module):
+    """A MoE block whose router calls ``torch.topk`` (so its forwards run lean, without the mode)."""
+
+    def __init__(self, d: int = 8, e: int = 6, k: int = 2) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(d, e, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(e))
+        self.k = k
+        self.detach = False  # route on the input detached, with a frozen gate: scores without gradients
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = torch.topk(self.gate(x.detach() if self.detach else x).softmax(-1), self.k, dim=-1)
+        out = torch.zeros_like(x)
+        for j in range(self.k):
+            for e, expert in enumerate(self.experts):
+                out = out + (idx[:, j] == e).unsqueeze(-1) * w[:, j : j + 1] * expert(x)
+        return out
+
+
+class _LeanModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_LeanBlock() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("block", ["replay", "capture"])
+def test_a_recompute_it_cannot_see_is_refused_in_a_lean_forward_too(block: str) -> None:
+    """Once silent: a lean router's replay forced a recompute it could not see with the next recorded rows, and
+    the capture of a frozen gate on a detached input (scores without gradients) recorded it again (the lean
+    path went around the check of the forward under the mode)."""
+    torch.manual_seed(0)
+    model, x = _LeanModel(), torch.randn(5, 8)
+    if block == "capture":
+        for layer in model.layers:
+            layer.gate.requires_grad_(False)
+            layer.detach = True
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            for _ in range(3):  # rows to spare: the recompute would not run out of them
+                model(x)
+        routes = session.routes()
+        for _ in range(2):  # with gradients: audited, then lean
+            with session.replay(routes[:5]):
+                model(x).sum().backward()
+        assert all(h.interception() == "lean" for h in session._hooks)
+        blocks = {"replay": lambda: session.replay(routes), "capture": session.capture}
+        with pytest.raises(mr.UnsupportedRouterError, match="use_reentrant=False"), blocks[block]():
+            h = x.clone().requires_grad_(True)
+            for layer in model.layers:
+                h = h + _Rerun.apply(layer, h)
+            h.square().sum().backward()
+        del h
+        gc.collect()
+
+
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("block", ["replay", "capture"])
 def test_a_recompute_it_cannot_see_inside_a_block_is_refused(block: str) -> None:
