@@ -18,6 +18,7 @@ import dataclasses
 import fnmatch
 import functools
 import inspect
+import itertools
 import math
 import numbers
 import re
@@ -581,6 +582,25 @@ def _one_router_per_block(sites: list[RouterSite], modules: dict[str, nn.Module]
     return [s for s in sites if s.scope == s.name or s.scope not in deciding]
 
 
+def _refuse_lazy(modules: dict[str, nn.Module]) -> None:
+    """Refuse a model with parameters not yet materialised (``nn.LazyLinear`` and the other lazy modules).
+
+    Their shapes, a gate's expert count among them, are unknown until the model's first forward, so
+    a lazy gate could be neither found nor described; the first forward materialises them.
+    """
+    lazy = [
+        f"'{name}' ({type(m).__name__})"
+        for name, m in modules.items()
+        if any(nn.parameter.is_lazy(p) for p in itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)))
+    ]
+    if lazy:
+        raise InvalidArgumentError(
+            f"parameters not yet materialised (a lazy module) in {', '.join(lazy[:3])}{' ...' if len(lazy) > 3 else ''}: "
+            "their shapes, a router's expert count among them, are unknown until the first forward. Run one forward "
+            "of the model (on any example input) before attaching"
+        )
+
+
 # ----------------------------------------------------------------------- the search
 def find_routers(
     model: nn.Module,
@@ -629,6 +649,7 @@ def find_routers(
     inc = _compile_matcher(include)
     exc = _compile_matcher(exclude)
     modules = dict(model.named_modules())
+    _refuse_lazy(modules)
     chosen: list[str] = []
     for name, module in modules.items():
         if inc is not None:

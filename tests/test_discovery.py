@@ -439,3 +439,16 @@ def test_a_block_holding_an_up_and_a_down_expert_stack_is_still_found() -> None:
     for block in (Own, Child):
         sites = mr.find_routers(_DenseLM(block))
         assert [(s.name, s.num_experts) for s in sites] == [("layers.0.gate", 4), ("layers.1.gate", 4)]
+
+
+@pytest.mark.reliability("clear errors")
+def test_a_lazy_gate_is_refused_until_the_first_forward_materialises_it() -> None:
+    """Once a ``ValueError`` from torch (an uninitialised parameter) escaped ``attach`` on a lazy gate."""
+    model = mr.models.build("linear_gate")
+    model.layers[0].mlp.gate = nn.LazyLinear(8, bias=False)
+    with pytest.raises(mr.InvalidArgumentError, match=r"lazy module\) in 'layers\.0\.mlp\.gate' \(LazyLinear\)"):
+        mr.attach(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    model(torch.randint(0, 32, (1, 4)))  # the first forward materialises it
+    with mr.attach(model) as session:
+        assert session.names == ("layers.0.mlp.gate", "layers.1.mlp.gate")
