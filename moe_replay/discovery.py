@@ -594,8 +594,9 @@ def _refuse_lazy(modules: dict[str, nn.Module]) -> None:
         if any(nn.parameter.is_lazy(p) for p in itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)))
     ]
     if lazy:
+        more = " ..." if len(lazy) > 3 else ""
         raise InvalidArgumentError(
-            f"parameters not yet materialised (a lazy module) in {', '.join(lazy[:3])}{' ...' if len(lazy) > 3 else ''}: "
+            f"parameters not yet materialised (a lazy module) in {', '.join(lazy[:3])}{more}: "
             "their shapes, a router's expert count among them, are unknown until the first forward. Run one forward "
             "of the model (on any example input) before attaching"
         )
