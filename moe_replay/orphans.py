@@ -183,36 +183,51 @@ def watch_forward(
     scopes: Iterable[str],
     widths: Iterable[int],
     excluded: Callable[[str, nn.Module], bool] | None,
-    on_pass: Callable[[], None] | None = None,
+    on_pass: Callable[[str], None] | None = None,
+    passed: Callable[[str], bool] | None = None,
 ) -> Callable[[], None]:
-    """Watch the next forward of ``model``; returns a function that stops watching.
+    """Watch the next forward of ``model``, or of the modules of it called on their own; returns a function
+    that stops watching.
 
     Global module hooks (none stored on the model, which stays picklable) enter an
-    :class:`OrphanWatch` when ``model``'s forward starts and leave it when it ends, also
-    when it raises; then they remove themselves. ``on_pass`` is called once a forward ran to
-    its end with no decision outside the routers (not after one that raised).
+    :class:`OrphanWatch` when an outermost forward of a module of ``model`` starts (``model``'s own, or a
+    part of it the caller runs by itself: ``model.model(x)``, a head called apart) and leave it when that
+    forward ends, also when it raises. Once ``model``'s own forward has been watched they remove themselves;
+    a part's forward passing leaves them in place for the rest of the model. ``on_pass`` is called with the
+    module path once such a forward ran to its end with no decision outside the routers (not after one that
+    raised); the forward of a path ``passed`` says passed before is not watched again.
     """
     from torch.nn.modules import module as _module
 
     state: dict[str, Any] = {}
+    paths = {id(m): n for n, m in model.named_modules()}
 
     def pre(module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling() or module is not model or "watch" in state:
+        if "top" in state or torch.compiler.is_compiling():
             return
+        path = paths.get(id(module))
+        if path is None:
+            return
+        state["top"] = module
+        if path and passed is not None and passed(path):
+            return  # (its forward, and the modules it runs, are left alone)
         state["watch"] = OrphanWatch(model, scopes, widths, excluded)
         state["watch"].__enter__()
 
     def post(module: nn.Module, args: Any, out: Any) -> None:
-        if torch.compiler.is_compiling() or module is not model:
+        if state.get("top") is not module or torch.compiler.is_compiling():
             return
+        del state["top"]
         watch = state.pop("watch", None)
         if watch is None:
             return
         watch.__exit__(None, None, None)
-        stop()
+        path = paths[id(module)]
+        if not path or watch.found:
+            stop()
         watch.check()
         if on_pass is not None and sys.exc_info()[0] is None:  # (always_call: also run while the forward raises)
-            on_pass()
+            on_pass(path)
 
     handles = [
         _module.register_module_forward_pre_hook(pre),
@@ -220,6 +235,7 @@ def watch_forward(
     ]
 
     def stop() -> None:
+        state.pop("top", None)
         watch = state.pop("watch", None)
         if watch is not None:
             watch.__exit__(None, None, None)

@@ -549,24 +549,29 @@ class Session:
         At the start of every capture and replay block, until one forward passes the watch, and again
         once a module on the way to the routers was added or replaced (a new MoE layer, a dense MLP
         swapped for an MoE block): a router that discovery never saw would run natively, neither
-        recorded nor forced. Once per model, set of routers, mode and module skeleton: a later
-        session on the same routers (a trainer or a benchmark attaching again) does not pay for it again.
+        recorded nor forced. A part of the model run by itself (``model.model(x)``) is watched the
+        same way, by its path, until the whole model's forward passes. Once per model, set of routers,
+        mode and module skeleton: a later session on the same routers (a trainer or a benchmark
+        attaching again) does not pay for it again.
         """
         model = self._model_ref()
         if model is None or self._watching or torch.compiler.is_compiling():
             return None
         scopes = self._scopes()
-        passed = _WATCHED.get(model, {}).get((tuple(scopes), model.training))
-        if passed is not None and passed.holds(model, scopes):
+        if self._passed(model, scopes, ""):
             return None
         ref = weakref.ref(model)
 
-        def on_pass() -> None:
+        def on_pass(path: str) -> None:
             watched = ref()
             if watched is not None:
-                self._mark_watched(watched)
+                self._mark_watched(watched, path)
 
-        stop = watch_forward(model, scopes, self._widths(), self._excluded, on_pass=on_pass)
+        def passed(path: str) -> bool:
+            watched = ref()
+            return watched is not None and self._passed(watched, self._scopes(), path)
+
+        stop = watch_forward(model, scopes, self._widths(), self._excluded, on_pass=on_pass, passed=passed)
         self._watching = True
 
         def stop_watching() -> None:
@@ -575,10 +580,18 @@ class Session:
 
         return stop_watching
 
-    def _mark_watched(self, model: nn.Module) -> None:
-        """Record that a forward of ``model`` passed the watch with these routers, as the model is now."""
+    @staticmethod
+    def _passed(model: nn.Module, scopes: list[str], path: str) -> bool:
+        """Did a forward of the module at ``path`` (``""``: the model) pass the watch with these routers,
+        the model made as it is now?"""
+        passed = _WATCHED.get(model, {}).get((tuple(scopes), model.training, path))
+        return passed is not None and passed.holds(model, scopes)
+
+    def _mark_watched(self, model: nn.Module, path: str = "") -> None:
+        """Record that a forward of ``model`` (or of its module at ``path``) passed the watch with these
+        routers, as the model is now."""
         scopes = self._scopes()
-        _WATCHED.setdefault(model, {})[(tuple(scopes), model.training)] = _Skeleton(model, scopes)
+        _WATCHED.setdefault(model, {})[(tuple(scopes), model.training, path)] = _Skeleton(model, scopes)
 
     def _scopes(self) -> list[str]:
         """Where the scopes sit in the model now (their paths at attach, with any wrapper inserted since)."""

@@ -192,3 +192,55 @@ def test_attention_or_convolutions_with_3d_weights_are_not_decisions(mixer: type
             ref = model(x)
         with session.replay(session.routes()):
             assert torch.equal(model(x), ref)
+
+
+class Wrapper(nn.Module):
+    """A model whose layers are called by themselves too (as ``model.model(x)`` runs a CausalLM's body)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.model = body
+        self.head = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model(x))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("block", ["capture", "replay"])
+def test_an_unfound_router_is_refused_when_a_part_of_the_model_is_run_by_itself(block: str) -> None:
+    """Once silent: only the attached model's own forward was watched, so ``model.model(x)`` ran an unfound router
+    natively, recording and forcing only the routers that were found."""
+    x = torch.randn(T, D)
+    routes = mr.Routes([torch.tensor([[0, 1]] * T)], names=["model.0.mlp.gate"], num_experts=E)
+    model = Wrapper(nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), SigmaFFN(E))))
+    with mr.attach(model) as session:
+        assert session.names == ("model.0.mlp.gate",)
+        for _ in range(2):  # and again on a retry
+            with pytest.raises(mr.UnsupportedRouterError, match=r"'model\.1\.mlp' \(SigmaFFN\)"):
+                with session.capture() if block == "capture" else session.replay(routes):
+                    model.model(x)
+            tried()
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'model\.1\.mlp' \(SigmaFFN\)"):
+            with session.capture():
+                model.model[0](x)  # a part holding no unfound router passes; its neighbour is still watched
+                model.model[1](x)
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'model\.1\.mlp' \(SigmaFFN\)"):
+            with session.capture():
+                model(x)  # a part that passed alone does not pass the whole model
+        tried(2)
+
+
+def test_a_part_of_the_model_run_by_itself_is_watched_until_it_passes() -> None:
+    """With every router found, a part run by itself records and replays every router, in every block."""
+    x = torch.randn(T, D)
+    model = Wrapper(nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), FFN())))
+    with mr.attach(model) as session:
+        for _ in range(2):
+            with session.capture():
+                model.model(x)
+                model.model(x)
+            assert [len(t) for t in session.routes().per_layer()] == [2 * T, 2 * T]
+            with session.replay(session.routes()):
+                model.model(x)
+                model.model(x)
