@@ -61,7 +61,9 @@ def _holds_experts(module: nn.Module) -> bool:
 def _expert_banks(module: nn.Module) -> set[int]:
     """How many experts ``module`` holds, by each bank it holds directly: the length of an ``expert*``
     module list, the first dimension of 3-D parameters of its own or of an ``expert*`` child (not a
-    convolution's weight)."""
+    convolution's weight), the output width of an ``expert*`` layer computing every expert at once (a
+    multiple of the expert count), the length of a ``ParameterList`` of like weights, or of a list of
+    functions kept on the module (experts that are no modules)."""
     banks: set[int] = set()
     if not isinstance(module, _CONV):
         banks |= {p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3}
@@ -70,8 +72,19 @@ def _expert_banks(module: nn.Module) -> set[int]:
         if "expert" in low and "shared" not in low:
             if isinstance(child, nn.ModuleList | nn.ModuleDict | nn.Sequential):
                 banks.add(len(child))
-            if not isinstance(child, _CONV):
-                banks |= {p.shape[0] for p in child.parameters(recurse=False) if p.dim() == 3}
+            elif not isinstance(child, _CONV):
+                banks |= {p.shape[0] for p in child.parameters(recurse=False) if p.dim() in (2, 3)}
+        if isinstance(child, nn.ParameterList) and len(child) >= 2:
+            shapes = {tuple(p.shape) for p in child}
+            if len(shapes) == 1 and len(next(iter(shapes))) >= 2:
+                banks.add(len(child))
+    for value in vars(module).values():
+        if (
+            isinstance(value, list | tuple)
+            and len(value) >= 2
+            and all(callable(f) and not isinstance(f, nn.Module | type) for f in value)
+        ):
+            banks.add(len(value))
     return banks
 
 
@@ -126,12 +139,34 @@ class OrphanWatch(TorchFunctionMode):
                 return True
         return False
 
+    def _in_attention(self, name: str) -> bool:
+        """Is a module on the path (itself first) attention, by its attribute or class name?"""
+        parts = name.split(".") if name else []
+        return any(
+            _ATTENTION.search(parts[i - 1] if i else "")
+            or _ATTENTION.search(type(self.modules[".".join(parts[:i])]).__name__)
+            for i in range(len(parts), -1, -1)
+        )
+
     def _orphan(self, name: str, sig: tuple[str, int, int]) -> bool:
         """A call over an attached router's width in an MoE block, or a choice of indices over experts a
-        module on its path holds."""
+        module on its path holds, or over an attached router's width by a module holding no router.
+
+        The last is an MoE layer whose experts no rule sees (one layer computing every expert, kept under
+        another name): outside attention, a module that holds no router and a weight as wide as a router's
+        experts, choosing among that many, is taken for one (a choice among tokens or keys, whose number
+        is no weight's width, is not). The model's own forward (or a module holding routers: an auxiliary
+        loss over all router scores) is not."""
         if sig[2] in self.widths and self._in_moe(name):
             return True
-        return sig[0] in _INDEX_CHOICES and sig[1] < sig[2] and self._chooses_among_experts(name, sig[2])
+        if sig[0] not in _INDEX_CHOICES or sig[1] >= sig[2]:
+            return False
+        if self._chooses_among_experts(name, sig[2]):
+            return True
+        if sig[2] not in self.widths or any(not name or s == name or s.startswith(name + ".") for s in self.scopes):
+            return False
+        scores = any(sig[2] in p.shape for p in self.modules[name].parameters() if p.dim() == 2)
+        return scores and not self._in_attention(name)
 
     def _known(self, name: str) -> bool:
         for scope in self.scopes:
@@ -203,7 +238,7 @@ def watch_forward(
     paths = {id(m): n for n, m in model.named_modules()}
 
     def pre(module: nn.Module, args: Any) -> None:
-        if "top" in state or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or "top" in state:  # (is_compiling first: dynamo must read nothing else)
             return
         path = paths.get(id(module))
         if path is None:
@@ -215,7 +250,7 @@ def watch_forward(
         state["watch"].__enter__()
 
     def post(module: nn.Module, args: Any, out: Any) -> None:
-        if state.get("top") is not module or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or state.get("top") is not module:
             return
         del state["top"]
         watch = state.pop("watch", None)

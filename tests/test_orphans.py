@@ -244,3 +244,110 @@ def test_a_part_of_the_model_run_by_itself_is_watched_until_it_passes() -> None:
             with session.replay(session.routes()):
                 model.model(x)
                 model.model(x)
+
+
+class ChunkedFFN(nn.Module):
+    """An MoE layer with every expert computed by one ``Linear`` and chunked: no expert bank any rule sees."""
+
+    def __init__(self, num_experts: int, bank: str = "ffn") -> None:
+        super().__init__()
+        self.num = num_experts
+        self.sel = nn.Linear(D, num_experts, bias=False)
+        setattr(self, bank, nn.Linear(D, num_experts * D))
+        self.bank = bank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.sel(x).softmax(-1).topk(2, dim=-1)
+        every = getattr(self, self.bank)(x).view(x.shape[0], self.num, D)
+        return (every.gather(1, idx[..., None].expand(-1, -1, D)) * w[..., None]).sum(1)
+
+
+class FunctionFFN(nn.Module):
+    """An MoE layer whose experts are plain functions over a ``ParameterList`` of weights."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.sel = nn.Linear(D, num_experts, bias=False)
+        self.ws = nn.ParameterList(nn.Parameter(torch.randn(D, D) * 0.1) for _ in range(num_experts))
+        self.fns = [lambda t, w=w: t @ w for w in self.ws]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.sel(x).softmax(-1).topk(2, dim=-1)
+        return torch.stack(
+            [(w[:, s, None] * torch.stack([f(x) for f in self.fns])[idx[:, s], range(len(x))]) for s in range(2)]
+        ).sum(0)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "ffn",
+    [lambda: ChunkedFFN(E), lambda: ChunkedFFN(6, bank="experts_fc"), lambda: FunctionFFN(E), lambda: FunctionFFN(6)],
+)
+def test_an_unfound_moe_layer_whose_experts_no_rule_sees_is_refused(ffn: object) -> None:
+    """Once silent: an MoE layer computing every expert in one ``Linear``, or keeping its experts as functions, was
+    neither found nor watched, so only the other layers' routers were recorded and forced."""
+    model = nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), ffn()))  # type: ignore[operator]
+    with mr.attach(model) as session:
+        assert session.names == ("0.mlp.gate",)
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'1\.mlp' \((Chunked|Function)FFN\): topk over"):
+            with session.capture():
+                model(torch.randn(T, D))
+
+
+class Memory(nn.Module):
+    """A key-value memory read by its top-k keys: as many keys as the routers have experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys = nn.Parameter(torch.randn(E, D))
+        self.values = nn.Embedding(E, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = (x @ self.keys.t()).topk(2, dim=-1)
+        return (self.values(idx) * w.softmax(-1)[..., None]).sum(1)
+
+
+class TokenChoice(nn.Module):
+    """Picks the top-k tokens to process (Mixture-of-Depths' form): a choice among tokens, not experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.score = nn.Linear(D, 1)
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.score(x).t().topk(2, dim=-1)  # [1, T]: T == E tokens
+        return torch.zeros_like(x).index_add(0, idx[0], w[0, :, None] * self.proj(x[idx[0]]))
+
+
+def test_a_choice_over_as_many_things_as_experts_is_refused_only_where_a_weight_is_that_wide() -> None:
+    """A memory with as many keys as experts could be an MoE layer: refused, and ``exclude=`` leaves it native. A
+    choice among tokens, as many as the experts here, is no choice among experts: left alone."""
+    x = torch.randn(E, D)
+    model = nn.Sequential(*(Layer(nn.Identity(), ffn) for ffn in (FFN(), Memory(), TokenChoice())))
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'1\.mlp' \(Memory\): topk over 4"):
+            session.verify(x)
+    with mr.attach(model, exclude="1.mlp") as session:
+        session.verify(x)
+        with session.capture():
+            ref = model(x)
+        with session.replay(session.routes()):
+            assert torch.equal(model(x), ref)
+
+
+def test_a_compiled_model_attached_as_is_is_watched_without_breaking_its_trace() -> None:
+    """``torch.compile(model)`` attached as it is: the watch reads nothing dynamo would trace, and still refuses."""
+    found = nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), FFN()))
+    unfound = nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), SigmaFFN(E)))
+    x = torch.randn(T, D)
+    compiled = torch.compile(found, backend="eager")
+    with mr.attach(compiled) as session:
+        with session.capture():
+            compiled(x)
+        assert session.routes().names == ("_orig_mod.0.mlp.gate", "_orig_mod.1.mlp.gate")
+    compiled = torch.compile(unfound, backend="eager")
+    with mr.attach(compiled) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'_orig_mod\.1\.mlp' \(SigmaFFN\)"):
+            with session.capture():
+                compiled(x)
