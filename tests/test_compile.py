@@ -76,7 +76,8 @@ def test_compiled_training_step_follows_routes_and_matches_eager(tokens: torch.T
         def step(fn):
             with session.replay(routes), session.keep_scores() as seen:
                 out = fn(tokens, labels=tokens)
-            aux = mr.load_balancing_loss(seen.scores, seen.indices)
+            # (its decision reads sigmoid scores plus a bias, which may be negative: no probabilities as they are)
+            aux = mr.load_balancing_loss([s.softmax(-1) for s in seen.scores], seen.indices)
             (out.loss + 0.1 * aux).backward()
             assert all(torch.equal(a, b) for a, b in zip(seen.indices, routes.per_layer(), strict=True))
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
