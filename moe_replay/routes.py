@@ -136,27 +136,23 @@ def validate_rows(rows: torch.Tensor, num_experts: int, top_k: int | None, name:
     if rows.numel() == 0:
         return
     r = _exact_int64(rows, num_experts, name) if rows.dtype in _WIDE_UNSIGNED else rows.long()
-    bad = ((r < -1) | (r >= num_experts)).any(dim=1)
-    if bool(bad.any()):
+    low, high = (int(v) for v in torch.aminmax(r))  # (one pass; the rows are found only where one is bad)
+    if low < -1 or high >= num_experts:
+        bad = ((r < -1) | (r >= num_experts)).any(dim=1)
         t = int(bad.nonzero()[0, 0])
         raise RoutesValidationError(
             f"router '{name}' has {num_experts} experts, but token {t} has indices {r[t].tolist()}: "
             f"each index must be in [0, {num_experts - 1}], or the whole row -1 (route natively)"
         )
     if rows_too:
-        _check_row_sets(r, name)
+        _check_row_sets(r, name, missing=low < 0)
 
 
-def _check_row_sets(r: torch.Tensor, name: str) -> None:
-    """Each row is all -1 or k distinct experts (``r``: int64 ``[T, k]``, in range)."""
-    missing = r == -1
-    partial = missing.any(dim=1) & ~missing.all(dim=1)
-    if bool(partial.any()):
-        t = int(partial.nonzero()[0, 0])
-        raise RoutesValidationError(
-            f"router '{name}', token {t}: row {r[t].tolist()} mixes -1 with expert indices; "
-            "a row is either all -1 (route natively) or k valid experts"
-        )
+def _check_row_sets(r: torch.Tensor, name: str, missing: bool = True) -> None:
+    """Each row is all -1 or k distinct experts (``r``: int64 ``[T, k]``, in range; ``missing=False``: it holds
+    no -1)."""
+    if missing:
+        _check_whole_missing(r, name)
     if r.shape[1] > 1:
         s = r.sort(dim=1).values
         dup = ((s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)).any(dim=1)
@@ -166,6 +162,18 @@ def _check_row_sets(r: torch.Tensor, name: str) -> None:
                 f"router '{name}', token {t}: row {r[t].tolist()} repeats an expert; a router picks "
                 "k distinct experts (zero padding often causes this: mark missing rows with -1)"
             )
+
+
+def _check_whole_missing(r: torch.Tensor, name: str) -> None:
+    """Each row holding a -1 is all -1."""
+    missing = r == -1
+    partial = missing.any(dim=1) & ~missing.all(dim=1)
+    if bool(partial.any()):
+        t = int(partial.nonzero()[0, 0])
+        raise RoutesValidationError(
+            f"router '{name}', token {t}: row {r[t].tolist()} mixes -1 with expert indices; "
+            "a row is either all -1 (route natively) or k valid experts"
+        )
 
 
 def _native(arr: np.ndarray, *, copy: bool = False) -> np.ndarray:
