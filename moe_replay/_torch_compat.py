@@ -39,6 +39,7 @@ __all__ = [
     "fwd_grad_enabled",
     "graph_capturing",
     "hidden_from_dispatch_modes",
+    "in_compiled_autograd",
     "is_batched",
     "mark_static_address",
     "maybe_mark_dynamic",
@@ -126,6 +127,15 @@ top_saved_tensors_hooks: Callable[[], tuple[Any, Any] | None] = functools.partia
 #: two; dynamo reads it as True. For code that only dynamo can trace: torch's own
 #: ``is_compiling()`` is also True under export and AOT tracing.
 dynamo_compiling: Callable[[], bool] = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
+
+def in_compiled_autograd() -> bool:
+    """Is compiled autograd running a backward graph (traced by dynamo, or eagerly once dynamo gave it up)?
+
+    It runs a reentrant checkpoint's recompute from a frame of its own, outside the autograd engine's
+    graph task: nothing else tells that recompute from a new forward. False where it never ran."""
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    return module is not None and bool(getattr(module, "in_compiled_autograd_region", False))
 
 
 class _CompilingFlag:

@@ -200,6 +200,7 @@ _COMPILER = _torch_compat.COMPILER
 _CUDA = _torch_compat.CUDA
 _cuda_capturing = _torch_compat.stream_capturing
 _cuda_bad_fork = _torch_compat.bad_fork
+_in_compiled_autograd = _torch_compat.in_compiled_autograd
 _transform = _torch_compat.functorch_transform
 _is_batched = _torch_compat.is_batched
 _exporting = _torch_compat.exporting
@@ -1322,6 +1323,11 @@ class ScopedForward:
         hook = self.__moe_replay_hook__
         if NESTING.probing:  # inside another router's probe run (in this thread): run plainly
             return self.__wrapped__(*args, **kwargs)
+        if hook.kept and _grad() and (_dynamo_compiling() or _in_compiled_autograd()) and _top_hooks() is None:
+            # rows wait for a checkpoint's recompute, and compiled autograd (traced or run eagerly) runs this
+            # forward with gradients in no non-reentrant checkpoint: a reentrant checkpoint's recompute, whose
+            # region cannot be seen (a new forward in a reentrant checkpoint runs without gradients)
+            hook._refuse_unseen_recompute()
         if (
             hook.capturing
             or hook.replaying

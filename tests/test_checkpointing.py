@@ -715,3 +715,52 @@ def test_a_recompute_it_cannot_see_inside_a_block_is_refused(block: str) -> None
             h.square().sum().backward()
         del h
         gc.collect()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("compiler", ["dynamo", "eager"])
+def test_a_reentrant_recompute_run_by_compiled_autograd_after_the_block_is_refused(compiler: str) -> None:
+    """Once silent: with compiled autograd on, the backward of a replayed forward run after its block ran a
+    reentrant checkpoint's recompute outside the autograd engine (traced by dynamo, or eagerly once dynamo
+    gave it up), where it routed natively: the gradients followed other experts than the forward, and only
+    detach said that rows were left. A non-reentrant checkpoint's recompute is seen there, and forced."""
+    from torch._dynamo import compiled_autograd
+    from torch.utils.checkpoint import checkpoint
+
+    from .tinymoe import RouterSpec, TinyMoE
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyMoE([RouterSpec(8, 2), RouterSpec(6, 2)])
+    x = model.inputs((3, 5))
+    compile_graph = torch.compile(backend="eager") if compiler == "dynamo" else (lambda gm: gm)
+
+    def forward(h: torch.Tensor, reentrant: bool) -> torch.Tensor:
+        for layer in model.layers:
+            h = checkpoint(layer, h, use_reentrant=reentrant)
+        return h
+
+    try:
+        with mr.attach(model) as session:
+            with session.capture(), torch.no_grad():
+                model(x)
+            routes = session.routes()
+            for reentrant in (False, True):
+                with session.replay(routes):
+                    out = forward(x.clone().requires_grad_(True), reentrant)
+                if not reentrant:
+                    with compiled_autograd._enable(compile_graph):
+                        out.sum().backward()
+                    assert not any(h.kept for h in session._hooks)  # each recompute took its rows
+                    continue
+                with (
+                    pytest.raises(mr.UnsupportedRouterError, match="use_reentrant=False"),
+                    compiled_autograd._enable(compile_graph),
+                ):
+                    out.sum().backward()
+                del out
+                gc.collect()
+                for h in session._hooks:  # (rows left by the refused backward: the graph is gone)
+                    h.kept.clear()
+    finally:
+        torch._dynamo.reset()
