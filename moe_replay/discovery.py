@@ -417,7 +417,9 @@ def _decision_width(width: int, counts: set[int], module: nn.Module) -> int | No
     ``width`` is the router weight's row count. It is accepted when some expert count says so;
     a weight with extra rows is accepted too: rows for shared experts that the decision does not
     choose (the decision then runs over the routed experts only), or a few null experts (zero or
-    skip experts) that the decision may choose.
+    skip experts) that the decision may choose. A weight of a few whole times an expert count (up
+    to four) is a fused projection scoring those experts (Yuan2.0-M32's attention router: query,
+    key and value rows for each expert), and the decision runs over the count.
     """
     if width in counts:
         return width
@@ -427,7 +429,7 @@ def _decision_width(width: int, counts: set[int], module: nn.Module) -> int | No
             return c
         if c < width <= 2 * c:
             return width
-    return None
+    return next((c for c in sorted(counts, reverse=True) if c > 1 and width % c == 0 and width <= 4 * c), None)
 
 
 def _stacked(module: nn.Module, named: bool = False) -> list[int]:

@@ -4415,3 +4415,446 @@ def test_routing_in_a_compiled_helper_is_established_in_an_idle_forward(make: Ca
         model(_x())  # idle, with gradients: establishes again
     assert_replay_is_the_hand_forced_forward(TwoLayers(make), (T, D), grad=True)
     assert_replay_is_the_hand_forced_forward(TwoLayers(make), (T, D), grad=False)
+
+
+# =================================================================== more public routers, as their libraries have them
+class YuanAttentionRouter(nn.Module):
+    """Yuan2.0-M32 ``ParallelAttention_router``: one ``query_key_value`` Linear of 3E rows; each token's E queries,
+    keys and values attend over the experts (``[T, E, 1] @ [T, 1, E]``, a softmax, ``@ [T, E, 1]``), giving E logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden_size, self.projection_size = D, E
+        self.query_key_value = nn.Linear(D, E * 3, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mix_layer = self.query_key_value(hidden_states)
+        query_layer, key_layer, value_layer = torch.chunk(mix_layer, 3, dim=-1)
+        query_layer = query_layer.view(*query_layer.shape, 1).float()
+        key_layer = key_layer.view(*key_layer.shape, 1).float()
+        value_layer = value_layer.view(*value_layer.shape, 1).float()
+        attn_weights = torch.matmul(query_layer, key_layer.transpose(1, 2))
+        attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32)
+        attn_output = torch.matmul(attn_weights, value_layer)
+        return attn_output.squeeze(2)
+
+
+class YuanSparseMoeBlock(nn.Module):
+    """Yuan2.0-M32 ``YuanSparseMoeBlock``: the attention router's logits, then the top-k in the block (Mixtral's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.hidden_size = E, 2, D
+        self.router = YuanAttentionRouter()
+        self.experts = Experts()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        router_logits = self.router(hidden_states)
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        return dispatch(self.experts, hidden_states, selected_experts, routing_weights)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_yuan2_attention_router_with_fused_query_key_value_rows_is_found_and_exact(training: bool) -> None:
+    """Once not found: Yuan2.0-M32's attention router scores its E experts with a Linear of 3E rows (query, key
+    and value per expert), a width no expert count matched; zero configuration found no router."""
+    model = TwoLayers(YuanSparseMoeBlock).train(training)
+    session = assert_exact_in_training(model) if training else assert_capture_and_replay_are_exact(model)
+    assert session.names == ("layers.0.router", "layers.1.router")
+    assert [(s.num_experts, s.top_k) for s in session.sites] == [(E, 2), (E, 2)]
+
+
+SKYWORK_TOP_K = 2
+
+
+def _skywork_gating(
+    logits: torch.Tensor, moe_use_mixtral_gating: bool, moe_use_logits_norm: bool, moe_gate_norm_std: float
+) -> dict[int, list[torch.Tensor]]:
+    """Skywork-MoE ``gating`` with gating logit normalisation (``moe_use_logits_norm``: the logits divided by their
+    standard deviation over the experts over ``moe_gate_norm_std``); Mixtral's order (top-k of the logits, a softmax
+    of its values) or a softmax first, the last expert's weight set to 0, renormalised.
+
+    Returns ``{expert: [tokens, gates]}``."""
+    num_experts = logits.size(1)
+    if moe_use_mixtral_gating:
+        if moe_use_logits_norm:
+            target_std = moe_gate_norm_std
+            logits_std = logits.std(dim=1, keepdim=True)
+            logits = logits / (logits_std / target_std)
+        gates, indices = torch.topk(logits, k=SKYWORK_TOP_K, dim=1)
+        gates = F.softmax(gates, dim=1)
+    else:
+        target_std = moe_gate_norm_std
+        if moe_use_logits_norm:
+            logits_std = logits.std(dim=1, keepdim=True)
+            gates = F.softmax(logits / (logits_std / target_std), dim=1)
+        else:
+            gates = F.softmax(logits, dim=1)
+        gates, indices = torch.topk(gates, k=SKYWORK_TOP_K, dim=1)
+        gates = torch.where(indices == (num_experts - 1), torch.zeros_like(gates), gates)
+        gates = gates / torch.sum(gates, dim=1, keepdim=True)
+    expert_info: dict[int, list[torch.Tensor]] = {}
+    for expert_id in range(num_experts):
+        token_ids, score_ids = torch.nonzero(indices == expert_id, as_tuple=True)
+        expert_info[expert_id] = [token_ids, gates[token_ids, score_ids]]
+    return expert_info
+
+
+class SkyworkRouter(nn.Module):
+    """Skywork-MoE ``Router`` (one-layer ``wg`` in fp32, an unused ``gate_map``, a dropout whose result is dropped)."""
+
+    def __init__(self, mixtral: bool) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False).float()
+        self.gate_map = nn.Linear(E, E, bias=False)
+        self.dropout = nn.Dropout(0.15)
+        self.gate = _skywork_gating
+        self.moe_use_mixtral_gating, self.moe_use_logits_norm, self.moe_gate_norm_std = mixtral, True, 1.0
+
+    def forward(self, inputs: torch.Tensor) -> tuple[dict[int, list[torch.Tensor]], torch.Tensor]:
+        logits = self.wg(inputs.float())
+        logits = logits.reshape(-1, logits.shape[-1])
+        self.dropout(logits)
+        return self.gate(logits, self.moe_use_mixtral_gating, self.moe_use_logits_norm, self.moe_gate_norm_std), logits
+
+
+class SkyworkMOELayer(nn.Module):
+    """Skywork-MoE ``MOELayer``: the inputs times k unless Mixtral gating; ``index_add`` per expert of the dict."""
+
+    def __init__(self, mixtral: bool) -> None:
+        super().__init__()
+        self.gate = SkyworkRouter(mixtral)
+        self.experts = Experts()
+        self.moe_use_mixtral_gating, self.moe_feature_no_mul_topk = mixtral, False
+        self.received: set[tuple[int, int]] = set()  # (token, expert) pairs of the last forward
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        reshaped_input = inputs.reshape(-1, inputs.shape[-1])
+        output = torch.zeros_like(reshaped_input)
+        expert_info, _ = self.gate(inputs)
+        if not (self.moe_use_mixtral_gating or self.moe_feature_no_mul_topk):
+            reshaped_input = reshaped_input * SKYWORK_TOP_K
+        self.received = set()
+        for expert, (indices, gating) in expert_info.items():
+            self.received |= {(int(t), expert) for t in indices}
+            if indices.numel():
+                out = self.experts[expert](reshaped_input.index_select(0, indices)) * gating.unsqueeze(-1)
+                output = output.index_add(0, indices, out.to(output.dtype))
+        return output.reshape(inputs.shape)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("mixtral", [True, False], ids=["mixtral-order", "softmax-first"])
+def test_skywork_gating_logit_normalisation_is_exact(mixtral: bool, training: bool) -> None:
+    """Skywork-MoE's gating logit normalisation (the logits scaled by their own spread before the top-k): the pairs of
+    tokens and experts the experts received are the recorded ones, and a replay after the routers change repeats
+    them."""
+    model = TwoLayers(lambda: SkyworkMOELayer(mixtral)).train(training)
+    x = _x()
+
+    def used(name: str) -> set[tuple[int, int]]:
+        return {(t, int(e)) for t, row in enumerate(routes.layer(name).tolist()) for e in row}
+
+    with mr.attach(model) as session:
+        assert session.names == ("layers.0.gate", "layers.1.gate")
+        with torch.no_grad(), session.capture():
+            want = model(x)
+        routes = session.routes()
+        assert all(layer.received == used(n) for layer, n in zip(model.layers, session.names, strict=True))
+        with torch.no_grad(), session.replay(routes):
+            assert torch.equal(model(x), want)
+        perturb(model)
+        with torch.no_grad():
+            model(x)
+        assert any(layer.received != used(n) for layer, n in zip(model.layers, session.names, strict=True))
+        with torch.no_grad(), session.replay(routes):
+            model(x)
+        assert all(layer.received == used(n) for layer, n in zip(model.layers, session.names, strict=True))
+
+
+class DeepSeekMoEGreedyGate(_HandForced):
+    """DeepSeek-MoE (16B) / DeepSeek-V2-Lite remote code ``MoEGate`` with ``topk_method="greedy"``: softmax scores,
+    ``topk(sorted=False)`` whose values are the weights, ``norm_topk_prob`` optional; in training the auxiliary loss
+    inside the gate, per sequence (``seq_aux``: ``scatter_add_`` of the chosen experts per batch row) or per batch."""
+
+    def __init__(self, seq_aux: bool, norm_topk_prob: bool) -> None:
+        super().__init__()
+        self.top_k, self.n_routed_experts, self.alpha = 2, E, 0.001
+        self.seq_aux, self.norm_topk_prob, self.scoring_func = seq_aux, norm_topk_prob, "softmax"
+        self.weight = nn.Parameter(torch.empty(E, D))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        bsz, seq_len, h = hidden_states.shape
+        logits = F.linear(hidden_states.view(-1, h), self.weight, None)
+        scores = logits.softmax(dim=-1)
+        topk_weight, topk_idx = self._decide(scores, scores, self.top_k, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        aux_loss = None
+        if self.training and self.alpha > 0.0:
+            topk_idx_for_aux_loss = topk_idx.view(bsz, -1)
+            if self.seq_aux:
+                scores_for_seq_aux = scores.view(bsz, seq_len, -1)
+                ce = torch.zeros(bsz, self.n_routed_experts)
+                ce.scatter_add_(1, topk_idx_for_aux_loss, torch.ones(bsz, seq_len * self.top_k)).div_(
+                    seq_len * self.top_k / self.n_routed_experts
+                )
+                aux_loss = (ce * scores_for_seq_aux.mean(dim=1)).sum(dim=1).mean() * self.alpha
+            else:
+                mask_ce = F.one_hot(topk_idx_for_aux_loss.view(-1), num_classes=self.n_routed_experts)
+                aux_loss = (scores.mean(0) * mask_ce.float().mean(0) * self.n_routed_experts).sum() * self.alpha
+        return topk_idx, topk_weight, aux_loss
+
+
+class DeepSeekV3RemoteGate(_HandForced):
+    """DeepSeek-V3 remote code (``modeling_deepseek.py``) ``MoEGate`` with ``topk_method="noaux_tc"``: fp32 sigmoid
+    scores plus ``e_score_correction_bias`` for the choice, groups by the sum of their top-2, the others set to 0.0 by
+    ``masked_fill`` (not -inf), a ``topk(sorted=False)`` whose values are dropped, the weights gathered from the
+    unbiased scores, renormalised and scaled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.top_k, self.n_routed_experts, self.routed_scaling_factor = 2, E, 2.5
+        self.n_group, self.topk_group, self.norm_topk_prob = 4, 2, True
+        self.weight = nn.Parameter(torch.empty(E, D))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.e_score_correction_bias = nn.Parameter(torch.linspace(-0.3, 0.3, E))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        bsz, seq_len, h = hidden_states.shape
+        n = bsz * seq_len
+        logits = F.linear(hidden_states.view(-1, h).type(torch.float32), self.weight.type(torch.float32), None)
+        scores = logits.sigmoid()
+        scores_for_choice = scores.view(n, -1) + self.e_score_correction_bias.unsqueeze(0)
+        group_scores = scores_for_choice.view(n, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(n, self.n_group, E // self.n_group).reshape(n, -1)
+        tmp_scores = scores_for_choice.masked_fill(~score_mask.bool(), 0.0)
+        _, topk_idx = self._decide(tmp_scores, scores_for_choice, self.top_k, sorted=False)
+        topk_weight = scores.gather(1, topk_idx)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20) * self.routed_scaling_factor
+        else:
+            topk_weight = topk_weight * self.routed_scaling_factor
+        return topk_idx, topk_weight, None
+
+
+class DeepSeekRemoteMoE(DeepSeekV2MoE):
+    """The remote code's ``DeepseekMoE`` block (training: ``repeat_interleave``, eval: ``moe_infer``) around a gate."""
+
+    def __init__(self, gate: nn.Module) -> None:
+        super().__init__()
+        self.gate = gate  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("make", "training", "grad"),
+    [
+        pytest.param(lambda: DeepSeekRemoteMoE(DeepSeekMoEGreedyGate(True, False)), False, False, id="greedy-eval"),
+        pytest.param(lambda: DeepSeekRemoteMoE(DeepSeekMoEGreedyGate(True, False)), True, True, id="greedy-seq-aux"),
+        pytest.param(lambda: DeepSeekRemoteMoE(DeepSeekMoEGreedyGate(False, True)), True, True, id="greedy-norm-aux"),
+        pytest.param(lambda: DeepSeekRemoteMoE(DeepSeekV3RemoteGate()), False, False, id="v3-noaux-tc-zero-mask"),
+    ],
+)
+def test_deepseek_remote_code_gates_replay_the_hand_forced_forward(
+    make: Callable[[], nn.Module], training: bool, grad: bool
+) -> None:
+    """DeepSeek-MoE's greedy gate with its in-gate auxiliary loss (per sequence or per batch), and DeepSeek-V3's remote
+    ``noaux_tc`` gate, whose group mask writes 0.0 into biased scores that may be negative: replayed rows give exactly
+    the forward with those rows forced by hand, on another input and after the routers change."""
+    assert_replay_is_the_hand_forced_forward(TwoLayers(make).train(training), (2, T // 2, D), grad)
+
+
+def _vmoe_top_experts_per_item_common(
+    gates: torch.Tensor, num_selected_experts: int, batch_priority: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """V-MoE ``vmoe/moe.py`` ``_get_top_experts_per_item_common``: a top-k per item; with ``batch_priority`` the items
+    sorted by their best gate; each expert's buffer position by a cumulative sum over (rank, item), rank first."""
+    group_size, num_experts = gates.shape
+    top_items_gate, top_experts = torch.topk(gates, num_selected_experts, dim=-1)
+    perm = torch.argsort(-top_items_gate[:, 0]) if batch_priority else None
+    if perm is not None:
+        top_experts = top_experts[perm]
+    top_experts = top_experts.t().reshape(-1)
+    expert_one_hot = F.one_hot(top_experts, num_experts)
+    buffer_idx = torch.cumsum(expert_one_hot, dim=0) * expert_one_hot - 1
+    buffer_idx = buffer_idx.reshape(num_selected_experts, group_size, num_experts).permute(1, 0, 2)
+    if perm is not None:
+        buffer_idx = buffer_idx[torch.argsort(perm)]
+    return top_items_gate, top_experts, buffer_idx
+
+
+class VMoENoisyTopExpertsPerItemRouter(nn.Module):
+    """V-MoE ``NoisyTopExpertsPerItemRouter`` with the einsum dispatcher: Gaussian noise of ``noise_std / E`` on the
+    logits in training, softmax gates, an item kept by an expert while its buffer position is under the capacity."""
+
+    def __init__(self, batch_priority: bool, capacity_factor: float = 1.0) -> None:
+        super().__init__()
+        self.num_experts, self.num_selected_experts, self.noise_std = E, 2, 1.0
+        self.batch_priority, self.capacity_factor = batch_priority, capacity_factor
+        self.dense = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gates_logits = self.dense(x)
+        if self.training and self.noise_std > 0:
+            gates_logits = gates_logits + self.noise_std / self.num_experts * torch.randn_like(gates_logits)
+        gates_softmax = F.softmax(gates_logits, dim=-1)
+        capacity = math.ceil(self.num_selected_experts * gates_softmax.shape[0] * self.capacity_factor / E)
+        _, _, buffer_idx = _vmoe_top_experts_per_item_common(
+            gates_softmax, self.num_selected_experts, self.batch_priority
+        )
+        buffer_idx = buffer_idx.max(dim=1).values
+        keep = (buffer_idx >= 0) & (buffer_idx < capacity)
+        return keep, gates_softmax * keep
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_vmoe_capacity_by_buffer_position_is_exact_and_batch_priority_is_refused(training: bool) -> None:
+    """V-MoE: without batch priority the buffers fill by position and a replay repeats the capture; with batch
+    priority the items are ordered by their current best gate before the buffers fill, a choice by score: refused."""
+    plain = TwoLayers(lambda: DenseProbsBlock(VMoENoisyTopExpertsPerItemRouter(False))).train(training)
+    assert_replay_repeats_the_capture(plain)
+    model = TwoLayers(lambda: DenseProbsBlock(VMoENoisyTopExpertsPerItemRouter(True))).train(training)
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="chooses again"):
+        with torch.no_grad(), session.capture():
+            model(_x())
+
+
+class _SparseMixerMultiplier(torch.autograd.Function):
+    """PhiMoE / GRIN-MoE ``mp``: the multiplier times its midpoint mask, with SparseMixer's gradient at the scores."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        scores: torch.Tensor,
+        multiplier: torch.Tensor,
+        selected_experts: torch.Tensor,
+        masked_gates: torch.Tensor,
+        mask_for_one: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(multiplier, selected_experts, masked_gates)
+        return multiplier * mask_for_one
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_at_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        multiplier, selected_experts, masked_gates = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_at_output = grad_at_output * multiplier
+        grad_at_scores = masked_gates * grad_at_output.mul(-1)
+        grad_at_scores.scatter_add_(dim=-1, index=selected_experts, src=grad_at_output)
+        return grad_at_scores, None, None, None, None
+
+
+def _sparsemixer_pick(scores: torch.Tensor, jitter_eps: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SparseMixer slot: mask the experts far under the best score, pick (``max``, Gumbel-sampled in training),
+    the weight from the softmax of the masked scores; in training Heun's midpoint mask (a second ``max``, a coin)."""
+    with torch.no_grad():
+        mask_logits_threshold, max_ind = scores.max(dim=-1, keepdim=True)
+        factor = scores.abs().clamp(min=mask_logits_threshold)
+        mask_logits_threshold = ((mask_logits_threshold - scores) / factor) > (2 * jitter_eps)
+    masked_gates = scores.masked_fill(mask_logits_threshold, float("-inf"))
+    if training:
+        noise = torch.empty_like(masked_gates).exponential_().log()
+        selected_experts = (masked_gates - noise).max(dim=-1)[1].unsqueeze(-1)
+    else:
+        selected_experts = max_ind
+    masked_gates = torch.softmax(masked_gates, dim=-1)
+    multiplier = masked_gates.gather(dim=-1, index=selected_experts)
+    if training:
+        max_scores, max_ind = masked_gates.max(dim=-1, keepdim=True)
+        mask_for_one = torch.logical_or(selected_experts == max_ind, torch.rand_like(max_scores) > 0.75)
+        mask_for_one = torch.add(0.3333, mask_for_one, alpha=0.6667).type_as(masked_gates)
+        multiplier = _SparseMixerMultiplier.apply(scores, multiplier, selected_experts, masked_gates, mask_for_one)
+    return multiplier, selected_experts
+
+
+def _sparsemixer(scores: torch.Tensor, jitter_eps: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE / GRIN-MoE ``sparsemixer`` (top-2): a slot, the chosen expert ``scatter``-ed to -inf, a second slot whose
+    mask is taken from the masked scores' best and applied to them."""
+    multiplier, selected_experts = _sparsemixer_pick(scores, jitter_eps, training)
+    masked_scores = torch.scatter(scores, -1, selected_experts, float("-inf"))
+    multiplier_top2, selected_experts_top2 = _sparsemixer_pick(masked_scores, jitter_eps, training)
+    multiplier = torch.concat((multiplier, multiplier_top2), dim=-1)
+    return multiplier, torch.concat((selected_experts, selected_experts_top2), dim=-1)
+
+
+class SparseMixerBlock(nn.Module):
+    """A block routing with SparseMixer under a name that is not PhiMoE's (GRIN-MoE's code, or a port of it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.router_jitter_noise = E, 2, 0.01
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = _sparsemixer(self.gate(x), jitter_eps=self.router_jitter_noise, training=self.training)
+        return dispatch(self.experts, x, idx, w)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_sparsemixer_outside_phimoe_is_refused(training: bool) -> None:
+    """SparseMixer (PhiMoE's routing) under another class name, where no adapter names it: its mask of the experts
+    far under the best score, read after each pick, and in training its Gumbel-sampled picks and midpoint ``max``,
+    are refused by what the forward does, not by the class name."""
+    model = TwoLayers(SparseMixerBlock).train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="layers.0"):
+        with torch.no_grad(), session.capture():
+            model(_x())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class MoDBlock(nn.Module):
+    """Mixture-of-Depths around an MoE block: a ``Linear(d, 1)`` router, ``topk`` of the tokens over the sequence
+    (``sorted=False``), the chosen tokens ``sort``-ed back to their order, processed, weighted by their sigmoid
+    score."""
+
+    def __init__(self, capacity_factor: float = 0.5) -> None:
+        super().__init__()
+        self.router = nn.Linear(D, 1, bias=False)
+        self.block = RouterBlock(JetMoEGating())
+        self.capacity_factor = capacity_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b_x = x[None]
+        _, s, d = b_x.shape
+        router_logits = self.router(b_x).squeeze(-1)
+        weights, selected_tokens = torch.topk(router_logits, int(self.capacity_factor * s), dim=1, sorted=False)
+        selected_tokens, index = torch.sort(selected_tokens, dim=1)
+        indices_expanded = selected_tokens.unsqueeze(-1).expand(-1, -1, d)
+        selected = torch.gather(b_x, 1, indices_expanded)
+        processed = self.block(selected[0])[None] * torch.gather(weights, 1, index).sigmoid().unsqueeze(-1)
+        return torch.scatter(torch.zeros_like(b_x), 1, indices_expanded, processed)[0]
+
+
+def test_mixture_of_depths_around_moe_blocks_is_left_native_and_its_routers_exact() -> None:
+    """The token choice of Mixture-of-Depths (a top-k over the sequence) is no router: the MoE routers inside are found
+    and replayed exactly while it chooses the same tokens (README, Limits: that choice is not recorded)."""
+    model = TwoLayers(MoDBlock)
+    x = _x()
+    with mr.attach(model) as session:
+        assert session.names == ("layers.0.block.router", "layers.1.block.router")
+        with torch.no_grad(), session.capture():
+            want = model(x)
+        routes = session.routes()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "block.router" in n:
+                    p.add_(3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(11)))
+            assert not torch.allclose(model(x), want)
+        spy = ExpertSpy(model.layers[0])  # (the first MoD sees the input: its choice of tokens is the same)
+        try:
+            with torch.no_grad(), session.replay(routes), session.capture():
+                model(x)
+            assert torch.equal(spy.experts_of(0), as_sets(routes.layer("layers.0.block.router")))
+        finally:
+            spy.remove()
+        assert session.routes().equal(routes)
