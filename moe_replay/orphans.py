@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import UnsupportedRouterError
 from .evidence import DECISION_FUNCS, _where, decision_call, unwrap
 
-__all__ = ["OrphanWatch"]
+__all__ = ["OrphanWatch", "watch_first_runs", "watch_forward"]
 
 _ATTENTION = re.compile(r"(attn|attention|indexer)", re.I)
 #: Decision-like calls that return indices by nature (not a stable softmax's max).
@@ -202,6 +202,28 @@ class OrphanWatch(TorchFunctionMode):
                     )
         return func(*args, **kwargs)
 
+    def not_run(self, ran: set[int]) -> list[str]:
+        """Paths of the outermost modules inside MoE blocks (outside attention, attached scopes, excluded
+        modules and expert banks) that the watched forward did not run, whose ids are not in ``ran``: a
+        branch it did not take (another router for long inputs, a layer skipped) that a later forward may.
+        """
+        found: list[str] = []
+        for name, module in self.modules.items():
+            if not name or id(module) in ran or any(name.startswith(f + ".") for f in found):
+                continue
+            if not self._known(name) and not self._in_bank(name) and self._in_moe(name):
+                found.append(name)
+        return found
+
+    def _in_bank(self, name: str) -> bool:
+        """Is the module an expert, or inside one (below an ``expert*`` child of a module holding experts)?"""
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            low = parts[i - 1].lower()
+            if "expert" in low and "shared" not in low and _holds_experts(self.modules[".".join(parts[: i - 1])]):
+                return True
+        return False
+
     def check(self) -> None:
         """Raise if the watched forward made a decision outside every attached router."""
         if self.found:
@@ -218,7 +240,7 @@ def watch_forward(
     scopes: Iterable[str],
     widths: Iterable[int],
     excluded: Callable[[str, nn.Module], bool] | None,
-    on_pass: Callable[[str], None] | None = None,
+    on_pass: Callable[[str, list[str]], None] | None = None,
     passed: Callable[[str], bool] | None = None,
 ) -> Callable[[], None]:
     """Watch the next forward of ``model``, or of the modules of it called on their own; returns a function
@@ -230,15 +252,22 @@ def watch_forward(
     forward ends, also when it raises. Once ``model``'s own forward has been watched they remove themselves;
     a part's forward passing leaves them in place for the rest of the model. ``on_pass`` is called with the
     module path once such a forward ran to its end with no decision outside the routers (not after one that
-    raised); the forward of a path ``passed`` says passed before is not watched again.
+    raised), and the paths of the modules in MoE blocks it did not run (:meth:`OrphanWatch.not_run`); the
+    forward of a path ``passed`` says passed before is not watched again.
     """
     from torch.nn.modules import module as _module
 
     state: dict[str, Any] = {}
     paths = {id(m): n for n, m in model.named_modules()}
 
+    ran: set[int] = set()
+
     def pre(module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling() or "top" in state:  # (is_compiling first: dynamo must read nothing else)
+        if torch.compiler.is_compiling():  # (first: dynamo must read nothing else)
+            return
+        if "top" in state:
+            if "watch" in state:
+                ran.add(id(module))
             return
         path = paths.get(id(module))
         if path is None:
@@ -246,6 +275,8 @@ def watch_forward(
         state["top"] = module
         if path and passed is not None and passed(path):
             return  # (its forward, and the modules it runs, are left alone)
+        ran.clear()
+        ran.add(id(module))
         state["watch"] = OrphanWatch(model, scopes, widths, excluded)
         state["watch"].__enter__()
 
@@ -262,7 +293,8 @@ def watch_forward(
             stop()
         watch.check()
         if on_pass is not None and sys.exc_info()[0] is None:  # (always_call: also run while the forward raises)
-            on_pass(path)
+            on_pass(path, watch.not_run(ran) if not path else [])
+        ran.clear()
 
     handles = [
         _module.register_module_forward_pre_hook(pre),
@@ -277,5 +309,91 @@ def watch_forward(
         for h in handles:
             h.remove()
         handles.clear()
+
+    return stop
+
+
+def _no_watch(module: nn.Module, *args: Any) -> None:
+    """What a first-run hook becomes in a copy of the model (``copy.deepcopy``, ``pickle``): nothing."""
+
+
+class _FirstRun:
+    """The forward pre-hook (the instance) and forward hook (``leave``) that watch one module's first run."""
+
+    #: a first-run watch is open in this process (one at a time: a module it runs inside is watched with it)
+    active = False
+
+    def __init__(self, name: str, watch: Callable[[], OrphanWatch], on_pass: Callable[[str], None]) -> None:
+        self.name, self.watch, self.on_pass = name, watch, on_pass
+        self.watching: OrphanWatch | None = None
+        self.handles: list[Any] = []
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling() or _FirstRun.active:
+            return
+        self.watching = self.watch()
+        self.watching.__enter__()
+        _FirstRun.active = True
+
+    def leave(self, module: nn.Module, args: Any, out: Any) -> None:
+        watch = self.watching
+        if torch.compiler.is_compiling() or watch is None:
+            return
+        self.watching, _FirstRun.active = None, False
+        watch.__exit__(None, None, None)
+        watch.check()
+        if sys.exc_info()[0] is None:  # (always_call: also run while the forward raises)
+            self.remove()
+            self.on_pass(self.name)
+
+    def remove(self) -> None:
+        """Take the hooks off the module (and close a watch left open)."""
+        if self.watching is not None:
+            self.watching.__exit__(None, None, None)
+            self.watching, _FirstRun.active = None, False
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (getattr, (sys.modules[__name__], "_no_watch"))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
+        return _no_watch
+
+
+def watch_first_runs(
+    model: nn.Module,
+    paths: Iterable[str],
+    scopes: Iterable[str],
+    widths: Iterable[int],
+    excluded: Callable[[str, nn.Module], bool] | None,
+    on_pass: Callable[[str], None],
+) -> Callable[[], None]:
+    """Watch the next run of each module of ``model`` at ``paths`` (modules in MoE blocks that the watched
+    forward did not run) as :func:`watch_forward` watches the model's; returns a function that stops.
+
+    Hooks on those modules only (the modules every forward runs pay nothing): an :class:`OrphanWatch`
+    over the module's forward, refused as the model's is; once a run of it passes, its hooks go and
+    ``on_pass`` is called with its path.
+    """
+    scopes, widths = tuple(scopes), frozenset(widths)
+    hooks: list[_FirstRun] = []
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:  # (gone since: a change on the way to the routers watches the model again)
+            continue
+        hook = _FirstRun(path, lambda: OrphanWatch(model, scopes, widths, excluded), on_pass)
+        hook.handles = [
+            module.register_forward_pre_hook(hook),
+            module.register_forward_hook(hook.leave, always_call=True),
+        ]
+        hooks.append(hook)
+
+    def stop() -> None:
+        for hook in hooks:
+            hook.remove()
+        hooks.clear()
 
     return stop

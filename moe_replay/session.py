@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from . import _torch_compat
 from ._checks import check_flag
@@ -50,7 +51,7 @@ from .errors import (
 from .evidence import VerifyReport
 from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
 from .losses import RouterScores
-from .orphans import OrphanWatch, watch_forward
+from .orphans import OrphanWatch, watch_first_runs, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, index_dtype
 from .routes import Routes, _known_or_none, fingerprint
 
@@ -558,40 +559,57 @@ class Session:
         if model is None or self._watching or torch.compiler.is_compiling():
             return None
         scopes = self._scopes()
-        if self._passed(model, scopes, ""):
-            return None
-        ref = weakref.ref(model)
+        stops: list[Callable[[], None]] = []
+        passed_as_is = self._passed(model, scopes, "")
+        if passed_as_is is not None:
+            if not passed_as_is.not_run:
+                return None
+            stops.append(self._watch_first_runs(model, passed_as_is))
+        else:
+            ref = weakref.ref(model)
 
-        def on_pass(path: str) -> None:
-            watched = ref()
-            if watched is not None:
-                self._mark_watched(watched, path)
+            def on_pass(path: str, not_run: list[str]) -> None:
+                watched = ref()
+                if watched is not None:
+                    skeleton = self._mark_watched(watched, path, not_run)
+                    if not_run:  # (the rest of this block too)
+                        stops.append(self._watch_first_runs(watched, skeleton))
 
-        def passed(path: str) -> bool:
-            watched = ref()
-            return watched is not None and self._passed(watched, self._scopes(), path)
+            def passed(path: str) -> bool:
+                watched = ref()
+                return watched is not None and self._passed(watched, self._scopes(), path) is not None
 
-        stop = watch_forward(model, scopes, self._widths(), self._excluded, on_pass=on_pass, passed=passed)
+            stops.append(watch_forward(model, scopes, self._widths(), self._excluded, on_pass=on_pass, passed=passed))
         self._watching = True
 
         def stop_watching() -> None:
             self._watching = False
-            stop()
+            for stop in stops:
+                stop()
 
         return stop_watching
 
-    @staticmethod
-    def _passed(model: nn.Module, scopes: list[str], path: str) -> bool:
-        """Did a forward of the module at ``path`` (``""``: the model) pass the watch with these routers,
-        the model made as it is now?"""
-        passed = _WATCHED.get(model, {}).get((tuple(scopes), model.training, path))
-        return passed is not None and passed.holds(model, scopes)
+    def _watch_first_runs(self, model: nn.Module, skeleton: _Skeleton) -> Callable[[], None]:
+        """Watch the first run of each module in an MoE block that the watched forward of ``model`` did not
+        run (a branch it did not take: a router there would be neither recorded nor forced)."""
+        return watch_first_runs(
+            model, list(skeleton.not_run), self._scopes(), self._widths(), self._excluded, skeleton.not_run.discard
+        )
 
-    def _mark_watched(self, model: nn.Module, path: str = "") -> None:
+    @staticmethod
+    def _passed(model: nn.Module, scopes: list[str], path: str) -> _Skeleton | None:
+        """The record of a forward of the module at ``path`` (``""``: the model) that passed the watch with
+        these routers, the model made as it is now; None if none did."""
+        passed = _WATCHED.get(model, {}).get((tuple(scopes), model.training, path))
+        return passed if passed is not None and passed.holds(model, scopes) else None
+
+    def _mark_watched(self, model: nn.Module, path: str = "", not_run: Sequence[str] = ()) -> _Skeleton:
         """Record that a forward of ``model`` (or of its module at ``path``) passed the watch with these
-        routers, as the model is now."""
+        routers, as the model is now, and which modules in MoE blocks it did not run."""
         scopes = self._scopes()
-        _WATCHED.setdefault(model, {})[(tuple(scopes), model.training, path)] = _Skeleton(model, scopes)
+        skeleton = _WATCHED.setdefault(model, {})[(tuple(scopes), model.training, path)] = _Skeleton(model, scopes)
+        skeleton.not_run.update(not_run)
+        return skeleton
 
     def _scopes(self) -> list[str]:
         """Where the scopes sit in the model now (their paths at attach, with any wrapper inserted since)."""
@@ -1610,11 +1628,14 @@ class Session:
                 h.calls, h.decisions = 0, 0
                 h.verifying = True
             watch = OrphanWatch(model, self._scopes(), self._widths(), self._excluded)
+            ran: set[int] = set()  # the modules this forward runs (the others are watched at their first run)
+            seen = register_module_forward_pre_hook(lambda module, args: ran.add(id(module)))
             try:  # eagerly, also where the model or some of its modules are compiled: the decisions are
                 # established by running forwards, which compiled code cannot (the fix every refusal names)
                 with torch.no_grad(), EAGER, watch:
                     model(*args, **kwargs)
             finally:
+                seen.remove()
                 for h in self._hooks:
                     h.verifying = False
         never = [h.name for h in self._hooks if h.calls == 0]
@@ -1633,7 +1654,7 @@ class Session:
                 f"no router chose experts for any token in this forward ({idle[:4]} ran on none: an input with no "
                 "tokens?), so nothing was established. Verify on an example with tokens"
             )
-        self._mark_watched(model)  # a capture need not watch this model's forward again
+        self._mark_watched(model, "", watch.not_run(ran))  # a capture need not watch this model's forward again
         return VerifyReport({h.name: h.calls for h in self._hooks}, evidence, idle)
 
 
@@ -1653,9 +1674,11 @@ class _Skeleton:
     of a small model).
     """
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_parts", "not_run")
 
     def __init__(self, model: nn.Module, scopes: Sequence[str]) -> None:
+        #: paths of the modules in MoE blocks that the watched forward did not run, and no run of them since
+        self.not_run: set[str] = set()
         self._parts = [
             (weakref.ref(m), tuple(weakref.ref(c) for c in m._modules.values() if c is not None))
             for m in _on_the_way(model, scopes)

@@ -351,3 +351,56 @@ def test_a_compiled_model_attached_as_is_is_watched_without_breaking_its_trace()
         with pytest.raises(mr.UnsupportedRouterError, match=r"'_orig_mod\.1\.mlp' \(SigmaFFN\)"):
             with session.capture():
                 compiled(x)
+
+
+class Branching(nn.Module):
+    """An MoE block that sends long inputs through a second MoE layer no rule finds, and every input through
+    a normalisation that runs only when asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.short = FFN()
+        self.long = SigmaFFN(E)
+        self.norm = nn.LayerNorm(D)
+        self.normalise = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalise:
+            x = self.norm(x)
+        return self.long(x) if x.shape[0] > T else self.short(x)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("block", ["capture", "replay"])
+def test_an_unfound_router_on_a_branch_the_watched_forward_did_not_take_is_refused(block: str) -> None:
+    """Once silent: the watch saw one forward, and a router that only a later forward ran (a branch for long
+    inputs) was neither recorded nor forced. Modules in an MoE block that the watched forward did not run are
+    watched at their first run; one that decides nothing passes and is left with no hook."""
+    model = nn.Sequential(Layer(nn.Identity(), Branching()))
+    short, long = torch.randn(T, D), torch.randn(2 * T, D)
+    with mr.attach(model) as session:
+        assert session.names == ("0.mlp.short.gate",)
+        with session.capture():
+            model(short)  # watched, and passed
+        routes = session.routes()
+        blocks = {"capture": session.capture, "replay": lambda: session.replay(routes)}
+        mlp = model[0].mlp
+        mlp.normalise = True
+        with blocks[block]():
+            model(short)  # the normalisation runs for the first time: watched, nothing to find
+        assert not mlp.norm._forward_pre_hooks and not mlp.norm._forward_hooks
+        for _ in range(2):  # again at a retry
+            with pytest.raises(mr.UnsupportedRouterError, match=r"'0\.mlp\.long' \(SigmaFFN\): topk over 4"):
+                with blocks[block]():
+                    model(long)
+            tried()
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match=r"'0\.mlp\.long'"):
+        with session.capture():  # a later session on the model
+            model(short)
+            model(long)
+    model = nn.Sequential(Layer(nn.Identity(), Branching()))
+    with mr.attach(model) as session:
+        session.verify(short)  # a forward that verify() watched: the branch it did not take is watched too
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'0\.mlp\.long'"), session.capture():
+            model(long)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
