@@ -456,11 +456,18 @@ class Routes:
         """
         ids = None if token_ids is None else _ids(token_ids, self, "with_token_ids()")
         out = Routes._trusted(self._data, self._names, self._experts, self._validated)
-        # the same rows of the same forwards: what the capture knows of them stays (split_generation checks it)
-        out._call_rows, out._dropped_rows = self._call_rows, self._dropped_rows
-        out._fed_mask, out._rows_moved = self._fed_mask, self._rows_moved
+        out._same_forwards(self)
         out._token_ids = ids
         return out
+
+    def _same_forwards(self, source: Routes) -> None:
+        """Keep what ``source``'s capture knows of its forwards: these routes hold its rows, in its order.
+
+        Its forwards, prompt mask, dropped rows and cache moves (:func:`~moe_replay.split_generation`
+        checks them) stay with routes of the same rows under other ids, other names or fewer routers.
+        """
+        self._call_rows, self._dropped_rows = source._call_rows, source._dropped_rows
+        self._fed_mask, self._rows_moved = source._fed_mask, source._rows_moved
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -535,6 +542,8 @@ class Routes:
                 raise UnknownRouterError(f"no router named '{n}' in these routes; routers: {list(self._names)}")
             pos.append(self._names.index(n))
         out = Routes._trusted([self._data[i] for i in pos], names, [self._experts[i] for i in pos], self._validated)
+        if pos:  # (the same rows of the same forwards, of fewer routers)
+            out._same_forwards(self)
         out._token_ids = self._token_ids if pos else None
         return out
 
@@ -572,6 +581,7 @@ class Routes:
             twice = sorted({m for m in names if names.count(m) > 1})
             raise RoutesValidationError(f"rename({dict(prefixes)!r}) gives two routers the same name: {twice[:4]}")
         out = Routes._trusted(self._data, names, self._experts, self._validated)
+        out._same_forwards(self)
         out._token_ids = self._token_ids
         return out
 
@@ -614,8 +624,9 @@ class Routes:
         obj._experts = tuple(int(e) for e in experts)
         obj._data = [d.to(_storage_dtype(e)).contiguous() for d, e in zip(data, obj._experts, strict=True)]
         obj._validated = validated
-        #: a capture's rows per router call, as (rows, calls) runs, set by Session.routes() only: every
-        #: other Routes (sliced, joined, loaded, built) holds rows that no longer follow those calls
+        #: a capture's rows per router call, as (rows, calls) runs, set by Session.routes() (and kept by the
+        #: methods that keep every row in place: with_token_ids, select, rename): every other Routes (sliced,
+        #: joined, loaded, built) holds rows that no longer follow those calls
         obj._call_rows = None
         #: rows per router (at most) that a keep_newest capture dropped before the first it holds,
         #: set by Session.routes() only: such rows no longer start at a forward (split_generation refuses them)

@@ -623,6 +623,41 @@ def test_routes_given_other_token_ids_keep_what_their_capture_knows_of_its_forwa
 
 
 @pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("how", ["select", "rename"])
+def test_routes_of_the_same_rows_under_a_router_subset_or_new_names_keep_what_their_capture_knows(how: str) -> None:
+    """Once silent: select() and rename() keep every row in its place, yet dropped what the capture knew of its
+    forwards, so two generate() calls, a keep_newest ring that wrapped or a wrong prompt mask split without an
+    error into routes of other tokens. They keep it now, as with_token_ids() does."""
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    prompt, mask = _prompt()
+
+    def same_rows(routes: mr.Routes) -> mr.Routes:
+        if how == "select":
+            return routes.select(routes.names[::-1]).select(routes.names[1:])
+        return routes.rename({"": "module."})
+
+    kept = B * P + B * (N - 3)
+    with mr.attach(model, capacity=kept, keep_newest=True) as session:
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, N, attention_mask=mask)
+        with pytest.raises(mr.RoutesValidationError, match="keep_newest"):
+            mr.split_generation(same_rows(session.routes()), attention_mask=mask)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            seq = model.generate(prompt, N, attention_mask=mask)
+        one = same_rows(session.routes())
+        with pytest.raises(mr.RoutesValidationError, match="not the attention mask"):
+            mr.split_generation(one, prompt_lengths=mask.sum(1), prompt_len=P, padding_side="right")
+        parts = mr.split_generation(one, attention_mask=mask, sequences=seq)
+        assert [p.num_tokens for p in parts] == (mask.sum(dim=1) + N).tolist()
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, N, attention_mask=mask)
+            model.generate(prompt, N, attention_mask=mask, do_sample=True)
+        with pytest.raises(mr.RoutesValidationError, match="ran forwards of.*more than one generate"):
+            mr.split_generation(same_rows(session.routes()), attention_mask=mask)
+
+
+@pytest.mark.reliability("bad inputs")
 def test_raw_generate_routes_in_a_teacher_forced_forward_point_to_split_generation() -> None:
     """Raw generate() routes replayed in a teacher-forced forward: the error names split_generation and BatchLayout."""
     model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
