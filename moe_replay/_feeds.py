@@ -7,8 +7,9 @@ between steps), and nothing in the rows shows it. So while a session captures, i
 forward of the model it is attached to:
 
 * the token ids it was fed (a copy on their device: no host sync per step);
-* the attention mask of the tokens fed, where the forward fed more than one token per
-  sequence (the prompt forward of ``generate()``);
+* the attention mask of the tokens fed (given by name, or at its place among the forward's
+  positional arguments), where the forward fed more than one token per sequence (the
+  prompt forward of ``generate()``);
 
 and notes a call to a method of the KV cache passed to it (``cache``, ``past_key_values``)
 that moves or copies the cache's rows between forwards: ``reorder_cache`` (beam search),
@@ -33,6 +34,7 @@ and the rows of such a capture are split by their order alone, unchecked.
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import threading
 import types
@@ -569,6 +571,8 @@ class FeedForward:
         self.compiled = False
         #: an encoder-decoder (a transformers config says so): its forwards feed two token streams
         self.paired = bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
+        #: the place of ``attention_mask`` among the forward's positional arguments (None: by name only)
+        self.mask_at = _place_of(self.__wrapped__, "attention_mask")
         #: the attached sessions it serves (two sessions, on the base model and on the whole, share a module)
         self.users = 1
         #: what holds the blocks of each session it serves: ``.blocks``, the blocks open, and ``.admit_forward(what)``,
@@ -608,8 +612,12 @@ class FeedForward:
             for r in entered:
                 r.unseen()
         elif current_graph_task_id() == -1:
+            named = kwargs  # (what the records read: the mask by name, given by position too)
+            at = self.mask_at
+            if at is not None and len(args) > at and "attention_mask" not in kwargs:
+                named = {**kwargs, "attention_mask": args[at]}
             # (fed no token count, it is left to the levels it enters below: they may see its tokens)
-            entered = [r for r in entered if r.fed(args, kwargs, self.paired)]
+            entered = [r for r in entered if r.fed(args, named, self.paired)]
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True
@@ -648,6 +656,22 @@ class FeedForward:
 
 
 _compiling = dynamo_compiling  # (one frame; export traces with dynamo too, make_fx is seen by _unseen)
+
+
+def _place_of(forward: Callable[..., Any], name: str) -> int | None:
+    """The place of parameter ``name`` among ``forward``'s positional arguments; None where it has none (or no
+    signature can be read): a decode loop may give a model its attention mask by position."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for i, param in enumerate(params):
+        if param.kind not in positional:
+            return None
+        if param.name == name:
+            return i
+    return None
 
 
 def _enter_levels(levels: Sequence[FeedForward], record: FeedRecord | FeedCheck) -> Callable[[], None]:

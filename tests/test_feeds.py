@@ -159,6 +159,34 @@ def test_a_cache_given_at_any_place_is_watched(positional: bool) -> None:
     assert "reorder_cache" not in vars(cache)
 
 
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("positional", [False, True])
+def test_a_prompt_mask_given_at_its_place_is_recorded(positional: bool) -> None:
+    """Once silent: a decode loop of one's own that gave the model its attention mask by position recorded no
+    prompt mask, so prompt lengths padded on the wrong side split without an error, giving padding's rows to
+    real tokens. The mask is read at the place the model's forward takes it, as by name."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt = _prompt()
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    prompt = prompt.masked_fill(mask == 0, 0)
+    seq, step, cache, m = prompt, prompt, None, mask
+    with mr.attach(model) as session:
+        with session.capture():
+            for _ in range(N):  # N new tokens, the last never fed
+                if positional:
+                    out = model(step, m, cache, True)
+                else:
+                    out = model(step, attention_mask=m, past_key_values=cache, use_cache=True)
+                cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                seq, m = torch.cat([seq, step], dim=1), torch.cat([m, torch.ones(B, 1, dtype=m.dtype)], dim=1)
+        capture = session.routes()
+    with pytest.raises(mr.RoutesValidationError, match=r"padded on the left: pass padding_side='left'"):
+        mr.split_generation(capture, prompt_lengths=mask.sum(1), prompt_len=P, padding_side="right", sequences=seq)
+    parts = mr.split_generation(capture, prompt_lengths=mask.sum(1), prompt_len=P, sequences=seq)
+    assert [p.num_tokens for p in parts] == (mask.sum(dim=1) + N).tolist()
+
+
 # ----------------------------------------------------------------------------- replays checked against their tokens
 def _batch(seed: int = 0, rows: int = 4, width: int = 6) -> torch.Tensor:
     return torch.randint(3, 128, (rows, width), generator=torch.Generator().manual_seed(seed))
