@@ -15,7 +15,9 @@ and notes a call to a method of the KV cache passed to it (``cache``, ``past_key
 that moves or copies the cache's rows between forwards: ``reorder_cache`` (beam search),
 ``batch_select_indices`` and ``batch_repeat_interleave`` (contrastive search). Those methods
 are watched on the cache object itself for the length of the capture, and put back when it
-ends.
+ends. It also notes a cache given to a forward again after another cache was given in
+between: the forwards of two decode loops interleaved (classifier-free guidance runs the
+model on the unconditional prompt after every step, with a cache of its own).
 
 A forward is seen where it enters the model or any module between the model and its routers
 (:func:`feed_levels`): from a session's attach until its detach, each of those modules has
@@ -91,6 +93,10 @@ class FeedRecord:
         self.forwards: list[_Forward] = []
         #: the first cache method that moved rows during the capture, as ``Class.method``
         self.moved: str | None = None
+        #: the type of a KV cache given again to a forward after another cache was given in between: the
+        #: forwards of two decode loops interleaved (classifier-free guidance), or None
+        self.interleaved: str | None = None
+        self._last: weakref.ref[Any] | None = None  # the KV cache given to the latest forward given one
         self._keep_inputs = keep_inputs
         self._caches: dict[int, tuple[Any, list[tuple[str, Any, Any]]]] = {}
         self._active = False
@@ -139,7 +145,8 @@ class FeedRecord:
         return True
 
     def _watch_caches(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Watch the row moves of a cache among the inputs of a forward."""
+        """Watch the row moves of a cache among the inputs of a forward, and note a cache given again after another."""
+        given = False
         for value in (*args, *kwargs.values()):  # the cache, at any place or name (cache, past_key_values...)
             kind = type(value)
             if kind in _PLAIN:
@@ -149,8 +156,16 @@ class FeedRecord:
                 moves = _MOVES_OF[kind] = tuple(name for name in ROW_MOVES if callable(getattr(kind, name, None)))
             if moves:
                 seen = self._caches.get(id(value))
-                if seen is None or seen[0]() is not value:
+                again = seen is not None and seen[0]() is value
+                if not again:
                     self._watch(value, moves)
+                if not given:  # (the first cache given: the forward's own)
+                    given = True
+                    last = self._last() if self._last is not None else None
+                    if again and last is not None and last is not value and self.interleaved is None:
+                        self.interleaved = kind.__name__
+                    if value is not last and id(value) in self._caches:
+                        self._last = self._caches[id(value)][0]
 
     def _keep(self, count: int, ids: torch.Tensor | None, fed: torch.Size | None, kwargs: dict[str, Any]) -> None:
         """Keep a copy of the ids a forward was fed (``_inputs``), and of its prompt mask."""
@@ -201,6 +216,7 @@ class FeedRecord:
                     else:
                         own[name] = before
         self._caches.clear()
+        self._last = None
 
     def to_host(self) -> None:
         """Move the kept inputs to the host, one copy per device and dtype: a detached session holds no device

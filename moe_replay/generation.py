@@ -20,8 +20,9 @@ padding, are dropped (or marked -1 with ``keep_padding=True``).
 
 The routes of a capture also remember what the model's forwards were fed, and
 :func:`split_generation` refuses what would give tokens the routes of others: a capture
-during which the KV cache moved rows between forwards (beam search), a prompt mask other
-than the one ``generate()`` ran with, and ``sequences`` whose tokens are not those their
+during which the KV cache moved rows between forwards (beam search), one whose forwards
+were given KV caches in turn (classifier-free guidance), a prompt mask other than the one
+``generate()`` ran with, and ``sequences`` whose tokens are not those their
 rows were fed.
 
 Example:
@@ -337,6 +338,21 @@ def _check_moves(routes: Routes) -> None:
     )
 
 
+def _check_one_loop(routes: Routes) -> None:
+    """Refuse a capture whose forwards were given KV caches in turn: the forwards of two decode loops interleaved."""
+    kind = routes._caches_interleaved
+    if kind is None:
+        return
+    raise RoutesValidationError(
+        f"while this capture ran, the model's forwards were given KV caches in turn (a {kind} given again after "
+        "another cache was given in between): the forwards of two decode loops interleaved, as generate(guidance_scale="
+        "...) runs them (classifier-free guidance runs the model on the unconditional prompt after every step, with "
+        "a cache of its own), or two generate() calls in turn. Their row counts fit one generate() of more new "
+        "tokens, but no split of the rows by their order gives each token its own routes. Capture a rollout "
+        "generated without guidance_scale, each generate() call in its own capture() block"
+    )
+
+
 def _check_prompt_mask(
     routes: Routes,
     prompt_mask: torch.Tensor,
@@ -461,9 +477,12 @@ def split_generation(
     whether the KV cache passed to the model moved rows between forwards
     (``reorder_cache``, as beam search does; ``batch_select_indices`` or
     ``batch_repeat_interleave``, as contrastive search does). A capture during which the
-    cache moved rows is refused, as is a prompt mask other than the one ``generate()`` ran
-    with; given ``sequences``, each token must be the one its row was fed (sequences of
-    another call, or in another order, are refused). Sample or decode greedily when
+    cache moved rows is refused, as is one whose forwards were given KV caches in turn (the
+    forwards of two decode loops interleaved: ``generate(guidance_scale=...)`` runs the model
+    on the unconditional prompt after every step, with a cache of its own, in forwards of the
+    row counts of one ``generate()`` of more new tokens), and a prompt mask other than the one
+    ``generate()`` ran with; given ``sequences``, each token must be the one its row was fed
+    (sequences of another call, or in another order, are refused). Sample or decode greedily when
     capturing a rollout, and pass ``sequences``: a decode loop of your own that moves rows
     through a cache without those methods shows only in the tokens.
 
@@ -497,7 +516,8 @@ def split_generation(
     Raises:
         RoutesValidationError: the row count does not fit ``B``, ``P`` and ``N``; the
             capture's forwards are not one prompt forward then one per new token; the KV
-            cache moved rows between forwards (beam search); ``sequences`` hold other
+            cache moved rows between forwards (beam search), or the forwards were given KV
+            caches in turn (``guidance_scale``); ``sequences`` hold other
             tokens than their rows were fed; or the prompt mask is not ``generate()``'s.
         InvalidArgumentError: the arguments disagree on ``B`` (a prompt mask not repeated
             for ``num_return_sequences``).
@@ -565,6 +585,7 @@ def split_generation(
     n = decode // b + 1
     _check_forwards(routes._call_rows, b, p, n, returned=sequences is not None)
     _check_moves(routes)
+    _check_one_loop(routes)
     if sequences is not None:
         seq_n = int(sequences.shape[1]) - p
         if seq_n != n:

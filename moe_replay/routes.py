@@ -329,6 +329,7 @@ class Routes:
         self._token_ids: torch.Tensor | None = None
         self._fed_mask: torch.Tensor | None = None
         self._rows_moved: str | None = None
+        self._caches_interleaved: str | None = None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -468,6 +469,7 @@ class Routes:
         """
         self._call_rows, self._dropped_rows = source._call_rows, source._dropped_rows
         self._fed_mask, self._rows_moved = source._fed_mask, source._rows_moved
+        self._caches_interleaved = source._caches_interleaved
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -638,6 +640,9 @@ class Routes:
         #: one did (split_generation checks them)
         obj._fed_mask = None
         obj._rows_moved = None
+        #: set by Session.routes() only: the type of a KV cache given to a forward again after another was given
+        #: in between (the forwards of two decode loops interleaved: split_generation refuses them), or None
+        obj._caches_interleaved = None
         return obj
 
     def _ensure_valid(self) -> None:

@@ -1279,6 +1279,7 @@ class Session:
                 ids = torch.where(routes._fed_mask == 0, -1, ids)  # prompt padding: the token of no sequence
             routes._token_ids = None if ids is None else _known_or_none(ids)
             routes._rows_moved = self._feeds.moved
+            routes._caches_interleaved = self._feeds.interleaved
         if self.keep_newest:  # a ring that wrapped holds its newest rows only
             routes._dropped_rows = max(
                 (w - r.capacity for r, w in zip(rings, written, strict=True) if r is not None), default=0

@@ -784,6 +784,28 @@ def test_hf_generate_whose_forwards_are_not_prompt_then_steps_is_refused(setting
             mr.split_generation(session.routes(), attention_mask=mask)
 
 
+@pytest.mark.reliability("bad inputs")
+def test_hf_generate_with_classifier_free_guidance_is_refused_not_split_as_more_tokens() -> None:
+    """Once silent: generate(guidance_scale=...) runs the model on the unconditional prompt after each step, with a
+    KV cache of its own, so its forwards have the row counts of one generate() of 2N new tokens; without sequences=
+    it split into routes of tokens fed twice. A capture whose forwards were given KV caches in turn is refused."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(prompt, attention_mask=mask, max_new_tokens=N, pad_token_id=0, guidance_scale=1.5)
+        capture = session.routes()
+        assert capture._call_rows == ((B * P, 1), (B, 2 * N - 1))  # the forwards of one generate() of 2N tokens
+        for given in ({}, dict(sequences=out)):
+            with pytest.raises(mr.RoutesValidationError, match=r"KV caches in turn.*guidance_scale"):
+                mr.split_generation(capture, attention_mask=mask, **given)
+        with session.capture(), torch.no_grad():  # the same generate() without guidance splits
+            out = model.generate(prompt, attention_mask=mask, max_new_tokens=N, pad_token_id=0)
+        parts = mr.split_generation(session.routes(), attention_mask=mask, sequences=out)
+        assert [p.num_tokens for p in parts] == (mask.sum(dim=1) + N).tolist()
+
+
 def test_a_capture_remembers_its_forwards_through_reserve_and_only_while_eager() -> None:
     """reserve() moves the rows and their forwards; rows no host call counted (compiled) leave them unknown."""
     model = mr.models.build("softmax_topk")
