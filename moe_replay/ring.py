@@ -406,7 +406,7 @@ class CaptureRing:
         calls = self._calls  # (_count_call, inline: this runs at every captured router call)
         if calls and calls[-1][0] == n:
             calls[-1][1] += 1
-        elif n and not self.keep_newest:
+        elif n and (not self.keep_newest or self._host <= self.capacity):
             calls.append([n, 1])
 
     def _prepare_views(self, start: int, n: int) -> None:
@@ -495,11 +495,12 @@ class CaptureRing:
         cursor.add_(n)
 
     def _count_call(self, n: int) -> None:
-        """One more eager call of ``n`` rows (a ``keep_newest`` ring, which drops rows, keeps no calls)."""
+        """One more eager call of ``n`` rows (after ``_host`` counts them). A ``keep_newest`` ring counts its calls
+        until it wraps, no further: it then drops rows, and its calls, bounded by its rows, stop growing."""
         calls = self._calls
         if calls and calls[-1][0] == n:
             calls[-1][1] += 1
-        elif n and not self.keep_newest:
+        elif n and (not self.keep_newest or self._host <= self.capacity):
             calls.append([n, 1])
 
     # ------------------------------------------------------------- reading
@@ -508,9 +509,9 @@ class CaptureRing:
 
         Known when every one of the ``written`` rows came from an eager call: a graph replay
         or a compiled call writes rows that no host count sees, and a ``keep_newest`` ring
-        drops its oldest ones. Calls of no rows are left out.
+        that wrapped dropped its oldest ones. Calls of no rows are left out.
         """
-        if self.keep_newest or sum(n * c for n, c in self._calls) != written:
+        if (self.keep_newest and written > self.capacity) or sum(n * c for n, c in self._calls) != written:
             return None
         return tuple((n, c) for n, c in self._calls)
 

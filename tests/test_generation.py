@@ -594,6 +594,29 @@ def test_a_keep_newest_capture_that_dropped_rows_is_refused_not_split_by_its_row
     assert [s.num_tokens for s in whole] == (mask.sum(dim=1) + N - 2).tolist()
 
 
+@pytest.mark.reliability("bad inputs")
+def test_a_keep_newest_capture_that_did_not_wrap_knows_its_forwards() -> None:
+    """Once silent: a keep_newest ring counted no calls even before it wrapped, so two generate() calls it held
+    whole split as one call of both batches (or of more new tokens) into routes of other tokens. It counts its
+    calls until it wraps: refused as from a growing ring, and a capture of one call still splits."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt, mask = _prompt()
+    with mr.attach(model, capacity=4 * B * (P + N), keep_newest=True) as session:
+        with session.capture(), torch.no_grad():
+            a = model.generate(prompt, N, attention_mask=mask)
+            b = model.generate(prompt, N, attention_mask=mask, do_sample=True)
+        joined = session.routes()
+        assert joined._call_rows == ((B * P, 1), (B, N - 1), (B * P, 1), (B, N - 1))
+        with pytest.raises(mr.RoutesValidationError, match="ran forwards of.*more than one generate"):
+            mr.split_generation(joined, attention_mask=torch.cat([mask, mask]), sequences=torch.cat([a, b]))
+        with pytest.raises(mr.RoutesValidationError, match="ran forwards of.*more than one generate"):
+            mr.split_generation(joined, attention_mask=mask)
+        with session.capture(), torch.no_grad():
+            seq = model.generate(prompt, N, attention_mask=mask)
+        parts = mr.split_generation(session.routes(), attention_mask=mask, sequences=seq)
+        assert [s.num_tokens for s in parts] == (mask.sum(dim=1) + N).tolist()
+
+
 @pytest.mark.parametrize("ids", ["none", "the tokens fed"])
 def test_routes_given_other_token_ids_keep_what_their_capture_knows_of_its_forwards(ids: str) -> None:
     """with_token_ids() changes the ids alone: the forwards, prompt mask and dropped rows of the capture the rows
