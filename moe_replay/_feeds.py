@@ -84,12 +84,13 @@ class FeedRecord:
 
     Args:
         keep_inputs: keep each forward's ids and prompt mask. A capture whose rows cannot be
-            lined up with its forwards (a ``keep_newest`` ring, which drops its oldest rows
-            and keeps no count of its calls) watches the cache alone: its forwards would
-            pile up for as long as it runs, and :meth:`rows` could not use them.
+            lined up with its forwards watches the cache alone.
+        limit: keep them for this many tokens at most, then none (a ``keep_newest`` ring of
+            that capacity wraps there, drops its oldest rows and its count of calls, so
+            :meth:`rows` could not use them; kept on, they would pile up for as long as it runs).
     """
 
-    def __init__(self, keep_inputs: bool = True) -> None:
+    def __init__(self, keep_inputs: bool = True, limit: int | None = None) -> None:
         self.forwards: list[_Forward] = []
         #: the first cache method that moved rows during the capture, as ``Class.method``
         self.moved: str | None = None
@@ -98,6 +99,8 @@ class FeedRecord:
         self.interleaved: str | None = None
         self._last: weakref.ref[Any] | None = None  # the KV cache given to the latest forward given one
         self._keep_inputs = keep_inputs
+        self._limit = limit
+        self._held = 0  # tokens of the forwards kept
         self._caches: dict[int, tuple[Any, list[tuple[str, Any, Any]]]] = {}
         self._active = False
         self._thread: int | None = None  # the thread whose forwards are recorded: the one that started it
@@ -169,6 +172,12 @@ class FeedRecord:
 
     def _keep(self, count: int, ids: torch.Tensor | None, fed: torch.Size | None, kwargs: dict[str, Any]) -> None:
         """Keep a copy of the ids a forward was fed (``_inputs``), and of its prompt mask."""
+        if self._limit is not None:
+            self._held += max(count, 0)
+            if self._held > self._limit:  # (past a keep_newest ring's capacity: its rows no longer start at a forward)
+                self.forwards.clear()
+                self._keep_inputs = False
+                return
         kept = ids.clone() if ids is not None else None  # (ids carry no autograd history)
         mask = kwargs.get("attention_mask")
         if (  # [batch, positions] fed, several per sequence: a prompt forward (or a training one)

@@ -1104,7 +1104,7 @@ class Session:
             h.calls = h.decisions = 0
         self._has_capture = True
         if clear or self._feeds is None:
-            self._feeds = FeedRecord(keep_inputs=not self.keep_newest)
+            self._feeds = FeedRecord(limit=self.capacity if self.keep_newest else None)
         model = self._model_ref()
         stop_feeds = self._feeds.start(self._feed_wrappers) if model is not None else None
         skeleton = self._skeleton()

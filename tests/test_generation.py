@@ -596,9 +596,10 @@ def test_a_keep_newest_capture_that_dropped_rows_is_refused_not_split_by_its_row
 
 @pytest.mark.reliability("bad inputs")
 def test_a_keep_newest_capture_that_did_not_wrap_knows_its_forwards() -> None:
-    """Once silent: a keep_newest ring counted no calls even before it wrapped, so two generate() calls it held
-    whole split as one call of both batches (or of more new tokens) into routes of other tokens. It counts its
-    calls until it wraps: refused as from a growing ring, and a capture of one call still splits."""
+    """Once silent: a keep_newest ring counted no calls even before it wrapped, nor kept what they were fed, so
+    two generate() calls it held whole split as one call of both batches (or of more new tokens), and so did
+    sequences of another call or a wrong prompt mask, into routes of other tokens. Until it wraps it knows them:
+    refused as from a growing ring, and a capture of one call still splits."""
     model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
     prompt, mask = _prompt()
     with mr.attach(model, capacity=4 * B * (P + N), keep_newest=True) as session:
@@ -613,7 +614,12 @@ def test_a_keep_newest_capture_that_did_not_wrap_knows_its_forwards() -> None:
             mr.split_generation(joined, attention_mask=mask)
         with session.capture(), torch.no_grad():
             seq = model.generate(prompt, N, attention_mask=mask)
-        parts = mr.split_generation(session.routes(), attention_mask=mask, sequences=seq)
+        one = session.routes()
+        with pytest.raises(mr.RoutesValidationError, match="new tokens in sequences are not the tokens"):
+            mr.split_generation(one, attention_mask=mask, sequences=b)
+        with pytest.raises(mr.RoutesValidationError, match="not the attention mask"):
+            mr.split_generation(one, prompt_lengths=mask.sum(1), prompt_len=P, padding_side="right")
+        parts = mr.split_generation(one, attention_mask=mask, sequences=seq)
         assert [s.num_tokens for s in parts] == (mask.sum(dim=1) + N).tolist()
 
 
