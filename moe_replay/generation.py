@@ -233,8 +233,8 @@ def _check_forwards(
     The row count alone also fits other forwards in another order: two ``generate()`` calls
     of ``b / 2`` sequences each (their outputs concatenated), a chunked prefill, a prompt
     mask of fewer rows than the sequences generated (``num_return_sequences``). The routes
-    that :meth:`Session.routes` returns remember their forwards; other routes (loaded,
-    sliced, built) do not, and are split by the row count alone.
+    that :meth:`Session.routes` returns remember their forwards (saved and loaded too); other
+    routes (sliced, joined, built) do not, and are split by the row count alone.
 
     ``returned``: ``b`` is the row count of ``generate()``'s output. A capture of ``r``
     times as many sequences then is no ``num_return_sequences`` (its output holds every
@@ -462,9 +462,11 @@ def split_generation(
     forward. The routes that :meth:`~moe_replay.Session.routes` returns remember the rows
     of each forward, and other forwards are refused even where the row count fits: a
     chunked prefill (``generate(prefill_chunk_size=...)``, every sequence's chunk in turn),
-    two ``generate()`` calls whose outputs were joined, ``use_cache=False``. Routes that
-    were saved and loaded, sliced or joined, or captured in compiled code or a CUDA graph,
-    no longer know their forwards and are split by the row count alone.
+    two ``generate()`` calls whose outputs were joined, ``use_cache=False``. They keep what
+    they know through :meth:`~moe_replay.Routes.save` and :meth:`~moe_replay.Routes.load`,
+    ``select``, ``rename`` and ``with_token_ids``. Routes that were sliced or joined, or
+    captured in compiled code or a CUDA graph, no longer know their forwards and are split
+    by the row count alone.
 
     Nor may the capture of a beam search (``num_beams > 1``) or of assisted decoding
     (``assistant_model``, ``prompt_lookup_num_tokens``): beam search reorders its hypotheses

@@ -44,6 +44,8 @@ _MAGIC = "moe_replay.routes"
 #: The most bytes :meth:`Routes.load` decompresses unless ``max_bytes=`` says otherwise.
 MAX_LOAD_BYTES = 1 << 33
 _MAX_META_BYTES = 1 << 24
+#: the most runs of a capture's forwards (calls, prompt mask) that a routes file keeps in its metadata
+_MAX_RUNS = 1 << 16
 #: Unsigned dtypes whose values do not all fit int64 (uint64) or that torch compares only partly.
 _WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
 
@@ -627,8 +629,8 @@ class Routes:
         obj._data = [d.to(_storage_dtype(e)).contiguous() for d, e in zip(data, obj._experts, strict=True)]
         obj._validated = validated
         #: a capture's rows per router call, as (rows, calls) runs, set by Session.routes() (and kept by the
-        #: methods that keep every row in place: with_token_ids, select, rename): every other Routes (sliced,
-        #: joined, loaded, built) holds rows that no longer follow those calls
+        #: methods that keep every row in place: with_token_ids, select, rename, save and load): every other
+        #: Routes (sliced, joined, built) holds rows that no longer follow those calls
         obj._call_rows = None
         #: rows per router (at most) that a keep_newest capture dropped before the first it holds,
         #: set by Session.routes() only: such rows no longer start at a forward (split_generation refuses them)
@@ -644,6 +646,30 @@ class Routes:
         #: in between (the forwards of two decode loops interleaved: split_generation refuses them), or None
         obj._caches_interleaved = None
         return obj
+
+    def _forwards_meta(self) -> dict[str, Any] | None:
+        """What the capture knows of its forwards, as JSON for :meth:`save` (None where it knows nothing).
+
+        The prompt mask is kept as ``[value, rows]`` runs (-1 where unknown): a capture's is -1
+        but for its prompt forwards, a few runs per sequence. Runs past :data:`_MAX_RUNS` are
+        left out (the file then does not know them, as routes of unknown forwards do not).
+        """
+        calls = self._call_rows
+        mask = None
+        if self._fed_mask is not None and self._fed_mask.numel():
+            values, counts = torch.unique_consecutive(self._fed_mask, return_counts=True)
+            if values.numel() <= _MAX_RUNS:
+                mask = [[int(v), int(c)] for v, c in zip(values.tolist(), counts.tolist(), strict=True)]
+        known = {
+            "calls": [[int(n), int(c)] for n, c in calls] if calls is not None and len(calls) <= _MAX_RUNS else None,
+            "mask_runs": mask,
+            "rows_moved": self._rows_moved,
+            "caches_interleaved": self._caches_interleaved,
+            "dropped_rows": int(self._dropped_rows),
+        }
+        if not any(v for v in known.values()):
+            return None
+        return known
 
     def _ensure_valid(self) -> None:
         """Run the per-row checks that ``validate=False`` skipped (once)."""
@@ -691,7 +717,9 @@ class Routes:
         """Write a ``.npz`` file (numpy arrays and JSON metadata, never pickle).
 
         The rows are checked first (those of routes built with ``validate=False`` too), so a file
-        written here is one :meth:`load` reads back.
+        written here is one :meth:`load` reads back. The file keeps the token ids, and what a
+        capture knows of its forwards (their rows, their prompt mask, moves of the KV cache's
+        rows), which :func:`~moe_replay.split_generation` checks after :meth:`load` as before.
 
         Raises:
             RoutesValidationError: rows that :meth:`load` would refuse (a mixed ``-1`` row, duplicates).
@@ -712,6 +740,9 @@ class Routes:
             "num_experts": list(self._experts),
             "fingerprint": self.fingerprint,
         }
+        forwards = self._forwards_meta()
+        if forwards is not None:
+            meta["forwards"] = forwards
         arrays: dict[str, Any] = {f"layer_{i}": d.numpy() for i, d in enumerate(self._data)}
         if self._token_ids is not None:
             arrays["token_ids"] = self._token_ids.numpy()
@@ -762,6 +793,7 @@ class Routes:
             routes = cls(layers, names=names, num_experts=experts)
             if ids is not None:
                 routes._token_ids = _ids(ids, routes, "its token_ids")
+            _read_forwards(routes, meta.get("forwards"), path)
         except RoutesValidationError as e:
             raise RoutesValidationError(f"{path}: {e}") from e
         except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
@@ -968,6 +1000,48 @@ def _is_integer(index: Any) -> bool:
     if isinstance(index, int | np.integer):
         return True
     return isinstance(index, torch.Tensor) and index.dim() == 0 and _int_dtype(index.dtype)
+
+
+def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) -> None:
+    """Give loaded ``routes`` what their file keeps of the capture's forwards (:meth:`Routes._forwards_meta`)."""
+    if forwards is None:
+        return
+    t = set(routes.tokens_per_layer)
+    rows = t.pop() if len(t) == 1 else -1
+
+    def runs(value: Any, what: str, values: set[int] | None) -> list[tuple[int, int]] | None:
+        """``[first, repeats]`` pairs: ``[rows, calls]`` (``values`` None) or ``[value, rows]``, over every row."""
+        if value is None:
+            return None
+        pairs = (
+            [(r[0], r[1]) for r in value]
+            if isinstance(value, list)
+            and all(isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r) and r[1] > 0 for r in value)
+            else None
+        )
+        ok = pairs is not None and all((a in values) if values is not None else a > 0 for a, _ in pairs)
+        if not ok or sum(b if values is not None else a * b for a, b in pairs) != rows:
+            raise _corrupted(path, f"its forwards' {what} do not describe its {rows} rows per router")
+        return pairs
+
+    def text(value: Any, what: str) -> str | None:
+        if value is not None and (not isinstance(value, str) or len(value) > 200):
+            raise _corrupted(path, f"its {what} is not a short string")
+        return value
+
+    if not isinstance(forwards, dict):
+        raise _corrupted(path, "its forwards are not a JSON object")
+    calls = runs(forwards.get("calls"), "calls", None)
+    mask = runs(forwards.get("mask_runs"), "prompt mask", {-1, 0, 1})
+    dropped = forwards.get("dropped_rows", 0)
+    if type(dropped) is not int:
+        raise _corrupted(path, "its dropped rows are not an integer")
+    routes._call_rows = tuple(calls) if calls is not None else None
+    if mask is not None:
+        routes._fed_mask = torch.cat([torch.full((n,), v, dtype=torch.int8) for v, n in mask])
+    routes._rows_moved = text(forwards.get("rows_moved"), "cache move")
+    routes._caches_interleaved = text(forwards.get("caches_interleaved"), "cache interleaving")
+    routes._dropped_rows = dropped
 
 
 def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:

@@ -623,6 +623,54 @@ def test_a_keep_newest_capture_that_did_not_wrap_knows_its_forwards() -> None:
         assert [s.num_tokens for s in parts] == (mask.sum(dim=1) + N).tolist()
 
 
+class _ListCache(list):
+    """The reference model's KV cache (a list of layers), updated in place, that can reorder its rows."""
+
+    def reorder_cache(self, order: torch.Tensor) -> None:
+        self[:] = [(k[order], v[order]) for k, v in self]
+
+
+@pytest.mark.reliability("bad inputs")
+def test_saved_routes_keep_what_their_capture_knows_of_its_forwards(tmp_path: object) -> None:
+    """Once silent: routes saved and loaded (a rollout worker's, read by the trainer) forgot their forwards, their
+    prompt mask and the moves of their KV cache, so two generate() calls, a wrong prompt mask or a decode loop
+    that reordered its cache split without an error into routes of other tokens. The file keeps them."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt, mask = _prompt()
+    path = f"{tmp_path}/routes.npz"
+
+    def reloaded(routes: mr.Routes) -> mr.Routes:
+        routes.save(path)
+        return mr.Routes.load(path)
+
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            seq = model.generate(prompt, N, attention_mask=mask)
+        one = reloaded(session.routes())
+        assert one.equal(session.routes()) and torch.equal(one.token_ids, session.routes().token_ids)
+        with pytest.raises(mr.RoutesValidationError, match="not the attention mask"):
+            mr.split_generation(one, prompt_lengths=mask.sum(1), prompt_len=P, padding_side="right")
+        parts = mr.split_generation(one, attention_mask=mask, sequences=seq)
+        assert all(
+            a.equal(b) for a, b in zip(parts, mr.split_generation(session.routes(), attention_mask=mask), strict=True)
+        )
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, N, attention_mask=mask)
+            model.generate(prompt, N, attention_mask=mask, do_sample=True)
+        with pytest.raises(mr.RoutesValidationError, match="ran forwards of.*more than one generate"):
+            mr.split_generation(reloaded(session.routes()), attention_mask=mask)
+        cache, step = _ListCache(), prompt.clamp(min=3)
+        with session.capture(), torch.no_grad():
+            for _ in range(N):
+                out = model(step, past_key_values=cache or None, use_cache=True)
+                cache[:] = out.past_key_values
+                cache.reorder_cache(torch.tensor([2, 0, 1]))
+                step = out.logits[:, -1:].argmax(-1)
+        with pytest.raises(mr.RoutesValidationError, match=r"_ListCache\.reorder_cache"):
+            mr.split_generation(reloaded(session.routes()), batch_size=B, prompt_len=P)
+    assert mr.Routes.load(path).fingerprint == session.routes().fingerprint
+
+
 @pytest.mark.parametrize("ids", ["none", "the tokens fed"])
 def test_routes_given_other_token_ids_keep_what_their_capture_knows_of_its_forwards(ids: str) -> None:
     """with_token_ids() changes the ids alone: the forwards, prompt mask and dropped rows of the capture the rows

@@ -146,6 +146,14 @@ MALFORMED = {
     "1-D indices": (_META, {**_LAYERS, "layer_0": np.zeros(3, np.int16)}, "2-D"),
     "index out of range": (_META, {**_LAYERS, "layer_1": np.array([[2, 8]] * 3, np.int16)}, r"in \[0, 7\]"),
     "stored fingerprint differs": ({**_META, "fingerprint": "0" * 16}, _LAYERS, "fingerprint does not match"),
+    # what a capture knew of its forwards: it must describe the rows it holds
+    "forwards not an object": ({**_META, "forwards": [1]}, _LAYERS, "forwards are not a JSON object"),
+    "calls over other rows": ({**_META, "forwards": {"calls": [[2, 2]]}}, _LAYERS, "calls do not describe its 3"),
+    "calls of no rows": ({**_META, "forwards": {"calls": [[0, 1], [3, 1]]}}, _LAYERS, "calls do not describe"),
+    "mask of other values": ({**_META, "forwards": {"mask_runs": [[2, 3]]}}, _LAYERS, "mask do not describe"),
+    "mask of fewer rows": ({**_META, "forwards": {"mask_runs": [[1, 2]]}}, _LAYERS, "mask do not describe"),
+    "cache move not text": ({**_META, "forwards": {"rows_moved": 5}}, _LAYERS, "cache move is not a short string"),
+    "dropped rows as text": ({**_META, "forwards": {"dropped_rows": "3"}}, _LAYERS, "dropped rows are not an int"),
 }
 
 
