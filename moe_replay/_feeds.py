@@ -13,11 +13,13 @@ forward of the model it is attached to:
 
 and notes a call to a method of the KV cache passed to it (``cache``, ``past_key_values``)
 that moves or copies the cache's rows between forwards: ``reorder_cache`` (beam search),
-``batch_select_indices`` and ``batch_repeat_interleave`` (contrastive search). Those methods
-are watched on the cache object itself for the length of the capture, and put back when it
-ends. It also notes a cache given to a forward again after another cache was given in
-between: the forwards of two decode loops interleaved (classifier-free guidance runs the
-model on the unconditional prompt after every step, with a cache of its own).
+``batch_select_indices`` and ``batch_repeat_interleave`` (contrastive search), or to the
+model's own ``_reorder_cache`` (which transformers' beam search calls instead, where a model
+class defines one). Those methods are watched on the cache object (and the model) itself for
+the length of the capture, and put back when it ends. It also notes a cache given to a
+forward again after another cache was given in between: the forwards of two decode loops
+interleaved (classifier-free guidance runs the model on the unconditional prompt after every
+step, with a cache of its own).
 
 A forward is seen where it enters the model or any module between the model and its routers
 (:func:`feed_levels`): from a session's attach until its detach, each of those modules has
@@ -62,6 +64,9 @@ __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
 
 #: cache methods that move or copy rows between forwards: beam search, contrastive search
 ROW_MOVES = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
+#: a model's own method that reorders its KV cache's rows: transformers' beam search calls it where a model
+#: class defines it, instead of the cache's reorder_cache (remote-code models do)
+MODEL_MOVES = ("_reorder_cache",)
 #: the methods of ROW_MOVES that a type has (none for tensors, ints...), by type
 _MOVES_OF: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
 #: types that are no cache (looked up in no table)
@@ -116,6 +121,10 @@ class FeedRecord:
         """
         self._active = True
         self._thread = threading.get_ident()
+        for level in levels:  # (the model's own cache reorder, where its class has one)
+            names = tuple(name for name in MODEL_MOVES if callable(getattr(type(level.module), name, None)))
+            if names:
+                self._watch(level.module, names)
         remove = _enter_levels(levels, self)
 
         def stop() -> None:
@@ -206,7 +215,10 @@ class FeedRecord:
         patched = []
         for name in names:
             before = own.get(name)
-            noting = _Noting(record, name, before, ref)
+            if name in MODEL_MOVES:  # (a static method too: called as looked up on the object)
+                noting = _Noting(record, name, getattr(cache, name), ref)
+            else:
+                noting = _Noting(record, name, before, ref)
             own[name] = noting
             patched.append((name, noting, before))
         self._caches[id(cache)] = (ref, patched)
@@ -282,7 +294,7 @@ class MoveWatch(FeedRecord):
         if moved is not None:
             why = (
                 "as a beam search (num_beams > 1) does between steps to reorder its hypotheses"
-                if moved.endswith(".reorder_cache")
+                if moved.endswith("reorder_cache")
                 else "as a contrastive search (penalty_alpha) does to keep each sequence's chosen candidate"
             )
             raise RoutesValidationError(

@@ -326,7 +326,7 @@ def _check_moves(routes: Routes) -> None:
         return
     why = (
         "as a beam search (num_beams > 1) does between steps to reorder its hypotheses"
-        if moved.endswith(".reorder_cache")
+        if moved.endswith("reorder_cache")
         else "as a contrastive search (penalty_alpha) does to keep each sequence's chosen candidate"
     )
     raise RoutesValidationError(
@@ -477,9 +477,10 @@ def split_generation(
     were fed can. The routes that :meth:`~moe_replay.Session.routes` returns also remember
     the token ids each forward was fed, the attention mask of its prompt forward, and
     whether the KV cache passed to the model moved rows between forwards
-    (``reorder_cache``, as beam search does; ``batch_select_indices`` or
-    ``batch_repeat_interleave``, as contrastive search does). A capture during which the
-    cache moved rows is refused, as is one whose forwards were given KV caches in turn (the
+    (``reorder_cache``, or the model's own ``_reorder_cache``, as beam search does;
+    ``batch_select_indices`` or ``batch_repeat_interleave``, as contrastive search does). A
+    capture during which the cache moved rows is refused, as is one whose forwards were given
+    KV caches in turn (the
     forwards of two decode loops interleaved: ``generate(guidance_scale=...)`` runs the model
     on the unconditional prompt after every step, with a cache of its own, in forwards of the
     row counts of one ``generate()`` of more new tokens), and a prompt mask other than the one

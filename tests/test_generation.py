@@ -415,6 +415,47 @@ def test_beams_that_swap_rows_while_fed_the_returned_tokens_are_refused() -> Non
             mr.split_generation(capture, batch_size=2, prompt_len=p, **given)
 
 
+def _reordering_by_the_model() -> torch.nn.Module:
+    """A tiny qwen3_moe whose class reorders the KV cache in its own ``_reorder_cache`` (as remote-code models do):
+    beam search then calls it, not the cache's ``reorder_cache``."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    transformers = pytest.importorskip("transformers")
+
+    class Reordering(transformers.Qwen3MoeForCausalLM):
+        @staticmethod
+        def _reorder_cache(past: object, beam_idx: torch.Tensor) -> object:
+            for layer in past.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, beam_idx), layer.values.index_select(0, beam_idx)
+            return past
+
+    base = tiny_hf.build("qwen3_moe")
+    model = Reordering(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+@pytest.mark.reliability("bad inputs")
+def test_hf_beam_search_through_the_models_own_reorder_cache_is_refused() -> None:
+    """Once silent: a model whose class defines _reorder_cache (transformers' beam search calls it instead of the
+    cache's reorder_cache) reordered its hypotheses unseen, so num_beams=n, num_return_sequences=n split without
+    sequences= into routes of other hypotheses, and a replay decoding with beams ran on. The model's method is
+    watched like the cache's, and put back after."""
+    model = _reordering_by_the_model()
+    prompt, mask = _prompt()
+    kwargs = dict(attention_mask=mask, max_new_tokens=N, num_beams=2, num_return_sequences=2, pad_token_id=0)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, **kwargs)
+        capture = session.routes()
+        with pytest.raises(mr.RoutesValidationError, match=r"Reordering\._reorder_cache, as a beam search"):
+            mr.split_generation(capture, attention_mask=mask.repeat_interleave(2, dim=0))
+        assert "_reorder_cache" not in vars(model)
+        with pytest.raises(mr.RoutesValidationError, match=r"_reorder_cache, as a beam search"):
+            with session.replay(capture.with_token_ids(None)), torch.no_grad():
+                model.generate(prompt, **kwargs)
+    assert "_reorder_cache" not in vars(model)
+
+
 @pytest.mark.reliability("bad inputs")
 def test_a_decode_loop_that_selects_cache_rows_is_refused() -> None:
     """A decode loop of one's own that picks rows of its KV cache between steps (batch_select_indices, as
