@@ -12,7 +12,9 @@ tokens, ``generate()`` (transformers, or any decode loop with a KV cache) runs:
 so it has no route. Inference engines (vLLM, SGLang) behave the same way. In the
 per-sequence routes that :func:`split_generation` returns, the last token of every
 sequence has a -1 row: replay routes it natively. Its route cannot change the loss: no
-later position attends to it and its logits predict nothing that is trained on.
+later position attends to it and its logits predict nothing that is trained on. (A decode
+loop of one's own that feeds it too records ``B * (P + N)`` rows: given ``sequences``, its
+last token gets its route.)
 
 Sequences that stopped early (an end-of-sequence token) keep being fed padding by
 transformers' ``generate()`` until the whole batch stops; those rows, like prompt
@@ -338,6 +340,19 @@ def _check_moves(routes: Routes) -> None:
     )
 
 
+def _fed_its_last(routes: Routes, sequences: torch.Tensor, b: int) -> bool:
+    """Was the capture's last forward fed the last token of every sequence (where its ids were recorded)?
+
+    A decode loop that feeds its last sampled token too (for its value, say) runs one step
+    more than ``generate()``: its ``B * (P + N)`` rows hold a route for every token.
+    """
+    fed = routes._token_ids
+    if fed is None or fed.numel() < b:
+        return False
+    got = fed[-b:]
+    return bool((got >= 0).all()) and torch.equal(got, sequences[:, -1].detach().to("cpu", torch.long))
+
+
 def _check_one_loop(routes: Routes) -> None:
     """Refuse a capture whose forwards were given KV caches in turn: the forwards of two decode loops interleaved."""
     kind = routes._caches_interleaved
@@ -490,7 +505,10 @@ def split_generation(
     through a cache without those methods shows only in the tokens.
 
     Args:
-        routes: the capture (``session.routes()``), ``B * P + B * (N - 1)`` rows.
+        routes: the capture (``session.routes()``), ``B * P + B * (N - 1)`` rows; or
+            ``B * (P + N)`` from a decode loop that fed its last sampled token too, given
+            ``sequences`` whose last tokens the capture's last forward was fed: every token,
+            the last too, then has its route.
         batch_size: ``B``, the sequences generated; inferred from ``attention_mask``,
             ``prompt_lengths`` or ``sequences``, which must all agree on it.
         prompt_len: padded prompt width ``P``; inferred from a ``[B, P]`` ``attention_mask``.
@@ -589,9 +607,12 @@ def split_generation(
     _check_forwards(routes._call_rows, b, p, n, returned=sequences is not None)
     _check_moves(routes)
     _check_one_loop(routes)
+    fed_last = False  # a decode loop that fed its last sampled token too: every token has its row
     if sequences is not None:
         seq_n = int(sequences.shape[1]) - p
-        if seq_n != n:
+        if seq_n == n - 1 and seq_n >= 1 and _fed_its_last(routes, sequences, b):
+            n, fed_last = seq_n, True
+        elif seq_n != n:
             cause = (
                 f"was it generate(inputs_embeds=...), which returns only the new tokens, not the prompt? Pass "
                 f"sequences=torch.cat([prompt_ids, output], dim=1), the [{b}, {p} + {n}] sequences"
@@ -603,8 +624,9 @@ def split_generation(
                 f"sequences hold {seq_n} new tokens, but the capture holds {decode // b} decode steps "
                 f"(= {n} new tokens): {cause}"
             )
+    steps = n if fed_last else n - 1  # decode steps (each of b rows) given to the new tokens
     if new_tokens is not None and check_count(new_tokens, "new_tokens") != n:
-        raise RoutesValidationError(f"new_tokens={new_tokens}, but the capture holds {n - 1} decode steps")
+        raise RoutesValidationError(f"new_tokens={new_tokens}, but the capture holds {steps} decode steps")
 
     prompt_mask = _prompt_mask(b, p, attention_mask, prompt_lengths, padding_side)
     _check_prompt_mask(routes, prompt_mask, attention_mask, prompt_lengths, padding_side)
@@ -620,13 +642,14 @@ def split_generation(
     # capture row of every (sequence, grid position); -1 where nothing was routed
     grid = torch.full((b, p + n), -1, dtype=torch.long)
     grid[:, :p] = torch.arange(b * p).view(b, p)
-    step = torch.arange(n - 1)
-    grid[:, p : p + n - 1] = b * p + step[None, :] * b + torch.arange(b)[:, None]
+    step = torch.arange(steps)
+    grid[:, p : p + steps] = b * p + step[None, :] * b + torch.arange(b)[:, None]
     keep = torch.zeros(b, p + n, dtype=torch.bool)
     keep[:, :p] = prompt_mask
     keep[:, p:] = torch.arange(n)[None, :] < gen[:, None]
-    last = p + gen - 1
-    grid[torch.arange(b), last] = -1  # the last token of each sequence was never routed (or is EOS fed as input)
+    if not fed_last:
+        last = p + gen - 1
+        grid[torch.arange(b), last] = -1  # the last token of each sequence was never routed (or is EOS fed as input)
     grid[~keep] = -1
     if sequences is not None:
         _check_tokens(routes, sequences, grid, keep, p)

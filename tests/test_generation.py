@@ -945,6 +945,33 @@ def test_a_capture_remembers_its_forwards_through_reserve_and_only_while_eager()
         assert session.routes()._call_rows == ((10, 1), (2, 3))  # kept at detach
 
 
+def test_a_decode_loop_that_feeds_its_last_token_splits_with_every_token_routed() -> None:
+    """Once refused, blaming a second generate() or a beam search: a decode loop that feeds its last sampled token
+    too (one more step than generate() runs: B * (P + N) rows, as generation_capacity says) splits, given the
+    sequences whose last tokens that step was fed, with a route for every token, and replays exactly."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt, mask = _prompt()
+    seq, step, cache, m = prompt, prompt, None, mask
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            for t in range(N + 1):  # the last forward is fed the N-th token (for its value, say)
+                out = model(step, attention_mask=m, past_key_values=cache, use_cache=True)
+                cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                if t < N:
+                    seq, m = torch.cat([seq, step], dim=1), torch.cat([m, torch.ones(B, 1, dtype=m.dtype)], dim=1)
+        capture = session.routes()
+        assert capture.num_tokens == mr.generation_capacity(B, P, N)
+        parts = mr.split_generation(capture, attention_mask=mask, sequences=seq, keep_padding=True)
+        assert [int((~p.missing.all(dim=1)).sum()) for p in parts] == (mask.sum(dim=1) + N).tolist()  # all routed
+        with session.replay(mr.Routes.cat(parts)), session.capture(), torch.no_grad():
+            model(seq, attention_mask=m)
+        assert mr.compare(mr.Routes.cat(parts), session.routes()).overall == 0.0
+        other = seq.clone()
+        other[:, -1] = (other[:, -1] + 1) % 128  # not the tokens its last step was fed: refused as before
+        with pytest.raises(mr.RoutesValidationError, match="sequences hold"):
+            mr.split_generation(capture, attention_mask=mask, sequences=other)
+
+
 @pytest.mark.reliability("bad inputs")
 def test_hf_generate_with_a_float_mask_checks_the_prompt_mask() -> None:
     """A 0.0/1.0 float attention mask given to generate() is recorded as an integer one is: from embeddings, the
