@@ -8,8 +8,9 @@ forward of the model it is attached to:
 
 * the token ids it was fed (a copy on their device: no host sync per step);
 * the attention mask of the tokens fed (given by name, or at its place among the forward's
-  positional arguments), where the forward fed more than one token per sequence (the
-  prompt forward of ``generate()``);
+  positional arguments; ``[batch, positions]``, or the ``[batch, heads, queries, keys]`` one
+  that ``generate()`` gives with a static cache), where the forward fed more than one token
+  per sequence (the prompt forward of ``generate()``);
 
 and notes a call to a method of the KV cache passed to it (``cache``, ``past_key_values``)
 that moves or copies the cache's rows between forwards: ``reorder_cache`` (beam search),
@@ -200,6 +201,8 @@ class FeedRecord:
             width = fed[1]
             # a float mask is kept as it is: 0/1 or additive is read when the rows are (no host sync here)
             mask = mask[:, -width:].clone() if mask.is_floating_point() else mask[:, -width:] != 0
+        elif fed is not None and fed[1] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            mask = _tokens_of_4d(mask, fed[0], fed[1])  # (a static cache's: [batch, heads, queries, keys])
         else:
             mask = None
         self.forwards.append(_Forward(count, kept, mask))
@@ -525,6 +528,31 @@ class _Noting:
     def __reduce__(self) -> tuple[Any, ...]:
         # a pickled cache: its class's method, looked up on the cache as it is unpickled
         return (getattr, (self.cache(), self.name))
+
+
+def _tokens_of_4d(mask: torch.Tensor, batch: int, width: int) -> torch.Tensor | None:
+    """Which of the ``width`` tokens of each sequence a forward fed are tokens (1) or padding (0), read from the
+    ``[batch, heads, queries, keys]`` attention mask it was given (``generate()`` with a static cache gives one);
+    -1 for a sequence whose mask is not that of a prompt forward, None where the mask is of no known kind.
+
+    A token attends to itself and padding to nothing, under a causal or a sliding-window mask alike: query
+    ``i``'s own key is key ``i`` in a forward whose tokens start the cache. A sequence one of whose queries
+    attends to a later key (a forward after cached tokens, whose own keys come later; a row of padding
+    unmasked to attend everything; a bidirectional mask) is not read. On the device: no host sync.
+    """
+    if mask.shape[0] != batch or mask.shape[2] != width or mask.shape[3] < width:
+        return None
+    if mask.dtype == torch.bool:
+        attend = mask[:, 0]
+    elif mask.is_floating_point():  # additive: 0 where attended, a large negative number (or -inf) where not
+        attend = mask[:, 0] > torch.finfo(mask.dtype).min / 2
+    else:
+        return None
+    queries = torch.arange(width, device=mask.device)
+    keys = torch.arange(mask.shape[3], device=mask.device)
+    later = (attend & (keys[None, None, :] > queries[None, :, None])).flatten(1).any(dim=1)
+    own = attend[:, queries, queries]
+    return torch.where(later[:, None], -1, own.to(torch.int8))
 
 
 def _zero_one(mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -710,3 +710,24 @@ def test_a_replay_whose_cache_moves_rows_between_forwards_is_refused() -> None:
     assert "reorder_cache" not in vars(cache)
     session.detach()
     assert_untouched(model, before)
+
+
+def test_a_4d_mask_is_read_as_tokens_only_where_each_token_attends_no_later_key() -> None:
+    """A [batch, heads, queries, keys] mask gives a token where its query attends its own key, padding where not;
+    a sequence whose queries attend later keys (a forward after cached tokens, a row of padding unmasked to
+    attend everything) is not read: -1, never a guess."""
+    from moe_replay._feeds import _tokens_of_4d
+
+    causal = torch.ones(4, 6, dtype=torch.bool).tril()  # 4 queries, 6 keys (2 free slots of a static cache)
+    left = causal.clone()
+    left[:, 0] = False  # the first token is padding: no query attends it
+    mask = torch.stack([causal, left])[:, None]
+    assert _tokens_of_4d(mask, 2, 4).tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    additive = torch.zeros(2, 1, 4, 6).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert _tokens_of_4d(additive, 2, 4).tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    after = torch.ones(4, 6, dtype=torch.bool).tril(diagonal=2)[None, None]  # 2 cached tokens before these
+    assert _tokens_of_4d(after, 1, 4).tolist() == [[-1, -1, -1, -1]]
+    unmasked = left.clone()
+    unmasked[0] = True  # the padding's query row made to attend every key
+    assert _tokens_of_4d(torch.stack([causal, unmasked])[:, None], 2, 4).tolist() == [[1, 1, 1, 1], [-1] * 4]
+    assert _tokens_of_4d(mask, 3, 4) is None and _tokens_of_4d(mask.long(), 2, 4) is None

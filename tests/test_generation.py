@@ -945,6 +945,29 @@ def test_a_capture_remembers_its_forwards_through_reserve_and_only_while_eager()
         assert session.routes()._call_rows == ((10, 1), (2, 3))  # kept at detach
 
 
+@pytest.mark.reliability("bad inputs")
+def test_hf_generate_with_a_static_cache_checks_the_prompt_mask() -> None:
+    """Once silent: generate(cache_implementation="static") gives the model a 4-D attention mask, which the capture
+    did not read, so prompt lengths padded on the wrong side, or no mask for a padded batch, split without an error
+    (padding's rows given to tokens). The padding of a 4-D mask is read: refused as with a 2-D one."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("mixtral")
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(
+                prompt, attention_mask=mask, max_new_tokens=N, pad_token_id=0, cache_implementation="static"
+            )
+        capture = session.routes()
+    with pytest.raises(mr.RoutesValidationError, match=r"padded on the left: pass padding_side='left'"):
+        mr.split_generation(capture, prompt_lengths=mask.sum(1), prompt_len=P, padding_side="right", sequences=out)
+    with pytest.raises(mr.RoutesValidationError, match=r"none given.*generate\(\) ran with padding"):
+        mr.split_generation(capture, batch_size=B, prompt_len=P, sequences=out)
+    parts = mr.split_generation(capture, attention_mask=mask, sequences=out)
+    assert all(a.equal(b) for a, b in zip(parts, mr.split_generation(capture, attention_mask=mask), strict=True))
+    assert [p.num_tokens for p in parts] == (mask.sum(dim=1) + N).tolist()
+
+
 def test_a_decode_loop_that_feeds_its_last_token_splits_with_every_token_routed() -> None:
     """Once refused, blaming a second generate() or a beam search: a decode loop that feeds its last sampled token
     too (one more step than generate() runs: B * (P + N) rows, as generation_capacity says) splits, given the
