@@ -59,7 +59,7 @@ from ._torch_compat import (
     tracing,
 )
 from .errors import RoutesValidationError, TokenMismatchError, _script_refusal
-from .intercept import ClassForward
+from .intercept import ORDER_PROBE, ClassForward, OrderStop
 
 __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
 
@@ -72,6 +72,22 @@ MODEL_MOVES = ("_reorder_cache",)
 _MOVES_OF: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
 #: types that are no cache (looked up in no table)
 _PLAIN = frozenset({torch.Tensor, type(None), bool, int, float, str})
+
+
+#: the routers see the tokens of ``[batch, positions]`` ids row by row (sequence 0's positions, then 1's...)
+BATCH_MAJOR = "batch-major"
+#: the routers see them position by position (every sequence's position 0, then position 1...), as layers that
+#: run ``[positions, batch, hidden]`` do (fairseq, Megatron)
+SEQUENCE_FIRST = "sequence-first"
+#: neither: the routers' rows do not follow the tokens one to one in either order (told once, not checked)
+OTHER_ORDER = "other"
+
+_SEQUENCE_FIRST_HINT = (
+    "This model's routers see the tokens of a [batch, positions] forward sequence-first (position 0 of every "
+    "sequence, then position 1...), not row by row as mr.BatchLayout, mr.pad_routes and the engine readers lay "
+    "routes out: reorder such routes to the routers' order before replaying, routes[index] with index = "
+    "torch.arange(batch * positions).view(batch, positions).t().reshape(-1)"
+)
 
 
 class _Forward:
@@ -138,14 +154,17 @@ class FeedRecord:
     def unseen(self) -> None:
         """A forward compiled, traced, captured in a CUDA graph or under a transform: nothing to record."""
 
-    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False) -> bool:
+    def fed(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+    ) -> bool:
         """A forward entering a level: watch its cache; keep its ids and prompt mask (once per forward).
 
         Returns whether the forward is taken here: not where its inputs give no token count (a
         module on the way fed hidden states, a wrapper fed a batch of its own), so that a level it
         enters below is fed it, with the tokens. ``paired``: the level is an encoder-decoder, whose
         routers read the rows of two token streams (the encoder's, the decoder's): no one id per
-        row, so none is kept.
+        row, so none is kept. ``order``: how the routers see the tokens of ``[batch, positions]``
+        ids (:func:`token_order`): the ids and mask are kept in that order, one per row.
         """
         count, ids, fed = _inputs(args, kwargs)
         self._watch_caches(args, kwargs)
@@ -154,7 +173,7 @@ class FeedRecord:
         elif count < 0:
             return False
         if self._keep_inputs:
-            self._keep(count, ids, fed, kwargs)
+            self._keep(count, ids, fed, kwargs, order)
         return True
 
     def _watch_caches(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -180,15 +199,23 @@ class FeedRecord:
                     if value is not last and id(value) in self._caches:
                         self._last = self._caches[id(value)][0]
 
-    def _keep(self, count: int, ids: torch.Tensor | None, fed: torch.Size | None, kwargs: dict[str, Any]) -> None:
-        """Keep a copy of the ids a forward was fed (``_inputs``), and of its prompt mask."""
+    def _keep(
+        self,
+        count: int,
+        ids: torch.Tensor | None,
+        fed: torch.Size | None,
+        kwargs: dict[str, Any],
+        order: str = BATCH_MAJOR,
+    ) -> None:
+        """Keep a copy of the ids a forward was fed (``_inputs``), and of its prompt mask, in the ``order`` its
+        routers see them (:func:`token_order`)."""
         if self._limit is not None:
             self._held += max(count, 0)
             if self._held > self._limit:  # (past a keep_newest ring's capacity: its rows no longer start at a forward)
                 self.forwards.clear()
                 self._keep_inputs = False
                 return
-        kept = ids.clone() if ids is not None else None  # (ids carry no autograd history)
+        kept = in_router_order(ids, order).clone() if ids is not None else None  # (ids carry no autograd history)
         mask = kwargs.get("attention_mask")
         if (  # [batch, positions] fed, several per sequence: a prompt forward (or a training one)
             fed is not None
@@ -201,8 +228,10 @@ class FeedRecord:
             width = fed[1]
             # a float mask is kept as it is: 0/1 or additive is read when the rows are (no host sync here)
             mask = mask[:, -width:].clone() if mask.is_floating_point() else mask[:, -width:] != 0
+            mask = in_router_order(mask, order)
         elif fed is not None and fed[1] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 4:
             mask = _tokens_of_4d(mask, fed[0], fed[1])  # (a static cache's: [batch, heads, queries, keys])
+            mask = in_router_order(mask, order) if mask is not None else None
         else:
             mask = None
         self.forwards.append(_Forward(count, kept, mask))
@@ -290,7 +319,9 @@ class MoveWatch(FeedRecord):
     def __init__(self) -> None:
         super().__init__(keep_inputs=False)
 
-    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False) -> bool:
+    def fed(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+    ) -> bool:
         """A forward entering a level: refused after a row move; its cache watched (at the first level it
         enters, which is given the cache that the levels below it are given too)."""
         moved = self.moved
@@ -351,6 +382,8 @@ class FeedCheck:
         self._sources: list[Any] = []
         self._levels: list[FeedForward] = []
         self._entry = "the model"
+        #: a forward's routers saw its tokens sequence-first (what a mismatch error then says)
+        self.sequence_first = False
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` (:func:`feed_levels`) in this thread until the returned
@@ -391,8 +424,11 @@ class FeedCheck:
         host does not count them, so this forward and those after it are not checked."""
         self._open()
 
-    def fed(self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False) -> bool:
-        """A forward entering a level: its ids against the rows it will read.
+    def fed(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+    ) -> bool:
+        """A forward entering a level: its ids against the rows it will read, in the ``order`` its routers see
+        them (:func:`token_order`).
 
         Returns whether the forward is taken here: not where its inputs give no token count (a
         module on the way fed hidden states, a wrapper fed a batch of its own). A level it enters
@@ -425,7 +461,10 @@ class FeedCheck:
             src.cleared = min(src.num_rows, start + count)
         if ids is None or not (self.device_ids or ids.device.type == "cpu"):
             return True
-        flat = ids.detach().reshape(-1)[: max(self.want.numel() - start, 0)]  # (past the end: the routers refuse)
+        if order == SEQUENCE_FIRST:
+            self.sequence_first = True
+        # (past the end: the routers refuse)
+        flat = in_router_order(ids.detach(), order).reshape(-1)[: max(self.want.numel() - start, 0)]
         if not flat.numel():
             return True
         if flat.device.type == "cpu" or not self._read_once:  # (the first device ids: one host sync, at once)
@@ -476,6 +515,7 @@ class FeedCheck:
             "sequences in another order (shuffled, sorted by length, regrouped)? Replay the forwards the routes were "
             "recorded for, in their order, or reorder the routes to the batch (routes[index], mr.BatchLayout). Routes "
             "whose tokens differ on purpose: routes.with_token_ids(None) drops the check"
+            + (f". {_SEQUENCE_FIRST_HINT}" if self.sequence_first else "")
             + (f". {self.hint}" if self.hint else "")
         )
 
@@ -597,6 +637,112 @@ def _unseen() -> bool:
     )
 
 
+def in_router_order(values: torch.Tensor, order: str) -> torch.Tensor:
+    """``[batch, positions]`` ``values`` (ids, a mask) flattened in the ``order`` the routers see their tokens."""
+    if order == SEQUENCE_FIRST and values.dim() == 2:
+        return values.t().reshape(-1)
+    return values.reshape(-1) if values.dim() == 2 else values
+
+
+def _wants_ids(record: FeedRecord | FeedCheck) -> bool:
+    """Does ``record`` keep or compare the ids of each forward (a capture keeping inputs, a token check)?"""
+    if isinstance(record, FeedCheck):
+        return True
+    return not isinstance(record, MoveWatch) and record._keep_inputs
+
+
+def _holds_state(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Is a forward given something its run would change (a KV cache object, a legacy cache of tuples)?"""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, list | tuple) and value:
+            return True
+        kind = type(value)
+        if kind not in _PLAIN and not isinstance(value, torch.Tensor):
+            return True
+    return False
+
+
+def token_order(
+    run: Callable[[tuple[Any, ...], dict[str, Any]], Any],
+    scopes: Sequence[nn.Module],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> str | None:
+    """The order in which the routers see the tokens of the ``[batch, positions]`` ids this forward is fed, told by
+    effect; None where this forward cannot tell (another may).
+
+    Rows are assumed to follow the tokens row by row (:class:`~moe_replay.BatchLayout`, the engine readers,
+    the ids a capture keeps), but a model whose layers run ``[positions, batch, hidden]`` (fairseq, Megatron)
+    shows its routers every sequence's position 0, then position 1..., and its rows are another token's
+    wherever a batch holds two sequences: a token check in batch-major order passes while the experts go
+    elsewhere. So the forward runs twice more without gradients, up to the first router it reaches (which
+    does nothing: the run stops before it), from the same random state: as fed, and with the last token of
+    sequence 0 changed. The rows of that router's input that changed are the changed token's (and, where
+    attention looks both ways, the other tokens of its sequence): all within the first ``positions`` rows where
+    the routers see the tokens batch-major, all at multiples of ``batch`` where they see them sequence-first.
+    Anything else (rows that are not one per token, no row changed, a run that fails) is :data:`OTHER_ORDER`,
+    read as before: batch-major, unchecked.
+
+    It runs where it changes nothing: not for one sequence or one position (every order is the same), not
+    where the forward is given a cache it would update, not across processes (the other ranks would not run it
+    in step). Those forwards are ``None``.
+    """
+    _, ids, _ = _inputs(args, kwargs)
+    if ids is None or ids.dim() != 2 or min(ids.shape) < 2 or not scopes:
+        return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None
+    rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
+    if _holds_state(args[1:] if "input_ids" not in kwargs else args, rest):
+        return None
+    batch, positions = ids.shape
+    last = ids[0, positions - 1]
+    others = ids[ids != last]
+    if not others.numel():  # (every token the same: no other id known to be one of the model's)
+        return None
+    changed = ids.clone()
+    changed[0, positions - 1] = others[0]
+
+    def fed(x: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if "input_ids" in kwargs:
+            return args, {**kwargs, "input_ids": x}
+        return (x, *args[1:]), kwargs
+
+    devices = [ids.device] if ids.device.type == "cuda" else []
+    rows: list[torch.Tensor | None] = []
+    # (compiled modules on the way run eagerly here: the stop is Python that no graph holds)
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        state = torch.get_rng_state()
+        cuda = [torch.cuda.get_rng_state(d) for d in devices]
+        ORDER_PROBE.thread = threading.get_ident()
+        try:
+            for x in (ids, changed):
+                torch.set_rng_state(state)
+                for d, s in zip(devices, cuda, strict=True):
+                    torch.cuda.set_rng_state(s, d)
+                try:
+                    run(*fed(x))
+                except OrderStop as stop:
+                    rows.append(stop.rows)
+                except Exception:  # (a forward that fails on the changed token: the order stays untold)
+                    return OTHER_ORDER
+                else:
+                    rows.append(None)  # (no router reached)
+        finally:
+            ORDER_PROBE.thread = None
+    first, second = rows
+    if first is None or second is None or first.shape != second.shape or first.shape[0] != ids.numel():
+        return OTHER_ORDER
+    moved = (first != second).any(dim=-1).nonzero().flatten()
+    if not moved.numel():  # (the first router's input does not show the token: the order stays untold)
+        return OTHER_ORDER
+    if bool((moved < positions).all()):
+        return BATCH_MAJOR
+    if bool((moved % batch == 0).all()):
+        return SEQUENCE_FIRST
+    return OTHER_ORDER
+
+
 def feed_levels(model: nn.Module, scopes: Sequence[nn.Module]) -> list[nn.Module]:
     """The modules a forward of ``model`` enters on its way to every router, outermost first.
 
@@ -643,6 +789,10 @@ class FeedForward:
         #: what holds the blocks of each session it serves: ``.blocks``, the blocks open, and ``.admit_forward(what)``,
         #: which refuses a forward of an asyncio task whose rows would interleave with the block's
         self.owners: list[Any] = []
+        #: the router scopes of the sessions it serves, where a token-order probe stops (see :func:`token_order`)
+        self.scopes: list[nn.Module] = []
+        #: the order in which the routers see the tokens of ``[batch, positions]`` ids, once established
+        self.order: str | None = None
 
     def leave(self) -> None:
         """One of the sessions it serves detaches; it stays for the others."""
@@ -658,6 +808,8 @@ class FeedForward:
                 owner.admit_forward(self.module)  # (named only where it refuses)
         if self.records:
             me = threading.get_ident()
+            if ORDER_PROBE.thread == me:  # (a token-order probe's forward: no forward of any block)
+                return self._run(args, kwargs)
             entered = [r for r in self.records if not r._inside and r._thread == me]
             if entered:  # (none inside a forward already fed to them: the modules it enters are the same forward)
                 return self._enter(entered, args, kwargs)
@@ -681,8 +833,9 @@ class FeedForward:
             at = self.mask_at
             if at is not None and len(args) > at and "attention_mask" not in kwargs:
                 named = {**kwargs, "attention_mask": args[at]}
+            order = self._order(entered, args, named)
             # (fed no token count, it is left to the levels it enters below: they may see its tokens)
-            entered = [r for r in entered if r.fed(args, named, self.paired)]
+            entered = [r for r in entered if r.fed(args, named, self.paired, order)]
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True
@@ -694,6 +847,18 @@ class FeedForward:
         finally:
             for r in entered:
                 r._inside = False
+
+    def _order(self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The order in which the routers see this forward's tokens: established once (:func:`token_order`) at the
+        first forward that can tell, for the records and checks that keep or compare ids."""
+        if self.order is not None:
+            return self.order
+        if self.paired or not any(_wants_ids(r) for r in entered):
+            return BATCH_MAJOR
+        found = token_order(self._run, self.scopes, args, kwargs)  # (its forwards enter no block: see __call__)
+        if found is not None:
+            self.order = found
+        return found or BATCH_MAJOR
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:

@@ -1178,6 +1178,41 @@ class _EitherSide:
         return torch.where(a_fill & ~b_fill, unmasked(b), torch.where(b_fill & ~a_fill, unmasked(a), out))
 
 
+class OrderStop(BaseException):
+    """Raised at the first router scope a token-order probe reaches (see :class:`OrderProbe`): the probe's forward
+    ends there, before any router decides, records or reads a row. A ``BaseException``, so that a model's own
+    ``except Exception`` does not take it."""
+
+    def __init__(self, rows: torch.Tensor | None) -> None:
+        super().__init__("token-order probe")
+        self.rows = rows
+
+
+class OrderProbe:
+    """The thread running a token-order probe forward (:func:`moe_replay._feeds.token_order`), or None.
+
+    While it is set, the first router scope that this thread's forward reaches raises :class:`OrderStop` with
+    its input as ``[rows, features]``, before anything of the router runs.
+    """
+
+    __slots__ = ("thread",)
+
+    def __init__(self) -> None:
+        self.thread: int | None = None
+
+    def stop(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise :class:`OrderStop` with the scope's first floating input as rows (None where it has none)."""
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
+                raise OrderStop(value.detach().reshape(-1, value.shape[-1]))  # (the run ends: nothing changes it)
+        raise OrderStop(None)
+
+
+#: the probe of the token order in which the routers see a forward's tokens (one at a time: it runs under the
+#: lock of the session's blocks, in one thread)
+ORDER_PROBE = OrderProbe()
+
+
 class ScopedForward:
     """The scope module's ``forward`` while a session is attached.
 
@@ -1194,6 +1229,8 @@ class ScopedForward:
         self._class_raw = _raw_forward(type(hook.scope)) if self._class_fn is not None else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if ORDER_PROBE.thread is not None and ORDER_PROBE.thread == _get_ident():
+            ORDER_PROBE.stop(args, kwargs)  # (a token-order probe: it ends before this router does anything)
         hook = self.__moe_replay_hook__
         if self._class_fn is not None and type(hook.scope).forward is not self._class_fn:
             self._follow_class()

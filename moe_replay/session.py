@@ -1528,13 +1528,15 @@ class Session:
     def _install_feed_levels(self, model: nn.Module) -> None:
         """A forward of the session's on each module a forward of the model enters on its way to the routers (see
         :func:`~moe_replay._feeds.feed_levels`): the capture and replay blocks see the model's forwards there."""
-        for module in feed_levels(model, [h.scope for h in self._hooks]):
+        scopes = [h.scope for h in self._hooks]
+        for module in feed_levels(model, scopes):
             own = module.__dict__.get("forward", _MISSING)
             if isinstance(own, FeedForward) and own.module is module:
                 # another attached session's (one on the base model, one on the whole): theirs serves both, and
                 # stays until the last of them detaches, whichever that is
                 own.users += 1
                 own.owners.append(self._owner)
+                own.scopes.extend(s for s in scopes if all(s is not t for t in own.scopes))
                 self._feed_installed.append((module, _MISSING))  # (what it gives back is read at detach)
                 self._feed_wrappers.append(own)
                 continue
@@ -1542,6 +1544,7 @@ class Session:
                 own = _MISSING
             wrapper = FeedForward(module, None if own is _MISSING else own)
             wrapper.owners.append(self._owner)
+            wrapper.scopes.extend(scopes)
             module.forward = wrapper
             self._feed_installed.append((module, own))
             self._feed_wrappers.append(wrapper)

@@ -731,3 +731,59 @@ def test_a_4d_mask_is_read_as_tokens_only_where_each_token_attends_no_later_key(
     unmasked[0] = True  # the padding's query row made to attend every key
     assert _tokens_of_4d(torch.stack([causal, unmasked])[:, None], 2, 4).tolist() == [[1, 1, 1, 1], [-1] * 4]
     assert _tokens_of_4d(mask, 3, 4) is None and _tokens_of_4d(mask.long(), 2, 4) is None
+
+
+class _SequenceFirst(torch.nn.Module):
+    """A model fed ``[batch, positions]`` ids whose layers run sequence-first ``[positions, batch, hidden]`` (as
+    fairseq and Megatron do): its routers see the tokens of position 0 of every sequence, then position 1..."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = mr.models.MoEConfig(num_experts=8, top_k=2)
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(128, 64)
+        self.blocks = torch.nn.ModuleList([mr.models.MoEBlock(cfg) for _ in range(2)])
+        self.head = torch.nn.Linear(64, 128)
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids).transpose(0, 1)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.transpose(0, 1))
+
+
+@pytest.mark.reliability("silent replays")
+def test_routers_that_see_the_tokens_sequence_first_are_checked_in_their_order() -> None:
+    """Once silent: a model whose routers see a [batch, positions] batch sequence-first recorded each row with the
+    token of the batch-major position, and a replay of routes laid out batch-major (mr.BatchLayout, an engine's)
+    passed the token check while every row but the first went to another token. The order the routers see the
+    tokens is now established by effect, the rows know their true tokens, and such routes are refused."""
+    from tests.conftest import assert_untouched, snapshot
+
+    model = _SequenceFirst().eval()
+    before = snapshot(model)
+    ids = _batch(rows=2, width=4)
+    with mr.attach(model) as session:
+        parts = []
+        for row in ids:  # the rollout: each sequence alone (one row: no order to tell)
+            with session.capture(), torch.no_grad():
+                model(row[None])
+            parts.append(session.routes())
+        with session.capture(), torch.no_grad():
+            model(ids)
+        native = session.routes()
+        assert torch.equal(native.token_ids, ids.t().reshape(-1))  # each row's own token, as the routers saw it
+        # the same batch replayed from its capture: forced, and checked
+        with session.capture(), session.replay(native), torch.no_grad():
+            model(ids)
+        assert session.routes().equal(native)
+        with pytest.raises(mr.TokenMismatchError, match="sequence-first"):
+            with session.replay(native), torch.no_grad():
+                model(ids.flip(0))
+        # routes laid out batch-major would force sequence 0's experts on sequence 1's tokens: refused
+        with pytest.raises(mr.TokenMismatchError, match="sequence-first"):
+            with session.replay(mr.pad_routes(parts)), torch.no_grad():
+                model(ids)
+    assert_untouched(model, before)
