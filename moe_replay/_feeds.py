@@ -677,11 +677,12 @@ def token_order(
     wherever a batch holds two sequences: a token check in batch-major order passes while the experts go
     elsewhere. So the forward runs twice more without gradients, up to the first router it reaches (which
     does nothing: the run stops before it), from the same random state: as fed, and with the last token of
-    sequence 0 changed. The rows of that router's input that changed are the changed token's (and, where
-    attention looks both ways, the other tokens of its sequence): all within the first ``positions`` rows where
-    the routers see the tokens batch-major, all at multiples of ``batch`` where they see them sequence-first.
-    Anything else (rows that are not one per token, no row changed, a run that fails) is :data:`OTHER_ORDER`,
-    read as before: batch-major, unchecked.
+    sequence 0 that is no padding (position ``p``) changed. The rows of that router's input that change are
+    that token's (and, where attention looks both ways, the other tokens of its sequence): its own row ``p``
+    and rows within the first ``positions`` where the routers see the tokens batch-major, its row
+    ``p * batch`` and rows at multiples of ``batch`` where they see them sequence-first. Anything else (rows
+    that are not one per token, no row changed, a run that fails) is :data:`OTHER_ORDER`, read as before:
+    batch-major, unchecked.
 
     It runs where it changes nothing: not for one sequence or one position (every order is the same), not
     where the forward is given a cache it would update, not across processes (the other ranks would not run it
@@ -696,12 +697,14 @@ def token_order(
     if _holds_state(args[1:] if "input_ids" not in kwargs else args, rest):
         return None
     batch, positions = ids.shape
-    last = ids[0, positions - 1]
-    others = ids[ids != last]
+    at = _last_token(kwargs.get("attention_mask"), batch, positions)
+    if at is None:  # (sequence 0 holds fewer than two tokens: its own row and another's are not told apart)
+        return None
+    others = ids[ids != ids[0, at]]
     if not others.numel():  # (every token the same: no other id known to be one of the model's)
         return None
     changed = ids.clone()
-    changed[0, positions - 1] = others[0]
+    changed[0, at] = others[0]
 
     def fed(x: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if "input_ids" in kwargs:
@@ -733,14 +736,23 @@ def token_order(
     first, second = rows
     if first is None or second is None or first.shape != second.shape or first.shape[0] != ids.numel():
         return OTHER_ORDER
-    moved = (first != second).any(dim=-1).nonzero().flatten()
-    if not moved.numel():  # (the first router's input does not show the token: the order stays untold)
-        return OTHER_ORDER
-    if bool((moved < positions).all()):
+    moved = set((first != second).any(dim=-1).nonzero().flatten().tolist())
+    # (the changed token's own row changes, and only rows of its sequence: told apart as at >= 1 and batch >= 2)
+    if at in moved and all(q < positions for q in moved):
         return BATCH_MAJOR
-    if bool((moved % batch == 0).all()):
+    if at * batch in moved and all(q % batch == 0 for q in moved):
         return SEQUENCE_FIRST
     return OTHER_ORDER
+
+
+def _last_token(mask: Any, batch: int, positions: int) -> int | None:
+    """The last position of sequence 0 that holds a token (its ``[batch, >= positions]`` attention mask is not 0
+    there; the last position without one), or None where that is position 0."""
+    at = positions - 1
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= positions:
+        real = (mask[0, -positions:] != 0).nonzero().flatten()
+        at = int(real[-1]) if real.numel() else 0
+    return at if at >= 1 else None
 
 
 def feed_levels(model: nn.Module, scopes: Sequence[nn.Module]) -> list[nn.Module]:

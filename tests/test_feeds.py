@@ -747,15 +747,19 @@ class _SequenceFirst(torch.nn.Module):
         for p in self.parameters():
             torch.nn.init.normal_(p, std=0.1)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids).transpose(0, 1)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if attention_mask is not None:  # padding holds nothing: changing a pad token changes no row
+            x = x * attention_mask[..., None]
+        x = x.transpose(0, 1)
         for block in self.blocks:
             x = x + block(x)
         return self.head(x.transpose(0, 1))
 
 
 @pytest.mark.reliability("silent replays")
-def test_routers_that_see_the_tokens_sequence_first_are_checked_in_their_order() -> None:
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "right-padded"])
+def test_routers_that_see_the_tokens_sequence_first_are_checked_in_their_order(padded: bool) -> None:
     """Once silent: a model whose routers see a [batch, positions] batch sequence-first recorded each row with the
     token of the batch-major position, and a replay of routes laid out batch-major (mr.BatchLayout, an engine's)
     passed the token check while every row but the first went to another token. The order the routers see the
@@ -765,25 +769,28 @@ def test_routers_that_see_the_tokens_sequence_first_are_checked_in_their_order()
     model = _SequenceFirst().eval()
     before = snapshot(model)
     ids = _batch(rows=2, width=4)
+    lengths = [3, 4] if padded else [4, 4]  # (padded: sequence 0's last position is padding, which shows nothing)
+    mask = mr.BatchLayout.padded(lengths).attention_mask()
     with mr.attach(model) as session:
         parts = []
-        for row in ids:  # the rollout: each sequence alone (one row: no order to tell)
+        for row, n in zip(ids, lengths, strict=True):  # the rollout: each sequence alone (one row: no order to tell)
             with session.capture(), torch.no_grad():
-                model(row[None])
+                model(row[None, :n])
             parts.append(session.routes())
         with session.capture(), torch.no_grad():
-            model(ids)
+            model(ids, attention_mask=mask)
         native = session.routes()
-        assert torch.equal(native.token_ids, ids.t().reshape(-1))  # each row's own token, as the routers saw it
+        want = torch.where(mask.bool(), ids, -1).t().reshape(-1)  # each row's own token, as the routers saw it
+        assert torch.equal(native.token_ids, want)
         # the same batch replayed from its capture: forced, and checked
         with session.capture(), session.replay(native), torch.no_grad():
-            model(ids)
+            model(ids, attention_mask=mask)
         assert session.routes().equal(native)
         with pytest.raises(mr.TokenMismatchError, match="sequence-first"):
             with session.replay(native), torch.no_grad():
-                model(ids.flip(0))
+                model(ids.flip(0), attention_mask=mask.flip(0))
         # routes laid out batch-major would force sequence 0's experts on sequence 1's tokens: refused
         with pytest.raises(mr.TokenMismatchError, match="sequence-first"):
             with session.replay(mr.pad_routes(parts)), torch.no_grad():
-                model(ids)
+                model(ids, attention_mask=mask)
     assert_untouched(model, before)
