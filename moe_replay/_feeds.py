@@ -194,10 +194,11 @@ class FeedRecord:
                 if not given:  # (the first cache given: the forward's own)
                     given = True
                     last = self._last() if self._last is not None else None
-                    if again and last is not None and last is not value and self.interleaved is None:
-                        self.interleaved = kind.__name__
-                    if value is not last and id(value) in self._caches:
-                        self._last = self._caches[id(value)][0]
+                    if value is not last:  # (another cache than the forward before's)
+                        if again and last is not None and self.interleaved is None:
+                            self.interleaved = kind.__name__
+                        if id(value) in self._caches:
+                            self._last = self._caches[id(value)][0]
 
     def _keep(
         self,
@@ -215,7 +216,9 @@ class FeedRecord:
                 self.forwards.clear()
                 self._keep_inputs = False
                 return
-        kept = in_router_order(ids, order).clone() if ids is not None else None  # (ids carry no autograd history)
+        kept = None  # (ids carry no autograd history)
+        if ids is not None:
+            kept = ids.clone() if order is BATCH_MAJOR else in_router_order(ids, order).clone()
         mask = kwargs.get("attention_mask")
         if (  # [batch, positions] fed, several per sequence: a prompt forward (or a training one)
             fed is not None
@@ -228,10 +231,12 @@ class FeedRecord:
             width = fed[1]
             # a float mask is kept as it is: 0/1 or additive is read when the rows are (no host sync here)
             mask = mask[:, -width:].clone() if mask.is_floating_point() else mask[:, -width:] != 0
-            mask = in_router_order(mask, order)
+            if order is not BATCH_MAJOR:
+                mask = in_router_order(mask, order)
         elif fed is not None and fed[1] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 4:
             mask = _tokens_of_4d(mask, fed[0], fed[1])  # (a static cache's: [batch, heads, queries, keys])
-            mask = in_router_order(mask, order) if mask is not None else None
+            if mask is not None and order is not BATCH_MAJOR:
+                mask = in_router_order(mask, order)
         else:
             mask = None
         self.forwards.append(_Forward(count, kept, mask))
@@ -863,8 +868,12 @@ class FeedForward:
     def _order(self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The order in which the routers see this forward's tokens: established once (:func:`token_order`) at the
         first forward that can tell, for the records and checks that keep or compare ids."""
-        if self.order is not None:
-            return self.order
+        order = self.order
+        if order is not None:
+            return order
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if type(ids) is torch.Tensor and ids.dim() == 2 and (ids.shape[1] < 2 or ids.shape[0] < 2):
+            return BATCH_MAJOR  # (one token per sequence, a decode step, or one sequence: every order is the same)
         if self.paired or not any(_wants_ids(r) for r in entered):
             return BATCH_MAJOR
         found = token_order(self._run, self.scopes, args, kwargs)  # (its forwards enter no block: see __call__)
