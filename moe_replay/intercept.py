@@ -291,6 +291,12 @@ class RouterHook:
     on_established: Callable[[RouterHook], None] | None = None
     owner: Any = None  # what holds the session's blocks: ``.ident`` is the thread allowed to run forwards
     evidence: dict[tuple[bool, bool], Evidence] = field(default_factory=dict)  # by mode()
+    # the scope's settings (see _fingerprint) when each mode's decision was established, by mode; the keys its
+    # own forward changes (counters, timings: state, not settings); and the settings of a decision just
+    # established, until the forward that follows shows which keys that forward changes itself
+    _settled: dict[tuple[bool, bool], dict[str, Any]] = field(default_factory=dict)
+    _own: set[str] = field(default_factory=set)
+    _pending: tuple[tuple[bool, bool], dict[str, Any]] | None = None
     _decided: bool = False
     _masks: list[tuple[torch.Tensor, torch.Tensor | _EitherSide]] = field(default_factory=list)
     _ordinal: int = 0  # decision-like calls seen so far in this forward
@@ -441,6 +447,7 @@ class RouterHook:
                 "both; name the decision with an Adapter"
             )
         self.evidence[self.mode()] = ev
+        self._pending = (self.mode(), _fingerprint(self.scope))  # (the probe runs put every attribute back)
         self.top_k, self.num_experts = ev.top_k, ev.num_experts
         if self.on_established is not None:
             self.on_established(self)
@@ -472,6 +479,45 @@ class RouterHook:
                 "new capture (routes(allow_partial=True) reads the rows recorded before the change)"
             )
 
+    def _settle(self) -> None:
+        """After the forward that followed an establishment: keep the settings it was established under, less
+        the keys that forward changed itself (a count of its calls, a timing: its state, not a setting)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        mode, before = pending
+        now = _fingerprint(self.scope)
+        self._own.update(k for k in before.keys() | now.keys() if before.get(k, _ABSENT) != now.get(k, _ABSENT))
+        if mode in self.evidence:
+            self._settled[mode] = {k: v for k, v in before.items() if k not in self._own}
+
+    def changed_setting(self) -> str | None:
+        """A setting of the scope changed since a decision in use was established (a cut turned on, a config
+        flag that picks which call dispatches), in words; None when none did. A decision is established on
+        the settings of its forward: under others, another call may decide, or a choice may follow it."""
+        self._settle()
+        if not self._settled:
+            return None
+        now = _fingerprint(self.scope)
+        own = self._own
+        for mode, then in self._settled.items():
+            if mode not in self.evidence:
+                continue
+            for key in then.keys() | now.keys():
+                if key not in own and then.get(key, _ABSENT) != now.get(key, _ABSENT):
+                    was, is_ = then.get(key, _ABSENT), now.get(key, _ABSENT)
+                    return (
+                        f"'{key}' of router '{self.name}' is {'unset' if is_ is _ABSENT else repr(is_)}, but was "
+                        f"{'unset' if was is _ABSENT else repr(was)} when its decision was established"
+                    )
+        return None
+
+    def follow_settings(self) -> None:
+        """Drop the decisions established under settings of the scope that changed since (see
+        :meth:`changed_setting`): each is established again at its mode's next forward. Run as a block starts."""
+        if self._settled and self.changed_setting() is not None:
+            self.forget(every_mode=True)
+
     def forget(self, *, every_mode: bool = False) -> None:
         """Drop the evidence of the mode now running, or of every mode (here and for later sessions): it no
         longer holds."""
@@ -483,6 +529,7 @@ class RouterHook:
         for mode in modes:
             self.evidence.pop(mode, None)
             self._lean.pop(mode, None)
+            self._settled.pop(mode, None)
             if known is not None:
                 for key in [k for k in known if k[0] == mode]:
                     del known[key]
@@ -569,6 +616,8 @@ class RouterHook:
         finally:
             self._masks = []
             seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []
+            if self._pending is not None:  # the decision was established at this forward
+                self._settle()
         if not compiling:
             self.calls += 1
             self._check_ran(ev, seen)
@@ -1384,6 +1433,10 @@ class ScopedForward:
         if not _compiling() and hook.unproven() and not _graph_capturing() and _transform() is None:
             if hook.prove(self.__wrapped__, args, kwargs) is None:  # once: which call decides, by its effect
                 return run_unestablished(hook.name, hook.scope, self.__wrapped__, args, kwargs)  # (no token)
+            try:
+                return self.__wrapped__(*args, **kwargs)
+            finally:
+                hook._settle()
         return self.__wrapped__(*args, **kwargs)
 
     def _follow_class(self) -> None:
@@ -1505,6 +1558,50 @@ def _settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
         for name, m in module.named_modules()
         for k, v in sorted(vars(m).items())
         if isinstance(v, int | float | str | bool) and not k.startswith("_")
+    )
+
+
+_ABSENT = object()  # a setting a module does not have
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)  # (experts: their settings do not decide)
+
+
+def _fingerprint(scope: nn.Module) -> dict[str, Any]:
+    """The settings a router scope's decision may depend on, by name: the plain values (``int``, ``float``,
+    ``str``, ``bool``, ``None``) of the scope and of its children outside containers (a gate, a router module,
+    not the experts of a ``ModuleList``), and those one level into a config object or a dict they hold
+    (``self.cfg.use_bias``). ``training`` is not one: decisions are kept by mode. Cheap enough for every block."""
+    out: dict[str, Any] = {}
+    modules = [("", scope)] + [
+        (f"{name}.", m) for name, m in scope._modules.items() if m is not None and not isinstance(m, _CONTAINERS)
+    ]
+    for prefix, m in modules:
+        for k, v in vars(m).items():
+            if k.startswith("_") or k == "training":
+                continue
+            if type(v) in _SETTING:
+                out[prefix + k] = _comparable(v)
+            elif isinstance(v, dict) or _config_like(v):
+                items = v.items() if isinstance(v, dict) else vars(v).items()
+                for sub, w in items:
+                    if type(w) in _SETTING and type(sub) is str and not sub.startswith("_"):
+                        out[f"{prefix}{k}.{sub}"] = _comparable(w)
+    return out
+
+
+_SETTING = frozenset((int, float, str, bool, type(None)))
+
+
+def _comparable(v: Any) -> Any:
+    """A setting as compared (a NaN float is equal to itself here)."""
+    return "nan" if type(v) is float and v != v else v
+
+
+def _config_like(v: Any) -> bool:
+    """Is ``v`` an object that holds settings (a config, a namespace, a dataclass), read one level deep?"""
+    return (
+        hasattr(v, "__dict__")
+        and not isinstance(v, nn.Module | torch.Tensor | type | types.ModuleType)
+        and not callable(v)
     )
 
 

@@ -875,19 +875,28 @@ class Session:
                     )
                 self._reached[-1 - i] = now
 
+    def _follow_settings(self) -> None:
+        """As a block starts: a router whose settings changed since its decision was established (a cut turned
+        on, a config flag that picks which call dispatches) has it established again at its next forward."""
+        for h in self._hooks:
+            h.follow_settings()
+
     def _skeleton(self) -> dict[int, nn.Module]:
         """The modules on the way to the routers and their children as a block starts, for
         :meth:`_check_unchanged` as it ends (held for the block, so no id is reused meanwhile)."""
         model = self._model_ref()
         return {} if model is None else _on_the_way_and_children(model, self._scopes())
 
-    def _check_unchanged(self, what: str, skeleton: dict[int, nn.Module]) -> None:
+    def _check_unchanged(self, what: str, skeleton: dict[int, nn.Module], calls: Sequence[int]) -> None:
         """Refuse, as a block ends, a model whose routers or the modules on the way to them changed inside it.
 
         The checks of :meth:`_check_in_place` and the watch for routers no one attached run as a
         block starts; a change inside the block (a router module replaced, removed or moved, a
         layer added, a wrapper taken off) would leave the forwards after it routing natively, their
         rows dropped or recorded under another router's name. One lookup per router, as at the start.
+        So would a setting of a router that ran in the block (``calls``: each router's count as it
+        started) changed since its decision was established: the forwards after it may have made
+        another decision than the one recorded or forced.
         """
         model = self._model_ref()
         try:
@@ -898,6 +907,20 @@ class Session:
                 "recorded nor forced as this session's routers: change the model between blocks"
                 + (", and capture again (routes(allow_partial=True) reads the rows)" if what == "capture()" else "")
             ) from None
+        for h, before in zip(self._hooks, calls, strict=True):
+            changed = h.changed_setting()
+            if changed is not None:
+                h.forget(every_mode=True)
+                if h.calls == before:  # it did not run in the block: established again at its next forward
+                    continue
+                raise SessionStateError(
+                    f"the model changed inside this {what} block: {changed}. A decision holds for the settings it "
+                    "was established under (under others another call may decide, or a choice may follow it), so "
+                    "the forwards after the change may have been recorded or forced as another decision than the "
+                    "one that dispatched. Change settings between blocks (each block starts by checking them; the "
+                    "decision is established again at the next forward)"
+                    + ("; capture again (routes(allow_partial=True) reads the rows)" if what == "capture()" else "")
+                )
         gained = (
             []
             if model is None
@@ -1042,6 +1065,7 @@ class Session:
         if self._capturing:
             raise SessionStateError("a capture is already running on this session; captures do not nest")
         self._check_in_place()
+        self._follow_settings()
         self._follow_devices()
         if not clear and self._interrupted is not None:
             raise SessionStateError(
@@ -1107,12 +1131,12 @@ class Session:
             self._feeds = FeedRecord(limit=self.capacity if self.keep_newest else None)
         model = self._model_ref()
         stop_feeds = self._feeds.start(self._feed_wrappers) if model is not None else None
-        skeleton = self._skeleton()
+        skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
         stop = self._watch()
         self._set(capturing=True)
         try:
             yield
-            self._check_unchanged("capture()", skeleton)
+            self._check_unchanged("capture()", skeleton, calls)
         except BaseException as exc:
             self._interrupted = f"{type(exc).__name__}({str(exc)[:200]!r})"
             if isinstance(exc, RuntimeError) and OVERFLOW_MARK in str(exc):
@@ -1445,6 +1469,7 @@ class Session:
         generated = isinstance(routes, Routes) and routes._call_rows is not None and len(routes._call_rows) > 1
         routes, plan = self._check_routes(routes, strict)
         self._check_in_place()
+        self._follow_settings()
         self._follow_devices()
         layers = routes._data
         with torch.inference_mode(False):  # the cursors are ordinary tensors, whatever the caller's mode
@@ -1452,13 +1477,13 @@ class Session:
                 h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope), name=h.name)
         check, stop_check = self._token_check(routes, [h.replay_source for h, _, _ in plan], generated, strict)
         stop_moves = MoveWatch().start(self._feed_wrappers) if self._model_ref() is not None else None
-        skeleton = self._skeleton()
+        skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
         stop = self._watch()
         self._set(replaying=True)
         ok = False
         try:
             yield
-            self._check_unchanged("replay()", skeleton)
+            self._check_unchanged("replay()", skeleton, calls)
             ok = True
         except ReplayConsumptionError as e:  # a forward that overdrew: one fed other tokens is the likelier cause
             if check is not None:
@@ -1628,6 +1653,7 @@ class Session:
             raise SessionStateError("the model of this session no longer exists")
         with self._block("verify()"):
             self._check_in_place()
+            self._follow_settings()
             for h in self._hooks:
                 h.calls, h.decisions = 0, 0
                 h.verifying = True

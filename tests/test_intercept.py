@@ -11,6 +11,7 @@ capture, with no error.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import pytest
@@ -354,3 +355,128 @@ def test_the_slots_past_k_of_a_masked_top_k_plus_one_are_those_the_call_returns(
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads.keys() == plain_grads.keys()
     assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+
+
+# ----------------------------------------------------------------------------- settings changed since the decision
+# (routers from tests/test_evidence.py: a bare Linear gate, the top-k and the dispatch in the block, which returns
+# hidden states only)
+from . import test_evidence as ev  # noqa: E402
+
+
+class MinWeightBlock(ev.LinearGateBlock):
+    """Drops a slot weighing under ``min_weight`` after the top-k; 0 (no cut) until a setting turns it on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.min_weight = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = torch.topk(self.gate(x).softmax(-1), self.top_k, dim=-1)
+        if self.min_weight > 0:
+            idx = torch.where(w >= self.min_weight, idx, torch.full_like(idx, -1))
+        return ev.dispatch(self.experts, x, idx, w)
+
+
+class BiasFlagBlock(ev.LinearGateBlock):
+    """Two top-k calls of one form every forward; ``cfg.use_bias`` (a config object) picks which one dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("bias", torch.linspace(-1.0, 1.0, ev.E))
+        self.cfg = types.SimpleNamespace(use_bias=False)
+        self.runs = 0  # its own count of forwards (probe runs included): state, not a setting
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.runs += 1
+        s = self.gate(x).sigmoid()
+        plain = torch.topk(s, 2, dim=-1).indices
+        biased = torch.topk(s + self.bias, 2, dim=-1).indices
+        idx = biased if self.cfg.use_bias else plain
+        return ev.dispatch(self.experts, x, idx, s.gather(-1, idx))
+
+
+def _turn_on(model: nn.Module) -> None:
+    for block in model.layers:
+        if isinstance(block, MinWeightBlock):
+            block.min_weight = 0.3
+        else:
+            block.cfg.use_bias = True
+
+
+def _experts_used_are_the_routes(model: nn.Module, session: mr.Session, forwards: Callable[[], None]) -> bool:
+    """Run ``forwards`` (one model forward) under a spy: did every block's experts get what the routes say?"""
+    spy = ev.ExpertSpy(model)
+    try:
+        forwards()
+        routes = session.routes()
+        return all(
+            torch.equal(spy.experts_of(b), ev.as_sets(routes.layer(name)[-ev.T :]))
+            for b, name in enumerate(session.names)
+        )
+    finally:
+        spy.remove()
+
+
+@pytest.mark.parametrize("block", [MinWeightBlock, BiasFlagBlock], ids=["cut-turned-on", "flag-on-a-config"])
+def test_a_setting_changed_between_blocks_establishes_the_decision_again(block: type[nn.Module]) -> None:
+    """Once silent: a setting changed after the decision was established (a cut turned on, a config flag that
+    picks which top-k dispatches) kept the old decision, and captures recorded experts the model did not use."""
+    model = ev.TwoLayers(block)
+    x = torch.randn(ev.T, ev.D, generator=torch.Generator().manual_seed(1))
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+            model(x)  # (the second one lean)
+        _turn_on(model)
+        if block is MinWeightBlock:  # a cut after the top-k by the current scores cannot be replayed: refused
+            with pytest.raises(mr.UnsupportedRouterError, match="chooses again from the current scores"):
+                with session.capture():
+                    model(x)
+            return
+
+        def capture() -> None:
+            with session.capture():
+                model(x)
+
+        assert _experts_used_are_the_routes(model, session, capture)
+        routes = session.routes()
+        ev.perturb(model)
+
+        def replay() -> None:
+            with session.replay(routes), session.capture():
+                model(x)
+
+        assert _experts_used_are_the_routes(model, session, replay)
+
+
+def test_a_setting_changed_inside_a_block_is_refused_as_it_ends() -> None:
+    """Once silent: a config flag flipped inside a capture block left the later forwards recording the
+    experts of the call that no longer dispatched."""
+    model = ev.TwoLayers(BiasFlagBlock)
+    x = torch.randn(ev.T, ev.D)
+    with mr.attach(model) as session, torch.no_grad():
+        with pytest.raises(
+            mr.SessionStateError,
+            match=r"changed inside this capture\(\) block: 'cfg\.use_bias' of router 'layers\.0\.gate'",
+        ):
+            with session.capture():
+                model(x)
+                _turn_on(model)
+                model(x)
+        with session.capture():  # established again
+            model(x)
+        assert session.routes().tokens_per_layer == (ev.T, ev.T)
+
+
+def test_state_a_router_changes_itself_does_not_establish_its_decision_again() -> None:
+    """A count the router keeps itself changes at every forward: it is no setting, and the probes run once."""
+    model = ev.TwoLayers(BiasFlagBlock)
+    x = torch.randn(ev.T, ev.D)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+        after_first = [b.runs for b in model.layers]
+        for _ in range(3):
+            with session.capture():
+                model(x)
+    assert [b.runs for b in model.layers] == [n + 3 for n in after_first]
