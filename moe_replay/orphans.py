@@ -25,7 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import UnsupportedRouterError
-from .evidence import DECISION_FUNCS, _where, decision_call, unwrap
+from .evidence import DECISION_FUNCS, NESTING, _where, decision_call, unwrap
 
 __all__ = ["OrphanWatch", "watch_first_runs", "watch_forward"]
 
@@ -36,15 +36,19 @@ _INDEX_CHOICES = frozenset(("topk", "argmax", "argmin"))
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _calling_module(names: dict[int, str]) -> str | None:
-    """Name of the innermost module of ``names`` whose method is on the Python stack."""
+def _calling_module(names: dict[int, str]) -> tuple[str | None, bool]:
+    """Name of the innermost module of ``names`` whose method is on the Python stack, and whether that method
+    is torch's own call of the module (``_call_impl``: the call came from one of its hooks, not its forward)."""
     f = sys._getframe(2)
     while f is not None:
         me = f.f_locals.get("self")
         if isinstance(me, nn.Module) and id(me) in names:
-            return names[id(me)]
+            return names[id(me)], f.f_code.co_filename == _MODULE_CALL
         f = f.f_back
-    return None
+    return None, False
+
+
+_MODULE_CALL = nn.Module.__call__.__code__.co_filename  # torch/nn/modules/module.py: where hooks are run
 
 
 def _holds_experts(module: nn.Module) -> bool:
@@ -168,6 +172,10 @@ class OrphanWatch(TorchFunctionMode):
         scores = any(sig[2] in p.shape for p in self.modules[name].parameters() if p.dim() == 2)
         return scores and not self._in_attention(name)
 
+    def _scope(self, name: str) -> bool:
+        """Is the module at ``name`` an attached router's scope, or inside one?"""
+        return any(not scope or name == scope or name.startswith(scope + ".") for scope in self.scopes)
+
     def _known(self, name: str) -> bool:
         for scope in self.scopes:
             if not scope or name == scope or name.startswith(scope + "."):
@@ -188,8 +196,14 @@ class OrphanWatch(TorchFunctionMode):
         if func in DECISION_FUNCS and not torch.compiler.is_compiling():
             sig = decision_call(func, args, kwargs)
             if sig is not None and (sig[0] != "topk" or sig[1] < sig[2]) and len(self.found) < 8:
-                name = _calling_module(self.names)
-                if name is not None and not self._known(name) and self._orphan(name, sig):
+                name, in_hook = _calling_module(self.names)
+                if name is not None and in_hook and NESTING.depth == 0 and self._scope(name) and sig[2] in self.widths:
+                    self.found.append(
+                        f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} in a hook of the "
+                        f"module, outside its forward (which moe_replay intercepts), at {_where()}: remove the hook, "
+                        "or make its choice inside the forward"
+                    )
+                elif name is not None and not self._known(name) and self._orphan(name, sig):
                     held = [s for s in self.scopes if not name or s.startswith(name + ".")]
                     hint = (
                         f" (it holds the attached router '{held[0]}' but decides outside it: if this call dispatches, "

@@ -1704,7 +1704,7 @@ class _Skeleton:
     of a small model).
     """
 
-    __slots__ = ("_parts", "not_run")
+    __slots__ = ("_hooks", "_parts", "not_run")
 
     def __init__(self, model: nn.Module, scopes: Sequence[str]) -> None:
         #: paths of the modules in MoE blocks that the watched forward did not run, and no run of them since
@@ -1713,17 +1713,33 @@ class _Skeleton:
             (weakref.ref(m), tuple(weakref.ref(c) for c in m._modules.values() if c is not None))
             for m in _on_the_way(model, scopes)
         ]
+        self._hooks = _scope_hooks(model, scopes)
 
     def holds(self, model: nn.Module, scopes: Sequence[str]) -> bool:
-        """Is ``model`` still made of the modules this skeleton was taken from, on the way to ``scopes``?"""
+        """Is ``model`` still made of the modules this skeleton was taken from, on the way to ``scopes``, with
+        the same forward hooks on the scopes (a hook runs outside a scope's intercepted forward: one added
+        since may choose the experts again)?"""
         modules = _on_the_way(model, scopes)
-        if len(modules) != len(self._parts):
+        if len(modules) != len(self._parts) or _scope_hooks(model, scopes) != self._hooks:
             return False
         for m, (ref, kids) in zip(modules, self._parts, strict=True):
             now = [c for c in m._modules.values() if c is not None]
             if ref() is not m or len(now) != len(kids) or any(r() is not c for r, c in zip(kids, now, strict=True)):
                 return False
         return True
+
+
+#: The hook dicts of a module whose hooks run around its forward (outside a scope's intercepted forward).
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+
+
+def _scope_hooks(model: nn.Module, scopes: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """The handles of the forward hooks and pre-hooks on each scope module, in order (ids torch never reuses)."""
+    out = []
+    for scope in scopes:
+        m = _module_at(model, scope)
+        out.append(() if m is None else tuple(k for d in _HOOK_DICTS for k in getattr(m, d, {})))
+    return tuple(out)
 
 
 def _on_the_way_and_children(model: nn.Module, scopes: Sequence[str]) -> dict[int, nn.Module]:

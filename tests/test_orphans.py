@@ -404,3 +404,63 @@ def test_an_unfound_router_on_a_branch_the_watched_forward_did_not_take_is_refus
         with pytest.raises(mr.UnsupportedRouterError, match=r"'0\.mlp\.long'"), session.capture():
             model(long)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- decisions in a router's hooks
+class Router(nn.Module):
+    """A router module returning ``(weights, indices)``; its block dispatches with them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.top_k = 2
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(F.linear(x, self.weight).softmax(-1), self.top_k, dim=-1)
+
+
+class RouterFFN(FFN):
+    def __init__(self) -> None:
+        super().__init__()
+        del self.gate
+        self.router = Router()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
+        return out
+
+
+def _reroute(module: nn.Module, args: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...]) -> tuple:
+    """A forward hook that routes again, to the experts the router likes least (a user's load balancing)."""
+    scores = F.linear(args[0], module.weight).softmax(-1)
+    w, idx = torch.topk(-scores, 2, dim=-1)
+    return -w, idx
+
+
+@pytest.mark.parametrize("when", ["before attach", "after a capture"])
+def test_a_decision_in_a_forward_hook_of_a_router_is_refused(when: str) -> None:
+    """Once silent: a forward hook on a router that chose the experts again ran outside the router's
+    intercepted forward, so captures recorded, and replays forced, a choice the block did not use."""
+    torch.manual_seed(0)
+    model = nn.Sequential(RouterFFN(), RouterFFN())
+    x = torch.randn(T, D)
+    handles = []
+    try:
+        if when == "before attach":
+            handles = [block.router.register_forward_hook(_reroute) for block in model]
+        with mr.attach(model, include="*.router") as session, torch.no_grad():
+            assert session.names == ("0.router", "1.router")
+            if when == "after a capture":
+                with session.capture():
+                    model(x)
+                handles = [block.router.register_forward_hook(_reroute) for block in model]
+            with pytest.raises(mr.UnsupportedRouterError, match=r"'0\.router' \(Router\): topk over 4 in a hook"):
+                with session.capture():
+                    model(x)
+    finally:
+        for h in handles:
+            h.remove()
