@@ -1551,14 +1551,24 @@ def _holds(out: Any, indices: torch.Tensor) -> bool:
 
 
 def _settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
-    """The plain settings of a module and its children (``top_k = 2``...): a decision established
-    under other settings is not reused."""
-    return tuple(
-        (f"{name}.{k}", v)
-        for name, m in module.named_modules()
-        for k, v in sorted(vars(m).items())
-        if isinstance(v, int | float | str | bool) and not k.startswith("_")
-    )
+    """The plain settings of a module and its children (``top_k = 2``...), with those one level into a config
+    object or dict they hold (``self.cfg.use_bias``): a decision established under other settings is not reused."""
+    out: list[tuple[str, Any]] = []
+    for name, m in module.named_modules():
+        for k, v in sorted(vars(m).items()):
+            if k.startswith("_"):
+                continue
+            if isinstance(v, int | float | str | bool):
+                out.append((f"{name}.{k}", v))
+            elif isinstance(v, dict) or _config_like(v):
+                out.extend((f"{name}.{k}.{sub}", w) for sub, w in _held_settings(v))
+    return tuple(out)
+
+
+def _held_settings(v: Any) -> list[tuple[str, Any]]:
+    """The plain settings a config object or a dict holds, by name (as compared)."""
+    items = v.items() if isinstance(v, dict) else vars(v).items()
+    return [(sub, _comparable(w)) for sub, w in items if type(w) in _SETTING and type(sub) is str and sub[:1] != "_"]
 
 
 _ABSENT = object()  # a setting a module does not have
@@ -1581,10 +1591,7 @@ def _fingerprint(scope: nn.Module) -> dict[str, Any]:
             if type(v) in _SETTING:
                 out[prefix + k] = _comparable(v)
             elif isinstance(v, dict) or _config_like(v):
-                items = v.items() if isinstance(v, dict) else vars(v).items()
-                for sub, w in items:
-                    if type(w) in _SETTING and type(sub) is str and not sub.startswith("_"):
-                        out[f"{prefix}{k}.{sub}"] = _comparable(w)
+                out.update((f"{prefix}{k}.{sub}", w) for sub, w in _held_settings(v))
     return out
 
 

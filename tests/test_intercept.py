@@ -480,3 +480,29 @@ def test_state_a_router_changes_itself_does_not_establish_its_decision_again() -
             with session.capture():
                 model(x)
     assert [b.runs for b in model.layers] == [n + 3 for n in after_first]
+
+
+class CountlessBiasFlagBlock(BiasFlagBlock):
+    """:class:`BiasFlagBlock` keeping no count of its forwards: its settings stay as they are between them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        self.runs = 0
+        return out
+
+
+def test_a_config_flag_changed_between_sessions_establishes_the_decision_again() -> None:
+    """Once silent: a later session on the same model reused the decision an earlier one established, with the
+    config flag that picks the dispatching top-k changed in between (plain attributes alone were compared)."""
+    model = ev.TwoLayers(CountlessBiasFlagBlock)
+    x = torch.randn(ev.T, ev.D)
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(x)
+    _turn_on(model)
+    with mr.attach(model) as session, torch.no_grad():
+
+        def capture() -> None:
+            with session.capture():
+                model(x)
+
+        assert _experts_used_are_the_routes(model, session, capture)
