@@ -85,7 +85,9 @@ class TinyRouter(nn.Module):
         self.weight = nn.Parameter(torch.randn(spec.num_experts, hidden, generator=generator).to(dtype))
         self.register_buffer("bias", (0.1 * torch.randn(spec.num_experts, generator=generator)).to(dtype))
         self.layer = 0
-        self.fault: Fault | None = None
+        # (private: an injected fault stands for an error deep inside the forward, not for a setting of the router,
+        # whose change would have its decision established again)
+        self._fault: Fault | None = None
 
     def _topk(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         call = self.spec.call
@@ -103,8 +105,8 @@ class TinyRouter(nn.Module):
 
     def _decide(self, scores: torch.Tensor, forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) of the decision, or the gather at ``forced`` (-1: native)."""
-        if self.fault is not None:
-            self.fault.check(self.layer, "in_router_before_decision")
+        if self._fault is not None:
+            self._fault.check(self.layer, "in_router_before_decision")
         spec = self.spec
         if spec.score == "argmax":
             idx = torch.argmax(scores, dim=-1, keepdim=spec.keepdim)
@@ -119,8 +121,8 @@ class TinyRouter(nn.Module):
         if forced is not None:
             idx = torch.where(forced < 0, idx, forced)
             values = scores.gather(-1, idx)
-        if self.fault is not None:
-            self.fault.check(self.layer, "in_router_after_decision")
+        if self._fault is not None:
+            self._fault.check(self.layer, "in_router_after_decision")
         return values, idx
 
     def forward(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +179,7 @@ class TinyBlock(nn.Module):
     def forward(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
         w, idx = self.router(x) if forced is None else self.router(x, forced)
         self.chosen = idx.reshape(-1, idx.shape[-1])  # what this layer routed to, for the tests to read
-        fault = self.router.fault
+        fault = self.router._fault
         if fault is not None:
             fault.check(self.router.layer, "in_experts")
         return x + (w.unsqueeze(-1).to(x.dtype) * self.expert_emb[idx]).sum(dim=-2)
@@ -201,7 +203,7 @@ class TinyMoE(nn.Module):
         """Arm (or with None, clear) a fault."""
         self.fault = fault
         for layer in self.layers:
-            layer.router.fault = fault
+            layer.router._fault = fault
 
     @property
     def router_names(self) -> list[str]:
