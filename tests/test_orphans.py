@@ -24,6 +24,9 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, idx = self.gate(x).softmax(-1).topk(2, dim=-1)
+        return self.dispatch(x, w, idx)
+
+    def dispatch(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             tok, slot = (idx == e).nonzero(as_tuple=True)
@@ -427,11 +430,7 @@ class RouterFFN(FFN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, idx = self.router(x)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
-        return out
+        return self.dispatch(x, w, idx)
 
 
 def _reroute(module: nn.Module, args: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...]) -> tuple:

@@ -1817,6 +1817,11 @@ class MoEPPModel(nn.Module):
         return x
 
 
+def _pairs(routes: mr.Routes, name: str) -> set[tuple[int, int]]:
+    """The (token, expert) pairs ``routes`` record for router ``name``."""
+    return {(t, int(e)) for t, row in enumerate(routes.layer(name).tolist()) for e in row}
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_moe_plus_plus_routers_with_null_experts_and_gating_residuals_are_exact(training: bool) -> None:
     """MoE++: k only in a module-level constant, zero/copy/constant experts among the E (a constant expert
@@ -1824,26 +1829,23 @@ def test_moe_plus_plus_routers_with_null_experts_and_gating_residuals_are_exact(
     model = MoEPPModel().train(training)
     x = _x()
 
-    def used(name: str) -> set[tuple[int, int]]:
-        return {(t, int(e)) for t, row in enumerate(routes.layer(name).tolist()) for e in row}
-
     with mr.attach(model) as session:
         assert session.names == ("layers.0.gate", "layers.1.gate")
         with torch.no_grad(), session.capture():
             want = model(x)
         routes = session.routes()
         assert [s.top_k for s in session.sites] == [MOEPP_TOP_K] * 2
-        assert all(layer.received == used(n) for layer, n in zip(model.layers, session.names, strict=True))
-        assert any(e >= E - 4 for n in session.names for _, e in used(n))  # null experts were chosen
+        assert all(layer.received == _pairs(routes, n) for layer, n in zip(model.layers, session.names, strict=True))
+        assert any(e >= E - 4 for n in session.names for _, e in _pairs(routes, n))  # null experts were chosen
         with torch.no_grad(), session.replay(routes):
             assert torch.equal(model(x), want)
         perturb(model)
         with torch.no_grad():
             model(x)
-        assert any(layer.received != used(n) for layer, n in zip(model.layers, session.names, strict=True))
+        assert any(layer.received != _pairs(routes, n) for layer, n in zip(model.layers, session.names, strict=True))
         with torch.no_grad(), session.replay(routes):
             model(x)
-        assert all(layer.received == used(n) for layer, n in zip(model.layers, session.names, strict=True))
+        assert all(layer.received == _pairs(routes, n) for layer, n in zip(model.layers, session.names, strict=True))
 
 
 # =================================================================== capacity, second-expert policies, token dropping
@@ -4555,24 +4557,21 @@ def test_skywork_gating_logit_normalisation_is_exact(mixtral: bool, training: bo
     model = TwoLayers(lambda: SkyworkMOELayer(mixtral)).train(training)
     x = _x()
 
-    def used(name: str) -> set[tuple[int, int]]:
-        return {(t, int(e)) for t, row in enumerate(routes.layer(name).tolist()) for e in row}
-
     with mr.attach(model) as session:
         assert session.names == ("layers.0.gate", "layers.1.gate")
         with torch.no_grad(), session.capture():
             want = model(x)
         routes = session.routes()
-        assert all(layer.received == used(n) for layer, n in zip(model.layers, session.names, strict=True))
+        assert all(layer.received == _pairs(routes, n) for layer, n in zip(model.layers, session.names, strict=True))
         with torch.no_grad(), session.replay(routes):
             assert torch.equal(model(x), want)
         perturb(model)
         with torch.no_grad():
             model(x)
-        assert any(layer.received != used(n) for layer, n in zip(model.layers, session.names, strict=True))
+        assert any(layer.received != _pairs(routes, n) for layer, n in zip(model.layers, session.names, strict=True))
         with torch.no_grad(), session.replay(routes):
             model(x)
-        assert all(layer.received == used(n) for layer, n in zip(model.layers, session.names, strict=True))
+        assert all(layer.received == _pairs(routes, n) for layer, n in zip(model.layers, session.names, strict=True))
 
 
 class DeepSeekMoEGreedyGate(_HandForced):
