@@ -331,8 +331,34 @@ def _no_watch(module: nn.Module, *args: Any) -> None:
     """What a first-run hook becomes in a copy of the model (``copy.deepcopy``, ``pickle``): nothing."""
 
 
-class _FirstRun:
-    """The forward pre-hook (the instance) and forward hook (``leave``) that watch one module's first run."""
+def _inert() -> Callable[..., None]:
+    """:func:`_no_watch`, as an unpickled first-run hook is made."""
+    return _no_watch
+
+
+class _Inert:
+    """Made into :func:`_no_watch` by a copy or a pickle of the model: the hooks of a session's block do not go
+    with a copy (the copy is no session's; the hooks would refer to this model's watch)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_inert, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
+        return _no_watch
+
+
+class _Leave(_Inert):
+    """The forward hook of a :class:`_FirstRun`."""
+
+    def __init__(self, hook: _FirstRun) -> None:
+        self.hook = hook
+
+    def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
+        self.hook.leave(module, args, out)
+
+
+class _FirstRun(_Inert):
+    """The forward pre-hook (the instance) and forward hook (:class:`_Leave`) that watch one module's first run."""
 
     #: a first-run watch is open in this process (one at a time: a module it runs inside is watched with it)
     active = False
@@ -369,12 +395,6 @@ class _FirstRun:
             h.remove()
         self.handles.clear()
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (getattr, (sys.modules[__name__], "_no_watch"))
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
-        return _no_watch
-
 
 def watch_first_runs(
     model: nn.Module,
@@ -401,7 +421,7 @@ def watch_first_runs(
         hook = _FirstRun(path, lambda: OrphanWatch(model, scopes, widths, excluded), on_pass)
         hook.handles = [
             module.register_forward_pre_hook(hook),
-            module.register_forward_hook(hook.leave, always_call=True),
+            module.register_forward_hook(_Leave(hook), always_call=True),
         ]
         hooks.append(hook)
 

@@ -463,3 +463,27 @@ def test_a_decision_in_a_forward_hook_of_a_router_is_refused(when: str) -> None:
     finally:
         for h in handles:
             h.remove()
+
+
+def test_a_model_with_modules_awaiting_their_first_run_copies_and_pickles_inside_a_block() -> None:
+    """Once a crash: inside a block whose model had modules waiting for their first watched run, ``torch.save``
+    of the model failed and a deep copy failed at its forward (the hooks referred to this model's watch)."""
+    import copy
+    import io
+
+    model = nn.Sequential(Layer(nn.Identity(), Branching()))
+    x = torch.randn(T, D)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)  # watched: the normalisation and the long branch did not run
+        with session.capture():
+            assert model[0].mlp.norm._forward_pre_hooks  # waiting for its first run
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            buffer.seek(0)
+            copies = [torch.load(buffer, weights_only=False), copy.deepcopy(model)]
+            want = model(x)
+    for twin in copies:
+        assert torch.equal(twin(x), want)
+        twin[0].mlp.normalise = True
+        twin(torch.randn(2 * T, D))  # no session: the copy's hooks do nothing
