@@ -102,7 +102,8 @@ def columns(
 
 #: Routes (token x router cells) all of expert 0 from which an engine array is taken for one that was never
 #: written: an engine whose capture did not run leaves zeros, and past this many no router sends every token
-#: to expert 0 by chance (k >= 2 repeats expert 0 in a row, refused as a duplicate at any size).
+#: to expert 0 by chance (k >= 2 repeats expert 0 in a row, refused as a duplicate at any size). The same
+#: count of one router's rows, all expert 0, is taken for that layer's column never written.
 _UNWRITTEN_CELLS = 64
 
 
@@ -110,7 +111,9 @@ def make_routes(layers: list[torch.Tensor], lm: LayerMap, what: str) -> Routes:
     """Validated routes of the map's routers (range, k, duplicates), the error prefixed with ``what``.
 
     An array whose every route is expert 0 over many tokens is refused as never written (top-1
-    routers pass the duplicate check there).
+    routers pass the duplicate check there), and so is one router's column whose every route
+    over as many tokens is expert 0 (a pipeline stage whose routes were never gathered leaves
+    its layers' columns zero while the other layers hold real routes).
     """
     written = [x[x[:, 0] >= 0] for x in layers]  # (-1 rows: routed natively, not written)
     cells = sum(x.shape[0] for x in written)
@@ -121,6 +124,15 @@ def make_routes(layers: list[torch.Tensor], lm: LayerMap, what: str) -> Routes:
             "stage whose routes were never gathered). Check that the engine records routes for every MoE layer; "
             "where a model does send every token to expert 0, build the routes with mr.Routes(...)"
         )
+    for nm, i, e, x in zip(lm.names, lm.layers, lm.num_experts, written, strict=True):
+        if e > 1 and x.shape[0] >= _UNWRITTEN_CELLS and not bool(x.any()):
+            raise RoutesValidationError(
+                f"{what}: router '{nm}' (hidden layer {i}) sends all {x.shape[0]} of its routed tokens to expert 0, "
+                "while other routers' routes vary: the zeros an engine leaves in a layer's column that was never "
+                "written (a pipeline stage whose routes were not gathered, a layer run by a kernel that records "
+                "nothing). Check that the engine records routes for every MoE layer; where this router does send "
+                "every token to expert 0, build the routes with mr.Routes(...)"
+            )
     try:
         return Routes(layers, names=lm.names, num_experts=lm.num_experts)
     except RoutesValidationError as e:

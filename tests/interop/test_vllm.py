@@ -396,3 +396,30 @@ def test_an_array_the_engine_never_wrote_is_refused_for_top1_routers(engine: str
     assert read(written).layer(m.names[2])[7].tolist() == [5]
     short = np.zeros((8, 3, 1), dtype=np.int64)  # 21 routes on expert 0: a real router may choose so
     assert read(short).layer(m.names[0])[:-1].eq(0).all()
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "megatron"])
+def test_layers_the_engine_never_wrote_are_refused_for_top1_routers(engine: str) -> None:
+    """Once silent: with top-1 routers, the zero columns of layers whose routes were never written (a pipeline
+    stage whose capture was not gathered, as slime checks) read as every token of those layers sent to expert 0,
+    while the other layers' real routes kept the whole-array check from firing."""
+    m = TOP1
+    t = 70  # 69 routed tokens per router: past the point where a real router sends them all to expert 0
+
+    def read(truth: np.ndarray) -> mr.Routes:
+        if engine == "vllm":
+            arr = vllm_033_routed_experts(m, truth, 4)
+            return interop.from_vllm(arr, m.layer_map, prompt_len=4, completion_len=t - 4)
+        if engine == "sglang":
+            return interop.from_sglang(sglang_meta_info(m, truth), m.layer_map, num_tokens=t)
+        return interop.from_megatron_inference(megatron_routing_indices(m, truth), m.layer_map, num_tokens=t)
+
+    truth = m.truth(t, seed=11)
+    assert read(truth).layer(m.names[2])[:-1].eq(torch.from_numpy(truth[:-1, 2].astype(np.int64))).all()
+    stage = truth.copy()
+    stage[:, 1:] = 0  # the second pipeline stage (layers 1 and 2) never gathered: its columns stay zero
+    with pytest.raises(mr.RoutesValidationError, match=r"router 'model\.layers\.1\.mlp\.gate'.*all 69 .*expert 0"):
+        read(stage)
+    stage[30, 1, 0] = 3  # one route written in each layer: a router that does use other experts
+    stage[30, 2, 0] = 3
+    assert read(stage).layer(m.names[1])[30].tolist() == [3]
