@@ -116,21 +116,33 @@ def _mask(attention_mask: torch.Tensor) -> np.ndarray:
     return mask.bool().numpy()
 
 
-def _check_unrouted_last(row: np.ndarray, i: int, position: int, fill: int) -> None:
+def _holds_route(row: np.ndarray, fill: int) -> bool:
+    """Whether a token's row holds a value other than 0 (verl), -1 (:func:`to_verl`) and ``fill``: a route."""
+    return bool(((row != 0) & (row != -1) & (row != fill)).any())
+
+
+def _check_unrouted_last(row: np.ndarray, i: int, position: int, fill: int, at_edge: bool) -> None:
     """The last token's row of sequence ``i`` holds no route: only 0 (verl), -1 (:func:`to_verl`) or ``fill``.
 
     Engines never route the last token, so its row is read as -1. A route there means the rows
     are shifted against the mask (with k=1 an engine's zero row then reads as expert 0 and the
-    whole sequence one token off), or were recorded in a training forward: either way reading
-    it would drop that route.
+    whole sequence one token off), were recorded in a training forward, or (``at_edge``: the
+    sequence reaches the batch's last position) belong to a response verl cut at
+    ``response_length``: either way reading it as -1 would drop that route.
     """
-    held = (row != 0) & (row != -1) & (row != fill)
-    if held.any():
+    if _holds_route(row, fill):
+        cut = (
+            ". This sequence reaches the batch's last position: if verl cut its response at response_length (a "
+            "multi-turn agent loop keeps routed_experts[: len(prompt_ids) + response_length] of an engine that "
+            "generated past it), its last token was routed by the engine: pass truncated=True"
+            if at_edge
+            else ""
+        )
         raise RoutesValidationError(
             f"sequence {i}: the last token (position {position}) holds {row.tolist()[:4]}, but engines never route "
             "the last token and verl leaves its row 0, so reading it would drop a route. The rows are shifted "
             "against the attention_mask (or belong to another batch); if they were recorded in a training "
-            "forward, which routes the last token too, pass last_routed=True"
+            f"forward, which routes the last token too, pass last_routed=True{cut}"
         )
 
 
@@ -141,6 +153,7 @@ def from_verl(
     *,
     layout: str = "all",
     last_routed: bool = False,
+    truncated: bool = False,
     fill: int = 0,
     input_ids: torch.Tensor | None = None,
 ) -> list[Routes]:
@@ -151,6 +164,13 @@ def from_verl(
     a -1 row (engines never route it, verl leaves zeros there) unless ``last_routed``
     (routes recorded in a training forward); without ``last_routed`` that row must hold
     no route (0, -1 or ``fill``), since a route there would be dropped.
+
+    A response verl cut at ``response_length`` is the exception, with ``truncated=True``:
+    verl's multi-turn agent loop keeps ``routed_experts[: len(prompt_ids) + response_length]``
+    of an engine that generated past that length, so a sequence that reaches the batch's
+    last position may hold the engine's route for its last token, which is then kept (a
+    row of no route there is still read as -1). Sequences that end earlier are not cut,
+    and a route at their last token is refused as before.
 
     Nothing is dropped: every padding position must hold ``fill`` (0, as verl writes;
     :func:`to_verl`'s ``fill=``). A route there means the mask does not belong to these
@@ -163,11 +183,13 @@ def from_verl(
     Raises:
         RoutesValidationError: shapes that do not fit, a mask of other values than 0 and 1
             or with a gap inside a sequence, a padding position holding a route, a last
-            token holding a route without ``last_routed=True``, rows that do not fit the map
-            or are no routes.
+            token holding a route without ``last_routed=True`` (or, for a sequence that
+            reaches the batch's last position, ``truncated=True``), rows that do not fit the
+            map or are no routes.
     """
     check_map(layer_map, "from_verl")
     last_routed = check_flag(last_routed, "from_verl: last_routed")
+    truncated = check_flag(truncated, "from_verl: truncated")
     if not is_integer(fill):
         raise ArgumentTypeError(
             f"from_verl: fill must be an integer (the padding value, 0 as verl writes), got {fill!r}"
@@ -209,10 +231,12 @@ def from_verl(
                 "another value"
             )
         rows = arr[i][keep]
-        if not last_routed:
-            _check_unrouted_last(rows[-1], i, int(at[-1]), int(fill))
+        at_edge = int(at[-1]) == arr.shape[1] - 1
+        cut = truncated and at_edge and _holds_route(rows[-1], int(fill))  # the engine routed its last token
+        if not (last_routed or cut):
+            _check_unrouted_last(rows[-1], i, int(at[-1]), int(fill), at_edge)
         last = np.zeros(rows.shape[0], dtype=bool)
-        last[-1] = not last_routed
+        last[-1] = not (last_routed or cut)
         layers = columns(rows, layer_map, layout, f"verl sequence {i}", last, negative_ok=True)  # (-1: no route)
         routes = make_routes(layers, layer_map, "verl")
         out.append(routes.with_token_ids(ids[i][keep]) if ids is not None else routes)

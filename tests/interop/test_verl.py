@@ -155,3 +155,29 @@ def test_input_ids_that_are_no_integers_are_refused_as_token_ids() -> None:
     mask = torch.ones(1, 3, dtype=torch.long)
     with pytest.raises(mr.RoutesValidationError, match=r"input_ids must hold integers \(token ids\)"):
         interop.from_verl(batch, mask, lm, input_ids=torch.zeros(1, 3))
+
+
+def test_a_response_cut_at_response_length_keeps_the_route_of_its_last_token() -> None:
+    """Once a multi-turn batch with a response cut at response_length could not be read: verl's tool agent loop
+    keeps ``routed_experts[: len(prompt_ids) + response_length]`` of an engine that generated past it, so that
+    sequence's last token holds the engine's route and was refused as shifted rows, while last_routed=True read
+    the other sequences' unrouted zero rows as routes."""
+    prompt_width, response_width = 6, 5
+    long_truth = M.truth(4 + 8, seed=5)  # the engine generated 8 response tokens; verl keeps 5
+    cut = capture_buffer(M, long_truth)[:-1][: 4 + response_width]  # (tool_agent_loop.py, AgentLoopOutput)
+    short_truth = M.truth(3 + 2, seed=6)
+    batch, mask = verl_padded([cut, capture_buffer(M, short_truth)[:-1]], [4, 3], prompt_width, response_width)
+    mask[0, prompt_width - 4 :] = 1  # the cut sequence: every row a route, up to the batch's last position
+    with pytest.raises(mr.RoutesValidationError, match=r"sequence 0: the last token .*truncated=True"):
+        interop.from_verl(batch, mask, M.layer_map)
+    cut_seq, short_seq = interop.from_verl(batch, mask, M.layer_map, truncated=True)
+    assert cut_seq.equal(M.routes(long_truth[: 4 + response_width], last=False))  # its last token routed
+    assert short_seq.equal(M.routes(short_truth))  # the other's last token: -1, as engines leave it
+    # a sequence that ends before the batch's last position is never cut: a route at its last token stays refused
+    shifted = torch.zeros_like(batch)
+    shifted[1, 1:] = batch[1, :-1]
+    shifted[0] = batch[0]
+    with pytest.raises(mr.RoutesValidationError, match="sequence 1: the last token"):
+        interop.from_verl(shifted, mask, M.layer_map, truncated=True)
+    with pytest.raises(mr.ArgumentTypeError, match="truncated"):
+        interop.from_verl(batch, mask, M.layer_map, truncated="yes")
