@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -92,7 +93,12 @@ def vllm_layout(version: str | tuple[int, ...]) -> str:
         if not all(is_integer(x) for x in version[:2]):
             raise RoutesValidationError(f"a vLLM version tuple holds ints, as (0, 33); got {version!r}")
         parts = tuple(int(x) for x in version[:2])
-    else:
+    elif isinstance(version, numbers.Number):  # (0.30 as a float is 0.3, a release of another layout)
+        raise RoutesValidationError(
+            f"version must be vllm.__version__ (a str such as '0.30.0') or (major, minor), got {version!r} "
+            f"({type(version).__name__}): a number cannot tell 0.3 from 0.30"
+        )
+    else:  # (a str, or a packaging Version)
         m = re.match(r"v?(\d+)\.(\d+)", str(version).strip())
         if m is None:
             raise RoutesValidationError(f"cannot read a vLLM version from {version!r}; give e.g. '0.33.0'")

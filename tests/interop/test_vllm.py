@@ -423,3 +423,15 @@ def test_layers_the_engine_never_wrote_are_refused_for_top1_routers(engine: str)
     stage[30, 1, 0] = 3  # one route written in each layer: a router that does use other experts
     stage[30, 2, 0] = 3
     assert read(stage).layer(m.names[1])[30].tolist() == [3]
+
+
+def test_a_version_given_as_a_number_is_refused() -> None:
+    """Once version=0.30 (a float, which is 0.3) was read as vLLM 0.3, a release of the <= 0.20 layout, and a
+    0.30 array was refused for a dtype "not in 0.3", naming neither the version nor its type."""
+    m = DEEPSEEK
+    truth = m.truth(6, seed=13)
+    arr = vllm_033_routed_experts(m, truth, 3)
+    for number in (0.30, 0.33, 33):
+        with pytest.raises(mr.RoutesValidationError, match=r"version must be vllm.__version__ \(a str"):
+            interop.from_vllm(arr, m.layer_map, prompt_len=3, completion_len=3, version=number)
+    assert interop.from_vllm(arr, m.layer_map, prompt_len=3, completion_len=3, version="0.30.0").equal(m.routes(truth))
