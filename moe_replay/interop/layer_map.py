@@ -185,6 +185,7 @@ class LayerMap:
         """Map router names to hidden layers, parsing ``...layers.<i>...`` unless ``layers`` is given."""
         if not is_collection(names):
             raise LayerMapError(f"names must be router module paths (a list of str), got {names!r:.80}")
+        names = list(names)  # (read once: an iterator would be empty the second time)
         odd = [n for n in names if not isinstance(n, str)]
         if odd:  # (str(None) would map a router named 'None': never one of the model's)
             raise LayerMapError(
@@ -207,7 +208,7 @@ class LayerMap:
                     )
                 found.append(int(index))
             layers = found
-        if not (is_integer(num_experts) or isinstance(num_experts, Sequence)) or isinstance(num_experts, str):
+        if not (is_integer(num_experts) or is_collection(num_experts)):
             raise InvalidArgumentError(f"num_experts must be an int or one int per router, got {num_experts!r}")
         counts = (num_experts,) * len(names) if is_integer(num_experts) else tuple(num_experts)
         if not all(is_integer(x) for x in counts):

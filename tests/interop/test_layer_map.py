@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import moe_replay as mr
 
@@ -104,3 +105,15 @@ def test_a_router_named_twice_is_refused() -> None:
     layer's column left zero) and to_megatron sent its rows for both layers."""
     with pytest.raises(mr.LayerMapError, match=r"router names repeat: \['a'\]"):
         mr.LayerMap.from_names(["a", "a"], 2, 4, 2, layers=[0, 1])
+
+
+def test_names_and_counts_given_as_iterators_or_arrays_are_read() -> None:
+    """Once names given as a generator were read twice, the second time empty, and refused as "needs at least one
+    router"; and per-router expert counts as an array or tensor were refused while top_k as one was read."""
+    names = [f"model.layers.{i}.mlp.gate" for i in (1, 2)]
+    want = mr.LayerMap.from_names(names, 3, [8, 16], [2, 2])
+    assert mr.LayerMap.from_names((n for n in names), 3, [8, 16], [2, 2]) == want
+    assert mr.LayerMap.from_names(names, 3, np.array([8, 16]), np.array([2, 2])) == want
+    assert mr.LayerMap.from_names(names, 3, torch.tensor([8, 16]), torch.tensor([2, 2])) == want
+    with pytest.raises(mr.InvalidArgumentError, match="num_experts must be an int or one int per router"):
+        mr.LayerMap.from_names(names, 3, np.array([8.5, 16.0]), 2)
