@@ -37,6 +37,7 @@ __all__ = [
     "exporting",
     "functorch_transform",
     "fwd_grad_enabled",
+    "global_forward_hooks",
     "graph_capturing",
     "hidden_from_dispatch_modes",
     "in_compiled_autograd",
@@ -127,6 +128,15 @@ top_saved_tensors_hooks: Callable[[], tuple[Any, Any] | None] = functools.partia
 #: two; dynamo reads it as True. For code that only dynamo can trace: torch's own
 #: ``is_compiling()`` is also True under export and AOT tracing.
 dynamo_compiling: Callable[[], bool] = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
+
+#: torch's global module forward hooks (``register_module_forward_hook``), by handle id: they run after the
+#: forward of every module, before the module's own hooks, and may replace what a router returned. The dict
+#: itself (torch adds to it in place); an empty one where torch keeps none.
+_global_hooks = _find(
+    "torch.nn.modules.module._global_forward_hooks", "to see a global forward hook run after a router"
+)
+global_forward_hooks: dict[int, Any] = _global_hooks if isinstance(_global_hooks, dict) else {}
 
 
 def in_compiled_autograd() -> bool:

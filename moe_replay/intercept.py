@@ -46,6 +46,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
+from ._output_guard import OutputGuard, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
     DECISION_FUNCS,
@@ -208,6 +209,7 @@ _tracing = _torch_compat.tracing
 _grad = torch.is_grad_enabled
 _get_ident = threading.get_ident
 _hidden = _torch_compat.hidden_from_dispatch_modes
+_GLOBAL_HOOKS = _torch_compat.global_forward_hooks
 _NOTHING = contextlib.nullcontext()
 _LEAN_NAMES, _LEAN_SWAP, _lean_current = _lean.NAMES, _lean.SWAP, _lean.CURRENT
 _LEAN_OURS, _LEAN_THEIRS, _LEAN_ON, _LEAN_OFF = _lean.OURS, _lean.THEIRS, _lean.ON, _lean.OFF
@@ -328,6 +330,9 @@ class RouterHook:
     # per evidence, where the router's output held them when first seen (None: it did not return them)
     _answered: torch.Tensor | None = None
     _returns: tuple[Evidence, int | None, type] | None = None
+    # during a block in which forward hooks run after the scope's forward: the last of them, which checks
+    # that they left the integer tensors it returned as they were (see moe_replay._output_guard)
+    _guard: OutputGuard | None = None
 
     def __post_init__(self) -> None:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
@@ -647,6 +652,25 @@ class RouterHook:
         finally:
             state.depth -= 1
             state.lean = outer
+
+    def guard_output(self, out: Any) -> None:
+        """An eager forward of the scope returned ``out`` in a block, and forward hooks (the module's, or global
+        ones) run after it: have the last of them check that they left its indices as they were."""
+        if not (self.capturing or self.replaying or self.verifying) or _dynamo_compiling():
+            return
+        if not runs_foreign_hooks(self.scope):  # (only moe_replay's own: its watch, this guard)
+            self.drop_guard()
+            return
+        guard = self._guard
+        if guard is None:
+            guard = self._guard = OutputGuard(self.name, self.scope)
+        guard.expect(self.scope, out)
+
+    def drop_guard(self) -> None:
+        """Take the output guard off the scope (as the session's last block ends, and at detach)."""
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.remove()
 
     def _admit(self) -> None:
         """May an eager forward of this router run now? (A session refuses other threads' forwards.)"""
@@ -1392,6 +1416,8 @@ class ScopedForward:
             if other:
                 hook._check_returned(ev, out)
         hook._answered = None
+        if _GLOBAL_HOOKS or hook.scope._forward_hooks:  # hooks run after this forward (see OutputGuard)
+            hook.guard_output(out)
         return out
 
     def _nested(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -1400,10 +1426,14 @@ class ScopedForward:
         state.depth += 1
         lean, state.lean = state.lean, None
         try:
-            return self._call(args, kwargs)
+            out = self._call(args, kwargs)
         finally:
             state.depth -= 1
             state.lean = lean
+        hook = self.__moe_replay_hook__
+        if _GLOBAL_HOOKS or hook.scope._forward_hooks:  # hooks run after this forward (see OutputGuard)
+            hook.guard_output(out)
+        return out
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hook = self.__moe_replay_hook__

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ._output_guard import own_hook
 from .errors import UnsupportedRouterError
 from .evidence import DECISION_FUNCS, NESTING, _where, decision_call, unwrap
 
@@ -312,7 +313,7 @@ def watch_forward(
 
     handles = [
         _module.register_module_forward_pre_hook(pre),
-        _module.register_module_forward_hook(post, always_call=True),
+        _module.register_module_forward_hook(own_hook(post), always_call=True),
     ]
 
     def stop() -> None:

@@ -34,6 +34,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from . import _torch_compat
 from ._checks import check_flag
 from ._feeds import FeedCheck, FeedForward, FeedRecord, MoveWatch, feed_levels
+from ._output_guard import is_guard
 from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, find_routers, format_sites
 from .errors import (
     ArgumentTypeError,
@@ -619,6 +620,8 @@ class Session:
         return {h.num_experts for h in self._hooks if h.num_experts}
 
     def _uninstall(self) -> None:
+        for h in self._hooks:
+            h.drop_guard()
         for scope, own in reversed(self._installed):
             if own is _MISSING:
                 scope.__dict__.pop("forward", None)
@@ -803,6 +806,8 @@ class Session:
                 owner.blocks -= 1
                 if owner.blocks == 0:
                     owner.close()
+                    for h in self._hooks:  # (hooks run after a router only count in blocks)
+                        h.drop_guard()
 
     def _check_in_place(self) -> None:
         """Refuse a block where a router would run without this session's wrapper.
@@ -1738,7 +1743,9 @@ def _scope_hooks(model: nn.Module, scopes: Sequence[str]) -> tuple[tuple[int, ..
     out = []
     for scope in scopes:
         m = _module_at(model, scope)
-        out.append(() if m is None else tuple(k for d in _HOOK_DICTS for k in getattr(m, d, {})))
+        out.append(
+            () if m is None else tuple(k for d in _HOOK_DICTS for k, h in getattr(m, d, {}).items() if not is_guard(h))
+        )
     return tuple(out)
 
 

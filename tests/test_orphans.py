@@ -457,7 +457,11 @@ def test_a_decision_in_a_forward_hook_of_a_router_is_refused(when: str) -> None:
                 with session.capture():
                     model(x)
                 handles = [block.router.register_forward_hook(_reroute) for block in model]
-            with pytest.raises(mr.UnsupportedRouterError, match=r"'0\.router' \(Router\): topk over 4 in a hook"):
+            # (the guard on what the router returned sees the rerouted indices first, the watch its top-k after)
+            refused = (
+                r"'0\.router' \(Router\): topk over 4 in a hook|router '0\.router' replaced or changed the integer"
+            )
+            with pytest.raises(mr.UnsupportedRouterError, match=refused):
                 with session.capture():
                     model(x)
     finally:

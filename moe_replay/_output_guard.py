@@ -1,0 +1,164 @@
+"""What a router's module returns to its caller, checked after the module's forward hooks ran.
+
+moe_replay intercepts a router's ``forward``; torch runs the module's forward hooks (and the
+global ones of ``register_module_forward_hook``) after it, around that forward, and a hook
+may replace what the forward returned. A hook that remaps the expert indices a router
+returned (or changes them in place) makes the MoE layer dispatch other experts than those
+recorded or forced, while the router's own forward was exact.
+
+While a block runs and hooks run after a router's forward, an :class:`OutputGuard` sits last
+among the router module's forward hooks (global hooks run before a module's own, so it comes
+after every one of them) and refuses an output whose integer tensors (indices, dispatch
+masks) are not those the forward returned, unchanged. A hook that reads the output, or
+replaces its float tensors (a temperature on the combine weights), passes. Where no hook runs,
+nothing is installed and a router call pays one test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _torch_compat
+from .errors import UnsupportedRouterError
+
+__all__ = ["OutputGuard", "is_guard", "own_hook", "runs_foreign_hooks"]
+
+_GLOBAL_HOOKS = _torch_compat.global_forward_hooks
+
+
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
+def _integer_tensors(out: Any, depth: int = 0) -> list[tuple[torch.Tensor, int | None]]:
+    """The integer and bool tensors of an output (a tensor, or the items of a tuple, list or dict, two levels
+    deep), with their version counters, in order."""
+    if isinstance(out, torch.Tensor):
+        return [] if out.is_floating_point() or out.is_complex() else [(out, _version(out))]
+    if depth < 2 and isinstance(out, tuple | list):
+        return [t for item in out for t in _integer_tensors(item, depth + 1)]
+    if depth < 2 and isinstance(out, dict):
+        return [t for item in out.values() for t in _integer_tensors(item, depth + 1)]
+    return []
+
+
+def _same(now: list[tuple[torch.Tensor, int | None]], then: list[tuple[torch.Tensor, int | None]]) -> bool:
+    return len(now) == len(then) and all(t is u and _version(t) == v for (t, _), (u, v) in zip(now, then, strict=True))
+
+
+def _inert(*args: Any) -> None:
+    """What a guard becomes in a copy or a pickle of the model: nothing (the copy is no session's)."""
+
+
+def _make_inert() -> Any:
+    return _inert
+
+
+class _Enter:
+    """The guard's forward pre-hook: a new call of the module starts with nothing expected."""
+
+    __slots__ = ("guard",)
+
+    def __init__(self, guard: OutputGuard) -> None:
+        self.guard = guard
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.guard.expected = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _inert
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_make_inert, ())
+
+
+class OutputGuard:
+    """The last forward hook of one router module during a block (see the module docstring).
+
+    Example (what it refuses)::
+
+        def remap(module, args, out):  # a hook that sends every token to the next expert
+            weights, idx = out
+            return weights, (idx + 1) % num_experts
+
+        gate.register_forward_hook(remap)
+        with session.replay(routes):
+            model(x)  # UnsupportedRouterError: a hook changed the indices the router returned
+    """
+
+    __slots__ = ("expected", "handles", "name")
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        #: the integer tensors the intercepted forward of this call returned, with their versions; None
+        #: where this call's forward set none (a call not intercepted: nothing to compare)
+        self.expected: list[tuple[torch.Tensor, int | None]] | None = None
+        self.handles = (module.register_forward_pre_hook(_Enter(self)), module.register_forward_hook(self))
+
+    def expect(self, module: nn.Module, out: Any) -> None:
+        """The intercepted forward returned ``out``: compare it with what the module's caller gets. Keeps this
+        guard the last of the module's forward hooks (a hook added since would run after it)."""
+        hooks = module._forward_hooks
+        mine = self.handles[1].id
+        if next(reversed(hooks), None) != mine and mine in hooks:
+            hooks.move_to_end(mine)
+        self.expected = _integer_tensors(out)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.expected = None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        expected, self.expected = self.expected, None
+        if expected is None or torch.compiler.is_compiling():
+            return
+        if _same(_integer_tensors(output), expected):
+            return
+        ran = [_hook_name(h) for h in module._forward_hooks.values() if not is_guard(h)]
+        raise UnsupportedRouterError(
+            f"a forward hook run after router '{self.name}' replaced or changed the integer tensors (expert "
+            "indices, dispatch masks) its forward returned"
+            + (f" (hooks on its module: {', '.join(ran)}; or a global module hook)" if ran else _GLOBAL)
+            + ": its MoE layer would dispatch other experts than those recorded or forced. Remove the hook, or "
+            "make the change inside the router's forward, before its top-k (replay then forces the experts the "
+            "router chose)"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _inert
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_make_inert, ())
+
+    def __repr__(self) -> str:
+        return f"<moe_replay output guard of router '{self.name}'>"
+
+
+_GLOBAL = " (a global module forward hook: torch.nn.modules.module.register_module_forward_hook)"
+
+
+def _hook_name(h: Any) -> str:
+    return getattr(h, "__qualname__", None) or type(h).__name__
+
+
+def is_guard(h: Any) -> bool:
+    """Is ``h`` one of an :class:`OutputGuard`'s hooks (not the user's: left out where hooks are compared)?"""
+    return isinstance(h, OutputGuard | _Enter)
+
+
+def own_hook(fn: Any) -> Any:
+    """Mark ``fn``, a global module hook of moe_replay's own (the watch for unfound routers), as one that leaves
+    what a module returned as it was: no guard is needed for it."""
+    fn.__moe_replay_own__ = True
+    return fn
+
+
+def runs_foreign_hooks(module: nn.Module) -> bool:
+    """Do forward hooks other than moe_replay's own run after ``module``'s forward (its own, or global ones)?"""
+    return any(not is_guard(h) for h in module._forward_hooks.values()) or any(
+        not getattr(h, "__moe_replay_own__", False) for h in _GLOBAL_HOOKS.values()
+    )
