@@ -119,10 +119,11 @@ class OutputGuard:
         if _same(_integer_tensors(output), expected):
             return
         ran = [_hook_name(h) for h in module._forward_hooks.values() if not is_guard(h)]
+        wrapper = module.__dict__.get("forward")
         raise UnsupportedRouterError(
-            f"a forward hook run after router '{self.name}' replaced or changed the integer tensors (expert "
-            "indices, dispatch masks) its forward returned"
-            + (f" (hooks on its module: {', '.join(ran)}; or a global module hook)" if ran else _GLOBAL)
+            f"a forward hook run after router '{self.name}', or a wrapper around its forward, replaced or changed "
+            "the integer tensors (expert indices, dispatch masks) its forward returned"
+            + _culprits(ran, wrapper)
             + ": its MoE layer would dispatch other experts than those recorded or forced. Remove the hook, or "
             "make the change inside the router's forward, before its top-k (replay then forces the experts the "
             "router chose)"
@@ -138,7 +139,20 @@ class OutputGuard:
         return f"<moe_replay output guard of router '{self.name}'>"
 
 
-_GLOBAL = " (a global module forward hook: torch.nn.modules.module.register_module_forward_hook)"
+_GLOBAL = " (a global module forward hook, of torch.nn.modules.module.register_module_forward_hook?)"
+
+
+def _culprits(hooks: list[str], forward: Any) -> str:
+    """What may have changed the output, in words: the module's hooks, a wrapper of its forward, or a global hook."""
+    found = [f"hooks on its module: {', '.join(hooks)}"] if hooks else []
+    if _is_foreign(forward):
+        found.append(f"its forward is now {_hook_name(forward)}")
+    return f" ({'; '.join(found)}; or a global module hook)" if found else _GLOBAL
+
+
+def _is_foreign(forward: Any) -> bool:
+    """Is ``forward`` (what a module's instance dict holds as its forward) a wrapper of someone else's?"""
+    return forward is not None and not hasattr(forward, "__moe_replay_hook__")
 
 
 def _hook_name(h: Any) -> str:

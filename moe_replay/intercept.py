@@ -333,6 +333,7 @@ class RouterHook:
     # during a block in which forward hooks run after the scope's forward: the last of them, which checks
     # that they left the integer tensors it returned as they were (see moe_replay._output_guard)
     _guard: OutputGuard | None = None
+    wrapped: bool = False  # the scope's forward is a wrapper (accelerate's, a user's) around the session's
 
     def __post_init__(self) -> None:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
@@ -658,13 +659,18 @@ class RouterHook:
         ones) run after it: have the last of them check that they left its indices as they were."""
         if not (self.capturing or self.replaying or self.verifying) or _dynamo_compiling():
             return
-        if not runs_foreign_hooks(self.scope):  # (only moe_replay's own: its watch, this guard)
+        if not (self.wrapped or runs_foreign_hooks(self.scope)):  # (only moe_replay's own: its watch, this guard)
             self.drop_guard()
             return
+        self.install_guard().expect(self.scope, out)
+
+    def install_guard(self) -> OutputGuard:
+        """The output guard on the scope, put there if it is not (for a block whose scope's forward is wrapped,
+        as the block starts: then every forward comes to :meth:`guard_output`)."""
         guard = self._guard
         if guard is None:
             guard = self._guard = OutputGuard(self.name, self.scope)
-        guard.expect(self.scope, out)
+        return guard
 
     def drop_guard(self) -> None:
         """Take the output guard off the scope (as the session's last block ends, and at detach)."""

@@ -836,6 +836,11 @@ class Session:
                         "such a module too), so its router would route natively. Detach and attach again"
                     )
                 self._reached[i] = now  # (not checked again while the forward stays this object)
+            # (a wrapper around this session's may change what the router returns: guarded in the block)
+            hook = self._hooks[i]
+            hook.wrapped = now is not wrapper
+            if hook.wrapped:
+                hook.install_guard()
             if model is None or _module_at(model, self._paths.get(i, name)) is scope:
                 continue
             held = _module_at(model, name)

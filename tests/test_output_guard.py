@@ -132,3 +132,55 @@ def test_a_model_guarded_inside_a_block_copies_and_pickles() -> None:
         expected = model(x)
         for other in (twin, pickled):
             assert torch.equal(other(x), expected)
+
+
+@contextmanager
+def _wrapped(model: TinyMoE, change: bool) -> Iterator[None]:
+    """Each router's forward wrapped after attach, around the session's (a user's patch, accelerate's hook)."""
+    inners = [layer.router.forward for layer in model.layers]
+    for layer, inner in zip(model.layers, inners, strict=True):
+
+        def forward(*args: Any, inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
+            w, idx = inner(*args, **kwargs)
+            return (w, (idx + 1) % E) if change else (w, idx)
+
+        layer.router.forward = forward
+    try:
+        yield
+    finally:
+        for layer, inner in zip(model.layers, inners, strict=True):
+            layer.router.forward = inner
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("block", ["capture", "replay"])
+def test_a_wrapper_around_the_router_forward_that_remaps_its_indices_is_refused(block: str) -> None:
+    """Once silent: a forward wrapped after attach around the session's wrapper (so still reaching it) remapped
+    the indices the router returned, and the layer dispatched other experts than those recorded or forced."""
+    model = _model()
+    x = model.inputs((2, 5))
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        with _wrapped(model, change=True):
+            run = session.capture() if block == "capture" else session.replay(routes)
+            with pytest.raises(mr.UnsupportedRouterError, match=r"or a wrapper around its forward, replaced"), run:
+                model(x)
+
+
+def test_a_wrapper_that_passes_the_indices_through_replays_exactly() -> None:
+    """A wrapper that returns what the session's forward returned is guarded, passes, and leaves no hook."""
+    model = _model()
+    x = model.inputs((2, 5))
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        captured, routes = _chosen(model), session.routes()
+        model.perturb(scale=3.0)
+        with _wrapped(model, change=False):
+            with session.replay(routes):
+                assert [len(layer.router._forward_hooks) for layer in model.layers] == [1, 1]  # (the guards)
+                model(x).sum().backward()
+            assert [torch.equal(a, b) for a, b in zip(_chosen(model), captured, strict=True)] == [True, True]
+            assert [len(layer.router._forward_hooks) for layer in model.layers] == [0, 0]
