@@ -45,6 +45,7 @@ import threading
 import types
 import weakref
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -93,12 +94,13 @@ _SEQUENCE_FIRST_HINT = (
 class _Forward:
     """What one forward of the model was fed."""
 
-    __slots__ = ("count", "ids", "mask")
+    __slots__ = ("calls", "count", "ids", "mask")
 
-    def __init__(self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+    def __init__(self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: int = -1) -> None:
         self.count = count  # tokens fed (rows per router call); -1 where unknown
         self.ids = ids  # a copy of the ids fed, None where fed embeddings
         self.mask = mask  # a copy of the attention mask of the tokens fed, or None
+        self.calls = calls  # router calls recorded before this forward (FeedRecord.calls_made), -1 where unknown
 
 
 class FeedRecord:
@@ -127,6 +129,10 @@ class FeedRecord:
         self._active = False
         self._thread: int | None = None  # the thread whose forwards are recorded: the one that started it
         self._inside = False  # a recorded forward runs now (the modules it enters below are the same forward)
+        #: the router calls of rows recorded so far (of one router, every router's where they line up), read as each
+        #: forward begins: a router called several times per forward (one module at several layers, a loop of
+        #: layers) has rows of each call, and :meth:`rows` gives each its forward's ids. None: one call per forward
+        self.calls_made: Callable[[], int] | None = None
 
     # ------------------------------------------------------------- recording
     def start(self, levels: Sequence[FeedForward]) -> Callable[[], None]:
@@ -148,6 +154,7 @@ class FeedRecord:
             remove()
             self._active = False
             self._unwatch()
+            self.calls_made = None  # (the next capture() sets it again: this one's forwards are counted)
 
         return stop
 
@@ -239,7 +246,7 @@ class FeedRecord:
                 mask = in_router_order(mask, order)
         else:
             mask = None
-        self.forwards.append(_Forward(count, kept, mask))
+        self.forwards.append(_Forward(count, kept, mask, -1 if self.calls_made is None else self.calls_made()))
 
     def _watch(self, cache: Any, names: tuple[str, ...]) -> None:
         """Note calls of ``cache``'s row-moving methods ``names`` while this capture runs."""
@@ -304,10 +311,19 @@ class FeedRecord:
             return None, None
         sizes = [n for n, c in calls for _ in range(c)]
         fed = [f for f in self.forwards if f.count]
-        if [f.count for f in fed] != sizes:
+        # each forward's router calls: those counted from its start to the next's (one each where not counted)
+        starts = [f.calls for f in fed] + [len(sizes)]
+        if any(s < 0 for s in starts):
+            times = [1] * len(fed)
+        else:
+            times = [b - a for a, b in pairwise(starts)]
+        # (a router called on every token of its forward at each call, as often as it was called: each call's rows
+        # are the forward's tokens; calls of any other size do not line up with the forwards)
+        parts = [f for f, m in zip(fed, times, strict=True) for _ in range(m)]
+        if [f.count for f in parts] != sizes or 0 in times:
             return None, None
-        masks = [_zero_one(f.mask) for f in fed]
-        return _flat([f.ids for f in fed], sizes, torch.long), _flat(masks, sizes, torch.int8)
+        masks = [_zero_one(f.mask) for f in parts]
+        return _flat([f.ids for f in parts], sizes, torch.long), _flat(masks, sizes, torch.int8)
 
 
 class MoveWatch(FeedRecord):
@@ -389,6 +405,9 @@ class FeedCheck:
         self._entry = "the model"
         #: a forward's routers saw its tokens sequence-first (what a mismatch error then says)
         self.sequence_first = False
+        #: the token count of the forward that runs now and its ids in router order (None: fed embeddings, or not
+        #: compared): a router called again in it on every one of its tokens reads the next rows, checked the same
+        self._current: tuple[int, torch.Tensor | None] = (-1, None)
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` (:func:`feed_levels`) in this thread until the returned
@@ -441,6 +460,7 @@ class FeedCheck:
         ``paired``: the level is an encoder-decoder (see :meth:`FeedRecord.fed`), whose rows no one
         id each describes: this forward and those after it are not checked.
         """
+        self._current = (-1, None)
         if paired or (not self._lost and any(level.compiled for level in self._levels)):
             self._open()
         if self._lost:
@@ -464,20 +484,27 @@ class FeedCheck:
             )
         for src in self._sources:  # the rows this forward may read
             src.cleared = min(src.num_rows, start + count)
+        self._current = (count, None)
         if ids is None or not (self.device_ids or ids.device.type == "cpu"):
             return True
         if order == SEQUENCE_FIRST:
             self.sequence_first = True
-        # (past the end: the routers refuse)
-        flat = in_router_order(ids.detach(), order).reshape(-1)[: max(self.want.numel() - start, 0)]
+        flat = in_router_order(ids.detach(), order).reshape(-1)
+        self._current = (count, flat)
+        self._check(start, flat)
+        return True
+
+    def _check(self, start: int, flat: torch.Tensor) -> None:
+        """Compare the ids ``flat`` of this forward with the rows from ``start`` on: now where they are on the host
+        (and the first time they are on a device: one host sync), else when the block ends."""
+        flat = flat[: max(self.want.numel() - start, 0)]  # (past the end: the routers refuse)
         if not flat.numel():
-            return True
+            return
         if flat.device.type == "cpu" or not self._read_once:  # (the first device ids: one host sync, at once)
             self._read_once = flat.device.type != "cpu"
             self._compare(self.forwards, start, flat)
         else:
             self.pending.append((self.forwards, start, flat.clone()))
-        return True
 
     def finish(self) -> None:
         """Compare the forwards whose ids were on a device, in order (one copy to the host per device)."""
@@ -491,10 +518,29 @@ class FeedCheck:
             self._compare(forward, start, host[i])
 
     def _unseen_read(self, router: str, start: int, n: int) -> None:
-        """A router reads rows no forward this check has seen was fed: refuse (see :meth:`start`)."""
+        """A router reads rows no forward this check has seen was fed: refuse (see :meth:`start`), unless it is
+        called again in the forward that runs now, on all of its tokens (one router module at several layers, a
+        loop of layers): those rows are checked against the forward's ids as its first call's were."""
         if any(level.compiled for level in self._levels):  # (a compiled forward, whose routers run eagerly inside)
             self._open()
             return
+        count, flat = self._current
+        src = next((s for s in self._sources if s.name == router), None)
+        if self._inside and src is not None:
+            if count > 0 and n == count and start == src.cleared:
+                if flat is not None:
+                    self._check(start, flat)
+                src.cleared = min(src.num_rows, start + n)
+                return
+            raise TokenMismatchError(
+                f"router '{router}' reads rows {start}..{start + n - 1} of this replay's routes in forward "
+                f"{self.forwards}, which was fed {count} tokens: past the rows of that forward's tokens (up to row "
+                f"{src.cleared - 1}), so the tokens of those rows cannot be checked against the ids the routes were "
+                "recorded for. A router called again in a forward is checked where each call routes every token "
+                "the forward was fed; was it called on other tokens (a subset, hidden states of another batch)? "
+                "Replay the forwards the routes were recorded for, or drop the check with "
+                "routes.with_token_ids(None) to replay by row order alone" + (f". {self.hint}" if self.hint else "")
+            )
         raise TokenMismatchError(
             f"router '{router}' reads rows {start}..{start + n - 1} of this replay's routes in a forward that did not "
             f"enter {self._entry} (the module the session is attached to) nor any module between it and its routers "

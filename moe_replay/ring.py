@@ -515,6 +515,10 @@ class CaptureRing:
             return None
         return tuple((n, c) for n, c in self._calls)
 
+    def calls_made(self) -> int:
+        """Eager calls of rows counted since :meth:`reset` (see :meth:`call_rows`)."""
+        return sum(c for _, c in self._calls)
+
     def keep_call_rows(self, calls: tuple[tuple[int, int], ...] | None) -> None:
         """The calls of rows that were written here in one call, copied from the ring that recorded them."""
         known = calls is not None and sum(n * c for n, c in calls) == self._host

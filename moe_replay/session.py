@@ -1139,6 +1139,8 @@ class Session:
         self._has_capture = True
         if clear or self._feeds is None:
             self._feeds = FeedRecord(limit=self.capacity if self.keep_newest else None)
+        if rings:  # (routes() reads ids only where every router's calls are the same: one router's count them)
+            self._feeds.calls_made = rings[0].calls_made
         model = self._model_ref()
         stop_feeds = self._feeds.start(self._feed_wrappers) if model is not None else None
         skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]

@@ -794,3 +794,67 @@ def test_routers_that_see_the_tokens_sequence_first_are_checked_in_their_order(p
             with session.replay(mr.pad_routes(parts)), torch.no_grad():
                 model(ids, attention_mask=mask)
     assert_untouched(model, before)
+
+
+class _Looped(torch.nn.Module):
+    """A universal-transformer-like model: one MoE block applied ``steps`` times per forward (weight sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = mr.models.MoEConfig(router="softmax_topk")
+        self.embed = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.block = mr.models.MoEBlock(cfg)
+        torch.manual_seed(0)
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+
+    def forward(self, input_ids: torch.Tensor, steps: int = 2, again: int = 0) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for _ in range(steps):
+            h = h + self.block(h)
+        if again:  # (the block once more, on the first ``again`` sequences only)
+            h = h + self.block(h[:again]).sum() * 0
+        return h
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_router_called_several_times_per_forward_records_and_checks_its_tokens() -> None:
+    """Once silent: a router called at every step of a loop (one MoE block shared by its layers) recorded no token
+    ids, so routes replayed on the batches in another order were taken; and routes that knew their ids were refused
+    at its second call, as if a submodule had been called alone."""
+    model = _Looped()
+    a, b = _batch(1), _batch(2)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            ref_a, ref_b = model(a, steps=2), model(b, steps=3)  # a data-dependent number of steps
+        routes = session.routes()
+        assert routes.num_tokens == 5 * a.numel()
+        assert torch.equal(routes.token_ids, torch.cat([a.reshape(-1)] * 2 + [b.reshape(-1)] * 3))
+        with session.replay(routes), torch.no_grad():  # the same forwards: taken, exact
+            assert torch.equal(model(a, steps=2), ref_a)
+            assert torch.equal(model(b, steps=3), ref_b)
+        with pytest.raises(mr.TokenMismatchError, match="other tokens than its routes were recorded for"):
+            with session.replay(routes), torch.no_grad():
+                model(b, steps=3)
+        with pytest.raises(mr.TokenMismatchError, match=r"forward 1 .* row 48 of the routes"):
+            with session.replay(routes), torch.no_grad():  # its third step would read b's rows
+                model(a, steps=3)
+        with session.replay(routes.with_token_ids(None)), torch.no_grad():  # by row order alone: replayed
+            model(a, steps=2)
+            model(b, steps=3)
+
+
+def test_a_router_called_again_on_other_tokens_in_a_forward_says_so() -> None:
+    """Once misleading: a router called a second time in a forward on part of its tokens was refused as though the
+    forward had not entered the model; the error names the forward and its token count."""
+    model = _Looped()
+    a = _batch(1)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(a, steps=1, again=1)
+        routes = session.routes()
+        assert routes.token_ids is None  # (its second call's rows are no tokens of the forward each)
+        routes = routes.with_token_ids(torch.cat([a.reshape(-1), a[:1].reshape(-1)]))
+        with pytest.raises(mr.TokenMismatchError, match=r"in forward 1, which was fed 24 tokens: past the rows"):
+            with session.replay(routes), torch.no_grad():
+                model(a, steps=1, again=1)
