@@ -1102,3 +1102,21 @@ def test_split_names_a_mask_over_the_whole_output_and_a_generate_output_object()
         mr.split_generation(capture, attention_mask=mask, sequences=out)
     parts = mr.split_generation(capture, attention_mask=full_mask[:, :P], sequences=out.sequences)
     assert [p.num_tokens for p in parts] == (mask.sum(dim=1) + N).tolist()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="per-sequence routes hold one row per token and router: a router called "
+    "several times per forward has several, which split_generation and BatchLayout cannot lay out",
+)
+def test_a_generate_capture_of_a_router_shared_by_every_layer_is_split() -> None:
+    """False refusal: one MoE block shared by both layers runs twice per forward; split_generation refuses the
+    capture of one generate() as if it held several, though every forward's rows are the same tokens twice."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    model.layers[1].mlp = model.layers[0].mlp
+    prompt = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        parts = mr.split_generation(session.routes(), sequences=out, prompt_len=6)
+    assert [p.num_tokens for p in parts] == [10, 10]
