@@ -45,7 +45,6 @@ import threading
 import types
 import weakref
 from collections.abc import Callable, Sequence
-from itertools import pairwise
 from typing import Any
 
 import torch
@@ -94,13 +93,14 @@ _SEQUENCE_FIRST_HINT = (
 class _Forward:
     """What one forward of the model was fed."""
 
-    __slots__ = ("calls", "count", "ids", "mask")
+    __slots__ = ("calls", "count", "end", "ids", "mask")
 
     def __init__(self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: int = -1) -> None:
         self.count = count  # tokens fed (rows per router call); -1 where unknown
         self.ids = ids  # a copy of the ids fed, None where fed embeddings
         self.mask = mask  # a copy of the attention mask of the tokens fed, or None
         self.calls = calls  # router calls recorded before this forward (FeedRecord.calls_made), -1 where unknown
+        self.end = -1  # and when it ended, -1 where unknown
 
 
 class FeedRecord:
@@ -182,6 +182,11 @@ class FeedRecord:
         if self._keep_inputs:
             self._keep(count, ids, fed, kwargs, order)
         return True
+
+    def left(self) -> None:
+        """The forward fed last has ended: count the router calls it made (see :meth:`rows`)."""
+        if self._keep_inputs and self.forwards and self.calls_made is not None:
+            self.forwards[-1].end = self.calls_made()
 
     def _watch_caches(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Watch the row moves of a cache among the inputs of a forward, and note a cache given again after another."""
@@ -311,12 +316,14 @@ class FeedRecord:
             return None, None
         sizes = [n for n, c in calls for _ in range(c)]
         fed = [f for f in self.forwards if f.count]
-        # each forward's router calls: those counted from its start to the next's (one each where not counted)
-        starts = [f.calls for f in fed] + [len(sizes)]
-        if any(s < 0 for s in starts):
+        # each forward's router calls, counted as it began and ended (one each where not counted)
+        if any(f.calls < 0 or f.end < 0 for f in fed):
             times = [1] * len(fed)
         else:
-            times = [b - a for a, b in pairwise(starts)]
+            bounds = [0] + [c for f in fed for c in (f.calls, f.end)] + [len(sizes)]
+            if any(b != a for a, b in zip(bounds[::2], bounds[1::2], strict=True)):
+                return None, None  # (router calls outside the model's forwards: a block called alone)
+            times = [f.end - f.calls for f in fed]
         # (a router called on every token of its forward at each call, as often as it was called: each call's rows
         # are the forward's tokens; calls of any other size do not line up with the forwards)
         parts = [f for f, m in zip(fed, times, strict=True) for _ in range(m)]
@@ -436,6 +443,10 @@ class FeedCheck:
                 src.guard = None
 
         return stop
+
+    def left(self) -> None:
+        """The forward fed last has ended."""
+        self._current = (-1, None)
 
     def _open(self) -> None:
         """Every row may be read unchecked from here on (the forwards past this one cannot be checked)."""
@@ -910,6 +921,7 @@ class FeedForward:
         finally:
             for r in entered:
                 r._inside = False
+                r.left()
 
     def _order(self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The order in which the routers see this forward's tokens: established once (:func:`token_order`) at the

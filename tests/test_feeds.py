@@ -842,6 +842,11 @@ def test_a_router_called_several_times_per_forward_records_and_checks_its_tokens
         with session.replay(routes.with_token_ids(None)), torch.no_grad():  # by row order alone: replayed
             model(a, steps=2)
             model(b, steps=3)
+        with session.capture(), torch.no_grad():  # the block called alone between forwards, on as many tokens
+            model(a, steps=1)
+            model.block(model.embed(b))
+            model(b, steps=1)
+        assert session.routes().token_ids is None  # (its rows are no forward's tokens)
 
 
 def test_a_router_called_again_on_other_tokens_in_a_forward_says_so() -> None:
