@@ -255,6 +255,13 @@ def _check_forwards(
         "past_key_values (only the uncached tokens are routed)"
     )
     (first, once), rest = calls[0], calls[1:]
+    if once > 1 and first == b * p and len(rest) == 1 and rest[0][0] == b and rest[0][1] % once == 0:
+        hint = (
+            f"a model whose routers each run {once} times per forward (one MoE block shared by several layers, or a "
+            "loop over one: each token then has a row per call, and split_generation, which gives each token one "
+            "row per router, cannot split such a capture; replay it in forwards like the captured ones, the prompts "
+            f"and then one new token per sequence at each step), or {hint}"
+        )
     m = first // p if p else 0
     if (
         once == 1

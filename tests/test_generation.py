@@ -1120,3 +1120,16 @@ def test_a_generate_capture_of_a_router_shared_by_every_layer_is_split() -> None
             out = model.generate(prompt, max_new_tokens=4, do_sample=False)
         parts = mr.split_generation(session.routes(), sequences=out, prompt_len=6)
     assert [p.num_tokens for p in parts] == [10, 10]
+
+
+def test_a_generate_capture_of_a_shared_router_is_refused_naming_its_calls_per_forward() -> None:
+    """Once misleading: the capture of one generate() through a router shared by every layer was refused as several
+    generate() calls or a chunked prefill only; the error names a router run twice per forward too."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    model.layers[1].mlp = model.layers[0].mlp
+    prompt = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        with pytest.raises(mr.RoutesValidationError, match=r"a model whose routers each run 2 times per forward"):
+            mr.split_generation(session.routes(), sequences=out, prompt_len=6)
