@@ -1056,6 +1056,14 @@ class _Snapshot:
         self.generators = [
             (g, g.get_state()) for m in self.modules for g in vars(m).values() if isinstance(g, torch.Generator)
         ]
+        #: a norm's running statistics, which its kernel updates in place without a new version: put back by value
+        self.by_value = {
+            id(t)
+            for m in self.modules
+            if getattr(m, "track_running_stats", False) is True
+            for t in (m._buffers.get("running_mean"), m._buffers.get("running_var"))
+            if isinstance(t, torch.Tensor)
+        }
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
@@ -1078,6 +1086,8 @@ class _Snapshot:
                 elif t._version != version and t.shape == v.shape:  # only what a run changed: no needless bump
                     t.copy_(v)
                     self.tensors[i] = (t, v, t._version)
+                elif id(t) in self.by_value and t.shape == v.shape and not torch.equal(t, v):
+                    t.data.copy_(v)  # (as the kernel wrote it: no new version, which a graph that saved it would see)
         for m, attrs in self.attrs:
             for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_INTERNALS]:
                 delattr(m, k)

@@ -1061,6 +1061,32 @@ def test_probing_leaves_tensors_held_in_a_dict_attribute_as_one_forward_would() 
         assert torch.equal(a.router._cache["batch_size_per_expert"], b.router._cache["batch_size_per_expert"])
 
 
+class NormedLogitsRouter(RenamedKRouter):
+    """A router that batch-normalises its inputs before the gate (running statistics kept in training)."""
+
+    def __init__(self) -> None:
+        super().__init__("top_k")
+        self.norm = nn.BatchNorm1d(D)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(self.norm(x))
+
+
+def test_probing_leaves_a_batch_norms_running_statistics_as_one_forward_would() -> None:
+    """Once changed: a batch norm's kernel updates its running statistics in place without a new version, so the
+    probe runs, put back by version, left them moved once per run."""
+    x = torch.randn(T, D)
+    plain = TwoLayers(lambda: RouterBlock(NormedLogitsRouter()))
+    probed = TwoLayers(lambda: RouterBlock(NormedLogitsRouter()))
+    plain(x)
+    with mr.attach(probed) as session, session.capture():
+        probed(x)
+    for a, b in zip(plain.layers, probed.layers, strict=True):
+        assert torch.equal(a.router.norm.running_mean, b.router.norm.running_mean)
+        assert torch.equal(a.router.norm.running_var, b.router.norm.running_var)
+        assert int(b.router.norm.num_batches_tracked) == 1
+
+
 def test_a_router_changed_after_its_decision_was_established_raises_then_is_established_again() -> None:
     model = TwoLayers(lambda: RouterBlock(RenamedKRouter("top_n")))
     x = torch.randn(T, D)
