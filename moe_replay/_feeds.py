@@ -59,6 +59,7 @@ from ._torch_compat import (
     tracing,
 )
 from .errors import RoutesValidationError, TokenMismatchError, _script_refusal
+from .evidence import _Snapshot
 from .intercept import ORDER_PROBE, ClassForward, OrderStop
 
 __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
@@ -729,6 +730,7 @@ def token_order(
     scopes: Sequence[nn.Module],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    module: nn.Module | None = None,
 ) -> str | None:
     """The order in which the routers see the tokens of the ``[batch, positions]`` ids this forward is fed, told by
     effect; None where this forward cannot tell (another may).
@@ -748,7 +750,9 @@ def token_order(
 
     It runs where it changes nothing: not for one sequence or one position (every order is the same), not
     where the forward is given a cache it would update, not across processes (the other ranks would not run it
-    in step). Those forwards are ``None``.
+    in step). Those forwards are ``None``. What the runs change in ``module`` (the model whose forward ``run``
+    runs) before they stop is put back as a decision's probe runs put it back: its buffers, small parameters and
+    plain attributes (a forward counter, a batch norm's running statistics in training).
     """
     _, ids, _ = _inputs(args, kwargs)
     if ids is None or ids.dim() != 2 or min(ids.shape) < 2 or not scopes:
@@ -776,6 +780,7 @@ def token_order(
     devices = [ids.device] if ids.device.type == "cuda" else []
     rows: list[torch.Tensor | None] = []
     # (compiled modules on the way run eagerly here: the stop is Python that no graph holds)
+    kept = _Snapshot(module) if module is not None else None
     with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"):
         state = torch.get_rng_state()
         cuda = [torch.cuda.get_rng_state(d) for d in devices]
@@ -795,6 +800,8 @@ def token_order(
                     rows.append(None)  # (no router reached)
         finally:
             ORDER_PROBE.thread = None
+            if kept is not None:
+                kept.restore()
     first, second = rows
     if first is None or second is None or first.shape != second.shape or first.shape[0] != ids.numel():
         return OTHER_ORDER
@@ -934,7 +941,7 @@ class FeedForward:
             return BATCH_MAJOR  # (one token per sequence, a decode step, or one sequence: every order is the same)
         if self.paired or not any(_wants_ids(r) for r in entered):
             return BATCH_MAJOR
-        found = token_order(self._run, self.scopes, args, kwargs)  # (its forwards enter no block: see __call__)
+        found = token_order(self._run, self.scopes, args, kwargs, self.module)  # (its forwards enter no block)
         if found is not None:
             self.order = found
         return found or BATCH_MAJOR

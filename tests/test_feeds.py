@@ -796,6 +796,43 @@ def test_routers_that_see_the_tokens_sequence_first_are_checked_in_their_order(p
     assert_untouched(model, before)
 
 
+class _Counted(torch.nn.Module):
+    """A model whose forward updates state before its first router: a forward counter and a batch norm in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = mr.models.MoEConfig(router="softmax_topk")
+        self.embed = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.norm = torch.nn.BatchNorm1d(cfg.hidden_size)
+        self.block = mr.models.MoEBlock(cfg)
+        self.forwards = 0
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        h = self.norm(self.embed(input_ids).transpose(1, 2)).transpose(1, 2)
+        return h + self.block(h)
+
+
+@pytest.mark.parametrize("block", ["capture", "replay"])
+def test_the_token_order_probe_leaves_the_model_as_one_forward_does(block: str) -> None:
+    """Once the forwards that tell the order in which the routers see the tokens (run up to the first router) left
+    their updates in the model: a forward counter and a batch norm's running statistics moved three times for the
+    block's first forward. One forward in a block now changes the model as one forward without a session does."""
+    torch.manual_seed(0)
+    model, plain = _Counted(), _Counted()
+    plain.load_state_dict(model.state_dict())
+    ids = _batch()
+    plain(ids)
+    with mr.attach(model) as session:
+        missing = torch.full((ids.numel(), 2), -1)  # (-1 rows: route natively, checked against their tokens)
+        routes = mr.Routes([missing], names=session.names, num_experts=8).with_token_ids(ids)
+        with session.capture() if block == "capture" else session.replay(routes):
+            model(ids)
+    assert model.forwards == plain.forwards == 1
+    assert int(model.norm.num_batches_tracked) == 1
+    assert torch.equal(model.norm.running_mean, plain.norm.running_mean)
+
+
 class _Looped(torch.nn.Module):
     """A universal-transformer-like model: one MoE block applied ``steps`` times per forward (weight sharing)."""
 
