@@ -38,6 +38,7 @@ and the rows of such a capture are split by their order alone, unchecked.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import operator
@@ -778,30 +779,15 @@ def token_order(
         return (x, *args[1:]), kwargs
 
     devices = [ids.device] if ids.device.type == "cuda" else []
-    rows: list[torch.Tensor | None] = []
-    # (compiled modules on the way run eagerly here: the stop is Python that no graph holds)
     kept = _Snapshot(module) if module is not None else None
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        state = torch.get_rng_state()
-        cuda = [torch.cuda.get_rng_state(d) for d in devices]
-        ORDER_PROBE.thread = threading.get_ident()
-        try:
-            for x in (ids, changed):
-                torch.set_rng_state(state)
-                for d, s in zip(devices, cuda, strict=True):
-                    torch.cuda.set_rng_state(s, d)
-                try:
-                    run(*fed(x))
-                except OrderStop as stop:
-                    rows.append(stop.rows)
-                except Exception:  # (a forward that fails on the changed token: the order stays untold)
-                    return OTHER_ORDER
-                else:
-                    rows.append(None)  # (no router reached)
-        finally:
-            ORDER_PROBE.thread = None
-            if kept is not None:
-                kept.restore()
+    # (the hooks of the model's modules first set aside, as in a decision's probe runs: a hook that collects
+    # activations sees the one forward; where the runs fail without them, they run with them)
+    for aside in (True, False) if kept is not None else (False,):
+        rows = _order_rows(run, fed, (ids, changed), devices, kept, aside)
+        if rows is not None:
+            break
+    else:
+        return OTHER_ORDER
     first, second = rows
     if first is None or second is None or first.shape != second.shape or first.shape[0] != ids.numel():
         return OTHER_ORDER
@@ -812,6 +798,43 @@ def token_order(
     if at * batch in moved and all(q % batch == 0 for q in moved):
         return SEQUENCE_FIRST
     return OTHER_ORDER
+
+
+def _order_rows(
+    run: Callable[..., Any],
+    fed: Callable[[torch.Tensor], tuple[tuple[Any, ...], dict[str, Any]]],
+    inputs: tuple[torch.Tensor, torch.Tensor],
+    devices: list[torch.device],
+    kept: _Snapshot | None,
+    aside: bool,
+) -> list[torch.Tensor | None] | None:
+    """The first router's input rows in a run of each of ``inputs`` (None: no router reached), from one random
+    state, with the submodules' hooks set ``aside``; None where a run fails. ``kept`` is put back after them."""
+    rows: list[torch.Tensor | None] = []
+    hooks = kept.hooks_aside() if aside and kept is not None else contextlib.nullcontext()
+    # (compiled modules on the way run eagerly here: the stop is Python that no graph holds)
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"), hooks:
+        state = torch.get_rng_state()
+        cuda = [torch.cuda.get_rng_state(d) for d in devices]
+        ORDER_PROBE.thread = threading.get_ident()
+        try:
+            for x in inputs:
+                torch.set_rng_state(state)
+                for d, s in zip(devices, cuda, strict=True):
+                    torch.cuda.set_rng_state(s, d)
+                try:
+                    run(*fed(x))
+                except OrderStop as stop:
+                    rows.append(stop.rows)
+                except Exception:  # (a forward that fails on the changed token: the order stays untold)
+                    return None
+                else:
+                    rows.append(None)  # (no router reached)
+        finally:
+            ORDER_PROBE.thread = None
+            if kept is not None:
+                kept.restore()
+    return rows
 
 
 def _last_token(mask: Any, batch: int, positions: int) -> int | None:

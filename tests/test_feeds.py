@@ -833,6 +833,17 @@ def test_the_token_order_probe_leaves_the_model_as_one_forward_does(block: str) 
     assert torch.equal(model.norm.running_mean, plain.norm.running_mean)
 
 
+def test_the_token_order_probe_runs_no_hook_of_the_model() -> None:
+    """Once silent: a forward hook collecting the activations of a module before the first router saw three forwards
+    for the first forward of a block (the token-order runs); it now sees the one forward."""
+    model = _Counted()
+    seen: list[torch.Size] = []
+    model.embed.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with mr.attach(model) as session, session.capture():
+        model(_batch())
+    assert len(seen) == 1
+
+
 class _Looped(torch.nn.Module):
     """A universal-transformer-like model: one MoE block applied ``steps`` times per forward (weight sharing)."""
 
