@@ -510,6 +510,8 @@ def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[
             continue
         if _named_experts(attr, child):
             return True
+        if any(_named_experts(a, c) for a, c in child.named_children()):
+            return True  # a sibling that runs the experts it holds (ScatterMoE's ``moe_mlp.experts``)
         if any(e in widths for e in _stacked(child)):
             return True
     return parent is not None and any(e in widths for e in _stacked(parent))  # the block's own (gpt-oss)
@@ -521,12 +523,19 @@ def _has_experts(module: nn.Module) -> bool:
 
 
 def _owns_gate(module: nn.Module) -> bool:
-    """An MoE block that scores experts with a gate *parameter* of its own (``w_gate``, ``gate_weight``)."""
-    gate = any(
-        _NAME_HIT.search(n) and not _NAME_MISS.search(n) and p.dim() in (1, 2)
-        for n, p in module.named_parameters(recurse=False)
+    """An MoE block that scores experts with a gate *parameter* of its own (``w_gate``, ``gate_weight``), or one
+    that declares E experts, holds them as stacked ``[E, ...]`` weights and a selection matrix with E rows or
+    columns (sigma-MoE's ``expert_sel`` beside its ``keys`` and ``values``)."""
+    own = list(module.named_parameters(recurse=False))
+    gate = any(_NAME_HIT.search(n) and not _NAME_MISS.search(n) and p.dim() in (1, 2) for n, p in own)
+    if gate and _has_experts(module):
+        return True
+    count = _int_attr(module, _EXPERT_KEYS)
+    return (
+        bool(count)
+        and count in _stacked(module)
+        and any(p.dim() == 2 and count in p.shape and "bias" not in n.lower() for n, p in own)
     )
-    return gate and _has_experts(module)
 
 
 def _looks_like_router(name: str, module: nn.Module) -> bool:
@@ -658,7 +667,9 @@ def find_routers(
         if inc is not None:
             if not inc(name, module):
                 continue
-        elif not name or not (_looks_like_router(name, module) or _owns_gate(module)):
+        elif not name or isinstance(module, nn.ModuleList | nn.ModuleDict):
+            continue  # (a list of gates named ``gates`` has no forward: the gates in it are the routers)
+        elif not (_looks_like_router(name, module) or _owns_gate(module)):
             continue
         if exc is not None and exc(name, module):
             continue

@@ -10,7 +10,7 @@ model or its random state left altered) is the worst outcome.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -4857,3 +4857,695 @@ def test_mixture_of_depths_around_moe_blocks_is_left_native_and_its_routers_exac
         finally:
             spy.remove()
         assert session.routes().equal(routes)
+
+
+# =================================================================== more public MoE code, each checked by hand
+class NormedStack(nn.Module):
+    """Two pre-norm residual MoE layers (``x + layer(norm(x))``): the block sees a fresh tensor, as in a
+    transformer, so a router that writes into its input (DBRX's jitter) does not write into the residual."""
+
+    def __init__(self, make: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([make(), make()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            out = layer(F.layer_norm(x, x.shape[-1:]))
+            x = x + (out[0] if isinstance(out, tuple) else out)
+        return x
+
+
+def assert_exact_by_hand(
+    model: NormedStack,
+    x: torch.Tensor,
+    native: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    forced: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    top_k: int = 2,
+) -> mr.Session:
+    """Checked independently of moe_replay: with zero configuration a capture (eval) records, per layer, the
+    experts our own recomputation of its choice (``native``) gives, and leaves the output as a plain forward;
+    after the routers change, a replay with gradients in training gives the output and gradients of the
+    forward forced by hand (``forced``, the same seed before both), where free routing picks other experts;
+    ``verify`` names one decision of ``top_k`` of ``E`` per router."""
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+    with mr.attach(model) as session:
+        names = list(session.names)
+        assert len(names) == len(model.layers), names
+        with torch.no_grad(), session.capture():
+            captured = model(x)
+        routes = session.routes()
+        _assert_native(model, x, native, routes, names, "capture")
+        report = session.verify(x)
+        assert set(report.evidence) == set(names)
+        assert all((ev.top_k, ev.num_experts) == (top_k, E) for ev in report.evidence.values()), str(report)
+        perturb(model)
+        with pytest.raises(AssertionError, match="free routing"):
+            _assert_native(model, x, native, routes, names, "free routing")
+        model.train()
+        torch.manual_seed(5)
+        with session.replay(routes):
+            out = model(x)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+    assert torch.equal(captured, plain)
+    torch.manual_seed(5)
+    h = x
+    for layer, name in zip(model.layers, names, strict=True):
+        h = h + forced(layer, F.layer_norm(h, h.shape[-1:]), routes.layer(name).long())
+    assert torch.allclose(out, h, atol=1e-6 * h.abs().max().item()), (out - h).abs().max()
+    h.square().sum().backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == want.keys()
+    assert all(torch.allclose(grads[n], want[n], atol=1e-5 * want[n].abs().max().item()) for n in want), "grads"
+    return session
+
+
+def _assert_native(
+    model: NormedStack,
+    x: torch.Tensor,
+    native: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    routes: mr.Routes,
+    names: list[str],
+    what: str,
+) -> None:
+    """Every layer's own choice in eval, recomputed by ``native`` from its input, is what ``routes`` hold."""
+    model.eval()
+    with torch.no_grad():
+        h = x
+        for layer, name in zip(model.layers, names, strict=True):
+            hn = F.layer_norm(h, h.shape[-1:])
+            assert torch.equal(as_sets(native(layer, hn)), as_sets(routes.layer(name))), f"{what} of {name}"
+            o = layer(hn)
+            h = h + (o[0] if isinstance(o, tuple) else o)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+# ----------------------------------------------------------------------- Grok-1 (xai-org/grok-1 pytorch/)
+class GrokMLPExpert(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(D, 2 * D, bias=False)
+        self.v = nn.Linear(D, 2 * D, bias=False)
+        self.dense = nn.Linear(2 * D, D, bias=False)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.dense(F.gelu(self.w1(inputs)) * self.v(inputs))
+
+
+class GrokGating(nn.Module):
+    """xai-org/grok-1 ``pytorch/modeling_grok_1.py`` ``Gating``: fp32 softmax probabilities (masked by padding),
+    no top-k: the block takes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router_weights = nn.Linear(D, E, bias=False)
+
+    def forward(
+        self, inputs: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        routing_logits = self.router_weights(inputs)
+        routing_probs = F.softmax(routing_logits, dim=-1, dtype=torch.float32)
+        if padding_mask is not None:
+            routing_probs = routing_probs * padding_mask.view(-1).unsqueeze(-1)
+        return routing_probs, routing_logits
+
+
+class GrokSparseMoEMLP(nn.Module):
+    """xai-org/grok-1 ``pytorch/modeling_grok_1.py`` ``SparseMoEMLP``: top-k of the gating's probabilities in the
+    block, renormalised; experts looped with ``torch.where`` of a one-hot mask and ``.tolist()`` indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.gating = GrokGating()
+        self.experts = nn.ModuleList([GrokMLPExpert() for _ in range(E)])
+
+    def forward(
+        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        routing_probs, routing_logits = self.gating(hidden_states, padding_mask)
+        routing_probs, selected_experts = torch.topk(routing_probs, self.top_k, dim=-1)
+        routing_probs = routing_probs / routing_probs.sum(dim=-1, keepdim=True)
+        routing_probs = routing_probs.to(hidden_states.dtype)
+        final_hidden_states = torch.zeros(
+            (batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device
+        )
+        expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+        for expert_idx in range(self.num_experts):
+            expert_layer = self.experts[expert_idx]
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            if top_x.shape[0] == 0:
+                continue
+            top_x_list, idx_list = top_x.tolist(), idx.tolist()
+            current_state = hidden_states[None, top_x_list].reshape(-1, hidden_dim)
+            current_hidden_states = expert_layer(current_state) * routing_probs[top_x_list, idx_list, None]
+            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+        final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+        return final_hidden_states, routing_logits
+
+
+def _by_hand(
+    experts: Callable[[int, torch.Tensor], torch.Tensor], x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """sum_k w[t, k] * expert_{idx[t, k]}(x[t]), written without the block's code."""
+    rows = _rows(x)
+    out = torch.zeros_like(rows)
+    for t in range(rows.shape[0]):
+        for slot in range(idx.shape[1]):
+            out = out.index_add(0, torch.tensor([t]), w[t, slot] * experts(int(idx[t, slot]), rows[t : t + 1]))
+    return out.view_as(x)
+
+
+def _softmax_topk(logits: torch.Tensor, k: int = 2) -> torch.Tensor:
+    return torch.topk(F.softmax(logits, dim=-1, dtype=torch.float32), k, dim=-1).indices
+
+
+def _grok_native(block: GrokSparseMoEMLP, x: torch.Tensor) -> torch.Tensor:
+    return _softmax_topk(block.gating.router_weights(_rows(x)))
+
+
+def _grok_forced(block: GrokSparseMoEMLP, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    w = F.softmax(block.gating.router_weights(_rows(x)), dim=-1, dtype=torch.float32).gather(1, idx)
+    return _by_hand(lambda e, r: block.experts[e](r), x, idx, w / w.sum(-1, keepdim=True))
+
+
+def _bsd(seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, T // 2, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_grok1_gating_without_top_k_and_its_block_are_exact() -> None:
+    """Grok-1's gating module returns probabilities only; the top-k runs in its MoE block."""
+    assert_exact_by_hand(NormedStack(GrokSparseMoEMLP), _bsd(), _grok_native, _grok_forced)
+
+
+# ----------------------------------------------------------------------- mixtral-offloading
+class _SwiGLUExpert(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(D, 2 * D, bias=False)
+        self.w2 = nn.Linear(2 * D, D, bias=False)
+        self.w3 = nn.Linear(D, 2 * D, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(hidden_states)) * self.w3(hidden_states))
+
+
+class OffloadExpertCache(nn.Module):
+    """mixtral-offloading ``src/expert_cache.py`` ``ExpertCache.load_experts``: yields ``(uid, expert)`` for the uids
+    asked, those already on the device first when ``unordered`` (here: the odd experts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storage = nn.ModuleList([_SwiGLUExpert() for _ in range(E)])
+
+    def load_experts(
+        self, *uids: tuple[int, int], unordered: bool = False
+    ) -> Iterator[tuple[tuple[int, int], nn.Module]]:
+        order = sorted(uids, key=lambda uid: uid[1] % 2 == 0) if unordered else list(uids)
+        for uid in order:
+            yield uid, self.storage[uid[1]]
+
+
+class OffloadSparseMoeWrapper(nn.Module):
+    """mixtral-offloading ``src/custom_layers.py`` ``SparseMoeWrapper``: Mixtral routing, then only the experts named
+    by ``selected_experts.flatten().unique().tolist()`` are loaded from the cache and run, in the cache's order."""
+
+    def __init__(self, layer_id: int = 0) -> None:
+        super().__init__()
+        self.hidden_dim, self.num_experts, self.top_k, self.layer_id = D, E, 2, layer_id
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = OffloadExpertCache()
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        router_logits = self.gate(hidden_states)
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        final_hidden_states = torch.zeros(
+            (batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device
+        )
+        expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+        active_experts = selected_experts.flatten().unique().tolist()
+        for (_layer_index, expert_idx), expert_layer in self.experts.load_experts(
+            *((self.layer_id, expert_idx) for expert_idx in active_experts), unordered=True
+        ):
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            assert top_x.shape[0] > 0
+            top_x_list, idx_list = top_x.tolist(), idx.tolist()
+            current_state = hidden_states[None, top_x_list].reshape(-1, hidden_dim)
+            current_hidden_states = expert_layer(current_state) * routing_weights[top_x_list, idx_list, None]
+            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+        final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+        return final_hidden_states, router_logits
+
+
+def _mixtral_forced(gate: nn.Module, experts: nn.ModuleList, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    w = F.softmax(gate(_rows(x)), dim=1, dtype=torch.float).gather(1, idx)
+    return _by_hand(lambda e, r: experts[e](r), x, idx, w / w.sum(-1, keepdim=True))
+
+
+def test_mixtral_offloading_wrapper_running_only_the_unique_experts_is_exact() -> None:
+    assert_exact_by_hand(
+        NormedStack(OffloadSparseMoeWrapper),
+        _bsd(),
+        lambda b, x: _softmax_topk(b.gate(_rows(x))),
+        lambda b, x, idx: _mixtral_forced(b.gate, b.experts.storage, x, idx),
+    )
+
+
+# ----------------------------------------------------------------------- ScatterMoE
+_SCATTER_BLOCK_M = 128
+
+
+def _flatten_and_sort(expert_idxs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scattermoe ``kernels/ops.py`` ``flatten_and_sort``."""
+    flattened_expert_idxs = expert_idxs.flatten()
+    sorted_expert_idxs, sorted_scattered_idxs = torch.sort(flattened_expert_idxs)
+    return sorted_expert_idxs, sorted_scattered_idxs
+
+
+def _padded_block_indices(
+    sorted_experts_idxs: torch.Tensor,
+    k: int,
+    N_BLOCK_SIZE: int = _SCATTER_BLOCK_M,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scattermoe ``kernels/ops.py`` ``padded_block_indices``, as written (a ``masked_fill`` over ``[blocks, E]``)."""
+    expert_counts = torch.bincount(sorted_experts_idxs, minlength=k)
+    padded_block_counts = ((expert_counts - 1) // N_BLOCK_SIZE) + 1
+    padded_expert_block_end = padded_block_counts.cumsum(-1)
+    expert_boundaries_end = expert_counts.cumsum(-1)
+    expert_boundaries_start = expert_boundaries_end - expert_counts
+    padded_expert_block_start = padded_expert_block_end - padded_block_counts
+    block_idxs = torch.arange(
+        padded_expert_block_end[-1], dtype=sorted_experts_idxs.dtype, device=sorted_experts_idxs.device
+    )
+    block_mask = (block_idxs[:, None] < padded_expert_block_start) | (block_idxs[:, None] >= padded_expert_block_end)
+    expanded_block_idxs = N_BLOCK_SIZE * (block_idxs[:, None] - padded_expert_block_start) + expert_boundaries_start
+    expanded_block_idxs = expanded_block_idxs.masked_fill(block_mask, 0).sum(-1)
+    return expanded_block_idxs, expert_boundaries_end
+
+
+def _scatter2scatter(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    sorted_expert_idxs: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    k: int,
+    x_grouped: bool = False,
+    y_grouped: bool = False,
+) -> torch.Tensor:
+    """What scattermoe's ``_scatter2scatter`` Triton kernel computes, in torch: row ``p`` of the sorted order
+    (expert ``sorted_expert_idxs[p]``) reads ``X[p]`` (grouped) or ``X[idx // k]`` and writes ``O[p]`` or ``O[idx]``."""
+    src = torch.arange(len(sorted_expert_idxs)) if x_grouped else sorted_scattered_idxs // k
+    dst = torch.arange(len(sorted_expert_idxs)) if y_grouped else sorted_scattered_idxs
+    prod = torch.bmm(X[src].unsqueeze(1), W[sorted_expert_idxs]).squeeze(1)
+    return torch.zeros(len(sorted_expert_idxs), W.shape[-1], dtype=X.dtype).index_copy(0, dst, prod)
+
+
+class ScatterParallelExperts(nn.Module):
+    """scattermoe ``parallel_experts.py`` ``ParallelExperts``: ``weight`` ``[E, out, in]``; the combine with ``gates``
+    is a ``bmm`` over the k outputs of each token (``ParallelLinear.forward``)."""
+
+    def __init__(self, num_experts: int, input_size: int, output_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_experts, output_size, input_size) / math.sqrt(input_size))
+        self.num_experts, self.input_size, self.output_size = num_experts, input_size, output_size
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        k: int,
+        sorted_expert_idxs: torch.Tensor,
+        sorted_scattered_idxs: torch.Tensor,
+        padded_block_idxs: torch.Tensor,
+        expert_offsets: torch.Tensor,
+        gates: torch.Tensor | None = None,
+        grouped_in: bool = False,
+        grouped_out: bool = False,
+    ) -> torch.Tensor:
+        output = _scatter2scatter(
+            inputs, self.weight.permute(0, 2, 1), sorted_expert_idxs, sorted_scattered_idxs, k, grouped_in, grouped_out
+        )
+        if gates is not None:
+            output_expanded = output.view(gates.size(0), gates.size(1), output.size(-1))
+            output = torch.bmm(gates.unsqueeze(1), output_expanded).squeeze(1)
+        return output
+
+
+class ScatterGLUMLP(nn.Module):
+    """scattermoe ``mlp.py`` ``GLUMLP`` (``experts`` with ``2 * hidden`` outputs, chunked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.experts = ScatterParallelExperts(E, D, 2 * 2 * D)
+        self.output_experts = ScatterParallelExperts(E, 2 * D, D)
+        self.activation = nn.SiLU()
+
+    def forward(self, x: torch.Tensor, expert_p: torch.Tensor, expert_idxs: torch.Tensor) -> torch.Tensor:
+        x_shape = x.size()
+        x = x.view(-1, x_shape[-1])
+        with torch.no_grad():
+            sorted_expert_idxs, sorted_scattered_idxs = _flatten_and_sort(expert_idxs)
+            padded_block_idxs, expert_offsets = _padded_block_indices(sorted_expert_idxs, self.num_experts)
+        h, gates = self.experts(
+            x,
+            self.top_k,
+            sorted_expert_idxs,
+            sorted_scattered_idxs,
+            padded_block_idxs,
+            expert_offsets,
+            grouped_out=True,
+        ).chunk(2, dim=-1)
+        h = self.activation(gates) * h
+        y = self.output_experts(
+            h,
+            1,
+            sorted_expert_idxs,
+            sorted_scattered_idxs,
+            padded_block_idxs,
+            expert_offsets,
+            grouped_in=True,
+            gates=expert_p,
+        )
+        return y.view(*x_shape[:-1], y.size(-1))
+
+
+class ScatterMixtralSparseMoeBlock(nn.Module):
+    """scattermoe ``examples/mixtral/modeling_mixtral.py`` ``MixtralSparseMoeBlock``: Mixtral routing, then
+    ``self.moe_mlp(hidden_states, routing_weights, selected_experts)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden_dim, self.num_experts, self.top_k = D, E, 2
+        self.gate = nn.Linear(D, E, bias=False)
+        self.moe_mlp = ScatterGLUMLP()
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        router_logits = self.gate(hidden_states)
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        final_hidden_states = self.moe_mlp(hidden_states, routing_weights, selected_experts)
+        final_hidden_states = final_hidden_states.view(batch_size, sequence_length, hidden_dim)
+        return final_hidden_states, router_logits
+
+
+def _scatter_expert(mlp: ScatterGLUMLP, e: int, r: torch.Tensor) -> torch.Tensor:
+    h, g = (r @ mlp.experts.weight[e].T).chunk(2, dim=-1)
+    return (F.silu(g) * h) @ mlp.output_experts.weight[e].T
+
+
+def test_scattermoe_sorted_scatter_experts_are_exact() -> None:
+    """Once not found: the experts sit one level down (``moe_mlp.experts``), so the gate beside them was no router.
+    ScatterMoE then sorts the flat expert indices and counts them per block: no decision, only the block's top-k."""
+    assert_exact_by_hand(
+        NormedStack(ScatterMixtralSparseMoeBlock),
+        _bsd(),
+        lambda b, x: _softmax_topk(b.gate(_rows(x))),
+        lambda b, x, idx: _by_hand(
+            lambda e, r: _scatter_expert(b.moe_mlp, e, r),
+            x,
+            idx,
+            (w := F.softmax(b.gate(_rows(x)), dim=1, dtype=torch.float).gather(1, idx)) / w.sum(-1, keepdim=True),
+        ),
+    )
+
+
+# ----------------------------------------------------------------------- DBRX
+class DbrxRouterV4(nn.Module):
+    """transformers v4 ``models/dbrx/modeling_dbrx.py`` ``DbrxRouter`` (as Databricks' remote code): multiplicative
+    jitter written into its input in training, a softmax top-k, weights divided by their p-norm."""
+
+    def __init__(self, moe_jitter_eps: float | None = 0.01, moe_normalize_expert_weights: float | None = 1.0) -> None:
+        super().__init__()
+        self.hidden_size, self.moe_num_experts, self.moe_top_k = D, E, 2
+        self.moe_jitter_eps = moe_jitter_eps
+        self.moe_normalize_expert_weights = moe_normalize_expert_weights
+        self.layer = nn.Linear(D, E, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.training and self.moe_jitter_eps is not None:
+            hidden_states *= torch.empty_like(hidden_states).uniform_(
+                1.0 - self.moe_jitter_eps, 1.0 + self.moe_jitter_eps
+            )
+        hidden_states = hidden_states.view(-1, hidden_states.shape[-1])
+        weights = self.layer(hidden_states).softmax(dim=-1, dtype=torch.float32)
+        top_weights, top_experts = torch.topk(weights, self.moe_top_k, dim=-1)
+        top_weights_scale = (
+            torch.norm(top_weights, p=self.moe_normalize_expert_weights, dim=-1, keepdim=True)
+            if self.moe_normalize_expert_weights is not None
+            else 1.0
+        )
+        top_weights = top_weights / top_weights_scale
+        weights = weights.to(hidden_states.dtype)
+        top_weights = top_weights.to(hidden_states.dtype)
+        return weights, top_weights, top_experts
+
+
+class DbrxExpertGLU(nn.Module):
+    """transformers v4 ``DbrxExpertGLU``: ``w1``, ``v1``, ``w2`` as flat ``[E * ffn, d]`` parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden_size, self.ffn_hidden_size, self.moe_num_experts = D, 2 * D, E
+        self.w1 = nn.Parameter(torch.randn(E * 2 * D, D) / math.sqrt(D))
+        self.v1 = nn.Parameter(torch.randn(E * 2 * D, D) / math.sqrt(D))
+        self.w2 = nn.Parameter(torch.randn(E * 2 * D, D) / math.sqrt(2 * D))
+
+    def forward(
+        self, x: torch.Tensor, expert_w1: torch.Tensor, expert_v1: torch.Tensor, expert_w2: torch.Tensor
+    ) -> torch.Tensor:
+        gate_proj = x.matmul(expert_w1.t())
+        up_proj = x.matmul(expert_v1.t())
+        gate_proj = F.silu(gate_proj)
+        intermediate_states = gate_proj * up_proj
+        return intermediate_states.matmul(expert_w2)
+
+
+class DbrxExperts(nn.Module):
+    """transformers v4 ``DbrxExperts``: a one-hot mask permuted ``(2, 1, 0)``, ``torch.where`` per expert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moe_num_experts = E
+        self.mlp = DbrxExpertGLU()
+
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.LongTensor
+    ) -> torch.Tensor:
+        bsz, q_len, hidden_size = x.shape
+        x = x.view(-1, hidden_size)
+        out = torch.zeros_like(x)
+        expert_mask = F.one_hot(top_experts, num_classes=self.moe_num_experts).permute(2, 1, 0)
+        split_expert_shape = (-1, self.mlp.ffn_hidden_size, self.mlp.hidden_size)
+        w1_chunked = self.mlp.w1.view(*split_expert_shape).chunk(self.moe_num_experts, dim=0)
+        v1_chunked = self.mlp.v1.view(*split_expert_shape).chunk(self.moe_num_experts, dim=0)
+        w2_chunked = self.mlp.w2.view(*split_expert_shape).chunk(self.moe_num_experts, dim=0)
+        w1_chunked = [w1.squeeze(dim=0) for w1 in w1_chunked]
+        v1_chunked = [v1.squeeze(dim=0) for v1 in v1_chunked]
+        w2_chunked = [w2.squeeze(dim=0) for w2 in w2_chunked]
+        for expert_idx in range(0, self.moe_num_experts):
+            topk_idx, token_idx = torch.where(expert_mask[expert_idx])
+            if token_idx.shape[0] == 0:
+                continue
+            token_list, topk_list = token_idx, topk_idx
+            expert_tokens = x[None, token_list].reshape(-1, hidden_size)
+            expert_out = (
+                self.mlp(expert_tokens, w1_chunked[expert_idx], v1_chunked[expert_idx], w2_chunked[expert_idx])
+                * top_weights[token_list, topk_list, None]
+            )
+            out.index_add_(0, token_idx, expert_out)
+        return out.reshape(bsz, q_len, hidden_size)
+
+
+class DbrxFFN(nn.Module):
+    """transformers v4 ``DbrxFFN``: ``router`` then ``experts(x, ...)`` on the same (jittered in place) ``x``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = DbrxRouterV4()
+        self.experts = DbrxExperts()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, top_weights, top_experts = self.router(x)
+        out = self.experts(x, weights, top_weights, top_experts)
+        return out, weights
+
+
+def _dbrx_expert(mlp: DbrxExpertGLU, e: int, r: torch.Tensor) -> torch.Tensor:
+    sl = slice(e * 2 * D, (e + 1) * 2 * D)
+    return (F.silu(r @ mlp.w1[sl].T) * (r @ mlp.v1[sl].T)) @ mlp.w2[sl]
+
+
+def _dbrx_forced(block: DbrxFFN, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    r = block.router
+    if r.training:
+        x = x * torch.empty_like(x).uniform_(1.0 - r.moe_jitter_eps, 1.0 + r.moe_jitter_eps)
+    w = r.layer(_rows(x)).softmax(dim=-1, dtype=torch.float32).gather(1, idx)
+    return _by_hand(lambda e, rows: _dbrx_expert(block.experts.mlp, e, rows), x, idx, w / w.sum(-1, keepdim=True))
+
+
+def test_dbrx_router_with_in_place_jitter_and_p_norm_is_exact() -> None:
+    """DBRX's router writes its jitter into the block's input, which its experts then read, in training."""
+    assert_exact_by_hand(
+        NormedStack(DbrxFFN), _bsd(), lambda b, x: _softmax_topk(b.router.layer(_rows(x))), _dbrx_forced
+    )
+
+
+# ----------------------------------------------------------------------- sigma-MoE
+def _cvmm_prepare_sel(sel: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RobertCsordas/moe_layer ``cvmm.py`` ``cvmm_prepare_sel`` (the CUDA ``sort_indices`` as ``torch.sort``) with
+    ``counts_and_offsets``: ``(raw_sel, sorted sel, sort index)``."""
+    rsel = sel
+    sel = sel.flatten()
+    ssel, sindex = torch.sort(sel)
+    cnts = torch.zeros(n_experts, dtype=torch.int32, device=sel.device)
+    cnts.index_add_(0, sel, torch.ones_like(sel))
+    return rsel, ssel, sindex
+
+
+def _cvmm(x: torch.Tensor, sel: tuple[torch.Tensor, torch.Tensor, torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
+    """``cvmm``: row i of ``x`` times ``keys[sel[i]]``."""
+    flat = x.flatten(end_dim=-2)
+    res = torch.bmm(flat.unsqueeze(1), keys[sel[0].flatten().long()]).squeeze(1)
+    return res.view(*x.shape[:-1], keys.shape[-1])
+
+
+class SigmaMoE(nn.Module):
+    """RobertCsordas/moe_layer ``moe_layer/moe_layer_simple.py`` ``MoE`` (sigma-MoE): the selection weight
+    ``expert_sel`` ``[E, d]`` on the block, sigmoid scores, expert dropout by a random ``-inf`` mask before
+    ``sel.topk(n_heads, sorted=False)``; k is ``n_heads``; stacked ``keys``/``values``; per-head ``cvmm``."""
+
+    def __init__(self, activation_after_topk: bool = False, expert_dropout: float = 0.05) -> None:
+        super().__init__()
+        self.k_dim = self.v_dim = self.k_vec_dim = D
+        self.n_experts, self.expert_size, self.n_heads = E, 8, 2
+        self.selection_mode, self.activation_after_topk, self.expert_dropout = (
+            "sigmoid",
+            activation_after_topk,
+            expert_dropout,
+        )
+        self.activation, self.dropout = F.relu, 0.0
+        self.keys = nn.Parameter(torch.randn(E, D, 8) * D**-0.5)
+        self.values = nn.Parameter(torch.randn(E, 8, D) * (E * 8) ** -0.5)
+        self.expert_sel = nn.Parameter(torch.randn(E, D) * D**-0.5)
+
+    def entropy_reg(self, sel: torch.Tensor) -> torch.Tensor:
+        sel = F.log_softmax(sel.flatten(0, -2), dim=-1)
+        sel = sel.logsumexp(-2) - math.log(sel.shape[-2])
+        return (sel * sel.exp()).sum(-1).mean()
+
+    def sel_activation(self, sel: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(sel)
+
+    def compute_scores(
+        self, input: torch.Tensor, index: tuple[torch.Tensor, ...], expert_scores: torch.Tensor
+    ) -> torch.Tensor:
+        scores = _cvmm(input, index, self.keys)
+        scores = self.activation(scores)
+        return scores * expert_scores[..., None]
+
+    def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sel = sel_raw = F.linear(input, self.expert_sel, None)
+        reg_loss = self.entropy_reg(sel_raw)
+        if not self.activation_after_topk:
+            sel = self.sel_activation(sel)
+        if self.training and self.expert_dropout > 0:
+            mask = torch.rand_like(sel) < self.expert_dropout
+            sel = sel.masked_fill(mask, float("-inf"))
+        sel_val, sel_index = sel.topk(self.n_heads, dim=-1, sorted=False)
+        if self.activation_after_topk:
+            sel_val = torch.gather(sel_raw, -1, sel_index)
+            sel_val = self.sel_activation(sel_val)
+        sel_indices = [_cvmm_prepare_sel(sel_index[..., h].int(), self.n_experts) for h in range(sel_index.shape[-1])]
+        scores_l = [self.compute_scores(input, sel_indices[h], sel_val[..., h]) for h in range(sel_index.shape[-1])]
+        out = 0
+        for hi, scores in zip(sel_indices, scores_l, strict=True):
+            out = out + _cvmm(scores, hi, self.values)
+        res = out.view(*input.shape[:-1], self.v_dim)
+        return res, reg_loss
+
+
+def _sigma_forced(block: SigmaMoE, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    sel_raw = F.linear(_rows(x), block.expert_sel)
+    if block.training:
+        torch.rand_like(sel_raw)  # (the dropout mask's draw: a forced expert keeps its real score)
+    w = torch.sigmoid(sel_raw).gather(1, idx)
+    return _by_hand(lambda e, r: F.relu(r @ block.keys[e]) @ block.values[e], x, idx, w)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["sigmoid-topk", "topk-then-sigmoid"])
+def test_sigma_moe_with_expert_dropout_and_unsorted_topk_is_exact(after: bool) -> None:
+    """Once not found: the block scores with ``expert_sel`` (not named like a gate) beside its ``keys``/``values``."""
+    assert_exact_by_hand(
+        NormedStack(lambda: SigmaMoE(activation_after_topk=after)),
+        _bsd(),
+        lambda b, x: torch.topk(F.linear(_rows(x), b.expert_sel), 2, dim=-1).indices,
+        _sigma_forced,
+    )
+
+
+# ----------------------------------------------------------------------- tutel cosine gate
+class TutelCosineTopKGate(nn.Module):
+    """tutel ``tutel/gates/cosine_top.py`` ``CosineTopKGate``: a projection, a ``[proj_dim, E]`` similarity
+    matrix (no ``[E, d]`` weight), both normalised, a clamped learned temperature; returns logits."""
+
+    def __init__(self, k: int = 2, fp32_gate: bool = False, proj_dim: int = 256, init_t: float = 0.5) -> None:
+        super().__init__()
+        self.top_k = min(E, int(k))
+        self.fp32_gate = fp32_gate
+        self.temperature = nn.Parameter(torch.log(torch.full([1], 1.0 / init_t)), requires_grad=True)
+        self.cosine_projector = nn.Linear(D, proj_dim)
+        self.sim_matrix = nn.Parameter(torch.randn(size=(proj_dim, E)), requires_grad=True)
+        self.clamp_max = torch.log(torch.tensor(1.0 / 0.01)).item()
+        torch.nn.init.normal_(self.sim_matrix, 0, 0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32_gate:
+            x = x.float()
+            cosine_projector = self.cosine_projector.float()
+            sim_matrix = self.sim_matrix.float()
+        else:
+            cosine_projector = self.cosine_projector
+            sim_matrix = self.sim_matrix
+        logits = torch.matmul(F.normalize(cosine_projector(x), dim=1), F.normalize(sim_matrix, dim=0))
+        logit_scale = torch.clamp(self.temperature, max=self.clamp_max).exp()
+        return logits * logit_scale
+
+
+class TutelCosineMOELayer(TutelMOELayer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.ModuleList([TutelCosineTopKGate()])
+
+
+def _cosine_scores(gate: TutelCosineTopKGate, x: torch.Tensor) -> torch.Tensor:
+    logits = F.normalize(gate.cosine_projector(x), dim=1) @ F.normalize(gate.sim_matrix, dim=0)
+    return F.softmax(logits * gate.temperature.clamp(max=gate.clamp_max).exp(), dim=1)
+
+
+def test_tutel_cosine_gate_with_a_similarity_matrix_is_found_and_exact() -> None:
+    """Once not found: the ``gates`` ModuleList was taken for the router and its projection's 256 outputs for E, so
+    the cosine gate in it (a ``[proj_dim, E]`` similarity matrix, no ``[E, d]`` weight) was dropped."""
+    assert_exact_by_hand(
+        NormedStack(TutelCosineMOELayer),
+        _x(),
+        lambda b, x: torch.topk(_cosine_scores(b.gates[0], x), 2, dim=1).indices,
+        lambda b, x, idx: _by_hand(lambda e, r: b.experts[e](r), x, idx, _cosine_scores(b.gates[0], x).gather(1, idx)),
+    )
