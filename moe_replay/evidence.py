@@ -2107,6 +2107,14 @@ def _discrete(result: Any) -> bool:
     return bool(ts) and not any(t.is_floating_point() or t.is_complex() for t in ts)
 
 
+def _names_integers(result: Any) -> bool:
+    """Does a call's result hold integers or booleans (alone, or beside values: a ``topk`` or ``sort`` of
+    priorities, whose indices choose)?"""
+    return any(
+        isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex()) for t in _leaves(result, [])
+    )
+
+
 #: A later choice to make afresh in a probe run that holds the others (see ``_ProbeMode._choice``).
 _FRESH: Any = object()
 
@@ -2129,7 +2137,7 @@ def _hidden_moved(
     differ = [
         n
         for n, (a, b) in enumerate(zip(again.choices, first.choices, strict=False))
-        if again.scored[n] and _discrete(a) and not _same([a], [b])
+        if again.scored[n] and _names_integers(a) and not _same([a], [b])
     ]
     if not differ or len(again.choices) != len(first.choices):
         return None
@@ -2272,10 +2280,10 @@ def _drawn(
     if where is not None or len(again.choices) != len(first.choices):
         return where
     differ = [n for n, (a, b) in enumerate(zip(again.choices, first.choices, strict=True)) if not _same([a], [b])]
-    if not differ or not any(_discrete(again.choices[n]) for n in differ):
+    if not differ or not any(_names_integers(again.choices[n]) for n in differ):
         return None
     # under the other random state, the choices that came out otherwise held at their own state's: what they move
-    choices = [c if n in differ and _discrete(c) else _FRESH for n, c in enumerate(first.choices)]
+    choices = [c if n in differ and _names_integers(c) else _FRESH for n, c in enumerate(first.choices)]
     held, holding = probe.run(force=force, inputs=inputs, choices=choices, reseed=_RESEED)
     return None if holding.unheld else _hidden_differs(other, held, hidden, ev)
 

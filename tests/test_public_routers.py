@@ -5549,3 +5549,122 @@ def test_tutel_cosine_gate_with_a_similarity_matrix_is_found_and_exact() -> None
         lambda b, x: torch.topk(_cosine_scores(b.gates[0], x), 2, dim=1).indices,
         lambda b, x, idx: _by_hand(lambda e, r: b.experts[e](r), x, idx, _cosine_scores(b.gates[0], x).gather(1, idx)),
     )
+
+
+# ----------------------------------------------------------------------- ColossalAI Top1Router
+def _moe_cumsum(inputs: torch.Tensor) -> torch.Tensor:
+    """ColossalAI ``moe/utils.py`` ``moe_cumsum`` without its kernel: positions within each expert's column."""
+    return torch.cumsum(inputs, dim=0) - 1
+
+
+class ColossalTop1Router(nn.Module):
+    """ColossalAI ``colossalai/nn/layer/moe/routers.py`` ``Top1Router`` (``use_kernel=False``): takes the gate logits,
+    ``argmax`` of the logits, weights from their softmax; a capacity of ``floor(k * factor * S / E)`` (made even, at
+    least ``min_capacity``) filled by position (``select_policy="first"``) or by a uniform random priority drawn
+    after the decision (``"random"``); returns ``[S, E, C]`` combine weights and their mask."""
+
+    def __init__(
+        self,
+        capacity_factor_train: float = 1.25,
+        capacity_factor_eval: float = 2.0,
+        min_capacity: int = 4,
+        select_policy: str = "first",
+        drop_tks: bool = True,
+    ) -> None:
+        super().__init__()
+        self.k_value, self.capacity_factor_train, self.capacity_factor_eval = (
+            1,
+            capacity_factor_train,
+            capacity_factor_eval,
+        )
+        self.min_capacity, self.noisy_func, self.drop_tks = min_capacity, None, drop_tks
+        self._routing_loss: torch.Tensor | None = None
+        self.select_policy = select_policy
+        if select_policy == "random":
+            self.uniform = torch.distributions.uniform.Uniform(low=torch.tensor(0.0), high=torch.tensor(1.0)).rsample
+
+    def get_capacity(self, logits_shape: torch.Size) -> int:
+        capacity_factor = self.capacity_factor_train if self.training else self.capacity_factor_eval
+        capacity = math.floor(self.k_value * capacity_factor * logits_shape[-2] / logits_shape[-1])
+        capacity += capacity % 2
+        capacity = max(capacity, self.min_capacity)
+        assert capacity > 0
+        return capacity
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert inputs.dtype == torch.float
+        logits = F.softmax(inputs, dim=-1)
+        num_experts = logits.size(-1)
+        capacity = self.get_capacity(logits.shape)
+        top1_idx = torch.argmax(inputs, dim=-1)
+        mask = F.one_hot(top1_idx, num_classes=num_experts).to(torch.int32)
+        me = torch.mean(logits, dim=0)
+        ce = torch.mean(mask.float(), dim=0)
+        self._routing_loss = num_experts * torch.sum(me * ce)
+        if self.select_policy == "random":
+            rand_mask = mask * self.uniform(mask.shape)
+            _, dispatch_idx = torch.topk(rand_mask, k=capacity, dim=0)
+            mask = mask * torch.zeros_like(mask).scatter_(0, dispatch_idx, 1)
+            ranks = _moe_cumsum(mask)
+        else:
+            ranks = _moe_cumsum(mask)
+            mask = mask * torch.lt(ranks, capacity)
+        ranks = torch.sum(mask * ranks, dim=-1)
+        ranks = F.one_hot(ranks, num_classes=capacity)
+        weight = mask * logits.type_as(inputs)
+        combine_weights = weight.unsqueeze(2) * ranks.unsqueeze(1)
+        sec_mask = combine_weights.bool()
+        return combine_weights, sec_mask
+
+
+class ColossalTop1MoeLayer(nn.Module):
+    """ColossalAI ``MoeLayer``: ``gate_weight`` ``[E, d]`` of its own, fp32 gate logits, ``[E, C, d]`` dispatch by the
+    router's mask and combine by its weights."""
+
+    def __init__(self, select_policy: str = "first") -> None:
+        super().__init__()
+        self.num_experts = E
+        self.gate_weight = nn.Parameter(torch.randn(E, D) / math.sqrt(D))
+        self.router = ColossalTop1Router(select_policy=select_policy)
+        self.experts = Experts()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        tokens = inputs.reshape(-1, D)
+        gate_output = F.linear(tokens.float(), self.gate_weight.float())
+        combine_weights, sec_mask = self.router(gate_output)
+        dispatch_data = torch.matmul(sec_mask.type_as(inputs).permute(1, 2, 0), tokens)
+        expert_output = torch.stack([expert(dispatch_data[e]) for e, expert in enumerate(self.experts)])
+        combine = combine_weights.type_as(inputs).view(tokens.shape[0], -1)
+        return torch.matmul(combine, expert_output.view(-1, D)).view_as(inputs)
+
+
+def _colossal_forced(block: ColossalTop1MoeLayer, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(x, block.gate_weight)
+    capacity = block.router.get_capacity(logits.shape)
+    onehot = F.one_hot(idx[:, 0], E)
+    kept = ((onehot.cumsum(0) - 1) * onehot).sum(-1) < capacity  # position within its expert, first come
+    w = F.softmax(logits, dim=-1).gather(1, idx) * kept[:, None]
+    return _by_hand(lambda e, r: block.experts[e](r), x, idx, w)
+
+
+def test_colossalai_top1_router_with_a_capacity_by_position_is_exact() -> None:
+    """Tokens over an expert's capacity are dropped by their position: the forced experts drop the same ones."""
+    assert_exact_by_hand(
+        NormedStack(ColossalTop1MoeLayer),
+        _x(t=64),
+        lambda b, x: torch.argmax(F.linear(x, b.gate_weight), dim=-1)[:, None],
+        _colossal_forced,
+        top_k=1,
+    )
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_colossalai_top1_router_with_random_token_selection_is_refused(training: bool) -> None:
+    """Once silent: ColossalAI's ``select_policy="random"`` keeps the tokens over capacity by a uniform priority drawn
+    after the decision and picked with a ``topk`` over the tokens; a result of values and indices was not taken for a
+    choice, and a replay in training sent 6 and 4 of 64 tokens to other experts than the capture, with no error."""
+    model = NormedStack(lambda: ColossalTop1MoeLayer("random")).train(training)
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="random"):
+        with torch.no_grad(), session.capture():
+            model(_x(t=64))
