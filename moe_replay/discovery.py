@@ -510,11 +510,19 @@ def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[
             continue
         if _named_experts(attr, child):
             return True
-        if any(_named_experts(a, c) for a, c in child.named_children()):
+        if _runs_experts_only(child):
             return True  # a sibling that runs the experts it holds (ScatterMoE's ``moe_mlp.experts``)
         if any(e in widths for e in _stacked(child)):
             return True
     return parent is not None and any(e in widths for e in _stacked(parent))  # the block's own (gpt-oss)
+
+
+def _runs_experts_only(module: nn.Module) -> bool:
+    """Holds an expert container and no router of its own: the experts of a block whose gate sits beside it
+    (ScatterMoE's ``moe_mlp``), not an MoE block (which a gate beside it, a residual gate, is no router of)."""
+    if not any(_named_experts(a, c) for a, c in module.named_children()) or _owns_gate(module):
+        return False
+    return not any(n and _looks_like_router(n, m) for n, m in module.named_modules())
 
 
 def _has_experts(module: nn.Module) -> bool:

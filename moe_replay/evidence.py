@@ -482,6 +482,18 @@ class _ProbeMode(TorchFunctionMode):
                 p = parent[0]() if parent is not None else None
                 if p is not None and p.dim() and p.shape[-1] == width:
                     todo.append(p)
+        # and those of its width made from them before the decision: probabilities beside the logits it chose
+        # from (``softmax(logits)`` next to ``argmax(logits)``), which a capacity by probability reads after it
+        grown = True
+        while grown:
+            grown = False
+            for made, ins in list(self._made.values()):
+                t = made()
+                if t is None or self._is_scored(t) or not t.dim() or t.shape[-1] != width:
+                    continue
+                if any((ref := self._scores.get(i)) is not None and ref() is not None for i in ins):
+                    self._score(t)
+                    grown = True
         for t in _leaves(out, []):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 self._score(t)

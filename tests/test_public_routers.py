@@ -5668,3 +5668,39 @@ def test_colossalai_top1_router_with_random_token_selection_is_refused(training:
     with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="random"):
         with torch.no_grad(), session.capture():
             model(_x(t=64))
+
+
+class ColossalProbsTop1Router(ColossalTop1Router):
+    """The Top1Router above with DeepSpeed ``sharded_moe.py`` ``topkgating``'s ``drop_policy="probs"`` in place of its
+    select policy: the tokens over capacity kept by their probability, ``topk(gates * mask, k=capacity, dim=0)``."""
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.softmax(inputs, dim=-1)
+        capacity = self.get_capacity(logits.shape)
+        top1_idx = torch.argmax(inputs, dim=-1)
+        mask = F.one_hot(top1_idx, num_classes=logits.size(-1)).to(torch.int32)
+        masked_gates = logits * mask
+        _, capacity_indices = torch.topk(masked_gates, k=capacity, dim=0, sorted=False)
+        capacity_mask = torch.zeros_like(masked_gates).scatter(0, capacity_indices, 1)
+        mask = torch.logical_and(mask, capacity_mask).to(torch.int32)
+        ranks = torch.sum(mask * _moe_cumsum(mask), dim=-1)
+        combine_weights = (mask * logits).unsqueeze(2) * F.one_hot(ranks, num_classes=capacity).unsqueeze(1)
+        return combine_weights, combine_weights.bool()
+
+
+class ColossalProbsTop1MoeLayer(ColossalTop1MoeLayer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = ColossalProbsTop1Router()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_a_capacity_by_probability_in_a_block_that_returns_hidden_states_is_refused(training: bool) -> None:
+    """Once silent: the probabilities, computed from the gate logits beside the ``argmax`` that decides, were not read
+    as its scores, so a block returning only hidden states that keeps the tokens over capacity by probability was
+    accepted, and a replay after the gate changed sent 6 of 64 tokens of the first layer to no expert or another."""
+    model = NormedStack(ColossalProbsTop1MoeLayer).train(training)
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="chooses again"):
+        with torch.no_grad(), session.capture():
+            model(_x(t=64))
