@@ -554,6 +554,17 @@ def _looks_like_router(name: str, module: nn.Module) -> bool:
     return name_hit or class_hit
 
 
+def _in_gate_list(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """A module kept in a list or dict named like a router (``self.gates = nn.ModuleList([...])``): the list's name
+    is its name, as the list has no forward of its own."""
+    parent = _parent_name(name)
+    return (
+        isinstance(modules.get(parent), nn.ModuleList | nn.ModuleDict)
+        and bool(parent)
+        and _looks_like_router(parent, module)
+    )
+
+
 def _parent_name(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
@@ -677,7 +688,7 @@ def find_routers(
                 continue
         elif not name or isinstance(module, nn.ModuleList | nn.ModuleDict):
             continue  # (a list of gates named ``gates`` has no forward: the gates in it are the routers)
-        elif not (_looks_like_router(name, module) or _owns_gate(module)):
+        elif not (_looks_like_router(name, module) or _in_gate_list(name, module, modules) or _owns_gate(module)):
             continue
         if exc is not None and exc(name, module):
             continue

@@ -452,3 +452,50 @@ def test_a_lazy_gate_is_refused_until_the_first_forward_materialises_it() -> Non
     model(torch.randint(0, 32, (1, 4)))  # the first forward materialises it
     with mr.attach(model) as session:
         assert session.names == ("layers.0.mlp.gate", "layers.1.mlp.gate")
+
+
+class _TutelStyleLayer(nn.Module):
+    """Gates kept in a list named ``gates`` beside the experts (tutel's ``MOELayer``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.ModuleList([nn.Linear(16, 8, bias=False)])
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+
+
+class _ExpertRunner(nn.Module):
+    """The experts of a block whose gate sits beside it (ScatterMoE's ``moe_mlp``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+
+
+class _ScatterStyleBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts = 8
+        self.gate = nn.Linear(16, 8, bias=False)
+        self.moe_mlp = _ExpertRunner()
+
+
+class _DecoderLayerWithResidual(nn.Module):
+    """A decoder layer with a residual gate as wide as the experts beside its MoE block (which has its own gate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts = 8
+        self.residual_gate = nn.Linear(16, 8, bias=False)
+        self.mlp = _ScatterStyleBlock()
+
+
+def test_a_list_of_gates_is_not_a_router_and_the_gates_in_it_are() -> None:
+    """Once the ``gates`` list itself was taken for the router, its E read from the first Linear inside it."""
+    model = nn.ModuleList([_TutelStyleLayer(), _TutelStyleLayer()])
+    assert [s.name for s in mr.find_routers(model)] == ["0.gates.0", "1.gates.0"]
+
+
+def test_a_gate_beside_experts_held_one_level_down_is_a_router_and_a_gate_beside_an_moe_block_is_not() -> None:
+    """Once not found: ScatterMoE's gate sits beside ``moe_mlp``, which holds the experts."""
+    assert [s.name for s in mr.find_routers(nn.ModuleList([_ScatterStyleBlock()]))] == ["0.gate"]
+    assert [s.name for s in mr.find_routers(nn.ModuleList([_DecoderLayerWithResidual()]))] == ["0.mlp.gate"]
