@@ -612,6 +612,23 @@ def _one_router_per_block(sites: list[RouterSite], modules: dict[str, nn.Module]
     return [s for s in sites if s.scope == s.name or s.scope not in deciding]
 
 
+def _one_site_per_scope(sites: list[RouterSite]) -> list[RouterSite]:
+    """``sites`` less those whose scope module is the scope of an earlier one.
+
+    A module shared by several paths (a router tied across layers) is found at each. Where its scope is
+    the router itself, its forward is intercepted once and records one row per call, every path's calls
+    in order, under its first path; where its scope is the block around it (a bare gate tied across
+    layers), each block is a scope of its own and a router of its own.
+    """
+    seen: set[int] = set()
+    kept = []
+    for s in sites:
+        if id(s.scope_module) not in seen:
+            seen.add(id(s.scope_module))
+            kept.append(s)
+    return kept
+
+
 def _refuse_lazy(modules: dict[str, nn.Module]) -> None:
     """Refuse a model with parameters not yet materialised (``nn.LazyLinear`` and the other lazy modules).
 
@@ -679,7 +696,8 @@ def find_routers(
         raise ArgumentTypeError(f"adapters must be a sequence of mr.Adapter, got {adapters!r:.80}")
     inc = _compile_matcher(include)
     exc = _compile_matcher(exclude)
-    modules = dict(model.named_modules())
+    # every path, a module shared by several (a gate tied across layers) at each: the block around each is a scope
+    modules = dict(model.named_modules(remove_duplicate=False))
     _refuse_lazy(modules)
     chosen: list[str] = []
     for name, module in modules.items():
@@ -765,6 +783,7 @@ def find_routers(
                 scope_module=modules[scope_name],
             )
         )
+    sites = _one_site_per_scope(sites)
     if inc is None:
         sites = _one_router_per_block(sites, modules)
     too_many = {n: t for n, t in too_many.items() if any(s.name == n for s in sites)}

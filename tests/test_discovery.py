@@ -499,3 +499,37 @@ def test_a_gate_beside_experts_held_one_level_down_is_a_router_and_a_gate_beside
     """Once not found: ScatterMoE's gate sits beside ``moe_mlp``, which holds the experts."""
     assert [s.name for s in mr.find_routers(nn.ModuleList([_ScatterStyleBlock()]))] == ["0.gate"]
     assert [s.name for s in mr.find_routers(nn.ModuleList([_DecoderLayerWithResidual()]))] == ["0.mlp.gate"]
+
+
+def _tied_gates() -> nn.Module:
+    from .test_evidence import LinearGateBlock, TwoLayers
+
+    model = TwoLayers(LinearGateBlock)
+    model.layers[1].gate = model.layers[0].gate  # one gate Linear shared by the two MoE blocks
+    return model
+
+
+@pytest.mark.parametrize("include", [None, "layers.*.gate", ["layers.0.gate", "layers.1.gate"]])
+def test_a_gate_tied_across_blocks_is_a_router_in_each_block(include: object) -> None:
+    """Once a bare gate shared by two MoE blocks was found at its first path only, even where include= named both:
+    the second block's top-k ran outside every attached router and a legitimate model was refused."""
+    from .test_evidence import assert_capture_and_replay_are_exact
+
+    model = _tied_gates()
+    sites = mr.find_routers(model, include=include)
+    assert [(s.name, s.scope) for s in sites] == [("layers.0.gate", "layers.0"), ("layers.1.gate", "layers.1")]
+    session = assert_capture_and_replay_are_exact(model, include=include)
+    assert session.names == ("layers.0.gate", "layers.1.gate")
+
+
+def test_a_router_tied_across_blocks_is_intercepted_once() -> None:
+    """A router module deciding in its own forward and shared by two blocks is one site, at its first path."""
+    from .test_evidence import GroupLimitedRouter, RouterBlock, TwoLayers
+
+    model = TwoLayers(lambda: RouterBlock(GroupLimitedRouter(n_group=2, topk_group=1, top_k=2)))
+    model.layers[1].router = model.layers[0].router
+    assert [(s.name, s.scope) for s in mr.find_routers(model)] == [("layers.0.router", "layers.0.router")]
+    x = torch.randn(24, 16)
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(x)
+    assert session.routes().layer("layers.0.router").shape == (48, 2)  # both calls, in order
