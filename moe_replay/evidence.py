@@ -1622,7 +1622,10 @@ def _establish(
     """:func:`establish` on the inputs ``probe`` runs, on them alone."""
     args, kwargs = probe.args, probe.kwargs
     try:
-        base, seen = probe.run()
+        try:
+            base, seen = probe.run()
+        except Exception as e:
+            raise _needs_hooks(name, probe, e) from e
         calls = seen.calls
         if calls and not any(c.rows for c in calls):
             return None  # no token to choose for
@@ -1820,6 +1823,35 @@ def _establish(
         return ev
     finally:
         probe.snapshot.restore()
+
+
+def _needs_hooks(name: str, probe: _Prober, error: Exception) -> Exception:
+    """The error to raise for ``error``, raised by a probe run on the forward's own inputs.
+
+    A probe run sets the forward hooks of the scope's submodules aside (:meth:`_Snapshot.hooks_aside`).
+    Where there were any, the forward may fail for want of them: a pre-hook that loads, gathers or
+    materialises a module's weights (an offloading hook, DeepSpeed ZeRO-3's) leaves them missing there. That
+    is refused by name, with the way out; the forward's own error, where no hook was set aside, is returned as
+    it is (the forward fails natively too).
+    """
+    hooked = [
+        path or type(m).__name__
+        for path, m in probe.scope.named_modules()
+        if m is not probe.scope and any(getattr(m, h, None) for h in _HOOKS)
+    ]
+    if not hooked:
+        return error
+    more = " ..." if len(hooked) > 3 else ""
+    return UnsupportedRouterError(
+        f"router '{name}': establishing which call decides runs the forward of {type(probe.scope).__name__} again "
+        "with the forward hooks of its submodules set aside (so that hooks counting or logging see one forward), "
+        f"and there it raised {type(error).__name__}: {str(error)[:200]}. Hooks were set aside on "
+        f"{', '.join(repr(h) for h in hooked[:3])}{more}: a hook that loads, gathers or materialises weights "
+        "(offloading, DeepSpeed ZeRO-3) leaves them missing there. Put such a hook on the router's module or one "
+        "above it (its hooks run before this forward), or establish before installing it: attach, run "
+        "session.verify(example) in each mode the model will run (training with gradients, eval without), "
+        "detach, install the hook, then attach again; nothing was recorded or forced"
+    )
 
 
 def _refuse_shaped_source(

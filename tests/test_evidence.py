@@ -1715,3 +1715,71 @@ def test_a_decision_taken_on_a_host_copy_of_device_scores_is_forced_exactly(grad
                     w = probs.gather(-1, r)
                     ref = ref + dispatch(layer.experts, ref, r, w / w.sum(-1, keepdim=True))
             assert torch.equal(out.detach(), ref)
+
+
+# ----------------------------------------------------------------------- hooks inside the scope
+class OffloadedGateRouter(nn.Module):
+    """A router whose gate ``Linear`` holds its weights elsewhere: a forward pre-hook on the gate loads them and a
+    forward hook frees them again (the way an offloading library or DeepSpeed ZeRO-3 hooks a module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.top_k = 2
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = torch.topk(self.gate(x).softmax(-1), self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+def _offload(gate: nn.Linear, store: dict[int, torch.Tensor]) -> list[Any]:
+    store[id(gate)] = gate.weight.data.clone()
+    gate.weight.data = torch.empty(0)
+
+    def load(m: nn.Module, args: tuple[Any, ...]) -> None:
+        m.weight.data = store[id(m)]
+
+    def free(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        m.weight.data = torch.empty(0)
+
+    return [gate.register_forward_pre_hook(load), gate.register_forward_hook(free)]
+
+
+def test_a_forward_that_needs_the_hooks_of_its_submodules_is_refused_naming_them() -> None:
+    """Once a gate whose weights a pre-hook loads failed at the first forward under a session with torch's own
+    error (a size mismatch): the probe runs set the submodules' hooks aside, which the user could not tell."""
+    model = TwoLayers(lambda: RouterBlock(OffloadedGateRouter())).eval()
+    store: dict[int, torch.Tensor] = {}
+    handles = [h for layer in model.layers for h in _offload(layer.router.gate, store)]
+    x = torch.randn(T, D)
+    expected = model(x)
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match=r"hooks of its submodules set aside.*'gate'") as info:
+            with torch.no_grad(), session.capture():
+                model(x)
+        assert "size mismatch" in str(info.value) and "establish before installing it" in str(info.value)
+    assert torch.equal(model(x), expected)
+    # the way out it names: establish without the hooks, then install them and attach again
+    for h in handles:
+        h.remove()
+    for layer in model.layers:
+        layer.router.gate.weight.data = store[id(layer.router.gate)]
+    with mr.attach(model) as session:
+        session.verify(x)
+    for layer in model.layers:
+        _offload(layer.router.gate, store)
+    spy = ExpertSpy(model)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        captured = [spy.experts_of(b) for b in range(2)]
+        assert all(torch.equal(as_sets(routes.layer(n)), c) for n, c in zip(session.names, captured, strict=True))
+        for key in store:  # the offloaded weights change
+            store[key] = store[key] + 3 * torch.randn(store[key].shape, generator=torch.Generator().manual_seed(2))
+        model(x)
+        assert any(not torch.equal(spy.experts_of(b), c) for b, c in enumerate(captured))
+        with session.replay(routes):
+            model(x)
+        assert all(torch.equal(spy.experts_of(b), c) for b, c in enumerate(captured))
+    spy.remove()
