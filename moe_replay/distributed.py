@@ -158,13 +158,15 @@ def _known(routes: Routes) -> list[int]:
     the rows a ``keep_newest`` capture dropped); routes sent to another rank are the same capture,
     so they travel with the rows and :func:`_restore` puts them back. Laid out as: the count of
     runs (-1: none known) and the runs flat; the length of the name of the cache method that
-    moved rows (0: none) and its UTF-8 bytes; the count of rows whose fed token ids are known
-    (-1: none) and those ids; likewise the prompt-mask values.
+    moved rows (0: none) and its UTF-8 bytes; likewise the name of the cache type given to two
+    decode loops in turn; the count of rows whose fed token ids are known (-1: none) and those
+    ids; likewise the prompt-mask values.
     """
     calls = routes._call_rows
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
-    moved = (routes._rows_moved or "").encode()
-    out += [len(moved), *moved]
+    for text in (routes._rows_moved, routes._caches_interleaved):
+        encoded = (text or "").encode()
+        out += [len(encoded), *encoded]
     for fed in (routes._token_ids, routes._fed_mask):
         out += [-1] if fed is None else [fed.numel(), *fed.tolist()]
     return out
@@ -176,9 +178,12 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
     if runs >= 0:
         routes._call_rows = tuple((int(known[at + 2 * i]), int(known[at + 2 * i + 1])) for i in range(runs))
         at += 2 * runs
-    n, at = int(known[at]), at + 1
-    routes._rows_moved = bytes(int(b) for b in known[at : at + n]).decode() if n else None
-    at += n
+    texts: list[str | None] = []
+    for _ in range(2):  # the cache method that moved rows, the cache type given to two loops in turn
+        n, at = int(known[at]), at + 1
+        texts.append(bytes(int(b) for b in known[at : at + n]).decode() if n else None)
+        at += n
+    routes._rows_moved, routes._caches_interleaved = texts
     fed: list[torch.Tensor | None] = []
     for dtype in (torch.long, torch.int8):
         n, at = int(known[at]), at + 1

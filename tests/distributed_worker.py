@@ -276,6 +276,25 @@ def check_forwards_travel(rank: int, model: torch.nn.Module, session: mr.Session
         cut = newest.routes()
     for r in trip(cut):
         _raises(mr.RoutesValidationError, "keep_newest", functools.partial(split, r, prompt_len=2))
+    check_interleaved_loops_travel(model, session, ids, trip)
+
+
+def check_interleaved_loops_travel(
+    model: torch.nn.Module, session: mr.Session, ids: torch.Tensor, trip: Callable[[mr.Routes], list[mr.Routes]]
+) -> None:
+    """Once silent: two decode loops whose forwards took KV caches in turn (as classifier-free guidance runs
+    them) were refused by split_generation on the rank that captured them, but split after a gather or scatter:
+    their rows, 8 then 2 per step, fit one generate() of more new tokens."""
+    with session.capture(), torch.no_grad():
+        cond, uncond = _Cache(), _Cache()
+        cond[:] = model(ids, past_key_values=cond, use_cache=True).past_key_values
+        uncond[:] = model(ids[:, :1], past_key_values=uncond, use_cache=True).past_key_values
+        for _ in range(2):
+            cond[:] = model(ids[:, :1], past_key_values=cond, use_cache=True).past_key_values
+            uncond[:] = model(ids[:, :1], past_key_values=uncond, use_cache=True).past_key_values
+    for r in trip(session.routes()):
+        split = functools.partial(mr.split_generation, r, batch_size=2, prompt_len=4)
+        _raises(mr.RoutesValidationError, "KV caches in turn", split)
 
 
 def check_sharded_inside_scope(rank: int, device: torch.device) -> None:

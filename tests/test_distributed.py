@@ -59,3 +59,31 @@ def test_collectives_without_a_process_group_say_to_initialize_one(collective: s
     args = (routes,) if collective == "gather_routes" else ([routes],)
     with pytest.raises(mr.SessionStateError, match=f"{collective} .*init_process_group"):
         getattr(mr.distributed, collective)(*args)
+
+
+def test_everything_a_routes_holds_survives_the_wire_encoding() -> None:
+    """Once silent: the cache type given to two decode loops in turn (which split_generation refuses) was left
+    out of what gather/scatter_routes send, so a capture of interleaved loops split after the trip."""
+    import moe_replay as mr
+    from moe_replay.distributed import _known, _restore
+
+    routes = mr.Routes([torch.tensor([[0, 1], [2, 3], [1, 0]])], names=["é.gate"], num_experts=4)
+    routes = routes.with_token_ids(torch.tensor([5, -1, 7]))
+    routes._call_rows = ((2, 1), (1, 1))
+    routes._fed_mask = torch.tensor([1, 0, -1], dtype=torch.int8)
+    routes._rows_moved = "reorder_cache"
+    routes._caches_interleaved = "DynamicCache"
+    routes._dropped_rows = 4
+    back = _restore(mr.Routes._trusted(routes._data, routes.names, routes.experts_per_layer), _known(routes), 4)
+    assert vars(back).keys() == vars(routes).keys()
+    for name, value in vars(routes).items():
+        got = getattr(back, name)
+        same = torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
+        assert same and type(got) is type(value), f"{name}: {got!r} after the trip, {value!r} before"
+    # and a capture that knows nothing of its forwards comes back knowing nothing
+    plain = mr.Routes([torch.tensor([[0, 1]])], names=["gate"], num_experts=4)
+    bare = _restore(mr.Routes._trusted(plain._data, plain.names, plain.experts_per_layer), _known(plain), 0)
+    assert all(
+        (torch.equal(getattr(bare, n), v) if isinstance(v, torch.Tensor) else getattr(bare, n) == v)
+        for n, v in vars(plain).items()
+    )
