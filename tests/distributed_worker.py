@@ -9,6 +9,7 @@ Every rank prints one line "rank R: ... ok"; any failure raises on the rank that
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import functools
@@ -131,6 +132,14 @@ def run_checks(rank: int, world: int, device: torch.device) -> None:
     print(f"rank {rank}: a router decided around a module sharded on its own refused ({device})", flush=True)
     check_router_that_communicates(rank, device)
     print(f"rank {rank}: a router whose forward communicates refused ({device})", flush=True)
+    check_micro_batches(rank, world, device)
+    print(
+        f"rank {rank}: DDP no_sync micro-batches replay their own slices; swapped ones refused ({device})", flush=True
+    )
+    check_split_from_one_rank(rank, world, device)
+    print(f"rank {rank}: one rank's capture split unevenly by rank; wrong order refused ({device})", flush=True)
+    check_expert_parallel(rank, world, device)
+    print(f"rank {rank}: expert parallelism by all_to_all with a replicated router ({device})", flush=True)
 
 
 def _raises(error: type[Exception], match: str, call: Callable[[], object]) -> None:
@@ -510,3 +519,143 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def check_micro_batches(rank: int, world: int, device: torch.device) -> None:
+    """DDP gradient accumulation (``no_sync``, with and without ``find_unused_parameters``): each micro-batch
+    replays its own slice of this rank's capture, and the gradients equal a single-process reference; a slice
+    replayed on the other micro-batch is refused by its tokens."""
+    torch.manual_seed(0)
+    model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense").to(device)
+    batches = [_batch(r, device)[:2].repeat(2, 1) + torch.arange(4, device=device)[:, None] for r in range(world)]
+    reference = copy.deepcopy(model)
+    with mr.attach(reference) as ref_session:
+        captured = [_capture(reference, ref_session, b) for b in batches]
+        _perturb(reference)
+        for b, routes in zip(batches, captured, strict=True):
+            for i, part in enumerate(split_routes(routes, [18, 18])):
+                with ref_session.replay(part):
+                    (reference(b[2 * i : 2 * i + 2], labels=b[2 * i : 2 * i + 2]).loss / (2 * world)).backward()
+    want = _grads(reference)
+    for unused in (False, True):
+        local = copy.deepcopy(model)
+        session = mr.attach(local)
+        ddp = DistributedDataParallel(
+            local, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+        )
+        parts = split_routes(_capture(ddp, session, batches[rank]), [18, 18])
+        _perturb(local)
+        for i, part in enumerate(parts):
+            x = batches[rank][2 * i : 2 * i + 2]
+            with ddp.no_sync() if i == 0 else contextlib.nullcontext(), session.replay(part):
+                (ddp(x, labels=x).loss / 2).backward()
+        _same_grads(_grads(local), want, f"DDP no_sync (find_unused_parameters={unused})")
+
+        def swapped(x: torch.Tensor, routes: mr.Routes, ddp: torch.nn.Module, session: mr.Session) -> None:
+            with session.replay(routes), torch.no_grad():
+                ddp(x)
+
+        _raises(
+            mr.TokenMismatchError,
+            "other tokens",
+            functools.partial(swapped, batches[rank][:2], parts[1], ddp, session),
+        )
+        session.detach()
+
+
+def check_split_from_one_rank(rank: int, world: int, device: torch.device) -> None:
+    """Rank 0 captures the whole batch, cuts it unevenly by rank and scatters it: each rank's replay forces its
+    part; parts sent in another rank order are refused by their tokens on every rank."""
+    torch.manual_seed(0)
+    model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense").to(device)
+    everything = torch.cat([_batch(r, device) for r in range(world)])  # rank r's sequences: 2 + r of them
+    starts = [sum(2 + q for q in range(r)) for r in range(world + 1)]
+    mine = everything[starts[rank] : starts[rank + 1]]
+    with mr.attach(model) as session:
+        parts = None
+        if rank == 0:
+            parts = split_routes(_capture(model, session, everything), [(2 + r) * 9 for r in range(world)])
+        got = scatter_routes(parts)
+        with session.replay(got), session.capture(), torch.no_grad():
+            model(mine)
+        assert session.routes().equal(got), "a rank's part of one rank's capture was not forced"
+        wrong = scatter_routes(parts[::-1] if parts is not None else None)
+
+        def replay(routes: mr.Routes = wrong) -> None:
+            with session.replay(routes), torch.no_grad():
+                model(mine)
+
+        _raises(mr.TokenMismatchError, "other tokens", replay)
+
+
+class _ExpertParallelMoE(torch.nn.Module):
+    """A router replicated on every rank; each rank holds ``experts / world`` experts and the tokens travel to
+    the rank of their expert and back by ``all_to_all`` (expert parallelism, written by hand)."""
+
+    def __init__(self, world: int, hidden: int = 16, experts: int = 4, top_k: int = 2) -> None:
+        super().__init__()
+        self.router = _LocalRouter(hidden, experts, top_k)
+        self.experts = torch.nn.Parameter(0.3 * torch.randn(experts, hidden, hidden))  # only this rank's are used
+        self.world, self.top_k, self.per_rank = world, top_k, experts // world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, chosen = self.router(x)
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
+        expert = chosen.reshape(-1)
+        order = torch.argsort(expert // self.per_rank, stable=True)
+        sent = torch.bincount(expert // self.per_rank, minlength=self.world)
+        received = torch.empty_like(sent)
+        dist.all_to_all_single(received, sent)
+        out_split, in_split = received.tolist(), sent.tolist()
+        rows = x.new_empty(sum(out_split), x.shape[1])
+        experts = expert.new_empty(sum(out_split))
+        dist.all_to_all_single(rows, x[token[order]].detach().contiguous(), out_split, in_split)
+        dist.all_to_all_single(experts, expert[order].contiguous(), out_split, in_split)
+        with torch.no_grad():
+            done = torch.einsum("th,thd->td", rows, self.experts[experts])
+        back = x.new_empty(len(order), x.shape[1])
+        dist.all_to_all_single(back, done, in_split, out_split)
+        y = torch.empty_like(back)
+        y[order] = back
+        return x + (weights[..., None] * y.reshape(x.shape[0], self.top_k, -1)).sum(1)
+
+
+class _LocalRouter(torch.nn.Module):
+    def __init__(self, hidden: int, experts: int, top_k: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(experts, hidden))
+        self.top_k, self.num_experts = top_k, experts
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, chosen = torch.topk(torch.softmax(x @ self.weight.t(), dim=-1), self.top_k, dim=-1)
+        return weights / weights.sum(-1, keepdim=True), chosen
+
+
+def check_expert_parallel(rank: int, world: int, device: torch.device) -> None:
+    """Expert parallelism by hand: each rank captures its tokens' routes and replays them after the router
+    moved; the replayed output and the router's gradient equal a dense computation of the forced experts."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_ExpertParallelMoE(world), _ExpertParallelMoE(world)).to(device)
+    x = torch.randn(5 + 2 * rank, 16, generator=torch.Generator().manual_seed(rank)).to(device)
+    with mr.attach(model) as session:
+        routes = _capture(model, session, x)
+        with torch.no_grad():
+            for block in model:
+                block.router.weight.add_(2 * torch.randn(block.router.weight.shape).to(device))
+        with session.replay(routes), session.capture():
+            out = model(x)
+            out.sum().backward()
+        assert session.routes().equal(routes), "expert parallelism: replay did not force this rank's routes"
+    want, weights = x, []
+    for block, chosen in zip(model, routes.per_layer(), strict=True):
+        w = block.router.weight.detach().clone().requires_grad_(True)
+        picked = torch.softmax(want @ w.t(), dim=-1).gather(-1, chosen.long().to(device))
+        picked = picked / picked.sum(-1, keepdim=True)
+        y = torch.einsum("th,tkhd->tkd", want.detach(), block.experts.detach()[chosen.long().to(device)])
+        want = want + (picked[..., None] * y).sum(1)
+        weights.append(w)
+    want.sum().backward()
+    assert torch.allclose(out, want, atol=ATOL), "expert parallelism: replayed output differs"
+    for block, w in zip(model, weights, strict=True):
+        assert torch.allclose(block.router.weight.grad, w.grad, atol=ATOL), "expert parallelism: router gradient"
+    _in_step(rank, device, "expert parallelism")

@@ -1,4 +1,5 @@
-"""2 CPU processes (gloo): DDP and FSDP2 capture and replay; routes gathered, split and scattered."""
+"""2 CPU processes (gloo): DDP and FSDP2 capture and replay, DDP micro-batches, expert parallelism by hand;
+routes gathered, split and scattered."""
 
 from __future__ import annotations
 
