@@ -591,7 +591,12 @@ class Routes:
 
     @classmethod
     def cat(cls, parts: Sequence[Routes]) -> Routes:
-        """Concatenate routes along tokens; all parts must hold the same routers."""
+        """Concatenate routes along tokens; all parts must hold the same routers.
+
+        Where every part comes from a capture, the result knows their forwards, one after another:
+        :func:`~moe_replay.split_generation` splits a capture cut in two blocks as one, and refuses
+        the captures of several ``generate()`` calls (the ranks' rollouts, gathered) as one.
+        """
         if not is_collection(parts):
             raise ArgumentTypeError(f"Routes.cat takes a list of Routes, got {type(parts).__name__}")
         parts = list(parts)
@@ -616,7 +621,37 @@ class Routes:
             out._token_ids = torch.cat(
                 [p._token_ids if p._token_ids is not None else torch.full((p.num_tokens,), -1) for p in parts]
             )
+        out._cat_forwards(parts)
         return out
+
+    def _cat_forwards(self, parts: Sequence[Routes]) -> None:
+        """Keep what the parts' captures know of their forwards, where every part knows its own.
+
+        The forwards of the parts, one after another, are those of these rows: a capture cut in two
+        (a prefill captured apart from its decode steps) keeps the forwards of one ``generate()``,
+        while the captures of two ``generate()`` calls (the ranks' rollouts, gathered) keep two
+        prompt forwards, which :func:`~moe_replay.split_generation` refuses to split as one. Rows a
+        ``keep_newest`` capture dropped, its cache moves and interleaved loops come along too.
+        """
+        if any(p._call_rows is None for p in parts):
+            return  # (a part of unknown forwards: so are the forwards of the whole)
+        runs: list[tuple[int, int]] = []
+        for rows, calls in (run for p in parts for run in p._call_rows):  # type: ignore[union-attr]
+            if runs and runs[-1][0] == rows:
+                runs[-1] = (rows, runs[-1][1] + calls)
+            else:
+                runs.append((rows, calls))
+        self._call_rows = tuple(runs)
+        self._dropped_rows = sum(p._dropped_rows for p in parts)  # (a later part's: a hole in the rows)
+        if any(p._fed_mask is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
+            self._fed_mask = torch.cat(
+                [
+                    p._fed_mask if p._fed_mask is not None else torch.full((p.num_tokens,), -1, dtype=torch.int8)
+                    for p in parts
+                ]
+            )
+        self._rows_moved = next((p._rows_moved for p in parts if p._rows_moved), None)
+        self._caches_interleaved = next((p._caches_interleaved for p in parts if p._caches_interleaved), None)
 
     @classmethod
     def _trusted(

@@ -1133,3 +1133,42 @@ def test_a_generate_capture_of_a_shared_router_is_refused_naming_its_calls_per_f
             out = model.generate(prompt, max_new_tokens=4, do_sample=False)
         with pytest.raises(mr.RoutesValidationError, match=r"a model whose routers each run 2 times per forward"):
             mr.split_generation(session.routes(), sequences=out, prompt_len=6)
+
+
+def test_routes_cat_of_several_generate_captures_is_refused_not_split_as_one() -> None:
+    """Once silent: Routes.cat forgot its parts' forwards, so the captures of the ranks' generate() calls, gathered
+    and concatenated, split without an error as one generate() over all sequences: their prompt and decode rows
+    went to other sequences' tokens. A capture cut in two (prefill apart from the decode steps) still splits."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        captures, outs = [], []
+        for half in (prompt[:2], prompt[2:]):  # each rank's prompts
+            with session.capture(), torch.no_grad():
+                outs.append(model.generate(half, N))
+            captures.append(session.routes())
+        gathered = mr.Routes.cat(captures)
+        with pytest.raises(mr.RoutesValidationError, match="ran forwards of.*more than one generate"):
+            mr.split_generation(gathered, batch_size=B, prompt_len=P)
+        with pytest.raises(mr.RoutesValidationError, match="ran forwards of"):
+            mr.split_generation(gathered, batch_size=B, prompt_len=P, sequences=torch.cat(outs))
+        # one decode loop, its prompt forward captured apart from its steps
+        cache, step, cut = _ListCache(), prompt, []
+        with session.capture(), torch.no_grad():
+            for _ in range(N):
+                out = model(step, past_key_values=cache or None, use_cache=True)
+                cache[:] = out.past_key_values
+                step = out.logits[:, -1:].argmax(-1)
+        whole = session.routes()
+        cache, step = _ListCache(), prompt
+        for _ in range(N):
+            with session.capture(), torch.no_grad():
+                out = model(step, past_key_values=cache or None, use_cache=True)
+                cache[:] = out.past_key_values
+                step = out.logits[:, -1:].argmax(-1)
+            cut.append(session.routes())
+    joined = mr.Routes.cat(cut)
+    assert joined.equal(whole) and joined._call_rows == whole._call_rows
+    want = mr.split_generation(whole, batch_size=B, prompt_len=P)
+    got = mr.split_generation(joined, batch_size=B, prompt_len=P)
+    assert all(a.equal(b) and torch.equal(a.token_ids, b.token_ids) for a, b in zip(got, want, strict=True))
