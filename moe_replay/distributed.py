@@ -39,6 +39,10 @@ __all__ = ["gather_routes", "scatter_routes", "split_routes"]
 def split_routes(routes: Routes, tokens: Sequence[int]) -> list[Routes]:
     """Cut routes along tokens into consecutive parts of the given sizes (per batch, per rank).
 
+    Each part of a capture knows the rows of its forwards that it holds, so
+    :func:`~moe_replay.split_generation` refuses a rank's share of a ``generate()`` capture
+    (split the capture per sequence first, then share the sequences out).
+
     Example:
         >>> import torch, moe_replay as mr
         >>> r = mr.Routes([torch.arange(10).reshape(5, 2) % 4], names=["gate"], num_experts=4)
@@ -52,9 +56,42 @@ def split_routes(routes: Routes, tokens: Sequence[int]) -> list[Routes]:
         raise InvalidArgumentError(f"split sizes {sizes} must add up to the {routes.num_tokens} tokens")
     out, start = [], 0
     for t in sizes:
-        out.append(routes[start : start + t])
+        part = routes[start : start + t]
+        _clip_forwards(part, routes, start)
+        out.append(part)
         start += t
     return out
+
+
+def _clip_forwards(part: Routes, routes: Routes, start: int) -> None:
+    """Give ``part``, the rows of ``routes`` from ``start`` on, what the capture knows of its forwards there.
+
+    Each forward of the capture gives the part the rows of it that the part holds: a part of whole
+    forwards keeps them as they ran, and a part cut through one (a rank's share of one forward over
+    every rank's sequences) holds a forward of its share. So :func:`~moe_replay.split_generation`
+    refuses a rank's share of a ``generate()`` capture, whose rows are the prompts of some sequences
+    and the decode steps of others, rather than split it as a ``generate()`` of its own.
+    """
+    calls = routes._call_rows
+    if calls is None:
+        return
+    end, at = start + part.num_tokens, 0
+    runs: list[tuple[int, int]] = []
+    for rows, count in calls:
+        for _ in range(count):
+            held = max(0, min(end, at + rows) - max(start, at))
+            at += rows
+            if not held:
+                continue
+            if runs and runs[-1][0] == held:
+                runs[-1] = (held, runs[-1][1] + 1)
+            else:
+                runs.append((held, 1))
+    part._call_rows = tuple(runs)
+    part._dropped_rows = routes._dropped_rows if start == 0 else 0
+    if routes._fed_mask is not None:
+        part._fed_mask = routes._fed_mask[start:end].clone()
+    part._rows_moved, part._caches_interleaved = routes._rows_moved, routes._caches_interleaved
 
 
 def _ordered(values: Sequence[int], what: str) -> Sequence[int]:

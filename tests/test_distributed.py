@@ -88,3 +88,31 @@ def test_everything_a_routes_holds_survives_the_wire_encoding() -> None:
         (torch.equal(getattr(bare, n), v) if isinstance(v, torch.Tensor) else getattr(bare, n) == v)
         for n, v in vars(plain).items()
     )
+
+
+def test_a_ranks_share_of_a_generate_capture_is_refused_not_split_as_a_generate_of_its_own() -> None:
+    """Once silent: split_routes dropped what a capture knows of its forwards, so a rank's share of a generate()
+    over every rank's prompts (the prompts of some sequences, the decode steps of others) split without an error
+    as a generate() of its own; its sequences got other tokens' routes. Shares of whole forwards keep them."""
+    import moe_replay as mr
+
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt = torch.randint(3, 128, (4, 4), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, 3)
+        routes = session.routes()
+    half = routes.num_tokens // 2
+    for part in mr.distributed.split_routes(routes, [half, half]):
+        with pytest.raises(mr.RoutesValidationError, match="ran forwards of"):
+            mr.split_generation(part, batch_size=2, prompt_len=4)
+    # cut at the forwards' bounds, the parts know them: the prompt forward, then the decode steps
+    prefill, steps = mr.distributed.split_routes(routes, [16, routes.num_tokens - 16])
+    assert (prefill._call_rows, steps._call_rows) == (((16, 1),), ((4, 2),))
+    assert mr.Routes.cat([prefill, steps])._call_rows == routes._call_rows
+    want = mr.split_generation(routes, batch_size=4, prompt_len=4)
+    got = mr.split_generation(mr.Routes.cat([prefill, steps]), batch_size=4, prompt_len=4)
+    assert all(a.equal(b) and torch.equal(a.token_ids, b.token_ids) for a, b in zip(got, want, strict=True))
+    # routes of unknown forwards (an engine's) are cut as before
+    engine = mr.Routes(routes.per_layer(), routes.names, routes.experts_per_layer)
+    assert all(p._call_rows is None for p in mr.distributed.split_routes(engine, [half, half]))
