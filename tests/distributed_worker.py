@@ -659,3 +659,56 @@ def check_expert_parallel(rank: int, world: int, device: torch.device) -> None:
     for block, w in zip(model, weights, strict=True):
         assert torch.allclose(block.router.weight.grad, w.grad, atol=ATOL), "expert parallelism: router gradient"
     _in_step(rank, device, "expert parallelism")
+
+
+class _GatedRouter(torch.nn.Module):
+    """A router whose scores come from a gate module inside it (torchtitan's ``TokenChoiceTopKRouter``)."""
+
+    def __init__(self, hidden: int = 16, experts: int = 8, top_k: int = 2) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.top_k, self.num_experts = top_k, experts
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(torch.softmax(self.gate(x), dim=-1), self.top_k, dim=-1)
+
+
+def check_replicated_gate(rank: int, device: torch.device) -> None:
+    """A router whose gate is replicated as a DTensor (torchtitan's ``NoParallel`` on ``router.gate`` under
+    tensor parallelism): its forward computes on every rank alone, yet is refused as distributed across ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module, distribute_tensor
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+
+    def replicate(name: str, module: torch.nn.Module, mesh) -> None:
+        module.weight = torch.nn.Parameter(distribute_tensor(module.weight.data, mesh, [Replicate()]))
+
+    def replicated(module: torch.nn.Module, inputs: tuple, mesh) -> tuple:
+        return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False) for t in inputs)
+
+    def local(module: torch.nn.Module, output: torch.Tensor, mesh) -> torch.Tensor:
+        return output.to_local() if isinstance(output, DTensor) else output
+
+    torch.manual_seed(0)
+    model = _CountingMoE(_all_reduce).to(device)
+    model.router = _GatedRouter().to(device)
+    distribute_module(model.router.gate, mesh, replicate, replicated, local)
+    x = torch.randn(5, 16, device=device)
+    with mr.attach(model) as session:
+        routes = _capture(model, session, x)
+        with session.replay(routes), session.capture(), torch.no_grad():
+            model(x)
+        assert session.routes().equal(routes)
+
+
+def spawned_replicated_gate(rank: int, world: int, init_method: str) -> None:
+    """Entry point for torch.multiprocessing.spawn (CPU, gloo): :func:`check_replicated_gate`."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        check_replicated_gate(rank, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()

@@ -116,3 +116,17 @@ def test_a_ranks_share_of_a_generate_capture_is_refused_not_split_as_a_generate_
     # routes of unknown forwards (an engine's) are cut as before
     engine = mr.Routes(routes.per_layer(), routes.names, routes.experts_per_layer)
     assert all(p._call_rows is None for p in mr.distributed.split_routes(engine, [half, half]))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=mp.ProcessRaisedException,
+    reason="a gate module replicated as a DTensor inside the router is refused: the probe sets its hooks aside",
+)
+def test_a_router_whose_gate_is_a_replicated_dtensor_replays(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once refused: a router whose gate is replicated as a DTensor (torchtitan's NoParallel under tensor
+    parallelism) computes on every rank alone, but is refused as distributed across ranks; establishing before
+    the gate is distributed (attach, one forward, detach) works around it."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(distributed_worker.spawned_replicated_gate, args=(2, init), nprocs=2, join=True)
