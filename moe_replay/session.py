@@ -369,7 +369,10 @@ class Session:
         Routes recorded on the bare model and replayed on it wrapped (DDP's ``module.``,
         ``torch.compile``'s ``_orig_mod.``, PEFT's ``base_model.model.``, an attribute of a
         user's wrapper), or the reverse, match their routers one to one by a common suffix:
-        e.g. ``{"": "module."}``. ``None`` when the names matched as they were.
+        e.g. ``{"": "module."}``. Wrappers of each layer (FSDP1's ``_fsdp_wrapped_module.``,
+        ``checkpoint_wrapper``'s ``_checkpoint_wrapped_module.``) put names inside the paths:
+        routes that differ only by those match one to one, each name mapped whole. ``None``
+        when the names matched as they were.
         """
         return dict(self._renamed) if self._renamed is not None else None
 
@@ -1338,6 +1341,8 @@ class Session:
         if len(candidates) == 1:
             (old, new), _ = candidates[0]
             return routes.rename({old: new}), {old: new}
+        if not candidates and (by_path := _unwrapped_map(routes.names, self.names)) is not None:
+            return routes.rename(by_path), by_path
         if len(candidates) > 1:
             listed = "; ".join(
                 f"{old!r}->{new!r} (e.g. '{next(iter(m))}' -> '{next(iter(m.values()))}')"
@@ -1915,6 +1920,34 @@ def _outside_referrers(wrapper: ScopedForward, known: Sequence[Any]) -> list[str
         if id(ref) in ids or isinstance(ref, types.FrameType):
             continue
         out.append(f"a {type(ref).__name__} that moe_replay cannot edit")
+    return out
+
+
+#: The module names that torch's wrappers put inside a model's paths: FSDP1's units, ``checkpoint_wrapper``'s
+#: (``apply_activation_checkpointing``), ``torch.compile``'s of a submodule.
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def _unwrapped(name: str) -> str:
+    """``name`` without the module names torch's wrappers put inside it (see :data:`_WRAPPER_SEGMENTS`)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def _unwrapped_map(names: Sequence[str], targets: Sequence[str]) -> dict[str, str] | None:
+    """Each of ``names`` mapped onto the one name of ``targets`` that differs from it only by wrappers' module
+    names inside the path (FSDP1 and ``checkpoint_wrapper`` wrap each layer, so no one prefix change fits);
+    None where a name has no such target, or more than one, or two names would share one."""
+    by_path: dict[str, list[str]] = {}
+    for t in targets:
+        by_path.setdefault(_unwrapped(t), []).append(t)
+    out = {}
+    for n in names:
+        hits = by_path.get(_unwrapped(n), [])
+        if len(hits) != 1:
+            return None
+        out[n] = hits[0]
+    if len(set(out.values())) != len(out) or all(a == b for a, b in out.items()):
+        return None
     return out
 
 

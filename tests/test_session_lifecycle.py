@@ -17,7 +17,7 @@ from torch import nn
 import moe_replay as mr
 from moe_replay.intercept import ScopedForward
 
-from .conftest import assert_untouched, snapshot, tried
+from .conftest import assert_untouched, perturb_routers, snapshot, tried
 from .tinymoe import RouterSpec, TinyMoE
 
 SPECS = [RouterSpec(8, 2), RouterSpec(6, 1, "argmax"), RouterSpec(16, 3, "grouped", n_group=4, topk_group=2)]
@@ -852,6 +852,41 @@ def test_ambiguous_renaming_is_refused_listing_candidates() -> None:
             pair(x)
         assert session.renamed is None
         assert session.routes().select(["enc.layers.0.router"]).rename({"enc.": ""}).equal(routes)
+
+
+@pytest.mark.parametrize("direction", ["bare to wrapped", "wrapped to bare"])
+def test_routes_replay_across_wrappers_of_each_layer(direction: str) -> None:
+    """Once refused: routes recorded on the bare model did not replay on it with each layer wrapped (FSDP1's
+    units, apply_activation_checkpointing's checkpoint_wrapper put their module names inside the paths, where no
+    one prefix change fits), nor the reverse. Names that differ only by those map one to one, and the replay
+    forces the recorded experts."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from moe_replay.models import _Layer
+
+    torch.manual_seed(0)
+    bare = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1, expert_impl="dense")
+    wrapped = copy.deepcopy(bare)
+    apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, _Layer))
+    x = torch.randint(0, 128, (2, 9))
+    src, dst = (bare, wrapped) if direction == "bare to wrapped" else (wrapped, bare)
+    with mr.attach(src) as s, s.capture(), torch.no_grad():
+        src(x)
+    routes = s.routes()
+    with mr.attach(dst) as session:
+        assert set(session.names).isdisjoint(routes.names)
+        perturb_routers(session, scale=3.0)  # replay must force the recorded experts
+        with session.replay(routes), session.capture():
+            dst(x, labels=x).loss.backward()
+        assert session.renamed == dict(zip(routes.names, session.names, strict=True))
+        assert session.routes().equal(routes.rename(session.renamed)), "the recorded experts were not forced"
+    # a name that fits two of the model's routers once the wrappers' names are left out is not guessed
+    from moe_replay.session import _unwrapped_map
+
+    targets = ["a.layers.1._checkpoint_wrapped_module.gate", "a._orig_mod.layers.1.gate"]
+    assert _unwrapped_map(["a.layers.1.gate"], targets) is None
+    assert _unwrapped_map(["a.layers.1.gate"], targets[:1]) == {"a.layers.1.gate": targets[0]}
+    assert _unwrapped_map(["a.layers.2.gate"], targets) is None
 
 
 def test_rename_refuses_collisions_and_round_trips() -> None:
