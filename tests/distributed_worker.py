@@ -140,6 +140,8 @@ def run_checks(rank: int, world: int, device: torch.device) -> None:
     print(f"rank {rank}: one rank's capture split unevenly by rank; wrong order refused ({device})", flush=True)
     check_expert_parallel(rank, world, device)
     print(f"rank {rank}: expert parallelism by all_to_all with a replicated router ({device})", flush=True)
+    check_fsdp1_units(rank, device)
+    print(f"rank {rank}: routes of the bare model replayed in FSDP1 units of each layer ({device})", flush=True)
 
 
 def _raises(error: type[Exception], match: str, call: Callable[[], object]) -> None:
@@ -712,3 +714,27 @@ def spawned_replicated_gate(rank: int, world: int, init_method: str) -> None:
         check_replicated_gate(rank, torch.device("cpu"))
     finally:
         dist.destroy_process_group()
+
+
+def check_fsdp1_units(rank: int, device: torch.device) -> None:
+    """Once refused: routes recorded on the bare model (a rollout's) were refused by the model wrapped in FSDP1
+    units of each layer, whose wrappers put ``_fsdp_wrapped_module`` inside the routers' paths. They map one to
+    one, and the replay forces them."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from moe_replay.models import _Layer
+
+    torch.manual_seed(0)
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1, expert_impl="dense").to(device)
+    x = _batch(rank, device)
+    with mr.attach(model) as session:
+        routes = _capture(model, session, x)
+    _perturb(model)
+    policy = ModuleWrapPolicy({_Layer})
+    sharded = FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id=device)
+    with mr.attach(sharded) as session:
+        with session.replay(routes), session.capture():
+            sharded(x, labels=x).loss.backward()
+        assert session.renamed is not None and all("_fsdp_wrapped_module" in n for n in session.renamed.values())
+        assert session.routes().equal(routes.rename(session.renamed)), "FSDP1 units: the routes were not forced"
