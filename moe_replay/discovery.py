@@ -613,18 +613,21 @@ def _one_router_per_block(sites: list[RouterSite], modules: dict[str, nn.Module]
 
 
 def _one_site_per_scope(sites: list[RouterSite]) -> list[RouterSite]:
-    """``sites`` less those whose scope module is the scope of an earlier one.
+    """``sites`` less those that are an earlier one found again at another path: the same router module in the
+    same scope module.
 
     A module shared by several paths (a router tied across layers) is found at each. Where its scope is
     the router itself, its forward is intercepted once and records one row per call, every path's calls
     in order, under its first path; where its scope is the block around it (a bare gate tied across
-    layers), each block is a scope of its own and a router of its own.
+    layers), each block is a scope of its own and a router of its own. Two other routers in one scope
+    stay, and attach refuses them by name.
     """
-    seen: set[int] = set()
+    seen: set[tuple[int, int]] = set()
     kept = []
     for s in sites:
-        if id(s.scope_module) not in seen:
-            seen.add(id(s.scope_module))
+        key = (id(s.module), id(s.scope_module))
+        if key not in seen:
+            seen.add(key)
             kept.append(s)
     return kept
 
