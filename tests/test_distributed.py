@@ -118,6 +118,7 @@ def test_a_ranks_share_of_a_generate_capture_is_refused_not_split_as_a_generate_
     assert all(p._call_rows is None for p in mr.distributed.split_routes(engine, [half, half]))
 
 
+@pytest.mark.reliability
 @pytest.mark.xfail(
     strict=True,
     raises=mp.ProcessRaisedException,
