@@ -382,6 +382,8 @@ class Session:
         )
         if self._renamed is not None:
             extra += ", routes renamed " + ", ".join(f"{a!r}->{b!r}" for a, b in self._renamed.items())
+        if self._interrupted is not None:  # (routes() refuses it unless allow_partial=True)
+            extra += f", last capture interrupted by {self._interrupted}"
         return (
             f"Session(model={self._model_name}, routers={len(self._sites)}, capacity={self.capacity}{extra}, "
             f"held={self._held_text()}, state={self.state})"

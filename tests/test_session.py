@@ -209,6 +209,19 @@ def test_generate_capture_matches_teacher_forced_replay() -> None:
         assert session.routes().equal(routes)
 
 
+def test_session_repr_says_when_the_last_capture_was_interrupted(tokens: torch.Tensor) -> None:
+    """Once misleading: after a capture ended by an exception, the repr read as a plain idle session."""
+    model = build("softmax_topk")
+    with mr.attach(model) as session:
+        with pytest.raises(KeyError), session.capture():
+            model(tokens)
+            raise KeyError("stop")
+        assert "last capture interrupted by KeyError" in repr(session)
+        with session.capture():
+            model(tokens)
+        assert "interrupted" not in repr(session)
+
+
 def test_session_repr_and_state(tokens: torch.Tensor) -> None:
     model = build("softmax_topk")
     session = mr.attach(model, capacity=128)
