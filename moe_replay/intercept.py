@@ -46,6 +46,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
+from ._code_settings import code_settings
 from ._output_guard import OutputGuard, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
@@ -1615,7 +1616,9 @@ def _fingerprint(scope: nn.Module) -> dict[str, Any]:
     """The settings a router scope's decision may depend on, by name: the plain values (``int``, ``float``,
     ``str``, ``bool``, ``None``) of the scope and of its children outside containers (a gate, a router module,
     not the experts of a ``ModuleList``), and those one level into a config object or a dict they hold
-    (``self.cfg.use_bias``). ``training`` is not one: decisions are kept by mode. Cheap enough for every block."""
+    (``self.cfg.use_bias``), with what their code reads from outside them (a module-level flag, a class
+    attribute, a closure cell, a 0-d boolean buffer: :mod:`moe_replay._code_settings`). ``training`` is not
+    one: decisions are kept by mode. Cheap enough for every block."""
     out: dict[str, Any] = {}
     modules = [("", scope)] + [
         (f"{name}.", m) for name, m in scope._modules.items() if m is not None and not isinstance(m, _CONTAINERS)
@@ -1628,6 +1631,11 @@ def _fingerprint(scope: nn.Module) -> dict[str, Any]:
                 out[prefix + k] = _comparable(v)
             elif isinstance(v, dict) or _config_like(v):
                 out.update((f"{prefix}{k}.{sub}", w) for sub, w in _held_settings(v))
+        # what its code reads besides: module-level globals, class attributes, closure cells, 0-d flag buffers
+        out.update(
+            (f"{prefix}{k}" if k.startswith("buffer ") else k, v)
+            for k, v in code_settings(m, m.__dict__.get("forward")).items()
+        )
     return out
 
 
