@@ -56,42 +56,9 @@ def split_routes(routes: Routes, tokens: Sequence[int]) -> list[Routes]:
         raise InvalidArgumentError(f"split sizes {sizes} must add up to the {routes.num_tokens} tokens")
     out, start = [], 0
     for t in sizes:
-        part = routes[start : start + t]
-        _clip_forwards(part, routes, start)
-        out.append(part)
+        out.append(routes[start : start + t])  # (a slice keeps the rows of the capture's forwards that it holds)
         start += t
     return out
-
-
-def _clip_forwards(part: Routes, routes: Routes, start: int) -> None:
-    """Give ``part``, the rows of ``routes`` from ``start`` on, what the capture knows of its forwards there.
-
-    Each forward of the capture gives the part the rows of it that the part holds: a part of whole
-    forwards keeps them as they ran, and a part cut through one (a rank's share of one forward over
-    every rank's sequences) holds a forward of its share. So :func:`~moe_replay.split_generation`
-    refuses a rank's share of a ``generate()`` capture, whose rows are the prompts of some sequences
-    and the decode steps of others, rather than split it as a ``generate()`` of its own.
-    """
-    calls = routes._call_rows
-    if calls is None:
-        return
-    end, at = start + part.num_tokens, 0
-    runs: list[tuple[int, int]] = []
-    for rows, count in calls:
-        for _ in range(count):
-            held = max(0, min(end, at + rows) - max(start, at))
-            at += rows
-            if not held:
-                continue
-            if runs and runs[-1][0] == held:
-                runs[-1] = (held, runs[-1][1] + 1)
-            else:
-                runs.append((held, 1))
-    part._call_rows = tuple(runs)
-    part._dropped_rows = routes._dropped_rows if start == 0 else 0
-    if routes._fed_mask is not None:
-        part._fed_mask = routes._fed_mask[start:end].clone()
-    part._rows_moved, part._caches_interleaved = routes._rows_moved, routes._caches_interleaved
 
 
 def _ordered(values: Sequence[int], what: str) -> Sequence[int]:
@@ -196,12 +163,12 @@ def _known(routes: Routes) -> list[int]:
     so they travel with the rows and :func:`_restore` puts them back. Laid out as: the count of
     runs (-1: none known) and the runs flat; the length of the name of the cache method that
     moved rows (0: none) and its UTF-8 bytes; likewise the name of the cache type given to two
-    decode loops in turn; the count of rows whose fed token ids are known (-1: none) and those
-    ids; likewise the prompt-mask values.
+    decode loops in turn, and what picked rows out of order; the count of rows whose fed token
+    ids are known (-1: none) and those ids; likewise the prompt-mask values.
     """
     calls = routes._call_rows
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
-    for text in (routes._rows_moved, routes._caches_interleaved):
+    for text in (routes._rows_moved, routes._caches_interleaved, routes._rows_picked):
         encoded = (text or "").encode()
         out += [len(encoded), *encoded]
     for fed in (routes._token_ids, routes._fed_mask):
@@ -216,11 +183,11 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         routes._call_rows = tuple((int(known[at + 2 * i]), int(known[at + 2 * i + 1])) for i in range(runs))
         at += 2 * runs
     texts: list[str | None] = []
-    for _ in range(2):  # the cache method that moved rows, the cache type given to two loops in turn
+    for _ in range(3):  # the cache method that moved rows, the cache type given to two loops in turn, rows picked
         n, at = int(known[at]), at + 1
         texts.append(bytes(int(b) for b in known[at : at + n]).decode() if n else None)
         at += n
-    routes._rows_moved, routes._caches_interleaved = texts
+    routes._rows_moved, routes._caches_interleaved, routes._rows_picked = texts
     fed: list[torch.Tensor | None] = []
     for dtype in (torch.long, torch.int8):
         n, at = int(known[at]), at + 1

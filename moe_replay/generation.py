@@ -235,8 +235,9 @@ def _check_forwards(
     The row count alone also fits other forwards in another order: two ``generate()`` calls
     of ``b / 2`` sequences each (their outputs concatenated), a chunked prefill, a prompt
     mask of fewer rows than the sequences generated (``num_return_sequences``). The routes
-    that :meth:`Session.routes` returns remember their forwards (saved and loaded too); other
-    routes (sliced, joined, built) do not, and are split by the row count alone.
+    that :meth:`Session.routes` returns remember their forwards (saved and loaded too, and
+    slices ``routes[a:b]`` the rows of them they hold); other routes (joined with routes of
+    unknown forwards, built) do not, and are split by the row count alone.
 
     ``returned``: ``b`` is the row count of ``generate()``'s output. A capture of ``r``
     times as many sequences then is no ``num_return_sequences`` (its output holds every
@@ -486,9 +487,11 @@ def split_generation(
     chunked prefill (``generate(prefill_chunk_size=...)``, every sequence's chunk in turn),
     two ``generate()`` calls whose outputs were joined, ``use_cache=False``. They keep what
     they know through :meth:`~moe_replay.Routes.save` and :meth:`~moe_replay.Routes.load`,
-    ``select``, ``rename`` and ``with_token_ids``. Routes that were sliced or joined, or
-    captured in compiled code or a CUDA graph, no longer know their forwards and are split
-    by the row count alone.
+    ``select``, ``rename``, ``with_token_ids``, :meth:`~moe_replay.Routes.cat` and slices of
+    consecutive rows (``routes[a:b]``, each forward cut to the rows it holds); rows picked
+    out of order (a list, a mask, a step) are refused. Routes joined with routes of unknown
+    forwards, or captured in compiled code or a CUDA graph, no longer know their forwards
+    and are split by the row count alone.
 
     Nor may the capture of a beam search (``num_beams > 1``) or of assisted decoding
     (``assistant_model``, ``prompt_lookup_num_tokens``): beam search reorders its hypotheses
@@ -592,6 +595,13 @@ def split_generation(
             f"this capture kept only its newest {total} rows per router: keep_newest=True dropped the oldest "
             f"{routes._dropped_rows} rows, so the rows no longer start at generate()'s prompt forward and would "
             "give tokens other tokens' experts. Capture without keep_newest: an eager capture grows to hold every row"
+        )
+
+    if routes._rows_picked is not None:
+        raise RoutesValidationError(
+            f"these routes are rows picked out of a capture's order ({routes._rows_picked}): they no longer follow "
+            "its forwards, so no split by their order gives each sequence the routes of its own tokens. Split the "
+            "whole capture (or a slice routes[a:b] of consecutive rows), then pick from the sequences it gives"
         )
 
     batch_size = _batch_size(batch_size, attention_mask, prompt_lengths, sequences)

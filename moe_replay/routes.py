@@ -332,6 +332,7 @@ class Routes:
         self._fed_mask: torch.Tensor | None = None
         self._rows_moved: str | None = None
         self._caches_interleaved: str | None = None
+        self._rows_picked: str | None = None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -471,7 +472,7 @@ class Routes:
         """
         self._call_rows, self._dropped_rows = source._call_rows, source._dropped_rows
         self._fed_mask, self._rows_moved = source._fed_mask, source._rows_moved
-        self._caches_interleaved = source._caches_interleaved
+        self._caches_interleaved, self._rows_picked = source._caches_interleaved, source._rows_picked
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -530,7 +531,63 @@ class Routes:
         data = [d[rows] for d in self._data]
         out = Routes._trusted(data, self._names, self._experts, self._validated)
         out._token_ids = None if self._token_ids is None else _known_or_none(self._token_ids[rows])
+        start = _run_start(rows, n)
+        if start is not None:
+            out._clip_forwards(self, start)
+        else:
+            out._pick_forwards(self, rows)
         return out
+
+    def _clip_forwards(self, source: Routes, start: int) -> None:
+        """Keep what ``source``'s capture knows of its forwards for these rows, its rows from ``start`` on, in order.
+
+        Each forward of the capture gives these rows the rows of it that they hold: a run of whole
+        forwards keeps them as they ran, and a run cut through one (a rank's share of one forward over
+        every rank's sequences) holds a forward of its share. So :func:`~moe_replay.split_generation`
+        refuses a share of a ``generate()`` capture, whose rows are the prompts of some sequences and
+        the decode steps of others, rather than split it as a ``generate()`` of its own.
+        """
+        self._rows_moved, self._caches_interleaved = source._rows_moved, source._caches_interleaved
+        self._rows_picked = source._rows_picked
+        end = start + (self._data[0].shape[0] if self._data else 0)
+        if source._fed_mask is not None:
+            self._fed_mask = source._fed_mask[start:end].clone()
+        self._dropped_rows = source._dropped_rows if start == 0 else 0
+        if source._call_rows is None:
+            self._dropped_rows = source._dropped_rows  # (no forwards to tell where these rows start: keep it)
+            return
+        at = 0
+        runs: list[tuple[int, int]] = []
+        for rows, count in source._call_rows:
+            for _ in range(count):
+                held = max(0, min(end, at + rows) - max(start, at))
+                at += rows
+                if not held:
+                    continue
+                if runs and runs[-1][0] == held:
+                    runs[-1] = (held, runs[-1][1] + 1)
+                else:
+                    runs.append((held, 1))
+        self._call_rows = tuple(runs)
+
+    def _pick_forwards(self, source: Routes, rows: slice | torch.Tensor) -> None:
+        """Keep what ``source``'s capture knows of its forwards for rows picked out of order (a list, a mask, a step).
+
+        Such rows no longer follow the capture's forwards, whose rows cannot be told for them: where
+        the capture knew its forwards, these routes say they were picked
+        (:func:`~moe_replay.split_generation` refuses them rather than split them by their row count).
+        What holds for every row of the capture (rows a ``keep_newest`` capture dropped, cache moves,
+        interleaved loops) and each row's prompt mask stay with them.
+        """
+        self._rows_moved, self._caches_interleaved = source._rows_moved, source._caches_interleaved
+        self._dropped_rows = source._dropped_rows
+        if source._fed_mask is not None:
+            self._fed_mask = source._fed_mask[rows].clone()
+        if source._call_rows is not None or source._rows_picked is not None:
+            self._rows_picked = source._rows_picked or (
+                f"routes[...] picked {self._data[0].shape[0] if self._data else 0} of its {source.num_tokens} rows by a "
+                "list, mask or step"
+            )
 
     def select(self, names: Iterable[str]) -> Routes:
         """Keep only the named routers, in the order given."""
@@ -633,6 +690,12 @@ class Routes:
         prompt forwards, which :func:`~moe_replay.split_generation` refuses to split as one. Rows a
         ``keep_newest`` capture dropped, its cache moves and interleaved loops come along too.
         """
+        # what holds for every row of a part (rows dropped before it, cache moves, interleaved loops, rows picked
+        # out of order) holds for the rows of the whole, whether or not every part knows its forwards
+        self._dropped_rows = sum(p._dropped_rows for p in parts)  # (a later part's: a hole in the rows)
+        self._rows_moved = next((p._rows_moved for p in parts if p._rows_moved), None)
+        self._caches_interleaved = next((p._caches_interleaved for p in parts if p._caches_interleaved), None)
+        self._rows_picked = next((p._rows_picked for p in parts if p._rows_picked), None)
         if any(p._call_rows is None for p in parts):
             return  # (a part of unknown forwards: so are the forwards of the whole)
         runs: list[tuple[int, int]] = []
@@ -642,7 +705,6 @@ class Routes:
             else:
                 runs.append((rows, calls))
         self._call_rows = tuple(runs)
-        self._dropped_rows = sum(p._dropped_rows for p in parts)  # (a later part's: a hole in the rows)
         if any(p._fed_mask is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
             self._fed_mask = torch.cat(
                 [
@@ -650,8 +712,6 @@ class Routes:
                     for p in parts
                 ]
             )
-        self._rows_moved = next((p._rows_moved for p in parts if p._rows_moved), None)
-        self._caches_interleaved = next((p._caches_interleaved for p in parts if p._caches_interleaved), None)
 
     @classmethod
     def _trusted(
@@ -664,8 +724,8 @@ class Routes:
         obj._data = [d.to(_storage_dtype(e)).contiguous() for d, e in zip(data, obj._experts, strict=True)]
         obj._validated = validated
         #: a capture's rows per router call, as (rows, calls) runs, set by Session.routes() (and kept by the
-        #: methods that keep every row in place: with_token_ids, select, rename, save and load): every other
-        #: Routes (sliced, joined, built) holds rows that no longer follow those calls
+        #: methods that keep every row in place: with_token_ids, select, rename, save and load; cut to the rows
+        #: held by a slice of consecutive rows; joined by cat): rows picked out of order follow no calls
         obj._call_rows = None
         #: rows per router (at most) that a keep_newest capture dropped before the first it holds,
         #: set by Session.routes() only: such rows no longer start at a forward (split_generation refuses them)
@@ -680,6 +740,9 @@ class Routes:
         #: set by Session.routes() only: the type of a KV cache given to a forward again after another was given
         #: in between (the forwards of two decode loops interleaved: split_generation refuses them), or None
         obj._caches_interleaved = None
+        #: set where rows were picked out of order from a capture that knew its forwards (routes[[...]], a mask,
+        #: a step): what picked them; such rows follow no forwards, and split_generation refuses them
+        obj._rows_picked = None
         return obj
 
     def _forwards_meta(self) -> dict[str, Any] | None:
@@ -700,6 +763,7 @@ class Routes:
             "mask_runs": mask,
             "rows_moved": self._rows_moved,
             "caches_interleaved": self._caches_interleaved,
+            "rows_picked": self._rows_picked,
             "dropped_rows": int(self._dropped_rows),
         }
         if not any(v for v in known.values()):
@@ -1029,6 +1093,16 @@ def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
     )
 
 
+def _run_start(rows: slice | torch.Tensor, n: int) -> int | None:
+    """The first of ``rows`` (of :func:`_token_rows`) where they are consecutive rows in order, else None."""
+    if isinstance(rows, slice):
+        return rows.start if rows.step in (None, 1) or len(range(rows.start, rows.stop, rows.step)) <= 1 else None
+    if rows.numel() == 0:
+        return 0
+    first = int(rows[0])
+    return first if torch.equal(rows, torch.arange(first, first + rows.numel())) else None
+
+
 def _is_integer(index: Any) -> bool:
     if isinstance(index, bool):
         return False
@@ -1076,6 +1150,7 @@ def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) 
         routes._fed_mask = torch.cat([torch.full((n,), v, dtype=torch.int8) for v, n in mask])
     routes._rows_moved = text(forwards.get("rows_moved"), "cache move")
     routes._caches_interleaved = text(forwards.get("caches_interleaved"), "cache interleaving")
+    routes._rows_picked = text(forwards.get("rows_picked"), "rows picked")
     routes._dropped_rows = dropped
 
 

@@ -940,7 +940,8 @@ def test_a_capture_remembers_its_forwards_through_reserve_and_only_while_eager()
         with session.capture(clear=False), torch.no_grad():
             model(x[:, :1])
         assert session.routes()._call_rows == ((10, 1), (2, 3))
-        assert session.routes()[1:]._call_rows is None  # sliced rows no longer follow the forwards
+        assert session.routes()[1:]._call_rows == ((9, 1), (2, 3))  # a slice keeps the rows of each forward it holds
+        assert session.routes()[[1, 0]]._call_rows is None  # rows picked out of order follow no forwards
         session.detach()
         assert session.routes()._call_rows == ((10, 1), (2, 3))  # kept at detach
 

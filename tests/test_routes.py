@@ -6,6 +6,7 @@ import io
 import json
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -727,3 +728,70 @@ def test_a_load_limit_that_is_no_byte_count_is_refused(tmp_path: object, limit: 
     with pytest.raises(mr.InvalidArgumentError, match="max_bytes"):
         mr.Routes.load(path, max_bytes=limit)
     assert mr.Routes.load(path, max_bytes=None).equal(make(t=2))
+
+
+def _two_generates() -> tuple[mr.Routes, mr.Routes, torch.Tensor]:
+    """A capture of two generate() calls of 2 prompts x 4 tokens and 3 new tokens, and a capture of one."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
+    prompt = torch.randint(3, 128, (2, 4), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, 3)
+            model.generate(prompt, 3, do_sample=True)
+        two = session.routes()
+        with session.capture(), torch.no_grad():
+            seq = model.generate(prompt, 3)
+        one = session.routes()
+    return two, one, seq
+
+
+def test_a_slice_of_a_capture_keeps_its_forwards() -> None:
+    """Once silent: routes[a:b] dropped what a capture knew of its forwards, so routes[:] of two generate() calls
+    split as one generate() of twice the prompts (each sequence got another's routes); a slice now keeps the
+    rows of each forward it holds, as split_routes does."""
+    two, one, seq = _two_generates()
+    with pytest.raises(mr.RoutesValidationError, match="ran forwards of"):
+        mr.split_generation(two, batch_size=4, prompt_len=4)
+    for cut in (two[:], two[0 : two.num_tokens], two[torch.ones(two.num_tokens, dtype=torch.bool)]):
+        assert cut._call_rows == two._call_rows
+        with pytest.raises(mr.RoutesValidationError, match="ran forwards of"):
+            mr.split_generation(cut, batch_size=4, prompt_len=4)
+    # each generate()'s rows, sliced out, know the forwards of one call and split as it
+    half = two.num_tokens // 2
+    assert two[:half]._call_rows == two[half:]._call_rows == ((8, 1), (2, 2))
+    got = mr.split_generation(one[:], batch_size=2, prompt_len=4, sequences=seq)
+    want = mr.split_generation(one, batch_size=2, prompt_len=4, sequences=seq)
+    assert all(a.equal(b) and torch.equal(a.token_ids, b.token_ids) for a, b in zip(got, want, strict=True))
+    # a slice through a forward holds part of it: refused, not split as a generate() of its own
+    with pytest.raises(mr.RoutesValidationError, match="ran forwards of"):
+        mr.split_generation(one[1:], batch_size=1, prompt_len=7)  # (11 rows: 7 + 4 steps of 1 by the count)
+
+
+def test_rows_picked_out_of_order_from_a_capture_are_refused_by_split_generation(tmp_path: Path) -> None:
+    """Once silent: rows picked from a capture by a list, a mask or a step lost its forwards and split by their
+    row count (as routes of an engine); they follow no forwards, so split_generation refuses them, saying so,
+    also after save/load, Routes.cat and the wire of gather/scatter_routes."""
+    from moe_replay.distributed import _known, _restore
+
+    _, one, _ = _two_generates()
+    n = one.num_tokens
+    picks = [one[list(range(n - 1, -1, -1))], one[::2], one[torch.arange(n) != 3], one[[0, 2, 1, *range(3, n)]]]
+    for picked in picks:
+        assert picked._call_rows is None and picked._rows_picked is not None
+        with pytest.raises(mr.RoutesValidationError, match="picked out of a capture's order"):
+            mr.split_generation(picked, batch_size=2, prompt_len=4)
+    picked = picks[-1]
+    path = tmp_path / "picked.npz"
+    picked.save(path)
+    for back in (
+        mr.Routes.load(path),
+        mr.Routes.cat([picked[:5], picked[5:]]),
+        mr.Routes.cat([one[:5], picked[5:]]),
+        _restore(mr.Routes._trusted(picked._data, picked.names, picked.experts_per_layer), _known(picked), 0),
+    ):
+        assert back._rows_picked == picked._rows_picked
+        with pytest.raises(mr.RoutesValidationError, match="picked out of a capture's order"):
+            mr.split_generation(back, batch_size=2, prompt_len=4)
+    # routes of unknown forwards (an engine's) are picked from as before: nothing to lose
+    engine = mr.Routes(one.per_layer(), one.names, one.experts_per_layer)
+    assert engine[::2]._rows_picked is None
