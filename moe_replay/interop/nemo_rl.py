@@ -141,10 +141,12 @@ def from_nemo_rl(
             give ``num_tokens``); or the legacy nested list ``[S][L][K]``.
         num_tokens: prompt plus completion length, to check the row count: NeMo-RL writes
             one row per token.
-        missing: all -1 rows, which NeMo-RL writes where vLLM returned fewer rows than the
-            sequence has: ``"error"`` (default: the rows vLLM did return were placed from
-            the front, a guess) or ``"native"`` (take NeMo-RL's alignment; those tokens get
-            -1 rows).
+        missing: all -1 token rows, which NeMo-RL writes where vLLM returned fewer rows
+            than the sequence has: ``"error"`` (default: the rows vLLM did return were placed
+            from the front, a guess) or ``"native"`` (take NeMo-RL's alignment; those tokens
+            get -1 rows). A -1 row of k in one layer's column alone (that layer routes the
+            token natively, as :func:`to_nemo_rl` writes a single router's -1 row) is read as
+            that router's -1 row either way.
 
     Returns:
         ``S`` tokens; the last is -1. From a message or item, they know their tokens
@@ -192,16 +194,22 @@ def from_nemo_rl(
         )
     body = arr[:-1].astype(np.int64)
     hole = (body == -1).all(axis=(1, 2))
-    neg = (body < 0).any(axis=(1, 2))
-    if missing == "error" and neg.any():
-        t = int(np.argmax(neg))
+    if missing == "error" and hole.any():
+        t = int(np.argmax(hole))
         raise RoutesValidationError(
             f"{_WHAT}: token {t} is all -1: NeMo-RL's fill for rows vLLM did not return ({int(hole.sum())} tokens "
             "here). NeMo-RL placed the rows vLLM did return from the front, so whether they belong to their tokens "
             "cannot be told. Pass missing='native' to take that alignment and route those tokens natively"
-            if hole[t]
-            else f"{_WHAT}: token {t} holds negative values {body[t].tolist()[:4]}; NeMo-RL writes -1 only across "
-            "a whole token row"
+        )
+    # a -1 is NeMo-RL's "route natively": across a whole token row (above), or a whole row of k in one layer's
+    # column (its Megatron side routes that token natively in that layer); any other negative is no route
+    minus = body == -1
+    odd = ((minus.any(axis=2) & ~minus.all(axis=2)) | (body < -1).any(axis=2)) & ~hole[:, None]
+    if odd.any():
+        t, j = (int(v) for v in np.argwhere(odd)[0])
+        raise RoutesValidationError(
+            f"{_WHAT}: token {t}, column {j} holds {body[t, j].tolist()[:4]}; NeMo-RL writes -1 only across a whole "
+            "row of k (that layer routes the token natively) or a whole token row (a row vLLM did not return)"
         )
     body[hole] = 0
     layers = columns(body, layer_map, layout, _WHAT, native=hole, negative_ok=True)
@@ -221,7 +229,9 @@ def to_nemo_rl(
     """NeMo-RL's ``nrlre1`` envelope for one sequence: a row per token, the last its placeholder.
 
     A token whose every router holds -1 is written as an all -1 row, as NeMo-RL writes a
-    route vLLM did not return; a single router's -1 row as -1 in its column.
+    route vLLM did not return (:func:`from_nemo_rl` reads it back with ``missing="native"``,
+    since such a row cannot be told from NeMo-RL's fill); a single router's -1 row as -1 in
+    its column, which :func:`from_nemo_rl` reads back as is.
 
     Args:
         layout: "all" hidden layers (vLLM 0.22+, as NeMo-RL pins) or "moe" layers (0.21).
