@@ -584,9 +584,9 @@ class Routes:
         if source._fed_mask is not None:
             self._fed_mask = source._fed_mask[rows].clone()
         if source._call_rows is not None or source._rows_picked is not None:
+            held = self._data[0].shape[0] if self._data else 0
             self._rows_picked = source._rows_picked or (
-                f"routes[...] picked {self._data[0].shape[0] if self._data else 0} of its {source.num_tokens} rows by a "
-                "list, mask or step"
+                f"routes[...] picked {held} of its {source.num_tokens} rows by a list, mask or step"
             )
 
     def select(self, names: Iterable[str]) -> Routes:
