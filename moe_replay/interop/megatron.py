@@ -113,11 +113,17 @@ def from_megatron(
     num_experts: int | Sequence[int],
     *,
     batch_size: int | None = None,
+    missing: str = "error",
 ) -> Routes:
     """Routes from Megatron's per-MoE-layer list (``RouterReplay.get_recorded_data()``).
 
     ``names`` are this model's routers in Megatron's layer order; ``batch_size`` converts
     sequence-first ``[S, B]`` token order back to batch-major.
+
+    Megatron gathers every index and records no "route natively" row, so a negative index
+    is refused by default (padding, or damage from another tool). ``missing="native"``
+    reads a whole row of -1 as no route, as NeMo-RL's patched Megatron routes such rows
+    natively (and as :func:`to_megatron` refuses to write without ``fill=``).
     """
     if not is_collection(tensors):
         raise ArgumentTypeError(
@@ -137,6 +143,16 @@ def from_megatron(
             f"Megatron layers hold different token counts {rows}: each layer's [tokens, k] tensor routes the same "
             "tokens. Pass the tensors of one micro-batch (get_recorded_data() of one forward)"
         )
+    if missing not in ("error", "native"):
+        raise RoutesValidationError(f"from_megatron: missing must be 'error' or 'native', got {missing!r:.60}")
+    for i, (nm, t) in enumerate(zip(names, tensors, strict=True)):
+        if missing == "error" and t.numel() and int(t.min()) < 0:
+            row = int((t < 0).reshape(t.shape[0], -1).any(dim=1).nonzero()[0, 0]) if t.ndim else 0
+            raise RoutesValidationError(
+                f"Megatron layer {i} (router '{nm}') holds a negative index at token {row}: Megatron gathers every "
+                "index and records no 'route natively' row, so this is padding or damage from another tool. If -1 "
+                "rows mean 'route natively' (NeMo-RL's patched Megatron), pass missing='native'"
+            )
     if batch_size is not None:
         inverse = [torch.argsort(_seq_first(t.shape[0], batch_size)) for t in tensors]
         tensors = [t[i] for t, i in zip(tensors, inverse, strict=True)]

@@ -88,3 +88,19 @@ def test_a_config_it_cannot_read_is_refused(config: object, error: type[mr.MoERe
     """A config holding neither setting is refused, naming what it accepts, rather than passed unchecked."""
     with pytest.raises(error, match=r"neither moe_enable_routing_replay nor moe_router_fusion.*TransformerConfig"):
         interop.check_megatron_config(config)
+
+
+def test_a_negative_index_in_megatrons_list_is_refused_unless_native() -> None:
+    """Once silent: from_megatron read a -1 row as "route natively", though Megatron gathers every index and records
+    none (a padded micro-batch's -1 rows came back as tokens to route natively, a format fact nowhere written).
+    Refused by default; missing="native" reads whole -1 rows as no route (NeMo-RL's patched Megatron does)."""
+    rows = torch.tensor([[0, 1], [-1, -1], [2, 3]])
+    with pytest.raises(mr.RoutesValidationError, match="layer 0 .*negative index at token 1.*missing='native'"):
+        interop.from_megatron([rows], ["gate"], 4)
+    got = interop.from_megatron([rows.numpy().astype(np.int32)], ["gate"], 4, missing="native")
+    assert got.layer("gate").tolist() == rows.tolist() and got.missing[:, 0].tolist() == [False, True, False]
+    for bad in ([[0, 1], [-2, -2], [2, 3]], [[0, 1], [-1, 2], [2, 3]]):  # no -1 row of Routes: refused either way
+        with pytest.raises(mr.RoutesValidationError):
+            interop.from_megatron([torch.tensor(bad)], ["gate"], 4, missing="native")
+    with pytest.raises(mr.RoutesValidationError, match="missing must be"):
+        interop.from_megatron([rows], ["gate"], 4, missing="skip")
