@@ -1010,6 +1010,7 @@ _READ_ERRORS = (
     zlib.error,
     struct.error,
     NotImplementedError,  # zipfile: a flag or method that a flipped bit turned on
+    RuntimeError,  # zipfile: a flipped bit that turned on the "encrypted" flag ("password required")
     UnicodeError,
     TypeError,  # an array of a kind torch does not take (str, datetime64)
     OverflowError,

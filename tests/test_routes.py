@@ -795,3 +795,18 @@ def test_rows_picked_out_of_order_from_a_capture_are_refused_by_split_generation
     # routes of unknown forwards (an engine's) are picked from as before: nothing to lose
     engine = mr.Routes(one.per_layer(), one.names, one.experts_per_layer)
     assert engine[::2]._rows_picked is None
+
+
+def test_a_routes_file_whose_flipped_bit_marks_it_encrypted_is_refused_as_corrupted(tmp_path: Path) -> None:
+    """Once a RuntimeError: a flipped bit that set a zip member's "encrypted" flag made Routes.load raise zipfile's
+    "password required" RuntimeError, not the RoutesValidationError of a corrupted file."""
+    path = tmp_path / "r.npz"
+    make(t=3).save(path)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"PK\x03\x04")  # the first local header: its general-purpose flags follow version (2 bytes)
+    central = raw.find(b"PK\x01\x02")  # and the central directory's, which zipfile reads
+    raw[at + 6] |= 1
+    raw[central + 8] |= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted"):
+        mr.Routes.load(path)
