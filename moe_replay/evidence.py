@@ -996,6 +996,34 @@ def _clone(obj: Any) -> Any:
     return obj
 
 
+def _grad_like(obj: Any, ref: Any) -> Any:
+    """``obj`` (fresh copies of a forward's inputs, or inputs of the probe's own making) with each floating tensor
+    requiring gradients where the real input ``ref`` in its place does: a forward that branches on
+    ``x.requires_grad`` (CompeteSMoE's competition step, aux losses computed only then) takes the branch its real
+    inputs take. A non-leaf real input gets a non-leaf copy, so that an in-place write into it runs as it would."""
+    if isinstance(obj, torch.Tensor):
+        if not (isinstance(ref, torch.Tensor) and ref.requires_grad) or obj.requires_grad:
+            return obj
+        if not (obj.is_floating_point() or obj.is_complex()):
+            return obj
+        leaf = obj.detach().requires_grad_()
+        if ref.is_leaf:
+            return leaf
+        with torch.enable_grad():
+            return leaf.clone()
+    if isinstance(obj, tuple) and isinstance(ref, tuple) and len(obj) == len(ref) and not hasattr(obj, "_fields"):
+        items = tuple(_grad_like(o, r) for o, r in zip(obj, ref, strict=True))
+        if type(obj) is not tuple:
+            with contextlib.suppress(TypeError):
+                return type(obj)(items)
+        return items
+    if isinstance(obj, list) and isinstance(ref, list) and len(obj) == len(ref):
+        return [_grad_like(o, r) for o, r in zip(obj, ref, strict=True)]
+    if type(obj) is dict and isinstance(ref, dict):
+        return {k: _grad_like(v, ref.get(k)) for k, v in obj.items()}
+    return obj
+
+
 #: Parameters up to this many elements are copied before probing and put back after each run;
 #: larger ones (expert weights) are only checked not to change.
 _COPY_LIMIT = 1 << 20
@@ -1199,6 +1227,8 @@ class _Prober:
         self.took = 0.0  # seconds of the longest run on the real inputs
         self.limit = limit  # seconds a run on ``args``/``kwargs`` may take (None: no limit; they are the forward's)
         self.snapshot = _Snapshot(scope) if snapshot is None else snapshot
+        #: the real forward's inputs, whose tensors requiring gradients the inputs of every run mirror
+        self.grads: tuple[tuple[Any, ...], dict[str, Any]] = (args, kwargs)
         #: inputs of the shape of its own made of real values (the real forward's other tokens, each alone, for a
         #: forward on one of them): later and earlier choices are varied on them first
         self.others: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
@@ -1236,7 +1266,8 @@ class _Prober:
                 _autocast_cache_aside(),
                 mode,
             ):
-                out = _within(limit, self.forward, *_clone(args), **_clone(kwargs))
+                run_args, run_kwargs = _grad_like((_clone(args), _clone(kwargs)), self.grads)
+                out = _within(limit, self.forward, *run_args, **run_kwargs)
         finally:
             NESTING.probing -= 1
         if inputs is None:
@@ -1380,6 +1411,7 @@ def establish(
         limit = max(_PROBE_SECONDS, _PROBE_FACTOR * probe.took)  # (inputs of the probe's own making)
         for what, inputs, others in _other_counts(args, kwargs):
             other = _Prober(forward, *inputs, scope, snapshot=probe.snapshot, limit=limit)
+            other.grads = probe.grads
             other.others = others
             try:
                 _check_elsewhere(name, other, ev, what)

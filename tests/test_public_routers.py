@@ -2796,14 +2796,17 @@ def _hand_forced(model: nn.Module, x: torch.Tensor, rows: list[torch.Tensor]) ->
             router.forced = None
 
 
-def assert_replay_is_the_hand_forced_forward(model: nn.Module, shape: tuple[int, ...], grad: bool) -> None:
+def assert_replay_is_the_hand_forced_forward(
+    model: nn.Module, shape: tuple[int, ...], grad: bool, **attach: object
+) -> None:
     """Capture on one input; a replay there gives the captured output; the captured rows replayed on another input
     of the same shape, and on the first after the routers change, give what the forward computes with those rows
-    forced by hand (weights read from the unmasked scores), where a free forward chooses otherwise."""
+    forced by hand (weights read from the unmasked scores), where a free forward chooses otherwise. ``attach``:
+    passed to :func:`moe_replay.attach`."""
     g = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     mode = torch.enable_grad if grad else torch.no_grad
-    with mr.attach(model) as session:
+    with mr.attach(model, **attach) as session:
         with mode(), session.capture():
             captured = model(x1)
         routes = session.routes()
@@ -5704,3 +5707,528 @@ def test_a_capacity_by_probability_in_a_block_that_returns_hidden_states_is_refu
     with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="chooses again"):
         with torch.no_grad(), session.capture():
             model(_x(t=64))
+
+
+# ==== CompeteSMoE's layers, ModuleFormer's gating, Mixture-of-Head attention, soft merging and DSelect-k
+class _CompeteArgs:
+    """The ``args`` namespace of Fsoft-AIC/CompeteSMoE's ``MoeLayer`` (the loss coefficients its layers read)."""
+
+    balance_loss_coef, router_z_loss_coef, router_loss_coef = 0.01, 0.001, 0.01
+    diversity_loss_coef, bal_comp_loss_coef = 0.01, 0.01
+
+
+class CompeteMoeLayer(_HandForced):
+    """Fsoft-AIC/CompeteSMoE ``moe_model/model/moe/moe.py`` ``MoeLayer``: a bias-free ``gate``, a top-k of the float32
+    softmax, weights renormalised, ``compute_moe`` (``torch.where(selected_experts == i)`` per expert over ``[B, N]``)
+    and the switch balance loss with the z-loss, returned as ``(output, aux, None, info)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_of_experts, self.num_selected, self.out_embed_dim = E, 2, D
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D)) for _ in range(E))
+        self.gate = nn.Linear(D, E, bias=False)
+        self.args = _CompeteArgs()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.gate.weight
+
+    def topk_expert(self, gate_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gate_softmax = F.softmax(gate_logits, dim=-1, dtype=torch.float32)
+        weights, selected_experts = self._decide(gate_softmax, gate_softmax, self.num_selected)
+        return weights, selected_experts, gate_softmax
+
+    def compute_moe(
+        self, selected_experts: torch.Tensor, weights: torch.Tensor, results: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        for i, expert in enumerate(self.experts):
+            batch_idx, token_idx, topk_idx = torch.where(selected_experts == i)
+            out_exp = expert(x[batch_idx, token_idx])
+            results[batch_idx, token_idx] += weights[batch_idx, token_idx, topk_idx].unsqueeze(0).T * out_exp
+        return results
+
+    def balanceloss(self, selected_experts: torch.Tensor, gate_softmax: torch.Tensor) -> torch.Tensor:
+        density_1_proxy = gate_softmax.mean(-2)
+        density_1 = F.one_hot(selected_experts.movedim(-1, 0), self.num_of_experts).float()[0].mean(-2)
+        return (density_1_proxy * density_1).mean() * float(self.num_of_experts**2)
+
+    def combine_loss(
+        self, selected_experts: torch.Tensor, gate_softmax: torch.Tensor, gate_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        balance_loss = self.balanceloss(selected_experts, gate_softmax)
+        router_z_loss = torch.logsumexp(gate_logits, dim=-1).square().mean()
+        aux = balance_loss * self.args.balance_loss_coef + router_z_loss * self.args.router_z_loss_coef
+        return aux, balance_loss, router_z_loss
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, dict[str, torch.Tensor]]:
+        gate_logits = self.gate(x)
+        weights, selected_experts, gate_softmax = self.topk_expert(gate_logits)
+        weights = weights / torch.sum(weights, dim=-1, keepdim=True).to(x.dtype)
+        output = torch.zeros(x.shape[0], x.shape[1], self.out_embed_dim, dtype=x.dtype)
+        output = self.compute_moe(selected_experts, weights, output, x)
+        aux, balance_loss, router_z_loss = self.combine_loss(selected_experts, gate_softmax, gate_logits)
+        return output, aux, None, {"balance_loss": balance_loss.detach(), "router_z_loss": router_z_loss.detach()}
+
+
+class CompeteSMoE(CompeteMoeLayer):
+    """CompeteSMoE ``competesmoe.py`` ``CompeteSMoE``: the gate's top-k always runs (``router_policy``); on a
+    competition step (``x.requires_grad``, past the warm-up, ``prob_flips[step]`` set) the experts chosen are instead
+    the top-k of ``affinity_scores``, the mean softplus of **every expert's output**, weighted by those scores
+    renormalised, with the router, diversity and balance losses; otherwise the gate's choice with its losses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current_steps, self.step_warm = 0, 0
+        self.register_buffer("prob_flips", torch.ones(4, dtype=torch.bool))
+
+    def competition_policy(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        B, N, _ = x.shape
+        affinity_scores = torch.zeros(B, N, self.num_of_experts, dtype=x.dtype)
+        expert_outputs = []
+        for i in range(self.num_of_experts):
+            out_i = self.experts[i](x)
+            affinity_scores[:, :, i] = torch.mean(F.softplus(out_i), dim=-1)
+            expert_outputs.append(out_i.unsqueeze(2))
+        expert_outputs_t = torch.cat(expert_outputs, dim=2)
+        affinity_softmax = F.softmax(affinity_scores, dim=-1, dtype=torch.float32)
+        weights, selected_experts = self._decide(affinity_scores, affinity_scores, self.num_selected)
+        weights = weights / torch.sum(weights, dim=-1, keepdim=True).to(x.dtype)
+        idx = selected_experts.unsqueeze(-1).expand(B, N, self.num_selected, expert_outputs_t.size(-1))
+        return weights, selected_experts, affinity_softmax, affinity_scores, torch.gather(expert_outputs_t, 2, idx)
+
+    def topk_expert(self, gate_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._competing:  # the gate's own top-k is then not the decision: left native when forcing by hand
+            gate_softmax = F.softmax(gate_logits, dim=-1, dtype=torch.float32)
+            weights, selected_experts = torch.topk(gate_softmax, self.num_selected)
+            return weights, selected_experts, gate_softmax
+        return super().topk_expert(gate_logits)
+
+    @staticmethod
+    def experts_diversity_loss(expert_outputs: torch.Tensor) -> torch.Tensor:
+        B, N, K, D_ = expert_outputs.shape
+        normalized = F.normalize(expert_outputs.float(), p=2, dim=-1).view(B * N, K, D_)
+        similarity = torch.bmm(normalized, normalized.transpose(1, 2)) * (1 - torch.eye(K))
+        return similarity.mean()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, dict[str, torch.Tensor]]:
+        self._competing = (
+            x.requires_grad
+            and self.current_steps >= self.step_warm
+            and self.prob_flips[self.current_steps - self.step_warm].item() == 1
+        )
+        output = torch.zeros(x.shape[0], x.shape[1], self.out_embed_dim, dtype=x.dtype)
+        gate_logits = self.gate(x)
+        gate_weights, gate_selected, gate_softmax = self.topk_expert(gate_logits)
+        gate_weights = gate_weights / torch.sum(gate_weights, dim=-1, keepdim=True).to(x.dtype)
+        if self._competing:
+            weights, selected, affinity_softmax, _, expert_outputs = self.competition_policy(x)
+            routerloss = F.mse_loss(gate_softmax, affinity_softmax.detach())
+            diversity_loss = self.experts_diversity_loss(expert_outputs)
+            balance_loss = self.balanceloss(selected, affinity_softmax)
+            aux = (
+                routerloss * self.args.router_loss_coef
+                + diversity_loss * self.args.diversity_loss_coef
+                + balance_loss * self.args.bal_comp_loss_coef
+            )
+            output = self.compute_moe(selected, weights, output, x)
+            return output, aux, None, {"balance_loss": balance_loss.detach(), "routerloss": routerloss.detach()}
+        output = self.compute_moe(gate_selected, gate_weights, output, x)
+        aux = torch.tensor(0.0, dtype=x.dtype)
+        if x.requires_grad:
+            aux = self.combine_loss(gate_selected, gate_softmax, gate_logits)[0]
+        return output, aux, None, {}
+
+
+class CompeteReMoE(CompeteMoeLayer):
+    """CompeteSMoE ``remoe.py`` ``ReMoE``: the top-k of ``relu(gate_logits.float())`` (ties at zero where fewer than k
+    logits are positive), weights over their sum plus ``1e-6``; losses only where ``x.requires_grad``."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, dict[str, torch.Tensor]]:
+        gate_logits = self.gate(x)
+        gate_relu = F.relu(gate_logits.float())
+        weights, selected_experts = self._decide(gate_relu, gate_relu, self.num_selected)
+        weights = weights / (torch.sum(weights, dim=-1, keepdim=True).to(x.dtype) + 1e-6)
+        output = torch.zeros(x.shape[0], x.shape[1], self.out_embed_dim, dtype=x.dtype)
+        output = self.compute_moe(selected_experts, weights, output, x)
+        aux = torch.tensor(0.0, dtype=x.dtype)
+        if x.requires_grad:
+            gate_softmax = F.softmax(gate_logits, dim=-1, dtype=torch.float)
+            aux = self.combine_loss(selected_experts, gate_softmax, gate_logits)[0]
+        return output, aux, None, {}
+
+
+class CompeteXMoE(CompeteMoeLayer):
+    """CompeteSMoE ``xmoe.py`` ``XMOE`` (X-MoE, arXiv 2204.09179) and, with ``theta``, ``smoe_perturbed.py``
+    ``MoEPerturbedCosingGating``: an unused biased ``gate``; the input reduced to ``E / 2`` dimensions; the
+    ``expert_embeddings`` parameter rescaled **in place** to norm 1.5 under ``no_grad`` in every forward; cosine scores
+    (``F.normalize``, or ``x / (|x| + theta)``), non-finite scores set in place to the finite minimum, a softmax at
+    temperature 0.3, then a top-k of the probabilities whose values are softmaxed again."""
+
+    def __init__(self, theta: float | None = None) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=True)
+        self.theta = theta
+        self.expert_embeddings = nn.Parameter(torch.randn(E, E // 2) * 0.02)
+        self.inp_reduction = nn.Linear(D, E // 2, bias=False)
+        self.temperature = 0.3
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.expert_embeddings
+
+    def _cosine(self, mat1: torch.Tensor, mat2: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+        if self.theta is None:
+            normalized = F.normalize(mat1.float(), p=2.0, dim=-1, eps=eps)
+        else:
+            normalized = mat1.float() / (mat1.norm(p=2, dim=-1, keepdim=True) + self.theta)
+        return torch.matmul(normalized, mat2.float().transpose(0, 1)).type_as(mat1)
+
+    @staticmethod
+    def _make_finite(scores: torch.Tensor) -> torch.Tensor:
+        ok = scores.isfinite()
+        if not ok.all():
+            scores[~ok] = scores[ok].min()
+        return scores
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, dict[str, torch.Tensor]]:
+        reduced_inp = self.inp_reduction(x)
+        with torch.no_grad():
+            norm = self.expert_embeddings.norm(p=2.0, dim=-1, keepdim=True)
+            self.expert_embeddings.mul_(1.5 / (norm if self.theta is None else norm + self.theta))
+        gate_logits = self._make_finite(self._cosine(reduced_inp, self.expert_embeddings))
+        gate_softmax = F.softmax(gate_logits / self.temperature, dim=-1, dtype=torch.float).to(x.dtype)
+        weights, selected_experts = self._decide(gate_softmax, gate_softmax, self.num_selected)
+        weights = torch.softmax(weights, dim=2)
+        output = torch.zeros(x.shape[0], x.shape[1], self.out_embed_dim, dtype=x.dtype)
+        output = self.compute_moe(selected_experts, weights, output, x)
+        aux = torch.tensor(0.0, dtype=x.dtype)
+        if x.requires_grad:
+            aux = self.combine_loss(selected_experts, gate_softmax, gate_logits)[0]
+        return output, aux, None, {}
+
+
+class TupleStack(nn.Module):
+    """Two residual layers of blocks that return ``(hidden, aux, ...)``: the hidden states go on, the aux losses
+    are summed into ``aux_loss`` (kept aside, as a training loop adds them to its loss)."""
+
+    def __init__(self, make: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([make(), make()])
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        aux = torch.zeros(())
+        for layer in self.layers:
+            out = layer(x)
+            x, aux = x + out[0], aux + out[1]
+        self.aux_loss = aux
+        return x
+
+
+class ModuleFormerGating(_HandForced):
+    """ModuleFormer / Mod-Squad ``top_k_gating`` (``aux_loss='mi'``): an MLP ``w_gate`` (Linear, GELU, Dropout,
+    bias-free Linear), a softmax over dim 1, then in training with ``sample_topk > 0`` the top ``k - sample_topk`` by
+    probability and ``sample_topk`` more **drawn with** ``torch.multinomial`` from the others (chosen ones set to 0 by
+    index assignment), else a top-k; the mutual-information statistics accumulate in plain attributes."""
+
+    def __init__(self, sample_topk: int = 0) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.sample_topk = E, 2, sample_topk
+        self.w_gate = nn.Sequential(nn.Linear(D, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, E, bias=False))
+        self.p_e: float | torch.Tensor = 0.0
+        self.acc_freq: float | torch.Tensor = 0.0
+        self.neg_H_e_given_x: float | torch.Tensor = 0.0
+        self.count_layers = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.w_gate[-1].weight
+
+    def update_aux_statistics(self, probs: torch.Tensor, logits: torch.Tensor, gates: torch.Tensor) -> None:
+        log_prob = torch.log_softmax(logits, dim=-1)
+        self.acc_freq = self.acc_freq + (gates > 0).float().sum(0)
+        self.p_e = self.p_e + probs.sum(0) / probs.size(0)
+        self.neg_H_e_given_x = self.neg_H_e_given_x + (probs * log_prob).sum() / probs.size(0)
+        self.count_layers += 1
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.w_gate(x)
+        probs = torch.softmax(logits, dim=1)
+        if self.training and self.sample_topk > 0:
+            _, top_km1_indices = probs.topk(self.top_k - self.sample_topk, dim=1)
+            masked_probs = probs + 1e-6
+            masked_probs[torch.arange(probs.size(0)).unsqueeze(1), top_km1_indices] = 0
+            k_indices = torch.multinomial(masked_probs, self.sample_topk)
+            top_k_indices = torch.cat([top_km1_indices, k_indices], dim=-1)
+            top_k_gates = torch.gather(probs, 1, top_k_indices)
+        else:
+            top_k_gates, top_k_indices = self._decide(probs, probs, self.top_k)
+        gates = torch.zeros_like(probs).scatter(1, top_k_indices, top_k_gates)
+        self.update_aux_statistics(probs, logits, gates)
+        return top_k_indices, top_k_gates, probs
+
+
+class ModuleFormerMoE(nn.Module):
+    """ModuleFormer's ``MoE`` around ``top_k_gating``: tokens sorted by expert (``compute_gating``: the non-zero
+    gates, a stable sort of their experts, ``expert_size`` from ``gates > 0``) and combined with ``index_add``."""
+
+    def __init__(self, sample_topk: int = 0) -> None:
+        super().__init__()
+        self.router = ModuleFormerGating(sample_topk)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top_k_indices, top_k_gates, probs = self.router(x)
+        k = top_k_indices.shape[1]
+        gates = torch.zeros_like(probs).scatter(1, top_k_indices, top_k_gates)
+        flat_gates, flat_experts = top_k_gates.flatten(), top_k_indices.flatten()
+        nonzeros = flat_gates.nonzero().squeeze(-1)
+        _, order = flat_experts[nonzeros].sort(0)
+        index_sorted = nonzeros[order]
+        expert_size = (gates > 0).long().sum(0).tolist()
+        batch_index, batch_gates = index_sorted.div(k, rounding_mode="trunc"), flat_gates[index_sorted]
+        out, start = torch.zeros_like(x), 0
+        for e, n in enumerate(expert_size):
+            rows = batch_index[start : start + n]
+            out = out.index_add(0, rows, batch_gates[start : start + n, None] * self.experts[e](x[rows]))
+            start += n
+        return out
+
+
+class MoHAttention(_HandForced):
+    """SkyworkAI MoH ``MoHAttention`` (arXiv 2410.11842): attention heads as experts. ``wg`` scores the routed heads,
+    a top-k of their softmax makes a ``one_hot(...).sum(1)`` mask, the masked gates are renormalised in place (a
+    ``clamp``-guarded division) and scaled; ``wg_0`` weighs shared against routed heads, ``wg_1`` the shared ones."""
+
+    def __init__(self, num_heads: int = 10, shared_head: int = 2, routed_head: int = 3) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, 4
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(D, self.head_dim * num_heads * 3, bias=False)
+        self.proj = nn.Linear(self.head_dim * num_heads, D)
+        self.shared_head, self.routed_head = shared_head, routed_head
+        self.wg = nn.Linear(D, num_heads - shared_head, bias=False)
+        self.wg_0 = nn.Linear(D, 2, bias=False)
+        self.wg_1 = nn.Linear(D, shared_head, bias=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.wg.weight
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        _x = x.reshape(B * N, C)
+        logits = self.wg(_x)
+        gates = F.softmax(logits, dim=1)
+        num_tokens, num_experts = gates.shape
+        _, indices = self._decide(gates, gates, self.routed_head)
+        mask = F.one_hot(indices, num_classes=num_experts).sum(dim=1)
+        routed_head_gates = gates * mask
+        denom_s = torch.clamp(torch.sum(routed_head_gates, dim=1, keepdim=True), min=torch.finfo(gates.dtype).eps)
+        routed_head_gates /= denom_s
+        routed_head_gates = routed_head_gates.reshape(B, N, -1) * self.routed_head
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2)
+        shared_head_gates = F.softmax(self.wg_1(_x), dim=1).reshape(B, N, -1) * self.shared_head
+        weight_0 = F.softmax(self.wg_0(_x), dim=1).reshape(B, N, 2) * 2
+        shared_head_gates = torch.einsum("bn,bne->bne", weight_0[:, :, 0], shared_head_gates)
+        routed_head_gates = torch.einsum("bn,bne->bne", weight_0[:, :, 1], routed_head_gates)
+        masked_gates = torch.cat([shared_head_gates, routed_head_gates], dim=2)
+        x = torch.einsum("bne,bned->bned", masked_gates, x).reshape(B, N, self.head_dim * self.num_heads)
+        return self.proj(x), attn
+
+
+class SMEARBlock(nn.Module):
+    """praxis ``PraxisSMEAR`` (SMEAR, arXiv 2306.03745): a softmax router on the sequence mean, and every expert's
+    parameters averaged by the batch-mean probability into one merged MLP: no expert is chosen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Sequential(nn.Linear(D, E), nn.Softmax(dim=-1))
+        self.experts_up = nn.ModuleList(nn.Linear(D, D * 2) for _ in range(E))
+        self.experts_down = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        routing_probs = self.router(inputs.mean(dim=1))
+        up_w, up_b = torch.zeros_like(self.experts_up[0].weight), torch.zeros_like(self.experts_up[0].bias)
+        down_w, down_b = torch.zeros_like(self.experts_down[0].weight), torch.zeros_like(self.experts_down[0].bias)
+        for i in range(len(self.experts_up)):
+            w = routing_probs[:, i].mean()
+            up_w, up_b = up_w + self.experts_up[i].weight * w, up_b + self.experts_up[i].bias * w
+            down_w, down_b = down_w + self.experts_down[i].weight * w, down_b + self.experts_down[i].bias * w
+        linear, gated = F.linear(inputs, up_w, up_b).chunk(2, dim=-1)
+        return F.linear(linear * F.silu(gated), down_w, down_b)
+
+
+class DSelectKGate(nn.Module):
+    """LibMTL ``DSelect_k`` (arXiv 2106.03760, from google-research ``dselect_k_moe``) for one task: ``k`` selectors,
+    each a smooth-step of ``log2(E)`` binary-code logits (exactly 0 or 1 past ``+-gamma/2``: sparse once trained, with
+    no top-k), mixed by a softmax of ``w_logits``; the experts all run and are summed with those weights."""
+
+    def __init__(self, num_nonzeros: int = 2, gamma: float = 1.0) -> None:
+        super().__init__()
+        self._num_nonzeros, self._gamma = num_nonzeros, gamma
+        self._num_binary = math.ceil(math.log2(E))
+        self._z_logits = nn.Linear(D, num_nonzeros * self._num_binary)
+        self._w_logits = nn.Linear(D, num_nonzeros)
+        codes = np.array([list(np.binary_repr(v, width=self._num_binary)) for v in range(E)]).astype(int).astype(bool)
+        self.register_buffer("_binary_codes", torch.from_numpy(codes).unsqueeze(0))
+        self.experts = Experts()
+
+    def _smooth_step_fun(self, t: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+        return torch.where(
+            t <= -gamma / 2,
+            torch.zeros_like(t),
+            torch.where(t >= gamma / 2, torch.ones_like(t), (-2 / (gamma**3)) * (t**3) + (3 / (2 * gamma)) * t + 1 / 2),
+        )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        experts_shared_rep = torch.stack([e(inputs) for e in self.experts])
+        sample_logits = self._z_logits(inputs).reshape(-1, self._num_nonzeros, 1, self._num_binary)
+        smooth_step_activations = self._smooth_step_fun(sample_logits)
+        selector_outputs = torch.where(
+            self._binary_codes.unsqueeze(0), smooth_step_activations, 1 - smooth_step_activations
+        ).prod(3)
+        selector_weights = F.softmax(self._w_logits(inputs), dim=1)
+        expert_weights = torch.einsum("ij, ij... -> i...", selector_weights, selector_outputs)
+        return torch.einsum("ij, ji... -> i...", expert_weights, experts_shared_rep)
+
+
+def _three_d(seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, T // 2, D, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("make", [CompeteMoeLayer, CompeteReMoE], ids=["smoe", "relu-topk"])
+def test_competesmoe_layers_replay_the_hand_forced_forward(
+    make: Callable[[], nn.Module], training: bool, grad: bool
+) -> None:
+    """CompeteSMoE's base ``MoeLayer`` and its ReMoE variant (a top-k of ``relu`` logits, ties at zero where fewer than
+    k are positive), returning ``(output, aux, None, info)`` with losses only where the input requires gradients:
+    replayed rows give exactly the hand-forced forward, also on another input and after the gates change."""
+    assert_replay_is_the_hand_forced_forward(TupleStack(make).train(training), (2, T // 2, D), grad)
+
+
+def test_competesmoe_competition_step_taken_on_inputs_that_require_gradients_is_exact() -> None:
+    """Once refused ("its control flow changed"): the probe ran the forward on detached copies of its inputs, so
+    CompeteSMoE's ``if x.requires_grad`` competition step (a top-k of every expert's output, after the gate's own
+    top-k) was established on the gate's branch. Now the decision is the competition's top-k: replayed rows give the
+    hand-forced forward with gradients, on another input and after the gates change, and the gate learns."""
+    model = TupleStack(CompeteSMoE).train()
+    x1, x2 = _three_d(1), _three_d(2)
+
+    def forced(x: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+        for layer, r in zip(model.layers, rows, strict=True):
+            layer.forced = r
+        try:
+            return model(x).detach()
+        finally:
+            for layer in model.layers:
+                layer.forced = None
+
+    with mr.attach(model) as session:
+        with session.capture():
+            captured = model(x1)
+        routes = session.routes()
+        rows = [routes.layer(name) for name in session.names]
+        assert [layer._competing for layer in model.layers] == [False, True]  # (layer 0's input needs no gradient)
+        assert torch.equal(forced(x1, rows), captured.detach())
+        perturb(model)
+        for x in (x2, x1):
+            free = model(x).detach()
+            expected = forced(x, rows)
+            assert not torch.equal(free, expected)
+            with session.replay(routes), session.capture():
+                replayed = model(x)
+            assert torch.equal(replayed.detach(), expected)
+            assert session.routes().equal(routes)
+        model.zero_grad()
+        (replayed.square().sum() + model.aux_loss).backward()
+        assert all(layer.gate.weight.grad is not None for layer in model.layers)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("theta", [None, 0.1], ids=["xmoe", "perturbed-cosine"])
+def test_xmoe_cosine_gates_rescaling_their_embeddings_in_place_are_exact(theta: float | None, training: bool) -> None:
+    """CompeteSMoE's X-MoE and perturbed cosine gates rescale ``expert_embeddings`` in place in every forward (the
+    perturbed one shrinks them each time): a capture is the plain forward and leaves every parameter as one forward
+    does; replayed rows give the hand-forced forward of a copy in the same state, on another input and after the
+    gates change, where a free forward chooses otherwise."""
+    model = TupleStack(lambda: CompeteXMoE(theta)).train(training)
+    plain = TupleStack(lambda: CompeteXMoE(theta)).train(training)
+    x1, x2 = _three_d(1), _three_d(2)
+
+    def forced(x: torch.Tensor, rows: list[torch.Tensor] | None) -> torch.Tensor:
+        copy = TupleStack(lambda: CompeteXMoE(theta)).train(training)
+        copy.load_state_dict(plain.state_dict())
+        for layer, r in zip(copy.layers, rows or [None, None], strict=True):
+            layer.forced = r
+        with torch.no_grad():
+            return copy(x)
+
+    with torch.no_grad():
+        want = plain(x1)
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            assert torch.equal(model(x1), want)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters(), strict=True))
+        routes = session.routes()
+        rows = [routes.layer(name) for name in session.names]
+        perturb(model)
+        perturb(plain)
+        for x in (x2, x1):
+            expected = forced(x, rows)
+            assert not torch.equal(forced(x, None), expected)
+            with torch.no_grad(), session.replay(routes), session.capture():
+                got = model(x)
+            with torch.no_grad():
+                plain(x)  # (the same in-place rescale as the replayed forward)
+            assert torch.equal(got, expected)
+            assert session.routes().equal(routes)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_moduleformer_gating_with_an_mlp_gate_is_exact_and_counts_one_forward(grad: bool) -> None:
+    """ModuleFormer's ``top_k_gating`` (an MLP gate, statistics in plain attributes) under its sorting dispatch:
+    replayed rows give the hand-forced forward in eval, a training capture (gate dropout) uses the captured experts
+    in a replay under another seed, and the statistics count each forward once."""
+    assert_replay_is_the_hand_forced_forward(TwoLayers(ModuleFormerMoE).eval(), (T, D), grad)
+    model = TwoLayers(ModuleFormerMoE).train()
+    assert_exact_in_training(model, scale=0.3)  # (larger: forced experts' probabilities underflow to 0, not dispatched)
+    assert [layer.router.count_layers for layer in model.layers] == [3, 3]  # capture, plain, replay
+
+
+def test_moduleformer_sampled_experts_in_training_are_refused() -> None:
+    """ModuleFormer's ``sample_topk`` in training draws the last experts with ``torch.multinomial`` after a top-k of
+    the first: a replay would force the top-k and draw the rest again, so it is refused as a choice after it."""
+    model = TwoLayers(lambda: ModuleFormerMoE(sample_topk=1)).train()
+    with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="chooses again"):
+        with torch.no_grad(), session.capture():
+            model(_x())
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_mixture_of_head_attention_named_is_exact(training: bool) -> None:
+    """MoH's attention heads are its experts (no expert modules): not found without configuration; named, with
+    ``top_k``/``num_experts``, replayed rows give the hand-forced forward (weights read through a ``one_hot`` mask of
+    the chosen heads, renormalised in place)."""
+    with pytest.raises(mr.RouterNotFoundError):
+        mr.attach(TupleStack(MoHAttention))
+    model = TupleStack(MoHAttention).train(training)
+    assert_replay_is_the_hand_forced_forward(model, (2, T // 2, D), False, include="layers.*", top_k=3, num_experts=8)
+
+
+def test_smear_and_dselect_k_choose_no_expert_and_are_not_found_or_refused() -> None:
+    """SMEAR merges every expert's parameters and DSelect-k weighs all experts through smooth-steps, with no top-k:
+    neither is found as a router, and SMEAR's router named is refused as soft routing."""
+    for block in (SMEARBlock, DSelectKGate):
+        with pytest.raises(mr.RouterNotFoundError, match="no MoE router found"):
+            mr.attach(TwoLayers(block))
+    model = TwoLayers(SMEARBlock)
+    with mr.attach(model, include="layers.*.router", top_k=2, num_experts=E) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match="soft routing"), torch.no_grad(), session.capture():
+            model(_three_d())
