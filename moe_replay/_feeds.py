@@ -908,6 +908,8 @@ class FeedForward:
             self.compiled = True
             return self._run(args, kwargs)
         for owner in self.owners:
+            if owner.abandoned:  # (a block made and dropped without `with`: the caller believes it open)
+                owner.refuse_abandoned()
             if owner.blocks:  # (not a forward of another asyncio task while the block's awaits)
                 owner.admit_forward(self.module)  # (named only where it refuses)
         if self.records:

@@ -113,15 +113,29 @@ class _Owner:
     """The thread holding a session's open blocks (capture, replay, keep_scores, verify), and, where asyncio runs
     there, which of its tasks may run forwards in them."""
 
-    __slots__ = ("blocks", "coro", "ident", "last", "lock", "mark")
+    __slots__ = ("abandoned", "blocks", "coro", "ident", "last", "lock", "mark")
 
     def __init__(self) -> None:
         self.ident: int | None = None
         self.blocks = 0
+        #: the blocks (``"replay()"``...) made and dropped without being entered since the last forward
+        self.abandoned: list[str] = []
         self.lock = threading.Lock()
         self.coro: Any = None  # the coroutine of the asyncio task that opened the outermost block, or None
         self.last: Any = None  # the coroutine of the task that ran the block's last forward (at first: ``coro``)
         self.mark: object | None = None  # the outermost block's mark, in the context that opened it
+
+    def refuse_abandoned(self) -> None:
+        """Refuse, once, the forward after a block was made and dropped without being entered (see :class:`_Block`)."""
+        made, self.abandoned = self.abandoned, []
+        what = made[0]
+        raise SessionStateError(
+            f"session.{what} was called but its block was never entered"
+            + (f" (and {len(made) - 1} more block(s): {', '.join(made[1:4])})" if len(made) > 1 else "")
+            + f": {what} returns a context manager, and nothing is forced, recorded or kept until a `with` "
+            f"statement enters it, so this forward would have run natively, neither forced nor recorded. Write "
+            f"`with session.{what[:-1]}...):` around the forwards. This forward did not run; the next one runs"
+        )
 
     def open(self) -> None:
         """The outermost block opens: mark the context that opens it (tasks started in it inherit the mark)."""
@@ -165,6 +179,65 @@ class _Owner:
                 f"and waits at an await before its next: {_INTERLEAVE}"
             )
         self.last = coro
+
+
+class _Block:
+    """What :meth:`Session.capture`, :meth:`Session.replay` and :meth:`Session.keep_scores` return: their context
+    manager, entered once.
+
+    Called without ``with`` (``session.replay(routes)`` as a statement), the block would never open and the
+    forwards after it would run natively while the caller believes them forced or recorded. A block dropped
+    without being entered is noted on the session, and the model's next forward is refused (once) saying so.
+    A block kept and not entered (held by a name, or by a notebook's output history) is not seen.
+    """
+
+    __slots__ = ("_cm", "_entered", "_owner", "_what")
+
+    def __init__(self, owner: _Owner, what: str, cm: contextlib.AbstractContextManager[Any]) -> None:
+        self._cm = cm
+        self._owner = owner
+        self._what = what
+        self._entered = False
+
+    def __enter__(self) -> Any:
+        if self._entered:
+            raise SessionStateError(
+                f"this {self._what} block was entered already: a block's context manager is entered once. Call "
+                f"session.{self._what[:-1]}...) again for each `with`"
+            )
+        self._entered = True
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        if not self._entered:
+            return None  # (never entered: nothing to leave)
+        return self._cm.__exit__(*exc)
+
+    def __del__(self) -> None:
+        if not self._entered:
+            try:
+                self._owner.abandoned.append(self._what)
+            except Exception:  # (interpreter shutdown: nothing will run a forward)
+                pass
+
+    def __repr__(self) -> str:
+        return f"<session.{self._what} block{' (entered)' if self._entered else ': enter it with `with`'}>"
+
+
+def _block_method(what: str) -> Callable[[Callable[..., Iterator[Any]]], Callable[..., Any]]:
+    """A session method made of a generator, as :func:`contextlib.contextmanager` makes it, returning a
+    :class:`_Block` (named ``what``) around its context manager."""
+
+    def make(fn: Callable[..., Iterator[Any]]) -> Callable[..., Any]:
+        cm = contextlib.contextmanager(fn)
+
+        @functools.wraps(fn)
+        def method(self: Session, *args: Any, **kwargs: Any) -> _Block:
+            return _Block(self._owner, what, cm(self, *args, **kwargs))
+
+        return method
+
+    return make
 
 
 _INTERLEAVE = (
@@ -1024,7 +1097,7 @@ class Session:
             h.replaying = self._replaying and h.replay_source is not None
 
     # ------------------------------------------------------------- capture
-    @contextlib.contextmanager
+    @_block_method("capture()")
     def capture(
         self, *, clear: bool = True, expected_tokens: int | None = None, max_bytes: int | None = None
     ) -> Iterator[Session]:
@@ -1414,7 +1487,7 @@ class Session:
         self._renamed = renamed
         return routes, plan
 
-    @contextlib.contextmanager
+    @_block_method("replay()")
     def replay(self, routes: Routes, *, strict: bool = True) -> Iterator[Session]:
         """Force the recorded experts; combine weights come from the current scores.
 
@@ -1594,7 +1667,7 @@ class Session:
             self._feed_wrappers.append(wrapper)
 
     # ------------------------------------------------------------- scores
-    @contextlib.contextmanager
+    @_block_method("keep_scores()")
     def keep_scores(self) -> Iterator[RouterScores]:
         """Keep, for every router decision, the scores it was made on and the experts used.
 

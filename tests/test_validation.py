@@ -250,6 +250,29 @@ def test_nesting_and_second_session_are_refused(setup) -> None:
         mr.attach(model)
 
 
+@pytest.mark.parametrize("block", ["replay", "capture", "keep_scores"])
+def test_a_block_called_without_with_refuses_the_next_forward(setup, block: str) -> None:
+    """Once silent: `session.replay(routes)` as a statement (no `with`) forced nothing and `session.capture()`
+    recorded nothing, the forwards after them running natively; a block entered twice raised AttributeError."""
+    model, session, routes, x = setup
+    make = {"replay": lambda: session.replay(routes), "capture": session.capture, "keep_scores": session.keep_scores}
+    with torch.no_grad():
+        native = model(x).logits
+        make[block]()  # (dropped at once, never entered)
+        with pytest.raises(mr.SessionStateError, match=rf"session\.{block}\(\) was called but .* never entered"):
+            model(x)
+        assert session.state == "idle"
+        assert torch.equal(model(x).logits, native)  # said once: the next forward runs
+        kept = make[block]()
+        with kept:
+            model(x)
+        with pytest.raises(mr.SessionStateError, match="entered already"):
+            with kept:
+                pass
+        model(x)  # (a block entered once, then dropped: nothing to say)
+    _still_replays(model, session, routes, x)
+
+
 @pytest.mark.reliability("faults")
 def test_exception_mid_forward_keeps_session_usable(setup) -> None:
     """An expert that raises during capture and replay: the session returns to idle and replays exactly."""
