@@ -394,17 +394,29 @@ class FeedCheck:
         device_ids: check ids fed on a device too. Reading them back is a host sync when the
             block ends, which a strict replay makes anyway (it reads the routers' device
             cursors there); a replay with ``strict=False`` never syncs, and checks host ids only.
+        padding: True for each row recorded at prompt padding (its id is -1: it was fed no token of a
+            sequence), or None. A forward that feeds such a row a token of a sequence (its attention mask
+            says token there, or it has none) is refused: that token would take the experts a padding
+            token got.
     """
 
     def __init__(
-        self, want: torch.Tensor, position: Callable[[], int | None], hint: str = "", *, device_ids: bool = True
+        self,
+        want: torch.Tensor,
+        position: Callable[[], int | None],
+        hint: str = "",
+        *,
+        device_ids: bool = True,
+        padding: torch.Tensor | None = None,
     ) -> None:
         self.want = want
+        self.padding = padding if padding is not None and bool(padding.any()) else None
         self.position = position
         self.hint = hint  # what the error adds, about these routes
         self.device_ids = device_ids
         self.forwards = 0  # forwards of the model in the block
-        self.pending: list[tuple[int, int, torch.Tensor]] = []  # (forward, first row, copy of its ids) to compare
+        #: (forward, first row, copy of its ids, which of them it fed as tokens or None) to compare
+        self.pending: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
         self._lost = False  # a forward's rows were read where the host does not see them
         self._read_once = False  # device ids were read back once, at their first forward
         self._thread: int | None = None
@@ -504,31 +516,38 @@ class FeedCheck:
             self.sequence_first = True
         flat = in_router_order(ids.detach(), order).reshape(-1)
         self._current = (count, flat)
-        self._check(start, flat)
+        tokens = None  # which of them it feeds as tokens of a sequence, where rows recorded at padding are read
+        if self.padding is not None and bool(self.padding[start : start + count].any()):
+            fed = _tokens_fed(kwargs.get("attention_mask"), ids)
+            tokens = None if fed is None else in_router_order(fed, order).reshape(-1)
+        self._check(start, flat, tokens)
         return True
 
-    def _check(self, start: int, flat: torch.Tensor) -> None:
-        """Compare the ids ``flat`` of this forward with the rows from ``start`` on: now where they are on the host
-        (and the first time they are on a device: one host sync), else when the block ends."""
+    def _check(self, start: int, flat: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        """Compare the ids ``flat`` of this forward (and ``tokens``, which of them it feeds as tokens) with the rows
+        from ``start`` on: now where they are on the host (and the first time they are on a device: one host
+        sync), else when the block ends."""
         flat = flat[: max(self.want.numel() - start, 0)]  # (past the end: the routers refuse)
         if not flat.numel():
             return
+        if tokens is not None:
+            tokens = tokens[: flat.numel()]
         if flat.device.type == "cpu" or not self._read_once:  # (the first device ids: one host sync, at once)
             self._read_once = flat.device.type != "cpu"
-            self._compare(self.forwards, start, flat)
+            self._compare(self.forwards, start, flat, tokens)
         else:
-            self.pending.append((self.forwards, start, flat.clone()))
+            self.pending.append((self.forwards, start, flat.clone(), None if tokens is None else tokens.clone()))
 
     def finish(self) -> None:
         """Compare the forwards whose ids were on a device, in order (one copy to the host per device)."""
         pending, self.pending = self.pending, []
         host: dict[int, torch.Tensor] = {}
-        for device in {ids.device for _, _, ids in pending}:
-            mine = [(i, ids) for i, (_, _, ids) in enumerate(pending) if ids.device == device]
+        for device in {ids.device for _, _, ids, _ in pending}:
+            mine = [(i, ids) for i, (_, _, ids, _) in enumerate(pending) if ids.device == device]
             flat = torch.cat([ids.to(torch.long) for _, ids in mine]).cpu()
             host.update(zip([i for i, _ in mine], flat.split([ids.numel() for _, ids in mine]), strict=True))
-        for i, (forward, start, _) in enumerate(pending):
-            self._compare(forward, start, host[i])
+        for i, (forward, start, _, tokens) in enumerate(pending):
+            self._compare(forward, start, host[i], None if tokens is None else tokens.cpu())
 
     def _unseen_read(self, router: str, start: int, n: int) -> None:
         """A router reads rows no forward this check has seen was fed: refuse (see :meth:`start`), unless it is
@@ -564,11 +583,12 @@ class FeedCheck:
             "routes.with_token_ids(None) to replay by row order alone" + (f". {self.hint}" if self.hint else "")
         )
 
-    def _compare(self, forward: int, start: int, ids: torch.Tensor) -> None:
+    def _compare(self, forward: int, start: int, ids: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
         want = self.want[start : start + ids.numel()]
         got = ids.to("cpu", torch.long)
         bad = (want >= 0) & (got != want)
         if not bool(bad.any()):
+            self._compare_padding(forward, start, got, tokens)
             return
         j = int(bad.nonzero()[0])
         raise TokenMismatchError(
@@ -581,6 +601,24 @@ class FeedCheck:
             "whose tokens differ on purpose: routes.with_token_ids(None) drops the check"
             + (f". {_SEQUENCE_FIRST_HINT}" if self.sequence_first else "")
             + (f". {self.hint}" if self.hint else "")
+        )
+
+    def _compare_padding(self, forward: int, start: int, got: torch.Tensor, tokens: torch.Tensor | None) -> None:
+        """Refuse a forward that feeds a token of a sequence (``tokens`` 1) at a row recorded at prompt padding."""
+        if tokens is None or self.padding is None:
+            return
+        at_padding = self.padding[start : start + got.numel()] & (tokens.to("cpu") == 1)
+        if not bool(at_padding.any()):
+            return
+        j = int(at_padding.nonzero()[0])
+        raise TokenMismatchError(
+            f"forward {forward} of this replay() feeds {int(at_padding.sum())} token(s) of its sequences where its "
+            f"routes hold rows recorded at prompt padding (first: token {j} of the forward, id {int(got[j])}, reads "
+            f"row {start + j}, recorded at a padding position: attention mask 0 in the capture), so those tokens "
+            "would take the experts that padding got. The batch is padded otherwise than the capture's (another "
+            "padding side or length, or fed without its attention mask). Replay the capture's batch with its "
+            "attention mask, or lay the routes out for this batch (mr.split_generation, mr.BatchLayout), whose "
+            "padding rows are routed natively" + (f". {self.hint}" if self.hint else "")
         )
 
 
@@ -657,6 +695,29 @@ def _tokens_of_4d(mask: torch.Tensor, batch: int, width: int) -> torch.Tensor | 
     later = (attend & (keys[None, None, :] > queries[None, :, None])).flatten(1).any(dim=1)
     own = attend[:, queries, queries]
     return torch.where(later[:, None], -1, own.to(torch.int8))
+
+
+def _tokens_fed(mask: Any, ids: torch.Tensor) -> torch.Tensor | None:
+    """Which of the ``[batch, positions]`` ``ids`` a forward feeds as tokens of a sequence (1) or as padding (0), -1
+    where not known, from its attention ``mask``; None where the mask is of no known kind. No mask: every position
+    is a token. On the device: no host sync."""
+    if ids.dim() != 2:
+        return None
+    batch, width = ids.shape
+    if mask is None:
+        return torch.ones(batch, width, dtype=torch.int8, device=ids.device)
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 4:
+        return _tokens_of_4d(mask, batch, width)
+    if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < width:
+        return None
+    mask = mask[:, -width:]
+    if not mask.is_floating_point():
+        return (mask != 0).to(torch.int8)
+    ones = mask == 1  # a float mask of 0s and 1s (with a 1) as an integer one; any other is additive (0: a token)
+    zero_one = ones.any() & (ones | (mask == 0)).all()
+    return torch.where(zero_one, ones, mask > torch.finfo(mask.dtype).min / 2).to(torch.int8)
 
 
 def _zero_one(mask: torch.Tensor | None) -> torch.Tensor | None:

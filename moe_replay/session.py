@@ -1501,7 +1501,9 @@ class Session:
         slicing, files, :func:`split_generation` and the batch layouts) are checked against
         the token ids each forward of the model is fed: a forward fed other tokens than its
         rows were recorded for (another batch, micro-batch or rank, sequences in another
-        order) raises :class:`TokenMismatchError`, before any router reads a row where the
+        order), or tokens of its sequences at rows a capture recorded at prompt padding (a
+        batch padded otherwise, or fed without its attention mask), raises
+        :class:`TokenMismatchError`, before any router reads a row where the
         ids are on the host, and for the first forward fed ids on a device (one host sync);
         the later forwards' device ids when the block ends (no host sync per forward). With
         ``strict=False``, which never syncs the host, only a model on the CPU is checked.
@@ -1639,7 +1641,15 @@ class Session:
             return None if any(src.read_by_device for src in held) else max(src.host_consumed for src in held)
 
         # (device ids are read back when the block ends: a strict replay syncs there anyway, strict=False never does)
-        check = FeedCheck(routes._token_ids, position, hint=_GENERATE_HINT if generated else "", device_ids=strict)
+        fed_mask = routes._fed_mask  # (0 at the rows recorded at prompt padding: fed no token of a sequence)
+        padding = fed_mask == 0 if fed_mask is not None and fed_mask.shape == routes._token_ids.shape else None
+        check = FeedCheck(
+            routes._token_ids,
+            position,
+            hint=_GENERATE_HINT if generated else "",
+            device_ids=strict,
+            padding=padding,
+        )
         return check, check.start(self._feed_wrappers, held)
 
     def _install_feed_levels(self, model: nn.Module) -> None:

@@ -280,6 +280,39 @@ def test_padding_is_no_token_of_the_routes() -> None:
 
 
 @pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("batch", ["padding filled with tokens", "no attention mask", "a longer padded sequence"])
+def test_rows_recorded_at_padding_are_refused_for_tokens_of_a_sequence(batch: str) -> None:
+    """Once silent: rows recorded at prompt padding (token id -1: no token to compare) were replayed on the real
+    tokens of a batch padded otherwise (padding filled, the mask left out), which took the experts padding got."""
+    from tests.conftest import assert_untouched, snapshot
+
+    model = mr.models.build("softmax_topk")
+    before = snapshot(model)
+    ids = _batch()
+    mask = torch.ones_like(ids)
+    mask[3, 3:] = 0  # right padding of the last sequence
+    padded = torch.where(mask.bool(), ids, 0)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(padded, attention_mask=mask)
+        routes = session.routes()
+        with session.replay(routes), torch.no_grad():  # the capture's batch and mask: replayed
+            model(padded, attention_mask=mask)
+        feed = {
+            "padding filled with tokens": ((ids,), {"attention_mask": torch.ones_like(mask)}),
+            "no attention mask": ((padded,), {}),
+            "a longer padded sequence": ((padded,), {"attention_mask": torch.where(mask.bool(), 1, mask.roll(1, 1))}),
+        }
+        args, kwargs = feed[batch]
+        with pytest.raises(mr.TokenMismatchError, match=r"token 21 of the forward, id \d+, reads row 21, recorded at"):
+            with session.replay(routes), torch.no_grad():
+                model(*args, **kwargs)
+        with session.replay(routes), torch.no_grad():  # (refused before any router read: the session goes on)
+            model(padded, attention_mask=mask)
+    assert_untouched(model, before)
+
+
+@pytest.mark.reliability("silent replays")
 def test_a_teacher_forced_replay_of_a_rollout_is_checked_against_its_sequences() -> None:
     """split_generation gives each sequence's routes its tokens: a training batch laid out with those sequences
     replays; the same routes with the sequences in another order are refused."""
