@@ -1444,6 +1444,14 @@ class Session:
                 )
             )
         routes._ensure_valid()  # routes built with validate=False are checked before any forward
+        if routes._dropped_rows and routes._token_ids is None:
+            raise RoutesValidationError(
+                f"these routes come from a keep_newest capture whose ring wrapped: it dropped {routes._dropped_rows} "
+                "rows per router before the first it holds, so they start part-way through a forward and know no "
+                "token ids, and a replay would force them on whichever tokens come first, unchecked. keep_newest is "
+                "for monitoring: capture without it to replay (an eager capture grows); or give the rows their tokens "
+                "(routes.with_token_ids(ids)), or slice them to the rows you mean (routes[a:b]), then replay"
+            )
         routes, renamed = self._fit_names(routes)
         unknown = [n for n in routes.names if n not in self.names]
         if unknown:
@@ -2126,7 +2134,8 @@ def attach(
             it is the fixed size of the ring (see :meth:`Session.reserve`).
         include, exclude, adapters, top_k, num_experts: see :func:`find_routers`.
         keep_newest: a fixed ring of ``capacity`` rows that wraps, keeping the newest rows
-            and never raising: for monitoring, not for routes you train on.
+            and never raising: for monitoring, not for routes you train on (a replay refuses
+            the routes of a ring that wrapped, which know no token ids, unless given them).
         max_bytes: the most bytes the capture rings may hold, all routers together; a
             forward that would grow them past it raises :class:`CaptureOverflowError`.
 

@@ -335,6 +335,31 @@ def test_eager_capture_grows_and_keep_newest_keeps_newest(tokens: torch.Tensor) 
     assert newest.equal(full[-10:])
 
 
+def test_routes_of_a_keep_newest_ring_that_wrapped_are_refused_for_replay(tokens: torch.Tensor) -> None:
+    """Once silent: the routes of a keep_newest ring that wrapped (rows from part-way through a forward, no
+    token ids) were replayed on whichever tokens came first; now refused unless given their tokens or sliced."""
+    model = mr.models.build("topk_softmax", num_layers=2)
+    before = snapshot(model)
+    with mr.attach(model, capacity=10, keep_newest=True) as session:
+        with session.capture():
+            for i in range(3):
+                model(tokens[:, 4 * i : 4 * i + 4])
+        newest = session.routes()
+        assert newest.token_ids is None
+        x = torch.cat([tokens[1, 6:8], tokens[:, 8:12].reshape(-1)])[None]  # the tokens of the 10 newest rows
+        with pytest.raises(mr.RoutesValidationError, match="keep_newest capture whose ring wrapped"):
+            with session.replay(newest):
+                model(x)
+        with session.replay(newest.with_token_ids(x)):  # told which tokens they are: replayed, and checked
+            model(x)
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(newest.with_token_ids(x)):
+                model(x.flip(1))
+        with session.replay(newest[:]):  # sliced on purpose: replayed by row order
+            model(x)
+    assert_untouched(model, before)
+
+
 def test_router_that_never_runs_is_reported(tokens: torch.Tensor) -> None:
     """A router that never runs (built twice) is reported by routes() and verify()."""
     model = mr.models.build("softmax_topk", num_layers=2)
