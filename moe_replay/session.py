@@ -1649,10 +1649,11 @@ class Session:
             return None if any(src.read_by_device for src in held) else max(src.host_consumed for src in held)
 
         # (device ids are read back when the block ends: a strict replay syncs there anyway, strict=False never does)
-        fed_mask = routes._fed_mask  # (0 at the rows recorded at prompt padding: fed no token of a sequence)
-        padding = fed_mask == 0 if fed_mask is not None and fed_mask.shape == routes._token_ids.shape else None
+        # the rows recorded at prompt padding (mask 0; their id -1, unless since given one): fed no token of a sequence
+        ids, fed_mask = routes._token_ids, routes._fed_mask
+        padding = (fed_mask == 0) & (ids < 0) if fed_mask is not None and fed_mask.shape == ids.shape else None
         check = FeedCheck(
-            routes._token_ids,
+            ids,
             position,
             hint=_GENERATE_HINT if generated else "",
             device_ids=strict,
