@@ -183,7 +183,8 @@ class _Owner:
 
 class _Block:
     """What :meth:`Session.capture`, :meth:`Session.replay` and :meth:`Session.keep_scores` return: their context
-    manager, entered once.
+    manager, entered once (or a decorator whose every call enters a block of its own, as
+    :func:`contextlib.contextmanager`'s is).
 
     Called without ``with`` (``session.replay(routes)`` as a statement), the block would never open and the
     forwards after it would run natively while the caller believes them forced or recorded. A block dropped
@@ -191,10 +192,11 @@ class _Block:
     A block kept and not entered (held by a name, or by a notebook's output history) is not seen.
     """
 
-    __slots__ = ("_cm", "_entered", "_owner", "_what")
+    __slots__ = ("_cm", "_entered", "_make", "_owner", "_what")
 
-    def __init__(self, owner: _Owner, what: str, cm: contextlib.AbstractContextManager[Any]) -> None:
-        self._cm = cm
+    def __init__(self, owner: _Owner, what: str, make: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+        self._make = make  # (the block's own context manager, made as it is entered)
+        self._cm: contextlib.AbstractContextManager[Any] | None = None
         self._owner = owner
         self._what = what
         self._entered = False
@@ -206,12 +208,25 @@ class _Block:
                 f"session.{self._what[:-1]}...) again for each `with`"
             )
         self._entered = True
+        self._cm = self._make()
         return self._cm.__enter__()
 
     def __exit__(self, *exc: Any) -> bool | None:
-        if not self._entered:
+        if self._cm is None:
             return None  # (never entered: nothing to leave)
         return self._cm.__exit__(*exc)
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Used as a decorator: each call of ``fn`` runs inside a block of its own."""
+        self._entered = True  # (used: not a block dropped unentered)
+        owner, what, make = self._owner, self._what, self._make
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with _Block(owner, what, make):
+                return fn(*args, **kwargs)
+
+        return run
 
     def __del__(self) -> None:
         if not self._entered:
@@ -226,14 +241,14 @@ class _Block:
 
 def _block_method(what: str) -> Callable[[Callable[..., Iterator[Any]]], Callable[..., Any]]:
     """A session method made of a generator, as :func:`contextlib.contextmanager` makes it, returning a
-    :class:`_Block` (named ``what``) around its context manager."""
+    :class:`_Block` (named ``what``) that makes its context manager as it is entered."""
 
     def make(fn: Callable[..., Iterator[Any]]) -> Callable[..., Any]:
         cm = contextlib.contextmanager(fn)
 
         @functools.wraps(fn)
         def method(self: Session, *args: Any, **kwargs: Any) -> _Block:
-            return _Block(self._owner, what, cm(self, *args, **kwargs))
+            return _Block(self._owner, what, functools.partial(cm, self, *args, **kwargs))
 
         return method
 

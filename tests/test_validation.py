@@ -270,6 +270,16 @@ def test_a_block_called_without_with_refuses_the_next_forward(setup, block: str)
             with kept:
                 pass
         model(x)  # (a block entered once, then dropped: nothing to say)
+
+        @make[block]()  # a decorator, as contextlib's: each call a block of its own
+        def step() -> torch.Tensor:
+            assert session.state != "idle" or block == "keep_scores"
+            return model(x).logits
+
+        step()
+        step()
+        assert session.state == "idle"
+        model(x)
     _still_replays(model, session, routes, x)
 
 
