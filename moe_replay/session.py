@@ -1464,8 +1464,8 @@ class Session:
                 f"these routes come from a keep_newest capture whose ring wrapped: it dropped {routes._dropped_rows} "
                 "rows per router before the first it holds, so they start part-way through a forward and know no "
                 "token ids, and a replay would force them on whichever tokens come first, unchecked. keep_newest is "
-                "for monitoring: capture without it to replay (an eager capture grows); or give the rows their tokens "
-                "(routes.with_token_ids(ids)), or slice them to the rows you mean (routes[a:b]), then replay"
+                "for monitoring: capture without it to replay (an eager capture grows), or give the rows their tokens "
+                "(routes.with_token_ids(ids)) to replay them checked"
             )
         routes, renamed = self._fit_names(routes)
         unknown = [n for n in routes.names if n not in self.names]

@@ -347,7 +347,7 @@ def test_eager_capture_grows_and_keep_newest_keeps_newest(tokens: torch.Tensor) 
 
 def test_routes_of_a_keep_newest_ring_that_wrapped_are_refused_for_replay(tokens: torch.Tensor) -> None:
     """Once silent: the routes of a keep_newest ring that wrapped (rows from part-way through a forward, no
-    token ids) were replayed on whichever tokens came first; now refused unless given their tokens or sliced."""
+    token ids) were replayed on whichever tokens came first; now refused unless given their tokens."""
     model = mr.models.build("topk_softmax", num_layers=2)
     before = snapshot(model)
     with mr.attach(model, capacity=10, keep_newest=True) as session:
@@ -365,8 +365,9 @@ def test_routes_of_a_keep_newest_ring_that_wrapped_are_refused_for_replay(tokens
         with pytest.raises(mr.TokenMismatchError):
             with session.replay(newest.with_token_ids(x)):
                 model(x.flip(1))
-        with session.replay(newest[:]):  # sliced on purpose: replayed by row order
-            model(x)
+        with pytest.raises(mr.RoutesValidationError, match="keep_newest capture whose ring wrapped"):
+            with session.replay(newest[:]):  # (a slice from its first row keeps what the ring dropped)
+                model(x)
     assert_untouched(model, before)
 
 
