@@ -57,10 +57,11 @@ from ._torch_compat import (
     exporting,
     functorch_transform,
     graph_capturing,
+    hidden_from_dispatch_modes,
     tracing,
 )
 from .errors import RoutesValidationError, TokenMismatchError, _script_refusal
-from .evidence import _Snapshot
+from .evidence import _autocast_cache_aside, _Snapshot
 from .intercept import ORDER_PROBE, ClassForward, OrderStop
 
 __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
@@ -873,8 +874,19 @@ def _order_rows(
     state, with the submodules' hooks set ``aside``; None where a run fails. ``kept`` is put back after them."""
     rows: list[torch.Tensor | None] = []
     hooks = kept.hooks_aside() if aside and kept is not None else contextlib.nullcontext()
-    # (compiled modules on the way run eagerly here: the stop is Python that no graph holds)
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"), hooks:
+    # (compiled modules on the way run eagerly here: the stop is Python that no graph holds. The runs are a forward
+    # that a checkpoint's recompute does not make, so, as a decision's probe runs, they run unseen by the dispatch
+    # modes (selective activation checkpointing hands out the ops it saved by their order of call) and leave
+    # autocast's cache of cast weights as it was (or the forward after them takes the casts of the weights before
+    # the first router from there, while its recompute casts them))
+    with (
+        torch.random.fork_rng(devices=devices),
+        torch.no_grad(),
+        torch.compiler.set_stance("force_eager"),
+        hooks,
+        hidden_from_dispatch_modes(),
+        _autocast_cache_aside(),
+    ):
         state = torch.get_rng_state()
         cuda = [torch.cuda.get_rng_state(d) for d in devices]
         ORDER_PROBE.thread = threading.get_ident()

@@ -607,6 +607,65 @@ def test_selective_activation_checkpointing_gives_the_forced_reference_gradients
         assert_same_grads(grads(model), grads(reference))
 
 
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("block", ["capture", "replay"])
+@pytest.mark.parametrize(
+    ("where", "amp"),
+    [("layers", True), ("model", False), ("model", True)],
+    ids=["each-layer-bf16-autocast", "whole-model-fp32", "whole-model-bf16-autocast"],
+)  # (each layer in fp32: the probe runs outside every checkpoint, and no cache holds what it cast)
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_selective_checkpointing_survives_the_token_order_probe_of_a_blocks_first_forward(
+    block: str, where: str, amp: bool
+) -> None:
+    """Once the token-order probe at a block's first forward fed ids broke selective checkpointing's backward.
+
+    That probe runs the model up to its first router, a forward no recompute makes. Under bf16 autocast it
+    put the casts of the weights on the way (the first layer's attention projections) into autocast's cache,
+    so the forward after it took them from there while its recompute cast them; with the whole model in one
+    checkpoint, selective checkpointing saw its ops and handed the recompute the probe's outputs by order of
+    call (the router's scores came out 32 wide). Backward failed in torch's RuntimeError ("aten._to_copy.default
+    invocation index ... not found in storage") or in an UnsupportedRouterError blaming the router.
+    """
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, func, *args, **kwargs):
+        keep = func is torch.ops.aten.mm.default
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    model, x = _tiny_hf("qwen3_moe").train(), batch()
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+
+    def loss(checkpointed: bool) -> torch.Tensor:
+        def run(ids: torch.Tensor) -> torch.Tensor:
+            return model(ids, use_cache=False).logits.float()
+
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):  # (a fresh region, and cache, per step)
+            if checkpointed and where == "model":
+                out = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False, context_fn=context_fn)
+            else:
+                out = run(x)
+        return out.square().mean()
+
+    loss(False).backward()
+    plain = grads(model)
+    with mr.attach(model) as session, session.capture(), torch.no_grad():
+        model(x, use_cache=False)
+    routes = session.routes()
+    if where == "layers":
+        kwargs = {"use_reentrant": False, "context_fn": context_fn}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    with mr.attach(model) as session:  # (a new session: its first block forward fed ids runs the order probe)
+        with session.replay(routes) if block == "replay" else session.capture():
+            out = loss(True)
+        out.backward()
+        if block == "capture":
+            assert session.routes().equal(routes)
+    assert_same_grads(grads(model), plain, atol=1e-5)
+
+
 class _Rerun(torch.autograd.Function):
     """Reruns ``fn`` in backward, as a reentrant checkpoint does, its ctx named so that no stack search finds it."""
 
