@@ -60,6 +60,7 @@ from .evidence import (
     run_unestablished,
     unwrap,
 )
+from .losses import _mark_outside_graph
 from .ring import CaptureRing, ReplaySource
 
 __all__ = ["ClassForward", "RouterHook"]
@@ -1050,6 +1051,8 @@ class RouterHook:
             if self._row is None:  # a later call that finds these experts again is answered as in the recompute
                 self._row = row
         if self.seen is not None and self._source is not None:
+            if any(isinstance(region, _FunctionCtx) and not again for region, again in self._regions):
+                _mark_outside_graph(self._source)  # (kept in a reentrant checkpoint's forward: no gradients)
             self.seen.append((self._source, row))
 
     def _keep(self, regions: list[tuple[Any, bool]], rows: torch.Tensor, forced: bool) -> None:

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -38,6 +39,34 @@ import torch
 from .errors import ArgumentTypeError, InvalidArgumentError, RouterNotFoundError, UnknownRouterError
 
 __all__ = ["RouterScores", "load_balancing_loss"]
+
+#: score tensors kept in the forward of an ``autograd.Function`` (a reentrant activation checkpoint's runs without
+#: gradients): a loss on them would get no gradient, while the model's own outputs get theirs through the recompute
+_OUTSIDE_GRAPH: dict[int, weakref.ref[torch.Tensor]] = {}
+
+
+def _mark_outside_graph(t: torch.Tensor) -> None:
+    """Note ``t`` as kept in the forward of an ``autograd.Function`` (held weakly, by identity)."""
+    key = id(t)
+    _OUTSIDE_GRAPH[key] = weakref.ref(t, lambda _, key=key: _OUTSIDE_GRAPH.pop(key, None))
+
+
+def _kept_outside_graph(t: torch.Tensor) -> bool:
+    ref = _OUTSIDE_GRAPH.get(id(t))
+    return ref is not None and ref() is t
+
+
+def _outside_graph_error(what: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"{what} kept inside the forward of a reentrant activation checkpoint (use_reentrant=True, or another "
+        "autograd.Function that runs its forward again in backward): that forward runs without gradients, so a "
+        "loss on these scores would silently give the routers no gradient. Checkpoint with use_reentrant=False "
+        "(the kept scores then carry their gradients), or compute the loss inside the checkpointed function"
+    )
+
+
+def _outside_graph(t: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and _kept_outside_graph(t)
 
 
 class RouterScores:
@@ -82,7 +111,10 @@ class RouterScores:
             )
         if len(calls) == 1:
             return calls[0]
-        return torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls])
+        scores = torch.cat([c[0] for c in calls])
+        if any(_kept_outside_graph(c[0]) for c in calls):
+            _mark_outside_graph(scores)
+        return scores, torch.cat([c[1] for c in calls])
 
     def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores [T, E], indices [T, k])`` of one router."""
@@ -92,8 +124,17 @@ class RouterScores:
 
     @property
     def scores(self) -> list[torch.Tensor]:
-        """Per router, the ``[T, E]`` scores its decision was made on (with gradients)."""
-        return [self._get(n)[0] for n in self.names]
+        """Per router, the ``[T, E]`` scores its decision was made on (with gradients).
+
+        Raises:
+            InvalidArgumentError: with gradients on, scores kept in the forward of a reentrant
+                activation checkpoint, which has none (a loss on them would give the routers none).
+        """
+        out = [self._get(n)[0] for n in self.names]
+        bad = [n for n, s in zip(self.names, out, strict=True) if _outside_graph(s)]
+        if bad:
+            raise _outside_graph_error(f"the scores of router '{bad[0]}' were")
+        return out
 
     @property
     def indices(self) -> list[torch.Tensor]:
@@ -142,11 +183,13 @@ def load_balancing_loss(
 
     Raises:
         InvalidArgumentError: shapes that do not match, indices that are not integers, probs
-            that are not floating point, or (on the CPU) indices that are not experts
-            ``0..E-1`` or repeat an expert in a counted row, probs that are negative (logits) or not
-            finite, a mask with negative or non-finite weights. On an accelerator, and in
-            compiled code, out-of-range indices stop the kernel that counts them instead, and
-            the other values are not checked (no host sync is spent on the checks).
+            that are not floating point, probs that are scores kept (with gradients on) in the
+            forward of a reentrant activation checkpoint, which has no gradients, or (on the
+            CPU) indices that are not experts ``0..E-1`` or repeat an expert in a counted row,
+            probs that are negative (logits) or not finite, a mask with negative or non-finite
+            weights. On an accelerator, and in compiled code, out-of-range indices stop the
+            kernel that counts them instead, and the other values are not checked (no host
+            sync is spent on the checks).
         ArgumentTypeError: ``probs``, ``indices`` or ``mask`` that are not tensors.
 
     Example:
@@ -156,6 +199,9 @@ def load_balancing_loss(
         tensor(1.3000)
     """
     probs, indices = _tensors(probs, "probs"), _tensors(indices, "indices")
+    bad = [i for i, p in enumerate(probs) if _outside_graph(p)]
+    if bad:
+        raise _outside_graph_error(f"probs of router {bad[0]} are scores")
     if len(probs) != len(indices) or not probs:
         raise InvalidArgumentError(
             f"load_balancing_loss takes one probability tensor per index tensor, got {len(probs)} and {len(indices)}"

@@ -199,3 +199,37 @@ def test_values_that_are_no_probabilities_or_decisions_are_refused(
     """Once silent: logits, NaN or integer probs, a repeated expert or a negative mask gave a plausible number."""
     with pytest.raises(mr.InvalidArgumentError, match=match):
         mr.load_balancing_loss(probs, indices, mask=mask)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_scores_kept_in_a_reentrant_checkpoints_forward_are_refused_for_a_loss(reentrant: bool) -> None:
+    """Once silent: scores kept in a reentrant checkpoint's forward (run without gradients) gave an aux loss with none.
+
+    ``(out.loss + 0.01 * load_balancing_loss(seen.scores, seen.indices)).backward()`` then reached the routers
+    through the main loss only; now reading the scores for a loss with gradients on is refused, and with
+    ``use_reentrant=False`` the aux gradient reaches the routers.
+    """
+    model = mr.models.build("softmax_topk", num_layers=2, checkpointing="reentrant" if reentrant else "non_reentrant")
+    x = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(x)
+        routes = session.routes()
+        with session.replay(routes), session.keep_scores() as seen:
+            out = model(x, labels=x)
+        if reentrant:
+            with pytest.raises(mr.MoEReplayError, match="use_reentrant=False"):
+                seen.scores
+            scores, indices = seen[session.names[0]]
+            with pytest.raises(mr.MoEReplayError, match="reentrant activation checkpoint"):
+                mr.load_balancing_loss(scores, indices)
+            with torch.no_grad():  # (read without gradients, as for a metric: no loss to lose them)
+                assert len(seen.scores) == len(session.names)
+            out.loss.backward()
+        else:
+            aux = mr.load_balancing_loss(seen.scores, seen.indices)
+            aux.backward(retain_graph=True)
+            routers = [p for n, p in model.named_parameters() if n.endswith("router.weight")]
+            assert routers and all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
+            out.loss.backward()
