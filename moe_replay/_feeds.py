@@ -73,6 +73,13 @@ ROW_MOVES = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
 MODEL_MOVES = ("_reorder_cache",)
 #: the methods of ROW_MOVES that a type has (none for tensors, ints...), by type
 _MOVES_OF: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
+#: the token order a session found for a model (see :func:`token_order`), with the router scopes its runs
+#: stopped at and the forward they ran (its class's, its own): a later session on the same model and routers
+#: takes it, as it takes the routers' decisions, instead of running the model again at its first block's
+#: first forward
+_ORDER_OF: weakref.WeakKeyDictionary[nn.Module, tuple[str, tuple[weakref.ref[nn.Module], ...], tuple[Any, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 #: types that are no cache (looked up in no table)
 _PLAIN = frozenset({torch.Tensor, type(None), bool, int, float, str})
 
@@ -1039,9 +1046,21 @@ class FeedForward:
             return BATCH_MAJOR  # (one token per sequence, a decode step, or one sequence: every order is the same)
         if self.paired or not any(_wants_ids(r) for r in entered):
             return BATCH_MAJOR
+        # (found by an earlier session on this model, running the same forward and stopping at the same scopes)
+        runs = (type(self.module).forward, self.before)
+        known = _ORDER_OF.get(self.module)
+        if (
+            known is not None
+            and known[2] == runs
+            and len(known[1]) == len(self.scopes)
+            and all(ref() is scope for ref, scope in zip(known[1], self.scopes, strict=True))
+        ):
+            self.order = known[0]
+            return known[0]
         found = token_order(self._run, self.scopes, args, kwargs, self.module)  # (its forwards enter no block)
         if found is not None:
             self.order = found
+            _ORDER_OF[self.module] = (found, tuple(weakref.ref(scope) for scope in self.scopes), runs)
         return found or BATCH_MAJOR
 
     @property

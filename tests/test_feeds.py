@@ -8,6 +8,7 @@ import gc
 import pickle
 import threading
 import weakref
+from typing import Any
 
 import pytest
 import torch
@@ -827,6 +828,35 @@ def test_routers_that_see_the_tokens_sequence_first_are_checked_in_their_order(p
             with session.replay(mr.pad_routes(parts)), torch.no_grad():
                 model(ids, attention_mask=mask)
     assert_untouched(model, before)
+
+
+def test_a_later_session_on_the_model_takes_the_token_order_found_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once slow: every session ran the model again up to its first router at its first block's first forward to tell
+    the token order (a training step of a session attached per step cost 5% more). A later session on the same model
+    and routers now takes the order found; one whose routers changed tells it again."""
+    from moe_replay import _feeds
+
+    runs: list[str | None] = []
+    told = _feeds.token_order
+
+    def counted(*args: Any, **kwargs: Any) -> str | None:
+        runs.append(told(*args, **kwargs))
+        return runs[-1]
+
+    monkeypatch.setattr(_feeds, "token_order", counted)
+    model = _SequenceFirst().eval()
+    ids = _batch(rows=2, width=4)
+    want = ids.t().reshape(-1)  # (each row's own token, as the routers see them: sequence-first)
+    for _ in range(2):
+        with mr.attach(model) as session, session.capture(), torch.no_grad():
+            model(ids)
+        assert torch.equal(session.routes().token_ids, want)
+        assert runs == [_feeds.SEQUENCE_FIRST]  # (told once, by the first session)
+    model.blocks[0] = _SequenceFirst().blocks[0]  # another router on the way: the order is told again
+    with mr.attach(model) as session, session.capture(), torch.no_grad():
+        model(ids)
+    assert torch.equal(session.routes().token_ids, want)
+    assert runs == [_feeds.SEQUENCE_FIRST] * 2
 
 
 class _Counted(torch.nn.Module):
