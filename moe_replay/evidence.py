@@ -161,6 +161,7 @@ def decision_call(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -
     else:
         k, dim = width, _arg(args, kwargs, 1, "dim", -1)
     if type(k) is not int or type(dim) is not int:  # the common case is plain ints: no ABC checks
+        k, dim = _count(k), _count(dim)
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or isinstance(dim, bool):
             return None
         if not isinstance(dim, numbers.Integral):
@@ -169,6 +170,19 @@ def decision_call(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -
     if dim not in (-1, x.dim() - 1) or width < 2:
         return None
     return family, k, width
+
+
+def _count(v: Any) -> Any:
+    """``v`` as an ``int`` where it is a one-element integer tensor (``torch.topk(s, torch.tensor(2))``, a ``k``
+    kept in a buffer), which torch reads as that number; else ``v`` itself (also while compiling: no host read)."""
+    if (
+        isinstance(v, torch.Tensor)
+        and not torch.compiler.is_compiling()
+        and v.numel() == 1
+        and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool)
+    ):
+        return int(v.item())
+    return v
 
 
 @dataclass(frozen=True)

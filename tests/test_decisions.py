@@ -297,3 +297,35 @@ def test_product_key_router_is_refused_with_its_reason() -> None:
     with pytest.raises(mr.UnsupportedRouterError, match="product-key routing"):
         mr.attach(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+# ----------------------------------------------------------------------- k and control flow
+class _TensorKGate(nn.Module):
+    """A top-2 gate whose ``k`` is an integer tensor kept in a buffer (torch reads it as the number)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.register_buffer("k", torch.tensor(2))
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = torch.topk(self.wg(x).softmax(-1), self.k, dim=-1)
+        self.last = idx
+        return w, idx
+
+
+@pytest.mark.reliability("silent replays")
+def test_top_k_with_a_tensor_k_is_captured_and_forced() -> None:
+    """Once a plain top-k whose ``k`` was a 0-d integer tensor was refused as making no decision-like call."""
+    torch.manual_seed(6)
+    block, x = Block(_TensorKGate()), torch.randn(10, D)
+    with mr.attach(block) as session:
+        with session.capture():
+            block(x)
+        assert torch.equal(session.routes().layer("router"), block.router.last)
+        forced = _forced_routes(session, 10)
+        for _ in range(2):  # (the second forward of a block takes the lean path)
+            with session.replay(forced):
+                block(x)
+            assert torch.equal(block.router.last, forced.layer("router"))
