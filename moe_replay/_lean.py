@@ -283,7 +283,10 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
         if isinstance(target, torch.nn.Module):
             if getattr(target.forward, "__moe_replay_hook__", None) is not None:
                 return  # another router reads its own
-            forward = type(target).forward
+            try:
+                forward = type(target).forward
+            except AttributeError:  # a scripted module's class holds a descriptor that raises when read there
+                forward = inspect.getattr_static(type(target), "forward", None)
             if _is_torch(getattr(forward, "__module__", "") or ""):  # a container's: its children's
                 for child in target.children():
                     read_attribute(child, depth + 1)

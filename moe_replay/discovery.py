@@ -110,8 +110,28 @@ class Adapter:
             raise InvalidArgumentError(f"Adapter decision must be one of {'/'.join(DECISIONS)}, got {self.decision!r}")
 
 
+def _class_forward(module: nn.Module) -> Any:
+    """The ``forward`` of a module's class as stored, read without running a descriptor: a scripted module's
+    class holds one that raises when read from the class (``RecursiveScriptModule.forward``)."""
+    return inspect.getattr_static(type(module), "forward", None)
+
+
+def _scripted(router: nn.Module, scope: nn.Module) -> str | None:
+    """Why a router whose scope runs as TorchScript (``torch.jit.script(gate)`` before attach, or a scripted
+    block around a bare gate) cannot be replayed, else None. (A scripted gate whose top-k runs in an eager block
+    is intercepted in the block.)"""
+    if not isinstance(scope, torch.jit.ScriptModule):
+        return None
+    which = "it" if scope is router else "the block that holds it"
+    return (
+        f"{which} is a TorchScript module (torch.jit.script): its forward runs in TorchScript, where no "
+        "decision can be seen, recorded or forced. Attach to the eager module (script it after the replay "
+        "work, or not at all)"
+    )
+
+
 def _is_plain_linear(name: str, module: nn.Module) -> bool:
-    return type(module).forward is nn.Linear.forward
+    return _class_forward(module) is nn.Linear.forward
 
 
 def _is_sparsemixer(name: str, module: nn.Module) -> bool:
@@ -170,6 +190,7 @@ def _product_key_experts(module: nn.Module, parent: nn.Module | None) -> int | N
 
 #: Used when a router's forward cannot reach any decision call (it returns scores only).
 _BLOCK_DECISION = Adapter("block-decision", match=lambda n, m: False, scope="parent")
+_GENERIC = Adapter("generic", match=lambda n, m: False)  # (what a refusal of a router no adapter matched names)
 
 _SOFT = (
     "soft routing: its block weights every expert and calls no topk, argmax, max or sort, so it makes no "
@@ -760,7 +781,11 @@ def find_routers(
             adapter is None
             and name
             and not _owns_gate(module)  # a block with its own gate parameter: its forward holds the decision
-            and not _reaches_decision(type(module).forward, type(module))
+            # (a scripted router's decision, if it made one, could not be seen: only one in its block can be)
+            and (
+                isinstance(module, torch.jit.ScriptModule)
+                or not _reaches_decision(_class_forward(module), type(module))
+            )
         ):
             adapter = _BLOCK_DECISION  # it only scores: the top-k runs in its MoE block
         scope_name = name
@@ -771,6 +796,9 @@ def find_routers(
             scope_name = _holder(name, modules)
             if not adapter.unsupported and _is_plain_linear(name, module) and _soft_block(modules[scope_name], module):
                 adapter = dataclasses.replace(adapter, unsupported=_SOFT)
+        scripted = _scripted(module, modules[scope_name])
+        if scripted is not None and not (adapter is not None and adapter.unsupported):
+            adapter = dataclasses.replace(adapter or _GENERIC, unsupported=scripted)
         sites.append(
             RouterSite(
                 name=name,

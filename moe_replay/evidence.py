@@ -1115,7 +1115,7 @@ class _Snapshot:
             id(t)
             for m in self.modules
             if getattr(m, "track_running_stats", False) is True
-            for t in (m._buffers.get("running_mean"), m._buffers.get("running_var"))
+            for t in (dict(m._buffers).get("running_mean"), dict(m._buffers).get("running_var"))
             if isinstance(t, torch.Tensor)
         }
 
@@ -1127,6 +1127,8 @@ class _Snapshot:
         np.random.set_state(self.np_random)
         for m, buffers, params in self.held:
             for now, then in ((m._buffers, buffers), (m._parameters, params)):
+                if not isinstance(now, dict):  # a TorchScript module's (a view of its slots: none are rebound)
+                    continue
                 if len(now) != len(then) or any(now.get(k) is not v for k, v in then.items()):
                     now.clear()
                     now.update(then)

@@ -533,3 +533,90 @@ def test_a_router_tied_across_blocks_is_intercepted_once() -> None:
     with mr.attach(model) as session, torch.no_grad(), session.capture():
         model(x)
     assert session.routes().layer("layers.0.router").shape == (48, 2)  # both calls, in order
+
+
+class _ScriptedGateBlock(nn.Module):
+    """An MoE block whose gate was scripted before attach: a scripted ``Linear``, or a scripted module that makes
+    the top-k itself (``topk_in_gate``)."""
+
+    def __init__(self, topk_in_gate: bool = False) -> None:
+        super().__init__()
+        self.gate = torch.jit.script(_TopkGate() if topk_in_gate else nn.Linear(16, 6, bias=False))
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
+        self.top_k, self.topk_in_gate = 2, topk_in_gate
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.topk_in_gate:
+            w, idx = self.gate(x)
+        else:
+            w, idx = torch.topk(self.gate(x).softmax(-1), self.top_k, dim=-1)
+        self.last = idx
+        out = torch.zeros_like(x)
+        for slot in range(self.top_k):
+            for e, expert in enumerate(self.experts):
+                out = out + (idx[:, slot] == e)[:, None] * w[:, slot : slot + 1] * expert(x)
+        return out
+
+
+class _EagerTopkBlock(nn.Module):
+    """A Mixtral-style block, to be scripted whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(16, 6, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = torch.topk(self.gate(x).softmax(-1), 2, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + ((idx == e).to(x.dtype) * w).sum(-1, keepdim=True) * expert(x)
+        return out
+
+
+class _TopkGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 6, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(self.proj(x).softmax(-1), 2, dim=-1)
+
+
+@pytest.mark.reliability("clear errors")
+def test_a_gate_scripted_before_attach_is_intercepted_in_its_eager_block() -> None:
+    """Once ``attach`` raised torch's ``AttributeError`` reading the forward of a scripted gate's class."""
+    torch.manual_seed(0)
+    block, x = _ScriptedGateBlock(), torch.randn(10, 16)
+    (site,) = mr.find_routers(block)
+    assert (site.name, site.scope, site.unsupported) == ("gate", "", None)
+    with mr.attach(block) as session:
+        with session.capture():
+            block(x)
+        assert torch.equal(session.routes().layer("gate"), block.last)
+        g = torch.Generator().manual_seed(1)
+        forced = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(10)])
+        with session.replay(mr.Routes([forced], names=session.names, num_experts=6)):
+            block(x)
+        assert torch.equal(block.last, forced)
+
+
+@pytest.mark.reliability("clear errors")
+def test_a_router_that_decides_in_torchscript_is_refused_with_a_clear_error() -> None:
+    """Once a scripted router (or a scripted block) made ``attach`` or the first capture raise an
+    ``AttributeError`` from torch's script module internals, not a MoEReplayError."""
+    torch.manual_seed(0)
+    block, x = _ScriptedGateBlock(topk_in_gate=True), torch.randn(10, 16)
+    before = snapshot(block)
+    forwards = {name: m.__dict__.get("forward") for name, m in block.named_modules()}  # (a script module's own)
+    with mr.attach(block) as session, pytest.raises(mr.UnsupportedRouterError, match="TorchScript"):
+        with session.capture():
+            block(x)
+    assert {name: m.__dict__.get("forward") for name, m in block.named_modules()} == forwards
+    assert all(torch.equal(v, before[k]) for k, v in block.state_dict().items())
+    scripted = nn.ModuleDict({"moe": torch.jit.script(_EagerTopkBlock())})
+    forwards = {name: m.__dict__.get("forward") for name, m in scripted.named_modules()}
+    with pytest.raises(mr.UnsupportedRouterError, match=r"'moe\.gate'.*the block that holds it is a TorchScript"):
+        mr.attach(scripted, include="moe.gate")
+    assert {name: m.__dict__.get("forward") for name, m in scripted.named_modules()} == forwards
