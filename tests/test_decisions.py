@@ -377,3 +377,34 @@ def test_block_that_switches_its_dispatching_top_k_after_a_warmup_is_not_replaye
                 assert torch.equal(block.dispatched[-1], forced.layer("gate"))
         except mr.MoEReplayError:
             pass  # refused: what the project asks for
+
+
+class _ChunkedGate(nn.Module):
+    """A plain top-2 gate that routes its tokens in chunks of 4 (one top-k call per chunk, to bound memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [torch.topk(self.wg(c).softmax(-1), 2, dim=-1) for c in x.split(4)]
+        w, idx = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+        self.last = idx
+        return w, idx
+
+
+@pytest.mark.reliability("clear errors")
+@pytest.mark.xfail(strict=True, reason="a decision split over calls by tokens (chunks) is read as two choices")
+def test_gate_that_routes_its_tokens_in_chunks_is_captured_and_forced() -> None:
+    """Once refused (still): a plain top-k made chunk by chunk of tokens is taken for independent choices."""
+    torch.manual_seed(8)
+    block, x = Block(_ChunkedGate()), torch.randn(8, D)
+    with mr.attach(block) as session:
+        with session.capture():
+            block(x)
+        assert torch.equal(session.routes().layer("router"), block.router.last)
+        forced = _forced_routes(session, 8)
+        with session.replay(forced):
+            block(x)
+        assert torch.equal(block.router.last, forced.layer("router"))
