@@ -171,6 +171,13 @@ _LEAN_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], tuple[
     weakref.WeakKeyDictionary()
 )
 
+#: Per router scope: where its output held the indices of its decision call when first seen under each evidence
+#: (see :meth:`RouterHook._check_returned`), and the output's type. Kept for later sessions, as the evidence is: a
+#: session that learned it afresh would take a branch switched since (between sessions) for the one established.
+_RETURNS_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[Evidence, tuple[int | None, type]]] = (
+    weakref.WeakKeyDictionary()
+)
+
 #: How many Python frames above a router call are searched for reentrant checkpoints.
 MAX_STACK_DEPTH = 128
 
@@ -332,6 +339,7 @@ class RouterHook:
     # per evidence, where the router's output held them when first seen (None: it did not return them)
     _answered: torch.Tensor | None = None
     _returns: tuple[Evidence, int | None, type] | None = None
+    _returned_at: dict[Evidence, tuple[int | None, type]] = field(default_factory=dict)  # (shared: see __post_init__)
     # during a block in which forward hooks run after the scope's forward: the last of them, which checks
     # that they left the integer tensors it returned as they were (see moe_replay._output_guard)
     _guard: OutputGuard | None = None
@@ -339,6 +347,7 @@ class RouterHook:
 
     def __post_init__(self) -> None:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
+        self._returned_at = _RETURNS_KNOWN.setdefault(self.scope, {})  # so is where it returned its indices
 
     # ------------------------------------------------------------- evidence
     def interception(self) -> str:
@@ -749,11 +758,16 @@ class RouterHook:
             pos = next((i for i, o in enumerate(out) if _holds(o, answered)), None)
         known = self._returns
         if known is None or known[0] is not ev:
-            self._returns = (ev, pos, type(out))
-            return
+            learned = self._returned_at.get(ev)  # (by an earlier session on this scope, or in another mode)
+            if learned is None:
+                self._returns = (ev, pos, type(out))
+                self._returned_at[ev] = (pos, type(out))
+                return
+            known = self._returns = (ev, *learned)
         if known[1] is None or pos == known[1]:
             return
         self._returns = None
+        self._returned_at.pop(ev, None)
         self.forget()
         where = "as its output" if known[1] < 0 else f"as item {known[1]} of its output"
         decision = " + ".join(ev.calls[i].describe() for i in ev.decision)

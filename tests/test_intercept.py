@@ -506,3 +506,42 @@ def test_a_config_flag_changed_between_sessions_establishes_the_decision_again()
                 model(x)
 
         assert _experts_used_are_the_routes(model, session, capture)
+
+
+class BufferFlaggedBias(ev.FlaggedBias):
+    """:class:`~tests.test_evidence.FlaggedBias` whose flag is a boolean buffer: state, not a setting."""
+
+    def __init__(self) -> None:
+        super().__init__(types.SimpleNamespace(use_bias=False))
+        self.register_buffer("use_bias", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = F.linear(x, self.weight).sigmoid()
+        plain, biased = self.pick(s), self.pick(s + self.bias)
+        idx = biased if bool(self.use_bias) else plain
+        return s.gather(-1, idx), idx
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_switch_of_the_dispatching_call_between_sessions_is_an_error() -> None:
+    """Once silent: a flag that no setting shows, switched between two sessions on one model, made the second
+    session (which reuses the decision) learn the new branch as the one returned, and force the other call."""
+    model = ev.TwoLayers(lambda: ev.RouterBlock(BufferFlaggedBias()))
+    x = torch.randn(ev.T, ev.D)
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(x)
+    for block in model.layers:
+        block.router.use_bias.fill_(True)  # the bias steers routing from now on
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.stack([torch.randperm(ev.E, generator=g)[:2] for _ in range(ev.T)]) for _ in range(2)]
+    with mr.attach(model) as session, torch.no_grad():
+        forced = mr.Routes(rows, names=session.names, num_experts=ev.E)
+        for name in session.names:  # (each router raises at its own forward, which the first error cut short)
+            with pytest.raises(mr.UnsupportedRouterError, match=f"'{name}' returned .* other indices"):
+                with session.replay(forced):
+                    model(x)
+        spy = ev.ExpertSpy(model)
+        with session.replay(forced):  # established again, on the call that now dispatches
+            model(x)
+        for b in range(2):
+            assert torch.equal(spy.experts_of(b), ev.as_sets(rows[b]))
