@@ -408,3 +408,36 @@ def test_gate_that_routes_its_tokens_in_chunks_is_captured_and_forced() -> None:
         with session.replay(forced):
             block(x)
         assert torch.equal(block.router.last, forced.layer("router"))
+
+
+class _OutGate(nn.Module):
+    """A plain top-2 gate that writes its top-k into preallocated tensors (``torch.topk(..., out=(v, i))``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.wg(x).softmax(-1)
+        w, idx = probs.new_empty(x.shape[0], 2), torch.empty(x.shape[0], 2, dtype=torch.long)
+        torch.topk(probs, 2, dim=-1, out=(w, idx))
+        self.last = idx
+        return w, idx
+
+
+@pytest.mark.reliability("clear errors")
+@pytest.mark.xfail(strict=True, reason="a top-k into out= tensors is changed and answered in its result only")
+def test_gate_whose_top_k_writes_into_out_tensors_is_captured_and_forced() -> None:
+    """Once refused (still): a top-k with ``out=`` (without gradients) was found to change nothing, since the
+    probe moved the indices it returned and not those it wrote."""
+    torch.manual_seed(9)
+    block, x = Block(_OutGate()), torch.randn(8, D)
+    with mr.attach(block) as session, torch.no_grad():
+        with session.capture():
+            block(x)
+        assert torch.equal(session.routes().layer("router"), block.router.last)
+        forced = _forced_routes(session, 8)
+        with session.replay(forced):
+            block(x)
+        assert torch.equal(block.router.last, forced.layer("router"))
