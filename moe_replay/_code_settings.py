@@ -49,29 +49,26 @@ _DEPTH = 3
 _NOT_FOLLOWED = frozenset(("torch", "numpy", "einops", "moe_replay", "builtins", "typing", "functools", "math"))
 
 #: where a setting is read: (its name in messages, a mapping it lives in, its key there)
-_Read = tuple[str, Mapping[str, Any] | None, str]
+_Read = tuple[str, "Mapping[str, Any] | _Cells | None", str]
 #: per class, per forward function: the reads found in its code
 _CACHE: weakref.WeakKeyDictionary[type, dict[Any, tuple[_Read, ...]]] = weakref.WeakKeyDictionary()
 _MISSING = object()
 
 
-class _Cells(Mapping[str, Any]):
+class _Cells:
     """A function's closure cells, read by their free variable's name (live, as a module's dict is)."""
 
     def __init__(self, fn: types.FunctionType) -> None:
-        self._cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False))
+        self.cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False))
 
-    def __getitem__(self, name: str) -> Any:
+    def get(self, name: str, default: Any = None) -> Any:
+        cell = self.cells.get(name)
+        if cell is None:
+            return default
         try:
-            return self._cells[name].cell_contents
+            return cell.cell_contents
         except ValueError:  # an empty cell
-            raise KeyError(name) from None
-
-    def __iter__(self) -> Any:
-        return iter(self._cells)
-
-    def __len__(self) -> int:
-        return len(self._cells)
+            return default
 
 
 def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
@@ -112,8 +109,10 @@ def _function(fn: Any) -> types.FunctionType | None:
         if isinstance(fn, types.MethodType | staticmethod | classmethod):
             fn = fn.__func__
             continue
-        inner = getattr(fn, "__wrapped__", None)
-        if inner is None or inner is fn:
+        inner = inspect.getattr_static(fn, "__wrapped__", None)  # (nothing of a user's object runs)
+        if isinstance(inner, property) and type(fn).__module__.startswith("moe_replay."):
+            inner = getattr(fn, "__wrapped__", None)  # (a copy's class forward, looked up: ClassForward)
+        if inner is None or inner is fn or isinstance(inner, property):
             return None
         fn = inner
     return None
@@ -137,9 +136,9 @@ def _walk(fn: types.FunctionType, cls: type | None, depth: int, seen: set[Any], 
     cells = _Cells(fn) if fn.__closure__ else None
     follow: list[tuple[Any, type | None]] = []
     for name in sorted(names):
-        if cells is not None and name in cells._cells:
+        if cells is not None and name in cells.cells:
             out.append((f"{fn.__qualname__}.<{name}>", cells, name))
-            follow.append((_safe_cell(cells, name), None))
+            follow.append((cells.get(name), None))
         value = space.get(name, _MISSING)
         if value is not _MISSING:
             if type(value) in _PLAIN:
@@ -168,15 +167,12 @@ def _attributes(holder: types.ModuleType | type, names: set[str], out: list[_Rea
     out.extend((f"{label}.{n}", space, n) for n in sorted(names) if type(space.get(n, _MISSING)) in _PLAIN)
 
 
-def _safe_cell(cells: _Cells, name: str) -> Any:
-    try:
-        return cells[name]
-    except KeyError:
-        return None
-
-
 def _skipped(obj: Any) -> bool:
-    """Is ``obj`` the code of a library whose flags are not a router's (torch's own, numpy's...)?"""
-    where = getattr(obj, "__module__", None) or getattr(obj, "__name__", None)
+    """Is ``obj`` the code of a library whose flags are not a router's (torch's own, numpy's...)? Read without
+    running anything of it (a module's ``__getattr__`` may import on demand)."""
+    if isinstance(obj, types.ModuleType):
+        where = vars(obj).get("__name__")
+    else:
+        where = inspect.getattr_static(obj, "__module__", None)
     root = where.partition(".")[0] if isinstance(where, str) else ""
     return root in _NOT_FOLLOWED
