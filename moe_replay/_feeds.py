@@ -62,7 +62,7 @@ from ._torch_compat import (
 )
 from .errors import RoutesValidationError, TokenMismatchError, _script_refusal
 from .evidence import _autocast_cache_aside, _Snapshot
-from .intercept import ORDER_PROBE, ClassForward, OrderStop
+from .intercept import ORDER_PROBE, ClassForward, OrderStop, _code_of
 
 __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
 
@@ -1083,6 +1083,10 @@ class FeedForward:
     @property
     def __globals__(self) -> dict[str, Any]:  # (what torch.jit.script reads first of a forward to compile)
         raise _script_refusal(self, self.module, copied=False)
+
+    @property
+    def __code__(self) -> types.CodeType:  # (what torch.export reads of the exported module's forward)
+        return _code_of(self.__wrapped__)
 
     def __repr__(self) -> str:
         return f"<moe_replay forward of {type(self.module).__name__} (its inputs recorded in blocks)>"

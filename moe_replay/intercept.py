@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import operator
 import sys
 import threading
@@ -1484,7 +1485,8 @@ class ScopedForward:
             if _exporting() or (not _compiling() and _tracing()):
                 hook._refuse_export()
             return hook._run(self.__wrapped__, args, kwargs)
-        if not _compiling() and hook.unproven() and not _graph_capturing() and _transform() is None:
+        if not _compiling() and hook.unproven() and not _graph_capturing() and _transform() is None and not _tracing():
+            # (not under jit.trace or make_fx: the probe's ops would be traced into the program, which routes natively)
             if hook.prove(self.__wrapped__, args, kwargs) is None:  # once: which call decides, by its effect
                 return run_unestablished(hook.name, hook.scope, self.__wrapped__, args, kwargs)  # (no token)
             try:
@@ -1534,8 +1536,24 @@ class ScopedForward:
     def __globals__(self) -> dict[str, Any]:  # (what torch.jit.script reads first of a forward to compile)
         raise _script_refusal(self, self.__moe_replay_hook__.scope, copied=False)
 
+    @property
+    def __code__(self) -> types.CodeType:  # (what torch.export reads of the exported module's forward)
+        return _code_of(self.__wrapped__)
+
     def __repr__(self) -> str:
         return f"<moe_replay forward of router '{self.__moe_replay_hook__.name}'>"
+
+
+def _code_of(fn: Any) -> types.CodeType:
+    """The code object of the function ``fn`` runs (through wrappers and bound methods).
+
+    Read as the ``__code__`` of moe_replay's ``forward`` wrappers: ``torch.export`` names the exported module's
+    inputs from its ``forward.__code__``. Raises ``AttributeError`` where ``fn`` runs no Python function."""
+    fn = inspect.unwrap(fn, stop=lambda f: isinstance(getattr(f, "__code__", None), types.CodeType))
+    code = getattr(fn, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        raise AttributeError(f"{fn!r:.80} has no __code__")
+    return code
 
 
 def _raw_forward(cls: type) -> Any:
@@ -1578,6 +1596,10 @@ class ClassForward:
     @property
     def __globals__(self) -> dict[str, Any]:  # (what torch.jit.script reads first of a forward to compile)
         raise _script_refusal(self, self.module, copied=True)
+
+    @property
+    def __code__(self) -> types.CodeType:  # (what torch.export reads of the exported module's forward)
+        return _code_of(type(self.module).forward)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ClassForward:
         return ClassForward(copy.deepcopy(self.module, memo))

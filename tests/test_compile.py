@@ -391,6 +391,60 @@ def test_export_or_trace_inside_a_block_is_refused_and_outside_routes_natively(t
         assert session.routes().equal(native)
 
 
+def _tiny() -> Any:
+    from .tinymoe import RouterSpec, TinyMoE
+
+    return TinyMoE([RouterSpec(8, 2), RouterSpec(6, 1, "argmax"), RouterSpec(8, 2, "grouped", n_group=4, topk_group=2)])
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("make", [_export, _jit_trace, _make_fx], ids=["export", "jit.trace", "make_fx"])
+@pytest.mark.parametrize("target", ["the model", "a router", "a copy"])
+def test_export_or_trace_of_the_attached_module_itself_routes_natively_or_is_refused(make: Any, target: str) -> None:
+    """Once torch.export of an attached model, a router or a copy made while attached failed with an AttributeError
+    (it reads the exported module's ``forward.__code__``, which the session's wrappers had none of), and jit.trace of
+    an attached model whose routers no forward had established traced the probe and failed in TorchScript.
+
+    Outside blocks the program routes natively, like the plain module; inside a block it is refused with our
+    error, and the model keeps the session's forwards (and a later capture records as before)."""
+    import copy
+
+    model = _tiny()
+    plain = _tiny()
+    x = model.inputs((3, 5))
+    with mr.attach(model) as session, torch.no_grad():
+        forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+        module = {"the model": model, "a router": model.layers[0].router, "a copy": copy.deepcopy(model)}[target]
+        reference = {"the model": plain, "a router": plain.layers[0].router, "a copy": plain}[target]
+        program = make(module, x)  # (before any forward: nothing established)
+        assert _same(program(x), reference(x))
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        if target != "a copy":
+            for block in (session.capture, lambda: session.replay(routes)):
+                with pytest.raises(mr.UnsupportedRouterError, match="is being exported"), block():
+                    make(module, x)
+        assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == forwards
+        for m in {model, plain, module if target == "a copy" else model}:
+            m.perturb(scale=2.0)
+        program = make(module, x)
+        with session.capture():  # the program routes natively and writes nothing into the ring
+            assert _same(program(x), reference(x))
+            model(x)
+        native = session.routes()
+    with mr.attach(plain) as other, other.capture(), torch.no_grad():
+        plain(x)
+    assert native.equal(other.routes())
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal tensors, or equal tuples of them."""
+    if isinstance(a, tuple | list):
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    return torch.equal(a, b)
+
+
 def test_vmap_over_a_compiled_model_inside_a_block_is_refused(tokens: torch.Tensor) -> None:
     """Once silent: dynamo cannot ask for the torch.func transform, so vmap over a compiled model in replay()
     forced one entry's rows onto every entry with no error (capture() raised a raw dynamo error)."""
