@@ -193,11 +193,25 @@ _PROXY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None
 _dispatch_mode: Callable[[Any], Any] = getattr(torch._C, "_get_dispatch_mode", None) or (lambda key: None)
 
 
+_fx_tracer: Any
+try:
+    from torch.fx import _symbolic_trace as _fx_tracer
+except ImportError:  # pragma: no cover - depends on the torch version
+    _fx_tracer = None
+if not isinstance(getattr(_fx_tracer, "_is_fx_tracing_flag", None), bool):
+    _fx_tracer = None
+    _MISSING["torch.fx._symbolic_trace._is_fx_tracing_flag"] = "to refuse torch.fx.symbolic_trace inside a block"
+
+
 def tracing() -> bool:
-    """Is ``torch.jit.trace`` (the TorchScript ``torch.onnx.export`` too) or ``make_fx`` tracing the eager
-    caller? Like an exported program, what they make keeps no guards on what it was traced under. (Not to be
-    asked in code dynamo traces.)"""
-    return _jit_tracing() or (_PROXY is not None and _dispatch_mode(_PROXY) is not None)
+    """Is ``torch.jit.trace`` (the TorchScript ``torch.onnx.export`` too), ``make_fx`` or ``torch.fx.symbolic_trace``
+    tracing the eager caller? Like an exported program, what they make keeps no guards on what it was traced under.
+    (Not to be asked in code dynamo traces.)"""
+    return (
+        _jit_tracing()
+        or (_PROXY is not None and _dispatch_mode(_PROXY) is not None)
+        or (_fx_tracer is not None and _fx_tracer._is_fx_tracing_flag)
+    )
 
 
 #: ``() -> object | None``: the innermost ``torch.func`` transform running now (``vmap``, ``grad``,

@@ -711,7 +711,8 @@ class RouterHook:
         """``torch.export`` or a tracer tracing a forward while a block is open: refused (the program would keep
         the block)."""
         raise UnsupportedRouterError(
-            f"router '{self.name}' is being exported (torch.export, torch.jit.trace, make_fx) while a capture, "
+            f"router '{self.name}' is being exported (torch.export, torch.jit.trace, make_fx, torch.fx.symbolic_trace) "
+            "while a capture, "
             "replay, keep_scores or verify block is open. An exported or traced program keeps no guards, so what the "
             "block adds to the forward (writes into this session's capture ring, forced rows) would run at every "
             "later call of the program, inside blocks or not. Export outside the blocks: the program then routes "

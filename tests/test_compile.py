@@ -438,6 +438,65 @@ def test_export_or_trace_of_the_attached_module_itself_routes_natively_or_is_ref
     assert native.equal(other.routes())
 
 
+class _FxRouter(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 6, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v, i = torch.topk(self.proj(x).softmax(-1), 2, dim=-1)
+        return v / v.sum(-1, keepdim=True), i
+
+
+class _FxMoE(torch.nn.Module):
+    """Two layers of a router and a table of expert embeddings that torch.fx.symbolic_trace can trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routers = torch.nn.ModuleList([_FxRouter(), _FxRouter()])
+        self.experts = torch.nn.Parameter(torch.randn(2, 6, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for n, router in enumerate(self.routers):
+            w, i = router(x)
+            x = x + (w.unsqueeze(-1) * self.experts[n][i]).sum(-2)
+        return x
+
+
+@pytest.mark.reliability("silent replays")
+def test_fx_symbolic_trace_of_an_attached_model_routes_natively_or_is_refused() -> None:
+    """Once torch.fx.symbolic_trace of an attached model failed with a refusal calling the routers soft routing (the
+    decision was established on the tracer's proxies), idle too; and inside a block it was not refused as tracing.
+
+    Outside blocks the traced program routes natively; inside a block it is refused as an export is."""
+    torch.manual_seed(0)
+    model = _FxMoE()
+    x = torch.randn(3, 5, 8)
+    with mr.attach(model, include="routers.*", top_k=2, num_experts=6) as session:
+        program = torch.fx.symbolic_trace(model)  # (before any forward: nothing established)
+        with torch.no_grad():
+            assert torch.equal(program(x), model(x))
+            session.verify(x)
+        program = torch.fx.symbolic_trace(model)  # (with gradients: a mode verify() did not establish)
+        with torch.no_grad(), session.capture():
+            model(x)
+        routes = session.routes()
+        for block in (session.capture, lambda: session.replay(routes, strict=False)):
+            with pytest.raises(mr.UnsupportedRouterError, match="is being exported"), block():
+                torch.fx.symbolic_trace(model)
+        with torch.no_grad():
+            for router in model.routers:
+                router.proj.weight.add_(torch.randn_like(router.proj.weight))
+            with session.capture():  # the program routes natively and writes nothing into the ring
+                out = program(x)
+                want = model(x)
+            native = session.routes()
+            assert torch.equal(out, want) and not native.equal(routes)
+            with session.replay(routes):  # and is not forced either
+                assert torch.equal(program(x), want)
+                model(x)
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal tensors, or equal tuples of them."""
     if isinstance(a, tuple | list):
