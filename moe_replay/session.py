@@ -63,7 +63,23 @@ __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
 #: is the fixed size of the ring.
 DEFAULT_CAPACITY = 1 << 16
 
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+#: The attached session of each model, held weakly both ways: a session reaches its model (through the forwards it
+#: installed), and a model dropped while attached must go with its session. The model keeps its session alive while
+#: attached (each router's forward holds it).
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Session]] = weakref.WeakKeyDictionary()
+
+
+def _attached_sessions() -> list[Session]:
+    """The sessions attached now (call under ``_ATTACH_LOCK``)."""
+    return [s for ref in list(_ATTACHED.values()) if (s := ref()) is not None]
+
+
+def _session_of(model: nn.Module) -> Session | None:
+    """The session attached to ``model`` (the last one attached, whether or not detached since), or None."""
+    ref = _ATTACHED.get(model)
+    return None if ref is None else ref()
+
+
 #: Models whose forward passed the watch for decisions outside every router: by router scopes and
 #: training flag, the modules on the way to the routers that it passed with.
 _WATCHED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _Skeleton]] = weakref.WeakKeyDictionary()
@@ -561,7 +577,7 @@ class Session:
             scopes[id(s.scope_module)] = s.name
             held = getattr(s.scope_module.forward, "__moe_replay_hook__", None)
             if held is not None:
-                other = next((o for o in list(_ATTACHED.values()) if o._attached and held in o._hooks), None)
+                other = next((o for o in _attached_sessions() if o._attached and held in o._hooks), None)
                 raise _held_by(
                     f"'{s.scope}' is already intercepted by another session"
                     + ("" if other is None else f" ({other!r})"),
@@ -836,7 +852,7 @@ class Session:
         self._attached = False
         model = self._model_ref()
         with _ATTACH_LOCK:
-            if model is not None and _ATTACHED.get(model) is self:
+            if model is not None and _session_of(model) is self:
                 del _ATTACHED[model]
 
     def _check_no_forced_recompute(self) -> None:
@@ -967,7 +983,7 @@ class Session:
             if now is not wrapper and now is not self._reached.get(-1 - i, wrapper):
                 # (every attached session's list of them: one module's may serve two sessions)
                 with _ATTACH_LOCK:
-                    held = [s._feed_wrappers for s in list(_ATTACHED.values()) if s._attached]
+                    held = [s._feed_wrappers for s in _attached_sessions() if s._attached]
                 if not self._reaches(module, wrapper, now, [self._feed_wrappers, *held]):
                     raise SessionStateError(
                         f"the forward of the {type(module).__name__} this session watches (the attached model, or a "
@@ -2195,7 +2211,7 @@ def attach(
             )
         )
     with _ATTACH_LOCK:
-        other = _ATTACHED.get(model)
+        other = _session_of(model)
         if other is not None and other.attached:
             raise _held_by(f"{type(model).__name__} already has an attached session ({other!r})", other)
         if max_bytes is not None:
@@ -2216,5 +2232,5 @@ def attach(
             excluded=_compile_matcher(exclude),
         )
         session._install()
-        _ATTACHED[model] = session
+        _ATTACHED[model] = weakref.ref(session)
     return session

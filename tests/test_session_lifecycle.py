@@ -1083,3 +1083,26 @@ def test_a_session_no_name_holds_can_still_be_detached(tokens: torch.Tensor) -> 
     with mr.attach(model.layers[0]) as session:
         assert session.names == ("mlp.router",)
     assert_untouched(model, before)
+
+
+def test_a_model_dropped_while_attached_is_freed_and_its_session_stays_while_it_lives() -> None:
+    """Once a model dropped while attached (never detached: an exception before detach, a notebook) was never freed:
+    the registry of attached sessions, keyed weakly by model, held each session strongly, and the session holds its
+    model's forwards. A session whose handle is dropped still lives with its model: attaching again is refused."""
+    import gc
+    import weakref
+
+    model, x = model_and_input()
+    with torch.no_grad():
+        mr.attach(model).verify(x)  # (the handle is dropped at once)
+    gc.collect()
+    with pytest.raises(mr.SessionStateError, match="already has an attached session"):
+        mr.attach(model)
+    fresh = TinyMoE(SPECS)
+    with torch.no_grad(), mr.attach(fresh) as other, other.capture():  # (another model: unaffected)
+        fresh(x)
+    assert other.routes().num_tokens == 10
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
