@@ -1327,7 +1327,9 @@ class Session:
 
     def _device_overflow(self, exc: BaseException) -> CaptureOverflowError:
         """The error for a fixed CPU ring's device check (raised inside compiled code)."""
-        rings = [r for r in self._rings() if r.device.type == "cpu" and r.fixed_by is not None]
+        cpu = [r for r in self._rings() if r.device.type == "cpu"]
+        # (the compiled run that overflowed first raised before it marked its rings fixed)
+        rings = [r for r in cpu if r.fixed_by is not None] or cpu
         counts = ", ".join(f"'{r.name}': {int(r.written)} of {r.capacity}" for r in rings[:4])
         return CaptureOverflowError(
             f"capture overflow at this forward: {str(exc).split(OVERFLOW_MARK, 1)[-1].strip()} (rows written so far "

@@ -266,6 +266,19 @@ def test_compiled_capture_writes_a_fixed_ring_and_raises_at_the_overflowing_forw
         assert session.routes().equal(two)
 
 
+def test_a_first_compiled_forward_that_overflows_the_ring_names_the_rows_written(tokens: torch.Tensor) -> None:
+    """Once the overflow of a ring by the first compiled forward said "rows written so far per router: )": that run
+    raised before it marked the rings fixed, and only rings marked fixed were counted."""
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1, expert_impl="dense")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with mr.attach(model, capacity=tokens.numel() - 1) as session, torch.no_grad():
+        session.verify(tokens)
+        with pytest.raises(mr.CaptureOverflowError, match="capture overflow at this forward") as err:
+            with session.capture():
+                compiled(tokens)
+    assert f"per router: 'layers.1.mlp.router': 0 of {tokens.numel() - 1})" in str(err.value)
+
+
 @pytest.mark.reliability("wrappers")
 @pytest.mark.parametrize("direction", ["bare to compiled", "compiled to bare"])
 def test_routes_cross_the_compile_wrapper(tokens: torch.Tensor, direction: str) -> None:
