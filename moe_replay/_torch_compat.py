@@ -49,6 +49,7 @@ __all__ = [
     "stream_capturing",
     "top_saved_tensors_hooks",
     "tracing",
+    "transforms_active",
 ]
 
 #: The torch versions the suite runs on, as pyproject.toml declares them.
@@ -219,6 +220,11 @@ def tracing() -> bool:
 functorch_transform: Callable[[], Any] = _find(
     "torch._C._functorch.peek_interpreter_stack", "to refuse a capture or replay inside torch.func transforms"
 ) or (lambda: None)
+#: ``() -> bool``: is any ``torch.func`` transform running? Unlike :data:`functorch_transform`, dynamo traces it (and
+#: guards on it): compiled code that runs a transform itself, or is called inside one, can tell.
+transforms_active: Callable[[], bool] = _find(
+    "torch._C._are_functorch_transforms_active", "to refuse a capture or replay inside torch.func transforms"
+) or (lambda: False)
 #: ``(tensor) -> bool``: is this a tensor batched by ``vmap``? Unlike :data:`functorch_transform`, dynamo traces it
 #: (and guards on it), so compiled code called inside ``vmap`` can tell.
 is_batched: Callable[[torch.Tensor], bool] = getattr(torch._C._functorch, "is_batchedtensor", None) or (lambda t: False)

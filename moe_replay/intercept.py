@@ -214,6 +214,7 @@ _cuda_bad_fork = _torch_compat.bad_fork
 _in_compiled_autograd = _torch_compat.in_compiled_autograd
 _transform = _torch_compat.functorch_transform
 _is_batched = _torch_compat.is_batched
+_transforms_active = _torch_compat.transforms_active
 _exporting = _torch_compat.exporting
 _tracing = _torch_compat.tracing
 _grad = torch.is_grad_enabled
@@ -1479,10 +1480,13 @@ class ScopedForward:
         ):
             if not _compiling() and _transform() is not None:
                 hook._refuse_transform()
-            if _dynamo_compiling() and any(
-                isinstance(a, torch.Tensor) and _is_batched(a) for a in (*args, *kwargs.values())
+            if _dynamo_compiling() and (
+                _transforms_active()
+                or any(isinstance(a, torch.Tensor) and _is_batched(a) for a in (*args, *kwargs.values()))
             ):
-                hook._refuse_transform()  # compiled code called inside vmap (dynamo cannot ask for the transform)
+                # compiled code that runs a torch.func transform itself (grad inside the compiled function) or is called
+                # inside one (dynamo cannot ask for the transform itself, but traces and guards these two)
+                hook._refuse_transform()
             if _exporting() or (not _compiling() and _tracing()):
                 hook._refuse_export()
             return hook._run(self.__wrapped__, args, kwargs)

@@ -535,6 +535,39 @@ def test_vmap_over_a_compiled_model_inside_a_block_is_refused(tokens: torch.Tens
         assert session.routes().equal(routes)
 
 
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_a_torch_func_transform_inside_compiled_code_in_a_block_is_refused(transform: str) -> None:
+    """Once torch.func.grad run inside a compiled function, in a capture or replay block, failed with dynamo's
+    TorchRuntimeError (the ring write under the transform): the transform the compiled code runs itself is now
+    refused with ours, as one around it is. Outside blocks it runs as before."""
+    model = _tiny()
+    x = model.inputs((3, 5))
+    if transform == "grad":
+        params = {n: p.detach() for n, p in model.named_parameters()}
+
+        def step(p: dict[str, torch.Tensor]) -> Any:
+            return torch.func.grad(lambda q: torch.func.functional_call(model, q, (x,)).sum())(p)
+
+        run, arg = torch.compile(step, backend="eager"), params
+    else:
+        run, arg = torch.compile(lambda t: torch.func.vmap(model)(t), backend="eager"), torch.stack([x, x + 1])
+    with mr.attach(model) as session:
+        with torch.no_grad():
+            session.verify(x)
+            with session.capture():
+                model(x)
+        with torch.compiler.set_stance("force_eager"):
+            model(x)  # (the mode with gradients, established eagerly)
+        routes = session.routes()
+        run(arg)  # idle: fine
+        for block in (session.capture, lambda: session.replay(routes, strict=False)):
+            with pytest.raises(mr.UnsupportedRouterError, match="torch.func transform"), block():
+                run(arg)
+        with session.capture():
+            model(x)
+        assert session.routes().equal(routes)
+
+
 @pytest.mark.reliability("silent replays")
 def test_a_non_strict_compiled_replay_that_reads_past_its_routes_fails_at_exit(tokens: torch.Tensor) -> None:
     """A strict=False replay whose compiled forwards read past the end of the routes fails when the block exits.
@@ -673,6 +706,41 @@ def test_router_forwards_that_overlap_in_threads_leave_compiled_code_compiled() 
     counter = CompileCounter()
     torch.compile(lambda x: x + 1, backend=counter)(torch.zeros(2))
     assert counter.frame_count == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a fullgraph compiled forward runs no Python per call, and dynamo guards on no thread: nothing can tell "
+    "the thread that owns the block from another one",
+)
+def test_a_compiled_forward_from_another_thread_inside_a_block_is_refused() -> None:
+    """Still silent: while one thread is inside capture(), a fullgraph compiled forward of the model from another
+    thread writes its rows into the capture, interleaved with the owner's (an eager one is refused)."""
+    import threading
+
+    model = _tiny()
+    x = model.inputs((3, 5))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            with torch.no_grad():
+                compiled(x)
+        except BaseException as e:  # (what the thread raised, for the assertion below)
+            errors.append(e)
+
+    with mr.attach(model) as session, torch.no_grad():
+        session.verify(x)
+        with session.capture():
+            compiled(x)  # (the capture state compiled in this thread)
+        with session.capture():
+            compiled(x)
+            thread = threading.Thread(target=other)
+            thread.start()
+            thread.join()
+        assert session.routes().num_tokens == 15
+    assert len(errors) == 1 and isinstance(errors[0], mr.SessionStateError)
 
 
 def test_verify_that_overlaps_a_router_forward_in_another_thread_leaves_compiled_code_compiled() -> None:
