@@ -708,6 +708,7 @@ def test_router_forwards_that_overlap_in_threads_leave_compiled_code_compiled() 
     assert counter.frame_count == 1
 
 
+@pytest.mark.reliability("silent replays")
 @pytest.mark.xfail(
     strict=True,
     reason="the output guard is installed and armed only by eager forwards, and skips its check under torch.compile",
@@ -738,6 +739,7 @@ def test_a_forward_hook_that_remaps_the_indices_is_refused_in_a_compiled_block(b
             compiled(x)
 
 
+@pytest.mark.reliability("silent replays")
 @pytest.mark.xfail(
     strict=True,
     reason="a fullgraph compiled forward runs no Python per call, and dynamo guards on no thread: nothing can tell "
