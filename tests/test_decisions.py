@@ -89,6 +89,21 @@ def _forced_routes(session: mr.Session, n: int, seed: int = 5) -> mr.Routes:
     return mr.Routes([rows], names=session.names, num_experts=E)
 
 
+def _assert_captured_and_forced(gate: nn.Module, tokens: int, *, forwards: int = 1, grad: bool = True) -> None:
+    """A block around ``gate``: its capture records the gate's own indices, and replays force other rows (``forwards``
+    blocks of them: the second forward of a block takes the lean path)."""
+    block, x = Block(gate), torch.randn(tokens, D)
+    with mr.attach(block) as session, torch.set_grad_enabled(grad):
+        with session.capture():
+            block(x)
+        assert torch.equal(session.routes().layer("router"), gate.last)
+        forced = _forced_routes(session, tokens)
+        for _ in range(forwards):
+            with session.replay(forced):
+                block(x)
+            assert torch.equal(gate.last, forced.layer("router"))
+
+
 # ----------------------------------------------------------------------- successive argmax
 def test_top2_by_successive_argmax_is_one_decision_of_k2() -> None:
     torch.manual_seed(0)
@@ -319,16 +334,7 @@ class _TensorKGate(nn.Module):
 def test_top_k_with_a_tensor_k_is_captured_and_forced() -> None:
     """Once a plain top-k whose ``k`` was a 0-d integer tensor was refused as making no decision-like call."""
     torch.manual_seed(6)
-    block, x = Block(_TensorKGate()), torch.randn(10, D)
-    with mr.attach(block) as session:
-        with session.capture():
-            block(x)
-        assert torch.equal(session.routes().layer("router"), block.router.last)
-        forced = _forced_routes(session, 10)
-        for _ in range(2):  # (the second forward of a block takes the lean path)
-            with session.replay(forced):
-                block(x)
-            assert torch.equal(block.router.last, forced.layer("router"))
+    _assert_captured_and_forced(_TensorKGate(), 10, forwards=2)
 
 
 class _WarmupSwitchBlock(nn.Module):
@@ -399,15 +405,7 @@ class _ChunkedGate(nn.Module):
 def test_gate_that_routes_its_tokens_in_chunks_is_captured_and_forced() -> None:
     """Once refused (still): a plain top-k made chunk by chunk of tokens is taken for independent choices."""
     torch.manual_seed(8)
-    block, x = Block(_ChunkedGate()), torch.randn(8, D)
-    with mr.attach(block) as session:
-        with session.capture():
-            block(x)
-        assert torch.equal(session.routes().layer("router"), block.router.last)
-        forced = _forced_routes(session, 8)
-        with session.replay(forced):
-            block(x)
-        assert torch.equal(block.router.last, forced.layer("router"))
+    _assert_captured_and_forced(_ChunkedGate(), 8)
 
 
 class _OutGate(nn.Module):
@@ -432,12 +430,4 @@ def test_gate_whose_top_k_writes_into_out_tensors_is_captured_and_forced() -> No
     """Once refused (still): a top-k with ``out=`` (without gradients) was found to change nothing, since the
     probe moved the indices it returned and not those it wrote."""
     torch.manual_seed(9)
-    block, x = Block(_OutGate()), torch.randn(8, D)
-    with mr.attach(block) as session, torch.no_grad():
-        with session.capture():
-            block(x)
-        assert torch.equal(session.routes().layer("router"), block.router.last)
-        forced = _forced_routes(session, 8)
-        with session.replay(forced):
-            block(x)
-        assert torch.equal(block.router.last, forced.layer("router"))
+    _assert_captured_and_forced(_OutGate(), 8, grad=False)
