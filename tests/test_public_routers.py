@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -914,6 +915,57 @@ class VllmDeepseekV2MoE(nn.Module):
         return self.experts(hidden_states=x, router_logits=router_logits)
 
 
+class SglangTopKOutput(NamedTuple):
+    """SGLang ``layers/moe/topk.py`` ``StandardTopKOutput``."""
+
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+    router_logits: torch.Tensor
+
+
+class SglangTopK(nn.Module):
+    """SGLang ``TopK``: a module of its own, with no parameters, fed the gate's logits by the block; softmax in
+    fp32, ``topk``, renormalized, int32 ids, all returned in a named tuple."""
+
+    def __init__(self, top_k: int, renormalize: bool = True) -> None:
+        super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> SglangTopKOutput:
+        scores = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+        w, ids = torch.topk(scores, self.top_k, dim=-1)
+        if self.renormalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return SglangTopKOutput(w, ids.to(torch.int32), router_logits)
+
+
+class SglangFusedMoE(nn.Module):
+    """SGLang ``FusedMoE`` (the torch-native path): runs the experts on the ``TopKOutput`` it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.experts = Experts()
+
+    def forward(self, hidden_states: torch.Tensor, topk_output: SglangTopKOutput) -> torch.Tensor:
+        ids, w = topk_output.topk_ids.long(), topk_output.topk_weights.to(hidden_states.dtype)
+        return dispatch(self.experts, hidden_states, ids, w)
+
+
+class SglangQwen2MoeSparseMoeBlock(nn.Module):
+    """SGLang ``models/qwen2_moe.py``: the gate, the top-k and the experts are three sibling modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = ReplicatedLinear(D, E, bias=False)
+        self.topk = SglangTopK(2)
+        self.experts = SglangFusedMoE()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router_logits, _ = self.gate(x)
+        return self.experts(x, self.topk(x, router_logits))
+
+
 class TorchtuneRouter(nn.Module):
     """torchtune ``torchtune/modules/moe/moe.py`` ``TokenChoiceTopKRouter``: ``gate`` module passed in,
     sigmoid in fp32, ``topk(dim=1)``, histc counts, stable argsort of the flat indices, returns
@@ -1002,6 +1054,7 @@ STYLES = {
     "fairseq-top2gating": FairseqMOELayer,
     "st-moe-topn-gating": STMoE,
     "vllm-grouped-topk-fused-moe": VllmDeepseekV2MoE,
+    "sglang-topk-module": SglangQwen2MoeSparseMoeBlock,
     "torchtune-token-choice": TorchtuneMoE,
     "jetmoe-top-k-gating": JetMoE,
     "fastmoe-naive-gate": lambda: FMoEBlock(FastMoENaiveGate()),
