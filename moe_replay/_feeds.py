@@ -20,7 +20,8 @@ class defines one). Those methods are watched on the cache object (and the model
 the length of the capture, and put back when it ends. It also notes a cache given to a
 forward again after another cache was given in between: the forwards of two decode loops
 interleaved (classifier-free guidance runs the model on the unconditional prompt after every
-step, with a cache of its own).
+step, with a cache of its own), and a forward given a cache that held no tokens, or none, after a
+forward was given one: a decode loop begun again (a second ``generate()`` call).
 
 A forward is seen where it enters the model or any module between the model and its routers
 (:func:`feed_levels`): from a session's attach until its detach, each of those modules has
@@ -124,13 +125,20 @@ class FeedRecord:
             :meth:`rows` could not use them; kept on, they would pile up for as long as it runs).
     """
 
+    #: note forwards that begin a decode loop again (see :attr:`interleaved`)
+    _notes_loops = True
+
     def __init__(self, keep_inputs: bool = True, limit: int | None = None) -> None:
         self.forwards: list[_Forward] = []
         #: the first cache method that moved rows during the capture, as ``Class.method``
         self.moved: str | None = None
         #: the type of a KV cache given again to a forward after another cache was given in between: the
-        #: forwards of two decode loops interleaved (classifier-free guidance), or None
-        self.interleaved: str | None = None
+        #: forwards of two decode loops interleaved (classifier-free guidance), or None (see :attr:`interleaved`)
+        self._interleaved: str | None = None
+        self._given_before = False  # a forward of this capture was given a KV cache
+        #: forwards that began a decode loop again after a forward given a KV cache: (what they were given, the
+        #: tokens it held then: an int, a 0-d tensor read when the routes are, or None for a forward given none)
+        self._fresh: list[tuple[str, Any]] = []
         self._last: weakref.ref[Any] | None = None  # the KV cache given to the latest forward given one
         self._keep_inputs = keep_inputs
         self._limit = limit
@@ -184,11 +192,14 @@ class FeedRecord:
         ids (:func:`token_order`): the ids and mask are kept in that order, one per row.
         """
         count, ids, fed = _inputs(args, kwargs)
-        self._watch_caches(args, kwargs)
+        before = self._given_before
+        given = self._watch_caches(args, kwargs)
         if paired:
             count, ids, fed = -1, None, None
         elif count < 0:
             return False
+        if before and not given and self._notes_loops and count > 0:  # (its tokens start from no cached ones)
+            self._fresh.append(("", None))
         if self._keep_inputs:
             self._keep(count, ids, fed, kwargs, order)
         return True
@@ -198,8 +209,29 @@ class FeedRecord:
         if self._keep_inputs and self.forwards and self.calls_made is not None:
             self.forwards[-1].end = self.calls_made()
 
-    def _watch_caches(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Watch the row moves of a cache among the inputs of a forward, and note a cache given again after another."""
+    @property
+    def interleaved(self) -> str | None:
+        """Where the capture's forwards were those of more than one decode loop, what shows it; else None.
+
+        The type of a cache given again after another cache was given in between (two loops
+        interleaved: classifier-free guidance); or ``"new <type>"``: a forward given a cache that
+        held no tokens, or ``"no cache"``: a forward given none, after a forward of the capture was
+        given a cache (a loop begun again: a second ``generate()`` call). Where a second loop's
+        prompts are one token wide, its forwards have the row counts of the first loop's decode
+        steps, and nothing else in the rows shows it.
+        """
+        if self._interleaved is not None:
+            return self._interleaved
+        for what, held in self._fresh:
+            if held is None:
+                return "no cache"
+            if isinstance(held, int | torch.Tensor) and int(held) == 0:  # (a static cache's: read here, not per step)
+                return f"new {what}"
+        return None
+
+    def _watch_caches(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Watch the row moves of a cache among the inputs of a forward, and note a cache given again after another,
+        or a new one; return whether the forward was given a cache."""
         given = False
         for value in (*args, *kwargs.values()):  # the cache, at any place or name (cache, past_key_values...)
             kind = type(value)
@@ -217,10 +249,14 @@ class FeedRecord:
                     given = True
                     last = self._last() if self._last is not None else None
                     if value is not last:  # (another cache than the forward before's)
-                        if again and last is not None and self.interleaved is None:
-                            self.interleaved = kind.__name__
+                        if again and last is not None and self._interleaved is None:
+                            self._interleaved = kind.__name__
+                        elif not again and self._given_before and self._notes_loops:
+                            self._fresh.append((kind.__name__, _tokens_held(value)))
                         if id(value) in self._caches:
                             self._last = self._caches[id(value)][0]
+        self._given_before = self._given_before or given
+        return given
 
     def _keep(
         self,
@@ -301,6 +337,7 @@ class FeedRecord:
     def to_host(self) -> None:
         """Move the kept inputs to the host, one copy per device and dtype: a detached session holds no device
         memory (its :meth:`Session.routes` still reads them)."""
+        self._fresh = [(what, held.cpu() if isinstance(held, torch.Tensor) else held) for what, held in self._fresh]
         for name in ("ids", "mask"):
             groups: dict[tuple[torch.device, torch.dtype], list[_Forward]] = {}
             for f in self.forwards:
@@ -353,6 +390,8 @@ class MoveWatch(FeedRecord):
     where hypotheses share a token: the replay would force one hypothesis's experts on another. So a forward
     after such a move is refused before any router reads, whatever moves the capture saw.
     """
+
+    _notes_loops = False
 
     def __init__(self) -> None:
         super().__init__(keep_inputs=False)
@@ -678,6 +717,21 @@ class _Noting:
     def __reduce__(self) -> tuple[Any, ...]:
         # a pickled cache: its class's method, looked up on the cache as it is unpickled
         return (getattr, (self.cache(), self.name))
+
+
+def _tokens_held(cache: Any) -> int | torch.Tensor | None:
+    """The tokens a KV cache held as a forward was given it (``get_seq_length()``): an int, or a 0-d tensor read
+    later (a static cache counts on its device: no host sync here); -1 where it does not say."""
+    count = getattr(type(cache), "get_seq_length", None)
+    if not callable(count):
+        return -1
+    try:
+        held = count(cache)
+    except Exception:  # (a cache of one's own whose count fails: it says nothing, the forward runs on)
+        return -1
+    if isinstance(held, torch.Tensor) and held.numel() == 1 and not held.is_floating_point():
+        return held.detach().reshape(())
+    return held if isinstance(held, int) and not isinstance(held, bool) else -1
 
 
 def _tokens_of_4d(mask: torch.Tensor, batch: int, width: int) -> torch.Tensor | None:

@@ -366,6 +366,16 @@ def _check_one_loop(routes: Routes) -> None:
     kind = routes._caches_interleaved
     if kind is None:
         return
+    if kind == "no cache" or kind.startswith("new "):
+        given = "no KV cache" if kind == "no cache" else f"a new {kind[4:]} that held no tokens"
+        raise RoutesValidationError(
+            f"while this capture ran, a forward of the model was given {given} after earlier forwards were given "
+            "a KV cache: a decode loop began again (a second generate() call in the capture() block, or a loop of "
+            "one's own started over), so its tokens do not continue the sequences of the forwards before it. Where "
+            "its prompts are one token wide its forwards have the row counts of more decode steps of the first, and "
+            "a split by their order would give tokens other tokens' experts. Capture each generate() call in its "
+            "own capture() block (or continue a generation by passing its cache, past_key_values=out.past_key_values)"
+        )
     raise RoutesValidationError(
         f"while this capture ran, the model's forwards were given KV caches in turn (a {kind} given again after "
         "another cache was given in between): the forwards of two decode loops interleaved, as generate(guidance_scale="
@@ -508,7 +518,10 @@ def split_generation(
     KV caches in turn (the
     forwards of two decode loops interleaved: ``generate(guidance_scale=...)`` runs the model
     on the unconditional prompt after every step, with a cache of its own, in forwards of the
-    row counts of one ``generate()`` of more new tokens), and a prompt mask other than the one
+    row counts of one ``generate()`` of more new tokens), one in which a forward was given a KV
+    cache that held no tokens (or none) after earlier forwards were given one (a decode loop
+    begun again: a second ``generate()`` call, whose forwards over prompts one token wide have
+    the row counts of more decode steps), and a prompt mask other than the one
     ``generate()`` ran with; given ``sequences``, each token must be the one its row was fed
     (sequences of another call, or in another order, are refused). Sample or decode greedily when
     capturing a rollout, and pass ``sequences``: a decode loop of your own that moves rows
@@ -547,9 +560,10 @@ def split_generation(
     Raises:
         RoutesValidationError: the row count does not fit ``B``, ``P`` and ``N``; the
             capture's forwards are not one prompt forward then one per new token; the KV
-            cache moved rows between forwards (beam search), or the forwards were given KV
-            caches in turn (``guidance_scale``); ``sequences`` hold other
-            tokens than their rows were fed; or the prompt mask is not ``generate()``'s.
+            cache moved rows between forwards (beam search), the forwards were given KV
+            caches in turn (``guidance_scale``) or a decode loop began again (a second
+            ``generate()``); ``sequences`` hold other tokens than their rows were fed;
+            or the prompt mask is not ``generate()``'s.
         InvalidArgumentError: the arguments disagree on ``B`` (a prompt mask not repeated
             for ``num_return_sequences``).
 

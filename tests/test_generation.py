@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -1174,3 +1176,62 @@ def test_routes_cat_of_several_generate_captures_is_refused_not_split_as_one() -
     want = mr.split_generation(whole, batch_size=B, prompt_len=P)
     got = mr.split_generation(joined, batch_size=B, prompt_len=P)
     assert all(a.equal(b) and torch.equal(a.token_ids, b.token_ids) for a, b in zip(got, want, strict=True))
+
+
+def _greedy_loop(model, ids: torch.Tensor, new: int, cache=None) -> torch.Tensor:
+    """A decode loop of one's own: the prompt forward (given ``cache``, or none), then one forward per new token."""
+    name = pytest.importorskip("tests.tiny_hf").cache_kwarg(model)
+    out = model(ids, attention_mask=torch.ones_like(ids), use_cache=True, **{name: cache})
+    seq = ids
+    for step in range(new):
+        seq = torch.cat([seq, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        if step < new - 1:
+            out = model(seq[:, -1:], attention_mask=torch.ones_like(seq), **{name: out.past_key_values})
+    return seq
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("how", ["generate", "static cache", "own loop"])
+def test_a_second_decode_loop_of_one_token_prompts_is_refused_not_split_as_more_steps(how: str) -> None:
+    """Once silent: a second generate() in the capture() block whose prompts are one token wide (generation from a
+    BOS token, or a second turn of one token) runs forwards of the row counts of the first call's decode steps, so
+    the capture's forwards fit one generate() of 2N new tokens; without sequences= it split into sequences of both
+    calls' tokens joined, the second call's routes given to tokens the first call never made. A forward given a new
+    KV cache that holds no tokens (or none, where a loop of one's own gives its prompt forward none) after earlier
+    forwards were given one began a decode loop again: refused. A generation continued from its own cache, or from
+    a copy of a prefix's cache, still splits, and exactly.
+    """
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    first, second = torch.randint(3, 128, (2, P)), torch.randint(3, 128, (2, 1))
+    kwargs = dict(max_new_tokens=N, pad_token_id=0, do_sample=False)
+    if how == "static cache":
+        kwargs["cache_implementation"] = "static"
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            if how == "own loop":
+                _greedy_loop(model, first, N), _greedy_loop(model, second, N)
+            else:
+                model.generate(first, **kwargs), model.generate(second, **kwargs)
+        capture = session.routes()
+        assert capture._call_rows == ((2 * P, 1), (2, 2 * N - 1))  # the forwards of one generate() of 2N tokens
+        with pytest.raises(mr.RoutesValidationError, match=r"decode loop began again.*own capture\(\) block"):
+            mr.split_generation(capture, batch_size=2, prompt_len=P)
+        if how != "generate":
+            return
+        # a generate() continued from a copy of a prefix's cache is one loop, and splits exactly
+        with session.capture(), torch.no_grad():
+            prefix = tiny_hf.transformers.DynamicCache(config=model.config)
+            name = tiny_hf.cache_kwarg(model)
+            model(first[:, :-1], use_cache=True, **{name: prefix})
+            out = model.generate(first, **{name: copy.deepcopy(prefix)}, **kwargs)
+        capture = session.routes()
+        assert capture._call_rows == ((2 * (P - 1), 1), (2, N))  # the prefix, then the uncached token and N - 1 steps
+        parts = mr.split_generation(capture, batch_size=2, prompt_len=P - 1, sequences=out, keep_padding=True)
+        with session.capture(), torch.no_grad():  # each token's rows are those of a teacher-forced forward
+            model(out)
+        teacher = session.routes()
+        for i, part in enumerate(parts):
+            kept = ~part.missing.all(dim=1)
+            want = teacher[i * out.shape[1] : (i + 1) * out.shape[1]].indices[kept].sort(-1).values
+            assert torch.equal(part.indices[kept].sort(-1).values, want)
