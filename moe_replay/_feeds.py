@@ -81,6 +81,8 @@ _MOVES_OF: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDic
 _ORDER_OF: weakref.WeakKeyDictionary[nn.Module, tuple[str, tuple[weakref.ref[nn.Module], ...], tuple[Any, Any]]] = (
     weakref.WeakKeyDictionary()
 )
+#: the names under which a forward is given its KV cache, read where it is a list of tensors per layer
+_CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
 #: types that are no cache (looked up in no table)
 _PLAIN = frozenset({torch.Tensor, type(None), bool, int, float, str})
 
@@ -194,6 +196,9 @@ class FeedRecord:
         count, ids, fed = _inputs(args, kwargs)
         before = self._given_before
         given = self._watch_caches(args, kwargs)
+        if not given:  # (a cache of plain tensors, as code of one's own keeps it: a list of (keys, values) per layer)
+            given = any(isinstance(kwargs.get(name), list | tuple) and len(kwargs[name]) > 0 for name in _CACHE_NAMES)
+            self._given_before = self._given_before or given
         if paired:
             count, ids, fed = -1, None, None
         elif count < 0:

@@ -1191,7 +1191,7 @@ def _greedy_loop(model, ids: torch.Tensor, new: int, cache=None) -> torch.Tensor
 
 
 @pytest.mark.reliability("bad inputs")
-@pytest.mark.parametrize("how", ["generate", "static cache", "own loop"])
+@pytest.mark.parametrize("how", ["generate", "static cache", "own loop", "list cache"])
 def test_a_second_decode_loop_of_one_token_prompts_is_refused_not_split_as_more_steps(how: str) -> None:
     """Once silent: a second generate() in the capture() block whose prompts are one token wide (generation from a
     BOS token, or a second turn of one token) runs forwards of the row counts of the first call's decode steps, so
@@ -1202,14 +1202,17 @@ def test_a_second_decode_loop_of_one_token_prompts_is_refused_not_split_as_more_
     a copy of a prefix's cache, still splits, and exactly.
     """
     tiny_hf = pytest.importorskip("tests.tiny_hf")
-    model = tiny_hf.build("qwen3_moe")
+    # (the reference model's generate() keeps its cache as a list of (keys, values) per layer)
+    model = mr.models.build("softmax_topk") if how == "list cache" else tiny_hf.build("qwen3_moe")
     first, second = torch.randint(3, 128, (2, P)), torch.randint(3, 128, (2, 1))
     kwargs = dict(max_new_tokens=N, pad_token_id=0, do_sample=False)
     if how == "static cache":
         kwargs["cache_implementation"] = "static"
     with mr.attach(model) as session:
         with session.capture(), torch.no_grad():
-            if how == "own loop":
+            if how == "list cache":
+                model.generate(first, N), model.generate(second, N)
+            elif how == "own loop":
                 _greedy_loop(model, first, N), _greedy_loop(model, second, N)
             else:
                 model.generate(first, **kwargs), model.generate(second, **kwargs)
