@@ -257,7 +257,9 @@ class FeedRecord:
                         if again and last is not None and self._interleaved is None:
                             self._interleaved = kind.__name__
                         elif not again and self._given_before and self._notes_loops:
-                            self._fresh.append((kind.__name__, _tokens_held(value)))
+                            held = _tokens_held(value)
+                            if not isinstance(held, int) or held == 0:  # (one that held tokens continues: not kept)
+                                self._fresh.append((kind.__name__, held))
                         if id(value) in self._caches:
                             self._last = self._caches[id(value)][0]
         self._given_before = self._given_before or given
