@@ -46,7 +46,7 @@ import operator
 import threading
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -62,8 +62,8 @@ from ._torch_compat import (
     tracing,
 )
 from .errors import RoutesValidationError, TokenMismatchError, _script_refusal
-from .evidence import _autocast_cache_aside, _Snapshot
-from .intercept import ORDER_PROBE, ClassForward, OrderStop, _code_of
+from .evidence import _HOOKS, _autocast_cache_aside, _Snapshot
+from .intercept import _CONTAINERS, ORDER_PROBE, ClassForward, OrderStop, _code_of, _fingerprint
 
 __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
 
@@ -74,13 +74,13 @@ ROW_MOVES = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
 MODEL_MOVES = ("_reorder_cache",)
 #: the methods of ROW_MOVES that a type has (none for tensors, ints...), by type
 _MOVES_OF: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
-#: the token order a session found for a model (see :func:`token_order`), with the router scopes its runs
-#: stopped at and the forward they ran (its class's, its own): a later session on the same model and routers
-#: takes it, as it takes the routers' decisions, instead of running the model again at its first block's
-#: first forward
-_ORDER_OF: weakref.WeakKeyDictionary[nn.Module, tuple[str, tuple[weakref.ref[nn.Module], ...], tuple[Any, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+#: the token orders sessions found for a model level (see :func:`token_order`), each with what it was found under
+#: (:class:`_Found`): a later session on the same model and routers takes the one whose modules on the way to the
+#: first router are as they were, as it takes the routers' decisions, instead of running the model again at its
+#: first block's first forward
+_ORDER_OF: weakref.WeakKeyDictionary[nn.Module, list[_Found]] = weakref.WeakKeyDictionary()
+#: the orders kept per model level (one per mode or layout its sessions ran under, the latest first)
+_ORDERS_KEPT = 4
 #: the names under which a forward is given its KV cache, read where it is a list of tensors per layer
 _CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
 #: types that are no cache (looked up in no table)
@@ -862,6 +862,7 @@ def token_order(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     module: nn.Module | None = None,
+    path: list[nn.Module] | None = None,
 ) -> str | None:
     """The order in which the routers see the tokens of the ``[batch, positions]`` ids this forward is fed, told by
     effect; None where this forward cannot tell (another may).
@@ -883,7 +884,8 @@ def token_order(
     where the forward is given a cache it would update, not across processes (the other ranks would not run it
     in step). Those forwards are ``None``. What the runs change in ``module`` (the model whose forward ``run``
     runs) before they stop is put back as a decision's probe runs put it back: its buffers, small parameters and
-    plain attributes (a forward counter, a batch norm's running statistics in training).
+    plain attributes (a forward counter, a batch norm's running statistics in training). ``path``, where given,
+    gets the modules the runs went through before the router they stopped at, in the order they were called.
     """
     _, ids, _ = _inputs(args, kwargs)
     if ids is None or ids.dim() != 2 or min(ids.shape) < 2 or not scopes:
@@ -913,7 +915,7 @@ def token_order(
     # (the hooks of the model's modules first set aside, as in a decision's probe runs: a hook that collects
     # activations sees the one forward; where the runs fail without them, they run with them)
     for aside in (True, False) if kept is not None else (False,):
-        rows = _order_rows(run, fed, (ids, changed), devices, kept, aside)
+        rows = _order_rows(run, fed, (ids, changed), devices, kept, aside, path)
         if rows is not None:
             break
     else:
@@ -937,10 +939,18 @@ def _order_rows(
     devices: list[torch.device],
     kept: _Snapshot | None,
     aside: bool,
+    path: list[nn.Module] | None = None,
 ) -> list[torch.Tensor | None] | None:
     """The first router's input rows in a run of each of ``inputs`` (None: no router reached), from one random
-    state, with the submodules' hooks set ``aside``; None where a run fails. ``kept`` is put back after them."""
+    state, with the submodules' hooks set ``aside``; None where a run fails. ``kept`` is put back after them.
+    ``path`` gets the modules the first run called before it stopped."""
     rows: list[torch.Tensor | None] = []
+    entered: list[nn.Module] = []
+
+    def note(module: nn.Module, args: Any) -> None:
+        if not rows:  # (the first run's)
+            entered.append(module)
+
     hooks = kept.hooks_aside() if aside and kept is not None else contextlib.nullcontext()
     # (compiled modules on the way run eagerly here: the stop is Python that no graph holds. The runs are a forward
     # that a checkpoint's recompute does not make, so, as a decision's probe runs, they run unseen by the dispatch
@@ -954,6 +964,7 @@ def _order_rows(
         hooks,
         hidden_from_dispatch_modes(),
         _autocast_cache_aside(),
+        _noting_calls(note if path is not None else None),
     ):
         state = torch.get_rng_state()
         cuda = [torch.cuda.get_rng_state(d) for d in devices]
@@ -975,7 +986,22 @@ def _order_rows(
             ORDER_PROBE.thread = None
             if kept is not None:
                 kept.restore()
+    if path is not None:
+        path[:] = entered
     return rows
+
+
+@contextlib.contextmanager
+def _noting_calls(note: Callable[[nn.Module, Any], None] | None) -> Iterator[None]:
+    """Call ``note`` with each module called while this runs (a global forward pre-hook; nothing where None)."""
+    if note is None:
+        yield
+        return
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(note)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _last_token(mask: Any, batch: int, positions: int) -> int | None:
@@ -986,6 +1012,127 @@ def _last_token(mask: Any, batch: int, positions: int) -> int | None:
         real = (mask[0, -positions:] != 0).nonzero().flatten()
         at = int(real[-1]) if real.numel() else 0
     return at if at >= 1 else None
+
+
+class _Found:
+    """A token order found by :func:`token_order` at a model level, and what it was found under: the router scopes
+    its runs stopped at, the level's forward (its class's, its own before), the modules the runs went through before
+    the first router (the level first) and their state then (:func:`_path_state`), less the keys the level's own
+    forward changes (a forward counter: its state, not a setting)."""
+
+    __slots__ = ("order", "own", "path", "runs", "scopes", "state")
+
+    def __init__(
+        self, order: str, scopes: Sequence[nn.Module], runs: tuple[Any, Any], path: Sequence[nn.Module]
+    ) -> None:
+        self.order = order
+        self.scopes = tuple(weakref.ref(s) for s in scopes)
+        self.runs = runs
+        self.path = tuple(weakref.ref(m) for m in path)
+        self.state = _path_state(path)
+        self.own: set[str] = set()  # (the keys the forward that found it changed itself, once it ended)
+
+    def settle(self) -> None:
+        """After the forward the order was found at: leave out the keys that forward changed itself."""
+        now = self.now()
+        if now is not None and self.state is not None:
+            self.own.update(k for k in self.state.keys() | now.keys() if self.state.get(k) != now.get(k))
+
+    def now(self) -> dict[str, Any] | None:
+        """The state of its path's modules now; None where one of them is gone."""
+        modules = [ref() for ref in self.path]
+        return None if any(m is None for m in modules) else _path_state(modules)  # type: ignore[arg-type]
+
+    def holds(self, scopes: Sequence[nn.Module], runs: tuple[Any, Any]) -> bool:
+        """Does it hold for a forward running ``runs`` to the router ``scopes``, with its path as it is now?"""
+        if self.runs != runs or len(self.scopes) != len(scopes):
+            return False
+        if not all(ref() is scope for ref, scope in zip(self.scopes, scopes, strict=True)):
+            return False
+        now, then = self.now(), self.state
+        if now is None or then is None:
+            return False
+        own = self.own
+        return all(then.get(k, _GONE) == now.get(k, _GONE) for k in then.keys() | now.keys() if k not in own)
+
+
+_GONE = object()
+
+
+class _Same:
+    """An object compared by identity (no ``__eq__`` of the model's code runs), held weakly where it can be: a
+    forward that is a bound method of the model, kept strongly in :data:`_ORDER_OF`, would keep the model alive."""
+
+    __slots__ = ("obj", "ref")
+
+    def __init__(self, obj: Any) -> None:
+        self.obj: Any = None
+        self.ref: weakref.ref[Any] | None = None
+        if obj is not None:
+            try:
+                self.ref = weakref.ref(obj)
+            except TypeError:  # (no weak reference to it: held as it is)
+                self.obj = obj
+
+    def get(self) -> Any:
+        return self.ref() if self.ref is not None else self.obj
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Same):
+            return NotImplemented
+        mine, theirs = self.get(), other.get()
+        return mine is theirs and (mine is not None or (self.ref is None and other.ref is None))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _ours(hook: Any) -> bool:
+    """Is ``hook`` one of moe_replay's (a session's hooks come and go with it)? Read without running user code."""
+    plain = isinstance(hook, types.FunctionType | types.MethodType)
+    where = hook.__module__ if plain else type(hook).__module__
+    return isinstance(where, str) and where.startswith("moe_replay.")
+
+
+def _own_forward(module: nn.Module) -> _Same:
+    """The ``forward`` ``module`` has of its own (not its class's), compared by identity: a session's wrapper is
+    looked through to the forward it runs, and a method bound to the module (made anew per session) is its
+    function."""
+    own = module.__dict__.get("forward")
+    for _ in range(8):
+        if isinstance(own, FeedForward):
+            own = own.before
+        elif own is not None and type(own).__module__.startswith("moe_replay."):
+            inner = inspect.getattr_static(own, "__wrapped__", None)
+            own = inner if callable(inner) and not isinstance(inner, property) else type(own)
+        else:
+            break
+    if isinstance(own, types.MethodType) and own.__self__ is module:
+        own = own.__func__
+    return _Same(own)
+
+
+def _path_state(modules: Sequence[nn.Module]) -> dict[str, Any] | None:
+    """What of the ``modules`` a token-order probe went through (before the first router) could change the order in
+    which the routers see the tokens, by key: each module's class and forward (its own, where it has one), the hooks
+    on it (by handle, the session's own left out), its children (and those of a container it holds: a layer swapped
+    in a ``ModuleList``), its mode, and its settings as a decision's are compared (:func:`intercept._fingerprint`:
+    plain attributes, a config's, the globals, class attributes and closure cells its code reads). Compared by
+    ``==`` (forwards and children by identity, held weakly: :class:`_Same`); read without running the model's code."""
+    out: dict[str, Any] = {}
+    for i, m in enumerate(modules):
+        out[f"{i} forward"] = (type(m), inspect.getattr_static(type(m), "forward", None), _own_forward(m))
+        out[f"{i} hooks"] = tuple(
+            key for name in _HOOKS for key, hook in (m.__dict__.get(name) or {}).items() if not _ours(hook)
+        )
+        children = []
+        for name, child in m._modules.items():
+            children.append((name, _Same(child)))
+            if isinstance(child, _CONTAINERS):
+                children.extend((f"{name}.{sub}", _Same(c)) for sub, c in child._modules.items())
+        out[f"{i} children"] = tuple(children)
+        out[f"{i} training"] = m.training
+        out.update((f"{i} {k}", v) for k, v in _fingerprint(m).items())
+    return out
 
 
 def feed_levels(model: nn.Module, scopes: Sequence[nn.Module]) -> list[nn.Module]:
@@ -1036,8 +1183,13 @@ class FeedForward:
         self.owners: list[Any] = []
         #: the router scopes of the sessions it serves, where a token-order probe stops (see :func:`token_order`)
         self.scopes: list[nn.Module] = []
-        #: the order in which the routers see the tokens of ``[batch, positions]`` ids, once established
+        #: the order in which the routers see the tokens of ``[batch, positions]`` ids, once established, and what it
+        #: was found under: checked again at each block's first forward that reads it (a flag of the model switched,
+        #: a layer swapped or a hook added since may have changed it)
         self.order: str | None = None
+        self._found: _Found | None = None
+        self._checked: weakref.WeakSet[FeedRecord | FeedCheck] = weakref.WeakSet()  # the blocks it was checked for
+        self._settling: _Found | None = None  # found at the forward running now: settled as it ends
 
     def leave(self) -> None:
         """One of the sessions it serves detaches; it stays for the others."""
@@ -1095,34 +1247,48 @@ class FeedForward:
             for r in entered:
                 r._inside = False
                 r.left()
+            settling, self._settling = self._settling, None
+            if settling is not None:
+                settling.settle()
 
     def _order(self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The order in which the routers see this forward's tokens: established once (:func:`token_order`) at the
         first forward that can tell, for the records and checks that keep or compare ids."""
         order = self.order
-        if order is not None:
+        if order is not None and all(r in self._checked for r in entered):
             return order
         ids = kwargs.get("input_ids", args[0] if args else None)
         if type(ids) is torch.Tensor and ids.dim() == 2 and (ids.shape[1] < 2 or ids.shape[0] < 2):
             return BATCH_MAJOR  # (one token per sequence, a decode step, or one sequence: every order is the same)
         if self.paired or not any(_wants_ids(r) for r in entered):
             return BATCH_MAJOR
-        # (found by an earlier session on this model, running the same forward and stopping at the same scopes)
-        runs = (type(self.module).forward, self.before)
-        known = _ORDER_OF.get(self.module)
-        if (
-            known is not None
-            and known[2] == runs
-            and len(known[1]) == len(self.scopes)
-            and all(ref() is scope for ref, scope in zip(known[1], self.scopes, strict=True))
-        ):
-            self.order = known[0]
-            return known[0]
-        found = token_order(self._run, self.scopes, args, kwargs, self.module)  # (its forwards enter no block)
+        runs = (type(self.module).forward, _Same(self.before))
+        # (found before in this session, or by an earlier one on this model, running the same forward to the same
+        # scopes through modules as they were then: a switched flag, a swapped layer, a hook added tell it again)
+        known = [self._found] if self._found is not None else []
+        known += [f for f in _ORDER_OF.get(self.module, ()) if f is not self._found]
+        for f in known:
+            if f.holds(self.scopes, runs):
+                self._adopt(f, entered)
+                return f.order
+        self.order = self._found = None
+        path: list[nn.Module] = []
+        found = token_order(self._run, self.scopes, args, kwargs, self.module, path)  # (its forwards enter no block)
         if found is not None:
-            self.order = found
-            _ORDER_OF[self.module] = (found, tuple(weakref.ref(scope) for scope in self.scopes), runs)
+            # (the router scope it stopped at ran none of its own code: compared as a scope)
+            f = _Found(
+                found, self.scopes, runs, [self.module, *(m for m in path if all(m is not s for s in self.scopes))]
+            )
+            self._adopt(f, entered)
+            self._settling = f
+            kept = [f, *(k for k in _ORDER_OF.get(self.module, ()) if k.runs == runs)][:_ORDERS_KEPT]
+            _ORDER_OF[self.module] = kept
         return found or BATCH_MAJOR
+
+    def _adopt(self, found: _Found, entered: list[FeedRecord | FeedCheck]) -> None:
+        """Take ``found`` as the order of the blocks ``entered`` (and of the later forwards of these blocks)."""
+        self.order, self._found = found.order, found
+        self._checked.update(entered)
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:
