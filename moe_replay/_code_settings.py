@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import enum
 import inspect
 import types
 import weakref
@@ -41,8 +42,23 @@ from torch import nn
 
 __all__ = ["code_settings"]
 
-#: the plain values that are compared as settings (as ``intercept._SETTING``)
+#: the plain values that are compared as settings (:func:`is_setting`: members of an ``enum`` too)
 _PLAIN = frozenset((int, float, str, bool, type(None)))
+
+
+def is_setting(value: Any) -> bool:
+    """Is ``value`` compared as a setting: a plain value, or a member of an ``enum`` (``Mode.BIASED``)?"""
+    return type(value) in _PLAIN or isinstance(value, enum.Enum)
+
+
+def comparable(value: Any) -> Any:
+    """A setting as compared: a NaN float equal to itself, an ``enum`` member by its class and name (its own
+    ``__eq__`` is not run)."""
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__qualname__}.{inspect.getattr_static(value, '_name_', None)}"
+    return "nan" if type(value) is float and value != value else value
+
+
 #: how many calls deep the code is followed from a forward
 _DEPTH = 3
 #: the libraries whose own code is not followed (their flags are not a router's settings)
@@ -93,8 +109,8 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
                 value = inspect.getattr_static(cls, name, _MISSING)
             else:
                 value = where.get(name, _MISSING)
-            if type(value) in _PLAIN:
-                out[key] = "nan" if type(value) is float and value != value else value
+            if is_setting(value):
+                out[key] = comparable(value)
     for name, buf in module._buffers.items():
         if buf is not None and buf.dim() == 0 and buf.dtype == torch.bool and not buf.is_meta:
             out[f"buffer {name}"] = bool(buf)
@@ -141,14 +157,14 @@ def _walk(fn: types.FunctionType, cls: type | None, depth: int, seen: set[Any], 
             follow.append((cells.get(name), None))
         value = space.get(name, _MISSING)
         if value is not _MISSING:
-            if type(value) in _PLAIN:
+            if is_setting(value):
                 out.append((f"{where}.{name}", space, name))
             elif isinstance(value, types.ModuleType | type) and not _skipped(value):
                 _attributes(value, names, out)
             follow.append((value, None))
         if cls is not None:
             attr = inspect.getattr_static(cls, name, _MISSING)
-            if type(attr) in _PLAIN:
+            if is_setting(attr):
                 out.append((f"{cls.__qualname__}.{name}", None, name))
             else:
                 follow.append((attr, cls))
@@ -164,7 +180,7 @@ def _attributes(holder: types.ModuleType | type, names: set[str], out: list[_Rea
     """The plain attributes of a module or class named in global scope that the code reads by name."""
     space = vars(holder)
     label = holder.__name__ if isinstance(holder, types.ModuleType) else holder.__qualname__
-    out.extend((f"{label}.{n}", space, n) for n in sorted(names) if type(space.get(n, _MISSING)) in _PLAIN)
+    out.extend((f"{label}.{n}", space, n) for n in sorted(names) if is_setting(space.get(n, _MISSING)))
 
 
 def _skipped(obj: Any) -> bool:

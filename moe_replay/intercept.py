@@ -47,7 +47,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
-from ._code_settings import code_settings
+from ._code_settings import code_settings, comparable, is_setting
 from ._output_guard import OutputGuard, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
@@ -1647,7 +1647,7 @@ def _settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
 def _held_settings(v: Any) -> list[tuple[str, Any]]:
     """The plain settings a config object or a dict holds, by name (as compared)."""
     items = v.items() if isinstance(v, dict) else vars(v).items()
-    return [(sub, _comparable(w)) for sub, w in items if type(w) in _SETTING and type(sub) is str and sub[:1] != "_"]
+    return [(sub, comparable(w)) for sub, w in items if is_setting(w) and type(sub) is str and sub[:1] != "_"]
 
 
 _ABSENT = object()  # a setting a module does not have
@@ -1669,8 +1669,8 @@ def _fingerprint(scope: nn.Module) -> dict[str, Any]:
         for k, v in vars(m).items():
             if k.startswith("_") or k == "training":
                 continue
-            if type(v) in _SETTING:
-                out[prefix + k] = _comparable(v)
+            if is_setting(v):
+                out[prefix + k] = comparable(v)
             elif isinstance(v, dict) or _config_like(v):
                 out.update((f"{prefix}{k}.{sub}", w) for sub, w in _held_settings(v))
         # what its code reads besides: module-level globals, class attributes, closure cells, 0-d flag buffers
@@ -1679,14 +1679,6 @@ def _fingerprint(scope: nn.Module) -> dict[str, Any]:
             for k, v in code_settings(m, m.__dict__.get("forward")).items()
         )
     return out
-
-
-_SETTING = frozenset((int, float, str, bool, type(None)))
-
-
-def _comparable(v: Any) -> Any:
-    """A setting as compared (a NaN float is equal to itself here)."""
-    return "nan" if type(v) is float and v != v else v
 
 
 def _config_like(v: Any) -> bool:

@@ -8,8 +8,11 @@ the call that no longer dispatches.
 
 from __future__ import annotations
 
+import enum
+import os
 import types
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -249,3 +252,99 @@ def test_a_global_the_router_changes_itself_is_its_state_not_a_setting() -> None
             assert runs[0] > 4 and runs[1] == 4  # (the first block's probe runs establish it; the second has none)
     finally:
         spy.remove()
+
+
+class Scoring(enum.Enum):
+    PLAIN = "plain"
+    BIASED = "biased"
+
+
+@dataclass
+class _Cfg:
+    scoring: Scoring = Scoring.PLAIN
+
+
+class EnumFlagRouter(_Router):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scoring = Scoring.PLAIN
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.scores(x), self.scoring is Scoring.BIASED)
+
+
+class ConfigEnumFlagRouter(_Router):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = _Cfg()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.scores(x), self.cfg.scoring is Scoring.BIASED)
+
+
+class EnvFlagRouter(_Router):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.scores(x), os.environ.get("MOE_REPLAY_TEST_BIAS") == "1")
+
+
+def _switch_and_check(model: nn.Module, switch: Callable[[], None]) -> None:
+    """Capture, switch the flag, capture again and replay after perturbing: each dispatched as recorded."""
+    x = torch.randn(ev.T, ev.D, generator=torch.Generator().manual_seed(1))
+    spy = ev.ExpertSpy(model)
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            with session.capture():
+                model(x)
+                model(x)
+            assert _dispatched_as_recorded(model, session, spy)
+            switch()
+            with session.capture():
+                model(x)
+            assert _dispatched_as_recorded(model, session, spy)
+            routes = session.routes()
+            ev.perturb(model)
+            with session.replay(routes):
+                model(x)
+            for b, name in enumerate(session.names):
+                assert torch.equal(spy.experts_of(b), ev.as_sets(routes.layer(name)))
+    finally:
+        spy.remove()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("where", ["attribute", "config"])
+def test_a_flag_held_as_an_enum_member_switched_between_blocks_establishes_the_decision_again(where: str) -> None:
+    """Once silent: a router whose dispatching top-k is picked by an ``enum`` member (``self.scoring``, or in a
+    dataclass config it holds) kept the decision established under the old member once switched: only plain values
+    were compared as settings. Members of an enum are now compared, by class and name."""
+    if where == "attribute":
+        model = ev.TwoLayers(lambda: DenseBlock(EnumFlagRouter()))
+
+        def switch() -> None:
+            for layer in model.layers:
+                layer.router.scoring = Scoring.BIASED
+    else:
+        model = ev.TwoLayers(lambda: DenseBlock(ConfigEnumFlagRouter()))
+
+        def switch() -> None:
+            for layer in model.layers:
+                layer.router.cfg.scoring = Scoring.BIASED
+
+    _switch_and_check(model, switch)
+    assert ("scoring", "Scoring.PLAIN") in mr.intercept._held_settings(_Cfg())
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="an environment variable read in the router's forward (os.environ.get) is not among the settings its "
+    "code is read for: switched between blocks, the decision established under its old value is kept",
+)
+def test_a_flag_read_from_the_environment_switched_between_blocks_establishes_the_decision_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Silent: ``os.environ.get("...")`` in a router's forward picks which top-k dispatches; switched between blocks,
+    the capture records the call that no longer dispatches."""
+    monkeypatch.delenv("MOE_REPLAY_TEST_BIAS", raising=False)
+    model = ev.TwoLayers(lambda: DenseBlock(EnvFlagRouter()))
+    _switch_and_check(model, lambda: monkeypatch.setenv("MOE_REPLAY_TEST_BIAS", "1"))
