@@ -27,7 +27,8 @@ Logged every step, next to TRL's own metrics (``clip_ratio/*``, and with vLLM
 * ``moe_replay/<forward>/decisions_differ`` and ``.../tokens_differ``: the share of router
   decisions, and of tokens in at least one router, where the router left free would choose
   other experts than the rollout did (``<forward>``: ``old`` for the old-logprob forward,
-  ``train`` for the loss forwards, ``ref`` for the reference model);
+  ``train`` for the loss forwards, ``ref`` for the reference model, a PEFT policy's with its
+  adapter disabled included);
 * ``moe_replay/native_rows``: the share of (token, router) rows of the sequences that have
   no recorded route and are routed natively (the last token of each sequence: no forward
   routed it);
@@ -370,6 +371,20 @@ def _check_options(
     return dict(attach_kwargs)
 
 
+def _peft_reference_active(model: nn.Module) -> bool:
+    """Whether a PEFT policy runs as its own reference: its adapters disabled, or TRL's ``"ref"`` adapter active.
+
+    TRL's ``use_adapter`` does one or the other around the reference forward of a PEFT policy. Only the
+    instance's own attributes are read (no property of the model runs)."""
+    state = vars(model)
+    if state.get("_adapters_disabled") is True:  # PeftModel.disable_adapter()
+        return True
+    base = state.get("_modules", {}).get("base_model")
+    configs = vars(base).get("peft_config") if base is not None else None
+    active = vars(base).get("active_adapter") if base is not None else None
+    return isinstance(configs, dict) and "ref" in configs and active in ("ref", ["ref"])
+
+
 def _probabilities(scores: torch.Tensor) -> torch.Tensor:
     """The router probabilities: ``scores`` if they are already a distribution per token, else their softmax."""
     s = scores.detach()
@@ -391,7 +406,8 @@ class RoutingReplayMixin:
             every later forward; ``"measure"``: route freely and log how far that is from the
             rollout's experts; ``"off"`` (or ``False``): attach nothing, exactly ``GRPOTrainer``.
         replay_ref_model: replay in the reference model's forward too. ``None`` (default):
-            when it is an MoE with the same routers; ``True``: required (an error otherwise).
+            when it is an MoE with the same routers (a PEFT policy's reference, the policy with
+            its adapter disabled, always is); ``True``: required (an error otherwise).
         verify_replay: also capture every replayed forward and check, with
             :func:`~moe_replay.compare`, that it used every forced expert (a host copy per
             forward; for debugging).
@@ -432,6 +448,7 @@ class RoutingReplayMixin:
         self._mr_serial = 0
         self._mr_batch: tuple[str, list[int] | None, dict[str, Any] | None] | None = None
         self._mr_verify = bool(verify_replay)
+        self._mr_replay_ref = replay_ref_model
         self._mr_layer_map: LayerMap | None = None
         if mode == "off":
             super().__init__(*args, **kwargs)
@@ -463,7 +480,10 @@ class RoutingReplayMixin:
 
     # ------------------------------------------------------------- set-up
     def _mr_attach_ref(self, wanted: bool | None, capacity: int, attach_kwargs: dict[str, Any]) -> Session | None:
-        """A session on the reference model when its forward is replayed (a PEFT reference is the policy itself)."""
+        """A session on the reference model when its forward is replayed.
+
+        A PEFT reference is the policy itself with its adapter disabled (or TRL's ``"ref"`` adapter
+        active): it has no model of its own, and its forward is replayed with the policy's session."""
         ref = getattr(self, "ref_model", None)
         if wanted and ref is None and not getattr(self, "beta", 0.0):
             raise UnsupportedTrainerSetupError(
@@ -629,8 +649,14 @@ class RoutingReplayMixin:
         ref = getattr(self, "ref_model", None)
         is_ref = ref is not None and model is ref
         session = self.moe_ref_session if is_ref else self.moe_session
+        if not is_ref and ref is None and self._mr_batch is not None and self._mr_batch[1] is None:
+            # TRL runs a PEFT policy's reference forward on the policy itself, its adapter disabled
+            unwrap = getattr(getattr(self, "accelerator", None), "unwrap_model", None)
+            is_ref = _peft_reference_active(unwrap(model) if callable(unwrap) else model)
+            if is_ref and self._mr_replay_ref is False:
+                session = None
         if session is None:
-            return plain()  # a reference model that is not an MoE of the same architecture
+            return plain()  # a reference model that is not an MoE of the same architecture, or not to be replayed
         if self._mr_batch is None:
             raise SessionStateError(
                 "a forward over completions ran outside the trainer's generation and loss steps, so moe_replay does "

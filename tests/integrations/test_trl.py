@@ -602,3 +602,48 @@ def test_a_model_generation_config_overridden_by_the_trainer_is_not_refused() ->
             processing_class=tokenizer(),
             args=config(out, generation_kwargs={"num_beams": 1}),
         )
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("replay_ref_model", [None, False])
+def test_a_peft_policys_reference_forward_is_logged_and_replayed_as_the_reference(replay_ref_model: Any) -> None:
+    """Once wrong: a PEFT policy's reference forward (the policy with its adapter disabled) was logged under
+    ``old/*``, averaged with the old-logprob forward, and replayed even with ``replay_ref_model=False``."""
+    peft = pytest.importorskip("peft")
+    with tempfile.TemporaryDirectory() as out:
+        trainer = mr_trl.RoutingReplayGRPOTrainer(
+            model=policy(), reward_funcs=reward, args=config(out, max_steps=1, beta=0.1), train_dataset=dataset(),
+            processing_class=tokenizer(), peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+            replay_ref_model=replay_ref_model,
+        )  # fmt: skip
+        assert trainer.ref_model is None  # TRL's PEFT reference: the policy itself, its adapter disabled
+        disabled: list[bool] = []
+        original = trainer.moe_session.replay
+
+        @contextlib.contextmanager
+        def replay(routes: mr.Routes, **kwargs: Any) -> Any:
+            disabled.append(bool(trainer.model._adapters_disabled))
+            with original(routes, **kwargs):
+                yield trainer.moe_session
+
+        trainer.moe_session.replay = replay  # type: ignore[method-assign]
+        logged: list[str] = []
+        metrics = trainer._metrics["train"]
+        append = type(metrics).__getitem__
+
+        class Spy(type(metrics)):  # type: ignore[misc]
+            def __getitem__(self, key: str) -> Any:
+                logged.append(key)
+                return append(self, key)
+
+        trainer._metrics["train"] = Spy(metrics.default_factory, metrics)
+        trainer.train()
+        trainer.detach_routing_replay()
+    # one old-logprob forward, one reference forward, one loss forward; each logged under its own name
+    assert logged.count("moe_replay/old/decisions_differ") == 1
+    if replay_ref_model is None:
+        assert disabled == [False, True, False]  # the reference forward replays the rollout's experts too
+        assert logged.count("moe_replay/ref/decisions_differ") == 1
+    else:
+        assert disabled == [False, False]  # replay_ref_model=False: the reference routes natively
+        assert "moe_replay/ref/decisions_differ" not in logged
