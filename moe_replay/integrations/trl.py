@@ -26,7 +26,8 @@ Logged every step, next to TRL's own metrics (``clip_ratio/*``, and with vLLM
 
 * ``moe_replay/<forward>/decisions_differ`` and ``.../tokens_differ``: the share of router
   decisions, and of tokens in at least one router, where the router left free would choose
-  other experts than the rollout did (``<forward>``: ``old`` for the old-logprob forward,
+  other experts than the rollout did, over the tokens the batch attends to (not padding, nor
+  the completions ``mask_truncated_completions`` masks out) (``<forward>``: ``old`` for the old-logprob forward,
   ``train`` for the loss forwards, ``ref`` for the reference model, a PEFT policy's with its
   adapter disabled included);
 * ``moe_replay/native_rows``: the share of (token, router) rows of the sequences that have
@@ -679,7 +680,7 @@ class RoutingReplayMixin:
                 stack.enter_context(session.capture())
             kept = stack.enter_context(session.keep_scores())
             logps, entropies, aux = plain(compute_aux_loss and not own_aux)
-            stats = _disagreement(kept, batch, replaying)
+            stats = _disagreement(kept, batch, replaying, attention_mask)
             if own_aux:
                 aux = load_balancing_loss(
                     [_probabilities(s) for s in kept.scores], kept.indices, mask=attention_mask.reshape(-1)
@@ -862,10 +863,16 @@ def _batch_routes(
     return out
 
 
-def _disagreement(kept: RouterScores, batch: _BatchRoutes, replaying: bool) -> tuple[float, float]:
-    """Shares of decisions and of tokens where the free choice differs from the rollout's routes."""
+def _disagreement(
+    kept: RouterScores, batch: _BatchRoutes, replaying: bool, attention_mask: torch.Tensor
+) -> tuple[float, float]:
+    """Shares of decisions and of tokens where the free choice differs from the rollout's routes.
+
+    Only the tokens the batch attends to count: a completion TRL masks out (``mask_truncated_completions``)
+    is forwarded without its own context, so its free choice says nothing of the rollout's."""
     routes = batch.routes
     t = routes.num_tokens
+    attended = attention_mask.detach().reshape(-1).bool()
     differ = compared = None
     token_any = token_seen = None
     for name in routes.names:
@@ -885,7 +892,7 @@ def _disagreement(kept: RouterScores, batch: _BatchRoutes, replaying: bool) -> t
         if rollout is None or rollout.device != device:
             rollout = batch.device_rows[name] = routes.layer(name).to(device)
         free = scores.detach().topk(used.shape[1], dim=-1).indices if replaying else used
-        valid = rollout[:, 0] >= 0
+        valid = (rollout[:, 0] >= 0) & attended.to(device)
         d = (free.sort(-1).values != rollout.sort(-1).values).any(-1) & valid
         if differ is None:
             differ, compared = d.sum(), valid.sum()

@@ -647,3 +647,21 @@ def test_a_peft_policys_reference_forward_is_logged_and_replayed_as_the_referenc
     else:
         assert disabled == [False, False]  # replay_ref_model=False: the reference routes natively
         assert "moe_replay/ref/decisions_differ" not in logged
+
+
+@pytest.mark.reliability
+def test_completions_the_batch_masks_out_are_not_measured() -> None:
+    """Once misleading: with ``mask_truncated_completions`` the truncated completions' tokens are forwarded with
+    no attention to themselves; their free choices were counted, and the first step (the rollout's own weights)
+    reported 13% of decisions differing where every decision the loss sees agreed."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = mr_trl.RoutingReplayGRPOTrainer(
+            model=policy(), reward_funcs=reward, train_dataset=dataset(), processing_class=tokenizer(),
+            args=config(out, max_steps=1, max_completion_length=3, mask_truncated_completions=True),
+        )  # fmt: skip
+        trainer.train()
+        trainer.detach_routing_replay()
+    log = trainer.state.log_history[0]
+    assert log["completions/clipped_ratio"] == 1.0  # every completion truncated, so masked out
+    assert log["moe_replay/train/decisions_differ"] == 0.0 and log["moe_replay/train/tokens_differ"] == 0.0
+    assert log["moe_replay/old/decisions_differ"] <= 0.05
