@@ -387,12 +387,16 @@ def _peft_reference_active(model: nn.Module) -> bool:
 
 
 def _probabilities(scores: torch.Tensor) -> torch.Tensor:
-    """The router probabilities: ``scores`` if they are already a distribution per token, else their softmax."""
+    """The router probabilities: ``scores`` if they are already a distribution per token, else their softmax.
+
+    A softmax rounded to bfloat16 sums to 1 within a few of its own rounding steps only: the tolerance
+    follows the scores' precision, or such probabilities would be taken for logits and softmaxed again."""
     s = scores.detach()
+    tol = max(1e-3, 2 * torch.finfo(s.dtype).eps) if s.dtype.is_floating_point else 1e-3
     if (
         s.numel()
         and bool((s >= 0).all())
-        and torch.allclose(s.float().sum(-1), s.new_ones(s.shape[0]).float(), atol=1e-3)
+        and torch.allclose(s.float().sum(-1), s.new_ones(s.shape[0]).float(), atol=tol)
     ):
         return scores
     return scores.float().softmax(-1)

@@ -665,3 +665,17 @@ def test_completions_the_batch_masks_out_are_not_measured() -> None:
     assert log["completions/clipped_ratio"] == 1.0  # every completion truncated, so masked out
     assert log["moe_replay/train/decisions_differ"] == 0.0 and log["moe_replay/train/tokens_differ"] == 0.0
     assert log["moe_replay/old/decisions_differ"] <= 0.05
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_router_probabilities_rounded_to_low_precision_are_not_softmaxed_again(dtype: torch.dtype) -> None:
+    """Once silent: a bfloat16 softmax sums to 1 within 3e-3 only; its probabilities were taken for logits and the
+    trainer's load-balancing loss was computed from their softmax (nearly uniform)."""
+    torch.manual_seed(0)
+    logits = torch.randn(256, 8, dtype=dtype) * 2
+    probs = logits.softmax(-1)
+    assert mr_trl._probabilities(probs) is probs
+    assert torch.allclose(mr_trl._probabilities(logits), logits.float().softmax(-1))  # logits are still softmaxed
+    sigmoid = logits.sigmoid()  # scores that are no distribution
+    assert torch.allclose(mr_trl._probabilities(sigmoid), sigmoid.float().softmax(-1))
