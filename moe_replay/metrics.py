@@ -145,7 +145,7 @@ class RoutingComparison:
             f"excluded_rows={int(self.excluded.sum())}{named})",
             f"  decisions differing:            {_pct(self.overall)} ({int(self.differ.sum())} of {decisions})",
             f"  tokens differing in any router: {_pct(self.token_fraction)} ({self.tokens_differ} of {self.tokens})",
-            f"  differing routers per token:    {self.routers_per_token:.3f}",
+            f"  differing routers per token:    {_num(self.routers_per_token)}",
             f"  experts shared per decision:    {_pct(self.overlap)}",
         ]
         per = [f"{n}: {_pct(x)}" for n, x in zip(self.names, self.per_layer, strict=True)]
@@ -228,13 +228,17 @@ class RoutingComparison:
             left.set_title(f"{_pct(self.overall)} of decisions, {_pct(self.token_fraction)} of tokens differ")
         for i in np.flatnonzero(np.isnan(per)):  # nothing compared: say so rather than draw a zero
             left.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, transform=left.get_xaxis_transform())
+        excluded = int(self.excluded.sum())
+        if excluded:  # the figures are of the compared rows only: say how many were left out
+            rows = excluded + int(self.compared.sum())
+            left.set_title(f"{left.get_title()}\n{excluded} of {rows} rows not compared (-1 on either side)")
         if pos is None:
             a, b = self.load_a.sum(axis=0), self.load_b.sum(axis=0)
-            title, ylabel = "expert load, all routers", "token slots (all routers)"
+            title, ylabel = "expert load, all routers", "token slots compared (all routers)"
         else:
             own = self.num_experts[pos] if self.num_experts else self.load_a.shape[1]  # not the widest router's
             a, b = self.load_a[pos, :own], self.load_b[pos, :own]
-            title, ylabel = f"expert load, {self.names[pos]}", "tokens"
+            title, ylabel = f"expert load, {self.names[pos]}", "tokens compared"
         e = np.arange(a.shape[0])
         if len(e) <= 32:
             right.bar(e - 0.2, a, width=0.4, label=self.labels[0])
@@ -298,6 +302,10 @@ def _check_same_tokens(a: Routes, b: Routes) -> None:
 
 def _pct(x: float) -> str:
     return "n/a" if np.isnan(x) else f"{100 * x:.2f}%"
+
+
+def _num(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{x:.3f}"
 
 
 def compare(

@@ -281,3 +281,26 @@ def test_every_figure_matches_a_numpy_computation_on_random_routes() -> None:
             if ok.any():
                 assert c.overall == pytest.approx(d.sum() / ok.sum())
                 assert c.overlap == pytest.approx(sum(shared) / (ok.sum() * k))
+
+
+@pytest.mark.reliability
+def test_plot_and_repr_say_how_many_rows_were_not_compared() -> None:
+    """Once misleading: an engine rollout with most rows -1 (prefix cache) plotted "0.00% of decisions differ"
+    with no word that 15 of 20 rows per router were left out; the repr printed "nan" for one figure."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    a = routes(base())
+    partial = [x.clone() for x in base()]
+    for x in partial:
+        x[:15] = -1
+    c = mr.compare(a, routes(partial))
+    for left in (mr.compare(a, a).plot().axes[0], mr.compare(a, routes(base(1))).plot().axes[0]):
+        assert "rows not compared" not in left.get_title()  # nothing left out: nothing said
+    title = c.plot().axes[0].get_title()
+    assert "45 of 60 rows not compared (-1 on either side)" in title, title
+    assert c.plot().axes[1].get_ylabel() == "token slots compared (all routers)"
+    empty = mr.compare(mr.Routes([torch.full((T, K), -1)] * 3, names=NAMES, num_experts=E), a)
+    assert "nan" not in repr(empty) and "differing routers per token:    n/a" in repr(empty)
+    assert "60 of 60 rows not compared" in empty.plot().axes[0].get_title()
