@@ -359,7 +359,13 @@ def compare(
     if mode not in ("set", "slot"):
         raise InvalidArgumentError(f"mode must be 'set' or 'slot', got {mode!r}")
     if not isinstance(a, Routes) or not isinstance(b, Routes):
-        raise ArgumentTypeError("compare takes two Routes")
+        got = f"{type(a).__name__} and {type(b).__name__}"
+        hint = ""
+        if any(type(x).__name__ == "Session" for x in (a, b)):
+            hint = ": for what a session captured pass session.routes()"
+        elif any(isinstance(x, (torch.Tensor, np.ndarray)) for x in (a, b)):
+            hint = ": wrap index arrays with mr.Routes(...) or Routes.from_numpy(...)"
+        raise ArgumentTypeError(f"compare takes two Routes, got {got}{hint}")
     if not isinstance(labels, tuple | list) or len(labels) != 2 or not all(isinstance(x, str) for x in labels):
         raise ArgumentTypeError(f"labels must be two strings, one for a and one for b, got {labels!r}")
     if names is not None:

@@ -304,3 +304,13 @@ def test_plot_and_repr_say_how_many_rows_were_not_compared() -> None:
     empty = mr.compare(mr.Routes([torch.full((T, K), -1)] * 3, names=NAMES, num_experts=E), a)
     assert "nan" not in repr(empty) and "differing routers per token:    n/a" in repr(empty)
     assert "60 of 60 rows not compared" in empty.plot().axes[0].get_title()
+
+
+def test_compare_of_something_other_than_routes_says_what_to_pass() -> None:
+    a = routes(base())
+    model = mr.models.build("softmax_topk")
+    with mr.attach(model) as session:
+        with pytest.raises(mr.ArgumentTypeError, match=r"got Session and Routes: .*pass session.routes\(\)"):
+            mr.compare(session, a)  # type: ignore[arg-type]
+    with pytest.raises(mr.ArgumentTypeError, match=r"got Routes and Tensor: wrap index arrays with mr.Routes"):
+        mr.compare(a, base()[0])  # type: ignore[arg-type]
