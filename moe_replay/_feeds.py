@@ -16,7 +16,11 @@ and notes a call to a method of the KV cache passed to it (``cache``, ``past_key
 that moves or copies the cache's rows between forwards: ``reorder_cache`` (beam search),
 ``batch_select_indices`` and ``batch_repeat_interleave`` (contrastive search), or to the
 model's own ``_reorder_cache`` (which transformers' beam search calls instead, where a model
-class defines one). Those methods are watched on the cache object (and the model) itself for
+class defines one); and a call of the cache's ``crop`` or ``reset`` (SHRINKS) that took out tokens the
+capture's forwards had put in, where a later forward followed (a decode loop that rolls back: speculative
+decoding of one's own dropping its rejected draft tokens), read from the tokens the cache holds before and
+after the call, as is a deep copy of the cache given to a forward after later forwards ran (a loop gone
+back to a snapshot). Those methods are watched on the cache object (and the model) itself for
 the length of the capture, and put back when it ends. It also notes a cache given to a
 forward again after another cache was given in between: the forwards of two decode loops
 interleaved (classifier-free guidance runs the model on the unconditional prompt after every
@@ -69,6 +73,11 @@ __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
 
 #: cache methods that move or copy rows between forwards: beam search, contrastive search
 ROW_MOVES = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
+#: cache methods that can take tokens out of a cache: ``crop`` (a speculative decode loop rolls back its rejected draft
+#: tokens; its argument is the length to keep in older transformers, the count to remove in newer ones) and ``reset``.
+#: Watched on a cache that has a method of ROW_MOVES, as those are; a call is read by the tokens the cache holds before
+#: and after it (``get_seq_length()``), whatever its arguments mean
+SHRINKS = ("crop", "reset")
 #: a model's own method that reorders its KV cache's rows: transformers' beam search calls it where a model
 #: class defines it, instead of the cache's reorder_cache (remote-code models do)
 MODEL_MOVES = ("_reorder_cache",)
@@ -134,6 +143,17 @@ class FeedRecord:
         self.forwards: list[_Forward] = []
         #: the first cache method that moved rows during the capture, as ``Class.method``
         self.moved: str | None = None
+        #: a call of a cache method of SHRINKS that took out tokens a forward of this capture had put in the cache, as
+        #: (``Class.method``, whether it did: a bool, or a 0-d tensor of a static cache's counts, read with the
+        #: routes), not yet followed by a forward; and one that a forward followed (see :attr:`rolled_back`)
+        self._rollback: tuple[str, Any] | None = None
+        self._rolled: tuple[str, Any] | None = None
+        #: the tokens each cache watched in an earlier block of this record held as that block ended (a cache cropped
+        #: between two capture() blocks that add to one capture), by id: (the cache, held then, held as first watched)
+        self._left: dict[int, tuple[weakref.ref[Any], Any, Any]] = {}
+        self._count = 0  # forwards fed to this record
+        #: deep copies of watched caches made during the capture, by id: (the copy, the forwards fed before it was made)
+        self._copies: dict[int, tuple[weakref.ref[Any], int]] = {}
         #: the type of a KV cache given again to a forward after another cache was given in between: the
         #: forwards of two decode loops interleaved (classifier-free guidance), or None (see :attr:`interleaved`)
         self._interleaved: str | None = None
@@ -207,12 +227,57 @@ class FeedRecord:
             self._fresh.append(("", None))
         if self._keep_inputs:
             self._keep(count, ids, fed, kwargs, order)
+        if self._rollback is not None:  # (a forward after tokens were taken out of a cache: its rows follow theirs)
+            self._follow()
+        self._count += 1
         return True
 
     def left(self) -> None:
         """The forward fed last has ended: count the router calls it made (see :meth:`rows`)."""
         if self._keep_inputs and self.forwards and self.calls_made is not None:
             self.forwards[-1].end = self.calls_made()
+
+    @property
+    def rolled_back(self) -> str | None:
+        """The cache method (``Class.method``) that took tokens out of a KV cache after forwards of this capture had put
+        them in, where a later forward of the capture followed; else None.
+
+        The rows of the tokens taken out stay in the capture, in order before the rows of the forwards that went on
+        from the shorter cache: a speculative decode loop of one's own that rolls back its rejected draft tokens
+        (``cache.crop(...)``), or one that empties its cache (``reset()``) and runs again. Tokens taken out by the
+        capture's last call (an undone last forward) are no rollback: no row follows theirs. Reads a static cache's
+        counts (one host sync, here and not per step).
+        """
+        if self._rolled is None:
+            return None
+        what, removed = self._rolled
+        return what if bool(removed) else None
+
+    def _shrunk(self, what: str, start: Any, before: Any, after: Any) -> None:
+        """A call of ``what`` left a cache holding ``after`` tokens instead of ``before``; ``start``: the tokens it
+        held when this capture first watched it (each an int, -1 where unknown, or a 0-d tensor: no host sync)."""
+        if any(isinstance(v, int) and v < 0 for v in (start, before, after)):
+            return
+        removed = (after < before) & (before > start)  # (tokens the capture's forwards had put in were taken out)
+        if removed is False:
+            return
+        held = self._rollback
+        self._rollback = (what, removed) if held is None else (held[0], held[1] | removed)
+
+    def _copied(self, copied: Any) -> None:
+        """A watched cache was deep-copied (a snapshot a decode loop may go back to): note when."""
+        if self._active and self._notes_loops and id(copied) not in self._copies:
+            try:
+                self._copies[id(copied)] = (weakref.ref(copied), self._count)
+            except TypeError:  # (no weak reference to it)
+                pass
+
+    def _follow(self) -> None:
+        """A forward of the capture runs after tokens were taken out of a cache (:attr:`rolled_back`)."""
+        pending, self._rollback = self._rollback, None
+        if pending is not None:
+            done = self._rolled
+            self._rolled = pending if done is None else (done[0], done[1] | pending[1])
 
     @property
     def interleaved(self) -> str | None:
@@ -244,12 +309,15 @@ class FeedRecord:
                 continue
             moves = _MOVES_OF.get(kind)
             if moves is None:
-                moves = _MOVES_OF[kind] = tuple(name for name in ROW_MOVES if callable(getattr(kind, name, None)))
+                moves = tuple(name for name in ROW_MOVES if callable(getattr(kind, name, None)))
+                if moves:  # (and the methods that take tokens out, of a type that is a cache)
+                    moves += tuple(name for name in SHRINKS if callable(getattr(kind, name, None)))
+                _MOVES_OF[kind] = moves
             if moves:
                 seen = self._caches.get(id(value))
                 again = seen is not None and seen[0]() is value
                 if not again:
-                    self._watch(value, moves)
+                    self._watch(value, moves if self._notes_loops else tuple(n for n in moves if n not in SHRINKS))
                 if not given:  # (the first cache given: the forward's own)
                     given = True
                     last = self._last() if self._last is not None else None
@@ -315,10 +383,20 @@ class FeedRecord:
             return
         record = weakref.ref(self)
         patched = []
+        start = _tokens_held(cache) if any(name in SHRINKS for name in names) else -1
+        made = self._copies.pop(id(cache), None)
+        if made is not None and made[0]() is cache and made[1] < self._count:  # (taken before forwards that ran since)
+            self._rollback = (f"copy.deepcopy({type(cache).__name__}) given after later forwards", True)
+        left = self._left.pop(id(cache), None)
+        if left is not None and left[0]() is cache:  # (watched in an earlier block: cropped in between?)
+            start = left[2]
+            self._shrunk(f"{type(cache).__name__}.crop between capture() blocks", start, left[1], _tokens_held(cache))
         for name in names:
             before = own.get(name)
             if name in MODEL_MOVES:  # (a static method too: called as looked up on the object)
                 noting = _Noting(record, name, getattr(cache, name), ref)
+            elif name in SHRINKS:
+                noting = _Shrinking(record, name, before, ref, start)
             else:
                 noting = _Noting(record, name, before, ref)
             own[name] = noting
@@ -333,18 +411,28 @@ class FeedRecord:
                 continue
             own = vars(cache)
             for name, noting, before in patched:
+                if isinstance(noting, _Shrinking) and id(cache) not in self._left:  # (once per cache and block)
+                    self._left[id(cache)] = (ref, _tokens_held(cache), noting.start)
                 if own.get(name) is noting:
-                    if before is None:
-                        del own[name]
+                    if before is None or (
+                        type(before) in (_Noting, _Shrinking) and before.record is None and before.before is None
+                    ):
+                        del own[name]  # (a copy's pass-through: its class's method again)
                     else:
                         own[name] = before
         self._caches.clear()
         self._last = None
+        self._left = {key: left for key, left in self._left.items() if left[0]() is not None}
+        self._copies = {key: made for key, made in self._copies.items() if made[0]() is not None}
 
     def to_host(self) -> None:
         """Move the kept inputs to the host, one copy per device and dtype: a detached session holds no device
         memory (its :meth:`Session.routes` still reads them)."""
         self._fresh = [(what, held.cpu() if isinstance(held, torch.Tensor) else held) for what, held in self._fresh]
+        for name in ("_rollback", "_rolled"):
+            held = getattr(self, name)
+            if held is not None and isinstance(held[1], torch.Tensor):
+                setattr(self, name, (held[0], held[1].cpu()))
         for name in ("ids", "mask"):
             groups: dict[tuple[torch.device, torch.dtype], list[_Forward]] = {}
             for f in self.forwards:
@@ -709,6 +797,10 @@ class _Noting:
         rec = self.record() if self.record is not None else None
         if rec is not None and rec._active and rec.moved is None:
             rec.moved = f"{type(cache).__name__}.{self.name}"
+        return self._run(cache, args, kwargs)
+
+    def _run(self, cache: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The method as it was before it was watched."""
         if self.before is not None:
             return self.before(*args, **kwargs)
         return getattr(type(cache), self.name)(cache, *args, **kwargs)
@@ -719,11 +811,48 @@ class _Noting:
         copied = memo.get(id(self.cache()))
         if copied is None:
             return self
+        rec = self.record() if self.record is not None else None
+        if rec is not None:  # (a snapshot of the cache, made while the capture runs)
+            rec._copied(copied)
         return _Noting(None, self.name, copy.deepcopy(self.before, memo), weakref.ref(copied))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # a pickled cache: its class's method, looked up on the cache as it is unpickled
         return (getattr, (self.cache(), self.name))
+
+
+class _Shrinking(_Noting):
+    """A cache's method that can take tokens out of it (SHRINKS) while a capture watches it: runs as before, and
+    notes in the record a call that took out tokens the capture's forwards had put in (:attr:`FeedRecord.rolled_back`),
+    read from the tokens the cache holds before and after the call, whatever its arguments mean (``crop``'s changed
+    across transformers versions). A call that takes out nothing (``crop(0)``) notes nothing."""
+
+    __slots__ = ("start",)
+
+    def __init__(
+        self, record: weakref.ref[FeedRecord] | None, name: str, before: Any, cache: weakref.ref[Any], start: Any
+    ) -> None:
+        super().__init__(record, name, before, cache)
+        self.start = start  # the tokens the cache held as the capture first watched it
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        cache = self.cache()
+        rec = self.record() if self.record is not None else None
+        if rec is None or not rec._active:
+            return self._run(cache, args, kwargs)
+        held = _tokens_held(cache)
+        out = self._run(cache, args, kwargs)
+        rec._shrunk(f"{type(cache).__name__}.{self.name}", self.start, held, _tokens_held(cache))
+        return out
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        copied = memo.get(id(self.cache()))
+        if copied is None:
+            return self
+        rec = self.record() if self.record is not None else None
+        if rec is not None:
+            rec._copied(copied)
+        return _Shrinking(None, self.name, copy.deepcopy(self.before, memo), weakref.ref(copied), self.start)
 
 
 def _tokens_held(cache: Any) -> int | torch.Tensor | None:
@@ -737,7 +866,7 @@ def _tokens_held(cache: Any) -> int | torch.Tensor | None:
     except Exception:  # (a cache of one's own whose count fails: it says nothing, the forward runs on)
         return -1
     if isinstance(held, torch.Tensor) and held.numel() == 1 and not held.is_floating_point():
-        return held.detach().reshape(())
+        return held.detach().reshape(()).clone()  # (a static cache counts in place: its count now, not later)
     return held if isinstance(held, int) and not isinstance(held, bool) else -1
 
 

@@ -49,6 +49,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import check_count, check_flag
+from ._feeds import SHRINKS
 from .batch import take_rows
 from .errors import (
     ArgumentTypeError,
@@ -330,10 +331,23 @@ def _width_hint(
 
 
 def _check_moves(routes: Routes) -> None:
-    """Refuse a capture during which the KV cache moved rows between forwards (beam or contrastive search)."""
+    """Refuse a capture during which the KV cache moved rows between forwards (beam or contrastive search), or lost
+    tokens its forwards had put in before later forwards (a decode loop that rolls back)."""
     moved = routes._rows_moved
     if moved is None:
         return
+    if moved.startswith("copy.deepcopy(") or moved.split(" ")[0].endswith(tuple(f".{name}" for name in SHRINKS)):
+        raise RoutesValidationError(
+            f"while this capture ran, tokens that its forwards had put in the KV cache were taken out of it "
+            f"({moved}), and later forwards went on from the shorter cache: a decode loop that rolls back, as "
+            "speculative decoding of one's own does to drop its rejected draft tokens (cache.crop, or going back to "
+            "a copy of the cache taken before them), or a cache emptied (reset()) and used again. The rows of the "
+            "tokens taken out stay in the capture, in order among the rows of the tokens kept, so a split by their "
+            "order would give later tokens the experts of dropped ones, and sequences= cannot tell them apart where "
+            "tokens repeat. Capture a decode loop that does not roll back its cache (generate() sampling or greedy, "
+            "or drafts verified before they are fed), each loop in its own capture() block; or pick the rows of the "
+            "tokens kept yourself (your loop knows them: routes[index]) and replay those"
+        )
     why = (
         "as a beam search (num_beams > 1) does between steps to reorder its hypotheses"
         if moved.endswith("reorder_cache")
@@ -513,8 +527,11 @@ def split_generation(
     the token ids each forward was fed, the attention mask of its prompt forward, and
     whether the KV cache passed to the model moved rows between forwards
     (``reorder_cache``, or the model's own ``_reorder_cache``, as beam search does;
-    ``batch_select_indices`` or ``batch_repeat_interleave``, as contrastive search does). A
-    capture during which the cache moved rows is refused, as is one whose forwards were given
+    ``batch_select_indices`` or ``batch_repeat_interleave``, as contrastive search does), or lost
+    tokens its forwards had put in before later forwards (a speculative decode loop of one's own
+    that rolls back rejected draft tokens: ``cache.crop(...)``, or a copy of the cache taken
+    before them; a cache ``reset()`` and used again). A
+    capture during which the cache moved rows or rolled back is refused, as is one whose forwards were given
     KV caches in turn (the
     forwards of two decode loops interleaved: ``generate(guidance_scale=...)`` runs the model
     on the unconditional prompt after every step, with a cache of its own, in forwards of the
@@ -560,7 +577,7 @@ def split_generation(
     Raises:
         RoutesValidationError: the row count does not fit ``B``, ``P`` and ``N``; the
             capture's forwards are not one prompt forward then one per new token; the KV
-            cache moved rows between forwards (beam search), the forwards were given KV
+            cache moved rows between forwards (beam search) or rolled back (``crop``), the forwards were given KV
             caches in turn (``guidance_scale``) or a decode loop began again (a second
             ``generate()``); ``sequences`` hold other tokens than their rows were fed;
             or the prompt mask is not ``generate()``'s.

@@ -1425,7 +1425,7 @@ class Session:
             if ids is not None and routes._fed_mask is not None:
                 ids = torch.where(routes._fed_mask == 0, -1, ids)  # prompt padding: the token of no sequence
             routes._token_ids = None if ids is None else _known_or_none(ids)
-            routes._rows_moved = self._feeds.moved
+            routes._rows_moved = self._feeds.moved or self._feeds.rolled_back  # (tokens taken out of a cache too)
             routes._caches_interleaved = self._feeds.interleaved
         if self.keep_newest:  # a ring that wrapped holds its newest rows only
             routes._dropped_rows = max(

@@ -1124,3 +1124,70 @@ def test_routers_called_a_different_number_of_times_per_forward_check_their_toke
             with session.replay(routes), torch.no_grad():
                 model(b)
                 model(a)
+
+
+def _steps(model, cache: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """A forward over ``ids`` given ``cache``, then one per new token (greedy): ``new`` tokens appended."""
+    name = pytest.importorskip("tests.tiny_hf").cache_kwarg(model)
+    out = model(ids, use_cache=True, **{name: cache})
+    seq = torch.cat([ids, out.logits[:, -1:].argmax(-1)], dim=1)
+    for _ in range(new - 1):
+        out = model(seq[:, -1:], use_cache=True, **{name: cache})
+        seq = torch.cat([seq, out.logits[:, -1:].argmax(-1)], dim=1)
+    return seq
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("how", ["crop", "static crop", "reset", "static reset", "between blocks"])
+def test_tokens_taken_out_of_a_cache_before_later_forwards_are_noted(how: str) -> None:
+    """Once silent: a decode loop that takes tokens its captured forwards had put in its KV cache out of it (crop, or
+    reset and a new loop of one-token prompts on the same cache, or a crop between two capture() blocks that add to one
+    capture) and runs on has rows of tokens no sequence kept among the rows of those it kept, and the row counts of one
+    loop. Noted from the tokens the cache holds before and after the call (a static cache's counts read with the
+    routes), and split_generation refuses it; the methods are the cache's own again after the capture."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("mixtral")
+    prompt = _prompt()[:, :1]  # (one-token prompts: a second loop has the row counts of more decode steps)
+    if how.startswith("static"):
+        cache = tiny_hf.transformers.StaticCache(config=model.config, max_cache_len=4 * N)
+    else:
+        cache = tiny_hf.transformers.DynamicCache(config=model.config)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            seq = _steps(model, cache, prompt, N)
+            if how.endswith("crop"):
+                cache.crop(-2)
+            elif how.endswith("reset"):
+                cache.reset()
+        if how == "between blocks":
+            cache.crop(-2)
+        with session.capture(clear=False):
+            _steps(model, cache, seq[:, -3:-2] if how.endswith("crop") or how == "between blocks" else prompt, N)
+        capture = session.routes()
+        assert capture._call_rows == ((B, 2 * N),)  # the premise: the row counts of one loop of 2N tokens
+        assert capture._rows_moved is not None and capture._rows_moved.startswith(type(cache).__name__)
+        with pytest.raises(mr.RoutesValidationError, match=r"taken out of it .*later forwards went on"):
+            mr.split_generation(capture, batch_size=B, prompt_len=1)
+    assert not {"crop", "reset", "reorder_cache"} & set(vars(cache))
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_static_cache_emptied_before_the_capture_begins_a_loop_again() -> None:
+    """Once silent: a static cache emptied (reset()) before the capture and given to a second decode loop in it was
+    read as holding tokens, because its count, read when the routes were, had grown in place since: the second loop
+    was taken for a continuation of the first. Its count is copied as the loop begins."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("mixtral")
+    prompt = _prompt()[:, :1]
+    static = tiny_hf.transformers.StaticCache(config=model.config, max_cache_len=2 * N)
+    with torch.no_grad():
+        _steps(model, static, prompt, 2)  # (used before: its layers hold their count as a tensor)
+    static.reset()
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            _steps(model, tiny_hf.transformers.DynamicCache(config=model.config), prompt, N)
+            _steps(model, static, prompt, N)
+        capture = session.routes()
+        assert capture._call_rows == ((B, 2 * N),)
+        with pytest.raises(mr.RoutesValidationError, match="a new StaticCache that held no tokens"):
+            mr.split_generation(capture, batch_size=B, prompt_len=1)

@@ -1238,3 +1238,106 @@ def test_a_second_decode_loop_of_one_token_prompts_is_refused_not_split_as_more_
             kept = ~part.missing.all(dim=1)
             want = teacher[i * out.shape[1] : (i + 1) * out.shape[1]].indices[kept].sort(-1).values
             assert torch.equal(part.indices[kept].sort(-1).values, want)
+
+
+def _speculative_loop(model, prompt: torch.Tensor, target: list[int], how: str, k: int = 3, total: int = 8):
+    """Speculative decoding of one's own, one sequence: each round drafts ``k`` tokens (the target's own greedy tokens,
+    every third position drafted wrong), feeds the last token and the drafts one token per forward (a decode step of
+    one token, compared once the round is fed: no host sync per token), keeps the drafts the model agrees with and its
+    own token after them, and rolls the cache back over the rejected ones: ``cache.crop(-n)``, or going back to a copy
+    of the cache taken before the round. Returns the sequence and the capture rows of the tokens kept."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    name = tiny_hf.cache_kwarg(model)
+    cache = tiny_hf.transformers.DynamicCache(config=model.config)
+    out = model(prompt, use_cache=True, **{name: cache})
+    seq, rows, kept = torch.cat([prompt, out.logits[:, -1:].argmax(-1)], dim=1), prompt.shape[1], []
+    kept += range(rows)
+    while seq.shape[1] - prompt.shape[1] < total:
+        at = seq.shape[1] - prompt.shape[1]
+        draft = [target[at + i] + (at + i) % 3 // 2 for i in range(k)]  # (wrong where (at + i) % 3 == 2)
+        snapshot = copy.deepcopy(cache) if how == "copy" else None
+        feed, logits = [int(seq[0, -1]), *draft[:-1]], []
+        for token in feed:
+            logits.append(model(torch.tensor([[token]]), use_cache=True, **{name: cache}).logits[0, -1])
+        preds = torch.stack(logits).argmax(-1).tolist()
+        ok = next((i for i in range(k) if preds[i] != draft[i]), k)
+        kept += range(rows, rows + 1 + min(ok, k - 1))  # the last token and the drafts accepted were fed
+        rows += len(feed)
+        if ok < k - 1:  # drafts fed and rejected: their tokens out of the cache
+            if how == "copy":
+                cache = snapshot
+                for token in feed[: 1 + ok]:  # (the kept ones, fed again)
+                    model(torch.tensor([[token]]), use_cache=True, **{name: cache})
+                kept[-(1 + ok) :] = range(rows, rows + 1 + ok)
+                rows += 1 + ok
+            else:
+                cache.crop(-(k - 1 - ok))
+        seq = torch.cat([seq, torch.tensor([draft[:ok] + ([preds[ok]] if ok < k else [])])], dim=1)
+    return seq, torch.tensor(kept)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("how", ["crop", "copy"])
+def test_a_speculative_decode_loop_that_rolls_back_its_cache_is_refused_not_split(how: str) -> None:
+    """Once silent: a speculative decode loop of one's own that feeds its draft tokens one per forward and then rolls
+    its KV cache back over the rejected ones (cache.crop, or a copy of the cache taken before them) leaves the rows of
+    the rejected tokens in the capture, in order among those of the tokens kept. Its forwards are one prompt forward
+    and one per token, as a generate() of more new tokens runs, so split_generation without sequences= split it,
+    giving later tokens the experts of rejected ones. A forward after tokens the capture's forwards had put in the
+    cache were taken out of it is noted (the tokens the cache holds before and after crop() are compared, whatever
+    its argument means): refused, with or without sequences=. The rows of the kept tokens, picked by the loop,
+    replay exactly."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt = torch.randint(3, 128, (1, P), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, P:].tolist()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            seq, kept = _speculative_loop(model, prompt, target, how)
+        capture = session.routes()
+        assert capture.num_tokens > kept.numel() and capture._call_rows[0] == (P, 1)  # the premise: rows rejected
+        for extra in ({}, {"sequences": seq}):
+            with pytest.raises(mr.RoutesValidationError, match=r"taken out of it \((DynamicCache\.crop|copy\.deepco)"):
+                mr.split_generation(capture, batch_size=1, prompt_len=P, **extra)
+        routes = capture[kept]  # the remedy the error names: the kept tokens' rows, which the loop knows
+        assert torch.equal(routes.token_ids, seq[0, : kept.numel()])
+        with session.replay(routes), session.capture(), torch.no_grad():
+            model(seq[:, : kept.numel()])
+        assert mr.compare(routes, session.routes()).overall == 0.0
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("how", ["crop(0)", "last forward undone", "cropped before", "static crop(0)"])
+def test_a_cache_cropped_of_no_token_the_capture_goes_on_from_still_splits(how: str) -> None:
+    """No false refusal: a crop that takes out no token (crop(0), as generate() calls on some backends every step), one
+    that undoes the capture's last forward (no row follows the rows of its tokens: generate()'s deferred stop), or one
+    of a cache before the capture's forwards were given it, leaves a capture that splits as before."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    name = tiny_hf.cache_kwarg(model)
+    prompt = torch.randint(3, 128, (2, P), generator=torch.Generator().manual_seed(2))
+    if how.startswith("static"):
+        cache = tiny_hf.transformers.StaticCache(config=model.config, max_cache_len=P + N + 2)
+    else:
+        cache = tiny_hf.transformers.DynamicCache(config=model.config)
+    if how == "cropped before":
+        with torch.no_grad():
+            model(prompt, use_cache=True, **{name: cache})
+        cache.crop(-P)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            seq = prompt
+            for t in range(N + (how == "last forward undone")):
+                out = model(seq if t == 0 else seq[:, -1:], use_cache=True, **{name: cache})
+                if t < N:
+                    seq = torch.cat([seq, out.logits[:, -1:].argmax(-1)], dim=1)
+                if how.endswith("crop(0)"):
+                    cache.crop(0)
+            if how == "last forward undone":
+                cache.crop(-1)
+        capture = session.routes()
+        assert capture._rows_moved is None
+        parts = mr.split_generation(capture, batch_size=2, prompt_len=P, sequences=seq)
+        assert [p.num_tokens for p in parts] == [P + N] * 2
+    assert not {"crop", "reset"} & set(vars(cache))
