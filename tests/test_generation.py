@@ -1341,3 +1341,28 @@ def test_a_cache_cropped_of_no_token_the_capture_goes_on_from_still_splits(how: 
         parts = mr.split_generation(capture, batch_size=2, prompt_len=P, sequences=seq)
         assert [p.num_tokens for p in parts] == [P + N] * 2
     assert not {"crop", "reset"} & set(vars(cache))
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a KV cache of plain tensors (a list of (keys, values) per layer, as the reference model and code of one's "
+    "own keep it) rolled back by slicing its tensors has no method to watch: the rows of the tokens sliced off stay "
+    "among those kept, with the row counts of one loop, and split_generation without sequences= splits them",
+)
+def test_a_plain_tensor_cache_sliced_back_before_later_forwards_is_refused() -> None:
+    model = mr.models.build("softmax_topk")
+    prompt = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(4))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model(prompt, use_cache=True)
+            cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for t in range(N):
+                out = model(step, past_key_values=cache, use_cache=True)
+                cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                if t == 2:  # two tokens rolled back, as a speculative loop drops rejected drafts
+                    cache = [tuple(x[..., :-2, :] for x in layer) for layer in cache]
+        capture = session.routes()
+        assert capture._call_rows == ((2, N + 1),)
+        with pytest.raises(mr.RoutesValidationError, match="taken out"):
+            mr.split_generation(capture, batch_size=2, prompt_len=1)
