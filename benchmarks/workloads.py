@@ -167,7 +167,8 @@ class Workload:
     """One model at one input shape; :meth:`forward` is what the benchmark times.
 
     Call :meth:`prepare` with the number of forwards about to run (untimed): an HF decode
-    step mutates its cache, so each forward gets a fresh one built beforehand.
+    step mutates its cache, so each forward gets the state of a fresh one built beforehand
+    (in one cache object, as a decode loop keeps one).
     """
 
     family: str
@@ -284,12 +285,18 @@ def make_workload(
         caches.clear()
         caches.extend(fresh() for _ in range(n))
 
+    # One cache object across the steps, as a decode loop keeps one (generate() does): each step moves a fresh
+    # cache's state into it (one dict update, C code, the same in every variant), so every step sees the same
+    # cache length while a session, as in real decoding, sees the cache it watches given again.
+    held = DynamicCache()
+
     def step() -> torch.Tensor:
         cache = caches.pop() if caches else None
         if cache is None:
             prepare(1)
             cache = caches.pop()
-        return model(input_ids=ids, use_cache=True, **{cache_arg: cache}).logits
+        vars(held).update(vars(cache))
+        return model(input_ids=ids, use_cache=True, **{cache_arg: held}).logits
 
     w._step, w._prepare = step, prepare
     w._warm = lambda: model(input_ids=ids, use_cache=True, **{cache_arg: fresh()})
