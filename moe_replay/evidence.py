@@ -52,7 +52,16 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import UnsupportedRouterError
 
-__all__ = ["Call", "Evidence", "VerifyReport", "decision_call", "establish", "run_unestablished", "unwrap"]
+__all__ = [
+    "Call",
+    "Evidence",
+    "VerifyReport",
+    "decision_call",
+    "establish",
+    "run_unestablished",
+    "still_decides",
+    "unwrap",
+]
 
 _FAMILY: dict[Any, str] = {
     torch.topk: "topk",
@@ -245,6 +254,18 @@ class Evidence:
     def count(self) -> int:
         """Decision-like calls per forward."""
         return len(self.calls)
+
+    @property
+    def twins(self) -> tuple[int, ...]:
+        """Ordinals of the calls of a decision call's own form (family, k, width) that are not the decision nor
+        a mirror of it: a forward whose branch moves dispatch to one of them makes the very same calls, so only
+        their effect tells which one decides (see :func:`still_decides`)."""
+        forms = {self.calls[i].signature for i in self.decision}
+        return tuple(
+            c.ordinal
+            for c in self.calls
+            if c.signature in forms and c.ordinal not in self.decision and c.ordinal not in self.mirrors
+        )
 
     def describe(self) -> str:
         """A few lines for ``verify()`` and error messages."""
@@ -1440,6 +1461,47 @@ def establish(
     except _Communicates as e:
         raise _communicates(name, scope, e.args[0]) from None
     return ev
+
+
+@torch.compiler.disable
+@_syncs_allowed()
+def still_decides(
+    scope: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ev: Evidence
+) -> bool:
+    """Does the decision of ``ev`` still decide on these inputs, and none of its twins (:attr:`Evidence.twins`)?
+
+    A check for a forward that makes calls of its decision's form beside it and changes its own state (a step
+    count that moves dispatch from one to the other after a warm-up): those calls look the same at every
+    forward, so only their effect tells. The forward is run as it is twice (for the run-to-run noise), then
+    once with each of those calls' indices moved, state put back after each run: the decision's calls must
+    still change the output, and no twin as broadly (an auxiliary statistic reaches a sliver of it). False
+    when they do not, or when a run raises or makes other calls: the decision is then established afresh.
+    """
+    if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in _leaves((args, kwargs), [])):
+        return True  # (no token to choose for: nothing is recorded or forced in this forward)
+    probe = _Prober(forward, args, kwargs, scope)
+    try:
+        base, seen = probe.run()
+        if [c.signature for c in seen.calls] != [c.signature for c in ev.calls]:
+            return False
+        again, _ = probe.run()
+        noise, _ = _distance(base, again)
+        tolerance = 0.0 if noise == 0 else 16 * noise
+
+        def reach(i: int) -> int:
+            out, _ = probe.run(change=i)
+            worst, count = _distance(base, out, tolerance)
+            return count if worst > tolerance else 0
+
+        decided = [reach(i) for i in ev.decision]
+        if not all(decided):
+            return False
+        least = min(decided)
+        return all(8 * reach(i) < least for i in ev.twins)
+    except (Exception, _Communicates):  # (raised again, in words, by the establishment that follows)
+        return False
+    finally:
+        probe.snapshot.restore()
 
 
 def _communicates(name: str, scope: nn.Module, call: str, tokens: bool = True) -> UnsupportedRouterError:

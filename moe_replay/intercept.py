@@ -59,6 +59,7 @@ from .evidence import (
     decision_call,
     establish,
     run_unestablished,
+    still_decides,
     unwrap,
 )
 from .losses import _mark_outside_graph
@@ -472,6 +473,22 @@ class RouterHook:
             self.on_established(self)
         return ev
 
+    def _still_holds(
+        self, ev: Evidence, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> bool:
+        """Does the decision of ``ev`` still decide in this forward? Asked of a router whose forward makes other
+        calls of its decision's form (``ev.twins``) and changes its own settings (``_own``: a step count), before
+        each eager forward: which of those calls dispatches may hang on that state (a warm-up), and the calls
+        look the same whichever does. Where it no longer does, the evidence of this mode is dropped (the caller
+        establishes it afresh on this forward's inputs). Routers of one such call never come here."""
+        if _graph_capturing() or _in_backward():  # (a recompute gets its forward's rows; a graph cannot branch)
+            return True
+        with _hidden(), EAGER:
+            holds = still_decides(self.scope, forward, args, kwargs, ev)
+        if not holds:
+            self.forget()
+        return holds
+
     def _check_rows_fit(self, ev: Evidence) -> None:
         """Refuse a decision whose k or E differs from the rows in use: routes for a router whose k no
         attribute said (checked only now), or a decision established again after the model changed
@@ -584,6 +601,14 @@ class RouterHook:
         if self.decision != "lookup":
             mode = self.mode()
             ev = self.evidence.get(mode)
+            if (
+                ev is not None
+                and not compiling
+                and self._own
+                and ev.twins
+                and not self._still_holds(ev, forward, args, kwargs)
+            ):
+                ev = None  # another of its calls of the decision's form decides now: established afresh
             if ev is None:
                 ev = self.prove(forward, args, kwargs)
             if ev is None:  # no token to choose for: nothing to record or force
@@ -650,6 +675,9 @@ class RouterHook:
                     if places
                     else "a call the mode acted on did not come through torch's function"
                     if self._missed
+                    else "its forward makes other calls of its decision's form and changes its own state (a step "
+                    "count?): which of them decides is checked at each forward"
+                    if ev is not None and self._own and ev.twins
                     else ""
                 )
                 self._lean[self.mode()] = (ev, not why, why)

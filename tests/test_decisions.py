@@ -366,23 +366,51 @@ class _WarmupSwitchBlock(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(strict=True, reason="a branch after establishment between two top-k calls of one form is unseen")
 def test_block_that_switches_its_dispatching_top_k_after_a_warmup_is_not_replayed_silently() -> None:
-    """Once silent (still): a counter that moves dispatch to the other of two same-form top-k calls after the
-    decision was established makes a replay force the call that no longer dispatches."""
+    """Once silent: a counter that moves dispatch to the other of two same-form top-k calls after the decision was
+    established made a replay force the call that no longer dispatched, and a capture record it. A forward that
+    makes calls of its decision's form beside it and changes its own state is checked at each forward: the
+    decision is established afresh where it moved, so the dispatching call is recorded and forced."""
     torch.manual_seed(7)
     block, x = _WarmupSwitchBlock(), torch.randn(10, D)
     with mr.attach(block) as session:
         with session.capture():
-            block(x)
+            for _ in range(3):  # the warm-up forward, then two after the switch
+                block(x)
+        assert torch.equal(session.routes().layer("gate"), torch.cat(block.dispatched))
+        (hook,) = session._hooks
+        assert hook.interception().startswith("mode: its forward makes other calls")
         forced = _forced_routes(session, 10)
-        try:
-            for _ in range(2):
-                with session.replay(forced):
-                    block(x)
-                assert torch.equal(block.dispatched[-1], forced.layer("gate"))
-        except mr.MoEReplayError:
-            pass  # refused: what the project asks for
+        for _ in range(2):
+            with session.replay(forced):
+                block(x)
+            assert torch.equal(block.dispatched[-1], forced.layer("gate"))
+
+
+class _CountingTwinBlock(_WarmupSwitchBlock):
+    """Both top-k calls every time, a step count moved by the forward, but dispatch never switches (the step
+    feeds a log): established once, checked at each forward, never refused nor established again."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.warmup = 10**9
+        return super().forward(x)
+
+
+def test_a_block_with_two_top_k_calls_of_one_form_and_a_step_count_replays_exactly() -> None:
+    torch.manual_seed(7)
+    block, x = _CountingTwinBlock(), torch.randn(10, D)
+    with mr.attach(block) as session:
+        with session.capture():
+            ref = [block(x)]
+            (hook,) = session._hooks
+            (first,) = hook.evidence.values()
+            ref.append(block(x))
+        routes = session.routes()
+        assert torch.equal(routes.layer("gate"), torch.cat(block.dispatched))
+        with session.replay(routes):
+            assert all(torch.equal(block(x), r) for r in ref)
+        (now,) = hook.evidence.values()
+        assert now is first and first.decision == (0,) and first.twins == (1,)  # never established again
 
 
 class _ChunkedGate(nn.Module):

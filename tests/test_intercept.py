@@ -395,6 +395,17 @@ class BiasFlagBlock(ev.LinearGateBlock):
         return ev.dispatch(self.experts, x, idx, s.gather(-1, idx))
 
 
+class QuietBiasFlagBlock(BiasFlagBlock):
+    """:class:`BiasFlagBlock` without a count of its own: its forward changes none of its attributes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.gate(x).sigmoid()
+        plain = torch.topk(s, 2, dim=-1).indices
+        biased = torch.topk(s + self.bias, 2, dim=-1).indices
+        idx = biased if self.cfg.use_bias else plain
+        return ev.dispatch(self.experts, x, idx, s.gather(-1, idx))
+
+
 def _turn_on(model: nn.Module) -> None:
     for block in model.layers:
         if isinstance(block, MinWeightBlock):
@@ -451,8 +462,10 @@ def test_a_setting_changed_between_blocks_establishes_the_decision_again(block: 
 
 def test_a_setting_changed_inside_a_block_is_refused_as_it_ends() -> None:
     """Once silent: a config flag flipped inside a capture block left the later forwards recording the
-    experts of the call that no longer dispatched."""
-    model = ev.TwoLayers(BiasFlagBlock)
+    experts of the call that no longer dispatched. (A block that also changes its own state, a count of its
+    forwards, has which of its two calls decides checked at each forward: there the flip is seen at the forward
+    after it, and that forward's decision established afresh.)"""
+    model = ev.TwoLayers(QuietBiasFlagBlock)
     x = torch.randn(ev.T, ev.D)
     with mr.attach(model) as session, torch.no_grad():
         with pytest.raises(
@@ -466,6 +479,16 @@ def test_a_setting_changed_inside_a_block_is_refused_as_it_ends() -> None:
         with session.capture():  # established again
             model(x)
         assert session.routes().tokens_per_layer == (ev.T, ev.T)
+    counting = ev.TwoLayers(BiasFlagBlock)
+    with mr.attach(counting) as session, torch.no_grad():
+
+        def flipped_inside() -> None:
+            with session.capture():
+                counting(x)
+                _turn_on(counting)
+                counting(x)
+
+        assert _experts_used_are_the_routes(counting, session, flipped_inside)
 
 
 def test_state_a_router_changes_itself_does_not_establish_its_decision_again() -> None:
