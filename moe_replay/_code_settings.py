@@ -10,7 +10,8 @@ router runs, as far as it can be read without running it:
 - **class attributes** it reads through ``self`` (``use_bias = False`` on the class, switched
   with ``Router.use_bias = True``);
 - **closure cells** of the functions it runs (a flag captured by a nested function);
-- **0-d boolean buffers** of the module (``if self.use_bias:`` on a registered tensor).
+- **0-d boolean and integer buffers** of the module (``if self.use_bias:`` on a registered tensor, a step
+  count ``if self.step > self.warmup:``).
 
 The code followed is the forward, the methods it names on ``self``, and the functions it names
 at module level, three calls deep; torch's and numpy's own code is not followed. Which names to
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["code_settings"]
+__all__ = ["code_settings", "flag_buffers"]
 
 #: the plain values that are compared as settings (:func:`is_setting`: members of an ``enum`` too)
 _PLAIN = frozenset((int, float, str, bool, type(None)))
@@ -58,6 +59,9 @@ def comparable(value: Any) -> Any:
         return f"{type(value).__qualname__}.{inspect.getattr_static(value, '_name_', None)}"
     return "nan" if type(value) is float and value != value else value
 
+
+#: the dtypes of the 0-d buffers read as settings: flags and counts (a step count a warm-up branches on)
+_FLAG_DTYPES = frozenset((torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
 
 #: how many calls deep the code is followed from a forward
 _DEPTH = 3
@@ -90,7 +94,7 @@ class _Cells:
 def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
     """The plain values (``int``, ``float``, ``str``, ``bool``, ``None``) the code of ``module``'s forward
     reads outside the module's own attributes, by name: globals, class attributes, closure cells, and
-    its 0-d boolean buffers. ``forward`` is the function it runs, where it is not its class's."""
+    its 0-d boolean and integer buffers. ``forward`` is the function it runs, where it is not its class's."""
     cls = type(module)
     fn = _function(forward) if forward is not None else _function(getattr(cls, "forward", None))
     out: dict[str, Any] = {}
@@ -111,10 +115,18 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
                 value = where.get(name, _MISSING)
             if is_setting(value):
                 out[key] = comparable(value)
-    for name, buf in module._buffers.items():
-        if buf is not None and buf.dim() == 0 and buf.dtype == torch.bool and not buf.is_meta:
-            out[f"buffer {name}"] = bool(buf)
+    out.update(flag_buffers(module))
     return out
+
+
+def flag_buffers(module: nn.Module) -> dict[str, Any]:
+    """The values of ``module``'s 0-d boolean and integer buffers (a flag, or a count of steps a branch may read),
+    by ``"buffer <name>"``."""
+    return {
+        f"buffer {name}": bool(buf) if buf.dtype == torch.bool else int(buf)
+        for name, buf in module._buffers.items()
+        if buf is not None and buf.dim() == 0 and not buf.is_meta and buf.dtype in _FLAG_DTYPES
+    }
 
 
 def _function(fn: Any) -> types.FunctionType | None:

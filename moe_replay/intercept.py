@@ -47,7 +47,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
-from ._code_settings import code_settings, comparable, is_setting
+from ._code_settings import code_settings, comparable, flag_buffers, is_setting
 from ._output_guard import OutputGuard, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
@@ -310,6 +310,7 @@ class RouterHook:
     # established, until the forward that follows shows which keys that forward changes itself
     _settled: dict[tuple[bool, bool], dict[str, Any]] = field(default_factory=dict)
     _own: set[str] = field(default_factory=set)
+    _restless: bool = False  # some of _own are its modules' own attributes or flag buffers (see _still_holds)
     _pending: tuple[tuple[bool, bool], dict[str, Any]] | None = None
     _decided: bool = False
     _masks: list[tuple[torch.Tensor, torch.Tensor | _EitherSide]] = field(default_factory=list)
@@ -477,10 +478,12 @@ class RouterHook:
         self, ev: Evidence, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> bool:
         """Does the decision of ``ev`` still decide in this forward? Asked of a router whose forward makes other
-        calls of its decision's form (``ev.twins``) and changes its own settings (``_own``: a step count), before
-        each eager forward: which of those calls dispatches may hang on that state (a warm-up), and the calls
-        look the same whichever does. Where it no longer does, the evidence of this mode is dropped (the caller
-        establishes it afresh on this forward's inputs). Routers of one such call never come here."""
+        calls of its decision's form (``ev.twins``) and changes its modules' own attributes or 0-d flag buffers
+        (``_restless``: a step count), before each eager forward: which of those calls dispatches may hang on
+        that state (a warm-up), and the calls look the same whichever does. The runs that check it put that
+        state back; state kept outside the modules (a global count) is not put back, and such routers are not
+        checked. Where it no longer decides, the evidence of this mode is dropped (the caller establishes it
+        afresh on this forward's inputs). Routers of one such call never come here."""
         if _graph_capturing() or _in_backward():  # (a recompute gets its forward's rows; a graph cannot branch)
             return True
         with _hidden(), EAGER:
@@ -524,6 +527,8 @@ class RouterHook:
         mode, before = pending
         now = _fingerprint(self.scope)
         self._own.update(k for k in before.keys() | now.keys() if before.get(k, _ABSENT) != now.get(k, _ABSENT))
+        # state of its own modules (a step count), which the runs that check its decision put back after each
+        self._restless = self._restless or not self._own.isdisjoint(_fingerprint(self.scope, code=False))
         if mode in self.evidence:
             self._settled[mode] = {k: v for k, v in before.items() if k not in self._own}
 
@@ -604,7 +609,7 @@ class RouterHook:
             if (
                 ev is not None
                 and not compiling
-                and self._own
+                and self._restless
                 and ev.twins
                 and not self._still_holds(ev, forward, args, kwargs)
             ):
@@ -677,7 +682,7 @@ class RouterHook:
                     if self._missed
                     else "its forward makes other calls of its decision's form and changes its own state (a step "
                     "count?): which of them decides is checked at each forward"
-                    if ev is not None and self._own and ev.twins
+                    if ev is not None and self._restless and ev.twins
                     else ""
                 )
                 self._lean[self.mode()] = (ev, not why, why)
@@ -1682,13 +1687,14 @@ _ABSENT = object()  # a setting a module does not have
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)  # (experts: their settings do not decide)
 
 
-def _fingerprint(scope: nn.Module) -> dict[str, Any]:
+def _fingerprint(scope: nn.Module, *, code: bool = True) -> dict[str, Any]:
     """The settings a router scope's decision may depend on, by name: the plain values (``int``, ``float``,
     ``str``, ``bool``, ``None``) of the scope and of its children outside containers (a gate, a router module,
     not the experts of a ``ModuleList``), and those one level into a config object or a dict they hold
     (``self.cfg.use_bias``), with what their code reads from outside them (a module-level flag, a class
-    attribute, a closure cell, a 0-d boolean buffer: :mod:`moe_replay._code_settings`). ``training`` is not
-    one: decisions are kept by mode. Cheap enough for every block."""
+    attribute, a closure cell, a 0-d boolean or integer buffer: :mod:`moe_replay._code_settings`). ``training`` is not
+    one: decisions are kept by mode. Cheap enough for every block. ``code=False``: the modules' own attributes and
+    flag buffers alone (what the runs that establish a decision put back after each run)."""
     out: dict[str, Any] = {}
     modules = [("", scope)] + [
         (f"{name}.", m) for name, m in scope._modules.items() if m is not None and not isinstance(m, _CONTAINERS)
@@ -1702,10 +1708,8 @@ def _fingerprint(scope: nn.Module) -> dict[str, Any]:
             elif isinstance(v, dict) or _config_like(v):
                 out.update((f"{prefix}{k}.{sub}", w) for sub, w in _held_settings(v))
         # what its code reads besides: module-level globals, class attributes, closure cells, 0-d flag buffers
-        out.update(
-            (f"{prefix}{k}" if k.startswith("buffer ") else k, v)
-            for k, v in code_settings(m, m.__dict__.get("forward")).items()
-        )
+        read = code_settings(m, m.__dict__.get("forward")) if code else flag_buffers(m)
+        out.update((f"{prefix}{k}" if k.startswith("buffer ") else k, v) for k, v in read.items())
     return out
 
 

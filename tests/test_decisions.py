@@ -365,14 +365,24 @@ class _WarmupSwitchBlock(nn.Module):
         return out
 
 
+class _BufferStepSwitchBlock(_WarmupSwitchBlock):
+    """:class:`_WarmupSwitchBlock` counting its steps in a 0-d integer buffer (``self.step += 1`` in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.step
+        self.register_buffer("step", torch.tensor(0))
+
+
 @pytest.mark.reliability("silent replays")
-def test_block_that_switches_its_dispatching_top_k_after_a_warmup_is_not_replayed_silently() -> None:
+@pytest.mark.parametrize("block_type", [_WarmupSwitchBlock, _BufferStepSwitchBlock], ids=["int", "buffer"])
+def test_block_that_switches_its_dispatching_top_k_after_a_warmup_is_not_replayed_silently(block_type: type) -> None:
     """Once silent: a counter that moves dispatch to the other of two same-form top-k calls after the decision was
     established made a replay force the call that no longer dispatched, and a capture record it. A forward that
     makes calls of its decision's form beside it and changes its own state is checked at each forward: the
     decision is established afresh where it moved, so the dispatching call is recorded and forced."""
     torch.manual_seed(7)
-    block, x = _WarmupSwitchBlock(), torch.randn(10, D)
+    block, x = block_type(), torch.randn(10, D)
     with mr.attach(block) as session:
         with session.capture():
             for _ in range(3):  # the warm-up forward, then two after the switch
@@ -385,6 +395,54 @@ def test_block_that_switches_its_dispatching_top_k_after_a_warmup_is_not_replaye
             with session.replay(forced):
                 block(x)
             assert torch.equal(block.dispatched[-1], forced.layer("gate"))
+
+
+GLOBAL_STEPS = 0  # counted by _GlobalStepSwitchBlock's forward
+
+
+class _GlobalStepSwitchBlock(_WarmupSwitchBlock):
+    """:class:`_WarmupSwitchBlock` counting its steps in a module-level global, outside its module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global GLOBAL_STEPS
+        GLOBAL_STEPS += 1
+        probs = self.gate(x).softmax(-1)
+        _, plain = torch.topk(probs, self.top_k, dim=-1)
+        _, biased = torch.topk(probs + self.bias, self.top_k, dim=-1)
+        idx = biased if GLOBAL_STEPS > self.warmup else plain
+        self.dispatched.append(idx.clone())
+        w = probs.gather(-1, idx)
+        out = torch.zeros_like(x)
+        for slot in range(self.top_k):
+            for e, expert in enumerate(self.experts):
+                out = out + (idx[:, slot] == e)[:, None] * w[:, slot : slot + 1] * expert(x)
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a dispatch switch by a count kept outside the router's modules (a global) is unseen: the runs that "
+    "would check which call decides at each forward cannot put such state back",
+)
+def test_block_that_switches_its_dispatching_top_k_by_a_global_count_is_not_replayed_silently() -> None:
+    """Still silent: the step count that moves dispatch between two same-form top-k calls kept in a global."""
+    torch.manual_seed(7)
+    block, x = _GlobalStepSwitchBlock(), torch.randn(10, D)
+    block.warmup = GLOBAL_STEPS + 500  # (past the runs that establish the decision at the first forward)
+    with mr.attach(block) as session:
+        with session.capture():
+            block(x)
+        while GLOBAL_STEPS <= block.warmup:  # the warm-up ends outside the blocks
+            block(x)
+        forced = _forced_routes(session, 10)
+        try:
+            for _ in range(2):
+                with session.replay(forced):
+                    block(x)
+                assert torch.equal(block.dispatched[-1], forced.layer("gate"))
+        except mr.MoEReplayError:
+            pass  # refused: what the project asks for
 
 
 class _CountingTwinBlock(_WarmupSwitchBlock):
