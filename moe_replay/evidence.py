@@ -60,6 +60,7 @@ __all__ = [
     "establish",
     "run_unestablished",
     "still_decides",
+    "through_out",
     "unwrap",
 ]
 
@@ -179,6 +180,50 @@ def decision_call(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -
     if dim not in (-1, x.dim() - 1) or width < 2:
         return None
     return family, k, width
+
+
+#: What :func:`through_out` returns for a call that gives no ``out=`` tensors (answered as it is).
+NO_OUT: Any = object()
+
+
+def through_out(
+    func: Any,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    answer: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any],
+) -> Any:
+    """A decision-like call that writes into tensors given as ``out=`` (``torch.topk(s, k, out=(values, indices))``):
+    answered without them, by ``answer(func, args, kwargs)`` as any such call is (natively, forced, or moved by a
+    probe run), then that answer written into them as torch writes its own (resized where their shape differs),
+    and what torch returns for it returned. So the indices the router reads from its ``out=`` tensor are the very
+    ones recorded or forced. :data:`NO_OUT` for a call without ``out=``, or one torch refuses as it is (with
+    gradients, or ``out=`` tensors of another dtype): its own error is raised when it runs."""
+    out = kwargs.get("out")
+    if out is None or func not in DECISION_FUNCS:
+        return NO_OUT
+    targets = tuple(out) if isinstance(out, tuple | list) else (out,)
+    if not all(isinstance(t, torch.Tensor) for t in targets) or (
+        torch.is_grad_enabled()
+        and any(isinstance(t, torch.Tensor) and t.requires_grad for t in _leaves((args, kwargs), []))
+    ):
+        return NO_OUT
+    result = answer(func, args, {k: v for k, v in kwargs.items() if k != "out"})
+    made = tuple(result) if isinstance(result, tuple) else (result,)
+    if len(made) != len(targets) or any(t.dtype != m.dtype for t, m in zip(targets, made, strict=False)):
+        func(*args, **kwargs)  # (torch's own error, as the call makes it)
+        raise UnsupportedRouterError(
+            f"a {getattr(func, '__name__', func)} call writes into out= tensors moe_replay cannot fill with its answer "
+            "(another number or dtype of tensors than it returns); call it without out="
+        )
+    with torch.no_grad():
+        for t, m in zip(targets, made, strict=True):
+            if t.shape != m.shape:
+                t.resize_(m.shape)
+            t.copy_(m)
+    if not isinstance(result, tuple):
+        return targets[0]
+    kind = getattr(torch.return_types, f"{type(result).__name__}_out", None)
+    return kind(targets) if kind is not None else type(result)(targets)
 
 
 def _count(v: Any) -> Any:
@@ -439,6 +484,10 @@ class _ProbeMode(TorchFunctionMode):
         func = unwrap(func, kwargs)
         if _collective(func):  # before it runs: a probe run on this rank alone never talks to the others
             raise _Communicates(getattr(func, "__name__", None) or str(func))
+        if "out" in kwargs:  # (a decision-like call into out= tensors: answered as one without, then written there)
+            written = through_out(func, args, kwargs, lambda f, a, k: self.__torch_function__(f, types, a, k))
+            if written is not NO_OUT:
+                return written
         answered = self.answered
         out = self._call(func, args, kwargs)
         if not self.force or NESTING.depth != self.depth:  # (a call of a router nested inside: its own)

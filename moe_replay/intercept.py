@@ -53,6 +53,7 @@ from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRo
 from .evidence import (
     DECISION_FUNCS,
     NESTING,
+    NO_OUT,
     UNWRAP,
     Evidence,
     best_others,
@@ -60,6 +61,7 @@ from .evidence import (
     establish,
     run_unestablished,
     still_decides,
+    through_out,
     unwrap,
 )
 from .losses import _mark_outside_graph
@@ -829,6 +831,10 @@ class RouterHook:
         """:meth:`on_lean`, with this thread's lean router cleared."""
         self._slow = True
         self._compiled = False
+        if "out" in kwargs:  # (a decision-like call into out= tensors: answered as one without, then written there)
+            written = through_out(func, args, kwargs, self._on_lean)
+            if written is not NO_OUT:
+                return written
         if func is _TOPK_FN:
             sig = _topk_call(args, kwargs)
         elif func in _MASKS or func in _WHERE:
@@ -1782,6 +1788,10 @@ class _DecisionMode(TorchFunctionMode):
         if self.depth >= 0 and NESTING.depth != self.depth:  # a call of a router nested in this scope
             return func(*args, **kwargs)
         func = unwrap(func, kwargs)
+        if "out" in kwargs:  # (a decision-like call into out= tensors: answered as one without, then written there)
+            written = through_out(func, args, kwargs, lambda f, a, k: self.__torch_function__(f, types, a, k))
+            if written is not NO_OUT:
+                return written
         hook = self.hook
         wrapped = not self.audit or NESTING.via is func
         if func in _MASKS or func in _WHERE:

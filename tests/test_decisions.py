@@ -510,10 +510,50 @@ class _OutGate(nn.Module):
         return w, idx
 
 
-@pytest.mark.reliability("clear errors")
-@pytest.mark.xfail(strict=True, reason="a top-k into out= tensors is changed and answered in its result only")
+class _OutArgmaxGate(nn.Module):
+    """A top-1 gate whose ``argmax`` writes into a preallocated index tensor kept on the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.idx = torch.empty(0, dtype=torch.long)
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.wg(x).softmax(-1)
+        torch.argmax(probs, dim=-1, out=self.idx)
+        idx = self.idx[:, None]
+        self.last = idx.clone()
+        return probs.gather(-1, idx), idx
+
+
+@pytest.mark.reliability("silent replays")
 def test_gate_whose_top_k_writes_into_out_tensors_is_captured_and_forced() -> None:
-    """Once refused (still): a top-k with ``out=`` (without gradients) was found to change nothing, since the
-    probe moved the indices it returned and not those it wrote."""
+    """Once refused: a top-k with ``out=`` (without gradients) was found to change nothing, since the probe moved
+    the indices it returned and not those it wrote; a replay answered its result and left the ``out=`` tensors
+    native. The call is now answered as one without ``out=`` and the answer written there (under the mode, and
+    in lean forwards)."""
     torch.manual_seed(9)
-    _assert_captured_and_forced(_OutGate(), 8, grad=False)
+    _assert_captured_and_forced(_OutGate(), 8, forwards=2, grad=False)
+    block, x = Block(_OutGate()), torch.randn(8, D)
+    with mr.attach(block) as session:  # with gradients torch refuses out= itself, as without the session
+        with pytest.raises(RuntimeError, match="out="), session.capture():
+            block(x)
+
+
+@pytest.mark.reliability("silent replays")
+def test_top_1_gate_whose_argmax_writes_into_an_out_tensor_is_captured_and_forced() -> None:
+    torch.manual_seed(9)
+    gate = _OutArgmaxGate()
+    block, x = Block(gate, top_k=1), torch.randn(8, D)
+    with mr.attach(block) as session, torch.no_grad():
+        with session.capture():
+            block(x)
+        assert torch.equal(session.routes().layer("router"), gate.last)
+        forced = mr.Routes([torch.arange(8)[:, None] % E], names=session.names, num_experts=E)
+        for _ in range(2):
+            with session.replay(forced):
+                block(x)
+            assert torch.equal(gate.last, forced.layer("router")) and torch.equal(
+                gate.idx, forced.layer("router")[:, 0]
+            )
