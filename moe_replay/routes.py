@@ -515,6 +515,30 @@ class Routes:
             raise RoutesValidationError(f"expected a [tokens, layers, k] array, got shape {array.shape}")
         if array.shape[1] != len(names):
             raise RoutesValidationError(f"array has {array.shape[1]} layers but {len(names)} names were given")
+        if array.dtype == np.uint8 and array.shape[2] == 1 and array.size:
+            counts = (
+                [num_experts] * len(names)
+                if isinstance(num_experts, int | np.integer)
+                else list(num_experts)
+                if isinstance(num_experts, list | tuple)
+                else []  # (refused below as no expert count)
+            )
+            hit = next(
+                (
+                    n
+                    for i, (n, e) in enumerate(zip(names, counts, strict=False))
+                    if e == 256 and (array[:, i] == 255).any()
+                ),
+                None,
+            )
+            if hit is not None:
+                raise RoutesValidationError(
+                    f"the uint8 routes array holds 255 for router '{hit}' of 256 experts and one expert per token: "
+                    "uint8 holds no -1, and an unrecorded row cast to uint8 outside moe_replay reads 255 too, so "
+                    "expert 255 and a row routed natively cannot be told apart. Pass the rows in a signed dtype: "
+                    "with -1 for unrecorded rows (cast before they wrapped), or, where 255 is the expert, "
+                    "array.astype(np.int16)"
+                )
         t = torch.from_numpy(array.astype(np.int64, copy=False))  # uint64 past int64 was refused above
         return cls([t[:, i] for i in range(array.shape[1])], names=names, num_experts=num_experts)
 

@@ -810,3 +810,22 @@ def test_a_routes_file_whose_flipped_bit_marks_it_encrypted_is_refused_as_corrup
     path.write_bytes(bytes(raw))
     with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted"):
         mr.Routes.load(path)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_uint8_top_1_array_of_256_experts_holding_255_is_refused_as_ambiguous() -> None:
+    """Once silent: an unrecorded row (-1) cast to uint8 outside moe_replay reads 255, a valid expert of a top-1
+    router of 256 experts (for k > 1 such a row repeats an expert and is refused): refused, naming the way out."""
+    rows = np.array([[[3, 7]], [[-1, 0]]])[:, :, :1]
+    wrapped = rows.astype(np.uint8)
+    with pytest.raises(mr.RoutesValidationError, match="expert 255 and a row routed natively cannot be told apart"):
+        mr.Routes.from_numpy(wrapped, names=["r"], num_experts=256)
+    with pytest.raises(mr.RoutesValidationError, match="router 'b'"):
+        mr.Routes.from_numpy(
+            np.concatenate([rows.clip(0), wrapped], 1).astype(np.uint8), names=["a", "b"], num_experts=[300, 256]
+        )
+    assert mr.Routes.from_numpy(rows, names=["r"], num_experts=256).layer("r").flatten().tolist() == [3, -1]
+    assert mr.Routes.from_numpy(wrapped.astype(np.int16), names=["r"], num_experts=256).layer(
+        "r"
+    ).flatten().tolist() == [3, 255]
+    assert mr.Routes.from_numpy(wrapped, names=["r"], num_experts=257).layer("r").flatten().tolist() == [3, 255]
