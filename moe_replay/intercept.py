@@ -1715,7 +1715,10 @@ def _fingerprint(scope: nn.Module, *, code: bool = True) -> dict[str, Any]:
                 out.update((f"{prefix}{k}.{sub}", w) for sub, w in _held_settings(v))
         # what its code reads besides: module-level globals, class attributes, closure cells, 0-d flag buffers
         read = code_settings(m, m.__dict__.get("forward")) if code else flag_buffers(m)
-        out.update((f"{prefix}{k}" if k.startswith("buffer ") else k, v) for k, v in read.items())
+        out.update(
+            (f"{prefix}{k[5:]}" if k.startswith("self.") else f"{prefix}{k}" if k.startswith("buffer ") else k, v)
+            for k, v in read.items()
+        )
     return out
 
 
