@@ -11,7 +11,13 @@ router runs, as far as it can be read without running it:
   with ``Router.use_bias = True``);
 - **closure cells** of the functions it runs (a flag captured by a nested function);
 - **0-d boolean and integer buffers** of the module (``if self.use_bias:`` on a registered tensor, a step
-  count ``if self.step > self.warmup:``).
+  count ``if self.step > self.warmup:``);
+- **chains** the code reads from the module, a global or a closure cell: attributes, subscripts
+  by a constant, ``.get(constant)`` and weak-reference calls (``self.config.routing.use_bias``,
+  ``self.flags[0]``, ``self.parent_ref().use_bias``, ``os.environ.get("X")``, ``os.getenv("X")``),
+  followed statically (a property into its getter's code, never run) to a plain value, an enum
+  member or a tensor of one boolean or integer element;
+- **default arguments** of the forward and of the methods it calls (``forward.__defaults__``).
 
 The code followed is the forward, the methods it names on ``self``, and the functions it names
 at module level, three calls deep; torch's and numpy's own code is not followed. Which names to

@@ -1698,7 +1698,8 @@ def _fingerprint(scope: nn.Module, *, code: bool = True) -> dict[str, Any]:
     ``str``, ``bool``, ``None``) of the scope and of its children outside containers (a gate, a router module,
     not the experts of a ``ModuleList``), and those one level into a config object or a dict they hold
     (``self.cfg.use_bias``), with what their code reads from outside them (a module-level flag, a class
-    attribute, a closure cell, a 0-d boolean or integer buffer: :mod:`moe_replay._code_settings`). ``training`` is not
+    attribute, a closure cell, a 0-d boolean or integer buffer, a chain such as ``self.config.routing.use_bias`` or
+    ``os.environ.get("X")``, a default argument: :mod:`moe_replay._code_settings`). ``training`` is not
     one: decisions are kept by mode. Cheap enough for every block. ``code=False``: the modules' own attributes and
     flag buffers alone (what the runs that establish a decision put back after each run)."""
     out: dict[str, Any] = {}
