@@ -401,13 +401,30 @@ def _config_int(config: Any, keys: Sequence[str]) -> int | None:
     return None
 
 
+def _parametrized_original(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The stored tensor behind a parametrized ``name``, read without running the parametrization.
+
+    Reading ``module.weight`` runs the parametrization's code: ``spectral_norm`` in training mode
+    advances its power iteration there, changing its ``_u``/``_v`` buffers, so discovery would change
+    the model (and its outputs). The stored ``original`` has the shape the hint needs for
+    shape-keeping parametrizations (``orthogonal``, a scale); of several (``weight_norm``'s ``g`` and
+    ``v``), the largest. A hint only: the decision establishes ``E``.
+    """
+    holder = vars(module).get("_modules", {}).get("parametrizations")
+    plist = vars(holder).get("_modules", {}).get(name) if holder is not None else None
+    if plist is None:
+        return None
+    stored = [p for p in vars(plist).get("_parameters", {}).values() if isinstance(p, torch.Tensor)]
+    stored += [b for b in vars(plist).get("_buffers", {}).values() if isinstance(b, torch.Tensor)]
+    return max(stored, key=lambda t: (t.numel(), t.dim()), default=None)
+
+
 def _own_weight(module: nn.Module) -> torch.Tensor | None:
     """The router's own weight: ``weight``, a parametrized one, or its only 1-D/2-D parameter."""
     own = dict(module.named_parameters(recurse=False))
     w = own.get("weight")
     if w is None and parametrize.is_parametrized(module, "weight"):
-        with torch.no_grad():
-            w = module.weight  # the value the forward uses, whatever the parametrization stores
+        w = _parametrized_original(module, "weight")
     if w is None:
         w = next((p for p in own.values() if p.dim() == 2), None)
     if w is None:

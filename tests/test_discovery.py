@@ -620,3 +620,43 @@ def test_a_router_that_decides_in_torchscript_is_refused_with_a_clear_error() ->
     with pytest.raises(mr.UnsupportedRouterError, match=r"'moe\.gate'.*the block that holds it is a TorchScript"):
         mr.attach(scripted, include="moe.gate")
     assert {name: m.__dict__.get("forward") for name, m in scripted.named_modules()} == forwards
+
+
+class _SpectralGateBlock(nn.Module):
+    """A Mixtral-style block whose gate is spectrally normalised (a parametrization with state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(16, 6, bias=False))
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(x)
+        for slot in range(2):
+            for e, expert in enumerate(self.experts):
+                out = out + (idx[:, slot] == e)[:, None] * w[:, slot : slot + 1] * expert(x)
+        return out
+
+
+@pytest.mark.reliability("wrappers")
+def test_finding_a_spectrally_normalised_gate_does_not_run_its_power_iteration() -> None:
+    """Once silent: discovery read ``gate.weight``, which runs the parametrization: in training mode,
+    spectral_norm's power iteration moved its ``_u``/``_v`` buffers at each read, so ``find_routers``
+    and ``attach`` changed the model and every later output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_SpectralGateBlock(), _SpectralGateBlock())
+    twin = nn.Sequential(_SpectralGateBlock(), _SpectralGateBlock())
+    twin.load_state_dict(model.state_dict())
+    before = snapshot(model)
+    assert [s.name for s in mr.find_routers(model)] == ["0.gate", "1.gate"]
+    assert_untouched(model, before)
+    x = torch.randn(5, 16)
+    with mr.attach(model) as session:
+        with session.capture():
+            y = model(x)
+        assert torch.equal(y, twin(x))  # the same power iteration as the model's own forward
+        with session.replay(session.routes()):
+            assert torch.equal(model(x), twin(x))
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), twin.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
