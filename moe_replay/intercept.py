@@ -51,6 +51,7 @@ from ._code_settings import code_settings, comparable, flag_buffers, is_setting
 from ._output_guard import OutputGuard, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
+    _HOOKS,
     DECISION_FUNCS,
     NESTING,
     NO_OUT,
@@ -764,7 +765,7 @@ class RouterHook:
                 f"{ev.count} in the forward its decision was established on; its control flow changed, so "
                 f"this forward's decision cannot be told (established: {ev.describe()}). If the model was "
                 "changed on purpose, the decision is established again at the next forward; nothing more "
-                "was recorded or forced"
+                f"was recorded or forced{_hooks_inside(self.scope)}"
             )
         if not self._decided:
             expected = (
@@ -916,6 +917,7 @@ class RouterHook:
                 f"{sig[2]}, but it was {expected[0]}(k={expected[1]}) over {expected[2]} when its decision was "
                 "established; its control flow changed (an attribute such as its k?). Nothing was recorded or "
                 "forced; if the change was on purpose, the decision is established again at the next forward"
+                f"{_hooks_inside(self.scope)}"
             )
         out = self.decide(func, args, kwargs, sig[1])
         if type(out) is _TOPK_RESULT and self._decided and not self._compiled:  # (eager forwards are checked)
@@ -1648,6 +1650,34 @@ class ClassForward:
 
     def __repr__(self) -> str:
         return f"<forward of {type(self.module).__name__} (its class's)>"
+
+
+def _hooks_inside(scope: nn.Module) -> str:
+    """A sentence naming the forward hooks inside ``scope`` (none: ``""``), for an error on its decision-like calls.
+
+    The runs that establish a decision set the forward hooks of the scope's submodules aside (so that a hook
+    counting or logging sees one forward): a decision-like call made in one (a gate's hook taking a top-k of
+    the logits to log the experts' load) is in every real forward but in none of those runs, so every forward
+    differs from the one the decision was established on. Read without running anything (``vars``).
+    """
+    hooked = []
+    for path, m in scope.named_modules():
+        if m is scope:
+            continue
+        fns = [f for h in _HOOKS for f in (vars(m).get(h) or {}).values()]
+        if fns:
+            names = ", ".join(getattr(f, "__qualname__", None) or type(f).__name__ for f in fns[:2])
+            hooked.append(f"'{path}' ({names}{', ...' if len(fns) > 2 else ''})")
+    if not hooked:
+        return ""
+    more = ", ..." if len(hooked) > 3 else ""
+    return (
+        f". Forward hooks are registered inside its scope, on {', '.join(hooked[:3])}{more}; they run in its "
+        "forwards but are set aside in the runs that establish its decision, so a decision-like call made in "
+        "one (a top-k of the gate's logits to log the experts' load) makes every forward differ from the "
+        "established one. Remove such a hook, and read the experts chosen from session.routes() (or the scores "
+        "from session.keep_scores()) instead"
+    )
 
 
 def _on_device_of(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

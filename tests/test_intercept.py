@@ -568,3 +568,41 @@ def test_a_switch_of_the_dispatching_call_between_sessions_is_an_error() -> None
             model(x)
         for b in range(2):
             assert torch.equal(spy.experts_of(b), ev.as_sets(rows[b]))
+
+
+class _GateBlock(nn.Module):
+    """Mixtral-style: a bare ``Linear`` gate, the top-k in the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(x)
+        for slot in range(2):
+            for e, expert in enumerate(self.experts):
+                out = out + (idx[:, slot] == e)[:, None] * w[:, slot : slot + 1] * expert(x)
+        return out
+
+
+@pytest.mark.reliability("clear errors")
+def test_a_gate_hook_that_logs_a_top_k_is_refused_by_name() -> None:
+    """A forward hook on the gate counting the experts' load takes a top-k of its logits. The runs that
+    establish the decision set such hooks aside, so every real forward made one call more than the one
+    established and was refused as a change of control flow, with no word of the hook."""
+    model = nn.Sequential(_GateBlock(), _GateBlock())
+    load = torch.zeros(E)
+
+    def expert_load(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        load.add_(torch.bincount(out.topk(2, dim=-1).indices.flatten(), minlength=E))
+
+    model[0].gate.register_forward_hook(expert_load)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match=r"hooks are registered .* on 'gate' \(.*expert_load\)"):
+            with session.capture():
+                model(torch.randn(T, D))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all("forward" not in vars(m) for m in model.modules())
