@@ -458,17 +458,22 @@ class RouterHook:
                 return None
             known[key] = ev
         self._check_rows_fit(ev)
+        shape = (ev.top_k, ev.num_experts)
         for mode, was in list(self.evidence.items()):
             if (was.top_k, was.num_experts) != (ev.top_k, ev.num_experts) and not any(
                 v is was and k[-1] == key[-1] for k, v in known.items()
             ):  # established in another mode under other settings (its k, changed since): it no longer holds
                 self._forget_modes({mode})
-        other = next(iter(self.evidence.values()), None)
-        if other is not None and (other.top_k, other.num_experts) != (ev.top_k, ev.num_experts):
+        other_mode, other = next(iter(self.evidence.items()), (None, None))
+        if other_mode is not None and other is not None and (other.top_k, other.num_experts) != shape:
+            then = "train" if other_mode[0] else "eval", "with" if other_mode[1] else "without"
             raise UnsupportedRouterError(
-                f"router '{self.name}' chooses {other.top_k} of {other.num_experts} experts in one mode (training, "
-                f"gradients) but {ev.top_k} of {ev.num_experts} in {self.mode()}: one set of routes cannot serve "
-                "both; name the decision with an Adapter"
+                f"router '{self.name}' chose {other.top_k} of {other.num_experts} experts in {then[0]} mode {then[1]} "
+                f"gradients, but chooses {ev.top_k} of {ev.num_experts} in {self.describe_mode()}: one set of routes "
+                "cannot serve both. If the model changed since (a gate's weight replaced by one of another width), "
+                "set the attribute that says its width or k to the new value (out_features, num_experts, top_k): "
+                "a changed setting establishes the decision again in every mode. If the router chooses otherwise "
+                "by mode, name the decision with an Adapter. Nothing was recorded or forced"
             )
         self.evidence[self.mode()] = ev
         self._pending = (self.mode(), _fingerprint(self.scope))  # (the probe runs put every attribute back)

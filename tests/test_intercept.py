@@ -606,3 +606,32 @@ def test_a_gate_hook_that_logs_a_top_k_is_refused_by_name() -> None:
                 model(torch.randn(T, D))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.reliability("clear errors")
+def test_a_gate_of_another_width_in_another_mode_names_both_modes_and_the_way_out() -> None:
+    """A gate's weight replaced by a narrower one after a training forward: the first forward without
+    gradients chose from the new width and was refused as a router choosing otherwise by mode, naming one
+    mode as a tuple and an Adapter as the only way out. Setting the width re-establishes every mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_GateBlock(), _GateBlock())
+    x = torch.randn(T, D)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        for block in model:
+            block.gate.weight = nn.Parameter(torch.randn(E - 2, D))
+        with pytest.raises(
+            mr.UnsupportedRouterError,
+            match=r"2 of 8 experts in train mode with gradients, but "
+            r"chooses 2 of 6 in train mode without gradients.*out_features",
+        ):
+            with torch.no_grad(), session.capture():
+                model(x)
+        for block in model:
+            block.gate.out_features = E - 2
+        with torch.no_grad(), session.capture():
+            model(x)
+        with session.capture():
+            model(x)
+        assert session.routes().experts_per_layer == (E - 2, E - 2)
