@@ -347,7 +347,8 @@ def _read_own(module: nn.Module, attr: str, out: dict[str, Any]) -> None:
     if value is _MISSING:
         if attr in instance["_parameters"] or attr in instance["_modules"]:
             return
-        value = instance["_buffers"].get(attr, _MISSING)
+        buffers = instance["_buffers"]  # (a scripted module's is a wrapper with no get())
+        value = buffers[attr] if attr in buffers else _MISSING
         if value is not _MISSING:
             if value is None or (value.dim() == 0 and value.dtype == torch.bool):
                 return
