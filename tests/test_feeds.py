@@ -1146,6 +1146,8 @@ def test_tokens_taken_out_of_a_cache_before_later_forwards_are_noted(how: str) -
     loop. Noted from the tokens the cache holds before and after the call (a static cache's counts read with the
     routes), and split_generation refuses it; the methods are the cache's own again after the capture."""
     tiny_hf = pytest.importorskip("tests.tiny_hf")
+    if how == "static crop" and not tiny_hf.static_cache_crops():
+        pytest.skip("this transformers version's StaticCache has no crop")
     model = tiny_hf.build("mixtral")
     prompt = _prompt()[:, :1]  # (one-token prompts: a second loop has the row counts of more decode steps)
     if how.startswith("static"):
@@ -1159,6 +1161,8 @@ def test_tokens_taken_out_of_a_cache_before_later_forwards_are_noted(how: str) -
                 cache.crop(-2)
             elif how.endswith("reset"):
                 cache.reset()
+                if cache.get_seq_length() != 0:  # (5.17's DynamicCache.reset zeroes its tensors, keeping their length)
+                    pytest.skip("this transformers version's reset() takes no token out of the cache")
         if how == "between blocks":
             cache.crop(-2)
         with session.capture(clear=False):

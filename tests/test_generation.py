@@ -1314,6 +1314,8 @@ def test_a_cache_cropped_of_no_token_the_capture_goes_on_from_still_splits(how: 
     that undoes the capture's last forward (no row follows the rows of its tokens: generate()'s deferred stop), or one
     of a cache before the capture's forwards were given it, leaves a capture that splits as before."""
     tiny_hf = pytest.importorskip("tests.tiny_hf")
+    if how.startswith("static") and not tiny_hf.static_cache_crops():
+        pytest.skip("this transformers version's StaticCache has no crop")
     model = tiny_hf.build("qwen3_moe")
     name = tiny_hf.cache_kwarg(model)
     prompt = torch.randint(3, 128, (2, P), generator=torch.Generator().manual_seed(2))

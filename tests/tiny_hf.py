@@ -56,3 +56,9 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def static_cache_crops() -> bool:
+    """Whether this transformers version's ``StaticCache`` can ``crop`` (5.17's static layers have no ``crop``)."""
+    layer = getattr(transformers.cache_utils, "StaticLayer", None)
+    return callable(getattr(layer if layer is not None else transformers.StaticCache, "crop", None))
