@@ -12,6 +12,7 @@ Faults are injected at named points of the forward (``Fault``), with any excepti
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +76,11 @@ class Fault:
             raise self.exc
 
 
+#: the fault armed in each router, held outside it: an injected fault stands for an error deep inside the forward,
+#: not for a setting of the router (read from its code, a changed one has its decision established again)
+_ARMED: weakref.WeakKeyDictionary[nn.Module, Fault] = weakref.WeakKeyDictionary()
+
+
 class TinyRouter(nn.Module):
     """A standalone router; returns (weights ``[..., k]``, indices ``[..., k]``)."""
 
@@ -85,9 +91,6 @@ class TinyRouter(nn.Module):
         self.weight = nn.Parameter(torch.randn(spec.num_experts, hidden, generator=generator).to(dtype))
         self.register_buffer("bias", (0.1 * torch.randn(spec.num_experts, generator=generator)).to(dtype))
         self.layer = 0
-        # (private: an injected fault stands for an error deep inside the forward, not for a setting of the router,
-        # whose change would have its decision established again)
-        self._fault: Fault | None = None
 
     def _topk(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         call = self.spec.call
@@ -105,8 +108,9 @@ class TinyRouter(nn.Module):
 
     def _decide(self, scores: torch.Tensor, forced: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) of the decision, or the gather at ``forced`` (-1: native)."""
-        if self._fault is not None:
-            self._fault.check(self.layer, "in_router_before_decision")
+        fault = _ARMED.get(self)
+        if fault is not None:
+            fault.check(self.layer, "in_router_before_decision")
         spec = self.spec
         if spec.score == "argmax":
             idx = torch.argmax(scores, dim=-1, keepdim=spec.keepdim)
@@ -121,8 +125,8 @@ class TinyRouter(nn.Module):
         if forced is not None:
             idx = torch.where(forced < 0, idx, forced)
             values = scores.gather(-1, idx)
-        if self._fault is not None:
-            self._fault.check(self.layer, "in_router_after_decision")
+        if fault is not None:
+            fault.check(self.layer, "in_router_after_decision")
         return values, idx
 
     def forward(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +183,7 @@ class TinyBlock(nn.Module):
     def forward(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
         w, idx = self.router(x) if forced is None else self.router(x, forced)
         self.chosen = idx.reshape(-1, idx.shape[-1])  # what this layer routed to, for the tests to read
-        fault = self.router._fault
+        fault = _ARMED.get(self.router)
         if fault is not None:
             fault.check(self.router.layer, "in_experts")
         return x + (w.unsqueeze(-1).to(x.dtype) * self.expert_emb[idx]).sum(dim=-2)
@@ -203,7 +207,10 @@ class TinyMoE(nn.Module):
         """Arm (or with None, clear) a fault."""
         self.fault = fault
         for layer in self.layers:
-            layer.router._fault = fault
+            if fault is None:
+                _ARMED.pop(layer.router, None)
+            else:
+                _ARMED[layer.router] = fault
 
     @property
     def router_names(self) -> list[str]:
