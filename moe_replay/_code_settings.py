@@ -155,7 +155,11 @@ def _function(fn: Any) -> types.FunctionType | None:
     """The Python function behind a forward (a bound method, a wrapper with ``__wrapped__``), or None."""
     for _ in range(8):
         if isinstance(fn, types.FunctionType):
-            return fn
+            inner = vars(fn).get("__wrapped__")
+            if inner is None or not _library_code(fn):
+                return fn
+            fn = inner  # (a library's wrapper, torch.compile's: the function it runs is the user's)
+            continue
         if isinstance(fn, types.MethodType | staticmethod | classmethod):
             fn = fn.__func__
             continue
@@ -527,12 +531,21 @@ def _attributes(holder: types.ModuleType | type, names: set[str], out: list[_Rea
     out.extend((f"{label}.{n}", space, n) for n in sorted(names) if is_setting(space.get(n, _MISSING)))
 
 
+def _library_code(fn: types.FunctionType) -> bool:
+    """Is ``fn``'s code that of a library not followed, wherever its ``__module__`` says it is from (``functools.wraps``
+    copies the wrapped function's: ``torch.compile``'s wrapper claims the user's module)?"""
+    where = fn.__globals__.get("__name__")
+    return isinstance(where, str) and where.partition(".")[0] in _NOT_FOLLOWED
+
+
 def _skipped(obj: Any) -> bool:
     """Is ``obj`` the code of a library whose flags are not a router's (torch's own, numpy's...)? Read without
     running anything of it (a module's ``__getattr__`` may import on demand)."""
     if isinstance(obj, types.ModuleType):
         where = vars(obj).get("__name__")
     elif isinstance(obj, types.FunctionType):
+        if _library_code(obj):
+            return True
         where = obj.__module__  # (a function's own field: getattr_static gives its type's descriptor)
     else:
         where = inspect.getattr_static(obj, "__module__", None)
