@@ -1166,6 +1166,8 @@ class _Found:
         now = self.now()
         if now is not None and self.state is not None:
             self.own.update(k for k in self.state.keys() | now.keys() if self.state.get(k) != now.get(k))
+            for k in self.own:  # (what is compared from now on)
+                self.state.pop(k, None)
 
     def now(self) -> dict[str, Any] | None:
         """The state of its path's modules now; None where one of them is gone."""
@@ -1181,11 +1183,9 @@ class _Found:
         now, then = self.now(), self.state
         if now is None or then is None:
             return False
-        own = self.own
-        return all(then.get(k, _GONE) == now.get(k, _GONE) for k in then.keys() | now.keys() if k not in own)
-
-
-_GONE = object()
+        for k in self.own:
+            now.pop(k, None)
+        return now == then  # (the keys the forward changes itself left out of both)
 
 
 class _Same:
@@ -1244,10 +1244,11 @@ def _path_state(modules: Sequence[nn.Module]) -> dict[str, Any] | None:
     """What of the ``modules`` a token-order probe went through (before the first router) could change the order in
     which the routers see the tokens, by key: each module's class and forward (its own, where it has one), the hooks
     on it (by handle, the session's own left out), its children (and those of a container it holds: a layer swapped
-    in a ``ModuleList``), its mode, and its settings as a decision's are compared (:func:`intercept._fingerprint`:
-    plain attributes, a config's, the globals, class attributes and closure cells its code reads). Compared by
-    ``==`` (forwards and children by identity, held weakly: :class:`_Same`); read without running the model's code."""
+    in a ``ModuleList``), its mode, and its own settings (:func:`intercept._fingerprint` of it alone, without its
+    code's reads: plain attributes, a config's, 0-d flag buffers; each config read once). Compared by ``==``
+    (forwards and children by identity, held weakly: :class:`_Same`); read without running the model's code."""
     out: dict[str, Any] = {}
+    configs: dict[int, list[tuple[str, Any]]] = {}
     for i, m in enumerate(modules):
         out[f"{i} forward"] = (type(m), inspect.getattr_static(type(m), "forward", None), _own_forward(m))
         out[f"{i} hooks"] = tuple(
@@ -1260,7 +1261,7 @@ def _path_state(modules: Sequence[nn.Module]) -> dict[str, Any] | None:
                 children.extend((f"{name}.{sub}", _Same(c)) for sub, c in child._modules.items())
         out[f"{i} children"] = tuple(children)
         out[f"{i} training"] = m.training
-        out.update((f"{i} {k}", v) for k, v in _fingerprint(m).items())
+        out.update((f"{i} {k}", v) for k, v in _fingerprint(m, code=False, children=False, memo=configs).items())
     return out
 
 

@@ -1728,7 +1728,13 @@ _ABSENT = object()  # a setting a module does not have
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)  # (experts: their settings do not decide)
 
 
-def _fingerprint(scope: nn.Module, *, code: bool = True) -> dict[str, Any]:
+def _fingerprint(
+    scope: nn.Module,
+    *,
+    code: bool = True,
+    children: bool = True,
+    memo: dict[int, list[tuple[str, Any]]] | None = None,
+) -> dict[str, Any]:
     """The settings a router scope's decision may depend on, by name: the plain values (``int``, ``float``,
     ``str``, ``bool``, ``None``) of the scope and of its children outside containers (a gate, a router module,
     not the experts of a ``ModuleList``), and those one level into a config object or a dict they hold
@@ -1736,11 +1742,15 @@ def _fingerprint(scope: nn.Module, *, code: bool = True) -> dict[str, Any]:
     attribute, a closure cell, a 0-d boolean or integer buffer, a chain such as ``self.config.routing.use_bias`` or
     ``os.environ.get("X")``, a default argument: :mod:`moe_replay._code_settings`). ``training`` is not
     one: decisions are kept by mode. Cheap enough for every block. ``code=False``: the modules' own attributes and
-    flag buffers alone (what the runs that establish a decision put back after each run)."""
+    flag buffers alone (what the runs that establish a decision put back after each run). ``memo``: the settings of
+    the configs read already, by ``id``, for calls that read the same config through many modules at one time.
+    ``children=False``: the scope's own alone."""
     out: dict[str, Any] = {}
-    modules = [("", scope)] + [
-        (f"{name}.", m) for name, m in scope._modules.items() if m is not None and not isinstance(m, _CONTAINERS)
-    ]
+    modules = [("", scope)]
+    if children:
+        modules += [
+            (f"{name}.", m) for name, m in scope._modules.items() if m is not None and not isinstance(m, _CONTAINERS)
+        ]
     for prefix, m in modules:
         for k, v in vars(m).items():
             if k.startswith("_") or k == "training":
@@ -1748,7 +1758,12 @@ def _fingerprint(scope: nn.Module, *, code: bool = True) -> dict[str, Any]:
             if is_setting(v):
                 out[prefix + k] = comparable(v)
             elif isinstance(v, dict) or _config_like(v):
-                out.update((f"{prefix}{k}.{sub}", w) for sub, w in _held_settings(v))
+                held = memo.get(id(v)) if memo is not None else None
+                if held is None:
+                    held = _held_settings(v)
+                    if memo is not None:
+                        memo[id(v)] = held
+                out.update((f"{prefix}{k}.{sub}", w) for sub, w in held)
         # what its code reads besides: module-level globals, class attributes, closure cells, 0-d flag buffers
         read = code_settings(m, m.__dict__.get("forward")) if code else flag_buffers(m)
         out.update(
