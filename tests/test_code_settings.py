@@ -183,27 +183,7 @@ def test_a_flag_outside_the_module_switched_between_blocks_establishes_the_decis
     """Once silent: a flag read from outside the router's attributes (a module-level global, a settings module, a
     class attribute, a helper's global, a closure cell, a 0-d bool buffer) switched between blocks kept the decision
     established under the old value, and the capture recorded the top-k that no longer dispatched."""
-    model, switch = _flagged(kind)
-    x = torch.randn(ev.T, ev.D, generator=torch.Generator().manual_seed(1))
-    spy = ev.ExpertSpy(model)
-    try:
-        with mr.attach(model) as session, torch.no_grad():
-            with session.capture():
-                model(x)
-                model(x)
-            assert _dispatched_as_recorded(model, session, spy)
-            switch()
-            with session.capture():
-                model(x)
-            assert _dispatched_as_recorded(model, session, spy)
-            routes = session.routes()
-            ev.perturb(model)
-            with session.replay(routes):
-                model(x)
-            for b, name in enumerate(session.names):
-                assert torch.equal(spy.experts_of(b), ev.as_sets(routes.layer(name)))
-    finally:
-        spy.remove()
+    _switch_and_check(*_flagged(kind))
 
 
 @pytest.mark.reliability("silent replays")
