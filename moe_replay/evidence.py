@@ -1666,6 +1666,37 @@ def _refuse_sharded_inside(name: str, scope: nn.Module) -> None:
     )
 
 
+def _slot_reaches_elsewhere(probe: _Prober, calls: Sequence[Call], ordinal: int, slot: int) -> bool:
+    """Does moving slot ``slot`` of call ``ordinal`` alone change the output on another input of the probe's shape
+    (``probe.others``, then the probe's inputs rolled and random ones of their mean and spread)?
+
+    Asked of a slot whose move leaves the output unchanged on the probe's own inputs. That may be rounding, not
+    structure: a token whose scores are very peaked (a huge hidden state, as the first token of many half-precision
+    LLMs has) gives its last slot a weight under the output's resolution, and moving its expert changes nothing
+    representable. A slot the forward drops by its code (a cut or a branch) changes nothing on any input of that
+    shape; one it drops by value on some inputs only (a minimum weight, a threshold) is a later or earlier choice
+    from the scores, refused as such (:func:`_refuse_later_choice`). Inputs on which the forward makes other
+    decision-like calls, or fails, tell nothing and are passed over.
+    """
+    signature = [c.signature for c in calls]
+    for inputs in itertools.chain(probe.others, _other_inputs(probe.args, probe.kwargs)):
+        try:
+            base, seen = probe.run(inputs=inputs)
+            if [c.signature for c in seen.calls] != signature:
+                continue
+            again, _ = probe.run(inputs=inputs)
+            noise, _ = _distance(base, again)
+            if not math.isfinite(noise):
+                continue
+            tolerance = 0.0 if noise == 0 else 16 * noise
+            out, _ = probe.run(change=ordinal, slot=slot, inputs=inputs)
+        except Exception:  # (a forward that fails on other inputs tells nothing either way)
+            continue
+        if _distance(base, out, tolerance)[0] > tolerance:
+            return True
+    return False
+
+
 def _check_elsewhere(name: str, probe: _Prober, ev: Evidence, what: str) -> None:
     """Check the decision ``ev`` on the inputs ``probe`` runs (``what``: a few words saying what they are).
 
@@ -1692,6 +1723,9 @@ def _check_elsewhere(name: str, probe: _Prober, ev: Evidence, what: str) -> None
             out, _ = probe.run(change=anchor.ordinal, slot=slot)
             return _distance(base, out, tolerance)[0] > tolerance
 
+        def last_reaches(slot: int) -> bool:  # (on these inputs, else on others of their shape: rounding aside)
+            return reaches(slot) or _slot_reaches_elsewhere(probe, calls, anchor.ordinal, slot)
+
         if not reaches():
             raise _refuse(
                 name,
@@ -1703,7 +1737,7 @@ def _check_elsewhere(name: str, probe: _Prober, ev: Evidence, what: str) -> None
                 "Choose the experts with the decision's indices whatever the number of tokens",
             )
         last = ev.top_k - 1  # (a cut or a threshold drops the last slots first)
-        if len(ev.decision) == 1 and anchor.family == "topk" and last > 0 and not reaches(last):
+        if len(ev.decision) == 1 and anchor.family == "topk" and last > 0 and not last_reaches(last):
             raise _refuse(
                 name,
                 calls,
@@ -1894,15 +1928,16 @@ def _establish(
             )
         _refuse_chosen_tokens(name, probe, calls, anchor)
         used = calls[anchor.ordinal].k
-        if (
-            len(slots) == 1
-            and anchor.family == "topk"
-            and 1 < used < anchor.width
-            and not effect(anchor.ordinal, slot=used - 1)
-        ):
+
+        def unreached(slot: int) -> bool:  # on these inputs and on every other of their shape (rounding aside)
+            return not effect(anchor.ordinal, slot=slot) and not _slot_reaches_elsewhere(
+                probe, calls, anchor.ordinal, slot
+            )
+
+        if len(slots) == 1 and anchor.family == "topk" and 1 < used < anchor.width and unreached(used - 1):
             # a top-(k+1) whose last slots only feed a statistic (noisy top-k gating's load estimate)
             used -= 1
-            while used > 1 and not effect(anchor.ordinal, slot=used - 1):
+            while used > 1 and unreached(used - 1):
                 used -= 1
         shapers = [c for c in broad if c.ordinal not in slots and c.ordinal < slots[0]]
 
