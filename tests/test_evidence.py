@@ -1888,6 +1888,7 @@ class LargeTokenCutBlock(LinearGateBlock):
 )
 @pytest.mark.parametrize("where", [0, 5])
 def test_a_cut_by_the_norm_of_the_hidden_states_is_refused(where: int) -> None:
+    """Still silent: a block drops the second slot of its large tokens by their norm, after its top-k."""
     model = TwoLayers(LargeTokenCutBlock).to(torch.bfloat16)
     x = _peaked_inputs(T).roll(where, 0)
     with mr.attach(model) as session, torch.no_grad(), pytest.raises(mr.UnsupportedRouterError):
