@@ -1668,7 +1668,8 @@ def _refuse_sharded_inside(name: str, scope: nn.Module) -> None:
 
 def _slot_reaches_elsewhere(probe: _Prober, calls: Sequence[Call], ordinal: int, slot: int) -> bool:
     """Does moving slot ``slot`` of call ``ordinal`` alone change the output on another input of the probe's shape
-    (``probe.others``, then the probe's inputs rolled and random ones of their mean and spread)?
+    (``probe.others``, then the probe's inputs rolled and random ones of their mean and spread, then scaled down:
+    :func:`_scaled_down`)?
 
     Asked of a slot whose move leaves the output unchanged on the probe's own inputs. That may be rounding, not
     structure: a token whose scores are very peaked (a huge hidden state, as the first token of many half-precision
@@ -1679,7 +1680,7 @@ def _slot_reaches_elsewhere(probe: _Prober, calls: Sequence[Call], ordinal: int,
     decision-like calls, or fails, tell nothing and are passed over.
     """
     signature = [c.signature for c in calls]
-    for inputs in itertools.chain(probe.others, _other_inputs(probe.args, probe.kwargs)):
+    for inputs in itertools.chain(probe.others, _other_inputs(probe.args, probe.kwargs), _scaled_down(probe)):
         try:
             base, seen = probe.run(inputs=inputs)
             if [c.signature for c in seen.calls] != signature:
@@ -1695,6 +1696,20 @@ def _slot_reaches_elsewhere(probe: _Prober, calls: Sequence[Call], ordinal: int,
         if _distance(base, out, tolerance)[0] > tolerance:
             return True
     return False
+
+
+def _scaled_down(probe: _Prober) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The probe's inputs with their hidden states scaled down by 2**-4 and 2**-8 (exactly, in any binary float
+    type), then random ones of the smaller one's mean and spread: less peaked scores, where every token of the
+    inputs (one token alone, a sink whose hidden state is huge) and every random one of their spread is peaked."""
+    found = _first_floating((probe.args, probe.kwargs))
+    if found is None:
+        return
+    path, x = found
+    for scale in (2.0**-4, 2.0**-8):
+        scaled = _replaced((probe.args, probe.kwargs), path, x.detach() * scale)
+        yield scaled
+    yield from _other_inputs(*scaled)
 
 
 def _check_elsewhere(name: str, probe: _Prober, ev: Evidence, what: str) -> None:

@@ -1813,26 +1813,37 @@ class MinimumWeightBlock(LinearGateBlock):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("tokens", [1, T], ids=["alone", "batch"])
-def test_a_peaked_token_whose_last_slot_rounds_away_in_bf16_is_captured_and_forced(tokens: int) -> None:
+@pytest.mark.parametrize(
+    ("tokens", "scale"), [(1, 100.0), (1, 1000.0), (T, 100.0)], ids=["alone", "alone-1000", "batch"]
+)
+def test_a_peaked_token_whose_last_slot_rounds_away_in_bf16_is_captured_and_forced(tokens: int, scale: float) -> None:
     """Once refused as "slot 2 ... does not reach the output" (or "reaches the output, but ... only its first 1
-    do"): a token whose scores are very peaked weighs its second expert under bf16 rounding, so moving that expert
-    changed nothing representable on it, alone, and it was taken for a slot the forward drops. A slot counts as
-    reaching the output where moving it changes the output on other inputs of the same shape too."""
+    do"), or silent: a token whose scores are very peaked weighs its second expert under bf16 rounding, so moving
+    that expert changed nothing representable on it, alone, and it was taken for a slot the forward drops. A first
+    forward of that token alone (a prompt of one token, a sink 1000 times as large as the others) established
+    k=1 where every random token of its spread was as peaked, and later forwards recorded one of the two experts
+    their tokens used, with no error. A slot counts as reaching the output where moving it changes the output on
+    other inputs of the same shape too (the other tokens, random ones, the inputs scaled down)."""
     model = TwoLayers(LinearGateBlock).to(torch.bfloat16)
-    x = _peaked_inputs(tokens)
+    x = _peaked_inputs(tokens, scale)
     with torch.no_grad():
         w = model.layers[0].gate(x[:1]).float().softmax(-1).topk(2).values[0]
     assert w[1] < 2**-9 * w[0]  # (the premise: the first token's second weight is under bf16 rounding of the first)
+    later = torch.randn(4, D, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     spy = ExpertSpy(model)
     try:
         with mr.attach(model) as session, torch.no_grad():
             with session.capture():
-                out = model(x)
-            routes = session.routes()
+                model(x)
+                used = [spy.experts_of(b) for b in range(2)]
+                model(later)
+                used = [torch.cat([u, spy.experts_of(b)]) for b, u in enumerate(used)]
             assert [s.top_k for s in session.sites] == [2, 2]
             for b, name in enumerate(session.names):
-                assert torch.equal(as_sets(routes.layer(name)), spy.experts_of(b))
+                assert torch.equal(as_sets(session.routes().layer(name)), used[b]), f"capture of {name}"
+            with session.capture():
+                out = model(x)
+            routes = session.routes()
             with session.replay(routes):
                 assert torch.equal(model(x), out)
             perturb(model)
