@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["code_settings", "flag_buffers"]
+__all__ = ["code_settings", "flag_buffers", "written"]
 
 #: the plain values that are compared as settings (:func:`is_setting`: members of an ``enum`` too)
 _PLAIN = frozenset((int, float, str, bool, type(None)))
@@ -83,8 +83,9 @@ _Step = tuple[str, Any]
 #: a chain read from a root: ``("self", None, name)`` the module itself, ``("global", space, name)``,
 #: ``("cell", cells, name)``, ``("defaults", fn, "")`` a function's default arguments; then its steps
 _Chain = tuple[str, Any, str, tuple[_Step, ...]]
-#: per class, per forward function: the reads and the chains found in its code
-_CACHE: weakref.WeakKeyDictionary[type, dict[Any, tuple[tuple[_Read, ...], tuple[_Chain, ...]]]] = (
+#: per class, per forward function: the reads and the chains found in its code, and the attributes it assigns on the
+#: module (``self._step += 1``)
+_CACHE: weakref.WeakKeyDictionary[type, dict[Any, tuple[tuple[_Read, ...], tuple[_Chain, ...], frozenset[str]]]] = (
     weakref.WeakKeyDictionary()
 )
 _MISSING = object()
@@ -110,21 +111,11 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
     """The plain values (``int``, ``float``, ``str``, ``bool``, ``None``) the code of ``module``'s forward
     reads outside the module's own attributes, by name: globals, class attributes, closure cells, and
     its 0-d boolean and integer buffers. ``forward`` is the function it runs, where it is not its class's."""
-    cls = type(module)
-    fn = _function(forward) if forward is not None else _function(getattr(cls, "forward", None))
     out: dict[str, Any] = {}
-    if fn is not None:
-        per_class = _CACHE.setdefault(cls, {})
-        cached = per_class.get(fn)
-        if cached is None:
-            found: list[_Read] = []
-            chains: list[_Chain] = []
-            _walk(fn, cls, 0, set(), found, chains)
-            cached = per_class[fn] = (
-                tuple({read[0]: read for read in found}.values()),
-                tuple({(c[0], id(c[1]), c[2], c[3]): c for c in chains}.values()),
-            )
-        reads, chained = cached
+    cached = _read_code(module, forward)
+    if cached is not None:
+        cls = type(module)
+        reads, chained, _ = cached
         instance = vars(module)
         for key, where, name in reads:
             if where is None:  # a class attribute read through self: the instance's own comes first
@@ -139,6 +130,35 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
             _read_chain(module, chain, out)
     out.update(flag_buffers(module))
     return out
+
+
+def written(module: nn.Module, forward: Any = None) -> frozenset[str]:
+    """The attributes the code of ``module``'s forward assigns on the module itself (``self._step += 1``,
+    ``self._warned = True``, a cache filled on first use): its state, which the forward changes itself, not a
+    setting someone else changes. Read from the code as :func:`code_settings` reads it; nothing runs."""
+    cached = _read_code(module, forward)
+    return frozenset() if cached is None else cached[2]
+
+
+def _read_code(module: nn.Module, forward: Any) -> tuple[tuple[_Read, ...], tuple[_Chain, ...], frozenset[str]] | None:
+    """What the code of ``module``'s forward reads and assigns (worked out once per class and forward), or None."""
+    cls = type(module)
+    fn = _function(forward) if forward is not None else _function(getattr(cls, "forward", None))
+    if fn is None:
+        return None
+    per_class = _CACHE.setdefault(cls, {})
+    cached = per_class.get(fn)
+    if cached is None:
+        found: list[_Read] = []
+        chains: list[_Chain] = []
+        stores: set[str] = set()
+        _walk(fn, cls, 0, set(), found, chains, stores)
+        cached = per_class[fn] = (
+            tuple({read[0]: read for read in found}.values()),
+            tuple({(c[0], id(c[1]), c[2], c[3]): c for c in chains}.values()),
+            frozenset(stores),
+        )
+    return cached
 
 
 def flag_buffers(module: nn.Module) -> dict[str, Any]:
@@ -173,10 +193,16 @@ def _function(fn: Any) -> types.FunctionType | None:
 
 
 def _walk(
-    fn: types.FunctionType, cls: type | None, depth: int, seen: set[Any], out: list[_Read], chains: list[_Chain]
+    fn: types.FunctionType,
+    cls: type | None,
+    depth: int,
+    seen: set[Any],
+    out: list[_Read],
+    chains: list[_Chain],
+    stores: set[str],
 ) -> None:
-    """Collect the reads of ``fn``'s code into ``out`` and the chains it reads into ``chains``; follow the functions
-    and methods it names."""
+    """Collect the reads of ``fn``'s code into ``out``, the chains it reads into ``chains`` and the attributes it
+    assigns on the module into ``stores``; follow the functions and methods it names."""
     code = fn.__code__
     if code in seen:
         return
@@ -195,6 +221,8 @@ def _walk(
         names.update(c.co_names)
         names.update(c.co_freevars)
         stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+        if me is not None and c is code:
+            stores.update(_stores_in(c, me))
         for kind, name, steps in _chains_in(c, me):
             if any(how == "()" and key for how, key in steps) and not (
                 kind == "global" and _getenv(space.get(name, _MISSING), steps)
@@ -231,7 +259,7 @@ def _walk(
     for value, owner in follow:
         inner = _function(value) if isinstance(value, types.FunctionType | staticmethod | classmethod) else None
         if inner is not None and not _skipped(inner):
-            _walk(inner, owner, depth + 1, seen, out, chains)
+            _walk(inner, owner, depth + 1, seen, out, chains, stores)
 
 
 #: instructions a chain passes over (no value of its own: caches, a call's preparation)
@@ -294,6 +322,29 @@ def _chains_in(code: types.CodeType, me: str | None) -> list[tuple[str, str, tup
         elif op in ("LOAD_GLOBAL", "LOAD_NAME"):
             kind, name, steps, method = "global", ins.argval, [], False
     end()
+    return out
+
+
+def _stores_in(code: types.CodeType, me: str) -> set[str]:
+    """The attributes ``code`` assigns on the module (``me``, its first argument): ``self.x = v`` (the module loaded
+    just before the store) and ``self.x += v`` (loaded, copied and read, then stored under the same name)."""
+    import dis
+
+    out: set[str] = set()
+    prev: list[tuple[str, Any]] = []  # the instructions before, past those with no value of their own
+    augmented: set[str] = set()
+    for ins in dis.get_instructions(code):
+        op = ins.opname
+        if op in _PASS:
+            continue
+        if op == "STORE_ATTR" and (
+            (prev and prev[-1][0] == "me") or (ins.argval in augmented and prev and prev[-1][0] == "SWAP")
+        ):
+            out.add(ins.argval)
+        if op == "LOAD_ATTR" and len(prev) >= 2 and prev[-2][0] == "me" and prev[-1][0] == "COPY":
+            augmented.add(ins.argval)
+        local = ins.argval[-1] if op.startswith("LOAD_FAST") and isinstance(ins.argval, tuple) else ins.argval
+        prev = [*prev[-1:], ("me" if op.startswith("LOAD_FAST") and local == me else op, ins.argval)]
     return out
 
 

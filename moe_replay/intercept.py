@@ -47,7 +47,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
-from ._code_settings import code_settings, comparable, flag_buffers, is_setting
+from ._code_settings import code_settings, comparable, flag_buffers, is_setting, written
 from ._output_guard import OutputGuard, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
@@ -535,8 +535,11 @@ class RouterHook:
         mode, before = pending
         now = _fingerprint(self.scope)
         self._own.update(k for k in before.keys() | now.keys() if before.get(k, _ABSENT) != now.get(k, _ABSENT))
-        # state of its own modules (a step count), which the runs that check its decision put back after each
-        self._restless = self._restless or not self._own.isdisjoint(_fingerprint(self.scope, code=False))
+        # what its code assigns on its modules (a flag set once a warning is given, a cache filled on first use):
+        # state it changes itself, whether or not that forward did
+        self._own.update(_written(self.scope))
+        # state of its own modules (a step count, private too), which the runs that check its decision put back
+        self._restless = self._restless or not self._own.isdisjoint(_module_state(self.scope))
         if mode in self.evidence:
             self._settled[mode] = {k: v for k, v in before.items() if k not in self._own}
 
@@ -1771,6 +1774,27 @@ def _fingerprint(
             for k, v in read.items()
         )
     return out
+
+
+def _scope_modules(scope: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The scope and its children outside containers, with the prefixes of their keys in :func:`_fingerprint`."""
+    return [("", scope)] + [
+        (f"{name}.", m) for name, m in scope._modules.items() if m is not None and not isinstance(m, _CONTAINERS)
+    ]
+
+
+def _written(scope: nn.Module) -> set[str]:
+    """The keys of :func:`_fingerprint` that the code of the scope's modules assigns on them (``self._step += 1``):
+    their state, not settings (see :func:`moe_replay._code_settings.written`)."""
+    return {prefix + k for prefix, m in _scope_modules(scope) for k in written(m, m.__dict__.get("forward"))}
+
+
+def _module_state(scope: nn.Module) -> set[str]:
+    """The keys of :func:`_fingerprint` that are attributes of the scope's modules, private ones too, and their 0-d
+    flag buffers: what the runs that establish or check a decision put back after each run."""
+    keys = set(_fingerprint(scope, code=False))
+    keys.update(prefix + k for prefix, m in _scope_modules(scope) for k in vars(m) if k.startswith("_"))
+    return keys
 
 
 def _config_like(v: Any) -> bool:

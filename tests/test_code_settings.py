@@ -570,3 +570,70 @@ def test_a_flag_the_calling_block_passes_as_an_argument_switched_between_blocks_
             layer.use_bias = True
 
     _switch_and_check(model, switch)
+
+
+class WarnOnceRouter(_Router):
+    """Warns once, at its third forward (a capacity overflow, say): the flag it sets is its state, not a setting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._step = 0
+        self._warned = False
+        self._capacity: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._step += 1
+        if self._step == 3 and not self._warned:
+            self._warned = True
+        if self._capacity is None and self._step > 2:  # (a cache filled once, later than the first forward)
+            self._capacity = 2 * x.shape[0]
+        return self.pick(self.scores(x), False)
+
+
+def test_an_attribute_the_routers_own_code_assigns_later_than_its_first_forward_is_not_refused() -> None:
+    """Once refused: a flag the router's forward sets once (a warning given, a cache filled), at a forward after the
+    one that followed the establishment, read as a setting changed inside the block. What its code assigns on itself
+    is its state."""
+    model = ev.TwoLayers(lambda: DenseBlock(WarnOnceRouter()))
+    x = torch.randn(ev.T, ev.D)
+    spy = ev.ExpertSpy(model)
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            for _ in range(3):
+                with session.capture():
+                    model(x)
+                    model(x)
+                assert _dispatched_as_recorded(model, session, spy)
+        assert all(layer.router._warned and layer.router._capacity == 2 * ev.T for layer in model.layers)
+    finally:
+        spy.remove()
+
+
+class PrivateWarmupRouter(_Router):
+    """Its biased top-k dispatches once a private step count passes a warm-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._step = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._step += 1
+        return self.pick(self.scores(x), self._step > 3)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_private_step_count_that_picks_which_call_dispatches_is_checked_at_every_forward() -> None:
+    """Once silent: a warm-up read from a private step count (``self._step``) was not the modules' own state to the
+    check at every forward (only public attributes were), so the decision established before the warm-up was kept
+    after it, and the capture recorded the plain top-k while the biased one dispatched."""
+    model = ev.TwoLayers(lambda: DenseBlock(PrivateWarmupRouter()))
+    x = torch.randn(ev.T, ev.D)
+    spy = ev.ExpertSpy(model)
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            for _ in range(5):
+                with session.capture():
+                    model(x)
+                assert _dispatched_as_recorded(model, session, spy)
+    finally:
+        spy.remove()
