@@ -133,9 +133,10 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
 
 
 def written(module: nn.Module, forward: Any = None) -> frozenset[str]:
-    """The attributes the code of ``module``'s forward assigns on the module itself (``self._step += 1``,
-    ``self._warned = True``, a cache filled on first use): its state, which the forward changes itself, not a
-    setting someone else changes. Read from the code as :func:`code_settings` reads it; nothing runs."""
+    """What the code of ``module``'s forward assigns, named as :func:`code_settings` names it: attributes of the
+    module itself (``self._step += 1``, ``self._warned = True``, a cache filled on first use: ``"self._warned"``)
+    and module-level globals (``global _WARNED; _WARNED = True``: ``"mymodule._WARNED"``). Its state, which the
+    forward changes itself, not a setting someone else changes. Read from the code; nothing runs."""
     cached = _read_code(module, forward)
     return frozenset() if cached is None else cached[2]
 
@@ -222,7 +223,8 @@ def _walk(
         names.update(c.co_freevars)
         stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
         if me is not None and c is code:
-            stores.update(_stores_in(c, me))
+            stores.update(f"self.{name}" for name in _stores_in(c, me))
+        stores.update(f"{where}.{i.argval}" for i in _instructions(c) if i.opname == "STORE_GLOBAL")
         for kind, name, steps in _chains_in(c, me):
             if any(how == "()" and key for how, key in steps) and not (
                 kind == "global" and _getenv(space.get(name, _MISSING), steps)
@@ -323,6 +325,13 @@ def _chains_in(code: types.CodeType, me: str | None) -> list[tuple[str, str, tup
             kind, name, steps, method = "global", ins.argval, [], False
     end()
     return out
+
+
+def _instructions(code: types.CodeType) -> list[Any]:
+    """The instructions of ``code`` (``dis``'s)."""
+    import dis
+
+    return list(dis.get_instructions(code))
 
 
 def _stores_in(code: types.CodeType, me: str) -> set[str]:

@@ -1784,9 +1784,13 @@ def _scope_modules(scope: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _written(scope: nn.Module) -> set[str]:
-    """The keys of :func:`_fingerprint` that the code of the scope's modules assigns on them (``self._step += 1``):
-    their state, not settings (see :func:`moe_replay._code_settings.written`)."""
-    return {prefix + k for prefix, m in _scope_modules(scope) for k in written(m, m.__dict__.get("forward"))}
+    """The keys of :func:`_fingerprint` that the code of the scope's modules assigns (``self._step += 1``, a global
+    set once a warning is given): their state, not settings (see :func:`moe_replay._code_settings.written`)."""
+    return {
+        prefix + k[5:] if k.startswith("self.") else k
+        for prefix, m in _scope_modules(scope)
+        for k in written(m, m.__dict__.get("forward"))
+    }
 
 
 def _module_state(scope: nn.Module) -> set[str]:

@@ -30,6 +30,7 @@ HELPER_BIAS = False  # read by _pick, a module-level helper
 SETTINGS = types.ModuleType("routing_settings")  # read by NamespaceFlagRouter as SETTINGS.use_bias
 SETTINGS.use_bias = False
 CALLS = 0  # counted by CountingRouter itself
+WARNED = False  # set once by GlobalWarnOnceRouter itself
 
 
 class _Router(nn.Module):
@@ -160,9 +161,9 @@ def _flagged(kind: str) -> tuple[nn.Module, Callable[[], None]]:
 
 @pytest.fixture(autouse=True)
 def _flags_off() -> Iterator[None]:
-    global USE_BIAS, HELPER_BIAS
+    global USE_BIAS, HELPER_BIAS, WARNED
     yield
-    USE_BIAS = HELPER_BIAS = False
+    USE_BIAS = HELPER_BIAS = WARNED = False
     SETTINGS.use_bias = False
     ClassFlagRouter.use_bias = False
 
@@ -635,5 +636,33 @@ def test_a_private_step_count_that_picks_which_call_dispatches_is_checked_at_eve
                 with session.capture():
                     model(x)
                 assert _dispatched_as_recorded(model, session, spy)
+    finally:
+        spy.remove()
+
+
+class GlobalWarnOnceRouter(_Router):
+    """Warns once per process of an all-zero token, remembered in a module-level flag (``global WARNED``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global WARNED
+        if not WARNED and bool((x == 0).all(-1).any()):
+            WARNED = True
+        return self.pick(self.scores(x), False)
+
+
+def test_a_global_the_routers_own_code_assigns_later_than_its_first_forward_is_not_refused() -> None:
+    """Once refused: a warn-once flag kept in a global the forward assigns (``global WARNED; WARNED = True``), set in
+    a later block than the one that established the decision, read as a setting changed inside that block."""
+    model = ev.TwoLayers(lambda: DenseBlock(GlobalWarnOnceRouter()))
+    x = torch.randn(ev.T, ev.D)
+    spy = ev.ExpertSpy(model)
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            for block in range(3):
+                with session.capture():
+                    model(x.index_fill(0, torch.tensor([0]), 0.0) if block == 1 else x)  # (a zero token: it warns)
+                    model(x)
+                assert _dispatched_as_recorded(model, session, spy)
+        assert WARNED
     finally:
         spy.remove()
