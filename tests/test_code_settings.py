@@ -31,6 +31,7 @@ SETTINGS = types.ModuleType("routing_settings")  # read by NamespaceFlagRouter a
 SETTINGS.use_bias = False
 CALLS = 0  # counted by CountingRouter itself
 WARNED = False  # set once by GlobalWarnOnceRouter itself
+WARNED_OF: dict[str, bool] = {}  # set once per kind of warning by DictWarnOnceRouter itself
 
 
 class _Router(nn.Module):
@@ -164,6 +165,7 @@ def _flags_off() -> Iterator[None]:
     global USE_BIAS, HELPER_BIAS, WARNED
     yield
     USE_BIAS = HELPER_BIAS = WARNED = False
+    WARNED_OF.clear()
     SETTINGS.use_bias = False
     ClassFlagRouter.use_bias = False
 
@@ -666,3 +668,30 @@ def test_a_global_the_routers_own_code_assigns_later_than_its_first_forward_is_n
         assert WARNED
     finally:
         spy.remove()
+
+
+class DictWarnOnceRouter(_Router):
+    """Warns once per kind of warning, remembered in a module-level dict (``WARNED_OF["zero"] = True``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not WARNED_OF.get("zero") and bool((x == 0).all(-1).any()):
+            WARNED_OF["zero"] = True
+        return self.pick(self.scores(x), False)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an entry the router's own code stores in a module-level dict (WARNED_OF['zero'] = True, a warn-once "
+    "registry) is read as a setting (the chain WARNED_OF.get('zero')): set inside a later block it is refused as the "
+    "model changed inside the block; only attributes of the module and globals the code assigns are its state",
+)
+def test_an_entry_the_routers_own_code_stores_in_a_global_dict_is_not_refused() -> None:
+    """A false refusal, not a silent one: the block that sets the entry is refused."""
+    model = ev.TwoLayers(lambda: DenseBlock(DictWarnOnceRouter()))
+    x = torch.randn(ev.T, ev.D)
+    with mr.attach(model) as session, torch.no_grad():
+        for block in range(3):
+            with session.capture():
+                model(x.index_fill(0, torch.tensor([0]), 0.0) if block == 1 else x)
+                model(x)
+    assert WARNED_OF == {"zero": True}
