@@ -245,6 +245,56 @@ def check_exact(values: np.ndarray, converted: np.ndarray | torch.Tensor, what: 
         )
 
 
+def _wrapped_missing(dtype: Any, num_experts: int, k: int) -> int | None:
+    """The value an unrecorded row (-1) takes once cast to ``dtype``, where it is also an expert of a top-1 router.
+
+    An unsigned dtype of ``b`` bits holds no -1: cast to it, -1 reads ``2**b - 1``. For a router of
+    ``2**b`` experts (uint8 and 256, uint16 and 65536) choosing one expert per token, that value is
+    also its last expert, so a row holding it cannot be told from a row routed natively (for k > 1
+    a wrapped row repeats an expert and is refused as such). None where no such value exists.
+    """
+    try:
+        dt = np.dtype(dtype) if not isinstance(dtype, torch.dtype) else np.dtype(str(dtype).removeprefix("torch."))
+    except TypeError:
+        return None
+    if dt.kind != "u" or k != 1 or dt.itemsize > 2 or num_experts != 1 << (8 * dt.itemsize):
+        return None
+    return num_experts - 1
+
+
+def _ambiguous_rows(name: str, num_experts: int, dtype: Any, value: int, writing: bool) -> RoutesValidationError:
+    """The error for rows of ``dtype`` holding ``value``, which is expert ``value`` and a wrapped -1 alike."""
+    kind = np.dtype(dtype).name if not isinstance(dtype, torch.dtype) else str(dtype).removeprefix("torch.")
+    signed = "int16" if value < 2**15 else "int32"  # (the narrowest that holds the expert and -1)
+    fix = (
+        f"to_numpy({kind}) would write an array that no reader can take back (Routes.from_numpy refuses it): "
+        f"pick a signed dtype (np.{signed} holds every expert and -1)"
+        if writing
+        else "Pass the rows in a signed dtype: with -1 for unrecorded rows (cast before they wrapped), or, where "
+        f"{value} is the expert, array.astype(np.{signed}) (tensor.long())"
+    )
+    return RoutesValidationError(
+        f"the {kind} routes hold {value} for router '{name}' of {num_experts} experts and one expert per token: "
+        f"{kind} holds no -1, and an unrecorded row cast to {kind} outside moe_replay reads {value} too, so "
+        f"expert {value} and a row routed natively cannot be told apart. {fix}"
+    )
+
+
+def _check_no_wrapped_missing(
+    rows: Any, num_experts: int, name: str, came_as: Any = None, *, writing: bool = False
+) -> None:
+    """Refuse one router's rows (given in ``came_as``, else their own dtype) holding a wrapped -1 (see
+    :func:`_wrapped_missing`); ``writing``: they are :meth:`Routes.to_numpy`'s output."""
+    dtype = came_as if came_as is not None else rows.dtype
+    k = int(rows.shape[1]) if rows.ndim == 2 else 0
+    value = _wrapped_missing(dtype, num_experts, k)
+    if value is None or not (rows.numel() if isinstance(rows, torch.Tensor) else rows.size):
+        return
+    host = rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+    if bool((host == value).any()):
+        raise _ambiguous_rows(name, num_experts, dtype, value, writing)
+
+
 class Routes:
     """Routing decisions of T tokens through L routers.
 
@@ -319,6 +369,7 @@ class Routes:
                 raise RoutesValidationError(f"router '{name}': rows on the meta device hold no values")
             # dtype and range are always checked: the storage dtype is narrower than int64
             validate_rows(rows, e, None, name, rows_too=validate)
+            _check_no_wrapped_missing(rows, e, name)
             if rows.dtype in _WIDE_UNSIGNED:
                 rows = _exact_int64(rows, e, name)
             data.append(rows.detach().to("cpu", _storage_dtype(e), copy=True).contiguous())  # never the caller's
@@ -496,6 +547,9 @@ class Routes:
             return arr.copy()
         out = arr.astype(dtype)
         check_exact(arr, out, f"to_numpy({np.dtype(dtype).name})")
+        for i, (name, e) in enumerate(zip(self._names, self._experts, strict=True)):
+            # exact, yet no reader could tell its last expert from a -1 cast the same way: from_numpy refuses it
+            _check_no_wrapped_missing(out[:, i], e, name, writing=True)
         return out
 
     @classmethod
@@ -515,32 +569,11 @@ class Routes:
             raise RoutesValidationError(f"expected a [tokens, layers, k] array, got shape {array.shape}")
         if array.shape[1] != len(names):
             raise RoutesValidationError(f"array has {array.shape[1]} layers but {len(names)} names were given")
-        if array.dtype == np.uint8 and array.shape[2] == 1 and array.size:
-            counts = (
-                [num_experts] * len(names)
-                if isinstance(num_experts, int | np.integer)
-                else list(num_experts)
-                if isinstance(num_experts, list | tuple)
-                else []  # (refused below as no expert count)
-            )
-            hit = next(
-                (
-                    n
-                    for i, (n, e) in enumerate(zip(names, counts, strict=False))
-                    if e == 256 and (array[:, i] == 255).any()
-                ),
-                None,
-            )
-            if hit is not None:
-                raise RoutesValidationError(
-                    f"the uint8 routes array holds 255 for router '{hit}' of 256 experts and one expert per token: "
-                    "uint8 holds no -1, and an unrecorded row cast to uint8 outside moe_replay reads 255 too, so "
-                    "expert 255 and a row routed natively cannot be told apart. Pass the rows in a signed dtype: "
-                    "with -1 for unrecorded rows (cast before they wrapped), or, where 255 is the expert, "
-                    "array.astype(np.int16)"
-                )
         t = torch.from_numpy(array.astype(np.int64, copy=False))  # uint64 past int64 was refused above
-        return cls([t[:, i] for i in range(array.shape[1])], names=names, num_experts=num_experts)
+        out = cls([t[:, i] for i in range(array.shape[1])], names=names, num_experts=num_experts)
+        for i, (name, e) in enumerate(zip(out.names, out.experts_per_layer, strict=True)):  # (the dtype they came in)
+            _check_no_wrapped_missing(array[:, i], e, name, array.dtype)
+        return out
 
     # ------------------------------------------------------------------ slicing
     def __getitem__(self, index: TokenIndex) -> Routes:

@@ -829,3 +829,32 @@ def test_a_uint8_top_1_array_of_256_experts_holding_255_is_refused_as_ambiguous(
         "r"
     ).flatten().tolist() == [3, 255]
     assert mr.Routes.from_numpy(wrapped, names=["r"], num_experts=257).layer("r").flatten().tolist() == [3, 255]
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_wrapped_missing_row_is_refused_however_the_rows_come_in() -> None:
+    """Once silent: only Routes.from_numpy (with the expert counts as an int, list or tuple) refused a uint8 top-1
+    array of 256 experts holding 255. Routes([...]) given the same rows as uint8 tensors or arrays (routes.indices
+    cast to uint8 for transport, then split per router) read a -1 row wrapped to 255 as expert 255, and from_numpy
+    with the counts as an array did too; and to_numpy(np.uint8) wrote such an array, which from_numpy then refused."""
+    names = ["model.layers.0.mlp.gate"]
+    wrapped = torch.tensor([[3], [-1]]).to(torch.uint8)  # [[3], [255]]: the unrecorded row of token 1
+    for rows in (wrapped, wrapped.numpy()):
+        with pytest.raises(mr.RoutesValidationError, match="expert 255 and a row routed natively cannot be told apart"):
+            mr.Routes([rows], names=names, num_experts=256)
+    with pytest.raises(mr.RoutesValidationError, match="expert 255 and a row routed natively"):
+        mr.Routes.from_numpy(wrapped.numpy()[:, None], names=names, num_experts=np.array([256]))
+    if hasattr(torch, "uint16"):
+        with pytest.raises(mr.RoutesValidationError, match=r"expert 65535 .*np\.int32"):
+            mr.Routes([torch.tensor([[65535]], dtype=torch.uint16)], names=names, num_experts=65536)
+    real = mr.Routes([torch.tensor([[3], [255]])], names=names, num_experts=256)  # 255 is the expert here
+    with pytest.raises(mr.RoutesValidationError, match=r"to_numpy\(uint8\) would write .*np\.int16"):
+        real.to_numpy(np.uint8)
+    assert mr.Routes.from_numpy(real.to_numpy(np.int16), names=names, num_experts=256).equal(real)
+    # nothing else is refused: k > 1 (a wrapped row repeats an expert), other expert counts, signed rows
+    assert mr.Routes([torch.tensor([[255, 3]]).to(torch.uint8)], names=names, num_experts=256).num_tokens == 1
+    assert mr.Routes([wrapped], names=names, num_experts=257).layer(names[0]).flatten().tolist() == [3, 255]
+    assert mr.Routes([torch.tensor([[3], [-1]])], names=names, num_experts=256).missing.flatten().tolist() == [
+        False,
+        True,
+    ]
