@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from .._checks import check_count, is_collection, is_integer
 from ..errors import ArgumentTypeError, InvalidArgumentError, RoutesValidationError, UnsupportedRouterError
 from ..routes import Routes
 from ._common import as_array, check_routed_rows, columns, cut_last, make_routes, ordered, to_array, with_last
-from .layer_map import LayerMap, check_map
+from .layer_map import LAYER_PATTERN, LayerMap, check_map
 
 __all__ = [
     "check_megatron_config",
@@ -38,6 +39,32 @@ __all__ = [
     "to_megatron",
     "to_megatron_inference",
 ]
+
+
+def _check_layer_order(names: Sequence[str], fix: str) -> None:
+    """Refuse router names that say their hidden layers and are not in layer order.
+
+    Megatron's ``set_replay_data`` gives the list's tensors to its routers in the order they were
+    built, which is layer order; a list in another order (names sorted as text put
+    ``layers.10`` before ``layers.2``) would give each router another layer's routes. Names are
+    compared where their text before the layer number is the same (``decoder.layers.<i>`` among
+    themselves, MTP's ``mtp.layers.<i>`` after them); names without a layer number say nothing.
+    """
+    rx = re.compile(LAYER_PATTERN)
+    last: dict[str, tuple[int, str]] = {}
+    for nm in names:
+        m = rx.search(nm)
+        if m is None:
+            continue
+        stack, layer = nm[: m.start(1)], int(m.group(1))
+        seen = last.get(stack)
+        if seen is not None and layer <= seen[0]:
+            raise RoutesValidationError(
+                f"router '{seen[1]}' (layer {seen[0]}) comes before '{nm}' (layer {layer}), but Megatron gives the "
+                "list's tensors to its routers in the order they were built, layer order: each router would get "
+                f"another layer's routes. {fix}"
+            )
+        last[stack] = (layer, nm)
 
 
 def _seq_first(n: int, batch_size: Any) -> torch.Tensor:
@@ -86,6 +113,9 @@ def to_megatron(
         pairs = sorted(((i, nm, t) for i, nm, t in placed if t is not None), key=lambda x: x[0])
         order, tensors = [nm for _, nm, _ in pairs], [t for _, _, t in pairs]
     else:
+        _check_layer_order(
+            routes.names, "Pass layer_map= (it orders the routers by hidden layer), or reorder with routes.select()"
+        )
         tensors = list(routes.per_layer())
         order = list(routes.names)
     out = []
@@ -132,6 +162,8 @@ def from_megatron(
     if not is_collection(names):
         raise ArgumentTypeError(f"from_megatron: names must be the router names in layer order, got {names!r:.60}")
     names = list(names)
+    if all(isinstance(n, str) for n in names):  # (other kinds are refused by Routes below)
+        _check_layer_order(names, "Pass names in the order of Megatron's list (get_recorded_data()), layer order")
     tensors = [
         torch.from_numpy(np.ascontiguousarray(as_array(t, f"Megatron layer {i}"))) for i, t in enumerate(tensors)
     ]

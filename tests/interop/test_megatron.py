@@ -104,3 +104,32 @@ def test_a_negative_index_in_megatrons_list_is_refused_unless_native() -> None:
             interop.from_megatron([torch.tensor(bad)], ["gate"], 4, missing="native")
     with pytest.raises(mr.RoutesValidationError, match="missing must be"):
         interop.from_megatron([rows], ["gate"], 4, missing="skip")
+
+
+@pytest.mark.reliability("bad inputs")
+def test_routers_out_of_layer_order_are_refused_not_given_other_layers_routes() -> None:
+    """Once silent: Megatron gives set_replay_data's tensors to its routers in the order they were built (layer
+    order, ``router_replay.py:29-42``). Routes whose routers were sorted as text (a dict written with sorted keys:
+    ``layers.10`` before ``layers.2``) went out in that order without a layer_map, and from_megatron named a list
+    with such names: each router got another layer's routes. Both are refused; layer_map= orders them."""
+    layers = (1, 10, 11, 2)  # sorted(f"...layers.{i}...") of layers 1, 2, 10, 11
+    names = [f"decoder.layers.{i}.mlp.router" for i in layers]
+    rows = {i: torch.tensor([[i % 8, (i + 1) % 8], [(i + 3) % 8, (i + 5) % 8]]) for i in layers}
+    routes = mr.Routes([rows[i] for i in layers], names=names, num_experts=8)
+    with pytest.raises(
+        mr.RoutesValidationError, match=r"layers\.11.*\(layer 11\) comes before .*layers\.2.*layer_map="
+    ):
+        interop.to_megatron(routes)
+    ordered = interop.to_megatron(routes, layer_map=mr.LayerMap.from_routes(routes, num_layers=12))
+    assert [t.tolist() for t in ordered] == [rows[i].tolist() for i in sorted(layers)]
+    with pytest.raises(mr.RoutesValidationError, match=r"comes before .*Pass names in the order of Megatron's list"):
+        interop.from_megatron(ordered, names, 8)
+    back = interop.from_megatron(ordered, sorted(names, key=lambda n: int(n.split(".")[2])), 8)
+    assert back.select(names).equal(routes)
+    # names in layer order per stack (MTP's own numbering after the decoder's) and names without a layer pass
+    mtp = mr.Routes(
+        [rows[1], rows[2], rows[1], rows[2]],
+        names=["decoder.layers.1.mlp.router", "decoder.layers.2.mlp.router", "mtp.layers.0.mlp.router", "gate"],
+        num_experts=8,
+    )
+    assert len(interop.to_megatron(mtp)) == 4
