@@ -98,7 +98,7 @@ def to_megatron(
 
     Args:
         layer_map: order routers by hidden layer and leave out MTP routers (default: the
-            order of ``routes``).
+            order of ``routes``, refused where their names say layers out of order).
         fill: Megatron gathers every forced index and has no "route natively" row; -1 rows
             are refused unless ``fill`` is given: they are then written as experts
             ``fill, fill + 1, ..., fill + k - 1``.
@@ -147,7 +147,8 @@ def from_megatron(
 ) -> Routes:
     """Routes from Megatron's per-MoE-layer list (``RouterReplay.get_recorded_data()``).
 
-    ``names`` are this model's routers in Megatron's layer order; ``batch_size`` converts
+    ``names`` are this model's routers in Megatron's layer order (names that say layers out
+    of order are refused); ``batch_size`` converts
     sequence-first ``[S, B]`` token order back to batch-major.
 
     Megatron gathers every index and records no "route natively" row, so a negative index
