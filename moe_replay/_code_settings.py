@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import enum
 import inspect
 import os
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["code_settings", "flag_buffers", "written"]
+__all__ = ["OutsideState", "code_settings", "flag_buffers", "is_written", "written"]
 
 #: the plain values that are compared as settings (:func:`is_setting`: members of an ``enum`` too)
 _PLAIN = frozenset((int, float, str, bool, type(None)))
@@ -83,12 +84,18 @@ _Step = tuple[str, Any]
 #: a chain read from a root: ``("self", None, name)`` the module itself, ``("global", space, name)``,
 #: ``("cell", cells, name)``, ``("defaults", fn, "")`` a function's default arguments; then its steps
 _Chain = tuple[str, Any, str, tuple[_Step, ...]]
-#: per class, per forward function: the reads and the chains found in its code, and the attributes it assigns on the
-#: module (``self._step += 1``)
-_CACHE: weakref.WeakKeyDictionary[type, dict[Any, tuple[tuple[_Read, ...], tuple[_Chain, ...], frozenset[str]]]] = (
-    weakref.WeakKeyDictionary()
-)
+#: where the code changes something outside the module's own attributes, to be put back after a run that is not the
+#: forward's (see :class:`OutsideState`): ``(root kind, root holder, root name, steps to what holds it, last step)``;
+#: a rebound global or closure cell has no steps and no last step
+_Place = tuple[str, Any, str, tuple[_Step, ...], "_Step | None"]
+#: what :func:`_read_code` finds: the reads, the chains, what the code assigns (by name), where it changes things
+_Code = tuple[tuple[_Read, ...], tuple[_Chain, ...], frozenset[str], tuple[_Place, ...]]
+#: per class, per forward function: the reads and the chains found in its code, what it assigns itself (attributes of
+#: the module: ``self._step += 1``; globals; entries of a container it fills: ``_WARNED[key] = True``), and where
+_CACHE: weakref.WeakKeyDictionary[type, dict[Any, _Code]] = weakref.WeakKeyDictionary()
 _MISSING = object()
+#: an entry of a container the code changes by a key it computes (``CACHE[name] = value``, ``SEEN.add(key)``)
+_ANY = object()
 
 
 class _Cells:
@@ -115,7 +122,7 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
     cached = _read_code(module, forward)
     if cached is not None:
         cls = type(module)
-        reads, chained, _ = cached
+        reads, chained, _, _ = cached
         instance = vars(module)
         for key, where, name in reads:
             if where is None:  # a class attribute read through self: the instance's own comes first
@@ -134,14 +141,156 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
 
 def written(module: nn.Module, forward: Any = None) -> frozenset[str]:
     """What the code of ``module``'s forward assigns, named as :func:`code_settings` names it: attributes of the
-    module itself (``self._step += 1``, ``self._warned = True``, a cache filled on first use: ``"self._warned"``)
-    and module-level globals (``global _WARNED; _WARNED = True``: ``"mymodule._WARNED"``). Its state, which the
-    forward changes itself, not a setting someone else changes. Read from the code; nothing runs."""
+    module itself (``self._step += 1``, ``self._warned = True``, a cache filled on first use: ``"self._warned"``),
+    module-level globals (``global _WARNED; _WARNED = True``: ``"mymodule._WARNED"``), closure cells
+    (``nonlocal step``), attributes of a class or object it names (``Router._warned = True``,
+    ``type(self)._calls += 1``) and the entries of a container it fills (``_WARNED["zero"] = True``,
+    ``_SEEN.setdefault(key, ...)``, ``self._cache[name] = value``). Its state, which the forward changes itself, not
+    a setting someone else changes. A name that ends with ``*`` stands for every name it begins (the entries of a
+    container filled by keys the code computes); see :func:`is_written`. Read from the code; nothing runs."""
     cached = _read_code(module, forward)
     return frozenset() if cached is None else cached[2]
 
 
-def _read_code(module: nn.Module, forward: Any) -> tuple[tuple[_Read, ...], tuple[_Chain, ...], frozenset[str]] | None:
+def is_written(key: str, names: set[str] | frozenset[str]) -> bool:
+    """Is the setting ``key`` one of ``names`` (see :func:`written`): one of them, a name that ends with ``*`` that it
+    begins with, or read further into one (``CACHE['a']`` into ``CACHE['a'].size``)?"""
+    if key in names:
+        return True
+    for name in names:
+        if name.endswith("*"):
+            if key.startswith(name[:-1]):
+                return True
+        elif key.startswith(name) and key[len(name) : len(name) + 1] in (".", "[", "(", "<"):
+            return True
+    return False
+
+
+class OutsideState:
+    """What the code of some modules changes outside their own attributes (see :func:`written`), as it is now, to be
+    put back after runs that are not the model's forwards: the globals and closure cells it rebinds, the attributes
+    it sets on classes and other objects, the contents of the dicts, lists, sets and deques it fills (put back in
+    place: the code holds them). Nothing of the model's runs: values are compared by identity, containers read and
+    refilled through their builtin type's own methods."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        #: (how, where, key, value): ``"dict"`` an entry of a dict (a module's globals, an object's ``__dict__``),
+        #: ``"class"`` a class attribute, ``"cell"`` a closure cell, ``"in"`` a container's contents
+        self.saved: list[tuple[str, Any, Any, Any]] = []
+        seen: set[tuple[int, Any]] = set()
+        for m in modules:
+            cls = type(m)
+            if cls.__module__.partition(".")[0] in _NOT_FOLLOWED:  # (torch's own modules: nothing of theirs)
+                continue
+            cached = _read_code(m, m.__dict__.get("forward"))
+            for place in () if cached is None else cached[3]:
+                self._save(m, place, seen)
+
+    def __bool__(self) -> bool:
+        return bool(self.saved)
+
+    def _save(self, module: nn.Module, place: _Place, seen: set[tuple[int, Any]]) -> None:
+        kind, where, name, steps, last = place
+        if last is None:  # a rebound global or cell
+            if kind == "cell":
+                cell = where.cells.get(name)
+                if cell is not None and (id(cell), None) not in seen:
+                    seen.add((id(cell), None))
+                    self.saved.append(("cell", cell, None, where.get(name, _MISSING)))
+            elif (id(where), name) not in seen:
+                seen.add((id(where), name))
+                self.saved.append(("dict", where, name, where.get(name, _MISSING)))
+            return
+        obj: Any = module if kind == "self" else where.get(name, _MISSING)
+        if kind == "self" and steps[:1] == ((".", "__class__"),):
+            obj, steps = type(module), steps[1:]
+        for step in steps:
+            obj = _step(obj, step) if obj is not _MISSING else _MISSING
+        if obj is _MISSING or isinstance(obj, property | nn.Module):  # (a module's own attributes: the snapshot's)
+            return
+        if kind == "self" and len(steps) == 1 and last[0] == "[]" and steps[0][1] in vars(module):
+            return  # (a container the module holds: the snapshot puts back a copy of it)
+        if last[0] == "[]":
+            if isinstance(obj, dict | list | set | collections.deque) and (id(obj), None) not in seen:
+                seen.add((id(obj), None))
+                self.saved.append(("in", obj, None, _contents(obj)))
+            return
+        attr = last[1]
+        if (id(obj), attr) in seen:
+            return
+        if isinstance(obj, type):
+            seen.add((id(obj), attr))
+            self.saved.append(("class", obj, attr, _DICT_OF(obj).get(attr, _MISSING)))
+            return
+        try:
+            own = object.__getattribute__(obj, "__dict__")
+        except AttributeError:
+            return
+        if type(own) is dict:
+            seen.add((id(obj), attr))
+            self.saved.append(("dict", own, attr, own.get(attr, _MISSING)))
+
+    def restore(self) -> None:
+        """Put back what changed since it was saved."""
+        for how, where, key, value in self.saved:
+            if how == "in":
+                _refill(where, value)
+            elif how == "cell":
+                try:
+                    now = where.cell_contents
+                except ValueError:
+                    now = _MISSING
+                if now is not value:
+                    if value is _MISSING:
+                        del where.cell_contents
+                    else:
+                        where.cell_contents = value
+            elif how == "class":
+                if _DICT_OF(where).get(key, _MISSING) is not value:
+                    if value is _MISSING:
+                        type.__delattr__(where, key)
+                    else:
+                        type.__setattr__(where, key, value)
+            elif where.get(key, _MISSING) is not value:
+                if value is _MISSING:
+                    where.pop(key, None)
+                else:
+                    where[key] = value
+
+
+#: the builtin container types :class:`OutsideState` puts back, the nearest first (an OrderedDict keeps its order)
+_KINDS = (collections.OrderedDict, dict, list, set, collections.deque)
+
+
+def _contents(obj: Any) -> Any:
+    """A container's contents as its builtin type holds them (items of a dict), none of its own methods run."""
+    kind = next(k for k in _KINDS if isinstance(obj, k))
+    return kind, (list(dict.items(obj)) if issubclass(kind, dict) else list(kind.__iter__(obj)))
+
+
+def _refill(obj: Any, saved: tuple[type, list[Any]]) -> None:
+    """Put a container's contents back in place (see :func:`_contents`), where they changed."""
+    kind, items = saved
+    if issubclass(kind, dict):
+        if dict.__len__(obj) == len(items) and all(dict.get(obj, k, _MISSING) is v for k, v in items):
+            return
+        kind.clear(obj)
+        for k, v in items:
+            kind.__setitem__(obj, k, v)
+        return
+    now = list(kind.__iter__(obj))
+    if len(now) == len(items) and all(a is b for a, b in zip(now, items, strict=True)):
+        return
+    kind.clear(obj)
+    if kind is list:
+        list.extend(obj, items)
+    elif kind is set:
+        set.update(obj, items)
+    else:
+        collections.deque.extend(obj, items)
+
+
+def _read_code(module: nn.Module, forward: Any) -> _Code | None:
     """What the code of ``module``'s forward reads and assigns (worked out once per class and forward), or None."""
     cls = type(module)
     fn = _function(forward) if forward is not None else _function(getattr(cls, "forward", None))
@@ -153,11 +302,13 @@ def _read_code(module: nn.Module, forward: Any) -> tuple[tuple[_Read, ...], tupl
         found: list[_Read] = []
         chains: list[_Chain] = []
         stores: set[str] = set()
-        _walk(fn, cls, 0, set(), found, chains, stores)
+        places: list[_Place] = []
+        _walk(fn, cls, 0, set(), found, chains, stores, places)
         cached = per_class[fn] = (
             tuple({read[0]: read for read in found}.values()),
             tuple({(c[0], id(c[1]), c[2], c[3]): c for c in chains}.values()),
             frozenset(stores),
+            tuple({(p[0], id(p[1]), p[2], p[3], p[4]): p for p in places}.values()),
         )
     return cached
 
@@ -201,9 +352,11 @@ def _walk(
     out: list[_Read],
     chains: list[_Chain],
     stores: set[str],
+    places: list[_Place],
 ) -> None:
-    """Collect the reads of ``fn``'s code into ``out``, the chains it reads into ``chains`` and the attributes it
-    assigns on the module into ``stores``; follow the functions and methods it names."""
+    """Collect the reads of ``fn``'s code into ``out``, the chains it reads into ``chains``, what it assigns itself
+    into ``stores`` (named as the settings it reads are) and where into ``places``; follow the functions and methods
+    it names."""
     code = fn.__code__
     if code in seen:
         return
@@ -224,7 +377,7 @@ def _walk(
         stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
         if me is not None and c is code:
             stores.update(f"self.{name}" for name in _stores_in(c, me))
-        stores.update(f"{where}.{i.argval}" for i in _instructions(c) if i.opname == "STORE_GLOBAL")
+        _changes(fn, c, me, cls, cells if c is code else None, stores, places)
         for kind, name, steps in _chains_in(c, me):
             if any(how == "()" and key for how, key in steps) and not (
                 kind == "global" and _getenv(space.get(name, _MISSING), steps)
@@ -261,7 +414,7 @@ def _walk(
     for value, owner in follow:
         inner = _function(value) if isinstance(value, types.FunctionType | staticmethod | classmethod) else None
         if inner is not None and not _skipped(inner):
-            _walk(inner, owner, depth + 1, seen, out, chains, stores)
+            _walk(inner, owner, depth + 1, seen, out, chains, stores, places)
 
 
 #: instructions a chain passes over (no value of its own: caches, a call's preparation)
@@ -355,6 +508,197 @@ def _stores_in(code: types.CodeType, me: str) -> set[str]:
         local = ins.argval[-1] if op.startswith("LOAD_FAST") and isinstance(ins.argval, tuple) else ins.argval
         prev = [*prev[-1:], ("me" if op.startswith("LOAD_FAST") and local == me else op, ins.argval)]
     return out
+
+
+#: the methods of a dict, list, set or deque that change it in place (a warn-once registry: ``_SEEN.add(key)``)
+_MUTATORS = frozenset(
+    (
+        "setdefault", "update", "add", "append", "extend", "insert", "pop", "popitem", "clear", "discard", "remove",
+        "appendleft", "extendleft", "popleft", "move_to_end", "__setitem__", "__delitem__", "sort", "reverse",
+        "rotate", "difference_update", "intersection_update", "symmetric_difference_update",
+    )
+)  # fmt: skip
+#: instructions with no value of their own, for :func:`_changes` (which tracks the values a call leaves)
+_NO_VALUE = frozenset(("CACHE", "PRECALL", "EXTENDED_ARG", "NOP", "NOT_TAKEN", "RESUME"))
+
+
+class _Const:
+    """A constant on the stack, as :func:`_changes` follows it (a key: ``_WARNED["zero"] = True``)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+#: a value on the stack, as :func:`_changes` follows it: a chain ``(root kind, root name, steps)``, a constant, or
+#: None (anything else: what it is, is not followed)
+_Held = tuple[str, str, tuple[_Step, ...]] | _Const | None
+
+
+def _entry(obj: _Held, key: _Held) -> _Held:
+    """The chain of ``obj[key]``: by a constant key, or any entry (a key the code computes)."""
+    if not isinstance(obj, tuple):
+        return None
+    k = key.value if isinstance(key, _Const) and _is_key(key.value) else _ANY
+    return (obj[0], obj[1], (*obj[2], ("[]", k)))
+
+
+def _changes(
+    fn: types.FunctionType,
+    code: types.CodeType,
+    me: str | None,
+    cls: type | None,
+    cells: _Cells | None,
+    stores: set[str],
+    places: list[_Place],
+) -> None:
+    """What ``code`` (of ``fn``, or defined in it) changes outside the module's own attributes, into ``stores`` by the
+    names its reads have (see :func:`written`) and into ``places`` where: globals and closure cells it rebinds
+    (``global _STEP; _STEP += 1``, ``nonlocal step``), attributes it sets on a chain (``Router._warned = True``,
+    ``type(self)._calls += 1``, ``self.cfg.count += 1``), entries of a container it fills (``_WARNED[key] = True``,
+    ``_SEEN.setdefault(key, ...)``, ``self._cache[name] = value``). The stack is followed through straight code
+    from the bytecode, nothing runs; where it is not known (past a jump target, an instruction not followed) what it
+    holds is not a chain, so a change there is not seen: its reads stay settings (refused when they change between
+    blocks, never silently kept)."""
+    import dis
+
+    space = fn.__globals__
+    where = space.get("__name__", "?")
+    found: list[tuple[str, str, tuple[_Step, ...], _Step]] = []
+    stack: list[_Held] = []
+
+    def pop(n: int) -> list[_Held]:
+        return [stack.pop() if stack else None for _ in range(n)]  # (top first)
+
+    for ins in dis.get_instructions(code):
+        op, arg = ins.opname, ins.argval
+        if ins.is_jump_target:
+            stack = []
+        if op in _NO_VALUE:
+            continue
+        if op in ("LOAD_GLOBAL", "LOAD_NAME"):
+            stack.extend([None, ("global", arg, ())] if "NULL" in ins.argrepr else [("global", arg, ())])
+        elif op.startswith("LOAD_FAST"):
+            for local in arg if isinstance(arg, tuple) else (arg,):
+                stack.append(("self", local, ()) if me is not None and local == me else None)
+        elif op == "LOAD_DEREF":
+            held: _Held = None
+            if me is not None and arg == me:
+                held = ("self", arg, ())
+            elif cells is not None and arg in cells.cells:
+                held = ("cell", arg, ())
+            stack.append(held)
+        elif op in _CONSTANTS:
+            stack.append(_Const(arg))
+        elif op in ("LOAD_ATTR", "LOAD_METHOD"):
+            (obj,) = pop(1)
+            if op == "LOAD_METHOD" or "NULL|self" in ins.argrepr:  # a method loaded to be called
+                if arg in _MUTATORS and isinstance(obj, tuple):
+                    found.append((*obj, ("[]", _ANY)))
+                stack.extend((None, None))
+            else:
+                stack.append((obj[0], obj[1], (*obj[2], (".", arg))) if isinstance(obj, tuple) else None)
+        elif op == "BINARY_SUBSCR" or (op == "BINARY_OP" and ins.argrepr == "[]"):
+            key, obj = pop(2)
+            stack.append(_entry(obj, key))
+        elif op in ("STORE_SUBSCR", "DELETE_SUBSCR"):
+            key, obj = pop(2)
+            if op == "STORE_SUBSCR":
+                pop(1)
+            entry = _entry(obj, key)
+            if isinstance(entry, tuple):
+                found.append((entry[0], entry[1], entry[2][:-1], entry[2][-1]))
+        elif op in ("STORE_ATTR", "DELETE_ATTR"):
+            (obj,) = pop(1)
+            if op == "STORE_ATTR":
+                pop(1)
+            if isinstance(obj, tuple) and (obj[0] != "self" or obj[2]):
+                found.append((*obj, (".", arg)))
+            elif obj == ("self", me, ()) and cls is not None:  # (the module's own, from _stores_in; it hides a class
+                stores.add(f"{cls.__qualname__}.{arg}")  # attribute of that name, read before: _warned = False)
+        elif op in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+            pop(1 if op == "STORE_GLOBAL" else 0)
+            stores.add(f"{where}.{arg}")
+            places.append(("global", space, arg, (), None))
+        elif op in ("STORE_DEREF", "DELETE_DEREF"):
+            pop(1 if op == "STORE_DEREF" else 0)
+            if cells is not None and arg in cells.cells:  # (a cell of its closure, not one of its own locals)
+                stores.add(f"{fn.__qualname__}.<{arg}>")
+                places.append(("cell", cells, arg, (), None))
+        elif op == "COPY":
+            stack.append(stack[-arg] if len(stack) >= arg else None)
+        elif op == "DUP_TOP":
+            stack.append(stack[-1] if stack else None)
+        elif op in ("SWAP", "ROT_TWO", "ROT_THREE"):
+            n = arg if op == "SWAP" else 2 if op == "ROT_TWO" else 3
+            if len(stack) < n:
+                stack = []
+            elif op == "ROT_THREE":
+                stack[-3:] = [stack[-1], stack[-3], stack[-2]]
+            else:
+                stack[-1], stack[-n] = stack[-n], stack[-1]
+        elif op == "PUSH_NULL":
+            stack.append(None)
+        elif op in ("POP_TOP", "STORE_FAST"):
+            pop(1)
+        elif op in ("CALL", "CALL_FUNCTION", "CALL_METHOD"):
+            args = pop(arg)
+            callee = pop(1 if op == "CALL_FUNCTION" else 2)
+            typed = arg == 1 and ("global", "type", ()) in callee and args[0] == ("self", me, ())
+            stack.append(("self", me, ((".", "__class__"),)) if typed and me is not None else None)  # type(self)
+        elif op.startswith(("BINARY_", "INPLACE_", "COMPARE_", "IS_OP", "CONTAINS_OP")):
+            pop(2)
+            stack.append(None)
+        elif op.startswith(("UNARY_", "TO_BOOL")):
+            pop(1)
+            stack.append(None)
+        elif op in ("BUILD_TUPLE", "BUILD_LIST", "BUILD_SET"):
+            pop(arg)
+            stack.append(None)
+        else:  # (not followed: what the stack holds past it is not known)
+            stack = []
+    for kind, name, steps, last in found:
+        for i, (how, key) in enumerate(steps):
+            if how == "[]" and key is _ANY:  # (an entry of an entry the code computes: every entry of the first)
+                steps, last = steps[:i], ("[]", _ANY)
+                break
+        stores.update(_names_changed(kind, space, name, steps, last, cls))
+        places.append((kind, space if kind == "global" else cells, name, steps, last))
+
+
+def _names_changed(
+    kind: str, space: Mapping[str, Any], name: str, steps: tuple[_Step, ...], last: _Step, cls: type | None
+) -> list[str]:
+    """The names of the settings that a change of ``last`` of a chain makes (see :func:`_changes`): as the module's
+    reads name them (:func:`_read_chain`, :func:`_attributes`, the one level into a dict :func:`_fingerprint`
+    reads), every spelling of one entry (``D['a']``, ``D.get('a')``, ``D.a``)."""
+    how, key = last
+    if how == ".":
+        ends = [f".{key}"]
+    elif key is _ANY:
+        ends = ["[*", ".get(*", ".*"]
+    else:
+        ends = [f"[{key!r}]", f".get({key!r})"] + ([f".{key}"] if type(key) is str else [])
+    if kind == "self":
+        if steps[:1] == ((".", "__class__"),):  # a class attribute: type(self)._calls, self.__class__._calls
+            return [f"{cls.__qualname__}{_spelled(steps[1:])}{e}" for e in ends] if cls is not None else []
+        return [f"self{_spelled(steps)}{e}" for e in ends] + (
+            [f"{cls.__qualname__}.{key}"] if cls is not None and not steps and how == "." else []
+        )
+    if kind == "cell":
+        return [f"<{name}>{_spelled(steps)}{e}" for e in ends]
+    root = space.get(name, _MISSING)
+    if isinstance(root, types.ModuleType):
+        label = str(vars(root).get("__name__", name))
+    elif isinstance(root, type) and not steps:  # Router._warned = True: as read by name, and through self
+        out = [f"{root.__qualname__}{e}" for e in ends]
+        if cls is not None and root in _MRO_OF(cls):
+            out += [f"{cls.__qualname__}{e}" for e in ends]
+        return out
+    else:
+        label = f"{space.get('__name__', '?')}.{name}"
+    return [f"{label}{_spelled(steps)}{e}" for e in ends]
 
 
 def _getenv(root: Any, steps: tuple[_Step, ...]) -> bool:

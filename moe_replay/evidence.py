@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ._code_settings import OutsideState
 from .errors import UnsupportedRouterError
 
 __all__ = [
@@ -1140,8 +1141,9 @@ class _Snapshot:
     """What a probe run could change in the scope, put back after each run.
 
     The global and CUDA random state, every generator a module holds, the buffers and small
-    parameters (in place, as a forward may update a balancing bias), and the plain attributes
-    of every module in the scope (step counters, cached statistics). While a probe runs, the
+    parameters (in place, as a forward may update a balancing bias), the plain attributes
+    of every module in the scope (step counters, cached statistics), and what their code
+    changes outside them (a global step count, a warn-once registry: ``OutsideState``). While a probe runs, the
     forward hooks of the scope's submodules are set aside, so that user hooks (utilisation
     counters, loggers) see one forward, not the probe runs.
     """
@@ -1180,6 +1182,8 @@ class _Snapshot:
         self.generators = [
             (g, g.get_state()) for m in self.modules for g in vars(m).values() if isinstance(g, torch.Generator)
         ]
+        #: what the modules' code changes outside them (a step count in a global, a warn-once registry)
+        self.outside = OutsideState(self.modules)
         #: a norm's running statistics, which its kernel updates in place without a new version: put back by value
         self.by_value = {
             id(t)
@@ -1214,6 +1218,7 @@ class _Snapshot:
                     self.tensors[i] = (t, v, t._version)
                 elif id(t) in self.by_value and t.shape == v.shape and not torch.equal(t, v):
                     t.data.copy_(v)  # (as the kernel wrote it: no new version, which a graph that saved it would see)
+        self.outside.restore()
         for m, attrs in self.attrs:
             for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_INTERNALS]:
                 delattr(m, k)

@@ -47,7 +47,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
-from ._code_settings import code_settings, comparable, flag_buffers, is_setting, written
+from ._code_settings import code_settings, comparable, flag_buffers, is_setting, is_written, written
 from ._output_guard import OutputGuard, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
@@ -313,7 +313,7 @@ class RouterHook:
     # established, until the forward that follows shows which keys that forward changes itself
     _settled: dict[tuple[bool, bool], dict[str, Any]] = field(default_factory=dict)
     _own: set[str] = field(default_factory=set)
-    _restless: bool = False  # some of _own are its modules' own attributes or flag buffers (see _still_holds)
+    _restless: bool = False  # it changes state the runs of _still_holds put back (its modules', a global count)
     _pending: tuple[tuple[bool, bool], dict[str, Any]] | None = None
     _decided: bool = False
     _masks: list[tuple[torch.Tensor, torch.Tensor | _EitherSide]] = field(default_factory=list)
@@ -487,11 +487,11 @@ class RouterHook:
     ) -> bool:
         """Does the decision of ``ev`` still decide in this forward? Asked of a router whose forward makes other
         calls of its decision's form (``ev.twins``) and changes its modules' own attributes or 0-d flag buffers
-        (``_restless``: a step count), before each eager forward: which of those calls dispatches may hang on
-        that state (a warm-up), and the calls look the same whichever does. The runs that check it put that
-        state back; state kept outside the modules (a global count) is not put back, and such routers are not
-        checked. Where it no longer decides, the evidence of this mode is dropped (the caller establishes it
-        afresh on this forward's inputs). Routers of one such call never come here."""
+        (``_restless``: a step count), or what its code changes outside them (a count in a global, a closure cell,
+        a module-level dict), before each eager forward: which of those calls dispatches may hang on that state (a
+        warm-up), and the calls look the same whichever does. The runs that check it put that state back; routers
+        that change no state never come here. Where it no longer decides, the evidence of this mode is dropped (the
+        caller establishes it afresh on this forward's inputs). Routers of one such call never come here."""
         if _graph_capturing() or _in_backward():  # (a recompute gets its forward's rows; a graph cannot branch)
             return True
         with _hidden(), EAGER:
@@ -535,13 +535,20 @@ class RouterHook:
         mode, before = pending
         now = _fingerprint(self.scope)
         self._own.update(k for k in before.keys() | now.keys() if before.get(k, _ABSENT) != now.get(k, _ABSENT))
-        # what its code assigns on its modules (a flag set once a warning is given, a cache filled on first use):
-        # state it changes itself, whether or not that forward did
+        # what its code assigns (a flag set once a warning is given, a cache filled on first use, an entry of a
+        # module-level registry): state it changes itself, whether or not that forward did
         self._own.update(_written(self.scope))
-        # state of its own modules (a step count, private too), which the runs that check its decision put back
-        self._restless = self._restless or not self._own.isdisjoint(_module_state(self.scope))
+        # state of its own modules (a step count, private too), or state its code changes outside them that it reads
+        # as it reads a setting (a step count in a global, an entry of a module-level dict): the runs that check its
+        # decision put both back
+        own, mine = self._own, _module_state(self.scope)
+        self._restless = (
+            self._restless
+            or not own.isdisjoint(mine)
+            or any(k not in mine and is_written(k, own) for k in before.keys() | now.keys())
+        )
         if mode in self.evidence:
-            self._settled[mode] = {k: v for k, v in before.items() if k not in self._own}
+            self._settled[mode] = {k: v for k, v in before.items() if not is_written(k, own)}
 
     def changed_setting(self) -> str | None:
         """A setting of the scope changed since a decision in use was established (a cut turned on, a config
@@ -556,7 +563,7 @@ class RouterHook:
             if mode not in self.evidence:
                 continue
             for key in then.keys() | now.keys():
-                if key not in own and then.get(key, _ABSENT) != now.get(key, _ABSENT):
+                if then.get(key, _ABSENT) != now.get(key, _ABSENT) and not is_written(key, own):
                     was, is_ = then.get(key, _ABSENT), now.get(key, _ABSENT)
                     return (
                         f"'{key}' of router '{self.name}' is {'unset' if is_ is _ABSENT else repr(is_)}, but was "

@@ -420,29 +420,39 @@ class _GlobalStepSwitchBlock(_WarmupSwitchBlock):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a dispatch switch by a count kept outside the router's modules (a global) is unseen: the runs that "
-    "would check which call decides at each forward cannot put such state back",
-)
 def test_block_that_switches_its_dispatching_top_k_by_a_global_count_is_not_replayed_silently() -> None:
-    """Still silent: the step count that moves dispatch between two same-form top-k calls kept in a global."""
+    """Once silent: the step count that moves dispatch between two same-form top-k calls kept in a module-level global
+    (``global GLOBAL_STEPS; GLOBAL_STEPS += 1``) was not put back after the runs that establish or check a decision,
+    so such a router was not checked at each forward, and a replay forced the call that no longer dispatched. State
+    the router's code changes outside its modules is put back after those runs, and checked as its attributes are."""
+    global GLOBAL_STEPS
+    GLOBAL_STEPS = 0
     torch.manual_seed(7)
     block, x = _GlobalStepSwitchBlock(), torch.randn(10, D)
-    block.warmup = GLOBAL_STEPS + 500  # (past the runs that establish the decision at the first forward)
     with mr.attach(block) as session:
         with session.capture():
+            for _ in range(3):  # the warm-up forward, then two after the switch
+                block(x)
+        assert GLOBAL_STEPS == 3  # (the runs that establish and check the decision leave the count as it was)
+        assert torch.equal(session.routes().layer("gate"), torch.cat(block.dispatched))
+        (hook,) = session._hooks
+        assert hook.interception().startswith("mode: its forward makes other calls")
+        forced = _forced_routes(session, 10)
+        for _ in range(2):
+            with session.replay(forced):
+                block(x)
+            assert torch.equal(block.dispatched[-1], forced.layer("gate"))
+    GLOBAL_STEPS = 0
+    block.dispatched.clear()
+    with mr.attach(block) as session:  # (a warm-up that ends outside the blocks)
+        with session.capture():
             block(x)
-        while GLOBAL_STEPS <= block.warmup:  # the warm-up ends outside the blocks
+        while GLOBAL_STEPS <= block.warmup + 2:
             block(x)
         forced = _forced_routes(session, 10)
-        try:
-            for _ in range(2):
-                with session.replay(forced):
-                    block(x)
-                assert torch.equal(block.dispatched[-1], forced.layer("gate"))
-        except mr.MoEReplayError:
-            pass  # refused: what the project asks for
+        with session.replay(forced):
+            block(x)
+        assert torch.equal(block.dispatched[-1], forced.layer("gate"))
 
 
 class _CountingTwinBlock(_WarmupSwitchBlock):

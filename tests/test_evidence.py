@@ -13,6 +13,7 @@ import collections
 import copy
 import functools
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -848,12 +849,12 @@ class PackedBlock(RouterBlock):
 
 class PickyRouter(MinimumWeightRouter):
     """A minimum-weight cut in a router that fails on any input but the first it was given (kept where a
-    probe does not put it back: on the class)."""
+    probe does not put it back: in a weak dictionary on the class, not one of Python's builtin containers)."""
 
-    firsts: ClassVar[dict[int, torch.Tensor]] = {}
+    firsts: ClassVar[weakref.WeakKeyDictionary[nn.Module, torch.Tensor]] = weakref.WeakKeyDictionary()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.firsts.setdefault(id(self), x.clone())
+        first = self.firsts.setdefault(self, x.clone())
         if not torch.equal(x, first):
             raise ValueError("unexpected input")
         return super().forward(x)
