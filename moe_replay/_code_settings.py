@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OutsideState", "code_settings", "flag_buffers", "is_written", "written"]
+__all__ = ["OutsideState", "code_settings", "flag_buffers", "is_written", "reads_state", "written"]
 
 #: the plain values that are compared as settings (:func:`is_setting`: members of an ``enum`` too)
 _PLAIN = frozenset((int, float, str, bool, type(None)))
@@ -89,13 +89,16 @@ _Chain = tuple[str, Any, str, tuple[_Step, ...]]
 #: a rebound global or closure cell has no steps and no last step
 _Place = tuple[str, Any, str, tuple[_Step, ...], "_Step | None"]
 #: what :func:`_read_code` finds: the reads, the chains, what the code assigns (by name), where it changes things
-_Code = tuple[tuple[_Read, ...], tuple[_Chain, ...], frozenset[str], tuple[_Place, ...]]
+#: and whether it reads some of the state it changes otherwise than by changing it (``if len(_SEEN) > n``)
+_Code = tuple[tuple[_Read, ...], tuple[_Chain, ...], frozenset[str], tuple[_Place, ...], bool]
 #: per class, per forward function: the reads and the chains found in its code, what it assigns itself (attributes of
 #: the module: ``self._step += 1``; globals; entries of a container it fills: ``_WARNED[key] = True``), and where
 _CACHE: weakref.WeakKeyDictionary[type, dict[Any, _Code]] = weakref.WeakKeyDictionary()
 _MISSING = object()
 #: an entry of a container the code changes by a key it computes (``CACHE[name] = value``, ``SEEN.add(key)``)
 _ANY = object()
+#: the last step of a chain to a tensor the code changes in place (``_STEP.add_(1)``)
+_IN_PLACE: tuple[str, Any] = ("()", "_")
 
 
 class _Cells:
@@ -122,7 +125,7 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
     cached = _read_code(module, forward)
     if cached is not None:
         cls = type(module)
-        reads, chained, _, _ = cached
+        reads, chained = cached[0], cached[1]
         instance = vars(module)
         for key, where, name in reads:
             if where is None:  # a class attribute read through self: the instance's own comes first
@@ -166,6 +169,14 @@ def is_written(key: str, names: set[str] | frozenset[str]) -> bool:
     return False
 
 
+def reads_state(module: nn.Module, forward: Any = None) -> bool:
+    """Does the code of ``module``'s forward read some of the state it changes (see :func:`written`) otherwise than by
+    changing it: ``if len(_SEEN) > n``, ``if _STEP > warmup``, ``STATE["step"] += 1``? Such state may steer which of
+    its calls decides. One that only fills a log (``self.history.append(idx)``) does not read it."""
+    cached = _read_code(module, forward)
+    return cached is not None and cached[4]
+
+
 class OutsideState:
     """What the code of some modules changes outside their own attributes (see :func:`written`), as it is now, to be
     put back after runs that are not the model's forwards: the globals and closure cells it rebinds, the attributes
@@ -175,9 +186,12 @@ class OutsideState:
 
     def __init__(self, modules: list[nn.Module]) -> None:
         #: (how, where, key, value): ``"dict"`` an entry of a dict (a module's globals, an object's ``__dict__``),
-        #: ``"class"`` a class attribute, ``"cell"`` a closure cell, ``"in"`` a container's contents
+        #: ``"class"`` a class attribute, ``"cell"`` a closure cell, ``"in"`` a container's contents, ``"tensor"``
+        #: a tensor changed in place (its version then, a copy of its values)
         self.saved: list[tuple[str, Any, Any, Any]] = []
         seen: set[tuple[int, Any]] = set()
+        # (the modules' own tensors are the snapshot's)
+        seen.update((id(t), None) for m in modules for t in (*m._parameters.values(), *m._buffers.values()))
         for m in modules:
             cls = type(m)
             if cls.__module__.partition(".")[0] in _NOT_FOLLOWED:  # (torch's own modules: nothing of theirs)
@@ -210,7 +224,17 @@ class OutsideState:
             return
         if kind == "self" and len(steps) == 1 and last[0] == "[]" and steps[0][1] in vars(module):
             return  # (a container the module holds: the snapshot puts back a copy of it)
-        if last[0] == "[]":
+        if isinstance(obj, torch.Tensor):  # changed in place (_STEP.add_(1), _STEP[0] += 1): a small one, by value
+            if (
+                last[0] != "."
+                and (id(obj), None) not in seen
+                and obj.numel() <= _TENSOR_LIMIT
+                and not (obj.is_meta or obj.is_inference())
+            ):
+                seen.add((id(obj), None))
+                self.saved.append(("tensor", obj, obj._version, obj.detach().clone()))
+            return
+        if last[0] in ("[]", "()"):
             if isinstance(obj, dict | list | set | collections.deque) and (id(obj), None) not in seen:
                 seen.add((id(obj), None))
                 self.saved.append(("in", obj, None, _contents(obj)))
@@ -232,8 +256,13 @@ class OutsideState:
 
     def restore(self) -> None:
         """Put back what changed since it was saved."""
-        for how, where, key, value in self.saved:
-            if how == "in":
+        for i, (how, where, key, value) in enumerate(self.saved):
+            if how == "tensor":
+                if where._version != key and where.shape == value.shape:  # (only what a run changed: no needless bump)
+                    with torch.no_grad():
+                        where.copy_(value)
+                    self.saved[i] = (how, where, where._version, value)
+            elif how == "in":
                 _refill(where, value)
             elif how == "cell":
                 try:
@@ -258,6 +287,8 @@ class OutsideState:
                     where[key] = value
 
 
+#: the most elements of a tensor outside the modules that :class:`OutsideState` copies to put back (a step count)
+_TENSOR_LIMIT = 1 << 16
 #: the builtin container types :class:`OutsideState` puts back, the nearest first (an OrderedDict keeps its order)
 _KINDS = (collections.OrderedDict, dict, list, set, collections.deque)
 
@@ -302,13 +333,14 @@ def _read_code(module: nn.Module, forward: Any) -> _Code | None:
         found: list[_Read] = []
         chains: list[_Chain] = []
         stores: set[str] = set()
-        places: list[_Place] = []
+        places = _Changes()
         _walk(fn, cls, 0, set(), found, chains, stores, places)
         cached = per_class[fn] = (
             tuple({read[0]: read for read in found}.values()),
             tuple({(c[0], id(c[1]), c[2], c[3]): c for c in chains}.values()),
             frozenset(stores),
-            tuple({(p[0], id(p[1]), p[2], p[3], p[4]): p for p in places}.values()),
+            tuple({(p[0], id(p[1]), p[2], p[3], p[4]): p for p in places.places}.values()),
+            not places.read.isdisjoint(places.changed),
         )
     return cached
 
@@ -352,7 +384,7 @@ def _walk(
     out: list[_Read],
     chains: list[_Chain],
     stores: set[str],
-    places: list[_Place],
+    places: _Changes,
 ) -> None:
     """Collect the reads of ``fn``'s code into ``out``, the chains it reads into ``chains``, what it assigns itself
     into ``stores`` (named as the settings it reads are) and where into ``places``; follow the functions and methods
@@ -522,6 +554,31 @@ _MUTATORS = frozenset(
 _NO_VALUE = frozenset(("CACHE", "PRECALL", "EXTENDED_ARG", "NOP", "NOT_TAKEN", "RESUME"))
 
 
+class _Changes:
+    """What :func:`_changes` finds in the code followed from a forward: where it changes state (``places``), and the
+    roots of what it changes and of what it reads (a global, a closure cell, an attribute of the module), by
+    identity: a root in both is state the code reads, which may steer it (a step count, ``len(_SEEN)``)."""
+
+    def __init__(self) -> None:
+        self.places: list[_Place] = []
+        self.read: set[tuple[Any, ...]] = set()
+        self.changed: set[tuple[Any, ...]] = set()
+
+
+#: the methods of :data:`_MUTATORS` whose first argument is the key of the one entry they change
+_KEYED = frozenset(("setdefault", "pop", "__setitem__", "__delitem__"))
+
+
+class _Pending:
+    """A method that changes a container in place, loaded to be called (``_SEEN.setdefault``): its call says which
+    entry it changes (see :func:`_changes`)."""
+
+    __slots__ = ("name", "obj")
+
+    def __init__(self, obj: _Held, name: str) -> None:
+        self.obj, self.name = obj, name
+
+
 class _Const:
     """A constant on the stack, as :func:`_changes` follows it (a key: ``_WARNED["zero"] = True``)."""
 
@@ -533,7 +590,7 @@ class _Const:
 
 #: a value on the stack, as :func:`_changes` follows it: a chain ``(root kind, root name, steps)``, a constant, or
 #: None (anything else: what it is, is not followed)
-_Held = tuple[str, str, tuple[_Step, ...]] | _Const | None
+_Held = tuple[str, str, tuple[_Step, ...]] | _Const | _Pending | None
 
 
 def _entry(obj: _Held, key: _Held) -> _Held:
@@ -551,7 +608,7 @@ def _changes(
     cls: type | None,
     cells: _Cells | None,
     stores: set[str],
-    places: list[_Place],
+    changes: _Changes,
 ) -> None:
     """What ``code`` (of ``fn``, or defined in it) changes outside the module's own attributes, into ``stores`` by the
     names its reads have (see :func:`written`) and into ``places`` where: globals and closure cells it rebinds
@@ -568,13 +625,32 @@ def _changes(
     found: list[tuple[str, str, tuple[_Step, ...], _Step]] = []
     stack: list[_Held] = []
 
-    def pop(n: int) -> list[_Held]:
-        return [stack.pop() if stack else None for _ in range(n)]  # (top first)
+    def root(held: _Held) -> tuple[Any, ...] | None:
+        """What ``held`` is part of, by identity: a global, a cell, an attribute of the module (or of its class)."""
+        if not isinstance(held, tuple):
+            return None
+        kind, name, steps = held
+        if kind == "global":
+            return ("global", id(space), name)
+        if kind == "cell":
+            return ("cell", id(cells.cells[name])) if cells is not None and name in cells.cells else None
+        if not steps:
+            return None
+        return ("class", steps[1][1]) if steps[0] == (".", "__class__") and len(steps) > 1 else ("self", steps[0][1])
+
+    def pop(n: int, read: bool = True) -> list[_Held]:
+        got = [stack.pop() if stack else None for _ in range(n)]  # (top first)
+        if read:
+            changes.read.update(r for r in map(root, got) if r is not None)
+        return got
+
+    def unknown() -> list[_Held]:  # (what the stack holds is read by code not followed)
+        return pop(len(stack))
 
     for ins in dis.get_instructions(code):
         op, arg = ins.opname, ins.argval
         if ins.is_jump_target:
-            stack = []
+            unknown()
         if op in _NO_VALUE:
             continue
         if op in ("LOAD_GLOBAL", "LOAD_NAME"):
@@ -592,25 +668,30 @@ def _changes(
         elif op in _CONSTANTS:
             stack.append(_Const(arg))
         elif op in ("LOAD_ATTR", "LOAD_METHOD"):
-            (obj,) = pop(1)
             if op == "LOAD_METHOD" or "NULL|self" in ins.argrepr:  # a method loaded to be called
-                if arg in _MUTATORS and isinstance(obj, tuple):
-                    found.append((*obj, ("[]", _ANY)))
-                stack.extend((None, None))
+                in_place = isinstance(arg, str) and arg.endswith("_") and not arg.startswith("_")  # (a tensor's add_)
+                (obj,) = pop(1, read=arg not in _MUTATORS)
+                mutates = arg in _MUTATORS and isinstance(obj, tuple)
+                if in_place and isinstance(obj, tuple):
+                    found.append((*obj, _IN_PLACE))
+                stack.extend((_Pending(obj, arg) if mutates else None, None))  # (which entry: seen at its call)
             else:
+                (obj,) = pop(1, read=False)
                 stack.append((obj[0], obj[1], (*obj[2], (".", arg))) if isinstance(obj, tuple) else None)
         elif op == "BINARY_SUBSCR" or (op == "BINARY_OP" and ins.argrepr == "[]"):
-            key, obj = pop(2)
+            (key,) = pop(1)
+            (obj,) = pop(1, read=False)
             stack.append(_entry(obj, key))
         elif op in ("STORE_SUBSCR", "DELETE_SUBSCR"):
-            key, obj = pop(2)
+            (key,) = pop(1)
+            (obj,) = pop(1, read=False)
             if op == "STORE_SUBSCR":
                 pop(1)
             entry = _entry(obj, key)
             if isinstance(entry, tuple):
                 found.append((entry[0], entry[1], entry[2][:-1], entry[2][-1]))
         elif op in ("STORE_ATTR", "DELETE_ATTR"):
-            (obj,) = pop(1)
+            (obj,) = pop(1, read=False)
             if op == "STORE_ATTR":
                 pop(1)
             if isinstance(obj, tuple) and (obj[0] != "self" or obj[2]):
@@ -620,12 +701,14 @@ def _changes(
         elif op in ("STORE_GLOBAL", "DELETE_GLOBAL"):
             pop(1 if op == "STORE_GLOBAL" else 0)
             stores.add(f"{where}.{arg}")
-            places.append(("global", space, arg, (), None))
+            changes.places.append(("global", space, arg, (), None))
+            changes.changed.add(("global", id(space), arg))
         elif op in ("STORE_DEREF", "DELETE_DEREF"):
             pop(1 if op == "STORE_DEREF" else 0)
             if cells is not None and arg in cells.cells:  # (a cell of its closure, not one of its own locals)
                 stores.add(f"{fn.__qualname__}.<{arg}>")
-                places.append(("cell", cells, arg, (), None))
+                changes.places.append(("cell", cells, arg, (), None))
+                changes.changed.add(("cell", id(cells.cells[arg])))
         elif op == "COPY":
             stack.append(stack[-arg] if len(stack) >= arg else None)
         elif op == "DUP_TOP":
@@ -633,18 +716,26 @@ def _changes(
         elif op in ("SWAP", "ROT_TWO", "ROT_THREE"):
             n = arg if op == "SWAP" else 2 if op == "ROT_TWO" else 3
             if len(stack) < n:
-                stack = []
+                unknown()
             elif op == "ROT_THREE":
                 stack[-3:] = [stack[-1], stack[-3], stack[-2]]
             else:
                 stack[-1], stack[-n] = stack[-n], stack[-1]
         elif op == "PUSH_NULL":
             stack.append(None)
-        elif op in ("POP_TOP", "STORE_FAST"):
+        elif op == "POP_TOP":
+            pop(1, read=False)
+        elif op == "STORE_FAST":
             pop(1)
         elif op in ("CALL", "CALL_FUNCTION", "CALL_METHOD"):
             args = pop(arg)
-            callee = pop(1 if op == "CALL_FUNCTION" else 2)
+            callee = pop(1 if op == "CALL_FUNCTION" else 2, read=False)
+            for pending in callee:
+                if isinstance(pending, _Pending):  # _SEEN.setdefault("zero", True): that entry; update(...): any
+                    keyed = pending.name in _KEYED and args and isinstance(args[-1], _Const)
+                    entry = _entry(pending.obj, args[-1] if keyed else None)
+                    if isinstance(entry, tuple):
+                        found.append((entry[0], entry[1], entry[2][:-1], entry[2][-1]))
             typed = arg == 1 and ("global", "type", ()) in callee and args[0] == ("self", me, ())
             stack.append(("self", me, ((".", "__class__"),)) if typed and me is not None else None)  # type(self)
         elif op.startswith(("BINARY_", "INPLACE_", "COMPARE_", "IS_OP", "CONTAINS_OP")):
@@ -657,14 +748,18 @@ def _changes(
             pop(arg)
             stack.append(None)
         else:  # (not followed: what the stack holds past it is not known)
-            stack = []
+            unknown()
+    unknown()
     for kind, name, steps, last in found:
         for i, (how, key) in enumerate(steps):
             if how == "[]" and key is _ANY:  # (an entry of an entry the code computes: every entry of the first)
                 steps, last = steps[:i], ("[]", _ANY)
                 break
+        changed = root((kind, name, (*steps, last)))
+        if changed is not None:
+            changes.changed.add(changed)
         stores.update(_names_changed(kind, space, name, steps, last, cls))
-        places.append((kind, space if kind == "global" else cells, name, steps, last))
+        changes.places.append((kind, space if kind == "global" else cells, name, steps, last))
 
 
 def _names_changed(
@@ -674,7 +769,9 @@ def _names_changed(
     reads name them (:func:`_read_chain`, :func:`_attributes`, the one level into a dict :func:`_fingerprint`
     reads), every spelling of one entry (``D['a']``, ``D.get('a')``, ``D.a``)."""
     how, key = last
-    if how == ".":
+    if last == _IN_PLACE:
+        ends = [""]
+    elif how == ".":
         ends = [f".{key}"]
     elif key is _ANY:
         ends = ["[*", ".get(*", ".*"]

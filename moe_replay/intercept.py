@@ -47,7 +47,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
-from ._code_settings import code_settings, comparable, flag_buffers, is_setting, is_written, written
+from ._code_settings import code_settings, comparable, flag_buffers, is_setting, is_written, reads_state, written
 from ._output_guard import OutputGuard, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
@@ -546,6 +546,7 @@ class RouterHook:
             self._restless
             or not own.isdisjoint(mine)
             or any(k not in mine and is_written(k, own) for k in before.keys() | now.keys())
+            or any(reads_state(m, m.__dict__.get("forward")) for _, m in _scope_modules(self.scope))
         )
         if mode in self.evidence:
             self._settled[mode] = {k: v for k, v in before.items() if not is_written(k, own)}
