@@ -42,6 +42,7 @@ import moe_replay as mr
 from moe_replay import _lean
 from moe_replay.ring import CaptureRing
 
+from . import unchecked
 from .baselines import RecipeRouting
 from .harness import _quantile, synchronize
 from .workloads import Workload, build_model, make_workload, routers_of
@@ -60,8 +61,9 @@ VARIANTS = ("idle", "capture", "replay", "recipe_capture", "recipe_replay")
 #: diagnostic: capture with the lean wrappers put in once around each model forward (not at each router call),
 #: what holding them for a step would save; and ``copy_floor``, no moe_replay: ``torch.topk`` wrapped in one
 #: Python function that copies its indices into a buffer, the floor of any capture that records the decision
-#: at the call. Not modes of the library.
-EXTRA_VARIANTS = ("wrap", "capture_nocopy", "capture_held", "copy_floor")
+#: at the call; and the diagnostics of :mod:`benchmarks.unchecked` (capture with its checks or its per-forward
+#: work taken out). Not modes of the library.
+EXTRA_VARIANTS = ("wrap", "capture_nocopy", "capture_held", "copy_floor", *unchecked.NAMES)
 
 
 def _count_only(ring: CaptureRing, idx: torch.Tensor) -> None:
@@ -138,6 +140,12 @@ def _variant(name: str, model: nn.Module, warm: Callable[[], Any], routes: mr.Ro
             yield
         finally:
             del model.forward
+        return
+    if name in unchecked.NAMES:
+        with mr.attach(model) as session:
+            warm()
+            with session.capture(), unchecked.patched(name):
+                yield
         return
     if name == "capture_held":
         with mr.attach(model) as session:

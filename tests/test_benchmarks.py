@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import moe_replay as mr
-from benchmarks import report
+from benchmarks import report, unchecked
 from benchmarks.harness import check_workload, eager_variants, time_variants
 from benchmarks.run import main
 from benchmarks.workloads import make_workload, transformers_version
@@ -277,7 +277,7 @@ def test_paired_benchmark_runs_the_variants_asked_for_and_wrap_leaves_the_router
     assert not any("forward" in r.__dict__ for r in routers)
 
 
-@pytest.mark.parametrize("name", ["wrap", "capture_nocopy", "capture_held", "copy_floor"])
+@pytest.mark.parametrize("name", ["wrap", "capture_nocopy", "capture_held", "copy_floor", *unchecked.NAMES])
 def test_each_diagnostic_variant_runs_and_leaves_the_model_as_it_found_it(name: str) -> None:
     """Once broken: ``capture_held`` deleted the session's own forward on the model, so its detach refused."""
     from benchmarks import paired
