@@ -18,7 +18,6 @@ import dataclasses
 import fnmatch
 import functools
 import inspect
-import itertools
 import math
 import numbers
 import re
@@ -378,10 +377,41 @@ def _describe(spec: Matcher) -> str:
 
 
 # ----------------------------------------------------------------------- attributes
+_MODULE_GETATTR = nn.Module.__getattr__
+
+
+def _own_params(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``list(module.named_parameters(recurse=False))``, read from the module's own table: no generator per module
+    and call (discovery reads each module's parameters several times at every attach)."""
+    table = vars(module).get("_parameters")
+    if table is None:
+        return list(module.named_parameters(recurse=False))
+    seen: set[int] = set()
+    out = []
+    for name, p in table.items():
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The module's own parameters and buffers (not its submodules'), read from its tables as :func:`_own_params`."""
+    params, buffers = vars(module).get("_parameters"), vars(module).get("_buffers")
+    if params is None or buffers is None:
+        return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return [t for t in (*params.values(), *buffers.values()) if t is not None]
+
+
 def _int_attr(obj: Any, keys: Sequence[str]) -> int | None:
     if obj is None:
         return None
+    # a module whose class keeps nn.Module's __getattr__: that finds only parameters, buffers and submodules, never
+    # an int, so a name in neither its own attributes nor its class is skipped (a miss there raises, at every attach)
+    own = vars(obj) if isinstance(obj, nn.Module) and type(obj).__getattr__ is _MODULE_GETATTR else None
     for key in keys:
+        if own is not None and key not in own and not hasattr(type(obj), key):
+            continue
         v = getattr(obj, key, None)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
@@ -421,7 +451,7 @@ def _parametrized_original(module: nn.Module, name: str) -> torch.Tensor | None:
 
 def _own_weight(module: nn.Module) -> torch.Tensor | None:
     """The router's own weight: ``weight``, a parametrized one, or its only 1-D/2-D parameter."""
-    own = dict(module.named_parameters(recurse=False))
+    own = dict(_own_params(module))
     w = own.get("weight")
     if w is None and parametrize.is_parametrized(module, "weight"):
         w = _parametrized_original(module, "weight")
@@ -481,7 +511,7 @@ def _stacked(module: nn.Module, named: bool = False) -> list[int]:
     """
     if isinstance(module, nn.modules.conv._ConvNd):
         return []
-    firsts = [int(p.shape[0]) for p in module.parameters(recurse=False) if p.dim() == 3]
+    firsts = [int(p.shape[0]) for _, p in _own_params(module) if p.dim() == 3]
     return firsts if named else sorted({e for e in firsts if e > 1 and firsts.count(e) >= 2})
 
 
@@ -572,7 +602,7 @@ def _owns_gate(module: nn.Module) -> bool:
     """An MoE block that scores experts with a gate *parameter* of its own (``w_gate``, ``gate_weight``), or one
     that declares E experts, holds them as stacked ``[E, ...]`` weights and a selection matrix with E rows or
     columns (sigma-MoE's ``expert_sel`` beside its ``keys`` and ``values``)."""
-    own = list(module.named_parameters(recurse=False))
+    own = _own_params(module)
     gate = any(_NAME_HIT.search(n) and not _NAME_MISS.search(n) and p.dim() in (1, 2) for n, p in own)
     if gate and _has_experts(module):
         return True
@@ -679,7 +709,7 @@ def _refuse_lazy(modules: dict[str, nn.Module]) -> None:
     lazy = [
         f"'{name}' ({type(m).__name__})"
         for name, m in modules.items()
-        if any(nn.parameter.is_lazy(p) for p in itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)))
+        if any(nn.parameter.is_lazy(t) for t in _own_tensors(m))
     ]
     if lazy:
         more = " ..." if len(lazy) > 3 else ""

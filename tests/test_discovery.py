@@ -660,3 +660,57 @@ def test_finding_a_spectrally_normalised_gate_does_not_run_its_power_iteration()
             assert torch.equal(model(x), twin(x))
     for (k, v), (k2, v2) in zip(model.state_dict().items(), twin.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2), k
+
+
+class _ForwardingRouter(nn.Module):
+    """A router that keeps its numbers in a dict and forwards attribute reads to it (as wrappers and config
+    proxies do), beside one that says k through a property of its class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(16, 8, bias=False)
+        self.numbers = {"top_k": 3, "num_experts": 8}
+
+    def __getattr__(self, name: str) -> object:
+        numbers = self.__dict__.get("numbers", {})
+        return numbers[name] if name in numbers else super().__getattr__(name)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(self.gate(x).softmax(-1), 3, dim=-1)
+
+
+class _PropertyRouter(_TemperatureRouter):
+    @property
+    def top_k(self) -> int:
+        return 2
+
+
+def test_numbers_a_router_gives_through_its_own_getattr_or_a_class_property_are_read() -> None:
+    """Discovery reads k and E from a module's own attributes and class without nn.Module's ``__getattr__`` (whose
+    misses raise at every attach); a class with a ``__getattr__`` of its own is still asked."""
+    forwarding = _TemperatureBlock()
+    forwarding.router = _ForwardingRouter()
+    assert [(s.num_experts, s.top_k) for s in mr.find_routers(forwarding, include="router")] == [(8, 3)]
+    by_property = _TemperatureBlock()
+    by_property.router = _PropertyRouter()
+    assert [s.top_k for s in mr.find_routers(by_property, include="router")] == [2]
+
+
+def test_discovery_asks_no_plain_module_for_a_number_it_does_not_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every name discovery reads k or E under was looked up through nn.Module's ``__getattr__`` on every module,
+    each miss raising an AttributeError: thousands per attach of a large model, at every attach."""
+    from moe_replay import discovery
+
+    asked: list[str] = []
+    plain = nn.Module.__getattr__
+
+    def counting(self: nn.Module, name: str) -> object:
+        asked.append(name)
+        return plain(self, name)
+
+    monkeypatch.setattr(nn.Module, "__getattr__", counting)
+    monkeypatch.setattr(discovery, "_MODULE_GETATTR", counting, raising=False)
+    model = mr.models.build("softmax_topk")
+    assert mr.find_routers(model)
+    numbers = set(discovery._EXPERT_KEYS) | set(discovery._TOPK_KEYS)
+    assert not numbers & set(asked)
