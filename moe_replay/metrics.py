@@ -13,7 +13,9 @@ which experts run (R3 replays the binary expert-selection mask). ``mode="slot"``
 compares slot by slot instead (same experts in the same order), for checking that a
 conversion kept the order.
 
-Rows of -1 (no recorded route) on either side are excluded and counted.
+Rows of -1 (no recorded route) on either side are excluded and counted, and so are rows a
+capture recorded at prompt padding (attention mask 0: the router ran on the token of no
+sequence), where the routes know it.
 
 Example:
     >>> import torch, moe_replay as mr
@@ -55,7 +57,8 @@ class RoutingComparison:
         mode: ``"set"`` or ``"slot"``.
         differ: per router, decisions that differ.
         compared: per router, decisions compared (rows recorded on both sides).
-        excluded: per router, rows left out (-1 on either side).
+        excluded: per router, rows left out (-1 on either side, or recorded at prompt padding
+            on either side).
         tokens: tokens with at least one compared decision.
         tokens_differ: of those, tokens where at least one router differs.
         differing_routers: differing decisions summed over tokens.
@@ -65,6 +68,8 @@ class RoutingComparison:
             received on each side (0 past a router's own expert count).
         labels: what ``a`` and ``b`` are, for the plot's legend (``("a", "b")`` unless given).
         num_experts: per router (empty when not given: the width of ``load_a`` for each).
+        padding_rows: of the rows left out, those recorded at prompt padding on either side
+            (summed over routers).
     """
 
     names: tuple[str, ...]
@@ -81,6 +86,7 @@ class RoutingComparison:
     load_b: np.ndarray
     labels: tuple[str, str] = ("a", "b")
     num_experts: tuple[int, ...] = ()
+    padding_rows: int = 0
 
     def __eq__(self, other: object) -> bool:
         """Same routers, mode, labels and counts (the arrays compared element by element)."""
@@ -133,6 +139,7 @@ class RoutingComparison:
             "overlap": self.overlap,
             "tokens": self.tokens,
             "excluded_rows": int(self.excluded.sum()),
+            "padding_rows": self.padding_rows,
             "per_layer": dict(zip(self.names, [float(x) for x in self.per_layer], strict=True)),
             "labels": self.labels,
         }
@@ -140,9 +147,10 @@ class RoutingComparison:
     def __repr__(self) -> str:
         decisions = int(self.compared.sum())
         named = "" if self.labels == ("a", "b") else f", labels={self.labels!r}"
+        padded = f" ({self.padding_rows} at padding)" if self.padding_rows else ""
         lines = [
             f"RoutingComparison(mode={self.mode!r}, routers={len(self.names)}, tokens={self.tokens}, "
-            f"excluded_rows={int(self.excluded.sum())}{named})",
+            f"excluded_rows={int(self.excluded.sum())}{padded}{named})",
             f"  decisions differing:            {_pct(self.overall)} ({int(self.differ.sum())} of {decisions})",
             f"  tokens differing in any router: {_pct(self.token_fraction)} ({self.tokens_differ} of {self.tokens})",
             f"  differing routers per token:    {_num(self.routers_per_token)}",
@@ -231,7 +239,8 @@ class RoutingComparison:
         excluded = int(self.excluded.sum())
         if excluded:  # the figures are of the compared rows only: say how many were left out
             rows = excluded + int(self.compared.sum())
-            left.set_title(f"{left.get_title()}\n{excluded} of {rows} rows not compared (-1 on either side)")
+            why = "-1 or padding on either side" if self.padding_rows else "-1 on either side"
+            left.set_title(f"{left.get_title()}\n{excluded} of {rows} rows not compared ({why})")
         if pos is None:
             a, b = self.load_a.sum(axis=0), self.load_b.sum(axis=0)
             title, ylabel = "expert load, all routers", "token slots compared (all routers)"
@@ -298,6 +307,19 @@ def _check_same_tokens(a: Routes, b: Routes) -> None:
             "comparable; compare routes of the same tokens in the same order (or drop the ids with "
             "with_token_ids(None) to compare them anyway)"
         )
+
+
+def _padding_rows(r: Routes, t: int) -> torch.Tensor:
+    """Boolean ``[t]``: the rows a capture recorded at prompt padding (attention mask 0, no token id since given).
+
+    The router ran there on the token of no sequence: its choice is no decision of the model on a token (a
+    replay refuses to put a sequence's token on such a row, see ``Session.replay``), so it is not compared.
+    """
+    fed, ids = r._fed_mask, r._token_ids
+    if fed is None or fed.shape != (t,):
+        return torch.zeros(t, dtype=torch.bool)
+    pad = fed == 0
+    return pad & (ids < 0) if ids is not None and ids.shape == (t,) else pad
 
 
 def _pct(x: float) -> str:
@@ -427,8 +449,12 @@ def compare(
     load_b = np.zeros((len(names), width), dtype=np.int64)
     token_differ = torch.zeros(t, dtype=torch.long)
     token_seen = torch.zeros(t, dtype=torch.bool)
+    padding = _padding_rows(a, t) | _padding_rows(b, t)
+    padding_rows = 0
     for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
-        ok = ~((x < 0).all(dim=1) | (y < 0).all(dim=1))
+        recorded = ~((x < 0).all(dim=1) | (y < 0).all(dim=1))
+        ok = recorded & ~padding
+        padding_rows += int((recorded & padding).sum())
         xv, yv = x[ok], y[ok]
         if mode == "set":
             same = (xv.sort(dim=1).values == yv.sort(dim=1).values).all(dim=1)
@@ -459,4 +485,5 @@ def compare(
         load_b=load_b,
         labels=(labels[0], labels[1]),
         num_experts=tuple(ea),
+        padding_rows=padding_rows,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +315,34 @@ def test_compare_of_something_other_than_routes_says_what_to_pass() -> None:
             mr.compare(session, a)  # type: ignore[arg-type]
     with pytest.raises(mr.ArgumentTypeError, match=r"got Routes and Tensor: wrap index arrays with mr.Routes"):
         mr.compare(a, base()[0])  # type: ignore[arg-type]
+
+
+@pytest.mark.reliability("bad inputs")
+def test_rows_recorded_at_prompt_padding_are_not_compared(tmp_path: Path) -> None:
+    """Once silent: two captures of one left-padded batch counted the routers' choices at the padding positions
+    (the token of no sequence) as decisions: 12 tokens compared where the batch holds 10, its figures off."""
+    model = mr.models.build("softmax_topk")
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    real = mask.reshape(-1).bool()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(ids, attention_mask=mask)
+        before = session.routes()
+        with torch.no_grad():
+            model.layers[0].mlp.router.weight.add_(torch.randn(model.layers[0].mlp.router.weight.shape))
+        with session.capture():
+            model(ids, attention_mask=mask)
+        after = session.routes()
+    c = mr.compare(before, after)
+    want = mr.compare(before[real].with_token_ids(None), after[real].with_token_ids(None))
+    assert c.tokens == 10 and c.compared.tolist() == [10, 10] and c.excluded.tolist() == [2, 2]
+    assert c.padding_rows == 4 and "excluded_rows=4 (4 at padding)" in repr(c)
+    assert c.differ.tolist() == want.differ.tolist() and c.tokens_differ == want.tokens_differ
+    assert np.array_equal(c.load_a, want.load_a) and np.array_equal(c.load_b, want.load_b)
+    # one side knowing its padding is enough, and a file keeps it
+    plain = mr.Routes(list(after.per_layer()), names=after.names, num_experts=after.experts_per_layer)
+    before.save(tmp_path / "before.npz")
+    assert mr.compare(mr.Routes.load(tmp_path / "before.npz"), plain) == c
+    # rows at padding given a token since (with_token_ids) are a token's: compared
+    assert mr.compare(before.with_token_ids(torch.arange(12)), after.with_token_ids(torch.arange(12))).tokens == 12
