@@ -1497,6 +1497,12 @@ class Session:
                 + self._other_model(routes)
                 + " Record the routes on this model, or rename them: routes.rename({'old.prefix.': 'new.prefix.'})"
             )
+        if not routes.names:  # (strict=False: every router native, a block that forces nothing and says nothing)
+            raise RoutesValidationError(
+                "the routes hold no router, so this replay would force nothing and every forward would route "
+                "natively; replay routes of this model's routers (an empty select(), or a filter of the names "
+                "that matched none?)"
+            )
         missing = [n for n in self.names if n not in routes.names]
         if missing and strict:
             raise RoutesValidationError(
@@ -1569,7 +1575,8 @@ class Session:
 
         Raises:
             RoutesValidationError / RouterNotFoundError: before any forward, if the routes
-                do not fit the model (at a router's first forward, for its k as above).
+                do not fit the model (at a router's first forward, for its k as above), or hold
+                no router at all (strict or not: such a block would force nothing).
             ReplayConsumptionError: on leaving, if a router consumed too few (strict) or too many rows;
                 in eager mode, at the forward that reads past the end of its rows.
             TokenMismatchError: a forward fed other tokens than its rows were recorded for, or one

@@ -320,3 +320,24 @@ def test_torch_func_transforms_are_refused_in_blocks(tokens: torch.Tensor, trans
             model(tokens)
         assert torch.equal(session.routes().indices, routes.indices)
     assert_untouched(model, before)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_routes_of_no_router_are_refused_even_when_not_strict(tokens: torch.Tensor) -> None:
+    """Once silent: routes of no router at all (an empty select(), a name filter that matched nothing) replayed
+    with strict=False forced nothing and raised nothing, every forward of the block routing natively."""
+    model = build("softmax_topk")
+    with mr.attach(model) as session:
+        with session.capture():
+            model(tokens)
+        routes = session.routes()
+        empty = routes.select([n for n in routes.names if n.startswith("model.")])  # the names have no "model."
+        for r in (empty, mr.Routes([], names=[], num_experts=8)):
+            for strict in (True, False):
+                with pytest.raises(mr.RoutesValidationError, match="hold no router, so this replay would force"):
+                    with session.replay(r, strict=strict):
+                        model(tokens)
+        assert session.state == "idle"
+        with session.replay(routes.select(routes.names[:1]), strict=False), session.capture():
+            model(tokens)  # some routers: those forced, the others native
+        assert session.routes().select(routes.names[:1]).equal(routes.select(routes.names[:1]))
