@@ -359,6 +359,11 @@ def _compile_matcher(spec: Matcher | None) -> Callable[[str, nn.Module], bool] |
     if callable(spec):
         return lambda n, m: bool(spec(n, m))
     if isinstance(spec, Iterable):
+        spec = list(spec)
+        if any(s is None for s in spec):  # (None alone means "no matcher": in a list it would match nothing, unsaid)
+            raise ArgumentTypeError(
+                f"include/exclude lists take names, globs, regexes, classes or predicates; got None in {spec!r:.80}"
+            )
         parts = [_compile_matcher(s) for s in spec]
         return lambda n, m: any(p(n, m) for p in parts if p is not None)
     raise ArgumentTypeError(
@@ -771,6 +776,7 @@ def find_routers(
     modules = dict(model.named_modules(remove_duplicate=False))
     _refuse_lazy(modules)
     chosen: list[str] = []
+    excluded: list[str] = []  # modules that include= named and exclude= took out
     for name, module in modules.items():
         if inc is not None:
             if not inc(name, module):
@@ -780,6 +786,8 @@ def find_routers(
         elif not (_looks_like_router(name, module) or _in_gate_list(name, module, modules) or _owns_gate(module)):
             continue
         if exc is not None and exc(name, module):
+            if inc is not None:
+                excluded.append(name)
             continue
         chosen.append(name)
 
@@ -873,6 +881,12 @@ def find_routers(
     if problems:
         raise RouterNotFoundError("some routers could not be described:\n  " + "\n  ".join(problems))
     if not sites:
+        if excluded:
+            raise RouterNotFoundError(
+                f"include={_describe(include)} matched {len(excluded)} module(s) of {type(model).__name__} "
+                f"({excluded[:3]}), and exclude={_describe(exclude)} took every one of them out; narrow exclude= "
+                "(it is applied after include=)"
+            )
         if include is not None:
             raise RouterNotFoundError(
                 f"include={_describe(include)} matched no module of {type(model).__name__}; "

@@ -42,6 +42,22 @@ def test_include_class_and_exclude() -> None:
     assert names == ["layers.1.mlp.router", "layers.2.mlp.router"]
 
 
+@pytest.mark.reliability("bad inputs")
+def test_an_include_that_exclude_empties_and_a_none_in_a_list_are_named() -> None:
+    """Once misleading or unsaid: include= whose every match exclude= took out was reported as matching no module,
+    and a None in an exclude list excluded nothing with no word (in an include list, it was named include=None)."""
+    model = mr.models.build("top1_argmax", num_layers=2)
+    before = snapshot(model)
+    with pytest.raises(mr.RouterNotFoundError, match=r"matched 2 module\(s\).*exclude='layers\.\*' took every one"):
+        mr.attach(model, include="layers.*.mlp.router", exclude="layers.*")
+    for kw in ({"exclude": ["layers.0.*", None]}, {"include": [None]}):
+        with pytest.raises(mr.ArgumentTypeError, match="got None in"):
+            mr.attach(model, **kw)
+    assert_untouched(model, before)
+    names = [s.name for s in mr.find_routers(model, include=("layers.*.mlp.router",), exclude=iter(["layers.0.*"]))]
+    assert names == ["layers.1.mlp.router"]
+
+
 class _Custom(nn.Module):
     """An MoE no pattern knows: the router is called 'selector'."""
 
