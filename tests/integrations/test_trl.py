@@ -320,6 +320,20 @@ def test_verify_replay_checks_every_forward_itself() -> None:
         trainer.detach_routing_replay()
 
 
+def test_verify_replay_of_completions_the_batch_masks_out_is_not_refused() -> None:
+    # compare() leaves out rows a forward does not attend to (padding): the truncated completions TRL masks out are
+    # such rows in the loss forwards, while the rollout's routes hold them; the check counts them as left out
+    with tempfile.TemporaryDirectory() as out:
+        trainer = mr_trl.RoutingReplayGRPOTrainer(
+            model=policy(), reward_funcs=reward, train_dataset=dataset(), processing_class=tokenizer(),
+            args=config(out, max_steps=1, max_completion_length=3, mask_truncated_completions=True),
+            verify_replay=True,
+        )  # fmt: skip
+        trainer.train()
+        trainer.detach_routing_replay()
+    assert trainer.state.log_history[0]["completions/clipped_ratio"] == 1.0
+
+
 def test_load_balancing_loss_follows_the_replayed_experts(trained: Any) -> None:
     # the aux loss the trainer adds is computed from the replayed experts: forcing other experts changes it
     t = trained.trainer
