@@ -1353,8 +1353,9 @@ class Session:
                 the failed forward hold more rows than the others. Implies ``allow_silent``.
 
         Raises:
-            SessionStateError: nothing was captured, the capture was interrupted, or another
-                thread has a block open on this session.
+            SessionStateError: nothing was captured, the capture was interrupted, another
+                thread has a block open on this session, or a forward of the model is running
+                (a hook that reads the routes mid-forward).
             CaptureOverflowError: rows went past a ring that a CUDA graph or a compiled
                 region writes into (its fixed size); eager captures grow instead, and
                 ``keep_newest`` rings keep the newest rows.
@@ -1367,6 +1368,12 @@ class Session:
             raise SessionStateError("nothing was captured yet: run forwards inside `with session.capture():`")
         if self._attached:
             self._check_thread("routes()")
+            if self._feeds is not None and self._feeds._inside:
+                raise SessionStateError(
+                    "routes() inside a forward of the model (a hook or callback that runs in it): the routers later "
+                    "in this forward have not recorded its rows yet, so the routers' rows would not line up. Read "
+                    "routes() once the forward has returned"
+                )
             rings: list[Any] = [h.capture_ring for h in self._hooks]
         else:
             assert self._kept_rows is not None

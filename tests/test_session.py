@@ -341,3 +341,32 @@ def test_routes_of_no_router_are_refused_even_when_not_strict(tokens: torch.Tens
         with session.replay(routes.select(routes.names[:1]), strict=False), session.capture():
             model(tokens)  # some routers: those forced, the others native
         assert session.routes().select(routes.names[:1]).equal(routes.select(routes.names[:1]))
+
+
+@pytest.mark.reliability("bad inputs")
+def test_routes_read_inside_a_forward_are_refused(tokens: torch.Tensor) -> None:
+    """Once unsaid: routes() from a forward hook of a layer, in a capture's second forward, gave the routers
+    before it two forwards' rows and those after it one, as if they were routes (a replay then overdrew)."""
+    model = build("softmax_topk")
+    seen: list[object] = []
+
+    def read(module: torch.nn.Module, args: object, out: object) -> None:
+        try:
+            seen.append(session.routes())
+        except mr.SessionStateError as e:
+            seen.append(e)
+
+    with mr.attach(model) as session:
+        hook = model.layers[1].register_forward_hook(read)
+        with session.capture():
+            model(tokens)
+            model(tokens)
+        hook.remove()
+        assert len(seen) == 2 and all(isinstance(e, mr.SessionStateError) for e in seen), seen
+        assert "routes() inside a forward of the model" in str(seen[1])
+        routes = session.routes()  # after the forward: every router's rows of both forwards
+        assert routes.tokens_per_layer == (2 * tokens.numel(),) * 2
+        with session.capture():
+            model(tokens)
+            mid = session.routes()  # between forwards of a block: the rows so far, lined up
+        assert mid.equal(routes[: tokens.numel()])
