@@ -383,6 +383,7 @@ def _describe(spec: Matcher) -> str:
 
 # ----------------------------------------------------------------------- attributes
 _MODULE_GETATTR = nn.Module.__getattr__
+_OBJECT_GETATTRIBUTE = object.__getattribute__
 
 
 def _own_params(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -411,9 +412,11 @@ def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
 def _int_attr(obj: Any, keys: Sequence[str]) -> int | None:
     if obj is None:
         return None
-    # a module whose class keeps nn.Module's __getattr__: that finds only parameters, buffers and submodules, never
-    # an int, so a name in neither its own attributes nor its class is skipped (a miss there raises, at every attach)
-    own = vars(obj) if isinstance(obj, nn.Module) and type(obj).__getattr__ is _MODULE_GETATTR else None
+    # a module whose class keeps nn.Module's __getattr__ (and object's __getattribute__): that finds only parameters,
+    # buffers and submodules, never an int, so a name in neither its own attributes nor its class is skipped (a miss
+    # there raises, at every attach)
+    plain = isinstance(obj, nn.Module) and type(obj).__getattr__ is _MODULE_GETATTR
+    own = vars(obj) if plain and type(obj).__getattribute__ is _OBJECT_GETATTRIBUTE else None
     for key in keys:
         if own is not None and key not in own and not hasattr(type(obj), key):
             continue
