@@ -146,6 +146,10 @@ def test_random_routes_are_forced_exactly(
     if not strict:  # replay only some routers (strict=False): the others route natively
         keep = [n for i, n in enumerate(model.router_names) if subset >> i & 1]
         routes = routes.select(keep)
+        if not keep:  # routes of no router would force nothing: refused, strict or not
+            with mr.attach(model) as session, pytest.raises(mr.RoutesValidationError, match="hold no router"):
+                session.replay(routes, strict=False).__enter__()
+            return
         rows = [r if n in keep else torch.full_like(r, -1) for r, n in zip(rows, model.router_names, strict=True)]
     flat = x.reshape(t, model.hidden)
     bounds = [0, *sorted(torch.randint(0, t + 1, (splits - 1,), generator=g).tolist()), t]  # empty forwards too
