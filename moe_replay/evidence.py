@@ -303,14 +303,15 @@ class Evidence:
 
     @property
     def twins(self) -> tuple[int, ...]:
-        """Ordinals of the calls of a decision call's own form (family, k, width) that are not the decision nor
-        a mirror of it: a forward whose branch moves dispatch to one of them makes the very same calls, so only
-        their effect tells which one decides (see :func:`still_decides`)."""
-        forms = {self.calls[i].signature for i in self.decision}
+        """Ordinals of the calls over a decision call's width (the experts) that are not the decision nor a mirror of
+        it, whatever their family or k: a forward whose branch moves dispatch to one of them makes the very same
+        calls (a top-1 warm-up that dispatches by ``argmax`` beside a ``topk(s, 1)``), so only their effect tells
+        which one decides (see :func:`still_decides`)."""
+        widths = {self.calls[i].signature[2] for i in self.decision}
         return tuple(
             c.ordinal
             for c in self.calls
-            if c.signature in forms and c.ordinal not in self.decision and c.ordinal not in self.mirrors
+            if c.signature[2] in widths and c.ordinal not in self.decision and c.ordinal not in self.mirrors
         )
 
     def describe(self) -> str:

@@ -1906,3 +1906,52 @@ def test_a_cut_by_the_norm_of_the_hidden_states_is_refused(where: int) -> None:
     with mr.attach(model) as session, torch.no_grad(), pytest.raises(mr.UnsupportedRouterError):
         with session.capture():
             model(x)
+
+
+class _Top1WarmupBlock(nn.Module):
+    """A top-1 block with a bare linear gate that dispatches by ``argmax`` of its biased scores for its first
+    ``warmup`` forwards, then by ``topk(probs, 1)``; both are computed every time (the other feeds a statistic), so
+    the decision-like calls never change, but they are of two families (``argmax``, ``topk``)."""
+
+    def __init__(self, warmup: int = 1, top_k: int = 1) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+        self.register_buffer("bias", torch.linspace(2.0, -2.0, E))
+        self.top_k, self.num_experts, self.warmup, self.step = top_k, E, warmup, 0
+        self.dispatched: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        probs = self.gate(x).softmax(-1)
+        early = torch.argmax(probs + self.bias, dim=-1, keepdim=True)
+        late = torch.topk(probs, self.top_k, dim=-1).indices
+        idx = late if self.step > self.warmup else early
+        self.dispatched.append(idx.clone())
+        return dispatch(self.experts, x, idx, probs.gather(-1, idx))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("top_k", [1, 2], ids=["top-1 argmax then topk", "top-1 argmax then top-2"])
+def test_a_warmup_that_moves_dispatch_to_a_call_of_another_family_is_checked_at_every_forward(top_k: int) -> None:
+    """Once silent: a warm-up that moves dispatch from an ``argmax`` to a ``topk`` (of one k, or of another) made
+    both calls at every forward, but only calls of the decision's own family and k were checked at each forward, so
+    the capture recorded, and the replay forced, the ``argmax`` that no longer dispatched. Every call over the
+    experts beside the decision is now checked: the decision is established afresh where it moved (a capture that
+    already holds rows of another k is refused, as a changed k is)."""
+    torch.manual_seed(7)
+    block, x = _Top1WarmupBlock(top_k=top_k), torch.randn(10, D)
+    with mr.attach(block) as session, torch.no_grad():
+        with session.capture():
+            block(x)  # (the warm-up forward: established on the argmax)
+        assert torch.equal(session.routes().layer("gate"), block.dispatched[0])
+        with session.capture():
+            block(x)
+            block(x)
+        assert torch.equal(session.routes().layer("gate"), torch.cat(block.dispatched[1:]))
+        g = torch.Generator().manual_seed(5)
+        rows = torch.stack([torch.randperm(E, generator=g)[:top_k] for _ in range(10)])
+        forced = mr.Routes([rows], names=session.names, num_experts=E)
+        with session.replay(forced):
+            block(x)
+        assert torch.equal(block.dispatched[-1], forced.layer("gate"))
