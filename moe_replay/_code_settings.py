@@ -410,7 +410,7 @@ def _walk(
         if me is not None and c is code:
             stores.update(f"self.{name}" for name in _stores_in(c, me))
         _changes(fn, c, me, cls, cells if c is code else None, stores, places)
-        for kind, name, steps in _chains_in(c, me):
+        for kind, name, steps in _chains_in(c, me, space):
             if any(how == "()" and key for how, key in steps) and not (
                 kind == "global" and _getenv(space.get(name, _MISSING), steps)
             ):  # (a call with arguments is read only where it reads the environment)
@@ -454,11 +454,15 @@ _PASS = frozenset(("CACHE", "PRECALL", "EXTENDED_ARG", "NOP", "NOT_TAKEN", "PUSH
 _CONSTANTS = frozenset(("LOAD_CONST", "LOAD_SMALL_INT"))
 
 
-def _chains_in(code: types.CodeType, me: str | None) -> list[tuple[str, str, tuple[_Step, ...]]]:
+def _chains_in(
+    code: types.CodeType, me: str | None, space: Mapping[str, Any] | None = None
+) -> list[tuple[str, str, tuple[_Step, ...]]]:
     """The chains ``code`` reads, as ``(root kind, root name, steps)``: attributes, subscripts by a constant,
     ``.get(constant)`` and calls with constant arguments, from the module (``me``, its first argument), a global or
     a free variable (``self.config.routing.use_bias``, ``self.flags[0]``, ``self.parent_ref().use_bias``,
-    ``os.environ.get("X")``). Read from the bytecode, so nothing runs; a chain ends at the first other instruction."""
+    ``os.environ.get("X")``). A module-level name of ``space`` (the code's globals) bound to a key (a string, an
+    int) counts as that constant inside a chain (``os.environ.get(ENV_KEY)``, ``self.flags[FLAG]``). Read from the
+    bytecode, so nothing runs; a chain ends at the first other instruction."""
     import dis  # (imported by inspect already)
 
     out: list[tuple[str, str, tuple[_Step, ...]]] = []
@@ -486,6 +490,11 @@ def _chains_in(code: types.CodeType, me: str | None) -> list[tuple[str, str, tup
             if op in _CONSTANTS:
                 consts.append(ins.argval)
                 continue
+            if op == "LOAD_GLOBAL" and space is not None and not (ins.arg or 0) & 1:  # (not one pushed to be called)
+                key = space.get(ins.argval, _MISSING)
+                if _is_key(key):
+                    consts.append(key)
+                    continue
             if consts and (op == "BINARY_SUBSCR" or (op == "BINARY_OP" and ins.argrepr == "[]")) and len(consts) == 1:
                 steps.append(("[]", consts.pop()))
                 continue
@@ -953,7 +962,7 @@ def _getter_chains(fn: types.FunctionType) -> tuple[tuple[_Step, ...] | None, tu
 
         code = fn.__code__
         me = code.co_varnames[0] if code.co_argcount else None
-        read = tuple(steps for kind, _, steps in _chains_in(code, me) if kind == "self")
+        read = tuple(steps for kind, _, steps in _chains_in(code, me, fn.__globals__) if kind == "self")
         body = [i.opname for i in dis.get_instructions(code) if i.opname not in _PASS and i.opname != "RESUME"]
         simple = (
             len(read) == 1
@@ -966,6 +975,10 @@ def _getter_chains(fn: types.FunctionType) -> tuple[tuple[_Step, ...] | None, tu
     return known
 
 
+#: the descriptors of fields that C code reads (a slot; a ``NamedTuple``'s field, ``operator.itemgetter``-like)
+_C_FIELDS = (types.MemberDescriptorType, types.GetSetDescriptorType, type(collections.namedtuple("_Pair", "a").a))
+
+
 def _step(obj: Any, step: _Step) -> Any:
     """One step of a chain, as the code takes it, without running code of the model's: an attribute as
     ``inspect.getattr_static`` finds it (with a module's parameters, buffers and children; a property as such), a
@@ -973,9 +986,9 @@ def _step(obj: Any, step: _Step) -> Any:
     how, key = step
     if how == ".":
         got = _attribute(obj, key)
-        if isinstance(got, types.MemberDescriptorType | types.GetSetDescriptorType) and not isinstance(obj, type):
+        if isinstance(got, _C_FIELDS) and not isinstance(obj, type):
             try:
-                return got.__get__(obj, type(obj))  # (a slot: C code)
+                return got.__get__(obj, type(obj))  # (a slot, a named tuple's field: C code)
             except AttributeError:
                 return _MISSING
         return got
@@ -996,7 +1009,8 @@ def _step(obj: Any, step: _Step) -> Any:
 
 def _setting_of(value: Any) -> Any:
     """``value`` as a setting is compared, or missing: a plain value or an enum member (see :func:`comparable`),
-    and a tensor of one boolean or integer element that takes no gradient (``self.use_bias = torch.tensor(True)``)."""
+    and a tensor of one real element that takes no gradient (``self.use_bias = torch.tensor(True)``, a step count
+    kept in a float buffer: ``register_buffer("step", torch.zeros(()))``)."""
     if is_setting(value):
         return comparable(value)
     if (
@@ -1004,9 +1018,9 @@ def _setting_of(value: Any) -> Any:
         and value.numel() == 1
         and not value.requires_grad
         and not value.is_meta
-        and (value.dtype == torch.bool or not (value.dtype.is_floating_point or value.dtype.is_complex))
+        and not value.dtype.is_complex
     ):
-        return value.item()
+        return comparable(value.item())
     return _MISSING
 
 

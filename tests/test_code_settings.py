@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import types
+import typing
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -421,6 +422,39 @@ class OwnerRouter(_Router):
         return self.pick(self.scores(x), self.owner.use_bias)
 
 
+class _TupleCfg(typing.NamedTuple):
+    use_bias: bool = False
+
+
+class NamedTupleConfigRouter(_Router):
+    """Reads its flag from a ``NamedTuple`` config, replaced wholesale to switch it (``cfg._replace(...)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = _TupleCfg()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.scores(x), self.cfg.use_bias)
+
+
+BIAS_VAR = "MOE_REPLAY_TEST_NAMED_BIAS"  # the variable EnvByNameRouter reads, named by a module-level constant
+FLAG_AT = 0  # the item of ``self.flags`` IndexedFlagRouter reads, named by a module-level constant
+
+
+class EnvByNameRouter(_Router):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.scores(x), os.environ.get(BIAS_VAR, "0") == "1")
+
+
+class IndexedFlagRouter(_Router):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flags = [False]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.scores(x), self.flags[FLAG_AT])
+
+
 def _chained(kind: str) -> tuple[nn.Module, Callable[[], None]]:
     """A two-layer model whose routers read a flag along the chain ``kind`` names, and the switch that turns it on."""
     make: Callable[[], nn.Module] = {
@@ -432,6 +466,8 @@ def _chained(kind: str) -> tuple[nn.Module, Callable[[], None]]:
         "default argument": DefaultFlagRouter,
         "weakref to the block": WeakParentRouter,
         "reference to the block": OwnerRouter,
+        "named tuple": NamedTupleConfigRouter,
+        "item by a named index": IndexedFlagRouter,
     }[kind]
     model = ev.TwoLayers(lambda: DenseBlock(make()))
     for layer in model.layers:
@@ -448,8 +484,10 @@ def _chained(kind: str) -> tuple[nn.Module, Callable[[], None]]:
                 r.config.routing.use_bias = True
             elif kind == "property":
                 r._use_bias = True
-            elif kind == "list item":
+            elif kind in ("list item", "item by a named index"):
                 r.flags[0] = True
+            elif kind == "named tuple":
+                r.cfg = r.cfg._replace(use_bias=True)
             elif kind == "tensor attribute":
                 r.use_bias.fill_(True)
             elif kind.endswith("the block"):
@@ -488,6 +526,27 @@ def test_a_flag_read_along_a_chain_switched_between_blocks_establishes_the_decis
     its old value: a capture recorded the top-k that no longer dispatched. The chains of attributes, constant
     subscripts and weak-reference calls the code reads are now followed (statically) and compared as settings."""
     _switch_and_check(*_chained(kind))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("kind", ["named tuple", "item by a named index", "environment by a named key"])
+def test_a_flag_in_a_named_tuple_or_at_a_key_named_by_a_constant_switched_between_blocks_establishes_it_again(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once silent: a flag read from a ``NamedTuple`` config (replaced wholesale: ``cfg._replace(use_bias=True)``; its
+    fields are C descriptors of its class, which the chain stopped at), or at an item or environment variable named by
+    a module-level constant (``self.flags[FLAG_AT]``, ``os.environ.get(BIAS_VAR)``: the chain ended at the global)
+    was not read, so a switch between blocks kept the decision established under the old value and the capture
+    recorded the top-k that no longer dispatched."""
+    if kind == "environment by a named key":
+        monkeypatch.delenv(BIAS_VAR, raising=False)
+        model, switch = ev.TwoLayers(lambda: DenseBlock(EnvByNameRouter())), lambda: monkeypatch.setenv(BIAS_VAR, "1")
+    else:
+        model, switch = _chained(kind)
+    _switch_and_check(model, switch)
+    router = model.layers[0].router
+    key = {"named tuple": "self.cfg.use_bias", "item by a named index": "self.flags[0]"}.get(kind)
+    assert key is None or code_settings(router).get(key) is True
 
 
 @pytest.mark.reliability("silent replays")
@@ -776,6 +835,18 @@ class SharedConfigStepRouter(_Router):
         return self.pick(self.scores(x), self.cfg.step > self.cfg.warmup)
 
 
+class FloatBufferStepRouter(_Router):
+    """Counts its steps in a float 0-d buffer (``register_buffer("step", torch.zeros(()))``, ``self.step += 1``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("step", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        return self.pick(self.scores(x), bool(self.step > WARMUP))
+
+
 class IterStepRouter(_Router):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pick(self.scores(x), next(STEP_ITER) % 10**6 > 2 * WARMUP)
@@ -802,6 +873,7 @@ def _stepping(kind: str) -> Callable[[], nn.Module]:
         "dict the module holds": OwnDictStepRouter,
         "global tensor": TensorStepRouter,
         "length of a global list": LogLengthRouter,
+        "float buffer": FloatBufferStepRouter,
         "iterator": IterStepRouter,
     }[kind]
 
@@ -847,6 +919,16 @@ def test_a_step_count_kept_outside_the_modules_attributes_is_checked_at_every_fo
     dispatched. Such state is put back after those runs, and a router whose code reads it is checked as one that
     counts in its attributes."""
     _assert_warmup_followed(kind)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_step_count_kept_in_a_float_buffer_is_checked_at_every_forward() -> None:
+    """Once silent: a warm-up counted in a float 0-d buffer (``torch.zeros(())``, as a step kept beside float
+    statistics) was no setting nor state (only tensors of one boolean or integer element were read), so the router
+    was not checked at each forward and the capture recorded the top-k that no longer dispatched."""
+    _assert_warmup_followed("float buffer")
+    model = ev.TwoLayers(lambda: DenseBlock(FloatBufferStepRouter()))
+    assert code_settings(model.layers[0].router)["self.step"] == 0.0
 
 
 @pytest.mark.reliability("silent replays")
