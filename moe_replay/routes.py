@@ -753,6 +753,15 @@ class Routes:
         self._rows_moved = next((p._rows_moved for p in parts if p._rows_moved), None)
         self._caches_interleaved = next((p._caches_interleaved for p in parts if p._caches_interleaved), None)
         self._rows_picked = next((p._rows_picked for p in parts if p._rows_picked), None)
+        # each row's prompt mask is the row's own, whatever is known of the forwards (rows picked out of order, a
+        # part of unknown forwards): a row a capture recorded at prompt padding stays one (compare, replay read it)
+        if any(p._fed_mask is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
+            self._fed_mask = torch.cat(
+                [
+                    p._fed_mask if p._fed_mask is not None else torch.full((p.num_tokens,), -1, dtype=torch.int8)
+                    for p in parts
+                ]
+            )
         if any(p._call_rows is None for p in parts):
             return  # (a part of unknown forwards: so are the forwards of the whole)
         runs: list[tuple[int, int]] = []
@@ -762,13 +771,6 @@ class Routes:
             else:
                 runs.append((rows, calls))
         self._call_rows = tuple(runs)
-        if any(p._fed_mask is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
-            self._fed_mask = torch.cat(
-                [
-                    p._fed_mask if p._fed_mask is not None else torch.full((p.num_tokens,), -1, dtype=torch.int8)
-                    for p in parts
-                ]
-            )
 
     @classmethod
     def _trusted(

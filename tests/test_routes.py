@@ -858,3 +858,25 @@ def test_a_wrapped_missing_row_is_refused_however_the_rows_come_in() -> None:
         False,
         True,
     ]
+
+
+@pytest.mark.reliability("round trips")
+def test_cat_keeps_which_rows_a_capture_recorded_at_prompt_padding() -> None:
+    """Once silent: Routes.cat of rows picked out of order, or of a capture's rows beside routes of unknown
+    forwards, dropped each row's prompt mask: compare() then counted the rows recorded at padding as decisions."""
+    model = mr.models.build("softmax_topk")
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    with mr.attach(model) as session:
+        with session.capture():
+            model(ids, attention_mask=mask)
+        a = session.routes()
+    plain = mr.Routes(list(a.per_layer()), names=a.names, num_experts=a.experts_per_layer)
+    assert mr.compare(a, plain).padding_rows == 8
+    even, odd = torch.arange(0, 12, 2), torch.arange(1, 12, 2)
+    picked = mr.Routes.cat([a[even], a[odd]])
+    assert mr.compare(picked, mr.Routes.cat([plain[even], plain[odd]])).padding_rows == 8
+    mixed = mr.Routes.cat([a[:6], plain[6:]])  # (the second part's padding is not known: its rows are compared)
+    assert mixed._fed_mask is not None and mixed._fed_mask.tolist() == [0, 0, 1, 1, 1, 1] + [-1] * 6
+    c = mr.compare(mixed, plain)
+    assert c.padding_rows == 4 and c.tokens == 10
