@@ -691,9 +691,10 @@ class RoutingReplayMixin:
                 )
             del kept
         if self._mr_verify and replaying:
-            c = compare(session.routes(), batch.routes)
-            # (rows the forward does not attend to, a completion TRL masks out, are left out as padding)
-            if int(c.differ.sum()) or int(c.compared.sum()) + c.padding_rows != int((~batch.missing).sum()):
+            # every replayed row is checked, those the forward does not attend to (a completion TRL masks out) too:
+            # the replay forced them as it forced the others
+            c = compare(_every_row(session.routes()), _every_row(batch.routes))
+            if int(c.differ.sum()) or int(c.compared.sum()) != int((~batch.missing).sum()):
                 raise RoutesValidationError(
                     f"the {kind} forward did not use every replayed expert: {int(c.differ.sum())} of "
                     f"{int(c.compared.sum())} decisions differ from the routes"
@@ -810,6 +811,13 @@ def _refuse_after(trainer: Any) -> None:
     refusal = _unsplittable(setting)
     if refusal:
         raise UnsupportedTrainerSetupError(refusal)
+
+
+def _every_row(routes: Routes) -> Routes:
+    """The same routes without what their capture knew of its prompt padding: :func:`compare` compares every row."""
+    out = routes.with_token_ids(routes.token_ids)
+    out._fed_mask = None
+    return out
 
 
 def _batch_routes(

@@ -321,8 +321,8 @@ def test_verify_replay_checks_every_forward_itself() -> None:
 
 
 def test_verify_replay_of_completions_the_batch_masks_out_is_not_refused() -> None:
-    # compare() leaves out rows a forward does not attend to (padding): the truncated completions TRL masks out are
-    # such rows in the loss forwards, while the rollout's routes hold them; the check counts them as left out
+    # the truncated completions TRL masks out are rows the loss forwards do not attend to (compare() leaves such
+    # rows out as padding), while the rollout's routes hold them: the check compares them too, and they were forced
     with tempfile.TemporaryDirectory() as out:
         trainer = mr_trl.RoutingReplayGRPOTrainer(
             model=policy(), reward_funcs=reward, train_dataset=dataset(), processing_class=tokenizer(),
@@ -332,6 +332,43 @@ def test_verify_replay_of_completions_the_batch_masks_out_is_not_refused() -> No
         trainer.train()
         trainer.detach_routing_replay()
     assert trainer.state.log_history[0]["completions/clipped_ratio"] == 1.0
+
+
+@pytest.mark.reliability("silent replays")
+def test_verify_replay_checks_the_completions_the_batch_masks_out_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once silent: verify_replay left out the rows of completions TRL masks out (attention 0), so a loss forward
+    that routed them otherwise than the replayed routes passed the check."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = mr_trl.RoutingReplayGRPOTrainer(
+            model=policy(), reward_funcs=reward, train_dataset=dataset(), processing_class=tokenizer(),
+            args=config(out, max_steps=1, max_completion_length=3, mask_truncated_completions=True),
+            verify_replay=True,
+        )  # fmt: skip
+        read, compare = mr.Session.routes, mr_trl.compare
+        masks: list[torch.Tensor | None] = []
+        monkeypatch.setattr(
+            mr.Session,
+            "routes",
+            lambda self, *a, **k: masks.append(read(self, *a, **k)._fed_mask) or read(self, *a, **k),
+        )
+
+        def other_at_masked_rows(a: mr.Routes, b: mr.Routes) -> Any:
+            # the replayed routes with other experts at the rows the forward did not attend to: as if it had not
+            # used the replayed experts there
+            masked = masks[-1] == 0 if masks[-1] is not None else torch.zeros(a.num_tokens, dtype=torch.bool)
+            assert bool(masked.any())
+            rows = [
+                torch.where(masked[:, None] & (x >= 0), (x + 1) % e, x)
+                for x, e in zip(b.per_layer(), b.experts_per_layer, strict=True)
+            ]
+            return compare(a, mr.Routes(rows, names=b.names, num_experts=b.experts_per_layer))
+
+        monkeypatch.setattr(mr_trl, "compare", other_at_masked_rows)
+        try:
+            with pytest.raises(mr.RoutesValidationError, match="did not use every replayed expert"):
+                trainer.train()
+        finally:
+            trainer.detach_routing_replay()
 
 
 def test_load_balancing_loss_follows_the_replayed_experts(trained: Any) -> None:
