@@ -808,8 +808,8 @@ class Routes:
         """What the capture knows of its forwards, as JSON for :meth:`save` (None where it knows nothing).
 
         The prompt mask is kept as ``[value, rows]`` runs (-1 where unknown): a capture's is -1
-        but for its prompt forwards, a few runs per sequence. Runs past :data:`_MAX_RUNS` are
-        left out (the file then does not know them, as routes of unknown forwards do not).
+        but for its prompt forwards, a few runs per sequence. A mask of more runs than :data:`_MAX_RUNS`
+        is left out here and saved as an array of its own (``prompt_mask``, see :meth:`save`).
         """
         calls = self._call_rows
         mask = None
@@ -904,6 +904,10 @@ class Routes:
         arrays: dict[str, Any] = {f"layer_{i}": d.numpy() for i, d in enumerate(self._data)}
         if self._token_ids is not None:
             arrays["token_ids"] = self._token_ids.numpy()
+        mask = self._fed_mask
+        if mask is not None and mask.numel() and (forwards is None or forwards["mask_runs"] is None):
+            # (too many runs for the metadata: the padded sequences of a large rollout) one value per row, not dropped
+            arrays["prompt_mask"] = mask.numpy()
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with open(path, "wb") as f:
             np.savez_compressed(f, **arrays)
@@ -939,7 +943,7 @@ class Routes:
             with open(path, "rb") as f:
                 raw = f.read()
             with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-                meta, layers, ids = _read_members(zf, path, max_bytes)
+                meta, layers, ids, mask = _read_members(zf, path, max_bytes)
         except RoutesValidationError:
             raise
         except _READ_ERRORS as e:
@@ -952,6 +956,12 @@ class Routes:
             if ids is not None:
                 routes._token_ids = _ids(ids, routes, "its token_ids")
             _read_forwards(routes, meta.get("forwards"), path)
+            if mask is not None:
+                if len(set(routes.tokens_per_layer)) != 1 or mask.shape != (routes.num_tokens,):
+                    raise _corrupted(path, f"its prompt mask holds {mask.numel()} values for {routes.num_tokens} rows")
+                if not bool(((mask >= -1) & (mask <= 1)).all()):
+                    raise _corrupted(path, "its prompt mask holds values other than -1, 0 and 1")
+                routes._fed_mask = mask.to(torch.int8)
         except RoutesValidationError as e:
             raise RoutesValidationError(f"{path}: {e}") from e
         except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
@@ -1012,8 +1022,9 @@ def _corrupted(path: str | os.PathLike[str], why: str) -> RoutesValidationError:
 
 def _read_members(
     zf: zipfile.ZipFile, path: str | os.PathLike[str], max_bytes: int | None
-) -> tuple[dict[str, Any], list[torch.Tensor], torch.Tensor | None]:
-    """The metadata, layer arrays and token ids (if saved) of a routes ``.npz``, each checked before decompressing."""
+) -> tuple[dict[str, Any], list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """The metadata, layer arrays, token ids and prompt mask (each if saved) of a routes ``.npz``, each checked before
+    decompressing."""
     infos = {i.filename: i for i in zf.infolist()}
     total = sum(i.file_size for i in infos.values())
     if max_bytes is not None and total > max_bytes:
@@ -1031,7 +1042,8 @@ def _read_members(
         meta = json.loads(bytes(npformat.read_array(f, allow_pickle=False)).decode())
     names, experts = _read_meta(meta, path)
     wanted = ["meta.npy", *(f"layer_{i}.npy" for i in range(len(names)))]
-    extra = sorted(set(infos) - set(wanted) - {"token_ids.npy"})
+    optional = ["token_ids.npy", "prompt_mask.npy"]
+    extra = sorted(set(infos) - set(wanted) - set(optional))
     if extra:
         raise RoutesValidationError(
             f"{path} holds arrays that a routes file of {len(names)} routers does not have: "
@@ -1045,18 +1057,22 @@ def _read_members(
     if meta.get("fingerprint") is not None and all(len(s) == 2 for s, _ in headers):
         if meta["fingerprint"] != fingerprint(names, experts, [s[1] for s, _ in headers]):
             raise RoutesValidationError(f"{path}: the stored fingerprint does not match its contents (corrupted)")
-    ids = None
     if "token_ids.npy" in infos:
         shape, dtype = _header(zf, infos["token_ids.npy"], path)
         if len(shape) != 1 or dtype.kind != "i":
             raise _corrupted(path, f"its token_ids are a {dtype} array of shape {shape}, not one int per row")
+    if "prompt_mask.npy" in infos:
+        shape, dtype = _header(zf, infos["prompt_mask.npy"], path)
+        if len(shape) != 1 or dtype != np.int8:
+            raise _corrupted(path, f"its prompt mask is a {dtype} array of shape {shape}, not one int8 per row")
     layers = []
-    for n in wanted[1:] + (["token_ids.npy"] if "token_ids.npy" in infos else []):
+    held = [n for n in optional if n in infos]
+    for n in wanted[1:] + held:
         with zf.open(infos[n]) as f:
             layers.append(torch.from_numpy(_native(npformat.read_array(f, allow_pickle=False))))
-    if "token_ids.npy" in infos:
-        ids = layers.pop()
-    return meta, layers, ids
+    found = dict(zip(held, layers[len(wanted) - 1 :], strict=True))
+    del layers[len(wanted) - 1 :]
+    return meta, layers, found.get("token_ids.npy"), found.get("prompt_mask.npy")
 
 
 #: What reading a damaged ``.npz`` can raise: zip structure, deflate stream, npy header, JSON.

@@ -880,3 +880,31 @@ def test_cat_keeps_which_rows_a_capture_recorded_at_prompt_padding() -> None:
     assert mixed._fed_mask is not None and mixed._fed_mask.tolist() == [0, 0, 1, 1, 1, 1] + [-1] * 6
     c = mr.compare(mixed, plain)
     assert c.padding_rows == 4 and c.tokens == 10
+
+
+@pytest.mark.reliability("files")
+def test_a_prompt_mask_of_more_runs_than_the_metadata_holds_is_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once silent: a capture's prompt mask of more runs than a file's metadata keeps (the padded sequences of a
+    large rollout) was left out of the file: loaded, its rows recorded at padding were compared as decisions, and a
+    replay no longer knew them."""
+    model = mr.models.build("softmax_topk")
+    ids = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+    with mr.attach(model) as session:
+        with session.capture():
+            model(ids, attention_mask=mask)
+        a = session.routes()
+    monkeypatch.setattr(mr.routes, "_MAX_RUNS", 2)  # (a mask of 6 runs: past it)
+    a.save(tmp_path / "a.npz")
+    back = mr.Routes.load(tmp_path / "a.npz")
+    assert back._fed_mask is not None and back._fed_mask.tolist() == a._fed_mask.tolist()
+    assert mr.compare(back, a) == mr.compare(a, a) and mr.compare(back, a).padding_rows == 10
+    # a mask of another length than the rows is refused, as a corrupted file
+    with np.load(tmp_path / "a.npz") as f:
+        arrays = dict(f)
+    arrays["prompt_mask"] = arrays["prompt_mask"][:-1]
+    np.savez_compressed(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(mr.RoutesValidationError, match="prompt mask"):
+        mr.Routes.load(tmp_path / "bad.npz")
