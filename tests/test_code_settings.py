@@ -179,6 +179,23 @@ def _dispatched_as_recorded(model: nn.Module, session: mr.Session, spy: ev.Exper
     )
 
 
+def _warns_in_a_later_block(router: Callable[[], nn.Module]) -> None:
+    """Three capture blocks of two forwards each, the second block's first forward fed a zero token (a router that
+    warns once about it sets its flag there): each block's rows are the experts its forwards dispatched to."""
+    model = ev.TwoLayers(lambda: DenseBlock(router()))
+    x = torch.randn(ev.T, ev.D)
+    spy = ev.ExpertSpy(model)
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            for block in range(3):
+                with session.capture():
+                    model(x.index_fill(0, torch.tensor([0]), 0.0) if block == 1 else x)  # (a zero token: it warns)
+                    model(x)
+                assert _dispatched_as_recorded(model, session, spy)
+    finally:
+        spy.remove()
+
+
 _KINDS = ["global", "namespace", "class", "helper", "closure", "buffer"]
 
 
@@ -717,19 +734,8 @@ class GlobalWarnOnceRouter(_Router):
 def test_a_global_the_routers_own_code_assigns_later_than_its_first_forward_is_not_refused() -> None:
     """Once refused: a warn-once flag kept in a global the forward assigns (``global WARNED; WARNED = True``), set in
     a later block than the one that established the decision, read as a setting changed inside that block."""
-    model = ev.TwoLayers(lambda: DenseBlock(GlobalWarnOnceRouter()))
-    x = torch.randn(ev.T, ev.D)
-    spy = ev.ExpertSpy(model)
-    try:
-        with mr.attach(model) as session, torch.no_grad():
-            for block in range(3):
-                with session.capture():
-                    model(x.index_fill(0, torch.tensor([0]), 0.0) if block == 1 else x)  # (a zero token: it warns)
-                    model(x)
-                assert _dispatched_as_recorded(model, session, spy)
-        assert WARNED
-    finally:
-        spy.remove()
+    _warns_in_a_later_block(GlobalWarnOnceRouter)
+    assert WARNED
 
 
 class DictWarnOnceRouter(_Router):
@@ -745,18 +751,7 @@ def test_an_entry_the_routers_own_code_stores_in_a_global_dict_is_not_refused() 
     """Once refused: an entry the router's own code stores in a module-level dict (``WARNED_OF["zero"] = True``, a
     warn-once registry), set in a later block than the one that established the decision, was read as a setting (the
     chain ``WARNED_OF.get('zero')``) changed inside that block. The entries a router's code stores are its state."""
-    model = ev.TwoLayers(lambda: DenseBlock(DictWarnOnceRouter()))
-    x = torch.randn(ev.T, ev.D)
-    spy = ev.ExpertSpy(model)
-    try:
-        with mr.attach(model) as session, torch.no_grad():
-            for block in range(3):
-                with session.capture():
-                    model(x.index_fill(0, torch.tensor([0]), 0.0) if block == 1 else x)
-                    model(x)
-                assert _dispatched_as_recorded(model, session, spy)
-    finally:
-        spy.remove()
+    _warns_in_a_later_block(DictWarnOnceRouter)
     assert WARNED_OF == {"zero": True}
 
 
@@ -1054,16 +1049,4 @@ def test_a_warn_once_flag_the_routers_own_code_sets_outside_its_attributes_is_no
     True``, or on the instance over a class default), on a namespace or in a dict (by a helper it calls, or by
     ``setdefault``), set in a later block than the one that established the decision, read as a setting changed
     inside that block."""
-    cls = _warn_once_router(kind)
-    model = ev.TwoLayers(lambda: DenseBlock(cls()))
-    x = torch.randn(ev.T, ev.D)
-    spy = ev.ExpertSpy(model)
-    try:
-        with mr.attach(model) as session, torch.no_grad():
-            for block in range(3):
-                with session.capture():
-                    model(x.index_fill(0, torch.tensor([0]), 0.0) if block == 1 else x)
-                    model(x)
-                assert _dispatched_as_recorded(model, session, spy)
-    finally:
-        spy.remove()
+    _warns_in_a_later_block(_warn_once_router(kind))
