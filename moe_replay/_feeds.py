@@ -78,6 +78,8 @@ ROW_MOVES = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
 #: Watched on a cache that has a method of ROW_MOVES, as those are; a call is read by the tokens the cache holds before
 #: and after it (``get_seq_length()``), whatever its arguments mean
 SHRINKS = ("crop", "reset")
+#: how a rollback seen by the tokens a cache holds (not by a watched method) is named: ``"<class> " + HELD_FEWER``
+HELD_FEWER = "held fewer tokens as a forward began than as the forward before it ended"
 #: a model's own method that reorders its KV cache's rows: transformers' beam search calls it where a model
 #: class defines it, instead of the cache's reorder_cache (remote-code models do)
 MODEL_MOVES = ("_reorder_cache",)
@@ -162,6 +164,11 @@ class FeedRecord:
         #: tokens it held then: an int, a 0-d tensor read when the routes are, or None for a forward given none)
         self._fresh: list[tuple[str, Any]] = []
         self._last: weakref.ref[Any] | None = None  # the KV cache given to the latest forward given one
+        #: the tokens that cache held as that forward ended (an int; -1 where unknown or a static cache's count, which
+        #: is on its device), and the tokens each watched cache held as this capture first watched it, by id: a cache
+        #: the next forward is given holding fewer is a rollback between forwards, whatever took them out
+        self._held_after: int = -1
+        self._starts: dict[int, Any] = {}
         self._keep_inputs = keep_inputs
         self._limit = limit
         self._held = 0  # tokens of the forwards kept
@@ -233,9 +240,13 @@ class FeedRecord:
         return True
 
     def left(self) -> None:
-        """The forward fed last has ended: count the router calls it made (see :meth:`rows`)."""
+        """The forward fed last has ended: count the router calls it made (see :meth:`rows`), and the tokens its cache
+        holds now (see :meth:`_watch_caches`)."""
         if self._keep_inputs and self.forwards and self.calls_made is not None:
             self.forwards[-1].end = self.calls_made()
+        if self._notes_loops:
+            cache = self._last() if self._last is not None else None
+            self._held_after = _count_now(cache) if cache is not None else -1
 
     @property
     def rolled_back(self) -> str | None:
@@ -263,6 +274,16 @@ class FeedRecord:
             return
         held = self._rollback
         self._rollback = (what, removed) if held is None else (held[0], held[1] | removed)
+
+    def _taken_between(self, cache: Any) -> None:
+        """A forward is given the cache the forward before it was given: fewer tokens in it than it held as that forward
+        ended is a rollback, whatever took them out (a layer's own ``crop``, the class's method called on it, its
+        tensors sliced back). Counts that only grow (a sliding window's, a linear-attention layer's) never read as
+        one; a static cache's count, on its device, is not read per step."""
+        held = _count_now(cache)
+        if 0 <= held < self._held_after:
+            start = self._starts.get(id(cache), -1)
+            self._shrunk(f"{type(cache).__name__} {HELD_FEWER}", start, self._held_after, held)
 
     def _copied(self, copied: Any) -> None:
         """A watched cache was deep-copied (a snapshot a decode loop may go back to): note when."""
@@ -321,6 +342,8 @@ class FeedRecord:
                 if not given:  # (the first cache given: the forward's own)
                     given = True
                     last = self._last() if self._last is not None else None
+                    if self._held_after > 0 and value is last and self._notes_loops:
+                        self._taken_between(value)
                     if value is not last:  # (another cache than the forward before's)
                         if again and last is not None and self._interleaved is None:
                             self._interleaved = kind.__name__
@@ -391,6 +414,7 @@ class FeedRecord:
         if left is not None and left[0]() is cache:  # (watched in an earlier block: cropped in between?)
             start = left[2]
             self._shrunk(f"{type(cache).__name__}.crop between capture() blocks", start, left[1], _tokens_held(cache))
+        self._starts[id(cache)] = start if start != -1 or not self._notes_loops else _count_now(cache)
         for name in names:
             before = own.get(name)
             if name in MODEL_MOVES:  # (a static method too: called as looked up on the object)
@@ -424,6 +448,8 @@ class FeedRecord:
         self._last = None
         self._left = {key: left for key, left in self._left.items() if left[0]() is not None}
         self._copies = {key: made for key, made in self._copies.items() if made[0]() is not None}
+        self._starts.clear()
+        self._held_after = -1
 
     def to_host(self) -> None:
         """Move the kept inputs to the host, one copy per device and dtype: a detached session holds no device
@@ -853,6 +879,19 @@ class _Shrinking(_Noting):
         if rec is not None:
             rec._copied(copied)
         return _Shrinking(None, self.name, copy.deepcopy(self.before, memo), weakref.ref(copied), self.start)
+
+
+def _count_now(cache: Any) -> int:
+    """The tokens a KV cache holds now where it counts them on the host (``get_seq_length()`` an int), else -1: read at
+    every forward, so never a static cache's device count (no copy, no kernel)."""
+    count = getattr(type(cache), "get_seq_length", None)
+    if not callable(count):
+        return -1
+    try:
+        held = count(cache)
+    except Exception:  # (a cache of one's own whose count fails: it says nothing)
+        return -1
+    return held if type(held) is int else -1
 
 
 def _tokens_held(cache: Any) -> int | torch.Tensor | None:

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import check_count, check_flag
-from ._feeds import SHRINKS
+from ._feeds import HELD_FEWER, SHRINKS
 from .batch import take_rows
 from .errors import (
     ArgumentTypeError,
@@ -336,17 +336,21 @@ def _check_moves(routes: Routes) -> None:
     moved = routes._rows_moved
     if moved is None:
         return
-    if moved.startswith("copy.deepcopy(") or moved.split(" ")[0].endswith(tuple(f".{name}" for name in SHRINKS)):
+    if (
+        moved.startswith("copy.deepcopy(")
+        or moved.endswith(HELD_FEWER)
+        or moved.split(" ")[0].endswith(tuple(f".{name}" for name in SHRINKS))
+    ):
         raise RoutesValidationError(
-            f"while this capture ran, tokens that its forwards had put in the KV cache were taken out of it "
-            f"({moved}), and later forwards went on from the shorter cache: a decode loop that rolls back, as "
-            "speculative decoding of one's own does to drop its rejected draft tokens (cache.crop, or going back to "
-            "a copy of the cache taken before them), or a cache emptied (reset()) and used again. The rows of the "
-            "tokens taken out stay in the capture, in order among the rows of the tokens kept, so a split by their "
-            "order would give later tokens the experts of dropped ones, and sequences= cannot tell them apart where "
-            "tokens repeat. Capture a decode loop that does not roll back its cache (generate() sampling or greedy, "
-            "or drafts verified before they are fed), each loop in its own capture() block; or pick the rows of the "
-            "tokens kept yourself (your loop knows them: routes[index]) and replay those"
+            f"while this capture ran, tokens that its forwards had put in the KV cache were taken out of it ({moved}),"
+            " and later forwards went on from the shorter cache: a decode loop that rolls back, as speculative "
+            "decoding of one's own does to drop its rejected draft tokens (cache.crop, each layer cropped, or going "
+            "back to a copy of the cache taken before them), or a cache emptied (reset()) and used again. The rows of"
+            " the tokens taken out stay in the capture, in order among the rows of the tokens kept, so a split by "
+            "their order would give later tokens the experts of dropped ones, and sequences= cannot tell them apart "
+            "where tokens repeat. Capture a decode loop that does not roll back its cache (generate() sampling or "
+            "greedy, or drafts verified before they are fed), each loop in its own capture() block; or pick the rows "
+            "of the tokens kept yourself (your loop knows them: routes[index]) and replay those"
         )
     why = (
         "as a beam search (num_beams > 1) does between steps to reorder its hypotheses"
