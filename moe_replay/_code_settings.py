@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OutsideState", "code_settings", "flag_buffers", "is_written", "reads_state", "written"]
+__all__ = ["OutsideState", "code_settings", "flag_buffers", "hook_written", "is_written", "reads_state", "written"]
 
 #: the plain values that are compared as settings (:func:`is_setting`: members of an ``enum`` too)
 _PLAIN = frozenset((int, float, str, bool, type(None)))
@@ -153,6 +153,33 @@ def written(module: nn.Module, forward: Any = None) -> frozenset[str]:
     container filled by keys the code computes); see :func:`is_written`. Read from the code; nothing runs."""
     cached = _read_code(module, forward)
     return frozenset() if cached is None else cached[2]
+
+
+def hook_written(module: nn.Module) -> frozenset[str]:
+    """What the forward hooks and pre-hooks registered on ``module`` assign on it, named as :func:`written` names
+    them (``"self.calls"`` for a hook that counts the module's calls: ``m.calls += 1``): the hooks' state, changed at
+    every call by code that runs with the forward, not a setting someone changes between forwards. A hook is read as
+    a forward is: its module is its first argument (the one after ``self`` for a bound method); a hook that is no
+    plain Python function or method (a ``functools.partial``, a callable object) is not read, so what it assigns
+    stays a setting. Read from the code; nothing runs."""
+    out: set[str] = set()
+    for attr in ("_forward_pre_hooks", "_forward_hooks"):
+        hooks = vars(module).get(attr)
+        for hook in hooks.values() if isinstance(hooks, dict) else ():
+            at = 1 if isinstance(hook, types.MethodType) else 0
+            fn = hook.__func__ if at else hook
+            if not isinstance(fn, types.FunctionType) or fn.__code__.co_argcount <= at:
+                continue
+            code = fn.__code__
+            found = _HOOK_STORES.get(code)
+            if found is None:
+                found = _HOOK_STORES[code] = frozenset(_stores_in(code, code.co_varnames[at]))
+            out.update(f"self.{name}" for name in found)
+    return frozenset(out)
+
+
+#: what each hook's code assigns on its module, by code object (read once)
+_HOOK_STORES: weakref.WeakKeyDictionary[types.CodeType, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 def is_written(key: str, names: set[str] | frozenset[str]) -> bool:

@@ -47,7 +47,16 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
-from ._code_settings import code_settings, comparable, flag_buffers, is_setting, is_written, reads_state, written
+from ._code_settings import (
+    code_settings,
+    comparable,
+    flag_buffers,
+    hook_written,
+    is_setting,
+    is_written,
+    reads_state,
+    written,
+)
 from ._output_guard import OutputGuard, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
@@ -1793,11 +1802,12 @@ def _scope_modules(scope: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _written(scope: nn.Module) -> set[str]:
     """The keys of :func:`_fingerprint` that the code of the scope's modules assigns (``self._step += 1``, a global
-    set once a warning is given): their state, not settings (see :func:`moe_replay._code_settings.written`)."""
+    set once a warning is given), their forward hooks and pre-hooks too (a hook counting calls: ``m.calls += 1``):
+    their state, not settings (see :func:`moe_replay._code_settings.written` and ``hook_written``)."""
     return {
         prefix + k[5:] if k.startswith("self.") else k
         for prefix, m in _scope_modules(scope)
-        for k in written(m, m.__dict__.get("forward"))
+        for k in written(m, m.__dict__.get("forward")) | hook_written(m)
     }
 
 

@@ -16,6 +16,7 @@ import typing
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moe_replay as mr
-from moe_replay._code_settings import code_settings
+from moe_replay._code_settings import code_settings, hook_written
 
 from . import test_evidence as ev
 
@@ -719,6 +720,94 @@ def test_a_private_step_count_that_picks_which_call_dispatches_is_checked_at_eve
                 assert _dispatched_as_recorded(model, session, spy)
     finally:
         spy.remove()
+
+
+class HookedFlagRouter(_Router):
+    """Its biased top-k dispatches while a public flag is on: the flag a forward pre-hook may switch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.use_bias = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.scores(x), self.use_bias)
+
+
+def _count_calls(module: nn.Module, args: tuple[Any, ...]) -> None:
+    module.calls = getattr(module, "calls", 0) + 1  # a profiling hook's count: state, changed at every forward
+
+
+def _warm_up_by_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+    module.calls = getattr(module, "calls", 0) + 1
+    module.use_bias = module.calls > 2  # a warm-up the hook switches: which call dispatches changes mid-block
+
+
+def _hooked_model(hook: Callable[[nn.Module, tuple[Any, ...]], None]) -> nn.Module:
+    model = ev.TwoLayers(lambda: DenseBlock(HookedFlagRouter()))
+    for layer in model.layers:
+        layer.router.register_forward_pre_hook(hook)
+    return model
+
+
+def test_a_count_a_forward_hook_keeps_on_the_router_is_its_state_not_a_setting() -> None:
+    """Once refused: a forward pre-hook that counts the router's calls in a public attribute (``m.calls += 1``, as
+    profiling and logging hooks do) changed a "setting" at every forward, and every block of more than one forward
+    was refused as the model changing inside it. What a hook on the router assigns on it is state, as what the
+    router's own forward assigns is."""
+    model = _hooked_model(_count_calls)
+    x = torch.randn(ev.T, ev.D)
+    spy = ev.ExpertSpy(model)
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            for _ in range(2):
+                with session.capture():
+                    for _ in range(3):
+                        model(x)
+                    assert _dispatched_as_recorded(model, session, spy)
+            routes = session.routes()
+            assert routes.num_tokens == 3 * ev.T
+            with session.replay(routes):
+                for _ in range(3):
+                    model(x)
+    finally:
+        spy.remove()
+    assert all(layer.router.calls == 9 for layer in model.layers)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_flag_a_forward_hook_switches_mid_block_is_checked_at_every_forward() -> None:
+    """A hook's state is not trusted to be a count: a pre-hook that switches which of two top-k calls dispatches
+    (a warm-up kept by the hook) inside one block has each forward's rows recorded from the call that dispatched,
+    as a step count the router keeps itself has."""
+    model = _hooked_model(_warm_up_by_hook)
+    x = torch.randn(ev.T, ev.D)
+    spy = ev.ExpertSpy(model)
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            for step in range(5):
+                with session.capture():
+                    model(x)
+                    assert _dispatched_as_recorded(model, session, spy), step
+            assert all(layer.router.use_bias for layer in model.layers)  # (the switch happened in the blocks)
+    finally:
+        spy.remove()
+
+
+def test_what_a_hook_object_assigns_on_itself_is_not_read_as_the_routers_state() -> None:
+    """A hook that is a bound method gets its module as its second argument: what it assigns on ``self`` (its own
+    object) is not the router's, so the router's attribute of that name stays a setting."""
+
+    class Profiler:
+        use_bias = False
+
+        def hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+            self.use_bias = True  # its own attribute, not the router's
+            module.seen = True
+
+    router = HookedFlagRouter()
+    router.register_forward_pre_hook(Profiler().hook)
+    router.register_forward_pre_hook(_count_calls)
+    assert hook_written(router) == {"self.seen", "self.calls"}
 
 
 class GlobalWarnOnceRouter(_Router):
