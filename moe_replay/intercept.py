@@ -440,6 +440,8 @@ class RouterHook:
             _settings(self.scope),
         )
         ev = known.get(key)
+        if ev is not None and self._unshown_twins(ev) and not self._still_holds(ev, forward, args, kwargs):
+            ev = None  # (established by an earlier session, on inputs where another of its calls decided)
         if ev is None and any(isinstance(a, torch.Tensor) and a.is_meta for a in (*args, *kwargs.values())):
             raise UnsupportedRouterError(
                 f"router '{self.name}' runs for the first time under a session on the meta device, where its "
@@ -490,6 +492,18 @@ class RouterHook:
         if self.on_established is not None:
             self.on_established(self)
         return ev
+
+    def _unshown_twins(self, ev: Evidence) -> bool:
+        """Does ``ev`` have twins (other calls of its decision's form) while the router returns none of its decision's
+        indices (see :meth:`_check_returned`)? Which of them dispatches may then hang on the forward's inputs (a branch
+        on their values, a ``torch.where`` between two top-k), and nothing the router returns shows a switch: its
+        decision is checked by its effect at every eager forward (``_restless``), as a router's that keeps a step
+        count is."""
+        returned = self._returned_at.get(ev)
+        if returned is None or returned[0] is not None or not ev.twins:
+            return False
+        self._restless = True
+        return True
 
     def _still_holds(
         self, ev: Evidence, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -823,11 +837,11 @@ class RouterHook:
         known = self._returns
         if known is None or known[0] is not ev:
             learned = self._returned_at.get(ev)  # (by an earlier session on this scope, or in another mode)
+            known = self._returns = (ev, pos, type(out)) if learned is None else (ev, *learned)
+            self._returned_at[ev] = known[1:]
+            self._unshown_twins(ev)
             if learned is None:
-                self._returns = (ev, pos, type(out))
-                self._returned_at[ev] = (pos, type(out))
                 return
-            known = self._returns = (ev, *learned)
         if known[1] is None or pos == known[1]:
             return
         self._returns = None

@@ -11,6 +11,9 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_replay as mr
 
+from . import test_code_settings as _settings
+from . import test_evidence as _ev
+
 E, D = 6, 16
 
 
@@ -567,3 +570,60 @@ def test_top_1_gate_whose_argmax_writes_into_an_out_tensor_is_captured_and_force
             assert torch.equal(gate.last, forced.layer("router")) and torch.equal(
                 gate.idx, forced.layer("router")[:, 0]
             )
+
+
+class _ValueBranchRouter(_settings._Router):
+    """Dispatches by its biased top-k where its input's mean is positive, else by its plain one (both always run)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "branch":
+            return self.pick(self.scores(x), bool(x.mean() > 0))
+        if self.how == "item":
+            return self.pick(self.scores(x), x.mean().item() > 0)
+        s = self.scores(x)  # "where": a torch.where between the two, by a 0-d condition (no value read on the host)
+        plain, shifted = torch.topk(s, 2, dim=-1).indices, torch.topk(s + self.bias, 2, dim=-1).indices
+        idx = torch.where(x.mean() > 0, shifted, plain)
+        return torch.zeros_like(s).scatter(-1, idx, s.gather(-1, idx))
+
+
+def _signed(step: int) -> torch.Tensor:
+    """Inputs whose mean is negative at even steps and positive at odd ones (which call dispatches alternates)."""
+    x = torch.randn(_ev.T, _ev.D, generator=torch.Generator().manual_seed(step))
+    return x + (1.0 if step % 2 else -1.0)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["branch", "item", "where"])
+def test_a_router_that_picks_between_two_top_k_by_its_inputs_values_is_captured_and_forced(how: str) -> None:
+    """Once silent: a router that returns a dense combine (none of its decision's indices) and picks which of two
+    top-k calls of one form dispatches by its inputs' values had the call of its first forward recorded and forced at
+    every later one. Each forward's rows are now those of the call that dispatched there, in capture and in a replay
+    whose routers were changed since, and in a later session's first forward too."""
+    torch.manual_seed(0)
+    model = _ev.TwoLayers(lambda: _settings.DenseBlock(_ValueBranchRouter(how)))
+    spy = _ev.ExpertSpy(model)
+    try:
+        with torch.no_grad():
+            with mr.attach(model) as session:
+                with session.capture():
+                    for step in range(4):
+                        model(_signed(step))
+                        assert _settings._dispatched_as_recorded(model, session, spy), step
+                routes = session.routes()
+                for layer in model.layers:
+                    layer.router.weight.mul_(-1.0)  # (the routers now prefer other experts)
+                with session.replay(routes):
+                    for step in range(4):
+                        model(_signed(step))
+                        for b, name in enumerate(session.names):
+                            rows = routes.layer(name)[step * _ev.T : (step + 1) * _ev.T]
+                            assert torch.equal(spy.experts_of(b), _ev.as_sets(rows)), (step, name)
+            with mr.attach(model) as later, later.capture():  # (its decision known from the first session)
+                model(_signed(1))
+                assert _settings._dispatched_as_recorded(model, later, spy)
+    finally:
+        spy.remove()

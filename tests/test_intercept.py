@@ -462,33 +462,33 @@ def test_a_setting_changed_between_blocks_establishes_the_decision_again(block: 
 
 def test_a_setting_changed_inside_a_block_is_refused_as_it_ends() -> None:
     """Once silent: a config flag flipped inside a capture block left the later forwards recording the
-    experts of the call that no longer dispatched. (A block that also changes its own state, a count of its
-    forwards, has which of its two calls decides checked at each forward: there the flip is seen at the forward
-    after it, and that forward's decision established afresh.)"""
-    model = ev.TwoLayers(QuietBiasFlagBlock)
+    experts of the call that no longer dispatched. A setting that a choice after the decision reads (a cut turned
+    on) is refused as the block ends. A flag that picks which of two top-k calls dispatches, in a block that returns
+    none of its decision's indices, has which call decides checked at each forward, whether or not the block changes
+    its own state (a count of its forwards): the flip is seen at the forward after it, and that forward's decision
+    established afresh."""
+    model = ev.TwoLayers(MinWeightBlock)
     x = torch.randn(ev.T, ev.D)
     with mr.attach(model) as session, torch.no_grad():
         with pytest.raises(
             mr.SessionStateError,
-            match=r"changed inside this capture\(\) block: 'cfg\.use_bias' of router 'layers\.0\.gate'",
+            match=r"changed inside this capture\(\) block: 'min_weight' of router 'layers\.0\.gate'",
         ):
             with session.capture():
                 model(x)
                 _turn_on(model)
                 model(x)
-        with session.capture():  # established again
-            model(x)
-        assert session.routes().tokens_per_layer == (ev.T, ev.T)
-    counting = ev.TwoLayers(BiasFlagBlock)
-    with mr.attach(counting) as session, torch.no_grad():
+    for block in (QuietBiasFlagBlock, BiasFlagBlock):
+        counting = ev.TwoLayers(block)
+        with mr.attach(counting) as session, torch.no_grad():
 
-        def flipped_inside() -> None:
-            with session.capture():
-                counting(x)
-                _turn_on(counting)
-                counting(x)
+            def flipped_inside(model: nn.Module = counting, session: mr.Session = session) -> None:
+                with session.capture():
+                    model(x)
+                    _turn_on(model)
+                    model(x)
 
-        assert _experts_used_are_the_routes(counting, session, flipped_inside)
+            assert _experts_used_are_the_routes(counting, session, flipped_inside), block.__name__
 
 
 def test_state_a_router_changes_itself_does_not_establish_its_decision_again() -> None:
