@@ -461,6 +461,7 @@ class _ProbeMode(TorchFunctionMode):
         self.ins: list[torch.Tensor] = []  # each call's scores
         self.outs: list[Any] = []
         self.aside: list[str] = []  # choices along another dimension than the last (not decisions), described
+        self.flat: list[str] = []  # top-ks of flat score tensors (not decisions), described
         self.masked: list[torch.Tensor] = []
         self.unmasked: list[bool] = []  # per call: its input is a masked copy that was seen
         self.sources: list[tuple[torch.Tensor, torch.Tensor]] = []  # (masked copy, the scores it masks), forcing
@@ -585,7 +586,8 @@ class _ProbeMode(TorchFunctionMode):
                 self._score(t)
 
     def _note_aside(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Describe a top-k or arg-max of a score matrix along another dimension than the last."""
+        """Describe a top-k or arg-max of a score matrix along another dimension than the last, or a top-k of flat
+        scores."""
         x = _arg(args, kwargs, 0, "input")
         family = _FAMILY.get(func)
         pos, default = (2, -1) if family in ("topk", "kthvalue") else (1, None)
@@ -593,6 +595,14 @@ class _ProbeMode(TorchFunctionMode):
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.is_floating_point() and isinstance(dim, int):
             if dim not in (-1, x.dim() - 1):
                 self.aside.append(f"{family} along dim {dim} of {tuple(x.shape)} at {_where()}")
+        elif (
+            isinstance(x, torch.Tensor)
+            and x.dim() == 1
+            and x.is_floating_point()
+            and family == "topk"
+            and len(self.flat) < 4
+        ):
+            self.flat.append(f"topk over all {x.numel()} values of a flat tensor at {_where()}")
 
     def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if (func in _ESCAPES or _foreign(func)) and NESTING.depth == self.depth:
@@ -1788,6 +1798,34 @@ def _check_elsewhere(name: str, probe: _Prober, ev: Evidence, what: str) -> None
         ) from e
 
 
+def _chooses_tokens(probe: _Prober, anchor: Call, tokens: int) -> bool:
+    """Does ``anchor``, a decision as wide as a token dimension of the forward's hidden states, choose among tokens?
+
+    An expert-choice router's ``[experts, tokens]`` scores (``[batch, experts, tokens]`` per sequence) have the
+    shape of a token choice's ``[tokens, experts]`` where there are as many tokens as experts, and rows that are
+    not tokens can look like tokens where there are batch rows. So the forward is run once more with that
+    dimension of its hidden states given twice: the width of a choice among experts stays, that of a choice among
+    tokens doubles. A forward that cannot run on twice its tokens is read as before."""
+    found = _first_floating((probe.args, probe.kwargs))
+    if found is None:
+        return False
+    path, x = found
+    dims = [d for d in range(x.dim() - 1) if x.shape[d] == anchor.width]
+    if not dims and anchor.width == tokens:
+        dims = [x.dim() - 2]
+    for d in dims:
+        twice = torch.cat([x.detach(), x.detach()], dim=d)
+        try:
+            _, seen = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, twice))
+        except Exception:
+            continue
+        calls = seen.calls
+        there = calls[anchor.ordinal] if anchor.ordinal < len(calls) else None
+        if there is not None and there.family == anchor.family and there.width == 2 * anchor.width:
+            return True
+    return False
+
+
 def _chosen(ev: Evidence) -> str:
     """The calls that make a decision, as ``#0 topk(k=2) over 8 at model.py:42``."""
     return " + ".join(ev.calls[i].describe() for i in ev.decision)
@@ -1900,6 +1938,12 @@ def _establish(
                         "moe_replay reads a choice among experts along the last dimension of the scores. Put the "
                         "experts last (scores.transpose(...)) and choose with dim=-1"
                     )
+                elif seen.flat:
+                    why = (
+                        f"its forward chooses only over flat scores ({seen.flat[0]}): a top-k across tokens (each "
+                        "expert's choice of its tokens, or a batch-level top-k over tokens and experts at once) makes "
+                        "no per-token choice to record or replay"
+                    )
             elif noise > 0 and not math.isfinite(noise):
                 why = "its output differs between two runs on the same inputs, so no effect can be measured"
             raise _refuse(name, calls, why, fix)
@@ -1939,12 +1983,13 @@ def _establish(
                 "max/min decisions",
                 "Select the experts with torch.topk(scores, k), or name another call with mr.Adapter(..., call=N)",
             )
-        if tokens is not None and anchor.width == tokens != anchor.rows:
+        if tokens is not None and (anchor.width == tokens != anchor.rows or _chooses_tokens(probe, anchor, tokens)):
             raise _refuse(
                 name,
                 calls,
-                f"its decision {anchor.describe()} chooses among the {tokens} tokens, for {anchor.rows} rows: experts "
-                "choose tokens (expert-choice routing), so there is no per-token choice to record or replay",
+                f"its decision {anchor.describe()} chooses among tokens, not experts (its width follows the number of "
+                f"tokens, {tokens} in this forward): experts choose tokens (expert-choice routing), so there is no "
+                "per-token choice to record or replay",
                 "Route by token choice (a top-k over experts per token)",
             )
         _refuse_chosen_tokens(name, probe, calls, anchor)
