@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import moe_replay as mr
 from tests.conftest import assert_untouched, snapshot
@@ -23,12 +25,16 @@ from tests.test_evidence import (
     D,
     E,
     Experts,
+    ExpertSpy,
     RouterBlock,
     T,
     TwoLayers,
+    as_sets,
+    assert_capture_and_replay_are_exact,
     dispatch,
     perturb,
 )
+from tests.test_public_routers import assert_exact_in_training
 
 
 def _x(*shape: int, seed: int = 1) -> torch.Tensor:
@@ -99,6 +105,274 @@ def assert_replay_is_forced_by_hand(model: nn.Module, x: torch.Tensor) -> mr.Ses
         routers = [m for m in model.modules() if isinstance(m, _Forced)]
         assert routers and all(p.grad is not None for r in routers for p in r.parameters()), "no gradient to a router"
     return session
+
+
+# ----------------------------------------------------------------------- neuronx-distributed
+class NeuronRouter(_Forced):
+    """aws-neuron ``neuronx_distributed/modules/moe/routing.py``: ``RouterTopK`` (a top-k of the logits whose values
+    are dropped) or ``RouterSinkhorn`` (top-1 ``argmax`` of Sinkhorn-balanced logits in training, of the logits in
+    eval, under ``no_grad``); both return the logits, the dense affinities (softmax in float64, or sigmoid) and the
+    indices, the combine weights are left to the experts."""
+
+    def __init__(self, top_k: int, sinkhorn: bool) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.hidden_size = E, top_k, D
+        self.act_fn = "sigmoid" if sinkhorn else "softmax"
+        self.sinkhorn_iterations = 8 if sinkhorn else None
+        self.linear_router = nn.Linear(D, E, bias=False)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.linear_router(h)
+        if self.act_fn == "sigmoid":
+            affinities = torch.sigmoid(logits.to(torch.float64))
+        else:
+            affinities = F.softmax(logits, dim=1, dtype=torch.float64)
+        affinities = affinities.to(h.dtype)
+        if self.sinkhorn_iterations is None:
+            index = self.forced if self.forced is not None else torch.topk(logits, self.top_k)[1]
+            return logits, affinities, index.detach().long()
+        with torch.no_grad():
+            route = _sinkhorn(logits.detach().float(), self.sinkhorn_iterations) if self.training else logits.detach()
+            index = self.forced if self.forced is not None else torch.argmax(route, dim=1, keepdim=True)
+        return logits, affinities, index.long()
+
+
+def _sinkhorn(cost: torch.Tensor, iterations: int) -> torch.Tensor:
+    cost = torch.exp(cost)
+    d0, d1 = torch.ones(cost.size(0)), torch.ones(cost.size(1))
+    for _ in range(iterations):
+        d0 = (1 / d0.size(0)) / (torch.sum(d1 * cost, 1) + 1e-8)
+        d1 = (1 / d1.size(0)) / (torch.sum(d0.unsqueeze(1) * cost, 0) + 1e-8)
+    return d1 * cost * d0.unsqueeze(1)
+
+
+class NeuronExpertMLPs(nn.Module):
+    """neuronx-distributed ``ExpertMLPs``: a float64 k-hot mask built by comparing the indices with ``arange``, the
+    affinities masked by it (L1-normalised), then one of ``forward_capacity_factor`` (positions by a cumulative sum,
+    tokens past the capacity dropped by ``masked_fill_``, token/expert permutations by index arithmetic),
+    ``forward_all_experts`` (every expert on every token, optionally scaling the inputs first) or
+    ``forward_selective_loading`` (a loop over tokens with their chosen experts' weights)."""
+
+    def __init__(self, top_k: int, mode: str, normalize: bool = True, early: bool = False) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.mode, self.normalize, self.early = E, top_k, mode, normalize, early
+        self.capacity_factor = 1.0
+        self.gate_up_proj = nn.Parameter(torch.randn(E, D, 2 * D) / 4)
+        self.down_proj = nn.Parameter(torch.randn(E, D, D) / 4)
+
+    def mlp(self, x: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+        gate_up = self.gate_up_proj if experts is None else self.gate_up_proj[experts]
+        down = self.down_proj if experts is None else self.down_proj[experts]
+        gate, up = (x @ gate_up).chunk(2, -1)
+        return (F.silu(gate) * up) @ down
+
+    def expert_mask(self, index: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(index.shape[0], E, dtype=torch.float64)
+        arange = torch.arange(E, dtype=torch.float64)
+        for k in range(index.shape[1]):
+            mask += (index[:, k].unsqueeze(1) == arange).to(torch.float64)
+        return mask
+
+    def masked(self, affinities: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = affinities.masked_fill(torch.eq(mask, 0), 0)
+        return F.normalize(out, p=1.0, dim=1) if self.normalize else out
+
+    def forward(self, h: torch.Tensor, affinities: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        tokens = h.shape[0]
+        if self.mode == "all":
+            mask = self.expert_mask(index)
+            weights = self.masked(affinities, mask)
+            x = sum(h * weights[:, e : e + 1] for e in range(E)) if self.early else h
+            out = self.mlp(x.unsqueeze(0).expand(E, -1, -1))
+            scale = mask if self.early else weights
+            return sum(out[e] * scale[:, e : e + 1].to(h.dtype) for e in range(E))
+        if self.mode == "selective":
+            chosen = affinities[torch.arange(tokens).unsqueeze(1), index]
+            if self.normalize:
+                chosen = F.normalize(chosen, p=1.0, dim=1)
+            outs = []
+            for t in range(tokens):
+                y = self.mlp(h[t].view(1, 1, D).expand(index.shape[1], 1, D), index[t]).squeeze(1)
+                outs.append(torch.sum(y * chosen[t].unsqueeze(1), dim=0))
+            return torch.stack(outs)
+        capacity = min(math.ceil(tokens * self.top_k * self.capacity_factor / E), tokens)
+        mask = self.expert_mask(index)
+        position = torch.cumsum(mask, dim=0)
+        mask.masked_fill_(torch.gt(position, capacity), 0)
+        weights = self.masked(affinities, mask)
+        with_offset = position + torch.arange(E, dtype=torch.float64) * capacity
+        with_offset.masked_fill_(torch.eq(mask, 0), 0)
+        token_idx = torch.arange(tokens).unsqueeze(1)
+        permutation = with_offset[token_idx, index].long()
+        assignments = torch.zeros(capacity * E + 1, dtype=torch.long)
+        assignments[permutation] = token_idx + 1
+        assignments = assignments[1:].view(E, capacity)
+        zero = torch.zeros(1, dtype=torch.long)
+        permutation, assignments = torch.max(permutation - 1, zero), torch.max(assignments - 1, zero)
+        out_e = self.mlp(h[assignments, :]).view(capacity * E, -1)
+        out = torch.zeros_like(h)
+        for k in range(index.shape[1]):
+            out = out + out_e[permutation[:, k]] * weights[token_idx, index[:, k].unsqueeze(1)].to(h.dtype)
+        return out
+
+
+class NeuronMoE(nn.Module):
+    def __init__(self, mode: str, top_k: int = 2, sinkhorn: bool = False, **experts: bool) -> None:
+        super().__init__()
+        self.router = NeuronRouter(top_k, sinkhorn)
+        self.expert_mlps = NeuronExpertMLPs(top_k, mode, **experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, affinities, index = self.router(x)
+        return self.expert_mlps(x, affinities, index)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: NeuronMoE("capacity"), id="topk-capacity-factor"),
+        pytest.param(lambda: NeuronMoE("all", early=True), id="topk-all-experts-early-affinity"),
+        pytest.param(lambda: NeuronMoE("selective", normalize=False), id="topk-selective-loading"),
+        pytest.param(lambda: NeuronMoE("capacity", top_k=1, sinkhorn=True, normalize=False), id="sinkhorn-top1"),
+    ],
+)
+def test_neuronx_distributed_routers_and_expert_mlps_replay_the_hand_forced_forward(
+    make: Callable[[], nn.Module], training: bool
+) -> None:
+    """neuronx-distributed's routers return dense affinities beside indices whose values they drop; the experts mask
+    the affinities with a k-hot built by comparisons, drop tokens over a capacity by position, or run every expert:
+    a replay gives the output and gradients of the recorded experts forced by hand."""
+    session = assert_replay_is_forced_by_hand(TwoLayers(make).train(training), _x())
+    assert [s.num_experts for s in session.sites] == [E, E]
+
+
+# ----------------------------------------------------------------------- OLMo-core
+class OlmoRouterV2(_Forced):
+    """allenai/OLMo-core ``nn/moe/v2/router.py`` ``MoERouterV2``: a flat ``[E * d]`` weight viewed as ``[E, d]``,
+    fp32 softmax scores, ``topk`` then ``gather`` of the scores, and the ``use_recompute_cache`` option: the first
+    forward with gradients keeps its indices on the module, the next one (an activation checkpoint's recompute)
+    uses them and clears them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.d_model, self.num_experts, self.top_k = D, E, 2
+        self.weight = nn.Parameter(torch.randn(E * D) * 0.3)
+        self.use_recompute_cache = True
+        self._recompute_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x.float(), self.weight.view(self.num_experts, self.d_model)).softmax(dim=-1)
+        if self.forced is None:
+            _, indices = torch.topk(scores, self.top_k, dim=-1)
+        else:
+            indices = self.forced
+        weights = scores.gather(-1, indices)
+        if self.use_recompute_cache:
+            if self._recompute_cache is None:
+                if torch.is_grad_enabled():
+                    self._recompute_cache = indices.detach()
+            else:
+                indices = self._recompute_cache
+                self._recompute_cache = None
+        return weights, indices
+
+
+class CheckpointedLayers(TwoLayers):
+    """Two residual MoE layers, each under a non-reentrant activation checkpoint when gradients are on."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + (checkpoint(layer, x, use_reentrant=False) if torch.is_grad_enabled() else layer(x))
+        return x
+
+
+def test_olmo_core_router_caching_its_indices_for_the_recompute_is_exact_under_checkpointing() -> None:
+    """The router's own recompute cache (indices kept on the module by the forward, used by the checkpoint's
+    recompute) sees one forward and one recompute: a capture gives the plain output and gradients and leaves no
+    cache behind, and a replay gives those of the recorded experts forced by hand."""
+    model = CheckpointedLayers(lambda: RouterBlock(OlmoRouterV2())).train()
+    plain = copy.deepcopy(model)
+    x = _x()
+    expected = plain(x)
+    expected.square().sum().backward()
+    spy = ExpertSpy(model)
+    try:
+        with mr.attach(model) as session:
+            with session.capture():
+                captured = model(x)
+            captured.square().sum().backward()
+            assert torch.equal(captured, expected)
+            got, want = _grads(model), _grads(plain)
+            assert all(torch.equal(got[n], want[n]) for n in want if want[n] is not None)
+            routes = session.routes()
+            for b, name in enumerate(session.names):
+                assert torch.equal(as_sets(routes.layer(name)), spy.experts_of(b)), name
+            assert all(layer.router._recompute_cache is None for layer in model.layers)
+    finally:
+        spy.remove()
+    assert_replay_is_forced_by_hand(CheckpointedLayers(lambda: RouterBlock(OlmoRouterV2())).train(), _x())
+
+
+class EmoRouter(nn.Module):
+    """OLMo-core ``nn/moe/emo_router.py`` ``EmoRouter`` (document-pool, two-level routing): each document's softmax
+    summed over its tokens (``scatter_add_`` by document id, ``gather`` back), its experts ranked by a double
+    ``argsort``, all but the top ``pool`` masked to -inf in the logits (the pool size drawn with ``randint`` per
+    document in training), then softmax and ``topk`` over the masked logits, whose values are the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.num_choose_experts = E, 2, 2
+        self.min_document_expert_pool, self.max_document_expert_pool, self.eval_document_expert_pool = 3, 6, 4
+        self.weight = nn.Parameter(torch.randn(E * D) * 0.3)
+
+    def forward(self, x: torch.Tensor, seg_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.view(E, D))
+        batch, seq, n = logits.shape
+        index = seg_id.unsqueeze(-1).expand(-1, -1, n)
+        doc = torch.zeros(batch, seq, n).scatter_add_(1, index, logits.softmax(-1)).gather(1, index)
+        if self.training:
+            pool = torch.randint(self.min_document_expert_pool, self.max_document_expert_pool + 1, (batch, seq))
+        else:
+            pool = torch.full((batch, seq), self.eval_document_expert_pool, dtype=torch.long)
+        rank = doc.argsort(dim=-1, descending=True).argsort(dim=-1)
+        keep = rank < pool.gather(1, seg_id).unsqueeze(-1)
+        scores = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+        return torch.topk(scores, self.num_choose_experts, dim=-1)
+
+
+class EmoBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = EmoRouter()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        seg_id = (torch.arange(seq) // 4).expand(batch, seq)  # documents of four tokens
+        w, idx = self.router(x, seg_id=seg_id)
+        flat = x.reshape(-1, D)
+        return dispatch(self.experts, flat, idx.reshape(len(flat), -1), w.reshape(len(flat), -1)).view_as(x)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_olmo_core_document_pool_routing_is_refused_naming_the_pool(training: bool) -> None:
+    """The pool masks the logits before the softmax whose top-k values are the weights: a forced expert outside the
+    current pool would weigh 0. Refused at the first capture, naming the ranking call; the model is left as it was
+    and its forward runs as before."""
+    model = TwoLayers(EmoBlock).train(training)
+    x = _x(2, 12)
+    before = snapshot(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plain = model(x)
+    with pytest.raises(mr.UnsupportedRouterError, match=r"argsort\(\).*masked weight"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(x)
+    assert_untouched(model, before)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
 
 
 # ----------------------------------------------------------------------- expert choice, as many tokens as experts
@@ -272,3 +546,102 @@ def test_a_batch_level_top_k_over_flattened_scores_is_refused_naming_it() -> Non
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(_x())
     assert_untouched(model, before)
+
+
+class GumbelHardRouter(nn.Module):
+    """Straight-through Gumbel-softmax top-1 routing (``F.gumbel_softmax(hard=True)`` in training, the one-hot of the
+    ``argmax`` in eval), the expert read back by an ``argmax`` of the one-hot and weighted by its value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.num_experts, self.top_k = E, 1
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gate(x)
+        if self.training:
+            gates = F.gumbel_softmax(logits, tau=1.0, hard=True)
+        else:
+            gates = F.one_hot(logits.argmax(-1), E).to(logits.dtype)
+        idx = gates.argmax(-1, keepdim=True)
+        return gates.gather(-1, idx), idx
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gumbel_softmax_hard_routing_is_refused(training: bool) -> None:
+    """The expert is read back from a one-hot made by an earlier choice (the ``argmax`` in eval, the draw of
+    ``gumbel_softmax`` in training): forcing the read-back alone would weigh a forced expert 0. Refused (a false
+    refusal in eval, where the first ``argmax`` could be forced), the model left as it was."""
+    model = TwoLayers(lambda: RouterBlock(GumbelHardRouter())).train(training)
+    before = snapshot(model)
+    match = "random stream" if training else "earlier choice"
+    with pytest.raises(mr.UnsupportedRouterError, match=match):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(_x())
+    assert_untouched(model, before)
+
+
+class PEER(nn.Module):
+    """lucidrains/PEER-pytorch ``PEER`` (parameter-efficient expert retrieval): queries in two halves scored against
+    per-head sub-keys, a top-k per half, the sums of the candidate pairs, a top-k of those; the experts are rows of
+    two ``nn.Embedding`` tables gathered by the product indices."""
+
+    def __init__(self, heads: int = 2, num_experts: int = 16, per_head: int = 2, dim_key: int = 4) -> None:
+        super().__init__()
+        self.heads, self.num_experts, self.num_experts_per_head, self.dim_key = heads, num_experts, per_head, dim_key
+        self.num_keys, self.product_key_topk = math.isqrt(num_experts), per_head
+        self.weight_down_embed = nn.Embedding(num_experts, D)
+        self.weight_up_embed = nn.Embedding(num_experts, D)
+        self.to_queries = nn.Linear(D, dim_key * heads * 2, bias=False)
+        self.keys = nn.Parameter(torch.randn(heads, self.num_keys, 2, dim_key) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.to_queries(x).view(b, n, 2, self.heads, self.dim_key).permute(2, 0, 1, 3, 4)
+        sim = torch.einsum("pbnhd,hkpd->pbnhk", q, self.keys)
+        (scores_x, scores_y), (idx_x, idx_y) = sim.topk(self.product_key_topk, dim=-1)
+        all_scores = (scores_x[..., :, None] + scores_y[..., None, :]).flatten(-2)
+        all_idx = (idx_x[..., :, None] * self.num_keys + idx_y[..., None, :]).flatten(-2)
+        scores, pk = all_scores.topk(self.num_experts_per_head, dim=-1)
+        idx = all_idx.gather(-1, pk)
+        hidden = F.gelu(torch.einsum("bnd,bnhkd->bnhk", x, self.weight_down_embed(idx))) * scores.softmax(-1)
+        return torch.einsum("bnhk,bnhkd->bnd", hidden, self.weight_up_embed(idx))
+
+
+def test_peer_product_key_retrieval_is_not_found_and_refused_when_named() -> None:
+    """No router to find (no gate beside the expert tables); named with include=, the two chained top-k calls are
+    refused as two choices (a product-key decision cannot be forced by a gather), the model left as it was."""
+    model = TwoLayers(PEER)
+    before = snapshot(model)
+    with pytest.raises(mr.RouterNotFoundError, match="include="):
+        mr.attach(model)
+    with pytest.raises(mr.UnsupportedRouterError, match="more than one independent choice"):
+        with mr.attach(model, include="layers.*") as session, torch.no_grad(), session.capture():
+            model(_x(2, 12))
+    assert_untouched(model, before)
+
+
+class AutonomyOfExpertsBlock(nn.Module):
+    """Autonomy-of-Experts (Lv et al. 2025): no router; each expert's low-rank down-projection of the token, the
+    norms of those activations ranked by a ``topk``, the weights a softmax of the top norms."""
+
+    def __init__(self, rank: int = 4) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.w_down = nn.Parameter(torch.randn(E, D, rank) / 4)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norms = torch.einsum("td,edr->ter", x, self.w_down).norm(dim=-1)
+        w, idx = norms.topk(self.top_k, dim=-1)
+        return dispatch(self.experts, x, idx, w.softmax(-1))
+
+
+def test_autonomy_of_experts_is_not_found_and_exact_when_named() -> None:
+    """Experts that rank themselves by their activation norms: no router module to find (refused with the way out),
+    and exact once the blocks are named with include=."""
+    model = TwoLayers(AutonomyOfExpertsBlock)
+    with pytest.raises(mr.RouterNotFoundError, match="include="):
+        mr.attach(model)
+    assert_capture_and_replay_are_exact(model, include="layers.*")
+    assert_exact_in_training(TwoLayers(AutonomyOfExpertsBlock).train(), include="layers.*")
