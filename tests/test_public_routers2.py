@@ -505,6 +505,43 @@ def test_token_choice_on_as_many_tokens_as_experts_is_not_taken_for_expert_choic
     assert_replay_is_forced_by_hand(TwoLayers(make).train(), _x(*shape))
 
 
+class MultiHeadRouter(SequenceRouter):
+    """The router of a Multi-Head MoE (MH-MoE; lhallee/Multi_Head_Mixture_of_Experts__MH-MOE ``MultiHeadMoeBlock``):
+    it scores the sub-tokens, ``heads`` per token, of width ``d / heads``; the top-2 renormalised."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D // heads, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = super().forward(x)
+        return w / w.sum(-1, keepdim=True).clamp(min=1e-20), idx
+
+
+class MultiHeadMoE(nn.Module):
+    """MH-MoE: a ``multi_head_layer`` projection, tokens split into sub-tokens, sub-tokens routed to small experts,
+    then merged back by a ``merge_layer``."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.multi_head_layer, self.merge_layer = nn.Linear(D, D), nn.Linear(D, D)
+        self.router = MultiHeadRouter(heads)
+        self.experts = nn.ModuleList(nn.Linear(D // heads, D // heads) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sub = self.multi_head_layer(x).reshape(-1, D // self.heads)
+        w, idx = self.router(sub)
+        return self.merge_layer(dispatch(self.experts, sub, idx, w).reshape(x.shape))
+
+
+@pytest.mark.parametrize("shape", [(2, 6), (1, 2)], ids=["sub-tokens", "as-many-sub-tokens-as-experts"])
+def test_multi_head_moe_routing_sub_tokens_is_exact(shape: tuple[int, ...]) -> None:
+    """Rows are sub-tokens (``heads`` per token), also where there are as many of them as experts: exact, with
+    gradients."""
+    assert_replay_is_forced_by_hand(TwoLayers(MultiHeadMoE).train(), _x(*shape))
+
+
 # ----------------------------------------------------------------------- batch-level top-k, gumbel, PEER, AoE
 class BatchTopKRouter(nn.Module):
     """A batch-level (global) top-k, as in Expert Race routing: the top ``T * k`` of all token-expert scores at once,
@@ -537,12 +574,37 @@ class DenseGateBlock(nn.Module):
         return out
 
 
-def test_a_batch_level_top_k_over_flattened_scores_is_refused_naming_it() -> None:
-    """Tokens and experts chosen together have no per-token choice: refused, naming the flat top-k (once named as
-    soft routing with no decision-like call at all)."""
-    model = TwoLayers(lambda: DenseGateBlock(BatchTopKRouter()))
+class PerExpertTopKBlock(nn.Module):
+    """Expert choice written as a loop over the experts, each taking the top-``capacity`` tokens of its column."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+        self.num_experts, self.capacity = E, 6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.gate(x).softmax(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            w, tok = scores[:, e].topk(self.capacity)
+            out = out.index_add(0, tok, w[:, None] * expert(x[tok]))
+        return out
+
+
+@pytest.mark.parametrize(
+    ("make", "values"),
+    [
+        pytest.param(lambda: DenseGateBlock(BatchTopKRouter()), T * E, id="batch-level-top-k"),
+        pytest.param(PerExpertTopKBlock, T, id="expert-choice-per-expert-loop"),
+    ],
+)
+def test_a_top_k_over_flat_scores_is_refused_naming_it(make: Callable[[], nn.Module], values: int) -> None:
+    """Tokens chosen together with experts, or by each expert in turn, make no per-token choice: refused, naming the
+    flat top-k (once named as soft routing with no decision-like call at all), the model left as it was."""
+    model = TwoLayers(make)
     before = snapshot(model)
-    with pytest.raises(mr.UnsupportedRouterError, match=rf"flat scores \(topk over all {T * E} values"):
+    with pytest.raises(mr.UnsupportedRouterError, match=rf"flat scores \(topk over all {values} values"):
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(_x())
     assert_untouched(model, before)
