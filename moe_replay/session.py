@@ -134,16 +134,31 @@ class _Owner:
     def __init__(self) -> None:
         self.ident: int | None = None
         self.blocks = 0
-        #: the blocks (``"replay()"``...) made and dropped without being entered since the last forward
-        self.abandoned: list[str] = []
+        #: the blocks (``"replay()"``...) dropped since the last forward without being entered (False), or entered
+        #: and never left (True)
+        self.abandoned: list[tuple[str, bool]] = []
         self.lock = threading.Lock()
         self.coro: Any = None  # the coroutine of the asyncio task that opened the outermost block, or None
         self.last: Any = None  # the coroutine of the task that ran the block's last forward (at first: ``coro``)
         self.mark: object | None = None  # the outermost block's mark, in the context that opened it
 
     def refuse_abandoned(self) -> None:
-        """Refuse, once, the forward after a block was made and dropped without being entered (see :class:`_Block`)."""
-        made, self.abandoned = self.abandoned, []
+        """Refuse, once, the forward after a block was made and dropped without being entered, or entered and dropped
+        without being left (see :class:`_Block`)."""
+        dropped, self.abandoned = self.abandoned, []
+        left_open = [what for what, was_open in dropped if was_open]
+        if left_open:
+            what = left_open[0]
+            raise SessionStateError(
+                f"a session.{what} block was entered and then dropped without being left"
+                + (f" (and {len(dropped) - 1} more block(s))" if len(dropped) > 1 else "")
+                + ": nothing held its context manager after __enter__() (session."
+                f"{what[:-1]}...).__enter__() on a value no name keeps), so it was garbage collected, which ended the "
+                "block, and this forward would have run natively, neither forced nor recorded. Write "
+                f"`with session.{what[:-1]}...):` around the forwards (or keep the block and call its __exit__ "
+                "when done; contextlib.ExitStack keeps it). This forward did not run; the next one runs"
+            )
+        made = [what for what, _ in dropped]
         what = made[0]
         raise SessionStateError(
             f"session.{what} was called but its block was never entered"
@@ -204,11 +219,13 @@ class _Block:
 
     Called without ``with`` (``session.replay(routes)`` as a statement), the block would never open and the
     forwards after it would run natively while the caller believes them forced or recorded. A block dropped
-    without being entered is noted on the session, and the model's next forward is refused (once) saying so.
-    A block kept and not entered (held by a name, or by a notebook's output history) is not seen.
+    without being entered is noted on the session, and the model's next forward is refused (once) saying so. So is
+    a block entered and dropped without being left (``session.replay(routes).__enter__()``, whose context manager
+    is then garbage collected): dropping it ends the block, and the forwards the caller believes inside it would
+    run natively. A block kept and not entered (held by a name, or by a notebook's output history) is not seen.
     """
 
-    __slots__ = ("_cm", "_entered", "_make", "_owner", "_what")
+    __slots__ = ("_cm", "_entered", "_make", "_open", "_owner", "_what")
 
     def __init__(self, owner: _Owner, what: str, make: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
         self._make = make  # (the block's own context manager, made as it is entered)
@@ -216,6 +233,7 @@ class _Block:
         self._owner = owner
         self._what = what
         self._entered = False
+        self._open = False  # entered and not left yet
 
     def __enter__(self) -> Any:
         if self._entered:
@@ -225,11 +243,14 @@ class _Block:
             )
         self._entered = True
         self._cm = self._make()
-        return self._cm.__enter__()
+        value = self._cm.__enter__()
+        self._open = True
+        return value
 
     def __exit__(self, *exc: Any) -> bool | None:
         if self._cm is None:
             return None  # (never entered: nothing to leave)
+        self._open = False
         return self._cm.__exit__(*exc)
 
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -245,9 +266,9 @@ class _Block:
         return run
 
     def __del__(self) -> None:
-        if not self._entered:
+        if not self._entered or self._open:  # (dropped open: its context manager goes with it and ends the block)
             try:
-                self._owner.abandoned.append(self._what)
+                self._owner.abandoned.append((self._what, self._open))
             except Exception:  # (interpreter shutdown: nothing will run a forward)
                 pass
 
@@ -290,8 +311,9 @@ def _other_thread(what: str, holder: int) -> SessionStateError:
             f"{what} in thread {threading.get_ident()}, while thread {holder}, which has ended, left a block "
             "(capture, replay, keep_scores or verify) open on this session: it entered the block's context manager "
             "(__enter__) and never left it, so the session still counts the block as running. Leave that block: "
-            "call __exit__(None, None, None) on the context manager it entered (or drop every reference to it), "
-            "then use the session again; open blocks with `with` so that they end with the code inside them"
+            "call __exit__(None, None, None) on the context manager it entered (or drop every reference to it: "
+            "the model's next forward is then refused once, saying so), then use the session again; open blocks "
+            "with `with` so that they end with the code inside them"
         )
     return SessionStateError(
         f"{what} in thread {threading.get_ident()}, while thread {holder} has a block (capture, replay, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -279,6 +280,37 @@ def test_a_block_called_without_with_refuses_the_next_forward(setup, block: str)
         step()
         step()
         assert session.state == "idle"
+        model(x)
+    _still_replays(model, session, routes, x)
+
+
+@pytest.mark.parametrize("block", ["replay", "capture", "keep_scores"])
+def test_a_block_entered_and_dropped_without_being_left_refuses_the_next_forward(setup, block: str) -> None:
+    """Once silent: `session.replay(routes).__enter__()` on a value no name kept was garbage collected at once,
+    which closed its context manager and ended the block: the forwards after it ran natively while the caller
+    believed them forced or recorded. The next forward is now refused once, saying so; a block entered and left
+    by hand, or held by an ExitStack, is not."""
+    model, session, routes, x = setup
+    make = {"replay": lambda: session.replay(routes), "capture": session.capture, "keep_scores": session.keep_scores}
+    with torch.no_grad():
+        native = model(x).logits
+        make[block]().__enter__()  # (nothing keeps the block: dropped open)
+        assert session.state == "idle"
+        with pytest.raises(mr.SessionStateError, match=rf"session\.{block}\(\) block was entered and then dropped"):
+            model(x)
+        assert torch.equal(model(x).logits, native)  # said once: the next forward runs
+        kept = make[block]()
+        kept.__enter__()
+        model(x)
+        kept.__exit__(None, None, None)
+        del kept  # (entered and left: nothing to say)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(make[block]())
+            model(x)
+        model(x)
+        other = mr.Routes(routes.per_layer(), names=["a.gate", "b.gate"], num_experts=8)
+        with pytest.raises(mr.MoEReplayError, match="a.gate"):
+            session.replay(other).__enter__()  # (refused as it is entered: never open, nothing to say after)
         model(x)
     _still_replays(model, session, routes, x)
 
