@@ -23,6 +23,7 @@ import numbers
 import re
 import types
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._checks import is_collection
 from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError, RouterNotFoundError
 from .intercept import DECISIONS
 
@@ -335,7 +337,7 @@ def format_sites(sites: Sequence[RouterSite]) -> str:
         layers.0.mlp.gate  Linear  8  2  decision by effect in forward of 'layers.0.mlp'
         layers.1.mlp.gate  Linear  8  2  decision by effect in forward of 'layers.1.mlp'
     """
-    sites = list(sites) if isinstance(sites, Iterable) else sites
+    sites = list(sites) if is_collection(sites) or isinstance(sites, AbstractSet) else sites
     if not isinstance(sites, list) or not all(isinstance(s, RouterSite) for s in sites):
         raise ArgumentTypeError(f"format_sites takes the RouterSites find_routers returns, got {sites!r:.80}")
     rows = [("router", "class", "E", "k", "intercepted")]
@@ -358,7 +360,7 @@ def _compile_matcher(spec: Matcher | None) -> Callable[[str, nn.Module], bool] |
         return lambda n, m: isinstance(m, spec)
     if callable(spec):
         return lambda n, m: bool(spec(n, m))
-    if isinstance(spec, Iterable):
+    if is_collection(spec) or isinstance(spec, AbstractSet):  # (not a 0-d array or tensor: one value, no list)
         spec = list(spec)
         if any(s is None for s in spec):  # (None alone means "no matcher": in a list it would match nothing, unsaid)
             raise ArgumentTypeError(
@@ -770,7 +772,7 @@ def find_routers(
         raise InvalidArgumentError(f"top_k={top_k} chooses more experts than num_experts={num_experts} has")
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"find_routers takes an nn.Module, got {type(model).__name__}")
-    adapters = list(adapters) if isinstance(adapters, Iterable) else adapters
+    adapters = list(adapters) if is_collection(adapters) else adapters
     if not isinstance(adapters, list) or not all(isinstance(a, Adapter) for a in adapters):
         raise ArgumentTypeError(f"adapters must be a sequence of mr.Adapter, got {adapters!r:.80}")
     inc = _compile_matcher(include)

@@ -36,6 +36,8 @@ __all__ = ["OVERFLOW_MARK", "CaptureRing", "ReplaySource", "index_dtype"]
 
 #: Rows a replay source turns into int64 at once for eager reads (one cast for many decode steps).
 _CHUNK_ROWS = 4096
+#: the most elements a tensor holds (torch reads its sizes as int64)
+_MAX_NUMEL = 2**63 - 1
 
 #: Views a ring or a source prepares at once for eager calls of one size (one op for many calls).
 _VIEWS = 64
@@ -205,6 +207,11 @@ class CaptureRing:
                 f"would pass max_bytes={self.budget.limit} ({_fmt_bytes(self.budget.held)} held now). Raise "
                 "max_bytes, capture fewer tokens per capture() block, or read the rows recorded before this "
                 "forward with routes(allow_partial=True)"
+            )
+        if rows * self.top_k > _MAX_NUMEL:  # (torch reads sizes as int64: past that, a TypeError of its own)
+            raise CaptureOverflowError(
+                f"router '{self.name}': cannot allocate {rows} rows ({_fmt_bytes(nbytes)}): more elements than a "
+                "tensor can hold. Ask for fewer rows (capacity=, reserve(), capture(expected_tokens=))"
             )
         make = torch.zeros if zeros else torch.empty
         try:

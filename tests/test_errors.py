@@ -6,6 +6,7 @@ import ast
 import builtins
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,6 +107,10 @@ def _routes() -> mr.Routes:
     return mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["r"], num_experts=8)
 
 
+def _session() -> mr.Session:
+    return mr.attach(mr.models.build("softmax_topk", num_layers=1), capacity=16)
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -118,6 +123,13 @@ def _routes() -> mr.Routes:
         pytest.param(lambda: _routes().save(None), id="save(None)"),
         pytest.param(lambda: mr.Routes.load(None), id="load(None)"),
         pytest.param(lambda: mr.attach(mr.models.build("softmax_topk", num_layers=1), capacity=2**62), id="capacity"),
+        pytest.param(lambda: mr.attach(mr.models.build("softmax_topk", num_layers=1), capacity=2**70), id="2**70"),
+        pytest.param(lambda: _session().reserve(2**70), id="reserve(2**70)"),
+        pytest.param(lambda: _session().capture(expected_tokens=2**70).__enter__(), id="expected_tokens=2**70"),
+        pytest.param(lambda: mr.find_routers(mr.models.build("softmax_topk"), include=np.array(2)), id="include=0-d"),
+        pytest.param(lambda: mr.find_routers(mr.models.build("softmax_topk"), exclude=torch.tensor(2)), id="exclude"),
+        pytest.param(lambda: mr.find_routers(mr.models.build("softmax_topk"), adapters=np.array(2)), id="adapters"),
+        pytest.param(lambda: mr.format_sites(torch.tensor(2)), id="format_sites(0-d)"),
         pytest.param(lambda: mr.find_routers(None), id="find_routers(None)"),
         pytest.param(lambda: mr.find_routers(mr.models.build("softmax_topk"), adapters=[5]), id="adapters=[5]"),
         pytest.param(lambda: mr.format_sites([1]), id="format_sites([1])"),
