@@ -84,6 +84,14 @@ class MoEConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # (each field of its own type first: a str or float count fails deep in torch)
+            value, kind = getattr(self, f.name), f.type
+            if kind == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise InvalidArgumentError(f"{f.name} must be a non-negative int, got {value!r:.60}")
+            if kind == "bool" and not isinstance(value, bool):
+                raise InvalidArgumentError(f"{f.name} must be True or False, got {value!r:.60}")
+            if kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise InvalidArgumentError(f"{f.name} must be a number, got {value!r:.60}")
         if self.router not in STYLES:
             raise InvalidArgumentError(f"unknown router style {self.router!r}; choose one of {STYLES}")
         if self.router == "top1_argmax":
@@ -92,6 +100,8 @@ class MoEConfig:
             raise InvalidArgumentError("expert_impl must be 'sparse' or 'dense'")
         if self.checkpointing not in CHECKPOINTING:
             raise InvalidArgumentError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
+        if self.router == "grouped_sigmoid" and self.n_group < 1:
+            raise InvalidArgumentError(f"n_group must be a positive int, got {self.n_group}")
         if self.router == "grouped_sigmoid" and self.num_experts % self.n_group:
             raise InvalidArgumentError("num_experts must be a multiple of n_group")
         for name in ("vocab_size", "hidden_size", "num_heads", "num_experts", "top_k", "expert_size", "max_positions"):
@@ -491,6 +501,8 @@ def build(style: str = "softmax_topk", *, seed: int = 0, **overrides: Any) -> Mo
         seed: initialisation seed (same seed, same weights).
         **overrides: any :class:`MoEConfig` field (``num_layers``, ``num_experts``, ``top_k``...).
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise InvalidArgumentError(f"seed must be an int (a torch.Generator seed), got {seed!r:.60}")
     if "router" in overrides:
         raise InvalidArgumentError(
             f"pass the router style as build's first argument, not router={overrides['router']!r}"

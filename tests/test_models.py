@@ -18,6 +18,13 @@ import moe_replay as mr
         ("topk_softmax", {"num_experts": 0}, "num_experts must be a positive int"),
         ("linear_gate", {"hidden_size": 30}, "multiple of num_heads=4"),
         ("grouped_sigmoid", {"topk_group": 8}, r"topk_group must be in 1\.\.n_group=4"),
+        ("grouped_sigmoid", {"n_group": 0}, "n_group must be a positive int"),
+        ("softmax_topk", {"num_layers": "2"}, "num_layers must be a non-negative int"),
+        ("softmax_topk", {"first_dense_layers": 1.0}, "first_dense_layers must be a non-negative int"),
+        ("softmax_topk", {"shared_expert": 1}, "shared_expert must be True or False"),
+        ("softmax_topk", {"router_init_std": "0.5"}, "router_init_std must be a number"),
+        ("softmax_topk", {"seed": None}, "seed must be an int"),
+        ("softmax_topk", {"seed": 2**70}, "seed must be an int"),
     ],
 )
 def test_a_configuration_that_cannot_run_is_refused_at_build(style: str, overrides: dict, match: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from .._checks import is_collection, is_integer
 from ..errors import ArgumentTypeError, InvalidArgumentError, LayerMapError
 from ..routes import Routes
+from ..session import Session
 
 __all__ = ["LAYER_PATTERN", "LayerMap"]
 
@@ -234,6 +235,16 @@ class LayerMap:
             LayerMapError: ``num_layers`` differs from the model's own
                 ``config.num_hidden_layers`` (or ``num_layers``), or the routers do not fit it.
         """
+        if not isinstance(session, Session):
+            raise ArgumentTypeError(
+                f"from_session takes the Session mr.attach returned, got {type(session).__name__}"
+                + (
+                    "; for routes, LayerMap.from_names(routes.names, num_layers, routes.experts_per_layer, "
+                    "routes.k_per_layer)"
+                    if isinstance(session, Routes)
+                    else ""
+                )
+            )
         configured = _config_layers(session)
         if not is_integer(num_layers):
             raise LayerMapError(f"num_layers must be an integer (config.num_hidden_layers), got {num_layers!r}")

@@ -33,6 +33,22 @@ def test_from_session_names_a_wrong_layer_count() -> None:
         assert mr.LayerMap.from_session(session, num_layers=4).moe_layers == (0, 1, 2, 3)
 
 
+@pytest.mark.reliability("bad inputs")
+def test_from_session_given_no_session_is_refused() -> None:
+    """Once an AttributeError: from_session given None, or the routes of a session instead of the session."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(torch.zeros(1, 3, dtype=torch.long))
+        with pytest.raises(mr.ArgumentTypeError, match="got NoneType"):
+            mr.LayerMap.from_session(None, num_layers=2)
+        with pytest.raises(mr.ArgumentTypeError, match=r"got Routes; for routes, LayerMap\.from_names"):
+            mr.LayerMap.from_session(session.routes(), num_layers=2)
+        routes = session.routes()
+        lm = mr.LayerMap.from_names(routes.names, 2, routes.experts_per_layer, routes.k_per_layer)
+        assert lm == mr.LayerMap.from_session(session, num_layers=2)
+
+
 def test_layer_map_errors() -> None:
     with pytest.raises(mr.LayerMapError, match="num_layers is wrong.*at least 5.*MTP.*mtp='native'"):
         mr.LayerMap.from_names([*NAMES, "model.layers.4.mlp.gate"], 4, 16, 2)
