@@ -129,7 +129,7 @@ class _Owner:
     """The thread holding a session's open blocks (capture, replay, keep_scores, verify), and, where asyncio runs
     there, which of its tasks may run forwards in them."""
 
-    __slots__ = ("abandoned", "blocks", "coro", "ident", "last", "lock", "mark")
+    __slots__ = ("abandoned", "blocks", "coro", "entered", "ident", "last", "lock", "mark")
 
     def __init__(self) -> None:
         self.ident: int | None = None
@@ -137,6 +137,8 @@ class _Owner:
         #: the blocks (``"replay()"``...) dropped since the last forward without being entered (False), or entered
         #: and never left (True)
         self.abandoned: list[tuple[str, bool]] = []
+        #: the blocks entered and not left yet, innermost last (weakly: dropping one ends it, see :class:`_Block`)
+        self.entered: list[weakref.ref[_Block]] = []
         self.lock = threading.Lock()
         self.coro: Any = None  # the coroutine of the asyncio task that opened the outermost block, or None
         self.last: Any = None  # the coroutine of the task that ran the block's last forward (at first: ``coro``)
@@ -225,7 +227,7 @@ class _Block:
     run natively. A block kept and not entered (held by a name, or by a notebook's output history) is not seen.
     """
 
-    __slots__ = ("_cm", "_entered", "_make", "_open", "_owner", "_what")
+    __slots__ = ("__weakref__", "_cm", "_entered", "_make", "_open", "_owner", "_what")
 
     def __init__(self, owner: _Owner, what: str, make: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
         self._make = make  # (the block's own context manager, made as it is entered)
@@ -245,12 +247,14 @@ class _Block:
         self._cm = self._make()
         value = self._cm.__enter__()
         self._open = True
+        self._owner.entered.append(weakref.ref(self))
         return value
 
     def __exit__(self, *exc: Any) -> bool | None:
-        if self._cm is None:
-            return None  # (never entered: nothing to leave)
+        if self._cm is None or not self._open:
+            return None  # (never entered, or left already: nothing to leave)
         self._open = False
+        self._owner.entered[:] = [b for b in self._owner.entered if b() not in (self, None)]
         return self._cm.__exit__(*exc)
 
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -1118,9 +1122,32 @@ class Session:
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self._leave_blocks(exc)
         # leaving on an error, the graph of a replayed forward goes with it: nothing awaits a recompute
         self._detach(recompute_check=exc_type is None)
+
+    def _leave_blocks(self, exc: BaseException) -> None:
+        """Leaving the session's ``with`` on an exception: leave the blocks this thread entered by hand inside it
+        and never left, innermost first, as the exception would have left them had they been ``with`` blocks.
+
+        Otherwise detach refuses (a block is open), its error takes the place of the exception on its way out
+        (a ``KeyboardInterrupt`` raised as a ``SessionStateError``) and the model stays attached. What leaving a
+        block says of it (a model changed inside it) is added to the exception as a note, never raised over it.
+        """
+        if self._owner.ident != threading.get_ident():
+            return  # (another thread's blocks: detach names them)
+        for ref in reversed(list(self._owner.entered)):
+            block = ref()
+            if block is None:
+                continue
+            try:
+                block.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException as e:  # (said on the exception that is leaving, not raised over it)
+                note = getattr(exc, "add_note", None)  # (Python 3.11+)
+                if e is not exc and note is not None:
+                    note(f"moe_replay: leaving the open {block._what} block also raised {e!r:.300}")
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         """Refuse ``copy.copy``, ``copy.deepcopy`` and ``pickle``: a session is the interception on one live model.

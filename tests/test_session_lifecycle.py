@@ -920,6 +920,52 @@ def test_detach_inside_an_open_block_is_refused_and_the_block_goes_on() -> None:
     assert "forward" not in vars(model.layers[0].mlp.router)
 
 
+class _Interrupt(KeyboardInterrupt):
+    """A user's Ctrl-C (a BaseException: no `except Exception` of ours may take it)."""
+
+
+@pytest.mark.reliability("faults")
+@pytest.mark.parametrize("error", [ValueError, _Interrupt])
+@pytest.mark.parametrize("blocks", [("capture",), ("replay", "capture"), ("keep_scores",)])
+def test_an_exception_leaving_the_sessions_with_leaves_its_open_blocks_and_detaches(
+    error: type[BaseException], blocks: tuple[str, ...]
+) -> None:
+    """Once an exception leaving `with mr.attach(model) as session:` while a block entered by hand inside it was
+    still open came out as a SessionStateError (detach refused: a block is open; a Ctrl-C turned into our error)
+    and the model stayed attached. The open blocks are now left as the exception would leave `with` blocks, the
+    model detached, and the exception comes out as it was raised; with no exception, detach still refuses."""
+    model, x = model_and_input()
+    before = snapshot(model)
+    routes = plain_routes(model, x)
+    with pytest.raises(error) as raised:
+        with mr.attach(model) as session:
+            make = {"replay": lambda: session.replay(routes), "capture": session.capture}
+            held = [make.get(b, session.keep_scores)() for b in blocks]
+            for block in held:
+                block.__enter__()
+            with torch.no_grad():
+                model(x)
+            raise error("the user's own")
+    assert type(raised.value) is error and str(raised.value) == "the user's own"
+    assert not session.attached
+    assert_untouched(model, before)
+    assert ours_reachable(model) == []
+    if "capture" in blocks:  # (the capture was left on an exception: interrupted, its rows there when asked for)
+        with pytest.raises(mr.SessionStateError, match="interrupted"):
+            session.routes()
+        assert session.routes(allow_partial=True).equal(routes)
+    del held  # (left already: dropping them says nothing)
+    with mr.attach(model) as again, torch.no_grad(), again.replay(routes), again.capture():
+        model(x)
+    assert again.routes().equal(routes)
+    with pytest.raises(mr.SessionStateError, match="inside an open capture"):
+        with mr.attach(model) as session:
+            (block := session.capture()).__enter__()
+    block.__exit__(None, None, None)
+    session.detach()
+    assert_untouched(model, before)
+
+
 def test_verify_on_an_input_with_no_tokens_proves_nothing_and_says_so() -> None:
     model = mr.models.build("softmax_topk", num_layers=2)
     with mr.attach(model) as session:
