@@ -18,6 +18,7 @@ import contextvars
 import dataclasses
 import functools
 import gc
+import inspect
 import itertools
 import sys
 import threading
@@ -258,14 +259,29 @@ class _Block:
         return self._cm.__exit__(*exc)
 
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """Used as a decorator: each call of ``fn`` runs inside a block of its own."""
+        """Used as a decorator: each call of ``fn`` runs inside a block of its own.
+
+        Raises:
+            SessionStateError: ``fn`` is an ``async def`` or a generator function (or a call of it returns a
+                coroutine or a generator): the call returns before any of its body runs, so the block would
+                end first and the forwards in it would run natively.
+        """
         self._entered = True  # (used: not a block dropped unentered)
         owner, what, make = self._owner, self._what, self._make
+        if not callable(fn):
+            raise ArgumentTypeError(f"session.{what[:-1]}...) decorates a function, got {type(fn).__name__}")
+        lazy = _lazy_kind(fn)
+        if lazy is not None:
+            raise _lazy_body(what, lazy, getattr(fn, "__qualname__", repr(fn)))
 
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
             with _Block(owner, what, make):
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                if isinstance(result, types.CoroutineType | types.GeneratorType | types.AsyncGeneratorType):
+                    result.close()  # (its body never ran: nothing forced or recorded, and no warning of a lost await)
+                    raise _lazy_body(what, type(result).__name__, getattr(fn, "__qualname__", repr(fn)))
+                return result
 
         return run
 
@@ -278,6 +294,27 @@ class _Block:
 
     def __repr__(self) -> str:
         return f"<session.{self._what} block{' (entered)' if self._entered else ': enter it with `with`'}>"
+
+
+def _lazy_kind(fn: Callable[..., Any]) -> str | None:
+    """What calling ``fn`` returns before its body runs (``"coroutine"``, ``"generator"``...), or None."""
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    if inspect.iscoroutinefunction(target):
+        return "coroutine"
+    if inspect.isasyncgenfunction(target):
+        return "async generator"
+    if inspect.isgeneratorfunction(target):
+        return "generator"
+    return None
+
+
+def _lazy_body(what: str, kind: str, name: str) -> SessionStateError:
+    call = f"session.{what[:-1]}...)"
+    return SessionStateError(
+        f"@{call} decorates {name}, whose call returns a {kind} before any of its body runs: the block would end "
+        f"as the call returns, and the forwards in its body would run natively, neither forced nor recorded. Write "
+        f"`with {call}:` inside its body, around the forwards"
+    )
 
 
 def _block_method(what: str) -> Callable[[Callable[..., Iterator[Any]]], Callable[..., Any]]:

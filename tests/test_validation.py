@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import pytest
 import torch
@@ -312,6 +313,50 @@ def test_a_block_entered_and_dropped_without_being_left_refuses_the_next_forward
         with pytest.raises(mr.MoEReplayError, match="a.gate"):
             session.replay(other).__enter__()  # (refused as it is entered: never open, nothing to say after)
         model(x)
+    _still_replays(model, session, routes, x)
+
+
+@pytest.mark.parametrize("block", ["replay", "capture", "keep_scores"])
+def test_a_block_decorating_an_async_or_generator_function_is_refused(setup, block: str) -> None:
+    """Once silent: `@session.replay(routes, strict=False)` on an `async def` (or a generator function) ended
+    its block as the call returned the coroutine, before any of the body ran: the body's forwards ran natively
+    with no error. Refused as it decorates, or as a call returns a coroutine or generator (a partial, a
+    callable object), with nothing run."""
+    import asyncio
+
+    model, session, routes, x = setup
+    make = {
+        "replay": lambda: session.replay(routes, strict=False),
+        "capture": session.capture,
+        "keep_scores": session.keep_scores,
+    }
+    ran = []
+
+    async def step() -> None:
+        ran.append(model(x))
+
+    def steps():
+        yield model(x)
+
+    async def steps_async():
+        yield model(x)
+
+    for fn in (step, steps, steps_async, functools.partial(step)):
+        with pytest.raises(mr.SessionStateError, match=r"returns an? (coroutine|generator|async generator) before"):
+            make[block]()(fn)
+
+    class Step:
+        async def __call__(self) -> None:
+            ran.append(model(x))
+
+    wrapped = make[block]()(Step())
+    with pytest.raises(mr.SessionStateError, match="returns a coroutine before"):
+        asyncio.run(wrapped())
+    assert ran == [] and session.state == "idle"
+    with pytest.raises(mr.ArgumentTypeError, match="decorates a function"):
+        make[block]()(None)
+    with torch.no_grad():
+        model(x)  # (blocks used as decorators: nothing dropped unentered to say)
     _still_replays(model, session, routes, x)
 
 
