@@ -2274,7 +2274,8 @@ def attach(
             forward that would grow them past it raises :class:`CaptureOverflowError`.
 
     Returns:
-        A :class:`Session`; also a context manager that detaches on exit.
+        A :class:`Session`; also a context manager that detaches on exit (an exception leaving it first leaves
+        the blocks entered by hand inside it and still open, as it would leave ``with`` blocks).
 
     Raises:
         RouterNotFoundError: no router found.
