@@ -36,6 +36,10 @@ def _device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise _UsageError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "meta":  # shapes only: no route, loss or gradient could be computed
+        raise _UsageError(
+            f"--device {name}: a meta tensor holds no values, and the demo computes with them; use cpu or cuda"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         why = (
             f"this torch ({torch.__version__}) is a CPU-only build"
@@ -339,8 +343,8 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     q.add_argument(
         "--exclude", action="append", metavar="PATTERN", help="drop the routers matching this name or glob (repeatable)"
     )
-    q.add_argument("--top-k", type=int, help="k for every router, when the model does not say")
-    q.add_argument("--num-experts", type=int, help="expert count for every router, when its weight does not say")
+    q.add_argument("--top-k", type=_positive, help="k for every router, when the model does not say")
+    q.add_argument("--num-experts", type=_positive, help="expert count for every router, when its weight does not say")
     q.add_argument(
         "--verify", action="store_true", help="also run one forward on random tokens and check that every router fires"
     )
@@ -364,7 +368,11 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         except _UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        out = demo(args.style, args.new_tokens, args.seed, str(device))
+        try:
+            out = demo(args.style, args.new_tokens, args.seed, str(device))
+        except MoEReplayError as e:  # a refusal on this device or torch: its message, not a traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0 if out["replay_drift"] == 0.0 and out["min_grad"] > 0 else 1
     try:
         print(
@@ -389,11 +397,13 @@ def _as_options(message: str) -> str:
     """A library message in this command's words: ``--include 'x'`` where it says ``include='x'``."""
     message = re.sub(r"mr\.attach\(model, (\w+)=('[^']*')\)", lambda m: f"--{m[1]} {m[2]}", message)
     message = message.replace(" or include=MyRouterClass", "")
-    return re.sub(
+    message = re.sub(
         r"\b(include|exclude|top_k|num_experts)=(\S?)",
         lambda m: f"--{m[1].replace('_', '-')}" + (f" {m[2]}" if m[2] and m[2] not in ",./;)" else m[2]),
         message,
     )
+    # the bare argument names ("leave top_k out"), not attributes (config.top_k) nor words inside names
+    return re.sub(r"(?<![\w.\-'\"])(top_k|num_experts)(?![\w'\"(])", lambda m: f"--{m[1].replace('_', '-')}", message)
 
 
 if __name__ == "__main__":

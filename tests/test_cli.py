@@ -295,3 +295,45 @@ def test_errors_suggest_options_not_python_keywords(capsys) -> None:
         assert not re.search(r"\b(include|exclude|top_k|num_experts)=", err), err
     assert "--exclude 'x'" in _as_options("try mr.attach(model, exclude='x')")
     assert _as_options("pass top_k=/num_experts= if") == "pass --top-k/--num-experts if"
+    # the bare names too ("leave top_k out"), but not an attribute or a longer name
+    for argv in (["--top-k", "99"], ["--num-experts", "5"], ["--top-k", "3", "--verify"]):
+        assert main(["inspect", "softmax_topk", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and argv[0] in err, err
+        assert not re.search(r"\b(top_k|num_experts)\b", err), err
+    attributes = "config.top_k; cfg.num_experts"
+    assert _as_options(f"leave top_k out; {attributes}") == f"leave --top-k out; {attributes}"
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("option", ["--top-k", "--num-experts"])
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_inspect_counts_must_be_positive_whole_numbers(option: str, bad: str, capsys) -> None:
+    """--top-k 0 said "top_k must be a positive int (or None: ...)", in Python's words, with status 1."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "softmax_topk", option, bad])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and bad in err and "Traceback" not in err, err
+    assert "top_k" not in err and "num_experts" not in err
+
+
+@pytest.mark.reliability("bad inputs")
+def test_demo_on_the_meta_device_is_one_line(capsys) -> None:
+    """--device meta passed the device check and ended in a traceback from the first forward."""
+    assert main(["demo", "--device", "meta"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+    assert captured.err.startswith("error: --device meta: ") and "use cpu" in captured.err
+
+
+def test_demo_refused_by_the_library_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A refusal during the demo (a router this torch or device cannot prove) is its message, not a traceback."""
+    import moe_replay.__main__ as cli
+
+    def refused(*args: object, **kwargs: object) -> dict[str, float]:
+        raise mr.UnsupportedRouterError("router 'r' cannot be proven here")
+
+    monkeypatch.setattr(cli, "demo", refused)
+    assert main(["demo"]) == 1
+    assert capsys.readouterr().err == "error: router 'r' cannot be proven here\n"
