@@ -1878,6 +1878,8 @@ class Session:
             reaches them). ``print`` it.
 
         Raises:
+            InvalidArgumentError: no input was given (``session.verify()``): the forward needs an
+                example batch to run the routers on.
             UnsupportedRouterError: a router did not run, no call of its forward decides, or no
                 router chose for any token (an input with no tokens).
 
@@ -1890,6 +1892,12 @@ class Session:
             1
         """
         self._check_attached()
+        if not args and not kwargs:  # the model's own error would say only that forward() lacks an argument
+            raise InvalidArgumentError(
+                "session.verify() was called without an input: it runs one forward, model(*args, **kwargs), "
+                "and proves each router's decision on it. Pass an example batch as you would call the model, "
+                "e.g. session.verify(input_ids) or session.verify(**inputs)"
+            )
         if self._capturing or self._replaying:
             raise SessionStateError("verify() runs on an idle session, outside capture() and replay()")
         model = self._model_ref()

@@ -256,6 +256,23 @@ def test_verify_reports_each_router_once(tokens: torch.Tensor) -> None:
             session.routes()  # verify records nothing
 
 
+@pytest.mark.reliability("bad inputs")
+def test_verify_without_an_input_is_refused_and_the_session_goes_on(tokens: torch.Tensor) -> None:
+    """``session.verify()`` let the model's TypeError through; it is bad input to verify, said as such."""
+    model = build("softmax_topk")
+    before = snapshot(model)
+    session = mr.attach(model)
+    with pytest.raises(mr.InvalidArgumentError, match=r"without an input.*session\.verify\(input_ids\)"):
+        session.verify()
+    assert session.state == "idle"
+    with session.capture():  # nothing of the refused call is left: the first forward proves and records
+        model(tokens)
+    assert session.routes().num_tokens == tokens.numel()
+    assert session.verify(tokens) == {"layers.1.mlp.router": 1, "layers.2.mlp.router": 1}
+    session.detach()
+    assert_untouched(model, before)
+
+
 def test_detach_leaves_model_untouched(style: str, tokens: torch.Tensor) -> None:
     model = build(style)
     before = snapshot(model)
