@@ -356,12 +356,28 @@ def _sequences(sequences: Sequence[Routes]) -> list[Routes]:
 
 
 def pad_routes(sequences: Sequence[Routes], *, side: str = "right", length: int | None = None) -> Routes:
-    """Routes for a padded batch, one sequence per row: ``BatchLayout.padded(...).routes(sequences)``."""
+    """Routes for a padded batch, one sequence per row: ``BatchLayout.padded(...).routes(sequences)``.
+
+    Example:
+        >>> import torch, moe_replay as mr
+        >>> a = mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["layers.0.gate"], num_experts=4)
+        >>> b = mr.Routes([torch.tensor([[1, 2]])], names=["layers.0.gate"], num_experts=4)
+        >>> mr.pad_routes([a, b], side="left").layer("layers.0.gate").tolist()  # row 2: padding, then b
+        [[0, 1], [2, 3], [-1, -1], [1, 2]]
+    """
     seqs = _sequences(sequences)
     return BatchLayout.padded([s.num_tokens for s in seqs], side=side, length=length).routes(seqs)
 
 
 def pack_routes(sequences: Sequence[Routes], *, row_length: int | None = None) -> Routes:
-    """Routes for a packed batch: ``BatchLayout.packed(...).routes(sequences)``."""
+    """Routes for a packed batch: ``BatchLayout.packed(...).routes(sequences)``.
+
+    Example:
+        >>> import torch, moe_replay as mr
+        >>> a = mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["layers.0.gate"], num_experts=4)
+        >>> b = mr.Routes([torch.tensor([[1, 2]])], names=["layers.0.gate"], num_experts=4)
+        >>> mr.pack_routes([a, b]).layer("layers.0.gate").tolist()  # one row: a's tokens, then b's
+        [[0, 1], [2, 3], [1, 2]]
+    """
     seqs = _sequences(sequences)
     return BatchLayout.packed([s.num_tokens for s in seqs], row_length=row_length).routes(seqs)

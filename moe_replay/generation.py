@@ -124,6 +124,12 @@ def generation_lengths(
         sequences: ``[B, prompt_len + N]`` as ``generate()`` returns them.
         prompt_len: padded prompt width ``P``.
         eos_token_id: one id or several; ``None`` means every sequence ran all ``N`` steps.
+
+    Example:
+        >>> import torch, moe_replay as mr
+        >>> out = torch.tensor([[5, 6, 7, 2, 0], [5, 6, 8, 9, 4]])  # prompt of 2, then 3 new tokens
+        >>> mr.generation_lengths(out, prompt_len=2, eos_token_id=2).tolist()  # the first ended at its eos
+        [2, 3]
     """
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
         raise InvalidArgumentError(
