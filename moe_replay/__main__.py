@@ -92,7 +92,7 @@ def demo(style: str = "softmax_topk", new_tokens: int = 16, seed: int = 0, devic
     # 2. policy update stand-in: perturb the router weights, look at the drift
     with torch.no_grad():
         for s in session.sites:
-            w = s.module.weight  # type: ignore[union-attr]
+            w: torch.Tensor = getattr(s.module, "weight")  # noqa: B009 - a module's weight is typed as Tensor | Module
             w.add_(0.3 * w.std() * torch.randn_like(w))
     with session.capture(), torch.no_grad():
         model(tokens)
@@ -108,7 +108,7 @@ def demo(style: str = "softmax_topk", new_tokens: int = 16, seed: int = 0, devic
         loss.backward()
     forced = session.routes()
     replay_drift, _ = _mismatch(rollout, forced)
-    grads = [float(s.module.weight.grad.norm()) for s in session.sites]  # type: ignore[union-attr]
+    grads = [float(getattr(s.module, "weight").grad.norm()) for s in session.sites]  # noqa: B009 - as above
     print(f"3. replayed the rollout's routes: {replay_drift:.1%} of decisions differ, loss {loss.item():.4f}")
     print("   router gradient norms: " + ", ".join(f"{g:.2e}" for g in grads))
     session.detach()
@@ -132,9 +132,11 @@ def load_model(target: str, *, seed: int = 0, layers: int | None = None) -> tupl
     if target in models.STYLES:
         if layers is not None:
             extra["num_layers"] = layers
-        model = models.build(target, seed=seed, **extra)
-        cfg = model.config
-        return model, (f"reference MoE '{target}': {cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k}")
+        reference = models.build(target, seed=seed, **extra)
+        cfg = reference.config
+        return reference, (
+            f"reference MoE '{target}': {cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k}"
+        )
     if _hf.is_checkpoint_dir(target):
         try:
             model = _hf.load_checkpoint(target)
@@ -176,10 +178,10 @@ def _example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int):
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        vocab = getattr(emb, "num_embeddings", 2)
+        get = getattr(model, "get_input_embeddings", None)
+        vocab = int(getattr(get() if callable(get) else None, "num_embeddings", 2))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    ids = torch.randint(0, int(vocab), (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
     inputs = {"input_ids": ids}
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids

@@ -248,16 +248,16 @@ class RoutingComparison:
             own = self.num_experts[pos] if self.num_experts else self.load_a.shape[1]  # not the widest router's
             a, b = self.load_a[pos, :own], self.load_b[pos, :own]
             title, ylabel = f"expert load, {self.names[pos]}", "tokens compared"
-        e = np.arange(a.shape[0])
-        if len(e) <= 32:
-            right.bar(e - 0.2, a, width=0.4, label=self.labels[0])
-            right.bar(e + 0.2, b, width=0.4, label=self.labels[1])
+        xs = np.arange(a.shape[0])
+        if len(xs) <= 32:
+            right.bar(xs - 0.2, a, width=0.4, label=self.labels[0])
+            right.bar(xs + 0.2, b, width=0.4, label=self.labels[1])
         else:  # paired bars of many experts blur into bands: two outlines instead
-            right.step(e, a, where="mid", label=self.labels[0])
-            right.step(e, b, where="mid", label=self.labels[1], alpha=0.8)
+            right.step(xs, a, where="mid", label=self.labels[0])
+            right.step(xs, b, where="mid", label=self.labels[1], alpha=0.8)
             right.set_ylim(bottom=0)
         right.xaxis.set_major_locator(MaxNLocator(integer=True))
-        right.set_xlim(-0.6, len(e) - 0.4)
+        right.set_xlim(-0.6, len(xs) - 0.4)
         right.set_xlabel("expert")
         right.set_ylabel(ylabel)
         right.set_title(title)

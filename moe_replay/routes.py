@@ -547,9 +547,9 @@ class Routes:
             return arr.copy()
         out = arr.astype(dtype)
         check_exact(arr, out, f"to_numpy({np.dtype(dtype).name})")
-        for i, (name, e) in enumerate(zip(self._names, self._experts, strict=True)):
+        for i, (name, experts) in enumerate(zip(self._names, self._experts, strict=True)):
             # exact, yet no reader could tell its last expert from a -1 cast the same way: from_numpy refuses it
-            _check_no_wrapped_missing(out[:, i], e, name, writing=True)
+            _check_no_wrapped_missing(out[:, i], experts, name, writing=True)
         return out
 
     @classmethod
