@@ -299,6 +299,26 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed torch takes (``torch.manual_seed``: a 64-bit integer)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must fit in 64 bits (0 to {2**64 - 1}), got {value}")
+    return value
+
+
+def _pattern(text: str) -> str:
+    """An argparse type: a module name or glob, not empty (an empty one names the whole model)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is empty: give a module path or glob, e.g. 'layers.*.mlp.gate' (an unset shell variable?)"
+        )
+    return text
+
+
 def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -324,7 +344,7 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     p.add_argument("--style", default="softmax_topk", choices=models.STYLES, help="router style of the reference MoE")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and prompt (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for weights and prompt (default 0)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     q = sub.add_parser(
         "inspect",
@@ -339,11 +359,16 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     q.add_argument(
         "--include",
         action="append",
+        type=_pattern,
         metavar="PATTERN",
         help="take exactly the modules matching this name or glob as routers (repeatable)",
     )
     q.add_argument(
-        "--exclude", action="append", metavar="PATTERN", help="drop the routers matching this name or glob (repeatable)"
+        "--exclude",
+        action="append",
+        type=_pattern,
+        metavar="PATTERN",
+        help="drop the routers matching this name or glob (repeatable)",
     )
     q.add_argument("--top-k", type=_positive, help="k for every router, when the model does not say")
     q.add_argument("--num-experts", type=_positive, help="expert count for every router, when its weight does not say")
@@ -355,7 +380,7 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
         type=_positive,
         help="layer count of a reference model; of a tiny random HF model, at most its default depth",
     )
-    q.add_argument("--seed", type=int, default=0, help="seed of a random model's weights (default 0)")
+    q.add_argument("--seed", type=_seed, default=0, help="seed of a random model's weights (default 0)")
     return parser
 
 

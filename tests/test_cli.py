@@ -337,3 +337,30 @@ def test_demo_refused_by_the_library_is_one_line(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(cli, "demo", refused)
     assert main(["demo"]) == 1
     assert capsys.readouterr().err == "error: router 'r' cannot be proven here\n"
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--seed", str(2**64)],
+        ["inspect", "softmax_topk", "--seed", str(-(2**63) - 1)],
+        ["inspect", "softmax_topk", "--include", ""],
+        ["inspect", "softmax_topk", "--exclude", " "],
+    ],
+    ids=["demo-seed-too-big", "inspect-seed-too-small", "empty-include", "blank-exclude"],
+)
+def test_seeds_torch_cannot_take_and_empty_patterns_are_usage_errors(argv: list[str], capsys) -> None:
+    """A seed past 64 bits ended in torch's OverflowError traceback; --include '' took the whole model as a router."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"error: argument {argv[-2]}: " in captured.err, captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_seeds_at_the_ends_of_torch_range_run(capsys) -> None:
+    for seed in (str(2**64 - 1), str(-(2**63))):
+        assert main(["inspect", "softmax_topk", "--seed", seed]) == 0
+        assert "2 router(s), 2 replayable" in capsys.readouterr().out
