@@ -164,7 +164,11 @@ def load_model(target: str, *, seed: int = 0, layers: int | None = None) -> tupl
         raise
     except Exception as e:  # transformers could not build this type from its default config
         raise _UsageError(f"cannot build a tiny random '{target}': {_first_line(e)}") from None
-    return model, f"{type(model).__name__}: a tiny random instance of the HF model type '{target}'"
+    origin = f"{type(model).__name__}: a tiny random instance of the HF model type '{target}'"
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if layers is not None and isinstance(depth, int) and depth < layers:  # capped: say so, not only in --help
+        origin += f", {depth} layers (its default depth; --layers {layers} asks for more)"
+    return model, origin
 
 
 def _first_line(e: BaseException) -> str:

@@ -211,6 +211,18 @@ def test_inspect_hf_model_type(capsys) -> None:
     assert "verify: one forward" in text
 
 
+def test_inspect_says_when_layers_is_capped_at_the_default_depth(capsys) -> None:
+    """--layers past an HF type's default depth built that depth and said so only in --help."""
+    transformers = pytest.importorskip("transformers")
+    default = transformers.AutoConfig.for_model("qwen3_moe").num_hidden_layers
+    assert main(["inspect", "qwen3_moe", "--layers", str(default + 1)]) == 0
+    text = capsys.readouterr().out
+    assert f", {default} layers (its default depth; --layers {default + 1} asks for more)" in text.splitlines()[0]
+    assert f"{default} router(s)" in text
+    assert main(["inspect", "qwen3_moe", "--layers", "2"]) == 0
+    assert "default depth" not in capsys.readouterr().out
+
+
 def test_inspect_hf_checkpoint_directory(tmp_path, capsys) -> None:
     pytest.importorskip("transformers")
     from moe_replay._hf import load_checkpoint, tiny_model
