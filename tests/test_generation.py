@@ -1413,3 +1413,109 @@ def test_a_plain_tensor_cache_sliced_back_before_later_forwards_is_refused() -> 
         assert capture._call_rows == ((2, N + 1),)
         with pytest.raises(mr.RoutesValidationError, match="taken out"):
             mr.split_generation(capture, batch_size=2, prompt_len=1)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("how", ["prompt lookup", "draft model", "self draft"])
+def test_hf_assisted_decoding_is_refused_not_split(how: str) -> None:
+    """generate() with a draft (prompt_lookup_num_tokens, an assistant_model, the captured model itself as its own
+    draft) feeds the model the last token and its draft tokens in one forward, then crops the rejected ones from
+    the cache: the rows of rejected draft tokens stay in the capture among the kept ones. Refused, naming it."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6]])  # repeats: the prompt lookup finds drafts
+    kwargs: dict = dict(max_new_tokens=N, pad_token_id=0)
+    if how == "prompt lookup":
+        kwargs["prompt_lookup_num_tokens"] = 3
+    else:
+        kwargs["assistant_model"] = model if how == "self draft" else tiny_hf.build("qwen3_moe", seed=1)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(prompt, **kwargs)
+        capture = session.routes()
+        assert capture._call_rows != ((prompt.shape[1], 1), (1, N - 1))  # the premise: a forward fed draft tokens
+        for given in ({}, dict(sequences=out)):
+            with pytest.raises(mr.RoutesValidationError, match=r"forwards of .*assisted decoding"):
+                mr.split_generation(capture, batch_size=1, prompt_len=prompt.shape[1], **given)
+
+
+def test_hf_prompt_lookup_that_finds_no_draft_splits_as_greedy_decoding() -> None:
+    """A prompt lookup that finds no draft feeds one token per step, as greedy decoding does: it splits, into the
+    routes of the greedy rollout of the same prompt."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("mixtral")
+    prompt = torch.tensor([[11, 23, 37, 41, 59]])
+    kwargs: dict = dict(max_new_tokens=N, pad_token_id=0)
+    parts = {}
+    with mr.attach(model) as session:
+        for lookup in (None, 2):
+            with session.capture(), torch.no_grad():
+                out = model.generate(prompt, prompt_lookup_num_tokens=lookup, **kwargs)
+            assert session.routes()._call_rows == ((P, 1), (1, N - 1))  # the premise: no forward fed a draft
+            parts[lookup] = mr.split_generation(session.routes(), batch_size=1, prompt_len=P, sequences=out)
+    assert parts[2][0].equal(parts[None][0])
+
+
+def _compiled_decode() -> dict:
+    """generate() keywords under which transformers compiles each decode step (a static cache does on a GPU by
+    default); dynamo's eager backend keeps it quick on a CPU."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CompileConfig(backend="eager", fullgraph=False)
+    config._compile_all_devices = True  # (transformers compiles on accelerators only, unless told)
+    return dict(cache_implementation="static", compile_config=config, max_new_tokens=4, pad_token_id=0)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_hf_generate_with_compiled_decode_steps_splits_and_refuses_beams_and_a_second_call() -> None:
+    """generate() with a static cache compiles its decode steps (by default on a GPU): their rows are written by
+    compiled code, which the capture cannot count by forward. The rollout still splits into the routes of the
+    same rollout decoded eagerly; a beam search (the cache's reorder runs eagerly) and a second generate() in the
+    block (its prompt forward is eager, given a new cache) are still refused."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    kwargs = _compiled_decode()
+    eager = {k: v for k, v in kwargs.items() if k != "compile_config"}
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            want = model.generate(prompt, attention_mask=mask, **eager)
+        expected = mr.split_generation(session.routes(), attention_mask=mask, sequences=want)
+        with session.capture(), torch.no_grad():
+            out = model.generate(prompt, attention_mask=mask, **kwargs)
+        assert torch.equal(out, want) and session.routes()._call_rows is None  # the premise: compiled steps
+        got = mr.split_generation(session.routes(), attention_mask=mask, sequences=out)
+        assert all(a.equal(b) for a, b in zip(got, expected, strict=True))
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, attention_mask=mask, **kwargs)
+            model.generate(prompt, attention_mask=mask, **kwargs)
+        with pytest.raises(mr.RoutesValidationError, match=r"a decode loop began again"):
+            mr.split_generation(session.routes(), attention_mask=torch.cat([mask, mask]))
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, attention_mask=mask, num_beams=2, num_return_sequences=2, **kwargs)
+        with pytest.raises(mr.RoutesValidationError, match=r"moved rows between forwards.*beam search"):
+            mr.split_generation(session.routes(), attention_mask=mask.repeat_interleave(2, dim=0))
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a capture whose decode steps ran compiled knows neither its forwards nor what they were fed: "
+    "split_generation splits it by the row count alone, unchecked",
+)
+def test_hf_generate_with_compiled_decode_steps_checks_sequences_and_the_prompt_mask() -> None:
+    """Still silent: with compiled decode steps (a static cache on a GPU) the capture's eager prompt forward is
+    not kept either, so sequences in another order than generate() returned them, or a prompt mask other than
+    the one it ran with, split without an error, giving tokens the routes of other tokens or of padding. The same
+    calls are refused after an eager generate() (test_sequences_of_another_call_or_order_are_refused,
+    test_a_prompt_mask_other_than_generates_is_refused)."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(prompt, attention_mask=mask, **_compiled_decode())
+        capture = session.routes()
+    with pytest.raises(mr.RoutesValidationError, match=r"in another order"):
+        mr.split_generation(capture, attention_mask=mask, sequences=out[[1, 0, 2]])
+    with pytest.raises(mr.RoutesValidationError, match=r"not the attention mask generate\(\)'s prompt forward"):
+        mr.split_generation(capture, attention_mask=mask.flip(1), sequences=out)
