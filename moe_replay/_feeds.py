@@ -163,6 +163,9 @@ class FeedRecord:
         #: forwards that began a decode loop again after a forward given a KV cache: (what they were given, the
         #: tokens it held then: an int, a 0-d tensor read when the routes are, or None for a forward given none)
         self._fresh: list[tuple[str, Any]] = []
+        #: a forward given a new cache that held other tokens than the one before held as its forward ended (a copy of a
+        #: prefix's cache: a decode loop begun again from it), as ``"<type> that held <n> tokens where ..."``, or None
+        self._switched: str | None = None
         self._last: weakref.ref[Any] | None = None  # the KV cache given to the latest forward given one
         #: the tokens that cache held as that forward ended (an int; -1 where unknown or a static cache's count, which
         #: is on its device), and the tokens each watched cache held as this capture first watched it, by id: a cache
@@ -307,7 +310,10 @@ class FeedRecord:
         The type of a cache given again after another cache was given in between (two loops
         interleaved: classifier-free guidance); or ``"new <type>"``: a forward given a cache that
         held no tokens, or ``"no cache"``: a forward given none, after a forward of the capture was
-        given a cache (a loop begun again: a second ``generate()`` call). Where a second loop's
+        given a cache (a loop begun again: a second ``generate()`` call); or ``"switched <type> that held
+        <n> tokens where ..."``: a forward given a new cache that held other tokens than the cache
+        before it held as its forward ended (a second ``generate()`` call continued from a copy of a
+        shared prompt's cache). Where a second loop's
         prompts are one token wide, its forwards have the row counts of the first loop's decode
         steps, and nothing else in the rows shows it.
         """
@@ -318,6 +324,8 @@ class FeedRecord:
                 return "no cache"
             if isinstance(held, int | torch.Tensor) and int(held) == 0:  # (a static cache's: read here, not per step)
                 return f"new {what}"
+        if self._switched is not None:
+            return f"switched {self._switched}"
         return None
 
     def _watch_caches(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -349,8 +357,15 @@ class FeedRecord:
                             self._interleaved = kind.__name__
                         elif not again and self._given_before and self._notes_loops:
                             held = _tokens_held(value)
-                            if not isinstance(held, int) or held == 0:  # (one that held tokens continues: not kept)
+                            if not isinstance(held, int) or held == 0:
                                 self._fresh.append((kind.__name__, held))
+                            elif self._switched is None and held != self._held_after >= 0:
+                                # (one that held the tokens the cache before held may continue them, a copy of it;
+                                # one that held other tokens, a copy of a prefix's cache, begins a loop of its own)
+                                self._switched = (
+                                    f"{kind.__name__} that held {held} tokens where the cache before it held "
+                                    f"{self._held_after} as its last forward ended"
+                                )
                         if id(value) in self._caches:
                             self._last = self._caches[id(value)][0]
         self._given_before = self._given_before or given

@@ -390,8 +390,11 @@ def _check_one_loop(routes: Routes) -> None:
     kind = routes._caches_interleaved
     if kind is None:
         return
-    if kind == "no cache" or kind.startswith("new "):
-        given = "no KV cache" if kind == "no cache" else f"a new {kind[4:]} that held no tokens"
+    if kind == "no cache" or kind.startswith(("new ", "switched ")):
+        if kind.startswith("switched "):
+            given = f"a new {kind[9:]} (a copy of a shared prompt's cache, say)"
+        else:
+            given = "no KV cache" if kind == "no cache" else f"a new {kind[4:]} that held no tokens"
         raise RoutesValidationError(
             f"while this capture ran, a forward of the model was given {given} after earlier forwards were given "
             "a KV cache: a decode loop began again (a second generate() call in the capture() block, or a loop of "
@@ -546,7 +549,8 @@ def split_generation(
     forwards of two decode loops interleaved: ``generate(guidance_scale=...)`` runs the model
     on the unconditional prompt after every step, with a cache of its own, in forwards of the
     row counts of one ``generate()`` of more new tokens), one in which a forward was given a KV
-    cache that held no tokens (or none) after earlier forwards were given one (a decode loop
+    cache that held no tokens (or none), or a new one that held other tokens than the cache before
+    it held (a copy of a shared prompt's cache), after earlier forwards were given one (a decode loop
     begun again: a second ``generate()`` call, whose forwards over prompts one token wide have
     the row counts of more decode steps), and a prompt mask other than the one
     ``generate()`` ran with; given ``sequences``, each token must be the one its row was fed

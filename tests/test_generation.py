@@ -1519,3 +1519,38 @@ def test_hf_generate_with_compiled_decode_steps_checks_sequences_and_the_prompt_
         mr.split_generation(capture, attention_mask=mask, sequences=out[[1, 0, 2]])
     with pytest.raises(mr.RoutesValidationError, match=r"not the attention mask generate\(\)'s prompt forward"):
         mr.split_generation(capture, attention_mask=mask.flip(1), sequences=out)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_generate_calls_from_copies_of_a_shared_prompts_cache_are_refused_not_split_as_one() -> None:
+    """Once silent: two generate() calls in one capture() block, each continued from its own copy of a shared
+    prompt's KV cache (transformers' way to reuse a system prompt's cache) with a one-token question, ran forwards
+    of one row each; split without sequences= they were one generate() of twice the new tokens, the second call's
+    question routed as a decode step of the first. A forward given a new cache that holds other tokens than the
+    cache before it held is a decode loop begun again: refused. A copy that holds the same tokens continues them."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    transformers = pytest.importorskip("transformers")
+    model = tiny_hf.build("qwen3_moe")
+    system = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(1))
+    shared = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(system, **{tiny_hf.cache_kwarg(model): shared}, use_cache=True)
+    kwargs = dict(max_new_tokens=N, pad_token_id=0)
+    name = tiny_hf.cache_kwarg(model)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            for question in (7, 9):
+                ids = torch.cat([system, torch.tensor([[question]])], dim=1)
+                model.generate(ids, **{name: copy.deepcopy(shared)}, do_sample=True, **kwargs)
+        capture = session.routes()
+        assert capture._call_rows == ((1, 2 * N),)  # the premise: the row counts of one generate() of 2N tokens
+        held = rf"new DynamicCache that held 4 tokens where the cache before it held {4 + N}"
+        with pytest.raises(mr.RoutesValidationError, match=held):
+            mr.split_generation(capture, batch_size=1, prompt_len=1)
+        with session.capture(), torch.no_grad():  # a copy of the cache the forwards before left: they go on
+            ids = torch.cat([system, torch.tensor([[7]])], dim=1)
+            first = model.generate(ids, **{name: copy.deepcopy(shared)}, return_dict_in_generate=True, **kwargs)
+            left = getattr(first, "cache", None) or first.past_key_values
+            out = model.generate(first.sequences, **{name: copy.deepcopy(left)}, **kwargs)
+        parts = mr.split_generation(session.routes(), batch_size=1, prompt_len=1, sequences=out[:, 4:])
+    assert parts[0].num_tokens == 1 + 2 * N
