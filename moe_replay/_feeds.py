@@ -163,9 +163,10 @@ class FeedRecord:
         #: forwards that began a decode loop again after a forward given a KV cache: (what they were given, the
         #: tokens it held then: an int, a 0-d tensor read when the routes are, or None for a forward given none)
         self._fresh: list[tuple[str, Any]] = []
-        #: a forward given a new cache that held other tokens than the one before held as its forward ended (a copy of a
-        #: prefix's cache: a decode loop begun again from it), as ``"<type> that held <n> tokens where ..."``, or None
-        self._switched: str | None = None
+        #: the first forward given a new cache that held tokens after a forward given another: (its type, the tokens
+        #: it held, those the other held as its last forward ended), each an int or a 0-d tensor read with the routes;
+        #: other tokens than before show a decode loop begun again from a copy of a prefix's cache (:attr:`interleaved`)
+        self._switched: tuple[str, Any, Any] | None = None
         self._last: weakref.ref[Any] | None = None  # the KV cache given to the latest forward given one
         #: the tokens that cache held as that forward ended (an int; -1 where unknown or a static cache's count, which
         #: is on its device), and the tokens each watched cache held as this capture first watched it, by id: a cache
@@ -325,7 +326,12 @@ class FeedRecord:
             if isinstance(held, int | torch.Tensor) and int(held) == 0:  # (a static cache's: read here, not per step)
                 return f"new {what}"
         if self._switched is not None:
-            return f"switched {self._switched}"
+            what, held, before = self._switched
+            if int(held) > 0 and int(before) >= 0 and int(held) != int(before):
+                return (
+                    f"switched {what} that held {int(held)} tokens where the cache before it held {int(before)} as "
+                    "its last forward ended"
+                )
         return None
 
     def _watch_caches(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -359,13 +365,15 @@ class FeedRecord:
                             held = _tokens_held(value)
                             if not isinstance(held, int) or held == 0:
                                 self._fresh.append((kind.__name__, held))
-                            elif self._switched is None and held != self._held_after >= 0:
+                            if self._switched is None and not (isinstance(held, int) and held <= 0):
                                 # (one that held the tokens the cache before held may continue them, a copy of it;
-                                # one that held other tokens, a copy of a prefix's cache, begins a loop of its own)
-                                self._switched = (
-                                    f"{kind.__name__} that held {held} tokens where the cache before it held "
-                                    f"{self._held_after} as its last forward ended"
-                                )
+                                # one that held other tokens, a copy of a prefix's cache, begins a loop of its own:
+                                # a static cache's counts are read with the routes, not here)
+                                before = self._held_after
+                                if before < 0 and last is not None:
+                                    before = _tokens_held(last)
+                                if not isinstance(before, int) or before >= 0:
+                                    self._switched = (kind.__name__, held, before)
                         if id(value) in self._caches:
                             self._last = self._caches[id(value)][0]
         self._given_before = self._given_before or given
@@ -470,6 +478,10 @@ class FeedRecord:
         """Move the kept inputs to the host, one copy per device and dtype: a detached session holds no device
         memory (its :meth:`Session.routes` still reads them)."""
         self._fresh = [(what, held.cpu() if isinstance(held, torch.Tensor) else held) for what, held in self._fresh]
+        if self._switched is not None:
+            what, *counts = self._switched
+            held, before = (c.cpu() if isinstance(c, torch.Tensor) else c for c in counts)
+            self._switched = (what, held, before)
         for name in ("_rollback", "_rolled"):
             held = getattr(self, name)
             if held is not None and isinstance(held[1], torch.Tensor):

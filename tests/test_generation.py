@@ -1554,3 +1554,31 @@ def test_generate_calls_from_copies_of_a_shared_prompts_cache_are_refused_not_sp
             out = model.generate(first.sequences, **{name: copy.deepcopy(left)}, **kwargs)
         parts = mr.split_generation(session.routes(), batch_size=1, prompt_len=1, sequences=out[:, 4:])
     assert parts[0].num_tokens == 1 + 2 * N
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a static cache counts its tokens on its device, so the count the cache before held as its last forward "
+    "ended is not kept per forward; where that cache is gone when the copy is given, nothing shows the new loop",
+)
+def test_generate_calls_from_copies_of_a_shared_prompts_static_cache_are_refused() -> None:
+    """Still silent: as test_generate_calls_from_copies_of_a_shared_prompts_cache_are_refused_not_split_as_one, with
+    a StaticCache of the shared prompt, each copy made as the one before is let go."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    transformers = pytest.importorskip("transformers")
+    model = tiny_hf.build("qwen3_moe")
+    system = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(1))
+    shared = transformers.StaticCache(config=model.config, max_cache_len=16)
+    name = tiny_hf.cache_kwarg(model)
+    with torch.no_grad():
+        model(system, **{name: shared}, use_cache=True)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            for question in (7, 9):
+                ids = torch.cat([system, torch.tensor([[question]])], dim=1)
+                model.generate(ids, **{name: copy.deepcopy(shared)}, max_new_tokens=N, pad_token_id=0)
+        capture = session.routes()
+    assert capture._call_rows == ((1, 2 * N),)  # the premise: the row counts of one generate() of 2N tokens
+    with pytest.raises(mr.RoutesValidationError, match=r"new StaticCache that held 4 tokens"):
+        mr.split_generation(capture, batch_size=1, prompt_len=1)
