@@ -29,12 +29,14 @@ import inspect
 import operator
 import threading
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from . import _torch_compat
+from ._code_settings import is_setting
 from .evidence import NESTING, UNWRAP
 
 __all__ = [
@@ -46,10 +48,12 @@ __all__ = [
     "OURS",
     "SWAP",
     "THEIRS",
+    "CodeWitness",
     "bypasses",
     "enter",
     "leave",
     "put_back",
+    "unwrapped",
 ]
 
 #: The names wrapped, with the aten operator TorchScript should compile each wrapper to.
@@ -229,7 +233,7 @@ _MAX_DEPTH = 6
 _MAX_CODES = 200
 
 
-def bypasses(forward: Callable[..., Any]) -> list[str]:
+def bypasses(forward: Callable[..., Any], witness: CodeWitness | None = None) -> list[str]:
     """The places in a router's code that would call a decision-like function or a mask without a wrapper.
 
     The audited forward shows that the calls it made came through the wrappers; a later forward
@@ -241,15 +245,21 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
     the functions a decorated one wraps; and the functions defined inside all of these. A
     ``topk``/``argmax``/``max``/``min``/``sort``/``argsort``/``kthvalue``/``masked_fill``/``where``
     taken as an attribute of anything but the ``torch`` module (``scores.topk``,
-    ``torch.Tensor.topk``) or a global name bound to torch's own function (``from torch import
-    topk``) is such a place. Code reached in other ways (a callable passed in as an argument,
-    held in a local variable or a container, or reached through two attributes) is not read. A
-    router with any such place keeps the mode: only a router whose reachable code calls these
-    through ``torch.`` goes lean.
+    ``torch.Tensor.topk``) is such a place, and so is a name the code reaches that holds torch's
+    own function or the Tensor method of its name, bound before a forward put the wrappers in
+    (see :func:`unwrapped`): a global (``from torch import topk``), an attribute of ``self`` or of
+    a module or class it names (``self.fill = torch.masked_fill`` in ``__init__``), a default
+    argument, a closure cell, a ``functools.partial`` of one, or one held in a dict, list, tuple
+    or set there. Code reached in other ways (a callable passed in as an argument, held in a
+    local variable, or reached through two attributes) is not read. A router with any such place
+    keeps the mode: only a router whose reachable code calls these through ``torch.`` goes lean.
+
+    ``witness``: where given, notes the code read through each name (a method of ``self``, a module's
+    function, a global), so that a later patch of one is seen (:class:`CodeWitness`).
     """
     out: list[str] = []
+    note = witness.note if witness is not None else _ignore
     seen: set[int] = set()
-    originals = {id(fn): name for name, fn in ORIGINALS.items()}
 
     def where(code: types.CodeType, ins: dis.Instruction) -> str:
         line = ins.positions.lineno if ins.positions is not None else code.co_firstlineno
@@ -276,6 +286,12 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
                 continue
             if isinstance(held, types.FunctionType):
                 read(held, owner, depth + 1)
+            elif (found := unwrapped(held)) is not None:
+                out.append(f"{found} held in a closure cell of {getattr(fn, '__qualname__', fn)}")
+        if isinstance(fn, types.FunctionType):  # a default argument: `def route(s, pick=torch.topk)`
+            for held in (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()):
+                if (found := unwrapped(held)) is not None:
+                    out.append(f"{found} as a default argument of {fn.__qualname__}")
         read_code(code, getattr(fn, "__globals__", {}), owner, depth)
 
     def read_attribute(target: Any, depth: int) -> None:
@@ -311,6 +327,7 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
             if calls_super and op.startswith(("LOAD_ATTR", "LOAD_METHOD", "LOAD_SUPER_ATTR")) and isinstance(name, str):
                 for cls in type(owner).__mro__:  # super().<name>: any class's <name> (all of them read)
                     found = cls.__dict__.get(name)
+                    note(cls.__dict__, name)
                     if isinstance(found, (staticmethod, classmethod)):
                         found = found.__func__
                     if isinstance(found, types.FunctionType):
@@ -332,6 +349,7 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
                     and owner is not None
                 ):
                     static = inspect.getattr_static(owner, name, None)
+                    note(owner, name)
                     if isinstance(static, property):  # its getter is code the router runs: read, not run
                         read(static.fget, owner, depth + 1)
                     else:
@@ -339,19 +357,26 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
                             target = getattr(owner, name, None)
                         except Exception:  # (an attribute that fails to resolve fails the router's forward too)
                             target = None
-                        read_attribute(target, depth)
-                elif isinstance(named, (types.ModuleType, type)) and not _is_torch(
+                        if (found := unwrapped(target)) is not None:
+                            out.append(f"self.{name} ({found} held there) at {where(code, ins)}")
+                        else:
+                            read_attribute(target, depth)
+                elif isinstance(named, (types.ModuleType, type)) and not _is_library(
                     getattr(named, "__name__" if isinstance(named, types.ModuleType) else "__module__", "") or ""
                 ):  # a function of a module or class the code names: utils.route, Routing.pick
                     target = inspect.getattr_static(named, name, None)  # (no lazy import, no descriptor run)
+                    note(named, name)
                     if isinstance(target, (staticmethod, classmethod)):
                         target = target.__func__
                     if isinstance(target, types.FunctionType):
                         read(target, None, depth + 1)
+                    elif (found := unwrapped(target)) is not None:
+                        out.append(f"{base.argval}.{name} ({found} held there) at {where(code, ins)}")
             elif op.startswith(("LOAD_GLOBAL", "LOAD_NAME")) and isinstance(name, str):
                 target = names.get(name, getattr(builtins, name, None))
-                if id(target) in originals:
-                    out.append(f"{name} (torch.{originals[id(target)]} bound at import) at {where(code, ins)}")
+                note(names, name)
+                if (found := unwrapped(target)) is not None:
+                    out.append(f"{name} ({found} bound at import) at {where(code, ins)}")
                 elif isinstance(target, types.FunctionType):
                     read(target, None, depth + 1)
             elif isinstance(ins.argval, types.CodeType):
@@ -362,9 +387,160 @@ def bypasses(forward: Callable[..., Any]) -> list[str]:
     return out
 
 
+#: torch's own decision-like functions and the Tensor methods of their names, by id: what a name bound to one before a
+#: forward put the wrappers in calls, unseen by them
+_UNWRAPPED: dict[int, str] = {id(fn): f"torch.{name}" for name, fn in ORIGINALS.items()}
+_UNWRAPPED.update(
+    {id(m): f"torch.Tensor.{name}" for name in _NAMES if (m := getattr(torch.Tensor, name, None)) is not None}
+)
+_HOLDERS = (dict, list, tuple, set, frozenset)
+_HELD_ITEMS = 64  # items of a container looked at (a long list of tensors held beside is not read through)
+
+
+def unwrapped(value: Any, depth: int = 0) -> str | None:
+    """The decision-like function of torch that calling ``value`` (or what it holds) runs without a lean wrapper, in
+    words; None where there is none.
+
+    ``value`` calls it where it is torch's own function (``torch.topk`` as imported, not a wrapper), the Tensor
+    method of such a name (``torch.Tensor.topk``, or a tensor's bound ``scores.topk``), or a ``functools.partial``
+    of one; one level into a dict, list, tuple or set, an item that is one. Only builtin types are looked into:
+    nothing of the value's own code runs.
+    """
+    found = _UNWRAPPED.get(id(value))
+    if found is not None:
+        return found
+    kind = type(value)
+    if (kind is functools.partial or kind is functools.partialmethod) and depth < 4:
+        return unwrapped(value.func, depth + 1)
+    if kind is types.BuiltinMethodType and value.__name__ in _NAMES and issubclass(type(value.__self__), torch.Tensor):
+        return f"a tensor's .{value.__name__}"
+    if kind in _HOLDERS and depth == 0:
+        items = dict.values(value) if kind is dict else value
+        for i, item in enumerate(items):
+            if i >= _HELD_ITEMS:
+                break
+            if (found := unwrapped(item, 1)) is not None:
+                return found
+    return None
+
+
+def _ignore(holder: Any, name: str) -> None:
+    """:meth:`CodeWitness.note` where no witness is kept."""
+
+
+#: what a name the router's code reads may hold that is code: a patch of one changes what its forward runs
+_CODE = (types.FunctionType, types.MethodType, functools.partial, staticmethod, classmethod, property)
+
+
+class CodeWitness:
+    """The code a lean router's forward reaches through names, as it was read (:func:`bypasses`).
+
+    A router goes lean because its code, as read, calls the decision-like functions through the wrappers
+    alone. Replace one of the methods it calls (``router.decide = ...``, ``Router.decide = ...``, a module
+    function of a helper module) with code that does not, and its later forwards would run it unseen: a mask
+    applied by a tensor method would leave forced experts with their masked scores. So each name read as it
+    led to code (a function, a method, a ``functools.partial``, a property, torch's own function) or to nothing,
+    is noted with what it held; :meth:`changed` tells a name that holds other code now. Checked as a block starts
+    and ends, as a router's settings are (not at each forward). Holders are held weakly where they can be.
+    """
+
+    __slots__ = ("entries", "noted")
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[Callable[[], Any], str, Callable[[], Any]]] = []
+        self.noted: set[tuple[int, str]] = set()
+
+    def note(self, holder: Any, name: str) -> None:
+        """The code ``holder`` (an object, a class, or a namespace read by key: a module's globals, a class's own
+        ``__dict__``) holds at ``name`` now, as the router's code reads it. Names that hold a plain setting (compared
+        as settings are) or a module are not noted."""
+        if (id(holder), name) in self.noted:
+            return
+        self.noted.add((id(holder), name))
+        value = _lookup(holder, name)
+        if (is_setting(value) and value is not None) or isinstance(value, types.ModuleType):
+            return
+        self.entries.append((_pin(holder), name, _pin(_code_held(value))))
+
+    def changed(self, skip: set[str] | frozenset[str] = frozenset()) -> str | None:
+        """A name whose code differs from when it was read, in words; None where none does. ``skip``: names the
+        router's own forward assigns (its state)."""
+        for holder_ref, name, then_ref in self.entries:
+            holder = holder_ref()
+            if holder is None or name in skip:
+                continue
+            now = _code_held(_lookup(holder, name))
+            then = then_ref()
+            if now is not then:
+                where = (
+                    f"'{name}'"
+                    if type(holder) in _MAPPINGS
+                    else f"'{(holder if isinstance(holder, type) else type(holder)).__qualname__}.{name}'"
+                )
+                return f"{where} is {_spelled(now)}, but was {_spelled(then)} when its code was read"
+        return None
+
+
+_MAPPINGS = (dict, types.MappingProxyType)  # (a module's globals, a class's own namespace: read by key)
+
+
+def _lookup(holder: Any, name: str) -> Any:
+    """What ``holder`` holds at ``name``, as stored (no descriptor run, no ``__getattr__``): a mapping's entry; an
+    object's own ``__dict__`` entry, else the first of its class's (a class's: the first along its MRO)."""
+    if type(holder) in _MAPPINGS:
+        return holder.get(name)
+    if not isinstance(holder, type):
+        try:
+            own = object.__getattribute__(holder, "__dict__")
+        except AttributeError:  # (slots alone)
+            own = None
+        if type(own) is dict and name in own:
+            return own[name]
+        holder = type(holder)
+    for klass in holder.__mro__:
+        space = klass.__dict__
+        if name in space:
+            return space[name]
+    return None
+
+
+def _code_held(value: Any) -> Any:
+    """``value`` where it is code (see :data:`_CODE`) or torch's own decision-like function; else None."""
+    if isinstance(value, _CODE) or id(value) in _UNWRAPPED:
+        return value
+    return None
+
+
+def _pin(value: Any) -> Callable[[], Any]:
+    """A weak reference to ``value`` where it takes one (a strong one otherwise: torch's functions, a dict)."""
+    if value is None:
+        return _none
+    try:
+        return weakref.ref(value)
+    except TypeError:
+        return lambda: value
+
+
+def _none() -> None:
+    return None
+
+
+def _spelled(code: Any) -> str:
+    """Code in a message: its qualified name, else its type."""
+    if code is None:
+        return "no code"
+    fn = getattr(code, "__func__", None) or getattr(code, "func", None) or getattr(code, "fget", None) or code
+    return getattr(fn, "__qualname__", None) or type(code).__name__
+
+
 def _is_torch(module: str) -> bool:
     """Is this module name torch's own (``torch`` or ``torch.*``)?"""
     return module == "torch" or module.startswith("torch.")
+
+
+def _is_library(module: str) -> bool:
+    """Is this module name torch's or moe_replay's own (their attributes are no router's code)?"""
+    return _is_torch(module) or module == "moe_replay" or module.startswith("moe_replay.")
 
 
 def _call_of(obj: Any) -> Any:

@@ -179,11 +179,12 @@ _CTX_METHODS = frozenset(("forward", "backward"))
 #: that it makes the calls the evidence lists.
 _KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Evidence]] = weakref.WeakKeyDictionary()
 
-#: Per router scope and mode (training, gradients): the evidence a forward was audited under, and
-#: whether all its calls came through the lean wrappers. Kept for later sessions, as the evidence is.
-_LEAN_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], tuple[Evidence, bool, str]]] = (
-    weakref.WeakKeyDictionary()
-)
+#: Per router scope and mode (training, gradients): the evidence a forward was audited under, whether all its
+#: calls came through the lean wrappers (and why not), and the code its forward reached as it was read (a patch
+#: of a method it calls is seen by that: :class:`~moe_replay._lean.CodeWitness`). Kept for later sessions, as the
+#: evidence is.
+_Verdict = tuple[Evidence, bool, str, "_lean.CodeWitness | None"]
+_LEAN_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], _Verdict]] = weakref.WeakKeyDictionary()
 
 #: Per router scope: where its output held the indices of its decision call when first seen under each evidence
 #: (see :meth:`RouterHook._check_returned`), and the output's type. Kept for later sessions, as the evidence is: a
@@ -341,7 +342,7 @@ class RouterHook:
     _eager: bool = True  # this forward runs eagerly, outside CUDA-graph capture: host-side counts hold
     # per mode: the evidence a forward was audited under, and whether every call it acted on came
     # through the lean wrappers (then later forwards run without the mode)
-    _lean: dict[tuple[bool, bool], tuple[Evidence, bool, str]] = field(default_factory=dict)
+    _lean: dict[tuple[bool, bool], _Verdict] = field(default_factory=dict)
     _missed: bool = False  # the audit saw a call that did not come through a lean wrapper
     # the lean fast path: the form of the decision call it answers, learned at the last one answered in full
     # (its ordinal, the arguments after the scores, the keywords, the scores' width and dtype); and, in a
@@ -579,6 +580,9 @@ class RouterHook:
         flag that picks which call dispatches), in words; None when none did. A decision is established on
         the settings of its forward: under others, another call may decide, or a choice may follow it."""
         self._settle()
+        code = self._changed_code()
+        if code is not None:
+            return code
         if not self._settled:
             return None
         now = _fingerprint(self.scope)
@@ -595,10 +599,24 @@ class RouterHook:
                     )
         return None
 
+    def _changed_code(self) -> str | None:
+        """The code a lean forward of this router reaches, changed since it was read (a method it calls patched on
+        the router or its class, a helper module's function replaced), in words; None where none did. Its lean
+        forwards would run the new code unseen by the wrappers (a tensor method's mask, say), so like a changed
+        setting it drops what was established."""
+        own = {key.rsplit(".", 1)[-1] for key in self._own}  # (what its own forward assigns: its state, not code)
+        for verdict in self._lean.values():
+            witness = verdict[3]
+            changed = witness.changed(own) if witness is not None else None
+            if changed is not None:
+                return f"{changed} (code that router '{self.name}' runs)"
+        return None
+
     def follow_settings(self) -> None:
         """Drop the decisions established under settings of the scope that changed since (see
-        :meth:`changed_setting`): each is established again at its mode's next forward. Run as a block starts."""
-        if self._settled and self.changed_setting() is not None:
+        :meth:`changed_setting`), or whose lean forwards reach code changed since: each is established again at
+        its mode's next forward. Run as a block starts."""
+        if (self._settled or self._lean) and self.changed_setting() is not None:
             self.forget(every_mode=True)
 
     def forget(self, *, every_mode: bool = False) -> None:
@@ -716,7 +734,8 @@ class RouterHook:
                 self._check_returned(ev, out)
             if how == "audit":  # later forwards in this mode go lean when every call came through a wrapper,
                 # and no other branch of the router's code could make one that does not
-                places = _lean.bypasses(forward)
+                witness = _lean.CodeWitness()
+                places = _lean.bypasses(forward, witness)
                 why = (
                     f"its code calls {places[0]}, not through torch's function"
                     if places
@@ -727,7 +746,7 @@ class RouterHook:
                     if ev is not None and self._restless and ev.twins
                     else ""
                 )
-                self._lean[self.mode()] = (ev, not why, why)
+                self._lean[self.mode()] = (ev, not why, why, None if why else witness)
         return out
 
     def _refused_lean(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

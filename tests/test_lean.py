@@ -7,6 +7,7 @@ own code sees. The rows are observed independently, from the experts' inputs (te
 
 from __future__ import annotations
 
+import functools
 import threading
 import types
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from moe_replay import _lean
 from .test_evidence import (
     D,
     E,
+    Experts,
     ExpertSpy,
     GroupLimitedRouter,
     RouterBlock,
@@ -927,3 +929,226 @@ def test_a_lean_router_that_returns_a_shorter_tuple_later_is_refused_with_the_li
             for r in _routers(model):  # inside the block (one started after it establishes the decision again)
                 r.short = True
             model(_x(4))
+
+
+# ---------------------------------------------------------------- torch's own functions held in names, and patches
+HELD_FILL = {"fill": torch.masked_fill}  # a module-level table of torch's functions, bound as it was imported
+HELD_METHOD = torch.Tensor.masked_fill  # the tensor method, held in a global
+helpers.held_fill = torch.masked_fill  # torch's function, kept as a helper module's attribute
+
+
+def _mask_with(fill: Callable[..., torch.Tensor] = torch.masked_fill) -> Callable[[torch.Tensor], torch.Tensor]:
+    def masked(probs: torch.Tensor) -> torch.Tensor:  # (torch.masked_fill as a default argument's, then a cell's)
+        return fill(probs, probs < probs.mean(-1, keepdim=True), 0.0)
+
+    return masked
+
+
+def _by_default(probs: torch.Tensor, fill: Callable[..., torch.Tensor] = torch.masked_fill) -> torch.Tensor:
+    return fill(probs, probs < probs.mean(-1, keepdim=True), 0.0)
+
+
+_closed_fill = _mask_with()
+
+
+def _below_mean(probs: torch.Tensor) -> torch.Tensor:
+    return probs < probs.mean(-1, keepdim=True)
+
+
+#: How a late mask reaches torch's masked_fill without the ``torch.`` name: each a body of HeldFill.decide's branch.
+HELD: dict[str, Callable[[HeldFill, torch.Tensor], torch.Tensor]] = {
+    "attribute": lambda self, p: self.fill(p, _below_mean(p), 0.0),
+    "functools.partial attribute": lambda self, p: self.fill_zero(p, _below_mean(p)),
+    "dict attribute": lambda self, p: self.ops["fill"](p, _below_mean(p), 0.0),
+    "tensor method attribute": lambda self, p: self.method(p, _below_mean(p), 0.0),
+    "global dict": lambda self, p: HELD_FILL["fill"](p, _below_mean(p), 0.0),
+    "tensor method global": lambda self, p: HELD_METHOD(p, _below_mean(p), 0.0),
+    "helper module attribute": lambda self, p: helpers.held_fill(p, _below_mean(p), 0.0),
+    "default argument": lambda self, p: _by_default(p),
+    "closure cell": lambda self, p: _closed_fill(p),
+}
+
+
+class HeldFill(SeenModes):
+    """Holds torch's masked_fill in names bound before any session (``self.fill = torch.masked_fill`` in
+    ``__init__``...): a lean forward's wrappers never see a call through one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fill = torch.masked_fill
+        self.fill_zero = functools.partial(torch.masked_fill, value=0.0)
+        self.ops = {"fill": torch.masked_fill}
+        self.method = torch.Tensor.masked_fill
+
+
+def _held_fill(how: str) -> HeldFill:
+    """A router that masks the experts scored below the mean, in forwards of many tokens only, as ``HELD[how]``."""
+    body = HELD[how]
+
+    class Held(HeldFill):
+        def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if probs.shape[0] > T:
+                probs = body(self, probs)
+            return torch.topk(probs, self.top_k, dim=-1)
+
+    return Held()
+
+
+def _forced_outside_the_mask_read_through_it(
+    model: nn.Module,
+    weights: list[torch.Tensor],
+    seen: list[tuple[torch.Tensor, torch.Tensor]],
+    mask: Callable[[torch.Tensor], torch.Tensor] = _late_mask,
+) -> None:
+    """Each router's replayed weights: a forced expert the late mask left out (in a row the masked top-k could not
+    return itself) has its unmasked score, never the masked 0.0 (a reference computed here, not by moe_replay)."""
+    read_through = 0
+    for w, (x, idx), layer in zip(weights, seen, model.layers, strict=True):
+        masked = mask(F.linear(x, layer.router.weight).softmax(-1))
+        own = masked.gather(1, idx).sort(-1).values == masked.topk(idx.shape[1], dim=-1).values.sort(-1).values
+        others = ~own.all(-1)
+        assert bool((w[others] > 0).all())
+        read_through += int((masked.gather(1, idx)[others] == 0).sum())
+    assert read_through > 0  # (forced experts the mask excludes were read through)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", list(HELD))
+def test_torchs_own_function_held_in_a_name_the_router_reaches_keeps_it_under_the_mode(how: str) -> None:
+    """Once silent: a late mask through torch's masked_fill held in an attribute, a partial, a table, a default
+    argument or a closure cell (bound before the session, so no wrapper) ran unseen in lean forwards, and forced
+    experts the mask left out got its 0.0 as their weight. Such a name is read as a bypass: the mode."""
+    model = TwoLayers(lambda: RouterBlock(_held_fill(how)))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    weights = _replayed_weights_of_a_long_forward(model, seen)
+    assert [layer.router.modes[-1] for layer in model.layers] == [1, 1]  # the mode
+    _forced_outside_the_mask_read_through_it(model, weights, seen)
+
+
+class HeldTopKBlock(nn.Module):
+    """An MoE block with a bare linear gate (its output holds no indices to compare) that, on large inputs, decides
+    with torch's top-k held as an attribute (no wrapper sees it) and then takes a top-k of the decision's very form
+    for a statistic: a lean forward sees as many calls of that form as the audited one did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+        self.top_k = 2
+        self.pick = torch.topk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        if x.abs().amax().item() > 100.0:  # large inputs only (none in the runs that establish the decision)
+            w, idx = self.pick(probs, self.top_k, dim=-1)
+            torch.topk(probs.detach(), self.top_k, dim=-1)  # (a statistic)
+        else:
+            w, idx = torch.topk(probs, self.top_k, dim=-1)
+        return dispatch(self.experts, x, idx, w)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_decision_through_a_held_top_k_beside_a_twin_is_refused_or_exact() -> None:
+    """Once silent: the large input's decision ran unseen, the wrapper took the statistic's top-k of the same form
+    for it and forced that one, and the experts were chosen by the current scores. Now the held name keeps the
+    mode, which sees both calls."""
+    model = TwoLayers(HeldTopKBlock)
+    xs = [_x(1), _x(2), 200.0 * _x(3)]
+    spy = ExpertSpy(model)
+    outcome = "exact"
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            with session.capture():
+                model(xs[0])
+                model(xs[1])
+                assert all(h.interception().startswith("mode") for h in session._hooks)  # the held top-k is read
+                model(xs[2])
+            routes = session.routes()
+            perturb(model)
+            with session.replay(routes):
+                for f, x in enumerate(xs):
+                    model(x)
+                    for b, name in enumerate(session.names):
+                        want = as_sets(routes.layer(name).reshape(len(xs), T, -1)[f])
+                        if not torch.equal(spy.experts_of(b), want):
+                            outcome = f"silent: {name}, forward {f}"
+    except mr.MoEReplayError:
+        outcome = "refused"
+    finally:
+        spy.remove()
+    assert outcome in ("exact", "refused"), outcome
+
+
+def _masked_everywhere(probs: torch.Tensor) -> torch.Tensor:
+    return probs.masked_fill(_below_mean(probs), 0.0)
+
+
+def _masked_decide(self: SeenModes, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`SeenModes.decide` with the late mask of a tensor method, in every forward."""
+    return torch.topk(_masked_everywhere(probs), self.top_k, dim=-1)
+
+
+def _patch_decide(model: nn.Module, where: str) -> Callable[[], None]:
+    """Replace the routers' ``decide`` on each router or on their class; returns what puts it back."""
+    if where == "class":
+        SeenModes.decide = _masked_decide  # type: ignore[method-assign]
+        return lambda: setattr(SeenModes, "decide", _SEEN_DECIDE)
+    routers = _routers(model)
+    for r in routers:
+        r.decide = types.MethodType(_masked_decide, r)  # type: ignore[method-assign]
+    return lambda: [vars(r).pop("decide") for r in routers] and None
+
+
+_SEEN_DECIDE = SeenModes.decide
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("when", ["between blocks", "inside a block"])
+@pytest.mark.parametrize("where", ["router", "class"])
+def test_a_method_patched_after_the_audit_is_read_again_between_blocks_and_refused_inside_one(
+    where: str, when: str
+) -> None:
+    """Once silent: a lean router's verdict held for the code as first read, so a ``decide`` patched later (on the
+    router or its class) to mask with a tensor method ran unseen, and forced experts the mask left out got 0.0. The
+    code read through each name is noted: a patch between blocks is read again (the mode, exact), one inside a block
+    refuses it as a changed setting does."""
+    model = TwoLayers(lambda: RouterBlock(SeenModes()))
+    xs = [_x(1), _x(2), _x(3)]
+    weights: list[torch.Tensor] = []
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def note(m: nn.Module, a: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, torch.Tensor]) -> None:
+        weights.append(out[0].detach())
+        seen.append((a[0].detach(), out[1]))
+
+    handles = [layer.router.register_forward_hook(note) for layer in model.layers]
+    undo: Callable[[], None] = lambda: None  # noqa: E731
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            with session.capture():
+                for x in xs:
+                    model(x)
+            assert [r.modes[-1] for r in _routers(model)] == [0, 0]  # lean
+            routes = session.routes()
+            perturb(model)
+            if when == "inside a block":
+                with pytest.raises(mr.SessionStateError, match="decide"), session.replay(routes):
+                    model(xs[0])
+                    undo = _patch_decide(model, where)
+                    model(xs[1])
+                return
+            undo = _patch_decide(model, where)
+            weights.clear()
+            seen.clear()
+            with session.replay(routes):
+                for x in xs:
+                    model(x)
+            assert [r.modes[-1] for r in _routers(model)] == [1, 1]  # the patched code is read: a tensor method
+            for f in range(len(xs)):
+                _forced_outside_the_mask_read_through_it(
+                    model, weights[2 * f : 2 * f + 2], seen[2 * f : 2 * f + 2], _masked_everywhere
+                )
+    finally:
+        undo()
+        for h in handles:
+            h.remove()
