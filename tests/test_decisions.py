@@ -484,6 +484,56 @@ def test_a_block_with_two_top_k_calls_of_one_form_and_a_step_count_replays_exact
         assert now is first and first.decision == (0,) and first.twins == (1,)  # never established again
 
 
+class _StatisticMovesByValueBlock(nn.Module):
+    """A Mixtral-style block (a bare linear gate, the top-k in the block, hidden states out) that takes a top-k of
+    the decision's very form for a statistic: before the decision on most inputs, after it on inputs of large
+    values. The calls it makes are the same in number and form either way; which of them dispatches moves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+        self.top_k = 2
+        self.dispatched: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        large = x.abs().amax().item() > 100.0  # (no run that establishes the decision takes this branch)
+        if not large:
+            torch.topk(probs.detach(), self.top_k, dim=-1)  # (the statistic)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        if large:
+            torch.topk(probs.detach(), self.top_k, dim=-1)
+        self.dispatched.append(idx.clone())
+        out = torch.zeros_like(x)
+        for slot in range(self.top_k):
+            for e, expert in enumerate(self.experts):
+                out = out + (idx[:, slot] == e)[:, None] * w[:, slot : slot + 1] * expert(x)
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="which of two calls of one form dispatches, moved by the input's values (not by a setting or by state): "
+    "the decision established on one branch is forced into the other branch's statistic",
+)
+def test_a_statistic_top_k_that_moves_after_the_decision_on_large_inputs_is_not_replayed_silently() -> None:
+    torch.manual_seed(7)
+    block, x = _StatisticMovesByValueBlock(), torch.randn(10, D)
+    with mr.attach(block) as session:
+        with session.capture():
+            block(x)  # established: the second call dispatches
+            block(x)
+        forced = _forced_routes(session, 10)
+        try:
+            with session.replay(forced):
+                block(300.0 * x)  # the first call dispatches
+        except mr.MoEReplayError:
+            return  # refused: not silent
+        assert torch.equal(block.dispatched[-1], forced.layer("gate"))
+
+
 class _ChunkedGate(nn.Module):
     """A plain top-2 gate that routes its tokens in chunks of 4 (one top-k call per chunk, to bound memory)."""
 
