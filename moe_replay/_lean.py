@@ -51,6 +51,7 @@ __all__ = [
     "CodeWitness",
     "bypasses",
     "enter",
+    "held_in_arguments",
     "leave",
     "put_back",
     "unwrapped",
@@ -422,6 +423,13 @@ def unwrapped(value: Any, depth: int = 0) -> str | None:
             if (found := unwrapped(item, 1)) is not None:
                 return found
     return None
+
+
+def held_in_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """The arguments of an audited forward that hold torch's own decision-like function (see :func:`unwrapped`):
+    a block that passes its router ``fill=self.fill`` hands it code no wrapper sees."""
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"argument '{k}'", v) for k, v in kwargs.items()]
+    return [f"{where} ({found})" for where, value in named if (found := unwrapped(value)) is not None]
 
 
 def _ignore(holder: Any, name: str) -> None:

@@ -735,7 +735,7 @@ class RouterHook:
             if how == "audit":  # later forwards in this mode go lean when every call came through a wrapper,
                 # and no other branch of the router's code could make one that does not
                 witness = _lean.CodeWitness()
-                places = _lean.bypasses(forward, witness)
+                places = _lean.bypasses(forward, witness) + _lean.held_in_arguments(args, kwargs)
                 why = (
                     f"its code calls {places[0]}, not through torch's function"
                     if places
