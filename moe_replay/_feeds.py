@@ -174,6 +174,10 @@ class FeedRecord:
         self._held_after: int = -1
         self._starts: dict[int, Any] = {}
         self._keep_inputs = keep_inputs
+        #: a forward of this capture that raised after its routers recorded rows, the exception caught inside the
+        #: block (a retry after an out-of-memory error): its rows stop half-way, so the routers' rows no longer line
+        #: up. The exception in words, or None
+        self.raised: str | None = None
         self._limit = limit
         self._held = 0  # tokens of the forwards kept
         self._caches: dict[int, tuple[Any, list[tuple[str, Any, Any]]]] = {}
@@ -1419,6 +1423,7 @@ class FeedForward:
 
     def _enter(self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A forward of the model, fed to the records and checks ``entered`` (then it runs)."""
+        watching: list[tuple[FeedRecord, int]] = []  # (the records, and their router calls as the forward began)
         if _unseen():
             # (nothing baked into a graph's every replay or a traced program; under vmap no row is one token)
             for r in entered:
@@ -1429,6 +1434,10 @@ class FeedForward:
             if at is not None and len(args) > at and "attention_mask" not in kwargs:
                 named = {**kwargs, "attention_mask": args[at]}
             order = self._order(entered, args, named)
+            # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
+            watching = [
+                (r, r.calls_made() if r.calls_made is not None else -1) for r in entered if type(r) is not FeedCheck
+            ]
             # (fed no token count, it is left to the levels it enters below: they may see its tokens)
             entered = [r for r in entered if r.fed(args, named, self.paired, order)]
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
@@ -1439,6 +1448,11 @@ class FeedForward:
             if before is not None:
                 return before(*args, **kwargs)
             return type(self.module).forward(self.module, *args, **kwargs)
+        except BaseException as exc:
+            for r, at in watching:
+                if r.calls_made is None or at < 0 or r.calls_made() != at:
+                    r.raised = r.raised or f"{type(exc).__name__}({str(exc)[:200]!r}) in a forward"
+            raise
         finally:
             for r in entered:
                 r._inside = False

@@ -1254,10 +1254,12 @@ class Session:
         stay in the rings (nothing is rewound: the routers that ran in the failed forward
         keep its rows, the others do not have them), so :meth:`routes` refuses them unless
         asked for ``allow_partial=True``, and ``clear=False`` cannot append to them. Caught
-        inside the block, a failed forward leaves the routers out of step with nothing to
-        mark it (a failure outside every router is not seen): let it leave the block, or
-        capture again. Rows kept for activation-checkpoint recomputes belong to each forward's autograd graph:
-        a failed forward's go with its graph, a finished forward's backward still gets its own.
+        inside the block (a retry after an out-of-memory error), a forward of the model that
+        raised after a router recorded rows marks the capture so too, as the block ends; one
+        caught inside the model's own code is not seen, and leaves the routers out of step:
+        let it leave the model's forward, or capture again. Rows kept for activation-checkpoint
+        recomputes belong to each forward's autograd graph: a failed forward's go with its graph,
+        a finished forward's backward still gets its own.
         """
         clear = check_flag(clear, "capture(clear=)")
         self._check_attached()
@@ -1344,6 +1346,8 @@ class Session:
         try:
             yield
             self._check_unchanged("capture()", skeleton, calls)
+            if self._feeds is not None and self._feeds.raised is not None:  # (caught inside the block: no exit error)
+                self._interrupted = f"{self._feeds.raised}, caught inside the block"
         except BaseException as exc:
             self._interrupted = f"{type(exc).__name__}({str(exc)[:200]!r})"
             if isinstance(exc, RuntimeError) and OVERFLOW_MARK in str(exc):

@@ -96,6 +96,39 @@ def test_exception_mid_capture(point: str, layer: int, exc: str, grad: bool) -> 
     assert_untouched(model, before)
 
 
+@pytest.mark.reliability("faults")
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("point", FAULT_POINTS)
+def test_exception_mid_capture_caught_inside_the_block_flags_the_capture(point: str, layer: int) -> None:
+    """Once silent: a forward that raised inside a capture block, caught there and run again (a retry after an
+    out-of-memory error), left the rows of the routers that ran before the exception among the others', and
+    routes() returned the routers' rows out of line with no error. It flags the capture as an exception that
+    leaves the block does; a forward that raised before any router recorded a row leaves the capture whole."""
+    model = TinyMoE(SPECS)
+    x = model.inputs(LEAD)
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    expected = session.routes()
+    with torch.no_grad(), session.capture():
+        model.inject(Fault(layer, point, RuntimeError("injected fault")))
+        with pytest.raises(RuntimeError, match="injected fault"):
+            model(x)
+        model.inject(None)
+        model(x)  # the retry
+    ran = _routers_that_ran(layer, point)
+    if ran == 0:
+        assert session.routes().equal(expected)
+    else:
+        with pytest.raises(
+            mr.SessionStateError, match=r"interrupted by RuntimeError\('injected fault'\).*caught inside"
+        ):
+            session.routes()
+        partial = session.routes(allow_partial=True)
+        assert partial.tokens_per_layer == tuple(2 * TOKENS if i < ran else TOKENS for i in range(len(SPECS)))
+    session.detach()
+
+
 @_at_every_fault
 def test_exception_mid_replay(point: str, layer: int, exc: str, grad: bool) -> None:
     """An exception mid-replay ends the replay; the next replay starts at row 0 and forces every row."""
