@@ -513,11 +513,6 @@ class _StatisticMovesByValueBlock(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="which of two calls of one form dispatches, moved by the input's values (not by a setting or by state): "
-    "the decision established on one branch is forced into the other branch's statistic",
-)
 def test_a_statistic_top_k_that_moves_after_the_decision_on_large_inputs_is_not_replayed_silently() -> None:
     torch.manual_seed(7)
     block, x = _StatisticMovesByValueBlock(), torch.randn(10, D)
