@@ -13,6 +13,7 @@ import contextlib
 import copy
 import datetime
 import functools
+import importlib
 import os
 import re
 import sys
@@ -505,6 +506,13 @@ def spawned(rank: int, world: int, init_method: str) -> None:
         dist.barrier()  # (no rank tears its group down while another still talks to it)
     finally:
         dist.destroy_process_group()
+    _exit_passed()
+
+
+def spawned_example(rank: int, world: int, init_method: str, module: str) -> None:
+    """Entry point for torch.multiprocessing.spawn: the ``spawned`` of the example script ``module`` (imported by
+    name from docs/examples, on the path the parent set), ended as :func:`spawned` ends a rank that passed."""
+    importlib.import_module(module).spawned(rank, world, init_method)
     _exit_passed()
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from . import distributed_worker
+
 pytest.importorskip("transformers")
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
@@ -19,7 +21,8 @@ def test_fsdp2_r3_example_on_two_processes(tmp_path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU ranks on any machine, as tests/test_distributed.py
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.syspath_prepend(str(EXAMPLES))  # spawned ranks import the example by name
-    example = importlib.import_module("fsdp2_r3")
-    mp.spawn(example.spawned, args=(2, f"file://{tmp_path / 'rendezvous'}"), nprocs=2, join=True)
+    importlib.import_module("fsdp2_r3")  # (imports in this process first: an error shows here, not in a rank)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(distributed_worker.spawned_example, args=(2, init, "fsdp2_r3"), nprocs=2, join=True)
     out = capfd.readouterr().out
     assert out.count(". ok") == 2 and "recorded routes forced" in out
