@@ -36,6 +36,7 @@ from . import _torch_compat
 from ._checks import check_flag
 from ._feeds import FeedCheck, FeedForward, FeedRecord, MoveWatch, feed_levels
 from ._output_guard import is_guard
+from ._progress import Progress
 from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, find_routers, format_sites
 from .errors import (
     ArgumentTypeError,
@@ -1875,6 +1876,9 @@ class Session:
         ``model.compile()``, compiled layers): compiled code cannot establish a decision, so
         this is the eager forward a compiled model needs once after ``attach``.
 
+        On a terminal a progress bar counts the routers the forward reaches (``MOE_REPLAY_PROGRESS=0``
+        hides it, ``MOE_REPLAY_PROGRESS=1`` shows it where stderr is no terminal); it changes nothing else.
+
         Returns:
             A :class:`VerifyReport`: per router, how many times it ran (it is a ``dict`` of those
             counts), ``report.evidence[name]``, which call decides and why, and ``report.idle``, the
@@ -1915,13 +1919,23 @@ class Session:
                 h.verifying = True
             watch = OrphanWatch(model, self._scopes(), self._widths(), self._excluded)
             ran: set[int] = set()  # the modules this forward runs (the others are watched at their first run)
-            seen = register_module_forward_pre_hook(lambda module, args: ran.add(id(module)))
+            scopes = {id(h.scope) for h in self._hooks}
+            bar = Progress(len(scopes), "moe_replay: establishing routers")  # (shown on a terminal only)
+
+            def _ran(module: nn.Module, args: Any) -> None:
+                key = id(module)
+                if key in scopes and key not in ran:
+                    bar.update()  # (a router reached: the one before it is established)
+                ran.add(key)
+
+            seen = register_module_forward_pre_hook(_ran)
             try:  # eagerly, also where the model or some of its modules are compiled: the decisions are
                 # established by running forwards, which compiled code cannot (the fix every refusal names)
                 with torch.no_grad(), EAGER, watch:
                     model(*args, **kwargs)
             finally:
                 seen.remove()
+                bar.close()
                 for h in self._hooks:
                     h.verifying = False
         never = [h.name for h in self._hooks if h.calls == 0]
