@@ -74,7 +74,6 @@ def demo(style: str = "softmax_topk", new_tokens: int = 16, seed: int = 0, devic
     prompt = torch.randint(0, cfg.vocab_size, (1, 8), device=device)
     session = attach(model)
     print(f"model: reference MoE '{style}', {cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k}")
-    print(session.table())
     print()
 
     # 1. rollout: capture while generating (the last sampled token is never routed)
@@ -111,6 +110,9 @@ def demo(style: str = "softmax_topk", new_tokens: int = 16, seed: int = 0, devic
     grads = [float(getattr(s.module, "weight").grad.norm()) for s in session.sites]  # noqa: B009 - as above
     print(f"3. replayed the rollout's routes: {replay_drift:.1%} of decisions differ, loss {loss.item():.4f}")
     print("   router gradient norms: " + ", ".join(f"{g:.2e}" for g in grads))
+    print()
+    print("the routers, as the session found and ran them:")  # (after the work: how each one ran, not "not yet")
+    print(session.table())
     session.detach()
     ok = replay_drift == 0.0 and all(g > 0 for g in grads)
     print()
