@@ -47,13 +47,13 @@ def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
     hole = index < 0
     safe = index.clamp(min=0)
     layers = []
-    for rows in routes.per_layer():
+    for rows in routes._data:  # (the rows taken are widened to int64, not every row of the routes for each take)
         if rows.shape[0] == 0:
             if not bool(hole.all()):
                 raise RoutesValidationError("cannot take rows from routes that hold no rows")
             picked = torch.full((index.numel(), rows.shape[1]), -1, dtype=torch.long)
         else:
-            picked = rows[safe]
+            picked = rows[safe].long()
             picked[hole] = -1
         layers.append(picked)
     # rows of checked routes and whole -1 rows: as checked as the routes they come from
