@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, models
+from . import __version__, _progress, models
 from .discovery import find_routers, format_sites
 from .errors import InvalidArgumentError, MissingDependencyError, MoEReplayError
 from .metrics import compare
@@ -61,8 +61,21 @@ def _mismatch(a: Routes, b: Routes) -> tuple[float, list[float]]:
     return c.overall, [float(x) for x in c.per_layer]
 
 
-def demo(style: str = "softmax_topk", new_tokens: int = 16, seed: int = 0, device: str = "cpu") -> dict[str, float]:
-    """Capture while generating, perturb the routers, replay; print and return the figures."""
+def demo(
+    style: str = "softmax_topk",
+    new_tokens: int = 16,
+    seed: int = 0,
+    device: str = "cpu",
+    *,
+    progress: bool | None = None,
+) -> dict[str, float]:
+    """Capture while generating, perturb the routers, replay; print and return the figures.
+
+    ``progress`` draws a bar on stderr over the generated tokens: ``None`` where stderr is a
+    terminal (``MOE_REPLAY_PROGRESS=0`` or ``1`` decides instead where set), ``True`` always,
+    ``False`` never. It changes nothing else.
+    """
+    progress = _progress.check(progress, "demo()")
     torch.manual_seed(seed)
     if new_tokens < 1:
         raise InvalidArgumentError(f"new_tokens must be at least 1, got {new_tokens}")
@@ -78,7 +91,7 @@ def demo(style: str = "softmax_topk", new_tokens: int = 16, seed: int = 0, devic
 
     # 1. rollout: capture while generating (the last sampled token is never routed)
     with session.capture():
-        seq = model.generate(prompt, max_new_tokens=new_tokens)
+        seq = model.generate(prompt, max_new_tokens=new_tokens, progress=progress)
     rollout = session.routes()
     tokens = seq[:, :-1]
     print(f"1. captured {rollout.num_tokens} tokens x {rollout.num_layers} routers while generating {new_tokens}")
@@ -204,12 +217,15 @@ def inspect_model(
     verify: bool = False,
     seed: int = 0,
     layers: int | None = None,
+    progress: bool | None = None,
 ) -> str:
     """The router table of a model (see :func:`load_model` for what ``target`` can be).
 
     With ``verify``, one forward on 8 random tokens checks that every router runs and
-    that its decision call is seen.
+    that its decision call is seen; ``progress`` shows (``True``) or hides (``False``) its bar
+    over the routers, which ``None`` shows where stderr is a terminal.
     """
+    progress = _progress.check(progress, "inspect_model()")
     model, origin = load_model(target, seed=seed, layers=layers)
     sites = find_routers(
         model,
@@ -238,7 +254,8 @@ def inspect_model(
             top_k=top_k,
             num_experts=num_experts,
         ) as session:
-            calls = session.verify(**_example_inputs(model))
+            with _progress.setting(progress):  # (verify() takes the model's arguments: its bar is set here)
+                calls = session.verify(**_example_inputs(model))
         runs = sorted(set(calls.values()))
         lines.append(
             f"verify: one forward on 8 tokens ran every router ({', '.join(map(str, runs))} call(s) each) "
@@ -352,6 +369,7 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate (default 16)")
     p.add_argument("--seed", type=_seed, default=0, help="seed for weights and prompt (default 0)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    _progress_option(p, "the generated tokens")
     q = sub.add_parser(
         "inspect",
         help="print the routers of a reference model, a local HF checkpoint or an HF model type",
@@ -387,7 +405,17 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="layer count of a reference model; of a tiny random HF model, at most its default depth",
     )
     q.add_argument("--seed", type=_seed, default=0, help="seed of a random model's weights (default 0)")
+    _progress_option(q, "the routers --verify establishes")
     return parser
+
+
+def _progress_option(parser: argparse.ArgumentParser, over: str) -> None:
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"a progress bar on stderr over {over} (default: shown where stderr is a terminal)",
+    )
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
@@ -402,7 +430,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         try:
-            out = demo(args.style, args.new_tokens, args.seed, str(device))
+            out = demo(args.style, args.new_tokens, args.seed, str(device), progress=args.progress)
         except MoEReplayError as e:  # a refusal on this device or torch: its message, not a traceback
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -418,6 +446,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
                 verify=args.verify,
                 seed=args.seed,
                 layers=args.layers,
+                progress=args.progress,
             )
         )
     except (_UsageError, MoEReplayError, ImportError) as e:

@@ -1,8 +1,14 @@
-"""A progress bar for the library's own long work (establishing every router's decision in ``verify()``).
+"""A progress bar for the library's own long work.
+
+It is drawn over the routers ``verify()`` establishes, the decode steps of the reference models'
+``generate()``, the sequences :func:`~moe_replay.split_generation` and the verl converters go
+through, and the command line's ``demo`` and ``inspect --verify``.
 
 ``tqdm`` draws it where it is installed; otherwise a one-line bar is written to stderr. It shows only where
-a person watches: on by default when stderr is a terminal, off in pipes, logs and tests.
-``MOE_REPLAY_PROGRESS=1`` turns it on anywhere, ``MOE_REPLAY_PROGRESS=0`` off. It never changes a result.
+a person watches: on by default when stderr is a terminal, off in pipes, logs and tests. Who asks decides,
+in this order: a function's ``progress=True``/``False``, the command line's ``--progress``/``--no-progress``
+(:func:`setting`), ``MOE_REPLAY_PROGRESS=1`` (on anywhere) or ``=0`` (off), and last whether stderr is a
+terminal. It never changes a result.
 """
 
 from __future__ import annotations
@@ -11,23 +17,64 @@ import importlib.util
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import IO, Any
 
+from ._checks import check_flag
+
 _ENV = "MOE_REPLAY_PROGRESS"
+_SETTING: ContextVar[bool | None] = ContextVar("moe_replay_progress", default=None)
+
+
+def check(progress: Any, name: str) -> bool | None:
+    """A ``progress=`` argument: ``None`` (shown on a terminal), ``True`` or ``False``.
+
+    Raises:
+        ArgumentTypeError: anything else (``"no"`` is a true string, never read as a flag).
+    """
+    return None if progress is None else check_flag(progress, f"{name}: progress (True, False or None)")
+
+
+@contextmanager
+def setting(progress: bool | None) -> Iterator[None]:
+    """Bars made in this block (in this thread or task) are shown (``True``) or hidden (``False``).
+
+    ``None`` leaves the choice to ``MOE_REPLAY_PROGRESS`` and the terminal. A ``progress=`` given to a
+    function still decides for that function's own bar.
+    """
+    token = _SETTING.set(check(progress, "setting()"))
+    try:
+        yield
+    finally:
+        _SETTING.reset(token)
 
 
 def wanted(stream: IO[str] | None = None) -> bool:
-    """Should a bar be drawn on ``stream`` (stderr by default)? ``MOE_REPLAY_PROGRESS`` decides where set."""
+    """Should a bar be drawn on ``stream`` (stderr by default)? :func:`setting`, then ``MOE_REPLAY_PROGRESS``."""
+    chosen = _SETTING.get()
+    if chosen is not None:
+        return chosen
     setting = os.environ.get(_ENV, "").strip().lower()
     if setting in ("1", "true", "yes", "on"):
         return True
     if setting in ("0", "false", "no", "off"):
+        return False
+    if _other_rank():  # one bar per job: the ranks of a distributed run share a terminal
         return False
     stream = sys.stderr if stream is None else stream
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # (a closed or a replaced stream)
         return False
+
+
+def _other_rank() -> bool:
+    """Is this a process of an initialised ``torch.distributed`` group other than rank 0?"""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 class Progress:
@@ -46,13 +93,16 @@ class Progress:
         self.desc = desc
         self.done = 0
         self._stream = sys.stderr if stream is None else stream
-        self._on = wanted(self._stream) if enabled is None else enabled
+        self._on = wanted(self._stream) if enabled is None else bool(enabled)
         self._tqdm: Any = None
         self._drawn = 0.0
         if self._on and importlib.util.find_spec("tqdm") is not None:
-            from tqdm import tqdm
+            try:
+                from tqdm import tqdm
 
-            self._tqdm = tqdm(total=self.total, desc=desc, file=self._stream, leave=False, unit="")
+                self._tqdm = tqdm(total=self.total, desc=desc, file=self._stream, leave=False, unit="")
+            except Exception:  # a broken tqdm install: the built-in bar, never a failed run
+                self._tqdm = None
 
     def __repr__(self) -> str:
         return f"Progress({self.desc!r}, {self.done}/{self.total}, {'shown' if self._on else 'hidden'})"
@@ -97,3 +147,14 @@ class Progress:
             self._stream.flush()
         except (OSError, ValueError):  # a closed stream: the bar is only a display
             self._on = False
+
+
+def steps(total: int, desc: str, enabled: bool | None = None) -> Iterator[int]:
+    """``range(total)`` under a :class:`Progress` bar that counts each step once its loop body is done.
+
+    The bar is taken off when the loop ends, breaks or raises.
+    """
+    with Progress(total, desc, enabled=enabled) as bar:
+        for i in range(total):
+            yield i
+            bar.update()

@@ -50,6 +50,7 @@ import torch
 
 from ._checks import check_count, check_flag
 from ._feeds import HELD_FEWER, SHRINKS
+from ._progress import Progress, check
 from .batch import take_rows
 from .errors import (
     ArgumentTypeError,
@@ -513,6 +514,7 @@ def split_generation(
     lengths: Sequence[int] | torch.Tensor | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     keep_padding: bool = False,
+    progress: bool | None = None,
 ) -> list[Routes]:
     """Split a capture taken around one batched ``generate()`` into per-sequence routes.
 
@@ -584,6 +586,9 @@ def split_generation(
         keep_padding: keep every position of ``generate()``'s ``[B, P + N]`` grid, with -1
             rows at padding, so that ``Routes.cat(result)`` replays a forward over
             ``sequences`` itself. By default padding is dropped.
+        progress: a bar over the sequences on stderr (``tqdm``'s where installed): ``None``
+            shows it where stderr is a terminal (``MOE_REPLAY_PROGRESS=0`` or ``1`` decides
+            instead where set), ``True`` always, ``False`` never. It changes nothing else.
 
     Returns:
         One :class:`~moe_replay.Routes` per sequence.
@@ -617,6 +622,7 @@ def split_generation(
     if not isinstance(routes, Routes):
         raise ArgumentTypeError(f"split_generation takes Routes, got {type(routes).__name__}")
     keep_padding = check_flag(keep_padding, "split_generation: keep_padding")
+    progress = check(progress, "split_generation")
     if sequences is not None and (not isinstance(sequences, torch.Tensor) or sequences.dim() != 2):
         output = isinstance(getattr(sequences, "sequences", None), torch.Tensor)
         raise InvalidArgumentError(
@@ -716,12 +722,16 @@ def split_generation(
     if sequences is not None:
         _check_tokens(routes, sequences, grid, keep, p)
 
-    parts = [take_rows(routes, grid[i]) for i in range(b)]
+    ids = None
     if sequences is not None:  # every kept position's token: the rows' own where recorded (checked above), else read
         seq = sequences.detach().to("cpu", torch.long)
         ids = torch.where(keep & (seq >= 0), seq, -1)
-        for part, row in zip(parts, ids, strict=True):
-            part._token_ids = _known_or_none(row.clone())
-    if keep_padding:
-        return parts
-    return [part[keep[i]] for i, part in enumerate(parts)]
+    parts = []
+    with Progress(b, "moe_replay: splitting sequences", enabled=progress) as bar:
+        for i in range(b):
+            part = take_rows(routes, grid[i])
+            if ids is not None:
+                part._token_ids = _known_or_none(ids[i].clone())
+            parts.append(part if keep_padding else part[keep[i]])
+            bar.update()
+    return parts

@@ -33,6 +33,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import _progress
 from .errors import InvalidArgumentError
 
 __all__ = [
@@ -456,27 +457,35 @@ class MoETransformer(nn.Module):
         do_sample: bool = False,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        progress: bool | None = None,
     ) -> torch.Tensor:
         """Decode with a KV cache; returns prompt and new tokens, ``[B, S + max_new_tokens]``.
 
         Routers see the prompt in one forward, then one token per sequence per step; the
         last sampled token is never fed back, so it is never routed.
+
+        ``progress`` draws a bar over the decode steps on stderr (``tqdm``'s where it is
+        installed): ``None`` shows it where stderr is a terminal (``MOE_REPLAY_PROGRESS=0``
+        or ``1`` decides instead where set), ``True`` always, ``False`` never. It changes nothing else.
         """
+        progress = _progress.check(progress, "generate()")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         seq, cache, step_input = input_ids, None, input_ids
-        for _ in range(max_new_tokens):
-            out = self(step_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            last = out.logits[:, -1].float()
-            if do_sample:
-                probs = F.softmax(last / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-            else:
-                nxt = last.argmax(dim=-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)
-            step_input = nxt
+        with _progress.Progress(max_new_tokens, "moe_replay: generating", enabled=progress) as bar:
+            for _ in range(max_new_tokens):
+                out = self(step_input, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                last = out.logits[:, -1].float()
+                if do_sample:
+                    probs = F.softmax(last / temperature, dim=-1)
+                    nxt = torch.multinomial(probs, 1, generator=generator)
+                else:
+                    nxt = last.argmax(dim=-1, keepdim=True)
+                seq = torch.cat([seq, nxt], dim=1)
+                attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)
+                step_input = nxt
+                bar.update()
         return seq
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .._checks import MAX_COUNT, check_count, check_flag, is_integer
+from .._progress import check, steps
 from ..batch import BatchLayout, _lengths, check_same_routers, routes_list
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes, check_exact
@@ -45,6 +46,7 @@ def to_verl(
     layout: str = "all",
     fill: int = 0,
     dtype: torch.dtype = torch.int16,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """verl's batch ``routed_experts`` ``[batch, prompt_width + response_width, layers, k]``.
 
@@ -56,11 +58,16 @@ def to_verl(
     every value exactly (bool, uint8 and -1 rows or ``fill=300``) is refused, as
     :meth:`Routes.to_numpy` refuses it, rather than wrapped around.
 
+    ``progress`` draws a bar over the sequences on stderr (``tqdm``'s where installed): ``None``
+    shows it where stderr is a terminal (``MOE_REPLAY_PROGRESS=0`` or ``1`` decides instead
+    where set), ``True`` always, ``False`` never. It changes nothing else.
+
     Raises:
         RoutesValidationError: the sequences do not fit the map or the layout, or ``dtype``
             would change a value.
     """
     check_map(layer_map, "to_verl")
+    progress = check(progress, "to_verl")
     if not isinstance(dtype, torch.dtype):
         raise ArgumentTypeError(f"to_verl: dtype must be a torch.dtype (torch.int16, as verl stores it), got {dtype!r}")
     if not is_integer(fill):
@@ -85,8 +92,8 @@ def to_verl(
     width, k = layer_map.width(layout), layer_map.k
     pad = _exactly(np.array(int(fill)), dtype, f"to_verl(dtype={dtype}): fill={fill}")
     out = torch.full((bl.rows, bl.row_length, width, k), pad.item(), dtype=dtype)
-    for i, seq in enumerate(seqs):
-        r, s, n = bl.placements[i]
+    for i in steps(len(seqs), "moe_replay: to_verl", progress):
+        seq, (r, s, n) = seqs[i], bl.placements[i]
         arr = to_array(seq, layer_map, layout, np.int64, f"verl sequence {i}", allow_missing=True)
         out[r, s : s + n] = _exactly(arr, dtype, f"to_verl(dtype={dtype}): verl sequence {i}")
     return out
@@ -156,6 +163,7 @@ def from_verl(
     truncated: bool = False,
     fill: int = 0,
     input_ids: torch.Tensor | None = None,
+    progress: bool | None = None,
 ) -> list[Routes]:
     """Per-sequence routes from verl's ``[batch, seq, layers, k]`` ``routed_experts``.
 
@@ -180,6 +188,10 @@ def from_verl(
     (:attr:`~moe_replay.Routes.token_ids`), so a replay fed other tokens (micro-batches
     regrouped between the rollout and the update) is refused.
 
+    ``progress`` draws a bar over the sequences on stderr (``tqdm``'s where installed): ``None``
+    shows it where stderr is a terminal (``MOE_REPLAY_PROGRESS=0`` or ``1`` decides instead
+    where set), ``True`` always, ``False`` never. It changes nothing else.
+
     Raises:
         RoutesValidationError: shapes that do not fit, a mask of other values than 0 and 1
             or with a gap inside a sequence, a padding position holding a route, a last
@@ -190,6 +202,7 @@ def from_verl(
     check_map(layer_map, "from_verl")
     last_routed = check_flag(last_routed, "from_verl: last_routed")
     truncated = check_flag(truncated, "from_verl: truncated")
+    progress = check(progress, "from_verl")
     if not is_integer(fill):
         raise ArgumentTypeError(
             f"from_verl: fill must be an integer (the padding value, 0 as verl writes), got {fill!r}"
@@ -210,7 +223,7 @@ def from_verl(
                 f"{tuple(mask.shape)}; got {ids.dtype} {tuple(ids.shape)}"
             )
     out = []
-    for i in range(arr.shape[0]):
+    for i in steps(arr.shape[0], "moe_replay: from_verl", progress):
         keep = mask[i]
         if not keep.any():
             raise RoutesValidationError(f"sequence {i} has no token (its attention_mask is all 0)")
