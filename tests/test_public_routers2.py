@@ -643,39 +643,6 @@ def test_gumbel_softmax_hard_routing_is_refused(training: bool) -> None:
     assert_untouched(model, before)
 
 
-class ForcedGumbelHardRouter(GumbelHardRouter, _Forced):
-    """``GumbelHardRouter`` in eval whose first ``argmax`` (the choice) can be forced by hand."""
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.gate(x)
-        choice = logits.argmax(-1) if self.forced is None else self.forced[..., 0]
-        gates = F.one_hot(choice, E).to(logits.dtype)
-        idx = gates.argmax(-1, keepdim=True)
-        return gates.gather(-1, idx), idx
-
-
-def _eval_replay_is_forced_by_hand(adapters: tuple[mr.Adapter, ...] = ()) -> None:
-    """Capture in eval; after the routers change (alike on a copy never attached), a free forward leaves the recorded
-    experts and a replay gives the output of the recorded rows forced by hand. (No gradient reaches these routers in
-    eval either way: the one-hot has none.)"""
-    model = TwoLayers(lambda: RouterBlock(ForcedGumbelHardRouter())).eval()
-    ref, x = copy.deepcopy(model), _x()
-    with mr.attach(model, adapters=adapters) as session, torch.no_grad():
-        with session.capture():
-            captured = model(x)
-        routes = session.routes()
-        rows = [routes.layer(name) for name in session.names]
-        with _forced_by_hand(ref, rows):
-            assert torch.equal(ref(x), captured), "the rows are not the experts used"
-        perturb(model)
-        perturb(ref)
-        with _forced_by_hand(ref, rows):
-            expected = ref(x)
-        assert not torch.equal(model(x), expected), "the changed routers choose the recorded experts anyway"
-        with session.replay(routes):
-            assert torch.equal(model(x), expected)
-
-
 @pytest.mark.xfail(
     strict=True,
     raises=mr.UnsupportedRouterError,
@@ -683,22 +650,9 @@ def _eval_replay_is_forced_by_hand(adapters: tuple[mr.Adapter, ...] = ()) -> Non
     "reads it back then follows); the read-back is refused as reading an earlier choice",
 )
 def test_gumbel_softmax_hard_routing_in_eval_replays_the_hand_forced_forward() -> None:
-    """In eval the decision is an ordinary ``argmax``: with no configuration, a replay should give the output of the
-    captured experts forced by hand."""
-    _eval_replay_is_forced_by_hand()
-
-
-def test_gumbel_softmax_hard_routing_in_eval_is_exact_with_the_first_argmax_named() -> None:
-    """The workaround for the refusal above: an ``Adapter(call=0)`` naming the first ``argmax`` as the decision. In
-    training (the Gumbel draw after it) the same adapter is still refused, the model left as it was."""
-    adapter = mr.Adapter("gumbel-eval", match=lambda n, m: isinstance(m, GumbelHardRouter), call=0)
-    _eval_replay_is_forced_by_hand((adapter,))
-    model = TwoLayers(lambda: RouterBlock(GumbelHardRouter())).train()
-    before = snapshot(model)
-    with pytest.raises(mr.UnsupportedRouterError, match="random stream"):
-        with mr.attach(model, adapters=[adapter]) as session, torch.no_grad(), session.capture():
-            model(_x())
-    assert_untouched(model, before)
+    """In eval the decision is an ordinary ``argmax``: a replay should give the output of the captured experts forced
+    by hand."""
+    assert_replay_is_forced_by_hand(TwoLayers(lambda: RouterBlock(GumbelHardRouter())).eval(), _x())
 
 
 class PEER(nn.Module):
