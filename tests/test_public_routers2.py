@@ -643,18 +643,6 @@ def test_gumbel_softmax_hard_routing_is_refused(training: bool) -> None:
     assert_untouched(model, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.UnsupportedRouterError,
-    reason="false refusal: in eval the one-hot comes from a plain argmax that could be forced (and the argmax that "
-    "reads it back then follows); the read-back is refused as reading an earlier choice",
-)
-def test_gumbel_softmax_hard_routing_in_eval_replays_the_hand_forced_forward() -> None:
-    """In eval the decision is an ordinary ``argmax``: a replay should give the output of the captured experts forced
-    by hand."""
-    assert_replay_is_forced_by_hand(TwoLayers(lambda: RouterBlock(GumbelHardRouter())).eval(), _x())
-
-
 class PEER(nn.Module):
     """lucidrains/PEER-pytorch ``PEER`` (parameter-efficient expert retrieval): queries in two halves scored against
     per-head sub-keys, a top-k per half, the sums of the candidate pairs, a top-k of those; the experts are rows of
