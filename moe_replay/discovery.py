@@ -349,9 +349,7 @@ def format_sites(sites: Sequence[RouterSite]) -> str:
 
 
 # ----------------------------------------------------------------------- matching
-def _compile_matcher(spec: Matcher | None, *, empty_list: bool = False) -> Callable[[str, nn.Module], bool] | None:
-    """``spec`` as a predicate ``(path, module) -> bool``; None for None. ``empty_list``: an empty list is allowed
-    and matches nothing (``exclude=[]``, a list built by the caller that came out empty, excludes nothing)."""
+def _compile_matcher(spec: Matcher | None) -> Callable[[str, nn.Module], bool] | None:
     if spec is None:
         return None
     if isinstance(spec, str | re.Pattern) and not (spec if isinstance(spec, str) else spec.pattern).strip():
@@ -370,8 +368,6 @@ def _compile_matcher(spec: Matcher | None, *, empty_list: bool = False) -> Calla
         return lambda n, m: bool(spec(n, m))
     if is_collection(spec) or isinstance(spec, AbstractSet):  # (not a 0-d array or tensor: one value, no list)
         spec = list(spec)
-        if not spec and empty_list:
-            return None
         if not spec:
             raise ArgumentTypeError(
                 "include/exclude got an empty list: it names no module. Pass None to leave it out, or name router "
@@ -791,7 +787,7 @@ def find_routers(
     if not isinstance(adapters, list) or not all(isinstance(a, Adapter) for a in adapters):
         raise ArgumentTypeError(f"adapters must be a sequence of mr.Adapter, got {adapters!r:.80}")
     inc = _compile_matcher(include)
-    exc = _compile_matcher(exclude, empty_list=True)
+    exc = _compile_matcher(exclude)
     # every path, a module shared by several (a gate tied across layers) at each: the block around each is a scope
     modules = dict(model.named_modules(remove_duplicate=False))
     _refuse_lazy(modules)

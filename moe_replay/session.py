@@ -2358,7 +2358,7 @@ def attach(
             keep_newest=keep_newest,
             max_bytes=max_bytes,
             declared_top_k=top_k is not None,
-            excluded=_compile_matcher(exclude, empty_list=True),
+            excluded=_compile_matcher(exclude),
         )
         session._install()
         _ATTACHED[model] = weakref.ref(session)
