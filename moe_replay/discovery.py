@@ -352,12 +352,6 @@ def format_sites(sites: Sequence[RouterSite]) -> str:
 def _compile_matcher(spec: Matcher | None) -> Callable[[str, nn.Module], bool] | None:
     if spec is None:
         return None
-    if isinstance(spec, str | re.Pattern) and not (spec if isinstance(spec, str) else spec.pattern).strip():
-        # ("" is the path of the model itself: an empty pattern would take the whole model for a router, unsaid)
-        raise ArgumentTypeError(
-            f"include/exclude got an empty pattern {spec!r}; it matches only the model itself (module path ''). "
-            "Name router modules by path or glob, e.g. include='layers.*.mlp.gate', or pass a class or predicate"
-        )
     if isinstance(spec, str):
         return lambda n, m: n == spec or fnmatch.fnmatchcase(n, spec)
     if isinstance(spec, re.Pattern):
@@ -368,11 +362,6 @@ def _compile_matcher(spec: Matcher | None) -> Callable[[str, nn.Module], bool] |
         return lambda n, m: bool(spec(n, m))
     if is_collection(spec) or isinstance(spec, AbstractSet):  # (not a 0-d array or tensor: one value, no list)
         spec = list(spec)
-        if not spec:
-            raise ArgumentTypeError(
-                "include/exclude got an empty list: it names no module. Pass None to leave it out, or name router "
-                "modules by path, glob, regex, class or predicate, e.g. include='layers.*.mlp.gate'"
-            )
         if any(s is None for s in spec):  # (None alone means "no matcher": in a list it would match nothing, unsaid)
             raise ArgumentTypeError(
                 f"include/exclude lists take names, globs, regexes, classes or predicates; got None in {spec!r:.80}"

@@ -730,29 +730,3 @@ def test_discovery_asks_no_plain_module_for_a_number_it_does_not_hold(monkeypatc
     assert mr.find_routers(model)
     numbers = set(discovery._EXPERT_KEYS) | set(discovery._TOPK_KEYS)
     assert not numbers & set(asked)
-
-
-@pytest.mark.reliability("faults")
-@pytest.mark.parametrize("key", ["include", "exclude"])
-@pytest.mark.parametrize(
-    ("spec", "what"),
-    [
-        ("", "empty pattern"),
-        ("  ", "empty pattern"),
-        (re.compile(""), "empty pattern"),
-        ([""], "empty pattern"),
-        ([], "empty list"),
-        ((), "empty list"),
-        (set(), "empty list"),
-    ],
-    ids=["str", "blank", "regex", "in-list", "list", "tuple", "set"],
-)
-def test_empty_include_or_exclude_is_refused_naming_it(key: str, spec: object, what: str) -> None:
-    """An empty pattern matches only the model's own path '' (it was taken for the one router); an empty list names
-    nothing. Both refused in find_routers and attach, naming the fault and how to name routers; the model untouched."""
-    model = mr.models.build("linear_gate")
-    before = snapshot(model)
-    for call in (lambda: mr.find_routers(model, **{key: spec}), lambda: mr.attach(model, **{key: spec})):
-        with pytest.raises(mr.MoEReplayError, match=rf"{what}.*include='layers\.\*\.mlp\.gate'"):
-            call()
-        assert_untouched(model, before)
