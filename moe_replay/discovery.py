@@ -349,33 +349,104 @@ def format_sites(sites: Sequence[RouterSite]) -> str:
 
 
 # ----------------------------------------------------------------------- matching
-def _compile_matcher(spec: Matcher | None) -> Callable[[str, nn.Module], bool] | None:
+_GLOB_NOT_REGEX = " (a str is a path or glob, matched whole: for a regex pass re.compile(...))"
+
+
+def _frozen_matcher(spec: Matcher | None) -> Matcher | None:
+    """``spec`` with a one-shot iterator (a generator, ``iter([...])``) read into a list, at any depth: a matcher is
+    read more than once (by the search, by the session's watch for routers left out), and a second read of a spent
+    iterator would match nothing, with no word."""
+    if spec is None or isinstance(spec, str | bytes | re.Pattern | type | nn.Module) or callable(spec):
+        return spec
+    if is_collection(spec) or isinstance(spec, AbstractSet):
+        return [_frozen_matcher(s) for s in spec]
+    return spec
+
+
+def _matcher_parts(spec: Matcher | None) -> list[Any]:
+    """The single matchers of ``spec``, lists flattened."""
+    if spec is None:
+        return []
+    if not isinstance(spec, str | bytes) and (is_collection(spec) or isinstance(spec, AbstractSet)):
+        return [p for s in spec for p in _matcher_parts(s)]
+    return [spec]
+
+
+def _compile_matcher(spec: Matcher | None, role: str = "include/exclude") -> Callable[[str, nn.Module], bool] | None:
+    """``spec`` (see :data:`Matcher`) as a predicate ``(name, module) -> bool``; ``role`` names it in errors.
+
+    Raises:
+        InvalidArgumentError: an empty pattern (``""``), which names only the model itself, never a router.
+        ArgumentTypeError: anything but the :data:`Matcher` forms (a bytes regex and a module instance included).
+    """
     if spec is None:
         return None
-    if isinstance(spec, str):
+    if isinstance(spec, str) or (isinstance(spec, re.Pattern) and isinstance(spec.pattern, str) and not spec.pattern):
+        if spec == "" or isinstance(spec, re.Pattern):
+            raise InvalidArgumentError(
+                f"{role}= got an empty pattern ({spec!r}): it names only the model itself (its path is ''), never a "
+                f"router. Give module paths or globs, e.g. {role}='layers.*.mlp.gate', or leave {role} unset"
+            )
         return lambda n, m: n == spec or fnmatch.fnmatchcase(n, spec)
     if isinstance(spec, re.Pattern):
+        if not isinstance(spec.pattern, str):
+            raise ArgumentTypeError(
+                f"{role}= got a bytes regex ({spec.pattern!r:.60}); module paths are str: compile a str pattern"
+            )
         return lambda n, m: spec.fullmatch(n) is not None
     if isinstance(spec, type):
         return lambda n, m: isinstance(m, spec)
+    if isinstance(spec, nn.Module):  # (callable, but its forward is no (name, module) predicate)
+        raise ArgumentTypeError(
+            f"{role}= got a module instance ({type(spec).__name__}); name it by its path ('layers.0.mlp.gate'), its "
+            f"class ({type(spec).__name__}), or a predicate such as lambda name, module: module is gate"
+        )
     if callable(spec):
-        return lambda n, m: bool(spec(n, m))
+        return functools.partial(_call_predicate, spec, role)
     if is_collection(spec) or isinstance(spec, AbstractSet):  # (not a 0-d array or tensor: one value, no list)
         spec = list(spec)
         if any(s is None for s in spec):  # (None alone means "no matcher": in a list it would match nothing, unsaid)
             raise ArgumentTypeError(
-                f"include/exclude lists take names, globs, regexes, classes or predicates; got None in {spec!r:.80}"
+                f"{role}= lists take names, globs, regexes, classes or predicates; got None in {spec!r:.80}"
             )
-        parts = [_compile_matcher(s) for s in spec]
+        parts = [_compile_matcher(s, role) for s in spec]
         return lambda n, m: any(p(n, m) for p in parts if p is not None)
     raise ArgumentTypeError(
-        f"include/exclude take a name, glob, regex, class, predicate or a list of those; got {type(spec).__name__}"
+        f"{role}= takes a name, glob, regex, class, predicate or a list of those; got {type(spec).__name__}"
     )
 
 
+def _call_predicate(predicate: Callable[[str, nn.Module], Any], role: str, name: str, module: nn.Module) -> bool:
+    """``bool(predicate(name, module))``, an error in the predicate (or in the truth of what it returned) named."""
+    try:
+        return bool(predicate(name, module))
+    except Exception as exc:  # (the user's code: its error is chained, under ours)
+        raise ArgumentTypeError(
+            f"the {role}= predicate {getattr(predicate, '__name__', repr(predicate))} raised {type(exc).__name__}: "
+            f"{exc} (on module '{name}', a {type(module).__name__}); a predicate takes (name, module) and returns "
+            "True or False"
+        ) from exc
+
+
+def _unmatched_patterns(spec: Matcher | None, names: Iterable[str]) -> list[str]:
+    """The names, globs and regexes of ``spec`` that match no module path of ``names``, described."""
+    names = list(names)
+    dead = []
+    for part in _matcher_parts(spec):
+        if isinstance(part, str):
+            hit = any(n == part or fnmatch.fnmatchcase(n, part) for n in names)
+        elif isinstance(part, re.Pattern):
+            hit = any(part.fullmatch(n) is not None for n in names)
+        else:
+            continue
+        if not hit:
+            dead.append(_describe(part))
+    return dead
+
+
 def _describe(spec: Matcher) -> str:
-    if isinstance(spec, list | tuple | set):
-        return ", ".join(_describe(s) for s in spec)
+    if isinstance(spec, list | tuple | set | frozenset):
+        return ", ".join(_describe(s) for s in spec) if spec else repr(spec)
     if isinstance(spec, re.Pattern):
         return f"re:{spec.pattern}"
     if isinstance(spec, type):
@@ -775,11 +846,31 @@ def find_routers(
     adapters = list(adapters) if is_collection(adapters) else adapters
     if not isinstance(adapters, list) or not all(isinstance(a, Adapter) for a in adapters):
         raise ArgumentTypeError(f"adapters must be a sequence of mr.Adapter, got {adapters!r:.80}")
-    inc = _compile_matcher(include)
-    exc = _compile_matcher(exclude)
+    include, exclude = _frozen_matcher(include), _frozen_matcher(exclude)
+    inc = _compile_matcher(include, "include")
+    exc = _compile_matcher(exclude, "exclude")
+    if include is not None and not _matcher_parts(include):
+        raise InvalidArgumentError(
+            f"include={include!r} is empty: it names no module, so no router would be taken. Name the routers "
+            "(include='layers.*.mlp.gate'), or leave include unset (None) for the built-in patterns"
+        )
     # every path, a module shared by several (a gate tied across layers) at each: the block around each is a scope
     modules = dict(model.named_modules(remove_duplicate=False))
     _refuse_lazy(modules)
+    for role, spec in (("include", include), ("exclude", exclude)):
+        dead = _unmatched_patterns(spec, modules)
+        # (a lone include= that matches nothing is reported below, with the module paths it could have named)
+        if dead and (role == "exclude" or len(_matcher_parts(spec)) > 1):
+            raise RouterNotFoundError(
+                f"{role}={_describe(spec)}: {', '.join(dead)} matched no module of {type(model).__name__}, so "
+                + (
+                    "the routers it was to name would be left out unsaid"
+                    if role == "include"
+                    else "the routers it was to leave native would be recorded and forced"
+                )
+                + f"; module paths look like {[n for n in list(modules)[1:4]]}. Fix or drop the pattern"
+                + (_GLOB_NOT_REGEX if any(isinstance(p, str) for p in _matcher_parts(spec)) else "")
+            )
     chosen: list[str] = []
     excluded: list[str] = []  # modules that include= named and exclude= took out
     for name, module in modules.items():
@@ -896,6 +987,7 @@ def find_routers(
             raise RouterNotFoundError(
                 f"include={_describe(include)} matched no module of {type(model).__name__}; "
                 f"module paths look like {[n for n in list(modules)[1:4]]}"
+                + (_GLOB_NOT_REGEX if any(isinstance(p, str) for p in _matcher_parts(include)) else "")
             )
         if num_experts is not None:  # routers of another expert count than the one given?
             try:

@@ -37,7 +37,7 @@ from ._checks import check_flag
 from ._feeds import FeedCheck, FeedForward, FeedRecord, MoveWatch, feed_levels
 from ._output_guard import is_guard
 from ._progress import Progress
-from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, find_routers, format_sites
+from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, _frozen_matcher, find_routers, format_sites
 from .errors import (
     ArgumentTypeError,
     CaptureOverflowError,
@@ -2324,6 +2324,7 @@ def attach(
     keep_newest = check_flag(keep_newest, "keep_newest")
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
         raise InvalidArgumentError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
+    exclude = _frozen_matcher(exclude)  # (read twice: by the search and by the watch for routers left out)
     sites = find_routers(
         model, include=include, exclude=exclude, adapters=adapters, top_k=top_k, num_experts=num_experts
     )
@@ -2358,7 +2359,7 @@ def attach(
             keep_newest=keep_newest,
             max_bytes=max_bytes,
             declared_top_k=top_k is not None,
-            excluded=_compile_matcher(exclude),
+            excluded=_compile_matcher(exclude, "exclude"),
         )
         session._install()
         _ATTACHED[model] = weakref.ref(session)

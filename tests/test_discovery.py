@@ -58,6 +58,113 @@ def test_an_include_that_exclude_empties_and_a_none_in_a_list_are_named() -> Non
     assert names == ["layers.1.mlp.router"]
 
 
+def _raises(exc: Exception) -> None:
+    raise exc
+
+
+_ODD_PATTERNS = [
+    pytest.param(
+        {"include": ""},
+        mr.InvalidArgumentError,
+        r"include= got an empty pattern \(''\).*leave include unset",
+        id="include-empty-str",
+    ),
+    pytest.param({"include": [""]}, mr.InvalidArgumentError, "empty pattern", id="include-empty-str-in-list"),
+    pytest.param({"include": re.compile("")}, mr.InvalidArgumentError, "empty pattern", id="include-empty-regex"),
+    pytest.param({"exclude": ""}, mr.InvalidArgumentError, "exclude= got an empty pattern", id="exclude-empty-str"),
+    pytest.param(
+        {"include": []}, mr.InvalidArgumentError, r"include=\[\] is empty.*leave include unset", id="include-empty-list"
+    ),
+    pytest.param({"include": set()}, mr.InvalidArgumentError, "is empty", id="include-empty-set"),
+    pytest.param({"include": [[], ()]}, mr.InvalidArgumentError, "is empty", id="include-nested-empty"),
+    pytest.param(
+        {"include": "layers.9.mlp.router"},
+        mr.RouterNotFoundError,
+        "matched no module.*glob",
+        id="include-matching-nothing",
+    ),
+    pytest.param(
+        {"include": r"layers\.\d\.mlp\.router"}, mr.RouterNotFoundError, r"re\.compile", id="include-regex-as-str"
+    ),
+    pytest.param(
+        {"include": ["layers.0.mlp.router", "layers.1.mlp.ruoter"]},
+        mr.RouterNotFoundError,
+        r"'layers\.1\.mlp\.ruoter' matched no module.*left out",
+        id="include-list-part-matching-nothing",
+    ),
+    pytest.param(
+        {"exclude": "layers.0.mlp.ruoter"},
+        mr.RouterNotFoundError,
+        r"'layers\.0\.mlp\.ruoter' matched no module.*recorded and forced",
+        id="exclude-matching-nothing",
+    ),
+    pytest.param(
+        {"exclude": [re.compile(r"layers\.0\..*"), re.compile("nowhere")]},
+        mr.RouterNotFoundError,
+        "re:nowhere matched no module",
+        id="exclude-regex-part-matching-nothing",
+    ),
+    pytest.param({"include": 5}, mr.ArgumentTypeError, "include= takes a name.*got int", id="include-int"),
+    pytest.param({"exclude": [3.5]}, mr.ArgumentTypeError, "exclude= takes a name.*got float", id="exclude-float"),
+    pytest.param({"include": b"layers.0.mlp.router"}, mr.ArgumentTypeError, "got bytes", id="include-bytes"),
+    pytest.param({"include": re.compile(rb"layers")}, mr.ArgumentTypeError, "bytes regex", id="include-bytes-regex"),
+    pytest.param({"include": nn.Linear(2, 2)}, mr.ArgumentTypeError, "module instance.*its class", id="include-module"),
+    pytest.param(
+        {"include": lambda n: True},
+        mr.ArgumentTypeError,
+        "predicate <lambda> raised TypeError",
+        id="include-predicate-one-arg",
+    ),
+    pytest.param(
+        {"exclude": lambda n, m: _raises(KeyError("boom"))},
+        mr.ArgumentTypeError,
+        "exclude= predicate <lambda> raised KeyError",
+        id="exclude-predicate-raising",
+    ),
+    pytest.param(
+        {"include": lambda n, m: torch.ones(2)},
+        mr.ArgumentTypeError,
+        "raised RuntimeError",
+        id="include-predicate-returning-a-tensor",
+    ),
+]
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("call", ["find_routers", "attach"])
+@pytest.mark.parametrize(("kwargs", "error", "match"), _ODD_PATTERNS)
+def test_empty_and_odd_include_exclude_patterns_are_refused_by_name(
+    call: str, kwargs: dict, error: type[mr.MoEReplayError], match: str
+) -> None:
+    """Once, include='' (an empty CLI --include among them) took the model itself as its one router, a bytes regex, a
+    module instance or a predicate of the wrong shape raised a bare TypeError, include=[] was reported as
+    'include= matched no module', and an exclude= (or one name of an include= list) with a typo matched nothing,
+    unsaid: the router meant to stay native was recorded and forced, or the one named was left out."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        getattr(mr, call)(model, **kwargs)
+    assert_untouched(model, before)
+    assert mr.find_routers(model)  # (and still found as it was)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_patterns_that_name_something_still_work_beside_the_refusals() -> None:
+    """The refusals above leave the forms that do name modules as they were: an empty exclude list (exclude nothing),
+    a set, a dict's keys, one-shot iterators (read once, used by both the search and the session's watch)."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    everything = [s.name for s in mr.find_routers(model)]
+    assert [s.name for s in mr.find_routers(model, exclude=[])] == everything
+    assert [s.name for s in mr.find_routers(model, include={"layers.1.mlp.router"})] == ["layers.1.mlp.router"]
+    assert [s.name for s in mr.find_routers(model, include={"layers.0.mlp.router": 0})] == ["layers.0.mlp.router"]
+    x = torch.randint(0, model.config.vocab_size, (2, 5))
+    with mr.attach(model, exclude=(n for n in ["layers.0.mlp.router"])) as session:
+        assert [s.name for s in session.sites] == ["layers.1.mlp.router"]
+        with session.capture(), torch.no_grad():  # (the watch for routers left out sees layer 0 as excluded)
+            model(x)
+        assert list(session.routes().names) == ["layers.1.mlp.router"]
+
+
 class _Custom(nn.Module):
     """An MoE no pattern knows: the router is called 'selector'."""
 
