@@ -83,6 +83,8 @@ _FAMILY: dict[Any, str] = {
     torch.kthvalue: "kthvalue",
     torch.Tensor.kthvalue: "kthvalue",
 }
+#: A one-hot drawn with Gumbel noise inside one call (its argmax is out of sight): named in refusals.
+_GUMBEL = torch.nn.functional.gumbel_softmax
 #: Families whose indices the replay can answer with forced experts.
 FORCEABLE = frozenset({"topk", "argmax", "max", "argmin", "min"})
 #: The torch functions whose calls may be a decision.
@@ -286,6 +288,9 @@ class Evidence:
         mirrors: later calls that choose again from the decision's own scores and find its experts
             (Switch's ``max`` of the probabilities after their ``argmax``): a replay answers them with
             the forced experts too, so that the weight they read is the forced expert's.
+        followers: later calls that find the decision's experts again in scores it made (an ``argmax`` of the
+            one-hot of its choice, straight-through routing): checked as later choices (with the decision held,
+            they read nothing else), then answered as mirrors in a replay.
     """
 
     calls: tuple[Call, ...]
@@ -295,6 +300,7 @@ class Evidence:
     training: bool
     reason: str
     mirrors: tuple[int, ...] = ()
+    followers: tuple[int, ...] = ()
 
     @property
     def count(self) -> int:
@@ -311,7 +317,10 @@ class Evidence:
         return tuple(
             c.ordinal
             for c in self.calls
-            if c.signature[2] in widths and c.ordinal not in self.decision and c.ordinal not in self.mirrors
+            if c.signature[2] in widths
+            and c.ordinal not in self.decision
+            and c.ordinal not in self.mirrors
+            and c.ordinal not in self.followers
         )
 
     def describe(self) -> str:
@@ -320,6 +329,8 @@ class Evidence:
         for c in self.calls:
             if c.ordinal in self.mirrors:
                 lines.append(f"  answers {c.describe()} with the same experts (it finds the decision's again)")
+            elif c.ordinal in self.followers:
+                lines.append(f"  answers {c.describe()} with the same experts (it reads the decision back)")
             elif c.ordinal not in self.decision:
                 why = {True: "shapes the scores only", False: "its indices do not reach the output"}.get(
                     c.effect, "not of the family the Adapter names"
@@ -462,6 +473,7 @@ class _ProbeMode(TorchFunctionMode):
         self.outs: list[Any] = []
         self.aside: list[str] = []  # choices along another dimension than the last (not decisions), described
         self.flat: list[str] = []  # top-ks of flat score tensors (not decisions), described
+        self.drawn: list[str] = []  # one-hots drawn inside one call (``gumbel_softmax(hard=True)``), described
         self.masked: list[torch.Tensor] = []
         self.unmasked: list[bool] = []  # per call: its input is a masked copy that was seen
         self.sources: list[tuple[torch.Tensor, torch.Tensor]] = []  # (masked copy, the scores it masks), forcing
@@ -615,6 +627,8 @@ class _ProbeMode(TorchFunctionMode):
                     self.sources.append((out, src))
             return out
         sig = decision_call(func, args, kwargs) if func in DECISION_FUNCS else None
+        if func is _GUMBEL and _arg(args, kwargs, 2, "hard", False) and len(self.drawn) < 4:
+            self.drawn.append(f"gumbel_softmax(hard=True) at {_where()}")
         if sig is None or NESTING.depth != self.depth:  # not a decision, or one of a router nested inside
             if sig is None and func in DECISION_FUNCS and len(self.aside) < 4:
                 self._note_aside(func, args, kwargs)
@@ -1870,8 +1884,13 @@ def _establish(
     declared_top_k: bool = False,
     call: int | None = None,
     family: str | None = None,
+    lead: tuple[int, int] | None = None,
 ) -> Evidence | None:
-    """:func:`establish` on the inputs ``probe`` runs, on them alone."""
+    """:func:`establish` on the inputs ``probe`` runs, on them alone.
+
+    ``lead`` (the ordinals of a call and of the later one that reads its choice back, see :func:`_leader`): the
+    first is the decision, the second a later choice, checked as every other.
+    """
     args, kwargs = probe.args, probe.kwargs
     try:
         try:
@@ -1938,6 +1957,12 @@ def _establish(
                         "moe_replay reads a choice among experts along the last dimension of the scores. Put the "
                         "experts last (scores.transpose(...)) and choose with dim=-1"
                     )
+                elif seen.drawn:
+                    why = (
+                        f"its forward draws its experts at random inside one call ({seen.drawn[0]}: Gumbel noise, "
+                        "then the one-hot of the best): no decision-like call is seen, and a random draw is not "
+                        "replayed. Route by the argmax of the logits (as in eval) to record and replay the choice"
+                    )
                 elif seen.flat:
                     why = (
                         f"its forward chooses only over flat scores ({seen.flat[0]}): a top-k across tokens (each "
@@ -1965,6 +1990,11 @@ def _establish(
         broad = [c for c in mattering if 8 * reach.get(c.ordinal, 0) >= most]
         pool = [c for c in pool if c in broad] or pool
         anchor = pool[-1]
+        followers: tuple[int, ...] = ()  # later calls that only read the decision back (made mirrors once checked)
+        if lead is not None:  # (established again, the decision in the call that the anchor reads back)
+            anchor, followers = calls[lead[0]], (lead[1],)
+            if anchor not in broad or calls[lead[1]] is not pool[-1]:
+                raise _refuse(name, calls, "the call its decision reads back moved between runs", fix)
         slots = [anchor.ordinal]
         hold = {anchor.ordinal: seen.outs[anchor.ordinal]}
         for c in reversed([m for m in broad if m.ordinal < anchor.ordinal]):
@@ -2058,6 +2088,18 @@ def _establish(
                     "function's module), or an Adapter(call=N) naming the one to record. A choice made in steps: "
                     "route with one top-k (or mask the scores before one top-k)",
                 )
+            leader = _leader(probe, calls, seen, broad, anchor) if lead is None else anchor
+            if leader is not anchor:  # the anchor reads back the choice of an earlier call: that one decides
+                with contextlib.suppress(UnsupportedRouterError):  # (if not, refused as an earlier choice)
+                    return _establish(
+                        name,
+                        probe,
+                        num_experts=num_experts,
+                        top_k=top_k,
+                        declared_top_k=declared_top_k,
+                        family=family,
+                        lead=(leader.ordinal, anchor.ordinal),
+                    )
             raise _refuse(
                 name,
                 calls,
@@ -2076,13 +2118,46 @@ def _establish(
         k = sum(calls[i].k for i in slots) if len(slots) > 1 else used
         if k < calls[anchor.ordinal].k:
             why += f"; only its first {k} of {calls[anchor.ordinal].k} slots reach the output"
+        if followers:
+            why += f"; {' and '.join(calls[i].describe() for i in followers)} only reads it back"
         ev = _verdict(name, calls, tuple(slots), anchor.width, k, top_k, declared_top_k, probe.scope, why)
-        ev = dataclasses.replace(ev, mirrors=_mirrors(calls, seen, ev))
+        if any(calls[i].k != k for i in followers):  # (answered as a mirror: with the decision's k)
+            raise _refuse(name, calls, "the call that reads its decision back takes another k than it", fix)
+        ev = dataclasses.replace(ev, mirrors=_mirrors(calls, seen, ev), followers=followers)
+        # (a follower is a later choice in these checks, made afresh on other inputs with the decision held: one
+        # that reads anything but the decision is refused)
         _refuse_later_choice(name, probe, calls, seen, ev)
         _refuse_escapes(name, probe, calls, seen, ev, tolerance)
         return ev
     finally:
         probe.snapshot.restore()
+
+
+def _leader(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode, broad: Sequence[Call], anchor: Call) -> Call:
+    """The earlier call whose choice ``anchor`` only reads back, or ``anchor`` itself.
+
+    Straight-through one-hot routing (Gumbel-softmax top-1 in eval: ``one_hot(argmax(logits))``, the expert then
+    read back by an ``argmax`` of the one-hot and weighted by its value) makes its decision in an earlier call
+    over the same experts; the last call finds those experts again in scores that the earlier one made. Forcing
+    the last alone would weigh a forced expert by the one-hot's 0; forcing the earlier one is the decision. It is
+    the leader where it is a forceable call of the same width, k and rows, its experts are the anchor's, and
+    with its experts moved, the anchor finds the moved ones (per row, as sets). Whether the anchor reads anything
+    but the leader is checked afterwards, as for every later choice (see :func:`_refuse_later_choice`).
+    """
+    mine = _indices(seen.outs[anchor.ordinal], anchor.family, anchor.rows).sort(-1).values
+    for c in reversed([m for m in broad if m.ordinal < anchor.ordinal]):
+        if c.family not in FORCEABLE or (c.width, c.k, c.rows) != (anchor.width, anchor.k, anchor.rows):
+            continue
+        if not torch.equal(_indices(seen.outs[c.ordinal], c.family, c.rows).sort(-1).values, mine):
+            continue
+        _, moved = probe.run(change=c.ordinal)
+        if [m.signature for m in moved.calls] != [m.signature for m in calls]:
+            continue
+        lead = _indices(moved.outs[c.ordinal], c.family, c.rows).sort(-1).values
+        follow = _indices(moved.outs[anchor.ordinal], anchor.family, anchor.rows).sort(-1).values
+        if not torch.equal(lead, mine) and torch.equal(follow, lead):
+            return c
+    return anchor
 
 
 def _needs_hooks(name: str, probe: _Prober, error: Exception) -> Exception:

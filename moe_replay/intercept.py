@@ -640,7 +640,7 @@ class RouterHook:
     def _arm(self, ev: Evidence) -> None:
         """The plan of the mode now running: built when it changes in eager code, at every trace when compiled."""
         self._plan = {i: ev.calls[i].signature for i in ev.decision}
-        self._mirrors = {i: ev.calls[i].signature for i in ev.mirrors}
+        self._mirrors = {i: ev.calls[i].signature for i in (*ev.mirrors, *ev.followers)}
         self._armed = ev
         self._form = None
 

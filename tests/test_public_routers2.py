@@ -65,11 +65,12 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-def assert_replay_is_forced_by_hand(model: nn.Module, x: torch.Tensor) -> mr.Session:
+def assert_replay_is_forced_by_hand(model: nn.Module, x: torch.Tensor, *, router_grads: bool = True) -> mr.Session:
     """Capture with gradients: the captured rows forced by hand (on a copy never attached) give the captured output.
     After the routers change (alike on both), a free forward gives another output than those rows forced by hand,
     and a replay gives the very output and gradients of the rows forced by hand. The same seed before the forwards
-    compared, so that noise in training is drawn alike."""
+    compared, so that noise in training is drawn alike. ``router_grads``: the routers get a gradient (not where
+    the combine weights are a one-hot, which has none)."""
     ref = copy.deepcopy(model)
     with mr.attach(model) as session:
         torch.manual_seed(3)
@@ -103,7 +104,8 @@ def assert_replay_is_forced_by_hand(model: nn.Module, x: torch.Tensor) -> mr.Ses
             assert (got[name] is None) == (want[name] is None), name
             assert got[name] is None or torch.equal(got[name], want[name]), name
         routers = [m for m in model.modules() if isinstance(m, _Forced)]
-        assert routers and all(p.grad is not None for r in routers for p in r.parameters()), "no gradient to a router"
+        assert routers
+        assert all((p.grad is not None) == router_grads for r in routers for p in r.parameters()), "router gradients"
     return session
 
 
@@ -610,9 +612,84 @@ def test_a_top_k_over_flat_scores_is_refused_naming_it(make: Callable[[], nn.Mod
     assert_untouched(model, before)
 
 
-class GumbelHardRouter(nn.Module):
+class GumbelHardRouter(_Forced):
     """Straight-through Gumbel-softmax top-1 routing (``F.gumbel_softmax(hard=True)`` in training, the one-hot of the
-    ``argmax`` in eval), the expert read back by an ``argmax`` of the one-hot and weighted by its value."""
+    ``argmax`` in eval), the expert read back by an ``argmax`` of the one-hot and weighted by its value. ``form``:
+    ``"one-hot"`` (the one-hot alone in eval), ``"straight-through"`` (``hard - soft.detach() + soft`` in eval too,
+    so that the router has a gradient), ``"top-2"`` (a two-hot of a top-2, read back by a top-2)."""
+
+    def __init__(self, form: str = "one-hot") -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.form = form
+        self.num_experts, self.top_k = E, 2 if form == "top-2" else 1
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gate(x)
+        if self.training:
+            gates = F.gumbel_softmax(logits, tau=1.0, hard=True)
+        else:
+            soft = logits.softmax(-1)
+            chosen = soft.topk(self.top_k, dim=-1)[1] if self.forced is None else self.forced
+            gates = torch.zeros_like(soft).scatter(-1, chosen, 1.0)
+            if self.form == "straight-through":
+                gates = gates - soft.detach() + soft
+        idx = gates.topk(self.top_k, dim=-1)[1] if self.form == "top-2" else gates.argmax(-1, keepdim=True)
+        return gates.gather(-1, idx), idx
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("form", ["one-hot", "straight-through", "top-2"])
+def test_gumbel_softmax_hard_routing_in_eval_is_the_choice_its_one_hot_is_made_of(form: str) -> None:
+    """Once a false refusal: in eval the expert is read back from a one-hot made by an earlier choice (the top-1 of
+    the scores), and only that read-back was taken as the decision; forcing it alone would weigh a forced expert by
+    the one-hot's 0, so the earlier choice was refused as reshaping its scores. The earlier choice is the decision
+    (the read-back finds its experts, and moves with them): the replay is the recorded experts forced by hand."""
+    model = TwoLayers(lambda: RouterBlock(GumbelHardRouter(form))).eval()
+    assert_replay_is_forced_by_hand(model, _x(), router_grads=form == "straight-through")
+    with mr.attach(model) as session:
+        for ev in session.verify(_x()).evidence.values():
+            assert ev.decision == (0,) and ev.followers == (1,) and "only reads it back" in ev.describe()
+
+
+class DenseGumbelRouter(nn.Module):
+    """The one-hot of ``F.gumbel_softmax(hard=True)`` as dense gates (no read-back: the block dispatches by its
+    nonzeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.num_experts, self.top_k = E, 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gumbel_softmax(self.gate(x), tau=1.0, hard=True)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        pytest.param(lambda: RouterBlock(GumbelHardRouter()), "random stream", id="read-back"),
+        pytest.param(
+            lambda: DenseGateBlock(DenseGumbelRouter()), r"at random inside one call \(gumbel_softmax", id="dense"
+        ),
+    ],
+)
+def test_gumbel_softmax_hard_routing_in_training_is_refused(make: Callable[[], nn.Module], match: str) -> None:
+    """In training the experts are drawn (Gumbel noise, inside ``gumbel_softmax``), read back by an ``argmax`` of
+    the one-hot or dispatched by its nonzeros: a replay could force a read-back but not the draw. Refused, the model
+    left as it was; the dense one-hot (no decision-like call seen) once named soft routing, now the draw."""
+    model = TwoLayers(make).train()
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError, match=match):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(_x())
+    assert_untouched(model, before)
+
+
+class StickyRouter(nn.Module):
+    """A top-1 of the scores with a bonus on an earlier choice's expert (the argmax of the logits): the later
+    top-1 finds the earlier choice's expert on the real tokens, but, that choice moved, reads the scores too."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -621,23 +698,16 @@ class GumbelHardRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.gate(x)
-        if self.training:
-            gates = F.gumbel_softmax(logits, tau=1.0, hard=True)
-        else:
-            gates = F.one_hot(logits.argmax(-1), E).to(logits.dtype)
-        idx = gates.argmax(-1, keepdim=True)
-        return gates.gather(-1, idx), idx
+        hot = F.one_hot(logits.argmax(-1), E).to(logits.dtype)
+        return (logits + 0.3 * hot).softmax(-1).topk(1, dim=-1)
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_gumbel_softmax_hard_routing_is_refused(training: bool) -> None:
-    """The expert is read back from a one-hot made by an earlier choice (the ``argmax`` in eval, the draw of
-    ``gumbel_softmax`` in training): forcing the read-back alone would weigh a forced expert 0. Refused (a false
-    refusal in eval, where the first ``argmax`` could be forced), the model left as it was."""
-    model = TwoLayers(lambda: RouterBlock(GumbelHardRouter())).train(training)
+def test_a_later_choice_that_reads_the_scores_besides_an_earlier_one_is_not_taken_as_its_read_back() -> None:
+    """The read-back rule takes an earlier choice as the decision only where the later call follows it: a bonus on
+    its expert (which the current scores can outweigh once it is forced elsewhere) is still refused."""
+    model = TwoLayers(lambda: RouterBlock(StickyRouter())).eval()
     before = snapshot(model)
-    match = "random stream" if training else "earlier choice"
-    with pytest.raises(mr.UnsupportedRouterError, match=match):
+    with pytest.raises(mr.UnsupportedRouterError, match="earlier choice"):
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(_x())
     assert_untouched(model, before)
