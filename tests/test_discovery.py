@@ -837,3 +837,13 @@ def test_discovery_asks_no_plain_module_for_a_number_it_does_not_hold(monkeypatc
     assert mr.find_routers(model)
     numbers = set(discovery._EXPERT_KEYS) | set(discovery._TOPK_KEYS)
     assert not numbers & set(asked)
+
+
+@pytest.mark.parametrize("spec", [[], (), set()], ids=["list", "tuple", "set"])
+def test_an_empty_exclude_list_excludes_nothing(spec: object) -> None:
+    """A list of exclusions built by the caller may come out empty: it then excludes nothing, as ``None`` does."""
+    model = mr.models.build("linear_gate")
+    expected = [s.name for s in mr.find_routers(model)]
+    assert expected and [s.name for s in mr.find_routers(model, exclude=spec)] == expected
+    with mr.attach(model, exclude=spec) as session:
+        assert list(session.names) == expected
