@@ -848,7 +848,11 @@ class RouterHook:
         identities and comes here only when they differ.)
         """
         answered, self._answered = self._answered, None
-        if answered is None:
+        if answered is None:  # (a decision not answered by one top-k, an argmax say: where it returns them is not
+            # learned, nor are its returned indices compared, so with twins it shows no switch among them)
+            if ev.twins and ev not in self._returned_at:
+                self._returned_at[ev] = (None, type(out))
+                self._unshown_twins(ev)
             return
         pos = -1 if _holds(out, answered) else None
         if pos is None and isinstance(out, tuple | list):

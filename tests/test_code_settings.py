@@ -9,6 +9,7 @@ the call that no longer dispatches.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import sys
 import types
@@ -1128,3 +1129,91 @@ def test_a_warn_once_flag_the_routers_own_code_sets_outside_its_attributes_is_no
     ``setdefault``), set in a later block than the one that established the decision, read as a setting changed
     inside that block."""
     _warns_in_a_later_block(_warn_once_router(kind))
+
+
+def pick_by_sign(s: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A helper another module's router calls: two top-k of one form, the biased one where ``x``'s mean is positive."""
+    plain, shifted = torch.topk(s, 2, dim=-1).indices, torch.topk(s + bias, 2, dim=-1).indices
+    return shifted if bool(x.mean() > 0) else plain
+
+
+class HookFlaggedTop1(_Router):
+    """Top-1 by ``argmax``, of its biased scores where ``use_bias`` is on: a flag its hooks set from the input."""
+
+    use_bias = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scores(x)
+        plain, shifted = s.argmax(-1, keepdim=True), (s + self.bias).argmax(-1, keepdim=True)
+        idx = shifted if self.use_bias else plain
+        return torch.zeros_like(s).scatter(-1, idx, s.gather(-1, idx))
+
+
+def _flag_by_sign(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    module.use_bias = bool(args[0].mean() > 0)
+
+
+def _flag_off(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+    module.use_bias = False
+
+
+class _FlagBySign:
+    """A pre-hook as a callable object."""
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        module.use_bias = bool(args[0].mean() > 0)
+
+
+def _set_and_put_back(kind: str, router: nn.Module) -> list[Any]:
+    """Hooks on ``router`` that set its flag from the input before its forward and put it back after, as ``kind``."""
+    if kind == "module-wide":  # (torch's global hooks, which run for every module: the flag set on routers only)
+        return [
+            torch.nn.modules.module.register_module_forward_pre_hook(
+                lambda m, a: _flag_by_sign(m, a) if isinstance(m, HookFlaggedTop1) else None
+            ),
+            torch.nn.modules.module.register_module_forward_hook(
+                lambda m, a, o: _flag_off(m, a, o) if isinstance(m, HookFlaggedTop1) else None
+            ),
+        ]
+    pre, post = {
+        "partial": (functools.partial(_flag_by_sign), functools.partial(_flag_off)),
+        "lambda": (
+            lambda m, a: setattr(m, "use_bias", bool(a[0].mean() > 0)),
+            lambda m, a, o: setattr(m, "use_bias", False),
+        ),
+        "object": (_FlagBySign(), functools.partial(_flag_off)),
+        "after attach": (_flag_by_sign, _flag_off),
+    }[kind]
+    return [router.register_forward_pre_hook(pre), router.register_forward_hook(post)]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("kind", ["partial", "lambda", "object", "module-wide", "after attach"])
+def test_a_flag_hooks_set_from_the_input_and_put_back_is_checked_at_every_forward(kind: str) -> None:
+    """Once silent: a pre-hook set a router's flag from its input and a forward hook put it back, so no setting
+    changed between forwards; hooks that are no plain function (or registered after the decision was established)
+    are not read as state, and a top-1 ``argmax`` decision never had what it returned compared, so the plain call
+    was recorded while the biased one dispatched. A router whose decision has twins of its form and is not one
+    top-k is now checked by its effect at every forward."""
+    model = ev.TwoLayers(lambda: DenseBlock(HookFlaggedTop1()))
+    spy, handles = ev.ExpertSpy(model), []
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            if kind == "after attach":
+                model(_signed(0))  # (established with no hook on the routers)
+            for block in model.layers:
+                handles += _set_and_put_back(kind, block.router) if kind != "module-wide" or not handles else []
+            with session.capture():
+                for step in range(3):
+                    model(_signed(step))
+                    assert _dispatched_as_recorded(model, session, spy), step
+    finally:
+        spy.remove()
+        for h in handles:
+            h.remove()
+
+
+def _signed(step: int) -> torch.Tensor:
+    """Inputs whose mean is negative at even steps and positive at odd ones."""
+    x = torch.randn(ev.T, ev.D, generator=torch.Generator().manual_seed(step))
+    return x + (1.0 if step % 2 else -1.0)
