@@ -441,7 +441,7 @@ class RouterHook:
             _settings(self.scope),
         )
         ev = known.get(key)
-        if ev is not None and self._unshown_twins(ev) and not self._still_holds(ev, forward, args, kwargs):
+        if ev is not None and self._has_twins(ev) and not self._still_holds(ev, forward, args, kwargs):
             ev = None  # (established by an earlier session, on inputs where another of its calls decided)
         if ev is None and any(isinstance(a, torch.Tensor) and a.is_meta for a in (*args, *kwargs.values())):
             raise UnsupportedRouterError(
@@ -469,6 +469,7 @@ class RouterHook:
             if ev is None:
                 return None
             known[key] = ev
+            self._has_twins(ev)
         self._check_rows_fit(ev)
         shape = (ev.top_k, ev.num_experts)
         for mode, was in list(self.evidence.items()):
@@ -494,14 +495,14 @@ class RouterHook:
             self.on_established(self)
         return ev
 
-    def _unshown_twins(self, ev: Evidence) -> bool:
-        """Does ``ev`` have twins (other calls of its decision's form) while the router returns none of its decision's
-        indices (see :meth:`_check_returned`)? Which of them dispatches may then hang on the forward's inputs (a branch
-        on their values, a ``torch.where`` between two top-k), and nothing the router returns shows a switch: its
-        decision is checked by its effect at every eager forward (``_restless``), as a router's that keeps a step
-        count is."""
-        returned = self._returned_at.get(ev)
-        if returned is None or returned[0] is not None or not ev.twins:
+    def _has_twins(self, ev: Evidence) -> bool:
+        """Does ``ev`` have twins (other calls over its decision's width)? Which of them dispatches may then hang on
+        the forward's inputs (a branch on their values, a ``torch.where`` between two top-k), and the calls look the
+        same whichever does: its decision is checked by its effect at every eager forward (``_restless``), as a
+        router's that keeps a step count is. What the router returns does not spare it that: the indices it returns
+        may be its decision's while a twin dispatches (a statistic returned for a loss beside a biased top-k that
+        dispatches on some inputs)."""
+        if not ev.twins:
             return False
         self._restless = True
         return True
@@ -741,8 +742,8 @@ class RouterHook:
                     if places
                     else "a call the mode acted on did not come through torch's function"
                     if self._missed
-                    else "its forward makes other calls of its decision's form and changes its own state (a step "
-                    "count?): which of them decides is checked at each forward"
+                    else "its forward makes other calls over its decision's width: which of them decides (by a step "
+                    "count, by its inputs' values) is checked at each forward"
                     if ev is not None and self._restless and ev.twins
                     else ""
                 )
@@ -845,14 +846,15 @@ class RouterHook:
         (the same storage), if it does. A later forward that returns other indices there took another branch
         after the decision (a flag that picks which of two top-k calls of the same form dispatches): what was
         recorded or forced is not what the router returned, and the forward raises. (The hot path compares
-        identities and comes here only when they differ.)
+        identities and comes here only when they differ.) A decision not answered by one top-k (an ``argmax``, a
+        decision in slots) returns no indices to compare. A router with twins is checked by its effect at every
+        forward whatever it returns (see :meth:`_has_twins`): the indices it returns need not be the dispatched ones.
         """
         answered, self._answered = self._answered, None
         if answered is None:  # (a decision not answered by one top-k, an argmax say: where it returns them is not
             # learned, nor are its returned indices compared, so with twins it shows no switch among them)
             if ev.twins and ev not in self._returned_at:
                 self._returned_at[ev] = (None, type(out))
-                self._unshown_twins(ev)
             return
         pos = -1 if _holds(out, answered) else None
         if pos is None and isinstance(out, tuple | list):
@@ -862,7 +864,6 @@ class RouterHook:
             learned = self._returned_at.get(ev)  # (by an earlier session on this scope, or in another mode)
             known = self._returns = (ev, pos, type(out)) if learned is None else (ev, *learned)
             self._returned_at[ev] = known[1:]
-            self._unshown_twins(ev)
             if learned is None:
                 return
         if known[1] is None or pos == known[1]:

@@ -864,3 +864,49 @@ def test_an_argmax_router_that_picks_between_two_argmax_by_its_inputs_values_is_
                         assert torch.equal(spy.experts_of(b), _ev.as_sets(rows)), (step, name)
     finally:
         spy.remove()
+
+
+class _ReturnsPlainRouter(_settings._Router):
+    """Returns its plain top-k's indices (for a load-balancing loss, say) beside a dense combine, while its biased
+    top-k dispatches where its input's mean is positive."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scores(x)
+        plain, shifted = torch.topk(s, 2, dim=-1).indices, torch.topk(s + self.bias, 2, dim=-1).indices
+        idx = shifted if bool(x.mean() > 0) else plain
+        return torch.zeros_like(s).scatter(-1, idx, s.gather(-1, idx)), plain
+
+
+class _FirstOfBlock(_settings.DenseBlock):
+    """Dispatches by the first item its router returns."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.router(x)[0]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok = (w[:, e] != 0).nonzero(as_tuple=True)[0]
+            if tok.numel():
+                out = out.index_add(0, tok, w[tok, e, None] * expert(x[tok]))
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_router_that_returns_its_decisions_indices_while_a_twin_dispatches_is_not_captured_silently() -> None:
+    """Once silent: a router that returned its decision's indices was trusted to show a switch to a twin call by
+    returning others, but it may return a call's indices that no longer dispatches (a statistic for a loss): the
+    capture recorded the first forward's call at every later one. Its decision is now checked by effect at every
+    forward, as every router's with twins is: each forward is recorded as it dispatched, or refused."""
+    torch.manual_seed(0)
+    model = _ev.TwoLayers(lambda: _FirstOfBlock(_ReturnsPlainRouter()))
+    spy = _ev.ExpertSpy(model)
+    done = 0
+    try:
+        with torch.no_grad(), mr.attach(model) as session, session.capture():
+            with pytest.raises(mr.UnsupportedRouterError, match="more than one independent choice"):
+                for step in range(4):
+                    model(_signed(step))
+                    assert _settings._dispatched_as_recorded(model, session, spy), step
+                    done += 1
+        assert done == 1  # (the second forward, where the twin dispatches, is refused)
+    finally:
+        spy.remove()
