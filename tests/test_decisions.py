@@ -910,3 +910,65 @@ def test_a_router_that_returns_its_decisions_indices_while_a_twin_dispatches_is_
         assert done == 1  # (the second forward, where the twin dispatches, is refused)
     finally:
         spy.remove()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the check by effect of a router with twin calls runs at eager forwards only: a compiled forward whose "
+    "0-d torch.where moves dispatch to a twin records the call established eagerly",
+)
+def test_a_router_that_picks_between_two_top_k_by_its_inputs_values_is_captured_exactly_when_compiled() -> None:
+    """A router that picks which of two top-k calls dispatches by a 0-d ``torch.where`` of its inputs' values
+    traces into one graph: its decision, established eagerly, is not checked in the compiled forwards."""
+    torch.manual_seed(0)
+    model = _ev.TwoLayers(lambda: _settings.DenseBlock(_ValueBranchRouter("where")))
+    spy = _ev.ExpertSpy(model)
+    try:
+        with torch.no_grad(), mr.attach(model) as session:
+            session.verify(_signed(0))
+            compiled = torch.compile(model, backend="eager")
+            with session.capture():
+                for step in range(4):
+                    compiled(_signed(step))
+                    assert _settings._dispatched_as_recorded(model, session, spy), step
+    finally:
+        spy.remove()
+
+
+class _OtherWidthBranchRouter(_settings._Router):
+    """Dispatches by its plain top-k where its input's mean is negative, else by a top-k over all experts but the
+    last (both always run): the second is over another width, so it is no twin of the decision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scores(x)
+        plain = torch.topk(s, 2, dim=-1).indices
+        subset = torch.topk(s[:, :-1] + self.bias[:-1], 2, dim=-1).indices
+        idx = subset if bool(x.mean() > 0) else plain
+        return torch.zeros_like(s).scatter(-1, idx, s.gather(-1, idx))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a call over another width than the decision's (a subset of the experts, the experts and a null column) "
+    "is no twin, so a branch on the inputs' values that moves dispatch to it is not checked",
+)
+def test_a_router_that_moves_dispatch_to_a_top_k_over_another_width_by_its_inputs_values_is_not_captured_silently() -> (
+    None
+):
+    """Counting such calls as twins would also count the group top-k of DeepSeek-V3-style routing (its values are
+    read, its indices do not reach the output) and check those routers by effect at every forward."""
+    torch.manual_seed(0)
+    model = _ev.TwoLayers(lambda: _settings.DenseBlock(_OtherWidthBranchRouter()))
+    spy = _ev.ExpertSpy(model)
+    try:
+        with torch.no_grad(), mr.attach(model) as session, session.capture():
+            for step in range(4):
+                try:
+                    model(_signed(step))
+                except mr.UnsupportedRouterError:
+                    return  # (refused: not silent)
+                assert _settings._dispatched_as_recorded(model, session, spy), step
+    finally:
+        spy.remove()
