@@ -796,22 +796,13 @@ def _exact_or_refused(make: Callable[[], nn.Module], inputs: list[torch.Tensor],
 @pytest.mark.parametrize(
     ("how", "expected"),
     [
-        pytest.param(
-            "plain",
-            "refused",  # (its output holds two choices once the biased call dispatches)
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="indices of one twin returned at a fixed place while another twin's choice reaches the output "
-                "(a dense combine): the returned-indices check passes, the switch is not seen, the plain call is "
-                "recorded and forced while the biased one dispatches",
-            ),
-        ),
+        ("plain", "refused"),  # (its output holds two choices once the biased call dispatches)
         ("some", "exact"),
         ("dict", "exact"),
         ("dataclass", "exact"),
         ("three", "exact"),
         ("argmax", "exact"),
-        ("helper", "refused"),  # (the indices it returns move to the other call's: refused as a switch)
+        ("helper", "exact"),  # (the statistic made in a helper of another module: checked by effect all the same)
         ("grad", "exact"),
         ("train", "exact"),
         ("where", "refused"),  # (tokens of both calls: no one call decides)
