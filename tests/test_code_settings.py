@@ -117,7 +117,10 @@ class DenseBlock(nn.Module):
         self.experts = ev.Experts()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.router(x)
+        return self.combine(x, self.router(x))
+
+    def combine(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Each token of ``x`` through the experts its row of the dense weight ``w`` weighs, summed."""
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             tok = (w[:, e] != 0).nonzero(as_tuple=True)[0]
@@ -621,13 +624,7 @@ class PassingBlock(DenseBlock):
         self.use_bias = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.router(x, use_bias=self.use_bias)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            tok = (w[:, e] != 0).nonzero(as_tuple=True)[0]
-            if tok.numel():
-                out = out.index_add(0, tok, w[tok, e, None] * expert(x[tok]))
-        return out
+        return self.combine(x, self.router(x, use_bias=self.use_bias))
 
 
 @pytest.mark.reliability("silent replays")

@@ -747,13 +747,7 @@ class _UnwrappingBlock(_settings.DenseBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.router(x)
         w = out[0] if isinstance(out, tuple) else out["weights"] if isinstance(out, dict) else out
-        w = w.weights if isinstance(w, _Routed) else w
-        y = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            tok = (w[:, e] != 0).nonzero(as_tuple=True)[0]
-            if tok.numel():
-                y = y.index_add(0, tok, w[tok, e, None] * expert(x[tok]))
-        return y
+        return self.combine(x, w.weights if isinstance(w, _Routed) else w)
 
 
 def _banded(step: int) -> torch.Tensor:
@@ -872,13 +866,7 @@ class _FirstOfBlock(_settings.DenseBlock):
     """Dispatches by the first item its router returns."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.router(x)[0]
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            tok = (w[:, e] != 0).nonzero(as_tuple=True)[0]
-            if tok.numel():
-                out = out.index_add(0, tok, w[tok, e, None] * expert(x[tok]))
-        return out
+        return self.combine(x, self.router(x)[0])
 
 
 @pytest.mark.reliability("silent replays")
