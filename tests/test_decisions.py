@@ -813,44 +813,6 @@ def test_a_router_that_hides_which_twin_dispatches_is_forced_exactly_or_refused(
     assert _exact_or_refused(lambda: _TwinReturner(how), inputs, grad, train) == expected
 
 
-class _ArgmaxValueBranchRouter(_settings._Router):
-    """A top-1 router by ``argmax``: its biased one dispatches where its input's mean is positive, else its plain one
-    (both always run); it returns a dense combine."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.scores(x)
-        plain, shifted = s.argmax(-1), (s + self.bias).argmax(-1)
-        idx = (shifted if bool(x.mean() > 0) else plain)[:, None]
-        return torch.zeros_like(s).scatter(-1, idx, s.gather(-1, idx))
-
-
-@pytest.mark.reliability("silent replays")
-def test_an_argmax_router_that_picks_between_two_argmax_by_its_inputs_values_is_captured_and_forced() -> None:
-    """Once silent: the check at every forward of a router with twin calls held only for a top-k decision (what a
-    router returns was compared for a top-k alone), so an ``argmax`` decision beside a twin ``argmax`` had the call
-    of its first forward recorded at every later one."""
-    torch.manual_seed(0)
-    model = _ev.TwoLayers(lambda: _settings.DenseBlock(_ArgmaxValueBranchRouter()))
-    spy = _ev.ExpertSpy(model)
-    try:
-        with torch.no_grad(), mr.attach(model) as session:
-            with session.capture():
-                for step in range(4):
-                    model(_signed(step))
-                    assert _settings._dispatched_as_recorded(model, session, spy), step
-            routes = session.routes()
-            for layer in model.layers:
-                layer.router.weight.mul_(-1.0)
-            with session.replay(routes):
-                for step in range(4):
-                    model(_signed(step))
-                    for b, name in enumerate(session.names):
-                        rows = routes.layer(name)[step * _ev.T : (step + 1) * _ev.T]
-                        assert torch.equal(spy.experts_of(b), _ev.as_sets(rows)), (step, name)
-    finally:
-        spy.remove()
-
-
 class _ReturnsPlainRouter(_settings._Router):
     """Returns its plain top-k's indices (for a load-balancing loss, say) beside a dense combine, while its biased
     top-k dispatches where its input's mean is positive."""
