@@ -326,7 +326,7 @@ def _contents(obj: Any) -> Any:
     return kind, (list(dict.items(obj)) if issubclass(kind, dict) else list(kind.__iter__(obj)))
 
 
-def _refill(obj: Any, saved: tuple[type, list[Any]]) -> None:
+def _refill(obj: Any, saved: tuple[Any, list[Any]]) -> None:
     """Put a container's contents back in place (see :func:`_contents`), where they changed."""
     kind, items = saved
     if issubclass(kind, dict):
@@ -1003,7 +1003,8 @@ def _getter_chains(fn: types.FunctionType) -> tuple[tuple[_Step, ...] | None, tu
 
 
 #: the descriptors of fields that C code reads (a slot; a ``NamedTuple``'s field, ``operator.itemgetter``-like)
-_C_FIELDS = (types.MemberDescriptorType, types.GetSetDescriptorType, type(collections.namedtuple("_Pair", "a").a))
+_Pair: Any = collections.namedtuple("_Pair", "a")
+_C_FIELDS = (types.MemberDescriptorType, types.GetSetDescriptorType, type(_Pair.a))
 
 
 def _step(obj: Any, step: _Step) -> Any:
@@ -1025,7 +1026,7 @@ def _step(obj: Any, step: _Step) -> Any:
         if isinstance(obj, dict):
             return dict.get(obj, key, None if how == "get" else _MISSING)
         if how == "[]" and isinstance(obj, list | tuple) and type(key) is int and -len(obj) <= key < len(obj):
-            return (list if isinstance(obj, list) else tuple).__getitem__(obj, key)
+            return list.__getitem__(obj, key) if isinstance(obj, list) else tuple.__getitem__(obj, key)
         return _MISSING
     if isinstance(obj, weakref.ReferenceType) and not key:
         return weakref.ReferenceType.__call__(obj)

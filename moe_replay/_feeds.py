@@ -373,7 +373,7 @@ class FeedRecord:
                                 # (one that held the tokens the cache before held may continue them, a copy of it;
                                 # one that held other tokens, a copy of a prefix's cache, begins a loop of its own:
                                 # a static cache's counts are read with the routes, not here)
-                                before = self._held_after
+                                before: Any = self._held_after
                                 if before < 0 and last is not None:
                                     before = _tokens_held(last)
                                 if not isinstance(before, int) or before >= 0:
@@ -1436,7 +1436,7 @@ class FeedForward:
             order = self._order(entered, args, named)
             # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
             watching = [
-                (r, r.calls_made() if r.calls_made is not None else -1) for r in entered if type(r) is not FeedCheck
+                (r, r.calls_made() if r.calls_made is not None else -1) for r in entered if isinstance(r, FeedRecord)
             ]
             # (fed no token count, it is left to the levels it enters below: they may see its tokens)
             entered = [r for r in entered if r.fed(args, named, self.paired, order)]

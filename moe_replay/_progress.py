@@ -98,7 +98,7 @@ class Progress:
         self._drawn = 0.0
         if self._on and importlib.util.find_spec("tqdm") is not None:
             try:
-                from tqdm import tqdm
+                from tqdm import tqdm  # type: ignore[import-untyped]
 
                 self._tqdm = tqdm(total=self.total, desc=desc, file=self._stream, leave=False, unit="")
             except Exception:  # a broken tqdm install: the built-in bar, never a failed run

@@ -109,7 +109,7 @@ def _members(group: dist.ProcessGroup | None, what: str) -> list[int]:
 
 def _peer(rank: object, ranks: Sequence[int]) -> int:
     """``rank`` as the global rank of a member of the group, or -1 (refused after the ranks compared theirs)."""
-    return int(rank) if is_integer(rank) and int(rank) in ranks else -1  # type: ignore[arg-type]
+    return int(rank) if is_integer(rank) and int(rank) in ranks else -1  # type: ignore[call-overload]
 
 
 def _check_peers(mine: object, peers: Sequence[int], ranks: Sequence[int], what: str, name: str) -> int:
@@ -130,7 +130,7 @@ def _check_peers(mine: object, peers: Sequence[int], ranks: Sequence[int], what:
             f"{what}: the ranks passed different {name} values {list(peers)} (by group rank); every rank of the "
             f"group must pass the same {name}"
         )
-    return int(mine)  # type: ignore[arg-type]
+    return int(mine)  # type: ignore[call-overload]
 
 
 def _device(group: dist.ProcessGroup | None) -> torch.device:
@@ -388,9 +388,9 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
             flat = _pack(p, device)
             chunks.append(torch.cat([flat, flat.new_zeros(longest - flat.numel())]))
     dist.scatter(out, chunks, src=src, group=group)
-    known = torch.zeros(longest_known, dtype=torch.int64, device=device)
+    known_rows = torch.zeros(longest_known, dtype=torch.int64, device=device)
     dist.scatter(
-        known,
+        known_rows,
         [torch.tensor(k + [0] * (longest_known - len(k)), dtype=torch.int64, device=device) for k in sent]
         if is_src
         else None,
@@ -400,4 +400,4 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
     me = dist.get_rank(group)
     dropped, count = forwards[me]
     routes = _unpack(out[: lengths[me]].cpu(), tokens[me], like, bool(validated[me]))
-    return _restore(routes, known[:count].tolist(), dropped)
+    return _restore(routes, known_rows[:count].tolist(), dropped)

@@ -48,7 +48,11 @@ _OUTSIDE_GRAPH: dict[int, weakref.ref[torch.Tensor]] = {}
 def _mark_outside_graph(t: torch.Tensor) -> None:
     """Note ``t`` as kept in the forward of an ``autograd.Function`` (held weakly, by identity)."""
     key = id(t)
-    _OUTSIDE_GRAPH[key] = weakref.ref(t, lambda _, key=key: _OUTSIDE_GRAPH.pop(key, None))
+
+    def forget(_: object, key: int = key) -> None:
+        _OUTSIDE_GRAPH.pop(key, None)
+
+    _OUTSIDE_GRAPH[key] = weakref.ref(t, forget)
 
 
 def _kept_outside_graph(t: torch.Tensor) -> bool:

@@ -167,6 +167,8 @@ class GroupedSigmoidRouter(nn.Module):
     scores (DeepSeek-V2 group-limited greedy) instead of a gather from the scores.
     """
 
+    e_score_correction_bias: torch.Tensor  # (a buffer)
+
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.top_k, self.num_experts = cfg.top_k, cfg.num_experts

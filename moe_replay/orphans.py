@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import sys
+import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,7 +41,7 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 def _calling_module(names: dict[int, str]) -> tuple[str | None, bool]:
     """Name of the innermost module of ``names`` whose method is on the Python stack, and whether that method
     is torch's own call of the module (``_call_impl``: the call came from one of its hooks, not its forward)."""
-    f = sys._getframe(2)
+    f: types.FrameType | None = sys._getframe(2)
     while f is not None:
         me = f.f_locals.get("self")
         if isinstance(me, nn.Module) and id(me) in names:

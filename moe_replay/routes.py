@@ -96,7 +96,7 @@ def _exact_int64(rows: torch.Tensor, num_experts: int, name: str) -> torch.Tenso
     arr = rows.detach().cpu().numpy()
     over = (arr >= num_experts).any(axis=1) if arr.ndim == 2 else np.zeros(0, bool)
     if over.any():
-        t = int(over.nonzero()[0][0])
+        t = int(np.flatnonzero(over)[0])
         raise RoutesValidationError(
             f"router '{name}' has {num_experts} experts, but token {t} has indices {arr[t].tolist()} "
             f"({rows.dtype}): each index must be in [0, {num_experts - 1}]; an unsigned dtype has no -1 "
@@ -354,7 +354,8 @@ class Routes:
         if not is_collection(num_experts):  # one count for all routers (an int, a 0-d array or tensor)
             experts = (_expert_count(num_experts),) * len(names)
         else:
-            experts = tuple(_expert_count(e) for e in num_experts)
+            given: Any = num_experts  # (a collection: checked just above)
+            experts = tuple(_expert_count(e) for e in given)
             if len(experts) != len(names):
                 raise RoutesValidationError(f"got {len(experts)} expert counts for {len(names)} routers")
         data: list[torch.Tensor] = []
@@ -1205,7 +1206,7 @@ def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) 
             else None
         )
         ok = pairs is not None and all((a in values) if values is not None else a > 0 for a, _ in pairs)
-        if not ok or sum(b if values is not None else a * b for a, b in pairs) != rows:
+        if pairs is None or not ok or sum(b if values is not None else a * b for a, b in pairs) != rows:
             raise _corrupted(path, f"its forwards' {what} do not describe its {rows} rows per router")
         return pairs
 

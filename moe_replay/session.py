@@ -280,8 +280,12 @@ class _Block:
             with _Block(owner, what, make):
                 result = fn(*args, **kwargs)
                 if isinstance(result, types.CoroutineType | types.GeneratorType | types.AsyncGeneratorType):
-                    result.close()  # (its body never ran: nothing forced or recorded, and no warning of a lost await)
-                    raise _lazy_body(what, type(result).__name__, getattr(fn, "__qualname__", repr(fn)))
+                    # (its body never ran: nothing forced or recorded, and no warning of a lost await; an async
+                    # generator never started has nothing to close)
+                    if not isinstance(result, types.AsyncGeneratorType):
+                        result.close()
+                    kind = "async generator" if isinstance(result, types.AsyncGeneratorType) else type(result).__name__
+                    raise _lazy_body(what, kind, getattr(fn, "__qualname__", repr(fn)))
                 return result
 
         return run
@@ -311,9 +315,10 @@ def _lazy_kind(fn: Callable[..., Any]) -> str | None:
 
 def _lazy_body(what: str, kind: str, name: str) -> SessionStateError:
     call = f"session.{what[:-1]}...)"
+    article = "an" if kind[0] in "aeiou" else "a"
     return SessionStateError(
-        f"@{call} decorates {name}, whose call returns a {kind} before any of its body runs: the block would end "
-        f"as the call returns, and the forwards in its body would run natively, neither forced nor recorded. Write "
+        f"@{call} decorates {name}, whose call returns {article} {kind} before any of its body runs: the block would "
+        f"end as the call returns, and the forwards in its body would run natively, neither forced nor recorded. Write "
         f"`with {call}:` inside its body, around the forwards"
     )
 

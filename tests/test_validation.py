@@ -352,6 +352,9 @@ def test_a_block_decorating_an_async_or_generator_function_is_refused(setup, blo
     wrapped = make[block]()(Step())
     with pytest.raises(mr.SessionStateError, match="returns a coroutine before"):
         asyncio.run(wrapped())
+    # a plain function that returns an async generator made elsewhere (it raised AttributeError: no close())
+    with pytest.raises(mr.SessionStateError, match="returns an async generator before"):
+        make[block]()(lambda: steps_async())()
     assert ran == [] and session.state == "idle"
     with pytest.raises(mr.ArgumentTypeError, match="decorates a function"):
         make[block]()(None)

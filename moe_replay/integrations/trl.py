@@ -442,7 +442,8 @@ class RoutingReplayMixin:
         allow_untested_trl: bool = False,
         **kwargs: Any,
     ) -> None:
-        mode = {True: "replay", False: "off"}.get(routing_replay, routing_replay)  # type: ignore[call-overload]
+        named: dict[Any, Any] = {True: "replay", False: "off"}
+        mode = named.get(routing_replay, routing_replay)
         if mode not in MODES:
             raise InvalidArgumentError(f"routing_replay must be one of {MODES} (or True/False), got {routing_replay!r}")
         attach_kwargs = _check_options(replay_ref_model, verify_replay, capacity, attach_kwargs, allow_untested_trl)
@@ -705,7 +706,7 @@ class RoutingReplayMixin:
         if kind == "train":
             metrics["moe_replay/native_rows"].append(batch.native_share)
             old = None if inputs is None else inputs.get("old_per_token_logps")
-            if old is not None:
+            if old is not None and inputs is not None:
                 self._mr_log_ratio(metrics, logps, old, inputs)
         return logps, entropies, aux
 
@@ -886,8 +887,7 @@ def _disagreement(
     routes = batch.routes
     t = routes.num_tokens
     attended = attention_mask.detach().reshape(-1).bool()
-    differ = compared = None
-    token_any = token_seen = None
+    acc: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (decisions, tokens)
     for name in routes.names:
         try:
             scores, used = kept[name]
@@ -907,14 +907,12 @@ def _disagreement(
         free = scores.detach().topk(used.shape[1], dim=-1).indices if replaying else used
         valid = (rollout[:, 0] >= 0) & attended.to(device)
         d = (free.sort(-1).values != rollout.sort(-1).values).any(-1) & valid
-        if differ is None:
-            differ, compared = d.sum(), valid.sum()
-            token_any, token_seen = d.clone(), valid.clone()
+        if acc is None:
+            acc = (d.sum(), valid.sum(), d.clone(), valid.clone())
         else:
-            differ, compared = differ + d.sum(), compared + valid.sum()
-            token_any |= d
-            token_seen |= valid
-    assert differ is not None and compared is not None and token_any is not None and token_seen is not None
+            acc = (acc[0] + d.sum(), acc[1] + valid.sum(), acc[2] | d, acc[3] | valid)
+    assert acc is not None  # (routes hold at least one router)
+    differ, compared, token_any, token_seen = acc
     n_diff, n_cmp, t_diff, t_seen = torch.stack([differ, compared, token_any.sum(), token_seen.sum()]).tolist()
     return (n_diff / n_cmp if n_cmp else 0.0, t_diff / t_seen if t_seen else 0.0)
 

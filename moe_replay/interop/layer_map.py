@@ -211,12 +211,14 @@ class LayerMap:
             layers = found
         if not (is_integer(num_experts) or is_collection(num_experts)):
             raise InvalidArgumentError(f"num_experts must be an int or one int per router, got {num_experts!r}")
-        counts = (num_experts,) * len(names) if is_integer(num_experts) else tuple(num_experts)
+        given: Any = num_experts  # (an int or a collection of them, checked just above)
+        counts = (given,) * len(names) if is_integer(given) else tuple(given)
         if not all(is_integer(x) for x in counts):
             raise InvalidArgumentError(f"num_experts must be an int or one int per router, got {num_experts!r}")
         if not (is_integer(top_k) or is_collection(top_k)):
             raise InvalidArgumentError(f"top_k must be an int or one int per router, got {top_k!r}")
-        k = (top_k,) * len(names) if is_integer(top_k) else tuple(top_k)
+        given = top_k
+        k = (given,) * len(names) if is_integer(given) else tuple(given)
         return cls(names, tuple(layers), num_layers, counts, k, mtp)  # type: ignore[arg-type]  # checked there
 
     @classmethod
@@ -254,17 +256,17 @@ class LayerMap:
                 f"num_layers={configured}: the engine numbers layers as the model's config does"
             )
         sites = session.sites
-        unknown = [s.name for s in sites if s.top_k is None]
+        unknown = [s.name for s in sites if s.top_k is None or s.num_experts is None]
         if unknown:
             raise LayerMapError(
-                f"the k of routers {unknown[:3]} is not known yet: it is read from each router's decision at its "
-                "first forward. Run one forward first (session.verify(example) does it)"
+                f"the k (or expert count) of routers {unknown[:3]} is not known yet: it is read from each router's "
+                "decision at its first forward. Run one forward first (session.verify(example) does it)"
             )
         return cls.from_names(
             [s.name for s in sites],
             num_layers,
-            [s.num_experts for s in sites],
-            [s.top_k for s in sites],
+            [s.num_experts for s in sites if s.num_experts is not None],
+            [s.top_k for s in sites if s.top_k is not None],
             layers=layers,
             pattern=pattern,
             mtp=mtp,

@@ -47,7 +47,7 @@ from .layer_map import LayerMap, check_layout, check_map
 __all__ = ["from_nemo_rl", "nemo_rl_dtype", "to_nemo_rl"]
 
 _MAGIC = "nrlre1"
-_DTYPES = {"int8": np.dtype("<i1"), "int16": np.dtype("<i2"), "int32": np.dtype("<i4")}
+_DTYPES: dict[str, np.dtype[Any]] = {"int8": np.dtype("<i1"), "int16": np.dtype("<i2"), "int32": np.dtype("<i4")}
 _WHAT = "NeMo-RL routed_experts"
 _MISSING = ("error", "native")
 
@@ -70,7 +70,7 @@ def _unwrap(payload: Any) -> tuple[Any, int | None, list[Any] | None]:
             f"{_WHAT}: the mapping has no routed_experts (NeMo-RL sets it on each chat choice's message when "
             "policy.router_replay.enabled is on)"
         )
-    ids = [msg.get("prompt_token_ids"), msg.get("generation_token_ids")]
+    ids: list[Any] = [msg.get("prompt_token_ids"), msg.get("generation_token_ids")]
     if any(x is None for x in ids):
         return msg["routed_experts"], None, None
     try:

@@ -74,10 +74,10 @@ def _meta_tokens(meta: Mapping[str, Any]) -> int | None:
     refused, fewer are left to ``num_tokens=`` and the replay's own count. None where either
     is absent or not a count (a ``meta_info`` rebuilt by another tool).
     """
-    counts = [meta.get("prompt_tokens"), meta.get("completion_tokens")]
+    counts: list[Any] = [meta.get("prompt_tokens"), meta.get("completion_tokens")]
     if not all(is_integer(c) and int(c) >= 0 for c in counts):
         return None
-    return sum(int(c) for c in counts)
+    return int(counts[0]) + int(counts[1])
 
 
 def _id_count(token_ids: Any) -> np.ndarray | torch.Tensor | list[Any]:
