@@ -154,6 +154,19 @@ def _in_backward() -> bool:
     return _torch_compat.current_graph_task_id() != -1
 
 
+def _run_nested(hook: RouterHook, *args: Any) -> Any:
+    """:meth:`RouterHook._run` nested as :meth:`ScopedForward._nested` nests it: the modes of scopes around
+    it ignore its calls, their lean forwards get none."""
+    state = NESTING
+    state.depth += 1
+    lean, state.lean = state.lean, None
+    try:
+        return hook._run(*args)
+    finally:
+        state.depth -= 1
+        state.lean = lean
+
+
 # ----------------------------------------------------------------- activation checkpointing
 # A router inside a checkpointed region runs twice: in the forward, and again in backward
 # when the region is recomputed. The rows of the forward are kept per region object
@@ -517,8 +530,17 @@ class RouterHook:
         warm-up), and the calls look the same whichever does. The runs that check it put that state back; routers
         that change no state never come here. Where it no longer decides, the evidence of this mode is dropped (the
         caller establishes it afresh on this forward's inputs). Routers of one such call never come here."""
-        if _graph_capturing() or _in_backward():  # (a recompute gets its forward's rows; a graph cannot branch)
+        if _in_backward():  # (a recompute gets its forward's rows)
             return True
+        if _graph_capturing():
+            if ev.twins:  # (a torch.where between two top-k branches inside a graph)
+                raise UnsupportedRouterError(
+                    f"router '{self.name}' makes other calls over its decision's width beside the one that decided "
+                    "when it was established, and which of them dispatches is checked by its effect at each forward, "
+                    "which a CUDA graph's replays cannot do: a graph captured now would record that one call at every "
+                    "replay. Run this router eagerly, outside the graph (capture graphs of the parts around it)"
+                )
+            return True  # (a step count: a graph cannot branch on it)
         with _hidden(), EAGER:
             holds = still_decides(self.scope, forward, args, kwargs, ev)
         if not holds:
@@ -667,14 +689,14 @@ class RouterHook:
         if self.decision != "lookup":
             mode = self.mode()
             ev = self.evidence.get(mode)
-            if (
-                ev is not None
-                and not compiling
-                and self._restless
-                and ev.twins
-                and not self._still_holds(ev, forward, args, kwargs)
-            ):
-                ev = None  # another of its calls of the decision's form decides now: established afresh
+            if ev is not None and self._restless and ev.twins:
+                if compiling:
+                    # which of its twin calls dispatches is checked by its effect at each forward, which compiled
+                    # code cannot do (a 0-d torch.where between two top-k traces into one graph): this router's
+                    # forward runs eagerly, at a graph break (fullgraph=True refuses that break)
+                    return _uncompiled(_run_nested, self, forward, args, kwargs, lean_ok)
+                if not self._still_holds(ev, forward, args, kwargs):
+                    ev = None  # another of its calls of the decision's form decides now: established afresh
             if ev is None:
                 ev = self.prove(forward, args, kwargs)
             if ev is None:  # no token to choose for: nothing to record or force

@@ -230,3 +230,23 @@ def test_eager_steps_then_reduce_overhead_compiled_steps() -> None:
                     compiled(ids)
             assert session.routes().equal(expected), state
     torch._dynamo.reset()
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_router_with_twin_calls_is_refused_when_a_graph_is_captured() -> None:
+    """A router whose ``torch.where`` picks between two top-k by its inputs' values: a graph replays that choice,
+    and the call established eagerly was recorded at every replay. Capturing such a graph is refused."""
+    from . import test_code_settings as settings
+    from . import test_decisions as decisions
+    from . import test_evidence as ev
+
+    torch.manual_seed(0)
+    model = ev.TwoLayers(lambda: settings.DenseBlock(decisions._ValueBranchRouter("where"))).cuda()
+    with mr.attach(model, capacity=256) as session:
+        session.verify(decisions._signed(0).cuda())
+        static = decisions._signed(1).cuda()
+        warm_up(model, static)
+        graph = torch.cuda.CUDAGraph()
+        refused = pytest.raises(mr.UnsupportedRouterError, match="other calls over its decision's width")
+        with refused, session.capture(), torch.no_grad(), torch.cuda.graph(graph):
+            model(static)

@@ -854,27 +854,56 @@ def test_a_router_that_returns_its_decisions_indices_while_a_twin_dispatches_is_
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the check by effect of a router with twin calls runs at eager forwards only: a compiled forward whose "
-    "0-d torch.where moves dispatch to a twin records the call established eagerly",
-)
-def test_a_router_that_picks_between_two_top_k_by_its_inputs_values_is_captured_exactly_when_compiled() -> None:
-    """A router that picks which of two top-k calls dispatches by a 0-d ``torch.where`` of its inputs' values
-    traces into one graph: its decision, established eagerly, is not checked in the compiled forwards."""
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_router_that_picks_between_two_top_k_by_its_inputs_values_is_captured_exactly_when_compiled(
+    fullgraph: bool,
+) -> None:
+    """Once silent (a known gap): a router that picks which of two top-k calls dispatches by a 0-d ``torch.where``
+    of its inputs' values traces into one graph, and the compiled forwards recorded the call established eagerly.
+    Such a router's forward now runs eagerly at a graph break, checked by its effect: each forward is recorded as
+    it dispatched. Under ``fullgraph=True`` that break is an error, never a silent capture."""
     torch.manual_seed(0)
     model = _ev.TwoLayers(lambda: _settings.DenseBlock(_ValueBranchRouter("where")))
     spy = _ev.ExpertSpy(model)
+    done, refused = 0, False
     try:
         with torch.no_grad(), mr.attach(model) as session:
             session.verify(_signed(0))
-            compiled = torch.compile(model, backend="eager")
-            with session.capture():
-                for step in range(4):
-                    compiled(_signed(step))
-                    assert _settings._dispatched_as_recorded(model, session, spy), step
+            compiled = torch.compile(model, backend="eager", fullgraph=fullgraph)
+            try:
+                with session.capture():
+                    for step in range(4):
+                        compiled(_signed(step))
+                        assert _settings._dispatched_as_recorded(model, session, spy), step
+                        done += 1
+            except RuntimeError as e:  # (torch's refusal of the graph break: refused, not silent)
+                assert fullgraph and "disable" in str(e), e
+                refused = True
+            # (a fullgraph compile may reuse the code a compile with the break cached for the same forward)
+            assert done == 4 or (refused and done == 0)
     finally:
         spy.remove()
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_router_with_twin_calls_is_refused_inside_cuda_graph_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once silent: a graph captured around a router whose ``torch.where`` picks between two top-k by its inputs'
+    values replays that choice, while the check by effect was skipped under capture ("a graph cannot branch"), so
+    the call established eagerly was recorded at every replay. Refused now, naming the router (the capture is
+    simulated on the CPU: the check only asks whether the current stream captures)."""
+    from moe_replay import intercept
+
+    torch.manual_seed(0)
+    model = _ev.TwoLayers(lambda: _settings.DenseBlock(_ValueBranchRouter("where")))
+    with torch.no_grad(), mr.attach(model) as session:
+        session.verify(_signed(0))
+        monkeypatch.setattr(intercept, "_graph_capturing", lambda: True)
+        with pytest.raises(mr.UnsupportedRouterError, match="CUDA graph") as refused, session.capture():
+            model(_signed(1))
+        assert session.names[0] in str(refused.value)
+        monkeypatch.undo()
+        with session.capture():  # (eager again: checked by effect, as before)
+            model(_signed(1))
 
 
 class _OtherWidthBranchRouter(_settings._Router):
