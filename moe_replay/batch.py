@@ -275,7 +275,17 @@ class BatchLayout:
         return take_rows(Routes.cat(seqs), self.source_index())
 
     def unpack(self, routes: Routes) -> list[Routes]:
-        """Per-sequence routes from the routes of a forward over this batch (the inverse of :meth:`routes`)."""
+        """Per-sequence routes from the routes of a forward over this batch (the inverse of :meth:`routes`).
+
+        Where the capture kept the attention mask the forward was fed, the layout must fit it: a
+        position of a sequence that the mask marks padding, or a position of padding that it marks
+        a token (whose recorded route would be dropped), means the layout is not the batch's (the
+        other padding side, other lengths) and is refused.
+
+        Raises:
+            RoutesValidationError: not one row per position of the batch, or a layout that does not
+                fit the attention mask the capture was fed.
+        """
         if not isinstance(routes, Routes):
             raise ArgumentTypeError(f"unpack takes the Routes of a forward over the batch, got {type(routes).__name__}")
         total = self.rows * self.row_length
@@ -283,7 +293,28 @@ class BatchLayout:
             raise RoutesValidationError(
                 f"these routes hold {routes.num_tokens} rows, a [{self.rows}, {self.row_length}] batch has {total}"
             )
+        self._check_fed_mask(routes._fed_mask)
         return [routes[self.flat_positions(i)] for i in range(self.num_sequences)]
+
+    def _check_fed_mask(self, fed: torch.Tensor | None) -> None:
+        """Refuse a layout whose tokens and padding are not those of the mask a capture was fed (-1: not known)."""
+        if fed is None:
+            return
+        padding = self.source_index() < 0
+        for wrong, what in (
+            ((fed == 0) & ~padding, "a token of a sequence in this layout, where the forward's attention mask was 0"),
+            ((fed == 1) & padding, "padding in this layout, where the forward's attention mask fed a token"),
+        ):
+            at = wrong.nonzero().flatten()
+            if at.numel():
+                row, col = divmod(int(at[0]), self.row_length)
+                raise RoutesValidationError(
+                    f"BatchLayout.unpack: batch position [{row}, {col}] (and {at.numel() - 1} more) is {what}: "
+                    "this layout does not fit the batch these routes were captured on (padded on the other side, "
+                    "or other lengths), and would give sequences the rows of other positions or drop recorded "
+                    "ones; build the layout from the lengths and padding side of the batch that was fed "
+                    "(layout.attention_mask() is its mask)"
+                )
 
     def tokens(self, sequences: Sequence[torch.Tensor], pad_id: int = 0) -> torch.Tensor:
         """The ``[rows, row_length]`` input ids, ``pad_id`` at padding."""

@@ -205,3 +205,34 @@ def test_a_set_is_refused_where_order_matters(call: Callable[[], object]) -> Non
     """{3, 2} iterates as 2, 3: lengths, sequences or names given as a set would be taken in another order."""
     with pytest.raises(mr.ArgumentTypeError):
         call()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        mr.BatchLayout.padded([3, 5], side="right"),  # the other padding side: padding rows given to sequence 0
+        mr.BatchLayout.padded([2, 5], side="left"),  # a length one short: a recorded token's route dropped
+        mr.BatchLayout.packed([5, 5]),  # packed where the forward was padded
+    ],
+    ids=["other side", "shorter", "packed"],
+)
+def test_unpack_refuses_a_layout_that_does_not_fit_the_mask_the_capture_was_fed(wrong: mr.BatchLayout) -> None:
+    """A capture knows which rows its forward was fed as padding: a layout that disagrees is refused, not followed."""
+    model = mr.models.build("softmax_topk", num_layers=1)
+    ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    right = mr.BatchLayout.padded([3, 5], side="left")
+    with mr.attach(model) as session:
+        with session.capture():
+            model(ids, attention_mask=right.attention_mask())
+        routes = session.routes()
+    parts = right.unpack(routes)  # the layout of the batch that was fed: each sequence gets its own rows
+    for part, positions in zip(parts, (right.flat_positions(0), right.flat_positions(1)), strict=True):
+        assert part.token_ids.tolist() == ids.reshape(-1)[positions].tolist()
+        assert torch.equal(part.layer(routes.names[0]), routes.layer(routes.names[0])[positions])
+    with pytest.raises(mr.RoutesValidationError, match=r"BatchLayout.unpack: batch position \[\d, \d\].*does not fit"):
+        wrong.unpack(routes)
+    with mr.attach(model) as session:  # fed no mask: nothing tells the padding, the layout is taken as given
+        with session.capture():
+            model(ids)
+        assert tuple(p.num_tokens for p in wrong.unpack(session.routes())) == wrong.lengths
