@@ -63,6 +63,11 @@ def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
         taken = ids[safe]  # (a copy)
         taken[hole] = -1
         out._token_ids = _known_or_none(taken)
+    fed = routes._fed_mask  # each row's prompt mask goes with it: a row recorded at padding stays one (replay reads it)
+    if fed is not None and fed.numel():
+        mask = fed[safe]
+        mask[hole] = -1
+        out._fed_mask = mask
     return out
 
 

@@ -236,3 +236,31 @@ def test_unpack_refuses_a_layout_that_does_not_fit_the_mask_the_capture_was_fed(
         with session.capture():
             model(ids)
         assert tuple(p.num_tokens for p in wrong.unpack(session.routes())) == wrong.lengths
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda parts: mr.pad_routes(parts),
+        lambda parts: mr.pack_routes(parts),
+        lambda parts: mr.BatchLayout.padded([5, 5]).routes(parts),
+    ],
+    ids=["pad_routes", "pack_routes", "BatchLayout.routes"],
+)
+def test_batch_routes_keep_which_rows_were_recorded_at_padding(build: Callable[[list[mr.Routes]], mr.Routes]) -> None:
+    """Rows a capture recorded at prompt padding are refused for real tokens after a layout as they are before it."""
+    model = mr.models.build("softmax_topk", num_layers=1)
+    ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = mr.BatchLayout.padded([3, 5], side="left").attention_mask()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(ids, attention_mask=mask)
+        routes = session.routes()
+        batch = build([routes[0:5], routes[5:10]])  # each row of the batch, padding included, as one sequence
+        with session.replay(batch), session.capture():  # fed as the capture was (its mask): forced as recorded
+            model(ids, attention_mask=mask)
+        assert session.routes().equal(routes)
+        for fed in (ids, ids.reshape(1, -1)):  # the padding's rows forced on tokens fed as real ones (no mask)
+            with pytest.raises(mr.TokenMismatchError, match="recorded at prompt padding"), session.replay(batch):
+                model(fed)
