@@ -264,3 +264,24 @@ def test_batch_routes_keep_which_rows_were_recorded_at_padding(build: Callable[[
         for fed in (ids, ids.reshape(1, -1)):  # the padding's rows forced on tokens fed as real ones (no mask)
             with pytest.raises(mr.TokenMismatchError, match="recorded at prompt padding"), session.replay(batch):
                 model(fed)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="routes do not record the order their routers saw the tokens in: BatchLayout.unpack reads the rows of a "
+    "sequence-first capture batch-major and gives each sequence rows of the others (their token ids travel with them, "
+    "so a replay refuses them, but routes written in an engine's format lose them)",
+)
+def test_unpack_refuses_the_capture_of_routers_that_see_the_tokens_sequence_first() -> None:
+    """A [batch, positions] forward whose routers see the tokens sequence-first cannot be unpacked batch-major."""
+    from tests.test_feeds import _batch, _SequenceFirst
+
+    model = _SequenceFirst().eval()
+    ids = _batch(rows=2, width=4)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        routes = session.routes()
+    with pytest.raises(mr.RoutesValidationError):
+        mr.BatchLayout.padded([4, 4]).unpack(routes)
