@@ -1185,6 +1185,8 @@ def _is_integer(index: Any) -> bool:
         return False
     if isinstance(index, int | np.integer):
         return True
+    if isinstance(index, np.ndarray):  # (a 0-d array of an integer dtype, as a 0-d tensor)
+        return index.ndim == 0 and np.issubdtype(index.dtype, np.integer)
     return isinstance(index, torch.Tensor) and index.dim() == 0 and _int_dtype(index.dtype)
 
 

@@ -226,14 +226,15 @@ def test_heterogeneous_routers_need_per_layer() -> None:
 # ----------------------------------------------------------------------------- edges
 @pytest.mark.reliability("bad inputs")
 def test_token_index_out_of_range_is_an_index_error() -> None:
-    """routes[i] outside the tokens raises IndexError (a MoEReplayError); numpy and 0-d tensor ints index too."""
+    """routes[i] outside the tokens raises IndexError (a MoEReplayError); numpy and 0-d tensor ints index too,
+    and a 0-d numpy array as a 0-d tensor does (it was refused as not 1-D)."""
     r = make(t=3)
-    for i in (3, 100, -4, np.int64(7), torch.tensor(3)):
+    for i in (3, 100, -4, np.int64(7), torch.tensor(3), np.array(5)):
         with pytest.raises(mr.TokenIndexError, match=r"out of range for routes of 3 tokens") as err:
             r[i]
         assert isinstance(err.value, IndexError)
         tried()
-    for i in (0, 2, -1, -3, np.int64(1), torch.tensor(2)):
+    for i in (0, 2, -1, -3, np.int64(1), torch.tensor(2), np.array(1), np.array(-1, dtype=np.int8)):
         j = int(i) % 3
         assert r[i].equal(r[j : j + 1])
         tried()
