@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -1142,7 +1143,30 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", 
 
 
 def _shallow(v: Any) -> Any:
-    return copy.copy(v) if isinstance(v, list | dict | set) else v
+    return copy.copy(v) if isinstance(v, list | dict | set | deque) else v
+
+
+def _refill(held: Any, saved: Any) -> Any:
+    """An attribute's object as a snapshot found it (``held``), with the contents it had then (``saved``, its
+    :func:`_shallow` copy): a list, dict, set or deque is refilled in place, through its builtin type's own methods, so
+    that other code holding the same object (a model's aux-loss list handed to each of its routers) keeps seeing
+    the router's; anything else is itself. Contents compared by identity, left alone where unchanged."""
+    if isinstance(held, list):
+        if len(held) != len(saved) or any(a is not b for a, b in zip(held, saved, strict=False)):
+            list.clear(held)
+            list.extend(held, saved)
+    elif isinstance(held, dict):
+        if len(held) != len(saved) or any(k not in saved or saved[k] is not v for k, v in dict.items(held)):
+            dict.clear(held)
+            dict.update(held, saved)
+    elif isinstance(held, set) and {id(v) for v in held} != {id(v) for v in saved}:
+        set.clear(held)
+        set.update(held, saved)
+    elif isinstance(held, deque):
+        if len(held) != len(saved) or any(a is not b for a, b in zip(held, saved, strict=False)):
+            deque.clear(held)
+            deque.extend(held, saved)
+    return held
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -1188,13 +1212,14 @@ class _Snapshot:
                 self.tensors.append((p, p.detach().clone(), _version(p)))
             else:
                 self.big.append((p, _version(p)))
+        #: each module's attributes: (the object, a shallow copy of a list, dict or set's contents)
         self.attrs = [
-            (m, {k: _shallow(v) for k, v in vars(m).items() if k not in _MODULE_INTERNALS}) for m in self.modules
+            (m, {k: (v, _shallow(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS}) for m in self.modules
         ]
         held = {id(t) for t, _, _ in self.tensors}
         budget = _COPY_LIMIT  # (a list of past logits kept for logging is watched, not copied)
         for _, attrs in self.attrs:  # tensors kept as plain attributes (statistics updated in place),
-            for v in attrs.values():  # also inside a dict or list attribute (OLMo-core's BufferCache)
+            for _, v in attrs.values():  # also inside a dict or list attribute (OLMo-core's BufferCache)
                 for t in _attr_tensors(v):
                     if id(t) in held:
                         continue
@@ -1247,8 +1272,8 @@ class _Snapshot:
         for m, attrs in self.attrs:
             for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_INTERNALS]:
                 delattr(m, k)
-            for k, v in attrs.items():
-                m.__dict__[k] = _shallow(v)
+            for k, (v, contents) in attrs.items():
+                m.__dict__[k] = _refill(v, contents)
         changed = [p for p, version in self.big if version is not None and p._version != version]
         if changed:
             raise UnsupportedRouterError(

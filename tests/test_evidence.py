@@ -1956,3 +1956,64 @@ def test_a_warmup_that_moves_dispatch_to_a_call_of_another_family_is_checked_at_
         with session.replay(forced):
             block(x)
         assert torch.equal(block.dispatched[-1], forced.layer("gate"))
+
+
+class SharedStateRouter(nn.Module):
+    """A top-k router whose forward adds to containers it shares or keeps: a list and a dict handed in by the model
+    (its aux losses, per-expert loads), and a deque of its own (a bounded history of loads)."""
+
+    def __init__(self, losses: list[torch.Tensor], loads: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.num_experts, self.top_k = E, 2
+        self.aux_losses, self.loads = losses, loads
+        self.history: collections.deque[torch.Tensor] = collections.deque(maxlen=64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).softmax(-1)
+        w, idx = probs.topk(self.top_k, dim=-1)
+        self.aux_losses.append(probs.mean(0).square().sum())
+        self.loads[f"router{id(self)}"] = torch.bincount(idx.flatten(), minlength=E)
+        self.history.append(probs.mean(0))
+        return w, idx
+
+
+class SharedStateModel(nn.Module):
+    """Two MoE layers whose routers add their aux losses to the model's list (cleared at each forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.aux_losses: list[torch.Tensor] = []
+        self.loads: dict[str, torch.Tensor] = {}
+        self.layers = nn.ModuleList(RouterBlock(SharedStateRouter(self.aux_losses, self.loads)) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.aux_losses.clear()
+        for layer in self.layers:
+            x = x + layer(x)
+        return x, sum(self.aux_losses, torch.zeros(()))
+
+
+@pytest.mark.reliability("silent replays")
+def test_containers_a_router_shares_are_put_back_in_place_after_the_probe_runs() -> None:
+    """Once silent: the runs that establish a decision put a router's list, dict and set attributes back as copies,
+    so a list it shares with the model (aux losses handed to each router) was no longer the model's: the model's
+    aux loss read 0 in every later forward, during the session and after it; and a deque attribute (a history of
+    loads) kept every probe run's entry. They are put back in place, the same objects with the same contents."""
+    model = SharedStateModel()
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out, aux = model(x)
+    routers = [layer.router for layer in model.layers]
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            captured, captured_aux = model(x)
+        assert torch.equal(captured, out) and torch.equal(captured_aux, aux)
+        with torch.no_grad(), session.replay(session.routes()):
+            assert torch.equal(model(x)[1], aux)
+    assert all(r.aux_losses is model.aux_losses and r.loads is model.loads for r in routers)
+    assert len(model.aux_losses) == 2 and len(model.loads) == 2
+    assert [len(r.history) for r in routers] == [3, 3]  # the plain, captured and replayed forwards alone
+    with torch.no_grad():
+        assert torch.equal(model(x)[1], aux)
