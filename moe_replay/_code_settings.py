@@ -264,7 +264,7 @@ class OutsideState:
         if last[0] in ("[]", "()"):
             if isinstance(obj, dict | list | set | collections.deque) and (id(obj), None) not in seen:
                 seen.add((id(obj), None))
-                self.saved.append(("in", obj, None, _contents(obj)))
+                self.saved.append(("in", obj, None, container_contents(obj)))
             return
         attr = last[1]
         if (id(obj), attr) in seen:
@@ -290,7 +290,7 @@ class OutsideState:
                         where.copy_(value)
                     self.saved[i] = (how, where, where._version, value)
             elif how == "in":
-                _refill(where, value)
+                refill_container(where, value)
             elif how == "cell":
                 try:
                     now = where.cell_contents
@@ -317,17 +317,18 @@ class OutsideState:
 #: the most elements of a tensor outside the modules that :class:`OutsideState` copies to put back (a step count)
 _TENSOR_LIMIT = 1 << 16
 #: the builtin container types :class:`OutsideState` puts back, the nearest first (an OrderedDict keeps its order)
-_KINDS = (collections.OrderedDict, dict, list, set, collections.deque)
+CONTAINERS = (collections.OrderedDict, dict, list, set, collections.deque)
 
 
-def _contents(obj: Any) -> Any:
+def container_contents(obj: Any) -> Any:
     """A container's contents as its builtin type holds them (items of a dict), none of its own methods run."""
-    kind = next(k for k in _KINDS if isinstance(obj, k))
+    kind = next(k for k in CONTAINERS if isinstance(obj, k))
     return kind, (list(dict.items(obj)) if issubclass(kind, dict) else list(kind.__iter__(obj)))
 
 
-def _refill(obj: Any, saved: tuple[Any, list[Any]]) -> None:
-    """Put a container's contents back in place (see :func:`_contents`), where they changed."""
+def refill_container(obj: Any, saved: tuple[Any, list[Any]]) -> None:
+    """Put a container's contents back in place (see :func:`container_contents`), where they changed: other code
+    that holds the same object keeps seeing it."""
     kind, items = saved
     if issubclass(kind, dict):
         if dict.__len__(obj) == len(items) and all(dict.get(obj, k, _MISSING) is v for k, v in items):

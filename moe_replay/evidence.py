@@ -29,7 +29,6 @@ forward then runs once, exactly as it would have.
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import dataclasses
 import itertools
@@ -41,7 +40,6 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +49,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._code_settings import OutsideState
+from ._code_settings import CONTAINERS, OutsideState, container_contents, refill_container
 from .errors import UnsupportedRouterError
 
 __all__ = [
@@ -1143,30 +1141,10 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", 
 
 
 def _shallow(v: Any) -> Any:
-    return copy.copy(v) if isinstance(v, list | dict | set | deque) else v
-
-
-def _refill(held: Any, saved: Any) -> Any:
-    """An attribute's object as a snapshot found it (``held``), with the contents it had then (``saved``, its
-    :func:`_shallow` copy): a list, dict, set or deque is refilled in place, through its builtin type's own methods, so
-    that other code holding the same object (a model's aux-loss list handed to each of its routers) keeps seeing
-    the router's; anything else is itself. Contents compared by identity, left alone where unchanged."""
-    if isinstance(held, list):
-        if len(held) != len(saved) or any(a is not b for a, b in zip(held, saved, strict=False)):
-            list.clear(held)
-            list.extend(held, saved)
-    elif isinstance(held, dict):
-        if len(held) != len(saved) or any(k not in saved or saved[k] is not v for k, v in dict.items(held)):
-            dict.clear(held)
-            dict.update(held, saved)
-    elif isinstance(held, set) and {id(v) for v in held} != {id(v) for v in saved}:
-        set.clear(held)
-        set.update(held, saved)
-    elif isinstance(held, deque):
-        if len(held) != len(saved) or any(a is not b for a, b in zip(held, saved, strict=False)):
-            deque.clear(held)
-            deque.extend(held, saved)
-    return held
+    """The contents of a container attribute (a list, dict, set or deque: see :func:`container_contents`), else
+    None: the same object is refilled in place where they changed, so that other code holding it (a model's
+    aux-loss list handed to each of its routers) keeps seeing the router's."""
+    return container_contents(v) if isinstance(v, CONTAINERS) else None
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -1219,7 +1197,7 @@ class _Snapshot:
         held = {id(t) for t, _, _ in self.tensors}
         budget = _COPY_LIMIT  # (a list of past logits kept for logging is watched, not copied)
         for _, attrs in self.attrs:  # tensors kept as plain attributes (statistics updated in place),
-            for _, v in attrs.values():  # also inside a dict or list attribute (OLMo-core's BufferCache)
+            for v, _ in attrs.values():  # also inside a dict or list attribute (OLMo-core's BufferCache)
                 for t in _attr_tensors(v):
                     if id(t) in held:
                         continue
@@ -1273,7 +1251,9 @@ class _Snapshot:
             for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_INTERNALS]:
                 delattr(m, k)
             for k, (v, contents) in attrs.items():
-                m.__dict__[k] = _refill(v, contents)
+                if contents is not None:
+                    refill_container(v, contents)
+                m.__dict__[k] = v
         changed = [p for p, version in self.big if version is not None and p._version != version]
         if changed:
             raise UnsupportedRouterError(
