@@ -1824,7 +1824,11 @@ def _chooses_tokens(probe: _Prober, anchor: Call, tokens: int) -> bool:
     shape of a token choice's ``[tokens, experts]`` where there are as many tokens as experts, and rows that are
     not tokens can look like tokens where there are batch rows. So the forward is run once more with that
     dimension of its hidden states given twice: the width of a choice among experts stays, that of a choice among
-    tokens doubles. A forward that cannot run on twice its tokens is read as before."""
+    tokens doubles. A choice among tokens padded to a multiple (rows of ``-inf`` appended to the scores, each
+    expert's capacity taken from a padded token dimension) is wider than the tokens: where no dimension of the
+    hidden states is as wide as the decision, each narrower one is repeated until it is wider than the decision,
+    and a decision made at the same place that grows with it follows the tokens (a choice among experts keeps its
+    width). A forward that cannot run on more tokens is read as before."""
     found = _first_floating((probe.args, probe.kwargs))
     if found is None:
         return False
@@ -1832,15 +1836,20 @@ def _chooses_tokens(probe: _Prober, anchor: Call, tokens: int) -> bool:
     dims = [d for d in range(x.dim() - 1) if x.shape[d] == anchor.width]
     if not dims and anchor.width == tokens:
         dims = [x.dim() - 2]
+    padded = not dims
+    if padded:  # (a padded token dimension: narrower than the decision's width)
+        dims = [d for d in range(x.dim() - 1) if 1 < x.shape[d] < anchor.width]
     for d in dims:
-        twice = torch.cat([x.detach(), x.detach()], dim=d)
+        more = torch.cat([x.detach()] * (anchor.width // x.shape[d] + 1 if padded else 2), dim=d)
         try:
-            _, seen = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, twice))
+            _, seen = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, more))
         except Exception:
             continue
         calls = seen.calls
         there = calls[anchor.ordinal] if anchor.ordinal < len(calls) else None
-        if there is not None and there.family == anchor.family and there.width == 2 * anchor.width:
+        if there is None or there.family != anchor.family:
+            continue
+        if there.width == 2 * anchor.width or (padded and there.where == anchor.where and there.width > anchor.width):
             return True
     return False
 
@@ -2022,9 +2031,11 @@ def _establish(
             raise _refuse(
                 name,
                 calls,
-                f"its decision {anchor.describe()} chooses among tokens, not experts (its width follows the number of "
-                f"tokens, {tokens} in this forward): experts choose tokens (expert-choice routing), so there is no "
-                "per-token choice to record or replay",
+                f"its decision {anchor.describe()} is a top-k over tokens, not over experts: it chooses among tokens "
+                f"(its width follows the number of tokens, {tokens} in this forward"
+                + ("" if anchor.width == tokens else f"; it chooses among {anchor.width}: per sequence, or padded")
+                + "): each expert chooses its tokens (expert-choice routing), so there is no per-token choice for "
+                "routes to record or replay",
                 "Route by token choice (a top-k over experts per token)",
             )
         _refuse_chosen_tokens(name, probe, calls, anchor)

@@ -297,6 +297,42 @@ def test_expert_choice_routing_is_refused_not_recorded_as_tokens() -> None:
             pytest.fail(f"expert choice accepted: k={routes.top_k} E={[s.num_experts for s in session.sites]}")
 
 
+class PaddedExpertChoiceRouter(ExpertChoiceRouter):
+    """Expert choice over a token dimension padded to a multiple of 16 (rows of ``-inf`` appended, as kernels that
+    want aligned shapes do): the choice is wider than the tokens, and as wide as no dimension of the input."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.gate(x).softmax(-1)
+        padded = F.pad(scores, (0, 0, 0, -x.shape[0] % 16), value=float("-inf"))  # [T padded, E]
+        w, tok = torch.topk(padded.t(), self.capacity, dim=-1)  # [E, capacity] over the padded tokens
+        return w, tok
+
+
+class PaddedExpertChoiceBlock(ExpertChoiceBlock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = PaddedExpertChoiceRouter()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("tokens", [T, 8])
+def test_padded_expert_choice_routing_is_refused_as_a_top_k_over_tokens(tokens: int) -> None:
+    """Once silent (24 tokens padded to 32: accepted with E = 32 and token ids recorded as experts) or refused
+    for another reason (8 tokens padded to 16): the width of a padded choice among tokens is that of no input
+    dimension, so doubling the tokens never showed it following them. Refused as expert choice, model untouched."""
+    model = TwoLayers(PaddedExpertChoiceBlock)
+    x = _x(t=tokens)
+    with torch.no_grad():
+        before = model(x)
+    with mr.attach(model) as session, torch.no_grad():
+        with pytest.raises(mr.UnsupportedRouterError, match="top-k over tokens, not over experts") as caught:
+            with session.capture():
+                model(x)
+    assert "expert-choice routing" in str(caught.value)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
 class TopKGateTutel(nn.Module):
     """tutel ``tutel/gates/top.py`` ``LinearTopKGate``: holds ``wg`` and returns logits; the top-k
     runs in the layer (``tutel/impls/moe_layer.py``), over ``softmax(logits)``."""
