@@ -802,6 +802,41 @@ def _refuse_lazy(modules: dict[str, nn.Module]) -> None:
 
 
 # ----------------------------------------------------------------------- the search
+def _refuse_containers(
+    model: nn.Module,
+    include: Matcher,
+    chosen: list[str],
+    modules: dict[str, nn.Module],
+    *,
+    exclude: Matcher | None,
+    adapters: Sequence[Adapter],
+) -> None:
+    """Refuse an ``include=`` that matched the model itself beside modules inside it (a pattern as broad as
+    ``"*"``): the model, and its top-level modules, would each be taken as a router whose forward holds the
+    decisions of the modules under it, and the model's forward is no router's."""
+    if len(chosen) < 2 or chosen[0] != "":
+        return
+    top = [n for n in chosen[1:] if "." not in n]
+    named = ["'' (the model itself)"] + [f"'{n}' ({type(modules[n]).__name__})" for n in top[:3]]
+    try:  # the built-in patterns' routers, as a narrower pattern to suggest
+        found = [site.name for site in find_routers(model, exclude=exclude, adapters=adapters)]
+    except MoEReplayError:
+        found = []
+    globs = list(dict.fromkeys(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", n) for n in found))
+    hint = (
+        f"e.g. include={globs[0]!r} (the built-in patterns find {len(found)} routers: {globs[:3]})"
+        if globs
+        else "e.g. include='layers.*.mlp.gate', or include=MyRouterClass"
+    )
+    raise InvalidArgumentError(
+        f"include={_describe(include)} matched {len(chosen)} modules of {type(model).__name__}, the model itself "
+        f"among them: it matched modules that are not routers ({', '.join(named)}"
+        f"{', ...' if len(top) > 3 else ''}). include= takes exactly the modules that make the routing decision "
+        "(each router or gate module); a pattern this broad takes the model and its top-level modules as routers. "
+        f"Narrow the pattern, {hint}, or leave include unset for the built-in patterns"
+    )
+
+
 def find_routers(
     model: nn.Module,
     include: Matcher | None = None,
@@ -886,6 +921,8 @@ def find_routers(
                 excluded.append(name)
             continue
         chosen.append(name)
+    if inc is not None:
+        _refuse_containers(model, include, chosen, modules, exclude=exclude, adapters=adapters)
 
     sites: list[RouterSite] = []
     problems: list[str] = []

@@ -58,6 +58,28 @@ def test_an_include_that_exclude_empties_and_a_none_in_a_list_are_named() -> Non
     assert names == ["layers.1.mlp.router"]
 
 
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("include", ["*", ["*"], "**", lambda name, module: True], ids=["star", "list", "2star", "all"])
+def test_an_include_that_matches_the_model_itself_is_named_as_too_broad(include: object) -> None:
+    """Once misleading: include='*' listed the model itself and its layer list as routers, and attach refused them
+    as two routers intercepted in one forward, with no word of the pattern. The error names the pattern, modules it
+    matched that are not routers, and a narrower pattern (the built-in patterns' routers); the model is untouched."""
+    model = mr.models.build("top1_argmax", num_layers=2)
+    before = snapshot(model)
+    routers = [s.name for s in mr.find_routers(model)]
+    narrower = re.sub(r"\.\d+\.", ".*.", routers[0])
+    for call in (mr.find_routers, mr.attach):
+        with pytest.raises(mr.InvalidArgumentError, match="not routers") as caught:
+            call(model, include=include)
+        text = str(caught.value)
+        assert "'' (the model itself)" in text and "'layers'" in text
+        assert f"include={narrower!r}" in text and "Narrow the pattern" in text
+        if isinstance(include, str):
+            assert f"include={include!r}" in text
+    assert_untouched(model, before)
+    assert [s.name for s in mr.find_routers(model, include=narrower)] == routers  # the pattern it suggests
+
+
 def _raises(exc: Exception) -> None:
     raise exc
 
