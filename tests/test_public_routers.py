@@ -299,29 +299,42 @@ def test_expert_choice_routing_is_refused_not_recorded_as_tokens() -> None:
 
 class PaddedExpertChoiceRouter(ExpertChoiceRouter):
     """Expert choice over a token dimension padded to a multiple of 16 (rows of ``-inf`` appended, as kernels that
-    want aligned shapes do): the choice is wider than the tokens, and as wide as no dimension of the input."""
+    want aligned shapes do), per sequence for ``[batch, seq, hidden]`` inputs: the choice is wider than the tokens,
+    and as wide as no dimension of the input."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.gate(x).softmax(-1)
-        padded = F.pad(scores, (0, 0, 0, -x.shape[0] % 16), value=float("-inf"))  # [T padded, E]
-        w, tok = torch.topk(padded.t(), self.capacity, dim=-1)  # [E, capacity] over the padded tokens
-        return w, tok
+        scores = self.gate(x).softmax(-1)  # [..., T, E]
+        padded = F.pad(scores, (0, 0, 0, -x.shape[-2] % 16), value=float("-inf"))  # [..., T padded, E]
+        return torch.topk(padded.transpose(-1, -2), self.capacity, dim=-1)  # [..., E, capacity] over tokens
 
 
-class PaddedExpertChoiceBlock(ExpertChoiceBlock):
+class PaddedExpertChoiceBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.router = PaddedExpertChoiceRouter()
+        self.router = PaddedExpertChoiceRouter(capacity=4)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, tok = self.router(x)
+        if x.dim() == 3:  # (each sequence's token ids into the flat batch, one row of choices per expert)
+            tok = tok + torch.arange(x.shape[0])[:, None, None] * x.shape[1]
+            w, tok = w.transpose(0, 1).reshape(E, -1), tok.transpose(0, 1).reshape(E, -1)
+        flat = x.reshape(-1, D)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            out = out.index_add(0, tok[e], w[e, :, None] * expert(flat[tok[e]]))
+        return out.view_as(x)
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("tokens", [T, 8])
-def test_padded_expert_choice_routing_is_refused_as_a_top_k_over_tokens(tokens: int) -> None:
-    """Once silent (24 tokens padded to 32: accepted with E = 32 and token ids recorded as experts) or refused
-    for another reason (8 tokens padded to 16): the width of a padded choice among tokens is that of no input
-    dimension, so doubling the tokens never showed it following them. Refused as expert choice, model untouched."""
+@pytest.mark.parametrize("shape", [(T,), (8,), (2, 12), (3, 5)], ids=["24-to-32", "8-to-16", "2x12", "3x5"])
+def test_padded_expert_choice_routing_is_refused_as_a_top_k_over_tokens(shape: tuple[int, ...]) -> None:
+    """Once silent (24 tokens padded to 32, or 8 to 16: accepted with E = 32 or 16, token ids recorded as experts),
+    or per sequence refused for another reason (a branch on one token alone): the width of a padded choice among
+    tokens is that of no input dimension, so doubling the tokens never showed it following them. Refused as expert
+    choice, model untouched."""
     model = TwoLayers(PaddedExpertChoiceBlock)
-    x = _x(t=tokens)
+    x = torch.randn(*shape, D, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(x)
     with mr.attach(model) as session, torch.no_grad():
