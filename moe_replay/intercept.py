@@ -57,7 +57,7 @@ from ._code_settings import (
     reads_state,
     written,
 )
-from ._output_guard import OutputGuard, runs_foreign_hooks
+from ._output_guard import OutputGuard, _integer_tensors, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
     _HOOKS,
@@ -204,6 +204,12 @@ _LEAN_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], _Verdi
 #: session that learned it afresh would take a branch switched since (between sessions) for the one established.
 _RETURNS_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[Evidence, tuple[int | None, type]]] = (
     weakref.WeakKeyDictionary()
+)
+
+#: Why the evidence of a router with twin calls was dropped where one of them decided (see ``_still_holds``).
+_TWIN_DECIDES = (
+    "another of its calls over the experts decided instead (its own state, a warm-up or step count, or its inputs "
+    "switched which call dispatches)"
 )
 
 #: How many Python frames above a router call are searched for reentrant checkpoints.
@@ -370,6 +376,12 @@ class RouterHook:
     _answered: torch.Tensor | None = None
     _returns: tuple[Evidence, int | None, type] | None = None
     _returned_at: dict[Evidence, tuple[int | None, type]] = field(default_factory=dict)  # (shared: see __post_init__)
+    # per evidence whose forward returned its decision's indices: the forms of output (type, length) holding no
+    # integer tensor at all that it also returns, shown to be made from its decision (see _check_returned)
+    _bare_forms: set[tuple[Evidence, type, int | None]] = field(default_factory=set)
+    # per mode whose evidence was dropped since it was established: why, in words (a refusal of the rows in use
+    # after the decision is established again tells what happened, not a change of the model it may not be)
+    _dropped: dict[tuple[bool, bool], str] = field(default_factory=dict)
     # during a block in which forward hooks run after the scope's forward: the last of them, which checks
     # that they left the integer tensors it returned as they were (see moe_replay._output_guard)
     _guard: OutputGuard | None = None
@@ -502,6 +514,7 @@ class RouterHook:
                 "by mode, name the decision with an Adapter. Nothing was recorded or forced"
             )
         self.evidence[self.mode()] = ev
+        self._dropped.pop(self.mode(), None)
         self._pending = (self.mode(), _fingerprint(self.scope))  # (the probe runs put every attribute back)
         self.top_k, self.num_experts = ev.top_k, ev.num_experts
         if self.on_established is not None:
@@ -521,7 +534,12 @@ class RouterHook:
         return True
 
     def _still_holds(
-        self, ev: Evidence, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        ev: Evidence,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        why: str = _TWIN_DECIDES,
     ) -> bool:
         """Does the decision of ``ev`` still decide in this forward? Asked of a router whose forward makes other
         calls of its decision's form (``ev.twins``) and changes its modules' own attributes or 0-d flag buffers
@@ -529,7 +547,8 @@ class RouterHook:
         a module-level dict), before each eager forward: which of those calls dispatches may hang on that state (a
         warm-up), and the calls look the same whichever does. The runs that check it put that state back; routers
         that change no state never come here. Where it no longer decides, the evidence of this mode is dropped (the
-        caller establishes it afresh on this forward's inputs). Routers of one such call never come here."""
+        caller establishes it afresh on this forward's inputs; ``why`` says, as :meth:`forget` takes it). Routers of
+        one such call never come here."""
         if _in_backward():  # (a recompute gets its forward's rows)
             return True
         if _graph_capturing():
@@ -544,7 +563,7 @@ class RouterHook:
         with _hidden(), EAGER:
             holds = still_decides(self.scope, forward, args, kwargs, ev)
         if not holds:
-            self.forget()
+            self.forget(why=why)
         return holds
 
     def _check_rows_fit(self, ev: Evidence) -> None:
@@ -556,22 +575,49 @@ class RouterHook:
         now = (ev.top_k, ev.num_experts)
         src = self.replay_source
         if src is not None and (src.top_k, src.num_experts) != now:
+            why, by_mode = self._established_why((src.top_k, src.num_experts))
             raise RoutesValidationError(
-                f"router '{self.name}' chooses {ev.top_k} of {ev.num_experts} experts (its decision, established at "
-                f"this forward), but the routes being replayed hold rows of {src.top_k} of {src.num_experts} experts "
-                "for it: they were recorded on another model, or the model changed since (inside this replay() "
-                "block, say). Nothing was forced in this forward; leave the block and replay routes recorded on the "
-                "model as it is now"
+                f"router '{self.name}' chooses {ev.top_k} of {ev.num_experts} experts ({why}), but the routes being "
+                f"replayed hold rows of {src.top_k} of {src.num_experts} experts for it"
+                + (
+                    ". Nothing was forced in this forward; replay in the mode the routes were recorded in"
+                    if by_mode
+                    else ": they were recorded on another model, or before what changed. Nothing was forced in this "
+                    "forward; leave the block and replay routes recorded on the model as it is now"
+                )
             )
         ring = self.capture_ring
         if self.capturing and ring is not None and ring.host_written and (ring.top_k, ring.num_experts) != now:
+            why, by_mode = self._established_why((ring.top_k, ring.num_experts))
             raise UnsupportedRouterError(
-                f"router '{self.name}' now chooses {ev.top_k} of {ev.num_experts} experts (its decision was "
-                "established again at this forward: the model changed inside this capture() block), but this "
+                f"router '{self.name}' now chooses {ev.top_k} of {ev.num_experts} experts ({why}), but this "
                 f"capture already holds {ring.host_written} rows of {ring.top_k} of {ring.num_experts} experts for "
-                "it, and one router's routes hold rows of one shape. Nothing was recorded in this forward; start a "
-                "new capture (routes(allow_partial=True) reads the rows recorded before the change)"
+                "it, and one router's routes hold rows of one shape. Nothing was recorded in this forward; "
+                + (
+                    "capture each mode in a block of its own (routes(allow_partial=True) reads the rows recorded "
+                    "before)"
+                    if by_mode
+                    else "start a new capture (routes(allow_partial=True) reads the rows recorded before)"
+                )
             )
+
+    def _established_why(self, rows: tuple[int, int]) -> tuple[str, bool]:
+        """Why the decision of the mode now running is established at this forward, where the rows in use (of
+        ``rows``: k, E) are of another shape, in words; and whether it is its first forward in a mode other than
+        the one those rows' decision was established in (the router chooses otherwise by mode)."""
+        mode = self.mode()
+        dropped = self._dropped.get(mode)
+        if dropped is not None:
+            return f"its decision was established again at this forward, after {dropped}", False
+        other = next((m for m, e in self.evidence.items() if m != mode and (e.top_k, e.num_experts) == rows), None)
+        if other is not None:
+            then = f"{'train' if other[0] else 'eval'} mode {'with' if other[1] else 'without'} gradients"
+            return (
+                f"its decision in {self.describe_mode()}, established at this forward, its first in that mode; it "
+                f"chooses {rows[0]} of {rows[1]} in {then}: it chooses otherwise by mode",
+                True,
+            )
+        return "its decision, established at this forward: the model changed since, or its routes are another's", False
 
     def _settle(self) -> None:
         """After the forward that followed an establishment: keep the settings it was established under, less
@@ -639,18 +685,23 @@ class RouterHook:
         """Drop the decisions established under settings of the scope that changed since (see
         :meth:`changed_setting`), or whose lean forwards reach code changed since: each is established again at
         its mode's next forward. Run as a block starts."""
-        if (self._settled or self._lean) and self.changed_setting() is not None:
-            self.forget(every_mode=True)
+        if self._settled or self._lean:
+            changed = self.changed_setting()
+            if changed is not None:
+                self.forget(every_mode=True, why=f"a change of its settings or code: {changed}")
 
-    def forget(self, *, every_mode: bool = False) -> None:
+    def forget(self, *, every_mode: bool = False, why: str | None = None) -> None:
         """Drop the evidence of the mode now running, or of every mode (here and for later sessions): it no
-        longer holds."""
-        self._forget_modes({*self.evidence, *self._lean} if every_mode else {self.mode()})
+        longer holds. ``why``: what happened, in words (``after ...``), for a refusal of the rows in use once the
+        decision is established again (see :meth:`_established_why`)."""
+        self._forget_modes({*self.evidence, *self._lean} if every_mode else {self.mode()}, why)
 
-    def _forget_modes(self, modes: set[tuple[bool, bool]]) -> None:
+    def _forget_modes(self, modes: set[tuple[bool, bool]], why: str | None = None) -> None:
         """Drop the evidence of ``modes``, here and for later sessions."""
         known = _KNOWN.get(self.scope)
         for mode in modes:
+            if why is not None and mode in self.evidence:
+                self._dropped[mode] = why
             self.evidence.pop(mode, None)
             self._lean.pop(mode, None)
             self._settled.pop(mode, None)
@@ -754,7 +805,7 @@ class RouterHook:
             self.calls += 1
             self._check_ran(ev, seen)
             if ev is not None:
-                self._check_returned(ev, out)
+                self._check_returned(ev, out, forward, args, kwargs)
             if how == "audit":  # later forwards in this mode go lean when every call came through a wrapper,
                 # and no other branch of the router's code could make one that does not
                 witness = _lean.CodeWitness()
@@ -840,7 +891,10 @@ class RouterHook:
     def _check_ran(self, ev: Evidence | None, seen: int) -> None:
         """After an eager forward: it made the calls its evidence lists, and its decision."""
         if ev is not None and self._ordinal != ev.count:
-            self.forget()
+            self.forget(
+                why=f"a forward that made {self._ordinal} decision-like calls where it made {ev.count} when it was "
+                "established (its control flow changed)"
+            )
             raise UnsupportedRouterError(
                 f"router '{self.name}' made {self._ordinal} decision-like calls in this forward, but "
                 f"{ev.count} in the forward its decision was established on; its control flow changed, so "
@@ -860,7 +914,14 @@ class RouterHook:
                 f"{expected}. Nothing was recorded or forced"
             )
 
-    def _check_returned(self, ev: Evidence, out: Any) -> None:
+    def _check_returned(
+        self,
+        ev: Evidence,
+        out: Any,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
         """After an eager forward: a router that returned its decision's indices still returns them, and no others.
 
         Learned at the first forward under ``ev`` whose top-k decision was answered in one call: where the
@@ -871,6 +932,11 @@ class RouterHook:
         identities and comes here only when they differ.) A decision not answered by one top-k (an ``argmax``, a
         decision in slots) returns no indices to compare. A router with twins is checked by its effect at every
         forward whatever it returns (see :meth:`_has_twins`): the indices it returns need not be the dispatched ones.
+
+        A forward that returns no integer tensor at all (its weights alone, dense combine weights: a flag of its
+        caller, ``return_indices=False``, or its mode says so) returns no other indices: its decision is then
+        checked by its effect on what it returns, on this forward's inputs (``forward``, ``args``, ``kwargs``),
+        once per form of output (its type and length), and the forward raises where it has none.
         """
         answered, self._answered = self._answered, None
         if answered is None:  # (a decision not answered by one top-k, an argmax say: where it returns them is not
@@ -890,9 +956,28 @@ class RouterHook:
                 return
         if known[1] is None or pos == known[1]:
             return
+        if pos is None and not _integer_tensors(out):  # no indices returned at all: none to tell apart
+            form = (ev, type(out), len(out) if isinstance(out, tuple | list) else None)
+            if form in self._bare_forms:
+                return
+            if self._still_holds(ev, forward, args, kwargs, why="a forward whose output was not made from it"):
+                self._bare_forms.add(form)
+                return
+            self._returns = None
+            self._returned_at.pop(ev, None)
+            decision = " + ".join(ev.calls[i].describe() for i in ev.decision)
+            raise UnsupportedRouterError(
+                f"router '{self.name}' returned no indices in this forward ({_form_words(out)}), where it returned "
+                f"those of its decision call ({decision}) when its decision was established, and what it returned "
+                "here does not change when that call's indices do: its output does not show which experts were "
+                "chosen (a branch that returns its scores unrouted, or the indices kept aside in an attribute?), so "
+                "the rows recorded or forced in this forward are not shown to be the experts it used. Return the "
+                "decision's indices in every branch (a caller may leave them unused), or weights made from them "
+                "(weights scattered at its indices); the decision is established again at the next forward"
+            )
         self._returns = None
         self._returned_at.pop(ev, None)
-        self.forget()
+        self.forget(why="a forward that returned other indices than its decision call's (another branch after it)")
         where = "as its output" if known[1] < 0 else f"as item {known[1]} of its output"
         decision = " + ".join(ev.calls[i].describe() for i in ev.decision)
         raise UnsupportedRouterError(
@@ -996,7 +1081,10 @@ class RouterHook:
             return func(*args, **kwargs)
         if sig != expected:
             if not _compiling():
-                self.forget()
+                self.forget(
+                    why=f"a forward whose decision-like call #{i} was {sig[0]}(k={sig[1]}) over {sig[2]} where it was "
+                    f"{expected[0]}(k={expected[1]}) over {expected[2]} (its control flow changed: its k?)"
+                )
             raise UnsupportedRouterError(
                 f"router '{self.name}': decision-like call #{i} of its forward is now {sig[0]}(k={sig[1]}) over "
                 f"{sig[2]}, but it was {expected[0]}(k={expected[1]}) over {expected[2]} when its decision was "
@@ -1560,14 +1648,14 @@ class ScopedForward:
             hook._check_ran(ev, seen)
         returns = hook._returns  # (it returned the decision's indices: where, and in what)
         if returns is None or returns[0] is not ev:
-            hook._check_returned(ev, out)
+            hook._check_returned(ev, out, self.__wrapped__, args, kwargs)
         elif (at := returns[1]) is not None:
             try:
                 other = type(out) is not returns[2] or (out if at < 0 else out[at]) is not hook._answered
             except IndexError:  # a shorter tuple than when established
                 other = True
             if other:
-                hook._check_returned(ev, out)
+                hook._check_returned(ev, out, self.__wrapped__, args, kwargs)
         hook._answered = None
         if _GLOBAL_HOOKS or hook.scope._forward_hooks:  # hooks run after this forward (see OutputGuard)
             hook.guard_output(out)
@@ -1640,7 +1728,7 @@ class ScopedForward:
         get = getattr(raw, "__get__", None)
         self.__wrapped__ = get(hook.scope, cls) if get is not None else raw
         self._class_fn, self._class_raw = fn, raw
-        hook.forget(every_mode=True)
+        hook.forget(every_mode=True, why=f"a change of its code: {cls.__name__}.forward was replaced")
 
     def _class_forward(self) -> bool:
         """Does it wrap its module's class forward (the module had no ``forward`` of its own)?"""
@@ -1770,6 +1858,13 @@ def _on_device_of(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     on another device (``scores.cpu()``, then the indices moved back), and the call's answer must be where its
     own indices would have been."""
     return rows if rows.device == x.device else rows.to(x.device)
+
+
+def _form_words(out: Any) -> str:
+    """What a router returned, in words: ``a tuple of 1 item``, ``a Tensor``."""
+    if isinstance(out, tuple | list):
+        return f"a {type(out).__name__} of {len(out)} item{'s' if len(out) != 1 else ''} with no integer tensor"
+    return f"a {type(out).__name__}" + (" of floats" if isinstance(out, torch.Tensor) else "")
 
 
 def _holds(out: Any, indices: torch.Tensor) -> bool:

@@ -1098,7 +1098,7 @@ class Session:
         for h, before in zip(self._hooks, calls, strict=True):
             changed = h.changed_setting()
             if changed is not None:
-                h.forget(every_mode=True)
+                h.forget(every_mode=True, why=f"a change of its settings or code inside a block: {changed}")
                 if h.calls == before:  # it did not run in the block: established again at its next forward
                     continue
                 raise SessionStateError(

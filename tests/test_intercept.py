@@ -636,3 +636,137 @@ def test_a_gate_of_another_width_in_another_mode_names_both_modes_and_the_way_ou
         with session.capture():
             model(x)
         assert session.routes().experts_per_layer == (E - 2, E - 2)
+
+
+class ReturnsIndicesOnRequest(nn.Module):
+    """One top-k; returns ``(weights, indices)`` when its caller asks for them (a ``return_indices`` flag), or in
+    eval mode (``by_mode``), else dense combine weights alone (``[T, E]``, the weights scattered at its indices), or
+    with ``unrouted`` its scores alone: a branch whose output its decision does not make."""
+
+    def __init__(self, by_mode: bool = False, unrouted: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(ev.E, ev.D))
+        self.top_k, self.by_mode, self.unrouted = 2, by_mode, unrouted
+
+    def forward(self, x: torch.Tensor, return_indices: bool = True) -> tuple[torch.Tensor, ...]:
+        probs = F.linear(x, self.weight).softmax(-1)
+        w, idx = probs.topk(self.top_k, dim=-1)
+        if (not self.training) if self.by_mode else return_indices:
+            return w, idx
+        return (probs,) if self.unrouted else (torch.zeros_like(probs).scatter(1, idx, w),)
+
+
+class AsksForIndicesSometimes(nn.Module):
+    """Asks its router for the indices on every other forward; dispatches on the dense weights otherwise."""
+
+    def __init__(self, router: nn.Module) -> None:
+        super().__init__()
+        self.router, self.experts = router, ev.Experts()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.router(x, return_indices=self.calls % 2 == 1)
+        if len(out) == 2:
+            return ev.dispatch(self.experts, x, out[1], out[0])
+        (dense,) = out
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok = (dense[:, e] > 0).nonzero()[:, 0]
+            if tok.numel():
+                y = y.index_add(0, tok, dense[tok, e, None] * expert(x[tok]))
+        return y
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("by_mode", [False, True], ids=["flag", "mode"])
+def test_a_router_that_returns_its_indices_on_some_forwards_only_is_captured_and_replayed_exactly(
+    by_mode: bool,
+) -> None:
+    """Once refused as "other indices" (a branch switched after the decision): a router of one top-k that
+    returned its indices at its first forward, and only dense weights at a later one. It returns no other
+    indices, and its dense weights are made from its decision: captured and replayed exactly, forward by forward."""
+    model = ev.TwoLayers(lambda: AsksForIndicesSometimes(ReturnsIndicesOnRequest(by_mode)))
+    xs = [torch.randn(ev.T, ev.D, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    spy = ev.ExpertSpy(model)
+
+    def forwards() -> list[list[torch.Tensor]]:
+        used = []
+        for i, x in enumerate(xs):
+            model.train(by_mode and i % 2 == 1)
+            model(x)
+            used.append([spy.experts_of(b) for b in range(2)])
+        return used
+
+    try:
+        with mr.attach(model) as session, torch.no_grad():
+            with session.capture():
+                captured = forwards()
+            routes = session.routes()
+            for b, name in enumerate(session.names):
+                rows = routes.layer(name)
+                assert torch.equal(ev.as_sets(rows), torch.cat([used[b] for used in captured])), f"capture of {name}"
+            ev.perturb(model)
+            with session.replay(routes):
+                replayed = forwards()
+            for was, now in zip(captured, replayed, strict=True):
+                assert all(torch.equal(a, b) for a, b in zip(was, now, strict=True))
+    finally:
+        spy.remove()
+
+
+def test_a_router_whose_output_without_indices_is_not_made_from_its_decision_is_refused() -> None:
+    """The other side: the branch without indices returns the unrouted scores, so its decision reaches nothing it
+    returns there; the forward is refused, naming what it returned, not taken as routed by the recorded rows."""
+    model = ev.TwoLayers(lambda: AsksForIndicesSometimes(ReturnsIndicesOnRequest(unrouted=True)))
+    x = torch.randn(ev.T, ev.D)
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(x)
+        with pytest.raises(mr.UnsupportedRouterError, match="returned no indices in this forward") as caught:
+            model(x)
+    assert "does not show which experts were chosen" in str(caught.value)
+
+
+class ChoosesByMode(nn.Module):
+    """Top-2 in train mode, top-1 in eval mode: one decision per mode, of two shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(ev.E, ev.D))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.linear(x, self.weight).softmax(-1).topk(2 if self.training else 1, dim=-1)
+
+
+@pytest.mark.reliability("clear errors")
+def test_a_decision_established_mid_block_is_refused_for_what_happened_not_as_a_changed_model() -> None:
+    """Once misleading: a decision established in the middle of a block with another k than the rows in use was
+    refused as "the model changed inside this block", where nothing was changed: a warm-up moved dispatch to a
+    top-2 (the router's own state), or a forward ran in another mode, where the router chooses otherwise. The
+    refusal says which, and the model is left as it was."""
+    torch.manual_seed(7)
+    block, x = ev._Top1WarmupBlock(top_k=2), torch.randn(10, ev.D)
+    with mr.attach(block) as session, torch.no_grad():
+        with pytest.raises(mr.UnsupportedRouterError, match="now chooses 2 of 8") as caught, session.capture():
+            block(x)  # (the warm-up: the argmax dispatches)
+            block(x)
+    assert "another of its calls over the experts decided instead" in str(caught.value)
+    assert "model changed" not in str(caught.value)
+
+    model = ev.TwoLayers(lambda: ev.RouterBlock(ChoosesByMode())).eval()
+    with mr.attach(model) as session, torch.no_grad():
+        with pytest.raises(mr.UnsupportedRouterError, match="now chooses 2 of 8") as caught, session.capture():
+            model(x)
+            model.train()
+            model(x)
+        model.eval()
+        with session.capture():
+            model(x)
+        model.train()
+        with pytest.raises(mr.RoutesValidationError, match="hold rows of 1 of 8") as replayed:
+            with session.replay(session.routes()):
+                model(x)
+    for err in (caught, replayed):
+        assert "chooses otherwise by mode" in str(err.value) and "model changed" not in str(err.value)
+    assert "capture each mode in a block of its own" in str(caught.value)
+    assert "replay in the mode the routes were recorded in" in str(replayed.value)
