@@ -263,7 +263,8 @@ def bypasses(forward: Callable[..., Any], witness: CodeWitness | None = None) ->
     seen: set[int] = set()
 
     def where(code: types.CodeType, ins: dis.Instruction) -> str:
-        line = ins.positions.lineno if ins.positions is not None else code.co_firstlineno
+        at = getattr(ins, "positions", None)  # (Python 3.11 on: 3.10's instructions hold no positions)
+        line = at.lineno if at is not None and at.lineno is not None else code.co_firstlineno
         return f"{code.co_filename.rsplit('/', 1)[-1]}:{line}"
 
     def read(fn: Any, owner: Any, depth: int) -> None:
@@ -372,7 +373,8 @@ def bypasses(forward: Callable[..., Any], witness: CodeWitness | None = None) ->
                     if isinstance(target, types.FunctionType):
                         read(target, None, depth + 1)
                     elif (found := unwrapped(target)) is not None:
-                        out.append(f"{base.argval}.{name} ({found} held there) at {where(code, ins)}")
+                        spelled = base.argval if base is not None else named.__name__  # (as the code names it)
+                        out.append(f"{spelled}.{name} ({found} held there) at {where(code, ins)}")
             elif op.startswith(("LOAD_GLOBAL", "LOAD_NAME")) and isinstance(name, str):
                 target = names.get(name, getattr(builtins, name, None))
                 note(names, name)

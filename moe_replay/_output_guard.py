@@ -16,7 +16,8 @@ nothing is installed and a router call pays one test.
 
 from __future__ import annotations
 
-from typing import Any
+from collections import OrderedDict
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -101,7 +102,7 @@ class OutputGuard:
     def expect(self, module: nn.Module, out: Any) -> None:
         """The intercepted forward returned ``out``: compare it with what the module's caller gets. Keeps this
         guard the last of the module's forward hooks (a hook added since would run after it)."""
-        hooks = module._forward_hooks
+        hooks = cast("OrderedDict[int, Any]", module._forward_hooks)
         mine = self.handles[1].id
         if next(reversed(hooks), None) != mine and mine in hooks:
             hooks.move_to_end(mine)

@@ -25,7 +25,7 @@ import types
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from torch import nn
@@ -368,7 +368,7 @@ def _matcher_parts(spec: Matcher | None) -> list[Any]:
     if spec is None:
         return []
     if not isinstance(spec, str | bytes) and (is_collection(spec) or isinstance(spec, AbstractSet)):
-        return [p for s in spec for p in _matcher_parts(s)]
+        return [p for s in cast(Iterable[Any], spec) for p in _matcher_parts(s)]
     return [spec]
 
 
@@ -387,15 +387,18 @@ def _compile_matcher(spec: Matcher | None, role: str = "include/exclude") -> Cal
                 f"{role}= got an empty pattern ({spec!r}): it names only the model itself (its path is ''), never a "
                 f"router. Give module paths or globs, e.g. {role}='layers.*.mlp.gate', or leave {role} unset"
             )
-        return lambda n, m: n == spec or fnmatch.fnmatchcase(n, spec)
+        glob = str(spec)
+        return lambda n, m: n == glob or fnmatch.fnmatchcase(n, glob)
     if isinstance(spec, re.Pattern):
         if not isinstance(spec.pattern, str):
             raise ArgumentTypeError(
                 f"{role}= got a bytes regex ({spec.pattern!r:.60}); module paths are str: compile a str pattern"
             )
-        return lambda n, m: spec.fullmatch(n) is not None
+        regex = spec
+        return lambda n, m: regex.fullmatch(n) is not None
     if isinstance(spec, type):
-        return lambda n, m: isinstance(m, spec)
+        kind = spec
+        return lambda n, m: isinstance(m, kind)
     if isinstance(spec, nn.Module):  # (callable, but its forward is no (name, module) predicate)
         raise ArgumentTypeError(
             f"{role}= got a module instance ({type(spec).__name__}); name it by its path ('layers.0.mlp.gate'), its "
@@ -444,7 +447,7 @@ def _unmatched_patterns(spec: Matcher | None, names: Iterable[str]) -> list[str]
     return dead
 
 
-def _describe(spec: Matcher) -> str:
+def _describe(spec: Matcher | None) -> str:
     if isinstance(spec, list | tuple | set | frozenset):
         return ", ".join(_describe(s) for s in spec) if spec else repr(spec)
     if isinstance(spec, re.Pattern):
@@ -804,7 +807,7 @@ def _refuse_lazy(modules: dict[str, nn.Module]) -> None:
 # ----------------------------------------------------------------------- the search
 def _refuse_containers(
     model: nn.Module,
-    include: Matcher,
+    include: Matcher | None,
     chosen: list[str],
     modules: dict[str, nn.Module],
     *,
@@ -942,6 +945,7 @@ def find_routers(
         product_key = _product_key_experts(module, parent) if refusal is None else None
         if product_key:
             refusal, counts = _PRODUCT_KEY, {product_key}
+        k: int | None
         if refusal is not None and inc is None:  # a known router family that cannot be replayed: report it
             width, k = max(counts, default=width or 0), top_k or _top_k(module, parent, config) or 1
         elif inc is None:

@@ -39,6 +39,7 @@ import random
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -331,8 +332,12 @@ class Evidence:
             elif c.ordinal in self.followers:
                 lines.append(f"  answers {c.describe()} with the same experts (it reads the decision back)")
             elif c.ordinal not in self.decision:
-                why = {True: "shapes the scores only", False: "its indices do not reach the output"}.get(
-                    c.effect, "not of the family the Adapter names"
+                why = (
+                    "not of the family the Adapter names"
+                    if c.effect is None
+                    else "shapes the scores only"
+                    if c.effect
+                    else "its indices do not reach the output"
                 )
                 lines.append(f"  ignores {c.describe()} ({why})")
         return "\n".join(lines)
@@ -380,7 +385,7 @@ def _where() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     own = {os.path.join(here, name) for name in _MACHINERY}
     torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    f = sys._getframe(2)
+    f: types.FrameType | None = sys._getframe(2)
     while f is not None:
         path = os.path.abspath(f.f_code.co_filename)
         if path not in own and not path.startswith(torch_dir):
@@ -585,12 +590,12 @@ class _ProbeMode(TorchFunctionMode):
         grown = True
         while grown:
             grown = False
-            for made, ins in list(self._made.values()):
-                t = made()
-                if t is None or self._is_scored(t) or not t.dim() or t.shape[-1] != width:
+            for ref, ins in list(self._made.values()):
+                kin = ref()
+                if kin is None or self._is_scored(kin) or not kin.dim() or kin.shape[-1] != width:
                     continue
-                if any((ref := self._scores.get(i)) is not None and ref() is not None for i in ins):
-                    self._score(t)
+                if any((scored := self._scores.get(i)) is not None and scored() is not None for i in ins):
+                    self._score(kin)
                     grown = True
         for t in _leaves(out, []):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
@@ -1182,9 +1187,11 @@ class _Snapshot:
         )
         self.py_random, self.np_random = random.getstate(), np.random.get_state()
         self.modules = list(scope.modules())
-        self.held = [(m, dict(m._buffers), dict(m._parameters)) for m in self.modules]  # rebinding, too
+        self.held: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = [
+            (m, dict(m._buffers), dict(m._parameters)) for m in self.modules
+        ]  # rebinding, too
         self.tensors = [(b, b.detach().clone(), _version(b)) for b in scope.buffers()]
-        self.big: list[tuple[torch.Tensor, int]] = []
+        self.big: list[tuple[torch.Tensor, int | None]] = []
         for p in scope.parameters():
             if p.numel() <= _COPY_LIMIT:
                 self.tensors.append((p, p.detach().clone(), _version(p)))
@@ -1270,7 +1277,8 @@ class _Snapshot:
             not torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), self.cuda, strict=True)
         ):
             return True
-        np_now, np_then = np.random.get_state(), self.np_random
+        np_now: Any = np.random.get_state()
+        np_then: Any = self.np_random
         if np_now[0] != np_then[0] or not np.array_equal(np_now[1], np_then[1]) or np_now[2:] != np_then[2:]:
             return True
         return any(not torch.equal(g.get_state(), state) for g, state in self.generators)
@@ -1911,7 +1919,7 @@ def _establish(
             base, seen = probe.run()
         except Exception as e:
             raise _needs_hooks(name, probe, e) from e
-        calls = seen.calls
+        calls: Sequence[Call] = seen.calls
         if calls and not any(c.rows for c in calls):
             return None  # no token to choose for
         again, seen2 = probe.run()
@@ -2012,8 +2020,8 @@ def _establish(
         slots = [anchor.ordinal]
         hold = {anchor.ordinal: seen.outs[anchor.ordinal]}
         for c in reversed([m for m in broad if m.ordinal < anchor.ordinal]):
-            held = [(calls[i], seen.outs[i]) for i in slots]
-            if c.width != anchor.width or not _disjoint(c, seen.outs[c.ordinal], held):
+            pairs = [(calls[i], seen.outs[i]) for i in slots]
+            if c.width != anchor.width or not _disjoint(c, seen.outs[c.ordinal], pairs):
                 continue  # a slot of the decision never repeats an expert the other slots chose
             if effect(c.ordinal, hold):  # its indices still reach the output: a slot of the decision
                 slots.insert(0, c.ordinal)
@@ -2483,7 +2491,7 @@ def _vary(
                 held, holding = probe.run(force=force, inputs=inputs, choices=first.choices)
             hidden = _hidden_shape(inputs)
             if holding.early_unheld if early else holding.unheld:
-                where = f"the number or shape of its {'earlier' if early else 'later'} choices"
+                where: str | None = f"the number or shape of its {'earlier' if early else 'later'} choices"
             elif early:
                 where = _restructured(fresh, held, ev, hidden) or _hidden_differs(fresh, held, hidden, ev)
             else:

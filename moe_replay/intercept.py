@@ -40,7 +40,7 @@ import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -374,7 +374,7 @@ class RouterHook:
     # the indices a top-k decision call of this forward returned (None: not a top-k answered in one call); and
     # per evidence, where the router's output held them when first seen (None: it did not return them)
     _answered: torch.Tensor | None = None
-    _returns: tuple[Evidence, int | None, type] | None = None
+    _returns: tuple[Evidence, int | None, type[Any]] | None = None
     _returned_at: dict[Evidence, tuple[int | None, type]] = field(default_factory=dict)  # (shared: see __post_init__)
     # per evidence whose forward returned its decision's indices: the forms of output (type, length) holding no
     # integer tensor at all that it also returns, shown to be made from its decision (see _check_returned)
@@ -806,8 +806,8 @@ class RouterHook:
             self._check_ran(ev, seen)
             if ev is not None:
                 self._check_returned(ev, out, forward, args, kwargs)
-            if how == "audit":  # later forwards in this mode go lean when every call came through a wrapper,
-                # and no other branch of the router's code could make one that does not
+            if how == "audit" and ev is not None:  # later forwards in this mode go lean when every call came
+                # through a wrapper, and no other branch of the router's code could make one that does not
                 witness = _lean.CodeWitness()
                 places = _lean.bypasses(forward, witness) + _lean.held_in_arguments(args, kwargs)
                 why = (
@@ -1457,7 +1457,7 @@ class RouterHook:
             full_a = isinstance(a, torch.Tensor) and a.shape == out.shape
             full_b = isinstance(b, torch.Tensor) and b.shape == out.shape
             if full_a and full_b:
-                src = _EitherSide(a, b)
+                src = _EitherSide(a, b)  # type: ignore[arg-type]  # (both tensors: full_a and full_b)
             elif full_a or full_b:
                 src = a if full_a else b
         if src is None:
@@ -1536,10 +1536,10 @@ class ScopedForward:
 
     def __init__(self, hook: RouterHook, inner: Callable[..., Any]) -> None:
         self.__moe_replay_hook__ = hook
-        self.__wrapped__ = inner
+        self.__wrapped__: Callable[..., Any] = inner
         #: the class's forward it wraps (the module had none of its own), or None: a later patch of the class
         #: (a kernel library's, a fix) is followed, as it would be without the session
-        self._class_fn: Any = inner.__func__ if self._class_forward() else None
+        self._class_fn: Any = cast(Any, inner).__func__ if self._class_forward() else None
         self._class_raw = _raw_forward(type(hook.scope)) if self._class_fn is not None else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -1554,7 +1554,7 @@ class ScopedForward:
             if (
                 not hook.verifying
                 and hook.seen is None
-                and not hook.kept.data  # (a region kept may be recomputed in backward: _call looks)
+                and not hook.kept.data  # type: ignore[attr-defined]  # (a region kept may be recomputed in backward)
                 and NESTING.depth == 0  # no scope around this one, whose mode or lean forward must not see its calls
                 and ((hook.scope.training, _grad()) in hook.evidence or hook.decision == "lookup")
             ):  # idle and established: the plain forward
@@ -1589,7 +1589,7 @@ class ScopedForward:
         # before the wrappers go in, as it may raise: the checkpoint regions, none in the common case
         if _top_hooks() is None and _graph_task() == -1 and (grad or _fwd_grad()):
             hook._slow = False
-            fast = hook._form if eager and not hook.verifying and hook.seen is None else None
+            fast: Any = hook._form if eager and not hook.verifying and hook.seen is None else None
             if fast is None:
                 pass
             elif hook.replaying:  # the rows are at hand, none missing, and a capture has its ring

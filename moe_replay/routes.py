@@ -85,8 +85,8 @@ def _path(path: Any, what: str) -> str | os.PathLike[str]:
     return path
 
 
-def fingerprint(names: Sequence[str], num_experts: Sequence[int], top_k: Sequence[int]) -> str:
-    """A short hash of a router set (names, expert counts, k), to tell models apart."""
+def fingerprint(names: Sequence[str], num_experts: Sequence[int | None], top_k: Sequence[int | None]) -> str:
+    """A short hash of a router set (names, expert counts, k; None where not known yet), to tell models apart."""
     text = json.dumps([list(names), list(num_experts), list(top_k)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

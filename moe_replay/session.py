@@ -395,7 +395,7 @@ class _SessionHook(RouterHook):
     def _admit(self) -> None:
         owner = self.owner
         if owner is not None and owner.ident not in (None, threading.get_ident()) and not _in_backward():
-            raise _other_thread(f"a forward reached router '{self.name}'", owner.ident)  # type: ignore[arg-type]
+            raise _other_thread(f"a forward reached router '{self.name}'", owner.ident)
 
     def _failed(self, error: RuntimeError) -> None:
         moved = None if isinstance(error, MoEReplayError) else self._moved()
@@ -498,7 +498,7 @@ class Session:
         self._interrupted: str | None = None  # the exception that ended the last capture, if one did
         self._owner = _Owner()
         self._wrappers: list[ScopedForward] = []
-        self._kept_rows: list[_HostRows] | None = None  # the capture rows, copied at detach
+        self._kept_rows: list[_HostRows | None] | None = None  # the capture rows, copied at detach
         self._renamed: dict[str, str] | None = None  # the prefix map of the last replay, if it needed one
         self._feeds: FeedRecord | None = None  # what the model's forwards were fed during the last capture
 
@@ -720,7 +720,8 @@ class Session:
         i = self._hooks.index(hook) if hook in self._hooks else len(self._hooks)
         site = self._sites[i]
         if (site.top_k, site.num_experts) != (hook.top_k, hook.num_experts):
-            self._sites[i] = dataclasses.replace(site, top_k=hook.top_k, num_experts=hook.num_experts)
+            experts = hook.num_experts if hook.num_experts is not None else site.num_experts  # (known once established)
+            self._sites[i] = dataclasses.replace(site, top_k=hook.top_k, num_experts=experts)
         self._new_ring(hook, site)
 
     def _watch(self) -> Callable[[], None] | None:
@@ -1047,15 +1048,15 @@ class Session:
                 )
             self._paths[i] = wrapped[0]  # its path with wrappers inserted (a PEFT or checkpoint wrapper around it)
         for i in range(len(self._feed_wrappers)):  # the forwards that feed the blocks the model's inputs
-            module, wrapper = self._feed_installed[i][0], self._feed_wrappers[i]
-            now = module.__dict__.get("forward", _MISSING)
-            if now is not wrapper and now is not self._reached.get(-1 - i, wrapper):
+            fed, feed = self._feed_installed[i][0], self._feed_wrappers[i]
+            now = fed.__dict__.get("forward", _MISSING)
+            if now is not feed and now is not self._reached.get(-1 - i, feed):
                 # (every attached session's list of them: one module's may serve two sessions)
                 with _ATTACH_LOCK:
-                    held = [s._feed_wrappers for s in _attached_sessions() if s._attached]
-                if not self._reaches(module, wrapper, now, [self._feed_wrappers, *held]):
+                    lists = [s._feed_wrappers for s in _attached_sessions() if s._attached]
+                if not self._reaches(fed, feed, now, [self._feed_wrappers, *lists]):
                     raise SessionStateError(
-                        f"the forward of the {type(module).__name__} this session watches (the attached model, or a "
+                        f"the forward of the {type(fed).__name__} this session watches (the attached model, or a "
                         "module between it and its routers) no longer calls this session's wrapper: it was set back "
                         "to the forward from before attach, or wrapped again around that one (accelerate's "
                         "remove_hook_from_module does that to a hook added before attach), so the tokens fed to the "
@@ -2103,7 +2104,7 @@ def _references(scope: nn.Module, wrapper: Any) -> tuple[list[Callable[[Any], No
     (``__moe_replay_hook__``, ``__wrapped__``) are found too.
     """
     hook = getattr(wrapper, "__moe_replay_hook__", _MISSING)  # (a router's wrapper; a feed level's has none)
-    setters: list[Callable[[Any], None]] = []
+    setters: list[Callable[[Any], Any]] = []
     containers: list[Any] = []
     opaque: list[str] = []
     seen: set[int] = set()
@@ -2111,10 +2112,10 @@ def _references(scope: nn.Module, wrapper: Any) -> tuple[list[Callable[[Any], No
     def in_dict(d: dict[str, Any], depth: int) -> None:
         for key, value in list(d.items()):
             if value is wrapper:
-                setters.append(lambda new, d=d, key=key: d.__setitem__(key, new))
+                setters.append(lambda new, d=d, key=key: d.__setitem__(key, new))  # type: ignore[misc]
                 containers.append(d)
             elif key == "__moe_replay_hook__" and value is hook:
-                setters.append(lambda new, d=d, key=key: d.pop(key, None))
+                setters.append(lambda new, d=d, key=key: d.pop(key, None))  # type: ignore[misc]
                 containers.append(d)
             elif callable(value):
                 visit(value, depth + 1)
@@ -2132,14 +2133,14 @@ def _references(scope: nn.Module, wrapper: Any) -> tuple[list[Callable[[Any], No
         if isinstance(obj, functools.partial):
             part = obj
             if part.func is wrapper:
-                setters.append(lambda new, p=part: p.__setstate__((new, p.args, p.keywords, p.__dict__)))
+                setters.append(lambda new, p=part: p.__setstate__((new, p.args, p.keywords, p.__dict__)))  # type: ignore[misc]
                 containers.append(part)
             else:
                 visit(part.func, depth + 1)
             for i, arg in enumerate(part.args):
                 if arg is wrapper:
                     setters.append(
-                        lambda new, p=part, i=i: p.__setstate__(
+                        lambda new, p=part, i=i: p.__setstate__(  # type: ignore[misc]
                             (p.func, (*p.args[:i], new, *p.args[i + 1 :]), p.keywords, p.__dict__)
                         )
                     )
@@ -2155,7 +2156,7 @@ def _references(scope: nn.Module, wrapper: Any) -> tuple[list[Callable[[Any], No
                 except ValueError:  # an empty cell
                     continue
                 if value is wrapper:
-                    setters.append(lambda new, c=cell: setattr(c, "cell_contents", new))
+                    setters.append(lambda new, c=cell: setattr(c, "cell_contents", new))  # type: ignore[misc]
                     containers.append(cell)
                 elif callable(value):
                     visit(value, depth + 1)

@@ -219,7 +219,7 @@ class LayerMap:
             raise InvalidArgumentError(f"top_k must be an int or one int per router, got {top_k!r}")
         given = top_k
         k = (given,) * len(names) if is_integer(given) else tuple(given)
-        return cls(names, tuple(layers), num_layers, counts, k, mtp)  # type: ignore[arg-type]  # checked there
+        return cls(names, tuple(layers), num_layers, counts, k, mtp)  # (each checked there)
 
     @classmethod
     def from_session(
