@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -79,7 +79,8 @@ class RouterScores:
     For every router: the score tensor its top-k (or argmax) ran on, ``[tokens, E]``, with
     its autograd graph, and the experts the forward used, ``[tokens, k]`` int64 (the
     forced ones during a replay). Several forwards are concatenated in call order.
-    Recomputes of activation checkpointing are not counted again.
+    Recomputes of activation checkpointing are not counted again. Read by router name
+    (``kept[name]``, ``name in kept``); iterating gives the names.
 
     The scores are what the model passed to its top-k: probabilities for routers that
     pick on softmax outputs (Qwen-MoE, Mixtral in transformers), logits for routers that
@@ -122,6 +123,8 @@ class RouterScores:
 
     def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores [T, E], indices [T, k])`` of one router."""
+        if not isinstance(name, str):
+            raise ArgumentTypeError(f"RouterScores are read by router name (a str, one of .names), got {name!r:.60}")
         if name not in self._calls:
             raise UnknownRouterError(f"no router named '{name}'; the routers are {list(self.names)}")
         return self._get(name)
@@ -147,6 +150,13 @@ class RouterScores:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def __iter__(self) -> Iterator[str]:
+        """The router names, as a mapping's keys (``kept[name]`` reads one)."""
+        return iter(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._calls
 
     def __repr__(self) -> str:
         tokens = [sum(int(s.shape[0]) for s, _ in self._calls[n]) for n in self.names]
@@ -186,10 +196,10 @@ def load_balancing_loss(
         A scalar float32 tensor.
 
     Raises:
-        InvalidArgumentError: shapes that do not match, indices that are not integers, probs
-            that are not floating point, probs that are scores kept (with gradients on) in the
-            forward of a reentrant activation checkpoint, which has no gradients, or (on the
-            CPU) indices that are not experts ``0..E-1`` or repeat an expert in a counted row,
+        InvalidArgumentError: shapes that do not match or hold no expert (k or E of 0), indices
+            that are not integers, probs that are not floating point, probs that are scores kept
+            (with gradients on) in the forward of a reentrant activation checkpoint, which has no
+            gradients, or (on the CPU) indices that are not experts ``0..E-1`` or repeat an expert in a counted row,
             probs that are negative (logits) or not finite, a mask with negative or non-finite
             weights. On an accelerator, and in compiled code, out-of-range indices stop the
             kernel that counts them instead, and the other values are not checked (no host
@@ -222,6 +232,11 @@ def load_balancing_loss(
                 f"got {tuple(p.shape)} and {tuple(idx.shape)}"
             )
         t, e = p.shape
+        if idx.shape[1] == 0 or e == 0:  # (the formula would give 0 and no gradient: no decision was counted)
+            raise InvalidArgumentError(
+                f"router {i}: a router picks k >= 1 of E >= 1 experts per token, got indices {tuple(idx.shape)} over "
+                f"probs {tuple(p.shape)}"
+            )
         if not p.dtype.is_floating_point:
             raise InvalidArgumentError(f"router {i}: probs must be floating-point probabilities, got {p.dtype}")
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:

@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import moe_replay as mr
 
-from .conftest import perturb_routers
+from .conftest import examples, perturb_routers
 
 
 def by_hand(probs: torch.Tensor, indices: torch.Tensor, mask: list[float] | None = None) -> float:
@@ -235,3 +237,78 @@ def test_scores_kept_in_a_reentrant_checkpoints_forward_are_refused_for_a_loss(r
             routers = [p for n, p in model.named_parameters() if n.endswith("router.weight")]
             assert routers and all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
             out.loss.backward()
+
+
+def transformers_formula(logits: torch.Tensor, top_k: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """One layer of transformers' ``load_balancing_loss_func``, written out: softmax, its own top-k, one-hot counts."""
+    probs = logits.float().softmax(-1)
+    chosen = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, logits.shape[-1]).float()  # [T, k, E]
+    w = torch.ones(logits.shape[0]) if mask is None else mask.reshape(-1).float()
+    tokens_per_expert = (chosen * w[:, None, None]).sum(0) / w.sum()  # [k, E]
+    prob_per_expert = (probs * w[:, None]).sum(0) / w.sum()
+    return (tokens_per_expert * prob_per_expert[None]).sum() * logits.shape[-1]
+
+
+@given(
+    routers=st.lists(
+        st.tuples(st.sampled_from([1, 2, 3, 8, 255, 256, 257]), st.integers(1, 4), st.integers(0, 2**16)),
+        min_size=1,
+        max_size=3,
+    ),
+    tokens=st.integers(1, 9),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    masked=st.booleans(),
+    shuffle=st.booleans(),
+)
+@examples(30)
+def test_value_and_gradient_equal_the_transformers_formula_per_router(
+    routers: list[tuple[int, int, int]], tokens: int, dtype: torch.dtype, masked: bool, shuffle: bool
+) -> None:
+    """Routers of 255 to 257 experts, k = 1 to 4, half-precision logits, a padding mask, slots in any order: the
+    mean over routers of the per-layer formula, and its gradient in the logits."""
+    logits, indices, want = [], [], []
+    g = torch.Generator().manual_seed(sum(seed for _, _, seed in routers))
+    mask = (torch.rand(tokens, generator=g) < 0.7).long() if masked else None
+    if mask is not None:
+        mask[0] = 1
+    for e, k, _ in routers:
+        k = min(k, e)
+        lg = torch.randn(tokens, e, generator=g).to(dtype).requires_grad_()
+        idx = lg.float().softmax(-1).topk(k, dim=-1).indices
+        logits.append(lg)
+        indices.append(idx[:, torch.randperm(k, generator=g)] if shuffle else idx)
+        want.append(transformers_formula(lg, k, mask))
+    got = mr.load_balancing_loss([lg.float().softmax(-1) for lg in logits], indices, mask=mask)
+    reference = torch.stack(want).mean()
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-6)
+    for a, b in zip(torch.autograd.grad(got, logits), torch.autograd.grad(reference, logits), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_indices_of_no_expert_are_refused_not_counted_as_zero() -> None:
+    """Once silent: ``[T, 0]`` indices (k = 0, e.g. a slice ``idx[:, :0]``) gave a loss of 0 with no gradient."""
+    probs = torch.rand(3, 4).softmax(-1).requires_grad_()
+    with pytest.raises(mr.InvalidArgumentError, match=r"k >= 1 of E >= 1 experts"):
+        mr.load_balancing_loss(probs, torch.zeros(3, 0, dtype=torch.long))
+    with pytest.raises(mr.InvalidArgumentError, match=r"k >= 1 of E >= 1 experts"):
+        mr.load_balancing_loss(torch.rand(3, 0), torch.zeros(3, 0, dtype=torch.long))
+    assert mr.load_balancing_loss(probs, torch.zeros(3, 1, dtype=torch.long)).requires_grad  # k = 1: counted
+
+
+@pytest.mark.reliability("other")
+def test_router_scores_read_as_a_mapping_of_router_names() -> None:
+    """Once a crash: ``name in kept`` and ``list(kept)`` fell back on ``kept[0]`` and raised "no router named '0'";
+    a name of another type raised a bare ``TypeError`` from a dict."""
+    model = mr.models.build("softmax_topk")
+    x = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session, session.keep_scores() as kept:
+        model(x)
+    name = session.names[0]
+    assert name in kept and "nope" not in kept and 0 not in kept
+    assert list(kept) == list(session.names) == list(kept.names)
+    assert {n: kept[n][1].shape[0] for n in kept} == {n: x.numel() for n in session.names}
+    with pytest.raises(mr.ArgumentTypeError, match="by router name"):
+        kept[[name]]  # type: ignore[index]
+    with pytest.raises(mr.UnknownRouterError, match="no router named 'nope'"):
+        kept["nope"]
