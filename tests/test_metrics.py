@@ -8,8 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import moe_replay as mr
+
+from .conftest import examples, tried
 
 T, E, K = 20, 8, 2
 NAMES = ("layers.0.gate", "layers.1.gate", "layers.2.gate")
@@ -346,3 +350,104 @@ def test_rows_recorded_at_prompt_padding_are_not_compared(tmp_path: Path) -> Non
     assert mr.compare(mr.Routes.load(tmp_path / "before.npz"), plain) == c
     # rows at padding given a token since (with_token_ids) are a token's: compared
     assert mr.compare(before.with_token_ids(torch.arange(12)), after.with_token_ids(torch.arange(12))).tokens == 12
+
+
+def _random_pair(
+    rng: np.random.Generator, tokens: int, routers: list[tuple[int, int]]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Rows of two routings of the same tokens: b keeps a's experts (in another slot order), changes them, or -1s."""
+    a, b = [], []
+    for e, k in routers:
+        x = np.stack([rng.permutation(e)[:k] for _ in range(tokens)]) if tokens else np.zeros((0, k), np.int64)
+        y = x.copy()
+        for t in range(tokens):
+            roll = rng.random()
+            y[t] = rng.permutation(e)[:k] if roll < 0.25 else (rng.permutation(y[t]) if roll < 0.5 else y[t])
+            y[t] = -1 if rng.random() < 0.1 else y[t]
+            x[t] = -1 if rng.random() < 0.1 else x[t]
+        a.append(x), b.append(y)
+    return a, b
+
+
+@given(
+    routers=st.lists(
+        st.tuples(st.sampled_from([1, 2, 3, 8, 255, 256, 257]), st.integers(1, 4)), min_size=1, max_size=3
+    ),
+    tokens=st.sampled_from([0, 1, 2, 9]),
+    seed=st.integers(0, 2**16),
+)
+@examples(40)
+def test_figures_of_routers_of_different_sizes_match_a_hand_count(
+    routers: list[tuple[int, int]], tokens: int, seed: int
+) -> None:
+    """Routers of 1 to 257 experts and k = 1 to 4 in one comparison, no token or one, -1 rows on either side, the
+    same experts in other slots, b's routers in another order: every figure, in both modes, counted by hand."""
+    routers = [(e, min(k, e)) for e, k in routers]
+    rng = np.random.default_rng(seed)
+    a, b = _random_pair(rng, tokens, routers)
+    names = [f"model.layers.{i}.mlp.gate" for i in range(len(routers))]
+    experts = [e for e, _ in routers]
+    ra = mr.Routes([torch.from_numpy(x) for x in a], names=names, num_experts=experts)
+    order = rng.permutation(len(names))
+    rb = mr.Routes(
+        [torch.from_numpy(b[i]) for i in order],
+        names=[names[i] for i in order],
+        num_experts=[experts[i] for i in order],
+    )
+    width = max(experts)
+    for mode in ("set", "slot"):
+        c = mr.compare(ra, rb, mode=mode)
+        differ, compared, shared, seen, token_differs = [], [], [], set(), {}
+        for j, (x, y) in enumerate(zip(a, b, strict=True)):
+            load_a, load_b = [0] * width, [0] * width
+            d = n = same = 0
+            for t in range(tokens):
+                if x[t][0] < 0 or y[t][0] < 0:
+                    continue
+                differs = set(x[t]) != set(y[t]) if mode == "set" else list(x[t]) != list(y[t])
+                d, n, same = d + differs, n + 1, same + len(set(x[t]) & set(y[t]))
+                seen.add(t)
+                token_differs[t] = token_differs.get(t, 0) + differs
+                for ex in x[t]:
+                    load_a[ex] += 1
+                for ex in y[t]:
+                    load_b[ex] += 1
+            differ.append(d), compared.append(n), shared.append(same)
+            assert c.load_a[j].tolist() == load_a and c.load_b[j].tolist() == load_b
+        assert c.differ.tolist() == differ and c.compared.tolist() == compared and c.shared_experts.tolist() == shared
+        assert c.excluded.tolist() == [tokens - n for n in compared] and c.num_experts == tuple(experts)
+        assert c.tokens == len(seen) and c.tokens_differ == sum(1 for v in token_differs.values() if v)
+        assert c.differing_routers == sum(token_differs.values())
+        if sum(compared):
+            assert c.overall == pytest.approx(sum(differ) / sum(compared))
+            assert c.overlap == pytest.approx(
+                sum(shared) / sum(n * k for n, (_, k) in zip(compared, routers, strict=True))
+            )
+            assert c.token_fraction == pytest.approx(c.tokens_differ / len(seen))
+        else:
+            assert np.isnan(c.overall) and np.isnan(c.overlap) and np.isnan(c.token_fraction) and "n/a" in repr(c)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_routes_that_do_not_fit_each_other_are_refused_both_ways() -> None:
+    """Other router names, k, expert count, token count or token ids, on either side: an error, never a figure."""
+    rows = torch.tensor([[0, 1], [2, 3], [1, 3]])
+    a = mr.Routes([rows], names=["g"], num_experts=4)
+    others = {
+        "other names": mr.Routes([rows], names=["h"], num_experts=4),
+        "other k": mr.Routes([rows[:, :1]], names=["g"], num_experts=4),
+        "other experts": mr.Routes([rows], names=["g"], num_experts=5),
+        "other tokens": mr.Routes([rows[:2]], names=["g"], num_experts=4),
+        "no tokens": mr.Routes([rows[:0]], names=["g"], num_experts=4),
+        "another router": mr.Routes([rows, rows], names=["g", "h"], num_experts=4),
+    }
+    for b in others.values():
+        for x, y in ((a, b), (b, a)):
+            with pytest.raises(mr.RoutesValidationError):
+                mr.compare(x, y)
+            tried()
+    ids = a.with_token_ids(torch.tensor([5, 6, 7]))
+    for x, y in ((ids, a.with_token_ids(torch.tensor([5, 7, 6]))), (a.with_token_ids(torch.tensor([9, 6, 7])), ids)):
+        with pytest.raises(mr.RoutesValidationError, match="recorded for other tokens"):
+            mr.compare(x, y)
+        tried()
