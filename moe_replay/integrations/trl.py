@@ -29,7 +29,7 @@ Logged every step, next to TRL's own metrics (``clip_ratio/*``, and with vLLM
   other experts than the rollout did, over the tokens the batch attends to (not padding, nor
   the completions ``mask_truncated_completions`` masks out) (``<forward>``: ``old`` for the old-logprob forward,
   ``train`` for the loss forwards, ``ref`` for the reference model, a PEFT policy's with its
-  adapter disabled included);
+  adapter disabled included; a forward where no decision was compared logs neither);
 * ``moe_replay/native_rows``: the share of (token, router) rows of the sequences that have
   no recorded route and are routed natively (the last token of each sequence: no forward
   routed it);
@@ -701,8 +701,9 @@ class RoutingReplayMixin:
                     f"{int(c.compared.sum())} decisions differ from the routes"
                 )
         metrics = self._metrics[mode]  # type: ignore[attr-defined]
-        metrics[f"moe_replay/{kind}/decisions_differ"].append(stats[0])
-        metrics[f"moe_replay/{kind}/tokens_differ"].append(stats[1])
+        if stats is not None:  # (no decision compared: no figure, rather than a 0% that reads as agreement)
+            metrics[f"moe_replay/{kind}/decisions_differ"].append(stats[0])
+            metrics[f"moe_replay/{kind}/tokens_differ"].append(stats[1])
         if kind == "train":
             metrics["moe_replay/native_rows"].append(batch.native_share)
             old = None if inputs is None else inputs.get("old_per_token_logps")
@@ -879,8 +880,9 @@ def _batch_routes(
 
 def _disagreement(
     kept: RouterScores, batch: _BatchRoutes, replaying: bool, attention_mask: torch.Tensor
-) -> tuple[float, float]:
-    """Shares of decisions and of tokens where the free choice differs from the rollout's routes.
+) -> tuple[float, float] | None:
+    """Shares of decisions and of tokens where the free choice differs from the rollout's routes; None where no
+    decision was compared (every attended row unrecorded), as :func:`~moe_replay.compare` gives NaN there.
 
     Only the tokens the batch attends to count: a completion TRL masks out (``mask_truncated_completions``)
     is forwarded without its own context, so its free choice says nothing of the rollout's."""
@@ -914,7 +916,9 @@ def _disagreement(
     assert acc is not None  # (routes hold at least one router)
     differ, compared, token_any, token_seen = acc
     n_diff, n_cmp, t_diff, t_seen = torch.stack([differ, compared, token_any.sum(), token_seen.sum()]).tolist()
-    return (n_diff / n_cmp if n_cmp else 0.0, t_diff / t_seen if t_seen else 0.0)
+    if not n_cmp:
+        return None
+    return n_diff / n_cmp, t_diff / t_seen
 
 
 class RoutingReplayGRPOTrainer(RoutingReplayMixin, GRPOTrainer):

@@ -730,3 +730,69 @@ def test_router_probabilities_rounded_to_low_precision_are_not_softmaxed_again(d
     assert torch.allclose(mr_trl._probabilities(logits), logits.float().softmax(-1))  # logits are still softmaxed
     sigmoid = logits.sigmoid()  # scores that are no distribution
     assert torch.allclose(mr_trl._probabilities(sigmoid), sigmoid.float().softmax(-1))
+
+
+def disagreement_by_hand(
+    scores: list[torch.Tensor],
+    rollout: list[torch.Tensor],
+    used: list[torch.Tensor],
+    replaying: bool,
+    mask: torch.Tensor,
+) -> tuple[float, float] | None:
+    """The two logged shares written out token by token: the free choice is the scores' top-k under replay, the
+    experts used otherwise; rows the rollout did not record (-1) or the batch does not attend to are left out."""
+    attended = mask.reshape(-1).tolist()
+    n_diff = n_cmp = 0
+    tokens: dict[int, bool] = {}
+    for sc, roll, use in zip(scores, rollout, used, strict=True):
+        k = roll.shape[1]
+        for t in range(roll.shape[0]):
+            if int(roll[t, 0]) < 0 or not attended[t]:
+                continue
+            free = set(sc[t].float().topk(k).indices.tolist()) if replaying else set(use[t].tolist())
+            differs = free != set(roll[t].tolist())
+            n_cmp, n_diff = n_cmp + 1, n_diff + differs
+            tokens[t] = tokens.get(t, False) or differs
+    if not n_cmp:
+        return None
+    return n_diff / n_cmp, sum(tokens.values()) / len(tokens)
+
+
+@pytest.mark.reliability("other")
+def test_logged_disagreement_equals_a_hand_count() -> None:
+    """The decisions_differ / tokens_differ figures against a hand count, on kept scores of several forwards, routers
+    of 2 to 257 experts and k = 1 to 4, -1 rows, a padding mask, half-precision scores, rollout rows in any slot
+    order; and where no decision is compared, no figure (once 0.0, which reads as full agreement)."""
+    from moe_replay.losses import RouterScores
+
+    rng = np.random.default_rng(0)
+    for case in range(60):
+        routers, b, s = int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 6))
+        t = b * s
+        e = int(rng.choice([2, 8, 255, 256, 257]))
+        k = int(rng.integers(1, min(e, 4) + 1))
+        dtype = (torch.float32, torch.bfloat16, torch.float16)[case % 3]
+        replaying = case % 4 != 0
+        none_recorded = case % 10 == 9
+        mask = torch.from_numpy(rng.random((b, s)) < 0.8).long()
+        names = [f"model.layers.{i}.mlp.gate" for i in range(routers)]
+        kept, scores, rollout, used = RouterScores(names), [], [], []
+        for name in names:
+            sc = torch.randn(t, e).to(dtype)
+            native = sc.topk(k, dim=-1).indices
+            roll = torch.stack([torch.from_numpy(rng.permutation(e)[:k]) for _ in range(t)])
+            agree = torch.from_numpy(rng.random(t) < 0.5)
+            roll[agree] = native[agree][:, torch.from_numpy(rng.permutation(k))]  # the same experts, other slots
+            roll[torch.from_numpy(rng.random(t) < 0.15) | none_recorded] = -1
+            use = torch.where(roll < 0, native, roll) if replaying else native
+            cut = int(rng.integers(0, t + 1))  # two forwards (TRL's chunks), concatenated by RouterScores
+            kept._calls[name].extend([(sc[:cut], use[:cut]), (sc[cut:], use[cut:])])
+            scores.append(sc), rollout.append(roll), used.append(use)
+        routes = mr.Routes(rollout, names=names, num_experts=e)
+        batch = mr_trl._BatchRoutes(routes=routes, missing=routes.missing, native_share=0.0)
+        got = mr_trl._disagreement(kept, batch, replaying, mask)
+        want = disagreement_by_hand(scores, rollout, used, replaying, mask)
+        if want is None:
+            assert got is None, (case, got)
+        else:
+            assert got is not None and got == pytest.approx(want, abs=1e-12), (case, got, want)
