@@ -357,6 +357,7 @@ class RouterHook:
     _entry_grad: bool = False  # gradients were on when this forward began (a backward may recompute it)
     _regions: list[tuple[Any, bool]] = field(default_factory=list)
     _source: torch.Tensor | None = None  # the scores of the decision's first call (kept for keep_scores)
+    _choice: torch.Tensor | None = None  # the masked copy the decision picks from, where one does (keep_scores)
     _compiled: bool = False  # this forward is being traced by torch.compile
     _eager: bool = True  # this forward runs eagerly, outside CUDA-graph capture: host-side counts hold
     # per mode: the evidence a forward was audited under, and whether every call it acted on came
@@ -799,6 +800,7 @@ class RouterHook:
         finally:
             self._masks = []
             seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []
+            self._choice = None
             if self._pending is not None:  # the decision was established at this forward
                 self._settle()
         if not compiling:
@@ -1158,6 +1160,8 @@ class RouterHook:
             if self.seen is not None and not lookup:
                 with self._aside():
                     self._source = scores.reshape(-1, num_experts)
+                    # a group-limited router picks from a masked copy of its scores: its free choice is read there
+                    self._choice = None if scores is x else x.detach().reshape(-1, num_experts)
         start = 0 if first else sum(t.shape[1] for t in self._slots)
         take = min(span, self.top_k - start)  # this call's slots that the decision uses
         row = self._row
@@ -1284,7 +1288,8 @@ class RouterHook:
         if self.seen is not None and self._source is not None:
             if any(isinstance(region, _FunctionCtx) and not again for region, again in self._regions):
                 _mark_outside_graph(self._source)  # (kept in a reentrant checkpoint's forward: no gradients)
-            self.seen.append((self._source, row))
+            self.seen.append((self._source, row, self._choice))
+            self._choice = None
 
     def _keep(self, regions: list[tuple[Any, bool]], rows: torch.Tensor, forced: bool) -> None:
         """Keep the rows on every region that may be recomputed later (all of them, in a forward);

@@ -105,7 +105,11 @@ class RouterScores:
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names: tuple[str, ...] = tuple(names)
-        self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.names}
+        # per decision: the scores, the experts used, and the masked copy of the scores the top-k ran on where a
+        # group-limited router masks them first (None otherwise: the top-k ran on the scores themselves)
+        self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {
+            n: [] for n in self.names
+        }
 
     def _get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         calls = self._calls[name]
@@ -115,7 +119,7 @@ class RouterScores:
                 "`with session.keep_scores():`"
             )
         if len(calls) == 1:
-            return calls[0]
+            return calls[0][0], calls[0][1]
         scores = torch.cat([c[0] for c in calls])
         if any(_kept_outside_graph(c[0]) for c in calls):
             _mark_outside_graph(scores)
@@ -128,6 +132,13 @@ class RouterScores:
         if name not in self._calls:
             raise UnknownRouterError(f"no router named '{name}'; the routers are {list(self.names)}")
         return self._get(name)
+
+    def _choice_scores(self, name: str) -> torch.Tensor:
+        """``[T, E]`` detached: what one router's top-k picked from, whose top-k is its free choice (the masked
+        copy of a group-limited router's scores, where its group mask leaves out experts; else the scores)."""
+        self._get(name)  # (a router that made no decision: the error that says so)
+        parts = [(c[2] if c[2] is not None else c[0].detach()) for c in self._calls[name]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @property
     def scores(self) -> list[torch.Tensor]:
@@ -159,7 +170,7 @@ class RouterScores:
         return isinstance(name, str) and name in self._calls
 
     def __repr__(self) -> str:
-        tokens = [sum(int(s.shape[0]) for s, _ in self._calls[n]) for n in self.names]
+        tokens = [sum(int(c[0].shape[0]) for c in self._calls[n]) for n in self.names]
         return f"RouterScores(routers={len(self.names)}, tokens={tokens})"
 
 

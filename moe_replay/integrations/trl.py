@@ -37,9 +37,10 @@ Logged every step, next to TRL's own metrics (``clip_ratio/*``, and with vLLM
   ``exp(logp - old_logp)`` over completion tokens, and the share of them outside
   ``[1 - epsilon_low, 1 + epsilon_high]``.
 
-The "free" choice is the top-k of the scores the router's decision ran on, kept by
-:meth:`~moe_replay.Session.keep_scores`: exact for routers that take a plain top-k of
-their scores (Qwen-MoE, Mixtral, OLMoE); for group-limited routers it ignores the group mask.
+The "free" choice is the top-k of what the router's decision ran on, kept by
+:meth:`~moe_replay.Session.keep_scores`: its scores for routers that take a plain top-k of
+them (Qwen-MoE, Mixtral, OLMoE), the group-masked copy for group-limited routers
+(DeepSeek-V3), whose group mask the forward computes from the current scores.
 
 Tested with TRL 1.16 (``GRPOTrainer`` internals change between releases: other versions are
 refused unless ``allow_untested_trl=True``). Not supported (refused at construction): tools
@@ -893,6 +894,7 @@ def _disagreement(
     for name in routes.names:
         try:
             scores, used = kept[name]
+            choice = kept._choice_scores(name)
         except LookupError as e:
             raise SessionStateError(
                 f"router '{name}' kept no scores in this forward (a compiled model?): the routing metrics need an "
@@ -906,7 +908,7 @@ def _disagreement(
         rollout = batch.device_rows.get(name)
         if rollout is None or rollout.device != device:
             rollout = batch.device_rows[name] = routes.layer(name).to(device)
-        free = scores.detach().topk(used.shape[1], dim=-1).indices if replaying else used
+        free = choice.topk(used.shape[1], dim=-1).indices if replaying else used
         valid = (rollout[:, 0] >= 0) & attended.to(device)
         d = (free.sort(-1).values != rollout.sort(-1).values).any(-1) & valid
         if acc is None:

@@ -786,7 +786,7 @@ def test_logged_disagreement_equals_a_hand_count() -> None:
             roll[torch.from_numpy(rng.random(t) < 0.15) | none_recorded] = -1
             use = torch.where(roll < 0, native, roll) if replaying else native
             cut = int(rng.integers(0, t + 1))  # two forwards (TRL's chunks), concatenated by RouterScores
-            kept._calls[name].extend([(sc[:cut], use[:cut]), (sc[cut:], use[cut:])])
+            kept._calls[name].extend([(sc[:cut], use[:cut], None), (sc[cut:], use[cut:], None)])
             scores.append(sc), rollout.append(roll), used.append(use)
         routes = mr.Routes(rollout, names=names, num_experts=e)
         batch = mr_trl._BatchRoutes(routes=routes, missing=routes.missing, native_share=0.0)
@@ -796,3 +796,33 @@ def test_logged_disagreement_equals_a_hand_count() -> None:
             assert got is None, (case, got)
         else:
             assert got is not None and got == pytest.approx(want, abs=1e-12), (case, got, want)
+
+
+@pytest.mark.reliability("other")
+def test_logged_disagreement_of_a_group_limited_router_reads_its_group_mask() -> None:
+    """Once silent: under replay the free choice of a group-limited router was the top-k of its scores without the
+    group mask, so a replay of the very experts it chooses logged about a third of its decisions as differing."""
+    model = mr.models.build("grouped_sigmoid", num_experts=16, n_group=4, topk_group=2, top_k=2)
+    ids = torch.randint(1, 128, (3, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(ids, attention_mask=mask)
+        routes = session.routes()
+        with session.replay(routes), session.keep_scores() as kept:
+            model(ids, attention_mask=mask)
+        batch = mr_trl._BatchRoutes(routes=routes, missing=routes.missing, native_share=0.0)
+        assert mr_trl._disagreement(kept, batch, True, mask) == (0.0, 0.0)
+        with torch.no_grad():  # routers that now choose other experts: the figure sees it, in both modes
+            for layer in model.layers:
+                layer.mlp.router.weight.neg_()
+        with session.replay(routes), session.keep_scores() as kept:
+            model(ids, attention_mask=mask)
+        replayed = mr_trl._disagreement(kept, batch, True, mask)
+        with session.capture(), session.keep_scores() as free:
+            model(ids, attention_mask=mask)
+        measured = mr_trl._disagreement(free, batch, False, mask)
+        assert replayed is not None and replayed == measured == pytest.approx(
+            (mr.compare(routes, session.routes()).overall, mr.compare(routes, session.routes()).token_fraction)
+        )
+        assert replayed[0] > 0.5
