@@ -863,6 +863,7 @@ def test_a_router_that_picks_between_two_top_k_by_its_inputs_values_is_captured_
     Such a router's forward now runs eagerly at a graph break, checked by its effect: each forward is recorded as
     it dispatched. Under ``fullgraph=True`` that break is an error, never a silent capture."""
     torch.manual_seed(0)
+    torch._dynamo.reset()  # (no frames compiled by earlier tests: the recompile limit is shared)
     model = _ev.TwoLayers(lambda: _settings.DenseBlock(_ValueBranchRouter("where")))
     spy = _ev.ExpertSpy(model)
     done, refused = 0, False

@@ -1460,6 +1460,9 @@ def _compiled_decode() -> dict:
     """generate() keywords under which transformers compiles each decode step (a static cache does on a GPU by
     default); dynamo's eager backend keeps it quick on a CPU."""
     transformers = pytest.importorskip("transformers")
+    # (a fresh dynamo: frames earlier tests compiled for other models count towards its recompile limit, past
+    # which it runs them eagerly, and these tests' premise is decode steps that ran compiled)
+    torch._dynamo.reset()
     config = transformers.CompileConfig(backend="eager", fullgraph=False)
     config._compile_all_devices = True  # (transformers compiles on accelerators only, unless told)
     return dict(cache_implementation="static", compile_config=config, max_new_tokens=4, pad_token_id=0)
