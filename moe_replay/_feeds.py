@@ -67,7 +67,7 @@ from ._torch_compat import (
 )
 from .errors import RoutesValidationError, TokenMismatchError, _script_refusal
 from .evidence import _HOOKS, _autocast_cache_aside, _Snapshot
-from .intercept import _CONTAINERS, ORDER_PROBE, ClassForward, OrderStop, _code_of, _fingerprint
+from .intercept import _CONTAINERS, EAGER, ORDER_PROBE, ClassForward, OrderStop, _code_of, _fingerprint
 
 __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
 
@@ -1159,7 +1159,7 @@ def _order_rows(
     with (
         torch.random.fork_rng(devices=devices),
         torch.no_grad(),
-        torch.compiler.set_stance("force_eager"),
+        EAGER,  # (counted: a watch opened inside these runs may close after them)
         hooks,
         hidden_from_dispatch_modes(),
         _autocast_cache_aside(),

@@ -132,3 +132,16 @@ def tokens() -> torch.Tensor:
 
 def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+@pytest.fixture(autouse=True)
+def _compile_stance_left_as_it_was() -> Iterator[None]:
+    """torch.compile's stance is global: no test may leave it changed (once the watch of a first forward, opened
+    inside the token-order runs and closed after them, put back the runs' ``force_eager`` for good, and every
+    later compiled call in the process ran eagerly)."""
+    yield
+    frame = getattr(torch._dynamo, "eval_frame", None)
+    stance = getattr(getattr(frame, "_stance", None), "stance", "default")
+    if stance != "default":
+        torch.compiler.set_stance("default")
+        pytest.fail(f"torch.compile's stance was left at {stance!r}")
