@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from ._output_guard import own_hook
 from .errors import UnsupportedRouterError
 from .evidence import DECISION_FUNCS, NESTING, _where, decision_call, unwrap
+from .intercept import EAGER
 
 __all__ = ["OrphanWatch", "watch_first_runs", "watch_forward"]
 
@@ -189,6 +190,24 @@ class OrphanWatch(TorchFunctionMode):
                 if self.excluded(sub, self.modules[sub]):
                     return True
         return False
+
+    def __enter__(self) -> OrphanWatch:
+        # the watched forward runs eagerly, compiled modules on its way too: compiled code calls the routers'
+        # decisions inlined in a graph, outside their scopes' forwards, where the watch would take each of them
+        # for a decision outside every router (and a router's own checks would miss its calls)
+        EAGER.__enter__()
+        try:
+            super().__enter__()
+        except BaseException:
+            EAGER.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            EAGER.__exit__(None, None, None)
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None

@@ -330,8 +330,9 @@ def test_routes_cross_the_compile_wrapper(tokens: torch.Tensor, direction: str) 
     src, dst = (model, compiled) if direction == "bare to compiled" else (compiled, model)
     with mr.attach(src) as s, torch.no_grad():
         model(tokens)  # one eager forward establishes each decision (compiled code cannot)
-        with s.capture():
-            src(tokens)
+        for _ in range(2):  # (a block's first forward of a new model is watched, eagerly; the second compiles)
+            with s.capture():
+                src(tokens)
         routes = s.routes()
         perturb_routers(s, scale=3.0)
     assert routes.names[0].startswith("_orig_mod.") == (direction == "compiled to bare")
@@ -339,6 +340,8 @@ def test_routes_cross_the_compile_wrapper(tokens: torch.Tensor, direction: str) 
         ref = model(tokens).logits  # the reference: eager, the bare model's own names
     with mr.attach(dst) as session, torch.no_grad():
         model(tokens)
+        with session.capture():  # (a block's first forward of a new model is watched, eagerly)
+            dst(tokens)
         with session.replay(routes), session.capture():
             out = dst(tokens).logits
         expected = {"": "_orig_mod."} if direction == "bare to compiled" else {"_orig_mod.": ""}

@@ -356,6 +356,32 @@ def test_a_compiled_model_attached_as_is_is_watched_without_breaking_its_trace()
                 compiled(x)
 
 
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_layer_compiled_where_it_sits_after_a_block_is_watched_eagerly_not_refused(backend: str) -> None:
+    """Once a false refusal: a layer wrapped by ``torch.compile`` where it sits after a block had run (a module on
+    the way to the routers replaced, so the next block watches its first forward again) ran compiled under the
+    watch, which saw its router's top-k inlined in the graph, outside the router's forward, and refused it as a
+    decision outside every router. The watched forward runs eagerly; the layer keeps its routers' names."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    x = torch.randint(0, 128, (2, 9))
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+        names = session.names
+        model.layers[1] = torch.compile(model.layers[1], backend=backend)
+        with session.capture():
+            first, second = model(x).logits, model(x).logits
+        routes = session.routes()
+        assert routes.names == names
+        perturb_routers(session, scale=3.0)  # the replay must force the recorded experts
+        with session.replay(routes), session.capture():
+            model(x), model(x)
+        assert session.routes().equal(routes), "the recorded experts were not forced"
+    assert torch.equal(first, second)
+    assert "forward" not in vars(model.layers[0].mlp.router)
+
+
 class Branching(nn.Module):
     """An MoE block that sends long inputs through a second MoE layer no rule finds, and every input through
     a normalisation that runs only when asked."""
