@@ -35,6 +35,7 @@ __all__ = [
     "current_graph_task_id",
     "dynamo_compiling",
     "exporting",
+    "frame_callback",
     "functorch_transform",
     "fwd_grad_enabled",
     "global_forward_hooks",
@@ -129,6 +130,13 @@ top_saved_tensors_hooks: Callable[[], tuple[Any, Any] | None] = functools.partia
 #: two; dynamo reads it as True. For code that only dynamo can trace: torch's own
 #: ``is_compiling()`` is also True under export and AOT tracing.
 dynamo_compiling: Callable[[], bool] = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
+#: ``() -> callback | None``: what dynamo does with a Python frame entered now: None where it runs as plain
+#: Python; a callback (or False: cached compiled code only) where eager code runs inside a ``torch.compile``'d
+#: call (a frame it skipped, a graph break's eager part), whose nested frames it compiles one by one.
+frame_callback: Callable[[], Any] = _find(
+    "torch._C._dynamo.eval_frame.get_eval_frame_callback", "to keep a router's own frame out of torch.compile"
+) or (lambda: None)
 
 
 #: torch's global module forward hooks (``register_module_forward_hook``), by handle id: they run after the

@@ -240,6 +240,7 @@ _graph_task = _torch_compat.current_graph_task_id
 _fwd_grad = _torch_compat.fwd_grad_enabled
 _graph_capturing = _torch_compat.graph_capturing
 _dynamo_compiling = _torch_compat.dynamo_compiling
+_frame_callback = _torch_compat.frame_callback
 _COMPILER = _torch_compat.COMPILER
 _CUDA = _torch_compat.CUDA
 _cuda_capturing = _torch_compat.stream_capturing
@@ -1577,6 +1578,7 @@ class ScopedForward:
             or NESTING.probing
             or _COMPILER._is_compiling_flag  # (export, AOT tracing: is_compiling() in eager code)
             or _tracing()  # (jit.trace, make_fx: refused in _call)
+            or _frame_callback() is not None  # (eager inside a compiled call: dynamo would compile its forward)
         ):
             return self._nested(args, kwargs)
         # The hot path, a lean router armed: RouterHook._run without the mode, in this one frame (it runs

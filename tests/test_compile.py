@@ -202,28 +202,14 @@ def test_a_first_forward_at_a_graph_break_is_refused_with_the_fix_or_runs(
 
 
 @pytest.mark.reliability("wrappers")
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param(
-            "aot_eager",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=mr.UnsupportedRouterError,
-                reason="established without gradients, a model compiled with aot_eager and run with gradients has "
-                "torch.compile give up the router's frame after the first forward's refusal (a graph break to it) and "
-                "compile the router's own frame past the lean wrappers: refused at every later forward as making no "
-                "decision-like call (a false refusal with a misleading message, not a silent capture)",
-            ),
-        ),
-        "eager",
-    ],
-)
+@pytest.mark.parametrize("backend", ["aot_eager", "eager"])
 def test_a_model_compiled_where_torch_falls_back_to_eager_captures_and_replays_every_forward(
     tokens: torch.Tensor, backend: str
 ) -> None:
     """Established without gradients (``verify``), a model compiled and run with gradients: every forward records
-    what an eager one records, and a replay forces it (with aot_eager, a known gap: refused after the first)."""
+    what an eager one records, and a replay forces it. Once a false refusal with aot_eager: torch.compile gave up
+    the model's frame after the first forward's refusal (a graph break to it) and compiled the router's own frame,
+    called eagerly, past the lean interception, so later forwards made "no decision-like call"."""
     model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=1)
     with mr.attach(model) as session:
         with session.capture(), torch.no_grad():

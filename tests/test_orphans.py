@@ -515,32 +515,3 @@ def test_a_model_with_modules_awaiting_their_first_run_copies_and_pickles_inside
         assert torch.equal(twin(x), want)
         twin[0].mlp.normalise = True
         twin(torch.randn(2 * T, D))  # no session: the copy's hooks do nothing
-
-
-@pytest.mark.reliability("wrappers")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.UnsupportedRouterError,
-    reason="a layer wrapped by torch.compile where it sits after a block runs compiled under the watch of its first "
-    "forward, which sees its router's top-k inlined in the graph, outside the router's forward, and refuses it as a "
-    "decision outside every router (a false refusal; running the watched forward eagerly was tried and taken "
-    "back: after it, a later test's compiled decode steps ran eagerly)",
-)
-def test_a_layer_compiled_where_it_sits_after_a_block_is_watched_not_refused() -> None:
-    """The docs promise that a wrapper put around a layer where it sits (``torch.compile`` of a layer) keeps its
-    routers' names: a capture after it records them, and a replay forces them."""
-    model = mr.models.build("softmax_topk", num_layers=2)
-    x = torch.randint(0, 128, (2, 9))
-    with mr.attach(model) as session, torch.no_grad():
-        with session.capture():
-            model(x)
-        names = session.names
-        model.layers[1] = torch.compile(model.layers[1], backend="eager")
-        with session.capture():
-            model(x), model(x)
-        routes = session.routes()
-        assert routes.names == names
-        perturb_routers(session, scale=3.0)  # the replay must force the recorded experts
-        with session.replay(routes), session.capture():
-            model(x), model(x)
-        assert session.routes().equal(routes), "the recorded experts were not forced"
