@@ -49,7 +49,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OutsideState", "code_settings", "flag_buffers", "hook_written", "is_written", "reads_state", "written"]
+__all__ = [
+    "OutsideState",
+    "code_settings",
+    "flag_buffers",
+    "generators",
+    "hook_written",
+    "is_written",
+    "reads_state",
+    "written",
+]
 
 #: the plain values that are compared as settings (:func:`is_setting`: members of an ``enum`` too)
 _PLAIN = frozenset((int, float, str, bool, type(None)))
@@ -88,9 +97,12 @@ _Chain = tuple[str, Any, str, tuple[_Step, ...]]
 #: forward's (see :class:`OutsideState`): ``(root kind, root holder, root name, steps to what holds it, last step)``;
 #: a rebound global or closure cell has no steps and no last step
 _Place = tuple[str, Any, str, tuple[_Step, ...], "_Step | None"]
-#: what :func:`_read_code` finds: the reads, the chains, what the code assigns (by name), where it changes things
-#: and whether it reads some of the state it changes otherwise than by changing it (``if len(_SEEN) > n``)
-_Code = tuple[tuple[_Read, ...], tuple[_Chain, ...], frozenset[str], tuple[_Place, ...], bool]
+#: what :func:`_read_code` finds: the reads, the chains, what the code assigns (by name), where it changes things,
+#: whether it reads some of the state it changes otherwise than by changing it (``if len(_SEEN) > n``), and the
+#: globals, closure cells and class attributes it names that hold no setting (see :func:`generators`)
+_Code = tuple[
+    tuple[_Read, ...], tuple[_Chain, ...], frozenset[str], tuple[_Place, ...], bool, tuple[tuple[str, Any, str], ...]
+]
 #: per class, per forward function: the reads and the chains found in its code, what it assigns itself (attributes of
 #: the module: ``self._step += 1``; globals; entries of a container it fills: ``_WARNED[key] = True``), and where
 _CACHE: weakref.WeakKeyDictionary[type, dict[Any, _Code]] = weakref.WeakKeyDictionary()
@@ -202,6 +214,65 @@ def reads_state(module: nn.Module, forward: Any = None) -> bool:
     its calls decides. One that only fills a log (``self.history.append(idx)``) does not read it."""
     cached = _read_code(module, forward)
     return cached is not None and cached[4]
+
+
+def generators(modules: list[nn.Module]) -> list[torch.Generator]:
+    """The random generators the code of ``modules``' forwards may draw from outside the modules' own attributes,
+    as they hold them now: a ``torch.Generator`` held by a global, a closure cell or a class attribute the code names
+    (``_RNG``, ``self.rng`` on the class), one level inside what it names (an attribute of a class or module it names:
+    ``Noise.generator``, an item of a list or dict), or at a chain it reads (``self.sampler.generator``). Their state
+    is put back after runs that are not the model's forwards, as the global random state is. A generator the code
+    creates on first use is not held yet: the assignment that stores it is put back instead (see :class:`OutsideState`).
+    Read from the code and the objects' own dictionaries; nothing of the model's runs."""
+    found: dict[int, torch.Generator] = {}
+    for m in modules:
+        cls = type(m)
+        if cls.__module__.partition(".")[0] in _NOT_FOLLOWED:  # (torch's own modules: nothing of theirs)
+            continue
+        cached = _read_code(m, m.__dict__.get("forward"))
+        if cached is None:
+            continue
+        for kind, where, name in cached[5]:
+            value = _in_class(where, name) if kind == "class" else where.get(name, _MISSING)
+            _generators_in(value, found, 1)
+        for kind, where, name, steps in cached[1]:
+            if kind == "defaults":
+                continue
+            obj: Any = m if kind == "self" else where.get(name, _MISSING)
+            for step in steps:
+                if obj is _MISSING or step[0] == "()":  # (a call is not made: only what it names is read)
+                    break
+                obj = _step(obj, step)
+                _generators_in(obj, found, 0)
+    return list(found.values())
+
+
+def _generators_in(value: Any, found: dict[int, torch.Generator], depth: int) -> None:
+    """Add to ``found`` ``value`` where it is a ``torch.Generator``, and ``depth`` levels inside it: the attributes of
+    a class (its MRO's own), of a module or of a plain object, the items of a list, tuple or dict. Nothing of it runs
+    (its own dictionary is read, not its ``__getattr__``)."""
+    if isinstance(value, torch.Generator):
+        found.setdefault(id(value), value)
+        return
+    if depth <= 0 or value is _MISSING or is_setting(value) or isinstance(value, torch.Tensor | nn.Module):
+        return  # (a module's own generators are the snapshot's)
+    if isinstance(value, types.ModuleType | type):
+        if _skipped(value):
+            return
+        spaces = [_DICT_OF(k) for k in _MRO_OF(value) if not _skipped(k)] if isinstance(value, type) else [vars(value)]
+        items: list[Any] = [v for space in spaces for v in space.values()]
+    elif isinstance(value, dict):
+        items = list(dict.values(value))
+    elif isinstance(value, list | tuple):
+        items = list(list.__iter__(value) if isinstance(value, list) else tuple.__iter__(value))
+    else:
+        try:
+            own = object.__getattribute__(value, "__dict__")
+        except AttributeError:
+            return
+        items = list(dict.values(own)) if type(own) is dict else []
+    for item in items:
+        _generators_in(item, found, depth - 1)
 
 
 class OutsideState:
@@ -369,6 +440,7 @@ def _read_code(module: nn.Module, forward: Any) -> _Code | None:
             frozenset(stores),
             tuple({(p[0], id(p[1]), p[2], p[3], p[4]): p for p in places.places}.values()),
             not places.read.isdisjoint(places.changed),
+            tuple({(h[0], id(h[1]), h[2]): h for h in places.holders}.values()),
         )
     return cached
 
@@ -456,12 +528,18 @@ def _walk(
         if cells is not None and name in cells.cells:
             out.append((f"{fn.__qualname__}.<{name}>", cells, name))
             follow.append((cells.get(name), None))
+            places.holders.append(("cell", cells, name))
         value = space.get(name, _MISSING)
         if value is not _MISSING:
             if is_setting(value):
                 out.append((f"{where}.{name}", space, name))
             elif isinstance(value, types.ModuleType | type) and not _skipped(value):
                 _attributes(value, names, out)
+                if isinstance(value, type) and issubclass(value, torch.autograd.Function):
+                    # (``Noise.apply(x)`` runs the Function's own static methods: their code is the forward's)
+                    follow.extend((_in_class(value, m), None) for m in _FUNCTION_METHODS)
+            if not is_setting(value) and not isinstance(value, types.FunctionType):
+                places.holders.append(("global", space, name))
             follow.append((value, None))
         if cls is not None:
             attr = inspect.getattr_static(cls, name, _MISSING)
@@ -469,12 +547,18 @@ def _walk(
                 out.append((f"{cls.__qualname__}.{name}", None, name))
             else:  # (a static or class method's first argument is not the module)
                 follow.append((attr, None if isinstance(attr, staticmethod | classmethod) else cls))
+                if attr is not _MISSING and not isinstance(attr, types.FunctionType):
+                    places.holders.append(("class", cls, name))
     if depth >= _DEPTH:
         return
     for value, owner in follow:
         inner = _function(value) if isinstance(value, types.FunctionType | staticmethod | classmethod) else None
         if inner is not None and not _skipped(inner):
             _walk(inner, owner, depth + 1, seen, out, chains, stores, places)
+
+
+#: the static methods of a ``torch.autograd.Function`` that its ``apply`` runs
+_FUNCTION_METHODS = ("forward", "setup_context", "backward")
 
 
 #: instructions a chain passes over (no value of its own: caches, a call's preparation)
@@ -600,6 +684,9 @@ class _Changes:
         self.places: list[_Place] = []
         self.read: set[tuple[Any, ...]] = set()
         self.changed: set[tuple[Any, ...]] = set()
+        #: the globals, closure cells and class attributes (through the module) the code names that hold no setting:
+        #: ``(kind, holder, name)``, where a random generator it draws from may be held (see :func:`generators`)
+        self.holders: list[tuple[str, Any, str]] = []
 
 
 #: the methods of :data:`_MUTATORS` whose first argument is the key of the one entry they change

@@ -51,6 +51,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._code_settings import CONTAINERS, OutsideState, container_contents, refill_container
+from ._code_settings import generators as code_generators
 from .errors import UnsupportedRouterError
 
 __all__ = [
@@ -1214,9 +1215,11 @@ class _Snapshot:
                         self.tensors.append((t, t.detach().clone(), _version(t)))
                     else:
                         self.big.append((t, _version(t)))
-        self.generators = [
-            (g, g.get_state()) for m in self.modules for g in vars(m).values() if isinstance(g, torch.Generator)
-        ]
+        #: the generators the modules hold, and those their code reads outside them (a class's, a global)
+        held_generators = {id(g): g for m in self.modules for g in vars(m).values() if isinstance(g, torch.Generator)}
+        for g in code_generators(self.modules):
+            held_generators.setdefault(id(g), g)
+        self.generators = [(g, g.get_state()) for g in held_generators.values()]
         #: what the modules' code changes outside them (a step count in a global, a warn-once registry)
         self.outside = OutsideState(self.modules)
         #: a norm's running statistics, which its kernel updates in place without a new version: put back by value

@@ -27,6 +27,7 @@ from torch import nn
 import moe_replay as mr
 from moe_replay._code_settings import code_settings, hook_written
 
+from . import conftest
 from . import test_evidence as ev
 
 USE_BIAS = False  # read by GlobalFlagRouter
@@ -1214,3 +1215,191 @@ def _signed(step: int) -> torch.Tensor:
     """Inputs whose mean is negative at even steps and positive at odd ones."""
     x = torch.randn(ev.T, ev.D, generator=torch.Generator().manual_seed(step))
     return x + (1.0 if step % 2 else -1.0)
+
+
+# ----------------------------------------------------------------------- random generators outside the module
+_NOISE_RNG = torch.Generator().manual_seed(11)  # drawn from by GlobalGeneratorRouter
+
+
+class _Sampler:
+    """A plain object (no module) that holds the generator a router draws from."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(12)
+
+
+class LazyNoise(torch.autograd.Function):
+    """Megatron-core ``RandomSTE``-like: noise from a generator the class creates on first use, gradient passed."""
+
+    generator: torch.Generator | None = None
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if LazyNoise.generator is None:
+            LazyNoise.generator = torch.Generator().manual_seed(13)
+        return x * (0.5 + torch.rand(x.shape, generator=LazyNoise.generator))
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+class _JitterRouter(nn.Module):
+    """Multiplicative jitter of the input in training, then a top-2 (``independent``: a top-1 in each half of the
+    experts, Hetu's k top-1, which moe_replay refuses after its probe runs)."""
+
+    def __init__(self, independent: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(ev.E, ev.D))
+        self.independent = independent
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 + torch.rand_like(x)  # (the default random stream)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            x = x * self.noise(x)
+        probs = F.linear(x, self.weight).softmax(-1)
+        if not self.independent:
+            return probs.topk(2, dim=-1)
+        halves = [torch.topk(half, 1, dim=-1) for half in probs.split(ev.E // 2, dim=-1)]
+        idx = torch.cat([halves[0].indices, halves[1].indices + ev.E // 2], dim=-1)
+        return torch.cat([halves[0].values, halves[1].values], dim=-1), idx
+
+
+class GlobalGeneratorRouter(_JitterRouter):
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 + torch.rand(x.shape, generator=_NOISE_RNG)
+
+
+class ClassGeneratorRouter(_JitterRouter):
+    rng = torch.Generator().manual_seed(14)  # (the class's, shared by its instances)
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 + torch.rand(x.shape, generator=self.rng)
+
+
+class ChainGeneratorRouter(_JitterRouter):
+    def __init__(self, independent: bool = False) -> None:
+        super().__init__(independent)
+        self.sampler = _Sampler()
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 + torch.rand(x.shape, generator=self.sampler.generator)
+
+
+class FunctionGeneratorRouter(_JitterRouter):
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        return LazyNoise.apply(torch.ones_like(x))
+
+
+def _cell_generator_router() -> type[_JitterRouter]:
+    rng = torch.Generator().manual_seed(15)
+
+    class CellGeneratorRouter(_JitterRouter):
+        def noise(self, x: torch.Tensor) -> torch.Tensor:
+            return 0.5 + torch.rand(x.shape, generator=rng)
+
+    return CellGeneratorRouter
+
+
+CellGeneratorRouter = _cell_generator_router()
+
+GENERATOR_ROUTERS: dict[str, type[_JitterRouter]] = {
+    "default stream": _JitterRouter,
+    "global": GlobalGeneratorRouter,
+    "class attribute": ClassGeneratorRouter,
+    "attribute chain": ChainGeneratorRouter,
+    "closure cell": CellGeneratorRouter,
+    "autograd function, created on first use": FunctionGeneratorRouter,
+}
+
+
+def _generator_of(router: nn.Module) -> torch.Generator | None:
+    """The generator a router of :data:`GENERATOR_ROUTERS` draws from (read directly, never through moe_replay)."""
+    if isinstance(router, CellGeneratorRouter):
+        return type(router).noise.__closure__[0].cell_contents
+    if isinstance(router, GlobalGeneratorRouter):
+        return _NOISE_RNG
+    if isinstance(router, ClassGeneratorRouter):
+        return ClassGeneratorRouter.rng
+    if isinstance(router, ChainGeneratorRouter):
+        return router.sampler.generator
+    return LazyNoise.generator if isinstance(router, FunctionGeneratorRouter) else None
+
+
+def _random_state(router: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The default stream's state and that of the generator the router draws from (None: it holds none)."""
+    g = _generator_of(router)
+    return torch.get_rng_state(), None if g is None else g.get_state()
+
+
+def _same_random_state(
+    a: tuple[torch.Tensor, torch.Tensor | None], b: tuple[torch.Tensor, torch.Tensor | None]
+) -> bool:
+    return torch.equal(a[0], b[0]) and (a[1] is None) == (b[1] is None) and (a[1] is None or torch.equal(a[1], b[1]))
+
+
+@pytest.fixture
+def fresh_lazy_noise() -> Iterator[None]:
+    """``LazyNoise`` without its generator (as before its first use), and so again after the test."""
+    LazyNoise.generator = None
+    yield
+    LazyNoise.generator = None
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize("kind", list(GENERATOR_ROUTERS))
+def test_the_probe_runs_leave_a_generator_the_routers_code_draws_from_as_one_forward_would(
+    kind: str, fresh_lazy_noise: None
+) -> None:
+    """Once changed: a generator held outside the router (a global, a class's, a closure cell's, an object's it
+    holds, or created on first use by an ``autograd.Function`` it applies) was drawn from by each probe run, so the
+    first forward under a session left it (and, for a top-k of noise, the decision) other than one forward does;
+    Megatron's forced load balancing was refused as differing between two runs. Each now draws from it as the
+    plain forward does, and the default stream is left as one forward leaves it."""
+    cls = GENERATOR_ROUTERS[kind]
+    model = ev.TwoLayers(lambda: ev.RouterBlock(cls())).train()
+    routers = [block.router for block in model.layers]
+    x = torch.randn(ev.T, ev.D, generator=torch.Generator().manual_seed(2))
+    start = [_random_state(r) for r in routers]
+    with torch.no_grad():
+        want = model(x)
+    after_plain = [_random_state(r) for r in routers]
+    assert not _same_random_state(after_plain[0], start[0]), "the router draws nothing"
+    torch.set_rng_state(start[0][0])  # (back to the start, by hand)
+    for r, (_, state) in zip(routers, start, strict=True):
+        if state is not None:
+            _generator_of(r).set_state(state)
+        else:
+            LazyNoise.generator = None
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        got = model(x)
+    assert all(_same_random_state(_random_state(r), a) for r, a in zip(routers, after_plain, strict=True))
+    assert torch.equal(got, want)
+    assert [s.top_k for s in session.sites] == [2, 2]
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize("kind", list(GENERATOR_ROUTERS))
+def test_a_refused_attach_leaves_every_random_state_the_routers_code_draws_from_as_it_was(
+    kind: str, fresh_lazy_noise: None
+) -> None:
+    """The same routers making k independent top-1 choices, which moe_replay refuses once its probe runs have
+    run: the model, the default random stream and the generator the code draws from (a class's left without one,
+    where the code creates it on first use) are as they were before the attach."""
+    cls = GENERATOR_ROUTERS[kind]
+    model = ev.TwoLayers(lambda: ev.RouterBlock(cls(independent=True))).train()
+    routers = [block.router for block in model.layers]
+    x = torch.randn(ev.T, ev.D, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(x)  # (the generators created and drawn from)
+    if kind.startswith("autograd"):
+        LazyNoise.generator = None
+    before, weights = [_random_state(r) for r in routers], conftest.snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError, match="independent choice"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(x)
+    assert all(_same_random_state(_random_state(r), b) for r, b in zip(routers, before, strict=True))
+    assert not kind.startswith("autograd") or LazyNoise.generator is None
+    conftest.assert_untouched(model, weights)

@@ -8,6 +8,7 @@ with a ``MoEReplayError`` that says why, the model left as it was.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -18,8 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_replay as mr
 from tests.conftest import assert_untouched, snapshot
-from tests.test_evidence import D, E, Experts, RouterBlock, T, TwoLayers, dispatch
-from tests.test_public_routers2 import _Forced, _x, assert_replay_is_forced_by_hand
+from tests.test_evidence import D, E, Experts, RouterBlock, T, TwoLayers, dispatch, perturb
+from tests.test_public_routers2 import _Forced, _forced_by_hand, _x, assert_replay_is_forced_by_hand
 
 
 # ----------------------------------------------------------------------- Hetu: k top-1 (expert prototyping)
@@ -450,7 +451,7 @@ class RandomSTE(torch.autograd.Function):
         return grad_output
 
 
-class ForceBalancedRouter(nn.Module):
+class ForceBalancedRouter(_Forced):
     """Megatron-core ``TopKRouter`` with ``moe_router_force_load_balancing`` (``apply_random_logits``): a top-k of
     the random logits, softmax of the top values."""
 
@@ -461,7 +462,11 @@ class ForceBalancedRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = RandomSTE.apply(F.linear(x, self.weight))
-        scores, top_indices = torch.topk(logits, self.topk, dim=-1)
+        if self.forced is None:
+            scores, top_indices = torch.topk(logits, self.topk, dim=-1)
+        else:
+            top_indices = self.forced
+            scores = logits.gather(-1, top_indices)
         return torch.softmax(scores, dim=-1, dtype=torch.float32), top_indices
 
 
@@ -543,13 +548,6 @@ def test_moefication_neuron_groups_replay_is_forced_by_hand() -> None:
             "chooses only along another dimension",
             id="xlora-top-k-over-tokens",
         ),
-        pytest.param(
-            lambda: RouterBlock(ForceBalancedRouter()),
-            {},
-            mr.UnsupportedRouterError,
-            "differs between two runs on the same inputs",
-            id="megatron-force-load-balancing",
-        ),
     ],
 )
 def test_routers_with_no_choice_in_sight_are_refused(
@@ -557,14 +555,54 @@ def test_routers_with_no_choice_in_sight_are_refused(
 ) -> None:
     """No per-token choice among experts that moe_replay can see: every adapter weighted (LoRAMoE: not found, or
     refused once named), a top-k inside a TorchScript function (only the max of a stable softmax in sight, which
-    decides nothing), a top-k over the sequence (the first X-LoRA's ``dim=1``), a top-k of noise drawn from a generator
-    out of sight (Megatron's forced load balancing). Refused, the model left as it was."""
+    decides nothing), a top-k over the sequence (the first X-LoRA's ``dim=1``). Refused, the model left as it was."""
     model = TwoLayers(make)
     before = snapshot(model)
     with pytest.raises(error, match=match):
         with mr.attach(model, **attach) as session, torch.no_grad(), session.capture():
             model(_x(2, T // 2))
     assert_untouched(model, before)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_top_k_of_noise_from_a_class_held_generator_replays_as_forced_by_hand(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Megatron's forced load balancing: a top-k of normal noise drawn from a generator ``RandomSTE`` holds. Once
+    refused as differing between two runs on the same inputs (each probe run drew from the generator, which was not
+    put back). Now the capture draws from it as one plain forward does (the recorded experts are those a forward
+    from the same generator state uses when forced by hand), and a replay is those experts forced by hand, with
+    combine weights from the replay's own noise, in output and gradients."""
+    g = torch.Generator().manual_seed(42)
+    monkeypatch.setattr(RandomSTE, "generator", g)
+    model = TwoLayers(lambda: RouterBlock(ForceBalancedRouter()))
+    ref, x = copy.deepcopy(model), _x()
+    start = g.get_state()
+    with mr.attach(model) as session:
+        with session.capture():
+            captured = model(x)
+        after = g.get_state()
+        routes = session.routes()
+        rows = [routes.layer(name) for name in session.names]
+        g.set_state(start)
+        with torch.no_grad(), _forced_by_hand(ref, rows):
+            assert torch.equal(ref(x), captured.detach()), "the rows are not the experts used"
+        assert torch.equal(g.get_state(), after), "the capture drew more than one forward does"
+        perturb(model)
+        perturb(ref)
+        with _forced_by_hand(ref, rows):
+            expected = ref(x)
+            expected.square().sum().backward()
+        g.set_state(after)
+        with session.replay(routes):
+            replayed = model(x)
+        replayed.square().sum().backward()
+    assert torch.equal(replayed.detach(), expected.detach())
+    assert [(s.num_experts, s.top_k) for s in session.sites] == [(E, 2)] * 2
+    for (name, got), want in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert (got.grad is None) == (want.grad is None) and (got.grad is None or torch.equal(got.grad, want.grad)), (
+            name
+        )
 
 
 @pytest.mark.reliability("silent replays")
