@@ -67,6 +67,7 @@ from ..errors import (
     RouterNotFoundError,
     RoutesValidationError,
     SessionStateError,
+    UnsupportedRouterError,
 )
 from ..generation import split_generation
 from ..interop import LayerMap
@@ -387,11 +388,24 @@ def _peft_reference_active(model: nn.Module) -> bool:
     return isinstance(configs, dict) and "ref" in configs and active in ("ref", ["ref"])
 
 
-def _probabilities(scores: torch.Tensor) -> torch.Tensor:
-    """The router probabilities: ``scores`` if they are already a distribution per token, else their softmax.
+def _replay_aux_loss(kept: RouterScores, mask: torch.Tensor | None) -> torch.Tensor:
+    """The load-balancing loss of a replayed forward (see :func:`~moe_replay.load_balancing_loss`): the replayed
+    experts counted, the probabilities those of the router's scores (see :func:`_probabilities`)."""
+    probs = [_probabilities(s, n) for s, n in zip(kept.scores, kept.names, strict=True)]
+    return load_balancing_loss(probs, kept.indices, mask=mask)
+
+
+def _probabilities(scores: torch.Tensor, name: str = "?") -> torch.Tensor:
+    """The router probabilities: ``scores`` if they are already a distribution per token, else their softmax, where
+    the scores are the router's logits (a top-k of the logits, the k softmaxed after: GPT-OSS, Megatron).
 
     A softmax rounded to bfloat16 sums to 1 within a few of its own rounding steps only: the tolerance
-    follows the scores' precision, or such probabilities would be taken for logits and softmaxed again."""
+    follows the scores' precision, or such probabilities would be taken for logits and softmaxed again.
+
+    Raises:
+        UnsupportedRouterError: scores that are neither (see :func:`_not_logits`): a softmax of them is not the
+            probabilities the model's own load-balancing loss reads.
+    """
     s = scores.detach()
     tol = max(1e-3, 2 * torch.finfo(s.dtype).eps) if s.dtype.is_floating_point else 1e-3
     if (
@@ -400,7 +414,51 @@ def _probabilities(scores: torch.Tensor) -> torch.Tensor:
         and torch.allclose(s.float().sum(-1), s.new_ones(s.shape[0]).float(), atol=tol)
     ):
         return scores
+    why = _not_logits(scores)
+    if why is not None:
+        raise UnsupportedRouterError(
+            f"router '{name}' decides on scores that are no probability distribution and not its logits ({why}: a "
+            "sigmoid router, as DeepSeek-V3's or MiniMax-M2's). The load-balancing loss this trainer computes in a "
+            "replay, E * sum_e f_e * P_e with P a softmax, would not be the model's own aux loss. Set "
+            "router_aux_loss_coef=0.0 in the trainer's config and add the loss the model is trained with yourself, "
+            "from the scores and replayed experts of Session.keep_scores(); or train with routing_replay='measure'"
+        )
     return scores.float().softmax(-1)
+
+
+#: the autograd nodes of an elementwise squashing: a router whose scores pass through one after its logits is not
+#: one whose softmax of the scores is that of its logits
+_SQUASHING = ("Sigmoid", "Tanh", "Softplus", "Relu", "Elu", "Gelu", "Silu", "Hardsigmoid", "Hardtanh")
+#: the autograd nodes that make the logits (a matrix product): the walk back from the scores stops there
+_PRODUCTS = ("Mm", "Addmm", "Bmm", "Linear", "Matmul", "Baddbmm", "Einsum", "Conv")
+
+
+def _not_logits(scores: torch.Tensor) -> str | None:
+    """Why ``scores`` (no distribution) are not a router's logits, or None where nothing says so: their autograd graph
+    passes through a squashing (a sigmoid) after the matrix product that makes the logits; with no graph (no gradients,
+    a frozen router), every score lies in ``[0, 1]`` (a sigmoid's range, which logits of both signs leave). Scores of
+    no graph that a bias moved out of that range are not told from logits (their loss then takes no gradient: a
+    figure to log only). Read from the graph's node names, nothing runs."""
+    node = scores.grad_fn
+    if node is None:
+        s = scores.detach()
+        if s.numel() and bool(((s >= 0) & (s <= 1)).all()):
+            return "every score lies in [0, 1], a sigmoid's range"
+        return None
+    seen: set[int] = set()
+    todo = [node]
+    while todo and len(seen) < 256:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        kind = type(node).__name__
+        if any(kind.startswith(squash) for squash in _SQUASHING):
+            return f"their graph passes through {kind.removesuffix('Backward0')} after the logits"
+        if any(kind.startswith(product) for product in _PRODUCTS):
+            continue
+        todo.extend(n for n, _ in getattr(node, "next_functions", ()))
+    return None
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -688,9 +746,7 @@ class RoutingReplayMixin:
             logps, entropies, aux = plain(compute_aux_loss and not own_aux)
             stats = _disagreement(kept, batch, replaying, attention_mask)
             if own_aux:
-                aux = load_balancing_loss(
-                    [_probabilities(s) for s in kept.scores], kept.indices, mask=attention_mask.reshape(-1)
-                )
+                aux = _replay_aux_loss(kept, attention_mask.reshape(-1))
             del kept
         if self._mr_verify and replaying:
             # every replayed row is checked, those the forward does not attend to (a completion TRL masks out) too:

@@ -728,8 +728,110 @@ def test_router_probabilities_rounded_to_low_precision_are_not_softmaxed_again(d
     probs = logits.softmax(-1)
     assert mr_trl._probabilities(probs) is probs
     assert torch.allclose(mr_trl._probabilities(logits), logits.float().softmax(-1))  # logits are still softmaxed
-    sigmoid = logits.sigmoid()  # scores that are no distribution
-    assert torch.allclose(mr_trl._probabilities(sigmoid), sigmoid.float().softmax(-1))
+    sigmoid = logits.sigmoid()  # scores that are no distribution, nor logits: refused (see below)
+    with pytest.raises(mr.UnsupportedRouterError, match="router_aux_loss_coef=0.0"):
+        mr_trl._probabilities(sigmoid)
+
+
+class _HandRouter(torch.nn.Module):
+    """A router over 8 experts of 16 features, ``top-2``: ``"softmax"`` picks on the softmax (Qwen-MoE, Mixtral),
+    ``"logits"`` on the logits and softmaxes the two after (GPT-OSS), ``"sigmoid"`` on sigmoid scores plus a balancing
+    bias (DeepSeek-V3, MiniMax-M2, whose own aux loss is a softmax of the logits, not of these scores; ``"sigmoid, no
+    bias"`` with a bias of zeros)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.weight = torch.nn.Parameter(torch.randn(8, 16))
+        self.register_buffer("bias", 0.1 * torch.randn(8) * (kind != "sigmoid, no bias"))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.nn.functional.linear(x, self.weight)
+        if self.kind == "softmax":
+            return logits.softmax(-1).topk(2, dim=-1)
+        if self.kind == "logits":
+            top, idx = logits.topk(2, dim=-1)
+            return top.softmax(-1), idx
+        scores = logits.sigmoid()
+        idx = (scores + self.bias).topk(2, dim=-1).indices
+        w = scores.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+class _HandBlock(torch.nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.router = _HandRouter(kind)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
+        return out
+
+
+def _replayed_aux(kind: str, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _HandBlock]:
+    """The trainer's replacement aux loss of a replayed forward of a :class:`_HandBlock` (after its router changed),
+    with the inputs and the replayed experts."""
+    torch.manual_seed(0)
+    block, x = _HandBlock(kind), torch.randn(24, 16)
+    mask = (torch.arange(24) % 5 != 0).long()  # (some padding)
+    with mr.attach(block) as session:
+        with torch.no_grad(), session.capture():
+            block(x)
+        routes = session.routes()
+        with torch.no_grad():
+            block.router.weight.add_(torch.randn(8, 16))
+        with torch.set_grad_enabled(grad), session.replay(routes), session.keep_scores() as kept:
+            block(x)
+            aux = mr_trl._replay_aux_loss(kept, mask)
+    return aux, x, routes.layer("router").long(), block
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("kind", ["softmax", "logits"])
+def test_the_replay_aux_loss_is_the_switch_loss_of_the_replayed_experts_by_hand(kind: str) -> None:
+    """The trainer's aux loss in a replay: ``E * sum_e f_e * P_e`` over the tokens the mask counts, ``f_e`` the share
+    of the replayed experts, ``P_e`` the mean softmax of the router's logits (the model's own probabilities), written
+    here by hand from the router's weight; its gradient reaches the router."""
+    aux, x, used, block = _replayed_aux(kind, grad=True)
+    keep = (torch.arange(24) % 5 != 0).float()
+    probs = (x @ block.router.weight.detach().T).softmax(-1)
+    counts = torch.zeros(24, 8).scatter_add_(1, used, torch.ones_like(used, dtype=torch.float))
+    f = (counts * keep[:, None]).sum(0) / keep.sum()
+    p = (probs * keep[:, None]).sum(0) / keep.sum()
+    assert float(aux) == pytest.approx(float(8 * (f * p).sum()), rel=1e-5)
+    aux.backward()
+    assert block.router.weight.grad is not None and bool(block.router.weight.grad.abs().sum() > 0)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    ("kind", "grad"),
+    [
+        pytest.param("sigmoid", True, id="biased-with-gradients"),
+        pytest.param("sigmoid, no bias", False, id="no-gradients"),
+        pytest.param(
+            "sigmoid",
+            False,
+            id="biased-no-gradients",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="with no autograd graph, sigmoid scores a bias moved out of [0, 1] are not told from logits: "
+                "the replay aux loss (a figure to log only, with no gradient) is then a softmax of them",
+            ),
+        ),
+    ],
+)
+def test_the_replay_aux_loss_of_a_sigmoid_router_is_refused(kind: str, grad: bool) -> None:
+    """Once silent: the scores of a sigmoid router (DeepSeek-V3 style, plus a balancing bias) were taken for logits
+    and softmaxed, a loss that is neither the model's own (a softmax of its logits) nor any other's. Refused, naming
+    the router and what to do (the sigmoid seen in the scores' graph; with no graph, scores all in ``[0, 1]``)."""
+    with pytest.raises(mr.UnsupportedRouterError, match="router 'router' .*router_aux_loss_coef=0.0"):
+        _replayed_aux(kind, grad)
 
 
 def disagreement_by_hand(
