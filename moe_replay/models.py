@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -38,6 +40,7 @@ from .errors import InvalidArgumentError
 
 __all__ = [
     "CHECKPOINTING",
+    "MAX_PARAMETER_BYTES",
     "STYLES",
     "Experts",
     "GroupedSigmoidRouter",
@@ -57,6 +60,10 @@ STYLES: tuple[str, ...] = ("softmax_topk", "topk_softmax", "grouped_sigmoid", "l
 CHECKPOINTING: tuple[str, ...] = ("none", "reentrant", "non_reentrant")
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+#: The most bytes of parameters (float32) a reference model may hold: 16 GiB, or the machine's memory where it
+#: is less. A configuration past it is refused at build, before anything is allocated.
+MAX_PARAMETER_BYTES = 16 << 30
 
 
 @dataclass
@@ -117,6 +124,51 @@ class MoEConfig:
             )
         if self.router == "grouped_sigmoid" and not 1 <= self.topk_group <= self.n_group:
             raise InvalidArgumentError(f"topk_group must be in 1..n_group={self.n_group}, got {self.topk_group}")
+        if self.num_layers < 1:
+            raise InvalidArgumentError(f"num_layers must be a positive int, got {self.num_layers}")
+        if self.first_dense_layers >= self.num_layers:
+            raise InvalidArgumentError(
+                f"first_dense_layers={self.first_dense_layers} leaves none of the num_layers={self.num_layers} layers "
+                "an MoE layer: a model with no router. Use fewer dense layers or more layers"
+            )
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and not math.isfinite(value):
+                raise InvalidArgumentError(f"{f.name} must be a finite number, got {value!r}")
+        need, cap = 4 * self.parameter_count(), _parameter_byte_cap()
+        if need > cap:
+            raise InvalidArgumentError(
+                f"this configuration holds {self.parameter_count():,} parameters ({need / 2**30:,.1f} GiB in float32), "
+                f"more than the {cap / 2**30:,.1f} GiB a reference model may hold (MAX_PARAMETER_BYTES, or the "
+                "machine's memory where less): use smaller sizes (num_layers, num_experts, hidden_size, expert_size, "
+                "vocab_size, max_positions)"
+            )
+
+    def parameter_count(self) -> int:
+        """How many parameters and buffers a model of this configuration holds at most, computed from its sizes alone
+        (nothing is allocated): embeddings, output head and final norm, then per layer its norms, attention and
+        its MLP (an MoE block's router with a selection bias, its experts and shared expert, or a dense MLP)."""
+        h, e, s = self.hidden_size, self.num_experts, self.expert_size
+        moe_layers = self.num_layers - min(self.first_dense_layers, self.num_layers)
+        moe = e * h + e + 3 * e * s * h + (3 * h * s + h if self.shared_expert else 0)
+        dense = 3 * h * s * self.top_k
+        per_layer = 2 * h + 4 * h * h
+        return (
+            (2 * self.vocab_size + self.max_positions) * h
+            + h
+            + self.num_layers * per_layer
+            + moe_layers * moe
+            + (self.num_layers - moe_layers) * dense
+        )
+
+
+def _parameter_byte_cap() -> int:
+    """:data:`MAX_PARAMETER_BYTES`, or the machine's physical memory where it is known and less."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # (a platform with no sysconf: the cap alone)
+        return MAX_PARAMETER_BYTES
+    return min(MAX_PARAMETER_BYTES, memory) if memory > 0 else MAX_PARAMETER_BYTES
 
 
 @dataclass
@@ -511,6 +563,12 @@ def build(style: str = "softmax_topk", *, seed: int = 0, **overrides: Any) -> Mo
         style: one of :data:`STYLES`.
         seed: initialisation seed (same seed, same weights).
         **overrides: any :class:`MoEConfig` field (``num_layers``, ``num_experts``, ``top_k``...).
+
+    Raises:
+        InvalidArgumentError: a field of the wrong type or out of range (a count under 1, ``top_k`` over
+            ``num_experts``, no MoE layer left after ``first_dense_layers``, a number not finite), or sizes whose
+            parameters would take more than :data:`MAX_PARAMETER_BYTES` (or the machine's memory, where less):
+            refused from the sizes alone, before anything is allocated.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
         raise InvalidArgumentError(f"seed must be an int (a torch.Generator seed), got {seed!r:.60}")

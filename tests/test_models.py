@@ -25,6 +25,14 @@ import moe_replay as mr
         ("softmax_topk", {"router_init_std": "0.5"}, "router_init_std must be a number"),
         ("softmax_topk", {"seed": None}, "seed must be an int"),
         ("softmax_topk", {"seed": 2**70}, "seed must be an int"),
+        ("softmax_topk", {"num_layers": 0}, "num_layers must be a positive int, got 0"),
+        ("softmax_topk", {"num_layers": -3}, "num_layers must be a non-negative int"),
+        ("softmax_topk", {"num_layers": 2, "first_dense_layers": 2}, "leaves none of the num_layers=2 layers an MoE"),
+        ("softmax_topk", {"routed_scaling_factor": float("nan")}, "routed_scaling_factor must be a finite number"),
+        ("softmax_topk", {"router_init_std": float("inf")}, "router_init_std must be a finite number"),
+        ("softmax_topk", {"num_layers": 10**9}, r"parameters \(.* GiB in float32\), more than the .* GiB"),
+        ("linear_gate", {"hidden_size": 2**20, "num_heads": 1}, r"use smaller sizes"),
+        ("top1_argmax", {"vocab_size": 10**12}, "MAX_PARAMETER_BYTES"),
     ],
 )
 def test_a_configuration_that_cannot_run_is_refused_at_build(style: str, overrides: dict, match: str) -> None:
@@ -56,3 +64,28 @@ def test_a_packed_row_longer_than_max_positions_runs_and_given_positions_are_che
     for positions in ([[0, 1, 8]], [[-1, 0, 1]]):
         with pytest.raises(mr.InvalidArgumentError, match=r"position_ids hold .* outside 0\.\.7"):
             model(torch.zeros(1, 3, dtype=torch.long), position_ids=torch.tensor(positions))
+
+
+@pytest.mark.parametrize("style", mr.models.STYLES)
+@pytest.mark.parametrize("overrides", [{}, {"num_layers": 3, "first_dense_layers": 1, "shared_expert": True}])
+def test_the_size_refused_at_build_bounds_what_the_model_holds(style: str, overrides: dict) -> None:
+    """The count a build checks against the memory cap, from the sizes alone, is at least what the built model
+    holds, and exceeds it by no more than the selection bias of the routers that have none."""
+    model = mr.models.build(style, **overrides)
+    held = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    moe_layers = model.config.num_layers - model.config.first_dense_layers
+    assert held <= model.config.parameter_count() <= held + moe_layers * model.config.num_experts
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_build_past_the_memory_cap_is_refused_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a huge ``num_layers`` started allocating layer after layer. Sizes past the cap are refused from the
+    sizes alone: with the cap lowered under a default model's size, its build is refused, never constructed."""
+    size = 4 * mr.models.MoEConfig().parameter_count()
+    monkeypatch.setattr(mr.models, "MAX_PARAMETER_BYTES", size - 1)
+    monkeypatch.setattr(mr.models.MoETransformer, "__init__", lambda *a: pytest.fail("allocated"))
+    with pytest.raises(mr.InvalidArgumentError, match="more than the"):
+        mr.models.build("softmax_topk")
+    monkeypatch.setattr(mr.models, "MAX_PARAMETER_BYTES", size)
+    with pytest.raises(pytest.fail.Exception, match="allocated"):  # (at the cap: built)
+        mr.models.build("softmax_topk")
