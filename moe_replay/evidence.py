@@ -2108,12 +2108,13 @@ def _establish(
                     f"its forward makes more than one independent choice that reaches the output ({last.describe()} "
                     f"and its decision {calls[slots[0]].describe()}): moving the earlier one leaves the decision's "
                     "scores as they were, and one router is one choice per call. Either they are two routers in "
-                    "one module's forward (per-modality gates, one per projection), or the experts are chosen in "
-                    "steps that no one call holds (top-p: a sort, a cumulative sum and an argmax of where it "
-                    "crosses p), which cannot be replayed as one decision",
-                    "Two routers: attach the modules that each make one choice (include= each gate, or the "
-                    "function's module), or an Adapter(call=N) naming the one to record. A choice made in steps: "
-                    "route with one top-k (or mask the scores before one top-k)",
+                    "one module's forward (per-modality gates, one per projection), or one choice in each slice of "
+                    "the experts (expert prototyping: a top-1 in each of k groups of E/k experts), or the experts "
+                    "are chosen in steps that no one call holds (top-p: a sort, a cumulative sum and an argmax of "
+                    "where it crosses p), none of which is replayed as one decision",
+                    "Two routers, or one choice per slice: give each choice a module of its own whose forward makes "
+                    "it and attach those (include= each), or an Adapter(call=N) naming the one to record. A choice "
+                    "made in steps: route with one top-k (or mask the scores before one top-k)",
                 )
             leader = _leader(probe, calls, seen, broad, anchor) if lead is None else anchor
             if leader is not anchor:  # the anchor reads back the choice of an earlier call: that one decides
