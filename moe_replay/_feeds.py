@@ -117,7 +117,7 @@ _SEQUENCE_FIRST_HINT = (
 class _Forward:
     """What one forward of the model was fed."""
 
-    __slots__ = ("calls", "count", "end", "ids", "mask")
+    __slots__ = ("calls", "count", "end", "ids", "mask", "shape")
 
     def __init__(self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: int = -1) -> None:
         self.count = count  # tokens fed (rows per router call); -1 where unknown
@@ -125,6 +125,9 @@ class _Forward:
         self.mask = mask  # a copy of the attention mask of the tokens fed, or None
         self.calls = calls  # router calls recorded before this forward (FeedRecord.calls_made), -1 where unknown
         self.end = -1  # and when it ended, -1 where unknown
+        #: the [batch, positions] of ids whose tokens its routers saw sequence-first (ids and mask kept in that
+        #: order), or None: they saw them in the order of the ids
+        self.shape: tuple[int, int] | None = None
 
 
 class FeedRecord:
@@ -174,6 +177,9 @@ class FeedRecord:
         self._held_after: int = -1
         self._starts: dict[int, Any] = {}
         self._keep_inputs = keep_inputs
+        #: a forward of this capture whose routers saw its tokens sequence-first: its rows do not follow the tokens
+        #: sequence by sequence (:meth:`ranks`)
+        self.sequence_first = False
         #: a forward of this capture that raised after its routers recorded rows, the exception caught inside the
         #: block (a retry after an out-of-memory error): its rows stop half-way, so the routers' rows no longer line
         #: up. The exception in words, or None
@@ -240,6 +246,8 @@ class FeedRecord:
             return False
         if before and not given and self._notes_loops and count > 0:  # (its tokens start from no cached ones)
             self._fresh.append(("", None))
+        if order == SEQUENCE_FIRST:
+            self.sequence_first = True
         if self._keep_inputs:
             self._keep(count, ids, fed, kwargs, order)
         if self._rollback is not None:  # (a forward after tokens were taken out of a cache: its rows follow theirs)
@@ -422,7 +430,10 @@ class FeedRecord:
                 mask = in_router_order(mask, order)
         else:
             mask = None
-        self.forwards.append(_Forward(count, kept, mask, -1 if self.calls_made is None else self.calls_made()))
+        forward = _Forward(count, kept, mask, -1 if self.calls_made is None else self.calls_made())
+        if order == SEQUENCE_FIRST and ids is not None and ids.dim() == 2:
+            forward.shape = (int(ids.shape[0]), int(ids.shape[1]))
+        self.forwards.append(forward)
 
     def _watch(self, cache: Any, names: tuple[str, ...]) -> None:
         """Note calls of ``cache``'s row-moving methods ``names`` while this capture runs."""
@@ -511,8 +522,37 @@ class FeedRecord:
         router calls (unknown calls, forwards in compiled code, a router called more than
         once per forward, forwards of another model).
         """
-        if calls is None or not self._keep_inputs:
+        parts = self._calls(calls)
+        if parts is None:
             return None, None
+        sizes = [f.count for f in parts]
+        masks = [_zero_one(f.mask) for f in parts]
+        return _flat([f.ids for f in parts], sizes, torch.long), _flat(masks, sizes, torch.int8)
+
+    def ranks(self, calls: tuple[tuple[int, int], ...] | None, rows: int) -> torch.Tensor | None:
+        """Where a forward's routers saw its tokens sequence-first, each of the ``rows`` rows' place in the order of
+        the tokens, sequence by sequence (``Routes._token_rank``), -1 where the rows do not line up with the forwards
+        (:meth:`rows`); None where every forward's routers saw the tokens in the order of their ids."""
+        if not self.sequence_first:
+            return None
+        parts = self._calls(calls)
+        if parts is None or sum(f.count for f in parts) != rows:
+            return torch.full((rows,), -1, dtype=torch.long)
+        out, at = [], 0
+        for f in parts:  # (each router call's rows, in their forward's token order)
+            if f.shape is not None and f.shape[0] * f.shape[1] == f.count:
+                batch, positions = f.shape
+                out.append(torch.arange(at, at + f.count).view(batch, positions).t().reshape(-1))
+            else:
+                out.append(torch.arange(at, at + f.count))
+            at += f.count
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+    def _calls(self, calls: tuple[tuple[int, int], ...] | None) -> list[_Forward] | None:
+        """The forward of each router call of a capture whose router calls were ``calls``, or None where they do not
+        line up (see :meth:`rows`)."""
+        if calls is None or not self._keep_inputs:
+            return None
         sizes = [n for n, c in calls for _ in range(c)]
         fed = [f for f in self.forwards if f.count]
         # each forward's router calls, counted as it began and ended (one each where not counted)
@@ -521,15 +561,14 @@ class FeedRecord:
         else:
             bounds = [0] + [c for f in fed for c in (f.calls, f.end)] + [len(sizes)]
             if any(b != a for a, b in zip(bounds[::2], bounds[1::2], strict=True)):
-                return None, None  # (router calls outside the model's forwards: a block called alone)
+                return None  # (router calls outside the model's forwards: a block called alone)
             times = [f.end - f.calls for f in fed]
         # (a router called on every token of its forward at each call, as often as it was called: each call's rows
         # are the forward's tokens; calls of any other size do not line up with the forwards)
         parts = [f for f, m in zip(fed, times, strict=True) for _ in range(m)]
         if [f.count for f in parts] != sizes or 0 in times:
-            return None, None
-        masks = [_zero_one(f.mask) for f in parts]
-        return _flat([f.ids for f in parts], sizes, torch.long), _flat(masks, sizes, torch.int8)
+            return None
+        return parts
 
 
 class MoveWatch(FeedRecord):

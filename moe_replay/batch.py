@@ -36,13 +36,18 @@ from .errors import (
     InvalidArgumentError,
     RoutesValidationError,
 )
-from .routes import Routes, _known_or_none, reorder_hint
+from .routes import Routes, _known_or_none, in_token_order, reorder_hint
 
 __all__ = ["BatchLayout", "pack_routes", "pad_routes"]
 
 
 def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
-    """Rows ``routes[index]`` of every router, with a -1 row wherever ``index`` is -1."""
+    """Rows ``routes[index]`` of every router, with a -1 row wherever ``index`` is -1.
+
+    ``index`` counts the rows in the order of their tokens: routes whose rows are not (a capture of routers that saw
+    the tokens sequence-first) are put in that order first (:func:`~moe_replay.routes.in_token_order`).
+    """
+    routes = in_token_order(routes, "these routes")
     index = index.long()
     hole = index < 0
     safe = index.clamp(min=0)
@@ -282,14 +287,19 @@ class BatchLayout:
     def unpack(self, routes: Routes) -> list[Routes]:
         """Per-sequence routes from the routes of a forward over this batch (the inverse of :meth:`routes`).
 
+        The rows are read sequence by sequence, as the batch's tokens are laid out: a capture of routers that saw
+        the tokens sequence-first (layers that run ``[positions, batch, hidden]``, as fairseq's and Megatron's),
+        whose rows are position by position, is put in that order first, with the ids of its tokens.
+
         Where the capture kept the attention mask the forward was fed, the layout must fit it: a
         position of a sequence that the mask marks padding, or a position of padding that it marks
         a token (whose recorded route would be dropped), means the layout is not the batch's (the
         other padding side, other lengths) and is refused.
 
         Raises:
-            RoutesValidationError: not one row per position of the batch, or a layout that does not
-                fit the attention mask the capture was fed.
+            RoutesValidationError: not one row per position of the batch, a layout that does not
+                fit the attention mask the capture was fed, or rows of routers that saw the tokens
+                sequence-first whose tokens the capture could not tell.
         """
         if not isinstance(routes, Routes):
             raise ArgumentTypeError(f"unpack takes the Routes of a forward over the batch, got {type(routes).__name__}")
@@ -298,6 +308,7 @@ class BatchLayout:
             raise RoutesValidationError(
                 f"these routes hold {routes.num_tokens} rows, a [{self.rows}, {self.row_length}] batch has {total}"
             )
+        routes = in_token_order(routes, "BatchLayout.unpack")
         self._check_fed_mask(routes._fed_mask)
         return [routes[self.flat_positions(i)] for i in range(self.num_sequences)]
 

@@ -57,7 +57,7 @@ from .errors import (
     InvalidArgumentError,
     RoutesValidationError,
 )
-from .routes import Routes, _known_or_none
+from .routes import Routes, _known_or_none, in_token_order
 
 __all__ = ["generation_capacity", "generation_lengths", "split_generation"]
 
@@ -647,6 +647,8 @@ def split_generation(
             f"{routes._dropped_rows} rows, so the rows no longer start at generate()'s prompt forward and would "
             "give tokens other tokens' experts. Capture without keep_newest: an eager capture grows to hold every row"
         )
+    # (rows of routers that saw a forward's tokens sequence-first: each forward's rows sequence by sequence first)
+    routes = in_token_order(routes, "split_generation")
 
     if routes._rows_picked is not None:
         raise RoutesValidationError(

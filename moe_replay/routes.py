@@ -382,6 +382,7 @@ class Routes:
         self._dropped_rows = 0
         self._token_ids: torch.Tensor | None = None
         self._fed_mask: torch.Tensor | None = None
+        self._token_rank: torch.Tensor | None = None
         self._rows_moved: str | None = None
         self._caches_interleaved: str | None = None
         self._rows_picked: str | None = None
@@ -525,6 +526,7 @@ class Routes:
         self._call_rows, self._dropped_rows = source._call_rows, source._dropped_rows
         self._fed_mask, self._rows_moved = source._fed_mask, source._rows_moved
         self._caches_interleaved, self._rows_picked = source._caches_interleaved, source._rows_picked
+        self._token_rank = source._token_rank
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -589,6 +591,7 @@ class Routes:
         data = [d[rows] for d in self._data]
         out = Routes._trusted(data, self._names, self._experts, self._validated)
         out._token_ids = None if self._token_ids is None else _known_or_none(self._token_ids[rows])
+        out._token_rank = None if self._token_rank is None else _out_of_order(self._token_rank[rows])
         start = _run_start(rows, n)
         if start is not None:
             out._clip_forwards(self, start)
@@ -737,6 +740,8 @@ class Routes:
                 [p._token_ids if p._token_ids is not None else torch.full((p.num_tokens,), -1) for p in parts]
             )
         out._cat_forwards(parts)
+        if any(p._token_rank is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
+            out._token_rank = _out_of_order(_cat_ranks([(p._token_rank, p.num_tokens) for p in parts]))
         return out
 
     def _cat_forwards(self, parts: Sequence[Routes]) -> None:
@@ -796,6 +801,11 @@ class Routes:
         #: tokens per sequence (-1 where unknown); and the cache method that moved rows between forwards, if
         #: one did (split_generation checks them)
         obj._fed_mask = None
+        #: set where a capture's routers saw the tokens of a [batch, positions] forward sequence-first (as layers that
+        #: run [positions, batch, hidden] do), so that its rows do not follow their tokens sequence by sequence: one
+        #: int64 per row, its place in that order (sorting the rows by it puts them in token order, see
+        #: in_token_order), -1 where it is not known; None where the rows follow their tokens in order
+        obj._token_rank = None
         obj._rows_moved = None
         #: set by Session.routes() only: the type of a KV cache given to a forward again after another was given
         #: in between (the forwards of two decode loops interleaved: split_generation refuses them), or None
@@ -878,7 +888,9 @@ class Routes:
         The rows are checked first (those of routes built with ``validate=False`` too), so a file
         written here is one :meth:`load` reads back. The file keeps the token ids, and what a
         capture knows of its forwards (their rows, their prompt mask, moves of the KV cache's
-        rows), which :func:`~moe_replay.split_generation` checks after :meth:`load` as before.
+        rows, the order of the tokens of rows whose routers saw them sequence-first), which
+        :func:`~moe_replay.split_generation` and :meth:`BatchLayout.unpack` read after :meth:`load`
+        as before.
 
         Raises:
             RoutesValidationError: rows that :meth:`load` would refuse (a mixed ``-1`` row, duplicates).
@@ -905,6 +917,8 @@ class Routes:
         arrays: dict[str, Any] = {f"layer_{i}": d.numpy() for i, d in enumerate(self._data)}
         if self._token_ids is not None:
             arrays["token_ids"] = self._token_ids.numpy()
+        if self._token_rank is not None:  # (rows of routers that saw their tokens sequence-first: their tokens' order)
+            arrays["token_order"] = self._token_rank.numpy()
         mask = self._fed_mask
         if mask is not None and mask.numel() and (forwards is None or forwards["mask_runs"] is None):
             # (too many runs for the metadata: the padded sequences of a large rollout) one value per row, not dropped
@@ -944,7 +958,7 @@ class Routes:
             with open(path, "rb") as f:
                 raw = f.read()
             with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-                meta, layers, ids, mask = _read_members(zf, path, max_bytes)
+                meta, layers, ids, mask, rank = _read_members(zf, path, max_bytes)
         except RoutesValidationError:
             raise
         except _READ_ERRORS as e:
@@ -963,6 +977,13 @@ class Routes:
                 if not bool(((mask >= -1) & (mask <= 1)).all()):
                     raise _corrupted(path, "its prompt mask holds values other than -1, 0 and 1")
                 routes._fed_mask = mask.to(torch.int8)
+            if rank is not None:
+                if len(set(routes.tokens_per_layer)) != 1 or rank.shape != (routes.num_tokens,):
+                    raise _corrupted(path, f"its token order holds {rank.numel()} values for {routes.num_tokens} rows")
+                known = rank[rank >= 0]
+                if bool((rank < -1).any()) or known.unique().numel() != known.numel():
+                    raise _corrupted(path, "its token order holds values below -1 or the same place twice")
+                routes._token_rank = _out_of_order(rank.to(torch.long))
         except RoutesValidationError as e:
             raise RoutesValidationError(f"{path}: {e}") from e
         except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
@@ -1023,9 +1044,9 @@ def _corrupted(path: str | os.PathLike[str], why: str) -> RoutesValidationError:
 
 def _read_members(
     zf: zipfile.ZipFile, path: str | os.PathLike[str], max_bytes: int | None
-) -> tuple[dict[str, Any], list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
-    """The metadata, layer arrays, token ids and prompt mask (each if saved) of a routes ``.npz``, each checked before
-    decompressing."""
+) -> tuple[dict[str, Any], list[torch.Tensor], torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The metadata, layer arrays, token ids, prompt mask and token order (each if saved) of a routes ``.npz``, each
+    checked before decompressing."""
     infos = {i.filename: i for i in zf.infolist()}
     total = sum(i.file_size for i in infos.values())
     if max_bytes is not None and total > max_bytes:
@@ -1043,7 +1064,7 @@ def _read_members(
         meta = json.loads(bytes(npformat.read_array(f, allow_pickle=False)).decode())
     names, experts = _read_meta(meta, path)
     wanted = ["meta.npy", *(f"layer_{i}.npy" for i in range(len(names)))]
-    optional = ["token_ids.npy", "prompt_mask.npy"]
+    optional = ["token_ids.npy", "prompt_mask.npy", "token_order.npy"]
     extra = sorted(set(infos) - set(wanted) - set(optional))
     if extra:
         raise RoutesValidationError(
@@ -1066,6 +1087,10 @@ def _read_members(
         shape, dtype = _header(zf, infos["prompt_mask.npy"], path)
         if len(shape) != 1 or dtype != np.int8:
             raise _corrupted(path, f"its prompt mask is a {dtype} array of shape {shape}, not one int8 per row")
+    if "token_order.npy" in infos:
+        shape, dtype = _header(zf, infos["token_order.npy"], path)
+        if len(shape) != 1 or dtype.kind != "i":
+            raise _corrupted(path, f"its token order is a {dtype} array of shape {shape}, not one int per row")
     layers = []
     held = [n for n in optional if n in infos]
     for n in wanted[1:] + held:
@@ -1073,7 +1098,7 @@ def _read_members(
             layers.append(torch.from_numpy(_native(npformat.read_array(f, allow_pickle=False))))
     found = dict(zip(held, layers[len(wanted) - 1 :], strict=True))
     del layers[len(wanted) - 1 :]
-    return meta, layers, found.get("token_ids.npy"), found.get("prompt_mask.npy")
+    return meta, layers, found.get("token_ids.npy"), found.get("prompt_mask.npy"), found.get("token_order.npy")
 
 
 #: What reading a damaged ``.npz`` can raise: zip structure, deflate stream, npy header, JSON.
@@ -1300,3 +1325,60 @@ def _ids(token_ids: Any, routes: Routes, what: str) -> torch.Tensor | None:
 def _known_or_none(ids: torch.Tensor) -> torch.Tensor | None:
     """``ids``, or None where not one of them is known."""
     return ids if bool((ids >= 0).any()) else None
+
+
+def _out_of_order(rank: torch.Tensor) -> torch.Tensor | None:
+    """``rank`` (see ``Routes._token_rank``), or None where it puts no row elsewhere: every place known, increasing."""
+    if bool((rank >= 0).all()) and bool((rank[1:] > rank[:-1]).all()):
+        return None
+    return rank
+
+
+def _cat_ranks(parts: Sequence[tuple[torch.Tensor | None, int]]) -> torch.Tensor:
+    """The token order of routes joined from parts of ``(rank, rows)``: each part's rows after the rows of the parts
+    before it (a part of no rank follows its tokens in row order), places not known staying -1."""
+    out, at = [], 0
+    for rank, n in parts:
+        r = torch.arange(n) if rank is None else rank
+        known = r >= 0
+        if bool(known.any()):
+            r = torch.where(known, r - r[known].min() + at, -1)
+            at = int(r.max()) + 1
+        out.append(r)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def in_token_order(routes: Routes, what: str) -> Routes:
+    """``routes`` with their rows in the order of their tokens, sequence by sequence (``[batch, positions]``
+    batch-major, the order :class:`~moe_replay.BatchLayout` and the engine formats lay rows out in).
+
+    A capture of routers that saw the tokens of a ``[batch, positions]`` forward sequence-first (layers that run
+    ``[positions, batch, hidden]``, as fairseq's and Megatron's) holds each forward's rows position by position;
+    its rows are put back sequence by sequence here, each forward's among its own, with their token ids and prompt
+    mask (what the capture knows of its forwards stays: each keeps its rows). Other routes are returned as they are.
+
+    Raises:
+        RoutesValidationError: rows of routers that saw their tokens sequence-first whose tokens' order the capture
+            could not tell (forwards that did not line up with the rows, a ``keep_newest`` ring that wrapped).
+    """
+    rank = routes._token_rank
+    if rank is None:
+        return routes
+    if bool((rank < 0).any()):
+        raise RoutesValidationError(
+            f"{what}: {int((rank < 0).sum())} of these {rank.numel()} rows were recorded by routers that saw the "
+            "tokens of a [batch, positions] forward sequence-first (position 0 of every sequence, then position "
+            "1...), and the capture could not tell which token each of them was (its forwards did not line up with "
+            "the rows: compiled forwards, a router called on a part of the tokens, a keep_newest ring that wrapped), "
+            "so they cannot be laid out sequence by sequence. Capture the forwards eagerly with one router call per "
+            "token, or build mr.Routes of rows you laid out in token order yourself"
+        )
+    order = torch.argsort(rank, stable=True)
+    out = Routes._trusted([d[order] for d in routes._data], routes.names, routes.experts_per_layer, routes._validated)
+    out._same_forwards(routes)
+    out._token_rank = None
+    if routes._token_ids is not None:
+        out._token_ids = routes._token_ids[order]
+    if routes._fed_mask is not None and routes._fed_mask.numel() == order.numel():
+        out._fed_mask = routes._fed_mask[order]
+    return out

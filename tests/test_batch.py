@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import moe_replay as mr
+
+from .conftest import tried
 
 NAMES = ("layers.0.gate", "layers.1.gate")
 
@@ -266,22 +269,62 @@ def test_batch_routes_keep_which_rows_were_recorded_at_padding(build: Callable[[
                 model(fed)
 
 
-@pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="routes do not record the order their routers saw the tokens in: BatchLayout.unpack reads the rows of a "
-    "sequence-first capture batch-major and gives each sequence rows of the others (their token ids travel with them, "
-    "so a replay refuses them, but routes written in an engine's format lose them)",
-)
-def test_unpack_refuses_the_capture_of_routers_that_see_the_tokens_sequence_first() -> None:
-    """A [batch, positions] forward whose routers see the tokens sequence-first cannot be unpacked batch-major."""
+def _sequence_first_captures(lengths: list[int]) -> tuple[mr.Routes, list[mr.Routes], torch.Tensor]:
+    """A capture of a [2, 4] batch by routers that see the tokens sequence-first, the capture of each sequence alone
+    (its model routes each token by its own id: the rows each sequence must get), and the ids."""
     from tests.test_feeds import _batch, _SequenceFirst
 
     model = _SequenceFirst().eval()
-    ids = _batch(rows=2, width=4)
-    with mr.attach(model) as session:
-        with session.capture(), torch.no_grad():
-            model(ids)
+    ids = _batch(rows=len(lengths), width=max(lengths))
+    mask = mr.BatchLayout.padded(lengths).attention_mask()
+    with mr.attach(model) as session, torch.no_grad():
+        alone = []
+        for row, n in zip(ids, lengths, strict=True):  # (one sequence: no order to tell)
+            with session.capture():
+                model(row[None, :n])
+            alone.append(session.routes())
+        with session.capture():
+            model(ids, attention_mask=mask)
+        return session.routes(), alone, ids
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("lengths", [[4, 4], [3, 4]], ids=["full", "right-padded"])
+@pytest.mark.parametrize("kept", ["as captured", "saved and loaded"])
+def test_unpack_lays_out_the_capture_of_routers_that_see_the_tokens_sequence_first(
+    lengths: list[int], kept: str, tmp_path: Path
+) -> None:
+    """Once silent: BatchLayout.unpack read the rows of routers that see a [batch, positions] forward sequence-first
+    (position 0 of every sequence, then position 1..., as fairseq's and Megatron's layers run) sequence by sequence,
+    and gave each sequence rows of the others' tokens (their token ids went with them, so a replay refused them, but
+    an engine format written from them drops the ids). The capture now knows the order of its rows' tokens, and
+    unpack gives each sequence the rows of its own tokens, as a capture of that sequence alone records them."""
+    routes, alone, ids = _sequence_first_captures(lengths)
+    if kept == "saved and loaded":
+        routes.save(tmp_path / "r.npz")
+        routes = mr.Routes.load(tmp_path / "r.npz")
+    layout = mr.BatchLayout.padded(lengths)
+    parts = layout.unpack(routes)
+    for part, own, row, n in zip(parts, alone, ids, lengths, strict=True):
+        assert part.equal(own)
+        assert part.token_ids.tolist() == row[:n].tolist()
+    # the sequences laid out again: the batch's rows, in the order of its tokens
+    assert layout.routes(parts).equal(layout.routes(alone))
+    tried(len(parts))
+
+
+@pytest.mark.reliability("silent replays")
+def test_unpack_refuses_rows_of_routers_that_see_the_tokens_sequence_first_whose_tokens_are_not_known() -> None:
+    """A keep_newest capture that wrapped keeps no forward's ids: rows of routers that saw the tokens sequence-first,
+    whose tokens cannot be told, are refused rather than read sequence by sequence."""
+    from tests.test_feeds import _batch, _SequenceFirst
+
+    model = _SequenceFirst().eval()
+    with mr.attach(model, capacity=8, keep_newest=True) as session, torch.no_grad():
+        with session.capture():
+            for seed in range(2):
+                model(_batch(seed, rows=2, width=4))
         routes = session.routes()
-    with pytest.raises(mr.RoutesValidationError):
+    with pytest.raises(mr.RoutesValidationError, match="sequence-first.*could not tell"):
         mr.BatchLayout.padded([4, 4]).unpack(routes)
+    tried()

@@ -909,3 +909,41 @@ def test_a_prompt_mask_of_more_runs_than_the_metadata_holds_is_saved(
     np.savez_compressed(tmp_path / "bad.npz", **arrays)
     with pytest.raises(mr.RoutesValidationError, match="prompt mask"):
         mr.Routes.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.reliability("round trips")
+def test_the_token_order_of_rows_captured_sequence_first_stays_with_them() -> None:
+    """Routes captured from routers that see a [2, 4] batch sequence-first hold row ``p * 2 + b`` for token ``(b, p)``.
+    Slices, picks, cat, select, rename and with_token_ids keep each row's place in the order of the tokens, so that
+    the rows they hold are laid out sequence by sequence where they are (an engine format, a batch layout)."""
+    from moe_replay.routes import in_token_order
+    from tests.test_batch import _sequence_first_captures
+
+    captured, alone, _ = _sequence_first_captures([4, 4])
+    batch_major = mr.Routes.cat(alone)  # (token (b, p) at row b * 4 + p)
+
+    def token_of(row: int) -> int:  # the batch-major place of the token of a captured row
+        return (row % 2) * 4 + row // 2
+
+    picks = {
+        "all": list(range(8)),
+        "slice": list(range(2, 7)),
+        "reversed": list(range(7, -1, -1)),
+        "picked": [5, 0, 3],
+    }
+    for name, rows in picks.items():
+        got = in_token_order(captured[torch.tensor(rows)] if name != "slice" else captured[2:7], "test")
+        want = batch_major[torch.tensor(sorted(token_of(r) for r in rows))]
+        assert got.equal(want) and torch.equal(got.token_ids, want.token_ids), name
+    for name, same in {
+        "select": captured.select(list(captured.names)),
+        "rename": captured.rename({"": "module."}).rename({"module.": ""}),
+        "with_token_ids": captured.with_token_ids(None),
+    }.items():
+        assert in_token_order(same, "test").equal(batch_major), name
+    two = in_token_order(mr.Routes.cat([captured[4:], batch_major[:2], captured]), "test")
+    want = mr.Routes.cat(
+        [batch_major[torch.tensor(sorted(token_of(r) for r in range(4, 8)))], batch_major[:2], batch_major]
+    )
+    assert two.equal(want) and torch.equal(two.token_ids, want.token_ids)
+    tried(len(picks) + 4)

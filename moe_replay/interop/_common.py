@@ -11,7 +11,7 @@ import torch
 
 from .._checks import MAX_COUNT, check_flag
 from ..errors import RoutesValidationError
-from ..routes import Routes, integer_array
+from ..routes import Routes, in_token_order, integer_array
 from .layer_map import LayerMap, check_layout
 
 
@@ -140,13 +140,17 @@ def make_routes(layers: list[torch.Tensor], lm: LayerMap, what: str) -> Routes:
 
 
 def ordered(routes: Routes, lm: LayerMap) -> list[torch.Tensor | None]:
-    """Routes' rows in the map's router order (None for MTP routers).
+    """Routes' rows in the map's router order (None for MTP routers), in the order of their tokens.
 
     Rows of routes built with ``validate=False`` are checked first (a row mixing -1 with
     experts, a repeated expert): an engine format would carry them on, a -1 in uint8 as 255.
+    Engine formats hold a sequence's rows in the order of its tokens, and keep no token ids
+    that would show others: the rows of routers that saw the tokens sequence-first are put
+    in that order (:func:`~moe_replay.routes.in_token_order`).
     """
     if not isinstance(routes, Routes):
         raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
+    routes = in_token_order(routes, "an engine format")
     routes._ensure_valid()
     missing = [n for n in lm.names if n not in routes.names and n not in lm.extra_names]
     if missing:
@@ -201,9 +205,11 @@ def to_array(routes: Routes, lm: LayerMap, layout: str, dtype: Any, what: str, *
 
 
 def cut_last(routes: Routes, drop: bool, fmt: str) -> Routes:
-    """The routes without the last token's row, which engines never write."""
+    """The routes without the last token's row, which engines never write (the rows in the order of their tokens,
+    as :func:`ordered` puts them)."""
     if not isinstance(routes, Routes):
         raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
+    routes = in_token_order(routes, fmt)
     drop = check_flag(drop, f"{fmt}: drop_last")
     if routes.num_tokens == 0:
         raise RoutesValidationError(f"{fmt}: the routes hold no token")
@@ -216,7 +222,9 @@ def cut_last(routes: Routes, drop: bool, fmt: str) -> Routes:
 
 
 def skip_front(routes: Routes, start: int, what: str, name: str) -> Routes:
-    """Routes from token ``start`` on (the rows an engine asked to start there writes)."""
+    """Routes from token ``start`` on (the rows an engine asked to start there writes), in the order of their
+    tokens."""
+    routes = in_token_order(routes, what)
     start = check_start(start, name)
     if start > routes.num_tokens:
         raise RoutesValidationError(f"{what}: {name}={start} is past the {routes.num_tokens} tokens of the routes")

@@ -28,7 +28,7 @@ import torch
 
 from .._checks import check_count, is_collection, is_integer
 from ..errors import ArgumentTypeError, InvalidArgumentError, RoutesValidationError, UnsupportedRouterError
-from ..routes import Routes
+from ..routes import Routes, in_token_order
 from ._common import as_array, check_routed_rows, columns, cut_last, make_routes, ordered, to_array, with_last
 from .layer_map import LAYER_PATTERN, LayerMap, check_map
 
@@ -107,6 +107,14 @@ def to_megatron(
         check_map(layer_map, "to_megatron")
     if not isinstance(routes, Routes):
         raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
+    if routes._token_rank is not None and batch_size is None:
+        raise RoutesValidationError(
+            "to_megatron: these routes were captured from routers that saw the tokens of a [batch, positions] forward "
+            "sequence-first, so their rows are not in the order of their tokens, and without batch_size= the rows "
+            "are written in the order given (a packed batch's). Pass batch_size= (the sequences of Megatron's [S, B] "
+            "batch): the rows are put in the order of their tokens, then in Megatron's sequence-first order"
+        )
+    routes = in_token_order(routes, "to_megatron")
     routes._ensure_valid()  # (validate=False: a repeated expert collapses in Megatron's routing map)
     if layer_map is not None:
         placed = zip(layer_map.layers, layer_map.names, ordered(routes, layer_map), strict=True)

@@ -25,7 +25,7 @@ import torch
 from .._checks import is_collection
 from ..batch import check_same_routers, routes_list
 from ..errors import ArgumentTypeError, RoutesValidationError
-from ..routes import Routes
+from ..routes import Routes, in_token_order
 
 __all__ = ["stitch_turns"]
 
@@ -73,6 +73,7 @@ def stitch_turns(
         check_same_routers(parts, "turn")
     except (TypeError, ValueError) as e:
         raise RoutesValidationError(str(e)) from None
+    parts = [in_token_order(p, f"stitch_turns: turn {i}") for i, p in enumerate(parts)]  # (row t: token t)
     for i in range(1, len(parts)):
         if parts[i].num_tokens < parts[i - 1].num_tokens:
             raise RoutesValidationError(

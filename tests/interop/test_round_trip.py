@@ -286,3 +286,32 @@ def test_writers_check_rows_that_validate_false_left_unchecked(writer: str, row:
         _WRITERS[writer](unchecked, lm)
     fine = mr.Routes([torch.tensor([[0, 2], [1, 3], [-1, -1]])], names=_NM, num_experts=256, validate=False)
     _WRITERS[writer](fine, lm)
+
+
+@pytest.mark.reliability("silent replays")
+def test_formats_write_the_rows_of_routers_that_see_the_tokens_sequence_first_in_the_order_of_their_tokens() -> None:
+    """Once silent: the engine writers wrote a capture's rows in the order its routers saw them, and engine formats
+    keep no token ids that would show it: rows of routers that see a [batch, positions] forward sequence-first went
+    out position by position. They now go out in the order of their tokens, as the captures of each sequence alone
+    give them; Megatron's [S, B] order is written from them with batch_size=, and refused without."""
+    from tests.test_batch import _sequence_first_captures
+
+    captured, alone, _ = _sequence_first_captures([4, 4])
+    lm = mr.LayerMap.from_routes(captured, num_layers=2, layers=[0, 1])
+    want = mr.Routes.cat(alone)  # (the tokens of the batch, sequence by sequence)
+    for writer in (interop.to_vllm, interop.to_vllm_legacy, interop.to_sglang, interop.to_megatron_inference):
+        assert np.array_equal(writer(captured, lm, drop_last=True), writer(want, lm, drop_last=True)), writer
+    for layout in ("all", "moe"):
+        assert interop.to_nemo_rl(captured, lm, layout=layout, drop_last=True) == interop.to_nemo_rl(
+            want, lm, layout=layout, drop_last=True
+        )
+    assert torch.equal(
+        interop.to_verl([captured], lm, prompt_lengths=[3]), interop.to_verl([want], lm, prompt_lengths=[3])
+    )
+    stitched = interop.stitch_turns([captured])
+    assert stitched.equal(want)
+    megatron = interop.to_megatron(captured, layer_map=lm, batch_size=2)
+    assert all(torch.equal(m, r.long()) for m, r in zip(megatron, captured.per_layer(), strict=True))  # [S, B]
+    with pytest.raises(mr.RoutesValidationError, match="sequence-first.*batch_size="):
+        interop.to_megatron(captured, layer_map=lm)
+    tried(9)
