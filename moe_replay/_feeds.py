@@ -65,7 +65,7 @@ from ._torch_compat import (
     hidden_from_dispatch_modes,
     tracing,
 )
-from .errors import RoutesValidationError, TokenMismatchError, _script_refusal
+from .errors import RoutesValidationError, TokenMismatchError, UnsupportedRouterError, _script_refusal
 from .evidence import _HOOKS, _autocast_cache_aside, _Snapshot
 from .intercept import _CONTAINERS, EAGER, ORDER_PROBE, ClassForward, OrderStop, _code_of, _fingerprint
 
@@ -1101,6 +1101,7 @@ def token_order(
     kwargs: dict[str, Any],
     module: nn.Module | None = None,
     path: list[nn.Module] | None = None,
+    seen: list[torch.Tensor | None] | None = None,
 ) -> str | None:
     """The order in which the routers see the tokens of the ``[batch, positions]`` ids this forward is fed, told by
     effect; None where this forward cannot tell (another may).
@@ -1123,7 +1124,9 @@ def token_order(
     in step). Those forwards are ``None``. What the runs change in ``module`` (the model whose forward ``run``
     runs) before they stop is put back as a decision's probe runs put it back: its buffers, small parameters and
     plain attributes (a forward counter, a batch norm's running statistics in training). ``path``, where given,
-    gets the modules the runs went through before the router they stopped at, in the order they were called.
+    gets the modules the runs went through before the router they stopped at, in the order they were called;
+    ``seen``, where given, the router's input rows in the run as fed where the runs set the hooks aside (what the
+    forward itself, run with them, is checked against: :func:`_order_check`).
     """
     _, ids, _ = _inputs(args, kwargs)
     if ids is None or ids.dim() != 2 or min(ids.shape) < 2 or not scopes:
@@ -1155,6 +1158,8 @@ def token_order(
     for aside in (True, False) if kept is not None else (False,):
         rows = _order_rows(run, fed, (ids, changed), devices, kept, aside, path)
         if rows is not None:
+            if aside and seen is not None:
+                seen.append(rows[0])
             break
     else:
         return OTHER_ORDER
@@ -1250,6 +1255,49 @@ def _last_token(mask: Any, batch: int, positions: int) -> int | None:
         real = (mask[0, -positions:] != 0).nonzero().flatten()
         at = int(real[-1]) if real.numel() else 0
     return at if at >= 1 else None
+
+
+def _hooked(modules: Sequence[nn.Module]) -> bool:
+    """Does one of ``modules`` hold a hook of its own (not a session's), which a token-order probe sets aside?"""
+    return any(not _ours(hook) for m in modules for name in _HOOKS for hook in (m.__dict__.get(name) or {}).values())
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Are the rows ``a`` those of ``b`` (up to the rounding of another kernel: a compiled module on the way)?"""
+    return torch.allclose(a, b, rtol=1e-3, atol=1e-6, equal_nan=True)
+
+
+def _order_check(
+    before: torch.Tensor, order: str, shape: tuple[int, int], passed: Callable[[], None]
+) -> Callable[[torch.Tensor | None], None]:
+    """The check of the input rows of the first router of a forward whose token order (``order``, of ``[batch,
+    positions]`` ids of ``shape``) was told by runs that set the hooks of the modules on the way aside, against the
+    rows the run as fed saw there (``before``): rows that are those rows in the other order (hooks that transpose the
+    hidden states on the way, as a pair of a pre-hook and a forward hook does) are refused. Rows that are the same, or
+    that the hooks changed otherwise (noise added to the embeddings, a steering vector), are taken: ``passed`` is
+    called."""
+    batch, positions = shape
+
+    def check(rows: torch.Tensor | None) -> None:
+        if rows is None or rows.shape != before.shape or rows.shape[0] != batch * positions:
+            return
+        now, then = rows.to(before.device, torch.float32), before.float()
+        grid = (batch, positions) if order == BATCH_MAJOR else (positions, batch)
+        flip = torch.arange(rows.shape[0], device=then.device).view(grid).t().reshape(-1)
+        if not _close(now, then) and _close(now, then[flip]):
+            other = SEQUENCE_FIRST if order == BATCH_MAJOR else BATCH_MAJOR
+            raise UnsupportedRouterError(
+                f"the routers see the tokens of this [{batch}, {positions}] forward {other}, but {order} without "
+                "the hooks of the modules on the way to them: a hook of those modules reorders the hidden states "
+                "(a pre-hook that transposes a module's input, a forward hook that transposes it back), so the "
+                "order in which the routers see the tokens, which the capture and the token check read the ids "
+                "in, cannot be told without running those hooks more often than the forward does. Do the "
+                "reordering in the module's forward (a subclass or a wrapping module) instead of in hooks. This "
+                "forward stopped before its first router; nothing was recorded or forced"
+            )
+        passed()  # (the same rows, or rows the hooks changed otherwise: the order as told, as before)
+
+    return check
 
 
 class _Found:
@@ -1429,6 +1477,8 @@ class FeedForward:
         self._found: _Found | None = None
         self._checked: weakref.WeakSet[FeedRecord | FeedCheck] = weakref.WeakSet()  # the blocks it was checked for
         self._settling: _Found | None = None  # found at the forward running now: settled as it ends
+        #: the check of the first router's input in the forward running now (:func:`_order_check`), or None
+        self._verify: Callable[[torch.Tensor | None], None] | None = None
 
     def leave(self) -> None:
         """One of the sessions it serves detaches; it stays for the others."""
@@ -1446,7 +1496,7 @@ class FeedForward:
                 owner.admit_forward(self.module)  # (named only where it refuses)
         if self.records:
             me = threading.get_ident()
-            if ORDER_PROBE.thread == me:  # (a token-order probe's forward: no forward of any block)
+            if ORDER_PROBE.thread == me and ORDER_PROBE.check is None:  # (a probe's forward: no block's)
                 return self._run(args, kwargs)
             entered = [r for r in self.records if not r._inside and r._thread == me]
             if entered:  # (none inside a forward already fed to them: the modules it enters are the same forward)
@@ -1482,6 +1532,9 @@ class FeedForward:
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True
+        check, self._verify = self._verify, None
+        if check is not None:  # (its first router hands its input to the check, then runs)
+            ORDER_PROBE.check, ORDER_PROBE.thread = check, threading.get_ident()
         try:
             before = self.before
             if before is not None:
@@ -1493,6 +1546,8 @@ class FeedForward:
                     r.raised = r.raised or f"{type(exc).__name__}({str(exc)[:200]!r}) in a forward"
             raise
         finally:
+            if check is not None and ORDER_PROBE.check is check:  # (no router reached)
+                ORDER_PROBE.check = ORDER_PROBE.thread = None
             for r in entered:
                 r._inside = False
                 r.left()
@@ -1522,17 +1577,33 @@ class FeedForward:
                 return f.order
         self.order = self._found = None
         path: list[nn.Module] = []
-        found = token_order(self._run, self.scopes, args, kwargs, self.module, path)  # (its forwards enter no block)
+        seen: list[torch.Tensor | None] = []
+        # (its forwards enter no block)
+        found = token_order(self._run, self.scopes, args, kwargs, self.module, path, seen)
         if found is not None:
             # (the router scope it stopped at ran none of its own code: compared as a scope)
-            f = _Found(
-                found, self.scopes, runs, [self.module, *(m for m in path if all(m is not s for s in self.scopes))]
-            )
+            way = [m for m in path if all(m is not s for s in self.scopes)]
+            f = _Found(found, self.scopes, runs, [self.module, *way])
+            fed = _inputs(args, kwargs)[1]
+            if seen and seen[0] is not None and fed is not None and found != OTHER_ORDER and _hooked(way):
+                # told with the hooks of the modules on the way set aside: the forward itself, run with them, is
+                # checked at its first router (:func:`_order_check`), and the order kept for later blocks once it
+                # passed (till then the first forward of each block tells it again)
+                self.order, self._found = found, None
+                self._checked.update(entered)
+                shape = (int(fed.shape[0]), int(fed.shape[1]))
+                self._verify = _order_check(seen[0], found, shape, lambda: self._keep(f))
+                return found
             self._adopt(f, entered)
-            self._settling = f
-            kept = [f, *(k for k in _ORDER_OF.get(self.module, ()) if k.runs == runs)][:_ORDERS_KEPT]
-            _ORDER_OF[self.module] = kept
+            self._keep(f)
         return found or BATCH_MAJOR
+
+    def _keep(self, found: _Found) -> None:
+        """Keep ``found``, told at the forward running now, for this level's later blocks and later sessions (settled
+        as that forward ends)."""
+        self._found = self._settling = found
+        kept = [found, *(k for k in _ORDER_OF.get(self.module, ()) if k.runs == found.runs)][:_ORDERS_KEPT]
+        _ORDER_OF[self.module] = kept
 
     def _adopt(self, found: _Found, entered: list[FeedRecord | FeedCheck]) -> None:
         """Take ``found`` as the order of the blocks ``entered`` (and of the later forwards of these blocks)."""

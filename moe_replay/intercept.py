@@ -1513,20 +1513,30 @@ class OrderProbe:
     """The thread running a token-order probe forward (:func:`moe_replay._feeds.token_order`), or None.
 
     While it is set, the first router scope that this thread's forward reaches raises :class:`OrderStop` with
-    its input as ``[rows, features]``, before anything of the router runs.
+    its input as ``[rows, features]``, before anything of the router runs. Where ``check`` is set too, the forward
+    is a block's own (the order told by runs that set the hooks of the modules on the way aside): the first router
+    scope it reaches hands its input rows to ``check`` (which may refuse the forward), and the forward goes on.
     """
 
-    __slots__ = ("thread",)
+    __slots__ = ("check", "thread")
 
     def __init__(self) -> None:
         self.thread: int | None = None
+        self.check: Callable[[torch.Tensor | None], None] | None = None
 
     def stop(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Raise :class:`OrderStop` with the scope's first floating input as rows (None where it has none)."""
+        """Raise :class:`OrderStop` with the scope's first floating input as rows (None where it has none); or,
+        where ``check`` is set, hand them to it once (then neither is set)."""
+        rows = None
         for value in (*args, *kwargs.values()):
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
-                raise OrderStop(value.detach().reshape(-1, value.shape[-1]))  # (the run ends: nothing changes it)
-        raise OrderStop(None)
+                rows = value.detach().reshape(-1, value.shape[-1])  # (the run ends: nothing changes it)
+                break
+        check = self.check
+        if check is None:
+            raise OrderStop(rows)
+        self.thread = self.check = None
+        check(rows)
 
 
 #: the probe of the token order in which the routers see a forward's tokens (one at a time: it runs under the

@@ -15,6 +15,8 @@ import torch
 
 import moe_replay as mr
 
+from .conftest import tried
+
 B, P, N = 3, 5, 4
 
 
@@ -949,24 +951,51 @@ def test_a_token_order_found_before_is_told_again_once_the_model_changed(how: st
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the token-order runs set the hooks of the model's submodules aside (so that a hook collecting "
-    "activations sees one forward): a pair of hooks that makes the layers see the tokens sequence-first is not run "
-    "there, and the order found is batch-major",
-)
-def test_hooks_that_make_the_routers_see_the_tokens_sequence_first_are_seen() -> None:
-    """Silent: hooks on a module on the way to the routers transpose its input and output, so its routers see the
-    tokens sequence-first; the token-order runs, which leave such hooks out, find them batch-major, and routes laid
-    out batch-major are taken while every row but the first goes to another token."""
+@pytest.mark.parametrize("block", ["capture", "replay"])
+def test_hooks_that_make_the_routers_see_the_tokens_sequence_first_are_seen(block: str) -> None:
+    """Once silent: hooks on a module on the way to the routers transpose its input and output, so its routers see the
+    tokens sequence-first; the token-order runs, which leave such hooks out (a hook collecting activations sees the
+    one forward), found them batch-major, and routes laid out batch-major were taken while every row but the first
+    went to another token. The block's first forward, run with the hooks, now hands its first router's input to a
+    check against the runs': the rows in the other order are refused before any router records or forces."""
+    from tests.conftest import assert_untouched, snapshot
+
     model = _Layout().eval()
+    before = snapshot(model)
     ids = _batch(rows=2, width=4)
-    model.stack.register_forward_pre_hook(lambda module, args: (args[0].transpose(0, 1),))
-    model.stack.register_forward_hook(lambda module, args, out: out.transpose(0, 1))
     with mr.attach(model) as session, torch.no_grad():
         with session.capture():
             model(ids)
-        assert torch.equal(session.routes().token_ids, ids.t().reshape(-1))
+        batch_major = session.routes()  # (without the hooks: each row its own token's)
+        pre = model.stack.register_forward_pre_hook(lambda module, args: (args[0].transpose(0, 1),))
+        post = model.stack.register_forward_hook(lambda module, args, out: out.transpose(0, 1))
+        for _ in range(2):  # (at each block: an order told without the hooks is not kept)
+            with pytest.raises(mr.UnsupportedRouterError, match="hook of those modules reorders"):
+                with session.capture() if block == "capture" else session.replay(batch_major):
+                    model(ids)
+            tried()
+        pre.remove()
+        post.remove()
+        with session.capture(), session.replay(batch_major):  # (the hooks gone: taken, and forced as recorded)
+            model(ids)
+        assert session.routes().equal(batch_major)
+    assert_untouched(model, before)
+
+
+def test_hooks_that_change_the_hidden_states_on_the_way_but_not_their_order_are_taken() -> None:
+    """A forward hook that adds noise to the embeddings (as NEFTune's does) changes the first router's input in the
+    block's forward from what the token-order runs (without it) saw, but not its order: captured and replayed."""
+    model = _Layout().eval()
+    ids = _batch(rows=2, width=4)
+    noise = torch.Generator().manual_seed(0)
+    model.embed.register_forward_hook(lambda module, args, out: out + 1e-3 * torch.randn(out.shape, generator=noise))
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(ids)
+        routes = session.routes()
+        assert torch.equal(routes.token_ids, ids.reshape(-1))
+        with session.replay(routes):
+            model(ids)
 
 
 @pytest.mark.parametrize("forward", ["bound method", "partial"])
