@@ -102,6 +102,9 @@ def to_megatron(
         fill: Megatron gathers every forced index and has no "route natively" row; -1 rows
             are refused unless ``fill`` is given: they are then written as experts
             ``fill, fill + 1, ..., fill + k - 1``.
+
+    A capture of routers that saw a ``[batch, positions]`` forward sequence-first is put in
+    the order of its tokens first, and needs ``batch_size`` (without it, it is refused).
     """
     if layer_map is not None:
         check_map(layer_map, "to_megatron")
