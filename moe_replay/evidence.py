@@ -310,15 +310,21 @@ class Evidence:
 
     @property
     def twins(self) -> tuple[int, ...]:
-        """Ordinals of the calls over a decision call's width (the experts) that are not the decision nor a mirror of
-        it, whatever their family or k: a forward whose branch moves dispatch to one of them makes the very same
-        calls (a top-1 warm-up that dispatches by ``argmax`` beside a ``topk(s, 1)``), so only their effect tells
-        which one decides (see :func:`still_decides`)."""
+        """Ordinals of the calls that could decide in another forward, beside the decision and its mirrors: a forward
+        whose branch moves dispatch to one of them makes the very same calls, so only their effect tells which one
+        decides (see :func:`still_decides`). They are the calls over a decision call's width (the experts), whatever
+        their family or k (a top-1 warm-up that dispatches by ``argmax`` beside a ``topk(s, 1)``); and the calls over
+        another width that choose one row per token as the decision does, whose indices did not reach the output
+        when it was established (a top-k over a subset of the experts, or over the experts and a null column, that
+        dispatches on some inputs). A call over another width whose indices reach the output through the decision's
+        scores (the group top-k of group-limited routing) shapes them, and one over other rows (the top-2 inside
+        each group) chooses for no token: neither is one."""
         widths = {self.calls[i].signature[2] for i in self.decision}
+        rows = {self.calls[i].rows for i in self.decision}
         return tuple(
             c.ordinal
             for c in self.calls
-            if c.signature[2] in widths
+            if (c.signature[2] in widths or (c.rows in rows and c.effect is not True))
             and c.ordinal not in self.decision
             and c.ordinal not in self.mirrors
             and c.ordinal not in self.followers

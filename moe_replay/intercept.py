@@ -352,6 +352,9 @@ class RouterHook:
     _plan: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # decision ordinal -> signature
     _armed: Evidence | None = None  # the evidence _plan was built from
     _mirrors: dict[int, tuple[str, int, int]] = field(default_factory=dict)  # later calls answered like the decision
+    # the other calls (not the decision's), by ordinal, where they choose over a width that was not the count of tokens
+    # (see on_call): one of another family or width at that ordinal in a later forward is another branch
+    _others: dict[int, tuple[str, int, int]] = field(default_factory=dict)
     # a decision may span several calls (successive top-1 slots): the slots answered so far
     _slots: list[torch.Tensor] = field(default_factory=list)
     _row: torch.Tensor | None = None  # [n, k] rows the decision is answered with (replay, recompute)
@@ -718,6 +721,9 @@ class RouterHook:
         """The plan of the mode now running: built when it changes in eager code, at every trace when compiled."""
         self._plan = {i: ev.calls[i].signature for i in ev.decision}
         self._mirrors = {i: ev.calls[i].signature for i in (*ev.mirrors, *ev.followers)}
+        tokens = {ev.calls[i].rows for i in ev.decision}
+        plan = self._plan
+        self._others = {c.ordinal: c.signature for c in ev.calls if c.ordinal not in plan and c.width not in tokens}
         self._armed = ev
         self._form = None
 
@@ -1082,6 +1088,9 @@ class RouterHook:
         if expected is None:
             if self._row is not None and self._mirrors.get(i) == sig:  # forced rows: answer it with them too
                 return self._mirror(func, args, kwargs, sig[1])
+            was = self._others.get(i)
+            if was is not None and (was[0] != sig[0] or was[2] != sig[2]):
+                self._refuse_moved(i, was, sig)
             return func(*args, **kwargs)
         if sig != expected:
             if not _compiling():
@@ -1100,6 +1109,26 @@ class RouterHook:
         if type(out) is _TOPK_RESULT and self._decided and not self._compiled:  # (eager forwards are checked)
             self._answered = out[1]
         return out
+
+    def _refuse_moved(self, i: int, was: tuple[str, int, int], sig: tuple[str, int, int]) -> None:
+        """Refuse a forward whose decision-like call #``i`` (not the decision's) is of another family or width than
+        when the decision was established, in as many calls: another branch of its code (on its inputs' values, a
+        flag) that may dispatch by that call (a top-k over a subset of the experts, or over the experts and a null
+        column) while the call at the decision's ordinal is a statistic. Counted, the calls look the same; only
+        their effect could tell, on inputs the establishment never saw. The decision is established again at the
+        next forward (on its inputs, which then shows which call dispatches)."""
+        if not _compiling():
+            self.forget(
+                why=f"a forward whose decision-like call #{i} was {sig[0]}(k={sig[1]}) over {sig[2]} where it was "
+                f"{was[0]}(k={was[1]}) over {was[2]} (another branch of its code)"
+            )
+        raise UnsupportedRouterError(
+            f"router '{self.name}': decision-like call #{i} of its forward is now {sig[0]}(k={sig[1]}) over {sig[2]}, "
+            f"but it was {was[0]}(k={was[1]}) over {was[2]} when its decision was established: its forward took "
+            "another branch (on its inputs' values, or a flag), which may dispatch by another call than the one "
+            "established. Nothing more was recorded or forced in this forward; the decision is established again at "
+            f"the next forward{_hooks_inside(self.scope)}"
+        )
 
     def _mirror(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], span: int) -> Any:
         """A later call that natively finds the decision's experts again (see ``Evidence.mirrors``): the

@@ -920,18 +920,59 @@ class _OtherWidthBranchRouter(_settings._Router):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a call over another width than the decision's (a subset of the experts, the experts and a null column) "
-    "is no twin, so a branch on the inputs' values that moves dispatch to it is not checked",
-)
 def test_a_router_that_moves_dispatch_to_a_top_k_over_another_width_by_its_inputs_values_is_not_captured_silently() -> (
     None
 ):
-    """Counting such calls as twins would also count the group top-k of DeepSeek-V3-style routing (its values are
-    read, its indices do not reach the output) and check those routers by effect at every forward."""
+    """Once silent: the top-k over all experts but the last is no call over the decision's width, so it was not
+    checked, and the capture recorded the plain top-k where the other dispatched. A call over another width that
+    chooses one row per token as the decision does, and whose indices did not reach the output when it was
+    established, is now checked by its effect at each forward as a twin is. (The group top-k of group-limited routing
+    reaches the output through the scores, and the top-2 inside each group chooses over other rows: neither is.)"""
+    _dispatched_as_recorded_or_refused(_OtherWidthBranchRouter)
+
+
+class _OtherWidthInPlaceRouter(_settings._Router):
+    """Where its input's mean is negative: dispatches by its plain top-k, then takes a top-2 inside each half of the
+    experts (a statistic, over twice the rows). Else: a plain top-k first (a statistic), then dispatches by a top-k
+    over all experts but the last. As many calls of the same family in both branches, the decision's first."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scores(x)
+        if bool(x.mean() > 0):
+            torch.topk(s, 2, dim=-1)
+            idx = torch.topk(s[:, :-1] + self.bias[:-1], 2, dim=-1).indices
+        else:
+            idx = torch.topk(s, 2, dim=-1).indices
+            torch.topk(s.view(-1, _ev.E // 2), 2, dim=-1)
+        return torch.zeros_like(s).scatter(-1, idx, s.gather(-1, idx))
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_branch_that_makes_a_call_of_another_width_where_the_statistic_was_is_not_captured_silently() -> None:
+    """Once silent: the call at the decision's ordinal was the same, as many calls were made, and the one that
+    dispatched over another width stood where the established forward took a statistic over other rows: the
+    capture recorded the statistic. A call of another family or width at an ordinal is now another branch."""
+    _dispatched_as_recorded_or_refused(_OtherWidthInPlaceRouter)
+
+
+def test_group_limited_routing_is_not_checked_by_effect_at_each_forward() -> None:
+    """Its group top-k (one row per token, over the groups) reaches the output through the scores it masks, and its
+    top-2 inside each group chooses over other rows: neither could dispatch in another forward, so no forward runs it
+    again to check which call decides, and it goes lean where its code calls torch's functions."""
+    model = _ev.TwoLayers(lambda: _ev.RouterBlock(_ev.ViewMaskedGroupRouter(gathered=True)))
+    with torch.no_grad(), mr.attach(model) as session, session.capture():
+        for step in range(3):
+            model(_signed(step))
+        for hook in session._hooks:
+            assert all(not ev.twins for ev in hook.evidence.values())
+            assert hook.interception() == "lean"
+
+
+def _dispatched_as_recorded_or_refused(router: Callable[[], nn.Module]) -> None:
+    """Four forwards whose inputs' mean alternates in sign: each records the experts its forward dispatched to, or
+    is refused."""
     torch.manual_seed(0)
-    model = _ev.TwoLayers(lambda: _settings.DenseBlock(_OtherWidthBranchRouter()))
+    model = _ev.TwoLayers(lambda: _settings.DenseBlock(router()))
     spy = _ev.ExpertSpy(model)
     try:
         with torch.no_grad(), mr.attach(model) as session, session.capture():
