@@ -50,10 +50,12 @@ __all__ = [
     "THEIRS",
     "CodeWitness",
     "bypasses",
+    "code_in_arguments",
     "enter",
     "held_in_arguments",
     "leave",
     "put_back",
+    "takes_only_tensors",
     "unwrapped",
 ]
 
@@ -251,8 +253,9 @@ def bypasses(forward: Callable[..., Any], witness: CodeWitness | None = None) ->
     (see :func:`unwrapped`): a global (``from torch import topk``), an attribute of ``self`` or of
     a module or class it names (``self.fill = torch.masked_fill`` in ``__init__``), a default
     argument, a closure cell, a ``functools.partial`` of one, or one held in a dict, list, tuple
-    or set there. Code reached in other ways (a callable passed in as an argument, held in a
-    local variable, or reached through two attributes) is not read. A router with any such place
+    or set there. Code reached in other ways (held in a local variable, or reached through two
+    attributes) is not read; a callable passed in as an argument is not either, but a forward that
+    gets one runs under the mode (see :func:`code_in_arguments`). A router with any such place
     keeps the mode: only a router whose reachable code calls these through ``torch.`` goes lean.
 
     ``witness``: where given, notes the code read through each name (a method of ``self``, a module's
@@ -432,6 +435,44 @@ def held_in_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str
     a block that passes its router ``fill=self.fill`` hands it code no wrapper sees."""
     named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"argument '{k}'", v) for k, v in kwargs.items()]
     return [f"{where} ({found})" for where, value in named if (found := unwrapped(value)) is not None]
+
+
+def takes_only_tensors(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Did every parameter of a router's ``forward`` take a tensor in this (audited) forward: none left to its default,
+    no ``*args`` nor ``**kwargs``, no value of another kind? A later forward can then hand it code (a function, a
+    module) only where it took a tensor here, so its lean forwards need not look at their arguments. Otherwise they do
+    (see :func:`code_in_arguments`): a block may pass its router torch's ``masked_fill`` on some forwards only, where
+    this one got None. Read from the code object alone: nothing of the router runs."""
+    fn = getattr(forward, "__func__", forward)
+    code = getattr(fn, "__code__", None)
+    if not isinstance(code, types.CodeType) or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+        return False
+    bound = 1 if fn is not forward else 0  # (a bound method: its first parameter is the module)
+    if len(args) + len(kwargs) != code.co_argcount + code.co_kwonlyargcount - bound:
+        return False
+    return all(isinstance(v, _TENSOR) for v in (*args, *kwargs.values()))
+
+
+def code_in_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The first argument of a router forward that is (or holds, one level into a dict, list, tuple or set) code: a
+    function, torch's own or another (see :func:`unwrapped`), a method, a module, any object called like one; in
+    words, else None. No code read in the router's audit is code it runs: such a forward runs under the mode, which
+    sees every call. Asked only of routers whose forward takes more than tensors (see :func:`takes_only_tensors`);
+    nothing of the values' own code runs."""
+    for where, value in (*enumerate(args), *kwargs.items()):
+        kind = type(value)
+        if kind is _TENSOR or value is None:
+            continue
+        if callable(value):  # (a tensor is not)
+            return f"argument {where!r} ({unwrapped(value) or kind.__qualname__})"
+        if kind in _HOLDERS:
+            items = dict.values(value) if kind is dict else value
+            for i, item in enumerate(items):
+                if i >= _HELD_ITEMS:
+                    break
+                if callable(item):
+                    return f"argument {where!r} (holding {unwrapped(item) or type(item).__qualname__})"
+    return None
 
 
 def _ignore(holder: Any, name: str) -> None:

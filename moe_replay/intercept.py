@@ -196,7 +196,9 @@ _KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Evidence]] = 
 #: calls came through the lean wrappers (and why not), and the code its forward reached as it was read (a patch
 #: of a method it calls is seen by that: :class:`~moe_replay._lean.CodeWitness`). Kept for later sessions, as the
 #: evidence is.
-_Verdict = tuple[Evidence, bool, str, "_lean.CodeWitness | None"]
+#: Last, whether its forward takes more than tensors (see :func:`~moe_replay._lean.takes_only_tensors`): then each
+#: lean forward looks at its arguments, and one handed code runs under the mode.
+_Verdict = tuple[Evidence, bool, str, "_lean.CodeWitness | None", bool]
 _LEAN_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], _Verdict]] = weakref.WeakKeyDictionary()
 
 #: Per router scope: where its output held the indices of its decision call when first seen under each evidence
@@ -258,6 +260,7 @@ _GLOBAL_HOOKS = _torch_compat.global_forward_hooks
 _NOTHING = contextlib.nullcontext()
 _LEAN_NAMES, _LEAN_SWAP, _lean_current = _lean.NAMES, _lean.SWAP, _lean.CURRENT
 _LEAN_OURS, _LEAN_THEIRS, _LEAN_ON, _LEAN_OFF = _lean.OURS, _lean.THEIRS, _lean.ON, _lean.OFF
+_code_in_arguments = _lean.code_in_arguments
 _NO_REGIONS: list[tuple[Any, bool]] = []  # returned, never changed, when a call is in no region
 
 
@@ -768,7 +771,13 @@ class RouterHook:
                 self._arm(ev)
             if not compiling and lean_ok:
                 lean = self._lean.get(mode)
-                how = "audit" if lean is None or lean[0] is not ev else "lean" if lean[1] else "mode"
+                how = (
+                    "audit"
+                    if lean is None or lean[0] is not ev
+                    else "lean"
+                    if lean[1] and not (lean[4] and _lean.code_in_arguments(args, kwargs))
+                    else "mode"  # (code handed to it in this forward is no code its audit read)
+                )
         self._decided = False
         self._ordinal = 0
         self._answered = None
@@ -830,7 +839,8 @@ class RouterHook:
                     if ev is not None and self._restless and ev.twins
                     else ""
                 )
-                self._lean[self.mode()] = (ev, not why, why, None if why else witness)
+                scan = not _lean.takes_only_tensors(forward, args, kwargs)
+                self._lean[self.mode()] = (ev, not why, why, None if why else witness, scan)
         return out
 
     def _refused_lean(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -1614,6 +1624,7 @@ class ScopedForward:
             lean is None
             or not lean[1]
             or lean[0] is not hook._armed
+            or (lean[4] and _code_in_arguments(args, kwargs) is not None)  # (code handed to it: the mode)
             or NESTING.probing
             or _COMPILER._is_compiling_flag  # (export, AOT tracing: is_compiling() in eager code)
             or _tracing()  # (jit.trace, make_fx: refused in _call)
