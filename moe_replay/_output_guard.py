@@ -29,21 +29,34 @@ __all__ = ["OutputGuard", "is_guard", "own_hook", "runs_foreign_hooks"]
 
 _GLOBAL_HOOKS = _torch_compat.global_forward_hooks
 
+#: what the forward of a router returned, by its guard's id, from the trace of the forward to the trace of the
+#: guard (see :meth:`OutputGuard.expect_traced`); empty outside a trace
+_TRACED: dict[int, list[tuple[torch.Tensor, int | None]]] = {}
+
 
 def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _integer_tensors(out: Any, depth: int = 0) -> list[tuple[torch.Tensor, int | None]]:
+def _unversioned(t: torch.Tensor) -> None:
+    # (as dynamo traces: the versions of tensors a trace made are unbacked there, and of inference tensors unread)
+    return None
+
+
+def _integer_tensors(out: Any, depth: int = 0, version: Any = _version) -> list[tuple[torch.Tensor, int | None]]:
     """The integer and bool tensors of an output (a tensor, or the items of a tuple, list or dict, two levels
     deep), with their version counters, in order."""
     if isinstance(out, torch.Tensor):
-        return [] if out.is_floating_point() or out.is_complex() else [(out, _version(out))]
+        return [] if out.is_floating_point() or out.is_complex() else [(out, version(out))]
     if depth < 2 and isinstance(out, tuple | list):
-        return [t for item in out for t in _integer_tensors(item, depth + 1)]
+        return [t for item in out for t in _integer_tensors(item, depth + 1, version)]
     if depth < 2 and isinstance(out, dict):
-        return [t for item in out.values() for t in _integer_tensors(item, depth + 1)]
+        return [t for item in out.values() for t in _integer_tensors(item, depth + 1, version)]
     return []
+
+
+def _same_traced(now: list[tuple[torch.Tensor, int | None]], then: list[tuple[torch.Tensor, int | None]]) -> bool:
+    return len(now) == len(then) and all(t is u for (t, _), (u, _) in zip(now, then, strict=True))
 
 
 def _same(now: list[tuple[torch.Tensor, int | None]], then: list[tuple[torch.Tensor, int | None]]) -> bool:
@@ -67,7 +80,8 @@ class _Enter:
         self.guard = guard
 
     def __call__(self, module: nn.Module, args: Any) -> None:
-        self.guard.expected = None
+        if not torch.compiler.is_compiling():  # (compiled code sets what it expects only as it is traced)
+            self.guard.expected = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return _inert
@@ -102,29 +116,53 @@ class OutputGuard:
     def expect(self, module: nn.Module, out: Any) -> None:
         """The intercepted forward returned ``out``: compare it with what the module's caller gets. Keeps this
         guard the last of the module's forward hooks (a hook added since would run after it)."""
+        self.keep_last(module)
+        self.expected = _integer_tensors(out)
+
+    def keep_last(self, module: nn.Module) -> None:
+        """Make this guard the last of the module's forward hooks again (a hook added since would run after it)."""
         hooks = cast("OrderedDict[int, Any]", module._forward_hooks)
         mine = self.handles[1].id
         if next(reversed(hooks), None) != mine and mine in hooks:
             hooks.move_to_end(mine)
-        self.expected = _integer_tensors(out)
+
+    def is_last(self, module: nn.Module) -> bool:
+        """Is this guard the last of the module's forward hooks (read as dynamo traces it: no change to them)?"""
+        hooks = module._forward_hooks
+        return bool(hooks) and list(hooks.values())[-1] is self
+
+    def expect_traced(self, out: Any) -> None:
+        """:meth:`expect`, as dynamo traces the intercepted forward: the integer tensors the code traced returns
+        are compared with those the module's caller gets in the same trace. Compiled code runs the hooks traced
+        with it (dynamo does not follow the module's hooks added or removed since), so what the trace compares is
+        what it runs. Kept by this guard's id in a dict of this module: a guard of a block ended since is no
+        object compiled code must reach again."""
+        _TRACED[id(self)] = _integer_tensors(out, version=_unversioned)
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.expected = None
+        _TRACED.pop(id(self), None)  # (what a compiled forward left for a hook run that never came)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        expected, self.expected = self.expected, None
-        if expected is None or torch.compiler.is_compiling():
-            return
-        if _same(_integer_tensors(output), expected):
-            return
-        ran = [_hook_name(h) for h in module._forward_hooks.values() if not is_guard(h)]
-        wrapper = module.__dict__.get("forward")
+        if torch.compiler.is_compiling():  # (dynamo tracing: what the trace of the forward returned, if any)
+            expected = _TRACED.pop(id(self), None)
+            if expected is None and self.expected is not None:  # (an eager forward, this hook compiled on its own)
+                expected, self.expected = self.expected, None
+            if expected is None or _same_traced(_integer_tensors(output, version=_unversioned), expected):
+                return
+            culprits = " (in the code torch.compile traced: hooks on its module, or global module hooks)"
+        else:
+            expected, self.expected = self.expected, None
+            if expected is None or _same(_integer_tensors(output), expected):
+                return
+            ran = [_hook_name(h) for h in module._forward_hooks.values() if not is_guard(h)]
+            culprits = _culprits(ran, module.__dict__.get("forward"))
         raise UnsupportedRouterError(
             f"a forward hook run after router '{self.name}', or a wrapper around its forward, replaced or changed "
             "the integer tensors (expert indices, dispatch masks) its forward returned"
-            + _culprits(ran, wrapper)
+            + culprits
             + ": its MoE layer would dispatch other experts than those recorded or forced. Remove the hook, or "
             "make the change inside the router's forward, before its top-k (replay then forces the experts the "
             "router chose)"

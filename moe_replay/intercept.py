@@ -264,6 +264,20 @@ _code_in_arguments = _lean.code_in_arguments
 _NO_REGIONS: list[tuple[Any, bool]] = []  # returned, never changed, when a call is in no region
 
 
+class _ThisThread(threading.local):
+    """The thread that runs the code reading it: ``ident`` is set in each thread as that thread first reads it.
+
+    Compiled code runs no Python per call, only dynamo's guards, and an attribute of a ``threading.local`` is
+    guarded in the thread that runs the code: a region traced inside a block compares ``ident`` with the thread
+    that holds the block, and runs in no other thread (another thread's call traces its own, which refuses)."""
+
+    def __init__(self) -> None:
+        self.ident = threading.get_ident()
+
+
+_THIS_THREAD = _ThisThread()
+
+
 def _regions() -> list[tuple[Any, bool]]:
     """The checkpoint regions around this router call, innermost first, each with "being recomputed?"."""
     hooks = _top_hooks()
@@ -856,14 +870,36 @@ class RouterHook:
             state.lean = outer
 
     def guard_output(self, out: Any) -> None:
-        """An eager forward of the scope returned ``out`` in a block, and forward hooks (the module's, or global
-        ones) run after it: have the last of them check that they left its indices as they were."""
-        if not (self.capturing or self.replaying or self.verifying) or _dynamo_compiling():
+        """A forward of the scope returned ``out`` in a block, and forward hooks (the module's, or global ones) run
+        after it: have the last of them check that they left its indices as they were.
+
+        Traced by dynamo, the hooks are traced with the forward and the check is made as they are (see
+        :meth:`OutputGuard.expect_traced`): the guard must be there and last already (compiled code cannot add
+        one), as :meth:`prepare_guard` leaves it as a block starts."""
+        if not (self.capturing or self.replaying or self.verifying):
             return
+        compiling = _dynamo_compiling()
         if not (self.wrapped or runs_foreign_hooks(self.scope)):  # (only moe_replay's own: its watch, this guard)
-            self.drop_guard()
+            if not compiling:
+                self.drop_guard()
             return
-        self.install_guard().expect(self.scope, out)
+        if not compiling:
+            self.install_guard().expect(self.scope, out)
+            return
+        guard = self._guard
+        if guard is None or not guard.is_last(self.scope):
+            raise UnsupportedRouterError(
+                f"forward hooks run after router '{self.name}' (on its module, or global module hooks) were added "
+                "inside the block, after it started, and compiled code cannot check that they leave the expert "
+                "indices the router returned as they were. Add them before the block starts (or remove them)"
+            )
+        guard.expect_traced(out)
+
+    def prepare_guard(self) -> None:
+        """As a block starts: the output guard on the scope, last of its forward hooks, where hooks other than
+        moe_replay's run after its forward (compiled code, which cannot add it, then finds it there)."""
+        if (self.scope._forward_hooks or _GLOBAL_HOOKS) and (self.wrapped or runs_foreign_hooks(self.scope)):
+            self.install_guard().keep_last(self.scope)
 
     def install_guard(self) -> OutputGuard:
         """The output guard on the scope, put there if it is not (for a block whose scope's forward is wrapped,
@@ -881,6 +917,11 @@ class RouterHook:
 
     def _admit(self) -> None:
         """May an eager forward of this router run now? (A session refuses other threads' forwards.)"""
+
+    def _refuse_thread_traced(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Dynamo traces a forward of this router in a thread other than the one holding the session's block:
+        the code traced refuses it (a session's hook makes it raise as it runs)."""
+        raise UnsupportedRouterError(f"router '{self.name}' was traced in a thread that does not hold its block")
 
     def _failed(self, error: RuntimeError) -> None:
         """A runtime error in an eager forward of this router: raise a clearer one where there is one."""
@@ -1605,7 +1646,10 @@ class ScopedForward:
         if self._class_fn is not None and type(hook.scope).forward is not self._class_fn:
             self._follow_class()
         if _dynamo_compiling():
-            return self._call(args, kwargs)
+            out = self._call(args, kwargs)
+            if _GLOBAL_HOOKS or hook.scope._forward_hooks:  # hooks run after this forward (see OutputGuard)
+                hook.guard_output(out)
+            return out
         if not (hook.capturing or hook.replaying):
             if (
                 not hook.verifying
@@ -1761,6 +1805,9 @@ class ScopedForward:
                 hook._refuse_transform()
             if _exporting() or (not _compiling() and _tracing()):
                 hook._refuse_export()
+            if _dynamo_compiling() and hook.owner is not None and hook.owner.ident not in (None, _THIS_THREAD.ident):
+                # traced in a thread other than the one holding the block (see _ThisThread): code that refuses
+                return hook._refuse_thread_traced(self.__wrapped__, args, kwargs)
             return hook._run(self.__wrapped__, args, kwargs)
         if not _compiling() and hook.unproven() and not _graph_capturing() and _transform() is None and not _tracing():
             # (not under jit.trace or make_fx: the probe's ops would be traced into the program, which routes natively)

@@ -352,6 +352,34 @@ def _named(coro: Any) -> str:
     return f"{getattr(coro, '__name__', type(coro).__name__)}()"
 
 
+_ONE_THREAD = (
+    "One session records the forwards of one thread, in order, or the rows of concurrent forwards would interleave "
+    "differently in each router. Give each thread its own model and session (copy.deepcopy(model), then "
+    "mr.attach), or run the forwards in the thread that opened the block"
+)
+_THREAD_REFUSAL: Any = None
+
+
+def _thread_refusal() -> Any:
+    """The operator that compiled code traced in another thread than a block's runs ahead of a router's forward:
+    ``(tensor, router name, the block's thread) -> tensor``, which raises the :class:`SessionStateError` of an eager
+    forward in that thread. Defined as the first block opens (the code that defines it cannot be traced)."""
+    global _THREAD_REFUSAL
+    if _THREAD_REFUSAL is None:
+
+        @torch.library.custom_op("moe_replay::refuse_other_thread", mutates_args=())
+        def refuse(t: torch.Tensor, router: str, holder: int) -> torch.Tensor:
+            raise _other_thread(f"a forward reached router '{router}'", holder)
+
+        @refuse.register_fake
+        def _(t: torch.Tensor, router: str, holder: int) -> torch.Tensor:
+            return torch.empty_like(t)
+
+        refuse.register_autograd(lambda ctx, grad: (grad, None, None))
+        _THREAD_REFUSAL = torch.ops.moe_replay.refuse_other_thread
+    return _THREAD_REFUSAL
+
+
 def _other_thread(what: str, holder: int) -> SessionStateError:
     if not any(t.ident == holder for t in threading.enumerate()):
         return SessionStateError(
@@ -364,10 +392,7 @@ def _other_thread(what: str, holder: int) -> SessionStateError:
         )
     return SessionStateError(
         f"{what} in thread {threading.get_ident()}, while thread {holder} has a block (capture, replay, "
-        "keep_scores or verify) open on this session: one session records the forwards of one thread, in "
-        "order, or the rows of concurrent forwards would interleave differently in each router. Give each "
-        "thread its own model and session (copy.deepcopy(model), then mr.attach), or run the forwards in the "
-        "thread that opened the block"
+        f"keep_scores or verify) open on this session. {_ONE_THREAD}"
     )
 
 
@@ -396,6 +421,23 @@ class _SessionHook(RouterHook):
         owner = self.owner
         if owner is not None and owner.ident not in (None, threading.get_ident()) and not _in_backward():
             raise _other_thread(f"a forward reached router '{self.name}'", owner.ident)
+
+    def _refuse_thread_traced(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Dynamo traces a forward of this router in a thread other than the one holding the block: the region
+        traced raises, as it runs, what an eager forward raises (an operator dynamo cannot look into, on one
+        tensor the forward takes, ahead of it). Its rows are neither recorded nor forced: the router's forward is
+        traced as it runs natively, and never runs (the region is guarded on this thread, see ``_ThisThread``)."""
+        holder, op = self.owner.ident, _thread_refusal()
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                return forward(*args[:i], op(a, self.name, holder), *args[i + 1 :], **kwargs)
+        for key, a in kwargs.items():
+            if isinstance(a, torch.Tensor):
+                return forward(*args, **{**kwargs, key: op(a, self.name, holder)})
+        raise SessionStateError(  # (no tensor to hang the refusal on: refused as it is traced)
+            f"a forward reached router '{self.name}' in a thread other than thread {holder}, which has a block "
+            f"(capture, replay, keep_scores or verify) open on this session. {_ONE_THREAD}"
+        )
 
     def _failed(self, error: RuntimeError) -> None:
         moved = None if isinstance(error, MoEReplayError) else self._moved()
@@ -971,9 +1013,12 @@ class Session:
                 owner.admit_forward(what)
             else:
                 owner.open()
+                _thread_refusal()  # (for compiled code traced in another thread while the block is open)
             owner.ident = me
             owner.blocks += 1
         try:
+            for h in self._hooks:
+                h.prepare_guard()
             yield
         except Exception as e:  # a refusal that torch.compile traced comes out as its own error: ours again
             ours = _from_compiler(e)
