@@ -146,6 +146,8 @@ NESTING = _Nesting()
 _MASKS = frozenset({torch.masked_fill, torch.Tensor.masked_fill, torch.where, torch.Tensor.where})
 #: Families whose result carries values beside the indices.
 _VALUED = frozenset({"topk", "max", "min", "sort", "kthvalue"})
+#: Maxima by value alone: natively the value of the best expert, where taken along the experts (see _ProbeMode.peaks).
+_PEAKS = frozenset({torch.amax, torch.Tensor.amax})
 
 
 def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, name: str, default: Any = None) -> Any:
@@ -460,8 +462,13 @@ class _ProbeMode(TorchFunctionMode):
         fill: float | None = None,
         early: list[Any] | None = None,
         scramble: int | None = None,
+        peak: int | None = None,
     ) -> None:
         super().__init__()
+        # the maxima along the last dimension taken by value alone (``amax``): each one's width, rows and the experts
+        # where it is reached; ``peak`` (an ordinal among them): that one's values moved to other rows (tokens)
+        self.peaks: list[tuple[int, int, torch.Tensor, str]] = []
+        self.peak = peak
         self.change, self.hold, self.slot, self.values = change, hold, slot, values
         # values leaving torch (see _opaque): where, in this run; with ``scramble`` (a width), those of that width
         # are handed over with their last dimension rolled by one (their experts moved)
@@ -516,6 +523,8 @@ class _ProbeMode(TorchFunctionMode):
                 return written
         answered = self.answered
         out = self._call(func, args, kwargs)
+        if func in _PEAKS and NESTING.depth == self.depth:
+            out = self._peaked(args, kwargs, out)
         if not self.force or NESTING.depth != self.depth:  # (a call of a router nested inside: its own)
             return out
         if not answered:  # before the decision: where each floating result came from, and earlier choices
@@ -538,6 +547,28 @@ class _ProbeMode(TorchFunctionMode):
         scored = self._mark(args, kwargs, out, func)
         if self.answered == answered:  # a call after the forced decision (not one of its slots)
             return self._after(func, args, kwargs, out, scored)
+        return out
+
+    def _peaked(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        """Note a maximum along the last dimension by value alone (see :attr:`peaks`); ``out``, moved if asked."""
+        x, dim = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "dim", ())
+        if isinstance(dim, (tuple, list)) and len(dim) == 1:
+            dim = dim[0]
+        if (
+            not isinstance(x, torch.Tensor)
+            or not isinstance(out, torch.Tensor)
+            or not x.is_floating_point()
+            or x.dim() < 2
+            or type(dim) is not int
+            or dim not in (-1, x.dim() - 1)
+            or x.shape[-1] < 2
+        ):
+            return out
+        n = len(self.peaks)
+        width = int(x.shape[-1])
+        self.peaks.append((width, x.numel() // width, x.detach().argmax(-1).reshape(-1, 1), _where()))
+        if self.peak == n and out.numel() > 1:
+            return out.reshape(-1).roll(1).reshape(out.shape)
         return out
 
     def _cut_compared(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Any] | None:
@@ -1384,8 +1415,9 @@ class _Prober:
         early: list[Any] | None = None,
         scramble: int | None = None,
         reseed: int | None = None,
+        peak: int | None = None,
     ) -> tuple[Any, _ProbeMode]:
-        mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill, early, scramble)
+        mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill, early, scramble, peak)
         args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
         # on inputs of its own making, a forward may loop on where its real inputs never take it (an iteration
         # to a tolerance that extreme values never reach): such a run is given up, as one that raises
@@ -1960,6 +1992,7 @@ def _establish(
             ev = dataclasses.replace(ev, mirrors=_mirrors(calls, seen, ev))
             _refuse_later_choice(name, probe, calls, seen, ev)
             _refuse_escapes(name, probe, calls, seen, ev, tolerance)
+            _refuse_value_twins(name, probe, calls, seen, ev, base)
             return ev
 
         reach: dict[int, int] = {}  # output elements that changing each call changes
@@ -2162,6 +2195,7 @@ def _establish(
         # that reads anything but the decision is refused)
         _refuse_later_choice(name, probe, calls, seen, ev)
         _refuse_escapes(name, probe, calls, seen, ev, tolerance)
+        _refuse_value_twins(name, probe, calls, seen, ev, base)
         return ev
     finally:
         probe.snapshot.restore()
@@ -2311,6 +2345,69 @@ def _mirrors(calls: Sequence[Call], seen: _ProbeMode, ev: Evidence) -> tuple[int
         ):
             found.append(c.ordinal)
     return tuple(found)
+
+
+#: A value twin (see :func:`_refuse_value_twins`) whose values moved (to other slots or tokens) move the output by less
+#: than this part of its largest magnitude only shifts or scales what cancels (a stable softmax's maximum, scores
+#: divided by their best and renormalised): rounding, in any floating dtype.
+_SHIFT_ROUNDING = 0.05
+
+
+def _refuse_value_twins(
+    name: str, probe: _Prober, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence, base: Any
+) -> None:
+    """Refuse a router whose output reads the values of another call that natively makes its decision's choice.
+
+    ``w = probs.max(-1).values`` beside ``idx = probs.argmax(-1)`` (in either order, or over the logits), the values
+    of one ``topk`` and the indices of another, a ``sort``'s leading values: natively the weights of the chosen
+    experts. A replay forces the decision, not that call, which still reads the natively best experts' scores, so
+    the recorded experts would be weighted (and get gradients) as other experts, with no error. Only a later call
+    over the decision's very scores is answered with the forced experts (a mirror); any other such call whose
+    values reach the output is refused. A call whose values only shift or scale what cancels (a stable softmax's
+    maximum, scores divided by their best, then renormalised) moves the output by rounding when its values are
+    moved (to other slots, or other tokens), and passes.
+    """
+    first = calls[ev.decision[0]]
+    skip = {*ev.decision, *ev.mirrors, *ev.followers}
+    try:
+        mine = _indices(seen.outs[first.ordinal], first.family, first.rows)[:, :1]
+    except (RuntimeError, IndexError, TypeError):
+        return
+    floats = [t for t in _leaves(base, []) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    scale = max((float(t.detach().double().abs().nan_to_num(0.0, 0.0, 0.0).max()) for t in floats), default=0.0)
+    for c in calls:
+        if c.ordinal in skip or c.family not in _VALUED or c.width != first.width or c.rows != first.rows:
+            continue
+        try:
+            theirs = _indices(seen.outs[c.ordinal], c.family, c.rows)[:, :1]
+        except (RuntimeError, IndexError, TypeError):
+            continue
+        if theirs.shape != mine.shape or not torch.equal(theirs, mine):
+            continue  # not natively the decision's choice
+        moved, _ = probe.run(values=c.ordinal)
+        if _distance(base, moved)[0] > _SHIFT_ROUNDING * scale:
+            _refuse_twin(name, calls, ev, c.describe())
+    for n, (width, rows, theirs, where) in enumerate(seen.peaks):
+        if width != first.width or rows != first.rows or theirs.shape != mine.shape or not torch.equal(theirs, mine):
+            continue
+        moved, _ = probe.run(peak=n)
+        if _distance(base, moved)[0] > _SHIFT_ROUNDING * scale:
+            _refuse_twin(name, calls, ev, f"amax() over {width} at {where}")
+
+
+def _refuse_twin(name: str, calls: Sequence[Call], ev: Evidence, what: str) -> None:
+    """The refusal of :func:`_refuse_value_twins`."""
+    raise _refuse(
+        name,
+        calls,
+        f"its output reads the values of {what}, which natively chooses as its decision "
+        f"({' + '.join(calls[i].describe() for i in ev.decision)}) does: the scores of the natively best "
+        "experts, used as their weights. A replay forces the decision but not that call, so the recorded "
+        "experts would be weighted (and get gradients) as other experts",
+        "Read the weights at the decision's own indices (scores.gather(-1, indices)), or take them from the "
+        "decision's values (values, indices = torch.topk(scores, k)), or name the module whose forward "
+        "returns both with include=",
+    )
 
 
 def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence) -> None:

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._output_guard import own_hook
 from .errors import UnsupportedRouterError
-from .evidence import DECISION_FUNCS, NESTING, _where, decision_call, unwrap
+from .evidence import _PEAKS, DECISION_FUNCS, NESTING, _arg, _where, decision_call, unwrap
 from .intercept import EAGER
 
 __all__ = ["OrphanWatch", "watch_first_runs", "watch_forward"]
@@ -235,7 +235,35 @@ class OrphanWatch(TorchFunctionMode):
                     self.found.append(
                         f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} at {_where()}{hint}"
                     )
+        elif func in _PEAKS and not torch.compiler.is_compiling() and len(self.found) < 8:
+            self._peak(args, kwargs)
         return func(*args, **kwargs)
+
+    def _peak(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Note an ``amax`` along an attached router's width in an MoE block, outside every router and expert.
+
+        It reads the natively best expert's score by value alone (a block weighing the expert an attached router
+        chose by ``probs.amax(-1)``): a replay forces the router, not that value, so the recorded expert would be
+        weighed by another one's score. No decision-like call, so no other check sees it."""
+        x, dim = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "dim", ())
+        if isinstance(dim, (tuple, list)) and len(dim) == 1:
+            dim = dim[0]
+        if (
+            not isinstance(x, torch.Tensor)
+            or not x.is_floating_point()
+            or x.dim() < 2
+            or type(dim) is not int
+            or dim not in (-1, x.dim() - 1)
+            or x.shape[-1] not in self.widths
+        ):
+            return
+        name, _ = _calling_module(self.names)
+        if name is not None and not self._known(name) and not self._in_bank(name) and self._in_moe(name):
+            self.found.append(
+                f"'{name}' ({type(self.modules[name]).__name__}): amax over {x.shape[-1]} at {_where()} (the best "
+                "expert's score read by value, outside the router: a replay would weigh the forced experts by the "
+                "natively best one's score; read it at the router's indices, scores.gather(-1, indices))"
+            )
 
     def not_run(self, ran: set[int]) -> list[str]:
         """Paths of the outermost modules inside MoE blocks (outside attention, attached scopes, excluded
