@@ -1,0 +1,601 @@
+"""Router code of more public MoE papers and libraries, with zero configuration (see ``test_public_routers3``).
+
+Each block keeps the decision structure of one upstream router (our own code, small, named after its source). The
+rule checked: a replay is proven exact (the experts used are the recorded ones, and the output and gradients are
+those of the same forward with the recorded experts forced by hand, which never calls moe_replay), or it is refused
+with a ``MoEReplayError`` that says why, the model left as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moe_replay as mr
+from tests.conftest import assert_untouched, snapshot
+from tests.test_evidence import D, E, Experts, RouterBlock, T, TwoLayers, dispatch
+from tests.test_public_routers2 import _Forced, _x, assert_replay_is_forced_by_hand
+
+
+# ----------------------------------------------------------------------- HyperRouter: a router made by a hypernetwork
+class HyperRouter(_Forced):
+    """giangdip2410/HyperRouter (Do et al. 2023): the router's weight is made at every forward by a frozen
+    hypernetwork from a trainable embedding (no ``[E, d]`` parameter), then the top-k of the logits, a softmax of
+    the top values (Mixtral's order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.hypernet = nn.Linear(4, E * D).requires_grad_(False)
+        self.router_embedding = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.hypernet(self.router_embedding).view(E, D))
+        if self.forced is None:
+            top, idx = torch.topk(logits, self.top_k, dim=-1)
+        else:
+            idx = self.forced
+            top = logits.gather(1, idx)
+        return top.softmax(-1), idx
+
+
+# ----------------------------------------------------------------------- StableMoE: centroids, then a distilled router
+class StableMoERouter(_Forced):
+    """Hunter-DDM/stablemoe (Dai et al. 2022), stage 1: the token's dot product with each expert's centroid, the top-1
+    by ``max`` (its value and index at once), the weight the sigmoid of that score."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 1
+        self.expert_centroids = nn.Parameter(torch.randn(E, D) * D**-0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = x @ self.expert_centroids.T
+        if self.forced is None:
+            top, idx = scores.max(dim=-1)
+            top, idx = top[:, None], idx[:, None]
+        else:
+            idx = self.forced
+            top = scores.gather(1, idx)
+        return torch.sigmoid(top), idx
+
+
+class StableMoEDistilledLayer(_Forced):
+    """StableMoE stage 2: the routing is frozen into a lightweight router over the tokens' word embeddings (handed
+    in beside the hidden states), its ``argmax`` the expert; the weight still the sigmoid of the hidden state's score
+    against that expert's centroid (a gather), so the centroids learn and the distilled router does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 1
+        self.distilled_router = nn.Linear(D, E, bias=False).requires_grad_(False)
+        self.expert_centroids = nn.Parameter(torch.randn(E, D) * D**-0.5)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        if self.forced is None:
+            idx = self.distilled_router(word_embeddings).argmax(-1, keepdim=True)
+        else:
+            idx = self.forced
+        w = torch.sigmoid((x @ self.expert_centroids.T).gather(1, idx))
+        return dispatch(self.experts, x, idx, w)
+
+
+class StableMoEDistilled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(D, D)
+        self.layers = nn.ModuleList([StableMoEDistilledLayer(), StableMoEDistilledLayer()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        emb = self.embed(x)
+        h = emb
+        for layer in self.layers:
+            h = h + layer(h, emb)
+        return h
+
+
+# ----------------------------------------------------------------------- Chain-of-Experts: routers in sequence
+class ChainOfExperts(nn.Module):
+    """ZihanWang314/coe (Chain-of-Experts, 2025): one layer's experts applied in ``iterations`` rounds, each round
+    routed by its own gate on the previous round's output, with an inner residual."""
+
+    def __init__(self, iterations: int = 2) -> None:
+        super().__init__()
+        self.gates = nn.ModuleList(HyperlessGate() for _ in range(iterations))
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for gate in self.gates:
+            w, idx = gate(h)
+            h = h + dispatch(self.experts, h, idx, w)
+        return h - x
+
+
+class HyperlessGate(_Forced):
+    """A Mixtral-style gate: softmax, top-k, renormalised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).softmax(-1)
+        if self.forced is None:
+            w, idx = probs.topk(self.top_k, dim=-1)
+        else:
+            idx = self.forced
+            w = probs.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+# ----------------------------------------------------------------------- DS-MoE: dense in training, sparse in eval
+class DSMoE(_Forced):
+    """Pan et al. 2024 (DS-MoE): every expert weighted by the softmax in training (no choice), the top-k of it in
+    eval (the weights not renormalised)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.router = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.router(x).softmax(-1)
+        if self.training:
+            return sum(probs[:, e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
+        idx = probs.topk(self.top_k, dim=-1).indices if self.forced is None else self.forced
+        return dispatch(self.experts, x, idx, probs.gather(1, idx))
+
+
+# ----------------------------------------------------------------------- SwitchHead: experts per attention head
+class SwitchHeadAttention(_Forced):
+    """RobertCsordas/switchhead (Csordás et al. 2024): per head, sigmoid scores over the value/output projection
+    experts of ``[batch, seq, heads, E]``, ``topk(sorted=False)``; the same choice selects the value and the output
+    projections, each weighted by its score."""
+
+    def __init__(self, heads: int = 2, d_head: int = 4) -> None:
+        super().__init__()
+        self.n_heads, self.d_head, self.n_experts, self.moe_k = heads, d_head, E, 2
+        self.q = nn.Linear(D, heads * d_head, bias=False)
+        self.k = nn.Linear(D, heads * d_head, bias=False)
+        self.sel_v = nn.Parameter(torch.randn(heads * E, D) * D**-0.5)
+        self.v = nn.Parameter(torch.randn(heads, E, D, d_head) * D**-0.5)
+        self.o = nn.Parameter(torch.randn(heads, E, d_head, D) * d_head**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        sel = torch.sigmoid(F.linear(x, self.sel_v).view(b, s, self.n_heads, E))
+        if self.forced is None:
+            val, idx = sel.topk(self.moe_k, dim=-1, sorted=False)
+        else:
+            idx = self.forced.view(b, s, self.n_heads, self.moe_k)
+            val = sel.gather(-1, idx)
+        heads = torch.arange(self.n_heads)[None, None, :, None]
+        v = torch.einsum("bsd,bshkdf->bshkf", x, self.v[heads.expand_as(idx), idx]) * val[..., None]
+        v = v.sum(3)  # [b, s, h, d_head]
+        q = self.q(x).view(b, s, self.n_heads, -1).transpose(1, 2)
+        k = self.k(x).view(b, s, self.n_heads, -1).transpose(1, 2)
+        att = (q @ k.transpose(-1, -2) * self.d_head**-0.5).softmax(-1) @ v.transpose(1, 2)  # [b, h, s, d_head]
+        att = att.transpose(1, 2)
+        o = torch.einsum("bshf,bshkfd->bshkd", att, self.o[heads.expand_as(idx), idx]) * val[..., None]
+        return o.sum((2, 3))
+
+
+# ----------------------------------------------------------------------- AdaMoE: null experts
+class AdaMoEBlock(_Forced):
+    """CAPHEL/AdaMoE (Zeng et al. 2024): the router scores the ``E`` true experts and ``n_null`` null experts (which
+    return nothing); a top-k over all of them, so a token uses fewer true experts where null ones win; softmax of the
+    top values; the null slots dropped by index (``idx < E``), not by score."""
+
+    def __init__(self, n_null: int = 4) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.n_null = E + n_null, 2, n_null
+        self.gate = nn.Linear(D, E + n_null, bias=False)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.gate(x)
+        if self.forced is None:
+            top, idx = logits.topk(self.top_k, dim=-1)
+        else:
+            idx = self.forced
+            top = logits.gather(1, idx)
+        w = top.softmax(-1) * (idx < E)
+        return dispatch(self.experts, x, idx, w)
+
+
+# ----------------------------------------------------------------------- Pre-gated MoE: choices a block ahead
+class PreGatedBlock(nn.Module):
+    """Pre-gated MoE (Hwang et al. 2024): block ``l`` runs its experts with the routing handed to it, while its
+    pre-gate chooses block ``l + 1``'s experts from block ``l``'s input (the choice leaves in the block's output)."""
+
+    def __init__(self, last: bool) -> None:
+        super().__init__()
+        self.experts = Experts()
+        self.pre_gate = None if last else HyperlessGate()
+
+    def forward(
+        self, h: torch.Tensor, route: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        following = self.pre_gate(h) if self.pre_gate is not None else None
+        return h + dispatch(self.experts, h, route[1], route[0]), following
+
+
+class PreGatedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first_gate = HyperlessGate()
+        self.layers = nn.ModuleList(PreGatedBlock(last=i == 2) for i in range(3))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        route = self.first_gate(h)
+        for layer in self.layers:
+            h, route = layer(h, route)
+        return h
+
+
+# ----------------------------------------------------------------------- a top-k called as the aten operator
+class AtenTopKGate(HyperlessGate):
+    """A gate that calls ``torch.ops.aten.topk`` (export-friendly code calling the operator directly)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).softmax(-1)
+        if self.forced is None:
+            w, idx = torch.ops.aten.topk(probs, self.top_k)
+        else:
+            idx = self.forced
+            w = probs.gather(1, idx)
+        return w, idx
+
+
+EXACT: dict[str, tuple[Callable[[], nn.Module], bool | None, Callable[[], torch.Tensor], dict[str, str]]] = {
+    # name: (model, the routers get gradients (None: not checked), input, attach options)
+    "hyperrouter": (lambda: TwoLayers(lambda: RouterBlock(HyperRouter())), None, _x, {}),
+    "stablemoe-centroids": (lambda: TwoLayers(lambda: RouterBlock(StableMoERouter())), True, _x, {}),
+    "stablemoe-distilled": (StableMoEDistilled, None, _x, {}),
+    "chain-of-experts": (lambda: TwoLayers(ChainOfExperts), True, _x, {}),
+    "ds-moe-eval": (lambda: TwoLayers(DSMoE).eval(), None, _x, {}),
+    "switchhead": (lambda: TwoLayers(SwitchHeadAttention), None, lambda: _x(2, T // 2), {"include": "layers.*"}),
+    "adamoe-null-experts": (lambda: TwoLayers(AdaMoEBlock), None, _x, {}),
+    "pre-gated": (PreGatedModel, True, _x, {}),
+    "aten-topk": (lambda: TwoLayers(lambda: RouterBlock(AtenTopKGate())), True, _x, {}),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(EXACT))
+def test_replay_is_the_recorded_experts_forced_by_hand(case: str) -> None:
+    """A router made by a hypernetwork, a top-1 by ``max`` against centroids, a frozen router over other inputs
+    (word embeddings) than the hidden states it weighs, gates in sequence over one layer's experts, a router dense in
+    training (here in eval), per-head choices in attention (named: no gate to find), null experts, a choice made a
+    block ahead (pre-gated), the aten operator: the recorded experts are the ones used, and a replay after the
+    routers change is those experts forced by hand, in output and gradients."""
+    make, router_grads, x, attach = EXACT[case]
+    assert_replay_is_forced_by_hand(make(), x(), router_grads=router_grads, **attach)
+
+
+# ----------------------------------------------------------------------- value twins: weights from another call
+class ValueTwinGate(_Forced):
+    """A gate whose weights are read from another call than the one whose indices pick the experts, natively the
+    same choice (hand-written routers; the weights are those of the chosen experts only natively):
+
+    - ``amax``: a Switch-style top-1, ``probs.argmax(-1)`` for the expert and ``probs.amax(-1)`` for its weight;
+    - ``max-first``: the same with ``probs.max(-1).values`` written before the ``argmax``;
+    - ``logits-argmax``: the expert by ``argmax`` of the logits, the weight by ``max`` of the probabilities;
+    - ``topk-twice``: ``torch.topk(probs, k).values`` for the weights, renormalised, and another
+      ``torch.topk(probs, k).indices`` call for the experts;
+    - ``sort-values``: the weights the first ``k`` values of a descending ``sort``, the experts a ``topk``.
+
+    Forced by hand: the recorded experts' own probabilities (what a gather reads)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.num_experts, self.top_k = E, 1 if form in ("amax", "max-first", "logits-argmax") else 2
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gate(x)
+        probs = logits.softmax(-1)
+        if self.forced is not None:
+            w, idx = probs.gather(1, self.forced), self.forced
+        elif self.form == "amax":
+            idx, w = probs.argmax(-1, keepdim=True), probs.amax(-1, keepdim=True)
+        elif self.form == "max-first":
+            w = probs.max(-1, keepdim=True).values
+            idx = probs.argmax(-1, keepdim=True)
+        elif self.form == "logits-argmax":
+            idx, w = logits.argmax(-1, keepdim=True), probs.max(-1, keepdim=True).values
+        elif self.form == "topk-twice":
+            w, idx = torch.topk(probs, self.top_k).values, torch.topk(probs, self.top_k).indices
+        else:
+            w = probs.sort(-1, descending=True).values[:, : self.top_k]
+            idx = probs.topk(self.top_k, dim=-1).indices
+        return w / w.sum(-1, keepdim=True) if self.top_k > 1 else w, idx
+
+
+class StableSoftmaxGate(HyperlessGate):
+    """A hand-written stable softmax before the top-k: the logits less their row's best, taken by ``how`` (its
+    value only shifts what the softmax cancels); with ``rescale``, the probabilities then divided by their best
+    (a scale that the renormalisation cancels)."""
+
+    def __init__(self, how: str, rescale: bool) -> None:
+        super().__init__()
+        self.how, self.rescale = how, rescale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gate(x)
+        if self.how == "amax":
+            logits = logits - logits.amax(-1, keepdim=True)
+        elif self.how == "max":
+            logits = logits - logits.max(-1, keepdim=True).values
+        else:
+            logits = logits - logits.sort(-1, descending=True).values[:, :1]
+        e = logits.exp()
+        probs = e / e.sum(-1, keepdim=True)
+        if self.rescale:
+            probs = probs / probs.topk(1, dim=-1).values
+        if self.forced is None:
+            w, idx = probs.topk(self.top_k, dim=-1)
+        else:
+            idx = self.forced
+            w = probs.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    ("form", "call"),
+    [
+        ("amax", None),
+        ("max-first", None),
+        ("max-first", 1),
+        ("logits-argmax", None),
+        ("topk-twice", None),
+        ("sort-values", None),
+    ],
+)
+def test_weights_read_from_a_twin_of_the_decision_are_refused(form: str, call: int | None) -> None:
+    """Once silent: the experts were forced, but the weights came from a call a replay does not force (an ``amax``, a
+    ``max`` before the ``argmax`` or over other scores, a second ``topk``, a ``sort``): the natively best experts'
+    scores, so the recorded experts were weighted (and got gradients) as other experts. Refused, naming that call,
+    the model left as it was; also where an Adapter names the decision's call."""
+    model = TwoLayers(lambda: RouterBlock(ValueTwinGate(form)))
+    before = snapshot(model)
+    adapters = [] if call is None else [mr.Adapter("twin", match=lambda n, m: isinstance(m, ValueTwinGate), call=call)]
+    with pytest.raises(mr.UnsupportedRouterError, match="reads the values of .*natively chooses as its decision"):
+        with mr.attach(model, adapters=adapters) as session, torch.no_grad(), session.capture():
+            model(_x())
+    assert_untouched(model, before)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    ("how", "dtype", "rescale"),
+    [
+        ("amax", torch.float32, True),
+        ("max", torch.float32, True),
+        ("sort", torch.float32, True),
+        ("amax", torch.bfloat16, False),
+    ],
+)
+def test_a_stable_softmax_maximum_is_not_taken_for_a_value_twin(how: str, dtype: torch.dtype, rescale: bool) -> None:
+    """The counterpart of the refusal above: the row's best taken by value to shift the logits or scale the
+    probabilities (both cancelled by the softmax and the renormalisation) natively chooses as the decision does, and
+    its values reach the output only by rounding: replayed exactly, as the recorded experts forced by hand. (In
+    bfloat16 a shift by a ``max`` or ``sort`` of the logits, or the rescaling, is refused before this check, as a
+    mask made from an earlier call's values: a false refusal.)"""
+    model = TwoLayers(lambda: RouterBlock(StableSoftmaxGate(how, rescale))).to(dtype)
+    assert_replay_is_forced_by_hand(model, _x().to(dtype), router_grads=True)
+
+
+class ProbsRouter(_Forced):
+    """A router that returns every expert's probability and the chosen experts (``argmax`` for one, ``topk`` for
+    more), its block reading the weights."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, k
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).softmax(-1)
+        if self.forced is not None:
+            return probs, self.forced
+        if self.top_k == 1:
+            return probs, probs.argmax(-1, keepdim=True)
+        return probs, probs.topk(self.top_k, dim=-1).indices
+
+
+class BlockWeighedMoE(nn.Module):
+    """The block weighs the experts its router chose by ``how``: a gather at the router's indices, the ``amax`` of
+    the probabilities (a top-1), or the values of a ``topk`` of its own (the router's twin, outside it)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.router = ProbsRouter(1 if how == "amax" else 2)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs, idx = self.router(x)
+        if self.how == "amax" and self.router.forced is None:
+            w = probs.amax(-1, keepdim=True)
+        elif self.how == "topk" and self.router.forced is None:
+            w = probs.topk(self.router.top_k, dim=-1).values
+        else:
+            w = probs.gather(1, idx)
+        return dispatch(self.experts, x, idx, w)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["gather", "amax", "topk"])
+def test_weights_read_by_the_block_from_the_routers_probabilities_are_forced_or_refused(how: str) -> None:
+    """Once silent (``amax``): the router forced, and its block weighing the forced expert by the natively best
+    one's probability (an ``amax``, no decision-like call, so not seen outside the router). Refused like the block's
+    own ``topk`` beside its router, the model left as it was; read at the router's indices, exact."""
+    if how == "gather":
+        assert_replay_is_forced_by_hand(TwoLayers(lambda: BlockWeighedMoE(how)), _x(), router_grads=True)
+        return
+    model = TwoLayers(lambda: BlockWeighedMoE(how))
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError, match=f"'layers.0' \\(BlockWeighedMoE\\): {how} over {E}"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(_x())
+    assert_untouched(model, before)
+
+
+# ----------------------------------------------------------------------- refused: no per-token choice in sight
+VOCAB = 50
+
+
+class HashLayer(nn.Module):
+    """facebookresearch/ParlAI ``parlai/agents/transformer/modules/ffn.py`` hash layer (Roller et al. 2021): each
+    token's expert looked up in a fixed random map from its token id, weight 1; no router scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts = E
+        self.register_buffer("hash_bin_map", torch.randint(E, (VOCAB,), generator=torch.Generator().manual_seed(5)))
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        idx = self.hash_bin_map[input_ids][:, None]
+        return dispatch(self.experts, x, idx, torch.ones_like(idx, dtype=x.dtype))
+
+
+class HashModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, D)
+        self.layers = nn.ModuleList([HashLayer(), HashLayer()])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = x + layer(x, input_ids)
+        return x
+
+
+class LoryLayer(nn.Module):
+    """Lory (Zhong et al. 2024): per segment of tokens, a softmax router over the experts and one FFN whose weights
+    are the experts' merged by it (fully differentiable, no choice)."""
+
+    def __init__(self, segment: int = 4) -> None:
+        super().__init__()
+        self.segment, self.num_experts = segment, E
+        self.router = nn.Linear(D, E, bias=False)
+        self.expert_weights = nn.Parameter(torch.randn(E, D, D) * D**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seg = x.view(-1, self.segment, D)
+        merged = torch.einsum("se,edf->sdf", self.router(seg.mean(1)).softmax(-1), self.expert_weights)
+        return torch.einsum("std,sdf->stf", seg, merged).reshape(-1, D)
+
+
+class ExpertsFirstGate(HyperlessGate):
+    """A gate written experts-first (``W @ x.T``, scores ``[E, tokens]``, as JAX-style ``einsum('ed,td->et')``
+    code), its top-k along dim 0."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = (self.gate.weight @ x.T).softmax(0)
+        w, idx = probs.topk(self.top_k, dim=0)
+        return w.T, idx.T
+
+
+class VmapGate(HyperlessGate):
+    """A gate that takes each token's top-k under ``torch.vmap`` (functorch-style per-example code)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).softmax(-1)
+        return torch.vmap(lambda row: torch.topk(row, 2))(probs)
+
+
+class KthValueMaskBlock(nn.Module):
+    """Experts kept by a threshold, the k-th best probability (``topk(...).values[:, -1:]``), the block weighting
+    every expert by the masked, renormalised probabilities (no index read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(-1)
+        w = probs * (probs >= torch.topk(probs, self.top_k, dim=-1).values[:, -1:])
+        w = w / w.sum(-1, keepdim=True)
+        return sum(w[:, e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(VOCAB, (T,), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    ("make", "x", "attach", "error", "match"),
+    [
+        pytest.param(HashModel, _ids, {}, mr.RouterNotFoundError, "no MoE router found", id="hash-layer"),
+        pytest.param(HashModel, _ids, {"include": "layers.*"}, mr.UnsupportedRouterError, "", id="hash-layer-named"),
+        pytest.param(lambda: TwoLayers(LoryLayer), _x, {}, mr.RouterNotFoundError, "no MoE router", id="lory"),
+        pytest.param(
+            lambda: TwoLayers(LoryLayer), _x, {"include": "layers.*"}, mr.UnsupportedRouterError, "", id="lory-named"
+        ),
+        pytest.param(
+            lambda: TwoLayers(DSMoE).train(), _x, {}, mr.UnsupportedRouterError, "soft routing", id="ds-moe-training"
+        ),
+        pytest.param(
+            lambda: TwoLayers(lambda: RouterBlock(ExpertsFirstGate())),
+            _x,
+            {},
+            mr.UnsupportedRouterError,
+            "another dimension than the last",
+            id="experts-first-top-k",
+        ),
+        pytest.param(
+            lambda: TwoLayers(lambda: RouterBlock(VmapGate())),
+            _x,
+            {},
+            mr.UnsupportedRouterError,
+            "flat scores",
+            id="vmap-top-k",
+        ),
+        pytest.param(
+            lambda: TwoLayers(KthValueMaskBlock),
+            _x,
+            {},
+            mr.UnsupportedRouterError,
+            "no decision-like call in its forward changes the output",
+            id="kth-value-threshold-mask",
+        ),
+    ],
+)
+def test_routers_with_no_choice_in_sight_are_refused(
+    make: Callable[[], nn.Module],
+    x: Callable[[], torch.Tensor],
+    attach: dict[str, str],
+    error: type[Exception],
+    match: str,
+) -> None:
+    """No per-token choice moe_replay can record and force: a hash of the token ids (no scores), experts merged by a
+    softmax (Lory) or all weighted in training (DS-MoE), a top-k along the tokens' dimension of experts-first scores,
+    per token under ``vmap`` (seen as a top-k of flat scores), a threshold from a top-k's values (its indices never
+    read: a replay would gather the forced experts' values and keep whatever passes that threshold). Not found, or
+    refused, the model left as it was."""
+    model = make()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        with mr.attach(model, **attach) as session, torch.no_grad(), session.capture():
+            model(x())
+    assert_untouched(model, before)
