@@ -435,6 +435,18 @@ def _changed_values(out: Any) -> Any:
     return out
 
 
+def _lifted_values(family: str, out: Any) -> Any:
+    """A ``(values, indices)`` result with its values raised, slot ``j`` of a row by ``j + 1`` (a one-value call by 1):
+    a shift or a scale that a softmax or a renormalisation cancels stays cancelled, while weights read from them
+    change, renormalised too (their ratios move), however close the scores are."""
+    values, idx = out[0], out[1]
+    if family in ("topk", "sort") and values.dim():
+        lift = torch.arange(1, values.shape[-1] + 1, device=values.device, dtype=values.dtype)
+    else:
+        lift = torch.ones((), device=values.device, dtype=values.dtype)
+    return type(out)((values + lift, idx))
+
+
 def _masks_some(before: torch.Tensor, after: torch.Tensor) -> bool:
     """Did some scores of a row change (by more than 1%) while other nonzero ones did not (a mask that
     moved), rather than all of them (a rescaling, a shift) or none?"""
@@ -463,10 +475,14 @@ class _ProbeMode(TorchFunctionMode):
         early: list[Any] | None = None,
         scramble: int | None = None,
         peak: int | None = None,
+        lift: bool = False,
     ) -> None:
         super().__init__()
+        self.lift = (
+            lift  # with ``values`` (or ``peak``): that call's values raised, slot j by j + 1 (see _lifted_values)
+        )
         # the maxima along the last dimension taken by value alone (``amax``): each one's width, rows and the experts
-        # where it is reached; ``peak`` (an ordinal among them): that one's values moved to other rows (tokens)
+        # where it is reached; ``peak`` (an ordinal among them): that one's values raised by 1
         self.peaks: list[tuple[int, int, torch.Tensor, str]] = []
         self.peak = peak
         self.change, self.hold, self.slot, self.values = change, hold, slot, values
@@ -550,7 +566,7 @@ class _ProbeMode(TorchFunctionMode):
         return out
 
     def _peaked(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-        """Note a maximum along the last dimension by value alone (see :attr:`peaks`); ``out``, moved if asked."""
+        """Note a maximum along the last dimension by value alone (see :attr:`peaks`); ``out``, raised if asked."""
         x, dim = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "dim", ())
         if isinstance(dim, (tuple, list)) and len(dim) == 1:
             dim = dim[0]
@@ -567,8 +583,8 @@ class _ProbeMode(TorchFunctionMode):
         n = len(self.peaks)
         width = int(x.shape[-1])
         self.peaks.append((width, x.numel() // width, x.detach().argmax(-1).reshape(-1, 1), _where()))
-        if self.peak == n and out.numel() > 1:
-            return out.reshape(-1).roll(1).reshape(out.shape)
+        if self.peak == n:
+            return out + 1
         return out
 
     def _cut_compared(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Any] | None:
@@ -691,9 +707,14 @@ class _ProbeMode(TorchFunctionMode):
             if i == self.change:
                 out = _changed(sig[0], out, sig[2]) if self.slot is None else _changed_slot(out, self.slot, sig[2])
             elif i == self.values and sig[0] in _VALUED:
-                out = (
-                    _changed_values(out) if self.fill is None else type(out)((out[0].detach() * 0 + self.fill, out[1]))
-                )
+                if self.lift:
+                    out = _lifted_values(sig[0], out)
+                else:
+                    out = (
+                        _changed_values(out)
+                        if self.fill is None
+                        else type(out)((out[0].detach() * 0 + self.fill, out[1]))
+                    )
         self.outs.append(_clone(out))  # as made: the forward may write into it later
         return out
 
@@ -1416,8 +1437,9 @@ class _Prober:
         scramble: int | None = None,
         reseed: int | None = None,
         peak: int | None = None,
+        lift: bool = False,
     ) -> tuple[Any, _ProbeMode]:
-        mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill, early, scramble, peak)
+        mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill, early, scramble, peak, lift)
         args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
         # on inputs of its own making, a forward may loop on where its real inputs never take it (an iteration
         # to a tolerance that extreme values never reach): such a run is given up, as one that raises
@@ -2347,8 +2369,8 @@ def _mirrors(calls: Sequence[Call], seen: _ProbeMode, ev: Evidence) -> tuple[int
     return tuple(found)
 
 
-#: A value twin (see :func:`_refuse_value_twins`) whose values moved (to other slots or tokens) move the output by less
-#: than this part of its largest magnitude only shifts or scales what cancels (a stable softmax's maximum, scores
+#: A value twin (see :func:`_refuse_value_twins`) whose values raised (see :func:`_lifted_values`) move the output by
+#: less than this part of its largest magnitude only shifts or scales what cancels (a stable softmax's maximum, scores
 #: divided by their best and renormalised): rounding, in any floating dtype.
 _SHIFT_ROUNDING = 0.05
 
@@ -2365,7 +2387,8 @@ def _refuse_value_twins(
     over the decision's very scores is answered with the forced experts (a mirror); any other such call whose
     values reach the output is refused. A call whose values only shift or scale what cancels (a stable softmax's
     maximum, scores divided by their best, then renormalised) moves the output by rounding when its values are
-    moved (to other slots, or other tokens), and passes.
+    raised (slot ``j`` by ``j + 1``: weights read from them change, renormalised too, however close the scores
+    of a router near its initialisation are), and passes.
     """
     first = calls[ev.decision[0]]
     skip = {*ev.decision, *ev.mirrors, *ev.followers}
@@ -2384,13 +2407,13 @@ def _refuse_value_twins(
             continue
         if theirs.shape != mine.shape or not torch.equal(theirs, mine):
             continue  # not natively the decision's choice
-        moved, _ = probe.run(values=c.ordinal)
+        moved, _ = probe.run(values=c.ordinal, lift=True)
         if _distance(base, moved)[0] > _SHIFT_ROUNDING * scale:
             _refuse_twin(name, calls, ev, c.describe())
     for n, (width, rows, theirs, where) in enumerate(seen.peaks):
         if width != first.width or rows != first.rows or theirs.shape != mine.shape or not torch.equal(theirs, mine):
             continue
-        moved, _ = probe.run(peak=n)
+        moved, _ = probe.run(peak=n, lift=True)
         if _distance(base, moved)[0] > _SHIFT_ROUNDING * scale:
             _refuse_twin(name, calls, ev, f"amax() over {width} at {where}")
 
