@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ._torch_compat import (
     current_graph_task_id,
@@ -1111,9 +1112,10 @@ def token_order(
     shows its routers every sequence's position 0, then position 1..., and its rows are another token's
     wherever a batch holds two sequences: a token check in batch-major order passes while the experts go
     elsewhere. So the forward runs twice more without gradients, up to the first router it reaches (which
-    does nothing: the run stops before it), from the same random state: as fed, and with the last token of
-    sequence 0 that is no padding (position ``p``) changed. The rows of that router's input that change are
-    that token's (and, where attention looks both ways, the other tokens of its sequence): its own row ``p``
+    does nothing: the run stops before it), from the same state of the model and of every random generator it draws
+    from (the global ones, those its modules hold or their code reads, any other a run is handed): as fed, and with
+    the last token of sequence 0 that is no padding (position ``p``) changed. The rows of that router's input that
+    change are that token's (and, where attention looks both ways, the other tokens of its sequence): its own row ``p``
     and rows within the first ``positions`` where the routers see the tokens batch-major, its row
     ``p * batch`` and rows at multiples of ``batch`` where they see them sequence-first. Anything else (rows
     that are not one per token, no row changed, a run that fails) is :data:`OTHER_ORDER`, read as before:
@@ -1195,6 +1197,7 @@ def _order_rows(
             entered.append(module)
 
     hooks = kept.hooks_aside() if aside and kept is not None else contextlib.nullcontext()
+    drawn = _Drawn()
     # (compiled modules on the way run eagerly here: the stop is Python that no graph holds. The runs are a forward
     # that a checkpoint's recompute does not make, so, as a decision's probe runs, they run unseen by the dispatch
     # modes (selective activation checkpointing hands out the ops it saved by their order of call) and leave
@@ -1208,12 +1211,20 @@ def _order_rows(
         hidden_from_dispatch_modes(),
         _autocast_cache_aside(),
         _noting_calls(note if path is not None else None),
+        drawn,
     ):
         state = torch.get_rng_state()
         cuda = [torch.cuda.get_rng_state(d) for d in devices]
         ORDER_PROBE.check, ORDER_PROBE.thread = None, threading.get_ident()  # (its routers stop: none checks)
         try:
-            for x in inputs:
+            for i, x in enumerate(inputs):
+                if i:
+                    # (each run from the model as it was, its generators too: those its modules hold or their code
+                    # reads, and any other the first run drew from (NEFTune-like noise before the first router), or
+                    # every row of the second run differs and the order is left untold)
+                    if kept is not None:
+                        kept.restore()
+                    drawn.put_back()
                 torch.set_rng_state(state)
                 for d, s in zip(devices, cuda, strict=True):
                     torch.cuda.set_rng_state(s, d)
@@ -1227,11 +1238,38 @@ def _order_rows(
                     rows.append(None)  # (no router reached)
         finally:
             ORDER_PROBE.thread = None
+            drawn.put_back()
             if kept is not None:
                 kept.restore()
     if path is not None:
         path[:] = entered
     return rows
+
+
+class _Drawn(TorchFunctionMode):
+    """The ``torch.Generator`` objects the calls made while it is active are handed (``torch.randn(...,
+    generator=g)``), each with its state before the first of them: put back by :meth:`put_back`. The token-order runs
+    draw from generators that no snapshot knows (one reached through a chain of calls or containers that reading the
+    code does not follow) as they draw from the modules' own: each run from the same state, and the model left as it
+    was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Generator) and id(value) not in self.states:
+                self.states[id(value)] = (value, value.get_state())
+        return func(*args, **kwargs)
+
+    def put_back(self) -> None:
+        """Every generator noted set back to its state before its first draw."""
+        for generator, state in self.states.values():
+            generator.set_state(state)
 
 
 @contextlib.contextmanager

@@ -1224,3 +1224,106 @@ def test_a_static_cache_emptied_before_the_capture_begins_a_loop_again() -> None
         assert capture._call_rows == ((B, 2 * N),)
         with pytest.raises(mr.RoutesValidationError, match="a new StaticCache that held no tokens"):
             mr.split_generation(capture, batch_size=B, prompt_len=1)
+
+
+_EMBED_RNG = torch.Generator().manual_seed(21)  # drawn from by _NoisyEmbedding("a global")
+
+
+class _Sampler:
+    """Noise from a generator kept in a dict of its own (held by the module in a dict: read by no chain of the code)."""
+
+    def __init__(self) -> None:
+        self.state = {"generator": torch.Generator().manual_seed(24)}
+
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.state["generator"])
+
+
+def _noise(x: torch.Tensor) -> torch.Tensor:
+    """Noise from a global generator, four calls down (deeper than the code is read)."""
+    return _noise_1(x)
+
+
+def _noise_1(x: torch.Tensor) -> torch.Tensor:
+    return _noise_2(x)
+
+
+def _noise_2(x: torch.Tensor) -> torch.Tensor:
+    return _noise_3(x)
+
+
+def _noise_3(x: torch.Tensor) -> torch.Tensor:
+    return torch.randn(x.shape, generator=_DEEP_RNG)
+
+
+_DEEP_RNG = torch.Generator().manual_seed(25)
+
+
+class _NoisyEmbedding(torch.nn.Embedding):
+    """Embeddings with noise added in the forward (NEFTune-like), drawn from a generator of its own, a global one,
+    one its class holds, or one its code reaches through containers or calls."""
+
+    class_rng = torch.Generator().manual_seed(22)
+
+    def __init__(self, where: str) -> None:
+        super().__init__(128, 64)
+        self.where = where
+        self.rng = torch.Generator().manual_seed(23)
+        self.tools = {"noise": _Sampler()}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = super().forward(input_ids)
+        if self.where == "held by the module":
+            noise = torch.randn(x.shape, generator=self.rng)
+        elif self.where == "a global":
+            noise = torch.randn(x.shape, generator=_EMBED_RNG)
+        elif self.where == "the class's":
+            noise = torch.randn(x.shape, generator=_NoisyEmbedding.class_rng)
+        elif self.where == "in a container":
+            noise = self.tools["noise"].draw(x)
+        else:
+            noise = _noise(x)
+        return x + 0.05 * noise
+
+
+class _NoisySequenceFirst(_SequenceFirst):
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.embed = _NoisyEmbedding(where)
+        torch.nn.init.normal_(self.embed.weight, std=0.1)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("where", ["held by the module", "a global", "the class's", "in a container", "calls down"])
+def test_noise_from_a_generator_before_the_routers_leaves_the_token_order_told(where: str) -> None:
+    """Once silent: the token-order runs reset only the global random state between them, so noise drawn from another
+    generator before the first router (a module's own, a global one) changed every row of the second run, the order
+    was untold and read batch-major, and routes laid out batch-major were forced on a model whose routers see the
+    tokens sequence-first. The generators are now set back between the runs and after them: the order is told, and
+    the block's forward draws the noise a forward without a session draws."""
+    model = _NoisySequenceFirst(where).eval()
+    rngs = [model.embed.rng, _EMBED_RNG, _NoisyEmbedding.class_rng, model.embed.tools["noise"].state["generator"]]
+    rngs.append(_DEEP_RNG)
+    start = [g.get_state() for g in rngs]
+    ids = _batch(rows=2, width=4)
+    with torch.no_grad():
+        want = model(ids)  # (a forward without a session, and what it leaves)
+    plain = [g.get_state() for g in rngs]
+    for g, state in zip(rngs, start, strict=True):
+        g.set_state(state)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            got = model(ids)
+        assert all(torch.equal(g.get_state(), s) for g, s in zip(rngs, plain, strict=True))
+        assert torch.equal(got, want)
+        native = session.routes()
+        assert torch.equal(native.token_ids, ids.t().reshape(-1))  # (each row's own token: sequence-first)
+        parts = []
+        for row in ids:  # (each sequence alone: one row, no order to tell)
+            with session.capture():
+                model(row[None])
+            parts.append(session.routes())
+        with session.replay(native):
+            model(ids)
+        with pytest.raises(mr.TokenMismatchError, match="sequence-first"), session.replay(mr.pad_routes(parts)):
+            model(ids)
