@@ -5,8 +5,9 @@ dispatches may hang on a flag. The module's own attributes and its config are co
 each block (``intercept._fingerprint``); this module finds the rest, by reading the code the
 router runs, as far as it can be read without running it:
 
-- **module-level globals** its forward names (``if USE_BIAS:``), and the attributes it reads
-  of a module or class it names (``settings.USE_BIAS``, ``Cfg.use_bias``);
+- **module-level globals** its forward names (``if USE_BIAS:``; through its module object reached by
+  name too: ``sys.modules[__name__].USE_BIAS``, ``importlib.import_module(__name__)``), and the
+  attributes it reads of a module or class it names (``settings.USE_BIAS``, ``Cfg.use_bias``);
 - **class attributes** it reads through ``self`` (``use_bias = False`` on the class, switched
   with ``Router.use_bias = True``);
 - **closure cells** of the functions it runs (a flag captured by a nested function);
@@ -39,11 +40,13 @@ from __future__ import annotations
 
 import collections
 import enum
+import importlib
 import inspect
 import os
+import sys
 import types
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -587,7 +590,12 @@ def _chains_in(
     def end() -> None:
         nonlocal kind
         if kind and steps and not method:
-            out.append((kind, name, tuple(steps)))
+            root, chain = name, tuple(steps)
+            own = _own_module_steps(space, root, chain) if kind == "global" and space is not None else 0
+            if own and len(chain) > own and chain[own][0] == ".":  # (sys.modules[__name__].CFG.flag: CFG.flag)
+                root, chain = chain[own][1], chain[own + 1 :]
+            if chain and not (own and root == name):  # (no steps left: a global it names, read as one)
+                out.append((kind, root, chain))
         kind = ""
 
     for ins in dis.get_instructions(code):
@@ -712,9 +720,46 @@ class _Const:
         self.value = value
 
 
-#: a value on the stack, as :func:`_changes` follows it: a chain ``(root kind, root name, steps)``, a constant, or
-#: None (anything else: what it is, is not followed)
-_Held = tuple[str, str, tuple[_Step, ...]] | _Const | _Pending | None
+class _OwnModule:
+    """The module whose globals the code runs in, reached by its name (``sys.modules[__name__]``), on the stack as
+    :func:`_changes` follows it: its attributes are the code's globals."""
+
+    __slots__ = ()
+
+
+_OWN = _OwnModule()
+
+#: a value on the stack, as :func:`_changes` follows it: a chain ``(root kind, root name, steps)``, a constant, the
+#: code's own module, or None (anything else: what it is, is not followed)
+_Held = tuple[str, str, tuple[_Step, ...]] | _Const | _Pending | _OwnModule | None
+
+#: ``ModuleType.__dict__``'s getter: a module's own namespace, whatever a subclass of it says
+_MODULE_DICT = types.ModuleType.__dict__["__dict__"].__get__
+
+
+def _own_module_steps(space: Mapping[str, Any], name: str, steps: tuple[_Step, ...]) -> int:
+    """How many of ``steps`` from the global ``name`` of ``space`` (the globals of the code) reach the module those
+    globals are, by its name: ``sys.modules[__name__]``, ``sys.modules.get(__name__)``,
+    ``importlib.import_module(__name__)`` (and ``modules[...]``, ``import_module(...)`` imported by name); 0 where
+    they do not. The name is looked up in ``sys.modules`` and its namespace compared with ``space``; nothing runs."""
+    own = space.get("__name__")
+    if type(own) is not str or not steps:
+        return 0
+    root = space.get(name, _MISSING)
+    by_name = (("[]", own), ("get", own))
+    if root is sys and steps[0] == (".", "modules") and steps[1:2] and steps[1] in by_name:
+        n = 2
+    elif root is sys.modules and steps[0] in by_name:
+        n = 1
+    elif root is importlib and steps[:2] == ((".", "import_module"), ("()", (own,))):
+        n = 2
+    elif root is importlib.import_module and steps[0] == ("()", (own,)):
+        n = 1
+    else:
+        return 0
+    modules = sys.modules
+    module = dict.get(modules, own) if isinstance(modules, dict) else None
+    return n if isinstance(module, types.ModuleType) and _MODULE_DICT(module) is space else 0
 
 
 def _entry(obj: _Held, key: _Held) -> _Held:
@@ -748,6 +793,27 @@ def _changes(
     where = space.get("__name__", "?")
     found: list[tuple[str, str, tuple[_Step, ...], _Step]] = []
     stack: list[_Held] = []
+
+    def named(key: _Held) -> Any:
+        """The string ``key`` is where known: a constant, or a global bound to one (``__name__``)."""
+        if isinstance(key, _Const):
+            return key.value
+        if isinstance(key, tuple) and key[0] == "global" and not key[2]:
+            return space.get(key[1])
+        return None
+
+    def own(obj: _Held, step: _Step) -> bool:
+        """Is ``obj`` then ``step`` the module of these globals, by its name (``sys.modules[__name__]``)?"""
+        if not isinstance(obj, tuple) or obj[0] != "global":
+            return False
+        chain = (*obj[2], step)
+        return _own_module_steps(space, obj[1], chain) == len(chain)
+
+    def rebound(name: str) -> None:
+        """A global rebound (``global _STEP; _STEP += 1``, or through the module: ``sys.modules[__name__]._STEP``)."""
+        stores.add(f"{where}.{name}")
+        changes.places.append(("global", space, name, (), None))
+        changes.changed.add(("global", id(space), name))
 
     def root(held: _Held) -> tuple[Any, ...] | None:
         """What ``held`` is part of, by identity: a global, a cell, an attribute of the module (or of its class)."""
@@ -795,17 +861,27 @@ def _changes(
             if op == "LOAD_METHOD" or "NULL|self" in ins.argrepr:  # a method loaded to be called
                 in_place = isinstance(arg, str) and arg.endswith("_") and not arg.startswith("_")  # (a tensor's add_)
                 (obj,) = pop(1, read=arg not in _MUTATORS)
+                if obj is _OWN:
+                    obj = ("global", arg, ())  # (a function of the module, called: nothing of it changes)
                 mutates = arg in _MUTATORS and isinstance(obj, tuple)
                 if in_place and isinstance(obj, tuple):
                     found.append((*obj, _IN_PLACE))
-                stack.extend((_Pending(obj, arg) if mutates else None, None))  # (which entry: seen at its call)
+                if mutates:  # (which entry: seen at its call)
+                    stack.extend((_Pending(obj, arg), None))
+                elif arg in ("get", "import_module") and isinstance(obj, tuple):  # (the module by name, maybe)
+                    stack.extend(((obj[0], obj[1], (*obj[2], (".", arg))), None))
+                else:
+                    stack.extend((None, None))
             else:
                 (obj,) = pop(1, read=False)
-                stack.append((obj[0], obj[1], (*obj[2], (".", arg))) if isinstance(obj, tuple) else None)
+                if obj is _OWN:  # (sys.modules[__name__].X: the global X)
+                    stack.append(("global", arg, ()))
+                else:
+                    stack.append((obj[0], obj[1], (*obj[2], (".", arg))) if isinstance(obj, tuple) else None)
         elif op == "BINARY_SUBSCR" or (op == "BINARY_OP" and ins.argrepr == "[]"):
             (key,) = pop(1)
             (obj,) = pop(1, read=False)
-            stack.append(_entry(obj, key))
+            stack.append(_OWN if own(obj, ("[]", named(key))) else _entry(obj, key))
         elif op in ("STORE_SUBSCR", "DELETE_SUBSCR"):
             (key,) = pop(1)
             (obj,) = pop(1, read=False)
@@ -818,15 +894,15 @@ def _changes(
             (obj,) = pop(1, read=False)
             if op == "STORE_ATTR":
                 pop(1)
-            if isinstance(obj, tuple) and (obj[0] != "self" or obj[2]):
+            if obj is _OWN:
+                rebound(arg)
+            elif isinstance(obj, tuple) and (obj[0] != "self" or obj[2]):
                 found.append((*obj, (".", arg)))
             elif obj == ("self", me, ()) and cls is not None:  # (the module's own, from _stores_in; it hides a class
                 stores.add(f"{cls.__qualname__}.{arg}")  # attribute of that name, read before: _warned = False)
         elif op in ("STORE_GLOBAL", "DELETE_GLOBAL"):
             pop(1 if op == "STORE_GLOBAL" else 0)
-            stores.add(f"{where}.{arg}")
-            changes.places.append(("global", space, arg, (), None))
-            changes.changed.add(("global", id(space), arg))
+            rebound(arg)
         elif op in ("STORE_DEREF", "DELETE_DEREF"):
             pop(1 if op == "STORE_DEREF" else 0)
             if cells is not None and arg in cells.cells:  # (a cell of its closure, not one of its own locals)
@@ -861,7 +937,12 @@ def _changes(
                     if isinstance(entry, tuple):
                         found.append((entry[0], entry[1], entry[2][:-1], entry[2][-1]))
             typed = arg == 1 and ("global", "type", ()) in callee and args[0] == ("self", me, ())
-            stack.append(("self", me, ((".", "__class__"),)) if typed and me is not None else None)  # type(self)
+            if typed and me is not None:  # type(self)
+                stack.append(("self", me, ((".", "__class__"),)))
+            elif arg == 1 and any(_by_name(c, named(args[0]), own) for c in callee):  # import_module(__name__)
+                stack.append(_OWN)
+            else:
+                stack.append(None)
         elif op.startswith(("BINARY_", "INPLACE_", "COMPARE_", "IS_OP", "CONTAINS_OP")):
             pop(2)
             stack.append(None)
@@ -884,6 +965,16 @@ def _changes(
             changes.changed.add(changed)
         stores.update(_names_changed(kind, space, name, steps, last, cls))
         changes.places.append((kind, space if kind == "global" else cells, name, steps, last))
+
+
+def _by_name(callee: _Held, key: Any, own: Callable[[_Held, _Step], bool]) -> bool:
+    """Is a call of ``callee`` with the one argument ``key`` the module of the code's globals by its name
+    (``importlib.import_module(__name__)``, ``sys.modules.get(__name__)``; ``own`` tells)?"""
+    if not isinstance(callee, tuple) or type(key) is not str:
+        return False
+    if callee[2] and callee[2][-1] == (".", "get"):
+        return own((callee[0], callee[1], callee[2][:-1]), ("get", key))
+    return own(callee, ("()", (key,)))
 
 
 def _names_changed(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import importlib
 import os
 import sys
 import types
@@ -17,6 +18,7 @@ import typing
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib import import_module
 from typing import Any
 
 import pytest
@@ -1021,30 +1023,45 @@ def test_a_step_count_drawn_from_an_iterator_is_checked_at_every_forward() -> No
         WARMUP = saved
 
 
-MODULE_STEP = 0  # counted by ModuleStepRouter through sys.modules[__name__]
+MODULE_STEP = 0  # counted by the routers of _module_step_router through the module object
 
 
-class ModuleStepRouter(_Router):
-    """Counts its steps in a global it reaches through its module object (``sys.modules[__name__].MODULE_STEP``)."""
+def _module_step_router(how: str) -> type[_Router]:
+    """A router that counts its steps in a global it reaches through its module object, by the module's name."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sys.modules[__name__].MODULE_STEP += 1
-        return self.pick(self.scores(x), MODULE_STEP > 10**6)
+    class ModuleStepRouter(_Router):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if how == "sys.modules[__name__]":
+                sys.modules[__name__].MODULE_STEP += 1
+            elif how == "sys.modules.get(__name__)":
+                sys.modules.get(__name__).MODULE_STEP += 1  # type: ignore[union-attr]
+            elif how == "importlib.import_module(__name__)":
+                importlib.import_module(__name__).MODULE_STEP += 1
+            else:
+                import_module(__name__).MODULE_STEP += 1
+            return self.pick(self.scores(x), importlib.import_module(__name__).MODULE_STEP > 10**6)
+
+    return ModuleStepRouter
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a count the router's code changes through its module object (sys.modules[__name__].STEP += 1: no chain, "
-    "the module is reached by a computed key) is not seen as its state: the runs that establish and check the decision "
-    "do not put it back, so attaching moves the count (a warm-up ends early) and the per-forward check runs on other "
-    "counts than the forward's",
+@pytest.mark.parametrize(
+    "how",
+    [
+        "sys.modules[__name__]",
+        "sys.modules.get(__name__)",
+        "importlib.import_module(__name__)",
+        "import_module(__name__), imported by name",
+    ],
 )
-def test_a_step_count_changed_through_the_modules_object_is_put_back_after_the_checking_runs() -> None:
-    """Still not put back: the routers' own forwards count 2 per model forward; the runs moved it too."""
+def test_a_step_count_changed_through_the_modules_object_is_put_back_after_the_checking_runs(how: str) -> None:
+    """Once not put back: a count the router's code changes through its module object, reached by the module's name
+    (``sys.modules[__name__].STEP += 1``), was not seen as its state; the runs that establish and check the decision
+    moved it (a warm-up ended early). The module reached by its name is now read as the code's globals: the count
+    moves by the routers' own forwards alone, 2 per model forward."""
     global MODULE_STEP
     MODULE_STEP = 0
-    model = ev.TwoLayers(lambda: DenseBlock(ModuleStepRouter()))
+    model = ev.TwoLayers(lambda: DenseBlock(_module_step_router(how)()))
     with mr.attach(model) as session, torch.no_grad():
         for _ in range(2):
             with session.capture():
