@@ -525,12 +525,17 @@ class _ProbeMode(TorchFunctionMode):
         # before a forced decision: what piecewise cuts (``relu``, ``clamp``) made, so that a comparison of it
         # with 0 is a threshold (``relu(scores - t) > 0``), not a test for zero
         self._cut: dict[int, weakref.ref[torch.Tensor]] = {}
+        #: where given, told of each generator a call is handed, before it draws (see :meth:`_Snapshot.note_generator`)
+        self.snapshot: _Snapshot | None = None
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
         func = unwrap(func, kwargs)
+        generator = kwargs.get("generator")
+        if generator is not None and self.snapshot is not None and isinstance(generator, torch.Generator):
+            self.snapshot.note_generator(generator)
         if _collective(func):  # before it runs: a probe run on this rank alone never talks to the others
             raise _Communicates(getattr(func, "__name__", None) or str(func))
         if "out" in kwargs:  # (a decision-like call into out= tensors: answered as one without, then written there)
@@ -1231,7 +1236,8 @@ def _attr_tensors(v: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 class _Snapshot:
     """What a probe run could change in the scope, put back after each run.
 
-    The global and CUDA random state, every generator a module holds, the buffers and small
+    The global and CUDA random state, every generator a module holds (or its code reads, or a probe run
+    is handed: :meth:`note_generator`), the buffers and small
     parameters (in place, as a forward may update a balancing bias), the plain attributes
     of every module in the scope (step counters, cached statistics), and what their code
     changes outside them (a global step count, a warn-once registry: ``OutsideState``). While a probe runs, the
@@ -1278,6 +1284,7 @@ class _Snapshot:
         for g in code_generators(self.modules):
             held_generators.setdefault(id(g), g)
         self.generators = [(g, g.get_state()) for g in held_generators.values()]
+        self._generator_ids = set(held_generators)
         #: what the modules' code changes outside them (a step count in a global, a warn-once registry)
         self.outside = OutsideState(self.modules)
         #: a norm's running statistics, which its kernel updates in place without a new version: put back by value
@@ -1343,6 +1350,14 @@ class _Snapshot:
         if np_now[0] != np_then[0] or not np.array_equal(np_now[1], np_then[1]) or np_now[2:] != np_then[2:]:
             return True
         return any(not torch.equal(g.get_state(), state) for g, state in self.generators)
+
+    def note_generator(self, generator: torch.Generator) -> None:
+        """A generator a run is handed (``torch.rand(..., generator=g)``) that the snapshot does not hold yet (one
+        reached through a container or a call that reading the code does not follow), as it is before that run draws
+        from it: put back, compared and reseeded with the others from now on."""
+        if id(generator) not in self._generator_ids:
+            self._generator_ids.add(id(generator))
+            self.generators.append((generator, generator.get_state()))
 
     def reseed(self, seed: int) -> None:
         """Every random stream the snapshot puts back set to another state (``seed``), until the next restore."""
@@ -1440,6 +1455,7 @@ class _Prober:
         lift: bool = False,
     ) -> tuple[Any, _ProbeMode]:
         mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill, early, scramble, peak, lift)
+        mode.snapshot = self.snapshot
         args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
         # on inputs of its own making, a forward may loop on where its real inputs never take it (an iteration
         # to a tolerance that extreme values never reach): such a run is given up, as one that raises

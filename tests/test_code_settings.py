@@ -1322,6 +1322,26 @@ def _cell_generator_router() -> type[_JitterRouter]:
 
 CellGeneratorRouter = _cell_generator_router()
 
+
+class _Tools:
+    """A plain object whose method draws from a generator it keeps in a dict (found by no reading of the code)."""
+
+    def __init__(self) -> None:
+        self.state = {"generator": torch.Generator().manual_seed(16)}
+
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rand(x.shape, generator=self.state["generator"])
+
+
+class ContainerGeneratorRouter(_JitterRouter):
+    def __init__(self, independent: bool = False) -> None:
+        super().__init__(independent)
+        self.tools = {"noise": _Tools()}
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 + self.tools["noise"].draw(x)
+
+
 GENERATOR_ROUTERS: dict[str, type[_JitterRouter]] = {
     "default stream": _JitterRouter,
     "global": GlobalGeneratorRouter,
@@ -1329,6 +1349,7 @@ GENERATOR_ROUTERS: dict[str, type[_JitterRouter]] = {
     "attribute chain": ChainGeneratorRouter,
     "closure cell": CellGeneratorRouter,
     "autograd function, created on first use": FunctionGeneratorRouter,
+    "held in a container, drawn from by a call": ContainerGeneratorRouter,
 }
 
 
@@ -1342,6 +1363,8 @@ def _generator_of(router: nn.Module) -> torch.Generator | None:
         return ClassGeneratorRouter.rng
     if isinstance(router, ChainGeneratorRouter):
         return router.sampler.generator
+    if isinstance(router, ContainerGeneratorRouter):
+        return router.tools["noise"].state["generator"]
     return LazyNoise.generator if isinstance(router, FunctionGeneratorRouter) else None
 
 
