@@ -104,14 +104,22 @@ class OutputGuard:
             model(x)  # UnsupportedRouterError: a hook changed the indices the router returned
     """
 
-    __slots__ = ("expected", "handles", "name")
+    __slots__ = ("enter", "expected", "handles", "name")
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         #: the integer tensors the intercepted forward of this call returned, with their versions; None
         #: where this call's forward set none (a call not intercepted: nothing to compare)
         self.expected: list[tuple[torch.Tensor, int | None]] | None = None
-        self.handles = (module.register_forward_pre_hook(_Enter(self)), module.register_forward_hook(self))
+        self.enter = _Enter(self)
+        self.handles: tuple[Any, ...] = ()
+        self.install(module)
+
+    def install(self, module: nn.Module) -> None:
+        """Put this guard's hooks on ``module`` (again, for a later block: the same objects, so that compiled code
+        traced in an earlier block, which dynamo guards on their identity, runs again without a recompile)."""
+        if not self.handles:
+            self.handles = (module.register_forward_pre_hook(self.enter), module.register_forward_hook(self))
 
     def expect(self, module: nn.Module, out: Any) -> None:
         """The intercepted forward returned ``out``: compare it with what the module's caller gets. Keeps this
@@ -140,8 +148,10 @@ class OutputGuard:
         _TRACED[id(self)] = _integer_tensors(out, version=_unversioned)
 
     def remove(self) -> None:
+        """Take this guard's hooks off its module (it may be installed again: see :meth:`install`)."""
         for handle in self.handles:
             handle.remove()
+        self.handles = ()
         self.expected = None
         _TRACED.pop(id(self), None)  # (what a compiled forward left for a hook run that never came)
 

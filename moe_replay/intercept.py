@@ -408,6 +408,9 @@ class RouterHook:
     # during a block in which forward hooks run after the scope's forward: the last of them, which checks
     # that they left the integer tensors it returned as they were (see moe_replay._output_guard)
     _guard: OutputGuard | None = None
+    # the guard of an earlier block, off the scope since: installed again for the next block that needs one (a new
+    # object per block would make compiled code traced with the last one recompile, see OutputGuard.install)
+    _spare: OutputGuard | None = None
     wrapped: bool = False  # the scope's forward is a wrapper (accelerate's, a user's) around the session's
 
     def __post_init__(self) -> None:
@@ -906,7 +909,12 @@ class RouterHook:
         as the block starts: then every forward comes to :meth:`guard_output`)."""
         guard = self._guard
         if guard is None:
-            guard = self._guard = OutputGuard(self.name, self.scope)
+            guard, self._spare = self._spare, None
+            if guard is None:
+                guard = OutputGuard(self.name, self.scope)
+            else:
+                guard.install(self.scope)
+            self._guard = guard
         return guard
 
     def drop_guard(self) -> None:
@@ -914,6 +922,7 @@ class RouterHook:
         guard, self._guard = self._guard, None
         if guard is not None:
             guard.remove()
+            self._spare = guard
 
     def _admit(self) -> None:
         """May an eager forward of this router run now? (A session refuses other threads' forwards.)"""

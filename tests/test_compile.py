@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -63,6 +64,63 @@ def test_fullgraph_states_compile_once_each(tokens: torch.Tensor) -> None:
         assert counter.frame_count == compiled_graphs
     # idle, capture, replay+capture and replay, each for the two batch shapes at most
     assert compiled_graphs <= 8
+
+
+@pytest.mark.reliability("lifecycle")
+def test_many_blocks_compile_nothing_after_warm_up(tokens: torch.Tensor) -> None:
+    """An RL loop: one capture block per rollout and one replay block per training step, many times, on a
+    fullgraph-compiled model. Once each distinct state has compiled (capture, replay, both, idle; with and without
+    gradients), further blocks compile nothing, and their rows are those of an eager capture. Once, with a forward
+    hook on a router (here one that tempers the combine weights), each block put a new output guard on it:
+    compiled code traced with the last one failed its guards and recompiled at every block, until fullgraph's
+    recompile limit refused the model."""
+    model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense")
+
+    def eager_capture(m: torch.nn.Module) -> mr.Routes:
+        with mr.attach(m) as plain, plain.capture(), torch.no_grad():
+            m(tokens)
+        return plain.routes()
+
+    want = eager_capture(copy.deepcopy(model))  # the routes every replay forces
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".router." in name:
+                p.add_(3.0 * p.std() * torch.randn(p.shape, generator=g))
+    free = eager_capture(copy.deepcopy(model))  # what the routers choose now, unforced
+    assert not free.equal(want)
+    ran = torch.zeros(())
+
+    def temper(module: torch.nn.Module, args: Any, out: tuple[torch.Tensor, ...]) -> Any:
+        ran.add_(1)  # (a tensor: compiled code runs it; a Python count would be guarded on and recompile)
+        return (out[0] * 1.0, *out[1:])  # a temperature of 1 on the combine weights: allowed
+
+    for name, m in model.named_modules():
+        if name.endswith(".router"):
+            m.register_forward_hook(temper)
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    seen: list[int] = []
+    with mr.attach(model) as session:
+        session.verify(tokens)
+        model(tokens)  # (one eager forward with gradients establishes that mode too)
+        for _ in range(4):
+            with session.capture(), torch.no_grad():  # a rollout
+                compiled(tokens)
+            assert session.routes().equal(free)
+            with session.replay(want), session.capture():  # a training step, the routes it ran recorded again
+                compiled(tokens).logits.sum().backward()
+            assert session.routes().equal(want)
+            with session.replay(want):
+                compiled(tokens).logits.sum().backward()
+            compiled(tokens)  # idle forwards between blocks
+            with torch.no_grad():
+                compiled(tokens)
+            model.zero_grad(set_to_none=True)
+            seen.append(counter.frame_count)
+    assert seen[0] >= 1  # (it compiled)
+    assert seen == [seen[0]] * len(seen), seen  # nothing compiled after the first round of blocks
+    assert ran.item() >= 4 * 5 * 2  # (the hooks ran, in compiled code too)
 
 
 def test_compiled_training_step_follows_routes_and_matches_eager(tokens: torch.Tensor) -> None:
