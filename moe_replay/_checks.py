@@ -11,7 +11,7 @@ import torch
 
 from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError
 
-__all__ = ["MAX_COUNT", "check_count", "check_dense", "check_flag", "is_collection", "is_integer"]
+__all__ = ["MAX_COUNT", "check_count", "check_dense", "check_flag", "is_collection", "is_integer", "is_one_of"]
 
 #: The largest count or offset taken: one past it no tensor or array index holds.
 MAX_COUNT = 2**63 - 1
@@ -28,6 +28,16 @@ def is_integer(value: Any) -> bool:
         and value.dim() == 0
         and not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
     )
+
+
+def is_one_of(value: Any, choices: Iterable[str]) -> bool:
+    """``value`` is a ``str`` among ``choices``: the check of an option named by a string.
+
+    ``value in choices`` alone compares a numpy array or a tensor element by element, and its
+    truth value then raises numpy's or torch's own error (or is read as one element's): an
+    option is a string, and anything else is simply not one of them.
+    """
+    return isinstance(value, str) and value in tuple(choices)
 
 
 def is_collection(value: Any) -> bool:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import check_count, check_dense, is_collection, is_integer
+from ._checks import check_count, check_dense, is_collection, is_integer, is_one_of
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -169,7 +169,7 @@ class BatchLayout:
         width = max(ls) if length is None else check_count(length, "length")
         if width < max(ls):
             raise InvalidArgumentError(f"length={width} is shorter than the longest sequence ({max(ls)} tokens)")
-        if side not in ("left", "right"):
+        if not is_one_of(side, ("left", "right")):
             raise InvalidArgumentError(f"side must be 'left' or 'right', got {side!r}")
         return cls(len(ls), width, tuple((i, 0 if side == "right" else width - n, n) for i, n in enumerate(ls)))
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import is_collection
+from ._checks import is_collection, is_one_of
 from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError, RouterNotFoundError
 from .intercept import DECISIONS
 
@@ -105,9 +105,9 @@ class Adapter:
     call: int | None = None
 
     def __post_init__(self) -> None:
-        if self.scope not in ("router", "parent"):
+        if not is_one_of(self.scope, ("router", "parent")):
             raise InvalidArgumentError(f"Adapter scope must be 'router' or 'parent', got {self.scope!r}")
-        if self.decision not in DECISIONS:
+        if not is_one_of(self.decision, DECISIONS):
             raise InvalidArgumentError(f"Adapter decision must be one of {'/'.join(DECISIONS)}, got {self.decision!r}")
 
 

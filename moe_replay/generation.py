@@ -48,7 +48,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import check_count, check_flag
+from ._checks import check_count, check_flag, is_one_of
 from ._feeds import HELD_FEWER, SHRINKS
 from ._progress import Progress, check
 from .batch import take_rows
@@ -177,12 +177,12 @@ def _prompt_mask(
         raise InvalidArgumentError(
             f"prompt_lengths must be {batch_size} values in 0..{prompt_len}, got {lengths.tolist()}"
         )
+    if not is_one_of(padding_side, ("left", "right")):
+        raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r:.60}")
     pos = torch.arange(prompt_len)
     if padding_side == "left":
         return pos[None, :] >= prompt_len - lengths[:, None]
-    if padding_side == "right":
-        return pos[None, :] < lengths[:, None]
-    raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    return pos[None, :] < lengths[:, None]
 
 
 def _batch_size(

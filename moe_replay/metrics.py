@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import is_collection
+from ._checks import is_collection, is_one_of
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -378,7 +378,7 @@ def compare(
         RoutingComparison(mode='set', routers=2, tokens=16, excluded_rows=0)
           decisions differing: ...
     """
-    if mode not in ("set", "slot"):
+    if not is_one_of(mode, ("set", "slot")):
         raise InvalidArgumentError(f"mode must be 'set' or 'slot', got {mode!r}")
     if not isinstance(a, Routes) or not isinstance(b, Routes):
         got = f"{type(a).__name__} and {type(b).__name__}"

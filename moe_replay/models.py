@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import _progress
+from ._checks import is_one_of
 from .errors import InvalidArgumentError
 
 __all__ = [
@@ -100,13 +101,13 @@ class MoEConfig:
                 raise InvalidArgumentError(f"{f.name} must be True or False, got {value!r:.60}")
             if kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise InvalidArgumentError(f"{f.name} must be a number, got {value!r:.60}")
-        if self.router not in STYLES:
+        if not is_one_of(self.router, STYLES):
             raise InvalidArgumentError(f"unknown router style {self.router!r}; choose one of {STYLES}")
         if self.router == "top1_argmax":
             self.top_k = 1
-        if self.expert_impl not in ("sparse", "dense"):
+        if not is_one_of(self.expert_impl, ("sparse", "dense")):
             raise InvalidArgumentError("expert_impl must be 'sparse' or 'dense'")
-        if self.checkpointing not in CHECKPOINTING:
+        if not is_one_of(self.checkpointing, CHECKPOINTING):
             raise InvalidArgumentError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
         if self.router == "grouped_sigmoid" and self.n_group < 1:
             raise InvalidArgumentError(f"n_group must be a positive int, got {self.n_group}")

@@ -655,6 +655,9 @@ class Routes:
         if not is_collection(names):
             raise ArgumentTypeError(f"select() takes router names (a list of str), got {names!r:.60}")
         names = list(names)
+        odd = [n for n in names if not isinstance(n, str)]
+        if odd:
+            raise ArgumentTypeError(f"select() takes router names (str), got {odd[0]!r:.60} ({type(odd[0]).__name__})")
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
             raise RoutesValidationError(f"select() names a router more than once: {twice[:4]}; name each once")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import builtins
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,3 +155,51 @@ def test_a_ring_too_large_to_allocate_leaves_the_model_as_it_was() -> None:
     assert all("forward" not in vars(m) for m in model.modules())
     with mr.attach(model) as session, session.capture():
         model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def _named_options() -> dict[str, Callable[[Any], object]]:
+    """Every public option that is named by a string, as a call that takes the option's value."""
+    from moe_replay import interop
+
+    names = ["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"]
+    lm = mr.LayerMap.from_names(names, num_layers=3, num_experts=8, top_k=2)
+    rows = torch.tensor([[0, 1], [1, 2], [2, 3], [-1, -1]])
+    r = mr.Routes([rows, rows], names, 8)
+    return {
+        "compare(mode=)": lambda v: mr.compare(r, r, mode=v),
+        "BatchLayout.padded(side=)": lambda v: mr.BatchLayout.padded([2, 3], side=v),
+        "split_generation(padding_side=)": lambda v: mr.split_generation(
+            r, prompt_lengths=[2], prompt_len=2, padding_side=v
+        ),
+        "LayerMap.width(layout)": lambda v: lm.width(v),
+        "LayerMap.column(name)": lambda v: lm.column(v, "all"),
+        "LayerMap(mtp=)": lambda v: mr.LayerMap(
+            names=tuple(names), layers=(1, 2), num_layers=3, num_experts=(8, 8), top_k=(2, 2), mtp=v
+        ),
+        "to_verl(layout=)": lambda v: interop.to_verl([r], lm, prompt_lengths=[2], layout=v),
+        "to_nemo_rl(layout=)": lambda v: interop.to_nemo_rl(r, lm, layout=v),
+        "from_nemo_rl(missing=)": lambda v: interop.from_nemo_rl(interop.to_nemo_rl(r, lm), lm, missing=v),
+        "from_megatron(missing=)": lambda v: interop.from_megatron(interop.to_megatron(r, fill=0), names, 8, missing=v),
+        "stitch_turns(overlap=)": lambda v: interop.stitch_turns([r], overlap=v),
+        "stitch_turns(gaps=)": lambda v: interop.stitch_turns([r], gaps=v),
+        "Adapter(scope=)": lambda v: mr.Adapter(name="a", match=lambda n, m: False, scope=v),
+        "Adapter(decision=)": lambda v: mr.Adapter(name="a", match=lambda n, m: False, decision=v),
+        "models.build(style)": lambda v: mr.models.build(v),
+        "models.build(expert_impl=)": lambda v: mr.models.build("softmax_topk", expert_impl=v),
+        "models.build(checkpointing=)": lambda v: mr.models.build("softmax_topk", checkpointing=v),
+        "Routes.select(names)": lambda v: r.select([names[0], v]),
+    }
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("option", sorted(_named_options()))
+def test_an_option_named_by_a_string_given_an_array_or_a_tensor_is_refused_as_such(option: str) -> None:
+    """Once bare errors: ``option not in ("a", "b")`` compares a numpy array element by element, and its truth
+    value raised numpy's ValueError ("ambiguous"); an unhashable value given to a set or a tuple's ``index``
+    raised TypeError or ValueError. Each option is a string: anything else is refused with a MoEReplayError
+    naming the option, and an array holding the right string is no exception."""
+    call = _named_options()[option]
+    for value in (np.array(["left", "right"]), np.array(["all"]), torch.tensor([1, 2]), ["all"], {"x": 1}, None):
+        with pytest.raises(mr.MoEReplayError):
+            call(value)
+        tried()

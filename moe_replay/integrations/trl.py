@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import is_one_of
 from ..batch import BatchLayout
 from ..errors import (
     InvalidArgumentError,
@@ -502,8 +503,8 @@ class RoutingReplayMixin:
         **kwargs: Any,
     ) -> None:
         named: dict[Any, Any] = {True: "replay", False: "off"}
-        mode = named.get(routing_replay, routing_replay)
-        if mode not in MODES:
+        mode = named.get(routing_replay, routing_replay) if isinstance(routing_replay, bool | str) else routing_replay
+        if not is_one_of(mode, MODES):
             raise InvalidArgumentError(f"routing_replay must be one of {MODES} (or True/False), got {routing_replay!r}")
         attach_kwargs = _check_options(replay_ref_model, verify_replay, capacity, attach_kwargs, allow_untested_trl)
         self._mr_mode: str = mode

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import is_collection, is_integer
-from ..errors import ArgumentTypeError, InvalidArgumentError, LayerMapError
+from .._checks import is_collection, is_integer, is_one_of
+from ..errors import ArgumentTypeError, InvalidArgumentError, LayerMapError, UnknownRouterError
 from ..routes import Routes
 from ..session import Session
 
@@ -21,7 +21,7 @@ _LAYOUTS = ("all", "moe")
 
 def check_layout(layout: str) -> None:
     """``layout`` is "all" (a column per hidden layer) or "moe" (a column per MoE layer)."""
-    if layout not in _LAYOUTS:
+    if not is_one_of(layout, _LAYOUTS):
         raise LayerMapError(f"layout must be 'all' (every hidden layer) or 'moe' (MoE layers only), got {layout!r}")
 
 
@@ -117,7 +117,7 @@ class LayerMap:
             )
         if self.num_layers < 1:
             raise LayerMapError(f"num_layers must be the engine's hidden-layer count (>= 1), got {self.num_layers}")
-        if self.mtp not in ("error", "native"):
+        if not is_one_of(self.mtp, ("error", "native")):
             raise LayerMapError(f"mtp must be 'error' or 'native', got {self.mtp!r}")
         twice = sorted({nm for nm in self.names if self.names.count(nm) > 1})
         if twice:  # (a name's column is found by its first place: the second would write or read the first's)
@@ -331,8 +331,15 @@ class LayerMap:
         return self.num_layers if layout == "all" else len(self.moe_layers)
 
     def column(self, name: str, layout: str) -> int | None:
-        """The engine column of router ``name`` (None for an MTP router)."""
+        """The engine column of router ``name`` (None for an MTP router).
+
+        Raises:
+            UnknownRouterError: no router of the map is called ``name``.
+            LayerMapError: ``layout`` is neither "all" nor "moe".
+        """
         check_layout(layout)
+        if not is_one_of(name, self.names):
+            raise UnknownRouterError(f"no router named {name!r:.80} in this LayerMap; routers: {list(self.names)[:8]}")
         i = self.layers[self.names.index(name)]
         if i >= self.num_layers:
             return None

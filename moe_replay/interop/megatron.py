@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._checks import check_count, is_collection, is_integer
+from .._checks import check_count, is_collection, is_integer, is_one_of
 from ..errors import ArgumentTypeError, InvalidArgumentError, RoutesValidationError, UnsupportedRouterError
 from ..routes import Routes, in_token_order
 from ._common import as_array, check_routed_rows, columns, cut_last, make_routes, ordered, to_array, with_last
@@ -187,7 +187,7 @@ def from_megatron(
             f"Megatron layers hold different token counts {rows}: each layer's [tokens, k] tensor routes the same "
             "tokens. Pass the tensors of one micro-batch (get_recorded_data() of one forward)"
         )
-    if missing not in ("error", "native"):
+    if not is_one_of(missing, ("error", "native")):
         raise RoutesValidationError(f"from_megatron: missing must be 'error' or 'native', got {missing!r:.60}")
     for i, (nm, t) in enumerate(zip(names, tensors, strict=True)):
         if missing == "error" and t.numel() and int(t.min()) < 0:

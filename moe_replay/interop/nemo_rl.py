@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_count
+from .._checks import check_count, is_one_of
 from ..errors import RoutesValidationError
 from ..routes import Routes
 from ._common import as_array, columns, cut_last, make_routes, to_array, with_last
@@ -161,7 +161,7 @@ def from_nemo_rl(
             ``missing="native"``), a dense column holding experts, invalid experts.
     """
     check_map(layer_map, "from_nemo_rl")
-    if missing not in _MISSING:
+    if not is_one_of(missing, _MISSING):
         raise RoutesValidationError(f"missing must be one of {_MISSING}, got {missing!r}")
     payload, counted, token_ids = _unwrap(payload)
     if isinstance(payload, str | bytes):

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._checks import is_collection
+from .._checks import is_collection, is_one_of
 from ..batch import check_same_routers, routes_list
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes, in_token_order
@@ -64,9 +64,9 @@ def stitch_turns(
         RoutesValidationError: turns of different models, a turn shorter than the one
             before, token ids that are not prefixes, disagreeing overlaps, gaps.
     """
-    if overlap not in _OVERLAP:
+    if not is_one_of(overlap, _OVERLAP):
         raise RoutesValidationError(f"overlap must be one of {_OVERLAP}, got {overlap!r}")
-    if gaps not in _GAPS:
+    if not is_one_of(gaps, _GAPS):
         raise RoutesValidationError(f"gaps must be one of {_GAPS}, got {gaps!r}")
     parts = routes_list(turns, "turn")
     try:

@@ -415,6 +415,14 @@ def test_unsupported_setups_are_refused_before_training() -> None:
         mr_trl.RoutingReplayGRPOTrainer(model=policy(), routing_replay="sometimes")
 
 
+@pytest.mark.reliability("bad inputs")
+def test_a_routing_replay_mode_that_is_no_string_is_refused_as_such() -> None:
+    """Once a bare TypeError: the mode was looked up in a dict first, and a list or an array is unhashable."""
+    for mode in (["replay"], np.array(["replay"]), torch.tensor([1])):
+        with pytest.raises(mr.InvalidArgumentError, match="routing_replay must be one of"):
+            mr_trl.RoutingReplayGRPOTrainer(model=policy(), routing_replay=mode)
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
