@@ -499,11 +499,14 @@ class Routes:
         """The same routes, recorded for these tokens (see :attr:`token_ids`); ``None`` drops them.
 
         Args:
-            token_ids: one id per row in row order (a ``[batch, positions]`` tensor is read
-                row-major, as a forward's rows are), -1 where unknown.
+            token_ids: one id per row in row order, -1 where unknown; or the ``[batch, positions]``
+                ids of the forwards, read row-major, sequence by sequence. That is the row order of
+                routers that see a batch batch-major; the rows of routers that saw it sequence-first
+                (a capture of layers that run ``[positions, batch, hidden]``) get each its own token's id.
 
         Raises:
-            RoutesValidationError: not one id per row, routers of different row counts, or an id below -1.
+            RoutesValidationError: not one id per row, routers of different row counts, an id below -1, or
+                ``[batch, positions]`` ids for rows recorded sequence-first whose tokens the capture could not tell.
 
         Example:
             >>> import torch, moe_replay as mr
@@ -512,6 +515,18 @@ class Routes:
             [17, 42]
         """
         ids = None if token_ids is None else _ids(token_ids, self, "with_token_ids()")
+        rank = self._token_rank
+        grid = token_ids.dim() > 1 if isinstance(token_ids, torch.Tensor) else np.ndim(token_ids) > 1
+        if ids is not None and rank is not None and grid:
+            # (a [batch, positions] grid lists the tokens sequence by sequence: rows recorded sequence-first hold
+            # them position by position, so each row takes the id at its own token's place, not at its row's)
+            if bool((rank < 0).any()):
+                raise RoutesValidationError(
+                    f"with_token_ids(): ids of shape {tuple(np.shape(token_ids))} list the tokens sequence by "
+                    "sequence, but these rows were recorded by routers that saw them sequence-first, and the capture "
+                    "could not tell which token each row was; give one id per row, in row order"
+                )
+            ids = ids.clone().index_put_((torch.argsort(rank, stable=True),), ids)
         out = Routes._trusted(self._data, self._names, self._experts, self._validated)
         out._same_forwards(self)
         out._token_ids = ids

@@ -947,3 +947,35 @@ def test_the_token_order_of_rows_captured_sequence_first_stays_with_them() -> No
     )
     assert two.equal(want) and torch.equal(two.token_ids, want.token_ids)
     tried(len(picks) + 4)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_batch_ids_given_to_rows_captured_sequence_first_go_to_their_own_tokens() -> None:
+    """Once a false refusal: ``with_token_ids(ids)`` read a ``[batch, positions]`` grid row-major onto the rows, but
+    routers that see the batch sequence-first record position 0 of every sequence first, so each row got another
+    token's id and a replay of the very batch the capture ran was refused (and the layouts and engine writers gave
+    sequences the ids of other tokens). The grid now goes to each row's own token; ids in row order, one per row,
+    are taken as they are; and a grid for rows whose tokens the capture could not tell is refused."""
+    from tests.test_batch import _sequence_first_captures
+
+    captured, _, ids = _sequence_first_captures([4, 4])
+    bare = captured.with_token_ids(None)
+    for given in (ids, ids.numpy(), ids.tolist()):
+        assert torch.equal(bare.with_token_ids(given).token_ids, captured.token_ids)
+    assert torch.equal(bare.with_token_ids(captured.token_ids).token_ids, captured.token_ids)  # (row order)
+    assert not torch.equal(captured.token_ids, ids.reshape(-1))  # (the rows are not in the grid's order)
+    sliced = bare[2:7]
+    assert torch.equal(sliced.with_token_ids(captured.token_ids[2:7]).token_ids, captured.token_ids[2:7])
+    from tests.test_feeds import _batch, _SequenceFirst
+
+    model = _SequenceFirst().eval()
+    with mr.attach(model, capacity=8, keep_newest=True) as session, torch.no_grad():
+        with session.capture():  # (a ring that wrapped: which token each row was is not known)
+            for seed in range(2):
+                model(_batch(seed, rows=2, width=4))
+        unknown = session.routes()
+    last = _batch(1, rows=2, width=4)
+    with pytest.raises(mr.RoutesValidationError, match="sequence-first.*one id per row, in row order"):
+        unknown.with_token_ids(last)
+    assert torch.equal(unknown.with_token_ids(last.t().reshape(-1)).token_ids, last.t().reshape(-1))
+    tried(6)
