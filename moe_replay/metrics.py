@@ -43,7 +43,7 @@ from .errors import (
     RoutesValidationError,
     UnknownRouterError,
 )
-from .routes import Routes
+from .routes import Routes, in_token_order
 
 __all__ = ["RoutingComparison", "compare"]
 
@@ -293,6 +293,30 @@ def _router_labels(names: Sequence[str]) -> tuple[list[str], str]:
     return short, "router"
 
 
+def _in_one_order(a: Routes, b: Routes) -> tuple[Routes, Routes]:
+    """``a`` and ``b`` with their rows in one order, where one holds rows recorded sequence-first and the other not.
+
+    Routers that see a ``[batch, positions]`` forward sequence-first (layers that run ``[positions, batch, hidden]``)
+    record position 0 of every sequence first; an engine's routes and the batch layouts hold the same tokens
+    sequence by sequence. Compared row by row, each row of one would meet another token's row of the other. Where
+    both know their token ids, both are put in the order of their tokens (and the ids then checked); otherwise which
+    rows are the same tokens cannot be told, and that is refused.
+    """
+    ra, rb = a._token_rank, b._token_rank
+    if (ra is None and rb is None) or (ra is not None and rb is not None and torch.equal(ra, rb)):
+        return a, b
+    if a.token_ids is None or b.token_ids is None:
+        first = "a" if ra is not None else "b"
+        raise RoutesValidationError(
+            f"the rows of {first} were recorded by routers that saw the tokens sequence-first (position 0 of every "
+            f"sequence, then position 1...), those of {'b' if first == 'a' else 'a'} in another order, and not both "
+            "know their token ids, so which rows are the same tokens cannot be told. Lay the capture out sequence by "
+            "sequence first (mr.Routes.cat(mr.BatchLayout.padded(lengths).unpack(routes))), or give both their token "
+            "ids (with_token_ids)"
+        )
+    return in_token_order(a, "compare()"), in_token_order(b, "compare()")
+
+
 def _check_same_tokens(a: Routes, b: Routes) -> None:
     """Refuse routes that know their tokens (:attr:`Routes.token_ids`) and were recorded for other tokens."""
     ids_a, ids_b = a.token_ids, b.token_ids
@@ -342,7 +366,9 @@ def compare(
 
     Args:
         a, b: routes of the same tokens (e.g. an engine's rollout and a training forward);
-            routers are matched by name.
+            routers are matched by name. A capture of routers that saw the tokens sequence-first
+            is compared with rows in another order (an engine's) token by token, where both know
+            their :attr:`~moe_replay.Routes.token_ids`.
         mode: ``"set"`` (default): a decision is the set of k experts; ``"slot"``: the
             ordered k slots.
         names: compare only these routers (default: all, which both must hold).
@@ -354,7 +380,8 @@ def compare(
             expert counts, were recorded for other tokens (both know their
             :attr:`~moe_replay.Routes.token_ids` and they differ), or hold rows that are no
             decision (built with ``validate=False``: a row mixing -1 with experts, or
-            repeating an expert).
+            repeating an expert), or one holds rows recorded sequence-first, the other rows in
+            another order, and not both know their token ids.
         ArgumentTypeError, InvalidArgumentError: ``names`` is not a list of distinct
             router names, or is empty.
 
@@ -412,6 +439,7 @@ def compare(
     if not names:
         why = "names= is empty" if a.names else "the routes hold no router"
         raise InvalidArgumentError(f"nothing to compare: {why}")
+    a, b = _in_one_order(a, b)
     for side, r in (("a", a), ("b", b)):
         absent = [n for n in names if n not in r.names]
         if absent:

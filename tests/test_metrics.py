@@ -451,3 +451,30 @@ def test_routes_that_do_not_fit_each_other_are_refused_both_ways() -> None:
         with pytest.raises(mr.RoutesValidationError, match="recorded for other tokens"):
             mr.compare(x, y)
         tried()
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_sequence_first_capture_is_compared_with_an_engines_rows_token_by_token() -> None:
+    """Once silent: compare() of a capture of routers that see the batch sequence-first (position 0 of every sequence
+    first) with the same tokens' routes laid out sequence by sequence (an engine's, a batch layout's) compared rows
+    of other tokens, and reported 75% of identical decisions as differing. Where both know their token ids the rows
+    are now put in the order of their tokens (all the same); where one does not, which rows are the same tokens
+    cannot be told, and that is refused."""
+    from tests.test_batch import _sequence_first_captures
+
+    captured, alone, _ = _sequence_first_captures([4, 4])
+    laid_out = mr.Routes.cat(alone)  # (the same decisions, sequence by sequence)
+    assert not torch.equal(captured.token_ids, laid_out.token_ids)
+    assert mr.compare(captured, laid_out).overall == mr.compare(laid_out, captured).overall == 0.0
+    for x, y in (
+        (captured, laid_out.with_token_ids(None)),  # (an engine's rows read without their ids)
+        (laid_out.with_token_ids(None), captured),
+        (captured.with_token_ids(None), laid_out),
+    ):
+        with pytest.raises(mr.RoutesValidationError, match="sequence-first.*token ids"):
+            mr.compare(x, y)
+    assert mr.compare(captured, captured.with_token_ids(None)).overall == 0.0  # (one order: row by row)
+    flipped = mr.Routes.cat(alone[::-1])  # (other tokens in the other order: refused by their ids)
+    with pytest.raises(mr.RoutesValidationError, match="other tokens"):
+        mr.compare(captured, flipped)
+    tried(6)
