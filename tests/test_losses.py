@@ -312,3 +312,33 @@ def test_router_scores_read_as_a_mapping_of_router_names() -> None:
         kept[[name]]  # type: ignore[index]
     with pytest.raises(mr.UnknownRouterError, match="no router named 'nope'"):
         kept["nope"]
+
+
+def _balance_by_hand(probs: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """E * sum_e f_e * P_e over the weighted tokens (the Switch formula, written out; never moe_replay's)."""
+    e = probs.shape[1]
+    used = torch.zeros(probs.shape[0], e).scatter_(1, experts, 1.0)
+    w = weights.float()[:, None]
+    return e * ((used * w).sum(0) / w.sum() * (probs * w).sum(0) / w.sum()).sum()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a [batch, positions] mask is read row-major onto the kept rows, but routers that see the batch "
+    "sequence-first keep position 0 of every sequence first: padding weighs on other tokens' rows. The kept tensors "
+    "carry no order for load_balancing_loss to read.",
+)
+def test_an_attention_mask_weighs_each_tokens_own_row_of_routers_that_see_the_batch_sequence_first() -> None:
+    """Scores kept from routers that see a right-padded [2, 4] batch sequence-first (row p * 2 + b is token (b, p)),
+    and the batch's attention mask given as the docs say (any shape with one weight per token)."""
+    from tests.test_feeds import _batch, _SequenceFirst
+
+    model = _SequenceFirst().eval()
+    ids, mask = _batch(rows=2, width=4), mr.BatchLayout.padded([3, 4]).attention_mask()
+    with mr.attach(model) as session, session.keep_scores() as kept, torch.no_grad():
+        model(ids, attention_mask=mask)
+    rows = mask.t().reshape(-1)  # (each row's own token's weight: position by position)
+    want = torch.stack([_balance_by_hand(p, i, rows) for p, i in zip(kept.scores, kept.indices, strict=True)]).mean()
+    assert torch.allclose(mr.load_balancing_loss(kept.scores, kept.indices, mask=rows), want)  # (row order: exact)
+    assert torch.allclose(mr.load_balancing_loss(kept.scores, kept.indices, mask=mask), want)
