@@ -164,14 +164,15 @@ def _known(routes: Routes) -> list[int]:
     runs (-1: none known) and the runs flat; the length of the name of the cache method that
     moved rows (0: none) and its UTF-8 bytes; likewise the name of the cache type given to two
     decode loops in turn, and what picked rows out of order; the count of rows whose fed token
-    ids are known (-1: none) and those ids; likewise the prompt-mask values.
+    ids are known (-1: none) and those ids; likewise the prompt-mask values, and each row's place
+    in the order of the tokens (rows of routers that saw the tokens sequence-first).
     """
     calls = routes._call_rows
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
     for text in (routes._rows_moved, routes._caches_interleaved, routes._rows_picked):
         encoded = (text or "").encode()
         out += [len(encoded), *encoded]
-    for fed in (routes._token_ids, routes._fed_mask):
+    for fed in (routes._token_ids, routes._fed_mask, routes._token_rank):
         out += [-1] if fed is None else [fed.numel(), *fed.tolist()]
     return out
 
@@ -189,11 +190,11 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         at += n
     routes._rows_moved, routes._caches_interleaved, routes._rows_picked = texts
     fed: list[torch.Tensor | None] = []
-    for dtype in (torch.long, torch.int8):
+    for dtype in (torch.long, torch.int8, torch.long):
         n, at = int(known[at]), at + 1
         fed.append(torch.tensor(list(known[at : at + n]), dtype=dtype) if n >= 0 else None)
         at += max(n, 0)
-    routes._token_ids, routes._fed_mask = fed
+    routes._token_ids, routes._fed_mask, routes._token_rank = fed
     routes._dropped_rows = int(dropped)
     return routes
 

@@ -75,6 +75,7 @@ def test_everything_a_routes_holds_survives_the_wire_encoding() -> None:
     routes._rows_moved = "reorder_cache"
     routes._caches_interleaved = "DynamicCache"
     routes._dropped_rows = 4
+    routes._token_rank = torch.tensor([2, 0, 1])  # (rows of routers that saw the tokens sequence-first)
     back = _restore(mr.Routes._trusted(routes._data, routes.names, routes.experts_per_layer), _known(routes), 4)
     assert vars(back).keys() == vars(routes).keys()
     for name, value in vars(routes).items():
@@ -131,3 +132,25 @@ def test_a_router_whose_gate_is_a_replicated_dtensor_replays(tmp_path, monkeypat
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(distributed_worker.spawned_replicated_gate, args=(2, init), nprocs=2, join=True)
+
+
+@pytest.mark.reliability("round trips")
+def test_a_sequence_first_capture_keeps_its_token_order_through_gather_and_scatter(tmp_path) -> None:
+    """Once lost: gather_routes and scatter_routes sent a capture's ids and prompt mask but not the order of the
+    tokens of rows recorded sequence-first, so BatchLayout.unpack of the routes that came back read position-major
+    rows sequence by sequence (refused where a prompt mask showed it, else each sequence got rows of other tokens,
+    which engine formats write without their ids). They now come back laid out as before the trip."""
+    import moe_replay as mr
+    from tests.test_batch import _sequence_first_captures
+
+    captured, alone, _ = _sequence_first_captures([4, 4])
+    layout = mr.BatchLayout.padded([4, 4])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        (gathered,) = mr.distributed.gather_routes(captured)
+        scattered = mr.distributed.scatter_routes([captured])
+    finally:
+        dist.destroy_process_group()
+    for back in (gathered, scattered):
+        for got, want in zip(layout.unpack(back), alone, strict=True):
+            assert got.equal(want) and torch.equal(got.token_ids, want.token_ids)
