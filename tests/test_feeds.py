@@ -1327,3 +1327,34 @@ def test_noise_from_a_generator_before_the_routers_leaves_the_token_order_told(w
             model(ids)
         with pytest.raises(mr.TokenMismatchError, match="sequence-first"), session.replay(mr.pad_routes(parts)):
             model(ids)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="routes that know no token ids are replayed by row order alone; a model whose routers see the batch "
+    "sequence-first reads position-major rows, so batch-major routes (an engine's read without token_ids, a "
+    "BatchLayout's of such routes) go to other tokens. The session knows the order, but not the routes' order.",
+)
+def test_batch_major_routes_without_ids_are_not_forced_on_routers_that_see_the_batch_sequence_first() -> None:
+    """An engine's per-sequence routes of a [2, 4] batch, joined sequence by sequence and read without their token
+    ids, replayed on a model whose routers see the batch position by position: either refused, or every token gets
+    its own recorded experts (as a capture of the batch records them)."""
+    model = _SequenceFirst().eval()
+    ids = _batch(rows=2, width=4)
+    with mr.attach(model) as session, torch.no_grad():
+        alone = []
+        for row in ids:  # (one sequence: no order to tell)
+            with session.capture():
+                model(row[None])
+            alone.append(session.routes())
+        with session.capture():
+            model(ids)
+        captured = session.routes()
+        engine = mr.Routes.cat(alone).with_token_ids(None)
+        try:
+            with session.capture(), session.replay(engine):
+                model(ids)
+        except mr.MoEReplayError:
+            return
+        assert session.routes().equal(captured)
