@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -503,7 +503,7 @@ class RoutingReplayMixin:
         **kwargs: Any,
     ) -> None:
         named: dict[Any, Any] = {True: "replay", False: "off"}
-        mode = named.get(routing_replay, routing_replay) if isinstance(routing_replay, bool | str) else routing_replay
+        mode = named.get(routing_replay, routing_replay) if isinstance(routing_replay, Hashable) else routing_replay
         if not is_one_of(mode, MODES):
             raise InvalidArgumentError(f"routing_replay must be one of {MODES} (or True/False), got {routing_replay!r}")
         attach_kwargs = _check_options(replay_ref_model, verify_replay, capacity, attach_kwargs, allow_untested_trl)
