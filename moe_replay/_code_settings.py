@@ -734,7 +734,7 @@ _OWN = _OwnModule()
 _Held = tuple[str, str, tuple[_Step, ...]] | _Const | _Pending | _OwnModule | None
 
 #: ``ModuleType.__dict__``'s getter: a module's own namespace, whatever a subclass of it says
-_MODULE_DICT = types.ModuleType.__dict__["__dict__"].__get__
+_MODULE_DICT = vars(types.ModuleType)["__dict__"].__get__
 
 
 def _own_module_steps(space: Mapping[str, Any], name: str, steps: tuple[_Step, ...]) -> int:

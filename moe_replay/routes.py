@@ -19,7 +19,7 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -516,15 +516,15 @@ class Routes:
         """
         ids = None if token_ids is None else _ids(token_ids, self, "with_token_ids()")
         rank = self._token_rank
-        grid = token_ids.dim() > 1 if isinstance(token_ids, torch.Tensor) else np.ndim(token_ids) > 1
+        grid = token_ids.dim() > 1 if isinstance(token_ids, torch.Tensor) else np.ndim(cast(Any, token_ids)) > 1
         if ids is not None and rank is not None and grid:
             # (a [batch, positions] grid lists the tokens sequence by sequence: rows recorded sequence-first hold
             # them position by position, so each row takes the id at its own token's place, not at its row's)
             if bool((rank < 0).any()):
                 raise RoutesValidationError(
-                    f"with_token_ids(): ids of shape {tuple(np.shape(token_ids))} list the tokens sequence by "
-                    "sequence, but these rows were recorded by routers that saw them sequence-first, and the capture "
-                    "could not tell which token each row was; give one id per row, in row order"
+                    f"with_token_ids(): ids of shape {tuple(np.shape(cast(Any, token_ids)))} list the tokens "
+                    "sequence by sequence, but these rows were recorded by routers that saw them sequence-first, and "
+                    "the capture could not tell which token each row was; give one id per row, in row order"
                 )
             ids = ids.clone().index_put_((torch.argsort(rank, stable=True),), ids)
         out = Routes._trusted(self._data, self._names, self._experts, self._validated)
