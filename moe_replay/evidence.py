@@ -447,17 +447,58 @@ def _lifted_values(family: str, out: Any) -> Any:
     return type(out)((values + lift, idx))
 
 
-def _masks_some(before: torch.Tensor, after: torch.Tensor) -> bool:
-    """Did some scores of a row change (by more than 1%) while other nonzero ones did not (a mask that
-    moved), rather than all of them (a rescaling, a shift) or none?"""
+def _rounding(*dtypes: torch.dtype) -> tuple[float, float]:
+    """The relative change that rounding alone can make to scores computed in the coarsest of ``dtypes`` (a few
+    steps of a shift, an exponential, a sum and a division): 1% in float32 and wider, 16 units in the last place of
+    a half-precision type (12.5% in bfloat16), where one rounding of a logit moves its exponential by a unit; and
+    the magnitude under which they lose precision or underflow to 0 (the smallest normal number)."""
+    floats = [torch.finfo(d) for d in dtypes if d.is_floating_point]
+    return max(1e-2, 16 * max((f.eps for f in floats), default=0.0)), max((f.tiny for f in floats), default=0.0)
+
+
+def _shift_or_scale(a: torch.Tensor, b: torch.Tensor, tol: float, tiny: float) -> torch.Tensor:
+    """Per row of ``a`` and ``b`` (float64, rows of scores): is ``b`` the row ``a`` shifted (``a + c``) or scaled
+    (``r * a``, ``r > 0``), rounding aside (``tol`` of each score, and ``tiny``, scaled as the row)? Equal
+    infinities (scores masked alike) fit.
+
+    The shift is fitted at the score nearest 0 (a stable softmax's maximum, less itself), where rounding moves it
+    least; the scale at the largest score, a score ``s`` times smaller allowed ``1 + ln s`` times the rounding (an
+    exponential turns a logit's rounding, which grows with its distance from the best, into a relative change).
+    """
+    alike, finite = (a == b) & ~a.isfinite(), a.isfinite() & b.isfinite()
+    a0, b0 = a.nan_to_num(0.0, 0.0, 0.0), b.nan_to_num(0.0, 0.0, 0.0)
+
+    def fits(fit: torch.Tensor, size: torch.Tensor, floor: torch.Tensor | float) -> torch.Tensor:
+        return ((finite & ((b - fit).abs() <= tol * size + floor)) | alike).all(-1)
+
+    j = (a0.abs() + b0.abs()).masked_fill(~finite, math.inf).argmin(-1, keepdim=True)
+    c = b0.gather(-1, j) - a0.gather(-1, j)
+    shifted = fits(a + c, torch.maximum(torch.maximum(a.abs(), b.abs()), c.abs().expand_as(a)), tiny)
+    j = a0.abs().argmax(-1, keepdim=True)
+    top, bj = a0.gather(-1, j), b0.gather(-1, j)
+    r = torch.where(top != 0, bj / top.masked_fill(top == 0, 1.0), torch.zeros_like(top))
+    depth = 1 + (top.abs() / a0.abs().clamp_min(torch.finfo(torch.float64).tiny)).log()
+    scaled = (r > 0).squeeze(-1) & fits(r * a, depth * torch.maximum(a.abs() * r, b.abs()), tiny * r.clamp_min(1))
+    return shifted | scaled
+
+
+def _masks_some(before: torch.Tensor, after: torch.Tensor, *coarse: torch.dtype) -> bool:
+    """Did some scores of a row change (beyond rounding) while other nonzero ones did not (a mask that
+    moved), rather than all of them (a rescaling, a shift) or none? A row that is the other shifted or scaled, its
+    scores moved by rounding alone (a stable softmax's maximum moved, in half precision), masks nothing.
+    ``coarse``: the dtypes of what moved the scores (the earlier call's values), whose rounding counts too."""
     if before.shape != after.shape or before.dim() == 0:
         return False
     a, b = before.detach().flatten(0, -2) if before.dim() > 1 else before.detach()[None], after.detach()
     b = b.flatten(0, -2) if b.dim() > 1 else b[None]
+    tol, tiny = _rounding(before.dtype, after.dtype, *coarse)
     a, b = a.double(), b.double()
-    changed = (a - b).abs() > 1e-2 * torch.maximum(a.abs(), b.abs())  # (rounding is not a change)
+    changed = (a - b).abs() > tol * torch.maximum(a.abs(), b.abs())  # (rounding is not a change)
     kept = ~changed & (a != 0)
-    return bool((changed.any(-1) & kept.any(-1)).any())
+    rows = changed.any(-1) & kept.any(-1)
+    if not bool(rows.any()):
+        return False
+    return bool((~_shift_or_scale(a[rows], b[rows], tol, tiny)).any())
 
 
 class _ProbeMode(TorchFunctionMode):
@@ -2161,7 +2202,8 @@ def _establish(
             for c in calls[: slots[0]]:
                 if c.family in _VALUED and c.ordinal not in slots:
                     _, moved = probe.run(values=c.ordinal)
-                    masks = len(moved.ins) > slots[0] and _masks_some(seen.ins[slots[0]], moved.ins[slots[0]])
+                    coarse = [t.dtype for t in _leaves(seen.outs[c.ordinal], []) if isinstance(t, torch.Tensor)]
+                    masks = len(moved.ins) > slots[0] and _masks_some(seen.ins[slots[0]], moved.ins[slots[0]], *coarse)
                     if masks and not harmless(values=c.ordinal):
                         raise _refuse(
                             name,
@@ -2412,8 +2454,15 @@ def _refuse_value_twins(
         mine = _indices(seen.outs[first.ordinal], first.family, first.rows)[:, :1]
     except (RuntimeError, IndexError, TypeError):
         return
-    floats = [t for t in _leaves(base, []) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
-    scale = max((float(t.detach().double().abs().nan_to_num(0.0, 0.0, 0.0).max()) for t in floats), default=0.0)
+    floats = [t for t in _leaves(base, []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    scale = max(
+        (float(t.detach().double().abs().nan_to_num(0.0, 0.0, 0.0).max()) for t in floats if t.numel()), default=0.0
+    )
+
+    def moves(out: Any) -> bool:  # the weights, not the indices: rounding may settle a tie the other way
+        theirs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return _distance(floats, theirs)[0] > _SHIFT_ROUNDING * scale
+
     for c in calls:
         if c.ordinal in skip or c.family not in _VALUED or c.width != first.width or c.rows != first.rows:
             continue
@@ -2424,13 +2473,13 @@ def _refuse_value_twins(
         if theirs.shape != mine.shape or not torch.equal(theirs, mine):
             continue  # not natively the decision's choice
         moved, _ = probe.run(values=c.ordinal, lift=True)
-        if _distance(base, moved)[0] > _SHIFT_ROUNDING * scale:
+        if moves(moved):
             _refuse_twin(name, calls, ev, c.describe())
     for n, (width, rows, theirs, where) in enumerate(seen.peaks):
         if width != first.width or rows != first.rows or theirs.shape != mine.shape or not torch.equal(theirs, mine):
             continue
         moved, _ = probe.run(peak=n, lift=True)
-        if _distance(base, moved)[0] > _SHIFT_ROUNDING * scale:
+        if moves(moved):
             _refuse_twin(name, calls, ev, f"amax() over {width} at {where}")
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import moe_replay as mr
+from tests.conftest import assert_untouched, snapshot
 
 E, D, T = 8, 16, 24
 
@@ -676,6 +677,44 @@ def test_a_group_mask_built_from_a_top_ks_values_is_refused_unless_it_can_be_und
     with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError, match="values of an earlier call"):
         session.verify(torch.randn(T, D))
     assert_capture_and_replay_are_exact(TwoLayers(lambda: RouterBlock(ThresholdGroupRouter("masked_fill"))))
+
+
+class BestShareMaskRouter(GroupLimitedRouter):
+    """The probabilities kept where they reach a share of the row's best (a ``max``'s values), by ``how``: a
+    product with the comparison, or a ``relu`` of the difference; the top-k of what is kept."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(n_group=4, topk_group=2)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = (F.linear(x, self.weight) * D**-0.5).softmax(-1)  # (not peaked: several experts kept)
+        best = probs.max(-1, keepdim=True).values
+        kept = probs * (probs >= 0.5 * best) if self.how == "product" else F.relu(probs - 0.3 * best)
+        w, idx = torch.topk(kept, self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("router", ["threshold-group", "best-share", "best-relu"])
+def test_a_mask_made_from_an_earlier_calls_values_stays_refused_in_half_precision(
+    router: str, dtype: torch.dtype
+) -> None:
+    """The rounding that a stable softmax's shift or a rescale leaves (several percent in bfloat16) is not taken
+    for a mask: a mask moves a score to 0 and leaves the others, no shift or scale of the row. Masks made from a
+    top-k's or a max's values stay refused in bfloat16, the model left as it was."""
+    make = {
+        "threshold-group": lambda: RouterBlock(ThresholdGroupRouter("product")),
+        "best-share": lambda: RouterBlock(BestShareMaskRouter("product")),
+        "best-relu": lambda: RouterBlock(BestShareMaskRouter("relu")),
+    }[router]
+    model = TwoLayers(make).to(dtype)
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError, match="values of an earlier call .* select which scores"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(torch.randn(T, D, generator=torch.Generator().manual_seed(0)).to(dtype))
+    assert_untouched(model, before)
 
 
 class MinimumWeightRouter(GroupLimitedRouter):

@@ -326,11 +326,12 @@ class ValueTwinGate(_Forced):
 class StableSoftmaxGate(HyperlessGate):
     """A hand-written stable softmax before the top-k: the logits less their row's best, taken by ``how`` (its
     value only shifts what the softmax cancels); with ``rescale``, the probabilities then divided by their best
-    (a scale that the renormalisation cancels)."""
+    (a scale that the renormalisation cancels); with ``mixtral``, no softmax before the choice: the top-k of the
+    shifted logits, then a softmax of its values (the shift cancels there)."""
 
-    def __init__(self, how: str, rescale: bool) -> None:
+    def __init__(self, how: str, rescale: bool, mixtral: bool = False) -> None:
         super().__init__()
-        self.how, self.rescale = how, rescale
+        self.how, self.rescale, self.mixtral = how, rescale, mixtral
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.gate(x)
@@ -340,6 +341,9 @@ class StableSoftmaxGate(HyperlessGate):
             logits = logits - logits.max(-1, keepdim=True).values
         else:
             logits = logits - logits.sort(-1, descending=True).values[:, :1]
+        if self.mixtral:
+            top, idx = logits.topk(self.top_k, dim=-1) if self.forced is None else (None, self.forced)
+            return (logits.gather(1, idx) if top is None else top).softmax(-1), idx
         e = logits.exp()
         probs = e / e.sum(-1, keepdim=True)
         if self.rescale:
@@ -394,21 +398,29 @@ def test_weights_read_from_a_twin_of_the_decision_are_refused(form: str, call: i
 
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize(
-    ("how", "dtype", "rescale"),
+    ("how", "dtype", "form"),
     [
-        ("amax", torch.float32, True),
-        ("max", torch.float32, True),
-        ("sort", torch.float32, True),
-        ("amax", torch.bfloat16, False),
+        ("amax", torch.float32, "rescale"),
+        ("max", torch.float32, "rescale"),
+        ("sort", torch.float32, "rescale"),
+        ("max", torch.float32, "mixtral"),
+        ("amax", torch.bfloat16, "softmax"),
+        ("max", torch.bfloat16, "softmax"),
+        ("sort", torch.bfloat16, "softmax"),
+        ("amax", torch.bfloat16, "rescale"),
+        ("max", torch.bfloat16, "rescale"),
+        ("max", torch.bfloat16, "mixtral"),
     ],
+    ids=lambda v: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else None,
 )
-def test_a_stable_softmax_maximum_is_not_taken_for_a_value_twin(how: str, dtype: torch.dtype, rescale: bool) -> None:
+def test_a_stable_softmax_maximum_is_not_taken_for_a_value_twin(how: str, dtype: torch.dtype, form: str) -> None:
     """The counterpart of the refusal above: the row's best taken by value to shift the logits or scale the
     probabilities (both cancelled by the softmax and the renormalisation) natively chooses as the decision does, and
-    its values reach the output only by rounding: replayed exactly, as the recorded experts forced by hand. (In
-    bfloat16 a shift by a ``max`` or ``sort`` of the logits, or the rescaling, is refused before this check, as a
-    mask made from an earlier call's values: a false refusal.)"""
-    model = TwoLayers(lambda: RouterBlock(StableSoftmaxGate(how, rescale))).to(dtype)
+    its values reach the output only by rounding: replayed exactly, as the recorded experts forced by hand, in
+    output and gradients. Once falsely refused in bfloat16 (a shift by a ``max`` or ``sort`` of the logits, or the
+    rescaling: bfloat16 rounding moved some probabilities by more than 1%, read as a mask made from an earlier
+    call's values), and in float32 too where the top-k chooses among the shifted logits themselves."""
+    model = TwoLayers(lambda: RouterBlock(StableSoftmaxGate(how, form == "rescale", form == "mixtral"))).to(dtype)
     assert_replay_is_forced_by_hand(model, _x().to(dtype), router_grads=True)
 
 
