@@ -323,6 +323,33 @@ class RouterSite:
         return f"{call} in {where}"
 
 
+def shared_scope(first: RouterSite, second: RouterSite) -> str:
+    """Why two routers whose interception would share one module's forward are refused.
+
+    Where neither router's forward nor that of the module holding both can reach a decision-like call (each
+    was widened to its holder for making none: a hash-routed layer, experts merged by a softmax), they make no
+    choice to record, which is what the refusal says, rather than the clash of their interceptions.
+    """
+    scope = second.scope_module
+    if (
+        first.adapter == second.adapter == _BLOCK_DECISION.name
+        and scope is not None
+        and not _reaches_decision(type(scope).forward, type(scope), instance=scope)
+    ):
+        holder = f"'{second.scope}'" if second.scope else f"the model ({type(scope).__name__})"
+        return (
+            f"routers '{first.name}' and '{second.name}' make no decision-like call (topk, argmax, max, sort) in "
+            f"their forwards, nor does the forward of {holder}, which holds them: they choose no experts that "
+            "moe_replay can record or replay (hash routing, experts looked up from the token ids; soft routing, "
+            "every expert weighted or merged by a softmax). If they do choose experts, choose them with torch.topk "
+            "(or argmax) in the Python code of a module's forward and name that module with include="
+        )
+    return (
+        f"routers '{first.name}' and '{second.name}' would both be intercepted in the forward of '{second.scope}'; "
+        "exclude one of them or give one an Adapter with scope='router'"
+    )
+
+
 def format_sites(sites: Sequence[RouterSite]) -> str:
     """A plain-text table of routers, as printed by ``python -m moe_replay inspect``.
 

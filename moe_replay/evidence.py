@@ -2114,6 +2114,25 @@ def _establish(
                     )
             elif noise > 0 and not math.isfinite(noise):
                 why = "its output differs between two runs on the same inputs, so no effect can be measured"
+            else:  # the values of a call reach the output where no call's indices do: a threshold?
+                moves = _beyond_rounding(base)
+                read = next(
+                    (c for c in calls if c.family in _VALUED and moves(probe.run(values=c.ordinal, lift=True)[0])),
+                    None,
+                )
+                if read is not None:
+                    why = (
+                        f"its output reads the values of {read.describe()} but the indices of no decision-like "
+                        "call: its experts are chosen by comparing the scores with those values (a threshold, "
+                        "such as probs >= probs.topk(k).values[..., -1:]), or weights are read apart from their "
+                        "experts; moe_replay records and forces a call's indices, so there is no choice it can "
+                        "replay"
+                    )
+                    fix = (
+                        "Choose the experts by the call's indices (values, indices = torch.topk(scores, k)), "
+                        "dispatch the tokens by those indices and read their weights at them (the values, or "
+                        "scores.gather(-1, indices))"
+                    )
             raise _refuse(name, calls, why, fix)
         # the decision fixes the final choice: the last call that matters over the expert width
         pool = [c for c in mattering if c.width == num_experts] or [
@@ -2433,6 +2452,22 @@ def _mirrors(calls: Sequence[Call], seen: _ProbeMode, ev: Evidence) -> tuple[int
 _SHIFT_ROUNDING = 0.05
 
 
+def _beyond_rounding(base: Any) -> Callable[[Any], bool]:
+    """Does another output than ``base`` differ from it by more than :data:`_SHIFT_ROUNDING` of its largest
+    magnitude, in its floating values (the weights; not the indices, where rounding may settle a tie the other
+    way)?"""
+    floats = [t for t in _leaves(base, []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    scale = max(
+        (float(t.detach().double().abs().nan_to_num(0.0, 0.0, 0.0).max()) for t in floats if t.numel()), default=0.0
+    )
+
+    def moves(out: Any) -> bool:
+        theirs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return _distance(floats, theirs)[0] > _SHIFT_ROUNDING * scale
+
+    return moves
+
+
 def _refuse_value_twins(
     name: str, probe: _Prober, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence, base: Any
 ) -> None:
@@ -2454,15 +2489,7 @@ def _refuse_value_twins(
         mine = _indices(seen.outs[first.ordinal], first.family, first.rows)[:, :1]
     except (RuntimeError, IndexError, TypeError):
         return
-    floats = [t for t in _leaves(base, []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    scale = max(
-        (float(t.detach().double().abs().nan_to_num(0.0, 0.0, 0.0).max()) for t in floats if t.numel()), default=0.0
-    )
-
-    def moves(out: Any) -> bool:  # the weights, not the indices: rounding may settle a tie the other way
-        theirs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        return _distance(floats, theirs)[0] > _SHIFT_ROUNDING * scale
-
+    moves = _beyond_rounding(base)
     for c in calls:
         if c.ordinal in skip or c.family not in _VALUED or c.width != first.width or c.rows != first.rows:
             continue

@@ -37,7 +37,16 @@ from ._checks import check_flag
 from ._feeds import FeedCheck, FeedForward, FeedRecord, MoveWatch, feed_levels
 from ._output_guard import is_guard
 from ._progress import Progress
-from .discovery import Adapter, Matcher, RouterSite, _compile_matcher, _frozen_matcher, find_routers, format_sites
+from .discovery import (
+    Adapter,
+    Matcher,
+    RouterSite,
+    _compile_matcher,
+    _frozen_matcher,
+    find_routers,
+    format_sites,
+    shared_scope,
+)
 from .errors import (
     ArgumentTypeError,
     CaptureOverflowError,
@@ -677,15 +686,12 @@ class Session:
 
     # ------------------------------------------------------------- install
     def _install(self) -> None:
-        scopes: dict[int, str] = {}
+        scopes: dict[int, RouterSite] = {}
         for s in self._sites:
             assert s.scope_module is not None
             if id(s.scope_module) in scopes:
-                raise UnsupportedRouterError(
-                    f"routers '{scopes[id(s.scope_module)]}' and '{s.name}' would both be intercepted in the "
-                    f"forward of '{s.scope}'; exclude one of them or give one an Adapter with scope='router'"
-                )
-            scopes[id(s.scope_module)] = s.name
+                raise UnsupportedRouterError(shared_scope(scopes[id(s.scope_module)], s))
+            scopes[id(s.scope_module)] = s
             held = getattr(s.scope_module.forward, "__moe_replay_hook__", None)
             if held is not None:
                 other = next((o for o in _attached_sessions() if o._attached and held in o._hooks), None)

@@ -562,26 +562,59 @@ def test_soft_routing_is_refused_as_such() -> None:
 
 
 class UnusedDecisionRouter(nn.Module):
-    """A top-k whose indices are dropped: the block mixes every expert (soft routing in disguise)."""
+    """A top-k whose indices are dropped: the block mixes every expert (soft routing in disguise); with ``stable``,
+    the logits less their ``max`` first (a hand-written stable softmax: that call's values cancel)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stable: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(E, D))
-        self.top_k, self.num_experts = 2, E
+        self.top_k, self.num_experts, self.stable = 2, E, stable
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.linear(x, self.weight).softmax(-1)
+        logits = F.linear(x, self.weight)
+        if self.stable:
+            logits = logits - logits.max(-1, keepdim=True).values
+        probs = logits.softmax(-1)
         probs.topk(2, dim=-1)
         return probs, torch.arange(E).expand(x.shape[0], E)
 
 
-def test_no_call_that_matters_is_refused_listing_the_calls() -> None:
-    model = TwoLayers(lambda: RouterBlock(UnusedDecisionRouter()))
+@pytest.mark.parametrize("stable", [False, True], ids=["softmax", "stable-softmax"])
+def test_no_call_that_matters_is_refused_listing_the_calls(stable: bool) -> None:
+    model = TwoLayers(lambda: RouterBlock(UnusedDecisionRouter(stable)))
     with mr.attach(model) as session, pytest.raises(mr.UnsupportedRouterError) as err:
         session.verify(torch.randn(T, D))
     msg = str(err.value)
     assert "no decision-like call in its forward changes the output" in msg
-    assert "#0 topk(k=2) over 8 at test_evidence.py" in msg and "Adapter(..., call=N)" in msg
+    assert f"#{int(stable)} topk(k=2) over 8 at test_evidence.py" in msg and "Adapter(..., call=N)" in msg
+    assert "reads the values" not in msg  # (a stable softmax's maximum is no threshold)
+
+
+class ThresholdRouter(UnusedDecisionRouter):
+    """The experts kept where the probabilities reach the top-k's last value, every expert dispatched with the
+    kept ones' renormalised probabilities (0 for the others): chosen by a threshold, the indices unused."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.weight).softmax(-1)
+        kept = probs * (probs >= probs.topk(self.top_k, dim=-1).values[..., -1:])
+        return kept / kept.sum(-1, keepdim=True), torch.arange(E).expand(x.shape[0], E)
+
+
+def test_experts_chosen_by_a_threshold_from_a_top_ks_values_are_refused_naming_the_threshold() -> None:
+    """Once refused as though no call mattered: the top-k's values reach the output (as a threshold), its indices
+    do not. Refused naming the call whose values choose and the fix (choose by its indices), the model left as it
+    was."""
+    model = TwoLayers(lambda: RouterBlock(ThresholdRouter()))
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError) as err:
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(torch.randn(T, D))
+    msg = str(err.value)
+    assert "reads the values of #0 topk(k=2) over 8 at test_evidence.py" in msg
+    assert "but the indices of no decision-like call" in msg and "a threshold" in msg
+    assert "Choose the experts by the call's indices" in msg
+    assert "no decision-like call in its forward changes the output" not in msg
+    assert_untouched(model, before)
 
 
 def test_declared_top_k_that_the_decision_contradicts_is_refused() -> None:
