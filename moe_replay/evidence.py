@@ -483,10 +483,11 @@ def _shift_or_scale(a: torch.Tensor, b: torch.Tensor, tol: float, tiny: float) -
 
 
 def _masks_some(before: torch.Tensor, after: torch.Tensor, *coarse: torch.dtype) -> bool:
-    """Did some scores of a row change (beyond rounding) while other nonzero ones did not (a mask that
-    moved), rather than all of them (a rescaling, a shift) or none? A row that is the other shifted or scaled, its
-    scores moved by rounding alone (a stable softmax's maximum moved, in half precision), masks nothing.
-    ``coarse``: the dtypes of what moved the scores (the earlier call's values), whose rounding counts too."""
+    """Did some scores of a row change (beyond rounding) other than by a shift or a scale of the whole row (a mask
+    that moved; before a softmax, it moves every probability of the row)? A row that is the other shifted or
+    scaled (a rescaling by the row's best; a stable softmax's maximum moved, its probabilities changed by rounding
+    alone, several percent in half precision) masks nothing. ``coarse``: the dtypes of what moved the scores (the
+    earlier call's values), whose rounding counts too."""
     if before.shape != after.shape or before.dim() == 0:
         return False
     a, b = before.detach().flatten(0, -2) if before.dim() > 1 else before.detach()[None], after.detach()
@@ -494,8 +495,7 @@ def _masks_some(before: torch.Tensor, after: torch.Tensor, *coarse: torch.dtype)
     tol, tiny = _rounding(before.dtype, after.dtype, *coarse)
     a, b = a.double(), b.double()
     changed = (a - b).abs() > tol * torch.maximum(a.abs(), b.abs())  # (rounding is not a change)
-    kept = ~changed & (a != 0)
-    rows = changed.any(-1) & kept.any(-1)
+    rows = changed.any(-1)
     if not bool(rows.any()):
         return False
     return bool((~_shift_or_scale(a[rows], b[rows], tol, tiny)).any())
@@ -2125,13 +2125,13 @@ def _establish(
                         f"its output reads the values of {read.describe()} but the indices of no decision-like "
                         "call: its experts are chosen by comparing the scores with those values (a threshold, "
                         "such as probs >= probs.topk(k).values[..., -1:]), or weights are read apart from their "
-                        "experts; moe_replay records and forces a call's indices, so there is no choice it can "
-                        "replay"
+                        "experts, or the experts are identical; moe_replay records and forces a call's indices, so "
+                        "there is no choice it can replay"
                     )
                     fix = (
                         "Choose the experts by the call's indices (values, indices = torch.topk(scores, k)), "
                         "dispatch the tokens by those indices and read their weights at them (the values, or "
-                        "scores.gather(-1, indices))"
+                        f"scores.gather(-1, indices)). {fix[0].upper()}{fix[1:]}"
                     )
             raise _refuse(name, calls, why, fix)
         # the decision fixes the final choice: the last call that matters over the expert width
