@@ -178,6 +178,9 @@ class FeedRecord:
         self._held_after: int = -1
         self._starts: dict[int, Any] = {}
         self._keep_inputs = keep_inputs
+        #: a forward of this capture fed embeddings of several sequences of several positions: the order its routers
+        #: saw them in is not told (its rows are in that order: see ``Routes._order_untold``)
+        self.untold = False
         #: a forward of this capture whose routers saw its tokens sequence-first: its rows do not follow the tokens
         #: sequence by sequence (:meth:`ranks`)
         self.sequence_first = False
@@ -249,6 +252,8 @@ class FeedRecord:
             self._fresh.append(("", None))
         if order == SEQUENCE_FIRST:
             self.sequence_first = True
+        elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1:
+            self.untold = True
         if self._keep_inputs:
             self._keep(count, ids, fed, kwargs, order)
         if self._rollback is not None:  # (a forward after tokens were taken out of a cache: its rows follow theirs)
@@ -859,6 +864,54 @@ class FeedCheck:
             "attention mask, or lay the routes out for this batch (mr.split_generation, mr.BatchLayout), whose "
             "padding rows are routed natively" + (f". {self.hint}" if self.hint else "")
         )
+
+
+class OrderCheck(FeedCheck):
+    """The check of a replay whose routes know no token ids and no token order (an engine's rollout read without its
+    ids, routes laid out by :class:`~moe_replay.BatchLayout` or :func:`~moe_replay.pad_routes` from such routes): their
+    rows are read in order, and rows laid out sequence by sequence would go to other tokens wherever the routers see a
+    ``[batch, positions]`` forward sequence-first. Such a forward is refused as it enters the model, before any router
+    runs; every other forward runs unchecked, as before.
+
+    Routes a capture recorded sequence-first carry their tokens' order (``Routes._token_rank``), and those of a capture
+    fed embeddings are in the order its routers saw them (``Routes._order_untold``): they get no such check.
+    """
+
+    def __init__(self, hint: str = "") -> None:
+        super().__init__(torch.zeros(0, dtype=torch.long), lambda: None, hint)
+
+    def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
+        """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
+        reads are not guarded: rows are not compared with ids)."""
+        self._thread = threading.get_ident()
+        self._levels = list(levels)
+        return _enter_levels(levels, self)
+
+    def fed(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+    ) -> bool:
+        """A forward entering a level: refused where its routers see its ``[batch, positions]`` tokens sequence-first
+        (``order``, :func:`token_order`) and it holds two sequences of two positions or more."""
+        count, _, shape = _inputs(args, kwargs)
+        if count < 0:
+            return False
+        self.forwards += 1
+        if order == SEQUENCE_FIRST and shape is not None and min(int(shape[0]), int(shape[1])) > 1:
+            raise TokenMismatchError(
+                f"forward {self.forwards} of this replay() feeds a [{int(shape[0])}, {int(shape[1])}] batch whose "
+                "routers see its tokens sequence-first (position 0 of every sequence, then position 1...), but its "
+                "routes know neither their token ids nor the order of their tokens, and their rows are read in order: "
+                "rows laid out sequence by sequence (an engine's rollout, mr.BatchLayout, mr.pad_routes) would force "
+                "the experts of other tokens. Give the routes the ids of their tokens, one per row in the order of "
+                "the rows (routes.with_token_ids(ids)), so that the replay checks each row's token; rows laid out "
+                "sequence by sequence are then put in the order the routers see the tokens with routes[index], "
+                "index = torch.arange(batch * positions).view(batch, positions).t().reshape(-1)"
+                + (f". {self.hint}" if self.hint else "")
+            )
+        return True
+
+    def finish(self) -> None:
+        """Nothing is left to compare."""
 
 
 def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, torch.Tensor | None, torch.Size | None]:

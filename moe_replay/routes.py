@@ -383,6 +383,7 @@ class Routes:
         self._token_ids: torch.Tensor | None = None
         self._fed_mask: torch.Tensor | None = None
         self._token_rank: torch.Tensor | None = None
+        self._order_untold = False
         self._rows_moved: str | None = None
         self._caches_interleaved: str | None = None
         self._rows_picked: str | None = None
@@ -541,7 +542,7 @@ class Routes:
         self._call_rows, self._dropped_rows = source._call_rows, source._dropped_rows
         self._fed_mask, self._rows_moved = source._fed_mask, source._rows_moved
         self._caches_interleaved, self._rows_picked = source._caches_interleaved, source._rows_picked
-        self._token_rank = source._token_rank
+        self._token_rank, self._order_untold = source._token_rank, source._order_untold
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -824,6 +825,10 @@ class Routes:
         #: int64 per row, its place in that order (sorting the rows by it puts them in token order, see
         #: in_token_order), -1 where it is not known; None where the rows follow their tokens in order
         obj._token_rank = None
+        #: set by Session.routes() only (kept by the methods that keep every row in place): a forward of the capture
+        #: was fed embeddings of several sequences, whose order its routers saw them in is not told. Its rows are in
+        #: that order, whatever it is: a replay of them is not refused for routers that see the tokens sequence-first
+        obj._order_untold = False
         obj._rows_moved = None
         #: set by Session.routes() only: the type of a KV cache given to a forward again after another was given
         #: in between (the forwards of two decode loops interleaved: split_generation refuses them), or None
@@ -1394,7 +1399,7 @@ def in_token_order(routes: Routes, what: str) -> Routes:
     order = torch.argsort(rank, stable=True)
     out = Routes._trusted([d[order] for d in routes._data], routes.names, routes.experts_per_layer, routes._validated)
     out._same_forwards(routes)
-    out._token_rank = None
+    out._token_rank, out._order_untold = None, False
     if routes._token_ids is not None:
         out._token_ids = routes._token_ids[order]
     if routes._fed_mask is not None and routes._fed_mask.numel() == order.numel():

@@ -34,7 +34,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from . import _torch_compat
 from ._checks import check_flag
-from ._feeds import FeedCheck, FeedForward, FeedRecord, MoveWatch, feed_levels
+from ._feeds import FeedCheck, FeedForward, FeedRecord, MoveWatch, OrderCheck, feed_levels
 from ._output_guard import is_guard
 from ._progress import Progress
 from .discovery import (
@@ -1583,6 +1583,7 @@ class Session:
             if len(set(routes.tokens_per_layer)) == 1:  # (rows of routers that saw their tokens sequence-first)
                 rank = self._feeds.ranks(routes._call_rows, routes.num_tokens)
                 routes._token_rank = None if rank is None else _out_of_order(rank)
+            routes._order_untold = self._feeds.untold and routes._token_rank is None
             routes._rows_moved = self._feeds.moved or self._feeds.rolled_back  # (tokens taken out of a cache too)
             routes._caches_interleaved = self._feeds.interleaved
         if self.keep_newest:  # a ring that wrapped holds its newest rows only
@@ -1838,8 +1839,13 @@ class Session:
         """The check that each forward of the model is fed the tokens its rows were recorded for (where known)."""
         model = self._model_ref()
         held = [src for src in sources if src is not None]
-        if routes._token_ids is None or model is None or not held:
+        if model is None or not held:
             return None, None
+        if routes._token_ids is None:
+            if routes._token_rank is not None or routes._order_untold:  # (a capture's rows: in the routers' order)
+                return None, None
+            order = OrderCheck(hint=_GENERATE_HINT if generated else "")
+            return order, order.start(self._feed_wrappers, held)
         if not strict and _device_of(model).type != "cpu":  # its ids are on the device: nothing to check at no sync
             return None, None
 

@@ -1330,12 +1330,6 @@ def test_noise_from_a_generator_before_the_routers_leaves_the_token_order_told(w
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="routes that know no token ids are replayed by row order alone; a model whose routers see the batch "
-    "sequence-first reads position-major rows, so batch-major routes (an engine's read without token_ids, a "
-    "BatchLayout's of such routes) go to other tokens. The session knows the order, but not the routes' order.",
-)
 def test_batch_major_routes_without_ids_are_not_forced_on_routers_that_see_the_batch_sequence_first() -> None:
     """An engine's per-sequence routes of a [2, 4] batch, joined sequence by sequence and read without their token
     ids, replayed on a model whose routers see the batch position by position: either refused, or every token gets
@@ -1357,4 +1351,86 @@ def test_batch_major_routes_without_ids_are_not_forced_on_routers_that_see_the_b
                 model(ids)
         except mr.MoEReplayError:
             return
+        assert session.routes().equal(captured)
+
+
+@pytest.mark.reliability("silent replays")
+def test_routes_without_ids_refused_on_routers_that_see_the_batch_sequence_first_say_how_to_replay_them() -> None:
+    """Routes that know neither their token ids nor their tokens' order, replayed on a [2, 4] batch whose routers see
+    it sequence-first, are refused before any router runs, the model left as it was; given their ids, they are
+    checked, and laid out in the routers' order as the error says, they replay what a capture of the batch records."""
+    from tests.conftest import assert_untouched, snapshot
+
+    model = _SequenceFirst().eval()
+    before = snapshot(model)
+    ids = _batch(rows=2, width=4)
+    with mr.attach(model) as session, torch.no_grad():
+        alone = []
+        for row in ids:
+            with session.capture():
+                model(row[None])
+            alone.append(session.routes())
+        with session.capture():
+            model(ids)
+        captured = session.routes()
+        laid_out = mr.Routes.cat(alone)  # (sequence by sequence, as an engine's)
+        engine = laid_out.with_token_ids(None)
+        index = torch.arange(ids.numel()).view(ids.shape).t().reshape(-1)
+        for routes in (engine, mr.BatchLayout.padded([4, 4]).routes([engine[:4], engine[4:]])):
+            with pytest.raises(mr.TokenMismatchError, match=r"with_token_ids.*routes\[index\]"):
+                with session.replay(routes):
+                    model(ids)
+        with (
+            pytest.raises(mr.TokenMismatchError, match="sequence-first"),
+            session.replay(engine.with_token_ids(laid_out.token_ids)),
+        ):
+            model(ids)
+        with session.capture(), session.replay(engine.with_token_ids(laid_out.token_ids)[index]):
+            model(ids)
+        assert session.routes().equal(captured)
+    assert_untouched(model, before)
+
+
+class _EmbedsSequenceFirst(_SequenceFirst):
+    """:class:`_SequenceFirst` fed ids or embeddings."""
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = (self.embed(input_ids) if inputs_embeds is None else inputs_embeds).transpose(0, 1)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.transpose(0, 1))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", ["ids dropped", "fed embeddings", "batch-major model", "one sequence"])
+def test_routes_without_ids_in_the_order_the_routers_saw_the_tokens_keep_replaying(case: str) -> None:
+    """Routes without token ids that are in the order the routers see the batch replay as before: a sequence-first
+    capture's with its ids dropped, a capture of forwards fed embeddings (whose order is not told), an engine's
+    sequence-by-sequence routes on routers that see the batch batch-major, and one sequence in any order."""
+    model = _Layout() if case == "batch-major model" else _EmbedsSequenceFirst().eval()
+    ids = _batch(rows=1 if case == "one sequence" else 2, width=4)
+    with mr.attach(model) as session, torch.no_grad():
+        if case == "fed embeddings":
+            with session.capture():
+                model(inputs_embeds=model.embed(ids))
+            routes = session.routes()
+            assert routes._token_ids is None and routes._token_rank is None
+        elif case == "batch-major model":
+            parts = []
+            for row in ids:
+                with session.capture():
+                    model(row[None])
+                parts.append(session.routes())
+            routes = mr.Routes.cat(parts).with_token_ids(None)
+        else:
+            with session.capture():
+                model(ids)
+            routes = session.routes().with_token_ids(None)
+        with session.capture():
+            model(ids)
+        captured = session.routes()
+        with session.capture(), session.replay(routes):
+            model(ids)
         assert session.routes().equal(captured)
