@@ -165,7 +165,9 @@ def _known(routes: Routes) -> list[int]:
     moved rows (0: none) and its UTF-8 bytes; likewise the name of the cache type given to two
     decode loops in turn, and what picked rows out of order; the count of rows whose fed token
     ids are known (-1: none) and those ids; likewise the prompt-mask values, and each row's place
-    in the order of the tokens (rows of routers that saw the tokens sequence-first).
+    in the order of the tokens (rows of routers that saw the tokens sequence-first); last, 1
+    where the rows are in the order their routers saw the tokens of forwards fed embeddings,
+    not told (``Routes._order_untold``), else 0.
     """
     calls = routes._call_rows
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
@@ -174,7 +176,7 @@ def _known(routes: Routes) -> list[int]:
         out += [len(encoded), *encoded]
     for fed in (routes._token_ids, routes._fed_mask, routes._token_rank):
         out += [-1] if fed is None else [fed.numel(), *fed.tolist()]
-    return out
+    return [*out, int(routes._order_untold)]
 
 
 def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
@@ -195,6 +197,7 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         fed.append(torch.tensor(list(known[at : at + n]), dtype=dtype) if n >= 0 else None)
         at += max(n, 0)
     routes._token_ids, routes._fed_mask, routes._token_rank = fed
+    routes._order_untold = bool(known[at])
     routes._dropped_rows = int(dropped)
     return routes
 

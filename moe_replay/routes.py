@@ -608,6 +608,8 @@ class Routes:
         out = Routes._trusted(data, self._names, self._experts, self._validated)
         out._token_ids = None if self._token_ids is None else _known_or_none(self._token_ids[rows])
         out._token_rank = None if self._token_rank is None else _out_of_order(self._token_rank[rows])
+        # (rows of an embeddings capture stay in the routers' order where they hold whole router calls, each in order)
+        out._order_untold = self._order_untold and _whole_calls(rows, self._call_rows, n)
         start = _run_start(rows, n)
         if start is not None:
             out._clip_forwards(self, start)
@@ -761,6 +763,9 @@ class Routes:
         out._cat_forwards(parts)
         if any(p._token_rank is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
             out._token_rank = _out_of_order(_cat_ranks([(p._token_rank, p.num_tokens) for p in parts]))
+        # (rows each in the order their routers saw them, one part after another: so are those of the whole)
+        held = [p for p in parts if any(p.tokens_per_layer)]
+        out._order_untold = bool(held) and all(p._order_untold for p in held) and out._token_rank is None
         return out
 
     def _cat_forwards(self, parts: Sequence[Routes]) -> None:
@@ -825,9 +830,11 @@ class Routes:
         #: int64 per row, its place in that order (sorting the rows by it puts them in token order, see
         #: in_token_order), -1 where it is not known; None where the rows follow their tokens in order
         obj._token_rank = None
-        #: set by Session.routes() only (kept by the methods that keep every row in place): a forward of the capture
-        #: was fed embeddings of several sequences, whose order its routers saw them in is not told. Its rows are in
-        #: that order, whatever it is: a replay of them is not refused for routers that see the tokens sequence-first
+        #: set by Session.routes() only (kept by the methods that keep every row in place, by slices and picks of whole
+        #: router calls in order, by cat of parts that all have it, by save and load, gather and scatter): a forward of
+        #: the capture was fed embeddings of several sequences, whose order its routers saw them in is not told. Its
+        #: rows are in that order, whatever it is: a replay of them is not refused for routers that see the tokens
+        #: sequence-first
         obj._order_untold = False
         obj._rows_moved = None
         #: set by Session.routes() only: the type of a KV cache given to a forward again after another was given
@@ -911,7 +918,8 @@ class Routes:
         The rows are checked first (those of routes built with ``validate=False`` too), so a file
         written here is one :meth:`load` reads back. The file keeps the token ids, and what a
         capture knows of its forwards (their rows, their prompt mask, moves of the KV cache's
-        rows, the order of the tokens of rows whose routers saw them sequence-first), which
+        rows, the order of the tokens of rows whose routers saw them sequence-first, or that their
+        order was not told, the forwards fed embeddings), which
         :func:`~moe_replay.split_generation` and :meth:`BatchLayout.unpack` read after :meth:`load`
         as before.
 
@@ -942,6 +950,8 @@ class Routes:
             arrays["token_ids"] = self._token_ids.numpy()
         if self._token_rank is not None:  # (rows of routers that saw their tokens sequence-first: their tokens' order)
             arrays["token_order"] = self._token_rank.numpy()
+        if self._order_untold:  # (rows of forwards fed embeddings: in the order their routers saw them, not told)
+            arrays["order_untold"] = np.array(True)
         mask = self._fed_mask
         if mask is not None and mask.numel() and (forwards is None or forwards["mask_runs"] is None):
             # (too many runs for the metadata: the padded sequences of a large rollout) one value per row, not dropped
@@ -981,7 +991,7 @@ class Routes:
             with open(path, "rb") as f:
                 raw = f.read()
             with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-                meta, layers, ids, mask, rank = _read_members(zf, path, max_bytes)
+                meta, layers, ids, mask, rank, untold = _read_members(zf, path, max_bytes)
         except RoutesValidationError:
             raise
         except _READ_ERRORS as e:
@@ -1007,6 +1017,10 @@ class Routes:
                 if bool((rank < -1).any()) or known.unique().numel() != known.numel():
                     raise _corrupted(path, "its token order holds values below -1 or the same place twice")
                 routes._token_rank = _out_of_order(rank.to(torch.long))
+            if untold is not None:
+                if rank is not None:
+                    raise _corrupted(path, "it holds its tokens' order and says that the order was not told")
+                routes._order_untold = bool(untold)
         except RoutesValidationError as e:
             raise RoutesValidationError(f"{path}: {e}") from e
         except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
@@ -1067,9 +1081,11 @@ def _corrupted(path: str | os.PathLike[str], why: str) -> RoutesValidationError:
 
 def _read_members(
     zf: zipfile.ZipFile, path: str | os.PathLike[str], max_bytes: int | None
-) -> tuple[dict[str, Any], list[torch.Tensor], torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The metadata, layer arrays, token ids, prompt mask and token order (each if saved) of a routes ``.npz``, each
-    checked before decompressing."""
+) -> tuple[
+    dict[str, Any], list[torch.Tensor], torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, bool | None
+]:
+    """The metadata, layer arrays, token ids, prompt mask, token order and whether that order was left untold (each
+    if saved) of a routes ``.npz``, each checked before decompressing."""
     infos = {i.filename: i for i in zf.infolist()}
     total = sum(i.file_size for i in infos.values())
     if max_bytes is not None and total > max_bytes:
@@ -1087,7 +1103,7 @@ def _read_members(
         meta = json.loads(bytes(npformat.read_array(f, allow_pickle=False)).decode())
     names, experts = _read_meta(meta, path)
     wanted = ["meta.npy", *(f"layer_{i}.npy" for i in range(len(names)))]
-    optional = ["token_ids.npy", "prompt_mask.npy", "token_order.npy"]
+    optional = ["token_ids.npy", "prompt_mask.npy", "token_order.npy", "order_untold.npy"]
     extra = sorted(set(infos) - set(wanted) - set(optional))
     if extra:
         raise RoutesValidationError(
@@ -1114,6 +1130,10 @@ def _read_members(
         shape, dtype = _header(zf, infos["token_order.npy"], path)
         if len(shape) != 1 or dtype.kind != "i":
             raise _corrupted(path, f"its token order is a {dtype} array of shape {shape}, not one int per row")
+    if "order_untold.npy" in infos:
+        shape, dtype = _header(zf, infos["order_untold.npy"], path)
+        if shape != () or dtype != np.bool_:
+            raise _corrupted(path, f"its untold token order is a {dtype} array of shape {shape}, not one bool")
     layers = []
     held = [n for n in optional if n in infos]
     for n in wanted[1:] + held:
@@ -1121,7 +1141,15 @@ def _read_members(
             layers.append(torch.from_numpy(_native(npformat.read_array(f, allow_pickle=False))))
     found = dict(zip(held, layers[len(wanted) - 1 :], strict=True))
     del layers[len(wanted) - 1 :]
-    return meta, layers, found.get("token_ids.npy"), found.get("prompt_mask.npy"), found.get("token_order.npy")
+    untold = found.get("order_untold.npy")
+    return (
+        meta,
+        layers,
+        found.get("token_ids.npy"),
+        found.get("prompt_mask.npy"),
+        found.get("token_order.npy"),
+        None if untold is None else bool(untold),
+    )
 
 
 #: What reading a damaged ``.npz`` can raise: zip structure, deflate stream, npy header, JSON.
@@ -1226,6 +1254,24 @@ def _run_start(rows: slice | torch.Tensor, n: int) -> int | None:
         return 0
     first = int(rows[0])
     return first if torch.equal(rows, torch.arange(first, first + rows.numel())) else None
+
+
+def _whole_calls(rows: slice | torch.Tensor, calls: tuple[tuple[int, int], ...] | None, n: int) -> bool:
+    """Do ``rows`` (of :func:`_token_rows`, of ``n``) hold whole router calls of a capture of ``calls`` (``(rows,
+    calls)`` runs), each call's rows in the order they were recorded? Where the calls are not known: every row, in
+    order. Such rows are in the order their routers saw the tokens, call by call (``Routes._order_untold``)."""
+    picked = torch.arange(n)[rows] if isinstance(rows, slice) else rows
+    if not picked.numel():
+        return True
+    if calls is None or sum(r * c for r, c in calls) != n or any(r <= 0 for r, _ in calls):
+        return picked.numel() == n and torch.equal(picked, torch.arange(n))
+    sizes = torch.tensor([r for r, _ in calls]).repeat_interleave(torch.tensor([c for _, c in calls]))
+    ends = sizes.cumsum(0)
+    first, last = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    first[ends - sizes], last[ends - 1] = True, True
+    # each row the next of the one before it in its call, or the first of a call after the last of another
+    steps = (picked[1:] == picked[:-1] + 1) & ~last[picked[:-1]] | last[picked[:-1]] & first[picked[1:]]
+    return bool(first[picked[0]]) and bool(last[picked[-1]]) and bool(steps.all())
 
 
 def _is_integer(index: Any) -> bool:

@@ -76,6 +76,7 @@ def test_everything_a_routes_holds_survives_the_wire_encoding() -> None:
     routes._caches_interleaved = "DynamicCache"
     routes._dropped_rows = 4
     routes._token_rank = torch.tensor([2, 0, 1])  # (rows of routers that saw the tokens sequence-first)
+    routes._order_untold = True  # (rows of forwards fed embeddings, in the routers' order: set alone by a capture)
     back = _restore(mr.Routes._trusted(routes._data, routes.names, routes.experts_per_layer), _known(routes), 4)
     assert vars(back).keys() == vars(routes).keys()
     for name, value in vars(routes).items():
@@ -154,3 +155,32 @@ def test_a_sequence_first_capture_keeps_its_token_order_through_gather_and_scatt
     for back in (gathered, scattered):
         for got, want in zip(layout.unpack(back), alone, strict=True):
             assert got.equal(want) and torch.equal(got.token_ids, want.token_ids)
+
+
+@pytest.mark.reliability("round trips")
+def test_an_embeddings_capture_keeps_replaying_after_gather_and_scatter(tmp_path) -> None:
+    """Once a false refusal: gather_routes and scatter_routes left out that the rows of a capture fed embeddings are
+    in the order the routers saw the tokens (not told), so a replay of the routes that came back, with ids, on
+    routers that see a [2, 4] batch sequence-first was refused. They replay what a capture of the batch records."""
+    import moe_replay as mr
+    from tests.test_feeds import _batch, _EmbedsSequenceFirst
+
+    model = _EmbedsSequenceFirst().eval()
+    ids = _batch(rows=2, width=4)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(inputs_embeds=model.embed(ids))
+        routes = session.routes()
+        with session.capture():
+            model(ids)
+        captured = session.routes()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        try:
+            (gathered,) = mr.distributed.gather_routes(routes)
+            scattered = mr.distributed.scatter_routes([routes])
+        finally:
+            dist.destroy_process_group()
+        for back in (gathered, scattered):
+            with session.capture(), session.replay(back):
+                model(ids)
+            assert session.routes().equal(captured)

@@ -1434,3 +1434,44 @@ def test_routes_without_ids_in_the_order_the_routers_saw_the_tokens_keep_replayi
         with session.capture(), session.replay(routes):
             model(ids)
         assert session.routes().equal(captured)
+
+
+@pytest.mark.reliability("round trips")
+def test_routes_of_an_embeddings_capture_keep_replaying_once_sliced_joined_saved_or_split(tmp_path) -> None:
+    """Once a false refusal: routes of a capture fed embeddings (their rows in the order the routers saw the tokens,
+    which no one told) lost that mark when sliced, picked, joined, saved or split, and a replay of them with ids on
+    routers that see a [2, 4] batch sequence-first was refused. Whole forwards, in their order, replay exactly as a
+    capture of the same forwards records them; rows cut through a forward or put out of order are refused."""
+    model = _EmbedsSequenceFirst().eval()
+    first, second = _batch(rows=2, width=4), _batch(seed=1, rows=2, width=4)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            for ids in (first, second):
+                model(inputs_embeds=model.embed(ids))
+        routes = session.routes()
+        assert routes._order_untold and routes._token_ids is None
+        with session.capture():
+            model(first)
+            model(second)
+        native = session.routes()
+        routes.save(tmp_path / "r.npz")
+        mask = torch.arange(routes.num_tokens) >= 8
+        swap = torch.cat([torch.arange(8, 16), torch.arange(8)])
+        derived = {  # (the derived routes, the forwards they are for, the rows of the capture they hold)
+            "slice": (routes[8:], [second], slice(8, None)),
+            "mask": (routes[mask], [second], slice(8, None)),
+            "whole forwards swapped": (routes[swap], [second, first], swap),
+            "cat": (mr.Routes.cat([routes[:8], routes[8:]]), [first, second], slice(None)),
+            "saved and loaded": (mr.Routes.load(tmp_path / "r.npz"), [first, second], slice(None)),
+            "split_routes": (mr.distributed.split_routes(routes, [8, 8])[0], [first], slice(None, 8)),
+        }
+        for name, (part, forwards, rows) in derived.items():
+            with session.capture(), session.replay(part):
+                for ids in forwards:
+                    model(ids)
+            assert session.routes().equal(native[rows]), name
+        # rows that break a forward are no longer in the routers' order of any forward: refused, as without the mark
+        for part in (routes[4:12], routes[torch.arange(7, -1, -1)]):  # (cut through the forwards; one reversed)
+            with pytest.raises(mr.TokenMismatchError, match="sequence-first"), session.replay(part):
+                model(first)
+    tried(len(derived) + 2)

@@ -979,3 +979,46 @@ def test_batch_ids_given_to_rows_captured_sequence_first_go_to_their_own_tokens(
         unknown.with_token_ids(last)
     assert torch.equal(unknown.with_token_ids(last.t().reshape(-1)).token_ids, last.t().reshape(-1))
     tried(6)
+
+
+@pytest.mark.reliability("round trips")
+def test_rows_in_the_untold_order_of_their_routers_keep_it_where_their_router_calls_stay_whole(tmp_path) -> None:
+    """Rows of a capture fed embeddings are in the order the routers saw the tokens, which no one told
+    (``_order_untold``: no order check when replayed). Slices and picks of whole router calls, each in order, cat of
+    parts that all have it, and save/load keep it; rows that break a call, and cat with other rows, drop it (a
+    replay of them is then checked). Where the calls are not known, only all the rows in order keep it."""
+    rows = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2], [0, 2]])
+    routes = mr.Routes([rows], names=["gate"], num_experts=4)
+    routes._call_rows, routes._order_untold = ((2, 1), (3, 1)), True  # (two forwards: rows 0-1, then rows 2-4)
+    kept = {
+        "all": slice(None),
+        "first call": slice(0, 2),
+        "second call": slice(2, 5),
+        "second call by index": torch.arange(2, 5),
+        "calls swapped": [2, 3, 4, 0, 1],
+        "a call twice": [0, 1, 0, 1],
+        "mask": torch.tensor([False, False, True, True, True]),
+        "nothing": slice(0, 0),
+    }
+    dropped = {"cut": slice(1, 3), "one row": 0, "reversed": [1, 0], "step": slice(0, 5, 2), "short": [2, 3]}
+    for name, index in {**kept, **dropped}.items():
+        assert routes[index]._order_untold is (name in kept), name
+    unknown = mr.Routes([rows], names=["gate"], num_experts=4)
+    unknown._order_untold = True  # (forwards that did not line up with the rows)
+    assert unknown[:]._order_untold and not unknown[:2]._order_untold and not unknown[[0, 1, 2, 3, 4]][1:]._order_untold
+    plain = mr.Routes([rows[:1]], names=["gate"], num_experts=4)
+    empty = mr.Routes([rows[:0]], names=["gate"], num_experts=4)
+    assert mr.Routes.cat([routes[:2], routes[2:], empty])._order_untold
+    assert not mr.Routes.cat([routes, plain])._order_untold
+    routes.save(tmp_path / "r.npz")
+    back = mr.Routes.load(tmp_path / "r.npz")
+    assert back._order_untold and back.equal(routes) and back._call_rows == routes._call_rows
+    plain.save(tmp_path / "p.npz")
+    assert not mr.Routes.load(tmp_path / "p.npz")._order_untold
+    with np.load(tmp_path / "r.npz") as f:
+        arrays = dict(f)
+    for bad in ({"order_untold": np.array([True])}, {"order_untold": np.array(1)}, {"token_order": np.arange(5)[::-1]}):
+        np.savez_compressed(tmp_path / "bad.npz", **{**arrays, **bad})
+        with pytest.raises(mr.RoutesValidationError, match="corrupted"):
+            mr.Routes.load(tmp_path / "bad.npz")
+    tried(len(kept) + len(dropped) + 9)
