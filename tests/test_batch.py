@@ -328,3 +328,38 @@ def test_unpack_refuses_rows_of_routers_that_see_the_tokens_sequence_first_whose
     with pytest.raises(mr.RoutesValidationError, match="sequence-first.*could not tell"):
         mr.BatchLayout.padded([4, 4]).unpack(routes)
     tried()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the order in which routers see a batch fed as embeddings is not told: its rows are laid out as batch-major",
+)
+@pytest.mark.parametrize("how", ["BatchLayout.unpack", "split_generation"])
+def test_an_embeddings_capture_of_routers_that_see_the_batch_sequence_first_is_laid_out_by_token(how: str) -> None:
+    """Still silent: a capture of a [2, 4] batch fed as embeddings to a model whose routers see it sequence-first holds
+    its rows position by position, but no one told the capture that order (``Routes._order_untold``), and
+    BatchLayout.unpack and split_generation read them sequence by sequence: each sequence gets rows of other tokens.
+    Either refused, or each sequence gets the rows a capture of it alone records."""
+    from tests.test_feeds import _batch, _EmbedsSequenceFirst
+
+    model = _EmbedsSequenceFirst().eval()
+    ids = _batch(rows=2, width=4)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(inputs_embeds=model.embed(ids))
+        routes = session.routes()
+        alone = []
+        for row in ids:
+            with session.capture():
+                model(row[None])
+            alone.append(session.routes())
+    try:
+        if how == "BatchLayout.unpack":
+            parts = mr.BatchLayout.padded([4, 4]).unpack(routes)
+        else:
+            parts = mr.split_generation(routes, batch_size=2, prompt_len=4)
+    except mr.MoEReplayError:
+        return
+    assert all(got.equal(want) for got, want in zip(parts, alone, strict=True))
