@@ -146,8 +146,9 @@ NESTING = _Nesting()
 _MASKS = frozenset({torch.masked_fill, torch.Tensor.masked_fill, torch.where, torch.Tensor.where})
 #: Families whose result carries values beside the indices.
 _VALUED = frozenset({"topk", "max", "min", "sort", "kthvalue"})
-#: Maxima by value alone: natively the value of the best expert, where taken along the experts (see _ProbeMode.peaks).
-_PEAKS = frozenset({torch.amax, torch.Tensor.amax})
+#: Maxima by value alone: natively the value of the best expert, where taken along the experts (see _ProbeMode.peaks);
+#: torch's operator too (``torch.ops.aten.amax(probs, [-1])``), which is the same maximum.
+_PEAKS = frozenset({torch.amax, torch.Tensor.amax, torch.ops.aten.amax, torch.ops.aten.amax.default})
 
 
 def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, name: str, default: Any = None) -> Any:
@@ -2494,10 +2495,12 @@ def _refuse_value_twins(
         if c.ordinal in skip or c.family not in _VALUED or c.width != first.width or c.rows != first.rows:
             continue
         try:
-            theirs = _indices(seen.outs[c.ordinal], c.family, c.rows)[:, :1]
+            theirs = _indices(seen.outs[c.ordinal], c.family, c.rows)
         except (RuntimeError, IndexError, TypeError):
             continue
-        if theirs.shape != mine.shape or not torch.equal(theirs, mine):
+        # a sort's best is its first slot, or its last where ascending (probs.sort(-1).values[..., -1:])
+        ends = (theirs[:, :1], theirs[:, -1:]) if c.family == "sort" else (theirs[:, :1],)
+        if not any(end.shape == mine.shape and torch.equal(end, mine) for end in ends):
             continue  # not natively the decision's choice
         moved, _ = probe.run(values=c.ordinal, lift=True)
         if moves(moved):

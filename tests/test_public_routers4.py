@@ -8,6 +8,7 @@ with a ``MoEReplayError`` that says why, the model left as it was.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -293,14 +294,19 @@ class ValueTwinGate(_Forced):
     - ``logits-argmax``: the expert by ``argmax`` of the logits, the weight by ``max`` of the probabilities;
     - ``topk-twice``: ``torch.topk(probs, k).values`` for the weights, renormalised, and another
       ``torch.topk(probs, k).indices`` call for the experts;
-    - ``sort-values``: the weights the first ``k`` values of a descending ``sort``, the experts a ``topk``.
+    - ``sort-values``: the weights the first ``k`` values of a descending ``sort``, the experts a ``topk``;
+    - ``sort-ascending``: a top-1 weighed by the last value of an ascending ``sort``, the expert a ``topk``;
+    - ``aten-amax``: ``amax`` called as torch's operator (``torch.ops.aten.amax``), the expert an ``argmax``;
+    - out of sight of every check (see ``test_weights_read_from_a_maximum_out_of_sight_are_refused``): the top-1
+      weighed by a ``max`` over the experts of a transposed view (``probs.t().max(0)``), by a max-pool over the
+      experts, by the infinity norm of the probabilities, by the last value of a ``cummax``.
 
     Forced by hand: the recorded experts' own probabilities (what a gather reads)."""
 
     def __init__(self, form: str) -> None:
         super().__init__()
         self.form = form
-        self.num_experts, self.top_k = E, 1 if form in ("amax", "max-first", "logits-argmax") else 2
+        self.num_experts, self.top_k = E, 2 if form in ("topk-twice", "sort-values") else 1
         self.gate = nn.Linear(D, E, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,6 +323,18 @@ class ValueTwinGate(_Forced):
             idx, w = logits.argmax(-1, keepdim=True), probs.max(-1, keepdim=True).values
         elif self.form == "topk-twice":
             w, idx = torch.topk(probs, self.top_k).values, torch.topk(probs, self.top_k).indices
+        elif self.form == "sort-ascending":
+            w, idx = probs.sort(-1).values[:, -1:], probs.topk(1, dim=-1).indices
+        elif self.form == "aten-amax":
+            w, idx = torch.ops.aten.amax(probs, [-1], True), probs.argmax(-1, keepdim=True)
+        elif self.form == "transposed-max":
+            w, idx = probs.t().max(0).values[:, None], probs.topk(1, dim=-1).indices
+        elif self.form == "max-pool":
+            w, idx = F.max_pool1d(probs[:, None], E)[:, 0], probs.topk(1, dim=-1).indices
+        elif self.form == "inf-norm":
+            w, idx = torch.linalg.vector_norm(probs, ord=math.inf, dim=-1, keepdim=True), probs.argmax(-1, keepdim=True)
+        elif self.form == "cummax":
+            w, idx = probs.cummax(-1).values[:, -1:], probs.topk(1, dim=-1).indices
         else:
             w = probs.sort(-1, descending=True).values[:, : self.top_k]
             idx = probs.topk(self.top_k, dim=-1).indices
@@ -339,6 +357,10 @@ class StableSoftmaxGate(HyperlessGate):
             logits = logits - logits.amax(-1, keepdim=True)
         elif self.how == "max":
             logits = logits - logits.max(-1, keepdim=True).values
+        elif self.how == "aten-amax":
+            logits = logits - torch.ops.aten.amax(logits, [-1], True)
+        elif self.how == "sort-ascending":
+            logits = logits - logits.sort(-1).values[:, -1:]
         else:
             logits = logits - logits.sort(-1, descending=True).values[:, :1]
         if self.mixtral:
@@ -366,6 +388,8 @@ class StableSoftmaxGate(HyperlessGate):
         ("logits-argmax", None),
         ("topk-twice", None),
         ("sort-values", None),
+        ("sort-ascending", None),
+        ("aten-amax", None),
         ("amax", "weak"),
         ("topk-twice", "weak"),
     ],
@@ -397,12 +421,34 @@ def test_weights_read_from_a_twin_of_the_decision_are_refused(form: str, call: i
 
 
 @pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: a maximum over the experts taken by a call that is no decision-like call along the last "
+    "dimension (a max along dim 0 of a transposed view, a max-pool, an infinity norm, a cummax) is not seen as a "
+    "value twin, so its values weigh the forced experts as the natively best ones, silently",
+)
+@pytest.mark.parametrize("form", ["transposed-max", "max-pool", "inf-norm", "cummax"])
+def test_weights_read_from_a_maximum_out_of_sight_are_refused(form: str) -> None:
+    """The top-1's weight read from the natively best expert's probability by a call that no value-twin check sees:
+    replayed, the forced experts are weighed by the natively best one's probability. Exact (as the recorded experts
+    forced by hand) or refused is the rule; today the replay passes, its weights wrong."""
+    model = TwoLayers(lambda: RouterBlock(ValueTwinGate(form)))
+    try:
+        assert_replay_is_forced_by_hand(model, _x())
+    except mr.UnsupportedRouterError:
+        pass
+
+
+@pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize(
     ("how", "dtype", "form"),
     [
         ("amax", torch.float32, "rescale"),
         ("max", torch.float32, "rescale"),
         ("sort", torch.float32, "rescale"),
+        ("aten-amax", torch.float32, "softmax"),
+        ("sort-ascending", torch.float32, "softmax"),
+        ("sort-ascending", torch.bfloat16, "softmax"),
         ("max", torch.float32, "mixtral"),
         ("amax", torch.bfloat16, "softmax"),
         ("max", torch.bfloat16, "softmax"),
