@@ -438,17 +438,18 @@ def held_in_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str
 
 
 def takes_only_tensors(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Did every parameter of a router's ``forward`` take a tensor in this (audited) forward: none left to its default,
-    no ``*args`` nor ``**kwargs``, no value of another kind? A later forward can then hand it code (a function, a
-    module) only where it took a tensor here, so its lean forwards need not look at their arguments. Otherwise they do
-    (see :func:`code_in_arguments`): a block may pass its router torch's ``masked_fill`` on some forwards only, where
-    this one got None. Read from the code object alone: nothing of the router runs."""
+    """Does a router's ``forward`` take one parameter alone, which took a tensor in this (audited) forward: none left
+    to its default, no ``*args`` nor ``**kwargs``, no value of another kind? That one carries the hidden states it
+    scores, so no later forward hands it code there, and its lean forwards need not look at their arguments.
+    Otherwise they do (see :func:`code_in_arguments`): a block may pass its router torch's ``masked_fill`` on some
+    forwards only, where this one got None, or a function of its own in a parameter that took a tensor here (a bias,
+    or a function that modifies the scores). Read from the code object alone: nothing of the router runs."""
     fn = getattr(forward, "__func__", forward)
     code = getattr(fn, "__code__", None)
     if not isinstance(code, types.CodeType) or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
         return False
     bound = 1 if fn is not forward else 0  # (a bound method: its first parameter is the module)
-    if len(args) + len(kwargs) != code.co_argcount + code.co_kwonlyargcount - bound:
+    if len(args) + len(kwargs) != 1 or code.co_argcount + code.co_kwonlyargcount - bound != 1:
         return False
     return all(isinstance(v, _TENSOR) for v in (*args, *kwargs.values()))
 

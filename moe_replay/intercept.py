@@ -196,7 +196,7 @@ _KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], Evidence]] = 
 #: calls came through the lean wrappers (and why not), and the code its forward reached as it was read (a patch
 #: of a method it calls is seen by that: :class:`~moe_replay._lean.CodeWitness`). Kept for later sessions, as the
 #: evidence is.
-#: Last, whether its forward takes more than tensors (see :func:`~moe_replay._lean.takes_only_tensors`): then each
+#: Last, whether its forward takes more than one tensor (see :func:`~moe_replay._lean.takes_only_tensors`): then each
 #: lean forward looks at its arguments, and one handed code runs under the mode.
 _Verdict = tuple[Evidence, bool, str, "_lean.CodeWitness | None", bool]
 _LEAN_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], _Verdict]] = weakref.WeakKeyDictionary()

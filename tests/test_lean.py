@@ -1077,13 +1077,89 @@ class PassesMethodLater(PassesFillLater):
         self.fill = lambda p, drop, value: p.masked_fill(drop, value)
 
 
+class TakesModInATensorSlot(SeenModes):
+    """Takes a bias tensor or a function that modifies its scores, in the same parameter."""
+
+    def forward(
+        self, x: torch.Tensor, mod: torch.Tensor | Callable[..., torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.modes.append(len(_get_current_function_mode_stack()))
+        probs = F.linear(x, self.weight).softmax(-1)
+        probs = probs + mod if isinstance(mod, torch.Tensor) else mod(probs, _below_mean(probs), 0.0)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+class PassesMethodInATensorSlot(RouterBlock):
+    """Passes its router a zero bias on forwards of few tokens (the audited one among them), and a function of its
+    own that masks with a tensor method in that very parameter on forwards of many tokens."""
+
+    def __init__(self) -> None:
+        super().__init__(TakesModInATensorSlot())
+        self.fill = lambda p, drop, value: p.masked_fill(drop, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x, self.fill if x.shape[0] > T else x.new_zeros(()))
+        return dispatch(self.experts, x, idx, w)
+
+
+class SetsModPerForward(RouterBlock):
+    """Sets its router's ``score_mod`` for each forward (a function that masks with a tensor method on forwards of
+    many tokens, None on others) and puts None back after it."""
+
+    def __init__(self) -> None:
+        super().__init__(ReadsModAttribute())
+        self.fill = lambda p, drop, value: p.masked_fill(drop, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.router.score_mod = self.fill if x.shape[0] > T else None
+        try:
+            w, idx = self.router(x)
+        finally:
+            self.router.score_mod = None
+        return dispatch(self.experts, x, idx, w)
+
+
+class ReadsModAttribute(SeenModes):
+    """Modifies its scores by the function its ``score_mod`` holds, where it holds one."""
+
+    score_mod: Callable[..., torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.modes.append(len(_get_current_function_mode_stack()))
+        probs = F.linear(x, self.weight).softmax(-1)
+        if self.score_mod is not None:
+            probs = self.score_mod(probs, _below_mean(probs), 0.0)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("block", [PassesFillLater, PassesMethodLater])
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: code a block puts in an attribute its router reads for one forward and takes back after it "
+    "is seen neither by the lean path (no argument) nor by the check of the code read (as blocks start and end), "
+    "so its mask runs unseen and forced experts it leaves out get 0.0",
+)
+def test_code_a_block_sets_on_its_router_for_one_forward_is_seen() -> None:
+    """A function set on the router for the long forward only, None again after it: exact under the mode (forced
+    experts the mask leaves out read through it), or refused."""
+    model = TwoLayers(SetsModPerForward)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        weights = _replayed_weights_of_a_long_forward(model, seen)
+    except mr.MoEReplayError:
+        return
+    _forced_outside_the_mask_read_through_it(model, weights, seen)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("block", [PassesFillLater, PassesMethodLater, PassesMethodInATensorSlot])
 def test_torchs_own_function_passed_to_the_router_on_later_forwards_only_is_seen(block: type[nn.Module]) -> None:
-    """Once silent: the audited forward got None where later ones got torch's masked_fill (or a function of the
-    block's that masks with a tensor method), which is no code the audit read, and its mask ran unseen in lean
-    forwards. A router whose forward took more than tensors in its audit now looks at each lean forward's arguments:
-    one handed code (a function, a module) runs under the mode."""
+    """Once silent: the audited forward got None (or a tensor) where later ones got torch's masked_fill (or a
+    function of the block's that masks with a tensor method), which is no code the audit read, and its mask ran
+    unseen in lean forwards. A router whose forward takes more than one tensor now looks at each lean forward's
+    arguments: one handed code (a function, a module) runs under the mode."""
     model = TwoLayers(block)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     weights = _replayed_weights_of_a_long_forward(model, seen)
