@@ -384,6 +384,7 @@ class Routes:
         self._fed_mask: torch.Tensor | None = None
         self._token_rank: torch.Tensor | None = None
         self._order_untold = False
+        self._routers_order = False
         self._rows_moved: str | None = None
         self._caches_interleaved: str | None = None
         self._rows_picked: str | None = None
@@ -543,6 +544,7 @@ class Routes:
         self._fed_mask, self._rows_moved = source._fed_mask, source._rows_moved
         self._caches_interleaved, self._rows_picked = source._caches_interleaved, source._rows_picked
         self._token_rank, self._order_untold = source._token_rank, source._order_untold
+        self._routers_order = source._routers_order
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -613,6 +615,7 @@ class Routes:
         start = _run_start(rows, n)
         if start is not None:
             out._clip_forwards(self, start)
+            out._routers_order = self._routers_order  # (a run of rows: still in the order the routers saw them)
         else:
             out._pick_forwards(self, rows)
         return out
@@ -766,6 +769,7 @@ class Routes:
         # (rows each in the order their routers saw them, one part after another: so are those of the whole)
         held = [p for p in parts if any(p.tokens_per_layer)]
         out._order_untold = bool(held) and all(p._order_untold for p in held) and out._token_rank is None
+        out._routers_order = all(p._routers_order for p in parts)
         return out
 
     def _cat_forwards(self, parts: Sequence[Routes]) -> None:
@@ -836,6 +840,12 @@ class Routes:
         #: rows are in that order, whatever it is: a replay of them is not refused for routers that see the tokens
         #: sequence-first
         obj._order_untold = False
+        #: set by Session.routes() only, where the capture told its tokens' order (``_token_rank``), and kept by
+        #: the methods that keep its rows in the order the routers saw them (a run of rows, routes joined from such
+        #: routes, other routers): a replay of them without token ids is not refused for routers that see the tokens
+        #: sequence-first. Rows picked by a list, a mask or a step may stand in another order, their rank with them
+        #: (sequences swapped by a batch-major index): such routes are refused there unless given their token ids
+        obj._routers_order = False
         obj._rows_moved = None
         #: set by Session.routes() only: the type of a KV cache given to a forward again after another was given
         #: in between (the forwards of two decode loops interleaved: split_generation refuses them), or None
@@ -1445,7 +1455,7 @@ def in_token_order(routes: Routes, what: str) -> Routes:
     order = torch.argsort(rank, stable=True)
     out = Routes._trusted([d[order] for d in routes._data], routes.names, routes.experts_per_layer, routes._validated)
     out._same_forwards(routes)
-    out._token_rank, out._order_untold = None, False
+    out._token_rank, out._order_untold, out._routers_order = None, False, False
     if routes._token_ids is not None:
         out._token_ids = routes._token_ids[order]
     if routes._fed_mask is not None and routes._fed_mask.numel() == order.numel():

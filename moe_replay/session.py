@@ -1584,6 +1584,7 @@ class Session:
                 rank = self._feeds.ranks(routes._call_rows, routes.num_tokens)
                 routes._token_rank = None if rank is None else _out_of_order(rank)
             routes._order_untold = self._feeds.untold and routes._token_rank is None
+            routes._routers_order = routes._token_rank is not None
             routes._rows_moved = self._feeds.moved or self._feeds.rolled_back  # (tokens taken out of a cache too)
             routes._caches_interleaved = self._feeds.interleaved
         if self.keep_newest:  # a ring that wrapped holds its newest rows only
@@ -1842,7 +1843,7 @@ class Session:
         if model is None or not held:
             return None, None
         if routes._token_ids is None:
-            if routes._token_rank is not None or routes._order_untold:  # (a capture's rows: in the routers' order)
+            if routes._routers_order or routes._order_untold:  # (a capture's rows: in the routers' order)
                 return None, None
             order = OrderCheck(hint=_GENERATE_HINT if generated else "")
             return order, order.start(self._feed_wrappers, held)

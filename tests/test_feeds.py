@@ -1391,6 +1391,42 @@ def test_routes_without_ids_refused_on_routers_that_see_the_batch_sequence_first
     assert_untouched(model, before)
 
 
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["picked", "run", "joined"])
+def test_a_sequence_first_captures_rows_put_in_another_order_without_ids_are_not_forced_on_other_tokens(
+    how: str,
+) -> None:
+    """Once silent: a sequence-first capture's rows, their ids dropped, kept their tokens' order through a pick by a
+    list (the sequences swapped by a batch-major index, which the rows do not follow), so a replay of them took them
+    for rows in the order the routers see the batch and forced other tokens' experts on the swapped batch. Either
+    refused, or every token gets its own recorded experts (as a capture of that batch records them); a run of the
+    capture's rows and routes joined from such runs keep replaying in the routers' order."""
+    model = _SequenceFirst().eval()
+    ids = _batch(rows=2, width=4)
+    fed = ids.flip(0) if how == "picked" else ids
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(ids)
+        routes = session.routes().with_token_ids(None)
+        with session.capture():
+            model(fed)
+        native = session.routes()
+        if how == "picked":  # (the sequences swapped as if the rows were laid out sequence by sequence)
+            routes = routes[torch.arange(ids.numel()).view(ids.shape).flip(0).reshape(-1)]
+        elif how == "run":
+            routes = routes[0:]
+        else:
+            routes = mr.Routes.cat([routes[:4], routes[4:]])
+        assert routes._token_rank is not None
+        try:
+            with session.capture(), session.replay(routes):
+                model(fed)
+        except mr.TokenMismatchError:
+            assert how == "picked"
+            return
+        assert session.routes().equal(native)
+
+
 class _EmbedsSequenceFirst(_SequenceFirst):
     """:class:`_SequenceFirst` fed ids or embeddings."""
 
