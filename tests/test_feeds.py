@@ -8,6 +8,7 @@ import gc
 import pickle
 import threading
 import weakref
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1392,18 +1393,19 @@ def test_routes_without_ids_refused_on_routers_that_see_the_batch_sequence_first
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("how", ["picked", "run", "joined"])
+@pytest.mark.parametrize("how", ["picked", "picked, saved", "run", "joined", "saved"])
 def test_a_sequence_first_captures_rows_put_in_another_order_without_ids_are_not_forced_on_other_tokens(
-    how: str,
+    how: str, tmp_path: Path
 ) -> None:
     """Once silent: a sequence-first capture's rows, their ids dropped, kept their tokens' order through a pick by a
     list (the sequences swapped by a batch-major index, which the rows do not follow), so a replay of them took them
     for rows in the order the routers see the batch and forced other tokens' experts on the swapped batch. Either
     refused, or every token gets its own recorded experts (as a capture of that batch records them); a run of the
-    capture's rows and routes joined from such runs keep replaying in the routers' order."""
+    capture's rows, routes joined from such runs and the capture saved and loaded keep replaying in the routers'
+    order."""
     model = _SequenceFirst().eval()
     ids = _batch(rows=2, width=4)
-    fed = ids.flip(0) if how == "picked" else ids
+    fed = ids.flip(0) if how.startswith("picked") else ids
     with mr.attach(model) as session, torch.no_grad():
         with session.capture():
             model(ids)
@@ -1411,18 +1413,21 @@ def test_a_sequence_first_captures_rows_put_in_another_order_without_ids_are_not
         with session.capture():
             model(fed)
         native = session.routes()
-        if how == "picked":  # (the sequences swapped as if the rows were laid out sequence by sequence)
+        if how.startswith("picked"):  # (the sequences swapped as if the rows were laid out sequence by sequence)
             routes = routes[torch.arange(ids.numel()).view(ids.shape).flip(0).reshape(-1)]
         elif how == "run":
             routes = routes[0:]
-        else:
+        elif how == "joined":
             routes = mr.Routes.cat([routes[:4], routes[4:]])
+        if how.endswith("saved"):
+            routes.save(tmp_path / "routes.npz")
+            routes = mr.Routes.load(tmp_path / "routes.npz")
         assert routes._token_rank is not None
         try:
             with session.capture(), session.replay(routes):
                 model(fed)
         except mr.TokenMismatchError:
-            assert how == "picked"
+            assert how.startswith("picked")
             return
         assert session.routes().equal(native)
 
