@@ -877,7 +877,6 @@ class Routes:
             "dropped_rows": int(self._dropped_rows),
             # (rows in the order the routers saw the tokens: a replay without ids is not refused for them)
             "routers_order": self._routers_order or None,
-            "order_untold": self._order_untold or None,
         }
         if not any(v for v in known.values()):
             return None
@@ -1339,7 +1338,6 @@ def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) 
     routes._rows_picked = text(forwards.get("rows_picked"), "rows picked")
     routes._dropped_rows = dropped
     routes._routers_order = forwards.get("routers_order") is True
-    routes._order_untold = forwards.get("order_untold") is True
 
 
 def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
