@@ -106,6 +106,10 @@ BATCH_MAJOR = "batch-major"
 SEQUENCE_FIRST = "sequence-first"
 #: neither: the routers' rows do not follow the tokens one to one in either order (told once, not checked)
 OTHER_ORDER = "other"
+#: not told (a forward given a cache that holds tokens, one across processes, one of no other token to change to):
+#: its ids are read as batch-major, and the rows of a forward fed embeddings are in the routers' order, whatever it is
+#: (``Routes._order_untold``)
+UNTOLD = "untold"
 
 _SEQUENCE_FIRST_HINT = (
     "This model's routers see the tokens of a [batch, positions] forward sequence-first (position 0 of every "
@@ -252,8 +256,8 @@ class FeedRecord:
             self._fresh.append(("", None))
         if order == SEQUENCE_FIRST:
             self.sequence_first = True
-        elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1:
-            self.untold = True
+        elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and order != BATCH_MAJOR:
+            self.untold = True  # (embeddings whose order was not told, or told as neither)
         if self._keep_inputs:
             self._keep(count, ids, fed, kwargs, order)
         if self._rollback is not None:  # (a forward after tokens were taken out of a cache: its rows follow theirs)
@@ -437,8 +441,8 @@ class FeedRecord:
         else:
             mask = None
         forward = _Forward(count, kept, mask, -1 if self.calls_made is None else self.calls_made())
-        if order == SEQUENCE_FIRST and ids is not None and ids.dim() == 2:
-            forward.shape = (int(ids.shape[0]), int(ids.shape[1]))
+        if order == SEQUENCE_FIRST and fed is not None:  # (ids or embeddings: each row's place in the tokens' order)
+            forward.shape = (int(fed[0]), int(fed[1]))
         self.forwards.append(forward)
 
     def _watch(self, cache: Any, names: tuple[str, ...]) -> None:
@@ -1148,6 +1152,22 @@ def _holds_state(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return False
 
 
+def _without_empty_caches(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """``kwargs`` with a KV cache that holds no token yet (a prompt's, as ``generate()`` gives its first forward) left
+    out: what the forward computes before its first router is the same without it, and a token-order run fills no
+    cache the forward itself is given. None where it holds one that holds tokens or cannot say (its tokens come
+    before these: runs without them would see other rows)."""
+    out = dict(kwargs)
+    for name in _CACHE_NAMES:
+        value = out.get(name)
+        if value is None or isinstance(value, torch.Tensor | list | tuple) or type(value) in _PLAIN:
+            continue
+        if _count_now(value) != 0:
+            return None
+        del out[name]
+    return out
+
+
 def token_order(
     run: Callable[[tuple[Any, ...], dict[str, Any]], Any],
     scopes: Sequence[nn.Module],
@@ -1184,34 +1204,41 @@ def token_order(
     forward itself, run with them, is checked against: :func:`_order_check`).
     """
     _, ids, _ = _inputs(args, kwargs)
-    if ids is None or ids.dim() != 2 or min(ids.shape) < 2 or not scopes:
+    # (a forward fed embeddings: one token's embedding changed to another token's tells the order as an id does)
+    embeds = kwargs.get("inputs_embeds") if ids is None else None
+    grid = ids if ids is not None else embeds
+    if not isinstance(grid, torch.Tensor) or grid.dim() != (2 if ids is not None else 3) or not scopes:
+        return None
+    if min(grid.shape[:2]) < 2:
         return None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return None
-    rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
-    if _holds_state(args[1:] if "input_ids" not in kwargs else args, rest):
+    key = "inputs_embeds" if ids is None else ("input_ids" if "input_ids" in kwargs else None)  # (None: by position)
+    rest = _without_empty_caches({k: v for k, v in kwargs.items() if k != key})
+    if rest is None or _holds_state(args[1:] if key is None else args, rest):
         return None
-    batch, positions = ids.shape
+    batch, positions = int(grid.shape[0]), int(grid.shape[1])
     at = _last_token(kwargs.get("attention_mask"), batch, positions)
     if at is None:  # (sequence 0 holds fewer than two tokens: its own row and another's are not told apart)
         return None
-    others = ids[ids != ids[0, at]]
-    if not others.numel():  # (every token the same: no other id known to be one of the model's)
+    flat = grid.detach().reshape(batch * positions, -1)
+    other = (flat != flat[at]).any(dim=-1).nonzero().flatten()
+    if not other.numel():  # (every token the same: no other id or embedding known to be one of the model's)
         return None
-    changed = ids.clone()
-    changed[0, at] = others[0]
+    changed = grid.detach().clone()
+    changed.view(batch * positions, -1)[at] = flat[int(other[0])]
 
     def fed(x: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        if "input_ids" in kwargs:
-            return args, {**kwargs, "input_ids": x}
-        return (x, *args[1:]), kwargs
+        if key is not None:
+            return args, {**rest, key: x}
+        return (x, *args[1:]), rest
 
-    devices = [ids.device] if ids.device.type == "cuda" else []
+    devices = [grid.device] if grid.device.type == "cuda" else []
     kept = _Snapshot(module) if module is not None else None
     # (the hooks of the model's modules first set aside, as in a decision's probe runs: a hook that collects
     # activations sees the one forward; where the runs fail without them, they run with them)
     for aside in (True, False) if kept is not None else (False,):
-        rows = _order_rows(run, fed, (ids, changed), devices, kept, aside, path)
+        rows = _order_rows(run, fed, (grid, changed), devices, kept, aside, path)
         if rows is not None:
             if aside and seen is not None:
                 seen.append(rows[0])
@@ -1219,7 +1246,7 @@ def token_order(
     else:
         return OTHER_ORDER
     first, second = rows
-    if first is None or second is None or first.shape != second.shape or first.shape[0] != ids.numel():
+    if first is None or second is None or first.shape != second.shape or first.shape[0] != batch * positions:
         return OTHER_ORDER
     moved = set((first != second).any(dim=-1).nonzero().flatten().tolist())
     # (the changed token's own row changes, and only rows of its sequence: told apart as at >= 1 and batch >= 2)
@@ -1652,11 +1679,13 @@ class FeedForward:
         order = self.order
         if order is not None and all(r in self._checked for r in entered):
             return order
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if type(ids) is torch.Tensor and ids.dim() == 2 and (ids.shape[1] < 2 or ids.shape[0] < 2):
+        shape = _inputs(args, kwargs)[2]
+        if shape is not None and min(int(shape[0]), int(shape[1])) < 2:
             return BATCH_MAJOR  # (one token per sequence, a decode step, or one sequence: every order is the same)
-        if self.paired or not any(_wants_ids(r) for r in entered):
+        if self.paired:
             return BATCH_MAJOR
+        if not any(_wants_ids(r) for r in entered):
+            return UNTOLD  # (no record here reads it)
         runs = (type(self.module).forward, _Same(self.before))
         # (found before in this session, or by an earlier one on this model, running the same forward to the same
         # scopes through modules as they were then: a switched flag, a swapped layer, a hook added tell it again)
@@ -1675,19 +1704,19 @@ class FeedForward:
             # (the router scope it stopped at ran none of its own code: compared as a scope)
             way = [m for m in path if all(m is not s for s in self.scopes)]
             f = _Found(found, self.scopes, runs, [self.module, *way])
-            fed = _inputs(args, kwargs)[1]
+            fed = _inputs(args, kwargs)[2]
             if seen and seen[0] is not None and fed is not None and found != OTHER_ORDER and _hooked(way):
                 # told with the hooks of the modules on the way set aside: the forward itself, run with them, is
                 # checked at its first router (:func:`_order_check`), and the order kept for later blocks once it
                 # passed (till then the first forward of each block tells it again)
                 self.order, self._found = found, None
                 self._checked.update(entered)
-                shape = (int(fed.shape[0]), int(fed.shape[1]))
-                self._verify = _order_check(seen[0], found, shape, lambda: self._keep(f))
+                grid = (int(fed[0]), int(fed[1]))
+                self._verify = _order_check(seen[0], found, grid, lambda: self._keep(f))
                 return found
             self._adopt(f, entered)
             self._keep(f)
-        return found or BATCH_MAJOR
+        return found or UNTOLD
 
     def _keep(self, found: _Found) -> None:
         """Keep ``found``, told at the forward running now, for this level's later blocks and later sessions (settled

@@ -1444,20 +1444,104 @@ class _EmbedsSequenceFirst(_SequenceFirst):
         return self.head(x.transpose(0, 1))
 
 
+class _Held:
+    """A KV cache as far as the order of the tokens goes: it counts the tokens the forwards given it put in."""
+
+    def __init__(self, held: int = 0) -> None:
+        self.held = held
+
+    def get_seq_length(self) -> int:
+        return self.held
+
+
+class _CachedLayout(_EmbedsSequenceFirst):
+    """:class:`_EmbedsSequenceFirst` given a KV cache (its tokens come before those fed, and change no row here), its
+    blocks run sequence-first or, ``sequence_first=False``, batch-major."""
+
+    def __init__(self, sequence_first: bool = True) -> None:
+        super().__init__()
+        self.sequence_first = sequence_first
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: _Held | None = None,
+    ) -> torch.Tensor:
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if past_key_values is not None:
+            past_key_values.held += x.shape[1]
+        x = x.transpose(0, 1) if self.sequence_first else x
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.transpose(0, 1) if self.sequence_first else x)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("sequence_first", [True, False], ids=["sequence-first", "batch-major"])
+@pytest.mark.parametrize("feed", ["embeddings", "embeddings after ids", "ids, empty cache", "embeddings, empty cache"])
+def test_the_order_routers_see_a_batch_in_is_told_for_embeddings_and_for_a_prompt_given_an_empty_cache(
+    feed: str, sequence_first: bool
+) -> None:
+    """Once silent: the order in which the routers see a [2, 4] batch was told from its ids alone, in a forward given
+    no cache. A forward fed embeddings after a forward that told it sequence-first kept no place per row (its rows
+    were laid out batch-major, each sequence getting the other's rows, and a replay of its own capture was refused);
+    one given an empty cache (a prompt's, as generate() gives it) was read batch-major, ids and all. The order is now
+    told by changing one token's embedding as one token's id, and with the empty cache left out of the runs that
+    tell it (which fill no cache the forward is given): each sequence gets the rows a capture of it alone records,
+    on routers that see the batch either way, and the capture replays exactly."""
+    from tests.conftest import assert_untouched, snapshot
+
+    model = _CachedLayout(sequence_first).eval()
+    before = snapshot(model)
+    ids = _batch(rows=2, width=4)
+    cache = _Held() if "cache" in feed else None
+
+    def forward() -> torch.Tensor:
+        if feed.startswith("embeddings"):
+            return model(inputs_embeds=model.embed(ids), past_key_values=cache)
+        return model(ids, past_key_values=cache)
+
+    with mr.attach(model) as session, torch.no_grad():
+        alone = []
+        for row in ids:  # (one sequence: no order to tell)
+            with session.capture():
+                model(row[None])
+            alone.append(session.routes())
+        if feed == "embeddings after ids":
+            with session.capture():
+                model(ids)
+        with session.capture():
+            out = forward()
+        routes = session.routes()
+        assert cache is None or cache.held == 4  # (given to the forward once)
+        for got, want, row in zip(mr.BatchLayout.padded([4, 4]).unpack(routes), alone, ids, strict=True):
+            assert got.equal(want)
+            assert feed.startswith("embeddings") or torch.equal(got.token_ids, row)
+        if cache is not None:
+            cache.held = 0
+        with session.capture(), session.replay(routes):
+            replayed = forward()
+        assert session.routes().equal(routes) and torch.equal(replayed, out)
+    assert_untouched(model, before)
+    tried(2)
+
+
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", ["ids dropped", "fed embeddings", "batch-major model", "one sequence"])
 def test_routes_without_ids_in_the_order_the_routers_saw_the_tokens_keep_replaying(case: str) -> None:
     """Routes without token ids that are in the order the routers see the batch replay as before: a sequence-first
     capture's with its ids dropped, a capture of forwards fed embeddings (whose order is not told), an engine's
-    sequence-by-sequence routes on routers that see the batch batch-major, and one sequence in any order."""
-    model = _Layout() if case == "batch-major model" else _EmbedsSequenceFirst().eval()
+    sequence-by-sequence routes on routers that see the batch batch-major, and one sequence in any order. (Fed
+    embeddings with a cache that held tokens: their order is not told.)"""
+    model = _Layout() if case == "batch-major model" else _CachedLayout().eval()
     ids = _batch(rows=1 if case == "one sequence" else 2, width=4)
     with mr.attach(model) as session, torch.no_grad():
         if case == "fed embeddings":
             with session.capture():
-                model(inputs_embeds=model.embed(ids))
+                model(inputs_embeds=model.embed(ids), past_key_values=_Held(1))
             routes = session.routes()
-            assert routes._token_ids is None and routes._token_rank is None
+            assert routes._token_ids is None and routes._token_rank is None and routes._order_untold
         elif case == "batch-major model":
             parts = []
             for row in ids:
@@ -1482,13 +1566,14 @@ def test_routes_of_an_embeddings_capture_keep_replaying_once_sliced_joined_saved
     """Once a false refusal: routes of a capture fed embeddings (their rows in the order the routers saw the tokens,
     which no one told) lost that mark when sliced, picked, joined, saved or split, and a replay of them with ids on
     routers that see a [2, 4] batch sequence-first was refused. Whole forwards, in their order, replay exactly as a
-    capture of the same forwards records them; rows cut through a forward or put out of order are refused."""
-    model = _EmbedsSequenceFirst().eval()
+    capture of the same forwards records them; rows cut through a forward or put out of order are refused. (Fed with a
+    cache that held tokens: no order told.)"""
+    model = _CachedLayout().eval()
     first, second = _batch(rows=2, width=4), _batch(seed=1, rows=2, width=4)
     with mr.attach(model) as session, torch.no_grad():
         with session.capture():
-            for ids in (first, second):
-                model(inputs_embeds=model.embed(ids))
+            for ids in (first, second):  # (given a cache that holds tokens: the order is not told)
+                model(inputs_embeds=model.embed(ids), past_key_values=_Held(1))
         routes = session.routes()
         assert routes._order_untold and routes._token_ids is None
         with session.capture():
