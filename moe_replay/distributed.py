@@ -167,7 +167,8 @@ def _known(routes: Routes) -> list[int]:
     ids are known (-1: none) and those ids; likewise the prompt-mask values, and each row's place
     in the order of the tokens (rows of routers that saw the tokens sequence-first); last, 1
     where the rows are in the order their routers saw the tokens of forwards fed embeddings,
-    not told (``Routes._order_untold``), else 0.
+    not told (``Routes._order_untold``), plus 2 where they are a capture's rows in the order its
+    routers saw the tokens, which it told (``Routes._routers_order``).
     """
     calls = routes._call_rows
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
@@ -176,7 +177,7 @@ def _known(routes: Routes) -> list[int]:
         out += [len(encoded), *encoded]
     for fed in (routes._token_ids, routes._fed_mask, routes._token_rank):
         out += [-1] if fed is None else [fed.numel(), *fed.tolist()]
-    return [*out, int(routes._order_untold)]
+    return [*out, int(routes._order_untold) | 2 * int(routes._routers_order)]
 
 
 def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
@@ -197,7 +198,7 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         fed.append(torch.tensor(list(known[at : at + n]), dtype=dtype) if n >= 0 else None)
         at += max(n, 0)
     routes._token_ids, routes._fed_mask, routes._token_rank = fed
-    routes._order_untold = bool(known[at])
+    routes._order_untold, routes._routers_order = bool(int(known[at]) & 1), bool(int(known[at]) & 2)
     routes._dropped_rows = int(dropped)
     return routes
 

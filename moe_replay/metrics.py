@@ -303,6 +303,8 @@ def _in_one_order(a: Routes, b: Routes) -> tuple[Routes, Routes]:
     rows are the same tokens cannot be told, and that is refused.
     """
     ra, rb = a._token_rank, b._token_rank
+    if a._order_untold != b._order_untold:  # (rows in an order no one told, met with rows in another)
+        in_token_order(a if a._order_untold else b, f"compare(): {'a' if a._order_untold else 'b'}")  # (refused)
     if (ra is None and rb is None) or (ra is not None and rb is not None and torch.equal(ra, rb)):
         return a, b
     if a.token_ids is None or b.token_ids is None:
@@ -381,7 +383,8 @@ def compare(
             :attr:`~moe_replay.Routes.token_ids` and they differ), or hold rows that are no
             decision (built with ``validate=False``: a row mixing -1 with experts, or
             repeating an expert), or one holds rows recorded sequence-first, the other rows in
-            another order, and not both know their token ids.
+            another order, and not both know their token ids, or one holds rows of forwards fed
+            embeddings whose order the capture could not tell and the other does not.
         ArgumentTypeError, InvalidArgumentError: ``names`` is not a list of distinct
             router names, or is empty.
 

@@ -457,18 +457,60 @@ class Routes:
         """int64 tensor ``[T, L, k]``; -1 rows are unrecorded tokens.
 
         Raises ``ValueError`` when routers differ in T or k; use :meth:`per_layer` then.
+
+        Rows are in the order the routers saw the tokens: for a capture of routers that see a
+        ``[batch, positions]`` batch sequence-first (layers that run ``[positions, batch, hidden]``),
+        position 0 of every sequence first, then position 1..., not sequence by sequence;
+        :meth:`in_token_order` gives them in the order of their tokens.
         """
         self.num_tokens, self.top_k  # noqa: B018 - raise early with a clear message
         if not self._data:
             return torch.empty(0, 0, 0, dtype=torch.long)
         return torch.stack([d.long() for d in self._data], dim=1)
 
+    def in_token_order(self) -> Routes:
+        """These routes with their rows in the order of their tokens, sequence by sequence.
+
+        A capture of routers that see a ``[batch, positions]`` batch sequence-first (layers that
+        run ``[positions, batch, hidden]``, as fairseq's and Megatron's) holds each forward's rows
+        position by position, as :meth:`to_numpy`, :attr:`indices` and :meth:`layer` give them;
+        here they are put sequence by sequence (each forward's among its own, with their
+        :attr:`token_ids`), the order :class:`~moe_replay.BatchLayout` and the engine formats
+        lay rows out in. Routes already in that order are returned as they are. The result is
+        no longer in the routers' order: replay the routes as captured.
+
+        Raises:
+            RoutesValidationError: rows whose tokens' order the capture could not tell (rows
+                recorded sequence-first by forwards that did not line up with the rows, a
+                ``keep_newest`` ring that wrapped; forwards fed embeddings given a KV cache that
+                held tokens, or across processes).
+
+        Example:
+            >>> import torch, moe_replay as mr
+            >>> r = mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["layers.0.gate"], num_experts=4)
+            >>> r.in_token_order().layer("layers.0.gate").tolist()  # (built in token order: as it is)
+            [[0, 1], [2, 3]]
+        """
+        return in_token_order(self, "Routes.in_token_order()")
+
     def per_layer(self) -> tuple[torch.Tensor, ...]:
-        """One int64 tensor ``[T_l, k_l]`` per router, in router order."""
+        """One int64 tensor ``[T_l, k_l]`` per router, in router order.
+
+        Rows are in the order the routers saw the tokens: for a capture of routers that see a
+        ``[batch, positions]`` batch sequence-first (layers that run ``[positions, batch, hidden]``),
+        position 0 of every sequence first, then position 1..., not sequence by sequence;
+        :meth:`in_token_order` gives them in the order of their tokens.
+        """
         return tuple(d.long() for d in self._data)
 
     def layer(self, name: str) -> torch.Tensor:
-        """The int64 ``[T, k]`` routes of one router, by module path."""
+        """The int64 ``[T, k]`` routes of one router, by module path.
+
+        Rows are in the order the routers saw the tokens: for a capture of routers that see a
+        ``[batch, positions]`` batch sequence-first (layers that run ``[positions, batch, hidden]``),
+        position 0 of every sequence first, then position 1..., not sequence by sequence;
+        :meth:`in_token_order` gives them in the order of their tokens.
+        """
         try:
             return self._data[self._names.index(name)].long()
         except ValueError:
@@ -551,6 +593,11 @@ class Routes:
 
         ``dtype`` converts the array; a dtype that cannot hold every value exactly (uint8
         and -1 rows, int8 and 200 experts) is refused rather than wrapped around.
+
+        Rows are in the order the routers saw the tokens: for a capture of routers that see a
+        ``[batch, positions]`` batch sequence-first (layers that run ``[positions, batch, hidden]``),
+        position 0 of every sequence first, then position 1..., not sequence by sequence;
+        :meth:`in_token_order` gives them in the order of their tokens.
         """
         if dtype is not None:
             try:
@@ -1441,9 +1488,21 @@ def in_token_order(routes: Routes, what: str) -> Routes:
 
     Raises:
         RoutesValidationError: rows of routers that saw their tokens sequence-first whose tokens' order the capture
-            could not tell (forwards that did not line up with the rows, a ``keep_newest`` ring that wrapped).
+            could not tell (forwards that did not line up with the rows, a ``keep_newest`` ring that wrapped), or
+            rows of forwards fed embeddings whose order the capture could not tell (``Routes._order_untold``).
     """
     rank = routes._token_rank
+    if rank is None and routes._order_untold:
+        raise RoutesValidationError(
+            f"{what}: these {routes.num_tokens} rows were recorded from forwards fed embeddings of several sequences "
+            "of several positions (inputs_embeds) whose order the routers saw them in the capture could not tell (a "
+            "forward given a KV cache that already held tokens, forwards across processes, a batch of one embedding "
+            "repeated): its rows are in the routers' order, which may be position 0 of every sequence first "
+            "(layers that run [positions, batch, hidden]), so they cannot be laid out sequence by sequence. Capture "
+            "the batch fed input_ids, or fed embeddings in one process with no cache holding tokens (the order is "
+            "then told), or build mr.Routes of rows you laid out in token order yourself; a replay of these routes "
+            "on the forwards they were captured from needs no layout"
+        )
     if rank is None:
         return routes
     if bool((rank < 0).any()):

@@ -1022,3 +1022,67 @@ def test_rows_in_the_untold_order_of_their_routers_keep_it_where_their_router_ca
         with pytest.raises(mr.RoutesValidationError, match="corrupted"):
             mr.Routes.load(tmp_path / "bad.npz")
     tried(len(kept) + len(dropped) + 9)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("sequence_first", [True, False], ids=["sequence-first", "batch-major"])
+def test_rows_whose_order_the_capture_could_not_tell_replay_but_are_not_laid_out_by_token(sequence_first: bool) -> None:
+    """Once silent: a [2, 4] batch fed as embeddings with a KV cache that already held tokens (a second chunk of a
+    prompt) is a forward whose token order the capture cannot tell (runs without the cache would see other rows), and
+    its rows, in the order the routers saw them, were laid out and compared sequence by sequence: on routers that
+    see the batch sequence-first, each sequence got the other's rows. They still replay exactly on the forward they
+    were captured from, but whatever reads them in token order (the batch layouts, split_generation, compare with
+    rows in token order, an engine format) refuses them, saying to feed the ids."""
+    from tests.test_feeds import _batch, _CachedLayout, _Held
+
+    model = _CachedLayout(sequence_first).eval()
+    ids = _batch(rows=2, width=4)
+    embeds = model.embed(ids).detach()
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            out = model(inputs_embeds=embeds, past_key_values=_Held(3))
+        routes = session.routes()
+        with session.capture(), session.replay(routes):
+            replayed = model(inputs_embeds=embeds, past_key_values=_Held(3))
+        assert session.routes().equal(routes) and torch.equal(replayed, out)
+        alone = []
+        for row in embeds:  # (each sequence alone, fed the same way: the rows it must get)
+            with session.capture():
+                model(inputs_embeds=row[None], past_key_values=_Held(3))
+            alone.append(session.routes())
+    batch_major = mr.Routes.cat(alone)  # (the rows in token order, as an engine or a layout holds them)
+    assert batch_major.equal(routes) is not sequence_first  # (read sequence by sequence: others' rows)
+    uses: dict[str, Callable[[], object]] = {
+        "BatchLayout.unpack": lambda: mr.BatchLayout.padded([4, 4]).unpack(routes),
+        "split_generation": lambda: mr.split_generation(routes, batch_size=2, prompt_len=4),
+        "compare": lambda: mr.compare(routes, batch_major),
+        "to_megatron": lambda: mr.interop.to_megatron(routes, batch_size=2),
+    }
+    for use in uses.values():
+        with pytest.raises(mr.RoutesValidationError, match="could not tell.*input_ids"):
+            use()
+    tried(len(uses) + 1)
+
+
+@pytest.mark.reliability("round trips")
+def test_the_rows_of_a_sequence_first_capture_are_read_in_token_order_through_a_public_method(tmp_path) -> None:
+    """to_numpy(), indices and layer() give rows in the order the routers saw them: position 0 of every sequence first
+    for routers that see the batch sequence-first. Routes.in_token_order() gives them sequence by sequence, each row
+    with its own token's id, as captures of each sequence alone record them (saved and loaded too); routes already
+    in that order come back as they are; rows whose order is not known are refused."""
+    from tests.test_batch import _sequence_first_captures
+
+    captured, alone, ids = _sequence_first_captures([4, 4])
+    batch_major = mr.Routes.cat(alone)
+    assert not np.array_equal(captured.to_numpy(), batch_major.to_numpy())  # (the routers' order)
+    captured.save(tmp_path / "r.npz")
+    for routes in (captured, mr.Routes.load(tmp_path / "r.npz")):
+        ordered = routes.in_token_order()
+        assert np.array_equal(ordered.to_numpy(), batch_major.to_numpy())
+        assert torch.equal(ordered.token_ids, ids.reshape(-1))
+    assert batch_major.in_token_order() is batch_major
+    unknown = mr.Routes.from_numpy(captured.to_numpy(), names=list(captured.names), num_experts=8)
+    unknown._token_rank = torch.full((8,), -1)  # (rows recorded sequence-first by forwards that did not line up)
+    with pytest.raises(mr.RoutesValidationError, match="Routes.in_token_order.*could not tell"):
+        unknown.in_token_order()
+    tried(4)
