@@ -1153,8 +1153,8 @@ def _holds_state(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 
 
 def _without_empty_caches(kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """``kwargs`` with a KV cache that holds no token yet (a prompt's, as ``generate()`` gives its first forward) left
-    out: what the forward computes before its first router is the same without it, and a token-order run fills no
+    """``kwargs`` with a KV cache that holds no token yet (a prompt's, as ``generate()`` gives its first forward) given
+    as None: what the forward computes before its first router is the same without it, and a token-order run fills no
     cache the forward itself is given. None where it holds one that holds tokens or cannot say (its tokens come
     before these: runs without them would see other rows)."""
     out = dict(kwargs)
@@ -1164,7 +1164,7 @@ def _without_empty_caches(kwargs: dict[str, Any]) -> dict[str, Any] | None:
             continue
         if _count_now(value) != 0:
             return None
-        del out[name]
+        out[name] = None
     return out
 
 
@@ -1217,6 +1217,7 @@ def token_order(
     rest = _without_empty_caches({k: v for k, v in kwargs.items() if k != key})
     if rest is None or _holds_state(args[1:] if key is None else args, rest):
         return None
+    emptied = any(rest[k] is not v for k, v in kwargs.items() if k in rest)  # (an empty cache given as None)
     batch, positions = int(grid.shape[0]), int(grid.shape[1])
     at = _last_token(kwargs.get("attention_mask"), batch, positions)
     if at is None:  # (sequence 0 holds fewer than two tokens: its own row and another's are not told apart)
@@ -1243,8 +1244,8 @@ def token_order(
             if aside and seen is not None:
                 seen.append(rows[0])
             break
-    else:
-        return OTHER_ORDER
+    else:  # (runs that fail without the cache the forward was given say nothing of the forward: not told)
+        return None if emptied else OTHER_ORDER
     first, second = rows
     if first is None or second is None or first.shape != second.shape or first.shape[0] != batch * positions:
         return OTHER_ORDER
