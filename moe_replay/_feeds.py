@@ -259,7 +259,7 @@ class FeedRecord:
         elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and order != BATCH_MAJOR:
             self.untold = True  # (embeddings whose order was not told, or told as neither)
         if self._keep_inputs:
-            self._keep(count, ids, fed, kwargs, order)
+            self._keep(count, ids, fed, kwargs, BATCH_MAJOR if order == UNTOLD else order)  # (read as before)
         if self._rollback is not None:  # (a forward after tokens were taken out of a cache: its rows follow theirs)
             self._follow()
         self._count += 1
