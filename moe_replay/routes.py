@@ -550,7 +550,8 @@ class Routes:
 
         Raises:
             RoutesValidationError: not one id per row, routers of different row counts, an id below -1, or
-                ``[batch, positions]`` ids for rows recorded sequence-first whose tokens the capture could not tell.
+                ``[batch, positions]`` ids for rows recorded sequence-first whose tokens the capture could not tell,
+                or for rows of forwards fed embeddings whose order the capture could not tell.
 
         Example:
             >>> import torch, moe_replay as mr
@@ -561,6 +562,13 @@ class Routes:
         ids = None if token_ids is None else _ids(token_ids, self, "with_token_ids()")
         rank = self._token_rank
         grid = token_ids.dim() > 1 if isinstance(token_ids, torch.Tensor) else np.ndim(cast(Any, token_ids)) > 1
+        if ids is not None and rank is None and grid and self._order_untold:
+            raise RoutesValidationError(
+                f"with_token_ids(): ids of shape {tuple(np.shape(cast(Any, token_ids)))} list the tokens sequence by "
+                "sequence, but these rows were recorded from forwards fed embeddings in the order their routers saw "
+                "them, which the capture could not tell (it may be position 0 of every sequence first); give one id "
+                "per row, in row order"
+            )
         if ids is not None and rank is not None and grid:
             # (a [batch, positions] grid lists the tokens sequence by sequence: rows recorded sequence-first hold
             # them position by position, so each row takes the id at its own token's place, not at its row's)

@@ -1061,7 +1061,10 @@ def test_rows_whose_order_the_capture_could_not_tell_replay_but_are_not_laid_out
     for use in uses.values():
         with pytest.raises(mr.RoutesValidationError, match="could not tell.*input_ids"):
             use()
-    tried(len(uses) + 1)
+    # (a [batch, positions] grid of ids lists the tokens sequence by sequence: it fits no row order that is not told)
+    with pytest.raises(mr.RoutesValidationError, match="could not tell.*give one id per row, in row order"):
+        routes.with_token_ids(ids)
+    tried(len(uses) + 2)
 
 
 @pytest.mark.reliability("round trips")
