@@ -1331,28 +1331,34 @@ def test_noise_from_a_generator_before_the_routers_leaves_the_token_order_told(w
 
 
 @pytest.mark.reliability("silent replays")
-def test_batch_major_routes_without_ids_are_not_forced_on_routers_that_see_the_batch_sequence_first() -> None:
+@pytest.mark.parametrize("fed", ["ids", "embeddings"])
+def test_batch_major_routes_without_ids_are_not_forced_on_routers_that_see_the_batch_sequence_first(fed: str) -> None:
     """An engine's per-sequence routes of a [2, 4] batch, joined sequence by sequence and read without their token
     ids, replayed on a model whose routers see the batch position by position: either refused, or every token gets
-    its own recorded experts (as a capture of the batch records them)."""
-    model = _SequenceFirst().eval()
+    its own recorded experts (as a capture of the batch records them). Once silent fed embeddings: the order of a
+    forward fed embeddings was not told, and the rows were forced on other tokens."""
+    model = _EmbedsSequenceFirst().eval()
     ids = _batch(rows=2, width=4)
+
+    def forward() -> torch.Tensor:
+        return model(ids) if fed == "ids" else model(inputs_embeds=model.embed(ids))
+
     with mr.attach(model) as session, torch.no_grad():
         alone = []
         for row in ids:  # (one sequence: no order to tell)
             with session.capture():
                 model(row[None])
             alone.append(session.routes())
-        with session.capture():
-            model(ids)
-        captured = session.routes()
         engine = mr.Routes.cat(alone).with_token_ids(None)
-        try:
+        try:  # (the model's first forward of two sequences: the order is told here)
             with session.capture(), session.replay(engine):
-                model(ids)
+                forward()
         except mr.MoEReplayError:
             return
-        assert session.routes().equal(captured)
+        forced = session.routes()
+        with session.capture():
+            model(ids)
+        assert forced.equal(session.routes())
 
 
 @pytest.mark.reliability("silent replays")
