@@ -1537,31 +1537,38 @@ def test_the_order_routers_see_a_batch_in_is_told_for_embeddings_and_for_a_promp
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="a forward fed ids given a KV cache that already holds tokens, before any forward told the order, is read "
-    "batch-major: on routers that see the batch sequence-first its rows get other tokens' ids, and are laid out and "
-    "checked in that order",
+    reason="a forward given a KV cache that already holds tokens, before any forward told the order, is read "
+    "batch-major: on routers that see the batch sequence-first the rows of one fed ids get other tokens' ids, and are "
+    "laid out and checked in that order; routes laid out batch-major are forced unchecked on one fed embeddings",
 )
-def test_ids_given_a_cache_that_holds_tokens_on_routers_that_see_the_batch_sequence_first_are_exact_or_refused() -> (
-    None
-):
-    """A [2, 4] batch fed ids with a cache that already holds tokens (a prompt's second chunk, a reused prefix), the
-    first forward of the model: runs without the cache would see other rows, so the order is not told. Laid out
-    sequence by sequence, each sequence gets the rows a capture of it alone records, and those rows laid out
-    batch-major replay as the batch's own capture records; or either is refused."""
+@pytest.mark.parametrize("fed", ["ids", "embeddings"])
+def test_a_batch_given_a_cache_that_holds_tokens_on_routers_that_see_it_sequence_first_is_exact_or_refused(
+    fed: str,
+) -> None:
+    """A [2, 4] batch fed ids (or embeddings) with a cache that already holds tokens (a prompt's second chunk, a
+    reused prefix), the first forward of the model: runs without the cache would see other rows, so the order is not
+    told. Laid out sequence by sequence, each sequence gets the rows a capture of it alone records, and those rows
+    laid out batch-major replay as the batch's own capture records; or either is refused."""
     model = _CachedLayout().eval()
     ids = _batch(rows=2, width=4)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if fed == "ids":
+            return model(x, past_key_values=_Held(3))
+        return model(inputs_embeds=model.embed(x), past_key_values=_Held(3))
+
     with mr.attach(model) as session, torch.no_grad():
         alone = []
         for row in ids:  # (one sequence: no order to tell)
             with session.capture():
-                model(row[None], past_key_values=_Held(3))
+                forward(row[None])
             alone.append(session.routes())
         with session.capture():
-            model(ids, past_key_values=_Held(3))
+            forward(ids)
         routes = session.routes()
         try:
             with session.capture(), session.replay(mr.Routes.cat(alone)):
-                model(ids, past_key_values=_Held(3))
+                forward(ids)
             forced: mr.Routes | None = session.routes()
         except mr.MoEReplayError:
             forced = None
