@@ -425,15 +425,28 @@ def _changed_slot(out: Any, slot: int, width: int) -> Any:
     return type(out)((values, idx))
 
 
+#: In a floating dtype of a narrow range (float16: its exponential overflows past 11), a moved value is moved by
+#: at most this much (see :func:`_changed_values`).
+_NARROW_MOVE = 2.0
+
+
 def _changed_values(out: Any) -> Any:
     """A ``(values, indices)`` result with its values moved (the best of a row and the k-th swap places, or
-    rows take each other's values), its indices kept; ``out`` itself where neither is possible."""
+    rows take each other's values), its indices kept; ``out`` itself where neither is possible.
+
+    In a dtype of a narrow range (float16), each value moves by at most :data:`_NARROW_MOVE` towards the one it takes:
+    logits shifted by another row's maximum, or by a row's least, would make exponentials overflow to infinity or
+    fall to subnormal numbers (a few bits of precision), changes of the scores that no mask made."""
     values, idx = out[0], out[1]
     if values.dim() and values.shape[-1] > 1 and values.dim() == idx.dim():
-        return type(out)((values.flip(-1), idx))
-    if values.dim() and values.shape[0] > 1:
-        return type(out)((values.roll(1, 0), idx))
-    return out
+        moved = values.flip(-1)
+    elif values.dim() and values.shape[0] > 1:
+        moved = values.roll(1, 0)
+    else:
+        return out
+    if values.is_floating_point() and torch.finfo(values.dtype).max < 1e6:
+        moved = values + (moved - values).clamp(-_NARROW_MOVE, _NARROW_MOVE)
+    return type(out)((moved, idx))
 
 
 def _lifted_values(family: str, out: Any) -> Any:
@@ -2073,6 +2086,7 @@ def _establish(
             _refuse_later_choice(name, probe, calls, seen, ev)
             _refuse_escapes(name, probe, calls, seen, ev, tolerance)
             _refuse_value_twins(name, probe, calls, seen, ev, base)
+            _refuse_shifted_ids(name, calls, seen, ev, base)
             return ev
 
         reach: dict[int, int] = {}  # output elements that changing each call changes
@@ -2296,6 +2310,7 @@ def _establish(
         _refuse_later_choice(name, probe, calls, seen, ev)
         _refuse_escapes(name, probe, calls, seen, ev, tolerance)
         _refuse_value_twins(name, probe, calls, seen, ev, base)
+        _refuse_shifted_ids(name, calls, seen, ev, base)
         return ev
     finally:
         probe.snapshot.restore()
@@ -2511,6 +2526,61 @@ def _refuse_value_twins(
         moved, _ = probe.run(peak=n, lift=True)
         if moves(moved):
             _refuse_twin(name, calls, ev, f"amax() over {width} at {where}")
+
+
+def _column_offset(x: torch.Tensor) -> int:
+    """Where along the last dimension of the rows it views ``x`` starts: 0 for a tensor of its own, ``j`` for a
+    slice ``scores[..., j:]`` of wider rows (read from its strides, not from the tensor it views)."""
+    if x.dim() < 2 or x.stride(-1) <= 0 or x.stride(-2) <= 0 or x.stride(-2) % x.stride(-1):
+        return 0
+    row = x.stride(-2) // x.stride(-1)  # the width of the rows it views, in elements
+    if row <= x.shape[-1]:
+        return 0
+    return (x.storage_offset() // x.stride(-1)) % row
+
+
+def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence, base: Any) -> None:
+    """Refuse a router whose decision chooses from a slice of its scores at an offset (``scores[..., 1:]`` past a
+    null expert) and which hands on the chosen positions shifted by a constant (``idx + 1``): the ids it returns.
+
+    What is recorded (and forced) are the decision's indices, positions in the slice; the experts the model uses
+    are those positions shifted. A replay would be exact, but the routes would name other experts than the model
+    uses: their loads and expert counts, and the routes handed to or taken from an inference engine (which counts
+    the model's expert ids), off by the shift, with no error. Where the router hands on the positions unchanged,
+    they are its expert ids, and it passes."""
+    if len(ev.decision) != 1:
+        return
+    d = calls[ev.decision[0]]
+    offset = _column_offset(seen.ins[d.ordinal])
+    if not offset:
+        return
+    try:
+        mine = _indices(seen.outs[d.ordinal], d.family, d.rows)[:, : ev.top_k].long()
+    except (RuntimeError, IndexError, TypeError):
+        return
+    for t in _leaves(base, []):
+        if (
+            not isinstance(t, torch.Tensor)
+            or t.is_floating_point()
+            or t.is_complex()
+            or t.dtype == torch.bool
+            or t.numel() != mine.numel()
+            or not t.numel()
+        ):
+            continue
+        shift = t.detach().reshape(mine.shape).long() - mine
+        c = int(shift.flatten()[0])
+        if c and bool((shift == c).all()):
+            raise _refuse(
+                name,
+                calls,
+                f"its decision ({d.describe()}) chooses from a slice of its scores that starts at column {offset} "
+                f"of {offset + d.width}, and it returns the chosen positions shifted by {c:+d}: what moe_replay "
+                "records and forces are positions in that slice, not the expert ids the model uses, so the routes' "
+                f"loads and expert counts and the routes exchanged with an inference engine would be off by {c:+d}",
+                "Take the top-k over all the scores with the excluded columns masked "
+                "(scores.masked_fill(excluded, float('-inf')).topk(k)), so that its indices are the experts' own ids",
+            )
 
 
 def _refuse_twin(name: str, calls: Sequence[Call], ev: Evidence, what: str) -> None:

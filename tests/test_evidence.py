@@ -735,12 +735,15 @@ class BestShareMaskRouter(GroupLimitedRouter):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"]
+)
 @pytest.mark.parametrize("router", ["threshold-group", "best-share", "best-relu", "before-softmax"])
 def test_a_mask_made_from_an_earlier_calls_values_stays_refused(router: str, dtype: torch.dtype) -> None:
     """The rounding that a stable softmax's shift or a rescale leaves (several percent in bfloat16) is not taken
     for a mask: a mask moves a score to 0 and leaves the others, no shift or scale of the row. Masks made from a
-    top-k's or a max's values stay refused in bfloat16, the model left as it was. Once silent: a mask before a
+    top-k's or a max's values stay refused in bfloat16 and float16 (where the values moved to probe them are kept
+    within what an exponential holds), the model left as it was. Once silent: a mask before a
     softmax (which moves every probability of a row, as a rescaling does) was taken for a rescaling; a row changed
     in full is now a mask unless it is the other shifted or scaled."""
     make = {

@@ -66,32 +66,40 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
 
 
 def assert_replay_is_forced_by_hand(
-    model: nn.Module, x: torch.Tensor, *, router_grads: bool | None = True, **attach: object
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    router_grads: bool | None = True,
+    change: float = 3.0,
+    loss: Callable[[torch.Tensor], torch.Tensor] = lambda out: out.square().sum(),
+    **attach: object,
 ) -> mr.Session:
     """Capture with gradients: the captured rows forced by hand (on a copy never attached) give the captured output.
     After the routers change (alike on both), a free forward gives another output than those rows forced by hand,
     and a replay gives the very output and gradients of the rows forced by hand. The same seed before the forwards
     compared, so that noise in training is drawn alike. ``router_grads``: the routers get a gradient (not where
     the combine weights are a one-hot, which has none; None: not checked, where the router module holds more than
-    the gate). ``attach``: options of :func:`moe_replay.attach`."""
+    the gate). ``change``: the scale of the noise added to the routers (see ``perturb``); ``loss``: what is
+    differentiated (of the model's output). ``attach``: options of
+    :func:`moe_replay.attach`."""
     ref = copy.deepcopy(model)
     with mr.attach(model, **attach) as session:
         torch.manual_seed(3)
         with session.capture():
             captured = model(x)
-        captured.square().sum().backward()
+        loss(captured).backward()
         routes = session.routes()
         rows = [routes.layer(name) for name in session.names]
         torch.manual_seed(3)
         with torch.no_grad(), _forced_by_hand(ref, rows):
             assert torch.equal(ref(x), captured.detach()), "the rows are not the experts used"
         model.zero_grad()
-        perturb(model)
-        perturb(ref)
+        perturb(model, change)
+        perturb(ref, change)
         torch.manual_seed(4)
         with _forced_by_hand(ref, rows):
             expected = ref(x)
-            expected.square().sum().backward()
+            loss(expected).backward()
         torch.manual_seed(4)
         with torch.no_grad():
             free = model(x)
@@ -99,7 +107,7 @@ def assert_replay_is_forced_by_hand(
         torch.manual_seed(4)
         with session.replay(routes):
             replayed = model(x)
-        replayed.square().sum().backward()
+        loss(replayed).backward()
         assert torch.equal(replayed.detach(), expected.detach())
         got, want = _grads(model), _grads(ref)
         assert got.keys() == want.keys()

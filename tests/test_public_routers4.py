@@ -18,7 +18,7 @@ from torch import nn
 
 import moe_replay as mr
 from tests.conftest import assert_untouched, snapshot
-from tests.test_evidence import D, E, Experts, RouterBlock, T, TwoLayers, dispatch
+from tests.test_evidence import D, E, Experts, RouterBlock, T, TwoLayers, dispatch, perturb
 from tests.test_public_routers2 import _Forced, _x, assert_replay_is_forced_by_hand
 
 
@@ -345,14 +345,15 @@ class StableSoftmaxGate(HyperlessGate):
     """A hand-written stable softmax before the top-k: the logits less their row's best, taken by ``how`` (its
     value only shifts what the softmax cancels); with ``rescale``, the probabilities then divided by their best
     (a scale that the renormalisation cancels); with ``mixtral``, no softmax before the choice: the top-k of the
-    shifted logits, then a softmax of its values (the shift cancels there)."""
+    shifted logits, then a softmax of its values (the shift cancels there). The logits are divided by
+    ``temperature``."""
 
-    def __init__(self, how: str, rescale: bool, mixtral: bool = False) -> None:
+    def __init__(self, how: str, rescale: bool, mixtral: bool = False, temperature: float = 1.0) -> None:
         super().__init__()
-        self.how, self.rescale, self.mixtral = how, rescale, mixtral
+        self.how, self.rescale, self.mixtral, self.temperature = how, rescale, mixtral, temperature
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.gate(x)
+        logits = self.gate(x) / self.temperature
         if self.how == "amax":
             logits = logits - logits.amax(-1, keepdim=True)
         elif self.how == "max":
@@ -470,6 +471,25 @@ def test_a_stable_softmax_maximum_is_not_taken_for_a_value_twin(how: str, dtype:
     assert_replay_is_forced_by_hand(model, _x().to(dtype), router_grads=True)
 
 
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["max", "amax", "sort", "sort-ascending"])
+@pytest.mark.parametrize("form", ["softmax", "rescale"])
+def test_a_stable_softmax_maximum_in_float16_is_replayed(how: str, form: str) -> None:
+    """The same in float16, on peaked scores (logits far apart, as a trained router makes): replayed exactly, as the
+    recorded experts forced by hand. Once falsely refused as a mask made from the maximum's values: the probe that
+    moves those values (another row's maximum, a row's least) pushed float16 exponentials past their range (to
+    infinity, or to subnormal numbers of a few bits), which moved the probabilities as no shift does; the values are
+    now moved within what an exponential holds (a mask made from them stays refused, see
+    ``test_a_mask_made_from_an_earlier_calls_values_stays_refused``). The loss is taken in float32 and the routers
+    changed a little for the replay, so that the forced experts' weights and gradients stay finite in float16."""
+    model = TwoLayers(lambda: RouterBlock(StableSoftmaxGate(how, form == "rescale"))).to(torch.float16)
+    perturb(model)  # (peaked scores)
+    x = _x().to(torch.float16)
+    assert_replay_is_forced_by_hand(
+        model, x, router_grads=True, change=0.5, loss=lambda out: out.float().square().mean()
+    )
+
+
 class ProbsRouter(_Forced):
     """A router that returns every expert's probability and the chosen experts (``argmax`` for one, ``topk`` for
     more), its block reading the weights."""
@@ -524,6 +544,87 @@ def test_weights_read_by_the_block_from_the_routers_probabilities_are_forced_or_
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(_x())
     assert_untouched(model, before)
+
+
+# ----------------------------------------------------------------------- a top-k over a slice of the scores
+class NullSliceRouter(_Forced):
+    """A gate that scores a null expert (column 0, no expert) beside the ``E`` true ones, its softmax over all, the
+    top-k of the true experts' probabilities, renormalised, by ``how``:
+
+    - ``slice``: over the slice ``probs[:, 1:]``, its positions handed on as the expert ids (0 to E - 1);
+    - ``slice+1``: the same, the positions shifted by one (``idx + 1``: ids 1 to E, 0 the null expert);
+    - ``masked``: over all the columns, the null one masked (``masked_fill`` with -inf): ids 1 to E.
+
+    Forced by hand: the recorded ids in the space the decision chooses from (a gather there)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.num_experts, self.top_k = how, E, 2
+        self.gate = nn.Linear(D, E + 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).softmax(-1)
+        if self.how == "masked":
+            scores = probs.masked_fill(torch.arange(E + 1) == 0, -math.inf)
+        else:
+            scores = probs[:, 1:]
+        if self.forced is None:
+            w, idx = scores.topk(self.top_k, dim=-1)
+        else:
+            idx = self.forced
+            w = scores.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx + 1 if self.how == "slice+1" else idx
+
+
+class NullSliceBlock(nn.Module):
+    """Its experts by the ids the router hands on: ``E`` of them, or ``E + 1`` where id 0 is the null expert (its
+    expert never used)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.router = NullSliceRouter(how)
+        self.experts = Experts(E if how == "slice" else E + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        return dispatch(self.experts, x, idx, w)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["slice", "slice+1", "masked"])
+def test_a_top_k_over_a_slice_of_the_scores_records_the_models_expert_ids_or_is_refused(how: str) -> None:
+    """Once silent (``slice+1``): a top-k over ``probs[:, 1:]`` past a null expert, its positions handed on as
+    ``idx + 1``, was recorded as the positions in the slice: the replay exact, but the routes named expert ``e``
+    where the model used ``e + 1`` (their loads, expert counts and the routes exchanged with an inference engine off
+    by one). Refused now, naming the slice and the shift, the model left as it was. The positions handed on as they
+    are, or the null column masked before a top-k over all: the routes are the ids the router returns, and a replay
+    is the recorded experts forced by hand."""
+    model = TwoLayers(lambda: NullSliceBlock(how))
+    if how == "slice+1":
+        before = snapshot(model)
+        with pytest.raises(
+            mr.UnsupportedRouterError, match="slice of its scores that starts at column 1 of 9.*by \\+1"
+        ):
+            with mr.attach(model) as session, torch.no_grad(), session.capture():
+                model(_x())
+        assert_untouched(model, before)
+        return
+    returned: list[torch.Tensor] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out: returned.append(out[1].clone()))
+        for m in model.modules()
+        if isinstance(m, NullSliceRouter)
+    ]
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(_x())
+    for h in handles:
+        h.remove()
+    routes = session.routes()
+    assert routes.num_experts == (E if how == "slice" else E + 1)
+    assert len(returned) == 2
+    for name, ids in zip(session.names, returned, strict=True):
+        assert torch.equal(routes.layer(name).long(), ids), name
+    assert_replay_is_forced_by_hand(TwoLayers(lambda: NullSliceBlock(how)), _x(), router_grads=True)
 
 
 # ----------------------------------------------------------------------- refused: no per-token choice in sight
