@@ -553,7 +553,9 @@ class NullSliceRouter(_Forced):
 
     - ``slice``: over the slice ``probs[:, 1:]``, its positions handed on as the expert ids (0 to E - 1);
     - ``slice+1``: the same, the positions shifted by one (``idx + 1``: ids 1 to E, 0 the null expert);
-    - ``masked``: over all the columns, the null one masked (``masked_fill`` with -inf): ids 1 to E.
+    - ``masked``: over all the columns, the null one masked (``masked_fill`` with -inf): ids 1 to E;
+    - ``softmax-slice+1``: the softmax taken over the logits' slice ``logits[:, 1:]`` (a tensor of its own, no view),
+      the positions shifted by one.
 
     Forced by hand: the recorded ids in the space the decision chooses from (a gather there)."""
 
@@ -563,9 +565,12 @@ class NullSliceRouter(_Forced):
         self.gate = nn.Linear(D, E + 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = self.gate(x).softmax(-1)
+        logits = self.gate(x)
+        probs = logits.softmax(-1)
         if self.how == "masked":
             scores = probs.masked_fill(torch.arange(E + 1) == 0, -math.inf)
+        elif self.how == "softmax-slice+1":
+            scores = logits[:, 1:].softmax(-1)
         else:
             scores = probs[:, 1:]
         if self.forced is None:
@@ -573,7 +578,7 @@ class NullSliceRouter(_Forced):
         else:
             idx = self.forced
             w = scores.gather(1, idx)
-        return w / w.sum(-1, keepdim=True), idx + 1 if self.how == "slice+1" else idx
+        return w / w.sum(-1, keepdim=True), idx + 1 if self.how.endswith("+1") else idx
 
 
 class NullSliceBlock(nn.Module):
@@ -625,6 +630,22 @@ def test_a_top_k_over_a_slice_of_the_scores_records_the_models_expert_ids_or_is_
     for name, ids in zip(session.names, returned, strict=True):
         assert torch.equal(routes.layer(name).long(), ids), name
     assert_replay_is_forced_by_hand(TwoLayers(lambda: NullSliceBlock(how)), _x(), router_grads=True)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: a top-k over scores made from a slice of the logits (a softmax over logits[:, 1:], a tensor "
+    "of its own, no view at an offset), its positions handed on shifted (idx + 1), is recorded as the positions: "
+    "the replay is exact, but the routes name expert e where the model used e + 1",
+)
+def test_a_top_k_over_scores_made_from_a_slice_with_shifted_ids_is_refused() -> None:
+    """As ``slice+1`` above, the slice taken of the logits before the softmax: exact ids or refused is the rule;
+    today the capture records positions in the slice, off by one from the ids the router returns."""
+    model = TwoLayers(lambda: NullSliceBlock("softmax-slice+1"))
+    with pytest.raises(mr.UnsupportedRouterError, match="slice of its scores"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(_x())
 
 
 # ----------------------------------------------------------------------- refused: no per-token choice in sight
