@@ -445,7 +445,8 @@ def _changed_values(out: Any) -> Any:
     else:
         return out
     if values.is_floating_point() and torch.finfo(values.dtype).max < 1e6:
-        moved = values + (moved - values).clamp(-_NARROW_MOVE, _NARROW_MOVE)
+        finite = values.isfinite() & moved.isfinite()  # (a masked row's -inf is moved as it was)
+        moved = torch.where(finite, values + (moved - values).clamp(-_NARROW_MOVE, _NARROW_MOVE), moved)
     return type(out)((moved, idx))
 
 
@@ -2255,19 +2256,41 @@ def _establish(
             a = seen.ins[slots[0]]
             b = moved.ins[slots[0]] if len(moved.ins) > slots[0] else None
             if b is not None and a.shape == b.shape and torch.equal(a, b):  # it does not touch the decision's scores
+                choices = [*shapers, *(calls[i] for i in slots)]
+                fix_choices = (
+                    "Two routers, or one choice per slice: give each choice a module of its own whose forward makes "
+                    "it and attach those (include= each), or an Adapter(call=N) naming the one to record. A choice "
+                    "made in steps: route with one top-k (or mask the scores before one top-k)"
+                )
+                why = (
+                    "Either they are two routers in one module's forward (per-modality gates, one per projection), "
+                    "or one choice in each slice of the experts (expert prototyping: a top-1 in each of k groups of "
+                    "E/k experts), or the experts are chosen in steps that no one call holds (top-p: a sort, a "
+                    "cumulative sum and an argmax of where it crosses p), none of which is replayed as one decision"
+                )
+                if (
+                    num_experts
+                    and len({c.width for c in choices}) == 1
+                    and len(choices) * choices[0].width == num_experts
+                ):  # (k choices over E/k experts each: its expert count in slices)
+                    why = (
+                        f"Its {len(choices)} choices are over {choices[0].width} experts each, which together make "
+                        f"its {num_experts}: one choice in each slice of the experts (expert prototyping, k top-1 "
+                        "gating), whose indices are positions in their slice; moe_replay records and forces one "
+                        "choice over all the experts per router, not one per slice"
+                    )
+                    fix_choices = (
+                        "Give each slice's choice a module of its own (its top-1 over its slice, returning positions "
+                        "in it) and attach those with include=: each is then a router of "
+                        f"{choices[0].width} experts, recorded and replayed on its own"
+                    )
                 raise _refuse(
                     name,
                     calls,
                     f"its forward makes more than one independent choice that reaches the output ({last.describe()} "
                     f"and its decision {calls[slots[0]].describe()}): moving the earlier one leaves the decision's "
-                    "scores as they were, and one router is one choice per call. Either they are two routers in "
-                    "one module's forward (per-modality gates, one per projection), or one choice in each slice of "
-                    "the experts (expert prototyping: a top-1 in each of k groups of E/k experts), or the experts "
-                    "are chosen in steps that no one call holds (top-p: a sort, a cumulative sum and an argmax of "
-                    "where it crosses p), none of which is replayed as one decision",
-                    "Two routers, or one choice per slice: give each choice a module of its own whose forward makes "
-                    "it and attach those (include= each), or an Adapter(call=N) naming the one to record. A choice "
-                    "made in steps: route with one top-k (or mask the scores before one top-k)",
+                    f"scores as they were, and one router is one choice per call. {why}",
+                    fix_choices,
                 )
             leader = _leader(probe, calls, seen, broad, anchor) if lead is None else anchor
             if leader is not anchor:  # the anchor reads back the choice of an earlier call: that one decides
@@ -2484,6 +2507,20 @@ def _beyond_rounding(base: Any) -> Callable[[Any], bool]:
     return moves
 
 
+def _moved_leaves(base: Any, out: Any) -> set[int]:
+    """Which floating tensors of an output (by position among them) another output moves beyond rounding (as
+    :func:`_beyond_rounding` judges the whole)."""
+    floats = [t for t in _leaves(base, []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    theirs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if len(floats) != len(theirs):
+        return set(range(max(len(floats), len(theirs))))
+    scale = max(
+        (float(t.detach().double().abs().nan_to_num(0.0, 0.0, 0.0).max()) for t in floats if t.numel()), default=0.0
+    )
+    pairs = enumerate(zip(floats, theirs, strict=True))
+    return {i for i, (a, b) in pairs if _distance(a, b)[0] > _SHIFT_ROUNDING * scale}
+
+
 def _refuse_value_twins(
     name: str, probe: _Prober, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence, base: Any
 ) -> None:
@@ -2519,13 +2556,13 @@ def _refuse_value_twins(
             continue  # not natively the decision's choice
         moved, _ = probe.run(values=c.ordinal, lift=True)
         if moves(moved):
-            _refuse_twin(name, calls, ev, c.describe())
+            _refuse_twin(name, probe, calls, ev, c.describe(), base, moved)
     for n, (width, rows, theirs, where) in enumerate(seen.peaks):
         if width != first.width or rows != first.rows or theirs.shape != mine.shape or not torch.equal(theirs, mine):
             continue
         moved, _ = probe.run(peak=n, lift=True)
         if moves(moved):
-            _refuse_twin(name, calls, ev, f"amax() over {width} at {where}")
+            _refuse_twin(name, probe, calls, ev, f"amax() over {width} at {where}", base, moved)
 
 
 def _column_offset(x: torch.Tensor) -> int:
@@ -2583,15 +2620,41 @@ def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: 
             )
 
 
-def _refuse_twin(name: str, calls: Sequence[Call], ev: Evidence, what: str) -> None:
-    """The refusal of :func:`_refuse_value_twins`."""
+def _refuse_twin(
+    name: str, probe: _Prober, calls: Sequence[Call], ev: Evidence, what: str, base: Any, moved: Any
+) -> None:
+    """The refusal of :func:`_refuse_value_twins` (``moved``: the output with that call's values raised).
+
+    Where those values reach only other outputs than the weights (those that raising the decision's own values
+    moves), as a confidence returned beside the weights for a log or an auxiliary loss, the router alone cannot
+    tell whether its caller weighs the experts by them: the refusal says so, and how to let moe_replay check the
+    block that reads them."""
+    decision = " + ".join(calls[i].describe() for i in ev.decision)
+    twin = _moved_leaves(base, moved)
+    weights: set[int] = set()
+    for i in ev.decision:
+        if calls[i].family in _VALUED:
+            weights |= _moved_leaves(base, probe.run(values=i, lift=True)[0])
+    if weights and twin and twin.isdisjoint(weights):
+        raise _refuse(
+            name,
+            calls,
+            f"it returns the values of {what} (the score of the natively best expert: a confidence) beside its "
+            f"weights, and that call natively chooses as its decision ({decision}) does. A replay forces the "
+            "decision but not that call, which still reads the natively best expert's score; whether its caller "
+            "weighs the experts by it (wrong for the recorded experts) or only logs it or feeds an auxiliary loss "
+            "cannot be told from the router alone",
+            'Let moe_replay check the block that reads it: mr.Adapter(name, match=..., scope="parent") '
+            "intercepts the router's parent block (a confidence that reaches its output only as a log or a loss "
+            "then replays; one that weighs the experts stays refused), or return the confidence at the "
+            "decision's own indices (scores.gather(-1, indices))",
+        )
     raise _refuse(
         name,
         calls,
-        f"its output reads the values of {what}, which natively chooses as its decision "
-        f"({' + '.join(calls[i].describe() for i in ev.decision)}) does: the scores of the natively best "
-        "experts, used as their weights. A replay forces the decision but not that call, so the recorded "
-        "experts would be weighted (and get gradients) as other experts",
+        f"its output reads the values of {what}, which natively chooses as its decision ({decision}) does: the "
+        "scores of the natively best experts, used as their weights. A replay forces the decision but not that "
+        "call, so the recorded experts would be weighted (and get gradients) as other experts",
         "Read the weights at the decision's own indices (scores.gather(-1, indices)), or take them from the "
         "decision's values (values, indices = torch.topk(scores, k)), or name the module whose forward "
         "returns both with include=",

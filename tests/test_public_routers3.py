@@ -497,7 +497,8 @@ def test_replay_is_the_recorded_experts_forced_by_hand(case: str) -> None:
     [
         pytest.param(
             lambda: RouterBlock(KTop1Gate()),
-            r"(?s)more than one independent choice.*one choice in each slice of the experts.*give each choice a module",
+            r"(?s)more than one independent choice.*Its 2 choices are over 4 experts each, which together make its 8"
+            r".*one choice in each slice of the experts.*Give each slice's choice a module of its own",
             id="hetu-ktop1",
         ),
         pytest.param(lambda: RouterBlock(SAMGate()), "an earlier choice .* reshapes the scores", id="hetu-sam"),
@@ -514,6 +515,48 @@ def test_choices_local_to_a_prototype_or_group_are_refused(make: Callable[[], nn
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(_x())
     assert_untouched(model, before)
+
+
+class Prototype(_Forced):
+    """One expert prototype's top-1 over its ``E / k`` experts, in a module of its own (positions in its slice)."""
+
+    def __init__(self, per: int) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = per, 1
+
+    def forward(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(chunk, dim=1)
+        local = torch.topk(probs, 1, dim=1).indices if self.forced is None else self.forced
+        return probs.gather(1, local), local
+
+
+class KTop1Prototypes(nn.Module):
+    """Hetu's k top-1 (``KTop1Gate``) written as the refusal above says: each prototype's choice made by a module of
+    its own, the local positions moved to global ids by the prototype's offset in the gate."""
+
+    def __init__(self, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.num_experts = k, E
+        self.wg = nn.Linear(D, E)
+        self.prototypes = nn.ModuleList(Prototype(E // k) for _ in range(k))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        per = self.num_experts // self.k
+        gates, indices = [], []
+        for i, (chunk, prototype) in enumerate(zip(self.wg(x).split(per, dim=1), self.prototypes, strict=True)):
+            gate, local = prototype(chunk)
+            gates.append(gate)
+            indices.append(local + i * per)
+        return torch.cat(gates, 1), torch.cat(indices, 1)
+
+
+@pytest.mark.reliability("silent replays")
+def test_expert_prototypes_in_modules_of_their_own_replay_as_forced_by_hand() -> None:
+    """The way the refusal of Hetu's k top-1 names: one module per prototype, attached with include=, each a router
+    of E/k experts (its positions recorded); a replay is the recorded experts forced by hand."""
+    model = TwoLayers(lambda: RouterBlock(KTop1Prototypes()))
+    session = assert_replay_is_forced_by_hand(model, _x(), router_grads=None, include="*.prototypes.*")
+    assert [(s.num_experts, s.top_k) for s in session.sites] == [(E // 2, 1)] * 4
 
 
 def _bt(seed: int = 1) -> torch.Tensor:
