@@ -2565,15 +2565,17 @@ def _refuse_value_twins(
             _refuse_twin(name, probe, calls, ev, f"amax() over {width} at {where}", base, moved)
 
 
-def _column_offset(x: torch.Tensor) -> int:
-    """Where along the last dimension of the rows it views ``x`` starts: 0 for a tensor of its own, ``j`` for a
-    slice ``scores[..., j:]`` of wider rows (read from its strides, not from the tensor it views)."""
+def _column_offset(x: torch.Tensor) -> tuple[int, int]:
+    """Where along the last dimension of the rows it views ``x`` starts, and their width: ``(0, width)`` for a
+    tensor of its own, ``(j, n)`` for a slice ``scores[..., j:]`` of rows of ``n`` (read from its strides, not
+    from the tensor it views)."""
+    width = int(x.shape[-1]) if x.dim() else 0
     if x.dim() < 2 or x.stride(-1) <= 0 or x.stride(-2) <= 0 or x.stride(-2) % x.stride(-1):
-        return 0
+        return 0, width
     row = x.stride(-2) // x.stride(-1)  # the width of the rows it views, in elements
-    if row <= x.shape[-1]:
-        return 0
-    return (x.storage_offset() // x.stride(-1)) % row
+    if row <= width:
+        return 0, width
+    return (x.storage_offset() // x.stride(-1)) % row, row
 
 
 def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence, base: Any) -> None:
@@ -2588,7 +2590,7 @@ def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: 
     if len(ev.decision) != 1:
         return
     d = calls[ev.decision[0]]
-    offset = _column_offset(seen.ins[d.ordinal])
+    offset, row = _column_offset(seen.ins[d.ordinal])
     if not offset:
         return
     try:
@@ -2611,10 +2613,11 @@ def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: 
             raise _refuse(
                 name,
                 calls,
-                f"its decision ({d.describe()}) chooses from a slice of its scores that starts at column {offset} "
-                f"of {offset + d.width}, and it returns the chosen positions shifted by {c:+d}: what moe_replay "
-                "records and forces are positions in that slice, not the expert ids the model uses, so the routes' "
-                f"loads and expert counts and the routes exchanged with an inference engine would be off by {c:+d}",
+                f"its decision ({d.describe()}) chooses from a slice of its scores (columns {offset} to "
+                f"{offset + d.width - 1} of {row}), and it returns the chosen positions shifted by {c:+d}: what "
+                "moe_replay records and forces are positions in that slice, not the expert ids the model uses, so "
+                "the routes' loads and expert counts and the routes exchanged with an inference engine would be off "
+                f"by {c:+d}",
                 "Take the top-k over all the scores with the excluded columns masked "
                 "(scores.masked_fill(excluded, float('-inf')).topk(k)), so that its indices are the experts' own ids",
             )
