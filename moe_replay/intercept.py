@@ -87,7 +87,8 @@ _WHERE = {torch.where, torch.Tensor.where}
 _LOOKUP = {torch.Tensor.__getitem__}
 # with the lean wrappers: traced code may hand the mode a wrapper itself (read as what it wraps)
 _WATCHED = frozenset(DECISION_FUNCS | _MASKS | _WHERE | set(UNWRAP))
-_WATCHED_LOOKUP = frozenset(_MASKS | _WHERE | _LOOKUP | {w for w, f in UNWRAP.items() if f in _MASKS | _WHERE})
+# a declared table lookup: its decision-like calls too, each of which would make the table's choice ambiguous
+_WATCHED_LOOKUP = frozenset(_WATCHED | _LOOKUP)
 
 #: Decision kinds a router can declare (``auto``: whichever calls the evidence shows).
 DECISIONS = ("auto", "topk", "argmax", "max", "argmin", "min", "lookup")
@@ -1170,6 +1171,25 @@ class RouterHook:
             self._answered = out[1]
         return out
 
+    def refuse_rival_of_lookup(self, sig: tuple[str, int, int]) -> None:
+        """A router declared a table lookup (hash routing) made a decision-like call over its experts' scores:
+        which of the two chooses the experts cannot be told, and only the lookup would be recorded or forced."""
+        tables = [
+            f"'{n}' {list(b.shape)}"
+            for n, b in self.scope.named_buffers(recurse=False)
+            if b.dim() == 2 and not b.dtype.is_floating_point and b.dtype != torch.bool
+        ]
+        held = f" (its integer buffer {', '.join(tables)})" if tables else ""
+        raise UnsupportedRouterError(
+            f"router '{self.name}' is read as a hash router, its experts looked up in a [rows, {self.top_k}] "
+            f"table of expert ids{held}, but its forward also makes {sig[0]}(k={sig[1]}) over its {sig[2]} "
+            "experts' scores: which of the two chooses the experts cannot be told, and only the lookup would be "
+            "recorded or forced. Nothing was recorded or forced. If that call chooses them (the table holds "
+            "something else: preallocated output buffers, a cache of past choices), attach with "
+            f"adapters=[mr.Adapter('{sig[0]}', match=lambda name, module: name == '{self.name}', "
+            f"decision='{sig[0] if sig[0] in DECISIONS else 'auto'}')]"
+        )
+
     def _refuse_moved(self, i: int, was: tuple[str, int, int], sig: tuple[str, int, int]) -> None:
         """Refuse a forward whose decision-like call #``i`` (not the decision's) is of another family or width than
         when the decision was established, in as many calls: another branch of its code (on its inputs' values, a
@@ -2174,6 +2194,10 @@ class _DecisionMode(TorchFunctionMode):
             return func(*args, **kwargs)
         sig = decision_call(func, args, kwargs)
         if sig is None:
+            return func(*args, **kwargs)
+        if hook.decision == "lookup":  # (not one over another width: a group's top-k, a sort of tokens)
+            if sig[2] == hook.num_experts:
+                hook.refuse_rival_of_lookup(sig)
             return func(*args, **kwargs)
         if not wrapped:
             hook._missed = True
