@@ -550,6 +550,7 @@ class Session:
         self._owner = _Owner()
         self._wrappers: list[ScopedForward] = []
         self._kept_rows: list[_HostRows | None] | None = None  # the capture rows, copied at detach
+        self._kept_ran: list[bool] = []  # per router: it ran in the last capture (kept with its rows)
         self._renamed: dict[str, str] | None = None  # the prefix map of the last replay, if it needed one
         self._feeds: FeedRecord | None = None  # what the model's forwards were fed during the last capture
 
@@ -1001,6 +1002,7 @@ class Session:
             return
         counted = _read_counters([r.written for r in rings if r is not None])
         self._kept_rows = [_HostRows(r, counted.pop(0)) if r is not None else None for r in rings]
+        self._kept_ran = [h.calls > 0 for h in self._hooks]
 
     # ------------------------------------------------------------- threads, devices
     def _check_thread(self, what: str) -> None:
@@ -1559,7 +1561,9 @@ class Session:
                 "cannot be replaced in this session)"
             )
         if not allow_silent and written and max(written) > 0:
-            silent = [n for n, w in zip(names, written, strict=True) if w == 0]
+            # (a router that ran on no token, a modality's router on a batch without it, recorded no row rightly)
+            ran = [h.calls > 0 for h in self._hooks] if self._attached else self._kept_ran
+            silent = [n for n, w, r in zip(names, written, ran, strict=True) if w == 0 and not r]
             if silent:
                 raise UnsupportedRouterError(
                     f"routers {silent} recorded no row while others recorded up to {max(written)}: they never "

@@ -614,3 +614,15 @@ def test_a_router_holding_an_integer_table_beside_its_top_k_is_refused_until_nam
     assert_untouched(model, before)
     adapter = mr.Adapter("topk", match=lambda name, module: name.endswith(".router"), decision="topk")
     assert_replay_is_forced_by_hand(TwoLayers(_TABLES[case]), _x(), adapters=[adapter])
+
+
+@pytest.mark.reliability("round trips")
+def test_a_modalitys_routers_that_run_on_no_token_record_no_row_rightly() -> None:
+    """Once a false refusal: on a text-only batch, ERNIE 4.5 VL's vision routers run on no token, and routes()
+    refused them as routers that never ran (a module built twice). They did run: their rows are empty, the replay is
+    exact as the recorded experts forced by hand, and routes() after detach says the same."""
+    model = ErnieVL()
+    model.token_type_ids.zero_()
+    session = assert_replay_is_forced_by_hand(model, _x(), router_grads=None)  # (routes() read while attached)
+    assert session.names[1::2] == ("layers.0.vision_gate", "layers.1.vision_gate")
+    assert session.routes().tokens_per_layer == (T, 0, T, 0)  # after detach
