@@ -626,3 +626,51 @@ def test_a_modalitys_routers_that_run_on_no_token_record_no_row_rightly() -> Non
     session = assert_replay_is_forced_by_hand(model, _x(), router_grads=None)  # (routes() read while attached)
     assert session.names[1::2] == ("layers.0.vision_gate", "layers.1.vision_gate")
     assert session.routes().tokens_per_layer == (T, 0, T, 0)  # after detach
+
+
+# ----------------------------------------------------------------------- capacity-aware rerouting at inference
+class CapacityRerouteGate(_Forced):
+    """Capacity-aware inference (He et al. 2025, token rerouting against stragglers): a first top-k counts each
+    expert's load over the batch; experts over capacity are masked out of the scores and every token chooses again
+    among the rest. ``how``: masked by ``masked_fill(-inf)`` (``fill``) or by a product with the kept mask
+    (``product``), the weights the probabilities at the chosen experts; or by the product, the weights the values
+    of the top-k that chose them (``product-values``). Renormalised."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.num_experts, self.top_k = E, 2
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).softmax(-1)
+        if self.forced is not None:
+            idx = self.forced
+            w = probs.gather(1, idx)
+        else:
+            load = torch.bincount(probs.topk(self.top_k, dim=-1).indices.flatten(), minlength=E)
+            over = load > x.shape[0] * self.top_k // E + 2
+            masked = probs.masked_fill(over, float("-inf")) if self.how == "fill" else probs * ~over
+            top, idx = masked.topk(self.top_k, dim=-1)
+            w = top if self.how == "product-values" else probs.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["fill", "product", "product-values"])
+def test_capacity_aware_rerouting_is_exact_or_refused(how: str) -> None:
+    """Experts over capacity (counted from a first top-k over the batch) masked out before the top-k that decides:
+    a forced expert that the replay's own first top-k would mask out must still be used, at its own probability.
+    Exact as the recorded experts forced by hand where the weights are read at the chosen experts from the unmasked
+    probabilities, or through a ``masked_fill`` that a replay reads through; refused where they are the values of a
+    product with the mask (a forced expert masked out would weigh 0), naming the first top-k, the model left as it
+    was."""
+    model = TwoLayers(lambda: RouterBlock(CapacityRerouteGate(how)))
+    if how != "product-values":
+        assert_replay_is_forced_by_hand(model, _x(), router_grads=True)
+        return
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError, match=r"an earlier choice \(#0 topk\(k=2\) over 8 .* cannot undo"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(_x())
+    assert_untouched(model, before)
