@@ -398,6 +398,7 @@ class RouterHook:
     # the indices a top-k decision call of this forward returned (None: not a top-k answered in one call); and
     # per evidence, where the router's output held them when first seen (None: it did not return them)
     _answered: torch.Tensor | None = None
+    _looked_up: torch.Tensor | None = None  # what a declared table lookup answered in this forward
     _returns: tuple[Evidence, int | None, type[Any]] | None = None
     _returned_at: dict[Evidence, tuple[int | None, type]] = field(default_factory=dict)  # (shared: see __post_init__)
     # per evidence whose forward returned its decision's indices: the forms of output (type, length) holding no
@@ -798,7 +799,7 @@ class RouterHook:
                 )
         self._decided = False
         self._ordinal = 0
-        self._answered = None
+        self._answered = self._looked_up = None
         self._masks = []
         self._slots, self._row, self._source = [], None, None
         self._fast = None  # (the lean fast path is ScopedForward's alone)
@@ -843,6 +844,8 @@ class RouterHook:
             self._check_ran(ev, seen)
             if ev is not None:
                 self._check_returned(ev, out, forward, args, kwargs)
+            elif self._looked_up is not None:
+                self._check_lookup_returned(out)
             if how == "audit" and ev is not None:  # later forwards in this mode go lean when every call came
                 # through a wrapper, and no other branch of the router's code could make one that does not
                 witness = _lean.CodeWitness()
@@ -1171,6 +1174,26 @@ class RouterHook:
             self._answered = out[1]
         return out
 
+    def _check_lookup_returned(self, out: Any) -> None:
+        """After an eager forward of a declared table lookup: indices it returns are the lookup's. (A router
+        that returns no indices of the lookup's shape, only weights, is not checked.)"""
+        answer, self._looked_up = self._looked_up, None
+        if answer is None or not self._eager:  # (no comparison, a host sync, while a CUDA graph is captured)
+            return
+        shaped = [
+            t for t, _ in _integer_tensors(out) if t.numel() == answer.numel() and t.shape[-1:] == answer.shape[-1:]
+        ]
+        if not shaped or any(torch.equal(t.reshape(answer.shape).to(answer.dtype), answer) for t in shaped):
+            return
+        raise UnsupportedRouterError(
+            f"router '{self.name}' is read as a hash router, its experts looked up in a [rows, {self.top_k}] table "
+            "of expert ids, but the indices it returns are not those the lookup gave: it chooses its experts by "
+            "other means than the table (a random draw, a choice made out of sight; the table holding something "
+            "else, such as a cache of past choices), so the rows recorded or forced are not the experts it uses. "
+            "Nothing was recorded or forced; choose the experts with torch.topk (or argmax) in the router's Python "
+            "code"
+        )
+
     def refuse_rival_of_lookup(self, sig: tuple[str, int, int]) -> None:
         """A router declared a table lookup (hash routing) made a decision-like call over its experts' scores:
         which of the two chooses the experts cannot be told, and only the lookup would be recorded or forced."""
@@ -1295,6 +1318,8 @@ class RouterHook:
                 self._slots.append(forced if take == span else forced[:, :take])
             if start + take == self.top_k:
                 self._finish()
+            if lookup:
+                self._looked_up = out
             return out
         else:  # native decision, answered as its recompute will be: with gradients, the same saved tensors;
             # in a checkpointed region, the same ops (selective checkpointing hands out its ops in call order)
@@ -1303,7 +1328,8 @@ class RouterHook:
         if start + take == self.top_k:
             self._finish()
         if lookup:
-            return forced.reshape(*lead, span)
+            self._looked_up = forced.reshape(*lead, span)
+            return self._looked_up
         source = scores.reshape(-1, num_experts)
         if take < span:  # slots past the decision (a top-(k+1) for a load estimate): the best others of what
             # the call sees (a masked copy's, as the call would pick them: never an expert its mask left out)

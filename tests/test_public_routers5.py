@@ -674,3 +674,35 @@ def test_capacity_aware_rerouting_is_exact_or_refused(how: str) -> None:
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(_x())
     assert_untouched(model, before)
+
+
+class SampledCacheRouter(RoutingCacheRouter):
+    """The routing cache of :class:`RoutingCacheRouter` beside RL-R's sampled choice (``torch.multinomial``)."""
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).softmax(-1)
+        previous = self.routing_cache[position_ids]
+        idx = torch.multinomial(probs.detach(), self.top_k) if self.forced is None else self.forced
+        self.repeat_rate = (previous == idx).float().mean()
+        self.routing_cache[position_ids] = idx.detach()
+        return probs.gather(1, idx), idx
+
+
+class SampledCacheBlock(RoutingCacheBlock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = SampledCacheRouter()
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_router_read_as_a_hash_router_that_returns_other_indices_than_its_lookup_is_refused() -> None:
+    """Once silent: a router holding an integer ``[positions, k]`` cache of its past choices, read as a hash router,
+    whose experts are a random draw (no decision-like call to refuse): the cache read was recorded and forced as
+    its choice while the draw chose the experts used. The indices it returns are not the lookup's: refused, the
+    model left as it was."""
+    model = TwoLayers(SampledCacheBlock)
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError, match="read as a hash router.* the indices it returns are not"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(_x())
+    assert_untouched(model, before)
