@@ -706,3 +706,37 @@ def test_a_router_read_as_a_hash_router_that_returns_other_indices_than_its_look
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(_x())
     assert_untouched(model, before)
+
+
+# ----------------------------------------------------------------------- a fallback expert past the top-k
+class FallbackGate(_Forced):
+    """A capacity fallback: a top-(k+1) of the softmax; a token whose second expert is over capacity (counted
+    over the batch's first choices) uses its third instead, so the third slot reaches the output for some tokens
+    only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).softmax(-1)
+        idx3 = probs.topk(self.top_k + 1, dim=-1).indices if self.forced is None else self.forced
+        over = torch.bincount(idx3[:, 0], minlength=E)[idx3[:, 1]] > 3
+        idx = torch.stack([idx3[:, 0], torch.where(over, idx3[:, 2], idx3[:, 1])], 1)
+        w = probs.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_fallback_slot_used_by_some_tokens_only_is_refused() -> None:
+    """The (k+1)-th slot of the top-k used in place of the k-th where that expert is over capacity: a row of k+1
+    experts would name experts some tokens did not use, and k slots would leave the fallback to the replay's own
+    choice. Refused naming the slot, the model left as it was (a false refusal of a kind: forcing all three slots
+    would be exact)."""
+    model = TwoLayers(lambda: RouterBlock(FallbackGate()))
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError, match=r"slot 3 of its decision \(#0 topk\(k=3\) over 8"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(_x())
+    assert_untouched(model, before)
