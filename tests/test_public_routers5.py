@@ -83,6 +83,29 @@ class OutBufferMaxRouter(_Forced):
         return torch.sigmoid(logits.gather(1, idx)), idx
 
 
+class OutFormRouter(_Forced):
+    """Other ``out=`` forms: a top-k into fresh empty tensors that torch resizes (``resize``), an ``argmax`` into
+    one (``argmax``); the weights a gather of the probabilities, renormalised."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.num_experts, self.top_k = E, 1 if form == "argmax" else 2
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).softmax(-1)
+        idx = torch.empty(0, dtype=torch.long) if self.forced is None else self.forced
+        if self.forced is None:
+            with torch.no_grad():
+                if self.form == "argmax":
+                    torch.argmax(probs, dim=-1, keepdim=True, out=idx)
+                else:
+                    torch.topk(probs, self.top_k, out=(torch.empty(0), idx))
+        w = probs.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
 # ----------------------------------------------------------------------- LongCat-Flash: zero-computation experts
 class LongCatRouter(_Forced):
     """meituan-longcat LongCat-Flash's router: a softmax over ``E`` real and ``Z`` zero-computation experts, a top-k
@@ -349,6 +372,8 @@ class MaskedSoftmaxRouter(_Forced):
 EXACT: dict[str, tuple[Callable[[], nn.Module], bool | None, Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, the routers get gradients (None: not checked), input, attach options)
     "max-out-buffers": (lambda: TwoLayers(lambda: RouterBlock(OutBufferMaxRouter())), True, _x, {}),
+    "topk-out-resized": (lambda: TwoLayers(lambda: RouterBlock(OutFormRouter("resize"))), True, _x, {}),
+    "argmax-out": (lambda: TwoLayers(lambda: RouterBlock(OutFormRouter("argmax"))), True, _x, {}),
     "longcat-zero-experts-in-place": (lambda: TwoLayers(LongCatZeroExpertMoE), True, _x, {}),
     "hierarchical-moe": (lambda: TwoLayers(HierarchicalMoE), True, _x, {}),
     "ernie-modality-isolated": (ErnieVL, True, _x, {}),
@@ -362,12 +387,12 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], bool | None, Callable[[], torch.
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", list(EXACT))
 def test_replay_is_the_recorded_experts_forced_by_hand(case: str) -> None:
-    """A top-1 written into preallocated buffers (``out=``), indices edited in place after the top-k (LongCat's
-    zero experts), a two-level hierarchy whose inner gates see the tokens the outer one sends them, modality-isolated
-    routers over a token-type mask (ERNIE 4.5 VL), a dense MLP beside the MoE (Arctic), a router state carried
-    across layers (RMoE), the nearest experts by ``topk(largest=False)``, a masked full softmax: the recorded experts
-    are the ones used, and a replay after the routers change is those experts forced by hand, in output and
-    gradients."""
+    """A top-1 written into preallocated buffers (``out=``), a top-k and an argmax into tensors torch resizes,
+    indices edited in place after the top-k (LongCat's zero experts), a two-level hierarchy whose inner gates see the
+    tokens the outer one sends them, modality-isolated routers over a token-type mask (ERNIE 4.5 VL), a dense MLP
+    beside the MoE (Arctic), a router state carried across layers (RMoE), the nearest experts by
+    ``topk(largest=False)``, a masked full softmax: the recorded experts are the ones used, and a replay after the
+    routers change is those experts forced by hand, in output and gradients."""
     make, router_grads, x, attach = EXACT[case]
     assert_replay_is_forced_by_hand(make(), x(), router_grads=router_grads, **attach)
 
