@@ -215,6 +215,33 @@ def test_hash_router_lookup_is_captured_and_forced() -> None:
     assert block.router.weight.grad.abs().sum() > 0
 
 
+class SortedHashRouter(HashRouter):
+    """A hash router that returns its experts in ascending order (as a grouped kernel wants them)."""
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x, self.weight).sigmoid()
+        idx = self.tid2eid[ids.reshape(-1)].long().sort(-1).values
+        return scores.gather(1, idx), idx
+
+
+def test_hash_router_that_returns_its_lookups_experts_in_another_order_is_captured_and_forced() -> None:
+    """The check that a router read as a hash router returns its lookup's indices compares each row's experts,
+    not their order: a hash router that sorts its slots is captured and forced, not refused."""
+    torch.manual_seed(3)
+    block, x, ids = Block(SortedHashRouter()), torch.randn(10, D), torch.randperm(32)[:10]  # (one row per id)
+    with mr.attach(block) as session:
+        with session.capture():
+            ref = block(x, ids)
+        routes = session.routes()
+        assert torch.equal(routes.layer("router"), block.router.tid2eid[ids])
+        forced = _forced_routes(session, 10)
+        with session.replay(forced):
+            out = block(x, ids)
+        assert not torch.equal(out, ref)
+        block.router.tid2eid[ids] = forced.layer("router").to(block.router.tid2eid.dtype)
+        assert torch.equal(block(x, ids), out)
+
+
 # ----------------------------------------------------------------------- discovery
 def test_router_that_only_scores_is_intercepted_in_its_block() -> None:
     block = Block(ScoringRouter())
