@@ -1214,7 +1214,8 @@ class RouterHook:
             "recorded or forced. Nothing was recorded or forced. If that call chooses them (the table holds "
             "something else: preallocated output buffers, a cache of past choices), attach with "
             f"adapters=[mr.Adapter('{sig[0]}', match=lambda name, module: name == '{self.name}', "
-            f"decision='{sig[0] if sig[0] in DECISIONS else 'auto'}')]"
+            f"decision='{sig[0] if sig[0] in DECISIONS else 'auto'}')]; if the lookup chooses them (that call a "
+            "statistic), make that call outside the router's forward"
         )
 
     def _refuse_moved(self, i: int, was: tuple[str, int, int], sig: tuple[str, int, int]) -> None:
