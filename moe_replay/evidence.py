@@ -2579,8 +2579,9 @@ def _column_offset(x: torch.Tensor) -> tuple[int, int]:
 
 
 def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence, base: Any) -> None:
-    """Refuse a router whose decision chooses from a slice of its scores at an offset (``scores[..., 1:]`` past a
-    null expert) and which hands on the chosen positions shifted by a constant (``idx + 1``): the ids it returns.
+    """Refuse a router that hands on its decision's chosen positions shifted by a constant (``idx + 1``) as the ids
+    it returns: its decision chose from a slice of its scores (``scores[..., 1:]`` past a null expert, viewed or
+    copied before the top-k), or its ids are offset for another reason.
 
     What is recorded (and forced) are the decision's indices, positions in the slice; the experts the model uses
     are those positions shifted. A replay would be exact, but the routes would name other experts than the model
@@ -2591,8 +2592,6 @@ def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: 
         return
     d = calls[ev.decision[0]]
     offset, row = _column_offset(seen.ins[d.ordinal])
-    if not offset:
-        return
     try:
         mine = _indices(seen.outs[d.ordinal], d.family, d.rows)[:, : ev.top_k].long()
     except (RuntimeError, IndexError, TypeError):
@@ -2610,12 +2609,17 @@ def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: 
         shift = t.detach().reshape(mine.shape).long() - mine
         c = int(shift.flatten()[0])
         if c and bool((shift == c).all()):
+            where = (
+                f"a slice of its scores (columns {offset} to {offset + d.width - 1} of {row})"
+                if offset
+                else f"{d.width} scores"
+            )
             raise _refuse(
                 name,
                 calls,
-                f"its decision ({d.describe()}) chooses from a slice of its scores (columns {offset} to "
-                f"{offset + d.width - 1} of {row}), and it returns the chosen positions shifted by {c:+d}: what "
-                "moe_replay records and forces are positions in that slice, not the expert ids the model uses, so "
+                f"its decision ({d.describe()}) chooses from {where}, and it returns the chosen positions shifted by "
+                f"{c:+d}: what moe_replay records and forces are positions among those scores, not the expert ids "
+                "the model uses, so "
                 "the routes' loads and expert counts and the routes exchanged with an inference engine would be off "
                 f"by {c:+d}",
                 "Take the top-k over all the scores with the excluded columns masked "

@@ -715,17 +715,11 @@ def test_a_top_k_over_a_slice_of_the_scores_records_the_models_expert_ids_or_is_
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a top-k over scores made from a slice of the logits (a softmax over logits[:, 1:], a tensor "
-    "of its own, no view at an offset), its positions handed on shifted (idx + 1), is recorded as the positions: "
-    "the replay is exact, but the routes name expert e where the model used e + 1",
-)
 def test_a_top_k_over_scores_made_from_a_slice_with_shifted_ids_is_refused() -> None:
-    """As ``slice+1`` above, the slice taken of the logits before the softmax: exact ids or refused is the rule;
-    today the capture records positions in the slice, off by one from the ids the router returns."""
+    """As ``slice+1`` above, the slice taken of the logits before the softmax (scores of their own, no view at an
+    offset): the capture would record positions in the slice, off by one from the ids the router returns."""
     model = TwoLayers(lambda: NullSliceBlock("softmax-slice+1"))
-    with pytest.raises(mr.UnsupportedRouterError, match="slice of its scores"):
+    with pytest.raises(mr.UnsupportedRouterError, match="returns the chosen positions shifted by \\+1"):
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(_x())
 
