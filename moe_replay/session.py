@@ -332,15 +332,30 @@ def _lazy_body(what: str, kind: str, name: str) -> SessionStateError:
     )
 
 
+def _without_self(signature: inspect.Signature) -> inspect.Signature:
+    """``signature`` of a method without its ``self`` and its annotations, as its callers write it."""
+    empty = inspect.Parameter.empty
+    parameters = [p.replace(annotation=empty) for p in list(signature.parameters.values())[1:]]
+    return signature.replace(parameters=parameters, return_annotation=empty)
+
+
 def _block_method(what: str) -> Callable[[Callable[..., Iterator[Any]]], Callable[..., Any]]:
     """A session method made of a generator, as :func:`contextlib.contextmanager` makes it, returning a
     :class:`_Block` (named ``what``) that makes its context manager as it is entered."""
 
     def make(fn: Callable[..., Iterator[Any]]) -> Callable[..., Any]:
         cm = contextlib.contextmanager(fn)
+        signature = inspect.signature(fn)
 
         @functools.wraps(fn)
         def method(self: Session, *args: Any, **kwargs: Any) -> _Block:
+            try:  # (here, not as the block is entered: the `with` line would name no argument of the call)
+                signature.bind(self, *args, **kwargs)
+            except TypeError as err:
+                raise ArgumentTypeError(
+                    f"session.{what[:-1]}...) was called with arguments it does not take: {err}. It takes "
+                    f"session.{what[:-2]}{_without_self(signature)} (options after `*` by name)"
+                ) from None
             return _Block(self._owner, what, functools.partial(cm, self, *args, **kwargs))
 
         return method
