@@ -99,7 +99,7 @@ class MissingFileError(MoEReplayError, FileNotFoundError):
 
 
 class NotAFileError(MoEReplayError, IsADirectoryError):
-    """A path to read is a directory, not a file (also an ``IsADirectoryError``)."""
+    """A path to read is a directory or no regular file, a pipe or a device (also an ``IsADirectoryError``)."""
 
     __str__ = RuntimeError.__str__
 

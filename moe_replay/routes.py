@@ -10,11 +10,11 @@ index and ``-1`` (int16 up to 32767 experts), and convert to int64 on demand.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import operator
 import os
+import stat
 import struct
 import zipfile
 import zlib
@@ -1042,7 +1042,8 @@ class Routes:
 
         Raises:
             MissingFileError: no file at ``path`` (a ``FileNotFoundError``).
-            NotAFileError: ``path`` is a directory (an ``IsADirectoryError``).
+            NotAFileError: ``path`` is a directory, or no regular file (a pipe, a device); an
+                ``IsADirectoryError``.
             RoutesValidationError: the file is not a routes file, is truncated or corrupted,
                 is over ``max_bytes``, or has an unknown format version.
             InvalidArgumentError: ``max_bytes`` is not a byte count (2.5, "10", NaN) or None.
@@ -1054,10 +1055,15 @@ class Routes:
             raise NotAFileError(f"cannot read routes from {path}: it is a directory, not a routes file")
         if not os.path.exists(path):
             raise MissingFileError(f"cannot read routes from {path}: no such file")
+        if not stat.S_ISREG(os.stat(path).st_mode):  # (a pipe's open() would wait for a writer, for ever)
+            raise NotAFileError(
+                f"cannot read routes from {path}: it is not a regular file (a pipe, a device or a socket), and a "
+                "routes file is read by seeking in it; write the routes to a file first and load that"
+            )
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
-            with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            # (read in place: only the zip directory, the headers and the members named, never the whole file, so a
+            # large file that is no routes file, a checkpoint given by mistake, is refused without being read)
+            with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
                 meta, layers, ids, mask, rank, untold = _read_members(zf, path, max_bytes)
         except RoutesValidationError:
             raise
