@@ -8,9 +8,16 @@ given to other tokens, a replay that forces nothing, or a model left changed.
 from __future__ import annotations
 
 import copy
+import os
+import threading
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 import moe_replay as mr
 
@@ -31,6 +38,32 @@ def _forced(routes: mr.Routes) -> mr.Routes:
         torch.where(t >= 0, (t + 1) % e, t) for t, e in zip(routes.per_layer(), routes.experts_per_layer, strict=True)
     ]
     return mr.Routes(moved, routes.names, routes.experts_per_layer).with_token_ids(routes.token_ids)
+
+
+def _forced_by_hand(model: mr.models.MoETransformer, x: torch.Tensor, routes: mr.Routes) -> torch.Tensor:
+    """The logits of ``model(x)`` on a copy whose routers (``SoftmaxTopKRouter``) take their experts from ``routes``,
+    row after row in call order, with the combine weights gathered from their own softmax: no moe_replay."""
+    ref = copy.deepcopy(model)
+    rows = {name: routes.layer(name) for name in routes.names}
+    used = dict.fromkeys(rows, 0)
+    for name, module in ref.named_modules():
+        if name not in rows:
+            continue
+
+        def forward(h: torch.Tensor, module: torch.nn.Module = module, name: str = name) -> tuple[torch.Tensor, ...]:
+            logits = F.linear(h, module.weight)
+            probs = F.softmax(logits, dim=-1, dtype=torch.float)
+            indices = rows[name][used[name] : used[name] + h.shape[0]]
+            used[name] += h.shape[0]
+            weights = probs.gather(-1, indices)
+            if module.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return logits, weights.to(h.dtype), indices
+
+        module.forward = forward
+    out = ref(x).logits
+    assert all(used[n] == rows[n].shape[0] for n in rows), "the reference did not consume every row"
+    return out
 
 
 @pytest.mark.reliability("re-entrance")
@@ -150,3 +183,207 @@ def test_a_verify_that_raises_half_way_leaves_the_model_and_the_session_exact() 
     assert_untouched(model, before)
     assert torch.equal(model(x).logits, native)
     tried(2)
+
+
+_BAD_BLOCK_CALLS: dict[str, Callable[[mr.Session, mr.Routes], object]] = {
+    "capture(False)": lambda s, r: s.capture(False),
+    "capture(clr=False)": lambda s, r: s.capture(clr=False),
+    "replay(routes, False)": lambda s, r: s.replay(r, False),
+    "replay()": lambda s, r: s.replay(),
+    "keep_scores(1)": lambda s, r: s.keep_scores(1),
+}
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("call", list(_BAD_BLOCK_CALLS))
+def test_a_block_called_with_arguments_it_does_not_take_is_refused_at_the_call(call: str) -> None:
+    """``session.capture(False)`` (meant: clear=False) or ``replay(routes, False)``: an ArgumentTypeError at the
+    call, naming the signature, not Python's TypeError from the `with` line; the session and model go on as before."""
+    model, x = _model(), _ids()
+    before = snapshot(model)
+    with mr.attach(model) as session:
+        with session.capture():
+            native = model(x).logits
+        routes = session.routes()
+        with pytest.raises(mr.ArgumentTypeError, match=r"does not take.*It takes session\.\w+\("):
+            _BAD_BLOCK_CALLS[call](session, routes)
+        assert session.state == "idle" and session.routes().equal(routes)
+        assert torch.equal(model(x).logits, native)  # (no block noted as dropped: the next forward is not refused)
+        with session.replay(routes):
+            assert torch.equal(model(x).logits, native)
+    assert_untouched(model, before)
+
+
+@pytest.mark.reliability("files")
+def test_load_of_a_pipe_or_a_device_is_refused_before_reading_it(tmp_path: Path) -> None:
+    """A named pipe given to ``Routes.load`` used to block in ``open()`` until some writer came, then fail as a
+    corrupted file; it and a device are no routes files: NotAFileError, before anything is opened."""
+    pipe = tmp_path / "routes.npz"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_bytes(b"not a zip " * 10), daemon=True)
+    writer.start()  # (so that an open() of the pipe returns rather than hangs, were it tried)
+    try:
+        with pytest.raises(mr.NotAFileError, match="not a regular file"):
+            mr.Routes.load(pipe)
+    finally:
+        fd = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # (lets the writer's open() return)
+        writer.join(5)
+        os.close(fd)
+    if os.path.exists(os.devnull):
+        with pytest.raises(mr.NotAFileError, match="not a regular file"):
+            mr.Routes.load(os.devnull)
+    tried(2)
+
+
+@pytest.mark.reliability("files")
+def test_load_of_a_large_file_that_is_no_routes_file_does_not_read_it_whole(tmp_path: Path) -> None:
+    """A checkpoint given by mistake: refused as no routes file from its zip directory alone, not read into memory
+    first (the file here is sparse: 256 MiB on disk that take no space)."""
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:
+        f.truncate(256 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted"):
+            mr.Routes.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"load() held {peak} bytes for a file it refuses"
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.parametrize("tied", ["router", "block", "layer"])
+def test_a_router_shared_by_two_layers_records_and_replays_both_calls_in_order(tied: str) -> None:
+    """One router module (or MoE block, or whole layer) used by two layers: one name, two calls per forward, both
+    recorded in call order and both forced exactly as a hand-written replay would force them."""
+    model, x = _model(3), _ids()
+    if tied == "router":
+        model.layers[1].mlp.router = model.layers[0].mlp.router
+    elif tied == "block":
+        model.layers[1].mlp = model.layers[0].mlp
+    else:
+        model.layers[1] = model.layers[0]
+    before = snapshot(model)
+    with mr.attach(model) as session:
+        with session.capture():
+            native = model(x).logits
+        routes = session.routes()
+        assert routes.names == ("layers.0.mlp.router", "layers.2.mlp.router")
+        assert routes.tokens_per_layer == (24, 12)
+        forced = _forced(routes)
+        with session.replay(forced):
+            got = model(x).logits
+        with session.replay(routes):
+            assert torch.equal(model(x).logits, native)
+    assert torch.equal(got, _forced_by_hand(model, x, forced))
+    assert not torch.equal(got, native)
+    assert_untouched(model, before)
+
+
+def _grow_experts(model: mr.models.MoETransformer, experts: int) -> None:
+    """Re-configure every MoE layer in place for ``experts`` experts (new rows of the router, copies of experts)."""
+    with torch.no_grad():
+        for layer in model.layers:
+            router, bank = layer.mlp.router, layer.mlp.experts
+            extra = experts - router.weight.shape[0]
+            router.weight = torch.nn.Parameter(torch.cat([router.weight, router.weight[:extra].flip(1)]))
+            bank.gate_up = torch.nn.Parameter(torch.cat([bank.gate_up, bank.gate_up[:extra]]))
+            bank.down = torch.nn.Parameter(torch.cat([bank.down, bank.down[:extra]]))
+            router.num_experts = layer.mlp.num_experts = bank.num_experts = experts
+
+
+@pytest.mark.reliability("silent replays")
+def test_routes_of_a_model_re_configured_for_more_experts_after_capture_are_refused() -> None:
+    """Experts added to every router after the capture (parameters replaced, not modules): the 8-expert routes fit
+    the index range of 16 experts, yet they are refused at the first forward, and a new capture records the 16."""
+    model, x = _model(), _ids()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        _grow_experts(model, 16)
+        with pytest.raises(mr.RoutesValidationError, match="2 of 16 experts.*2 of 8"), session.replay(routes):
+            model(x)
+        with session.capture():
+            model(x)
+        assert session.routes().experts_per_layer == (16, 16)
+
+
+@pytest.mark.reliability("silent replays")
+def test_an_input_buffer_refilled_in_place_keeps_each_forwards_token_ids() -> None:
+    """A loader that copies each batch into one buffer: the capture keeps the ids of each forward as it was fed (not
+    the buffer's last contents), and a replay whose buffer is refilled with other tokens is refused."""
+    model, first, second = _model(), _ids(0), _ids(1)
+    buffer = first.clone()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(buffer)
+            buffer.copy_(second)
+            model(buffer)
+        buffer.copy_(_ids(2))
+        routes = session.routes()
+        assert torch.equal(routes.token_ids, torch.cat([first, second]).flatten())
+        forced = _forced(routes)
+        buffer.copy_(first)
+        with session.replay(forced):
+            model(buffer)
+            buffer.copy_(second)
+            got = model(buffer).logits
+        assert torch.equal(got, _forced_by_hand(model, second, forced[12:]))
+        buffer.copy_(first)
+        with pytest.raises(mr.TokenMismatchError, match="forward 2 "), session.replay(forced):
+            model(buffer)
+            buffer.copy_(_ids(2))
+            model(buffer)
+
+
+def _to_double(model: torch.nn.Module, session: mr.Session) -> None:
+    model.to(torch.float64)
+
+
+def _load_other_weights(model: torch.nn.Module, session: mr.Session) -> None:
+    model.load_state_dict(mr.models.build("softmax_topk", num_layers=2, seed=3).state_dict())
+
+
+def _replace_router_weights(model: torch.nn.Module, session: mr.Session) -> None:
+    g = torch.Generator().manual_seed(5)
+    for site in session.sites:
+        site.module.weight = torch.nn.Parameter(torch.randn(site.module.weight.shape, generator=g))
+
+
+def _parametrize_router_weights(model: torch.nn.Module, session: mr.Session) -> None:
+    class Doubled(torch.nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    for site in session.sites:  # (this swaps the router's class for a subclass made on the fly)
+        parametrize.register_parametrization(site.module, "weight", Doubled())
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize(
+    "change", [_to_double, _load_other_weights, _replace_router_weights, _parametrize_router_weights]
+)
+def test_a_model_changed_between_capture_and_replay_replays_exactly(
+    change: Callable[[torch.nn.Module, mr.Session], None],
+) -> None:
+    """Between blocks: ``model.to(float64)``, ``load_state_dict`` of other weights, router weights replaced by new
+    Parameters, a parametrization of them: the replay forces the recorded experts exactly as a hand-written one
+    does on the changed model, the state_dict keeps its keys, and detach leaves no trace."""
+    model, x = _model(), _ids()
+    keys = list(model.state_dict())
+    session = mr.attach(model)
+    with session.capture():
+        model(x)
+    forced = _forced(session.routes())
+    change(model, session)
+    with session.replay(forced):
+        got = model(x).logits
+    assert torch.equal(got, _forced_by_hand(model, x, forced))
+    with session.capture():
+        native = model(x).logits
+    assert list(model.state_dict()) == keys or change is _parametrize_router_weights
+    session.detach()
+    assert_untouched(model, snapshot(model))
+    assert torch.equal(model(x).logits, native)
