@@ -1433,7 +1433,8 @@ def _ids(token_ids: Any, routes: Routes, what: str) -> torch.Tensor | None:
     if isinstance(token_ids, torch.Tensor) and token_ids.dtype in _WIDE_UNSIGNED:
         token_ids = token_ids.detach().cpu().numpy()  # (uint64 past int64 is refused below, not wrapped)
     if isinstance(token_ids, np.ndarray):
-        if token_ids.dtype.hasobject or token_ids.dtype.kind not in "iu":
+        if token_ids.dtype.hasobject or (token_ids.dtype.kind not in "iu" and token_ids.size):
+            # (no id at all: np.array([]) is float64, and holds no value an int64 would change)
             raise RoutesValidationError(f"{what}: token ids must be integers, got a numpy array of {token_ids.dtype}")
         token_ids = _native(token_ids)
         if token_ids.size and token_ids.dtype.kind == "u" and int(token_ids.max()) > np.iinfo(np.int64).max:
@@ -1443,10 +1444,11 @@ def _ids(token_ids: Any, routes: Routes, what: str) -> torch.Tensor | None:
         if not is_collection(token_ids):
             raise ArgumentTypeError(f"{what}: token ids must be a tensor or a list of ints, got {token_ids!r:.60}")
         try:
-            token_ids = torch.as_tensor(list(token_ids))
+            values = list(token_ids)
+            token_ids = torch.as_tensor(values) if values else torch.zeros(0, dtype=torch.long)
         except (TypeError, ValueError, RuntimeError, OverflowError) as e:
             raise ArgumentTypeError(f"{what}: token ids must be integers: {e}") from None
-    if not _int_dtype(token_ids.dtype) or token_ids.device.type == "meta":
+    if (not _int_dtype(token_ids.dtype) and token_ids.numel()) or token_ids.device.type == "meta":
         raise RoutesValidationError(f"{what}: token ids must be integers, got {token_ids.dtype} on {token_ids.device}")
     tokens = set(routes.tokens_per_layer)
     if len(tokens) > 1:

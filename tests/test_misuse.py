@@ -14,6 +14,7 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -387,3 +388,24 @@ def test_a_model_changed_between_capture_and_replay_replays_exactly(
     session.detach()
     assert_untouched(model, snapshot(model))
     assert torch.equal(model(x).logits, native)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("ids", [[], (), "np.array([])", "torch.tensor([])"])
+def test_no_token_ids_for_routes_of_no_row_are_taken(ids: object) -> None:
+    """``routes[:0].with_token_ids([])``: an empty list (or numpy's float64 ``array([])``, torch's float32
+    ``tensor([])``) holds no value a cast could change; it was refused as "not integers". Ids with values of a float
+    dtype still are."""
+    made = {"np.array([])": np.array([]), "torch.tensor([])": torch.tensor([])}.get(str(ids), ids)
+    model, x = _model(), _ids()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+    empty = routes[:0].with_token_ids(made)
+    assert empty.num_tokens == 0 and empty.token_ids is None and empty.equal(routes[:0])
+    assert mr.Routes.cat([empty, routes]).equal(routes)
+    with pytest.raises(mr.RoutesValidationError, match="must be integers"):
+        routes[:1].with_token_ids(torch.tensor([1.0]))
+    with pytest.raises(mr.RoutesValidationError, match="must be integers"):
+        routes[:1].with_token_ids(np.array([1.0]))
