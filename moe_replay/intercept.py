@@ -696,6 +696,12 @@ class RouterHook:
                     )
         return None
 
+    @property
+    def reestablishing(self) -> bool:
+        """Its decision was dropped after a change of its settings or code (see :meth:`follow_settings`) and is
+        not established again yet: the k and E it had are no longer known to hold."""
+        return bool(self._dropped) and not self.evidence
+
     def _changed_code(self) -> str | None:
         """The code a lean forward of this router reaches, changed since it was read (a method it calls patched on
         the router or its class, a helper module's function replaced), in words; None where none did. Its lean

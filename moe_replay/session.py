@@ -1696,7 +1696,9 @@ class Session:
                 continue
             j = routes.names.index(s.name)
             e, k = routes.experts_per_layer[j], routes.k_per_layer[j]
-            if e != s.num_experts:
+            if h.reestablishing:  # (its settings changed since its decision was established: its k and E are those
+                pass  # of the decision its next forward establishes, checked against these routes before any forcing)
+            elif e != s.num_experts:
                 wrong.append(f"router '{s.name}' has {s.num_experts} experts, but the routes were recorded for {e}")
             elif s.top_k is not None and k != s.top_k:  # (a k no attribute says: checked when its decision is
                 # established, at its first forward, which refuses routes of another k before forcing them)
@@ -1788,9 +1790,9 @@ class Session:
             raise SessionStateError("a replay is already running on this session; replays do not nest")
         # routes of forwards of several sizes (a generate() capture) replayed in one forward: say how to lay them out
         generated = isinstance(routes, Routes) and routes._call_rows is not None and len(routes._call_rows) > 1
+        self._follow_settings()  # (first: a router whose settings changed has its k and E checked at its next forward)
         routes, plan = self._check_routes(routes, strict)
         self._check_in_place()
-        self._follow_settings()
         self._follow_devices()
         layers = routes._data
         with torch.inference_mode(False):  # the cursors are ordinary tensors, whatever the caller's mode

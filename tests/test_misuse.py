@@ -409,3 +409,38 @@ def test_no_token_ids_for_routes_of_no_row_are_taken(ids: object) -> None:
         routes[:1].with_token_ids(torch.tensor([1.0]))
     with pytest.raises(mr.RoutesValidationError, match="must be integers"):
         routes[:1].with_token_ids(np.array([1.0]))
+
+
+def _set_top_k(model: mr.models.MoETransformer, k: int) -> None:
+    for layer in model.layers:
+        layer.mlp.router.top_k = k
+
+
+@pytest.mark.reliability("lifecycle")
+def test_routes_of_a_k_set_back_after_a_capture_of_another_k_replay_exactly() -> None:
+    """k=2 captured, k set to 1 and captured, k set back to 2: the k=2 routes fit the router as it is now, and
+    were refused against the k=1 of the decision established in between ("chooses k=1 experts"), before any
+    forward could establish it again. Routes of the stale k are still refused, at that forward, nothing forced."""
+    model, x = _model(), _ids()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        forced = _forced(session.routes())
+        _set_top_k(model, 1)
+        with session.capture():
+            model(x)
+        top_1 = session.routes()
+        assert top_1.k_per_layer == (1, 1)
+        _set_top_k(model, 2)
+        with session.replay(forced), session.capture():
+            got = model(x).logits
+        assert torch.equal(got, _forced_by_hand(model, x, forced))
+        assert session.routes().equal(forced)
+        _set_top_k(model, 1)
+        with session.capture():
+            model(x)
+        _set_top_k(model, 2)
+        with pytest.raises(mr.RoutesValidationError, match="chooses 2 of 8.*rows of 1 of 8"), session.replay(top_1):
+            model(x)
+        with session.replay(forced):
+            assert torch.equal(model(x).logits, got)
