@@ -85,6 +85,11 @@ def _path(path: Any, what: str) -> str | os.PathLike[str]:
     return path
 
 
+def _heads(prefix: str, name: str) -> bool:
+    """``prefix`` is whole leading module names of the router path ``name`` ('' heads every name)."""
+    return not prefix or name == prefix or name.startswith(prefix if prefix.endswith(".") else prefix + ".")
+
+
 def fingerprint(names: Sequence[str], num_experts: Sequence[int | None], top_k: Sequence[int | None]) -> str:
     """A short hash of a router set (names, expert counts, k; None where not known yet), to tell models apart."""
     text = json.dumps([list(names), list(num_experts), list(top_k)])
@@ -751,6 +756,9 @@ class Routes:
     def rename(self, prefixes: Mapping[str, str]) -> Routes:
         """The same routes under other router names: each name's longest matching prefix is replaced.
 
+        A prefix is whole module names: ``"layers.1"`` (or ``"layers.1."``) heads
+        ``layers.1.mlp.gate``, never ``layers.10.mlp.gate``.
+
         The explicit way to replay routes recorded under other module paths (a model wrapped
         by DDP, ``torch.compile``, PEFT or a module of one's own; :meth:`Session.replay` does
         it by itself when one prefix change fits every name, and refuses when several do).
@@ -760,6 +768,8 @@ class Routes:
 
         Raises:
             RoutesValidationError: two routers would get the same name.
+            InvalidArgumentError: a prefix ends inside a module name of every router it starts
+                (``"lay"``), so it heads none.
 
         Example:
             >>> import torch, moe_replay as mr
@@ -774,10 +784,25 @@ class Routes:
         ):
             raise ArgumentTypeError(f"rename() takes a mapping of str prefixes {{old: new}}, got {prefixes!r:.60}")
         keys = sorted(prefixes, key=len, reverse=True)
+        names = self._names
+        inside = [k for k in keys if not any(_heads(k, n) for n in names) and any(n.startswith(k) for n in names)]
+        if inside:
+            cut = next(n for n in self._names if n.startswith(inside[0]))
+            raise InvalidArgumentError(
+                f"rename(): the prefix {inside[0]!r} ends inside a module name of router {cut!r}, and matches no "
+                "router name at a '.': a prefix is whole module names (e.g. 'layers.1' is layers.1, never "
+                "layers.10). Give the whole module names (with or without the trailing '.')"
+            )
         names = []
         for n in self._names:
-            old = next((k for k in keys if n.startswith(k)), None)
-            names.append(n if old is None else prefixes[old] + n[len(old) :])
+            old = next((k for k in keys if _heads(k, n)), None)
+            if old is None:
+                names.append(n)
+                continue
+            rest = n[len(old) :]
+            if not prefixes[old] and old and not old.endswith("."):  # ({"module": ""}: no name starts with '.')
+                rest = rest.removeprefix(".")
+            names.append(prefixes[old] + rest)
         if len(set(names)) != len(names):
             twice = sorted({m for m in names if names.count(m) > 1})
             raise RoutesValidationError(f"rename({dict(prefixes)!r}) gives two routers the same name: {twice[:4]}")

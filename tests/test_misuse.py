@@ -444,3 +444,32 @@ def test_routes_of_a_k_set_back_after_a_capture_of_another_k_replay_exactly() ->
             model(x)
         with session.replay(forced):
             assert torch.equal(model(x).logits, got)
+
+
+@pytest.mark.reliability("silent replays")
+def test_rename_of_one_layer_never_renames_the_layers_whose_number_it_begins() -> None:
+    """``rename({"layers.1": "layers.2", "layers.2": "layers.1"})`` to swap two layers' routes swapped layers 10-19
+    with 20-29 too (a string prefix of their names), and a replay on a model of 30 layers forced them on other
+    layers without a word. A prefix is whole module names; one that ends inside a name of every router it starts
+    (``"lay"``) is refused."""
+    swap = {"layers.1": "layers.2", "layers.2": "layers.1"}
+    rows = [torch.tensor([[i, i + 1]]) for i in range(4)]
+    names = ["layers.1.gate", "layers.2.gate", "layers.10.gate", "layers.20.gate"]
+    assert mr.Routes(rows, names, 8).rename(swap).names == ("layers.2.gate", "layers.1.gate", *names[2:])
+    model, x = _model(12), _ids()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = _forced(session.routes())
+        swapped = routes.rename(swap)
+        moved = {a: b for a, b in zip(routes.names, swapped.names, strict=True) if a != b}
+        assert moved == {"layers.1.mlp.router": "layers.2.mlp.router", "layers.2.mlp.router": "layers.1.mlp.router"}
+        with session.replay(swapped):
+            got = model(x).logits
+        assert torch.equal(got, _forced_by_hand(model, x, swapped))
+    assert routes.rename({"": "module."}).rename({"module": ""}).equal(routes)
+    assert routes.rename({"layers.0.mlp.router": "gate"}).names[:2] == ("gate", "layers.1.mlp.router")
+    assert routes.rename({"model.": ""}).equal(routes)  # (a prefix no name has: nothing to rename)
+    for cut in ("lay", "layers.1.mlp.rout"):
+        with pytest.raises(mr.InvalidArgumentError, match="ends inside a module name"):
+            routes.rename({cut: "x"})
