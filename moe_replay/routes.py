@@ -1298,6 +1298,8 @@ def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
             f"routes[...] indexes tokens only, got {len(index)} indices {index!r:.60}: pass token positions as a "
             "list (routes[[0, 1]]), and pick routers with routes.select([...]) or routes.layer(name)"
         )
+    if isinstance(index, range):  # (positions, as a list of them: routes[range(a, b, -1)] reverses)
+        index = list(index)
     if isinstance(index, torch.Tensor) and index.dtype == torch.uint8:
         raise ArgumentTypeError(
             f"a torch.uint8 tensor of {index.numel()} entries is ambiguous as token indices: torch indexes with it as "

@@ -473,3 +473,22 @@ def test_rename_of_one_layer_never_renames_the_layers_whose_number_it_begins() -
     for cut in ("lay", "layers.1.mlp.rout"):
         with pytest.raises(mr.InvalidArgumentError, match="ends inside a module name"):
             routes.rename({cut: "x"})
+
+
+@pytest.mark.reliability("bad inputs")
+def test_token_positions_given_as_a_range_select_those_rows() -> None:
+    """``routes[range(...)]`` (a ``Sequence[int]``, as the index type says) was refused as no index; it takes the
+    rows a list of the same positions takes, their token ids with them, reversed ranges and empty ones too."""
+    model, x = _model(), _ids()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+    for positions in (range(3), range(11, -1, -1), range(2, 12, 4), range(5, 5)):
+        picked = routes[positions]
+        assert picked.equal(routes[list(positions)])
+        want = routes.token_ids[list(positions)] if len(positions) else None
+        got = picked.token_ids
+        assert (got is None and want is None) or torch.equal(got, want)
+    with pytest.raises(mr.TokenIndexError, match="out of range"):
+        routes[range(10, 13)]
