@@ -352,9 +352,11 @@ def _block_method(what: str) -> Callable[[Callable[..., Iterator[Any]]], Callabl
             try:  # (here, not as the block is entered: the `with` line would name no argument of the call)
                 signature.bind(self, *args, **kwargs)
             except TypeError as err:
+                bare = len(args) == 1 and callable(args[0]) and not kwargs and what != "replay()"
                 raise ArgumentTypeError(
                     f"session.{what[:-1]}...) was called with arguments it does not take: {err}. It takes "
                     f"session.{what[:-2]}{_without_self(signature)} (options after `*` by name)"
+                    + (f"; as a decorator it is called first: @session.{what}" if bare else "")
                 ) from None
             return _Block(self._owner, what, functools.partial(cm, self, *args, **kwargs))
 

@@ -192,6 +192,7 @@ _BAD_BLOCK_CALLS: dict[str, Callable[[mr.Session, mr.Routes], object]] = {
     "replay(routes, False)": lambda s, r: s.replay(r, False),
     "replay()": lambda s, r: s.replay(),
     "keep_scores(1)": lambda s, r: s.keep_scores(1),
+    "@capture": lambda s, r: s.capture(lambda: None),
 }
 
 
@@ -206,8 +207,9 @@ def test_a_block_called_with_arguments_it_does_not_take_is_refused_at_the_call(c
         with session.capture():
             native = model(x).logits
         routes = session.routes()
-        with pytest.raises(mr.ArgumentTypeError, match=r"does not take.*It takes session\.\w+\("):
+        with pytest.raises(mr.ArgumentTypeError, match=r"does not take.*It takes session\.\w+\(") as err:
             _BAD_BLOCK_CALLS[call](session, routes)
+        assert ("@session.capture()" in str(err.value)) == call.startswith("@")
         assert session.state == "idle" and session.routes().equal(routes)
         assert torch.equal(model(x).logits, native)  # (no block noted as dropped: the next forward is not refused)
         with session.replay(routes):
