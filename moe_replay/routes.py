@@ -1022,6 +1022,8 @@ class Routes:
         """
         _path(path, "save()")
         self._ensure_valid()
+        if not os.fspath(path):  # (open("") fails with a bare FileNotFoundError naming no file)
+            raise MissingFileError("cannot write routes to '': the path is empty; give a file name (routes.npz)")
         if os.path.isdir(path):
             raise NotAFileError(f"cannot write routes to {path}: it is a directory; give a file name (routes.npz)")
         folder = os.path.dirname(os.fspath(path))

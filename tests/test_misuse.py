@@ -494,3 +494,15 @@ def test_token_positions_given_as_a_range_select_those_rows() -> None:
         assert (got is None and want is None) or torch.equal(got, want)
     with pytest.raises(mr.TokenIndexError, match="out of range"):
         routes[range(10, 13)]
+
+
+@pytest.mark.reliability("files")
+def test_save_to_an_empty_path_is_refused_as_such(tmp_path: Path) -> None:
+    """``routes.save("")`` (a path variable left empty) raised the bare FileNotFoundError of ``open("")``."""
+    routes = mr.Routes([torch.tensor([[0, 1]])], names=["r"], num_experts=8)
+    with pytest.raises(mr.MissingFileError, match="the path is empty"):
+        routes.save("")
+    with pytest.raises(mr.NotAFileError, match="is a directory"):
+        routes.save(Path(""))  # (that is Path("."))
+    routes.save(tmp_path / "r.npz")
+    assert mr.Routes.load(tmp_path / "r.npz").equal(routes)
