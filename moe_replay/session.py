@@ -1030,6 +1030,7 @@ class Session:
     @contextlib.contextmanager
     def _block(self, what: str) -> Iterator[None]:
         """Hold the session for this thread while a capture/replay/keep_scores/verify block is open."""
+        self._check_outside_forward(what)
         owner, me = self._owner, threading.get_ident()
         with owner.lock:
             if owner.ident is not None and owner.ident != me:
@@ -1057,6 +1058,25 @@ class Session:
                     owner.close()
                     for h in self._hooks:  # (hooks run after a router only count in blocks)
                         h.drop_guard()
+
+    def _check_outside_forward(self, what: str) -> None:
+        """Refuse a block entered while a forward of the model runs in this thread (a hook inside it): the routers
+        that ran earlier in that forward would be left out of the block, the later ones not, and their rows would
+        not line up. Read from the frames of this thread as the block starts, not in any forward."""
+        feeds = self._feed_wrappers
+        if not feeds:
+            return
+        code = FeedForward.__call__.__code__
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is code and any(frame.f_locals.get("self") is f for f in feeds):
+                raise SessionStateError(
+                    f"{what} entered inside a forward of the model (a hook or callback that runs in it): the routers "
+                    "that ran earlier in this forward would be left out of the block and the later ones not, so "
+                    "their rows would not line up. Enter the block before the forward (a forward pre-hook of the "
+                    "model runs before it) or after it returns"
+                )
+            frame = frame.f_back
 
     def _check_in_place(self) -> None:
         """Refuse a block where a router would run without this session's wrapper.

@@ -506,3 +506,47 @@ def test_save_to_an_empty_path_is_refused_as_such(tmp_path: Path) -> None:
         routes.save(Path(""))  # (that is Path("."))
     routes.save(tmp_path / "r.npz")
     assert mr.Routes.load(tmp_path / "r.npz").equal(routes)
+
+
+_BLOCKS_IN_A_HOOK: dict[str, Callable[[mr.Session, mr.Routes, torch.Tensor], object]] = {
+    "capture": lambda s, r, x: s.capture().__enter__(),
+    "replay": lambda s, r, x: s.replay(r).__enter__(),
+    "keep_scores": lambda s, r, x: s.keep_scores().__enter__(),
+    "verify": lambda s, r, x: s.verify(x),
+}
+
+
+@pytest.mark.reliability("re-entrance")
+@pytest.mark.parametrize("block", list(_BLOCKS_IN_A_HOOK))
+def test_a_block_entered_by_a_hook_in_the_middle_of_a_forward_is_refused(block: str) -> None:
+    """A capture entered by a forward hook of layer 0 recorded layer 1's rows of that forward and not layer 0's: the
+    capture held 12 rows for one router and 24 for the other, and routes() read them. Every block entered while a
+    forward of the model runs is refused; one entered by a forward pre-hook of the model, before it, is not."""
+    model, x = _model(), _ids()
+    before = snapshot(model)
+    with mr.attach(model) as session:
+        with session.capture():
+            native = model(x).logits
+        routes = session.routes()
+        opened: list[object] = []
+
+        def open_in_the_forward(*_: object) -> None:
+            _BLOCKS_IN_A_HOOK[block](session, routes, x)
+
+        def open_before_the_forward(*_: object) -> None:
+            opened.append(session.capture())
+            opened[-1].__enter__()
+
+        hook = model.layers[0].register_forward_hook(open_in_the_forward)
+        with pytest.raises(mr.SessionStateError, match=f"{block}\\(\\) entered inside a forward of the model"):
+            model(x)
+        hook.remove()
+        assert session.state == "idle"
+        hook = model.register_forward_pre_hook(open_before_the_forward)
+        model(x)
+        hook.remove()
+        opened[-1].__exit__(None, None, None)
+        assert session.routes().equal(routes) and torch.equal(session.routes().token_ids, routes.token_ids)
+        with session.replay(routes):
+            assert torch.equal(model(x).logits, native)
+    assert_untouched(model, before)
