@@ -1015,9 +1015,13 @@ class Routes:
         :func:`~moe_replay.split_generation` and :meth:`BatchLayout.unpack` read after :meth:`load`
         as before.
 
+        The file is written whole or not at all: it is written beside ``path`` first and moved
+        there once complete, so a write that fails (a full disk, an interrupt) leaves a file that
+        was at ``path`` as it was.
+
         Raises:
             RoutesValidationError: rows that :meth:`load` would refuse (a mixed ``-1`` row, duplicates).
-            NotAFileError: ``path`` is a directory.
+            NotAFileError: ``path`` is a directory, or no regular file (a pipe, a device).
             MissingFileError: the folder of ``path`` does not exist.
         """
         _path(path, "save()")
@@ -1026,6 +1030,11 @@ class Routes:
             raise MissingFileError("cannot write routes to '': the path is empty; give a file name (routes.npz)")
         if os.path.isdir(path):
             raise NotAFileError(f"cannot write routes to {path}: it is a directory; give a file name (routes.npz)")
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise NotAFileError(
+                f"cannot write routes to {path}: it is no regular file (a pipe, a device, a socket); give a file name "
+                "(routes.npz)"
+            )
         folder = os.path.dirname(os.fspath(path))
         if folder and not os.path.isdir(folder):
             raise MissingFileError(f"cannot write routes to {path}: no folder {folder}; create it first")
@@ -1051,8 +1060,7 @@ class Routes:
             # (too many runs for the metadata: the padded sequences of a large rollout) one value per row, not dropped
             arrays["prompt_mask"] = mask.numpy()
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        with open(path, "wb") as f:
-            np.savez_compressed(f, **arrays)
+        _write_whole(os.fspath(path), lambda f: np.savez_compressed(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, max_bytes: int | None = MAX_LOAD_BYTES) -> Routes:
@@ -1568,3 +1576,27 @@ def in_token_order(routes: Routes, what: str) -> Routes:
     if routes._fed_mask is not None and routes._fed_mask.numel() == order.numel():
         out._fed_mask = routes._fed_mask[order]
     return out
+
+
+def _write_whole(path: str, write: Any) -> None:
+    """Run ``write(file)`` on a new file beside ``path`` and move it to ``path`` once complete (``os.replace``, atomic
+    on one file system); where ``write`` fails, the new file goes and a file at ``path`` stays as it was. A symbolic
+    link at ``path`` is followed: its target is the file replaced."""
+    target = os.path.realpath(path)
+    part = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.{id(write):x}.part")
+    try:
+        f = open(part, "xb")  # (created as open() creates any file: the mode the umask leaves)
+    except PermissionError:  # a folder that takes no new file, a file in it that may be written: in place
+        with open(path, "wb") as f:
+            write(f)
+        return
+    try:
+        with f:
+            write(f)
+        os.replace(part, target)
+    except BaseException:
+        try:
+            os.unlink(part)
+        except OSError:
+            pass
+        raise

@@ -508,6 +508,43 @@ def test_save_to_an_empty_path_is_refused_as_such(tmp_path: Path) -> None:
     assert mr.Routes.load(tmp_path / "r.npz").equal(routes)
 
 
+@pytest.mark.reliability("files")
+def test_a_save_that_fails_leaves_the_file_it_would_replace_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    """A write that fails half-way (a full disk, an interrupt) used to leave a truncated file where the routes saved
+    before were: the previous file stays, whole, and nothing else is left in its folder."""
+    old = mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["r"], num_experts=8)
+    new = mr.Routes([torch.tensor([[4, 5]] * 50)], names=["r"], num_experts=8)
+    path = tmp_path / "r.npz"
+    old.save(path)
+    before = path.read_bytes()
+
+    def half_then_full(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        new.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["r.npz"]
+    assert mr.Routes.load(path).equal(old)
+    link = tmp_path / "link.npz"
+    link.symlink_to(path)
+    new.save(link)  # (through a link: the file it names is replaced, the link stays one)
+    assert link.is_symlink() and mr.Routes.load(path).equal(new)
+
+
+@pytest.mark.reliability("files")
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_save_to_a_pipe_is_refused(tmp_path: Path) -> None:
+    """Saving over a named pipe would block until a reader came (and a device, /dev/null, swallows the routes)."""
+    pipe = tmp_path / "p.npz"
+    os.mkfifo(pipe)
+    with pytest.raises(mr.NotAFileError, match="no regular file"):
+        mr.Routes([torch.tensor([[0, 1]])], names=["r"], num_experts=8).save(pipe)
+    assert pipe.exists() and not pipe.is_file()
+
+
 _BLOCKS_IN_A_HOOK: dict[str, Callable[[mr.Session, mr.Routes, torch.Tensor], object]] = {
     "capture": lambda s, r, x: s.capture().__enter__(),
     "replay": lambda s, r, x: s.replay(r).__enter__(),
