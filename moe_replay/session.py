@@ -2335,8 +2335,10 @@ def _prefix_maps(names: Sequence[str], targets: Sequence[str]) -> list[tuple[tup
         if common == 0:
             continue
         lead, other = first[: len(first) - common], parts[: len(parts) - common]
-        if lead and other and lead[-1].isdigit() and other[-1].isdigit():
-            continue  # another index into a module list: another layer, not a wrapper's prefix
+        if any(part.isdigit() for part in (*lead, *other)):
+            # an index into a module list changed, dropped or added (routes of one layer of a whole model on a
+            # session of another, or of that layer): another layer, or one that no name tells, not a wrapper's prefix
+            continue
         old = ".".join(first[: len(first) - common]) + ("." if common < len(first) else "")
         new = ".".join(parts[: len(parts) - common]) + ("." if common < len(parts) else "")
         if (old, new) in found or not all(n.startswith(old) for n in names):

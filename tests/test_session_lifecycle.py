@@ -16,6 +16,7 @@ from torch import nn
 
 import moe_replay as mr
 from moe_replay.intercept import ScopedForward
+from moe_replay.session import _prefix_maps
 
 from .conftest import assert_untouched, perturb_routers, snapshot, tried
 from .tinymoe import RouterSpec, TinyMoE
@@ -887,6 +888,34 @@ def test_routes_replay_across_wrappers_of_each_layer(direction: str) -> None:
     assert _unwrapped_map(["a.layers.1.gate"], targets) is None
     assert _unwrapped_map(["a.layers.1.gate"], targets[:1]) == {"a.layers.1.gate": targets[0]}
     assert _unwrapped_map(["a.layers.2.gate"], targets) is None
+
+
+@pytest.mark.reliability("wrappers")
+def test_routes_of_one_layer_are_not_fitted_onto_a_session_of_another_layer() -> None:
+    """Routes of ``layers.0``'s router, recorded on the whole model (token ids dropped), fitted ``layers.0.`` -> ``''``
+    onto a session attached to ``layers[1]`` and forced layer 0's experts on layer 1 without a word: a prefix that
+    drops, adds or changes an index into a module list names another layer, or one no name tells. Refused; an
+    explicit rename says which, and then forces those rows."""
+    torch.manual_seed(0)
+    model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense")
+    x = torch.randint(0, 128, (2, 5))
+    with mr.attach(model) as s, s.capture(), torch.no_grad():
+        model(x)
+    full = s.routes()
+    first = full.select([n for n in full.names if n.startswith("layers.0.")]).with_token_ids(None)
+    layer = model.layers[1]
+    hidden = torch.randn(2, 5, layer.mlp.router.weight.shape[1])
+    with mr.attach(layer.mlp) as session:
+        with pytest.raises(mr.RouterNotFoundError, match="routes.rename"):
+            with session.replay(first), torch.no_grad():
+                layer.mlp(hidden)
+        assert session.renamed is None
+        with session.replay(first.rename({"layers.0.mlp.": ""})), session.capture(), torch.no_grad():
+            layer.mlp(hidden)
+        assert session.routes().per_layer()[0].equal(first.per_layer()[0])  # (the rows named, forced)
+    assert _prefix_maps(["m.layers.0.gate"], ["gate"]) == []  # (not ``m.layers.0.`` -> '')
+    assert _prefix_maps(["gate"], ["layers.3.gate"]) == []
+    assert _prefix_maps(["module.layers.0.gate"], ["layers.0.gate"])  # (a wrapper's prefix still fits)
 
 
 def test_rename_refuses_collisions_and_round_trips() -> None:
