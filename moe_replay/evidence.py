@@ -450,6 +450,29 @@ def _changed_values(out: Any) -> Any:
     return type(out)((moved, idx))
 
 
+def _floats(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def _is_peak(t: torch.Tensor, peak: torch.Tensor, forced: torch.Tensor) -> bool:
+    """Is ``t`` (one value per row) ``peak`` (the row maxima of some scores) and none of ``forced`` (those scores
+    read at the forced experts, slot by slot: a forced weight that equals the maximum by a tie is no twin)?"""
+    if t.dtype != peak.dtype or not torch.equal(t, peak):
+        return False
+    return not any(torch.equal(t, f) for f in forced)
+
+
+def _raised(out: Any, leaf: int) -> Any:
+    """``out`` (a tensor, or a tuple of them) with its ``leaf``-th tensor raised by 1."""
+    if isinstance(out, torch.Tensor):
+        return out + 1
+    items = list(out)
+    items[leaf] = items[leaf] + 1
+    if hasattr(type(out), "_fields"):  # (a named tuple of Python's)
+        return type(out)(*items)
+    return type(out)(items)
+
+
 def _lifted_values(family: str, out: Any) -> Any:
     """A ``(values, indices)`` result with its values raised, slot ``j`` of a row by ``j + 1`` (a one-value call by 1):
     a shift or a scale that a softmax or a renormalisation cancels stays cancelled, while weights read from them
@@ -532,6 +555,8 @@ class _ProbeMode(TorchFunctionMode):
         scramble: int | None = None,
         peak: int | None = None,
         lift: bool = False,
+        watch: tuple[int, torch.Tensor, torch.Tensor] | None = None,
+        bump: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.lift = (
@@ -541,6 +566,15 @@ class _ProbeMode(TorchFunctionMode):
         # where it is reached; ``peak`` (an ordinal among them): that one's values raised by 1
         self.peaks: list[tuple[int, int, torch.Tensor, str]] = []
         self.peak = peak
+        # maxima over the experts taken out of every other check's sight (see _watched): with ``watch`` (a width and
+        # the decision's native best expert per row), the calls of this scope whose results are the row maxima of
+        # scores of that width that natively pick that expert, each as (ordinal, leaf, description); with ``bump``
+        # (an ordinal and a leaf of its result), that leaf raised by 1
+        self.watch, self.bump = watch, bump
+        self.ordinal = 0  # calls of this scope so far (counted where watch or bump is given)
+        self.maxima: list[tuple[torch.Tensor, torch.Tensor]] = []  # per watched score tensor: row maxima, forced
+        self._seen_scores: dict[int, weakref.ref[torch.Tensor]] = {}
+        self.hidden: list[tuple[int, int, str]] = []
         self.change, self.hold, self.slot, self.values = change, hold, slot, values
         # values leaving torch (see _opaque): where, in this run; with ``scramble`` (a width), those of that width
         # are handed over with their last dimension rolled by one (their experts moved)
@@ -602,6 +636,8 @@ class _ProbeMode(TorchFunctionMode):
         out = self._call(func, args, kwargs)
         if func in _PEAKS and NESTING.depth == self.depth:
             out = self._peaked(args, kwargs, out)
+        if (self.watch is not None or self.bump is not None) and NESTING.depth == self.depth:
+            out = self._watched(func, args, kwargs, out)
         if not self.force or NESTING.depth != self.depth:  # (a call of a router nested inside: its own)
             return out
         if not answered:  # before the decision: where each floating result came from, and earlier choices
@@ -646,6 +682,37 @@ class _ProbeMode(TorchFunctionMode):
         self.peaks.append((width, x.numel() // width, x.detach().argmax(-1).reshape(-1, 1), _where()))
         if self.peak == n:
             return out + 1
+        return out
+
+    def _watched(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        """Note the scores of the watched width and the results that are their row maxima (see :attr:`hidden`), by
+        value: a ``max`` along the tokens of a transposed view, a max-pool, an infinity norm, a ``cummax``'s last
+        value take one without any decision-like call along the experts. ``out``, raised if asked."""
+        n = self.ordinal
+        self.ordinal += 1
+        direct = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, tuple) else []
+        if self.bump is not None and n == self.bump[0]:
+            return _raised(out, self.bump[1])
+        if self.watch is None or len(self.hidden) >= 4:
+            return out
+        width, best, others = self.watch
+        rows = best.numel()
+        for t in _leaves((args, kwargs, out), []):
+            if not _floats(t) or not t.dim() or t.shape[-1] != width or t.numel() != rows * width:
+                continue
+            known = self._seen_scores.get(id(t))
+            if (known is not None and known() is t) or len(self.maxima) >= 16:
+                continue
+            self._seen_scores[id(t)] = weakref.ref(t)
+            flat = t.detach().reshape(rows, width)
+            if torch.equal(flat.argmax(-1), best):
+                self.maxima.append((flat.amax(-1), flat.gather(-1, others.to(flat.device)).T))
+        if func in _PEAKS or (func in DECISION_FUNCS and decision_call(func, args, kwargs) is not None):
+            return out  # (seen by the checks of the calls and of the maxima by value alone)
+        for j, t in enumerate(direct):
+            if _floats(t) and t.numel() == rows and any(_is_peak(t.detach().reshape(-1), *m) for m in self.maxima):
+                self.hidden.append((n, j, f"{getattr(func, '__name__', func)}() at {_where()}"))
+                break
         return out
 
     def _cut_compared(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Any] | None:
@@ -1509,8 +1576,12 @@ class _Prober:
         reseed: int | None = None,
         peak: int | None = None,
         lift: bool = False,
+        watch: tuple[int, torch.Tensor, torch.Tensor] | None = None,
+        bump: tuple[int, int] | None = None,
     ) -> tuple[Any, _ProbeMode]:
-        mode = _ProbeMode(change, hold or {}, slot, values, force, choices, fill, early, scramble, peak, lift)
+        mode = _ProbeMode(
+            change, hold or {}, slot, values, force, choices, fill, early, scramble, peak, lift, watch, bump
+        )
         mode.snapshot = self.snapshot
         args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
         # on inputs of its own making, a forward may loop on where its real inputs never take it (an iteration
@@ -2563,6 +2634,54 @@ def _refuse_value_twins(
         moved, _ = probe.run(peak=n, lift=True)
         if moves(moved):
             _refuse_twin(name, probe, calls, ev, f"amax() over {width} at {where}", base, moved)
+    _refuse_hidden_maxima(name, probe, calls, ev, seen, mine)
+
+
+def _refuse_hidden_maxima(
+    name: str, probe: _Prober, calls: Sequence[Call], ev: Evidence, seen: _ProbeMode, mine: torch.Tensor
+) -> None:
+    """Refuse a router whose output reads the natively best expert's score through a maximum no decision-like call
+    along the experts takes (``probs.t().max(0)``, a max-pool, an infinity norm, a ``cummax``'s last value), checked
+    by effect: with the decision (and its mirrors) answered as a replay answers other experts than the native ones,
+    a result that is still the row maximum of scores that natively pick the decision's best expert is the native
+    best's score, not the forced experts'; where raising it by 1 moves the output beyond rounding (it is no shift
+    or scale that cancels), the recorded experts would be weighted as the natively best one."""
+    first = calls[ev.decision[0]]
+    width, best = first.width, mine.reshape(-1)
+    if ev.top_k >= width:
+        return  # (every expert chosen: no other to force)
+    others = (best[:, None] + 1 + torch.arange(width - 1, device=best.device)) % width  # (each row's others)
+    native, force = _force(calls, seen, ev), {}
+    start = 0
+    for i in ev.decision:  # (successive slots: each its own next experts)
+        held, used = native[i]
+        force[i] = (_avoiding(calls[i].family, held, others[:, start:]), used)
+        start += calls[i].k if len(ev.decision) > 1 else 0
+    for i in (*ev.mirrors, *ev.followers):
+        force[i] = (_avoiding(calls[i].family, seen.outs[i], others), ev.top_k)
+    if any(held is None for held, _ in force.values()):
+        return  # (indices of another shape than one row per token: judged by the other checks)
+    base, watched = probe.run(force=force, watch=(width, best, others[:, : ev.top_k]))
+    moves = _beyond_rounding(base)
+    for n, leaf, what in watched.hidden:
+        moved, _ = probe.run(force=force, bump=(n, leaf))
+        if moves(moved):
+            _refuse_twin(name, probe, calls, ev, what, base, moved)
+
+
+def _avoiding(family: str, held: Any, others: torch.Tensor) -> Any:
+    """``held`` (a decision-like call's result) with its indices the first of ``others`` (``[rows, n]``: experts
+    other than each row's native best, in slot order), its values kept; None where its indices are not ``k`` per
+    row of ``others``."""
+    idx = held if family in ("argmax", "argmin") else held[1]
+    rows = others.shape[0]
+    if not isinstance(idx, torch.Tensor) or not rows or idx.numel() % rows:
+        return None
+    k = idx.numel() // rows
+    if k > others.shape[1]:
+        return None
+    new = others[:, :k].reshape(idx.shape).to(device=idx.device, dtype=idx.dtype)
+    return new if family in ("argmax", "argmin") else type(held)((held[0], new))
 
 
 def _column_offset(x: torch.Tensor) -> tuple[int, int]:

@@ -422,22 +422,18 @@ def test_weights_read_from_a_twin_of_the_decision_are_refused(form: str, call: i
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a maximum over the experts taken by a call that is no decision-like call along the last "
-    "dimension (a max along dim 0 of a transposed view, a max-pool, an infinity norm, a cummax) is not seen as a "
-    "value twin, so its values weigh the forced experts as the natively best ones, silently",
-)
 @pytest.mark.parametrize("form", ["transposed-max", "max-pool", "inf-norm", "cummax"])
 def test_weights_read_from_a_maximum_out_of_sight_are_refused(form: str) -> None:
-    """The top-1's weight read from the natively best expert's probability by a call that no value-twin check sees:
-    replayed, the forced experts are weighed by the natively best one's probability. Exact (as the recorded experts
-    forced by hand) or refused is the rule; today the replay passes, its weights wrong."""
+    """Once silent: the top-1's weight read from the natively best expert's probability by a call that is no
+    decision-like call along the experts (no value-twin check saw it): replayed, the forced experts were weighed by
+    the natively best one's probability. Now seen by effect (with other experts forced, a result that is still the
+    native row maximum, whose value reaches the output) and refused, naming that call, the model left as it was."""
     model = TwoLayers(lambda: RouterBlock(ValueTwinGate(form)))
-    try:
-        assert_replay_is_forced_by_hand(model, _x())
-    except mr.UnsupportedRouterError:
-        pass
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError, match=r"reads the values of \w+\(\) at .*natively chooses as its"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(_x())
+    assert_untouched(model, before)
 
 
 @pytest.mark.reliability("silent replays")
