@@ -27,6 +27,7 @@ import dis
 import functools
 import inspect
 import operator
+import sys
 import threading
 import types
 import weakref
@@ -253,7 +254,10 @@ def bypasses(forward: Callable[..., Any], witness: CodeWitness | None = None) ->
     (see :func:`unwrapped`): a global (``from torch import topk``), an attribute of ``self`` or of
     a module or class it names (``self.fill = torch.masked_fill`` in ``__init__``), a default
     argument, a closure cell, a ``functools.partial`` of one, or one held in a dict, list, tuple
-    or set there. Code reached in other ways (held in a local variable, or reached through two
+    or set there; and an attribute of ``self`` the code calls that holds None when read (``self.score_mod(p)``
+    behind a test for None): code some forwards are handed there (a block may set it for one forward and take it
+    back after, which no check of the code read as blocks start and end sees) is code none of this read. Code
+    reached in other ways (held in a local variable, or reached through two
     attributes) is not read; a callable passed in as an argument is not either, but a forward that
     gets one runs under the mode (see :func:`code_in_arguments`). A router with any such place
     keeps the mode: only a router whose reachable code calls these through ``torch.`` goes lean.
@@ -364,6 +368,8 @@ def bypasses(forward: Callable[..., Any], witness: CodeWitness | None = None) ->
                             target = None
                         if (found := unwrapped(target)) is not None:
                             out.append(f"self.{name} ({found} held there) at {where(code, ins)}")
+                        elif target is None and _loads_to_call(ins):  # (code some forwards are handed: unread)
+                            out.append(f"self.{name} (None when read, called) at {where(code, ins)}")
                         else:
                             read_attribute(target, depth)
                 elif isinstance(named, (types.ModuleType, type)) and not _is_library(
@@ -474,6 +480,17 @@ def code_in_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | No
                 if callable(item):
                     return f"argument {where!r} (holding {unwrapped(item) or type(item).__qualname__})"
     return None
+
+
+def _loads_to_call(ins: dis.Instruction) -> bool:
+    """Does this instruction load an attribute to call it (``self.score_mod(...)``)? Python 3.11 and earlier load
+    such an attribute with ``LOAD_METHOD``; later ones with a ``LOAD_ATTR`` whose lowest bit of its argument is set."""
+    if ins.opname == "LOAD_METHOD":
+        return True
+    return _METHOD_FLAG and ins.opname == "LOAD_ATTR" and bool((ins.arg or 0) & 1)
+
+
+_METHOD_FLAG = sys.version_info >= (3, 12)
 
 
 def _ignore(holder: Any, name: str) -> None:

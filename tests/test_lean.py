@@ -1135,15 +1135,11 @@ class ReadsModAttribute(SeenModes):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: code a block puts in an attribute its router reads for one forward and takes back after it "
-    "is seen neither by the lean path (no argument) nor by the check of the code read (as blocks start and end), "
-    "so its mask runs unseen and forced experts it leaves out get 0.0",
-)
 def test_code_a_block_sets_on_its_router_for_one_forward_is_seen() -> None:
-    """A function set on the router for the long forward only, None again after it: exact under the mode (forced
-    experts the mask leaves out read through it), or refused."""
+    """Once silent: a function set on the router for the long forward only, None again after it, was seen neither by
+    the lean path (no argument) nor by the check of the code read (as blocks start and end), so its mask ran unseen.
+    An attribute the router's code calls that holds None when read keeps it under the mode: exact (forced experts
+    the mask leaves out read through it), or refused."""
     model = TwoLayers(SetsModPerForward)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
