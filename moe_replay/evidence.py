@@ -295,6 +295,9 @@ class Evidence:
         followers: later calls that find the decision's experts again in scores it made (an ``argmax`` of the
             one-hot of its choice, straight-through routing): checked as later choices (with the decision held,
             they read nothing else), then answered as mirrors in a replay.
+        squashed: the decision's scores were made through an elementwise squashing (a ``sigmoid``) after the
+            matrix product that makes the logits (a sigmoid router's, DeepSeek-V3 style), as the calls of its
+            forward show; None where not traced. Their softmax is not the router's probabilities.
     """
 
     calls: tuple[Call, ...]
@@ -305,6 +308,7 @@ class Evidence:
     reason: str
     mirrors: tuple[int, ...] = ()
     followers: tuple[int, ...] = ()
+    squashed: bool | None = None
 
     @property
     def count(self) -> int:
@@ -450,6 +454,13 @@ def _changed_values(out: Any) -> Any:
     return type(out)((moved, idx))
 
 
+#: Elementwise squashings (by call name, in place or not): scores made through one after the logits are no logits
+#: (see Evidence.squashed).
+_SQUASHINGS = frozenset({"sigmoid", "tanh", "softplus", "relu", "elu", "gelu", "silu", "hardsigmoid", "hardtanh"})
+#: The calls (by name) that make logits: a matrix product, where reading back stops.
+_PRODUCTS = frozenset({"linear", "mm", "addmm", "matmul", "bmm", "baddbmm", "einsum", "rmatmul", "conv1d", "conv2d"})
+
+
 def _floats(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
@@ -557,6 +568,7 @@ class _ProbeMode(TorchFunctionMode):
         lift: bool = False,
         watch: tuple[int, torch.Tensor, torch.Tensor] | None = None,
         bump: tuple[int, int] | None = None,
+        trace: bool = False,
     ) -> None:
         super().__init__()
         self.lift = (
@@ -571,6 +583,10 @@ class _ProbeMode(TorchFunctionMode):
         # scores of that width that natively pick that expert, each as (ordinal, leaf, description); with ``bump``
         # (an ordinal and a leaf of its result), that leaf raised by 1
         self.watch, self.bump = watch, bump
+        # with ``trace``: what made each floating result of this scope, by id: (when, the call's name, its tensor
+        # inputs by id), read back from each decision-like call's scores as it is made (see :meth:`squashed`)
+        self.trace: dict[int, tuple[int, str, tuple[int, ...]]] | None = {} if trace else None
+        self.squashes: list[bool | None] = []  # per decision-like call, with ``trace``: its scores squashed
         self.ordinal = 0  # calls of this scope so far (counted where watch or bump is given)
         self.maxima: list[tuple[torch.Tensor, torch.Tensor]] = []  # per watched score tensor: row maxima, forced
         self._seen_scores: dict[int, weakref.ref[torch.Tensor]] = {}
@@ -638,6 +654,12 @@ class _ProbeMode(TorchFunctionMode):
             out = self._peaked(args, kwargs, out)
         if (self.watch is not None or self.bump is not None) and NESTING.depth == self.depth:
             out = self._watched(func, args, kwargs, out)
+        if self.trace is not None and NESTING.depth == self.depth:
+            ins = tuple(id(t) for t in _leaves((args, kwargs), []) if isinstance(t, torch.Tensor))
+            named = getattr(func, "__name__", "").partition(".")[0].strip("_")  # (an aten operator: sigmoid.default)
+            for t in _leaves(out, []):
+                if _floats(t):
+                    self.trace[id(t)] = (len(self.trace), named, ins)
         if not self.force or NESTING.depth != self.depth:  # (a call of a router nested inside: its own)
             return out
         if not answered:  # before the decision: where each floating result came from, and earlier choices
@@ -714,6 +736,24 @@ class _ProbeMode(TorchFunctionMode):
                 self.hidden.append((n, j, f"{getattr(func, '__name__', func)}() at {_where()}"))
                 break
         return out
+
+    def squashed(self, x: torch.Tensor) -> bool | None:
+        """Were the scores ``x`` made through an elementwise squashing after the matrix product of the logits (see
+        :attr:`Evidence.squashed`)? Read back through what each result was made of; None where not traced."""
+        if self.trace is None:
+            return None
+        todo, seen = [(id(x), len(self.trace))], set()
+        while todo and len(seen) < 4096:
+            i, after = todo.pop()
+            made = self.trace.get(i)
+            if i in seen or made is None or made[0] >= after:  # (an id taken again by a later result: not it)
+                continue
+            seen.add(i)
+            if made[1] in _SQUASHINGS:
+                return True
+            if made[1] not in _PRODUCTS:  # (the logits' product: no further back)
+                todo.extend((j, made[0]) for j in made[2])
+        return False
 
     def _cut_compared(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Any] | None:
         """Before the decision: note what a piecewise cut makes; a comparison of it with 0 is a choice (by the
@@ -822,6 +862,8 @@ class _ProbeMode(TorchFunctionMode):
         i = len(self.calls)
         x = _arg(args, kwargs, 0, "input")
         self.calls.append(Call(i, *sig, rows=x.numel() // sig[2], where=_where()))
+        if self.trace is not None:
+            self.squashes.append(self.squashed(x))
         self.ins.append(x)
         self.unmasked.append(any(m is x for m in self.masked))
         if i in self.hold:
@@ -1578,9 +1620,10 @@ class _Prober:
         lift: bool = False,
         watch: tuple[int, torch.Tensor, torch.Tensor] | None = None,
         bump: tuple[int, int] | None = None,
+        trace: bool = False,
     ) -> tuple[Any, _ProbeMode]:
         mode = _ProbeMode(
-            change, hold or {}, slot, values, force, choices, fill, early, scramble, peak, lift, watch, bump
+            change, hold or {}, slot, values, force, choices, fill, early, scramble, peak, lift, watch, bump, trace
         )
         mode.snapshot = self.snapshot
         args, kwargs = inputs if inputs is not None else (self.args, self.kwargs)
@@ -2122,7 +2165,7 @@ def _establish(
     args, kwargs = probe.args, probe.kwargs
     try:
         try:
-            base, seen = probe.run()
+            base, seen = probe.run(trace=True)
         except Exception as e:
             raise _needs_hooks(name, probe, e) from e
         calls: Sequence[Call] = seen.calls
@@ -2159,7 +2202,7 @@ def _establish(
             _refuse_escapes(name, probe, calls, seen, ev, tolerance)
             _refuse_value_twins(name, probe, calls, seen, ev, base)
             _refuse_shifted_ids(name, calls, seen, ev, base)
-            return ev
+            return dataclasses.replace(ev, squashed=_squashed(seen, ev))
 
         reach: dict[int, int] = {}  # output elements that changing each call changes
 
@@ -2405,7 +2448,7 @@ def _establish(
         _refuse_escapes(name, probe, calls, seen, ev, tolerance)
         _refuse_value_twins(name, probe, calls, seen, ev, base)
         _refuse_shifted_ids(name, calls, seen, ev, base)
-        return ev
+        return dataclasses.replace(ev, squashed=_squashed(seen, ev))
     finally:
         probe.snapshot.restore()
 
@@ -2682,6 +2725,12 @@ def _avoiding(family: str, held: Any, others: torch.Tensor) -> Any:
         return None
     new = others[:, :k].reshape(idx.shape).to(device=idx.device, dtype=idx.dtype)
     return new if family in ("argmax", "argmin") else type(held)((held[0], new))
+
+
+def _squashed(seen: _ProbeMode, ev: Evidence) -> bool | None:
+    """:attr:`Evidence.squashed`, from a traced run: that of the decision's first call's scores."""
+    first = ev.decision[0]
+    return seen.squashes[first] if first < len(seen.squashes) else None
 
 
 def _column_offset(x: torch.Tensor) -> tuple[int, int]:

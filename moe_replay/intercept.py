@@ -1436,7 +1436,8 @@ class RouterHook:
         if self.seen is not None and self._source is not None:
             if any(isinstance(region, _FunctionCtx) and not again for region, again in self._regions):
                 _mark_outside_graph(self._source)  # (kept in a reentrant checkpoint's forward: no gradients)
-            self.seen.append((self._source, row, self._choice))
+            ev = self.evidence.get(self.mode())
+            self.seen.append((self._source, row, self._choice, None if ev is None else ev.squashed))
             self._choice = None
 
     def _keep(self, regions: list[tuple[Any, bool]], rows: torch.Tensor, forced: bool) -> None:

@@ -105,11 +105,18 @@ class RouterScores:
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names: tuple[str, ...] = tuple(names)
-        # per decision: the scores, the experts used, and the masked copy of the scores the top-k ran on where a
-        # group-limited router masks them first (None otherwise: the top-k ran on the scores themselves)
-        self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {
+        # per decision: the scores, the experts used, the masked copy of the scores the top-k ran on where a
+        # group-limited router masks them first (None otherwise: the top-k ran on the scores themselves), and
+        # whether the scores were made through a squashing after the logits (see Evidence.squashed; None: unknown)
+        self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool | None]]] = {
             n: [] for n in self.names
         }
+
+    def _squashed(self, name: str) -> bool | None:
+        """Were one router's scores made through a squashing (a sigmoid) after its logits, as its forward showed when
+        its decision was established? None where that is not known (see :attr:`Evidence.squashed`)."""
+        marks = {c[3] for c in self._calls[name]}
+        return True if True in marks else (False if marks == {False} else None)
 
     def _get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         calls = self._calls[name]

@@ -2099,3 +2099,44 @@ def test_containers_a_router_shares_are_put_back_in_place_after_the_probe_runs()
     assert [len(r.history) for r in routers] == [3, 3]  # the plain, captured and replayed forwards alone
     with torch.no_grad():
         assert torch.equal(model(x)[1], aux)
+
+
+# ----------------------------------------------------------------------- scores squashed after the logits
+class ScoredRouter(nn.Module):
+    """A top-2 router over 8 experts that decides on: ``"softmax"``, the softmax of its logits; ``"logits"``, the
+    logits; ``"sigmoid-bias"``, sigmoid scores plus a bias (DeepSeek-V3 style); ``"sigmoid-gate-beside"``, the
+    softmax, beside a sigmoid gate of a shared expert (Qwen2-MoE style) that the decision does not read."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.top_k, self.num_experts = kind, 2, E
+        self.weight = nn.Parameter(torch.randn(E, D))
+        self.shared = nn.Linear(D, 1)
+        self.register_buffer("bias", 0.5 * torch.randn(E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        if self.kind == "logits":
+            top, idx = torch.topk(logits, self.top_k, dim=-1)
+            return top.softmax(-1), idx
+        if self.kind == "sigmoid-bias":
+            scores = logits.sigmoid()
+            idx = torch.topk(scores + self.bias, self.top_k, dim=-1).indices
+            w = scores.gather(1, idx)
+            return w / w.sum(-1, keepdim=True), idx
+        w, idx = torch.topk(logits.softmax(-1), self.top_k, dim=-1)
+        if self.kind == "sigmoid-gate-beside":
+            w = w * torch.sigmoid(self.shared(x))
+        return w, idx
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("kind", ["softmax", "logits", "sigmoid-bias", "sigmoid-gate-beside"])
+def test_scores_made_through_a_sigmoid_are_told_from_logits_without_a_graph(kind: str) -> None:
+    """Whether the decision's scores were made through a squashing after the logits (what tells a sigmoid router's
+    scores, moved out of ``[0, 1]`` by a bias, from logits where no autograd graph says so), read from the calls of
+    the router's forward: a sigmoid the decision's scores descend from counts, one beside them does not."""
+    model = TwoLayers(lambda: RouterBlock(ScoredRouter(kind)))
+    with mr.attach(model) as session:
+        ev = session.verify(torch.randn(T, D)).evidence["layers.0.router"]
+    assert ev.squashed is (kind == "sigmoid-bias")

@@ -392,11 +392,11 @@ def _peft_reference_active(model: nn.Module) -> bool:
 def _replay_aux_loss(kept: RouterScores, mask: torch.Tensor | None) -> torch.Tensor:
     """The load-balancing loss of a replayed forward (see :func:`~moe_replay.load_balancing_loss`): the replayed
     experts counted, the probabilities those of the router's scores (see :func:`_probabilities`)."""
-    probs = [_probabilities(s, n) for s, n in zip(kept.scores, kept.names, strict=True)]
+    probs = [_probabilities(s, n, kept._squashed(n)) for s, n in zip(kept.scores, kept.names, strict=True)]
     return load_balancing_loss(probs, kept.indices, mask=mask)
 
 
-def _probabilities(scores: torch.Tensor, name: str = "?") -> torch.Tensor:
+def _probabilities(scores: torch.Tensor, name: str = "?", squashed: bool | None = None) -> torch.Tensor:
     """The router probabilities: ``scores`` if they are already a distribution per token, else their softmax, where
     the scores are the router's logits (a top-k of the logits, the k softmaxed after: GPT-OSS, Megatron).
 
@@ -415,7 +415,7 @@ def _probabilities(scores: torch.Tensor, name: str = "?") -> torch.Tensor:
         and torch.allclose(s.float().sum(-1), s.new_ones(s.shape[0]).float(), atol=tol)
     ):
         return scores
-    why = _not_logits(scores)
+    why = _not_logits(scores, squashed)
     if why is not None:
         raise UnsupportedRouterError(
             f"router '{name}' decides on scores that are no probability distribution and not its logits ({why}: a "
@@ -434,13 +434,16 @@ _SQUASHING = ("Sigmoid", "Tanh", "Softplus", "Relu", "Elu", "Gelu", "Silu", "Har
 _PRODUCTS = ("Mm", "Addmm", "Bmm", "Linear", "Matmul", "Baddbmm", "Einsum", "Conv")
 
 
-def _not_logits(scores: torch.Tensor) -> str | None:
+def _not_logits(scores: torch.Tensor, squashed: bool | None = None) -> str | None:
     """Why ``scores`` (no distribution) are not a router's logits, or None where nothing says so: their autograd graph
     passes through a squashing (a sigmoid) after the matrix product that makes the logits; with no graph (no gradients,
     a frozen router), every score lies in ``[0, 1]`` (a sigmoid's range, which logits of both signs leave). Scores of
-    no graph that a bias moved out of that range are not told from logits (their loss then takes no gradient: a
-    figure to log only). Read from the graph's node names, nothing runs."""
+    no graph that a bias moved out of that range are told by ``squashed``: the router's forward made them through a
+    squashing after the logits, as the calls it made showed when its decision was established (see
+    :attr:`~moe_replay.evidence.Evidence.squashed`). Read from the graph's node names, nothing runs."""
     node = scores.grad_fn
+    if node is None and squashed:
+        return "its forward made them through a squashing (a sigmoid) after its logits"
     if node is None:
         s = scores.detach()
         if s.numel() and bool(((s >= 0) & (s <= 1)).all()):

@@ -822,22 +822,15 @@ def test_the_replay_aux_loss_is_the_switch_loss_of_the_replayed_experts_by_hand(
     [
         pytest.param("sigmoid", True, id="biased-with-gradients"),
         pytest.param("sigmoid, no bias", False, id="no-gradients"),
-        pytest.param(
-            "sigmoid",
-            False,
-            id="biased-no-gradients",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="with no autograd graph, sigmoid scores a bias moved out of [0, 1] are not told from logits: "
-                "the replay aux loss (a figure to log only, with no gradient) is then a softmax of them",
-            ),
-        ),
+        pytest.param("sigmoid", False, id="biased-no-gradients"),
     ],
 )
 def test_the_replay_aux_loss_of_a_sigmoid_router_is_refused(kind: str, grad: bool) -> None:
     """Once silent: the scores of a sigmoid router (DeepSeek-V3 style, plus a balancing bias) were taken for logits
     and softmaxed, a loss that is neither the model's own (a softmax of its logits) nor any other's. Refused, naming
-    the router and what to do (the sigmoid seen in the scores' graph; with no graph, scores all in ``[0, 1]``)."""
+    the router and what to do (the sigmoid seen in the scores' graph; with no graph, scores all in ``[0, 1]``, or a
+    sigmoid the calls of the router's forward showed when its decision was established: once silent where a bias
+    moved the scores out of ``[0, 1]``)."""
     with pytest.raises(mr.UnsupportedRouterError, match="router 'router' .*router_aux_loss_coef=0.0"):
         _replayed_aux(kind, grad)
 
