@@ -362,6 +362,10 @@ class StableSoftmaxGate(HyperlessGate):
             logits = logits - torch.ops.aten.amax(logits, [-1], True)
         elif self.how == "sort-ascending":
             logits = logits - logits.sort(-1).values[:, -1:]
+        elif self.how == "transposed-max":  # (out of every decision-like call's sight, as the weights above)
+            logits = logits - logits.t().max(0).values[:, None]
+        elif self.how == "max-pool":
+            logits = logits - F.max_pool1d(logits[:, None], logits.shape[-1])[:, 0]
         else:
             logits = logits - logits.sort(-1, descending=True).values[:, :1]
         if self.mixtral:
@@ -453,6 +457,10 @@ def test_weights_read_from_a_maximum_out_of_sight_are_refused(form: str) -> None
         ("amax", torch.bfloat16, "rescale"),
         ("max", torch.bfloat16, "rescale"),
         ("max", torch.bfloat16, "mixtral"),
+        ("transposed-max", torch.float32, "softmax"),
+        ("max-pool", torch.float32, "rescale"),
+        ("transposed-max", torch.bfloat16, "rescale"),
+        ("max-pool", torch.bfloat16, "mixtral"),
     ],
     ids=lambda v: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else None,
 )
@@ -462,7 +470,8 @@ def test_a_stable_softmax_maximum_is_not_taken_for_a_value_twin(how: str, dtype:
     its values reach the output only by rounding: replayed exactly, as the recorded experts forced by hand, in
     output and gradients. Once falsely refused in bfloat16 (a shift by a ``max`` or ``sort`` of the logits, or the
     rescaling: bfloat16 rounding moved some probabilities by more than 1%, read as a mask made from an earlier
-    call's values), and in float32 too where the top-k chooses among the shifted logits themselves."""
+    call's values), and in float32 too where the top-k chooses among the shifted logits themselves. A maximum out of
+    every decision-like call's sight (``logits.t().max(0)``, a max-pool), checked by effect, passes the same way."""
     model = TwoLayers(lambda: RouterBlock(StableSoftmaxGate(how, form == "rescale", form == "mixtral"))).to(dtype)
     assert_replay_is_forced_by_hand(model, _x().to(dtype), router_grads=True)
 
