@@ -590,6 +590,9 @@ class _ProbeMode(TorchFunctionMode):
         self.ordinal = 0  # calls of this scope so far (counted where watch or bump is given)
         self.maxima: list[tuple[torch.Tensor, torch.Tensor]] = []  # per watched score tensor: row maxima, forced
         self._seen_scores: dict[int, weakref.ref[torch.Tensor]] = {}
+        #: results of decision-like calls and maxima seen by value, and views of them (a sort's values[:, :1]),
+        #: which the checks of value twins judge: not judged again as hidden maxima
+        self._judged: dict[int, weakref.ref[torch.Tensor]] = {}
         self.hidden: list[tuple[int, int, str]] = []
         self.change, self.hold, self.slot, self.values = change, hold, slot, values
         # values leaving torch (see _opaque): where, in this run; with ``scramble`` (a width), those of that width
@@ -730,12 +733,25 @@ class _ProbeMode(TorchFunctionMode):
             if torch.equal(flat.argmax(-1), best):
                 self.maxima.append((flat.amax(-1), flat.gather(-1, others.to(flat.device)).T))
         if func in _PEAKS or (func in DECISION_FUNCS and decision_call(func, args, kwargs) is not None):
+            self._judge(direct)
             return out  # (seen by the checks of the calls and of the maxima by value alone)
+        if getattr(func, "__name__", None) in _VIEWING and any(
+            (r := self._judged.get(id(t))) is not None and r() is t
+            for t in _leaves((args, kwargs), [])
+            if isinstance(t, torch.Tensor)
+        ):
+            self._judge(direct)
+            return out  # (a view or copy of one: its values as seen)
         for j, t in enumerate(direct):
             if _floats(t) and t.numel() == rows and any(_is_peak(t.detach().reshape(-1), *m) for m in self.maxima):
                 self.hidden.append((n, j, f"{getattr(func, '__name__', func)}() at {_where()}"))
                 break
         return out
+
+    def _judge(self, results: list[Any]) -> None:
+        for t in results:
+            if isinstance(t, torch.Tensor) and len(self._judged) < 256:
+                self._judged[id(t)] = weakref.ref(t)
 
     def squashed(self, x: torch.Tensor) -> bool | None:
         """Were the scores ``x`` made through an elementwise squashing after the matrix product of the logits (see
@@ -2693,7 +2709,7 @@ def _refuse_hidden_maxima(
     width, best = first.width, mine.reshape(-1)
     if ev.top_k >= width:
         return  # (every expert chosen: no other to force)
-    others = (best[:, None] + 1 + torch.arange(width - 1, device=best.device)) % width  # (each row's others)
+    others = _runners_up(seen.ins[first.ordinal], best, width)
     native, force = _force(calls, seen, ev), {}
     start = 0
     for i in ev.decision:  # (successive slots: each its own next experts)
@@ -2705,11 +2721,57 @@ def _refuse_hidden_maxima(
     if any(held is None for held, _ in force.values()):
         return  # (indices of another shape than one row per token: judged by the other checks)
     base, watched = probe.run(force=force, watch=(width, best, others[:, : ev.top_k]))
-    moves = _beyond_rounding(base)
+    # (elements the forced run leaves non-finite, weights of forced experts whose probabilities a narrow dtype
+    # rounds to 0, tell nothing: the others are judged)
+    finite = _finite_in(base)
+    moves = _beyond_rounding(finite(base))
     for n, leaf, what in watched.hidden:
         moved, _ = probe.run(force=force, bump=(n, leaf))
-        if moves(moved):
+        if moves(finite(moved)):
             _refuse_twin(name, probe, calls, ev, what, base, moved)
+
+
+def _finite_in(base: Any) -> Callable[[Any], list[torch.Tensor]]:
+    """The floating tensors of an output (by position) with the elements where those of ``base`` are not finite set
+    to 0; an output of another structure is left as it is (judged as differing)."""
+    floats = [t for t in _leaves(base, []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    bad = [~t.detach().isfinite() for t in floats]
+
+    def finite(out: Any) -> list[torch.Tensor]:
+        theirs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if len(theirs) != len(floats) or any(t.shape != m.shape for t, m in zip(theirs, bad, strict=True)):
+            return theirs
+        return [t.detach().masked_fill(m, 0.0) for t, m in zip(theirs, bad, strict=True)]
+
+    return finite
+
+
+#: functions whose result holds values of their input as they are (a view, a slice, a copy): such a result of a
+#: decision-like call's values is judged with them
+_VIEWING = frozenset(
+    {
+        "__getitem__", "narrow", "select", "view", "reshape", "squeeze", "unsqueeze", "expand", "contiguous",
+        "clone", "detach", "flatten", "unflatten", "to", "float", "double", "half", "bfloat16", "type_as",
+    }
+)  # fmt: skip
+
+
+def _runners_up(scores: Any, best: torch.Tensor, width: int) -> torch.Tensor:
+    """Each row's experts other than its native best, ``[rows, width - 1]``: by the decision's scores, best first,
+    where they are one row of ``width`` per token (the experts a replay most likely forces, whose weights are the
+    largest of the others: in a narrow dtype the least rounded); else in the order of their numbers after it."""
+    rows = best.shape[0]
+    if (
+        isinstance(scores, torch.Tensor)
+        and scores.is_floating_point()
+        and tuple(scores.shape) == (rows, width)
+        and scores.device == best.device
+    ):
+        order = scores.detach().float().argsort(dim=-1, descending=True, stable=True)
+        kept = order != best[:, None].to(order.dtype)
+        if bool((kept.sum(-1) == width - 1).all()):
+            return order[kept].reshape(rows, width - 1)
+    return (best[:, None] + 1 + torch.arange(width - 1, device=best.device)) % width
 
 
 def _avoiding(family: str, held: Any, others: torch.Tensor) -> Any:
