@@ -468,9 +468,12 @@ def _floats(t: Any) -> bool:
 def _is_peak(t: torch.Tensor, peak: torch.Tensor, forced: torch.Tensor) -> bool:
     """Is ``t`` (one value per row) ``peak`` (the row maxima of some scores) and none of ``forced`` (those scores
     read at the forced experts, slot by slot: a forced weight that equals the maximum by a tie is no twin)?"""
-    if t.dtype != peak.dtype or not torch.equal(t, peak):
+    if t.dtype != peak.dtype or t.shape != peak.shape:
         return False
-    return not any(torch.equal(t, f) for f in forced)
+    t = t.to(peak.device)  # (scores on a device, a maximum of their host copy: one value per row either way)
+    if not torch.equal(t, peak):
+        return False
+    return not any(torch.equal(t, f.to(peak.device)) for f in forced)
 
 
 def _raised(out: Any, leaf: int) -> Any:
@@ -730,7 +733,7 @@ class _ProbeMode(TorchFunctionMode):
                 continue
             self._seen_scores[id(t)] = weakref.ref(t)
             flat = t.detach().reshape(rows, width)
-            if torch.equal(flat.argmax(-1), best):
+            if torch.equal(flat.argmax(-1), best.to(flat.device)):
                 self.maxima.append((flat.amax(-1), flat.gather(-1, others.to(flat.device)).T))
         if func in _PEAKS or (func in DECISION_FUNCS and decision_call(func, args, kwargs) is not None):
             self._judge(direct)
@@ -2836,7 +2839,7 @@ def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: 
             or not t.numel()
         ):
             continue
-        shift = t.detach().reshape(mine.shape).long() - mine
+        shift = t.detach().reshape(mine.shape).long().to(mine.device) - mine
         c = int(shift.flatten()[0])
         if c and bool((shift == c).all()):
             where = (
