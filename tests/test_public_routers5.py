@@ -21,6 +21,7 @@ import moe_replay as mr
 from tests.conftest import assert_untouched, snapshot
 from tests.test_evidence import D, E, Experts, RouterBlock, T, TwoLayers, dispatch, perturb
 from tests.test_public_routers2 import _Forced, _forced_by_hand, _x, assert_replay_is_forced_by_hand
+from tests.test_public_routers4 import HyperlessGate
 
 
 class _MLP(nn.Module):
@@ -243,22 +244,8 @@ class ErnieVL(nn.Module):
 
 
 # ----------------------------------------------------------------------- Snowflake Arctic: dense + MoE residual
-class ArcticGate(_Forced):
-    """A Mixtral-style gate (softmax, top-2, renormalised)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.num_experts, self.top_k = E, 2
-        self.gate = nn.Linear(D, E, bias=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = self.gate(x).softmax(-1)
-        if self.forced is None:
-            w, idx = probs.topk(self.top_k, dim=-1)
-        else:
-            idx = self.forced
-            w = probs.gather(1, idx)
-        return w / w.sum(-1, keepdim=True), idx
+class ArcticGate(HyperlessGate):
+    """Arctic's gate: Mixtral's (softmax, top-2, renormalised)."""
 
 
 class ArcticBlock(nn.Module):
