@@ -761,7 +761,8 @@ class _ProbeMode(TorchFunctionMode):
         :attr:`Evidence.squashed`)? Read back through what each result was made of; None where not traced."""
         if self.trace is None:
             return None
-        todo, seen = [(id(x), len(self.trace))], set()
+        todo: list[tuple[int, int]] = [(id(x), len(self.trace))]
+        seen: set[int] = set()
         while todo and len(seen) < 4096:
             i, after = todo.pop()
             made = self.trace.get(i)

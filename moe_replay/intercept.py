@@ -349,7 +349,7 @@ class RouterHook:
     verifying: bool = False  # run through the decision, record nothing
     kept: weakref.WeakKeyDictionary[Any, _Kept] = field(default_factory=weakref.WeakKeyDictionary)
     #: (scores, indices, the masked scores its top-k ran on) per decision, while scores are kept
-    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool | None]] | None = None
     calls: int = 0  # scope forwards since the counter was reset (eager only)
     decisions: int = 0  # decisions seen since the counter was reset (eager only)
     call: int | None = None  # the decision call an Adapter names

@@ -793,16 +793,17 @@ class Routes:
                 "router name at a '.': a prefix is whole module names (e.g. 'layers.1' is layers.1, never "
                 "layers.10). Give the whole module names (with or without the trailing '.')"
             )
-        names = []
+        renamed: list[str] = []
         for n in self._names:
             old = next((k for k in keys if _heads(k, n)), None)
             if old is None:
-                names.append(n)
+                renamed.append(n)
                 continue
             rest = n[len(old) :]
             if not prefixes[old] and old and not old.endswith("."):  # ({"module": ""}: no name starts with '.')
                 rest = rest.removeprefix(".")
-            names.append(prefixes[old] + rest)
+            renamed.append(prefixes[old] + rest)
+        names = tuple(renamed)
         if len(set(names)) != len(names):
             twice = sorted({m for m in names if names.count(m) > 1})
             raise RoutesValidationError(f"rename({dict(prefixes)!r}) gives two routers the same name: {twice[:4]}")

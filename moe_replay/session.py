@@ -1067,7 +1067,7 @@ class Session:
         if not feeds:
             return
         code = FeedForward.__call__.__code__
-        frame = sys._getframe(1)
+        frame: types.FrameType | None = sys._getframe(1)
         while frame is not None:
             if frame.f_code is code and any(frame.f_locals.get("self") is f for f in feeds):
                 raise SessionStateError(
