@@ -733,8 +733,11 @@ class _ProbeMode(TorchFunctionMode):
                 continue
             self._seen_scores[id(t)] = weakref.ref(t)
             flat = t.detach().reshape(rows, width)
+            peak = flat.amax(-1)
+            if rows > 1 and bool((peak == peak[:1]).all()):
+                continue  # (the same maximum in every row, a stable softmax's exp(0): a constant, not the best's score)
             if torch.equal(flat.argmax(-1), best.to(flat.device)):
-                self.maxima.append((flat.amax(-1), flat.gather(-1, others.to(flat.device)).T))
+                self.maxima.append((peak, flat.gather(-1, others.to(flat.device)).T))
         if func in _PEAKS or (func in DECISION_FUNCS and decision_call(func, args, kwargs) is not None):
             self._judge(direct)
             return out  # (seen by the checks of the calls and of the maxima by value alone)
