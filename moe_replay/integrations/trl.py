@@ -59,9 +59,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import is_one_of
+from .._checks import check_count, is_collection, is_integer, is_one_of
 from ..batch import BatchLayout
 from ..errors import (
+    ArgumentTypeError,
     InvalidArgumentError,
     MissingDependencyError,
     MoEReplayError,
@@ -141,10 +142,32 @@ class _BatchRoutes:
     device_rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _as_ids(tokens: Any) -> list[int]:
+def _as_ids(tokens: Any, what: str = "token ids") -> list[int]:
+    """One sequence's token ids as ints: a list, tuple, array or tensor of integers.
+
+    A float (5.4), a string or a bool is no token id, and is refused rather than cut to one: the
+    ids are compared with those the routes were recorded for, and a cut id would pass as another.
+    """
     if isinstance(tokens, torch.Tensor):
-        return [int(t) for t in tokens.reshape(-1).tolist()]
-    return [int(t) for t in tokens]
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise RoutesValidationError(f"{what} must be integer token ids, got a tensor of {tokens.dtype}")
+        tokens = tokens.detach().cpu().reshape(-1).tolist()
+    elif hasattr(tokens, "dtype") and hasattr(tokens, "tolist") and getattr(tokens, "ndim", 0) > 0:  # numpy
+        tokens = list(tokens.reshape(-1))
+    if not is_collection(tokens) or isinstance(tokens, dict):
+        raise ArgumentTypeError(f"{what} must be a list of token ids, got {type(tokens).__name__}")
+    out = list(tokens)
+    bad = [t for t in out if not is_integer(t)]
+    if bad:
+        raise RoutesValidationError(f"{what} must be integer token ids, got {bad[0]!r:.40} ({type(bad[0]).__name__})")
+    return [int(t) for t in out]
+
+
+def _id_lists(values: Any, what: str) -> list[list[int]]:
+    """One list of token ids per sequence (see :func:`_as_ids`)."""
+    if not is_collection(values) or isinstance(values, dict):
+        raise ArgumentTypeError(f"{what} must hold one list of token ids per sequence, got {type(values).__name__}")
+    return [_as_ids(v, f"{what}[{i}]") for i, v in enumerate(values)]
 
 
 def rollout_routes_from_generate(
@@ -166,12 +189,16 @@ def rollout_routes_from_generate(
             token is not the one its row was fed (completions of another call, or in
             another order).
     """
-    prompts = [_as_ids(p) for p in prompt_ids]
-    completions = [_as_ids(c) for c in completion_ids]
+    if not isinstance(routes, Routes):
+        raise ArgumentTypeError(
+            f"routes must be the Routes of the capture around generate(), got {type(routes).__name__}"
+        )
+    prompts = _id_lists(prompt_ids, "prompt_ids")
+    completions = _id_lists(completion_ids, "completion_ids")
     if len(prompts) != len(completions) or not prompts:
         raise RoutesValidationError(f"got {len(prompts)} prompts for {len(completions)} completions")
     width = max(len(p) for p in prompts)
-    if pad_to_multiple_of:
+    if pad_to_multiple_of is not None and check_count(pad_to_multiple_of, "pad_to_multiple_of") > 0:
         width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
     empty = [i for i, c in enumerate(completions) if not c]
     if empty:
@@ -237,7 +264,20 @@ def rollout_routes_from_vllm(
             a completion has no ``routed_experts`` (vLLM was started without
             ``enable_return_routed_experts=True``).
     """
-    found: list[tuple[Any, int]] = [(o, j) for o in outputs for j in range(len(o.outputs))]
+    if not is_collection(outputs) or isinstance(outputs, dict):
+        raise ArgumentTypeError(
+            f"outputs must be the list of RequestOutputs LLM.generate returned, got {outputs!r:.60}"
+        )
+    found: list[tuple[Any, int]] = []
+    for i, o in enumerate(outputs):
+        outs: Any = getattr(o, "outputs", None)
+        if not is_collection(outs) or not hasattr(outs, "__len__"):
+            raise RoutesValidationError(
+                f"outputs[{i}] is a {type(o).__name__} without a list of completions (RequestOutput.outputs): pass the "
+                "RequestOutputs LLM.generate returned"
+            )
+        found.extend((o, j) for j in range(len(outs)))
+    prompt_ids, completion_ids = _id_lists(prompt_ids, "prompt_ids"), _id_lists(completion_ids, "completion_ids")
     if len(found) != len(completion_ids) or len(prompt_ids) != len(completion_ids):
         raise RoutesValidationError(
             f"vLLM returned {len(found)} completions, but the trainer holds {len(completion_ids)} completions "
@@ -245,8 +285,9 @@ def rollout_routes_from_vllm(
         )
     seqs = []
     for i, ((out, j), p, c) in enumerate(zip(found, prompt_ids, completion_ids, strict=True)):
-        p, c = _as_ids(p), _as_ids(c)
-        if _as_ids(out.prompt_token_ids or []) != p or _as_ids(out.outputs[j].token_ids) != c:
+        held = getattr(out, "prompt_token_ids", None)
+        vllm_p = [] if held is None else _as_ids(held, f"vLLM's prompt_token_ids of completion {i}")
+        if vllm_p != p or _as_ids(out.outputs[j].token_ids, f"vLLM's token_ids of completion {i}") != c:
             raise RoutesValidationError(
                 f"completion {i}: vLLM's prompt and completion tokens differ from those the trainer holds; the "
                 "outputs are not in the trainer's order"

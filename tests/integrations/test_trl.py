@@ -534,6 +534,45 @@ def test_vllm_routed_experts_give_the_generation_routes() -> None:
         mr_trl.rollout_routes_from_vllm(outputs, prompts, completions, lm)
 
 
+@pytest.mark.reliability("bad inputs")
+def test_rollout_token_ids_that_are_not_integers_are_refused_not_cut() -> None:
+    """A token id 5.4 is no token: cut to 5 it would pass the check against the ids the routes were recorded for.
+
+    Token lists of the wrong kind (None, a string, outputs without completions) are refused with a
+    MoEReplayError naming the argument, never numpy's or Python's own error; numpy arrays of ids
+    (a RequestOutput built from arrays) are read as the lists they hold.
+    """
+    model = policy().eval()
+    prompts = [[5, 6, 7], [8, 9]]
+    ids = torch.tensor([[5, 6, 7], [PAD, 8, 9]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+        completions = [row[3:].tolist() for row in out]
+        routes = session.routes()
+        seqs = mr_trl.rollout_routes_from_generate(routes, prompts, completions)
+        lm = mr.LayerMap.from_session(session, num_layers=2)
+        for bad in ([[5.4, 6, 7], [8, 9]], [["5", 6, 7], [8, 9]], [[True, 6, 7], [8, 9]], ["abc", [8, 9]], None):
+            with pytest.raises(mr.MoEReplayError, match="prompt_ids"):
+                mr_trl.rollout_routes_from_generate(routes, bad, completions)
+        with pytest.raises(mr.MoEReplayError, match="pad_to_multiple_of"):
+            mr_trl.rollout_routes_from_generate(routes, prompts, completions, pad_to_multiple_of=2.5)
+    outputs = [_vllm_output(p, c, r, 2, lm) for p, c, r in zip(prompts, completions, seqs, strict=True)]
+    outputs[0].prompt_token_ids = np.array(prompts[0])  # ids held as an array: read as the list it holds
+    got = mr_trl.rollout_routes_from_vllm(outputs, prompts, completions, lm)
+    for a, b in zip(got, seqs, strict=True):
+        assert torch.equal(a.indices, b.indices) and a.token_ids.equal(b.token_ids)
+    with pytest.raises(mr.MoEReplayError, match="prompt_ids"):
+        mr_trl.rollout_routes_from_vllm(outputs, [[5.4, 6, 7], [8, 9]], completions, lm)
+    outputs[1].outputs[0].token_ids = [float(t) for t in completions[1]]
+    with pytest.raises(mr.MoEReplayError, match="token_ids of completion 1"):
+        mr_trl.rollout_routes_from_vllm(outputs, prompts, completions, lm)
+    for bad_outputs in (None, [SimpleNamespace(prompt_token_ids=prompts[0], outputs=None)] * 2):
+        with pytest.raises(mr.MoEReplayError, match="outputs"):
+            mr_trl.rollout_routes_from_vllm(bad_outputs, prompts, completions, lm)
+
+
 def test_generation_without_kv_cache_is_refused() -> None:
     # without a cache every decode step routes the whole sequence again: no single route per token exists
     model = policy().eval()
