@@ -2824,11 +2824,18 @@ def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: 
     are those positions shifted. A replay would be exact, but the routes would name other experts than the model
     uses: their loads and expert counts, and the routes handed to or taken from an inference engine (which counts
     the model's expert ids), off by the shift, with no error. Where the router hands on the positions unchanged,
-    they are its expert ids, and it passes."""
+    they are its expert ids, and it passes.
+
+    The same for one decision over ``G`` groups of scores at once (a top-k over the last dimension of ``[..., G,
+    W]`` scores, the group's offset ``g * W`` added to its positions: mixture of grouped experts, k top-1 gating in
+    one call): each group of each token is a row of the decision, choosing among ``W``, and the routes would name
+    positions within a group, ``G`` rows per token."""
     if len(ev.decision) != 1:
         return
     d = calls[ev.decision[0]]
-    offset, row = _column_offset(seen.ins[d.ordinal])
+    scores = seen.ins[d.ordinal]
+    groups = int(scores.shape[-2]) if isinstance(scores, torch.Tensor) and scores.dim() >= 3 else 1
+    offset, row = _column_offset(scores)
     try:
         mine = _indices(seen.outs[d.ordinal], d.family, d.rows)[:, : ev.top_k].long()
     except (RuntimeError, IndexError, TypeError):
@@ -2844,6 +2851,22 @@ def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: 
         ):
             continue
         shift = t.detach().reshape(mine.shape).long().to(mine.device) - mine
+        if groups > 1 and mine.shape[0] % groups == 0:
+            per_group = (torch.arange(groups, device=mine.device) * d.width).repeat(mine.shape[0] // groups)
+            if bool((shift == per_group[:, None]).all()):
+                raise _refuse(
+                    name,
+                    calls,
+                    f"its decision ({d.describe()}) chooses in each of {groups} groups of {d.width} scores at once "
+                    f"(a choice over the last dimension of scores shaped {tuple(scores.shape)}), and it returns the "
+                    f"chosen positions shifted by their group's offset (group g by g * {d.width}): what moe_replay "
+                    f"would record and force are positions within a group, {groups} rows per token, not the expert "
+                    "ids the model uses, so the routes' loads and expert counts and the routes exchanged with an "
+                    "inference engine would be wrong",
+                    "Give each group's choice a module of its own (its top-k over its group's scores, returning "
+                    f"positions in it) and attach those with include=: each is then a router of {d.width} experts, "
+                    "recorded and replayed on its own",
+                )
         c = int(shift.flatten()[0])
         if c and bool((shift == c).all()):
             where = (
