@@ -752,6 +752,9 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "returned-named-tuple": (lambda: Layers(NamedTupleBlock), _x, {}),
     "task-gates": (lambda: Layers(lambda: GateBlock(TaskGates())), _x, {}),
     "mixlora-linear": (lambda: Layers(MixLoRALinear), _x, {"change": 0.3}),
+    "moa-map-reduce": (lambda: Layers(MoAAttention), _x, {"change": 0.5}),
+    "speechmoe-embedding-input": (lambda: SpeechMoE(), _x, {}),
+    "thor-beside-moe": (lambda: Layers(ThorAndMoE), _x, {}),
 }
 
 
@@ -926,3 +929,135 @@ def test_a_product_key_layer_beside_a_found_router_is_not_left_out_silently() ->
     with pytest.raises(mr.MoEReplayError):
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(_x(2, 12))
+
+
+# ----------------------------------------------------------------------- MoA: attention heads as experts, map/reduce
+class TopKGating(_Used):
+    """yikangshen/MoA ``moa_layer/gate.py`` ``top_k_gating`` (ModuleFormer's, no noise): a bias-free ``w_gate``,
+    softmax, ``topk``, renormalised."""
+
+    def __init__(self, input_size: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.w_gate = nn.Linear(input_size, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.w_gate(x).softmax(1)
+        if self.forced is None:
+            top_k_gates, top_k_indices = probs.topk(self.top_k, dim=1)
+        else:
+            top_k_indices = self.forced
+            top_k_gates = probs.gather(1, top_k_indices)
+        self.used = top_k_indices
+        return top_k_gates / (top_k_gates.sum(1, keepdim=True) + 1e-6), top_k_indices
+
+
+class MoAProjection(nn.Module):
+    """yikangshen/MoA ``moa_layer/moe.py`` ``MoE`` as the query projection: ``map`` (not ``forward``) routes the
+    tokens and keeps the gates and indices on the module (``self.top_k_indices``), runs the chosen input experts;
+    ``reduce``, called later by the attention, runs the same experts' output projections and combines them."""
+
+    def __init__(self, head_size: int = 4, num_experts: int = E, k: int = 2) -> None:
+        super().__init__()
+        self.num_experts, self.k = num_experts, k
+        self.input_experts = nn.Parameter(torch.randn(num_experts, head_size, D) / 4)
+        self.output_experts = nn.Parameter(torch.randn(num_experts, D, head_size) / 4)
+        self.router = TopKGating(D, num_experts, k)
+        self.top_k_gates: torch.Tensor | None = None
+        self.top_k_indices: torch.Tensor | None = None
+
+    def map(self, x: torch.Tensor) -> torch.Tensor:
+        self.top_k_gates, self.top_k_indices = self.router(x)
+        return torch.einsum("td,tkod->tko", x, self.input_experts[self.top_k_indices])
+
+    def reduce(self, h: torch.Tensor) -> torch.Tensor:
+        assert self.top_k_gates is not None and self.top_k_indices is not None
+        y = torch.einsum("tko,tkdo->tkd", h, self.output_experts[self.top_k_indices])
+        return (y * self.top_k_gates[..., None]).sum(1)
+
+
+class MoAAttention(nn.Module):
+    """MoA's attention: the routed heads' queries against one shared key and value projection, causal."""
+
+    def __init__(self, head_size: int = 4) -> None:
+        super().__init__()
+        self.head_size = head_size
+        self.q_proj = MoAProjection(head_size)
+        self.kv_proj = nn.Linear(D, 2 * head_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj.map(x)  # [T, k, h]
+        k, v = self.kv_proj(x).chunk(2, -1)
+        att = torch.einsum("tkh,sh->kts", q, k) * self.head_size**-0.5
+        causal = torch.ones(x.shape[0], x.shape[0], dtype=torch.bool).tril()
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        return self.q_proj.reduce(torch.einsum("kts,sh->tkh", att, v))
+
+
+# ----------------------------------------------------------------------- SpeechMoE: a router fed an embedding too
+class SpeechMoERouter(_Used):
+    """SpeechMoE (You et al. 2021): the router's input the hidden state concatenated with a shared embedding that
+    another network of the model computes (handed to every MoE layer), a softmax and a top-1 by ``argmax``, the
+    weight the chosen probability."""
+
+    def __init__(self, emb: int = 4) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 1
+        self.linear = nn.Linear(D + emb, E)
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.linear(torch.cat([x, embedding], -1)).softmax(-1)
+        idx = probs.argmax(-1, keepdim=True) if self.forced is None else self.forced
+        self.used = idx
+        return probs.gather(1, idx), idx
+
+
+class SpeechMoELayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = SpeechMoERouter()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x, embedding)
+        return dispatch(self.experts, x, idx, w)
+
+
+class SpeechMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared_embedding = nn.Sequential(nn.Linear(D, 4), nn.Tanh())
+        self.layers = nn.ModuleList([SpeechMoELayer(), SpeechMoELayer()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        embedding = self.shared_embedding(x)
+        for layer in self.layers:
+            x = x + layer(x, embedding)
+        return x
+
+
+# ----------------------------------------------------------------------- THOR: stochastic experts, no router
+class ThorFFN(nn.Module):
+    """THOR (Zuo et al. 2022, "Taming Sparsely Activated Transformer with Stochastic Experts"): ``experts`` chosen
+    uniformly at random per batch in training (Python's ``random``), none chosen by data; in eval the first. No
+    router: discovery must take nothing of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts = 2
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[0](x)  # (in eval)
+
+
+class ThorAndMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.thor = ThorFFN()
+        self.moe = GateBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + torch.tanh(self.thor(x))
+        return h + self.moe(h) - x
