@@ -2963,7 +2963,7 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
     if first.choices:
         _refuse_scored_choice(name, probe, calls, force, first, ev)
     if drew:
-        _refuse_drawn_choice(name, probe, calls, force, ev)
+        _refuse_drawn_choice(name, probe, calls, force, ev, seen.drawn)
 
 
 def _refuse_scored_choice(
@@ -3252,7 +3252,12 @@ def _more_tokens(probe: _Prober, *, one_token: bool = False) -> tuple[tuple[Any,
 
 
 def _refuse_drawn_choice(
-    name: str, probe: _Prober, calls: Sequence[Call], force: dict[int, tuple[Any, int]], ev: Evidence
+    name: str,
+    probe: _Prober,
+    calls: Sequence[Call],
+    force: dict[int, tuple[Any, int]],
+    ev: Evidence,
+    drawn: Sequence[str] = (),
 ) -> None:
     """Refuse a router that drops experts at random after its decision.
 
@@ -3266,6 +3271,9 @@ def _refuse_drawn_choice(
     tokens left unfilled has nothing to drop) on one of their tokens repeated ``_MANY_TOKENS`` times. What
     is drawn before the decision (jitter, Gumbel noise on the scores) is held with it, and dropout does not
     choose (it makes no integers): hidden states that only its draws move are not a refusal.
+
+    ``drawn``: one-hots the forward drew inside one call (``gumbel_softmax(hard=True)``): where there are, the
+    decision reads back experts drawn at random there (an ``argmax`` of the one-hot), and the refusal says so.
     """
     where = _drawn(probe, force, None, ev)
     more = _more_tokens(probe, one_token=True) if where is None else None
@@ -3278,6 +3286,18 @@ def _refuse_drawn_choice(
                 where = where and f"{where} (on {tokens} copies of one token)"
         except Exception:  # (a forward tied to its token count: checked on its own only)
             where = None
+    if where is not None and drawn:
+        raise _refuse(
+            name,
+            calls,
+            f"its decision ({_chosen(ev)}) reads back experts drawn from the random stream inside one call "
+            f"({drawn[0]}: Gumbel noise, then the one-hot of the best, out of sight): with the decision held, "
+            f"{where} changes with the random state. A replay forces the decision, not that draw, so the experts "
+            "used would not be the recorded ones",
+            "Draw the noise before the decision and choose in the router's own code: y_soft = ((logits + gumbels) / "
+            "tau).softmax(-1), idx = y_soft.argmax(-1, keepdim=True), and build the straight-through one-hot from "
+            "idx (or route by the argmax of the logits, as in eval)",
+        )
     if where is not None:
         raise _refuse(
             name,

@@ -346,6 +346,25 @@ class GumbelHardGate(_Used):
         return y.gather(1, idx), idx
 
 
+class GumbelByHandGate(_Used):
+    """The Gumbel top-1 as the refusal of :class:`GumbelHardGate` asks for it: the noise drawn before the decision
+    and the ``argmax`` of the noisy softmax in the router's own code, the straight-through one-hot built from it."""
+
+    def __init__(self, tau: float = 1.0) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.tau = E, 1, tau
+        self.w_gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.w_gate(x)
+        gumbels = -torch.empty_like(logits).exponential_().log() if self.training else torch.zeros_like(logits)
+        y_soft = ((logits + gumbels) / self.tau).softmax(-1)
+        idx = y_soft.argmax(-1, keepdim=True) if self.forced is None else self.forced
+        self.used = idx
+        y = torch.zeros_like(logits).scatter_(-1, idx, 1.0) - y_soft.detach() + y_soft
+        return y.gather(1, idx), idx
+
+
 # ----------------------------------------------------------------------- Expert Race: a global top-k
 class ExpertRaceBlock(nn.Module):
     """Expert Race (Yuan et al. 2025, race-DiT): every token-expert pair competes at once, one ``topk`` over the
@@ -743,7 +762,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     # name: (model, input, options: ``train`` and attach options)
     "mh-moe-sub-tokens": (lambda: Layers(MultiHeadMoeBlock), _x, {}),
     "mixture-of-recursions-depth": (lambda: Layers(MoRBlock), _x, {}),
-    "gumbel-hard-top1-eval": (lambda: Layers(lambda: GateBlock(GumbelHardGate())), _x, {}),
+    "gumbel-by-hand-top1-train": (lambda: Layers(lambda: GateBlock(GumbelByHandGate())), _x, {"train": True}),
     "multiway-beside-moe": (lambda: Layers(MultiwayMoELayer), _x, {"change": 0.3}),
     "weights-by-advanced-indexing": (lambda: Layers(lambda: GateBlock(IndexedWeightGate())), _x, {}),
     "sequence-level": (lambda: Layers(SequenceMoE), lambda: _x(3, 8), {}),
@@ -761,12 +780,13 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", list(EXACT))
 def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
-    """Sub-tokens routed (MH-MoE), a recursion depth chosen per token (Mixture-of-Recursions), a Gumbel-softmax
-    router in eval, one choice per sequence (task-level MoE), a modality switch beside a routed MoE (torchscale
-    Multiway), weights read by advanced indexing, ids sorted after the top-k, k as a tensor, the top-k's named tuple
-    returned, task-conditioned gates, LoRA experts in a Linear (MixLoRA): every router found and nothing else, the
-    recorded rows the experts used, and a replay after the routers change those experts forced by hand, in output
-    and gradients."""
+    """Sub-tokens routed (MH-MoE), a recursion depth chosen per token (Mixture-of-Recursions), a Gumbel top-1 drawn
+    before the router's own argmax, one choice per sequence (task-level MoE), a modality switch beside a routed MoE
+    (torchscale Multiway), weights read by advanced indexing, ids sorted after the top-k, k as a tensor, the top-k's
+    named tuple returned, task-conditioned gates, LoRA experts in a Linear (MixLoRA), attention heads as experts
+    routed in a method that is not forward (MoA), a router fed a second tensor (SpeechMoE), stochastic experts
+    beside an MoE (THOR): every router found and nothing else, the recorded rows the experts used, and a replay
+    after the routers change those experts forced by hand, in output and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
@@ -852,7 +872,7 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
     "gumbel-hard-top1-train": (
         lambda: Layers(lambda: GateBlock(GumbelHardGate())),
         _x,
-        "draws from the random stream",
+        r"reads back experts drawn from the random stream inside one call \(gumbel_softmax\(hard=True\)",
         {"train": True},
     ),
     "conv-gate-channels-first": (
