@@ -1,8 +1,8 @@
 """Router code of more public MoE libraries and papers, with zero configuration (see ``test_public_routers5``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
-router module keeps the experts it used in its last forward (``used``), read from what its experts were fed, not
-from moe_replay. The rule checked: a replay is proven exact (every router found and nothing else, the recorded rows
+router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
+moe_replay. The rule checked: a replay is proven exact (every router found and nothing else, the recorded rows
 are the experts used, a replay after the routers change uses the recorded experts, and its output and gradients are
 those of the same forward with the recorded experts forced by hand, which never calls moe_replay), or it is refused
 with a ``MoEReplayError`` that says why, the model left as it was.
