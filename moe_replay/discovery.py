@@ -1069,8 +1069,15 @@ def find_routers(
                     f"it, {len(found)} routers are found ('{found[0].name}', ...) with {widths} experts. Leave "
                     "num_experts out (it is for routers whose weight does not say their expert count)"
                 )
+        cls = type(model).__name__
+        itself = (  # (the module given is a router itself: its own path is '', which is no router's path)
+            f" {cls} looks like a router itself, and the module given is never one of its routers: attach to the "
+            f"model that holds it (mr.attach(model)), or pass include={cls} to intercept it alone."
+            if _looks_like_router("", model) or _owns_gate(model)
+            else ""
+        )
         raise RouterNotFoundError(
-            f"no MoE router found in {type(model).__name__} ({len(modules)} modules scanned). "
+            f"no MoE router found in {cls} ({len(modules)} modules scanned).{itself} "
             "Name the router modules with include=, e.g. mr.attach(model, include='layers.*.mlp.gate') "
             "or include=MyRouterClass, and pass top_k=/num_experts= if the modules do not carry them"
         )

@@ -79,10 +79,30 @@ _MAX_EXPERTS = 2**31 - 1
 
 
 def _path(path: Any, what: str) -> str | os.PathLike[str]:
-    """``path`` if it names a file (a ``str`` or ``os.PathLike``), else a clear error."""
+    """``path`` if it names a file (a ``str`` or ``os.PathLike`` of one), else a clear error."""
     if not isinstance(path, str | os.PathLike):
         raise ArgumentTypeError(f"{what} takes a file path (a str or os.PathLike), got {type(path).__name__}")
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise ArgumentTypeError(f"{what} takes a file path (a str or os.PathLike), got a path of bytes {text!r}")
+    if "\0" in text:  # (os.path's functions raise a bare ValueError on it, or answer "no such file")
+        raise InvalidArgumentError(f"{what} got a path holding a NUL character, which no file name may hold: {text!r}")
     return path
+
+
+def _unexpanded(path: str | os.PathLike[str]) -> str:
+    """A hint for a path that names a missing file or folder because it begins with an unexpanded ``~``."""
+    if os.fspath(path).startswith("~") and os.path.expanduser(path) != os.fspath(path):
+        return f" ('~' is not expanded here: pass os.path.expanduser({os.fspath(path)!r}))"
+    return ""
+
+
+def _name_max(folder: str) -> int:
+    """The longest file name (in bytes) the file system of ``folder`` takes (255 where it does not say)."""
+    try:
+        return int(os.pathconf(folder or ".", "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
 
 
 def _heads(prefix: str, name: str) -> bool:
@@ -1038,7 +1058,15 @@ class Routes:
             )
         folder = os.path.dirname(os.fspath(path))
         if folder and not os.path.isdir(folder):
-            raise MissingFileError(f"cannot write routes to {path}: no folder {folder}; create it first")
+            raise MissingFileError(
+                f"cannot write routes to {path}: no folder {folder}; create it first" + _unexpanded(path)
+            )
+        name = os.path.basename(os.fspath(path))
+        if len(os.fsencode(name)) > _name_max(folder):  # (open() would raise a bare OSError, "File name too long")
+            raise InvalidArgumentError(
+                f"cannot write routes to {path}: its file name is {len(os.fsencode(name))} bytes long, longer than the "
+                f"{_name_max(folder)} this file system takes; give a shorter name"
+            )
         meta = {
             "magic": _MAGIC,
             "format_version": FORMAT_VERSION,
@@ -1090,16 +1118,19 @@ class Routes:
         if os.path.isdir(path):
             raise NotAFileError(f"cannot read routes from {path}: it is a directory, not a routes file")
         if not os.path.exists(path):
-            raise MissingFileError(f"cannot read routes from {path}: no such file")
+            raise MissingFileError(f"cannot read routes from {path}: no such file" + _unexpanded(path))
         if not stat.S_ISREG(os.stat(path).st_mode):  # (a pipe's open() would wait for a writer, for ever)
             raise NotAFileError(
                 f"cannot read routes from {path}: it is not a regular file (a pipe, a device or a socket), and a "
                 "routes file is read by seeking in it; write the routes to a file first and load that"
             )
+        # (opened apart: a file that cannot be opened, unreadable to this user, raises the OS's own error naming it,
+        # never "truncated or corrupted")
+        file = open(path, "rb")
         try:
             # (read in place: only the zip directory, the headers and the members named, never the whole file, so a
             # large file that is no routes file, a checkpoint given by mistake, is refused without being read)
-            with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            with file as f, zipfile.ZipFile(f) as zf:
                 meta, layers, ids, mask, rank, untold = _read_members(zf, path, max_bytes)
         except RoutesValidationError:
             raise
@@ -1486,7 +1517,11 @@ def _ids(token_ids: Any, routes: Routes, what: str) -> torch.Tensor | None:
             token_ids = torch.as_tensor(values) if values else torch.zeros(0, dtype=torch.long)
         except (TypeError, ValueError, RuntimeError, OverflowError) as e:
             raise ArgumentTypeError(f"{what}: token ids must be integers: {e}") from None
-    if (not _int_dtype(token_ids.dtype) and token_ids.numel()) or token_ids.device.type == "meta":
+    if token_ids.device.type == "meta":
+        raise RoutesValidationError(
+            f"{what}: token ids on the meta device hold no values; give the ids the model was fed"
+        )
+    if not _int_dtype(token_ids.dtype) and token_ids.numel():
         raise RoutesValidationError(f"{what}: token ids must be integers, got {token_ids.dtype} on {token_ids.device}")
     tokens = set(routes.tokens_per_layer)
     if len(tokens) > 1:
@@ -1584,7 +1619,9 @@ def _write_whole(path: str, write: Any) -> None:
     on one file system); where ``write`` fails, the new file goes and a file at ``path`` stays as it was. A symbolic
     link at ``path`` is followed: its target is the file replaced."""
     target = os.path.realpath(path)
-    part = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.{id(write):x}.part")
+    # (the new file's name is kept short: one that added to a name of the longest length a folder takes would not fit)
+    stem = hashlib.sha256(os.fsencode(os.path.basename(target))).hexdigest()[:12]
+    part = os.path.join(os.path.dirname(target), f".{stem}.{os.getpid()}.{id(write):x}.part")
     try:
         f = open(part, "xb")  # (created as open() creates any file: the mode the umask leaves)
     except PermissionError:  # a folder that takes no new file, a file in it that may be written: in place

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -560,7 +561,7 @@ def test_token_ids_follow_their_rows_through_every_transform(tmp_path: object) -
         (np.array([2**64 - 1, 1, 2, 3], dtype=np.uint64), "does not fit int64"),
         (np.array(["a", "b", "c", "d"]), "must be integers"),
         ("abcd", "a tensor or a list of ints"),
-        (torch.zeros(4, device="meta", dtype=torch.long), "must be integers"),
+        (torch.zeros(4, device="meta", dtype=torch.long), "on the meta device hold no values"),
         (torch.tensor([1, 2, 3, 4]).to_sparse(), "a dense tensor"),
         (torch.tensor([[1, 2], [3, 4]]).to_sparse_csr(), "a dense tensor"),
         ({11: "a", 12: "b", 13: "c", 14: "d"}, "a tensor or a list of ints"),  # (its keys are no ids in row order)
@@ -1089,3 +1090,66 @@ def test_the_rows_of_a_sequence_first_capture_are_read_in_token_order_through_a_
     with pytest.raises(mr.RoutesValidationError, match="Routes.in_token_order.*could not tell"):
         unknown.in_token_order()
     tried(4)
+
+
+@pytest.mark.reliability("files")
+@pytest.mark.parametrize("call", ["save", "load"])
+def test_a_path_holding_a_nul_character_is_refused_as_such(tmp_path: Path, call: str) -> None:
+    """A path built from bytes with a NUL in it: save() raised os.path's bare ValueError ("embedded null byte") and
+    load() answered "no such file"; both name the character."""
+    path = str(tmp_path / "routes\0.npz")
+    with pytest.raises(mr.InvalidArgumentError, match="NUL character"):
+        make().save(path) if call == "save" else mr.Routes.load(path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.reliability("files")
+def test_a_file_name_of_the_longest_length_is_saved_and_a_longer_one_refused(tmp_path: Path) -> None:
+    """A name as long as the file system takes could not be saved: the new file written beside it first was named
+    after it, plus a suffix, and that name was too long (a bare OSError). It is saved now; a longer one is refused by
+    save(), naming the limit, and nothing is left in the folder."""
+    routes = make()
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    longest = tmp_path / ("r" * (limit - 4) + ".npz")
+    routes.save(longest)
+    assert mr.Routes.load(longest).equal(routes)
+    assert [p.name for p in tmp_path.iterdir()] == [longest.name]
+    with pytest.raises(mr.InvalidArgumentError, match=f"longer than the {limit} this file system takes"):
+        routes.save(tmp_path / ("r" * limit + ".npz"))
+    assert [p.name for p in tmp_path.iterdir()] == [longest.name]
+
+
+@pytest.mark.reliability("files")
+@pytest.mark.parametrize("call", ["save", "load"])
+def test_a_path_beginning_with_a_tilde_that_names_nothing_says_it_is_not_expanded(call: str) -> None:
+    """``save("~/runs/routes.npz")``: the folder ``~`` does not exist (no shell expands it), and "create it first"
+    would have the user make a folder named ``~``; the error says it is not expanded and how to expand it."""
+    path = "~/no-such-folder-of-moe-replay/routes.npz"
+    error = mr.MissingFileError
+    with pytest.raises(error, match=r"'~' is not expanded here: pass os\.path\.expanduser"):
+        make().save(path) if call == "save" else mr.Routes.load(path)
+    assert not os.path.exists("~")
+
+
+@pytest.mark.reliability("files")
+def test_a_file_that_cannot_be_opened_is_not_called_corrupted(tmp_path: Path, monkeypatch) -> None:
+    """A routes file this user may not read was refused as "truncated or corrupted (PermissionError ...)": the error
+    is the OS's own, naming the file, and the same file loads once it can be opened."""
+    import builtins
+
+    import moe_replay.routes as routes_module
+
+    path = tmp_path / "r.npz"
+    make().save(path)
+
+    def denied(file: object, *args: object, **kwargs: object) -> object:
+        if os.fspath(file) == os.fspath(path):  # type: ignore[arg-type]
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return builtins.open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(routes_module, "open", denied, raising=False)
+    with pytest.raises(PermissionError, match="Permission denied") as err:
+        mr.Routes.load(path)
+    assert "corrupted" not in str(err.value)
+    monkeypatch.undo()
+    assert mr.Routes.load(path).equal(make())
