@@ -7,12 +7,15 @@ given to other tokens, a replay that forces nothing, or a model left changed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import os
 import threading
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -587,3 +590,556 @@ def test_a_block_entered_by_a_hook_in_the_middle_of_a_forward_is_refused(block: 
         with session.replay(routes):
             assert torch.equal(model(x).logits, native)
     assert_untouched(model, before)
+
+
+# ----------------------------------------------------------------------------- the model changed between blocks
+def _model_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tuple[object, ...]]]:
+    """Every tensor of the state_dict (values and dtypes) and, per module, its class, hooks and own ``forward``."""
+    modules = {
+        name: (
+            type(m),
+            dict(m._forward_hooks),
+            dict(m._forward_pre_hooks),
+            dict(m._backward_hooks),
+            m.__dict__.get("forward"),
+        )
+        for name, m in model.named_modules()
+    }
+    return snapshot(model), modules
+
+
+def _assert_same_state(model: torch.nn.Module, before: tuple[dict[str, torch.Tensor], dict[str, tuple]]) -> None:
+    tensors, modules = _model_state(model)
+    assert tensors.keys() == before[0].keys()
+    for key, value in before[0].items():
+        assert tensors[key].dtype == value.dtype and torch.equal(tensors[key], value), f"'{key}' changed"
+    assert modules == before[1], "a module's class, hooks or forward changed"
+
+
+def _half(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
+    model.half()
+    return contextlib.nullcontext()
+
+
+def _bfloat16(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
+    model.to(torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _frozen(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
+    model.requires_grad_(False)
+    return contextlib.nullcontext()
+
+
+def _train(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
+    model.train()
+    return contextlib.nullcontext()
+
+
+def _experts_in_data_parallel(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
+    for layer in model.layers:  # (on a host without GPUs DataParallel runs the module it wraps)
+        layer.mlp.experts = torch.nn.DataParallel(layer.mlp.experts)
+    return contextlib.nullcontext()
+
+
+def _autocast(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def _default_float64() -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _default_dtype(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
+    return _default_float64()
+
+
+def _anomaly(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
+    return torch.autograd.set_detect_anomaly(True)
+
+
+@contextlib.contextmanager
+def _deterministic_on() -> Iterator[None]:
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
+def _deterministic(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
+    return _deterministic_on()
+
+
+_CHANGES: dict[str, Callable[[torch.nn.Module], contextlib.AbstractContextManager[object]]] = {
+    "half()": _half,
+    "to(bfloat16)": _bfloat16,
+    "requires_grad_(False)": _frozen,
+    "train()": _train,
+    "experts in DataParallel": _experts_in_data_parallel,
+    "autocast": _autocast,
+    "default dtype float64": _default_dtype,
+    "detect_anomaly": _anomaly,
+    "deterministic algorithms": _deterministic,
+}
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize("change", list(_CHANGES))
+def test_a_model_cast_frozen_wrapped_or_run_in_another_mode_after_capture_replays_exactly(change: str) -> None:
+    """Between capture and replay the model is cast (half, bfloat16), frozen, put in train mode, its experts wrapped
+    in DataParallel, or the replay runs under autocast, a float64 default dtype, anomaly detection or deterministic
+    algorithms: the recorded experts are forced exactly as a hand-written replay forces them there, backward runs,
+    and detach leaves the model as it was before attach."""
+    model, x = _model(), _ids()
+    session = mr.attach(model)
+    with session.capture():
+        native = model(x).logits
+    forced = _forced(session.routes())
+    with _CHANGES[change](model):
+        before = snapshot(model)  # (the state_dict of an attached model is the model's own)
+        with session.replay(forced), session.capture():
+            got = model(x).logits
+            if got.requires_grad:
+                got.float().sum().backward()
+        want = _forced_by_hand(model, x, forced)
+    assert session.routes().equal(forced)
+    assert torch.equal(got, want) and not torch.equal(got.float(), native.to(got).float())
+    model.zero_grad(set_to_none=True)
+    session.detach()
+    assert_untouched(model, before)
+
+
+@pytest.mark.reliability("lifecycle")
+def test_a_forward_through_functional_call_with_another_models_weights_replays_exactly() -> None:
+    """``torch.func.functional_call(model, other_params, x)`` inside a replay (a reference policy evaluated on the
+    policy's module): the forced experts are those of the routes, weighted by the other weights' scores."""
+    model, x = _model(), _ids()
+    other = mr.models.build("softmax_topk", num_layers=2, seed=7)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        forced = _forced(session.routes())
+        with session.replay(forced), session.capture():
+            got = torch.func.functional_call(model, dict(other.named_parameters()), (x,)).logits
+        assert session.routes().equal(forced)
+    assert torch.equal(got, _forced_by_hand(other, x, forced))
+    assert not torch.equal(got, _forced_by_hand(model, x, forced))
+
+
+def _grown_params(model: mr.models.MoETransformer) -> dict[str, torch.Tensor]:
+    big = copy.deepcopy(model)
+    _grow_experts(big, 16)
+    return dict(big.named_parameters())
+
+
+def _shrink_experts(model: mr.models.MoETransformer, experts: int) -> None:
+    with torch.no_grad():
+        for layer in model.layers:
+            router, bank = layer.mlp.router, layer.mlp.experts
+            router.weight = torch.nn.Parameter(router.weight[:experts].clone())
+            bank.gate_up = torch.nn.Parameter(bank.gate_up[:experts].clone())
+            bank.down = torch.nn.Parameter(bank.down[:experts].clone())
+            router.num_experts = layer.mlp.num_experts = bank.num_experts = experts
+
+
+_IN_BLOCK: dict[str, Callable[[mr.models.MoETransformer], Callable[[torch.Tensor], object]]] = {
+    # (each changes the model and gives the forward to run on it)
+    "experts grown": lambda m: (_grow_experts(m, 16), m)[1],
+    "experts cut": lambda m: (_shrink_experts(m, 4), m)[1],
+    "functional_call with 16 experts": lambda m: functools.partial(torch.func.functional_call, m, _grown_params(m)),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("block", ["capture", "replay"])
+@pytest.mark.parametrize("change", list(_IN_BLOCK))
+def test_an_expert_count_changed_inside_a_block_is_refused_at_the_forward(change: str, block: str) -> None:
+    """The expert count changed between two forwards of one block (parameters replaced, or swapped in for one forward
+    by ``functional_call``): an 8-expert row could be forced on 16 experts, or a 16-expert capture labelled 8. The
+    forward is refused before anything is recorded or forced, and the model stays as it was."""
+    model, x = _model(), _ids()
+    session = mr.attach(model)
+    with session.capture():
+        model(x)
+    routes = session.routes()
+    opened = session.capture() if block == "capture" else session.replay(mr.Routes.cat([routes, routes]))
+    changed = r"is now topk\(k=2\) over (16|4), but it was topk\(k=2\) over 8"
+    with pytest.raises(mr.UnsupportedRouterError, match=changed):
+        with opened:
+            model(x)
+            run = _IN_BLOCK[change](model)
+            before = _model_state(model)
+            run(x) if isinstance(run, torch.nn.Module) else run((x,))
+    _assert_same_state(model, before)
+    session.detach()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize("block", ["capture", "replay"])
+@pytest.mark.parametrize("edit", ["a new layer appended", "a layer removed"])
+def test_a_layer_added_or_removed_after_attach_is_refused_and_detach_leaves_no_trace(edit: str, block: str) -> None:
+    """A fresh MoE layer appended after attach (its router is no router of the session: neither recorded nor forced),
+    or an attached layer removed: the next block's forward is refused, naming the router; after detach the model,
+    and the removed layer put back, run exactly as before attach."""
+    model, x = _model(3), _ids()
+    native = model(x).logits
+    session = mr.attach(model)
+    with session.capture():
+        model(x)
+    routes = session.routes()
+    removed = model.layers[2]
+    if edit == "a new layer appended":
+        model.layers.append(mr.models.build("softmax_topk", num_layers=4, seed=3).layers[3])
+        error, pattern = mr.UnsupportedRouterError, r"(?s)ran outside every attached router.*'layers\.3\.mlp\.router'"
+    else:
+        del model.layers[2]
+        error, pattern = mr.SessionStateError, r"'layers\.2\.mlp\.router' is no longer .* \(it is gone\)"
+    with pytest.raises(error, match=pattern):
+        with session.capture() if block == "capture" else session.replay(routes):
+            model(x)
+    session.detach()
+    if edit == "a new layer appended":
+        del model.layers[3]
+    else:
+        model.layers.append(removed)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(model(x).logits, native)
+    with mr.attach(model) as again:
+        with again.replay(routes):
+            assert torch.equal(model(x).logits, native)
+
+
+# ----------------------------------------------------------------------------- routes edited by hand
+_EDITS: dict[str, Callable[[mr.Routes], None]] = {
+    "per_layer()": lambda r: r.per_layer()[0].__setitem__((0, 0), 99),
+    "layer(name)": lambda r: r.layer(r.names[0]).__setitem__((0, 1), int(r.layer(r.names[0])[0, 0])),
+    "indices": lambda r: r.indices.__setitem__((0, 0, 0), -5),
+    "token_ids": lambda r: r.token_ids.__setitem__(0, 0),  # type: ignore[union-attr]
+    "to_numpy()": lambda r: r.to_numpy().__setitem__((0, 0, 0), 99),
+}
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("edit", list(_EDITS))
+def test_a_tensor_read_from_routes_and_edited_in_place_leaves_the_routes_as_validated(edit: str) -> None:
+    """An index out of range, a repeated expert or another token id written into a tensor read from the routes would
+    reach the model unchecked, were it the routes' own storage: the routes keep what was validated, and replay it."""
+    model, x = _model(), _ids()
+    with mr.attach(model) as session:
+        with session.capture():
+            native = model(x).logits
+        routes = session.routes()
+        kept = [t.clone() for t in routes.per_layer()], routes.token_ids.clone()
+        _EDITS[edit](routes)
+        assert all(torch.equal(a, b) for a, b in zip(routes.per_layer(), kept[0], strict=True))
+        assert torch.equal(routes.token_ids, kept[1])
+        with session.replay(routes), session.capture():
+            assert torch.equal(model(x).logits, native)
+        assert session.routes().equal(routes)
+
+
+class _IntSubclass(torch.Tensor):
+    """A tensor subclass, as some data loaders hand out."""
+
+
+_ROWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "int32": lambda t: t.int(),
+    "int16": lambda t: t.short(),
+    "int8": lambda t: t.to(torch.int8),
+    "uint8": lambda t: t.to(torch.uint8),
+    "non-contiguous": lambda t: t.t().contiguous().t(),
+    "a tensor subclass": lambda t: t.as_subclass(_IntSubclass),
+}
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.parametrize("rows", list(_ROWS))
+def test_rows_of_any_integer_dtype_or_layout_force_exactly_the_same_experts(rows: str) -> None:
+    """Rows built by hand as int32/int16/int8/uint8, as a transposed (non-contiguous) view, or as a tensor subclass:
+    the replay forces the experts they hold, as a hand-written replay forces them."""
+    model, x = _model(), _ids()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        forced = _forced(session.routes())
+        made = [_ROWS[rows](t) for t in forced.per_layer()]
+        assert rows != "non-contiguous" or not made[0].is_contiguous()
+        routes = mr.Routes(made, forced.names, forced.experts_per_layer).with_token_ids(forced.token_ids)
+        with session.replay(routes), session.capture():
+            got = model(x).logits
+        assert session.routes().equal(forced)
+    assert torch.equal(got, _forced_by_hand(model, x, forced))
+
+
+# ----------------------------------------------------------------------------- blocks left or entered oddly
+_BLOCK_OF: dict[str, Callable[[mr.Session, mr.Routes], Any]] = {
+    "capture": lambda s, r: s.capture(),
+    "replay": lambda s, r: s.replay(r),
+    "keep_scores": lambda s, r: s.keep_scores(),
+}
+
+
+@pytest.mark.reliability("re-entrance")
+@pytest.mark.parametrize("misuse", ["left without being entered", "left twice"])
+@pytest.mark.parametrize("block", list(_BLOCK_OF))
+def test_a_block_left_without_being_entered_or_twice_changes_nothing(block: str, misuse: str) -> None:
+    """``block.__exit__`` called by hand on a block never entered, or once more after it was left: nothing is opened,
+    closed or recorded by it, the session is idle and its last capture, and the next replay, are exact."""
+    model, x = _model(), _ids()
+    with mr.attach(model) as session:
+        with session.capture():
+            native = model(x).logits
+        routes = session.routes()
+        opened = _BLOCK_OF[block](session, routes)
+        if misuse == "left twice":
+            opened.__enter__()
+            model(x)
+            opened.__exit__(None, None, None)
+            if block == "capture":
+                routes = session.routes()
+        opened.__exit__(None, None, None)
+        assert session.state == "idle"
+        assert session.routes().equal(routes)
+        with session.replay(routes), session.capture():
+            assert torch.equal(model(x).logits, native)
+        assert session.routes().equal(routes)
+
+
+@pytest.mark.reliability("re-entrance")
+def test_a_capture_held_by_a_generator_that_is_dropped_is_marked_interrupted() -> None:
+    """A ``with session.capture():`` around a ``yield`` in a generator that is dropped before it ends: the block
+    is left by GeneratorExit when the generator is collected; the forwards run while it was suspended are in it (the
+    capture was open), and routes() says how the capture ended, reading the rows only with allow_partial=True."""
+    model, x, y = _model(), _ids(0), _ids(1)
+    with mr.attach(model) as session:
+
+        def rollout() -> Iterator[torch.Tensor]:
+            with session.capture():
+                yield model(x).logits
+                yield model(x).logits
+
+        steps = rollout()
+        next(steps)
+        model(y)
+        assert session.state == "capturing"
+        del steps
+        assert session.state == "idle"
+        with pytest.raises(mr.SessionStateError, match=r"interrupted by GeneratorExit.*allow_partial=True"):
+            session.routes()
+        partial = session.routes(allow_partial=True)
+        assert torch.equal(partial.token_ids, torch.cat([x, y]).flatten())
+
+
+# ----------------------------------------------------------------------------- what the first forward leaves
+class _StatefulRouter(torch.nn.Module):
+    """A softmax top-k router whose forward also keeps state, in one of the ways routers do: an aux-free balancing
+    bias (a Parameter updated in place), a buffer of counts, a call counter, a list of loads, a plain tensor
+    attribute, a tensor of its MoE block, a global list."""
+
+    def __init__(self, router: torch.nn.Module, keep: str, block_stats: torch.Tensor, log: list[int]) -> None:
+        super().__init__()
+        self.top_k, self.num_experts, self.keep = router.top_k, router.num_experts, keep
+        self.weight = torch.nn.Parameter(router.weight.detach().clone())
+        self.bias = torch.nn.Parameter(torch.zeros(self.num_experts), requires_grad=False)
+        self.register_buffer("counts", torch.zeros(self.num_experts))
+        self.calls, self.loads, self.stats = 0, [], torch.zeros(self.num_experts)
+        self.block_stats, self.log = block_stats, log
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
+        _, indices = torch.topk(probs + self.bias, self.top_k, dim=-1)
+        weights = probs.gather(-1, indices)
+        with torch.no_grad():
+            load = torch.bincount(indices.flatten(), minlength=self.num_experts).float()
+            if self.keep == "parameter":
+                self.bias.add_(0.01 * (load.mean() - load).sign())
+            elif self.keep == "buffer":
+                self.counts += load
+            elif self.keep == "counter":
+                self.calls += 1
+            elif self.keep == "list":
+                self.loads.append(load)
+            elif self.keep == "tensor attribute":
+                self.stats.add_(load)
+            elif self.keep == "block tensor":
+                self.block_stats.add_(load)
+            else:
+                self.log.append(int(load.argmax()))
+        return logits, weights.to(x.dtype), indices
+
+
+def _stateful(keep: str) -> tuple[mr.models.MoETransformer, list[int]]:
+    model, log = _model(), []
+    for layer in model.layers:
+        layer.mlp.stats = torch.zeros(model.config.num_experts)
+        layer.mlp.router = _StatefulRouter(layer.mlp.router, keep, layer.mlp.stats, log)
+    return model, log
+
+
+def _kept(model: mr.models.MoETransformer, log: list[int]) -> list[object]:
+    out: list[object] = [list(log)]
+    for layer in model.layers:
+        r = layer.mlp.router
+        out += [r.calls, [t.tolist() for t in r.loads], r.stats.tolist(), r.block_stats.tolist(), r.bias.tolist()]
+        out += [r.counts.tolist()]
+    return out
+
+
+_KEEPS = ["parameter", "buffer", "counter", "list", "tensor attribute", "block tensor", "global list"]
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize("block", ["capture", "replay"])
+@pytest.mark.parametrize("keep", _KEEPS)
+def test_the_first_forward_under_a_block_keeps_the_state_a_native_forward_keeps(keep: str, block: str) -> None:
+    """The first forward under a session runs the router's forward more times to establish its decision: a router
+    that keeps state as it routes (a balancing bias, counts, a counter, a log, in it, its block or a global) must end
+    that forward with the state one native forward leaves, and the same output."""
+    native_model, native_log = _stateful(keep)
+    x = _ids()
+    want = native_model(x).logits
+    model, log = _stateful(keep)
+    session = mr.attach(model)
+    if block == "capture":
+        with session.capture():
+            got = model(x).logits
+    else:
+        twin, _ = _stateful(keep)  # (the native experts, from a twin not yet used)
+        with mr.attach(twin) as other:
+            with other.capture():
+                twin(x)
+            routes = other.routes()
+        with session.replay(routes):
+            got = model(x).logits
+    session.detach()
+    assert torch.equal(got, want)
+    assert _kept(model, log) == _kept(native_model, native_log) != _kept(*_stateful(keep))  # (it did keep state)
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize("block", ["capture", "replay", "verify"])
+def test_the_first_forward_under_a_block_leaves_the_random_state_a_native_forward_leaves(block: str) -> None:
+    """The runs that establish a decision draw random inputs: torch's, Python's and numpy's global random state
+    after the first forward (or verify) are those a native forward leaves, so a seeded run stays reproducible."""
+    import random
+
+    def state() -> tuple[torch.Tensor, object, list[int]]:
+        return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].tolist()
+
+    def seed() -> None:
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+
+    model, x = _model(), _ids()
+    seed()
+    model(x)
+    want = state()
+    session = mr.attach(model)
+    routes = mr.Routes([torch.tensor([[0, 1]] * 12)] * 2, session.names, 8)
+    seed()
+    if block == "capture":
+        with session.capture():
+            model(x)
+    elif block == "replay":
+        with session.replay(routes):
+            model(x)
+    else:
+        session.verify(x)
+    got = state()
+    session.detach()
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+@pytest.mark.reliability("faults")
+@pytest.mark.parametrize("block", ["capture", "replay"])
+def test_a_forward_that_raises_in_a_block_leaves_no_global_hook_or_torch_function_mode(block: str) -> None:
+    """A layer's hook raises in a block's first forward, while the decisions are watched: no global module hook and
+    no torch-function mode is left behind (a mode left on the stack would watch every later torch call)."""
+    from torch.nn.modules import module as torch_module
+
+    def global_hooks() -> tuple[dict[Any, Any], ...]:
+        names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+        return tuple(dict(getattr(torch_module, n)) for n in names)
+
+    model, x = _model(), _ids()
+    hooks, modes = global_hooks(), len(torch.overrides._get_current_function_mode_stack())
+    session = mr.attach(model)
+    routes = mr.Routes([torch.tensor([[0, 1]] * 12)] * 2, session.names, 8)
+
+    def fail(*_: object) -> None:
+        raise ValueError("in layer 1")
+
+    handle = model.layers[1].register_forward_hook(fail)
+    with (
+        pytest.raises(ValueError, match="in layer 1"),
+        session.capture() if block == "capture" else session.replay(routes),
+    ):
+        model(x)
+    handle.remove()
+    assert global_hooks() == hooks
+    assert len(torch.overrides._get_current_function_mode_stack()) == modes
+    with session.replay(routes), session.capture():
+        model(x)
+    assert session.routes().equal(routes)
+    session.detach()
+
+
+# ----------------------------------------------------------------------------- batches of another shape
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("batch", ["padded longer", "padding moved to the other side"])
+def test_routes_replayed_on_the_same_sequences_padded_otherwise_are_refused(batch: str) -> None:
+    """The same sequences, re-padded: to a longer width (pad tokens where the routes hold real ones) or left-padded
+    where the capture was right-padded. Rows would go to other positions than they were recorded for: refused."""
+    model = _model()
+    x = _ids()
+    x[0, -2:] = 0
+    mask = (x != 0).long()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x, attention_mask=mask)
+        routes = session.routes()
+        if batch == "padded longer":
+            y = torch.cat([x, torch.zeros(2, 2, dtype=torch.long)], dim=1)
+        else:
+            y = x.clone()
+            y[0] = torch.cat([x[0, -2:], x[0, :-2]])
+        with pytest.raises(mr.TokenMismatchError, match="fed other tokens than its routes were recorded for"):
+            with session.replay(routes):
+                model(y, attention_mask=(y != 0).long())
+        with session.replay(routes), session.capture():
+            model(x, attention_mask=mask)
+        assert session.routes().equal(routes)
+
+
+# ----------------------------------------------------------------------------- a router given to attach
+def test_attach_to_a_router_itself_says_so_and_include_of_its_class_records_it() -> None:
+    """``mr.attach(model.layers[0].mlp.router)``: the module given is never a router of itself, so nothing is found;
+    the error says the module is a router and what to pass. ``include=`` its class records exactly its rows of the
+    model's forward."""
+    model, x = _model(), _ids()
+    router = model.layers[0].mlp.router
+    with pytest.raises(mr.RouterNotFoundError, match=r"SoftmaxTopKRouter looks like a router itself.*include="):
+        mr.attach(router)
+    assert "forward" not in router.__dict__
+    with mr.attach(model) as whole:
+        with whole.capture():
+            model(x)
+        want = whole.routes().layer("layers.0.mlp.router")
+    with mr.attach(router, include=type(router)) as alone:
+        with alone.capture():
+            model(x)
+        assert torch.equal(alone.routes(allow_silent=True).layer(""), want)
+    with pytest.raises(mr.RouterNotFoundError) as err:
+        mr.attach(torch.nn.Linear(4, 4))
+    assert "looks like a router itself" not in str(err.value)
