@@ -596,12 +596,15 @@ class MoveWatch(FeedRecord):
 
     def __init__(self) -> None:
         super().__init__(keep_inputs=False)
+        #: forwards that entered a level of the model during the replay (none: the block ran no forward of it)
+        self.entered = 0
 
     def fed(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
     ) -> bool:
         """A forward entering a level: refused after a row move; its cache watched (at the first level it
         enters, which is given the cache that the levels below it are given too)."""
+        self.entered += 1
         moved = self.moved
         if moved is not None:
             why = (

@@ -1780,7 +1780,8 @@ class Session:
             RoutesValidationError / RouterNotFoundError: before any forward, if the routes
                 do not fit the model (at a router's first forward, for its k as above), or hold
                 no router at all (strict or not: such a block would force nothing).
-            ReplayConsumptionError: on leaving, if a router consumed too few (strict) or too many rows;
+            ReplayConsumptionError: on leaving, if a router consumed too few (strict) or too many rows,
+                or (``strict=False``, rows on the CPU) no forward entered the model and no router read a row;
                 in eager mode, at the forward that reads past the end of its rows.
             TokenMismatchError: a forward fed other tokens than its rows were recorded for, or one
                 whose tokens no check saw.
@@ -1821,7 +1822,8 @@ class Session:
             for h, s, j in plan:
                 h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope), name=h.name)
         check, stop_check = self._token_check(routes, [h.replay_source for h, _, _ in plan], generated, strict)
-        stop_moves = MoveWatch().start(self._feed_wrappers) if self._model_ref() is not None else None
+        moves = MoveWatch() if self._model_ref() is not None else None
+        stop_moves = moves.start(self._feed_wrappers) if moves is not None else None
         skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
         stop = self._watch()
         self._set(replaying=True)
@@ -1850,6 +1852,10 @@ class Session:
                 h.replay_source = None
         if ok and check is not None:
             check.finish()  # (before the row counts: forwards fed other tokens are why they would differ)
+        # (a forward of the model that entered it is the caller's: one refused in it was told, one of no token meant)
+        entered = (moves is not None and moves.entered) or (check is not None and check.forwards)
+        if ok and not strict and moves is not None and not entered:
+            _refuse_nothing_read(sources)
         if not strict:  # unconsumed rows are fine; an overdraw never is (eager forwards raise at once)
             sources = [(h, src) for h, src in sources if src is not None and src.read_by_device]
         if ok and sources:
@@ -2354,6 +2360,25 @@ def _prefix_maps(names: Sequence[str], targets: Sequence[str]) -> list[tuple[tup
         if c == best:
             out.setdefault(tuple(m.values()), (pair, m))  # two prefix pairs may map the names alike
     return list(out.values())
+
+
+def _refuse_nothing_read(sources: Sequence[tuple[RouterHook, ReplaySource | None]]) -> None:
+    """A ``replay(strict=False)`` block in which no forward entered the model and no router read a row forced nothing:
+    its forwards ran past the session (a copy of the model, a traced or exported program, a model rebuilt after
+    attach) or there were none, and strict=False, which allows rows left unread, would have let it pass as a replay.
+    Told on the host only where the rows are (the device cursors of a CPU model are read at no sync; an
+    accelerator's are never read here)."""
+    held = [src for _, src in sources if src is not None and src.num_rows]
+    if not held or any(src.host_consumed for src in held) or any(src.buf.device.type != "cpu" for src in held):
+        return
+    if any(_read_counters([src.consumed for src in held])):
+        return
+    raise ReplayConsumptionError(
+        f"replay(strict=False) ended with no row read by any of its {len(held)} routers, so it forced nothing: no "
+        "forward in the block ran through the routers of this session (a copy of the model, a program traced or "
+        "exported from it, a model rebuilt or reloaded after attach, or no forward at all?). Run the forwards on the "
+        "attached model; strict=False allows rows left unread, not a replay that reads none"
+    )
 
 
 def _read_counters(counters: Sequence[torch.Tensor]) -> list[int]:

@@ -1248,3 +1248,48 @@ def test_peft_lora_on_a_gate_module_merged_and_unloaded_after_attach_replays_and
             assert torch.allclose(merged(x).logits, through_lora, atol=1e-5)
         assert session.routes().equal(forced)
     assert all("forward" not in m.__dict__ for m in merged.modules())
+
+
+class _Logits(torch.nn.Module):
+    """A module around the model that returns its logits (a tensor, which ``torch.jit.trace`` can follow)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).logits
+
+
+_PAST_THE_SESSION: dict[str, Callable[[mr.models.MoETransformer], Callable[[torch.Tensor], object]]] = {
+    "a deep copy": lambda m: copy.deepcopy(m),
+    "a program traced while attached": lambda m: torch.jit.trace(_Logits(m), (_ids(),), check_trace=False),
+    "the model rebuilt after attach": lambda m: mr.models.build("softmax_topk", num_layers=2),
+    "no forward": lambda m: lambda x: None,
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("run", list(_PAST_THE_SESSION))
+def test_a_non_strict_replay_whose_forwards_never_reach_the_routers_is_refused(run: str) -> None:
+    """Once silent: ``replay(routes, strict=False)`` around a forward of a copy of the model, of a program traced from
+    it, of the model rebuilt (reloaded) after attach, or around no forward at all, forced nothing and ended without a
+    word (strict=False allows rows left unread). A lax block in which no router read a row is refused as it exits;
+    one that read some rows, and one whose forward of the model was refused inside it, are not."""
+    model, x = _model(), _ids()
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        forward = _PAST_THE_SESSION[run](model)
+        with pytest.raises(
+            mr.ReplayConsumptionError, match=r"no row read by any of its 2 routers, so it forced nothing"
+        ):
+            with session.replay(routes, strict=False):
+                forward(x)
+        with session.replay(routes, strict=False), session.capture():  # a prefix: forced, and fine
+            model(x[:1])
+        assert session.routes().equal(routes[:6])
+        with session.replay(routes, strict=False):  # refused inside the block: told there, not again as it exits
+            with pytest.raises(mr.TokenMismatchError):
+                model(x.flip(0))
