@@ -1293,3 +1293,42 @@ def test_a_non_strict_replay_whose_forwards_never_reach_the_routers_is_refused(r
         with session.replay(routes, strict=False):  # refused inside the block: told there, not again as it exits
             with pytest.raises(mr.TokenMismatchError):
                 model(x.flip(0))
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize("state", ["idle", "capturing", "replaying"])
+def test_an_attached_model_shows_the_modules_parameters_and_state_dict_of_a_plain_one(state: str) -> None:
+    """While attached (idle, or inside a block): named modules, parameters and buffers, the state_dict's keys and
+    values, and ``load_state_dict(strict=True)`` of a plain twin's weights are those of the plain model: an
+    optimizer, a checkpoint or an EMA built then sees nothing of the session."""
+    model, twin, x = _model(), mr.models.build("softmax_topk", num_layers=2, seed=4), _ids()
+    want = (
+        [n for n, _ in model.named_modules()],
+        [n for n, _ in model.named_parameters()],
+        [n for n, _ in model.named_buffers()],
+    )
+    keys = list(model.state_dict())
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        blocks: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
+            "idle": contextlib.nullcontext,
+            "capturing": session.capture,
+            "replaying": lambda: session.replay(routes),
+        }
+        block = blocks[state]()
+        with block:
+            model(x)
+            got = (
+                [n for n, _ in model.named_modules()],
+                [n for n, _ in model.named_parameters()],
+                [n for n, _ in model.named_buffers()],
+            )
+            assert got == want and list(model.state_dict()) == keys
+            loaded = model.load_state_dict(twin.state_dict(), strict=True)
+            assert not loaded.missing_keys and not loaded.unexpected_keys
+            assert all(
+                torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True)
+            )
+    assert_untouched(model, snapshot(twin))
