@@ -308,7 +308,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, scale: float = 0.0) -> bool:
     """Equal up to rounding, relative to the largest value of ``b`` or ``scale`` (logit weights grow large in two
     layers); in bfloat16 the hand-written forward rounds other sums than the model's."""
     tol = 1e-4 if a.dtype == torch.float32 else 3e-2
-    a, b = a.float(), b.float()
+    a, b = a.detach().float(), b.detach().float()
     return a.shape == b.shape and bool((a - b).abs().max() <= 1e-5 + tol * max(float(b.abs().max()), scale))
 
 
