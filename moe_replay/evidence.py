@@ -2680,6 +2680,13 @@ def _refuse_value_twins(
     except (RuntimeError, IndexError, TypeError):
         return
     moves = _beyond_rounding(base)
+    held = _force(calls, seen, ev)
+
+    def tips_only(**lifted: Any) -> bool:
+        # (with the decision held at its native choice the lift moves nothing: it only settled a tie among scores
+        # that round alike, as bfloat16 probabilities do, the other way, which dense weights show)
+        return not moves(probe.run(force=held, lift=True, **lifted)[0])
+
     for c in calls:
         if c.ordinal in skip or c.family not in _VALUED or c.width != first.width or c.rows != first.rows:
             continue
@@ -2692,13 +2699,13 @@ def _refuse_value_twins(
         if not any(end.shape == mine.shape and torch.equal(end, mine) for end in ends):
             continue  # not natively the decision's choice
         moved, _ = probe.run(values=c.ordinal, lift=True)
-        if moves(moved):
+        if moves(moved) and not tips_only(values=c.ordinal):
             _refuse_twin(name, probe, calls, ev, c.describe(), base, moved)
     for n, (width, rows, theirs, where) in enumerate(seen.peaks):
         if width != first.width or rows != first.rows or theirs.shape != mine.shape or not torch.equal(theirs, mine):
             continue
         moved, _ = probe.run(peak=n, lift=True)
-        if moves(moved):
+        if moves(moved) and not tips_only(peak=n):
             _refuse_twin(name, probe, calls, ev, f"amax() over {width} at {where}", base, moved)
     _refuse_hidden_maxima(name, probe, calls, ev, seen, mine)
 
