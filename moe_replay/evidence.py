@@ -1559,10 +1559,16 @@ class _Snapshot:
 
     @contextlib.contextmanager
     def hooks_aside(self) -> Iterator[None]:
-        """The forward hooks of the scope's submodules are not called during a probe run."""
-        saved = [(m, name, getattr(m, name)) for m in self.modules[1:] for name in _HOOKS if getattr(m, name, None)]
-        for m, name, _ in saved:
-            setattr(m, name, type(getattr(m, name))())
+        """The forward hooks of the scope's submodules are not called during a probe run, and hooks registered during
+        it are dropped with it: code that registers its hooks at its first forward and notes so in an attribute
+        (transformers' output recording, ``output_router_logits``) does it again in the forward after the runs, as
+        the attribute is put back, and would otherwise leave a hook per run (each output then recorded several
+        times)."""
+        saved = [
+            (m, name, held) for m in self.modules[1:] for name in _HOOKS if (held := getattr(m, name, None)) is not None
+        ]
+        for m, name, held in saved:
+            setattr(m, name, type(held)())
         try:
             yield
         finally:

@@ -1064,6 +1064,51 @@ def test_the_token_order_probe_runs_no_hook_of_the_model() -> None:
     assert len(seen) == 1
 
 
+class _RecordsOutputs(torch.nn.Module):
+    """A model that registers forward hooks on its blocks at its first forward and notes so in an attribute, as
+    transformers' output recording does (``output_router_logits``, ``output_hidden_states``): it returns what they
+    recorded in the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = mr.models.MoEConfig(router="softmax_topk")
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = torch.nn.ModuleList([mr.models.MoEBlock(cfg) for _ in range(2)])
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        self.recorded: list[torch.Tensor] = []
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if not getattr(self, "_hooks_installed", False):
+            for block in self.blocks:
+                block.register_forward_hook(lambda module, args, out: self.recorded.append(out))
+            self._hooks_installed = True
+        self.recorded.clear()
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = h + block(h)
+        return h, list(self.recorded)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("block", ["capture", "keep_scores"])
+def test_hooks_a_model_registers_at_its_first_forward_are_registered_once(block: str) -> None:
+    """Once silent: hooks a model registers at its first forward (transformers' output recording) were registered
+    in each token-order run too, while the attribute that notes them was put back: every later forward recorded each
+    output three times (``out.router_logits`` of a two-layer model held six, ``out.hidden_states`` were shifted)."""
+    model = _RecordsOutputs().eval()
+    plain = copy.deepcopy(model)
+    ids = _batch()
+    with mr.attach(model) as session, torch.no_grad():
+        for _ in range(2):
+            with session.capture() if block == "capture" else session.keep_scores():
+                _, recorded = model(ids)
+            _, want = plain(ids)
+            assert len(recorded) == len(want) == 2
+            assert all(torch.equal(a, b) for a, b in zip(recorded, want, strict=True))
+
+
 class _Looped(torch.nn.Module):
     """A universal-transformer-like model: one MoE block applied ``steps`` times per forward (weight sharing)."""
 
