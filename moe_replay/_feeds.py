@@ -921,6 +921,67 @@ class OrderCheck(FeedCheck):
         """Nothing is left to compare."""
 
 
+class OrderNote(FeedCheck):
+    """While scores are kept (:meth:`~moe_replay.Session.keep_scores`): each forward of the model, its
+    ``[batch, positions]`` and the order its routers see them in (:func:`token_order`, told as for a capture), handed
+    to ``began`` as it begins, and ``ended`` called as it ends. A mask of the batch's tokens is put in the order of
+    the kept rows with it (:func:`~moe_replay.load_balancing_loss`); nothing is checked or refused here.
+
+    Args:
+        began: called with the forward's ``[batch, positions]`` (None where it has none), whether its routers see
+            them sequence-first (None where that is not known), and why not known (words, or "").
+        ended: called as that forward ends.
+    """
+
+    def __init__(
+        self, began: Callable[[tuple[int, int] | None, bool | None, str], None], ended: Callable[[], None]
+    ) -> None:
+        super().__init__(torch.zeros(0, dtype=torch.long), lambda: None)
+        self._began, self._ended = began, ended
+
+    def start(self, levels: Sequence[FeedForward], sources: Sequence[Any] = ()) -> Callable[[], None]:
+        """Note the forwards entering ``levels`` in this thread until the returned function is called."""
+        self._thread = threading.get_ident()
+        return _enter_levels(levels, self)
+
+    def unseen(self) -> None:
+        """A forward compiled, traced, captured in a CUDA graph or under a transform: not noted (its decisions, where
+        any are kept, are of no forward the session saw)."""
+
+    def fed(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+    ) -> bool:
+        """A forward entering a level: noted with its ``[batch, positions]`` and the ``order`` its routers see them
+        in (:func:`token_order`). Returns whether it is taken here (see :meth:`FeedCheck.fed`)."""
+        count, ids, shape = _inputs(args, kwargs)
+        if paired:
+            self._began(None, None, " (an encoder-decoder: its routers see two streams of tokens)")
+            return True
+        if count < 0:
+            return False
+        grid = None if shape is None else (int(shape[0]), int(shape[1]))
+        if grid is None:
+            self._began(None, None, " (it was not fed [batch, positions] ids or embeddings)")
+        elif min(grid) < 2 or order == BATCH_MAJOR:
+            self._began(grid, False, "")
+        elif order == SEQUENCE_FIRST:
+            self._began(grid, True, "")
+        elif order == UNTOLD and ids is not None:  # (a cache that holds tokens, across processes: read as a capture
+            self._began(grid, False, "")  # reads its ids, batch-major)
+        elif order == UNTOLD:
+            self._began(grid, None, " (it was fed embeddings, and the order could not be told by running it again)")
+        else:
+            self._began(grid, None, " (its routers' rows do not follow its tokens one to one in either order)")
+        return True
+
+    def left(self) -> None:
+        """The forward fed last has ended."""
+        self._ended()
+
+    def finish(self) -> None:
+        """Nothing is left to compare."""
+
+
 def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, torch.Tensor | None, torch.Size | None]:
     """What a forward of the model was fed: its token count (-1 where unknown), its ids (None where it was
     fed embeddings), and its ``[batch, positions]`` shape where it has one."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -73,6 +74,63 @@ def _outside_graph(t: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and _kept_outside_graph(t)
 
 
+class _Fed(NamedTuple):
+    """One forward of the model while scores were kept: how a ``[batch, positions]`` mask of its tokens is put in the
+    order its routers saw them."""
+
+    #: its ``[batch, positions]``, or None where it has none (ids of another shape, an encoder-decoder's two streams)
+    grid: tuple[int, int] | None
+    #: its routers saw the tokens sequence-first (position 0 of every sequence, then position 1...): True; row by row:
+    #: False; None where the order is not known (then ``why`` says why)
+    sequence_first: bool | None
+    why: str = ""
+
+
+class _RowOrder(NamedTuple):
+    """Whose tokens one router's kept rows are: the forwards kept in the block, and per decision (call order) its
+    rows and the forward it was made in (-1: in none the session saw)."""
+
+    forwards: tuple[_Fed, ...]
+    calls: tuple[tuple[int, int], ...]
+
+
+#: the row order of kept score and index tensors handed out by :class:`RouterScores` (held weakly, by identity): a
+#: mask of more than one dimension is put in the order of their rows (:func:`load_balancing_loss`)
+_ROW_ORDER: dict[int, tuple[weakref.ref[torch.Tensor], _RowOrder]] = {}
+
+
+def _note_row_order(t: torch.Tensor, order: _RowOrder) -> None:
+    key = id(t)
+
+    def forget(_: object, key: int = key) -> None:
+        _ROW_ORDER.pop(key, None)
+
+    _ROW_ORDER[key] = (weakref.ref(t, forget), order)
+
+
+def _row_order_of(t: torch.Tensor) -> _RowOrder | None:
+    held = _ROW_ORDER.get(id(t))
+    return held[1] if held is not None and held[0]() is t else None
+
+
+#: one kept decision: the scores, the experts used, the masked copy of the scores the top-k ran on (or None), and
+#: whether the scores were made through a squashing after the logits (None: unknown)
+_Call = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool | None]
+
+
+class _Calls(list[_Call]):
+    """One router's kept decisions (what its hook appends), each noted with the forward it was made in."""
+
+    def __init__(self, owner: RouterScores) -> None:
+        super().__init__()
+        self.owner = owner
+        self.forward_of: list[int] = []  # per decision, its forward in owner._forwards (-1: none seen)
+
+    def append(self, item: _Call) -> None:
+        self.forward_of.append(self.owner._now)
+        super().append(item)
+
+
 class RouterScores:
     """What each router's decision call saw while :meth:`Session.keep_scores` was open.
 
@@ -88,6 +146,14 @@ class RouterScores:
     whatever a biased or group-limited router selects on (DeepSeek-V3 selects on detached
     scores plus a bias: no gradient flows through those).
 
+    The rows are in the order the router saw the tokens. Each forward of the model is noted
+    with its ``[batch, positions]`` and that order, told as a capture tells it (by effect, at
+    the first forward that can show it): row by row for most models, position by position
+    for layers that run ``[positions, batch, hidden]`` (fairseq, Megatron), where row
+    ``p * batch + b`` is token ``(b, p)``. The tensors handed out (``scores``, ``indices``,
+    ``kept[name]``) carry it, so that :func:`load_balancing_loss` and :meth:`row_mask` give each
+    row its own token's weight of an attention mask in either order.
+
     Example:
         >>> import torch, moe_replay as mr
         >>> model = mr.models.build("softmax_topk")
@@ -101,6 +167,9 @@ class RouterScores:
         ((16, 8), (16, 2))
         >>> aux = mr.load_balancing_loss(kept.scores, kept.indices)  # differentiable in the scores
         >>> (out.loss + 0.01 * aux).backward()
+        >>> mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8])  # the batch's attention mask
+        >>> [tuple(w.shape) for w in kept.row_mask(mask)]  # each kept row's own token's weight
+        [(16,), (16,)]
     """
 
     def __init__(self, names: Sequence[str]) -> None:
@@ -108,9 +177,26 @@ class RouterScores:
         # per decision: the scores, the experts used, the masked copy of the scores the top-k ran on where a
         # group-limited router masks them first (None otherwise: the top-k ran on the scores themselves), and
         # whether the scores were made through a squashing after the logits (see Evidence.squashed; None: unknown)
-        self._calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool | None]]] = {
-            n: [] for n in self.names
-        }
+        self._calls: dict[str, _Calls] = {n: _Calls(self) for n in self.names}
+        #: the forwards of the model that entered it while the scores were kept, in call order (told by the
+        #: session's forward of the model: see :meth:`_began`), and the one running now (-1: none)
+        self._forwards: list[_Fed] = []
+        self._now = -1
+
+    def _began(self, grid: tuple[int, int] | None, sequence_first: bool | None, why: str = "") -> None:
+        """A forward of the model begins: its ``[batch, positions]`` (None: none) and whether its routers see them
+        sequence-first (None: not known, ``why``)."""
+        self._forwards.append(_Fed(grid, sequence_first, why))
+        self._now = len(self._forwards) - 1
+
+    def _ended(self) -> None:
+        """The forward of the model that began last has ended."""
+        self._now = -1
+
+    def _row_order(self, name: str) -> _RowOrder:
+        calls = self._calls[name]
+        rows = [int(c[0].shape[0]) for c in calls]
+        return _RowOrder(tuple(self._forwards), tuple(zip(rows, calls.forward_of, strict=True)))
 
     def _squashed(self, name: str) -> bool | None:
         """Were one router's scores made through a squashing (a sigmoid) after its logits, as its forward showed when
@@ -126,11 +212,15 @@ class RouterScores:
                 "`with session.keep_scores():`"
             )
         if len(calls) == 1:
-            return calls[0][0], calls[0][1]
-        scores = torch.cat([c[0] for c in calls])
-        if any(_kept_outside_graph(c[0]) for c in calls):
-            _mark_outside_graph(scores)
-        return scores, torch.cat([c[1] for c in calls])
+            scores, indices = calls[0][0], calls[0][1]
+        else:
+            scores, indices = torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls])
+            if any(_kept_outside_graph(c[0]) for c in calls):
+                _mark_outside_graph(scores)
+        order = self._row_order(name)  # (what a mask of the batch's tokens is put in the order of, see _row_weights)
+        _note_row_order(scores, order)
+        _note_row_order(indices, order)
+        return scores, indices
 
     def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores [T, E], indices [T, k])`` of one router."""
@@ -166,6 +256,42 @@ class RouterScores:
         """Per router, the ``[T, k]`` experts the forward used."""
         return [self._get(n)[1] for n in self.names]
 
+    def row_mask(self, mask: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per router, the weight of each kept row's own token, ``[T]``, from a mask of the batch's tokens.
+
+        For a loss of one's own on the kept scores (a router z-loss, a per-token statistic)
+        the way :func:`load_balancing_loss` reads its ``mask``.
+
+        Args:
+            mask: the attention mask of the forwards kept: one ``[batch, positions]`` tensor
+                (several forwards' stacked along the batch), or a list of masks, one per
+                forward of the model kept, in call order (each its ``[batch, positions]``, or its
+                rows' weights in their order, one dimension). A one-dimensional tensor is one
+                weight per row, in the order of the rows, and is given as it is.
+
+        Returns:
+            One ``[T]`` tensor per router, in the order of :attr:`names`, on ``mask``'s device.
+
+        Raises:
+            InvalidArgumentError: a mask that does not match the forwards kept, or one of a
+                forward whose routers' order is not known (one fed embeddings whose order could
+                not be told, an encoder-decoder's, one whose rows are not one per token), or
+                decisions kept in no forward of the model the session saw.
+            RouterNotFoundError: a router that made no decision while the scores were kept.
+        """
+        masks = _masks(mask)
+        if masks is None:
+            raise ArgumentTypeError("row_mask takes a mask of the batch's tokens, got None")
+        listed = not isinstance(mask, torch.Tensor)
+        out = []
+        for n in self.names:
+            self._get(n)  # (a router that made no decision: the error that says so)
+            if listed or masks[0].dim() > 1:
+                out.append(_in_row_order(masks, listed, self._row_order(n), f"router '{n}'"))
+            else:
+                out.append(masks[0].reshape(-1))
+        return out
+
     def __len__(self) -> int:
         return len(self.names)
 
@@ -185,7 +311,7 @@ def load_balancing_loss(
     probs: torch.Tensor | Sequence[torch.Tensor],
     indices: torch.Tensor | Sequence[torch.Tensor],
     *,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Switch/Mixtral load-balancing loss from the experts used and the current router probabilities.
 
@@ -206,9 +332,15 @@ def load_balancing_loss(
             logits.
         indices: ``[T, k]`` experts each token used (one tensor, or one per router), on any
             device (``Routes.layer(name)`` is on the host): they are moved to ``probs``' device.
-        mask: optional ``[T]`` (or any shape with ``T`` elements) weights of the tokens to
-            count, e.g. the attention mask; padding gets 0. A router with no token counted (all
-            padding, or no token at all) contributes 0.
+        mask: optional weights of the tokens to count, e.g. the attention mask; padding gets
+            0. One dimension: one weight per row, ``[T]``, in the order of the rows. More than one
+            (the batch's ``[batch, positions]`` attention mask, or several forwards' stacked along
+            the batch), or a list of masks, one per forward kept: only with the scores and
+            indices of :meth:`Session.keep_scores` (``kept.scores``, ``kept.indices``,
+            ``kept[name]``, or probabilities made from the kept scores with the kept indices),
+            which know whose token each row is: each row gets its own token's weight, also where
+            the routers saw the batch sequence-first (see :meth:`RouterScores.row_mask`). A
+            router with no token counted (all padding, or no token at all) contributes 0.
 
     Returns:
         A scalar float32 tensor.
@@ -217,12 +349,15 @@ def load_balancing_loss(
         InvalidArgumentError: shapes that do not match or hold no expert (k or E of 0), indices
             that are not integers, probs that are not floating point, probs that are scores kept
             (with gradients on) in the forward of a reentrant activation checkpoint, which has no
-            gradients, or (on the CPU) indices that are not experts ``0..E-1`` or repeat an expert in a counted row,
-            probs that are negative (logits) or not finite, a mask with negative or non-finite
-            weights. On an accelerator, and in compiled code, out-of-range indices stop the
-            kernel that counts them instead, and the other values are not checked (no host
-            sync is spent on the checks).
-        ArgumentTypeError: ``probs``, ``indices`` or ``mask`` that are not tensors.
+            gradients, a mask of more than one dimension (or a list of masks) for rows whose
+            tokens are not known (tensors not kept by :meth:`Session.keep_scores`, a forward whose
+            routers' order is not known: see :meth:`RouterScores.row_mask`) or that does not match
+            the forwards kept; or (on the CPU) indices that are not experts ``0..E-1`` or repeat an
+            expert in a counted row, probs that are negative (logits) or not finite, a mask with
+            negative or non-finite weights. On an accelerator, and in compiled code, out-of-range
+            indices stop the kernel that counts them instead, and the other values are not checked
+            (no host sync is spent on the checks).
+        ArgumentTypeError: ``probs``, ``indices`` or ``mask`` that are not tensors (or lists of them).
 
     Example:
         >>> import torch, moe_replay as mr
@@ -238,8 +373,13 @@ def load_balancing_loss(
         raise InvalidArgumentError(
             f"load_balancing_loss takes one probability tensor per index tensor, got {len(probs)} and {len(indices)}"
         )
-    if mask is not None and not isinstance(mask, torch.Tensor):
-        raise ArgumentTypeError(f"mask must be a tensor of token weights, got {type(mask).__name__}")
+    masks = _masks(mask)
+    listed = masks is not None and not isinstance(mask, torch.Tensor)  # (one mask per forward kept)
+    # (a mask of the batch's tokens, of more than one dimension: put in the order of each router's kept rows)
+    by_token = masks is not None and (listed or masks[0].dim() > 1)
+    orders = (
+        [_pair_order(p, idx, i) for i, (p, idx) in enumerate(zip(probs, indices, strict=False))] if by_token else []
+    )
     losses = []
     for i, (p, idx) in enumerate(zip(probs, indices, strict=True)):
         if p.device.type == "cpu":
@@ -276,7 +416,11 @@ def load_balancing_loss(
                     f"router {i}: probs must be probabilities (finite, not negative), got {got}: for scores that are "
                     "logits pass scores.softmax(-1)"
                 )
-        w = torch.ones(t, device=p.device) if mask is None else mask.reshape(-1).to(p.device, torch.float32)
+        if masks is None:
+            w = torch.ones(t, device=p.device)
+        else:
+            w = _in_row_order(masks, listed, orders[i], f"router {i}") if by_token else masks[0].reshape(-1)
+            w = w.to(p.device, torch.float32)
         if w.shape[0] != t:
             raise InvalidArgumentError(f"mask has {w.shape[0]} elements, but router {i} has {t} tokens")
         if host and mask is not None and w.numel() and not bool(((w >= 0) & w.isfinite()).all()):
@@ -296,6 +440,109 @@ def load_balancing_loss(
         p_mean = (p.float() * w[:, None]).sum(0) / total
         losses.append(e * (f * p_mean).sum())
     return torch.stack(losses).mean()
+
+
+def _masks(mask: object) -> list[torch.Tensor] | None:
+    """The ``mask`` argument as a list of tensors (one, or one per forward kept), None where none is given."""
+    if mask is None:
+        return None
+    if isinstance(mask, torch.Tensor):
+        return [mask]
+    need = "mask must be a tensor of token weights, or a list of them (one per forward kept)"
+    if isinstance(mask, str | bytes) or not isinstance(mask, Iterable) or hasattr(mask, "shape"):
+        raise ArgumentTypeError(f"{need}; got a {type(mask).__name__}")
+    out = list(mask)
+    bad = next((i for i, x in enumerate(out) if not isinstance(x, torch.Tensor)), None)
+    if bad is not None or not out:
+        got = f"mask[{bad}] is a {type(out[bad]).__name__}" if bad is not None else "got an empty list"
+        raise ArgumentTypeError(f"{need}; {got}")
+    return out
+
+
+def _pair_order(probs: torch.Tensor, indices: torch.Tensor, i: int) -> _RowOrder | None:
+    """The order of one router's kept rows, as the tensors kept by :class:`RouterScores` know it (the probabilities,
+    or the indices where the probabilities were made from the kept scores, ``scores.softmax(-1)``); None: unknown."""
+    a, b = _row_order_of(probs), _row_order_of(indices)
+    if a is not None and b is not None and a != b:
+        raise InvalidArgumentError(
+            f"router {i}: the probs and indices were kept in different keep_scores() blocks (their rows are of "
+            "other forwards): pass the scores and indices of one block"
+        )
+    return a if a is not None else b
+
+
+def _in_row_order(masks: list[torch.Tensor], listed: bool, order: _RowOrder | None, what: str) -> torch.Tensor:
+    """The weight of each kept row's own token, from a mask of the batch's tokens: one ``[batch, positions]`` tensor
+    (the kept forwards' masks stacked along the batch), or one mask per forward kept (its ``[batch, positions]``, or
+    its rows' weights in their order, one dimension)."""
+    shape = f"a list of {len(masks)}" if listed else "x".join(str(n) for n in masks[0].shape)
+    if order is None:
+        raise InvalidArgumentError(
+            f"{what}: a mask of the batch's tokens ({shape}) was given for rows whose order is not known, and routers "
+            "that see a batch sequence-first (position 0 of every sequence, then position 1...) keep their rows in "
+            "another order than the batch's: read row by row, padding would weigh on other tokens' rows. Pass the "
+            "scores and indices kept by session.keep_scores() (kept.scores, kept.indices, kept[name]: they know the "
+            "order of their rows; probs made from them, kept.scores[i].softmax(-1), with kept.indices), or give one "
+            "weight per row in the order of the rows (mask.reshape(-1) where the rows follow the tokens sequence by "
+            "sequence)"
+        )
+    forwards = order.forwards
+    per = _per_forward(masks, listed, forwards, shape, what)
+    parts = []
+    for n, (rows, j) in enumerate(order.calls):
+        if j < 0:
+            raise InvalidArgumentError(
+                f"{what}: decision {n} was kept in no forward of the model the session saw (a submodule called "
+                "alone, a forward compiled or traced): the tokens of its rows are not known, so a mask of the batch's "
+                "tokens cannot be put in their order. Give one weight per row, in the order of the rows"
+            )
+        fed, m = forwards[j], per[j]
+        if m.dim() > 1:
+            if fed.grid is None or tuple(m.shape) != fed.grid:
+                raise InvalidArgumentError(
+                    f"{what}: the mask of forward {j} is {tuple(m.shape)}, but that forward was fed "
+                    + (f"a {list(fed.grid)} batch" if fed.grid is not None else f"no [batch, positions] batch{fed.why}")
+                    + ": give that forward's [batch, positions] attention mask, or its rows' weights in their order"
+                )
+            if fed.sequence_first is None and min(fed.grid) > 1:
+                raise InvalidArgumentError(
+                    f"{what}: the order in which the routers saw the tokens of forward {j} is not known{fed.why}, so "
+                    "its [batch, positions] mask cannot be put in the order of the rows: give its rows' weights in "
+                    "their order (one dimension)"
+                )
+            m = m.t() if fed.sequence_first else m
+        flat = m.reshape(-1)
+        if flat.numel() != rows:
+            raise InvalidArgumentError(
+                f"{what}: decision {n} kept {rows} rows in forward {j}, which was fed {flat.numel()} tokens: its rows "
+                "are not one per token of the batch, so a mask of the batch's tokens cannot weigh them; give one "
+                "weight per row, in the order of the rows"
+            )
+        parts.append(flat)
+    return torch.cat(parts) if parts else masks[0].new_zeros(0)
+
+
+def _per_forward(
+    masks: list[torch.Tensor], listed: bool, forwards: tuple[_Fed, ...], shape: str, what: str
+) -> list[torch.Tensor]:
+    """One mask per forward kept: as given (``listed``), or one ``[batch, positions]`` mask cut along the batch."""
+    grids = ", ".join("x".join(map(str, f.grid)) if f.grid is not None else "no grid" for f in forwards) or "none"
+    if listed:
+        if len(masks) != len(forwards):
+            raise InvalidArgumentError(
+                f"{what}: {len(masks)} masks were given for the {len(forwards)} forwards of the model kept ({grids}): "
+                "give one per forward, in call order"
+            )
+        return masks
+    m = masks[0]
+    m = m.reshape(m.shape[0], -1) if m.dim() > 2 else m
+    batches = [f.grid[0] if f.grid is not None else -1 for f in forwards]
+    if not forwards or any(f.grid is None or f.grid[1] != m.shape[1] for f in forwards) or sum(batches) != m.shape[0]:
+        raise InvalidArgumentError(
+            f"{what}: a {shape} mask does not hold the tokens of the forwards of the model kept ({grids}) stacked "
+            "along the batch: give each forward's [batch, positions] attention mask, as a list in call order"
+        )
+    return list(m.split(batches)) if len(forwards) > 1 else [m]
 
 
 def _tensors(value: object, what: str) -> list[torch.Tensor]:

@@ -34,7 +34,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from . import _torch_compat
 from ._checks import check_flag
-from ._feeds import FeedCheck, FeedForward, FeedRecord, MoveWatch, OrderCheck, feed_levels
+from ._feeds import FeedCheck, FeedForward, FeedRecord, MoveWatch, OrderCheck, OrderNote, feed_levels
 from ._output_guard import is_guard
 from ._progress import Progress
 from .discovery import (
@@ -1973,9 +1973,14 @@ class Session:
             kept = RouterScores(self.names)
             for h in self._hooks:
                 h.seen = kept._calls[h.name]
+            # (each forward of the model, with the order its routers see its tokens in: a mask of the batch's tokens
+            # is put in the order of the kept rows with it)
+            stop_notes = OrderNote(kept._began, kept._ended).start(self._feed_wrappers)
             try:
                 yield kept
             finally:
+                stop_notes()
+                kept._ended()
                 for h in self._hooks:
                     h.seen = None
 

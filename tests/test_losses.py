@@ -323,15 +323,10 @@ def _balance_by_hand(probs: torch.Tensor, experts: torch.Tensor, weights: torch.
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a [batch, positions] mask is read row-major onto the kept rows, but routers that see the batch "
-    "sequence-first keep position 0 of every sequence first: padding weighs on other tokens' rows. The kept tensors "
-    "carry no order for load_balancing_loss to read.",
-)
 def test_an_attention_mask_weighs_each_tokens_own_row_of_routers_that_see_the_batch_sequence_first() -> None:
-    """Scores kept from routers that see a right-padded [2, 4] batch sequence-first (row p * 2 + b is token (b, p)),
-    and the batch's attention mask given as the docs say (any shape with one weight per token)."""
+    """Once silent: a [batch, positions] mask was read row by row onto rows kept position by position, so padding
+    weighed on other tokens' rows. Scores kept from routers that see a right-padded [2, 4] batch sequence-first (row
+    p * 2 + b is token (b, p)), and the batch's attention mask as it is: each row gets its own token's weight."""
     from tests.test_feeds import _batch, _SequenceFirst
 
     model = _SequenceFirst().eval()
@@ -342,3 +337,121 @@ def test_an_attention_mask_weighs_each_tokens_own_row_of_routers_that_see_the_ba
     want = torch.stack([_balance_by_hand(p, i, rows) for p, i in zip(kept.scores, kept.indices, strict=True)]).mean()
     assert torch.allclose(mr.load_balancing_loss(kept.scores, kept.indices, mask=rows), want)  # (row order: exact)
     assert torch.allclose(mr.load_balancing_loss(kept.scores, kept.indices, mask=mask), want)
+    for got, rows_of in zip(kept.row_mask(mask), [rows] * len(kept.names), strict=True):
+        assert torch.equal(got, rows_of)
+    probs = [s.softmax(-1) for s in kept.scores]  # (probabilities made from the kept scores: the indices tell)
+    want_p = torch.stack([_balance_by_hand(p, i, rows) for p, i in zip(probs, kept.indices, strict=True)]).mean()
+    assert torch.allclose(mr.load_balancing_loss(probs, kept.indices, mask=mask), want_p)
+
+
+class _Rolled(torch.nn.Module):
+    """A model whose routers see the tokens of a [batch, positions] batch neither row by row nor position by position
+    (each row is the next token's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(128, 64)
+        self.block = mr.models.MoEBlock(mr.models.MoEConfig(num_experts=8, top_k=2))
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        b, p, h = x.shape
+        return self.block(x.reshape(b * p, h).roll(1, 0)).view(b, p, h)
+
+
+def _row_weights_by_hand(masks: list[torch.Tensor], sequence_first: list[bool]) -> torch.Tensor:
+    """Each kept row's own token's weight, forward by forward, from the layout the test models are written with."""
+    return torch.cat([(m.t() if first else m).reshape(-1) for m, first in zip(masks, sequence_first, strict=True)])
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_batch_major_attention_mask_is_read_as_before() -> None:
+    """Routers that see the tokens row by row (transformers models): a [batch, positions] mask, the same mask
+    flattened, and probabilities made from the kept scores give the loss of each row's own token's weight."""
+    model = mr.models.build("softmax_topk")
+    x = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(0))
+    mask = mr.BatchLayout.padded([5, 2, 4]).attention_mask()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(x, attention_mask=mask)
+        with session.replay(session.routes()), session.keep_scores() as kept:
+            out = model(x, attention_mask=mask, labels=x)
+    rows = mask.reshape(-1)
+    want = torch.stack([_balance_by_hand(p, i, rows) for p, i in zip(kept.scores, kept.indices, strict=True)]).mean()
+    aux = mr.load_balancing_loss(kept.scores, kept.indices, mask=mask)
+    assert torch.allclose(aux, want)
+    assert torch.equal(aux, mr.load_balancing_loss(kept.scores, kept.indices, mask=rows))
+    name = session.names[0]
+    assert torch.allclose(mr.load_balancing_loss(*kept[name], mask=mask), _balance_by_hand(*kept[name], rows))
+    (out.loss + 0.01 * aux).backward()  # (its gradient reaches the routers)
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("router.weight"))
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_mask_of_the_batch_for_rows_of_no_known_order_is_refused() -> None:
+    """A [batch, positions] mask given with tensors that do not know whose token each row is, for rows that follow
+    the tokens in neither order, or for decisions kept outside any forward of the model: refused, not read row by
+    row. One weight per row, in the order of the rows, keeps its meaning."""
+    probs, idx = torch.rand(8, 4).softmax(-1), torch.randint(0, 4, (8, 1))
+    with pytest.raises(mr.InvalidArgumentError, match="whose order is not known"):
+        mr.load_balancing_loss(probs, idx, mask=torch.ones(2, 4))
+    assert torch.equal(mr.load_balancing_loss(probs, idx, mask=torch.ones(8)), mr.load_balancing_loss(probs, idx))
+    model = _Rolled().eval()
+    ids, mask = torch.randint(3, 128, (2, 4), generator=torch.Generator().manual_seed(0)), torch.ones(2, 4)
+    mask[0, 3] = 0
+    with mr.attach(model) as session, session.keep_scores() as kept, torch.no_grad():
+        model(ids, attention_mask=mask)
+        model.block(torch.randn(1, 3, 64))  # (a layer called alone: no forward of the model)
+    with pytest.raises(mr.InvalidArgumentError, match="order in which the routers saw the tokens of forward 0"):
+        mr.load_balancing_loss(kept.scores, kept.indices, mask=mask)
+    with pytest.raises(mr.InvalidArgumentError, match="decision 1 was kept in no forward of the model"):
+        kept.row_mask([mask.reshape(-1).roll(1)])  # (the forward's rows in their order: the layer's are not known)
+    with pytest.raises(mr.InvalidArgumentError, match="give one per forward"):
+        mr.load_balancing_loss(kept.scores, kept.indices, mask=[mask, mask])
+    with pytest.raises(mr.ArgumentTypeError, match="mask must be a tensor"):
+        mr.load_balancing_loss(kept.scores, kept.indices, mask=[mask, None])  # type: ignore[list-item]
+    rows = torch.cat([mask.reshape(-1).roll(1), torch.ones(3)])  # (each row's own token, in the order of the rows)
+    want = _balance_by_hand(*kept[session.names[0]], rows)
+    assert torch.allclose(mr.load_balancing_loss(kept.scores, kept.indices, mask=rows), want)
+
+
+@pytest.mark.reliability("silent replays")
+def test_forwards_of_other_shapes_and_orders_kept_in_one_block_weigh_each_rows_own_token() -> None:
+    """Several forwards in one keep_scores() block: a [2, 4] batch its routers see sequence-first, a [3, 5] one, one
+    sequence of 6 and a decode-like [3, 1] step (where every order is the same). One mask per forward, or, where the
+    forwards share their positions, one mask stacked along the batch; a mask that does not match them is refused."""
+    from tests.test_feeds import _SequenceFirst
+
+    model = _SequenceFirst().eval()
+    g = torch.Generator().manual_seed(1)
+    shapes = [(2, 4), (3, 5), (1, 6), (3, 1)]
+    feeds = [torch.randint(3, 128, s, generator=g) for s in shapes]
+    masks = [(torch.rand(s, generator=g) < 0.7).float() for s in shapes]
+    for m in masks:
+        m[:, 0] = 1
+    with mr.attach(model) as session, session.keep_scores() as kept:
+        for ids, m in zip(feeds, masks, strict=True):
+            model(ids, attention_mask=m)
+    rows = _row_weights_by_hand(masks, [True, True, True, True])  # (the model runs [positions, batch, hidden])
+    want = torch.stack([_balance_by_hand(p, i, rows) for p, i in zip(kept.scores, kept.indices, strict=True)]).mean()
+    aux = mr.load_balancing_loss(kept.scores, kept.indices, mask=masks)
+    assert torch.allclose(aux, want)
+    assert all(torch.equal(w, rows) for w in kept.row_mask(masks))
+    aux.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("router.weight"))
+    with pytest.raises(mr.InvalidArgumentError, match="stacked along the batch"):
+        mr.load_balancing_loss(kept.scores, kept.indices, mask=torch.ones(9, 5))
+    with pytest.raises(mr.InvalidArgumentError, match=r"mask of forward 1 is \(5, 3\)"):
+        kept.row_mask([masks[0], masks[1].t(), masks[2], masks[3]])
+    # forwards of one width: their masks stacked along the batch, as one
+    narrow = [masks[0], masks[1][:, :4]]
+    with mr.attach(model) as session, session.keep_scores() as kept:
+        for ids, m in zip([feeds[0], feeds[1][:, :4]], narrow, strict=True):
+            model(ids, attention_mask=m)
+    stacked = torch.cat(narrow)
+    rows = _row_weights_by_hand(narrow, [True, True])
+    want = torch.stack([_balance_by_hand(p, i, rows) for p, i in zip(kept.scores, kept.indices, strict=True)]).mean()
+    assert torch.allclose(mr.load_balancing_loss(kept.scores, kept.indices, mask=stacked), want)
