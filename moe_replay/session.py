@@ -1948,6 +1948,13 @@ class Session:
         :func:`~moe_replay.load_balancing_loss`. Eager mode: under ``torch.compile`` the
         decision happens inside the compiled graph and nothing is kept.
 
+        Each forward of the model is noted with its ``[batch, positions]`` and the order its
+        routers see the tokens in, told as a capture tells it (at the first forward of a
+        batch of several sequences that can show it, by running the model twice more up to
+        its first router, once per model: later blocks take it from there), so that a mask
+        of the batch's tokens weighs each kept row's own token
+        (:meth:`RouterScores.row_mask`).
+
         Yields:
             A :class:`RouterScores`, filled while the context is open.
 
