@@ -455,3 +455,41 @@ def test_forwards_of_other_shapes_and_orders_kept_in_one_block_weigh_each_rows_o
     rows = _row_weights_by_hand(narrow, [True, True])
     want = torch.stack([_balance_by_hand(p, i, rows) for p, i in zip(kept.scores, kept.indices, strict=True)]).mean()
     assert torch.allclose(mr.load_balancing_loss(kept.scores, kept.indices, mask=stacked), want)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "fed",
+    [
+        pytest.param(
+            "ids",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=AssertionError,
+                reason="a forward given a KV cache that already holds tokens, before any forward told the order, is "
+                "read batch-major (as a capture reads its ids): on routers that see the batch sequence-first a "
+                "[batch, positions] mask weighs other tokens' rows",
+            ),
+        ),
+        "embeddings",
+    ],
+)
+def test_an_attention_mask_of_a_batch_whose_order_is_not_told_is_exact_or_refused(fed: str) -> None:
+    """A [2, 4] batch given a cache that already holds tokens (the order-telling runs would see other rows), on
+    routers that see it sequence-first: a [batch, positions] mask weighs each row's own token, or is refused."""
+    from tests.test_feeds import _batch, _CachedLayout, _Held
+
+    model = _CachedLayout().eval()
+    ids, mask = _batch(rows=2, width=4), mr.BatchLayout.padded([3, 4]).attention_mask()
+    with mr.attach(model) as session, session.keep_scores() as kept, torch.no_grad():
+        if fed == "ids":
+            model(ids, past_key_values=_Held(3))
+        else:
+            model(inputs_embeds=model.embed(ids), past_key_values=_Held(3))
+    rows = mask.t().reshape(-1)  # (each row's own token's weight: position by position)
+    want = torch.stack([_balance_by_hand(p, i, rows) for p, i in zip(kept.scores, kept.indices, strict=True)]).mean()
+    try:
+        got = mr.load_balancing_loss(kept.scores, kept.indices, mask=mask)
+    except mr.MoEReplayError:
+        return
+    assert torch.allclose(got, want)
