@@ -217,7 +217,7 @@ class RouterScores:
             scores, indices = torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls])
             if any(_kept_outside_graph(c[0]) for c in calls):
                 _mark_outside_graph(scores)
-        order = self._row_order(name)  # (what a mask of the batch's tokens is put in the order of, see _row_weights)
+        order = self._row_order(name)  # (what a mask of the batch's tokens is put in the order of: _in_row_order)
         _note_row_order(scores, order)
         _note_row_order(indices, order)
         return scores, indices
@@ -266,8 +266,9 @@ class RouterScores:
             mask: the attention mask of the forwards kept: one ``[batch, positions]`` tensor
                 (several forwards' stacked along the batch), or a list of masks, one per
                 forward of the model kept, in call order (each its ``[batch, positions]``, or its
-                rows' weights in their order, one dimension). A one-dimensional tensor is one
-                weight per row, in the order of the rows, and is given as it is.
+                tokens' weights in the order its routers saw them, one dimension). A
+                one-dimensional tensor is one weight per row, in the order of the rows, and is
+                given as it is.
 
         Returns:
             One ``[T]`` tensor per router, in the order of :attr:`names`, on ``mask``'s device.
@@ -465,8 +466,8 @@ def _pair_order(probs: torch.Tensor, indices: torch.Tensor, i: int) -> _RowOrder
     a, b = _row_order_of(probs), _row_order_of(indices)
     if a is not None and b is not None and a != b:
         raise InvalidArgumentError(
-            f"router {i}: the probs and indices were kept in different keep_scores() blocks (their rows are of "
-            "other forwards): pass the scores and indices of one block"
+            f"router {i}: the probs and indices are rows kept for other forwards or routers (another keep_scores() "
+            "block, another router's): pass the scores and indices of one router, kept in one block"
         )
     return a if a is not None else b
 
@@ -474,7 +475,7 @@ def _pair_order(probs: torch.Tensor, indices: torch.Tensor, i: int) -> _RowOrder
 def _in_row_order(masks: list[torch.Tensor], listed: bool, order: _RowOrder | None, what: str) -> torch.Tensor:
     """The weight of each kept row's own token, from a mask of the batch's tokens: one ``[batch, positions]`` tensor
     (the kept forwards' masks stacked along the batch), or one mask per forward kept (its ``[batch, positions]``, or
-    its rows' weights in their order, one dimension)."""
+    its tokens' weights in the order its routers saw them, one dimension). On the first mask's device."""
     shape = f"a list of {len(masks)}" if listed else "x".join(str(n) for n in masks[0].shape)
     if order is None:
         raise InvalidArgumentError(
@@ -502,7 +503,8 @@ def _in_row_order(masks: list[torch.Tensor], listed: bool, order: _RowOrder | No
                 raise InvalidArgumentError(
                     f"{what}: the mask of forward {j} is {tuple(m.shape)}, but that forward was fed "
                     + (f"a {list(fed.grid)} batch" if fed.grid is not None else f"no [batch, positions] batch{fed.why}")
-                    + ": give that forward's [batch, positions] attention mask, or its rows' weights in their order"
+                    + ": give that forward's [batch, positions] attention mask, or its tokens' weights in the order "
+                    "its routers saw them"
                 )
             if fed.sequence_first is None and min(fed.grid) > 1:
                 raise InvalidArgumentError(
@@ -518,7 +520,7 @@ def _in_row_order(masks: list[torch.Tensor], listed: bool, order: _RowOrder | No
                 "are not one per token of the batch, so a mask of the batch's tokens cannot weigh them; give one "
                 "weight per row, in the order of the rows"
             )
-        parts.append(flat)
+        parts.append(flat.to(masks[0].device))
     return torch.cat(parts) if parts else masks[0].new_zeros(0)
 
 
