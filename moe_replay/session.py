@@ -59,6 +59,7 @@ from .errors import (
     TokenMismatchError,
     UnsupportedRouterError,
     _from_compiler,
+    raised,
 )
 from .evidence import VerifyReport
 from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
@@ -1781,8 +1782,9 @@ class Session:
                 do not fit the model (at a router's first forward, for its k as above), or hold
                 no router at all (strict or not: such a block would force nothing).
             ReplayConsumptionError: on leaving, if a router consumed too few (strict) or too many rows,
-                or (``strict=False``, rows on the CPU) no forward entered the model and no router read a row;
-                in eager mode, at the forward that reads past the end of its rows.
+                or if no router read a row of routes that hold some (strict or not: what ran went around the
+                interception, a program traced or exported while idle or a copy of the model, and forced
+                nothing); in eager mode, at the forward that reads past the end of its rows.
             TokenMismatchError: a forward fed other tokens than its rows were recorded for, or one
                 whose tokens no check saw.
             SessionStateError: on leaving, if the model changed inside the block (a router
@@ -1825,6 +1827,7 @@ class Session:
         moves = MoveWatch() if self._model_ref() is not None else None
         stop_moves = moves.start(self._feed_wrappers) if moves is not None else None
         skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
+        refusals = raised()  # (a block that forced nothing after a refusal caught inside it was told why)
         stop = self._watch()
         self._set(replaying=True)
         ok = False
@@ -1852,10 +1855,8 @@ class Session:
                 h.replay_source = None
         if ok and check is not None:
             check.finish()  # (before the row counts: forwards fed other tokens are why they would differ)
-        # (a forward of the model that entered it is the caller's: one refused in it was told, one of no token meant)
-        entered = (moves is not None and moves.entered) or (check is not None and check.forwards)
-        if ok and not strict and moves is not None and not entered:
-            _refuse_nothing_read(sources)
+        if ok and raised() == refusals:
+            _check_forced([src for _, src in sources if src is not None], strict)
         if not strict:  # unconsumed rows are fine; an overdraw never is (eager forwards raise at once)
             sources = [(h, src) for h, src in sources if src is not None and src.read_by_device]
         if ok and sources:
@@ -2374,22 +2375,33 @@ def _prefix_maps(names: Sequence[str], targets: Sequence[str]) -> list[tuple[tup
     return list(out.values())
 
 
-def _refuse_nothing_read(sources: Sequence[tuple[RouterHook, ReplaySource | None]]) -> None:
-    """A ``replay(strict=False)`` block in which no forward entered the model and no router read a row forced nothing:
-    its forwards ran past the session (a copy of the model, a traced or exported program, a model rebuilt after
-    attach) or there were none, and strict=False, which allows rows left unread, would have let it pass as a replay.
-    Told on the host only where the rows are (the device cursors of a CPU model are read at no sync; an
-    accelerator's are never read here)."""
-    held = [src for _, src in sources if src is not None and src.num_rows]
-    if not held or any(src.host_consumed for src in held) or any(src.buf.device.type != "cpu" for src in held):
+def _check_forced(sources: Sequence[ReplaySource], strict: bool) -> None:
+    """A replay that ended having forced nothing, its routes holding rows: refused, ``strict=False`` too.
+
+    No router read a row, so every forward the block ran went around the interception: a program made from the
+    model while the session was idle (``torch.jit.trace``, ``torch.export``, ``torch.fx.symbolic_trace``, ``make_fx``)
+    or a copy of it runs none, and routes natively. ``strict=False`` allows routers left native and rows left unread
+    (a partial replay), never a block of which nothing was a replay. Eager reads are counted on the host; the
+    device counters are read only where a compiled region or a graph read and the host saw no read at all."""
+    if not any(src.num_rows for src in sources) or any(src.host_consumed for src in sources):
         return
-    if any(_read_counters([src.consumed for src in held])):
+    device = [src for src in sources if src.read_by_device]
+    if device and any(_read_counters([src.consumed for src in device])):
         return
+    detail = "; ".join(f"'{src.name}' read 0 of {src.num_rows} rows" for src in sources[:4])
     raise ReplayConsumptionError(
-        f"replay(strict=False) ended with no row read by any of its {len(held)} routers, so it forced nothing: no "
-        "forward in the block ran through the routers of this session (a copy of the model, a program traced or "
-        "exported from it, a model rebuilt or reloaded after attach, or no forward at all?). Run the forwards on the "
-        "attached model; strict=False allows rows left unread, not a replay that reads none"
+        f"this replay{'' if strict else '(strict=False)'} forced nothing: no router read a row of its routes ({detail}"
+        + (f"; +{len(sources) - 4} more" if len(sources) > 4 else "")
+        + "), so whatever ran in the block routed natively. A program made from the model while the session "
+        "was idle (torch.jit.trace, torch.export, torch.fx.symbolic_trace, make_fx), or a copy of the model "
+        "(copy.deepcopy, pickle), runs none of this session's interception: run the attached model itself inside "
+        "the block, or attach a session to the copy"
+        + (
+            ". strict=False allows routers without routes and rows left unread, not a replay that forces nothing; "
+            "a block meant to run no forward need not be opened"
+            if not strict
+            else ""
+        )
     )
 
 

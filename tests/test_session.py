@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import pytest
 import torch
@@ -387,3 +388,50 @@ def test_routes_read_inside_a_forward_are_refused(tokens: torch.Tensor) -> None:
             model(tokens)
             mid = session.routes()  # between forwards of a block: the rows so far, lined up
         assert mid.equal(routes[: tokens.numel()])
+
+
+def _programs() -> dict[str, Any]:
+    """Ways to make a program of an attached model that runs none of the session's interception."""
+    import copy
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return {
+        "jit.trace": lambda m, x: torch.jit.trace(m, (x,), check_trace=False),
+        "export": lambda m, x: torch.export.export(m, (x,)).module(),
+        "fx.symbolic_trace": lambda m, x: torch.fx.symbolic_trace(m),
+        "make_fx": lambda m, x: make_fx(m)(x),
+        "deepcopy": lambda m, x: copy.deepcopy(m),
+    }
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("make", list(_programs()))
+def test_a_replay_that_forces_nothing_is_refused_even_when_not_strict(make: str) -> None:
+    """Once silent: a program made from the attached model while the session was idle (jit.trace, export,
+    fx.symbolic_trace, make_fx) or a deep copy, run inside ``replay(routes, strict=False)``, routed natively and
+    the block passed (a strict one only said rows were left unconsumed). Now refused, strict or not, naming what
+    runs no interception; a partial replay (one forward of two, the program beside the model) still passes."""
+    from .test_compile import _FxMoE
+
+    torch.manual_seed(0)
+    model = _FxMoE()
+    xs = [torch.randn(3, 5, 8), torch.randn(2, 4, 8)]
+    with mr.attach(model, include="routers.*", top_k=2, num_experts=6) as session, torch.no_grad():
+        with session.capture():
+            want = model(xs[0])
+            model(xs[1])
+        routes = session.routes()
+        program = _programs()[make](model, xs[0])
+        copied = list(program.routers) if make == "deepcopy" else []
+        for router in [*model.routers, *copied]:  # routed natively now, the program's routes differ from the capture's
+            router.proj.weight.add_(torch.randn_like(router.proj.weight))
+        for strict in (True, False):
+            with pytest.raises(mr.ReplayConsumptionError, match=r"forced nothing.*torch\.jit\.trace.*copy"):
+                with session.replay(routes, strict=strict):
+                    out = program(xs[0])
+            assert not torch.equal(out, want)  # (what was refused: the native routing)
+        with session.capture(), session.replay(routes, strict=False):  # a partial replay, the program beside
+            program(xs[0])
+            model(xs[0])
+        assert session.routes().equal(routes[: xs[0].shape[0] * xs[0].shape[1]])  # forced where the model ran
