@@ -69,6 +69,7 @@ from ._torch_compat import (
 from .errors import RoutesValidationError, TokenMismatchError, UnsupportedRouterError, _script_refusal
 from .evidence import _HOOKS, _autocast_cache_aside, _Snapshot
 from .intercept import _CONTAINERS, EAGER, ORDER_PROBE, ClassForward, OrderStop, _code_of, _fingerprint
+from .routes import UNTOLD_RANK
 
 __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
 
@@ -122,7 +123,7 @@ _SEQUENCE_FIRST_HINT = (
 class _Forward:
     """What one forward of the model was fed."""
 
-    __slots__ = ("calls", "count", "end", "ids", "mask", "shape")
+    __slots__ = ("calls", "count", "end", "ids", "mask", "shape", "untold")
 
     def __init__(self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: int = -1) -> None:
         self.count = count  # tokens fed (rows per router call); -1 where unknown
@@ -133,6 +134,8 @@ class _Forward:
         #: the [batch, positions] of ids whose tokens its routers saw sequence-first (ids and mask kept in that
         #: order), or None: they saw them in the order of the ids
         self.shape: tuple[int, int] | None = None
+        #: fed embeddings of several sequences whose order its routers saw them in was not told (see ``ranks``)
+        self.untold = False
 
 
 class FeedRecord:
@@ -254,12 +257,13 @@ class FeedRecord:
             return False
         if before and not given and self._notes_loops and count > 0:  # (its tokens start from no cached ones)
             self._fresh.append(("", None))
+        untold = False
         if order == SEQUENCE_FIRST:
             self.sequence_first = True
         elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and order != BATCH_MAJOR:
-            self.untold = True  # (embeddings whose order was not told, or told as neither)
+            self.untold = untold = True  # (embeddings whose order was not told, or told as neither)
         if self._keep_inputs:
-            self._keep(count, ids, fed, kwargs, BATCH_MAJOR if order == UNTOLD else order)  # (read as before)
+            self._keep(count, ids, fed, kwargs, BATCH_MAJOR if order == UNTOLD else order, untold)  # (read as before)
         if self._rollback is not None:  # (a forward after tokens were taken out of a cache: its rows follow theirs)
             self._follow()
         self._count += 1
@@ -408,9 +412,10 @@ class FeedRecord:
         fed: torch.Size | None,
         kwargs: dict[str, Any],
         order: str = BATCH_MAJOR,
+        untold: bool = False,
     ) -> None:
         """Keep a copy of the ids a forward was fed (``_inputs``), and of its prompt mask, in the ``order`` its
-        routers see them (:func:`token_order`)."""
+        routers see them (:func:`token_order`); ``untold``: an order not told, its rows kept as if batch-major."""
         if self._limit is not None:
             self._held += max(count, 0)
             if self._held > self._limit:  # (past a keep_newest ring's capacity: its rows no longer start at a forward)
@@ -443,6 +448,7 @@ class FeedRecord:
         forward = _Forward(count, kept, mask, -1 if self.calls_made is None else self.calls_made())
         if order == SEQUENCE_FIRST and fed is not None:  # (ids or embeddings: each row's place in the tokens' order)
             forward.shape = (int(fed[0]), int(fed[1]))
+        forward.untold = untold
         self.forwards.append(forward)
 
     def _watch(self, cache: Any, names: tuple[str, ...]) -> None:
@@ -542,15 +548,19 @@ class FeedRecord:
     def ranks(self, calls: tuple[tuple[int, int], ...] | None, rows: int) -> torch.Tensor | None:
         """Where a forward's routers saw its tokens sequence-first, each of the ``rows`` rows' place in the order of
         the tokens, sequence by sequence (``Routes._token_rank``), -1 where the rows do not line up with the forwards
-        (:meth:`rows`); None where every forward's routers saw the tokens in the order of their ids."""
-        if not self.sequence_first:
+        (:meth:`rows`); ``UNTOLD_RANK`` for the rows of a forward fed embeddings whose order was not told (every row,
+        where they do not line up and no forward was seen sequence-first); None where every forward's routers saw the
+        tokens in the order of their ids. The mark is the rows' own: slices, picks, joins, files and ranks keep it."""
+        if not self.sequence_first and not self.untold:
             return None
         parts = self._calls(calls)
         if parts is None or sum(f.count for f in parts) != rows:
-            return torch.full((rows,), -1, dtype=torch.long)
+            return torch.full((rows,), -1 if self.sequence_first else UNTOLD_RANK, dtype=torch.long)
         out, at = [], 0
         for f in parts:  # (each router call's rows, in their forward's token order)
-            if f.shape is not None and f.shape[0] * f.shape[1] == f.count:
+            if f.untold:  # (in the order its routers saw them, which is not told)
+                out.append(torch.full((f.count,), UNTOLD_RANK, dtype=torch.long))
+            elif f.shape is not None and f.shape[0] * f.shape[1] == f.count:
                 batch, positions = f.shape
                 out.append(torch.arange(at, at + f.count).view(batch, positions).t().reshape(-1))
             else:

@@ -43,7 +43,7 @@ from .errors import (
     RoutesValidationError,
     UnknownRouterError,
 )
-from .routes import Routes, in_token_order
+from .routes import Routes, in_token_order, order_untold
 
 __all__ = ["RoutingComparison", "compare"]
 
@@ -303,8 +303,9 @@ def _in_one_order(a: Routes, b: Routes) -> tuple[Routes, Routes]:
     rows are the same tokens cannot be told, and that is refused.
     """
     ra, rb = a._token_rank, b._token_rank
-    if a._order_untold != b._order_untold:  # (rows in an order no one told, met with rows in another)
-        in_token_order(a if a._order_untold else b, f"compare(): {'a' if a._order_untold else 'b'}")  # (refused)
+    # rows in an order no one told, met with rows in another (or with some in another): refused
+    if (order_untold(a) or order_untold(b)) and not (order_untold(a, every=True) and order_untold(b, every=True)):
+        in_token_order(a if order_untold(a) else b, f"compare(): {'a' if order_untold(a) else 'b'}")
     if (ra is None and rb is None) or (ra is not None and rb is not None and torch.equal(ra, rb)):
         return a, b
     if a.token_ids is None or b.token_ids is None:

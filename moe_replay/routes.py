@@ -50,6 +50,10 @@ _MAX_RUNS = 1 << 16
 _WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
 
 TokenIndex = int | slice | Sequence[int] | np.ndarray | torch.Tensor
+#: the ``Routes._token_rank`` of a row recorded from a forward fed embeddings of several sequences whose order its
+#: routers saw them in was not told: a mark of the row's own, which every Routes made from it keeps (slices, picks,
+#: cat, files, gather and scatter carry the ranks), and which whatever reads rows in token order refuses
+UNTOLD_RANK = -2
 
 
 def _storage_dtype(num_experts: int) -> torch.dtype:
@@ -597,6 +601,13 @@ class Routes:
         if ids is not None and rank is not None and grid:
             # (a [batch, positions] grid lists the tokens sequence by sequence: rows recorded sequence-first hold
             # them position by position, so each row takes the id at its own token's place, not at its row's)
+            if bool((rank == UNTOLD_RANK).any()):
+                raise RoutesValidationError(
+                    f"with_token_ids(): ids of shape {tuple(np.shape(cast(Any, token_ids)))} list the tokens sequence "
+                    f"by sequence, but {int((rank == UNTOLD_RANK).sum())} of these rows were recorded from forwards "
+                    "fed embeddings in the order their routers saw them, which the capture could not tell (it may be "
+                    "position 0 of every sequence first); give one id per row, in row order"
+                )
             if bool((rank < 0).any()):
                 raise RoutesValidationError(
                     f"with_token_ids(): ids of shape {tuple(np.shape(cast(Any, token_ids)))} list the tokens "
@@ -869,7 +880,9 @@ class Routes:
             out._token_rank = _out_of_order(_cat_ranks([(p._token_rank, p.num_tokens) for p in parts]))
         # (rows each in the order their routers saw them, one part after another: so are those of the whole)
         held = [p for p in parts if any(p.tokens_per_layer)]
-        out._order_untold = bool(held) and all(p._order_untold for p in held) and out._token_rank is None
+        rank = out._token_rank  # (every row of the whole in the untold order of its routers, or not all are)
+        untold = rank is None or bool((rank == UNTOLD_RANK).all())
+        out._order_untold = bool(held) and all(p._order_untold for p in held) and untold
         out._routers_order = all(p._routers_order for p in parts)
         return out
 
@@ -936,10 +949,11 @@ class Routes:
         #: in_token_order), -1 where it is not known; None where the rows follow their tokens in order
         obj._token_rank = None
         #: set by Session.routes() only (kept by the methods that keep every row in place, by slices and picks of whole
-        #: router calls in order, by cat of parts that all have it, by save and load, gather and scatter): a forward of
-        #: the capture was fed embeddings of several sequences, whose order its routers saw them in is not told. Its
+        #: router calls in order, by cat of parts that all have it, by save and load, gather and scatter): every forward
+        #: of the capture was fed embeddings of several sequences, whose order its routers saw them in is not told. Its
         #: rows are in that order, whatever it is: a replay of them is not refused for routers that see the tokens
-        #: sequence-first
+        #: sequence-first. What refuses such rows a layout is each row's own mark, its rank UNTOLD_RANK (see
+        #: order_untold), which every Routes made from them keeps, cut through a forward or joined with others too
         obj._order_untold = False
         #: set by Session.routes() only, where the capture told its tokens' order (``_token_rank``), and kept by
         #: the methods that keep its rows in the order the routers saw them (a run of rows, routes joined from such
@@ -1154,11 +1168,11 @@ class Routes:
                 if len(set(routes.tokens_per_layer)) != 1 or rank.shape != (routes.num_tokens,):
                     raise _corrupted(path, f"its token order holds {rank.numel()} values for {routes.num_tokens} rows")
                 known = rank[rank >= 0]
-                if bool((rank < -1).any()) or known.unique().numel() != known.numel():
-                    raise _corrupted(path, "its token order holds values below -1 or the same place twice")
+                if bool((rank < UNTOLD_RANK).any()) or known.unique().numel() != known.numel():
+                    raise _corrupted(path, f"its token order holds values below {UNTOLD_RANK} or the same place twice")
                 routes._token_rank = _out_of_order(rank.to(torch.long))
             if untold is not None:
-                if rank is not None:
+                if rank is not None and not bool((rank == UNTOLD_RANK).all()):
                     raise _corrupted(path, "it holds its tokens' order and says that the order was not told")
                 routes._order_untold = bool(untold)
         except RoutesValidationError as e:
@@ -1545,6 +1559,15 @@ def _known_or_none(ids: torch.Tensor) -> torch.Tensor | None:
     return ids if bool((ids >= 0).any()) else None
 
 
+def order_untold(routes: Routes, every: bool = False) -> bool:
+    """Do some of ``routes``' rows (``every``: all of them) stand in an order no one told (see :data:`UNTOLD_RANK`)?"""
+    rank = routes._token_rank
+    if rank is None:
+        return routes._order_untold
+    untold = rank == UNTOLD_RANK
+    return bool(untold.all() if every else untold.any())
+
+
 def _out_of_order(rank: torch.Tensor) -> torch.Tensor | None:
     """``rank`` (see ``Routes._token_rank``), or None where it puts no row elsewhere: every place known, increasing."""
     if bool((rank >= 0).all()) and bool((rank[1:] > rank[:-1]).all()):
@@ -1554,13 +1577,14 @@ def _out_of_order(rank: torch.Tensor) -> torch.Tensor | None:
 
 def _cat_ranks(parts: Sequence[tuple[torch.Tensor | None, int]]) -> torch.Tensor:
     """The token order of routes joined from parts of ``(rank, rows)``: each part's rows after the rows of the parts
-    before it (a part of no rank follows its tokens in row order), places not known staying -1."""
+    before it (a part of no rank follows its tokens in row order), places not known staying as they are (-1, or
+    ``UNTOLD_RANK``)."""
     out, at = [], 0
     for rank, n in parts:
         r = torch.arange(n) if rank is None else rank
         known = r >= 0
         if bool(known.any()):
-            r = torch.where(known, r - r[known].min() + at, -1)
+            r = torch.where(known, r - r[known].min() + at, r)
             at = int(r.max()) + 1
         out.append(r)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
@@ -1581,16 +1605,18 @@ def in_token_order(routes: Routes, what: str) -> Routes:
             rows of forwards fed embeddings whose order the capture could not tell (``Routes._order_untold``).
     """
     rank = routes._token_rank
-    if rank is None and routes._order_untold:
+    untold = int((rank == UNTOLD_RANK).sum()) if rank is not None else routes.num_tokens if routes._order_untold else 0
+    if untold:  # (rows that carry the mark: every Routes made from the capture's rows keeps it with them)
         raise RoutesValidationError(
-            f"{what}: these {routes.num_tokens} rows were recorded from forwards fed embeddings of several sequences "
-            "of several positions (inputs_embeds) whose order the routers saw them in the capture could not tell (a "
-            "forward given a KV cache that already held tokens, forwards across processes, a batch of one embedding "
-            "repeated): its rows are in the routers' order, which may be position 0 of every sequence first "
-            "(layers that run [positions, batch, hidden]), so they cannot be laid out sequence by sequence. Capture "
-            "the batch fed input_ids, or fed embeddings in one process with no cache holding tokens (the order is "
-            "then told), or build mr.Routes of rows you laid out in token order yourself; a replay of these routes "
-            "on the forwards they were captured from needs no layout"
+            f"{what}: {untold} of these {routes.num_tokens} rows"
+            " were recorded from forwards fed embeddings of several sequences of several positions "
+            "(inputs_embeds) whose order the routers saw them in the capture could not tell (a forward given a KV"
+            " cache that already held tokens, forwards across processes, a batch of one embedding repeated): they"
+            " are in the routers' order, which may be position 0 of every sequence first (layers that run "
+            "[positions, batch, hidden]), so they cannot be laid out sequence by sequence. Capture the batch fed "
+            "input_ids, or fed embeddings in one process with no cache holding tokens (the order is then told), "
+            "or build mr.Routes of rows you laid out in token order yourself; a replay of these routes on the "
+            "forwards they were captured from needs no layout"
         )
     if rank is None:
         return routes

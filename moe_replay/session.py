@@ -66,7 +66,7 @@ from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_first_runs, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, index_dtype
-from .routes import Routes, _known_or_none, _out_of_order, fingerprint
+from .routes import UNTOLD_RANK, Routes, _known_or_none, _out_of_order, fingerprint
 
 __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
 
@@ -1622,11 +1622,13 @@ class Session:
             if ids is not None and routes._fed_mask is not None:
                 ids = torch.where(routes._fed_mask == 0, -1, ids)  # prompt padding: the token of no sequence
             routes._token_ids = None if ids is None else _known_or_none(ids)
-            if len(set(routes.tokens_per_layer)) == 1:  # (rows of routers that saw their tokens sequence-first)
-                rank = self._feeds.ranks(routes._call_rows, routes.num_tokens)
+            rank = None
+            if len(set(routes.tokens_per_layer)) == 1:  # (rows of routers that saw their tokens sequence-first, or
+                rank = self._feeds.ranks(routes._call_rows, routes.num_tokens)  # of forwards of an untold order)
                 routes._token_rank = None if rank is None else _out_of_order(rank)
-            routes._order_untold = self._feeds.untold and routes._token_rank is None
-            routes._routers_order = routes._token_rank is not None
+            # (every row in the untold order of its routers: a replay of them needs no order check)
+            routes._order_untold = self._feeds.untold and (rank is None or bool((rank == UNTOLD_RANK).all()))
+            routes._routers_order = routes._token_rank is not None and not routes._order_untold
             routes._rows_moved = self._feeds.moved or self._feeds.rolled_back  # (tokens taken out of a cache too)
             routes._caches_interleaved = self._feeds.interleaved
         if self.keep_newest:  # a ring that wrapped holds its newest rows only

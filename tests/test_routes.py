@@ -1153,3 +1153,67 @@ def test_a_file_that_cannot_be_opened_is_not_called_corrupted(tmp_path: Path, mo
     assert "corrupted" not in str(err.value)
     monkeypatch.undo()
     assert mr.Routes.load(path).equal(make())
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("sequence_first", [True, False], ids=["sequence-first", "batch-major"])
+def test_rows_of_an_untold_order_keep_their_mark_through_every_routes_made_from_them(
+    sequence_first: bool, tmp_path
+) -> None:
+    """Once silent: the rows of a forward fed embeddings whose token order the capture could not tell lost that mark
+    once sliced through the forward, picked, joined with rows of a told order, or captured beside a forward fed ids
+    (routers that see the batch sequence-first): layouts, compare and the engine formats then read them sequence by
+    sequence. The mark is each row's own now, carried by every Routes made from them (slices, picks, cat, files, the
+    wire, rename, select, ids), while the rows of the forward fed ids are still laid out."""
+    from moe_replay.distributed import _known, _restore
+    from tests.test_feeds import _batch, _CachedLayout, _Held
+
+    model = _CachedLayout(sequence_first).eval()
+    ids = _batch(rows=2, width=4)
+    embeds = model.embed(ids).detach()
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(inputs_embeds=embeds, past_key_values=_Held(3))
+        untold = session.routes()
+        with session.capture():  # (before any forward fed ids: the order is not told yet)
+            model(inputs_embeds=embeds, past_key_values=_Held(3))  # (rows 0-7: in an order not told)
+            model(ids)  # (rows 8-15: fed ids, their order told)
+        mixed = session.routes()
+        with session.capture():
+            model(ids)
+        alone = session.routes()
+    assert untold._order_untold and not mixed._order_untold  # (every row of one in an untold order; half of the other)
+    told = mixed[8:]
+    assert told.in_token_order().equal(alone.in_token_order())  # (the forward fed ids: laid out as captured alone)
+    untold[1:5].save(tmp_path / "cut.npz")
+    cut = untold[1:5]
+    bare = mr.Routes._trusted(cut._data, cut.names, cut.experts_per_layer)  # (as a rank receives the rows)
+    made = {
+        "the capture beside a forward fed ids": mixed,
+        "a slice through the forward": untold[:3],
+        "a slice of the mixed capture through both forwards": mixed[6:10],
+        "a pick": untold[[5, 0, 3]],
+        "a mask": untold[torch.arange(8) % 3 == 0],
+        "a step": untold[::2],
+        "one row": untold[0],
+        "cat with rows of a told order": mr.Routes.cat([untold[:4], told]),
+        "cat after rows of a told order": mr.Routes.cat([told, untold]),
+        "saved and loaded": mr.Routes.load(tmp_path / "cut.npz"),
+        "sent to another rank": _restore(bare, _known(cut), 0),
+        "renamed": cut.rename({"": "model."}),
+        "selected": cut.select(cut.names[:1]),
+        "given ids": cut.with_token_ids(torch.arange(cut.num_tokens)),
+    }
+    for name, routes in made.items():
+        plain = mr.Routes(list(routes.per_layer()), names=routes.names, num_experts=routes.experts_per_layer)
+        uses: dict[str, Callable[[], object]] = {
+            "in_token_order": routes.in_token_order,
+            "BatchLayout.unpack": lambda r=routes: mr.BatchLayout.padded([r.num_tokens]).unpack(r),
+            "compare": lambda r=routes, p=plain: mr.compare(r, p),
+            "an engine format": lambda r=routes: mr.interop.to_megatron(r, batch_size=1),
+        }
+        for use, run in uses.items():
+            with pytest.raises(mr.RoutesValidationError, match="could not tell.*input_ids"):
+                run()
+                pytest.fail(f"{name}: {use} read rows of an untold order")
+    tried(len(made) * 4 + 1)

@@ -28,7 +28,7 @@ import torch
 
 from .._checks import check_count, is_collection, is_integer, is_one_of
 from ..errors import ArgumentTypeError, InvalidArgumentError, RoutesValidationError, UnsupportedRouterError
-from ..routes import Routes, in_token_order
+from ..routes import Routes, in_token_order, order_untold
 from ._common import as_array, check_routed_rows, columns, cut_last, make_routes, ordered, to_array, with_last
 from .layer_map import LAYER_PATTERN, LayerMap, check_map
 
@@ -110,7 +110,7 @@ def to_megatron(
         check_map(layer_map, "to_megatron")
     if not isinstance(routes, Routes):
         raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
-    if routes._token_rank is not None and batch_size is None:
+    if routes._token_rank is not None and batch_size is None and not order_untold(routes):  # (refused below)
         raise RoutesValidationError(
             "to_megatron: these routes were captured from routers that saw the tokens of a [batch, positions] forward "
             "sequence-first, so their rows are not in the order of their tokens, and without batch_size= the rows "
