@@ -1701,3 +1701,36 @@ def test_routes_of_an_embeddings_capture_keep_replaying_once_sliced_joined_saved
             with pytest.raises(mr.TokenMismatchError, match="sequence-first"), session.replay(part):
                 model(first)
     tried(len(derived) + 2)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the rows of a forward fed embeddings on routers that see the batch sequence-first, cut through that "
+    "forward (split_routes per sequence, a slice), hold positions of every sequence; replayed on a forward of "
+    "another shape (one sequence alone) they are forced on its tokens unchecked, as no token id is known and the "
+    "rows keep the routers' order: a check of each forward's shape against the captured forward's is missing",
+)
+@pytest.mark.parametrize("told", [True, False], ids=["order told", "order untold"])
+def test_a_cut_of_an_embeddings_capture_replayed_on_a_forward_of_another_shape_is_exact_or_refused(told: bool) -> None:
+    """Still silent: a [2, 4] batch fed embeddings to routers that see it sequence-first, its routes cut in two by
+    split_routes (as a rank's share), replayed on the first sequence alone: its rows are positions 0 and 1 of both
+    sequences, and they were forced on positions 0-3 of the first, strict or not."""
+    model = _CachedLayout().eval()
+    embeds = model.embed(_batch(rows=2, width=4)).detach()
+    cache = {} if told else {"past_key_values": _Held(3)}  # (a cache that holds tokens: the order is not told)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(inputs_embeds=embeds, **cache)
+        part = mr.distributed.split_routes(session.routes(), [4, 4])[0]
+        with session.capture():
+            model(inputs_embeds=embeds[:1])
+        own = session.routes()  # (what the first sequence's tokens chose, alone: the rows it must be given)
+        for strict in (True, False):
+            try:
+                with session.capture(), session.replay(part, strict=strict):
+                    model(inputs_embeds=embeds[:1])
+            except mr.MoEReplayError:
+                continue
+            assert session.routes().equal(own), "other tokens' rows were forced"
