@@ -51,7 +51,7 @@ import threading
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -891,11 +891,22 @@ class OrderCheck(FeedCheck):
     runs; every other forward runs unchecked, as before.
 
     Routes a capture recorded sequence-first carry their tokens' order (``Routes._token_rank``), and those of a capture
-    fed embeddings are in the order its routers saw them (``Routes._order_untold``): they get no such check.
+    fed embeddings are in the order its routers saw them (``Routes._order_untold``): they get no such check (``kept``).
+    Rows that carry their place in the order of their tokens (``rank``) are checked against the order of each forward
+    that reads them instead, where the host counts the rows read (``position``): rows of a forward cut through (a
+    slice, ``split_routes``) or put in another order read by a forward of another shape hold other tokens' rows.
     """
 
-    def __init__(self, hint: str = "") -> None:
-        super().__init__(torch.zeros(0, dtype=torch.long), lambda: None, hint)
+    def __init__(
+        self,
+        hint: str = "",
+        rank: torch.Tensor | None = None,
+        position: Callable[[], int | None] = lambda: None,
+        kept: bool = False,
+    ) -> None:
+        super().__init__(torch.zeros(0, dtype=torch.long), position, hint)
+        self._rank = rank
+        self._kept = kept
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
@@ -913,7 +924,7 @@ class OrderCheck(FeedCheck):
         if count < 0:
             return False
         self.forwards += 1
-        if order == SEQUENCE_FIRST and shape is not None and min(int(shape[0]), int(shape[1])) > 1:
+        if not self._kept and order == SEQUENCE_FIRST and shape is not None and min(int(shape[0]), int(shape[1])) > 1:
             raise TokenMismatchError(
                 f"forward {self.forwards} of this replay() feeds a [{int(shape[0])}, {int(shape[1])}] batch whose "
                 "routers see its tokens sequence-first (position 0 of every sequence, then position 1...), but its "
@@ -925,7 +936,46 @@ class OrderCheck(FeedCheck):
                 "index = torch.arange(batch * positions).view(batch, positions).t().reshape(-1)"
                 + (f". {self.hint}" if self.hint else "")
             )
+        if self._rank is not None:
+            self._check_rank(count, shape, order)
         return True
+
+    def _check_rank(self, count: int, shape: torch.Size | None, order: str) -> None:
+        """The rows a ``[batch, positions]`` forward fed ``count`` tokens in ``order`` reads, by their place in their
+        tokens' order: in the order its routers see its tokens, or refused (rows whose place is not known pass)."""
+        at = self.position()
+        if at is None or shape is None or order not in (SEQUENCE_FIRST, BATCH_MAJOR):
+            return
+        batch, positions = int(shape[0]), int(shape[1])
+        rows = batch * positions
+        rank = cast(torch.Tensor, self._rank)[at : at + rows]
+        if rows != count or rank.numel() != rows:  # (an overdraw is refused by the read)
+            return
+        untold = rank == UNTOLD_RANK
+        if bool(untold.any()) and not self._kept:
+            raise TokenMismatchError(
+                f"forward {self.forwards} of this replay() reads {int(untold.sum())} rows recorded from a forward fed "
+                "embeddings of several sequences, in the order its routers saw them, which the capture could not "
+                "tell, and these rows were cut from that forward or put in another order (a slice through it, "
+                "split_routes, a pick): which of them belong to the tokens of this forward cannot be told. Replay "
+                "the whole forwards they were recorded from, in order, or capture the batch fed input_ids"
+                + (f". {self.hint}" if self.hint else "")
+            )
+        if bool((rank < 0).any()):
+            return
+        want = torch.arange(rows)
+        if order == SEQUENCE_FIRST:
+            want = want.view(batch, positions).t().reshape(-1)
+        if not torch.equal(torch.argsort(torch.argsort(rank)), want):
+            raise TokenMismatchError(
+                f"forward {self.forwards} of this replay() feeds a [{batch}, {positions}] batch whose routers see its "
+                f"tokens {'sequence-first' if order == SEQUENCE_FIRST else 'sequence by sequence'}, but the rows it "
+                "reads stand in another order of their tokens (rows of a capture that saw a batch of another shape, "
+                "cut through one of its forwards by a slice or split_routes, or picked): they would force the experts "
+                "of other tokens. Replay the forwards the rows were recorded from, or lay the rows out in token order "
+                "first (routes.in_token_order()) and give them their token ids (routes.with_token_ids(ids))"
+                + (f". {self.hint}" if self.hint else "")
+            )
 
     def finish(self) -> None:
         """Nothing is left to compare."""

@@ -1578,14 +1578,18 @@ def _out_of_order(rank: torch.Tensor) -> torch.Tensor | None:
 def _cat_ranks(parts: Sequence[tuple[torch.Tensor | None, int]]) -> torch.Tensor:
     """The token order of routes joined from parts of ``(rank, rows)``: each part's rows after the rows of the parts
     before it (a part of no rank follows its tokens in row order), places not known staying as they are (-1, or
-    ``UNTOLD_RANK``)."""
+    ``UNTOLD_RANK``). A part whose places none of the parts before it hold keeps them: the slices of one capture cut
+    through a forward (``split_routes``), joined again, hold the places of its tokens, interleaved as they were."""
     out, at = [], 0
+    held = torch.zeros(0, dtype=torch.long)
     for rank, n in parts:
         r = torch.arange(n) if rank is None else rank
         known = r >= 0
         if bool(known.any()):
-            r = torch.where(known, r - r[known].min() + at, r)
-            at = int(r.max()) + 1
+            if rank is None or bool(torch.isin(r[known], held).any()):
+                r = torch.where(known, r - r[known].min() + at, r)
+            held = torch.cat([held, r[known]])
+            at = max(at, int(r.max()) + 1)
         out.append(r)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 

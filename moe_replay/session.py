@@ -1894,16 +1894,21 @@ class Session:
         held = [src for src in sources if src is not None]
         if model is None or not held:
             return None, None
-        if routes._token_ids is None:
-            if routes._routers_order or routes._order_untold:  # (a capture's rows: in the routers' order)
-                return None, None
-            order = OrderCheck(hint=_GENERATE_HINT if generated else "")
-            return order, order.start(self._feed_wrappers, held)
-        if not strict and _device_of(model).type != "cpu":  # its ids are on the device: nothing to check at no sync
-            return None, None
 
         def position() -> int | None:  # the row the routers read next, where the host counts their reads
             return None if any(src.read_by_device for src in held) else max(src.host_consumed for src in held)
+
+        if routes._token_ids is None:
+            kept = routes._routers_order or routes._order_untold  # (a capture's rows: in the routers' order)
+            if kept and routes._token_rank is None:
+                return None, None
+            # (rows that know their place in their tokens' order are checked against each forward's order by it)
+            order = OrderCheck(
+                hint=_GENERATE_HINT if generated else "", rank=routes._token_rank, position=position, kept=kept
+            )
+            return order, order.start(self._feed_wrappers, held)
+        if not strict and _device_of(model).type != "cpu":  # its ids are on the device: nothing to check at no sync
+            return None, None
 
         # (device ids are read back when the block ends: a strict replay syncs there anyway, strict=False never does)
         # the rows recorded at prompt padding (mask 0; their id -1, unless since given one): fed no token of a sequence

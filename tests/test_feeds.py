@@ -1704,19 +1704,13 @@ def test_routes_of_an_embeddings_capture_keep_replaying_once_sliced_joined_saved
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the rows of a forward fed embeddings on routers that see the batch sequence-first, cut through that "
-    "forward (split_routes per sequence, a slice), hold positions of every sequence; replayed on a forward of "
-    "another shape (one sequence alone) they are forced on its tokens unchecked, as no token id is known and the "
-    "rows keep the routers' order: a check of each forward's shape against the captured forward's is missing",
-)
 @pytest.mark.parametrize("told", [True, False], ids=["order told", "order untold"])
 def test_a_cut_of_an_embeddings_capture_replayed_on_a_forward_of_another_shape_is_exact_or_refused(told: bool) -> None:
-    """Still silent: a [2, 4] batch fed embeddings to routers that see it sequence-first, its routes cut in two by
+    """Once silent: a [2, 4] batch fed embeddings to routers that see it sequence-first, its routes cut in two by
     split_routes (as a rank's share), replayed on the first sequence alone: its rows are positions 0 and 1 of both
-    sequences, and they were forced on positions 0-3 of the first, strict or not."""
+    sequences, and they were forced on positions 0-3 of the first, strict or not. Rows that know their place in their
+    tokens' order are checked against each forward's order now (a [2, 2] batch of those positions replays them
+    exactly); rows of an order not told, cut from their forward, are refused."""
     model = _CachedLayout().eval()
     embeds = model.embed(_batch(rows=2, width=4)).detach()
     cache = {} if told else {"past_key_values": _Held(3)}  # (a cache that holds tokens: the order is not told)
@@ -1731,6 +1725,14 @@ def test_a_cut_of_an_embeddings_capture_replayed_on_a_forward_of_another_shape_i
             try:
                 with session.capture(), session.replay(part, strict=strict):
                     model(inputs_embeds=embeds[:1])
-            except mr.MoEReplayError:
+            except mr.TokenMismatchError:
                 continue
             assert session.routes().equal(own), "other tokens' rows were forced"
+        if told:  # (the positions the rows hold, of both sequences: the forward they fit, replayed exactly)
+            with session.capture():
+                model(inputs_embeds=embeds[:, :2])
+            own = session.routes()
+            assert own.equal(part)
+            with session.capture(), session.replay(part):
+                model(inputs_embeds=embeds[:, :2])
+            assert session.routes().equal(own)

@@ -1217,3 +1217,28 @@ def test_rows_of_an_untold_order_keep_their_mark_through_every_routes_made_from_
                 run()
                 pytest.fail(f"{name}: {use} read rows of an untold order")
     tried(len(made) * 4 + 1)
+
+
+@pytest.mark.reliability("round trips")
+def test_a_sequence_first_capture_cut_through_a_forward_and_joined_again_keeps_its_tokens_order() -> None:
+    """Once silent: Routes.cat put each part's tokens after the parts before it, so the two halves of a [2, 4] forward
+    of routers that see it sequence-first (split_routes, a rank's share each), joined again, were laid out as tokens
+    (0, 0), (0, 1), (1, 0), (1, 1), (0, 2)...: every layout and engine format put rows at other tokens. Parts holding
+    places none of the parts before them hold keep them; parts of their own (each from place 0) follow each other."""
+    from tests.test_feeds import _batch, _SequenceFirst
+
+    model = _SequenceFirst().eval()
+    ids = _batch(rows=2, width=4)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(ids)
+        routes = session.routes()
+        with session.capture():
+            model(ids[:1])
+        first = session.routes()
+    want = routes.in_token_order()
+    for parts in ([4, 4], [3, 5], [1, 6, 1]):
+        joined = mr.Routes.cat(mr.distributed.split_routes(routes, parts)).in_token_order()
+        assert joined.equal(want) and torch.equal(joined.token_ids, want.token_ids), parts
+    twice = mr.Routes.cat([routes, routes]).in_token_order()  # (two captures of their own: one after the other)
+    assert twice.equal(mr.Routes.cat([want, want])) and twice[:4].equal(first.in_token_order())
