@@ -435,3 +435,38 @@ def test_a_replay_that_forces_nothing_is_refused_even_when_not_strict(make: str)
             program(xs[0])
             model(xs[0])
         assert session.routes().equal(routes[: xs[0].shape[0] * xs[0].shape[1]])  # forced where the model ran
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.fail.Exception,
+    reason="a prefix change that fits every name is applied by itself, and the routes know nothing more of the "
+    "routers they were recorded on than their names: an 'encoder.' dropped is taken for a wrapper's 'module.', and "
+    "the encoder's rows are forced on the decoder's routers of the same form",
+)
+def test_routes_of_one_part_of_a_model_are_not_taken_for_those_of_a_sibling_part() -> None:
+    """Still silent: routes of an encoder-decoder's encoder routers (selected from a capture of the whole model)
+    replayed on a session attached to its decoder alone: 'encoder.layers.0.router' maps onto 'layers.0.router' by one
+    prefix change, as a wrapper's routes would, and the encoder's experts are forced on the decoder, strict or not."""
+    from .tinymoe import RouterSpec, TinyMoE
+
+    class Pair(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2)])
+            self.decoder = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.decoder(self.encoder(x))
+
+    torch.manual_seed(0)
+    pair = Pair()
+    x = pair.encoder.inputs((2, 5))
+    with mr.attach(pair) as session, torch.no_grad(), session.capture():
+        pair(x)
+    routes = session.routes()
+    encoder = routes.select([n for n in routes.names if n.startswith("encoder.")])
+    with mr.attach(pair.decoder) as session, torch.no_grad():
+        with pytest.raises(mr.MoEReplayError), session.replay(encoder):
+            pair.decoder(x)
