@@ -606,7 +606,8 @@ class MoveWatch(FeedRecord):
 
     def __init__(self) -> None:
         super().__init__(keep_inputs=False)
-        #: forwards that entered a level of the model during the replay (none: the block ran no forward of it)
+        #: forwards that entered the model in the block: where none did, whatever ran went around it (a program traced
+        #: or exported from it, a copy), and a replay that forced nothing is refused (see ``Session.replay``)
         self.entered = 0
 
     def fed(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import re
-import threading
 from typing import Any
 
 __all__ = [
@@ -33,20 +32,6 @@ __all__ = [
 
 class MoEReplayError(RuntimeError):
     """Base class of every error raised by moe_replay."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _RAISED.count = getattr(_RAISED, "count", 0) + 1
-
-
-#: how many moe_replay errors this thread has made (raised): a replay block that forced nothing, but in which one
-#: was raised and caught, has told its caller why (see ``raised``)
-_RAISED = threading.local()
-
-
-def raised() -> int:
-    """The number of moe_replay errors made in this thread so far."""
-    return getattr(_RAISED, "count", 0)
 
 
 class RouterNotFoundError(MoEReplayError, LookupError):

@@ -59,7 +59,6 @@ from .errors import (
     TokenMismatchError,
     UnsupportedRouterError,
     _from_compiler,
-    raised,
 )
 from .evidence import VerifyReport
 from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
@@ -1784,9 +1783,10 @@ class Session:
                 do not fit the model (at a router's first forward, for its k as above), or hold
                 no router at all (strict or not: such a block would force nothing).
             ReplayConsumptionError: on leaving, if a router consumed too few (strict) or too many rows,
-                or if no router read a row of routes that hold some (strict or not: what ran went around the
-                interception, a program traced or exported while idle or a copy of the model, and forced
-                nothing); in eager mode, at the forward that reads past the end of its rows.
+                or if no forward entered the model and no router read a row of routes that hold some (strict
+                or not: what ran went around the interception, a program traced or exported while idle or a
+                copy of the model, and forced nothing); in eager mode, at the forward that reads past the end of
+                its rows.
             TokenMismatchError: a forward fed other tokens than its rows were recorded for, or one
                 whose tokens no check saw.
             SessionStateError: on leaving, if the model changed inside the block (a router
@@ -1829,7 +1829,6 @@ class Session:
         moves = MoveWatch() if self._model_ref() is not None else None
         stop_moves = moves.start(self._feed_wrappers) if moves is not None else None
         skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
-        refusals = raised()  # (a block that forced nothing after a refusal caught inside it was told why)
         stop = self._watch()
         self._set(replaying=True)
         ok = False
@@ -1857,7 +1856,9 @@ class Session:
                 h.replay_source = None
         if ok and check is not None:
             check.finish()  # (before the row counts: forwards fed other tokens are why they would differ)
-        if ok and raised() == refusals:
+        # (a forward that entered the model, refused by either watch or not, was seen: none went around it alone)
+        entered = (moves.entered if moves is not None else 0) + (check.forwards if check is not None else 0)
+        if ok and not entered:
             _check_forced([src for _, src in sources if src is not None], strict)
         if not strict:  # unconsumed rows are fine; an overdraw never is (eager forwards raise at once)
             sources = [(h, src) for h, src in sources if src is not None and src.read_by_device]
@@ -2383,11 +2384,12 @@ def _prefix_maps(names: Sequence[str], targets: Sequence[str]) -> list[tuple[tup
 
 
 def _check_forced(sources: Sequence[ReplaySource], strict: bool) -> None:
-    """A replay that ended having forced nothing, its routes holding rows: refused, ``strict=False`` too.
+    """A replay in which no forward entered the model and no router read a row, its routes holding rows: refused,
+    ``strict=False`` too (a forward that entered the model and was refused, the refusal caught, was told).
 
-    No router read a row, so every forward the block ran went around the interception: a program made from the
-    model while the session was idle (``torch.jit.trace``, ``torch.export``, ``torch.fx.symbolic_trace``, ``make_fx``)
-    or a copy of it runs none, and routes natively. ``strict=False`` allows routers left native and rows left unread
+    Whatever the block ran went around the interception: a program made from the model while the session was idle
+    (``torch.jit.trace``, ``torch.export``, ``torch.fx.symbolic_trace``, ``make_fx``) or a copy of it runs none, and
+    routes natively. ``strict=False`` allows routers left native and rows left unread
     (a partial replay), never a block of which nothing was a replay. Eager reads are counted on the host; the
     device counters are read only where a compiled region or a graph read and the host saw no read at all."""
     if not any(src.num_rows for src in sources) or any(src.host_consumed for src in sources):
