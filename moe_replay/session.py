@@ -1856,14 +1856,15 @@ class Session:
                 h.replay_source = None
         if ok and check is not None:
             check.finish()  # (before the row counts: forwards fed other tokens are why they would differ)
+        held = [src for _, src in sources if src is not None]
         # (a forward that entered the model, refused by either watch or not, was seen: none went around it alone)
         entered = (moves.entered if moves is not None else 0) + (check.forwards if check is not None else 0)
-        if ok and not entered:
-            _check_forced([src for _, src in sources if src is not None], strict)
         if not strict:  # unconsumed rows are fine; an overdraw never is (eager forwards raise at once)
             sources = [(h, src) for h, src in sources if src is not None and src.read_by_device]
+        used = _read_counters([src.consumed for _, src in sources if src is not None]) if ok and sources else []
+        if ok and not entered:  # (the device's counts of what compiled code or a graph read: read once, above)
+            _check_forced(held, strict, any(used))
         if ok and sources:
-            used = _read_counters([src.consumed for _, src in sources if src is not None])
             bad = [
                 (h.name, u, src.num_rows)
                 for (h, src), u in zip(sources, used, strict=True)
@@ -2383,19 +2384,16 @@ def _prefix_maps(names: Sequence[str], targets: Sequence[str]) -> list[tuple[tup
     return list(out.values())
 
 
-def _check_forced(sources: Sequence[ReplaySource], strict: bool) -> None:
+def _check_forced(sources: Sequence[ReplaySource], strict: bool, device_read: bool) -> None:
     """A replay in which no forward entered the model and no router read a row, its routes holding rows: refused,
     ``strict=False`` too (a forward that entered the model and was refused, the refusal caught, was told).
 
     Whatever the block ran went around the interception: a program made from the model while the session was idle
     (``torch.jit.trace``, ``torch.export``, ``torch.fx.symbolic_trace``, ``make_fx``) or a copy of it runs none, and
     routes natively. ``strict=False`` allows routers left native and rows left unread
-    (a partial replay), never a block of which nothing was a replay. Eager reads are counted on the host; the
-    device counters are read only where a compiled region or a graph read and the host saw no read at all."""
-    if not any(src.num_rows for src in sources) or any(src.host_consumed for src in sources):
-        return
-    device = [src for src in sources if src.read_by_device]
-    if device and any(_read_counters([src.consumed for src in device])):
+    (a partial replay), never a block of which nothing was a replay. Eager reads are counted on the host, those
+    of compiled code or a graph on the device (``device_read``: some router's count there is not 0)."""
+    if device_read or not any(src.num_rows for src in sources) or any(src.host_consumed for src in sources):
         return
     detail = "; ".join(f"'{src.name}' read 0 of {src.num_rows} rows" for src in sources[:4])
     raise ReplayConsumptionError(
