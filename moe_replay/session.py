@@ -2400,9 +2400,9 @@ def _check_forced(sources: Sequence[ReplaySource], strict: bool, device_read: bo
         f"this replay{'' if strict else '(strict=False)'} forced nothing: no router read a row of its routes ({detail}"
         + (f"; +{len(sources) - 4} more" if len(sources) > 4 else "")
         + "), so whatever ran in the block routed natively. A program made from the model while the session "
-        "was idle (torch.jit.trace, torch.export, torch.fx.symbolic_trace, make_fx), or a copy of the model "
-        "(copy.deepcopy, pickle), runs none of this session's interception: run the attached model itself inside "
-        "the block, or attach a session to the copy"
+        "was idle (torch.jit.trace, torch.export, torch.fx.symbolic_trace, make_fx), a copy of the model "
+        "(copy.deepcopy, pickle) or a model rebuilt or reloaded after attach runs none of this session's "
+        "interception: run the attached model itself inside the block, or attach a session to the copy"
         + (
             ". strict=False allows routers without routes and rows left unread, not a replay that forces nothing; "
             "a block meant to run no forward need not be opened"

@@ -1282,9 +1282,7 @@ def test_a_non_strict_replay_whose_forwards_never_reach_the_routers_is_refused(r
             model(x)
         routes = session.routes()
         forward = _PAST_THE_SESSION[run](model)
-        with pytest.raises(
-            mr.ReplayConsumptionError, match=r"no row read by any of its 2 routers, so it forced nothing"
-        ):
+        with pytest.raises(mr.ReplayConsumptionError, match=r"forced nothing: no router read a row of its routes"):
             with session.replay(routes, strict=False):
                 forward(x)
         with session.replay(routes, strict=False), session.capture():  # a prefix: forced, and fine
