@@ -734,8 +734,10 @@ class _ProbeMode(TorchFunctionMode):
             self._seen_scores[id(t)] = weakref.ref(t)
             flat = t.detach().reshape(rows, width)
             peak = flat.amax(-1)
-            if rows > 1 and bool((peak == peak[:1]).all()):
-                continue  # (the same maximum in every row, a stable softmax's exp(0): a constant, not the best's score)
+            # the same maximum in every row of rows that differ (a stable softmax's exp(0)): a constant of the code,
+            # not the best's score; rows all alike (one token repeated) tell nothing and are watched
+            if rows > 1 and bool((peak == peak[:1]).all()) and not bool((flat == flat[:1]).all()):
+                continue
             if torch.equal(flat.argmax(-1), best.to(flat.device)):
                 self.maxima.append((peak, flat.gather(-1, others.to(flat.device)).T))
         if func in _PEAKS or (func in DECISION_FUNCS and decision_call(func, args, kwargs) is not None):
