@@ -2232,7 +2232,7 @@ def _establish(
             _refuse_later_choice(name, probe, calls, seen, ev)
             _refuse_escapes(name, probe, calls, seen, ev, tolerance)
             _refuse_value_twins(name, probe, calls, seen, ev, base)
-            _refuse_shifted_ids(name, calls, seen, ev, base)
+            _refuse_shifted_ids(name, calls, seen, ev, base, _tokens(args, kwargs))
             return dataclasses.replace(ev, squashed=_squashed(seen, ev))
 
         reach: dict[int, int] = {}  # output elements that changing each call changes
@@ -2478,7 +2478,7 @@ def _establish(
         _refuse_later_choice(name, probe, calls, seen, ev)
         _refuse_escapes(name, probe, calls, seen, ev, tolerance)
         _refuse_value_twins(name, probe, calls, seen, ev, base)
-        _refuse_shifted_ids(name, calls, seen, ev, base)
+        _refuse_shifted_ids(name, calls, seen, ev, base, _tokens(args, kwargs))
         return dataclasses.replace(ev, squashed=_squashed(seen, ev))
     finally:
         probe.snapshot.restore()
@@ -2830,7 +2830,9 @@ def _column_offset(x: torch.Tensor) -> tuple[int, int]:
     return (x.storage_offset() // x.stride(-1)) % row, row
 
 
-def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence, base: Any) -> None:
+def _refuse_shifted_ids(
+    name: str, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence, base: Any, tokens: int | None = None
+) -> None:
     """Refuse a router that hands on its decision's chosen positions shifted by a constant (``idx + 1``) as the ids
     it returns: its decision chose from a slice of its scores (``scores[..., 1:]`` past a null expert, viewed or
     copied before the top-k), or its ids are offset for another reason.
@@ -2844,12 +2846,16 @@ def _refuse_shifted_ids(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: 
     The same for one decision over ``G`` groups of scores at once (a top-k over the last dimension of ``[..., G,
     W]`` scores, the group's offset ``g * W`` added to its positions: mixture of grouped experts, k top-1 gating in
     one call): each group of each token is a row of the decision, choosing among ``W``, and the routes would name
-    positions within a group, ``G`` rows per token."""
+    positions within a group, ``G`` rows per token. ``tokens`` (those of the forward's hidden states): where the
+    decision has one row per token, its ``[..., G, W]`` scores are no groups but ``[batch, positions, experts]``
+    scores, and ids handed on with ``position * W`` added are a flat index into them (a scatter's), not ids."""
     if len(ev.decision) != 1:
         return
     d = calls[ev.decision[0]]
     scores = seen.ins[d.ordinal]
     groups = int(scores.shape[-2]) if isinstance(scores, torch.Tensor) and scores.dim() >= 3 else 1
+    if d.rows == tokens:
+        groups = 1  # (one row per token: the dimension before the experts' is the tokens', no groups of experts)
     offset, row = _column_offset(scores)
     try:
         mine = _indices(seen.outs[d.ordinal], d.family, d.rows)[:, : ev.top_k].long()

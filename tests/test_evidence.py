@@ -2140,3 +2140,65 @@ def test_scores_made_through_a_sigmoid_are_told_from_logits_without_a_graph(kind
     with mr.attach(model) as session:
         ev = session.verify(torch.randn(T, D)).evidence["layers.0.router"]
     assert ev.squashed is (kind == "sigmoid-bias")
+
+
+class FlatIndexRouter(nn.Module):
+    """A top-2 over ``[1, tokens, experts]`` scores (one sequence, its batch dimension kept) that returns, beside the
+    expert ids, a flat index into those scores (``position * E + id``, for a scatter of the weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = self.gate(x).softmax(-1)[None]
+        w, idx = scores.topk(self.top_k, dim=-1)
+        flat = idx + torch.arange(scores.shape[-2])[:, None] * E
+        return (w / w.sum(-1, keepdim=True))[0], idx[0], flat[0]
+
+
+class FlatIndexBlock(RouterBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx, _ = self.router(x)
+        return dispatch(self.experts, x, idx, w)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_flat_index_beside_the_ids_of_batched_scores_is_no_group_offset() -> None:
+    """Once falsely refused: the ``[1, tokens, experts]`` scores' dimension before the experts is the tokens', one row
+    of the decision per token, and a flat index into them (the ids shifted by ``position * E``) was taken for a
+    grouped choice's ids shifted by their group's offset. Captured and replayed exactly."""
+    assert_capture_and_replay_are_exact(TwoLayers(lambda: FlatIndexBlock(FlatIndexRouter())))
+
+
+class MappedIdsRouter(nn.Module):
+    """A top-2 whose positions the router hands on through a permutation held in a buffer (``expert_map[idx]``): the
+    experts the block uses are the mapped ids, not the positions the decision chose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.gate = nn.Linear(D, E, bias=False)
+        self.register_buffer("expert_map", torch.randperm(E, generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = self.gate(x).softmax(-1).topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), self.expert_map[idx]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="ids handed on through a table (expert_map[idx]) are recorded as the decision's positions: the replay is "
+    "exact, but the routes name other experts than the model uses; only a constant or a group's shift is refused",
+)
+def test_ids_mapped_through_a_table_are_refused() -> None:
+    """The routes would hold the decision's positions while the block dispatches to ``expert_map`` of them: loads,
+    expert counts and routes exchanged with an inference engine name other experts, with no error."""
+    model = TwoLayers(lambda: RouterBlock(MappedIdsRouter()))
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(torch.randn(T, D, generator=torch.Generator().manual_seed(1)))
+    assert_untouched(model, before)
