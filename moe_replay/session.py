@@ -1857,8 +1857,13 @@ class Session:
         if ok and check is not None:
             check.finish()  # (before the row counts: forwards fed other tokens are why they would differ)
         held = [src for _, src in sources if src is not None]
-        # (a forward that entered the model, refused by either watch or not, was seen: none went around it alone)
-        entered = (moves.entered if moves is not None else 0) + (check.forwards if check is not None else 0)
+        # (a forward that entered the model, refused by either watch or not, was seen: none went around it alone; so
+        # was one that ran a router, on a part of the model, of no token: nothing to read there)
+        entered = (
+            (moves.entered if moves is not None else 0)
+            + (check.forwards if check is not None else 0)
+            + sum(h.calls != c for h, c in zip(self._hooks, calls, strict=False))
+        )
         if not strict:  # unconsumed rows are fine; an overdraw never is (eager forwards raise at once)
             sources = [(h, src) for h, src in sources if src is not None and src.read_by_device]
         used = _read_counters([src.consumed for _, src in sources if src is not None]) if ok and sources else []

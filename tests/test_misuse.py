@@ -1330,3 +1330,26 @@ def test_an_attached_model_shows_the_modules_parameters_and_state_dict_of_a_plai
                 torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True)
             )
     assert_untouched(model, snapshot(twin))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("part", ["mlp", "router"])
+def test_a_non_strict_replay_of_a_part_of_the_model_on_no_token_is_not_refused(part: str) -> None:
+    """Once falsely refused: ``replay(routes, strict=False)`` around a forward of an MoE block (or its router) alone,
+    on no token, entered no level of the model and read no row, as a forward past the session does; but its routers
+    ran, on nothing to force. It passes, as the same forward of the whole model on no token does; the same part on
+    tokens reads its rows (forced); a forward past the session stays refused."""
+    model, x = _model(), _ids()
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        module = model.layers[0].mlp if part == "mlp" else model.layers[0].mlp.router
+        hidden = model.embed(x)
+        with session.replay(routes, strict=False):
+            module(hidden[:0])
+        with session.replay(routes.with_token_ids(None), strict=False):
+            module(hidden)  # (the first layer's rows, read by a part: forced, and fine)
+        with pytest.raises(mr.ReplayConsumptionError, match="so it forced nothing"):
+            with session.replay(routes, strict=False):
+                copy.deepcopy(model)(x)
