@@ -2719,18 +2719,32 @@ def _refuse_value_twins(
 
 
 def _refuse_hidden_maxima(
-    name: str, probe: _Prober, calls: Sequence[Call], ev: Evidence, seen: _ProbeMode, mine: torch.Tensor
+    name: str,
+    probe: _Prober,
+    calls: Sequence[Call],
+    ev: Evidence,
+    seen: _ProbeMode,
+    mine: torch.Tensor,
+    varied: bool = True,
 ) -> None:
     """Refuse a router whose output reads the natively best expert's score through a maximum no decision-like call
     along the experts takes (``probs.t().max(0)``, a max-pool, an infinity norm, a ``cummax``'s last value), checked
     by effect: with the decision (and its mirrors) answered as a replay answers other experts than the native ones,
     a result that is still the row maximum of scores that natively pick the decision's best expert is the native
     best's score, not the forced experts'; where raising it by 1 moves the output beyond rounding (it is no shift
-    or scale that cancels), the recorded experts would be weighted as the natively best one."""
+    or scale that cancels), the recorded experts would be weighted as the natively best one.
+
+    A row maximum the same in every row of scores whose rows differ is a constant of the code (a stable softmax's
+    exp(0)), not watched (see :meth:`_ProbeMode._watched`). Where the decision's scores are one row repeated (one
+    token repeated, a batch of identical rows) every maximum is the same in every row, and nothing tells a
+    constant from the best's score: the check is made on random inputs of their shape instead (``varied``), and
+    on these, where the forward does not run there as here."""
     first = calls[ev.decision[0]]
     width, best = first.width, mine.reshape(-1)
     if ev.top_k >= width:
         return  # (every expert chosen: no other to force)
+    if varied and _alike(seen.ins[first.ordinal], width) and _hidden_maxima_varied(name, probe, calls, ev):
+        return
     others = _runners_up(seen.ins[first.ordinal], best, width)
     native, force = _force(calls, seen, ev), {}
     start = 0
@@ -2751,6 +2765,41 @@ def _refuse_hidden_maxima(
         moved, _ = probe.run(force=force, bump=(n, leaf))
         if moves(finite(moved)):
             _refuse_twin(name, probe, calls, ev, what, base, moved)
+
+
+def _alike(scores: Any, width: int) -> bool:
+    """Are ``scores`` more than one row of ``width``, all the same?"""
+    if not isinstance(scores, torch.Tensor) or not width or scores.numel() % width or scores.numel() <= width:
+        return False
+    flat = scores.detach().reshape(-1, width)
+    return bool((flat == flat[:1]).all())
+
+
+def _hidden_maxima_varied(name: str, probe: _Prober, calls: Sequence[Call], ev: Evidence) -> bool:
+    """:func:`_refuse_hidden_maxima` on random inputs of the shape of ``probe``'s, where the decision's scores
+    differ from row to row; False where it could not be made there (the forward runs otherwise, or raises)."""
+    first = calls[ev.decision[0]]
+    limit = max(_PROBE_SECONDS, _PROBE_FACTOR * probe.took)
+    for inputs in _other_inputs(probe.args, probe.kwargs):
+        other = _Prober(probe.forward, *inputs, probe.scope, snapshot=probe.snapshot, limit=limit)
+        other.grads = probe.grads
+        try:
+            _, seen = other.run()
+            there = seen.calls
+            if [c.signature for c in there] != [c.signature for c in calls] or _alike(
+                seen.ins[first.ordinal], first.width
+            ):
+                continue
+            mine = _indices(seen.outs[first.ordinal], first.family, there[first.ordinal].rows)[:, :1]
+            _refuse_hidden_maxima(name, other, there, ev, seen, mine, varied=False)
+        except UnsupportedRouterError:
+            raise
+        except Exception:  # (a forward tied to its inputs' values: judged on them, as they are)
+            continue
+        finally:
+            probe.snapshot.restore()
+        return True
+    return False
 
 
 def _finite_in(base: Any) -> Callable[[Any], list[torch.Tensor]]:

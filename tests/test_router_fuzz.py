@@ -363,13 +363,16 @@ def _as_sets(idx: torch.Tensor) -> torch.Tensor:
     return idx.to(torch.long).sort(dim=-1).values
 
 
-def _run(spec: Spec, seed: int, grad: bool) -> str:
+def _run(spec: Spec, seed: int, grad: bool, alike: bool = False) -> str:
     """Capture, then replay on other inputs and gates; compare with the hand-written forward. Returns what
-    happened: ``"exact"`` or ``"refused"`` (a ``MoEReplayError``); a silent failure fails an assertion."""
+    happened: ``"exact"`` or ``"refused"`` (a ``MoEReplayError``); a silent failure fails an assertion.
+    ``alike``: the captured forward (where each decision is established) is one token repeated."""
     dtype = getattr(torch, spec.dtype)
     model = FuzzModel(spec, layers=2, seed=seed).to(dtype)
     g = torch.Generator().manual_seed(seed + 7)
     x1 = torch.randn(2, 5, HIDDEN, generator=g).to(dtype)
+    if alike:
+        x1 = x1[:1, :1].expand_as(x1).clone()
     x2 = torch.randn(2, 5, HIDDEN, generator=g).to(dtype)
     session = None
     try:
@@ -500,3 +503,17 @@ def test_a_bfloat16_stable_softmax_with_dense_weights_is_not_refused_for_a_tie(s
             out = model(x)
         with session.replay(session.routes()):
             assert torch.equal(model(x), out)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "case", ["plain", "top-1 weighted 1 after a stable softmax", "renormalised softmax after top-k of a stable softmax"]
+)
+def test_common_router_code_established_on_one_token_repeated_replays_exactly(case: str) -> None:
+    """The first forward one token repeated: every row maximum is the same in every row, and a constant of the code
+    (a stable softmax's exp(0), matched by a weight of 1) cannot be told there from a best's score read out of
+    sight. Once falsely refused (a maximum the same in every row taken for a weight read from it); the check is
+    made on random inputs of that shape instead, and these replay exactly (a weight read from the best's score
+    stays refused, see ``test_weights_read_from_a_maximum_out_of_sight_are_refused``)."""
+    tried()
+    assert _run(COMMON[case](), seed=3, grad=False, alike=True) == "exact"
