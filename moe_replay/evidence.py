@@ -593,6 +593,9 @@ class _ProbeMode(TorchFunctionMode):
         self.ordinal = 0  # calls of this scope so far (counted where watch or bump is given)
         self.maxima: list[tuple[torch.Tensor, torch.Tensor]] = []  # per watched score tensor: row maxima, forced
         self._seen_scores: dict[int, weakref.ref[torch.Tensor]] = {}
+        self._constant: list[bool] = []  # per watched score tensor: its row maximum the same in every row
+        # what each tensor of a watched run was made of (see _lineage), by id
+        self._lineages: dict[int, tuple[weakref.ref[torch.Tensor], frozenset[int]]] = {}
         #: results of decision-like calls and maxima seen by value, and views of them (a sort's values[:, :1]),
         #: which the checks of value twins judge: not judged again as hidden maxima
         self._judged: dict[int, weakref.ref[torch.Tensor]] = {}
@@ -734,13 +737,15 @@ class _ProbeMode(TorchFunctionMode):
             self._seen_scores[id(t)] = weakref.ref(t)
             flat = t.detach().reshape(rows, width)
             peak = flat.amax(-1)
-            # the same maximum in every row of rows that differ (a stable softmax's exp(0)): a constant of the code,
-            # not the best's score; rows all alike (one token repeated) tell nothing and are watched
-            if rows > 1 and bool((peak == peak[:1]).all()) and not bool((flat == flat[:1]).all()):
-                continue
             if torch.equal(flat.argmax(-1), best.to(flat.device)):
+                self._made_of(t, {len(self.maxima)})
                 self.maxima.append((peak, flat.gather(-1, others.to(flat.device)).T))
-        if func in _PEAKS or (func in DECISION_FUNCS and decision_call(func, args, kwargs) is not None):
+                self._constant.append(bool((peak == peak[:1]).all()))  # (one row: one maximum, alike)
+        decides = func in DECISION_FUNCS and decision_call(func, args, kwargs) is not None
+        made = self._lineage(_leaves((args, kwargs), [])) | ({-1} if decides else set())
+        for t in _leaves(out, []):
+            self._made_of(t, made)
+        if func in _PEAKS or decides:
             self._judge(direct)
             return out  # (seen by the checks of the calls and of the maxima by value alone)
         if getattr(func, "__name__", None) in _VIEWING and any(
@@ -750,11 +755,34 @@ class _ProbeMode(TorchFunctionMode):
         ):
             self._judge(direct)
             return out  # (a view or copy of one: its values as seen)
+        # a maximum the same in every row (a stable softmax's exp(0)) is matched by a weight of 1 made from the
+        # decision's values (a softmax over one, a renormalised sum) or by no score at all (``ones``): only a result
+        # made from those scores and not from the decision is read from their maximum
         for j, t in enumerate(direct):
-            if _floats(t) and t.numel() == rows and any(_is_peak(t.detach().reshape(-1), *m) for m in self.maxima):
+            if (
+                _floats(t)
+                and t.numel() == rows
+                and any(
+                    _is_peak(t.detach().reshape(-1), *peak) and (not constant or (m in made and -1 not in made))
+                    for m, (peak, constant) in enumerate(zip(self.maxima, self._constant, strict=True))
+                )
+            ):
                 self.hidden.append((n, j, f"{getattr(func, '__name__', func)}() at {_where()}"))
                 break
         return out
+
+    def _lineage(self, leaves: list[Any]) -> set[int]:
+        """The watched score tensors (by their place in :attr:`maxima`; -1: a decision-like call's result) that
+        the tensors among ``leaves`` were made from, in this run."""
+        out: set[int] = set()
+        for t in leaves:
+            if isinstance(t, torch.Tensor) and (known := self._lineages.get(id(t))) is not None and known[0]() is t:
+                out |= known[1]
+        return out
+
+    def _made_of(self, t: Any, lineage: set[int]) -> None:
+        if isinstance(t, torch.Tensor) and lineage and len(self._lineages) < 65536:
+            self._lineages[id(t)] = (weakref.ref(t), frozenset(lineage | self._lineage([t])))
 
     def _judge(self, results: list[Any]) -> None:
         for t in results:
@@ -2719,13 +2747,7 @@ def _refuse_value_twins(
 
 
 def _refuse_hidden_maxima(
-    name: str,
-    probe: _Prober,
-    calls: Sequence[Call],
-    ev: Evidence,
-    seen: _ProbeMode,
-    mine: torch.Tensor,
-    varied: bool = True,
+    name: str, probe: _Prober, calls: Sequence[Call], ev: Evidence, seen: _ProbeMode, mine: torch.Tensor
 ) -> None:
     """Refuse a router whose output reads the natively best expert's score through a maximum no decision-like call
     along the experts takes (``probs.t().max(0)``, a max-pool, an infinity norm, a ``cummax``'s last value), checked
@@ -2734,17 +2756,14 @@ def _refuse_hidden_maxima(
     best's score, not the forced experts'; where raising it by 1 moves the output beyond rounding (it is no shift
     or scale that cancels), the recorded experts would be weighted as the natively best one.
 
-    A row maximum the same in every row of scores whose rows differ is a constant of the code (a stable softmax's
-    exp(0)), not watched (see :meth:`_ProbeMode._watched`). Where the decision's scores are one row repeated (one
-    token repeated, a batch of identical rows) every maximum is the same in every row, and nothing tells a
-    constant from the best's score: the check is made on random inputs of their shape instead (``varied``), and
-    on these, where the forward does not run there as here."""
+    A row maximum the same in every row (a stable softmax's exp(0), probabilities that round to 1, scores that
+    are one row repeated) is matched by a weight of 1 made otherwise (a softmax over the decision's one value, a
+    renormalised sum, ``ones``): there only a result made from those scores, not from the decision's result,
+    counts (see :meth:`_ProbeMode._watched`)."""
     first = calls[ev.decision[0]]
     width, best = first.width, mine.reshape(-1)
     if ev.top_k >= width:
         return  # (every expert chosen: no other to force)
-    if varied and _alike(seen.ins[first.ordinal], width) and _hidden_maxima_varied(name, probe, calls, ev):
-        return
     others = _runners_up(seen.ins[first.ordinal], best, width)
     native, force = _force(calls, seen, ev), {}
     start = 0
@@ -2765,41 +2784,6 @@ def _refuse_hidden_maxima(
         moved, _ = probe.run(force=force, bump=(n, leaf))
         if moves(finite(moved)):
             _refuse_twin(name, probe, calls, ev, what, base, moved)
-
-
-def _alike(scores: Any, width: int) -> bool:
-    """Are ``scores`` more than one row of ``width``, all the same?"""
-    if not isinstance(scores, torch.Tensor) or not width or scores.numel() % width or scores.numel() <= width:
-        return False
-    flat = scores.detach().reshape(-1, width)
-    return bool((flat == flat[:1]).all())
-
-
-def _hidden_maxima_varied(name: str, probe: _Prober, calls: Sequence[Call], ev: Evidence) -> bool:
-    """:func:`_refuse_hidden_maxima` on random inputs of the shape of ``probe``'s, where the decision's scores
-    differ from row to row; False where it could not be made there (the forward runs otherwise, or raises)."""
-    first = calls[ev.decision[0]]
-    limit = max(_PROBE_SECONDS, _PROBE_FACTOR * probe.took)
-    for inputs in _other_inputs(probe.args, probe.kwargs):
-        other = _Prober(probe.forward, *inputs, probe.scope, snapshot=probe.snapshot, limit=limit)
-        other.grads = probe.grads
-        try:
-            _, seen = other.run()
-            there = seen.calls
-            if [c.signature for c in there] != [c.signature for c in calls] or _alike(
-                seen.ins[first.ordinal], first.width
-            ):
-                continue
-            mine = _indices(seen.outs[first.ordinal], first.family, there[first.ordinal].rows)[:, :1]
-            _refuse_hidden_maxima(name, other, there, ev, seen, mine, varied=False)
-        except UnsupportedRouterError:
-            raise
-        except Exception:  # (a forward tied to its inputs' values: judged on them, as they are)
-            continue
-        finally:
-            probe.snapshot.restore()
-        return True
-    return False
 
 
 def _finite_in(base: Any) -> Callable[[Any], list[torch.Tensor]]:

@@ -447,25 +447,51 @@ def test_weights_read_from_a_maximum_out_of_sight_are_refused(form: str, alike: 
     assert_untouched(model, before)
 
 
+class ExpZeroMaxGate(_Forced):
+    """A top-1 of a hand-written stable softmax's exponentials ``e = exp(logits - max)``, weighed by the best's
+    probability written as ``max(e) / sum(e)``, the maximum taken out of every decision-like call's sight (``how``:
+    a ``max`` over a transposed view, a max-pool). ``max(e)`` is exp(0), 1 in every row, and yet the best's score:
+    forced, another expert would be weighed by the native best's probability. No probabilities are made natively
+    (forced by hand: the recorded experts' own, ``e / sum(e)`` gathered)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.num_experts, self.top_k = how, E, 1
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gate(x)
+        e = (logits - logits.amax(-1, keepdim=True)).exp()
+        if self.forced is not None:
+            return (e / e.sum(-1, keepdim=True)).gather(1, self.forced), self.forced
+        best = e.t().max(0).values[:, None] if self.how == "transposed-max" else F.max_pool1d(e[:, None], E)[:, 0]
+        return best / e.sum(-1, keepdim=True), e.topk(1, dim=-1).indices
+
+
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a bfloat16 softmax saturated to 1.0 in every row looks like a stable softmax's exp(0) (a constant of the "
-    "code), so a weight read from its maximum out of every decision-like call's sight is not watched",
-)
-def test_weights_read_from_a_saturated_maximum_out_of_sight_are_refused() -> None:
-    """The out-of-sight maximum of probabilities that bfloat16 rounds to 1.0 in every row (a very peaked router):
-    replayed, the forced experts would be weighed 1 (the native best's probability), not their own."""
-    model = TwoLayers(lambda: RouterBlock(ValueTwinGate("transposed-max"))).to(torch.bfloat16)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.router.gate.weight.mul_(1e4)
-    x = _x().to(torch.bfloat16)
-    probs = model.layers[0].router.gate(x).softmax(-1)
-    assert bool((probs.amax(-1) == 1).all()) and not bool((probs == probs[:1]).all())  # (saturated, rows differ)
+@pytest.mark.parametrize("case", ["exp0-transposed-max", "exp0-max-pool", "saturated-bfloat16"])
+def test_weights_read_from_a_maximum_the_same_in_every_row_are_refused(case: str) -> None:
+    """Once silent: a row maximum the same in every row was taken for a constant of the code and never watched, also
+    where the weight is read from it: a stable softmax's exp(0) (``max(e) / sum(e)``, the best's probability), and
+    probabilities that bfloat16 rounds to 1.0 in every row (a very peaked router, read by ``probs.t().max(0)``).
+    Replayed, the forced experts were weighed by the natively best one's probability. Refused, naming that call (a
+    weight of 1 made from the decision's values stays exact: see the stable-softmax cases of the router fuzz)."""
+    if case == "saturated-bfloat16":
+        model = TwoLayers(lambda: RouterBlock(ValueTwinGate("transposed-max"))).to(torch.bfloat16)
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.router.gate.weight.mul_(1e4)
+        x = _x().to(torch.bfloat16)
+        probs = model.layers[0].router.gate(x).softmax(-1)
+        assert bool((probs.amax(-1) == 1).all()) and not bool((probs == probs[:1]).all())  # (saturated, rows differ)
+    else:
+        model = TwoLayers(lambda: RouterBlock(ExpZeroMaxGate(case.removeprefix("exp0-"))))
+        x = _x()
+    before = snapshot(model)
     with pytest.raises(mr.UnsupportedRouterError, match=r"reads the values of \w+\(\) at .*natively chooses as its"):
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(x)
+    assert_untouched(model, before)
 
 
 @pytest.mark.reliability("silent replays")

@@ -363,17 +363,20 @@ def _as_sets(idx: torch.Tensor) -> torch.Tensor:
     return idx.to(torch.long).sort(dim=-1).values
 
 
-def _run(spec: Spec, seed: int, grad: bool, alike: bool = False) -> str:
+def _run(spec: Spec, seed: int, grad: bool, first: str = "random") -> str:
     """Capture, then replay on other inputs and gates; compare with the hand-written forward. Returns what
     happened: ``"exact"`` or ``"refused"`` (a ``MoEReplayError``); a silent failure fails an assertion.
-    ``alike``: the captured forward (where each decision is established) is one token repeated."""
+    ``first``: the captured forward (where each decision is established) is random tokens, one token repeated
+    (``one-token-repeated``) or one token (``one-token``)."""
     dtype = getattr(torch, spec.dtype)
     model = FuzzModel(spec, layers=2, seed=seed).to(dtype)
     g = torch.Generator().manual_seed(seed + 7)
     x1 = torch.randn(2, 5, HIDDEN, generator=g).to(dtype)
-    if alike:
-        x1 = x1[:1, :1].expand_as(x1).clone()
     x2 = torch.randn(2, 5, HIDDEN, generator=g).to(dtype)
+    if first == "one-token-repeated":
+        x1 = x1[:1, :1].expand_as(x1).clone()
+    elif first == "one-token":  # (and the replay on one token)
+        x1, x2 = x1[:1, :1].clone(), x2[:1, :1].clone()
     session = None
     try:
         session = mr.attach(model)
@@ -509,11 +512,13 @@ def test_a_bfloat16_stable_softmax_with_dense_weights_is_not_refused_for_a_tie(s
 @pytest.mark.parametrize(
     "case", ["plain", "top-1 weighted 1 after a stable softmax", "renormalised softmax after top-k of a stable softmax"]
 )
-def test_common_router_code_established_on_one_token_repeated_replays_exactly(case: str) -> None:
-    """The first forward one token repeated: every row maximum is the same in every row, and a constant of the code
-    (a stable softmax's exp(0), matched by a weight of 1) cannot be told there from a best's score read out of
-    sight. Once falsely refused (a maximum the same in every row taken for a weight read from it); the check is
-    made on random inputs of that shape instead, and these replay exactly (a weight read from the best's score
-    stays refused, see ``test_weights_read_from_a_maximum_out_of_sight_are_refused``)."""
+@pytest.mark.parametrize("first", ["one-token-repeated", "one-token"])
+def test_common_router_code_established_on_alike_rows_replays_exactly(case: str, first: str) -> None:
+    """The first forward (where each decision is established) one token repeated, or one token: every row maximum is
+    the same in every row, as a stable softmax's exp(0) is, and a weight of 1 made from the decision's values (a
+    softmax over one, a renormalised sum) matches it. Once falsely refused there (taken for a weight read from the
+    maximum); only a result made from the scores and not from the decision is now, and these replay exactly (a
+    weight read from the best's score stays refused, see ``test_weights_read_from_a_maximum_out_of_sight_are_refused``
+    and ``test_weights_read_from_a_maximum_the_same_in_every_row_are_refused``)."""
     tried()
-    assert _run(COMMON[case](), seed=3, grad=False, alike=True) == "exact"
+    assert _run(COMMON[case](), seed=3, grad=False, first=first) == "exact"
