@@ -2202,3 +2202,43 @@ def test_ids_mapped_through_a_table_are_refused() -> None:
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(torch.randn(T, D, generator=torch.Generator().manual_seed(1)))
     assert_untouched(model, before)
+
+
+class BankOffsetRouter(nn.Module):
+    """One gate's top-2 over ``E`` scores handed on with each token's bank offset added (``idx + bank * E``: text
+    tokens to experts ``0..E-1``, the others to a second bank ``E..2E-1``), each token's bank known by its place
+    (text and image tokens interleaved)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = self.gate(x).softmax(-1).topk(self.top_k, dim=-1)
+        bank = (torch.arange(x.shape[0], device=x.device) % 2)[:, None]  # (each token's modality, by its place)
+        return w / w.sum(-1, keepdim=True), idx + bank * E
+
+
+class BankOffsetBlock(RouterBlock):
+    def __init__(self) -> None:
+        super().__init__(BankOffsetRouter())
+        self.experts = Experts(2 * E)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="ids shifted by an offset that differs from token to token (a bank per modality) are recorded as the "
+    "decision's positions: the replay is exact, but the routes name other experts than the model uses; only a "
+    "shift the same for every row, or a group's, is refused",
+)
+def test_ids_shifted_by_a_per_token_offset_are_refused() -> None:
+    """As a constant shift of the ids, but by an offset each token has of its own: the routes would name positions
+    among the gate's scores while the block dispatches to the token's bank, with no error."""
+    model = TwoLayers(BankOffsetBlock)
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(torch.randn(T, D, generator=torch.Generator().manual_seed(1)))
+    assert_untouched(model, before)
