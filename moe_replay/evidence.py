@@ -2880,31 +2880,31 @@ def _refuse_shifted_ids(
     W]`` scores, the group's offset ``g * W`` added to its positions: mixture of grouped experts, k top-1 gating in
     one call): each group of each token is a row of the decision, choosing among ``W``, and the routes would name
     positions within a group, ``G`` rows per token. ``tokens`` (those of the forward's hidden states): where the
-    decision has one row per token, its ``[..., G, W]`` scores are no groups but ``[batch, positions, experts]``
-    scores, and ids handed on with ``position * W`` added are a flat index into them (a scatter's), not ids."""
+    decision has one row per token and the router also hands on the positions unchanged (its ids), its ``[..., G,
+    W]`` scores may be ``[batch, positions, experts]`` scores, and positions with ``position * W`` added a flat
+    index into them (a scatter's), not ids: that passes. (A router fed each head's part of a token, ``[tokens,
+    H, d / H]``, has one row per head and token too: handing on only shifted positions, it is refused.)"""
     if len(ev.decision) != 1:
         return
     d = calls[ev.decision[0]]
     scores = seen.ins[d.ordinal]
     groups = int(scores.shape[-2]) if isinstance(scores, torch.Tensor) and scores.dim() >= 3 else 1
-    if d.rows == tokens:
-        groups = 1  # (one row per token: the dimension before the experts' is the tokens', no groups of experts)
     offset, row = _column_offset(scores)
     try:
         mine = _indices(seen.outs[d.ordinal], d.family, d.rows)[:, : ev.top_k].long()
     except (RuntimeError, IndexError, TypeError):
         return
-    for t in _leaves(base, []):
-        if (
-            not isinstance(t, torch.Tensor)
-            or t.is_floating_point()
-            or t.is_complex()
-            or t.dtype == torch.bool
-            or t.numel() != mine.numel()
-            or not t.numel()
-        ):
-            continue
-        shift = t.detach().reshape(mine.shape).long().to(mine.device) - mine
+    shifts = [
+        t.detach().reshape(mine.shape).long().to(mine.device) - mine
+        for t in _leaves(base, [])
+        if isinstance(t, torch.Tensor)
+        and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+        and t.numel() == mine.numel()
+        and t.numel()
+    ]
+    if d.rows == tokens and any(not bool(shift.any()) for shift in shifts):
+        groups = 1  # (one row per token, its ids handed on as they are: no groups of experts)
+    for shift in shifts:
         if groups > 1 and mine.shape[0] % groups == 0:
             per_group = (torch.arange(groups, device=mine.device) * d.width).repeat(mine.shape[0] // groups)
             if bool((shift == per_group[:, None]).all()):

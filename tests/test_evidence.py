@@ -2242,3 +2242,44 @@ def test_ids_shifted_by_a_per_token_offset_are_refused() -> None:
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(torch.randn(T, D, generator=torch.Generator().manual_seed(1)))
     assert_untouched(model, before)
+
+
+class HeadBankRouter(nn.Module):
+    """A top-1 per head, fed each head's part of the token (``[tokens, H, D / H]``, so one row per head and token
+    as ``[batch, positions, experts]`` scores have one per token), head ``h``'s positions handed on plus ``h * W``:
+    its experts in one bank of ``H * W``."""
+
+    heads, width = 2, 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = self.width, 1
+        self.gate = nn.Linear(D // self.heads, self.width, bias=False)
+
+    def forward(self, parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = self.gate(parts).softmax(-1).topk(self.top_k, dim=-1)
+        return w.flatten(1), (idx + torch.arange(self.heads)[None, :, None] * self.width).flatten(1)
+
+
+class HeadBankBlock(RouterBlock):
+    def __init__(self) -> None:
+        super().__init__(HeadBankRouter())
+        self.experts = Experts(HeadBankRouter.heads * HeadBankRouter.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x.view(x.shape[0], HeadBankRouter.heads, -1))
+        return dispatch(self.experts, x, idx, w)
+
+
+@pytest.mark.reliability("silent replays")
+def test_head_offsets_of_a_router_fed_each_heads_part_are_refused() -> None:
+    """A router fed ``[tokens, H, D / H]`` has as many rows as its input has vectors, as one fed ``[batch, positions,
+    D]``; its positions handed on only with their head's offset are no flat index beside the ids (see
+    ``test_a_flat_index_beside_the_ids_of_batched_scores_is_no_group_offset``) but the ids the block uses: refused
+    as a grouped choice's offsets, the model left as it was."""
+    model = TwoLayers(HeadBankBlock)
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError, match=r"chooses in each of 2 groups of 4"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(torch.randn(T, D, generator=torch.Generator().manual_seed(1)))
+    assert_untouched(model, before)
