@@ -1350,6 +1350,6 @@ def test_a_non_strict_replay_of_a_part_of_the_model_on_no_token_is_not_refused(p
             module(hidden[:0])
         with session.replay(routes.with_token_ids(None), strict=False):
             module(hidden)  # (the first layer's rows, read by a part: forced, and fine)
-        with pytest.raises(mr.ReplayConsumptionError, match="so it forced nothing"):
+        with pytest.raises(mr.ReplayConsumptionError, match="forced nothing: no router read a row"):
             with session.replay(routes, strict=False):
                 copy.deepcopy(model)(x)
