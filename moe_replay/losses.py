@@ -130,6 +130,10 @@ class _Calls(list[_Call]):
         self.forward_of.append(self.owner._now)
         super().append(item)
 
+    def extend(self, items: Iterable[_Call]) -> None:
+        for item in items:
+            self.append(item)
+
 
 class RouterScores:
     """What each router's decision call saw while :meth:`Session.keep_scores` was open.
@@ -196,7 +200,9 @@ class RouterScores:
     def _row_order(self, name: str) -> _RowOrder:
         calls = self._calls[name]
         rows = [int(c[0].shape[0]) for c in calls]
-        return _RowOrder(tuple(self._forwards), tuple(zip(rows, calls.forward_of, strict=True)))
+        seen = getattr(calls, "forward_of", [])
+        forwards = [*seen[: len(rows)], *[-1] * (len(rows) - len(seen))]  # (-1: decisions put in otherwise)
+        return _RowOrder(tuple(self._forwards), tuple(zip(rows, forwards, strict=True)))
 
     def _squashed(self, name: str) -> bool | None:
         """Were one router's scores made through a squashing (a sigmoid) after its logits, as its forward showed when
