@@ -153,7 +153,10 @@ def from_sglang(
         token_ids: the sequence's ids, prompt then completion (the ``input_ids`` sent, then
             the response's ``output_ids``), one per token: the routes then know their tokens
             (:attr:`~moe_replay.Routes.token_ids`), and a replay fed other tokens is refused.
-            SGLang's response holds the completion's ids but not the prompt's.
+            SGLang's response holds the completion's ids but not the prompt's: given a whole
+            ``/generate`` response (with ``output_ids`` and ``meta_info["prompt_tokens"]``), the
+            routes know its ``output_ids`` (-1 for the prompt's tokens) without ``token_ids=``;
+            ``token_ids=`` given too must name the same completion ids.
 
     Returns:
         ``start_len + rows + 1`` tokens; the first ``start_len`` and the last are -1.
@@ -162,7 +165,9 @@ def from_sglang(
         RoutesValidationError: not base64, a size that is not whole rows of
             ``num_hidden_layers * k`` int32 values, a row count that does not fit
             ``num_tokens`` or ``token_ids``, more rows than ``meta_info``'s token counts
-            allow (checked before any row is read), a dense layer's column holding experts, invalid experts.
+            allow (checked before any row is read), a dense layer's column holding experts, invalid experts;
+            a response's ``output_ids`` that are not token ids, that no ``prompt_tokens`` places, that
+            name fewer tokens than the rows cover, or that ``token_ids=`` contradicts.
     """
     check_map(layer_map, "from_sglang")
     start = check_start(start_len, "start_len")
@@ -192,7 +197,68 @@ def from_sglang(
         _check_rows(arr.shape[0], start, expected, source, at_most)
     layers = columns(arr, layer_map, "all", "SGLang routed_experts")
     routes = make_routes(with_last(with_front(layers, start)), layer_map, "SGLang routed_experts")
+    told = _response_ids(response, routes.num_tokens)
+    if told is not None and ids is not None:
+        _check_agree(told, ids)
+    if ids is None:
+        ids = told
     return routes if ids is None else routes.with_token_ids(ids)
+
+
+def _response_ids(response: Any, num_tokens: int) -> list[int] | None:
+    """The ids of the ``num_tokens`` tokens SGLang's rows cover, as a full ``/generate`` response names them:
+    -1 for each of ``meta_info["prompt_tokens"]`` prompt tokens (SGLang sends no prompt ids), then its
+    ``output_ids``. None for a ``meta_info`` or a payload alone (they hold no ids).
+
+    The rows cover the first tokens of the prompt and ``output_ids`` (SGLang sends ``output_ids``
+    through the stop; an earlier release's rows may stop short of them, never go past them), so the ids
+    are taken from the front. ``output_ids`` naming fewer tokens than the rows cover (an incrementally
+    streamed chunk's new tokens only), or a response without ``prompt_tokens`` to place them, is refused:
+    ids placed by a guess would check a replay against the wrong tokens.
+    """
+    if not isinstance(response, Mapping) or "meta_info" not in response or response.get("output_ids") is None:
+        return None
+    outs = response["output_ids"]
+    if isinstance(outs, torch.Tensor | np.ndarray):
+        outs = outs.reshape(-1).tolist()
+    if not is_collection(outs) or isinstance(outs, Mapping | str | bytes):
+        raise RoutesValidationError(
+            f"the response's output_ids is a {type(outs).__name__}; SGLang sends the completion's token ids as a list"
+        )
+    outs = list(outs)
+    bad = [t for t in outs if not is_integer(t) or int(t) < 0]
+    if bad:
+        raise RoutesValidationError(
+            f"the response's output_ids holds {bad[0]!r:.40} ({type(bad[0]).__name__}), not a token id; SGLang sends "
+            "non-negative integers: a response rebuilt elsewhere. Fix it, or drop output_ids and pass token_ids="
+        )
+    meta = response["meta_info"]
+    prompt: Any = meta.get("prompt_tokens") if isinstance(meta, Mapping) else None
+    if not is_integer(prompt) or int(prompt) < 0:
+        raise RoutesValidationError(
+            f"the response holds output_ids but its meta_info has no prompt_tokens count (got {prompt!r:.40}), which "
+            "SGLang always sends: the completion's ids cannot be placed among the tokens. Pass "
+            "token_ids= (the prompt's input_ids, then output_ids), or the meta_info alone"
+        )
+    told = [-1] * int(prompt) + [int(t) for t in outs]
+    if len(told) < num_tokens:
+        raise RoutesValidationError(
+            f"the response's output_ids hold {len(outs)} ids after a prompt of {int(prompt)} tokens, but its rows "
+            f"cover {num_tokens} tokens: output_ids of an incrementally streamed chunk (only its new tokens)? Pass "
+            "token_ids= (the prompt's input_ids, then every output id), or the meta_info alone"
+        )
+    return told[:num_tokens]
+
+
+def _check_agree(told: list[int], given: Any) -> None:
+    """``token_ids=`` names the tokens the response names (where it names one)."""
+    ids = given.tolist() if isinstance(given, torch.Tensor | np.ndarray) else list(given)
+    for i, (a, b) in enumerate(zip(told, ids, strict=True)):
+        if a >= 0 and not (is_integer(b) and int(b) == a):
+            raise RoutesValidationError(
+                f"token_ids[{i}] is {b!r:.40}, but the response's output_ids name token {a} there: the ids are of "
+                "another sequence, or out of order"
+            )
 
 
 def to_sglang(routes: Routes, layer_map: LayerMap, *, start_len: int = 0, drop_last: bool = False) -> dict[str, str]:

@@ -6,6 +6,7 @@ import base64
 
 import numpy as np
 import pytest
+import torch
 
 import moe_replay as mr
 from moe_replay import interop
@@ -160,3 +161,73 @@ def test_counts_that_fit_no_sequence_are_refused_by_name() -> None:
         interop.from_sglang(meta, m.layer_map, token_ids={i: i for i in range(8)})
     with pytest.raises(mr.RoutesValidationError, match="these rows fit 8 tokens"):
         interop.from_sglang(meta, m.layer_map, token_ids=list(range(9)))
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_whole_response_gives_routes_that_know_its_output_ids() -> None:
+    """Once the ``output_ids`` of a whole ``/generate`` response were left unread: routes of two samples of equal
+    length, given in the wrong order, replayed on each other's tokens without a word. Now they know the completion's
+    ids (-1 for the prompt's, which SGLang does not send): the swap is refused, the right order replays exactly."""
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1, num_experts=8)
+    prompt = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    with mr.attach(model) as session:
+        with session.capture():
+            out = model.generate(prompt, 4)
+        seqs = mr.split_generation(session.routes(), prompt_len=prompt.shape[1], sequences=out)
+        lm = mr.LayerMap.from_session(session, num_layers=3)
+        p = prompt.shape[1]
+        responses = [
+            {
+                "text": "",
+                "output_ids": s.token_ids[p:].tolist(),
+                "meta_info": {
+                    **interop.to_sglang(s, lm),
+                    "prompt_tokens": p,
+                    "completion_tokens": s.num_tokens - p,
+                },
+            }
+            for s in seqs
+        ]
+        read = [interop.from_sglang(r, lm) for r in responses]
+        assert [r.token_ids.tolist() for r in read] == [[-1] * p + s.token_ids[p:].tolist() for s in seqs]
+        layout = mr.BatchLayout.padded([s.num_tokens for s in seqs])
+        ids = layout.tokens([s.token_ids for s in seqs])
+        assert ids[0, p:].tolist() != ids[1, p:].tolist()  # (the completions differ: a swap changes the tokens)
+
+        def logits(routes: mr.Routes, fed: torch.Tensor) -> torch.Tensor:
+            with session.replay(routes), torch.no_grad():
+                return model(fed).logits
+
+        assert torch.equal(logits(layout.routes(read), ids), logits(layout.routes(seqs), ids))
+        with pytest.raises(mr.TokenMismatchError):
+            logits(layout.routes(read[::-1]), ids)
+        unread = [interop.from_sglang(r["meta_info"], lm) for r in responses]  # (meta_info alone holds no ids)
+        assert all(r.token_ids is None for r in unread)
+        logits(layout.routes(unread[::-1]), ids)  # what a response's ids now refuse went through without them
+
+
+def test_output_ids_that_cannot_be_placed_are_refused() -> None:
+    """output_ids that are no ids, that no prompt_tokens places, that name fewer tokens than the rows cover (a
+    streamed chunk's new tokens), or that token_ids= contradicts, are refused; rows stopping short of them (an
+    earlier release's stop trim) take the ids of the tokens they cover."""
+    m = DEEPSEEK
+    truth = m.truth(9, seed=7)
+    meta = sglang_meta_info(m, truth, prompt_len=4)
+    outs = list(range(50, 55))
+    r = interop.from_sglang({"output_ids": outs, "meta_info": meta}, m.layer_map)
+    assert r.equal(m.routes(truth)) and r.token_ids.tolist() == [-1] * 4 + outs
+    ids = list(range(10, 14)) + outs
+    both = interop.from_sglang({"output_ids": outs, "meta_info": meta}, m.layer_map, token_ids=ids)
+    assert both.token_ids.tolist() == ids
+    with pytest.raises(mr.RoutesValidationError, match=r"token_ids\[5\] is 99"):
+        interop.from_sglang({"output_ids": outs, "meta_info": meta}, m.layer_map, token_ids=[*ids[:5], 99, *ids[6:]])
+    with pytest.raises(mr.RoutesValidationError, match="streamed chunk"):
+        interop.from_sglang({"output_ids": outs[-1:], "meta_info": meta}, m.layer_map)
+    with pytest.raises(mr.RoutesValidationError, match="no prompt_tokens"):
+        interop.from_sglang({"output_ids": outs, "meta_info": {"routed_experts": meta["routed_experts"]}}, m.layer_map)
+    for bad in ([50, 51.5, 52, 53, 54], [50, -1, 52, 53, 54], "abc"):
+        with pytest.raises(mr.RoutesValidationError, match="output_ids"):
+            interop.from_sglang({"output_ids": bad, "meta_info": meta}, m.layer_map)
+    short = {**meta, "routed_experts": sglang_meta_info(m, truth[:8])["routed_experts"]}
+    r = interop.from_sglang({"output_ids": outs, "meta_info": short}, m.layer_map)
+    assert r.num_tokens == 8 and r.token_ids.tolist() == [-1] * 4 + outs[:4]
