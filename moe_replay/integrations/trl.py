@@ -56,6 +56,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -147,16 +148,20 @@ def _as_ids(tokens: Any, what: str = "token ids") -> list[int]:
 
     A float (5.4), a string or a bool is no token id, and is refused rather than cut to one: the
     ids are compared with those the routes were recorded for, and a cut id would pass as another.
+    An empty tensor of any dtype (``torch.tensor([])``, an empty prompt) holds no such value, and a
+    0-d integer numpy array is an integer.
     """
     if isinstance(tokens, torch.Tensor):
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        # (an empty tensor holds no value that is not an id, whatever its dtype: torch.tensor([]) is float32)
+        if tokens.numel() and (tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool):
             raise RoutesValidationError(f"{what} must be integer token ids, got a tensor of {tokens.dtype}")
         tokens = tokens.detach().cpu().reshape(-1).tolist()
     elif hasattr(tokens, "dtype") and hasattr(tokens, "tolist") and getattr(tokens, "ndim", 0) > 0:  # numpy
         tokens = list(tokens.reshape(-1))
     if not is_collection(tokens) or isinstance(tokens, dict):
         raise ArgumentTypeError(f"{what} must be a list of token ids, got {type(tokens).__name__}")
-    out = list(tokens)
+    # (a 0-d numpy array holds one value: an id where that value is an integer, checked below)
+    out = [t[()] if isinstance(t, np.ndarray) and t.ndim == 0 else t for t in tokens]
     bad = [t for t in out if not is_integer(t)]
     if bad:
         raise RoutesValidationError(f"{what} must be integer token ids, got {bad[0]!r:.40} ({type(bad[0]).__name__})")

@@ -968,3 +968,37 @@ def test_logged_disagreement_of_a_group_limited_router_reads_its_group_mask() ->
             (mr.compare(routes, session.routes()).overall, mr.compare(routes, session.routes()).token_fraction)
         )
         assert replayed[0] > 0.5
+
+
+@pytest.mark.reliability("bad inputs")
+def test_rollout_token_ids_of_every_integer_kind_are_read() -> None:
+    """Once an empty prompt held as ``torch.tensor([])`` (float32: torch's dtype of an empty list) and ids held as a
+    list of 0-d numpy integer arrays were refused as "not integer token ids": an empty tensor holds no value that is
+    not an id, and a 0-d integer array is an integer. Both now give what the lists of ints give; a 0-d float array
+    and a float tensor that holds values are still refused."""
+    model = policy().eval()
+    prompts = [[5, 6, 7], []]
+    ids = torch.tensor([[5, 6, 7], [PAD, PAD, PAD]])
+    mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+        routes = session.routes()
+    completions = [row[3:].tolist() for row in out]
+    want = mr_trl.rollout_routes_from_generate(routes, prompts, completions)
+    assert want[1].num_tokens == len(completions[1])
+    kinds = (
+        ([torch.tensor(prompts[0]), torch.tensor([])], completions),
+        (prompts, [[np.array(t) for t in c] for c in completions]),
+        (
+            [np.array(prompts[0]), np.array([], dtype=np.float64)],
+            [[np.array(t, np.int32) for t in c] for c in completions],
+        ),
+    )
+    for p, c in kinds:
+        got = mr_trl.rollout_routes_from_generate(routes, p, c)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a.indices, b.indices) and a.token_ids.equal(b.token_ids)
+    for bad in ([[np.array(5.0), 6, 7], []], [torch.tensor([5.0, 6.0, 7.0]), []], [[np.array(True), 6, 7], []]):
+        with pytest.raises(mr.RoutesValidationError, match=r"prompt_ids\[0\] must be integer token ids"):
+            mr_trl.rollout_routes_from_generate(routes, bad, completions)
