@@ -163,7 +163,8 @@ def _known(routes: Routes) -> list[int]:
     so they travel with the rows and :func:`_restore` puts them back. Laid out as: the count of
     runs (-1: none known) and the runs flat; the length of the name of the cache method that
     moved rows (0: none) and its UTF-8 bytes; likewise the name of the cache type given to two
-    decode loops in turn, and what picked rows out of order; the count of rows whose fed token
+    decode loops in turn, what picked rows out of order, and the engine reader that placed the rows
+    by their count alone (``Routes._rows_untold``); the count of rows whose fed token
     ids are known (-1: none) and those ids; likewise the prompt-mask values, and each row's place
     in the order of the tokens (rows of routers that saw the tokens sequence-first); last, 1
     where the rows are in the order their routers saw the tokens of forwards fed embeddings,
@@ -172,7 +173,7 @@ def _known(routes: Routes) -> list[int]:
     """
     calls = routes._call_rows
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
-    for text in (routes._rows_moved, routes._caches_interleaved, routes._rows_picked):
+    for text in (routes._rows_moved, routes._caches_interleaved, routes._rows_picked, routes._rows_untold):
         encoded = (text or "").encode()
         out += [len(encoded), *encoded]
     for fed in (routes._token_ids, routes._fed_mask, routes._token_rank):
@@ -187,11 +188,12 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         routes._call_rows = tuple((int(known[at + 2 * i]), int(known[at + 2 * i + 1])) for i in range(runs))
         at += 2 * runs
     texts: list[str | None] = []
-    for _ in range(3):  # the cache method that moved rows, the cache type given to two loops in turn, rows picked
+    for _ in range(4):  # the cache method that moved rows, the cache type given to two loops in turn, rows picked,
+        # and the engine reader that placed the rows by their count alone
         n, at = int(known[at]), at + 1
         texts.append(bytes(int(b) for b in known[at : at + n]).decode() if n else None)
         at += n
-    routes._rows_moved, routes._caches_interleaved, routes._rows_picked = texts
+    routes._rows_moved, routes._caches_interleaved, routes._rows_picked, routes._rows_untold = texts
     fed: list[torch.Tensor | None] = []
     for dtype in (torch.long, torch.int8, torch.long):
         n, at = int(known[at]), at + 1

@@ -417,6 +417,7 @@ class Routes:
         self._rows_moved: str | None = None
         self._caches_interleaved: str | None = None
         self._rows_picked: str | None = None
+        self._rows_untold: str | None = None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -631,6 +632,7 @@ class Routes:
         self._caches_interleaved, self._rows_picked = source._caches_interleaved, source._rows_picked
         self._token_rank, self._order_untold = source._token_rank, source._order_untold
         self._routers_order = source._routers_order
+        self._rows_untold = source._rows_untold
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -901,6 +903,7 @@ class Routes:
         self._rows_moved = next((p._rows_moved for p in parts if p._rows_moved), None)
         self._caches_interleaved = next((p._caches_interleaved for p in parts if p._caches_interleaved), None)
         self._rows_picked = next((p._rows_picked for p in parts if p._rows_picked), None)
+        self._rows_untold = next((p._rows_untold for p in parts if p._rows_untold), None)
         # each row's prompt mask is the row's own, whatever is known of the forwards (rows picked out of order, a
         # part of unknown forwards): a row a capture recorded at prompt padding stays one (compare, replay read it)
         if any(p._fed_mask is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
@@ -968,6 +971,12 @@ class Routes:
         #: set where rows were picked out of order from a capture that knew its forwards (routes[[...]], a mask,
         #: a step): what picked them; such rows follow no forwards, and split_generation refuses them
         obj._rows_picked = None
+        #: set by an engine reader given no token count or id (``from_vllm_legacy`` without ``num_tokens``...): the
+        #: reader's words for it. Nothing but the row count places these rows on their tokens (one too many at the
+        #: front shifts every token), so a replay with ``strict=False`` that leaves any of them unconsumed is refused.
+        #: Kept by the methods that keep every row (token ids, other routers, names, picks, cat, save and load);
+        #: a slice is rows the caller chose, and drops it
+        obj._rows_untold = None
         return obj
 
     def _forwards_meta(self) -> dict[str, Any] | None:
@@ -990,6 +999,7 @@ class Routes:
             "caches_interleaved": self._caches_interleaved,
             "rows_picked": self._rows_picked,
             "dropped_rows": int(self._dropped_rows),
+            "rows_untold": self._rows_untold,
             # (rows in the order the routers saw the tokens: a replay without ids is not refused for them)
             "routers_order": self._routers_order or None,
         }
@@ -1480,6 +1490,7 @@ def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) 
     routes._rows_moved = text(forwards.get("rows_moved"), "cache move")
     routes._caches_interleaved = text(forwards.get("caches_interleaved"), "cache interleaving")
     routes._rows_picked = text(forwards.get("rows_picked"), "rows picked")
+    routes._rows_untold = text(forwards.get("rows_untold"), "reader without a token count")
     routes._dropped_rows = dropped
     routes._routers_order = forwards.get("routers_order") is True
 

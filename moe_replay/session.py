@@ -1776,13 +1776,17 @@ class Session:
             strict: on leaving, every router must have consumed exactly its rows, and
                 every router must have routes. ``False`` allows partial replay (rows left
                 unconsumed, routers without routes); reading past the end of a router's rows
-                is an error either way.
+                is an error either way, and so are rows left unconsumed of routes an engine
+                reader placed by their row count alone (read without a token count or id:
+                a row too many at the front would shift every token's experts; a slice of
+                them, ``routes[:n]``, replays partially).
 
         Raises:
             RoutesValidationError / RouterNotFoundError: before any forward, if the routes
                 do not fit the model (at a router's first forward, for its k as above), or hold
                 no router at all (strict or not: such a block would force nothing).
-            ReplayConsumptionError: on leaving, if a router consumed too few (strict) or too many rows,
+            ReplayConsumptionError: on leaving, if a router consumed too few (strict, or of routes read
+                without a token count) or too many rows,
                 or if no forward entered the model and no router read a row of routes that hold some (strict
                 or not: what ran went around the interception, a program traced or exported while idle or a
                 copy of the model, and forced nothing); in eager mode, at the forward that reads past the end of
@@ -1817,6 +1821,8 @@ class Session:
             raise SessionStateError("a replay is already running on this session; replays do not nest")
         # routes of forwards of several sizes (a generate() capture) replayed in one forward: say how to lay them out
         generated = isinstance(routes, Routes) and routes._call_rows is not None and len(routes._call_rows) > 1
+        # (routes an engine reader placed by their row count alone: strict=False may not leave rows of them unread)
+        untold = routes._rows_untold if isinstance(routes, Routes) and not strict else None
         self._follow_settings()  # (first: a router whose settings changed has its k and E checked at its next forward)
         routes, plan = self._check_routes(routes, strict)
         self._check_in_place()
@@ -1857,6 +1863,7 @@ class Session:
         if ok and check is not None:
             check.finish()  # (before the row counts: forwards fed other tokens are why they would differ)
         held = [src for _, src in sources if src is not None]
+        every = [(h, src) for h, src in sources if src is not None]
         # (a forward that entered the model, refused by either watch or not, was seen: none went around it alone; so
         # was one that ran a router, on a part of the model, of no token: nothing to read there)
         entered = (
@@ -1892,6 +1899,8 @@ class Session:
                     + ". Each forward consumes one row per token; run the forwards the routes were "
                     f"recorded for, slice the routes, or pass strict=False. {_GENERATE_HINT}"
                 )
+        if ok and untold is not None and every:
+            _check_untold_rows(every, dict(zip((id(src) for _, src in sources), used, strict=False)), untold)
 
     def _token_check(
         self, routes: Routes, sources: Sequence[ReplaySource | None], generated: bool, strict: bool
@@ -2387,6 +2396,29 @@ def _prefix_maps(names: Sequence[str], targets: Sequence[str]) -> list[tuple[tup
         if c == best:
             out.setdefault(tuple(m.values()), (pair, m))  # two prefix pairs may map the names alike
     return list(out.values())
+
+
+def _check_untold_rows(sources: Sequence[tuple[Any, ReplaySource]], read: dict[int, int], reader: str) -> None:
+    """A ``strict=False`` replay of routes that ``reader`` placed by their row count alone read every row.
+
+    Such routes hold nothing else that puts each row on its token: a row too many at the front
+    shifts every token's experts by one, and only the rows left over tell. ``read`` holds the
+    device counts of the sources a compiled region or a graph read; the others' eager count is exact.
+    """
+    left = [
+        (h.name, read.get(id(src), src.host_consumed), src.num_rows)
+        for h, src in sources
+        if read.get(id(src), src.host_consumed) < src.num_rows
+    ]
+    if left:
+        detail = "; ".join(f"'{n}' read {u} of {r} rows" for n, u, r in left[:4])
+        raise ReplayConsumptionError(
+            f"replay(strict=False) left rows unread of routes {reader} read without a token count: {detail}"
+            + (f" (+{len(left) - 4} more)" if len(left) > 4 else "")
+            + ". Nothing but their row count places these rows on their tokens (a row too many at the front gives "
+            "every token its neighbour's experts), so rows left over may mean they are shifted. Pass the reader its "
+            "num_tokens= (or the tokens' ids), or slice the routes to the tokens you replay (routes[:n])"
+        )
 
 
 def _check_forced(sources: Sequence[ReplaySource], strict: bool, device_read: bool) -> None:

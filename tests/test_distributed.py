@@ -74,6 +74,7 @@ def test_everything_a_routes_holds_survives_the_wire_encoding() -> None:
     routes._fed_mask = torch.tensor([1, 0, -1], dtype=torch.int8)
     routes._rows_moved = "reorder_cache"
     routes._caches_interleaved = "DynamicCache"
+    routes._rows_untold = "from_vllm_legacy"  # (rows an engine reader placed by their count alone)
     routes._dropped_rows = 4
     routes._token_rank = torch.tensor([2, 0, 1])  # (rows of routers that saw the tokens sequence-first)
     routes._order_untold = True  # (rows of forwards fed embeddings, in the routers' order: set alone by a capture)

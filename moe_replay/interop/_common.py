@@ -261,3 +261,11 @@ def with_front(layers: list[torch.Tensor], start: int) -> list[torch.Tensor]:
 def with_last(layers: list[torch.Tensor]) -> list[torch.Tensor]:
     """Append a -1 row: the last token, which no forward routed."""
     return [torch.cat([x, torch.full((1, x.shape[1]), -1, dtype=x.dtype)]) for x in layers]
+
+
+def rows_untold(routes: Routes, reader: str) -> Routes:
+    """``routes``, marked as placed on their tokens by their row count alone (``reader`` read them without a token
+    count or id): a replay with ``strict=False`` that leaves rows of them unread is refused, since a row too many at
+    the front would have shifted every token's experts."""
+    routes._rows_untold = reader
+    return routes

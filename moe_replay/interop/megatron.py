@@ -29,7 +29,17 @@ import torch
 from .._checks import check_count, is_collection, is_integer, is_one_of
 from ..errors import ArgumentTypeError, InvalidArgumentError, RoutesValidationError, UnsupportedRouterError
 from ..routes import Routes, in_token_order, order_untold
-from ._common import as_array, check_routed_rows, columns, cut_last, make_routes, ordered, to_array, with_last
+from ._common import (
+    as_array,
+    check_routed_rows,
+    columns,
+    cut_last,
+    make_routes,
+    ordered,
+    rows_untold,
+    to_array,
+    with_last,
+)
 from .layer_map import LAYER_PATTERN, LayerMap, check_map
 
 __all__ = [
@@ -211,7 +221,11 @@ def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_to
 
     Args:
         num_tokens: prompt plus generated tokens, to check the row count (without it the
-            array's rows are taken as ``num_tokens - 1``: the array does not say its length).
+            array's rows are taken as ``num_tokens - 1``: the array does not say its length,
+            and only the replay's row count refuses a row too many or too few; a replay with
+            ``strict=False`` that leaves rows of such routes unread is refused, since a row too
+            many at the front would shift every token's experts: slice them, ``routes[:n]``,
+            for a partial replay).
 
     Returns:
         ``rows + 1`` tokens, the last one -1.
@@ -223,7 +237,8 @@ def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_to
     if num_tokens is not None:
         check_routed_rows(arr, check_count(num_tokens, "num_tokens"), "routing_indices")
     layers = columns(arr, layer_map, "moe", "Megatron routing_indices")
-    return make_routes(with_last(layers), layer_map, "Megatron routing_indices")
+    routes = make_routes(with_last(layers), layer_map, "Megatron routing_indices")
+    return routes if num_tokens is not None else rows_untold(routes, "from_megatron_inference")
 
 
 def to_megatron_inference(routes: Routes, layer_map: LayerMap, *, drop_last: bool = False) -> np.ndarray:

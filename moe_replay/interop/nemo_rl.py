@@ -41,7 +41,7 @@ import numpy as np
 from .._checks import check_count, is_one_of
 from ..errors import RoutesValidationError
 from ..routes import Routes
-from ._common import as_array, columns, cut_last, make_routes, to_array, with_last
+from ._common import as_array, columns, cut_last, make_routes, rows_untold, to_array, with_last
 from .layer_map import LayerMap, check_layout, check_map
 
 __all__ = ["from_nemo_rl", "nemo_rl_dtype", "to_nemo_rl"]
@@ -140,7 +140,10 @@ def from_nemo_rl(
             item holding it (with ``prompt_token_ids`` and ``generation_token_ids``, which
             give ``num_tokens``); or the legacy nested list ``[S][L][K]``.
         num_tokens: prompt plus completion length, to check the row count: NeMo-RL writes
-            one row per token.
+            one row per token. Without it (and without a message's ids) only the replay's row
+            count refuses a row too many or too few, and a replay with ``strict=False`` that
+            leaves rows of the routes unread is refused (a row too many at the front would shift
+            every token's experts): slice them, ``routes[:n]``, for a partial replay.
         missing: all -1 token rows, which NeMo-RL writes where vLLM returned fewer rows
             than the sequence has: ``"error"`` (default: the rows vLLM did return were placed
             from the front, a guess) or ``"native"`` (take NeMo-RL's alignment; those tokens
@@ -215,7 +218,9 @@ def from_nemo_rl(
     layers = columns(body, layer_map, layout, _WHAT, native=hole, negative_ok=True)
     routes = make_routes(with_last(layers), layer_map, _WHAT)
     # the message's prompt and generation ids: a replay fed other tokens is refused (Routes.token_ids)
-    return routes.with_token_ids(token_ids) if token_ids is not None else routes
+    if token_ids is not None:
+        return routes.with_token_ids(token_ids)
+    return routes if num_tokens is not None else rows_untold(routes, "from_nemo_rl")
 
 
 def to_nemo_rl(

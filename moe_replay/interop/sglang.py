@@ -31,7 +31,17 @@ import torch
 from .._checks import check_count, is_collection, is_integer
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes
-from ._common import check_start, columns, cut_last, make_routes, skip_front, to_array, with_front, with_last
+from ._common import (
+    check_start,
+    columns,
+    cut_last,
+    make_routes,
+    rows_untold,
+    skip_front,
+    to_array,
+    with_front,
+    with_last,
+)
 from .layer_map import LayerMap, check_map
 
 __all__ = ["from_sglang", "to_sglang"]
@@ -146,8 +156,11 @@ def from_sglang(
             response or ``meta_info`` holding SGLang's ``prompt_tokens`` and
             ``completion_tokens`` bounds that count itself (more rows are refused; fewer may
             be a stop string's trim, which only ``num_tokens`` tells). Without ``num_tokens``
-            the rows are taken as the sequence, and a row count short of it is refused only
-            by the replay.
+            (nor token ids, nor counts that fit the rows exactly) the rows are taken as the
+            sequence: only the replay's row count refuses a row too many or too few, and a
+            replay with ``strict=False`` that leaves rows of them unread is refused (a row too
+            many at the front would shift every token's experts): slice them, ``routes[:n]``,
+            for a partial replay.
         start_len: the request's ``routed_experts_start_len``: tokens left out at the
             front; they get -1 rows.
         token_ids: the sequence's ids, prompt then completion (the ``input_ids`` sent, then
@@ -202,7 +215,12 @@ def from_sglang(
         _check_agree(told, ids)
     if ids is None:
         ids = told
-    return routes if ids is None else routes.with_token_ids(ids)
+    if ids is not None:
+        return routes.with_token_ids(ids)
+    # (meta_info's counts bound the rows; they place them only where they count exactly as many tokens)
+    if num_tokens is not None or meta_count == routes.num_tokens:
+        return routes
+    return rows_untold(routes, "from_sglang")
 
 
 def _response_ids(response: Any, num_tokens: int) -> list[int] | None:

@@ -50,6 +50,7 @@ from ._common import (
     npy_from_base64,
     npy_to_base64,
     ordered,
+    rows_untold,
     skip_front,
     to_array,
     with_front,
@@ -302,6 +303,10 @@ def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: in
             as one of another length, and refused only by the replay that runs out of rows).
             Pass it, or read the whole ``RequestOutput`` with
             ``from_vllm_output(output, layer_map, version="0.20")``, which counts the tokens.
+            Only the replay's row count then refuses a row too many or too few: a replay with
+            ``strict=False`` (which leaves rows unread) of such routes is refused if it leaves
+            any, since a row too many at the front would shift every token's experts; slice
+            them (``routes[:n]``) for a partial replay.
 
     Returns:
         ``rows + 1`` tokens, the last one -1.
@@ -318,7 +323,8 @@ def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: in
     if num_tokens is not None:
         check_routed_rows(arr, check_count(num_tokens, "num_tokens"), "routed_experts")
     layers = columns(arr, layer_map, "all", "vLLM <=0.20 routed_experts")
-    return make_routes(with_last(layers), layer_map, "vLLM <=0.20 routed_experts")
+    routes = make_routes(with_last(layers), layer_map, "vLLM <=0.20 routed_experts")
+    return routes if num_tokens is not None else rows_untold(routes, "from_vllm_legacy")
 
 
 def to_vllm_legacy(routes: Routes, layer_map: LayerMap, *, drop_last: bool = False) -> np.ndarray:

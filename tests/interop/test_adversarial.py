@@ -273,3 +273,54 @@ def test_replay_of_engine_routes_gives_the_captured_forward() -> None:
             assert torch.equal(logits(layout.routes(back)), reference), name
             with pytest.raises(mr.TokenMismatchError):
                 logits(layout.routes(back), ids.flip(0))
+
+
+@pytest.mark.reliability("silent replays")
+def test_routes_read_without_a_token_count_are_not_replayed_shifted_with_strict_false(tmp_path: Any) -> None:
+    """Once silent: an engine array read without num_tokens (vLLM <= 0.20, Megatron inference, SGLang's bare payload,
+    NeMo-RL's bare envelope) holding a row too many at the front, replayed with strict=False, gave every token its
+    neighbour's experts: strict=False allows rows left unread, and nothing else places the rows. Now such routes that
+    leave rows unread are refused (joined, with ids, saved and loaded too); one row too few is refused as before, the
+    exact rows replay the capture, and a slice of them (rows the caller chose) replays a prefix with strict=False."""
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1, num_experts=8)
+    ids = torch.randint(1, 128, (1, 8), generator=torch.Generator().manual_seed(4))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        captured = session.routes()
+        lm = mr.LayerMap.from_session(session, num_layers=3)
+
+        def logits(routes: mr.Routes, fed: torch.Tensor = ids, strict: bool = True) -> torch.Tensor:
+            with session.replay(routes, strict=strict), torch.no_grad():
+                return model(fed).logits
+
+        reference, prefix = logits(captured), logits(captured[:5], ids[:, :5])
+        vllm = interop.to_vllm_legacy(captured, lm, drop_last=True)
+        meg = interop.to_megatron_inference(captured, lm, drop_last=True)
+        readers: dict[str, tuple[np.ndarray, Callable[[np.ndarray], mr.Routes]]] = {
+            "vllm_legacy": (vllm, lambda a: interop.from_vllm_legacy(a, lm)),
+            "megatron_inference": (meg, lambda a: interop.from_megatron_inference(a, lm)),
+            "sglang": (vllm.astype(np.int32), lambda a: interop.from_sglang(_b64(a), lm)),
+            "nemo_rl": (
+                vllm,
+                lambda a: interop.from_nemo_rl(interop.to_nemo_rl(interop.from_vllm_legacy(a, lm), lm), lm),
+            ),
+        }
+        for name, (arr, read) in readers.items():
+            exact = read(arr)
+            assert torch.equal(logits(exact), reference) and torch.equal(logits(exact, strict=False), reference), name
+            assert torch.equal(logits(exact[:5], ids[:, :5], strict=False), prefix), name  # a chosen prefix
+            front = read(np.concatenate([arr[-1:], arr]))  # a row too many at the front: every row one token late
+            path = tmp_path / f"{name}.pt"
+            front.save(path)
+            for shifted in (front, front.with_token_ids(None), mr.Routes.cat([front, exact]), mr.Routes.load(path)):
+                with pytest.raises(mr.ReplayConsumptionError, match="left rows unread"):
+                    logits(shifted, strict=False)
+                with pytest.raises(mr.ReplayConsumptionError):
+                    logits(shifted)
+            with pytest.raises(mr.ReplayConsumptionError, match="too short"):
+                logits(read(arr[1:]), strict=False)
+        # what a count places is not refused: a capture's routes, and rows read with num_tokens=, replay a prefix
+        assert torch.equal(logits(captured, ids[:, :5], strict=False), prefix)
+        told = interop.from_vllm_legacy(vllm, lm, num_tokens=8)
+        assert torch.equal(logits(told, ids[:, :5], strict=False), prefix)
