@@ -114,6 +114,21 @@ def _heads(prefix: str, name: str) -> bool:
     return not prefix or name == prefix or name.startswith(prefix if prefix.endswith(".") else prefix + ".")
 
 
+def _renamed(names: Sequence[str], prefixes: Mapping[str, str], keys: Sequence[str]) -> tuple[str, ...]:
+    """``names``, each with its longest prefix of ``keys`` (longest first, whole module names) replaced."""
+    out: list[str] = []
+    for n in names:
+        old = next((k for k in keys if _heads(k, n)), None)
+        if old is None:
+            out.append(n)
+            continue
+        rest = n[len(old) :]
+        if not prefixes[old] and old and not old.endswith("."):  # ({"module": ""}: no name starts with '.')
+            rest = rest.removeprefix(".")
+        out.append(prefixes[old] + rest)
+    return tuple(out)
+
+
 def fingerprint(names: Sequence[str], num_experts: Sequence[int | None], top_k: Sequence[int | None]) -> str:
     """A short hash of a router set (names, expert counts, k; None where not known yet), to tell models apart."""
     text = json.dumps([list(names), list(num_experts), list(top_k)])
@@ -418,6 +433,7 @@ class Routes:
         self._caches_interleaved: str | None = None
         self._rows_picked: str | None = None
         self._rows_untold: str | None = None
+        self._recorded_names: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -633,6 +649,7 @@ class Routes:
         self._token_rank, self._order_untold = source._token_rank, source._order_untold
         self._routers_order = source._routers_order
         self._rows_untold = source._rows_untold
+        self._recorded_names = source._recorded_names
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -702,6 +719,7 @@ class Routes:
         data = [d[rows] for d in self._data]
         out = Routes._trusted(data, self._names, self._experts, self._validated)
         out._token_ids = None if self._token_ids is None else _known_or_none(self._token_ids[rows])
+        out._recorded_names = self._recorded_names  # (the same routers, fewer rows)
         out._token_rank = None if self._token_rank is None else _out_of_order(self._token_rank[rows])
         # (rows of an embeddings capture stay in the routers' order where they hold whole router calls, each in order)
         out._order_untold = self._order_untold and _whole_calls(rows, self._call_rows, n)
@@ -826,23 +844,15 @@ class Routes:
                 "router name at a '.': a prefix is whole module names (e.g. 'layers.1' is layers.1, never "
                 "layers.10). Give the whole module names (with or without the trailing '.')"
             )
-        renamed: list[str] = []
-        for n in self._names:
-            old = next((k for k in keys if _heads(k, n)), None)
-            if old is None:
-                renamed.append(n)
-                continue
-            rest = n[len(old) :]
-            if not prefixes[old] and old and not old.endswith("."):  # ({"module": ""}: no name starts with '.')
-                rest = rest.removeprefix(".")
-            renamed.append(prefixes[old] + rest)
-        names = tuple(renamed)
+        names = _renamed(self._names, prefixes, keys)
         if len(set(names)) != len(names):
             twice = sorted({m for m in names if names.count(m) > 1})
             raise RoutesValidationError(f"rename({dict(prefixes)!r}) gives two routers the same name: {twice[:4]}")
         out = Routes._trusted(self._data, names, self._experts, self._validated)
         out._same_forwards(self)
         out._token_ids = self._token_ids
+        if self._recorded_names is not None:  # (the model they were recorded on, under the names given)
+            out._recorded_names = tuple(dict.fromkeys(_renamed(self._recorded_names, prefixes, keys)))
         return out
 
     @classmethod
@@ -900,6 +910,8 @@ class Routes:
         # what holds for every row of a part (rows dropped before it, cache moves, interleaved loops, rows picked
         # out of order) holds for the rows of the whole, whether or not every part knows its forwards
         self._dropped_rows = sum(p._dropped_rows for p in parts)  # (a later part's: a hole in the rows)
+        recorded = {p._recorded_names for p in parts}  # (parts recorded on different router sets: none of them)
+        self._recorded_names = recorded.pop() if len(recorded) == 1 else None
         self._rows_moved = next((p._rows_moved for p in parts if p._rows_moved), None)
         self._caches_interleaved = next((p._caches_interleaved for p in parts if p._caches_interleaved), None)
         self._rows_picked = next((p._rows_picked for p in parts if p._rows_picked), None)
@@ -977,6 +989,11 @@ class Routes:
         #: Kept by the methods that keep every row (token ids, other routers, names, picks, cat, save and load);
         #: a slice is rows the caller chose, and drops it
         obj._rows_untold = None
+        #: set by Session.routes(): the router names of the session the routes were recorded on, every one (kept by
+        #: select, slices, rename, save and load...), so that a replay fitting their names onto another model by a
+        #: prefix change can tell a wrapper's prefix (every recorded router under it) from one part of the model
+        #: beside others (an encoder's routes on a session of the decoder); None for routes built from rows
+        obj._recorded_names = None
         return obj
 
     def _forwards_meta(self) -> dict[str, Any] | None:
@@ -1101,6 +1118,8 @@ class Routes:
         forwards = self._forwards_meta()
         if forwards is not None:
             meta["forwards"] = forwards
+        if self._recorded_names is not None:  # (an optional key: a reader that does not know it reads the rest)
+            meta["recorded_names"] = list(self._recorded_names)
         arrays: dict[str, Any] = {f"layer_{i}": d.numpy() for i, d in enumerate(self._data)}
         if self._token_ids is not None:
             arrays["token_ids"] = self._token_ids.numpy()
@@ -1168,6 +1187,11 @@ class Routes:
             if ids is not None:
                 routes._token_ids = _ids(ids, routes, "its token_ids")
             _read_forwards(routes, meta.get("forwards"), path)
+            recorded = meta.get("recorded_names")
+            if recorded is not None:
+                if not isinstance(recorded, list) or not all(isinstance(n, str) for n in recorded):
+                    raise _corrupted(path, "the router names it was recorded on are not a list of strings")
+                routes._recorded_names = tuple(recorded)
             if mask is not None:
                 if len(set(routes.tokens_per_layer)) != 1 or mask.shape != (routes.num_tokens,):
                     raise _corrupted(path, f"its prompt mask holds {mask.numel()} values for {routes.num_tokens} rows")

@@ -1613,6 +1613,7 @@ class Session:
         ]
         experts = [r.num_experts if r is not None else s.num_experts for s, r in zip(self._sites, rings, strict=True)]
         routes = Routes._trusted(rows, names, experts)  # (a ring kept from before a change: the E it recorded)
+        routes._recorded_names = names  # (every router of this session: a replay elsewhere tells a part from a wrapper)
         # the forwards the rows came from, where every router saw the same ones (split_generation checks them)
         calls = {r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)}
         routes._call_rows = calls.pop() if len(calls) == 1 else None
@@ -1651,6 +1652,7 @@ class Session:
         candidates = _prefix_maps(routes.names, self.names)
         if len(candidates) == 1:
             (old, new), _ = candidates[0]
+            self._check_whole(routes, old, new)
             return routes.rename({old: new}), {old: new}
         if not candidates and (by_path := _unwrapped_map(routes.names, self.names)) is not None:
             return routes.rename(by_path), by_path
@@ -1665,6 +1667,46 @@ class Session:
                 + ". Say which: routes.rename({old_prefix: new_prefix}), then replay"
             )
         return routes, None
+
+    def _check_whole(self, routes: Routes, old: str, new: str) -> None:
+        """Refuse the prefix change ``old`` -> ``new`` where it would take one part of a model for another.
+
+        A wrapper (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``, PEFT's ``base_model.model.``, a causal LM's
+        ``model.`` around its base model) holds the whole model: every router the routes were recorded on lies under
+        ``old``, and every router of this session under ``new``. A recorded router outside ``old`` names a sibling
+        part (the decoder beside an encoder whose routes these are): ``old`` is a part of that model, and which part
+        this session is, names cannot tell, so the rows of one part would be forced on another of the same form.
+        Routers of this session outside ``new`` make ``new`` a part of this model: the change is taken only where
+        that part holds exactly the routers the routes were recorded on (a capture of that part, replayed on the
+        whole), never routes of some routers fitted onto the one part they happen to fit.
+        """
+        recorded = routes._recorded_names if routes._recorded_names is not None else routes.names
+        beside = [n for n in recorded if not n.startswith(old)]
+        here = [n for n in self.names if not n.startswith(new)]
+        if not beside and (
+            not here or {n for n in self.names if n.startswith(new)} == {new + n[len(old) :] for n in recorded}
+        ):
+            return
+        if beside:
+            why = (
+                f"the routes were recorded on a model with routers outside {old!r} too ({beside[0]!r}"
+                + (f", +{len(beside) - 1} more" if len(beside) > 1 else "")
+                + f"), so {old!r} is one part of that model, not a wrapper around it"
+            )
+        else:
+            why = (
+                f"this session's model has routers outside {new!r} too ({here[0]!r}"
+                + (f", +{len(here) - 1} more" if len(here) > 1 else "")
+                + f"), and its routers under {new!r} are not those the routes were recorded on, so {new!r} is one "
+                "part of it that these routes happen to fit, not a wrapper around the model they were recorded on"
+            )
+        raise RouterNotFoundError(
+            f"the routes' router names (under {old!r}, e.g. {routes.names[0]!r}) fit this session's (under {new!r}, "
+            f"e.g. {self.names[0]!r}) only by the prefix change {old!r} -> {new!r}, and {why}: which part of the "
+            "model each side is, the names cannot tell (an encoder's routes on a session of the decoder fit alike). "
+            f"If these rows are meant for these routers, fit them explicitly: routes.rename({{{old!r}: {new!r}}}) "
+            "(routes.select([...]) first to keep one part's routers), then replay"
+        )
 
     def _check_routes(self, routes: Routes, strict: bool) -> tuple[Routes, list[tuple[RouterHook, RouterSite, int]]]:
         if not isinstance(routes, Routes):

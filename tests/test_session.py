@@ -438,24 +438,21 @@ def test_a_replay_that_forces_nothing_is_refused_even_when_not_strict(make: str)
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="a prefix change that fits every name is applied by itself, and the routes know nothing more of the "
-    "routers they were recorded on than their names: an 'encoder.' dropped is taken for a wrapper's 'module.', and "
-    "the encoder's rows are forced on the decoder's routers of the same form",
-)
-def test_routes_of_one_part_of_a_model_are_not_taken_for_those_of_a_sibling_part() -> None:
-    """Still silent: routes of an encoder-decoder's encoder routers (selected from a capture of the whole model)
+@pytest.mark.parametrize("strict", [True, False])
+def test_routes_of_one_part_of_a_model_are_not_taken_for_those_of_a_sibling_part(strict: bool, tmp_path: Any) -> None:
+    """Once silent: routes of an encoder-decoder's encoder routers (selected from a capture of the whole model)
     replayed on a session attached to its decoder alone: 'encoder.layers.0.router' maps onto 'layers.0.router' by one
-    prefix change, as a wrapper's routes would, and the encoder's experts are forced on the decoder, strict or not."""
+    prefix change, as a wrapper's routes would, and the encoder's experts were forced on the decoder, strict or not.
+    The routes keep the routers they were recorded on (through select, save and load): 'encoder.' has a sibling
+    there, so it is a part of the model, not a wrapper's prefix. Refused, naming both prefixes; an explicit rename
+    says which, and then forces those rows."""
     from .tinymoe import RouterSpec, TinyMoE
 
     class Pair(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.encoder = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2)])
-            self.decoder = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2)])
+            self.encoder = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2)], seed=1)
+            self.decoder = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2)], seed=2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.decoder(self.encoder(x))
@@ -467,6 +464,22 @@ def test_routes_of_one_part_of_a_model_are_not_taken_for_those_of_a_sibling_part
         pair(x)
     routes = session.routes()
     encoder = routes.select([n for n in routes.names if n.startswith("encoder.")])
+    encoder.save(tmp_path / "encoder.npz")
     with mr.attach(pair.decoder) as session, torch.no_grad():
-        with pytest.raises(mr.MoEReplayError), session.replay(encoder):
-            pair.decoder(x)
+        for given in (
+            encoder,
+            encoder[:4],
+            mr.Routes.cat([encoder[:4], encoder[4:]]),
+            mr.Routes.load(tmp_path / "encoder.npz"),
+        ):
+            with pytest.raises(
+                mr.RouterNotFoundError, match=r"'encoder\.' -> ''.*'decoder\.layers\.0\.router'.*routes\.rename"
+            ):
+                with session.replay(given, strict=strict):
+                    pair.decoder(x)
+            assert session.renamed is None
+        with session.replay(encoder.rename({"encoder.": ""}), strict=strict), session.capture():
+            out = pair.decoder(x)
+        assert session.routes().equal(encoder.rename({"encoder.": ""})), "the rows named were not forced"
+    want = pair.decoder(x, forced=list(encoder.per_layer()))  # (the hand-written forced path)
+    assert torch.equal(out, want)

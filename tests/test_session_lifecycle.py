@@ -918,6 +918,77 @@ def test_routes_of_one_layer_are_not_fitted_onto_a_session_of_another_layer() ->
     assert _prefix_maps(["module.layers.0.gate"], ["layers.0.gate"])  # (a wrapper's prefix still fits)
 
 
+def _hf_wraps() -> dict[str, Callable[[nn.Module], nn.Module]]:
+    """What holds a causal LM as a whole: its base model inside it, PEFT's ``base_model.model.`` around it."""
+
+    def peft_model(model: nn.Module) -> nn.Module:
+        peft = pytest.importorskip("peft")
+        return peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=["q_proj"], r=2))
+
+    return {"base model": lambda m: m.model, "peft": peft_model}
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("direction", ["causal lm to other", "other to causal lm"])
+@pytest.mark.parametrize("wrap", ["base model", "peft"])
+def test_routes_of_a_causal_lm_replay_on_its_base_model_and_under_peft(wrap: str, direction: str) -> None:
+    """A causal LM's ``model.`` around its base model and PEFT's ``base_model.model.`` around the causal LM hold the
+    whole model: the routes (which keep every router they were recorded on) fit by the one prefix change, a router's
+    routes selected from them too (strict=False), and the recorded experts are forced."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    causal = tiny_hf.build("qwen3_moe")
+    other = _hf_wraps()[wrap](causal)
+    src, dst = (causal, other) if direction == "causal lm to other" else (other, causal)
+    x = torch.randint(1, 128, (2, 6))
+    with mr.attach(src) as s, s.capture(), torch.no_grad():
+        src(input_ids=x)
+    routes = s.routes()
+    with mr.attach(dst) as session, torch.no_grad():
+        assert set(session.names).isdisjoint(routes.names)
+        perturb_routers(session, scale=3.0)  # replay must force the recorded experts
+        for given, strict in ((routes, True), (routes.select(routes.names[1:]), False)):
+            with session.replay(given, strict=strict), session.capture():
+                dst(input_ids=x)
+            prefix = {"base model": "model.", "peft": "base_model.model."}[wrap]  # (what the wrapper adds or drops)
+            assert session.renamed == ({prefix: ""} if (wrap == "base model") == (src is causal) else {"": prefix})
+            got = session.routes().select(given.rename(session.renamed).names)
+            assert got.equal(given.rename(session.renamed)), "the recorded experts were not forced"
+
+
+@pytest.mark.reliability("silent replays")
+def test_routes_fitted_onto_one_part_of_a_whole_model_only_where_they_were_recorded_on_that_part() -> None:
+    """A session attached to a model of two parts, routes fitted onto one part by adding its prefix (strict=False):
+    routes captured on that part replay there, forced; routes of another model that the part's first routers happen
+    to fit were forced on them without a word. Refused, naming the prefix and the part beside it."""
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.dec = TinyMoE(SPECS, seed=1), TinyMoE(SPECS[:1], seed=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dec(self.enc(x))
+
+    pair = Pair()
+    x = pair.enc.inputs((2, 5))
+    encoder = plain_routes(pair.enc, x)  # (captured on the encoder itself: every router of it)
+    foreign = plain_routes(TinyMoE(SPECS[:2], seed=3), x)  # (a model of two routers, the encoder's first two's form)
+    with mr.attach(pair) as session, torch.no_grad():
+        perturb_routers(session, scale=3.0)
+        with session.replay(encoder, strict=False), session.capture():
+            pair(x)
+        assert session.renamed == {"": "enc."}
+        assert session.routes().select(list(encoder.rename({"": "enc."}).names)).rename({"enc.": ""}).equal(encoder)
+        with pytest.raises(mr.RouterNotFoundError, match=r"'' -> 'enc\.'.*outside 'enc\.'.*'dec\.layers\.0\.router'"):
+            with session.replay(foreign, strict=False):
+                pass
+        with session.replay(foreign.rename({"": "enc."}), strict=False), session.capture():  # (said explicitly)
+            pair(x)
+        assert (
+            session.routes().select(["enc.layers.0.router", "enc.layers.1.router"]).rename({"enc.": ""}).equal(foreign)
+        )
+
+
 def test_rename_refuses_collisions_and_round_trips() -> None:
     r = mr.Routes([torch.tensor([[0, 1]]), torch.tensor([[2, 3]])], names=["a.gate", "b.gate"], num_experts=4)
     assert r.rename({"a.": "x.", "": "y."}).names == ("x.gate", "y.b.gate")
