@@ -812,7 +812,10 @@ class Routes:
 
         The explicit way to replay routes recorded under other module paths (a model wrapped
         by DDP, ``torch.compile``, PEFT or a module of one's own; :meth:`Session.replay` does
-        it by itself when one prefix change fits every name, and refuses when several do).
+        it by itself when one prefix change fits every name and moves a whole model, and refuses
+        when several do, or when the prefix is one part of a model beside others: an encoder's
+        routes on a session of the decoder). The routers the routes were recorded on are renamed
+        alike.
 
         Args:
             prefixes: ``{old_prefix: new_prefix}``; ``""`` matches every name (adds a prefix).

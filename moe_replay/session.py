@@ -615,6 +615,13 @@ class Session:
         ``checkpoint_wrapper``'s ``_checkpoint_wrapped_module.``) put names inside the paths:
         routes that differ only by those match one to one, each name mapped whole. ``None``
         when the names matched as they were.
+
+        A prefix change is fitted only where it moves a whole model: routes from a capture keep
+        every router they were recorded on, and a prefix with routers beside it there (the
+        ``encoder.`` of an encoder-decoder, replayed on a session of the decoder) is one part of
+        that model, not a wrapper's, so the replay is refused (so is one that fits routes onto
+        one part of this model whose routers are not those recorded): fit them explicitly with
+        :meth:`Routes.rename`.
         """
         return dict(self._renamed) if self._renamed is not None else None
 
