@@ -164,7 +164,9 @@ def _known(routes: Routes) -> list[int]:
     runs (-1: none known) and the runs flat; the length of the name of the cache method that
     moved rows (0: none) and its UTF-8 bytes; likewise the name of the cache type given to two
     decode loops in turn, what picked rows out of order, and the engine reader that placed the rows
-    by their count alone (``Routes._rows_untold``); the count of rows whose fed token
+    by their count alone (``Routes._rows_untold``); the count of the routers the routes were
+    recorded on (-1: not known) and each one's name, as its length and UTF-8 bytes (a replay
+    tells a wrapper's prefix from a part of the model by them); the count of rows whose fed token
     ids are known (-1: none) and those ids; likewise the prompt-mask values, and each row's place
     in the order of the tokens (rows of routers that saw the tokens sequence-first); last, 1
     where the rows are in the order their routers saw the tokens of forwards fed embeddings,
@@ -175,6 +177,11 @@ def _known(routes: Routes) -> list[int]:
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
     for text in (routes._rows_moved, routes._caches_interleaved, routes._rows_picked, routes._rows_untold):
         encoded = (text or "").encode()
+        out += [len(encoded), *encoded]
+    recorded = routes._recorded_names
+    out += [-1] if recorded is None else [len(recorded)]
+    for name in recorded or ():
+        encoded = name.encode()
         out += [len(encoded), *encoded]
     for fed in (routes._token_ids, routes._fed_mask, routes._token_rank):
         out += [-1] if fed is None else [fed.numel(), *fed.tolist()]
@@ -194,6 +201,13 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         texts.append(bytes(int(b) for b in known[at : at + n]).decode() if n else None)
         at += n
     routes._rows_moved, routes._caches_interleaved, routes._rows_picked, routes._rows_untold = texts
+    count, at = int(known[at]), at + 1
+    recorded = []
+    for _ in range(max(count, 0)):  # the routers the routes were recorded on
+        n, at = int(known[at]), at + 1
+        recorded.append(bytes(int(b) for b in known[at : at + n]).decode())
+        at += n
+    routes._recorded_names = tuple(recorded) if count >= 0 else None
     fed: list[torch.Tensor | None] = []
     for dtype in (torch.long, torch.int8, torch.long):
         n, at = int(known[at]), at + 1

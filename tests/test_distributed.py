@@ -79,6 +79,7 @@ def test_everything_a_routes_holds_survives_the_wire_encoding() -> None:
     routes._token_rank = torch.tensor([2, 0, 1])  # (rows of routers that saw the tokens sequence-first)
     routes._order_untold = True  # (rows of forwards fed embeddings, in the routers' order: set alone by a capture)
     routes._routers_order = True  # (a capture's rows in the order its routers saw them, told: set alone by a capture)
+    routes._recorded_names = ("é.gate", "", "b.gate")  # (every router of the session it was recorded on)
     back = _restore(mr.Routes._trusted(routes._data, routes.names, routes.experts_per_layer), _known(routes), 4)
     assert vars(back).keys() == vars(routes).keys()
     for name, value in vars(routes).items():
