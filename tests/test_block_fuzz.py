@@ -62,6 +62,7 @@ class BlockSpec:
     capacity: float  # 0: no capacity; else the capacity factor (tokens over it dropped after the choice)
     capacity_in_router: bool  # the drop made in the router's forward (DeepSpeed's gate), not in the block
     jitter: bool  # multiplicative noise on the router's input, in training mode
+    jitter_in_router: bool  # the noise drawn in the router's forward (Switch), not in the block
     mask: bool  # a padding mask: the router sees only the tokens it keeps
     dispatch: str
     form: str
@@ -90,6 +91,7 @@ def block_specs(draw: st.DrawFn) -> BlockSpec:
         capacity=draw(st.sampled_from((0.0, 0.0, 0.75, 1.25))),
         capacity_in_router=draw(st.booleans()),
         jitter=draw(st.booleans()),
+        jitter_in_router=draw(st.booleans()),
         mask=mask,
         dispatch=draw(st.sampled_from(DISPATCHES)),
         form=draw(st.sampled_from(FORMS)),
@@ -108,8 +110,11 @@ class BlockRouter(FuzzRouter):
         self.renorm_f32 = block.renorm_f32
         self.routed_scaling_factor = block.routed_scaling
         self.capacity_factor = block.capacity if block.capacity_in_router else 0.0
+        self.jitter_noise = JITTER if block.jitter and block.jitter_in_router else 0.0
 
     def forward(self, h: torch.Tensor) -> object:
+        if self.training and self.jitter_noise:
+            h = h * torch.empty_like(h).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         got = super().forward(h)
         weights, idx = _unpack(self.spec.returns, got)
         if self.renorm_f32:
@@ -215,7 +220,7 @@ class FuzzMoEBlock(nn.Module):
         if block.mask:
             h = h[mask.reshape(-1)]
         r = h if block.mask or not router.spec.batched else x
-        if block.jitter and self.training:
+        if block.jitter and not block.jitter_in_router and self.training:
             r = r * torch.empty_like(r).uniform_(1.0 - JITTER, 1.0 + JITTER)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if block.autocast else contextlib.nullcontext()
         with autocast:
@@ -397,7 +402,12 @@ def run_block(block: BlockSpec, seed: int, grad: bool) -> tuple[str, str]:
                 ok = _is_top_k(recorded[name].to(torch.long), selects[name], spec)
                 assert ok, f"{name}: the capture recorded experts that are not the router's best"
             else:
-                assert torch.equal(_as_sets(recorded[name]), _as_sets(own[name])), f"{name}: other experts recorded"
+                # (the same experts, or others tied with them: a saturated sigmoid makes many scores exactly 1)
+                rows, mine = recorded[name].to(torch.long), own[name]
+                same = torch.equal(_as_sets(rows), _as_sets(mine)) or torch.equal(
+                    selects[name].gather(-1, rows).sort(-1).values, selects[name].gather(-1, mine).sort(-1).values
+                )
+                assert same, f"{name}: other experts recorded"
         assert _close(out1, want1, loose), "the capture changed the model's output"
         torch.manual_seed(seed)
         with torch.no_grad(), session.replay(routes):  # (the forward's own choice, in its own slot order)
@@ -466,6 +476,7 @@ def _plain(**changes: object) -> BlockSpec:
         capacity=0.0,
         capacity_in_router=False,
         jitter=False,
+        jitter_in_router=False,
         mask=False,
         dispatch="loop",
         form="tuple",
@@ -483,6 +494,7 @@ COMMON_BLOCKS: dict[str, BlockSpec] = {
     "capacity in the block": _plain(capacity=0.75),
     "capacity in the router": _plain(capacity=0.75, capacity_in_router=True),
     "jitter in training": _plain(jitter=True),
+    "jitter in the router": _plain(jitter=True, jitter_in_router=True),
     "padding mask": _plain(mask=True),
     "HF dispatch": _plain(dispatch="hf"),
     "dense einsum dispatch": _plain(dispatch="dense"),
