@@ -34,7 +34,7 @@ from torch import nn
 import moe_replay as mr
 
 from .conftest import assert_untouched, examples, snapshot, tried
-from .test_router_fuzz import HIDDEN, FuzzRouter, Spec, _group_masked, _scores, _weights, specs
+from .test_router_fuzz import HIDDEN, FuzzRouter, Spec, _common, _group_masked, _scores, _weights, specs
 
 SHARED = ("none", "plain", "gated")
 DISPATCHES = ("loop", "hf", "dense")
@@ -455,20 +455,7 @@ def test_a_block_of_random_parts_replays_exactly_or_is_refused(block: BlockSpec,
 
 
 def _plain(**changes: object) -> BlockSpec:
-    router = Spec(
-        experts=8,
-        k=2,
-        scoring="softmax",
-        bias=False,
-        choice="topk",
-        weighting="gather",
-        normalize=False,
-        scale=1.0,
-        k_place="top_k",
-        gate="linear",
-        extras=(),
-        returns="w_idx",
-    )
+    router = _common(normalize=False)
     base = BlockSpec(
         router=router,
         moa_router=None,

@@ -21,6 +21,7 @@ from torch import nn
 import moe_replay as mr
 from tests.conftest import assert_untouched, snapshot
 from tests.test_evidence import D, E, Experts, T, dispatch, perturb
+from tests.test_public_routers import ResidualStack
 from tests.test_public_routers2 import _Forced, _forced_by_hand, _x
 
 
@@ -118,18 +119,8 @@ def assert_refused(model: nn.Module, x: torch.Tensor, match: str, *, train: bool
     assert_untouched(model, before)
 
 
-class Layers(nn.Module):
-    """Two residual layers (over ``[tokens, d]`` or ``[batch, seq, d]``)."""
-
-    def __init__(self, make: Callable[[], nn.Module]) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = nn.ModuleList([make(), make()])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = x + layer(x)
-        return x
+#: two residual layers (over ``[tokens, d]`` or ``[batch, seq, d]``)
+Layers = ResidualStack
 
 
 class MixtralGate(_Used):
