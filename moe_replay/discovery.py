@@ -71,6 +71,9 @@ _NESTED_CONFIGS = ("text_config", "ffn_config", "moe_config", "language_config",
 
 _NAME_HIT = re.compile(r"(router|gate|gating|^wg$|^switch$)", re.I)
 _NAME_MISS = re.compile(r"(proj|_up|up_|shared|norm|act|_fn|expert|attn|lora)", re.I)
+#: the misses that still rule out a name that says ``router``: attention (``attn``) is no miss beside it, as an
+#: ``attn_router`` (an attention-MoE router beside the FFN one) is a router, where an ``attn_gate`` gates attention
+_ROUTER_NAME_MISS = re.compile(r"(proj|_up|up_|shared|norm|act|_fn|expert|lora)", re.I)
 _CLASS_HIT = re.compile(r"(router|gate|gating)", re.I)
 _CLASS_MISS = re.compile(r"(mlp|expert|attention|decoder|layer$|block|proj|norm|activation|gated|glu)", re.I)
 
@@ -728,7 +731,8 @@ def _owns_gate(module: nn.Module) -> bool:
 def _looks_like_router(name: str, module: nn.Module) -> bool:
     attr = name.rsplit(".", 1)[-1]
     cls = type(module).__name__
-    name_hit = bool(_NAME_HIT.search(attr)) and not _NAME_MISS.search(attr)
+    miss = _ROUTER_NAME_MISS if "router" in attr.lower() else _NAME_MISS
+    name_hit = bool(_NAME_HIT.search(attr)) and not miss.search(attr)
     class_hit = bool(_CLASS_HIT.search(cls)) and not _CLASS_MISS.search(cls)
     return name_hit or class_hit
 

@@ -523,17 +523,37 @@ class _AttnRouterBlock(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="false refusal: discovery passes over a router held as 'attn_router' whose class is named like "
-    "'AttentionRouter' ('attn' and 'attention' are name misses even beside 'router'); capture is refused "
-    "(decisions outside every attached router) until include= names it",
-)
-def test_a_router_named_attn_router_is_found() -> None:
-    """A router held as ``attn_router`` (class ``AttentionRouter``) is a router: found, so a capture records it."""
+def test_a_router_named_attn_router_is_found_and_both_routers_replay_exactly() -> None:
+    """Once a false refusal: a router held as ``attn_router`` (class ``AttentionRouter``) was passed over, ``attn``
+    naming attention, and the capture refused as deciding outside every attached router. It is found beside the FFN
+    router, and a replay after both routers' weights changed forces the experts each chose at the capture."""
     tried()
-    names = [site.name for site in mr.find_routers(nn.Sequential(_AttnRouterBlock()))]
-    assert names == ["0.attn_router", "0.router"]
+    model = nn.Sequential(_AttnRouterBlock())
+    assert [site.name for site in mr.find_routers(model)] == ["0.attn_router", "0.router"]
+    h = torch.randn(10, HIDDEN, generator=torch.Generator().manual_seed(0))
+    used: dict[str, list[torch.Tensor]] = {"attn_router": [], "router": []}
+    block = model[0]
+    for name in used:  # the experts each router handed on, seen by a hook of the test's own
+        getattr(block, name).register_forward_hook(lambda m, a, out, name=name: used[name].append(out[1].clone()))
+    with mr.attach(model) as session:
+        with session.capture():
+            model(h)
+        routes = session.routes()
+        with torch.no_grad():
+            for name in used:
+                getattr(block, name).gate_weight().mul_(-1.0)  # every token would choose other experts
+        with session.replay(routes):
+            model(h)
+    for name, (captured, replayed) in used.items():
+        recorded = routes.layer(f"0.{name}").long()
+        assert torch.equal(captured.sort(-1).values, recorded.sort(-1).values)
+        assert torch.equal(replayed.sort(-1).values, recorded.sort(-1).values)
+        assert not torch.equal(block_choice(getattr(block, name), h).sort(-1).values, recorded.sort(-1).values)
+
+
+def block_choice(router: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The experts ``router`` chooses for ``h`` now, with no session attached."""
+    return router(h)[1]
 
 
 @pytest.mark.reliability("silent replays")
