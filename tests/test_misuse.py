@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
 import os
 import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -637,8 +639,12 @@ def _train(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
 
 
 def _experts_in_data_parallel(model: torch.nn.Module) -> contextlib.AbstractContextManager[object]:
-    for layer in model.layers:  # (on a host without GPUs DataParallel runs the module it wraps)
-        layer.mlp.experts = torch.nn.DataParallel(layer.mlp.experts)
+    # DataParallel as on a host without GPUs, where it runs the module it wraps (on a host with one, it would move the
+    # experts' inputs to it, away from this CPU model)
+    module = importlib.import_module("torch.nn.parallel.data_parallel")
+    with mock.patch.object(module, "_get_available_device_type", lambda: None):
+        for layer in model.layers:
+            layer.mlp.experts = torch.nn.DataParallel(layer.mlp.experts)
     return contextlib.nullcontext()
 
 
