@@ -432,15 +432,20 @@ def _changed_slot(out: Any, slot: int, width: int) -> Any:
 #: In a floating dtype of a narrow range (float16: its exponential overflows past 11), a moved value is moved by
 #: at most this much (see :func:`_changed_values`).
 _NARROW_MOVE = 2.0
+#: In a floating dtype of a wide range (float32, bfloat16, float64), a moved value is moved by at most this much: a
+#: stable softmax's maximum moved further (another row's, on logits tens apart) would make the exponentials of
+#: probabilities of 1e-5 underflow to 0, a change of the scores that no mask made. Moved by 16, an exponential is
+#: scaled by e^16 at most, and only what was already under float32's smallest normal number falls to 0.
+_WIDE_MOVE = 16.0
 
 
 def _changed_values(out: Any) -> Any:
     """A ``(values, indices)`` result with its values moved (the best of a row and the k-th swap places, or
     rows take each other's values), its indices kept; ``out`` itself where neither is possible.
 
-    In a dtype of a narrow range (float16), each value moves by at most :data:`_NARROW_MOVE` towards the one it takes:
-    logits shifted by another row's maximum, or by a row's least, would make exponentials overflow to infinity or
-    fall to subnormal numbers (a few bits of precision), changes of the scores that no mask made."""
+    Each value moves by at most :data:`_NARROW_MOVE` towards the one it takes in a dtype of a narrow range (float16),
+    :data:`_WIDE_MOVE` in others: logits shifted by another row's maximum, or by a row's least, would make exponentials
+    overflow to infinity or fall to subnormal numbers or 0, changes of the scores that no mask made."""
     values, idx = out[0], out[1]
     if values.dim() and values.shape[-1] > 1 and values.dim() == idx.dim():
         moved = values.flip(-1)
@@ -448,9 +453,10 @@ def _changed_values(out: Any) -> Any:
         moved = values.roll(1, 0)
     else:
         return out
-    if values.is_floating_point() and torch.finfo(values.dtype).max < 1e6:
+    if values.is_floating_point():
+        most = _NARROW_MOVE if torch.finfo(values.dtype).max < 1e6 else _WIDE_MOVE
         finite = values.isfinite() & moved.isfinite()  # (a masked row's -inf is moved as it was)
-        moved = torch.where(finite, values + (moved - values).clamp(-_NARROW_MOVE, _NARROW_MOVE), moved)
+        moved = torch.where(finite, values + (moved - values).clamp(-most, most), moved)
     return type(out)((moved, idx))
 
 

@@ -503,6 +503,28 @@ def test_common_block_parts_replay_exactly(case: str) -> None:
     assert run_block(COMMON_BLOCKS[case], seed=3, grad=True) == ("exact", "")
 
 
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("seed", [2, 3, 319])
+def test_a_stable_softmax_over_logits_tens_apart_replays_exactly(seed: int) -> None:
+    """Once a false refusal: a stable softmax (``(x - max).exp()``, normalised) over logits made large (a doubled
+    gate, a scale of 2.5, a routed scaling in the layer before) was refused as a mask chosen by the values of its
+    ``max``: moved to another row's maximum, tens away, the exponentials of probabilities of 1e-5 underflowed to 0,
+    which no mask had made. A moved value now moves by at most 16 in float32."""
+    tried()
+    router = dataclasses.replace(
+        _plain().router,
+        experts=10,
+        k=2,
+        scoring="stable_softmax",
+        normalize=True,
+        scale=2.5,
+        gate="parametrized",
+        choice="method_topk",
+        weighting="gather",
+    )
+    assert run_block(_plain(router=router, routed_scaling=2.5), seed=seed, grad=True) == ("exact", "")
+
+
 class AttentionRouter(FuzzRouter):
     """The router of an attention-MoE (MoA / SwitchHead-style: it picks attention experts)."""
 
