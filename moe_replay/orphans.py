@@ -11,6 +11,15 @@ its module and line. That includes the block that holds a router module and take
 its own over the router's scores to dispatch: the router's top-k (for an auxiliary loss, say)
 would be forced while the dispatch ran native. A model's own forward, outside every MoE block,
 may take a top-k of all router logits for its auxiliary loss: that is not watched.
+
+Experts need not be modules nor stacked weights: they may be rows of a table (product keys, PEER's and a
+product-key memory's ``nn.Embedding`` rows), chosen by a top-k over learned keys whose count is no expert
+width (``sqrt(E)`` sub-keys, then ``k * k`` candidates). So the indices of a top-k outside every router, over as
+many candidates as a weight of its module has along a dimension (keys), are followed through the integer
+tensors made from them (sums, products, gathers, views); where they pick rows of a weight of the model (an
+embedding, ``index_select``, indexing), that is a choice of experts outside every router too. A top-k in
+attention (a sparse-attention indexer, a kNN memory) is not followed, nor one whose indices pick activations
+(tokens, cached keys and values: Mixture-of-Depths), nor an arg-max (a greedy token, a codebook's nearest row).
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ from __future__ import annotations
 import re
 import sys
 import types
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from ._output_guard import own_hook
@@ -35,6 +46,17 @@ __all__ = ["OrphanWatch", "watch_first_runs", "watch_forward"]
 _ATTENTION = re.compile(r"(attn|attention|indexer)", re.I)
 #: Decision-like calls that return indices by nature (not a stable softmax's max).
 _INDEX_CHOICES = frozenset(("topk", "argmax", "argmin"))
+#: Calls that pick rows of a table by indices: the positions of (table, indices) in the call; ``__getitem__`` and
+#: ``index_select`` only where the indices are the first (``index_select``: along the first dimension).
+_ROWS: dict[Any, tuple[int, str, int, str]] = {
+    F.embedding: (1, "weight", 0, "input"),
+    torch.embedding: (0, "weight", 1, "indices"),
+    F.embedding_bag: (1, "weight", 0, "input"),
+    torch.embedding_bag: (0, "weight", 1, "indices"),
+    torch.index_select: (0, "input", 2, "index"),
+    torch.Tensor.index_select: (0, "input", 2, "index"),
+    torch.Tensor.__getitem__: (0, "self", 1, "key"),
+}
 #: Modules whose 3-D weights are filters, not experts.
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -52,6 +74,14 @@ def _calling_module(names: dict[int, str]) -> tuple[str | None, bool]:
 
 
 _MODULE_CALL = nn.Module.__call__.__code__.co_filename  # torch/nn/modules/module.py: where hooks are run
+
+
+def _storage(t: torch.Tensor) -> int:
+    """Where ``t``'s data lies (its storage's address; a tensor without storage: its id)."""
+    try:
+        return int(t.untyped_storage().data_ptr()) or id(t)
+    except (RuntimeError, NotImplementedError):
+        return id(t)
 
 
 def _holds_experts(module: nn.Module) -> bool:
@@ -119,6 +149,11 @@ class OrphanWatch(TorchFunctionMode):
         self.widths = frozenset(widths)
         self.excluded = excluded
         self.found: list[str] = []
+        #: integer tensors made from the indices of a top-k outside every router (see :meth:`_follow`), by id:
+        #: a weak reference to the tensor (the watch keeps no tensor alive) and where that top-k was taken
+        self.picked: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        self.reported: set[str] = set()  # the top-k's among keys found picking rows (each is named once)
+        self.weights: dict[int, str] | None = None  # the model's weights by their storage (read when first needed)
 
     def _in_moe(self, name: str) -> bool:
         """Inside an MoE block (a module holding experts), and not inside attention?
@@ -216,6 +251,7 @@ class OrphanWatch(TorchFunctionMode):
         func = unwrap(func, kwargs)
         if NESTING.probing:  # (the probe runs that establish a decision: its own calls, and a repeat of the forward's)
             return func(*args, **kwargs)
+        source = None  # where a top-k among keys is taken outside every router, whose indices are followed
         if func in DECISION_FUNCS and not torch.compiler.is_compiling():
             sig = decision_call(func, args, kwargs)
             if sig is not None and (sig[0] != "topk" or sig[1] < sig[2]) and len(self.found) < 8:
@@ -237,9 +273,99 @@ class OrphanWatch(TorchFunctionMode):
                     self.found.append(
                         f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} at {_where()}{hint}"
                     )
+                elif name is not None and sig[0] == "topk" and self._over_keys(name, sig[2]):
+                    source = f"'{name}' ({type(self.modules[name]).__name__}): topk over {sig[2]} at {_where()}"
         elif func in _PEAKS and not torch.compiler.is_compiling() and len(self.found) < 8:
             self._peak(args, kwargs)
-        return func(*args, **kwargs)
+        if not self.picked and source is None:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.picked:
+            self._follow(func, args, kwargs, out)
+        if source is not None:
+            self._pick(out[1], source)
+        return out
+
+    def _over_keys(self, name: str, width: int) -> bool:
+        """Is a top-k over ``width`` in the module at ``name`` a choice among learned keys outside every router: the
+        module (outside attached, excluded, attention and expert modules) has a weight of two or more dimensions
+        ``width`` long along one (a choice among tokens has no such weight; one among the keys of a product-key
+        table does)?"""
+        if self._known(name) or self._in_attention(name) or (name and self._in_bank(name)):
+            return False
+        return any(p.dim() >= 2 and width in p.shape for p in self.modules[name].parameters())
+
+    def _pick(self, t: Any, where: str) -> None:
+        """Follow the integer tensor ``t``, made from the indices of the top-k ``where`` says."""
+        if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool:
+            key, picked = id(t), self.picked
+
+            def gone(_: weakref.ref[torch.Tensor]) -> None:  # (the tensor is freed: its id may be another's next)
+                picked.pop(key, None)
+
+            picked[key] = (weakref.ref(t, gone), where)
+
+    def _source(self, x: Any) -> str | None:
+        """Where the top-k was taken whose indices ``x`` (a tensor, or a list or tuple of them) was made from."""
+        if isinstance(x, torch.Tensor):
+            entry = self.picked.get(id(x))
+            return entry[1] if entry is not None and entry[0]() is x else None
+        if isinstance(x, (tuple, list)):
+            for item in x:
+                if isinstance(item, torch.Tensor):
+                    entry = self.picked.get(id(item))
+                    if entry is not None and entry[0]() is item:
+                        return entry[1]
+        return None
+
+    def _follow(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Carry the mark of followed indices from the arguments of a call to its integer results, and note a call
+        that picks rows of a weight of the model by them (:meth:`_over_keys`): a choice of experts kept as rows."""
+        where = None
+        for arg in args:
+            where = self._source(arg)
+            if where is not None:
+                break
+        else:
+            for arg in kwargs.values():
+                where = self._source(arg)
+                if where is not None:
+                    break
+        if where is None:
+            return
+        if isinstance(out, torch.Tensor):
+            self._pick(out, where)
+        elif isinstance(out, (tuple, list)):
+            for item in out:
+                self._pick(item, where)
+        at = _ROWS.get(func)
+        if at is None or len(self.found) >= 8:
+            return
+        table, index = _arg(args, kwargs, at[0], at[1]), _arg(args, kwargs, at[2], at[3])
+        if not isinstance(table, torch.Tensor) or table.dim() < 2:
+            return
+        if at[3] == "index" and _arg(args, kwargs, 1, "dim") not in (0, -table.dim()):
+            return
+        if at[3] == "key" and isinstance(index, tuple):
+            index = index[0] if index else None
+        if not isinstance(index, torch.Tensor) or self._source(index) is None:
+            return
+        weight = self._weight(table)
+        if weight is not None and where not in self.reported:
+            self.reported.add(where)
+            self.found.append(
+                f"{where}, whose indices pick rows of the weight '{weight}' {list(table.shape)} at {_where()} (experts "
+                "kept as rows of a table, chosen among keys: product keys, as in PEER or a product-key memory)"
+            )
+
+    def _weight(self, t: torch.Tensor) -> str | None:
+        """The name of the model's weight that ``t`` is (or is a view of), if any."""
+        if self.weights is None:
+            self.weights = {}
+            for module_name, module in self.modules.items():
+                for p_name, p in module.named_parameters(recurse=False):
+                    self.weights.setdefault(_storage(p), f"{module_name}.{p_name}" if module_name else p_name)
+        return self.weights.get(_storage(t))
 
     def _peak(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Note an ``amax`` along an attached router's width in an MoE block, outside every router and expert.

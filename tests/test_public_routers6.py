@@ -911,35 +911,106 @@ def test_routing_in_chunks_of_tokens_replays_exactly() -> None:
     assert_exact(Layers(lambda: GateBlock(ChunkedGate())), _x())
 
 
-class PEERBeside(nn.Module):
-    """A found router's layer, then a PEER layer (no router name, no expert bank discovery or the orphan watch
-    reads)."""
+class RowMemory(nn.Module):
+    """Experts as rows of a weight picked by plain indexing (or ``index_select``): a ``topk`` over flat learned keys
+    (6 of them, no attached router's width), the chosen rows of ``values`` weighted by the softmax of their scores."""
+
+    def __init__(self, n: int = 6, k: int = 2, select: bool = False) -> None:
+        super().__init__()
+        self.keys = nn.Linear(D, n, bias=False)
+        self.values = nn.Parameter(torch.randn(n, D))
+        self.k, self.select = k, select
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, idx = self.keys(x).topk(self.k, dim=-1)
+        rows = self.values.index_select(0, idx.flatten()).view(*idx.shape, D) if self.select else self.values[idx]
+        return (rows * scores.softmax(-1)[..., None]).sum(-2)
+
+
+class Beside(nn.Module):
+    """A found router's layer, then a layer whose experts are rows of a table (no router name, no expert bank
+    discovery or the orphan watch reads), over ``[tokens, d]`` (``flat``) or ``[batch, seq, d]``."""
+
+    def __init__(self, make: Callable[[], nn.Module], flat: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.moe = GateBlock()
+        self.table = make()
+        self.flat = flat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.moe(x.flatten(0, -2)).view_as(x)
+        return x + (self.table(x.flatten(0, -2)).view_as(x) if self.flat else self.table(x))
+
+
+BESIDE: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
+    # name: (model, input)
+    "peer": (lambda: Beside(PEER, flat=False), lambda: _x(2, 12)),
+    "peer-one-head": (lambda: Beside(lambda: PEER(heads=1), flat=False), lambda: _x(2, 12)),
+    "pkm-embedding-bag": (lambda: Beside(HashingMemory), _x),
+    "rows-indexed": (lambda: Beside(RowMemory), _x),
+    "rows-index-select": (lambda: Beside(lambda: RowMemory(select=True)), _x),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(BESIDE))
+def test_a_product_key_layer_beside_a_found_router_is_not_left_out_silently(case: str) -> None:
+    """A layer whose experts are rows of a table (PEER with one or two heads, XLM's product-key memory through an
+    ``nn.EmbeddingBag``, flat learned keys whose top rows are indexed or ``index_select``-ed) in a model whose other
+    MoE layer is found: the capture is refused (its choice can be neither recorded nor forced), not recorded
+    without it, and the model is left as it was; excluding it on purpose leaves it native and records the router."""
+    make, x = BESIDE[case]
+    assert_refused(make(), x(), r"'table' \(\w+\): topk over \d+ .* whose indices pick rows of the weight 'table\.")
+    model = make()
+    with mr.attach(model, exclude=["table"]) as session:
+        assert session.names == ("moe.gate",)
+        with torch.no_grad(), session.capture():
+            model(x())
+        assert session.routes().layer("moe.gate").shape[-1] == 2
+
+
+class SparseAttention(nn.Module):
+    """DeepSeek-V3.2's sparse attention in small: a lightning ``indexer`` scores the earlier tokens and a ``topk`` of
+    them picks the key and value rows attended to; beside them, learned memory slots (a ``topk`` over learned keys
+    whose rows of a learned value table are read, as a kNN memory inside attention does). No expert choice."""
+
+    def __init__(self, slots: int = 6, k: int = 4) -> None:
+        super().__init__()
+        self.indexer = nn.Linear(D, D, bias=False)
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.mem_keys = nn.Parameter(torch.randn(slots, D))
+        self.mem_values = nn.Parameter(torch.randn(slots, D))
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, key, value = (self.qkv(x) / D).chunk(3, -1)
+        _, picked = (self.indexer(x) @ x.T).topk(self.k, dim=-1)  # [t, k]: the key rows each query reads
+        att = torch.einsum("td,tkd->tk", q, key[picked])
+        out = torch.einsum("tk,tkd->td", att.softmax(-1), value[picked])
+        mem, slot = (q @ self.mem_keys.T).topk(2, dim=-1)  # [t, 2]: the memory slots each query reads
+        return out + (mem.softmax(-1)[..., None] * self.mem_values[slot]).sum(-2)
+
+
+class SparseAttentionBeside(nn.Module):
+    """An attention layer with a sparse indexer and memory slots, then a found router's layer."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
+        self.self_attn = SparseAttention()
         self.moe = GateBlock()
-        self.peer = PEER()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.moe(x.flatten(0, -2)).view_as(x)
-        return x + self.peer(x)
+        x = x + self.self_attn(x)
+        return x + self.moe(x)
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a PEER layer is found by no pattern (no router name, its experts nn.Embedding rows) and its top-k's "
-    "are over sqrt(E) sub-keys, no expert width: beside a found router, a capture records that router alone and "
-    "a replay leaves PEER's choice native, with no error",
-)
-def test_a_product_key_layer_beside_a_found_router_is_not_left_out_silently() -> None:
-    """A PEER layer in a model whose other MoE layer is found: the capture is refused (PEER's choice can be neither
-    recorded nor forced), not recorded without it."""
-    model = PEERBeside()
-    with pytest.raises(mr.MoEReplayError):
-        with mr.attach(model) as session, torch.no_grad(), session.capture():
-            model(_x(2, 12))
+def test_an_attention_top_k_that_reads_rows_beside_a_found_router_is_not_refused() -> None:
+    """Top-k's in attention that pick the key and value rows read (a sparse-attention indexer) and rows of a learned
+    memory are no expert choice: the router beside them is found and replayed exactly, as by hand."""
+    assert_exact(SparseAttentionBeside(), _x(), change=0.5)
 
 
 # ----------------------------------------------------------------------- MoA: attention heads as experts, map/reduce
