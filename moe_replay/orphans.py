@@ -353,6 +353,8 @@ class OrphanWatch(TorchFunctionMode):
         weight = self._weight(table)
         if weight is not None and where not in self.reported:
             self.reported.add(where)
+            for key in [key for key, entry in self.picked.items() if entry[1] == where]:
+                del self.picked[key]  # (refused already: the rest of the forward need not follow it)
             self.found.append(
                 f"{where}, whose indices pick rows of the weight '{weight}' {list(table.shape)} at {_where()} (experts "
                 "kept as rows of a table, chosen among keys: product keys, as in PEER or a product-key memory)"
