@@ -992,25 +992,44 @@ class SparseAttention(nn.Module):
         return out + (mem.softmax(-1)[..., None] * self.mem_values[slot]).sum(-2)
 
 
-class SparseAttentionBeside(nn.Module):
-    """An attention layer with a sparse indexer and memory slots, then a found router's layer."""
+class SlotMemory(nn.Module):
+    """A kNN memory outside attention: a ``topk`` over learned slot keys reads rows of stored values (a buffer the
+    model writes outside the forward, no weight), weighted by the softmax of their scores. No expert choice."""
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int = 6) -> None:
+        super().__init__()
+        self.slot_keys = nn.Parameter(torch.randn(slots, D))
+        self.register_buffer("stored", torch.randn(slots, D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, slot = (x @ self.slot_keys.T / D).topk(2, dim=-1)
+        return (scores.softmax(-1)[..., None] * self.stored[slot]).sum(-2)
+
+
+class RowsReadBeside(nn.Module):
+    """A layer whose top-k reads rows that are no experts, then a found router's layer."""
+
+    def __init__(self, make: Callable[[], nn.Module], name: str) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.self_attn = SparseAttention()
+        self.add_module(name, make())
+        self.name = name
         self.moe = GateBlock()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(x)
+        x = x + getattr(self, self.name)(x)
         return x + self.moe(x)
 
 
 @pytest.mark.reliability("silent replays")
-def test_an_attention_top_k_that_reads_rows_beside_a_found_router_is_not_refused() -> None:
-    """Top-k's in attention that pick the key and value rows read (a sparse-attention indexer) and rows of a learned
-    memory are no expert choice: the router beside them is found and replayed exactly, as by hand."""
-    assert_exact(SparseAttentionBeside(), _x(), change=0.5)
+@pytest.mark.parametrize(("make", "name"), [(SparseAttention, "self_attn"), (SlotMemory, "memory")])
+def test_a_top_k_that_reads_rows_of_no_expert_beside_a_found_router_is_not_refused(
+    make: Callable[[], nn.Module], name: str
+) -> None:
+    """Top-k's that pick the key and value rows read (a sparse-attention indexer), rows of a learned memory in
+    attention, or rows of stored values (a kNN memory outside attention, whose keys are learned) are no expert choice:
+    the router beside them is found and replayed exactly, as by hand."""
+    assert_exact(RowsReadBeside(make, name), _x(), change=0.5)
 
 
 # ----------------------------------------------------------------------- MoA: attention heads as experts, map/reduce
