@@ -970,6 +970,36 @@ def test_a_product_key_layer_beside_a_found_router_is_not_left_out_silently(case
         assert session.routes().layer("moe.gate").shape[-1] == 2
 
 
+class LongOnly(nn.Module):
+    """A table layer (flat learned keys, rows indexed) that runs on inputs longer than ``T`` tokens only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = RowMemory()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows(x) if x.shape[0] > T else torch.zeros_like(x)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a layer of rows chosen among keys is seen only in a forward the watch runs over: one a first forward "
+    "skips (run on long inputs only), outside every MoE block, gets no watch of its own at its first run, so a "
+    "later capture records the found router alone",
+)
+def test_a_table_layer_the_first_forward_skips_is_not_left_out_silently() -> None:
+    """A layer of rows chosen among learned keys that the first forward does not run: its first run in a later
+    capture is refused, as it would be in the first."""
+    model = Beside(LongOnly)
+    with pytest.raises(mr.MoEReplayError):
+        with mr.attach(model) as session, torch.no_grad():
+            with session.capture():
+                model(_x())
+            with session.capture():
+                model(_x(2 * T))
+
+
 class SparseAttention(nn.Module):
     """DeepSeek-V3.2's sparse attention in small: a lightning ``indexer`` scores the earlier tokens and a ``topk`` of
     them picks the key and value rows attended to; beside them, learned memory slots (a ``topk`` over learned keys
