@@ -69,7 +69,7 @@ from ._torch_compat import (
 from .errors import RoutesValidationError, TokenMismatchError, UnsupportedRouterError, _script_refusal
 from .evidence import _HOOKS, _autocast_cache_aside, _Snapshot
 from .intercept import _CONTAINERS, EAGER, ORDER_PROBE, ClassForward, OrderStop, _code_of, _fingerprint
-from .routes import UNTOLD_RANK
+from .routes import NO_FORWARD_ID, PADDING_ID, UNTOLD_RANK
 
 __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
 
@@ -125,12 +125,15 @@ class _Forward:
 
     __slots__ = ("calls", "count", "end", "ids", "mask", "shape", "untold")
 
-    def __init__(self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: int = -1) -> None:
+    def __init__(
+        self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: tuple[int, ...] | None = None
+    ) -> None:
         self.count = count  # tokens fed (rows per router call); -1 where unknown
         self.ids = ids  # a copy of the ids fed, None where fed embeddings
         self.mask = mask  # a copy of the attention mask of the tokens fed, or None
-        self.calls = calls  # router calls recorded before this forward (FeedRecord.calls_made), -1 where unknown
-        self.end = -1  # and when it ended, -1 where unknown
+        #: each router's calls recorded before this forward (FeedRecord.calls_made), None where unknown
+        self.calls = calls
+        self.end: tuple[int, ...] | None = None  # and when it ended, None where unknown
         #: the [batch, positions] of ids whose tokens its routers saw sequence-first (ids and mask kept in that
         #: order), or None: they saw them in the order of the ids
         self.shape: tuple[int, int] | None = None
@@ -201,10 +204,10 @@ class FeedRecord:
         self._active = False
         self._thread: int | None = None  # the thread whose forwards are recorded: the one that started it
         self._inside = False  # a recorded forward runs now (the modules it enters below are the same forward)
-        #: the router calls of rows recorded so far (of one router, every router's where they line up), read as each
-        #: forward begins: a router called several times per forward (one module at several layers, a loop of
-        #: layers) has rows of each call, and :meth:`rows` gives each its forward's ids. None: one call per forward
-        self.calls_made: Callable[[], int] | None = None
+        #: the calls of rows each router recorded so far, read as each forward begins and ends: a router called
+        #: several times per forward (one module at several layers, a loop of layers) has rows of each call, and
+        #: :meth:`rows` gives each its forward's ids. None: one call per forward
+        self.calls_made: Callable[[], tuple[int, ...]] | None = None
 
     # ------------------------------------------------------------- recording
     def start(self, levels: Sequence[FeedForward]) -> Callable[[], None]:
@@ -445,7 +448,7 @@ class FeedRecord:
                 mask = in_router_order(mask, order)
         else:
             mask = None
-        forward = _Forward(count, kept, mask, -1 if self.calls_made is None else self.calls_made())
+        forward = _Forward(count, kept, mask, None if self.calls_made is None else self.calls_made())
         if order == SEQUENCE_FIRST and fed is not None:  # (ids or embeddings: each row's place in the tokens' order)
             forward.shape = (int(fed[0]), int(fed[1]))
         forward.untold = untold
@@ -530,20 +533,28 @@ class FeedRecord:
                     setattr(f, name, host.view(p.shape))
 
     # ------------------------------------------------------------- reading
-    def rows(self, calls: tuple[tuple[int, int], ...] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The token id and prompt-mask value fed at each row of a capture whose router calls were ``calls``.
+    def rows(
+        self, calls: tuple[tuple[int, int], ...] | None, router: int = 0, outside: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The token id and prompt-mask value fed at each row of a capture whose router calls were ``calls``
+        (those of every router, or of router ``router`` of the session alone).
 
         Two host tensors of one value per row (-1 where not known: a forward fed embeddings,
         or no prompt mask), or ``(None, None)`` where the forwards do not line up with the
-        router calls (unknown calls, forwards in compiled code, a router called more than
-        once per forward, forwards of another model).
+        router calls (unknown calls, forwards in compiled code, a router called on a part of
+        its forward's tokens, forwards of another model). ``outside``: calls of the router
+        outside every forward (on hidden states of one's own) line up too, their rows'
+        id ``NO_FORWARD_ID``.
         """
-        parts = self._calls(calls)
-        if parts is None:
+        parts = self._calls(calls, router, outside)
+        if parts is None or calls is None:
             return None, None
-        sizes = [f.count for f in parts]
-        masks = [_zero_one(f.mask) for f in parts]
-        return _flat([f.ids for f in parts], sizes, torch.long), _flat(masks, sizes, torch.int8)
+        sizes = [n for n, c in calls for _ in range(c)]
+        masks = [None if f is None else _zero_one(f.mask) for f in parts]
+        ids = _flat([None if f is None else f.ids for f in parts], sizes, torch.long)
+        if ids is not None and any(f is None for f in parts):
+            ids[torch.cat([torch.full((n,), f is None) for f, n in zip(parts, sizes, strict=True)])] = NO_FORWARD_ID
+        return ids, _flat(masks, sizes, torch.int8)
 
     def ranks(self, calls: tuple[tuple[int, int], ...] | None, rows: int) -> torch.Tensor | None:
         """Where a forward's routers saw its tokens sequence-first, each of the ``rows`` rows' place in the order of
@@ -554,10 +565,12 @@ class FeedRecord:
         if not self.sequence_first and not self.untold:
             return None
         parts = self._calls(calls)
-        if parts is None or sum(f.count for f in parts) != rows:
+        if parts is None or sum(0 if f is None else f.count for f in parts) != rows:
             return torch.full((rows,), -1 if self.sequence_first else UNTOLD_RANK, dtype=torch.long)
         out, at = [], 0
         for f in parts:  # (each router call's rows, in their forward's token order)
+            if f is None:  # (no call outside the forwards here: see _calls)
+                continue
             if f.untold:  # (in the order its routers saw them, which is not told)
                 out.append(torch.full((f.count,), UNTOLD_RANK, dtype=torch.long))
             elif f.shape is not None and f.shape[0] * f.shape[1] == f.count:
@@ -568,25 +581,34 @@ class FeedRecord:
             at += f.count
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
-    def _calls(self, calls: tuple[tuple[int, int], ...] | None) -> list[_Forward] | None:
-        """The forward of each router call of a capture whose router calls were ``calls``, or None where they do not
-        line up (see :meth:`rows`)."""
+    def _calls(
+        self, calls: tuple[tuple[int, int], ...] | None, router: int = 0, outside: bool = False
+    ) -> list[_Forward | None] | None:
+        """The forward of each call of router ``router`` (where the routers' calls are ``calls``), or None where they
+        do not line up (see :meth:`rows`); with ``outside``, None for each call outside every forward."""
         if calls is None or not self._keep_inputs:
             return None
         sizes = [n for n, c in calls for _ in range(c)]
         fed = [f for f in self.forwards if f.count]
+        gaps = [0] * (len(fed) + 1)  # (the calls before each forward, and after the last)
         # each forward's router calls, counted as it began and ended (one each where not counted)
-        if any(f.calls < 0 or f.end < 0 for f in fed):
+        if any(f.calls is None or f.end is None or len(f.calls) <= router for f in fed):
             times = [1] * len(fed)
         else:
-            bounds = [0] + [c for f in fed for c in (f.calls, f.end)] + [len(sizes)]
-            if any(b != a for a, b in zip(bounds[::2], bounds[1::2], strict=True)):
+            bounds = [0] + [c for f in fed for c in (f.calls[router], f.end[router])] + [len(sizes)]  # type: ignore[index]
+            gaps = [b - a for a, b in zip(bounds[::2], bounds[1::2], strict=True)]
+            if any(gaps) and not outside:
                 return None  # (router calls outside the model's forwards: a block called alone)
-            times = [f.end - f.calls for f in fed]
+            if any(g < 0 for g in gaps):
+                return None
+            times = [f.end[router] - f.calls[router] for f in fed]  # type: ignore[index]
         # (a router called on every token of its forward at each call, as often as it was called: each call's rows
         # are the forward's tokens; calls of any other size do not line up with the forwards)
-        parts = [f for f, m in zip(fed, times, strict=True) for _ in range(m)]
-        if [f.count for f in parts] != sizes or 0 in times:
+        parts: list[_Forward | None] = []
+        for f, m, g in zip(fed, times, gaps, strict=False):
+            parts += [None] * g + [f] * m
+        parts += [None] * gaps[-1]
+        if [n if f is None else f.count for f, n in zip(parts, sizes, strict=False)] != sizes or 0 in times:
             return None
         return parts
 
@@ -845,12 +867,24 @@ class FeedCheck:
             "routes.with_token_ids(None) to replay by row order alone" + (f". {self.hint}" if self.hint else "")
         )
 
-    def _compare(self, forward: int, start: int, ids: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
-        want = self.want[start : start + ids.numel()]
+    def _compare(
+        self,
+        forward: int,
+        start: int,
+        ids: torch.Tensor,
+        tokens: torch.Tensor | None = None,
+        want: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+    ) -> None:
+        """Refuse a forward fed other ids than ``want`` (the rows' from ``start`` on; by default those of
+        :attr:`want`, with :attr:`padding`) or tokens of its sequences at rows recorded at prompt ``padding``."""
+        if want is None:
+            want = self.want[start : start + ids.numel()]
+            padding = None if self.padding is None else self.padding[start : start + ids.numel()]
         got = ids.to("cpu", torch.long)
         bad = (want >= 0) & (got != want)
         if not bool(bad.any()):
-            self._compare_padding(forward, start, got, tokens)
+            self._compare_padding(forward, start, got, tokens, padding)
             return
         j = int(bad.nonzero()[0])
         raise TokenMismatchError(
@@ -865,11 +899,14 @@ class FeedCheck:
             + (f". {self.hint}" if self.hint else "")
         )
 
-    def _compare_padding(self, forward: int, start: int, got: torch.Tensor, tokens: torch.Tensor | None) -> None:
-        """Refuse a forward that feeds a token of a sequence (``tokens`` 1) at a row recorded at prompt padding."""
-        if tokens is None or self.padding is None:
+    def _compare_padding(
+        self, forward: int, start: int, got: torch.Tensor, tokens: torch.Tensor | None, padding: torch.Tensor | None
+    ) -> None:
+        """Refuse a forward that feeds a token of a sequence (``tokens`` 1) at a row recorded at prompt ``padding``
+        (True for each of the rows from ``start`` on)."""
+        if tokens is None or padding is None:
             return
-        at_padding = self.padding[start : start + got.numel()] & (tokens.to("cpu") == 1)
+        at_padding = padding[: got.numel()] & (tokens.to("cpu") == 1)
         if not bool(at_padding.any()):
             return
         j = int(at_padding.nonzero()[0])
@@ -882,6 +919,125 @@ class FeedCheck:
             "attention mask, or lay the routes out for this batch (mr.split_generation, mr.BatchLayout), whose "
             "padding rows are routed natively" + (f". {self.hint}" if self.hint else "")
         )
+
+
+class RouterFeedCheck(FeedCheck):
+    """The check of a replay whose routers' rows are not one per token of the same forwards (``Routes._router_ids``:
+    one MoE block called at several layers, a router also called on hidden states of one's own in the capture).
+
+    Each router's rows are checked against its own ids, from the row it reads next: at each forward (a router called
+    again in it on every one of its tokens reads the next rows, checked the same), a row recorded by a call outside
+    every forward (``NO_FORWARD_ID``) is refused, and so is a forward fed other ids or feeding a token of a sequence
+    at a row recorded at prompt padding (``PADDING_ID``). A call of a router outside every forward reads rows of
+    such calls only: they were recorded for no token, and are read in their order.
+
+    Args:
+        wants: each router's token ids, by the ``id`` of its :class:`~moe_replay.ring.ReplaySource`.
+        hint: what a mismatch error adds about these routes.
+        device_ids: check ids fed on a device too (see :class:`FeedCheck`).
+    """
+
+    def __init__(self, wants: dict[int, torch.Tensor], hint: str = "", *, device_ids: bool = True) -> None:
+        super().__init__(torch.zeros(0, dtype=torch.long), lambda: None, hint, device_ids=device_ids)
+        self.wants = wants
+        #: (forward, router, first row, its ids, which of them it feeds as tokens) to compare when the block ends
+        self.later: list[tuple[int, Any, int, torch.Tensor, torch.Tensor | None]] = []
+        self._tokens: Callable[[], torch.Tensor | None] = lambda: None  # the forward's tokens fed (see fed)
+
+    def fed(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+    ) -> bool:
+        """A forward entering a level: each router's next rows against its ids (see :meth:`FeedCheck.fed`)."""
+        self._current = (-1, None)
+        if paired or (not self._lost and any(level.compiled for level in self._levels)):
+            self._open()
+        if self._lost:
+            self.forwards += 1
+            return True
+        count, ids, _ = _inputs(args, kwargs)
+        if count < 0:
+            return False
+        self.forwards += 1
+        if any(src.read_by_device for src in self._sources):  # (the host does not know where its rows begin)
+            self._open()
+            return True
+        flat = None
+        if ids is not None and (self.device_ids or ids.device.type == "cpu"):
+            if order == SEQUENCE_FIRST:
+                self.sequence_first = True
+            flat = in_router_order(ids.detach(), order).reshape(-1)
+            mask, held = kwargs.get("attention_mask"), ids.detach()
+            fed: list[torch.Tensor | None] = []
+
+            def tokens() -> torch.Tensor | None:  # (read where a row recorded at padding is: once per forward)
+                if not fed:
+                    got = _tokens_fed(mask, held)
+                    fed.append(None if got is None else in_router_order(got, order).reshape(-1))
+                return fed[0]
+
+            self._tokens = tokens
+        else:
+            self._tokens = lambda: None
+        self._current = (count, flat)
+        for src in self._sources:
+            start = src.host_consumed
+            src.cleared = min(src.num_rows, start + count)
+            self._check_router(src, start, count, flat)
+        return True
+
+    def _check_router(self, src: Any, start: int, n: int, flat: torch.Tensor | None) -> None:
+        """Router ``src``'s ``n`` rows from ``start`` on, read by the forward that runs now, fed ``flat``."""
+        want = self.wants[id(src)][start : start + n]
+        if not want.numel():  # (past the end: the routers refuse)
+            return
+        outside = want == NO_FORWARD_ID
+        if bool(outside.any()):
+            j = int(outside.nonzero()[0])
+            raise TokenMismatchError(
+                f"forward {self.forwards} of this replay() reaches router '{src.name}' at row {start + j} of its "
+                "routes, which the capture recorded from a call of that router outside every forward of the model "
+                "(on hidden states of one's own, as an auxiliary loss computes them): the token of no forward, so "
+                "it would force those experts on this forward's tokens. Replay the forwards and the router's own "
+                "calls in the order they were captured, or call the router outside the capture() block"
+                + (f". {self.hint}" if self.hint else "")
+            )
+        if flat is None:
+            return
+        got = flat[: want.numel()]
+        padding = want == PADDING_ID
+        tokens = self._tokens() if bool(padding.any()) else None
+        tokens = None if tokens is None else tokens[: want.numel()]
+        if got.device.type == "cpu":
+            self._compare(self.forwards, start, got, tokens, want, padding)
+        else:  # (compared when the block ends: one copy to the host)
+            self.later.append((self.forwards, src, start, got.clone(), None if tokens is None else tokens.clone()))
+
+    def finish(self) -> None:
+        """Compare the forwards whose ids were on a device, in order."""
+        later, self.later = self.later, []
+        for forward, src, start, got, tokens in later:
+            want = self.wants[id(src)][start : start + got.numel()]
+            self._compare(forward, start, got.cpu(), None if tokens is None else tokens.cpu(), want, want == PADDING_ID)
+
+    def _unseen_read(self, router: str, start: int, n: int) -> None:
+        """A router reads rows no forward this check has seen cleared: again in the forward that runs now, on all of
+        its tokens (checked as its first call's rows were), or outside every forward, rows recorded by such calls
+        alone; else refused (see :meth:`FeedCheck._unseen_read`)."""
+        if any(level.compiled for level in self._levels):
+            self._open()
+            return
+        src = next((s for s in self._sources if s.name == router), None)
+        if src is not None and start == src.cleared and n > 0:
+            count, flat = self._current
+            if self._inside and count > 0 and n == count:
+                self._check_router(src, start, n, flat)
+                src.cleared = min(src.num_rows, start + n)
+                return
+            want = self.wants[id(src)][start : start + n]
+            if not self._inside and want.numel() == n and bool((want == NO_FORWARD_ID).all()):
+                src.cleared = min(src.num_rows, start + n)
+                return
+        super()._unseen_read(router, start, n)
 
 
 class OrderCheck(FeedCheck):
@@ -1756,7 +1912,8 @@ class FeedForward:
 
     def _enter(self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A forward of the model, fed to the records and checks ``entered`` (then it runs)."""
-        watching: list[tuple[FeedRecord, int]] = []  # (the records, and their router calls as the forward began)
+        # (the records, and their routers' calls as the forward began)
+        watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
         if _unseen():
             # (nothing baked into a graph's every replay or a traced program; under vmap no row is one token)
             for r in entered:
@@ -1769,7 +1926,7 @@ class FeedForward:
             order = self._order(entered, args, named)
             # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
             watching = [
-                (r, r.calls_made() if r.calls_made is not None else -1) for r in entered if isinstance(r, FeedRecord)
+                (r, r.calls_made() if r.calls_made is not None else None) for r in entered if isinstance(r, FeedRecord)
             ]
             # (fed no token count, it is left to the levels it enters below: they may see its tokens)
             entered = [r for r in entered if r.fed(args, named, self.paired, order)]
@@ -1785,8 +1942,8 @@ class FeedForward:
                 return before(*args, **kwargs)
             return type(self.module).forward(self.module, *args, **kwargs)
         except BaseException as exc:
-            for r, at in watching:
-                if r.calls_made is None or at < 0 or r.calls_made() != at:
+            for r, made in watching:
+                if r.calls_made is None or made is None or r.calls_made() != made:
                     r.raised = r.raised or f"{type(exc).__name__}({str(exc)[:200]!r}) in a forward"
             raise
         finally:

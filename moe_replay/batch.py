@@ -69,6 +69,14 @@ def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
         taken = ids[safe]  # (a copy)
         taken[hole] = -1
         out._token_ids = _known_or_none(taken)
+    if routes._router_ids is not None:  # (each router's own: its rows' tokens go with them too)
+        taken_ids = []
+        for v in routes._router_ids:
+            one = v[safe] if v.numel() else torch.full((index.numel(),), -1, dtype=torch.long)
+            one[hole] = -1
+            taken_ids.append(one)
+        out._router_ids = tuple(taken_ids)
+    out._ids_lost = routes._ids_lost
     fed = routes._fed_mask  # each row's prompt mask goes with it: a row recorded at padding stays one (replay reads it)
     if fed is not None and fed.numel():
         mask = fed[safe]

@@ -171,7 +171,9 @@ def _known(routes: Routes) -> list[int]:
     in the order of the tokens (rows of routers that saw the tokens sequence-first); last, 1
     where the rows are in the order their routers saw the tokens of forwards fed embeddings,
     not told (``Routes._order_untold``), plus 2 where they are a capture's rows in the order its
-    routers saw the tokens, which it told (``Routes._routers_order``).
+    routers saw the tokens, which it told (``Routes._routers_order``); then why token ids were lost (length and
+    UTF-8 bytes, 0: none), and each router's own token ids (``Routes._router_ids``: -1 where none, else each
+    router's count of rows and its ids).
     """
     calls = routes._call_rows
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
@@ -185,7 +187,14 @@ def _known(routes: Routes) -> list[int]:
         out += [len(encoded), *encoded]
     for fed in (routes._token_ids, routes._fed_mask, routes._token_rank):
         out += [-1] if fed is None else [fed.numel(), *fed.tolist()]
-    return [*out, int(routes._order_untold) | 2 * int(routes._routers_order)]
+    out.append(int(routes._order_untold) | 2 * int(routes._routers_order))
+    lost = (routes._ids_lost or "").encode()
+    out += [len(lost), *lost]
+    if routes._router_ids is None:
+        return [*out, -1]
+    for ids in routes._router_ids:
+        out += [ids.numel(), *ids.tolist()]
+    return out
 
 
 def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
@@ -215,6 +224,17 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         at += max(n, 0)
     routes._token_ids, routes._fed_mask, routes._token_rank = fed
     routes._order_untold, routes._routers_order = bool(int(known[at]) & 1), bool(int(known[at]) & 2)
+    at += 1
+    n, at = int(known[at]), at + 1
+    routes._ids_lost = bytes(int(b) for b in known[at : at + n]).decode() if n else None
+    at += n
+    if int(known[at]) >= 0:  # (each router's own token ids)
+        per = []
+        for _ in routes.names:
+            n, at = int(known[at]), at + 1
+            per.append(torch.tensor(list(known[at : at + n]), dtype=torch.long))
+            at += n
+        routes._router_ids = tuple(per)
     routes._dropped_rows = int(dropped)
     return routes
 

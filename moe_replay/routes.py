@@ -54,6 +54,13 @@ TokenIndex = int | slice | Sequence[int] | np.ndarray | torch.Tensor
 #: routers saw them in was not told: a mark of the row's own, which every Routes made from it keeps (slices, picks,
 #: cat, files, gather and scatter carry the ranks), and which whatever reads rows in token order refuses
 UNTOLD_RANK = -2
+#: in a router's own token ids (``Routes._router_ids``, kept where the routers' rows are not one per token of the same
+#: forwards): a row of a call of the router outside every forward of the model (hidden states of one's own, as an
+#: auxiliary loss computes them), the token of no forward: a forward that reads it is refused
+NO_FORWARD_ID = -2
+#: ... and a row a forward fed at prompt padding (attention mask 0): a forward that feeds a token of a sequence there
+#: is refused (see ``Routes._fed_mask``)
+PADDING_ID = -3
 
 
 def _storage_dtype(num_experts: int) -> torch.dtype:
@@ -434,6 +441,8 @@ class Routes:
         self._rows_picked: str | None = None
         self._rows_untold: str | None = None
         self._recorded_names: tuple[str, ...] | None = None
+        self._router_ids: tuple[torch.Tensor, ...] | None = None
+        self._ids_lost: str | None = None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -582,6 +591,10 @@ class Routes:
         :meth:`Session.replay` checks that every forward is fed these tokens, refusing
         routes recorded for other tokens (another batch, order or rank) where the replayed
         forwards would otherwise take them silently. They are no part of :meth:`equal`.
+
+        None too where the routers' rows are not one per token of the same forwards (one MoE block
+        called at several layers, a router also called on hidden states of one's own in the
+        capture): the capture then keeps each router's own ids, which a replay checks alike.
         """
         return None if self._token_ids is None else self._token_ids.clone()
 
@@ -635,6 +648,7 @@ class Routes:
         out = Routes._trusted(self._data, self._names, self._experts, self._validated)
         out._same_forwards(self)
         out._token_ids = ids
+        out._ids_lost = None  # (the caller's ids, or the check dropped on purpose: each router's own go too)
         return out
 
     def _same_forwards(self, source: Routes) -> None:
@@ -650,6 +664,7 @@ class Routes:
         self._routers_order = source._routers_order
         self._rows_untold = source._rows_untold
         self._recorded_names = source._recorded_names
+        self._ids_lost = source._ids_lost
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -719,6 +734,9 @@ class Routes:
         data = [d[rows] for d in self._data]
         out = Routes._trusted(data, self._names, self._experts, self._validated)
         out._token_ids = None if self._token_ids is None else _known_or_none(self._token_ids[rows])
+        if self._router_ids is not None:
+            out._router_ids = tuple(v[rows] for v in self._router_ids)
+        out._ids_lost = self._ids_lost
         out._recorded_names = self._recorded_names  # (the same routers, fewer rows)
         out._token_rank = None if self._token_rank is None else _out_of_order(self._token_rank[rows])
         # (rows of an embeddings capture stay in the routers' order where they hold whole router calls, each in order)
@@ -802,6 +820,8 @@ class Routes:
         if pos:  # (the same rows of the same forwards, of fewer routers)
             out._same_forwards(self)
         out._token_ids = self._token_ids if pos else None
+        if self._router_ids is not None and pos:
+            out._router_ids = tuple(self._router_ids[i] for i in pos)
         return out
 
     def rename(self, prefixes: Mapping[str, str]) -> Routes:
@@ -854,6 +874,7 @@ class Routes:
         out = Routes._trusted(self._data, names, self._experts, self._validated)
         out._same_forwards(self)
         out._token_ids = self._token_ids
+        out._router_ids = self._router_ids
         if self._recorded_names is not None:  # (the model they were recorded on, under the names given)
             out._recorded_names = tuple(dict.fromkeys(_renamed(self._recorded_names, prefixes, keys)))
         return out
@@ -886,7 +907,9 @@ class Routes:
         data = [torch.cat([p._data[j] for p in parts]) for j in range(first.num_layers)]
         out = cls._trusted(data, first.names, first.experts_per_layer, all(p._validated for p in parts))
         # a part of unknown tokens: -1 for each of its rows; a part of several row counts: no one id per row fits
-        if any(p._token_ids is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
+        if any(p._router_ids is not None for p in parts):  # (each router's own ids, of the parts that know one)
+            out._router_ids = tuple(torch.cat([_rows_ids(p, j) for p in parts]) for j in range(first.num_layers))
+        elif any(p._token_ids is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
             out._token_ids = torch.cat(
                 [p._token_ids if p._token_ids is not None else torch.full((p.num_tokens,), -1) for p in parts]
             )
@@ -919,6 +942,7 @@ class Routes:
         self._caches_interleaved = next((p._caches_interleaved for p in parts if p._caches_interleaved), None)
         self._rows_picked = next((p._rows_picked for p in parts if p._rows_picked), None)
         self._rows_untold = next((p._rows_untold for p in parts if p._rows_untold), None)
+        self._ids_lost = next((p._ids_lost for p in parts if p._ids_lost), None)
         # each row's prompt mask is the row's own, whatever is known of the forwards (rows picked out of order, a
         # part of unknown forwards): a row a capture recorded at prompt padding stays one (compare, replay read it)
         if any(p._fed_mask is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
@@ -997,6 +1021,15 @@ class Routes:
         #: prefix change can tell a wrapper's prefix (every recorded router under it) from one part of the model
         #: beside others (an encoder's routes on a session of the decoder); None for routes built from rows
         obj._recorded_names = None
+        #: set by Session.routes() where the routers' rows are not one per token of the same forwards (one MoE block
+        #: called at several layers, a router also called on hidden states of one's own): each router's token id of
+        #: each row (-1 where unknown, NO_FORWARD_ID and PADDING_ID), which a replay checks router by router; None
+        #: where ``_token_ids`` holds them for every router, or none is known. Every Routes of the same rows keeps them
+        obj._router_ids = None
+        #: set by Session.routes() where its forwards were fed token ids that it could not keep for every row (a
+        #: router called on a part of a forward's tokens): why. A replay of such routes is refused rather than
+        #: taken unchecked (with_token_ids drops it); every Routes made from them keeps it
+        obj._ids_lost = None
         return obj
 
     def _forwards_meta(self) -> dict[str, Any] | None:
@@ -1126,6 +1159,10 @@ class Routes:
         arrays: dict[str, Any] = {f"layer_{i}": d.numpy() for i, d in enumerate(self._data)}
         if self._token_ids is not None:
             arrays["token_ids"] = self._token_ids.numpy()
+        if self._router_ids is not None:  # (each router's own, one after another)
+            arrays["router_ids"] = torch.cat(self._router_ids).numpy()
+        if self._ids_lost is not None:  # (an array: a reader that does not know it refuses the file, never drops it)
+            arrays["ids_lost"] = np.frombuffer(self._ids_lost.encode(), dtype=np.uint8)
         if self._token_rank is not None:  # (rows of routers that saw their tokens sequence-first: their tokens' order)
             arrays["token_order"] = self._token_rank.numpy()
         if self._order_untold:  # (rows of forwards fed embeddings: in the order their routers saw them, not told)
@@ -1177,7 +1214,7 @@ class Routes:
             # (read in place: only the zip directory, the headers and the members named, never the whole file, so a
             # large file that is no routes file, a checkpoint given by mistake, is refused without being read)
             with file as f, zipfile.ZipFile(f) as zf:
-                meta, layers, ids, mask, rank, untold = _read_members(zf, path, max_bytes)
+                meta, layers, ids, mask, rank, untold, extra = _read_members(zf, path, max_bytes)
         except RoutesValidationError:
             raise
         except _READ_ERRORS as e:
@@ -1189,6 +1226,7 @@ class Routes:
             routes = cls(layers, names=names, num_experts=experts)
             if ids is not None:
                 routes._token_ids = _ids(ids, routes, "its token_ids")
+            _read_router_ids(routes, extra, path)
             _read_forwards(routes, meta.get("forwards"), path)
             recorded = meta.get("recorded_names")
             if recorded is not None:
@@ -1273,10 +1311,17 @@ def _corrupted(path: str | os.PathLike[str], why: str) -> RoutesValidationError:
 def _read_members(
     zf: zipfile.ZipFile, path: str | os.PathLike[str], max_bytes: int | None
 ) -> tuple[
-    dict[str, Any], list[torch.Tensor], torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, bool | None
+    dict[str, Any],
+    list[torch.Tensor],
+    torch.Tensor | None,
+    torch.Tensor | None,
+    torch.Tensor | None,
+    bool | None,
+    dict[str, torch.Tensor],
 ]:
     """The metadata, layer arrays, token ids, prompt mask, token order and whether that order was left untold (each
-    if saved) of a routes ``.npz``, each checked before decompressing."""
+    if saved) of a routes ``.npz``, each checked before decompressing; last, each router's own token ids and why
+    the ids were lost, by name (where saved)."""
     infos = {i.filename: i for i in zf.infolist()}
     total = sum(i.file_size for i in infos.values())
     if max_bytes is not None and total > max_bytes:
@@ -1294,7 +1339,14 @@ def _read_members(
         meta = json.loads(bytes(npformat.read_array(f, allow_pickle=False)).decode())
     names, experts = _read_meta(meta, path)
     wanted = ["meta.npy", *(f"layer_{i}.npy" for i in range(len(names)))]
-    optional = ["token_ids.npy", "prompt_mask.npy", "token_order.npy", "order_untold.npy"]
+    optional = [
+        "token_ids.npy",
+        "prompt_mask.npy",
+        "token_order.npy",
+        "order_untold.npy",
+        "router_ids.npy",
+        "ids_lost.npy",
+    ]
     extra = sorted(set(infos) - set(wanted) - set(optional))
     if extra:
         raise RoutesValidationError(
@@ -1325,6 +1377,14 @@ def _read_members(
         shape, dtype = _header(zf, infos["order_untold.npy"], path)
         if shape != () or dtype != np.bool_:
             raise _corrupted(path, f"its untold token order is a {dtype} array of shape {shape}, not one bool")
+    if "router_ids.npy" in infos:
+        shape, dtype = _header(zf, infos["router_ids.npy"], path)
+        if len(shape) != 1 or dtype.kind != "i":
+            raise _corrupted(path, f"its routers' token ids are a {dtype} array of shape {shape}, not one int per row")
+    if "ids_lost.npy" in infos:
+        shape, dtype = _header(zf, infos["ids_lost.npy"], path)
+        if len(shape) != 1 or dtype != np.uint8:
+            raise _corrupted(path, f"its lost token ids are a {dtype} array of shape {shape}, not text")
     layers = []
     held = [n for n in optional if n in infos]
     for n in wanted[1:] + held:
@@ -1340,7 +1400,24 @@ def _read_members(
         found.get("prompt_mask.npy"),
         found.get("token_order.npy"),
         None if untold is None else bool(untold),
+        {n.removesuffix(".npy"): found[n] for n in ("router_ids.npy", "ids_lost.npy") if n in found},
     )
+
+
+def _read_router_ids(routes: Routes, extra: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """Each router's own token ids and why the ids were lost, read from a file into ``routes`` (see ``load``)."""
+    flat = extra.get("router_ids")
+    if flat is not None:
+        if flat.numel() != sum(routes.tokens_per_layer):
+            raise _corrupted(
+                path, f"its routers' token ids hold {flat.numel()} values for {sum(routes.tokens_per_layer)} rows"
+            )
+        if bool((flat < PADDING_ID).any()):
+            raise _corrupted(path, f"its routers' token ids hold values below {PADDING_ID}")
+        routes._router_ids = tuple(p.to(torch.long).clone() for p in flat.split(list(routes.tokens_per_layer)))
+    lost = extra.get("ids_lost")
+    if lost is not None:
+        routes._ids_lost = bytes(lost.to(torch.uint8).tolist()).decode(errors="replace") or "not told"
 
 
 #: What reading a damaged ``.npz`` can raise: zip structure, deflate stream, npy header, JSON.
@@ -1546,6 +1623,20 @@ def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list
     return names, experts
 
 
+def _rows_ids(routes: Routes, j: int) -> torch.Tensor:
+    """Router ``j``'s token id of each of its rows in ``routes``, as ``Routes._router_ids`` holds them (-1 where
+    unknown, ``PADDING_ID`` at a row recorded at prompt padding)."""
+    if routes._router_ids is not None:
+        return routes._router_ids[j]
+    n = routes.tokens_per_layer[j]
+    ids, fed = routes._token_ids, routes._fed_mask
+    if ids is None or ids.numel() != n:
+        return torch.full((n,), -1, dtype=torch.long)
+    if fed is not None and fed.shape == ids.shape:
+        return torch.where((fed == 0) & (ids < 0), PADDING_ID, ids)
+    return ids
+
+
 def _ids(token_ids: Any, routes: Routes, what: str) -> torch.Tensor | None:
     """``token_ids`` as :attr:`Routes.token_ids` of ``routes``: int64 ``[T]`` on the host (None if none is known)."""
     check_dense(token_ids, f"{what}: token_ids", RoutesValidationError)
@@ -1677,6 +1768,8 @@ def in_token_order(routes: Routes, what: str) -> Routes:
     out._token_rank, out._order_untold, out._routers_order = None, False, False
     if routes._token_ids is not None:
         out._token_ids = routes._token_ids[order]
+    if routes._router_ids is not None:
+        out._router_ids = tuple(v[order] for v in routes._router_ids)
     if routes._fed_mask is not None and routes._fed_mask.numel() == order.numel():
         out._fed_mask = routes._fed_mask[order]
     return out

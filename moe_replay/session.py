@@ -34,7 +34,16 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from . import _torch_compat
 from ._checks import check_flag
-from ._feeds import FeedCheck, FeedForward, FeedRecord, MoveWatch, OrderCheck, OrderNote, feed_levels
+from ._feeds import (
+    FeedCheck,
+    FeedForward,
+    FeedRecord,
+    MoveWatch,
+    OrderCheck,
+    OrderNote,
+    RouterFeedCheck,
+    feed_levels,
+)
 from ._output_guard import is_guard
 from ._progress import Progress
 from .discovery import (
@@ -65,7 +74,7 @@ from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_first_runs, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, index_dtype
-from .routes import UNTOLD_RANK, Routes, _known_or_none, _out_of_order, fingerprint
+from .routes import PADDING_ID, UNTOLD_RANK, Routes, _known_or_none, _out_of_order, fingerprint
 
 __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
 
@@ -705,6 +714,10 @@ class Session:
         if len(slow) > 4:
             lines.append(f"  ... {len(slow) - 4} more")
         return "\n".join(lines)
+
+    def _calls_made(self) -> tuple[int, ...]:
+        """The calls of rows each router's capture ring counts now (one per hook; 0 for a router of none)."""
+        return tuple(0 if h.capture_ring is None else h.capture_ring.calls_made() for h in self._hooks)
 
     def _rings(self) -> list[CaptureRing]:
         return [h.capture_ring for h in self._hooks if h.capture_ring is not None]
@@ -1440,8 +1453,8 @@ class Session:
         self._has_capture = True
         if clear or self._feeds is None:
             self._feeds = FeedRecord(limit=self.capacity if self.keep_newest else None)
-        if rings:  # (routes() reads ids only where every router's calls are the same: one router's count them)
-            self._feeds.calls_made = rings[0].calls_made
+        if rings:  # (each router's calls: routes() reads each router's ids where the routers' calls differ)
+            self._feeds.calls_made = self._calls_made
         model = self._model_ref()
         stop_feeds = self._feeds.start(self._feed_wrappers) if model is not None else None
         skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
@@ -1622,13 +1635,16 @@ class Session:
         routes = Routes._trusted(rows, names, experts)  # (a ring kept from before a change: the E it recorded)
         routes._recorded_names = names  # (every router of this session: a replay elsewhere tells a part from a wrapper)
         # the forwards the rows came from, where every router saw the same ones (split_generation checks them)
-        calls = {r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)}
+        each = [r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)]
+        calls = set(each)
         routes._call_rows = calls.pop() if len(calls) == 1 else None
         if self._feeds is not None:  # what each row's forward was fed, where the forwards line up with the rows
             ids, routes._fed_mask = self._feeds.rows(routes._call_rows)
             if ids is not None and routes._fed_mask is not None:
                 ids = torch.where(routes._fed_mask == 0, -1, ids)  # prompt padding: the token of no sequence
             routes._token_ids = None if ids is None else _known_or_none(ids)
+            if routes._token_ids is None and all(c is not None for c in each):  # (rows of no one id each)
+                _router_ids(routes, self._feeds, each)
             rank = None
             if len(set(routes.tokens_per_layer)) == 1:  # (rows of routers that saw their tokens sequence-first, or
                 rank = self._feeds.ranks(routes._call_rows, routes.num_tokens)  # of forwards of an untold order)
@@ -1645,6 +1661,18 @@ class Session:
         return routes
 
     # ------------------------------------------------------------- replay
+    def _ids_lost_check(self, routes: Routes) -> None:
+        """Refuse routes whose capture knew its forwards' token ids but could not keep them for every row."""
+        if routes._ids_lost is None:
+            return
+        raise TokenMismatchError(
+            f"these routes come from a capture whose forwards were fed token ids that it could not keep for every "
+            f"row: {routes._ids_lost}. A replay could not check which tokens those rows go to, and would force "
+            "them on whichever tokens come first. Call the router outside the capture() block where it is not "
+            "part of the model's forward (an auxiliary loss on hidden states of one's own), or drop the check on "
+            "purpose with routes.with_token_ids(None) to replay by row order alone"
+        )
+
     def _other_model(self, routes: Routes) -> str:
         return (
             f" The routes were recorded on a different router set: routes.fingerprint is {routes.fingerprint}, "
@@ -1729,6 +1757,7 @@ class Session:
                 )
             )
         routes._ensure_valid()  # routes built with validate=False are checked before any forward
+        self._ids_lost_check(routes)
         if routes._dropped_rows and routes._token_ids is None:
             raise RoutesValidationError(
                 f"these routes come from a keep_newest capture whose ring wrapped: it dropped {routes._dropped_rows} "
@@ -1880,7 +1909,9 @@ class Session:
         with torch.inference_mode(False):  # the cursors are ordinary tensors, whatever the caller's mode
             for h, s, j in plan:
                 h.replay_source = ReplaySource(layers[j], s.num_experts, _device_of(s.module or h.scope), name=h.name)
-        check, stop_check = self._token_check(routes, [h.replay_source for h, _, _ in plan], generated, strict)
+        check, stop_check = self._token_check(
+            routes, [h.replay_source for h, _, _ in plan], generated, strict, [j for _, _, j in plan]
+        )
         moves = MoveWatch() if self._model_ref() is not None else None
         stop_moves = moves.start(self._feed_wrappers) if moves is not None else None
         skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
@@ -1952,13 +1983,25 @@ class Session:
             _check_untold_rows(every, dict(zip((id(src) for _, src in sources), used, strict=False)), untold)
 
     def _token_check(
-        self, routes: Routes, sources: Sequence[ReplaySource | None], generated: bool, strict: bool
+        self,
+        routes: Routes,
+        sources: Sequence[ReplaySource | None],
+        generated: bool,
+        strict: bool,
+        layers: Sequence[int],
     ) -> tuple[FeedCheck | None, Callable[[], None] | None]:
-        """The check that each forward of the model is fed the tokens its rows were recorded for (where known)."""
+        """The check that each forward of the model is fed the tokens its rows were recorded for (where known);
+        ``layers``: the routes' router of each source."""
         model = self._model_ref()
         held = [src for src in sources if src is not None]
         if model is None or not held:
             return None, None
+        if routes._router_ids is not None:  # (each router's own ids: its rows are not one per token of a forward)
+            if not strict and _device_of(model).type != "cpu":
+                return None, None
+            wants = {id(src): routes._router_ids[j] for src, j in zip(sources, layers, strict=True) if src is not None}
+            each = RouterFeedCheck(wants, _GENERATE_HINT if generated else "", device_ids=strict)
+            return each, each.start(self._feed_wrappers, held)
 
         def position() -> int | None:  # the row the routers read next, where the host counts their reads
             return None if any(src.read_by_device for src in held) else max(src.host_consumed for src in held)
@@ -2202,6 +2245,30 @@ class _Skeleton:
 
 #: The hook dicts of a module whose hooks run around its forward (outside a scope's intercepted forward).
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+
+
+def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[int, int], ...] | None]) -> None:
+    """Each router's own token id of each of its rows, where the routers' calls differ (one MoE block called at
+    several layers, a router also called on hidden states of one's own): ``Routes._router_ids``. Where a forward was
+    fed ids that a router's rows do not line up with (a call on a part of its forward's tokens), why they were lost
+    (``Routes._ids_lost``): a replay of such routes is refused, never taken unchecked."""
+    if not any(f.ids is not None for f in feeds.forwards):
+        return  # (no forward's ids kept: nothing to check, nothing lost)
+    per = []
+    for i, (name, c) in enumerate(zip(routes.names, calls, strict=True)):
+        ids, mask = feeds.rows(c, i, outside=True)
+        if ids is None:
+            runs = ", ".join(f"{n} rows x {k}" for n, k in (c or ())[:4])
+            routes._ids_lost = (
+                f"router '{name}' made calls ({runs}) that are not each on every token of one forward of the model "
+                "nor outside every forward (a call on a part of a forward's tokens?)"
+            )
+            return
+        if mask is not None:
+            ids = torch.where(mask == 0, PADDING_ID, ids)  # prompt padding: the token of no sequence
+        per.append(ids)
+    if any(bool((v != -1).any()) for v in per):
+        routes._router_ids = tuple(per)
 
 
 def _scope_hooks(model: nn.Module, scopes: Sequence[str]) -> tuple[tuple[int, ...], ...]:

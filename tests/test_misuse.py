@@ -1153,11 +1153,6 @@ def test_attach_to_a_router_itself_says_so_and_include_of_its_class_records_it()
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="routes hold one token id per row for every router: a router also called on hidden states of its own "
-    "(an auxiliary loss) has more rows than the others, so the capture knows no tokens and its replay checks none",
-)
 def test_a_router_also_called_on_its_own_in_a_capture_keeps_the_token_check() -> None:
     """Silent: inside the capture, the first router is also called directly on the batch's hidden states (an
     auxiliary loss computed by hand), in the capture and again in the replay. Its rows outnumber the other router's,
