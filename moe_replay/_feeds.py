@@ -608,7 +608,11 @@ class FeedRecord:
         for f, m, g in zip(fed, times, gaps, strict=False):
             parts += [None] * g + [f] * m
         parts += [None] * gaps[-1]
-        if [n if f is None else f.count for f, n in zip(parts, sizes, strict=False)] != sizes or 0 in times:
+        # (with ``outside``, one router's calls alone: a forward that did not call it, as a modality's router on a
+        # batch without it, gives it no rows)
+        if [n if f is None else f.count for f, n in zip(parts, sizes, strict=False)] != sizes:
+            return None
+        if 0 in times and not outside:
             return None
         return parts
 
@@ -925,11 +929,12 @@ class RouterFeedCheck(FeedCheck):
     """The check of a replay whose routers' rows are not one per token of the same forwards (``Routes._router_ids``:
     one MoE block called at several layers, a router also called on hidden states of one's own in the capture).
 
-    Each router's rows are checked against its own ids, from the row it reads next: at each forward (a router called
-    again in it on every one of its tokens reads the next rows, checked the same), a row recorded by a call outside
-    every forward (``NO_FORWARD_ID``) is refused, and so is a forward fed other ids or feeding a token of a sequence
-    at a row recorded at prompt padding (``PADDING_ID``). A call of a router outside every forward reads rows of
-    such calls only: they were recorded for no token, and are read in their order.
+    Each router's rows are checked against its own ids as it reads them: a call in a forward reads rows of every one
+    of the forward's tokens (a router called again in it reads the next rows, checked the same; one the forward does
+    not call reads none), and a row recorded by a call outside every forward (``NO_FORWARD_ID``) is refused there, and
+    so is a forward fed other ids or feeding a token of a sequence at a row recorded at prompt padding
+    (``PADDING_ID``). A call of a router outside every forward reads rows of such calls only: they were recorded for
+    no token, and are read in their order.
 
     Args:
         wants: each router's token ids, by the ``id`` of its :class:`~moe_replay.ring.ReplaySource`.
@@ -979,10 +984,8 @@ class RouterFeedCheck(FeedCheck):
         else:
             self._tokens = lambda: None
         self._current = (count, flat)
-        for src in self._sources:
-            start = src.host_consumed
-            src.cleared = min(src.num_rows, start + count)
-            self._check_router(src, start, count, flat)
+        for src in self._sources:  # (each read of this forward is looked at: see _unseen_read)
+            src.cleared = src.host_consumed
         return True
 
     def _check_router(self, src: Any, start: int, n: int, flat: torch.Tensor | None) -> None:
@@ -1020,9 +1023,9 @@ class RouterFeedCheck(FeedCheck):
             self._compare(forward, start, got.cpu(), None if tokens is None else tokens.cpu(), want, want == PADDING_ID)
 
     def _unseen_read(self, router: str, start: int, n: int) -> None:
-        """A router reads rows no forward this check has seen cleared: again in the forward that runs now, on all of
-        its tokens (checked as its first call's rows were), or outside every forward, rows recorded by such calls
-        alone; else refused (see :meth:`FeedCheck._unseen_read`)."""
+        """A router reads its next rows: in the forward that runs now, on all of its tokens (checked against their
+        ids), or outside every forward, rows recorded by such calls alone; else refused (see
+        :meth:`FeedCheck._unseen_read`)."""
         if any(level.compiled for level in self._levels):
             self._open()
             return

@@ -2248,15 +2248,18 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 
 
 def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[int, int], ...] | None]) -> None:
-    """Each router's own token id of each of its rows, where the routers' calls differ (one MoE block called at
-    several layers, a router also called on hidden states of one's own): ``Routes._router_ids``. Where a forward was
-    fed ids that a router's rows do not line up with (a call on a part of its forward's tokens), why they were lost
-    (``Routes._ids_lost``): a replay of such routes is refused, never taken unchecked."""
+    """Each router's own token id of each of its rows, where no one id per row fits them all (one MoE block called at
+    several layers, a router also called on hidden states of one's own): ``Routes._router_ids``. Where the routers'
+    calls differ and a forward was fed ids that a router's rows do not line up with (a call on a part of its
+    forward's tokens), why they were lost (``Routes._ids_lost``): a replay of such routes is refused, never taken
+    unchecked."""
     if not any(f.ids is not None for f in feeds.forwards):
         return  # (no forward's ids kept: nothing to check, nothing lost)
     per = []
     for i, (name, c) in enumerate(zip(routes.names, calls, strict=True)):
         ids, mask = feeds.rows(c, i, outside=True)
+        if ids is None and len(set(calls)) == 1:
+            return  # (routers whose rows are all alike and follow no forward's tokens: unknown, as they always were)
         if ids is None:
             runs = ", ".join(f"{n} rows x {k}" for n, k in (c or ())[:4])
             routes._ids_lost = (

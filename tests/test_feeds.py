@@ -1181,20 +1181,157 @@ def test_a_router_called_again_on_other_tokens_in_a_forward_says_so() -> None:
 
 @pytest.mark.reliability
 def test_routers_called_a_different_number_of_times_per_forward_check_their_tokens() -> None:
-    """Silent: one MoE block shared by two of three layers is called twice per forward, the other once; the
-    capture knows no token ids, so its routes replayed on the batches in another order are taken."""
+    """Once silent: one MoE block shared by two of three layers is called twice per forward, the other once; the
+    capture knew no token ids (no one id per row fits routers of different row counts), so its routes replayed on the
+    batches in another order were taken. Each router keeps its own ids: the capture's order replays exactly (and
+    forces), another order is refused; routes built from rows alone replay unchecked, as before."""
     model = mr.models.build("softmax_topk", num_layers=3)
     model.layers[2].mlp = model.layers[0].mlp
     a, b = _batch(1), _batch(2)
     with mr.attach(model) as session:
         with session.capture(), torch.no_grad():
-            model(a)
-            model(b)
+            want = [model(a).logits, model(b).logits]
         routes = session.routes()
-        with pytest.raises(mr.TokenMismatchError):
+        assert routes.tokens_per_layer == (4 * a.numel(), 2 * a.numel())  # the premise: the block's rows, twice
+        with session.replay(routes), torch.no_grad():
+            got = [model(a).logits, model(b).logits]
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        forced = _moved(routes)
+        with session.replay(forced), session.capture(), torch.no_grad():
+            moved = model(a).logits
+            model(b)
+        assert session.routes().equal(forced) and not torch.equal(moved, want[0])
+        with pytest.raises(mr.TokenMismatchError, match="other tokens than its routes were recorded for"):
             with session.replay(routes), torch.no_grad():
                 model(b)
                 model(a)
+        with pytest.raises(mr.TokenMismatchError, match="other tokens than its routes were recorded for"):
+            with session.replay(mr.Routes.cat([routes, routes])), torch.no_grad():  # (joined: each router's own)
+                model(a)
+                model(b)
+                model(b)
+        rows = mr.Routes(routes.per_layer(), names=routes.names, num_experts=routes.experts_per_layer)
+        with session.replay(rows), torch.no_grad():  # no ids known: by row order, unchecked, as before
+            model(b)
+            model(a)
+
+
+def _moved(routes: mr.Routes) -> mr.Routes:
+    """``routes`` with every expert moved by one (what no native forward chooses), each router's token ids kept."""
+    rows = [
+        torch.where(t >= 0, (t + 1) % e, t) for t, e in zip(routes.per_layer(), routes.experts_per_layer, strict=True)
+    ]
+    out = mr.Routes(rows, names=routes.names, num_experts=routes.experts_per_layer)
+    out._router_ids = routes._router_ids
+    return out
+
+
+@pytest.mark.reliability("silent replays")
+def test_rows_recorded_at_prompt_padding_keep_their_mark_among_each_routers_own_ids() -> None:
+    """Routers of different row counts (one block at two layers) keep each row recorded at prompt padding as such: a
+    replay of the batch fed without its attention mask (tokens of its sequences at those rows) is refused, with it
+    the replay is exact."""
+    model = mr.models.build("softmax_topk", num_layers=3)
+    model.layers[2].mlp = model.layers[0].mlp
+    a = _batch(1)
+    mask = torch.ones_like(a)
+    mask[0, :2] = 0  # (left padding of the first sequence)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            want = model(a, attention_mask=mask).logits
+        routes = session.routes()
+        assert len(set(routes.tokens_per_layer)) == 2  # the premise
+        with session.replay(routes):
+            assert torch.equal(model(a, attention_mask=mask).logits, want)
+        with pytest.raises(mr.TokenMismatchError, match="recorded at prompt padding"):
+            with session.replay(routes):
+                model(a)
+
+
+class _Switched(torch.nn.Module):
+    """An MoE block that a forward may leave out (``on`` False: nothing added), as a modality's router sees no batch
+    without its modality."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block, self.on = block, True
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.block(hidden) if self.on else torch.zeros_like(hidden)
+
+
+@pytest.mark.reliability("silent replays")
+def test_each_routers_own_tokens_are_checked_as_it_reads_them_a_router_a_forward_leaves_out_reads_none() -> None:
+    """Routers of different row counts (one block at two layers) beside one that the first forward leaves out: each
+    router's rows are checked as it reads them, so the router left out is not checked against the next forward's
+    tokens (no false refusal); the capture's order replays exactly, the other order is refused. And one router also
+    called on hidden states of its own, the model's only router, keeps its forwards' tokens too."""
+    model = mr.models.build("softmax_topk", num_layers=3)
+    model.layers[2].mlp = model.layers[0].mlp
+    model.layers[1].mlp = _Switched(model.layers[1].mlp)
+    a, b = _batch(1), _batch(2)
+
+    def run(x: torch.Tensor, on: bool) -> torch.Tensor:
+        model.layers[1].mlp.on = on
+        return model(x).logits
+
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            want = [run(a, False), run(b, True)]
+        routes = session.routes()
+        assert routes.tokens_per_layer == (4 * a.numel(), a.numel())  # the premise: no rows of a at the second
+        with session.replay(routes):
+            got = [run(a, False), run(b, True)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        with pytest.raises(mr.TokenMismatchError, match="other tokens than its routes were recorded for"):
+            with session.replay(routes):
+                run(b, True)
+                run(a, False)
+    alone = mr.models.build("softmax_topk", num_layers=1)
+    router = alone.layers[0].mlp.router
+    with mr.attach(alone) as session, torch.no_grad():
+        with session.capture():
+            for x in (a, b):
+                alone(x)
+                router(alone.embed(x).reshape(-1, alone.config.hidden_size))
+        routes = session.routes()
+        with session.replay(routes):
+            for x in (a, b):
+                alone(x)
+                router(alone.embed(x).reshape(-1, alone.config.hidden_size))
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(routes):
+                for x in (b, a):
+                    alone(x)
+                    router(alone.embed(x).reshape(-1, alone.config.hidden_size))
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_router_called_on_a_part_of_a_forwards_tokens_in_a_capture_is_refused_not_replayed_unchecked() -> None:
+    """Once silent: a router also called inside the forward on a part of its tokens (a hook of one's own) has rows
+    that follow no forward's tokens one to one: the capture kept no ids and a replay in another order was taken. Its
+    routes now say the ids were lost: a replay is refused until the check is dropped on purpose, and the mark stays
+    with the routes through a file, select and cat."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    router, hidden = model.layers[0].mlp.router, model.config.hidden_size
+
+    def aside(module: torch.nn.Module, args: tuple[Any, ...], out: Any) -> None:  # (its output replaces nothing)
+        router(args[0].reshape(-1, hidden)[:5])
+
+    model.layers[1].register_forward_hook(aside)
+    a, b = _batch(1), _batch(2)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            want = [model(a).logits, model(b).logits]
+        routes = session.routes()
+        assert routes.tokens_per_layer == (2 * a.numel() + 10, 2 * a.numel())  # the premise
+        for kept in (routes, routes.select(routes.names), mr.Routes.cat([routes, routes])):
+            with pytest.raises(mr.TokenMismatchError, match=r"could not keep for every row.*with_token_ids\(None\)"):
+                with session.replay(kept):
+                    model(b)
+        with session.replay(routes.with_token_ids(None)), torch.no_grad():  # by row order alone, on purpose
+            got = [model(a).logits, model(b).logits]
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def _steps(model, cache: Any, ids: torch.Tensor, new: int) -> torch.Tensor:

@@ -1154,26 +1154,37 @@ def test_attach_to_a_router_itself_says_so_and_include_of_its_class_records_it()
 
 @pytest.mark.reliability("silent replays")
 def test_a_router_also_called_on_its_own_in_a_capture_keeps_the_token_check() -> None:
-    """Silent: inside the capture, the first router is also called directly on the batch's hidden states (an
+    """Once silent: inside the capture, the first router is also called directly on the batch's hidden states (an
     auxiliary loss computed by hand), in the capture and again in the replay. Its rows outnumber the other router's,
-    so the routes know no token ids, and a replay of the two batches in the other order is taken."""
+    so the routes knew no token ids, and a replay of the two batches in the other order was taken. Its rows of the
+    forwards keep their tokens and those of its own calls none: the capture's order replays exactly, another order
+    is refused, and so is a forward that would read the rows of a call of its own (that call left out)."""
     model, a, b = _model(), _ids(0), _ids(1)
     router = model.layers[0].mlp.router
 
-    def step(x: torch.Tensor) -> None:
-        model(x)
-        router(model.embed(x).reshape(-1, model.config.hidden_size))
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x).logits
+        return logits, router(model.embed(x).reshape(-1, model.config.hidden_size))[1]
 
     with mr.attach(model) as session:
         with session.capture():
-            step(a)
-            step(b)
+            want = [step(a), step(b)]
         routes = session.routes()
         assert routes.tokens_per_layer == (48, 24)
+        with session.replay(routes):
+            got = [step(a), step(b)]
+        assert all(torch.equal(g, w) for pair in zip(got, want, strict=True) for g, w in zip(*pair, strict=True))
         with pytest.raises(mr.TokenMismatchError):
             with session.replay(routes):
                 step(b)
                 step(a)
+        with pytest.raises(mr.TokenMismatchError, match="outside every forward of the model"):
+            with session.replay(routes):
+                model(a)
+                model(b)  # (its first router would take the experts of the call on a's hidden states)
+        with pytest.raises(mr.TokenMismatchError, match="did not enter"):
+            with session.replay(routes):
+                router(model.embed(a).reshape(-1, model.config.hidden_size))  # (rows of a's forward)
 
 
 # ----------------------------------------------------------------------------- HF models and PEFT changed after attach

@@ -1242,3 +1242,56 @@ def test_a_sequence_first_capture_cut_through_a_forward_and_joined_again_keeps_i
         assert joined.equal(want) and torch.equal(joined.token_ids, want.token_ids), parts
     twice = mr.Routes.cat([routes, routes]).in_token_order()  # (two captures of their own: one after the other)
     assert twice.equal(mr.Routes.cat([want, want])) and twice[:4].equal(first.in_token_order())
+
+
+@pytest.mark.reliability("round trips")
+def test_each_routers_own_token_ids_and_their_loss_stay_with_every_routes_made_from_them(tmp_path) -> None:
+    """Once silent: routes whose routers hold different row counts (one MoE block at two layers) knew no token ids,
+    so a replay took them in any order. Each router's own ids, and the mark of a capture that could not keep them,
+    travel with every Routes made from them (a file, the wire, select, rename, slices, cat, layouts): what they make
+    replays in the capture's order and refuses another."""
+    from moe_replay.distributed import _known, _restore
+    from tests.test_feeds import _batch
+
+    model = mr.models.build("softmax_topk", num_layers=3)
+    model.layers[2].mlp = model.layers[0].mlp
+    a, b = _batch(1), _batch(2)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(a)
+            model(b)
+        routes = session.routes()
+        shared = routes.names[0]
+        routes.save(tmp_path / "r.npz")
+        wired = _restore(mr.Routes._trusted(routes._data, routes.names, routes.experts_per_layer), _known(routes), 0)
+        made = [
+            mr.Routes.load(tmp_path / "r.npz"),
+            wired,
+            routes.rename({"": "module."}).rename({"module.": ""}),
+            mr.Routes.cat([routes.select(routes.names)]),
+        ]
+        for kept in made:
+            with session.replay(kept):
+                model(a)
+                model(b)
+            with pytest.raises(mr.TokenMismatchError, match="other tokens"):
+                with session.replay(kept):
+                    model(b)
+                    model(a)
+        one = routes.select([shared])  # (one router: one row count again, its two calls per forward)
+        n = 2 * a.numel()
+        for part, x in ((one[:n], a), (one[n:], b), (mr.BatchLayout.packed([n]).routes([one[:n]]), a)):
+            with session.replay(part, strict=False):
+                model(x)
+            with pytest.raises(mr.TokenMismatchError, match="other tokens"):
+                with session.replay(part, strict=False):
+                    model(b if x is a else a)
+        lost = routes.with_token_ids(None)
+        lost._ids_lost = "a router called on a part of a forward's tokens"  # (as a capture marks it)
+        wired = _restore(mr.Routes._trusted(lost._data, lost.names, lost.experts_per_layer), _known(lost), 0)
+        lost.save(tmp_path / "lost.npz")
+        for kept in (mr.Routes.load(tmp_path / "lost.npz"), wired, lost.select([shared])[:3], mr.Routes.cat([lost])):
+            assert kept._ids_lost == lost._ids_lost
+            with pytest.raises(mr.TokenMismatchError, match="could not keep for every row"):
+                with session.replay(kept, strict=False):
+                    model(a)
