@@ -99,8 +99,9 @@ def _expert_banks(module: nn.Module) -> set[int]:
     """How many experts ``module`` holds, by each bank it holds directly: the length of an ``expert*``
     module list, the first dimension of 3-D parameters of its own or of an ``expert*`` child (not a
     convolution's weight), the output width of an ``expert*`` layer computing every expert at once (a
-    multiple of the expert count), the length of a ``ParameterList`` of like weights, or of a list of
-    functions kept on the module (experts that are no modules)."""
+    multiple of the expert count), the length of a ``ParameterList`` of like weights, of a list of
+    functions kept on the module (experts that are no modules), or of a list of like modules beside a
+    ``Linear`` with as many outputs (LoRA experts, see :func:`_gated_lists`)."""
     banks: set[int] = set()
     if not isinstance(module, _CONV):
         banks |= {p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3}
@@ -122,7 +123,28 @@ def _expert_banks(module: nn.Module) -> set[int]:
             and all(callable(f) and not isinstance(f, nn.Module | type) for f in value)
         ):
             banks.add(len(value))
-    return banks
+    return banks | _gated_lists(module)
+
+
+def _per_adapter(child: nn.Module) -> list[nn.Module]:
+    """``child``, or the values of a ``ModuleDict`` keyed by adapter name (peft keeps each adapter's modules so)."""
+    return list(child.values()) if isinstance(child, nn.ModuleDict) else [child]
+
+
+def _gated_lists(module: nn.Module) -> set[int]:
+    """The lengths of the lists of like modules that ``module`` holds beside a ``Linear`` with as many outputs: a
+    gate over experts of no telling name (the ``lora_A`` / ``lora_B`` expert lists of a mixture of LoRA experts
+    beside its ``lora_router``, directly or per adapter name in a ``ModuleDict``). A stack of layers sits beside
+    no layer as wide as it is long."""
+    gates = {m.out_features for child in module.children() for m in _per_adapter(child) if isinstance(m, nn.Linear)}
+    lengths: set[int] = set()
+    for child in module.children():
+        for bank in _per_adapter(child):
+            if isinstance(bank, nn.ModuleList) and len(bank) >= 2 and len(bank) in gates:
+                kinds = {(type(m), tuple(tuple(p.shape) for p in m.parameters())) for m in bank}
+                if len(kinds) == 1:
+                    lengths.add(len(bank))
+    return lengths
 
 
 class OrphanWatch(TorchFunctionMode):

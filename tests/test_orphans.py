@@ -297,6 +297,66 @@ def test_an_unfound_moe_layer_whose_experts_no_rule_sees_is_refused(ffn: object)
                 model(torch.randn(T, D))
 
 
+class LoRAExperts(nn.Module):
+    """A mixture of LoRA experts in a projection (MoLA, HydraLoRA): ``lora_A`` / ``lora_B`` lists of experts of no
+    expert name beside a ``lora_router`` with as many outputs, held directly or per adapter name (peft's
+    ``ModuleDict``), its top-k in the projection's forward."""
+
+    def __init__(self, n: int, adapters: bool) -> None:
+        super().__init__()
+        self.adapters = adapters
+
+        def held(m: nn.Module) -> nn.Module:
+            return nn.ModuleDict({"default": m}) if adapters else m
+
+        self.lora_A = held(nn.ModuleList(nn.Linear(D, 2, bias=False) for _ in range(n)))
+        self.lora_B = held(nn.ModuleList(nn.Linear(2, D, bias=False) for _ in range(n)))
+        self.lora_router = held(nn.Linear(D, n, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def get(m: nn.Module) -> nn.Module:
+            return m["default"] if self.adapters else m  # type: ignore[index]
+
+        w, idx = get(self.lora_router)(x).softmax(-1).topk(2, dim=-1)
+        a, b = get(self.lora_A), get(self.lora_B)
+        out = torch.zeros_like(x)
+        for e in range(len(a)):  # type: ignore[arg-type]
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out = out.index_add(0, tok, w[tok, slot, None] * b[e](a[e](x[tok])))  # type: ignore[index]
+        return out
+
+
+class LayerChoice(nn.Module):
+    """Two layers and a head of another width, with a top-1 over the layers' outputs' norms (no experts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(D, D) for _ in range(2))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = torch.stack([layer(x) for layer in self.layers], -1)  # [T, D, 2]
+        best = outs.norm(dim=1).argmax(-1)
+        return outs[torch.arange(x.shape[0]), :, best] + self.head(x).sum(-1, keepdim=True)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("adapters", [False, True], ids=["lists", "per-adapter"])
+def test_lora_experts_beside_a_found_router_are_refused_whatever_their_count(adapters: bool) -> None:
+    """Once silent: LoRA experts of a count no attached router has (6 beside a router of 4), in lists of no expert
+    name, were neither found nor watched: a capture recorded the MoE layer alone and a replay left their top-k
+    native. A layer stack beside a head of another width, choosing among the layers, holds no experts."""
+    model = nn.Sequential(Layer(LoRAExperts(6, adapters), FFN()))
+    with mr.attach(model) as session:
+        assert session.names == ("0.mlp.gate",)
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'0\.attention' \(LoRAExperts\): topk over 6"):
+            with session.capture():
+                model(torch.randn(T, D))
+    model = nn.Sequential(Layer(LayerChoice(), FFN()))
+    with mr.attach(model) as session:
+        session.verify(torch.randn(T, D))
+
+
 class Memory(nn.Module):
     """A key-value memory read by its top-k keys: as many keys as the routers have experts."""
 
