@@ -132,19 +132,22 @@ def _per_adapter(child: nn.Module) -> list[nn.Module]:
 
 
 def _gated_lists(module: nn.Module) -> set[int]:
-    """The lengths of the lists of like modules that ``module`` holds beside a ``Linear`` with as many outputs: a
-    gate over experts of no telling name (the ``lora_A`` / ``lora_B`` expert lists of a mixture of LoRA experts
-    beside its ``lora_router``, directly or per adapter name in a ``ModuleDict``). A stack of layers sits beside
-    no layer as wide as it is long."""
+    """The expert counts of banks of no telling name that ``module`` holds beside a ``Linear`` with as many outputs
+    (a gate): lists of like modules, or stacked ``[E, ...]`` weights in a ``ParameterDict``, directly or per adapter
+    name in a ``ModuleDict`` (the ``lora_A`` / ``lora_B`` experts of a mixture of LoRA experts beside its
+    ``lora_router``; peft keeps each adapter's weights so). A stack of layers sits beside no layer as wide as it is
+    long."""
     gates = {m.out_features for child in module.children() for m in _per_adapter(child) if isinstance(m, nn.Linear)}
-    lengths: set[int] = set()
+    counts: set[int] = set()
     for child in module.children():
         for bank in _per_adapter(child):
             if isinstance(bank, nn.ModuleList) and len(bank) >= 2 and len(bank) in gates:
                 kinds = {(type(m), tuple(tuple(p.shape) for p in m.parameters())) for m in bank}
                 if len(kinds) == 1:
-                    lengths.add(len(bank))
-    return lengths
+                    counts.add(len(bank))
+            elif isinstance(bank, nn.ParameterDict):
+                counts |= {p.shape[0] for p in bank.values() if p.dim() == 3 and p.shape[0] in gates}
+    return counts
 
 
 class OrphanWatch(TorchFunctionMode):

@@ -99,6 +99,33 @@ class HydraLoRASoftLinear(nn.Module):
         return self.base_layer(x) + torch.einsum("ted,te->td", mid, gating_probs)
 
 
+class HydraLoRAPeftTopK(_Used):
+    """A HydraLoRA layer in peft's layout (Clin0212/HydraLoRA's ``HydraLoRALayer``: per adapter name, ``lora_A [d,
+    r]`` and ``lora_B [E, r, d]`` in ``ParameterDict``-s, the ``lora_router`` in a ``ModuleDict``) routed sparsely:
+    a softmax, a ``topk``, the chosen heads' weights renormalised."""
+
+    def __init__(self, expert_num: int = 4, top_k: int = 2, r: int = 4) -> None:
+        super().__init__()
+        self.expert_num, self.top_k = {"default": expert_num}, top_k
+        self.base_layer = nn.Linear(D, D)
+        self.base_layer.requires_grad_(False)
+        self.lora_A = nn.ParameterDict({"default": nn.Parameter(torch.randn(D, r) / 4)})
+        self.lora_B = nn.ParameterDict({"default": nn.Parameter(torch.randn(expert_num, r, D) / 4)})
+        self.lora_router = nn.ModuleDict({"default": nn.Linear(D, expert_num, bias=False)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.lora_router["default"](x), dim=-1)
+        if self.forced is None:
+            w, idx = probs.topk(self.top_k, dim=-1)
+        else:
+            idx = self.forced
+            w = probs.gather(1, idx)
+        self.used = idx
+        mid = x @ self.lora_A["default"]  # [T, r]
+        heads = torch.einsum("tr,tkrd->tkd", mid, self.lora_B["default"][idx])
+        return self.base_layer(x) + ((w / w.sum(-1, keepdim=True))[..., None] * heads).sum(1)
+
+
 class HydraSoftBesideMoE(nn.Module):
     """An attention-like projection with a soft HydraLoRA adapter, then a routed MoE (a Mixtral-style gate)."""
 
@@ -455,6 +482,11 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         lambda: _x(2, 12),
         {"include": HydraLoRA},
     ),
+    "hydralora-peft-layout-topk-named": (
+        lambda: Layers(HydraLoRAPeftTopK),
+        _x,
+        {"change": 0.3, "include": HydraLoRAPeftTopK},
+    ),
     "hydralora-topk-zero-router-named": (
         lambda: Layers(lambda: HydraLoRALinear(clamp=False, zero_router=True)),
         lambda: _x(2, 12),
@@ -504,6 +536,12 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         lambda: Layers(lambda: BesideMoE(lambda: HydraLoRALinear(num_experts=4))),
         _x,
         r"\(HydraLoRA\): topk over 4",
+        {},
+    ),
+    "hydralora-peft-layout-topk-4-beside-moe": (
+        lambda: Layers(lambda: BesideMoE(HydraLoRAPeftTopK)),
+        _x,
+        r"\(HydraLoRAPeftTopK\): topk over 4",
         {},
     ),
     "mola-4-beside-moe": (
