@@ -588,9 +588,9 @@ def test_a_mixture_of_lora_experts_is_found_with_zero_configuration(case: str) -
     strict=True,
     raises=mr.UnsupportedRouterError,
     reason="HydraLoRA's logits shifted by their max, then clamp(-20, 20), before its top-k: once the logits spread "
-    "past the clamp, moving the max's values changes which are clamped, read as a mask moe_replay cannot read "
-    "through, and refused; a gather from the clamped logits is what the block forced by hand computes: a false "
-    "refusal",
+    "past the clamp, moving the max's values changes which are clamped, the pattern of a mask made from an earlier "
+    "call's values (relu(probs - 0.3 * best), which test_evidence keeps refused), so it is refused too; a gather "
+    "from the clamped logits is what the block forced by hand computes: a false refusal",
 )
 def test_a_stable_shift_then_a_clamp_before_the_top_k_replays_exactly() -> None:
     """HydraLoRA's top-k with upstream's clamp, named: replayed as by hand after the router changes."""
