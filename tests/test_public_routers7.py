@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import moe_replay as mr
-from tests.test_evidence import D, E, Experts, dispatch
+from tests.test_evidence import D, E, Experts, T, dispatch
 from tests.test_public_routers2 import _x
+from tests.test_public_routers4 import VOCAB, HashLayer
 from tests.test_public_routers6 import GateBlock, Layers, _Used, assert_exact, assert_refused
 
 
@@ -461,11 +462,35 @@ class MoLELayer(nn.Module):
         return self.base_layer(x) + (eps[..., None] * outs).sum(-2)
 
 
+# ----------------------------------------------------------------------- hash layers beside learned routing
+class HashBesideMoE(nn.Module):
+    """Roller et al.'s hash layers at the bottom and a learned router above (the paper's mix): the first layer's
+    experts looked up from the token ids (ParlAI's ``hash_bin_map``), no decision to record; a replay on the same
+    tokens looks up the same experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, D)
+        self.hash = HashLayer()
+        self.moe = GateBlock()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        x = x + self.hash(x, input_ids)
+        return x + self.moe(x)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(VOCAB, (T,), generator=torch.Generator().manual_seed(2))
+
+
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, input, options: ``train``, ``change`` and attach options)
     "hydralora-soft-beside-moe": (lambda: Layers(HydraSoftBesideMoE), _x, {}),
     "hydralora-soft-beside-moe-train": (lambda: Layers(HydraSoftBesideMoE), _x, {"train": True}),
     "mole-dense-beside-moe": (lambda: Layers(lambda: BesideMoE(MoLELayer)), _x, {}),
+    "hash-layer-beside-moe": (HashBesideMoE, _ids, {"change": 0.3}),
     "dit-moe-infer": (lambda: Layers(DiTSparseMoeBlock), lambda: _x(2, 12), {}),
     "dit-moe-train": (lambda: Layers(DiTSparseMoeBlock), lambda: _x(2, 12), {"train": True}),
     "peft-lora-on-block-gate": (lambda: _peft(lambda: Layers(LinearGateMoE), ["gate"]), _x, {"change": 0.3}),
@@ -498,13 +523,14 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", list(EXACT))
 def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
-    """Dense LoRA mixtures (HydraLoRA's soft routing, MoLE's gate over LoRA outputs) beside a routed MoE: nothing of
-    them found, nothing to force; DiT-MoE's block (``repeat_interleave`` in training, ``argsort`` and
-    ``scatter_reduce_`` under ``no_grad`` in eval, an aux loss from the chosen ids); peft's LoRA on a router's gate
-    (the gate a ``lora.Linear`` wrapping the base one) and on the experts; MoLA's layer-wise expert counts (2, 4, 6,
-    8, a top-2 of 2 at the bottom) and HydraLoRA's top-k (its router at zero, every logit tied, as upstream
-    initialises it), named: every router found and nothing else, the recorded rows the experts used, and a replay
-    after the routers change those experts forced by hand, in output and gradients."""
+    """Dense LoRA mixtures (HydraLoRA's soft routing, MoLE's gate over LoRA outputs) and a hash layer (its experts
+    looked up from the token ids) beside a routed MoE: nothing of them found, nothing to force; DiT-MoE's block
+    (``repeat_interleave`` in training, ``argsort`` and ``scatter_reduce_`` under ``no_grad`` in eval, an aux loss
+    from the chosen ids); peft's LoRA on a router's gate (the gate a ``lora.Linear`` wrapping the base one) and on
+    the experts; MoLA's layer-wise expert counts (2, 4, 6, 8, a top-2 of 2 at the bottom) and HydraLoRA's top-k
+    (its router at zero, every logit tied, as upstream initialises it; in peft's layout), named: every router found
+    and nothing else, the recorded rows the experts used, and a replay after the routers change those experts
+    forced by hand, in output and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
