@@ -394,11 +394,11 @@ class LinearGateMoE(_Used):
         return dispatch(self.experts, x, idx, w / w.sum(-1, keepdim=True))
 
 
-def _peft(make: Callable[[], nn.Module], targets: list[str]) -> nn.Module:
+def _peft(make: Callable[[], nn.Module], targets: list[str], dropout: float = 0.0) -> nn.Module:
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     model = make()
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    config = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
     return peft.get_peft_model(model, config)
 
 
@@ -499,6 +499,11 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         _x,
         {"change": 0.3},
     ),
+    "peft-lora-dropout-on-block-gate-train": (
+        lambda: _peft(lambda: Layers(LinearGateMoE), ["gate"], dropout=0.2),
+        _x,
+        {"change": 0.3, "train": True},
+    ),
     "peft-lora-on-router-gate": (lambda: _peft(lambda: Layers(GateBlock), ["gate.gate"]), _x, {"change": 0.3}),
     "mola-2468-named": (MoLAModel, _x, {"change": 0.5, "include": MoLALinear}),
     "mola-2468-named-train": (MoLAModel, _x, {"change": 0.5, "include": MoLALinear, "train": True}),
@@ -526,11 +531,11 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     """Dense LoRA mixtures (HydraLoRA's soft routing, MoLE's gate over LoRA outputs) and a hash layer (its experts
     looked up from the token ids) beside a routed MoE: nothing of them found, nothing to force; DiT-MoE's block
     (``repeat_interleave`` in training, ``argsort`` and ``scatter_reduce_`` under ``no_grad`` in eval, an aux loss
-    from the chosen ids); peft's LoRA on a router's gate (the gate a ``lora.Linear`` wrapping the base one) and on
-    the experts; MoLA's layer-wise expert counts (2, 4, 6, 8, a top-2 of 2 at the bottom) and HydraLoRA's top-k
-    (its router at zero, every logit tied, as upstream initialises it; in peft's layout), named: every router found
-    and nothing else, the recorded rows the experts used, and a replay after the routers change those experts
-    forced by hand, in output and gradients."""
+    from the chosen ids); peft's LoRA on a router's gate (the gate a ``lora.Linear`` wrapping the base one, its
+    dropout drawn before the decision in training) and on the experts; MoLA's layer-wise expert counts (2, 4, 6, 8,
+    a top-2 of 2 at the bottom) and HydraLoRA's top-k (its router at zero, every logit tied, as upstream initialises
+    it; in peft's layout), named: every router found and nothing else, the recorded rows the experts used, and a
+    replay after the routers change those experts forced by hand, in output and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
