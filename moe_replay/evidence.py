@@ -2287,7 +2287,8 @@ def _establish(
             if not calls:
                 why = (
                     "its forward makes no decision-like call (topk, argmax, max, sort): soft routing (every expert "
-                    "weighted) has no expert choice to record or replay"
+                    "weighted), or a threshold (the experts whose weight passes a relu or a comparison, a count that "
+                    "varies per token), has no expert choice to record or replay"
                 )
                 if seen.aside:
                     why = (
