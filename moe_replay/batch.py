@@ -64,6 +64,7 @@ def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
     # rows of checked routes and whole -1 rows: as checked as the routes they come from
     out = Routes._trusted(layers, routes.names, routes.experts_per_layer, routes._validated)
     out._recorded_names = routes._recorded_names  # (the same routers, other rows)
+    out._keep_row_marks([routes])  # (what holds for every row: a keep_newest capture's dropped rows, an untold reader)
     ids = routes._token_ids  # (None for routes of no rows: not one id is known)
     if ids is not None:  # the token of each row taken; -1 at a hole
         taken = ids[safe]  # (a copy)

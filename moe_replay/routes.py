@@ -788,10 +788,10 @@ class Routes:
         the capture knew its forwards, these routes say they were picked
         (:func:`~moe_replay.split_generation` refuses them rather than split them by their row count).
         What holds for every row of the capture (rows a ``keep_newest`` capture dropped, cache moves,
-        interleaved loops) and each row's prompt mask stay with them.
+        interleaved loops, the engine reader that placed them by their count alone) and each row's prompt
+        mask stay with them.
         """
-        self._rows_moved, self._caches_interleaved = source._rows_moved, source._caches_interleaved
-        self._dropped_rows = source._dropped_rows
+        self._keep_row_marks([source])
         if source._fed_mask is not None:
             self._fed_mask = source._fed_mask[rows].clone()
         if source._call_rows is not None or source._rows_picked is not None:
@@ -935,14 +935,10 @@ class Routes:
         """
         # what holds for every row of a part (rows dropped before it, cache moves, interleaved loops, rows picked
         # out of order) holds for the rows of the whole, whether or not every part knows its forwards
-        self._dropped_rows = sum(p._dropped_rows for p in parts)  # (a later part's: a hole in the rows)
+        self._keep_row_marks(parts)
         recorded = {p._recorded_names for p in parts}  # (parts recorded on different router sets: none of them)
         self._recorded_names = recorded.pop() if len(recorded) == 1 else None
-        self._rows_moved = next((p._rows_moved for p in parts if p._rows_moved), None)
-        self._caches_interleaved = next((p._caches_interleaved for p in parts if p._caches_interleaved), None)
         self._rows_picked = next((p._rows_picked for p in parts if p._rows_picked), None)
-        self._rows_untold = next((p._rows_untold for p in parts if p._rows_untold), None)
-        self._ids_lost = next((p._ids_lost for p in parts if p._ids_lost), None)
         # each row's prompt mask is the row's own, whatever is known of the forwards (rows picked out of order, a
         # part of unknown forwards): a row a capture recorded at prompt padding stays one (compare, replay read it)
         if any(p._fed_mask is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
@@ -961,6 +957,19 @@ class Routes:
             else:
                 runs.append((rows, calls))
         self._call_rows = tuple(runs)
+
+    def _keep_row_marks(self, parts: Sequence[Routes]) -> None:
+        """Keep what holds for every row of ``parts`` on these routes, made of their rows in other places (a pick,
+        a join, a batch layout, a stitched conversation): the rows a ``keep_newest`` capture dropped before them
+        (a replay without token ids refuses them), the cache moves and interleaved decode loops of their capture
+        (:func:`~moe_replay.split_generation` refuses them), the engine reader that placed them by their row count
+        alone (a ``strict=False`` replay that leaves rows of them unread is refused), and why their routers' token ids
+        could not be kept (a replay refuses them). Dropped rows add up: each part's are a hole before its rows."""
+        self._dropped_rows = sum(p._dropped_rows for p in parts)
+        self._rows_moved = next((p._rows_moved for p in parts if p._rows_moved), None)
+        self._caches_interleaved = next((p._caches_interleaved for p in parts if p._caches_interleaved), None)
+        self._rows_untold = next((p._rows_untold for p in parts if p._rows_untold), None)
+        self._ids_lost = next((p._ids_lost for p in parts if p._ids_lost), None)
 
     @classmethod
     def _trusted(

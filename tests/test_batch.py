@@ -356,3 +356,52 @@ def test_an_embeddings_capture_of_routers_that_see_the_batch_sequence_first_is_l
     else:
         parts = [p[:4] for p in mr.split_generation(routes, batch_size=2, prompt_len=4)]
     assert all(got.equal(want) for got, want in zip(parts, alone, strict=True))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda parts: mr.pad_routes(parts),
+        lambda parts: mr.pack_routes(parts),
+        lambda parts: mr.BatchLayout.padded([p.num_tokens for p in parts]).routes(parts),
+        lambda parts: mr.interop.stitch_turns(parts),
+        lambda parts: parts[0][torch.arange(parts[0].num_tokens).flip(0)][torch.arange(parts[0].num_tokens).flip(0)],
+    ],
+    ids=["pad_routes", "pack_routes", "BatchLayout.routes", "stitch_turns", "a pick of every row"],
+)
+def test_routes_laid_out_keep_what_refuses_their_replay(build: Callable[[list[mr.Routes]], mr.Routes]) -> None:
+    """Once silent: rows an engine reader placed by their row count alone (a row too many at the front shifts every
+    token) and the rows of a keep_newest capture whose ring wrapped (no token ids, starting anywhere) are refused by a
+    replay; laid out in a batch (pad_routes, pack_routes, BatchLayout.routes), stitched as one turn or picked by an
+    index, they lost that mark, and a strict=False replay forced every token its neighbour's experts without a word.
+    Now the rows keep it through each: refused as they are before, while the exact rows replay the capture."""
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    ids = torch.randint(1, 128, (1, 8), generator=torch.Generator().manual_seed(4))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        captured = session.routes()
+        lm = mr.LayerMap.from_session(session, num_layers=3)
+        arr = mr.interop.to_vllm_legacy(captured, lm, drop_last=True)
+        exact = mr.interop.from_vllm_legacy(arr, lm)  # (read without num_tokens: placed by the row count alone)
+        front = mr.interop.from_vllm_legacy(np.concatenate([arr[-1:], arr]), lm)  # a row too many at the front
+
+        def replayed(routes: mr.Routes) -> mr.Routes:
+            with session.replay(routes, strict=False), session.capture(), torch.no_grad():
+                model(ids)
+            return session.routes()
+
+        assert replayed(build([exact])).equal(captured)
+        with pytest.raises(mr.ReplayConsumptionError, match="left rows unread of routes from_vllm_legacy"):
+            replayed(build([front]))
+    with mr.attach(model, capacity=8, keep_newest=True) as session:
+        with session.capture(), torch.no_grad():
+            model(torch.randint(1, 128, (1, 4)))
+            model(ids)  # the ring wraps: it holds the newest 8 rows, which know no token ids
+        wrapped = session.routes()
+    with mr.attach(model) as session:
+        with pytest.raises(mr.RoutesValidationError, match="keep_newest capture whose ring wrapped"):
+            with session.replay(build([wrapped]), strict=False):
+                model(ids)
+    tried(10)

@@ -134,7 +134,9 @@ def stitch_turns(
                     "start_len) is probably one too far: the previous turn's last token has no route of its own, "
                     "so the next turn must start at or before it. Pass gaps='native' to route such tokens natively"
                 )
-    return Routes(out, names=parts[-1].names, num_experts=parts[-1].experts_per_layer).with_token_ids(tokens)
+    stitched = Routes(out, names=parts[-1].names, num_experts=parts[-1].experts_per_layer).with_token_ids(tokens)
+    stitched._keep_row_marks(parts)  # (the turns' rows in their places: what holds for every row of them holds here)
+    return stitched
 
 
 def _conversation_tokens(parts: list[Routes], given: list[list[int]] | None, total: int) -> torch.Tensor:
