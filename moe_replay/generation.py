@@ -137,6 +137,7 @@ def generation_lengths(
             f"sequences must be the [batch, prompt_len + new] tensor generate() returns, got "
             f"{tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else type(sequences).__name__}"
         )
+    _check_token_ids(sequences)
     if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or not 0 <= prompt_len <= sequences.shape[1]:
         raise InvalidArgumentError(
             f"prompt_len must be an int from 0 to the sequences' width {sequences.shape[1]}, got {prompt_len!r}"
@@ -151,6 +152,16 @@ def generation_lengths(
     hit = torch.isin(new.long(), eos)
     first = torch.where(hit.any(dim=1), hit.long().argmax(dim=1) + 1, torch.full((b,), n))
     return first.long()
+
+
+def _check_token_ids(sequences: torch.Tensor) -> None:
+    """Refuse ``sequences`` that hold no token ids (floats, bools): read as ids they would be cut to other ids."""
+    dtype = sequences.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise InvalidArgumentError(
+            f"sequences must hold integer token ids, as generate() returns them; got {dtype}, whose values read as "
+            "ids would be cut to other ids (2.7 to 2). Pass the sequences generate() returned"
+        )
 
 
 def _prompt_mask(
@@ -634,6 +645,8 @@ def split_generation(
                 else ""
             )
         )
+    if sequences is not None:
+        _check_token_ids(sequences)
     tokens = set(routes.tokens_per_layer)
     if len(tokens) != 1:
         raise RoutesValidationError(

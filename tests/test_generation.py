@@ -848,6 +848,22 @@ def test_generation_lengths_refuses_an_eos_that_is_not_an_integer() -> None:
 
 
 @pytest.mark.reliability("bad inputs")
+def test_sequences_that_hold_no_token_ids_are_refused_not_cut_to_ids() -> None:
+    """Once silent: float sequences (a tensor cast to float on the way, scores passed by mistake) were cut to
+    integers, so 2.7 counted as the end-of-sequence id 2 and a sequence ran shorter than it did. Now refused, by
+    generation_lengths and split_generation alike; the same ids as integers of any width give the lengths."""
+    seq = torch.tensor([[9, 9, 5, 2, 7], [9, 9, 1, 1, 1]])
+    want = [new.index(2) + 1 if 2 in new else len(new) for new in seq[:, 2:].tolist()]  # up to the first eos
+    for ids in (seq, seq.int(), seq.short()):
+        assert mr.generation_lengths(ids, 2, 2).tolist() == want
+    for bad in (seq.float() + 0.7, seq.double(), seq.bool(), seq.to(torch.complex64)):
+        with pytest.raises(mr.InvalidArgumentError, match="sequences must hold integer token ids"):
+            mr.generation_lengths(bad, 2, 2)
+        with pytest.raises(mr.InvalidArgumentError, match="sequences must hold integer token ids"):
+            mr.split_generation(_numbered(2 * 2 + 2 * 2), prompt_len=2, sequences=bad)
+
+
+@pytest.mark.reliability("bad inputs")
 def test_two_generate_calls_in_one_capture_are_refused_not_split_as_one() -> None:
     """Two generate() calls in one capture, their outputs joined, are refused: the rows fit one call of both batches.
 
