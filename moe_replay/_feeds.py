@@ -783,18 +783,10 @@ class FeedCheck:
         if count < 0:
             return False
         self.forwards += 1
-        start = self.position()
+        start = self._in_step()
         if start is None:  # (rows read on the device: the host does not know where this forward's rows begin)
             self._open()
             return True
-        behind = [src for src in self._sources if src.host_consumed != start]
-        if behind:  # (a forward that raised half-way, caught in the block: its later routers did not read its rows)
-            raise TokenMismatchError(
-                f"forward {self.forwards} of this replay() starts with its routers out of step: "
-                f"'{behind[0].name}' is at row {behind[0].host_consumed} of the routes, others at row {start}, so "
-                "they would read the rows of other tokens. Did an earlier forward in this block raise half-way and "
-                "was the exception caught inside it? Let it leave the block, and replay again from the start"
-            )
         for src in self._sources:  # the rows this forward may read
             src.cleared = min(src.num_rows, start + count)
         self._current = (count, None)
@@ -810,6 +802,26 @@ class FeedCheck:
             tokens = None if fed is None else in_router_order(fed, order).reshape(-1)
         self._check(start, flat, tokens)
         return True
+
+    def _in_step(self) -> int | None:
+        """The row every router reads next as a forward begins, or None where the host does not count their reads.
+
+        Routers out of step (at different rows) are refused: a forward that raised half-way, its exception caught
+        inside the block, left its later routers behind its earlier ones, and each would read the rows of other
+        tokens from here on (a replay with ``strict=False`` would end without a word).
+        """
+        start = self.position()
+        if start is None:
+            return None
+        behind = [src for src in self._sources if src.host_consumed != start]
+        if behind:  # (a forward that raised half-way, caught in the block: its later routers did not read its rows)
+            raise TokenMismatchError(
+                f"forward {self.forwards} of this replay() starts with its routers out of step: "
+                f"'{behind[0].name}' is at row {behind[0].host_consumed} of the routes, others at row {start}, so "
+                "they would read the rows of other tokens. Did an earlier forward in this block raise half-way and "
+                "was the exception caught inside it? Let it leave the block, and replay again from the start"
+            )
+        return start
 
     def _check(self, start: int, flat: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
         """Compare the ids ``flat`` of this forward (and ``tokens``, which of them it feeds as tokens) with the rows
@@ -1055,6 +1067,8 @@ class OrderCheck(FeedCheck):
     Rows that carry their place in the order of their tokens (``rank``) are checked against the order of each forward
     that reads them instead, where the host counts the rows read (``position``): rows of a forward cut through (a
     slice, ``split_routes``) or put in another order read by a forward of another shape hold other tokens' rows.
+    Every forward begins with the routers of ``sources`` (those of as many rows each) in step, or is refused
+    (:meth:`FeedCheck._in_step`).
     """
 
     def __init__(
@@ -1070,9 +1084,10 @@ class OrderCheck(FeedCheck):
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
-        reads are not guarded: rows are not compared with ids)."""
+        reads are not guarded: rows are not compared with ids; ``sources`` are checked to be in step)."""
         self._thread = threading.get_ident()
         self._levels = list(levels)
+        self._sources = list(sources)
         return _enter_levels(levels, self)
 
     def fed(
@@ -1084,6 +1099,10 @@ class OrderCheck(FeedCheck):
         if count < 0:
             return False
         self.forwards += 1
+        if paired:  # (an encoder-decoder's routers see the encoder's tokens and the decoder's: never in step)
+            self._lost = True
+        if not self._lost:
+            self._in_step()
         if not self._kept and order == SEQUENCE_FIRST and shape is not None and min(int(shape[0]), int(shape[1])) > 1:
             raise TokenMismatchError(
                 f"forward {self.forwards} of this replay() feeds a [{int(shape[0])}, {int(shape[1])}] batch whose "

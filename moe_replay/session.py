@@ -1846,8 +1846,10 @@ class Session:
         A forward that raises is not rewound: the routers that ran before the exception
         have consumed its rows. An exception that leaves the block ends the replay there
         (no consumption check; the exception propagates as it is) and the next replay
-        starts from row 0. Caught inside the block, the routers are out of step: a strict
-        replay then fails at the forward that overdraws or when the block ends.
+        starts from row 0. Caught inside the block, the routers are out of step: the next
+        forward of the model is refused as it begins (:class:`TokenMismatchError`, strict or
+        not, where the host counts the routers' reads and they hold as many rows each), else
+        a strict replay fails at the forward that overdraws or when the block ends.
 
         Args:
             routes: what to replay (from :meth:`routes`, a file, or an engine's output).
@@ -2008,13 +2010,12 @@ class Session:
 
         if routes._token_ids is None:
             kept = routes._routers_order or routes._order_untold  # (a capture's rows: in the routers' order)
-            if kept and routes._token_rank is None:
-                return None, None
-            # (rows that know their place in their tokens' order are checked against each forward's order by it)
+            # (rows that know their place in their tokens' order are checked against each forward's order by it; and
+            # each forward begins with its routers in step, where every router holds as many rows)
             order = OrderCheck(
                 hint=_GENERATE_HINT if generated else "", rank=routes._token_rank, position=position, kept=kept
             )
-            return order, order.start(self._feed_wrappers, held)
+            return order, order.start(self._feed_wrappers, held if len({src.num_rows for src in held}) == 1 else [])
         if not strict and _device_of(model).type != "cpu":  # its ids are on the device: nothing to check at no sync
             return None, None
 

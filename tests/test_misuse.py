@@ -1365,3 +1365,47 @@ def test_a_non_strict_replay_of_a_part_of_the_model_on_no_token_is_not_refused(p
         with pytest.raises(mr.ReplayConsumptionError, match="forced nothing: no router read a row"):
             with session.replay(routes, strict=False):
                 copy.deepcopy(model)(x)
+
+
+@pytest.mark.reliability("faults")
+@pytest.mark.parametrize("strict", [False, True], ids=["strict=False", "strict"])
+def test_a_forward_retried_after_a_failure_caught_in_a_replay_of_routes_without_ids_is_refused(strict: bool) -> None:
+    """Once silent: a forward that raised half-way, its exception caught inside the replay block, left its later
+    routers behind; retried, its earlier routers read the next forward's rows. Routes that know their tokens refused
+    the retry (routers out of step); routes without ids (an engine's, from_numpy, with_token_ids(None)) under
+    strict=False forced those rows on the retried tokens and ended without a word. Now any replay refuses a forward
+    that begins with its routers out of step, and the session replays exactly after."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randint(1, 128, (1, 6), generator=gen), torch.randint(1, 128, (1, 6), generator=gen)
+    fail = []
+
+    def fault(module: torch.nn.Module, args: Any) -> None:
+        if fail:
+            fail.clear()
+            raise RuntimeError("out of memory")
+
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(a)
+            model(b)
+        captured = session.routes()
+        handle = model.layers[1].register_forward_pre_hook(fault)  # after router 0 read its rows, before router 1
+        try:
+            for routes in (
+                captured.with_token_ids(None),
+                mr.Routes.from_numpy(captured.to_numpy(), names=captured.names, num_experts=8),
+            ):
+                with pytest.raises(mr.TokenMismatchError, match="starts with its routers out of step"):
+                    with session.replay(routes, strict=strict), torch.no_grad():
+                        fail.append(True)
+                        with pytest.raises(RuntimeError, match="out of memory"):
+                            model(a)
+                        model(a)  # the retry: router 0 is at b's rows, router 1 at a's
+                tried()
+        finally:
+            handle.remove()
+        with session.replay(captured.with_token_ids(None), strict=strict), session.capture(), torch.no_grad():
+            model(a)
+            model(b)
+        assert session.routes().equal(captured)
