@@ -2001,9 +2001,16 @@ class Session:
         if routes._router_ids is not None:  # (each router's own ids: its rows are not one per token of a forward)
             if not strict and _device_of(model).type != "cpu":
                 return None, None
-            wants = {id(src): routes._router_ids[j] for src, j in zip(sources, layers, strict=True) if src is not None}
+            # (a router of a stream of its own, every id unknown, a decoder's beside an encoder's: read unchecked, as
+            # before; the forwards' order is checked by the others)
+            known = [
+                (src, j)
+                for src, j in zip(sources, layers, strict=True)
+                if src is not None and bool((routes._router_ids[j] != -1).any())
+            ]
+            wants = {id(src): routes._router_ids[j] for src, j in known}
             each = RouterFeedCheck(wants, _GENERATE_HINT if generated else "", device_ids=strict)
-            return each, each.start(self._feed_wrappers, held)
+            return each, each.start(self._feed_wrappers, [src for src, _ in known])
 
         def position() -> int | None:  # the row the routers read next, where the host counts their reads
             return None if any(src.read_by_device for src in held) else max(src.host_consumed for src in held)
@@ -2253,7 +2260,8 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
     several layers, a router also called on hidden states of one's own): ``Routes._router_ids``. Where the routers'
     calls differ and a forward was fed ids that a router's rows do not line up with (a call on a part of its
     forward's tokens), why they were lost (``Routes._ids_lost``): a replay of such routes is refused, never taken
-    unchecked."""
+    unchecked. A router none of whose calls is on as many rows as a forward was fed tokens (a decoder's canvas beside
+    an encoder's tokens) routes a stream of its own: its ids are unknown (-1), the other routers' are kept."""
     if not any(f.ids is not None for f in feeds.forwards):
         return  # (no forward's ids kept: nothing to check, nothing lost)
     per = []
@@ -2261,6 +2269,11 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
         ids, mask = feeds.rows(c, i, outside=True)
         if ids is None and len(set(calls)) == 1:
             return  # (routers whose rows are all alike and follow no forward's tokens: unknown, as they always were)
+        if ids is None and c is not None and not {n for n, _ in c} & {f.count for f in feeds.forwards if f.count}:
+            # (no call of it on as many rows as a forward was fed tokens: it routes a stream of its own, a decoder's
+            # canvas beside an encoder's tokens: its rows' ids unknown, as they always were, the others' checked)
+            per.append(torch.full((routes.tokens_per_layer[i],), -1, dtype=torch.long))
+            continue
         if ids is None:
             runs = ", ".join(f"{n} rows x {k}" for n, k in (c or ())[:4])
             routes._ids_lost = (

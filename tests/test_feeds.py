@@ -1356,6 +1356,55 @@ def test_a_router_called_on_a_part_of_a_forwards_tokens_in_a_capture_is_refused_
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
+class _Canvas(torch.nn.Module):
+    """An encoder of MoE blocks on the tokens fed, then a decoder MoE block on a canvas of its own making (three rows
+    per sequence, made from the encoder's mean): as a diffusion decoder refines a canvas beside an encoder's tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = mr.models.MoEConfig(hidden_size=16, num_experts=8, top_k=2, expert_size=16)
+        self.embed = torch.nn.Embedding(128, 16)
+        self.encoder = torch.nn.ModuleList([mr.models.MoEBlock(cfg) for _ in range(2)])
+        self.canvas = torch.nn.Parameter(torch.empty(3, 16))
+        self.decoder = mr.models.MoEBlock(cfg)
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for block in self.encoder:
+            h = h + block(h)
+        canvas = self.canvas + h.mean(1, keepdim=True)  # [batch, 3, hidden]
+        return canvas + self.decoder(canvas)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_decoder_routing_a_canvas_of_its_own_beside_checked_encoder_routers_replays() -> None:
+    """Once a false refusal (a diffusion decoder's canvas, HF's DiffusionGemma): routers none of whose calls are on the
+    forward's tokens route a stream of their own; their ids are unknown, the encoder's are kept. The capture's order
+    replays exactly and forces the decoder's recorded experts too; the batches in another order are refused."""
+    torch.manual_seed(0)
+    model = _Canvas()
+    a, b = _batch(1), _batch(2)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            want = [model(a), model(b)]
+        routes = session.routes()
+        assert routes.tokens_per_layer == (2 * a.numel(), 2 * a.numel(), 2 * 3 * a.shape[0])  # the premise
+        with session.replay(routes), torch.no_grad():
+            got = [model(a), model(b)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        forced = _moved(routes)
+        with session.replay(forced), session.capture(), torch.no_grad():
+            model(a)
+            model(b)
+        assert session.routes().equal(forced)  # (every router forced, the decoder's too)
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(routes), torch.no_grad():
+                model(b)
+                model(a)
+
+
 class _Unpadding(torch.nn.Module):
     """Embeddings, then MoE blocks that see only the tokens the attention mask keeps (padding taken out first)."""
 
