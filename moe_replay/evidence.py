@@ -1742,17 +1742,22 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
     """
     if seconds is None or _SET_ASYNC_EXC is None:
         return fn(*args, **kwargs)
-    me, lock, state, stop = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}, threading.Event()
+    # (no Event nor plain Lock in this thread's way out: a stop raised just as one was taken would leave it taken, and
+    # the next take would wait forever; the re-entrant lock is given back, as often as this thread took it)
+    me, lock, state = threading.get_ident(), threading.RLock(), {"done": False, "fired": False}
 
     def fire() -> None:
-        wait = seconds
-        while not stop.wait(wait):
+        due = time.monotonic() + seconds
+        while not state["done"]:
+            time.sleep(max(0.0, min(_TICK, due - time.monotonic())))
+            if state["done"] or time.monotonic() < due:
+                continue
             with lock:
                 if state["done"]:
                     return
                 state["fired"] = True
                 _SET_ASYNC_EXC(ctypes.c_ulong(me), ctypes.py_object(_Overtime))
-            wait = 0.25
+            due = time.monotonic() + 0.25
 
     timer = threading.Thread(target=fire, daemon=True)
     over = False
@@ -1767,11 +1772,11 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
     finally:
         while True:  # disarm; a stop raised while disarming is the one fired, taken here
             try:
-                stop.set()
-                with lock:
-                    state["done"] = True
-                    if state["fired"]:  # (set, not raised yet: taken back)
-                        _SET_ASYNC_EXC(ctypes.c_ulong(me), None)
+                lock.acquire()
+                state["done"] = True
+                if state["fired"]:  # (set, not raised yet: taken back)
+                    _SET_ASYNC_EXC(ctypes.c_ulong(me), None)
+                _release_all(lock)
                 break
             except _Overtime:
                 over = True
@@ -1781,6 +1786,18 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
 
 
 _SET_ASYNC_EXC: Any = getattr(getattr(ctypes, "pythonapi", None), "PyThreadState_SetAsyncExc", None)
+#: How often the timer of :func:`_within` looks whether its run ended (seconds).
+_TICK = 0.02
+
+
+def _release_all(lock: Any) -> None:
+    """Give back every hold this thread has on the re-entrant ``lock`` (a stop raised between a take and its
+    ``try`` leaves one more than the code counts)."""
+    while True:
+        try:
+            lock.release()
+        except RuntimeError:  # (not held by this thread any more)
+            return
 
 
 # ----------------------------------------------------------------------------- establish

@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import sys
+import threading
 import types
 import weakref
 from collections.abc import Callable
@@ -2283,3 +2285,46 @@ def test_head_offsets_of_a_router_fed_each_heads_part_are_refused() -> None:
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(torch.randn(T, D, generator=torch.Generator().manual_seed(1)))
     assert_untouched(model, before)
+
+
+# ----------------------------------------------------------------------------- the time limit of probe runs
+@pytest.mark.reliability("faults")
+def test_a_stop_that_lands_anywhere_in_a_probe_runs_way_out_hangs_nothing() -> None:
+    """Once a hang (seen once in the whole suite): the stop a probe run's timer raises in the running thread landed
+    just as that thread took a lock on its way out (the timer's ``Event``), which stayed taken, and the thread's next
+    take of it waited forever. The stop is raised here at each step of the way out in turn, after the run's own work
+    ended (as a function begins, or as a call ends): every such run ends, returned or timed out."""
+    from moe_replay import evidence
+
+    def run(at: int, ended: list[str]) -> None:
+        steps = {"after": False, "n": 0}
+
+        def work() -> int:
+            steps["after"] = True  # (from here on, each step of the way out is counted)
+            return 7
+
+        def trace(frame: Any, event: str, arg: Any) -> Any:
+            if event == "return" and frame.f_code is evidence._within.__code__:
+                steps["after"] = False  # (its way out ends: no stop is left to land after it)
+            if steps["after"] and event in ("call", "return"):  # (where a stop fired from another thread lands: as a
+                steps["n"] += 1  # function begins, or as the call of one ends)
+                if steps["n"] == at:
+                    raise evidence._Overtime
+            return trace
+
+        sys.settrace(trace)
+        try:
+            evidence._within(30.0, work)
+            ended.append("returned")
+        except evidence.ProbeTimeout:
+            ended.append("timed out")
+        finally:
+            sys.settrace(None)
+
+    for at in range(1, 40):
+        ended: list[str] = []
+        thread = threading.Thread(target=run, args=(at, ended), daemon=True)
+        thread.start()
+        thread.join(10.0)
+        assert not thread.is_alive(), f"a stop raised at step {at} of the way out hung the run"
+        assert ended in (["returned"], ["timed out"])
