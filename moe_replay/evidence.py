@@ -35,6 +35,7 @@ import itertools
 import math
 import numbers
 import os
+import queue
 import random
 import sys
 import threading
@@ -1743,21 +1744,25 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
     if seconds is None or _SET_ASYNC_EXC is None:
         return fn(*args, **kwargs)
     # (no Event nor plain Lock in this thread's way out: a stop raised just as one was taken would leave it taken, and
-    # the next take would wait forever; the re-entrant lock is given back, as often as this thread took it)
+    # the next take would wait forever; the re-entrant lock is given back, as often as this thread took it, and the
+    # timer is woken through a queue written in C)
     me, lock, state = threading.get_ident(), threading.RLock(), {"done": False, "fired": False}
+    wake: queue.SimpleQueue[None] = queue.SimpleQueue()
 
     def fire() -> None:
-        due = time.monotonic() + seconds
-        while not state["done"]:
-            time.sleep(max(0.0, min(_TICK, due - time.monotonic())))
-            if state["done"] or time.monotonic() < due:
-                continue
+        wait = seconds
+        while True:
+            try:
+                wake.get(timeout=wait)
+                return  # (woken: the run ended)
+            except queue.Empty:
+                pass
             with lock:
                 if state["done"]:
                     return
                 state["fired"] = True
                 _SET_ASYNC_EXC(ctypes.c_ulong(me), ctypes.py_object(_Overtime))
-            due = time.monotonic() + 0.25
+            wait = 0.25
 
     timer = threading.Thread(target=fire, daemon=True)
     over = False
@@ -1777,6 +1782,7 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
                 if state["fired"]:  # (set, not raised yet: taken back)
                     _SET_ASYNC_EXC(ctypes.c_ulong(me), None)
                 _release_all(lock)
+                wake.put(None)
                 break
             except _Overtime:
                 over = True
@@ -1786,8 +1792,6 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
 
 
 _SET_ASYNC_EXC: Any = getattr(getattr(ctypes, "pythonapi", None), "PyThreadState_SetAsyncExc", None)
-#: How often the timer of :func:`_within` looks whether its run ended (seconds).
-_TICK = 0.02
 
 
 def _release_all(lock: Any) -> None:

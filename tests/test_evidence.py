@@ -14,6 +14,7 @@ import copy
 import functools
 import sys
 import threading
+import time
 import types
 import weakref
 from collections.abc import Callable
@@ -2328,3 +2329,13 @@ def test_a_stop_that_lands_anywhere_in_a_probe_runs_way_out_hangs_nothing() -> N
         thread.join(10.0)
         assert not thread.is_alive(), f"a stop raised at step {at} of the way out hung the run"
         assert ended in (["returned"], ["timed out"])
+
+    def spin() -> None:  # (a loop in Python that would run for a minute)
+        end = time.monotonic() + 60.0
+        while time.monotonic() < end:
+            pass
+
+    began = time.monotonic()
+    with pytest.raises(evidence.ProbeTimeout):  # (and the limit itself still stops a run)
+        evidence._within(0.05, spin)
+    assert time.monotonic() - began < 30.0
