@@ -717,7 +717,7 @@ class Session:
 
     def _calls_made(self) -> tuple[int, ...]:
         """The calls of rows each router's capture ring counts now (one per hook; 0 for a router of none)."""
-        return tuple(0 if h.capture_ring is None else h.capture_ring.calls_made() for h in self._hooks)
+        return tuple([0 if (ring := h.capture_ring) is None else ring.calls_made() for h in self._hooks])
 
     def _rings(self) -> list[CaptureRing]:
         return [h.capture_ring for h in self._hooks if h.capture_ring is not None]
