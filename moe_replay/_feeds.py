@@ -107,10 +107,17 @@ BATCH_MAJOR = "batch-major"
 SEQUENCE_FIRST = "sequence-first"
 #: neither: the routers' rows do not follow the tokens one to one in either order (told once, not checked)
 OTHER_ORDER = "other"
+#: the routers see the tokens batch-major, only those the forward's ``[batch, positions]`` attention mask keeps: the
+#: padding taken out before them (``h[attention_mask.bool()]``), one row per token of a sequence. Told by the same runs
+#: as the others (the changed token's row is its place among the tokens kept), and read per forward from its own mask
+UNPADDED = "unpadded"
 #: not told (a forward given a cache that holds tokens, one across processes, one of no other token to change to):
 #: its ids are read as batch-major, and the rows of a forward fed embeddings are in the routers' order, whatever it is
 #: (``Routes._order_untold``)
 UNTOLD = "untold"
+
+#: the orders whose rows follow the tokens sequence by sequence, as the ids are laid out
+_ROW_BY_ROW = (BATCH_MAJOR, UNPADDED)
 
 _SEQUENCE_FIRST_HINT = (
     "This model's routers see the tokens of a [batch, positions] forward sequence-first (position 0 of every "
@@ -123,7 +130,7 @@ _SEQUENCE_FIRST_HINT = (
 class _Forward:
     """What one forward of the model was fed."""
 
-    __slots__ = ("calls", "count", "end", "ids", "mask", "shape", "untold")
+    __slots__ = ("calls", "count", "end", "ids", "mask", "shape", "unpadded", "untold")
 
     def __init__(
         self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: tuple[int, ...] | None = None
@@ -139,6 +146,25 @@ class _Forward:
         self.shape: tuple[int, int] | None = None
         #: fed embeddings of several sequences whose order its routers saw them in was not told (see ``ranks``)
         self.untold = False
+        #: its routers saw only the tokens its kept ``mask`` marks (:data:`UNPADDED`): its ``count``, ``ids`` and
+        #: ``mask`` are those of the tokens it was fed until :meth:`unpad` (read with the routes: no host sync here)
+        self.unpadded = False
+
+    def unpad(self) -> None:
+        """Where its routers saw only the tokens its mask keeps, its count, ids and mask become theirs (one row each,
+        every one a token of a sequence); a mask of no known kind (an additive one) leaves them as fed, and its rows
+        then line up with no forward's (:meth:`FeedRecord.rows`)."""
+        if not self.unpadded:
+            return
+        self.unpadded = False
+        keep = _zero_one(self.mask)
+        if keep is None:
+            return
+        keep = keep.reshape(-1) != 0
+        if self.ids is not None:
+            self.ids = self.ids.reshape(-1)[keep.to(self.ids.device)]
+        self.count = int(keep.sum())
+        self.mask = torch.ones(self.count, dtype=torch.bool, device=keep.device)
 
 
 class FeedRecord:
@@ -263,7 +289,7 @@ class FeedRecord:
         untold = False
         if order == SEQUENCE_FIRST:
             self.sequence_first = True
-        elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and order != BATCH_MAJOR:
+        elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and order not in _ROW_BY_ROW:
             self.untold = untold = True  # (embeddings whose order was not told, or told as neither)
         if self._keep_inputs:
             self._keep(count, ids, fed, kwargs, BATCH_MAJOR if order == UNTOLD else order, untold)  # (read as before)
@@ -429,6 +455,7 @@ class FeedRecord:
         if ids is not None:
             kept = ids.clone() if order is BATCH_MAJOR else in_router_order(ids, order).clone()
         mask = kwargs.get("attention_mask")
+        own = False  # (a [batch, positions] mask of its own, kept: the tokens its routers see where it unpads)
         if (  # [batch, positions] fed, several per sequence: a prompt forward (or a training one)
             fed is not None
             and fed[1] > 1
@@ -442,6 +469,7 @@ class FeedRecord:
             mask = mask[:, -width:].clone() if mask.is_floating_point() else mask[:, -width:] != 0
             if order is not BATCH_MAJOR:
                 mask = in_router_order(mask, order)
+            own = True
         elif fed is not None and fed[1] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 4:
             mask = _tokens_of_4d(mask, fed[0], fed[1])  # (a static cache's: [batch, heads, queries, keys])
             if mask is not None and order is not BATCH_MAJOR:
@@ -449,6 +477,7 @@ class FeedRecord:
         else:
             mask = None
         forward = _Forward(count, kept, mask, None if self.calls_made is None else self.calls_made())
+        forward.unpadded = own and order == UNPADDED
         if order == SEQUENCE_FIRST and fed is not None:  # (ids or embeddings: each row's place in the tokens' order)
             forward.shape = (int(fed[0]), int(fed[1]))
         forward.untold = untold
@@ -588,6 +617,9 @@ class FeedRecord:
         do not line up (see :meth:`rows`); with ``outside``, None for each call outside every forward."""
         if calls is None or not self._keep_inputs:
             return None
+        for f in self.forwards:  # (the tokens of forwards whose routers saw only those their masks keep: read now)
+            if f.unpadded:
+                f.unpad()
         sizes = [n for n, c in calls for _ in range(c)]
         fed = [f for f in self.forwards if f.count]
         gaps = [0] * (len(fed) + 1)  # (the calls before each forward, and after the last)
@@ -787,10 +819,16 @@ class FeedCheck:
         if start is None:  # (rows read on the device: the host does not know where this forward's rows begin)
             self._open()
             return True
+        kept = None
+        compared = ids is not None and (self.device_ids or ids.device.type == "cpu")
+        if ids is not None and compared and order == UNPADDED:
+            kept = _unpad_fed(ids, kwargs.get("attention_mask"))
+        if kept is not None:  # (its routers see only the tokens its mask keeps: one row each)
+            ids, count = kept, kept.numel()
         for src in self._sources:  # the rows this forward may read
             src.cleared = min(src.num_rows, start + count)
         self._current = (count, None)
-        if ids is None or not (self.device_ids or ids.device.type == "cpu"):
+        if ids is None or not compared:
             return True
         if order == SEQUENCE_FIRST:
             self.sequence_first = True
@@ -798,7 +836,7 @@ class FeedCheck:
         self._current = (count, flat)
         tokens = None  # which of them it feeds as tokens of a sequence, where rows recorded at padding are read
         if self.padding is not None and bool(self.padding[start : start + count].any()):
-            fed = _tokens_fed(kwargs.get("attention_mask"), ids)
+            fed = _tokens_fed(kwargs.get("attention_mask"), ids) if kept is None else torch.ones_like(kept, **_INT8)
             tokens = None if fed is None else in_router_order(fed, order).reshape(-1)
         self._check(start, flat, tokens)
         return True
@@ -982,13 +1020,17 @@ class RouterFeedCheck(FeedCheck):
         if ids is not None and (self.device_ids or ids.device.type == "cpu"):
             if order == SEQUENCE_FIRST:
                 self.sequence_first = True
+            mask = kwargs.get("attention_mask")
+            kept = _unpad_fed(ids, mask) if order == UNPADDED else None
+            if kept is not None:  # (its routers see only the tokens its mask keeps: one row each)
+                ids, count, mask = kept, kept.numel(), None  # (no mask: every one of them a token of a sequence)
             flat = in_router_order(ids.detach(), order).reshape(-1)
-            mask, held = kwargs.get("attention_mask"), ids.detach()
+            held = ids.detach()
             fed: list[torch.Tensor | None] = []
 
             def tokens() -> torch.Tensor | None:  # (read where a row recorded at padding is: once per forward)
                 if not fed:
-                    got = _tokens_fed(mask, held)
+                    got = _tokens_fed(mask, held) if held.dim() == 2 else torch.ones_like(held, **_INT8)
                     fed.append(None if got is None else in_router_order(got, order).reshape(-1))
                 return fed[0]
 
@@ -1388,6 +1430,21 @@ def _tokens_fed(mask: Any, ids: torch.Tensor) -> torch.Tensor | None:
     return torch.where(zero_one, ones, mask > torch.finfo(mask.dtype).min / 2).to(torch.int8)
 
 
+_INT8: dict[str, Any] = {"dtype": torch.int8}
+
+
+def _unpad_fed(ids: torch.Tensor, mask: Any) -> torch.Tensor | None:
+    """The ``[batch, positions]`` ``ids`` a forward feeds as tokens of its sequences by its ``[batch, >= positions]``
+    attention ``mask`` (every one, given none), sequence by sequence: the rows of routers that see the tokens
+    :data:`UNPADDED`; None where the mask is of another kind. On a device: one host sync (how many are kept)."""
+    if ids.dim() != 2 or (mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)):
+        return None
+    fed = _tokens_fed(mask, ids)
+    if fed is None:
+        return None
+    return ids.detach().reshape(-1)[fed.reshape(-1).to(ids.device) == 1]
+
+
 def _zero_one(mask: torch.Tensor | None) -> torch.Tensor | None:
     """A kept prompt mask as 1 = token, 0 = padding; None where a float mask is not one of 0s and 1s.
 
@@ -1479,6 +1536,7 @@ def token_order(
     module: nn.Module | None = None,
     path: list[nn.Module] | None = None,
     seen: list[torch.Tensor | None] | None = None,
+    mask: Any = None,
 ) -> str | None:
     """The order in which the routers see the tokens of the ``[batch, positions]`` ids this forward is fed, told by
     effect; None where this forward cannot tell (another may).
@@ -1493,9 +1551,10 @@ def token_order(
     the last token of sequence 0 that is no padding (position ``p``) changed. The rows of that router's input that
     change are that token's (and, where attention looks both ways, the other tokens of its sequence): its own row ``p``
     and rows within the first ``positions`` where the routers see the tokens batch-major, its row
-    ``p * batch`` and rows at multiples of ``batch`` where they see them sequence-first. Anything else (rows
-    that are not one per token, no row changed, a run that fails) is :data:`OTHER_ORDER`, read as before:
-    batch-major, unchecked.
+    ``p * batch`` and rows at multiples of ``batch`` where they see them sequence-first. Rows one per token the
+    forward's attention mask keeps (the padding taken out before the routers) are :data:`UNPADDED` where the changed
+    token's row is its place among them, sequence by sequence (:func:`_unpadded`). Anything else (rows that are not
+    one per token, no row changed, a run that fails) is :data:`OTHER_ORDER`, read as before: batch-major, unchecked.
 
     It runs where it changes nothing: not for one sequence or one position (every order is the same), not
     where the forward is given a cache it would update, not across processes (the other ranks would not run it
@@ -1504,7 +1563,8 @@ def token_order(
     plain attributes (a forward counter, a batch norm's running statistics in training). ``path``, where given,
     gets the modules the runs went through before the router they stopped at, in the order they were called;
     ``seen``, where given, the router's input rows in the run as fed where the runs set the hooks aside (what the
-    forward itself, run with them, is checked against: :func:`_order_check`).
+    forward itself, run with them, is checked against: :func:`_order_check`). ``mask``: the forward's attention mask
+    where it was given by position (``args`` and ``kwargs`` are what it was given, and what the runs are given).
     """
     _, ids, _ = _inputs(args, kwargs)
     # (a forward fed embeddings: one token's embedding changed to another token's tells the order as an id does)
@@ -1522,7 +1582,8 @@ def token_order(
         return None
     emptied = any(rest[k] is not v for k, v in kwargs.items() if k in rest)  # (an empty cache given as None)
     batch, positions = int(grid.shape[0]), int(grid.shape[1])
-    at = _last_token(kwargs.get("attention_mask"), batch, positions)
+    mask = kwargs.get("attention_mask") if mask is None else mask
+    at = _last_token(mask, batch, positions)
     if at is None:  # (sequence 0 holds fewer than two tokens: its own row and another's are not told apart)
         return None
     flat = grid.detach().reshape(batch * positions, -1)
@@ -1550,15 +1611,40 @@ def token_order(
     else:  # (runs that fail without the cache the forward was given say nothing of the forward: not told)
         return None if emptied else OTHER_ORDER
     first, second = rows
-    if first is None or second is None or first.shape != second.shape or first.shape[0] != batch * positions:
+    if first is None or second is None or first.shape != second.shape:
         return OTHER_ORDER
     moved = set((first != second).any(dim=-1).nonzero().flatten().tolist())
+    if first.shape[0] != batch * positions:
+        return _unpadded(moved, first.shape[0], mask, at, batch, positions)
     # (the changed token's own row changes, and only rows of its sequence: told apart as at >= 1 and batch >= 2)
     if at in moved and all(q < positions for q in moved):
         return BATCH_MAJOR
     if at * batch in moved and all(q % batch == 0 for q in moved):
         return SEQUENCE_FIRST
     return OTHER_ORDER
+
+
+def _unpadded(moved: set[int], rows: int, mask: Any, at: int, batch: int, positions: int) -> str:
+    """The order of the routers' ``rows`` input rows of a forward of ``[batch, positions]`` tokens whose token ``at`` of
+    sequence 0 changed the rows ``moved``: :data:`UNPADDED` where they are one row per token its ``attention_mask``
+    keeps, in order sequence by sequence (the changed token's row is its place among them, and only rows of sequence
+    0's tokens changed), else :data:`OTHER_ORDER`.
+
+    Tokens kept position by position would put that row elsewhere, unless no other sequence holds a token before it;
+    there the runs cannot tell the two apart, and the order is told only where both are the same for every token."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < positions:
+        return OTHER_ORDER
+    keep = (mask[:, -positions:] != 0).cpu()
+    if rows != int(keep.sum()) or rows == batch * positions:
+        return OTHER_ORDER
+    own = int(keep[0, :at].sum())  # (the changed token's row sequence by sequence: sequence 0's tokens come first)
+    if own not in moved or any(q >= int(keep[0].sum()) for q in moved):
+        return OTHER_ORDER
+    if int(keep[:, :at].sum()) == own:  # (its row position by position too: the same for every token?)
+        grid = torch.arange(batch * positions).view(batch, positions)
+        if not torch.equal(grid[keep], grid.t()[keep.t()]):
+            return OTHER_ORDER
+    return UNPADDED
 
 
 def _order_rows(
@@ -1701,6 +1787,9 @@ def _order_check(
     batch, positions = shape
 
     def check(rows: torch.Tensor | None) -> None:
+        if order == UNPADDED and rows is not None and rows.shape == before.shape:
+            passed()  # (as many rows as the tokens kept: no other order of them is told apart here)
+            return
         if rows is None or rows.shape != before.shape or rows.shape[0] != batch * positions:
             return
         now, then = rows.to(before.device, torch.float32), before.float()
@@ -1945,7 +2034,7 @@ class FeedForward:
             at = self.mask_at
             if at is not None and len(args) > at and "attention_mask" not in kwargs:
                 named = {**kwargs, "attention_mask": args[at]}
-            order = self._order(entered, args, named)
+            order = self._order(entered, args, named, kwargs)
             # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
             watching = [
                 (r, r.calls_made() if r.calls_made is not None else None) for r in entered if isinstance(r, FeedRecord)
@@ -1978,15 +2067,24 @@ class FeedForward:
             if settling is not None:
                 settling.settle()
 
-    def _order(self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def _order(
+        self,
+        entered: list[FeedRecord | FeedCheck],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        given: dict[str, Any] | None = None,
+    ) -> str:
         """The order in which the routers see this forward's tokens: established once (:func:`token_order`) at the
-        first forward that can tell, for the records and checks that keep or compare ids."""
+        first forward that can tell, for the records and checks that keep or compare ids. ``kwargs`` are those the
+        forward was given with its attention mask by name, ``given`` those it was given (the mask by position)."""
         order = self.order
         if order is not None and all(r in self._checked for r in entered):
             return order
         shape = _inputs(args, kwargs)[2]
         if shape is not None and min(int(shape[0]), int(shape[1])) < 2:
-            return BATCH_MAJOR  # (one token per sequence, a decode step, or one sequence: every order is the same)
+            # (one token per sequence, a decode step, or one sequence: every order is the same, but for the padding
+            # of a model that takes it out, as told at an earlier forward)
+            return UNPADDED if self.order == UNPADDED else BATCH_MAJOR
         if self.paired:
             return BATCH_MAJOR
         if not any(_wants_ids(r) for r in entered):
@@ -2004,7 +2102,9 @@ class FeedForward:
         path: list[nn.Module] = []
         seen: list[torch.Tensor | None] = []
         # (its forwards enter no block)
-        found = token_order(self._run, self.scopes, args, kwargs, self.module, path, seen)
+        mask = kwargs.get("attention_mask")  # (the runs are given what the forward was: a mask by position twice fails)
+        runs_given = kwargs if given is None else given
+        found = token_order(self._run, self.scopes, args, runs_given, self.module, path, seen, mask)
         if found is not None:
             # (the router scope it stopped at ran none of its own code: compared as a scope)
             way = [m for m in path if all(m is not s for s in self.scopes)]

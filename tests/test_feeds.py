@@ -1406,47 +1406,95 @@ def test_a_decoder_routing_a_canvas_of_its_own_beside_checked_encoder_routers_re
 
 
 class _Unpadding(torch.nn.Module):
-    """Embeddings, then MoE blocks that see only the tokens the attention mask keeps (padding taken out first)."""
+    """Embeddings, then MoE blocks that see only the tokens the attention mask keeps (padding taken out first): sequence
+    by sequence (``h[attention_mask.bool()]``), or position by position where ``first`` (layers that run
+    ``[positions, batch, hidden]``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: bool = False) -> None:
         super().__init__()
         cfg = mr.models.MoEConfig(hidden_size=16, num_experts=8, top_k=2, expert_size=16)
         self.embed = torch.nn.Embedding(128, 16)
         self.layers = torch.nn.ModuleList([mr.models.MoEBlock(cfg) for _ in range(2)])
+        self.first = first
         g = torch.Generator().manual_seed(0)
         for p in self.parameters():
             torch.nn.init.normal_(p, std=0.5, generator=g)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids)[attention_mask.bool()]  # [real tokens, hidden]: one row per token the mask keeps
+        h, keep = self.embed(input_ids), attention_mask.bool()
+        h = h.transpose(0, 1)[keep.t()] if self.first else h[keep]  # [real tokens, hidden]: one row per token kept
         for layer in self.layers:
             h = h + layer(h)
         return h
 
 
+def _ids(seed: int) -> torch.Tensor:
+    return torch.randint(1, 128, (3, 5), generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a capture whose routers see fewer rows than the forward's ids (padding taken out inside the model) "
-    "cannot tell which token each row is, so it knows no token ids and its replay checks none",
-)
-def test_routers_fed_only_the_unpadded_tokens_check_their_tokens() -> None:
-    """Silent: a model that takes the padding out before its MoE layers (h[attention_mask.bool()]) records one row per
-    real token, fewer than the ids it was fed; such routes know no token ids, and replayed on a batch of other tokens
-    with as many real ones (other sequences, the same sequences in another order) they are forced without a word."""
+@pytest.mark.parametrize(("side", "shared"), [("right", False), ("left", False), ("right", True)])
+def test_routers_fed_only_the_unpadded_tokens_check_their_tokens(side: str, shared: bool) -> None:
+    """Once silent: a model that takes the padding out before its MoE layers (h[attention_mask.bool()]) records one row
+    per real token, fewer than the ids it was fed; such routes knew no token ids, and replayed on a batch of other
+    tokens with as many real ones (other sequences, the same sequences in another order) they were forced without a
+    word. The runs that tell the routers' token order show the changed token's row at its place among the tokens the
+    mask keeps: the routes know the ids of those tokens, the capture's batches replay exactly (and force), others are
+    refused; where one block is called at two layers too, each router's own ids."""
     model = _Unpadding()
-    ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(0))
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    if shared:
+        model.layers.append(model.layers[0])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    if side == "left":
+        mask = mask.flip(1)
+    a, b = _ids(0), _ids(1)
     with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
         with session.capture(), torch.no_grad():
-            model(ids, mask)
+            want = [model(a, mask), model(b[1:], mask[1:])]  # (the mask given by position; a batch of two after)
         routes = session.routes()
-        with session.replay(routes), session.capture(), torch.no_grad():  # the same batch: forced as recorded
-            model(ids, mask)
-        assert session.routes().equal(routes)
-        with pytest.raises(mr.TokenMismatchError):  # other tokens, as many real ones
-            with session.replay(routes), torch.no_grad():
-                model(torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(1)), mask)
+        fed = torch.cat([a[mask.bool()], b[1:][mask[1:].bool()]])
+        if shared:  # (each router's own: the block's rows are its two calls' in each forward)
+            two = torch.cat([a[mask.bool()]] * 2 + [b[1:][mask[1:].bool()]] * 2)
+            assert routes.token_ids is None and routes._router_ids is not None
+            assert all(torch.equal(t, w) for t, w in zip(routes._router_ids, [two, fed], strict=True))
+        else:
+            assert torch.equal(routes.token_ids, fed)
+        with session.replay(routes), session.capture(), torch.no_grad():  # the same batches: exact, as recorded
+            got = [model(a, mask), model(b[1:], attention_mask=mask[1:])]
+        assert session.routes().equal(routes) and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        forced = _moved(routes) if shared else _moved(routes).with_token_ids(fed)
+        with session.replay(forced), session.capture(), torch.no_grad():
+            model(a, mask)
+            model(b[1:], mask[1:])
+        assert session.routes().equal(forced)
+        with pytest.raises(mr.TokenMismatchError, match="other tokens than its routes were recorded for"):
+            with session.replay(routes), torch.no_grad():  # other tokens, as many real ones
+                model(b, mask)
+        swap = torch.tensor([2, 1, 0])
+        with pytest.raises(mr.TokenMismatchError, match="other tokens than its routes were recorded for"):
+            with session.replay(routes), torch.no_grad():  # the same sequences in another order
+                model(a[swap], mask[swap])
+                model(b[1:], mask[1:])
+
+
+@pytest.mark.reliability("silent replays")
+def test_routers_fed_the_unpadded_tokens_position_by_position_are_not_told_sequence_by_sequence() -> None:
+    """Routers that see the tokens a mask keeps position by position are not read as seeing them sequence by sequence:
+    the changed token's row is elsewhere, and the capture keeps no ids laid out in an order its rows do not follow; nor
+    where the runs cannot tell the two orders apart (no other sequence holds a token before the changed one)."""
+    for mask, apart in (
+        (torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]), True),
+        (torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), True),
+        # (sequence 0's last token, at position 1, has the same row in both orders, the others' do not: not told)
+        (torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]]), False),
+    ):
+        for first in (True, False):
+            model = _Unpadding(first=first)
+            with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
+                with session.capture(), torch.no_grad():
+                    model(_ids(0), mask)
+                ids = session.routes().token_ids
+            assert ids is None if first or not apart else torch.equal(ids, _ids(0)[mask.bool()])
 
 
 def _steps(model, cache: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
