@@ -116,9 +116,6 @@ UNPADDED = "unpadded"
 #: (``Routes._order_untold``)
 UNTOLD = "untold"
 
-#: the orders whose rows follow the tokens sequence by sequence, as the ids are laid out
-_ROW_BY_ROW = (BATCH_MAJOR, UNPADDED)
-
 _SEQUENCE_FIRST_HINT = (
     "This model's routers see the tokens of a [batch, positions] forward sequence-first (position 0 of every "
     "sequence, then position 1...), not row by row as mr.BatchLayout, mr.pad_routes and the engine readers lay "
@@ -289,7 +286,7 @@ class FeedRecord:
         untold = False
         if order == SEQUENCE_FIRST:
             self.sequence_first = True
-        elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and order not in _ROW_BY_ROW:
+        elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and order != BATCH_MAJOR:
             self.untold = untold = True  # (embeddings whose order was not told, or told as neither)
         if self._keep_inputs:
             self._keep(count, ids, fed, kwargs, BATCH_MAJOR if order == UNTOLD else order, untold)  # (read as before)
@@ -836,7 +833,8 @@ class FeedCheck:
         self._current = (count, flat)
         tokens = None  # which of them it feeds as tokens of a sequence, where rows recorded at padding are read
         if self.padding is not None and bool(self.padding[start : start + count].any()):
-            fed = _tokens_fed(kwargs.get("attention_mask"), ids) if kept is None else torch.ones_like(kept, **_INT8)
+            given = kwargs.get("attention_mask")  # (where its routers see only the tokens it keeps: each a token)
+            fed = _tokens_fed(given, ids) if kept is None else torch.ones_like(kept, dtype=torch.int8)
             tokens = None if fed is None else in_router_order(fed, order).reshape(-1)
         self._check(start, flat, tokens)
         return True
@@ -1030,7 +1028,7 @@ class RouterFeedCheck(FeedCheck):
 
             def tokens() -> torch.Tensor | None:  # (read where a row recorded at padding is: once per forward)
                 if not fed:
-                    got = _tokens_fed(mask, held) if held.dim() == 2 else torch.ones_like(held, **_INT8)
+                    got = _tokens_fed(mask, held) if held.dim() == 2 else torch.ones_like(held, dtype=torch.int8)
                     fed.append(None if got is None else in_router_order(got, order).reshape(-1))
                 return fed[0]
 
@@ -1428,9 +1426,6 @@ def _tokens_fed(mask: Any, ids: torch.Tensor) -> torch.Tensor | None:
     ones = mask == 1  # a float mask of 0s and 1s (with a 1) as an integer one; any other is additive (0: a token)
     zero_one = ones.any() & (ones | (mask == 0)).all()
     return torch.where(zero_one, ones, mask > torch.finfo(mask.dtype).min / 2).to(torch.int8)
-
-
-_INT8: dict[str, Any] = {"dtype": torch.int8}
 
 
 def _unpad_fed(ids: torch.Tensor, mask: Any) -> torch.Tensor | None:
