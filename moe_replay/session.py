@@ -2268,7 +2268,10 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
     for i, (name, c) in enumerate(zip(routes.names, calls, strict=True)):
         ids, mask = feeds.rows(c, i, outside=True)
         if ids is None and len(set(calls)) == 1:
-            return  # (routers whose rows are all alike and follow no forward's tokens: unknown, as they always were)
+            # (routers whose rows are all alike and follow no forward's tokens: unknown, as they always were, unless a
+            # forward fed ids called them on every one of its tokens and again on other rows: refused, as below)
+            routes._ids_lost = _part_call(feeds, c, i, name)
+            return
         if ids is None and c is not None and not {n for n, _ in c} & {f.count for f in feeds.forwards if f.count}:
             # (no call of it on as many rows as a forward was fed tokens: it routes a stream of its own, a decoder's
             # canvas beside an encoder's tokens: its rows' ids unknown, as they always were, the others' checked)
@@ -2286,6 +2289,24 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
         per.append(ids)
     if any(bool((v != -1).any()) for v in per):
         routes._router_ids = tuple(per)
+
+
+def _part_call(feeds: FeedRecord, calls: tuple[tuple[int, int], ...] | None, router: int, name: str) -> str | None:
+    """Why the token ids of router ``router`` (``name``, whose calls were ``calls``) are lost, where a forward fed ids
+    called it on every one of its tokens and again on another number of rows (a block called once more on a part of
+    them): the rows of the first call are those tokens', the others' are not told. None where no forward did."""
+    sizes = [n for n, c in calls or () for _ in range(c)]
+    for f in feeds.forwards:
+        if f.ids is None or f.count <= 0 or f.calls is None or f.end is None or len(f.calls) <= router:
+            continue
+        made = sizes[f.calls[router] : f.end[router]]
+        other = [n for n in made if n != f.count]
+        if f.count in made and other:
+            return (
+                f"router '{name}' was called in a forward of the model on every one of its {f.count} tokens and "
+                f"again on {other[0]} rows (a call on a part of its tokens?), whose tokens cannot be told"
+            )
+    return None
 
 
 def _scope_hooks(model: nn.Module, scopes: Sequence[str]) -> tuple[tuple[int, ...], ...]:
