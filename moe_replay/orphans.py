@@ -46,8 +46,8 @@ __all__ = ["OrphanWatch", "watch_first_runs", "watch_forward"]
 _ATTENTION = re.compile(r"(attn|attention|indexer)", re.I)
 #: Decision-like calls that return indices by nature (not a stable softmax's max).
 _INDEX_CHOICES = frozenset(("topk", "argmax", "argmin"))
-#: Calls that pick rows of a table by indices: the positions of (table, indices) in the call; ``__getitem__`` and
-#: ``index_select`` only where the indices are the first (``index_select``: along the first dimension).
+#: Calls that pick rows (or columns, or entries) of a table by indices: the positions of (table, indices) in the
+#: call; ``__getitem__`` by a key that holds the indices at any place (``values[idx]``, ``values[:, idx]``).
 _ROWS: dict[Any, tuple[int, str, int, str]] = {
     F.embedding: (1, "weight", 0, "input"),
     torch.embedding: (0, "weight", 1, "indices"),
@@ -55,8 +55,51 @@ _ROWS: dict[Any, tuple[int, str, int, str]] = {
     torch.embedding_bag: (0, "weight", 1, "indices"),
     torch.index_select: (0, "input", 2, "index"),
     torch.Tensor.index_select: (0, "input", 2, "index"),
+    torch.gather: (0, "input", 2, "index"),
+    torch.Tensor.gather: (0, "input", 2, "index"),
+    torch.take: (0, "input", 1, "index"),
+    torch.Tensor.take: (0, "input", 1, "index"),
     torch.Tensor.__getitem__: (0, "self", 1, "key"),
 }
+#: Calls whose floating results carry the choice of followed indices: casts of them (a one-hot made a float mask)
+#: and scatters by them (the chosen weights scattered into a dense ``[tokens, keys]`` mask). A float so made, and
+#: what is computed from it, is followed as the indices are.
+_SPREAD = frozenset(
+    (
+        torch.Tensor.to,
+        torch.Tensor.float,
+        torch.Tensor.half,
+        torch.Tensor.bfloat16,
+        torch.Tensor.double,
+        torch.Tensor.type,
+        torch.Tensor.type_as,
+        torch.scatter,
+        torch.Tensor.scatter,
+        torch.Tensor.scatter_,
+        torch.scatter_add,
+        torch.Tensor.scatter_add,
+        torch.Tensor.scatter_add_,
+        torch.Tensor.scatter_reduce,
+        torch.Tensor.scatter_reduce_,
+    )
+)
+#: ... of which the scatters, whose choice is kept only where they scatter along the last dimension (over the keys)
+_SCATTERS = frozenset(f for f in _SPREAD if "scatter" in getattr(f, "__name__", ""))
+#: Products that read a table through a dense mask of followed choices (``one_hot(idx).float() @ values``).
+_PRODUCTS = frozenset(
+    (
+        torch.matmul,
+        torch.Tensor.matmul,
+        torch.Tensor.__matmul__,
+        torch.Tensor.__rmatmul__,
+        torch.mm,
+        torch.Tensor.mm,
+        torch.bmm,
+        torch.Tensor.bmm,
+        F.linear,
+        torch.einsum,
+    )
+)
 #: Modules whose 3-D weights are filters, not experts.
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -178,6 +221,7 @@ class OrphanWatch(TorchFunctionMode):
         #: a weak reference to the tensor (the watch keeps no tensor alive) and where that top-k was taken
         self.picked: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
         self.reported: set[str] = set()  # the top-k's among keys found picking rows (each is named once)
+        self.keys: dict[str, int] = {}  # the number of keys each followed top-k chose among (see _pick)
         self.weights: dict[int, str] | None = None  # the model's weights by their storage (read when first needed)
 
     def _in_moe(self, name: str) -> bool:
@@ -300,6 +344,7 @@ class OrphanWatch(TorchFunctionMode):
                     )
                 elif name is not None and sig[0] == "topk" and self._over_keys(name, sig[2]):
                     source = f"'{name}' ({type(self.modules[name]).__name__}): topk over {sig[2]} at {_where()}"
+                    self.keys[source] = sig[2]
         elif func in _PEAKS and not torch.compiler.is_compiling() and len(self.found) < 8:
             self._peak(args, kwargs)
         if not self.picked and source is None:
@@ -320,15 +365,26 @@ class OrphanWatch(TorchFunctionMode):
             return False
         return any(p.dim() >= 2 and width in p.shape for p in self.modules[name].parameters())
 
-    def _pick(self, t: Any, where: str) -> None:
-        """Follow the integer tensor ``t``, made from the indices of the top-k ``where`` says."""
-        if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool:
+    def _pick(self, t: Any, where: str, floats: bool = False) -> None:
+        """Follow the integer tensor ``t`` (or floating, with ``floats``), made from the indices of the top-k
+        ``where`` says."""
+        if not isinstance(t, torch.Tensor) or t.is_complex() or t.dtype == torch.bool:
+            return
+        # (a float only with a dimension over the keys last: a mask of the choices, ``[..., keys]``, not the hidden
+        # states that a choice among tokens, Mixture-of-Depths, scatters its tokens back into)
+        if not t.is_floating_point() or (floats and t.dim() and self._per_key(where, t.shape[-1])):
             key, picked = id(t), self.picked
 
             def gone(_: weakref.ref[torch.Tensor]) -> None:  # (the tensor is freed: its id may be another's next)
                 picked.pop(key, None)
 
             picked[key] = (weakref.ref(t, gone), where)
+
+    def _per_key(self, where: str, size: int) -> bool:
+        """Is ``size`` the number of keys the top-k ``where`` says chose among, or of their products with a second
+        set as many (product keys: ``n * n`` experts from two sets of ``n`` sub-keys)?"""
+        n = self.keys.get(where)
+        return n is not None and size in (n, n * n)
 
     def _source(self, x: Any) -> str | None:
         """Where the top-k was taken whose indices ``x`` (a tensor, or a list or tuple of them) was made from."""
@@ -358,23 +414,53 @@ class OrphanWatch(TorchFunctionMode):
                     break
         if where is None:
             return
+        # (a float made from them carries the choice too: a cast of them, a scatter by them, and what follows from
+        # such a float; a float merely read at them, ``scores.gather(-1, idx)``, does not)
+        floats = func in _SPREAD or any(
+            isinstance(a, torch.Tensor) and a.is_floating_point() and self._source(a) is not None
+            for a in (*args, *kwargs.values())
+        )
+        if func in _SCATTERS and isinstance(out, torch.Tensor):  # (along the keys, not tokens scattered back)
+            floats = _arg(args, kwargs, 1, "dim") in (-1, out.dim() - 1)
+        if func is torch.Tensor.__setitem__ and args and isinstance(args[0], torch.Tensor):
+            # (a mask of the choices written in place, ``mask[rows, idx] = w``: the indices over its last dimension)
+            out, key = args[0], _arg(args, kwargs, 1, "key")
+            keys = key if isinstance(key, tuple) else (key,)
+            floats = bool(keys) and self._source(keys[-1]) is not None and (len(keys) == out.dim() or ... in keys)
         if isinstance(out, torch.Tensor):
-            self._pick(out, where)
+            self._pick(out, where, floats)
         elif isinstance(out, (tuple, list)):
             for item in out:
-                self._pick(item, where)
+                self._pick(item, where, floats)
+        if len(self.found) >= 8 or where in self.reported:
+            return
+        if func in _PRODUCTS:  # (a dense mask of the choices times a weight: its rows read by the choices)
+            operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            operands += [t for a in args if isinstance(a, (tuple, list)) for t in a if isinstance(t, torch.Tensor)]
+            table = next((t for t in operands if self._source(t) is None and self._weight(t) is not None), None)
+            if table is None or table.dim() < 2 or not any(self._per_key(where, n) for n in table.shape):
+                return
+            mask = _arg(args, kwargs, 0, "input")  # (contracted over the keys: a row of the table each)
+            if isinstance(mask, torch.Tensor) and mask is not table and mask.dim():
+                side = -1 if func is F.linear else -2
+                if func is not torch.Tensor.__rmatmul__ and mask.shape[-1] != table.shape[side]:
+                    return
+            self._report(where, table)
+            return
         at = _ROWS.get(func)
-        if at is None or len(self.found) >= 8:
+        if at is None:
             return
         table, index = _arg(args, kwargs, at[0], at[1]), _arg(args, kwargs, at[2], at[3])
         if not isinstance(table, torch.Tensor) or table.dim() < 2:
             return
-        if at[3] == "index" and _arg(args, kwargs, 1, "dim") not in (0, -table.dim()):
-            return
-        if at[3] == "key" and isinstance(index, tuple):
-            index = index[0] if index else None
+        if at[3] == "key" and isinstance(index, tuple):  # (the indices at any place of the key: rows, columns)
+            index = next((i for i in index if isinstance(i, torch.Tensor) and self._source(i) is not None), None)
         if not isinstance(index, torch.Tensor) or self._source(index) is None:
             return
+        self._report(where, table)
+
+    def _report(self, where: str, table: torch.Tensor) -> None:
+        """Note the top-k ``where`` says, whose indices read ``table``, where that is a weight of the model."""
         weight = self._weight(table)
         if weight is not None and where not in self.reported:
             self.reported.add(where)

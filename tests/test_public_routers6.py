@@ -913,18 +913,34 @@ def test_routing_in_chunks_of_tokens_replays_exactly() -> None:
 
 class RowMemory(nn.Module):
     """Experts as rows of a weight picked by plain indexing (or ``index_select``): a ``topk`` over flat learned keys
-    (6 of them, no attached router's width), the chosen rows of ``values`` weighted by the softmax of their scores."""
+    (6 of them, no attached router's width), the chosen rows of ``values`` weighted by the softmax of their scores.
+    ``how`` reads them otherwise: a one-hot of the indices made a float mask times the values, the chosen weights
+    scattered into a dense mask times the values, columns of a transposed table, a ``gather`` or a ``take``."""
 
-    def __init__(self, n: int = 6, k: int = 2, select: bool = False) -> None:
+    def __init__(self, n: int = 6, k: int = 2, select: bool = False, how: str = "index") -> None:
         super().__init__()
         self.keys = nn.Linear(D, n, bias=False)
-        self.values = nn.Parameter(torch.randn(n, D))
-        self.k, self.select = k, select
+        self.values = nn.Parameter(torch.randn(D, n) if how == "columns" else torch.randn(n, D))
+        self.k, self.how = k, "index_select" if select else how
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores, idx = self.keys(x).topk(self.k, dim=-1)
-        rows = self.values.index_select(0, idx.flatten()).view(*idx.shape, D) if self.select else self.values[idx]
-        return (rows * scores.softmax(-1)[..., None]).sum(-2)
+        w = scores.softmax(-1)
+        if self.how == "scatter":
+            return torch.zeros(*idx.shape[:-1], self.keys.out_features).scatter(-1, idx, w) @ self.values
+        if self.how == "one_hot":
+            rows = F.one_hot(idx, self.keys.out_features).to(x.dtype) @ self.values
+        elif self.how == "columns":
+            rows = self.values[:, idx].movedim(0, -1)
+        elif self.how == "gather":
+            rows = self.values.gather(0, idx.reshape(-1, 1).expand(-1, D)).view(*idx.shape, D)
+        elif self.how == "take":
+            rows = torch.take(self.values, idx[..., None] * D + torch.arange(D)).view(*idx.shape, D)
+        elif self.how == "index_select":
+            rows = self.values.index_select(0, idx.flatten()).view(*idx.shape, D)
+        else:
+            rows = self.values[idx]
+        return (rows * w[..., None]).sum(-2)
 
 
 class Beside(nn.Module):
@@ -950,6 +966,12 @@ BESIDE: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = 
     "pkm-embedding-bag": (lambda: Beside(HashingMemory), _x),
     "rows-indexed": (lambda: Beside(RowMemory), _x),
     "rows-index-select": (lambda: Beside(lambda: RowMemory(select=True)), _x),
+    # (once silent: the indices read the table by other means than rows picked from them)
+    "rows-one-hot-times-values": (lambda: Beside(lambda: RowMemory(how="one_hot")), _x),
+    "rows-scattered-mask-times-values": (lambda: Beside(lambda: RowMemory(how="scatter")), _x),
+    "rows-columns-indexed": (lambda: Beside(lambda: RowMemory(how="columns")), _x),
+    "rows-gathered": (lambda: Beside(lambda: RowMemory(how="gather")), _x),
+    "rows-taken": (lambda: Beside(lambda: RowMemory(how="take")), _x),
 }
 
 
@@ -1036,6 +1058,26 @@ class SlotMemory(nn.Module):
         return (scores.softmax(-1)[..., None] * self.stored[slot]).sum(-2)
 
 
+class DepthsCut(nn.Module):
+    """Mixture-of-Depths on the first ``D`` tokens (as many candidates as the hidden size, a width of its weights):
+    a ``topk`` of them by a learned score is processed, scattered back into the hidden states along the tokens, and
+    a mask of the tokens chosen scattered too. No expert choice: the hidden states are no table's rows."""
+
+    def __init__(self, cap: int = 6) -> None:
+        super().__init__()
+        self.score = nn.Linear(D, 1)
+        self.mlp = nn.Linear(D, D)
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.score(x[:D]).T.topk(self.cap, dim=-1)  # ([1, D]: the first D tokens' scores)
+        w, idx = w[0], idx[0]
+        out = self.mlp(x.index_select(0, idx)) * w.sigmoid()[:, None]
+        chosen = torch.zeros(D).scatter(0, idx, 1.0)
+        h = x.scatter_add(0, idx[:, None].expand(-1, D), out) * (1 + chosen.sum() / D)
+        return self.mlp(h) - x  # (its weight reads the hidden states, as wide as the tokens it chose among)
+
+
 class RowsReadBeside(nn.Module):
     """A layer whose top-k reads rows that are no experts, then a found router's layer."""
 
@@ -1052,13 +1094,17 @@ class RowsReadBeside(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize(("make", "name"), [(SparseAttention, "self_attn"), (SlotMemory, "memory")])
+@pytest.mark.parametrize(
+    ("make", "name"), [(SparseAttention, "self_attn"), (SlotMemory, "memory"), (DepthsCut, "depths")]
+)
 def test_a_top_k_that_reads_rows_of_no_expert_beside_a_found_router_is_not_refused(
     make: Callable[[], nn.Module], name: str
 ) -> None:
     """Top-k's that pick the key and value rows read (a sparse-attention indexer), rows of a learned memory in
-    attention, or rows of stored values (a kNN memory outside attention, whose keys are learned) are no expert choice:
-    the router beside them is found and replayed exactly, as by hand."""
+    attention, rows of stored values (a kNN memory outside attention, whose keys are learned), or tokens scattered
+    back into the hidden states with a mask of them (Mixture-of-Depths over as many tokens as the hidden size, which
+    the router's weight then reads) are no expert choice: the router beside them is found and replayed exactly, as by
+    hand."""
     assert_exact(RowsReadBeside(make, name), _x(), change=0.5)
 
 
