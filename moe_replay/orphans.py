@@ -16,8 +16,10 @@ Experts need not be modules nor stacked weights: they may be rows of a table (pr
 product-key memory's ``nn.Embedding`` rows), chosen by a top-k over learned keys whose count is no expert
 width (``sqrt(E)`` sub-keys, then ``k * k`` candidates). So the indices of a top-k outside every router, over as
 many candidates as a weight of its module has along a dimension (keys), are followed through the integer
-tensors made from them (sums, products, gathers, views); where they pick rows of a weight of the model (an
-embedding, ``index_select``, indexing), that is a choice of experts outside every router too. A top-k in
+tensors made from them (sums, products, gathers, views), and the float masks made from them (a one-hot cast, the
+chosen weights scattered along the keys); where they pick rows of a weight of the model (an embedding,
+``index_select``, ``gather``, indexing), or such a mask multiplies one, that is a choice of experts outside every
+router too. A top-k in
 attention (a sparse-attention indexer, a kNN memory) is not followed, nor one whose indices pick activations
 (tokens, cached keys and values: Mixture-of-Depths), nor an arg-max (a greedy token, a codebook's nearest row).
 """
