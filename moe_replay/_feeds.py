@@ -582,6 +582,19 @@ class FeedRecord:
             ids[torch.cat([torch.full((n,), f is None) for f, n in zip(parts, sizes, strict=True)])] = NO_FORWARD_ID
         return ids, _flat(masks, sizes, torch.int8)
 
+    def apart(self, calls: tuple[tuple[int, int], ...], router: int) -> bool:
+        """Did a forward call router ``router`` (whose calls were ``calls``) only on other row counts than it was fed
+        tokens (a decoder's canvas of its own; a canvas as long as another forward's tokens too)? False where the
+        forwards' calls were not counted."""
+        sizes = [n for n, c in calls for _ in range(c)]
+        for f in self.forwards:
+            if not f.count or f.calls is None or f.end is None or len(f.calls) <= router or len(f.end) <= router:
+                continue
+            made = sizes[f.calls[router] : f.end[router]]
+            if made and f.count not in made:
+                return True
+        return False
+
     def ranks(self, calls: tuple[tuple[int, int], ...] | None, rows: int) -> torch.Tensor | None:
         """Where a forward's routers saw its tokens sequence-first, each of the ``rows`` rows' place in the order of
         the tokens, sequence by sequence (``Routes._token_rank``), -1 where the rows do not line up with the forwards

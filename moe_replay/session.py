@@ -2265,6 +2265,7 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
     if not any(f.ids is not None for f in feeds.forwards):
         return  # (no forward's ids kept: nothing to check, nothing lost)
     per = []
+    apart = None  # (a router told apart by a forward's calls alone, see below)
     for i, (name, c) in enumerate(zip(routes.names, calls, strict=True)):
         ids, mask = feeds.rows(c, i, outside=True)
         if ids is None and len(set(calls)) == 1:
@@ -2275,6 +2276,16 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
         if ids is None and c is not None and not {n for n, _ in c} & {f.count for f in feeds.forwards if f.count}:
             # (no call of it on as many rows as a forward was fed tokens: it routes a stream of its own, a decoder's
             # canvas beside an encoder's tokens: its rows' ids unknown, as they always were, the others' checked)
+            per.append(torch.full((routes.tokens_per_layer[i],), -1, dtype=torch.long))
+            continue
+        if ids is None and c is not None and feeds.apart(c, i):
+            # (a forward called it on other row counts alone than it was fed tokens: a stream of its own too, whose
+            # calls in another forward are as long as that one's tokens by chance, a canvas as long as a prompt. Its
+            # ids unknown where the other routers' are checked; else they were lost, as below)
+            apart = apart or (
+                f"router '{name}' made calls ({', '.join(f'{n} rows x {k}' for n, k in c[:4])}) that are not each on "
+                "every token of one forward of the model nor outside every forward, and no other router's are"
+            )
             per.append(torch.full((routes.tokens_per_layer[i],), -1, dtype=torch.long))
             continue
         if ids is None:
@@ -2289,6 +2300,8 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
         per.append(ids)
     if any(bool((v != -1).any()) for v in per):
         routes._router_ids = tuple(per)
+    elif apart is not None:
+        routes._ids_lost = apart
 
 
 def _part_call(feeds: FeedRecord, calls: tuple[tuple[int, int], ...] | None, router: int, name: str) -> str | None:
