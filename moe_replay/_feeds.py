@@ -759,6 +759,11 @@ class FeedCheck:
         #: the token count of the forward that runs now and its ids in router order (None: fed embeddings, or not
         #: compared): a router called again in it on every one of its tokens reads the next rows, checked the same
         self._current: tuple[int, torch.Tensor | None] = (-1, None)
+        #: the routers (by id) that a forward had read other row counts than it was fed tokens (a stream of their
+        #: own: a decoder's canvas), out of the step check from then on; and the token count of the forward that runs
+        #: now, with where each router in step stood as it began (see _in_step and left)
+        self._apart: set[int] = set()
+        self._step_began: tuple[int, list[tuple[Any, int]]] | None = None
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` (:func:`feed_levels`) in this thread until the returned
@@ -789,8 +794,13 @@ class FeedCheck:
         return stop
 
     def left(self) -> None:
-        """The forward fed last has ended."""
+        """The forward fed last has ended: a router that read in it other row counts than it was fed tokens routes a
+        stream of its own, whose rows are not in step with the others' (see :meth:`_in_step`)."""
         self._current = (-1, None)
+        began, self._step_began = self._step_began, None
+        if began is not None:
+            count, at = began
+            self._apart.update(id(src) for src, row in at if src.host_consumed - row not in (0, count))
 
     def _open(self) -> None:
         """Every row may be read unchecked from here on (the forwards past this one cannot be checked)."""
@@ -825,7 +835,7 @@ class FeedCheck:
         if count < 0:
             return False
         self.forwards += 1
-        start = self._in_step()
+        start = self._in_step(count)
         if start is None:  # (rows read on the device: the host does not know where this forward's rows begin)
             self._open()
             return True
@@ -852,21 +862,27 @@ class FeedCheck:
         self._check(start, flat, tokens)
         return True
 
-    def _in_step(self) -> int | None:
-        """The row every router reads next as a forward begins, or None where the host does not count their reads.
+    def _in_step(self, count: int) -> int | None:
+        """The row every router reads next as a forward fed ``count`` tokens begins, or None where the host does not
+        count their reads.
 
         Routers out of step (at different rows) are refused: a forward that raised half-way, its exception caught
         inside the block, left its later routers behind its earlier ones, and each would read the rows of other
-        tokens from here on (a replay with ``strict=False`` would end without a word).
+        tokens from here on (a replay with ``strict=False`` would end without a word). A router that an earlier
+        forward had read other row counts than it was fed tokens (neither none nor one per token: a decoder's canvas)
+        routes a stream of its own and is not compared.
         """
         start = self.position()
         if start is None:
             return None
-        behind = [src for src in self._sources if src.host_consumed != start]
+        steady = [src for src in self._sources if id(src) not in self._apart]
+        ahead = max((src.host_consumed for src in steady), default=start)
+        behind = [src for src in steady if src.host_consumed != ahead]
+        self._step_began = (count, [(src, src.host_consumed) for src in steady])
         if behind:  # (a forward that raised half-way, caught in the block: its later routers did not read its rows)
             raise TokenMismatchError(
                 f"forward {self.forwards} of this replay() starts with its routers out of step: "
-                f"'{behind[0].name}' is at row {behind[0].host_consumed} of the routes, others at row {start}, so "
+                f"'{behind[0].name}' is at row {behind[0].host_consumed} of the routes, others at row {ahead}, so "
                 "they would read the rows of other tokens. Did an earlier forward in this block raise half-way and "
                 "was the exception caught inside it? Let it leave the block, and replay again from the start"
             )
@@ -1155,7 +1171,7 @@ class OrderCheck(FeedCheck):
         if paired:  # (an encoder-decoder's routers see the encoder's tokens and the decoder's: never in step)
             self._lost = True
         if not self._lost:
-            self._in_step()
+            self._in_step(count)
         if not self._kept and order == SEQUENCE_FIRST and shape is not None and min(int(shape[0]), int(shape[1])) > 1:
             raise TokenMismatchError(
                 f"forward {self.forwards} of this replay() feeds a [{int(shape[0])}, {int(shape[1])}] batch whose "

@@ -1374,10 +1374,12 @@ class _Canvas(torch.nn.Module):
         for p in self.parameters():
             torch.nn.init.normal_(p, std=0.5)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, fail: bool = False) -> torch.Tensor:
         h = self.embed(input_ids)
         for block in self.encoder:
             h = h + block(h)
+            if fail:  # (half-way: the later routers read nothing)
+                raise RuntimeError("failed half-way")
         canvas = self.canvas + h.mean(1, keepdim=True)  # [batch, 3, hidden]
         return canvas + self.decoder(canvas)
 
@@ -2135,3 +2137,31 @@ def test_routers_each_called_on_part_of_a_forwards_tokens_alone_are_refused_not_
         with pytest.raises(mr.TokenMismatchError, match="could not keep for every row"):
             with session.replay(routes):
                 model(b)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_decoder_canvas_of_as_many_rows_in_all_replays_by_row_order_alone() -> None:
+    """Once a false refusal: the decoder of ``_Canvas`` routes as many rows in all as each encoder router (12 then
+    18, beside 24 then 6), so a replay by row order alone (the check dropped, or an engine's rows) took it for routers
+    out of step at the second forward. A router that a forward read other row counts than its tokens routes a stream
+    of its own: the capture's forwards replay exactly; the encoders are still checked to be in step."""
+    torch.manual_seed(0)
+    model = _Canvas()
+    a, b = _batch(1, rows=4, width=6), _batch(2, rows=6, width=1)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            want = [model(a), model(b)]
+        routes = session.routes()
+        assert len(set(routes.tokens_per_layer)) == 1  # the premise: as many rows each
+        rows = mr.Routes(routes.per_layer(), names=routes.names, num_experts=routes.experts_per_layer)
+        for kept in (routes.with_token_ids(None), rows):
+            with session.replay(kept):
+                got = [model(a), model(b)]
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        with pytest.raises(mr.TokenMismatchError, match="out of step"):
+            with session.replay(rows, strict=False):
+                try:
+                    model(a, fail=True)
+                except RuntimeError:
+                    pass
+                model(a)
