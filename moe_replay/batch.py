@@ -36,7 +36,7 @@ from .errors import (
     InvalidArgumentError,
     RoutesValidationError,
 )
-from .routes import Routes, _known_or_none, in_token_order, reorder_hint
+from .routes import Routes, _known_or_none, _one_token_per_row, in_token_order, reorder_hint
 
 __all__ = ["BatchLayout", "pack_routes", "pad_routes"]
 
@@ -48,6 +48,7 @@ def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
     the tokens sequence-first) are put in that order first (:func:`~moe_replay.routes.in_token_order`).
     """
     routes = in_token_order(routes, "these routes")
+    _one_token_per_row(routes, "a layout of these routes")
     index = index.long()
     hole = index < 0
     safe = index.clamp(min=0)

@@ -731,6 +731,7 @@ class Routes:
         """
         n = self.num_tokens  # (token slicing needs one T)
         rows = _token_rows(index, n)
+        _one_token_per_row(self, "routes[index]")
         data = [d[rows] for d in self._data]
         out = Routes._trusted(data, self._names, self._experts, self._validated)
         out._token_ids = None if self._token_ids is None else _known_or_none(self._token_ids[rows])
@@ -1630,6 +1631,36 @@ def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list
     ):
         raise RoutesValidationError(f"{path}: the expert counts are not one integer per router (corrupted)")
     return names, experts
+
+
+def _one_token_per_row(routes: Routes, what: str) -> None:
+    """Refuse to pick rows of ``routes`` by one index for every router where their rows are not the same tokens: each
+    router keeps its own token ids (``Routes._router_ids``), and they differ (a router of a stream of its own, a
+    decoder's canvas, or one called another number of times per forward, as many rows in all by chance). Its row
+    ``i`` is another token than another router's: the rows picked would be forced on other tokens, unchecked where
+    their ids are unknown."""
+    each = routes._router_ids
+    if each is None or len(each) < 2:
+        return
+    first = each[0]
+    unknown = (-1, NO_FORWARD_ID)  # (rows whose token is not known: nothing tells they line up)
+    other = next(
+        (
+            j
+            for j, v in enumerate(each)
+            if not torch.equal(v, first) or bool(torch.isin(v, torch.tensor(unknown)).any())
+        ),
+        None,
+    )
+    if other is None:
+        return
+    names = routes.names
+    raise RoutesValidationError(
+        f"{what}: these routes' routers hold as many rows, but not of the same tokens: the capture kept each router's "
+        f"own token ids, and '{names[other]}' has other rows than '{names[0]}' (a router of a stream of its own, a "
+        "decoder's canvas, or one called another number of times per forward), so one row index picks other tokens "
+        "of each. Pick the rows of each router on its own (routes.select([name])[index]), or replay the routes whole"
+    )
 
 
 def _rows_ids(routes: Routes, j: int) -> torch.Tensor:

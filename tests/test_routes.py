@@ -1295,3 +1295,33 @@ def test_each_routers_own_token_ids_and_their_loss_stay_with_every_routes_made_f
             with pytest.raises(mr.TokenMismatchError, match="could not keep for every row"):
                 with session.replay(kept, strict=False):
                     model(a)
+
+
+@pytest.mark.reliability("silent replays")
+def test_rows_of_routers_of_as_many_rows_but_other_tokens_are_not_picked_by_one_index() -> None:
+    """Once silent: a decoder's canvas routes 12, 6 and 18 rows beside the encoder's 24, 6 and 6, as many in all; a
+    slice of the rows of the second forward held its encoder rows but other rows of the decoder (the third forward's,
+    unchecked: its ids are unknown), and replayed on that forward forced them without a word. A pick or a layout of
+    such rows by one index is refused; one router's rows are picked as before."""
+    from tests.test_feeds import _batch, _Canvas
+
+    torch.manual_seed(0)
+    model = _Canvas()
+    a, c, b = _batch(1, rows=4, width=6), _batch(3, rows=2, width=3), _batch(2, rows=6, width=1)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(a)
+            model(c)
+            model(b)
+        routes = session.routes()
+        assert len(set(routes.tokens_per_layer)) == 1  # the premise: as many rows each
+        with pytest.raises(mr.RoutesValidationError, match="not of the same tokens"):
+            routes[24:30]
+        with pytest.raises(mr.RoutesValidationError, match="not of the same tokens"):
+            mr.BatchLayout.packed([36]).routes([routes])
+        encoder = routes.select(routes.names[:1])[24:30]
+        with session.replay(encoder, strict=False):
+            model(c)
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(encoder, strict=False):
+                model(_batch(4, rows=2, width=3))
