@@ -1108,6 +1108,37 @@ def test_a_top_k_that_reads_rows_of_no_expert_beside_a_found_router_is_not_refus
     assert_exact(RowsReadBeside(make, name), _x(), change=0.5)
 
 
+class DepthsPositions(nn.Module):
+    """Mixture-of-Depths whose chosen tokens read their rows of a learned position table as long as the sequence: a
+    ``topk`` among tokens, whose indices pick rows of a weight as wide as the candidates. No expert choice."""
+
+    def __init__(self, cap: int = 6) -> None:
+        super().__init__()
+        self.score = nn.Linear(D, 1)
+        self.pos = nn.Parameter(torch.randn(T, D))
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.score(x).T.topk(self.cap, dim=-1)  # ([1, T]: the tokens' scores)
+        w, idx = w[0], idx[0]
+        out = (x[idx] + self.pos[idx]) * w.sigmoid()[:, None]
+        return torch.zeros_like(x).index_add(0, idx, out)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    raises=mr.UnsupportedRouterError,
+    reason="a top-k among tokens whose indices pick rows of a learned table as long as the sequence (positions of the "
+    "tokens chosen) looks like a top-k among learned keys picking rows of a table (product keys): nothing tells the "
+    "tokens' dimension from a keys' one, so the router beside it is refused: a false refusal",
+)
+def test_tokens_chosen_that_read_their_rows_of_a_position_table_beside_a_found_router_are_not_refused() -> None:
+    """Mixture-of-Depths reading the chosen tokens' learned positions: no expert choice, the router beside it is
+    replayed exactly, as by hand."""
+    assert_exact(RowsReadBeside(DepthsPositions, "depths"), _x(), change=0.5)
+
+
 # ----------------------------------------------------------------------- MoA: attention heads as experts, map/reduce
 class TopKGating(_Used):
     """yikangshen/MoA ``moa_layer/gate.py`` ``top_k_gating`` (ModuleFormer's, no noise): a bias-free ``w_gate``,
