@@ -362,7 +362,10 @@ class OrphanWatch(TorchFunctionMode):
         """Is a top-k over ``width`` in the module at ``name`` a choice among learned keys outside every router: the
         module (outside attached, excluded, attention and expert modules) has a weight of two or more dimensions
         ``width`` long along one (a choice among tokens has no such weight; one among the keys of a product-key
-        table does)?"""
+        table does)? A module of no parameters (a top-k helper of its own) is read as the nearest module above it
+        that holds some (the keys beside it)."""
+        while name and next(self.modules[name].parameters(), None) is None:
+            name = name.rpartition(".")[0]
         if self._known(name) or self._in_attention(name) or (name and self._in_bank(name)):
             return False
         return any(p.dim() >= 2 and width in p.shape for p in self.modules[name].parameters())

@@ -992,6 +992,39 @@ def test_a_product_key_layer_beside_a_found_router_is_not_left_out_silently(case
         assert session.routes().layer("moe.gate").shape[-1] == 2
 
 
+class TopKOf(nn.Module):
+    """A top-k helper module of no parameters: the scores' ``k`` best."""
+
+    def __init__(self, k: int = 2) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return scores.topk(self.k, dim=-1)
+
+
+class HelperMemory(nn.Module):
+    """Flat learned keys whose top-k a helper module takes (``pick``); the chosen rows of an ``nn.Embedding``."""
+
+    def __init__(self, n: int = 6) -> None:
+        super().__init__()
+        self.keys = nn.Linear(D, n, bias=False)
+        self.values = nn.Embedding(n, D)
+        self.pick = TopKOf()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, idx = self.pick(self.keys(x))
+        return (self.values(idx) * scores.softmax(-1)[..., None]).sum(-2)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_product_key_layer_whose_top_k_a_helper_module_takes_is_not_left_out_silently() -> None:
+    """Once silent: the top-k among learned keys taken by a helper module of no parameters (its module holds no keys)
+    was not followed, and the rows it picked were left native beside the recorded router. The keys of the module
+    above it count: the capture is refused, and the model is left as it was."""
+    assert_refused(Beside(HelperMemory), _x(), r"'table\.pick' \(TopKOf\): topk over 6 .* rows of the weight 'table\.")
+
+
 class LongOnly(nn.Module):
     """A table layer (flat learned keys, rows indexed) that runs on inputs longer than ``T`` tokens only."""
 
