@@ -56,7 +56,10 @@ def split_routes(routes: Routes, tokens: Sequence[int]) -> list[Routes]:
         raise InvalidArgumentError(f"split sizes {sizes} must add up to the {routes.num_tokens} tokens")
     out, start = [], 0
     for t in sizes:
-        out.append(routes[start : start + t])  # (a slice keeps the rows of the capture's forwards that it holds)
+        part = routes[start : start + t]  # (a slice keeps the rows of the capture's forwards that it holds)
+        # (each share of rows an engine reader placed by their count alone is placed so too: no rows chosen here)
+        part._rows_untold = routes._rows_untold
+        out.append(part)
         start += t
     return out
 

@@ -746,6 +746,8 @@ class Routes:
         if start is not None:
             out._clip_forwards(self, start)
             out._routers_order = self._routers_order  # (a run of rows: still in the order the routers saw them)
+            if out.tokens_per_layer == self.tokens_per_layer:  # (every row, routes[:]: no rows chosen, the mark stays)
+                out._rows_untold = self._rows_untold
         else:
             out._pick_forwards(self, rows)
         return out
@@ -1023,8 +1025,8 @@ class Routes:
         #: set by an engine reader given no token count or id (``from_vllm_legacy`` without ``num_tokens``...): the
         #: reader's words for it. Nothing but the row count places these rows on their tokens (one too many at the
         #: front shifts every token), so a replay with ``strict=False`` that leaves any of them unconsumed is refused.
-        #: Kept by the methods that keep every row (token ids, other routers, names, picks, cat, save and load);
-        #: a slice is rows the caller chose, and drops it
+        #: Kept by the methods that keep every row (token ids, other routers, names, picks, cat, save and load, a
+        #: slice of every row); a slice of fewer rows is rows the caller chose (``routes[:n]``), and drops it
         obj._rows_untold = None
         #: set by Session.routes(): the router names of the session the routes were recorded on, every one (kept by
         #: select, slices, rename, save and load...), so that a replay fitting their names onto another model by a
@@ -1511,8 +1513,8 @@ def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
             if rows.numel() != n:
                 raise TokenIndexError(f"a boolean token mask must have one entry per token ({n}), got {rows.numel()}")
             return rows.nonzero().flatten()
-        if rows.numel() == 0:
-            return rows.long()
+        if rows.numel() == 0 and (isinstance(index, list) or _int_dtype(rows.dtype)):
+            return rows.long()  # (an empty list is no rows, whatever dtype numpy gives it; an empty float array is not)
         if not _int_dtype(rows.dtype):
             raise ArgumentTypeError(f"token indices must be integers or a boolean mask, got dtype {rows.dtype}")
         rows = rows.long()

@@ -1325,3 +1325,91 @@ def test_rows_of_routers_of_as_many_rows_but_other_tokens_are_not_picked_by_one_
         with pytest.raises(mr.TokenMismatchError):
             with session.replay(encoder, strict=False):
                 model(_batch(4, rows=2, width=3))
+
+
+_NO_POSITIONS = {
+    "empty float tensor": torch.tensor([]),
+    "empty float64 array": np.array([], dtype=np.float64),
+    "empty float16 tensor": torch.zeros(0, dtype=torch.float16),
+    "empty complex tensor": torch.zeros(0, dtype=torch.complex64),
+    "float tensor": torch.tensor([0.0, 1.0]),
+    "complex tensor": torch.tensor([0, 1], dtype=torch.complex64),
+    "float list": [0.0, 1.0],
+    "short bool mask": torch.tensor([True, False]),
+    "long bool mask": np.ones(4, dtype=bool),
+    "empty bool mask": torch.zeros(0, dtype=torch.bool),
+    "short bool list": [True, False],
+    "2-d positions": torch.zeros(1, 1, dtype=torch.long),
+    "0-d bool": torch.tensor(True),
+    "0-d float": torch.tensor(1.0),
+    "bool": True,
+    "float": 1.0,
+    "str": "0",
+    "None": None,
+    "dict": {0: 1},
+    "set": {0, 1},
+    "float slice": slice(0.0, 2.0),
+    "zero step": slice(None, None, 0),
+    "negative step": slice(None, None, -1),
+    "tuple": (0, 1),
+    "ellipsis": Ellipsis,
+}
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("index", list(_NO_POSITIONS.values()), ids=list(_NO_POSITIONS))
+def test_token_indices_of_no_positions_are_refused_like_every_bad_index(index: object) -> None:
+    """Once an empty float index (``routes[torch.tensor([])]``, ``np.array([])``) was taken as no rows, while a float
+    index of any length is refused: floats, complex numbers and masks of another length hold no token positions,
+    whatever their length. An empty list stays an empty pick (numpy and torch take it alike)."""
+    r = make(t=3)
+    with pytest.raises(mr.MoEReplayError):
+        r[index]  # type: ignore[index]
+    assert r[[]].num_tokens == 0 and r[torch.zeros(0, dtype=torch.long)].num_tokens == 0
+    assert r[np.zeros(0, dtype=np.int64)].num_tokens == 0 and r[torch.zeros(3, dtype=torch.bool)].num_tokens == 0
+    tried()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "take",
+    [
+        lambda r: r[:],
+        lambda r: r[0 : r.num_tokens],
+        lambda r: r[-r.num_tokens :],
+        lambda r: r[::1],
+        lambda r: r[: 2**40],
+        lambda r: r[:][:],
+        lambda r: mr.distributed.split_routes(r, [r.num_tokens])[0],
+        lambda r: mr.Routes.cat(mr.distributed.split_routes(r, [3, r.num_tokens - 3])),
+    ],
+    ids=["[:]", "[0:n]", "[-n:]", "[::1]", "[:huge]", "[:][:]", "split_routes(n)", "split_routes then cat"],
+)
+def test_every_row_of_routes_an_engine_reader_placed_by_their_count_keeps_refusing_a_partial_replay(
+    take: Callable[[mr.Routes], mr.Routes],
+) -> None:
+    """Once silent: a slice that takes every row (``routes[:]``) and the shares of ``split_routes`` dropped the mark of
+    rows an engine reader placed by their row count alone, so a ``strict=False`` replay of them that left rows unread
+    (a row too many at the front: every token given its neighbour's experts) was taken without a word. A slice of
+    fewer rows (``routes[:n]``, the partial replay the readers' docs give) still drops it, by the caller's choice."""
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    ids = torch.randint(1, 128, (1, 8), generator=torch.Generator().manual_seed(5))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        captured = session.routes()
+        lm = mr.LayerMap.from_session(session, num_layers=3)
+        arr = mr.interop.to_vllm_legacy(captured, lm, drop_last=True)
+        exact = mr.interop.from_vllm_legacy(arr, lm)  # (read without num_tokens: placed by the row count alone)
+        front = mr.interop.from_vllm_legacy(np.concatenate([arr[-1:], arr]), lm)  # a row too many at the front
+
+        def replayed(routes: mr.Routes) -> mr.Routes:
+            with session.replay(routes, strict=False), session.capture(), torch.no_grad():
+                model(ids)
+            return session.routes()
+
+        assert replayed(take(exact)).equal(captured)
+        with pytest.raises(mr.ReplayConsumptionError, match="left rows unread of routes from_vllm_legacy"):
+            replayed(take(front))
+        assert replayed(front[1:]).equal(captured)  # (rows chosen by the caller: a partial replay, as documented)
+    tried(2)
