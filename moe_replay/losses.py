@@ -113,6 +113,71 @@ def _row_order_of(t: torch.Tensor) -> _RowOrder | None:
     return held[1] if held is not None and held[0]() is t else None
 
 
+#: the router whose rows a tensor holds, for the per-router tensors handed out by :class:`RouterScores` and by
+#: ``Routes.per_layer()`` / ``Routes.layer()`` (held weakly, by identity): :func:`load_balancing_loss` pairs each
+#: router's probabilities with its own experts by it, where the two lists are in other router orders
+_ROUTER_OF: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+
+
+def note_router(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Note ``t`` as holding rows of the router ``name`` (see :func:`load_balancing_loss`); returns ``t``."""
+    key = id(t)
+
+    def forget(_: object, key: int = key) -> None:
+        _ROUTER_OF.pop(key, None)
+
+    _ROUTER_OF[key] = (weakref.ref(t, forget), name)
+    return t
+
+
+def _router_of(t: torch.Tensor) -> str | None:
+    held = _ROUTER_OF.get(id(t))
+    return held[1] if held is not None and held[0]() is t else None
+
+
+def _same_router(a: str, b: str) -> bool:
+    """Do router names ``a`` and ``b`` name one router, under other wrappers at most? Past their common trailing
+    module names, what differs holds no index into a module list (``module.layers.0.gate`` is ``layers.0.gate``;
+    ``layers.0.gate`` is not ``layers.2.gate``)."""
+    if a == b:
+        return True
+    x, y = a.split("."), b.split(".")
+    common = 0
+    while common < min(len(x), len(y)) and x[-1 - common] == y[-1 - common]:
+        common += 1
+    return bool(common) and not any(p.isdigit() for p in (*x[: len(x) - common], *y[: len(y) - common]))
+
+
+def _by_router(probs: list[torch.Tensor], indices: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``indices`` in the router order of ``probs``, where both name their routers (see :func:`note_router`).
+
+    Two lists of the same shapes in other router orders (kept scores with a Routes' rows of another order, one
+    list reordered) would pair each router's probabilities with another router's experts: a wrong loss, without a
+    word. Where every tensor of both lists names its router, the same routers on both sides, the indices are put in
+    the order of the probabilities (the loss is then each router's own); where only some do and they disagree, a
+    clear error. Names that differ only by leading module names (routes renamed, ``module.`` of DDP) name one router.
+    """
+    mine, theirs = [_router_of(p) for p in probs], [_router_of(x) for x in indices]
+    wrong = [
+        i
+        for i, (a, b) in enumerate(zip(mine, theirs, strict=True))
+        if a is not None and b is not None and not _same_router(a, b)
+    ]
+    if not wrong:
+        return indices
+    known = None not in mine and None not in theirs
+    if known and len(set(mine)) == len(mine) and set(mine) == set(theirs):
+        at = {n: j for j, n in enumerate(theirs)}
+        return [indices[at[n]] for n in mine if n is not None]
+    i = wrong[0]
+    raise InvalidArgumentError(
+        f"load_balancing_loss: probs[{i}] are router '{mine[i]}''s, but indices[{i}] are router '{theirs[i]}''s: the "
+        "two lists hold their routers in other orders, and each router's probabilities would be counted with "
+        "another router's experts. Pass them in one order: kept.scores with kept.indices, or the rows of Routes in "
+        "the order of the scores ([routes.layer(n) for n in kept.names], routes.select(kept.names).per_layer())"
+    )
+
+
 #: one kept decision: the scores, the experts used, the masked copy of the scores the top-k ran on (or None), and
 #: whether the scores were made through a squashing after the logits (None: unknown)
 _Call = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool | None]
@@ -226,7 +291,7 @@ class RouterScores:
         order = self._row_order(name)  # (what a mask of the batch's tokens is put in the order of: _in_row_order)
         _note_row_order(scores, order)
         _note_row_order(indices, order)
-        return scores, indices
+        return note_router(scores, name), note_router(indices, name)
 
     def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores [T, E], indices [T, k])`` of one router."""
@@ -339,6 +404,10 @@ def load_balancing_loss(
             logits.
         indices: ``[T, k]`` experts each token used (one tensor, or one per router), on any
             device (``Routes.layer(name)`` is on the host): they are moved to ``probs``' device.
+            Each is paired with the probabilities of its router: where both lists are tensors that
+            name their routers (those of :meth:`Session.keep_scores`, ``Routes.per_layer()``,
+            ``Routes.layer(name)``) and hold the same routers in other orders, by those names;
+            where only some name them and they disagree, the call is refused.
         mask: optional weights of the tokens to count, e.g. the attention mask; padding gets
             0. One dimension: one weight per row, ``[T]``, in the order of the rows. More than one
             (the batch's ``[batch, positions]`` attention mask, or several forwards' stacked along
@@ -356,7 +425,8 @@ def load_balancing_loss(
         InvalidArgumentError: shapes that do not match or hold no expert (k or E of 0), indices
             that are not integers, probs that are not floating point, probs that are scores kept
             (with gradients on) in the forward of a reentrant activation checkpoint, which has no
-            gradients, a mask of more than one dimension (or a list of masks) for rows whose
+            gradients, probs and indices that name other routers at one place (see ``indices``), a mask of more
+            than one dimension (or a list of masks) for rows whose
             tokens are not known (tensors not kept by :meth:`Session.keep_scores`, a forward whose
             routers' order is not known: see :meth:`RouterScores.row_mask`) or that does not match
             the forwards kept; or (on the CPU) indices that are not experts ``0..E-1`` or repeat an
@@ -380,6 +450,7 @@ def load_balancing_loss(
         raise InvalidArgumentError(
             f"load_balancing_loss takes one probability tensor per index tensor, got {len(probs)} and {len(indices)}"
         )
+    indices = _by_router(probs, indices)  # (each router's probabilities with its own experts)
     masks = _masks(mask)
     listed = masks is not None and not isinstance(mask, torch.Tensor)  # (one mask per forward kept)
     # (a mask of the batch's tokens, of more than one dimension: put in the order of each router's kept rows)

@@ -35,6 +35,7 @@ from .errors import (
     TokenIndexError,
     UnknownRouterError,
 )
+from .losses import note_router
 
 __all__ = ["FORMAT_VERSION", "MAX_LOAD_BYTES", "Routes"]
 
@@ -556,7 +557,7 @@ class Routes:
         position 0 of every sequence first, then position 1..., not sequence by sequence;
         :meth:`in_token_order` gives them in the order of their tokens.
         """
-        return tuple(d.long() for d in self._data)
+        return tuple(note_router(d.long(), n) for d, n in zip(self._data, self._names, strict=True))
 
     def layer(self, name: str) -> torch.Tensor:
         """The int64 ``[T, k]`` routes of one router, by module path.
@@ -567,7 +568,7 @@ class Routes:
         :meth:`in_token_order` gives them in the order of their tokens.
         """
         try:
-            return self._data[self._names.index(name)].long()
+            return note_router(self._data[self._names.index(name)].long(), name)
         except ValueError:
             raise UnknownRouterError(
                 f"no router named '{name}' in these routes; routers: {list(self._names)}"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import moe_replay as mr
 
-from .conftest import examples, perturb_routers
+from .conftest import examples, perturb_routers, tried
 
 
 def by_hand(probs: torch.Tensor, indices: torch.Tensor, mask: list[float] | None = None) -> float:
@@ -493,3 +493,45 @@ def test_an_attention_mask_of_a_batch_whose_order_is_not_told_is_exact_or_refuse
     except mr.MoEReplayError:
         return
     assert torch.allclose(got, want)
+
+
+@pytest.mark.reliability("silent replays")
+def test_probs_and_indices_of_routers_in_other_orders_are_paired_by_router_or_refused() -> None:
+    """Once silent: kept scores with indices of the same shapes in another router order (a Routes' rows of another
+    order, a list reordered) counted each router's probabilities with another router's experts, a wrong loss without
+    a word. Where both lists name their routers (kept by keep_scores, Routes.per_layer(), Routes.layer()), each
+    router's probabilities now meet its own experts; where only some do and they disagree, the call is refused."""
+    model = mr.models.build("softmax_topk", num_layers=3)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        routes = session.routes()
+        with session.replay(routes), session.keep_scores() as kept, torch.no_grad():
+            model(ids)
+        names = list(kept.names)
+        # each router's own probabilities with its own experts, by hand
+        want = sum(by_hand(kept[n][0], kept[n][1]) for n in names) / len(names)
+        losses = [by_hand(kept[n][0], kept[names[(i + 1) % 3]][1]) for i, n in enumerate(names)]
+        assert abs(sum(losses) / 3 - want) > 1e-4  # (paired with other routers' experts, the loss is another)
+        back = names[::-1]
+        paired = {
+            "kept in order": (kept.scores, kept.indices),
+            "kept indices reversed": (kept.scores, kept.indices[::-1]),
+            "routes of another order": (kept.scores, routes.select(back).per_layer()),
+            "routes' layers by name": ([kept[n][0] for n in back], [routes.layer(n) for n in names]),
+            "renamed routes in order": (kept.scores, routes.rename({"": "module."}).per_layer()),
+            "unnamed indices in order": (kept.scores, [x.clone() for x in kept.indices]),
+        }
+        for case, (probs, idx) in paired.items():
+            assert mr.load_balancing_loss(probs, idx).item() == pytest.approx(want, abs=1e-5), case
+        refused = {
+            "one named index out of place": (kept.scores, [kept.indices[1], kept.indices[0].clone(), kept.indices[2]]),
+            "routes of fewer routers": (kept.scores[:2], routes.select(back[:2]).per_layer()),
+            "one prob out of place": ([kept.scores[2].detach().clone(), *kept.scores[1:]], kept.indices[::-1]),
+        }
+        for probs, idx in refused.values():
+            with pytest.raises(mr.InvalidArgumentError, match="other orders"):
+                mr.load_balancing_loss(probs, idx)
+            tried()
+    tried(len(paired))
