@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ class LayerMap:
                     "per layer. Exclude one from the session (a shared-expert gate?) or give layers= explicitly"
                 )
             seen[i] = nm
+        self._check_order()
         extra = self.extra_names
         if extra and self.mtp == "error":
             at = [self.layers[self.names.index(x)] for x in extra]
@@ -143,6 +145,32 @@ class LayerMap:
                 "multi-token-prediction (MTP) layers past the last hidden layer, which engines do not record, "
                 "build the map with mtp='native' to route them natively, or exclude them from the session"
             )
+
+    def _check_order(self) -> None:
+        """The layers given keep the order the routers' names number them in, within each stack of layers.
+
+        ``model.layers.1.mlp.gate`` at hidden layer 2 and ``model.layers.2.mlp.gate`` at layer 1 contradict each
+        other: the engine's columns would be read into the other router (every token given another layer's experts).
+        An offset that keeps the order (a pipeline stage numbering its layers from 0, names of no number) is taken;
+        names numbered in other stacks (``encoder.layers.0`` and ``decoder.layers.0``) are not compared.
+        """
+        rx = re.compile(LAYER_PATTERN)
+        stacks: dict[str, list[tuple[int, int, str]]] = {}
+        for nm, layer in zip(self.names, self.layers, strict=True):
+            m = rx.search(nm)
+            if m is not None:
+                stacks.setdefault(nm[: m.start(1)], []).append((int(m.group(1)), layer, nm))
+        for rows in stacks.values():
+            rows.sort()
+            for (a, la, na), (b, lb, nb) in itertools.pairwise(rows):
+                if a < b and la > lb:
+                    raise LayerMapError(
+                        f"LayerMap: router '{na}' is numbered before '{nb}' by its name, but is mapped to hidden "
+                        f"layer {la}, after '{nb}''s layer {lb}: the names and layers contradict each other, and the "
+                        "engine's columns would be read into other routers. Give each router its own layer "
+                        "(layers=[...] in the order of names), or build the map with LayerMap.from_names(names, ...) "
+                        "to read them from the names"
+                    )
 
     def _check_values(self) -> None:
         """Every field holds what it names: integers are integers (3.7 layers is refused, never cut to 3).

@@ -8,6 +8,8 @@ import torch
 
 import moe_replay as mr
 
+from ..conftest import tried
+
 NAMES = tuple(f"model.layers.{i}.mlp.gate" for i in (1, 2, 3))
 LM = mr.LayerMap.from_names(NAMES, 4, 16, 2)
 
@@ -133,3 +135,33 @@ def test_names_and_counts_given_as_iterators_or_arrays_are_read() -> None:
     assert mr.LayerMap.from_names(names, 3, torch.tensor([8, 16]), torch.tensor([2, 2])) == want
     with pytest.raises(mr.InvalidArgumentError, match="num_experts must be an int or one int per router"):
         mr.LayerMap.from_names(names, 3, np.array([8.5, 16.0]), 2)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: mr.LayerMap(("model.layers.1.mlp.gate", "model.layers.2.mlp.gate"), (2, 1), 3, (8, 8), (2, 2)),
+        lambda: mr.LayerMap.from_names(["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"], 3, 8, 2, layers=[2, 1]),
+        lambda: mr.LayerMap.from_names(
+            [f"model.layers.{i}.mlp.gate" for i in (3, 1, 2)], 4, 8, 2, layers=[1, 2, 3]
+        ),  # (names out of order, layers in order: router 3 at layer 1)
+        lambda: mr.LayerMap.from_names(["h.0.moe.gate", "h.10.moe.gate", "h.2.moe.gate"], 11, 8, 2, layers=[0, 2, 10]),
+    ],
+    ids=["hand-built swap", "from_names swap", "names out of order", "10 before 2"],
+)
+def test_a_map_whose_names_and_layers_contradict_each_other_is_refused(build) -> None:
+    """Once taken: a map giving ``layers.1``'s router hidden layer 2 and ``layers.2``'s layer 1 read each engine
+    column into the other router, every token replayed with another layer's experts. Maps that keep the order of
+    the names' numbers (an offset, another stack's numbers, names of no number) are taken as before."""
+    with pytest.raises(mr.LayerMapError, match="contradict each other"):
+        build()
+    kept = [
+        mr.LayerMap(("model.layers.1.mlp.gate", "model.layers.2.mlp.gate"), (1, 2), 3, (8, 8), (2, 2)),
+        mr.LayerMap.from_names(["decoder.layers.0.gate", "decoder.layers.1.gate"], 13, 8, 2, layers=[11, 12]),
+        mr.LayerMap.from_names(["encoder.layers.1.gate", "decoder.layers.0.gate"], 3, 8, 2, layers=[1, 2]),
+        mr.LayerMap.from_names(["b", "a"], 2, 8, 2, layers=[1, 0]),
+        mr.LayerMap.from_names([f"model.layers.{i}.mlp.gate" for i in (2, 0, 1)], 3, 8, 2),
+    ]
+    assert [m.layers for m in kept] == [(1, 2), (11, 12), (1, 2), (1, 0), (2, 0, 1)]
+    tried()
