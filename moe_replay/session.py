@@ -556,6 +556,9 @@ class Session:
         self._sites = list(sites)
         self._declared_top_k = declared_top_k
         self._excluded = excluded
+        #: routers chosen by include= or exclude=: the session's routers may be a part of the model's, so its
+        #: routes do not name every router of the model they were recorded on (see ``Routes._recorded_names``)
+        self._filtered = False
         self._watching = False  # a block of this session watches the model's next forward (see _watch)
         self.capacity = int(capacity)
         self.keep_newest = bool(keep_newest)
@@ -1633,7 +1636,8 @@ class Session:
         ]
         experts = [r.num_experts if r is not None else s.num_experts for s, r in zip(self._sites, rings, strict=True)]
         routes = Routes._trusted(rows, names, experts)  # (a ring kept from before a change: the E it recorded)
-        routes._recorded_names = names  # (every router of this session: a replay elsewhere tells a part from a wrapper)
+        # (every router of the model, where the session took them all: a replay elsewhere tells a part from a wrapper)
+        routes._recorded_names = None if self._filtered else names
         # the forwards the rows came from, where every router saw the same ones (split_generation checks them)
         each = [r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)]
         calls = set(each)
@@ -1715,6 +1719,19 @@ class Session:
         that part holds exactly the routers the routes were recorded on (a capture of that part, replayed on the
         whole), never routes of some routers fitted onto the one part they happen to fit.
         """
+        dropped = [p for p in old.split(".") if p and p not in _WRAPPER_NAMES]
+        if routes._recorded_names is None and dropped:
+            # (rows of no capture, or whose recorded routers were lost on the way: numpy, an engine, Routes(...) of
+            # a capture's rows): nothing tells whether the module names dropped wrap that model or are one part of it
+            raise RouterNotFoundError(
+                f"the routes' router names (e.g. {routes.names[0]!r}) fit this session's (e.g. {self.names[0]!r}) "
+                f"only by dropping {'.'.join(dropped)!r} from them ({old!r} -> {new!r}), and these routes do not "
+                "know the routers they were recorded on (built from rows, read from numpy or an engine, or captured "
+                f"by a session of some routers only, include= or exclude=): {dropped[0]!r} may be one part of that "
+                "model (an encoder beside a decoder), not a wrapper, and the names cannot tell which part this "
+                "session is. If these rows are meant for these routers, fit "
+                f"them explicitly: routes.rename({{{old!r}: {new!r}}}), then replay"
+            )
         recorded = routes._recorded_names if routes._recorded_names is not None else routes.names
         beside = [n for n in recorded if not n.startswith(old)]
         here = [n for n in self.names if not n.startswith(new)]
@@ -2498,6 +2515,10 @@ def _outside_referrers(wrapper: ScopedForward, known: Sequence[Any]) -> list[str
 #: The module names that torch's wrappers put inside a model's paths: FSDP1's units, ``checkpoint_wrapper``'s
 #: (``apply_activation_checkpointing``), ``torch.compile``'s of a submodule.
 _WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+#: The leading module names of wrappers around a whole model: DDP's and DeepSpeed's ``module``, PEFT's
+#: ``base_model.model``, a causal LM's ``model`` around its base model (and the segments above). A prefix fit of
+#: routes that do not know the routers they were recorded on may drop these, never another module name
+_WRAPPER_NAMES = _WRAPPER_SEGMENTS | {"module", "base_model", "model"}
 
 
 def _unwrapped(name: str) -> str:
@@ -2733,6 +2754,7 @@ def attach(
             declared_top_k=top_k is not None,
             excluded=_compile_matcher(exclude, "exclude"),
         )
+        session._filtered = include is not None or exclude is not None
         session._install()
         _ATTACHED[model] = weakref.ref(session)
     return session

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import moe_replay as mr
 from moe_replay.models import MoEBlock
 
-from .conftest import assert_untouched, clone_model, perturb_routers, snapshot
+from .conftest import assert_untouched, clone_model, perturb_routers, snapshot, tried
 
 
 def build(style: str, **kw) -> mr.models.MoETransformer:
@@ -483,3 +483,70 @@ def test_routes_of_one_part_of_a_model_are_not_taken_for_those_of_a_sibling_part
         assert session.routes().equal(encoder.rename({"encoder.": ""})), "the rows named were not forced"
     want = pair.decoder(x, forced=list(encoder.per_layer()))  # (the hand-written forced path)
     assert torch.equal(out, want)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("strict", [True, False])
+def test_routes_that_lost_the_routers_they_were_recorded_on_are_not_fitted_onto_a_sibling_part(strict: bool) -> None:
+    """Once silent: routes of an encoder-decoder's encoder that no longer knew the routers they were recorded on
+    (rebuilt with mr.Routes, through numpy) or never knew them all (a capture of a session with exclude=) were fitted
+    onto a session of the decoder by dropping 'encoder.' (or swapping it for 'decoder.'), as a wrapper's prefix would
+    be, and the encoder's experts were forced on the decoder. Such a fit that drops a module name of no wrapper is
+    refused; a wrapper's ('module.', 'model.') is taken as before, and an explicit rename forces the rows named."""
+    from .tinymoe import RouterSpec, TinyMoE
+
+    class Pair(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2)], seed=1)
+            self.decoder = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2)], seed=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.decoder(self.encoder(x))
+
+    class Wrapped(torch.nn.Module):  # (a wrapper of the whole model, as DDP's)
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.module(x)
+
+    torch.manual_seed(0)
+    pair = Pair()
+    x = pair.encoder.inputs((2, 5))
+    with mr.attach(pair) as session, torch.no_grad(), session.capture():
+        pair(x)
+    enc = session.routes().select([n for n in session.routes().names if n.startswith("encoder.")])
+    with mr.attach(pair, exclude="decoder.*") as session, torch.no_grad(), session.capture():
+        pair(x)
+    excluded = session.routes()
+    lost = {
+        "Routes(rows)": mr.Routes(list(enc.per_layer()), enc.names, enc.experts_per_layer),
+        "from_numpy": mr.Routes.from_numpy(enc.to_numpy(), names=enc.names, num_experts=enc.experts_per_layer),
+        "a capture with exclude=": excluded,
+    }
+    assert excluded.equal(enc)
+    with mr.attach(pair.decoder) as alone, torch.no_grad():
+        for given in lost.values():
+            with pytest.raises(mr.RouterNotFoundError, match=r"dropping 'encoder'.*routes\.rename"):
+                with alone.replay(given, strict=strict):
+                    pair.decoder(x)
+            tried()
+        with alone.replay(lost["from_numpy"].rename({"encoder.": ""}), strict=strict), alone.capture():
+            pair.decoder(x)
+        assert alone.routes().equal(enc.rename({"encoder.": ""}))  # (the explicit fit: the rows named, forced)
+    with mr.attach(pair, exclude="encoder.*") as others, torch.no_grad():  # (the decoder's routers, by a swap)
+        with pytest.raises(mr.RouterNotFoundError, match=r"dropping 'encoder'"):
+            with others.replay(lost["a capture with exclude="], strict=False):
+                pair(x)
+    tried()
+    wrapped = Wrapped(pair)
+    with mr.attach(wrapped) as session, torch.no_grad(), session.capture():
+        wrapped(x)
+    whole = session.routes()
+    rebuilt = mr.Routes(list(whole.per_layer()), whole.names, whole.experts_per_layer)  # ('module.' of a wrapper)
+    with mr.attach(pair) as bare, torch.no_grad():
+        with bare.replay(rebuilt, strict=strict), bare.capture():
+            pair(x)
+        assert bare.routes().equal(rebuilt.rename({"module.": ""})) and bare.renamed == {"module.": ""}
