@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._checks import check_dense
 from .errors import ArgumentTypeError, InvalidArgumentError, RouterNotFoundError, UnknownRouterError
 
 __all__ = ["RouterScores", "load_balancing_loss"]
@@ -434,7 +435,8 @@ def load_balancing_loss(
             negative or non-finite weights. On an accelerator, and in compiled code, out-of-range
             indices stop the kernel that counts them instead, and the other values are not checked
             (no host sync is spent on the checks).
-        ArgumentTypeError: ``probs``, ``indices`` or ``mask`` that are not tensors (or lists of them).
+        ArgumentTypeError: ``probs``, ``indices`` or ``mask`` that are not tensors (or lists of them), or
+            ``probs`` or ``indices`` that are not dense (sparse, nested, quantized).
 
     Example:
         >>> import torch, moe_replay as mr
@@ -443,6 +445,11 @@ def load_balancing_loss(
         tensor(1.3000)
     """
     probs, indices = _tensors(probs, "probs"), _tensors(indices, "indices")
+    for what, values in (("probs", probs), ("indices", indices)):
+        for i, x in enumerate(values):
+            check_dense(x, f"{what}[{i}]")  # (sparse, nested, quantized: torch's own error at some later step)
+            if x.device.type == "meta" and what == "indices":
+                raise InvalidArgumentError(f"indices[{i}] are on the meta device: they hold no experts")
     bad = [i for i, p in enumerate(probs) if _outside_graph(p)]
     if bad:
         raise _outside_graph_error(f"probs of router {bad[0]} are scores")

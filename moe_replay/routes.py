@@ -499,6 +499,19 @@ class Routes:
     def __len__(self) -> int:
         return self.num_tokens
 
+    def __contains__(self, name: object) -> bool:
+        """Does a router of this name hold rows here (``"layers.0.gate" in routes``)?
+
+        Without it, ``in`` would iterate the rows (routes are indexed by token) and answer False
+        for every router name without a word.
+        """
+        if not isinstance(name, str):
+            raise ArgumentTypeError(
+                f"'in' asks for a router by name (a str, one of .names), got {type(name).__name__}; rows are picked "
+                "by index (routes[i])"
+            )
+        return name in self._names
+
     @staticmethod
     def _uniform(values: Sequence[int], what: str, alt: str) -> int:
         if not values:

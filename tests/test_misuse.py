@@ -16,6 +16,7 @@ import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 import moe_replay as mr
+from moe_replay import interop as io
 
 from .conftest import assert_untouched, perturb_routers, snapshot, tried
 
@@ -1409,3 +1411,344 @@ def test_a_forward_retried_after_a_failure_caught_in_a_replay_of_routes_without_
             model(a)
             model(b)
         assert session.routes().equal(captured)
+
+
+def _R(t: int = 6, layers: int = 2, k: int = 2, e: int = 8, seed: int = 0, names: list[str] | None = None) -> mr.Routes:
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) for _ in range(layers)]
+    return mr.Routes(rows, names=names or [f"model.layers.{i}.mlp.gate" for i in range(layers)], num_experts=e)
+
+
+_r = _R()
+_I = _r.layer(_r.names[0])
+_P = torch.rand(6, 8, generator=torch.Generator().manual_seed(1)).softmax(-1)
+_lm = mr.LayerMap.from_names(list(_r.names), 2, 8, 2)
+_HOLES = mr.Routes.from_numpy(np.full((2, 2, 2), -1), names=_r.names, num_experts=8)
+
+
+def _saved(folder: str, **kwargs: Any) -> mr.Routes:
+    path = os.path.join(folder, "r.npz")
+    _r.save(path)
+    return mr.Routes.load(path, **kwargs)
+
+
+#: misuse of the public API, each of which must end in a MoEReplayError (never a builtin error, a wrapped or cut
+#: value, or a result of other rows); ``d`` is a folder of the test's own
+_MISUSE: dict[str, Callable[[str], object]] = {
+    # Routes construction
+    "Routes layers dict": lambda d: mr.Routes({"a": torch.zeros(2, 1, dtype=torch.long)}, names=["a"], num_experts=2),
+    "Routes names str": lambda d: mr.Routes([torch.zeros(2, 1, dtype=torch.long)], names="a", num_experts=2),
+    "Routes experts float": lambda d: mr.Routes([torch.zeros(2, 1, dtype=torch.long)], names=["a"], num_experts=2.0),
+    "Routes experts bool": lambda d: mr.Routes([torch.zeros(2, 1, dtype=torch.long)], names=["a"], num_experts=True),
+    "Routes experts list short": lambda d: mr.Routes(
+        [torch.zeros(2, 1, dtype=torch.long)] * 2, names=["a", "b"], num_experts=[2]
+    ),
+    "Routes -2": lambda d: mr.Routes([torch.tensor([[-2]])], names=["a"], num_experts=2),
+    "Routes partial -1": lambda d: mr.Routes([torch.tensor([[-1, 0]])], names=["a"], num_experts=2),
+    "Routes dup": lambda d: mr.Routes([torch.tensor([[1, 1]])], names=["a"], num_experts=2),
+    "Routes 1-D rows": lambda d: mr.Routes([torch.tensor([1, 0])], names=["a"], num_experts=2),
+    "Routes 3-D rows": lambda d: mr.Routes([torch.zeros(1, 1, 1, dtype=torch.long)], names=["a"], num_experts=2),
+    "Routes list rows": lambda d: mr.Routes([[[0, 1]]], names=["a"], num_experts=2),
+    "Routes float rows": lambda d: mr.Routes([torch.tensor([[0.0, 1.0]])], names=["a"], num_experts=2),
+    "Routes bool tensor rows": lambda d: mr.Routes([torch.tensor([[True, False]])], names=["a"], num_experts=2),
+    "Routes uint8 255 top1 256": lambda d: mr.Routes(
+        [torch.tensor([[255]], dtype=torch.uint8)], names=["a"], num_experts=256
+    ),
+    "Routes experts 0": lambda d: mr.Routes([torch.zeros(0, 1, dtype=torch.long)], names=["a"], num_experts=0),
+    "Routes names dup": lambda d: mr.Routes([torch.zeros(1, 1, dtype=torch.long)] * 2, names=["a", "a"], num_experts=2),
+    "Routes validate str": lambda d: mr.Routes(
+        [torch.zeros(1, 1, dtype=torch.long)], names=["a"], num_experts=2, validate="no"
+    ),
+    "Routes np 2-d object": lambda d: mr.Routes([np.array([[0, None]], dtype=object)], names=["a"], num_experts=2),
+    "Routes different T": lambda d: (
+        mr.Routes(
+            [torch.zeros(1, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)], names=["a", "b"], num_experts=2
+        ).num_tokens
+    ),
+    "from_numpy 2-d": lambda d: mr.Routes.from_numpy(np.zeros((3, 2), np.int64), names=["a", "b"], num_experts=2),
+    "from_numpy names mismatch": lambda d: mr.Routes.from_numpy(
+        np.zeros((3, 2, 1), np.int64), names=["a"], num_experts=2
+    ),
+    "from_numpy float": lambda d: mr.Routes.from_numpy(np.zeros((3, 1, 1)), names=["a"], num_experts=2),
+    "from_numpy uint8 255 e256 k1": lambda d: mr.Routes.from_numpy(
+        np.full((3, 1, 1), 255, np.uint8), names=["a"], num_experts=256
+    ),
+    # to_numpy
+    "to_numpy uint8 -1": lambda d: mr.Routes([torch.tensor([[-1]])], names=["a"], num_experts=2).to_numpy(np.uint8),
+    "to_numpy int8 200": lambda d: mr.Routes([torch.tensor([[199]])], names=["a"], num_experts=200).to_numpy(np.int8),
+    "to_numpy str": lambda d: _r.to_numpy("U4"),
+    "to_numpy bool": lambda d: _r.to_numpy(bool),
+    "to_numpy float16 big": lambda d: mr.Routes([torch.tensor([[4097]])], names=["a"], num_experts=5000).to_numpy(
+        np.float16
+    ),
+    "to_numpy object": lambda d: _r.to_numpy(object),
+    "to_numpy diff T": lambda d: mr.Routes(
+        [torch.zeros(1, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)], names=["a", "b"], num_experts=2
+    ).to_numpy(),
+    # select / rename / layer
+    "select str": lambda d: _r.select("model.layers.0.mlp.gate"),
+    "select missing": lambda d: _r.select(["x"]),
+    "select dup": lambda d: _r.select([_r.names[0]] * 2),
+    "rename non-map": lambda d: _r.rename([("a", "b")]),
+    "rename collide": lambda d: _r.rename({"model.layers.0.": "model.layers.1."}),
+    "rename inside name": lambda d: _r.rename({"model.lay": "x"}),
+    "rename int keys": lambda d: _r.rename({1: "x"}),
+    "layer int": lambda d: _r.layer(0),
+    "layer missing": lambda d: _r.layer("x"),
+    # with_token_ids
+    "ids float": lambda d: _r.with_token_ids(torch.zeros(6)),
+    "ids wrong len": lambda d: _r.with_token_ids(list(range(5))),
+    "ids -2": lambda d: _r.with_token_ids([-2] * 6),
+    "ids bool": lambda d: _r.with_token_ids(torch.ones(6, dtype=torch.bool)),
+    "ids str": lambda d: _r.with_token_ids("abcdef"),
+    "ids dict": lambda d: _r.with_token_ids({i: i for i in range(6)}),
+    "ids np float empty len": lambda d: _r.with_token_ids(np.zeros(6)),
+    "ids uint64 big": lambda d: _r.with_token_ids(np.full(6, 2**63, np.uint64)),
+    "ids set": lambda d: _r.with_token_ids(set(range(6))),
+    # cat
+    "cat empty": lambda d: mr.Routes.cat([]),
+    "cat non routes": lambda d: mr.Routes.cat([_r, _I]),
+    "cat k differ": lambda d: mr.Routes.cat([_r, _R(k=3)]),
+    "cat experts differ": lambda d: mr.Routes.cat([_r, _R(e=9)]),
+    "cat routes itself (not list)": lambda d: mr.Routes.cat(_r),
+    # equal / eq
+    "len of diff T": lambda d: len(
+        mr.Routes(
+            [torch.zeros(1, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)], names=["a", "b"], num_experts=2
+        )
+    ),
+    # save/load
+    "save int path": lambda d: _r.save(3),
+    "save bytes path": lambda d: _r.save(b"/tmp/x.npz"),
+    "save dir": lambda d: _r.save(d),
+    "save no folder": lambda d: _r.save(os.path.join(d, "no", "x.npz")),
+    "save tilde": lambda d: _r.save("~nonexistent_user_x/x.npz"),
+    "load missing": lambda d: mr.Routes.load(os.path.join(d, "nope.npz")),
+    "load text file": lambda d: (
+        open(os.path.join(d, "t.npz"), "w").write("hello"),
+        mr.Routes.load(os.path.join(d, "t.npz")),
+    ),
+    "load plain npz": lambda d: (
+        np.savez(os.path.join(d, "p.npz"), a=np.zeros(3)),
+        mr.Routes.load(os.path.join(d, "p.npz")),
+    ),
+    "load max_bytes 0": lambda d: _saved(d, max_bytes=0),
+    "load max_bytes float": lambda d: _saved(d, max_bytes=1e9),
+    "load max_bytes bool": lambda d: _saved(d, max_bytes=True),
+    "load max_bytes neg": lambda d: _saved(d, max_bytes=-1),
+    # losses
+    "lbl probs numpy": lambda d: mr.load_balancing_loss(_P.numpy(), _I),
+    "lbl indices Routes": lambda d: mr.load_balancing_loss(_P, _r),
+    "lbl probs dict": lambda d: mr.load_balancing_loss({"a": _P}, [_I]),
+    "lbl count mismatch": lambda d: mr.load_balancing_loss([_P, _P], [_I]),
+    "lbl empty lists": lambda d: mr.load_balancing_loss([], []),
+    "lbl logits": lambda d: mr.load_balancing_loss(torch.randn(6, 8), _I),
+    "lbl nan": lambda d: mr.load_balancing_loss(torch.full((6, 8), float("nan")), _I),
+    "lbl idx float": lambda d: mr.load_balancing_loss(_P, _I.float()),
+    "lbl idx -1": lambda d: mr.load_balancing_loss(_P, torch.full((6, 2), -1)),
+    "lbl idx >= E": lambda d: mr.load_balancing_loss(_P, torch.full((6, 1), 8)),
+    "lbl probs int": lambda d: mr.load_balancing_loss(_P.long(), _I),
+    "lbl T mismatch": lambda d: mr.load_balancing_loss(_P[:5], _I),
+    "lbl 3-d probs": lambda d: mr.load_balancing_loss(_P[None], _I[None]),
+    "lbl mask neg": lambda d: mr.load_balancing_loss(_P, _I, mask=-torch.ones(6)),
+    "lbl mask nan": lambda d: mr.load_balancing_loss(_P, _I, mask=torch.full((6,), float("nan"))),
+    "lbl mask wrong len": lambda d: mr.load_balancing_loss(_P, _I, mask=torch.ones(5)),
+    "lbl mask 2-d unknown": lambda d: mr.load_balancing_loss(_P, _I, mask=torch.ones(2, 3)),
+    "lbl mask list of floats": lambda d: mr.load_balancing_loss(_P, _I, mask=[1.0] * 6),
+    "lbl mask numpy": lambda d: mr.load_balancing_loss(_P, _I, mask=np.ones(6)),
+    "lbl mask empty list": lambda d: mr.load_balancing_loss(_P, _I, mask=[]),
+    "lbl dup expert": lambda d: mr.load_balancing_loss(_P, torch.zeros(6, 2, dtype=torch.long)),
+    "lbl k0": lambda d: mr.load_balancing_loss(_P, torch.zeros(6, 0, dtype=torch.long)),
+    "lbl probs complex": lambda d: mr.load_balancing_loss(_P.to(torch.complex64), _I),
+    "lbl idx meta": lambda d: mr.load_balancing_loss(_P, torch.empty(6, 2, dtype=torch.long, device="meta")),
+    "lbl probs str": lambda d: mr.load_balancing_loss("p", _I),
+    "lbl probs sparse": lambda d: mr.load_balancing_loss(_P.to_sparse(), _I),
+    # compare
+    "compare tensor": lambda d: mr.compare(_r, _I),
+    "compare diff routers": lambda d: mr.compare(_r, _R(names=["x", "y"])),
+    "compare mode": lambda d: mr.compare(_r, _r, mode="sets"),
+    "compare names str": lambda d: mr.compare(_r, _r, names="model.layers.0.mlp.gate"),
+    "compare names empty": lambda d: mr.compare(_r, _r, names=[]),
+    "compare names unknown": lambda d: mr.compare(_r, _r, names=["x"]),
+    "compare T diff": lambda d: mr.compare(_r, _r[:3]),
+    "compare labels": lambda d: mr.compare(_r, _r, labels="ab"),
+    "compare diff ids": lambda d: mr.compare(_r.with_token_ids(range(6)), _r.with_token_ids(range(1, 7))),
+    # batch
+    "pad side": lambda d: mr.pad_routes([_r], side="middle"),
+    "pad length short": lambda d: mr.pad_routes([_r], length=3),
+    "pad length float": lambda d: mr.pad_routes([_r], length=7.0),
+    "pad empty": lambda d: mr.pad_routes([]),
+    "pad routes not list": lambda d: mr.pad_routes(_r),
+    "pad diff routers": lambda d: mr.pad_routes([_r, _R(names=["x", "y"])]),
+    "pack row_length short": lambda d: mr.pack_routes([_r], row_length=3),
+    "pack row_length 0": lambda d: mr.pack_routes([_r], row_length=0),
+    "layout neg": lambda d: mr.BatchLayout.padded([-1]),
+    "layout float": lambda d: mr.BatchLayout.padded([2.5]),
+    "layout bool": lambda d: mr.BatchLayout.padded([True]),
+    "layout str": lambda d: mr.BatchLayout.padded("34"),
+    "layout empty": lambda d: mr.BatchLayout.padded([]),
+    "layout routes count": lambda d: mr.BatchLayout.padded([6, 6]).routes([_r]),
+    "layout routes len": lambda d: mr.BatchLayout.padded([5]).routes([_r]),
+    "layout unpack wrong": lambda d: mr.BatchLayout.padded([3]).unpack(_r),
+    "layout tokens wrong": lambda d: mr.BatchLayout.padded([3]).tokens([torch.arange(4)]),
+    "layout tokens pad float": lambda d: mr.BatchLayout.padded([3]).tokens([torch.arange(3)], pad_id=0.5),
+    "layout 2-d tensor": lambda d: mr.BatchLayout.padded(torch.tensor([[3, 2]])),
+    # generation
+    "gen cap neg": lambda d: mr.generation_capacity(-1, 2, 3),
+    "gen cap bool": lambda d: mr.generation_capacity(True, 2, 3),
+    "gen cap float": lambda d: mr.generation_capacity(1, 2.0, 3),
+    # layer map / interop
+    "lm from_routes non routes": lambda d: mr.LayerMap.from_routes(_I, 2),
+    "lm num_layers 0": lambda d: mr.LayerMap.from_names(["layers.0.gate"], 0, 8, 2),
+    "lm k > e": lambda d: mr.LayerMap.from_names(["layers.0.gate"], 1, 2, 3),
+    "lm two at one layer": lambda d: mr.LayerMap.from_names(["layers.0.a", "layers.0.b"], 1, 8, 2),
+    "lm mtp bad": lambda d: mr.LayerMap.from_names(["layers.0.gate"], 1, 8, 2, mtp="skip"),
+    "lm layers str": lambda d: mr.LayerMap.from_names(["layers.0.gate"], 1, 8, 2, layers="0"),
+    "lm names set": lambda d: mr.LayerMap.from_names({"layers.0.gate"}, 1, 8, 2).names,
+    "to_vllm routes of other routers": lambda d: io.to_vllm(_R(names=["a.layers.0.g", "a.layers.1.g"]), _lm),
+    "to_vllm routes missing row": lambda d: io.to_vllm(
+        mr.Routes.from_numpy(np.full((3, 2, 2), -1), names=_r.names, num_experts=8), _lm
+    ),
+    "to_vllm routes fewer routers": lambda d: io.to_vllm(_r.select([_r.names[0]]), _lm),
+    "to_vllm experts mismatch": lambda d: io.to_vllm(_R(e=6), _lm, drop_last=True),
+    "to_vllm k mismatch": lambda d: io.to_vllm(_R(k=3), _lm, drop_last=True),
+    "to_vllm non map": lambda d: io.to_vllm(_r, {"a": 0}),
+    "to_vllm prompt_start neg": lambda d: io.to_vllm(_r, _lm, prompt_start=-1, drop_last=True),
+    "to_vllm prompt_start past": lambda d: io.to_vllm(_r, _lm, prompt_start=10, drop_last=True),
+    "to_vllm drop_last str": lambda d: io.to_vllm(_r, _lm, drop_last="yes"),
+    "from_vllm float arr": lambda d: io.from_vllm(np.zeros((5, 2, 2)), _lm, prompt_len=3, completion_len=3),
+    "from_vllm 2-d": lambda d: io.from_vllm(np.zeros((5, 2), np.uint8), _lm, prompt_len=3, completion_len=3),
+    "from_vllm wrong len": lambda d: io.from_vllm(np.zeros((4, 2, 2), np.uint8), _lm, prompt_len=3, completion_len=3),
+    "from_vllm transposed": lambda d: io.from_vllm(
+        np.tile(np.array([0, 1], np.uint8), (2, 5, 1)).transpose(1, 0, 2).copy().transpose(1, 0, 2),
+        _lm,
+        prompt_len=3,
+        completion_len=3,
+    ),
+    "from_vllm_legacy num_tokens wrong": lambda d: io.from_vllm_legacy(
+        np.tile(np.array([0, 1], np.int32), (5, 2, 1)), _lm, num_tokens=5
+    ),
+    "from_vllm_legacy num_tokens float": lambda d: io.from_vllm_legacy(
+        np.tile(np.array([0, 1], np.int32), (5, 2, 1)), _lm, num_tokens=6.0
+    ),
+    "stitch diff routers": lambda d: io.stitch_turns([_r, _R(names=["x", "y"])]),
+    "stitch shorter": lambda d: io.stitch_turns([_r, _r[:3]]),
+    "stitch overlap bad": lambda d: io.stitch_turns([_r], overlap="any"),
+    "stitch ids not prefix": lambda d: io.stitch_turns([_r[:3], _r], token_ids=[[1, 2, 3], [1, 2, 4, 5, 6, 7]]),
+    "stitch single routes": lambda d: io.stitch_turns(_r),
+    "layout split lengths differ": lambda d: mr.BatchLayout.split([2, 3], [1]),
+    "generation_lengths float": lambda d: mr.generation_lengths(torch.ones(2, 3), 2, eos_token_id=0),
+    "generation_lengths eos float": lambda d: mr.generation_lengths(torch.ones(2, 3, dtype=torch.long), 2, 0.5),
+    "split_generation of a tensor": lambda d: mr.split_generation(_R().indices, batch_size=1, prompt_len=3),
+    "split_generation batch 4 of 6 rows": lambda d: mr.split_generation(_R(), batch_size=4, prompt_len=1),
+    "base64 junk": lambda d: io.vllm_array_from_base64("!!!"),
+    "base64 of no npy": lambda d: io.vllm_array_from_base64("aGVsbG8="),
+    "to_megatron of a tensor": lambda d: io.to_megatron(_R().indices),
+    "to_megatron routers out of order": lambda d: io.to_megatron(_R().select(_R().names[::-1])),
+    "to_megatron fill past experts": lambda d: io.to_megatron(_HOLES, fill=7),
+    "to_megatron no fill": lambda d: io.to_megatron(_HOLES),
+    "from_megatron names out of order": lambda d: io.from_megatron(list(_R().per_layer())[::-1], _R().names[::-1], 8),
+    "from_megatron fewer names": lambda d: io.from_megatron(list(_R().per_layer()), _R().names[:1], 8),
+    "Routes in int": lambda d: 0 in _R(),
+    "Routes in Routes": lambda d: _R()[0] in _R(),
+    "lbl probs meta indices": lambda d: mr.load_balancing_loss(_P, torch.empty(6, 2, dtype=torch.long, device="meta")),
+    "lbl indices sparse": lambda d: mr.load_balancing_loss(_P, _I.to_sparse()),
+}
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("call", list(_MISUSE.values()), ids=list(_MISUSE))
+def test_misuse_of_the_public_api_is_refused_with_a_moe_replay_error(
+    call: Callable[[str], object], tmp_path: Path
+) -> None:
+    """Routes built, indexed, joined, converted, saved and loaded wrongly; losses, comparisons, batch layouts,
+    generation helpers, layer maps and engine readers and writers given what they do not take: each is refused with
+    a MoEReplayError naming what is wrong, never answered with a builtin error or with values cut or wrapped."""
+    with pytest.raises(mr.MoEReplayError):
+        call(str(tmp_path))
+    tried()
+
+
+def _session_misuse() -> dict[str, Callable[[Any], object]]:
+    """Misuse of a session and of what it keeps, each given ``(model, session, captured, kept, ids)``."""
+
+    def replay(routes: Any, strict: bool = True, x: torch.Tensor | None = None) -> Callable[[Any], object]:
+        def run(c: Any) -> object:
+            with c.session.replay(routes(c) if callable(routes) else routes, strict=strict), torch.no_grad():
+                return c.model(c.ids if x is None else x)
+
+        return run
+
+    return {
+        "replay a list of routes": replay(lambda c: [c.captured]),
+        "replay a tensor": replay(lambda c: c.captured.indices),
+        "replay None": replay(None),
+        "replay the rows reversed": replay(lambda c: c.captured[list(range(9, -1, -1))]),
+        "replay another batch": replay(lambda c: c.captured, x=_ids().flip(0)),
+        "replay half the rows": replay(lambda c: c.captured[:5]),
+        "replay twice the rows": replay(lambda c: mr.Routes.cat([c.captured, c.captured])),
+        "replay one router strictly": replay(lambda c: c.captured.select([c.captured.names[0]])),
+        "replay no router": replay(lambda c: c.captured.select([]), strict=False),
+        "replay strict='yes'": replay(lambda c: c.captured, strict="yes"),  # type: ignore[arg-type]
+        "replay routes of more experts": replay(
+            lambda c: mr.Routes(list(c.captured.per_layer()), c.captured.names, 16).with_token_ids(c.captured.token_ids)
+        ),
+        "replay routes of another k": replay(
+            lambda c: mr.Routes([t[:, :1] for t in c.captured.per_layer()], c.captured.names, 8)
+        ),
+        "routes() of no capture": lambda c: mr.attach(_model()).routes(),
+        "attach twice": lambda c: mr.attach(c.model),
+        "attach capacity=True": lambda c: mr.attach(_model(), capacity=True),
+        "attach capacity=0": lambda c: mr.attach(_model(), capacity=0),
+        "attach a function": lambda c: mr.attach(lambda x: x),  # type: ignore[arg-type]
+        "attach top_k='2'": lambda c: mr.attach(_model(), top_k="2"),  # type: ignore[arg-type]
+        "attach include of nothing": lambda c: mr.attach(_model(), include="nothing.*"),
+        "attach exclude of all": lambda c: mr.attach(_model(), exclude="*"),
+        "kept['x']": lambda c: c.kept["x"],
+        "kept[0]": lambda c: c.kept[0],
+        "row_mask of another batch": lambda c: c.kept.row_mask(torch.ones(3, 6)),
+        "row_mask None": lambda c: c.kept.row_mask(None),
+        "row_mask of two forwards": lambda c: c.kept.row_mask([torch.ones(2, 6), torch.ones(2, 6)]),
+        "mask transposed": lambda c: mr.load_balancing_loss(c.kept.scores, c.kept.indices, mask=torch.ones(6, 2)),
+        "kept indices in another order, one unnamed": lambda c: mr.load_balancing_loss(
+            c.kept.scores, [c.kept.indices[1], c.kept.indices[0].clone()]
+        ),
+        "compare rows of other tokens": lambda c: mr.compare(c.captured, c.captured.with_token_ids(torch.arange(12))),
+        "split_generation of a longer prompt": lambda c: mr.split_generation(c.captured, batch_size=2, prompt_len=7),
+        "split_generation of 3 prompts": lambda c: mr.split_generation(c.captured, batch_size=3, prompt_len=6),
+        "split_generation batch_size=2.0": lambda c: mr.split_generation(c.captured, batch_size=2.0, prompt_len=6),
+        "to_megatron routers out of order": lambda c: io.to_megatron(c.captured.select(c.captured.names[::-1])),
+        "to_megatron batch_size=5": lambda c: io.to_megatron(c.captured, batch_size=5),
+        "from_megatron names out of order": lambda c: io.from_megatron(
+            list(c.captured.per_layer())[::-1], c.captured.names[::-1], 8
+        ),
+        "verify() of no example": lambda c: c.session.verify(),
+        "LayerMap of layers swapped": lambda c: mr.LayerMap.from_session(c.session, 2, layers=[1, 0]),
+    }
+
+
+_SESSION_MISUSE = _session_misuse()
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("call", list(_SESSION_MISUSE.values()), ids=list(_SESSION_MISUSE))
+def test_misuse_of_a_session_is_refused_and_leaves_the_model_as_it_was(call: Callable[[Any], object]) -> None:
+    """Replays of what does not fit, attach of what cannot be, and what keep_scores kept read wrongly: each is
+    refused with a MoEReplayError, the model left with no hook, wrapper or changed tensor once detached, and the
+    session still replays its capture exactly."""
+    model = _model()
+    before = snapshot(model)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(_ids())
+        captured = session.routes()
+        with session.replay(captured), session.keep_scores() as kept, torch.no_grad():
+            model(_ids())
+        case = SimpleNamespace(model=model, session=session, captured=captured, kept=kept, ids=_ids())
+        with pytest.raises(mr.MoEReplayError):
+            call(case)
+        with session.replay(captured), session.capture(), torch.no_grad():
+            model(_ids())
+        assert session.routes().equal(captured)
+    assert_untouched(model, before)
+    tried()

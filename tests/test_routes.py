@@ -1413,3 +1413,16 @@ def test_every_row_of_routes_an_engine_reader_placed_by_their_count_keeps_refusi
             replayed(take(front))
         assert replayed(front[1:]).equal(captured)  # (rows chosen by the caller: a partial replay, as documented)
     tried(2)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_in_asks_for_a_router_by_name() -> None:
+    """Once ``"layers.0.gate" in routes`` iterated the rows (routes are indexed by token) and answered False for every
+    router name without a word; now it asks for a router by name, and anything else is refused."""
+    r = make(layers=2)
+    assert "layers.0.gate" in r and "layers.1.gate" in r and "layers.2.gate" not in r
+    assert "layers.0.gate" not in r.select(["layers.1.gate"])
+    for other in (0, r[0], None):
+        with pytest.raises(mr.ArgumentTypeError, match="by name"):
+            other in r  # noqa: B015
+    tried(4)
