@@ -535,3 +535,24 @@ def test_probs_and_indices_of_routers_in_other_orders_are_paired_by_router_or_re
                 mr.load_balancing_loss(probs, idx)
             tried()
     tried(len(paired))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="indices that name no router (routes.indices.unbind(1), to_numpy() rows, a clone) carry nothing that "
+    "tells which router they are: in another router order than the probs, of the same shapes, they are counted with "
+    "other routers' probabilities, a wrong loss without a word",
+)
+def test_unnamed_indices_in_another_router_order_are_refused() -> None:
+    model = mr.models.build("softmax_topk", num_layers=2)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        routes = session.routes()
+        with session.replay(routes), session.keep_scores() as kept, torch.no_grad():
+            model(ids)
+        want = sum(by_hand(kept[n][0], kept[n][1]) for n in kept.names) / 2
+        got = mr.load_balancing_loss(kept.scores, list(routes.indices.unbind(1))[::-1]).item()  # (no error)
+        assert got == pytest.approx(want, abs=1e-5)

@@ -25,7 +25,7 @@ import torch
 from .._checks import is_collection, is_one_of
 from ..batch import check_same_routers, routes_list
 from ..errors import ArgumentTypeError, RoutesValidationError
-from ..routes import Routes, in_token_order
+from ..routes import PADDING_ID, Routes, in_token_order
 
 __all__ = ["stitch_turns"]
 
@@ -136,7 +136,29 @@ def stitch_turns(
                 )
     stitched = Routes(out, names=parts[-1].names, num_experts=parts[-1].experts_per_layer).with_token_ids(tokens)
     stitched._keep_row_marks(parts)  # (the turns' rows in their places: what holds for every row of them holds here)
+    stitched._fed_mask = _conversation_mask(parts, total)
     return stitched
+
+
+def _conversation_mask(parts: list[Routes], total: int) -> torch.Tensor | None:
+    """The prompt mask of each position of the conversation (see ``Routes._fed_mask``): 0 where a turn recorded it
+    at prompt padding (in its mask, or in a router's own ids), 1 where a turn fed it as a token and none as padding,
+    -1 where no turn knows; None where none knows any. A position recorded at padding stays one: a replay that feeds
+    a token of a sequence there is refused, as it is for the turn's own routes."""
+    mask = torch.full((total,), -1, dtype=torch.int8)
+    known = False
+    for r in parts:
+        n = r.num_tokens
+        fed = r._fed_mask
+        if fed is not None and fed.numel() == n:
+            known = True
+            mask[:n] = torch.where((fed == 1) & (mask[:n] == -1), 1, mask[:n]).to(torch.int8)
+            mask[:n][fed == 0] = 0
+        for ids in r._router_ids or ():
+            if ids.numel() == n and bool((ids == PADDING_ID).any()):
+                known = True
+                mask[:n][ids == PADDING_ID] = 0
+    return mask if known else None
 
 
 def _conversation_tokens(parts: list[Routes], given: list[list[int]] | None, total: int) -> torch.Tensor:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import moe_replay as mr
 from moe_replay import interop
 
+from ..conftest import tried
 from .engines import Model, sglang_meta_info, vllm_033_request_output
 
 M = Model()
@@ -93,3 +95,26 @@ def test_bad_turn_lists_raise_library_errors() -> None:
     other = mr.Routes([M.routes(M.truth(3)).layer(M.names[0])], names=["model.layers.1.mlp.gate"], num_experts=32)
     with pytest.raises(mr.RoutesValidationError, match="different models"):
         interop.stitch_turns([M.routes(M.truth(3)), other])
+
+
+@pytest.mark.reliability("silent replays")
+def test_rows_recorded_at_prompt_padding_stay_so_once_stitched() -> None:
+    """Once silent: a turn captured from a left-padded batch holds rows recorded at prompt padding, and its replay
+    refuses a forward that feeds tokens of the sequence there (the batch fed without its mask); stitched, the rows
+    lost that mark, and the same forward was forced the padding rows' experts on its tokens without a word. The
+    stitched routes now refuse it as the turn's own do, and replay the forward fed its mask exactly."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids, attention_mask=mask)
+        turn = session.routes()[:5]
+        for routes in (turn, interop.stitch_turns([turn]), interop.stitch_turns([turn[:3], turn], overlap="first")):
+            with pytest.raises(mr.TokenMismatchError, match="prompt padding"):
+                with session.replay(routes), torch.no_grad():
+                    model(ids[:1])  # (fed without its mask: tokens of the sequence at the padding rows)
+            with session.replay(routes), session.capture(), torch.no_grad():
+                model(ids[:1], attention_mask=mask[:1])
+            assert session.routes().equal(turn)
+            tried()
