@@ -22,6 +22,12 @@ chosen weights scattered along the keys); where they pick rows of a weight of th
 router too. A top-k in
 attention (a sparse-attention indexer, a kNN memory) is not followed, nor one whose indices pick activations
 (tokens, cached keys and values: Mixture-of-Depths), nor an arg-max (a greedy token, a codebook's nearest row).
+
+A choice may also be made one token (or one sample) at a time, in a Python loop: an ``argmax`` or ``topk`` of a
+1-D vector of scores (Expert Gate picks the expert of each test sample so); or drawn at random from the scores
+(``torch.multinomial``, a ``Categorical`` sample: RL-R's policy). Such a call over exactly as many scores as a
+bank of experts on its module's path holds, outside every attached router, is an orphan too (a 1-D call over
+tokens or flat ids, a draw over tokens, is no decision of a router, and is left alone where no bank is that long).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._output_guard import own_hook
 from .errors import UnsupportedRouterError
-from .evidence import _PEAKS, DECISION_FUNCS, NESTING, _arg, _where, decision_call, unwrap
+from .evidence import _FAMILY, _PEAKS, DECISION_FUNCS, NESTING, _arg, _where, decision_call, unwrap
 from .intercept import EAGER
 
 __all__ = ["OrphanWatch", "watch_first_runs", "watch_forward"]
@@ -102,14 +108,17 @@ _PRODUCTS = frozenset(
         torch.einsum,
     )
 )
+#: Random draws of indices from a distribution over the last dimension (``Categorical.sample`` calls one).
+_DRAWS = frozenset((torch.multinomial, torch.Tensor.multinomial))
 #: Modules whose 3-D weights are filters, not experts.
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _calling_module(names: dict[int, str]) -> tuple[str | None, bool]:
-    """Name of the innermost module of ``names`` whose method is on the Python stack, and whether that method
-    is torch's own call of the module (``_call_impl``: the call came from one of its hooks, not its forward)."""
-    f: types.FrameType | None = sys._getframe(2)
+def _calling_module(names: dict[int, str], depth: int = 2) -> tuple[str | None, bool]:
+    """Name of the innermost module of ``names`` whose method is on the Python stack (from ``depth`` frames up),
+    and whether that method is torch's own call of the module (``_call_impl``: the call came from one of its
+    hooks, not its forward)."""
+    f: types.FrameType | None = sys._getframe(depth)
     while f is not None:
         me = f.f_locals.get("self")
         if isinstance(me, nn.Module) and id(me) in names:
@@ -119,6 +128,27 @@ def _calling_module(names: dict[int, str]) -> tuple[str | None, bool]:
 
 
 _MODULE_CALL = nn.Module.__call__.__code__.co_filename  # torch/nn/modules/module.py: where hooks are run
+
+
+def _vector_choice(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int, int] | None:
+    """``(family, k, width)`` when this call picks indices from a 1-D vector of scores (an ``argmax``/``argmin``,
+    a ``max``/``min`` along its dimension, a ``topk`` of fewer than all): a choice made one row at a time, which
+    :func:`moe_replay.evidence.decision_call` (rows of ``[tokens, E]`` scores) does not read as one."""
+    family = _FAMILY.get(func)
+    if family not in ("topk", "argmax", "argmin", "max", "min"):
+        return None
+    x = _arg(args, kwargs, 0, "input")
+    if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.dtype == torch.bool or x.shape[0] < 2:
+        return None
+    width = int(x.shape[0])
+    if family == "topk":
+        k = _arg(args, kwargs, 1, "k")
+        if isinstance(k, torch.Tensor) and k.numel() == 1:
+            k = int(k.item())
+        return (family, k, width) if isinstance(k, int) and not isinstance(k, bool) and 0 < k < width else None
+    if family in ("max", "min") and _arg(args, kwargs, 1, "dim") is None:
+        return None  # the value only, no index chosen (or a max of two tensors)
+    return family, 1, width
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -252,6 +282,24 @@ class OrphanWatch(TorchFunctionMode):
                 return True
         return False
 
+    def _vector_orphan(self, name: str, width: int) -> bool:
+        """Is a choice from a 1-D vector of ``width`` scores in the module at ``name`` one among experts outside every
+        router: the module (outside attached, excluded, attention and expert modules), or one on its path, holds a
+        bank of exactly ``width`` experts?"""
+        if self._known(name) or self._in_attention(name) or (name and self._in_bank(name)):
+            return False
+        parts = name.split(".") if name else []
+        return any(width in _expert_banks(self.modules[".".join(parts[:i])]) for i in range(len(parts), -1, -1))
+
+    def _vector_found(self, what: str, width: int, over: str) -> None:
+        """Note a choice made one row at a time, or drawn at random, over ``width`` scores (see
+        :meth:`_vector_orphan`), where the module calling it makes it an orphan (each call site once)."""
+        name, _ = _calling_module(self.names, 3)
+        if name is not None and self._vector_orphan(name, width):
+            found = f"'{name}' ({type(self.modules[name]).__name__}): {what} {over} {width} scores at {_where()}"
+            if found not in self.found:
+                self.found.append(found)
+
     def _in_attention(self, name: str) -> bool:
         """Is a module on the path (itself first) attention, by its attribute or class name?"""
         parts = name.split(".") if name else []
@@ -347,8 +395,16 @@ class OrphanWatch(TorchFunctionMode):
                 elif name is not None and sig[0] == "topk" and self._over_keys(name, sig[2]):
                     source = f"'{name}' ({type(self.modules[name]).__name__}): topk over {sig[2]} at {_where()}"
                     self.keys[source] = sig[2]
+            elif sig is None and len(self.found) < 8:
+                vec = _vector_choice(func, args, kwargs)
+                if vec is not None:
+                    self._vector_found(f"{vec[0]}, one row at a time,", vec[2], "over")
         elif func in _PEAKS and not torch.compiler.is_compiling() and len(self.found) < 8:
             self._peak(args, kwargs)
+        elif func in _DRAWS and not torch.compiler.is_compiling() and len(self.found) < 8:
+            x = _arg(args, kwargs, 0, "input")
+            if isinstance(x, torch.Tensor) and x.dim() in (1, 2) and x.shape[-1] >= 2:
+                self._vector_found(f"{func.__name__} draw", int(x.shape[-1]), "from")
         if not self.picked and source is None:
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
