@@ -24,10 +24,14 @@ attention (a sparse-attention indexer, a kNN memory) is not followed, nor one wh
 (tokens, cached keys and values: Mixture-of-Depths), nor an arg-max (a greedy token, a codebook's nearest row).
 
 A choice may also be made one token (or one sample) at a time, in a Python loop: an ``argmax`` or ``topk`` of a
-1-D vector of scores (Expert Gate picks the expert of each test sample so); or drawn at random from the scores
-(``torch.multinomial``, a ``Categorical`` sample: RL-R's policy). Such a call over exactly as many scores as a
-bank of experts on its module's path holds, outside every attached router, is an orphan too (a 1-D call over
-tokens or flat ids, a draw over tokens, is no decision of a router, and is left alone where no bank is that long).
+1-D vector of scores (Expert Gate picks the expert of each test sample so); drawn at random from the scores
+(``torch.multinomial``, a ``Categorical`` sample: RL-R's policy; a hard ``gumbel_softmax``, whose one-hot may be
+the mask itself); or by a ``max`` or ``min`` along the scores, a ranking of them (a ``sort`` or ``argsort``: a
+top-p, a top-k by slicing) or a ``kthvalue`` threshold.
+Such a call over exactly as many scores as a bank of experts on its module's path holds, outside every attached
+router, is an orphan too, whatever the attached routers' widths (a 1-D call over tokens or flat ids, a draw over
+tokens, a sort of a row of ``k`` chosen ids, is no decision of a router, and is left alone where no bank is that
+long).
 """
 
 from __future__ import annotations
@@ -108,8 +112,13 @@ _PRODUCTS = frozenset(
         torch.einsum,
     )
 )
-#: Random draws of indices from a distribution over the last dimension (``Categorical.sample`` calls one).
-_DRAWS = frozenset((torch.multinomial, torch.Tensor.multinomial))
+#: Decision-like calls read as a choice outside every router only over exactly as many scores as a bank of experts
+#: on the module's path holds (a ``max`` is often a stable softmax's, a ``sort`` of a row of ``k`` chosen ids is
+#: dispatch; over a bank's width, they choose: a top-1, a top-p, a threshold).
+_BANK_ONLY = frozenset(("sort", "argsort", "kthvalue", "max", "min"))
+#: Random draws of indices (or of a one-hot) from a distribution over a dimension (``Categorical.sample`` calls
+#: ``multinomial``).
+_DRAWS = frozenset((torch.multinomial, torch.Tensor.multinomial, F.gumbel_softmax))
 #: Modules whose 3-D weights are filters, not experts.
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -283,9 +292,9 @@ class OrphanWatch(TorchFunctionMode):
         return False
 
     def _vector_orphan(self, name: str, width: int) -> bool:
-        """Is a choice from a 1-D vector of ``width`` scores in the module at ``name`` one among experts outside every
-        router: the module (outside attached, excluded, attention and expert modules), or one on its path, holds a
-        bank of exactly ``width`` experts?"""
+        """Is a choice over ``width`` scores in the module at ``name`` (one row at a time, a random draw, a ranking)
+        one among experts outside every router: the module (outside attached, excluded, attention and expert
+        modules), or one on its path, holds a bank of exactly ``width`` experts?"""
         if self._known(name) or self._in_attention(name) or (name and self._in_bank(name)):
             return False
         parts = name.split(".") if name else []
@@ -320,6 +329,8 @@ class OrphanWatch(TorchFunctionMode):
         loss over all router scores) is not."""
         if sig[2] in self.widths and self._in_moe(name):
             return True
+        if sig[0] in _BANK_ONLY:
+            return self._vector_orphan(name, sig[2])  # over exactly a bank's experts: a top-1, a top-p, a threshold
         if sig[0] not in _INDEX_CHOICES or sig[1] >= sig[2]:
             return False
         if self._chooses_among_experts(name, sig[2]):
@@ -402,8 +413,12 @@ class OrphanWatch(TorchFunctionMode):
         elif func in _PEAKS and not torch.compiler.is_compiling() and len(self.found) < 8:
             self._peak(args, kwargs)
         elif func in _DRAWS and not torch.compiler.is_compiling() and len(self.found) < 8:
-            x = _arg(args, kwargs, 0, "input")
-            if isinstance(x, torch.Tensor) and x.dim() in (1, 2) and x.shape[-1] >= 2:
+            x = _arg(args, kwargs, 0, "input" if func is not F.gumbel_softmax else "logits")
+            if func is F.gumbel_softmax:  # a one-hot drawn inside the call (its arg-max is out of the watch's sight)
+                dim = _arg(args, kwargs, 4, "dim", -1)
+                if _arg(args, kwargs, 2, "hard", False) and isinstance(x, torch.Tensor) and isinstance(dim, int):
+                    self._vector_found("gumbel_softmax(hard=True) draw", int(x.shape[dim]), "from")
+            elif isinstance(x, torch.Tensor) and x.dim() in (1, 2) and x.shape[-1] >= 2:
                 self._vector_found(f"{func.__name__} draw", int(x.shape[-1]), "from")
         if not self.picked and source is None:
             return func(*args, **kwargs)
