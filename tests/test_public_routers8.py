@@ -707,26 +707,52 @@ class TokensChooseScatterRouter(_Used):
 class RoutingNetworkLayer(_Used):
     """cle-ros/RoutingNetworks (Rosenbaum et al. 2018, "Routing Networks"): a policy MLP over the sample's
     representation picks one of the layer's function blocks, in training a ``Categorical`` sample of its softmax
-    (trained by REINFORCE), in eval its ``argmax``; the chosen block run with weight 1. ``by_hand``: the sample
-    drawn by hand in training (the count of cumulative probabilities under a uniform draw)."""
+    (trained by REINFORCE), in eval its ``max(1)[1]``; the chosen block run with weight 1. ``by_hand``: the sample
+    drawn by hand in training (the count of cumulative probabilities under a uniform draw); ``per_sample``: each
+    sample routed in turn, as upstream's agents do (a ``max`` along the 1-D policy, or ``torch.multinomial`` of
+    it); ``gumbel``: trained through a hard ``gumbel_softmax`` instead, its one-hot the mask of the blocks;
+    ``top_p``: the blocks whose sorted probabilities reach ``top_p`` together (XMoE's threshold routing, its
+    ``sort`` and ``cumsum``), weighted by them; ``num_experts``: how many blocks."""
 
-    def __init__(self, by_hand: bool = False) -> None:
+    def __init__(
+        self,
+        by_hand: bool = False,
+        per_sample: bool = False,
+        gumbel: bool = False,
+        top_p: float | None = None,
+        num_experts: int = E,
+    ) -> None:
         super().__init__()
-        self.by_hand = by_hand
-        self.policy = nn.Sequential(nn.Linear(D, 12), nn.ReLU(), nn.Linear(12, E))
-        self.experts = Experts()
+        self.by_hand, self.per_sample, self.gumbel, self.top_p = by_hand, per_sample, gumbel, top_p
+        self.policy = nn.Sequential(nn.Linear(D, 12), nn.ReLU(), nn.Linear(12, num_experts))
+        self.experts = Experts(num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = F.softmax(self.policy(x), dim=-1)
+        logits = self.policy(x)
+        probs = F.softmax(logits, dim=-1)
+        if self.gumbel and self.training:
+            mask = F.gumbel_softmax(logits, tau=1.0, hard=True)
+            return sum((mask[:, e, None] * expert(x) for e, expert in enumerate(self.experts)), torch.zeros_like(x))
+        if self.top_p is not None:
+            sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+            keep = (sorted_probs.cumsum(-1) - sorted_probs) < self.top_p
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                chosen = ((sorted_idx == e) & keep).any(-1, keepdim=True)
+                out = out + chosen * probs[:, e, None] * expert(x)
+            return out
         if self.forced is not None:
             idx = self.forced
+        elif self.per_sample:
+            pick = (lambda p: torch.multinomial(p, 1)[0]) if self.training else (lambda p: p.max(dim=0).indices)
+            idx = torch.stack([pick(probs[i].detach()) for i in range(x.shape[0])])[:, None]
         elif self.training and self.by_hand:
             u = torch.rand(x.shape[0], 1)
             idx = (probs.detach().cumsum(-1) < u).sum(-1, keepdim=True).clamp(max=E - 1)
         elif self.training:
             idx = torch.distributions.Categorical(probs=probs.detach()).sample()[:, None]
         else:
-            idx = probs.argmax(-1, keepdim=True)
+            idx = probs.max(1)[1][:, None]  # (upstream's PyTorch of 2018 had no argmax)
         self.used = idx
         return dispatch(self.experts, x, idx, torch.ones_like(idx, dtype=x.dtype))
 
@@ -835,7 +861,7 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
     "routing-network-policy-beside-moe": (
         lambda: Layers(lambda: BesideMoE(RoutingNetworkLayer)),
         _x,
-        rf"{_OUTSIDE}.*\n  'layers.0.other' \(RoutingNetworkLayer\): argmax over 8 at",
+        rf"{_OUTSIDE}.*\n  'layers.0.other' \(RoutingNetworkLayer\): max over 8 at",
         {},
     ),
     "routing-network-sampled-beside-moe-train": (
@@ -843,6 +869,36 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         _x,
         rf"{_OUTSIDE}.*\n  'layers.0.other' \(RoutingNetworkLayer\): multinomial draw from 8 scores at",
         {"train": True},
+    ),
+    "routing-network-per-sample-beside-moe": (
+        lambda: Layers(lambda: BesideMoE(lambda: RoutingNetworkLayer(per_sample=True))),
+        _x,
+        rf"{_OUTSIDE}.*\n  'layers.0.other' \(RoutingNetworkLayer\): max, one row at a time, over 8 scores at",
+        {},
+    ),
+    "routing-network-per-sample-sampled-beside-moe-train": (
+        lambda: Layers(lambda: BesideMoE(lambda: RoutingNetworkLayer(per_sample=True))),
+        _x,
+        rf"{_OUTSIDE}.*\n  'layers.0.other' \(RoutingNetworkLayer\): multinomial draw from 8 scores at",
+        {"train": True},
+    ),
+    "routing-network-gumbel-mask-beside-moe-train": (
+        lambda: Layers(lambda: BesideMoE(lambda: RoutingNetworkLayer(gumbel=True))),
+        _x,
+        rf"{_OUTSIDE}.*\n  'layers.0.other' \(RoutingNetworkLayer\): gumbel_softmax\(hard=True\) draw from 8",
+        {"train": True},
+    ),
+    "routing-network-4-top-p-beside-moe": (
+        lambda: Layers(lambda: BesideMoE(lambda: RoutingNetworkLayer(top_p=0.6, num_experts=4))),
+        _x,
+        rf"{_OUTSIDE}.*\n  'layers.0.other' \(RoutingNetworkLayer\): sort over 4 at",
+        {},
+    ),
+    "routing-network-4-beside-moe": (
+        lambda: Layers(lambda: BesideMoE(lambda: RoutingNetworkLayer(num_experts=4))),
+        _x,
+        rf"{_OUTSIDE}.*\n  'layers.0.other' \(RoutingNetworkLayer\): max over 4 at",
+        {},
     ),
     "mixture-of-tokens-alone": (lambda: Layers(ContinuousMoE), _three_d, _NOT_FOUND, {}),
     "condconv-alone": (lambda: Layers(CondConv), _three_d, _NOT_FOUND, {}),
@@ -859,9 +915,11 @@ def test_choices_no_recorded_row_holds_are_refused(case: str) -> None:
     the experts used would not be the recorded ones; dense multi-task gates over one bank (MMoE), taken for two
     routers of one block; routers discovery does not find (Expert Gate's autoencoders, MoH's heads, dense mixtures
     alone, a policy MLP); Expert Gate's choice beside a routed MoE, over a batch or one sample at a time, and a
-    Routing Network's policy beside one, its ``argmax`` or, in training, its ``Categorical`` sample (once silent,
-    both: a 1-D ``argmax`` and a random draw were no decision to the watch, so their choices were neither recorded
-    nor forced): refused, saying why, the model as it was."""
+    Routing Network's policy beside one, its ``max`` or, in training, its ``Categorical`` sample, one sample at a
+    time or not, its hard Gumbel one-hot used as the mask, its ``max`` or a top-p over 4 blocks beside 8 experts
+    (once silent, all but the batched ``max`` over 8: a 1-D choice, a random draw, a one-hot drawn inside
+    ``gumbel_softmax``, and a ``max`` or ``sort`` over another count than the routers' were no decision to the
+    watch, so their choices were neither recorded nor forced): refused, saying why, the model as it was."""
     make, x, match, options = REFUSED[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
