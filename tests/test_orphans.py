@@ -575,3 +575,87 @@ def test_a_model_with_modules_awaiting_their_first_run_copies_and_pickles_inside
         assert torch.equal(twin(x), want)
         twin[0].mlp.normalise = True
         twin(torch.randn(2 * T, D))  # no session: the copy's hooks do nothing
+
+
+class PolicyFFN(nn.Module):
+    """An MoE layer whose policy is an MLP (no gate discovery finds), of ``n`` experts, choosing as ``how`` says:
+    one row at a time (``argmax`` / ``topk`` of a 1-D vector), by a random draw (``multinomial``, a ``Categorical``
+    sample, a hard ``gumbel_softmax`` one-hot as the mask), or by a ``max`` / ``kthvalue`` / ``sort`` over its
+    scores; or, ``how="tokens"``, a top-1 of a 1-D vector of per-token scores and a ``sort`` of the chosen ids (no
+    choice among experts: left alone)."""
+
+    def __init__(self, n: int, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.policy = nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, n))
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.policy(x).softmax(-1)
+        n = len(self.experts)
+        if self.how == "gumbel":
+            mask = F.gumbel_softmax(self.policy(x), hard=True)
+            return sum((mask[:, e, None] * f(x) for e, f in enumerate(self.experts)), torch.zeros_like(x))
+        if self.how == "kthvalue":
+            keep = probs >= probs.kthvalue(n - 1, dim=-1, keepdim=True).values
+            return sum((keep[:, e, None] * probs[:, e, None] * f(x) for e, f in enumerate(self.experts)), 0 * x)
+        rows = {
+            "argmax": lambda: torch.stack([probs[i].argmax() for i in range(len(x))])[:, None],
+            "topk": lambda: torch.stack([probs[i].topk(2).indices for i in range(len(x))]),
+            "multinomial": lambda: torch.multinomial(probs.detach(), 1),
+            "categorical": lambda: torch.distributions.Categorical(probs=probs.detach()).sample()[:, None],
+            "max": lambda: probs.max(-1, keepdim=True).indices,
+            "sort": lambda: probs.sort(-1, descending=True).indices[:, :2],
+            "tokens": lambda: probs.topk(2, dim=-1).indices.sort(-1).values,
+        }
+        idx = rows[self.how]()
+        if self.how == "tokens":
+            best_token = probs[:, 0].argmax()  # a 1-D choice over the tokens (as many as no bank holds)
+            x = x + x[best_token]
+        w = probs.gather(1, idx)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("n", [E, 6])
+@pytest.mark.parametrize(
+    ("how", "says"),
+    [
+        ("argmax", "argmax, one row at a time, over {n} scores"),
+        ("topk", "topk, one row at a time, over {n} scores"),
+        ("multinomial", "multinomial draw from {n} scores"),
+        ("categorical", "multinomial draw from {n} scores"),
+        ("gumbel", r"gumbel_softmax\(hard=True\) draw from {n} scores"),
+        ("max", "max over {n}"),
+        ("kthvalue", "kthvalue over {n}"),
+        ("sort", "sort over {n}"),
+    ],
+)
+def test_an_unfound_layer_choosing_row_by_row_at_random_or_by_a_ranking_is_refused(n: int, how: str, says: str) -> None:
+    """Once silent: a choice one row at a time (a 1-D ``argmax`` or ``topk``), a random draw (``multinomial``, a
+    ``Categorical`` sample, a hard Gumbel one-hot), or a ``max``, ``kthvalue`` or ``sort`` over an expert count the
+    routers do not have, in a layer discovery does not find beside a found router, was no decision to the watch:
+    neither recorded nor forced. Refused, naming the layer and the call."""
+    model = nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), PolicyFFN(n, how))).train()
+    with mr.attach(model) as session:
+        assert session.names == ("0.mlp.gate",)
+        with pytest.raises(mr.UnsupportedRouterError, match=rf"'1\.mlp' \(PolicyFFN\): {says.format(n=n)}"):
+            with session.capture():
+                model(torch.randn(T, D))
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_choice_among_tokens_or_a_sort_of_chosen_ids_in_an_unfound_layer_is_no_orphan() -> None:
+    """A 1-D top-1 over the tokens and a ``sort`` of each token's ``k`` chosen ids, in a layer beside a found router,
+    choose among no bank of experts: not refused for that (the layer's own ``topk`` over its experts is)."""
+    model = nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), PolicyFFN(E, "tokens")))  # T != E
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError) as refused:
+            with session.capture():
+                model(torch.randn(T, D))
+    assert "'1.mlp' (PolicyFFN): topk over 4" in str(refused.value)
+    assert "one row at a time" not in str(refused.value) and "sort over" not in str(refused.value)
