@@ -782,6 +782,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "scmoe-self-contrast": (lambda: Layers(SCMoEBlock), _x, {}),
     "mixture-of-tokens-beside-moe": (lambda: Layers(lambda: BesideMoE(ContinuousMoE)), _three_d, {}),
     "condconv-beside-moe": (lambda: Layers(lambda: BesideMoE(CondConv)), _three_d, {}),
+    "mmoe-beside-moe-gates-excluded": (lambda: Layers(lambda: BesideMoE(MMoE)), _x, {"exclude": "layers.*.other.*"}),
     "hyperrouter-generated-weight": (lambda: Layers(lambda: FMoEBlock(HyperRouterGate)), _x, {}),
     "rmoe-recurrent-router": (RMoEModel, _x, {}),
     "chain-of-experts": (lambda: Layers(CoEBlock), _x, {"change": 0.5}),
@@ -802,7 +803,8 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     a straight-through dense gradient (DenseMixer); autoencoders as the router (Expert Gate, named); one top-2
     used twice, strong and weak (SCMoE); dense mixtures beside an MoE (Mixture of Tokens, CondConv: nothing of them
     found); a router weight made by a hypernetwork (HyperRouter); a router recurrent over layers (RMoE); routing
-    iterated in a layer, by a gate per iteration or one gate called twice (Chain-of-Experts); ternary choices over
+    iterated in a layer, by a gate per iteration or one gate called twice (Chain-of-Experts); MMoE's dense gates
+    beside an MoE, excluded (with zero configuration they are taken for two routers: refused); ternary choices over
     ``3E`` (TC-MoE); attention heads as experts (MoH, named); expert dropout before a capacity (SiRA, in eval);
     groups of tokens with a capacity each (Flaxformer): every router found and nothing else, the recorded rows the
     experts used, and a replay after the routers change those experts forced by hand, in output and gradients."""
