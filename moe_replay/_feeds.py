@@ -127,7 +127,7 @@ _SEQUENCE_FIRST_HINT = (
 class _Forward:
     """What one forward of the model was fed."""
 
-    __slots__ = ("calls", "count", "end", "ids", "mask", "shape", "unpadded", "untold")
+    __slots__ = ("calls", "count", "either", "end", "ids", "mask", "shape", "unpadded", "untold")
 
     def __init__(
         self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: tuple[int, ...] | None = None
@@ -146,6 +146,15 @@ class _Forward:
         #: its routers saw only the tokens its kept ``mask`` marks (:data:`UNPADDED`): its ``count``, ``ids`` and
         #: ``mask`` are those of the tokens it was fed until :meth:`unpad` (read with the routes: no host sync here)
         self.unpadded = False
+        #: one sequence with padding, at a level not told :data:`UNPADDED`: its routers saw its tokens as fed or only
+        #: those its mask keeps (in the same order either way), told by the rows they were called on (``_calls``)
+        self.either = False
+
+    def kept(self) -> int | None:
+        """How many of its tokens its kept ``[batch, positions]`` mask keeps; None where it kept none of a known
+        kind (one host sync on a device)."""
+        keep = _zero_one(self.mask) if self.mask is not None and self.mask.dim() == 2 else None
+        return None if keep is None else int((keep != 0).sum())
 
     def unpad(self) -> None:
         """Where its routers saw only the tokens its mask keeps, its count, ids and mask become theirs (one row each,
@@ -475,6 +484,7 @@ class FeedRecord:
             mask = None
         forward = _Forward(count, kept, mask, None if self.calls_made is None else self.calls_made())
         forward.unpadded = own and order == UNPADDED
+        forward.either = own and not forward.unpadded and order == BATCH_MAJOR and fed is not None and int(fed[0]) == 1
         if order == SEQUENCE_FIRST and fed is not None:  # (ids or embeddings: each row's place in the tokens' order)
             forward.shape = (int(fed[0]), int(fed[1]))
         forward.untold = untold
@@ -644,6 +654,14 @@ class FeedRecord:
             if any(g < 0 for g in gaps):
                 return None
             times = [f.end[router] - f.calls[router] for f in fed]  # type: ignore[index]
+            for f in fed:  # (one sequence whose routers saw only the tokens its mask keeps: one row each)
+                if f.either:
+                    f.either = False
+                    made = sizes[f.calls[router] : f.end[router]]  # type: ignore[index]
+                    keep = _zero_one(f.mask)
+                    if made and keep is not None and all(n == int((keep != 0).sum()) != f.count for n in made):
+                        f.unpadded = True
+                        f.unpad()
         # (a router called on every token of its forward at each call, as often as it was called: each call's rows
         # are the forward's tokens; calls of any other size do not line up with the forwards)
         parts: list[_Forward | None] = []
@@ -1789,6 +1807,16 @@ def _last_token(mask: Any, batch: int, positions: int) -> int | None:
     return at if at >= 1 else None
 
 
+def _padded(mask: Any, batch: int, positions: int) -> bool:
+    """Does the ``[batch, >= positions]`` attention ``mask`` of a forward of ``[batch, positions]`` tokens hold padding
+    (two values among its last ``positions`` columns, whether it marks tokens by 1 or by an additive 0)? False for
+    no mask or one of another shape. On a device: one host sync."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < positions:
+        return False
+    cols = mask[:, -positions:]
+    return bool((cols != cols.reshape(-1)[:1]).any()) if cols.numel() else False
+
+
 def _hooked(modules: Sequence[nn.Module]) -> bool:
     """Does one of ``modules`` hold a hook of its own (not a session's), which a token-order probe sets aside?"""
     return any(not _ours(hook) for m in modules for name in _HOOKS for hook in (m.__dict__.get(name) or {}).values())
@@ -1841,12 +1869,20 @@ class _Found:
     the first router (the level first) and their state then (:func:`_path_state`), less the keys the level's own
     forward changes (a forward counter: its state, not a setting)."""
 
-    __slots__ = ("order", "own", "path", "runs", "scopes", "state")
+    __slots__ = ("order", "own", "padless", "path", "runs", "scopes", "state")
 
     def __init__(
-        self, order: str, scopes: Sequence[nn.Module], runs: tuple[Any, Any], path: Sequence[nn.Module]
+        self,
+        order: str,
+        scopes: Sequence[nn.Module],
+        runs: tuple[Any, Any],
+        path: Sequence[nn.Module],
+        padless: bool = False,
     ) -> None:
         self.order = order
+        #: told at a forward without padding: whether the routers see only the tokens a mask keeps is not told, and a
+        #: forward with padding tells the order again (:func:`_padded`)
+        self.padless = padless and order != UNPADDED
         self.scopes = tuple(weakref.ref(s) for s in scopes)
         self.runs = runs
         self.path = tuple(weakref.ref(m) for m in path)
@@ -2012,6 +2048,8 @@ class FeedForward:
         self._found: _Found | None = None
         self._checked: weakref.WeakSet[FeedRecord | FeedCheck] = weakref.WeakSet()  # the blocks it was checked for
         self._settling: _Found | None = None  # found at the forward running now: settled as it ends
+        #: the order was told at a forward without padding: a forward with padding tells it again (:func:`_padded`)
+        self._padless = False
         #: the check of the first router's input in the forward running now (:func:`_order_check`), or None
         self._verify: Callable[[torch.Tensor | None], None] | None = None
 
@@ -2102,13 +2140,24 @@ class FeedForward:
         first forward that can tell, for the records and checks that keep or compare ids. ``kwargs`` are those the
         forward was given with its attention mask by name, ``given`` those it was given (the mask by position)."""
         order = self.order
-        if order is not None and all(r in self._checked for r in entered):
+        checked = order is not None and all(r in self._checked for r in entered)
+        if order is not None and checked and not self._padless:
             return order
         shape = _inputs(args, kwargs)[2]
         if shape is not None and min(int(shape[0]), int(shape[1])) < 2:
             # (one token per sequence, a decode step, or one sequence: every order is the same, but for the padding
-            # of a model that takes it out, as told at an earlier forward)
-            return UNPADDED if self.order == UNPADDED else BATCH_MAJOR
+            # of a model that takes it out, as told at an earlier forward, or by an earlier session on this model)
+            if order is not None:
+                return UNPADDED if order == UNPADDED else BATCH_MAJOR
+            runs = (type(self.module).forward, _Same(self.before))
+            told = _ORDER_OF.get(self.module, ()) if int(shape[0]) == 1 < int(shape[1]) else ()
+            unpads = any(f.order == UNPADDED and f.holds(self.scopes, runs) for f in told)
+            return UNPADDED if unpads else BATCH_MAJOR
+        # (told at a forward without padding, where its routers' rows were one per token whether or not they see only
+        # the tokens a mask keeps: a forward with padding tells it again; one host sync per such forward till then)
+        padded = shape is not None and _padded(kwargs.get("attention_mask"), int(shape[0]), int(shape[1]))
+        if order is not None and checked and not padded:
+            return order
         if self.paired:
             return BATCH_MAJOR
         if not any(_wants_ids(r) for r in entered):
@@ -2119,10 +2168,11 @@ class FeedForward:
         known = [self._found] if self._found is not None else []
         known += [f for f in _ORDER_OF.get(self.module, ()) if f is not self._found]
         for f in known:
-            if f.holds(self.scopes, runs):
+            if f.holds(self.scopes, runs) and not (padded and f.padless):
                 self._adopt(f, entered)
                 return f.order
         self.order = self._found = None
+        self._padless = False
         path: list[nn.Module] = []
         seen: list[torch.Tensor | None] = []
         # (its forwards enter no block)
@@ -2132,13 +2182,13 @@ class FeedForward:
         if found is not None:
             # (the router scope it stopped at ran none of its own code: compared as a scope)
             way = [m for m in path if all(m is not s for s in self.scopes)]
-            f = _Found(found, self.scopes, runs, [self.module, *way])
+            f = _Found(found, self.scopes, runs, [self.module, *way], not padded)
             fed = _inputs(args, kwargs)[2]
             if seen and seen[0] is not None and fed is not None and found != OTHER_ORDER and _hooked(way):
                 # told with the hooks of the modules on the way set aside: the forward itself, run with them, is
                 # checked at its first router (:func:`_order_check`), and the order kept for later blocks once it
                 # passed (till then the first forward of each block tells it again)
-                self.order, self._found = found, None
+                self.order, self._found, self._padless = found, None, f.padless
                 self._checked.update(entered)
                 grid = (int(fed[0]), int(fed[1]))
                 self._verify = _order_check(seen[0], found, grid, lambda: self._keep(f))
@@ -2156,7 +2206,7 @@ class FeedForward:
 
     def _adopt(self, found: _Found, entered: list[FeedRecord | FeedCheck]) -> None:
         """Take ``found`` as the order of the blocks ``entered`` (and of the later forwards of these blocks)."""
-        self.order, self._found = found.order, found
+        self.order, self._found, self._padless = found.order, found, found.padless
         self._checked.update(entered)
 
     @property

@@ -2288,7 +2288,11 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
         if ids is None and len(set(calls)) == 1:
             # (routers whose rows are all alike and follow no forward's tokens: unknown, as they always were, unless a
             # forward fed ids called them on every one of its tokens and again on other rows: refused, as below)
-            routes._ids_lost = _part_call(feeds, c, i, name)
+            routes._ids_lost = _part_call(feeds, c, i, name) or _unpadded_untold(feeds, c, i, name)
+            return
+        lost = _unpadded_untold(feeds, c, i, name) if ids is None else None
+        if lost is not None:  # (not a stream of its own: the tokens of a forward its mask keeps, in an untold order)
+            routes._ids_lost = lost
             return
         if ids is None and c is not None and not {n for n, _ in c} & {f.count for f in feeds.forwards if f.count}:
             # (no call of it on as many rows as a forward was fed tokens: it routes a stream of its own, a decoder's
@@ -2319,6 +2323,32 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
         routes._router_ids = tuple(per)
     elif apart is not None:
         routes._ids_lost = apart
+
+
+def _unpadded_untold(
+    feeds: FeedRecord, calls: tuple[tuple[int, int], ...] | None, router: int, name: str
+) -> str | None:
+    """Why the token ids of router ``router`` (``name``, whose calls were ``calls``) are lost, where a forward fed ids
+    with padding called it on as many rows as the tokens its attention mask keeps, fewer than it was fed, at a level
+    whose routers were not told to see only those (the order runs could not run at such a forward: a filled cache,
+    several processes, a first sequence of one token): which row is which token is not told. None where none did."""
+    sizes = [n for n, c in calls or () for _ in range(c)]
+    for f in feeds.forwards:
+        if f.ids is None or f.count <= 0 or f.calls is None or f.end is None or len(f.calls) <= router:
+            continue
+        made = sizes[f.calls[router] : f.end[router]]
+        if not made or any(n == f.count for n in made):
+            continue
+        kept = f.kept()
+        if kept is not None and kept != f.count and all(n == kept for n in made):
+            return (
+                f"router '{name}' was called in a forward of the model on {kept} rows, as many as the tokens its "
+                f"attention mask keeps of the {f.count} it was fed (the padding taken out before the routers?), in an "
+                "order the token-order runs could not tell at that forward (a cache that holds tokens, several "
+                "processes, a first sequence of one token); capture a forward of the same model with padding that "
+                "they can run at first"
+            )
+    return None
 
 
 def _part_call(feeds: FeedRecord, calls: tuple[tuple[int, int], ...] | None, router: int, name: str) -> str | None:
