@@ -313,6 +313,24 @@ def _check_forwards(
     )
 
 
+def _check_unpadded(calls: tuple[tuple[int, int], ...] | None, prompt_mask: torch.Tensor) -> None:
+    """Refuse the capture of a model that takes the padding out of its prompts before its routers: its prompt forward
+    routed one row per prompt token the mask keeps, not one per prompt position, and a split that lays every prompt
+    over its padded width would give tokens other tokens' rows (the model's own capture knows the rows of each
+    forward: routes that do not are split by the row count alone)."""
+    b, p = prompt_mask.shape
+    kept = int(prompt_mask.sum())
+    if not calls or kept == b * p or calls[0] != (kept, 1):
+        return
+    raise RoutesValidationError(
+        f"the capture's prompt forward routed {kept} rows, as many as the prompt tokens the mask keeps, not one per "
+        f"position of its {b} prompts of {p} ({b * p}): the model takes the padding out before its routers, and "
+        "split_generation, which lays each prompt over its padded width, would give tokens other tokens' experts. "
+        "Replay such a capture in forwards like the captured ones (the prompts, then one new token per sequence at "
+        "each step), or split its rows on your own: the prompt rows sequence by sequence, each its kept tokens"
+    )
+
+
 def _width_hint(
     calls: tuple[tuple[int, int], ...] | None,
     b: int,
@@ -678,6 +696,8 @@ def split_generation(
             )
         prompt_len = int(torch.as_tensor(attention_mask).shape[1])
     b, p = batch_size, check_count(prompt_len, "prompt_len")
+    if attention_mask is not None or prompt_lengths is not None:
+        _check_unpadded(routes._call_rows, _prompt_mask(b, p, attention_mask, prompt_lengths, padding_side))
 
     decode = total - b * p
     if decode < 0 or decode % b:

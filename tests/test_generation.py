@@ -1601,3 +1601,54 @@ def test_generate_calls_from_copies_of_a_shared_prompts_static_cache_are_refused
     assert capture._call_rows == ((1, 2 * N),)  # the premise: the row counts of one generate() of 2N tokens
     with pytest.raises(mr.RoutesValidationError, match=r"new StaticCache that held 4 tokens"):
         mr.split_generation(capture, batch_size=1, prompt_len=1)
+
+
+class _UnpaddingDecoder(torch.nn.Module):
+    """MoE blocks that see only the prompt tokens the attention mask keeps (padding taken out first, sequence by
+    sequence), then one new token per sequence at each decode step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = mr.models.MoEConfig(hidden_size=16, num_experts=8, top_k=2, expert_size=16)
+        self.embed = torch.nn.Embedding(128, 16)
+        self.layers = torch.nn.ModuleList([mr.models.MoEBlock(cfg) for _ in range(2)])
+        g = torch.Generator().manual_seed(0)
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.5, generator=g)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        prompt = input_ids.shape[1] == attention_mask.shape[1]
+        h = h[attention_mask.bool()] if prompt else h.reshape(-1, h.shape[-1])  # one row per token kept / per sequence
+        for layer in self.layers:
+            h = h + layer(h)
+        return h
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("given", ["mask", "lengths", "sequences"])
+def test_split_generation_of_a_model_that_takes_the_padding_out_is_refused(given: str) -> None:
+    """A decode loop over left-padded prompts of a model whose routers see only the prompt tokens the mask keeps: the
+    prompt forward routed one row per kept token, not one per position. Where the row counts fit a padded prompt
+    forward and fewer decode steps, a split that lays each prompt over its width would give tokens other tokens'
+    experts: it is refused, naming the cause (once refused as if more than one generate() were captured)."""
+    torch.manual_seed(0)
+    model = _UnpaddingDecoder()
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])  # (12 kept: 12 + 3 x 3 = 15 + 3 x 2)
+    seq = torch.randint(1, 128, (3, 5)) * mask
+    full = mask
+    with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
+        with session.capture(), torch.no_grad():
+            model(seq, full)
+            for _ in range(3):
+                new = torch.randint(1, 128, (3, 1))
+                seq, full = torch.cat([seq, new], 1), torch.cat([full, torch.ones_like(new)], 1)
+                model(new, full)
+        routes = session.routes()
+    seq = torch.cat([seq, torch.randint(1, 128, (3, 1))], 1)  # (the last token sampled, never fed)
+    kwargs: dict = {"prompt_lengths": mask.sum(1), "prompt_len": 5} if given == "lengths" else {"attention_mask": mask}
+    if given == "sequences":
+        kwargs["sequences"] = seq
+    assert routes.tokens_per_layer[0] == 2 * 15 - 3 * 3  # (the premise: the row count fits a padded prompt forward)
+    with pytest.raises(mr.RoutesValidationError, match="as many as the prompt tokens the mask keeps"):
+        mr.split_generation(routes, **kwargs)
