@@ -2171,6 +2171,8 @@ class FeedForward:
             if f.holds(self.scopes, runs) and not (padded and f.padless):
                 self._adopt(f, entered)
                 return f.order
+        # (an order told without padding, told again at this padded forward: kept where the runs cannot run here)
+        prior = (order, self._found) if order is not None and self._padless else None
         self.order = self._found = None
         self._padless = False
         path: list[nn.Module] = []
@@ -2195,6 +2197,9 @@ class FeedForward:
                 return found
             self._adopt(f, entered)
             self._keep(f)
+        elif prior is not None:  # (its routers' rows, where fewer than its tokens, are refused as read: _ids_lost)
+            self.order, self._found, self._padless = prior[0], prior[1], True
+            return prior[0]
         return found or UNTOLD
 
     def _keep(self, found: _Found) -> None:

@@ -2212,25 +2212,33 @@ def test_routers_fed_the_unpadded_tokens_told_first_without_padding_are_checked_
 
 
 @pytest.mark.reliability("silent replays")
-def test_routers_fed_the_unpadded_tokens_at_a_forward_whose_order_is_not_told_are_refused() -> None:
+@pytest.mark.parametrize("told_before", [False, True])
+def test_routers_fed_the_unpadded_tokens_at_a_forward_whose_order_is_not_told_are_refused(told_before: bool) -> None:
     """Once silent: where the token-order runs cannot run at a padded forward (here its first sequence holds one token;
     a cache that holds tokens, several processes) of a model that takes the padding out, its routers' rows are fewer
     than its ids, which were dropped: a replay of its batches in another order was forced unchecked. Such routes now
-    say why their ids are lost, and a replay of them is refused."""
+    say why their ids are lost, and a replay of them is refused; so too after an order told at a forward without
+    padding (``told_before``), which such a forward cannot tell again."""
     model = _Unpadding()
     mask = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
     a, b = _ids(0), _ids(1)
     with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
         with session.capture(), torch.no_grad():
+            if told_before:
+                model(_ids(2), torch.ones_like(mask))
             model(a, mask)
             model(b, mask)
         routes = session.routes()
         assert routes.token_ids is None  # (the premise: no rows one per token fed)
         with pytest.raises(mr.MoEReplayError, match="as many as the tokens its attention mask keeps"):
             with session.replay(routes), torch.no_grad():
+                if told_before:
+                    model(_ids(2), torch.ones_like(mask))
                 model(b, mask)
                 model(a, mask)
         with session.replay(routes.with_token_ids(None)), torch.no_grad():  # (by row order, on purpose)
+            if told_before:
+                model(_ids(2), torch.ones_like(mask))
             model(a, mask)
             model(b, mask)
 
