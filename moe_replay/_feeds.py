@@ -1810,7 +1810,7 @@ def _last_token(mask: Any, batch: int, positions: int) -> int | None:
 def _padded(mask: Any, batch: int, positions: int) -> bool:
     """Does the ``[batch, >= positions]`` attention ``mask`` of a forward of ``[batch, positions]`` tokens hold padding
     (two values among its last ``positions`` columns, whether it marks tokens by 1 or by an additive 0)? False for
-    no mask or one of another shape. On a device: one host sync."""
+    no mask or one of another shape. On a device: one host sync (asked at the forwards that tell an order only)."""
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < positions:
         return False
     cols = mask[:, -positions:]
@@ -2154,8 +2154,12 @@ class FeedForward:
             unpads = any(f.order == UNPADDED and f.holds(self.scopes, runs) for f in told)
             return UNPADDED if unpads else BATCH_MAJOR
         # (told at a forward without padding, where its routers' rows were one per token whether or not they see only
-        # the tokens a mask keeps: a forward with padding tells it again; one host sync per such forward till then)
-        padded = shape is not None and _padded(kwargs.get("attention_mask"), int(shape[0]), int(shape[1]))
+        # the tokens a mask keeps: a forward with padding tells it again. Once told, a mask on a device is not read, as
+        # that would cost a host sync per forward: where such a padded forward's routers saw fewer rows than its tokens,
+        # their ids are refused as the routes are read, see session._unpadded_untold)
+        mask = kwargs.get("attention_mask")
+        host = not checked or not isinstance(mask, torch.Tensor) or mask.device.type == "cpu"
+        padded = shape is not None and host and _padded(mask, int(shape[0]), int(shape[1]))
         if order is not None and checked and not padded:
             return order
         if self.paired:

@@ -2345,8 +2345,8 @@ def _unpadded_untold(
                 f"router '{name}' was called in a forward of the model on {kept} rows, as many as the tokens its "
                 f"attention mask keeps of the {f.count} it was fed (the padding taken out before the routers?), in an "
                 "order the token-order runs could not tell at that forward (a cache that holds tokens, several "
-                "processes, a first sequence of one token); capture a forward of the same model with padding that "
-                "they can run at first"
+                "processes, a first sequence of one token, or a mask on a device once the order was told at a forward "
+                "without padding); capture a forward of the same model with padding that they can run at first"
             )
     return None
 
