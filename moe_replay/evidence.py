@@ -299,6 +299,9 @@ class Evidence:
         squashed: the decision's scores were made through an elementwise squashing (a ``sigmoid``) after the
             matrix product that makes the logits (a sigmoid router's, DeepSeek-V3 style), as the calls of its
             forward show; None where not traced. Their softmax is not the router's probabilities.
+        chunks: the decision's calls each make the whole choice for their own run of the tokens, in call order,
+            together every token once (routing in chunks of tokens, proven by effect): each records and is forced
+            with its own rows, one after the other.
     """
 
     calls: tuple[Call, ...]
@@ -310,6 +313,7 @@ class Evidence:
     mirrors: tuple[int, ...] = ()
     followers: tuple[int, ...] = ()
     squashed: bool | None = None
+    chunks: bool = False
 
     @property
     def count(self) -> int:
@@ -2351,6 +2355,26 @@ def _establish(
                         f"scores.gather(-1, indices)). {fix[0].upper()}{fix[1:]}"
                     )
             raise _refuse(name, calls, why, fix)
+        if lead is None and _in_chunks(probe, calls, seen):
+            chunk_of = calls[0]
+            if all(not _slot_unreached(probe, effect, calls, c.ordinal, chunk_of.k - 1) for c in calls):
+                why = (
+                    f"{len(calls)} calls, each the whole choice for its own run of the tokens, in order (routing in "
+                    "chunks of tokens): changing one token's hidden state changes only its own call's scores"
+                )
+                ordinals = tuple(c.ordinal for c in calls)
+                ev = _verdict(
+                    name, calls, ordinals, chunk_of.width, chunk_of.k, top_k, declared_top_k, probe.scope, why
+                )
+                ev = dataclasses.replace(ev, chunks=True)
+                _refuse_later_choice(name, probe, calls, seen, ev)
+                _refuse_escapes(name, probe, calls, seen, ev, tolerance)
+                for c in calls:  # (each chunk's call as the decision, the others held as its mirrors)
+                    others = tuple(o.ordinal for o in calls if o is not c)
+                    one = dataclasses.replace(ev, decision=(c.ordinal,), mirrors=others, chunks=False)
+                    _refuse_value_twins(name, probe, calls, seen, one, base)
+                _refuse_shifted_chunks(name, calls, seen, ev, base)
+                return dataclasses.replace(ev, squashed=_squashed(seen, ev))
         # the decision fixes the final choice: the last call that matters over the expert width
         pool = [c for c in mattering if c.width == num_experts] or [
             c for c in mattering if c.width == max(m.width for m in mattering)
@@ -2538,6 +2562,109 @@ def _establish(
         return dataclasses.replace(ev, squashed=_squashed(seen, ev))
     finally:
         probe.snapshot.restore()
+
+
+def _slot_unreached(
+    probe: _Prober, effect: Callable[..., bool], calls: Sequence[Call], ordinal: int, slot: int
+) -> bool:
+    """Does the last ``slot`` of call ``ordinal`` reach the output neither on these inputs nor on others of their
+    shape (a top-(k+1) whose last slot feeds a statistic)? Slot 0 of a call always counts as reached."""
+    if slot <= 0:
+        return False
+    return not effect(ordinal, slot=slot) and not _slot_reaches_elsewhere(probe, calls, ordinal, slot)
+
+
+def _in_chunks(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode) -> bool:
+    """Are the forward's decision-like calls (two or more, all of one form, each changing the output) one choice
+    made chunk by chunk of the tokens: each call's rows the tokens of one run of them, the runs in call order and
+    together every token once (``x.split(chunk)``, a top-k per chunk)?
+
+    Proven by effect, not read from shapes: the hidden states (the forward's first floating input) are changed on
+    the tokens whose bit ``b`` of their position is 1, then on those whose bit is 0, for every bit of the token
+    count; a call's row ``r`` must change exactly in the runs that change token ``offset + r`` (the rows of the
+    calls before it, then ``r``), and in no other. A row made of another token, of several tokens or of none, a
+    call over the same tokens as another (a second opinion), overlapping or reordered chunks: not in chunks. Masked
+    scores, rows that are not tokens, or a forward whose calls change with the changed values: not either. Nor
+    calls made at different places of the code, over runs of unequal length but a shorter last one, or in a forward
+    given any tensor beside its hidden states (gates over the parts of a mask, whose runs another input may
+    interleave, are not chunks of the tokens)."""
+    if len(calls) < 2 or any(c.signature != calls[0].signature or not c.effect for c in calls):
+        return False
+    if calls[0].family not in FORCEABLE or any(seen.unmasked[c.ordinal] for c in calls):
+        return False
+    if any(c.where != calls[0].where for c in calls) or any(c.rows != calls[0].rows for c in calls[:-1]):
+        return False  # (one loop over equal chunks, the last one shorter at most: not gates over parts of a mask)
+    if calls[-1].rows > calls[0].rows:
+        return False
+    found = _first_floating((probe.args, probe.kwargs))
+    if found is None:
+        return False
+    path, x = found
+    if any(isinstance(t, torch.Tensor) and t is not x for t in _leaves((probe.args, probe.kwargs), [])):
+        return False  # (a mask or ids beside the hidden states may split the tokens otherwise in another forward)
+    tokens = x.numel() // max(int(x.shape[-1]), 1)
+    rows = [c.rows for c in calls]
+    if sum(rows) != tokens or any(r < 1 for r in rows) or len(seen.ins) < len(calls):
+        return False
+    base = [seen.ins[c.ordinal].detach().reshape(c.rows, -1) for c in calls]
+    position = torch.arange(tokens)
+    flat = x.detach().reshape(tokens, -1)
+    spread = flat.float().std(unbiased=False).clamp_min(1e-3)
+    noise = torch.randn(flat.shape, generator=torch.Generator().manual_seed(tokens))
+    bump = (noise * spread + spread).to(device=flat.device, dtype=flat.dtype)
+    for bit in range(max(1, (tokens - 1).bit_length())):
+        for side in (1, 0):
+            picked = ((position >> bit) & 1) == side
+            changed = torch.where(picked.to(flat.device)[:, None], flat + bump, flat).reshape(x.shape)
+            try:
+                _, moved = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, changed))
+            except Exception:
+                return False
+            if [c.signature for c in moved.calls] != [c.signature for c in calls] or len(moved.ins) < len(calls):
+                return False
+            offset = 0
+            for c, before in zip(calls, base, strict=True):
+                after = moved.ins[c.ordinal].detach()
+                if after.numel() != before.numel():
+                    return False
+                differs = (after.reshape(c.rows, -1) != before).any(dim=1).cpu()
+                if not torch.equal(differs, picked[offset : offset + c.rows]):
+                    return False
+                offset += c.rows
+    return True
+
+
+def _refuse_shifted_chunks(name: str, calls: Sequence[Call], seen: _ProbeMode, ev: Evidence, base: Any) -> None:
+    """:func:`_refuse_shifted_ids` for a decision made in chunks of tokens: the chunks' chosen positions, in order,
+    handed on shifted by a constant (``idx + 1``) as the ids the router returns are positions in a slice of its
+    scores, not its experts' ids."""
+    try:
+        mine = torch.cat([_indices(seen.outs[i], calls[i].family, calls[i].rows).long() for i in ev.decision])
+    except (RuntimeError, IndexError, TypeError):
+        return
+    for t in _leaves(base, []):
+        if (
+            not isinstance(t, torch.Tensor)
+            or t.is_floating_point()
+            or t.is_complex()
+            or t.dtype == torch.bool
+            or t.numel() != mine.numel()
+            or not t.numel()
+        ):
+            continue
+        shift = t.detach().reshape(mine.shape).long().to(mine.device) - mine
+        c = int(shift.flatten()[0])
+        if c and bool((shift == c).all()):
+            raise _refuse(
+                name,
+                calls,
+                f"its decision ({_chosen(ev)}) chooses from {calls[ev.decision[0]].width} scores chunk by chunk of "
+                f"the tokens, and it returns the chosen positions shifted by {c:+d}: what moe_replay records and "
+                "forces are positions among those scores, not the expert ids the model uses, so the routes' loads "
+                f"and expert counts and the routes exchanged with an inference engine would be off by {c:+d}",
+                "Take the top-k over all the scores with the excluded columns masked "
+                "(scores.masked_fill(excluded, float('-inf')).topk(k)), so that its indices are the experts' own ids",
+            )
 
 
 def _leader(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode, broad: Sequence[Call], anchor: Call) -> Call:

@@ -375,6 +375,7 @@ class RouterHook:
     _others: dict[int, tuple[str, int, int]] = field(default_factory=dict)
     # a decision may span several calls (successive top-1 slots): the slots answered so far
     _slots: list[torch.Tensor] = field(default_factory=list)
+    _chunks: bool = False  # the decision is made chunk by chunk of the tokens: each call is a whole row of its own
     _row: torch.Tensor | None = None  # [n, k] rows the decision is answered with (replay, recompute)
     _recompute: bool = False  # the decision is a checkpoint recompute
     _entry_grad: bool = False  # gradients were on when this forward began (a backward may recompute it)
@@ -753,6 +754,7 @@ class RouterHook:
         plan = self._plan
         self._others = {c.ordinal: c.signature for c in ev.calls if c.ordinal not in plan and c.width not in tokens}
         self._armed = ev
+        self._chunks = ev.chunks
         self._form = None
 
     # ------------------------------------------------------------- scope forward
@@ -1418,6 +1420,8 @@ class RouterHook:
         else:
             with self._aside():
                 row = torch.cat(self._slots, dim=1)
+        if self._chunks:  # the next call of the decision starts the rows of the next chunk of tokens
+            self._slots = []
         self._decided = True
         if not self._compiled:
             self.decisions += 1

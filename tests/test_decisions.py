@@ -16,6 +16,7 @@ import moe_replay as mr
 
 from . import test_code_settings as _settings
 from . import test_evidence as _ev
+from .conftest import assert_untouched, snapshot
 
 E, D = 6, 16
 
@@ -560,26 +561,169 @@ def test_a_statistic_top_k_that_moves_after_the_decision_on_large_inputs_is_not_
 
 
 class _ChunkedGate(nn.Module):
-    """A plain top-2 gate that routes its tokens in chunks of 4 (one top-k call per chunk, to bound memory)."""
+    """A plain top-2 gate that routes its tokens in chunks of 4 (one top-k call per chunk, to bound memory).
 
-    def __init__(self) -> None:
+    ``how`` routes them otherwise: ``rows`` takes a top-k of each chunk of 3 rows of one score tensor; ``halves`` of
+    each half of the tokens (``x.chunk(2)``, two calls whatever their number); ``reversed``
+    routes the chunks last first (and puts the results back in token order); ``overlap`` routes two chunks that share
+    tokens (each token's choice from the later one that holds it); ``mixed`` scores each chunk with the mean of all
+    the tokens added; ``shifted`` returns the chosen positions plus one (one more expert than it scores)."""
+
+    def __init__(self, how: str = "split") -> None:
         super().__init__()
         self.wg = nn.Linear(D, E, bias=False)
+        self.how = how
         self.last: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [torch.topk(self.wg(c).softmax(-1), 2, dim=-1) for c in x.split(4)]
+        if self.how == "rows":
+            parts = [torch.topk(c, 2, dim=-1) for c in self.wg(x).softmax(-1).split(3)]
+        elif self.how == "reversed":
+            parts = [torch.topk(self.wg(c).softmax(-1), 2, dim=-1) for c in reversed(x.split(4))][::-1]
+        elif self.how == "overlap":
+            n = x.shape[0]
+            a, b = (torch.topk(self.wg(c).softmax(-1), 2, dim=-1) for c in (x[: n // 2 + 1], x[n // 2 - 1 :]))
+            w = torch.cat([a.values[: n // 2 - 1], b.values])
+            idx = torch.cat([a.indices[: n // 2 - 1], b.indices])
+            self.last = idx
+            return w, idx
+        elif self.how in ("cut", "cut-each"):  # (a weight under a threshold drops its expert: a later choice)
+            parts = []
+            for c in x.split(4):
+                p = torch.topk(self.wg(c).softmax(-1), 2, dim=-1)
+                v = p.values * (p.values > 0.2) if self.how == "cut-each" else p.values
+                parts.append(torch.return_types.topk((v, p.indices)))
+            if self.how == "cut":
+                w, idx = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+                self.last = idx
+                return w * (w > 0.2), idx
+        elif self.how == "halves":
+            parts = [torch.topk(self.wg(c).softmax(-1), 2, dim=-1) for c in x.chunk(2)]
+        elif self.how == "mixed":
+            mean = x.mean(0, keepdim=True)
+            parts = [torch.topk(self.wg(c + mean).softmax(-1), 2, dim=-1) for c in x.split(4)]
+        else:
+            parts = [torch.topk(self.wg(c).softmax(-1), 2, dim=-1) for c in x.split(4)]
         w, idx = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+        if self.how == "shifted":
+            idx = idx + 1
         self.last = idx
         return w, idx
 
 
 @pytest.mark.reliability("clear errors")
-@pytest.mark.xfail(strict=True, reason="a decision split over calls by tokens (chunks) is read as two choices")
-def test_gate_that_routes_its_tokens_in_chunks_is_captured_and_forced() -> None:
-    """Once refused (still): a plain top-k made chunk by chunk of tokens is taken for independent choices."""
+@pytest.mark.parametrize("how", ["split", "rows", "halves"])
+def test_gate_that_routes_its_tokens_in_chunks_is_captured_and_forced(how: str) -> None:
+    """Once refused: a plain top-k made chunk by chunk of tokens (each chunk's scores apart, or rows of one score
+    tensor, the last chunk shorter) was taken for independent choices. Each call is the whole choice of its own run
+    of the tokens, in order: captured and forced, with gradients and without, on the lean path too."""
     torch.manual_seed(8)
-    _assert_captured_and_forced(_ChunkedGate(), 8)
+    _assert_captured_and_forced(_ChunkedGate(how), 8, forwards=3)
+    _assert_captured_and_forced(_ChunkedGate(how), 8, forwards=3, grad=False)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["reversed", "overlap", "mixed", "cut", "cut-each"])
+def test_calls_that_are_not_chunks_of_the_tokens_in_order_are_refused(how: str) -> None:
+    """Calls of one form whose rows are not each one run of the tokens, in order, together every token once
+    (chunks routed last first, chunks that share tokens, chunk scores made of every token) are refused as several
+    choices; chunks whose weights are cut under a threshold after their top-k (in each chunk, or after them all)
+    as a later choice; the model left as it was."""
+    torch.manual_seed(8)
+    block = Block(_ChunkedGate(how))
+    before, x = snapshot(block), torch.randn(8, D)
+    with pytest.raises(mr.UnsupportedRouterError), mr.attach(block) as session, session.capture():
+        block(x)
+    assert_untouched(block, before)
+
+
+class _MaskedGates(nn.Module):
+    """Two gates of one form in one loop, each choosing for the tokens of its part of a mask given beside the
+    hidden states (per-modality routing): on a mask whose parts are the two halves of the tokens, in order, their
+    calls look like chunks of the tokens, but another mask interleaves them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.ModuleList(nn.Linear(D, E, bias=False) for _ in range(2))
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for m, part in enumerate((~mask, mask)):
+            w, idx = self.gates[m](x[part]).softmax(-1).topk(2, dim=-1)
+            y = torch.zeros_like(x[part])
+            for slot in range(2):
+                for e, expert in enumerate(self.experts):
+                    y = y + (idx[:, slot] == e)[:, None] * w[:, slot : slot + 1] * expert(x[part])
+            out[part] = y
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+def test_gates_over_the_parts_of_a_mask_are_not_taken_for_chunks() -> None:
+    """Gates over the parts of a mask given beside the hidden states, established on a mask whose parts are the
+    halves of the tokens in order: refused as two choices, not recorded as chunks (another mask would give each call
+    other tokens than the rows the routes hold for it), the model left as it was."""
+    torch.manual_seed(8)
+    block = nn.ModuleDict({"moe": _MaskedGates()})
+    before, x = snapshot(block), torch.randn(8, D)
+    halves = torch.arange(8) >= 4
+    with mr.attach(block, include=["moe"]) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match="independent choice"), session.capture():
+            block["moe"](x, halves)
+    assert_untouched(block, before)
+
+
+@pytest.mark.reliability("silent replays")
+def test_chunked_gate_that_returns_shifted_positions_is_refused() -> None:
+    """A gate in chunks that hands on its chosen positions plus one: the routes would name other experts than it
+    uses, so it is refused as a single top-k that does so is."""
+    torch.manual_seed(8)
+    block = Block(_ChunkedGate("shifted"))
+    with pytest.raises(mr.UnsupportedRouterError, match="shifted by"), mr.attach(block) as session:
+        with session.capture():
+            block(torch.randn(8, D))
+
+
+@pytest.mark.reliability("silent replays")
+def test_gate_in_halves_is_forced_on_other_numbers_of_tokens() -> None:
+    """A gate that routes each half of its tokens apart makes two calls whatever the number of tokens: established
+    on 8 tokens, it is captured and forced on 7 (halves of 4 and 3) and on 10, its rows in token order."""
+    torch.manual_seed(8)
+    gate = _ChunkedGate("halves")
+    block = Block(gate)
+    with mr.attach(block) as session:
+        with session.capture():
+            block(torch.randn(8, D))
+        for n in (7, 10):
+            x = torch.randn(n, D)
+            with session.capture():
+                block(x)
+            assert torch.equal(session.routes().layer("router"), gate.last)
+            forced = _forced_routes(session, n)
+            with session.replay(forced):
+                block(x)
+            assert torch.equal(gate.last, forced.layer("router"))
+
+
+@pytest.mark.reliability("silent replays")
+def test_chunked_gate_on_more_chunks_than_established_is_refused_not_routed_freely() -> None:
+    """A forward of a gate in chunks on more tokens makes more calls than the one its decision was established on:
+    refused (the replayed chunks were not all forced), never answered freely; the decision is established again on
+    the next forward, which replays exactly."""
+    torch.manual_seed(8)
+    gate = _ChunkedGate()
+    block = Block(gate)
+    with mr.attach(block) as session:
+        with session.capture():
+            block(torch.randn(8, D))
+        x = torch.randn(12, D)
+        forced = _forced_routes(session, 12)
+        with pytest.raises(mr.UnsupportedRouterError, match="decision-like calls"), session.replay(forced):
+            block(x)
+        with session.replay(forced):
+            block(x)
+        assert torch.equal(gate.last, forced.layer("router"))
 
 
 class _OutGate(nn.Module):

@@ -1206,7 +1206,8 @@ def test_a_zero_that_rounding_makes_is_not_a_dropped_expert(dtype: torch.dtype) 
 
 
 class _ModalityGates(nn.Module):
-    """Two gates in one module's forward, each choosing for its own tokens (MoMa's per-modality routing)."""
+    """Two gates in one module's forward, each choosing for its own tokens (MoMa's per-modality routing; here the
+    first third of the tokens and the rest: runs of unequal length, not chunks of the tokens)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1215,8 +1216,8 @@ class _ModalityGates(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
-        half = x.shape[0] // 2
-        for m, part in enumerate((slice(0, half), slice(half, None))):
+        third = x.shape[0] // 3
+        for m, part in enumerate((slice(0, third), slice(third, None))):
             w, idx = self.gates[m](x[part]).softmax(-1).topk(2, dim=-1)
             out[part] = dispatch(self.experts, x[part], idx, w)
         return out

@@ -899,16 +899,11 @@ def test_choices_that_no_one_call_holds_are_refused(case: str) -> None:
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.UnsupportedRouterError,
-    reason="routing chunk by chunk (a top-k per slice of the tokens) is refused as several independent choices, "
-    "though the chunks' choices together are one per token: a false refusal",
-)
 def test_routing_in_chunks_of_tokens_replays_exactly() -> None:
-    """A router that takes its top-k chunk by chunk over the tokens makes one choice per token in all: a replay
-    forces the recorded experts, as by hand."""
+    """Once refused as several independent choices: a router that takes its top-k chunk by chunk over the tokens
+    makes one choice per token in all: a replay forces the recorded experts, as by hand, in training too."""
     assert_exact(Layers(lambda: GateBlock(ChunkedGate())), _x())
+    assert_exact(Layers(lambda: GateBlock(ChunkedGate(chunk_size=7))), _x(), train=True)
 
 
 class RowMemory(nn.Module):
