@@ -2587,7 +2587,9 @@ def _in_chunks(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode) -> bool:
     scores, rows that are not tokens, or a forward whose calls change with the changed values: not either. Nor
     calls made at different places of the code, over runs of unequal length but a shorter last one, or in a forward
     given any tensor beside its hidden states (gates over the parts of a mask, whose runs another input may
-    interleave, are not chunks of the tokens)."""
+    interleave, are not chunks of the tokens). And a chunk's choice, changed, must leave the later chunks' scores
+    as they were: a choice that shapes the next chunk's scores (the experts filled so far masked there) is an
+    earlier choice, not a chunk of one decision."""
     if len(calls) < 2 or any(c.signature != calls[0].signature or not c.effect for c in calls):
         return False
     if calls[0].family not in FORCEABLE or any(seen.unmasked[c.ordinal] for c in calls):
@@ -2631,6 +2633,17 @@ def _in_chunks(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode) -> bool:
                 if not torch.equal(differs, picked[offset : offset + c.rows]):
                     return False
                 offset += c.rows
+    for c in calls[:-1]:  # (a chunk's choice moved leaves the later chunks' scores as they were: none shapes them)
+        try:
+            _, moved = probe.run(change=c.ordinal)
+        except Exception:
+            return False
+        if len(moved.ins) < len(calls) or any(
+            moved.ins[o.ordinal].numel() != base[o.ordinal].numel()
+            or not torch.equal(moved.ins[o.ordinal].detach().reshape(base[o.ordinal].shape), base[o.ordinal])
+            for o in calls[c.ordinal + 1 :]
+        ):
+            return False
     return True
 
 

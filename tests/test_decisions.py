@@ -564,10 +564,11 @@ class _ChunkedGate(nn.Module):
     """A plain top-2 gate that routes its tokens in chunks of 4 (one top-k call per chunk, to bound memory).
 
     ``how`` routes them otherwise: ``rows`` takes a top-k of each chunk of 3 rows of one score tensor; ``halves`` of
-    each half of the tokens (``x.chunk(2)``, two calls whatever their number); ``reversed``
-    routes the chunks last first (and puts the results back in token order); ``overlap`` routes two chunks that share
-    tokens (each token's choice from the later one that holds it); ``mixed`` scores each chunk with the mean of all
-    the tokens added; ``shifted`` returns the chosen positions plus one (one more expert than it scores)."""
+    each half of the tokens (``x.chunk(2)``, two calls whatever their number); ``reversed`` routes the chunks last
+    first (and puts the results back in token order); ``overlap`` routes two chunks that share tokens (each token's
+    choice from the later one that holds it); ``mixed`` scores each chunk with the mean of all the tokens added;
+    ``load`` lowers each chunk's scores on the experts the chunks before it chose; ``cut`` and ``cut-each`` drop a
+    weight under 0.2 (after all the chunks, or in each); ``shifted`` returns the chosen positions plus one."""
 
     def __init__(self, how: str = "split") -> None:
         super().__init__()
@@ -599,6 +600,12 @@ class _ChunkedGate(nn.Module):
                 return w * (w > 0.2), idx
         elif self.how == "halves":
             parts = [torch.topk(self.wg(c).softmax(-1), 2, dim=-1) for c in x.chunk(2)]
+        elif self.how == "load":  # (each chunk's scores lowered on the experts the chunks before it chose)
+            parts, load = [], torch.zeros(E)
+            for c in x.split(4):
+                p = torch.topk(self.wg(c).softmax(-1) - 0.1 * load, 2, dim=-1)
+                load = load + F.one_hot(p.indices, E).sum((0, 1))
+                parts.append(p)
         elif self.how == "mixed":
             mean = x.mean(0, keepdim=True)
             parts = [torch.topk(self.wg(c + mean).softmax(-1), 2, dim=-1) for c in x.split(4)]
@@ -623,10 +630,11 @@ def test_gate_that_routes_its_tokens_in_chunks_is_captured_and_forced(how: str) 
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("how", ["reversed", "overlap", "mixed", "cut", "cut-each"])
+@pytest.mark.parametrize("how", ["reversed", "overlap", "mixed", "load", "cut", "cut-each"])
 def test_calls_that_are_not_chunks_of_the_tokens_in_order_are_refused(how: str) -> None:
     """Calls of one form whose rows are not each one run of the tokens, in order, together every token once
-    (chunks routed last first, chunks that share tokens, chunk scores made of every token) are refused as several
+    (chunks routed last first, chunks that share tokens, chunk scores made of every token or lowered on the experts
+    earlier chunks chose) are refused as several
     choices; chunks whose weights are cut under a threshold after their top-k (in each chunk, or after them all)
     as a later choice; the model left as it was."""
     torch.manual_seed(8)
