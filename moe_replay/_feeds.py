@@ -153,8 +153,8 @@ class _Forward:
     def kept(self) -> int | None:
         """How many of its tokens its kept ``[batch, positions]`` mask keeps; None where it kept none of a known
         kind (one host sync on a device)."""
-        keep = _zero_one(self.mask) if self.mask is not None and self.mask.dim() == 2 else None
-        return None if keep is None else int((keep != 0).sum())
+        keep = _kept_tokens(self.mask)
+        return None if keep is None else int(keep.sum())
 
     def unpad(self) -> None:
         """Where its routers saw only the tokens its mask keeps, its count, ids and mask become theirs (one row each,
@@ -163,10 +163,10 @@ class _Forward:
         if not self.unpadded:
             return
         self.unpadded = False
-        keep = _zero_one(self.mask)
+        keep = _kept_tokens(self.mask)
         if keep is None:
             return
-        keep = keep.reshape(-1) != 0
+        keep = keep.reshape(-1)
         if self.ids is not None:
             self.ids = self.ids.reshape(-1)[keep.to(self.ids.device)]
         self.count = int(keep.sum())
@@ -658,8 +658,8 @@ class FeedRecord:
                 if f.either:
                     f.either = False
                     made = sizes[f.calls[router] : f.end[router]]  # type: ignore[index]
-                    keep = _zero_one(f.mask)
-                    if made and keep is not None and all(n == int((keep != 0).sum()) != f.count for n in made):
+                    keep = _kept_tokens(f.mask)
+                    if made and keep is not None and all(n == int(keep.sum()) != f.count for n in made):
                         f.unpadded = True
                         f.unpad()
         # (a router called on every token of its forward at each call, as often as it was called: each call's rows
@@ -1481,10 +1481,27 @@ def _unpad_fed(ids: torch.Tensor, mask: Any) -> torch.Tensor | None:
     :data:`UNPADDED`; None where the mask is of another kind. On a device: one host sync (how many are kept)."""
     if ids.dim() != 2 or (mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2)):
         return None
-    fed = _tokens_fed(mask, ids)
-    if fed is None:
+    if mask is None:
+        return ids.detach().reshape(-1)
+    if mask.shape[0] != ids.shape[0] or mask.shape[1] < ids.shape[1]:
         return None
-    return ids.detach().reshape(-1)[fed.reshape(-1).to(ids.device) == 1]
+    keep = _kept_tokens(mask[:, -ids.shape[1] :])
+    return None if keep is None else ids.detach().reshape(-1)[keep.reshape(-1).to(ids.device)]
+
+
+def _kept_tokens(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The tokens an attention ``mask`` of one entry per token (``[batch, positions]``) keeps (True), as a model that
+    takes the padding out reads it: an integer or boolean one's non-zeros, a float one of 0s and 1s (with a 1) its 1s,
+    an additive float one (0 for a token, a negative bias for padding: ``-inf``, ``finfo.min``, ``-10000``) its
+    entries of no negative bias (kept flat in the routers' order, a mask is read entry by entry). None for no mask.
+    On a device: no host sync."""
+    if mask is None:
+        return None
+    if not mask.is_floating_point():
+        return mask != 0
+    ones = mask == 1
+    zero_one = ones.any() & (ones | (mask == 0)).all()
+    return torch.where(zero_one, ones, mask >= 0)
 
 
 def _zero_one(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -1676,7 +1693,10 @@ def _unpadded(moved: set[int], rows: int, mask: Any, at: int, batch: int, positi
     there the runs cannot tell the two apart, and the order is told only where both are the same for every token."""
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < positions:
         return OTHER_ORDER
-    keep = (mask[:, -positions:] != 0).cpu()
+    kept = _kept_tokens(mask[:, -positions:])
+    if kept is None:
+        return OTHER_ORDER
+    keep = kept.cpu()
     if rows != int(keep.sum()) or rows == batch * positions:
         return OTHER_ORDER
     own = int(keep[0, :at].sum())  # (the changed token's row sequence by sequence: sequence 0's tokens come first)
@@ -1798,11 +1818,12 @@ def _noting_calls(note: Callable[[nn.Module, Any], None] | None) -> Iterator[Non
 
 
 def _last_token(mask: Any, batch: int, positions: int) -> int | None:
-    """The last position of sequence 0 that holds a token (its ``[batch, >= positions]`` attention mask is not 0
-    there; the last position without one), or None where that is position 0."""
+    """The last position of sequence 0 that holds a token (its ``[batch, >= positions]`` attention mask keeps it:
+    :func:`_kept_tokens`; the last position without one), or None where that is position 0."""
     at = positions - 1
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= positions:
-        real = (mask[0, -positions:] != 0).nonzero().flatten()
+        keep = _kept_tokens(mask[:1, -positions:])  # (an additive mask's tokens are its 0s)
+        real = keep[0].nonzero().flatten() if keep is not None else torch.arange(positions)
         at = int(real[-1]) if real.numel() else 0
     return at if at >= 1 else None
 

@@ -2290,7 +2290,9 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
             # forward fed ids called them on every one of its tokens and again on other rows: refused, as below)
             routes._ids_lost = _part_call(feeds, c, i, name) or _unpadded_untold(feeds, c, i, name)
             return
-        lost = _unpadded_untold(feeds, c, i, name) if ids is None else None
+        # (rows of no forward's tokens, or of some forwards' only: a forward may have called it on the tokens its
+        # mask keeps in an order not told, whose rows line up with none)
+        lost = _unpadded_untold(feeds, c, i, name)
         if lost is not None:  # (not a stream of its own: the tokens of a forward its mask keeps, in an untold order)
             routes._ids_lost = lost
             return
@@ -2345,8 +2347,9 @@ def _unpadded_untold(
                 f"router '{name}' was called in a forward of the model on {kept} rows, as many as the tokens its "
                 f"attention mask keeps of the {f.count} it was fed (the padding taken out before the routers?), in an "
                 "order the token-order runs could not tell at that forward (a cache that holds tokens, several "
-                "processes, a first sequence of one token, or a mask on a device once the order was told at a forward "
-                "without padding); capture a forward of the same model with padding that they can run at first"
+                "processes, a first sequence of one token, a mask on a device once the order was told at a forward "
+                "without padding, or an order of the model's own: its sequences packed by length); capture a forward "
+                "of the same model with padding that they can run at first"
             )
     return None
 

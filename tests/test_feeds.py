@@ -1503,6 +1503,77 @@ def test_routers_fed_the_unpadded_tokens_position_by_position_are_not_told_seque
             assert ids is None if first or not apart else torch.equal(ids, _ids(0)[mask.bool()])
 
 
+class _AdditiveUnpadding(_Unpadding):
+    """``_Unpadding`` given an additive float mask (0 for a token, a negative bias for padding): ``h[mask == 0]``."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)[attention_mask == 0]
+        for layer in self.layers:
+            h = h + layer(h)
+        return h
+
+
+class _SortedUnpadding(_Unpadding):
+    """``_Unpadding`` whose sequences are packed longest first (a varlen kernel's packing by length)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        order = torch.argsort(attention_mask.sum(1), descending=True, stable=True)
+        h = self.embed(input_ids)[order][attention_mask[order].bool()]
+        for layer in self.layers:
+            h = h + layer(h)
+        return h
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(("side", "bias"), [("right", float("-inf")), ("left", float("-inf")), ("right", -10000.0)])
+def test_routers_fed_the_tokens_an_additive_mask_keeps_check_their_tokens(side: str, bias: float) -> None:
+    """Once silent: a model given an additive float mask (0 for a token, ``-inf`` or ``-10000`` for padding) that takes
+    the padding out (``h[mask == 0]``) was read as keeping the padding (the mask's non-zeros), its order not told, and
+    its routes knew no ids: a replay of its batches in another order was forced without a word. An additive mask's
+    tokens are its 0s: the capture keeps their ids, its batches replay exactly, in another order they are refused."""
+    model = _AdditiveUnpadding()
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]).bool()
+    if side == "left":
+        keep = keep.flip(1)
+    mask = torch.zeros(keep.shape).masked_fill(~keep, bias)
+    a, b = _ids(0), _ids(1)
+    with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
+        with session.capture(), torch.no_grad():
+            want = [model(a, mask), model(b, mask)]
+        routes = session.routes()
+        assert torch.equal(routes.token_ids, torch.cat([a[keep], b[keep]]))
+        with session.replay(routes), torch.no_grad():
+            got = [model(a, mask), model(b, mask)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(routes), torch.no_grad():
+                model(b, mask)
+                model(a, mask)
+
+
+@pytest.mark.reliability("silent replays")
+def test_routers_fed_the_kept_tokens_in_an_order_of_their_own_are_refused_not_forced_unchecked() -> None:
+    """Once silent: routers fed the tokens a mask keeps in an order of the model's own (sequences packed longest
+    first) are told no order (their rows are no place among the kept tokens sequence by sequence), and their rows,
+    fewer than the ids fed, kept no ids: a replay of the batches in another order was forced without a word. Routes
+    whose rows are as many as the kept tokens of a forward, in an order not told, now say why their ids are lost, and
+    a replay of them is refused (by row order, on purpose, it runs)."""
+    model = _SortedUnpadding()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    a, b = _ids(0), _ids(1)
+    with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
+        with session.capture(), torch.no_grad():
+            want = [model(a, mask), model(b, mask)]
+        routes = session.routes()
+        with pytest.raises(mr.MoEReplayError, match="as many as the tokens its attention mask keeps"):
+            with session.replay(routes), torch.no_grad():
+                model(b, mask)
+                model(a, mask)
+        with session.replay(routes.with_token_ids(None)), torch.no_grad():
+            got = [model(a, mask), model(b, mask)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 def _steps(model, cache: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
     """A forward over ``ids`` given ``cache``, then one per new token (greedy): ``new`` tokens appended."""
     name = pytest.importorskip("tests.tiny_hf").cache_kwarg(model)
