@@ -537,6 +537,40 @@ def test_probs_and_indices_of_routers_in_other_orders_are_paired_by_router_or_re
     tried(len(paired))
 
 
+class _TwoStacks(torch.nn.Module):
+    """An encoder and a decoder of the same module tree: routers named alike past ``encoder.`` and ``decoder.``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = mr.models.build("softmax_topk", num_layers=1, seed=1)
+        self.decoder = mr.models.build("softmax_topk", num_layers=1, seed=2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(ids).logits + self.decoder(ids).logits
+
+
+@pytest.mark.reliability("silent replays")
+def test_routers_named_alike_in_other_stacks_are_not_taken_for_one_router() -> None:
+    """Once silent: an encoder's router and a decoder's, named alike past ``encoder.`` and ``decoder.``, were taken for
+    one router under other wrappers: their indices in another router order than the probs were counted with the
+    other stack's probabilities, a wrong loss without a word. They are paired by router, as other routers are."""
+    model = _TwoStacks()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        routes = session.routes()
+        with session.replay(routes), session.keep_scores() as kept, torch.no_grad():
+            model(ids)
+        names = list(kept.names)
+        assert len(names) == 2 and names[0].startswith("encoder.") and names[1].startswith("decoder.")
+        want = sum(by_hand(kept[n][0], kept[n][1]) for n in names) / 2
+        crossed = (by_hand(kept[names[0]][0], kept[names[1]][1]) + by_hand(kept[names[1]][0], kept[names[0]][1])) / 2
+        assert abs(crossed - want) > 1e-4  # (the premise: paired with the other stack's experts, another loss)
+        got = mr.load_balancing_loss(kept.scores, routes.select(names[::-1]).per_layer())
+        assert got.item() == pytest.approx(want, abs=1e-5)
+
+
 @pytest.mark.reliability("silent replays")
 @pytest.mark.xfail(
     strict=True,
