@@ -2333,7 +2333,8 @@ def _unpadded_untold(
     """Why the token ids of router ``router`` (``name``, whose calls were ``calls``) are lost, where a forward fed ids
     with padding called it on as many rows as the tokens its attention mask keeps, fewer than it was fed, at a level
     whose routers were not told to see only those (the order runs could not run at such a forward: a filled cache,
-    several processes, a first sequence of one token): which row is which token is not told. None where none did."""
+    several processes, a first sequence of one token), or as many as the positions it marks as padding (a mask of
+    True at padding, read as one of 1 at each token): which row is which token is not told. None where none did."""
     sizes = [n for n, c in calls or () for _ in range(c)]
     for f in feeds.forwards:
         if f.ids is None or f.count <= 0 or f.calls is None or f.end is None or len(f.calls) <= router:
@@ -2350,6 +2351,13 @@ def _unpadded_untold(
                 "processes, a first sequence of one token, a mask on a device once the order was told at a forward "
                 "without padding, or an order of the model's own: its sequences packed by length); capture a forward "
                 "of the same model with padding that they can run at first"
+            )
+        if kept is not None and 0 < kept < f.count and all(n == f.count - kept for n in made):
+            return (
+                f"router '{name}' was called in a forward of the model on {f.count - kept} rows, as many as the "
+                f"positions its attention mask holds 0 (False) at, of the {f.count} it was fed: a mask of True at "
+                "padding (as a key padding mask is), the padding taken out before the routers? Which row is which "
+                "token is not told; pass the model an attention_mask of 1 at each token and 0 at padding"
             )
     return None
 

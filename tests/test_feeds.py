@@ -1574,6 +1574,38 @@ def test_routers_fed_the_kept_tokens_in_an_order_of_their_own_are_refused_not_fo
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
+class _PaddingMarked(_Unpadding):
+    """``_Unpadding`` given, as ``attention_mask``, a mask of True at padding (a key padding mask): ``h[~mask]``."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)[~attention_mask]
+        for layer in self.layers:
+            h = h + layer(h)
+        return h
+
+
+@pytest.mark.reliability("silent replays")
+def test_routers_fed_the_tokens_a_mask_of_true_at_padding_keeps_are_refused_not_forced_unchecked() -> None:
+    """Once silent: a model given, as its attention mask, one of True at padding (a key padding mask) that takes the
+    padding out: its routers' rows, as many as the mask's False entries, fewer than the ids fed, were read as a stream
+    of their own and kept no ids, and a replay of the batches in another order was forced without a word. Refused,
+    naming the mask (by row order, on purpose, the capture's batches replay exactly)."""
+    model = _PaddingMarked()
+    pad = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]).bool()
+    a, b = _ids(0), _ids(1)
+    with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
+        with session.capture(), torch.no_grad():
+            want = [model(a, pad), model(b, pad)]
+        routes = session.routes()
+        with pytest.raises(mr.MoEReplayError, match=r"holds 0 \(False\) at"):
+            with session.replay(routes), torch.no_grad():
+                model(b, pad)
+                model(a, pad)
+        with session.replay(routes.with_token_ids(None)), torch.no_grad():
+            got = [model(a, pad), model(b, pad)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 class _LaterUnpadding(_Unpadding):
     """``_Unpadding`` whose first MoE layer sees every position of the batch, and the later ones only the tokens the
     mask keeps (the padding taken out after the first layer)."""
