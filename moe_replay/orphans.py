@@ -26,7 +26,8 @@ attention (a sparse-attention indexer, a kNN memory) is not followed, nor one wh
 A choice may also be made one token (or one sample) at a time, in a Python loop: an ``argmax`` or ``topk`` of a
 1-D vector of scores (Expert Gate picks the expert of each test sample so); drawn at random from the scores
 (``torch.multinomial``, a ``Categorical`` sample: RL-R's policy; a hard ``gumbel_softmax``, whose one-hot may be
-the mask itself); or by a ``max`` or ``min`` along the scores, a ranking of them (a ``sort`` or ``argsort``: a
+the mask itself) or from no scores (random routing: a ``torch.randint`` below the expert count, a ``randperm``);
+or by a ``max`` or ``min`` along the scores, a ranking of them (a ``sort`` or ``argsort``: a
 top-p, a top-k by slicing) or a ``kthvalue`` threshold.
 Such a call over exactly as many scores as a bank of experts on its module's path holds, outside every attached
 router, is an orphan too, whatever the attached routers' widths (a 1-D call over tokens or flat ids, a draw over
@@ -119,6 +120,9 @@ _BANK_ONLY = frozenset(("sort", "argsort", "kthvalue", "max", "min"))
 #: Random draws of indices (or of a one-hot) from a distribution over a dimension (``Categorical.sample`` calls
 #: ``multinomial``).
 _DRAWS = frozenset((torch.multinomial, torch.Tensor.multinomial, F.gumbel_softmax))
+#: Random picks of indices below a bound, drawn from no scores (random routing: ``torch.randint(E, (T,))``, a
+#: ``randperm`` of the experts): over exactly a bank's width outside every router, a choice among its experts.
+_RANDOM_PICKS = frozenset((torch.randint, torch.randperm))
 #: Modules whose 3-D weights are filters, not experts.
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -158,6 +162,20 @@ def _vector_choice(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     if family in ("max", "min") and _arg(args, kwargs, 1, "dim") is None:
         return None  # the value only, no index chosen (or a max of two tensors)
     return family, 1, width
+
+
+def _random_bound(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """How many values a ``randint`` (``high - low``) or ``randperm`` (``n``) call draws among; None where not told
+    by plain integers."""
+    if func is torch.randperm:
+        n = _arg(args, kwargs, 0, "n")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
+    ints = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+    low, high = (ints[0], ints[1]) if len(ints) >= 2 else (0, ints[0] if ints else None)
+    low, high = kwargs.get("low", low), kwargs.get("high", high)
+    if not isinstance(low, int) or not isinstance(high, int) or isinstance(high, bool):
+        return None
+    return high - low if high - low >= 2 else None
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -300,12 +318,12 @@ class OrphanWatch(TorchFunctionMode):
         parts = name.split(".") if name else []
         return any(width in _expert_banks(self.modules[".".join(parts[:i])]) for i in range(len(parts), -1, -1))
 
-    def _vector_found(self, what: str, width: int, over: str) -> None:
+    def _vector_found(self, what: str, width: int, over: str, noun: str = "scores") -> None:
         """Note a choice made one row at a time, or drawn at random, over ``width`` scores (see
         :meth:`_vector_orphan`), where the module calling it makes it an orphan (each call site once)."""
         name, _ = _calling_module(self.names, 3)
         if name is not None and self._vector_orphan(name, width):
-            found = f"'{name}' ({type(self.modules[name]).__name__}): {what} {over} {width} scores at {_where()}"
+            found = f"'{name}' ({type(self.modules[name]).__name__}): {what} {over} {width} {noun} at {_where()}"
             if found not in self.found:
                 self.found.append(found)
 
@@ -420,6 +438,10 @@ class OrphanWatch(TorchFunctionMode):
                     self._vector_found("gumbel_softmax(hard=True) draw", int(x.shape[dim]), "from")
             elif isinstance(x, torch.Tensor) and x.dim() in (1, 2) and x.shape[-1] >= 2:
                 self._vector_found(f"{func.__name__} draw", int(x.shape[-1]), "from")
+        elif func in _RANDOM_PICKS and not torch.compiler.is_compiling() and len(self.found) < 8:
+            bound = _random_bound(func, args, kwargs)
+            if bound is not None:
+                self._vector_found(f"{func.__name__} draw, from no scores,", bound, "among", "values")
         if not self.picked and source is None:
             return func(*args, **kwargs)
         out = func(*args, **kwargs)

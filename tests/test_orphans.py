@@ -659,3 +659,61 @@ def test_a_choice_among_tokens_or_a_sort_of_chosen_ids_in_an_unfound_layer_is_no
                 model(torch.randn(T, D))
     assert "'1.mlp' (PolicyFFN): topk over 4" in str(refused.value)
     assert "one row at a time" not in str(refused.value) and "sort over" not in str(refused.value)
+
+
+class RandomFFN(nn.Module):
+    """An MoE layer of ``n`` experts routing each token to one drawn at random from no scores (random routing, a
+    ``randint`` below the expert count, or a ``randperm`` of the experts per batch, THOR's form in torch)."""
+
+    def __init__(self, n: int, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(self.experts)
+        if self.how == "randint":
+            idx = torch.randint(0, n, (x.shape[0],))
+        elif self.how == "randint high":
+            idx = torch.randint(n, (x.shape[0],))
+        else:
+            idx = torch.randperm(n)[:1].expand(x.shape[0])
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok = (idx == e).nonzero().flatten()
+            out = out.index_add(0, tok, expert(x[tok]))
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("n", [E, 6])
+@pytest.mark.parametrize("how", ["randint", "randint high", "randperm"])
+def test_an_unfound_layer_routing_at_random_from_no_scores_is_refused(n: int, how: str) -> None:
+    """Once silent: a layer beside a found router that routes its tokens to experts drawn at random from no scores
+    (``torch.randint`` below its expert count, a ``randperm`` of its experts) was no decision to the watch: its
+    choices were neither recorded nor forced, and a replay was not the capture. Refused, naming the layer and the
+    call; a draw below another count (tokens) in it is not."""
+    model = nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), RandomFFN(n, how))).train()
+    name = how.split()[0]
+    with mr.attach(model) as session:
+        with pytest.raises(
+            mr.UnsupportedRouterError, match=rf"'1\.mlp' \(RandomFFN\): {name} draw, from no scores, among {n} values"
+        ):
+            with session.capture():
+                model(torch.randn(T, D))
+    shuffled = nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), Shuffle(E))).train()
+    with mr.attach(shuffled) as session:
+        with session.capture():
+            shuffled(torch.randn(T, D))  # (a randperm of the tokens, T of them, no expert count: no orphan)
+
+
+class Shuffle(RandomFFN):
+    """A layer of ``n`` experts beside a found router that shuffles its tokens (a ``randperm`` of them) and runs
+    every expert on each: no choice among experts."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n, "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[torch.randperm(x.shape[0])]
+        return sum((expert(x) for expert in self.experts), torch.zeros_like(x))
