@@ -139,8 +139,9 @@ def _router_of(t: torch.Tensor) -> str | None:
 def _same_router(a: str, b: str) -> bool:
     """Do router names ``a`` and ``b`` name one router, under other wrappers at most? Past their common trailing
     module names, what differs holds no index into a module list (``module.layers.0.gate`` is ``layers.0.gate``;
-    ``layers.0.gate`` is not ``layers.2.gate``), and but one of them holds names other than a wrapper's (the
-    routes of one part, renamed: ``decoder.layers.0.gate`` is ``layers.0.gate``, not ``encoder.layers.0.gate``)."""
+    ``layers.0.gate`` is not ``layers.2.gate``), and the names other than a wrappers' are on one side only or the
+    same on both (``decoder.layers.0.gate`` is ``layers.0.gate``, not ``encoder.layers.0.gate``;
+    ``language_model.model.layers.0.gate`` is ``model.language_model.layers.0.gate``)."""
     if a == b:
         return True
     x, y = a.split("."), b.split(".")
@@ -150,7 +151,8 @@ def _same_router(a: str, b: str) -> bool:
     rest = [[p for p in v[: len(v) - common] if p not in _WRAPPERS] for v in (x, y)]
     # (past the common names, one side holds wrapper names at most: ``encoder.layers.0.gate`` is no
     # ``decoder.layers.0.gate``, nor ``vision.layers.0.gate`` a ``text.layers.0.gate``)
-    return bool(common) and not (rest[0] and rest[1]) and not any(p.isdigit() for p in (*rest[0], *rest[1]))
+    apart = rest[0] and rest[1] and sorted(rest[0]) != sorted(rest[1])  # (a VLM's parts in another order: one router)
+    return bool(common) and not apart and not any(p.isdigit() for p in (*rest[0], *rest[1]))
 
 
 #: module names that wrappers put in front of a router's path (DDP's and DeepSpeed's ``module``, PEFT's
