@@ -2587,9 +2587,10 @@ def _in_chunks(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode) -> bool:
     scores, rows that are not tokens, or a forward whose calls change with the changed values: not either. Nor
     calls made at different places of the code, over runs of unequal length but a shorter last one, or in a forward
     given any tensor beside its hidden states (gates over the parts of a mask, whose runs another input may
-    interleave, are not chunks of the tokens). And a chunk's choice, changed, must leave the later chunks' scores
-    as they were: a choice that shapes the next chunk's scores (the experts filled so far masked there) is an
-    earlier choice, not a chunk of one decision."""
+    interleave, are not chunks of the tokens), nor on hidden states with a dimension of one among several of tokens
+    (runs of a ``[1, S]`` input's tokens, ``x.split(c, dim=1)``, are runs of every row at once on ``[B, S]``). And a
+    chunk's choice, changed, must leave the later chunks' scores as they were: a choice that shapes the next chunk's
+    scores (the experts filled so far masked there) is an earlier choice, not a chunk of one decision."""
     if len(calls) < 2 or any(c.signature != calls[0].signature or not c.effect for c in calls):
         return False
     if calls[0].family not in FORCEABLE or any(seen.unmasked[c.ordinal] for c in calls):
@@ -2602,6 +2603,8 @@ def _in_chunks(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode) -> bool:
     if found is None:
         return False
     path, x = found
+    if x.dim() > 2 and any(int(s) == 1 for s in x.shape[:-1]):
+        return False  # (runs of [1, S] tokens may be runs of each row of [B, S] in another forward: not provable)
     if any(isinstance(t, torch.Tensor) and t is not x for t in _leaves((probe.args, probe.kwargs), [])):
         return False  # (a mask or ids beside the hidden states may split the tokens otherwise in another forward)
     tokens = x.numel() // max(int(x.shape[-1]), 1)

@@ -734,6 +734,62 @@ def test_chunked_gate_on_more_chunks_than_established_is_refused_not_routed_free
         assert torch.equal(gate.last, forced.layer("router"))
 
 
+class _SequenceChunkedGate(nn.Module):
+    """A top-2 gate over ``[B, S, D]`` hidden states that routes chunks of 4 positions of every row at once
+    (``x.split(4, dim=1)``): on one row its calls are runs of the tokens in order, on several rows they are not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [torch.topk(self.wg(c).softmax(-1), 2, dim=-1) for c in x.split(4, dim=1)]
+        w, idx = torch.cat([p.values for p in parts], 1), torch.cat([p.indices for p in parts], 1)
+        self.last = idx.reshape(-1, 2)
+        return w, idx
+
+
+class _RowsBlock(nn.Module):
+    """An MoE block over ``[B, S, D]`` hidden states around ``router``."""
+
+    def __init__(self, router: nn.Module) -> None:
+        super().__init__()
+        self.router, self.top_k, self.num_experts = router, 2, E
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        out = torch.zeros_like(x)
+        for slot in range(2):
+            for e, expert in enumerate(self.experts):
+                out = out + (idx[..., slot] == e)[..., None] * w[..., slot : slot + 1] * expert(x)
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+def test_gate_in_chunks_of_the_sequence_established_on_one_row_is_never_forced_on_other_tokens() -> None:
+    """A gate that routes chunks of positions of every row at once, established on one row (where its calls are runs
+    of the tokens in order): on two rows each call holds positions of both rows, so it is either refused or its
+    capture is the gate's own indices and its replay forces the routes' rows onto their own tokens; never silent."""
+    torch.manual_seed(8)
+    gate = _SequenceChunkedGate()
+    block = _RowsBlock(gate)
+    with mr.attach(block) as session:
+        for rows in (1, 2):
+            x = torch.randn(rows, 8, D)
+            try:
+                with session.capture():
+                    block(x)
+                assert torch.equal(session.routes().layer("router").reshape(-1, 2), gate.last)
+                forced = _forced_routes(session, rows * 8)
+                with session.replay(forced):
+                    block(x)
+            except mr.UnsupportedRouterError:
+                continue
+            assert torch.equal(gate.last, forced.layer("router").reshape(-1, 2))
+
+
 class _OutGate(nn.Module):
     """A plain top-2 gate that writes its top-k into preallocated tensors (``torch.topk(..., out=(v, i))``)."""
 
