@@ -790,6 +790,55 @@ def test_gate_in_chunks_of_the_sequence_established_on_one_row_is_never_forced_o
             assert torch.equal(gate.last, forced.layer("router").reshape(-1, 2))
 
 
+class _PermutedChunkedGate(nn.Module):
+    """A top-2 gate in chunks of 4 of its tokens taken in the order a tensor attribute holds (identity unless the
+    parent sets one: a permutation changed in place later), its results put back in token order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.order: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.arange(x.shape[0]) if self.order is None else self.order
+        parts = [torch.topk(self.wg(c).softmax(-1), 2, dim=-1) for c in x[order].split(4)]
+        w, idx = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+        back = torch.empty_like(order)
+        back[order] = torch.arange(x.shape[0])
+        self.last = idx[back]
+        return w[back], idx[back]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="chunks whose tokens a tensor attribute orders (identity when established, a permutation written in place "
+    "later) are recorded and forced in call order, not token order (as for a single call over permuted tokens)",
+)
+def test_chunks_in_an_order_a_buffer_changes_later_are_never_forced_on_other_tokens() -> None:
+    """A gate in chunks of its tokens in an order a tensor attribute holds, established in token order, then
+    permuted in place: either refused, or captured as the gate's own indices and forced onto their own tokens."""
+    torch.manual_seed(8)
+    gate = _PermutedChunkedGate()
+    block, x = Block(gate), torch.randn(8, D)
+    with mr.attach(block) as session:
+        gate.order = torch.arange(8)
+        with session.capture():
+            block(x)
+        gate.order.copy_(torch.randperm(8, generator=torch.Generator().manual_seed(1)))
+        try:
+            with session.capture():
+                block(x)
+            assert torch.equal(session.routes().layer("router"), gate.last)
+            forced = _forced_routes(session, 8)
+            with session.replay(forced):
+                block(x)
+        except mr.UnsupportedRouterError:
+            return
+        assert torch.equal(gate.last, forced.layer("router"))
+
+
 class _OutGate(nn.Module):
     """A plain top-2 gate that writes its top-k into preallocated tensors (``torch.topk(..., out=(v, i))``)."""
 
