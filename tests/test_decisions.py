@@ -1303,3 +1303,32 @@ def test_routes_of_a_gate_in_chunks_replayed_on_other_tokens_are_refused() -> No
         with pytest.raises(mr.MoEReplayError, match="other tokens"), session.replay(routes):
             model(input_ids=b)
             model(input_ids=a)
+
+
+@pytest.mark.reliability("clear errors")
+@pytest.mark.xfail(
+    strict=True,
+    raises=mr.UnsupportedRouterError,
+    reason="a gate in chunks of 4 makes 2 calls on a prompt of 8 tokens and 1 on each decoded token: the forward of "
+    "another number of calls than the one established is refused (a false refusal of a cached generation)",
+)
+def test_gate_in_chunks_captures_a_prompt_then_single_tokens() -> None:
+    """A gate in chunks of 4 over a prompt of 8 tokens, then over one token a forward (decoding with a cache): its
+    capture is its own indices and a replay forces the routes' rows, forward by forward."""
+    torch.manual_seed(8)
+    gate = _ChunkedGate()
+    block = Block(gate)
+    xs = [torch.randn(8, D)] + [torch.randn(1, D) for _ in range(3)]
+    with mr.attach(block) as session:
+        native = []
+        with session.capture():
+            for x in xs:
+                block(x)
+                native.append(gate.last)
+        assert torch.equal(session.routes().layer("router"), torch.cat(native))
+        forced, made = _forced_routes(session, 11), []
+        with session.replay(forced):
+            for x in xs:
+                block(x)
+                made.append(gate.last)
+        assert torch.equal(torch.cat(made), forced.layer("router"))
