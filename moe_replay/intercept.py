@@ -376,6 +376,8 @@ class RouterHook:
     # a decision may span several calls (successive top-1 slots): the slots answered so far
     _slots: list[torch.Tensor] = field(default_factory=list)
     _chunks: bool = False  # the decision is made chunk by chunk of the tokens: each call is a whole row of its own
+    #: a decision armed in this session was made chunk by chunk: its rows are read with each forward's calls joined
+    chunked: bool = False
     _row: torch.Tensor | None = None  # [n, k] rows the decision is answered with (replay, recompute)
     _recompute: bool = False  # the decision is a checkpoint recompute
     _entry_grad: bool = False  # gradients were on when this forward began (a backward may recompute it)
@@ -755,6 +757,7 @@ class RouterHook:
         self._others = {c.ordinal: c.signature for c in ev.calls if c.ordinal not in plan and c.width not in tokens}
         self._armed = ev
         self._chunks = ev.chunks
+        self.chunked = self.chunked or ev.chunks
         self._form = None
 
     # ------------------------------------------------------------- scope forward
@@ -816,6 +819,8 @@ class RouterHook:
         self._eager = not compiling and not _graph_capturing()
         self._regions = [] if compiling else _regions()
         self._entry_grad = torch.is_grad_enabled()
+        chunks = self.capture_ring if self._chunks and not compiling else None  # (its calls joined as it returns)
+        made = chunks.calls_made() if chunks is not None else 0
         state = NESTING
         try:
             if how == "lean" and not _lean.enter():  # another library wraps one of the names: the mode
@@ -847,6 +852,8 @@ class RouterHook:
             self._choice = None
             if self._pending is not None:  # the decision was established at this forward
                 self._settle()
+        if chunks is not None:  # a decision chunk by chunk of the tokens: one call of every row, as one of a call
+            chunks.join_since(made)
         if not compiling:
             self.calls += 1
             self._check_ran(ev, seen)
@@ -1789,6 +1796,8 @@ class ScopedForward:
                 refused = True
         if refused:  # (with the lock let go: the forward may nest routers)
             return hook._refused_lean(self.__wrapped__, args, kwargs)
+        chunks = hook.capture_ring if hook._chunks else None  # (its calls joined as it returns)
+        made = chunks.calls_made() if chunks is not None else 0
         state = NESTING
         outer = state.lean
         state.depth += 1  # the modes of scopes around this one ignore its calls
@@ -1816,6 +1825,8 @@ class ScopedForward:
                 seen = len(hook._slots)
                 hook._slots, hook._masks, hook._row, hook._source = [], [], None, None
                 hook._regions = _NO_REGIONS
+        if chunks is not None:  # a decision chunk by chunk of the tokens: one call of every row, as one of a call
+            chunks.join_since(made)
         hook.calls += 1
         if hook._ordinal != len(ev.calls) or not hook._decided:
             hook._check_ran(ev, seen)

@@ -529,6 +529,35 @@ class CaptureRing:
         """Eager calls of rows counted since :meth:`reset` (see :meth:`call_rows`)."""
         return sum(map(_SECOND, self._calls))  # (C-level: it runs for every router at each forward's start and end)
 
+    def join_since(self, made: int) -> None:
+        """Count the eager calls after the first ``made`` as one call of all their rows (a router that decides chunk
+        by chunk of the tokens: one call per run of them, together one decision on every token of its forward)."""
+        calls = self._calls
+        extra = self.calls_made() - made
+        if extra < 2:
+            return
+        left = extra
+        for n, c in reversed(calls):  # (the calls to join, all of a known row count, or nothing is joined)
+            if n < 0:
+                return
+            left -= min(c, left)
+            if not left:
+                break
+        total = 0
+        while extra:
+            n, c = calls[-1]
+            take = min(c, extra)
+            total += n * take
+            extra -= take
+            if take == c:
+                calls.pop()
+            else:
+                calls[-1][1] = c - take
+        if calls and calls[-1][0] == total:
+            calls[-1][1] += 1
+        else:
+            calls.append([total, 1])
+
     def keep_call_rows(self, calls: tuple[tuple[int, int], ...] | None) -> None:
         """The calls of rows that were written here in one call, copied from the ring that recorded them."""
         known = calls is not None and sum(n * c for n, c in calls) == self._host

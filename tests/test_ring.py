@@ -327,3 +327,21 @@ def test_routes_read_from_a_cpu_ring_outlive_its_next_capture(experts: int) -> N
     ring.reset()
     ring.write(torch.tensor([[5, 6], [7, 0]]))
     assert first.tolist() == [[1, 2], [3, 4]]
+
+
+def test_calls_after_a_count_are_joined_into_one_call_of_their_rows() -> None:
+    """A decision made chunk by chunk of the tokens writes one call per chunk: joined, its forward's chunks count as
+    one call of all their rows (so its rows line up with the forward's tokens); earlier calls stay as they were."""
+    ring = CaptureRing(4, 2, 64, torch.device("cpu"))
+    for n in (8, 4, 4, 4, 3):  # a call of 8, then a forward in chunks of 4, 4, 4, 3
+        ring.write_eager(torch.zeros(n, 2, dtype=torch.long))
+    assert ring.call_rows(23) == ((8, 1), (4, 3), (3, 1))
+    ring.join_since(1)
+    assert ring.call_rows(23) == ((8, 1), (15, 1))
+    assert ring.calls_made() == 2
+    for n in (4, 4):  # the next forward in chunks, whose rows add up to the first call's
+        ring.write_eager(torch.zeros(n, 2, dtype=torch.long))
+    ring.join_since(2)
+    assert ring.call_rows(31) == ((8, 1), (15, 1), (8, 1))
+    ring.join_since(ring.calls_made() - 1)  # (one call since: nothing to join)
+    assert ring.call_rows(31) == ((8, 1), (15, 1), (8, 1))
