@@ -1333,3 +1333,143 @@ def test_gate_in_chunks_captures_a_prompt_then_single_tokens() -> None:
                 block(x)
                 made.append(gate.last)
         assert torch.equal(torch.cat(made), forced.layer("router"))
+
+
+class _CheckpointedChunks(nn.Module):
+    """A block whose gate routes its tokens in chunks of 4, run under gradient checkpointing (its recompute runs the
+    gate again in the backward), the same block applied ``layers`` times (one decision per application)."""
+
+    def __init__(self, reentrant: bool | None, layers: int = 1) -> None:
+        super().__init__()
+        self.block = Block(_ChunkedGate())
+        self.reentrant, self.layers = reentrant, layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.layers):
+            out = self.block(x) if self.reentrant is None else checkpoint(self.block, x, use_reentrant=self.reentrant)
+            x = out[0] if isinstance(out, tuple) else out
+        return x
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(("reentrant", "layers"), [(False, 1), (True, 1), (None, 2)])
+def test_gate_in_chunks_captured_while_replayed_checkpointed_or_shared(reentrant: bool | None, layers: int) -> None:
+    """A gate in chunks under gradient checkpointing (its recompute writes nothing), or one block at two layers (two
+    decisions a forward): the capture is the gate's own indices, one call of every token per decision; a replay
+    captured in the same block records the forced rows, one call per decision again, and the gate dispatched them."""
+    torch.manual_seed(8)
+    model = _CheckpointedChunks(reentrant, layers)
+    xs = [torch.randn(8, D, requires_grad=True) for _ in range(2)]
+    with mr.attach(model) as session:
+        native = []
+        with session.capture():
+            for x in xs:
+                model(x).sum().backward()
+                native.append(model.block.router.last)
+        routes = session.routes()
+        assert routes._call_rows == ((8, 2 * layers),)
+        if layers == 1:  # (at two layers the gate keeps the indices of its last call alone)
+            assert torch.equal(routes.layer(routes.names[0]), torch.cat(native))
+        forced, made = _forced_routes(session, 16 * layers), []
+        with session.capture(), session.replay(forced):
+            for x in xs:
+                model(x).sum().backward()
+                made.append(model.block.router.last)
+        again = session.routes()
+        assert again._call_rows == ((8, 2 * layers),)
+        assert torch.equal(again.layer(again.names[0]), forced.layer(forced.names[0]))
+        last = forced.layer(forced.names[0]).reshape(2, layers, 8, 2)[:, -1].reshape(-1, 2)
+        assert torch.equal(torch.cat(made), last)
+
+
+@pytest.mark.reliability("faults")
+def test_gate_in_chunks_that_raises_half_way_in_a_capture_is_refused_at_reading() -> None:
+    """A forward whose gate raises after its first chunk, the exception caught inside the capture block: its chunk's
+    rows line up with no forward, so reading the routes is refused, never handed on as if whole."""
+    torch.manual_seed(8)
+    fail = [False]
+
+    class Failing(_ChunkedGate):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if fail[0]:
+                torch.topk(self.wg(x[:4]).softmax(-1), 2, dim=-1)
+                raise RuntimeError("out of memory half-way")
+            return super().forward(x)
+
+    block = Block(Failing())
+    with mr.attach(block) as session:
+        with session.capture():
+            block(torch.randn(8, D))
+            fail[0] = True
+            with pytest.raises(RuntimeError, match="half-way"):
+                block(torch.randn(8, D))
+            fail[0] = False
+            block(torch.randn(8, D))
+        with pytest.raises(mr.MoEReplayError, match="interrupted"):
+            session.routes()
+
+
+class _FedSharedChunks(nn.Module):
+    """A model fed token ids whose one MoE block, routing its tokens in chunks of 4, runs at two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, D)
+        self.block = Block(_ChunkedGate())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids).reshape(-1, D)
+        for _ in range(2):
+            out = self.block(h)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.xfail(
+    strict=True,
+    raises=mr.TokenMismatchError,
+    reason="the token check reads a router's second decision in a forward where one read routes every token the "
+    "forward was fed: a gate in chunks reads its rows chunk by chunk, so a block in chunks at two layers is refused "
+    "on the forwards it was captured on (a false refusal)",
+)
+def test_block_in_chunks_at_two_layers_fed_token_ids_replays_its_capture() -> None:
+    """A block in chunks at two layers of a model fed token ids: its capture replays on the same forwards."""
+    torch.manual_seed(8)
+    model = _FedSharedChunks()
+    a, b = torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8))
+    with mr.attach(model) as session:
+        with session.capture():
+            model(input_ids=a)
+            model(input_ids=b)
+        routes = session.routes()
+        with session.replay(routes):
+            model(input_ids=a)
+            model(input_ids=b)
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.xfail(
+    strict=True,
+    raises=mr.TokenMismatchError,
+    reason="a capture with a router's own call outside every forward (an auxiliary call) checks each read of a "
+    "forward's rows for one routing every token it was fed: a gate in chunks reads them chunk by chunk and is "
+    "refused on the calls it was captured on (a false refusal)",
+)
+def test_gate_in_chunks_called_outside_the_forwards_replays_its_capture() -> None:
+    """A gate in chunks of a model fed token ids, called on hidden states of its own between two forwards: the
+    capture replays on the same forwards and call."""
+    torch.manual_seed(8)
+    model = _FedChunks()
+    model.block = Block(_ChunkedGate())
+    a, b, z = torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8)), torch.randn(8, D)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(input_ids=a)
+            model.block.router(z)
+            model(input_ids=b)
+        routes = session.routes()
+        with session.replay(routes):
+            model(input_ids=a)
+            model.block.router(z)
+            model(input_ids=b)
