@@ -376,8 +376,6 @@ class RouterHook:
     # a decision may span several calls (successive top-1 slots): the slots answered so far
     _slots: list[torch.Tensor] = field(default_factory=list)
     _chunks: bool = False  # the decision is made chunk by chunk of the tokens: each call is a whole row of its own
-    #: a decision armed in this session was made chunk by chunk: its rows are read with each forward's calls joined
-    chunked: bool = False
     _row: torch.Tensor | None = None  # [n, k] rows the decision is answered with (replay, recompute)
     _recompute: bool = False  # the decision is a checkpoint recompute
     _entry_grad: bool = False  # gradients were on when this forward began (a backward may recompute it)
@@ -757,7 +755,6 @@ class RouterHook:
         self._others = {c.ordinal: c.signature for c in ev.calls if c.ordinal not in plan and c.width not in tokens}
         self._armed = ev
         self._chunks = ev.chunks
-        self.chunked = self.chunked or ev.chunks
         self._form = None
 
     # ------------------------------------------------------------- scope forward
