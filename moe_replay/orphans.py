@@ -52,7 +52,7 @@ from torch.overrides import TorchFunctionMode
 from ._output_guard import own_hook
 from .errors import UnsupportedRouterError
 from .evidence import _FAMILY, _PEAKS, DECISION_FUNCS, NESTING, _arg, _where, decision_call, unwrap
-from .intercept import EAGER
+from .intercept import EAGER, ScopedForward
 
 __all__ = ["OrphanWatch", "watch_first_runs", "watch_forward"]
 
@@ -130,10 +130,14 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 def _calling_module(names: dict[int, str], depth: int = 2) -> tuple[str | None, bool]:
     """Name of the innermost module of ``names`` whose method is on the Python stack (from ``depth`` frames up),
     and whether that method is torch's own call of the module (``_call_impl``: the call came from one of its
-    hooks, not its forward)."""
+    hooks, not its forward). A router's forward called as ``module.forward(x)`` runs the session's replacement
+    forward without torch's call of the module: its calls (the router's, and the session's own that establish its
+    decision) are the router's."""
     f: types.FrameType | None = sys._getframe(depth)
     while f is not None:
         me = f.f_locals.get("self")
+        if isinstance(me, ScopedForward):
+            me = me.__moe_replay_hook__.scope
         if isinstance(me, nn.Module) and id(me) in names:
             return names[id(me)], f.f_code.co_filename == _MODULE_CALL
         f = f.f_back
