@@ -24,8 +24,9 @@ import moe_replay as mr
 from tests.conftest import snapshot
 from tests.test_evidence import D, E, Experts, T, dispatch, perturb
 from tests.test_public_routers2 import _forced_by_hand, _x
+from tests.test_public_routers4 import SwitchHeadAttention
 from tests.test_public_routers6 import GateBlock, Layers, MixtralGate, _Used, assert_exact
-from tests.test_public_routers8 import BesideMoE
+from tests.test_public_routers8 import BesideMoE, MoHAttention
 
 
 def _pick(probs: torch.Tensor, forced: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1124,3 +1125,35 @@ def test_gates_whose_training_forward_updates_their_state_replay_as_by_hand(case
 
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+_OUTSIDE = "outside every attached router"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="attention heads chosen as experts (MoH's top-k over its routed heads) in a module discovery does not find, "
+    "beside a found MoE router, are exempt from the watch as attention: the choice is neither recorded nor forced, "
+    "nor refused",
+)
+def test_head_routing_beside_a_found_router_is_not_left_out_silently() -> None:
+    """MoH's head routing beside a routed MoE: refused, as it is alone (no router found) and as other choices beside
+    a found router are."""
+    assert_refused_beside(lambda: Layers(lambda: BesideMoE(MoHAttention)), _x())
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="SwitchHead's expert choice (value and output projections as [heads, E, ...] parameters, 4-D) in an "
+    "attention module discovery does not find, beside a found MoE router of the same expert count, is exempt from the "
+    "watch as attention and its banks are not read as experts: neither recorded nor forced, nor refused",
+)
+def test_switchhead_beside_a_found_router_is_not_left_out_silently() -> None:
+    """SwitchHead's per-head choice of value/output experts beside a routed MoE: refused."""
+    assert_refused_beside(lambda: Layers(lambda: BesideMoE(SwitchHeadAttention)), _x(2, T // 2))
+
+
+def assert_refused_beside(make: Callable[[], nn.Module], x: torch.Tensor) -> None:
+    _assert_refused(make(), x, _OUTSIDE)
