@@ -637,15 +637,21 @@ class AttentionRouter(_Used):
 
 # ----------------------------------------------------------------------- the gate's forward called directly
 class DirectForwardBlock(nn.Module):
-    """A block that calls its gate as ``self.gate.forward(x)`` (bypassing ``__call__`` and so every module hook)."""
+    """A block that calls its gate as ``self.gate.forward(x)`` (bypassing ``__call__`` and so every module hook);
+    ``checkpoint``: through ``torch.utils.checkpoint`` (``"reentrant"`` or not), handed the bound ``forward``."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint: str | None = None) -> None:
         super().__init__()
         self.gate = MixtralGate()
         self.experts = Experts()
+        self.checkpoint = checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, idx = self.gate.forward(x)
+        if self.checkpoint is None:
+            w, idx = self.gate.forward(x)
+        else:
+            reentrant = self.checkpoint == "reentrant"
+            w, idx = torch.utils.checkpoint.checkpoint(self.gate.forward, x, use_reentrant=reentrant)
         return dispatch(self.experts, x, idx, w)
 
 
@@ -1017,6 +1023,12 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "bilinear-task-gate": (lambda: Layers(lambda: GateBlock(BilinearTaskGate())), _x, {"change": 0.3}),
     "attention-router": (lambda: Layers(lambda: GateBlock(AttentionRouter())), _x, {"change": 0.3}),
     "gate-forward-called-directly": (lambda: Layers(DirectForwardBlock), _x, {}),
+    "gate-forward-checkpointed-train": (lambda: Layers(lambda: DirectForwardBlock("plain")), _x, {"train": True}),
+    "gate-forward-checkpointed-reentrant-train": (
+        lambda: Layers(lambda: DirectForwardBlock("reentrant")),
+        _x,
+        {"train": True},
+    ),
     "dense-experts-gathered": (lambda: Layers(DenseGatheredExperts), _x, {}),
     "stacked-expert-weights-indexed": (lambda: Layers(lambda: DenseGatheredExperts(stacked=True)), _x, {"change": 0.3}),
     "gate-with-full-backward-hook": (lambda: Layers(lambda: GateBlock(BackwardHookedGate())), _x, {}),
@@ -1034,12 +1046,17 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", list(EXACT))
 def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
-    """makeMoE's noisy top-k scattered into ``-inf`` logits, with and without a capacity; scores laid out
-    ``[E, tokens]``; a full ranking sliced; MC-SMoE's merged experts; MEO's merged weights, per token or per
-    sequence; one router over stacked layer weights; a routing table of token ids; a straight-through top-k in an
-    ``autograd.Function``; a hand-written Gumbel straight-through; CoLT5's heavy tokens beside an MoE; a padded
-    expert count; a forward patched on the instance: every router found and nothing else, the recorded rows the
-    experts used, and a replay after the routers change those experts forced by hand, in output and gradients."""
+    """makeMoE's noisy top-k scattered into ``-inf`` logits, with and without a capacity; MC-SMoE's merged experts;
+    one router over stacked layer weights, and Read-ME's one router for every layer; a routing table of token ids; a
+    straight-through top-k in an ``autograd.Function``; CoLT5's heavy tokens beside an MoE (left native); a padded
+    expert count; a forward patched on the instance, or called as ``gate.forward(x)`` (directly or through
+    ``checkpoint``: once refused as a decision outside every router, the session's own calls that establish the
+    decision taken for the caller's); MEO's merged weights (named); a second gate call for a z-loss; one encoder on
+    two views; dict outputs dispatched by lists or a sparse matrix; bilinear and attention routers; experts without
+    a module list; a backward hook on the gate; ids packed into a float tensor; a sample router then a token router;
+    ``functional_call``; ReLU scores with zero-weight slots; the decision in another method of the router; top-2
+    sliced to top-1 in eval: every router found and nothing else, the recorded rows the experts used, and a replay
+    after the routers change those experts forced by hand, in output and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
@@ -1156,7 +1173,13 @@ def _assert_refused(
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_choices_no_recorded_row_holds_are_refused(case: str) -> None:
-    """Refused, saying why, the model as it was."""
+    """Scores laid out ``[E, tokens]``; a full ranking sliced (``topk`` of all ``E``, or a ``sort``); MEO's merged
+    weights, not found; a hand-written Gumbel straight-through by equality with the ``max`` values, or with ``amax``;
+    a capacity kept by score or by a random priority, experts replaced at random in training (later choices); a
+    router overriding ``__call__`` (alone, or beside one that does not); a traced gate and a decision in numpy (no
+    call to see); two decisions over one gate's logits, and an exact top-k in two stages over expert shards; a bare
+    ``Linear`` whose forward hook makes the decision: refused, saying why, the model as it was (its own hooks and
+    forwards aside)."""
     make, x, match, options = REFUSED[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
