@@ -1299,10 +1299,10 @@ def test_a_top1_taken_for_a_log_beside_the_router_replays_with_the_block_attache
     by effect (the logged ``argmax`` reaches nothing), the replay the recorded experts forced by hand."""
     model = Layers(LoggedTop1Block)
     ref = copy.deepcopy(model)
-    x = _x()
+    x = _x(8)
     with mr.attach(model, include="layers.*") as session:
         assert session.names == ("layers.0", "layers.1")
-        with session.capture():
+        with torch.no_grad(), session.capture():
             model(x)
         routes = session.routes()
         rows = [routes.layer(name) for name in session.names]
@@ -1310,9 +1310,9 @@ def test_a_top1_taken_for_a_log_beside_the_router_replays_with_the_block_attache
             assert torch.equal(r.long().sort(-1).values, layer.gate.used.sort(-1).values)
         perturb(model, 3.0)
         perturb(ref, 3.0)
-        with _forced_by_hand(ref, rows):
+        with torch.no_grad(), _forced_by_hand(ref, rows):
             expected = ref(x)
-        with session.replay(routes):
+        with torch.no_grad(), session.replay(routes):
             replayed = model(x)
     assert torch.equal(replayed, expected)
     for layer, r in zip(model.layers, rows, strict=True):
