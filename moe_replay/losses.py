@@ -181,8 +181,14 @@ def _by_router(probs: list[torch.Tensor], indices: list[torch.Tensor]) -> list[t
         return indices
     known = None not in mine and None not in theirs
     if known and len(set(mine)) == len(mine) and set(mine) == set(theirs):
-        at = {n: j for j, n in enumerate(theirs)}
-        return [indices[at[n]] for n in mine if n is not None]
+        exact = {n: j for j, n in enumerate(theirs)}
+        return [indices[exact[n]] for n in mine if n is not None]
+    if known and len(set(mine)) == len(mine) and len(set(theirs)) == len(theirs):
+        # (each router of the probabilities, one of the indices' under other wrappers or a module name on one side
+        # only, as a capture's routes of a model held in 'backbone.' replayed on the backbone: paired by name)
+        at = [[j for j, b in enumerate(theirs) if b is not None and _same_router(a, b)] for a in mine if a is not None]
+        if all(len(c) == 1 for c in at) and len({c[0] for c in at}) == len(at):
+            return [indices[c[0]] for c in at]
     i = wrong[0]
     raise InvalidArgumentError(
         f"load_balancing_loss: probs[{i}] are router '{mine[i]}''s, but indices[{i}] are router '{theirs[i]}''s: the "

@@ -556,9 +556,16 @@ class Session:
         self._sites = list(sites)
         self._declared_top_k = declared_top_k
         self._excluded = excluded
+        #: the modules of each model watched that ``excluded`` matches (see ``_left_out``)
+        self._left_out_of: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
         #: routers chosen by include= or exclude=: the session's routers may be a part of the model's, so its
         #: routes do not name every router of the model they were recorded on (see ``Routes._recorded_names``)
         self._filtered = False
+        #: where ``_filtered``: every router of the model, as the search without include= and exclude= finds them
+        #: (the session's own in place of those they hold or sit in), which its routes record as the routers they
+        #: were recorded on; None where that search does not find every router of the session (see
+        #: :func:`_model_routers`): its routes then know no such routers, as routes built from rows
+        self._model_routers: tuple[str, ...] | None = None
         self._watching = False  # a block of this session watches the model's next forward (see _watch)
         self.capacity = int(capacity)
         self.keep_newest = bool(keep_newest)
@@ -829,7 +836,7 @@ class Session:
             return None
         scopes = self._scopes()
         stops: list[Callable[[], None]] = []
-        passed_as_is = self._passed(model, scopes, "")
+        passed_as_is = self._passed(model, scopes, "", self._left_out(model))
         if passed_as_is is not None:
             if not passed_as_is.not_run:
                 return None
@@ -846,7 +853,10 @@ class Session:
 
             def passed(path: str) -> bool:
                 watched = ref()
-                return watched is not None and self._passed(watched, self._scopes(), path) is not None
+                return (
+                    watched is not None
+                    and self._passed(watched, self._scopes(), path, self._left_out(watched)) is not None
+                )
 
             stops.append(watch_forward(model, scopes, self._widths(), self._excluded, on_pass=on_pass, passed=passed))
         self._watching = True
@@ -866,19 +876,33 @@ class Session:
         )
 
     @staticmethod
-    def _passed(model: nn.Module, scopes: list[str], path: str) -> _Skeleton | None:
+    def _passed(model: nn.Module, scopes: list[str], path: str, left_out: frozenset[str]) -> _Skeleton | None:
         """The record of a forward of the module at ``path`` (``""``: the model) that passed the watch with
-        these routers, the model made as it is now; None if none did."""
-        passed = _WATCHED.get(model, {}).get((tuple(scopes), model.training, path))
+        these routers and these modules left out on purpose (exclude=), the model made as it is now; None if none
+        did. (A pass of a session that excluded a router is none of a session that did not: that router would run
+        natively there, unsaid.)"""
+        passed = _WATCHED.get(model, {}).get((tuple(scopes), model.training, path, left_out))
         return passed if passed is not None and passed.holds(model, scopes) else None
 
     def _mark_watched(self, model: nn.Module, path: str = "", not_run: Sequence[str] = ()) -> _Skeleton:
         """Record that a forward of ``model`` (or of its module at ``path``) passed the watch with these
         routers, as the model is now, and which modules in MoE blocks it did not run."""
         scopes = self._scopes()
-        skeleton = _WATCHED.setdefault(model, {})[(tuple(scopes), model.training, path)] = _Skeleton(model, scopes)
+        key = (tuple(scopes), model.training, path, self._left_out(model))
+        skeleton = _WATCHED.setdefault(model, {})[key] = _Skeleton(model, scopes)
         skeleton.not_run.update(not_run)
         return skeleton
+
+    def _left_out(self, model: nn.Module) -> frozenset[str]:
+        """The paths of the modules of ``model`` that exclude= leaves native on purpose (read once per model)."""
+        if self._excluded is None:
+            return frozenset()
+        held = self._left_out_of.get(model)
+        if held is None:
+            excluded = self._excluded
+            held = frozenset(n for n, m in model.named_modules(remove_duplicate=False) if excluded(n, m))
+            self._left_out_of[model] = held
+        return held
 
     def _scopes(self) -> list[str]:
         """Where the scopes sit in the model now (their paths at attach, with any wrapper inserted since)."""
@@ -1637,7 +1661,7 @@ class Session:
         experts = [r.num_experts if r is not None else s.num_experts for s, r in zip(self._sites, rings, strict=True)]
         routes = Routes._trusted(rows, names, experts)  # (a ring kept from before a change: the E it recorded)
         # (every router of the model, where the session took them all: a replay elsewhere tells a part from a wrapper)
-        routes._recorded_names = None if self._filtered else names
+        routes._recorded_names = self._model_routers if self._filtered else names
         # the forwards the rows came from, where every router saw the same ones (split_generation checks them)
         each = [r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)]
         calls = set(each)
@@ -2707,6 +2731,34 @@ def _held_by(what: str, other: Session | None) -> SessionStateError:
     return err
 
 
+def _model_routers(
+    model: nn.Module, names: Sequence[str], adapters: Sequence[Adapter], num_experts: int | None
+) -> tuple[str, ...] | None:
+    """Every router of ``model``, for a session of some of them only (``names``, chosen by include= or exclude=):
+    the routers the search finds without include= and exclude=, each of ``names`` in place of those it holds or
+    sits in (include= may name a router's block, or a gate inside it), in module order.
+
+    None where a router of ``names`` is none that search finds, nor holds or sits in one: include= took a module
+    the search misses, so it may miss the model's other routers too, and which routers the model has is not known
+    (a replay of its routes that fits their names onto another model by dropping a module name is then refused, as
+    for routes built from rows)."""
+
+    def related(a: str, b: str) -> bool:
+        return a == b or not a or not b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    found: list[str] = []
+    for count in dict.fromkeys((num_experts, None)):  # (num_experts= finds routers whose weight does not say E)
+        try:
+            found += [s.name for s in find_routers(model, adapters=adapters, num_experts=count)]
+        except MoEReplayError:
+            continue
+    if not all(any(related(n, f) for f in found) for n in names):
+        return None
+    order = {n: i for i, n in enumerate(dict(model.named_modules(remove_duplicate=False)))}
+    whole = set(names) | {f for f in found if not any(related(f, n) for n in names)}
+    return tuple(sorted(whole, key=lambda n: order.get(n, len(order))))
+
+
 def attach(
     model: nn.Module,
     capacity: int = DEFAULT_CAPACITY,
@@ -2796,6 +2848,8 @@ def attach(
             excluded=_compile_matcher(exclude, "exclude"),
         )
         session._filtered = include is not None or exclude is not None
+        if session._filtered:
+            session._model_routers = _model_routers(model, [s.name for s in sites], adapters, num_experts)
         session._install()
         _ATTACHED[model] = weakref.ref(session)
     return session

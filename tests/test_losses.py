@@ -590,3 +590,22 @@ def test_unnamed_indices_in_another_router_order_are_refused() -> None:
         want = sum(by_hand(kept[n][0], kept[n][1]) for n in kept.names) / 2
         got = mr.load_balancing_loss(kept.scores, list(routes.indices.unbind(1))[::-1]).item()  # (no error)
         assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_routers_named_past_a_module_name_on_one_side_in_another_order_are_paired_by_name() -> None:
+    """Once a false refusal: probabilities named by a session of a model's backbone ('layers.1.router', ...) and the
+    rows of routes captured on the model that holds it ('backbone.layers.0.router', ...), in another router order,
+    were refused as naming other routers, though each name is one router past the module name on one side. Paired
+    by name, as the same lists in one order; names that fit two routers at once are still refused."""
+    from moe_replay.losses import note_router
+
+    torch.manual_seed(0)
+    probs = [note_router(torch.rand(6, 4).softmax(-1), f"layers.{i}.router") for i in (1, 0)]
+    rows = [torch.stack([torch.randperm(4)[:2] for _ in range(6)]) for _ in range(2)]
+    indices = [note_router(r, f"backbone.layers.{i}.router") for i, r in enumerate(rows)]
+    assert torch.equal(mr.load_balancing_loss(probs, indices), mr.load_balancing_loss(probs, indices[::-1]))
+    in_order = [rows[1].clone(), rows[0].clone()]  # (unnamed: paired by place, each with its own router)
+    assert torch.equal(mr.load_balancing_loss(probs, indices), mr.load_balancing_loss(probs, in_order))
+    twice = [note_router(rows[0], "layers.0.router"), note_router(rows[1], "module.layers.0.router")]
+    with pytest.raises(mr.InvalidArgumentError, match="other orders"):
+        mr.load_balancing_loss(probs, twice)

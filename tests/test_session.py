@@ -492,7 +492,8 @@ def test_routes_that_lost_the_routers_they_were_recorded_on_are_not_fitted_onto_
     (rebuilt with mr.Routes, through numpy) or never knew them all (a capture of a session with exclude=) were fitted
     onto a session of the decoder by dropping 'encoder.' (or swapping it for 'decoder.'), as a wrapper's prefix would
     be, and the encoder's experts were forced on the decoder. Such a fit that drops a module name of no wrapper is
-    refused; a wrapper's ('module.', 'model.') is taken as before, and an explicit rename forces the rows named."""
+    refused (a capture of some routers knows the model's others: 'encoder.' is a part of it, named as such); a
+    wrapper's ('module.', 'model.') is taken as before, and an explicit rename forces the rows named."""
     from .tinymoe import RouterSpec, TinyMoE
 
     class Pair(torch.nn.Module):
@@ -528,8 +529,10 @@ def test_routes_that_lost_the_routers_they_were_recorded_on_are_not_fitted_onto_
     }
     assert excluded.equal(enc)
     with mr.attach(pair.decoder) as alone, torch.no_grad():
-        for given in lost.values():
-            with pytest.raises(mr.RouterNotFoundError, match=r"dropping 'encoder'.*routes\.rename"):
+        for what, given in lost.items():  # (a capture of some routers knows the model's others: a part, named)
+            part = r"'encoder\.' is one part of that model"
+            why = part if what == "a capture with exclude=" else "dropping 'encoder'"
+            with pytest.raises(mr.RouterNotFoundError, match=why + r".*routes\.rename"):
                 with alone.replay(given, strict=strict):
                     pair.decoder(x)
             tried()
@@ -537,7 +540,7 @@ def test_routes_that_lost_the_routers_they_were_recorded_on_are_not_fitted_onto_
             pair.decoder(x)
         assert alone.routes().equal(enc.rename({"encoder.": ""}))  # (the explicit fit: the rows named, forced)
     with mr.attach(pair, exclude="encoder.*") as others, torch.no_grad():  # (the decoder's routers, by a swap)
-        with pytest.raises(mr.RouterNotFoundError, match=r"dropping 'encoder'"):
+        with pytest.raises(mr.RouterNotFoundError, match=r"'encoder\.' is one part of that model"):
             with others.replay(lost["a capture with exclude="], strict=False):
                 pair(x)
     tried()
@@ -550,3 +553,106 @@ def test_routes_that_lost_the_routers_they_were_recorded_on_are_not_fitted_onto_
         with bare.replay(rebuilt, strict=strict), bare.capture():
             pair(x)
         assert bare.routes().equal(rebuilt.rename({"module.": ""})) and bare.renamed == {"module.": ""}
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_filtered_capture_knows_the_model_routers_and_replays_where_names_fit(tmp_path: Any) -> None:
+    """Once a false refusal: a capture of a session with include= or exclude= knew no router it was recorded on, so
+    its routes, fitted onto a session of the same routers by dropping a module name of no wrapper ('backbone.'), were
+    refused as routes built from rows are. Such a capture records the model's routers (those the search finds
+    without the filter): its routes fit where that module name holds every router of the model, through select,
+    rename, slices, cat, save and load, and are refused where it is one part of a model beside another (an encoder's
+    routes, recorded by a filtered session, on a session of the decoder or the encoder alone). The name-based
+    operations (load_balancing_loss's pairing, a LayerMap and Megatron's writer) take them as any capture's."""
+    from .tinymoe import RouterSpec, TinyMoE
+
+    class Holder(torch.nn.Module):  # (a model under a module name no wrapper uses)
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2), RouterSpec(8, 2)], seed=3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.backbone(x)
+
+    class Pair(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2)], seed=1)
+            self.decoder = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2)], seed=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.decoder(self.encoder(x))
+
+    torch.manual_seed(0)
+    holder = Holder()
+    x = holder.backbone.inputs((2, 5))
+    every = [f"backbone.layers.{i}.router" for i in range(3)]
+    for filters in ({"exclude": "backbone.layers.2.*"}, {"include": "backbone.layers.*.router", "exclude": every[2]}):
+        with mr.attach(holder, **filters) as session, torch.no_grad(), session.capture():
+            holder(x)
+        routes = session.routes()
+        assert routes.names == tuple(every[:2])
+        assert routes._recorded_names == tuple(every), "the model's routers, not only the session's"
+        routes.save(tmp_path / "filtered.npz")
+        variants = {
+            "as captured": routes,
+            "select": routes.select(every[1::-1]),
+            "rename": routes.rename({"backbone.": "trunk."}),
+            "slices, cat": mr.Routes.cat([routes[:3], routes[3:]]),
+            "save, load": mr.Routes.load(tmp_path / "filtered.npz"),
+        }
+        with mr.attach(holder.backbone) as bare, torch.no_grad():  # (the same routers, 'backbone.' dropped)
+            for what, given in variants.items():
+                with bare.replay(given, strict=False), bare.capture():
+                    holder.backbone(x)
+                got = bare.routes()
+                assert got.select(["layers.0.router", "layers.1.router"]).equal(routes.rename({"backbone.": ""})), what
+            kept_names = ["layers.1.router", "layers.0.router"]
+            with bare.replay(routes, strict=False), bare.keep_scores() as kept:
+                holder.backbone(x)
+            probs = [kept[n][0] for n in kept_names]  # (softmax scores, named by the session)
+            by_name = mr.load_balancing_loss(probs, list(routes.per_layer()))  # (the routes' order: paired by name)
+            in_order = mr.load_balancing_loss(probs, [routes.layer(f"backbone.{n}") for n in kept_names])
+            assert torch.equal(by_name, in_order)
+        lm = mr.interop.LayerMap.from_session(session, num_layers=3)
+        back = mr.interop.from_megatron(mr.interop.to_megatron(routes, layer_map=lm), lm.names, num_experts=8)
+        assert back.equal(routes)
+
+    pair = Pair()
+    y = pair.encoder.inputs((2, 5))
+    with mr.attach(pair, exclude="decoder.*") as session, torch.no_grad(), session.capture():
+        pair(y)
+    encoder = session.routes()
+    every = [f"{p}.layers.{i}.router" for p in ("encoder", "decoder") for i in (0, 1)]
+    assert encoder._recorded_names == tuple(every)
+    for part in (pair.encoder, pair.decoder):  # (names cannot tell which part a session of one part is)
+        with mr.attach(part) as alone, torch.no_grad():
+            with pytest.raises(mr.RouterNotFoundError, match=r"'encoder\.' is one part of that model.*routes\.rename"):
+                with alone.replay(encoder):
+                    part(y)
+        tried()
+    with mr.attach(pair) as whole, torch.no_grad():  # (names that match: the routers named are forced)
+        with whole.replay(encoder, strict=False), whole.capture():
+            pair(y)
+        assert whole.routes().select(list(encoder.names)).equal(encoder)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_router_excluded_by_an_earlier_session_is_watched_for_in_a_session_that_does_not_exclude_it() -> None:
+    """Once silent: the watch for routers left out passes once per model and set of routers, and a session with
+    exclude= (a router left native on purpose) passed it for a later session of the same routers chosen by include=,
+    which left that router out unsaid: it ran natively in that session's replays. A pass counts only for sessions
+    that leave the same modules out on purpose; the later session's capture is refused, naming the router."""
+    from .tinymoe import RouterSpec, TinyMoE
+
+    model = TinyMoE([RouterSpec(8, 2), RouterSpec(8, 2), RouterSpec(8, 2)], seed=3)
+    x = model.inputs((2, 5))
+    for _ in range(2):  # (an exclusion passes the watch, and again from the record of its pass)
+        with mr.attach(model, exclude="layers.2.*") as session, torch.no_grad(), session.capture():
+            model(x)
+        assert session.routes().names == ("layers.0.router", "layers.1.router")
+    with mr.attach(model, include=["layers.0.router", "layers.1.router"]) as session, torch.no_grad():
+        with pytest.raises(mr.UnsupportedRouterError, match=r"(?s)outside every attached router.*'layers\.2\.router'"):
+            with session.capture():
+                model(x)
+    tried(3)
