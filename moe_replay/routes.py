@@ -62,6 +62,10 @@ NO_FORWARD_ID = -2
 #: ... and a row a forward fed at prompt padding (attention mask 0): a forward that feeds a token of a sequence there
 #: is refused (see ``Routes._fed_mask``)
 PADDING_ID = -3
+#: ... and a row of a router whose token ids the capture could not keep (a call on a part of a forward's tokens) where
+#: it kept the other routers' (``Routes._ids_lost`` says why): such rows go with their router, so routes of the other
+#: routers alone (``select``) are checked by their ids, and routes holding such rows are refused
+LOST_ID = -4
 
 
 def _storage_dtype(num_experts: int) -> torch.dtype:
@@ -756,6 +760,10 @@ class Routes:
         out._token_rank = None if self._token_rank is None else _out_of_order(self._token_rank[rows])
         # (rows of an embeddings capture stay in the routers' order where they hold whole router calls, each in order)
         out._order_untold = self._order_untold and _whole_calls(rows, self._call_rows, n)
+        if self._order_untold and not out._order_untold and out._token_rank is None:
+            # (and where they do not, each row keeps the mark as its own, as a capture's ranks mark it: a layout of
+            # them is refused, never taken as rows in token order)
+            out._token_rank = torch.full((out._data[0].shape[0] if out._data else 0,), UNTOLD_RANK, dtype=torch.long)
         start = _run_start(rows, n)
         if start is not None:
             out._clip_forwards(self, start)
@@ -839,6 +847,9 @@ class Routes:
         out._token_ids = self._token_ids if pos else None
         if self._router_ids is not None and pos:
             out._router_ids = tuple(self._router_ids[i] for i in pos)
+            # (why the ids were lost holds where a router that lost them is kept: the others' are known, and checked)
+            if not any(bool((v == LOST_ID).any()) for v in out._router_ids):
+                out._ids_lost = None
         return out
 
     def rename(self, prefixes: Mapping[str, str]) -> Routes:
@@ -1439,8 +1450,10 @@ def _read_router_ids(routes: Routes, extra: Mapping[str, torch.Tensor], path: st
             raise _corrupted(
                 path, f"its routers' token ids hold {flat.numel()} values for {sum(routes.tokens_per_layer)} rows"
             )
-        if bool((flat < PADDING_ID).any()):
-            raise _corrupted(path, f"its routers' token ids hold values below {PADDING_ID}")
+        if bool((flat < LOST_ID).any()):
+            raise _corrupted(path, f"its routers' token ids hold values below {LOST_ID}")
+        if bool((flat == LOST_ID).any()) and extra.get("ids_lost") is None:
+            raise _corrupted(path, "its routers' token ids say some were lost, and it does not say why")
         routes._router_ids = tuple(p.to(torch.long).clone() for p in flat.split(list(routes.tokens_per_layer)))
     lost = extra.get("ids_lost")
     if lost is not None:
@@ -1660,7 +1673,7 @@ def _one_token_per_row(routes: Routes, what: str) -> None:
     if each is None or len(each) < 2:
         return
     first = each[0]
-    unknown = (-1, NO_FORWARD_ID)  # (rows whose token is not known: nothing tells they line up)
+    unknown = (-1, NO_FORWARD_ID, LOST_ID)  # (rows whose token is not known: nothing tells they line up)
     other = next(
         (
             j
@@ -1672,9 +1685,10 @@ def _one_token_per_row(routes: Routes, what: str) -> None:
     if other is None:
         return
     names = routes.names
+    against = f"other rows than '{names[0]}'" if other else "rows whose tokens are not known"
     raise RoutesValidationError(
         f"{what}: these routes' routers hold as many rows, but not of the same tokens: the capture kept each router's "
-        f"own token ids, and '{names[other]}' has other rows than '{names[0]}' (a router of a stream of its own, a "
+        f"own token ids, and '{names[other]}' has {against} (a router of a stream of its own, a "
         "decoder's canvas, or one called another number of times per forward), so one row index picks other tokens "
         "of each. Pick the rows of each router on its own (routes.select([name])[index]), or replay the routes whole"
     )
@@ -1686,6 +1700,8 @@ def _rows_ids(routes: Routes, j: int) -> torch.Tensor:
     if routes._router_ids is not None:
         return routes._router_ids[j]
     n = routes.tokens_per_layer[j]
+    if routes._ids_lost is not None:  # (no router's kept: each row's lost, whatever routes it is joined with)
+        return torch.full((n,), LOST_ID, dtype=torch.long)
     ids, fed = routes._token_ids, routes._fed_mask
     if ids is None or ids.numel() != n:
         return torch.full((n,), -1, dtype=torch.long)

@@ -74,7 +74,7 @@ from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_first_runs, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, index_dtype
-from .routes import PADDING_ID, UNTOLD_RANK, Routes, _known_or_none, _out_of_order, fingerprint
+from .routes import LOST_ID, PADDING_ID, UNTOLD_RANK, Routes, _known_or_none, _out_of_order, fingerprint
 
 __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
 
@@ -1691,11 +1691,14 @@ class Session:
     # ------------------------------------------------------------- replay
     def _ids_lost_check(self, routes: Routes) -> None:
         """Refuse routes whose capture knew its forwards' token ids but could not keep them for every row."""
-        if routes._ids_lost is None:
+        lost = routes._ids_lost
+        if lost is None and any(bool((v == LOST_ID).any()) for v in routes._router_ids or ()):
+            lost = "rows of a router whose ids were lost"  # (the mark of each such row, whatever became of the why)
+        if lost is None:
             return
         raise TokenMismatchError(
             f"these routes come from a capture whose forwards were fed token ids that it could not keep for every "
-            f"row: {routes._ids_lost}. A replay could not check which tokens those rows go to, and would force "
+            f"row: {lost}. A replay could not check which tokens those rows go to, and would force "
             "them on whichever tokens come first. Call the router outside the capture() block where it is not "
             "part of the model's forward (an auxiliary loss on hidden states of one's own), or drop the check on "
             "purpose with routes.with_token_ids(None) to replay by row order alone"
@@ -2307,6 +2310,7 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
         return  # (no forward's ids kept: nothing to check, nothing lost)
     per = []
     apart = None  # (a router told apart by a forward's calls alone, see below)
+    lost_here: list[str] = []  # (why each router whose ids were lost lost them: its rows are LOST_ID, see below)
     for i, (name, c) in enumerate(zip(routes.names, calls, strict=True)):
         ids, mask = feeds.rows(c, i, outside=True)
         if ids is None and len(set(calls)) == 1:
@@ -2318,8 +2322,9 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
         # mask keeps in an order not told, whose rows line up with none)
         lost = _unpadded_untold(feeds, c, i, name)
         if lost is not None:  # (not a stream of its own: the tokens of a forward its mask keeps, in an untold order)
-            routes._ids_lost = lost
-            return
+            lost_here.append(lost)
+            per.append(torch.full((routes.tokens_per_layer[i],), LOST_ID, dtype=torch.long))
+            continue
         if ids is None and c is not None and not {n for n, _ in c} & {f.count for f in feeds.forwards if f.count}:
             # (no call of it on as many rows as a forward was fed tokens: it routes a stream of its own, a decoder's
             # canvas beside an encoder's tokens: its rows' ids unknown, as they always were, the others' checked)
@@ -2337,18 +2342,23 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
             continue
         if ids is None:
             runs = ", ".join(f"{n} rows x {k}" for n, k in (c or ())[:4])
-            routes._ids_lost = (
+            lost_here.append(
                 f"router '{name}' made calls ({runs}) that are not each on every token of one forward of the model "
                 "nor outside every forward (a call on a part of a forward's tokens?)"
             )
-            return
+            per.append(torch.full((routes.tokens_per_layer[i],), LOST_ID, dtype=torch.long))
+            continue
         if mask is not None:
             ids = torch.where(mask == 0, PADDING_ID, ids)  # prompt padding: the token of no sequence
         per.append(ids)
-    if any(bool((v != -1).any()) for v in per):
+    lost_rows = [bool((v == LOST_ID).all()) and v.numel() > 0 for v in per]
+    routes._ids_lost = lost_here[0] if lost_here else None
+    if any(bool((v != -1).any()) for v, lost in zip(per, lost_rows, strict=True) if not lost):
+        # (the other routers' ids kept: a replay of the routers whose ids were lost is refused (their rows LOST_ID,
+        # which select keeps with them), one of the others alone is checked)
         routes._router_ids = tuple(per)
     elif apart is not None:
-        routes._ids_lost = apart
+        routes._ids_lost = routes._ids_lost or apart
 
 
 def _unpadded_untold(

@@ -2462,3 +2462,44 @@ def test_one_padded_sequence_replayed_at_a_level_never_told_unpadded_replays() -
         with session.replay(routes), torch.no_grad():
             got = _one_padded(model)
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.reliability("silent replays")
+def test_the_routers_whose_ids_a_capture_kept_replay_checked_without_the_one_that_lost_them(tmp_path: Any) -> None:
+    """Once a false refusal: a router also called inside the forward on a part of its tokens loses its rows' ids,
+    and the capture kept no other router's either, so routes of the other routers alone (select) were refused as
+    lost too. Each router's ids are kept where they can be, the lost router's rows marked as such: the others alone
+    replay, checked against their tokens (another order refused), through a file, cat and slices; any routes that
+    hold the lost router's rows are refused as before."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    router, hidden = model.layers[0].mlp.router, model.config.hidden_size
+
+    def aside(module: torch.nn.Module, args: tuple[Any, ...], out: Any) -> None:  # (its output replaces nothing)
+        router(args[0].reshape(-1, hidden)[:5])
+
+    model.layers[1].register_forward_hook(aside)
+    a, b = _batch(1), _batch(2)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(a)
+            model(b)
+        routes = session.routes()
+        lost, kept = routes.names
+        other = routes.select([kept])
+        other.save(tmp_path / "other.npz")
+        n = a.numel()
+        for given in (other, mr.Routes.load(tmp_path / "other.npz"), mr.Routes.cat([other[:n], other[n:]])):
+            assert given._ids_lost is None
+            with session.replay(given, strict=False), torch.no_grad():
+                model(a)
+                model(b)
+            with pytest.raises(mr.TokenMismatchError, match="other tokens"):
+                with session.replay(given, strict=False), torch.no_grad():
+                    model(b)
+                    model(a)
+        for given in (routes, routes.select([lost]), routes.select([kept, lost]), mr.Routes.cat([routes, routes])):
+            with pytest.raises(mr.TokenMismatchError, match="could not keep for every row"):
+                with session.replay(given, strict=False), torch.no_grad():
+                    model(a)
+                    model(b)
+    tried(9)

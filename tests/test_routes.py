@@ -8,6 +8,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1426,3 +1427,177 @@ def test_in_asks_for_a_router_by_name() -> None:
         with pytest.raises(mr.ArgumentTypeError, match="by name"):
             other in r  # noqa: B015
     tried(4)
+
+
+#: every mark a Routes keeps beside its rows (the attributes ``Routes._trusted`` sets past names, counts, rows)
+_MARKS = (
+    "_call_rows",
+    "_dropped_rows",
+    "_token_ids",
+    "_fed_mask",
+    "_token_rank",
+    "_order_untold",
+    "_routers_order",
+    "_rows_moved",
+    "_caches_interleaved",
+    "_rows_picked",
+    "_rows_untold",
+    "_recorded_names",
+    "_router_ids",
+    "_ids_lost",
+)
+#: the marks that hold one value per row (``_router_ids``: per router and row)
+_ROW_MARKS = ("_token_ids", "_fed_mask", "_token_rank", "_router_ids")
+
+
+def _marked(kind: str) -> mr.Routes:
+    """Routes of 2 routers and 8 rows (two forwards of 4) with every mark set, as a capture sets them: ``ids`` one
+    token id per row and a told order of routers that saw the tokens sequence-first, ``routers`` each router's own
+    ids (one of them at prompt padding) and an order left untold."""
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(8)]) for _ in range(2)]
+    r = mr.Routes(rows, names=["enc.layers.0.gate", "enc.layers.1.gate"], num_experts=6)
+    r._call_rows, r._dropped_rows = ((4, 2),), 2
+    r._fed_mask = torch.tensor([1, 1, 0, 1, -1, -1, -1, -1], dtype=torch.int8)
+    r._rows_moved, r._caches_interleaved, r._rows_untold = "DynamicCache.crop", "DynamicCache", "from_vllm"
+    r._recorded_names = (*r.names, "dec.layers.0.gate")
+    if kind != "routers":  # (a capture that kept no router's ids, or kept one router's and lost the other's)
+        r._ids_lost = "router 'x' made calls on a part of a forward's tokens"
+    if kind == "lost":
+        r._router_ids = (torch.full((8,), mr.routes.LOST_ID), torch.tensor([10, 11, -3, 13, 14, 15, 16, 17]))
+    elif kind == "ids":
+        r._token_ids = torch.arange(8) + 10
+        r._token_rank, r._routers_order = torch.tensor([0, 2, 1, 3, 4, 6, 5, 7]), True
+    else:
+        ids = torch.tensor([10, 11, -3, 13, 14, 15, 16, 17])
+        r._router_ids, r._order_untold = (ids, ids.clone()), True
+    return r
+
+
+def _same_mark(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple) and a and isinstance(a[0], torch.Tensor):
+        return isinstance(b, tuple) and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b and type(a) is type(b)
+
+
+def _expected(base: mr.Routes, rows: torch.Tensor, routers: list[int], **changed: Any) -> dict[str, Any]:
+    """The marks of routes holding rows ``rows`` of routers ``routers`` of ``base``: each row's marks go with it,
+    what holds for every row stays, but for ``changed``."""
+    from moe_replay.routes import _out_of_order
+
+    want = {m: getattr(base, m) for m in _MARKS}
+    if base._token_ids is not None:
+        want["_token_ids"] = base._token_ids[rows]
+    if base._fed_mask is not None:
+        want["_fed_mask"] = base._fed_mask[rows]
+    if base._token_rank is not None:
+        want["_token_rank"] = _out_of_order(base._token_rank[rows])
+    if base._router_ids is not None:
+        want["_router_ids"] = tuple(base._router_ids[j][rows] for j in routers)
+    want.update(changed)
+    return want
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.parametrize("kind", ["ids", "routers", "lost"])
+def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(kind: str, tmp_path: Path) -> None:
+    """Each mark a Routes keeps (what its capture knew of its forwards, each row's token, prompt mask and place,
+    each router's own ids, why ids were lost, the routers it was recorded on) goes with every Routes made from it:
+    kept where it still holds (a file, the wire, a pickle, other names, other routers, cat of its slices), cut with
+    the rows where it is one per row, dropped where it no longer holds (forwards of rows picked out of order, a
+    reader's untold placing of rows chosen by a slice, ids replaced). A mark added to Routes fails here until every
+    transformation's row of this table says what becomes of it."""
+    import copy
+    import pickle
+
+    from moe_replay.distributed import _known, _restore
+
+    fresh = mr.Routes._trusted([], [], [])
+    assert set(vars(fresh)) - {"_names", "_experts", "_data", "_validated"} == set(_MARKS)
+    base = _marked(kind)
+    every, names = torch.arange(8), list(base.names)
+    base.save(tmp_path / "r.npz")
+    wired = _restore(mr.Routes._trusted(base._data, base.names, base.experts_per_layer), _known(base), 2)
+    order = torch.argsort(base._token_rank, stable=True) if base._token_rank is not None else every
+    # (each made lazily where it is made of rows: routes of a router that lost its ids are not picked by one index)
+    table: dict[str, tuple[Any, torch.Tensor, list[int], dict[str, Any]]] = {
+        "r[:]": (lambda: base[:], every, [0, 1], {}),
+        "r[:4]": (lambda: base[:4], every[:4], [0, 1], {"_call_rows": ((4, 1),), "_rows_untold": None}),
+        "r[2:6]": (
+            lambda: base[2:6],
+            every[2:6],
+            [0, 1],
+            {"_call_rows": ((2, 2),), "_dropped_rows": 0, "_rows_untold": None},
+        ),
+        "r[[5, 1]]": (
+            lambda: base[[5, 1]],
+            torch.tensor([5, 1]),
+            [0, 1],
+            {
+                "_call_rows": None,
+                "_rows_picked": "routes[...] picked 2 of its 8 rows by a list, mask or step",
+                "_routers_order": False,
+                "_order_untold": False,
+            },
+        ),
+        "select(reversed)": (base.select(names[::-1]), every, [1, 0], {}),
+        "select(one)": (base.select(names[1:]), every, [1], {}),
+        "rename": (
+            base.rename({"enc.": "module.enc."}),
+            every,
+            [0, 1],
+            {"_recorded_names": tuple("module." + n if n.startswith("enc.") else n for n in base._recorded_names)},
+        ),
+        # (the halves are rows the caller chose by a slice: no longer placed by the reader's count alone)
+        "cat(halves)": (lambda: mr.Routes.cat([base[:4], base[4:]]), every, [0, 1], {"_rows_untold": None}),
+        # (the forward cut by the split counts as two once joined: test_generation's strict xfail
+        # test_a_generate_capture_split_through_its_prompt_and_joined_again_is_split)
+        "cat(split_routes)": (
+            lambda: mr.Routes.cat(mr.distributed.split_routes(base, [3, 5])),
+            every,
+            [0, 1],
+            {"_call_rows": ((3, 1), (1, 1), (4, 1))},
+        ),
+        "save, load": (mr.Routes.load(tmp_path / "r.npz"), every, [0, 1], {}),
+        "pickle": (pickle.loads(pickle.dumps(base)), every, [0, 1], {}),
+        "deepcopy": (copy.deepcopy(base), every, [0, 1], {}),
+        "the wire": (wired, every, [0, 1], {}),
+        "with_token_ids": (
+            base.with_token_ids(torch.arange(8) + 50),
+            every,
+            [0, 1],
+            {"_token_ids": torch.arange(8) + 50, "_router_ids": None, "_ids_lost": None},
+        ),
+    }
+    if kind == "ids":
+        table["in_token_order"] = (
+            base.in_token_order(),
+            order,
+            [0, 1],
+            {"_token_rank": None, "_routers_order": False},
+        )
+    if kind == "lost":  # (one router's ids lost: its rows and another router's are not one token each, no pick)
+        table = {w: table[w] for w in table if not w.startswith(("r[", "cat"))}
+        table["cat(whole)"] = (mr.Routes.cat([base]), every, [0, 1], {})
+        table["select(one)"][3]["_ids_lost"] = None  # (the router kept has its ids: checked by them)
+        table["select(lost one)"] = (base.select(names[:1]), every, [0], {})
+    if kind == "routers":  # (rows of forwards of an untold order, cut through a forward: each row keeps the mark)
+        for what, held in (("r[2:6]", 4), ("r[[5, 1]]", 2)):
+            table[what][3].update(_order_untold=False, _token_rank=torch.full((held,), mr.routes.UNTOLD_RANK))
+        # (and, joined again, no longer whole forwards of an untold order: see the strict xfail named above)
+        table["cat(split_routes)"][3].update(_order_untold=False, _token_rank=torch.full((8,), mr.routes.UNTOLD_RANK))
+    for what, (made, rows, routers, changed) in table.items():
+        made = made() if callable(made) else made
+        want = _expected(base, rows, routers, **changed)
+        assert made.names == tuple(names[j] for j in routers) or what == "rename", what
+        pairs = zip(made.names, routers, strict=True)
+        assert all(torch.equal(made.layer(n), base.layer(names[j])[rows]) for n, j in pairs), what
+        wrong = [m for m in _MARKS if not _same_mark(getattr(made, m), want[m])]
+        assert not wrong, f"{what}: {[(m, getattr(made, m), want[m]) for m in wrong]}"
+        from moe_replay.losses import _router_of
+
+        assert [_router_of(t) for t in made.per_layer()] == list(made.names), what  # (tensors that name their router)
+        assert _router_of(made.layer(made.names[0])) == made.names[0], what
+    tried(len(table))
