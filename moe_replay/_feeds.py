@@ -127,7 +127,7 @@ _SEQUENCE_FIRST_HINT = (
 class _Forward:
     """What one forward of the model was fed."""
 
-    __slots__ = ("calls", "count", "either", "end", "ids", "mask", "shape", "unpadded", "untold")
+    __slots__ = ("calls", "count", "either", "end", "grid", "ids", "mask", "shape", "unpadded", "untold", "width")
 
     def __init__(
         self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: tuple[int, ...] | None = None
@@ -149,6 +149,10 @@ class _Forward:
         #: one sequence with padding, at a level not told :data:`UNPADDED`: its routers saw its tokens as fed or only
         #: those its mask keeps (in the same order either way), told by the rows they were called on (``_calls``)
         self.either = False
+        #: after :meth:`unpad`: the ``[batch, positions]`` mask of the tokens its routers saw (on the host), which its
+        #: ``mask`` no longer holds (split_generation lays the rows of such a prompt forward over it)
+        self.grid: torch.Tensor | None = None
+        self.width: int | None = None  # (the positions of the [batch, positions] it was fed, where it may unpad)
 
     def kept(self) -> int | None:
         """How many of its tokens its kept ``[batch, positions]`` mask keeps; None where it kept none of a known
@@ -166,6 +170,8 @@ class _Forward:
         keep = _kept_tokens(self.mask)
         if keep is None:
             return
+        width = self.width if keep.dim() == 1 else keep.shape[-1]
+        self.grid = keep.bool().reshape(-1, width).cpu() if width and keep.numel() % width == 0 else None
         keep = keep.reshape(-1)
         if self.ids is not None:
             self.ids = self.ids.reshape(-1)[keep.to(self.ids.device)]
@@ -484,6 +490,7 @@ class FeedRecord:
             mask = None
         forward = _Forward(count, kept, mask, None if self.calls_made is None else self.calls_made())
         forward.unpadded = own and order == UNPADDED
+        forward.width = int(fed[1]) if own and fed is not None else None
         forward.either = own and not forward.unpadded and order == BATCH_MAJOR and fed is not None and int(fed[0]) == 1
         if order == SEQUENCE_FIRST and fed is not None:  # (ids or embeddings: each row's place in the tokens' order)
             forward.shape = (int(fed[0]), int(fed[1]))

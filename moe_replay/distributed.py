@@ -175,8 +175,9 @@ def _known(routes: Routes) -> list[int]:
     where the rows are in the order their routers saw the tokens of forwards fed embeddings,
     not told (``Routes._order_untold``), plus 2 where they are a capture's rows in the order its
     routers saw the tokens, which it told (``Routes._routers_order``); then why token ids were lost (length and
-    UTF-8 bytes, 0: none), and each router's own token ids (``Routes._router_ids``: -1 where none, else each
-    router's count of rows and its ids).
+    UTF-8 bytes, 0: none), the mask of the tokens its first forward's routers saw where the model took the padding
+    out (``Routes._prompt_kept``: -1 where none, else its two sizes and values), and each router's own token ids
+    (``Routes._router_ids``: -1 where none, else each router's count of rows and its ids).
     """
     calls = routes._call_rows
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
@@ -193,6 +194,8 @@ def _known(routes: Routes) -> list[int]:
     out.append(int(routes._order_untold) | 2 * int(routes._routers_order))
     lost = (routes._ids_lost or "").encode()
     out += [len(lost), *lost]
+    kept = routes._prompt_kept  # (a first forward's mask of the tokens its routers saw: its shape, then its values)
+    out += [-1] if kept is None else [*kept.shape, *kept.reshape(-1).long().tolist()]
     if routes._router_ids is None:
         return [*out, -1]
     for ids in routes._router_ids:
@@ -231,6 +234,13 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
     n, at = int(known[at]), at + 1
     routes._ids_lost = bytes(int(b) for b in known[at : at + n]).decode() if n else None
     at += n
+    if int(known[at]) >= 0:  # (a first forward's mask of the tokens its routers saw)
+        rows, cols = int(known[at]), int(known[at + 1])
+        flat = list(known[at + 2 : at + 2 + rows * cols])
+        routes._prompt_kept = torch.tensor(flat, dtype=torch.bool).reshape(rows, cols)
+        at += 2 + rows * cols
+    else:
+        at += 1
     if int(known[at]) >= 0:  # (each router's own token ids)
         per = []
         for _ in routes.names:

@@ -313,6 +313,28 @@ def _check_forwards(
     )
 
 
+def _padded_prompt(routes: Routes) -> Routes:
+    """The capture of a model that took the padding out of its prompt forward (one row per token its attention mask
+    kept, ``Routes._prompt_kept`` the mask of those tokens), as that of a model that did not: a ``-1`` row at each
+    padding position of the prompt, the mask recorded as the prompt forward's, so that the prompt rows are laid out
+    over the prompts' grid, checked against the mask given (:func:`_check_prompt_mask`) as any capture's. Other
+    routes as they are (a capture that did not record that mask is refused by :func:`_check_unpadded`)."""
+    kept, calls = routes._prompt_kept, routes._call_rows
+    if kept is None or not calls or calls[0][0] != int(kept.sum()) or kept.all():
+        return routes
+    first, total = calls[0][0], routes.tokens_per_layer[0] if routes.tokens_per_layer else 0
+    index = torch.full((kept.numel() + total - first,), -1, dtype=torch.long)
+    index[: kept.numel()][kept.reshape(-1)] = torch.arange(first)
+    index[kept.numel() :] = torch.arange(first, total)
+    out = take_rows(routes, index)
+    out._call_rows = _runs([kept.numel(), *[n for n, c in calls for _ in range(c)][1:]])
+    out._rows_moved, out._caches_interleaved = routes._rows_moved, routes._caches_interleaved
+    mask = out._fed_mask if out._fed_mask is not None else torch.full((index.numel(),), -1, dtype=torch.int8)
+    mask[: kept.numel()] = kept.reshape(-1).to(torch.int8)  # (0 at padding: the mask its prompt forward was fed)
+    out._fed_mask = mask
+    return out
+
+
 def _check_unpadded(calls: tuple[tuple[int, int], ...] | None, prompt_mask: torch.Tensor) -> None:
     """Refuse the capture of a model that takes the padding out of its prompts before its routers: its prompt forward
     routed one row per prompt token the mask keeps, not one per prompt position, and a split that lays every prompt
@@ -680,6 +702,8 @@ def split_generation(
         )
     # (rows of routers that saw a forward's tokens sequence-first: each forward's rows sequence by sequence first)
     routes = in_token_order(routes, "split_generation")
+    routes = _padded_prompt(routes)
+    total = routes.tokens_per_layer[0]  # (with a row at each padding position of a prompt whose padding was taken out)
 
     if routes._rows_picked is not None:
         raise RoutesValidationError(

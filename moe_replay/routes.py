@@ -448,6 +448,7 @@ class Routes:
         self._recorded_names: tuple[str, ...] | None = None
         self._router_ids: tuple[torch.Tensor, ...] | None = None
         self._ids_lost: str | None = None
+        self._prompt_kept: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -683,6 +684,7 @@ class Routes:
         self._rows_untold = source._rows_untold
         self._recorded_names = source._recorded_names
         self._ids_lost = source._ids_lost
+        self._prompt_kept = source._prompt_kept
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -786,6 +788,8 @@ class Routes:
         self._rows_moved, self._caches_interleaved = source._rows_moved, source._caches_interleaved
         self._rows_picked = source._rows_picked
         end = start + (self._data[0].shape[0] if self._data else 0)
+        if source._prompt_kept is not None and start == 0 and source._call_rows and end >= source._call_rows[0][0]:
+            self._prompt_kept = source._prompt_kept  # (its first forward, whole)
         if source._fed_mask is not None:
             self._fed_mask = source._fed_mask[start:end].clone()
         self._dropped_rows = source._dropped_rows if start == 0 else 0
@@ -967,6 +971,7 @@ class Routes:
         recorded = {p._recorded_names for p in parts}  # (parts recorded on different router sets: none of them)
         self._recorded_names = recorded.pop() if len(recorded) == 1 else None
         self._rows_picked = next((p._rows_picked for p in parts if p._rows_picked), None)
+        self._prompt_kept = parts[0]._prompt_kept  # (the first forward of the whole is the first part's)
         # each row's prompt mask is the row's own, whatever is known of the forwards (rows picked out of order, a
         # part of unknown forwards): a row a capture recorded at prompt padding stays one (compare, replay read it)
         if any(p._fed_mask is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
@@ -1068,6 +1073,11 @@ class Routes:
         #: router called on a part of a forward's tokens): why. A replay of such routes is refused rather than
         #: taken unchecked (with_token_ids drops it); every Routes made from them keeps it
         obj._ids_lost = None
+        #: set by Session.routes() where the capture's first forward was fed a [batch, positions] batch whose padding
+        #: the model took out before its routers (one row per token its attention mask keeps): that mask, as bool
+        #: ``[batch, positions]``, which split_generation lays the prompt rows over. Kept with that forward's rows
+        #: (methods that keep every row in place, slices and cat that begin with that forward whole, files, the wire)
+        obj._prompt_kept = None
         return obj
 
     def _forwards_meta(self) -> dict[str, Any] | None:
@@ -1205,6 +1215,8 @@ class Routes:
             arrays["token_order"] = self._token_rank.numpy()
         if self._order_untold:  # (rows of forwards fed embeddings: in the order their routers saw them, not told)
             arrays["order_untold"] = np.array(True)
+        if self._prompt_kept is not None:  # (a first forward's mask of the tokens its routers saw)
+            arrays["prompt_kept"] = self._prompt_kept.numpy()
         mask = self._fed_mask
         if mask is not None and mask.numel() and (forwards is None or forwards["mask_runs"] is None):
             # (too many runs for the metadata: the padded sequences of a large rollout) one value per row, not dropped
@@ -1264,8 +1276,8 @@ class Routes:
             routes = cls(layers, names=names, num_experts=experts)
             if ids is not None:
                 routes._token_ids = _ids(ids, routes, "its token_ids")
-            _read_router_ids(routes, extra, path)
             _read_forwards(routes, meta.get("forwards"), path)
+            _read_router_ids(routes, extra, path)  # (after the forwards: a prompt's kept tokens are of the first)
             recorded = meta.get("recorded_names")
             if recorded is not None:
                 if not isinstance(recorded, list) or not all(isinstance(n, str) for n in recorded):
@@ -1384,6 +1396,7 @@ def _read_members(
         "order_untold.npy",
         "router_ids.npy",
         "ids_lost.npy",
+        "prompt_kept.npy",
     ]
     extra = sorted(set(infos) - set(wanted) - set(optional))
     if extra:
@@ -1423,6 +1436,10 @@ def _read_members(
         shape, dtype = _header(zf, infos["ids_lost.npy"], path)
         if len(shape) != 1 or dtype != np.uint8:
             raise _corrupted(path, f"its lost token ids are a {dtype} array of shape {shape}, not text")
+    if "prompt_kept.npy" in infos:
+        shape, dtype = _header(zf, infos["prompt_kept.npy"], path)
+        if len(shape) != 2 or dtype != np.bool_:
+            raise _corrupted(path, f"its prompt's kept tokens are a {dtype} array of shape {shape}, not a bool grid")
     layers = []
     held = [n for n in optional if n in infos]
     for n in wanted[1:] + held:
@@ -1438,7 +1455,7 @@ def _read_members(
         found.get("prompt_mask.npy"),
         found.get("token_order.npy"),
         None if untold is None else bool(untold),
-        {n.removesuffix(".npy"): found[n] for n in ("router_ids.npy", "ids_lost.npy") if n in found},
+        {n.removesuffix(".npy"): found[n] for n in ("router_ids.npy", "ids_lost.npy", "prompt_kept.npy") if n in found},
     )
 
 
@@ -1455,6 +1472,12 @@ def _read_router_ids(routes: Routes, extra: Mapping[str, torch.Tensor], path: st
         if bool((flat == LOST_ID).any()) and extra.get("ids_lost") is None:
             raise _corrupted(path, "its routers' token ids say some were lost, and it does not say why")
         routes._router_ids = tuple(p.to(torch.long).clone() for p in flat.split(list(routes.tokens_per_layer)))
+    kept = extra.get("prompt_kept")
+    if kept is not None:
+        calls = routes._call_rows
+        if not calls or int(kept.sum()) != calls[0][0]:
+            raise _corrupted(path, "its prompt's kept tokens are not as many as the rows of its first forward")
+        routes._prompt_kept = kept.to(torch.bool).clone()
     lost = extra.get("ids_lost")
     if lost is not None:
         routes._ids_lost = bytes(lost.to(torch.uint8).tolist()).decode(errors="replace") or "not told"

@@ -1682,6 +1682,10 @@ class Session:
             routes._routers_order = routes._token_rank is not None and not routes._order_untold
             routes._rows_moved = self._feeds.moved or self._feeds.rolled_back  # (tokens taken out of a cache too)
             routes._caches_interleaved = self._feeds.interleaved
+            fed = [f for f in self._feeds.forwards if f.count]  # (read after rows(): the padding taken out)
+            runs = routes._call_rows
+            if fed and fed[0].grid is not None and runs and runs[0][0] == fed[0].count == int(fed[0].grid.sum()):
+                routes._prompt_kept = fed[0].grid  # (the first forward's tokens its routers saw, of its grid)
         if self.keep_newest:  # a ring that wrapped holds its newest rows only
             routes._dropped_rows = max(
                 (w - r.capacity for r, w in zip(rings, written, strict=True) if r is not None), default=0

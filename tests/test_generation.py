@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 
 import moe_replay as mr
 
-from .conftest import perturb_routers
+from .conftest import perturb_routers, tried
 
 B, P, N = 3, 5, 6
 
@@ -1625,30 +1626,68 @@ class _UnpaddingDecoder(torch.nn.Module):
         return h
 
 
-@pytest.mark.reliability("bad inputs")
-@pytest.mark.parametrize("given", ["mask", "lengths", "sequences"])
-def test_split_generation_of_a_model_that_takes_the_padding_out_is_refused(given: str) -> None:
-    """A decode loop over left-padded prompts of a model whose routers see only the prompt tokens the mask keeps: the
-    prompt forward routed one row per kept token, not one per position. Where the row counts fit a padded prompt
-    forward and fewer decode steps, a split that lays each prompt over its width would give tokens other tokens'
-    experts: it is refused, naming the cause (once refused as if more than one generate() were captured)."""
-    torch.manual_seed(0)
-    model = _UnpaddingDecoder()
+def _unpadded_capture(model: torch.nn.Module) -> tuple[mr.Routes, torch.Tensor, torch.Tensor, mr.Session]:
+    """A decode loop of ``_UnpaddingDecoder`` over 3 left-padded prompts of 5 (12 tokens kept), 3 steps."""
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])  # (12 kept: 12 + 3 x 3 = 15 + 3 x 2)
     seq = torch.randint(1, 128, (3, 5)) * mask
     full = mask
-    with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
-        with session.capture(), torch.no_grad():
-            model(seq, full)
-            for _ in range(3):
-                new = torch.randint(1, 128, (3, 1))
-                seq, full = torch.cat([seq, new], 1), torch.cat([full, torch.ones_like(new)], 1)
-                model(new, full)
-        routes = session.routes()
+    session = mr.attach(model, include="layers.*", top_k=2, num_experts=8)
+    with session.capture(), torch.no_grad():
+        model(seq, full)
+        for _ in range(3):
+            new = torch.randint(1, 128, (3, 1))
+            seq, full = torch.cat([seq, new], 1), torch.cat([full, torch.ones_like(new)], 1)
+            model(new, full)
     seq = torch.cat([seq, torch.randint(1, 128, (3, 1))], 1)  # (the last token sampled, never fed)
+    return session.routes(), mask, seq, session
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("given", ["mask", "lengths", "sequences"])
+def test_split_generation_of_a_model_that_takes_the_padding_out_splits_by_the_mask_it_recorded(
+    given: str, tmp_path: Any
+) -> None:
+    """Once a false refusal: a decode loop over left-padded prompts of a model whose routers see only the prompt
+    tokens the mask keeps routed one row per kept token, and split_generation, which lays each prompt over its width,
+    refused it. The capture records the mask of the tokens its prompt forward's routers saw: the prompt rows are laid
+    over it, each sequence its own kept tokens (checked against the mask given: another one is refused), and the
+    parts replay in a teacher-forced forward over the sequences, each kept token forced to its recorded experts;
+    also through a file, select and a slice of the capture from its start. A capture that does not know that mask
+    is refused as before (once refused as if more than one generate() were captured)."""
+    torch.manual_seed(0)
+    model = _UnpaddingDecoder()
+    routes, mask, seq, session = _unpadded_capture(model)
     kwargs: dict = {"prompt_lengths": mask.sum(1), "prompt_len": 5} if given == "lengths" else {"attention_mask": mask}
     if given == "sequences":
         kwargs["sequences"] = seq
     assert routes.tokens_per_layer[0] == 2 * 15 - 3 * 3  # (the premise: the row count fits a padded prompt forward)
-    with pytest.raises(mr.RoutesValidationError, match="as many as the prompt tokens the mask keeps"):
-        mr.split_generation(routes, **kwargs)
+    routes.save(tmp_path / "r.npz")
+    with session, torch.no_grad():
+        for made in (routes, mr.Routes.load(tmp_path / "r.npz"), routes.select(routes.names), routes[:15]):
+            if made is not routes and given == "sequences":  # (the slice holds fewer steps than the sequences)
+                kwargs["sequences"] = seq if made.num_tokens == routes.num_tokens else seq[:, :7]
+            parts = mr.split_generation(made, **kwargs)
+            steps = (made.num_tokens - 12) // 3  # (3 steps, or 1 in the slice: a new token more than steps each)
+            assert [p.num_tokens for p in parts] == [int(m.sum()) + steps + 1 for m in mask]
+            kept = mask.bool()
+            starts = torch.cumsum(kept.sum(1), 0) - kept.sum(1)
+            for i, part in enumerate(parts):  # (each sequence's prompt rows: its own kept tokens', in order)
+                own = made[int(starts[i]) : int(starts[i] + kept[i].sum())]
+                assert part[: own.num_tokens].equal(own), i
+            if given != "sequences" or made is not routes:
+                continue
+            whole = mr.Routes.cat(parts)
+            full = torch.ones(3, seq.shape[1], dtype=torch.long)
+            full[:, :5] = mask
+            with session.replay(whole), session.capture():
+                model(seq, full)
+            got, held = session.routes(), ~whole.missing.all(dim=1)
+            assert torch.equal(got.indices[held], whole.indices[held])
+        other = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])  # (as many kept, other places)
+        with pytest.raises(mr.RoutesValidationError, match="not the attention mask generate"):
+            mr.split_generation(routes, attention_mask=other)
+        unknown = routes.select(routes.names)
+        unknown._prompt_kept = None  # (a capture that did not record the mask of its prompt's kept tokens)
+        with pytest.raises(mr.RoutesValidationError, match="as many as the prompt tokens the mask keeps"):
+            mr.split_generation(unknown, **kwargs)
+    tried(6)

@@ -1445,6 +1445,7 @@ _MARKS = (
     "_recorded_names",
     "_router_ids",
     "_ids_lost",
+    "_prompt_kept",
 )
 #: the marks that hold one value per row (``_router_ids``: per router and row)
 _ROW_MARKS = ("_token_ids", "_fed_mask", "_token_rank", "_router_ids")
@@ -1461,6 +1462,7 @@ def _marked(kind: str) -> mr.Routes:
     r._fed_mask = torch.tensor([1, 1, 0, 1, -1, -1, -1, -1], dtype=torch.int8)
     r._rows_moved, r._caches_interleaved, r._rows_untold = "DynamicCache.crop", "DynamicCache", "from_vllm"
     r._recorded_names = (*r.names, "dec.layers.0.gate")
+    r._prompt_kept = torch.tensor([[False, True, True], [True, True, False]])  # (its first forward's 4 rows)
     if kind != "routers":  # (a capture that kept no router's ids, or kept one router's and lost the other's)
         r._ids_lost = "router 'x' made calls on a part of a forward's tokens"
     if kind == "lost":
@@ -1529,7 +1531,7 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
             lambda: base[2:6],
             every[2:6],
             [0, 1],
-            {"_call_rows": ((2, 2),), "_dropped_rows": 0, "_rows_untold": None},
+            {"_call_rows": ((2, 2),), "_dropped_rows": 0, "_rows_untold": None, "_prompt_kept": None},
         ),
         "r[[5, 1]]": (
             lambda: base[[5, 1]],
@@ -1540,6 +1542,7 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
                 "_rows_picked": "routes[...] picked 2 of its 8 rows by a list, mask or step",
                 "_routers_order": False,
                 "_order_untold": False,
+                "_prompt_kept": None,
             },
         ),
         "select(reversed)": (base.select(names[::-1]), every, [1, 0], {}),
@@ -1558,7 +1561,7 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
             lambda: mr.Routes.cat(mr.distributed.split_routes(base, [3, 5])),
             every,
             [0, 1],
-            {"_call_rows": ((3, 1), (1, 1), (4, 1))},
+            {"_call_rows": ((3, 1), (1, 1), (4, 1)), "_prompt_kept": None},
         ),
         "save, load": (mr.Routes.load(tmp_path / "r.npz"), every, [0, 1], {}),
         "pickle": (pickle.loads(pickle.dumps(base)), every, [0, 1], {}),
