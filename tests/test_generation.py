@@ -1691,3 +1691,27 @@ def test_split_generation_of_a_model_that_takes_the_padding_out_splits_by_the_ma
         with pytest.raises(mr.RoutesValidationError, match="as many as the prompt tokens the mask keeps"):
             mr.split_generation(unknown, **kwargs)
     tried(6)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=mr.RoutesValidationError,
+    reason="a capture cut through a forward (split_routes, slices) and joined again counts that forward as two: "
+    "split_generation refuses it as forwards other than generate()'s (a false refusal, never a silent split)",
+)
+def test_a_generate_capture_split_through_its_prompt_and_joined_again_is_split() -> None:
+    """Rows of one generate() capture shared out through its prompt forward (a rank's share of each) and joined
+    again are the capture's rows in its order: split_generation splits them as it splits the capture."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    prompt, mask = _prompt()
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            seq = model.generate(prompt, N, attention_mask=mask)
+        capture = session.routes()
+    want = mr.split_generation(capture, attention_mask=mask, sequences=seq)
+    try:
+        joined = mr.Routes.cat(mr.distributed.split_routes(capture, [4, capture.num_tokens - 4]))
+        got = mr.split_generation(joined, attention_mask=mask, sequences=seq)
+    finally:  # (what is refused now is a refusal, never other rows)
+        assert joined.equal(capture)
+    assert all(g.equal(w) for g, w in zip(got, want, strict=True))
