@@ -1715,3 +1715,58 @@ def test_a_generate_capture_split_through_its_prompt_and_joined_again_is_split()
     finally:  # (what is refused now is a refusal, never other rows)
         assert joined.equal(capture)
     assert all(g.equal(w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.reliability("silent replays")
+def test_split_generation_of_chained_transformations_of_a_capture_is_the_captures_split_or_refused(
+    tmp_path: Any,
+) -> None:
+    """A generate() capture after chains of transformations that keep its rows in its order (a file, a pickle, the
+    wire, other names and back, routers reordered, halves at a forward's edge joined, ids dropped) splits as the
+    capture does; chains that pick rows out of its order or cut it part-way through a decode step are refused,
+    never split by their row count."""
+    import pickle
+
+    from moe_replay.distributed import _known, _restore
+
+    model = mr.models.build("softmax_topk", num_layers=2)
+    prompt, mask = _prompt()
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            seq = model.generate(prompt, N, attention_mask=mask)
+        capture = session.routes()
+    names, cut = list(capture.names), B * P
+    want = mr.split_generation(capture, attention_mask=mask, sequences=seq)
+    capture.select(names[::-1]).save(tmp_path / "r.npz")
+    same = {
+        "save, load, select back": mr.Routes.load(tmp_path / "r.npz").select(names),
+        "pickle": pickle.loads(pickle.dumps(capture)),
+        "the wire": _restore(
+            mr.Routes._trusted(capture._data, capture.names, capture.experts_per_layer), _known(capture), 0
+        ),
+        "renamed and back": capture.rename({"": "module."}).rename({"module.": ""}),
+        "halves at the prompt's edge": mr.Routes.cat([capture[:cut], capture[cut:]]),
+        "split_routes at a step's edge, joined": mr.Routes.cat(
+            mr.distributed.split_routes(capture, [cut + B, capture.num_tokens - cut - B])
+        ),
+        "in token order": capture.in_token_order(),
+        "every row, sliced": capture[:],
+    }
+    for what, made in same.items():
+        got = mr.split_generation(made, attention_mask=mask, sequences=seq)
+        assert all(g.equal(w) for g, w in zip(got, want, strict=True)), what
+        assert all(torch.equal(g.token_ids, w.token_ids) for g, w in zip(got, want, strict=True)), what
+    dropped = mr.split_generation(capture.with_token_ids(None), attention_mask=mask)  # (its forwards still known)
+    assert all(g.equal(w) for g, w in zip(dropped, want, strict=True))
+    refused = {
+        "rows reversed": capture[list(range(capture.num_tokens - 1, -1, -1))],
+        "every other row": capture[::2],
+        "cut through a decode step": capture[: cut + B + 1],
+        "a mask of the rows": capture[torch.arange(capture.num_tokens) != 3],
+        "cut through the prompt": capture[2:],
+    }
+    for made in refused.values():
+        with pytest.raises(mr.RoutesValidationError):
+            mr.split_generation(made, attention_mask=mask)
+        tried()
+    tried(len(same) + 1)

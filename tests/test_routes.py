@@ -1604,3 +1604,120 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
         assert [_router_of(t) for t in made.per_layer()] == list(made.names), what  # (tensors that name their router)
         assert _router_of(made.layer(made.names[0])) == made.names[0], what
     tried(len(table))
+
+
+def _chains(r: mr.Routes, tmp: Path, a: torch.Tensor, b: torch.Tensor) -> dict[str, tuple[Any, list[torch.Tensor]]]:
+    """Routes made from a capture ``r`` of the forwards ``a`` then ``b`` by a chain of transformations, each with
+    the forwards to replay it on: an exception type where the replay must be refused (rows of other tokens)."""
+    import pickle
+
+    from moe_replay.distributed import _known, _restore
+
+    n, names = a.numel(), list(r.names)
+
+    def saved(x: mr.Routes, name: str) -> mr.Routes:
+        x.save(tmp / f"{name}.npz")
+        return mr.Routes.load(tmp / f"{name}.npz")
+
+    def wire(x: mr.Routes) -> mr.Routes:
+        return _restore(mr.Routes._trusted(x._data, x.names, x.experts_per_layer), _known(x), x._dropped_rows)
+
+    per_seq = [r[i * a.shape[1] : (i + 1) * a.shape[1]] for i in range(a.shape[0])]
+    refused = mr.TokenMismatchError
+    return {
+        "slice, save, load": (saved(r[:n], "s1"), [a]),
+        "second slice on the first batch": (r[n:], [a], refused),
+        "select reversed": (r.select(names[::-1]), [a, b]),
+        "select one, save, load": (saved(r.select(names[1:]), "s2"), [a, b]),
+        "rename to a wrapper's": (r.rename({"": "module."}), [a, b]),
+        "halves swapped": (mr.Routes.cat([r[n:], r[:n]]), [a, b], refused),
+        "halves swapped, batches swapped": (mr.Routes.cat([r[n:], r[:n]]), [b, a]),
+        "rows reversed": (r[list(range(n - 1, -1, -1))], [a], refused),
+        "split_routes, each": (mr.distributed.split_routes(r, [n, n])[1], [b]),
+        "split_routes, cat, save, load": (
+            saved(mr.Routes.cat(mr.distributed.split_routes(r, [5, 2 * n - 5])), "s3"),
+            [a, b],
+        ),
+        "in_token_order of a slice": (r[:n].in_token_order(), [a]),
+        "layout of the sequences": (mr.BatchLayout.padded([a.shape[1]] * a.shape[0]).routes(per_seq), [a]),
+        "layout of the sequences reversed": (
+            mr.BatchLayout.padded([a.shape[1]] * a.shape[0]).routes(per_seq[::-1]),
+            [a],
+            refused,
+        ),
+        "pickle of a selected slice": (pickle.loads(pickle.dumps(r[:n].select(names[::-1]))), [a]),
+        "select, slice, rename there and back": (r.select(names)[:n].rename({"": "x."}).rename({"x.": ""}), [a]),
+        "a slice twice": (mr.Routes.cat([r[:n], r[:n]]), [a, a]),
+        "a slice twice on two batches": (mr.Routes.cat([r[:n], r[:n]]), [a, b], refused),
+        "other ids": (r[:n].with_token_ids(torch.arange(n) % 100 + 3), [a], refused),
+        "select none": (r.select([]), [a], mr.RoutesValidationError),
+        "the wire of a slice": (wire(r[:n]), [a]),
+        "the wire of a slice, on the other batch": (wire(r[:n]), [b], refused),
+        "numpy, given ids": (
+            mr.Routes.from_numpy(r[:n].to_numpy(), names=names, num_experts=r.experts_per_layer).with_token_ids(a),
+            [a],
+        ),
+        "numpy, given ids, other batch": (
+            mr.Routes.from_numpy(r[:n].to_numpy(), names=names, num_experts=r.experts_per_layer).with_token_ids(a),
+            [b],
+            refused,
+        ),
+        "one router's slices joined": (mr.Routes.cat([r.select(names[:1])[:n], r.select(names[:1])[n:]]), [a, b]),
+        "a slice through a forward, on the first batch": (saved(r[3 : n + 3], "s4"), [a], refused),
+        "rename, select, slice, cat, save, load, rename back": (
+            saved(
+                mr.Routes.cat([x[:n], x[n:]]) if (x := r.rename({"": "m."}).select([f"m.{k}" for k in names])) else x,
+                "s5",
+            ).rename({"m.": ""}),
+            [a, b],
+        ),
+        "the wire of the sequences' layout": (
+            wire(mr.BatchLayout.padded([a.shape[1]] * a.shape[0]).routes(per_seq)),
+            [a],
+        ),
+        "the wire of the sequences' layout reversed": (
+            wire(mr.BatchLayout.padded([a.shape[1]] * a.shape[0]).routes(per_seq[::-1])),
+            [a],
+            refused,
+        ),
+        "a mask of the rows of the first batch": (r[torch.arange(2 * n) < n], [a]),
+        "a mask of the rows of the first batch, on the second": (r[torch.arange(2 * n) < n], [b], refused),
+    }
+
+
+@pytest.mark.reliability("silent replays")
+def test_chained_routes_transformations_replay_exactly_or_are_refused(tmp_path: Path) -> None:
+    """Routes made from a capture by chains of transformations (slices then cat, select then a file, a layout then
+    the wire, numpy with ids given...) replay their rows exactly on the forwards they were recorded from, each row
+    forced on its own token (the routers perturbed, so that native routing differs), and are refused on forwards of
+    other tokens, never forced there by row order."""
+    from .conftest import perturb_routers
+    from .test_feeds import _batch
+
+    model = mr.models.build("softmax_topk", num_layers=2)
+    a, b = _batch(1), _batch(2)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(a)
+            model(b)
+        r = session.routes()
+        perturb_routers(session, scale=2.0)
+        with session.capture():
+            model(a)
+            model(b)
+        assert not session.routes().equal(r), "the perturbation changes no decision: the test would prove nothing"
+        chains = _chains(r, tmp_path, a, b)
+        for what, (made, forwards, *refusal) in chains.items():
+            if refusal:
+                with pytest.raises(refusal[0]):
+                    with session.replay(made, strict=False):
+                        for x in forwards:
+                            model(x)
+                continue
+            plain = made.rename({"module.": ""}) if made.names[0].startswith("module.") else made
+            with session.replay(made, strict=False), session.capture():
+                for x in forwards:
+                    model(x)
+            got = session.routes().select(list(plain.names))
+            assert got.equal(plain), what
+    tried(len(chains))
