@@ -1575,6 +1575,17 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
         ),
     }
     if kind == "ids":
+        table["stitch_turns (one turn)"] = (
+            mr.interop.stitch_turns([base]),
+            order,
+            [0, 1],
+            {
+                "_call_rows": None,
+                "_token_rank": None,
+                "_routers_order": False,
+                "_prompt_kept": None,  # (a conversation's rows, in token order: no forward's)
+            },
+        )
         table["in_token_order"] = (
             base.in_token_order(),
             order,

@@ -136,6 +136,8 @@ def stitch_turns(
                 )
     stitched = Routes(out, names=parts[-1].names, num_experts=parts[-1].experts_per_layer).with_token_ids(tokens)
     stitched._keep_row_marks(parts)  # (the turns' rows in their places: what holds for every row of them holds here)
+    recorded = {p._recorded_names for p in parts}  # (the routers the turns were recorded on, where all say the same)
+    stitched._recorded_names = recorded.pop() if len(recorded) == 1 else None
     stitched._fed_mask = _conversation_mask(parts, total)
     return stitched
 
