@@ -1654,6 +1654,8 @@ def test_split_generation_of_a_model_that_takes_the_padding_out_splits_by_the_ma
     parts replay in a teacher-forced forward over the sequences, each kept token forced to its recorded experts;
     also through a file, select and a slice of the capture from its start. A capture that does not know that mask
     is refused as before (once refused as if more than one generate() were captured)."""
+    from moe_replay.distributed import _known, _restore
+
     torch.manual_seed(0)
     model = _UnpaddingDecoder()
     routes, mask, seq, session = _unpadded_capture(model)
@@ -1663,7 +1665,17 @@ def test_split_generation_of_a_model_that_takes_the_padding_out_splits_by_the_ma
     assert routes.tokens_per_layer[0] == 2 * 15 - 3 * 3  # (the premise: the row count fits a padded prompt forward)
     routes.save(tmp_path / "r.npz")
     with session, torch.no_grad():
-        for made in (routes, mr.Routes.load(tmp_path / "r.npz"), routes.select(routes.names), routes[:15]):
+        wire = _restore(mr.Routes._trusted(routes._data, routes.names, routes.experts_per_layer), _known(routes), 0)
+        chains = (
+            routes,
+            mr.Routes.load(tmp_path / "r.npz"),
+            routes.select(routes.names),
+            wire,
+            routes.rename({"": "module."}).rename({"module.": ""}),
+            mr.Routes.cat([routes[:12], routes[12:]]),  # (at the prompt forward's edge)
+            routes[:15],
+        )
+        for made in chains:
             if made is not routes and given == "sequences":  # (the slice holds fewer steps than the sequences)
                 kwargs["sequences"] = seq if made.num_tokens == routes.num_tokens else seq[:, :7]
             parts = mr.split_generation(made, **kwargs)
@@ -1688,8 +1700,10 @@ def test_split_generation_of_a_model_that_takes_the_padding_out_splits_by_the_ma
             mr.split_generation(routes, attention_mask=other)
         unknown = routes.select(routes.names)
         unknown._prompt_kept = None  # (a capture that did not record the mask of its prompt's kept tokens)
-        with pytest.raises(mr.RoutesValidationError, match="as many as the prompt tokens the mask keeps"):
-            mr.split_generation(unknown, **kwargs)
+        shared = mr.Routes.cat(mr.distributed.split_routes(routes, [5, routes.num_tokens - 5]))  # (through it)
+        for made, why in ((unknown, "as many as the prompt tokens the mask keeps"), (shared, "forwards of 5, 7")):
+            with pytest.raises(mr.RoutesValidationError, match=why):
+                mr.split_generation(made, **kwargs)
     tried(6)
 
 
