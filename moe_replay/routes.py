@@ -1061,8 +1061,9 @@ class Routes:
         #: set by Session.routes(): the router names of the session the routes were recorded on, every one (kept by
         #: select, slices, rename, save and load...), so that a replay fitting their names onto another model by a
         #: prefix change can tell a wrapper's prefix (every recorded router under it) from one part of the model
-        #: beside others (an encoder's routes on a session of the decoder); None for routes built from rows, and for
-        #: those of a session that took some routers only (include=, exclude=), whose names are not every router's
+        #: beside others (an encoder's routes on a session of the decoder). A session that took some routers only
+        #: (include=, exclude=) records the model's routers the search finds without them (see _model_routers in
+        #: session.py); None for routes built from rows, and where that search does not find the session's routers
         obj._recorded_names = None
         #: set by Session.routes() where the routers' rows are not one per token of the same forwards (one MoE block
         #: called at several layers, a router also called on hidden states of one's own): each router's token id of

@@ -1753,12 +1753,14 @@ class Session:
         dropped = [p for p in old.split(".") if p and p not in _WRAPPER_NAMES]
         if routes._recorded_names is None and dropped:
             # (rows of no capture, or whose recorded routers were lost on the way: numpy, an engine, Routes(...) of
-            # a capture's rows): nothing tells whether the module names dropped wrap that model or are one part of it
+            # a capture's rows, or never known: see _model_routers): nothing tells whether the module names dropped
+            # wrap that model or are one part of it
             raise RouterNotFoundError(
                 f"the routes' router names (e.g. {routes.names[0]!r}) fit this session's (e.g. {self.names[0]!r}) "
                 f"only by dropping {'.'.join(dropped)!r} from them ({old!r} -> {new!r}), and these routes do not "
                 "know the routers they were recorded on (built from rows, read from numpy or an engine, or captured "
-                f"by a session of some routers only, include= or exclude=): {dropped[0]!r} may be one part of that "
+                "by a session whose include= took modules the router search does not find): "
+                f"{dropped[0]!r} may be one part of that "
                 "model (an encoder beside a decoder), not a wrapper, and the names cannot tell which part this "
                 "session is. If these rows are meant for these routers, fit "
                 f"them explicitly: routes.rename({{{old!r}: {new!r}}}), then replay"
