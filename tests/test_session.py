@@ -636,6 +636,28 @@ def test_a_filtered_capture_knows_the_model_routers_and_replays_where_names_fit(
             pair(y)
         assert whole.routes().select(list(encoder.names)).equal(encoder)
 
+    from .test_compile import _FxMoE  # (routers the search does not find: include= alone names them)
+
+    class Trunk(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = _FxMoE()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.trunk(x)
+
+    held, z = Trunk(), torch.randn(1, 2, 8)
+    with mr.attach(held, include="trunk.routers.*", top_k=2, num_experts=6) as session, torch.no_grad():
+        with session.capture():
+            held(z)
+    unknown = session.routes()
+    assert unknown._recorded_names is None  # (which routers the model has, no search tells)
+    with mr.attach(held.trunk, include="routers.*", top_k=2, num_experts=6) as alone, torch.no_grad():
+        with pytest.raises(mr.RouterNotFoundError, match=r"dropping 'trunk'.*routes\.rename"):
+            with alone.replay(unknown):
+                held.trunk(z)
+    tried(4)
+
 
 @pytest.mark.reliability("silent replays")
 def test_a_router_excluded_by_an_earlier_session_is_watched_for_in_a_session_that_does_not_exclude_it() -> None:
