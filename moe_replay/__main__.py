@@ -459,6 +459,10 @@ def _as_options(message: str) -> str:
     """A library message in this command's words: ``--include 'x'`` where it says ``include='x'``."""
     message = re.sub(r"mr\.attach\(model, (\w+)=('[^']*')\)", lambda m: f"--{m[1]} {m[2]}", message)
     message = message.replace(" or include=MyRouterClass", "")
+    # (a pattern given here is a str: the command line has no re.compile, and reads no regex)
+    message = message.replace(
+        "for a regex pass re.compile(...)", "a regular expression is not read here: write a glob, 'layers.*.mlp.gate'"
+    )
     message = re.sub(
         r"\b(include|exclude|top_k|num_experts)=(\S?)",
         lambda m: f"--{m[1].replace('_', '-')}" + (f" {m[2]}" if m[2] and m[2] not in ",./;)" else m[2]),

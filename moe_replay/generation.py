@@ -652,7 +652,7 @@ def split_generation(
             ``generate()``); ``sequences`` hold other tokens than their rows were fed;
             or the prompt mask is not ``generate()``'s.
         InvalidArgumentError: the arguments disagree on ``B`` (a prompt mask not repeated
-            for ``num_return_sequences``).
+            for ``num_return_sequences``), or ``padding_side`` is neither "left" nor "right".
 
     Example:
         Replay a rollout in one teacher-forced forward over ``generate()``'s output:
@@ -674,6 +674,8 @@ def split_generation(
         raise ArgumentTypeError(f"split_generation takes Routes, got {type(routes).__name__}")
     keep_padding = check_flag(keep_padding, "split_generation: keep_padding")
     progress = check(progress, "split_generation")
+    if not is_one_of(padding_side, ("left", "right")):  # (checked whatever else is given: a typo is never ignored)
+        raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r:.60}")
     if sequences is not None and (not isinstance(sequences, torch.Tensor) or sequences.dim() != 2):
         output = isinstance(getattr(sequences, "sequences", None), torch.Tensor)
         raise InvalidArgumentError(

@@ -450,12 +450,12 @@ def load_balancing_loss(
             tokens are not known (tensors not kept by :meth:`Session.keep_scores`, a forward whose
             routers' order is not known: see :meth:`RouterScores.row_mask`) or that does not match
             the forwards kept; or (on the CPU) indices that are not experts ``0..E-1`` or repeat an
-            expert in a counted row, probs that are negative (logits) or not finite, a mask with
+            expert in a counted row, probs that are negative or above 1 (logits) or not finite, a mask with
             negative or non-finite weights. On an accelerator, and in compiled code, out-of-range
             indices stop the kernel that counts them instead, and the other values are not checked
             (no host sync is spent on the checks).
-        ArgumentTypeError: ``probs``, ``indices`` or ``mask`` that are not tensors (or lists of them), or
-            ``probs`` or ``indices`` that are not dense (sparse, nested, quantized).
+        ArgumentTypeError: ``probs``, ``indices`` or ``mask`` that are not tensors (or lists of them),
+            ``probs`` or ``indices`` that are not dense (sparse, nested, quantized), or a complex mask.
 
     Example:
         >>> import torch, moe_replay as mr
@@ -513,11 +513,15 @@ def load_balancing_loss(
                     "unrecorded row of Routes: select the recorded tokens, or pass a mask and valid rows)"
                 )
         if host and p.numel():
-            low = float(p.detach().min())
-            if not math.isfinite(float(p.detach().sum())) or low < 0:
-                got = "a NaN or infinite value" if low >= 0 or not math.isfinite(low) else f"a minimum of {low:.4g}"
+            low, high = torch.stack([p.detach().min(), p.detach().max()]).float().tolist()
+            # (above 1 by more than rounding: positive logits, or exp() of them, are no probabilities either)
+            over = high > 1 + 8 * torch.finfo(p.dtype).eps
+            if not math.isfinite(float(p.detach().sum())) or low < 0 or over:
+                got = "a NaN or infinite value"
+                if math.isfinite(low) and math.isfinite(high) and (low < 0 or over):
+                    got = f"a minimum of {low:.4g}" if low < 0 else f"a maximum of {high:.4g}"
                 raise InvalidArgumentError(
-                    f"router {i}: probs must be probabilities (finite, not negative), got {got}: for scores that are "
+                    f"router {i}: probs must be probabilities (finite, from 0 to 1), got {got}: for scores that are "
                     "logits pass scores.softmax(-1)"
                 )
         if masks is None:
@@ -551,6 +555,7 @@ def _masks(mask: object) -> list[torch.Tensor] | None:
     if mask is None:
         return None
     if isinstance(mask, torch.Tensor):
+        _real_masks([mask])
         return [mask]
     need = "mask must be a tensor of token weights, or a list of them (one per forward kept)"
     if isinstance(mask, str | bytes) or not isinstance(mask, Iterable) or hasattr(mask, "shape"):
@@ -560,7 +565,21 @@ def _masks(mask: object) -> list[torch.Tensor] | None:
     if bad is not None or not out:
         got = f"mask[{bad}] is a {type(out[bad]).__name__}" if bad is not None else "got an empty list"
         raise ArgumentTypeError(f"{need}; {got}")
+    _real_masks(out)
     return out
+
+
+def _real_masks(masks: list[torch.Tensor]) -> None:
+    """Refuse masks whose values are no token weights: complex ones (a cast to float drops their imaginary part,
+    with a warning at most) and those with no values (meta)."""
+    for m in masks:
+        if m.dtype.is_complex:
+            raise ArgumentTypeError(
+                f"mask must hold real token weights (1 counts, 0 skips), got a {m.dtype} tensor: pass mask.real or "
+                "the attention mask itself"
+            )
+        if m.device.type == "meta":
+            raise ArgumentTypeError("mask is on the meta device and holds no values; pass the attention mask")
 
 
 def _pair_order(probs: torch.Tensor, indices: torch.Tensor, i: int) -> _RowOrder | None:

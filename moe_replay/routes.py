@@ -1570,6 +1570,13 @@ def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
         if not _int_dtype(rows.dtype):
             raise ArgumentTypeError(f"token indices must be integers or a boolean mask, got dtype {rows.dtype}")
         rows = rows.long()
+        if n > 2 and rows.numel() == n and int(rows.min()) >= 0 and int(rows.max()) <= 1:
+            # (n positions that are all 0 or 1 repeat tokens 0 and 1: an int attention mask, read as positions)
+            raise ArgumentTypeError(
+                f"token indices of one 0 or 1 per token ({index!r:.60}) look like an integer mask (an attention mask) "
+                "and would be read as positions, repeating tokens 0 and 1: pass mask.bool() to select the tokens "
+                "it marks, or token positions"
+            )
         bad = rows[(rows < -n) | (rows >= n)]
         if bad.numel():
             raise TokenIndexError(f"token index {int(bad[0])} is out of range for routes of {n} tokens")
@@ -1769,6 +1776,11 @@ def _ids(token_ids: Any, routes: Routes, what: str) -> torch.Tensor | None:
             f"{what}: these routes hold different row counts per router {sorted(tokens)}, so no one id per row fits"
         )
     n = tokens.pop() if tokens else 0
+    if token_ids.dim() > 2:  # (no layout of rows reads a third axis: [batch, positions, 1], [micro, batch, pos]...)
+        raise RoutesValidationError(
+            f"{what}: token ids of shape {tuple(token_ids.shape)}: give one id per row ([T]) or the forwards' "
+            "[batch, positions] ids"
+        )
     flat = token_ids.detach().reshape(-1).to("cpu", torch.long, copy=True)
     if flat.numel() != n:
         raise RoutesValidationError(

@@ -296,7 +296,7 @@ def test_a_uint8_token_index_is_refused_as_ambiguous() -> None:
     with pytest.raises(mr.ArgumentTypeError, match=r"uint8 .* ambiguous.*\.bool\(\).*\.long\(\)"):
         r[byte_mask]
     assert r[byte_mask.bool()].equal(r[[0, 2]])
-    assert r[byte_mask.long()].equal(r[[1, 0, 1, 0]])
+    assert r[byte_mask[:3].long()].equal(r[[1, 0, 1]])  # (positions; a 0/1 per token is refused: test_misuse2)
 
 
 @pytest.mark.reliability("files")

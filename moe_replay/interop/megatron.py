@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -120,6 +121,8 @@ def to_megatron(
         check_map(layer_map, "to_megatron")
     if not isinstance(routes, Routes):
         raise RoutesValidationError(f"expected Routes, got {type(routes).__name__}")
+    if fill is not None and not (is_integer(fill) and int(fill) >= 0):  # (checked whether or not a -1 row needs it)
+        raise ArgumentTypeError(f"to_megatron: fill must be None or an expert number (an int >= 0), got {fill!r:.60}")
     if routes._token_rank is not None and batch_size is None and not order_untold(routes):  # (refused below)
         raise RoutesValidationError(
             "to_megatron: these routes were captured from routers that saw the tokens of a [batch, positions] forward "
@@ -255,8 +258,38 @@ _REPLAY_SETTINGS = ("moe_enable_routing_replay", "moe_router_fusion")
 def _replay_settings(config: Any) -> dict[str, Any]:
     """The settings of ``_REPLAY_SETTINGS`` that ``config`` holds: a mapping's items, else an object's attributes."""
     if isinstance(config, Mapping):
+        # (a misspelt key, or one spelt with dashes, is no setting: the check would pass on what it never read)
+        keys = {k.replace("-", "_").lower(): k for k in config if isinstance(k, str) and k not in _REPLAY_SETTINGS}
+        for key in _REPLAY_SETTINGS:
+            near = [keys[k] for k in difflib.get_close_matches(key, list(keys), n=1, cutoff=0.9)]
+            if key not in config and near:
+                raise InvalidArgumentError(
+                    f"check_megatron_config: the config holds {near[0]!r}, not {key!r}: a misspelt setting would be "
+                    f"read as off. Spell it {key!r}"
+                )
         return {key: config[key] for key in _REPLAY_SETTINGS if key in config}
     return {key: getattr(config, key) for key in _REPLAY_SETTINGS if hasattr(config, key)}
+
+
+_ON, _OFF = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "", "none", "null")
+
+
+def _setting_on(key: str, value: Any) -> bool:
+    """Whether the flag ``key`` of a config is on: a bool (numpy's, a 0-d tensor's), 0 or 1, None (off), or the text
+    a YAML/JSON/env config spells it in (``"false"``, ``"True"``, ``"0"``): never the truth of a non-empty string,
+    which reads ``"false"`` as on. Anything else is refused rather than guessed."""
+    if value is None:
+        return False
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool | np.bool_) or (is_integer(value) and int(value) in (0, 1)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _ON + _OFF:
+        return value.strip().lower() in _ON
+    raise InvalidArgumentError(
+        f"check_megatron_config: {key}={value!r:.60} is not a flag Megatron reads (True or False, or the text "
+        "'true'/'false'); pass the config's boolean"
+    )
 
 
 def check_megatron_config(config: Any) -> None:
@@ -276,7 +309,9 @@ def check_megatron_config(config: Any) -> None:
         UnsupportedRouterError: replay is enabled together with router fusion.
         ArgumentTypeError: ``config`` is not a mapping and holds neither setting (None, or not
             a Megatron config).
-        InvalidArgumentError: ``config`` is a mapping that holds neither setting.
+        InvalidArgumentError: ``config`` is a mapping that holds neither setting, or a key that
+            misspells one (``moe_enable_routing_replays``), or a setting that is no flag (text other
+            than true/false, a number other than 0 and 1).
     """
     settings = _replay_settings(config)
     if not settings:
@@ -288,7 +323,7 @@ def check_megatron_config(config: Any) -> None:
         if isinstance(config, Mapping):
             raise InvalidArgumentError(why)
         raise ArgumentTypeError(why)
-    if all(settings.get(key, False) for key in _REPLAY_SETTINGS):
+    if all([_setting_on(key, settings.get(key)) for key in _REPLAY_SETTINGS]):
         raise UnsupportedRouterError(
             "moe_enable_routing_replay=True with moe_router_fusion=True: Megatron's fused router returns before "
             "the replay hook, so the routes would be ignored silently. Set moe_router_fusion=False"

@@ -91,7 +91,7 @@ def vllm_layout(version: str | tuple[int, ...]) -> str:
         RoutesValidationError: a release newer than the last one read (0.33), or not a version.
     """
     if isinstance(version, tuple):
-        if not all(is_integer(x) for x in version[:2]):
+        if not all(is_integer(x) and int(x) >= 0 for x in version[:2]):
             raise RoutesValidationError(f"a vLLM version tuple holds ints, as (0, 33); got {version!r}")
         parts = tuple(int(x) for x in version[:2])
     elif isinstance(version, numbers.Number):  # (0.30 as a float is 0.3, a release of another layout)
