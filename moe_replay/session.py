@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from . import _torch_compat
-from ._checks import check_flag
+from ._checks import check_flag, is_integer
 from ._feeds import (
     FeedCheck,
     FeedForward,
@@ -1425,8 +1425,10 @@ class Session:
                 "or read them with routes(allow_partial=True)"
             )
         for name, value in (("expected_tokens", expected_tokens), ("max_bytes", max_bytes)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is not None and (not is_integer(value) or value < 0):  # (numpy's ints too: np.prod of a shape)
                 raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
+        expected_tokens = None if expected_tokens is None else int(expected_tokens)
+        max_bytes = None if max_bytes is None else int(max_bytes)
         rings = self._rings()
         if expected_tokens is not None:
             self._check_fixed(rings, expected_tokens + (0 if clear else max(r.host_written for r in rings)))
@@ -1528,8 +1530,9 @@ class Session:
                 into holds fewer rows (it cannot be replaced), or ``max_bytes`` would be passed.
         """
         self._check_attached()
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        if not is_integer(rows) or rows < 1:  # (numpy's ints too)
             raise InvalidArgumentError(f"rows must be a positive int, got {rows!r}")
+        rows = int(rows)
         if self._capturing:
             raise SessionStateError(
                 "reserve() runs between captures (it replaces rings); inside this block the rings grow on "
@@ -2820,12 +2823,14 @@ def attach(
     """
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"attach takes an nn.Module, got {type(model).__name__}")
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+    if not is_integer(capacity) or capacity < 1:  # (numpy's ints too)
         raise InvalidArgumentError(f"capacity must be a positive number of rows, got {capacity!r}")
+    capacity = int(capacity)
     _torch_compat.check()  # a torch whose internals moved is refused here, before anything is installed
     keep_newest = check_flag(keep_newest, "keep_newest")
-    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+    if max_bytes is not None and (not is_integer(max_bytes) or max_bytes < 0):
         raise InvalidArgumentError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
+    max_bytes = None if max_bytes is None else int(max_bytes)
     exclude = _frozen_matcher(exclude)  # (read twice: by the search and by the watch for routers left out)
     sites = find_routers(
         model, include=include, exclude=exclude, adapters=adapters, top_k=top_k, num_experts=num_experts
