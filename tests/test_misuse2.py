@@ -677,6 +677,19 @@ def test_a_misspelt_megatron_setting_is_named_not_read_as_off() -> None:
     io_.check_megatron_config({"moe_enable_routing_replay": True, "moe_router_fusion": False, "moe_router_topk": 2})
 
 
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("as_array", [lambda t: t, lambda t: t.numpy()], ids=["tensor", "numpy"])
+def test_one_array_given_to_from_megatron_is_refused_never_read_transposed(as_array: Callable[[Any], Any]) -> None:
+    """``from_megatron(routes.indices, names, E)``: iterating a ``[tokens, layers, k]`` array took its tokens as the
+    layers, so with as many tokens as layers every router got the other routers' experts, without a word (Routes()
+    refuses one array for this reason). Megatron's list, or the array unbound along its layer axis, reads exactly."""
+    square = _R(t=2)  # two tokens, two routers
+    with pytest.raises(mr.ArgumentTypeError, match="whose axes are not known"):
+        io_.from_megatron(as_array(square.indices), square.names, 8)
+    assert io_.from_megatron(square.indices.unbind(1), square.names, 8).equal(square)
+    assert io_.from_megatron(io_.to_megatron(square), square.names, 8).equal(square)
+
+
 def test_split_generation_refuses_a_padding_side_it_does_not_know_whatever_else_is_given() -> None:
     """``padding_side`` was checked only beside ``prompt_lengths``: with ``batch_size``/``prompt_len`` or a mask a
     typo ('middle', 'Left') passed unread; the user meant something the split never did."""

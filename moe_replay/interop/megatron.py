@@ -184,6 +184,13 @@ def from_megatron(
         raise ArgumentTypeError(
             f"from_megatron takes a list of [tokens, k] index tensors, got {type(tensors).__name__}"
         )
+    if isinstance(tensors, torch.Tensor | np.ndarray):  # (as Routes refuses it: iterating reads axis 0 as the layers)
+        raise ArgumentTypeError(
+            f"from_megatron takes Megatron's list of [tokens, k] tensors, one per MoE layer; got one "
+            f"{type(tensors).__name__} of shape {tuple(tensors.shape)}, whose axes are not known: a [tokens, layers, "
+            "k] array (routes.indices) would be read with tokens as layers. Pass list(t) of a [layers, tokens, k] "
+            "stack, or t.unbind(1) of [tokens, layers, k]"
+        )
     if not is_collection(names):
         raise ArgumentTypeError(f"from_megatron: names must be the router names in layer order, got {names!r:.60}")
     names = list(names)
