@@ -747,7 +747,10 @@ class Routes:
 
         An integer selects one token (a ``Routes`` of one row); out of range it raises
         :class:`~moe_replay.TokenIndexError` (an ``IndexError``). Only tokens are indexed:
-        ``routes[0, 1]`` is refused (pick routers with :meth:`select` or :meth:`layer`).
+        ``routes[0, 1]`` is refused (pick routers with :meth:`select` or :meth:`layer`), and so
+        are integer positions that hold one 0 or 1 per token (past two tokens): an integer
+        attention mask, which torch and numpy would read as positions 0 and 1 over and over
+        (pass ``mask.bool()``).
         """
         n = self.num_tokens  # (token slicing needs one T)
         rows = _token_rows(index, n)
