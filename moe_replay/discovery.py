@@ -982,6 +982,9 @@ def find_routers(
         elif inc is None:
             if not _near_experts(module, parent, candidates):
                 continue
+            given = num_experts
+            if counts and given and given not in counts and given not in _expert_widths(module, counts):
+                continue  # (an expert count given that neither its weight nor its experts say: refused below)
             if counts:
                 width = next((c for c in candidates if c in counts), None) or next(
                     (w for w in (_decision_width(c, counts, module) for c in candidates) if w), None

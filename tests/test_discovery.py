@@ -252,12 +252,12 @@ def test_a_top_k_above_the_expert_count_is_refused_before_anything_is_attached()
 def test_a_num_experts_no_router_has_is_named_as_the_problem() -> None:
     """Once refused as 'no MoE router found ... pass num_experts=', when num_experts= itself hid the routers."""
     model = mr.models.build("softmax_topk")
-    for wrong in (7, 2**40):
+    for wrong in (7, 16, 2**40):  # (16: more scores than the routers' [8, hidden] weights can make)
         with pytest.raises(
             mr.RouterNotFoundError, match=rf"num_experts={wrong} is the expert count of no router.*\[8\]"
         ):
             mr.find_routers(model, num_experts=wrong)
-    assert [s.num_experts for s in mr.find_routers(model, num_experts=16)] == [16, 16]  # (a hint the decision corrects)
+    assert [s.num_experts for s in mr.find_routers(model, num_experts=8)] == [8, 8]
     with pytest.raises(mr.RouterNotFoundError, match="no MoE router found"):
         mr.find_routers(nn.Linear(4, 4), num_experts=4)
 

@@ -940,12 +940,6 @@ def test_routes_carried_any_way_replay_forced_on_ids_of_any_dtype_or_layout(
 
 
 @pytest.mark.reliability("bad inputs")
-@pytest.mark.xfail(
-    strict=True,
-    reason="attach(num_experts=16) on routers whose [8, hidden] weight says 8 experts is taken as their expert count "
-    "(num_experts=3 is refused: 'the expert count of no router'): session.sites, the router table and a LayerMap built "
-    "before the first forward say E=16 until a forward establishes 8 (a replay of 16-expert routes is refused then)",
-)
 def test_an_expert_count_above_the_routers_weight_is_refused_as_one_below_it_is() -> None:
     model = _model()
     before = snapshot(model)
