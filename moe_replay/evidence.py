@@ -302,6 +302,9 @@ class Evidence:
         chunks: the decision's calls each make the whole choice for their own run of the tokens, in call order,
             together every token once (routing in chunks of tokens, proven by effect): each records and is forced
             with its own rows, one after the other.
+        chunk_dims: the dimensions of the hidden states the chunks were proven on (0 where not in chunks): a forward
+            of as many calls on hidden states of as many dimensions makes its chunks as that one did; others are
+            proven again.
     """
 
     calls: tuple[Call, ...]
@@ -314,6 +317,7 @@ class Evidence:
     followers: tuple[int, ...] = ()
     squashed: bool | None = None
     chunks: bool = False
+    chunk_dims: int = 0
 
     @property
     def count(self) -> int:
@@ -2366,7 +2370,8 @@ def _establish(
                 ev = _verdict(
                     name, calls, ordinals, chunk_of.width, chunk_of.k, top_k, declared_top_k, probe.scope, why
                 )
-                ev = dataclasses.replace(ev, chunks=True)
+                found = _first_floating((probe.args, probe.kwargs))
+                ev = dataclasses.replace(ev, chunks=True, chunk_dims=0 if found is None else found[1].dim())
                 _refuse_later_choice(name, probe, calls, seen, ev)
                 _refuse_escapes(name, probe, calls, seen, ev, tolerance)
                 for c in calls:  # (each chunk's call as the decision, the others held as its mirrors)

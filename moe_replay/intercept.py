@@ -66,6 +66,7 @@ from .evidence import (
     NO_OUT,
     UNWRAP,
     Evidence,
+    _first_floating,
     best_others,
     decision_call,
     establish,
@@ -209,6 +210,10 @@ _RETURNS_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[Evidence, tuple[int | 
     weakref.WeakKeyDictionary()
 )
 
+#: Per router scope whose decision is made chunk by chunk of the tokens (``Evidence.chunks``), per such evidence:
+#: what its forwards were shown on (see :class:`_ChunkState`). Kept for later sessions, as the evidence is.
+_CHUNKS_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[Evidence, _ChunkState]] = weakref.WeakKeyDictionary()
+
 #: Why the evidence of a router with twin calls was dropped where one of them decided (see ``_still_holds``).
 _TWIN_DECIDES = (
     "another of its calls over the experts decided instead (its own state, a warm-up or step count, or its inputs "
@@ -315,6 +320,69 @@ def _regions() -> list[tuple[Any, bool]]:
                 out.append((ctx, code.co_name == "backward"))
         f = f.f_back
     return out
+
+
+#: What a router's modules hold that may say which tokens each chunk of its decision holds, as seen: the dict it is
+#: held in, the key, its name (for messages), the object, and what tells it changed (a tensor's version counter, a
+#: list's items).
+_Held = tuple[dict[str, Any], str, str, Any, Any]
+
+
+class _EveryCall(dict[int, tuple[str, int, int]]):
+    """The plan of a decision made chunk by chunk of the tokens: every decision-like call of a forward, whatever its
+    ordinal, is one of its chunks (a forward of more tokens makes more of them), of one signature."""
+
+    def __init__(self, sig: tuple[str, int, int]) -> None:
+        super().__init__()
+        self.sig = sig
+
+    def get(self, key: int, default: Any = None) -> tuple[str, int, int]:  # type: ignore[override]
+        return self.sig
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
+@dataclass
+class _ChunkState:
+    """What a decision made chunk by chunk of the tokens was shown to hold on (see ``Evidence.chunks``).
+
+    ``shown``: the (dimensions of the hidden states, number of calls) of the forwards whose calls were proven each a
+    run of the tokens, in order, together every token once; one call of all the tokens always is. ``held``: the
+    integer and boolean tensors its modules hold (an order, a chunk size, an index map), as each forward left them,
+    or None before the first: which tokens a chunk holds may hang on them, so one changed between forwards (written
+    in place, or replaced) makes the decision unproven."""
+
+    shown: set[tuple[int, int]]
+    held: tuple[_Held, ...] | None = None
+
+
+def _held_indices(scope: nn.Module) -> tuple[_Held, ...]:
+    """What the scope and its children outside containers hold that may order or size its chunks: tensors of
+    integers or booleans (parameters, buffers, plain attributes), with their version counters (read on the host:
+    no sync), and lists or tuples of plain values (a chunk order, chunk sizes), with their items."""
+    out: list[_Held] = []
+    for prefix, m in _scope_modules(scope):
+        for store in (m._parameters, m._buffers, m.__dict__):
+            for k, v in store.items():
+                if isinstance(v, torch.Tensor):
+                    if not (v.is_floating_point() or v.is_complex()):
+                        out.append((store, k, prefix + k, v, None if v.is_inference() else v._version))
+                elif isinstance(v, list | tuple) and len(v) <= 256 and all(type(i) in (int, bool) for i in v):
+                    out.append((store, k, prefix + k, None, tuple(v)))
+    return tuple(out)
+
+
+def _held_moved(then: tuple[_Held, ...], scope: nn.Module) -> str | None:
+    """The name of what ``then`` holds that the scope's modules no longer hold as it was (written in place since,
+    replaced, removed), or of one they hold now and did not; None where none moved."""
+    now = _held_indices(scope)
+    for a, b in zip(then, now, strict=False):
+        if a[0] is not b[0] or a[1] != b[1] or a[3] is not b[3] or a[4] != b[4]:
+            return a[2]
+    if len(then) != len(now):
+        return (then if len(then) > len(now) else now)[min(len(then), len(now))][2]
+    return None
 
 
 class _Kept:
@@ -497,6 +565,8 @@ class RouterHook:
         ev = known.get(key)
         if ev is not None and self._has_twins(ev) and not self._still_holds(ev, forward, args, kwargs):
             ev = None  # (established by an earlier session, on inputs where another of its calls decided)
+        if ev is not None and ev.chunks and self._chunks_moved(ev) is not None:
+            ev = None  # (in chunks, and a tensor its modules hold changed since: which tokens a chunk holds may too)
         if ev is None and any(isinstance(a, torch.Tensor) and a.is_meta for a in (*args, *kwargs.values())):
             raise UnsupportedRouterError(
                 f"router '{self.name}' runs for the first time under a session on the meta device, where its "
@@ -524,6 +594,9 @@ class RouterHook:
                 return None
             known[key] = ev
             self._has_twins(ev)
+            if ev.chunks:
+                chunks = _CHUNKS_KNOWN.setdefault(self.scope, {})
+                chunks[ev] = _ChunkState({(ev.chunk_dims, ev.count)}, _held_indices(self.scope))
         self._check_rows_fit(ev)
         shape = (ev.top_k, ev.num_experts)
         for mode, was in list(self.evidence.items()):
@@ -681,6 +754,10 @@ class RouterHook:
         code = self._changed_code()
         if code is not None:
             return code
+        for ev in self.evidence.values():
+            moved = self._chunks_moved(ev) if ev.chunks else None
+            if moved is not None:
+                return moved
         if not self._settled:
             return None
         now = _fingerprint(self.scope)
@@ -748,14 +825,165 @@ class RouterHook:
 
     def _arm(self, ev: Evidence) -> None:
         """The plan of the mode now running: built when it changes in eager code, at every trace when compiled."""
-        self._plan = {i: ev.calls[i].signature for i in ev.decision}
-        self._mirrors = {i: ev.calls[i].signature for i in (*ev.mirrors, *ev.followers)}
-        tokens = {ev.calls[i].rows for i in ev.decision}
-        plan = self._plan
-        self._others = {c.ordinal: c.signature for c in ev.calls if c.ordinal not in plan and c.width not in tokens}
+        if ev.chunks:  # (every call of a forward is one of its chunks, as many as its tokens make)
+            self._plan, self._mirrors, self._others = _EveryCall(ev.calls[0].signature), {}, {}
+        else:
+            self._plan = {i: ev.calls[i].signature for i in ev.decision}
+            self._mirrors = {i: ev.calls[i].signature for i in (*ev.mirrors, *ev.followers)}
+            tokens = {ev.calls[i].rows for i in ev.decision}
+            plan = self._plan
+            self._others = {c.ordinal: c.signature for c in ev.calls if c.ordinal not in plan and c.width not in tokens}
         self._armed = ev
         self._chunks = ev.chunks
         self._form = None
+
+    # ------------------------------------------------------------- decisions in chunks
+    def _chunk_state(self, ev: Evidence) -> _ChunkState:
+        """What the decision of ``ev``, made chunk by chunk of the tokens, was shown to hold on (shared by the
+        sessions on this scope)."""
+        known = _CHUNKS_KNOWN.setdefault(self.scope, {})
+        state = known.get(ev)
+        if state is None:
+            state = known[ev] = _ChunkState({(ev.chunk_dims, ev.count)})
+        return state
+
+    def _chunks_moved(self, ev: Evidence) -> str | None:
+        """A tensor of integers or booleans the scope's modules hold that changed since the last forward of the
+        decision of ``ev`` in chunks (or since it was established), in words; None where none did."""
+        state = _CHUNKS_KNOWN.setdefault(self.scope, {}).get(ev)
+        moved = None if state is None or state.held is None else _held_moved(state.held, self.scope)
+        if moved is None:
+            return None
+        return (
+            f"'{moved}' of router '{self.name}' (a tensor of integers or booleans, or a list of them, it holds) "
+            "changed since its last "
+            "forward, and its decision is made chunk by chunk of the tokens: which tokens each chunk holds may hang "
+            "on it (an order, a chunk size)"
+        )
+
+    def _chunks_begin(
+        self, ev: Evidence | None, args: tuple[Any, ...], kwargs: dict[str, Any], compiled: bool
+    ) -> tuple[int, int | None, int, int, int, bool, bool] | None:
+        """A forward of a decision made chunk by chunk of the tokens begins: refused where a tensor its modules hold
+        changed since its last forward; in a replay whose token check guards the reads, the rows of all of its
+        tokens are cleared at once, as for one call of them all (its chunks then read within them). Returns what
+        :meth:`_chunks_end` compares: the dimensions and tokens of its hidden states, the capture's calls and rows
+        and the replay's rows so far, whether the host counts them, and whether the forward is being compiled."""
+        if ev is None or not ev.chunks:
+            return None
+        if not compiled:
+            moved = self._chunks_moved(ev)
+            if moved is not None:
+                self.forget(every_mode=True, why=f"a change of a tensor it holds: {moved}")
+                raise UnsupportedRouterError(
+                    f"{moved}, so the calls of this forward are not shown to be runs of its tokens in order: "
+                    "nothing was recorded or forced. The decision is established again at the next forward (its "
+                    "first forward in a block, once such a change is made between blocks)"
+                )
+        found = _first_floating((args, kwargs))
+        dims = 0 if found is None else found[1].dim()
+        tokens = None if found is None else found[1].numel() // max(int(found[1].shape[-1]), 1)
+        ring, src = self.capture_ring, self.replay_source
+        eager = self._eager and not compiled and not _in_backward()
+        if eager and tokens and self.replaying and src is not None and src.guard is not None:
+            at = src.host_consumed
+            if src.cleared < at + tokens <= src.num_rows:
+                src.guard(self.name, at, tokens)  # (it raises where no forward the token check saw was fed them)
+        return (
+            dims,
+            tokens,
+            0 if ring is None else ring.calls_made(),
+            0 if ring is None else ring.host_written,
+            0 if src is None else src.host_consumed,
+            eager,
+            compiled,
+        )
+
+    def _chunks_end(
+        self,
+        began: tuple[int, int | None, int, int, int, bool, bool],
+        ev: Evidence | None,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """A forward of a decision made chunk by chunk of the tokens returned: its calls' rows are counted as one
+        call of them all; they must be one per token it was fed; a number of calls (on hidden states of a number of
+        dimensions) never shown to be runs of the tokens in order is proven now, on this forward's inputs, or
+        refused (compiled: refused as it is traced); the tensors its modules hold are noted as this forward left
+        them."""
+        dims, tokens, made, written, read, eager, compiled = began
+        count = self._ordinal
+        assert ev is not None
+        state = self._chunk_state(ev)
+        if compiled:
+            if count > 1 and (dims, count) not in state.shown:
+                raise UnsupportedRouterError(
+                    f"router '{self.name}' routes its tokens chunk by chunk, and this compiled forward makes {count} "
+                    f"calls on hidden states of {dims} dimensions: a number of chunks never shown, eagerly, to be "
+                    "runs of its tokens in order. Run one eager forward of this shape first (outside torch.compile, "
+                    "or inside torch.compiler.set_stance('force_eager')); nothing was recorded or forced"
+                )
+            return
+        ring, src = self.capture_ring, self.replay_source
+        if ring is not None:
+            ring.join_since(made)
+        if not count:  # (no decision: _check_ran refuses)
+            return
+        if eager:
+            rows = max(
+                0 if ring is None else ring.host_written - written, 0 if src is None else src.host_consumed - read
+            )
+            if rows and tokens is not None and rows != tokens:
+                self.forget(why=f"a forward whose {count} calls in chunks chose for {rows} rows of its {tokens} tokens")
+                raise UnsupportedRouterError(
+                    f"router '{self.name}' routes its tokens chunk by chunk, and the {count} calls of this forward "
+                    f"chose for {rows} rows, where it was fed {tokens} tokens: its chunks are not every token once "
+                    "(a chunk left out, or a call on other rows), so the rows recorded or forced are not shown to be "
+                    "its tokens'. The decision is established again at the next forward"
+                )
+        if count > 1 and (dims, count) not in state.shown and not _in_backward():
+            if not self._eager:  # (inside CUDA-graph capture: no runs can prove it there)
+                raise UnsupportedRouterError(
+                    f"router '{self.name}' routes its tokens chunk by chunk, and this forward, captured in a CUDA "
+                    f"graph, makes {count} calls on hidden states of {dims} dimensions: a number of chunks never "
+                    "shown, eagerly, to be runs of its tokens in order. Run one eager forward of this shape before "
+                    "the graph capture; nothing in this capture is shown to be recorded or forced right"
+                )
+            why = ""
+            try:
+                with _hidden(), EAGER:
+                    again = establish(
+                        self.name,
+                        self.scope,
+                        forward,
+                        args,
+                        kwargs,
+                        num_experts=self.num_experts,
+                        top_k=self.top_k,
+                        declared_top_k=self.declared_top_k,
+                        call=self.call,
+                        family=self.decision if self.decision not in ("auto", "lookup") else None,
+                    )
+            except UnsupportedRouterError as e:
+                again, why = None, f": {e}"
+            if (
+                again is not None
+                and again.chunks
+                and again.count == count
+                and again.calls[0].signature == ev.calls[0].signature
+            ):
+                state.shown.add((dims, count))
+            else:
+                self.forget(why=f"a forward of {count} calls that are not shown to be chunks of its tokens")
+                raise UnsupportedRouterError(
+                    f"router '{self.name}' routes its tokens chunk by chunk ({ev.count} calls when its decision "
+                    f"was established), and this forward made {count} calls on hidden states of {dims} dimensions, "
+                    "which are not each a run of its tokens in order, together every token once, on these inputs"
+                    f"{why or ''}. Its rows were recorded or forced in call order: this forward is refused; the "
+                    "decision is established again at the next forward"
+                )
+        state.held = _held_indices(self.scope)
 
     # ------------------------------------------------------------- scope forward
     def __reduce__(self) -> tuple[Any, ...]:
@@ -816,10 +1044,11 @@ class RouterHook:
         self._eager = not compiling and not _graph_capturing()
         self._regions = [] if compiling else _regions()
         self._entry_grad = torch.is_grad_enabled()
-        chunks = self.capture_ring if self._chunks and not compiling else None  # (its calls joined as it returns)
-        made = chunks.calls_made() if chunks is not None else 0
+        chunks = None
         state = NESTING
         try:
+            if self._chunks:  # (its calls joined as it returns)
+                chunks = self._chunks_begin(ev, args, kwargs, compiling)
             if how == "lean" and not _lean.enter():  # another library wraps one of the names: the mode
                 _lean.leave()
                 how = "mode"
@@ -850,7 +1079,7 @@ class RouterHook:
             if self._pending is not None:  # the decision was established at this forward
                 self._settle()
         if chunks is not None:  # a decision chunk by chunk of the tokens: one call of every row, as one of a call
-            chunks.join_since(made)
+            self._chunks_end(chunks, ev, forward, args, kwargs)
         if not compiling:
             self.calls += 1
             self._check_ran(ev, seen)
@@ -976,7 +1205,7 @@ class RouterHook:
 
     def _check_ran(self, ev: Evidence | None, seen: int) -> None:
         """After an eager forward: it made the calls its evidence lists, and its decision."""
-        if ev is not None and self._ordinal != ev.count:
+        if ev is not None and self._ordinal != ev.count and not (ev.chunks and self._ordinal):  # (chunks: _chunks_end)
             self.forget(
                 why=f"a forward that made {self._ordinal} decision-like calls where it made {ev.count} when it was "
                 "established (its control flow changed)"
@@ -1763,6 +1992,7 @@ class ScopedForward:
         hook._entry_grad = grad
         # (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing(), inline)
         hook._eager = eager = not (_CUDA._initialized and not _cuda_bad_fork() and _cuda_capturing())
+        chunks = hook._chunks_begin(ev, args, kwargs, False) if hook._chunks else None  # (joined as it returns)
         # before the wrappers go in, as it may raise: the checkpoint regions, none in the common case
         if _top_hooks() is None and _graph_task() == -1 and (grad or _fwd_grad()):
             hook._slow = False
@@ -1793,8 +2023,6 @@ class ScopedForward:
                 refused = True
         if refused:  # (with the lock let go: the forward may nest routers)
             return hook._refused_lean(self.__wrapped__, args, kwargs)
-        chunks = hook.capture_ring if hook._chunks else None  # (its calls joined as it returns)
-        made = chunks.calls_made() if chunks is not None else 0
         state = NESTING
         outer = state.lean
         state.depth += 1  # the modes of scopes around this one ignore its calls
@@ -1823,7 +2051,7 @@ class ScopedForward:
                 hook._slots, hook._masks, hook._row, hook._source = [], [], None, None
                 hook._regions = _NO_REGIONS
         if chunks is not None:  # a decision chunk by chunk of the tokens: one call of every row, as one of a call
-            chunks.join_since(made)
+            hook._chunks_end(chunks, ev, self.__wrapped__, args, kwargs)
         hook.calls += 1
         if hook._ordinal != len(ev.calls) or not hook._decided:
             hook._check_ran(ev, seen)

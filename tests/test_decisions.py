@@ -715,23 +715,25 @@ def test_gate_in_halves_is_forced_on_other_numbers_of_tokens() -> None:
 
 
 @pytest.mark.reliability("silent replays")
-def test_chunked_gate_on_more_chunks_than_established_is_refused_not_routed_freely() -> None:
-    """A forward of a gate in chunks on more tokens makes more calls than the one its decision was established on:
-    refused (the replayed chunks were not all forced), never answered freely; the decision is established again on
-    the next forward, which replays exactly."""
+def test_chunked_gate_on_more_chunks_than_established_is_proven_and_forced_never_routed_freely() -> None:
+    """Once refused: a forward of a gate in chunks on more tokens makes more calls than the one its decision was
+    established on. Its calls are proven runs of its tokens on that forward's inputs (once per number of calls), then
+    every chunk is forced, never answered freely; a capture of it records the gate's own indices."""
     torch.manual_seed(8)
     gate = _ChunkedGate()
     block = Block(gate)
     with mr.attach(block) as session:
         with session.capture():
             block(torch.randn(8, D))
-        x = torch.randn(12, D)
-        forced = _forced_routes(session, 12)
-        with pytest.raises(mr.UnsupportedRouterError, match="decision-like calls"), session.replay(forced):
-            block(x)
-        with session.replay(forced):
-            block(x)
-        assert torch.equal(gate.last, forced.layer("router"))
+        for n in (12, 11, 12):
+            x = torch.randn(n, D)
+            forced = _forced_routes(session, n)
+            with session.replay(forced):
+                block(x)
+            assert torch.equal(gate.last, forced.layer("router"))
+            with session.capture():
+                block(x)
+            assert torch.equal(session.routes().layer("router"), gate.last)
 
 
 class _SequenceChunkedGate(nn.Module):
@@ -811,14 +813,12 @@ class _PermutedChunkedGate(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="chunks whose tokens a tensor attribute orders (identity when established, a permutation written in place "
-    "later) are recorded and forced in call order, not token order (as for a single call over permuted tokens)",
-)
 def test_chunks_in_an_order_a_buffer_changes_later_are_never_forced_on_other_tokens() -> None:
-    """A gate in chunks of its tokens in an order a tensor attribute holds, established in token order, then
-    permuted in place: either refused, or captured as the gate's own indices and forced onto their own tokens."""
+    """Once silent: a gate in chunks of its tokens in an order a tensor attribute holds, established in token order,
+    then permuted in place, had its chunks recorded and forced in call order. A tensor of integers its modules hold,
+    changed since its last forward, has its decision established again (then refused: its calls are no runs of its
+    tokens in order), or refused mid-block; either refused, or captured as the gate's own indices and forced onto
+    their own tokens."""
     torch.manual_seed(8)
     gate = _PermutedChunkedGate()
     block, x = Block(gate), torch.randn(8, D)
@@ -1307,15 +1307,10 @@ def test_routes_of_a_gate_in_chunks_replayed_on_other_tokens_are_refused() -> No
 
 
 @pytest.mark.reliability("clear errors")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.UnsupportedRouterError,
-    reason="a gate in chunks of 4 makes 2 calls on a prompt of 8 tokens and 1 on each decoded token: the forward of "
-    "another number of calls than the one established is refused (a false refusal of a cached generation)",
-)
 def test_gate_in_chunks_captures_a_prompt_then_single_tokens() -> None:
-    """A gate in chunks of 4 over a prompt of 8 tokens, then over one token a forward (decoding with a cache): its
-    capture is its own indices and a replay forces the routes' rows, forward by forward."""
+    """Once refused (a forward of another number of calls than established): a gate in chunks of 4 over a prompt of 8
+    tokens, then over one token a forward (decoding with a cache): its capture is its own indices and a replay forces
+    the routes' rows, forward by forward."""
     torch.manual_seed(8)
     gate = _ChunkedGate()
     block = Block(gate)
@@ -1426,15 +1421,10 @@ class _FedSharedChunks(nn.Module):
 
 
 @pytest.mark.reliability("round trips")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.TokenMismatchError,
-    reason="the token check reads a router's second decision in a forward where one read routes every token the "
-    "forward was fed: a gate in chunks reads its rows chunk by chunk, so a block in chunks at two layers is refused "
-    "on the forwards it was captured on (a false refusal)",
-)
 def test_block_in_chunks_at_two_layers_fed_token_ids_replays_its_capture() -> None:
-    """A block in chunks at two layers of a model fed token ids: its capture replays on the same forwards."""
+    """Once refused (the token check read each chunk as a call on part of the tokens): a block in chunks at two layers
+    of a model fed token ids replays its capture on the same forwards, the rows of every token of a forward's call
+    checked at once."""
     torch.manual_seed(8)
     model = _FedSharedChunks()
     a, b = torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8))
@@ -1449,16 +1439,10 @@ def test_block_in_chunks_at_two_layers_fed_token_ids_replays_its_capture() -> No
 
 
 @pytest.mark.reliability("round trips")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.TokenMismatchError,
-    reason="a capture with a router's own call outside every forward (an auxiliary call) checks each read of a "
-    "forward's rows for one routing every token it was fed: a gate in chunks reads them chunk by chunk and is "
-    "refused on the calls it was captured on (a false refusal)",
-)
 def test_gate_in_chunks_called_outside_the_forwards_replays_its_capture() -> None:
-    """A gate in chunks of a model fed token ids, called on hidden states of its own between two forwards: the
-    capture replays on the same forwards and call."""
+    """Once refused (the token check read each chunk as a call on part of the tokens): a gate in chunks of a model fed
+    token ids, called on hidden states of its own between two forwards: the capture replays on the same forwards and
+    call."""
     torch.manual_seed(8)
     model = _FedChunks()
     model.block = Block(_ChunkedGate())
@@ -1473,3 +1457,312 @@ def test_gate_in_chunks_called_outside_the_forwards_replays_its_capture() -> Non
             model(input_ids=a)
             model.block.router(z)
             model(input_ids=b)
+
+
+# ----------------------------------------------------------------------- adversarial routers in chunks
+_CHUNKS_REVERSED = [False]  # read by the "global" gate below: its chunks last first when set
+
+
+class _AdversarialChunks(nn.Module):
+    """A top-2 gate that routes its tokens in calls over groups of them (``how``), each group's results written back
+    at its tokens (a later group's over an earlier one's), so that ``last`` is always its indices in token order.
+
+    ``split``: runs of 4 in order. ``uneven``: a run of 3, then the rest. ``permuted``: runs of 4 of the order a buffer
+    holds (``perm``, a permutation from the start). ``overlap``: tokens 3 to the end, then tokens 0 to 4 (whose
+    choice tokens 3 and 4 keep). ``reverse``: runs of 4, last first. ``flip``: runs of 4 of the
+    tokens reversed. ``strided``: even tokens, then odd ones. ``sizes``: runs whose sizes an integer buffer holds.
+    ``branch``: runs of 4, last first past 8 tokens. ``list-order``: the runs of 4 in the order a list attribute holds.
+    ``global``: runs of 4, last first where a module-level flag says. ``drop-rest``: runs of 4, the tokens past the
+    last whole run routed to experts 0 and 1 unchosen. ``chunk``: runs of an int attribute's size."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.how = how
+        self.register_buffer("perm", torch.randperm(8, generator=torch.Generator().manual_seed(3)))
+        self.register_buffer("sizes", torch.tensor([4, 4]))
+        self.order, self.chunk = [0, 1], 4
+        self.last: torch.Tensor | None = None
+
+    def _groups(self, n: int) -> list[torch.Tensor]:
+        a, how = torch.arange(n), self.how
+        runs = list(a.split(self.chunk if how == "chunk" else 4))
+        if how == "uneven":
+            return [a[:3], a[3:]]
+        if how == "permuted":
+            return list(self.perm.split(4))
+        if how == "overlap":
+            return [a[3:], a[:5]]
+        if how == "reverse" or (how == "branch" and n > 8) or (how == "global" and _CHUNKS_REVERSED[0]):
+            return runs[::-1]
+        if how == "flip":
+            return list(a.flip(0).split(4))
+        if how == "strided":
+            return [a[0::2], a[1::2]]
+        if how == "sizes":
+            return list(a.split(self.sizes.tolist()))
+        if how == "list-order":
+            return [runs[j] for j in self.order] + runs[len(self.order) :]
+        if how == "drop-rest":
+            return list(a[: n - n % 4].split(4))
+        return runs
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        idx = torch.arange(2).repeat(n, 1)
+        w = torch.full((n, 2), 0.5)
+        for g in self._groups(n):
+            part = torch.topk(self.wg(x[g]).softmax(-1), 2, dim=-1)
+            idx, w = idx.index_put((g,), part.indices), w.index_put((g,), part.values)
+        self.last = idx
+        return w, idx
+
+
+def _each_step_exact_or_refused(
+    block: nn.Module, gate: nn.Module, steps: list[tuple[Callable[[], object], tuple[int, ...]]]
+) -> list[str]:
+    """Capture, then replay other rows, on hidden states of each step's shape (after its change): each either
+    exact (the capture is the gate's own indices, the replay is what the gate dispatched) or refused. Returns
+    ``exact`` or ``refused`` per step."""
+    got = []
+    with mr.attach(block) as session:
+        for change, shape in steps:
+            change()
+            x, n = torch.randn(*shape, D), int(torch.tensor(shape).prod())
+            try:
+                with session.capture():
+                    block(x)
+                assert torch.equal(session.routes().layer("router").reshape(-1, 2), gate.last.reshape(-1, 2))
+                forced = _forced_routes(session, n)
+                with session.replay(forced):
+                    block(x)
+            except mr.MoEReplayError:
+                got.append("refused")
+                continue
+            assert torch.equal(gate.last.reshape(-1, 2), forced.layer("router"))
+            got.append("exact")
+    return got
+
+
+def _nothing() -> None:
+    return None
+
+
+def _adversarial_steps(how: str, gate: _AdversarialChunks) -> list[tuple[Callable[[], object], tuple[int, ...]]]:
+    first = [(_nothing, (8,))]
+    if how == "sizes":  # (runs of 6 then 2, then of 2 then 6)
+        return [
+            *first,
+            (lambda: gate.sizes.copy_(torch.tensor([6, 2])), (8,)),
+            (lambda: gate.sizes.copy_(torch.tensor([2, 6])), (8,)),
+        ]
+    if how == "branch":
+        return [*first, (_nothing, (12,)), (_nothing, (8,))]
+    if how == "list-order":
+        return [*first, (gate.order.reverse, (8,))]
+    if how == "global":
+        return [*first, (lambda: _CHUNKS_REVERSED.__setitem__(0, True), (8,))]
+    if how == "drop-rest":
+        return [*first, (_nothing, (10,))]
+    if how == "chunk":
+        return [*first, (lambda: setattr(gate, "chunk", 2), (8,)), (_nothing, (5,))]
+    if how == "replaced":  # (its order buffer, the identity, replaced by another tensor, not written in place)
+        gate.how, gate.perm = "permuted", torch.arange(8)
+        return [*first, (lambda: setattr(gate, "perm", gate.perm.flip(0)), (8,))]
+    return [*first, (_nothing, (12,))]
+
+
+#: the groups that are not runs of the tokens in order, every token once: refused from their first forward
+_NOT_RUNS_IN_ORDER = ("uneven", "permuted", "overlap", "reverse", "flip", "strided")
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "how",
+    [
+        "uneven",
+        "permuted",
+        "overlap",
+        "reverse",
+        "flip",
+        "strided",
+        "sizes",
+        "branch",
+        "list-order",
+        "global",
+        "drop-rest",
+        "chunk",
+        "replaced",
+    ],
+)
+def test_routers_in_groups_of_their_tokens_are_exact_or_refused(how: str) -> None:
+    """Routers that choose for groups of their tokens one call at a time: runs of unequal sizes, runs of a permuted
+    order, overlapping groups, runs last first (or only past 8 tokens), the tokens reversed, strided groups, runs
+    whose sizes an integer buffer holds (changed in place), whose order a list attribute or a module-level flag
+    holds (changed between blocks), a last partial run left out on 10 tokens, runs of a size an attribute holds, an
+    order buffer replaced: each step is either exact or refused (on old code, a reordered list attribute was
+    forced in call order, silently)."""
+    torch.manual_seed(8)
+    gate = _AdversarialChunks(how)
+    _CHUNKS_REVERSED[0] = False
+    try:
+        got = _each_step_exact_or_refused(Block(gate), gate, _adversarial_steps(how, gate))
+    finally:
+        _CHUNKS_REVERSED[0] = False
+    assert got[0] == ("refused" if how in _NOT_RUNS_IN_ORDER else "exact")
+
+
+class _PositionChunks(nn.Module):
+    """A top-2 gate that routes runs of 4 positions (``x.split(4, dim=-2)``): on ``[S, D]`` hidden states runs of its
+    tokens, on ``[B, S, D]`` runs of the positions of every row at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [torch.topk(self.wg(c).softmax(-1), 2, dim=-1) for c in x.split(4, dim=-2)]
+        w, idx = torch.cat([p.values for p in parts], -2), torch.cat([p.indices for p in parts], -2)
+        self.last = idx
+        return w, idx
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_gate_in_chunks_fed_hidden_states_of_more_dimensions_is_never_forced_across_rows() -> None:
+    """Once silent: a gate in runs of positions, established on ``[8, D]`` hidden states (runs of its tokens), fed
+    ``[2, 8, D]`` made as many calls, each of the positions of both rows: its rows were recorded and forced in call
+    order, on other tokens. A forward of hidden states of other dimensions is proven again: refused there, exact on
+    ``[8, D]`` again."""
+    torch.manual_seed(8)
+    gate = _PositionChunks()
+    got = _each_step_exact_or_refused(_RowsBlock(gate), gate, [(_nothing, (8,)), (_nothing, (2, 8)), (_nothing, (8,))])
+    assert got == ["exact", "refused", "exact"]
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_chunk_order_written_in_place_inside_a_block_is_refused_at_the_next_forward() -> None:
+    """Once silent: the order buffer of a gate in chunks written in place between two forwards of one capture: the
+    second forward's chunks were recorded in call order. Refused as it begins (nothing recorded for it), and the
+    decision is established again at the next forward, which the new order refuses."""
+    torch.manual_seed(8)
+    gate = _AdversarialChunks("permuted")
+    gate.perm = torch.arange(8)
+    block = Block(gate)
+    with mr.attach(block) as session:
+        with session.capture():
+            block(torch.randn(8, D))
+            gate.perm.copy_(gate.perm.flip(0))
+            with pytest.raises(mr.UnsupportedRouterError, match="'perm' of router 'router'"):
+                block(torch.randn(8, D))
+            with pytest.raises(mr.UnsupportedRouterError, match="independent choice"):
+                block(torch.randn(8, D))
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_gate_in_chunks_on_prompts_of_many_lengths_is_captured_and_forced() -> None:
+    """Once refused at every forward of another number of chunks than the first: prompts of 8, 12, 1, 5, 16 and 3
+    tokens (2, 3, 1, 2, 4 and 1 chunks of 4) are each captured as the gate's own indices and forced, the capture and
+    the replay each in one block, checked against the token ids of a model fed them."""
+    torch.manual_seed(8)
+    model = _FedChunks()
+    model.block = Block(_ChunkedGate())
+    prompts = [torch.randint(0, 50, (1, n)) for n in (8, 12, 1, 5, 16, 3)]
+    with mr.attach(model) as session:
+        native = []
+        with session.capture():
+            for ids in prompts:
+                model(input_ids=ids)
+                native.append(model.block.router.last)
+        routes = session.routes()
+        assert torch.equal(routes.layer(routes.names[0]), torch.cat(native))
+        forced, made = _forced_routes(session, 45).with_token_ids(routes.token_ids), []
+        with session.replay(forced):
+            for ids in prompts:
+                model(input_ids=ids)
+                made.append(model.block.router.last)
+        assert torch.equal(torch.cat(made), forced.layer(forced.names[0]))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_gate_in_chunks_on_forwards_of_other_numbers_of_chunks_replays(reentrant: bool) -> None:
+    """A gate in chunks under gradient checkpointing, on forwards of 8, 12, 1 and 5 tokens (a number of chunks never
+    seen before proven inside the checkpointed forward; its recompute reads nothing): its capture is its own
+    indices, one call per forward, and a replay captured in the same block records and dispatches the forced rows."""
+    torch.manual_seed(8)
+    model = _CheckpointedChunks(reentrant)
+    xs = [torch.randn(n, D, requires_grad=True) for n in (8, 12, 1, 5)]
+    with mr.attach(model) as session:
+        native = []
+        with session.capture():
+            for x in xs:
+                model(x).sum().backward()
+                native.append(model.block.router.last)
+        routes = session.routes()
+        assert routes._call_rows == ((8, 1), (12, 1), (1, 1), (5, 1))
+        assert torch.equal(routes.layer(routes.names[0]), torch.cat(native))
+        forced, made = _forced_routes(session, 26), []
+        with session.capture(), session.replay(forced):
+            for x in xs:
+                model(x).sum().backward()
+                made.append(model.block.router.last)
+        again = session.routes()
+        assert torch.equal(again.layer(again.names[0]), forced.layer(forced.names[0]))
+        assert torch.equal(torch.cat(made), forced.layer(forced.names[0]))
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_compiled_gate_in_chunks_is_exact_or_refused_on_other_numbers_of_chunks() -> None:
+    """A block whose gate routes in chunks, established eagerly on 8 tokens, then compiled and run on 12 tokens
+    (three chunks, never seen): the capture is the gate's own indices and the replay dispatched the forced rows, or
+    it is refused (on old code the third chunk was answered natively, refused only as the replay ended)."""
+    torch.manual_seed(8)
+
+    class Small(nn.Module):  # (a block of one weighted sum: little to compile)
+        def __init__(self) -> None:
+            super().__init__()
+            self.router, self.top_k, self.num_experts = _ChunkedGate(), 2, E
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w, idx = self.router(x)
+            return x * (w * (idx + 1)).sum(-1, keepdim=True)
+
+    block = Small()
+    with mr.attach(block, include=["router"], top_k=2, num_experts=E) as session:
+        with session.capture():
+            block(torch.randn(8, D))
+        compiled = torch.compile(block, backend="eager")
+        x = torch.randn(12, D)
+        try:
+            with session.capture():
+                compiled(x)
+            assert torch.equal(session.routes().layer("router"), block.router.last)
+            forced = _forced_routes(session, 12)
+            with session.replay(forced):
+                compiled(x)
+        except mr.MoEReplayError:
+            return
+        assert torch.equal(block.router.last, forced.layer("router"))
+
+
+@pytest.mark.reliability("clear errors")
+@pytest.mark.xfail(
+    strict=True,
+    raises=mr.UnsupportedRouterError,
+    reason="a gate in chunks first run on fewer tokens than one chunk makes one call there, and its decision is "
+    "established as one call: the first forward of two chunks is refused (its second call was no decision of that "
+    "evidence), and the decision is established again at the forward after it (a false refusal, once)",
+)
+def test_a_gate_in_chunks_first_run_on_one_chunk_captures_a_longer_forward() -> None:
+    """A gate in chunks of 4 first run on 3 tokens (one call), then on 8 (two): its capture is its own indices."""
+    torch.manual_seed(8)
+    gate = _ChunkedGate()
+    block = Block(gate)
+    with mr.attach(block) as session:
+        native = []
+        with session.capture():
+            for n in (3, 8):
+                block(torch.randn(n, D))
+                native.append(gate.last)
+        assert torch.equal(session.routes().layer("router"), torch.cat(native))
