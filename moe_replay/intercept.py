@@ -943,12 +943,12 @@ class RouterHook:
                     "its tokens'. The decision is established again at the next forward"
                 )
         if count > 1 and (dims, count) not in state.shown and not _in_backward():
-            if not self._eager:  # (inside CUDA-graph capture: no runs can prove it there)
+            if not self._eager:  # (inside CUDA-graph capture: the runs that prove it are not made there)
                 raise UnsupportedRouterError(
                     f"router '{self.name}' routes its tokens chunk by chunk, and this forward, captured in a CUDA "
                     f"graph, makes {count} calls on hidden states of {dims} dimensions: a number of chunks never "
                     "shown, eagerly, to be runs of its tokens in order. Run one eager forward of this shape before "
-                    "the graph capture; nothing in this capture is shown to be recorded or forced right"
+                    "the graph capture; its rows were recorded or forced in call order: this forward is refused"
                 )
             why = ""
             try:
