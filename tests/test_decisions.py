@@ -1766,3 +1766,53 @@ def test_a_gate_in_chunks_first_run_on_one_chunk_captures_a_longer_forward() -> 
                 block(torch.randn(n, D))
                 native.append(gate.last)
         assert torch.equal(session.routes().layer("router"), torch.cat(native))
+
+
+class _PermutedGate(nn.Module):
+    """A top-2 gate that takes one top-k over its tokens in the order a tensor attribute holds (identity unless set),
+    its results put back in token order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.order: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.arange(x.shape[0]) if self.order is None else self.order
+        part = torch.topk(self.wg(x[order]).softmax(-1), 2, dim=-1)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(x.shape[0])
+        self.last = part.indices[back]
+        return part.values[back], part.indices[back]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="one top-k over the tokens in an order a tensor attribute holds (identity when established, a permutation "
+    "written in place later) is recorded and forced in call order, not token order: the routes' row i holds the "
+    "choice of token order[i]",
+)
+def test_a_single_top_k_over_tokens_a_buffer_permutes_is_recorded_in_token_order_or_refused() -> None:
+    """A gate of one top-k over its tokens in an order a tensor attribute holds, established in token order, then
+    permuted in place: either refused, or captured as the gate's own indices and forced onto their own tokens."""
+    torch.manual_seed(8)
+    gate = _PermutedGate()
+    block, x = Block(gate), torch.randn(8, D)
+    with mr.attach(block) as session:
+        gate.order = torch.arange(8)
+        with session.capture():
+            block(x)
+        gate.order.copy_(torch.randperm(8, generator=torch.Generator().manual_seed(1)))
+        try:
+            with session.capture():
+                block(x)
+            assert torch.equal(session.routes().layer("router"), gate.last)
+            forced = _forced_routes(session, 8)
+            with session.replay(forced):
+                block(x)
+        except mr.UnsupportedRouterError:
+            return
+        assert torch.equal(gate.last, forced.layer("router"))
