@@ -868,6 +868,8 @@ class FeedCheck:
         compared = ids is not None and (self.device_ids or ids.device.type == "cpu")
         if ids is not None and compared and order == UNPADDED:
             kept = _unpad_fed(ids, kwargs.get("attention_mask"))
+        elif ids is not None and compared and order == BATCH_MAJOR:
+            kept = self._either(ids, kwargs.get("attention_mask"), start)
         if kept is not None:  # (its routers see only the tokens its mask keeps: one row each)
             ids, count = kept, kept.numel()
         for src in self._sources:  # the rows this forward may read
@@ -886,6 +888,26 @@ class FeedCheck:
             tokens = None if fed is None else in_router_order(fed, order).reshape(-1)
         self._check(start, flat, tokens)
         return True
+
+    def _either(self, ids: torch.Tensor, mask: Any, start: int) -> torch.Tensor | None:
+        """The ids of the tokens the host ``mask`` of a forward of one sequence with padding keeps, where the rows from
+        ``start`` on were recorded for them alone (routers that take the padding out, at a level whose order no batch
+        told: every order of one sequence is the same, but for the padding), and not for every position (rows
+        recorded at its padding, unknown ids); else None: its ids are compared as fed. Its routers may then read no
+        more rows than those tokens (a router that reads every position is refused as it reads past them)."""
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.device.type != "cpu" or ids.device.type != "cpu":
+            return None  # (a mask on a device is not read per forward: no host sync)
+        kept = _unpad_fed(ids, mask)
+        count = ids.numel()
+        if kept is None or kept.numel() == count:
+            return None
+        want = self.want[start : start + count]
+        got = ids.reshape(-1).to(torch.long)
+        if want.numel() == count and bool(((want < 0) | (want == got)).all()):  # (every position's row: those at
+            return None  # padding unknown)
+        return kept if torch.equal(self.want[start : start + kept.numel()], kept.to(torch.long)) else None
 
     def _in_step(self, count: int) -> int | None:
         """The row every router reads next as a forward fed ``count`` tokens begins, or None where the host does not
@@ -1603,6 +1625,7 @@ def token_order(
     path: list[nn.Module] | None = None,
     seen: list[torch.Tensor | None] | None = None,
     mask: Any = None,
+    located: list[MaskPlace] | None = None,
 ) -> str | None:
     """The order in which the routers see the tokens of the ``[batch, positions]`` ids this forward is fed, told by
     effect; None where this forward cannot tell (another may).
@@ -1631,6 +1654,8 @@ def token_order(
     ``seen``, where given, the router's input rows in the run as fed where the runs set the hooks aside (what the
     forward itself, run with them, is checked against: :func:`_order_check`). ``mask``: the forward's attention mask
     where it was given by position (``args`` and ``kwargs`` are what it was given, and what the runs are given).
+    ``located``, where given, gets the place of the mask whose kept tokens the routers' rows are, where that is not
+    ``mask`` read as marking tokens (one under another name, or of True at padding: :func:`_locate_mask`).
     """
     _, ids, _ = _inputs(args, kwargs)
     # (a forward fed embeddings: one token's embedding changed to another token's tells the order as an id does)
@@ -1666,6 +1691,7 @@ def token_order(
 
     devices = [grid.device] if grid.device.type == "cuda" else []
     kept = _Snapshot(module) if module is not None else None
+    aside = False
     # (the hooks of the model's modules first set aside, as in a decision's probe runs: a hook that collects
     # activations sees the one forward; where the runs fail without them, they run with them)
     for aside in (True, False) if kept is not None else (False,):
@@ -1681,13 +1707,110 @@ def token_order(
         return OTHER_ORDER
     moved = set((first != second).any(dim=-1).nonzero().flatten().tolist())
     if first.shape[0] != batch * positions:
-        return _unpadded(moved, first.shape[0], mask, at, batch, positions)
+        told = _unpadded(moved, first.shape[0], mask, at, batch, positions)
+        if told == OTHER_ORDER and first.shape[0] < batch * positions and located is not None:
+            # (fewer rows than the tokens, not those the attention mask keeps: a mask under another name, or of True
+            # at padding, among the forward's own tensors, where one alone tells the rows as its kept tokens)
+
+            def moved_at(place: int) -> set[int] | None:  # (the rows a change of the token at ``place`` moves)
+                if place == at:
+                    return moved
+                others = (flat != flat[place]).any(dim=-1).nonzero().flatten()
+                if not others.numel():
+                    return None
+                other_at = grid.detach().clone()
+                other_at.view(batch * positions, -1)[place] = flat[int(others[0])]
+                again = _order_rows(run, fed, (grid, other_at), devices, kept, aside)
+                if again is None or again[0] is None or again[1] is None or again[0].shape != again[1].shape:
+                    return None
+                return set((again[0] != again[1]).any(dim=-1).nonzero().flatten().tolist())
+
+            where = _locate_mask(moved_at, first.shape[0], args, kwargs, key, mask, batch, positions)
+            if where is not None:
+                located.append(where)
+                return UNPADDED
+        return told
     # (the changed token's own row changes, and only rows of its sequence: told apart as at >= 1 and batch >= 2)
     if at in moved and all(q < positions for q in moved):
         return BATCH_MAJOR
     if at * batch in moved and all(q % batch == 0 for q in moved):
         return SEQUENCE_FIRST
     return OTHER_ORDER
+
+
+#: where a level's padding mask is, where it is not its ``attention_mask`` of 1 at each token: the forward's parameter
+#: name and place among its positional arguments (either None where it has none), and whether it marks padding (True,
+#: as a key padding mask does) rather than tokens
+MaskPlace = tuple[str | None, int | None, bool]
+
+
+def _mask_candidates(
+    args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None, batch: int
+) -> Iterator[tuple[str | int, torch.Tensor]]:
+    """The tensors a forward was given (by name or place) that may be a mask of one entry per token of its ``[batch,
+    positions]`` ids: ``[batch, ...]`` of one dimension past the batch that is not 1 (``[batch, keys]``, ``[batch, 1,
+    1, keys]``), not floating-point embeddings; ``key``: the ids' own name (None: the first positional argument)."""
+    given: list[tuple[str | int, Any]] = [(i, a) for i, a in enumerate(args) if i or key is not None]
+    given += [(name, v) for name, v in kwargs.items() if name != key]
+    for where, value in given:
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[0] != batch:
+            continue
+        if sum(1 for n in value.shape[1:] if n != 1) != 1 or (value.is_floating_point() and value.dim() == 3):
+            continue  # (hidden states, a 4-d mask of queries and keys)
+        yield where, value
+
+
+def mask_at(place: MaskPlace, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The ``[batch, keys]`` mask at ``place`` among a forward's inputs, 1 (True) at each token it keeps; None where the
+    forward was given none there. On a device: no host sync (one comparison where it marks padding)."""
+    name, at, marks_padding = place
+    value = kwargs.get(name) if name is not None else None
+    if value is None and at is not None and len(args) > at:
+        value = args[at]
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return None
+    flat = value.reshape(value.shape[0], -1)
+    return flat == 0 if marks_padding else flat
+
+
+def _locate_mask(
+    moved_at: Callable[[int], set[int] | None],
+    rows: int,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: str | None,
+    mask: Any,
+    batch: int,
+    positions: int,
+) -> MaskPlace | None:
+    """Where the padding mask of a forward of ``[batch, positions]`` tokens whose routers saw ``rows`` rows, fewer,
+    is among its inputs, read as marking tokens or padding: the one place and reading alone whose kept tokens the
+    rows are, sequence by sequence (:func:`_unpadded`, with the rows ``moved_at`` each changed token moves); None
+    where none or several are (its attention ``mask`` read as marking tokens was tried before). On a device: host
+    syncs (at a forward that tells the order only)."""
+    found: list[MaskPlace] = []
+    for where, value in _mask_candidates(args, kwargs, key, batch):
+        flat = value.reshape(batch, -1)
+        if flat.shape[1] < positions:
+            continue
+        readings = (False, True) if not value.is_floating_point() else (False,)
+        for marks_padding in readings:
+            if value is mask and not marks_padding:
+                continue
+            reading = flat == 0 if marks_padding else flat
+            keep = _kept_tokens(reading[:, -positions:])
+            if keep is None or int(keep.sum()) != rows:
+                continue
+            at = _last_token(reading, batch, positions)
+            moved = None if at is None else moved_at(at)
+            if (
+                moved is not None
+                and at is not None
+                and _unpadded(moved, rows, reading, at, batch, positions) == UNPADDED
+            ):
+                name, place = (where, None) if isinstance(where, str) else (None, where)
+                found.append((name, place, marks_padding))
+    return found[0] if len(found) == 1 else None
 
 
 def _unpadded(moved: set[int], rows: int, mask: Any, at: int, batch: int, positions: int) -> str:
@@ -1897,7 +2020,7 @@ class _Found:
     the first router (the level first) and their state then (:func:`_path_state`), less the keys the level's own
     forward changes (a forward counter: its state, not a setting)."""
 
-    __slots__ = ("order", "own", "padless", "path", "runs", "scopes", "state")
+    __slots__ = ("mask", "order", "own", "padless", "path", "runs", "scopes", "state")
 
     def __init__(
         self,
@@ -1906,8 +2029,12 @@ class _Found:
         runs: tuple[Any, Any],
         path: Sequence[nn.Module],
         padless: bool = False,
+        mask: MaskPlace | None = None,
     ) -> None:
         self.order = order
+        #: where the mask whose kept tokens the routers see is, where not the forward's ``attention_mask`` read as 1 at
+        #: each token (:func:`_locate_mask`)
+        self.mask = mask
         #: told at a forward without padding: whether the routers see only the tokens a mask keeps is not told, and a
         #: forward with padding tells the order again (:func:`_padded`)
         self.padless = padless and order != UNPADDED
@@ -2080,6 +2207,9 @@ class FeedForward:
         self._padless = False
         #: the check of the first router's input in the forward running now (:func:`_order_check`), or None
         self._verify: Callable[[torch.Tensor | None], None] | None = None
+        #: where the padding mask whose kept tokens the routers see is among the forward's inputs, where the order runs
+        #: found it elsewhere than its ``attention_mask`` of 1 at each token (:func:`_locate_mask`): read as that mask
+        self.mask_from: MaskPlace | None = None
 
     def leave(self) -> None:
         """One of the sessions it serves detaches; it stays for the others."""
@@ -2120,11 +2250,11 @@ class FeedForward:
             for r in entered:
                 r.unseen()
         elif current_graph_task_id() == -1:
-            named = kwargs  # (what the records read: the mask by name, given by position too)
-            at = self.mask_at
-            if at is not None and len(args) > at and "attention_mask" not in kwargs:
-                named = {**kwargs, "attention_mask": args[at]}
+            named = self._named(args, kwargs)  # (what the records read: the mask by name, given by position too)
+            place = self.mask_from
             order = self._order(entered, args, named, kwargs)
+            if self.mask_from != place:  # (a mask found elsewhere by the runs at this forward, or no longer)
+                named = self._named(args, kwargs)
             # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
             watching = [
                 (r, r.calls_made() if r.calls_made is not None else None) for r in entered if isinstance(r, FeedRecord)
@@ -2157,6 +2287,17 @@ class FeedForward:
             if settling is not None:
                 settling.settle()
 
+    def _named(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The inputs of a forward as the records read them: its attention mask by name, where it was given by
+        position, or where the runs found the mask whose kept tokens its routers see elsewhere (``mask_from``)."""
+        at = self.mask_at
+        named = kwargs
+        if at is not None and len(args) > at and "attention_mask" not in kwargs:
+            named = {**kwargs, "attention_mask": args[at]}
+        if self.mask_from is not None:
+            named = {**named, "attention_mask": mask_at(self.mask_from, args, kwargs)}
+        return named
+
     def _order(
         self,
         entered: list[FeedRecord | FeedCheck],
@@ -2179,8 +2320,10 @@ class FeedForward:
                 return UNPADDED if order == UNPADDED else BATCH_MAJOR
             runs = (type(self.module).forward, _Same(self.before))
             told = _ORDER_OF.get(self.module, ()) if int(shape[0]) == 1 < int(shape[1]) else ()
-            unpads = any(f.order == UNPADDED and f.holds(self.scopes, runs) for f in told)
-            return UNPADDED if unpads else BATCH_MAJOR
+            unpads = next((f for f in told if f.order == UNPADDED and f.holds(self.scopes, runs)), None)
+            if unpads is not None:
+                self.mask_from = unpads.mask  # (the mask whose kept tokens they see, where found elsewhere)
+            return UNPADDED if unpads is not None else BATCH_MAJOR
         # (told at a forward without padding, where its routers' rows were one per token whether or not they see only
         # the tokens a mask keeps: a forward with padding tells it again. Once told, a mask on a device is not read, as
         # that would cost a host sync per forward: where such a padded forward's routers saw fewer rows than its tokens,
@@ -2205,24 +2348,32 @@ class FeedForward:
                 return f.order
         # (an order told without padding, told again at this padded forward: kept where the runs cannot run here)
         prior = (order, self._found) if order is not None and self._padless else None
-        self.order = self._found = None
+        self.order = self._found = self.mask_from = None
         self._padless = False
         path: list[nn.Module] = []
         seen: list[torch.Tensor | None] = []
+        located: list[MaskPlace] = []
         # (its forwards enter no block)
         mask = kwargs.get("attention_mask")  # (the runs are given what the forward was: a mask by position twice fails)
         runs_given = kwargs if given is None else given
-        found = token_order(self._run, self.scopes, args, runs_given, self.module, path, seen, mask)
+        found = token_order(self._run, self.scopes, args, runs_given, self.module, path, seen, mask, located)
+        if located:  # (given by name or by place at later forwards: both, where the forward's signature has them)
+            name, at, marks_padding = located[0]
+            if name is None and at is not None:
+                name = _name_at(self.__wrapped__, at)
+            elif name is not None:
+                at = _place_of(self.__wrapped__, name)
+            located[0] = (name, at, marks_padding)
         if found is not None:
             # (the router scope it stopped at ran none of its own code: compared as a scope)
             way = [m for m in path if all(m is not s for s in self.scopes)]
-            f = _Found(found, self.scopes, runs, [self.module, *way], not padded)
+            f = _Found(found, self.scopes, runs, [self.module, *way], not padded, located[0] if located else None)
             fed = _inputs(args, kwargs)[2]
             if seen and seen[0] is not None and fed is not None and found != OTHER_ORDER and _hooked(way):
                 # told with the hooks of the modules on the way set aside: the forward itself, run with them, is
                 # checked at its first router (:func:`_order_check`), and the order kept for later blocks once it
                 # passed (till then the first forward of each block tells it again)
-                self.order, self._found, self._padless = found, None, f.padless
+                self.order, self._found, self._padless, self.mask_from = found, None, f.padless, f.mask
                 self._checked.update(entered)
                 grid = (int(fed[0]), int(fed[1]))
                 self._verify = _order_check(seen[0], found, grid, lambda: self._keep(f))
@@ -2231,6 +2382,7 @@ class FeedForward:
             self._keep(f)
         elif prior is not None:  # (its routers' rows, where fewer than its tokens, are refused as read: _ids_lost)
             self.order, self._found, self._padless = prior[0], prior[1], True
+            self.mask_from = None if prior[1] is None else prior[1].mask
             return prior[0]
         return found or UNTOLD
 
@@ -2243,7 +2395,7 @@ class FeedForward:
 
     def _adopt(self, found: _Found, entered: list[FeedRecord | FeedCheck]) -> None:
         """Take ``found`` as the order of the blocks ``entered`` (and of the later forwards of these blocks)."""
-        self.order, self._found, self._padless = found.order, found, found.padless
+        self.order, self._found, self._padless, self.mask_from = found.order, found, found.padless, found.mask
         self._checked.update(entered)
 
     @property
@@ -2292,6 +2444,16 @@ def _place_of(forward: Callable[..., Any], name: str) -> int | None:
         if param.name == name:
             return i
     return None
+
+
+def _name_at(forward: Callable[..., Any], at: int) -> str | None:
+    """The name of ``forward``'s positional parameter at place ``at``; None where it has none there."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return params[at].name if at < len(params) and all(p.kind in positional for p in params[: at + 1]) else None
 
 
 def _enter_levels(levels: Sequence[FeedForward], record: FeedRecord | FeedCheck) -> Callable[[], None]:

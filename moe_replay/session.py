@@ -2320,16 +2320,18 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
     per = []
     apart = None  # (a router told apart by a forward's calls alone, see below)
     lost_here: list[str] = []  # (why each router whose ids were lost lost them: its rows are LOST_ID, see below)
+    fewer = _fewer_untold(feeds, calls, routes.names)
     for i, (name, c) in enumerate(zip(routes.names, calls, strict=True)):
         ids, mask = feeds.rows(c, i, outside=True)
         if ids is None and len(set(calls)) == 1:
             # (routers whose rows are all alike and follow no forward's tokens: unknown, as they always were, unless a
-            # forward fed ids called them on every one of its tokens and again on other rows: refused, as below)
-            routes._ids_lost = _part_call(feeds, c, i, name) or _unpadded_untold(feeds, c, i, name)
+            # forward fed ids called them on every one of its tokens and again on other rows, or every router on
+            # fewer rows than its tokens: refused, as below)
+            routes._ids_lost = _part_call(feeds, c, i, name) or _unpadded_untold(feeds, c, i, name) or fewer
             return
         # (rows of no forward's tokens, or of some forwards' only: a forward may have called it on the tokens its
         # mask keeps in an order not told, whose rows line up with none)
-        lost = _unpadded_untold(feeds, c, i, name)
+        lost = _unpadded_untold(feeds, c, i, name) or (fewer if ids is None else None)
         if lost is not None:  # (not a stream of its own: the tokens of a forward its mask keeps, in an untold order)
             lost_here.append(lost)
             per.append(torch.full((routes.tokens_per_layer[i],), LOST_ID, dtype=torch.long))
@@ -2401,6 +2403,35 @@ def _unpadded_untold(
                 f"positions its attention mask holds 0 (False) at, of the {f.count} it was fed: a mask of True at "
                 "padding (as a key padding mask is), the padding taken out before the routers? Which row is which "
                 "token is not told; pass the model an attention_mask of 1 at each token and 0 at padding"
+            )
+    return None
+
+
+def _fewer_untold(
+    feeds: FeedRecord, calls: Sequence[tuple[tuple[int, int], ...] | None], names: Sequence[str]
+) -> str | None:
+    """Why the routers' token ids are lost, where a forward fed ids called every router it called on fewer rows than
+    it was fed tokens, each call (padding taken out before the routers by a mask the capture did not find: one of a
+    layout of its own, or given at a forward whose order the runs could not tell), in no order told: which row is
+    which token is not told. A router beside them called on every token (an encoder's, beside a decoder's canvas)
+    shows the forward's tokens reach the routers: no such forward. None where none did."""
+    sizes = [[n for n, k in c or () for _ in range(k)] for c in calls]
+    for f in feeds.forwards:
+        if f.ids is None or f.count <= 0 or f.calls is None or f.end is None:
+            continue
+        if len(f.calls) < len(calls) or len(f.end) < len(calls):
+            continue
+        made = [(name, s[f.calls[i] : f.end[i]]) for i, (name, s) in enumerate(zip(names, sizes, strict=True))]
+        made = [(name, m) for name, m in made if m]
+        if made and all(0 < n < f.count for _, m in made for n in m):
+            name, m = made[0]
+            return (
+                f"router '{name}' was called in a forward of the model on {m[0]} rows, fewer than the {f.count} "
+                "tokens it was fed, and so was every router that forward called (the padding taken out before the "
+                "routers by a mask the capture could not find among the forward's inputs, or at a forward whose "
+                "token order could not be told: one sequence, a cache that holds tokens, several processes), in an "
+                "order not told; pass the model its mask as attention_mask (1 at each token, 0 at padding), and "
+                "capture a forward of several padded sequences first"
             )
     return None
 

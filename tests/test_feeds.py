@@ -1588,8 +1588,9 @@ class _PaddingMarked(_Unpadding):
 def test_routers_fed_the_tokens_a_mask_of_true_at_padding_keeps_are_refused_not_forced_unchecked() -> None:
     """Once silent: a model given, as its attention mask, one of True at padding (a key padding mask) that takes the
     padding out: its routers' rows, as many as the mask's False entries, fewer than the ids fed, were read as a stream
-    of their own and kept no ids, and a replay of the batches in another order was forced without a word. Refused,
-    naming the mask (by row order, on purpose, the capture's batches replay exactly)."""
+    of their own and kept no ids, and a replay of the batches in another order was forced without a word; then refused
+    even in their own order. The order runs find the mask read as marking padding: the capture keeps the ids of the
+    tokens it keeps, its batches replay exactly, in another order they are refused."""
     model = _PaddingMarked()
     pad = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]).bool()
     a, b = _ids(0), _ids(1)
@@ -1597,11 +1598,12 @@ def test_routers_fed_the_tokens_a_mask_of_true_at_padding_keeps_are_refused_not_
         with session.capture(), torch.no_grad():
             want = [model(a, pad), model(b, pad)]
         routes = session.routes()
-        with pytest.raises(mr.MoEReplayError, match=r"holds 0 \(False\) at"):
+        assert torch.equal(routes.token_ids, torch.cat([a[~pad], b[~pad]]))
+        with pytest.raises(mr.MoEReplayError):
             with session.replay(routes), torch.no_grad():
                 model(b, pad)
                 model(a, pad)
-        with session.replay(routes.with_token_ids(None)), torch.no_grad():
+        with session.replay(routes), torch.no_grad():
             got = [model(a, pad), model(b, pad)]
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
@@ -1618,26 +1620,159 @@ class _OtherNamedMask(_Unpadding):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a mask under another name than attention_mask is not read: routers fed only the tokens it keeps have "
-    "fewer rows than the ids fed, read as a stream of their own whose ids are unknown, and are replayed by row order",
-)
 def test_routers_fed_the_tokens_a_mask_of_another_name_keeps_are_refused_on_batches_in_another_order() -> None:
-    """A model given its padding mask as ``padding_mask`` that takes the padding out: a replay of its captured batches
-    in another order must be refused (today forced by row order, without a word)."""
+    """Once silent: a model given its padding mask as ``padding_mask`` that takes the padding out: the capture could
+    not read that mask, its routers' rows looked like a stream of their own, and a replay of its batches in another
+    order was forced by row order. The order runs find the mask whose kept tokens the rows are among the forward's
+    inputs: the capture keeps their ids, its batches replay exactly, in another order they are refused."""
     model = _OtherNamedMask()
     pad = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]).bool()
     a, b = _ids(0), _ids(1)
     with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
         with session.capture(), torch.no_grad():
-            model(a, pad)
-            model(b, pad)
+            want = [model(a, pad), model(b, pad)]
         routes = session.routes()
+        assert torch.equal(routes.token_ids, torch.cat([a[~pad], b[~pad]]))
         with pytest.raises(mr.MoEReplayError):
             with session.replay(routes), torch.no_grad():
                 model(b, pad)
                 model(a, pad)
+        with session.replay(routes), torch.no_grad():
+            got = [model(a, pad), model(b, padding_mask=pad)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+class _MaskOfItsOwn(_Unpadding):
+    """``_Unpadding`` given its padding under another name or layout than an ``attention_mask`` of 1 at each token
+    (``how``): fairseq's ``padding_mask`` (True, or 1, at padding), an additive ``[batch, 1, 1, keys]`` ``src_mask``, a
+    float ``keep`` of 1.0 at each token, the ``lengths`` of the sequences, or ``padding_mask`` and ``keep`` both."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        src_mask: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, width = input_ids.shape
+        if padding_mask is not None:
+            kept = padding_mask == 0
+        elif src_mask is not None:
+            kept = src_mask.reshape(batch, width) == 0
+        elif keep is not None:
+            kept = keep == 1
+        else:
+            assert lengths is not None
+            kept = torch.arange(width)[None, :] < lengths[:, None]
+        h = self.embed(input_ids)[kept]
+        for layer in self.layers:
+            h = h + layer(h)
+        return h
+
+
+def _given(how: str, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inputs ``_MaskOfItsOwn(how)`` takes its padding from, for the tokens ``keep`` marks."""
+    if how == "padding_mask":
+        return {"padding_mask": ~keep}
+    if how == "padding_mask uint8":
+        return {"padding_mask": (~keep).to(torch.uint8)}
+    if how == "src_mask":
+        return {"src_mask": torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))[:, None, None, :]}
+    if how == "keep":
+        return {"keep": keep.float()}
+    if how == "lengths":
+        return {"lengths": keep.sum(1)}
+    return {"padding_mask": ~keep, "keep": keep.float()}  # (two masks that tell the same: which is read is not told)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    ("how", "side", "exact"),
+    [
+        ("padding_mask", "left", True),
+        ("padding_mask uint8", "right", True),
+        ("src_mask", "right", True),
+        ("keep", "left", True),
+        ("lengths", "right", False),
+        ("both", "right", False),
+    ],
+)
+def test_routers_fed_the_tokens_a_mask_of_its_own_keeps_are_exact_or_refused(how: str, side: str, exact: bool) -> None:
+    """Once silent: a model that takes the padding out by a mask the capture did not read (under another name, of
+    True at padding, of another layout or dtype, the sequences' lengths) had routers' rows fewer than its ids, read as
+    a stream of their own, replayed by row order on batches in another order. Where one of the forward's inputs alone
+    tells the rows as its kept tokens, the capture keeps their ids: its batches replay exactly (the mask given by name
+    or by place), in another order they are refused; where none or two do, the routes are refused, and replay by row
+    order only on purpose."""
+    model = _MaskOfItsOwn("padding_mask" if how == "padding_mask uint8" else how)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]).bool()
+    keep = keep.flip(1) if side == "left" else keep
+    given = _given(how, keep)
+    a, b = _ids(0), _ids(1)
+    with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
+        with session.capture(), torch.no_grad():
+            want = [model(a, **given), model(b, **given)]
+        routes = session.routes()
+        if not exact:
+            assert routes.token_ids is None
+            with pytest.raises(mr.TokenMismatchError, match="could not keep for every row"):
+                with session.replay(routes), torch.no_grad():
+                    model(a, **given)
+            routes = routes.with_token_ids(None)  # (by row order, on purpose)
+        else:
+            assert torch.equal(routes.token_ids, torch.cat([a[keep], b[keep]]))
+            with pytest.raises(mr.TokenMismatchError):
+                with session.replay(routes), torch.no_grad():
+                    model(b, **given)
+                    model(a, **given)
+        with session.replay(routes), torch.no_grad():
+            place = how.startswith("padding_mask")  # (its mask the first argument after the ids: by place too)
+            got = [model(a, **given), model(b, *given.values()) if place else model(b, **given)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("then", ["one sequence", "another session", "told without padding"])
+def test_routers_fed_the_tokens_a_padding_mask_keeps_at_later_forwards_are_exact_or_refused(then: str) -> None:
+    """A model given ``padding_mask`` (True at padding) that takes the padding out, its mask found at a padded batch:
+    a later forward of one padded sequence (no order runs there), and a capture in a later session on the model, keep
+    the ids of the tokens it keeps and replay exactly, in another order refused. Told first at a batch without padding
+    (the mask not found: every row a token), later padded batches' routes are refused, never replayed unchecked."""
+    model = _MaskOfItsOwn("padding_mask")
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]).bool()
+    a, b = _ids(0), _ids(1)
+    if then == "one sequence":
+        a, b, keep = a[:1], b[:1], keep[:1]
+    with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
+        with session.capture(), torch.no_grad():
+            first = (
+                torch.ones(3, 5, dtype=torch.bool)
+                if then == "told without padding"
+                else torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
+            )
+            model(_ids(2), padding_mask=~first)  # (the order told here)
+    with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
+        with session.capture(), torch.no_grad():
+            want = [model(a, padding_mask=~keep), model(b, padding_mask=~keep)]
+        routes = session.routes()
+        if then == "told without padding":
+            with pytest.raises(mr.TokenMismatchError, match="could not keep for every row"):
+                with session.replay(routes), torch.no_grad():
+                    model(a, padding_mask=~keep)
+            return
+        assert torch.equal(routes.token_ids, torch.cat([a[keep], b[keep]]))
+        with session.replay(routes), torch.no_grad():
+            got = [model(a, padding_mask=~keep), model(b, padding_mask=~keep)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(routes), torch.no_grad():
+                model(b, padding_mask=~keep)
+                model(a, padding_mask=~keep)
 
 
 class _LaterUnpadding(_Unpadding):
@@ -2448,20 +2583,45 @@ def test_one_padded_sequence_at_a_level_never_told_unpadded_keeps_the_ids_its_ro
                 _one_padded(model, swap=True)
 
 
+class _MaybeUnpadding(_Unpadding):
+    """``_Unpadding`` that takes the padding out unless ``every`` is set (then its routers see every position)."""
+
+    every = False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        h = h.reshape(-1, h.shape[-1]) if self.every else h[attention_mask.bool()]
+        for layer in self.layers:
+            h = h + layer(h)
+        return h
+
+
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(strict=True, reason="one padded sequence replayed at a level never told is read batch-major")
-def test_one_padded_sequence_replayed_at_a_level_never_told_unpadded_replays() -> None:
-    """A false refusal: the capture's forwards of one left-padded sequence each, at a level never told that its routers
-    see only the tokens the mask keeps, replayed in the same session: each replay forward's ids are compared as read
-    batch-major (all of them, padding included), not as the rows its routers read."""
-    model = _Unpadding()
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_one_padded_sequence_replayed_at_a_level_never_told_unpadded_replays(side: str) -> None:
+    """Once a false refusal: the capture's forwards of one padded sequence each, at a level never told that its routers
+    see only the tokens the mask keeps, replayed in the same session: each replay forward's ids were compared as read
+    batch-major (all of them, padding included), not as the rows its routers read. Rows recorded for the kept tokens
+    alone are compared with those: exact; in another order, refused; and a forward whose routers read every position
+    of such rows is refused as it reads past them."""
+    model = _MaybeUnpadding()
+    mask = torch.tensor([[0, 0, 1, 1, 1]] if side == "left" else [[1, 1, 1, 0, 0]])
+    pair = [_ids(0)[:1], _ids(1)[:1]]
     with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
         with session.capture(), torch.no_grad():
-            want = _one_padded(model)
+            want = [model(ids, mask) for ids in pair]
         routes = session.routes()
         with session.replay(routes), torch.no_grad():
-            got = _one_padded(model)
+            got = [model(ids, mask) for ids in pair]
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(routes), torch.no_grad():
+                for ids in pair[::-1]:
+                    model(ids, mask)
+        model.every = True
+        with pytest.raises(mr.MoEReplayError):
+            with session.replay(routes, strict=False), torch.no_grad():
+                model(pair[0], mask)
 
 
 @pytest.mark.reliability("silent replays")
