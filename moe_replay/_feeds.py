@@ -115,6 +115,11 @@ UNPADDED = "unpadded"
 #: its ids are read as batch-major, and the rows of a forward fed embeddings are in the routers' order, whatever it is
 #: (``Routes._order_untold``)
 UNTOLD = "untold"
+#: a later router sees the tokens of ``[batch, positions]`` ids in another order than the first router (a layer that
+#: transposes, reverses or regroups the batch between them): no one order of ids fits every router's rows, so a
+#: capture keeps none (its routes are refused), and a replay of such a forward of several sequences of several
+#: positions is refused
+MIXED = "mixed"
 
 _SEQUENCE_FIRST_HINT = (
     "This model's routers see the tokens of a [batch, positions] forward sequence-first (position 0 of every "
@@ -232,6 +237,9 @@ class FeedRecord:
         #: a forward of this capture whose routers saw its tokens sequence-first: its rows do not follow the tokens
         #: sequence by sequence (:meth:`ranks`)
         self.sequence_first = False
+        #: why no ids are kept for the rows: a forward of several sequences whose routers saw its tokens in more than
+        #: one order (:data:`MIXED`), or None
+        self.mixed: str | None = None
         #: a forward of this capture that raised after its routers recorded rows, the exception caught inside the
         #: block (a retry after an out-of-memory error): its rows stop half-way, so the routers' rows no longer line
         #: up. The exception in words, or None
@@ -299,6 +307,8 @@ class FeedRecord:
         if before and not given and self._notes_loops and count > 0:  # (its tokens start from no cached ones)
             self._fresh.append(("", None))
         untold = False
+        if order == MIXED and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and self.mixed is None:
+            self.mixed = _mixed_words(int(fed[0]), int(fed[1]))
         if order == SEQUENCE_FIRST:
             self.sequence_first = True
         elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and order != BATCH_MAJOR:
@@ -642,7 +652,7 @@ class FeedRecord:
     ) -> list[_Forward | None] | None:
         """The forward of each call of router ``router`` (where the routers' calls are ``calls``), or None where they
         do not line up (see :meth:`rows`); with ``outside``, None for each call outside every forward."""
-        if calls is None or not self._keep_inputs:
+        if calls is None or not self._keep_inputs or self.mixed is not None:
             return None
         for f in self.forwards:  # (the tokens of forwards whose routers saw only those their masks keep: read now)
             if f.unpadded:
@@ -856,10 +866,11 @@ class FeedCheck:
         if self._lost:
             self.forwards += 1
             return True
-        count, ids, _ = _inputs(args, kwargs)
+        count, ids, shape = _inputs(args, kwargs)
         if count < 0:
             return False
         self.forwards += 1
+        _refuse_mixed(order, shape, self.forwards, self.hint)
         start = self._in_step(count)
         if start is None:  # (rows read on the device: the host does not know where this forward's rows begin)
             self._open()
@@ -1083,10 +1094,11 @@ class RouterFeedCheck(FeedCheck):
         if self._lost:
             self.forwards += 1
             return True
-        count, ids, _ = _inputs(args, kwargs)
+        count, ids, shape = _inputs(args, kwargs)
         if count < 0:
             return False
         self.forwards += 1
+        _refuse_mixed(order, shape, self.forwards, self.hint)
         if any(src.read_by_device for src in self._sources):  # (the host does not know where its rows begin)
             self._open()
             return True
@@ -1219,6 +1231,8 @@ class OrderCheck(FeedCheck):
             self._lost = True
         if not self._lost:
             self._in_step(count)
+        if not self._kept:
+            _refuse_mixed(order, shape, self.forwards, self.hint)
         if not self._kept and order == SEQUENCE_FIRST and shape is not None and min(int(shape[0]), int(shape[1])) > 1:
             raise TokenMismatchError(
                 f"forward {self.forwards} of this replay() feeds a [{int(shape[0])}, {int(shape[1])}] batch whose "
@@ -1321,6 +1335,8 @@ class OrderNote(FeedCheck):
             self._began(grid, False, "")
         elif order == SEQUENCE_FIRST:
             self._began(grid, True, "")
+        elif order == MIXED:
+            self._began(grid, None, " (its routers see its tokens in more than one order: a later layer reorders them)")
         elif order == UNTOLD and ids is not None:  # (a cache that holds tokens, across processes: read as a capture
             self._began(grid, False, "")  # reads its ids, batch-major)
         elif order == UNTOLD:
@@ -1694,8 +1710,12 @@ def token_order(
     aside = False
     # (the hooks of the model's modules first set aside, as in a decision's probe runs: a hook that collects
     # activations sees the one forward; where the runs fail without them, they run with them)
+    notes: list[_Later] = []
     for aside in (True, False) if kept is not None else (False,):
-        rows = _order_rows(run, fed, (grid, changed), devices, kept, aside, path)
+        notes.clear()
+        rows = _order_rows(
+            run, fed, (grid, changed), devices, kept, aside, path, scopes if len(scopes) > 1 else None, notes
+        )
         if rows is not None:
             if aside and seen is not None:
                 seen.append(rows[0])
@@ -1708,6 +1728,9 @@ def token_order(
     moved = set((first != second).any(dim=-1).nonzero().flatten().tolist())
     if first.shape[0] != batch * positions:
         told = _unpadded(moved, first.shape[0], mask, at, batch, positions)
+        if told == UNPADDED:  # (sequence 0's kept tokens come first)
+            seq0 = _kept_tokens(mask[:1, -positions:])
+            return _mixed(notes, told, first.shape[0], lambda j: seq0 is not None and j < int(seq0.sum()))
         if told == OTHER_ORDER and first.shape[0] < batch * positions and located is not None:
             # (fewer rows than the tokens, not those the attention mask keeps: a mask under another name, or of True
             # at padding, among the forward's own tensors, where one alone tells the rows as its kept tokens)
@@ -1728,14 +1751,99 @@ def token_order(
             where = _locate_mask(moved_at, first.shape[0], args, kwargs, key, mask, batch, positions)
             if where is not None:
                 located.append(where)
-                return UNPADDED
+                found = mask_at(where, args, kwargs)
+                seq0 = None if found is None else _kept_tokens(found[:1, -positions:])
+                return _mixed(notes, UNPADDED, first.shape[0], lambda j: seq0 is not None and j < int(seq0.sum()))
         return told
     # (the changed token's own row changes, and only rows of its sequence: told apart as at >= 1 and batch >= 2)
     if at in moved and all(q < positions for q in moved):
-        return BATCH_MAJOR
+        return _mixed(notes, BATCH_MAJOR, batch * positions, lambda j: j < positions)
     if at * batch in moved and all(q % batch == 0 for q in moved):
-        return SEQUENCE_FIRST
+        return _mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j % batch == 0)
     return OTHER_ORDER
+
+
+def _mixed_words(batch: int, positions: int) -> str:
+    """Why a ``[batch, positions]`` forward's routers' rows know no one order of its tokens (:data:`MIXED`)."""
+    return (
+        f"the routers see the tokens of a [{batch}, {positions}] forward in more than one order: a later router sees "
+        "them in another order than the first (a layer between them transposes, reverses or regroups the batch), so "
+        "no one order of the ids fits every router's rows"
+    )
+
+
+def _refuse_mixed(order: str, shape: torch.Size | None, forward: int, hint: str) -> None:
+    """Refuse forward ``forward`` of a replay, of ``[batch, positions]`` ``shape``, whose routers see its tokens in
+    more than one order (``order`` :data:`MIXED`), where it holds several sequences of several positions: no one
+    layout of the rows it reads fits every router, and which rows go to which token cannot be checked."""
+    if order != MIXED or shape is None or min(int(shape[0]), int(shape[1])) < 2:
+        return
+    raise TokenMismatchError(
+        f"forward {forward} of this replay(): {_mixed_words(int(shape[0]), int(shape[1]))}, and which of the rows it "
+        "reads go to which token cannot be checked: rows laid out for one router's order would force the experts of "
+        "other tokens on the other's. Replay such a batch one sequence per forward (every order of one sequence is "
+        "the same), or replay a capture's own rows of the very forwards it recorded, in order, by row order "
+        "(routes.with_token_ids(None))" + (f". {hint}" if hint else "")
+    )
+
+
+def _mixed(notes: list[_Later], order: str, rows: int, first: Callable[[int], bool]) -> str:
+    """``order``, the first router's (of ``rows`` rows), or :data:`MIXED` where a later router of as many rows, noted
+    in both runs (``notes``), sees the tokens in another order: of its rows, the one that changed most with the token
+    of sequence 0 the runs changed (its own row: its embedding changed) is a row that in the first router's order
+    holds a token of another sequence (``first``: is row ``j`` one of sequence 0's there?), which that token cannot
+    reach where sequences do not mix (a layer that transposes or reverses the batch). A later router of another count
+    of rows (a stream of its own, the kept tokens alone) is left to the checks of its rows, as before."""
+    if len(notes) != 2:
+        return order
+    for scope, before in notes[0].rows.items():
+        after = notes[1].rows.get(scope)
+        if after is None or after.shape != before.shape or before.shape[0] != rows:
+            continue
+        change = (after - before).norm(dim=-1)
+        if not bool(torch.isfinite(change).all()) or not bool((change > 0).any()):
+            continue
+        if not first(int(change.argmax())):
+            return MIXED
+    return order
+
+
+class _Later:
+    """What a token-order run that goes on past its first router (:class:`~moe_replay.intercept.OrderProbe`'s
+    ``note``) saw: the first router's input rows, and a sketch of each later router's (its first call), by scope."""
+
+    def __init__(self, scopes: Sequence[nn.Module]) -> None:
+        self.want = {id(s) for s in scopes}
+        self.seen: set[int] = set()
+        self.first: torch.Tensor | None = None
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def note(self, scope: nn.Module, rows: torch.Tensor | None) -> bool:
+        """Note router ``scope``'s input ``rows``; True where the run may stop here (every router's reached, or one
+        again: a router called at several layers)."""
+        if id(scope) in self.seen:
+            return True
+        if not self.seen:
+            self.first = rows
+        elif rows is not None:
+            self.rows[id(scope)] = _sketch(rows)
+        self.seen.add(id(scope))
+        return self.seen >= self.want
+
+
+#: the random projections of a router's input rows kept by the token-order runs, by width and device
+_SKETCHES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _sketch(rows: torch.Tensor) -> torch.Tensor:
+    """``[rows, features]`` projected on 8 fixed random directions (float32): how far each row moved between two runs
+    is kept without a copy of the rows."""
+    key = (int(rows.shape[-1]), rows.device)
+    proj = _SKETCHES.get(key)
+    if proj is None:
+        proj = torch.randn(key[0], 8, generator=torch.Generator().manual_seed(0)).to(rows.device)
+        _SKETCHES[key] = proj
+    return rows.float() @ proj
 
 
 #: where a level's padding mask is, where it is not its ``attention_mask`` of 1 at each token: the forward's parameter
@@ -1847,6 +1955,8 @@ def _order_rows(
     kept: _Snapshot | None,
     aside: bool,
     path: list[nn.Module] | None = None,
+    scopes: Sequence[nn.Module] | None = None,
+    notes: list[_Later] | None = None,
 ) -> list[torch.Tensor | None] | None:
     """The first router's input rows in a run of each of ``inputs`` (None: no router reached), from one random
     state, with the submodules' hooks set ``aside``; None where a run fails. ``kept`` is put back after them.
@@ -1855,8 +1965,10 @@ def _order_rows(
     entered: list[nn.Module] = []
 
     def note(module: nn.Module, args: Any) -> None:
-        if not rows:  # (the first run's)
+        if not rows and not (later is not None and later.seen):  # (the first run's, to its first router)
             entered.append(module)
+
+    later: _Later | None = None
 
     hooks = kept.hooks_aside() if aside and kept is not None else contextlib.nullcontext()
     drawn = _Drawn()
@@ -1890,16 +2002,25 @@ def _order_rows(
                 torch.set_rng_state(state)
                 for d, s in zip(devices, cuda, strict=True):
                     torch.cuda.set_rng_state(s, d)
+                if scopes is not None and notes is not None:  # (runs on past the first router: see _mixed)
+                    later = _Later(scopes)
+                    notes.append(later)
+                    ORDER_PROBE.note = later.note
                 try:
                     run(*fed(x))
                 except OrderStop as stop:
-                    rows.append(stop.rows)
+                    rows.append(stop.rows if later is None else later.first)
                 except Exception:  # (a forward that fails on the changed token: the order stays untold)
-                    return None
+                    if later is None or not later.seen:
+                        return None
+                    rows.append(later.first)  # (it failed past its first router: told as far as it went)
                 else:
-                    rows.append(None)  # (no router reached)
+                    rows.append(None if later is None else later.first)  # (None: no router reached)
+                finally:
+                    ORDER_PROBE.note = None
         finally:
             ORDER_PROBE.thread = None
+            ORDER_PROBE.note = None
             drawn.put_back()
             if kept is not None:
                 kept.restore()
@@ -2369,7 +2490,7 @@ class FeedForward:
             way = [m for m in path if all(m is not s for s in self.scopes)]
             f = _Found(found, self.scopes, runs, [self.module, *way], not padded, located[0] if located else None)
             fed = _inputs(args, kwargs)[2]
-            if seen and seen[0] is not None and fed is not None and found != OTHER_ORDER and _hooked(way):
+            if seen and seen[0] is not None and fed is not None and found not in (OTHER_ORDER, MIXED) and _hooked(way):
                 # told with the hooks of the modules on the way set aside: the forward itself, run with them, is
                 # checked at its first router (:func:`_order_check`), and the order kept for later blocks once it
                 # passed (till then the first forward of each block tells it again)

@@ -1900,27 +1900,43 @@ class OrderProbe:
     its input as ``[rows, features]``, before anything of the router runs. Where ``check`` is set too, the forward
     is a block's own (the order told by runs that set the hooks of the modules on the way aside): the first router
     scope it reaches hands its input rows to ``check`` (which may refuse the forward), and the forward goes on.
+    Where ``note`` is set instead, the probe runs on past the routers: each router scope it reaches (not one inside
+    another) hands ``note`` its scope module and input rows, then runs its own forward, plain (it records and
+    forces nothing), until ``note`` returns True (the probe then stops there, as at a first router).
     """
 
-    __slots__ = ("check", "thread")
+    __slots__ = ("check", "depth", "note", "thread")
 
     def __init__(self) -> None:
         self.thread: int | None = None
         self.check: Callable[[torch.Tensor | None], None] | None = None
+        self.note: Callable[[Any, torch.Tensor | None], bool] | None = None
+        self.depth = 0  # (router scopes running plain inside a probe that runs on)
 
-    def stop(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def stop(self, args: tuple[Any, ...], kwargs: dict[str, Any], forward: Any = None) -> tuple[Any] | None:
         """Raise :class:`OrderStop` with the scope's first floating input as rows (None where it has none); or,
-        where ``check`` is set, hand them to it once (then neither is set)."""
+        where ``check`` is set, hand them to it once (then neither is set) and return None: the router goes on. Where
+        ``note`` is set, note them and run the scope's own forward (``forward``, its :class:`ScopedForward`), plain:
+        its output, in a tuple."""
         rows = None
         for value in (*args, *kwargs.values()):
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
                 rows = value.detach().reshape(-1, value.shape[-1])  # (the run ends: nothing changes it)
                 break
-        check = self.check
+        check, note = self.check, self.note
+        if check is None and note is not None and forward is not None:
+            if not self.depth and note(forward.__moe_replay_hook__.scope, rows):
+                raise OrderStop(rows)
+            self.depth += 1
+            try:
+                return (forward.__wrapped__(*args, **kwargs),)
+            finally:
+                self.depth -= 1
         if check is None:
             raise OrderStop(rows)
         self.thread = self.check = None
         check(rows)
+        return None
 
 
 #: the probe of the token order in which the routers see a forward's tokens (one at a time: it runs under the
@@ -1945,7 +1961,11 @@ class ScopedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if ORDER_PROBE.thread is not None and ORDER_PROBE.thread == _get_ident():
-            ORDER_PROBE.stop(args, kwargs)  # (a token-order probe: it ends before this router does anything)
+            ran = ORDER_PROBE.stop(
+                args, kwargs, self
+            )  # (a token-order probe: it ends before this router does anything,
+            if ran is not None:  # or, one that runs on past it, this router's own forward ran, plain)
+                return ran[0]
         hook = self.__moe_replay_hook__
         if self._class_fn is not None and type(hook.scope).forward is not self._class_fn:
             self._follow_class()

@@ -1676,13 +1676,17 @@ class Session:
             routes._token_ids = None if ids is None else _known_or_none(ids)
             if routes._token_ids is None and all(c is not None for c in each):  # (rows of no one id each)
                 _router_ids(routes, self._feeds, each)
+            if self._feeds.mixed is not None:  # (routers that saw a forward's tokens in more than one order: each
+                routes._ids_lost = self._feeds.mixed  # row in its router's own, which a replay by row order keeps)
             rank = None
             if len(set(routes.tokens_per_layer)) == 1:  # (rows of routers that saw their tokens sequence-first, or
                 rank = self._feeds.ranks(routes._call_rows, routes.num_tokens)  # of forwards of an untold order)
                 routes._token_rank = None if rank is None else _out_of_order(rank)
             # (every row in the untold order of its routers: a replay of them needs no order check)
             routes._order_untold = self._feeds.untold and (rank is None or bool((rank == UNTOLD_RANK).all()))
-            routes._routers_order = routes._token_rank is not None and not routes._order_untold
+            routes._routers_order = (routes._token_rank is not None and not routes._order_untold) or (
+                self._feeds.mixed is not None
+            )
             routes._rows_moved = self._feeds.moved or self._feeds.rolled_back  # (tokens taken out of a cache too)
             routes._caches_interleaved = self._feeds.interleaved
             fed = [f for f in self._feeds.forwards if f.count]  # (read after rows(): the padding taken out)

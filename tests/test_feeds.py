@@ -2364,30 +2364,89 @@ class _TransposedLater(torch.nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the runs that tell the order routers see a batch in stop at the first router: a later router that sees "
-    "the tokens in another order (a transposed batch, a decoder's canvas as long as the input laid out otherwise) has "
-    "its rows labelled with the first router's token ids, so a cut of them replayed on one sequence passes the check "
-    "and forces other sequences' experts on it",
-)
 def test_a_later_router_that_sees_the_tokens_in_another_order_than_the_first_is_exact_or_refused() -> None:
-    """One sequence's rows cut from a batch's capture, replayed on that sequence alone: exact (each router forced
-    its own rows: the native forward of the sequence alone chooses them) or refused."""
+    """Once silent: the runs that tell the order routers see a batch in stopped at the first router, so a later router
+    that sees the tokens in another order (a transposed batch) had its rows labelled with the first router's ids, and
+    one sequence's rows cut from a batch's capture, replayed on that sequence alone, passed the check and forced other
+    sequences' experts on it. The runs go on past the first router: such routes know no ids and are refused (cut or
+    whole); rows without ids are refused on such a batch; the capture's own forward replays by row order on purpose,
+    and one sequence a forward replays checked."""
     model = _TransposedLater()
     a = _batch(1)
     with mr.attach(model) as session, torch.no_grad():
         with session.capture():
-            model(a)
+            full = model(a)
         routes = session.routes()
-        assert routes.token_ids is not None  # the premise: one id per row, the first router's order
         want = model(a[1:2])  # (each sequence's routing is its own: the batch's rows of it are what it chooses)
         try:
             with session.replay(routes[a.shape[1] : 2 * a.shape[1]]):
                 got = model(a[1:2])
+            assert torch.equal(got, want)
         except mr.MoEReplayError:
+            pass
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(routes):
+                model(a)
+        with pytest.raises(mr.TokenMismatchError, match="more than one order"):
+            with session.replay(mr.Routes(routes.per_layer(), names=routes.names, num_experts=8)):
+                model(a)
+        with session.replay(routes.with_token_ids(None)):
+            assert torch.equal(model(a), full)
+        with session.capture():
+            alone = [model(a[i : i + 1]) for i in range(2)]
+        routes = session.routes()
+        assert torch.equal(routes.token_ids, a[:2].reshape(-1))
+        with session.replay(routes):
+            assert all(torch.equal(model(a[i : i + 1]), alone[i]) for i in range(2))
+
+
+class _LaterLayout(_TransposedLater):
+    """``_TransposedLater`` whose layer between its MoE blocks is ``how``: it reverses the batch (``flip``), the first
+    block sees the batch transposed and the later one as fed (``first transposed``), or it mixes each sequence's
+    positions (``within``: the mean of the sequence added, as attention that looks both ways does)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        if self.how == "flip":
+            h = h + self.first(h)
+            return h + self.later(h.flip(0)).flip(0)
+        if self.how == "first transposed":
+            h = h + self.first(h.transpose(0, 1).contiguous()).transpose(0, 1)
+            return h + self.later(h)
+        h = h + self.first(h)
+        h = h + h.mean(dim=1, keepdim=True)
+        return h + self.later(h)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["flip", "first transposed", "within"])
+def test_a_later_router_in_another_order_is_refused_and_one_in_the_same_replays(how: str) -> None:
+    """A later router that sees the batch reversed, or as fed after a first router that saw it transposed, is told
+    apart from the first: its routes are refused, cut or whole (by row order, on purpose, they replay exactly). Where a
+    layer between them mixes each sequence's own positions only, the order is the same: a cut replays exactly."""
+    model = _LaterLayout(how)
+    a = _batch(1)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            full = model(a)
+        routes = session.routes()
+        cut = routes[a.shape[1] : 2 * a.shape[1]] if how != "first transposed" else routes
+        want = model(a[1:2])
+        if how == "within":
+            assert torch.equal(routes.token_ids, a.reshape(-1))
+            with session.replay(cut):
+                assert torch.equal(model(a[1:2]), want)
             return
-        assert torch.equal(got, want)
+        assert routes.token_ids is None
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(cut):
+                model(a[1:2] if how != "first transposed" else a)
+        with session.replay(routes.with_token_ids(None)):
+            assert torch.equal(model(a), full)
 
 
 @pytest.mark.reliability("silent replays")
