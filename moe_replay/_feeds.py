@@ -132,7 +132,20 @@ _SEQUENCE_FIRST_HINT = (
 class _Forward:
     """What one forward of the model was fed."""
 
-    __slots__ = ("calls", "count", "either", "end", "grid", "ids", "mask", "shape", "unpadded", "untold", "width")
+    __slots__ = (
+        "calls",
+        "count",
+        "either",
+        "end",
+        "grid",
+        "ids",
+        "later",
+        "mask",
+        "shape",
+        "unpadded",
+        "untold",
+        "width",
+    )
 
     def __init__(
         self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: tuple[int, ...] | None = None
@@ -158,6 +171,19 @@ class _Forward:
         #: ``mask`` no longer holds (split_generation lays the rows of such a prompt forward over it)
         self.grid: torch.Tensor | None = None
         self.width: int | None = None  # (the positions of the [batch, positions] it was fed, where it may unpad)
+        #: the routers (by index) that saw only the tokens its mask keeps where the first saw every position: their
+        #: rows are those of :meth:`view`
+        self.later: frozenset[int] = frozenset()
+
+    def view(self, router: int) -> _Forward:
+        """This forward as router ``router`` saw it: itself, or, for a router of ``later``, one of only the tokens its
+        mask keeps (read here: one host sync on a device)."""
+        if router not in self.later:
+            return self
+        kept = _Forward(self.count, self.ids, self.mask, self.calls)
+        kept.end, kept.unpadded, kept.width = self.end, True, self.width
+        kept.unpad()
+        return kept
 
     def kept(self) -> int | None:
         """How many of its tokens its kept ``[batch, positions]`` mask keeps; None where it kept none of a known
@@ -240,6 +266,10 @@ class FeedRecord:
         #: why no ids are kept for the rows: a forward of several sequences whose routers saw its tokens in more than
         #: one order (:data:`MIXED`), or None
         self.mixed: str | None = None
+        #: each router's scope module, by index (set by the session): a level's later routers that see only the tokens
+        #: the mask keeps are told by scope (:meth:`unpads`)
+        self.scopes: Sequence[nn.Module] = ()
+        self._kept_now: _Forward | None = None  # (the forward kept for the forward running now, where kept)
         #: a forward of this capture that raised after its routers recorded rows, the exception caught inside the
         #: block (a retry after an out-of-memory error): its rows stop half-way, so the routers' rows no longer line
         #: up. The exception in words, or None
@@ -295,6 +325,7 @@ class FeedRecord:
         ids (:func:`token_order`): the ids and mask are kept in that order, one per row.
         """
         count, ids, fed = _inputs(args, kwargs)
+        self._kept_now = None
         before = self._given_before
         given = self._watch_caches(args, kwargs)
         if not given:  # (a cache of plain tensors, as code of one's own keeps it: a list of (keys, values) per layer)
@@ -319,6 +350,13 @@ class FeedRecord:
             self._follow()
         self._count += 1
         return True
+
+    def unpads(self, scopes: Sequence[nn.Module]) -> None:
+        """The routers of ``scopes`` see only the tokens the mask of the forward fed last keeps (the first router every
+        position): their rows are read as those tokens' (:meth:`_Forward.view`)."""
+        kept = self._kept_now
+        if kept is not None and kept.mask is not None and kept.ids is not None:
+            kept.later = frozenset(i for i, s in enumerate(self.scopes) if any(s is t for t in scopes))
 
     def left(self) -> None:
         """The forward fed last has ended: count the router calls it made (see :meth:`rows`), and the tokens its cache
@@ -506,6 +544,7 @@ class FeedRecord:
             forward.shape = (int(fed[0]), int(fed[1]))
         forward.untold = untold
         self.forwards.append(forward)
+        self._kept_now = forward
 
     def _watch(self, cache: Any, names: tuple[str, ...]) -> None:
         """Note calls of ``cache``'s row-moving methods ``names`` while this capture runs."""
@@ -658,7 +697,7 @@ class FeedRecord:
             if f.unpadded:
                 f.unpad()
         sizes = [n for n, c in calls for _ in range(c)]
-        fed = [f for f in self.forwards if f.count]
+        fed = [f.view(router) for f in self.forwards if f.count]  # (as this router saw each)
         gaps = [0] * (len(fed) + 1)  # (the calls before each forward, and after the last)
         # each forward's router calls, counted as it began and ended (one each where not counted)
         if any(f.calls is None or f.end is None or len(f.calls) <= router for f in fed):
@@ -920,6 +959,10 @@ class FeedCheck:
             return None  # padding unknown)
         return kept if torch.equal(self.want[start : start + kept.numel()], kept.to(torch.long)) else None
 
+    def unpads(self, scopes: Sequence[nn.Module]) -> None:
+        """The routers of ``scopes`` see only the tokens the mask of the forward fed last keeps (see
+        :meth:`FeedRecord.unpads`): rows one per token of a forward are not theirs, and they read none here."""
+
     def _in_step(self, count: int) -> int | None:
         """The row every router reads next as a forward fed ``count`` tokens begins, or None where the host does not
         count their reads.
@@ -1075,14 +1118,36 @@ class RouterFeedCheck(FeedCheck):
         wants: each router's token ids, by the ``id`` of its :class:`~moe_replay.ring.ReplaySource`.
         hint: what a mismatch error adds about these routes.
         device_ids: check ids fed on a device too (see :class:`FeedCheck`).
+        scopes: each router's scope module, by the ``id`` of its source: a level's later routers that see only the
+            tokens the mask keeps read rows of those (:meth:`unpads`).
     """
 
-    def __init__(self, wants: dict[int, torch.Tensor], hint: str = "", *, device_ids: bool = True) -> None:
+    def __init__(
+        self,
+        wants: dict[int, torch.Tensor],
+        hint: str = "",
+        *,
+        device_ids: bool = True,
+        scopes: dict[int, nn.Module] | None = None,
+    ) -> None:
         super().__init__(torch.zeros(0, dtype=torch.long), lambda: None, hint, device_ids=device_ids)
         self.wants = wants
         #: (forward, router, first row, its ids, which of them it feeds as tokens) to compare when the block ends
         self.later: list[tuple[int, Any, int, torch.Tensor, torch.Tensor | None]] = []
         self._tokens: Callable[[], torch.Tensor | None] = lambda: None  # the forward's tokens fed (see fed)
+        self._scopes = scopes or {}
+        #: the routers (by source id) that see only the tokens the mask of the forward running now keeps, and its ids
+        #: and mask; (forward, router, first row, rows read, ids, mask) of their reads on a device, read when it ends
+        self._kept_only: set[int] = set()
+        self._fed_now: tuple[torch.Tensor, Any] | None = None
+        self._kept_later: list[tuple[int, Any, int, int, torch.Tensor, torch.Tensor]] = []
+
+    def unpads(self, scopes: Sequence[nn.Module]) -> None:
+        """The routers of ``scopes`` see only the tokens the mask of the forward fed last keeps: each of their reads
+        in it is checked against those tokens' ids (where its rows are as many: on a device, when the block ends)."""
+        self._kept_only = {
+            key for key, scope in self._scopes.items() if any(scope is t for t in scopes) and key in self.wants
+        }
 
     def fed(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
@@ -1099,11 +1164,13 @@ class RouterFeedCheck(FeedCheck):
             return False
         self.forwards += 1
         _refuse_mixed(order, shape, self.forwards, self.hint)
+        self._kept_only, self._fed_now = set(), None
         if any(src.read_by_device for src in self._sources):  # (the host does not know where its rows begin)
             self._open()
             return True
         flat = None
         if ids is not None and (self.device_ids or ids.device.type == "cpu"):
+            self._fed_now = (ids.detach(), kwargs.get("attention_mask"))
             if order == SEQUENCE_FIRST:
                 self.sequence_first = True
             mask = kwargs.get("attention_mask")
@@ -1155,8 +1222,38 @@ class RouterFeedCheck(FeedCheck):
         else:  # (compared when the block ends: one copy to the host)
             self.later.append((self.forwards, src, start, got.clone(), None if tokens is None else tokens.clone()))
 
+    def _kept_read(self, src: Any, start: int, n: int) -> bool:
+        """Router ``src``, which sees only the tokens the mask of the forward running now keeps, reads ``n`` rows from
+        ``start`` on: checked against those tokens' ids, now where they are on the host (False where they are not
+        ``n``: refused as any other read), else when the block ends."""
+        if self._fed_now is None:
+            return False
+        ids, mask = self._fed_now
+        if not isinstance(mask, torch.Tensor) or ids.dim() != 2:
+            return False
+        if ids.device.type != "cpu" or mask.device.type != "cpu":  # (no host sync here: read when the block ends)
+            self._kept_later.append((self.forwards, src, start, n, ids.clone(), mask.clone()))
+            return True
+        kept = _unpad_fed(ids, mask)
+        if kept is None or kept.numel() != n:
+            return False
+        self._check_router(src, start, n, kept)
+        return True
+
     def finish(self) -> None:
         """Compare the forwards whose ids were on a device, in order."""
+        kept_later, self._kept_later = self._kept_later, []
+        for forward, src, start, n, ids, mask in kept_later:
+            kept = _unpad_fed(ids.cpu(), mask.cpu())
+            if kept is None or kept.numel() != n:
+                raise TokenMismatchError(
+                    f"forward {forward} of this replay() reaches router '{src.name}', which sees only the tokens its "
+                    f"attention mask keeps, on {n} rows, not as many as the {0 if kept is None else kept.numel()} "
+                    "tokens it keeps: which rows go to which token cannot be checked, and other tokens may have "
+                    "taken their experts" + (f". {self.hint}" if self.hint else "")
+                )
+            want = self.wants[id(src)][start : start + n]
+            self._compare(forward, start, kept[: want.numel()], None, want, want == PADDING_ID)
         later, self.later = self.later, []
         for forward, src, start, got, tokens in later:
             want = self.wants[id(src)][start : start + got.numel()]
@@ -1174,6 +1271,9 @@ class RouterFeedCheck(FeedCheck):
             count, flat = self._current
             if self._inside and count > 0 and n == count:
                 self._check_router(src, start, n, flat)
+                src.cleared = min(src.num_rows, start + n)
+                return
+            if self._inside and id(src) in self._kept_only and 0 < n < count and self._kept_read(src, start, n):
                 src.cleared = min(src.num_rows, start + n)
                 return
             want = self.wants[id(src)][start : start + n]
@@ -1642,6 +1742,7 @@ def token_order(
     seen: list[torch.Tensor | None] | None = None,
     mask: Any = None,
     located: list[MaskPlace] | None = None,
+    unpads: list[int] | None = None,
 ) -> str | None:
     """The order in which the routers see the tokens of the ``[batch, positions]`` ids this forward is fed, told by
     effect; None where this forward cannot tell (another may).
@@ -1672,6 +1773,8 @@ def token_order(
     where it was given by position (``args`` and ``kwargs`` are what it was given, and what the runs are given).
     ``located``, where given, gets the place of the mask whose kept tokens the routers' rows are, where that is not
     ``mask`` read as marking tokens (one under another name, or of True at padding: :func:`_locate_mask`).
+    ``unpads``, where given, gets the ids of the later routers' scopes that see only the tokens ``mask`` keeps, one
+    row each, sequence by sequence, where the first sees every position batch-major (:func:`_later_unpadded`).
     """
     _, ids, _ = _inputs(args, kwargs)
     # (a forward fed embeddings: one token's embedding changed to another token's tells the order as an id does)
@@ -1757,6 +1860,8 @@ def token_order(
         return told
     # (the changed token's own row changes, and only rows of its sequence: told apart as at >= 1 and batch >= 2)
     if at in moved and all(q < positions for q in moved):
+        if unpads is not None:
+            unpads.extend(_later_unpadded(notes, mask, at, batch, positions))
         return _mixed(notes, BATCH_MAJOR, batch * positions, lambda j: j < positions)
     if at * batch in moved and all(q % batch == 0 for q in moved):
         return _mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j % batch == 0)
@@ -1785,6 +1890,31 @@ def _refuse_mixed(order: str, shape: torch.Size | None, forward: int, hint: str)
         "the same), or replay a capture's own rows of the very forwards it recorded, in order, by row order "
         "(routes.with_token_ids(None))" + (f". {hint}" if hint else "")
     )
+
+
+def _later_unpadded(notes: list[_Later], mask: Any, at: int, batch: int, positions: int) -> list[int]:
+    """The ids of the later routers' scopes noted in both runs (``notes``) whose rows are one per token the ``[batch,
+    >= positions]`` attention ``mask`` keeps, fewer than the positions, sequence by sequence (the padding taken out
+    after the first router, which saw every position): as many rows as the kept tokens, and the one that changed most
+    with the token at ``at`` of sequence 0 is that token's place among them."""
+    if len(notes) != 2 or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch:
+        return []
+    keep = _kept_tokens(mask[:, -positions:])
+    if keep is None:
+        return []
+    kept = int(keep.sum())
+    own = int(keep[0, :at].sum())
+    if kept == batch * positions or not bool(keep[0, at]):
+        return []
+    found = []
+    for scope, before in notes[0].rows.items():
+        after = notes[1].rows.get(scope)
+        if after is None or after.shape != before.shape or before.shape[0] != kept:
+            continue
+        change = (after - before).norm(dim=-1)
+        if bool(torch.isfinite(change).all()) and bool((change > 0).any()) and int(change.argmax()) == own:
+            found.append(scope)
+    return found
 
 
 def _mixed(notes: list[_Later], order: str, rows: int, first: Callable[[int], bool]) -> str:
@@ -2141,7 +2271,7 @@ class _Found:
     the first router (the level first) and their state then (:func:`_path_state`), less the keys the level's own
     forward changes (a forward counter: its state, not a setting)."""
 
-    __slots__ = ("mask", "order", "own", "padless", "path", "runs", "scopes", "state")
+    __slots__ = ("mask", "order", "own", "padless", "path", "runs", "scopes", "state", "unpads")
 
     def __init__(
         self,
@@ -2156,6 +2286,9 @@ class _Found:
         #: where the mask whose kept tokens the routers see is, where not the forward's ``attention_mask`` read as 1 at
         #: each token (:func:`_locate_mask`)
         self.mask = mask
+        #: the places among ``scopes`` of the later routers that see only the tokens the mask keeps (the first every
+        #: position): :meth:`FeedRecord.unpads`
+        self.unpads: frozenset[int] = frozenset()
         #: told at a forward without padding: whether the routers see only the tokens a mask keeps is not told, and a
         #: forward with padding tells the order again (:func:`_padded`)
         self.padless = padless and order != UNPADDED
@@ -2331,6 +2464,9 @@ class FeedForward:
         #: where the padding mask whose kept tokens the routers see is among the forward's inputs, where the order runs
         #: found it elsewhere than its ``attention_mask`` of 1 at each token (:func:`_locate_mask`): read as that mask
         self.mask_from: MaskPlace | None = None
+        #: the later routers' scopes that see only the tokens the attention mask keeps, where the first sees every
+        #: position (:func:`_later_unpadded`), as places among ``scopes``
+        self.unpads: frozenset[int] = frozenset()
 
     def leave(self) -> None:
         """One of the sessions it serves detaches; it stays for the others."""
@@ -2382,6 +2518,10 @@ class FeedForward:
             ]
             # (fed no token count, it is left to the levels it enters below: they may see its tokens)
             entered = [r for r in entered if r.fed(args, named, self.paired, order)]
+            if self.unpads and order == BATCH_MAJOR:  # (its later routers that see only the tokens its mask keeps)
+                later = [self.scopes[i] for i in self.unpads if i < len(self.scopes)]
+                for r in entered:
+                    r.unpads(later)
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True
@@ -2471,13 +2611,15 @@ class FeedForward:
         prior = (order, self._found) if order is not None and self._padless else None
         self.order = self._found = self.mask_from = None
         self._padless = False
+        self.unpads = frozenset()
         path: list[nn.Module] = []
         seen: list[torch.Tensor | None] = []
         located: list[MaskPlace] = []
+        kept_only: list[int] = []  # (the later routers' scopes that see only the kept tokens, by id)
         # (its forwards enter no block)
         mask = kwargs.get("attention_mask")  # (the runs are given what the forward was: a mask by position twice fails)
         runs_given = kwargs if given is None else given
-        found = token_order(self._run, self.scopes, args, runs_given, self.module, path, seen, mask, located)
+        found = token_order(self._run, self.scopes, args, runs_given, self.module, path, seen, mask, located, kept_only)
         if located:  # (given by name or by place at later forwards: both, where the forward's signature has them)
             name, at, marks_padding = located[0]
             if name is None and at is not None:
@@ -2489,12 +2631,14 @@ class FeedForward:
             # (the router scope it stopped at ran none of its own code: compared as a scope)
             way = [m for m in path if all(m is not s for s in self.scopes)]
             f = _Found(found, self.scopes, runs, [self.module, *way], not padded, located[0] if located else None)
+            f.unpads = frozenset(i for i, scope in enumerate(self.scopes) if id(scope) in kept_only)
             fed = _inputs(args, kwargs)[2]
             if seen and seen[0] is not None and fed is not None and found not in (OTHER_ORDER, MIXED) and _hooked(way):
                 # told with the hooks of the modules on the way set aside: the forward itself, run with them, is
                 # checked at its first router (:func:`_order_check`), and the order kept for later blocks once it
                 # passed (till then the first forward of each block tells it again)
                 self.order, self._found, self._padless, self.mask_from = found, None, f.padless, f.mask
+                self.unpads = f.unpads
                 self._checked.update(entered)
                 grid = (int(fed[0]), int(fed[1]))
                 self._verify = _order_check(seen[0], found, grid, lambda: self._keep(f))
@@ -2504,6 +2648,7 @@ class FeedForward:
         elif prior is not None:  # (its routers' rows, where fewer than its tokens, are refused as read: _ids_lost)
             self.order, self._found, self._padless = prior[0], prior[1], True
             self.mask_from = None if prior[1] is None else prior[1].mask
+            self.unpads = frozenset() if prior[1] is None else prior[1].unpads
             return prior[0]
         return found or UNTOLD
 
@@ -2517,6 +2662,7 @@ class FeedForward:
     def _adopt(self, found: _Found, entered: list[FeedRecord | FeedCheck]) -> None:
         """Take ``found`` as the order of the blocks ``entered`` (and of the later forwards of these blocks)."""
         self.order, self._found, self._padless, self.mask_from = found.order, found, found.padless, found.mask
+        self.unpads = found.unpads
         self._checked.update(entered)
 
     @property

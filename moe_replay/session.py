@@ -1484,6 +1484,7 @@ class Session:
             self._feeds = FeedRecord(limit=self.capacity if self.keep_newest else None)
         if rings:  # (each router's calls: routes() reads each router's ids where the routers' calls differ)
             self._feeds.calls_made = self._calls_made
+        self._feeds.scopes = [h.scope for h in self._hooks]  # (a later router that sees only the kept tokens)
         model = self._model_ref()
         stop_feeds = self._feeds.start(self._feed_wrappers) if model is not None else None
         skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
@@ -2066,7 +2067,13 @@ class Session:
                 if src is not None and bool((routes._router_ids[j] != -1).any())
             ]
             wants = {id(src): routes._router_ids[j] for src, j in known}
-            each = RouterFeedCheck(wants, _GENERATE_HINT if generated else "", device_ids=strict)
+            scopes = {h.name: h.scope for h in self._hooks}
+            each = RouterFeedCheck(
+                wants,
+                _GENERATE_HINT if generated else "",
+                device_ids=strict,
+                scopes={id(src): scopes[src.name] for src, _ in known if src is not None and src.name in scopes},
+            )
             return each, each.start(self._feed_wrappers, [src for src, _ in known])
 
         def position() -> int | None:  # the row the routers read next, where the host counts their reads
@@ -2335,7 +2342,7 @@ def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[i
             return
         # (rows of no forward's tokens, or of some forwards' only: a forward may have called it on the tokens its
         # mask keeps in an order not told, whose rows line up with none)
-        lost = _unpadded_untold(feeds, c, i, name) or (fewer if ids is None else None)
+        lost = (_unpadded_untold(feeds, c, i, name) or fewer) if ids is None else None
         if lost is not None:  # (not a stream of its own: the tokens of a forward its mask keeps, in an untold order)
             lost_here.append(lost)
             per.append(torch.full((routes.tokens_per_layer[i],), LOST_ID, dtype=torch.long))

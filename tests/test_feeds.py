@@ -1788,24 +1788,31 @@ class _LaterUnpadding(_Unpadding):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the token order is told at the first router only: later routers fed only the tokens the mask keeps are "
-    "read as in no told order, and their routes refused as ids lost (a false refusal, never a silent replay)",
-)
-def test_routers_fed_the_unpadded_tokens_after_a_router_fed_every_position_replay_their_capture() -> None:
-    """The capture's batches, replayed on a model whose first MoE layer sees every position and whose later ones see
-    only the tokens the mask keeps, are exact (today refused: the order told at the first router is batch-major)."""
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_routers_fed_the_unpadded_tokens_after_a_router_fed_every_position_replay_their_capture(side: str) -> None:
+    """Once a false refusal: on a model whose first MoE layer sees every position and whose later ones see only the
+    tokens the mask keeps, the order told at the first router was batch-major, and the later routers' rows, fewer than
+    the ids, were refused as ids lost. The runs go on past the first router and tell the later ones' rows those of the
+    kept tokens: each router keeps its own ids, the capture's batches replay exactly, in another order refused."""
     model = _LaterUnpadding()
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    mask = mask.flip(1) if side == "left" else mask
     a, b = _ids(0), _ids(1)
     with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
         with session.capture(), torch.no_grad():
             want = [model(a, mask), model(b, mask)]
         routes = session.routes()
+        assert torch.equal(routes._router_ids[1], torch.cat([a[mask.bool()], b[mask.bool()]]))
         with session.replay(routes), torch.no_grad():
             got = [model(a, mask), model(b, mask)]
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(routes), torch.no_grad():
+                model(b, mask)
+                model(a, mask)
+        with pytest.raises(mr.TokenMismatchError):  # (another padding: the later routers' kept tokens differ)
+            with session.replay(routes), torch.no_grad():
+                model(a, torch.ones_like(mask))
 
 
 def _steps(model, cache: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
