@@ -1752,8 +1752,10 @@ def token_order(
     shows its routers every sequence's position 0, then position 1..., and its rows are another token's
     wherever a batch holds two sequences: a token check in batch-major order passes while the experts go
     elsewhere. So the forward runs twice more without gradients, up to the first router it reaches (which
-    does nothing: the run stops before it), from the same state of the model and of every random generator it draws
-    from (the global ones, those its modules hold or their code reads, any other a run is handed): as fed, and with
+    does nothing: the run stops before it; where the session has several routers, on past it, each router's own
+    forward run plain, recording and forcing nothing, until every router was reached once), from the same state of the
+    model and of every random generator it draws from (the global ones, those its modules hold or their code reads,
+    any other a run is handed): as fed, and with
     the last token of sequence 0 that is no padding (position ``p``) changed. The rows of that router's input that
     change are that token's (and, where attention looks both ways, the other tokens of its sequence): its own row ``p``
     and rows within the first ``positions`` where the routers see the tokens batch-major, its row
@@ -1761,6 +1763,9 @@ def token_order(
     forward's attention mask keeps (the padding taken out before the routers) are :data:`UNPADDED` where the changed
     token's row is its place among them, sequence by sequence (:func:`_unpadded`). Anything else (rows that are not
     one per token, no row changed, a run that fails) is :data:`OTHER_ORDER`, read as before: batch-major, unchecked.
+    Fewer rows than the tokens that the attention mask does not explain are those of another of the forward's inputs
+    where one alone does (:func:`_locate_mask`). A later router whose row the changed token moved most is a row of
+    another sequence in the first router's order sees the tokens in another order: :data:`MIXED` (:func:`_mixed`).
 
     It runs where it changes nothing: not for one sequence or one position (every order is the same), not
     where the forward is given a cache it would update, not across processes (the other ranks would not run it

@@ -2139,7 +2139,7 @@ class Session:
         Each forward of the model is noted with its ``[batch, positions]`` and the order its
         routers see the tokens in, told as a capture tells it (at the first forward of a
         batch of several sequences that can show it, by running the model twice more up to
-        its first router, once per model: later blocks take it from there), so that a mask
+        its last router, once per model: later blocks take it from there), so that a mask
         of the batch's tokens weighs each kept row's own token
         (:meth:`RouterScores.row_mask`).
 

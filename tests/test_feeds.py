@@ -1658,9 +1658,12 @@ class _MaskOfItsOwn(_Unpadding):
         src_mask: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, width = input_ids.shape
-        if padding_mask is not None:
+        if position_ids is not None:
+            kept = position_ids >= 0
+        elif padding_mask is not None:
             kept = padding_mask == 0
         elif src_mask is not None:
             kept = src_mask.reshape(batch, width) == 0
@@ -1687,6 +1690,8 @@ def _given(how: str, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"keep": keep.float()}
     if how == "lengths":
         return {"lengths": keep.sum(1)}
+    if how == "position_ids":  # (-1 at padding: no reading of it as a mask keeps the tokens)
+        return {"position_ids": torch.where(keep, keep.long().cumsum(1) - 1, -1)}
     return {"padding_mask": ~keep, "keep": keep.float()}  # (two masks that tell the same: which is read is not told)
 
 
@@ -1699,12 +1704,14 @@ def _given(how: str, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         ("src_mask", "right", True),
         ("keep", "left", True),
         ("lengths", "right", False),
+        ("position_ids", "left", False),
         ("both", "right", False),
     ],
 )
 def test_routers_fed_the_tokens_a_mask_of_its_own_keeps_are_exact_or_refused(how: str, side: str, exact: bool) -> None:
     """Once silent: a model that takes the padding out by a mask the capture did not read (under another name, of
-    True at padding, of another layout or dtype, the sequences' lengths) had routers' rows fewer than its ids, read as
+    True at padding, of another layout or dtype, the sequences' lengths, positions of -1 at padding) had routers' rows
+    fewer than its ids, read as
     a stream of their own, replayed by row order on batches in another order. Where one of the forward's inputs alone
     tells the rows as its kept tokens, the capture keeps their ids: its batches replay exactly (the mask given by name
     or by place), in another order they are refused; where none or two do, the routes are refused, and replay by row
@@ -1788,21 +1795,31 @@ class _LaterUnpadding(_Unpadding):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_routers_fed_the_unpadded_tokens_after_a_router_fed_every_position_replay_their_capture(side: str) -> None:
+@pytest.mark.parametrize(
+    ("side", "device"),
+    [
+        ("right", "cpu"),
+        ("left", "cpu"),
+        pytest.param("right", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+)
+def test_routers_fed_the_unpadded_tokens_after_a_router_fed_every_position_replay_their_capture(
+    side: str, device: str
+) -> None:
     """Once a false refusal: on a model whose first MoE layer sees every position and whose later ones see only the
     tokens the mask keeps, the order told at the first router was batch-major, and the later routers' rows, fewer than
     the ids, were refused as ids lost. The runs go on past the first router and tell the later ones' rows those of the
-    kept tokens: each router keeps its own ids, the capture's batches replay exactly, in another order refused."""
-    model = _LaterUnpadding()
+    kept tokens: each router keeps its own ids, the capture's batches replay exactly, in another order refused (on a
+    device, as the block ends: no host sync per forward)."""
+    model = _LaterUnpadding().to(device)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
-    mask = mask.flip(1) if side == "left" else mask
-    a, b = _ids(0), _ids(1)
+    mask = (mask.flip(1) if side == "left" else mask).to(device)
+    a, b = _ids(0).to(device), _ids(1).to(device)
     with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
         with session.capture(), torch.no_grad():
             want = [model(a, mask), model(b, mask)]
         routes = session.routes()
-        assert torch.equal(routes._router_ids[1], torch.cat([a[mask.bool()], b[mask.bool()]]))
+        assert torch.equal(routes._router_ids[1], torch.cat([a[mask.bool()], b[mask.bool()]]).cpu())
         with session.replay(routes), torch.no_grad():
             got = [model(a, mask), model(b, mask)]
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
