@@ -838,6 +838,8 @@ class FeedCheck:
         #: now, with where each router in step stood as it began (see _in_step and left)
         self._apart: set[int] = set()
         self._step_began: tuple[int, list[tuple[Any, int]]] | None = None
+        #: the attention mask and ``[batch, positions]`` of the forward fed last (see :meth:`unpads`)
+        self._fed_mask: tuple[Any, torch.Size | None] = (None, None)
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` (:func:`feed_levels`) in this thread until the returned
@@ -910,6 +912,7 @@ class FeedCheck:
             return False
         self.forwards += 1
         _refuse_mixed(order, shape, self.forwards, self.hint)
+        self._fed_mask = (kwargs.get("attention_mask"), shape)
         start = self._in_step(count)
         if start is None:  # (rows read on the device: the host does not know where this forward's rows begin)
             self._open()
@@ -961,7 +964,22 @@ class FeedCheck:
 
     def unpads(self, scopes: Sequence[nn.Module]) -> None:
         """The routers of ``scopes`` see only the tokens the mask of the forward fed last keeps (see
-        :meth:`FeedRecord.unpads`): rows one per token of a forward are not theirs, and they read none here."""
+        :meth:`FeedRecord.unpads`), the first router every position: routes of one row per token of the forward for
+        every router do not fit both, and such a forward with padding is refused before any router reads (a mask on
+        a device is not read here: no host sync; its routers' counts are checked as a strict replay ends)."""
+        mask, shape = self._fed_mask
+        if not self._sources or len({src.num_rows for src in self._sources}) != 1:  # (rows of each router's own)
+            return
+        if self._lost or shape is None or not isinstance(mask, torch.Tensor) or mask.device.type != "cpu":
+            return
+        if _padded(mask, int(shape[0]), int(shape[1])):
+            raise TokenMismatchError(
+                f"forward {self.forwards} of this replay() feeds a [{int(shape[0])}, {int(shape[1])}] batch with "
+                "padding, whose first router sees every position and whose later routers see only the tokens its "
+                "attention mask keeps, but its routes hold as many rows for every router, one per token of each "
+                "forward: the later routers would read rows of other tokens. Replay routes this model captured on "
+                "the batch, or give each router its own rows" + (f". {self.hint}" if self.hint else "")
+            )
 
     def _in_step(self, count: int) -> int | None:
         """The row every router reads next as a forward fed ``count`` tokens begins, or None where the host does not
@@ -1327,6 +1345,7 @@ class OrderCheck(FeedCheck):
         if count < 0:
             return False
         self.forwards += 1
+        self._fed_mask = (kwargs.get("attention_mask"), shape)
         if paired:  # (an encoder-decoder's routers see the encoder's tokens and the decoder's: never in step)
             self._lost = True
         if not self._lost:

@@ -1832,6 +1832,31 @@ def test_routers_fed_the_unpadded_tokens_after_a_router_fed_every_position_repla
                 model(a, torch.ones_like(mask))
 
 
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("ids", [True, False])
+def test_routes_of_as_many_rows_per_router_on_later_routers_that_see_the_kept_tokens_are_refused(ids: bool) -> None:
+    """Routes of one row per position for every router (a capture of the batch without padding, with or without its
+    ids), replayed on a padded batch of a model whose later routers see only the tokens the mask keeps: those routers
+    would read rows of other tokens (without a word where the replay is not strict). Refused before any router reads;
+    the batch they were recorded for replays exactly."""
+    model = _LaterUnpadding()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    a = _ids(0)
+    with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session:
+        with session.capture(), torch.no_grad():
+            model(_ids(2), mask)  # (the order told at a padded batch)
+        with session.capture(), torch.no_grad():
+            want = model(a, torch.ones_like(mask))
+        routes = session.routes()
+        routes = routes if ids else routes.with_token_ids(None)
+        assert len(set(routes.tokens_per_layer)) == 1  # the premise: as many rows for every router
+        with pytest.raises(mr.TokenMismatchError, match="see only the tokens"):
+            with session.replay(routes, strict=False), torch.no_grad():
+                model(a, mask)
+        with session.replay(routes), torch.no_grad():
+            assert torch.equal(model(a, torch.ones_like(mask)), want)
+
+
 def _steps(model, cache: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
     """A forward over ``ids`` given ``cache``, then one per new token (greedy): ``new`` tokens appended."""
     name = pytest.importorskip("tests.tiny_hf").cache_kwarg(model)
