@@ -2057,7 +2057,7 @@ def _locate_mask(
             continue
         readings = (False, True) if not value.is_floating_point() else (False,)
         for marks_padding in readings:
-            if value is mask and not marks_padding:
+            if value is mask and not marks_padding and value.dim() == 2:  # (read so before)
                 continue
             reading = flat == 0 if marks_padding else flat
             keep = _kept_tokens(reading[:, -positions:])

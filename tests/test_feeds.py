@@ -1659,9 +1659,12 @@ class _MaskOfItsOwn(_Unpadding):
         keep: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, width = input_ids.shape
-        if position_ids is not None:
+        if attention_mask is not None:  # (an additive [batch, 1, 1, keys] one, as BERT's extended mask)
+            kept = attention_mask.reshape(batch, width) == 0
+        elif position_ids is not None:
             kept = position_ids >= 0
         elif padding_mask is not None:
             kept = padding_mask == 0
@@ -1684,8 +1687,9 @@ def _given(how: str, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"padding_mask": ~keep}
     if how == "padding_mask uint8":
         return {"padding_mask": (~keep).to(torch.uint8)}
-    if how == "src_mask":
-        return {"src_mask": torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))[:, None, None, :]}
+    if how in ("src_mask", "attention_mask 4d"):  # (-inf at padding, or the dtype's least value)
+        bias = float("-inf") if how == "src_mask" else torch.finfo(torch.float32).min
+        return {how.split()[0]: torch.zeros(keep.shape).masked_fill(~keep, bias)[:, None, None, :]}
     if how == "keep":
         return {"keep": keep.float()}
     if how == "lengths":
@@ -1702,6 +1706,7 @@ def _given(how: str, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         ("padding_mask", "left", True),
         ("padding_mask uint8", "right", True),
         ("src_mask", "right", True),
+        ("attention_mask 4d", "left", True),
         ("keep", "left", True),
         ("lengths", "right", False),
         ("position_ids", "left", False),
@@ -1716,7 +1721,7 @@ def test_routers_fed_the_tokens_a_mask_of_its_own_keeps_are_exact_or_refused(how
     tells the rows as its kept tokens, the capture keeps their ids: its batches replay exactly (the mask given by name
     or by place), in another order they are refused; where none or two do, the routes are refused, and replay by row
     order only on purpose."""
-    model = _MaskOfItsOwn("padding_mask" if how == "padding_mask uint8" else how)
+    model = _MaskOfItsOwn(how)
     keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]).bool()
     keep = keep.flip(1) if side == "left" else keep
     given = _given(how, keep)
