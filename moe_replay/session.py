@@ -2290,21 +2290,23 @@ class _Skeleton:
     of a small model).
     """
 
-    __slots__ = ("_hooks", "_parts", "not_run")
+    __slots__ = ("_code", "_hooks", "_parts", "not_run")
 
     def __init__(self, model: nn.Module, scopes: Sequence[str]) -> None:
         #: paths of the modules in MoE blocks that the watched forward did not run, and no run of them since
         self.not_run: set[str] = set()
+        modules = _on_the_way(model, scopes)
         self._parts = [
-            (weakref.ref(m), tuple(weakref.ref(c) for c in m._modules.values() if c is not None))
-            for m in _on_the_way(model, scopes)
+            (weakref.ref(m), tuple(weakref.ref(c) for c in m._modules.values() if c is not None)) for m in modules
         ]
         self._hooks = _scope_hooks(model, scopes)
+        self._code = _code_on_the_way(modules)
 
     def holds(self, model: nn.Module, scopes: Sequence[str]) -> bool:
         """Is ``model`` still made of the modules this skeleton was taken from, on the way to ``scopes``, with
         the same forward hooks on the scopes (a hook runs outside a scope's intercepted forward: one added
-        since may choose the experts again)?"""
+        since may choose the experts again) and the same code on the way (a block's method patched since may
+        take a top-k of its own over the router's scores, and dispatch by it)?"""
         modules = _on_the_way(model, scopes)
         if len(modules) != len(self._parts) or _scope_hooks(model, scopes) != self._hooks:
             return False
@@ -2312,7 +2314,63 @@ class _Skeleton:
             now = [c for c in m._modules.values() if c is not None]
             if ref() is not m or len(now) != len(kids) or any(r() is not c for r, c in zip(kids, now, strict=True)):
                 return False
-        return True
+        return _same_code(self._code, _code_on_the_way(modules))
+
+
+def _code_on_the_way(modules: Sequence[nn.Module]) -> tuple[tuple[tuple[str, int, Any], ...], ...]:
+    """The code held by ``modules`` (those on the way to the routers), as it is now: each module's own callable
+    attributes (a ``forward`` or a method set on the instance), and the attributes of its classes up to
+    ``nn.Module``, each by identity (held weakly where it can be). A method patched on one of them, or on its class,
+    after a forward passed the watch is code that forward never ran: a block whose ``route`` now takes a top-k of
+    its own over the router's scores would dispatch by it, neither recorded nor forced. (A module-level helper
+    function replaced is not seen.) moe_replay's own wrappers are left out: a later session brings new ones."""
+    out: list[tuple[tuple[str, int, Any], ...]] = []
+    classes: set[type] = set()
+    for m in modules:
+        out.append(tuple(_held(k, v) for k, v in vars(m).items() if callable(v) and not _ours(v)))
+        for klass in type(m).__mro__:
+            if klass is nn.Module or klass is object or klass in classes:
+                break
+            classes.add(klass)
+            out.append(
+                (("", id(klass), None), *(_held(k, v) for k, v in vars(klass).items() if callable(v) or _descriptor(v)))
+            )
+    return tuple(out)
+
+
+def _descriptor(value: Any) -> bool:
+    return isinstance(value, (property, staticmethod, classmethod, functools.partialmethod))
+
+
+def _held(key: str, value: Any) -> tuple[str, int, Any]:
+    """``value`` at ``key`` by identity: its id, and a weak reference where it takes one (an id alone could be
+    reused once the value is gone), compared by :func:`_same_code`."""
+    try:
+        ref: Any = weakref.ref(value)
+    except TypeError:
+        ref = None
+    return key, id(value), ref
+
+
+def _same_code(
+    then: tuple[tuple[tuple[str, int, Any], ...], ...], now: tuple[tuple[tuple[str, int, Any], ...], ...]
+) -> bool:
+    """Do two :func:`_code_on_the_way` results name the same code (the same keys, each the same live object)?"""
+    if len(then) != len(now):
+        return False
+    for a, b in zip(then, now, strict=True):
+        if len(a) != len(b):
+            return False
+        for (k, i, ref), (k2, i2, _) in zip(a, b, strict=True):
+            if k != k2 or i != i2 or (ref is not None and ref() is None):
+                return False
+    return True
+
+
+def _ours(value: Any) -> bool:
+    """Is ``value`` one of moe_replay's own wrappers (a forward it installed)?"""
+    module = getattr(type(value), "__module__", "") or ""
+    return module == "moe_replay" or module.startswith("moe_replay.")
 
 
 #: The hook dicts of a module whose hooks run around its forward (outside a scope's intercepted forward).
