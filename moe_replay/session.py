@@ -2299,7 +2299,7 @@ class _Skeleton:
         self._parts = [
             (weakref.ref(m), tuple(weakref.ref(c) for c in m._modules.values() if c is not None)) for m in modules
         ]
-        self._hooks = _scope_hooks(model, scopes)
+        self._hooks = (_scope_hooks(model, scopes), _way_hooks(modules))
         self._code = _code_on_the_way(modules)
 
     def holds(self, model: nn.Module, scopes: Sequence[str]) -> bool:
@@ -2308,13 +2308,34 @@ class _Skeleton:
         since may choose the experts again) and the same code on the way (a block's method patched since may
         take a top-k of its own over the router's scores, and dispatch by it)?"""
         modules = _on_the_way(model, scopes)
-        if len(modules) != len(self._parts) or _scope_hooks(model, scopes) != self._hooks:
+        if len(modules) != len(self._parts) or (_scope_hooks(model, scopes), _way_hooks(modules)) != self._hooks:
             return False
         for m, (ref, kids) in zip(modules, self._parts, strict=True):
             now = [c for c in m._modules.values() if c is not None]
             if ref() is not m or len(now) != len(kids) or any(r() is not c for r, c in zip(kids, now, strict=True)):
                 return False
         return _same_code(self._code, _code_on_the_way(modules))
+
+
+def _way_hooks(modules: Sequence[nn.Module]) -> tuple[tuple[int, ...], ...]:
+    """The handles of the forward hooks and pre-hooks of one's own on ``modules`` (those on the way to the routers)
+    and on their children, and of the global module forward hooks (``register_module_forward_hook``), in order. A
+    hook added since the watched forward ran outside it: one on an MoE block may dispatch the block's tokens again by
+    a top-k of its own, the forced router's choice dropped."""
+    out = [tuple(k for k, h in _torch_compat.global_forward_hooks.items() if not _ours_hook(h))]
+    for m in modules:
+        for c in (m, *m._modules.values()):
+            if c is not None:
+                out.append(tuple(k for d in _HOOK_DICTS for k, h in getattr(c, d, {}).items() if not _ours_hook(h)))
+    return tuple(out)
+
+
+def _ours_hook(hook: Any) -> bool:
+    """Is ``hook`` moe_replay's own (a guard, the watch's or a feed's note), not the user's?"""
+    if is_guard(hook) or _ours(hook):
+        return True
+    module = getattr(hook, "__module__", "") or ""
+    return module == "moe_replay" or module.startswith("moe_replay.")
 
 
 def _code_on_the_way(modules: Sequence[nn.Module]) -> tuple[tuple[tuple[str, int, Any], ...], ...]:

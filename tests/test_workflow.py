@@ -430,6 +430,35 @@ def test_hook_of_ones_own_on_a_router(hook: str, shared: Any) -> None:
         handle.remove()
 
 
+def _redispatch(mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+    """A block's output computed again from a top-k of its own over the router's current scores."""
+    if not isinstance(mod, MoEBlock):
+        return None
+    h = args[0].reshape(-1, args[0].shape[-1])
+    weights, indices = torch.topk(F.softmax(F.linear(h, mod.router.weight), dim=-1), mod.top_k, dim=-1)
+    return mod.experts(h, indices, weights / weights.sum(-1, keepdim=True)).reshape(args[0].shape)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("where", ["block", "global"])
+def test_hook_that_dispatches_again_added_after_the_watch(where: str) -> None:
+    """A forward hook added on an MoE block (or a global module hook) after a replay passed the watch, which
+    computes the block's output again from a top-k of its own: the router is still forced and consumes its rows, but
+    the block returns the natively routed output. Refused at the next block, which watches its forward again."""
+    model, x, session, routes, expected = _captured("softmax_topk")
+    _replay(model, session, routes, expected, lambda: model(x), "exact")
+    if where == "block":
+        handle = model.layers[1].mlp.register_forward_hook(_redispatch)
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(_redispatch)
+    try:
+        _replay(model, session, routes, expected, lambda: model(x), "refused")
+    finally:
+        handle.remove()
+    _replay(model, session, routes, expected, lambda: model(x), "exact")
+    session.detach()
+
+
 # ----------------------------------------------------------------------------- batches and splits
 def _rows(expected: Oracle, order: list[int], batch: int = 4) -> Oracle:
     return {k: v.reshape(batch, -1, v.shape[-1])[order].reshape(-1, v.shape[-1]) for k, v in expected.items()}
