@@ -2343,8 +2343,9 @@ def _code_on_the_way(modules: Sequence[nn.Module]) -> tuple[tuple[tuple[str, int
     attributes (a ``forward`` or a method set on the instance), and the attributes of its classes up to
     ``nn.Module``, each by identity (held weakly where it can be). A method patched on one of them, or on its class,
     after a forward passed the watch is code that forward never ran: a block whose ``route`` now takes a top-k of
-    its own over the router's scores would dispatch by it, neither recorded nor forced. (A module-level helper
-    function replaced is not seen.) moe_replay's own wrappers are left out: a later session brings new ones."""
+    its own over the router's scores would dispatch by it, neither recorded nor forced. So are the module-level
+    functions named by the ``forward`` of each class, and by every method of a class outside torch and transformers
+    (a helper the block calls, replaced). moe_replay's own wrappers are left out: a later session brings new ones."""
     out: list[tuple[tuple[str, int, Any], ...]] = []
     classes: set[type] = set()
     for m in modules:
@@ -2356,7 +2357,26 @@ def _code_on_the_way(modules: Sequence[nn.Module]) -> tuple[tuple[tuple[str, int
             out.append(
                 (("", id(klass), None), *(_held(k, v) for k, v in vars(klass).items() if callable(v) or _descriptor(v)))
             )
+            own = not _library(getattr(klass, "__module__", "") or "")
+            for k, v in vars(klass).items():
+                if isinstance(v, types.FunctionType) and (own or k == "forward"):
+                    out.append(_globals_named(v))
     return tuple(out)
+
+
+def _globals_named(fn: types.FunctionType) -> tuple[tuple[str, int, Any], ...]:
+    """The functions ``fn`` names as globals (a module-level helper its forward calls), by identity."""
+    space = fn.__globals__
+    return tuple(
+        _held(name, space[name])
+        for name in fn.__code__.co_names
+        if isinstance(space.get(name), types.FunctionType) and not _library(space[name].__module__ or "")
+    )
+
+
+def _library(module: str) -> bool:
+    """Code of torch, transformers or moe_replay itself (not read for the helpers it names)."""
+    return module.split(".", 1)[0] in ("torch", "transformers", "moe_replay")
 
 
 def _descriptor(value: Any) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import tempfile
 import types
 from collections.abc import Callable, Iterator
@@ -359,6 +360,56 @@ def test_block_method_patched_between_blocks_is_watched_again() -> None:
     _replay(model, session, routes, expected, lambda: model(x), "refused")
     del block.route
     _replay(model, session, routes, expected, lambda: model(x), "exact")
+    session.detach()
+
+
+def _combine(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
+    """A module-level helper a block's forward calls: the router's choice, dispatched."""
+    _, weights, indices = block.router(x)
+    return block.experts(x, indices, weights)
+
+
+def _combine_own(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
+    """The helper replaced: a top-k of its own over the router's logits dispatches (the router's is ignored)."""
+    logits, _, _ = block.router(x)
+    weights, indices = torch.topk(logits.softmax(-1), block.top_k, dim=-1)
+    return block.experts(x, indices, weights)
+
+
+class _HelperBlock(MoEBlock):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _combine(self, hidden.reshape(-1, hidden.shape[-1])).reshape(hidden.shape)
+
+
+@pytest.mark.reliability("silent replays")
+def test_module_level_helper_replaced_after_the_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module-level function a block's forward calls, replaced after a replay passed the watch by one that
+    dispatches by a top-k of its own: refused, not forced through a router whose choice the block then drops."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    for layer in model.layers:
+        block = _HelperBlock(model.config)
+        block.load_state_dict(layer.mlp.state_dict())
+        layer.mlp = block
+    x = _ids()
+    session = mr.attach(model)
+    with _dispatched(model) as rec:  # (hooks in place from the start: a hook added later is watched again itself)
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        with session.replay(routes):
+            model(x)
+        _perturb(model)
+        before = _state(model)
+        monkeypatch.setattr(sys.modules[__name__], "_combine", _combine_own)
+        with pytest.raises(mr.UnsupportedRouterError), session.replay(routes):
+            model(x)
+        _unchanged(model, before)
+        monkeypatch.undo()
+        n = len(rec["layers.0.mlp.experts"])
+        with session.replay(routes):
+            model(x)
+        for name, calls in rec.items():
+            assert torch.equal(calls[n], calls[0]), f"{name}: not forced once the helper is back"
     session.detach()
 
 
