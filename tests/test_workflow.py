@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,25 +35,51 @@ Oracle = dict[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- the independent oracle
+#: the record each model's experts hooks write into now (a list: blocks of the test's nest)
+_RECORDING: weakref.WeakKeyDictionary[nn.Module, list[Record]] = weakref.WeakKeyDictionary()
+
+
+def _experts_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] == "experts" and not isinstance(m, nn.ModuleList)
+    ]
+
+
+def _watch_experts(model: nn.Module) -> list[Any]:
+    """Hooks of the test's own on each experts module (never on a router or its scope), writing the indices it is
+    given into the record open on ``model``. Put on before ``attach`` by the tests' models, so they stay the same
+    hooks for the whole test: a hook added later on the way to the routers has the next block watched again."""
+    handles = []
+    for name, m in _experts_of(model):
+
+        def pre(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            open_ = _RECORDING.get(model)
+            if open_:
+                idx = args[1]
+                open_[-1].setdefault(name, []).append(idx.detach().clone().reshape(-1, idx.shape[-1]))
+
+        handles.append(m.register_forward_pre_hook(pre))
+    _RECORDING.setdefault(model, [])
+    return handles
+
+
 @contextlib.contextmanager
 def _dispatched(model: nn.Module) -> Iterator[Record]:
     """The indices each MoE layer's experts module was given, per call, in call order (a recompute in backward
-    adds a call). Hooks of the test's own, on the experts (never on a router or its scope)."""
+    adds a call): through the hooks :func:`_watch_experts` put on ``model`` (here for this block where it put none)."""
+    handles = [] if model in _RECORDING else _watch_experts(model)
     rec: Record = {}
-    handles = []
-    for name, m in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "experts" and not isinstance(m, nn.ModuleList):
-
-            def pre(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                idx = args[1]
-                rec.setdefault(name, []).append(idx.detach().clone().reshape(-1, idx.shape[-1]))
-
-            handles.append(m.register_forward_pre_hook(pre))
+    _RECORDING[model].append(rec)
     try:
         yield rec
     finally:
+        _RECORDING[model].pop()
         for h in handles:
             h.remove()
+        if handles:
+            del _RECORDING[model]
 
 
 def _joined(rec: Record) -> Oracle:
@@ -126,6 +153,7 @@ def _captured(
     choose otherwise), so that only a forced replay dispatches the captured experts again."""
     model = mr.models.build(style, num_layers=2, **kw).to(dtype)
     x = _ids() if x is None else x
+    _watch_experts(model)
     session = mr.attach(model)
     with _dispatched(model) as rec, session.capture():
         model(x)
@@ -391,8 +419,9 @@ def test_module_level_helper_replaced_after_the_watch(monkeypatch: pytest.Monkey
         block.load_state_dict(layer.mlp.state_dict())
         layer.mlp = block
     x = _ids()
+    _watch_experts(model)
     session = mr.attach(model)
-    with _dispatched(model) as rec:  # (hooks in place from the start: a hook added later is watched again itself)
+    with _dispatched(model) as rec:
         with session.capture():
             model(x)
         routes = session.routes()
@@ -668,6 +697,7 @@ def rollout() -> tuple[Any, ...]:
     model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
     prompt = _ids(2, 6)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    _watch_experts(model)
     session = mr.attach(model)
     with _dispatched(model) as rec, session.capture():
         out = model.generate(
@@ -877,6 +907,7 @@ def hf() -> Iterator[Callable[[str], tuple[nn.Module, torch.Tensor, mr.Session, 
                 if hasattr(m, "jitter_noise"):
                     m.jitter_noise = 0.5
             x = _ids(2, 9)
+            _watch_experts(model)
             session = mr.attach(model)
             with _dispatched(model) as rec, session.capture():
                 model(x)
