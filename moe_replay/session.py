@@ -2349,7 +2349,7 @@ def _code_on_the_way(modules: Sequence[nn.Module]) -> tuple[tuple[tuple[str, int
     out: list[tuple[tuple[str, int, Any], ...]] = []
     classes: set[type] = set()
     for m in modules:
-        out.append(tuple(_held(k, v) for k, v in vars(m).items() if callable(v) and not _ours(v)))
+        out.append(tuple(_held(k, v) for k, v in vars(m).items() if callable(v) and not _ours(v) and not _torchs(v)))
         for klass in type(m).__mro__:
             if klass is nn.Module or klass is object or klass in classes:
                 break
@@ -2372,6 +2372,14 @@ def _globals_named(fn: types.FunctionType) -> tuple[tuple[str, int, Any], ...]:
         for name in fn.__code__.co_names
         if isinstance(space.get(name), types.FunctionType) and not _library(space[name].__module__ or "")
     )
+
+
+def _torchs(value: Any) -> bool:
+    """Is ``value`` torch's own code set on a module (``module.compile()``'s compiled call, a ``functools.partial``
+    of ``torch.utils.checkpoint.checkpoint``): it runs the module's code as it is, nothing of its own?"""
+    fn = getattr(value, "func", value)
+    module = getattr(fn, "__module__", "") or ""
+    return module.split(".", 1)[0] == "torch"
 
 
 def _library(module: str) -> bool:
