@@ -212,9 +212,6 @@ _MODES: dict[str, Callable[[nn.Module, torch.Tensor], Any]] = {
     "train+backward": lambda m, x: m.train()(x, labels=x).loss.backward(),
     "inference_mode": lambda m, x: torch.inference_mode()(m)(x),
     "no_grad": lambda m, x: torch.no_grad()(m)(x),
-    "enable_grad-in-no_grad": lambda m, x: torch.no_grad()(
-        lambda: torch.enable_grad()(m)(x, labels=x).loss.backward()
-    )(),
     "ckpt-reentrant": _checkpointed("reentrant"),
     "ckpt-non-reentrant": _checkpointed("non_reentrant"),
 }
@@ -804,12 +801,10 @@ def test_rollout_recipe_mistakes_refused(mistake: str, rollout: tuple[Any, ...])
 
 # ----------------------------------------------------------------------------- the tiny property-test MoE
 _TINY_SPECS = {
-    "grouped-v3": dict(num_experts=8, top_k=2, score="grouped", n_group=4, topk_group=2),
     "grouped-v2-where": dict(
         num_experts=8, top_k=2, score="grouped", n_group=4, topk_group=2, weights_from_topk=True, mask_with_where=True
     ),
     "argmax-keepdim": dict(num_experts=6, top_k=1, score="argmax", keepdim=True),
-    "max": dict(num_experts=6, top_k=1, score="max"),
     "sigmoid-method-call": dict(num_experts=8, top_k=3, score="sigmoid_topk", call="method"),
 }
 _TINY_MODES: dict[str, Callable[[nn.Module, torch.Tensor], Any]] = {
