@@ -46,6 +46,7 @@ __all__ = [
     "mark_static_address",
     "maybe_mark_dynamic",
     "missing",
+    "module_call_kwargs",
     "register_jit_builtin",
     "stream_capturing",
     "top_saved_tensors_hooks",
@@ -371,6 +372,24 @@ def before_graph_capture(callback: Callable[[], None]) -> None:
 
     capture_begin.__moe_replay__ = True  # type: ignore[attr-defined]
     cls.capture_begin = capture_begin  # type: ignore[union-attr]
+
+
+_CALL_IMPL = getattr(getattr(torch.nn.Module, "_call_impl", None), "__code__", None)
+
+
+def module_call_kwargs(depth: int = 2) -> dict[str, Any]:
+    """The keyword arguments of the module call whose global forward pre-hook runs ``depth`` frames up (torch's
+    ``Module._call_impl`` hands its hooks the positional ones only); empty where that frame is not found (another
+    torch: the caller then reads the positional arguments alone)."""
+    f = sys._getframe(depth)
+    for _ in range(3):
+        if f is None:
+            break
+        if _CALL_IMPL is not None and f.f_code is _CALL_IMPL:
+            kwargs = f.f_locals.get("kwargs")
+            return kwargs if isinstance(kwargs, dict) else {}
+        f = f.f_back  # type: ignore[assignment]
+    return {}
 
 
 def missing() -> dict[str, str]:

@@ -32,7 +32,17 @@ top-p, a top-k by slicing) or a ``kthvalue`` threshold.
 Such a call over exactly as many scores as a bank of experts on its module's path holds, outside every attached
 router, is an orphan too, whatever the attached routers' widths (a 1-D call over tokens or flat ids, a draw over
 tokens, a sort of a row of ``k`` chosen ids, is no decision of a router, and is left alone where no bank is that
-long).
+long). An equal width alone is no proof, though: the tokens can be as many as a bank's experts. So the dimensions of
+the forward's input (its tokens; see :mod:`moe_replay._axes`) are followed through the calls whose dimensions are
+known, and a draw, sort or ranking along one of them (or a top-k among tokens, which chooses no keys) is none; one
+along any other dimension (a gate's output, a weight's, a dimension lost through a call not read) is judged by width.
+A draw from no scores (``randint``, ``randperm``) has no dimension to read: it is followed through the integer
+tensors made from it, and refused at the end of the forward unless it was seen picking rows of the input along such a
+dimension (``x[perm]``) and nothing else (an expert's id compared, a Python number made, rows of a weight).
+A sample can also be drawn by hand, the count of cumulative probabilities under a uniform draw (or ``searchsorted``
+of one), and a top-p taken in the experts' order by a threshold on the running total: a cumulative sum along as many
+entries as a bank holds (not along the input's dimension: a capacity's running count of tokens), then compared, is
+a choice among experts too.
 """
 
 from __future__ import annotations
@@ -49,7 +59,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._axes import ELEMENTWISE, Axes
 from ._output_guard import own_hook
+from ._torch_compat import module_call_kwargs
 from .errors import UnsupportedRouterError
 from .evidence import _FAMILY, _PEAKS, DECISION_FUNCS, NESTING, _arg, _where, decision_call, unwrap
 from .intercept import EAGER, ScopedForward
@@ -123,6 +135,30 @@ _DRAWS = frozenset((torch.multinomial, torch.Tensor.multinomial, F.gumbel_softma
 #: Random picks of indices below a bound, drawn from no scores (random routing: ``torch.randint(E, (T,))``, a
 #: ``randperm`` of the experts): over exactly a bank's width outside every router, a choice among its experts.
 _RANDOM_PICKS = frozenset((torch.randint, torch.randperm))
+#: Cumulative sums: along a bank's experts, a distribution's CDF, which a comparison turns into a choice (the count of
+#: cumulative probabilities under a uniform draw is a sample drawn by hand; under a threshold, a top-p in order).
+_CUMSUMS = frozenset((torch.cumsum, torch.Tensor.cumsum, torch.Tensor.cumsum_))
+_COMPARES = frozenset(
+    (
+        torch.searchsorted,
+        torch.bucketize,
+        torch.Tensor.__lt__,
+        torch.Tensor.__le__,
+        torch.Tensor.__gt__,
+        torch.Tensor.__ge__,
+        *(
+            f
+            for name in ("lt", "le", "gt", "ge", "less", "less_equal", "greater", "greater_equal")
+            for f in (getattr(torch, name), getattr(torch.Tensor, name))
+        ),
+    )
+)
+#: Calls that make a tensor's values Python numbers (whose use the watch cannot see: ``experts[int(i)]``).
+_CONVERSIONS = frozenset(
+    getattr(torch.Tensor, name)
+    for name in ("__index__", "__int__", "__float__", "__bool__", "__complex__", "item", "tolist", "numpy", "__array__")
+    if hasattr(torch.Tensor, name)
+)
 #: Modules whose 3-D weights are filters, not experts.
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -188,6 +224,29 @@ def _storage(t: torch.Tensor) -> int:
         return int(t.untyped_storage().data_ptr()) or id(t)
     except (RuntimeError, NotImplementedError):
         return id(t)
+
+
+def _weak_put(into: dict[int, tuple[weakref.ref[torch.Tensor], Any]], t: Any, value: Any) -> None:
+    """Note ``value`` for the tensor ``t`` in ``into`` by its id, as long as ``t`` lives (the watch keeps no tensor
+    alive, and a freed tensor's id may be another's next)."""
+    if not isinstance(t, torch.Tensor):
+        return
+    key = id(t)
+
+    def gone(_: weakref.ref[torch.Tensor]) -> None:
+        into.pop(key, None)
+
+    into[key] = (weakref.ref(t, gone), value)
+
+
+def _weak_get(into: dict[int, tuple[weakref.ref[torch.Tensor], Any]], x: Any) -> Any:
+    """What ``into`` notes for the tensor ``x`` (or the first of a list or tuple of them), or None."""
+    for t in x if isinstance(x, (list, tuple)) else (x,):
+        if isinstance(t, torch.Tensor):
+            entry = into.get(id(t))
+            if entry is not None and entry[0]() is t:
+                return entry[1]
+    return None
 
 
 def _holds_experts(module: nn.Module) -> bool:
@@ -286,6 +345,20 @@ class OrphanWatch(TorchFunctionMode):
         self.reported: set[str] = set()  # the top-k's among keys found picking rows (each is named once)
         self.keys: dict[str, int] = {}  # the number of keys each followed top-k chose among (see _pick)
         self.weights: dict[int, str] | None = None  # the model's weights by their storage (read when first needed)
+        #: the dimensions known to run over the forward's input (tokens, features): a draw, sort or ranking along
+        #: one is no choice among experts, whatever its width (see :meth:`seed`)
+        self.axes = Axes()
+        #: integer tensors made from a draw among as many values as a bank holds, from no scores (``randint``,
+        #: ``randperm``): what the draw is reported as, until it is seen picking rows of the input alone
+        self.drawn: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        self.pending: dict[str, bool] = {}  # those draws, and whether one picked rows of the input (see _drawn_use)
+        #: cumulative sums along as many entries as a bank may hold, not known to be the input's: their width
+        self.cdf: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+
+    def seed(self, args: Iterable[Any], kwargs: dict[str, Any] | None = None) -> None:
+        """Mark the dimensions of the tensors the watched forward is called with as the input's (tokens, batch,
+        features): along them, or dimensions made from them only, a draw, sort or ranking chooses no expert."""
+        self.axes.seed((*args, *(kwargs or {}).values()))
 
     def _in_moe(self, name: str) -> bool:
         """Inside an MoE block (a module holding experts), and not inside attention?
@@ -322,14 +395,17 @@ class OrphanWatch(TorchFunctionMode):
         parts = name.split(".") if name else []
         return any(width in _expert_banks(self.modules[".".join(parts[:i])]) for i in range(len(parts), -1, -1))
 
-    def _vector_found(self, what: str, width: int, over: str, noun: str = "scores") -> None:
+    def _vector_found(self, what: str, width: int, over: str, noun: str = "scores", note: bool = True) -> str | None:
         """Note a choice made one row at a time, or drawn at random, over ``width`` scores (see
-        :meth:`_vector_orphan`), where the module calling it makes it an orphan (each call site once)."""
+        :meth:`_vector_orphan`), where the module calling it makes it an orphan (each call site once); returns what
+        it is reported as (not noted with ``note=False``)."""
         name, _ = _calling_module(self.names, 3)
-        if name is not None and self._vector_orphan(name, width):
-            found = f"'{name}' ({type(self.modules[name]).__name__}): {what} {over} {width} {noun} at {_where()}"
-            if found not in self.found:
-                self.found.append(found)
+        if name is None or not self._vector_orphan(name, width):
+            return None
+        found = f"'{name}' ({type(self.modules[name]).__name__}): {what} {over} {width} {noun} at {_where()}"
+        if note and found not in self.found:
+            self.found.append(found)
+        return found
 
     def _in_attention(self, name: str) -> bool:
         """Is a module on the path (itself first) attention, by its attribute or class name?"""
@@ -340,7 +416,7 @@ class OrphanWatch(TorchFunctionMode):
             for i in range(len(parts), -1, -1)
         )
 
-    def _orphan(self, name: str, sig: tuple[str, int, int]) -> bool:
+    def _orphan(self, name: str, sig: tuple[str, int, int], x: Any = None) -> bool:
         """A call over an attached router's width in an MoE block, or a choice of indices over experts a
         module on its path holds, or over an attached router's width by a module holding no router.
 
@@ -348,7 +424,10 @@ class OrphanWatch(TorchFunctionMode):
         another name): outside attention, a module that holds no router and a weight as wide as a router's
         experts, choosing among that many, is taken for one (a choice among tokens or keys, whose number
         is no weight's width, is not). The model's own forward (or a module holding routers: an auxiliary
-        loss over all router scores) is not."""
+        loss over all router scores) is not. A ranking (``max``, ``sort``, ``kthvalue``) along a dimension known to be
+        the input's (its tokens) is none, whatever its width."""
+        if sig[0] in _BANK_ONLY and not self.axes.may_choose(x, -1):
+            return False
         if sig[2] in self.widths and self._in_moe(name):
             return True
         if sig[0] in _BANK_ONLY:
@@ -404,17 +483,19 @@ class OrphanWatch(TorchFunctionMode):
         if NESTING.probing:  # (the probe runs that establish a decision: its own calls, and a repeat of the forward's)
             return func(*args, **kwargs)
         source = None  # where a top-k among keys is taken outside every router, whose indices are followed
+        drawn = None  # what a draw from no scores among a bank's width is reported as, unless it picks input rows
         if func in DECISION_FUNCS and not torch.compiler.is_compiling():
             sig = decision_call(func, args, kwargs)
             if sig is not None and (sig[0] != "topk" or sig[1] < sig[2]) and len(self.found) < 8:
                 name, in_hook = _calling_module(self.names)
+                x = _arg(args, kwargs, 0, "input")
                 if name is not None and in_hook and NESTING.depth == 0 and self._scope(name) and sig[2] in self.widths:
                     self.found.append(
                         f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} in a hook of the "
                         f"module, outside its forward (which moe_replay intercepts), at {_where()}: remove the hook, "
                         "or make its choice inside the forward"
                     )
-                elif name is not None and not self._known(name) and self._orphan(name, sig):
+                elif name is not None and not self._known(name) and self._orphan(name, sig, x):
                     held = [s for s in self.scopes if not name or s.startswith(name + ".")]
                     hint = (
                         f" (it holds the attached router '{held[0]}' but decides outside it: if this call dispatches, "
@@ -425,12 +506,17 @@ class OrphanWatch(TorchFunctionMode):
                     self.found.append(
                         f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} at {_where()}{hint}"
                     )
-                elif name is not None and sig[0] == "topk" and self._over_keys(name, sig[2]):
+                elif (
+                    name is not None
+                    and sig[0] == "topk"
+                    and self.axes.may_choose(x, -1)  # (a top-k among the input's tokens chooses no keys)
+                    and self._over_keys(name, sig[2])
+                ):
                     source = f"'{name}' ({type(self.modules[name]).__name__}): topk over {sig[2]} at {_where()}"
                     self.keys[source] = sig[2]
             elif sig is None and len(self.found) < 8:
                 vec = _vector_choice(func, args, kwargs)
-                if vec is not None:
+                if vec is not None and self.axes.may_choose(_arg(args, kwargs, 0, "input"), 0):
                     self._vector_found(f"{vec[0]}, one row at a time,", vec[2], "over")
         elif func in _PEAKS and not torch.compiler.is_compiling() and len(self.found) < 8:
             self._peak(args, kwargs)
@@ -438,22 +524,112 @@ class OrphanWatch(TorchFunctionMode):
             x = _arg(args, kwargs, 0, "input" if func is not F.gumbel_softmax else "logits")
             if func is F.gumbel_softmax:  # a one-hot drawn inside the call (its arg-max is out of the watch's sight)
                 dim = _arg(args, kwargs, 4, "dim", -1)
-                if _arg(args, kwargs, 2, "hard", False) and isinstance(x, torch.Tensor) and isinstance(dim, int):
+                if (
+                    _arg(args, kwargs, 2, "hard", False)
+                    and isinstance(x, torch.Tensor)
+                    and isinstance(dim, int)
+                    and self.axes.may_choose(x, dim)
+                ):
                     self._vector_found("gumbel_softmax(hard=True) draw", int(x.shape[dim]), "from")
-            elif isinstance(x, torch.Tensor) and x.dim() in (1, 2) and x.shape[-1] >= 2:
+            elif isinstance(x, torch.Tensor) and x.dim() in (1, 2) and x.shape[-1] >= 2 and self.axes.may_choose(x, -1):
                 self._vector_found(f"{func.__name__} draw", int(x.shape[-1]), "from")
         elif func in _RANDOM_PICKS and not torch.compiler.is_compiling() and len(self.found) < 8:
             bound = _random_bound(func, args, kwargs)
-            if bound is not None:
-                self._vector_found(f"{func.__name__} draw, from no scores,", bound, "among", "values")
-        if not self.picked and source is None:
+            if bound is not None:  # (refused at the end unless it picks rows of the input, and nothing else)
+                drawn = self._vector_found(f"{func.__name__} draw, from no scores,", bound, "among", "values", False)
+                if drawn is not None:
+                    self.pending.setdefault(drawn, False)
+        elif func in _COMPARES and self.cdf and len(self.found) < 8 and not torch.compiler.is_compiling():
+            width = next((w for w in map(lambda a: _weak_get(self.cdf, a), args) if w is not None), None)
+            if width is not None:
+                self._vector_found(
+                    "a cumulative sum compared (a sample drawn by hand, or a threshold on the running total)",
+                    width,
+                    "along",
+                )
+        if not self.picked and source is None and not self.axes.known and not self.drawn and not self.cdf and not drawn:
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         if self.picked:
             self._follow(func, args, kwargs, out)
         if source is not None:
             self._pick(out[1], source)
+        if self.drawn:
+            self._drawn_use(func, args, kwargs, out)
+        if drawn is not None:
+            _weak_put(self.drawn, out, drawn)
+        if self.axes.known and self.axes.tracked(args, kwargs):
+            self.axes.after(func, args, kwargs, out)
+        if func in _CUMSUMS and isinstance(out, torch.Tensor):
+            self._cumsum(args, kwargs, out)
+        elif self.cdf and func in ELEMENTWISE and isinstance(out, torch.Tensor) and func not in _COMPARES:
+            width = next((w for w in map(lambda a: _weak_get(self.cdf, a), args) if w is not None), None)
+            if width is not None:  # (the running total shifted or scaled: ``cumsum - p``, ``cumsum / total``)
+                _weak_put(self.cdf, out, width)
         return out
+
+    def _cumsum(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> None:
+        """Note a cumulative sum along a dimension not known to be the input's, of two or more entries."""
+        x, dim = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "dim")
+        if not isinstance(x, torch.Tensor) or type(dim) is not int or not x.dim() or not -x.dim() <= dim < x.dim():
+            return
+        if x.shape[dim] >= 2 and self.axes.may_choose(x, dim):
+            _weak_put(self.cdf, out, int(x.shape[dim]))
+
+    def _drawn_use(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Follow a draw from no scores among a bank's width (``randint``, ``randperm``) through the integer tensors
+        made from it; where it picks rows of the input (tokens: ``x[perm]``, ``index_select`` along a dimension known
+        to be the input's), note that; any other use (compared with an expert's id, made a Python number, a mask,
+        rows of a weight) makes it a choice among the bank's experts."""
+        found = None
+        for a in (*args, *kwargs.values()):
+            found = _weak_get(self.drawn, a)
+            if found is not None:
+                break
+        if found is None:
+            return
+        if self._reads_input_rows(func, args, kwargs):
+            self.pending[found] = True
+            return
+        items = out if isinstance(out, (tuple, list)) else (out,)
+        if not any(isinstance(t, torch.Tensor) for t in items) and func not in _CONVERSIONS:
+            return  # (its shape, dtype, device, length read: nothing chosen by it)
+        made = [t for t in items if isinstance(t, torch.Tensor)]
+        if made and len(made) == len(items) and all(not t.is_floating_point() and t.dtype != torch.bool for t in made):
+            for t in made:  # (an integer tensor made from it: a slice, a view, a sum, an inverse permutation)
+                if not t.is_complex():
+                    _weak_put(self.drawn, t, found)
+            return
+        if found not in self.found:
+            self.found.append(found)
+
+    def _reads_input_rows(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Does this call pick, or write back, entries of a tensor along a dimension known to be the input's, by
+        the followed draw (and by nothing else followed)?"""
+        x = _arg(args, kwargs, 0, "input")
+        if not isinstance(x, torch.Tensor) or _weak_get(self.drawn, x) is not None:
+            return False
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            key = _arg(args, kwargs, 1, "key")
+            keys = key if isinstance(key, tuple) else (key,)
+            at = [i for i, k in enumerate(keys) if isinstance(k, torch.Tensor) and _weak_get(self.drawn, k) is not None]
+            if len(at) != 1 or any(k is Ellipsis or k is None for k in keys[: at[0]]):
+                return False
+            others = [k for k in keys if isinstance(k, (torch.Tensor, list)) and k is not keys[at[0]]]
+            return not others and not self.axes.may_choose(x, at[0])
+        if func in (
+            torch.index_select,
+            torch.Tensor.index_select,
+            torch.Tensor.index_add,
+            torch.Tensor.index_add_,
+            torch.index_add,
+            torch.Tensor.index_copy,
+            torch.Tensor.index_copy_,
+            torch.index_copy,
+        ):
+            dim = _arg(args, kwargs, 1, "dim")
+            return type(dim) is int and not self.axes.may_choose(x, dim)
+        return False
 
     def _over_keys(self, name: str, width: int) -> bool:
         """Is a top-k over ``width`` in the module at ``name`` a choice among learned keys outside every router: the
@@ -631,7 +807,12 @@ class OrphanWatch(TorchFunctionMode):
         return False
 
     def check(self) -> None:
-        """Raise if the watched forward made a decision outside every attached router."""
+        """Raise if the watched forward made a decision outside every attached router (a draw from no scores among
+        a bank's width too, unless it was seen picking rows of the input alone)."""
+        for found, input_rows in self.pending.items():
+            if not input_rows and found not in self.found:
+                self.found.append(found)
+        self.pending.clear()
         if self.found:
             detail = "\n  ".join(dict.fromkeys(self.found))
             raise UnsupportedRouterError(
@@ -684,6 +865,7 @@ def watch_forward(
         ran.clear()
         ran.add(id(module))
         state["watch"] = OrphanWatch(model, scopes, widths, excluded)
+        state["watch"].seed(args, module_call_kwargs())  # (the caller's input: tokens, features)
         state["watch"].__enter__()
 
     def post(module: nn.Module, args: Any, out: Any) -> None:

@@ -2234,6 +2234,7 @@ class Session:
                 h.calls, h.decisions = 0, 0
                 h.verifying = True
             watch = OrphanWatch(model, self._scopes(), self._widths(), self._excluded)
+            watch.seed(args, kwargs)  # (the example batch: its tokens and features are no experts)
             ran: set[int] = set()  # the modules this forward runs (the others are watched at their first run)
             scopes = {id(h.scope) for h in self._hooks}
             bar = Progress(len(scopes), "moe_replay: establishing routers")  # (shown on a terminal only)

@@ -717,3 +717,198 @@ class Shuffle(RandomFFN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[torch.randperm(x.shape[0])]
         return sum((expert(x) for expert in self.experts), torch.zeros_like(x))
+
+
+# ------------------------------------------------------------------ draws, sorts and rankings as wide as a bank
+class Adversary(nn.Module):
+    """A layer holding a bank of ``E`` experts (no router discovery finds), beside a found router, run on as many
+    tokens as it has experts; ``how`` says what it does. The harmless ones draw, sort or rank the TOKENS (or write
+    back the first of them, by a running count along the tokens); the others choose among its experts by a draw, a
+    ranking or a cumulative sum, reached by ways meant to hide it (see :data:`HARMLESS` and :data:`CHOOSING`)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+        self.policy = nn.Linear(D, E)
+        self.score = nn.Linear(D, 1)
+        self.flat = nn.Linear(D, 2 * E)
+        self.prior = nn.Parameter(torch.randn(E))
+        self.keys = nn.Parameter(torch.randn(E, D))
+        self.w = nn.Parameter(torch.randn(E, D, D) * 0.1)
+
+    def every(self, x: torch.Tensor) -> torch.Tensor:
+        return sum((expert(x) for expert in self.experts), torch.zeros_like(x))
+
+    def routed(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Each token through the expert ``idx`` names (one per token)."""
+        return sum(((idx == e)[:, None] * expert(x) for e, expert in enumerate(self.experts)), torch.zeros_like(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, how = x.shape[0], self.how
+        probs = self.policy(x).softmax(-1)
+        # ---- harmless: along the tokens
+        if how == "randperm of the tokens":
+            return self.every(x[torch.randperm(t)])
+        if how == "randint among the tokens":
+            keep = torch.randint(0, t, (2,))
+            return self.every(torch.zeros_like(x).index_add(0, keep, x.index_select(0, keep)))
+        if how == "multinomial over the tokens":
+            pick = torch.multinomial(self.score(x).squeeze(-1).softmax(-1), 2)
+            return self.every(torch.zeros_like(x).index_add(0, pick, x[pick]))
+        if how == "sort of the tokens":
+            return self.every(x[self.score(x).T.sort(-1, descending=True).indices[0]])
+        if how == "max over the tokens":
+            return self.every(x + x.T.max(-1).values)
+        if how == "kthvalue of the tokens":
+            s = self.score(x)
+            return self.every(x * (s >= s.T.kthvalue(2, dim=-1).values))
+        if how == "argmax of a token's score":
+            return self.every(x + x[self.score(x)[:, 0].argmax()])
+        if how == "gumbel one-hot over the tokens":
+            return self.every(x * F.gumbel_softmax(self.score(x), hard=True, dim=0))
+        if how == "running count along the tokens":
+            return self.every(x * ((x[:, :1] * 0 + 1).cumsum(0) <= 2))
+        # ---- choices among the experts
+        if how == "randperm used on tokens and experts":
+            perm = torch.randperm(E)
+            return self.routed(x[perm], perm)
+        if how == "randint made Python numbers":
+            idx = torch.randint(0, E, (t,))
+            return torch.stack([self.experts[e](x[i]) for i, e in enumerate(idx.tolist())])
+        if how == "randint iterated":
+            idx = torch.randint(0, E, (t,))
+            return torch.stack([self.experts[e](x[i]) for i, e in enumerate(idx)])
+        if how == "randint picking stacked weights":
+            return torch.einsum("td,tdh->th", x, self.w[torch.randint(0, E, (t,))])
+        if how == "randint gathering experts' outputs":
+            idx = torch.randint(0, E, (t,))
+            outs = torch.stack([expert(x) for expert in self.experts], 1)
+            return outs.gather(1, idx[:, None, None].expand(-1, 1, D))[:, 0]
+        if how == "randint reading joined experts' outputs":
+            idx = torch.randint(0, E, (t,))
+            return torch.cat([expert(x) for expert in self.experts])[idx * t + torch.arange(t)]
+        if how == "multinomial from a prior":
+            return self.routed(x, torch.multinomial(self.prior.softmax(-1).expand(t, E), 1)[:, 0])
+        if how == "multinomial over the first features":
+            return self.routed(x, torch.multinomial(x[:, :E].softmax(-1), 1)[:, 0])
+        if how == "sort of scores transposed twice":
+            return self.routed(x, probs.T.T.sort(-1, descending=True).indices[:, 0])
+        if how == "max of scores times a square matrix":
+            return self.routed(x, (probs @ torch.eye(E)).max(-1).indices)
+        if how == "max of a view of flat scores":
+            return self.routed(x, self.flat(x).view(-1).view(t, 2, E)[:, 0].max(-1).indices)
+        if how == "max of einsum scores":
+            return self.routed(x, torch.einsum("td,ed->te", x, self.keys).max(-1).indices)
+        if how == "min of distances":
+            return self.routed(x, torch.cdist(x, self.keys).min(-1).indices)
+        if how == "gumbel one-hot over transposed scores":
+            mask = F.gumbel_softmax(self.policy(x).T, hard=True, dim=0).T
+            return sum((mask[:, e, None] * expert(x) for e, expert in enumerate(self.experts)), torch.zeros_like(x))
+        if how == "argmax of a slice of flat scores":
+            flat = probs.reshape(-1)
+            return self.routed(x, torch.stack([flat[i * E : (i + 1) * E].argmax() for i in range(t)]))
+        if how == "searchsorted under a uniform draw":
+            return self.routed(x, torch.searchsorted(probs.cumsum(-1), torch.rand(t, 1))[:, 0].clamp(max=E - 1))
+        if how == "uniform draw above the cumulative sum":
+            return self.routed(x, (torch.rand(t, 1) > probs.cumsum(-1)).sum(-1).clamp(max=E - 1))
+        if how == "threshold on the running total":
+            keep = (probs.cumsum(-1) - probs) < 0.8
+            return sum((keep[:, e, None] * expert(x) for e, expert in enumerate(self.experts)), torch.zeros_like(x))
+        raise AssertionError(how)
+
+
+#: harmless layers (a draw, sort or ranking along the tokens, as many as the bank's experts): not refused
+HARMLESS = [
+    "randperm of the tokens",
+    "randint among the tokens",
+    "multinomial over the tokens",
+    "sort of the tokens",
+    "max over the tokens",
+    "kthvalue of the tokens",
+    "argmax of a token's score",
+    "gumbel one-hot over the tokens",
+    "running count along the tokens",
+]
+#: choices among the bank's experts, each by a way meant to hide it: refused
+CHOOSING = [
+    "randperm used on tokens and experts",
+    "randint made Python numbers",
+    "randint iterated",
+    "randint picking stacked weights",
+    "randint gathering experts' outputs",
+    "randint reading joined experts' outputs",
+    "multinomial from a prior",
+    "multinomial over the first features",
+    "sort of scores transposed twice",
+    "max of scores times a square matrix",
+    "max of a view of flat scores",
+    "max of einsum scores",
+    "min of distances",
+    "gumbel one-hot over transposed scores",
+    "argmax of a slice of flat scores",
+    "searchsorted under a uniform draw",
+    "uniform draw above the cumulative sum",
+    "threshold on the running total",
+]
+
+
+class Keyword(nn.Module):
+    """The layers, called with their input by keyword (``model(x=...)``)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _beside(how: str) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), Adversary(how))).train()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("call", ["positional", "keyword", "verify"])
+@pytest.mark.parametrize("how", HARMLESS)
+def test_a_draw_sort_or_ranking_over_as_many_tokens_as_a_bank_has_experts_is_not_refused(how: str, call: str) -> None:
+    """Once a false refusal: a draw (``randperm``, ``randint``, ``multinomial``, a hard Gumbel one-hot), a sort or a
+    ranking (``max``, ``kthvalue``, a 1-D ``argmax``) along the tokens, beside a found router, was read as a choice
+    among the experts of the bank on its path whenever the tokens were as many as its experts. Along a dimension of
+    the forward's input (its tokens), they choose no expert: the found router is recorded and its replay is exact,
+    with the input passed by position, by keyword, or to ``verify()`` first."""
+    model = Keyword(_beside(how))
+    x = torch.randn(E, D)  # as many tokens as the bank has experts
+    with mr.attach(model) as session:
+        assert session.names == ("body.0.mlp.gate",)
+        if call == "verify":
+            session.verify(x)
+        with session.capture():
+            model(x) if call == "positional" else model(x=x)
+        routes = session.routes()
+        assert routes.names == ("body.0.mlp.gate",) and len(routes.layer("body.0.mlp.gate")) == E
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes), session.capture():
+            model(x)
+        assert session.routes().equal(routes), "the recorded experts were not forced"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", CHOOSING)
+def test_a_choice_among_a_banks_experts_hidden_from_the_width_rule_is_refused(how: str) -> None:
+    """A layer beside a found router choosing among its bank's experts (as many as the tokens) by a random draw used
+    on the experts too, made Python numbers, iterated, picking stacked weights or experts' outputs (gathered, or
+    joined and indexed), a draw from a prior or from the input's first features, a ranking of scores transposed
+    twice, multiplied by a square matrix, viewed flat, made by ``einsum`` or by distances, a Gumbel one-hot over
+    transposed scores, or a cumulative sum under a uniform draw (``searchsorted`` or by hand) or a threshold: none of
+    these runs along the input's tokens, so each is refused, naming the layer, and the model is left as it was."""
+    model = _beside(how)
+    from .conftest import assert_untouched, snapshot
+
+    before = snapshot(model)
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'1\.mlp' \(Adversary\): .* (over|from|among|along) 4"):
+            with session.capture():
+                model(torch.randn(E, D))
+    assert_untouched(model, before)

@@ -1154,16 +1154,10 @@ class DepthsPositions(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.UnsupportedRouterError,
-    reason="a top-k among tokens whose indices pick rows of a learned table as long as the sequence (positions of the "
-    "tokens chosen) looks like a top-k among learned keys picking rows of a table (product keys): nothing tells the "
-    "tokens' dimension from a keys' one, so the router beside it is refused: a false refusal",
-)
 def test_tokens_chosen_that_read_their_rows_of_a_position_table_beside_a_found_router_are_not_refused() -> None:
-    """Mixture-of-Depths reading the chosen tokens' learned positions: no expert choice, the router beside it is
-    replayed exactly, as by hand."""
+    """Once a false refusal: Mixture-of-Depths reading the chosen tokens' learned positions looked like a top-k among
+    learned keys picking rows of a table (product keys). Its top-k runs along the input's tokens (the dimension of the
+    forward's input), so it chooses no keys: the router beside it is replayed exactly, as by hand."""
     assert_exact(RowsReadBeside(DepthsPositions, "depths"), _x(), change=0.5)
 
 

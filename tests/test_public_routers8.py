@@ -973,13 +973,13 @@ def test_a_top_k_changed_between_capture_and_replay_is_refused(where: str, k_cap
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a choice of experts drawn by hand (the count of cumulative probabilities under a uniform draw) in a layer "
-    "discovery does not find, beside a found router, makes no call the watch reads as a choice: it is neither "
-    "recorded nor forced, nor refused",
-)
 def test_a_sample_drawn_by_hand_beside_a_found_router_is_not_left_out_silently() -> None:
-    """A Routing Network whose policy's sample is drawn by hand in training, beside a routed MoE: refused, as its
-    ``Categorical`` sample is."""
-    assert_refused(Layers(lambda: BesideMoE(lambda: RoutingNetworkLayer(by_hand=True))), _x(), _OUTSIDE, train=True)
+    """Once silent: a Routing Network whose policy's sample is drawn by hand in training (the count of cumulative
+    probabilities under a uniform draw), beside a routed MoE, made no call the watch read as a choice. A cumulative sum
+    along a bank's width compared is one: refused, as its ``Categorical`` sample is."""
+    assert_refused(
+        Layers(lambda: BesideMoE(lambda: RoutingNetworkLayer(by_hand=True))),
+        _x(),
+        r"'layers\.0\.other' \(RoutingNetworkLayer\): a cumulative sum compared .* along 8 scores",
+        train=True,
+    )
