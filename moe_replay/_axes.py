@@ -8,6 +8,12 @@ known: elementwise calls (broadcast from the right), transposes, reshapes (the l
 keep), reductions, indexing, products (a ``Linear``'s output features come from its weight: never data), ``einsum``.
 Every other call's results are unmarked. An unmarked dimension may run over experts: the mark only ever exempts, so a
 call this module does not know leaves the rules as strict as they were.
+
+Each dimension is one of three: :data:`DATA` (the input's), :data:`WEIGHT` (a weight's, or a dimension made by a
+product with one, a one-hot, a stack: never the input's) or :data:`UNKNOWN` (made by a call not read: a buffer made by
+its shape, ``torch.zeros(tokens, d)``, a fused kernel). An elementwise call of operands that run along one dimension
+together gives it what they hold, a weight's where any holds one, else the input's where any does: a block's output
+written into a buffer made by its shape, added back to the residual stream, runs along the stream's tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-__all__ = ["ELEMENTWISE", "Axes"]
+__all__ = ["DATA", "ELEMENTWISE", "UNKNOWN", "WEIGHT", "Axes"]
 
 #: ``(func, ...)``: for a call of ``func``, a dimension of its result holds what its operands' dimensions at that
 #: place (counted from the right, after broadcasting) hold.
@@ -41,7 +47,7 @@ _NAMES_EXPAND = "expand expand_as broadcast_to".split()
 _NAMES_REDUCE = (
     "sum mean amax amin max min argmax argmin prod logsumexp any all std var median mode count_nonzero nansum nanmean"
 ).split()
-_NAMES_KEEP = "topk sort argsort cummax cummin".split()  # (the dimension chosen along keeps its meaning)
+_NAMES_KEEP = "cummax cummin".split()  # (the dimension taken along keeps its meaning)
 _NAMES_SPLIT = "unbind chunk split tensor_split".split()
 _NAMES_SELF = (
     "index_add index_add_ index_copy index_copy_ index_fill index_fill_ scatter scatter_ scatter_add scatter_add_ "
@@ -65,6 +71,10 @@ _RESHAPE = _funcs(_NAMES_RESHAPE)
 _EXPAND = _funcs(_NAMES_EXPAND)
 _REDUCE = _funcs(_NAMES_REDUCE)
 _KEEP = _funcs(_NAMES_KEEP)
+#: rankings, by where their ``dim`` is: the dimension ranked along runs over the slots chosen (the input's where it
+#: was: tokens chosen), not over what it ran along (of experts chosen, a row of ``k`` ids: dispatch reads the tokens'
+#: rows through them)
+_RANKS = {f: 2 if "topk" in getattr(f, "__name__", "") else 1 for f in _funcs("topk sort argsort".split())}
 _SPLIT = _funcs(_NAMES_SPLIT)
 _UNBIND = _funcs(["unbind"])
 _KTHVALUE = _funcs(["kthvalue"])
@@ -74,7 +84,9 @@ _MATMUL = frozenset(
 )
 _DESCRIPTORS: dict[Any, str] = {torch.Tensor.T: "T", torch.Tensor.mT: "mT", torch.Tensor.H: "T", torch.Tensor.mH: "mT"}
 
-Labels = tuple[bool, ...]  # per dimension: True where it may run over experts (not known to be the input's)
+#: what a dimension of a tensor runs along: the input's (tokens, batch, sequence), unknown, a weight's
+DATA, UNKNOWN, WEIGHT = 0, 1, 2
+Labels = tuple[int, ...]  # per dimension: DATA, UNKNOWN or WEIGHT
 
 
 def _dim(d: Any, n: int) -> int | None:
@@ -100,28 +112,33 @@ class Axes:
                 continue
             if isinstance(value, torch.Tensor):
                 n = value.dim()
-                self._set(value, (False,) * n if not value.is_floating_point() else (False,) * (n - 1) + (True,))
+                self._set(value, (DATA,) * n if not value.is_floating_point() else (DATA,) * (n - 1) + (WEIGHT,))
             elif isinstance(value, (list, tuple)):
                 self.seed(value)
             elif isinstance(value, dict):
                 self.seed(value.values())
 
     def labels(self, t: torch.Tensor) -> Labels:
-        """Per dimension of ``t``: True where it may run over experts (all of them for a tensor not followed)."""
+        """Per dimension of ``t``: what it runs along (a weight's for a parameter, unknown for one not followed)."""
         entry = self.known.get(id(t))
         if entry is not None and entry[0]() is t and len(entry[1]) == t.dim():
             return entry[1]
-        return (True,) * t.dim()
+        return (WEIGHT if isinstance(t, torch.nn.Parameter) else UNKNOWN,) * t.dim()
 
     def may_choose(self, t: Any, dim: int) -> bool:
         """Does a call along ``dim`` of ``t`` possibly run over experts (not over a dimension of the input)?"""
         if not isinstance(t, torch.Tensor):
             return True
         d = _dim(dim, t.dim())
-        return d is None or not t.dim() or self.labels(t)[d]
+        return d is None or not t.dim() or self.labels(t)[d] != DATA
 
     def _set(self, t: Any, labels: Labels | None) -> None:
-        if not isinstance(t, torch.Tensor) or labels is None or len(labels) != t.dim() or all(labels):
+        """Note ``t``'s labels (a tensor of unknown dimensions, or none told, is forgotten: written in place, it may
+        hold other things than before)."""
+        if not isinstance(t, torch.Tensor):
+            return
+        if labels is None or len(labels) != t.dim() or all(b == UNKNOWN for b in labels):
+            self.known.pop(id(t), None)
             return
         key, known = id(t), self.known
 
@@ -134,7 +151,7 @@ class Axes:
         """Is any tensor among the arguments marked (so its call's results may be)?"""
         for a in (*args, *kwargs.values()):
             if isinstance(a, torch.Tensor):
-                if id(a) in self.known:
+                if id(a) in self.known or isinstance(a, torch.nn.Parameter):
                     return True
             elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and id(t) in self.known for t in a):
                 return True
@@ -183,7 +200,7 @@ class Axes:
             if isinstance(out, torch.Tensor):
                 n = out.dim() - x.dim()
                 kept = zip(lab, x.shape, out.shape[n:], strict=True)
-                self._set(out, (True,) * n + tuple(a if s == o else True for a, s, o in kept))
+                self._set(out, (UNKNOWN,) * n + tuple(a if s == o else UNKNOWN for a, s, o in kept))
         elif func in _REDUCE:
             self._reduce(x, lab, _at(args, kwargs, 1, "dim"), out)
         elif func in _KTHVALUE:
@@ -192,13 +209,20 @@ class Axes:
             for item in out if isinstance(out, tuple) else (out,):
                 if isinstance(item, torch.Tensor) and item.dim() == x.dim():
                     self._set(item, lab)
+        elif func in _RANKS:
+            d = _dim(_at(args, kwargs, _RANKS[func], "dim", default=-1), x.dim())
+            if d is not None:
+                ranked = (*lab[:d], DATA if lab[d] == DATA else UNKNOWN, *lab[d + 1 :])
+                for item in out if isinstance(out, tuple) else (out,):
+                    if isinstance(item, torch.Tensor) and item.dim() == x.dim():
+                        self._set(item, ranked)
         elif func in _SPLIT:
             at = 1 if func in _UNBIND else 2
             dim = _dim(_at(args, kwargs, at, "dim", default=0), x.dim())
             for item in out if isinstance(out, (tuple, list)) else ():
                 if isinstance(item, torch.Tensor):
                     self._set(item, lab[:dim] + lab[dim + 1 :] if item.dim() < x.dim() and dim is not None else lab)
-        elif func in _SELF:
+        elif func in _SELF:  # (rows written back along its own dimensions: a block's output into zeros_like(x))
             if isinstance(out, torch.Tensor) and out.dim() == x.dim():
                 self._set(out, lab)
         elif func is torch.Tensor.__getitem__:
@@ -208,43 +232,47 @@ class Axes:
             index, dim = _at(args, kwargs, 2, "index"), _dim(_at(args, kwargs, 1, "dim"), x.dim())
             if isinstance(index, torch.Tensor) and dim is not None and isinstance(out, torch.Tensor):
                 by = self.labels(index)
-                self._set(out, (*lab[:dim], lab[dim] or (by[0] if by else True), *lab[dim + 1 :]))
+                self._set(out, (*lab[:dim], max(lab[dim], by[0] if by else UNKNOWN), *lab[dim + 1 :]))
         elif func in (torch.gather, torch.Tensor.gather):
             index = _at(args, kwargs, 2, "index")
             if isinstance(index, torch.Tensor) and isinstance(out, torch.Tensor) and index.dim() == x.dim():
-                self._set(out, tuple(a or b for a, b in zip(lab, self.labels(index), strict=True)))
+                self._set(out, tuple(max(a, b) for a, b in zip(lab, self.labels(index), strict=True)))
         elif func in (F.one_hot,):
             if isinstance(out, torch.Tensor):
-                self._set(out, (*lab, True))
+                self._set(out, (*lab, WEIGHT))
         elif func in (F.linear,):
             if isinstance(out, torch.Tensor) and x.dim():
-                self._set(out, (*lab[:-1], True))
+                self._set(out, (*lab[:-1], WEIGHT))
+        elif func is F.scaled_dot_product_attention:  # (each query's row of the values' features)
+            v = _at(args, kwargs, 2, "value")
+            if isinstance(out, torch.Tensor) and isinstance(v, torch.Tensor) and out.dim() == x.dim() and v.dim():
+                self._set(out, (*lab[:-1], self.labels(v)[-1]))
         elif func in (F.embedding, torch.embedding):
             ids = x if func is F.embedding else _at(args, kwargs, 1, "indices")
             if isinstance(ids, torch.Tensor) and isinstance(out, torch.Tensor):
-                self._set(out, (*self.labels(ids), True))
+                self._set(out, (*self.labels(ids), WEIGHT))
         elif func in _MATMUL:
             other = _at(args, kwargs, 1, "other", "mat2")
             if isinstance(other, torch.Tensor) and isinstance(out, torch.Tensor):
                 self._set(out, self._matmul(x, lab, other, out))
 
     def _broadcast(self, out: torch.Tensor, operands: Iterable[Any]) -> Labels:
-        """Labels of an elementwise result: at each place from the right, a data dimension where every operand
-        that runs along it (not broadcast there from a size of 1) is data."""
-        labels = [False] * out.dim()
+        """Labels of an elementwise result: at each place from the right, what the operands that run along it (not
+        broadcast there from a size of 1) hold together (see :func:`_together`)."""
+        along: list[list[int]] = [[] for _ in range(out.dim())]
         shape = out.shape
         for a in operands:
             if not isinstance(a, torch.Tensor) or not a.dim():
                 continue
             if a.dim() > out.dim():
-                return (True,) * out.dim()
+                return (UNKNOWN,) * out.dim()
             lab = self.labels(a)
             for i in range(1, a.dim() + 1):
                 if a.shape[-i] == shape[-i]:
-                    labels[-i] = labels[-i] or lab[-i]
+                    along[-i].append(lab[-i])
                 elif a.shape[-i] != 1:
-                    return (True,) * out.dim()
-        return tuple(labels)
+                    return (UNKNOWN,) * out.dim()
+        return tuple(_together(held) if size != 1 else DATA for held, size in zip(along, shape, strict=True))
 
     def _transpose(
         self, func: Any, x: torch.Tensor, lab: Labels, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
@@ -304,7 +332,7 @@ class Axes:
         if advanced and isinstance(advanced[0], torch.Tensor) and advanced[0].dtype == torch.bool:
             return None
         taken = sum(1 for k in keys if k is not None and k is not Ellipsis and not isinstance(k, bool))
-        labels: list[bool] = []
+        labels: list[int] = []
         i = 0
         for k in keys:
             if k is Ellipsis:
@@ -312,16 +340,16 @@ class Axes:
                 labels.extend(lab[i : i + skip])
                 i += skip
             elif k is None:
-                labels.append(False)  # (a new dimension of size 1: nothing to choose along)
+                labels.append(DATA)  # (a new dimension of size 1: nothing to choose along)
             elif isinstance(k, slice):
                 labels.append(lab[i])
                 i += 1
             elif isinstance(k, torch.Tensor):
                 by = self.labels(k) if k.dim() else ()
-                labels.extend(b or lab[i] for b in by)
+                labels.extend(max(b, lab[i]) for b in by)
                 i += 1
             elif isinstance(k, list):
-                labels.append(True)
+                labels.append(UNKNOWN)
                 i += 1
             elif isinstance(k, int) and not isinstance(k, bool):
                 i += 1
@@ -339,16 +367,16 @@ class Axes:
                 return (*olab[:-2], olab[-1]) if out.dim() == other.dim() - 1 else None
             return None
         batch = out.dim() - 2
-        head: list[bool] = [False] * batch
+        head: list[list[int]] = [[] for _ in range(batch)]
         for t, tl in ((x, lab), (other, olab)):
             for i in range(1, t.dim() - 1):
                 if i > batch:
                     return None
                 if t.shape[-2 - i] == out.shape[-2 - i]:
-                    head[-i] = head[-i] or tl[-2 - i]
+                    head[-i].append(tl[-2 - i])
                 elif t.shape[-2 - i] != 1:
                     return None
-        return (*head, lab[-2], olab[-1])
+        return (*(_together(held) for held in head), lab[-2], olab[-1])
 
     def _einsum(self, args: tuple[Any, ...], out: Any) -> None:
         if not args or not isinstance(args[0], str) or not isinstance(out, torch.Tensor):
@@ -363,14 +391,14 @@ class Axes:
         terms = lhs.split(",")
         if len(terms) != len(operands):
             return
-        letters: dict[str, bool] = {}
+        letters: dict[str, list[int]] = {}
         for term, t in zip(terms, operands, strict=True):
             if not isinstance(t, torch.Tensor) or len(term) != t.dim():
                 return
             for c, b, size in zip(term, self.labels(t), t.shape, strict=True):
                 if size != 1:
-                    letters[c] = letters.get(c, False) or b
-        self._set(out, tuple(letters.get(c, True) for c in rhs))
+                    letters.setdefault(c, []).append(b)
+        self._set(out, tuple(_together(letters[c]) if c in letters else DATA for c in rhs))
 
     def _cat(
         self, func: Any, tensors: list[Any] | tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
@@ -380,17 +408,26 @@ class Axes:
         n = tensors[0].dim()
         if any(t.dim() != n for t in tensors):
             return
-        labels = [any(self.labels(t)[i] for t in tensors) for i in range(n)]
+        labels = [max(self.labels(t)[i] for t in tensors) for i in range(n)]
         # (the dimension they are joined along, or a new one over them, runs over the tensors joined too: experts'
         # outputs, say)
         dim = _dim(_at(args, kwargs, 1, "dim", default=0), n + 1 if func is torch.stack else n)
         if dim is None:
             return
         if func is torch.stack:
-            labels.insert(dim, True)
+            labels.insert(dim, WEIGHT)
         else:
-            labels[dim] = True
+            labels[dim] = max(labels[dim], UNKNOWN)
         self._set(out, tuple(labels))
+
+
+def _together(held: list[int]) -> int:
+    """What a dimension holds that operands run along together: a weight's where any holds one (a gate's experts
+    beside the tokens are experts), else the input's where any holds it (a buffer of unknown dimensions added to the
+    residual stream runs along its tokens), else unknown."""
+    if WEIGHT in held:
+        return WEIGHT
+    return DATA if DATA in held else UNKNOWN
 
 
 def _at(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, *names: str, default: Any = None) -> Any:
@@ -404,22 +441,19 @@ def _at(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, *names: str, defa
 
 def _reshaped(before: tuple[int, ...], lab: Labels, after: tuple[int, ...]) -> Labels:
     """Labels of a reshape of ``before`` (labelled ``lab``) to ``after``: the leading and trailing dimensions it keeps
-    (equal sizes, in order) keep theirs; those it merges or splits are data where all merged were; new dimensions of
-    size 1 are data."""
+    (equal sizes, in order) keep theirs; those it merges or splits hold the most of what the merged held (a weight's,
+    unknown, the input's); new dimensions of size 1 are data (nothing runs along them)."""
     kept = [(s, b) for s, b in zip(before, lab, strict=True) if s != 1]
     sizes = [s for s in after if s != 1]
-    head: list[bool] = []
+    head: list[int] = []
     while kept and sizes and kept[0][0] == sizes[0]:
         head.append(kept.pop(0)[1])
         sizes.pop(0)
-    tail: list[bool] = []
+    tail: list[int] = []
     while kept and sizes and kept[-1][0] == sizes[-1]:
         tail.insert(0, kept.pop()[1])
         sizes.pop()
-    middle = any(b for _, b in kept) if kept else True
+    middle = max((b for _, b in kept), default=UNKNOWN)
     inner = head + [middle] * len(sizes) + tail
-    labels: list[bool] = []
     it = iter(inner)
-    for s in after:
-        labels.append(False if s == 1 else next(it))
-    return tuple(labels)
+    return tuple(DATA if s == 1 else next(it) for s in after)

@@ -134,7 +134,7 @@ _BANK_ONLY = frozenset(("sort", "argsort", "kthvalue", "max", "min"))
 _DRAWS = frozenset((torch.multinomial, torch.Tensor.multinomial, F.gumbel_softmax))
 #: Random picks of indices below a bound, drawn from no scores (random routing: ``torch.randint(E, (T,))``, a
 #: ``randperm`` of the experts): over exactly a bank's width outside every router, a choice among its experts.
-_RANDOM_PICKS = frozenset((torch.randint, torch.randperm))
+_RANDOM_PICKS = frozenset((torch.randint, torch.randperm, torch.randint_like, torch.Tensor.random_))
 #: Cumulative sums: along a bank's experts, a distribution's CDF, which a comparison turns into a choice (the count of
 #: cumulative probabilities under a uniform draw is a sample drawn by hand; under a threshold, a top-p in order).
 _CUMSUMS = frozenset((torch.cumsum, torch.Tensor.cumsum, torch.Tensor.cumsum_))
@@ -205,14 +205,14 @@ def _vector_choice(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
 
 def _random_bound(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """How many values a ``randint`` (``high - low``) or ``randperm`` (``n``) call draws among; None where not told
-    by plain integers."""
+    """How many values a ``randint``, ``randint_like`` or ``random_`` (``high - low``) or ``randperm`` (``n``) call
+    draws among; None where not told by plain integers."""
     if func is torch.randperm:
         n = _arg(args, kwargs, 0, "n")
         return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
     ints = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
     low, high = (ints[0], ints[1]) if len(ints) >= 2 else (0, ints[0] if ints else None)
-    low, high = kwargs.get("low", low), kwargs.get("high", high)
+    low, high = kwargs.get("low", kwargs.get("from", low)), kwargs.get("high", kwargs.get("to", high))
     if not isinstance(low, int) or not isinstance(high, int) or isinstance(high, bool):
         return None
     return high - low if high - low >= 2 else None

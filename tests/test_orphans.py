@@ -788,6 +788,10 @@ class Adversary(nn.Module):
         if how == "randint reading joined experts' outputs":
             idx = torch.randint(0, E, (t,))
             return torch.cat([expert(x) for expert in self.experts])[idx * t + torch.arange(t)]
+        if how == "random_ among the experts":
+            return self.routed(x, torch.empty(t).random_(0, E).long())
+        if how == "randint_like among the experts":
+            return self.routed(x, torch.randint_like(x[:, 0], E).long())
         if how == "multinomial from a prior":
             return self.routed(x, torch.multinomial(self.prior.softmax(-1).expand(t, E), 1)[:, 0])
         if how == "multinomial over the first features":
@@ -838,6 +842,8 @@ CHOOSING = [
     "randint picking stacked weights",
     "randint gathering experts' outputs",
     "randint reading joined experts' outputs",
+    "random_ among the experts",
+    "randint_like among the experts",
     "multinomial from a prior",
     "multinomial over the first features",
     "sort of scores transposed twice",
@@ -912,3 +918,106 @@ def test_a_choice_among_a_banks_experts_hidden_from_the_width_rule_is_refused(ho
             with session.capture():
                 model(torch.randn(E, D))
     assert_untouched(model, before)
+
+
+class BernoulliFFN(Adversary):
+    """Conditional computation by Bernoulli units (Bengio et al. 2015): each expert kept for a token by a Bernoulli
+    draw of its probability under a policy, the kept experts' outputs summed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.bernoulli(self.policy(x).sigmoid())
+        return sum((keep[:, e, None] * expert(x) for e, expert in enumerate(self.experts)), torch.zeros_like(x))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a Bernoulli draw per expert (torch.bernoulli of a policy's probabilities, the kept experts' mask) in a "
+    "layer beside a found router is no call the watch reads as a choice (a dropout mask drawn by hand over features "
+    "as many as a bank's experts would look the same): neither recorded nor forced, nor refused",
+)
+def test_experts_kept_by_bernoulli_draws_beside_a_found_router_are_not_left_out_silently() -> None:
+    """Experts kept at random per token by Bernoulli draws of a policy's probabilities, in a layer no router discovery
+    finds: a choice among its experts outside every router, refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Layer(nn.Identity(), FFN()), Layer(nn.Identity(), BernoulliFFN(""))).train()
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'1\.mlp' \(BernoulliFFN\)"):
+            with session.capture():
+                model(torch.randn(T, D))
+
+
+class SdpaMixer(nn.Module):
+    """Attention through ``F.scaled_dot_product_attention`` (one head, causal)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)[None].chunk(3, -1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)[0]
+
+
+class BufferFFN(FFN):
+    """An MoE block whose output is written into a buffer made by its shape (``x.new_zeros(shape)``, as HF's blocks
+    make ``torch.zeros((tokens, hidden))``), no tensor of the input's."""
+
+    def dispatch(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out.index_add_(0, tok, w[tok, slot, None] * expert(x[tok]))
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["randperm of the tokens", "multinomial over the tokens", "sort of the tokens"])
+def test_a_draw_of_the_tokens_after_attention_and_a_block_writing_into_a_new_buffer_is_not_refused(how: str) -> None:
+    """The tokens are followed past attention (``scaled_dot_product_attention``) and past an MoE block whose output is
+    a buffer made by its shape, added back to the residual stream: a draw or sort of the tokens in the next layer, as
+    many as its bank's experts, is no choice among them (once refused)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Layer(SdpaMixer(), BufferFFN()), Layer(nn.Identity(), Adversary(how))).train()
+    x = torch.randn(E, D)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        assert routes.names == ("0.mlp.gate",)
+        with session.replay(routes), session.capture():
+            model(x)
+        assert session.routes().equal(routes)
+
+
+class Allowed(nn.Module):
+    """A model called with a mask of the experts each token may use (an integer input), whose second layer draws
+    one of them at random for each token (no router discovery finds), beside a found router."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moe = FFN()
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.moe(x)
+        idx = torch.multinomial(allowed.float(), 1)[:, 0]
+        return x + sum(((idx == e)[:, None] * f(x) for e, f in enumerate(self.experts)), torch.zeros_like(x))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="every dimension of an integer input is read as the input's tokens (token ids, positions, masks over "
+    "them): a mask of the experts each token may use, passed as an integer input, is too, so a draw among the "
+    "experts it allows is taken for a draw along the tokens: neither recorded nor forced, nor refused",
+)
+def test_a_draw_among_experts_an_integer_input_allows_is_not_left_out_silently() -> None:
+    """A draw among the experts an integer input mask allows, outside every router: refused."""
+    torch.manual_seed(0)
+    model = Allowed().train()
+    allowed = torch.ones(T, E, dtype=torch.long)
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match="multinomial draw from 4 scores"):
+            with session.capture():
+                model(torch.randn(T, D), allowed)
