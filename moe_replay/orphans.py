@@ -785,17 +785,24 @@ class OrphanWatch(TorchFunctionMode):
             )
 
     def not_run(self, ran: set[int]) -> list[str]:
-        """Paths of the outermost modules inside MoE blocks (outside attention, attached scopes, excluded
-        modules and expert banks) that the watched forward did not run, whose ids are not in ``ran``: a
-        branch it did not take (another router for long inputs, a layer skipped) that a later forward may.
+        """Paths of the outermost modules inside MoE blocks, or holding a weight of two or more dimensions (learned
+        keys and a table whose rows they pick may be anywhere), outside attention, attached scopes, excluded modules
+        and expert banks, that the watched forward did not run, whose ids are not in ``ran``: a branch it did not
+        take (another router for long inputs, a layer skipped) that a later forward may.
         """
         found: list[str] = []
         for name, module in self.modules.items():
             if not name or id(module) in ran or any(name.startswith(f + ".") for f in found):
                 continue
-            if not self._known(name) and not self._in_bank(name) and self._in_moe(name):
+            if not self._known(name) and not self._in_bank(name) and (self._in_moe(name) or self._tables(name)):
                 found.append(name)
         return found
+
+    def _tables(self, name: str) -> bool:
+        """Does the module at ``name``, outside attention, hold a weight of two or more dimensions (keys or rows of a
+        table, which a top-k among keys may pick: see :meth:`_over_keys`)?"""
+        module = self.modules[name]
+        return any(p.dim() >= 2 for p in module.parameters()) and not self._in_attention(name)
 
     def _in_bank(self, name: str) -> bool:
         """Is the module an expert, or inside one (below an ``expert*`` child of a module holding experts)?"""
