@@ -36,9 +36,10 @@ long). An equal width alone is no proof, though: the tokens can be as many as a 
 the forward's input (its tokens; see :mod:`moe_replay._axes`) are followed through the calls whose dimensions are
 known, and a draw, sort or ranking along one of them (or a top-k among tokens, which chooses no keys) is none; one
 along any other dimension (a gate's output, a weight's, a dimension lost through a call not read) is judged by width.
-A draw from no scores (``randint``, ``randperm``) has no dimension to read: it is followed through the integer
-tensors made from it, and refused at the end of the forward unless it was seen picking rows of the input along such a
-dimension (``x[perm]``) and nothing else (an expert's id compared, a Python number made, rows of a weight).
+A draw from no scores (``randint``, ``randint_like``, ``random_``, ``randperm``) has no dimension to read: it is
+followed through the integer tensors made from it, and refused at the end of the forward unless it was seen picking
+rows of the input along such a dimension (``x[perm]``) and nothing else (an expert's id compared, a Python number
+made, rows of a weight).
 A sample can also be drawn by hand, the count of cumulative probabilities under a uniform draw (or ``searchsorted``
 of one), and a top-p taken in the experts' order by a threshold on the running total: a cumulative sum along as many
 entries as a bank holds (not along the input's dimension: a capacity's running count of tokens), then compared, is

@@ -876,8 +876,11 @@ def _beside(how: str) -> nn.Module:
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("call", ["positional", "keyword", "verify"])
-@pytest.mark.parametrize("how", HARMLESS)
+@pytest.mark.parametrize(
+    ("how", "call"),
+    [(how, "positional") for how in HARMLESS]
+    + [(how, call) for how in ("randperm of the tokens", "sort of the tokens") for call in ("keyword", "verify")],
+)
 def test_a_draw_sort_or_ranking_over_as_many_tokens_as_a_bank_has_experts_is_not_refused(how: str, call: str) -> None:
     """Once a false refusal: a draw (``randperm``, ``randint``, ``multinomial``, a hard Gumbel one-hot), a sort or a
     ranking (``max``, ``kthvalue``, a 1-D ``argmax``) along the tokens, beside a found router, was read as a choice
