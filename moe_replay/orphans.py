@@ -775,6 +775,7 @@ class OrphanWatch(TorchFunctionMode):
             or type(dim) is not int
             or dim not in (-1, x.dim() - 1)
             or x.shape[-1] not in self.widths
+            or not self.axes.may_choose(x, -1)  # (along the input's tokens: no expert's score)
         ):
             return
         name, _ = _calling_module(self.names)
