@@ -815,13 +815,18 @@ class OrphanWatch(TorchFunctionMode):
                 return True
         return False
 
-    def check(self) -> None:
-        """Raise if the watched forward made a decision outside every attached router (a draw from no scores among
-        a bank's width too, unless it was seen picking rows of the input alone)."""
+    def settle(self) -> None:
+        """Note the draws from no scores among a bank's width not seen picking rows of the input (see
+        :meth:`_drawn_use`) as found: the forward is over, no later use can tell them apart."""
         for found, input_rows in self.pending.items():
             if not input_rows and found not in self.found:
                 self.found.append(found)
         self.pending.clear()
+
+    def check(self) -> None:
+        """Raise if the watched forward made a decision outside every attached router (a draw from no scores among
+        a bank's width too, unless it was seen picking rows of the input alone)."""
+        self.settle()
         if self.found:
             detail = "\n  ".join(dict.fromkeys(self.found))
             raise UnsupportedRouterError(
@@ -886,6 +891,7 @@ def watch_forward(
             return
         watch.__exit__(None, None, None)
         path = paths[id(module)]
+        watch.settle()
         if not path or watch.found:
             stop()
         watch.check()
