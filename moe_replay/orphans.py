@@ -802,9 +802,14 @@ class OrphanWatch(TorchFunctionMode):
 
     def _tables(self, name: str) -> bool:
         """Does the module at ``name``, outside attention, hold a weight of two or more dimensions (keys or rows of a
-        table, which a top-k among keys may pick: see :meth:`_over_keys`)?"""
+        table, which a top-k among keys may pick: see :meth:`_over_keys`) and a forward of its own (a container, a
+        ``ModuleList`` of layers, is never run: its layers are)?"""
         module = self.modules[name]
-        return any(p.dim() >= 2 for p in module.parameters()) and not self._in_attention(name)
+        return (
+            type(module).forward is not nn.Module.forward
+            and any(p.dim() >= 2 for p in module.parameters())
+            and not self._in_attention(name)
+        )
 
     def _in_bank(self, name: str) -> bool:
         """Is the module an expert, or inside one (below an ``expert*`` child of a module holding experts)?"""
