@@ -61,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.hostwork", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS + EXTRA_VARIANTS), choices=VARIANTS + EXTRA_VARIANTS)
     p.add_argument("--size", default="smoke", choices=["smoke", "cpu"], help="model shape (counts barely depend on it)")
+    p.add_argument("--layers", type=int, default=None, help="number of MoE layers (default: the size's own)")
     p.add_argument("--out", default=None, help="write the counts to this JSON file")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    model, info = build_model("qwen3", args.size, torch.device("cpu"), torch.float32)
+    model, info = build_model("qwen3", args.size, torch.device("cpu"), torch.float32, layers=args.layers)
     work = make_workload("qwen3", "decode", model, info, tokens=0, batch=4, past=8, seed=0)
     routers = len(routers_of(model))
     with torch.no_grad():

@@ -58,6 +58,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._torch_compat import (
+    COMPILER,
     current_graph_task_id,
     dynamo_compiling,
     exporting,
@@ -95,6 +96,8 @@ _ORDER_OF: weakref.WeakKeyDictionary[nn.Module, list[_Found]] = weakref.WeakKeyD
 #: the orders kept per model level (one per mode or layout its sessions ran under, the latest first)
 _ORDERS_KEPT = 4
 #: the names under which a forward is given its KV cache, read where it is a list of tensors per layer
+_CONSUMED = operator.attrgetter("host_consumed")  # (a replay source's rows read by the host)
+_COMPILED = operator.attrgetter("compiled")  # (a level that a compiled call entered)
 _CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
 #: types that are no cache (looked up in no table)
 _PLAIN = frozenset({torch.Tensor, type(None), bool, int, float, str})
@@ -386,7 +389,11 @@ class FeedRecord:
     def _shrunk(self, what: str, start: Any, before: Any, after: Any) -> None:
         """A call of ``what`` left a cache holding ``after`` tokens instead of ``before``; ``start``: the tokens it
         held when this capture first watched it (each an int, -1 where unknown, or a 0-d tensor: no host sync)."""
-        if any(isinstance(v, int) and v < 0 for v in (start, before, after)):
+        if (  # (unrolled: it runs at every forward given a cache that holds fewer tokens than it did)
+            (isinstance(start, int) and start < 0)
+            or (isinstance(before, int) and before < 0)
+            or (isinstance(after, int) and after < 0)
+        ):
             return
         removed = (after < before) & (before > start)  # (tokens the capture's forwards had put in were taken out)
         if removed is False:
@@ -835,9 +842,9 @@ class FeedCheck:
         self._current: tuple[int, torch.Tensor | None] = (-1, None)
         #: the routers (by id) that a forward had read other row counts than it was fed tokens (a stream of their
         #: own: a decoder's canvas), out of the step check from then on; and the token count of the forward that runs
-        #: now, with where each router in step stood as it began (see _in_step and left)
+        #: now, with the routers in step and the row each stood at as it began (see _in_step and left)
         self._apart: set[int] = set()
-        self._step_began: tuple[int, list[tuple[Any, int]]] | None = None
+        self._step_began: tuple[int, list[Any], list[int]] | None = None
         #: the attention mask and ``[batch, positions]`` of the forward fed last (see :meth:`unpads`)
         self._fed_mask: tuple[Any, torch.Size | None] = (None, None)
 
@@ -875,8 +882,11 @@ class FeedCheck:
         self._current = (-1, None)
         began, self._step_began = self._step_began, None
         if began is not None:
-            count, at = began
-            self._apart.update(id(src) for src, row in at if src.host_consumed - row not in (0, count))
+            count, steady, rows = began
+            if not set(map(operator.sub, map(_CONSUMED, steady), rows)) <= {0, count}:  # (in C: none apart, as a rule)
+                self._apart.update(
+                    id(src) for src, row in zip(steady, rows, strict=True) if src.host_consumed - row not in (0, count)
+                )
 
     def _open(self) -> None:
         """Every row may be read unchecked from here on (the forwards past this one cannot be checked)."""
@@ -902,7 +912,7 @@ class FeedCheck:
         id each describes: this forward and those after it are not checked.
         """
         self._current = (-1, None)
-        if paired or (not self._lost and any(level.compiled for level in self._levels)):
+        if paired or (not self._lost and any(map(_COMPILED, self._levels))):
             self._open()
         if self._lost:
             self.forwards += 1
@@ -994,11 +1004,14 @@ class FeedCheck:
         start = self.position()
         if start is None:
             return None
-        steady = [src for src in self._sources if id(src) not in self._apart]
-        ahead = max((src.host_consumed for src in steady), default=start)
-        behind = [src for src in steady if src.host_consumed != ahead]
-        self._step_began = (count, [(src, src.host_consumed) for src in steady])
-        if behind:  # (a forward that raised half-way, caught in the block: its later routers did not read its rows)
+        apart = self._apart
+        steady = [src for src in self._sources if id(src) not in apart] if apart else list(self._sources)
+        rows = list(map(_CONSUMED, steady))  # (in C: this runs at every forward)
+        ahead = max(rows, default=start)
+        self._step_began = (count, steady, rows)
+        if rows.count(ahead) != len(rows):  # (a forward that raised half-way, caught in the block: its later routers
+            # did not read its rows)
+            behind = [src for src, row in zip(steady, rows, strict=True) if row != ahead]
             raise TokenMismatchError(
                 f"forward {self.forwards} of this replay() starts with its routers out of step: "
                 f"'{behind[0].name}' is at row {behind[0].host_consumed} of the routes, others at row {ahead}, so "
@@ -1172,7 +1185,7 @@ class RouterFeedCheck(FeedCheck):
     ) -> bool:
         """A forward entering a level: each router's next rows against its ids (see :meth:`FeedCheck.fed`)."""
         self._current = (-1, None)
-        if paired or (not self._lost and any(level.compiled for level in self._levels)):
+        if paired or (not self._lost and any(map(_COMPILED, self._levels))):
             self._open()
         if self._lost:
             self.forwards += 1
@@ -1702,7 +1715,7 @@ def _unseen() -> bool:
     """Is this forward compiled, traced, exported, captured in a CUDA graph or run under a ``torch.func``
     transform? Its ids are symbols or batches, and no host call sees the forwards of what it makes."""
     return (
-        torch.compiler.is_compiling()
+        COMPILER._is_compiling_flag  # (torch.compiler.is_compiling() in eager code, with no frame)
         or graph_capturing()
         or functorch_transform() is not None
         or tracing()

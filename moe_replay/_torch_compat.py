@@ -213,15 +213,22 @@ if not isinstance(getattr(_fx_tracer, "_is_fx_tracing_flag", None), bool):
     _MISSING["torch.fx._symbolic_trace._is_fx_tracing_flag"] = "to refuse torch.fx.symbolic_trace inside a block"
 
 
-def tracing() -> bool:
-    """Is ``torch.jit.trace`` (the TorchScript ``torch.onnx.export`` too), ``make_fx`` or ``torch.fx.symbolic_trace``
-    tracing the eager caller? Like an exported program, what they make keeps no guards on what it was traced under.
-    (Not to be asked in code dynamo traces.)"""
+def _tracing_any() -> bool:
     return (
         _jit_tracing()
         or (_PROXY is not None and _dispatch_mode(_PROXY) is not None)
         or (_fx_tracer is not None and _fx_tracer._is_fx_tracing_flag)
     )
+
+
+def _tracing_usual() -> bool:  # (where torch has both: the same, without the tests of what it has)
+    return _jit_tracing() or _dispatch_mode(_PROXY) is not None or _fx_tracer._is_fx_tracing_flag
+
+
+#: ``() -> bool``: is ``torch.jit.trace`` (the TorchScript ``torch.onnx.export`` too), ``make_fx`` or
+#: ``torch.fx.symbolic_trace`` tracing the eager caller? Like an exported program, what they make keeps no guards on
+#: what it was traced under. (Not to be asked in code dynamo traces.)
+tracing: Callable[[], bool] = _tracing_usual if _PROXY is not None and _fx_tracer is not None else _tracing_any
 
 
 #: ``() -> object | None``: the innermost ``torch.func`` transform running now (``vmap``, ``grad``,

@@ -457,12 +457,12 @@ class RouterHook:
     _lean: dict[tuple[bool, bool], _Verdict] = field(default_factory=dict)
     _missed: bool = False  # the audit saw a call that did not come through a lean wrapper
     # the lean fast path: the form of the decision call it answers, learned at the last one answered in full
-    # (its ordinal, the arguments after the scores, the keywords, the scores' width and dtype); and, in a
-    # forward where the ``topk`` wrapper may answer it at once (eager, outside checkpointing, nothing kept,
-    # the rows at hand), that form with the replay source to read
-    # (None in capture) and the capture ring to write (None in replay alone), else None
-    _form: tuple[int, tuple[Any, ...], dict[str, Any], int, torch.dtype] | None = None
-    _fast: tuple[int, tuple[Any, ...], dict[str, Any], int, torch.dtype, Any, Any] | None = None
+    # (its ordinal, the arguments after the scores and the keywords; the scores' shape after their rows and
+    # their dtype: each compared as one tuple); and, in a forward where the ``topk`` wrapper may answer it at
+    # once (eager, outside checkpointing, nothing kept, the rows at hand), that form with the replay source to
+    # read (None in capture) and the capture ring to write (None in replay alone), else None
+    _form: tuple[tuple[int, tuple[Any, ...], dict[str, Any]], tuple[tuple[int], torch.dtype]] | None = None
+    _fast: tuple[tuple[int, tuple[Any, ...], dict[str, Any]], tuple[tuple[int], torch.dtype], Any, Any] | None = None
     _slow: bool = False  # this lean forward went through the general path: its per-forward fields are renewed
     # the indices a top-k decision call of this forward returned (None: not a top-k answered in one call); and
     # per evidence, where the router's output held them when first seen (None: it did not return them)
@@ -1348,7 +1348,7 @@ class RouterHook:
                 and _plain(args[1:], kwargs)
                 and self._rows_on(x.device)  # (the fast path gathers with rows of the router's own device)
             ):
-                self._form = (i, args[1:], dict(kwargs), sig[2], x.dtype)  # the fast path answers the next ones
+                self._form = ((i, args[1:], dict(kwargs)), ((sig[2],), x.dtype))  # the fast path answers the next
             if self._entry_grad and _in_backward():  # (in no checkpoint region it can see: not its forward's)
                 self._refuse_unseen_recompute()
             if self.replaying:
@@ -2021,27 +2021,28 @@ class ScopedForward:
                 pass
             elif hook.replaying:  # the rows are at hand, none missing, and a capture has its ring
                 src = hook.replay_source
-                ring = hook.capture_ring if hook.capturing else None
-                missing = src is None or src.has_missing or (ring is None and hook.capturing)
-                fast = None if missing else (*fast, src, ring)
-            elif grad or hook.capture_ring is None:  # with gradients, the values must come from a gather
+                if src is None or src.has_missing:
+                    fast = None
+                elif not hook.capturing:
+                    fast = (*fast, src, None)
+                else:
+                    fast = None if (ring := hook.capture_ring) is None else (*fast, src, ring)
+            elif grad or (ring := hook.capture_ring) is None:  # with gradients, the values must come from a gather
                 fast = None
             else:
-                fast = (*fast, None, hook.capture_ring)
+                fast = (*fast, None, ring)
             hook._fast = fast
         else:
             hook._regions, hook._slow, hook._fast = _regions(), True, None
         # the wrappers in place (_lean.enter, inline), unless another library wraps one of the names since
-        names, swap = _LEAN_NAMES, _LEAN_SWAP
-        refused = False
+        swap = _LEAN_SWAP
         with swap.lock:
             swap.depth = depth = swap.depth + 1
-            if depth == 1 and _lean_current(names) == _LEAN_THEIRS:  # the usual case, in one go
-                names.update(_LEAN_ON)
-            elif _lean_current(names) != _LEAN_OURS:
-                swap.depth = depth - 1
-                refused = True
-        if refused:  # (with the lock let go: the forward may nest routers)
+            if depth == 1 and _lean_current(_LEAN_NAMES) == _LEAN_THEIRS:  # the usual case, in one go
+                _LEAN_NAMES.update(_LEAN_ON)
+            elif _lean_current(_LEAN_NAMES) != _LEAN_OURS:
+                swap.depth, depth = depth - 1, 0  # (refused)
+        if not depth:  # (with the lock let go: the forward may nest routers)
             return hook._refused_lean(self.__wrapped__, args, kwargs)
         state = NESTING
         outer = state.lean
@@ -2056,8 +2057,8 @@ class ScopedForward:
                 with swap.lock:  # (_lean.leave, inline)
                     swap.depth = depth = swap.depth - 1
                     if depth == 0:
-                        if _lean_current(names) == _LEAN_OURS:
-                            names.update(_LEAN_OFF)
+                        if _lean_current(_LEAN_NAMES) == _LEAN_OURS:
+                            _LEAN_NAMES.update(_LEAN_OFF)
                         else:
                             _lean.put_back()
         except RuntimeError as e:

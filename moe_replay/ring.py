@@ -23,10 +23,11 @@ A graph capture that finds a lag all the same raises: it would bake a stale curs
 
 from __future__ import annotations
 
+import itertools
 import operator
 import weakref
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,8 +35,11 @@ from . import _torch_compat, _triton
 from .errors import CaptureOverflowError, InvalidArgumentError
 
 _SECOND = operator.itemgetter(1)
+_CAPTURE_RING = operator.attrgetter("capture_ring")
+# (endless: map() stops at its shortest argument, so these are never used up)
+_EVERY_CALLS, _EVERY_NONE, _EVERY_SECOND = itertools.repeat("_calls"), itertools.repeat(()), itertools.repeat(_SECOND)
 
-__all__ = ["OVERFLOW_MARK", "CaptureRing", "ReplaySource", "index_dtype"]
+__all__ = ["OVERFLOW_MARK", "CaptureRing", "ReplaySource", "calls_made_by", "index_dtype"]
 
 #: Rows a replay source turns into int64 at once for eager reads (one cast for many decode steps).
 _CHUNK_ROWS = 4096
@@ -136,6 +140,14 @@ class Budget:
     def room(self) -> int | None:
         """Bytes that may still be allocated (None: no limit)."""
         return None if self.limit is None else self.limit - self.held
+
+
+def calls_made_by(hooks: Sequence[Any]) -> tuple[int, ...]:
+    """:meth:`CaptureRing.calls_made` of each of ``hooks``' ``capture_ring`` (0 for a hook of none), as a tuple.
+
+    In C, with no Python frame per ring: a capture asks it at every forward's start and end."""
+    calls = map(getattr, map(_CAPTURE_RING, hooks), _EVERY_CALLS, _EVERY_NONE)  # (None has no _calls: ())
+    return tuple(map(sum, map(map, _EVERY_SECOND, calls)))
 
 
 class CaptureRing:
@@ -414,8 +426,8 @@ class CaptureRing:
         self._host = start + n
         self._lag += n
         calls = self._calls  # (_count_call, inline: this runs at every captured router call)
-        if calls and calls[-1][0] == n:
-            calls[-1][1] += 1
+        if calls and (last := calls[-1])[0] == n:
+            last[1] += 1
         elif n and (not self.keep_newest or self._host <= self.capacity):
             calls.append([n, 1])
 

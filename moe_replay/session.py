@@ -20,6 +20,7 @@ import functools
 import gc
 import inspect
 import itertools
+import operator
 import sys
 import threading
 import types
@@ -73,7 +74,7 @@ from .evidence import VerifyReport
 from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_first_runs, watch_forward
-from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, index_dtype
+from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, calls_made_by, index_dtype
 from .routes import LOST_ID, PADDING_ID, UNTOLD_RANK, Routes, _known_or_none, _out_of_order, fingerprint
 
 __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
@@ -119,6 +120,10 @@ def _device_of(module: nn.Module) -> torch.device:
                 if run is not None:
                     return run if isinstance(run, torch.device) else torch.device(run)
     return device
+
+
+_READ_BY_DEVICE = operator.attrgetter("read_by_device")
+_HOST_CONSUMED = operator.attrgetter("host_consumed")
 
 
 def _in_backward() -> bool:
@@ -212,6 +217,9 @@ class _Owner:
         """
         if self.ident != threading.get_ident():
             return  # (another thread's forward: its routers refuse it)
+        aio = sys.modules.get("asyncio")  # (_running_coroutine's first test, inline: this runs at every forward)
+        if aio is None or aio._get_running_loop() is None:
+            return  # (no event loop runs in this thread: no task)
         coro = _running_coroutine()
         last = self.last
         if coro is None or coro is last or _in_backward():
@@ -724,10 +732,6 @@ class Session:
         if len(slow) > 4:
             lines.append(f"  ... {len(slow) - 4} more")
         return "\n".join(lines)
-
-    def _calls_made(self) -> tuple[int, ...]:
-        """The calls of rows each router's capture ring counts now (one per hook; 0 for a router of none)."""
-        return tuple([0 if (ring := h.capture_ring) is None else ring.calls_made() for h in self._hooks])
 
     def _rings(self) -> list[CaptureRing]:
         return [h.capture_ring for h in self._hooks if h.capture_ring is not None]
@@ -1483,7 +1487,8 @@ class Session:
         if clear or self._feeds is None:
             self._feeds = FeedRecord(limit=self.capacity if self.keep_newest else None)
         if rings:  # (each router's calls: routes() reads each router's ids where the routers' calls differ)
-            self._feeds.calls_made = self._calls_made
+            # (the calls of rows each router's ring counts now: 0 for a router of none; _hooks changes only in place)
+            self._feeds.calls_made = functools.partial(calls_made_by, self._hooks)
         self._feeds.scopes = [h.scope for h in self._hooks]  # (a later router that sees only the kept tokens)
         model = self._model_ref()
         stop_feeds = self._feeds.start(self._feed_wrappers) if model is not None else None
@@ -2077,7 +2082,8 @@ class Session:
             return each, each.start(self._feed_wrappers, [src for src, _ in known])
 
         def position() -> int | None:  # the row the routers read next, where the host counts their reads
-            return None if any(src.read_by_device for src in held) else max(src.host_consumed for src in held)
+            # (in C, no frame per router: it runs at every forward)
+            return None if any(map(_READ_BY_DEVICE, held)) else max(map(_HOST_CONSUMED, held))
 
         if routes._token_ids is None:
             kept = routes._routers_order or routes._order_untold  # (a capture's rows: in the routers' order)

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moe_replay as mr
-from moe_replay.ring import CaptureRing, ReplaySource, index_dtype
+from moe_replay.ring import CaptureRing, ReplaySource, calls_made_by, index_dtype
 
 from .conftest import examples
 
@@ -345,3 +345,25 @@ def test_calls_after_a_count_are_joined_into_one_call_of_their_rows() -> None:
     assert ring.call_rows(31) == ((8, 1), (15, 1), (8, 1))
     ring.join_since(ring.calls_made() - 1)  # (one call since: nothing to join)
     assert ring.call_rows(31) == ((8, 1), (15, 1), (8, 1))
+
+
+def test_calls_made_by_counts_each_hooks_ring_calls_and_none_for_a_hook_of_no_ring() -> None:
+    """The tuple a capture reads at every forward's start and end: each hook's ring's calls, as the ring counts them
+    (joined calls as one, a ring whose calls were replaced), 0 where a hook has no ring."""
+
+    class Hook:
+        def __init__(self, ring: CaptureRing | None) -> None:
+            self.capture_ring = ring
+
+    a, b = CaptureRing(4, 2, 64, torch.device("cpu")), CaptureRing(4, 2, 64, torch.device("cpu"))
+    hooks = [Hook(a), Hook(None), Hook(b)]
+    assert calls_made_by(hooks) == (0, 0, 0)
+    for n in (8, 4, 4, 3):
+        a.write_eager(torch.zeros(n, 2, dtype=torch.long))
+    b.write_eager(torch.zeros(5, 2, dtype=torch.long))
+    assert calls_made_by(hooks) == (4, 0, 1)
+    a.join_since(1)
+    assert calls_made_by(hooks) == (a.calls_made(), 0, b.calls_made()) == (2, 0, 1)
+    b.keep_call_rows(((2, 1), (3, 1)))  # (a list of its calls put in place of the one it had)
+    hooks[1].capture_ring = a
+    assert calls_made_by(hooks) == (2, 2, 2)
