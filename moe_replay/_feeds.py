@@ -1715,7 +1715,8 @@ def _unseen() -> bool:
     """Is this forward compiled, traced, exported, captured in a CUDA graph or run under a ``torch.func``
     transform? Its ids are symbols or batches, and no host call sees the forwards of what it makes."""
     return (
-        COMPILER._is_compiling_flag  # (torch.compiler.is_compiling() in eager code, with no frame)
+        dynamo_compiling()  # (torch.compiler.is_compiling() with one frame where it takes two: dynamo reads it as
+        or COMPILER._is_compiling_flag  # True, and the flag is what export and AOT tracing set in eager code)
         or graph_capturing()
         or functorch_transform() is not None
         or tracing()

@@ -132,10 +132,9 @@ def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
     def topk(*args: Any, **kwargs: Any) -> Any:
         if _compiling():
             return orig(*args, **kwargs)
-        state = NESTING
-        hook = state.lean
+        hook = NESTING.lean
         if hook is None:
-            return _audited(state, orig, args, kwargs) if state.auditing else orig(*args, **kwargs)
+            return _audited(NESTING, orig, args, kwargs) if NESTING.auditing else orig(*args, **kwargs)
         form = hook._fast
         if form is not None and args and (hook._ordinal, args[1:], kwargs) == form[0]:
             x = args[0]
