@@ -95,9 +95,9 @@ _MOVES_OF: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDic
 _ORDER_OF: weakref.WeakKeyDictionary[nn.Module, list[_Found]] = weakref.WeakKeyDictionary()
 #: the orders kept per model level (one per mode or layout its sessions ran under, the latest first)
 _ORDERS_KEPT = 4
-#: the names under which a forward is given its KV cache, read where it is a list of tensors per layer
 _CONSUMED = operator.attrgetter("host_consumed")  # (a replay source's rows read by the host)
 _COMPILED = operator.attrgetter("compiled")  # (a level that a compiled call entered)
+#: the names under which a forward is given its KV cache, read where it is a list of tensors per layer
 _CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
 #: types that are no cache (looked up in no table)
 _PLAIN = frozenset({torch.Tensor, type(None), bool, int, float, str})
