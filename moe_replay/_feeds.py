@@ -921,7 +921,8 @@ class FeedCheck:
         if count < 0:
             return False
         self.forwards += 1
-        _refuse_mixed(order, shape, self.forwards, self.hint)
+        if order == MIXED:
+            _refuse_mixed(order, shape, self.forwards, self.hint)
         self._fed_mask = (kwargs.get("attention_mask"), shape)
         start = self._in_step(count)
         if start is None:  # (rows read on the device: the host does not know where this forward's rows begin)
@@ -931,8 +932,8 @@ class FeedCheck:
         compared = ids is not None and (self.device_ids or ids.device.type == "cpu")
         if ids is not None and compared and order == UNPADDED:
             kept = _unpad_fed(ids, kwargs.get("attention_mask"))
-        elif ids is not None and compared and order == BATCH_MAJOR:
-            kept = self._either(ids, kwargs.get("attention_mask"), start)
+        elif ids is not None and compared and order == BATCH_MAJOR and shape is not None and shape[0] == 1:
+            kept = self._either(ids, kwargs.get("attention_mask"), start)  # (one sequence: see _either)
         if kept is not None:  # (its routers see only the tokens its mask keeps: one row each)
             ids, count = kept, kept.numel()
         for src in self._sources:  # the rows this forward may read
@@ -1194,7 +1195,8 @@ class RouterFeedCheck(FeedCheck):
         if count < 0:
             return False
         self.forwards += 1
-        _refuse_mixed(order, shape, self.forwards, self.hint)
+        if order == MIXED:
+            _refuse_mixed(order, shape, self.forwards, self.hint)
         self._kept_only, self._fed_now = set(), None
         if any(src.read_by_device for src in self._sources):  # (the host does not know where its rows begin)
             self._open()
@@ -1363,7 +1365,7 @@ class OrderCheck(FeedCheck):
             self._lost = True
         if not self._lost:
             self._in_step(count)
-        if not self._kept:
+        if not self._kept and order == MIXED:
             _refuse_mixed(order, shape, self.forwards, self.hint)
         if not self._kept and order == SEQUENCE_FIRST and shape is not None and min(int(shape[0]), int(shape[1])) > 1:
             raise TokenMismatchError(
@@ -2545,8 +2547,10 @@ class FeedForward:
             for r in entered:
                 r.unseen()
         elif current_graph_task_id() == -1:
-            named = self._named(args, kwargs)  # (what the records read: the mask by name, given by position too)
-            place = self.mask_from
+            # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
+            place, at = self.mask_from, self.mask_at
+            given = place is None and (at is None or len(args) <= at or "attention_mask" in kwargs)
+            named = kwargs if given else self._named(args, kwargs)
             order = self._order(entered, args, named, kwargs)
             if self.mask_from != place:  # (a mask found elsewhere by the runs at this forward, or no longer)
                 named = self._named(args, kwargs)
