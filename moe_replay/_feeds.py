@@ -2548,11 +2548,11 @@ class FeedForward:
                 r.unseen()
         elif current_graph_task_id() == -1:
             # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
-            place, at = self.mask_from, self.mask_at
-            given = place is None and (at is None or len(args) <= at or "attention_mask" in kwargs)
-            named = kwargs if given else self._named(args, kwargs)
+            named, at, place = kwargs, self.mask_at, self.mask_from
+            if place is not None or (at is not None and len(args) > at and "attention_mask" not in kwargs):
+                named = self._named(args, kwargs)
             order = self._order(entered, args, named, kwargs)
-            if self.mask_from != place:  # (a mask found elsewhere by the runs at this forward, or no longer)
+            if self.mask_from is not place:  # (a mask found elsewhere by the runs at this forward, or no longer)
                 named = self._named(args, kwargs)
             # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
             watching = [
