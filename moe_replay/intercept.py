@@ -541,6 +541,26 @@ class RouterHook:
             "forward), once"
         )
 
+    def _establish(
+        self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], family: str | None
+    ) -> Evidence | None:
+        """:func:`establish` on these inputs, hidden from the session's own checks and run eagerly: the probe runs
+        are not the forward's (a checkpoint's recompute makes none), and they run under a mode that torch.compile
+        cannot trace (compiled code the forward calls runs eagerly there)."""
+        with _hidden(), EAGER:
+            return establish(
+                self.name,
+                self.scope,
+                forward,
+                args,
+                kwargs,
+                num_experts=self.num_experts,
+                top_k=self.top_k,
+                declared_top_k=self.declared_top_k,
+                call=self.call,
+                family=family,
+            )
+
     def prove(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Evidence | None:
         """Establish the decision on these inputs (eager only; see :mod:`moe_replay.evidence`).
 
@@ -577,19 +597,7 @@ class RouterHook:
             # (the probe runs are not the forward's: a checkpoint's recompute makes none; and they run under the
             # mode, which torch.compile cannot trace: compiled code the forward calls runs eagerly there, also
             # where the forward itself runs outside the session's eager stance, idle)
-            with _hidden(), EAGER:
-                ev = establish(
-                    self.name,
-                    self.scope,
-                    forward,
-                    args,
-                    kwargs,
-                    num_experts=self.num_experts,
-                    top_k=self.top_k,
-                    declared_top_k=self.declared_top_k,
-                    call=self.call,
-                    family=family,
-                )
+            ev = self._establish(forward, args, kwargs, family)
             if ev is None:
                 return None
             known[key] = ev
@@ -952,19 +960,9 @@ class RouterHook:
                 )
             why = ""
             try:
-                with _hidden(), EAGER:
-                    again = establish(
-                        self.name,
-                        self.scope,
-                        forward,
-                        args,
-                        kwargs,
-                        num_experts=self.num_experts,
-                        top_k=self.top_k,
-                        declared_top_k=self.declared_top_k,
-                        call=self.call,
-                        family=self.decision if self.decision not in ("auto", "lookup") else None,
-                    )
+                again = self._establish(
+                    forward, args, kwargs, self.decision if self.decision not in ("auto", "lookup") else None
+                )
             except UnsupportedRouterError as e:
                 again, why = None, f": {e}"
             if (
