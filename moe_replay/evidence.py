@@ -2433,6 +2433,7 @@ def _establish(
                 "Route by token choice (a top-k over experts per token)",
             )
         _refuse_chosen_tokens(name, probe, calls, anchor)
+        _refuse_rows_out_of_order(name, probe, calls, anchor)
         used = calls[anchor.ordinal].k
 
         def unreached(slot: int) -> bool:  # on these inputs and on every other of their shape (rounding aside)
@@ -3568,6 +3569,82 @@ def _drawn(
 
 #: The seed of the other random state :func:`_refuse_drawn_choice` runs a forward under.
 _RESEED = 0x5EED
+
+
+def _holds_an_order(scope: nn.Module) -> bool:
+    """Does ``scope`` (or a child of it) hold what may set the order of its tokens: a tensor of integers of more
+    than one element (a parameter, a buffer, a plain attribute), or a list or tuple of two or more ints?"""
+    for m in scope.modules():
+        for store in (m._parameters, m._buffers, m.__dict__):
+            for v in store.values():
+                if isinstance(v, torch.Tensor):
+                    if v.numel() > 1 and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
+                        return True
+                elif isinstance(v, list | tuple) and 1 < len(v) <= 256 and all(type(i) is int for i in v):
+                    return True
+    return False
+
+
+def _refuse_rows_out_of_order(name: str, probe: _Prober, calls: Sequence[Call], decision: Call) -> None:
+    """Refuse a decision made in one call over its tokens in another order than theirs (``topk(gate(x[order]))``,
+    its results put back in token order after it), where the router holds what may set that order (a tensor or a
+    list of integers): its rows are recorded and forced in call order, so row ``r`` would be another token's.
+
+    Proven by effect as for chunks (see :func:`_in_chunks`): the hidden states are changed on the tokens whose bit
+    ``b`` of their position is 1, then 0, for every bit of the token count; where row ``r`` of the decision's
+    scores changes exactly with some token other than ``r``, the rows are out of order. A run that fails or makes
+    other calls, or rows that follow no one token (a mix of tokens), tell nothing: the decision is kept as it was
+    established (the runs cost a forward of the router per bit, so they are made only for a router holding such
+    state, established again after it changed)."""
+    found = _first_floating((probe.args, probe.kwargs))
+    if found is None or decision.ordinal >= len(calls) or not _holds_an_order(probe.scope):
+        return
+    path, x = found
+    tokens = x.numel() // max(int(x.shape[-1]), 1)
+    if decision.rows != tokens or tokens < 2:
+        return
+    position = torch.arange(tokens)
+    flat = x.detach().reshape(tokens, -1)
+    spread = flat.float().std(unbiased=False).clamp_min(1e-3)
+    noise = torch.randn(flat.shape, generator=torch.Generator().manual_seed(tokens))
+    bump = (noise * spread + spread).to(device=flat.device, dtype=flat.dtype)
+    try:
+        _, seen = probe.run()
+    except Exception:
+        return
+    if len(seen.ins) <= decision.ordinal:
+        return
+    base = seen.ins[decision.ordinal].detach().reshape(tokens, -1)
+    of_row = torch.zeros(tokens, dtype=torch.long)  # the bits of the token each row follows
+    for bit in range(max(1, (tokens - 1).bit_length())):
+        sides = []
+        for side in (1, 0):
+            picked = ((position >> bit) & 1) == side
+            changed = torch.where(picked.to(flat.device)[:, None], flat + bump, flat).reshape(x.shape)
+            try:
+                _, moved = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, changed))
+            except Exception:
+                return
+            if [c.signature for c in moved.calls] != [c.signature for c in calls] or len(moved.ins) < len(calls):
+                return
+            after = moved.ins[decision.ordinal].detach()
+            if after.numel() != base.numel():
+                return
+            sides.append((after.reshape(tokens, -1) != base).any(dim=1).cpu())
+        if bool((sides[0] == sides[1]).any()):
+            return  # (a row that follows both or neither side: not one token's)
+        of_row |= sides[0].long() << bit
+    if torch.equal(of_row, position):
+        return
+    raise _refuse(
+        name,
+        calls,
+        f"its decision ({decision.describe()}) is made over its tokens in another order than theirs (changing a "
+        "token's hidden state changes another row of its scores: an order it holds, x[self.order], say): its rows "
+        "would be recorded and forced in that order, each on another token",
+        "Take the decision over the tokens in their own order (permute the tokens after it, not before), or name the "
+        "module whose forward returns the experts in token order with include=",
+    )
 
 
 def _refuse_chosen_tokens(name: str, probe: _Prober, calls: Sequence[Call], decision: Call) -> None:

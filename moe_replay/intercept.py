@@ -373,6 +373,39 @@ def _held_indices(scope: nn.Module) -> tuple[_Held, ...]:
     return tuple(out)
 
 
+class _HeldStamp:
+    """A tensor of integers or booleans a router's modules hold, as a setting: which tensor it is (held weakly) and
+    its version counter (read on the host: no sync). Equal while neither written in place nor replaced."""
+
+    __slots__ = ("ref", "version")
+
+    def __init__(self, tensor: torch.Tensor, version: Any) -> None:
+        self.ref, self.version = weakref.ref(tensor), version
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _HeldStamp):
+            return False
+        held = self.ref()
+        return held is not None and held is other.ref() and self.version == other.version
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "a tensor of integers" + (f" written {self.version} times" if self.version is not None else "")
+
+
+def _settings_and_held(scope: nn.Module) -> dict[str, Any]:
+    """:func:`_fingerprint` of ``scope``, with what its modules hold that may order its tokens (see
+    :func:`_held_indices`: a tensor of integers by identity and version, a list of them by its items), keyed
+    ``'<name> (held)'``. One top-k over the tokens in an order such a tensor sets (``x[self.order]``) records its
+    rows in that order: a decision established under one order does not hold under another, written in place or
+    replaced since."""
+    out = _fingerprint(scope)
+    for _, _, name, tensor, value in _held_indices(scope):
+        out[f"{name} (held)"] = _HeldStamp(tensor, value) if tensor is not None else value
+    return out
+
+
 def _held_moved(then: tuple[_Held, ...], scope: nn.Module) -> str | None:
     """The name of what ``then`` holds that the scope's modules no longer hold as it was (written in place since,
     replaced, removed), or of one they hold now and did not; None where none moved."""
@@ -625,7 +658,7 @@ class RouterHook:
             )
         self.evidence[self.mode()] = ev
         self._dropped.pop(self.mode(), None)
-        self._pending = (self.mode(), _fingerprint(self.scope))  # (the probe runs put every attribute back)
+        self._pending = (self.mode(), _settings_and_held(self.scope))  # (the probe runs put every attribute back)
         self.top_k, self.num_experts = ev.top_k, ev.num_experts
         if self.on_established is not None:
             self.on_established(self)
@@ -736,7 +769,7 @@ class RouterHook:
         if pending is None:
             return
         mode, before = pending
-        now = _fingerprint(self.scope)
+        now = _settings_and_held(self.scope)
         self._own.update(k for k in before.keys() | now.keys() if before.get(k, _ABSENT) != now.get(k, _ABSENT))
         # what its code assigns (a flag set once a warning is given, a cache filled on first use, an entry of a
         # module-level registry): state it changes itself, whether or not that forward did
@@ -768,7 +801,7 @@ class RouterHook:
                 return moved
         if not self._settled:
             return None
-        now = _fingerprint(self.scope)
+        now = _settings_and_held(self.scope)
         own = self._own
         for mode, then in self._settled.items():
             if mode not in self.evidence:

@@ -1770,42 +1770,63 @@ def test_a_gate_in_chunks_first_run_on_one_chunk_captures_a_longer_forward() -> 
 
 class _PermutedGate(nn.Module):
     """A top-2 gate that takes one top-k over its tokens in the order a tensor attribute holds (identity unless set),
-    its results put back in token order."""
+    its results put back in token order; ``seen``: an integer count of its forwards it writes itself."""
 
     def __init__(self) -> None:
         super().__init__()
         self.wg = nn.Linear(D, E, bias=False)
-        self.order: torch.Tensor | None = None
+        self.order: torch.Tensor | list[int] | None = None
         self.last: torch.Tensor | None = None
+        self.register_buffer("seen", torch.zeros(2, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        order = torch.arange(x.shape[0]) if self.order is None else self.order
+        order = torch.arange(x.shape[0]) if self.order is None else torch.as_tensor(self.order)
         part = torch.topk(self.wg(x[order]).softmax(-1), 2, dim=-1)
         back = torch.empty_like(order)
         back[order] = torch.arange(x.shape[0])
         self.last = part.indices[back]
+        self.seen.add_(1)
         return part.values[back], part.indices[back]
 
 
+def _permute_in_place(gate: _PermutedGate, perm: torch.Tensor) -> None:
+    assert isinstance(gate.order, torch.Tensor)
+    gate.order.copy_(perm)
+
+
+def _permute_list(gate: _PermutedGate, perm: torch.Tensor) -> None:
+    assert isinstance(gate.order, list)
+    gate.order[:] = perm.tolist()
+
+
+_PERMUTED: dict[str, tuple[Callable[[], torch.Tensor | list[int]], Callable[[_PermutedGate, torch.Tensor], None]]] = {
+    "tensor-written-in-place": (lambda: torch.arange(8), _permute_in_place),
+    "tensor-replaced": (lambda: torch.arange(8), lambda g, p: setattr(g, "order", p)),
+    "list-written-in-place": (lambda: list(range(8)), _permute_list),
+    "set-before-the-first-forward": (lambda: torch.arange(8), lambda g, p: None),
+}
+
+
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="one top-k over the tokens in an order a tensor attribute holds (identity when established, a permutation "
-    "written in place later) is recorded and forced in call order, not token order: the routes' row i holds the "
-    "choice of token order[i]",
-)
-def test_a_single_top_k_over_tokens_a_buffer_permutes_is_recorded_in_token_order_or_refused() -> None:
-    """A gate of one top-k over its tokens in an order a tensor attribute holds, established in token order, then
-    permuted in place: either refused, or captured as the gate's own indices and forced onto their own tokens."""
+@pytest.mark.parametrize("case", list(_PERMUTED))
+def test_a_single_top_k_over_tokens_a_buffer_permutes_is_recorded_in_token_order_or_refused(case: str) -> None:
+    """A gate of one top-k over its tokens in an order a tensor (or list) attribute holds, established in token
+    order, then permuted (in place, or replaced) between blocks, or permuted before its first forward: either
+    refused, or captured as the gate's own indices and forced onto their own tokens."""
     torch.manual_seed(8)
     gate = _PermutedGate()
     block, x = Block(gate), torch.randn(8, D)
+    make, permute = _PERMUTED[case]
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
     with mr.attach(block) as session:
-        gate.order = torch.arange(8)
-        with session.capture():
-            block(x)
-        gate.order.copy_(torch.randperm(8, generator=torch.Generator().manual_seed(1)))
+        gate.order = make()
+        if case == "set-before-the-first-forward":
+            gate.order = perm
+        else:
+            with session.capture():
+                block(x)
+            assert torch.equal(session.routes().layer("router"), gate.last)
+            permute(gate, perm)
         try:
             with session.capture():
                 block(x)
@@ -1816,3 +1837,40 @@ def test_a_single_top_k_over_tokens_a_buffer_permutes_is_recorded_in_token_order
         except mr.UnsupportedRouterError:
             return
         assert torch.equal(gate.last, forced.layer("router"))
+
+
+@pytest.mark.reliability("silent replays")
+def test_an_order_a_gate_holds_written_inside_a_block_is_refused() -> None:
+    """The order of a gate's single top-k over its tokens permuted in place between two forwards of one capture
+    block: the block is refused as it ends (the second forward's rows are in call order)."""
+    torch.manual_seed(8)
+    gate = _PermutedGate()
+    block, x = Block(gate), torch.randn(8, D)
+    gate.order = torch.arange(8)
+    with mr.attach(block) as session:
+        with pytest.raises(mr.MoEReplayError, match="order"), session.capture():
+            block(x)
+            gate.order.copy_(torch.randperm(8, generator=torch.Generator().manual_seed(1)))
+            block(x)
+
+
+@pytest.mark.reliability("silent replays")
+def test_integer_state_a_gate_writes_itself_or_resets_between_blocks_keeps_its_replays() -> None:
+    """A gate that holds its token order (the identity) and an integer count of its forwards it writes itself, the
+    count reset between blocks (as a balancing statistic is): every block captures its own indices and forces the
+    replayed rows (no false refusal)."""
+    torch.manual_seed(8)
+    gate = _PermutedGate()
+    block, x = Block(gate), torch.randn(8, D)
+    gate.order = torch.arange(8)
+    with mr.attach(block) as session:
+        for _ in range(3):
+            with session.capture():
+                block(x)
+                block(x)
+            assert torch.equal(session.routes().layer("router"), torch.cat([gate.last, gate.last]))
+            forced = _forced_routes(session, 8)
+            with session.replay(forced):
+                block(x)
+            assert torch.equal(gate.last, forced.layer("router"))
+            gate.seen.zero_()
