@@ -2517,11 +2517,20 @@ class FeedForward:
             # (dynamo reads nothing of the records, and stores a constant: no guard on what a block holds)
             self.compiled = True
             return self._run(args, kwargs)
+        watched = None
         for owner in self.owners:
             if owner.abandoned:  # (a block made and dropped without `with`: the caller believes it open)
                 owner.refuse_abandoned()
             if owner.blocks:  # (not a forward of another asyncio task while the block's awaits)
                 owner.admit_forward(self.module)  # (named only where it refuses)
+                # (a hook or a method changed on the way to the routers since the block's first forward: watched)
+                watched = owner.recheck(args, kwargs) or watched
+        if watched is not None:
+            return watched(lambda: self._fed(args, kwargs))
+        return self._fed(args, kwargs)
+
+    def _fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A forward in eager code: fed to the records and checks watching it, where some are, then run."""
         if self.records:
             me = threading.get_ident()
             if ORDER_PROBE.thread == me and ORDER_PROBE.check is None:  # (a probe's forward: no block's)

@@ -412,3 +412,9 @@ def check() -> None:
     for path in _REQUIRED:
         if path in _MISSING:
             raise MoEReplayError(_message(path, _MISSING[path]))
+
+
+def hooks_made() -> int:
+    """How many hook handles torch has made in this process (``RemovableHandle.next_id``: one per hook registered
+    on any module, tensor or globally): a stamp that moves whenever a hook is added anywhere."""
+    return int(torch.utils.hooks.RemovableHandle.next_id)

@@ -921,6 +921,29 @@ def watch_forward(
     return stop
 
 
+def watch_call(
+    model: nn.Module,
+    scopes: Iterable[str],
+    widths: Iterable[int],
+    excluded: Callable[[str, nn.Module], bool] | None,
+    inputs: tuple[tuple[Any, ...], dict[str, Any]],
+    run: Callable[[], Any],
+) -> Any:
+    """Run ``run`` (a forward of ``model`` already under way, fed ``inputs``) watched for decisions outside every
+    router, as :func:`watch_forward` watches a block's first forward; refuses one as it ends (not after a forward
+    that raised). The modules it does not run are not noted: nothing is marked as passed by it."""
+    watch = OrphanWatch(model, scopes, widths, excluded)
+    watch.seed(*inputs)
+    watch.__enter__()
+    try:
+        out = run()
+    finally:
+        watch.__exit__(None, None, None)
+    watch.settle()
+    watch.check()
+    return out
+
+
 def _no_watch(module: nn.Module, *args: Any) -> None:
     """What a first-run hook becomes in a copy of the model (``copy.deepcopy``, ``pickle``): nothing."""
 

@@ -73,7 +73,7 @@ from .errors import (
 from .evidence import VerifyReport
 from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
 from .losses import RouterScores
-from .orphans import OrphanWatch, watch_first_runs, watch_forward
+from .orphans import OrphanWatch, watch_call, watch_first_runs, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, calls_made_by, index_dtype
 from .routes import LOST_ID, PADDING_ID, UNTOLD_RANK, Routes, _known_or_none, _out_of_order, fingerprint
 
@@ -154,7 +154,7 @@ class _Owner:
     """The thread holding a session's open blocks (capture, replay, keep_scores, verify), and, where asyncio runs
     there, which of its tasks may run forwards in them."""
 
-    __slots__ = ("abandoned", "blocks", "coro", "entered", "ident", "last", "lock", "mark")
+    __slots__ = ("abandoned", "blocks", "coro", "entered", "ident", "last", "lock", "mark", "recheck")
 
     def __init__(self) -> None:
         self.ident: int | None = None
@@ -168,6 +168,12 @@ class _Owner:
         self.coro: Any = None  # the coroutine of the asyncio task that opened the outermost block, or None
         self.last: Any = None  # the coroutine of the task that ran the block's last forward (at first: ``coro``)
         self.mark: object | None = None  # the outermost block's mark, in the context that opened it
+        #: ``(args, kwargs) -> None`` at each forward of the model while a block is open, or a function that runs the
+        #: forward (given as a function of no arguments) watched for decisions outside the routers: a hook or a
+        #: method changed on the way to them since the block's first forward passed the watch (see Session._recheck)
+        self.recheck: Callable[[tuple[Any, ...], dict[str, Any]], Callable[[Callable[[], Any]], Any] | None] | None = (
+            None
+        )
 
     def refuse_abandoned(self) -> None:
         """Refuse, once, the forward after a block was made and dropped without being entered, or entered and dropped
@@ -592,6 +598,12 @@ class Session:
         self._has_capture = False
         self._interrupted: str | None = None  # the exception that ended the last capture, if one did
         self._owner = _Owner()
+        self._owner.recheck = self._recheck
+        #: the modules' ``__dict__`` on the way to the routers, and the stamp (hooks made, their lengths) they had
+        #: as the model's forward last passed the watch in the open block; None outside, or before it passed
+        self._way_dicts: list[dict[str, Any]] = []
+        self._way_stamp: tuple[int, tuple[int, ...]] | None = None
+        self._rewatching = False  # a forward runs under the watch of _recheck
         self._wrappers: list[ScopedForward] = []
         self._kept_rows: list[_HostRows | None] | None = None  # the capture rows, copied at detach
         self._kept_ran: list[bool] = []  # per router: it ran in the last capture (kept with its rows)
@@ -839,12 +851,12 @@ class Session:
         if model is None or self._watching or torch.compiler.is_compiling():
             return None
         scopes = self._scopes()
-        stops: list[Callable[[], None]] = []
+        stops: list[Callable[[], None]] = [self._unstamp]
         passed_as_is = self._passed(model, scopes, "", self._left_out(model))
         if passed_as_is is not None:
-            if not passed_as_is.not_run:
-                return None
-            stops.append(self._watch_first_runs(model, passed_as_is))
+            self._stamp(model, scopes)
+            if passed_as_is.not_run:
+                stops.append(self._watch_first_runs(model, passed_as_is))
         else:
             ref = weakref.ref(model)
 
@@ -852,6 +864,8 @@ class Session:
                 watched = ref()
                 if watched is not None:
                     skeleton = self._mark_watched(watched, path, not_run)
+                    if not path:
+                        self._stamp(watched, self._scopes())
                     if not_run:  # (the rest of this block too)
                         stops.append(self._watch_first_runs(watched, skeleton))
 
@@ -871,6 +885,56 @@ class Session:
                 stop()
 
         return stop_watching
+
+    def _stamp(self, model: nn.Module, scopes: list[str]) -> None:
+        """Note, as the model's forward is known to pass the watch in the open block, what :meth:`_recheck`
+        compares at each later forward in it."""
+        self._way_dicts = [m.__dict__ for m in _on_the_way(model, scopes)]
+        self._way_stamp = (_torch_compat.hooks_made(), tuple(map(len, self._way_dicts)))
+
+    def _unstamp(self) -> None:
+        self._way_dicts, self._way_stamp = [], None
+
+    def _recheck(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[Callable[[], Any]], Any] | None:
+        """At each forward of the model in an open block, after its first passed the watch for decisions outside
+        the routers: None where nothing changed on the way to the routers since; else a function that runs this
+        forward watched again.
+
+        The watch runs as a block starts; a forward hook added inside the block (on an MoE block, or a global one)
+        or a method set on a module on the way (``block.route = ...``) may dispatch the block's tokens by a top-k of
+        its own, the forced router's choice dropped. What is compared per forward is a stamp: the number of hooks
+        torch has made (any hook, anywhere, moves it) and the number of attributes of each module on the way (one
+        call over them, in C). Where it moved, the skeleton the watch passed is compared in full; a change there
+        (not a tensor's hook, nor an attribute a forward set) runs this forward under the watch, which refuses a
+        decision outside the routers as it ends, and so on for each forward of the block (the next block watches
+        and notes the model as it is then). A method replaced on a class is not seen inside a block."""
+        stamp = self._way_stamp
+        if stamp is None or (_torch_compat.hooks_made() == stamp[0] and tuple(map(len, self._way_dicts)) == stamp[1]):
+            return None
+        if self._rewatching or _in_backward():
+            return None
+        model = self._model_ref()
+        if model is None:
+            return None
+        scopes = self._scopes()
+        if self._passed(model, scopes, "", self._left_out(model)) is not None:
+            self._stamp(model, scopes)
+            return None
+        return functools.partial(self._rewatch, model, scopes, (args, kwargs))
+
+    def _rewatch(
+        self,
+        model: nn.Module,
+        scopes: list[str],
+        inputs: tuple[tuple[Any, ...], dict[str, Any]],
+        run: Callable[[], Any],
+    ) -> Any:
+        """Run one forward of ``model`` (``run``) under the watch for decisions outside the routers."""
+        self._rewatching = True
+        try:
+            return watch_call(model, scopes, self._widths(), self._excluded, inputs, run)
+        finally:
+            self._rewatching = False
 
     def _watch_first_runs(self, model: nn.Module, skeleton: _Skeleton) -> Callable[[], None]:
         """Watch the first run of each module in an MoE block that the watched forward of ``model`` did not
