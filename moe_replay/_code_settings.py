@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "HeldStamp",
     "OutsideState",
     "code_settings",
     "flag_buffers",
@@ -70,6 +71,41 @@ _PLAIN = frozenset((int, float, str, bool, type(None)))
 def is_setting(value: Any) -> bool:
     """Is ``value`` compared as a setting: a plain value, or a member of an ``enum`` (``Mode.BIASED``)?"""
     return type(value) in _PLAIN or isinstance(value, enum.Enum)
+
+
+class HeldStamp:
+    """A tensor of integers or booleans a router reads (one its modules hold, or a global, closure cell or class
+    attribute its code names), as a setting: which tensor it is (held weakly) and its version counter (read on the
+    host: no sync). Equal while neither written in place nor replaced: an order of the tokens it holds (``x[order]``)
+    is one, which the decision's rows follow."""
+
+    __slots__ = ("ref", "version")
+
+    def __init__(self, tensor: torch.Tensor, version: Any) -> None:
+        self.ref, self.version = weakref.ref(tensor), version
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HeldStamp):
+            return False
+        held = self.ref()
+        return held is not None and held is other.ref() and self.version == other.version
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "a tensor of integers" + (f" written {self.version} times" if self.version is not None else "")
+
+
+def held_stamp(value: Any) -> Any:
+    """``value`` as :class:`HeldStamp` compares it, where it is a tensor of integers or booleans; a list or tuple of
+    up to 256 ints or bools as its items; None for anything else."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            return None
+        return HeldStamp(value, None if value.is_inference() else value._version)
+    if isinstance(value, list | tuple) and len(value) <= 256 and all(type(i) in (int, bool) for i in value):
+        return tuple(value)
+    return None
 
 
 def comparable(value: Any) -> Any:
@@ -153,6 +189,18 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
                 out[key] = comparable(value)
         for chain in chained:
             _read_chain(module, chain, out)
+        # (tensors of integers and lists of ints in globals, closure cells and class attributes it names: an order
+        # of its tokens, chunk sizes; compared by identity and version)
+        for kind, holder, name in cached[5]:
+            if kind == "class":
+                value, spelled = inspect.getattr_static(holder, name, _MISSING), f"{holder.__qualname__}.{name}"
+            elif kind == "cell":
+                value, spelled = holder.get(name, _MISSING), f"<{name}>"
+            else:
+                value, spelled = holder.get(name, _MISSING), f"{holder.get('__name__', '')}.{name}"
+            stamp = held_stamp(value) if value is not _MISSING else None
+            if stamp is not None:
+                out[f"{spelled} (held)"] = stamp
     out.update(flag_buffers(module))
     return out
 

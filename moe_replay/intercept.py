@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
 from ._code_settings import (
+    HeldStamp,
     code_settings,
     comparable,
     flag_buffers,
@@ -373,27 +374,6 @@ def _held_indices(scope: nn.Module) -> tuple[_Held, ...]:
     return tuple(out)
 
 
-class _HeldStamp:
-    """A tensor of integers or booleans a router's modules hold, as a setting: which tensor it is (held weakly) and
-    its version counter (read on the host: no sync). Equal while neither written in place nor replaced."""
-
-    __slots__ = ("ref", "version")
-
-    def __init__(self, tensor: torch.Tensor, version: Any) -> None:
-        self.ref, self.version = weakref.ref(tensor), version
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _HeldStamp):
-            return False
-        held = self.ref()
-        return held is not None and held is other.ref() and self.version == other.version
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return "a tensor of integers" + (f" written {self.version} times" if self.version is not None else "")
-
-
 def _settings_and_held(scope: nn.Module) -> dict[str, Any]:
     """:func:`_fingerprint` of ``scope``, with what its modules hold that may order its tokens (see
     :func:`_held_indices`: a tensor of integers by identity and version, a list of them by its items), keyed
@@ -402,7 +382,7 @@ def _settings_and_held(scope: nn.Module) -> dict[str, Any]:
     replaced since."""
     out = _fingerprint(scope)
     for _, _, name, tensor, value in _held_indices(scope):
-        out[f"{name} (held)"] = _HeldStamp(tensor, value) if tensor is not None else value
+        out[f"{name} (held)"] = HeldStamp(tensor, value) if tensor is not None else value
     return out
 
 

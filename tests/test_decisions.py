@@ -839,6 +839,124 @@ def test_chunks_in_an_order_a_buffer_changes_later_are_never_forced_on_other_tok
         assert torch.equal(gate.last, forced.layer("router"))
 
 
+#: the token order of :class:`_OutsideOrderGate` read from a module-level global (identity unless a test permutes it)
+_TOKEN_ORDER = torch.arange(8)
+
+
+class _OutsideOrderGate(nn.Module):
+    """A top-2 gate over its tokens in an order held outside its modules (``where``: ``global``, a module-level
+    tensor; ``cell``, a closure cell of a function its forward calls), in chunks of 4 (``chunks``) or in one top-k,
+    results put back in token order; ``float``, an order held as a float tensor attribute; ``own``, an order
+    attribute it rotates itself after each forward."""
+
+    def __init__(self, where: str, chunks: bool) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.where, self.chunks = where, chunks
+        self.forder = torch.arange(8).float()
+        self.rot = torch.arange(8)
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.where == "global":
+            order = _TOKEN_ORDER
+        elif self.where == "float":
+            order = self.forder.long()
+        elif self.where == "own":
+            order = self.rot.clone()
+        else:
+            order = _CELL_FORWARD(self)
+        if self.chunks:
+            parts = [torch.topk(self.wg(c).softmax(-1), 2, dim=-1) for c in x[order].split(4)]
+            w, idx = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+        else:
+            part = torch.topk(self.wg(x[order]).softmax(-1), 2, dim=-1)
+            w, idx = part.values, part.indices
+        back = torch.empty_like(order)
+        back[order] = torch.arange(x.shape[0])
+        self.last = idx[back]
+        if self.where == "own":
+            self.rot.copy_(self.rot.roll(1))
+        return w[back], idx[back]
+
+
+def _cell_reader() -> Callable[[nn.Module], torch.Tensor]:
+    held = torch.arange(8)
+
+    def read(gate: nn.Module) -> torch.Tensor:
+        return held
+
+    return read
+
+
+_CELL_FORWARD = _cell_reader()
+
+
+def _permute_outside(gate: _OutsideOrderGate, perm: torch.Tensor) -> None:
+    if gate.where == "global":
+        _TOKEN_ORDER.copy_(perm)
+    elif gate.where == "cell":
+        _CELL_FORWARD(gate).copy_(perm)
+    elif gate.where == "float":
+        gate.forder.copy_(perm.float())
+
+
+def _outside_order_is_exact_or_refused(where: str, chunks: bool) -> None:
+    _TOKEN_ORDER.copy_(torch.arange(8))
+    _CELL_FORWARD(nn.Module()).copy_(torch.arange(8))
+    torch.manual_seed(8)
+    gate = _OutsideOrderGate(where, chunks)
+    block, x = Block(gate), torch.randn(8, D)
+    try:
+        with mr.attach(block) as session:
+            with session.capture():
+                block(x)
+            assert torch.equal(session.routes().layer("router"), gate.last)
+            _permute_outside(gate, torch.randperm(8, generator=torch.Generator().manual_seed(1)))
+            try:
+                with session.capture():
+                    block(x)
+                assert torch.equal(session.routes().layer("router"), gate.last)
+                forced = _forced_routes(session, 8)
+                with session.replay(forced):
+                    block(x)
+            except mr.UnsupportedRouterError:
+                return
+            assert torch.equal(gate.last, forced.layer("router"))
+    finally:
+        _TOKEN_ORDER.copy_(torch.arange(8))
+        _CELL_FORWARD(nn.Module()).copy_(torch.arange(8))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("chunks", [True, False], ids=["chunks", "one-top-k"])
+@pytest.mark.parametrize("where", ["global", "cell"])
+def test_a_token_order_held_in_a_global_or_a_closure_cell_written_later_is_exact_or_refused(
+    where: str, chunks: bool
+) -> None:
+    """Once silent: a gate over its tokens in an order a module-level global (or a closure cell its code reads)
+    holds, established on the identity, then permuted in place between blocks, had its rows recorded and forced in
+    call order. The integer tensors its code names outside its modules are settings too: either refused, or
+    captured as the gate's own indices and forced onto their own tokens."""
+    _outside_order_is_exact_or_refused(where, chunks)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="a token order held as a float tensor (x[self.order.long()]), or an integer order the router rewrites "
+    "itself at each forward, is no setting of the decision: permuted after it was established, the rows are recorded "
+    "and forced in call order",
+)
+@pytest.mark.parametrize("chunks", [True, False], ids=["chunks", "one-top-k"])
+@pytest.mark.parametrize("where", ["float", "own"])
+def test_a_token_order_held_as_floats_or_rewritten_by_the_router_is_exact_or_refused(where: str, chunks: bool) -> None:
+    """A gate over its tokens in an order held as a float tensor attribute (permuted in place between blocks), or in
+    an order it rotates itself after each forward: either refused, or captured and forced on their own tokens."""
+    _outside_order_is_exact_or_refused(where, chunks)
+
+
 class _OutGate(nn.Module):
     """A plain top-2 gate that writes its top-k into preallocated tensors (``torch.topk(..., out=(v, i))``)."""
 
