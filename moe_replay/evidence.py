@@ -3592,7 +3592,9 @@ def _refuse_rows_out_of_order(name: str, probe: _Prober, calls: Sequence[Call], 
 
     Proven by effect as for chunks (see :func:`_in_chunks`): the hidden states are changed on the tokens whose bit
     ``b`` of their position is 1, then 0, for every bit of the token count; where row ``r`` of the decision's
-    scores changes exactly with some token other than ``r``, the rows are out of order. A run that fails or makes
+    scores changes exactly with some token other than ``r``, the rows are out of order (but for the transpose of a
+    ``[batch, positions]`` input: a router that sees the batch sequence-first, an order of its code, not of its
+    state, which the model's token order tells). A run that fails or makes
     other calls, or rows that follow no one token (a mix of tokens), tell nothing: the decision is kept as it was
     established (the runs cost a forward of the router per bit, so they are made only for a router holding such
     state, established again after it changed)."""
@@ -3636,6 +3638,8 @@ def _refuse_rows_out_of_order(name: str, probe: _Prober, calls: Sequence[Call], 
         of_row |= sides[0].long() << bit
     if torch.equal(of_row, position):
         return
+    if x.dim() == 3 and torch.equal(of_row, position.reshape(x.shape[0], x.shape[1]).t().reshape(-1)):
+        return  # (a router that sees the batch sequence-first: an order of its code, told at the model's level)
     raise _refuse(
         name,
         calls,

@@ -839,6 +839,56 @@ def test_chunks_in_an_order_a_buffer_changes_later_are_never_forced_on_other_tok
         assert torch.equal(gate.last, forced.layer("router"))
 
 
+class _SequenceFirstGate(nn.Module):
+    """A top-2 gate over ``[batch, positions, D]`` hidden states that sees them sequence-first (transposed, then
+    flattened: its rows are position-major), holding an integer count of its forwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.register_buffer("seen", torch.zeros(2, dtype=torch.long))
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        part = torch.topk(self.wg(x.transpose(0, 1).reshape(-1, D)).softmax(-1), 2, dim=-1)
+        self.last = part.indices
+        self.seen.add_(1)
+        return part.values, part.indices
+
+
+class _SequenceFirstBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = _SequenceFirstGate()
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        h = x.transpose(0, 1).reshape(-1, D)
+        out = torch.zeros_like(h)
+        for slot in range(idx.shape[1]):
+            for e, expert in enumerate(self.experts):
+                out = out + (idx[:, slot] == e)[:, None] * w[:, slot : slot + 1] * expert(h)
+        return out.reshape(x.shape[1], x.shape[0], D).transpose(0, 1)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_gate_holding_integers_that_sees_the_batch_sequence_first_is_not_refused() -> None:
+    """A gate holding an integer tensor whose rows follow its tokens position-major (it transposes a ``[B, S]``
+    batch): an order of its code, the same at every forward, not one its state sets. Captured and forced as
+    returned, not refused by the check of its rows against its tokens."""
+    torch.manual_seed(8)
+    block, x = _SequenceFirstBlock(), torch.randn(2, 4, D)
+    with mr.attach(block) as session:
+        with session.capture():
+            block(x)
+        assert torch.equal(session.routes().layer("router"), block.router.last)
+        forced = _forced_routes(session, 8)
+        with session.replay(forced):
+            block(x)
+        assert torch.equal(block.router.last, forced.layer("router"))
+
+
 #: the token order of :class:`_OutsideOrderGate` read from a module-level global (identity unless a test permutes it)
 _TOKEN_ORDER = torch.arange(8)
 
