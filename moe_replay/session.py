@@ -154,7 +154,7 @@ class _Owner:
     """The thread holding a session's open blocks (capture, replay, keep_scores, verify), and, where asyncio runs
     there, which of its tasks may run forwards in them."""
 
-    __slots__ = ("abandoned", "blocks", "coro", "entered", "ident", "last", "lock", "mark", "recheck")
+    __slots__ = ("abandoned", "blocks", "checker", "coro", "entered", "ident", "last", "lock", "mark")
 
     def __init__(self) -> None:
         self.ident: int | None = None
@@ -168,12 +168,15 @@ class _Owner:
         self.coro: Any = None  # the coroutine of the asyncio task that opened the outermost block, or None
         self.last: Any = None  # the coroutine of the task that ran the block's last forward (at first: ``coro``)
         self.mark: object | None = None  # the outermost block's mark, in the context that opened it
-        #: ``(args, kwargs) -> None`` at each forward of the model while a block is open, or a function that runs the
-        #: forward (given as a function of no arguments) watched for decisions outside the routers: a hook or a
-        #: method changed on the way to them since the block's first forward passed the watch (see Session._recheck)
-        self.recheck: Callable[[tuple[Any, ...], dict[str, Any]], Callable[[Callable[[], Any]], Any] | None] | None = (
-            None
-        )
+        #: the session's :meth:`Session._recheck`, held weakly (the session holds its owner): see :meth:`recheck`
+        self.checker: weakref.WeakMethod[Callable[..., Any]] | None = None
+
+    def recheck(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[Callable[[], Any]], Any] | None:
+        """At each forward of the model while a block is open: None, or a function that runs the forward (given as a
+        function of no arguments) watched for decisions outside the routers, where a hook or a method changed on the
+        way to them since the block's first forward passed the watch (see ``Session._recheck``)."""
+        check = self.checker() if self.checker is not None else None
+        return None if check is None else check(args, kwargs)
 
     def refuse_abandoned(self) -> None:
         """Refuse, once, the forward after a block was made and dropped without being entered, or entered and dropped
@@ -598,7 +601,7 @@ class Session:
         self._has_capture = False
         self._interrupted: str | None = None  # the exception that ended the last capture, if one did
         self._owner = _Owner()
-        self._owner.recheck = self._recheck
+        self._owner.checker = weakref.WeakMethod(self._recheck)
         #: the modules' ``__dict__`` on the way to the routers, and the stamp (hooks made, their lengths) they had
         #: as the model's forward last passed the watch in the open block; None outside, or before it passed
         self._way_dicts: list[dict[str, Any]] = []
