@@ -79,10 +79,10 @@ class HeldStamp:
     host: no sync). Equal while neither written in place nor replaced: an order of the tokens it holds (``x[order]``)
     is one, which the decision's rows follow."""
 
-    __slots__ = ("ref", "version")
+    __slots__ = ("ident", "ref", "version")
 
     def __init__(self, tensor: torch.Tensor, version: Any) -> None:
-        self.ref, self.version = weakref.ref(tensor), version
+        self.ref, self.version, self.ident = weakref.ref(tensor), version, id(tensor)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HeldStamp):
@@ -93,7 +93,8 @@ class HeldStamp:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return "a tensor of integers" + (f" written {self.version} times" if self.version is not None else "")
+        written = f", written {self.version} times" if self.version is not None else ""
+        return f"a tensor of integers (object 0x{self.ident:x}{written})"
 
 
 def held_stamp(value: Any) -> Any:
