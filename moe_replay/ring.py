@@ -250,6 +250,11 @@ class CaptureRing:
         except BaseException:
             self.budget.held += freed
             raise
+        self._install_first(buf)
+
+    def _install_first(self, buf: torch.Tensor) -> None:
+        """Make ``buf`` (allocated by :meth:`_alloc`, the segments' bytes taken off the budget) the only segment."""
+        rows = buf.shape[0]
         self.buf = _static_address(buf)
         self._segments = [self.buf]
         self._at = {}
@@ -339,6 +344,32 @@ class CaptureRing:
             self._segments.append(self._alloc(more))
             self._end += more
             self._at = {}
+
+    def first_after_reset(self, rows: int) -> torch.Tensor | None:
+        """The first segment :meth:`reserve` would allocate for ``rows`` rows once the ring is reset, allocated now
+        and not installed (None where the ring has room for them): where the allocation fails, the ring and the
+        rows it holds are left as they were. The caller takes the bytes of the ring's segments off the budget
+        first (:meth:`install_first_after_reset` frees them) and gives them back where it gives up.
+
+        Raises:
+            CaptureOverflowError: a graph or a compiled region fixed the ring with fewer rows, or the rows
+                cannot be allocated (``max_bytes``, more elements than a tensor holds, out of memory).
+        """
+        rows = int(rows)
+        if rows <= self.capacity:
+            return None
+        if self.fixed_by is not None:
+            raise CaptureOverflowError(
+                f"router '{self.name}' cannot make room for {rows} rows: its ring is fixed at {self.capacity} rows "
+                f"({self.fixed_by} writes into its first segment). Reserve before capturing the graph or compiling "
+                f"the model (session.reserve({rows})), or attach with capacity={rows}"
+            )
+        return self._alloc(rows, zeros=True)
+
+    def install_first_after_reset(self, buf: torch.Tensor) -> None:
+        """Reset the ring and make ``buf`` (from :meth:`first_after_reset`) its only segment."""
+        self.reset()
+        self._install_first(buf)
 
     def bytes_after(self, rows: int, *, clear: bool) -> int:
         """Bytes the ring holds once cleared (``clear``: :meth:`reset`, then :meth:`release`) and made room

@@ -1520,8 +1520,12 @@ class Session:
                 "new capture"
             )
         if clear:
-            for r in rings:
-                r.reset()
+            firsts = self._first_segments(rings, expected_tokens)  # (allocated before the last capture is cleared)
+            for r, first in zip(rings, firsts, strict=True):
+                if first is None:
+                    r.reset()
+                else:
+                    r.install_first_after_reset(first)
             self._interrupted = None
             for h, site in zip(self._hooks, self._sites, strict=True):
                 if _stale_ring(h):  # rings of the last capture, kept readable until now
@@ -1579,6 +1583,23 @@ class Session:
             if stop_feeds is not None:
                 stop_feeds()
             self._budget.limit = limit
+
+    def _first_segments(self, rings: Sequence[CaptureRing], rows: int | None) -> list[torch.Tensor | None]:
+        """The first segments the rings need for ``rows`` rows once reset, allocated while they still hold the last
+        capture: where one cannot be allocated, the refusal leaves every ring, and the capture it holds, as it was."""
+        if rows is None:
+            return [None] * len(rings)
+        replaced = sum(r.nbytes for r in rings if rows > r.capacity)
+        self._budget.held -= replaced  # (freed once installed: the allocations are checked against the budget after)
+        firsts: list[torch.Tensor | None] = []
+        try:
+            for r in rings:
+                firsts.append(r.first_after_reset(rows))
+        except BaseException:
+            made = sum(f.shape[0] * r.row_bytes for f, r in zip(firsts, rings, strict=False) if f is not None)
+            self._budget.held += replaced - made
+            raise
+        return firsts
 
     def reserve(self, rows: int) -> None:
         """Allocate every router's ring for ``rows`` rows now, before a capture needs them.

@@ -848,13 +848,6 @@ def test_bad_arguments_to_a_sessions_calls_change_nothing(
 
 
 @pytest.mark.reliability("overflow")
-@pytest.mark.xfail(
-    strict=True,
-    reason="capture(expected_tokens=n) resets the rings of the last capture before allocating n rows: where that "
-    "allocation fails (more rows than a tensor holds, or out of memory on an accelerator) the refusal leaves the last "
-    "capture dropped, and routes() then says nothing was captured (the max_bytes check, made before the reset, "
-    "keeps it)",
-)
 def test_a_capture_refused_for_rows_it_cannot_allocate_keeps_the_last_capture() -> None:
     model = _model()
     with mr.attach(model) as session:
@@ -865,6 +858,39 @@ def test_a_capture_refused_for_rows_it_cannot_allocate_keeps_the_last_capture() 
             session.capture(expected_tokens=2**62).__enter__()
         assert session.state == "idle"
         assert session.routes().equal(captured)
+
+
+@pytest.mark.reliability("overflow")
+def test_a_capture_refused_for_one_routers_rows_keeps_every_ring_and_the_byte_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second router's rows cannot be allocated (out of memory on its device) after the first router's were:
+    the refusal keeps the last capture of both, frees what it allocated for the first (a capture whose byte limit
+    is what the rings held before then fits), and that capture records and forces routes exactly."""
+    model = _model()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(_ids())
+        captured, held = session.routes(), session.memory()
+        real, calls = mr.ring.CaptureRing._alloc, []
+
+        def second_fails(ring: mr.ring.CaptureRing, rows: int, *, zeros: bool = False) -> torch.Tensor:
+            calls.append(ring.name)
+            if len(calls) == 2:
+                raise mr.CaptureOverflowError(f"router '{ring.name}': cannot allocate {rows} rows (out of memory)")
+            return real(ring, rows, zeros=zeros)
+
+        monkeypatch.setattr(mr.ring.CaptureRing, "_alloc", second_fails)
+        with pytest.raises(mr.CaptureOverflowError, match="cannot allocate"):
+            session.capture(expected_tokens=2 * session.capacity).__enter__()
+        monkeypatch.undo()
+        assert len(calls) == 2 and session.state == "idle"
+        assert session.routes().equal(captured) and session.memory() == held
+        forced = _forced(captured)
+        with session.replay(forced), session.capture(expected_tokens=64, max_bytes=held["cpu"]["bytes"]):
+            with torch.no_grad():
+                model(_ids())
+        assert session.routes().equal(forced) and session.memory() == held
 
 
 @pytest.mark.reliability("bad inputs")
