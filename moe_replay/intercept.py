@@ -457,6 +457,10 @@ class RouterHook:
     # a decision may span several calls (successive top-1 slots): the slots answered so far
     _slots: list[torch.Tensor] = field(default_factory=list)
     _chunks: bool = False  # the decision is made chunk by chunk of the tokens: each call is a whole row of its own
+    # a decision established as one call that made a second call of its signature in this eager forward: taken as
+    # chunks of its tokens from then on, proven at the forward's end (see _grow_into_chunks): the capture's calls and
+    # rows, and the replay's rows, as the forward began
+    _grown: tuple[int, int, int] | None = None
     _row: torch.Tensor | None = None  # [n, k] rows the decision is answered with (replay, recompute)
     _recompute: bool = False  # the decision is a checkpoint recompute
     _entry_grad: bool = False  # gradients were on when this forward began (a backward may recompute it)
@@ -996,6 +1000,103 @@ class RouterHook:
                 )
         state.held = _held_indices(self.scope)
 
+    def _may_grow(self, i: int, sig: tuple[str, int, int]) -> bool:
+        """Is decision-like call #``i`` (no call of its plan) the second chunk of a decision established as one call
+        (first run on fewer tokens than one chunk)? The second call of this eager forward, after the decision, of
+        its very signature; the forward is proven to route in chunks as it ends (see :meth:`_grow_into_chunks`)."""
+        ev = self._armed
+        return (
+            i == 1
+            and ev is not None
+            and not ev.chunks
+            and ev.count == 1
+            and ev.decision == (0,)
+            and ev.calls[0].signature == sig
+            and self._decided
+            and self._eager
+            and not self._compiled
+            and not self._recompute
+            and not _compiling()
+            and not _in_backward()
+            and self.decision != "lookup"
+        )
+
+    def _grow_into_chunks(self, sig: tuple[str, int, int]) -> None:
+        """Take this forward's decision-like calls of ``sig`` as chunks of its tokens from its second one on (the
+        decision was established on a forward of one call): each records or is forced with the next rows, and the
+        forward's end proves, on its own inputs, that they are runs of its tokens in order, or refuses it."""
+        ring, src = self.capture_ring, self.replay_source
+        wrote = ring is not None and self.capturing and not self.verifying  # (the first call's rows: recorded,
+        read = src is not None and self.replaying  # or read, or both)
+        first = ring.last_call_rows() if wrote and ring is not None else src.last_read if read and src else 0
+        self._grown = (
+            0 if ring is None else ring.calls_made() - (1 if wrote and first else 0),
+            0 if ring is None else ring.host_written - (first if wrote else 0),
+            0 if src is None else src.host_consumed - (first if read else 0),
+        )
+        self._plan, self._mirrors, self._others = _EveryCall(sig), {}, {}
+        self._chunks, self._slots = True, []  # (the first call's row was recorded: the next call starts a row)
+        self._armed = None  # (the plan is this forward's: armed again from the evidence at the next one)
+
+    def _grown_end(
+        self,
+        grown: tuple[int, int, int],
+        ev: Evidence,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Evidence:
+        """A forward grown into chunks (see :meth:`_grow_into_chunks`) returned: its calls' rows count as one call
+        of them all, one per token it was fed; its calls are proven, on its inputs, to be runs of its tokens in
+        order (the decision then is established in chunks, as if first run on this forward), or it is refused."""
+        made, written, read = grown
+        count = self._ordinal
+        ring, src = self.capture_ring, self.replay_source
+        if ring is not None:
+            ring.join_since(made)
+        found = _first_floating((args, kwargs))
+        dims = 0 if found is None else found[1].dim()
+        tokens = None if found is None else found[1].numel() // max(int(found[1].shape[-1]), 1)
+        rows = max(0 if ring is None else ring.host_written - written, 0 if src is None else src.host_consumed - read)
+        why = ""
+        if rows and tokens is not None and rows != tokens:
+            again = None
+            why = f": its calls chose for {rows} rows, where it was fed {tokens} tokens"
+        else:
+            try:
+                again = self._establish(
+                    forward, args, kwargs, self.decision if self.decision not in ("auto", "lookup") else None
+                )
+            except UnsupportedRouterError as e:
+                again, why = None, f": {e}"
+        if (
+            again is None
+            or not again.chunks
+            or again.count != count
+            or again.calls[0].signature != ev.calls[0].signature
+            or (again.top_k, again.num_experts) != (ev.top_k, ev.num_experts)
+        ):
+            self.forget(why=f"a forward of {count} calls where it made one when it was established")
+            raise UnsupportedRouterError(
+                f"router '{self.name}' made one decision-like call in the forward its decision was established on "
+                f"({ev.describe()}), and {count} of that signature in this forward, which are not shown to be each a "
+                f"run of its tokens in order, together every token once, on these inputs{why}. Its rows were "
+                "recorded or forced in call order: this forward is refused; the decision is established again at "
+                f"the next forward{_hooks_inside(self.scope)}"
+            )
+        mode = self.mode()
+        known = _KNOWN.get(self.scope)
+        if known is not None:
+            for key in [k for k, v in known.items() if v is ev]:
+                known[key] = again
+        self.evidence[mode] = again
+        self._lean.pop(mode, None)
+        _CHUNKS_KNOWN.setdefault(self.scope, {})[again] = _ChunkState(
+            {(again.chunk_dims, again.count), (dims, count)}, _held_indices(self.scope)
+        )
+        self._arm(again)
+        return again
+
     # ------------------------------------------------------------- scope forward
     def __reduce__(self) -> tuple[Any, ...]:
         # a copy of the model (deepcopy, pickle) reaches a hook only through another wrapper's attributes that
@@ -1087,10 +1188,15 @@ class RouterHook:
             self._masks = []
             seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []
             self._choice = None
+            grown, self._grown = self._grown, None
+            if grown is not None:  # (armed again from the evidence: by _grown_end, or at the next forward)
+                self._chunks = False
             if self._pending is not None:  # the decision was established at this forward
                 self._settle()
         if chunks is not None:  # a decision chunk by chunk of the tokens: one call of every row, as one of a call
             self._chunks_end(chunks, ev, forward, args, kwargs)
+        elif grown is not None and ev is not None:  # its second call of one established as one: chunks, proven now
+            ev = self._grown_end(grown, ev, forward, args, kwargs)
         if not compiling:
             self.calls += 1
             self._check_ran(ev, seen)
@@ -1401,6 +1507,9 @@ class RouterHook:
         i = self._ordinal
         self._ordinal = i + 1
         expected = self._plan.get(i)
+        if expected is None and self._may_grow(i, sig):
+            self._grow_into_chunks(sig)
+            expected = sig
         if expected is None:
             if self._row is not None and self._mirrors.get(i) == sig:  # forced rows: answer it with them too
                 return self._mirror(func, args, kwargs, sig[1])
@@ -2077,13 +2186,18 @@ class ScopedForward:
             raise
         finally:
             hook._fast = None  # (it holds the replay source and the ring: they go with their session's block)
-            seen = 0
+            seen, grown = 0, None
             if hook._slow:  # what the general path may have set in this forward goes
                 seen = len(hook._slots)
                 hook._slots, hook._masks, hook._row, hook._source = [], [], None, None
                 hook._regions = _NO_REGIONS
+                grown, hook._grown = hook._grown, None
+                if grown is not None:  # (armed again from the evidence: by _grown_end, or at the next forward)
+                    hook._chunks = False
         if chunks is not None:  # a decision chunk by chunk of the tokens: one call of every row, as one of a call
             hook._chunks_end(chunks, ev, self.__wrapped__, args, kwargs)
+        elif grown is not None:  # its second call of one established as one: chunks, proven now
+            ev = hook._grown_end(grown, ev, self.__wrapped__, args, kwargs)
         hook.calls += 1
         if hook._ordinal != len(ev.calls) or not hook._decided:
             hook._check_ran(ev, seen)

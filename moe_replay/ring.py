@@ -572,6 +572,10 @@ class CaptureRing:
         """Eager calls of rows counted since :meth:`reset` (see :meth:`call_rows`)."""
         return sum(map(_SECOND, self._calls))  # (C-level: it runs for every router at each forward's start and end)
 
+    def last_call_rows(self) -> int:
+        """Rows of the last eager call counted (0 where none is)."""
+        return self._calls[-1][0] if self._calls else 0
+
     def join_since(self, made: int) -> None:
         """Count the eager calls after the first ``made`` as one call of all their rows (a router that decides chunk
         by chunk of the tokens: one call per run of them, together one decision on every token of its forward)."""
@@ -674,6 +678,7 @@ class ReplaySource:
         self.limit = _static_address(torch.full((), self.num_rows, dtype=torch.long, device=device))
         self._arange = _Positions.get(device, max(self.num_rows + 1, 1))
         self.host_consumed = 0  # lower bound, advanced by eager calls only
+        self.last_read = 0  # rows of the last eager read
         #: eager reads up to this row need no look: beyond it (short of ``num_rows``), ``guard`` is called first
         #: (a replay's token check clears the rows of each forward it sees)
         self.cleared = self.num_rows
@@ -718,6 +723,7 @@ class ReplaySource:
         """
         h = self.host_consumed
         self.host_consumed = h + n
+        self.last_read = n
         if self._by_device:
             self._catch_up()
             return self.read(n)
