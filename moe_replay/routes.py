@@ -449,6 +449,7 @@ class Routes:
         self._router_ids: tuple[torch.Tensor, ...] | None = None
         self._ids_lost: str | None = None
         self._prompt_kept: torch.Tensor | None = None
+        self._cut_from: tuple[_Forwards, int, int] | None = None  # (see _trusted)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -685,6 +686,7 @@ class Routes:
         self._recorded_names = source._recorded_names
         self._ids_lost = source._ids_lost
         self._prompt_kept = source._prompt_kept
+        self._cut_from = source._cut_from
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -799,19 +801,20 @@ class Routes:
         if source._call_rows is None:
             self._dropped_rows = source._dropped_rows  # (no forwards to tell where these rows start: keep it)
             return
-        at = 0
-        runs: list[tuple[int, int]] = []
-        for rows, count in source._call_rows:
-            for _ in range(count):
-                held = max(0, min(end, at + rows) - max(start, at))
-                at += rows
-                if not held:
-                    continue
-                if runs and runs[-1][0] == held:
-                    runs[-1] = (held, runs[-1][1] + 1)
-                else:
-                    runs.append((held, 1))
-        self._call_rows = tuple(runs)
+        self._call_rows = _clip_calls(source._call_rows, start, end)
+        if source._cut_from is not None:  # (a slice of a slice: the rows of the first capture it holds)
+            whole, at, _ = source._cut_from
+            self._cut_from = (whole, at + start, at + end)
+        else:
+            self._cut_from = (source._whole_forwards(), start, end)
+
+    def _whole_forwards(self) -> _Forwards:
+        """What these routes know of their forwards, as one object for every slice cut from them."""
+        held = self.__dict__.get("_forwards")
+        if held is None or held.call_rows is not self._call_rows or held.prompt_kept is not self._prompt_kept:
+            assert self._call_rows is not None
+            held = self._forwards = _Forwards(self._call_rows, self._prompt_kept)
+        return held
 
     def _pick_forwards(self, source: Routes, rows: slice | torch.Tensor) -> None:
         """Keep what ``source``'s capture knows of its forwards for rows picked out of order (a list, a mask, a step).
@@ -974,7 +977,10 @@ class Routes:
         recorded = {p._recorded_names for p in parts}  # (parts recorded on different router sets: none of them)
         self._recorded_names = recorded.pop() if len(recorded) == 1 else None
         self._rows_picked = next((p._rows_picked for p in parts if p._rows_picked), None)
-        self._prompt_kept = parts[0]._prompt_kept  # (the first forward of the whole is the first part's)
+        joined = _rejoined(parts)  # (slices of one capture's rows that meet again: one slice of them)
+        self._prompt_kept = joined[0]._prompt_kept  # (the first forward of the whole is the first part's)
+        if len(joined) == 1:
+            self._cut_from = joined[0]._cut_from
         # each row's prompt mask is the row's own, whatever is known of the forwards (rows picked out of order, a
         # part of unknown forwards): a row a capture recorded at prompt padding stays one (compare, replay read it)
         if any(p._fed_mask is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
@@ -984,10 +990,10 @@ class Routes:
                     for p in parts
                 ]
             )
-        if any(p._call_rows is None for p in parts):
+        if any(p._call_rows is None for p in joined):
             return  # (a part of unknown forwards: so are the forwards of the whole)
         runs: list[tuple[int, int]] = []
-        for rows, calls in (run for p in parts for run in p._call_rows):  # type: ignore[union-attr]
+        for rows, calls in (run for p in joined for run in p._call_rows):
             if runs and runs[-1][0] == rows:
                 runs[-1] = (rows, runs[-1][1] + calls)
             else:
@@ -1082,6 +1088,10 @@ class Routes:
         #: ``[batch, positions]``, which split_generation lays the prompt rows over. Kept with that forward's rows
         #: (methods that keep every row in place, slices and cat that begin with that forward whole, files, the wire)
         obj._prompt_kept = None
+        #: set on a slice of consecutive rows of routes that knew their forwards: what the capture knew of them
+        #: (one object for every slice of it) and the rows the slice holds, ``(forwards, start, end)``, so that
+        #: cat() of slices that meet again (a forward cut through, joined) keeps that forward whole
+        obj._cut_from = None
         return obj
 
     def _forwards_meta(self) -> dict[str, Any] | None:
@@ -1598,6 +1608,63 @@ def _run_start(rows: slice | torch.Tensor, n: int) -> int | None:
         return 0
     first = int(rows[0])
     return first if torch.equal(rows, torch.arange(first, first + rows.numel())) else None
+
+
+class _Forwards:
+    """What a capture knew of its forwards (its rows per call, its prompt mask), shared by the slices cut from it."""
+
+    __slots__ = ("call_rows", "prompt_kept")
+
+    def __init__(self, call_rows: tuple[tuple[int, int], ...], prompt_kept: torch.Tensor | None) -> None:
+        self.call_rows, self.prompt_kept = call_rows, prompt_kept
+
+
+def _clip_calls(call_rows: tuple[tuple[int, int], ...], start: int, end: int) -> tuple[tuple[int, int], ...]:
+    """The (rows, calls) runs of the calls of ``call_rows`` that rows ``start:end`` hold: each call the rows of it
+    held there (a call cut through is a call of its held rows)."""
+    at = 0
+    runs: list[tuple[int, int]] = []
+    for rows, count in call_rows:
+        for _ in range(count):
+            held = max(0, min(end, at + rows) - max(start, at))
+            at += rows
+            if not held:
+                continue
+            if runs and runs[-1][0] == held:
+                runs[-1] = (held, runs[-1][1] + 1)
+            else:
+                runs.append((held, 1))
+    return tuple(runs)
+
+
+class _Rejoined:
+    """The forwards of slices of one capture's rows that meet again, as one slice of its rows ``start:end`` holds
+    them (what ``Routes._cat_forwards`` reads of a part)."""
+
+    __slots__ = ("_call_rows", "_cut_from", "_prompt_kept")
+
+    def __init__(self, whole: _Forwards, start: int, end: int) -> None:
+        self._call_rows = _clip_calls(whole.call_rows, start, end)
+        first = whole.call_rows[0][0] if whole.call_rows else 0
+        self._prompt_kept = whole.prompt_kept if start == 0 and end >= first else None
+        self._cut_from = (whole, start, end)
+
+
+def _rejoined(parts: Sequence[Any]) -> list[Any]:
+    """``parts`` with each run of consecutive slices of one capture's rows, each starting where the one before it
+    ends (a forward cut through by ``split_routes`` or slices, joined again), taken as one slice of them all: the
+    forward cut through is one forward again, and a first forward whole again keeps its prompt mask."""
+    out: list[Any] = []
+    for p in parts:
+        cut = p._cut_from
+        last = out[-1]._cut_from if out else None
+        if cut is not None and last is not None and cut[0] is last[0] and cut[1] == last[2]:
+            out[-1] = _Rejoined(cut[0], last[1], cut[2])
+        elif cut is not None and cut[1] == cut[2] and last is not None:  # (a slice of no rows: nothing to join)
+            continue
+        else:
+            out.append(p)
+    return out
 
 
 def _whole_calls(rows: slice | torch.Tensor, calls: tuple[tuple[int, int], ...] | None, n: int) -> bool:

@@ -1652,8 +1652,9 @@ def test_split_generation_of_a_model_that_takes_the_padding_out_splits_by_the_ma
     refused it. The capture records the mask of the tokens its prompt forward's routers saw: the prompt rows are laid
     over it, each sequence its own kept tokens (checked against the mask given: another one is refused), and the
     parts replay in a teacher-forced forward over the sequences, each kept token forced to its recorded experts;
-    also through a file, select and a slice of the capture from its start. A capture that does not know that mask
-    is refused as before (once refused as if more than one generate() were captured)."""
+    also through a file, select, a slice of the capture from its start and its shares cut through its prompt forward
+    joined again. A capture that does not know that mask is refused as before (once refused as if more than one
+    generate() were captured)."""
     from moe_replay.distributed import _known, _restore
 
     torch.manual_seed(0)
@@ -1673,6 +1674,7 @@ def test_split_generation_of_a_model_that_takes_the_padding_out_splits_by_the_ma
             wire,
             routes.rename({"": "module."}).rename({"module.": ""}),
             mr.Routes.cat([routes[:12], routes[12:]]),  # (at the prompt forward's edge)
+            mr.Routes.cat(mr.distributed.split_routes(routes, [5, routes.num_tokens - 5])),  # (through it, joined)
             routes[:15],
         )
         for made in chains:
@@ -1700,19 +1702,11 @@ def test_split_generation_of_a_model_that_takes_the_padding_out_splits_by_the_ma
             mr.split_generation(routes, attention_mask=other)
         unknown = routes.select(routes.names)
         unknown._prompt_kept = None  # (a capture that did not record the mask of its prompt's kept tokens)
-        shared = mr.Routes.cat(mr.distributed.split_routes(routes, [5, routes.num_tokens - 5]))  # (through it)
-        for made, why in ((unknown, "as many as the prompt tokens the mask keeps"), (shared, "forwards of 5, 7")):
-            with pytest.raises(mr.RoutesValidationError, match=why):
-                mr.split_generation(made, **kwargs)
+        with pytest.raises(mr.RoutesValidationError, match="as many as the prompt tokens the mask keeps"):
+            mr.split_generation(unknown, **kwargs)
     tried(6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.RoutesValidationError,
-    reason="a capture cut through a forward (split_routes, slices) and joined again counts that forward as two: "
-    "split_generation refuses it as forwards other than generate()'s (a false refusal, never a silent split)",
-)
 def test_a_generate_capture_split_through_its_prompt_and_joined_again_is_split() -> None:
     """Rows of one generate() capture shared out through its prompt forward (a rank's share of each) and joined
     again are the capture's rows in its order: split_generation splits them as it splits the capture."""
@@ -1723,12 +1717,43 @@ def test_a_generate_capture_split_through_its_prompt_and_joined_again_is_split()
             seq = model.generate(prompt, N, attention_mask=mask)
         capture = session.routes()
     want = mr.split_generation(capture, attention_mask=mask, sequences=seq)
-    try:
-        joined = mr.Routes.cat(mr.distributed.split_routes(capture, [4, capture.num_tokens - 4]))
-        got = mr.split_generation(joined, attention_mask=mask, sequences=seq)
-    finally:  # (what is refused now is a refusal, never other rows)
+    n = capture.num_tokens
+    for joined in (
+        mr.Routes.cat(mr.distributed.split_routes(capture, [4, n - 4])),
+        mr.Routes.cat([capture[:9][:4], capture[4:9].with_token_ids(None), capture[9:]]),  # (a slice of a slice)
+        mr.Routes.cat([mr.Routes.cat([capture[:2], capture[2:7]])[:4], capture[4:]]),  # (a slice of a join)
+    ):
         assert joined.equal(capture)
-    assert all(g.equal(w) for g, w in zip(got, want, strict=True))
+        got = mr.split_generation(joined, attention_mask=mask, sequences=seq)
+        assert all(g.equal(w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.reliability("silent replays")
+def test_slices_of_generate_captures_joined_other_than_as_cut_are_refused() -> None:
+    """Slices through a generate() capture's prompt forward joined in another order, with rows left out, or with the
+    slice of another capture of the same shapes (another prompt's generate(), whose forwards are the same sizes):
+    split_generation refuses each, never splits them as one capture."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    prompt, mask = _prompt()
+    with mr.attach(model) as session, torch.no_grad():
+        captures = []
+        for ids in (prompt, prompt.flip(1)):
+            with session.capture():
+                seq = model.generate(ids, N, attention_mask=mask)
+            captures.append(session.routes())
+    a, b = captures
+    n = a.num_tokens
+    assert not a.equal(b) and a._call_rows == b._call_rows
+    for joined in (
+        mr.Routes.cat([a[4:], a[:4]]),
+        mr.Routes.cat([a[:4], a[5:], a[4:5]]),
+        mr.Routes.cat([a[:4], b[4:]]),
+        mr.Routes.cat([b[:4], a[4:n]]),
+    ):
+        with pytest.raises(mr.RoutesValidationError):
+            mr.split_generation(joined, attention_mask=mask, sequences=seq)
+    with pytest.raises(mr.RoutesValidationError):  # (no token ids to tell the captures apart)
+        mr.split_generation(mr.Routes.cat([a[:4], b[4:]]).with_token_ids(None), attention_mask=mask)
 
 
 @pytest.mark.reliability("silent replays")

@@ -1446,6 +1446,7 @@ _MARKS = (
     "_router_ids",
     "_ids_lost",
     "_prompt_kept",
+    "_cut_from",
 )
 #: the marks that hold one value per row (``_router_ids``: per router and row)
 _ROW_MARKS = ("_token_ids", "_fed_mask", "_token_rank", "_router_ids")
@@ -1524,14 +1525,26 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
     wired = _restore(mr.Routes._trusted(base._data, base.names, base.experts_per_layer), _known(base), 2)
     order = torch.argsort(base._token_rank, stable=True) if base._token_rank is not None else every
     # (each made lazily where it is made of rows: routes of a router that lost its ids are not picked by one index)
+    whole = base._whole_forwards()  # (what a slice keeps of the capture's forwards, to be joined again by cat)
     table: dict[str, tuple[Any, torch.Tensor, list[int], dict[str, Any]]] = {
-        "r[:]": (lambda: base[:], every, [0, 1], {}),
-        "r[:4]": (lambda: base[:4], every[:4], [0, 1], {"_call_rows": ((4, 1),), "_rows_untold": None}),
+        "r[:]": (lambda: base[:], every, [0, 1], {"_cut_from": (whole, 0, 8)}),
+        "r[:4]": (
+            lambda: base[:4],
+            every[:4],
+            [0, 1],
+            {"_call_rows": ((4, 1),), "_rows_untold": None, "_cut_from": (whole, 0, 4)},
+        ),
         "r[2:6]": (
             lambda: base[2:6],
             every[2:6],
             [0, 1],
-            {"_call_rows": ((2, 2),), "_dropped_rows": 0, "_rows_untold": None, "_prompt_kept": None},
+            {
+                "_call_rows": ((2, 2),),
+                "_dropped_rows": 0,
+                "_rows_untold": None,
+                "_prompt_kept": None,
+                "_cut_from": (whole, 2, 6),
+            },
         ),
         "r[[5, 1]]": (
             lambda: base[[5, 1]],
@@ -1554,14 +1567,18 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
             {"_recorded_names": tuple("module." + n if n.startswith("enc.") else n for n in base._recorded_names)},
         ),
         # (the halves are rows the caller chose by a slice: no longer placed by the reader's count alone)
-        "cat(halves)": (lambda: mr.Routes.cat([base[:4], base[4:]]), every, [0, 1], {"_rows_untold": None}),
-        # (the forward cut by the split counts as two once joined: test_generation's strict xfail
-        # test_a_generate_capture_split_through_its_prompt_and_joined_again_is_split)
+        "cat(halves)": (
+            lambda: mr.Routes.cat([base[:4], base[4:]]),
+            every,
+            [0, 1],
+            {"_rows_untold": None, "_cut_from": (whole, 0, 8)},
+        ),
+        # (the forward cut by the split is one again once joined: its forwards and prompt mask are the capture's)
         "cat(split_routes)": (
             lambda: mr.Routes.cat(mr.distributed.split_routes(base, [3, 5])),
             every,
             [0, 1],
-            {"_call_rows": ((3, 1), (1, 1), (4, 1)), "_prompt_kept": None},
+            {"_cut_from": (whole, 0, 8)},
         ),
         "save, load": (mr.Routes.load(tmp_path / "r.npz"), every, [0, 1], {}),
         "pickle": (pickle.loads(pickle.dumps(base)), every, [0, 1], {}),
@@ -1600,7 +1617,8 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
     if kind == "routers":  # (rows of forwards of an untold order, cut through a forward: each row keeps the mark)
         for what, held in (("r[2:6]", 4), ("r[[5, 1]]", 2)):
             table[what][3].update(_order_untold=False, _token_rank=torch.full((held,), mr.routes.UNTOLD_RANK))
-        # (and, joined again, no longer whole forwards of an untold order: see the strict xfail named above)
+        # (and, joined again, each row keeps the mark as its own: a layout of them is refused, never taken as rows
+        # in token order)
         table["cat(split_routes)"][3].update(_order_untold=False, _token_rank=torch.full((8,), mr.routes.UNTOLD_RANK))
     for what, (made, rows, routers, changed) in table.items():
         made = made() if callable(made) else made
