@@ -443,11 +443,12 @@ class JambaSparseMoeBlock(_Used):
         return final
 
 
-# ----------------------------------------------------------------------- Mixtral: input jitter in training
+# ----------------------------------------------------------------------- Mixtral: input jitter in training, in place
 class MixtralJitterBlock(_Used):
     """huggingface/transformers ``MixtralSparseMoeBlock`` with ``router_jitter_noise``: in training the hidden
-    states are multiplied in place by ``uniform_(1 - jitter, 1 + jitter)`` noise before the bare ``gate`` (the
-    experts see the jittered states too), softmax, top-2, renormalised."""
+    states (a ``view`` of the block's input) are multiplied in place (``*=``) by ``uniform_(1 - jitter, 1 + jitter)``
+    noise before the bare ``gate``, so the experts see the jittered states too and the caller's tensor is written;
+    softmax, top-2, renormalised."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -456,14 +457,106 @@ class MixtralJitterBlock(_Used):
         self.experts = Experts()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.view(-1, D)
         if self.training and self.jitter_noise > 0:
-            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
-                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
-            )
+            hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         probs = F.softmax(self.gate(hidden_states), dim=1, dtype=torch.float)
         w, idx = _pick(probs, self.forced, self.top_k)
         self.used = idx
         return dispatch(self.experts, hidden_states, idx, _renorm(w))
+
+
+class MixtralDecoderLayer(nn.Module):
+    """The block fed ``post_attention_layernorm(x)`` (a fresh tensor the jitter writes into), the residual kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.post_attention_layernorm = nn.LayerNorm(D)
+        self.block_sparse_moe = MixtralJitterBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_sparse_moe(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------- top-n by rounds of softmax and max
+class SoftmaxRoundsGate(_Used):
+    """Top-3 in rounds (as top-n gating code written without ``topk`` does it): each round a softmax of the
+    logits, its ``max`` the next expert and its weight, that expert's logit set to ``-inf`` by ``scatter`` before
+    the next round."""
+
+    def __init__(self, n: int = 3) -> None:
+        super().__init__()
+        self.num_experts, self.top_n = E, n
+        self.w_gating = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.w_gating(x)
+        gates, indices = [], []
+        for i in range(self.top_n):
+            probs = logits.softmax(-1)
+            if self.forced is None:
+                gate, index = probs.max(dim=-1, keepdim=True)
+            else:
+                index = self.forced[:, i : i + 1]
+                gate = probs.gather(1, index)
+            gates.append(gate)
+            indices.append(index)
+            logits = logits.scatter(-1, index, float("-inf"))
+        idx = torch.cat(indices, dim=-1)
+        self.used = idx
+        return torch.cat(gates, dim=-1), idx
+
+
+# ----------------------------------------------------------------------- stale k and E attributes
+class StaleConfigGate(MixtralGate):
+    """A router whose ``num_experts`` and ``top_k`` attributes are stale (16 and 4, left from the config of the
+    model before its experts were pruned to 8) while its code takes a top-2 over 8: k and E are what the call shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = 16, 4
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = _pick(self.gate(x).softmax(-1), self.forced, 2)
+        self.used = idx
+        return _renorm(w), idx
+
+
+# ----------------------------------------------------------------------- k annealed by a step counter
+class AnnealedKGate(_Used):
+    """Top-k annealed during training (top-2 for the first steps, then top-1, as k-curriculum schedules do), the
+    step a plain ``int`` on the module counted by each training forward, no ``top_k`` attribute."""
+
+    def __init__(self, switch_at: int = 3) -> None:
+        super().__init__()
+        self.num_experts, self.step, self.switch_at = E, 0, switch_at
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = 2 if self.step < self.switch_at else 1
+        if self.training:
+            self.step += 1
+        w, idx = _pick(self.gate(x).softmax(-1), self.forced, k)
+        self.used = idx
+        return _renorm(w), idx
+
+
+@pytest.mark.reliability("silent replays")
+def test_routes_of_a_k_annealed_since_are_refused_not_forced_as_another_k() -> None:
+    """Routes of top-2 captured before a step counter switched the gate to top-1: the replay is refused, naming the
+    call that changed, and nothing is forced."""
+    model = Layers(lambda: GateBlock(AnnealedKGate()))
+    x = _x()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        routes = session.routes()
+        assert {routes.layer(name).shape[1] for name in session.names} == {2}
+        for layer in model.layers:
+            layer.gate.step = layer.gate.switch_at
+        with pytest.raises(mr.MoEReplayError, match=r"is now topk\(k=1\) over 8, but it was topk\(k=2\) over 8"):
+            with torch.no_grad(), session.replay(routes):
+                model(x)
 
 
 # ----------------------------------------------------------------------- Qwen2-MoE: shared expert with a sigmoid gate
@@ -991,7 +1084,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "detached-router-input": (lambda: Layers(lambda: GateBlock(DetachedInputGate())), _x, {}),
     "expert-embedding-table": (lambda: Layers(lambda: GateBlock(EmbeddingTableGate())), _x, {}),
     "jamba-hf-loop": (lambda: Layers(JambaSparseMoeBlock), _x, {}),
-    "mixtral-input-jitter-train": (lambda: Layers(MixtralJitterBlock), _x, {"train": True}),
+    "mixtral-input-jitter-in-place-train": (lambda: Layers(MixtralDecoderLayer), _x, {"train": True, "change": 0.3}),
     "qwen2-moe-shared-expert-gate": (lambda: Layers(Qwen2MoeSharedBlock), _x, {}),
     "qwen3-vl-moe-dense-weights": (lambda: Layers(Qwen3VLMoeBlock), _x, {"change": 0.1}),
     "fastmoe-switch-capacity-train": (lambda: Layers(FastMoESwitchBlock), _x, {"train": True}),
@@ -1005,6 +1098,8 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "layers-of-different-k-and-e": (HeterogeneousLayers, _x, {}),
     "hf-load-balancing-loss-in-model": (AuxLossModel, _x, {}),
     "aria-four-tokens-argsort-of-expert-width": (lambda: Layers(AriaMoELayer), lambda: _x(4), {}),
+    "softmax-rounds-top3": (lambda: Layers(lambda: GateBlock(SoftmaxRoundsGate())), _x, {}),
+    "stale-k-and-e-attributes": (lambda: Layers(lambda: GateBlock(StaleConfigGate())), _x, {}),
     "hard-top1-unit-weight": (lambda: Layers(lambda: GateBlock(HardTop1Gate())), _x, {}),
     "gumbel-softmax-soft-then-topk-train": (
         lambda: Layers(lambda: GateBlock(GumbelSoftTopKGate())),
