@@ -3535,12 +3535,14 @@ def _refuse_drawn_choice(
             calls,
             f"after its decision ({_chosen(ev)}) its forward draws from the random stream and chooses again: with "
             f"the decision held, {where} changes with the random state. A replay forces the decision, not those "
-            "draws (tokens over a capacity dropped by a random priority, a second expert kept by a coin), and a "
-            "replayed forward runs under another random state than the capture, so the experts used would not "
-            "be the recorded ones",
+            "draws (tokens over a capacity dropped by a random priority, a second expert kept by a coin, experts "
+            "masked at random in the scores its weights are read from, so that a forced expert weighs zero: expert "
+            "dropout, even where the mask is drawn before the decision), and a replayed forward runs under another "
+            "random state than the capture, so the experts used would not be the recorded ones",
             "Turn the random choice after the decision off (DeepSpeed: use_rts=False), draw it before the "
-            "decision (noise on the scores, as jitter), or drop tokens and experts after it only by rules that "
-            "neither read the scores nor draw from the random stream (position, a fixed capacity)",
+            "decision (noise on the scores, as jitter), mask experts at random only in the scores the decision "
+            "reads (the weights read from the unmasked scores), or drop tokens and experts after it only by rules "
+            "that neither read the scores nor draw from the random stream (position, a fixed capacity)",
         )
 
 

@@ -304,22 +304,30 @@ class GumbelTopKGate(_Used):
 # ----------------------------------------------------------------------- expert dropout before the choice
 class ExpertDropoutGate(_Used):
     """Expert-level dropout in training (a random subset of the experts masked to ``-inf`` for the whole batch
-    before the ``topk``, as expert-dropout regularisers do), softmax of the masked logits, top-2."""
+    before the ``topk``, as expert-dropout regularisers do), top-2, the weights the softmax of the masked logits
+    gathered (a forced expert that the draw masks gets zero weight); ``choice_only``: the mask on the scores of the
+    choice only, the weights read from the unmasked softmax."""
 
-    def __init__(self, p: float = 0.25) -> None:
+    def __init__(self, p: float = 0.25, choice_only: bool = False) -> None:
         super().__init__()
-        self.num_experts, self.top_k, self.p = E, 2, p
+        self.num_experts, self.top_k, self.p, self.choice_only = E, 2, p, choice_only
         self.gate = nn.Linear(D, E, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.gate(x)
+        logits = choice = self.gate(x)
         if self.training:
             dropped = torch.rand(E) < self.p
             dropped[torch.randint(E, ())] = False
-            logits = logits.masked_fill(dropped, float("-inf"))
-        w, idx = _pick(logits.softmax(-1), self.forced, self.top_k)
+            choice = logits.masked_fill(dropped, float("-inf"))
+        if not self.choice_only:
+            logits = choice
+        probs = logits.softmax(-1)
+        if self.forced is None:
+            idx = choice.topk(self.top_k, dim=-1).indices
+        else:
+            idx = self.forced
         self.used = idx
-        return _renorm(w), idx
+        return _renorm(probs.gather(1, idx)), idx
 
 
 # ----------------------------------------------------------------------- the router under CPU autocast
@@ -1100,6 +1108,11 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "aria-four-tokens-argsort-of-expert-width": (lambda: Layers(AriaMoELayer), lambda: _x(4), {}),
     "softmax-rounds-top3": (lambda: Layers(lambda: GateBlock(SoftmaxRoundsGate())), _x, {}),
     "stale-k-and-e-attributes": (lambda: Layers(lambda: GateBlock(StaleConfigGate())), _x, {}),
+    "expert-dropout-in-the-choice-only-train": (
+        lambda: Layers(lambda: GateBlock(ExpertDropoutGate(choice_only=True))),
+        _x,
+        {"train": True},
+    ),
     "hard-top1-unit-weight": (lambda: Layers(lambda: GateBlock(HardTop1Gate())), _x, {}),
     "gumbel-softmax-soft-then-topk-train": (
         lambda: Layers(lambda: GateBlock(GumbelSoftTopKGate())),
@@ -1140,7 +1153,8 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
     "expert-dropout-train": (
         lambda: Layers(lambda: GateBlock(ExpertDropoutGate())),
         _x,
-        "draws from the random stream",
+        r"(?s)draws from the random stream .* a forced expert weighs zero: expert dropout.* mask experts at random only "
+        "in the scores the decision reads",
         {"train": True},
     ),
     "expert-choice-as-many-tokens-as-experts": (
