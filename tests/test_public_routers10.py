@@ -1153,8 +1153,8 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
     "expert-dropout-train": (
         lambda: Layers(lambda: GateBlock(ExpertDropoutGate())),
         _x,
-        r"(?s)draws from the random stream .* a forced expert weighs zero: expert dropout.* mask experts at random only "
-        "in the scores the decision reads",
+        r"(?s)draws from the random stream .* a forced expert weighs zero: expert dropout.* mask experts at random "
+        "only in the scores the decision reads",
         {"train": True},
     ),
     "expert-choice-as-many-tokens-as-experts": (
