@@ -498,9 +498,15 @@ class OrphanWatch(TorchFunctionMode):
                     )
                 elif name is not None and not self._known(name) and self._orphan(name, sig, x):
                     held = [s for s in self.scopes if not name or s.startswith(name + ".")]
+                    cls = type(self.modules[name]).__name__
                     hint = (
                         f" (it holds the attached router '{held[0]}' but decides outside it: if this call dispatches, "
-                        f"attach {name or 'the model'!r} as the router instead, include=[{name!r}])"
+                        f"attach {name!r} as the router instead, include=[{name!r}])"
+                        if held and name
+                        else f" (the model's own forward holds the attached router '{held[0]}' but decides outside it: "
+                        f"if this call dispatches, attach the model as the router instead, include={cls} (its class: "
+                        f"the model's own path '' names no module); if it only feeds a loss or a metric, exclude={cls} "
+                        "leaves it native)"
                         if held
                         else ""
                     )

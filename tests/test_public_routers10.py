@@ -1105,6 +1105,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "unpadded-tokens-only": (lambda: Layers(UnpadMoE), _three_d, {}),
     "layers-of-different-k-and-e": (HeterogeneousLayers, _x, {}),
     "hf-load-balancing-loss-in-model": (AuxLossModel, _x, {}),
+    "flat-model-with-aux-topk-excluded-by-class": (FlatAuxLossModel, _x, {"exclude": FlatAuxLossModel}),
     "aria-four-tokens-argsort-of-expert-width": (lambda: Layers(AriaMoELayer), lambda: _x(4), {}),
     "softmax-rounds-top3": (lambda: Layers(lambda: GateBlock(SoftmaxRoundsGate())), _x, {}),
     "stale-k-and-e-attributes": (lambda: Layers(lambda: GateBlock(StaleConfigGate())), _x, {}),
@@ -1172,7 +1173,9 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
     "flat-model-with-aux-topk": (
         FlatAuxLossModel,
         _x,
-        "decides outside it: if this call dispatches, attach",
+        r"(?s)the model's own forward holds the attached router 'gates.0' but decides outside it: if this call "
+        r"dispatches, attach the model as the router instead, include=FlatAuxLossModel .* if it only feeds a loss or a "
+        r"metric, exclude=FlatAuxLossModel leaves it native",
         {},
     ),
 }
