@@ -289,8 +289,8 @@ def check_exact(values: np.ndarray, converted: np.ndarray | torch.Tensor, what: 
     exactly (uint8 and -1 rows, int8 and 200 experts, bool) wraps them around or collapses
     them, which is refused rather than written. ``what`` names the conversion.
     """
-    if isinstance(converted, torch.Tensor):
-        converted = converted.to(torch.int64).numpy()
+    if isinstance(converted, torch.Tensor):  # (uint64 to int64 would turn a wrapped -1 back into -1: compare as is)
+        converted = converted.numpy() if converted.dtype == torch.uint64 else converted.to(torch.int64).numpy()
     if values.size and not np.array_equal(converted, values):
         lo, hi = int(values.min()), int(values.max())
         raise RoutesValidationError(

@@ -63,13 +63,19 @@ def to_verl(
     where set), ``True`` always, ``False`` never. It changes nothing else.
 
     Raises:
-        RoutesValidationError: the sequences do not fit the map or the layout, or ``dtype``
-            would change a value.
+        RoutesValidationError: the sequences do not fit the map or the layout, ``dtype``
+            would change a value or is no integer dtype.
     """
     check_map(layer_map, "to_verl")
     progress = check(progress, "to_verl")
     if not isinstance(dtype, torch.dtype):
         raise ArgumentTypeError(f"to_verl: dtype must be a torch.dtype (torch.int16, as verl stores it), got {dtype!r}")
+    if dtype not in _INTEGER_DTYPES:
+        raise RoutesValidationError(
+            f"to_verl(dtype={dtype}): verl stores routed_experts as integers (int16, uint8 views to send them), and "
+            "from_verl reads only integer arrays, so this batch could not be read back. Pick an integer dtype: "
+            "torch.int16, as verl stores it"
+        )
     if not is_integer(fill):
         raise ArgumentTypeError(f"to_verl: fill must be an integer (the padding value, 0 as verl writes), got {fill!r}")
     if not -MAX_COUNT - 1 <= int(fill) <= MAX_COUNT:
@@ -97,6 +103,13 @@ def to_verl(
         arr = to_array(seq, layer_map, layout, np.int64, f"verl sequence {i}", allow_missing=True)
         out[r, s : s + n] = _exactly(arr, dtype, f"to_verl(dtype={dtype}): verl sequence {i}")
     return out
+
+
+#: The dtypes to_verl writes: the integer ones, which from_verl reads back (floats, bool, complex and quantized
+#: dtypes hold no expert numbers there, and are refused on reading).
+_INTEGER_DTYPES = frozenset(
+    {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64}
+)
 
 
 def _exactly(values: np.ndarray, dtype: torch.dtype, what: str) -> torch.Tensor:

@@ -45,30 +45,43 @@ def test_padded_agent_loop_layout() -> None:
     assert np.array_equal(moe_layout[0, 2:8].numpy().astype(np.int64), truths[0][:6])  # MoE columns only
 
 
+_CHANGED = r"to_verl\(dtype=.*would change values"
+_NO_INTEGER = r"to_verl\(dtype=.*from_verl reads only integer arrays.*torch.int16"
+
+
 @pytest.mark.parametrize(
-    ("dtype", "fill", "holds"),
+    ("dtype", "fill", "refused"),
     [
-        (torch.int16, 0, True),
-        (torch.int32, 300, True),
-        (torch.float32, 300, True),
-        (torch.int8, 0, True),
-        (torch.int8, 300, False),  # the padding value wraps around
-        (torch.uint8, 0, False),  # -1 rows would become 255
-        (torch.uint8, 300, False),
-        (torch.bool, 0, False),  # every expert would become True
+        (torch.int16, 0, None),
+        (torch.int32, 300, None),
+        (torch.int64, -1, None),
+        (torch.int8, 0, None),
+        (torch.float32, 300, _NO_INTEGER),  # exact, but from_verl reads no floats: refused at write time
+        (torch.float64, 0, _NO_INTEGER),
+        (torch.bfloat16, 0, _NO_INTEGER),
+        (torch.complex64, 0, _NO_INTEGER),
+        (torch.quint8, 0, _NO_INTEGER),  # (a quantized dtype: torch would fail to build it, unnamed)
+        (torch.int8, 300, _CHANGED),  # the padding value wraps around
+        (torch.uint8, 0, _CHANGED),  # -1 rows would become 255
+        (torch.uint8, 300, _CHANGED),
+        (torch.uint64, 0, _CHANGED),  # -1 rows would become 2**64 - 1 (an int64 view turns them back into -1)
+        (torch.bool, 0, _NO_INTEGER),  # every expert would become True
     ],
 )
-def test_a_dtype_that_changes_a_value_is_refused(dtype: torch.dtype, fill: int, holds: bool) -> None:
-    """to_verl(dtype=...) writes every route, -1 row and ``fill`` exactly, or refuses, as Routes.to_numpy does."""
+def test_a_dtype_that_changes_a_value_is_refused(dtype: torch.dtype, fill: int, refused: str | None) -> None:
+    """to_verl(dtype=...) writes every route, -1 row and ``fill`` exactly in a dtype from_verl reads back, or
+    refuses, as Routes.to_numpy does."""
     seqs = [M.routes(M.truth(5, seed=i)) for i in range(2)]  # each ends in a -1 row: the unrouted last token
     prompts = [2, 3]  # the first sequence is padded: its row holds fill
     wide = interop.to_verl(seqs, M.layer_map, prompt_lengths=prompts, fill=fill, dtype=torch.int64)
     assert bool((wide == -1).any()) and bool((wide == fill).any())
-    if holds:
+    if refused is None:
         got = interop.to_verl(seqs, M.layer_map, prompt_lengths=prompts, fill=fill, dtype=dtype)
         assert got.dtype == dtype and torch.equal(got.to(torch.int64), wide)
+        back = interop.from_verl(got, (wide != fill).any(dim=(2, 3)).long(), M.layer_map, fill=fill)
+        assert all(a.equal(b) for a, b in zip(back, seqs, strict=True))
     else:
-        with pytest.raises(mr.RoutesValidationError, match=r"to_verl\(dtype=.*would change values"):
+        with pytest.raises(mr.RoutesValidationError, match=refused):
             interop.to_verl(seqs, M.layer_map, prompt_lengths=prompts, fill=fill, dtype=dtype)
 
 
