@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import _torch_compat, _triton
+from ._checks import is_integer
 from .errors import CaptureOverflowError, InvalidArgumentError
 
 _SECOND = operator.itemgetter(1)
@@ -89,8 +90,9 @@ def index_dtype(num_experts: int) -> torch.dtype:
         >>> mr.index_dtype(128), mr.index_dtype(384)
         (torch.uint8, torch.int16)
     """
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+    if not is_integer(num_experts) or int(num_experts) < 1:  # (a numpy integer or 0-d tensor is taken: its value)
         raise InvalidArgumentError(f"num_experts must be a positive int, got {num_experts!r}")
+    num_experts = int(num_experts)
     if num_experts > 2**31:
         raise InvalidArgumentError(
             f"num_experts={num_experts} is more than int32 indices hold (2**31 experts); no MoE routes this many"

@@ -301,6 +301,25 @@ def check_exact(values: np.ndarray, converted: np.ndarray | torch.Tensor, what: 
         )
 
 
+def _check_dtype_holds(dtype: torch.dtype | np.dtype, num_experts: int, name: str) -> None:
+    """Refuse rows given in a dtype that cannot write every expert of their router (uint8 rows of a router of 300).
+
+    Such rows were cast before they got here: an expert past the dtype's largest value wrapped around on the way
+    (expert 300 of uint8 reads 44, a real expert too), and rows that hold only small experts cannot show it did not.
+    Engines and moe_replay write a dtype that holds every expert (:func:`~moe_replay.index_dtype`).
+    """
+    high = int(torch.iinfo(dtype).max if isinstance(dtype, torch.dtype) else np.iinfo(dtype).max)
+    if num_experts - 1 > high:
+        kind = str(dtype).removeprefix("torch.")
+        raise RoutesValidationError(
+            f"router '{name}' has {num_experts} experts, but its rows are {kind}, which holds expert numbers up to "
+            f"{high} only: experts {high + 1}..{num_experts - 1} cannot be written in it, so rows cast to {kind} on "
+            "the way may have wrapped around (a wrapped expert reads as a smaller one). Pass the rows as they were "
+            "recorded, in a dtype that holds every expert (int16 or int32; .long() before any cast), or check "
+            "num_experts"
+        )
+
+
 def _wrapped_missing(dtype: Any, num_experts: int, k: int) -> int | None:
     """The value an unrecorded row (-1) takes once cast to ``dtype``, where it is also an expert of a top-1 router.
 
@@ -425,6 +444,8 @@ class Routes:
             if isinstance(rows, torch.Tensor) and rows.device.type == "meta":
                 raise RoutesValidationError(f"router '{name}': rows on the meta device hold no values")
             # dtype and range are always checked: the storage dtype is narrower than int64
+            if isinstance(rows, torch.Tensor) and _int_dtype(rows.dtype):  # (before the range: int8 wraps to -1)
+                _check_dtype_holds(rows.dtype, e, name)
             validate_rows(rows, e, None, name, rows_too=validate)
             _check_no_wrapped_missing(rows, e, name)
             if rows.dtype in _WIDE_UNSIGNED:
@@ -738,6 +759,12 @@ class Routes:
         if array.shape[1] != len(names):
             raise RoutesValidationError(f"array has {array.shape[1]} layers but {len(names)} names were given")
         t = torch.from_numpy(array.astype(np.int64, copy=False))  # uint64 past int64 was refused above
+        if is_collection(num_experts):  # (the dtype they came in must write every expert: as Routes checks its rows)
+            counts: Any = num_experts
+            for name, e in zip(names, counts, strict=False):
+                _check_dtype_holds(array.dtype, _expert_count(e), str(name))
+        else:
+            _check_dtype_holds(array.dtype, _expert_count(num_experts), str(names[0]) if names else "")
         out = cls([t[:, i] for i in range(array.shape[1])], names=names, num_experts=num_experts)
         for i, (name, e) in enumerate(zip(out.names, out.experts_per_layer, strict=True)):  # (the dtype they came in)
             _check_no_wrapped_missing(array[:, i], e, name, array.dtype)
