@@ -85,3 +85,32 @@ def test_index_dtype_takes_an_expert_count_given_as_a_numpy_integer(count: objec
     """Once falsely refused: ``mr.index_dtype(config.num_experts)`` of a count read from a numpy array or a 0-d
     tensor raised "must be a positive int"; it is the plain int's answer."""
     assert mr.index_dtype(count) == mr.index_dtype(300) == torch.int16  # type: ignore[arg-type]
+
+
+def _verl_batch() -> tuple[torch.Tensor, torch.Tensor, mr.LayerMap, list[mr.Routes]]:
+    """verl's padded batch of two sequences (prompts 2 and 3, the last token of each unrouted) and its mask."""
+    seqs = []
+    for t, seed in ((5, 0), (7, 1)):
+        rows = _rows(8, t=t, seed=seed)
+        for r in rows:
+            r[-1] = -1
+        seqs.append(mr.Routes(rows, _NAMES, 8))
+    lm = mr.LayerMap.from_names(_NAMES, 3, 8, 2, layers=[1, 2])
+    batch = io_.to_verl(seqs, lm, prompt_lengths=[2, 3])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
+    return batch, mask, lm, seqs
+
+
+@pytest.mark.reliability("bad inputs")
+def test_verls_uint8_view_of_its_routes_is_refused_as_such_and_read_as_int16() -> None:
+    """verl sends its int16 routed_experts as a uint8 view (twice k per row). Given that view, from_verl said the
+    last token held a route and the rows were shifted against the mask: the width is checked first, and the message
+    names the view and the way back."""
+    batch, mask, lm, seqs = _verl_batch()
+    view = batch.view(torch.uint8)
+    with pytest.raises(mr.RoutesValidationError, match=r"uint8 view of its int16 routes.*view\(torch\.int16\)"):
+        io_.from_verl(view, mask, lm)
+    with pytest.raises(mr.RoutesValidationError, match=r"needs \[\.\.\., 2, 2\].*Check num_layers"):
+        io_.from_verl(batch, mask, lm, layout="moe")  # (a width of another layout: no view named)
+    back = io_.from_verl(view.view(torch.int16), mask, lm)
+    assert all(a.equal(b) for a, b in zip(back, seqs, strict=True))

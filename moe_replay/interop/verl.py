@@ -227,6 +227,19 @@ def from_verl(
             f"verl routed_experts must be [batch, seq, layers, k] with a [batch, seq] attention_mask; got "
             f"{tuple(arr.shape)} and {tuple(mask.shape)}"
         )
+    if arr.shape[2:] != (layer_map.width(layout), layer_map.k):  # (before any row is read: no row fits then)
+        view = arr.dtype == np.uint8 and arr.shape[3] == 2 * layer_map.k
+        raise RoutesValidationError(
+            f"verl routed_experts is [batch, seq, layers, k] {tuple(arr.shape)}; with layout='{layout}' this model "
+            f"needs [..., {layer_map.width(layout)}, {layer_map.k}] ({layer_map.num_layers} hidden layers, "
+            f"{len(layer_map.moe_layers)} with a router, k={layer_map.k})"
+            + (
+                ": a uint8 array of twice k is verl's uint8 view of its int16 routes, made to send them; pass "
+                "routed_experts.view(torch.int16)"
+                if view
+                else ". Check num_layers and k of the LayerMap, and the layout the engine writes"
+            )
+        )
     ids = None
     if input_ids is not None:
         ids = as_array(input_ids, "from_verl: input_ids", "token ids")
