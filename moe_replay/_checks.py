@@ -18,7 +18,8 @@ MAX_COUNT = 2**63 - 1
 
 
 def is_integer(value: Any) -> bool:
-    """A Python or numpy integer, or a 0-d integer tensor; never a bool, a float (2.0 included) or a string."""
+    """A Python or numpy integer, or a 0-d integer tensor; never a bool, a float (2.0 included), a string or a
+    tensor on the meta device (which holds no value)."""
     if isinstance(value, bool | np.bool_):
         return False
     if isinstance(value, int | np.integer):
@@ -26,6 +27,7 @@ def is_integer(value: Any) -> bool:
     return (
         isinstance(value, torch.Tensor)
         and value.dim() == 0
+        and value.device.type != "meta"  # (shape only: no value to take)
         and not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool)
     )
 
@@ -82,6 +84,15 @@ def check_flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool | np.bool_):
         raise ArgumentTypeError(f"{name} must be True or False, got {value!r:.60} ({type(value).__name__})")
     return bool(value)
+
+
+def check_values(value: Any, what: str, error: type[MoEReplayError] = ArgumentTypeError) -> None:
+    """Refuse a tensor to be read as values (lengths, counts, positions, ids) that holds none: on the meta device, or
+    not dense (see :func:`check_dense`). torch's own error would come at the first read ("Cannot copy out of meta
+    tensor"). Anything that is not a tensor passes."""
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise error(f"{what} is a tensor on the meta device: it holds no values (only a shape); pass one with values")
+    check_dense(value, what, error)
 
 
 def check_dense(value: Any, what: str, error: type[MoEReplayError] = ArgumentTypeError) -> None:

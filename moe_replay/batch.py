@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import check_count, check_dense, is_collection, is_integer, is_one_of
+from ._checks import check_count, check_values, is_collection, is_integer, is_one_of
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -107,7 +107,7 @@ def check_same_routers(parts: Sequence[Routes], what: str = "sequence") -> None:
 def _lengths(values: Sequence[int] | torch.Tensor, what: str = "lengths") -> list[int]:
     """One token count per sequence, as ints: a 1-D tensor or array, or a sequence of integers."""
     if isinstance(values, torch.Tensor | np.ndarray):
-        check_dense(values, what)
+        check_values(values, what)
         if values.ndim != 1:
             raise InvalidArgumentError(f"{what} must be 1-D, one length per sequence; got shape {tuple(values.shape)}")
         values = values.tolist()

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import check_count, check_flag, is_one_of
+from ._checks import check_count, check_flag, check_values, is_one_of
 from ._feeds import HELD_FEWER, SHRINKS
 from ._progress import Progress, check
 from .batch import take_rows
@@ -64,6 +64,7 @@ __all__ = ["generation_capacity", "generation_lengths", "split_generation"]
 
 def _integers(values: object, what: str) -> torch.Tensor:
     """``values`` as a 1-D int64 tensor; floats, bools and strings are refused, never cut (2.9 is not 2)."""
+    check_values(values, what, InvalidArgumentError)
     try:
         t = torch.as_tensor(values)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -155,7 +156,9 @@ def generation_lengths(
 
 
 def _check_token_ids(sequences: torch.Tensor) -> None:
-    """Refuse ``sequences`` that hold no token ids (floats, bools): read as ids they would be cut to other ids."""
+    """Refuse ``sequences`` that hold no token ids (floats, bools, a meta tensor): read as ids they would be cut to
+    other ids."""
+    check_values(sequences, "sequences", InvalidArgumentError)
     dtype = sequences.dtype
     if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
         raise InvalidArgumentError(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npformat
 
-from ._checks import check_count, check_dense, check_flag, is_collection
+from ._checks import check_count, check_dense, check_flag, check_values, is_collection
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -78,7 +78,7 @@ def _storage_dtype(num_experts: int) -> torch.dtype:
 def _expert_count(value: Any) -> int:
     """A positive integer expert count, or a clear error (never a silent ``int(8.5)``)."""
     try:
-        e = operator.index(value)
+        e = operator.index(value) if not _on_meta(value) else None
     except TypeError:
         e = None
     if e is None or isinstance(value, bool):  # (True is not 1 expert)
@@ -88,6 +88,11 @@ def _expert_count(value: Any) -> int:
     if e > _MAX_EXPERTS:
         raise RoutesValidationError(f"an expert count must be at most {_MAX_EXPERTS}, got {e}")
     return int(e)
+
+
+def _on_meta(value: Any) -> bool:
+    """A tensor on the meta device: shapes only, no value to read."""
+    return isinstance(value, torch.Tensor) and value.device.type == "meta"
 
 
 #: The most experts one router may have (expert numbers must fit an int32 on every engine).
@@ -1580,7 +1585,7 @@ def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
             "a mask, numpy as positions. Pass index.bool() for a mask or index.long() for positions"
         )
     if isinstance(index, np.ndarray | list | torch.Tensor):
-        check_dense(index, "the token index")
+        check_values(index, "the token index")
         if isinstance(index, np.ndarray) and index.dtype == np.uint64 and index.size and int(index.max()) >= n:
             raise TokenIndexError(f"token index {int(index.max())} is out of range for routes of {n} tokens")
         if (
@@ -1719,7 +1724,12 @@ def _is_integer(index: Any) -> bool:
         return True
     if isinstance(index, np.ndarray):  # (a 0-d array of an integer dtype, as a 0-d tensor)
         return index.ndim == 0 and np.issubdtype(index.dtype, np.integer)
-    return isinstance(index, torch.Tensor) and index.dim() == 0 and _int_dtype(index.dtype)
+    return (
+        isinstance(index, torch.Tensor)
+        and index.dim() == 0
+        and _int_dtype(index.dtype)
+        and index.device.type != "meta"  # (no value: refused as no index, never torch's error at .item())
+    )
 
 
 def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) -> None:

@@ -114,3 +114,79 @@ def test_verls_uint8_view_of_its_routes_is_refused_as_such_and_read_as_int16() -
         io_.from_verl(batch, mask, lm, layout="moe")  # (a width of another layout: no view named)
     back = io_.from_verl(view.view(torch.int16), mask, lm)
     assert all(a.equal(b) for a, b in zip(back, seqs, strict=True))
+
+
+def _meta(*shape: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.long, device="meta")
+
+
+_SEQS = torch.tensor([[5, 6, 7, 2, 0], [5, 6, 8, 9, 4]])
+_ONE = mr.Routes(_rows(8), _NAMES, 8)
+_LM = mr.LayerMap.from_names(_NAMES, 3, 8, 2, layers=[1, 2])
+
+#: a tensor on the meta device (shapes only, as a model built under ``torch.device("meta")`` holds) given where a
+#: count, a length, an index or token ids are read: each is refused with a MoEReplayError, never torch's own
+#: "Cannot copy out of meta tensor" or "Tensor.item() cannot be called on meta tensors"
+_META: dict[str, Callable[[], object]] = {
+    "Routes num_experts 0-d": lambda: mr.Routes(_rows(8), _NAMES, _meta()),
+    "Routes num_experts per router": lambda: mr.Routes(_rows(8), _NAMES, _meta(2)),
+    "from_numpy num_experts": lambda: mr.Routes.from_numpy(_ONE.to_numpy(), names=_NAMES, num_experts=_meta()),
+    "routes[0-d]": lambda: _ONE[_meta()],
+    "routes[positions]": lambda: _ONE[_meta(2)],
+    "load max_bytes": lambda: mr.Routes.load("unused.npz", max_bytes=_meta()),
+    "pad_routes length": lambda: mr.pad_routes([_ONE], length=_meta()),
+    "pack_routes row_length": lambda: mr.pack_routes([_ONE], row_length=_meta()),
+    "BatchLayout.padded lengths": lambda: mr.BatchLayout.padded(_meta(2)),
+    "BatchLayout.packed row_length": lambda: mr.BatchLayout.packed([3, 2], row_length=_meta()),
+    "BatchLayout.split prompt_lengths": lambda: mr.BatchLayout.split(_meta(2), [3, 4]),
+    "generation_capacity": lambda: mr.generation_capacity(_meta(), 3, 4),
+    "generation_lengths sequences": lambda: mr.generation_lengths(_meta(2, 5), 2, 2),
+    "generation_lengths eos 0-d": lambda: mr.generation_lengths(_SEQS, 2, _meta()),
+    "generation_lengths eos ids": lambda: mr.generation_lengths(_SEQS, 2, _meta(2)),
+    "split_generation batch_size": lambda: mr.split_generation(_ONE, batch_size=_meta(), prompt_len=1),
+    "index_dtype": lambda: mr.index_dtype(_meta()),
+    "LayerMap num_layers": lambda: mr.LayerMap.from_names(_NAMES, _meta(), 8, 2),
+    "LayerMap num_experts": lambda: mr.LayerMap.from_names(_NAMES, 3, _meta(2), 2),
+    "vllm_dtype": lambda: io_.vllm_dtype(_meta()),
+    "nemo_rl_dtype": lambda: io_.nemo_rl_dtype(_meta()),
+    "from_sglang num_tokens": lambda: io_.from_sglang(
+        io_.to_sglang(_ONE, _LM, drop_last=True), _LM, num_tokens=_meta()
+    ),
+    "from_megatron num_experts": lambda: io_.from_megatron(io_.to_megatron(_ONE), _NAMES, _meta()),
+    "to_verl prompt_lengths": lambda: io_.to_verl([_ONE], _LM, prompt_lengths=_meta(1)),
+}
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("call", list(_META.values()), ids=list(_META))
+def test_a_meta_tensor_given_for_a_value_is_refused_with_a_moe_replay_error(call: Callable[[], object]) -> None:
+    """Once a builtin error: a 0-d meta tensor passed the integer check (its dtype is an integer) and failed at
+    ``.item()``, and meta lengths or token ids failed at their first read. A meta tensor holds no value: refused."""
+    with pytest.raises(mr.MoEReplayError):
+        call()
+    tried()
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    ("num_layers", "num_experts", "refused"),
+    [
+        (2**70, 8, "more hidden layers than a model has"),
+        (2**16 + 1, 8, "more hidden layers than a model has"),
+        (3, 2**31, r"num_experts must be at most 2147483647"),
+        (3, 2**70, r"num_experts must be at most 2147483647"),
+        (2**16, 2**31 - 1, None),
+    ],
+)
+def test_a_layer_map_of_more_layers_or_experts_than_engines_hold_is_refused(
+    num_layers: int, num_experts: int, refused: str | None
+) -> None:
+    """Once silent until it hung: LayerMap.from_names(names, 2**70, ...) was built, and its repr (or any writer)
+    then listed its dense layers one by one for ever; 2**70 experts were taken, which no Routes holds."""
+    if refused is None:
+        lm = mr.LayerMap.from_names(_NAMES, num_layers, num_experts, 2, layers=[1, 2])
+        assert len(lm.dense_layers) == num_layers - 2 and "LayerMap(" in repr(lm)
+        return
+    with pytest.raises(mr.LayerMapError, match=refused):
+        mr.LayerMap.from_names(_NAMES, num_layers, num_experts, 2, layers=[1, 2])
+    tried()

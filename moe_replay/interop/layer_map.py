@@ -10,7 +10,7 @@ from typing import Any
 
 from .._checks import is_collection, is_integer, is_one_of
 from ..errors import ArgumentTypeError, InvalidArgumentError, LayerMapError, UnknownRouterError
-from ..routes import Routes
+from ..routes import _MAX_EXPERTS, Routes
 from ..session import Session
 
 __all__ = ["LAYER_PATTERN", "LayerMap"]
@@ -69,6 +69,11 @@ def _layer_pattern(pattern: Any) -> re.Pattern[str]:
             r"r'layers\.(\d+)'"
         )
     return rx
+
+
+#: The most hidden layers a LayerMap takes: engine arrays hold a column per hidden layer (the largest models have a
+#: few hundred), and the map lists its dense layers one by one.
+_MAX_LAYERS = 2**16
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,11 @@ class LayerMap:
             raise LayerMapError(f"names must be router module paths (a sequence of str), got {self.names!r:.80}")
         if not is_integer(self.num_layers):
             raise LayerMapError(f"num_layers must be an integer (config.num_hidden_layers), got {self.num_layers!r}")
+        if int(self.num_layers) > _MAX_LAYERS:  # (an engine array holds a column per layer: one per layer is built)
+            raise LayerMapError(
+                f"num_layers={self.num_layers} is more hidden layers than a model has (at most {_MAX_LAYERS} are "
+                "taken): pass the model's config.num_hidden_layers"
+            )
         fields: dict[str, tuple[int, ...]] = {}
         for attr, low in (("layers", 0), ("num_experts", 1), ("top_k", 1)):
             values = _items(getattr(self, attr), attr)
@@ -190,6 +200,11 @@ class LayerMap:
             fields[attr] = tuple(int(v) for v in values)
             if attr != "layers" and any(v < low for v in fields[attr]):
                 raise LayerMapError(f"{attr} must be at least {low} for every router, got {list(fields[attr])[:8]}")
+            if attr == "num_experts" and any(v > _MAX_EXPERTS for v in fields[attr]):  # (as Routes refuses them)
+                raise LayerMapError(
+                    f"num_experts must be at most {_MAX_EXPERTS} (expert numbers fit an int32 on every engine), got "
+                    f"{max(fields[attr])}"
+                )
         over = [(k, e) for k, e in zip(fields["top_k"], fields["num_experts"], strict=False) if k > e]
         if over:
             raise LayerMapError(f"top_k={over[0][0]} is more than the {over[0][1]} experts of a router")
