@@ -646,6 +646,7 @@ class _ProbeMode(TorchFunctionMode):
         self._made: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, ...]]] = {}
         self._scores: dict[int, weakref.ref[torch.Tensor]] = {}
         self.scored: list[bool] = []  # per later choice: made from the scores
+        self.faint: list[bool] = []  # per later choice: a cut of values that cannot be told from zero only
         # before a forced decision: the choices that make integers or booleans of floating values and are no
         # decision-like call (a number of experts per token from a threshold), as later choices are kept/held
         self.early: list[Any] = []
@@ -1009,6 +1010,7 @@ class _ProbeMode(TorchFunctionMode):
         self.choices.append(selection.choice if selection is not None else _clone(out))
         self.where.append(_where())
         self.scored.append(scored)
+        self.faint.append(selection is not None and selection.faint())
         if self.held is None:
             return out
         held = self.held[n] if n < len(self.held) else None
@@ -1186,6 +1188,19 @@ class _Selection:
     def choice(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Where it cut and what it put there (zero elsewhere)."""
         return self.cut.clone(), self.put.clone()
+
+    def faint(self) -> bool:
+        """Did it cut only values that cannot be told from zero, and put such values there (under a thousandth of
+        the largest it was given, or the dtype's epsilon)? That is an underflow guard, ``w / clamp(w.sum(),
+        min=eps)``, which cuts only where the weights it divides by underflowed (a sharp router's forced experts
+        that its current scores rate at ~0), not a choice of experts: a threshold cut cuts values of the scores'
+        own size."""
+        with torch.no_grad():
+            if not bool(self.cut.any()):
+                return True
+            x = self.x.detach().abs().nan_to_num(0, 0, 0)
+            tiny = max(1e-3 * float(x.max()), float(torch.finfo(self.x.dtype).eps))
+            return bool((x[self.cut] <= tiny).all()) and bool((self.put.abs()[self.cut] <= tiny).all())
 
     def held(self, choice: Any) -> torch.Tensor | None:
         """The cut's result with ``choice`` (another run's :attr:`choice`) held, or None if it does not fit."""
@@ -3396,7 +3411,10 @@ def _hidden_moved(
     differ = [
         n
         for n, (a, b) in enumerate(zip(again.choices, first.choices, strict=False))
-        if again.scored[n] and _names_integers(a) and not _same([a], [b])
+        if again.scored[n]
+        and _names_integers(a)
+        and not _same([a], [b])
+        and not (n < len(first.faint) and again.faint[n] and first.faint[n])  # (an underflow guard: no choice)
     ]
     if not differ or len(again.choices) != len(first.choices):
         return None
