@@ -1046,3 +1046,44 @@ def test_k_max_calls_knocking_the_winner_out_in_place_replay_with_a_backward() -
 def test_a_top_k_over_permuted_score_columns_mapped_back_is_refused() -> None:
     """Routes must name the experts the block uses, or the router is refused."""
     assert outcome(PermutedExperts).startswith("refused")
+
+
+class MixtureOfAttentionHeads(nn.Module):
+    """A router inside attention that discovery does not name: 2 of ``H`` query projections per token (MoA), the
+    projections a 3-D parameter."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.q_router = nn.Linear(D, heads, bias=False)
+        self.q_experts = nn.Parameter(torch.randn(heads, D, D, generator=g) / math.sqrt(D))
+        self.k, self.v = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.q_router(x).softmax(-1).topk(2)
+        every = torch.einsum("td,hdf->thf", x, self.q_experts)
+        q = (w[..., None] * every.gather(1, idx[..., None].expand(-1, -1, D))).sum(1)
+        return (q @ self.k(x).T / math.sqrt(D)).softmax(-1) @ self.v(x)
+
+
+class AttentionAndMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn, self.mlp = MixtureOfAttentionHeads(), MoE(PlainTopK())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(x)
+        return x + self.mlp(x)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_router_inside_attention_that_discovery_misses_is_refused_not_left_native() -> None:
+    """Only the FFN's gate is found; the attention's top-2 over its query experts would run natively in a replay:
+    the first capture refuses it by name."""
+    model = AttentionAndMoE()
+    before = snapshot(model)
+    with mr.attach(model) as session:
+        assert session.names == ("mlp.gate",)
+        with pytest.raises(mr.MoEReplayError, match="'self_attn'"), torch.no_grad(), session.capture():
+            model(torch.randn(T, D))
+    assert_untouched(model, before)
