@@ -429,13 +429,21 @@ def _changed(family: str, out: Any, width: int) -> Any:
 
 
 def _changed_slot(out: Any, slot: int, width: int) -> Any:
-    """A ``topk`` result with only slot ``slot`` moved to an expert the row does not hold."""
+    """A ``topk`` result with only slot ``slot`` moved to an expert the row does not hold; in a row that holds
+    every expert (a top-k of all of them, sliced after), swapped with the last slot (the last with the one before):
+    a slot the forward drops still changes nothing, and a top-E sliced to its first k is found to choose k."""
     values, idx = out[0], out[1]
     taken = torch.zeros(*idx.shape[:-1], width, dtype=torch.bool, device=idx.device).scatter(-1, idx, True)
     free = (~taken).to(torch.int8).argmax(-1)
-    idx = idx.clone()
-    idx[..., slot] = free
-    return type(out)((values, idx))
+    moved = idx.clone()
+    moved[..., slot] = free
+    last = idx.shape[-1] - 1
+    if last > 0:  # a row that holds every expert (a top-k of all of them) has none free: the slot swaps with another
+        partner = last if slot != last else last - 1
+        swapped = idx.clone()
+        swapped[..., slot], swapped[..., partner] = idx[..., partner], idx[..., slot]
+        moved = torch.where(taken.all(-1, keepdim=True), swapped, moved)
+    return type(out)((values, moved))
 
 
 #: In a floating dtype of a narrow range (float16: its exponential overflows past 11), a moved value is moved by
@@ -2456,7 +2464,7 @@ def _establish(
                 probe, calls, anchor.ordinal, slot
             )
 
-        if len(slots) == 1 and anchor.family == "topk" and 1 < used < anchor.width and unreached(used - 1):
+        if len(slots) == 1 and anchor.family == "topk" and 1 < used <= anchor.width and unreached(used - 1):
             # a top-(k+1) whose last slots only feed a statistic (noisy top-k gating's load estimate)
             used -= 1
             while used > 1 and unreached(used - 1):

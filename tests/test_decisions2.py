@@ -1004,14 +1004,10 @@ def test_expert_choice_routing_is_refused_even_with_as_many_tokens_as_experts(to
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a top-k of every expert (k == E, a sort written as topk) sliced to its first k: no slot can be moved to "
-    "an expert the row does not hold, so k is not found and the router is refused for a cut on other token counts",
-)
 def test_a_full_top_k_sliced_to_its_first_k_replays_exactly() -> None:
-    """``probs.topk(E)`` then ``[:, :k]``: only the first k slots reach the output; it replays exactly (or is
-    refused for what it is, not for a cut it does not make)."""
+    """Once falsely refused: ``probs.topk(E)`` then ``[:, :k]`` (a sort written as a top-k) left no expert free to
+    move a slot to, so its k was not found and it was refused for a cut on other token counts. Its slots past k are
+    found by swapping them, and it replays its first k exactly."""
     assert outcome(FullTopKSliced) == "exact"
 
 
