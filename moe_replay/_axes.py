@@ -105,18 +105,20 @@ class Axes:
 
     def seed(self, values: Iterable[Any]) -> None:
         """Mark the dimensions of the tensors in ``values`` (and in lists, tuples and dicts of them), the inputs of
-        the watched forward, as data: every dimension of integer ones (token ids, positions, masks), all but the
-        last of floating ones (their tokens, not their features: a layer may read its first features as scores)."""
-        for value in values:
-            if isinstance(value, torch.nn.Parameter):
-                continue
-            if isinstance(value, torch.Tensor):
-                n = value.dim()
-                self._set(value, (DATA,) * n if not value.is_floating_point() else (DATA,) * (n - 1) + (WEIGHT,))
-            elif isinstance(value, (list, tuple)):
-                self.seed(value)
-            elif isinstance(value, dict):
-                self.seed(value.values())
+        the watched forward, as data: all but the last of floating ones (their tokens, not their features: a layer
+        may read its first features as scores), and those of integer ones (token ids, positions, masks) as long as a
+        dimension of the tokens: a floating input's but its last, or the first input's where that is an integer one
+        (the ids). An integer input's other dimensions (a mask of the experts each token may use) are not marked."""
+        tensors = list(_tensors(values))
+        tokens = {s for t in tensors if t.is_floating_point() for s in t.shape[:-1]}
+        if tensors and not tensors[0].is_floating_point():  # (ids first: a model fed ids, and pixels or features)
+            tokens |= set(tensors[0].shape)
+        for t in tensors:
+            n = t.dim()
+            if t.is_floating_point():
+                self._set(t, (DATA,) * (n - 1) + (WEIGHT,))
+            else:
+                self._set(t, tuple(DATA if s in tokens or s == 1 else UNKNOWN for s in t.shape))
 
     def labels(self, t: torch.Tensor) -> Labels:
         """Per dimension of ``t``: what it runs along (a weight's for a parameter, unknown for one not followed)."""
@@ -419,6 +421,19 @@ class Axes:
         else:
             labels[dim] = max(labels[dim], UNKNOWN)
         self._set(out, tuple(labels))
+
+
+def _tensors(values: Iterable[Any]) -> Iterable[torch.Tensor]:
+    """The tensors in ``values`` and in lists, tuples and dicts of them, in order (parameters left out)."""
+    for value in values:
+        if isinstance(value, torch.nn.Parameter):
+            continue
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from _tensors(value)
+        elif isinstance(value, dict):
+            yield from _tensors(value.values())
 
 
 def _together(held: list[int]) -> int:

@@ -44,6 +44,19 @@ A sample can also be drawn by hand, the count of cumulative probabilities under 
 of one), and a top-p taken in the experts' order by a threshold on the running total: a cumulative sum along as many
 entries as a bank holds (not along the input's dimension: a capacity's running count of tokens), then compared, is
 a choice among experts too.
+
+Three more forms are read by the dimensions they run along rather than by width alone. Bernoulli draws per entry
+(``torch.bernoulli``, ``bernoulli_``, or by hand: ``rand_like(p) < p``) of probabilities that vary, along as many
+entries as a bank holds, not along the input's tokens: experts kept at random by a policy (a dropout mask drawn by
+hand, one probability for all, is none).
+A ranking or draw along the input's tokens of scores with another dimension as wide as a bank on the path, not the
+input's: each expert taking its tokens (expert choice; a top-k along each sequence of a batch, Mixture-of-Depths, has
+the batch there). And in attention, a top-k or arg-max along a dimension a weight made (a projection's outputs, not
+the keys nor the tokens, which are the input's), whatever the width, is followed: where its indices make a mask of
+the chosen entries (a one-hot, a scatter) or pick an expert's weights (a weight of three or more dimensions), heads or
+experts are chosen per token (mixture-of-heads, SwitchHead); rows of a learned memory read by them are no choice.
+An integer input's dimensions are the input's only where as long as the tokens (a floating input's leading
+dimensions, or else the first integer input's): a mask of the experts each token may use is not.
 """
 
 from __future__ import annotations
@@ -60,7 +73,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from ._axes import ELEMENTWISE, Axes
+from ._axes import DATA, ELEMENTWISE, WEIGHT, Axes
 from ._output_guard import own_hook
 from ._torch_compat import module_call_kwargs
 from .errors import UnsupportedRouterError
@@ -136,6 +149,22 @@ _DRAWS = frozenset((torch.multinomial, torch.Tensor.multinomial, F.gumbel_softma
 #: Random picks of indices below a bound, drawn from no scores (random routing: ``torch.randint(E, (T,))``, a
 #: ``randperm`` of the experts): over exactly a bank's width outside every router, a choice among its experts.
 _RANDOM_PICKS = frozenset((torch.randint, torch.randperm, torch.randint_like, torch.Tensor.random_))
+#: Bernoulli draws, one per entry (a unit kept or dropped): of probabilities that vary along as many entries as a bank
+#: holds, experts kept at random by a policy (conditional computation by Bernoulli units); of one probability for
+#: all, a dropout mask drawn by hand, left alone.
+_BERNOULLI = frozenset((torch.bernoulli, torch.Tensor.bernoulli, torch.Tensor.bernoulli_))
+#: Calls that make a mask of chosen entries from indices (a one-hot, ones or weights scattered at them).
+_MASKS = frozenset((F.one_hot, *(f for f in _SPREAD if "scatter" in getattr(f, "__name__", ""))))
+#: Uniform draws, whose comparison with probabilities that vary is a Bernoulli draw by hand (``rand_like(p) < p``).
+_UNIFORM = frozenset((torch.rand, torch.rand_like, torch.Tensor.uniform_))
+#: Rankings that choose indices along any dimension, by where their ``dim`` is and its default: along the input's
+#: tokens, for each entry of another dimension as wide as a bank (each expert taking its best tokens: expert choice).
+_TOKEN_RANKINGS: dict[Any, tuple[int | None, int | None]] = {
+    **{f: (2, -1) for f in (torch.topk, torch.Tensor.topk)},
+    **{f: (1, -1) for f in (torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort)},
+    **{f: (1, None) for f in (torch.argmax, torch.Tensor.argmax, torch.argmin, torch.Tensor.argmin)},
+    **{f: (None, -1) for f in (torch.multinomial, torch.Tensor.multinomial)},  # (drawn along the last dimension)
+}
 #: Cumulative sums: along a bank's experts, a distribution's CDF, which a comparison turns into a choice (the count of
 #: cumulative probabilities under a uniform draw is a sample drawn by hand; under a threshold, a top-p in order).
 _CUMSUMS = frozenset((torch.cumsum, torch.Tensor.cumsum, torch.Tensor.cumsum_))
@@ -217,6 +246,19 @@ def _random_bound(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> i
     if not isinstance(low, int) or not isinstance(high, int) or isinstance(high, bool):
         return None
     return high - low if high - low >= 2 else None
+
+
+def _varies(p: torch.Tensor) -> bool:
+    """Do the probabilities ``p`` hold more than one value (read where that can be; otherwise taken to)?"""
+    if p.numel() < 2:
+        return False
+    try:
+        if p.is_cuda and torch.cuda.is_current_stream_capturing():
+            return True
+        flat = p.detach().reshape(-1)
+        return bool((flat != flat[0]).any())
+    except (RuntimeError, NotImplementedError):  # (a tensor without values: fake, meta)
+        return True
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -344,6 +386,8 @@ class OrphanWatch(TorchFunctionMode):
         #: a weak reference to the tensor (the watch keeps no tensor alive) and where that top-k was taken
         self.picked: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
         self.reported: set[str] = set()  # the top-k's among keys found picking rows (each is named once)
+        #: the followed choices made in attention along a learned projection's outputs (see :meth:`_head_choice`)
+        self.heads: set[str] = set()
         self.keys: dict[str, int] = {}  # the number of keys each followed top-k chose among (see _pick)
         self.weights: dict[int, str] | None = None  # the model's weights by their storage (read when first needed)
         #: the dimensions known to run over the forward's input (tokens, features): a draw, sort or ranking along
@@ -355,6 +399,8 @@ class OrphanWatch(TorchFunctionMode):
         self.pending: dict[str, bool] = {}  # those draws, and whether one picked rows of the input (see _drawn_use)
         #: cumulative sums along as many entries as a bank may hold, not known to be the input's: their width
         self.cdf: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+        #: uniform draws (``rand``, ``rand_like``), whose comparison with probabilities is a Bernoulli draw by hand
+        self.uniform: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
 
     def seed(self, args: Iterable[Any], kwargs: dict[str, Any] | None = None) -> None:
         """Mark the dimensions of the tensors the watched forward is called with as the input's (tokens, batch,
@@ -485,6 +531,8 @@ class OrphanWatch(TorchFunctionMode):
             return func(*args, **kwargs)
         source = None  # where a top-k among keys is taken outside every router, whose indices are followed
         drawn = None  # what a draw from no scores among a bank's width is reported as, unless it picks input rows
+        if func in _TOKEN_RANKINGS and len(self.found) < 8 and not torch.compiler.is_compiling():
+            self._expert_choice(func, args, kwargs)
         if func in DECISION_FUNCS and not torch.compiler.is_compiling():
             sig = decision_call(func, args, kwargs)
             if sig is not None and (sig[0] != "topk" or sig[1] < sig[2]) and len(self.found) < 8:
@@ -513,6 +561,12 @@ class OrphanWatch(TorchFunctionMode):
                     self.found.append(
                         f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} at {_where()}{hint}"
                     )
+                elif name is not None and sig[0] in _INDEX_CHOICES and self._head_choice(name, x):
+                    # (followed: a choice of heads or experts where its indices make a mask or pick an expert's
+                    # weights; rows of a learned memory read by them are none)
+                    source = f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} at {_where()}"
+                    self.keys[source] = sig[2]
+                    self.heads.add(source)
                 elif (
                     name is not None
                     and sig[0] == "topk"
@@ -540,27 +594,42 @@ class OrphanWatch(TorchFunctionMode):
                     self._vector_found("gumbel_softmax(hard=True) draw", int(x.shape[dim]), "from")
             elif isinstance(x, torch.Tensor) and x.dim() in (1, 2) and x.shape[-1] >= 2 and self.axes.may_choose(x, -1):
                 self._vector_found(f"{func.__name__} draw", int(x.shape[-1]), "from")
+        elif func in _BERNOULLI and not torch.compiler.is_compiling() and len(self.found) < 8:
+            self._bernoulli(func, args, kwargs)
         elif func in _RANDOM_PICKS and not torch.compiler.is_compiling() and len(self.found) < 8:
             bound = _random_bound(func, args, kwargs)
             if bound is not None:  # (refused at the end unless it picks rows of the input, and nothing else)
                 drawn = self._vector_found(f"{func.__name__} draw, from no scores,", bound, "among", "values", False)
                 if drawn is not None:
                     self.pending.setdefault(drawn, False)
-        elif func in _COMPARES and self.cdf and len(self.found) < 8 and not torch.compiler.is_compiling():
-            width = next((w for w in map(lambda a: _weak_get(self.cdf, a), args) if w is not None), None)
-            if width is not None:
-                self._vector_found(
-                    "a cumulative sum compared (a sample drawn by hand, or a threshold on the running total)",
-                    width,
-                    "along",
-                )
-        if not self.picked and source is None and not self.axes.known and not self.drawn and not self.cdf and not drawn:
+        elif func in _COMPARES and (self.cdf or self.uniform) and len(self.found) < 8:
+            if not torch.compiler.is_compiling():
+                width = next((w for w in map(lambda a: _weak_get(self.cdf, a), args) if w is not None), None)
+                if width is not None:
+                    self._vector_found(
+                        "a cumulative sum compared (a sample drawn by hand, or a threshold on the running total)",
+                        width,
+                        "along",
+                    )
+                elif self.uniform:
+                    self._uniform_compared(args)
+        if (
+            not self.picked
+            and source is None
+            and not self.axes.known
+            and not self.drawn
+            and not self.cdf
+            and not drawn
+            and func not in _UNIFORM
+        ):
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
+        if func in _UNIFORM and not torch.compiler.is_compiling():
+            _weak_put(self.uniform, out, True)
         if self.picked:
             self._follow(func, args, kwargs, out)
         if source is not None:
-            self._pick(out[1], source)
+            self._pick(out[1] if isinstance(out, tuple) else out, source)
         if self.drawn:
             self._drawn_use(func, args, kwargs, out)
         if drawn is not None:
@@ -574,6 +643,70 @@ class OrphanWatch(TorchFunctionMode):
             if width is not None:  # (the running total shifted or scaled: ``cumsum - p``, ``cumsum / total``)
                 _weak_put(self.cdf, out, width)
         return out
+
+    def _expert_choice(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Note a ranking or draw along the input's tokens (a dimension known to be theirs) of scores with another
+        dimension as wide as a bank of experts on the module's path, not known to be the input's: each expert taking
+        its tokens (expert choice), outside every router."""
+        x = _arg(args, kwargs, 0, "input")
+        at, default = _TOKEN_RANKINGS[func]
+        dim = default if at is None else _arg(args, kwargs, at, "dim", default)
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or type(dim) is not int or not -x.dim() <= dim < x.dim():
+            return
+        dim %= x.dim()
+        if self.axes.may_choose(x, dim):
+            return  # (not along the tokens: the rules by width read it)
+        labels = self.axes.labels(x)
+        for i in range(x.dim()):
+            if i != dim and labels[i] != DATA and x.shape[i] >= 2:
+                name = getattr(func, "__name__", "ranking")
+                what = f"{name} along the tokens for each expert (expert choice),"
+                if self._vector_found(what, int(x.shape[i]), "among", "experts"):
+                    return
+
+    def _head_choice(self, name: str, x: Any) -> bool:
+        """Is a top-k or arg-max in attention (outside attached and excluded modules) one along a learned projection's
+        outputs (a dimension made by a weight, not the input's tokens nor keys: those are no weight's), so a choice
+        among heads or experts per token (MoH's routed heads, SwitchHead's value experts) or among rows of a learned
+        memory (followed: only the first is refused)?"""
+        return (
+            isinstance(x, torch.Tensor)
+            and x.dim() >= 1
+            and self.axes.labels(x)[-1] == WEIGHT
+            and not self._known(name)
+            and self._in_attention(name)
+        )
+
+    def _bernoulli(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Note a Bernoulli draw per entry whose probabilities vary, along a dimension as wide as a bank of experts on
+        the module's path, not known to be the input's: experts kept at random by a policy. A draw of one
+        probability for every entry (a dropout mask drawn by hand) chooses by nothing the model computes."""
+        x = _arg(args, kwargs, 0, "input")
+        p = _arg(args, kwargs, 1, "p") if func is torch.Tensor.bernoulli_ else _arg(args, kwargs, 1, "p", x)
+        if not isinstance(x, torch.Tensor) or not x.dim() or not isinstance(p, torch.Tensor) or not _varies(p):
+            return
+        for i in reversed(range(x.dim())):
+            if x.shape[i] >= 2 and self.axes.may_choose(x, i):
+                what = "bernoulli draw per entry (experts kept at random by varying probabilities)"
+                if self._vector_found(what, int(x.shape[i]), "along", "entries"):
+                    return
+
+    def _uniform_compared(self, args: tuple[Any, ...]) -> None:
+        """Note a uniform draw compared with probabilities that vary (Bernoulli draws by hand, ``rand_like(p) < p``)
+        along as many entries as a bank of experts on the module's path holds, not along the input's tokens: experts
+        kept at random by a policy. A draw compared with one number for all (a dropout mask by hand) chooses by
+        nothing the model computes."""
+        tensors = [a for a in args[:2] if isinstance(a, torch.Tensor)]
+        if len(tensors) != 2 or not any(_weak_get(self.uniform, t) for t in tensors):
+            return
+        p = next((t for t in tensors if not _weak_get(self.uniform, t)), None)
+        if p is None or not p.dim() or not _varies(p):
+            return
+        for i in reversed(range(p.dim())):
+            if p.shape[i] >= 2 and self.axes.may_choose(p, i):
+                what = "a uniform draw compared with probabilities (Bernoulli draws by hand, experts kept at random)"
+                if self._vector_found(what, int(p.shape[i]), "along", "entries"):
+                    return
 
     def _cumsum(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> None:
         """Note a cumulative sum along a dimension not known to be the input's, of two or more entries."""
@@ -699,6 +832,9 @@ class OrphanWatch(TorchFunctionMode):
                     break
         if where is None:
             return
+        if where in self.heads and (func in _MASKS or func is torch.Tensor.__setitem__):
+            self._report_heads(where, "make a mask of the chosen entries")
+            return
         # (a float made from them carries the choice too: a cast of them, a scatter by them, and what follows from
         # such a float; a float merely read at them, ``scores.gather(-1, idx)``, does not)
         floats = func in _SPREAD or any(
@@ -738,15 +874,47 @@ class OrphanWatch(TorchFunctionMode):
         table, index = _arg(args, kwargs, at[0], at[1]), _arg(args, kwargs, at[2], at[3])
         if not isinstance(table, torch.Tensor) or table.dim() < 2:
             return
+        dim: Any = 0 if func is torch.Tensor.__getitem__ else None
         if at[3] == "key" and isinstance(index, tuple):  # (the indices at any place of the key: rows, columns)
-            index = next((i for i in index if isinstance(i, torch.Tensor) and self._source(i) is not None), None)
+            dim = next((i for i, k in enumerate(index) if isinstance(k, torch.Tensor) and self._source(k)), None)
+            index = index[dim] if dim is not None and Ellipsis not in index[:dim] else None
         if not isinstance(index, torch.Tensor) or self._source(index) is None:
             return
+        if dim is None and func in (torch.gather, torch.Tensor.gather, torch.index_select, torch.Tensor.index_select):
+            dim = _arg(args, kwargs, 1, "dim")
+        if (
+            where in self.heads
+            and self._weight(table) is None
+            and type(dim) is int
+            and -table.dim() <= dim < table.dim()
+        ):
+            # (activations picked along a dimension a weight made, as many as the choice's entries: heads' outputs)
+            if self.axes.labels(table)[dim] == WEIGHT and self._per_key(where, int(table.shape[dim])):
+                self._report_heads(
+                    where, f"pick entries of {list(table.shape)} along its dimension {dim % table.dim()}"
+                )
+            return
         self._report(where, table)
+
+    def _report_heads(self, where: str, how: str) -> None:
+        """Note the choice in attention ``where`` says (see :meth:`_head_choice`), whose indices ``how`` says."""
+        if where in self.reported:
+            return
+        self.reported.add(where)
+        for key in [key for key, entry in self.picked.items() if entry[1] == where]:
+            del self.picked[key]
+        self.found.append(
+            f"{where}, whose indices {how} at {_where()} (in attention, among a learned projection's outputs, not "
+            "among keys or tokens: heads or experts chosen per token, as mixture-of-heads and SwitchHead choose)"
+        )
 
     def _report(self, where: str, table: torch.Tensor) -> None:
         """Note the top-k ``where`` says, whose indices read ``table``, where that is a weight of the model."""
         weight = self._weight(table)
+        if where in self.heads:  # (rows of a learned memory read are no choice; an expert's weights picked are)
+            if weight is not None and table.dim() >= 3:
+                self._report_heads(where, f"pick an expert's weights of '{weight}' {list(table.shape)}")
+            return
         if weight is not None and where not in self.reported:
             self.reported.add(where)
             for key in [key for key, entry in self.picked.items() if entry[1] == where]:

@@ -771,6 +771,16 @@ class Adversary(nn.Module):
             return self.every(x + x.T.amax(-1))
         if how == "running count along the tokens":
             return self.every(x * ((x[:, :1] * 0 + 1).cumsum(0) <= 2))
+        if how == "bernoulli draw of tokens kept":
+            return self.every(x * torch.bernoulli(self.score(x)[:, 0].sigmoid())[:, None])
+        if how == "dropout drawn by hand over as many features as experts":
+            h = self.policy(x)
+            return self.every(x + (h * torch.bernoulli(torch.full_like(h, 0.9)) / 0.9) @ self.keys)
+        if how == "uniform draw under one probability over as many features as experts":
+            h = self.policy(x)
+            return self.every(x + (h * (torch.rand_like(h) < 0.9)) @ self.keys)
+        if how == "uniform draw under each token's probability":
+            return self.every(x * (torch.rand(t, 1) < self.score(x).sigmoid()))
         # ---- choices among the experts
         if how == "randperm used on tokens and experts":
             perm = torch.randperm(E)
@@ -821,6 +831,15 @@ class Adversary(nn.Module):
         if how == "threshold on the running total":
             keep = (probs.cumsum(-1) - probs) < 0.8
             return sum((keep[:, e, None] * expert(x) for e, expert in enumerate(self.experts)), torch.zeros_like(x))
+        if how == "bernoulli_ in place from the policy's probabilities":
+            keep = torch.empty_like(probs).bernoulli_(probs)
+            return sum((keep[:, e, None] * expert(x) for e, expert in enumerate(self.experts)), torch.zeros_like(x))
+        if how == "uniform draw under the policy's probabilities":
+            keep = torch.rand_like(probs) < probs
+            return sum((keep[:, e, None] * expert(x) for e, expert in enumerate(self.experts)), torch.zeros_like(x))
+        if how == "argsort along the tokens of each expert's scores":
+            tok = probs.argsort(0, descending=True)[:2]  # [2, E]: the tokens each expert takes
+            return self.every(x) + sum((expert(x[tok[:, e]]).sum(0) for e, expert in enumerate(self.experts)))
         raise AssertionError(how)
 
 
@@ -836,6 +855,10 @@ HARMLESS = [
     "gumbel one-hot over the tokens",
     "amax over the tokens",
     "running count along the tokens",
+    "bernoulli draw of tokens kept",
+    "dropout drawn by hand over as many features as experts",
+    "uniform draw under one probability over as many features as experts",
+    "uniform draw under each token's probability",
 ]
 #: choices among the bank's experts, each by a way meant to hide it: refused
 CHOOSING = [
@@ -859,6 +882,9 @@ CHOOSING = [
     "searchsorted under a uniform draw",
     "uniform draw above the cumulative sum",
     "threshold on the running total",
+    "bernoulli_ in place from the policy's probabilities",
+    "uniform draw under the policy's probabilities",
+    "argsort along the tokens of each expert's scores",
 ]
 
 
@@ -885,11 +911,13 @@ def _beside(how: str) -> nn.Module:
     + [(how, call) for how in ("randperm of the tokens", "sort of the tokens") for call in ("keyword", "verify")],
 )
 def test_a_draw_sort_or_ranking_over_as_many_tokens_as_a_bank_has_experts_is_not_refused(how: str, call: str) -> None:
-    """Once a false refusal: a draw (``randperm``, ``randint``, ``multinomial``, a hard Gumbel one-hot), a sort or a
-    ranking (``max``, ``kthvalue``, a 1-D ``argmax``) along the tokens, beside a found router, was read as a choice
-    among the experts of the bank on its path whenever the tokens were as many as its experts. Along a dimension of
-    the forward's input (its tokens), they choose no expert: the found router is recorded and its replay is exact,
-    with the input passed by position, by keyword, or to ``verify()`` first."""
+    """Once a false refusal: a draw (``randperm``, ``randint``, ``multinomial``, ``bernoulli``, a hard Gumbel
+    one-hot), a sort or a ranking (``max``, ``kthvalue``, a 1-D ``argmax``) along the tokens, beside a found router,
+    was read as a choice among the experts of the bank on its path whenever the tokens were as many as its experts.
+    Along a dimension of the forward's input (its tokens), they choose no expert: the found router is recorded and its
+    replay is exact, with the input passed by position, by keyword, or to ``verify()`` first. So is a dropout mask
+    drawn by hand (``bernoulli`` of one probability, or a uniform draw under it) over as many features as the bank
+    has experts: it draws from nothing the model computes."""
     model = Keyword(_beside(how))
     x = torch.randn(E, D)  # as many tokens as the bank has experts
     with mr.attach(model) as session:
@@ -913,8 +941,11 @@ def test_a_choice_among_a_banks_experts_hidden_from_the_width_rule_is_refused(ho
     on the experts too, made Python numbers, iterated, picking stacked weights or experts' outputs (gathered, or
     joined and indexed), a draw from a prior or from the input's first features, a ranking of scores transposed
     twice, multiplied by a square matrix, viewed flat, made by ``einsum`` or by distances, a Gumbel one-hot over
-    transposed scores, or a cumulative sum under a uniform draw (``searchsorted`` or by hand) or a threshold: none of
-    these runs along the input's tokens, so each is refused, naming the layer, and the model is left as it was."""
+    transposed scores, a cumulative sum under a uniform draw (``searchsorted`` or by hand) or a threshold, or Bernoulli
+    draws of the policy's probabilities (in place, ``bernoulli_``, or by hand, a uniform draw under them): none of
+    these runs along the input's tokens, so each is refused, naming the layer, and the model is left as it was. So is
+    each expert ranking the tokens by its scores (expert choice, an ``argsort`` along the tokens of ``[tokens, E]``
+    scores): it runs along the tokens, once for each expert of the bank."""
     model = _beside(how)
     from .conftest import assert_untouched, snapshot
 
@@ -936,12 +967,6 @@ class BernoulliFFN(Adversary):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Bernoulli draw per expert (torch.bernoulli of a policy's probabilities, the kept experts' mask) in a "
-    "layer beside a found router is no call the watch reads as a choice (a dropout mask drawn by hand over features "
-    "as many as a bank's experts would look the same): neither recorded nor forced, nor refused",
-)
 def test_experts_kept_by_bernoulli_draws_beside_a_found_router_are_not_left_out_silently() -> None:
     """Experts kept at random per token by Bernoulli draws of a policy's probabilities, in a layer no router discovery
     finds: a choice among its experts outside every router, refused."""
@@ -1012,12 +1037,6 @@ class Allowed(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="every dimension of an integer input is read as the input's tokens (token ids, positions, masks over "
-    "them): a mask of the experts each token may use, passed as an integer input, is too, so a draw among the "
-    "experts it allows is taken for a draw along the tokens: neither recorded nor forced, nor refused",
-)
 def test_a_draw_among_experts_an_integer_input_allows_is_not_left_out_silently() -> None:
     """A draw among the experts an integer input mask allows, outside every router: refused."""
     torch.manual_seed(0)
@@ -1047,12 +1066,6 @@ class ExpertChoice(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="expert-choice routing in a layer discovery does not find (a top-k along the tokens of the transposed "
-    "scores of its experts), beside a found router, is a top-k over as many tokens as no bank holds: no call the "
-    "watch reads as a choice among experts, so it is neither recorded nor forced, nor refused",
-)
 def test_expert_choice_routing_beside_a_found_router_is_not_left_out_silently() -> None:
     """Each expert of an unfound layer choosing its tokens, beside a found router: refused."""
     torch.manual_seed(0)
@@ -1061,3 +1074,144 @@ def test_expert_choice_routing_beside_a_found_router_is_not_left_out_silently() 
         with pytest.raises(mr.UnsupportedRouterError, match=r"'1\.mlp' \(ExpertChoice\)"):
             with session.capture():
                 model(torch.randn(T, D))
+
+
+class FlatFFN(FFN):
+    """:class:`FFN` over ``[batch, seq, d]`` inputs, its tokens flattened."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, D)).view_as(x)
+
+
+class DepthRouter(Adversary):
+    """Mixture-of-Depths beside a bank of experts: each sequence keeps its two best tokens by a score (a ``topk``
+    along the sequence of ``[batch, seq]`` scores), which every expert then runs on."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, keep = self.score(x)[..., 0].sigmoid().topk(2, dim=-1)
+        kept = x.gather(1, keep[..., None].expand(-1, -1, D))
+        return x.scatter_add(1, keep[..., None].expand(-1, -1, D), w[..., None] * self.every(kept))
+
+
+@pytest.mark.reliability("silent replays")
+def test_tokens_kept_per_sequence_in_a_batch_as_many_as_a_banks_experts_are_not_refused() -> None:
+    """A top-k along the sequence, one for each sequence of a batch as many as the experts of the bank on its path
+    (Mixture-of-Depths), is no expert choice: the other dimension is the input's batch, not the bank's experts. The
+    found router is recorded and forced."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Layer(nn.Identity(), FlatFFN()), Layer(nn.Identity(), DepthRouter("")))
+    x = torch.randn(E, 3, D)  # as many sequences as the bank has experts
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        assert routes.names == ("0.mlp.gate",)
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes), session.capture():
+            model(x)
+        assert session.routes().equal(routes), "the recorded experts were not forced"
+
+
+class Visible(Allowed):
+    """:class:`Allowed`, called with an integer mask of the tokens each token may see (``[tokens, tokens]``), from
+    which its second layer draws one token per token, whose features it adds."""
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        x = x + self.moe(x)
+        pick = torch.multinomial(visible.float(), 1)[:, 0]
+        return x + sum((f(x[pick]) for f in self.experts), torch.zeros_like(x))
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_draw_along_an_integer_mask_over_the_tokens_is_not_refused() -> None:
+    """An integer input as long as the tokens along each dimension (a mask of the tokens each token may see) runs
+    along the tokens: a draw along it, with as many tokens as a bank's experts, is no choice among them."""
+    torch.manual_seed(0)
+    model = Visible().train()
+    x, visible = torch.randn(E, D), torch.ones(E, E, dtype=torch.long).tril()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x, visible)
+        routes = session.routes()
+        assert routes.names == ("moe.gate",)
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes), session.capture():
+            model(x, visible)
+        assert session.routes().equal(routes), "the recorded experts were not forced"
+
+
+class Top1HeadAttention(nn.Module):
+    """Attention whose heads are chosen per token by the arg-max of a gate over them (mixture-of-heads, top-1): the
+    chosen head's output alone is kept."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(D, 3 * D)
+        self.wg = nn.Linear(D, heads, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, D // self.heads).unbind(1)
+        o = torch.einsum("hnm,mhd->nhd", torch.einsum("nhd,mhd->hnm", q, k).softmax(-1), v)
+        head = self.wg(x).argmax(-1)
+        return (o * F.one_hot(head, self.heads)[..., None]).flatten(1)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_head_chosen_by_an_arg_max_in_attention_beside_a_found_router_is_refused() -> None:
+    """A head chosen per token by an ``argmax`` of a gate in attention, beside a found router (whatever the number of
+    heads): a choice outside every router, refused, naming the layer; the model left as it was."""
+    from .conftest import assert_untouched, snapshot
+
+    for heads in (E, 2):
+        model = nn.Sequential(Layer(Top1HeadAttention(heads), FFN()))
+        before = snapshot(model)
+        with mr.attach(model) as session:
+            assert session.names == ("0.mlp.gate",)
+            match = rf"'0\.attention' \(Top1HeadAttention\): argmax over {heads} .* make a mask"
+            with pytest.raises(mr.UnsupportedRouterError, match=match):
+                with session.capture():
+                    model(torch.randn(T, D))
+        assert_untouched(model, before)
+
+
+class GatherHeadAttention(Top1HeadAttention):
+    """Attention whose heads' outputs are gathered per token at a top-2 of a gate over them, weighted by its scores
+    (no mask made, no weight picked)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, D // self.heads).unbind(1)
+        o = torch.einsum("hnm,mhd->nhd", torch.einsum("nhd,mhd->hnm", q, k).softmax(-1), v)
+        w, idx = self.wg(x).softmax(-1).topk(2, dim=-1)
+        picked = o.gather(1, idx[..., None].expand(-1, -1, D // self.heads))
+        return (picked * w[..., None]).sum(1).repeat(1, self.heads)
+
+
+@pytest.mark.reliability("silent replays")
+def test_heads_outputs_gathered_at_a_choice_in_attention_beside_a_found_router_are_refused() -> None:
+    """The chosen heads' outputs gathered at a top-k of a gate in attention, beside a found router: the indices pick
+    activations along their heads (a dimension a projection made, as many as the gate's outputs), a choice outside
+    every router, refused."""
+    model = nn.Sequential(Layer(GatherHeadAttention(), FFN()))
+    with mr.attach(model) as session:
+        assert session.names == ("0.mlp.gate",)
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'0\.attention' \(GatherHeadAttention\): topk over 4"):
+            with session.capture():
+                model(torch.randn(T, D))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="an integer input as long as the tokens along each dimension is read as the input's (a mask of the tokens "
+    "each token may see, whose draw must not be refused): a mask of the experts each token may use, with as many "
+    "tokens as experts, is too, so a draw among the experts it allows is neither recorded nor forced, nor refused",
+)
+def test_a_draw_among_experts_an_integer_input_allows_with_as_many_tokens_as_experts_is_refused() -> None:
+    """:class:`Allowed` run on as many tokens as experts: the draw among the experts it allows, refused."""
+    torch.manual_seed(0)
+    model = Allowed().train()
+    with mr.attach(model) as session:
+        with pytest.raises(mr.UnsupportedRouterError, match="multinomial draw from 4 scores"):
+            with session.capture():
+                model(torch.randn(E, D), torch.ones(E, E, dtype=torch.long))

@@ -1236,12 +1236,6 @@ _OUTSIDE = "outside every attached router"
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="attention heads chosen as experts (MoH's top-k over its routed heads) in a module discovery does not find, "
-    "beside a found MoE router, are exempt from the watch as attention: the choice is neither recorded nor forced, "
-    "nor refused",
-)
 def test_head_routing_beside_a_found_router_is_not_left_out_silently() -> None:
     """MoH's head routing beside a routed MoE: refused, as it is alone (no router found) and as other choices beside
     a found router are."""
@@ -1249,13 +1243,6 @@ def test_head_routing_beside_a_found_router_is_not_left_out_silently() -> None:
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="SwitchHead's expert choice with its value and output projections kept as 4-D [heads, E, ...] "
-    "parameters (upstream's [heads * E, ...] 3-D layout is refused) in an attention module discovery does not find, "
-    "beside a found MoE router of the same expert count: the watch reads no bank of experts there and exempts "
-    "attention, so the choice is neither recorded nor forced, nor refused",
-)
 def test_switchhead_beside_a_found_router_is_not_left_out_silently() -> None:
     """SwitchHead's per-head choice of value/output experts beside a routed MoE: refused."""
     assert_refused_beside(lambda: Layers(lambda: BesideMoE(SwitchHeadAttention)), _x(2, T // 2))
