@@ -51,7 +51,8 @@ entries as a bank holds, not along the input's tokens: experts kept at random by
 hand, one probability for all, is none).
 A ranking or draw along the input's tokens of scores with another dimension as wide as a bank on the path, not the
 input's: each expert taking its tokens (expert choice; a top-k along each sequence of a batch, Mixture-of-Depths, has
-the batch there). And in attention, a top-k or arg-max along a dimension a weight made (a projection's outputs, not
+the batch there). And in attention, a decision-like call (a top-k, an arg-max, a ``max``'s indices, a ranking) along
+a dimension a weight made (a projection's outputs, not
 the keys nor the tokens, which are the input's), whatever the width, is followed: where its indices make a mask of
 the chosen entries (a one-hot, a scatter) or pick an expert's weights (a weight of three or more dimensions), heads or
 experts are chosen per token (mixture-of-heads, SwitchHead); rows of a learned memory read by them are no choice.
@@ -561,7 +562,7 @@ class OrphanWatch(TorchFunctionMode):
                     self.found.append(
                         f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} at {_where()}{hint}"
                     )
-                elif name is not None and sig[0] in _INDEX_CHOICES and self._head_choice(name, x):
+                elif name is not None and self._head_choice(name, x):
                     # (followed: a choice of heads or experts where its indices make a mask or pick an expert's
                     # weights; rows of a learned memory read by them are none)
                     source = f"'{name}' ({type(self.modules[name]).__name__}): {sig[0]} over {sig[2]} at {_where()}"
@@ -665,7 +666,7 @@ class OrphanWatch(TorchFunctionMode):
                     return
 
     def _head_choice(self, name: str, x: Any) -> bool:
-        """Is a top-k or arg-max in attention (outside attached and excluded modules) one along a learned projection's
+        """Is a decision-like call in attention (outside attached and excluded modules) one along a learned projection's
         outputs (a dimension made by a weight, not the input's tokens nor keys: those are no weight's), so a choice
         among heads or experts per token (MoH's routed heads, SwitchHead's value experts) or among rows of a learned
         memory (followed: only the first is refused)?"""

@@ -1144,31 +1144,34 @@ class Top1HeadAttention(nn.Module):
     """Attention whose heads are chosen per token by the arg-max of a gate over them (mixture-of-heads, top-1): the
     chosen head's output alone is kept."""
 
-    def __init__(self, heads: int = 4) -> None:
+    def __init__(self, heads: int = 4, how: str = "argmax") -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.how = heads, how
         self.qkv = nn.Linear(D, 3 * D)
         self.wg = nn.Linear(D, heads, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, D // self.heads).unbind(1)
         o = torch.einsum("hnm,mhd->nhd", torch.einsum("nhd,mhd->hnm", q, k).softmax(-1), v)
-        head = self.wg(x).argmax(-1)
+        logits = self.wg(x)
+        head = logits.argmax(-1) if self.how == "argmax" else logits.max(-1).indices
         return (o * F.one_hot(head, self.heads)[..., None]).flatten(1)
 
 
 @pytest.mark.reliability("silent replays")
-def test_a_head_chosen_by_an_arg_max_in_attention_beside_a_found_router_is_refused() -> None:
-    """A head chosen per token by an ``argmax`` of a gate in attention, beside a found router (whatever the number of
-    heads): a choice outside every router, refused, naming the layer; the model left as it was."""
+@pytest.mark.parametrize("how", ["argmax", "max"])
+def test_a_head_chosen_by_an_arg_max_in_attention_beside_a_found_router_is_refused(how: str) -> None:
+    """A head chosen per token by an ``argmax`` of a gate in attention (or a ``max``'s indices), beside a found router
+    (whatever the number of heads): a choice outside every router, refused, naming the layer; the model left as it
+    was."""
     from .conftest import assert_untouched, snapshot
 
     for heads in (E, 2):
-        model = nn.Sequential(Layer(Top1HeadAttention(heads), FFN()))
+        model = nn.Sequential(Layer(Top1HeadAttention(heads, how), FFN()))
         before = snapshot(model)
         with mr.attach(model) as session:
             assert session.names == ("0.mlp.gate",)
-            match = rf"'0\.attention' \(Top1HeadAttention\): argmax over {heads} .* make a mask"
+            match = rf"'0\.attention' \(Top1HeadAttention\): {how} over {heads} .* make a mask"
             with pytest.raises(mr.UnsupportedRouterError, match=match):
                 with session.capture():
                     model(torch.randn(T, D))
