@@ -230,34 +230,36 @@ def test_reference_models_capture_then_replay(cfg: dict, lead: tuple[int, int], 
 
 
 @pytest.mark.reliability("round trips")
-@examples(20)
-@given(
-    e=st.sampled_from((*DTYPE_EDGES, 70_000)),
-    k=st.integers(1, 4),
-    t=st.integers(1, 12),
-    seed=st.integers(0, 2**16),
-)
-def test_capture_and_replay_at_index_dtype_edges(
-    e: int, k: int, t: int, seed: int, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """Expert counts at the uint8/int16/int32 edges: the largest index survives capture, replay and a file."""
-    tried()
-    model = TinyMoE([RouterSpec(e, k)], seed=seed)
-    x = model.inputs((t,), seed=seed)
-    with torch.no_grad():  # make sure the largest expert is chosen by some token
-        model.layers[0].router.weight[e - 1] = 10.0 * x[0]
-    with mr.attach(model) as session:
-        assert session._hooks[0].capture_ring.buf.dtype == mr.index_dtype(e)
-        with torch.no_grad(), session.capture():
-            ref = model(x)
-        routes = session.routes()
-        assert int(routes.per_layer()[0].max()) == e - 1
-        with torch.no_grad(), session.replay(routes), session.capture():
-            assert torch.equal(model(x), ref)
-        assert session.routes().equal(routes)
-    path = tmp_path_factory.mktemp("edges") / "r.npz"
-    routes.save(path)
-    assert mr.Routes.load(path).equal(routes)
+@pytest.mark.parametrize("e", (*DTYPE_EDGES, 70_000))
+def test_capture_and_replay_at_index_dtype_edges(e: int, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Expert counts at the uint8/int16/int32 edges: the largest index survives capture, replay and a file.
+
+    Every edge is tried (it was drawn at random before, and a draw can miss one). A router of tens of thousands
+    of experts takes seconds to establish, so the large edges run one example each, the simplest one hypothesis
+    draws: its strategies are ordered so that this is the most demanding (k = 4 of 12 tokens)."""
+
+    @examples(4 if e <= 257 else 1)
+    @given(k=st.sampled_from((4, 3, 2, 1)), t=st.integers(0, 11).map(lambda i: 12 - i), seed=st.integers(0, 2**16))
+    def check(k: int, t: int, seed: int) -> None:
+        tried()
+        model = TinyMoE([RouterSpec(e, k)], seed=seed)
+        x = model.inputs((t,), seed=seed)
+        with torch.no_grad():  # make sure the largest expert is chosen by some token
+            model.layers[0].router.weight[e - 1] = 10.0 * x[0]
+        with mr.attach(model) as session:
+            assert session._hooks[0].capture_ring.buf.dtype == mr.index_dtype(e)
+            with torch.no_grad(), session.capture():
+                ref = model(x)
+            routes = session.routes()
+            assert int(routes.per_layer()[0].max()) == e - 1
+            with torch.no_grad(), session.replay(routes), session.capture():
+                assert torch.equal(model(x), ref)
+            assert session.routes().equal(routes)
+        path = tmp_path_factory.mktemp("edges") / "r.npz"
+        routes.save(path)
+        assert mr.Routes.load(path).equal(routes)
+
+    check()
 
 
 # ----------------------------------------------------------------------------- Routes
