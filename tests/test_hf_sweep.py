@@ -6,10 +6,15 @@ a routed MoE model of its own, is skipped with the reason.
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 pytest.importorskip("transformers")
 
@@ -20,12 +25,38 @@ _NOT_APPLICABLE = ("no-build", "no-model", "not-moe", "not-routed")
 #: At least this share of the families that build must pass all four checks.
 PASS_RATE = 0.95
 
+Result = Callable[..., FamilyResult]
+
+
+@pytest.fixture(scope="session")
+def result(tmp_path_factory: pytest.TempPathFactory) -> Result:
+    """``hf_sweep.result``, run once per family and dtype in the whole test run: with pytest-xdist the per-family
+    tests and the pass-rate test land on different workers, which share each result through a file (under a lock,
+    so that no family is run twice at the same time) instead of each running every family again."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return hf_sweep.result
+    shared = tmp_path_factory.getbasetemp().parent / "hf_sweep_results"
+    shared.mkdir(exist_ok=True)
+
+    def shared_result(model_type: str, dtype: torch.dtype = torch.float32) -> FamilyResult:
+        path = shared / f"{model_type}-{str(dtype).removeprefix('torch.')}.pickle"
+        with FileLock(str(path) + ".lock"):
+            if path.exists():
+                return pickle.loads(path.read_bytes())
+            res = hf_sweep.result(model_type, dtype)
+            part = Path(str(path) + ".part")
+            part.write_bytes(pickle.dumps(res))
+            part.replace(path)
+            return res
+
+    return shared_result
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("model_type", hf_sweep.model_types())
-def test_family(model_type: str, dtype: torch.dtype) -> None:
+def test_family(model_type: str, dtype: torch.dtype, result: Result) -> None:
     """fp32, and bf16 (routers that cast to fp32 themselves, bf16 ties) where the plain bf16 forward runs."""
-    res = hf_sweep.result(model_type, dtype)
+    res = result(model_type, dtype)
     if res.status in _NOT_APPLICABLE:
         pytest.skip(f"{res.status}: {res.notes}")
     if res.status == "refused":
@@ -35,8 +66,8 @@ def test_family(model_type: str, dtype: torch.dtype) -> None:
     assert res.status == "pass", f"{model_type} failed {failed}: {res.notes}"
 
 
-def test_pass_rate_over_families_that_build() -> None:
-    results: list[FamilyResult] = [hf_sweep.result(t) for t in hf_sweep.model_types()]
+def test_pass_rate_over_families_that_build(result: Result) -> None:
+    results: list[FamilyResult] = [result(t) for t in hf_sweep.model_types()]
     built = [r for r in results if r.built]
     passed = [r for r in built if r.status == "pass"]
     assert built, "no MoE family of this transformers builds on CPU"
