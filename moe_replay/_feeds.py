@@ -59,6 +59,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._torch_compat import (
     COMPILER,
+    HOOK_HANDLES,
     current_graph_task_id,
     dynamo_compiling,
     exporting,
@@ -2523,8 +2524,11 @@ class FeedForward:
                 owner.refuse_abandoned()
             if owner.blocks:  # (not a forward of another asyncio task while the block's awaits)
                 owner.admit_forward(self.module)  # (named only where it refuses)
-                # (a hook or a method changed on the way to the routers since the block's first forward: watched)
-                watched = owner.recheck(args, kwargs) or watched
+                stamp = owner.stamp  # (_Owner.moved, inline: a hook or a method changed on the way to the routers
+                if stamp is not None and (  # since the block's first forward passed the watch: watched again)
+                    HOOK_HANDLES.next_id != stamp[0] or tuple(map(len, owner.way)) != stamp[1]
+                ):
+                    watched = owner.recheck(args, kwargs) or watched
         if watched is not None:
             return watched(lambda: self._fed(args, kwargs))
         return self._fed(args, kwargs)

@@ -414,7 +414,6 @@ def check() -> None:
             raise MoEReplayError(_message(path, _MISSING[path]))
 
 
-def hooks_made() -> int:
-    """How many hook handles torch has made in this process (``RemovableHandle.next_id``: one per hook registered
-    on any module, tensor or globally): a stamp that moves whenever a hook is added anywhere."""
-    return int(torch.utils.hooks.RemovableHandle.next_id)
+#: ``HOOK_HANDLES.next_id``: how many hook handles torch has made in this process (one per hook registered on any
+#: module, tensor or globally), a stamp that moves whenever a hook is added anywhere (read as an attribute: no call)
+HOOK_HANDLES = torch.utils.hooks.RemovableHandle

@@ -124,6 +124,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 _READ_BY_DEVICE = operator.attrgetter("read_by_device")
 _HOST_CONSUMED = operator.attrgetter("host_consumed")
+_HOOKS = _torch_compat.HOOK_HANDLES
 
 
 def _in_backward() -> bool:
@@ -154,7 +155,7 @@ class _Owner:
     """The thread holding a session's open blocks (capture, replay, keep_scores, verify), and, where asyncio runs
     there, which of its tasks may run forwards in them."""
 
-    __slots__ = ("abandoned", "blocks", "checker", "coro", "entered", "ident", "last", "lock", "mark")
+    __slots__ = ("abandoned", "blocks", "checker", "coro", "entered", "ident", "last", "lock", "mark", "stamp", "way")
 
     def __init__(self) -> None:
         self.ident: int | None = None
@@ -170,11 +171,23 @@ class _Owner:
         self.mark: object | None = None  # the outermost block's mark, in the context that opened it
         #: the session's :meth:`Session._recheck`, held weakly (the session holds its owner): see :meth:`recheck`
         self.checker: weakref.WeakMethod[Callable[..., Any]] | None = None
+        #: the modules' ``__dict__`` on the way to the routers, and the stamp (hooks torch has made, those dicts'
+        #: lengths) they had as the model's forward last passed the watch in the open block; None outside, or before
+        #: it passed. Compared at each forward where it is read (:meth:`moved`), with no Python frame
+        self.way: list[dict[str, Any]] = []
+        self.stamp: tuple[int, tuple[int, ...]] | None = None
+
+    def moved(self) -> bool:
+        """Whether the stamp moved since the open block's forward passed the watch (a hook made anywhere, or an
+        attribute of a module on the way to the routers set or deleted); callers inline it on their hot path."""
+        stamp = self.stamp
+        return stamp is not None and (_HOOKS.next_id != stamp[0] or tuple(map(len, self.way)) != stamp[1])
 
     def recheck(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[Callable[[], Any]], Any] | None:
-        """At each forward of the model while a block is open: None, or a function that runs the forward (given as a
-        function of no arguments) watched for decisions outside the routers, where a hook or a method changed on the
-        way to them since the block's first forward passed the watch (see ``Session._recheck``)."""
+        """At a forward of the model while a block is open, where the stamp moved (:meth:`moved`): None, or a
+        function that runs the forward (given as a function of no arguments) watched for decisions outside the
+        routers, where a hook or a method changed on the way to them since the block's first forward passed the
+        watch (see ``Session._recheck``)."""
         check = self.checker() if self.checker is not None else None
         return None if check is None else check(args, kwargs)
 
@@ -604,8 +617,6 @@ class Session:
         self._owner.checker = weakref.WeakMethod(self._recheck)
         #: the modules' ``__dict__`` on the way to the routers, and the stamp (hooks made, their lengths) they had
         #: as the model's forward last passed the watch in the open block; None outside, or before it passed
-        self._way_dicts: list[dict[str, Any]] = []
-        self._way_stamp: tuple[int, tuple[int, ...]] | None = None
         self._rewatching = False  # a forward runs under the watch of _recheck
         self._wrappers: list[ScopedForward] = []
         self._kept_rows: list[_HostRows | None] | None = None  # the capture rows, copied at detach
@@ -892,11 +903,12 @@ class Session:
     def _stamp(self, model: nn.Module, scopes: list[str]) -> None:
         """Note, as the model's forward is known to pass the watch in the open block, what :meth:`_recheck`
         compares at each later forward in it."""
-        self._way_dicts = [m.__dict__ for m in _on_the_way(model, scopes)]
-        self._way_stamp = (_torch_compat.hooks_made(), tuple(map(len, self._way_dicts)))
+        owner = self._owner
+        owner.way = [m.__dict__ for m in _on_the_way(model, scopes)]
+        owner.stamp = (_HOOKS.next_id, tuple(map(len, owner.way)))
 
     def _unstamp(self) -> None:
-        self._way_dicts, self._way_stamp = [], None
+        self._owner.way, self._owner.stamp = [], None
 
     def _recheck(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[Callable[[], Any]], Any] | None:
         """At each forward of the model in an open block, after its first passed the watch for decisions outside
@@ -911,10 +923,7 @@ class Session:
         (not a tensor's hook, nor an attribute a forward set) runs this forward under the watch, which refuses a
         decision outside the routers as it ends, and so on for each forward of the block (the next block watches
         and notes the model as it is then). A method replaced on a class is not seen inside a block."""
-        stamp = self._way_stamp
-        if stamp is None or (_torch_compat.hooks_made() == stamp[0] and tuple(map(len, self._way_dicts)) == stamp[1]):
-            return None
-        if self._rewatching or _in_backward():
+        if not self._owner.moved() or self._rewatching or _in_backward():
             return None
         model = self._model_ref()
         if model is None:
