@@ -1646,8 +1646,10 @@ class _Snapshot:
 
 @contextlib.contextmanager
 def _syncs_allowed() -> Iterator[None]:
-    """Establishing runs once and reads values back; a sync-debug mode must not trip on it."""
-    mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else 0
+    """Establishing runs once and reads values back; a sync-debug mode must not trip on it. (Read only where CUDA is
+    initialized, as setting the mode initializes it: reading it would initialize CUDA inside the forward, which a
+    checkpoint preserving the RNG state refuses.)"""
+    mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
     if mode:
         torch.cuda.set_sync_debug_mode(0)
     try:

@@ -823,3 +823,21 @@ def test_a_reentrant_recompute_run_by_compiled_autograd_after_the_block_is_refus
                     h.kept.clear()
     finally:
         torch._dynamo.reset()
+
+
+def test_establishing_a_router_under_a_checkpoint_initializes_no_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine with CUDA not yet initialized, a CPU model's first forward under a non-reentrant checkpoint that
+    preserves the RNG state establishes its routers without initializing CUDA: torch refuses a checkpointed forward
+    that initializes a device (reading the sync-debug mode initializes CUDA)."""
+
+    def initializes(*args: object) -> int:
+        raise AssertionError("CUDA initialized inside a checkpointed forward")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", initializes)
+    model, x = build(checkpointing="non_reentrant"), batch()
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x, labels=x).loss.backward()
+        assert session.routes().num_tokens == x.numel()
