@@ -717,8 +717,9 @@ class Routes:
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
 
-        ``dtype`` converts the array; a dtype that cannot hold every value exactly (uint8
-        and -1 rows, int8 and 200 experts) is refused rather than wrapped around.
+        ``dtype`` converts the array; a dtype that cannot hold every expert of a router (int8
+        and 200 experts) or every value exactly (uint8 and -1 rows) is refused rather than
+        wrapped around: :meth:`from_numpy` could not read it back.
 
         Rows are in the order the routers saw the tokens: for a capture of routers that see a
         ``[batch, positions]`` batch sequence-first (layers that run ``[positions, batch, hidden]``),
@@ -739,6 +740,9 @@ class Routes:
         arr = torch.stack(self._data, dim=1).numpy() if self._data else np.empty((0, 0, 0), np.int16)
         if dtype is None:
             return arr.copy()
+        if np.dtype(dtype).kind in "iu":  # (what from_numpy would refuse to read back: refused as it is written)
+            for name, experts in zip(self._names, self._experts, strict=True):
+                _check_dtype_holds(np.dtype(dtype), experts, name)
         out = arr.astype(dtype)
         check_exact(arr, out, f"to_numpy({np.dtype(dtype).name})")
         for i, (name, experts) in enumerate(zip(self._names, self._experts, strict=True)):

@@ -307,7 +307,10 @@ def test_routes_round_trips(routes: mr.Routes, tmp_path_factory: pytest.TempPath
                     k == 1 and e == info.max + 1 and bool((x == info.max).any())
                     for x, e, k in zip(routes.per_layer(), routes.experts_per_layer, routes.k_per_layer, strict=True)
                 )
-                assert values.numel() and (int(values.min()) < info.min or int(values.max()) > info.max or wrapped)
+                narrow = max(routes.experts_per_layer) - 1 > info.max  # (it cannot write every expert: not read back)
+                assert narrow or (
+                    values.numel() and (int(values.min()) < info.min or int(values.max()) > info.max or wrapped)
+                )
                 continue
             again = mr.Routes.from_numpy(arr, names=routes.names, num_experts=routes.experts_per_layer)
             assert again.equal(routes)
