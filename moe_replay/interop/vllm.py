@@ -341,12 +341,15 @@ def from_vllm_split(
     *,
     completion_len: int,
     cached_tokens: int | None = None,
+    prompt_len: int | None = None,
 ) -> Routes:
     """Routes of one sequence from vLLM 0.21's split arrays (MoE layers only, int16).
 
     ``RequestOutput.prompt_routed_experts`` ``[prompt_len, num_moe_layers, k]`` and
-    ``CompletionOutput.routed_experts`` ``[completion_len - 1, ...]`` (``completion_len``
-    rows are read too, aligned from the front: the last row is then the last token's).
+    ``CompletionOutput.routed_experts`` ``[completion_len - 1, ...]``. ``completion_len``
+    rows are taken too, aligned from the front (vLLM 0.21 clips the rows it captured past
+    the output, a speculative or MTP draft's, to the output's length): the last of them is
+    not read, since no forward routed the last token.
     vLLM 0.21 leaves the rows of prefix-cached prompt tokens **zero**.
 
     Args:
@@ -354,9 +357,20 @@ def from_vllm_split(
         cached_tokens: how many leading prompt tokens came from the prefix cache: their
             zero rows become -1 (route natively). Without it, an all-zero prompt row is
             ambiguous and refused.
+        prompt_len: ``len(RequestOutput.prompt_token_ids)``, to check the prompt's row
+            count. Without it the prompt's rows are taken as its tokens: only the replay's
+            row count refuses a row too many or too few, and a replay with ``strict=False``
+            that leaves rows of the routes unread is refused (a row too many at the front
+            would shift every token's experts): slice them, ``routes[:n]``, for a partial
+            replay. :func:`from_vllm_output` counts the prompt itself.
 
     Returns:
-        ``prompt_len + completion_len`` rows.
+        ``prompt_len + completion_len`` rows; the last one -1.
+
+    Raises:
+        RoutesValidationError: a dtype other than int16, row counts that do not fit
+            ``completion_len`` (or ``prompt_len``), widths that do not fit the map, zero
+            prompt rows without ``cached_tokens=``, invalid experts.
     """
     check_map(layer_map, "from_vllm_split")
     gen = _array(routed_experts, "routed_experts")
@@ -370,6 +384,13 @@ def from_vllm_split(
             f"routed_experts has {gen.shape[0] if gen.ndim else 0} rows for {c} generated tokens; vLLM 0.21 gives "
             f"{c - 1} (the last token is never routed)"
         )
+    if prompt_len is not None:
+        p = check_start(prompt_len, "prompt_len")
+        if prompt.ndim < 1 or prompt.shape[0] != p:
+            raise RoutesValidationError(
+                f"prompt_routed_experts has {prompt.shape[0] if prompt.ndim else 0} rows for a prompt of {p} tokens; "
+                "vLLM 0.21 writes one per prompt token"
+            )
     p_layers = columns(prompt, layer_map, "moe", "vLLM 0.21 prompt_routed_experts")
     g_layers = columns(gen, layer_map, "moe", "vLLM 0.21 routed_experts")
     p_rows = np.asarray(prompt, dtype=np.int64)
@@ -393,10 +414,11 @@ def from_vllm_split(
                 "cached_tokens"
             )
         p_layers = [torch.cat([torch.full((n, x.shape[1]), -1, dtype=x.dtype), x[n:]]) for x in p_layers]
-    layers = [torch.cat([a, b]) for a, b in zip(p_layers, g_layers, strict=True)]
-    if gen.shape[0] == c - 1:
-        layers = with_last(layers)
-    return make_routes(layers, layer_map, "vLLM 0.21 prompt_routed_experts/routed_experts")
+    # (a row at the last token's place is one vLLM captured past the output, a draft's that was clipped: not the
+    # last token's route, which no forward took)
+    layers = with_last([torch.cat([a, b[: c - 1]]) for a, b in zip(p_layers, g_layers, strict=True)])
+    routes = make_routes(layers, layer_map, "vLLM 0.21 prompt_routed_experts/routed_experts")
+    return routes if prompt_len is not None else rows_untold(routes, "from_vllm_split")
 
 
 def to_vllm_split(
@@ -515,7 +537,9 @@ def from_vllm_output(
                 f"prompt_routed_experts has {prompt.shape[0] if prompt.ndim else 0} rows for a prompt of "
                 f"{prompt_len} tokens; vLLM 0.21 writes one per prompt token"
             )
-        routes = from_vllm_split(prompt, arr, layer_map, completion_len=completion_len, cached_tokens=cached_tokens)
+        routes = from_vllm_split(
+            prompt, arr, layer_map, completion_len=completion_len, cached_tokens=cached_tokens, prompt_len=prompt_len
+        )
         return _with_tokens(routes, ids, prompt_len, comp.token_ids)
     if prompt_routed is not None:
         raise RoutesValidationError(
