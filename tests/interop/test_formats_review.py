@@ -404,3 +404,52 @@ def test_vllm_021_completion_rows_sliced_one_early_are_refused() -> None:
         want,
         "completion rows one early",
     )
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.parametrize("layout", ["all", "moe"])
+def test_verl_batches_of_turns_returned_from_a_start_round_trip_in_either_layout(layout: str) -> None:
+    """Sequences whose first tokens the engine left out (-1 rows) and whole ones, with prompts of other lengths
+    (left-padded) and responses of other lengths (right-padded), go through to_verl and from_verl unchanged, in
+    the all-layer layout (SGLang, vLLM 0.22+) and the MoE-only one (vLLM 0.21)."""
+    m = _MODELS["interleaved k2"]
+    lm = m.layer_map
+    truth, whole = _truth(m, seed=10)
+    turn = m.routes(truth, front=_P - 1)
+    short = m.routes(m.truth(_N - 3, seed=11))
+    seqs, prompts = [turn, whole, short], [_P, _P - 1, 2]
+    batch = interop.to_verl(seqs, lm, prompt_lengths=prompts, layout=layout)
+    mask = mr.BatchLayout.split(prompts, [s.num_tokens for s in seqs]).attention_mask()
+    got = interop.from_verl(batch, mask, lm, layout=layout)
+    assert all(a.equal(b) for a, b in zip(got, seqs, strict=True))
+    other = "moe" if layout == "all" else "all"
+    with pytest.raises(mr.RoutesValidationError):
+        interop.from_verl(batch, mask, lm, layout=other)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="Megatron's list of an unpacked [S, B] batch is sequence-first; read by from_megatron without "
+    "batch_size= its rows are taken in the order given, and a replay on a model that routes the batch "
+    "batch-major forces each token another sequence's experts: nothing in the list says how it was laid out",
+)
+def test_megatron_rows_of_an_unpacked_batch_read_without_batch_size_are_refused_on_a_batch_major_model() -> None:
+    """get_recorded_data() of a [S, B] micro-batch read without batch_size=, replayed on a batch-major model."""
+    model = mr.models.build("softmax_topk", num_layers=2, num_experts=8)
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(5))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            reference = model(ids).logits
+        captured = session.routes()
+        lm = mr.LayerMap.from_session(session, num_layers=2)
+        recorded = interop.to_megatron(captured, layer_map=lm, batch_size=2)  # Megatron's [S, B] order
+        assert interop.from_megatron(recorded, lm.names, 8, batch_size=2).equal(captured)
+        tried()
+        try:
+            read = interop.from_megatron(recorded, lm.names, 8)
+            with session.replay(read), torch.no_grad():
+                out = model(ids).logits
+        except mr.MoEReplayError:
+            return
+        assert torch.equal(out, reference), "sequence-first rows replayed batch-major"
