@@ -453,3 +453,34 @@ def test_megatron_rows_of_an_unpacked_batch_read_without_batch_size_are_refused_
         except mr.MoEReplayError:
             return
         assert torch.equal(out, reference), "sequence-first rows replayed batch-major"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("model", ["all moe k1", "dense prefix k2"])
+def test_a_prompt_start_or_start_len_other_than_the_requests_is_refused(model: str) -> None:
+    """vLLM 0.22+'s routed_experts_prompt_start and SGLang's routed_experts_start_len leave the first tokens out; a
+    reader told another start (or none) refuses the array, on an all-MoE model too, where a start of prompt_len or
+    prompt_len - 1 once gave rows that fit another reader's count (the prompt missing, or shifted by one). SGLang's
+    meta_info counts only bound the rows (a stop string may leave them fewer): read without num_tokens, fewer rows
+    give routes shorter than the sequence, which a replay of its tokens refuses."""
+    m = _MODELS[model]
+    lm = m.layer_map
+    truth, _ = _truth(m, seed=12)
+    ids = list(range(100, 100 + _C))
+    for start in range(_P + 1):
+        out = E.vllm_033_request_output(m, list(range(_P)), [(ids, truth)], prompt_start=start)
+        meta = E.sglang_meta_info(m, truth, start_len=start, prompt_len=_P)
+        want = _want(m, truth, start)
+        for told in range(_P + 1):
+            for read, args in (
+                (lambda o, s: interop.from_vllm_output(o, lm, prompt_start=s), (out, told)),
+                (lambda o, s: interop.from_sglang(o, lm, start_len=s, num_tokens=_N), (meta, told)),
+            ):
+                assert _exact_or_refused(read, args, want, f"start {start} read as {told}") == (told == start)
+            tried()
+            try:
+                bounded = interop.from_sglang(meta, lm, start_len=told)
+            except mr.MoEReplayError:
+                assert told != start
+                continue
+            assert bounded.equal(want) if told == start else bounded.num_tokens < _N
