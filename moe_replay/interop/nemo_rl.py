@@ -132,6 +132,7 @@ def from_nemo_rl(
     *,
     num_tokens: int | None = None,
     missing: str = "error",
+    cached_tokens: int | None = None,
 ) -> Routes:
     """Routes of one sequence from NeMo-RL's ``routed_experts``: the envelope or the legacy list.
 
@@ -150,6 +151,13 @@ def from_nemo_rl(
             get -1 rows). A -1 row of k in one layer's column alone (that layer routes the
             token natively, as :func:`to_nemo_rl` writes a single router's -1 row) is read as
             that router's -1 row either way.
+        cached_tokens: a payload of MoE-layer columns only, of a model with dense layers,
+            comes from vLLM 0.21, which leaves the rows of prefix-cached prompt tokens zero
+            (NeMo-RL copies them): the leading tokens served from the prefix cache, whose
+            zero rows become -1 (route natively). Without it an all-zero token row there is
+            refused: with k = 1 it is also a route (expert 0 in every MoE layer). 0 when
+            caching was off. On a model without dense layers both layouts have as many
+            columns: pass it for a payload of vLLM 0.21 there too.
 
     Returns:
         ``S`` tokens; the last is -1. From a message or item, they know their tokens
@@ -215,12 +223,49 @@ def from_nemo_rl(
             "row of k (that layer routes the token natively) or a whole token row (a row vLLM did not return)"
         )
     body[hole] = 0
-    layers = columns(body, layer_map, layout, _WHAT, native=hole, negative_ok=True)
+    native = hole
+    if layout == "moe" and (cached_tokens is not None or layer_map.dense_layers):
+        # (MoE columns alone: vLLM 0.21's, whose cached rows are zero; on an all-MoE model only cached_tokens= says so)
+        native = hole | _cached(body, hole, cached_tokens)
+    elif cached_tokens is not None:
+        raise RoutesValidationError(
+            f"{_WHAT}: cached_tokens= is for payloads of vLLM 0.21 (MoE-layer columns only); this one holds "
+            f"{arr.shape[1]} columns, every hidden layer's, as vLLM 0.22+ writes, whose cached rows hold their routes"
+        )
+    layers = columns(body, layer_map, layout, _WHAT, native=native, negative_ok=True)
     routes = make_routes(with_last(layers), layer_map, _WHAT)
     # the message's prompt and generation ids: a replay fed other tokens is refused (Routes.token_ids)
     if token_ids is not None:
         return routes.with_token_ids(token_ids)
     return routes if num_tokens is not None else rows_untold(routes, "from_nemo_rl")
+
+
+def _cached(body: np.ndarray, hole: np.ndarray, cached_tokens: int | None) -> np.ndarray:
+    """The rows of a vLLM 0.21 payload that are prefix-cached prompt tokens (zero there): the first
+    ``cached_tokens``, which must be zero; without it, any all-zero row is refused as ambiguous."""
+    zero = (body == 0).all(axis=(1, 2)) & ~hole
+    if cached_tokens is None:
+        if zero.any():
+            t = int(np.argmax(zero))
+            raise RoutesValidationError(
+                f"{_WHAT}: token {t} is all zeros in every MoE-layer column. A payload of MoE layers alone comes from "
+                "vLLM 0.21, which leaves prefix-cached prompt rows zero (NeMo-RL copies them), so it cannot tell a "
+                "cached token from one routed to expert 0 everywhere. Pass cached_tokens= (the prompt tokens served "
+                "from the prefix cache; 0 when caching was off)"
+            )
+        return np.zeros_like(zero)
+    n = check_count(cached_tokens, "cached_tokens")
+    if n > body.shape[0]:
+        raise RoutesValidationError(f"{_WHAT}: cached_tokens={n} is more than the {body.shape[0]} routed tokens")
+    if not (zero[:n] | hole[:n]).all():
+        t = int(np.argmin(zero[:n] | hole[:n]))
+        raise RoutesValidationError(
+            f"{_WHAT}: cached_tokens={n}, but token {t} holds routes: vLLM 0.21 leaves cached rows zero. Check "
+            "cached_tokens"
+        )
+    out = np.zeros_like(zero)
+    out[:n] = True
+    return out
 
 
 def to_nemo_rl(

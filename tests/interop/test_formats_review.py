@@ -484,3 +484,30 @@ def test_a_prompt_start_or_start_len_other_than_the_requests_is_refused(model: s
                 assert told != start
                 continue
             assert bounded.equal(want) if told == start else bounded.num_tokens < _N
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("k", [1, 2])
+def test_nemo_rl_payloads_of_vllm_021_with_cached_zero_rows_are_refused_or_read_natively(k: int) -> None:
+    """Once silent: NeMo-RL copies vLLM 0.21's arrays (MoE-layer columns only), whose prefix-cached prompt rows are
+    zero, and from_nemo_rl read such a row of a top-1 model (Llama-4's interleaved MoE layers) as expert 0 in every
+    layer, forced on replay. Now a zero row of a MoE-only payload is refused as ambiguous unless cached_tokens=
+    says how many leading tokens came from the cache; those are routed natively."""
+    m = E.Model(num_layers=4, moe_layers=(1, 3), num_experts=8, k=k)
+    lm = m.layer_map
+    truth = m.truth(_N, seed=13)
+    full = E.nemo_rl_routed_experts(m, truth, _P, split=True)
+    full[:2] = 0  # vLLM 0.21: the first two prompt tokens came from the prefix cache
+    payload = E.nemo_rl_envelope(full)
+    read = lambda p: interop.from_nemo_rl(p, lm, num_tokens=_N)  # noqa: E731
+    assert not _exact_or_refused(read, (payload,), m.routes(truth), "cached rows")
+    got = interop.from_nemo_rl(payload, lm, num_tokens=_N, cached_tokens=2)
+    assert got.equal(m.routes(truth, front=2))
+    for wrong in (3, _N):
+        with pytest.raises(mr.MoEReplayError):
+            interop.from_nemo_rl(payload, lm, num_tokens=_N, cached_tokens=wrong)
+    # every hidden layer's columns: vLLM 0.22+, whose cached rows hold their routes (cached_tokens= is refused)
+    whole = E.nemo_rl_envelope(E.nemo_rl_routed_experts(m, truth, _P))
+    assert interop.from_nemo_rl(whole, lm, num_tokens=_N).equal(m.routes(truth))
+    with pytest.raises(mr.RoutesValidationError, match="vLLM 0.22"):
+        interop.from_nemo_rl(whole, lm, num_tokens=_N, cached_tokens=0)
