@@ -511,3 +511,24 @@ def test_nemo_rl_payloads_of_vllm_021_with_cached_zero_rows_are_refused_or_read_
     assert interop.from_nemo_rl(whole, lm, num_tokens=_N).equal(m.routes(truth))
     with pytest.raises(mr.RoutesValidationError, match="vLLM 0.22"):
         interop.from_nemo_rl(whole, lm, num_tokens=_N, cached_tokens=0)
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.parametrize("model", list(_MODELS))
+def test_megatron_lists_round_trip_packed_and_sequence_first(model: str) -> None:
+    """to_megatron then from_megatron gives the routes back: a packed batch as it is, an unpacked [S, B] batch
+    through batch_size= both ways; the list holds the MoE layers in layer order; a -1 row (the last token) is
+    refused without fill=, since Megatron gathers every index."""
+    m = _MODELS[model]
+    lm = m.layer_map
+    seqs = [m.routes(m.truth(_N, seed=s))[:-1] for s in (14, 15)]  # (Megatron needs a route for every token)
+    packed = mr.Routes.cat(seqs)
+    tried()
+    listed = interop.to_megatron(packed, layer_map=lm)
+    assert len(listed) == len(m.moe_layers) and all(t.dtype == torch.int64 for t in listed)
+    assert interop.from_megatron(listed, lm.names, m.num_experts).equal(packed)
+    seq_first = interop.to_megatron(packed, layer_map=lm, batch_size=2)
+    assert torch.equal(seq_first[0][:2], torch.stack([seqs[0].per_layer()[0][0], seqs[1].per_layer()[0][0]]))
+    assert interop.from_megatron(seq_first, lm.names, m.num_experts, batch_size=2).equal(packed)
+    with pytest.raises(mr.RoutesValidationError, match="fill="):
+        interop.to_megatron(m.routes(m.truth(_N, seed=16)), layer_map=lm)
