@@ -532,3 +532,38 @@ def test_megatron_lists_round_trip_packed_and_sequence_first(model: str) -> None
     assert interop.from_megatron(seq_first, lm.names, m.num_experts, batch_size=2).equal(packed)
     with pytest.raises(mr.RoutesValidationError, match="fill="):
         interop.to_megatron(m.routes(m.truth(_N, seed=16)), layer_map=lm)
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.parametrize(("num_experts", "k"), [(128, 1), (129, 1), (256, 1), (256, 2), (257, 1)])
+def test_the_last_expert_at_a_dtype_boundary_round_trips_through_every_writer(num_experts: int, k: int) -> None:
+    """Expert ids at the edge of the narrow dtypes the engines pick (vLLM's uint8 up to 256 experts, NeMo-RL's int8
+    up to 128): the last expert is a route, never taken for a wrapped -1, in every writer and reader."""
+    m = E.Model(num_layers=3, moe_layers=(1, 2), num_experts=num_experts, k=k)
+    lm = m.layer_map
+    truth = m.truth(_N, seed=17)
+    truth[:, :, 0] = num_experts - 1
+    if k == 1:
+        truth[1] = 0
+    want = m.routes(truth)
+    pairs: list[tuple[Callable[[mr.Routes], Any], Callable[[Any], mr.Routes]]] = [
+        (lambda r: interop.to_vllm(r, lm), lambda a: interop.from_vllm(a, lm, prompt_len=_P, completion_len=_C)),
+        (lambda r: interop.to_vllm_legacy(r, lm), lambda a: interop.from_vllm_legacy(a, lm, num_tokens=_N)),
+        (
+            lambda r: interop.to_vllm_split(r, lm, _P),
+            lambda a: interop.from_vllm_split(*a, lm, completion_len=_C, cached_tokens=0, prompt_len=_P),
+        ),
+        (lambda r: interop.to_sglang(r, lm), lambda a: interop.from_sglang(a, lm, num_tokens=_N)),
+        (lambda r: interop.to_nemo_rl(r, lm), lambda a: interop.from_nemo_rl(a, lm, num_tokens=_N)),
+        (
+            lambda r: interop.to_megatron_inference(r, lm),
+            lambda a: interop.from_megatron_inference(a, lm, num_tokens=_N),
+        ),
+        (
+            lambda r: interop.to_verl([r], lm, prompt_lengths=[_P]),
+            lambda a: interop.from_verl(a, torch.ones(1, _N, dtype=torch.long), lm)[0],
+        ),
+    ]
+    for write, read in pairs:
+        tried()
+        assert read(write(want)).equal(want)
