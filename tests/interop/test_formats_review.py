@@ -567,3 +567,32 @@ def test_the_last_expert_at_a_dtype_boundary_round_trips_through_every_writer(nu
     for write, read in pairs:
         tried()
         assert read(write(want)).equal(want)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_a_partial_rollout_resumed_and_concatenated_is_exact_only_from_the_last_token_routed(engine: str) -> None:
+    """A generation cut off and resumed (verl's and slime's partial rollouts concatenate only the new rows): the
+    resumed request must start its rows at the last token of the first part, which no forward of the first part
+    routed. Started there the concatenation reads back exactly; a token later (a row short) or earlier (the row
+    twice) is refused."""
+    m = _MODELS["dense prefix k2"]
+    lm = m.layer_map
+    truth, want = _truth(m, seed=18)
+    cut = _P + 2  # the first part: the prompt and two generated tokens
+
+    def rows(tokens: int, prompt: int, start: int) -> np.ndarray:
+        if engine == "vllm":
+            return E.vllm_033_routed_experts(m, truth[:tokens], prompt, prompt_start=start)
+        return _raw(_sglang_payload(m, truth[:tokens], start), m)
+
+    first = rows(cut, _P, 0)
+    for start in (cut - 2, cut - 1, cut):
+        joined = np.concatenate([first, rows(_N, cut, start)])  # (the resumed request's prompt: the first part)
+        tried()
+        if engine == "vllm":
+            joined = joined.astype(first.dtype)
+            read = lambda a: interop.from_vllm(a, lm, prompt_len=_P, completion_len=_C)  # noqa: E731
+        else:
+            read = lambda a: interop.from_sglang(_rewrap("sglang", a), lm, num_tokens=_N)  # noqa: E731
+        assert _exact_or_refused(read, (joined,), want, f"resumed from {start}") == (start == cut - 1)
