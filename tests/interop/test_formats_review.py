@@ -596,3 +596,21 @@ def test_a_partial_rollout_resumed_and_concatenated_is_exact_only_from_the_last_
         else:
             read = lambda a: interop.from_sglang(_rewrap("sglang", a), lm, num_tokens=_N)  # noqa: E731
         assert _exact_or_refused(read, (joined,), want, f"resumed from {start}") == (start == cut - 1)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="on a model whose every hidden layer routes, a NeMo-RL payload of vLLM 0.21 (MoE columns) has as many "
+    "columns as one of 0.22+ (every hidden layer), so nothing tells its zero rows are 0.21's prefix-cached ones; "
+    "with k=1 they read as expert 0 in every layer unless cached_tokens= is passed",
+)
+def test_nemo_rl_payloads_of_vllm_021_on_an_all_moe_top1_model_with_cached_zero_rows_are_refused() -> None:
+    """The all-MoE counterpart of the interleaved case above, without cached_tokens=."""
+    m = E.Model(num_layers=2, moe_layers=(0, 1), num_experts=8, k=1)
+    lm = m.layer_map
+    truth = m.truth(_N, seed=19)
+    full = E.nemo_rl_routed_experts(m, truth, _P, split=True)
+    full[:2] = 0  # the first two prompt tokens came from the prefix cache
+    read = lambda p: interop.from_nemo_rl(p, lm, num_tokens=_N)  # noqa: E731
+    assert not _exact_or_refused(read, (E.nemo_rl_envelope(full),), m.routes(truth), "cached rows")
