@@ -51,8 +51,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._code_settings import CONTAINERS, OutsideState, container_contents, refill_container
+from ._code_settings import CONTAINERS, OutsideState, container_contents, hook_written, is_written, refill_container
 from ._code_settings import generators as code_generators
+from ._code_settings import written as code_written
 from .errors import UnsupportedRouterError
 
 __all__ = [
@@ -2398,6 +2399,7 @@ def _establish(
                 found = _first_floating((probe.args, probe.kwargs))
                 ev = dataclasses.replace(ev, chunks=True, chunk_dims=0 if found is None else found[1].dim())
                 _refuse_later_choice(name, probe, calls, seen, ev)
+                _refuse_rows_out_of_order(name, probe, calls, ordinals, own=False)
                 _refuse_escapes(name, probe, calls, seen, ev, tolerance)
                 for c in calls:  # (each chunk's call as the decision, the others held as its mirrors)
                     others = tuple(o.ordinal for o in calls if o is not c)
@@ -2458,7 +2460,7 @@ def _establish(
                 "Route by token choice (a top-k over experts per token)",
             )
         _refuse_chosen_tokens(name, probe, calls, anchor)
-        _refuse_rows_out_of_order(name, probe, calls, anchor)
+        _refuse_rows_out_of_order(name, probe, calls, (anchor.ordinal,))
         used = calls[anchor.ordinal].k
 
         def unreached(slot: int) -> bool:  # on these inputs and on every other of their shape (rounding aside)
@@ -3601,83 +3603,198 @@ def _drawn(
 _RESEED = 0x5EED
 
 
-def _holds_an_order(scope: nn.Module) -> bool:
-    """Does ``scope`` (or a child of it) hold what may set the order of its tokens: a tensor of integers of more
-    than one element (a parameter, a buffer, a plain attribute), or a list or tuple of two or more ints?"""
+def _free_state(scope: nn.Module) -> list[tuple[nn.Module, bool, str, torch.Tensor]]:
+    """The tensors the scope's modules hold that may set an order of its tokens without being settings of its
+    decision (which are compared as each block starts, see ``intercept._fingerprint``): buffers and plain attributes
+    (not parameters) of two or more rows, floating ones (an order held as floats, ``x[self.order.long()]``) and
+    integer or boolean ones its code writes itself (an order it rotates at each forward: its state, not a setting).
+    Each as ``(module, is a buffer, name, tensor)``; none of more than ``_COPY_LIMIT`` elements."""
+    out: list[tuple[nn.Module, bool, str, torch.Tensor]] = []
+    ids: set[int] = set()
     for m in scope.modules():
-        for store in (m._parameters, m._buffers, m.__dict__):
-            for v in store.values():
-                if isinstance(v, torch.Tensor):
-                    if v.numel() > 1 and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
-                        return True
-                elif isinstance(v, list | tuple) and 1 < len(v) <= 256 and all(type(i) is int for i in v):
-                    return True
-    return False
+        own: frozenset[str] | None = None
+        for buffer, store in ((True, m._buffers), (False, m.__dict__)):
+            for k, v in list(store.items()):
+                if not isinstance(v, torch.Tensor) or isinstance(v, nn.Parameter) or id(v) in ids:
+                    continue
+                if v.dim() == 0 or int(v.shape[0]) < 2 or v.numel() > _COPY_LIMIT:
+                    continue
+                if not (v.is_floating_point() or v.is_complex()):
+                    if own is None:
+                        own = code_written(m, m.__dict__.get("forward")) | hook_written(m)
+                    if not is_written(f"self.{k}", own):
+                        continue
+                ids.add(id(v))
+                out.append((m, buffer, k, v))
+    return out
 
 
-def _refuse_rows_out_of_order(name: str, probe: _Prober, calls: Sequence[Call], decision: Call) -> None:
-    """Refuse a decision made in one call over its tokens in another order than theirs (``topk(gate(x[order]))``,
-    its results put back in token order after it), where the router holds what may set that order (a tensor or a
-    list of integers): its rows are recorded and forced in call order, so row ``r`` would be another token's.
+@contextlib.contextmanager
+def _state_flipped(held: Sequence[tuple[nn.Module, bool, str, torch.Tensor]]) -> Iterator[None]:
+    """The tensors ``held`` (see :func:`_free_state`) replaced by copies of them with their rows in reverse order (the
+    held objects themselves untouched), put back on the way out."""
+    try:
+        for m, buffer, k, v in held:
+            flipped = v.detach().flip(0)
+            if buffer:
+                m._buffers[k] = flipped
+            else:
+                m.__dict__[k] = flipped
+        yield
+    finally:
+        for m, buffer, k, v in held:
+            if buffer:
+                m._buffers[k] = v
+            else:
+                m.__dict__[k] = v
+
+
+def _rows_order(probe: _Prober, calls: Sequence[Call], ordinals: Sequence[int]) -> torch.Tensor | None:
+    """The token whose hidden state each row of the scores of the calls ``ordinals`` (their rows one after another)
+    follows, by position; None where the runs tell nothing (a run that fails or makes other calls, rows that are not
+    one per token, or a row that follows several tokens or none: a mix).
 
     Proven by effect as for chunks (see :func:`_in_chunks`): the hidden states are changed on the tokens whose bit
-    ``b`` of their position is 1, then 0, for every bit of the token count; where row ``r`` of the decision's
-    scores changes exactly with some token other than ``r``, the rows are out of order (but for the transpose of a
-    ``[batch, positions]`` input: a router that sees the batch sequence-first, an order of its code, not of its
-    state, which the model's token order tells). A run that fails or makes
-    other calls, or rows that follow no one token (a mix of tokens), tell nothing: the decision is kept as it was
-    established (the runs cost a forward of the router per bit, so they are made only for a router holding such
-    state, established again after it changed)."""
+    ``b`` of their position is 1, for every bit of the token count; where every row changes exactly with the tokens
+    of its own position, the rows follow the tokens in order (or some rows are mixes: nothing to refuse either).
+    Only otherwise are the tokens whose bit is 0 changed too, to tell a row that follows one token from a mix."""
     found = _first_floating((probe.args, probe.kwargs))
-    if found is None or decision.ordinal >= len(calls) or not _holds_an_order(probe.scope):
-        return
+    if found is None or any(o >= len(calls) for o in ordinals):
+        return None
     path, x = found
     tokens = x.numel() // max(int(x.shape[-1]), 1)
-    if decision.rows != tokens or tokens < 2:
-        return
+    if sum(calls[o].rows for o in ordinals) != tokens or tokens < 2:
+        return None
+    signature = [c.signature for c in calls]
+    try:
+        _, seen = probe.run()
+    except Exception:
+        return None
+    if [c.signature for c in seen.calls] != signature or len(seen.ins) < len(calls):
+        return None
+    base = [seen.ins[o].detach() for o in ordinals]
+    if any(b.numel() % max(calls[o].rows, 1) for o, b in zip(ordinals, base, strict=True)):
+        return None
+    base = [b.reshape(calls[o].rows, -1) for o, b in zip(ordinals, base, strict=True)]
     position = torch.arange(tokens)
     flat = x.detach().reshape(tokens, -1)
     spread = flat.float().std(unbiased=False).clamp_min(1e-3)
     noise = torch.randn(flat.shape, generator=torch.Generator().manual_seed(tokens))
     bump = (noise * spread + spread).to(device=flat.device, dtype=flat.dtype)
-    try:
-        _, seen = probe.run()
-    except Exception:
-        return
-    if len(seen.ins) <= decision.ordinal:
-        return
-    base = seen.ins[decision.ordinal].detach().reshape(tokens, -1)
-    of_row = torch.zeros(tokens, dtype=torch.long)  # the bits of the token each row follows
-    for bit in range(max(1, (tokens - 1).bit_length())):
-        sides = []
-        for side in (1, 0):
-            picked = ((position >> bit) & 1) == side
-            changed = torch.where(picked.to(flat.device)[:, None], flat + bump, flat).reshape(x.shape)
-            try:
-                _, moved = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, changed))
-            except Exception:
-                return
-            if [c.signature for c in moved.calls] != [c.signature for c in calls] or len(moved.ins) < len(calls):
-                return
-            after = moved.ins[decision.ordinal].detach()
-            if after.numel() != base.numel():
-                return
-            sides.append((after.reshape(tokens, -1) != base).any(dim=1).cpu())
-        if bool((sides[0] == sides[1]).any()):
-            return  # (a row that follows both or neither side: not one token's)
-        of_row |= sides[0].long() << bit
+
+    def changed(bit: int, side: int) -> torch.Tensor | None:  # the rows that change with the tokens of that side
+        picked = ((position >> bit) & 1) == side
+        values = torch.where(picked.to(flat.device)[:, None], flat + bump, flat).reshape(x.shape)
+        try:
+            _, moved = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, values))
+        except Exception:
+            return None
+        if [c.signature for c in moved.calls] != signature or len(moved.ins) < len(calls):
+            return None
+        parts = []
+        for o, before in zip(ordinals, base, strict=True):
+            after = moved.ins[o].detach()
+            if after.numel() != before.numel():
+                return None
+            parts.append((after.reshape(before.shape) != before).any(dim=1).cpu())
+        return torch.cat(parts)
+
+    bits = range(max(1, (tokens - 1).bit_length()))
+    ones: list[torch.Tensor] = []
+    for bit in bits:
+        rows = changed(bit, 1)
+        if rows is None:
+            return None
+        ones.append(rows)
+    of_row = torch.zeros(tokens, dtype=torch.long)
+    for bit, rows in zip(bits, ones, strict=True):
+        of_row |= rows.long() << bit
     if torch.equal(of_row, position):
+        return of_row  # (in order; a mix of lower tokens reads so too, and tells nothing either)
+    for bit, rows in zip(bits, ones, strict=True):
+        zeros = changed(bit, 0)
+        if zeros is None or bool((zeros == rows).any()):
+            return None  # (a row that follows both sides or neither: not one token's)
+    return of_row
+
+
+def _follows_tokens(of_row: torch.Tensor, x: torch.Tensor) -> bool:
+    """Do rows that follow the tokens ``of_row`` (see :func:`_rows_order`) follow them in their order: in order, or
+    the transpose of a ``[batch, positions]`` input (a router that sees the batch sequence-first: an order of its
+    code, not of its state, which the model's token order tells)?"""
+    position = torch.arange(of_row.numel())
+    if torch.equal(of_row, position):
+        return True
+    return x.dim() == 3 and torch.equal(of_row, position.reshape(x.shape[0], x.shape[1]).t().reshape(-1))
+
+
+def _refuse_rows_out_of_order(
+    name: str, probe: _Prober, calls: Sequence[Call], ordinals: Sequence[int], own: bool = True
+) -> None:
+    """Refuse a decision made over its tokens in another order than theirs (``topk(gate(x[order]))`` or
+    ``topk(gate(x.flip(0)))``, its results put back in token order after it): its rows are recorded and forced in
+    call order, so row ``r`` would be another token's. ``ordinals``: the calls of the decision, their rows one
+    after another (one call, or the chunks of one).
+
+    Checked by effect (see :func:`_rows_order`) on the state the router holds (``own``: the chunks' order is proven
+    already), then on the tensors it holds that are no settings of its decision (see :func:`_free_state`: floats,
+    and integers its code writes itself) with their rows reversed: an order they set is the same now and another
+    later (permuted between blocks, or rotated by the router at each forward), unseen by the checks made as each
+    block starts, so a decision whose rows follow them is refused. Runs that tell nothing keep the decision as it
+    was established. The runs cost a forward of the router per bit of the token count, twice where it holds such
+    tensors, once when it is established."""
+    found = _first_floating((probe.args, probe.kwargs))
+    if found is None:
         return
-    if x.dim() == 3 and torch.equal(of_row, position.reshape(x.shape[0], x.shape[1]).t().reshape(-1)):
-        return  # (a router that sees the batch sequence-first: an order of its code, told at the model's level)
+    x = found[1]
+    described = " + ".join(calls[o].describe() for o in ordinals if o < len(calls))
+    if own:
+        of_row = _rows_order(probe, calls, ordinals)
+        if of_row is not None and not _follows_tokens(of_row, x):
+            raise _refuse(
+                name,
+                calls,
+                f"its decision ({described}) is made over its tokens in another order than theirs (changing a "
+                "token's hidden state changes another row of its scores: an order it holds, x[self.order], or one "
+                "its code takes, x.flip(0)): its rows would be recorded and forced in that order, each on another "
+                "token",
+                "Take the decision over the tokens in their own order (permute the tokens after it, not before), or "
+                "name the module whose forward returns the experts in token order with include=",
+            )
+    held = _free_state(probe.scope)
+    if not held:
+        return
+
+    def out_of_order(flip: Sequence[tuple[nn.Module, bool, str, torch.Tensor]]) -> bool:
+        probe.snapshot.restore()
+        try:
+            with _state_flipped(flip):
+                other = _Prober(probe.forward, probe.args, probe.kwargs, probe.scope, limit=probe.limit)
+                other.grads, other.took = probe.grads, probe.took
+                of_row = _rows_order(other, calls, ordinals)
+        except Exception:
+            return False
+        finally:
+            probe.snapshot.restore()
+        return of_row is not None and not _follows_tokens(of_row, x)
+
+    if not out_of_order(held):
+        return
+    names = {id(m): f"{n}." if n else "self." for n, m in probe.scope.named_modules()}
+    culprits = [h for h in held if len(held) == 1 or out_of_order([h])] or held
+    spelled = ", ".join(
+        f"{names.get(id(m), 'self.')}{k} ({str(v.dtype).removeprefix('torch.')})" for m, _, k, v in culprits
+    )
     raise _refuse(
         name,
         calls,
-        f"its decision ({decision.describe()}) is made over its tokens in another order than theirs (changing a "
-        "token's hidden state changes another row of its scores: an order it holds, x[self.order], say): its rows "
-        "would be recorded and forced in that order, each on another token",
-        "Take the decision over the tokens in their own order (permute the tokens after it, not before), or name the "
-        "module whose forward returns the experts in token order with include=",
+        f"its decision ({described}) is made over its tokens in an order that a tensor it holds sets ({spelled}: "
+        "with its rows reversed, changing a token's hidden state changes another row of the decision's scores). "
+        "Such a tensor (floats, or integers its forward writes itself) is no setting compared as each block starts: "
+        "once its values change (between blocks, or at each forward), the rows would be recorded and forced in "
+        "that order, each on another token",
+        "Take the decision over the tokens in their own order (permute the tokens after it, not before), or name "
+        "the module whose forward returns the experts in token order with include=",
     )
 
 
