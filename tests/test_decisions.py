@@ -2065,6 +2065,68 @@ def test_a_single_top_k_over_tokens_in_an_order_no_setting_holds_is_refused_as_i
     assert gate.__dict__.get("order", gate._buffers.get("order")) is held
 
 
+#: the token order of :class:`_GlobalFloatOrderGate`, held as floats in a module-level global (identity unless a test
+#: permutes it)
+_FLOAT_ORDER = torch.arange(8).float()
+
+
+class _GlobalFloatOrderGate(nn.Module):
+    """A top-2 gate over its tokens in the order a module-level float tensor holds (``x[_FLOAT_ORDER.long()]``), its
+    results put back in token order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wg = nn.Linear(D, E, bias=False)
+        self.kept: torch.Tensor | None = None
+
+    @property
+    def last(self) -> torch.Tensor | None:
+        return None if self.kept is None else self.kept.long()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = _FLOAT_ORDER.long()
+        part = torch.topk(self.wg(x[order]).softmax(-1), 2, dim=-1)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(x.shape[0])
+        self.kept = part.indices[back].float()
+        return part.values[back], part.indices[back]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="a token order held as a float tensor in a module-level global (or a closure cell, a class attribute) is "
+    "neither a setting nor a tensor its modules hold, so the order check with held tensors reversed does not see it: "
+    "permuted between blocks, the rows are recorded and forced in call order",
+)
+def test_a_token_order_held_as_floats_in_a_global_is_exact_or_refused() -> None:
+    """A gate over its tokens in an order a module-level float tensor holds, established on the identity, then
+    permuted in place between blocks: either refused, or captured as the gate's own indices and forced onto their
+    own tokens."""
+    torch.manual_seed(8)
+    gate = _GlobalFloatOrderGate()
+    block, x = Block(gate), torch.randn(8, D)
+    try:
+        with mr.attach(block) as session:
+            try:
+                with session.capture():
+                    block(x)
+                assert torch.equal(session.routes().layer("router"), gate.last)
+                _FLOAT_ORDER.copy_(torch.randperm(8, generator=torch.Generator().manual_seed(1)).float())
+                with session.capture():
+                    block(x)
+                assert torch.equal(session.routes().layer("router"), gate.last)
+                forced = _forced_routes(session, 8)
+                with session.replay(forced):
+                    block(x)
+            except mr.UnsupportedRouterError:
+                return
+            assert torch.equal(gate.last, forced.layer("router"))
+    finally:
+        _FLOAT_ORDER.copy_(torch.arange(8).float())
+
+
 class _StatefulGate(nn.Module):
     """A top-2 gate over its tokens in their own order that holds tensors that are no settings of its decision: a
     float balancing bias of its experts, a float attribute of one scale per position, and integer counts of the
