@@ -157,10 +157,48 @@ def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
                 if ring is not None:
                     ring.write_eager(forced)
                 hook._answered = forced
-                return _TOPK_RESULT((x.gather(1, forced), forced))
+                return _TOPK_RESULT((pick(x, forced) if hook._entry_grad else x.gather(1, forced), forced))
         return hook.on_lean(orig, args, kwargs)  # (it clears state.lean while it makes torch calls of its own)
 
     return topk
+
+
+class _Pick(torch.autograd.Function):
+    """``source.gather(-1, index)`` whose backward keeps what a top-k's or a max's own keeps: the index and the
+    shape, not ``source`` (see :func:`pick`)."""
+
+    @staticmethod
+    def forward(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return source.gather(-1, index)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        source, index = inputs
+        ctx.save_for_backward(index)
+        ctx.save_for_forward(index)
+        ctx.shape = source.shape
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).scatter_add(-1, index, grad), None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: torch.Tensor, _index: Any) -> torch.Tensor:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return tangent.gather(-1, index)
+
+
+def pick(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``source.gather(-1, index)``: the values a decision call returns for forced (or natively chosen) indices.
+
+    With gradients, eagerly, through a function whose backward keeps only ``index`` and the shape, as the backward
+    of the top-k, max or sort it answers for does: ``gather``'s own keeps ``source``, so a router that writes its
+    scores in place after its decision (a max loop knocking each winner out with ``scatter_``), natively fine,
+    would fail its backward under a capture or a replay with autograd's error about a modified tensor."""
+    if not (source.requires_grad and torch.is_grad_enabled()) or _compiling():
+        return source.gather(-1, index)
+    return _Pick.apply(source, index)
 
 
 _TENSOR = torch.Tensor

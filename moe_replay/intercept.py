@@ -268,6 +268,7 @@ _NOTHING = contextlib.nullcontext()
 _LEAN_NAMES, _LEAN_SWAP, _lean_current = _lean.NAMES, _lean.SWAP, _lean.CURRENT
 _LEAN_OURS, _LEAN_THEIRS, _LEAN_ON, _LEAN_OFF = _lean.OURS, _lean.THEIRS, _lean.ON, _lean.OFF
 _code_in_arguments = _lean.code_in_arguments
+_pick = _lean.pick
 _NO_REGIONS: list[tuple[Any, bool]] = []  # returned, never changed, when a call is in no region
 
 
@@ -1481,7 +1482,7 @@ class RouterHook:
                         self.capture_ring.write_eager(forced)
                     if func is _TOPK_FN and x.dim() == 2:  # the common form, answered directly
                         self._answered = forced
-                        return _TOPK_RESULT((x.gather(-1, forced), forced))
+                        return _TOPK_RESULT((_pick(x, forced), forced))
                     source = x if x.dim() == 2 else x.reshape(-1, sig[2])
                     return self._answer(func, args, kwargs, source, forced, x.shape[:-1])
             elif not (x.requires_grad and torch.is_grad_enabled()):  # capture, or the decision alone
@@ -1912,7 +1913,7 @@ class RouterHook:
             own = ((ours == theirs) | (ours.isnan() & theirs.isnan())).all(-1, keepdim=True)
             if take < forced.shape[1]:
                 own = own | (torch.arange(forced.shape[1], device=forced.device) >= take)
-        return torch.where(own, masked.gather(-1, forced), source.gather(-1, forced))
+        return torch.where(own, _pick(masked, forced), _pick(source, forced))
 
     @staticmethod
     def _answer(
@@ -1928,7 +1929,7 @@ class RouterHook:
         ``source``, or ``values`` where given."""
         span = forced.shape[1]
         if values is None:
-            values = source.gather(-1, forced)
+            values = _pick(source, forced)
         idx = forced
         if len(lead) != 1:  # scores of more than two dimensions
             values, idx = values.reshape(*lead, span), idx.reshape(*lead, span)

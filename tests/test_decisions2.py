@@ -1012,13 +1012,6 @@ def test_a_full_top_k_sliced_to_its_first_k_replays_exactly() -> None:
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="a router that knocks each max's winner out of its scores in place (scatter_) runs its backward natively, "
-    "but a capture with gradients or a replay answers the max with scores.gather(...), which saves the scores for "
-    "backward: the in-place knock-out then fails the backward with autograd's RuntimeError",
-)
 def test_k_max_calls_knocking_the_winner_out_in_place_replay_with_a_backward() -> None:
     """``k`` rounds of ``max`` over a copy of the scores, each winner set to -inf in place: captured with gradients
     and replayed with a backward, the recorded experts forced and the hand-forced output."""
