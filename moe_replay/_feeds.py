@@ -2525,10 +2525,19 @@ class FeedForward:
             if owner.blocks:  # (not a forward of another asyncio task while the block's awaits)
                 owner.admit_forward(self.module)  # (named only where it refuses)
                 stamp = owner.stamp  # (_Owner.moved, inline: a hook or a method changed on the way to the routers
-                if stamp is not None and (  # since the block's first forward passed the watch: watched again)
-                    HOOK_HANDLES.next_id != stamp[0] or tuple(map(len, owner.way)) != stamp[1]
-                ):
-                    watched = owner.recheck(args, kwargs) or watched
+                if stamp is not None:  # since the block's first forward passed the watch, or on their classes)
+                    try:
+                        moved = [
+                            HOOK_HANDLES.next_id,
+                            *map(len, owner.way),
+                            *map(type, owner.mods),
+                            *owner.classes,
+                            *map(operator.getitem, owner.places, owner.keys),
+                        ] != stamp
+                    except Exception:  # (a value gone from its place, or one whose == raises: it changed)
+                        moved = True
+                    if moved:  # (watched again)
+                        watched = owner.recheck(args, kwargs) or watched
         if watched is not None:
             return watched(lambda: self._fed(args, kwargs))
         return self._fed(args, kwargs)

@@ -155,7 +155,23 @@ class _Owner:
     """The thread holding a session's open blocks (capture, replay, keep_scores, verify), and, where asyncio runs
     there, which of its tasks may run forwards in them."""
 
-    __slots__ = ("abandoned", "blocks", "checker", "coro", "entered", "ident", "last", "lock", "mark", "stamp", "way")
+    __slots__ = (
+        "abandoned",
+        "blocks",
+        "checker",
+        "classes",
+        "coro",
+        "entered",
+        "ident",
+        "keys",
+        "last",
+        "lock",
+        "mark",
+        "mods",
+        "places",
+        "stamp",
+        "way",
+    )
 
     def __init__(self) -> None:
         self.ident: int | None = None
@@ -171,17 +187,37 @@ class _Owner:
         self.mark: object | None = None  # the outermost block's mark, in the context that opened it
         #: the session's :meth:`Session._recheck`, held weakly (the session holds its owner): see :meth:`recheck`
         self.checker: weakref.WeakMethod[Callable[..., Any]] | None = None
-        #: the modules' ``__dict__`` on the way to the routers, and the stamp (hooks torch has made, those dicts'
-        #: lengths) they had as the model's forward last passed the watch in the open block; None outside, or before
-        #: it passed. Compared at each forward where it is read (:meth:`moved`), with no Python frame
+        #: the modules on the way to the routers and their ``__dict__``, the ``__dict__`` of their classes up to
+        #: ``nn.Module``, and the places of the code they hold (``places[i][keys[i]]``: a callable set on one of them,
+        #: a module-level helper a forward names); and the stamp they had as the model's forward last passed the
+        #: watch in the open block (hooks torch has made; those dicts' lengths and the modules' classes; a copy of
+        #: each class's dict; the code at each place), None outside, or before it passed. Compared at each forward
+        #: where it is read (:meth:`moved`), with no Python frame, as one list
+        self.mods: list[nn.Module] = []
         self.way: list[dict[str, Any]] = []
-        self.stamp: tuple[int, tuple[int, ...]] | None = None
+        self.classes: list[types.MappingProxyType[str, Any]] = []
+        self.places: list[Any] = []
+        self.keys: list[str] = []
+        self.stamp: list[Any] | None = None
 
     def moved(self) -> bool:
-        """Whether the stamp moved since the open block's forward passed the watch (a hook made anywhere, or an
-        attribute of a module on the way to the routers set or deleted); callers inline it on their hot path."""
+        """Whether the stamp moved since the open block's forward passed the watch (a hook made anywhere; an
+        attribute of a module on the way to the routers set or deleted, or a callable there replaced; a module's
+        class swapped; an attribute of one of their classes set or deleted; a helper their code names replaced);
+        callers inline it on their hot path."""
         stamp = self.stamp
-        return stamp is not None and (_HOOKS.next_id != stamp[0] or tuple(map(len, self.way)) != stamp[1])
+        if stamp is None:
+            return False
+        try:  # (a class's dict is compared with its copy, entry by entry: each the same object, or equal)
+            return [
+                _HOOKS.next_id,
+                *map(len, self.way),
+                *map(type, self.mods),
+                *self.classes,
+                *map(operator.getitem, self.places, self.keys),
+            ] != stamp
+        except Exception:  # (a value gone from its place, or one whose == raises: it changed)
+            return True
 
     def recheck(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[Callable[[], Any]], Any] | None:
         """At a forward of the model while a block is open, where the stamp moved (:meth:`moved`): None, or a
@@ -904,11 +940,21 @@ class Session:
         """Note, as the model's forward is known to pass the watch in the open block, what :meth:`_recheck`
         compares at each later forward in it."""
         owner = self._owner
-        owner.way = [m.__dict__ for m in _on_the_way(model, scopes)]
-        owner.stamp = (_HOOKS.next_id, tuple(map(len, owner.way)))
+        owner.mods = _on_the_way(model, scopes)
+        owner.way = [m.__dict__ for m in owner.mods]
+        owner.classes = [vars(klass) for klass in _classes_of(owner.mods)]
+        owner.places, owner.keys = _code_places(owner.mods)
+        owner.stamp = [
+            _HOOKS.next_id,
+            *map(len, owner.way),
+            *map(type, owner.mods),
+            *map(dict, owner.classes),
+            *map(operator.getitem, owner.places, owner.keys),
+        ]
 
     def _unstamp(self) -> None:
-        self._owner.way, self._owner.stamp = [], None
+        owner = self._owner
+        owner.mods, owner.way, owner.classes, owner.places, owner.keys, owner.stamp = [], [], [], [], [], None
 
     def _recheck(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[Callable[[], Any]], Any] | None:
         """At each forward of the model in an open block, after its first passed the watch for decisions outside
@@ -917,12 +963,15 @@ class Session:
 
         The watch runs as a block starts; a forward hook added inside the block (on an MoE block, or a global one)
         or a method set on a module on the way (``block.route = ...``) may dispatch the block's tokens by a top-k of
-        its own, the forced router's choice dropped. What is compared per forward is a stamp: the number of hooks
-        torch has made (any hook, anywhere, moves it) and the number of attributes of each module on the way (one
-        call over them, in C). Where it moved, the skeleton the watch passed is compared in full; a change there
-        (not a tensor's hook, nor an attribute a forward set) runs this forward under the watch, which refuses a
-        decision outside the routers as it ends, and so on for each forward of the block (the next block watches
-        and notes the model as it is then). A method replaced on a class is not seen inside a block."""
+        its own, the forced router's choice dropped, and so may a method replaced on their classes, a class swapped
+        or a helper their code names replaced. What is compared per forward is a stamp, one list built and compared
+        in C (see :meth:`_Owner.moved`): the number of hooks torch has made (any hook, anywhere, moves it), the
+        number of attributes and the class of each module on the way, the ``__dict__`` of each of their classes up to
+        ``nn.Module`` (against a copy: each entry the same object), and the callables set on those modules and the
+        helpers their classes' code names, each at its place. Where it moved, the skeleton the watch passed is
+        compared in full; a change there (not a tensor's hook, nor an attribute a forward set, nor a constant set
+        on a class) runs this forward under the watch, which refuses a decision outside the routers as it ends, and
+        so on for each forward of the block (the next block watches and notes the model as it is then)."""
         if not self._owner.moved() or self._rewatching or _in_backward():
             return None
         model = self._model_ref()
@@ -2451,31 +2500,63 @@ def _code_on_the_way(modules: Sequence[nn.Module]) -> tuple[tuple[tuple[str, int
     functions named by the ``forward`` of each class, and by every method of a class outside torch and transformers
     (a helper the block calls, replaced). moe_replay's own wrappers are left out: a later session brings new ones."""
     out: list[tuple[tuple[str, int, Any], ...]] = []
-    classes: set[type] = set()
     for m in modules:
         out.append(tuple(_held(k, v) for k, v in vars(m).items() if callable(v) and not _ours(v) and not _torchs(v)))
-        for klass in type(m).__mro__:
-            if klass is nn.Module or klass is object or klass in classes:
-                break
-            classes.add(klass)
-            out.append(
-                (("", id(klass), None), *(_held(k, v) for k, v in vars(klass).items() if callable(v) or _descriptor(v)))
-            )
-            own = not _library(getattr(klass, "__module__", "") or "")
-            for k, v in vars(klass).items():
-                if isinstance(v, types.FunctionType) and (own or k == "forward"):
-                    out.append(_globals_named(v))
+    for klass in _classes_of(modules):
+        out.append(
+            (("", id(klass), None), *(_held(k, v) for k, v in vars(klass).items() if callable(v) or _descriptor(v)))
+        )
+        for fn in _helpers_read(klass):
+            out.append(tuple(_held(name, fn.__globals__[name]) for name in _globals_named(fn)))
     return tuple(out)
 
 
-def _globals_named(fn: types.FunctionType) -> tuple[tuple[str, int, Any], ...]:
-    """The functions ``fn`` names as globals (a module-level helper its forward calls), by identity."""
+def _classes_of(modules: Sequence[nn.Module]) -> list[type]:
+    """The classes of ``modules`` and their bases up to ``nn.Module`` (each once, in order): the code they run."""
+    classes: dict[type, None] = {}
+    for m in modules:
+        for klass in type(m).__mro__:
+            if klass is nn.Module or klass is object or klass in classes:
+                break
+            classes[klass] = None
+    return list(classes)
+
+
+def _helpers_read(klass: type) -> list[types.FunctionType]:
+    """The functions of ``klass`` whose module-level helpers are compared: its ``forward``, and every method of a
+    class outside torch, transformers and moe_replay."""
+    own = not _library(getattr(klass, "__module__", "") or "")
+    return [v for k, v in vars(klass).items() if isinstance(v, types.FunctionType) and (own or k == "forward")]
+
+
+def _globals_named(fn: types.FunctionType) -> list[str]:
+    """The names of the functions ``fn`` names as globals (a module-level helper its forward calls)."""
     space = fn.__globals__
-    return tuple(
-        _held(name, space[name])
+    return [
+        name
         for name in fn.__code__.co_names
         if isinstance(space.get(name), types.FunctionType) and not _library(space[name].__module__ or "")
-    )
+    ]
+
+
+def _code_places(modules: Sequence[nn.Module]) -> tuple[list[Any], list[str]]:
+    """Where the code ``modules`` hold sits, as ``(places, keys)`` (``places[i][keys[i]]``): each callable set on
+    one of them, and each module-level helper named by the code of their classes (see :func:`_code_on_the_way`).
+    A replacement there between two forwards of a block is read at the second (see :meth:`_Owner.moved`)."""
+    places: list[Any] = []
+    keys: list[str] = []
+    for m in modules:
+        d = m.__dict__
+        for k, v in d.items():
+            if callable(v):
+                places.append(d)
+                keys.append(k)
+    for klass in _classes_of(modules):
+        for fn in _helpers_read(klass):
+            for name in _globals_named(fn):
+                places.append(fn.__globals__)
+                keys.append(name)
+    return places, keys
 
 
 def _torchs(value: Any) -> bool:
