@@ -19,7 +19,6 @@ import fnmatch
 import functools
 import inspect
 import math
-import numbers
 import re
 import types
 from collections.abc import Callable, Iterable, Sequence
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import is_collection, is_one_of
+from ._checks import is_collection, is_integer, is_one_of
 from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError, RouterNotFoundError
 from .intercept import DECISIONS
 
@@ -906,8 +905,11 @@ def find_routers(
         ['layers.0.mlp.router', 'layers.1.mlp.router']
     """
     for what, value in (("top_k", top_k), ("num_experts", num_experts)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+        # (a numpy integer or a 0-d integer tensor is the count it holds, as attach's capacity takes it)
+        if value is not None and (not is_integer(value) or int(value) < 1):
             raise InvalidArgumentError(f"{what} must be a positive int (or None: read from the model), got {value!r}")
+    top_k = None if top_k is None else int(top_k)
+    num_experts = None if num_experts is None else int(num_experts)
     if top_k is not None and num_experts is not None and top_k > num_experts:
         raise InvalidArgumentError(f"top_k={top_k} chooses more experts than num_experts={num_experts} has")
     if not isinstance(model, nn.Module):

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import check_count, check_flag, check_values, is_one_of
+from ._checks import check_count, check_flag, check_values, is_integer, is_one_of
 from ._feeds import HELD_FEWER, SHRINKS
 from ._progress import Progress, check
 from .batch import take_rows
@@ -126,6 +126,8 @@ def generation_lengths(
         sequences: ``[B, prompt_len + N]`` as ``generate()`` returns them.
         prompt_len: padded prompt width ``P``.
         eos_token_id: one id or several; ``None`` means every sequence ran all ``N`` steps.
+            A negative id is refused: it matches no token, so it would read every sequence
+            as never ended.
 
     Example:
         >>> import torch, moe_replay as mr
@@ -139,15 +141,24 @@ def generation_lengths(
             f"{tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else type(sequences).__name__}"
         )
     _check_token_ids(sequences)
-    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or not 0 <= prompt_len <= sequences.shape[1]:
+    # (a numpy integer or a 0-d tensor is taken, as generation_capacity and split_generation take it)
+    if not is_integer(prompt_len) or not 0 <= int(prompt_len) <= sequences.shape[1]:
         raise InvalidArgumentError(
             f"prompt_len must be an int from 0 to the sequences' width {sequences.shape[1]}, got {prompt_len!r}"
         )
-    new = sequences[:, prompt_len:]
+    new = sequences[:, int(prompt_len) :]
     b, n = new.shape
     if eos_token_id is None:
         return torch.full((b,), n, dtype=torch.long)
-    eos = _integers(eos_token_id, "eos_token_id").to(new.device)
+    eos = _integers(eos_token_id, "eos_token_id")
+    if bool((eos < 0).any()):
+        # no token id is negative, so such an id matches no token and every sequence would read as never ended
+        raise InvalidArgumentError(
+            f"eos_token_id must be token ids >= 0, got {eos.tolist()!r:.80}: a negative id matches no token, so "
+            "every sequence would be read as running all its steps. Pass the tokenizer's eos_token_id (or "
+            "generation_config.eos_token_id), or None if no sequence stopped early"
+        )
+    eos = eos.to(new.device)
     if n == 0:
         return torch.full((b,), n, dtype=torch.long)
     hit = torch.isin(new.long(), eos)

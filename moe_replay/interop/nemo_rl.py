@@ -37,9 +37,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 
 from .._checks import check_count, is_one_of
-from ..errors import RoutesValidationError
+from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes
 from ._common import as_array, columns, cut_last, make_routes, rows_untold, to_array, with_last
 from .layer_map import LayerMap, check_layout, check_map
@@ -58,6 +59,31 @@ def nemo_rl_dtype(num_experts: int) -> str:
     if not 1 <= n <= np.iinfo(np.int32).max + 1:
         raise RoutesValidationError(f"num_experts must be from 1 to 2**31 (int32 expert ids), got {n}")
     return next(name for name, dt in _DTYPES.items() if n - 1 <= np.iinfo(dt).max)
+
+
+def _dtype_name(dtype: Any) -> str:
+    """The envelope's name of ``dtype``: "int8", "int16" or "int32", given by name or as numpy spells it
+    (``np.int16``, ``np.dtype("int16")``), as :meth:`Routes.to_numpy` takes a dtype; the envelope's byte order is
+    its own (little-endian), whatever the dtype's."""
+    carried = ", ".join(repr(n) for n in _DTYPES)
+    if isinstance(dtype, torch.dtype):
+        raise ArgumentTypeError(
+            f"to_nemo_rl: dtype={dtype} is a torch dtype; pass its name or the numpy dtype ({carried}, np.int16)"
+        )
+    if isinstance(dtype, bool | np.bool_) or (isinstance(dtype, str) and not dtype.strip()):
+        raise ArgumentTypeError(f"to_nemo_rl: dtype must name one of {carried} (or be np.int16...), got {dtype!r}")
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError) as e:
+        raise ArgumentTypeError(
+            f"to_nemo_rl: dtype must be one of {carried} or the numpy dtype (np.int16...), got {dtype!r:.60}: {e}"
+        ) from None
+    if dt.name not in _DTYPES:
+        raise RoutesValidationError(
+            f"to_nemo_rl: NeMo-RL carries routes as {carried} only, got {dt}; pass one of them (or None for "
+            "NeMo-RL's own choice, nemo_rl_dtype(num_experts))"
+        )
+    return dt.name
 
 
 def _unwrap(payload: Any) -> tuple[Any, int | None, list[Any] | None]:
@@ -285,20 +311,20 @@ def to_nemo_rl(
 
     Args:
         layout: "all" hidden layers (vLLM 0.22+, as NeMo-RL pins) or "moe" layers (0.21).
-        dtype: "int8", "int16" or "int32"; by default NeMo-RL's choice for the map's expert
-            count (:func:`nemo_rl_dtype`). One too narrow for the experts is refused.
+        dtype: "int8", "int16" or "int32", by name or as numpy spells it (``np.int16``); by
+            default NeMo-RL's choice for the map's expert count (:func:`nemo_rl_dtype`). One too
+            narrow for the experts is refused.
         drop_last: write the placeholder over a route the last token holds (otherwise
             refused: the format has no route for it).
 
     Raises:
         RoutesValidationError: routes that do not fit the map, a dtype NeMo-RL does not
             carry or too narrow, a route for the last token without ``drop_last=True``.
+        ArgumentTypeError: ``dtype`` is no dtype numpy reads (a torch dtype: pass its name).
     """
     check_map(layer_map, "to_nemo_rl")
     check_layout(layout)
-    name = nemo_rl_dtype(layer_map.max_experts) if dtype is None else dtype
-    if not isinstance(name, str) or name not in _DTYPES:
-        raise RoutesValidationError(f"to_nemo_rl: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    name = nemo_rl_dtype(layer_map.max_experts) if dtype is None else _dtype_name(dtype)
     body = cut_last(routes, drop_last, _WHAT)
     arr = to_array(body, layer_map, layout, _DTYPES[name], _WHAT, allow_missing=True)
     cols = [c for c in (layer_map.column(n, layout) for n in layer_map.names) if c is not None]

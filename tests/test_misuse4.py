@@ -1,0 +1,145 @@
+"""Misuse of the public API that tests/test_misuse.py, test_misuse2.py and test_misuse3.py do not try: dtypes
+spelt as numpy spells them, token ids no sequence can hold, counts given as numpy integers or 0-d tensors to the
+functions that did not take them yet, and the public objects shown or copied in every state.
+
+Each bad input must end in a ``MoEReplayError`` naming what is wrong (and what to pass), with the model left as
+it was; each good one in the answer of its plain spelling, never a refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+import moe_replay as mr
+from moe_replay import interop as io_
+
+from .conftest import assert_untouched, snapshot, tried
+
+
+def _seq(t: int, layers: int = 2, k: int = 2, e: int = 8, seed: int = 0) -> mr.Routes:
+    """An engine's sequence of ``t`` tokens: distinct experts per row, the last token unrouted."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) for _ in range(layers)]
+    for r in rows:
+        r[-1] = -1
+    return mr.Routes(rows, names=[f"model.layers.{i + 1}.mlp.gate" for i in range(layers)], num_experts=e)
+
+
+_E = _seq(5)
+_LM = mr.LayerMap.from_names(list(_E.names), 3, 8, 2)  # hidden layer 0 dense
+
+
+# --- to_nemo_rl's dtype: taken as numpy spells it, as Routes.to_numpy takes one ---------------------------------
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.parametrize(
+    "spelt",
+    [np.int16, np.dtype("int16"), np.dtype(">i2"), "i2", "<i2", np.short],
+    ids=["np.int16", "np.dtype", "big-endian", "'i2'", "'<i2'", "np.short"],
+)
+def test_to_nemo_rl_takes_a_dtype_as_numpy_spells_it_and_writes_the_envelope_of_its_name(spelt: object) -> None:
+    """``to_nemo_rl(dtype=np.int16)`` (and any spelling numpy reads as int16, a big-endian one too) writes exactly the
+    envelope ``dtype="int16"`` writes, little-endian as the format is, and reads back to the same routes."""
+    want = io_.to_nemo_rl(_E, _LM, dtype="int16")
+    got = io_.to_nemo_rl(_E, _LM, dtype=spelt)
+    assert got == want and got.startswith("nrlre1:int16:")
+    back = io_.from_nemo_rl(got, _LM, missing="native")
+    assert back.equal(io_.from_nemo_rl(io_.to_nemo_rl(_E, _LM), _LM, missing="native"))
+
+
+_NEMO_DTYPES: dict[str, tuple[object, type[mr.MoEReplayError]]] = {
+    "torch.int16": (torch.int16, mr.ArgumentTypeError),
+    "np.int64": (np.int64, mr.RoutesValidationError),
+    "np.uint8": (np.uint8, mr.RoutesValidationError),
+    "'uint16'": ("uint16", mr.RoutesValidationError),
+    "np.float32": (np.float32, mr.RoutesValidationError),
+    "bool": (bool, mr.RoutesValidationError),
+    "True": (True, mr.ArgumentTypeError),
+    "''": ("", mr.ArgumentTypeError),
+    "1": (1, mr.ArgumentTypeError),
+    "'notadtype'": ("notadtype", mr.ArgumentTypeError),
+}
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("dtype", list(_NEMO_DTYPES))
+def test_to_nemo_rl_refuses_a_dtype_it_does_not_carry_and_says_what_to_pass(dtype: str) -> None:
+    """A dtype NeMo-RL does not carry, a torch dtype or no dtype at all is refused with a message that names the
+    three it carries, never written under another name."""
+    value, error = _NEMO_DTYPES[dtype]
+    with pytest.raises(error, match="'int16'"):
+        io_.to_nemo_rl(_E, _LM, dtype=value)
+
+
+# --- generation_lengths: a negative eos id matches no token ------------------------------------------------------
+
+_OUT = torch.tensor([[5, 6, 7, 2, 0], [5, 6, 8, 9, 4]])  # prompt of 2, then 3 new tokens; the first stops at 2
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "eos",
+    [-1, [-1, 2], np.int64(-1), torch.tensor([-1]), torch.tensor(-100)],
+    ids=["-1", "[-1, 2]", "np -1", "tensor [-1]", "0-d -100"],
+)
+def test_a_negative_eos_token_id_is_refused_never_read_as_no_sequence_stopping(eos: object) -> None:
+    """``generation_lengths(eos_token_id=-1)`` matched no token, so every sequence read as running all its steps
+    (here the first stopped at its eos after 2): the split then gave the tokens after an eos routes of their own.
+    A negative id is refused, by ``split_generation`` too, with what to pass instead."""
+    with pytest.raises(mr.InvalidArgumentError, match="eos_token_id must be token ids >= 0"):
+        mr.generation_lengths(_OUT, 2, eos)
+    routes = _seq(8, seed=3)  # the row count of one generate() over B=2, P=2, N=3: 2 * 2 + 2 * 2
+    with pytest.raises(mr.InvalidArgumentError, match="eos_token_id must be token ids >= 0"):
+        mr.split_generation(routes, batch_size=2, prompt_len=2, sequences=_OUT, eos_token_id=eos)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    "prompt_len", [np.int64(2), np.int32(2), torch.tensor(2)], ids=["np.int64", "np.int32", "0-d tensor"]
+)
+def test_generation_lengths_takes_a_prompt_len_given_as_a_numpy_integer_or_a_0_d_tensor(prompt_len: object) -> None:
+    """``prompt_len`` given as ``generation_capacity`` and ``split_generation`` take it (``input_ids.shape[1]`` kept as
+    a numpy integer or a 0-d tensor) gives what the plain int gives, never a refusal."""
+    want = mr.generation_lengths(_OUT, 2, 2)
+    assert want.tolist() == [2, 3]
+    assert torch.equal(mr.generation_lengths(_OUT, prompt_len, 2), want)  # type: ignore[arg-type]
+
+
+# --- attach / find_routers: top_k and num_experts as numpy integers or 0-d tensors ------------------------------
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    "as_count",
+    [np.int64, np.int32, torch.tensor],
+    ids=["np.int64", "np.int32", "0-d tensor"],
+)
+def test_top_k_and_num_experts_given_as_numpy_integers_or_0_d_tensors_are_the_counts_they_hold(
+    as_count: Callable[[int], object],
+) -> None:
+    """``attach(top_k=torch.tensor(2))`` was refused as "not a positive int" while ``capacity=torch.tensor(...)`` was
+    taken; now each is the count it holds: the same sites (plain ints on them) and the same capture."""
+    model, x = mr.models.build("softmax_topk", num_layers=2), torch.randint(0, 128, (2, 5))
+    before = snapshot(model)
+    plain = [(s.name, s.top_k, s.num_experts) for s in mr.find_routers(model, top_k=2, num_experts=8)]
+    sites = mr.find_routers(model, top_k=as_count(2), num_experts=as_count(8))  # type: ignore[arg-type]
+    assert [(s.name, s.top_k, s.num_experts) for s in sites] == plain
+    assert all(type(s.top_k) is int and type(s.num_experts) is int for s in sites)
+    routes = []
+    for k, e in ((2, 8), (as_count(2), as_count(8))):
+        with mr.attach(model, top_k=k, num_experts=e) as session:  # type: ignore[arg-type]
+            with session.capture():
+                model(x)
+            routes.append(session.routes())
+    assert routes[0].equal(routes[1])
+    assert_untouched(model, before)
+    for bad in (as_count(0), as_count(-2)):
+        with pytest.raises(mr.InvalidArgumentError, match="top_k must be a positive int"):
+            mr.attach(model, top_k=bad)  # type: ignore[arg-type]
+        assert_untouched(model, before)
+    tried(3)
