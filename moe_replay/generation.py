@@ -646,7 +646,8 @@ def split_generation(
             which returns the ``N`` new tokens only, put the prompt ids before them.
         new_tokens: ``N``; inferred from the row count.
         lengths: new tokens per sequence (a sequence that stopped early has fewer);
-            default: from ``sequences`` and ``eos_token_id``, else ``N`` each.
+            default: from ``sequences`` and ``eos_token_id``, else ``N`` each. Given with
+            both, the three must agree.
         eos_token_id: end-of-sequence id(s) to find ``lengths`` in ``sequences``.
         keep_padding: keep every position of ``generate()``'s ``[B, P + N]`` grid, with -1
             rows at padding, so that ``Routes.cat(result)`` replays a forward over
@@ -781,6 +782,14 @@ def split_generation(
         gen = _integers(lengths, "lengths (new tokens per sequence)").cpu()
         if gen.numel() != b or bool((gen < 1).any()) or bool((gen > n).any()):
             raise InvalidArgumentError(f"lengths must be {b} values in 1..{n}, got {gen.tolist()}")
+        if eos_token_id is not None and sequences is not None:  # (both say where each sequence stopped: never one
+            found = generation_lengths(sequences, p, eos_token_id).cpu()  # of them ignored where they disagree)
+            if not torch.equal(found, gen):
+                raise InvalidArgumentError(
+                    f"lengths={gen.tolist()} but eos_token_id={eos_token_id!r:.40} ends the sequences after "
+                    f"{found.tolist()} new tokens: both say where each sequence stopped, and they disagree. Give "
+                    "one of them"
+                )
 
     # capture row of every (sequence, grid position); -1 where nothing was routed
     grid = torch.full((b, p + n), -1, dtype=torch.long)

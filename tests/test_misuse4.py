@@ -143,3 +143,33 @@ def test_top_k_and_num_experts_given_as_numpy_integers_or_0_d_tensors_are_the_co
             mr.attach(model, top_k=bad)  # type: ignore[arg-type]
         assert_untouched(model, before)
     tried(3)
+
+
+# --- split_generation: lengths and eos_token_id that disagree -----------------------------------------------------
+
+
+def _rollout() -> tuple[mr.Routes, torch.Tensor, torch.Tensor]:
+    """One ``generate()`` of 3 new tokens over 2 prompts of 4 (the first left-padded), its capture and output."""
+    torch.manual_seed(0)
+    model = mr.models.build("softmax_topk", num_layers=2)
+    prompt, mask = torch.randint(1, 128, (2, 4)), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with mr.attach(model) as session:
+        with session.capture():
+            seqs = model.generate(prompt, max_new_tokens=3, attention_mask=mask)
+        return session.routes(), mask, seqs
+
+
+@pytest.mark.reliability("silent replays")
+def test_lengths_and_an_eos_token_id_that_disagree_are_refused_never_one_of_them_ignored() -> None:
+    """``split_generation(lengths=..., eos_token_id=..., sequences=...)``: both say where each sequence stopped. Where
+    they disagree (the first sequence's second new token is the eos) the lengths were taken and the eos ignored, so
+    the tokens after the eos kept routes as real tokens; now refused. Where they agree, the split is either one's."""
+    routes, mask, seqs = _rollout()
+    eos = int(seqs[0, 5])  # (the first sequence's second new token; the second sequence holds no such token)
+    assert eos not in seqs[1, 4:].tolist()
+    by_eos = mr.split_generation(routes, attention_mask=mask, sequences=seqs, eos_token_id=eos)
+    assert [p.num_tokens for p in by_eos] == [5, 7]
+    with pytest.raises(mr.InvalidArgumentError, match="disagree"):
+        mr.split_generation(routes, attention_mask=mask, sequences=seqs, lengths=[3, 3], eos_token_id=eos)
+    both = mr.split_generation(routes, attention_mask=mask, sequences=seqs, lengths=[2, 3], eos_token_id=eos)
+    assert len(both) == 2 and all(a.equal(b) for a, b in zip(both, by_eos, strict=True))
