@@ -173,3 +173,41 @@ def test_lengths_and_an_eos_token_id_that_disagree_are_refused_never_one_of_them
         mr.split_generation(routes, attention_mask=mask, sequences=seqs, lengths=[3, 3], eos_token_id=eos)
     both = mr.split_generation(routes, attention_mask=mask, sequences=seqs, lengths=[2, 3], eos_token_id=eos)
     assert len(both) == 2 and all(a.equal(b) for a, b in zip(both, by_eos, strict=True))
+
+
+# --- interop offsets: a 0-d tensor is the offset it holds -----------------------------------------------------------
+
+_OFFSETS: dict[str, Callable[[object], object]] = {
+    "to_vllm prompt_start": lambda v: io_.to_vllm(_E, _LM, prompt_start=v),  # type: ignore[arg-type]
+    "to_vllm_split prompt_len": lambda v: io_.to_vllm_split(_E, _LM, v),  # type: ignore[arg-type]
+    "to_sglang start_len": lambda v: io_.to_sglang(_E, _LM, start_len=v),  # type: ignore[arg-type]
+    "from_vllm prompt_len": lambda v: io_.from_vllm(
+        io_.to_vllm(_E, _LM),
+        _LM,
+        prompt_len=v,
+        completion_len=5 - int(v),  # type: ignore[arg-type, call-overload]
+    ),
+}
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, mr.Routes):
+        return isinstance(b, mr.Routes) and a.equal(b)
+    if isinstance(a, tuple | list):
+        return isinstance(b, tuple | list) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    return bool(a == b)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("call", list(_OFFSETS))
+@pytest.mark.parametrize("as_count", [np.int64, torch.tensor], ids=["np.int64", "0-d tensor"])
+def test_an_engine_offset_given_as_a_numpy_integer_or_a_0_d_tensor_is_the_offset_it_holds(
+    call: str, as_count: Callable[[int], object]
+) -> None:
+    """``prompt_start``/``start_len``/``prompt_len`` given as a numpy integer or a 0-d tensor (``mask.sum()``) give what
+    the plain int gives: a 0-d tensor was refused as "not an integer" while ``to_verl`` took one for its widths."""
+    assert _same(_OFFSETS[call](as_count(1)), _OFFSETS[call](1))
+    with pytest.raises(mr.RoutesValidationError, match="must be an integer >= 0"):
+        _OFFSETS[call](as_count(-1))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._checks import MAX_COUNT, check_flag
+from .._checks import MAX_COUNT, check_flag, is_integer
 from ..errors import RoutesValidationError
 from ..routes import Routes, in_token_order, integer_array
 from .layer_map import LayerMap, check_layout
@@ -248,7 +248,8 @@ def check_routed_rows(arr: np.ndarray, num_tokens: int, what: str) -> None:
 
 def check_start(start: int, name: str) -> int:
     """A non-negative integer offset."""
-    if isinstance(start, bool) or not isinstance(start, int | np.integer) or not 0 <= int(start) <= MAX_COUNT:
+    # (a numpy integer or a 0-d integer tensor is the offset it holds, as to_verl's widths and fill take it)
+    if not is_integer(start) or not 0 <= int(start) <= MAX_COUNT:
         raise RoutesValidationError(f"{name} must be an integer >= 0 (a token count), got {start!r}")
     return int(start)
 

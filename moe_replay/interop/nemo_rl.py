@@ -80,8 +80,8 @@ def _dtype_name(dtype: Any) -> str:
         ) from None
     if dt.name not in _DTYPES:
         raise RoutesValidationError(
-            f"to_nemo_rl: NeMo-RL carries routes as {carried} only, got {dt}; pass one of them (or None for "
-            "NeMo-RL's own choice, nemo_rl_dtype(num_experts))"
+            f"to_nemo_rl: dtype must be one of {carried} (NeMo-RL carries routes in no other), got {dt}; pass one "
+            "of them (or None for NeMo-RL's own choice, nemo_rl_dtype(num_experts))"
         )
     return dt.name
 
