@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import is_collection, is_one_of
+from ._checks import is_collection, is_integer, is_one_of
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -167,7 +167,7 @@ class RoutingComparison:
             if router not in self.names:
                 raise UnknownRouterError(f"no router named '{router}' in this comparison; routers: {list(self.names)}")
             return self.names.index(router)
-        if not isinstance(router, int | np.integer) or isinstance(router, bool):
+        if not is_integer(router):  # (a numpy integer or a 0-d integer tensor: the position it holds)
             raise ArgumentTypeError(f"router must be a router name or a position in names, got {router!r:.60}")
         if not -len(self.names) <= int(router) < len(self.names):
             raise InvalidArgumentError(

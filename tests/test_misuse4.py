@@ -211,3 +211,24 @@ def test_an_engine_offset_given_as_a_numpy_integer_or_a_0_d_tensor_is_the_offset
     assert _same(_OFFSETS[call](as_count(1)), _OFFSETS[call](1))
     with pytest.raises(mr.RoutesValidationError, match="must be an integer >= 0"):
         _OFFSETS[call](as_count(-1))
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("position", [torch.tensor(-1)], ids=["0-d -1"])
+def test_a_comparisons_plot_takes_a_router_position_given_as_a_0_d_tensor(position: object) -> None:
+    """``plot(router=torch.tensor(1))`` (an argmax over ``per_layer``, say) draws that router's load, as
+    ``router=1`` does; it was refused as "no position" while a numpy integer was taken."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    a, b = _seq(4, layers=3, seed=1), _seq(4, layers=3, seed=2)
+    cmp = mr.compare(a, b)
+    want = cmp.plot(router=int(position))  # type: ignore[call-overload]
+    got = cmp.plot(router=position)  # type: ignore[arg-type]
+    try:
+        assert got.axes[1].get_title() == want.axes[1].get_title() == f"expert load, {a.names[int(position)]}"  # type: ignore[call-overload]
+    finally:
+        plt.close(want)
+        plt.close(got)
+    with pytest.raises(mr.InvalidArgumentError, match="out of range"):
+        cmp.plot(router=torch.tensor(3))  # type: ignore[arg-type]
