@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, SupportsIndex
 
 import torch
 
@@ -219,6 +219,19 @@ class _Calls(list[_Call]):
         for item in items:
             self.append(item)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # (copied or pickled as a whole: the default puts the items back through append() before the state that notes
+        # their forwards, which then fails or notes every item twice)
+        return _rebuilt_calls, (self.owner, list(self), list(self.forward_of))
+
+
+def _rebuilt_calls(owner: RouterScores, items: list[_Call], forward_of: list[int]) -> _Calls:
+    """A :class:`_Calls` of a copy or an unpickled :class:`RouterScores`: its items and their forwards as they were."""
+    calls = _Calls.__new__(_Calls)
+    list.extend(calls, items)
+    calls.owner, calls.forward_of = owner, forward_of
+    return calls
+
 
 class RouterScores:
     """What each router's decision call saw while :meth:`Session.keep_scores` was open.
@@ -271,6 +284,25 @@ class RouterScores:
         #: session's forward of the model: see :meth:`_began`), and the one running now (-1: none)
         self._forwards: list[_Fed] = []
         self._now = -1
+
+    def __copy__(self) -> RouterScores:
+        # (a shallow copy shares the scores, their graph too: only a deep copy or a pickle cuts them from it)
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        # a copy of scores with their autograd graph would be cut from it (torch pickles them as leaves, and a deep
+        # copy of a non-leaf raises): a loss on them would then send no gradient to any router, without an error
+        live = [n for n, calls in self._calls.items() if any(c[0].grad_fn is not None for c in calls)]
+        if live:
+            raise InvalidArgumentError(
+                f"these RouterScores hold the autograd graph of the forward they were kept in (router '{live[0]}'"
+                f"{f' and {len(live) - 1} more' if len(live) > 1 else ''}): a copy or a pickle would cut the scores "
+                "from it, and a loss on them would send no gradient to any router. Compute the loss on these scores, "
+                "or copy what you need detached: [s.detach() for s in kept.scores] and kept.indices"
+            )
+        return super().__reduce_ex__(protocol)
 
     def _began(self, grid: tuple[int, int] | None, sequence_first: bool | None, why: str = "") -> None:
         """A forward of the model begins: its ``[batch, positions]`` (None: none) and whether its routers see them

@@ -8,6 +8,8 @@ it was; each good one in the answer of its plain spelling, never a refusal.
 
 from __future__ import annotations
 
+import copy
+import pickle
 from collections.abc import Callable
 
 import numpy as np
@@ -232,3 +234,57 @@ def test_a_comparisons_plot_takes_a_router_position_given_as_a_0_d_tensor(positi
         plt.close(got)
     with pytest.raises(mr.InvalidArgumentError, match="out of range"):
         cmp.plot(router=torch.tensor(3))  # type: ignore[arg-type]
+
+
+# --- RouterScores copied or pickled ---------------------------------------------------------------------------------
+
+
+def _kept(grad: bool) -> tuple[mr.RouterScores, torch.nn.Module]:
+    """Scores kept over two forwards of other batch sizes, with or without their autograd graph, and the model."""
+    torch.manual_seed(0)
+    model = mr.models.build("softmax_topk", num_layers=2)
+    x = torch.randint(0, 128, (2, 6))
+    with mr.attach(model) as session, torch.set_grad_enabled(grad), session.keep_scores() as kept:
+        model(x)
+        model(x[:1, :4])
+    return kept, model
+
+
+_COPIES: dict[str, Callable[[mr.RouterScores], mr.RouterScores]] = {
+    "pickle": lambda k: pickle.loads(pickle.dumps(k)),
+    "deepcopy": copy.deepcopy,
+}
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.parametrize("how", list(_COPIES))
+def test_router_scores_kept_without_a_graph_copy_and_pickle_whole(how: str) -> None:
+    """``pickle``/``copy.deepcopy`` of scores kept under ``no_grad`` failed with an ``AttributeError`` from inside the
+    package (the items came back before the state noting their forwards); the copy now holds the same scores,
+    experts and forwards, so that the loss and each row's mask weight are the original's."""
+    kept, _ = _kept(grad=False)
+    got = _COPIES[how](kept)
+    assert list(got) == list(kept)
+    for name in kept:
+        assert all(torch.equal(a, b) for a, b in zip(got[name], kept[name], strict=True))
+    masks = [torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6]), torch.tensor([[1, 1, 0, 0]])]
+    for a, b in zip(got.row_mask(masks), kept.row_mask(masks), strict=True):
+        assert torch.equal(a, b)
+    want = mr.load_balancing_loss(kept.scores, kept.indices, mask=masks)
+    assert torch.equal(mr.load_balancing_loss(got.scores, got.indices, mask=masks), want)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", list(_COPIES))
+def test_router_scores_with_their_graph_are_refused_a_copy_that_would_cut_them_from_it(how: str) -> None:
+    """A pickle of scores kept with gradients gave leaf tensors that still required grad: an auxiliary loss on them
+    ran backward with no error and no gradient to any router. A deep copy raised torch's own error. Both are refused
+    with what to copy instead; a shallow copy shares the scores and their graph, and still gives router gradients."""
+    kept, model = _kept(grad=True)
+    with pytest.raises(mr.InvalidArgumentError, match=r"s\.detach\(\) for s in kept\.scores"):
+        _COPIES[how](kept)
+    shallow = copy.copy(kept)
+    mr.load_balancing_loss(shallow.scores, shallow.indices).backward()
+    routers = [m for m in model.modules() if isinstance(m, mr.models.SoftmaxTopKRouter)]
+    assert len(routers) == 2
+    assert all(r.weight.grad is not None and bool(r.weight.grad.abs().sum() > 0) for r in routers)
