@@ -288,3 +288,46 @@ def test_router_scores_with_their_graph_are_refused_a_copy_that_would_cut_them_f
     routers = [m for m in model.modules() if isinstance(m, mr.models.SoftmaxTopKRouter)]
     assert len(routers) == 2
     assert all(r.weight.grad is not None and bool(r.weight.grad.abs().sum() > 0) for r in routers)
+
+
+# --- every router style: the model cast, frozen or reloaded between capture and replay ------------------------------
+
+_BETWEEN: dict[str, Callable[[torch.nn.Module, str], object]] = {
+    "half()": lambda m, style: m.half(),
+    "requires_grad_(False).eval()": lambda m, style: m.requires_grad_(False).eval(),
+    "load_state_dict of other weights": lambda m, style: m.load_state_dict(
+        mr.models.build(style, num_layers=2, seed=9).state_dict()
+    ),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("change", list(_BETWEEN))
+@pytest.mark.parametrize("style", mr.models.STYLES)
+def test_every_router_style_cast_frozen_or_reloaded_after_capture_replays_the_recorded_experts(
+    style: str, change: str
+) -> None:
+    """Between capture and replay the routers are perturbed and the model cast, frozen or given other weights (the
+    earlier files try this on one router style): every style's replay forces exactly the recorded experts, where a
+    free forward of the changed model chooses others, and detach leaves no hook."""
+    torch.manual_seed(0)
+    model, x = mr.models.build(style, num_layers=2), torch.randint(0, 128, (2, 6))
+    session = mr.attach(model)
+    with session.capture():
+        model(x)
+    recorded = session.routes()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for site in session.sites:
+            w = site.module.weight
+            w.add_(3 * w.std() * torch.randn(w.shape, generator=g))
+    _BETWEEN[change](model, style)
+    with session.replay(recorded), session.capture():
+        model(x)
+    assert session.routes().equal(recorded)
+    with session.capture():
+        model(x)
+    assert not session.routes().equal(recorded)  # (the change and the perturbation move the routing: not a no-op)
+    before = snapshot(model)
+    session.detach()
+    assert_untouched(model, before)
