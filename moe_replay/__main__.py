@@ -147,7 +147,13 @@ def load_model(target: str, *, seed: int = 0, layers: int | None = None) -> tupl
     if target in models.STYLES:
         if layers is not None:
             extra["num_layers"] = layers
-        reference = models.build(target, seed=seed, **extra)
+        try:
+            reference = models.build(target, seed=seed, **extra)
+        except InvalidArgumentError as e:  # (its advice names the config's fields, which this command does not set)
+            size = str(e).split(": use smaller sizes", 1)
+            if layers is None or len(size) != 2:
+                raise
+            raise _UsageError(f"--layers {layers}: {size[0]}; ask for fewer --layers") from None
         cfg = reference.config
         return reference, (
             f"reference MoE '{target}': {cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k}"

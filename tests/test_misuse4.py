@@ -18,6 +18,7 @@ import torch
 
 import moe_replay as mr
 from moe_replay import interop as io_
+from moe_replay.__main__ import main
 
 from .conftest import assert_untouched, snapshot, tried
 
@@ -331,3 +332,19 @@ def test_every_router_style_cast_frozen_or_reloaded_after_capture_replays_the_re
     before = snapshot(model)
     session.detach()
     assert_untouched(model, before)
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.reliability("bad inputs")
+def test_inspect_of_a_reference_model_of_too_many_layers_names_the_option_that_asked_for_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``inspect softmax_topk --layers 100000`` was refused with the config's advice ("use smaller sizes (num_layers,
+    --num-experts, ...)"), which named an option that does not size the model and not the one given; now it names
+    ``--layers``, and nothing is built."""
+    assert main(["inspect", "softmax_topk", "--layers", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert "--layers 100000" in err and "fewer --layers" in err
+    assert "--num-experts" not in err and "num_layers" not in err
