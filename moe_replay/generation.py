@@ -774,9 +774,9 @@ def split_generation(
 
     prompt_mask = _prompt_mask(b, p, attention_mask, prompt_lengths, padding_side)
     _check_prompt_mask(routes, prompt_mask, attention_mask, prompt_lengths, padding_side)
+    if eos_token_id is not None and sequences is None:  # (with lengths= too: never ignored)
+        raise InvalidArgumentError("eos_token_id needs sequences to find where each sequence stopped")
     if lengths is None:
-        if eos_token_id is not None and sequences is None:
-            raise InvalidArgumentError("eos_token_id needs sequences to find where each sequence stopped")
         gen = generation_lengths(sequences, p, eos_token_id).cpu() if sequences is not None else torch.full((b,), n)
     else:
         gen = _integers(lengths, "lengths (new tokens per sequence)").cpu()

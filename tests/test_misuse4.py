@@ -176,6 +176,8 @@ def test_lengths_and_an_eos_token_id_that_disagree_are_refused_never_one_of_them
         mr.split_generation(routes, attention_mask=mask, sequences=seqs, lengths=[3, 3], eos_token_id=eos)
     both = mr.split_generation(routes, attention_mask=mask, sequences=seqs, lengths=[2, 3], eos_token_id=eos)
     assert len(both) == 2 and all(a.equal(b) for a, b in zip(both, by_eos, strict=True))
+    with pytest.raises(mr.InvalidArgumentError, match="eos_token_id needs sequences"):  # (nothing to check it on)
+        mr.split_generation(routes, attention_mask=mask, lengths=[3, 3], eos_token_id=eos)
 
 
 # --- interop offsets: a 0-d tensor is the offset it holds -----------------------------------------------------------
