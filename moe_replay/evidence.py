@@ -1199,17 +1199,24 @@ class _Selection:
         return self.cut.clone(), self.put.clone()
 
     def faint(self) -> bool:
-        """Did it cut only values that cannot be told from zero, and put such values there (under a thousandth of
-        the largest it was given, or the dtype's epsilon)? That is an underflow guard, ``w / clamp(w.sum(),
-        min=eps)``, which cuts only where the weights it divides by underflowed (a sharp router's forced experts
-        that its current scores rate at ~0), not a choice of experts: a threshold cut cuts values of the scores'
-        own size."""
+        """Did it cut only values that cannot be told from zero, and put such values there: under the dtype's
+        epsilon times the largest value of the same token (the row along the last dimension; each value alone
+        in a tensor of fewer than two dimensions), or times 1 where that is smaller? That is an underflow
+        guard, ``w / clamp(w.sum(), min=eps)`` or ``scores.clamp_min(1e-20)``, which cuts only where the values
+        underflowed (a sharp router's forced experts that its current scores rate at ~0), not a choice of
+        experts: a threshold cut (``F.threshold(w, 1e-3, 0)``) cuts values that a sum with the token's other
+        weights still tells from zero.
+
+        Per token, not against the batch's largest value: one peaked or huge token (an attention sink) would
+        make a real cut of every other token's small weights read as a guard."""
         with torch.no_grad():
             if not bool(self.cut.any()):
                 return True
             x = self.x.detach().abs().nan_to_num(0, 0, 0)
-            tiny = max(1e-3 * float(x.max()), float(torch.finfo(self.x.dtype).eps))
-            return bool((x[self.cut] <= tiny).all()) and bool((self.put.abs()[self.cut] <= tiny).all())
+            largest = x.amax(-1, keepdim=True) if x.dim() >= 2 else x
+            tiny = (torch.finfo(self.x.dtype).eps * largest.clamp_min(1)).expand_as(x)[self.cut]
+            put = self.put.detach().abs().nan_to_num(0, 0, 0)[self.cut]
+            return bool((x[self.cut] <= tiny).all()) and bool((put <= tiny).all())
 
     def held(self, choice: Any) -> torch.Tensor | None:
         """The cut's result with ``choice`` (another run's :attr:`choice`) held, or None if it does not fit."""

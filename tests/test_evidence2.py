@@ -1,0 +1,90 @@
+"""The evidence of a decision, continued: what tells an underflow guard after the decision from a real cut, and
+routers of very many experts established as fast as routers of few."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from .test_decisions2 import GuardedTopKBlock, outcome
+
+
+class SmallWeightCutBlock(GuardedTopKBlock):
+    """A bare gate (softened by ``scale``), the block's top-k softmax weights cut after the decision by ``cut``:
+    the experts whose weight is under a thousandth dropped (weighed 0), a real choice from the scores. The
+    reference forces the experts with their weights, none dropped."""
+
+    def __init__(self, cut: Callable[[torch.Tensor], torch.Tensor], scale: float) -> None:
+        super().__init__()
+        self.cut = cut
+        with torch.no_grad():
+            self.gate.weight.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals, idx = self.gate(x).softmax(-1).topk(self.top_k)
+        self.last = idx.detach().clone()
+        return self.experts.combine(x, self.cut(vals), idx)
+
+    def reference(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.experts.combine(x, self.gate(x).softmax(-1).gather(-1, idx), idx)
+
+
+SMALL_CUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "threshold": lambda w: F.threshold(w, 1e-3, 0.0),
+    "hardshrink": lambda w: F.hardshrink(w, 1e-3),
+}
+
+
+def _peaked_first_token(x: torch.Tensor) -> torch.Tensor:
+    """The first token made 30 times larger: its scores peaked, its largest weight ~1, as an attention sink's."""
+    x = x.clone()
+    x[0] *= 30
+    return x
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("peaked", [False, True], ids=["plain", "peaked-token"])
+@pytest.mark.parametrize("cut", list(SMALL_CUTS))
+def test_a_cut_of_weights_under_a_thousandth_after_the_decision_is_refused(cut: str, peaked: bool) -> None:
+    """Once silent: ``F.threshold(w, 1e-3, 0)`` after the top-k read as an underflow guard, since the values it cut
+    were under a thousandth of the largest weight of the batch (a peaked token's ~1). The dropped slots were
+    recorded as used, and the replay used them: its output was not the hand-forced one. A guard cuts only values
+    that the token's own largest weight cannot tell from zero (the dtype's epsilon), so this cut is a choice."""
+    got = outcome(lambda: SmallWeightCutBlock(SMALL_CUTS[cut], 0.3), inputs=_peaked_first_token if peaked else None)
+    assert got.startswith("refused: router 'moe.gate': after its decision"), got
+
+
+class GuardedTinyScoresBlock(GuardedTopKBlock):
+    """Sigmoid scores pushed tiny by a bias (``bias``), floored by ``clamp_min(1e-30)``, and the top-k renormalised
+    under ``clamp(min=1e-20)``: two underflow guards on a batch of tiny scores, no choice."""
+
+    def __init__(self, bias: float) -> None:
+        super().__init__()
+        self.bias = bias
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(x) + self.bias).clamp_min(1e-30)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals, idx = self.scores(x).topk(self.top_k)
+        self.last = idx.detach().clone()
+        return self.experts.combine(x, vals / vals.sum(-1, keepdim=True).clamp(min=1e-20), idx)
+
+    def reference(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        w = self.scores(x).gather(-1, idx)
+        return self.experts.combine(x, w / w.sum(-1, keepdim=True).clamp(min=1e-20), idx)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(("bias", "peaked"), [(-20.0, False), (-80.0, True)], ids=["tiny", "underflowing-peaked"])
+def test_underflow_guards_on_a_batch_of_tiny_scores_replay_exactly(bias: float, peaked: bool) -> None:
+    """The reverse of the cut above: guards whose cuts only floor values that underflowed, on scores that are all
+    tiny (``sigmoid(-20)``) or underflow (``sigmoid(-80)``, floored at 1e-30), with a peaked token or without,
+    are no choice: exact, not refused; so is the guarded renormalisation of a sharp gate with a peaked token."""
+    inputs = _peaked_first_token if peaked else None
+    assert outcome(lambda: GuardedTinyScoresBlock(bias), inputs=inputs) == "exact"
+    if peaked:
+        assert outcome(GuardedTopKBlock, inputs=inputs) == "exact"
