@@ -2224,6 +2224,8 @@ def _chooses_tokens(probe: _Prober, anchor: Call, tokens: int) -> bool:
     if padded:  # (a padded token dimension: narrower than the decision's width)
         dims = [d for d in range(x.dim() - 1) if 1 < x.shape[d] < anchor.width]
     for d in dims:
+        if padded and _per_token_along(probe, anchor, path, x, d):
+            continue  # (its rows are the tokens of ``d``, its positions are not: no run on as many tokens as experts)
         more = torch.cat([x.detach()] * (anchor.width // x.shape[d] + 1 if padded else 2), dim=d)
         try:
             _, seen = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, more))
@@ -2236,6 +2238,40 @@ def _chooses_tokens(probe: _Prober, anchor: Call, tokens: int) -> bool:
         if there.width == 2 * anchor.width or (padded and there.where == anchor.where and there.width > anchor.width):
             return True
     return False
+
+
+def _per_token_along(probe: _Prober, anchor: Call, path: tuple[Any, ...], x: torch.Tensor, d: int) -> bool:
+    """Does ``anchor`` choose per token of dimension ``d`` of the hidden states ``x``, not among its tokens?
+
+    Told by one run with those tokens rolled by one: the decision's scores, laid out as the hidden states' leading
+    dimensions, come out rolled along ``d`` row by row, and not as they would if their positions were those tokens
+    too (the first ``x.shape[d]`` of them rolled as well). A choice among tokens (of ``d``) has its positions
+    following them, and one among the tokens of another dimension, or whose scores mix the tokens, has no rows
+    that follow ``d``'s alone; so where this is not shown (equal tokens, rounding that differs with the order of
+    the rows, another layout), the forward is run on more tokens than the decision is wide, as before. This run
+    costs what the forward costs on its own inputs; that one, as many tokens as there are experts."""
+    lead, n, width = x.shape[:-1], x.shape[d], anchor.width
+    try:
+        _, before = probe.run()
+        _, after = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, x.detach().roll(1, d)))
+    except Exception:
+        return False
+    if anchor.ordinal >= min(len(before.ins), len(after.ins)):
+        return False
+    a, b = before.ins[anchor.ordinal], after.ins[anchor.ordinal]
+    if (
+        a.shape != b.shape
+        or a.numel() != math.prod(lead) * width
+        or after.calls[anchor.ordinal].signature != anchor.signature
+    ):
+        return False
+    with torch.no_grad():
+        a, b = a.detach().reshape(*lead, width), b.detach().reshape(*lead, width)
+        rows = a.roll(1, d)
+        if not torch.equal(b, rows):
+            return False
+        positions = torch.cat([rows[..., :n].roll(1, -1), rows[..., n:]], dim=-1)
+        return not torch.equal(b, positions)
 
 
 def _chosen(ev: Evidence) -> str:

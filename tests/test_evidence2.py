@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import moe_replay as mr
+
 from .test_decisions2 import GuardedTopKBlock, outcome
+from .tinymoe import RouterSpec, TinyMoE
 
 
 class SmallWeightCutBlock(GuardedTopKBlock):
@@ -88,3 +91,39 @@ def test_underflow_guards_on_a_batch_of_tiny_scores_replay_exactly(bias: float, 
     assert outcome(lambda: GuardedTinyScoresBlock(bias), inputs=inputs) == "exact"
     if peaked:
         assert outcome(GuardedTopKBlock, inputs=inputs) == "exact"
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.parametrize("lead", [(12,), (2, 6)], ids=["12-tokens", "2x6"])
+def test_a_router_of_32769_experts_is_established_and_replays_exactly(lead: tuple[int, ...]) -> None:
+    """Once ~20 s to establish (a router of 32,769 experts, 4 slots, 12 tokens): the check that its decision chooses
+    among experts, not among tokens padded to its width, ran its forward on more tokens than it has experts. A
+    decision whose scores follow the tokens row by row, with its positions in place, chooses per token; the
+    forward on as many tokens as experts now runs only where that is not shown.
+
+    The capture records the experts the router chose (the largest one among them); with the router moved, the
+    replay routes every token to them, and the output is the hand-forced forward's."""
+    e, k = 32769, 4
+    model = TinyMoE([RouterSpec(e, k)], seed=0)
+    x = model.inputs(lead, seed=0)
+    with torch.no_grad():
+        model.layers[0].router.weight[e - 1] = 10.0 * x.reshape(-1, model.hidden)[0]  # (expert e-1 chosen)
+        native = model(x)
+    chosen = model.layers[0].chosen.clone()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            assert torch.equal(model(x), native)
+        routes = session.routes()
+        assert session.sites[0].num_experts == e and session.sites[0].top_k == k
+        assert torch.equal(routes.per_layer()[0].long(), chosen)
+        assert int(routes.per_layer()[0].max()) == e - 1
+        model.perturb(scale=3.0)
+        with torch.no_grad():
+            model(x)
+        assert not torch.equal(model.layers[0].chosen, chosen)  # (free routing would take other experts)
+        with torch.no_grad():
+            want = model(x, forced=[chosen])
+        with torch.no_grad(), session.replay(routes):
+            got = model(x)
+        assert torch.equal(model.layers[0].chosen, chosen)
+        assert torch.equal(got, want)

@@ -234,10 +234,9 @@ def test_reference_models_capture_then_replay(cfg: dict, lead: tuple[int, int], 
 def test_capture_and_replay_at_index_dtype_edges(e: int, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Expert counts at the uint8/int16/int32 edges: the largest index survives capture, replay and a file.
 
-    Every edge is tried (it was drawn at random before, and a draw can miss one). Establishing a router takes
-    time in proportion to its experts times the slots it decides (tens of seconds for 70,000 experts, 4 of them
-    for 12 tokens), so the large edges run one example each: the simplest one hypothesis draws, ordered to be two
-    experts (a ring row of more than one index) for one token."""
+    Every edge is tried (it was drawn at random before, and a draw can miss one). Establishing a router runs its
+    forward a few dozen times (under a second for 70,000 experts), so the large edges run one example each: the
+    simplest one hypothesis draws, ordered to be two experts (a ring row of more than one index) for one token."""
 
     @examples(4 if e <= 257 else 1)
     @given(k=st.sampled_from((2, 1, 3, 4)), t=st.integers(1, 12), seed=st.integers(0, 2**16))
