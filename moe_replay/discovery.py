@@ -269,13 +269,19 @@ def _opaque_call(target: Any) -> bool:
 
 
 def _soft_block(block: nn.Module, gate: nn.Module) -> bool:
-    """A block that holds only its gate and experts, and whose forward can reach no decision call."""
+    """A block that holds only its gate and experts, and whose forward can reach no decision call, nor the forward
+    of any of its children but the gate (a fused experts layer passed the gate's logits, as vLLM's ``FusedMoE``, makes
+    the choice in its own forward)."""
     others = [
         c
         for n, c in block.named_children()
         if c is not gate and "expert" not in n.lower() and not isinstance(c, nn.Dropout)
     ]
-    return not others and not _reaches_decision(type(block).forward, type(block), instance=block)
+    return (
+        not others
+        and not _reaches_decision(type(block).forward, type(block), instance=block)
+        and not any(c is not gate and _reaches_decision(type(c).forward, type(c), instance=c) for c in block.children())
+    )
 
 
 @dataclass(frozen=True)
