@@ -932,52 +932,93 @@ def _three_d() -> torch.Tensor:
     return _x(3, 8)
 
 
+class Pair(nn.Module):
+    """Two residual MoE layers of different structures (one case tries both, at the cost of one)."""
+
+    def __init__(self, first: Callable[[], nn.Module], second: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([first(), second()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def _bf16_pair() -> nn.Module:
+    return Pair(DeepseekV3MoE, Lfm2MoeSparseMoeBlock).to(torch.bfloat16)
+
+
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, input, options: ``train``, ``change``, ``as_used`` and attach options)
     "qwen3-next-v5-router-shared-gate": (lambda: Layers(Qwen3NextSparseMoeBlock), _x, {"change": 0.3}),
-    "qwen3-next-top1-unnormalised": (lambda: Layers(lambda: Qwen3NextSparseMoeBlock(1, False)), _x, {}),
-    "gpt-oss-v5-topk-then-softmax": (lambda: Layers(GptOssMLP), _x, {}),
-    "gpt-oss-top4": (lambda: Layers(lambda: GptOssMLP(4)), _x, {}),
+    "qwen3-next-top1-unnormalised+gpt-oss-top4": (
+        lambda: Pair(lambda: Qwen3NextSparseMoeBlock(1, False), lambda: GptOssMLP(4)),
+        _x,
+        {"change": 0.3},
+    ),
     "kimi-k2-block-decides-one-group-top3": (lambda: Layers(DeepseekV3MoE), _x, {}),
     "deepseek-v32-four-groups-two-kept": (lambda: Layers(lambda: DeepseekV3MoE(2, 4, 2, scale=2.5)), _x, {}),
-    "dots-llm1-one-group-top4": (lambda: Layers(lambda: DeepseekV3MoE(4, 1, 1, scale=2.5)), _x, {}),
-    "mistral-large3-two-groups-unnormalised": (lambda: Layers(lambda: DeepseekV3MoE(2, 2, 1, False, 1.0)), _x, {}),
+    "dots-llm1-top4+mistral-large3-two-groups-unnormalised": (
+        lambda: Pair(lambda: DeepseekV3MoE(4, 1, 1, scale=2.5), lambda: DeepseekV3MoE(2, 2, 1, False, 1.0)),
+        _x,
+        {},
+    ),
     "bailing-v2-groups-inf-indices-first": (lambda: Layers(BailingMoeV2SparseMoeBlock), _x, {}),
-    "bailing-v2-top1": (lambda: Layers(lambda: BailingMoeV2SparseMoeBlock(1, 2, 1)), _x, {}),
+    "bailing-v2-top1+hunyuan-a13b-top1": (
+        lambda: Pair(lambda: BailingMoeV2SparseMoeBlock(1, 2, 1), lambda: HunYuanMoE(1)),
+        _x,
+        {},
+    ),
     "step3-vllm-fused-layer-logits-in": (lambda: Layers(Step3MoEMLP), _x, {"change": 0.3}),
-    "hunyuan-a13b-fp32-wg": (lambda: Layers(HunYuanMoE), _x, {}),
-    "hunyuan-a13b-top1": (lambda: Layers(lambda: HunYuanMoE(1)), _x, {}),
+    "minicpm-moe+hunyuan-a13b-fp32-wg": (lambda: Pair(MiniCPMMoE, HunYuanMoE), _x, {}),
     "ernie45-bias-in-a-submodule": (lambda: Layers(ErnieBlock), _x, {}),
-    "grok2-softcap-residual-moe": (lambda: Layers(Grok2ResidualLayer), _x, {}),
+    "grok2-softcap-residual-moe+torchtitan-bias-frozen-parameter": (
+        lambda: Pair(Grok2ResidualLayer, lambda: TitanMoE(frozen_param=True)),
+        _x,
+        {},
+    ),
     "llama4-vllm-fast-topk-max-on-input": (lambda: Layers(lambda: DenseThenMoE(Llama4VllmMoE)), _x, {}),
-    "llama4-vllm-fast-topk-top2": (lambda: Layers(lambda: DenseThenMoE(lambda: Llama4VllmMoE(2))), _x, {}),
-    "torchtitan-expert-bias-argument-histc": (lambda: Layers(TitanMoE), _x, {}),
-    "torchtitan-softmax-no-bias": (lambda: Layers(lambda: TitanMoE(2, "softmax", False)), _x, {}),
-    "torchtitan-expert-bias-frozen-parameter": (lambda: Layers(lambda: TitanMoE(frozen_param=True)), _x, {}),
-    "afmoe-sigmoid-bias-top3": (lambda: Layers(lambda: TitanMoE(3, "sigmoid")), _x, {}),
-    "flexolmo-opted-out-expert": (lambda: Layers(FlexOlmoSparseMoeBlock), _x, {}),
+    "llama4-vllm-top2+smallthinker-softmax": (
+        lambda: Pair(lambda: DenseThenMoE(lambda: Llama4VllmMoE(2)), lambda: SmallThinkerDecoderLayer(True)),
+        _x,
+        {},
+    ),
+    "torchtitan-softmax-no-bias+afmoe-sigmoid-bias-top3": (
+        lambda: Pair(lambda: TitanMoE(2, "softmax", False), lambda: TitanMoE(3, "sigmoid")),
+        _x,
+        {},
+    ),
+    "choice-under-no-grad+flexolmo-opted-out-expert": (
+        lambda: Pair(lambda: GateBlock(NoGradChoiceGate()), FlexOlmoSparseMoeBlock),
+        _x,
+        {},
+    ),
     "smallthinker-router-on-layer-input-sigmoid": (lambda: Layers(SmallThinkerDecoderLayer), _x, {"change": 0.3}),
-    "smallthinker-softmax": (lambda: Layers(lambda: SmallThinkerDecoderLayer(True)), _x, {}),
     "nemotron-h-latent-moe": (lambda: Layers(NemotronHMoE), _x, {}),
-    "lfm2-moe-expert-bias": (lambda: Layers(Lfm2MoeSparseMoeBlock), _x, {}),
+    "lfm2-moe-expert-bias+vllm-fused-topk-bias-logits-in": (
+        lambda: Pair(Lfm2MoeSparseMoeBlock, VllmBiasBlock),
+        _x,
+        {},
+    ),
     "megatron-group-topk-as-wide-as-k": (lambda: Layers(MegatronBlock), _x, {}),
     "sglang-fused-shared-expert-slot-named": (
         lambda: Layers(SglangSharedBlock),
         _x,
         {"as_used": _shared_last, "include": SglangFusedSharedTopK},
     ),
-    "vllm-fused-topk-bias-logits-in": (lambda: Layers(VllmBiasBlock), _x, {}),
-    "choice-under-no-grad": (lambda: Layers(lambda: GateBlock(NoGradChoiceGate())), _x, {}),
-    "minicpm-moe": (lambda: Layers(MiniCPMMoE), _x, {}),
     "deepseek-vl2-greedy-3d": (lambda: Layers(DeepSeekVL2MoE), _three_d, {}),
-    "ernie45-train": (lambda: Layers(ErnieBlock), _x, {"train": True}),
     "gemma3n-altup-modality-router-beside": (lambda: Layers(AltUpMoELayer), _x, {"change": 0.3}),
-    "mixture-of-depths-seq-wider": (lambda: Layers(MixtureOfDepthsMoE), lambda: _x(3, 12), {"change": 0.3}),
     "mixture-of-depths-seq-as-wide-as-experts": (lambda: Layers(MixtureOfDepthsMoE), lambda: _x(3, E), {"change": 0.3}),
     "dsa-indexer-beside-seq-as-wide-as-experts": (lambda: Layers(DsaDecoderLayer), lambda: _x(3, E), {"change": 0.3}),
-    "dsa-indexer-beside-seq-wider": (lambda: Layers(DsaDecoderLayer), lambda: _x(2, 12), {"change": 0.3}),
-    "kimi-k2-bf16": (lambda: Layers(DeepseekV3MoE).to(torch.bfloat16), lambda: _x().bfloat16(), {"change": 0.3}),
-    "qwen3-next-train": (lambda: Layers(Qwen3NextSparseMoeBlock), _x, {"train": True, "change": 0.3}),
+    "dsa-indexer+mixture-of-depths-seq-wider": (
+        lambda: Pair(DsaDecoderLayer, MixtureOfDepthsMoE),
+        lambda: _x(2, 12),
+        {"change": 0.3},
+    ),
+    "kimi-k2+lfm2-bf16": (_bf16_pair, lambda: _x().bfloat16(), {"change": 0.3}),
+    "ernie45+qwen3-next-train": (lambda: Pair(ErnieBlock, Qwen3NextSparseMoeBlock), _x, {"train": True, "change": 0.3}),
 }
 
 
@@ -985,13 +1026,15 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
 @pytest.mark.parametrize("case", list(EXACT))
 def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     """Qwen3-Next's v5 router and gated shared expert, gpt-oss's top-k then softmax, the DeepSeek-V3 block-level
-    choice of Kimi-K2, DeepSeek-V3.2, dots.llm1 and Mistral-Large-3, Ling-2.0's group-limited gate, Step-3's logits
-    passed into vLLM's fused layer, Hunyuan-A13B, ERNIE-4.5's bias added by a submodule, Grok-2's soft-capped
-    residual MoE, Llama-4's vLLM ``fast_topk``, torchtitan's and AFMoE's bias passed as an argument, FlexOlmo's
-    opted-out experts, SmallThinker's router on the layer's input, Nemotron-H's latent MoE, LFM2-MoE, a Megatron group
-    top-k as wide as the decision, SGLang's fused shared expert slot, vLLM's ``fused_topk_bias``, a choice under
-    ``no_grad``, MiniCPM-MoE, DeepSeek-VL2: every router found and nothing else, the recorded rows the experts used,
-    and a replay after the routers change those experts forced by hand, in output and gradients."""
+    choice of Kimi-K2, DeepSeek-V3.2, dots.llm1 and Mistral-Large-3 (in bf16 too), Ling-2.0's group-limited gate,
+    Step-3's logits passed into vLLM's fused layer, Hunyuan-A13B, ERNIE-4.5's bias added by a submodule, Grok-2's
+    soft-capped residual MoE, Llama-4's vLLM ``fast_topk``, torchtitan's and AFMoE's bias passed as an argument,
+    FlexOlmo's opted-out experts, SmallThinker's router on the layer's input, Nemotron-H's latent MoE, LFM2-MoE, a
+    Megatron group top-k as wide as the decision, SGLang's fused shared expert slot, vLLM's ``fused_topk_bias``, a
+    choice under ``no_grad``, MiniCPM-MoE, DeepSeek-VL2; a DSA indexer, Mixture-of-Depths and Gemma-3n's AltUp
+    beside them (top-k's of the decision's signature over positions): every router found and nothing else, the
+    recorded rows the experts used, and a replay after the routers change those experts forced by hand, in output
+    and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
