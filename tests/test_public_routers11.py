@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moe_replay as mr
 from tests.test_evidence import D, E, Experts, dispatch
 from tests.test_public_routers2 import _x
-from tests.test_public_routers6 import Layers, _Used, assert_exact
+from tests.test_public_routers6 import Layers, MixtralGate, _Used, assert_exact
 from tests.test_public_routers9 import _assert_refused, _pick
 
 
@@ -1063,3 +1064,88 @@ def test_choices_no_recorded_row_holds_are_refused(case: str) -> None:
     opts = dict(options)
     train = bool(opts.pop("train", False))
     _assert_refused(make(), x(), match, train=train, **opts)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------- the decision in the decoder layer
+class EarlyRouterBlock(nn.Module):
+    """An MoE block that holds the router but is passed the weights and ids: its forward makes no choice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.primary_router = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+
+    def forward(self, h: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return dispatch(self.experts, h, idx, w)
+
+
+class EarlyRouterLayer(_Used):
+    """An early router (the choice made from the layer's input before attention, so that the experts' weights can
+    be fetched while attention runs, the aim of on-device MoE designs such as SmallThinker's): the decoder layer
+    calls its MoE block's ``primary_router``, takes the ``topk`` itself, sigmoid weights renormalised, and passes
+    the block the weights and ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = nn.Linear(D, D)
+        self.block_sparse_moe = EarlyRouterBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, idx = _pick(self.block_sparse_moe.primary_router(x), self.forced, 2)
+        self.used = idx
+        h = x + self.self_attn(x)
+        return h + self.block_sparse_moe(h, _renorm(torch.sigmoid(values)), idx) - x
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    raises=mr.UnsupportedRouterError,
+    reason="a decision taken in the decoder layer from its MoE block's router Linear is refused at attach as soft "
+    "routing ('its block ... calls no topk'): the static guess reads the block's forward, not the caller that takes "
+    "the top-k; include= the layer replays exactly: a false refusal with a misleading reason",
+)
+def test_a_decision_the_decoder_layer_takes_from_its_blocks_router_is_found() -> None:
+    """The layer, not the block, takes the top-k of the block's router: zero configuration should find the layer
+    (or refuse naming it), and the replay be exact."""
+    assert_exact(Layers(EarlyRouterLayer), _x(), change=0.3)
+
+
+# ----------------------------------------------------------------------- k-sparse expert activations
+class KSparseExperts(nn.ModuleList):
+    """Experts whose hidden activation is k-sparse (the top-2 of an 8-wide hidden layer kept, Q-Sparse-style
+    activation sparsity), the hidden width equal to the expert count."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Sequential(nn.Linear(D, E), nn.Linear(E, D)) for _ in range(E))
+
+
+class KSparseBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = MixtralGate()
+        self.experts = KSparseExperts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if tok.numel():
+                h = expert[0](x[tok])
+                v, i = h.topk(2, dim=-1)
+                out = out.index_add(0, tok, w[tok, slot, None] * expert[1](torch.zeros_like(h).scatter(-1, i, v)))
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    raises=mr.UnsupportedRouterError,
+    reason="a k-sparse activation inside the experts (a top-2 over a hidden layer as wide as the expert count) is "
+    "taken for a decision outside every attached router and the model refused: a false refusal",
+)
+def test_k_sparse_expert_activations_as_wide_as_the_expert_count_are_not_taken_for_a_decision() -> None:
+    """The experts' own top-k over their hidden units chooses no expert: the gate's replay should be exact."""
+    assert_exact(Layers(KSparseBlock), _x(), change=0.3)
