@@ -284,6 +284,27 @@ def _soft_block(block: nn.Module, gate: nn.Module) -> bool:
     )
 
 
+def _names_in(fn: Any) -> set[str]:
+    code = getattr(inspect.unwrap(fn), "__code__", None) if fn is not None else None
+    return _code_names(code) if code is not None else set()
+
+
+def _early_caller(gate: str, block: str, modules: dict[str, nn.Module]) -> str | None:
+    """The module that calls a block's gate itself and takes the decision, the block then passed the weights and
+    ids (an early router in the decoder layer), else None: the block's forward does not name its gate, and the
+    forward of the block's holder names both the block and the gate and can reach a top-k."""
+    if not block:
+        return None
+    attr, held = gate.rsplit(".", 1)[-1], block.rsplit(".", 1)[-1]
+    if attr in _names_in(_class_forward(modules[block])):
+        return None
+    caller = _holder(block, modules)
+    outer = modules.get(caller)
+    if outer is None or not {attr, held} <= _names_in(_class_forward(outer)):
+        return None
+    return caller if _reaches_decision(_class_forward(outer), type(outer), instance=outer) else None
+
+
 @dataclass(frozen=True)
 class RouterSite:
     """One router found in a model.
@@ -1029,7 +1050,11 @@ def find_routers(
                 continue
             scope_name = _holder(name, modules)
             if not adapter.unsupported and _is_plain_linear(name, module) and _soft_block(modules[scope_name], module):
-                adapter = dataclasses.replace(adapter, unsupported=_SOFT)
+                caller = _early_caller(name, scope_name, modules)
+                if caller is None:
+                    adapter = dataclasses.replace(adapter, unsupported=_SOFT)
+                else:  # the block is passed the choice: the module that calls its gate and takes the top-k decides
+                    scope_name = caller
         scripted = _scripted(module, modules[scope_name])
         if scripted is not None and not (adapter is not None and adapter.unsupported):
             adapter = dataclasses.replace(adapter or _GENERIC, unsupported=scripted)

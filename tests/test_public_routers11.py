@@ -1099,51 +1099,44 @@ class EarlyRouterLayer(_Used):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.UnsupportedRouterError,
-    reason="a decision taken in the decoder layer from its MoE block's router Linear is refused at attach as soft "
-    "routing ('its block ... calls no topk'): the static guess reads the block's forward, not the caller that takes "
-    "the top-k; include= the layer replays exactly: a false refusal with a misleading reason",
-)
 def test_a_decision_the_decoder_layer_takes_from_its_blocks_router_is_found() -> None:
-    """The layer, not the block, takes the top-k of the block's router: zero configuration should find the layer
-    (or refuse naming it), and the replay be exact."""
+    """The layer, not the block, takes the top-k of the block's router: with zero configuration the decision is
+    intercepted in the layer's forward, and the replay is exact (once refused at attach as soft routing, "its block
+    calls no topk")."""
     assert_exact(Layers(EarlyRouterLayer), _x(), change=0.3)
 
 
 # ----------------------------------------------------------------------- k-sparse expert activations
-class KSparseExperts(nn.ModuleList):
-    """Experts whose hidden activation is k-sparse (the top-2 of an 8-wide hidden layer kept, Q-Sparse-style
-    activation sparsity), the hidden width equal to the expert count."""
+class KSparseMLP(nn.Module):
+    """An expert whose hidden activation is k-sparse (the top-2 of its hidden units kept, Q-Sparse-style activation
+    sparsity), its hidden width equal to the expert count."""
 
     def __init__(self) -> None:
-        super().__init__(nn.Sequential(nn.Linear(D, E), nn.Linear(E, D)) for _ in range(E))
+        super().__init__()
+        self.up_proj, self.down_proj = nn.Linear(D, E), nn.Linear(E, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up_proj(x)
+        v, i = h.topk(2, dim=-1)
+        return self.down_proj(torch.zeros_like(h).scatter(-1, i, v))
 
 
 class KSparseBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.gate = MixtralGate()
-        self.experts = KSparseExperts()
+        self.experts = nn.ModuleList(KSparseMLP() for _ in range(E))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, idx = self.gate(x)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            if tok.numel():
-                h = expert[0](x[tok])
-                v, i = h.topk(2, dim=-1)
-                out = out.index_add(0, tok, w[tok, slot, None] * expert[1](torch.zeros_like(h).scatter(-1, i, v)))
-        return out
+        return dispatch(self.experts, x, idx, w)
 
 
 @pytest.mark.reliability("silent replays")
 @pytest.mark.xfail(
     strict=True,
     raises=mr.UnsupportedRouterError,
-    reason="a k-sparse activation inside the experts (a top-2 over a hidden layer as wide as the expert count) is "
+    reason="a k-sparse activation in each expert's forward (a top-2 over hidden units as many as the experts) is "
     "taken for a decision outside every attached router and the model refused: a false refusal",
 )
 def test_k_sparse_expert_activations_as_wide_as_the_expert_count_are_not_taken_for_a_decision() -> None:
