@@ -2691,8 +2691,8 @@ def _in_chunks(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode) -> bool:
     position = torch.arange(tokens)
     flat = x.detach().reshape(tokens, -1)
     spread = flat.float().std(unbiased=False).clamp_min(1e-3)
-    noise = torch.randn(flat.shape, generator=torch.Generator().manual_seed(tokens))
-    bump = (noise * spread + spread).to(device=flat.device, dtype=flat.dtype)
+    noise = torch.randn(flat.shape, generator=torch.Generator().manual_seed(tokens)).to(flat.device)
+    bump = (noise * spread + spread).to(dtype=flat.dtype)
     for bit in range(max(1, (tokens - 1).bit_length())):
         for side in (1, 0):
             picked = ((position >> bit) & 1) == side
@@ -3722,8 +3722,8 @@ def _rows_order(probe: _Prober, calls: Sequence[Call], ordinals: Sequence[int]) 
     position = torch.arange(tokens)
     flat = x.detach().reshape(tokens, -1)
     spread = flat.float().std(unbiased=False).clamp_min(1e-3)
-    noise = torch.randn(flat.shape, generator=torch.Generator().manual_seed(tokens))
-    bump = (noise * spread + spread).to(device=flat.device, dtype=flat.dtype)
+    noise = torch.randn(flat.shape, generator=torch.Generator().manual_seed(tokens)).to(flat.device)
+    bump = (noise * spread + spread).to(dtype=flat.dtype)
 
     def changed(bit: int, side: int) -> torch.Tensor | None:  # the rows that change with the tokens of that side
         picked = ((position >> bit) & 1) == side

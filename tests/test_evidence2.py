@@ -127,3 +127,43 @@ def test_a_router_of_32769_experts_is_established_and_replays_exactly(lead: tupl
             got = model(x)
         assert torch.equal(model.layers[0].chosen, chosen)
         assert torch.equal(got, want)
+
+
+_DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+    ),
+]
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("lead", [(12,), (2, 6)], ids=["12-tokens", "2x6"])
+def test_a_router_is_established_through_the_row_order_runs_on_its_device_and_replays_exactly(
+    lead: tuple[int, ...], device: str
+) -> None:
+    """Once refused with torch's own device error on a GPU: the runs that check a decision's rows against its tokens
+    made their noise on the CPU and scaled it by a spread on the router's device. A router on either device is
+    established through them, captured and replayed exactly."""
+    model = TinyMoE([RouterSpec(16, 2)], seed=0).to(device)
+    x = model.inputs(lead, seed=0).to(device)
+    with torch.no_grad():
+        native = model(x)
+    chosen = model.layers[0].chosen.clone()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            assert torch.equal(model(x), native)
+        routes = session.routes()
+        assert torch.equal(routes.per_layer()[0].long().to(device), chosen)
+        with torch.no_grad():
+            weight = model.layers[0].router.weight
+            weight.add_(3.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight))
+            model(x)
+            assert not torch.equal(model.layers[0].chosen, chosen)  # (free routing would take other experts)
+            want = model(x, forced=[chosen])
+        with torch.no_grad(), session.replay(routes):
+            got = model(x)
+        assert torch.equal(model.layers[0].chosen, chosen)
+        assert torch.equal(got, want)
