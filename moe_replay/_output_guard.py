@@ -9,9 +9,13 @@ recorded or forced, while the router's own forward was exact.
 While a block runs and hooks run after a router's forward, an :class:`OutputGuard` sits last
 among the router module's forward hooks (global hooks run before a module's own, so it comes
 after every one of them) and refuses an output whose integer tensors (indices, dispatch
-masks) are not those the forward returned, unchanged. A hook that reads the output, or
-replaces its float tensors (a temperature on the combine weights), passes. Where no hook runs,
-nothing is installed and a router call pays one test.
+masks) are not those the forward returned, unchanged, and, in an eager forward, an output whose
+float tensors (combine weights) a hook replaced or changed so that they hold zeros where the
+forward's did not: a weight cut to zero after the decision (a minimum-weight cut put in a hook)
+is an expert dropped by the current scores, which a replay does not force. A hook that reads the
+output, or rescales its float tensors (a temperature on the combine weights), passes; so does a
+compiled forward's, whose floats are not compared. Where no hook runs, nothing is installed and a
+router call pays one test.
 """
 
 from __future__ import annotations
@@ -55,6 +59,37 @@ def _integer_tensors(out: Any, depth: int = 0, version: Any = _version) -> list[
     return []
 
 
+def _float_tensors(out: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The floating tensors of an output, found as :func:`_integer_tensors` finds the integer ones, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if depth < 2 and isinstance(out, tuple | list):
+        return [t for item in out for t in _float_tensors(item, depth + 1)]
+    if depth < 2 and isinstance(out, dict):
+        return [t for item in out.values() for t in _float_tensors(item, depth + 1)]
+    return []
+
+
+def _zeros(out: Any) -> list[tuple[torch.Tensor, int | None, torch.Tensor]]:
+    """Each floating tensor of an output with its version and where it holds zeros (no sync: a mask)."""
+    return [(t, _version(t), t.detach() == 0) for t in _float_tensors(out)]
+
+
+def _new_zeros(output: Any, then: list[tuple[torch.Tensor, int | None, torch.Tensor]]) -> bool:
+    """Do the floating tensors of ``output`` hold zeros where those of the forward (``then``) did not, in one
+    replaced or changed in place (a cut to zero after the forward)? Tensors of other numbers or shapes are not
+    compared."""
+    now = _float_tensors(output)
+    if len(now) != len(then):
+        return False
+    for t, (u, version, zero) in zip(now, then, strict=True):
+        if (t is u and _version(t) == version) or t.shape != zero.shape:
+            continue
+        if bool(((t.detach() == 0) & ~zero).any()):
+            return True
+    return False
+
+
 def _same_traced(now: list[tuple[torch.Tensor, int | None]], then: list[tuple[torch.Tensor, int | None]]) -> bool:
     return len(now) == len(then) and all(t is u for (t, _), (u, _) in zip(now, then, strict=True))
 
@@ -82,6 +117,7 @@ class _Enter:
     def __call__(self, module: nn.Module, args: Any) -> None:
         if not torch.compiler.is_compiling():  # (compiled code sets what it expects only as it is traced)
             self.guard.expected = None
+            self.guard.floats = []
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return _inert
@@ -104,13 +140,15 @@ class OutputGuard:
             model(x)  # UnsupportedRouterError: a hook changed the indices the router returned
     """
 
-    __slots__ = ("enter", "expected", "handles", "name")
+    __slots__ = ("enter", "expected", "floats", "handles", "name")
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         #: the integer tensors the intercepted forward of this call returned, with their versions; None
         #: where this call's forward set none (a call not intercepted: nothing to compare)
         self.expected: list[tuple[torch.Tensor, int | None]] | None = None
+        #: the floating tensors it returned, with their versions and where they held zeros (eager forwards)
+        self.floats: list[tuple[torch.Tensor, int | None, torch.Tensor]] = []
         self.enter = _Enter(self)
         self.handles: tuple[Any, ...] = ()
         self.install(module)
@@ -126,6 +164,7 @@ class OutputGuard:
         guard the last of the module's forward hooks (a hook added since would run after it)."""
         self.keep_last(module)
         self.expected = _integer_tensors(out)
+        self.floats = _zeros(out)
 
     def keep_last(self, module: nn.Module) -> None:
         """Make this guard the last of the module's forward hooks again (a hook added since would run after it)."""
@@ -155,6 +194,7 @@ class OutputGuard:
             handle.remove()
         self.handles = ()
         self.expected = None
+        self.floats = []
         _TRACED.pop(id(self), None)  # (what a compiled forward left for a hook run that never came)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -167,10 +207,21 @@ class OutputGuard:
             culprits = " (in the code torch.compile traced: hooks on its module, or global module hooks)"
         else:
             expected, self.expected = self.expected, None
-            if expected is None or _same(_integer_tensors(output), expected):
-                return
+            floats, self.floats = self.floats, []
             ran = [_hook_name(h) for h in module._forward_hooks.values() if not is_guard(h)]
             culprits = _culprits(ran, module.__dict__.get("forward"))
+            if expected is not None and floats and _new_zeros(output, floats):
+                raise UnsupportedRouterError(
+                    f"a forward hook run after router '{self.name}', or a wrapper around its forward, cut to zero "
+                    "float tensors (combine weights) its forward returned nonzero"
+                    + culprits
+                    + ": a weight cut to zero after the decision drops an expert by the current scores, so its MoE "
+                    "layer would not use every expert recorded or forced. Remove the hook, or make that choice "
+                    "inside the router's forward, where it is checked (before its top-k, a masked_fill or "
+                    "torch.where of the scores, is replayed exactly)"
+                )
+            if expected is None or _same(_integer_tensors(output), expected):
+                return
         raise UnsupportedRouterError(
             f"a forward hook run after router '{self.name}', or a wrapper around its forward, replaced or changed "
             "the integer tensors (expert indices, dispatch masks) its forward returned"
