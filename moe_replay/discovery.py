@@ -991,8 +991,9 @@ def find_routers(
     problems: list[str] = []
     too_many: dict[str, str] = {}  # routers with fewer experts than a top_k= given
     for name in chosen:
-        if any(name.startswith(other + ".") for other in chosen if other != name and other):
-            continue  # a router inside a router: the outer one holds the decision
+        if any(name.startswith(site.name + ".") for site in sites if site.name):
+            continue  # a router inside a router: the outer one holds the decision (an outer module named like a
+            # router that is none, as a block class ``SparseRouter`` holding its gate and experts, hides nothing)
         module = modules[name]
         parent = modules.get(_holder(name, modules)) if name else None
         config = _nearest_config(name, modules)
