@@ -656,6 +656,7 @@ class _ProbeMode(TorchFunctionMode):
         self._scores: dict[int, weakref.ref[torch.Tensor]] = {}
         self.scored: list[bool] = []  # per later choice: made from the scores
         self.faint: list[bool] = []  # per later choice: a cut of values that cannot be told from zero only
+        self.widths: list[int] = []  # per later choice: the last dimension of what it made (0: fewer dimensions)
         # before a forced decision: the choices that make integers or booleans of floating values and are no
         # decision-like call (a number of experts per token from a threshold), as later choices are kept/held
         self.early: list[Any] = []
@@ -1020,6 +1021,8 @@ class _ProbeMode(TorchFunctionMode):
         self.where.append(_where())
         self.scored.append(scored)
         self.faint.append(selection is not None and selection.faint())
+        wide = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor) and t.dim() >= 2]
+        self.widths.append(wide[0].shape[-1] if wide else 0)
         if self.held is None:
             return out
         held = self.held[n] if n < len(self.held) else None
@@ -3242,6 +3245,8 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
     the later choices made afresh, and held at their results on the real inputs. If the
     output's structure differs between the two (other experts named, zeros in other places: a
     weight cut to zero is an expert dropped), the later choices pick the experts: refused. So is
+    one whose later choices over every expert, held, change the values of the weights it returns
+    (:func:`_reweighed`: a renormalisation over the experts that reach the decision's k-th value), and
     a forward with later choices that cannot be checked (no other input runs). Choices that do
     not reach the output (a statistic, a log) or always agree (a guarded division) pass, and so
     does a weight under a thousandth of the largest, too small to tell from rounding. A forward of
@@ -3423,6 +3428,7 @@ def _vary(
             else:
                 where = _restructured(fresh, held, ev, hidden)
                 where = where or _hidden_moved(probe, force, fresh, first, again, inputs, ev)
+                where = where or _reweighed(probe, force, fresh, first, again, inputs, ev)
         except Exception as e:
             where = f"whether its forward runs at all ({type(e).__name__} when they are held)"
         if where is not None:
@@ -3478,6 +3484,53 @@ def _hidden_moved(
     if holding.unheld:
         return "the number or shape of its later choices"
     return _hidden_differs(fresh, held, _hidden_shape(inputs), ev)
+
+
+def _reweighed(
+    probe: _Prober,
+    force: dict[int, tuple[Any, int]],
+    fresh: Any,
+    first: _ProbeMode,
+    again: _ProbeMode,
+    inputs: tuple[tuple[Any, ...], dict[str, Any]],
+    ev: Evidence,
+) -> str | None:
+    """Do the later choices made over every expert from the scores (a comparison of all ``E`` scores with the
+    decision's k-th value) change the values of the weights the forward returns, with no weight cut to zero? A
+    renormalisation over the experts whose scores reach the decision's smallest value divides, in a replay, by
+    the scores of experts it did not force (those above a forced one). Only the choices of the experts' width
+    that differ from those on the real inputs are held (a choice among the k chosen weights, a piecewise
+    function of them, is the router's own function of the forced experts' scores), and only floating outputs of
+    the experts' width or k are compared (a scalar loss or statistic is not)."""
+    differ = [
+        n
+        for n, (a, b) in enumerate(zip(again.choices, first.choices, strict=False))
+        if again.scored[n]
+        and n < len(again.widths)
+        and again.widths[n] == ev.num_experts
+        and not _same([a], [b])
+        and not (n < len(first.faint) and again.faint[n] and first.faint[n])
+    ]
+    if not differ or len(again.choices) != len(first.choices):
+        return None
+    choices = [c if n in differ else _FRESH for n, c in enumerate(first.choices)]
+    held, holding = probe.run(force=force, inputs=inputs, choices=choices)
+    if holding.unheld:
+        return "the number or shape of its later choices"
+    hidden = _hidden_shape(inputs)
+    for n, (x, y) in enumerate(zip(_leaves(fresh, []), _leaves(held, []), strict=False)):
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point()):
+            continue
+        if x.dim() < 2 or x.shape != y.shape or x.shape[-1] not in (ev.top_k, ev.num_experts):
+            continue
+        if _hidden_like(x, hidden, ev):
+            continue
+        tol = max(1e-3, 2 * torch.finfo(x.dtype).eps)
+        x, y = x.detach().double(), y.detach().double()
+        scale = float(torch.maximum(x.abs(), y.abs()).nan_to_num(0, 0, 0).max())
+        if float((x - y).abs().nan_to_num(0, 0, 0).max()) > tol * scale:
+            return f"tensor #{n} of its output (its weights, divided or scaled by experts chosen again)"
+    return None
 
 
 def _hidden_shape(inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> torch.Size | None:

@@ -522,6 +522,23 @@ class WhereThresholdDenominator(Router):
         return w / w.sum(-1, keepdim=True)
 
 
+class PiecewiseOfTheChosen(Router):
+    """A piecewise function of the chosen weights alone (halved under 0.3, then renormalised): a choice among the
+    k forced experts' own scores, which a replay makes on the replayed scores."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vals, idx = self.logits(x).softmax(-1).topk(self.top_k)
+        return self.shape(vals), idx
+
+    @staticmethod
+    def shape(w: torch.Tensor) -> torch.Tensor:
+        w = torch.where(w > 0.3, w, w * 0.5)
+        return w / w.sum(-1, keepdim=True)
+
+    def weights(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.shape(super().weights(x, idx))
+
+
 class DenseMaskFromValues(Router):
     """Dense combine weights: the scores masked where they reach the k-th value the top-k returned."""
 
@@ -884,6 +901,7 @@ EXPECTED: dict[str, tuple[Callable[[], nn.Module], str, dict[str, Any]]] = {
     "aux_topk_after": (lambda: AuxBlock(AuxAfter()), "exact", {}),
     "aux_topk_before": (lambda: AuxBlock(AuxBefore()), "exact", {}),
     "super_renormalised": (SuperRenormalised, "exact", {}),
+    "piecewise_of_the_chosen_weights": (PiecewiseOfTheChosen, "exact", {}),
     "class_forward_of_another_class": (SuperPostProcessed, "exact", {}),
     # where the router is and how it is called
     "custom_call_router": (CustomCallRouter, "exact", {}),
@@ -911,6 +929,10 @@ EXPECTED: dict[str, tuple[Callable[[], nn.Module], str, dict[str, Any]]] = {
     "super_then_reselect": (SuperThenReselect, "refused", {}),
     "dense_mask_from_values": (lambda: DenseMaskBlock(DenseMaskFromValues()), "refused", {}),
     "later_cut_in_the_routers_forward_hook": (HookCutBlock, "refused", {}),  # (once silent: a hook is no scope)
+    # weights renormalised over the experts whose scores reach the decision's k-th value: forced, that set holds
+    # experts the replay did not force, whose scores divide the weights (once silent: only zeros were compared)
+    "in_place_keep_only_chosen": (InPlaceKeepOnlyChosen, "refused", {}),
+    "where_threshold_denominator": (WhereThresholdDenominator, "refused", {}),
     # a group choice masked in place: a forced expert outside the groups would weigh the fill
     "in_place_group_mask": (InPlaceGroupMasked, "refused", {}),
 }
@@ -918,18 +940,6 @@ EXPECTED: dict[str, tuple[Callable[[], nn.Module], str, dict[str, Any]]] = {
 #: Known gaps: the router, what comes of it now ("silent": to be exact or refused; "false refusal": to be exact),
 #: and why.
 GAPS: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
-    "in_place_keep_only_chosen": (
-        InPlaceKeepOnlyChosen,
-        "silent",
-        "weights renormalised over the experts whose scores reach the decision's smallest value (masked_fill_): "
-        "with the decision forced that set holds unforced experts, whose mass divides the weights; later choices "
-        "are compared by which weights are zero only",
-    ),
-    "where_threshold_denominator": (
-        WhereThresholdDenominator,
-        "silent",
-        "the same renormalisation over the experts reaching the k-th value, by torch.where out of place",
-    ),
     "later_cut_in_a_submodules_forward_hook": (
         CutInASubmodulesHook,
         "silent",
