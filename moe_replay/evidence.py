@@ -703,10 +703,12 @@ class _ProbeMode(TorchFunctionMode):
                 for t in _leaves(out, []):
                     if isinstance(t, torch.Tensor) and t.is_floating_point():
                         self._made[id(t)] = (weakref.ref(t), ins)
-                written = None if func in DECISION_FUNCS else _chooses(func, args, kwargs, out)
+                ranks = func in DECISION_FUNCS and _ranks_one_row(args, kwargs) and _names_integers(out)
+                chooses = func not in DECISION_FUNCS or ranks
+                written = _chooses(func, args, kwargs, out) if chooses else None
                 compared = None if func in DECISION_FUNCS else self._cut_compared(func, args, kwargs, out)
                 written = compared if written is None else written
-                if written is not None and (_discrete(out) or _steps(func, kwargs)):
+                if written is not None and (ranks or _discrete(out) or _steps(func, kwargs)):
                     n = len(self.early)
                     self.early.append(_clone(out))
                     self.early_where.append(_where())
@@ -1122,6 +1124,15 @@ def _chooses(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any)
     in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE
     written = _leaves(kwargs.get("out"), []) or ([args[0]] if in_place and args else [])
     return [t for t in written if isinstance(t, torch.Tensor)]
+
+
+def _ranks_one_row(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Does a decision-like call rank a 1-D tensor of floating values (the tokens by a priority, not a choice
+    among columns per row)? Before the decision such a ranking is an earlier choice: the tokens ranked by their
+    best score and kept past a capacity in that order (batch prioritized routing) drop other tokens when the
+    scores move, which a replay of the decision alone does not hold."""
+    x = _arg(args, kwargs, 0, "input")
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 1 and x.numel() > 1
 
 
 def _hold(out: Any, written: list[torch.Tensor], held: Any) -> tuple[Any, bool]:
@@ -2240,7 +2251,36 @@ def _chooses_tokens(probe: _Prober, anchor: Call, tokens: int) -> bool:
             continue
         if there.width == 2 * anchor.width or (padded and there.where == anchor.where and there.width > anchor.width):
             return True
-    return False
+    return anchor.rows != tokens and _positions_are_tokens(probe, anchor, path, x)
+
+
+def _positions_are_tokens(probe: _Prober, anchor: Call, path: tuple[Any, ...], x: torch.Tensor) -> bool:
+    """Are the positions ``anchor`` chooses among tokens that the forward grouped itself?
+
+    Expert choice over tokens the block cuts into groups of its own (``x.reshape(groups, -1, d)``, then each
+    expert's top-C of each group) has no dimension of the hidden states as wide as the decision, and rows that are
+    not one per token. Told by one run with the first token changed: a choice among experts has that token's scores
+    in one row, while a choice among tokens has them in one position of several rows (one per expert)."""
+    width = anchor.width
+    changed = x.detach().clone()
+    flat = changed.reshape(-1, changed.shape[-1])
+    if flat.shape[0] < 2 or flat.data_ptr() != changed.data_ptr():
+        return False
+    flat[0] = 0.5 - flat[0]
+    try:
+        _, before = probe.run()
+        _, after = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, changed))
+    except Exception:
+        return False
+    if anchor.ordinal >= min(len(before.ins), len(after.ins)):
+        return False
+    a, b = before.ins[anchor.ordinal], after.ins[anchor.ordinal]
+    if a.shape != b.shape or a.numel() % width or after.calls[anchor.ordinal].signature != anchor.signature:
+        return False
+    with torch.no_grad():
+        moved = (a.detach() != b.detach()).reshape(-1, width)
+    per_row = moved.sum(-1)
+    return int((per_row > 0).sum()) > 1 and bool((per_row <= 1).all())
 
 
 def _per_token_along(probe: _Prober, anchor: Call, path: tuple[Any, ...], x: torch.Tensor, d: int) -> bool:
@@ -2500,7 +2540,11 @@ def _establish(
                 calls,
                 f"its decision {anchor.describe()} is a top-k over tokens, not over experts: it chooses among tokens "
                 f"(its width follows the number of tokens, {tokens} in this forward"
-                + ("" if anchor.width == tokens else f"; it chooses among {anchor.width}: per sequence, or padded")
+                + (
+                    ""
+                    if anchor.width == tokens
+                    else f"; it chooses among {anchor.width}: per sequence, in groups, or padded"
+                )
                 + "): each expert chooses its tokens (expert-choice routing), so there is no per-token choice for "
                 "routes to record or replay",
                 "Route by token choice (a top-k over experts per token)",
