@@ -139,6 +139,22 @@ class TopPFullSortScattered(Router):
         return probs * mask
 
 
+class TopPCountBeforeTheDecision(Router):
+    """Top-p as a count: the sorted probabilities' running sum, ``searchsorted`` of p for each token's k, then the
+    top-3 with the slots past that k dropped."""
+
+    def __init__(self) -> None:
+        super().__init__(k=3)
+
+    def route(self, x: torch.Tensor, forced: torch.Tensor | None) -> Any:
+        probs = self.logits(x).softmax(-1)
+        running = probs.sort(-1, descending=True).values.cumsum(-1)
+        kt = torch.searchsorted(running, torch.full((x.shape[0], 1), 0.6)) + 1
+        vals, idx = _decide(probs, self.top_k, forced)
+        self.decision = idx
+        return vals * (torch.arange(self.top_k)[None] < kt), idx
+
+
 class ThresholdDense(Router):
     """Threshold routing (XMoE): every expert whose probability passes ``tau`` kept, no top-k."""
 
@@ -578,6 +594,7 @@ EXPECTED: dict[str, tuple[Callable[[], nn.Module], str, dict[str, Any]]] = {
     # dynamic k: how many experts a token uses is chosen from the scores, after or before the decision
     "top_p_mask_on_the_running_sum": (TopPMask, "refused", {}),
     "top_p_full_sort_scattered": (TopPFullSortScattered, "refused", {}),  # (a sort: write it as a top-k)
+    "top_p_count_before_the_decision": (TopPCountBeforeTheDecision, "refused", {}),
     "threshold_dense": (ThresholdDense, "refused", {}),  # (no decision: nothing to record)
     "top_any": (TopAny, "refused", {}),
     "ada_k": (AdaK, "refused", {}),
