@@ -378,6 +378,12 @@ def _check_no_wrapped_missing(
 class Routes:
     """Routing decisions of T tokens through L routers.
 
+    Routes are values: ``==`` compares the routers, their expert counts and every row; ``bool(r)``
+    says whether any router holds a row (it never raises); ``len(r)`` is the token count (0 for
+    routes of no router). Like a list they are unhashable (``hash(r)`` raises ``TypeError``, so
+    they are no ``dict`` key or ``set`` member): key by ``id(r)``, or by ``r.fingerprint`` for
+    the router set alone.
+
     Args:
         layers: one integer tensor ``[T_l, k_l]`` per router, in router order.
         names: module path of each router, as in ``model.named_modules()``.
@@ -529,7 +535,13 @@ class Routes:
         return sum(d.numel() * d.element_size() for d in self._data)
 
     def __len__(self) -> int:
-        return self.num_tokens
+        """Token count (``num_tokens``): 0 for routes of no router; raises where routers differ in it."""
+        return self.num_tokens if self._data else 0
+
+    def __bool__(self) -> bool:
+        """Does any router hold a row? Never raises (routes of no router, or routers that differ in
+        their token counts, have no one ``len``)."""
+        return any(d.shape[0] > 0 for d in self._data)
 
     def __contains__(self, name: object) -> bool:
         """Does a router of this name hold rows here (``"layers.0.gate" in routes``)?

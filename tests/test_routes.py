@@ -1756,3 +1756,26 @@ def test_chained_routes_transformations_replay_exactly_or_are_refused(tmp_path: 
             got = session.routes().select(list(plain.names))
             assert got.equal(plain), what
     tried(len(chains))
+
+
+@pytest.mark.reliability("bad inputs")
+def test_routes_are_values_whose_truth_never_raises_and_that_are_unhashable() -> None:
+    """``if routes:`` on routes of no router, or of routers with other token counts, answers instead of
+    raising; ``len`` of routes of no router is their 0 tokens; ``hash`` says unhashable the way a list does,
+    and ``==`` compares the rows."""
+    none = mr.Routes([], names=[], num_experts=[])
+    empty = mr.Routes([torch.zeros(0, 2, dtype=torch.long)], names=["a"], num_experts=4)
+    one = mr.Routes([torch.tensor([[0, 1]])], names=["a"], num_experts=4)
+    ragged = mr.Routes([torch.tensor([[0, 1]]), torch.zeros(0, 2, dtype=torch.long)], names=["a", "b"], num_experts=4)
+    assert [bool(r) for r in (none, empty, one, ragged)] == [False, False, True, True]
+    assert (len(none), len(empty), len(one)) == (0, 0, 1)
+    with pytest.raises(mr.InvalidArgumentError, match="differ in token counts"):
+        len(ragged)  # no one count: said, not guessed
+    for r in (none, one):
+        with pytest.raises(TypeError, match="unhashable"):
+            hash(r)
+        with pytest.raises(TypeError, match="unhashable"):
+            {r}
+    assert one == mr.Routes([torch.tensor([[0, 1]])], names=["a"], num_experts=4)
+    assert one != mr.Routes([torch.tensor([[1, 0]])], names=["a"], num_experts=4)
+    assert none == mr.Routes([], names=[], num_experts=[]) and none != empty and one != "a"
