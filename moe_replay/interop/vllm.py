@@ -8,6 +8,8 @@ vLLM           rows (one sequence)                            layer columns    d
                + ``routed_experts`` ``[gen_len - 1]``
 0.22 - 0.33    ``[prompt_len - prompt_start + gen_len - 1]``  all hidden       uint8 (<= 256
                                                                                experts), uint16
+                                                                               (int32 from the
+                                                                               OpenAI server)
 =============  =============================================  ===============  ==============
 
 ``prompt_start`` is the request's ``SamplingParams.routed_experts_prompt_start`` (0.22+).
@@ -79,6 +81,11 @@ VLLM_TESTED = (0, 33)
 
 _LEGACY, _SPLIT, _CURRENT = "<=0.20", "0.21", "0.22-0.33"
 _DTYPE_OF = {_LEGACY: ("int32",), _SPLIT: ("int16",), _CURRENT: ("uint8", "uint16")}
+#: Dtypes a layout's arrays also come in, read when ``version=`` names the release: vLLM 0.22+'s OpenAI server
+#: documents its ``routed_experts`` as "uint8/uint16/int32" (``chat_completion/protocol.py:130-138``), and
+#: trainers keep them as int8/int16/int32 (NeMo-RL's ``generation/interfaces.py:61-69``). Without ``version=``
+#: int16 is 0.21's and is refused (its prompt rows are split off).
+_ALSO = {_CURRENT: ("int16", "int32")}
 
 
 def vllm_layout(version: str | tuple[int, ...]) -> str:
@@ -154,12 +161,16 @@ def _array(data: Any, what: str) -> np.ndarray:
     return as_array(data, what)
 
 
-def _detect(arr: np.ndarray, version: Any, split: bool) -> str:
-    """The layout of a vLLM array: from ``version=``, else from the dtype vLLM wrote."""
+def _detect(arr: np.ndarray, version: Any, split: bool, start: int = 0) -> str:
+    """The layout of a vLLM array: from ``version=``, else from the dtype vLLM wrote.
+
+    int32 is what vLLM <= 0.20 writes and what 0.22+'s OpenAI server may send: with ``start`` > 0
+    (``routed_experts_prompt_start``, 0.22+ only) it is 0.22+'s; with 0 both read the same rows.
+    """
     if version is not None:
         layout = vllm_layout(version)
         known = {d: lay for lay, ds in _DTYPE_OF.items() for d in ds}
-        if arr.dtype.name in known and known[arr.dtype.name] != layout:
+        if arr.dtype.name in known and known[arr.dtype.name] != layout and arr.dtype.name not in _ALSO.get(layout, ()):
             raise RoutesValidationError(
                 f"routed_experts is {arr.dtype}, which vLLM writes in releases {known[arr.dtype.name]}, not in "
                 f"{version} ({layout}: {'/'.join(_DTYPE_OF[layout])}). Check the version; an array cast on the way "
@@ -173,7 +184,7 @@ def _detect(arr: np.ndarray, version: Any, split: bool) -> str:
     if name in _DTYPE_OF[_CURRENT]:
         return _CURRENT
     if name == "int32":
-        return _LEGACY
+        return _CURRENT if start else _LEGACY
     if name == "int16":
         raise RoutesValidationError(
             "routed_experts is int16 without prompt_routed_experts: vLLM 0.21 writes int16 and splits off the "
@@ -194,6 +205,19 @@ def _check_current_dtype(arr: np.ndarray, lm: LayerMap) -> None:
         )
 
 
+def _check_holds(arr: np.ndarray, lm: LayerMap) -> None:
+    """Refuse an array whose dtype cannot write every expert: cast to it on the way, an expert may have wrapped
+    around to another one (expert 300 of int8 reads 44), which no range check sees."""
+    high = int(np.iinfo(arr.dtype).max)
+    if lm.max_experts - 1 > high:
+        raise RoutesValidationError(
+            f"routed_experts is {arr.dtype}, which holds expert numbers up to {high} only, but the LayerMap has "
+            f"{lm.max_experts} experts: an array cast to {arr.dtype} on the way may have wrapped an expert around to "
+            "another. Pass the array vLLM returned (uint8/uint16, or int32 from its OpenAI server), or check the "
+            "LayerMap's num_experts"
+        )
+
+
 def from_vllm(
     routed_experts: Any,
     layer_map: LayerMap,
@@ -206,9 +230,12 @@ def from_vllm(
     """Routes of one sequence from a ``CompletionOutput.routed_experts`` array (vLLM <= 0.20, 0.22-0.33).
 
     vLLM 0.22-0.33 write ``[prompt_len - prompt_start + completion_len - 1,
-    num_hidden_layers, k]`` uint8 (uint16 above 256 experts), vLLM <= 0.20 the same rows
-    (``prompt_start`` 0) as int32. The release is told by the dtype unless ``version=``
-    names it; the row count must match exactly, or the call fails: a shift is never guessed.
+    num_hidden_layers, k]`` uint8 (uint16 above 256 experts; their OpenAI server may send
+    int32), vLLM <= 0.20 the same rows (``prompt_start`` 0) as int32. The release is told by
+    the dtype (int32 with ``prompt_start`` > 0 is 0.22+'s) unless ``version=`` names it; a
+    ``version=`` of 0.22-0.33 reads any integer dtype that holds every expert number (int16 and
+    int32 as trainers keep them, int64 as converted). The row count must match
+    exactly, or the call fails: a shift is never guessed.
 
     Args:
         routed_experts: the array, or the OpenAI server's base64 ``.npy`` string.
@@ -225,17 +252,18 @@ def from_vllm(
 
     Raises:
         RoutesValidationError: dtype, layer width, k or row count do not fit the release and
-            the LayerMap; a dense layer's column holds experts; invalid expert indices.
+            the LayerMap; a dtype that cannot hold every expert number; a dense layer's column
+            holds experts; invalid expert indices (negative, or past the router's experts).
     """
     check_map(layer_map, "from_vllm")
     arr = _array(routed_experts, "routed_experts")
-    layout = _detect(arr, version, split=False)
+    start = check_start(prompt_start, "prompt_start")
+    layout = _detect(arr, version, split=False, start=start)
     if layout == _SPLIT:
         raise RoutesValidationError(
             "vLLM 0.21 splits routes into prompt_routed_experts and routed_experts: use from_vllm_split"
         )
     p, c = check_start(prompt_len, "prompt_len"), check_start(completion_len, "completion_len")
-    start = check_start(prompt_start, "prompt_start")
     if start > p:
         raise RoutesValidationError(
             f"prompt_start={start} is past the prompt ({p} tokens); vLLM requires <= prompt_len"
@@ -247,6 +275,7 @@ def from_vllm(
         )
     if layout == _CURRENT:
         _check_current_dtype(arr, layer_map)
+    _check_holds(arr, layer_map)
     want = p - start + c - 1
     if want < 0:
         raise RoutesValidationError(f"prompt_len={p}, prompt_start={start}, completion_len={c} leave no token")
@@ -522,7 +551,7 @@ def from_vllm_output(
         )
     assert prompt_len is not None
     arr = _array(comp.routed_experts, "routed_experts")
-    layout = _detect(arr, version, split=prompt_routed is not None)
+    layout = _detect(arr, version, split=prompt_routed is not None, start=check_start(prompt_start, "prompt_start"))
     completion_len = len(_listed(comp.token_ids, "CompletionOutput.token_ids", "the completion's token ids"))
     if layout == _SPLIT:
         if prompt_routed is None:

@@ -218,8 +218,13 @@ def test_020_int32_all_layers() -> None:
     assert interop.from_vllm_legacy(arr, m.layer_map, num_tokens=8).equal(r)
     back = interop.to_vllm_legacy(r, m.layer_map)
     assert back.dtype == np.int32 and np.array_equal(back, arr)
-    with pytest.raises(mr.RoutesValidationError, match="no routed_experts_prompt_start"):
-        interop.from_vllm(arr[2:], m.layer_map, prompt_len=5, completion_len=3, prompt_start=2)
+    # 0.20 has no routed_experts_prompt_start: its whole array given one is refused by its row count (int32 rows
+    # that do start there are 0.22+'s, as its OpenAI server may send them)
+    with pytest.raises(mr.RoutesValidationError, match="covers the whole prompt"):
+        interop.from_vllm(arr, m.layer_map, prompt_len=5, completion_len=3, prompt_start=2)
+    assert interop.from_vllm(arr[2:], m.layer_map, prompt_len=5, completion_len=3, prompt_start=2).equal(
+        m.routes(truth, front=2)
+    )
 
 
 def test_the_legacy_reader_refuses_the_arrays_of_later_releases() -> None:
@@ -435,3 +440,45 @@ def test_a_version_given_as_a_number_is_refused() -> None:
         with pytest.raises(mr.RoutesValidationError, match=r"version must be vllm.__version__ \(a str"):
             interop.from_vllm(arr, m.layer_map, prompt_len=3, completion_len=3, version=number)
     assert interop.from_vllm(arr, m.layer_map, prompt_len=3, completion_len=3, version="0.30.0").equal(m.routes(truth))
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_033_array_with_prompt_start_in_any_integer_dtype_that_holds_its_experts_is_read() -> None:
+    """vLLM 0.22+'s OpenAI server documents ``routed_experts`` as "uint8/uint16/int32"
+    (``chat_completion/protocol.py:130-138``) and trainers keep it as int8/int16/int32: an int32 array with
+    ``routed_experts_prompt_start`` (0.22+ only) was refused with a word to cast it to uint8. Every integer
+    dtype that holds the experts reads the same routes; one that cannot hold them, or values past them, is refused.
+    """
+    m = DEEPSEEK
+    truth = m.truth(7, seed=21)
+    arr = vllm_033_routed_experts(m, truth, 4, prompt_start=2)
+    kw = dict(prompt_len=4, completion_len=3, prompt_start=2)
+    want = m.routes(truth, front=2)
+    assert interop.from_vllm(arr, m.layer_map, **kw).equal(want)
+    wide = arr.astype(np.int32)  # as the OpenAI server may send it, no version needed: only 0.22+ has prompt_start
+    assert interop.from_vllm(wide, m.layer_map, **kw).equal(want)
+    assert interop.from_vllm(vllm_openai_field(wide), m.layer_map, **kw).equal(want)
+    out = SimpleNamespace(prompt_token_ids=[0] * 4, outputs=[SimpleNamespace(token_ids=[0] * 3, routed_experts=wide)])
+    assert interop.from_vllm_output(out, m.layer_map, prompt_start=2).equal(want)
+    for dtype in (np.int8, np.int16, np.int32, np.int64, np.uint32):
+        assert interop.from_vllm(arr.astype(dtype), m.layer_map, version="0.33.0", **kw).equal(want), dtype
+    past = wide.copy()
+    past[1, 2, 0] = m.num_experts  # one past the last expert
+    with pytest.raises(mr.RoutesValidationError, match=r"each index must be in \[0, 15\]"):
+        interop.from_vllm(past, m.layer_map, **kw)
+    past[1, 2, 0] = -1
+    with pytest.raises(mr.RoutesValidationError, match="negative expert number"):
+        interop.from_vllm(past, m.layer_map, **kw)
+    big = Model(num_experts=300)  # expert 299 cast to int8 reads 43: a real expert, so the dtype is refused
+    big_arr = vllm_033_routed_experts(big, big.truth(7, seed=22), 4, prompt_start=2)
+    with pytest.raises(mr.RoutesValidationError, match="int8, which holds expert numbers up to 127 only"):
+        interop.from_vllm(big_arr.astype(np.int8), big.layer_map, version="0.33.0", **kw)
+    assert interop.from_vllm(big_arr.astype(np.int32), big.layer_map, **kw).equal(
+        big.routes(big.truth(7, seed=22), front=2)
+    )
+    # the guards that stay: int32 without prompt_start reads the same rows as 0.20's; int16 without version= is 0.21's
+    assert interop.from_vllm(
+        vllm_033_routed_experts(m, truth, 4).astype(np.int32), m.layer_map, prompt_len=4, completion_len=3
+    ).equal(m.routes(truth))
+    with pytest.raises(mr.RoutesValidationError, match="from_vllm_split"):
+        interop.from_vllm(arr.astype(np.int16), m.layer_map, **kw)
