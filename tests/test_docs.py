@@ -66,7 +66,9 @@ def test_public_methods_are_documented(name: str) -> None:
 
 
 def _package_modules() -> list[ModuleType]:
-    return [mr] + [importlib.import_module(f"moe_replay.{m.name}") for m in pkgutil.iter_modules(mr.__path__)]
+    """Every module of the package, those of its subpackages too (``moe_replay.interop.vllm``: doctest runs the
+    examples of a module's own objects only, so a subpackage's ``__init__`` does not run its modules')."""
+    return [mr] + [importlib.import_module(m.name) for m in pkgutil.walk_packages(mr.__path__, "moe_replay.")]
 
 
 #: Modules a user reads first: each must carry examples.
@@ -76,10 +78,17 @@ EXAMPLE_MODULES = (
     "distributed",
     "generation",
     "interop",
+    "layer_map",
     "losses",
+    "megatron",
+    "nemo_rl",
     "metrics",
     "routes",
     "session",
+    "sglang",
+    "turns",
+    "verl",
+    "vllm",
 )
 
 
@@ -90,6 +99,13 @@ def test_docstring_examples_run(module: ModuleType) -> None:
     assert result.failed == 0, f"{result.failed} example(s) in {module.__name__} failed; see the output above"
     if module.__name__.rsplit(".", 1)[-1] in EXAMPLE_MODULES:
         assert result.attempted > 0, f"{module.__name__} has no example"
+
+
+def test_the_examples_of_subpackage_modules_are_run() -> None:
+    """Once only the package's top-level modules were walked: the examples of ``moe_replay.interop.vllm`` and the
+    other engine readers (their module docstrings, ``from_vllm``...) were never run."""
+    names = {m.__name__ for m in _package_modules()}
+    assert {"moe_replay.interop.vllm", "moe_replay.interop.sglang", "moe_replay.integrations.trl"} <= names
 
 
 def test_api_reference_is_current() -> None:
