@@ -9,13 +9,14 @@ recorded or forced, while the router's own forward was exact.
 While a block runs and hooks run after a router's forward, an :class:`OutputGuard` sits last
 among the router module's forward hooks (global hooks run before a module's own, so it comes
 after every one of them) and refuses an output whose integer tensors (indices, dispatch
-masks) are not those the forward returned, unchanged, and, in an eager forward, an output whose
-float tensors (combine weights) a hook replaced or changed so that they hold zeros where the
-forward's did not: a weight cut to zero after the decision (a minimum-weight cut put in a hook)
-is an expert dropped by the current scores, which a replay does not force. A hook that reads the
-output, or rescales its float tensors (a temperature on the combine weights), passes; so does a
-compiled forward's, whose floats are not compared. Where no hook runs, nothing is installed and a
-router call pays one test.
+masks) are not those the forward returned, unchanged, and an output whose float tensors (combine
+weights) a hook replaced or changed so that they hold zeros where the forward's did not: a weight
+cut to zero after the decision (a minimum-weight cut put in a hook) is an expert dropped by the
+current scores, which a replay does not force. An eager forward is refused at once; compiled code,
+which cannot raise on values, marks a flag on the router's device that the block reads as it ends
+(:meth:`OutputGuard.cut_in_compiled_code`). A hook that reads the output, or rescales its float
+tensors (a temperature on the combine weights), passes. Where no hook runs, nothing is installed
+and a router call pays one test.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ _GLOBAL_HOOKS = _torch_compat.global_forward_hooks
 #: what the forward of a router returned, by its guard's id, from the trace of the forward to the trace of the
 #: guard (see :meth:`OutputGuard.expect_traced`); empty outside a trace
 _TRACED: dict[int, list[tuple[torch.Tensor, int | None]]] = {}
+#: the float tensors it returned, with where they held zeros, as :data:`_TRACED`
+_TRACED_FLOATS: dict[int, list[tuple[torch.Tensor, int | None, torch.Tensor]]] = {}
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -90,6 +93,29 @@ def _new_zeros(output: Any, then: list[tuple[torch.Tensor, int | None, torch.Ten
     return False
 
 
+def _mark_new_zeros(flag: torch.Tensor, output: Any, then: list[tuple[torch.Tensor, int | None, torch.Tensor]]) -> None:
+    """:func:`_new_zeros` as compiled code runs it: no branch on values, the answer or-ed into ``flag`` (on the
+    router's device: no sync). Every tensor is compared, a changed version cannot be told there."""
+    now = _float_tensors(output)
+    if len(now) != len(then):
+        return
+    for t, (_, _, zero) in zip(now, then, strict=True):
+        if t.shape == zero.shape:
+            flag.logical_or_(((t.detach() == 0) & ~zero).any().to(flag.device))
+
+
+def _cut_message(name: str, culprits: str) -> str:
+    return (
+        f"a forward hook run after router '{name}', or a wrapper around its forward, cut to zero "
+        "float tensors (combine weights) its forward returned nonzero"
+        + culprits
+        + ": a weight cut to zero after the decision drops an expert by the current scores, so its MoE "
+        "layer would not use every expert recorded or forced. Remove the hook, or make that choice "
+        "inside the router's forward, where it is checked (before its top-k, a masked_fill or "
+        "torch.where of the scores, is replayed exactly)"
+    )
+
+
 def _same_traced(now: list[tuple[torch.Tensor, int | None]], then: list[tuple[torch.Tensor, int | None]]) -> bool:
     return len(now) == len(then) and all(t is u for (t, _), (u, _) in zip(now, then, strict=True))
 
@@ -140,7 +166,7 @@ class OutputGuard:
             model(x)  # UnsupportedRouterError: a hook changed the indices the router returned
     """
 
-    __slots__ = ("enter", "expected", "floats", "handles", "name")
+    __slots__ = ("cuts", "enter", "expected", "floats", "handles", "name")
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -151,6 +177,9 @@ class OutputGuard:
         self.floats: list[tuple[torch.Tensor, int | None, torch.Tensor]] = []
         self.enter = _Enter(self)
         self.handles: tuple[Any, ...] = ()
+        #: set by compiled code where a hook cut float tensors to zero (see :meth:`cut_in_compiled_code`); one
+        #: tensor for the guard's life, so that code compiled in one block runs again in the next
+        self.cuts: torch.Tensor | None = None
         self.install(module)
 
     def install(self, module: nn.Module) -> None:
@@ -187,6 +216,29 @@ class OutputGuard:
         what it runs. Kept by this guard's id in a dict of this module: a guard of a block ended since is no
         object compiled code must reach again."""
         _TRACED[id(self)] = _integer_tensors(out, version=_unversioned)
+        _TRACED_FLOATS[id(self)] = [(t, None, t.detach() == 0) for t in _float_tensors(out)]
+
+    def arm(self, device: torch.device) -> None:
+        """As a block starts (eager): the flag compiled code marks, on the router's device, cleared."""
+        with torch.inference_mode(False):  # (an ordinary tensor, whatever the caller's mode)
+            if self.cuts is None or self.cuts.device != device:
+                # (its address kept across calls, as the rings': CUDA graphs of mode="reduce-overhead" update it)
+                self.cuts = _torch_compat.mark_static_address(torch.zeros((), dtype=torch.bool, device=device))
+            else:
+                self.cuts.zero_()
+
+    def cut_in_compiled_code(self, module: nn.Module) -> None:
+        """As a block ends: refuse it where compiled code found float tensors cut to zero by a hook (one read of the
+        flag: a sync, where hooks run after this router)."""
+        cuts = self.cuts
+        if cuts is not None and bool(cuts):
+            cuts.zero_()
+            ran = [_hook_name(h) for h in module._forward_hooks.values() if not is_guard(h)]
+            raise UnsupportedRouterError(
+                _cut_message(self.name, _culprits(ran, module.__dict__.get("forward")))
+                + ". (Found in compiled code, which cannot stop at the forward: this block's forwards used "
+                "the cut weights)"
+            )
 
     def remove(self) -> None:
         """Take this guard's hooks off its module (it may be installed again: see :meth:`install`)."""
@@ -196,12 +248,17 @@ class OutputGuard:
         self.expected = None
         self.floats = []
         _TRACED.pop(id(self), None)  # (what a compiled forward left for a hook run that never came)
+        _TRACED_FLOATS.pop(id(self), None)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():  # (dynamo tracing: what the trace of the forward returned, if any)
             expected = _TRACED.pop(id(self), None)
+            floats = _TRACED_FLOATS.pop(id(self), None)
             if expected is None and self.expected is not None:  # (an eager forward, this hook compiled on its own)
                 expected, self.expected = self.expected, None
+                floats, self.floats = self.floats, []
+            if expected is not None and floats and self.cuts is not None:
+                _mark_new_zeros(self.cuts, output, floats)
             if expected is None or _same_traced(_integer_tensors(output, version=_unversioned), expected):
                 return
             culprits = " (in the code torch.compile traced: hooks on its module, or global module hooks)"
@@ -211,15 +268,7 @@ class OutputGuard:
             ran = [_hook_name(h) for h in module._forward_hooks.values() if not is_guard(h)]
             culprits = _culprits(ran, module.__dict__.get("forward"))
             if expected is not None and floats and _new_zeros(output, floats):
-                raise UnsupportedRouterError(
-                    f"a forward hook run after router '{self.name}', or a wrapper around its forward, cut to zero "
-                    "float tensors (combine weights) its forward returned nonzero"
-                    + culprits
-                    + ": a weight cut to zero after the decision drops an expert by the current scores, so its MoE "
-                    "layer would not use every expert recorded or forced. Remove the hook, or make that choice "
-                    "inside the router's forward, where it is checked (before its top-k, a masked_fill or "
-                    "torch.where of the scores, is replayed exactly)"
-                )
+                raise UnsupportedRouterError(_cut_message(self.name, culprits))
             if expected is None or _same(_integer_tensors(output), expected):
                 return
         raise UnsupportedRouterError(

@@ -1261,11 +1261,18 @@ class RouterHook:
             )
         guard.expect_traced(out)
 
-    def prepare_guard(self) -> None:
+    def prepare_guard(self, device_of: Callable[[nn.Module], torch.device]) -> None:
         """As a block starts: the output guard on the scope, last of its forward hooks, where hooks other than
         moe_replay's run after its forward (compiled code, which cannot add it, then finds it there)."""
         if (self.scope._forward_hooks or _GLOBAL_HOOKS) and (self.wrapped or runs_foreign_hooks(self.scope)):
-            self.install_guard().keep_last(self.scope)
+            guard = self.install_guard()
+            guard.keep_last(self.scope)
+            guard.arm(device_of(self.scope))
+
+    def check_guard(self) -> None:
+        """As a block ends: refuse float tensors that compiled code found cut to zero by a hook after this router."""
+        if self._guard is not None:
+            self._guard.cut_in_compiled_code(self.scope)
 
     def install_guard(self) -> OutputGuard:
         """The output guard on the scope, put there if it is not (for a block whose scope's forward is wrapped,

@@ -1220,7 +1220,7 @@ class Session:
             owner.blocks += 1
         try:
             for h in self._hooks:
-                h.prepare_guard()
+                h.prepare_guard(_device_of)
             yield
         except Exception as e:  # a refusal that torch.compile traced comes out as its own error: ours again
             ours = _from_compiler(e)
@@ -1376,6 +1376,8 @@ class Session:
                     "decision is established again at the next forward)"
                     + ("; capture again (routes(allow_partial=True) reads the rows)" if what == "capture()" else "")
                 )
+        for h in self._hooks:  # (compiled code marks weights a hook cut to zero: read as the block ends)
+            h.check_guard()
         gained = (
             []
             if model is None

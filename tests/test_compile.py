@@ -918,6 +918,36 @@ def test_a_forward_hook_that_reads_the_indices_is_exact_in_a_compiled_block_and_
 
 
 @pytest.mark.reliability("silent replays")
+def test_a_forward_hook_that_cuts_weights_to_zero_is_refused_in_a_compiled_block() -> None:
+    """Once silent: a forward hook on a router that cuts its weights to zero (a minimum-weight cut from the current
+    scores, made after the decision) was refused in an eager block only; a compiled block's layer dropped the
+    experts whose weights it cut while the capture recorded (or the replay forced) them. Compiled code marks a flag
+    on the router's device, read as the block ends (a hook that rescales the weights passes there, and compiles
+    nothing new per block: test_many_blocks_compile_nothing_after_warm_up)."""
+    from .tinymoe import RouterSpec, TinyMoE
+
+    model = TinyMoE([RouterSpec(8, 2)])
+    x = model.inputs((3, 5))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+
+    def cut(module: torch.nn.Module, args: Any, out: Any) -> Any:
+        w = out[0]
+        return (w * (w >= 0.9 * w.amax(-1, keepdim=True)), *out[1:])  # every slot but the top one cut
+
+    with mr.attach(model) as session, torch.no_grad():
+        session.verify(x)
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        model.layers[0].router.register_forward_hook(cut)  # (before compiling: dynamo follows no hook added since)
+        with pytest.raises(mr.UnsupportedRouterError, match="cut to zero"), session.capture():
+            model(x)  # (eager: refused)
+        for ctx in (session.capture, lambda: session.replay(routes), session.capture):  # (each block its own flag)
+            with pytest.raises(mr.UnsupportedRouterError, match="cut to zero.*compiled code"), ctx():
+                compiled(x)
+
+
+@pytest.mark.reliability("silent replays")
 @pytest.mark.xfail(
     strict=True,
     reason="compiled code compares the tensors a router returned with those its hooks leave by identity only: dynamo "
