@@ -655,7 +655,9 @@ class _ProbeMode(TorchFunctionMode):
         self._made: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, ...]]] = {}
         self._scores: dict[int, weakref.ref[torch.Tensor]] = {}
         self.scored: list[bool] = []  # per later choice: made from the scores
-        self.faint: list[bool] = []  # per later choice: a cut of values that cannot be told from zero only
+        # per later choice: a cut of values that cannot be told from zero only, or one that only raises values to a
+        # floor (see _Selection.faint, _Selection.floors): no choice among the experts
+        self.faint: list[bool] = []
         self.widths: list[int] = []  # per later choice: the last dimension of what it made (0: fewer dimensions)
         # before a forced decision: the choices that make integers or booleans of floating values and are no
         # decision-like call (a number of experts per token from a threshold), as later choices are kept/held
@@ -1022,7 +1024,7 @@ class _ProbeMode(TorchFunctionMode):
         self.choices.append(selection.choice if selection is not None else _clone(out))
         self.where.append(_where())
         self.scored.append(scored)
-        self.faint.append(selection is not None and selection.faint())
+        self.faint.append(selection is not None and (selection.faint() or selection.floors()))
         wide = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor) and t.dim() >= 2]
         self.widths.append(wide[0].shape[-1] if wide else 0)
         if self.held is None:
@@ -1231,6 +1233,21 @@ class _Selection:
             tiny = (torch.finfo(self.x.dtype).eps * largest.clamp_min(1)).expand_as(x)[self.cut]
             put = self.put.detach().abs().nan_to_num(0, 0, 0)[self.cut]
             return bool((x[self.cut] <= tiny).all()) and bool((put <= tiny).all())
+
+    def floors(self) -> bool:
+        """Did it only raise values to a floor: put a nonzero value, of at least the magnitude of the one it
+        replaced, wherever it cut (``w.clamp_min(1e-6)``, ``w / w.sum(-1, keepdim=True).clamp(min=1e-6)``,
+        ``torch.maximum(w, floor)``)? Such a cut weighs every expert it is given, each at least as much as
+        before it: a function of the forced experts' own weights, no choice among them, whatever the floor (one
+        above the dtype's epsilon rounds a sharp gate's tiny weights up, which :meth:`faint` does not take for a
+        guard). A cut that puts zero (``F.threshold(w, 1e-3, 0)``, ``relu(w - t)``), or lowers a value
+        (``F.threshold(w, 0.1, 1e-9)``, a ceiling), drops or all but drops an expert: a choice."""
+        with torch.no_grad():
+            if not bool(self.cut.any()):
+                return True
+            x = self.x.detach()[self.cut]
+            put = self.put.detach()[self.cut]
+            return bool(((put != 0) & put.isfinite() & (put.abs() >= x.abs())).all())
 
     def held(self, choice: Any) -> torch.Tensor | None:
         """The cut's result with ``choice`` (another run's :attr:`choice`) held, or None if it does not fit."""

@@ -167,3 +167,65 @@ def test_a_router_is_established_through_the_row_order_runs_on_its_device_and_re
             got = model(x)
         assert torch.equal(model.layers[0].chosen, chosen)
         assert torch.equal(got, want)
+
+
+def _cut_under_a_thousandth(w: torch.Tensor) -> torch.Tensor:
+    w = w.clone()
+    w[w < 1e-3] = 0
+    return w
+
+
+#: Floors after the decision: every expert given is weighed, none less than before (no choice among them).
+SHARP_FLOORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sum-clamp": lambda w: w / w.sum(-1, keepdim=True).clamp(min=1e-6),
+    "clamp_min": lambda w: w.clamp_min(1e-6),
+}
+#: Cuts after the decision that drop (or all but drop) an expert: choices.
+SHARP_CUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "index-cut": _cut_under_a_thousandth,
+    "threshold-to-1e-9": lambda w: F.threshold(w, 0.1, 1e-9),
+    "shifted-floor": lambda w: (w - 0.3).clamp_min(1e-6),
+}
+
+
+class SharpGateBlock(GuardedTopKBlock):
+    """A very sharp gate (one weight ~1, the others underflowing to ~0) in ``dtype``, its top-k weights passed
+    through ``after`` (a floor or a cut) after the decision."""
+
+    def __init__(self, after: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.after, self.dtype = after, dtype
+        with torch.no_grad():
+            self.gate.weight.mul_(30.0)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(x).to(self.dtype).softmax(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals, idx = self.scores(x).topk(self.top_k)
+        self.last = idx.detach().clone()
+        return self.experts.combine(x, self.after(vals).float(), idx)
+
+    def reference(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.experts.combine(x, self.after(self.scores(x).gather(-1, idx)).float(), idx)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    ("after", "dtype"),
+    [(name, torch.float32) for name in SHARP_FLOORS]
+    + [("clamp_min", torch.bfloat16), ("index-cut", torch.bfloat16)]
+    + [(name, torch.float32) for name in SHARP_CUTS],
+    ids=lambda v: v if isinstance(v, str) else str(v).removeprefix("torch."),
+)
+def test_a_floor_above_epsilon_after_a_sharp_gate_replays_and_a_cut_is_refused(after: str, dtype: torch.dtype) -> None:
+    """Once falsely refused: on a sharp gate (the forced experts' weights ~0), a floor above the dtype's epsilon
+    (``clamp_min(1e-6)`` of the weights, or of their sum before a renormalisation, in float32) cut values that were
+    not faint, and was taken for a choice. A cut that only raises values to a nonzero floor drops no expert: exact.
+    A cut to zero (``w[w < 1e-3] = 0``), one that lowers values to a tiny one, or a floor of shifted weights (which
+    lowers the weights under the shift) is still a choice: refused."""
+    got = outcome(lambda: SharpGateBlock({**SHARP_FLOORS, **SHARP_CUTS}[after], dtype))
+    if after in SHARP_FLOORS:
+        assert got == "exact", got
+    else:
+        assert got.startswith("refused: router 'moe.gate': after its decision"), got
