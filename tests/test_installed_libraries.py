@@ -1,0 +1,482 @@
+"""The routers of installed public MoE libraries, with zero configuration (their own code, not a copy).
+
+The ``test_public_routers*`` files re-write upstream routers by hand; these tests attach to the classes that the
+libraries themselves ship, where they are installed (each test skips when its library is not). Nothing here changes
+a library's code: which experts each token went to is read from the library's own tensors (a dispatch mask its gate
+returns) or from the rows its expert modules were fed. The rule checked: a replay is proven exact (the experts each
+token was dispatched to are among those its recorded row names, a replay after the routers change dispatches every
+token as the capture did, where a free forward would not, and its output and gradients are those of the same
+forward with the recorded experts forced by hand: the decision calls of the library's code answered with the
+recorded rows by patching ``torch.topk``/``torch.argmax``, which never calls moe_replay), or it is refused with a
+``MoEReplayError`` that says why, the model left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import moe_replay as mr
+from tests.conftest import snapshot
+from tests.test_public_routers9 import _wrappers
+
+D, E = 16, 4
+
+Dispatch = Callable[[], list[torch.Tensor]]
+
+
+# ----------------------------------------------------------------------- forcing by hand, without moe_replay
+@contextlib.contextmanager
+def _forced_by_hand(calls: list[torch.Tensor], width: int) -> Iterator[None]:
+    """The decision calls of the code run in the block (``torch.topk``/``Tensor.topk``/``torch.argmax``/
+    ``Tensor.argmax`` along the last dimension of a tensor ``width`` wide) answer, in call order, the index tensors
+    of ``calls`` (one per call, ``[tokens, k]``), with the input's values at those indices. Other calls (a top-k
+    over tokens for a capacity) run as they are."""
+    queue = list(calls)
+    real_topk, real_argmax = torch.topk, torch.argmax
+
+    def _along_experts(t: torch.Tensor, dim: int | None) -> bool:
+        return dim is not None and t.dim() >= 1 and dim in (-1, t.dim() - 1) and t.shape[-1] == width
+
+    def topk(t: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True) -> Any:
+        if not _along_experts(t, dim) or not largest:
+            return real_topk(t, k, dim=dim, largest=largest, sorted=sorted)
+        idx = queue.pop(0).long().reshape(*t.shape[:-1], -1)
+        assert idx.shape[-1] == k, (idx.shape, k)
+        return torch.return_types.topk((t.gather(-1, idx), idx))
+
+    def argmax(t: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+        if not _along_experts(t, dim):
+            return real_argmax(t, dim=dim, keepdim=keepdim)
+        idx = queue.pop(0).long().reshape(*t.shape[:-1], 1)
+        return idx if keepdim else idx.squeeze(-1)
+
+    with (
+        mock.patch.object(torch, "topk", topk),
+        mock.patch.object(torch.Tensor, "topk", topk),
+        mock.patch.object(torch, "argmax", argmax),
+        mock.patch.object(torch.Tensor, "argmax", argmax),
+    ):
+        yield
+    assert not queue, f"{len(queue)} forced decision calls were not made"
+
+
+def _columns(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A top-2 made of two top-1 calls: one call per column of each router's rows."""
+    return [r[:, j : j + 1] for r in rows for j in range(r.shape[1])]
+
+
+def _dense(rows: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.zeros(rows.shape[0], width, dtype=torch.bool).scatter_(1, rows.long(), True)
+
+
+def _perturb(model: nn.Module, keep: Callable[[str], bool], scale: float) -> None:
+    """Noise on every parameter that is no expert's (the routers', and whatever else feeds them): of a scale that
+    moves the choices but keeps every chosen expert's weight off zero (a gate that dispatches by ``weight != 0``,
+    as GShard's, rightly refuses routes whose experts it would skip)."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not keep(name):
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+# ----------------------------------------------------------------------- reading which experts each token went to
+def _from_gate(gates: list[nn.Module], mask_at: int) -> tuple[Dispatch, Callable[[], None]]:
+    """The dispatch each gate returned in its last forward (the library's own ``[..., tokens, E, capacity]`` mask,
+    output ``mask_at``) as ``[tokens, E]`` booleans; and a function that takes the hooks off."""
+    last: dict[int, torch.Tensor] = {}
+
+    def hook(i: int) -> Callable[..., None]:
+        def read(_m: nn.Module, _a: object, out: tuple[torch.Tensor, ...]) -> None:
+            mask = out[mask_at].detach()
+            last[i] = mask.ne(0).any(-1).reshape(-1, mask.shape[-2])
+
+        return read
+
+    handles = [g.register_forward_hook(hook(i)) for i, g in enumerate(gates)]
+    return (lambda: [last[i].clone() for i in range(len(gates))]), lambda: [h.remove() for h in handles]  # type: ignore[func-returns-value]
+
+
+def _from_experts(blocks: list[tuple[nn.Module, list[nn.Module]]]) -> tuple[Dispatch, Callable[[], None]]:
+    """Which tokens each block's expert modules were fed in its last forward, matched to the block's input rows."""
+    inputs: dict[int, torch.Tensor] = {}
+    fed: dict[int, list[torch.Tensor]] = {}
+    handles = []
+
+    def block_hook(i: int, n: int) -> Callable[..., None]:
+        def read(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach()
+            inputs[i] = x.reshape(-1, x.shape[-1])
+            fed[i] = [torch.zeros(0, x.shape[-1]) for _ in range(n)]
+
+        return read
+
+    def expert_hook(i: int, e: int) -> Callable[..., None]:
+        def read(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach()
+            fed[i][e] = torch.cat([fed[i][e], x.reshape(-1, x.shape[-1])])
+
+        return read
+
+    for i, (block, experts) in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(block_hook(i, len(experts))))
+        handles += [ex.register_forward_pre_hook(expert_hook(i, e)) for e, ex in enumerate(experts)]
+
+    def dispatch() -> list[torch.Tensor]:
+        out = []
+        for i in range(len(blocks)):
+            x = inputs[i]
+            out.append(torch.stack([(f[:, None, :] == x[None]).all(-1).any(0) for f in fed[i]], dim=-1))
+        return out
+
+    return dispatch, lambda: [h.remove() for h in handles]  # type: ignore[func-returns-value]
+
+
+def _from_route_ids(gates: list[nn.Module], ids_at: int) -> tuple[Dispatch, Callable[[], None]]:
+    """The experts each gate's last forward dispatched each token to, from the ``[k, tokens]`` expert ids it
+    returned (output ``ids_at``; ``-1`` for a route evicted over capacity), as ``[tokens, E]`` booleans."""
+    last: dict[int, torch.Tensor] = {}
+
+    def hook(i: int) -> Callable[..., None]:
+        def read(_m: nn.Module, _a: object, out: tuple[torch.Tensor, ...]) -> None:
+            ids = out[ids_at].detach().long().t()
+            kept = torch.zeros(ids.shape[0], E + 1, dtype=torch.bool).scatter_(1, ids.clamp(min=-1) % (E + 1), True)
+            last[i] = kept[:, :E]
+
+        return read
+
+    handles = [g.register_forward_hook(hook(i)) for i, g in enumerate(gates)]
+    return (lambda: [last[i].clone() for i in range(len(gates))]), lambda: [h.remove() for h in handles]  # type: ignore[func-returns-value]
+
+
+def _gates_of(
+    mask_at: int, gate: Callable[[nn.Module], nn.Module] = lambda layer: layer.gate
+) -> Callable[[nn.Module], tuple[Dispatch, Callable[[], None]]]:
+    return lambda model: _from_gate([gate(layer) for layer in model.layers], mask_at)
+
+
+def _experts_of(model: nn.Module) -> tuple[Dispatch, Callable[[], None]]:
+    return _from_experts([(layer, list(layer.experts)) for layer in model.layers])
+
+
+# ----------------------------------------------------------------------- the check
+def _assert_exact(
+    make: Callable[[], nn.Module],
+    x: torch.Tensor,
+    *,
+    reader: Callable[[nn.Module], tuple[Dispatch, Callable[[], None]]],
+    routers: int,
+    calls: Callable[[list[torch.Tensor]], list[torch.Tensor]] = lambda rows: rows,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda m, x: m(x),
+    is_expert: Callable[[str], bool] = lambda name: "experts" in name,
+    change: float = 0.5,
+    train: bool = False,
+) -> None:
+    """Capture, then replay after the routers change, against the recorded experts forced by hand on a copy never
+    attached (built again by ``make``, with the model's state), the same seed before each pair of forwards compared
+    (the libraries' noise drawn alike)."""
+    model, ref = make(), make()
+    ref.load_state_dict(model.state_dict())
+    model.train(train)
+    ref.train(train)
+    dispatch, remove = reader(model)
+    free, remove_free = reader(ref)
+    try:
+        with mr.attach(model) as session:
+            assert len(session.names) == routers, session.names
+            torch.manual_seed(3)
+            with session.capture():
+                captured = forward(model, x)
+            went = dispatch()
+            routes = session.routes()
+            rows = [routes.layer(name) for name in session.names]
+            for name, r, d in zip(session.names, rows, went, strict=True):
+                assert d.shape[0] == r.shape[0], (name, d.shape, r.shape)
+                assert not (d & ~_dense(r, d.shape[-1])).any(), f"'{name}': a token went to an expert no row names"
+            torch.manual_seed(3)
+            with torch.no_grad(), _forced_by_hand(calls(rows), E):
+                assert torch.equal(forward(ref, x), captured.detach()), "the rows forced by hand are not the capture"
+            _perturb(model, is_expert, change)
+            _perturb(ref, is_expert, change)
+            torch.manual_seed(4)
+            with _forced_by_hand(calls(rows), E):
+                expected = forward(ref, x)
+                expected.square().sum().backward()
+            torch.manual_seed(4)
+            with torch.no_grad():
+                forward(ref, x)
+            assert any(not torch.equal(a, b) for a, b in zip(free(), went, strict=True)), (
+                "the changed routers dispatch as recorded anyway: the case tries nothing"
+            )
+            torch.manual_seed(4)
+            with session.replay(routes):
+                replayed = forward(model, x)
+            for name, a, b in zip(session.names, dispatch(), went, strict=True):
+                assert torch.equal(a, b), f"'{name}': the replay did not dispatch the tokens as recorded"
+            replayed.square().sum().backward()
+            assert torch.equal(replayed.detach(), expected.detach()), "the replay is not the rows forced by hand"
+            want = dict(ref.named_parameters())
+            for name, p in model.named_parameters():
+                assert (p.grad is None) == (want[name].grad is None), name
+                assert p.grad is None or torch.equal(p.grad, want[name].grad), name
+    finally:
+        remove()
+        remove_free()
+
+
+def _assert_refused(
+    model: nn.Module,
+    x: torch.Tensor,
+    match: str,
+    *,
+    error: type[mr.MoEReplayError] = mr.MoEReplayError,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda m, x: m(x),
+    train: bool = False,
+) -> None:
+    """Refused at attach or at the first capture, saying ``match``, the model as it was."""
+    model.train(train)
+    before, wrappers = snapshot(model), _wrappers(model)
+    with pytest.raises(error, match=match):
+        with mr.attach(model) as session:
+            with torch.no_grad(), session.capture():
+                forward(model, x)
+    assert _wrappers(model) == wrappers
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+class _Expert(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.w(x))
+
+
+class _Stack(nn.Module):
+    """A library's MoE layers (one: each probe of a router costs a few hundred of its forwards) with residuals;
+    ``out`` picks the hidden states from what a layer returns."""
+
+    def __init__(
+        self, make: Callable[[], nn.Module], out: Callable[[Any], torch.Tensor] = lambda y: y, layers: int = 1
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([make() for _ in range(layers)])
+        self.out = out
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + self.out(layer(x, **kwargs))
+        return x
+
+
+def _x(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, D, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def _one_process_group() -> Iterator[None]:
+    """A process group of one (gloo), for the libraries whose MoE layers all-to-all over one."""
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------- mistral-inference: MoeLayer
+@pytest.mark.reliability("silent replays")
+def test_mistral_inference_moe_layer_replays_exactly() -> None:
+    """mistral-inference ``MoeLayer``: a bare ``gate`` Linear, the ``topk`` of its logits in the block, softmax of
+    the chosen: found as the gate, exact."""
+    moe = pytest.importorskip("mistral_inference.moe")
+    torch.manual_seed(0)
+
+    def make() -> nn.Module:
+        return _Stack(
+            lambda: moe.MoeLayer([_Expert() for _ in range(E)], nn.Linear(D, E, bias=False), moe.MoeArgs(E, 2))
+        )
+
+    _assert_exact(make, _x(24), reader=_experts_of, routers=1)
+
+
+# ----------------------------------------------------------------------- fairscale: MOELayer + Top2Gate
+@pytest.mark.reliability("silent replays")
+def test_fairscale_top2_gate_replays_exactly(_one_process_group: None) -> None:
+    """fairscale ``MOELayer`` with ``Top2Gate`` (GShard): ``argmax`` of the softmax, a second ``argmax`` of the
+    Gumbel-noised logits with the first masked (noise in every mode), capacity ``2S/E`` by token order: exact in
+    training, the same tokens dropped over capacity as in the capture."""
+    fs = pytest.importorskip("fairscale.nn.moe")
+
+    def make() -> nn.Module:
+        return _Stack(lambda: fs.MOELayer(fs.Top2Gate(D, E), nn.ModuleList([_Expert() for _ in range(E)])))
+
+    _assert_exact(make, _x(4, 4), reader=_gates_of(2), routers=1, calls=_columns, train=True)
+
+
+# ----------------------------------------------------------------------- lucidrains mixture-of-experts
+def _lucidrains_moe(**options: object) -> nn.Module:
+    lib = pytest.importorskip("mixture_of_experts")
+    torch.manual_seed(0)
+    return _Stack(lambda: lib.MoE(D, num_experts=E, hidden_dim=8, **options), out=lambda y: y[0])
+
+
+@pytest.mark.reliability("silent replays")
+def test_lucidrains_mixture_of_experts_with_every_second_expert_replays_exactly() -> None:
+    """lucidrains ``mixture-of-experts`` ``MoE`` with ``second_policy_eval='all'``: two ``topk(k=1)`` calls (the
+    second over the scores with the first zeroed), capacity by position: exact."""
+    _assert_exact(
+        lambda: _lucidrains_moe(second_policy_eval="all"), _x(2, 12), reader=_gates_of(0), routers=1, calls=_columns
+    )
+
+
+@pytest.mark.reliability("silent replays")
+def test_lucidrains_mixture_of_experts_random_second_expert_is_refused() -> None:
+    """Its default ``second_policy='random'`` keeps the second expert with a probability of its current weight:
+    a later choice the decision does not hold, refused."""
+    model = _lucidrains_moe()
+    _assert_refused(model, _x(2, 12), "chooses again from the current scores", train=True)
+
+
+# ----------------------------------------------------------------------- st-moe-pytorch
+def _st_moe(**options: object) -> nn.Module:
+    lib = pytest.importorskip("st_moe_pytorch")
+    torch.manual_seed(0)
+    return _Stack(lambda: lib.MoE(dim=D, num_experts=E, gating_top_n=2, **options), out=lambda y: y.outputs)
+
+
+@pytest.mark.reliability("silent replays")
+def test_st_moe_pytorch_with_every_second_expert_replays_exactly() -> None:
+    """lucidrains ``st-moe-pytorch`` ``MoE`` (ST-MoE) with thresholds that keep every chosen expert: one ``topk``
+    of the (Gumbel-noised, in training with ``noise_gates``) softmax, capacity by position: exact."""
+    _assert_exact(
+        lambda: _st_moe(threshold_train=1e-9, threshold_eval=1e-9),
+        _x(2, 8),
+        reader=_gates_of(0),
+        routers=1,
+        forward=lambda m, x: m(x, noise_gates=True),
+        change=0.1,
+        train=True,
+    )
+
+
+@pytest.mark.reliability("silent replays")
+def test_st_moe_pytorch_random_second_expert_is_refused() -> None:
+    """Its default thresholds route the second expert with a probability of its current weight: refused."""
+    _assert_refused(_st_moe(), _x(2, 8), "chooses again from the current scores")
+
+
+# ----------------------------------------------------------------------- soft-moe-pytorch: no discrete decision
+@pytest.mark.reliability("silent replays")
+def test_soft_moe_pytorch_has_no_router_to_replay() -> None:
+    """lucidrains ``soft-moe-pytorch`` ``SoftMoE``: every token weighs into every slot, no choice to record: no
+    router found, never a replay."""
+    lib = pytest.importorskip("soft_moe_pytorch")
+    torch.manual_seed(0)
+    model = _Stack(lambda: lib.SoftMoE(dim=D, seq_len=8, num_experts=E))
+    _assert_refused(model, _x(2, 8), "no MoE router found", error=mr.RouterNotFoundError)
+
+
+# ----------------------------------------------------------------------- litgpt: LLaMAMoE
+def _litgpt_moe(**options: object) -> nn.Module:
+    lit = pytest.importorskip("litgpt.model")
+    config = pytest.importorskip("litgpt.config").Config(
+        n_embd=D, n_head=2, n_layer=1, padded_vocab_size=32, n_expert=E, n_expert_per_token=2,
+        moe_intermediate_size=8, intermediate_size=8, mlp_class_name="LLaMAMoE", **options,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = _Stack(lambda: lit.LLaMAMoE(config))
+    for layer in model.layers:
+        for p in layer.gate.parameters():
+            nn.init.normal_(p, std=0.5)
+    return model
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"n_expert_groups": 2, "n_topk_groups": 1, "n_topk_scores_per_group": 1, "norm_topk_prob": True}],
+    ids=["mixtral-gate", "grouped-topk-router"],
+)
+def test_litgpt_llama_moe_replays_exactly(options: dict[str, object]) -> None:
+    """litgpt ``LLaMAMoE``: a bare ``gate`` Linear with the ``topk`` in the block (Mixtral), or its
+    ``GroupedTopkRouter`` (DeepSeek-V3: sigmoid, bias, a group top-k, the scores of the other groups zeroed):
+    exact."""
+    _assert_exact(lambda: _litgpt_moe(**options), _x(2, 12), reader=_experts_of, routers=1)
+
+
+# ----------------------------------------------------------------------- DeepSpeed: MoE, TopKGate
+def _deepspeed_moe(**options: object) -> nn.Module:
+    pytest.importorskip("deepspeed")
+    layer = pytest.importorskip("deepspeed.moe.layer")
+    torch.manual_seed(0)
+    return _Stack(lambda: layer.MoE(D, _Expert(), num_experts=E, ep_size=1, min_capacity=0, **options), lambda y: y[0])
+
+
+DEEPSPEED_EXACT: dict[str, tuple[dict[str, object], bool]] = {
+    # name: (MoE options, train)
+    "top1-capacity-by-position": ({"k": 1, "use_rts": False}, True),
+    "top1-rsample-train": ({"k": 1, "noisy_gate_policy": "RSample", "use_rts": False}, True),
+    "top2-capacity-train": ({"k": 2, "capacity_factor": 0.5}, True),
+    "top3-no-drop": ({"k": 3, "drop_tokens": False}, False),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(DEEPSPEED_EXACT))
+def test_deepspeed_moe_replays_exactly(_one_process_group: None, case: str) -> None:
+    """DeepSpeed ``MoE`` (``TopKGate``): top-1 by ``argmax`` (of Gumbel-noised logits with ``RSample``), top-2 by
+    two ``argmax`` calls (the second over Gumbel-noised logits), top-k by ``topk``, tokens dropped over capacity by
+    position: exact, the same tokens dropped as in the capture."""
+    options, train = DEEPSPEED_EXACT[case]
+    k = int(options["k"])  # type: ignore[call-overload]
+    _assert_exact(
+        lambda: _deepspeed_moe(**options),
+        _x(2, 8),
+        reader=lambda m: _from_route_ids([layer.deepspeed_moe.gate for layer in m.layers], ids_at=3),
+        routers=1,
+        calls=_columns if k < 3 else (lambda rows: rows),
+        train=train,
+    )
+
+
+DEEPSPEED_REFUSED: dict[str, tuple[dict[str, object], bool, str]] = {
+    "top1-random-token-selection": ({"k": 1}, False, "draws from the random stream and chooses again"),
+    "top3-capacity-by-score": ({"k": 3}, False, "chooses again from the current scores"),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(DEEPSPEED_REFUSED))
+def test_deepspeed_moe_later_choices_are_refused(_one_process_group: None, case: str) -> None:
+    """DeepSpeed's random token selection (tokens kept over capacity by a random priority) and its top-k capacity
+    kept by the current weights (``drop_policy='probs'``): later choices a replay cannot hold, refused."""
+    options, train, match = DEEPSPEED_REFUSED[case]
+    _assert_refused(_deepspeed_moe(**options), _x(2, 8), match, train=train)
+
+
+# ----------------------------------------------------------------------- x-transformers: a dense model
+@pytest.mark.reliability("silent replays")
+def test_a_dense_x_transformers_model_has_no_router() -> None:
+    """x-transformers ships no MoE layer (only a router z-loss): a dense decoder of it has no router, and nothing
+    in it (attention's softmax, its top-k-free code) is taken for one."""
+    xt = pytest.importorskip("x_transformers")
+    torch.manual_seed(0)
+    model = xt.TransformerWrapper(num_tokens=32, max_seq_len=8, attn_layers=xt.Decoder(dim=D, depth=2, heads=2))
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    _assert_refused(model, ids, "no MoE router found", error=mr.RouterNotFoundError)
