@@ -307,7 +307,8 @@ def _holds_experts(module: nn.Module) -> bool:
 def _expert_banks(module: nn.Module) -> set[int]:
     """How many experts ``module`` holds, by each bank it holds directly: the length of an ``expert*``
     module list, the first dimension of 3-D parameters of its own or of an ``expert*`` child (not a
-    convolution's weight), the output width of an ``expert*`` layer computing every expert at once (a
+    convolution's weight), each leading dimension of an ``expert*`` child's parameters of four or more (a grid
+    of experts, one router per level: a hierarchical MoE), the output width of an ``expert*`` layer computing every expert at once (a
     multiple of the expert count), the length of a ``ParameterList`` of like weights, of a list of
     functions kept on the module (experts that are no modules), or of a list of like modules beside a
     ``Linear`` with as many outputs (LoRA experts, see :func:`_gated_lists`)."""
@@ -321,6 +322,8 @@ def _expert_banks(module: nn.Module) -> set[int]:
                 banks.add(len(child))
             elif not isinstance(child, _CONV):
                 banks |= {p.shape[0] for p in child.parameters(recurse=False) if p.dim() in (2, 3)}
+                # a grid of experts ``[outer, inner, ..., in, out]`` (a hierarchical MoE): each leading dimension
+                banks |= {n for p in child.parameters(recurse=False) if p.dim() > 3 for n in p.shape[:-2]}
         if isinstance(child, nn.ParameterList) and len(child) >= 2:
             shapes = {tuple(p.shape) for p in child}
             if len(shapes) == 1 and len(next(iter(shapes))) >= 2:

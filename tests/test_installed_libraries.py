@@ -353,6 +353,19 @@ def test_lucidrains_mixture_of_experts_random_second_expert_is_refused() -> None
     _assert_refused(model, _x(2, 12), "chooses again from the current scores", train=True)
 
 
+@pytest.mark.reliability("silent replays")
+def test_lucidrains_hierarchical_moe_inner_router_is_refused() -> None:
+    """Its ``HeirarchicalMoE``: ``gate_outer`` picks a group of experts, ``gate_inner`` (a ``[outer, D, inner]``
+    weight, not found) an expert of it, over one ``[outer, inner, ...]`` grid of experts. The inner router is
+    refused as a decision outside every attached router, never left free under a replay of the outer one."""
+    lib = pytest.importorskip("mixture_of_experts")
+    torch.manual_seed(0)
+    model = _Stack(
+        lambda: lib.HeirarchicalMoE(D, num_experts=(2, E), hidden_dim=8, second_policy_eval="all"), out=lambda y: y[0]
+    )
+    _assert_refused(model, _x(2, 12), r"'layers\.0\.gate_inner' \(Top2Gating\): topk over 4")
+
+
 # ----------------------------------------------------------------------- st-moe-pytorch
 def _st_moe(**options: object) -> nn.Module:
     lib = pytest.importorskip("st_moe_pytorch")
@@ -430,7 +443,8 @@ def _deepspeed_moe(**options: object) -> nn.Module:
 
 DEEPSPEED_EXACT: dict[str, tuple[dict[str, object], bool]] = {
     # name: (MoE options, train)
-    "top1-capacity-by-position": ({"k": 1, "use_rts": False}, True),
+    "top1-jitter-capacity-by-position-train": ({"k": 1, "noisy_gate_policy": "Jitter", "use_rts": False}, True),
+    "top2-residual": ({"k": 2, "use_residual": True}, False),
     "top1-rsample-train": ({"k": 1, "noisy_gate_policy": "RSample", "use_rts": False}, True),
     "top2-capacity-train": ({"k": 2, "capacity_factor": 0.5}, True),
     "top3-no-drop": ({"k": 3, "drop_tokens": False}, False),
@@ -440,9 +454,10 @@ DEEPSPEED_EXACT: dict[str, tuple[dict[str, object], bool]] = {
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", list(DEEPSPEED_EXACT))
 def test_deepspeed_moe_replays_exactly(_one_process_group: None, case: str) -> None:
-    """DeepSpeed ``MoE`` (``TopKGate``): top-1 by ``argmax`` (of Gumbel-noised logits with ``RSample``), top-2 by
-    two ``argmax`` calls (the second over Gumbel-noised logits), top-k by ``topk``, tokens dropped over capacity by
-    position: exact, the same tokens dropped as in the capture."""
+    """DeepSpeed ``MoE`` (``TopKGate``): top-1 by ``argmax`` (of Gumbel-noised logits with ``RSample``, of a
+    jittered input with ``Jitter``), top-2 by two ``argmax`` calls (the second over Gumbel-noised logits), top-k by
+    ``topk``, tokens dropped over capacity by position, the residual MoE's coefficient beside the gate: exact, the
+    same tokens dropped as in the capture."""
     options, train = DEEPSPEED_EXACT[case]
     k = int(options["k"])  # type: ignore[call-overload]
     _assert_exact(

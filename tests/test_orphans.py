@@ -9,7 +9,7 @@ from torch import nn
 
 import moe_replay as mr
 
-from .conftest import perturb_routers, tried
+from .conftest import assert_untouched, perturb_routers, snapshot, tried
 
 D, E, T = 16, 4, 6
 
@@ -1218,3 +1218,62 @@ def test_a_draw_among_experts_an_integer_input_allows_with_as_many_tokens_as_exp
         with pytest.raises(mr.UnsupportedRouterError, match="multinomial draw from 4 scores"):
             with session.capture():
                 model(torch.randn(E, D), torch.ones(E, E, dtype=torch.long))
+
+
+class HierarchicalMoE(nn.Module):
+    """A two-level MoE laid out as lucidrains' ``HeirarchicalMoE``: two gates of one class, ``gate_outer``
+    (``w_gating`` ``[D, outer]``, found) picking an outer group per token and ``gate_inner`` (``[outer, D,
+    inner]``, a shape no rule reads, not found) an inner expert of that group, over one grid of experts ``[outer,
+    inner, D, H]``."""
+
+    def __init__(self, outer: int = 2, inner: int = E) -> None:
+        super().__init__()
+        self.num_experts_outer, self.num_experts_inner = outer, inner
+        self.gate_outer = Top1Gating(D, outer)
+        self.gate_inner = Top1Gating(D, inner, outer_expert_dims=(outer,))
+        self.experts = GridExperts(outer, inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_out, g = self.gate_outer(x)
+        w_in, i = self.gate_inner(x, g[:, 0])
+        outer = w_out * F.one_hot(g[:, 0], self.num_experts_outer)  # [T, outer]
+        inner = w_in * F.one_hot(i[:, 0], self.num_experts_inner)  # [T, inner]
+        hidden = torch.einsum("td,efdh->tefh", x, self.experts.w1).relu()
+        out = torch.einsum("tefh,efhd->tefd", hidden, self.experts.w2)
+        return torch.einsum("tefd,te,tf->td", out, outer, inner)
+
+
+class Top1Gating(nn.Module):
+    def __init__(self, dim: int, num_gates: int, outer_expert_dims: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.num_gates = num_gates
+        self.w_gating = nn.Parameter(torch.randn(*outer_expert_dims, dim, num_gates))
+
+    def forward(self, x: torch.Tensor, group: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.w_gating if group is None else self.w_gating[group]
+        logits = x @ w if group is None else torch.einsum("td,tde->te", x, w)
+        return logits.softmax(-1).topk(1, dim=-1)
+
+
+class GridExperts(nn.Module):
+    def __init__(self, outer: int, inner: int, hidden: int = 8) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(outer, inner, D, hidden) / D**0.5)
+        self.w2 = nn.Parameter(torch.randn(outer, inner, hidden, D) / hidden**0.5)
+
+
+@pytest.mark.reliability("silent replays")
+def test_the_inner_router_of_a_hierarchical_moe_is_refused_when_not_found() -> None:
+    """A hierarchical MoE's inner router, over another number of experts than the found outer one, chooses an
+    expert of a ``[outer, inner, ...]`` grid: not attached, it would run free under a replay while the outer one
+    is forced. Refused, naming it and what to do, the model as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(HierarchicalMoE(), HierarchicalMoE())
+    x = torch.randn(T, D)
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError, match=r"(?s)'0\.gate_inner' \(Top1Gating\): topk over 4.*include="):
+        with mr.attach(model) as session:
+            assert session.names == ("0.gate_outer", "1.gate_outer")
+            with session.capture():
+                model(x)
+    assert_untouched(model, before)
