@@ -308,10 +308,10 @@ def _expert_banks(module: nn.Module) -> set[int]:
     """How many experts ``module`` holds, by each bank it holds directly: the length of an ``expert*``
     module list, the first dimension of 3-D parameters of its own or of an ``expert*`` child (not a
     convolution's weight), each leading dimension of an ``expert*`` child's parameters of four or more (a grid
-    of experts, one router per level: a hierarchical MoE), the output width of an ``expert*`` layer computing every expert at once (a
-    multiple of the expert count), the length of a ``ParameterList`` of like weights, of a list of
-    functions kept on the module (experts that are no modules), or of a list of like modules beside a
-    ``Linear`` with as many outputs (LoRA experts, see :func:`_gated_lists`)."""
+    of experts, one router per level: a hierarchical MoE), the output width of an ``expert*`` layer computing
+    every expert at once (a multiple of the expert count), the length of a ``ParameterList`` of like weights,
+    of a list of functions kept on the module (experts that are no modules), or of a list of like modules
+    beside a ``Linear`` with as many outputs (LoRA experts, see :func:`_gated_lists`)."""
     banks: set[int] = set()
     if not isinstance(module, _CONV):
         banks |= {p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3}
