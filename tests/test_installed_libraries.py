@@ -338,10 +338,16 @@ def _lucidrains_moe(**options: object) -> nn.Module:
 
 @pytest.mark.reliability("silent replays")
 def test_lucidrains_mixture_of_experts_with_every_second_expert_replays_exactly() -> None:
-    """lucidrains ``mixture-of-experts`` ``MoE`` with ``second_policy_eval='all'``: two ``topk(k=1)`` calls (the
-    second over the scores with the first zeroed), capacity by position: exact."""
+    """lucidrains ``mixture-of-experts`` ``MoE`` with ``second_policy_train='all'``, in training: two ``topk(k=1)``
+    calls (the second over the scores with the first zeroed), capacity by position (a capacity of 4 for 24 routes
+    over 4 experts: tokens are dropped): exact, the same ones dropped as in the capture."""
     _assert_exact(
-        lambda: _lucidrains_moe(second_policy_eval="all"), _x(2, 12), reader=_gates_of(0), routers=1, calls=_columns
+        lambda: _lucidrains_moe(second_policy_train="all"),
+        _x(2, 12),
+        reader=_gates_of(0),
+        routers=1,
+        calls=_columns,
+        train=True,
     )
 
 
