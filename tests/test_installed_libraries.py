@@ -385,7 +385,7 @@ def test_st_moe_pytorch_with_every_second_expert_replays_exactly() -> None:
     of the (Gumbel-noised, in training with ``noise_gates``) softmax, capacity by position: exact."""
     _assert_exact(
         lambda: _st_moe(threshold_train=1e-9, threshold_eval=1e-9),
-        _x(2, 8),
+        _x(1, 8),
         reader=_gates_of(0),
         routers=1,
         forward=lambda m, x: m(x, noise_gates=True),
