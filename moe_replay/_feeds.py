@@ -1339,10 +1339,17 @@ class OrderCheck(FeedCheck):
         rank: torch.Tensor | None = None,
         position: Callable[[], int | None] = lambda: None,
         kept: bool = False,
+        places: torch.Tensor | None = None,
+        device_ids: bool = True,
     ) -> None:
-        super().__init__(torch.zeros(0, dtype=torch.long), position, hint)
+        super().__init__(torch.zeros(0, dtype=torch.long), position, hint, device_ids=device_ids)
         self._rank = rank
         self._kept = kept
+        #: each row's place in its sequence in the batch a BatchLayout laid the rows out for, -1 at its padding, -2
+        #: where not known (``Routes._layout_pos``), or None; and (forward, first row, the places of its rows, a copy
+        #: of its attention mask and position_ids) of the forwards fed them on a device, read when the block ends
+        self._places = places if places is not None and bool((places >= 0).any()) else None
+        self._places_later: list[tuple[int, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
@@ -1364,8 +1371,7 @@ class OrderCheck(FeedCheck):
         self._fed_mask = (kwargs.get("attention_mask"), shape)
         if paired:  # (an encoder-decoder's routers see the encoder's tokens and the decoder's: never in step)
             self._lost = True
-        if not self._lost:
-            self._in_step(count)
+        start = self._in_step(count) if not self._lost else None
         if not self._kept and order == MIXED:
             _refuse_mixed(order, shape, self.forwards, self.hint)
         if not self._kept and order == SEQUENCE_FIRST and shape is not None and min(int(shape[0]), int(shape[1])) > 1:
@@ -1382,7 +1388,90 @@ class OrderCheck(FeedCheck):
             )
         if self._rank is not None:
             self._check_rank(count, shape, order)
+        if self._places is not None and start is not None and order == BATCH_MAJOR and shape is not None:
+            self._check_places(start, count, shape, kwargs)
         return True
+
+    def _check_places(self, start: int, count: int, shape: torch.Size, kwargs: dict[str, Any]) -> None:
+        """The rows a ``[batch, positions]`` forward reads from ``start`` on, laid out by a BatchLayout for a batch
+        (each row's place in its sequence, -1 at padding), against the attention mask and ``position_ids`` it is fed:
+        a row of a sequence at a position the mask marks padding (or padding of the layout where it marks a token),
+        or a sequence the positions restart inside, means the batch is not the one the rows were laid out for
+        (another padding side, order or lengths): its tokens would take the experts of others. Host tensors now,
+        device ones when the block ends (a copy of them: no host sync per forward; none at all with
+        ``strict=False``)."""
+        batch, positions = int(shape[0]), int(shape[1])
+        places = cast(torch.Tensor, self._places)[start : start + count]
+        if count != batch * positions or places.numel() != count or not bool((places >= 0).any()):
+            return  # (an overdraw is refused by the read)
+        mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if not (isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, positions)):
+            mask = None
+        if not (
+            isinstance(pos, torch.Tensor)
+            and pos.dim() == 2
+            and positions > 1
+            and int(pos.shape[1]) == positions
+            and int(pos.shape[0]) in (1, batch)
+        ):
+            pos = None
+        fed = [t for t in (mask, pos) if t is not None]
+        if not fed:
+            return
+        grid = places.view(batch, positions)
+        if all(t.device.type == "cpu" for t in fed):
+            self._refuse_places(self.forwards, start, grid, mask, pos)
+        elif self.device_ids:
+            held = [None if t is None else t.detach().clone() for t in (mask, pos)]
+            self._places_later.append((self.forwards, start, grid, held[0], held[1]))
+
+    def _refuse_places(
+        self, forward: int, start: int, grid: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None
+    ) -> None:
+        """Refuse forward ``forward`` (its rows from ``start`` on, their places ``grid``) where its host ``mask`` or
+        ``pos`` (position_ids) do not fit them."""
+        checks: list[tuple[torch.Tensor, str]] = []
+        if mask is not None:
+            mask = mask.cpu()
+            checks.append((grid.ge(0) & mask.eq(0), "mask"))
+            checks.append((grid.eq(-1) & mask.ne(0), "padding"))
+        if pos is not None:
+            pos = pos.cpu()
+            inside = grid[:, 1:].ge(0) & grid[:, 1:].eq(grid[:, :-1] + 1)  # (two tokens of a sequence, in its order)
+            restart = pos[:, 1:].ne(pos[:, :-1] + 1).expand_as(inside)
+            wrong = inside & restart
+            checks.append((torch.cat([torch.zeros_like(wrong[:, :1]), wrong], 1), "positions"))
+        for wrong, what in checks:
+            at = wrong.nonzero()
+            if at.numel():
+                self._places_refused(forward, start, wrong, at, what)
+
+    def _places_refused(self, forward: int, start: int, wrong: torch.Tensor, at: torch.Tensor, what: str) -> None:
+        """The error of :meth:`_refuse_places`: ``wrong`` marks the positions that do not fit (``at``, theirs)."""
+        row, col = int(at[0, 0]), int(at[0, 1])
+        shown = {
+            "mask": "its attention mask marks padding where the routes hold a token of a sequence",
+            "padding": "its attention mask marks a token where the routes hold the layout's padding (a sequence "
+            "longer than its routes: give every token a row, -1 for one no engine routed)",
+            "positions": "its position_ids start a new sequence inside a sequence of the routes",
+        }[what]
+        raise TokenMismatchError(
+            f"forward {forward} of this replay() reads rows laid out by mr.BatchLayout for another batch: {shown} "
+            f"(first at batch position [{row}, {col}], row {start + row * int(wrong.shape[1]) + col} of the routes; "
+            f"{int(wrong.sum())} such position(s)), so its tokens would take the experts of other tokens. The batch "
+            "holds its sequences in another order, with other lengths or padded on the other side than the layout "
+            "(a shuffle, verl's rearrange_micro_batches, a re-tokenized prompt). The routes know no token ids to "
+            "check each row: build the layout from the batch as fed (its sequences in its order, its padding side), "
+            "or give the routes their tokens' ids (routes.with_token_ids(ids)) so that every row is checked"
+            + (f". {self.hint}" if self.hint else "")
+        )
+
+    def finish(self) -> None:
+        """Compare the forwards whose masks or positions were on a device (see :meth:`_check_places`), in order (no
+        ids are compared: these routes know none)."""
+        later, self._places_later = self._places_later, []
+        for forward, start, grid, mask, pos in later:
+            self._refuse_places(forward, start, grid, mask, pos)
 
     def _check_rank(self, count: int, shape: torch.Size | None, order: str) -> None:
         """The rows a ``[batch, positions]`` forward fed ``count`` tokens in ``order`` reads, by their place in their
@@ -1420,9 +1509,6 @@ class OrderCheck(FeedCheck):
                 "first (routes.in_token_order()) and give them their token ids (routes.with_token_ids(ids))"
                 + (f". {self.hint}" if self.hint else "")
             )
-
-    def finish(self) -> None:
-        """Nothing is left to compare."""
 
 
 class OrderNote(FeedCheck):

@@ -274,6 +274,13 @@ class BatchLayout:
         r, s, n = self.placements[int(i)]
         return torch.arange(n) + r * self.row_length + s
 
+    def _places(self) -> torch.Tensor:
+        """For each flattened batch position, its place in its sequence (0, 1, ...), or -1 (padding)."""
+        out = torch.full((self.rows * self.row_length,), -1, dtype=torch.long)
+        for i, (_, _, n) in enumerate(self.placements):
+            out[self.flat_positions(i)] = torch.arange(n)
+        return out
+
     def source_index(self) -> torch.Tensor:
         """For each flattened batch position, its row in the concatenated sequences, or -1 (padding)."""
         index = torch.full((self.rows * self.row_length,), -1, dtype=torch.long)
@@ -293,7 +300,11 @@ class BatchLayout:
                 raise RoutesValidationError(
                     f"sequence {i} has {seq.num_tokens} rows of routes but the layout gives it {n} positions"
                 )
-        return take_rows(Routes.cat(seqs), self.source_index())
+        out = take_rows(Routes.cat(seqs), self.source_index())
+        # each row's place in its sequence, -1 at padding: a replay of routes that know no token ids refuses a forward
+        # whose attention mask or position_ids put a sequence elsewhere (another padding side, order or length)
+        out._layout_pos = self._places()
+        return out
 
     def unpack(self, routes: Routes) -> list[Routes]:
         """Per-sequence routes from the routes of a forward over this batch (the inverse of :meth:`routes`).

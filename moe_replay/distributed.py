@@ -189,7 +189,7 @@ def _known(routes: Routes) -> list[int]:
     for name in recorded or ():
         encoded = name.encode()
         out += [len(encoded), *encoded]
-    for fed in (routes._token_ids, routes._fed_mask, routes._token_rank):
+    for fed in (routes._token_ids, routes._fed_mask, routes._token_rank, routes._layout_pos):
         out += [-1] if fed is None else [fed.numel(), *fed.tolist()]
     out.append(int(routes._order_untold) | 2 * int(routes._routers_order))
     lost = (routes._ids_lost or "").encode()
@@ -224,11 +224,11 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         at += n
     routes._recorded_names = tuple(recorded) if count >= 0 else None
     fed: list[torch.Tensor | None] = []
-    for dtype in (torch.long, torch.int8, torch.long):
+    for dtype in (torch.long, torch.int8, torch.long, torch.long):
         n, at = int(known[at]), at + 1
         fed.append(torch.tensor(list(known[at : at + n]), dtype=dtype) if n >= 0 else None)
         at += max(n, 0)
-    routes._token_ids, routes._fed_mask, routes._token_rank = fed
+    routes._token_ids, routes._fed_mask, routes._token_rank, routes._layout_pos = fed
     routes._order_untold, routes._routers_order = bool(int(known[at]) & 1), bool(int(known[at]) & 2)
     at += 1
     n, at = int(known[at]), at + 1

@@ -470,6 +470,7 @@ class Routes:
         self._dropped_rows = 0
         self._token_ids: torch.Tensor | None = None
         self._fed_mask: torch.Tensor | None = None
+        self._layout_pos: torch.Tensor | None = None
         self._token_rank: torch.Tensor | None = None
         self._order_untold = False
         self._routers_order = False
@@ -717,6 +718,7 @@ class Routes:
         """
         self._call_rows, self._dropped_rows = source._call_rows, source._dropped_rows
         self._fed_mask, self._rows_moved = source._fed_mask, source._rows_moved
+        self._layout_pos = source._layout_pos
         self._caches_interleaved, self._rows_picked = source._caches_interleaved, source._rows_picked
         self._token_rank, self._order_untold = source._token_rank, source._order_untold
         self._routers_order = source._routers_order
@@ -845,6 +847,8 @@ class Routes:
             self._prompt_kept = source._prompt_kept  # (its first forward, whole)
         if source._fed_mask is not None:
             self._fed_mask = source._fed_mask[start:end].clone()
+        if source._layout_pos is not None:
+            self._layout_pos = source._layout_pos[start:end].clone()
         self._dropped_rows = source._dropped_rows if start == 0 else 0
         if source._call_rows is None:
             self._dropped_rows = source._dropped_rows  # (no forwards to tell where these rows start: keep it)
@@ -877,6 +881,8 @@ class Routes:
         self._keep_row_marks([source])
         if source._fed_mask is not None:
             self._fed_mask = source._fed_mask[rows].clone()
+        if source._layout_pos is not None:
+            self._layout_pos = source._layout_pos[rows].clone()
         if source._call_rows is not None or source._rows_picked is not None:
             held = self._data[0].shape[0] if self._data else 0
             self._rows_picked = source._rows_picked or (
@@ -1038,6 +1044,10 @@ class Routes:
                     for p in parts
                 ]
             )
+        if any(p._layout_pos is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
+            self._layout_pos = torch.cat(
+                [p._layout_pos if p._layout_pos is not None else torch.full((p.num_tokens,), -2) for p in parts]
+            )
         if any(p._call_rows is None for p in joined):
             return  # (a part of unknown forwards: so are the forwards of the whole)
         runs: list[tuple[int, int]] = []
@@ -1084,6 +1094,11 @@ class Routes:
         #: tokens per sequence (-1 where unknown); and the cache method that moved rows between forwards, if
         #: one did (split_generation checks them)
         obj._fed_mask = None
+        #: set by BatchLayout.routes() only, one int64 per row: the row's place in its sequence in the batch it was
+        #: laid out for (0, 1, ...), -1 at that batch's padding, -2 where not known. A replay of routes that know no
+        #: token ids refuses a forward whose attention mask or position_ids show its rows fall on other positions
+        #: (see OrderCheck)
+        obj._layout_pos = None
         #: set where a capture's routers saw the tokens of a [batch, positions] forward sequence-first (as layers that
         #: run [positions, batch, hidden] do), so that its rows do not follow their tokens sequence by sequence: one
         #: int64 per row, its place in that order (sorting the rows by it puts them in token order, see
@@ -1279,6 +1294,8 @@ class Routes:
             arrays["order_untold"] = np.array(True)
         if self._prompt_kept is not None:  # (a first forward's mask of the tokens its routers saw)
             arrays["prompt_kept"] = self._prompt_kept.numpy()
+        if self._layout_pos is not None:  # (each row's place in the batch a BatchLayout laid it out for)
+            arrays["layout_places"] = self._layout_pos.numpy()
         mask = self._fed_mask
         if mask is not None and mask.numel() and (forwards is None or forwards["mask_runs"] is None):
             # (too many runs for the metadata: the padded sequences of a large rollout) one value per row, not dropped
@@ -1362,6 +1379,14 @@ class Routes:
                 if rank is not None and not bool((rank == UNTOLD_RANK).all()):
                     raise _corrupted(path, "it holds its tokens' order and says that the order was not told")
                 routes._order_untold = bool(untold)
+            places = extra.get("layout_places")
+            if places is not None:
+                if len(set(routes.tokens_per_layer)) != 1 or places.shape != (routes.num_tokens,):
+                    held = f"{places.numel()} values for {routes.num_tokens} rows"
+                    raise _corrupted(path, f"its layout places hold {held}")
+                if bool((places < -2).any()):
+                    raise _corrupted(path, "its layout places hold values below -2")
+                routes._layout_pos = places.to(torch.long)
         except RoutesValidationError as e:
             raise RoutesValidationError(f"{path}: {e}") from e
         except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
@@ -1459,6 +1484,7 @@ def _read_members(
         "router_ids.npy",
         "ids_lost.npy",
         "prompt_kept.npy",
+        "layout_places.npy",
     ]
     extra = sorted(set(infos) - set(wanted) - set(optional))
     if extra:
@@ -1502,6 +1528,10 @@ def _read_members(
         shape, dtype = _header(zf, infos["prompt_kept.npy"], path)
         if len(shape) != 2 or dtype != np.bool_:
             raise _corrupted(path, f"its prompt's kept tokens are a {dtype} array of shape {shape}, not a bool grid")
+    if "layout_places.npy" in infos:
+        shape, dtype = _header(zf, infos["layout_places.npy"], path)
+        if len(shape) != 1 or dtype.kind != "i":
+            raise _corrupted(path, f"its layout places are a {dtype} array of shape {shape}, not one int per row")
     layers = []
     held = [n for n in optional if n in infos]
     for n in wanted[1:] + held:
@@ -1517,7 +1547,11 @@ def _read_members(
         found.get("prompt_mask.npy"),
         found.get("token_order.npy"),
         None if untold is None else bool(untold),
-        {n.removesuffix(".npy"): found[n] for n in ("router_ids.npy", "ids_lost.npy", "prompt_kept.npy") if n in found},
+        {
+            n.removesuffix(".npy"): found[n]
+            for n in ("router_ids.npy", "ids_lost.npy", "prompt_kept.npy", "layout_places.npy")
+            if n in found
+        },
     )
 
 
@@ -2004,6 +2038,8 @@ def in_token_order(routes: Routes, what: str) -> Routes:
         out._router_ids = tuple(v[order] for v in routes._router_ids)
     if routes._fed_mask is not None and routes._fed_mask.numel() == order.numel():
         out._fed_mask = routes._fed_mask[order]
+    if routes._layout_pos is not None and routes._layout_pos.numel() == order.numel():
+        out._layout_pos = routes._layout_pos[order]
     return out
 
 

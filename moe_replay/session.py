@@ -2049,10 +2049,16 @@ class Session:
         the later forwards' device ids when the block ends (no host sync per forward). With
         ``strict=False``, which never syncs the host, only a model on the CPU is checked.
         Forwards fed embeddings, and those after a compiled or CUDA-graph forward (whose
-        reads the host does not count), are not checked. A forward is seen where it enters the
-        attached model or a module between it and the routers (a wrapper calling the inner
-        model, ``.forward`` called directly); one that enters none of them (a block called
-        alone) is refused at its first router.
+        reads the host does not count), are not checked. Routes that know no token ids but were
+        laid out by :class:`~moe_replay.BatchLayout` (or :func:`~moe_replay.pad_routes`,
+        :func:`~moe_replay.pack_routes`) are checked against the ``attention_mask`` and
+        ``position_ids`` keywords each forward is fed: a sequence's row where the mask marks padding,
+        padding of the layout where it marks a token, or positions that restart inside a sequence
+        (another padding side, order or lengths than the layout's) raise :class:`TokenMismatchError`;
+        sequences of the same lengths in another order cannot be told apart without ids. A
+        forward is seen where it enters the attached model or a module between it and the
+        routers (a wrapper calling the inner model, ``.forward`` called directly); one that
+        enters none of them (a block called alone) is refused at its first router.
 
         A forward that raises is not rewound: the routers that ran before the exception
         have consumed its rows. An exception that leaves the block ends the replay there
@@ -2238,7 +2244,12 @@ class Session:
             # (rows that know their place in their tokens' order are checked against each forward's order by it; and
             # each forward begins with its routers in step, where every router holds as many rows)
             order = OrderCheck(
-                hint=_GENERATE_HINT if generated else "", rank=routes._token_rank, position=position, kept=kept
+                hint=_GENERATE_HINT if generated else "",
+                rank=routes._token_rank,
+                position=position,
+                kept=kept,
+                places=routes._layout_pos if len(set(routes.tokens_per_layer)) == 1 else None,
+                device_ids=strict,
             )
             return order, order.start(self._feed_wrappers, held if len({src.num_rows for src in held}) == 1 else [])
         if not strict and _device_of(model).type != "cpu":  # its ids are on the device: nothing to check at no sync

@@ -1441,6 +1441,7 @@ _MARKS = (
     "_dropped_rows",
     "_token_ids",
     "_fed_mask",
+    "_layout_pos",
     "_token_rank",
     "_order_untold",
     "_routers_order",
@@ -1455,7 +1456,7 @@ _MARKS = (
     "_cut_from",
 )
 #: the marks that hold one value per row (``_router_ids``: per router and row)
-_ROW_MARKS = ("_token_ids", "_fed_mask", "_token_rank", "_router_ids")
+_ROW_MARKS = ("_token_ids", "_fed_mask", "_layout_pos", "_token_rank", "_router_ids")
 
 
 def _marked(kind: str) -> mr.Routes:
@@ -1467,6 +1468,7 @@ def _marked(kind: str) -> mr.Routes:
     r = mr.Routes(rows, names=["enc.layers.0.gate", "enc.layers.1.gate"], num_experts=6)
     r._call_rows, r._dropped_rows = ((4, 2),), 2
     r._fed_mask = torch.tensor([1, 1, 0, 1, -1, -1, -1, -1], dtype=torch.int8)
+    r._layout_pos = torch.tensor([0, 1, 2, -1, 0, 1, -1, -2])  # (a BatchLayout's places, then rows not laid out)
     r._rows_moved, r._caches_interleaved, r._rows_untold = "DynamicCache.crop", "DynamicCache", "from_vllm"
     r._recorded_names = (*r.names, "dec.layers.0.gate")
     r._prompt_kept = torch.tensor([[False, True, True], [True, True, False]])  # (its first forward's 4 rows)
@@ -1501,6 +1503,8 @@ def _expected(base: mr.Routes, rows: torch.Tensor, routers: list[int], **changed
         want["_token_ids"] = base._token_ids[rows]
     if base._fed_mask is not None:
         want["_fed_mask"] = base._fed_mask[rows]
+    if base._layout_pos is not None:
+        want["_layout_pos"] = base._layout_pos[rows]
     if base._token_rank is not None:
         want["_token_rank"] = _out_of_order(base._token_rank[rows])
     if base._router_ids is not None:
@@ -1607,6 +1611,7 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
                 "_token_rank": None,
                 "_routers_order": False,
                 "_prompt_kept": None,  # (a conversation's rows, in token order: no forward's)
+                "_layout_pos": None,  # (nor a batch's: laid out again, they get places of their own)
             },
         )
         table["in_token_order"] = (
