@@ -1437,7 +1437,8 @@ class OrderCheck(FeedCheck):
             checks.append((grid.eq(-1) & mask.ne(0), "padding"))
         if pos is not None:
             pos = pos.cpu()
-            inside = grid[:, 1:].ge(0) & grid[:, 1:].eq(grid[:, :-1] + 1)  # (two tokens of a sequence, in its order)
+            # (two tokens of a sequence, one after the other in it: not its first after padding, -1 + 1)
+            inside = grid[:, :-1].ge(0) & grid[:, 1:].eq(grid[:, :-1] + 1)
             restart = pos[:, 1:].ne(pos[:, :-1] + 1).expand_as(inside)
             wrong = inside & restart
             checks.append((torch.cat([torch.zeros_like(wrong[:, :1]), wrong], 1), "positions"))

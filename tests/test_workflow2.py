@@ -69,6 +69,10 @@ def _layout(kind: str, lengths: list[int]) -> tuple[mr.BatchLayout, str]:
     """A layout of ``kind`` for these lengths and how its forward is fed ("positions": remove-padding rows)."""
     if kind == "packed":
         return mr.BatchLayout.packed(lengths), "positions"
+    if kind == "packed-rows-of-16":  # (several remove-padding rows, each right-padded)
+        return mr.BatchLayout.packed(lengths, row_length=16), "positions"
+    if kind == "left+positions":  # (verl's left-padded batch: its mask and position_ids from it, both fed)
+        return mr.BatchLayout.padded(lengths, side="left"), "both"
     if kind.startswith(("right", "left")):
         side = kind[:-1] if kind.endswith("8") else kind
         width = -(-max(lengths) // 8) * 8 if kind.endswith("8") else None
@@ -80,6 +84,9 @@ def _forward(model: Any, layout: mr.BatchLayout, how: str, tokens: list[torch.Te
     ids = layout.tokens(tokens)
     if how == "positions":  # (verl's use_remove_padding: one row, positions restarting per sequence)
         out = model(ids, position_ids=layout.position_ids())
+    elif how == "both":
+        mask = layout.attention_mask()
+        out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
     else:
         out = model(ids, attention_mask=layout.attention_mask())
     out.logits.float().pow(2).mean().backward()  # (gradient accumulation over the micro-batches)
@@ -132,6 +139,30 @@ _CASES: dict[str, tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]
         "refused",
     ),
     "left-padded-batch-left-routes": ([("left", [0, 1, 2, 3])], [("left", [0, 1, 2, 3])], "exact", "exact"),
+    "left-padded-with-positions": (
+        [("left+positions", [0, 1, 2, 3])],
+        [("left", [0, 1, 2, 3])],
+        "exact",
+        "exact",
+    ),
+    "left-padded-with-positions-routes-reordered": (
+        [("left+positions", [0, 1, 2, 3])],
+        [("left", [1, 0, 2, 3])],
+        "refused",
+        "refused",
+    ),
+    "remove-padding-rows-of-16": (
+        [("packed-rows-of-16", [0, 1, 2, 3, 4])],
+        [("packed-rows-of-16", [0, 1, 2, 3, 4])],
+        "exact",
+        "exact",
+    ),
+    "remove-padding-rows-of-16-routes-in-one-row": (
+        [("packed-rows-of-16", [0, 1, 2, 3, 4])],
+        [("packed", [0, 1, 2, 3, 4]), ("packed", [0, 1])],
+        "refused",
+        "refused",
+    ),
     "left-padded-batch-right-routes": ([("left", [0, 1, 2, 3])], [("right", [0, 1, 2, 3])], "refused", "refused"),
     "right-padded-batch-left-routes": ([("right", [0, 1, 2, 3])], [("left", [0, 1, 2, 3])], "refused", "refused"),
     "padded-to-a-multiple-of-8": ([("right8", [0, 1, 2, 3])], [("right8", [0, 1, 2, 3])], "exact", "exact"),
