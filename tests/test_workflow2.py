@@ -413,3 +413,51 @@ def test_slices_and_joins_of_laid_out_routes_without_ids(order: str, sequences: 
             for j, i in enumerate(idx):
                 assert torch.equal(got[j * layout.row_length + torch.arange(LENGTHS[i])], want[i][name])
         assert torch.equal(calls[-1], want[4][name])
+
+
+@pytest.mark.reliability("silent replays")
+def test_transformers_batches_of_routes_without_ids() -> None:
+    """A tiny transformers Qwen3-MoE: per-sequence routes that know no token ids, laid out for a left-padded batch fed
+    its mask and position_ids (as verl feeds it) and for remove-padding rows: exact; laid out right-padded, or packed
+    in another order: refused by the mask and the positions the model is fed."""
+    pytest.importorskip("transformers")
+    from . import tiny_hf
+
+    model = tiny_hf.build("qwen3_moe")
+    _watch_experts(model)
+    session = mr.attach(model)
+    lengths = LENGTHS[:4]
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(1, 100, (n,), generator=g) for n in lengths]
+    per, want = [], []
+    for s in seqs:
+        with _dispatched(model) as rec, session.capture():
+            model(input_ids=s[None])
+        per.append(session.routes().with_token_ids(None))
+        want.append(_joined(rec))
+    _perturb(model)
+    left, packed = mr.BatchLayout.padded(lengths, side="left"), mr.BatchLayout.packed(lengths)
+    mask = left.attention_mask()
+    feeds = {
+        "left": (left, dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))),
+        "packed": (packed, dict(position_ids=packed.position_ids())),
+    }
+    try:
+        for layout, kwargs in feeds.values():
+            with _dispatched(model) as rec, session.replay(layout.routes(per)):
+                model(input_ids=layout.tokens(seqs), **kwargs)
+            for name, rows in _joined(rec).items():
+                for i in range(len(seqs)):
+                    assert torch.equal(rows[layout.flat_positions(i)], want[i][name]), f"sequence {i} at {name}"
+        swapped = [per[i] for i in (1, 0, 2, 3)]
+        wrong = {
+            "left": mr.BatchLayout.padded(lengths).routes(per),
+            "packed": mr.BatchLayout.packed([lengths[i] for i in (1, 0, 2, 3)]).routes(swapped),
+        }
+        for what, (layout, kwargs) in feeds.items():
+            before = _state(model)
+            with pytest.raises(mr.TokenMismatchError), session.replay(wrong[what]):
+                model(input_ids=layout.tokens(seqs), **kwargs)
+            _unchanged(model, before)
+    finally:
+        session.detach()
