@@ -2243,12 +2243,16 @@ class Session:
             kept = routes._routers_order or routes._order_untold  # (a capture's rows: in the routers' order)
             # (rows that know their place in their tokens' order are checked against each forward's order by it; and
             # each forward begins with its routers in step, where every router holds as many rows)
+            places = routes._layout_pos if len(set(routes.tokens_per_layer)) == 1 else None
+            if places is not None and routes.num_layers:
+                # (a sequence's rows that force nothing, -1 padding of its own a mask may mark padding: not known there)
+                places = torch.where((places >= 0) & routes.missing.all(dim=1), -2, places)
             order = OrderCheck(
                 hint=_GENERATE_HINT if generated else "",
                 rank=routes._token_rank,
                 position=position,
                 kept=kept,
-                places=routes._layout_pos if len(set(routes.tokens_per_layer)) == 1 else None,
+                places=places,
                 device_ids=strict,
             )
             return order, order.start(self._feed_wrappers, held if len({src.num_rows for src in held}) == 1 else [])

@@ -461,3 +461,36 @@ def test_transformers_batches_of_routes_without_ids() -> None:
             _unchanged(model, before)
     finally:
         session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+def test_sequences_padded_with_rows_of_their_own_that_the_mask_marks_padding(sequences: tuple[Any, ...]) -> None:
+    """Routes without ids, each sequence padded with -1 rows of its own to a response width (as verl's padded
+    responses are, past their end), laid out right-padded and fed with a mask that marks those positions padding: the
+    padding rows force nothing and every token gets its own row, so the replay runs and is exact; fed with the
+    layout's sequences in another order it is still refused."""
+    model, session, seqs, per, want, state = sequences
+    model.load_state_dict(state)
+    width = max(LENGTHS[:4])
+    padded = []
+    for r in per[:4]:
+        fill = mr.Routes(
+            [torch.full((width - r.num_tokens, k), -1) for k in r.k_per_layer],
+            names=r.names,
+            num_experts=r.experts_per_layer,
+        )
+        padded.append(mr.Routes.cat([r.with_token_ids(None), fill]))
+    layout = mr.BatchLayout.padded([width] * 4)
+    tokens = mr.BatchLayout.padded(LENGTHS[:4])
+    routes = layout.routes(padded)
+    with _dispatched(model) as rec, session.replay(routes):
+        model(tokens.tokens(seqs[:4]), attention_mask=tokens.attention_mask())
+    for name, rows in _joined(rec).items():
+        for i in range(4):
+            assert torch.equal(rows[tokens.flat_positions(i)], want[i][name]), f"sequence {i} at {name}"
+    shuffled = [3, 0, 2, 1]
+    fed = mr.BatchLayout.padded([LENGTHS[i] for i in shuffled], length=width)
+    before = _state(model)
+    with pytest.raises(mr.TokenMismatchError), session.replay(routes):
+        model(fed.tokens([seqs[i] for i in shuffled]), attention_mask=fed.attention_mask())
+    _unchanged(model, before)
