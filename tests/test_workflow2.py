@@ -494,3 +494,36 @@ def test_sequences_padded_with_rows_of_their_own_that_the_mask_marks_padding(seq
     with pytest.raises(mr.TokenMismatchError), session.replay(routes):
         model(fed.tokens([seqs[i] for i in shuffled]), attention_mask=fed.attention_mask())
     _unchanged(model, before)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("ids", ["token-ids", "no-token-ids"])
+def test_ppo_epochs_with_micro_batches_shuffled_each_epoch(ids: str, sequences: tuple[Any, ...]) -> None:
+    """Two PPO epochs over one rollout, its sequences shuffled into other micro-batches each epoch and an optimizer
+    step after each: the routes laid out again for each epoch's micro-batches are exact every time; the first epoch's
+    routes kept for the second epoch's shuffle are refused."""
+    model, session, seqs, per, want, state = sequences
+    model.load_state_dict(state)
+    source = per if ids == "token-ids" else [r.with_token_ids(None) for r in per]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    epochs = [[[2, 0], [4, 1, 3]], [[1, 3, 4], [0, 2]]]
+    kept: list[mr.Routes] = []
+    for micro in epochs:
+        layouts = [mr.BatchLayout.padded([LENGTHS[i] for i in mb]) for mb in micro]
+        routes = mr.Routes.cat([lay.routes([source[i] for i in mb]) for lay, mb in zip(layouts, micro, strict=True)])
+        kept.append(routes)
+        with _dispatched(model) as rec, session.replay(routes):
+            for lay, mb in zip(layouts, micro, strict=True):
+                _forward(model, lay, "mask", [seqs[i] for i in mb])
+        opt.step()
+        opt.zero_grad()
+        for name, calls in rec.items():
+            for got, lay, mb in zip(calls, layouts, micro, strict=True):
+                for j, i in enumerate(mb):
+                    assert torch.equal(got[lay.flat_positions(j)], want[i][name]), f"sequence {i} at {name}"
+    before = _state(model)
+    with pytest.raises(mr.MoEReplayError), session.replay(kept[0]):
+        for mb in epochs[1]:
+            _forward(model, mr.BatchLayout.padded([LENGTHS[i] for i in mb]), "mask", [seqs[i] for i in mb])
+    _unchanged(model, before)
+    opt.zero_grad()
