@@ -68,7 +68,13 @@ from ._torch_compat import (
     hidden_from_dispatch_modes,
     tracing,
 )
-from .errors import RoutesValidationError, TokenMismatchError, UnsupportedRouterError, _script_refusal
+from .errors import (
+    RoutesValidationError,
+    SessionStateError,
+    TokenMismatchError,
+    UnsupportedRouterError,
+    _script_refusal,
+)
 from .evidence import _HOOKS, _autocast_cache_aside, _Snapshot
 from .intercept import _CONTAINERS, EAGER, ORDER_PROBE, ClassForward, OrderStop, _code_of, _fingerprint
 from .routes import NO_FORWARD_ID, PADDING_ID, UNTOLD_RANK
@@ -1029,6 +1035,11 @@ class FeedCheck:
         flat = flat[: max(self.want.numel() - start, 0)]  # (past the end: the routers refuse)
         if not flat.numel():
             return
+        if flat.is_meta:
+            raise SessionStateError(
+                "a replayed forward was fed token ids on the meta device, which hold no values to check against the "
+                "routes' token ids: replay on a real device (a model of empty weights loaded first)"
+            )
         if tokens is not None:
             tokens = tokens[: flat.numel()]
         if flat.device.type == "cpu" or not self._read_once:  # (the first device ids: one host sync, at once)
@@ -1910,7 +1921,7 @@ def token_order(
     grid = ids if ids is not None else embeds
     if not isinstance(grid, torch.Tensor) or grid.dim() != (2 if ids is not None else 3) or not scopes:
         return None
-    if min(grid.shape[:2]) < 2:
+    if min(grid.shape[:2]) < 2 or grid.is_meta:  # (ids on the meta device hold no token to change)
         return None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return None
@@ -1954,6 +1965,8 @@ def token_order(
     else:  # (runs that fail without the cache the forward was given say nothing of the forward: not told)
         return None if emptied else OTHER_ORDER
     first, second = rows
+    if (first is not None and first.is_meta) or (second is not None and second.is_meta):
+        return None  # (a model on the meta device, fed real ids: its rows hold no values to compare)
     if first is None or second is None or first.shape != second.shape:
         return OTHER_ORDER
     moved = set((first != second).any(dim=-1).nonzero().flatten().tolist())
