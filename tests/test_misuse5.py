@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +21,8 @@ from torch import nn
 
 import moe_replay as mr
 
-from .test_misuse import _forced, _ids
+from .test_misuse import _forced, _forced_by_hand, _ids, _model
+from .test_session_lifecycle import ours_reachable
 
 tiny_hf = pytest.importorskip("tests.tiny_hf")
 
@@ -27,12 +30,16 @@ tiny_hf = pytest.importorskip("tests.tiny_hf")
 def _hf_forced_by_hand(model: nn.Module, x: torch.Tensor, routes: mr.Routes) -> torch.Tensor:
     """The logits of ``model(x)`` on a copy whose Qwen3-MoE or Mixtral gates take their experts from ``routes``, row
     after row in call order, with the combine weights gathered from their own softmax: no moe_replay. A gate under a
-    PEFT wrapper (``<name>.base_layer``) is the routes' router of the wrapper's name."""
+    PEFT wrapper (``<name>.base_layer``) is the routes' router of the wrapper's name; where a PEFT model was made of
+    the model or unloaded after the capture, the router whose name ends the gate's or is ended by it."""
     ref = copy.deepcopy(model)
     rows = {name: routes.layer(name) for name in routes.names}
     used = dict.fromkeys(rows, 0)
     for name, module in ref.named_modules():
-        key = name.removesuffix(".base_layer")
+        # (by its name, or where one name ends the other: a model wrapped by PEFT or unloaded from it after capture)
+        plain = name.removesuffix(".base_layer")
+        ends = (n for n in rows if n == plain or n.endswith("." + plain) or plain.endswith("." + n))
+        key = next(ends, "")
         if key not in rows or not hasattr(module, "top_k"):
             continue
 
@@ -109,3 +116,346 @@ def tiny_hf_routes(model: nn.Module, x: torch.Tensor) -> mr.Routes:
     with mr.attach(model) as session, torch.no_grad(), session.capture():
         model(x)
     return session.routes()
+
+
+# ----------------------------------------------------------------------------- wrappers added before or after attach
+@pytest.fixture
+def one_process_group(tmp_path: Path) -> Iterator[None]:
+    """A gloo process group of one rank (DistributedDataParallel and FSDP2 on the CPU), destroyed after the test."""
+    dist = torch.distributed
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("no torch.distributed, or a process group already set up")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+_HOOK_CALLS = [0]  # (the forwards that the accelerate hooks below saw)
+
+
+def _accelerate_hooks(modules: Callable[[nn.Module], list[nn.Module]]) -> Callable[[nn.Module], nn.Module]:
+    """accelerate's ``add_hook_to_module`` on each of ``modules(model)``, with a hook that counts its forwards."""
+
+    def wrap(model: nn.Module) -> nn.Module:
+        hooks = pytest.importorskip("accelerate.hooks")
+
+        class Counting(hooks.ModelHook):
+            def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+                _HOOK_CALLS[0] += 1
+                return args, kwargs
+
+        for m in modules(model):
+            hooks.add_hook_to_module(m, Counting())
+        return model
+
+    return wrap
+
+
+def _dispatched(model: nn.Module) -> nn.Module:
+    accelerate = pytest.importorskip("accelerate")
+    return accelerate.dispatch_model(model, device_map={"": "cpu"})
+
+
+def _ddp(model: nn.Module) -> nn.Module:
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def _fsdp2(model: nn.Module) -> nn.Module:
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
+    for layer in model.layers:
+        fsdp.fully_shard(layer, mesh=mesh)
+    return fsdp.fully_shard(model, mesh=mesh)
+
+
+_WRAPPERS: dict[str, tuple[Callable[[nn.Module], nn.Module], bool]] = {
+    # (the wrapper, and whether it needs a process group)
+    "accelerate hooks on the routers": (_accelerate_hooks(lambda m: [layer.mlp.router for layer in m.layers]), False),
+    "accelerate dispatch_model": (_dispatched, False),
+    "DistributedDataParallel (gloo, 1 rank)": (_ddp, True),
+    "FSDP2 fully_shard (gloo, 1 rank)": (_fsdp2, True),
+}
+
+
+_WRAPPED_WHEN = [
+    (wrapper, when)
+    for wrapper in _WRAPPERS
+    for when in ("before attach", "after attach")
+    if when == "after attach" or wrapper in ("accelerate hooks on the routers", "FSDP2 fully_shard (gloo, 1 rank)")
+]
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize(("wrapper", "when"), _WRAPPED_WHEN)
+def test_a_model_wrapped_by_an_integration_before_or_after_attach_replays_exactly(
+    wrapper: str, when: str, request: pytest.FixtureRequest
+) -> None:
+    """accelerate's hooks (``add_hook_to_module``: a new ``forward`` on the routers, before or after attach),
+    ``dispatch_model``, DDP and FSDP2 (before or after attach) on one gloo rank: the capture records what the routers
+    choose, the replay forces the moved experts as a replay by hand does, with a backward through it, and detach
+    leaves no wrapper of the session's."""
+    wrap, distributed = _WRAPPERS[wrapper]
+    if distributed:
+        request.getfixturevalue("one_process_group")
+    model, calls = _model(), _HOOK_CALLS[0]
+    reference = copy.deepcopy(model)  # (FSDP2 cannot be deep-copied)
+    run = wrap(model) if when == "before attach" else model
+    session = mr.attach(model)
+    run = wrap(model) if when == "after attach" else run
+    x = _ids()
+    with session.capture():
+        run(x)
+    free = session.routes()
+    assert free.equal(tiny_routes(reference, x))
+    forced = _forced(free)
+    with session.replay(forced), session.capture():
+        got = run(x).logits
+        got.sum().backward()
+    assert session.routes().equal(forced)
+    assert torch.equal(got.detach(), _forced_by_hand(reference, x, forced))
+    assert all(p.grad is not None for name, p in model.named_parameters() if "router" in name)
+    session.detach()
+    assert not ours_reachable(model)
+    assert _HOOK_CALLS[0] > calls or not wrapper.startswith("accelerate hooks")
+
+
+def tiny_routes(model: nn.Module, x: torch.Tensor) -> mr.Routes:
+    """What a copy of ``model``'s routers choose for ``x`` (a session of its own on the copy)."""
+    copied = copy.deepcopy(model)
+    with mr.attach(copied) as session, torch.no_grad(), session.capture():
+        copied(x)
+    return session.routes()
+
+
+# ----------------------------------------------------------------------------- PEFT adapters on gates and experts
+def _lora(target: str) -> Any:
+    peft = pytest.importorskip("peft")
+    return peft.LoraConfig(target_modules=[], target_parameters=[target], r=2, init_lora_weights=False)
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("target", ["mlp.gate.weight", "mlp.experts.gate_up_proj"])
+def test_a_peft_model_attached_replays_through_its_adapter_disabled_and_merged(target: str) -> None:
+    """Attach to a PEFT model (LoRA on every gate's weight, or on the experts' fused weights): the replay forces the
+    moved experts with the adapted model's weights, inside ``disable_adapter()`` with the base weights, and after
+    ``merge_and_unload()`` between capture and replay with the merged ones, each as a replay by hand does."""
+    peft = pytest.importorskip("peft")
+    config = tiny_hf._config("qwen3_moe")
+    config.num_hidden_layers = 1  # (the first forward of LoRA on a gate's weight runs many probes: one layer)
+    torch.manual_seed(0)
+    model, x = tiny_hf.transformers.AutoModelForCausalLM.from_config(config).eval(), _ids()
+    adapted = peft.get_peft_model(model, _lora(target))
+    with mr.attach(adapted) as session:
+        with torch.no_grad(), session.capture():
+            adapted(input_ids=x)
+        forced = _forced(session.routes())
+        with torch.no_grad(), session.replay(forced), session.capture():
+            got = adapted(input_ids=x).logits
+        assert session.routes().equal(forced)
+        assert torch.equal(got, _hf_forced_by_hand(adapted, x, forced))
+        with adapted.disable_adapter():
+            with torch.no_grad(), session.replay(forced), session.capture():
+                base = adapted(input_ids=x).logits
+            assert torch.equal(base, _hf_forced_by_hand(adapted, x, forced))
+        assert session.routes().equal(forced) and not torch.equal(base, got)
+        merged = adapted.merge_and_unload()
+        with torch.no_grad(), session.replay(forced), session.capture():
+            after = merged(input_ids=x).logits
+        assert session.routes().equal(forced)
+        assert torch.equal(after, _hf_forced_by_hand(merged, x, forced))
+        assert torch.allclose(after, got, atol=1e-5)
+    assert all("forward" not in m.__dict__ for m in merged.modules())
+
+
+@pytest.mark.reliability("wrappers")
+def test_peft_lora_on_the_experts_added_after_attach_weighs_the_forced_experts_with_the_adapted_weights() -> None:
+    """LoRA on the experts' fused ``gate_up_proj`` (a parametrization) added after attach: the forced experts are
+    the recorded ones, run with the adapted weights."""
+    peft = pytest.importorskip("peft")
+    model, x = tiny_hf.build("qwen3_moe"), _ids()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        forced = _forced(session.routes())
+        with torch.no_grad(), session.replay(forced):
+            plain = model(x).logits
+        adapted = peft.get_peft_model(model, _lora("mlp.experts.gate_up_proj"))
+        with torch.no_grad(), session.replay(forced), session.capture():
+            got = adapted(input_ids=x).logits
+        assert session.routes().equal(forced)
+        assert torch.equal(got, _hf_forced_by_hand(adapted, x, forced)) and not torch.equal(got, plain)
+
+
+# ----------------------------------------------------------------------------- modes switched after the capture
+def _autocast_bf16() -> contextlib.AbstractContextManager[object]:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+_MODES: dict[str, tuple[Callable[[], contextlib.AbstractContextManager[object]], ...]] = {
+    # (the context of the capture, and of the replay and of the replay by hand)
+    "autocast(bfloat16) around the capture only": (_autocast_bf16, contextlib.nullcontext),
+    "autocast(bfloat16) around the replay only": (contextlib.nullcontext, _autocast_bf16),
+    "inference_mode capture, no_grad replay": (torch.inference_mode, torch.no_grad),
+}
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize("modes", list(_MODES))
+def test_a_capture_and_a_replay_under_other_precision_or_grad_modes_force_the_recorded_experts(modes: str) -> None:
+    """Qwen3-MoE captured under one of autocast(bfloat16), inference_mode or no_grad and replayed under another:
+    the replay forces the moved experts as a replay by hand under the replay's mode does."""
+    capture_mode, replay_mode = _MODES[modes]
+    model, x = tiny_hf.build("qwen3_moe"), _ids()
+    with mr.attach(model) as session:
+        with capture_mode(), session.capture():
+            model(x)
+        forced = _forced(session.routes())
+        with replay_mode(), session.replay(forced), session.capture():
+            got = model(x).logits
+        assert session.routes().equal(forced)
+        with replay_mode():
+            assert torch.equal(got, _hf_forced_by_hand(model, x, forced))
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize(("captured", "replayed"), [("eval", "train")])
+def test_mixtral_router_jitter_switched_on_or_off_between_capture_and_replay_forces_the_recorded_experts(
+    captured: str, replayed: str
+) -> None:
+    """Mixtral with ``router_jitter_noise`` (noise drawn on the hidden states in training, before the gate): the
+    model switched between ``eval()`` and ``train()`` between capture and replay. The replay forces the moved experts
+    as a replay by hand under the same random state does, the jitter drawn as it draws it."""
+    model, x = tiny_hf.build("mixtral"), _ids()
+    for layer in model.model.layers:
+        layer.mlp.jitter_noise = 0.3
+    with mr.attach(model) as session:
+        getattr(model, captured)()
+        with torch.no_grad(), session.capture():
+            model(x)
+        forced = _forced(session.routes())
+        getattr(model, replayed)()
+        torch.manual_seed(4)
+        with torch.no_grad(), session.replay(forced), session.capture():
+            got = model(x).logits
+        assert session.routes().equal(forced)
+        torch.manual_seed(4)
+        with torch.no_grad():
+            want = _hf_forced_by_hand(model, x, forced)
+        assert torch.equal(got, want)
+    if replayed == "train":  # (the premise: the jitter was drawn)
+        with torch.no_grad():
+            assert not torch.equal(model(x).logits, model(x).logits)
+
+
+class _LogitDropoutRouter(nn.Module):
+    """A softmax top-k router with dropout on its logits (zeros, not -inf: every expert keeps a positive weight)."""
+
+    def __init__(self, weight: torch.Tensor, top_k: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.top_k = top_k
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.dropout(F.linear(h, self.weight))
+        probs = logits.softmax(dim=-1)
+        values, indices = torch.topk(probs, self.top_k, dim=-1)
+        return logits, values / values.sum(dim=-1, keepdim=True), indices
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="dropout on a router's logits before its decision (train mode) is refused as a random choice after the "
+    "decision: the logits the router returns hold zeros that move with the random state, though every forced "
+    "expert keeps a positive weight read from the current scores and the replay is exact (a false refusal; "
+    "its message itself advises noise drawn before the decision)",
+)
+def test_dropout_on_a_routers_logits_in_training_replays_exactly() -> None:
+    """Capture in eval mode, replay in train mode with dropout on the router's logits: the moved experts are forced,
+    weighted by the dropped scores as a replay by hand under the same random state weighs them."""
+    model, x = _model(), _ids()
+    for layer in model.layers:
+        layer.mlp.router = _LogitDropoutRouter(layer.mlp.router.weight, layer.mlp.router.top_k)
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        forced = _forced(session.routes())
+        model.train()
+        torch.manual_seed(4)
+        with torch.no_grad(), session.replay(forced), session.capture():
+            got = model(x).logits
+        assert session.routes().equal(forced)
+    reference = copy.deepcopy(model)
+    rows = {name: forced.layer(name) for name in forced.names}
+    for name, router in reference.named_modules():
+        if name in rows:
+
+            def forward(h: torch.Tensor, router: nn.Module = router, name: str = name) -> tuple[torch.Tensor, ...]:
+                logits = router.dropout(F.linear(h, router.weight))
+                indices = rows[name][: h.shape[0]]
+                values = logits.softmax(dim=-1).gather(-1, indices)
+                return logits, values / values.sum(dim=-1, keepdim=True), indices
+
+            router.forward = forward
+    torch.manual_seed(4)
+    with torch.no_grad():
+        assert torch.equal(got, reference(x).logits)
+
+
+# ----------------------------------------------------------------------------- generate() modes split per sequence
+class _StopFirstAfterTwo:
+    """A stopping criterion (as stop strings are) that ends sequence 0 after two new tokens: generate() then feeds it
+    padding while the others go on."""
+
+    def __init__(self, prompt_len: int) -> None:
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        done[0] = input_ids.shape[1] >= self.prompt_len + 2
+        return done
+
+
+_GENERATE: dict[str, Callable[[int], dict[str, Any]]] = {
+    "max_new_tokens=1": lambda p: dict(max_new_tokens=1),
+    "a stopping criterion that ends one sequence early": lambda p: dict(
+        max_new_tokens=4, stopping_criteria=tiny_hf.transformers.StoppingCriteriaList([_StopFirstAfterTwo(p)])
+    ),
+    "return_dict_in_generate with scores": lambda p: dict(
+        max_new_tokens=3, return_dict_in_generate=True, output_scores=True
+    ),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("mode", list(_GENERATE))
+def test_generate_modes_split_into_routes_that_a_teacher_forced_replay_forces(mode: str) -> None:
+    """generate() of one new token, with a stopping criterion that ends one sequence before the others (fed padding
+    after it), or returning a dict with scores: split per sequence, each sequence's routes are what a teacher-forced
+    forward of its tokens chooses natively, and a replay of them moved forces them."""
+    model = tiny_hf.build("qwen3_moe")
+    g = torch.Generator().manual_seed(3)
+    prompt, mask = torch.randint(3, 128, (3, 5), generator=g), torch.ones(3, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    prompt = prompt.masked_fill(mask == 0, 0)
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            out = model.generate(prompt, attention_mask=mask, pad_token_id=0, **_GENERATE[mode](prompt.shape[1]))
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        seqs = mr.split_generation(session.routes(), attention_mask=mask, sequences=sequences)
+        assert len(seqs) == 3
+        for i, seq in enumerate(seqs):
+            new = seq.num_tokens - int(mask[i].sum())
+            ids = torch.cat([prompt[i][mask[i].bool()], sequences[i, prompt.shape[1] : prompt.shape[1] + new]])[None]
+            kept = ~seq.missing.all(dim=1)  # (the last token was never fed)
+            assert int((~kept).sum()) == 1
+            with torch.no_grad(), session.capture():
+                model(ids)
+            assert torch.equal(session.routes().indices[kept], seq.indices[kept])
+            forced = _forced(seq)
+            with torch.no_grad(), session.replay(forced), session.capture():
+                model(ids)
+            assert torch.equal(session.routes().indices[kept], forced.indices[kept])
