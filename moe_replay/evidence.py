@@ -3729,8 +3729,50 @@ def _refuse_drawn_choice(
             "Turn the random choice after the decision off (DeepSpeed: use_rts=False), draw it before the "
             "decision (noise on the scores, as jitter), mask experts at random only in the scores the decision "
             "reads (the weights read from the unmasked scores), or drop tokens and experts after it only by rules "
-            "that neither read the scores nor draw from the random stream (position, a fixed capacity)",
+            "that neither read the scores nor draw from the random stream (position, a fixed capacity)"
+            + _beside_the_weights(probe, calls, force, ev),
         )
+
+
+def _beside_the_weights(probe: _Prober, calls: Sequence[Call], force: dict[int, tuple[Any, int]], ev: Evidence) -> str:
+    """A hint for :func:`_refuse_drawn_choice`: where the outputs whose zeros move with the random state (the decision
+    held) are none of those that the decision's own values move (its weights: each output judged by its own
+    magnitude), as logits with dropout on them returned beside the weights for a loss, the router alone cannot tell
+    whether its caller weighs the experts by them; the hint names the scope that can."""
+    try:
+        own, _ = probe.run(force=force)
+        other, _ = probe.run(force=force, reseed=_RESEED)
+        base, _ = probe.run()
+        lifted = [probe.run(values=i, lift=True)[0] for i in ev.decision if calls[i].family in _VALUED]
+    except Exception:  # (runs that fail here tell nothing more: the refusal stands as it is)
+        return ""
+
+    def values(out: Any) -> list[torch.Tensor]:
+        return [t for t in _leaves(out, []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+    mine, theirs, plain = values(own), values(other), values(base)
+    floats = [values(o) for o in lifted]
+    if not lifted or len({len(mine), len(theirs), len(plain), *map(len, floats)}) != 1:
+        return ""
+    weights = {
+        n
+        for leaves in floats
+        for n, (a, b) in enumerate(zip(plain, leaves, strict=True))
+        if a.shape != b.shape or _distance(a, b)[0] > _SHIFT_ROUNDING * float(a.detach().abs().nan_to_num().max())
+    }
+    zeros = {
+        n
+        for n, (a, b) in enumerate(zip(mine, theirs, strict=True))
+        if a.shape != b.shape or bool(((a == 0) != (b == 0)).any())
+    }
+    if not weights or not zeros or not zeros.isdisjoint(weights):
+        return ""
+    return (
+        ". The zeros that move are in no output that the decision's values weigh (its weights): where they are "
+        "the router's logits or scores returned beside them for a loss (dropout drawn before the decision), "
+        'mr.Adapter(name, match=..., scope="parent") lets moe_replay check the block that reads them (a replay '
+        "is then exact where the block weighs the experts by the weights alone, and refused where it reads them)"
+    )
 
 
 def _drawn(

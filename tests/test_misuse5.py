@@ -365,31 +365,18 @@ class _LogitDropoutRouter(nn.Module):
         return logits, values / values.sum(dim=-1, keepdim=True), indices
 
 
-@pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="dropout on a router's logits before its decision (train mode) is refused as a random choice after the "
-    "decision: the logits the router returns hold zeros that move with the random state, though every forced "
-    "expert keeps a positive weight read from the current scores and the replay is exact (a false refusal; "
-    "its message itself advises noise drawn before the decision)",
-)
-def test_dropout_on_a_routers_logits_in_training_replays_exactly() -> None:
-    """Capture in eval mode, replay in train mode with dropout on the router's logits: the moved experts are forced,
-    weighted by the dropped scores as a replay by hand under the same random state weighs them."""
-    model, x = _model(), _ids()
+def _logit_dropout_model() -> mr.models.MoETransformer:
+    model = _model()
     for layer in model.layers:
         layer.mlp.router = _LogitDropoutRouter(layer.mlp.router.weight, layer.mlp.router.top_k)
-    with mr.attach(model) as session:
-        with torch.no_grad(), session.capture():
-            model(x)
-        forced = _forced(session.routes())
-        model.train()
-        torch.manual_seed(4)
-        with torch.no_grad(), session.replay(forced), session.capture():
-            got = model(x).logits
-        assert session.routes().equal(forced)
+    return model
+
+
+def _logit_dropout_forced_by_hand(model: nn.Module, x: torch.Tensor, routes: mr.Routes, seed: int) -> torch.Tensor:
+    """``model(x)`` under ``torch.manual_seed(seed)`` on a copy whose routers take their experts from ``routes`` and
+    their weights from the softmax of their dropped logits at those experts: no moe_replay."""
     reference = copy.deepcopy(model)
-    rows = {name: forced.layer(name) for name in forced.names}
+    rows = {name: routes.layer(name) for name in routes.names}
     for name, router in reference.named_modules():
         if name in rows:
 
@@ -400,9 +387,58 @@ def test_dropout_on_a_routers_logits_in_training_replays_exactly() -> None:
                 return logits, values / values.sum(dim=-1, keepdim=True), indices
 
             router.forward = forward
-    torch.manual_seed(4)
+    torch.manual_seed(seed)
     with torch.no_grad():
-        assert torch.equal(got, reference(x).logits)
+        return reference(x).logits
+
+
+def _replayed_in_training(model: nn.Module, session: mr.Session, x: torch.Tensor) -> tuple[mr.Routes, torch.Tensor]:
+    """Capture in eval mode, then the moved routes replayed in train mode under ``torch.manual_seed(4)``."""
+    with torch.no_grad(), session.capture():
+        model(x)
+    forced = _forced(session.routes())
+    model.train()
+    torch.manual_seed(4)
+    with torch.no_grad(), session.replay(forced), session.capture():
+        got = model(x).logits
+    assert session.routes().equal(forced)
+    return forced, got
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="dropout on a router's logits before its decision (train mode) is refused with zero configuration as a "
+    "random choice after the decision: the logits the router returns hold zeros that move with the random state, "
+    "though every forced expert keeps a positive weight read from the current scores and the replay is exact (a "
+    'false refusal; mr.Adapter(..., scope="parent"), which the refusal names, replays it exactly)',
+)
+def test_dropout_on_a_routers_logits_in_training_replays_exactly() -> None:
+    """Capture in eval mode, replay in train mode with dropout on the router's logits: the moved experts are forced,
+    weighted by the dropped scores as a replay by hand under the same random state weighs them."""
+    model, x = _logit_dropout_model(), _ids()
+    with mr.attach(model) as session:
+        forced, got = _replayed_in_training(model, session, x)
+    assert torch.equal(got, _logit_dropout_forced_by_hand(model, x, forced, seed=4))
+
+
+@pytest.mark.reliability("bad inputs")
+def test_dropout_on_a_routers_logits_is_refused_naming_the_parent_scope_under_which_it_replays_exactly() -> None:
+    """The refusal of a router whose returned logits hold zeros drawn at random (beside weights with none) says that
+    the router alone cannot tell whether its caller weighs the experts by them, and names
+    ``mr.Adapter(..., scope="parent")``; attached so, the replay in train mode forces the moved experts, weighted by
+    the dropped scores as a replay by hand weighs them."""
+    model, x = _logit_dropout_model(), _ids()
+    with mr.attach(model) as session:
+        model.train()
+        with pytest.raises(mr.UnsupportedRouterError, match=r'random stream.*scope="parent"'):
+            with torch.no_grad(), session.capture():
+                model(x)
+    model.eval()
+    adapter = mr.Adapter("logit dropout", match=lambda n, m: isinstance(m, _LogitDropoutRouter), scope="parent")
+    with mr.attach(model, adapters=[adapter]) as session:
+        forced, got = _replayed_in_training(model, session, x)
+    assert torch.equal(got, _logit_dropout_forced_by_hand(model, x, forced, seed=4))
 
 
 # ----------------------------------------------------------------------------- generate() modes split per sequence
