@@ -2356,7 +2356,13 @@ def _other_counts(
     out = []
     if n > 1:
         one = (1,) * (x.dim() - 1)
-        alone = [rows[i : i + 1].reshape(*one, x.shape[-1]).clone() for i in range(min(n, _FEW_TOKENS + 1))]
+        # (from the first token whose hidden state is not all zeros: left padding of a zero embedding, through a
+        # block whose experts map zeros to zeros, changes with no expert, and would read as another branch)
+        nonzero = rows.detach().ne(0).any(dim=-1).nonzero().flatten()
+        start = int(nonzero[0]) if nonzero.numel() and int(nonzero[0]) < n - 1 else 0
+        alone = [
+            rows[i : i + 1].reshape(*one, x.shape[-1]).clone() for i in range(start, min(n, start + _FEW_TOKENS + 1))
+        ]
         inputs = [_replaced((args, kwargs), path, t) for t in alone]
         out.append(("one of its tokens alone", inputs[0], inputs[1:]))
     if n < _FEW_TOKENS:

@@ -27,7 +27,7 @@ from .test_session_lifecycle import ours_reachable
 tiny_hf = pytest.importorskip("tests.tiny_hf")
 
 
-def _hf_forced_by_hand(model: nn.Module, x: torch.Tensor, routes: mr.Routes) -> torch.Tensor:
+def _hf_forced_by_hand(model: nn.Module, x: torch.Tensor, routes: mr.Routes, **kwargs: Any) -> torch.Tensor:
     """The logits of ``model(x)`` on a copy whose Qwen3-MoE or Mixtral gates take their experts from ``routes``, row
     after row in call order, with the combine weights gathered from their own softmax: no moe_replay. A gate under a
     PEFT wrapper (``<name>.base_layer``) is the routes' router of the wrapper's name; where a PEFT model was made of
@@ -55,7 +55,7 @@ def _hf_forced_by_hand(model: nn.Module, x: torch.Tensor, routes: mr.Routes) -> 
             return logits, weights.to(logits.dtype), indices
 
         module.forward = forward
-    out = ref(x).logits
+    out = ref(x, **kwargs).logits
     assert used and all(used[n] == rows[n].shape[0] for n in rows), "the reference did not consume every row"
     return out
 
@@ -242,10 +242,7 @@ def test_a_peft_model_attached_replays_through_its_adapter_disabled_and_merged(t
     moved experts with the adapted model's weights, inside ``disable_adapter()`` with the base weights, and after
     ``merge_and_unload()`` between capture and replay with the merged ones, each as a replay by hand does."""
     peft = pytest.importorskip("peft")
-    config = tiny_hf._config("qwen3_moe")
-    config.num_hidden_layers = 1  # (the first forward of LoRA on a gate's weight runs many probes: one layer)
-    torch.manual_seed(0)
-    model, x = tiny_hf.transformers.AutoModelForCausalLM.from_config(config).eval(), _ids()
+    model, x = _one_layer_qwen3(), _ids()
     adapted = peft.get_peft_model(model, _lora(target))
     with mr.attach(adapted) as session:
         with torch.no_grad(), session.capture():
@@ -267,6 +264,47 @@ def test_a_peft_model_attached_replays_through_its_adapter_disabled_and_merged(t
         assert torch.equal(after, _hf_forced_by_hand(merged, x, forced))
         assert torch.allclose(after, got, atol=1e-5)
     assert all("forward" not in m.__dict__ for m in merged.modules())
+
+
+def _one_layer_qwen3() -> nn.Module:
+    config = tiny_hf._config("qwen3_moe")
+    config.num_hidden_layers = 1  # (the first forward of LoRA on a gate's weight runs many probes: one layer)
+    torch.manual_seed(0)
+    return tiny_hf.transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.parametrize("run", ["forward", "generate"])
+def test_a_peft_gate_replays_a_left_padded_batch_whose_padding_embeds_to_zeros(run: str) -> None:
+    """Once a false refusal: LoRA on the gate's weight makes the gate a ``ParamWrapper``, intercepted in its MoE
+    block, and a left-padded batch (Qwen3's pad id embeds to zeros) put the padding first. The check that the
+    decision still decides on one token alone took that token, whose zero hidden state the experts map to zeros
+    whichever they are, and refused it as a forward that chooses otherwise on one token. A forward of the batch and
+    a generate() of it split per sequence now capture, and the replay forces the moved experts as a replay by hand
+    does."""
+    peft = pytest.importorskip("peft")
+    adapted = peft.get_peft_model(_one_layer_qwen3(), _lora("mlp.gate.weight"))
+    g = torch.Generator().manual_seed(3)
+    prompt, mask = torch.randint(3, 128, (2, 5), generator=g), torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    prompt = prompt.masked_fill(mask == 0, 0)
+    with mr.attach(adapted) as session:
+        with torch.no_grad(), session.capture():
+            if run == "forward":
+                adapted(input_ids=prompt, attention_mask=mask)
+            else:
+                out = adapted.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=3, pad_token_id=0)
+        if run == "generate":
+            seqs = mr.split_generation(session.routes(), attention_mask=mask, sequences=out)
+            assert [s.num_tokens for s in seqs] == (mask.sum(dim=1) + 3).tolist()
+            prompt, mask = out, torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], dim=1)
+            with torch.no_grad(), session.capture():
+                adapted(input_ids=prompt, attention_mask=mask)
+        forced = _forced(session.routes())
+        with torch.no_grad(), session.replay(forced), session.capture():
+            got = adapted(input_ids=prompt, attention_mask=mask).logits
+        assert session.routes().equal(forced)
+        assert torch.equal(got, _hf_forced_by_hand(adapted, prompt, forced, attention_mask=mask))
 
 
 @pytest.mark.reliability("wrappers")
