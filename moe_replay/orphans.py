@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterable
@@ -79,7 +80,7 @@ from ._output_guard import own_hook
 from ._torch_compat import module_call_kwargs
 from .errors import UnsupportedRouterError
 from .evidence import _FAMILY, _PEAKS, DECISION_FUNCS, NESTING, _arg, _where, decision_call, unwrap
-from .intercept import EAGER, ScopedForward
+from .intercept import EAGER, ORDER_PROBE, ScopedForward
 
 __all__ = ["OrphanWatch", "watch_first_runs", "watch_forward"]
 
@@ -192,6 +193,13 @@ _CONVERSIONS = frozenset(
 )
 #: Modules whose 3-D weights are filters, not experts.
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _ordering() -> bool:
+    """Is this thread running a token-order run (:func:`moe_replay._feeds.token_order`: a probe forward that no
+    block's check follows)?"""
+    thread = ORDER_PROBE.thread
+    return thread is not None and ORDER_PROBE.check is None and thread == threading.get_ident()
 
 
 def _calling_module(names: dict[int, str], depth: int = 2) -> tuple[str | None, bool]:
@@ -531,7 +539,10 @@ class OrphanWatch(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         func = unwrap(func, kwargs)
-        if NESTING.probing:  # (the probe runs that establish a decision: its own calls, and a repeat of the forward's)
+        if NESTING.probing or _ordering():
+            # (the probe runs that establish a decision: its own calls, and a repeat of the forward's; and the
+            # token-order runs, a repeat of the forward up to its last router, without gradients and hooks, before it:
+            # the watch judges the calls of the forward itself)
             return func(*args, **kwargs)
         source = None  # where a top-k among keys is taken outside every router, whose indices are followed
         drawn = None  # what a draw from no scores among a bank's width is reported as, unless it picks input rows

@@ -2776,3 +2776,57 @@ def test_the_routers_whose_ids_a_capture_kept_replay_checked_without_the_one_tha
                     model(a)
                     model(b)
     tried(9)
+
+
+class _NoGradStatistic(mr.models.MoEBlock):
+    """An MoE block that, in a forward without gradients only (an evaluation pass), keeps which experts its router's
+    logits rank first, by a top-k of its own outside the router: a decision-like call no training forward makes."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            logits = hidden.reshape(-1, hidden.shape[-1]) @ self.router.weight.t()
+            self.ranked = torch.topk(logits, self.top_k, dim=-1).indices
+        return super().forward(hidden)
+
+
+class _TwoNoGradBlocks(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = mr.models.MoEConfig(num_experts=8, top_k=2)
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(128, 64)
+        self.blocks = torch.nn.ModuleList([_NoGradStatistic(cfg) for _ in range(2)])
+        self.head = torch.nn.Linear(64, 128)
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_the_token_order_runs_are_not_judged_as_the_forward_by_the_orphan_watch() -> None:
+    """Once falsely refused, and slower: the watch of a block's first forward for decisions outside every router judged
+    the calls of the token-order runs too (run without gradients, before the forward), so a top-k outside the routers
+    that only a forward without gradients makes refused a training forward that never made it. The watch now judges
+    the forward's own calls: the training capture passes (its order told, its routes exact), and a forward without
+    gradients, which makes that top-k, is still refused."""
+    model = _TwoNoGradBlocks()
+    ids = _batch(rows=2, width=4)
+    with mr.attach(model) as session:
+        with session.capture():
+            model(ids).sum().backward()
+        routes = session.routes()
+    assert torch.equal(routes.token_ids, ids.reshape(-1))  # (the order told: batch-major)
+    with mr.attach(model) as session, session.replay(routes):
+        model(ids).sum().backward()
+    other = _TwoNoGradBlocks()
+    with (
+        mr.attach(other) as session,
+        pytest.raises(mr.UnsupportedRouterError, match="topk over 8"),
+        session.capture(),
+        torch.no_grad(),
+    ):
+        other(ids)
