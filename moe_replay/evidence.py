@@ -1453,19 +1453,20 @@ def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     return None if x is None else x.numel() // max(int(x.shape[-1]), 1)
 
 
-def _clone(obj: Any) -> Any:
+def _clone(obj: Any, own: torch.Tensor | None = None) -> Any:
+    """``obj`` with a fresh copy of each tensor it holds, but ``own`` (made for one run alone: detached only)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
+        return obj.detach() if obj is own else obj.detach().clone()
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        items = tuple(_clone(v) for v in obj)
+        items = tuple(_clone(v, own) for v in obj)
         if type(obj) is not tuple:  # torch.return_types (topk, max...): the same type back
             with contextlib.suppress(TypeError):
                 return type(obj)(items)
         return items
     if isinstance(obj, list):
-        return [_clone(v) for v in obj]
+        return [_clone(v, own) for v in obj]
     if type(obj) is dict:
-        return {k: _clone(v) for k, v in obj.items()}
+        return {k: _clone(v, own) for k, v in obj.items()}
     return obj
 
 
@@ -1759,7 +1760,11 @@ class _Prober:
         watch: tuple[int, torch.Tensor, torch.Tensor] | None = None,
         bump: tuple[int, int] | None = None,
         trace: bool = False,
+        own: torch.Tensor | None = None,
     ) -> tuple[Any, _ProbeMode]:
+        """One run of the forward (on ``inputs``, else its own), its calls changed or held as asked; returns its
+        output and the mode that saw its calls. Every tensor of the inputs is copied first (the forward may write
+        into them), but ``own``: a tensor of ``inputs`` made for this run alone, that nothing reads after it."""
         mode = _ProbeMode(
             change, hold or {}, slot, values, force, choices, fill, early, scramble, peak, lift, watch, bump, trace
         )
@@ -1782,7 +1787,7 @@ class _Prober:
                 _autocast_cache_aside(),
                 mode,
             ):
-                run_args, run_kwargs = _grad_like((_clone(args), _clone(kwargs)), self.grads)
+                run_args, run_kwargs = _grad_like((_clone(args, own), _clone(kwargs, own)), self.grads)
                 out = _within(limit, self.forward, *run_args, **run_kwargs)
         finally:
             NESTING.probing -= 1
@@ -2762,13 +2767,13 @@ def _in_chunks(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode) -> bool:
     flat = x.detach().reshape(tokens, -1)
     spread = flat.float().std(unbiased=False).clamp_min(1e-3)
     noise = torch.randn(flat.shape, generator=torch.Generator().manual_seed(tokens)).to(flat.device)
-    bump = (noise * spread + spread).to(dtype=flat.dtype)
+    bumped = flat + (noise * spread + spread).to(dtype=flat.dtype)  # (made once: each run picks its rows of it)
     for bit in range(max(1, (tokens - 1).bit_length())):
         for side in (1, 0):
             picked = ((position >> bit) & 1) == side
-            changed = torch.where(picked.to(flat.device)[:, None], flat + bump, flat).reshape(x.shape)
-            try:
-                _, moved = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, changed))
+            changed = torch.where(picked.to(flat.device)[:, None], bumped, flat).reshape(x.shape)
+            try:  # (``changed``, made for this run alone, is handed to the forward as it is)
+                _, moved = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, changed), own=changed)
             except Exception:
                 return False
             if [c.signature for c in moved.calls] != [c.signature for c in calls] or len(moved.ins) < len(calls):
@@ -3885,13 +3890,14 @@ def _rows_order(probe: _Prober, calls: Sequence[Call], ordinals: Sequence[int]) 
     flat = x.detach().reshape(tokens, -1)
     spread = flat.float().std(unbiased=False).clamp_min(1e-3)
     noise = torch.randn(flat.shape, generator=torch.Generator().manual_seed(tokens)).to(flat.device)
-    bump = (noise * spread + spread).to(dtype=flat.dtype)
+    bumped = flat + (noise * spread + spread).to(dtype=flat.dtype)  # (made once: each run picks its rows of it)
+    on_device = position.to(flat.device)
 
     def changed(bit: int, side: int) -> torch.Tensor | None:  # the rows that change with the tokens of that side
-        picked = ((position >> bit) & 1) == side
-        values = torch.where(picked.to(flat.device)[:, None], flat + bump, flat).reshape(x.shape)
-        try:
-            _, moved = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, values))
+        picked = ((on_device >> bit) & 1) == side
+        values = torch.where(picked[:, None], bumped, flat).reshape(x.shape)
+        try:  # (``values``, made for this run alone, is handed to the forward as it is: no copy of it)
+            _, moved = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, values), own=values)
         except Exception:
             return None
         if [c.signature for c in moved.calls] != signature or len(moved.ins) < len(calls):
