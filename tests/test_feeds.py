@@ -2807,6 +2807,7 @@ class _TwoNoGradBlocks(torch.nn.Module):
         return self.head(x)
 
 
+@pytest.mark.reliability("silent replays")
 def test_the_token_order_runs_are_not_judged_as_the_forward_by_the_orphan_watch() -> None:
     """Once falsely refused, and slower: the watch of a block's first forward for decisions outside every router judged
     the calls of the token-order runs too (run without gradients, before the forward), so a top-k outside the routers
