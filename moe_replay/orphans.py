@@ -487,6 +487,8 @@ class OrphanWatch(TorchFunctionMode):
         the input's (its tokens) is none, whatever its width."""
         if sig[0] in _BANK_ONLY and not self.axes.may_choose(x, -1):
             return False
+        if self._in_one_expert(name):
+            return False  # (an expert's own top-k, over its hidden units: a k-sparse activation chooses no expert)
         if sig[2] in self.widths and self._in_moe(name):
             return True
         if sig[0] in _BANK_ONLY:
@@ -1007,6 +1009,26 @@ class OrphanWatch(TorchFunctionMode):
             low = parts[i - 1].lower()
             if "expert" in low and "shared" not in low and _holds_experts(self.modules[".".join(parts[: i - 1])]):
                 return True
+        return False
+
+    def _in_one_expert(self, name: str) -> bool:
+        """Is the module one expert of a bank of expert modules, or inside one (``experts.3``, ``experts.3.act``: a
+        member of an ``expert*`` list, dict or ``Sequential`` of a module holding experts), with no bank of its own on
+        the way down (an expert that is an MoE block itself chooses among its own experts)? Such a module runs on the
+        tokens dispatched to it, after the choice: a top-k of its own (a k-sparse activation over its hidden units,
+        however many) chooses among none of the bank's experts. The bank itself (``experts``, stacked weights that may
+        route inside their forward) is not one expert."""
+        parts = name.split(".") if name else []
+        for i in range(1, len(parts)):
+            low = parts[i - 1].lower()
+            bank = self.modules[".".join(parts[:i])]
+            if (
+                "expert" in low
+                and "shared" not in low
+                and isinstance(bank, nn.ModuleList | nn.ModuleDict | nn.Sequential)
+                and _holds_experts(self.modules[".".join(parts[: i - 1])])
+            ):
+                return not any(_holds_experts(self.modules[".".join(parts[:j])]) for j in range(i + 1, len(parts) + 1))
         return False
 
     def settle(self) -> None:

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import moe_replay as mr
 from tests.test_evidence import D, E, Experts, dispatch
 from tests.test_public_routers2 import _x
 from tests.test_public_routers6 import Layers, MixtralGate, _Used, assert_exact
@@ -1133,12 +1132,7 @@ class KSparseBlock(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.UnsupportedRouterError,
-    reason="a k-sparse activation in each expert's forward (a top-2 over hidden units as many as the experts) is "
-    "taken for a decision outside every attached router and the model refused: a false refusal",
-)
 def test_k_sparse_expert_activations_as_wide_as_the_expert_count_are_not_taken_for_a_decision() -> None:
-    """The experts' own top-k over their hidden units chooses no expert: the gate's replay should be exact."""
+    """The experts' own top-k over their hidden units chooses no expert: the gate's replay is exact (once refused as a
+    decision outside every attached router: a top-2 over as many hidden units as the block has experts)."""
     assert_exact(Layers(KSparseBlock), _x(), change=0.3)
