@@ -2516,7 +2516,7 @@ def _establish(
             probe.hooks_in_place = True
             try:
                 base, seen = probe.run(trace=True)
-            except Exception:
+            except (Exception, _Communicates):  # (a hook that gathers weights across ranks: refused as before)
                 raise _needs_hooks(name, probe, e) from e
         calls: Sequence[Call] = seen.calls
         if calls and not any(c.rows for c in calls):
@@ -3475,7 +3475,8 @@ def _refuse_later_choice_in_hooks(name: str, probe: _Prober, calls: Sequence[Cal
     read), nothing more runs. Otherwise the later choices are checked as above with them in place. Their effects are
     put back after each run (their modules' attributes, and what their code changes in globals, closure cells and
     containers: see :meth:`_Snapshot.hooks_kept`); what they write outside the process (a log line) is written once
-    for each such run. A run that fails with them in place, or makes other decision-like calls, checks nothing more.
+    for each such run. A run that fails with them in place (or communicates across ranks), or makes other
+    decision-like calls, checks nothing more.
     """
     try:
         aside, _ = probe.run()
@@ -3486,7 +3487,7 @@ def _refuse_later_choice_in_hooks(name: str, probe: _Prober, calls: Sequence[Cal
         _refuse_later_choice(name, probe, calls, now, ev)
     except UnsupportedRouterError:
         raise
-    except Exception:
+    except (Exception, _Communicates):  # (a hook that communicates across ranks, FSDP's: left aside, as before)
         return
     finally:
         probe.hooks_in_place = False
