@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import functools
 import importlib
 import inspect
 import os
@@ -54,17 +53,14 @@ import torch
 from torch import nn
 
 __all__ = [
-    "CodeTensor",
     "HeldStamp",
     "OutsideState",
     "code_settings",
-    "code_tensors",
     "flag_buffers",
     "generators",
     "hook_written",
     "is_written",
     "reads_state",
-    "set_code_tensor",
     "written",
 ]
 
@@ -246,34 +242,6 @@ def hook_written(module: nn.Module) -> frozenset[str]:
     return frozenset(out)
 
 
-def _hook_functions(module: nn.Module) -> list[types.FunctionType]:
-    """The Python functions of the forward hooks and pre-hooks registered on ``module`` (a bound method's function, a
-    ``functools.partial``'s), read without running anything."""
-    out: list[types.FunctionType] = []
-    for attr in ("_forward_pre_hooks", "_forward_hooks"):
-        hooks = vars(module).get(attr)
-        for hook in hooks.values() if isinstance(hooks, dict) else ():
-            inner = hook.func if isinstance(hook, functools.partial) else hook
-            fn = _function(inner) if isinstance(inner, types.FunctionType | types.MethodType) else None
-            if fn is not None and not _skipped(fn):
-                out.append(fn)
-    return out
-
-
-def _hook_places(fn: types.FunctionType) -> tuple[_Place, ...]:
-    """Where the code of a hook (and what it calls, as a forward's is followed) changes state outside its module's
-    attributes (see :class:`OutsideState`), read once per function."""
-    known = _HOOK_PLACES.get(fn)
-    if known is None:
-        places = _Changes()
-        _walk(fn, None, 0, set(), [], [], set(), places)
-        known = _HOOK_PLACES[fn] = tuple({(p[0], id(p[1]), p[2], p[3], p[4]): p for p in places.places}.values())
-    return known
-
-
-_HOOK_PLACES: weakref.WeakKeyDictionary[types.FunctionType, tuple[_Place, ...]] = weakref.WeakKeyDictionary()
-
-
 #: what each hook's code assigns on its module, by code object (read once)
 _HOOK_STORES: weakref.WeakKeyDictionary[types.CodeType, frozenset[str]] = weakref.WeakKeyDictionary()
 
@@ -331,58 +299,6 @@ def generators(modules: list[nn.Module]) -> list[torch.Generator]:
     return list(found.values())
 
 
-#: where a tensor a router's code names outside its modules is held (see :func:`code_tensors`): ``(kind, holder, name,
-#: its name in messages, the tensor)``; ``kind`` ``"global"`` (holder: the globals dict), ``"cell"`` (a closure cell),
-#: ``"class"`` (the class in whose own dictionary it lies)
-CodeTensor = tuple[str, Any, str, str, torch.Tensor]
-
-
-def code_tensors(modules: list[nn.Module], limit: int) -> list[CodeTensor]:
-    """The floating tensors of two or more rows (up to ``limit`` elements; no parameters) that the code of
-    ``modules``' forwards names outside the modules' own attributes: a module-level global, a closure cell, a class
-    attribute (``x[_ORDER.long()]``). Not settings (no integers: those are compared by identity and version as each
-    block starts, see :func:`code_settings`): their values may change between forwards unseen. Read from the code and
-    the objects' own dictionaries; nothing of the model's runs."""
-    found: dict[int, CodeTensor] = {}
-    for m in modules:
-        cls = type(m)
-        if cls.__module__.partition(".")[0] in _NOT_FOLLOWED:  # (torch's own modules: nothing of theirs)
-            continue
-        cached = _read_code(m, m.__dict__.get("forward"))
-        for kind, holder, name in () if cached is None else cached[5]:
-            if kind == "class":
-                owner = next((k for k in _MRO_OF(holder) if name in _DICT_OF(k)), None)
-                value = _MISSING if owner is None else _DICT_OF(owner)[name]
-                where: Any = owner
-                spelled = f"{holder.__qualname__}.{name}"
-            elif kind == "cell":
-                cell = holder.cells.get(name)
-                value, where, spelled = holder.get(name, _MISSING), cell, f"<{name}>"
-            else:
-                value, where, spelled = holder.get(name, _MISSING), holder, f"{holder.get('__name__', '')}.{name}"
-            if (
-                type(value) is torch.Tensor
-                and (value.is_floating_point() or value.is_complex())
-                and value.dim() >= 1
-                and int(value.shape[0]) >= 2
-                and value.numel() <= limit
-                and not value.is_meta
-                and where is not None
-            ):
-                found.setdefault(id(value), (kind, where, name, spelled, value))
-    return list(found.values())
-
-
-def set_code_tensor(kind: str, where: Any, name: str, value: torch.Tensor) -> None:
-    """Bind ``value`` where :func:`code_tensors` found a tensor (a global, a closure cell, a class attribute)."""
-    if kind == "class":
-        type.__setattr__(where, name, value)
-    elif kind == "cell":
-        where.cell_contents = value
-    else:
-        where[name] = value
-
-
 def _generators_in(value: Any, found: dict[int, torch.Generator], depth: int) -> None:
     """Add to ``found`` ``value`` where it is a ``torch.Generator``, and ``depth`` levels inside it: the attributes of
     a class (its MRO's own), of a module or of a plain object, the items of a list, tuple or dict. Nothing of it runs
@@ -418,9 +334,7 @@ class OutsideState:
     place: the code holds them). Nothing of the model's runs: values are compared by identity, containers read and
     refilled through their builtin type's own methods."""
 
-    def __init__(self, modules: list[nn.Module], hooks: bool = False) -> None:
-        """``hooks``: also what the code of the forward hooks and pre-hooks registered on ``modules`` changes (a
-        count of calls in a closure cell, a log filled in a global list), for runs that keep them in place."""
+    def __init__(self, modules: list[nn.Module]) -> None:
         #: (how, where, key, value): ``"dict"`` an entry of a dict (a module's globals, an object's ``__dict__``),
         #: ``"class"`` a class attribute, ``"cell"`` a closure cell, ``"in"`` a container's contents, ``"tensor"``
         #: a tensor changed in place (its version then, a copy of its values)
@@ -431,13 +345,9 @@ class OutsideState:
         for m in modules:
             cls = type(m)
             if cls.__module__.partition(".")[0] in _NOT_FOLLOWED:  # (torch's own modules: nothing of theirs)
-                places: tuple[_Place, ...] = ()
-            else:
-                cached = _read_code(m, m.__dict__.get("forward"))
-                places = () if cached is None else cached[3]
-            if hooks:
-                places = (*places, *(p for fn in _hook_functions(m) for p in _hook_places(fn)))
-            for place in places:
+                continue
+            cached = _read_code(m, m.__dict__.get("forward"))
+            for place in () if cached is None else cached[3]:
                 self._save(m, place, seen)
 
     def __bool__(self) -> bool:

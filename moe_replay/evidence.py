@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import functools
 import itertools
 import math
 import numbers
@@ -52,16 +51,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._code_settings import (
-    CONTAINERS,
-    OutsideState,
-    code_tensors,
-    container_contents,
-    hook_written,
-    is_written,
-    refill_container,
-    set_code_tensor,
-)
+from ._code_settings import CONTAINERS, OutsideState, container_contents, hook_written, is_written, refill_container
 from ._code_settings import generators as code_generators
 from ._code_settings import written as code_written
 from .errors import UnsupportedRouterError
@@ -1548,9 +1538,7 @@ class _Snapshot:
     of every module in the scope (step counters, cached statistics), and what their code
     changes outside them (a global step count, a warn-once registry: ``OutsideState``). While a probe runs, the
     forward hooks of the scope's submodules are set aside, so that user hooks (utilisation
-    counters, loggers) see one forward, not the probe runs; a run that keeps them in place (see
-    :meth:`hooks_kept`) has what they change put back too: what their code changes outside their modules, and the
-    attributes of the objects whose bound methods they are.
+    counters, loggers) see one forward, not the probe runs.
     """
 
     def __init__(self, scope: nn.Module) -> None:
@@ -1593,21 +1581,8 @@ class _Snapshot:
             held_generators.setdefault(id(g), g)
         self.generators = [(g, g.get_state()) for g in held_generators.values()]
         self._generator_ids = set(held_generators)
-        #: what the modules' code changes outside them (a step count in a global, a warn-once registry), and the code
-        #: of their hooks (a count in a closure cell, a log in a global list), for runs that keep the hooks in place
-        self.outside = OutsideState(self.modules, hooks=True)
-        #: the attributes of the objects whose bound methods are hooks of the submodules, which are such hooks, or
-        #: which their closures hold (a logger object counting the calls it sees), put back as a module's are, and
-        #: the tensors they and the closures hold, put back by value where written in place (a spy's record)
-        objects, cells = _hook_state(self.modules)
-        self.hook_attrs = [(o, {k: (v, _shallow(v)) for k, v in vars(o).items()}) for o in objects]
-        budget = _COPY_LIMIT
-        for v in [*cells, *(v for _, attrs in self.hook_attrs for v, _ in attrs.values())]:
-            for t in _attr_tensors(v):
-                if id(t) not in held and t.numel() <= budget:
-                    held.add(id(t))
-                    budget -= t.numel()
-                    self.tensors.append((t, t.detach().clone(), _version(t)))
+        #: what the modules' code changes outside them (a step count in a global, a warn-once registry)
+        self.outside = OutsideState(self.modules)
         #: a norm's running statistics, which its kernel updates in place without a new version: put back by value
         self.by_value = {
             id(t)
@@ -1643,14 +1618,6 @@ class _Snapshot:
                 elif id(t) in self.by_value and t.shape == v.shape and not torch.equal(t, v):
                     t.data.copy_(v)  # (as the kernel wrote it: no new version, which a graph that saved it would see)
         self.outside.restore()
-        for o, attrs in self.hook_attrs:
-            own = vars(o)
-            for k in [k for k in own if k not in attrs]:
-                del own[k]
-            for k, (v, contents) in attrs.items():
-                if contents is not None:
-                    refill_container(v, contents)
-                own[k] = v
         for m, attrs in self.attrs:
             for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_INTERNALS]:
                 delattr(m, k)
@@ -1716,78 +1683,6 @@ class _Snapshot:
             for m, name, hooks in saved:
                 setattr(m, name, hooks)
 
-    @contextlib.contextmanager
-    def hooks_kept(self) -> Iterator[None]:
-        """The forward hooks of the scope's submodules called during a run (see :attr:`_Prober.hooks_in_place`), and
-        hooks registered during it dropped with it (as :meth:`hooks_aside` drops them). What the hooks change is put
-        back with the rest by :meth:`restore`: their modules' attributes, and what their code changes in globals,
-        closure cells and containers (see :class:`~moe_replay._code_settings.OutsideState`)."""
-        saved = [
-            (held, dict(held))
-            for m in self.modules[1:]
-            for name in _HOOKS
-            if isinstance(held := getattr(m, name, None), dict)
-        ]
-        try:
-            yield
-        finally:
-            for held, then in saved:
-                if len(held) != len(then) or any(held.get(k) is not v for k, v in then.items()):
-                    held.clear()
-                    held.update(then)
-
-
-def _hook_state(modules: Sequence[nn.Module]) -> tuple[list[Any], list[Any]]:
-    """What the forward hooks and pre-hooks of ``modules`` past the first (the scope's submodules), not moe_replay's,
-    may change besides their modules: the objects that hold a ``__dict__`` of their own (no modules, functions or
-    classes) whose bound methods are such hooks, which are such hooks (a callable object), or which a hook's closure
-    cells hold (a spy that records what its hooks see); and what the hooks' closure cells hold otherwise (a tensor,
-    a container of them), where tensors may be written in place. As ``(objects, cell values)``."""
-    found: dict[int, Any] = {}
-    held: dict[int, Any] = {}
-
-    def note(obj: Any) -> None:
-        if isinstance(obj, types.FunctionType | functools.partial | nn.Module | type | types.ModuleType) or _ours(obj):
-            return
-        if type(getattr(obj, "__dict__", None)) is dict:
-            found.setdefault(id(obj), obj)
-
-    for m in modules[1:]:
-        for kind in ("_forward_hooks", "_forward_pre_hooks"):
-            for hook in (vars(m).get(kind) or {}).values():
-                if _ours(hook):
-                    continue
-                note(hook.__self__ if isinstance(hook, types.MethodType) else hook)
-                fn = hook.__func__ if isinstance(hook, types.MethodType) else hook
-                for cell in getattr(fn, "__closure__", None) or ():
-                    try:
-                        value = cell.cell_contents
-                    except ValueError:  # (an empty cell)
-                        continue
-                    if isinstance(value, torch.Tensor | list | tuple | dict):
-                        held.setdefault(id(value), value)
-                    else:
-                        note(value)
-    return list(found.values()), list(held.values())
-
-
-def _ours(hook: Any) -> bool:
-    """Is ``hook`` moe_replay's own (a session's guard or watch), by the module its code or class is defined in?"""
-    where = getattr(hook, "__module__", None) or type(hook).__module__
-    return isinstance(where, str) and where.partition(".")[0] == "moe_replay"
-
-
-def _foreign_hooks_inside(scope: nn.Module) -> list[str]:
-    """The paths of the scope's submodules that hold forward hooks or pre-hooks of their own (not moe_replay's),
-    which the runs that establish a decision set aside (see :meth:`_Snapshot.hooks_aside`)."""
-
-    found = []
-    for path, m in scope.named_modules():
-        hooks = [h for kind in ("_forward_hooks", "_forward_pre_hooks") for h in (vars(m).get(kind) or {}).values()]
-        if m is not scope and any(not _ours(h) for h in hooks):
-            found.append(path)
-    return found
-
 
 @contextlib.contextmanager
 def _syncs_allowed() -> Iterator[None]:
@@ -1846,9 +1741,6 @@ class _Prober:
         #: inputs of the shape of its own made of real values (the real forward's other tokens, each alone, for a
         #: forward on one of them): later and earlier choices are varied on them first
         self.others: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        #: the forward hooks of the scope's submodules run in place (their effects put back after each run), not set
-        #: aside: where the forward fails without them, or they change what flows after the decision
-        self.hooks_in_place = False
 
     def run(
         self,
@@ -1891,7 +1783,7 @@ class _Prober:
             # through a checkpoint's saved-tensor hooks, and leaving autocast's cache of casts as it was
             with (
                 torch.autograd.graph.saved_tensors_hooks(_keep, _keep),
-                self.snapshot.hooks_kept() if self.hooks_in_place else self.snapshot.hooks_aside(),
+                self.snapshot.hooks_aside(),
                 _autocast_cache_aside(),
                 mode,
             ):
@@ -2060,7 +1952,7 @@ def establish(
         limit = max(_PROBE_SECONDS, _PROBE_FACTOR * probe.took)  # (inputs of the probe's own making)
         for what, inputs, others in _other_counts(args, kwargs):
             other = _Prober(forward, *inputs, scope, snapshot=probe.snapshot, limit=limit)
-            other.grads, other.hooks_in_place = probe.grads, probe.hooks_in_place
+            other.grads = probe.grads
             other.others = others
             try:
                 _check_elsewhere(name, other, ev, what)
@@ -2509,15 +2401,7 @@ def _establish(
         try:
             base, seen = probe.run(trace=True)
         except Exception as e:
-            if probe.hooks_in_place or not _foreign_hooks_inside(probe.scope):
-                raise _needs_hooks(name, probe, e) from e
-            # (the forward needs its submodules' hooks, a decision made in one, say: established with them in place,
-            # their effects put back after each run)
-            probe.hooks_in_place = True
-            try:
-                base, seen = probe.run(trace=True)
-            except (Exception, _Communicates):  # (a hook that gathers weights across ranks: refused as before)
-                raise _needs_hooks(name, probe, e) from e
+            raise _needs_hooks(name, probe, e) from e
         calls: Sequence[Call] = seen.calls
         if calls and not any(c.rows for c in calls):
             return None  # no token to choose for
@@ -2981,11 +2865,10 @@ def _needs_hooks(name: str, probe: _Prober, error: Exception) -> Exception:
     """The error to raise for ``error``, raised by a probe run on the forward's own inputs.
 
     A probe run sets the forward hooks of the scope's submodules aside (:meth:`_Snapshot.hooks_aside`).
-    Where there were any, the forward may fail for want of them (a pre-hook that loads a module's weights, a top-k
-    made in a forward hook): it is run again with them in place, and established so where it runs. Where it fails
-    there too (a hook that gathers weights in a collective, DeepSpeed ZeRO-3's, or that cannot run twice), that is
-    refused by name, with the way out; the forward's own error, where no hook was set aside, is returned as it is
-    (the forward fails natively too).
+    Where there were any, the forward may fail for want of them: a pre-hook that loads, gathers or
+    materialises a module's weights (an offloading hook, DeepSpeed ZeRO-3's) leaves them missing there. That
+    is refused by name, with the way out; the forward's own error, where no hook was set aside, is returned as
+    it is (the forward fails natively too).
     """
     hooked = [
         path or type(m).__name__
@@ -2998,8 +2881,7 @@ def _needs_hooks(name: str, probe: _Prober, error: Exception) -> Exception:
     return UnsupportedRouterError(
         f"router '{name}': establishing which call decides runs the forward of {type(probe.scope).__name__} again "
         "with the forward hooks of its submodules set aside (so that hooks counting or logging see one forward), "
-        f"and there it raised {type(error).__name__}: {str(error)[:200]}; with them in place, it failed too. Hooks "
-        "were set aside on "
+        f"and there it raised {type(error).__name__}: {str(error)[:200]}. Hooks were set aside on "
         f"{', '.join(repr(h) for h in hooked[:3])}{more}: a hook that loads, gathers or materialises weights "
         "(offloading, DeepSpeed ZeRO-3) leaves them missing there. Put such a hook on the router's module or one "
         "above it (its hooks run before this forward), or establish before installing it: attach, run "
@@ -3460,37 +3342,6 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
         _refuse_scored_choice(name, probe, calls, force, first, ev)
     if drew:
         _refuse_drawn_choice(name, probe, calls, force, ev, seen.drawn)
-    if not probe.hooks_in_place and _foreign_hooks_inside(probe.scope):
-        _refuse_later_choice_in_hooks(name, probe, calls, ev)
-
-
-def _refuse_later_choice_in_hooks(name: str, probe: _Prober, calls: Sequence[Call], ev: Evidence) -> None:
-    """:func:`_refuse_later_choice` again with the forward hooks of the scope's submodules in place, where they
-    change the forward's output.
-
-    The runs that establish a decision set those hooks aside (so that a hook counting or logging sees one forward),
-    but every real forward runs them: a hook that changes what flows after the decision (a minimum-weight cut in a
-    forward hook of the module that renormalises the weights) is a later choice those runs never make. So the
-    forward runs once with them in place; where its output is the one without them (hooks that log, count or only
-    read), nothing more runs. Otherwise the later choices are checked as above with them in place. Their effects are
-    put back after each run (their modules' attributes, and what their code changes in globals, closure cells and
-    containers: see :meth:`_Snapshot.hooks_kept`); what they write outside the process (a log line) is written once
-    for each such run. A run that fails with them in place (or communicates across ranks), or makes other
-    decision-like calls, checks nothing more.
-    """
-    try:
-        aside, _ = probe.run()
-        probe.hooks_in_place = True
-        kept, now = probe.run()
-        if [c.signature for c in now.calls] != [c.signature for c in calls] or _distance(aside, kept)[0] == 0:
-            return
-        _refuse_later_choice(name, probe, calls, now, ev)
-    except UnsupportedRouterError:
-        raise
-    except (Exception, _Communicates):  # (a hook that communicates across ranks, FSDP's: left aside, as before)
-        return
-    finally:
-        probe.hooks_in_place = False
 
 
 def _refuse_scored_choice(
@@ -3962,25 +3813,15 @@ def _drawn(
 _RESEED = 0x5EED
 
 
-#: a tensor that may set an order of a router's tokens (see :func:`_free_state`): ``(kind, holder, name, its name in
-#: messages, the tensor)``; ``kind`` ``"buffer"`` or ``"attr"`` (held by the module ``holder``), or where its code names
-#: it outside its modules (see :func:`moe_replay._code_settings.code_tensors`)
-_Free = tuple[str, Any, str, str, torch.Tensor]
-
-
-def _free_state(scope: nn.Module) -> list[_Free]:
+def _free_state(scope: nn.Module) -> list[tuple[nn.Module, bool, str, torch.Tensor]]:
     """The tensors the scope's modules hold that may set an order of its tokens without being settings of its
     decision (which are compared as each block starts, see ``intercept._fingerprint``): buffers and plain attributes
     (not parameters) of two or more rows, floating ones (an order held as floats, ``x[self.order.long()]``) and
-    integer or boolean ones its code writes itself (an order it rotates at each forward: its state, not a setting);
-    then the floating ones of two or more rows its code names outside them (a module-level global, a closure cell, a
-    class attribute: ``x[_ORDER.long()]``; their integer ones are settings). None of more than ``_COPY_LIMIT``
-    elements."""
-    out: list[_Free] = []
+    integer or boolean ones its code writes itself (an order it rotates at each forward: its state, not a setting).
+    Each as ``(module, is a buffer, name, tensor)``; none of more than ``_COPY_LIMIT`` elements."""
+    out: list[tuple[nn.Module, bool, str, torch.Tensor]] = []
     ids: set[int] = set()
-    names = {id(m): f"{n}." if n else "self." for n, m in scope.named_modules()}
-    modules = list(scope.modules())
-    for m in modules:
+    for m in scope.modules():
         own: frozenset[str] | None = None
         for buffer, store in ((True, m._buffers), (False, m.__dict__)):
             for k, v in list(store.items()):
@@ -3994,34 +3835,28 @@ def _free_state(scope: nn.Module) -> list[_Free]:
                     if not is_written(f"self.{k}", own):
                         continue
                 ids.add(id(v))
-                out.append(("buffer" if buffer else "attr", m, k, f"{names.get(id(m), 'self.')}{k}", v))
-    for kind, holder, k, spelled, v in code_tensors(modules, _COPY_LIMIT):
-        if id(v) not in ids:
-            ids.add(id(v))
-            out.append((kind, holder, k, spelled, v))
+                out.append((m, buffer, k, v))
     return out
 
 
 @contextlib.contextmanager
-def _state_flipped(held: Sequence[_Free]) -> Iterator[None]:
+def _state_flipped(held: Sequence[tuple[nn.Module, bool, str, torch.Tensor]]) -> Iterator[None]:
     """The tensors ``held`` (see :func:`_free_state`) replaced by copies of them with their rows in reverse order (the
     held objects themselves untouched), put back on the way out."""
-
-    def bind(kind: str, holder: Any, k: str, v: torch.Tensor) -> None:
-        if kind == "buffer":
-            holder._buffers[k] = v
-        elif kind == "attr":
-            holder.__dict__[k] = v
-        else:
-            set_code_tensor(kind, holder, k, v)
-
     try:
-        for kind, holder, k, _, v in held:
-            bind(kind, holder, k, v.detach().flip(0))
+        for m, buffer, k, v in held:
+            flipped = v.detach().flip(0)
+            if buffer:
+                m._buffers[k] = flipped
+            else:
+                m.__dict__[k] = flipped
         yield
     finally:
-        for kind, holder, k, _, v in held:
-            bind(kind, holder, k, v)
+        for m, buffer, k, v in held:
+            if buffer:
+                m._buffers[k] = v
+            else:
+                m.__dict__[k] = v
 
 
 def _rows_order(probe: _Prober, calls: Sequence[Call], ordinals: Sequence[int]) -> torch.Tensor | None:
@@ -4141,12 +3976,12 @@ def _refuse_rows_out_of_order(
     if not held:
         return
 
-    def out_of_order(flip: Sequence[_Free]) -> bool:
+    def out_of_order(flip: Sequence[tuple[nn.Module, bool, str, torch.Tensor]]) -> bool:
         probe.snapshot.restore()
         try:
             with _state_flipped(flip):
                 other = _Prober(probe.forward, probe.args, probe.kwargs, probe.scope, limit=probe.limit)
-                other.grads, other.took, other.hooks_in_place = probe.grads, probe.took, probe.hooks_in_place
+                other.grads, other.took = probe.grads, probe.took
                 of_row = _rows_order(other, calls, ordinals)
         except Exception:
             return False
@@ -4156,13 +3991,15 @@ def _refuse_rows_out_of_order(
 
     if not out_of_order(held):
         return
+    names = {id(m): f"{n}." if n else "self." for n, m in probe.scope.named_modules()}
     culprits = [h for h in held if len(held) == 1 or out_of_order([h])] or held
-    spelled = ", ".join(f"{label} ({str(v.dtype).removeprefix('torch.')})" for _, _, _, label, v in culprits)
+    spelled = ", ".join(
+        f"{names.get(id(m), 'self.')}{k} ({str(v.dtype).removeprefix('torch.')})" for m, _, k, v in culprits
+    )
     raise _refuse(
         name,
         calls,
-        f"its decision ({described}) is made over its tokens in an order that a tensor it holds or its code reads "
-        f"(a global, a closure cell, a class attribute) sets ({spelled}: "
+        f"its decision ({described}) is made over its tokens in an order that a tensor it holds sets ({spelled}: "
         "with its rows reversed, changing a token's hidden state changes another row of the decision's scores). "
         "Such a tensor (floats, or integers its forward writes itself) is no setting compared as each block starts: "
         "once its values change (between blocks, or at each forward), the rows would be recorded and forced in "
