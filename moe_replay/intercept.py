@@ -1105,10 +1105,6 @@ class RouterHook:
         # the copy has no session, so it holds None there (the hook's lock and rings cannot be copied)
         return (type(None), ())
 
-    def wrap(self, forward: Callable[..., Any]) -> ScopedForward:
-        """The replacement ``forward`` installed on the scope module."""
-        return ScopedForward(self, forward)
-
     def _run(
         self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], lean_ok: bool = True
     ) -> Any:

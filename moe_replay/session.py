@@ -106,6 +106,48 @@ def _session_of(model: nn.Module) -> Session | None:
 _WATCHED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _Skeleton]] = weakref.WeakKeyDictionary()
 _ATTACH_LOCK = threading.Lock()
 
+#: The wrappers of detached sessions, emptied, by the module they were taken off and their class: the next session
+#: attached to that module puts the same object back (made new). ``torch.compile`` guards a module's ``forward``
+#: attribute on its identity, so a new session on a compiled model then runs the code compiled for the sessions
+#: before it instead of compiling again (until torch's recompile limit). Keyed weakly; an emptied wrapper holds
+#: nothing of its module, so the model is freed as without a session.
+_SPARE: weakref.WeakKeyDictionary[nn.Module, dict[type, Any]] = weakref.WeakKeyDictionary()
+
+
+class _Retired:
+    """A wrapper of a detached session, emptied, kept to be put back (see :data:`_SPARE`). A reference kept from
+    before detach that calls it is told so."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise SessionStateError(
+            "this is a moe_replay forward of a session that has detached (kept from before detach): call the "
+            "module itself, which runs its own forward, or attach a session again"
+        )
+
+
+def _reused(module: nn.Module, cls: type, *args: Any) -> Any:
+    """``cls(*args)``, made in the object of that class a detached session left on ``module`` if there is one."""
+    spare = _SPARE.get(module)
+    old = spare.pop(cls, None) if spare else None
+    if old is None:
+        return cls(*args)
+    old.__class__ = cls
+    old.__init__(*args)
+    return old
+
+
+def _gone(module: nn.Module, wrapper: Any) -> bool:
+    """Did a detach take ``wrapper`` off ``module`` (not left there, nor for another session a feed level serves)?"""
+    return module.__dict__.get("forward") is not wrapper and not (isinstance(wrapper, FeedForward) and wrapper.owners)
+
+
+def _retire(module: nn.Module, wrapper: Any) -> None:
+    """Keep ``wrapper``, taken off ``module`` by a detach, emptied, for the next attach (see :data:`_SPARE`)."""
+    cls = type(wrapper)
+    wrapper.__dict__.clear()
+    wrapper.__class__ = _Retired
+    _SPARE.setdefault(module, {})[cls] = wrapper
+
 
 def _device_of(module: nn.Module) -> torch.device:
     """Where ``module`` runs: its tensors' device, or for weights offloaded by accelerate (on ``meta``
@@ -835,7 +877,7 @@ class Session:
                     own = scope.__dict__.get("forward", _MISSING)
                     if isinstance(own, ClassForward) and own.module is scope:  # (a copy of an attached model's)
                         own = _MISSING
-                    wrapper = hook.wrap(scope.forward)
+                    wrapper = _reused(scope, ScopedForward, hook, scope.forward)
                     scope.forward = wrapper
                     self._installed.append((scope, own))
                     self._wrappers.append(wrapper)
@@ -1156,6 +1198,11 @@ class Session:
         for feed in self._feed_wrappers:
             if self._owner in feed.owners:
                 feed.owners.remove(self._owner)
+        for installed, wrappers in ((self._installed, self._wrappers), (self._feed_installed, self._feed_wrappers)):
+            for i in range(len(wrappers)):  # (no zip: its tuples would hold the wrapper)
+                module, wrapper = installed[i][0], wrappers[i]
+                if _gone(module, wrapper):
+                    _retire(module, wrapper)
         self._installed.clear()
         self._wrappers.clear()
         self._feed_installed.clear()
@@ -2289,7 +2336,7 @@ class Session:
                 continue
             if isinstance(own, ClassForward) and own.module is module:  # (a copy of an attached model's)
                 own = _MISSING
-            wrapper = FeedForward(module, None if own is _MISSING else own)
+            wrapper = _reused(module, FeedForward, module, None if own is _MISSING else own)
             wrapper.owners.append(self._owner)
             wrapper.scopes.extend(scopes)
             module.forward = wrapper

@@ -186,6 +186,20 @@ def test_capacity_benchmark_runs_and_growing_captures_record_the_same(tmp_path: 
         assert set(r["variants"]) == {"plain", "capture_preallocated", "capture_growing"}
 
 
+def test_sessions_benchmark_compiles_nothing_after_the_first_rollout_in_either_loop(tmp_path: Path) -> None:
+    from benchmarks import sessions
+
+    out = tmp_path / "sessions.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert sessions.main(["--smoke", "--device", "cpu", "--out", str(out)]) == 0
+    loops = json.loads(out.read_text())["loops"]
+    assert set(loops) == {"one session", "a session per rollout"}
+    for loop in loops.values():
+        frames = loop["frames_after_each_rollout"]
+        assert len(frames) == 3 and frames[0] >= 1 and loop["compiled_after_the_first"] == 0
+        assert loop["rows_as_eager"]
+
+
 def test_router_call_benchmark_times_lean_and_mode_forwards(tmp_path: Path) -> None:
     from benchmarks import router_call
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -123,25 +125,68 @@ def test_many_blocks_compile_nothing_after_warm_up(tokens: torch.Tensor) -> None
     assert ran.item() >= 4 * 5 * 2  # (the hooks ran, in compiled code too)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each attach puts a new wrapper in the routers' forward, and torch.compile guards an instance's patched "
-    "forward on its identity: every new session recompiles, until the recompile limit",
-)
+@pytest.mark.reliability("lifecycle")
 def test_sessions_attached_again_compile_nothing_new(tokens: torch.Tensor) -> None:
     """A loop that attaches a new session per rollout (not one session with a block per rollout) on a compiled
-    model: known to recompile at every attach (fullgraph=True then refuses the model at torch's recompile limit)."""
-    model = mr.models.build("softmax_topk", num_layers=1, expert_impl="dense")
+    model, more times than torch's recompile limit: each attach puts back the wrappers the last session left (the
+    objects ``torch.compile`` guarded on), so nothing compiles after the first session, and every session records
+    the rows an eager capture records, and forces them on perturbed routers. Once, each attach put new wrappers in
+    the routers' ``forward``: every session recompiled, and ``fullgraph=True`` refused the model at the limit."""
+    model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense")
+    reference = copy.deepcopy(model)
+    with mr.attach(reference) as plain, plain.capture(), torch.no_grad():
+        reference(tokens)
+    want = plain.routes()
     counter = CompileCounter()
     compiled = torch.compile(model, fullgraph=True, backend=counter)
+    limit = getattr(torch._dynamo.config, "recompile_limit", 8)
     seen: list[int] = []
-    for _ in range(3):
+    for _ in range(limit + 2):
         with mr.attach(model) as session, torch.no_grad():
-            session.verify(tokens)
+            session.verify(tokens)  # (eager: the first session establishes the decision; later ones know it)
             with session.capture():
                 compiled(tokens)
+            assert session.routes().equal(want)
         seen.append(counter.frame_count)
+    assert seen[0] >= 1  # (it compiled)
     assert seen == [seen[0]] * len(seen), seen
+    perturbed = reference
+    with torch.no_grad():
+        for name, param in perturbed.named_parameters():
+            if ".router." in name:
+                param.add_(3.0 * param.std() * torch.randn_like(param))
+    model.load_state_dict(perturbed.state_dict())
+    for _ in range(2):
+        with mr.attach(model) as session, torch.no_grad():
+            session.verify(tokens)
+            with session.replay(want), session.capture():
+                compiled(tokens)
+            assert session.routes().equal(want)  # (forced: the perturbed routers would choose otherwise)
+        seen.append(counter.frame_count)
+    assert seen[-1] == seen[-2], seen  # (the second replaying session compiled nothing new either)
+    with mr.attach(perturbed) as free, free.capture(), torch.no_grad():
+        perturbed(tokens)
+    assert not free.routes().equal(want)
+
+
+@pytest.mark.reliability("lifecycle")
+def test_a_forward_kept_from_a_detached_session_is_refused_and_the_model_is_freed(tokens: torch.Tensor) -> None:
+    """The wrappers a detach takes off are kept, emptied, for the next attach: one a user kept from before detach
+    raises a clear error where it is called, and they hold nothing of the model, which is freed as without a
+    session."""
+    model = mr.models.build("softmax_topk", num_layers=1, expert_impl="dense")
+    router = next(m for n, m in model.named_modules() if n.endswith(".router"))
+    with mr.attach(model) as session, torch.no_grad():
+        kept = router.__dict__["forward"]
+        with session.capture():
+            model(tokens)
+    assert "forward" not in router.__dict__
+    with pytest.raises(mr.SessionStateError, match="detached"):
+        kept(tokens)
+    gone = weakref.ref(model)
+    del model, router, session
+    gc.collect()
+    assert gone() is None
 
 
 def test_compiled_training_step_follows_routes_and_matches_eager(tokens: torch.Tensor) -> None:
