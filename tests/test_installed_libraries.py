@@ -38,11 +38,12 @@ Dispatch = Callable[[], list[torch.Tensor]]
 @contextlib.contextmanager
 def _forced_by_hand(calls: list[torch.Tensor], width: int) -> Iterator[None]:
     """The decision calls of the code run in the block (``torch.topk``/``Tensor.topk``/``torch.argmax``/
-    ``Tensor.argmax`` along the last dimension of a tensor ``width`` wide) answer, in call order, the index tensors
-    of ``calls`` (one per call, ``[tokens, k]``), with the input's values at those indices. Other calls (a top-k
-    over tokens for a capacity) run as they are."""
+    ``Tensor.argmax``/``torch.max``/``Tensor.max`` along the last dimension of a tensor ``width`` wide) answer, in
+    call order, the index tensors of ``calls`` (one per call, ``[tokens, k]``), with the input's values at those
+    indices. Other calls (a top-k over tokens for a capacity, a ``max`` of two tensors or of all) run as they
+    are."""
     queue = list(calls)
-    real_topk, real_argmax = torch.topk, torch.argmax
+    real_topk, real_argmax, real_max = torch.topk, torch.argmax, torch.max
 
     def _along_experts(t: torch.Tensor, dim: int | None) -> bool:
         return dim is not None and t.dim() >= 1 and dim in (-1, t.dim() - 1) and t.shape[-1] == width
@@ -60,11 +61,24 @@ def _forced_by_hand(calls: list[torch.Tensor], width: int) -> Iterator[None]:
         idx = queue.pop(0).long().reshape(*t.shape[:-1], 1)
         return idx if keepdim else idx.squeeze(-1)
 
+    def max_(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        dim = kwargs.get("dim", args[0] if args else None)
+        if not isinstance(dim, int) or not _along_experts(t, dim):
+            return real_max(t, *args, **kwargs)
+        keepdim = bool(kwargs.get("keepdim", args[1] if len(args) > 1 else False))
+        idx = queue.pop(0).long().reshape(*t.shape[:-1], 1)
+        values = t.gather(-1, idx)
+        if not keepdim:
+            values, idx = values.squeeze(-1), idx.squeeze(-1)
+        return torch.return_types.max((values, idx))
+
     with (
         mock.patch.object(torch, "topk", topk),
         mock.patch.object(torch.Tensor, "topk", topk),
         mock.patch.object(torch, "argmax", argmax),
         mock.patch.object(torch.Tensor, "argmax", argmax),
+        mock.patch.object(torch, "max", max_),
+        mock.patch.object(torch.Tensor, "max", max_),
     ):
         yield
     assert not queue, f"{len(queue)} forced decision calls were not made"
@@ -107,15 +121,18 @@ def _from_gate(gates: list[nn.Module], mask_at: int) -> tuple[Dispatch, Callable
     return (lambda: [last[i].clone() for i in range(len(gates))]), lambda: [h.remove() for h in handles]  # type: ignore[func-returns-value]
 
 
-def _from_experts(blocks: list[tuple[nn.Module, list[nn.Module]]]) -> tuple[Dispatch, Callable[[], None]]:
-    """Which tokens each block's expert modules were fed in its last forward, matched to the block's input rows."""
+def _from_experts(
+    blocks: list[tuple[nn.Module, list[nn.Module]]], fed_from: list[nn.Module] | None = None
+) -> tuple[Dispatch, Callable[[], None]]:
+    """Which tokens each block's expert modules were fed in its last forward, matched to the block's input rows (or
+    to the output rows of its module in ``fed_from``, where the experts take a projection of the input)."""
     inputs: dict[int, torch.Tensor] = {}
     fed: dict[int, list[torch.Tensor]] = {}
     handles = []
 
     def block_hook(i: int, n: int) -> Callable[..., None]:
-        def read(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach()
+        def read(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor | None = None) -> None:
+            x = (args[0] if out is None else out).detach()
             inputs[i] = x.reshape(-1, x.shape[-1])
             fed[i] = [torch.zeros(0, x.shape[-1]) for _ in range(n)]
 
@@ -129,7 +146,10 @@ def _from_experts(blocks: list[tuple[nn.Module, list[nn.Module]]]) -> tuple[Disp
         return read
 
     for i, (block, experts) in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(block_hook(i, len(experts))))
+        if fed_from is None:
+            handles.append(block.register_forward_pre_hook(block_hook(i, len(experts))))
+        else:
+            handles.append(fed_from[i].register_forward_hook(block_hook(i, len(experts))))
         handles += [ex.register_forward_pre_hook(expert_hook(i, e)) for e, ex in enumerate(experts)]
 
     def dispatch() -> list[torch.Tensor]:
@@ -142,14 +162,16 @@ def _from_experts(blocks: list[tuple[nn.Module, list[nn.Module]]]) -> tuple[Disp
     return dispatch, lambda: [h.remove() for h in handles]  # type: ignore[func-returns-value]
 
 
-def _from_route_ids(gates: list[nn.Module], ids_at: int) -> tuple[Dispatch, Callable[[], None]]:
-    """The experts each gate's last forward dispatched each token to, from the ``[k, tokens]`` expert ids it
-    returned (output ``ids_at``; ``-1`` for a route evicted over capacity), as ``[tokens, E]`` booleans."""
+def _from_route_ids(gates: list[nn.Module], ids_at: int, k_first: bool = True) -> tuple[Dispatch, Callable[[], None]]:
+    """The experts each gate's last forward dispatched each token to, from the ``[k, tokens]`` (or, not ``k_first``,
+    ``[..., tokens, k]``) expert ids it returned (output ``ids_at``; ``-1`` for a route evicted over capacity), as
+    ``[tokens, E]`` booleans."""
     last: dict[int, torch.Tensor] = {}
 
     def hook(i: int) -> Callable[..., None]:
         def read(_m: nn.Module, _a: object, out: tuple[torch.Tensor, ...]) -> None:
-            ids = out[ids_at].detach().long().t()
+            ids = out[ids_at].detach().long()
+            ids = ids.t() if k_first else ids.reshape(-1, ids.shape[-1])
             kept = torch.zeros(ids.shape[0], E + 1, dtype=torch.bool).scatter_(1, ids.clamp(min=-1) % (E + 1), True)
             last[i] = kept[:, :E]
 
@@ -501,3 +523,285 @@ def test_a_dense_x_transformers_model_has_no_router() -> None:
     model = xt.TransformerWrapper(num_tokens=32, max_seq_len=8, attn_layers=xt.Decoder(dim=D, depth=2, heads=2))
     ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
     _assert_refused(model, ids, "no MoE router found", error=mr.RouterNotFoundError)
+
+
+# ----------------------------------------------------------------------- torchtitan: MoE, TokenChoiceTopKRouter
+def _torchtitan_moe(bias: bool = False, **router: Any) -> nn.Module:
+    """torchtitan's ``MoE`` (needs triton to import, as its expert-parallel kernels do), its weights drawn (its
+    ``init_weights`` leaves them to a trainer), a load-balancing ``expert_bias_E`` drawn too where ``bias``."""
+    moe = pytest.importorskip("torchtitan.models.common.moe")
+    linear = pytest.importorskip("torchtitan.models.common.linear")
+    k = router.setdefault("top_k", 2)
+
+    def make() -> nn.Module:
+        config = moe.MoE.Config(
+            num_experts=E,
+            load_balance_coeff=1e-3 if bias else None,
+            routed_experts=moe.RoutedExperts.Config(
+                inner_experts=moe.GroupedExperts.Config(dim=D, hidden_dim=8, num_experts=E),
+                token_dispatcher=moe.LocalTokenDispatcher.Config(num_experts=E, top_k=k),
+            ),
+            router=moe.TokenChoiceTopKRouter.Config(
+                num_experts=E, gate=linear.Linear.Config(in_features=D, out_features=E), **router
+            ),
+        )
+        layer = config.build()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            if bias:
+                layer.expert_bias_E.copy_(0.5 * torch.randn(E, generator=g))
+        return layer
+
+    return _Stack(make)
+
+
+TORCHTITAN_EXACT: dict[str, dict[str, Any]] = {
+    "softmax": {"score_func": "softmax"},
+    "sigmoid-normalised-scaled": {"score_func": "sigmoid", "route_norm": True, "route_scale": 2.0},
+    "load-balancing-bias": {"bias": True, "route_norm": True},
+    "node-limited-groups-with-bias": {"bias": True, "num_expert_groups": 2, "num_limited_groups": 1, "top_k": 1},
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(TORCHTITAN_EXACT))
+def test_torchtitan_token_choice_router_replays_exactly(case: str) -> None:
+    """torchtitan ``MoE`` with its ``TokenChoiceTopKRouter``: one ``topk`` (``sorted=False``) of the softmax or
+    sigmoid scores, plus the load-balancing bias where set (the weights gathered from the scores without it), over
+    the groups a node-limited top-k keeps (the others ``-inf``), in training (its expert counts updated):
+    exact."""
+    _assert_exact(
+        lambda: _torchtitan_moe(**TORCHTITAN_EXACT[case]),
+        _x(2, 6),
+        reader=lambda m: _from_route_ids([layer.router for layer in m.layers], ids_at=1, k_first=False),
+        routers=1,
+        train=True,
+    )
+
+
+@pytest.mark.reliability("silent replays")
+def test_torchtitan_round_robin_debug_routing_is_refused() -> None:
+    """Its ``_debug_force_load_balance`` takes the ``topk`` and then routes round-robin, whatever it chose: the
+    top-k decides nothing, so a capture of it would record experts no token went to. Refused."""
+    model = _torchtitan_moe(_debug_force_load_balance=True)
+    _assert_refused(model, _x(2, 6), "no decision-like call in its forward changes the output")
+
+
+# ----------------------------------------------------------------------- latent-moe: LatentMoE
+@pytest.mark.reliability("silent replays")
+def test_latent_moe_replays_exactly() -> None:
+    """``latent-moe`` ``LatentMoE``: a bare ``router`` Linear over the full width, the ``topk`` of its softmax in
+    the block, the experts fed a down-projection of the tokens (rows matched there), a shared expert and a
+    balancing loss from the chosen ids: found as the router, exact."""
+    lib = pytest.importorskip("latent_moe.main")
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        config = lib.LatentMoEConfig(d=D, m=8, n_experts=E // 2, top_k=1, alpha=2, n_shared=1, device="cpu")
+        return _Stack(lambda: lib.LatentMoE(config))
+
+    _assert_exact(
+        make,
+        _x(2, 6),
+        reader=lambda m: _from_experts(
+            [(layer, list(layer.experts)) for layer in m.layers], fed_from=[layer.w_down for layer in m.layers]
+        ),
+        routers=1,
+        is_expert=lambda name: ".experts." in name,
+    )
+
+
+# ----------------------------------------------------------------------- choices among keys or tokens
+class _Gated(nn.Module):
+    """A Mixtral-style block of our own (bare ``gate``, ``topk`` of the softmax in the block) beside a library's
+    layer, over ``[batch, seq, d]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(_Expert() for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, D)
+        w, idx = torch.topk(self.gate(flat).softmax(-1), 2, dim=-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            out = out.index_add(0, token, w[token, slot, None] * expert(flat[token]))
+        return out.view_as(x)
+
+
+class _Beside(nn.Module):
+    """A found router's layer, then a library's layer (``table``) that no discovery finds."""
+
+    def __init__(self, make: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.moe = _Gated()
+        self.table = make()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.moe(x)
+        return x + self.table(x)
+
+
+def _peer() -> nn.Module:
+    return pytest.importorskip("PEER_pytorch").PEER(D, heads=2, num_experts=16, num_experts_per_head=2, dim_key=8)
+
+
+def _pkm() -> nn.Module:
+    return pytest.importorskip("product_key_memory").PKM(D, heads=2, num_keys=8, topk=4, dim_head=8)
+
+
+def _colt5_ff() -> nn.Module:
+    lib = pytest.importorskip("colt5_attention")
+    return lib.ConditionalRoutedFeedForward(dim=D, num_heavy_tokens=4, light_ff_mult=1, heavy_ff_mult=1)
+
+
+def _colt5_attention() -> nn.Module:
+    lib = pytest.importorskip("colt5_attention")
+    return lib.ConditionalRoutedAttention(
+        dim=D, num_heavy_tokens_q=4, num_heavy_tokens_kv=4, light_dim_head=8, light_heads=2, light_window_size=4,
+        heavy_dim_head=8, heavy_heads=2, use_triton=False,
+    )  # fmt: skip
+
+
+def _mixture_of_attention() -> nn.Module:
+    lib = pytest.importorskip("mixture_of_attention")
+    return lib.MixtureOfAttention(
+        dim=D, num_routed_queries=4, num_routed_key_values=4, num_experts=3, dim_head=8, heads=2, use_triton=False,
+        flash_attn=False,
+    )  # fmt: skip
+
+
+NO_ROUTER: dict[str, Callable[[], nn.Module]] = {
+    "peer-product-keys": _peer,
+    "product-key-memory": _pkm,
+    "colt5-routed-feedforward": _colt5_ff,
+    "colt5-routed-attention": _colt5_attention,
+    "mixture-of-attention": _mixture_of_attention,
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(NO_ROUTER))
+def test_choices_among_keys_or_tokens_are_not_taken_for_routers(case: str) -> None:
+    """PEER-pytorch's ``PEER`` and product-key-memory's ``PKM`` (a top-k over each half's keys, then over the sums:
+    rows of a table), CoLT5-attention's routed feedforward and attention and mixture-of-attention (a top-k over
+    the tokens, after a coordinate descent): nothing found, never a replay."""
+    make = NO_ROUTER[case]
+    _assert_refused(_Stack(make), _x(2, 8), "no MoE router found", error=mr.RouterNotFoundError)
+
+
+@pytest.mark.reliability("silent replays")
+def test_installed_peer_named_is_refused() -> None:
+    """PEER named with ``include=``: its chained top-k calls (per half, then over the sums) cannot be forced by one
+    gather: refused."""
+    model = _Stack(_peer)
+    before, wrappers = snapshot(model), _wrappers(model)
+    with pytest.raises(mr.UnsupportedRouterError, match="more than one independent choice"):
+        with mr.attach(model, include="layers.*") as session, torch.no_grad(), session.capture():
+            model(_x(2, 8))
+    assert _wrappers(model) == wrappers
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", ["peer-product-keys", "product-key-memory"])
+def test_installed_product_key_layer_beside_a_found_router_is_refused(case: str) -> None:
+    """PEER or a product-key memory beside a found router: the rows its keys pick would be neither recorded nor
+    forced by a replay of the router: the capture is refused, naming the layer."""
+    make = NO_ROUTER[case]
+    _assert_refused(_Beside(make), _x(2, 8), r"'table' \((PEER|PKM)\): topk over \d+ .* rows of the weight 'table\.")
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", ["colt5-routed-feedforward", "colt5-routed-attention"])
+def test_colt5_heavy_tokens_beside_a_found_router_replay_exactly(case: str) -> None:
+    """CoLT5's heavy tokens (a choice among tokens for one heavy branch, no experts) beside a found router: left
+    native, the router's replay exact."""
+    make = NO_ROUTER[case]
+    _assert_exact(
+        lambda: _Beside(make),
+        _x(2, 8),
+        reader=lambda m: _from_experts([(m.moe, list(m.moe.experts))]),
+        routers=1,
+        is_expert=lambda name: "moe.experts" in name,
+        train=True,
+    )
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(strict=True, reason="expert choice among tokens in attention (mixture-of-attention) is left native")
+def test_mixture_of_attention_beside_a_found_router_is_refused() -> None:
+    """mixture-of-attention's ``MixtureOfAttention``: each of 3 attention experts (groups of one grouped
+    convolution) takes its top tokens by a coordinate descent: expert choice, which a replay of the found router
+    leaves free. Beside a found router it should be refused, as expert choice in a feedforward layer is."""
+    _assert_refused(_Beside(_mixture_of_attention), _x(2, 8), r"'table")
+
+
+# ----------------------------------------------------------------------- OLMo-core: MoELinearRouter
+class _OLMoBlock(nn.Module):
+    """OLMo-core's ``MoELinearRouter`` (built by its ``MoERouterConfig``, its balancing and z-losses on) over
+    experts of our own: its ``MoE`` layer's expert kernels (a binned gather) run on CUDA only."""
+
+    def __init__(self, **router: Any) -> None:
+        super().__init__()
+        lib = pytest.importorskip("olmo_core.nn.moe.router")
+        self.router = lib.MoERouterConfig(**router).build(D, E, lb_loss_weight=0.01, z_loss_weight=0.001)
+        self.experts = nn.ModuleList(_Expert() for _ in range(E))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.router.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            if getattr(self.router, "score_bias", None) is not None:
+                self.router.score_bias.copy_(0.5 * torch.randn(E, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx, _, _ = self.router(x)
+        flat, w, idx = x.reshape(-1, D), w.reshape(-1, w.shape[-1]), idx.reshape(-1, idx.shape[-1])
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            out = out.index_add(0, token, w[token, slot, None].to(flat.dtype) * expert(flat[token]))
+        return out.view_as(x)
+
+
+OLMO_EXACT: dict[str, tuple[dict[str, Any], bool]] = {
+    # name: (MoERouterConfig options, train)
+    "softmax-top2": ({"top_k": 2}, False),
+    "top1-by-max": ({"top_k": 1}, False),
+    "jitter-train": ({"top_k": 2, "jitter_eps": 0.1}, True),
+    "sigmoid-score-bias-normalised-train": (
+        {"top_k": 2, "gating_function": "sigmoid", "bias_gamma": 0.01, "normalize_expert_weights": 1.0},
+        True,
+    ),
+    "random-assignment-train": ({"top_k": 2, "random_expert_assignment": True}, True),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(OLMO_EXACT))
+def test_olmo_core_router_replays_exactly(case: str) -> None:
+    """OLMo-core ``MoELinearRouter``: a ``topk`` of the softmax or sigmoid scores (a ``max`` with ``keepdim`` for
+    top-1), a jittered input in training, a score bias in the choice only (the weights gathered without it), the
+    weights normalised, or random scores in place of the learned ones: exact, its losses from the replayed ids."""
+    router, train = OLMO_EXACT[case]
+    _assert_exact(
+        lambda: _Stack(lambda: _OLMoBlock(**router)),
+        _x(2, 6),
+        reader=lambda m: _from_route_ids([layer.router for layer in m.layers], ids_at=1, k_first=False),
+        routers=1,
+        train=train,
+    )
+
+
+@pytest.mark.reliability("silent replays")
+def test_olmo_core_uniform_expert_assignment_is_refused() -> None:
+    """Its ``uniform_expert_assignment`` takes the ``topk`` and then assigns experts uniformly, whatever it chose:
+    a capture would record experts no token went to. Refused."""
+    model = _Stack(lambda: _OLMoBlock(top_k=2, uniform_expert_assignment=True))
+    _assert_refused(model, _x(2, 6), "no decision-like call in its forward changes the output")
