@@ -14,6 +14,7 @@ recorded rows by patching ``torch.topk``/``torch.argmax``, which never calls moe
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -805,3 +806,52 @@ def test_olmo_core_uniform_expert_assignment_is_refused() -> None:
     a capture would record experts no token went to. Refused."""
     model = _Stack(lambda: _OLMoBlock(top_k=2, uniform_expert_assignment=True))
     _assert_refused(model, _x(2, 6), "no decision-like call in its forward changes the output")
+
+
+# ----------------------------------------------------------------------- cluster-moe: a tree of routers
+def _refused_as_one_plain_forward(model: nn.Module, x: torch.Tensor, match: str, **options: Any) -> None:
+    """Refused at the first capture, saying ``match``, the model left as it was (refused inside the forward) or as
+    one plain forward leaves it (refused at its end: a library that counts its experts' use in buffers counts the
+    capture's forward once, and nothing else)."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin(x)
+    before, wrappers = snapshot(model), _wrappers(model)
+    with pytest.raises(mr.UnsupportedRouterError, match=match):
+        with mr.attach(model, **options) as session, torch.no_grad(), session.capture():
+            model(x)
+    assert _wrappers(model) == wrappers
+    after = model.state_dict()
+    assert any(
+        after.keys() == want.keys() and all(torch.equal(after[k], v) for k, v in want.items())
+        for want in (before, twin.state_dict())
+    )
+
+
+@pytest.mark.reliability("silent replays")
+def test_cluster_of_experts_tree_router_is_refused() -> None:
+    """cluster-moe's ``ClusterOfExpertsLayer``: its ``TreeRouter`` takes a ``topk`` of clusters, then a ``topk`` of
+    experts by the router of each chosen cluster (its layers count each expert's use in buffers). Not found alone;
+    beside a found router its choices are refused as neither recorded nor forced; named, refused as a choice whose
+    scores an earlier one reshapes."""
+    lib = pytest.importorskip("cluster_moe.main")
+    config = lib.CoEConfig(
+        d_model=D, d_ff=8, num_clusters=3, experts_per_cluster=E, top_k_clusters=1, top_k_experts=2, dropout=0.0
+    )
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = lib.ClusterOfExpertsLayer(config)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x)[0]
+
+    torch.manual_seed(0)
+    with pytest.raises(mr.RouterNotFoundError, match="no MoE router found"):
+        mr.attach(_Stack(Layer))
+    beside = _Beside(Layer).eval()
+    _refused_as_one_plain_forward(beside, _x(2, 6), r"(?s)'table\.layer\.router' \(TreeRouter\): topk over 3 .* over 4")
+    named = _Stack(Layer).eval()
+    match = r"'layers\.0\.layer\.router': an earlier choice"
+    _refused_as_one_plain_forward(named, _x(2, 6), match, include="layers.*.layer.router")
