@@ -652,8 +652,12 @@ def _peer() -> nn.Module:
     return pytest.importorskip("PEER_pytorch").PEER(D, heads=2, num_experts=16, num_experts_per_head=2, dim_key=8)
 
 
-def _pkm() -> nn.Module:
-    return pytest.importorskip("product_key_memory").PKM(D, heads=2, num_keys=8, topk=4, dim_head=8)
+def _peer_lora() -> nn.Module:
+    return pytest.importorskip("PEER_pytorch").PEERLora(D, heads=2, num_experts=16, num_experts_per_head=2, dim_key=8)
+
+
+def _pkm(**options: Any) -> nn.Module:
+    return pytest.importorskip("product_key_memory").PKM(D, heads=2, num_keys=8, topk=4, dim_head=8, **options)
 
 
 def _colt5_ff() -> nn.Module:
@@ -679,7 +683,9 @@ def _mixture_of_attention() -> nn.Module:
 
 NO_ROUTER: dict[str, Callable[[], nn.Module]] = {
     "peer-product-keys": _peer,
+    "peer-lora": _peer_lora,
     "product-key-memory": _pkm,
+    "product-key-memory-differentiable-topk": lambda: _pkm(differentiable_topk=True),
     "colt5-routed-feedforward": _colt5_ff,
     "colt5-routed-attention": _colt5_attention,
     "mixture-of-attention": _mixture_of_attention,
@@ -711,12 +717,16 @@ def test_installed_peer_named_is_refused() -> None:
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("case", ["peer-product-keys", "product-key-memory"])
+@pytest.mark.parametrize(
+    "case", ["peer-product-keys", "peer-lora", "product-key-memory", "product-key-memory-differentiable-topk"]
+)
 def test_installed_product_key_layer_beside_a_found_router_is_refused(case: str) -> None:
-    """PEER or a product-key memory beside a found router: the rows its keys pick would be neither recorded nor
-    forced by a replay of the router: the capture is refused, naming the layer."""
+    """PEER (its experts' rows, or LoRA rows added to a feedforward's weights) or a product-key memory (its top-k
+    a plain one or CoLT5's coordinate descent) beside a found router: the rows its keys pick would be neither
+    recorded nor forced by a replay of the router: the capture is refused, naming the layer."""
     make = NO_ROUTER[case]
-    _assert_refused(_Beside(make), _x(2, 8), r"'table' \((PEER|PKM)\): topk over \d+ .* rows of the weight 'table\.")
+    match = r"'table' \((PEER|PEERLora|PKM)\): topk over \d+ .* rows of the weight 'table\."
+    _assert_refused(_Beside(make), _x(2, 8), match)
 
 
 @pytest.mark.reliability("silent replays")
