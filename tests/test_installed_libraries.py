@@ -865,3 +865,43 @@ def test_cluster_of_experts_tree_router_is_refused() -> None:
     named = _Stack(Layer).eval()
     match = r"'layers\.0\.layer\.router': an earlier choice"
     _refused_as_one_plain_forward(named, _x(2, 6), match, include="layers.*.layer.router")
+
+
+# ----------------------------------------------------------------------- vector-quantize-pytorch: nearest codes
+class _Codes(nn.Module):
+    """A quantiser of vector-quantize-pytorch (``name``), its quantised output alone."""
+
+    def __init__(self, name: str, **options: Any) -> None:
+        super().__init__()
+        self.quantize = getattr(pytest.importorskip("vector_quantize_pytorch"), name)(**options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize(x)[0]
+
+
+QUANTISERS: dict[str, Callable[[], nn.Module]] = {
+    "vector-quantize": lambda: _Codes("VectorQuantize", dim=D, codebook_size=2 * E),
+    "vector-quantize-cosine-per-head": lambda: _Codes(
+        "VectorQuantize", dim=D, codebook_size=2 * E, heads=2, separate_codebook_per_head=True, use_cosine_sim=True
+    ),
+    "residual-vq": lambda: _Codes("ResidualVQ", dim=D, codebook_size=2 * E, num_quantizers=2),
+    "lookup-free": lambda: _Codes("LFQ", dim=D, codebook_size=2 * E),
+    "finite-scalar": lambda: _Codes("FSQ", levels=[E, E], dim=D),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(QUANTISERS))
+def test_nearest_codes_are_no_router_and_stay_native_beside_one(case: str) -> None:
+    """vector-quantize-pytorch's quantisers (the nearest code, per head, in residual stages, lookup-free or finite
+    scalar: an ``argmax`` or a rounding, rows of a codebook picked): no router found alone; beside a found router,
+    not taken for a choice of experts (no false refusal), the router's replay exact."""
+    make = QUANTISERS[case]
+    _assert_refused(_Stack(make), _x(2, 8), "no MoE router found", error=mr.RouterNotFoundError)
+    _assert_exact(
+        lambda: _Beside(make),
+        _x(2, 8),
+        reader=lambda m: _from_experts([(m.moe, list(m.moe.experts))]),
+        routers=1,
+        is_expert=lambda name: "moe.experts" in name,
+    )
