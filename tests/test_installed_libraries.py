@@ -563,6 +563,8 @@ TORCHTITAN_EXACT: dict[str, dict[str, Any]] = {
     "sigmoid-normalised-scaled": {"score_func": "sigmoid", "route_norm": True, "route_scale": 2.0},
     "load-balancing-bias": {"bias": True, "route_norm": True},
     "node-limited-groups-with-bias": {"bias": True, "num_expert_groups": 2, "num_limited_groups": 1, "top_k": 1},
+    # (k = 2 of one group's 2 experts: the recorded experts of another group are forced, their weights gathered)
+    "node-limited-groups-whole-group": {"bias": True, "num_expert_groups": 2, "num_limited_groups": 1, "change": 2.0},
 }
 
 
@@ -573,11 +575,14 @@ def test_torchtitan_token_choice_router_replays_exactly(case: str) -> None:
     sigmoid scores, plus the load-balancing bias where set (the weights gathered from the scores without it), over
     the groups a node-limited top-k keeps (the others ``-inf``), in training (its expert counts updated):
     exact."""
+    options = dict(TORCHTITAN_EXACT[case])
+    change = float(options.pop("change", 0.5))
     _assert_exact(
-        lambda: _torchtitan_moe(**TORCHTITAN_EXACT[case]),
+        lambda: _torchtitan_moe(**options),
         _x(2, 6),
         reader=lambda m: _from_route_ids([layer.router for layer in m.layers], ids_at=1, k_first=False),
         routers=1,
+        change=change,
         train=True,
     )
 
