@@ -993,3 +993,30 @@ def test_mixturekit_traditional_moe_replays(tmp_path: Any, monkeypatch: pytest.M
             captured = model(ids).logits
         with session.replay(session.routes()):
             assert torch.equal(model(ids).logits, captured)
+
+
+# ----------------------------------------------------------------------- routing-transformer: k-means attention
+@pytest.mark.reliability("silent replays")
+def test_routing_transformer_with_an_moe_layer_replays_its_router_only() -> None:
+    """routing-transformer's ``RoutingTransformerLM`` with an MoE layer (lucidrains ``mixture-of-experts``, its
+    second expert always kept): the ``argmax`` of each query's nearest k-means centroid in its attention is no
+    router and not refused beside one (no false refusal); the MoE's gate found alone, its capture replayed."""
+    lib = pytest.importorskip("routing_transformer")
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = lib.RoutingTransformerLM(
+        num_tokens=32, dim=D, depth=1, max_seq_len=8, heads=2, window_size=4, causal=True, moe_layers=(1,),
+        moe_num_experts=E,
+    ).eval()  # fmt: skip
+    gates = [m for m in model.modules() if hasattr(m, "second_policy_eval")]
+    for gate in gates:
+        gate.second_policy_eval = "all"
+    with torch.no_grad():
+        model(ids)  # (its k-means centroids drawn from the first batch)
+    with mr.attach(model) as session, torch.no_grad():
+        assert [model.get_submodule(name) for name in session.names] == gates
+        with session.capture():
+            captured = model(ids)[0]
+        routes = session.routes()
+        with session.replay(routes):
+            assert torch.equal(model(ids)[0], captured)
