@@ -764,10 +764,20 @@ class _OLMoBlock(nn.Module):
     """OLMo-core's ``MoELinearRouter`` (built by its ``MoERouterConfig``, its balancing and z-losses on) over
     experts of our own: its ``MoE`` layer's expert kernels (a binned gather) run on CUDA only."""
 
-    def __init__(self, **router: Any) -> None:
+    #: the documents of each row of a ``[2, 6]`` input, for the v2 router's document-level expert pools (EMO)
+    SEGMENTS = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+
+    def __init__(self, v2: bool = False, emo: dict[str, Any] | None = None, **router: Any) -> None:
         super().__init__()
-        lib = pytest.importorskip("olmo_core.nn.moe.router")
-        self.router = lib.MoERouterConfig(**router).build(D, E, lb_loss_weight=0.01, z_loss_weight=0.001)
+        self.v2 = v2
+        if v2:
+            lib = pytest.importorskip("olmo_core.nn.moe.v2.router")
+            if emo is not None:
+                router["emo"] = pytest.importorskip("olmo_core.nn.moe.emo").EmoRouterConfig(eos_token_id=0, **emo)
+            self.router = lib.MoERouterConfigV2(d_model=D, num_experts=E, lb_loss_weight=0.01, **router).build()
+        else:
+            lib = pytest.importorskip("olmo_core.nn.moe.router")
+            self.router = lib.MoERouterConfig(**router).build(D, E, lb_loss_weight=0.01, z_loss_weight=0.001)
         self.experts = nn.ModuleList(_Expert() for _ in range(E))
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -777,7 +787,7 @@ class _OLMoBlock(nn.Module):
                 self.router.score_bias.copy_(0.5 * torch.randn(E, generator=g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, idx, _, _ = self.router(x)
+        w, idx, _, _ = self.router(x, False, segment_ids=self.SEGMENTS) if self.v2 else self.router(x)
         flat, w, idx = x.reshape(-1, D), w.reshape(-1, w.shape[-1]), idx.reshape(-1, idx.shape[-1])
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
@@ -785,6 +795,8 @@ class _OLMoBlock(nn.Module):
             out = out.index_add(0, token, w[token, slot, None].to(flat.dtype) * expert(flat[token]))
         return out.view_as(x)
 
+
+_EMO = {"min_document_expert_pool": 2, "max_document_expert_pool": 3}
 
 OLMO_EXACT: dict[str, tuple[dict[str, Any], bool]] = {
     # name: (MoERouterConfig options, train)
@@ -796,6 +808,14 @@ OLMO_EXACT: dict[str, tuple[dict[str, Any], bool]] = {
         True,
     ),
     "random-assignment-train": ({"top_k": 2, "random_expert_assignment": True}, True),
+    "v2-top1-by-max": ({"v2": True, "top_k": 1}, False),
+    "v2-top-k-of-logits-then-softmax": ({"v2": True, "top_k": 2, "gating_function": "topk_softmax"}, False),
+    "v2-grouped-sigmoid": (
+        {"v2": True, "top_k": 2, "n_group": 2, "topk_group": 1, "gating_function": "sigmoid"},
+        False,
+    ),
+    "v2-emo-document-pools": ({"v2": True, "top_k": 1, "emo": _EMO | {"eval_document_expert_pool": 2}}, False),
+    "v2-emo-random-pool-sizes-train": ({"v2": True, "top_k": 1, "emo": _EMO}, True),
 }
 
 
@@ -804,7 +824,10 @@ OLMO_EXACT: dict[str, tuple[dict[str, Any], bool]] = {
 def test_olmo_core_router_replays_exactly(case: str) -> None:
     """OLMo-core ``MoELinearRouter``: a ``topk`` of the softmax or sigmoid scores (a ``max`` with ``keepdim`` for
     top-1), a jittered input in training, a score bias in the choice only (the weights gathered without it), the
-    weights normalised, or random scores in place of the learned ones: exact, its losses from the replayed ids."""
+    weights normalised, or random scores in place of the learned ones; its v2 router too, with the top-k of the
+    logits, group-limited routing, and EMO's document-level expert pools (the experts each document keeps ranked
+    by an ``argsort`` of its summed scores, of a random size in training, the others ``-inf``): exact, its losses
+    from the replayed ids."""
     router, train = OLMO_EXACT[case]
     _assert_exact(
         lambda: _Stack(lambda: _OLMoBlock(**router)),
