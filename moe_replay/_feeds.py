@@ -639,6 +639,20 @@ class FeedRecord:
                     setattr(f, name, host.view(p.shape))
 
     # ------------------------------------------------------------- reading
+    def lined_up(self) -> bool:
+        """Did every router make its calls in the same forwards of the model, as counted where each began and ended?
+
+        Routers of the same calls (rows per call) may still have made them in other forwards: a model held beside
+        the attached one's forward and called on its own makes its calls outside every forward seen, or in the
+        forwards of its own that its level sees. The rows of one router, read by the forwards' bounds, then give no
+        other router's token ids. True where the bounds were not counted."""
+        for f in self.forwards:
+            if not f.count or f.calls is None or f.end is None:
+                continue
+            if len(set(f.calls)) > 1 or len(set(f.end)) > 1:
+                return False
+        return True
+
     def rows(
         self, calls: tuple[tuple[int, int], ...] | None, router: int = 0, outside: bool = False
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -656,8 +670,13 @@ class FeedRecord:
         if parts is None or calls is None:
             return None, None
         sizes = [n for n, c in calls for _ in range(c)]
+        fed = [f for f in self.forwards if f.count]
         masks = [None if f is None else _zero_one(f.mask) for f in parts]
         ids = _flat([None if f is None else f.ids for f in parts], sizes, torch.long)
+        if ids is None and outside and parts and all(f is None for f in parts) and any(f.ids is not None for f in fed):
+            # (every call of it outside the forwards fed ids, while others' were in them: a model held beside the
+            # attached one's forward, called on its own: the token of no forward, as a call on hidden states)
+            ids = torch.full((sum(sizes),), NO_FORWARD_ID, dtype=torch.long)
         if ids is not None and any(f is None for f in parts):
             ids[torch.cat([torch.full((n,), f is None) for f, n in zip(parts, sizes, strict=True)])] = NO_FORWARD_ID
         return ids, _flat(masks, sizes, torch.int8)
@@ -817,6 +836,12 @@ class FeedCheck:
             says token there, or it has none) is refused: that token would take the experts a padding
             token got.
     """
+
+    #: the routers' scopes (by ``id``) that the forward fed last can reach, where that is not every router of the
+    #: session: a level of a holder of several models, each called on its own (see :func:`feed_levels`); None: all
+    reach: frozenset[int] | None = None
+    #: each source's router scope (by ``id``), by the ``id`` of the source: set where some level reaches a part only
+    scope_of: dict[int, int] | None = None
 
     def __init__(
         self,
@@ -1014,6 +1039,10 @@ class FeedCheck:
             return None
         apart = self._apart
         steady = [src for src in self._sources if id(src) not in apart] if apart else list(self._sources)
+        reach, scope_of = self.reach, self.scope_of
+        if reach is not None and scope_of:  # (a forward of one model of a holder: its routers alone read its rows)
+            steady = [src for src in steady if scope_of.get(id(src)) in reach]
+            start = max(map(_CONSUMED, steady), default=start)
         rows = list(map(_CONSUMED, steady))  # (in C: this runs at every forward)
         ahead = max(rows, default=start)
         self._step_began = (count, steady, rows)
@@ -2549,19 +2578,47 @@ def feed_levels(model: nn.Module, scopes: Sequence[nn.Module]) -> list[nn.Module
     ``model`` itself, then each submodule holding every router's module (``scopes``) down to their
     lowest common ancestor, leaving out containers that are never called (``ModuleList``,
     ``ModuleDict``). For a transformers ``...ForCausalLM``: the model and its base ``model``.
+
+    Where no module on that way has a forward of its own (a ``ModuleDict`` or a plain holder of a
+    policy and a reference model, each called on its own), no forward of the model enters any of
+    them, and the capture would know none of its tokens: the levels are then those of each part
+    below the common ancestor that holds routers, found the same way, so each part's forwards are seen.
     """
     names = {id(m): name for name, m in model.named_modules()}
     paths = [names[id(s)].split(".")[:-1] if names.get(id(s)) else [] for s in scopes if id(s) in names]
+    return [model, *(m for m in _levels_below(model, paths, _called(model)) if m is not model)]
+
+
+def _called(module: nn.Module) -> bool:
+    """Can a forward enter ``module``: has it a forward of its own (not a container's, nor ``nn.Module``'s, which
+    raises)?"""
+    if isinstance(module, nn.ModuleList | nn.ModuleDict | nn.ParameterList | nn.ParameterDict):
+        return False
+    return "forward" in module.__dict__ or type(module).forward is not nn.Module.forward
+
+
+def _levels_below(module: nn.Module, paths: list[list[str]], entered: bool) -> list[nn.Module]:
+    """The levels of :func:`feed_levels` from ``module`` on, for routers' scopes whose parents lie at ``paths``
+    (relative to it); ``entered``: a module on the way to ``module`` (or itself) has a forward of its own."""
+    levels = [module] if _called(module) else []
     common: list[str] = []
     for parts in zip(*paths, strict=False) if paths else ():
         if any(p != parts[0] for p in parts):
             break
         common.append(parts[0])
-    levels, module = [model], model
+    entered = entered or _called(module)
     for part in common:
         module = module.get_submodule(part)
-        if not isinstance(module, nn.ModuleList | nn.ModuleDict):
+        if _called(module):
             levels.append(module)
+            entered = True
+    if entered:
+        return levels
+    # (no module so far is entered by a forward: the parts below, each called on its own, are the levels)
+    rest = [p[len(common) :] for p in paths]
+    heads = dict.fromkeys(p[0] for p in rest if p)
+    for head in heads:
+        levels += _levels_below(module.get_submodule(head), [p[1:] for p in rest if p and p[0] == head], False)
     return levels
 
 
@@ -2586,6 +2643,9 @@ class FeedForward:
         self.mask_at = _place_of(self.__wrapped__, "attention_mask")
         #: the attached sessions it serves (two sessions, on the base model and on the whole, share a module)
         self.users = 1
+        #: the router scopes (by ``id``) below it, where it holds some of its sessions' routers only: one model of a
+        #: holder of several, each called on its own (see :func:`feed_levels`); None where it holds every router
+        self.below: frozenset[int] | None = None
         #: what holds the blocks of each session it serves: ``.blocks``, the blocks open, and ``.admit_forward(what)``,
         #: which refuses a forward of an asyncio task whose rows would interleave with the block's
         self.owners: list[Any] = []
@@ -2664,6 +2724,9 @@ class FeedForward:
         """A forward of the model, fed to the records and checks ``entered`` (then it runs)."""
         # (the records, and their routers' calls as the forward began)
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
+        for r in entered:  # (the routers this forward can reach: one model's of a holder, or every one)
+            if isinstance(r, FeedCheck):
+                r.reach = self.below
         if _unseen():
             # (nothing baked into a graph's every replay or a traced program; under vmap no row is one token)
             for r in entered:

@@ -1871,7 +1871,9 @@ class Session:
         calls = set(each)
         routes._call_rows = calls.pop() if len(calls) == 1 else None
         if self._feeds is not None:  # what each row's forward was fed, where the forwards line up with the rows
-            ids, routes._fed_mask = self._feeds.rows(routes._call_rows)
+            # (one router's rows, read by the forwards' bounds, give every router's ids where all made their calls in
+            # the same forwards; else each router's own, below)
+            ids, routes._fed_mask = self._feeds.rows(routes._call_rows) if self._feeds.lined_up() else (None, None)
             if ids is not None and routes._fed_mask is not None:
                 ids = torch.where(routes._fed_mask == 0, -1, ids)  # prompt padding: the token of no sequence
             routes._token_ids = None if ids is None else _known_or_none(ids)
@@ -2302,6 +2304,7 @@ class Session:
                 places=places,
                 device_ids=strict,
             )
+            order.scope_of = self._scope_of(held)
             return order, order.start(self._feed_wrappers, held if len({src.num_rows for src in held}) == 1 else [])
         if not strict and _device_of(model).type != "cpu":  # its ids are on the device: nothing to check at no sync
             return None, None
@@ -2317,7 +2320,17 @@ class Session:
             device_ids=strict,
             padding=padding,
         )
+        check.scope_of = self._scope_of(held)
         return check, check.start(self._feed_wrappers, held)
+
+    def _scope_of(self, held: Sequence[ReplaySource]) -> dict[int, int] | None:
+        """Each replay source's router scope (by ``id``), by the source's ``id``, where a level of the model reaches
+        some of its routers only (one model of a holder of several, each called on its own: its forwards read the rows
+        of its routers alone); None where every level reaches every router."""
+        if all(w.below is None for w in self._feed_wrappers):
+            return None
+        scopes = {h.name: h.scope for h in self._hooks}
+        return {id(src): id(scopes[src.name]) for src in held if src.name in scopes}
 
     def _install_feed_levels(self, model: nn.Module) -> None:
         """A forward of the session's on each module a forward of the model enters on its way to the routers (see
@@ -2330,7 +2343,10 @@ class Session:
                 # stays until the last of them detaches, whichever that is
                 own.users += 1
                 own.owners.append(self._owner)
-                own.scopes.extend(s for s in scopes if all(s is not t for t in own.scopes))
+                inside = {id(m) for m in module.modules()}
+                own.scopes.extend(s for s in scopes if id(s) in inside and all(s is not t for t in own.scopes))
+                if own.below is not None:  # (one model of a holder: this session's routers in it too)
+                    own.below = own.below | {id(s) for s in scopes if id(s) in inside}
                 self._feed_installed.append((module, _MISSING))  # (what it gives back is read at detach)
                 self._feed_wrappers.append(own)
                 continue
@@ -2338,7 +2354,12 @@ class Session:
                 own = _MISSING
             wrapper = _reused(module, FeedForward, module, None if own is _MISSING else own)
             wrapper.owners.append(self._owner)
-            wrapper.scopes.extend(scopes)
+            inside = {id(m) for m in module.modules()}
+            # (one model of a holder of several, each called on its own: its forwards reach its routers alone, see
+            # feed_levels)
+            wrapper.scopes.extend(s for s in scopes if id(s) in inside)
+            if len(wrapper.scopes) < len(scopes):
+                wrapper.below = frozenset(map(id, wrapper.scopes))
             module.forward = wrapper
             self._feed_installed.append((module, own))
             self._feed_wrappers.append(wrapper)

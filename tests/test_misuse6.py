@@ -1,0 +1,155 @@
+"""Misuse of the public API by a user who holds several models in one module, edits routes by hand, and
+joins what other tests keep apart.
+
+Each case must end in a ``MoEReplayError`` that leaves the model as it was, or in a replay that forces exactly
+the recorded experts with the output of a replay written by hand: never rows forced on other tokens unchecked.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import moe_replay as mr
+
+from .conftest import snapshot, tried
+from .test_misuse import _forced, _forced_by_hand, _ids, _model
+
+
+# ----------------------------------------------------------------------------- several models in one holder
+class _Holder(nn.Module):
+    """A policy and a reference model held together, each called on its own: the holder has no forward."""
+
+    def __init__(self, policy: nn.Module, ref: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+        self.ref = ref
+
+
+def _holders() -> dict[str, tuple[nn.Module, mr.models.MoETransformer, mr.models.MoETransformer]]:
+    def built() -> tuple[mr.models.MoETransformer, mr.models.MoETransformer]:
+        return _model(), mr.models.build("softmax_topk", num_layers=2, seed=1)
+
+    out = {}
+    a, b = built()
+    out["plain holder"] = (_Holder(a, b), a, b)
+    a, b = built()
+    out["ModuleDict"] = (nn.ModuleDict({"policy": a, "ref": b}), a, b)
+    a, b = built()
+    out["ModuleList"] = (nn.ModuleList([a, b]), a, b)
+    return out
+
+
+def _part(routes: mr.Routes, prefix: str) -> mr.Routes:
+    """The routes of one model of a holder, under that model's own router names."""
+    mine = routes.select([n for n in routes.names if n.startswith(prefix)])
+    return mine.rename({prefix: ""})
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("holder", ["plain holder", "ModuleDict", "ModuleList"])
+def test_models_held_together_and_called_each_on_its_own_keep_their_tokens(holder: str) -> None:
+    """A session attached to a module that only holds two models (a policy and a reference), each called on its
+    own: no forward enters the holder, so its capture knew none of the tokens its models were fed, and a replay of
+    the batches swapped between the forwards forced one batch's experts on the other, unchecked. Each model's
+    forwards are seen now: that replay is refused before any router reads a row, leaving the models as they were,
+    and a replay of the models in another order than captured (each router reads its own rows) is exact."""
+    both, a, b = _holders()[holder]
+    prefixes = [n + "." for n, _ in both.named_children()]
+    x1, x2 = _ids(1), _ids(2)
+    session = mr.attach(both)
+    with session.capture():
+        a(x1)
+        b(x1)
+        a(x2)
+        b(x2)
+    routes = session.routes()
+
+    before = snapshot(both)
+    with pytest.raises(mr.TokenMismatchError, match="other tokens"):
+        with torch.no_grad(), session.replay(routes):
+            a(x2)  # (the rows of x1 first)
+    tried()
+    after = snapshot(both)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+    # each model on its own batches, the models in another order: each router's own rows, checked, not refused
+    with torch.no_grad(), session.replay(routes):
+        b(x1), b(x2), a(x1), a(x2)
+    # and forced exactly
+    forced = _forced(routes)  # (experts no native forward chooses)
+    with torch.no_grad(), session.replay(forced):
+        out_b = [b(x1).logits, b(x2).logits]
+        out_a = [a(x1).logits, a(x2).logits]
+    n = x1.numel()
+    for model, outs, prefix in ((a, out_a, prefixes[0]), (b, out_b, prefixes[1])):
+        mine = _part(forced, prefix)
+        assert torch.equal(outs[0], _forced_by_hand(model, x1, mine[:n]))
+        assert torch.equal(outs[1], _forced_by_hand(model, x2, mine[n:]))
+    tried()
+    session.detach()
+
+
+class _Policy(nn.Module):
+    """A policy whose forward runs its language model, with a reference model beside it that the user calls
+    directly."""
+
+    def __init__(self, lm: nn.Module, ref: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self.ref = ref
+
+    def forward(self, x: torch.Tensor) -> object:
+        return self.lm(x)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_model_called_beside_the_attached_models_forward_gets_no_token_ids_of_that_forward() -> None:
+    """A session on a policy whose forward runs its language model, beside a reference model called on its own:
+    every router made as many calls of as many rows, so the ids of the language model's forwards were given to the
+    reference's rows too, recorded in other forwards on other tokens. Its rows replayed on a session of the
+    reference alone, on the batches the ids name, then forced the experts of one batch on the other unchecked. Now
+    the reference's rows are known as recorded outside every forward of the policy (refused where a forward reads
+    them), the language model's keep their ids, and a replay in the captured order forces both exactly."""
+    lm, ref = _model(), mr.models.build("softmax_topk", num_layers=2, seed=1)
+    policy = _Policy(lm, ref)
+    x1, x2 = _ids(1), _ids(2)
+    session = mr.attach(policy)
+    with session.capture():
+        policy(x1)
+        ref(x2)
+        policy(x2)
+        ref(x1)
+    routes = session.routes()
+
+    # the language model's rows keep their forwards' ids: the batches swapped are refused
+    with pytest.raises(mr.TokenMismatchError, match="other tokens"):
+        with torch.no_grad(), session.replay(routes):
+            policy(x2)
+    tried()
+    # in the captured order, both forced exactly
+    forced = _forced(routes)
+    with torch.no_grad(), session.replay(forced):
+        outs = [policy(x1).logits, ref(x2).logits, policy(x2).logits, ref(x1).logits]
+    n = x1.numel()
+    mine, theirs = _part(forced, "lm."), _part(forced, "ref.")
+    assert torch.equal(outs[0], _forced_by_hand(lm, x1, mine[:n]))
+    assert torch.equal(outs[2], _forced_by_hand(lm, x2, mine[n:]))
+    assert torch.equal(outs[1], _forced_by_hand(ref, x2, theirs[:n]))
+    assert torch.equal(outs[3], _forced_by_hand(ref, x1, theirs[n:]))
+    tried()
+    session.detach()
+
+    # the reference's rows on a session of its own: they name no batch of its forwards, so they are not forced on
+    # the batches the language model was fed in that order (x1, then x2: the reference was fed x2, then x1)
+    own = mr.attach(ref)
+    before = snapshot(ref)
+    with pytest.raises(mr.TokenMismatchError):
+        with torch.no_grad(), own.replay(_part(routes, "ref.")):
+            ref(x1)
+            ref(x2)
+    tried()
+    after = snapshot(ref)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    own.detach()
