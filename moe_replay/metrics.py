@@ -43,7 +43,7 @@ from .errors import (
     RoutesValidationError,
     UnknownRouterError,
 )
-from .routes import Routes, in_token_order, order_untold
+from .routes import Routes, _rows_ids, in_token_order, order_untold
 
 __all__ = ["RoutingComparison", "compare"]
 
@@ -320,20 +320,28 @@ def _in_one_order(a: Routes, b: Routes) -> tuple[Routes, Routes]:
     return in_token_order(a, "compare()"), in_token_order(b, "compare()")
 
 
-def _check_same_tokens(a: Routes, b: Routes) -> None:
-    """Refuse routes that know their tokens (:attr:`Routes.token_ids`) and were recorded for other tokens."""
+def _check_same_tokens(a: Routes, b: Routes, names: Sequence[str]) -> None:
+    """Refuse routes that know their tokens (:attr:`Routes.token_ids`, or each router's own, where its rows are not
+    one per token of the same forwards: a router also called on hidden states of one's own, the models of a holder
+    called each on its own) and were recorded for other tokens."""
     ids_a, ids_b = a.token_ids, b.token_ids
-    if ids_a is None or ids_b is None or ids_a.shape != ids_b.shape:
-        return
-    wrong = ((ids_a != ids_b) & (ids_a >= 0) & (ids_b >= 0)).nonzero()
-    if wrong.numel():
-        row = int(wrong[0, 0])
-        raise RoutesValidationError(
-            f"the two were recorded for other tokens: row {row} is token {int(ids_a[row])} in a but "
-            f"{int(ids_b[row])} in b ({wrong.shape[0]} of {ids_a.shape[0]} rows differ), so their decisions are not "
-            "comparable; compare routes of the same tokens in the same order (or drop the ids with "
-            "with_token_ids(None) to compare them anyway)"
-        )
+    if ids_a is not None and ids_b is not None:
+        pairs = [("", ids_a, ids_b)]
+    else:  # (each router's own ids, where either side knows them)
+        pairs = [(n, _rows_ids(a, a.names.index(n)), _rows_ids(b, b.names.index(n))) for n in names]
+    for name, x, y in pairs:
+        if x.shape != y.shape:
+            continue
+        wrong = ((x != y) & (x >= 0) & (y >= 0)).nonzero()
+        if wrong.numel():
+            row = int(wrong[0, 0])
+            where = f"router '{name}', " if name else ""
+            raise RoutesValidationError(
+                f"the two were recorded for other tokens: {where}row {row} is token {int(x[row])} in a but "
+                f"{int(y[row])} in b ({wrong.shape[0]} of {x.shape[0]} rows differ), so their decisions are not "
+                "comparable; compare routes of the same tokens in the same order (or drop the ids with "
+                "with_token_ids(None) to compare them anyway)"
+            )
 
 
 def _padding_rows(r: Routes, t: int) -> torch.Tensor:
@@ -474,7 +482,7 @@ def compare(
                 f"router '{n}': a has k={x.shape[1]} over {e1} experts, b has k={y.shape[1]} over {e2}"
             )
     t = counts.pop()
-    _check_same_tokens(a, b)
+    _check_same_tokens(a, b, names)
     width = max(ea) if ea else 0
     differ, compared, excluded, shared = [], [], [], []
     load_a = np.zeros((len(names), width), dtype=np.int64)

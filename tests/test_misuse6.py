@@ -153,3 +153,32 @@ def test_a_model_called_beside_the_attached_models_forward_gets_no_token_ids_of_
     after = snapshot(ref)
     assert all(torch.equal(after[k], v) for k, v in before.items())
     own.detach()
+
+
+@pytest.mark.reliability("silent replays")
+def test_compare_refuses_routes_of_other_tokens_that_know_each_routers_own_ids() -> None:
+    """Captures where a router was also called on hidden states of one's own (an auxiliary loss) know each
+    router's own token ids, not one id per row: compare() checked the ids of routes of one id per row only, and
+    compared the decisions of other tokens as if they were the same tokens' (any rate of difference, no word). Now
+    each router's own ids are checked too: captures of other batches are refused, of the same batch compared."""
+    model = _model()
+    session = mr.attach(model)
+    hidden = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    router = model.layers[0].mlp.router
+
+    def captured(x: torch.Tensor) -> mr.Routes:
+        with torch.no_grad(), session.capture():
+            model(x)
+            router(hidden)  # (on hidden states of one's own: its rows are no token of a forward)
+        return session.routes()
+
+    first, again, other = captured(_ids(1)), captured(_ids(1)), captured(_ids(2))
+    assert first.token_ids is None  # (one id per row fits no router here: each router's own)
+    for name in first.names:
+        assert mr.compare(first, again, names=[name]).overall == 0.0
+        with pytest.raises(mr.RoutesValidationError, match="recorded for other tokens"):
+            mr.compare(first, other, names=[name])
+        tried(2)
+        dropped = mr.compare(first.with_token_ids(None), other.with_token_ids(None), names=[name])
+        assert dropped.compared.sum() == first.layer(name).shape[0]
+    session.detach()
