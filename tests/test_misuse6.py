@@ -182,3 +182,23 @@ def test_compare_refuses_routes_of_other_tokens_that_know_each_routers_own_ids()
         dropped = mr.compare(first.with_token_ids(None), other.with_token_ids(None), names=[name])
         assert dropped.compared.sum() == first.layer(name).shape[0]
     session.detach()
+
+
+@pytest.mark.reliability("wrappers")
+def test_scores_kept_on_models_held_together_get_their_own_forwards_mask() -> None:
+    """keep_scores() on a holder of two models, each called on its own: no forward of the holder was seen, so a
+    mask of the forwards' tokens was refused for every router (a false refusal). Each model's forwards are seen now:
+    each router's rows get the mask of the forward that called it, whether the masks come as a list or stacked."""
+    a, b = _model(), mr.models.build("softmax_topk", num_layers=2, seed=1)
+    session = mr.attach(nn.ModuleDict({"a": a, "b": b}))
+    masks = [torch.ones(2, 6), torch.ones(2, 6)]
+    masks[0][0, :3] = 0  # (left padding in a's batch, right padding in b's: each router's own must show)
+    masks[1][1, 4:] = 0
+    with torch.no_grad(), session.keep_scores() as kept:
+        a(_ids(1))
+        b(_ids(2))
+    for given in (masks, torch.cat(masks)):
+        for name, weights in zip(kept.names, kept.row_mask(given), strict=True):
+            assert torch.equal(weights, masks[0 if name.startswith("a.") else 1].reshape(-1)), name
+        tried()
+    session.detach()
