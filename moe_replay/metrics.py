@@ -389,7 +389,8 @@ def compare(
     Raises:
         RoutesValidationError: the two hold different routers, token counts, k or
             expert counts, were recorded for other tokens (both know their
-            :attr:`~moe_replay.Routes.token_ids` and they differ), or hold rows that are no
+            :attr:`~moe_replay.Routes.token_ids`, or each router's own where its rows are not one
+            per token of the same forwards, and they differ), or hold rows that are no
             decision (built with ``validate=False``: a row mixing -1 with experts, or
             repeating an expert), or one holds rows recorded sequence-first, the other rows in
             another order, and not both know their token ids, or one holds rows of forwards fed
