@@ -232,3 +232,28 @@ def test_a_model_called_beside_the_attached_models_forward_is_refused_on_swapped
             policy(x2)
             ref(x2)
     tried()
+
+
+# ----------------------------------------------------------------------------- turns of several conversations at once
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="stitch_turns lays each turn's rows over the previous turn's by position; turns that each join several "
+    "conversations (Routes.cat of their per-sequence routes, without token ids) put the second conversation's rows "
+    "at other positions in each turn, and with overlap='first' and gaps='native' nothing disagrees where it is "
+    "checked: the stitched rows mix the two conversations without a word",
+)
+def test_turns_that_each_join_two_conversations_are_refused_by_stitch_turns() -> None:
+    """Two conversations' turns, each turn the Routes.cat of both conversations' routes (the batch of an engine
+    call), stitched as one conversation: expected refused, never rows of one conversation laid over the other's."""
+    names = ["model.layers.0.mlp.gate"]
+
+    def turn(*seqs: list[list[int]]) -> mr.Routes:
+        return mr.Routes.cat([mr.Routes([torch.tensor(s)], names=names, num_experts=8) for s in seqs])
+
+    # conversation A: 3 then 5 tokens, the second turn returned from token 2 on; B likewise
+    first = turn([[0, 1], [2, 3], [-1, -1]], [[4, 5], [6, 7], [-1, -1]])
+    second = turn([[-1, -1], [-1, -1], [1, 2], [3, 4], [-1, -1]], [[-1, -1], [-1, -1], [5, 6], [7, 0], [-1, -1]])
+    with pytest.raises(mr.RoutesValidationError):
+        mr.interop.stitch_turns([first, second], overlap="first", gaps="native")
+    tried()
