@@ -13,7 +13,7 @@ from torch import nn
 
 import moe_replay as mr
 
-from .conftest import snapshot, tried
+from .conftest import assert_untouched, snapshot, tried
 from .test_misuse import _forced, _forced_by_hand, _ids, _model
 
 
@@ -58,6 +58,7 @@ def test_models_held_together_and_called_each_on_its_own_keep_their_tokens(holde
     both, a, b = _holders()[holder]
     prefixes = [n + "." for n, _ in both.named_children()]
     x1, x2 = _ids(1), _ids(2)
+    pristine = snapshot(both)
     session = mr.attach(both)
     with session.capture():
         a(x1)
@@ -89,6 +90,7 @@ def test_models_held_together_and_called_each_on_its_own_keep_their_tokens(holde
         assert torch.equal(outs[1], _forced_by_hand(model, x2, mine[n:]))
     tried()
     session.detach()
+    assert_untouched(both, pristine)  # (the held models' forwards given back too)
 
 
 class _Policy(nn.Module):
