@@ -136,6 +136,13 @@ def _reused(module: nn.Module, cls: type, *args: Any) -> Any:
     return old
 
 
+def _runs_nothing(module: nn.Module) -> bool:
+    """Has ``module`` no forward to run (``nn.Module``'s placeholder, which raises: a holder of models)?"""
+    forward = module.__dict__.get("forward", getattr(type(module), "forward", None))
+    forward = getattr(forward, "__wrapped__", forward)  # (a feed level's wrapper: what it runs)
+    return getattr(forward, "__func__", forward) is nn.Module.forward
+
+
 def _gone(module: nn.Module, wrapper: Any) -> bool:
     """Did a detach take ``wrapper`` off ``module`` (not left there, nor for another session a feed level serves)?"""
     return module.__dict__.get("forward") is not wrapper and not (isinstance(wrapper, FeedForward) and wrapper.owners)
@@ -2464,6 +2471,15 @@ class Session:
         model = self._model_ref()
         if model is None:
             raise SessionStateError("the model of this session no longer exists")
+        if _runs_nothing(model):
+            held = [name for name, child in model.named_children() if not _runs_nothing(child)]
+            raise InvalidArgumentError(
+                f"session.verify() runs model(*args, **kwargs), but the module this session is attached to "
+                f"({type(model).__name__}) has no forward of its own: it only holds "
+                f"{', '.join(repr(n) for n in held[:4]) or 'other modules'}. Run one eager forward of each model it "
+                "holds instead (e.g. under torch.no_grad(), holder.policy(input_ids)): that establishes their routers "
+                "as verify() would"
+            )
         with self._block("verify()"):
             self._check_in_place()
             self._follow_settings()

@@ -259,3 +259,27 @@ def test_turns_that_each_join_two_conversations_are_refused_by_stitch_turns() ->
     with pytest.raises(mr.RoutesValidationError):
         mr.interop.stitch_turns([first, second], overlap="first", gaps="native")
     tried()
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("holder", ["plain holder", "ModuleDict", "ModuleList"])
+def test_verify_on_a_holder_of_models_names_what_to_run_instead(holder: str) -> None:
+    """``session.verify(x)`` runs the attached module's forward, which a holder of models does not have: torch's
+    own ``NotImplementedError`` came out. A ``MoEReplayError`` now names the held models to run instead, and the
+    models are left as they were (one eager forward of a held model then establishes its routers)."""
+    both, _, _ = _holders()[holder]
+    before = snapshot(both)
+    with mr.attach(both) as session:
+        with pytest.raises(mr.MoEReplayError, match="no forward of its own") as err:
+            session.verify(_ids(1))
+        first = next(n for n, _ in both.named_children())
+        assert repr(first) in str(err.value)
+        with torch.no_grad():
+            for model in both.children():
+                model(_ids(1))  # (what the message says to do instead)
+        with session.capture(), torch.no_grad():
+            for model in both.children():
+                model(_ids(1))
+        assert session.routes().num_tokens > 0
+    assert_untouched(both, before)
+    tried(2)
