@@ -34,6 +34,7 @@ __all__ = [
     "check",
     "current_graph_task_id",
     "dynamo_compiling",
+    "engine_backward",
     "exporting",
     "frame_callback",
     "functorch_transform",
@@ -103,6 +104,15 @@ def _function(path: str, why: str) -> Callable[..., Any]:
 #: from the next over a retained graph.
 current_graph_task_id: Callable[[], int] = _function(
     "torch._C._current_graph_task_id", "to tell a recompute in backward from a forward"
+)
+
+#: ``(outputs, grad_outputs, retain_graph, create_graph, inputs, allow_unused, accumulate_grad) -> grads``: the
+#: autograd engine's run of a backward, without ``torch.autograd.grad``'s own dispatch to ``__torch_function__``
+#: modes (which runs the whole backward with the mode popped): a mode entered around it sees the calls that the
+#: Python code of the backward makes (a custom ``autograd.Function``'s), as a router's decision is checked not to be
+#: taken again there. None where torch has none: that check is not made.
+engine_backward: Callable[..., Any] | None = _find(
+    "torch.autograd.graph._engine_run_backward", "to watch the calls a router's backward makes"
 )
 
 #: ``() -> bool``: is forward-mode AD on? ``torch.no_grad()`` leaves it on; a custom

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import _torch_compat
 from ._code_settings import CONTAINERS, OutsideState, container_contents, hook_written, is_written, refill_container
 from ._code_settings import generators as code_generators
 from ._code_settings import written as code_written
@@ -1949,6 +1950,8 @@ def establish(
         )
         if ev is None:
             return None
+        if torch.is_grad_enabled():
+            _refuse_backward_choice(name, probe, ev)
         limit = max(_PROBE_SECONDS, _PROBE_FACTOR * probe.took)  # (inputs of the probe's own making)
         for what, inputs, others in _other_counts(args, kwargs):
             other = _Prober(forward, *inputs, scope, snapshot=probe.snapshot, limit=limit)
@@ -2022,6 +2025,123 @@ def _communicates(name: str, scope: nn.Module, call: str, tokens: bool = True) -
         f"router '{name}': its forward ({type(scope).__name__}) communicates across ranks ({call}), and {why}. Keep "
         "the router's forward local: compute what it shares across ranks (expert counts for a load-balancing loss, "
         "say) after it, outside its module; nothing was forced"
+    )
+
+
+class _BackwardWatch(TorchFunctionMode):
+    """The decision-like calls a backward makes over ``width`` (the experts) in the backward code of the forward's
+    autograd Functions, each described; with ``move``, each answered with its indices moved to other experts (see
+    :func:`_changed`), its values kept. A forward recomputed in the backward (an activation checkpoint inside the
+    scope) runs with gradients on, and is the forward's own calls again: not watched."""
+
+    def __init__(self, width: int, move: bool) -> None:
+        super().__init__()
+        self.width, self.move = width, move
+        self.seen: list[str] = []
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if torch.is_grad_enabled() or "out" in kwargs:
+            return out
+        found = decision_call(unwrap(func, kwargs), args, kwargs)
+        if found is None or found[2] != self.width:
+            return out
+        self.seen.append(f"{found[0]} over {found[2]} at {_where()}")
+        return _changed(found[0], out, found[2]) if self.move else out
+
+
+def _requiring(obj: Any, depth: int = 0) -> Any:
+    """``obj`` with each floating tensor it holds as a leaf that requires gradients (a detached alias)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().requires_grad_() if obj.is_floating_point() or obj.is_complex() else obj
+    if depth > 8:
+        return obj
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        items = tuple(_requiring(v, depth + 1) for v in obj)
+        if type(obj) is not tuple:
+            with contextlib.suppress(TypeError):
+                return type(obj)(items)
+        return items
+    if isinstance(obj, list):
+        return [_requiring(v, depth + 1) for v in obj]
+    if type(obj) is dict:
+        return {k: _requiring(v, depth + 1) for k, v in obj.items()}
+    return obj
+
+
+def _refuse_backward_choice(name: str, probe: _Prober, ev: Evidence) -> None:
+    """Refuse a router whose backward chooses again: a decision-like call over its experts in the backward code of
+    an autograd Function of its forward (a top-k of the saved scores, taken again to place the gradient) whose
+    indices reach the gradients. A replay answers the forward's decision only: such a backward would send the
+    router's gradients to the experts the current scores choose, not the forced ones.
+
+    One run of the forward on its own inputs with gradients (its floating inputs as leaves that require them, so
+    that the backward reaches every call of the forward; not the parameters, whose hooks and ``.grad`` stay as they
+    were), then its backward from fixed random output gradients to those inputs, watched (see
+    :class:`_BackwardWatch`); where it makes such a call, the backward again with that call's indices moved."""
+    made: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        made.append((args, kwargs))
+        return probe.forward(*args, **kwargs)
+
+    run = _Prober(forward, probe.args, probe.kwargs, probe.scope, snapshot=probe.snapshot)
+    run.grads = _requiring((probe.args, probe.kwargs))
+    try:
+        out, _ = run.run()
+    except Exception:  # (established on this very forward: one that fails with gradients fails for its caller too)
+        return
+    finally:
+        probe.snapshot.restore()
+    outs = [
+        t
+        for t in _leaves(out, [])
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None and (t.is_floating_point() or t.is_complex())
+    ]
+    wrt = [t for t in _leaves(made, []) if isinstance(t, torch.Tensor) and t.requires_grad]
+    engine = _torch_compat.engine_backward
+    if not outs or not wrt or engine is None:
+        return
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype) for t in outs]
+
+    def backward(move: bool, last: bool = False) -> tuple[Any, list[str]]:
+        watch = _BackwardWatch(ev.num_experts, move)
+        NESTING.probing += 1
+        try:
+            with probe.snapshot.hooks_aside(), _autocast_cache_aside(), watch:
+                got = engine(tuple(outs), tuple(grads), not last, False, tuple(wrt), True, False)
+        finally:
+            NESTING.probing -= 1
+            probe.snapshot.restore()
+        return got, watch.seen
+
+    try:
+        native, seen = backward(False)
+        if not seen:
+            return
+        again, _ = backward(False)
+    except Exception:  # (a backward that fails natively fails for its caller too)
+        return
+    noise, _ = _distance(native, again)
+    try:
+        moved, _ = backward(True, last=True)
+        worst, _ = _distance(native, moved)
+    except Exception:  # (a backward that cannot run on other indices reads them)
+        worst = math.inf
+    if worst <= (0.0 if noise == 0 else 16 * noise):
+        return
+    raise _refuse(
+        name,
+        ev.calls,
+        f"its backward chooses among its experts again ({seen[0]}), in the backward of an autograd Function of its "
+        "forward, and the gradients follow that choice: a replay forces the forward's decision only, so the "
+        "router's gradients would go to the experts the current scores choose, not to the forced ones",
+        "Place the gradient at the experts the forward chose: save the indices the forward's top-k returns "
+        "(ctx.save_for_backward(indices)) and scatter the gradient at them in backward, instead of choosing again",
     )
 
 

@@ -471,11 +471,55 @@ class _RecomputedTopK(torch.autograd.Function):
 class BackwardRecomputes(Router):
     """The top-k in a custom autograd Function whose backward chooses again from the saved scores."""
 
+    function: Any = _RecomputedTopK
+
     def route(self, x: torch.Tensor, forced: torch.Tensor | None) -> Any:
         probs = self.logits(x).softmax(-1)
-        vals, idx = _RecomputedTopK.apply(probs, self.top_k) if forced is None else _decide(probs, K, forced)
+        vals, idx = self.function.apply(probs, self.top_k) if forced is None else _decide(probs, K, forced)
         self.decision = idx
         return vals, idx
+
+
+class _SavedTopK(torch.autograd.Function):
+    """Top-k whose backward places the gradient at the indices its forward chose (saved), as torch's own does."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        vals, idx = scores.topk(k, dim=-1)
+        ctx.save_for_backward(idx)
+        ctx.shape = scores.shape
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _: Any) -> tuple[torch.Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).scatter(-1, idx, grad), None
+
+
+class BackwardKeepsTheChoice(BackwardRecomputes):
+    """The top-k in a custom autograd Function whose backward scatters at the indices its forward saved."""
+
+    function = _SavedTopK
+
+
+class _LoggedTopK(_SavedTopK):
+    """:class:`_SavedTopK` whose backward also takes the top-k of the gradient, only to count it."""
+
+    counted = 0
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _: Any) -> tuple[torch.Tensor, None]:
+        full = grad.new_zeros(ctx.shape)
+        _LoggedTopK.counted += int(full.abs().topk(K, dim=-1).indices.numel())
+        (idx,) = ctx.saved_tensors
+        return full.scatter(-1, idx, grad), None
+
+
+class BackwardLogsATopK(BackwardRecomputes):
+    """The top-k in a custom autograd Function whose backward makes a top-k over the experts that reaches nothing."""
+
+    function = _LoggedTopK
 
 
 # ------------------------------------------------------------------------------------------------ the harness
@@ -620,18 +664,15 @@ EXPECTED: dict[str, tuple[Callable[[], nn.Module], str, dict[str, Any]]] = {
     "expert_choice_in_groups_it_makes": (ExpertChoiceBatched, "refused", {}),  # (once silent: rows of positions)
     "base_layer_greedy": (BaseLayerGreedy, "refused", {}),
     "hash_mod": (HashMod, "refused", {"ids": True}),  # (documented: a hash chooses nothing to record)
+    # custom autograd Functions: a backward that chooses again from the scores sends the gradients elsewhere
+    "decision_taken_again_in_backward": (BackwardRecomputes, "refused", {}),  # (once silent)
+    "decision_kept_for_backward": (BackwardKeepsTheChoice, "exact", {}),
+    "top_k_logged_in_backward": (BackwardLogsATopK, "exact", {}),
 }
 
 #: Known gaps: the router, what comes of it now ("silent": to be exact or refused; "false refusal": to be exact),
 #: and why.
 GAPS: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
-    "decision_taken_again_in_backward": (
-        BackwardRecomputes,
-        "silent",
-        "a top-k inside a custom autograd Function whose backward takes the top-k of its saved scores again: the "
-        "forward is forced, the backward runs outside the router's forward and places the gradient at the native "
-        "experts, so the router's gradients are not those of the forced experts",
-    ),
     "capacity_of_none_on_one_token": (
         PositionCapacityNoFloor,
         "false refusal",
@@ -666,6 +707,20 @@ def test_routing_families_of_known_gaps_replay_exactly_or_are_refused(name: str)
         assert not got.startswith("silent"), got
     else:
         assert got == "exact", got
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_decision_taken_again_in_backward_is_refused_by_the_backward_that_takes_it() -> None:
+    """Once silent: a custom autograd Function whose backward takes the top-k of its saved scores again places the
+    router's gradients at the experts the current scores choose, not the forced ones. It is refused when its
+    decision is established with gradients on, naming the call in its backward; a top-k made in a backward only
+    to be counted is not refused (its indices reach no gradient)."""
+    got = outcome(BackwardRecomputes)
+    assert got.startswith("refused:") and "its backward chooses among its experts again" in got, got
+    assert "test_decisions4.py" in got, got  # (the line of the backward's call)
+    _LoggedTopK.counted = 0
+    assert outcome(BackwardLogsATopK) == "exact"
+    assert _LoggedTopK.counted > 0, "the logging top-k was never made: the test cannot tell"
 
 
 @pytest.mark.reliability("silent replays")
