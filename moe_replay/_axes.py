@@ -102,6 +102,10 @@ class Axes:
     def __init__(self) -> None:
         #: tensors with a data dimension, by id: a weak reference to it and its labels
         self.known: dict[int, tuple[weakref.ref[torch.Tensor], Labels]] = {}
+        #: the lengths of the dimensions marked as the input's by their length alone (an integer input's other than
+        #: the ids, as long as the tokens): a mask of the tokens each token sees, or of the experts each token may use
+        #: where the tokens are as many as the experts; what runs along them is no proof either way
+        self.by_length: set[int] = set()
 
     def seed(self, values: Iterable[Any]) -> None:
         """Mark the dimensions of the tensors in ``values`` (and in lists, tuples and dicts of them), the inputs of
@@ -113,12 +117,14 @@ class Axes:
         tokens = {s for t in tensors if t.is_floating_point() for s in t.shape[:-1]}
         if tensors and not tensors[0].is_floating_point():  # (ids first: a model fed ids, and pixels or features)
             tokens |= set(tensors[0].shape)
-        for t in tensors:
+        for i, t in enumerate(tensors):
             n = t.dim()
             if t.is_floating_point():
                 self._set(t, (DATA,) * (n - 1) + (WEIGHT,))
             else:
                 self._set(t, tuple(DATA if s in tokens or s == 1 else UNKNOWN for s in t.shape))
+                if i:  # (not the ids the model is fed first, which tell the tokens' lengths: a mask, say)
+                    self.by_length.update(s for s in t.shape if s in tokens and s > 1)
 
     def labels(self, t: torch.Tensor) -> Labels:
         """Per dimension of ``t``: what it runs along (a weight's for a parameter, unknown for one not followed)."""

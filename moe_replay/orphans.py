@@ -609,8 +609,16 @@ class OrphanWatch(TorchFunctionMode):
                     and self.axes.may_choose(x, dim)
                 ):
                     self._vector_found("gumbel_softmax(hard=True) draw", int(x.shape[dim]), "from")
-            elif isinstance(x, torch.Tensor) and x.dim() in (1, 2) and x.shape[-1] >= 2 and self.axes.may_choose(x, -1):
-                self._vector_found(f"{func.__name__} draw", int(x.shape[-1]), "from")
+            elif isinstance(x, torch.Tensor) and x.dim() in (1, 2) and x.shape[-1] >= 2:
+                if self.axes.may_choose(x, -1):
+                    self._vector_found(f"{func.__name__} draw", int(x.shape[-1]), "from")
+                elif int(x.shape[-1]) in self.axes.by_length:
+                    # (along a dimension read as the input's by its length alone: an integer mask of the tokens each
+                    # token sees, or of the experts each may use where the tokens are as many; judged by its use as
+                    # a draw from no scores is: refused at the end unless it picks rows of the input alone)
+                    drawn = self._vector_found(f"{func.__name__} draw", int(x.shape[-1]), "from", note=False)
+                    if drawn is not None:
+                        self.pending.setdefault(drawn, False)
         elif func in _BERNOULLI and not torch.compiler.is_compiling() and len(self.found) < 8:
             self._bernoulli(func, args, kwargs)
         elif func in _RANDOM_PICKS and not torch.compiler.is_compiling() and len(self.found) < 8:

@@ -1204,14 +1204,11 @@ def test_heads_outputs_gathered_at_a_choice_in_attention_beside_a_found_router_a
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="an integer input as long as the tokens along each dimension is read as the input's (a mask of the tokens "
-    "each token may see, whose draw must not be refused): a mask of the experts each token may use, with as many "
-    "tokens as experts, is too, so a draw among the experts it allows is neither recorded nor forced, nor refused",
-)
 def test_a_draw_among_experts_an_integer_input_allows_with_as_many_tokens_as_experts_is_refused() -> None:
-    """:class:`Allowed` run on as many tokens as experts: the draw among the experts it allows, refused."""
+    """Once silent: :class:`Allowed` run on as many tokens as experts: its integer mask is as long as the tokens along
+    each dimension, which is no proof that a draw along it is among tokens (a mask of the tokens each token sees,
+    :class:`Visible`, is not refused). The draw is judged by its use, as a draw from no scores is: compared with the
+    experts' ids, refused."""
     torch.manual_seed(0)
     model = Allowed().train()
     with mr.attach(model) as session:
