@@ -90,6 +90,8 @@ ROW_MOVES = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
 SHRINKS = ("crop", "reset")
 #: how a rollback seen by the tokens a cache holds (not by a watched method) is named: ``"<class> " + HELD_FEWER``
 HELD_FEWER = "held fewer tokens as a forward began than as the forward before it ended"
+#: how a cache of plain tensors sliced back between two forwards is named (see ``FeedRecord._plain_given``)
+PLAIN_SLICED = f"a cache of plain tensors, sliced back: it {HELD_FEWER}"
 #: a model's own method that reorders its KV cache's rows: transformers' beam search calls it where a model
 #: class defines it, instead of the cache's reorder_cache (remote-code models do)
 MODEL_MOVES = ("_reorder_cache",)
@@ -266,6 +268,10 @@ class FeedRecord:
         #: the next forward is given holding fewer is a rollback between forwards, whatever took them out
         self._held_after: int = -1
         self._starts: dict[int, Any] = {}
+        #: the shapes of the plain tensors of the cache given to the forward running now (None: none given), and the
+        #: tensors the forward before returned in its cache, each (weakly) with the dimension it grew them along
+        self._plain_in: list[tuple[int, ...]] | None = None
+        self._plain_out: list[tuple[weakref.ref[torch.Tensor], int]] | None = None
         self._keep_inputs = keep_inputs
         #: a forward of this capture fed embeddings of several sequences of several positions: the order its routers
         #: saw them in is not told (its rows are in that order: see ``Routes._order_untold``)
@@ -339,8 +345,16 @@ class FeedRecord:
         before = self._given_before
         given = self._watch_caches(args, kwargs)
         if not given:  # (a cache of plain tensors, as code of one's own keeps it: a list of (keys, values) per layer)
-            given = any(isinstance(kwargs.get(name), list | tuple) and len(kwargs[name]) > 0 for name in _CACHE_NAMES)
+            plain = next(
+                (kwargs[name] for name in _CACHE_NAMES if isinstance(kwargs.get(name), list | tuple) and kwargs[name]),
+                None,
+            )
+            given = plain is not None
             self._given_before = self._given_before or given
+            if self._notes_loops:
+                self._plain_given(plain)
+        elif self._notes_loops:
+            self._plain_given(None)
         if paired:
             count, ids, fed = -1, None, None
         elif count < 0:
@@ -367,6 +381,48 @@ class FeedRecord:
         kept = self._kept_now
         if kept is not None and kept.mask is not None and kept.ids is not None:
             kept.later = frozenset(i for i, s in enumerate(self.scopes) if any(s is t for t in scopes))
+
+    def _plain_given(self, plain: list[Any] | tuple[Any, ...] | None) -> None:
+        """A forward is given ``plain``, a cache of plain tensors (or none: None): where its tensors are those the
+        forward before it returned, sliced back along the dimension that forward grew them along (views from their
+        start, still of the tensors it returned, with fewer tokens), tokens were taken out of the cache between the
+        two forwards: a rollback (see :meth:`_shrunk`), as a speculative loop of one's own drops its rejected draft
+        tokens. Copies of them, or a new cache, are not read (a second loop's own cache looks so)."""
+        tensors = _plain_tensors(plain) if plain is not None else []
+        returned, self._plain_out = self._plain_out, None
+        if returned is not None and len(returned) == len(tensors):
+            for t, (ref, dim) in zip(tensors, returned, strict=True):
+                was = ref()
+                if (
+                    was is not None  # (alive, so its storage is no other tensor's)
+                    and t is not was
+                    and t.dim() == was.dim()
+                    and t.shape[dim] < was.shape[dim]
+                    and all(a == b for i, (a, b) in enumerate(zip(t.shape, was.shape, strict=True)) if i != dim)
+                    and t.data_ptr() == was.data_ptr()
+                    and t.untyped_storage().data_ptr() == was.untyped_storage().data_ptr()
+                ):
+                    self._shrunk(PLAIN_SLICED, 0, int(was.shape[dim]), int(t.shape[dim]))
+                    break
+        self._plain_in = [tuple(t.shape) for t in tensors] if tensors else None
+
+    def returned(self, out: Any) -> None:
+        """The forward fed last returned ``out``: where it was given a cache of plain tensors and returns one grown
+        along one dimension (its tokens'), keep those tensors (weakly) for the next forward (:meth:`_plain_given`)."""
+        shapes, self._plain_in = self._plain_in, None
+        if shapes is None or not self._notes_loops:
+            return
+        cache = _returned_cache(out)
+        tensors = _plain_tensors(cache) if cache is not None else []
+        if not tensors or len(tensors) != len(shapes):
+            return
+        kept: list[tuple[weakref.ref[torch.Tensor], int]] = []
+        for t, shape in zip(tensors, shapes, strict=True):
+            grown = [i for i, (a, b) in enumerate(zip(t.shape, shape, strict=False)) if a != b]
+            if t.dim() != len(shape) or len(grown) != 1 or t.shape[grown[0]] < shape[grown[0]]:
+                return
+            kept.append((weakref.ref(t), grown[0]))
+        self._plain_out = kept
 
     def left(self) -> None:
         """The forward fed last has ended: count the router calls it made (see :meth:`rows`), and the tokens its cache
@@ -1706,6 +1762,27 @@ class _Shrinking(_Noting):
         return _Shrinking(None, self.name, copy.deepcopy(self.before, memo), weakref.ref(copied), self.start)
 
 
+def _plain_tensors(cache: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors of a cache of plain tensors (a list of ``(keys, values)`` per layer), in order."""
+    if isinstance(cache, torch.Tensor):
+        return [cache]
+    if depth > 3 or not isinstance(cache, list | tuple):
+        return []
+    return [t for v in cache for t in _plain_tensors(v, depth + 1)]
+
+
+def _returned_cache(out: Any) -> list[Any] | tuple[Any, ...] | None:
+    """The cache of plain tensors a forward returned under one of the names a cache is given by, or None."""
+    for name in _CACHE_NAMES:
+        try:
+            found = out.get(name) if isinstance(out, dict) else getattr(out, name, None)
+        except Exception:  # (an output object whose attribute raises: it says nothing)
+            return None
+        if isinstance(found, list | tuple) and found:
+            return found
+    return None
+
+
 def _count_now(cache: Any) -> int:
     """The tokens a KV cache holds now where it counts them on the host (``get_seq_length()`` an int), else -1: read at
     every forward, so never a static cache's device count (no copy, no kernel)."""
@@ -2755,11 +2832,14 @@ class FeedForward:
         check, self._verify = self._verify, None
         if check is not None:  # (its first router hands its input to the check, then runs)
             ORDER_PROBE.check, ORDER_PROBE.thread = check, threading.get_ident()
+        out: Any = None
         try:
             before = self.before
             if before is not None:
-                return before(*args, **kwargs)
-            return type(self.module).forward(self.module, *args, **kwargs)
+                out = before(*args, **kwargs)
+            else:
+                out = type(self.module).forward(self.module, *args, **kwargs)
+            return out
         except BaseException as exc:
             for r, made in watching:
                 if r.calls_made is None or made is None or r.calls_made() != made:
@@ -2770,6 +2850,8 @@ class FeedForward:
                 ORDER_PROBE.check = ORDER_PROBE.thread = None
             for r in entered:
                 r._inside = False
+                if isinstance(r, FeedRecord):
+                    r.returned(out)
                 r.left()
             settling, self._settling = self._settling, None
             if settling is not None:

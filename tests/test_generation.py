@@ -1408,13 +1408,11 @@ def test_a_cache_cropped_of_no_token_the_capture_goes_on_from_still_splits(how: 
 
 
 @pytest.mark.reliability("bad inputs")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a KV cache of plain tensors (a list of (keys, values) per layer, as the reference model and code of one's "
-    "own keep it) rolled back by slicing its tensors has no method to watch: the rows of the tokens sliced off stay "
-    "among those kept, with the row counts of one loop, and split_generation without sequences= splits them",
-)
 def test_a_plain_tensor_cache_sliced_back_before_later_forwards_is_refused() -> None:
+    """Once split silently: a KV cache of plain tensors (a list of (keys, values) per layer, as the reference model
+    and code of one's own keep it) rolled back by slicing its tensors has no method to watch, and the rows of the
+    tokens sliced off stayed among those kept. Tensors given to a forward that are views of those the forward before
+    returned, from their start, with fewer tokens along the dimension that forward grew them along, are a rollback."""
     model = mr.models.build("softmax_topk")
     prompt = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(4))
     with mr.attach(model) as session:
@@ -1430,6 +1428,31 @@ def test_a_plain_tensor_cache_sliced_back_before_later_forwards_is_refused() -> 
         assert capture._call_rows == ((2, N + 1),)
         with pytest.raises(mr.RoutesValidationError, match="taken out"):
             mr.split_generation(capture, batch_size=2, prompt_len=1)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("how", ["as returned", "oldest tokens sliced off", "rebuilt"])
+def test_a_plain_tensor_cache_not_rolled_back_still_splits(how: str) -> None:
+    """No false refusal: a cache of plain tensors given on as the forward before returned it, with its oldest tokens
+    sliced off (a window kept by hand: no token the rows follow is taken out), or rebuilt by a loop from copies of
+    its tensors, splits as before."""
+    model = mr.models.build("softmax_topk")
+    prompt = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(4))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model(prompt, use_cache=True)
+            cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for t in range(N):
+                out = model(step, past_key_values=cache, use_cache=True)
+                cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                if t == 2 and how == "oldest tokens sliced off":
+                    cache = [tuple(x[..., 2:, :] for x in layer) for layer in cache]
+                elif how == "rebuilt":
+                    cache = [tuple(x.clone() for x in layer) for layer in cache]
+        capture = session.routes()
+        assert capture._rows_moved is None
+        parts = mr.split_generation(capture, batch_size=2, prompt_len=1)
+        assert [p.num_tokens for p in parts] == [1 + N + 1] * 2  # (its prompt, a token per forward: the last unrouted)
 
 
 @pytest.mark.reliability("bad inputs")
