@@ -52,6 +52,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _torch_compat
+from ._axes import ELEMENTWISE
 from ._code_settings import CONTAINERS, OutsideState, container_contents, hook_written, is_written, refill_container
 from ._code_settings import generators as code_generators
 from ._code_settings import written as code_written
@@ -89,6 +90,9 @@ _FAMILY: dict[Any, str] = {
 }
 #: A one-hot drawn with Gumbel noise inside one call (its argmax is out of sight): named in refusals.
 _GUMBEL = torch.nn.functional.gumbel_softmax
+#: Elementwise calls (along the decision's own entries): where one takes a later choice's integers or booleans and the
+#: decision's results, that choice cuts the decision (see ``_ProbeMode._cut_follow``); not those that take a shape.
+_ALONG: frozenset[Any] = frozenset()  # (set below, once _SHAPE_ONLY is)
 #: Families whose indices the replay can answer with forced experts.
 FORCEABLE = frozenset({"topk", "argmax", "max", "argmin", "min"})
 #: The torch functions whose calls may be a decision.
@@ -656,6 +660,13 @@ class _ProbeMode(TorchFunctionMode):
         self._made: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, ...]]] = {}
         self._scores: dict[int, weakref.ref[torch.Tensor]] = {}
         self.scored: list[bool] = []  # per later choice: made from the scores
+        # per later choice: its integers or booleans (or what an elementwise call makes of them alone) meet the forced
+        # decision's own results (its indices, its values, what elementwise calls and views make of them) in one
+        # elementwise call: a cut of the decision by something else than the scores (a slot dropped for tokens of a
+        # large hidden state), see _cut_follow
+        self.cuts: list[bool] = []
+        self._decided: dict[int, weakref.ref[torch.Tensor]] = {}
+        self._cut_by: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         # per later choice: a cut of values that cannot be told from zero only, or one that only raises values to a
         # floor (see _Selection.faint, _Selection.floors): no choice among the experts
         self.faint: list[bool] = []
@@ -721,8 +732,34 @@ class _ProbeMode(TorchFunctionMode):
             return out
         scored = self._mark(args, kwargs, out, func)
         if self.answered == answered:  # a call after the forced decision (not one of its slots)
+            self._cut_follow(func, args, kwargs, out)
             return self._after(func, args, kwargs, out, scored)
         return out
+
+    def _cut_follow(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """After the forced decision: follow its own results through elementwise calls and views (``w / w.sum()``,
+        ``idx.masked_fill(...)``), and the integers or booleans of the later choices through elementwise calls that
+        make integers or booleans of them alone (``large & (slot == 1)``); an elementwise call that takes both notes
+        those choices as cuts of the decision (:attr:`cuts`)."""
+        if func not in _ALONG and func not in _VIEWS:
+            return
+        ins = [t for t in _leaves((args, kwargs), []) if isinstance(t, torch.Tensor)]
+        decided = any((ref := self._decided.get(id(t))) is not None and ref() is t for t in ins)
+        cuts = (
+            {got[1] for t in ins if (got := self._cut_by.get(id(t))) is not None and got[0]() is t}
+            if self._cut_by
+            else set()
+        )
+        if decided and cuts and func in _ALONG:
+            for n in cuts:
+                self.cuts[n] = True
+        for t in _leaves(out, []):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if decided:
+                self._decided[id(t)] = weakref.ref(t)
+            elif cuts and not (t.is_floating_point() or t.is_complex()):
+                self._cut_by[id(t)] = (weakref.ref(t), min(cuts))
 
     def _peaked(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
         """Note a maximum along the last dimension by value alone (see :attr:`peaks`); ``out``, raised if asked."""
@@ -956,6 +993,9 @@ class _ProbeMode(TorchFunctionMode):
             out = _forced(sig[0], *self.force[i], self._unmasked(x), args, kwargs)
             self.answered += 1
             self._seed(x, out)
+            for t in _leaves(out, []):
+                if isinstance(t, torch.Tensor):
+                    self._decided[id(t)] = weakref.ref(t)
         else:
             out = func(*args, **kwargs)
             if i == self.change:
@@ -1025,6 +1065,15 @@ class _ProbeMode(TorchFunctionMode):
         self.choices.append(selection.choice if selection is not None else _clone(out))
         self.where.append(_where())
         self.scored.append(scored)
+        self.cuts.append(False)
+        out = self._held_choice(n, out, written, selection)
+        for t in _leaves(out, []):
+            if isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex()):
+                self._cut_by[id(t)] = (weakref.ref(t), n)
+        return out
+
+    def _held_choice(self, n: int, out: Any, written: list[torch.Tensor], selection: _Selection | None) -> Any:
+        """Later choice ``n``'s result as this run answers it (see :meth:`_choice`)."""
         self.faint.append(selection is not None and (selection.faint() or selection.floors()))
         wide = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor) and t.dim() >= 2]
         self.widths.append(wide[0].shape[-1] if wide else 0)
@@ -1042,6 +1091,14 @@ class _ProbeMode(TorchFunctionMode):
         return out
 
 
+#: Views and selections of a tensor's own entries: what the decision's results are still, made into another shape.
+_VIEWS = frozenset(
+    getattr(torch.Tensor, name)
+    for name in (
+        "__getitem__ view reshape view_as reshape_as flatten unflatten squeeze unsqueeze expand expand_as t "
+        "transpose permute narrow select unbind split chunk"
+    ).split()
+)
 #: Calls whose results take only the shape, type and device of their tensor arguments, none of their values.
 _SHAPE_ONLY = frozenset(
     {
@@ -1058,6 +1115,7 @@ _SHAPE_ONLY = frozenset(
         torch.Tensor.new_full,
     }
 )
+_ALONG = ELEMENTWISE - _SHAPE_ONLY
 #: Calls that hand a tensor's values over to code outside torch (numpy, a Python list), where no mode sees what
 #: is chosen from them; so are the operators of other libraries (``torch.ops.<library>``) that make integers.
 _ESCAPES = frozenset({torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.__array__})
@@ -3480,6 +3538,17 @@ def _refuse_scored_choice(
         where = _check_on_more_tokens(probe, calls, ev)
     if where is None and checked:
         where = _check_on_more_tokens(probe, calls, ev, one_token=True)
+    if where is not None and not any(first.scored) and any(first.cuts):
+        raise _refuse(
+            name,
+            calls,
+            f"after its decision ({chosen}) its forward cuts it by values that are not its scores (at {later}: "
+            f"the hidden states' own, say): with the decision held, {where} changes when those values change. "
+            "The rows recorded for a token it cuts name an expert that token did not use, so routes handed on "
+            "(to an engine, a load count) would not be the experts used",
+            "Drop a slot by a rule the routes can carry: make the cut part of the decision (mask the scores "
+            "before the top-k), or record the routes of a module that returns the experts kept",
+        )
     if where is not None:
         raise _refuse(
             name,
@@ -3664,7 +3733,7 @@ def _hidden_moved(
     differ = [
         n
         for n, (a, b) in enumerate(zip(again.choices, first.choices, strict=False))
-        if again.scored[n]
+        if (again.scored[n] or again.cuts[n] or (n < len(first.cuts) and first.cuts[n]))
         and _names_integers(a)
         and not _same([a], [b])
         and not (n < len(first.faint) and again.faint[n] and first.faint[n])  # (an underflow guard: no choice)

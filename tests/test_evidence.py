@@ -1979,20 +1979,53 @@ class LargeTokenCutBlock(LinearGateBlock):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a cut after the decision by a value of the hidden states, not of the scores (a slot dropped for tokens "
-    "of large norm), is no later choice from the scores: the rows recorded for such a token name an expert it did "
-    "not use (on one of its tokens alone the cut looks like a slot that rounds away)",
-)
 @pytest.mark.parametrize("where", [0, 5])
 def test_a_cut_by_the_norm_of_the_hidden_states_is_refused(where: int) -> None:
-    """Still silent: a block drops the second slot of its large tokens by their norm, after its top-k."""
+    """Once silent: a block drops the second slot of its large tokens by their norm, after its top-k. It is no later
+    choice from the scores, and the rows recorded for such a token named an expert it did not use. The booleans made
+    of the hidden states meet the decision's indices in one elementwise call (a cut of the decision), and held at
+    their values on other inputs they move the hidden states the block returns: refused as a cut, the model left as
+    it was."""
     model = TwoLayers(LargeTokenCutBlock).to(torch.bfloat16)
+    before = copy.deepcopy(model.state_dict())
     x = _peaked_inputs(T).roll(where, 0)
-    with mr.attach(model) as session, torch.no_grad(), pytest.raises(mr.UnsupportedRouterError):
+    with mr.attach(model) as session, torch.no_grad():
+        with pytest.raises(mr.UnsupportedRouterError, match="cuts it by values that are not its scores"):
+            with session.capture():
+                model(x)
+        assert session.routes(allow_partial=True).layer(session.names[0]).shape[0] == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class ReluByHandBlock(LinearGateBlock):
+    """A block whose experts' activation is written by hand (``h * (h > 0)``: booleans of hidden states made after its
+    decision) and whose weights are scaled by a gate of each token's norm (values, no booleans): no cut of its
+    decision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = torch.topk(self.gate(x).softmax(-1), self.top_k, dim=-1)
+        w = w * torch.sigmoid(x.float().norm(dim=-1, keepdim=True) - 4).to(w.dtype)
+        h = torch.stack([expert(x) for expert in self.experts])  # [E, tokens, D]: every expert on every token
+        h = h * (h > 0)
+        return torch.einsum("te,etd->td", torch.zeros(x.shape[0], E).scatter(-1, idx, w), h)
+
+
+@pytest.mark.reliability("silent replays")
+def test_booleans_of_hidden_states_that_meet_no_decision_are_not_a_cut() -> None:
+    """No false refusal: booleans made of the hidden states after the decision (an expert's activation by hand) that
+    never meet the decision's indices or weights in one elementwise call are no cut of it: captured, the gates moved,
+    replayed with the recorded experts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ReluByHandBlock())
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(3))
+    with mr.attach(model) as session, torch.no_grad():
         with session.capture():
             model(x)
+        routes = session.routes()
+        model[0].gate.weight.mul_(-1)
+        with session.replay(routes), session.capture():
+            model(x)
+        assert session.routes().equal(routes)
 
 
 class _Top1WarmupBlock(nn.Module):
