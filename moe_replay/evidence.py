@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import heapq
 import itertools
 import math
 import numbers
@@ -146,6 +147,9 @@ class _Nesting(threading.local):
     auditing = False  # a forward is checking that its calls come through the lean wrappers
     via: Any = None  # the original torch function a lean wrapper is calling right now
     probing = 0  # probe runs in progress in this thread: routers nested in a probed scope run plainly
+    #: a decision is being established (or checked) in this thread: between its probe runs, the calls are its own
+    #: reading of them (comparisons, copies, inputs of its own making), no forward's: the orphan watch lets them by
+    establishing = 0
 
 
 NESTING = _Nesting()
@@ -1873,38 +1877,22 @@ class _Overtime(BaseException):
 def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, raising :class:`ProbeTimeout` if it still runs after ``seconds`` (None: no limit).
 
-    The stop is raised in this thread from a timer, at the next bytecode it runs (a loop in Python stops
-    there; a long C call first returns), and raised again every quarter of a second while ``fn`` runs (a
-    bare ``except:`` in its code may take one). Once ``fn`` has returned or raised, none is raised any more.
+    The stop is raised in this thread by the process's one watchdog thread (:func:`_watchdog`), at the next bytecode
+    it runs (a loop in Python stops there; a long C call first returns), and raised again every quarter of a second
+    while ``fn`` runs (a bare ``except:`` in its code may take one). Once ``fn`` has returned or raised, none is raised
+    any more. Arming a run costs a lock and a queue entry, not a thread of its own (a first step establishes many
+    routers, each with runs on inputs of the probe's own making).
     """
     if seconds is None or _SET_ASYNC_EXC is None:
         return fn(*args, **kwargs)
     # (no Event nor plain Lock in this thread's way out: a stop raised just as one was taken would leave it taken, and
     # the next take would wait forever; the re-entrant lock is given back, as often as this thread took it, and the
-    # timer is woken through a queue written in C)
-    me, lock, state = threading.get_ident(), threading.RLock(), {"done": False, "fired": False}
-    wake: queue.SimpleQueue[None] = queue.SimpleQueue()
-
-    def fire() -> None:
-        wait = seconds
-        while True:
-            try:
-                wake.get(timeout=wait)
-                return  # (woken: the run ended)
-            except queue.Empty:
-                pass
-            with lock:
-                if state["done"]:
-                    return
-                state["fired"] = True
-                _SET_ASYNC_EXC(ctypes.c_ulong(me), ctypes.py_object(_Overtime))
-            wait = 0.25
-
-    timer = threading.Thread(target=fire, daemon=True)
+    # watchdog is handed the run through a queue written in C)
+    arm = _Armed(threading.get_ident(), time.monotonic() + seconds)
+    _watchdog().put(arm)
     over = False
     try:
         try:
-            timer.start()
             return fn(*args, **kwargs)
         except _Overtime:
             over = True
@@ -1913,18 +1901,86 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
     finally:
         while True:  # disarm; a stop raised while disarming is the one fired, taken here
             try:
-                lock.acquire()
-                state["done"] = True
-                if state["fired"]:  # (set, not raised yet: taken back)
-                    _SET_ASYNC_EXC(ctypes.c_ulong(me), None)
-                _release_all(lock)
-                wake.put(None)
+                arm.lock.acquire()
+                arm.done = True
+                if arm.fired:  # (set, not raised yet: taken back)
+                    _SET_ASYNC_EXC(ctypes.c_ulong(arm.thread), None)
+                _release_all(arm.lock)
                 break
             except _Overtime:
                 over = True
     if over:
         raise ProbeTimeout(f"a probe run on other inputs still ran after {seconds:.1f} s")
     raise AssertionError("unreachable")
+
+
+class _Armed:
+    """One run :func:`_within` limits: its thread, its deadline, and whether it ended (``done``) or was stopped
+    (``fired``), both changed under ``lock`` by the run's thread and by the watchdog."""
+
+    __slots__ = ("deadline", "done", "fired", "lock", "thread")
+
+    def __init__(self, thread: int, deadline: float) -> None:
+        self.thread, self.deadline = thread, deadline
+        self.lock = threading.RLock()
+        self.done = self.fired = False
+
+
+#: The queue of the process's watchdog thread (see :func:`_watchdog`), None until a limited run first needs it, and
+#: again in a process forked since (the thread is not forked with it).
+_WATCHED: queue.SimpleQueue[_Armed] | None = None
+_WATCHDOG_START = threading.Lock()
+#: How often a stop is raised again while a run still runs past its deadline.
+_AGAIN_SECONDS = 0.25
+
+
+def _watchdog() -> queue.SimpleQueue[_Armed]:
+    """The queue through which :func:`_within` hands its runs to the one watchdog thread of the process (started
+    at its first use): at each run's deadline, unless it ended, the thread raises :class:`_Overtime` in the run's
+    thread, then again every :data:`_AGAIN_SECONDS` until it ends."""
+    global _WATCHED
+    watched = _WATCHED
+    if watched is not None:
+        return watched
+    with _WATCHDOG_START:  # (before the run is armed: no stop can land here)
+        if _WATCHED is None:
+            made: queue.SimpleQueue[_Armed] = queue.SimpleQueue()
+            threading.Thread(target=_watch, args=(made,), name="moe_replay probe limit", daemon=True).start()
+            _WATCHED = made
+        return _WATCHED
+
+
+def _watch(armed: queue.SimpleQueue[_Armed]) -> None:
+    """The watchdog thread's loop: the runs handed to it, by deadline; each stopped at its deadline unless done."""
+    due: list[tuple[float, int, _Armed]] = []
+    order = itertools.count()
+    while True:
+        wait = None if not due else max(0.0, due[0][0] - time.monotonic())
+        try:
+            arm = armed.get(timeout=wait)
+        except queue.Empty:
+            pass
+        else:
+            heapq.heappush(due, (arm.deadline, next(order), arm))
+            continue
+        now = time.monotonic()
+        while due and due[0][0] <= now:
+            _, _, arm = heapq.heappop(due)
+            with arm.lock:
+                if arm.done:
+                    continue
+                arm.fired = True
+                _SET_ASYNC_EXC(ctypes.c_ulong(arm.thread), ctypes.py_object(_Overtime))
+            heapq.heappush(due, (now + _AGAIN_SECONDS, next(order), arm))
+
+
+def _forget_watchdog() -> None:
+    global _WATCHED
+    _WATCHED = None
+
+
+if hasattr(os, "register_at_fork"):  # (a forked child has no watchdog thread: it starts its own)
+    os.register_at_fork(after_in_child=_forget_watchdog)
 
 
 _SET_ASYNC_EXC: Any = getattr(getattr(ctypes, "pythonapi", None), "PyThreadState_SetAsyncExc", None)
@@ -1992,9 +2048,29 @@ def establish(
         UnsupportedRouterError: no call decides, or the evidence contradicts what was declared, or the
             decision does not hold on another number of tokens.
     """
-    _refuse_sharded_inside(name, scope)  # (on empty inputs too: every rank refuses at the same forward)
-    if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in _leaves((args, kwargs), [])):
-        return None
+    NESTING.establishing += 1
+    try:
+        _refuse_sharded_inside(name, scope)  # (on empty inputs too: every rank refuses at the same forward)
+        if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in _leaves((args, kwargs), [])):
+            return None
+        return _established(name, scope, forward, args, kwargs, num_experts, top_k, declared_top_k, call, family)
+    finally:
+        NESTING.establishing -= 1
+
+
+def _established(
+    name: str,
+    scope: nn.Module,
+    forward: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_experts: int | None,
+    top_k: int | None,
+    declared_top_k: bool,
+    call: int | None,
+    family: str | None,
+) -> Evidence | None:
+    """:func:`establish` on inputs with tokens, its calls between the probe runs let by the orphan watch."""
     probe = _Prober(forward, args, kwargs, scope)
     try:
         ev = _establish(
@@ -2045,6 +2121,7 @@ def still_decides(
     if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in _leaves((args, kwargs), [])):
         return True  # (no token to choose for: nothing is recorded or forced in this forward)
     probe = _Prober(forward, args, kwargs, scope)
+    NESTING.establishing += 1
     try:
         base, seen = probe.run()
         if [c.signature for c in seen.calls] != [c.signature for c in ev.calls]:
@@ -2066,6 +2143,7 @@ def still_decides(
     except (Exception, _Communicates):  # (raised again, in words, by the establishment that follows)
         return False
     finally:
+        NESTING.establishing -= 1
         probe.snapshot.restore()
 
 

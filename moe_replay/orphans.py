@@ -541,10 +541,10 @@ class OrphanWatch(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         func = unwrap(func, kwargs)
-        if NESTING.probing or _ordering():
-            # (the probe runs that establish a decision: its own calls, and a repeat of the forward's; and the
-            # token-order runs, a repeat of the forward up to its last router, without gradients and hooks, before it:
-            # the watch judges the calls of the forward itself)
+        if NESTING.probing or NESTING.establishing or _ordering():
+            # (the probe runs that establish a decision: its own calls, and a repeat of the forward's, and its reading
+            # of them between the runs; and the token-order runs, a repeat of the forward up to its last router,
+            # without gradients and hooks, before it: the watch judges the calls of the forward itself)
             return func(*args, **kwargs)
         source = None  # where a top-k among keys is taken outside every router, whose indices are followed
         drawn = None  # what a draw from no scores among a bank's width is reported as, unless it picks input rows

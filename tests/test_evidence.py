@@ -2373,3 +2373,34 @@ def test_a_stop_that_lands_anywhere_in_a_probe_runs_way_out_hangs_nothing() -> N
     with pytest.raises(evidence.ProbeTimeout):  # (and the limit itself still stops a run)
         evidence._within(0.05, spin)
     assert time.monotonic() - began < 30.0
+
+
+@pytest.mark.reliability("faults")
+def test_a_probe_runs_time_limit_starts_no_thread_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each router's first forward makes many probe runs on inputs of the probe's own making, each under a time limit:
+    a timer thread started per run made the first step slow. One watchdog thread serves them all (started at most
+    once here, where no earlier test started it), and still stops a run that outlives its limit, then none after."""
+    from moe_replay import evidence
+
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert [evidence._within(30.0, lambda i=i: i * 2) for i in range(20)] == [i * 2 for i in range(20)]
+
+    def spin() -> None:
+        end = time.monotonic() + 60.0
+        while time.monotonic() < end:
+            pass
+
+    for _ in range(2):
+        with pytest.raises(evidence.ProbeTimeout):
+            evidence._within(0.05, spin)
+    assert evidence._within(30.0, lambda: "after") == "after"
+    time.sleep(0.6)  # (past the stopped runs' deadlines and repeats: no stop is left to land in this thread)
+    assert sum(range(10)) == 45
+    assert len(started) <= 1, started

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1274,3 +1276,55 @@ def test_the_inner_router_of_a_hierarchical_moe_is_refused_when_not_found() -> N
             with session.capture():
                 model(x)
     assert_untouched(model, before)
+
+
+class _TwoFFN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([FFN(), FFN()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.reliability("faults")
+def test_the_watch_judges_the_forwards_calls_not_those_that_establish_a_decision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first watched forward establishes each router's decision (probe runs, and the comparisons and copies made
+    between them): those calls are no forward's, and judging each of them (hundreds per router) made the first step
+    slow. The watch judges the forward's own calls only, as many as in a later watched forward (give or take the
+    one-off work of a session's first forward), and still refuses a decision outside every router (the tests
+    above)."""
+    from moe_replay import orphans
+
+    real = orphans._ordering
+    judged = {"forward": 0, "establishing": 0}
+
+    def counting() -> bool:  # (asked of every call the watch judges, after the probe runs' calls are let by)
+        ordering = real()
+        if not ordering:
+            frame = sys._getframe(1)
+            while frame is not None:
+                if frame.f_code.co_name == "establish" and frame.f_code.co_filename.endswith("evidence.py"):
+                    judged["establishing"] += 1
+                    break
+                frame = frame.f_back
+            else:
+                judged["forward"] += 1
+        return ordering
+
+    monkeypatch.setattr(orphans, "_ordering", counting)
+    torch.manual_seed(0)
+    model, x = _TwoFFN(), torch.randn(T, D)
+    counts = []
+    with mr.attach(model) as session:
+        for _ in range(2):  # (the first establishes both routers' decisions, under the watch)
+            judged.update(forward=0, establishing=0)
+            session.verify(x)
+            counts.append(dict(judged))
+    assert counts[0]["establishing"] == 0, counts
+    assert counts[1]["forward"] > 0, counts  # (the watch ran)
+    assert counts[0]["forward"] < 2 * counts[1]["forward"], counts
