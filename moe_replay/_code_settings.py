@@ -299,11 +299,20 @@ def generators(modules: list[nn.Module]) -> list[torch.Generator]:
     return list(found.values())
 
 
+def is_generator(value: Any) -> bool:
+    """``isinstance(value, torch.Generator)``, read without torch's own check of it where it is plainly no generator:
+    ``torch.Generator``'s metaclass checks each instance in Python (a traced wrapper of a generator passes too), a
+    cost paid for every argument of every call the runs that establish a decision and tell a token order watch."""
+    if type.__instancecheck__(torch.Generator, value):
+        return True
+    return type(value).__name__ == "FakeScriptObject" and isinstance(value, torch.Generator)
+
+
 def _generators_in(value: Any, found: dict[int, torch.Generator], depth: int) -> None:
     """Add to ``found`` ``value`` where it is a ``torch.Generator``, and ``depth`` levels inside it: the attributes of
     a class (its MRO's own), of a module or of a plain object, the items of a list, tuple or dict. Nothing of it runs
     (its own dictionary is read, not its ``__getattr__``)."""
-    if isinstance(value, torch.Generator):
+    if is_generator(value):
         found.setdefault(id(value), value)
         return
     if depth <= 0 or value is _MISSING or is_setting(value) or isinstance(value, torch.Tensor | nn.Module):

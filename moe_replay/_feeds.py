@@ -57,6 +57,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ._code_settings import is_generator
 from ._torch_compat import (
     COMPILER,
     HOOK_HANDLES,
@@ -2422,7 +2423,7 @@ class _Drawn(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         for value in (*args, *kwargs.values()):
-            if isinstance(value, torch.Generator) and id(value) not in self.states:
+            if is_generator(value) and id(value) not in self.states:
                 self.states[id(value)] = (value, value.get_state())
         return func(*args, **kwargs)
 

@@ -54,7 +54,15 @@ from torch.overrides import TorchFunctionMode
 
 from . import _torch_compat
 from ._axes import ELEMENTWISE
-from ._code_settings import CONTAINERS, OutsideState, container_contents, hook_written, is_written, refill_container
+from ._code_settings import (
+    CONTAINERS,
+    OutsideState,
+    container_contents,
+    hook_written,
+    is_generator,
+    is_written,
+    refill_container,
+)
 from ._code_settings import generators as code_generators
 from ._code_settings import written as code_written
 from .errors import UnsupportedRouterError
@@ -693,7 +701,7 @@ class _ProbeMode(TorchFunctionMode):
         kwargs = kwargs or {}
         func = unwrap(func, kwargs)
         generator = kwargs.get("generator")
-        if generator is not None and self.snapshot is not None and isinstance(generator, torch.Generator):
+        if generator is not None and self.snapshot is not None and is_generator(generator):
             self.snapshot.note_generator(generator)
         if _collective(func):  # before it runs: a probe run on this rank alone never talks to the others
             raise _Communicates(getattr(func, "__name__", None) or str(func))
@@ -1149,7 +1157,26 @@ class _Communicates(BaseException):
 
 
 def _namespace(func: Any) -> str | None:
-    """The namespace of an operator (``torch.ops.<namespace>.<name>``, or an overload of it), else None."""
+    """The namespace of an operator (``torch.ops.<namespace>.<name>``, or an overload of it), else None. Asked of
+    every call of every probe run: read once per function (see :data:`_NAMESPACES`)."""
+    known = _NAMESPACES.get(id(func))
+    if known is not None and known[0] is func:
+        return known[1]
+    namespace = _read_namespace(func)
+    if len(_NAMESPACES) >= _NAMESPACES_KEPT:
+        _NAMESPACES.clear()
+    _NAMESPACES[id(func)] = (func, namespace)
+    return namespace
+
+
+#: The namespace of each function :func:`_namespace` was asked of (None: no operator's), by its id, the function
+#: held beside it (so that its id is no other's), at most :data:`_NAMESPACES_KEPT` of them (then read afresh):
+#: torch's functions and operators, and a model's own. (No ``==`` nor hash of the model's objects runs.)
+_NAMESPACES: dict[int, tuple[Any, str | None]] = {}
+_NAMESPACES_KEPT = 4096
+
+
+def _read_namespace(func: Any) -> str | None:
     namespace = getattr(func, "namespace", None)
     if namespace is None and callable(overloads := getattr(func, "overloads", None)):  # a packet: its overloads'
         try:
@@ -1639,7 +1666,7 @@ class _Snapshot:
                     else:
                         self.big.append((t, _version(t)))
         #: the generators the modules hold, and those their code reads outside them (a class's, a global)
-        held_generators = {id(g): g for m in self.modules for g in vars(m).values() if isinstance(g, torch.Generator)}
+        held_generators = {id(g): g for m in self.modules for g in vars(m).values() if is_generator(g)}
         for g in code_generators(self.modules):
             held_generators.setdefault(id(g), g)
         self.generators = [(g, g.get_state()) for g in held_generators.values()]
@@ -1975,8 +2002,9 @@ def _watch(armed: queue.SimpleQueue[_Armed]) -> None:
 
 
 def _forget_watchdog() -> None:
-    global _WATCHED
+    global _WATCHED, _WATCHDOG_START
     _WATCHED = None
+    _WATCHDOG_START = threading.Lock()  # (a lock another thread held as the process forked stays held in the child)
 
 
 if hasattr(os, "register_at_fork"):  # (a forked child has no watchdog thread: it starts its own)
@@ -2834,7 +2862,7 @@ def _establish(
                 "Route by token choice (a top-k over experts per token)",
             )
         _refuse_chosen_tokens(name, probe, calls, anchor)
-        _refuse_rows_out_of_order(name, probe, calls, (anchor.ordinal,))
+        _refuse_rows_out_of_order(name, probe, calls, (anchor.ordinal,), seen=seen2)  # (its plain run: no other)
         used = calls[anchor.ordinal].k
 
         def unreached(slot: int) -> bool:  # on these inputs and on every other of their shape (rounding aside)
@@ -4126,7 +4154,9 @@ def _state_flipped(held: Sequence[tuple[nn.Module, bool, str, torch.Tensor]]) ->
                 m.__dict__[k] = v
 
 
-def _rows_order(probe: _Prober, calls: Sequence[Call], ordinals: Sequence[int]) -> torch.Tensor | None:
+def _rows_order(
+    probe: _Prober, calls: Sequence[Call], ordinals: Sequence[int], seen: _ProbeMode | None = None
+) -> torch.Tensor | None:
     """The token whose hidden state each row of the scores of the calls ``ordinals`` (their rows one after another)
     follows, by position; None where the runs tell nothing (a run that fails or makes other calls, rows that are not
     one per token, or a row that follows several tokens or none: a mix).
@@ -4134,7 +4164,9 @@ def _rows_order(probe: _Prober, calls: Sequence[Call], ordinals: Sequence[int]) 
     Proven by effect as for chunks (see :func:`_in_chunks`): the hidden states are changed on the tokens whose bit
     ``b`` of their position is 1, for every bit of the token count; where every row changes exactly with the tokens
     of its own position, the rows follow the tokens in order (or some rows are mixes: nothing to refuse either).
-    Only otherwise are the tokens whose bit is 0 changed too, to tell a row that follows one token from a mix."""
+    Only otherwise are the tokens whose bit is 0 changed too, to tell a row that follows one token from a mix.
+    ``seen``: the mode of a plain run of ``probe`` on its own inputs and state made already (the runs that establish
+    the decision make two), whose rows the changed runs are compared with; else one is made here."""
     found = _first_floating((probe.args, probe.kwargs))
     if found is None or any(o >= len(calls) for o in ordinals):
         return None
@@ -4143,10 +4175,11 @@ def _rows_order(probe: _Prober, calls: Sequence[Call], ordinals: Sequence[int]) 
     if sum(calls[o].rows for o in ordinals) != tokens or tokens < 2:
         return None
     signature = [c.signature for c in calls]
-    try:
-        _, seen = probe.run()
-    except Exception:
-        return None
+    if seen is None:
+        try:
+            _, seen = probe.run()
+        except Exception:
+            return None
     if [c.signature for c in seen.calls] != signature or len(seen.ins) < len(calls):
         return None
     base = [seen.ins[o].detach() for o in ordinals]
@@ -4207,7 +4240,12 @@ def _follows_tokens(of_row: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 def _refuse_rows_out_of_order(
-    name: str, probe: _Prober, calls: Sequence[Call], ordinals: Sequence[int], own: bool = True
+    name: str,
+    probe: _Prober,
+    calls: Sequence[Call],
+    ordinals: Sequence[int],
+    own: bool = True,
+    seen: _ProbeMode | None = None,
 ) -> None:
     """Refuse a decision made over its tokens in another order than theirs (``topk(gate(x[order]))`` or
     ``topk(gate(x.flip(0)))``, its results put back in token order after it): its rows are recorded and forced in
@@ -4220,14 +4258,15 @@ def _refuse_rows_out_of_order(
     later (permuted between blocks, or rotated by the router at each forward), unseen by the checks made as each
     block starts, so a decision whose rows follow them is refused. Runs that tell nothing keep the decision as it
     was established. The runs cost a forward of the router per bit of the token count, twice where it holds such
-    tensors, once when it is established."""
+    tensors, once when it is established. ``seen``: a plain run of ``probe`` made already, that the runs on its own
+    state compare with (see :func:`_rows_order`)."""
     found = _first_floating((probe.args, probe.kwargs))
     if found is None:
         return
     x = found[1]
     described = " + ".join(calls[o].describe() for o in ordinals if o < len(calls))
     if own:
-        of_row = _rows_order(probe, calls, ordinals)
+        of_row = _rows_order(probe, calls, ordinals, seen)
         if of_row is not None and not _follows_tokens(of_row, x):
             raise _refuse(
                 name,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import os
 import sys
 import threading
 import time
@@ -2404,3 +2405,107 @@ def test_a_probe_runs_time_limit_starts_no_thread_of_its_own(monkeypatch: pytest
     time.sleep(0.6)  # (past the stopped runs' deadlines and repeats: no stop is left to land in this thread)
     assert sum(range(10)) == 45
     assert len(started) <= 1, started
+
+
+@pytest.mark.reliability("faults")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_probe_runs_time_limit_still_stops_it_in_a_forked_child() -> None:
+    """The watchdog thread that stops probe runs past their limit is not forked with the process (a data-loader
+    worker, a launcher that forks): a child starts its own, so a run there that outlives its limit still stops
+    instead of hanging."""
+    from moe_replay import evidence
+
+    assert evidence._within(30.0, lambda: 1) == 1  # (the parent's watchdog, started)
+
+    def spin() -> None:
+        end = time.monotonic() + 60.0
+        while time.monotonic() < end:
+            pass
+
+    pid = os.fork()
+    if pid == 0:  # (the child: exit 0 where the limit stopped the run)
+        code = 1
+        try:
+            evidence._within(0.05, spin)
+        except evidence.ProbeTimeout:
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 50.0
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child's run past its limit was never stopped")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.reliability("faults")
+def test_each_function_a_probe_run_calls_is_read_for_its_operator_namespace_once() -> None:
+    """Every call of every probe run asks whether its function is another library's operator (refused where it may
+    choose out of sight) or a collective (refused before it runs): read once per function, the answer the same."""
+    from moe_replay import evidence
+
+    class Op:
+        reads = 0
+
+        @property
+        def namespace(self) -> str:
+            type(self).reads += 1
+            return "mylib"
+
+        def __call__(self) -> None:
+            return None
+
+    op = Op()
+    assert [evidence._namespace(op) for _ in range(5)] == ["mylib"] * 5
+    assert Op.reads == 1
+    assert evidence._foreign(op) and not evidence._foreign(torch.topk)
+    assert evidence._namespace(torch.ops.aten.topk) == evidence._namespace(torch.ops.aten.topk.default) == "aten"
+    assert evidence._namespace(torch.topk) is None and evidence._namespace(lambda: None) is None
+
+
+@pytest.mark.reliability("faults")
+def test_generators_are_told_from_other_values_as_isinstance_tells_them() -> None:
+    """The runs that establish a decision and tell a token order check every argument of every call for a generator
+    to put back: read without torch's own ``isinstance`` check of ``torch.Generator`` (Python, on each value), with
+    the same answer."""
+    from moe_replay._code_settings import is_generator
+
+    class Odd:
+        def __getattr__(self, name: str) -> Any:
+            raise KeyError(name)
+
+    for value in (torch.Generator(), torch.default_generator, torch.zeros(2), None, 3, "g", Odd(), torch.Generator):
+        assert is_generator(value) == isinstance(value, torch.Generator), value
+
+
+@pytest.mark.reliability("faults")
+def test_a_decision_is_established_with_no_more_plain_runs_than_its_noise_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The runs that establish a decision run the forward as it is twice (its calls, and the run-to-run noise); the
+    check that its rows follow the tokens in their order compares its changed runs with the second of those rather
+    than a third such run of its own (one forward fewer per router at the first step). The check still refuses rows
+    out of order (``test_a_single_top_k_over_tokens_in_an_order_no_setting_holds_is_refused_as_it_is_established`` in
+    test_decisions.py, and its neighbours)."""
+    from moe_replay import evidence
+
+    plain = {"runs": 0}
+    real = evidence._Prober.run
+
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        as_it_is = all(v is None or v is False or k == "trace" for k, v in kwargs.items())
+        if self.limit is None and not args and as_it_is:
+            plain["runs"] += 1  # (on the forward's own inputs, as they are: not those of the checks on other inputs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(evidence._Prober, "run", run)
+    model = RouterBlock(LoggingInRouter())
+    with mr.attach(model) as session, torch.no_grad():
+        session.verify(torch.randn(T, D, generator=torch.Generator().manual_seed(0)))
+    assert plain["runs"] == 2, plain
