@@ -362,3 +362,19 @@ def test_paired_benchmark_runs_the_no_copy_diagnostic_and_puts_the_ring_write_ba
     decode = json.loads(out.read_text())["decode"]
     assert set(decode) == {"capture_nocopy"} and decode["capture_nocopy"]["pairs"] > 0
     assert CaptureRing.write_eager is write  # the diagnostic patches the library only while it runs
+
+
+def test_first_step_benchmark_times_fresh_copies_and_leaves_the_model_as_it_was() -> None:
+    """The first captured step (decisions established, token order told) records the routes the second does, on
+    fresh copies of the model: the model handed in is left as it was, no session on it."""
+    pytest.importorskip("transformers")
+    from benchmarks.first_step import bench_first_step
+    from benchmarks.workloads import build_model
+
+    model, _ = build_model("qwen3", "smoke", torch.device("cpu"), torch.float32, layers=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = bench_first_step(model, batch=2, seq=4, reps=1)
+    assert out["checks"]["same_routes"]
+    assert set(out) >= {"plain", "first", "second", "one_off_wall_s", "one_off_cpu_s"}
+    assert not model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all("forward" not in m.__dict__ and not m._forward_hooks for m in model.modules())
