@@ -55,6 +55,7 @@ from torch import nn
 __all__ = [
     "HeldStamp",
     "OutsideState",
+    "assigned_on_others",
     "code_settings",
     "flag_buffers",
     "generators",
@@ -204,6 +205,60 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
                 out[f"{spelled} (held)"] = stamp
     out.update(flag_buffers(module))
     return out
+
+
+def assigned_on_others(module: nn.Module) -> frozenset[str]:
+    """The names of the attributes the code of ``module``'s forward assigns on objects other than the module itself,
+    a constant each time (``layer.collect_aux_loss = True`` over its layers, in nested functions and comprehensions
+    too, and in every function a wrapper's ``__wrapped__`` leads to): flags a model's forward sets on its submodules
+    for the forward, and may put back after it. Read from the code; nothing runs. torch's own modules assign none."""
+    cls = type(module)
+    if cls.__module__.partition(".")[0] in _NOT_FOLLOWED:
+        return frozenset()
+    out: set[str] = set()
+    for forward in (module.__dict__.get("forward"), getattr(cls, "forward", None)):
+        fn: Any = forward
+        for _ in range(8):  # (the forward, and what a wrapper of it wraps)
+            while isinstance(fn, types.MethodType | staticmethod | classmethod):
+                fn = fn.__func__
+            if not isinstance(fn, types.FunctionType):
+                break
+            found = _ASSIGNED_ON_OTHERS.get(fn.__code__)
+            if found is None:
+                found = _ASSIGNED_ON_OTHERS[fn.__code__] = _stores_on_others(fn.__code__)
+            out.update(found)
+            fn = vars(fn).get("__wrapped__")
+    return frozenset(out)
+
+
+#: what :func:`_stores_on_others` read, by code object
+_ASSIGNED_ON_OTHERS: dict[types.CodeType, frozenset[str]] = {}
+
+
+def _stores_on_others(code: types.CodeType) -> frozenset[str]:
+    """The attribute names ``code`` (and the code objects defined in it) assigns on an object other than its first
+    argument (a ``STORE_ATTR`` whose object is not loaded from that argument just before it), a constant each time
+    (``layer.flag = True``, ``layer.flag = None``): a flag set from the input or from state may read otherwise at
+    each forward, so a name that is ever assigned anything else is left out."""
+    constant: dict[str, bool] = {}
+    stack = [(code, True)]
+    while stack:
+        c, top = stack.pop()
+        me = c.co_varnames[0] if top and c.co_argcount else None
+        prev: list[tuple[str, Any]] = [("", None), ("", None)]
+        for ins in _instructions(c):
+            if ins.opname in _PASS:
+                continue
+            if ins.opname == "STORE_ATTR" and not (prev[-1][0].startswith("LOAD_FAST") and _local(prev[-1][1]) == me):
+                constant[ins.argval] = constant.get(ins.argval, True) and prev[-2][0] in _CONSTANTS
+            prev = [prev[-1], (ins.opname, ins.argval)]
+        stack.extend((k, False) for k in c.co_consts if isinstance(k, types.CodeType))
+    return frozenset(name for name, always in constant.items() if always)
+
+
+def _local(argval: Any) -> Any:
+    """The name a ``LOAD_FAST`` loads (of a pair loaded at once, the last)."""
+    return argval[-1] if isinstance(argval, tuple) else argval
 
 
 def written(module: nn.Module, forward: Any = None) -> frozenset[str]:

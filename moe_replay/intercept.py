@@ -444,6 +444,9 @@ class RouterHook:
     # established, until the forward that follows shows which keys that forward changes itself
     _settled: dict[tuple[bool, bool], dict[str, Any]] = field(default_factory=dict)
     _own: set[str] = field(default_factory=set)
+    # the flags the modules on the way to the scope set on it for their forward (see changed_setting) as its
+    # modules read them at the last block boundary, outside the forwards: None until read, or where none is set
+    _outside: dict[str, Any] | None = None
     _restless: bool = False  # it changes state the runs of _still_holds put back (its modules', a global count)
     _pending: tuple[tuple[bool, bool], dict[str, Any]] | None = None
     _decided: bool = False
@@ -772,10 +775,19 @@ class RouterHook:
         if mode in self.evidence:
             self._settled[mode] = {k: v for k, v in before.items() if not is_written(k, own)}
 
-    def changed_setting(self) -> str | None:
+    def changed_setting(self, around: frozenset[str] = frozenset()) -> str | None:
         """A setting of the scope changed since a decision in use was established (a cut turned on, a config
         flag that picks which call dispatches), in words; None when none did. A decision is established on
-        the settings of its forward: under others, another call may decide, or a choice may follow it."""
+        the settings of its forward: under others, another call may decide, or a choice may follow it. Read at
+        block boundaries, outside the forwards.
+
+        ``around``: the attribute names the code of the modules on the way from the model to the scope assigns on
+        other objects, a constant each time (see :func:`moe_replay._code_settings.assigned_on_others`). A setting
+        of such a name that reads otherwise now than when the decision was established inside a forward is a flag
+        the model's forward sets around its routers for the forward and puts back (MixtureKit's
+        ``collect_aux_loss``): the value the router ran under is the one read at its establishment, inside; outside,
+        it is compared with its value at the last block boundary instead, so a change of it between blocks (or
+        one left by a forward that did not put it back) still counts."""
         self._settle()
         code = self._changed_code()
         if code is not None:
@@ -784,8 +796,11 @@ class RouterHook:
             moved = self._chunks_moved(ev) if ev.chunks else None
             if moved is not None:
                 return moved
+        outside, self._outside = self._outside, _around_values(self.scope, around) if around else None
         if not self._settled:
             return None
+        # (the flags set around the routers read outside as at the last boundary: a change of any is a change)
+        kept = outside is not None and outside == self._outside
         now = _settings_and_held(self.scope)
         own = self._own
         for mode, then in self._settled.items():
@@ -793,6 +808,8 @@ class RouterHook:
                 continue
             for key in then.keys() | now.keys():
                 if then.get(key, _ABSENT) != now.get(key, _ABSENT) and not is_written(key, own):
+                    if kept and key.rsplit(".", 1)[-1] in around:
+                        continue  # (set by the model's forward around its routers, as it was outside before)
                     was, is_ = then.get(key, _ABSENT), now.get(key, _ABSENT)
                     return (
                         f"'{key}' of router '{self.name}' is {'unset' if is_ is _ABSENT else repr(is_)}, but was "
@@ -819,12 +836,12 @@ class RouterHook:
                 return f"{changed} (code that router '{self.name}' runs)"
         return None
 
-    def follow_settings(self) -> None:
+    def follow_settings(self, around: frozenset[str] = frozenset()) -> None:
         """Drop the decisions established under settings of the scope that changed since (see
-        :meth:`changed_setting`), or whose lean forwards reach code changed since: each is established again at
-        its mode's next forward. Run as a block starts."""
-        if self._settled or self._lean:
-            changed = self.changed_setting()
+        :meth:`changed_setting`, and ``around`` there), or whose lean forwards reach code changed since: each is
+        established again at its mode's next forward. Run as a block starts."""
+        if self._settled or self._lean or around:
+            changed = self.changed_setting(around)
             if changed is not None:
                 self.forget(every_mode=True, why=f"a change of its settings or code: {changed}")
 
@@ -2507,6 +2524,17 @@ def _fingerprint(
             (f"{prefix}{k[5:]}" if k.startswith("self.") else f"{prefix}{k}" if k.startswith("buffer ") else k, v)
             for k, v in read.items()
         )
+    return out
+
+
+def _around_values(scope: nn.Module, names: frozenset[str]) -> dict[str, Any]:
+    """The values of the attributes ``names`` as the scope's modules read them (their own, or their class's: looked
+    up statically, nothing of theirs runs), the plain ones, by the keys of :func:`_fingerprint`."""
+    out: dict[str, Any] = {}
+    for prefix, m in _scope_modules(scope):
+        for name in names:
+            value = inspect.getattr_static(m, name, _ABSENT)
+            out[prefix + name] = comparable(value) if is_setting(value) else type(value)
     return out
 
 

@@ -35,6 +35,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from . import _torch_compat
 from ._checks import check_flag, is_integer
+from ._code_settings import assigned_on_others
 from ._feeds import (
     FeedCheck,
     FeedForward,
@@ -1387,8 +1388,27 @@ class Session:
     def _follow_settings(self) -> None:
         """As a block starts: a router whose settings changed since its decision was established (a cut turned
         on, a config flag that picks which call dispatches) has it established again at its next forward."""
-        for h in self._hooks:
-            h.follow_settings()
+        for h, around in zip(self._hooks, self._around(), strict=True):
+            h.follow_settings(around)
+
+    def _around(self) -> list[frozenset[str]]:
+        """For each router, the attribute names the code of the modules on the way from the model to its scope assigns
+        on other objects, a constant each time (flags a forward sets around its routers: see
+        :meth:`RouterHook.changed_setting`). Read from the code, once per class and forward."""
+        model = self._model_ref()
+        if model is None:
+            return [frozenset()] * len(self._hooks)
+        memo: dict[int, frozenset[str]] = {}
+        out = []
+        for scope in self._scopes():
+            names: set[str] = set()
+            for m in _on_the_way(model, [scope]):
+                found = memo.get(id(m))
+                if found is None:
+                    found = memo[id(m)] = assigned_on_others(m)
+                names.update(found)
+            out.append(frozenset(names))
+        return out
 
     def _skeleton(self) -> dict[int, nn.Module]:
         """The modules on the way to the routers and their children as a block starts, for
@@ -1416,8 +1436,8 @@ class Session:
                 "recorded nor forced as this session's routers: change the model between blocks"
                 + (", and capture again (routes(allow_partial=True) reads the rows)" if what == "capture()" else "")
             ) from None
-        for h, before in zip(self._hooks, calls, strict=True):
-            changed = h.changed_setting()
+        for h, before, around in zip(self._hooks, calls, self._around(), strict=True):
+            changed = h.changed_setting(around)
             if changed is not None:
                 h.forget(every_mode=True, why=f"a change of its settings or code inside a block: {changed}")
                 if h.calls == before:  # it did not run in the block: established again at its next forward

@@ -970,25 +970,58 @@ class _SetsAround(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="false refusal: a flag the model's forward sets around its routers and puts back is read as a setting "
-    "changed inside the block",
-)
 def test_a_flag_the_forward_sets_around_its_routers_replays_exactly() -> None:
-    """The model's own forward sets a flag on its routed modules and puts it back after (MixtureKit collects its
-    balancing loss so): at every run of the router it reads the same, so nothing changed; the replay is exact.
-    Refused now as a setting changed inside the block: read as the block ends, outside the forward, it differs
-    from its value when the decision was established, inside it."""
+    """Once a false refusal: the model's own forward sets a flag on its routed modules and puts it back after
+    (MixtureKit collects its balancing loss so): at every run of the router it reads the same, so nothing changed,
+    but read as the block ended, outside the forward, it differed from its value when the decision was established,
+    inside it, and the block was refused as changed. A flag that the code of a module on the way to the router sets
+    (to a constant) is compared outside with its value at the last block boundary instead: the replay is exact."""
     _assert_exact(_SetsAround, _x(2, 6), reader=_experts_of, routers=1)
 
 
+class _SetsFromState(_SetsAround):
+    """As :class:`_SetsAround`, the flag set from the model's own attribute: at each forward it may read otherwise."""
+
+    collect = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            layer.collect_aux_loss = self.collect
+        try:
+            for layer in self.layers:
+                x = x + layer(x)
+        finally:
+            for layer in self.layers:
+                layer.collect_aux_loss = False
+        return x
+
+
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(strict=True, reason="false refusal: MixtureKit's collect_aux_loss, set around each forward")
+@pytest.mark.parametrize("case", ["set-from-state-switched", "set-around-and-top-k-changed"])
+def test_a_flag_set_around_the_routers_leaves_changes_inside_a_block_refused(case: str) -> None:
+    """What a forward sets around its routers is let pass only where its code sets a constant, and only that
+    setting: a flag set from the model's state, switched between two forwards of one block (the router runs under
+    another value), or another setting of the router changed between them (its ``k``), is refused as the block
+    ends, the model as it was."""
+    model: nn.Module = _SetsFromState() if case == "set-from-state-switched" else _SetsAround()
+    x = _x(2, 6)
+    with mr.attach(model) as session, torch.no_grad():
+        with pytest.raises(mr.SessionStateError, match="changed inside this capture"):
+            with session.capture():
+                model(x)
+                if case == "set-from-state-switched":
+                    model.collect = False
+                else:
+                    model.layers[0].gate.out_features = E + 1
+                model(x)
+
+
+@pytest.mark.reliability("silent replays")
 def test_mixturekit_traditional_moe_replays(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """MixtureKit's traditional MoE built from two tiny Qwen3 checkpoints (its own merge and modeling code, loaded
-    with ``trust_remote_code``): its ``gate`` found, the capture and the replay of the same input the same
-    output. Refused now: see :func:`test_a_flag_the_forward_sets_around_its_routers_replays_exactly`."""
+    """Once a false refusal (its ``collect_aux_loss``, set around each forward: see
+    :func:`test_a_flag_the_forward_sets_around_its_routers_replays_exactly`): MixtureKit's traditional MoE built
+    from two tiny Qwen3 checkpoints (its own merge and modeling code, loaded with ``trust_remote_code``): its
+    ``gate`` found, the capture and the replay of the same input the same output."""
     kit = pytest.importorskip("MixtureKit")
     transformers = pytest.importorskip("transformers")
     paths = []
