@@ -51,7 +51,11 @@ entries as a bank holds, not along the input's tokens: experts kept at random by
 hand, one probability for all, is none).
 A ranking or draw along the input's tokens of scores with another dimension as wide as a bank on the path, not the
 input's: each expert taking its tokens (expert choice; a top-k along each sequence of a batch, Mixture-of-Depths, has
-the batch there). And in attention, a decision-like call (a top-k, an arg-max, a ``max``'s indices, a ranking) along
+the batch there); where that other dimension is made by a weight (learned routing tokens, maybe merged with the batch)
+and the nearest module on the path holding a grouped convolution computes one group per routing token, attention too:
+attention experts as a convolution's groups, each taking its tokens (mixture-of-attention; one routing token, CoLT5's
+heavy tokens, has no groups; a top-k over each query's keys has the queries there, as many as the keys). And in
+attention, a decision-like call (a top-k, an arg-max, a ``max``'s indices, a ranking) along
 a dimension a weight made (a projection's outputs, not
 the keys nor the tokens, which are the input's), whatever the width, is followed: where its indices make a mask of
 the chosen entries (a one-hot, a scatter) or pick an expert's weights (a weight of three or more dimensions), heads or
@@ -413,6 +417,8 @@ class OrphanWatch(TorchFunctionMode):
         self.cdf: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         #: uniform draws (``rand``, ``rand_like``), whose comparison with probabilities is a Bernoulli draw by hand
         self.uniform: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
+        #: the grouped convolutions each module holds, by its name, as read (see :meth:`_grouped_experts`)
+        self.grouped: dict[str, list[tuple[str, int]]] = {}
 
     def seed(self, args: Iterable[Any], kwargs: dict[str, Any] | None = None) -> None:
         """Mark the dimensions of the tensors the watched forward is called with as the input's (tokens, batch,
@@ -688,6 +694,56 @@ class OrphanWatch(TorchFunctionMode):
                 what = f"{name} along the tokens for each expert (expert choice),"
                 if self._vector_found(what, int(x.shape[i]), "among", "experts"):
                     return
+        widths = {int(x.shape[i]) for i in range(x.dim()) if i != dim and labels[i] == WEIGHT and x.shape[i] >= 2}
+        per_query = any(i != dim and labels[i] == DATA and x.shape[i] == x.shape[dim] for i in range(x.dim()))
+        if widths and not per_query:  # (a choice among keys for each query, as many as they: attention's top-k)
+            self._grouped_choice(func, widths)
+
+    def _grouped_choice(self, func: Any, widths: set[int]) -> None:
+        """Note a ranking along the input's tokens for each of several learned scorers (a dimension of the scores made
+        by a weight, ``widths`` wide, maybe merged with the batch's) where the nearest module on the path that holds
+        a grouped convolution computes as many experts as groups, one per scorer (a multiple of them): each expert
+        taking its tokens, attention experts too (mixture-of-attention's groups). A plain attention's top-k over keys
+        (its heads are no convolution's groups), a depthwise convolution (one channel a group) or a choice by one
+        scorer (CoLT5's heavy tokens) is none."""
+        name, _ = _calling_module(self.names, 3)
+        if name is None or self._known(name) or self._in_one_expert(name):
+            return
+        found = self._grouped_experts(name)
+        hit = next(((conv, g) for conv, g in found if any(w % g == 0 for w in widths)), None)
+        if hit is None:
+            return
+        what = (
+            f"'{name}' ({type(self.modules[name]).__name__}): {getattr(func, '__name__', 'ranking')} along the tokens "
+            f"for each of {hit[1]} experts (expert choice), computed as the {hit[1]} groups of the grouped "
+            f"convolution '{hit[0]}', at {_where()}"
+        )
+        if what not in self.found:
+            self.found.append(what)
+
+    def _grouped_experts(self, name: str) -> list[tuple[str, int]]:
+        """The grouped convolutions (of two groups or more, two channels or more in and out of each) that the nearest
+        module on the path of ``name`` (itself first, not the model) holding any holds, by name, with their groups."""
+        parts = name.split(".") if name else []
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in self.grouped:
+                found = self.grouped[prefix]
+                if found:
+                    return found
+                continue
+            found = self.grouped[prefix] = [
+                (f"{prefix}.{sub}" if sub else prefix, int(m.groups))
+                for sub, m in self.modules[prefix].named_modules()
+                if isinstance(m, _CONV)
+                and int(m.groups) >= 2
+                and m.in_channels // m.groups >= 2
+                and m.out_channels // m.groups >= 2
+                and not self._known(f"{prefix}.{sub}" if sub else prefix)
+            ]
+            if found:
+                return found
+        return []
 
     def _head_choice(self, name: str, x: Any) -> bool:
         """Is a decision-like call in attention (outside attached and excluded modules) one along a learned projection's

@@ -751,12 +751,17 @@ def test_colt5_heavy_tokens_beside_a_found_router_replay_exactly(case: str) -> N
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(strict=True, reason="expert choice among tokens in attention (mixture-of-attention) is left native")
 def test_mixture_of_attention_beside_a_found_router_is_refused() -> None:
-    """mixture-of-attention's ``MixtureOfAttention``: each of 3 attention experts (groups of one grouped
+    """Once silent: mixture-of-attention's ``MixtureOfAttention``: each of 3 attention experts (groups of one grouped
     convolution) takes its top tokens by a coordinate descent: expert choice, which a replay of the found router
-    leaves free. Beside a found router it should be refused, as expert choice in a feedforward layer is."""
-    _assert_refused(_Beside(_mixture_of_attention), _x(2, 8), r"'table")
+    leaves free. Beside a found router it is refused, as expert choice in a feedforward layer is, naming the grouped
+    convolution whose groups are the experts."""
+    _assert_refused(
+        _Beside(_mixture_of_attention),
+        _x(2, 8),
+        r"'table\.query_router' \(CoordinateDescentRouter\): topk along the tokens for each of 3 experts "
+        r".*'table\.attn",
+    )
 
 
 # ----------------------------------------------------------------------- OLMo-core: MoELinearRouter

@@ -1328,3 +1328,95 @@ def test_the_watch_judges_the_forwards_calls_not_those_that_establish_a_decision
     assert counts[0]["establishing"] == 0, counts
     assert counts[1]["forward"] > 0, counts  # (the watch ran)
     assert counts[0]["forward"] < 2 * counts[1]["forward"], counts
+
+
+class ExpertChoiceAttention(nn.Module):
+    """Attention experts that each take their tokens (mixture-of-attention's form): ``routes`` learned routing
+    tokens score the tokens, each keeps its top 3 along them, and the experts' projections are the groups of
+    grouped convolutions, one group per routing token. With one routing token (CoLT5's heavy tokens) there are no
+    groups: one branch, no experts."""
+
+    def __init__(self, routes: int = 2) -> None:
+        super().__init__()
+        self.routes = routes
+        self.routing_tokens = nn.Parameter(torch.randn(routes, D))
+        self.to_qkv = nn.Conv1d(D * routes, 3 * D * routes, 1, groups=routes, bias=False)
+        self.to_out = nn.Conv1d(D * routes, D * routes, 1, groups=routes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, n, D]
+        b, g = x.shape[0], self.routes
+        scores = torch.einsum("bnd,gd->bgn", x, self.routing_tokens)
+        w, idx = scores.sigmoid().topk(3, dim=-1)  # [b, g, 3]: each routing token's tokens
+        rows = torch.gather(x[:, None].expand(-1, g, -1, -1), 2, idx[..., None].expand(-1, -1, -1, D))
+        q, k, v = self.to_qkv(rows.permute(0, 1, 3, 2).reshape(b, g * D, 3)).view(b, g, 3, D, 3).unbind(2)
+        att = (q.transpose(-1, -2) @ k).softmax(-1) @ v.transpose(-1, -2)  # [b, g, 3, D]
+        out = self.to_out(att.permute(0, 1, 3, 2).reshape(b, g * D, 3)).view(b, g, D, 3).permute(0, 1, 3, 2)
+        at = idx.reshape(b, -1, 1).expand(-1, -1, D)
+        return torch.zeros_like(x).scatter_add(1, at, (w[..., None] * out).reshape(b, -1, D))
+
+
+class TopKAttention(nn.Module):
+    """A plain attention of 2 heads keeping each query's top 3 keys (a sparse pattern), its heads mixed by a grouped
+    convolution, one group per head: a choice among keys, no experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * D)
+        self.mix = nn.Conv1d(D, D, 1, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, n, D]
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, D // 2).permute(2, 0, 3, 1, 4)  # [b, 2, n, D/2] each
+        scores = q @ k.transpose(-1, -2)  # [b, 2, n, n]
+        top, at = scores.topk(3, dim=-1)
+        kept = torch.full_like(scores, float("-inf")).scatter(-1, at, top)
+        out = (kept.softmax(-1) @ v).transpose(1, 2).reshape(b, n, D)
+        return self.mix(out.transpose(1, 2)).transpose(1, 2)
+
+
+class BatchedFFN(FFN):
+    """:class:`FFN` over ``[b, n, D]``, keeping the experts it dispatched to last (``went``)."""
+
+    def dispatch(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        self.went = idx.sort(-1).values
+        return super().dispatch(x, w, idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, D)).view_as(x)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("mixer", ["expert-choice", "one-routing-token", "top-k-attention"])
+def test_expert_choice_among_tokens_in_attention_is_refused_and_a_choice_among_keys_is_not(mixer: str) -> None:
+    """Once silent (mixture-of-attention beside a found router): attention experts, computed as the groups of
+    grouped convolutions, each taking its tokens by a top-k along them for its routing token, were left native in
+    attention while the found router replayed. Now refused, naming the module; with one routing token (CoLT5's
+    heavy tokens, no groups) or a top-k over each query's keys beside a grouped convolution (no experts), the
+    router's replay is exact and nothing else is refused."""
+    torch.manual_seed(0)
+    make = {"expert-choice": ExpertChoiceAttention, "one-routing-token": lambda: ExpertChoiceAttention(1)}
+    model = nn.Sequential(Layer(make.get(mixer, TopKAttention)(), BatchedFFN()))
+    x = torch.randn(2, 8, D)
+    if mixer == "expert-choice":
+        before = snapshot(model)
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'0\.attention' \(ExpertChoiceAttention\): topk along"):
+            with mr.attach(model) as session, session.capture():
+                model(x)
+        assert_untouched(model, before)
+        return
+    ffn = model[0].mlp
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            ref = model(x)
+        routes = session.routes()
+        assert routes.names == ("0.mlp.gate",)
+        recorded = routes.layer("0.mlp.gate").long().sort(-1).values
+        assert torch.equal(ffn.went, recorded)
+        with session.replay(routes):
+            assert torch.equal(model(x), ref)
+        perturb_routers(session, scale=3.0)
+        model(x)
+        assert not torch.equal(ffn.went, recorded)  # (the perturbed router chooses otherwise natively)
+        with session.replay(routes):
+            model(x)
+        assert torch.equal(ffn.went, recorded)
