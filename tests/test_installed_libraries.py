@@ -1002,12 +1002,12 @@ class _SetsFromState(_SetsAround):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("case", ["set-from-state-switched", "set-around-and-top-k-changed"])
+@pytest.mark.parametrize("case", ["set-from-state-switched", "set-around-and-a-setting-changed"])
 def test_a_flag_set_around_the_routers_leaves_changes_inside_a_block_refused(case: str) -> None:
     """What a forward sets around its routers is let pass only where its code sets a constant, and only that
     setting: a flag set from the model's state, switched between two forwards of one block (the router runs under
-    another value), or another setting of the router changed between them (its ``k``), is refused as the block
-    ends, the model as it was."""
+    another value), or another setting of the router changed between them (its gate's ``out_features``), is refused
+    as the block ends."""
     model: nn.Module = _SetsFromState() if case == "set-from-state-switched" else _SetsAround()
     x = _x(2, 6)
     with mr.attach(model) as session, torch.no_grad():
