@@ -2194,11 +2194,13 @@ def _communicates(name: str, scope: nn.Module, call: str, tokens: bool = True) -
 
 class _BackwardWatch(TorchFunctionMode):
     """The decision-like calls a backward makes over ``width`` (the experts) in the backward code of the forward's
-    autograd Functions, each described; with ``move``, each answered with its indices moved to other experts (see
-    :func:`_changed`), its values kept. A forward recomputed in the backward (an activation checkpoint inside the
-    scope) runs with gradients on, and is the forward's own calls again: not watched."""
+    autograd Functions, each described; with ``move="indices"``, each answered with its indices moved to other
+    experts (see :func:`_changed`), its values kept; with ``move="values"``, each that returns values answered with
+    its values moved (see :func:`_changed_values`), its indices kept. A forward recomputed in the backward (an
+    activation checkpoint inside the scope) runs with gradients on, and is the forward's own calls again: not
+    watched."""
 
-    def __init__(self, width: int, move: bool) -> None:
+    def __init__(self, width: int, move: str | None) -> None:
         super().__init__()
         self.width, self.move = width, move
         self.seen: list[str] = []
@@ -2214,7 +2216,11 @@ class _BackwardWatch(TorchFunctionMode):
         if found is None or found[2] != self.width:
             return out
         self.seen.append(f"{found[0]} over {found[2]} at {_where()}")
-        return _changed(found[0], out, found[2]) if self.move else out
+        if self.move == "indices":
+            return _changed(found[0], out, found[2])
+        if self.move == "values" and isinstance(out, tuple) and len(out) == 2:
+            return _changed_values(out)
+        return out
 
 
 def _requiring(obj: Any, depth: int = 0) -> Any:
@@ -2239,13 +2245,14 @@ def _requiring(obj: Any, depth: int = 0) -> Any:
 def _refuse_backward_choice(name: str, probe: _Prober, ev: Evidence) -> None:
     """Refuse a router whose backward chooses again: a decision-like call over its experts in the backward code of
     an autograd Function of its forward (a top-k of the saved scores, taken again to place the gradient) whose
-    indices reach the gradients. A replay answers the forward's decision only: such a backward would send the
-    router's gradients to the experts the current scores choose, not the forced ones.
+    indices, or values beyond rounding, reach the gradients. A replay answers the forward's decision only: such a
+    backward would send the router's gradients to the experts the current scores choose, not the forced ones.
 
     One run of the forward on its own inputs with gradients (its floating inputs as leaves that require them, so
     that the backward reaches every call of the forward; not the parameters, whose hooks and ``.grad`` stay as they
     were), then its backward from fixed random output gradients to those inputs, watched (see
-    :class:`_BackwardWatch`); where it makes such a call, the backward again with that call's indices moved."""
+    :class:`_BackwardWatch`); where it makes such a call, the backward again with that call's indices moved, then
+    with its values moved (a threshold at the k-th largest score chooses by values alone)."""
     made: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -2272,7 +2279,7 @@ def _refuse_backward_choice(name: str, probe: _Prober, ev: Evidence) -> None:
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype) for t in outs]
 
-    def backward(move: bool, last: bool = False) -> tuple[Any, list[str]]:
+    def backward(move: str | None, last: bool = False) -> tuple[Any, list[str]]:
         watch = _BackwardWatch(ev.num_experts, move)
         NESTING.probing += 1
         try:
@@ -2284,29 +2291,67 @@ def _refuse_backward_choice(name: str, probe: _Prober, ev: Evidence) -> None:
         return got, watch.seen
 
     try:
-        native, seen = backward(False)
+        native, seen = backward(None)
         if not seen:
             return
-        again, _ = backward(False)
+        again, _ = backward(None)
     except Exception:  # (a backward that fails natively fails for its caller too)
         return
     noise, _ = _distance(native, again)
     try:
-        moved, _ = backward(True, last=True)
+        moved, _ = backward("indices")
         worst, _ = _distance(native, moved)
     except Exception:  # (a backward that cannot run on other indices reads them)
         worst = math.inf
+    how = "indices"
     if worst <= (0.0 if noise == 0 else 16 * noise):
-        return
+        # a choice made again by its values alone (a threshold at the k-th largest score, the gradient placed where
+        # the scores reach it) follows the current scores as well; a value read for numerical stability (a row's
+        # maximum subtracted before an exponential) moves the gradients by rounding only
+        how = "values"
+        try:
+            shifted, _ = backward("values", last=True)
+            beyond = _moved_past_rounding(native, shifted, noise)
+        except Exception:  # (a backward that cannot run on other values reads them)
+            beyond = True
+        if not beyond:
+            return
     raise _refuse(
         name,
         ev.calls,
-        f"its backward chooses among its experts again ({seen[0]}), in the backward of an autograd Function of its "
-        "forward, and the gradients follow that choice: a replay forces the forward's decision only, so the "
+        f"its backward chooses among its experts again ({seen[0]}, by its {how}), in the backward of an autograd "
+        "Function of its forward, and the gradients follow that choice: a replay forces the forward's decision "
+        "only, so the "
         "router's gradients would go to the experts the current scores choose, not to the forced ones",
         "Place the gradient at the experts the forward chose: save the indices the forward's top-k returns "
         "(ctx.save_for_backward(indices)) and scatter the gradient at them in backward, instead of choosing again",
     )
+
+
+def _moved_past_rounding(native: Any, moved: Any, noise: float) -> bool:
+    """Are the gradients ``moved`` apart from ``native`` by more than rounding (the square root of their dtype's
+    epsilon, relative to each tensor's largest magnitude) and more than ``noise`` (two native runs apart)?"""
+    la, lb = _leaves(native, []), _leaves(moved, [])
+    if len(la) != len(lb):
+        return True
+    for a, b in zip(la, lb, strict=True):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return True
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                return True
+            continue
+        x, y = a.detach().double(), b.detach().double()
+        if bool(((x - y).isnan() & ~(x.isnan() & y.isnan())).any()):
+            return True
+        scale = float(x.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).max()) if x.numel() else 0.0
+        tol = max(16 * noise, math.sqrt(torch.finfo(a.dtype).eps) * scale)
+        diff = (x - y).abs().masked_fill(x == y, 0.0).nan_to_num(nan=0.0)
+        if x.numel() and float(diff.max()) > tol:
+            return True
+    return False
 
 
 class _LocalOnly(TorchFunctionMode):

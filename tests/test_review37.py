@@ -1,0 +1,184 @@
+"""Adversarial review of a round's changes: a router whose backward chooses its experts again by their values, the
+backwards that read a decision-like call's values legitimately, and a cache of plain tensors whose rows a beam
+search reorders by hand.
+
+Each case must be exact (forced rows, the output and gradients of a replay written by hand) or refused with a
+``MoEReplayError``: never silent, and never a refusal of an exact replay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import moe_replay as mr
+
+from .test_decisions4 import Router, _decide, outcome
+
+
+# ------------------------------------------------------------------------ a backward that chooses again by values
+class _ThresholdTopK(torch.autograd.Function):
+    """Top-k whose backward finds the chosen experts again by value: each gradient slot goes where the saved scores
+    equal the k largest (a threshold at the k-th largest, no indices read)."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        vals, idx = scores.topk(k, dim=-1)
+        ctx.save_for_backward(scores)
+        ctx.k = k
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _: Any) -> tuple[torch.Tensor, None]:
+        (scores,) = ctx.saved_tensors
+        top = scores.topk(ctx.k, dim=-1).values
+        out = torch.zeros_like(scores)
+        for j in range(ctx.k):
+            out = out + (scores == top[..., j : j + 1]) * grad[..., j : j + 1]
+        return out, None
+
+
+class BackwardChoosesByValues(Router):
+    """The top-k in a custom autograd Function whose backward places the gradient at the experts whose saved scores
+    are the k largest, found by value."""
+
+    def route(self, x: torch.Tensor, forced: torch.Tensor | None) -> Any:
+        probs = self.logits(x).softmax(-1)
+        vals, idx = _ThresholdTopK.apply(probs, self.top_k) if forced is None else _decide(probs, self.top_k, forced)
+        self.decision = idx
+        return vals, idx
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_decision_taken_again_by_its_values_in_backward_is_refused() -> None:
+    """Once silent: a custom autograd Function whose backward finds its top-k again by value (the saved scores
+    compared with the k largest, no index read) places the router's gradients at the experts the current scores
+    choose, not at the forced ones; moving the indices of its backward's top-k changed nothing, so it was not seen.
+    Its values moved move the gradients far past rounding: refused, naming the call in its backward."""
+    got = outcome(BackwardChoosesByValues)
+    assert got.startswith("refused:") and "its backward chooses among its experts again" in got, got
+    assert "by its values" in got and "test_review37.py" in got, got
+
+
+# ------------------------------------------------------------------ backwards that read values for stability only
+class _StableSoftmax(torch.autograd.Function):
+    """A softmax whose backward computes it again stably: the row maximum (``max(...).values``) subtracted."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits)
+        return logits.softmax(-1)
+
+    @staticmethod
+    def again(logits: torch.Tensor) -> torch.Tensor:
+        e = (logits - logits.max(-1, keepdim=True).values).exp()
+        return e / e.sum(-1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (logits,) = ctx.saved_tensors
+        y = _StableSoftmax.again(logits)
+        return y * (grad - (grad * y).sum(-1, keepdim=True))
+
+
+class _SortedSoftmax(_StableSoftmax):
+    """The same, its shift the first of the logits sorted (``sort(...)`` values, descending)."""
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (logits,) = ctx.saved_tensors
+        top = logits.sort(-1, descending=True).values[..., :1]
+        e = (logits - top).exp()
+        y = e / e.sum(-1, keepdim=True)
+        return y * (grad - (grad * y).sum(-1, keepdim=True))
+
+
+class _StraightThroughTopK(torch.autograd.Function):
+    """A one-hot of the top-k forward, the gradient passed through to every expert backward."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = scores.topk(k, dim=-1).indices
+        ctx.mark_non_differentiable(idx)
+        return torch.zeros_like(scores).scatter(-1, idx, 1.0), idx
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _: Any) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class StableSoftmaxBackward(Router):
+    """Softmax by a custom Function whose backward reads each row's maximum for stability; then the top-k."""
+
+    function: Any = _StableSoftmax
+
+    def route(self, x: torch.Tensor, forced: torch.Tensor | None) -> Any:
+        probs = self.function.apply(self.logits(x))
+        vals, idx = _decide(probs, self.top_k, forced)
+        self.decision = idx
+        return vals, idx
+
+
+class SortedSoftmaxBackward(StableSoftmaxBackward):
+    """The same, its backward's shift read from a sort."""
+
+    function = _SortedSoftmax
+
+
+class StraightThroughFunction(Router):
+    """A straight-through top-k written as a custom Function: dense one-hot gates times the probabilities."""
+
+    def route(self, x: torch.Tensor, forced: torch.Tensor | None) -> Any:
+        probs = self.logits(x).softmax(-1)
+        if forced is None:
+            hard, idx = _StraightThroughTopK.apply(probs, self.top_k)
+        else:
+            idx = forced.long()
+            hard = torch.zeros_like(probs).scatter(-1, idx, 1.0) + probs - probs.detach()
+        self.decision = idx
+        return hard * probs
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "make", [StableSoftmaxBackward, SortedSoftmaxBackward, StraightThroughFunction], ids=lambda c: c.__name__
+)
+def test_a_backward_that_reads_values_for_stability_or_passes_the_gradient_through_is_exact(make: Any) -> None:
+    """No false refusal: a backward whose ``max`` or ``sort`` over the experts gives only a shift for a stable
+    exponential (its values moved change the gradients by rounding), and a straight-through Function whose backward
+    makes no choice, replay exactly."""
+    assert outcome(make) == "exact"
+
+
+# ------------------------------------------------------------------------ a plain cache reordered by a beam search
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a cache of plain tensors whose batch rows a beam search of one's own reorders (index_select on the "
+    "cache's batch dimension between forwards) is a new tensor like a rebuilt copy: no method shows the move, so "
+    "split_generation without sequences= splits the rows of two beams as one sequence's",
+)
+def test_a_plain_tensor_cache_whose_rows_a_beam_search_reorders_is_refused_or_split_by_beam() -> None:
+    """A decode loop of one's own that swaps its two beams after a few steps (the cache's rows and the next tokens
+    ``index_select``-ed, as beam search reorders them): the rows after the swap of batch row 0 continue the other
+    sequence. Splitting the capture per batch row without ``sequences=`` must be refused (a cache object's
+    ``reorder_cache`` is)."""
+    model = mr.models.build("softmax_topk")
+    prompt = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(4))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model(prompt, use_cache=True)
+            cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for t in range(4):
+                out = model(step, past_key_values=cache, use_cache=True)
+                cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                if t == 1:
+                    beams = torch.tensor([1, 0])
+                    cache = [tuple(x.index_select(0, beams) for x in layer) for layer in cache]
+                    step = step.index_select(0, beams)
+        capture = session.routes()
+        with pytest.raises(mr.MoEReplayError):
+            mr.split_generation(capture, batch_size=2, prompt_len=1)
