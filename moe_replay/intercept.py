@@ -2034,8 +2034,12 @@ class OrderStop(BaseException):
         self.rows = rows
 
 
-class OrderProbe:
+class OrderProbe(threading.local):
     """The thread running a token-order probe forward (:func:`moe_replay._feeds.token_order`), or None.
+
+    Its fields are each thread's own: sessions on other models in other threads probe their token orders at the
+    same time (each session's lock serialises its own blocks only), and one thread's probe must neither stop the
+    other's routers nor lose its own mark (its runs would then record rows as a block's forward).
 
     While it is set, the first router scope that this thread's forward reaches raises :class:`OrderStop` with
     its input as ``[rows, features]``, before anything of the router runs. Where ``check`` is set too, the forward
@@ -2045,8 +2049,6 @@ class OrderProbe:
     another) hands ``note`` its scope module and input rows, then runs its own forward, plain (it records and
     forces nothing), until ``note`` returns True (the probe then stops there, as at a first router).
     """
-
-    __slots__ = ("check", "depth", "note", "thread")
 
     def __init__(self) -> None:
         self.thread: int | None = None
@@ -2080,8 +2082,8 @@ class OrderProbe:
         return None
 
 
-#: the probe of the token order in which the routers see a forward's tokens (one at a time: it runs under the
-#: lock of the session's blocks, in one thread)
+#: the probe of the token order in which the routers see a forward's tokens (one at a time in each thread: it runs
+#: under the lock of the session's blocks; each thread's fields its own)
 ORDER_PROBE = OrderProbe()
 
 

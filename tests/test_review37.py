@@ -8,6 +8,7 @@ Each case must be exact (forced rows, the output and gradients of a replay writt
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -182,3 +183,58 @@ def test_a_plain_tensor_cache_whose_rows_a_beam_search_reorders_is_refused_or_sp
         capture = session.routes()
         with pytest.raises(mr.MoEReplayError):
             mr.split_generation(capture, batch_size=2, prompt_len=1)
+
+
+# ------------------------------------------------------------------ first captures of sessions in several threads
+def _first_captures_at_once(models: list[torch.nn.Module], tokens: list[torch.Tensor]) -> dict[int, Any]:
+    """Each model's first capture of its tokens, in a thread of its own, every thread entering it at once: the
+    routes by model, or the errors raised (``"errors"``)."""
+    got: dict[int, Any] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(models))
+
+    def work(i: int) -> None:
+        try:
+            session = mr.attach(models[i])
+            barrier.wait()
+            with session.capture(), torch.no_grad():
+                models[i](tokens[i])
+            got[i] = session.routes()
+            session.detach()
+        except BaseException as exc:  # (reported by the test, from its own thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return got
+
+
+@pytest.mark.reliability("concurrency")
+def test_first_captures_of_sessions_on_models_of_their_own_in_threads_at_once_record_their_own_rows() -> None:
+    """Once silent: three threads, each with a model and a session of its own, entering their first capture at once.
+    A block's first forward learns the order its routers see the tokens in by probe runs of the model that stop at
+    the first router; the mark of the thread running such a probe was one for the whole process, so another thread's
+    probe took it over, and the first thread's probe runs went on through its routers and recorded their rows (48
+    rows for a forward of 16 tokens: the forward's own twice, and those of a probe's changed token). Each thread's
+    mark is its own: every capture equals the one its model records alone."""
+    n = 3
+    tokens = [torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+    def build(i: int) -> torch.nn.Module:
+        return mr.models.build("softmax_topk", num_layers=2, expert_impl="dense", seed=i)
+
+    alone = []
+    for i in range(n):
+        model = build(i)
+        with mr.attach(model) as session, session.capture(), torch.no_grad():
+            model(tokens[i])
+        alone.append(session.routes())
+    for _ in range(2):  # (rounds of fresh sessions, each thread's first capture meeting the others')
+        got = _first_captures_at_once([build(i) for i in range(n)], tokens)
+        for i in range(n):
+            assert got[i].num_tokens == alone[i].num_tokens, (i, got[i], alone[i])
+            assert got[i].equal(alone[i]), i
