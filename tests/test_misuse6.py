@@ -112,8 +112,8 @@ def test_a_model_called_beside_the_attached_models_forward_gets_no_token_ids_of_
     every router made as many calls of as many rows, so the ids of the language model's forwards were given to the
     reference's rows too, recorded in other forwards on other tokens. Its rows replayed on a session of the
     reference alone, on the batches the ids name, then forced the experts of one batch on the other unchecked. Now
-    the reference's rows are known as recorded outside every forward of the policy (refused where a forward reads
-    them), the language model's keep their ids, and a replay in the captured order forces both exactly."""
+    the reference's forwards are seen at a level of their own (its rows keep the ids of its own forwards), the
+    language model's keep theirs, and a replay in the captured order forces both exactly."""
     lm, ref = _model(), mr.models.build("softmax_topk", num_layers=2, seed=1)
     policy = _Policy(lm, ref)
     x1, x2 = _ids(1), _ids(2)
@@ -207,13 +207,6 @@ def test_scores_kept_on_models_held_together_get_their_own_forwards_mask() -> No
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a model held beside the attached module's forward and called on its own (a reference model next to the "
-    "policy whose forward runs the language model) is no level of the session: its forwards are not seen, its rows "
-    "are read as a router's calls outside every forward (the token of no forward, read in order), so its batches "
-    "swapped between capture and replay are forced on each other unchecked",
-)
 def test_a_model_called_beside_the_attached_models_forward_is_refused_on_swapped_batches() -> None:
     """The reference beside a policy's forward, captured on x2 then x1 and replayed on x1 then x2 (the policy in
     order): its rows would force x2's experts on x1. Expected: refused, as the policy's own swapped batches are."""
