@@ -93,6 +93,13 @@ SHRINKS = ("crop", "reset")
 HELD_FEWER = "held fewer tokens as a forward began than as the forward before it ended"
 #: how a cache of plain tensors sliced back between two forwards is named (see ``FeedRecord._plain_given``)
 PLAIN_SLICED = f"a cache of plain tensors, sliced back: it {HELD_FEWER}"
+#: how a cache of plain tensors given back with its batch rows moved is named (see ``FeedRecord._plain_given``)
+PLAIN_REORDERED = (
+    "a cache of plain tensors given to a forward with batch rows of the cache the forward before it returned at other "
+    "rows (index_select on its batch dimension)"
+)
+#: the values of each position of a batch row that tell the rows of a cache of plain tensors apart (see ``_row_sample``)
+_SAMPLED = 4
 #: a model's own method that reorders its KV cache's rows: transformers' beam search calls it where a model
 #: class defines it, instead of the cache's reorder_cache (remote-code models do)
 MODEL_MOVES = ("_reorder_cache",)
@@ -273,6 +280,13 @@ class FeedRecord:
         #: tensors the forward before returned in its cache, each (weakly) with the dimension it grew them along
         self._plain_in: list[tuple[int, ...]] | None = None
         self._plain_out: list[tuple[weakref.ref[torch.Tensor], int]] | None = None
+        #: the first tensor of the cache of plain tensors the forward before returned, as (its shape, its storage's
+        #: address, the dimension of its tokens, a few of its values at every token of each batch row: ``_row_sample``),
+        #: for the next forward; and whether a forward was given one whose batch rows are those of the one returned
+        #: before it at other rows (a bool, or a 0-d tensor on the device, read with the routes: see :attr:`reordered`)
+        self._plain_rows: tuple[tuple[int, ...], int, int, torch.Tensor] | None = None
+        self._reordered: bool | torch.Tensor = False
+        self._shape_fed: torch.Size | None = None  # (the [batch, positions] of the forward fed last, where it has one)
         self._keep_inputs = keep_inputs
         #: a forward of this capture fed embeddings of several sequences of several positions: the order its routers
         #: saw them in is not told (its rows are in that order: see ``Routes._order_untold``)
@@ -343,6 +357,7 @@ class FeedRecord:
         """
         count, ids, fed = _inputs(args, kwargs)
         self._kept_now = None
+        self._shape_fed = fed
         before = self._given_before
         given = self._watch_caches(args, kwargs)
         if not given:  # (a cache of plain tensors, as code of one's own keeps it: a list of (keys, values) per layer)
@@ -405,17 +420,38 @@ class FeedRecord:
                 ):
                     self._shrunk(PLAIN_SLICED, 0, int(was.shape[dim]), int(t.shape[dim]))
                     break
+        rows, self._plain_rows = self._plain_rows, None
+        if rows is not None and tensors and self._reordered is not True:
+            shape, storage, dim, sample = rows
+            t = tensors[0]
+            # (new tensors as long as those returned, not views of them: a copy, another loop's cache, or the same rows
+            # moved, as a beam search of one's own reorders them with index_select; told apart by the rows' values)
+            if tuple(t.shape) == shape and t.untyped_storage().data_ptr() != storage and t.device == sample.device:
+                moved = _rows_elsewhere(_row_sample(t, dim), sample)
+                if moved.device.type == "cpu":
+                    self._reordered = bool(moved)
+                else:  # (no host sync per forward: read with the routes)
+                    self._reordered = moved if self._reordered is False else self._reordered | moved
         self._plain_in = [tuple(t.shape) for t in tensors] if tensors else None
 
     def returned(self, out: Any) -> None:
         """The forward fed last returned ``out``: where it was given a cache of plain tensors and returns one grown
         along one dimension (its tokens'), keep those tensors (weakly) for the next forward (:meth:`_plain_given`)."""
         shapes, self._plain_in = self._plain_in, None
-        if shapes is None or not self._notes_loops:
+        fed, self._shape_fed = self._shape_fed, None
+        if (shapes is None and fed is None) or not self._notes_loops:
             return
         cache = _returned_cache(out)
         tensors = _plain_tensors(cache) if cache is not None else []
-        if not tensors or len(tensors) != len(shapes):
+        if not tensors:
+            return
+        if shapes is None:  # (given none: its tokens are along the one dimension as long as the positions it was fed)
+            t = tensors[0]
+            along = [] if fed is None else [i for i in range(1, t.dim()) if t.shape[i] == fed[1]]
+            if fed is not None and t.dim() > 1 and t.shape[0] == fed[0] and len(along) == 1:
+                self._keep_rows(t, along[0])
+            return
+        if len(tensors) != len(shapes):
             return
         kept: list[tuple[weakref.ref[torch.Tensor], int]] = []
         for t, shape in zip(tensors, shapes, strict=True):
@@ -424,6 +460,23 @@ class FeedRecord:
                 return
             kept.append((weakref.ref(t), grown[0]))
         self._plain_out = kept
+        if kept[0][1] != 0:
+            self._keep_rows(tensors[0], kept[0][1])
+
+    def _keep_rows(self, t: torch.Tensor, dim: int) -> None:
+        """Keep a few values at each token of each batch row of ``t``, the first tensor of a cache of plain tensors a
+        forward returned (its tokens along ``dim``), for the next forward's (see :meth:`_plain_given`): one small copy
+        per forward, on its device, and none once a move was seen on the host."""
+        if self._reordered is True or t.dim() < 2 or dim == 0:
+            return
+        self._plain_rows = (tuple(t.shape), t.untyped_storage().data_ptr(), dim, _row_sample(t, dim).clone())
+
+    @property
+    def reordered(self) -> str | None:
+        """:data:`PLAIN_REORDERED` where a forward of this capture was given a cache of plain tensors whose batch rows
+        are those of the cache the forward before it returned at other rows (a beam search of one's own reorders its
+        hypotheses so), else None. Reads a device's flag (one host sync, here and not per step)."""
+        return PLAIN_REORDERED if bool(self._reordered) else None
 
     def left(self) -> None:
         """The forward fed last has ended: count the router calls it made (see :meth:`rows`), and the tokens its cache
@@ -675,6 +728,9 @@ class FeedRecord:
         """Move the kept inputs to the host, one copy per device and dtype: a detached session holds no device
         memory (its :meth:`Session.routes` still reads them)."""
         self._fresh = [(what, held.cpu() if isinstance(held, torch.Tensor) else held) for what, held in self._fresh]
+        self._plain_rows = None  # (a later forward's cache is no continuation of the rows kept)
+        if isinstance(self._reordered, torch.Tensor):
+            self._reordered = self._reordered.cpu()
         if self._switched is not None:
             what, *counts = self._switched
             held, before = (c.cpu() if isinstance(c, torch.Tensor) else c for c in counts)
@@ -1770,6 +1826,33 @@ def _plain_tensors(cache: Any, depth: int = 0) -> list[torch.Tensor]:
     if depth > 3 or not isinstance(cache, list | tuple):
         return []
     return [t for v in cache for t in _plain_tensors(v, depth + 1)]
+
+
+def _row_sample(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """A few values of ``t`` (batch rows along its dimension 0) at every token (along ``dim``): the first
+    ``_SAMPLED`` along its last dimension (the first along the others), a view ``[batch, tokens, ...]``. Rows that hold
+    other tokens differ there (a first layer's keys and values are their tokens' at their positions)."""
+    index: list[Any] = [slice(None)] * t.dim()
+    for i in range(1, t.dim()):
+        if i != dim:
+            index[i] = slice(0, _SAMPLED) if i == t.dim() - 1 else 0
+    return t[tuple(index)]
+
+
+def _rows_elsewhere(given: torch.Tensor, returned: torch.Tensor) -> torch.Tensor:
+    """Does a batch row of ``given`` hold what another row of ``returned`` holds, and not what its own does (the rows
+    moved between them)? Two samples of :func:`_row_sample`; a 0-d bool tensor on their device (no host sync)."""
+    g, r = _row_hash(given), _row_hash(returned)
+    same = g[:, None] == r[None, :]
+    return (~same.diagonal() & same.any(dim=1)).any()
+
+
+def _row_hash(rows: torch.Tensor) -> torch.Tensor:
+    """One integer per batch row of ``rows`` from the bits of its values (equal rows, equal integers; other rows,
+    others but by a chance of one in 2**64): int64 arithmetic, exact in any order of summing."""
+    bits = rows.reshape(rows.shape[0], -1).double().view(torch.int64)
+    weights = torch.arange(1, bits.shape[1] + 1, device=bits.device, dtype=torch.int64) * 2654435761 + 40503
+    return (bits * weights).sum(dim=1)
 
 
 def _returned_cache(out: Any) -> list[Any] | tuple[Any, ...] | None:

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import check_count, check_flag, check_values, is_integer, is_one_of
-from ._feeds import HELD_FEWER, SHRINKS
+from ._feeds import HELD_FEWER, PLAIN_REORDERED, SHRINKS
 from ._progress import Progress, check
 from .batch import take_rows
 from .errors import (
@@ -425,8 +425,8 @@ def _check_moves(routes: Routes) -> None:
             "of the tokens kept yourself (your loop knows them: routes[index]) and replay those"
         )
     why = (
-        "as a beam search (num_beams > 1) does between steps to reorder its hypotheses"
-        if moved.endswith("reorder_cache")
+        "as a beam search (num_beams > 1, or one of one's own) does between steps to reorder its hypotheses"
+        if moved.endswith("reorder_cache") or moved == PLAIN_REORDERED
         else "as a contrastive search (penalty_alpha) does to keep each sequence's chosen candidate"
     )
     raise RoutesValidationError(

@@ -1917,7 +1917,9 @@ class Session:
             routes._routers_order = (routes._token_rank is not None and not routes._order_untold) or (
                 self._feeds.mixed is not None
             )
-            routes._rows_moved = self._feeds.moved or self._feeds.rolled_back  # (tokens taken out of a cache too)
+            routes._rows_moved = (  # (a plain cache's rows moved, tokens taken out of a cache too)
+                self._feeds.moved or self._feeds.reordered or self._feeds.rolled_back
+            )
             routes._caches_interleaved = self._feeds.interleaved
             fed = [f for f in self._feeds.forwards if f.count]  # (read after rows(): the padding taken out)
             runs = routes._call_rows

@@ -1,6 +1,6 @@
 """Adversarial review of a round's changes: a router whose backward chooses its experts again by their values, the
 backwards that read a decision-like call's values legitimately, and a cache of plain tensors whose rows a beam
-search reorders by hand.
+search reorders by hand (or keeps in place).
 
 Each case must be exact (forced rows, the output and gradients of a replay written by hand) or refused with a
 ``MoEReplayError``: never silent, and never a refusal of an exact replay.
@@ -155,34 +155,74 @@ def test_a_backward_that_reads_values_for_stability_or_passes_the_gradient_throu
 
 
 # ------------------------------------------------------------------------ a plain cache reordered by a beam search
+def _own_beam_loop(model: torch.nn.Module, prompt: torch.Tensor, at: int, beams: list[int] | None) -> None:
+    """A decode loop of one's own over a cache of plain tensors: the prompt forward, then four decode steps; where
+    ``beams`` is given, the cache's batch rows and the next tokens are ``index_select``-ed by it after step ``at``
+    (-1: right after the prompt forward), as a beam search reorders its hypotheses."""
+    out = model(prompt, use_cache=True)
+    cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for t in range(-1, 4):
+        if t >= 0:
+            out = model(step, past_key_values=cache, use_cache=True)
+            cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        if t == at and beams is not None:
+            index = torch.tensor(beams)
+            cache = [tuple(x.index_select(0, index) for x in layer) for layer in cache]
+            step = step.index_select(0, index)
+
+
 @pytest.mark.reliability("bad inputs")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a cache of plain tensors whose batch rows a beam search of one's own reorders (index_select on the "
-    "cache's batch dimension between forwards) is a new tensor like a rebuilt copy: no method shows the move, so "
-    "split_generation without sequences= splits the rows of two beams as one sequence's",
-)
-def test_a_plain_tensor_cache_whose_rows_a_beam_search_reorders_is_refused_or_split_by_beam() -> None:
-    """A decode loop of one's own that swaps its two beams after a few steps (the cache's rows and the next tokens
-    ``index_select``-ed, as beam search reorders them): the rows after the swap of batch row 0 continue the other
-    sequence. Splitting the capture per batch row without ``sequences=`` must be refused (a cache object's
-    ``reorder_cache`` is)."""
+@pytest.mark.parametrize("at", [-1, 1], ids=["after the prompt forward", "after a decode step"])
+@pytest.mark.parametrize("beams", [[1, 0], [0, 0]], ids=["swapped", "one copied over the other"])
+def test_a_plain_tensor_cache_whose_rows_a_beam_search_reorders_is_refused_or_split_by_beam(
+    at: int, beams: list[int]
+) -> None:
+    """Once split silently: a decode loop of one's own whose beams are reordered (the cache's rows and the next tokens
+    ``index_select``-ed, as beam search reorders them): the rows after the move of batch row 0 continue another
+    sequence. New tensors as long as those the forward before returned, a batch row of them holding what another row
+    held and not what its own did, are such a move: splitting the capture per batch row is refused, as a cache
+    object's ``reorder_cache`` is."""
     model = mr.models.build("softmax_topk")
-    prompt = torch.randint(3, 128, (2, 1), generator=torch.Generator().manual_seed(4))
+    prompt = torch.randint(3, 128, (2, 3), generator=torch.Generator().manual_seed(4))
     with mr.attach(model) as session:
         with session.capture(), torch.no_grad():
-            out = model(prompt, use_cache=True)
-            cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            for t in range(4):
-                out = model(step, past_key_values=cache, use_cache=True)
-                cache, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                if t == 1:
-                    beams = torch.tensor([1, 0])
-                    cache = [tuple(x.index_select(0, beams) for x in layer) for layer in cache]
-                    step = step.index_select(0, beams)
+            _own_beam_loop(model, prompt, at, beams)
         capture = session.routes()
-        with pytest.raises(mr.MoEReplayError):
-            mr.split_generation(capture, batch_size=2, prompt_len=1)
+        with pytest.raises(mr.RoutesValidationError, match="moved rows"):
+            mr.split_generation(capture, batch_size=2, prompt_len=3)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("how", ["as returned", "each row in its place", "the same beams swapped", "two loops"])
+def test_a_plain_tensor_cache_given_its_rows_in_place_still_splits(how: str) -> None:
+    """No false refusal: a cache of plain tensors given on as returned, copied row by row into its own places
+    (``index_select`` by the identity), reordered where the rows moved hold the same tokens (two beams of one prompt,
+    nothing told apart and nothing to tell), or two decode loops over caches of their own interleaved, one forward
+    each in turn (classifier-free guidance), keeps each batch row's rows: nothing is said moved."""
+    model = mr.models.build("softmax_topk")
+    prompt = torch.randint(3, 128, (2, 3), generator=torch.Generator().manual_seed(4))
+    if how == "the same beams swapped":
+        prompt = prompt[:1].expand(2, 3)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            if how == "two loops":  # (the second loop's cache as long as the first's, each forward given the other's)
+                other = torch.randint(3, 128, (2, 3), generator=torch.Generator().manual_seed(5))
+                outs = [model(prompt, use_cache=True), model(other, use_cache=True)]
+                steps = [o.logits[:, -1:].argmax(-1) for o in outs]
+                caches = [o.past_key_values for o in outs]
+                for _ in range(3):
+                    for i in range(2):
+                        out = model(steps[i], past_key_values=caches[i], use_cache=True)
+                        caches[i], steps[i] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            else:
+                _own_beam_loop(
+                    model,
+                    prompt,
+                    1,
+                    None if how == "as returned" else [0, 1] if how != "the same beams swapped" else [1, 0],
+                )
+        capture = session.routes()
+    assert capture._rows_moved is None
 
 
 # ------------------------------------------------------------------ first captures of sessions in several threads
