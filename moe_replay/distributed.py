@@ -174,7 +174,8 @@ def _known(routes: Routes) -> list[int]:
     in the order of the tokens (rows of routers that saw the tokens sequence-first); last, 1
     where the rows are in the order their routers saw the tokens of forwards fed embeddings,
     not told (``Routes._order_untold``), plus 2 where they are a capture's rows in the order its
-    routers saw the tokens, which it told (``Routes._routers_order``); then why token ids were lost (length and
+    routers saw the tokens, which it told (``Routes._routers_order``), plus 4 times the count of routes
+    joined into them (``Routes._joined``); then why token ids were lost (length and
     UTF-8 bytes, 0: none), the mask of the tokens its first forward's routers saw where the model took the padding
     out (``Routes._prompt_kept``: -1 where none, else its two sizes and values), and each router's own token ids
     (``Routes._router_ids``: -1 where none, else each router's count of rows and its ids).
@@ -191,7 +192,7 @@ def _known(routes: Routes) -> list[int]:
         out += [len(encoded), *encoded]
     for fed in (routes._token_ids, routes._fed_mask, routes._token_rank, routes._layout_pos):
         out += [-1] if fed is None else [fed.numel(), *fed.tolist()]
-    out.append(int(routes._order_untold) | 2 * int(routes._routers_order))
+    out.append(int(routes._order_untold) | 2 * int(routes._routers_order) | 4 * routes._joined)
     lost = (routes._ids_lost or "").encode()
     out += [len(lost), *lost]
     kept = routes._prompt_kept  # (a first forward's mask of the tokens its routers saw: its shape, then its values)
@@ -230,6 +231,7 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         at += max(n, 0)
     routes._token_ids, routes._fed_mask, routes._token_rank, routes._layout_pos = fed
     routes._order_untold, routes._routers_order = bool(int(known[at]) & 1), bool(int(known[at]) & 2)
+    routes._joined = int(known[at]) >> 2
     at += 1
     n, at = int(known[at]), at + 1
     routes._ids_lost = bytes(int(b) for b in known[at : at + n]).decode() if n else None

@@ -478,6 +478,7 @@ class Routes:
         self._caches_interleaved: str | None = None
         self._rows_picked: str | None = None
         self._rows_untold: str | None = None
+        self._joined = 0
         self._recorded_names: tuple[str, ...] | None = None
         self._router_ids: tuple[torch.Tensor, ...] | None = None
         self._ids_lost: str | None = None
@@ -723,6 +724,7 @@ class Routes:
         self._token_rank, self._order_untold = source._token_rank, source._order_untold
         self._routers_order = source._routers_order
         self._rows_untold = source._rows_untold
+        self._joined = source._joined
         self._recorded_names = source._recorded_names
         self._ids_lost = source._ids_lost
         self._prompt_kept = source._prompt_kept
@@ -814,6 +816,7 @@ class Routes:
             out._router_ids = tuple(v[rows] for v in self._router_ids)
         out._ids_lost = self._ids_lost
         out._recorded_names = self._recorded_names  # (the same routers, fewer rows)
+        out._joined = self._joined  # (rows of several routes joined may still be several sequences')
         out._token_rank = None if self._token_rank is None else _out_of_order(self._token_rank[rows])
         # (rows of an embeddings capture stay in the routers' order where they hold whole router calls, each in order)
         out._order_untold = self._order_untold and _whole_calls(rows, self._call_rows, n)
@@ -1006,6 +1009,9 @@ class Routes:
                 [p._token_ids if p._token_ids is not None else torch.full((p.num_tokens,), -1) for p in parts]
             )
         out._cat_forwards(parts)
+        # (routes of rows joined: consecutive slices of one capture's rows, joined again, are one part of them)
+        pieces = _rejoined([p for p in parts if p._data and p._data[0].shape[0]])
+        out._joined = len(pieces) if len(pieces) > 1 else max((p._joined for p in parts), default=0)
         if any(p._token_rank is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
             out._token_rank = _out_of_order(_cat_ranks([(p._token_rank, p.num_tokens) for p in parts]))
         # (rows each in the order their routers saw them, one part after another: so are those of the whole)
@@ -1130,6 +1136,10 @@ class Routes:
         #: Kept by the methods that keep every row (token ids, other routers, names, picks, cat, save and load, a
         #: slice of every row); a slice of fewer rows is rows the caller chose (``routes[:n]``), and drops it
         obj._rows_untold = None
+        #: set by Routes.cat: how many routes of rows it joined (0 where none did; kept by the methods that keep every
+        #: row in place). Joined routes may be several sequences' (a batch's, as an engine call returns them), which
+        #: stitch_turns refuses as one conversation's turn where no token ids show they are pieces of one sequence
+        obj._joined = 0
         #: set by Session.routes(): the router names of the session the routes were recorded on, every one (kept by
         #: select, slices, rename, save and load...), so that a replay fitting their names onto another model by a
         #: prefix change can tell a wrapper's prefix (every recorded router under it) from one part of the model
@@ -1178,6 +1188,7 @@ class Routes:
             "rows_picked": self._rows_picked,
             "dropped_rows": int(self._dropped_rows),
             "rows_untold": self._rows_untold,
+            "joined": self._joined or None,
             # (rows in the order the routers saw the tokens: a replay without ids is not refused for them)
             "routers_order": self._routers_order or None,
         }
@@ -1825,6 +1836,10 @@ def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) 
     routes._rows_untold = text(forwards.get("rows_untold"), "reader without a token count")
     routes._dropped_rows = dropped
     routes._routers_order = forwards.get("routers_order") is True
+    joined = forwards.get("joined")
+    if joined is not None and (type(joined) is not int or joined < 2):
+        raise _corrupted(path, "its count of routes joined is not an integer over 1")
+    routes._joined = joined or 0
 
 
 def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:

@@ -231,13 +231,6 @@ def test_a_model_called_beside_the_attached_models_forward_is_refused_on_swapped
 
 # ----------------------------------------------------------------------------- turns of several conversations at once
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="stitch_turns lays each turn's rows over the previous turn's by position; turns that each join several "
-    "conversations (Routes.cat of their per-sequence routes, without token ids) put the second conversation's rows "
-    "at other positions in each turn, and with overlap='first' and gaps='native' nothing disagrees where it is "
-    "checked: the stitched rows mix the two conversations without a word",
-)
 def test_turns_that_each_join_two_conversations_are_refused_by_stitch_turns() -> None:
     """Two conversations' turns, each turn the Routes.cat of both conversations' routes (the batch of an engine
     call), stitched as one conversation: expected refused, never rows of one conversation laid over the other's."""
@@ -252,6 +245,39 @@ def test_turns_that_each_join_two_conversations_are_refused_by_stitch_turns() ->
     with pytest.raises(mr.RoutesValidationError):
         mr.interop.stitch_turns([first, second], overlap="first", gaps="native")
     tried()
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("ids", ["given", "known to the routes"])
+def test_turns_joined_from_pieces_of_one_sequence_stitch_where_token_ids_check_them(ids: str) -> None:
+    """No false refusal: one conversation whose turns are each joined from the routes of its prompt and of its
+    completion (Routes.cat of pieces of one sequence) stitches as its unjoined turns do where token ids check the
+    turns as one sequence (given, or known for every row); without them it is refused, as a batch's turns are."""
+    names = ["model.layers.0.mlp.gate"]
+    rows = [[0, 1], [2, 3], [4, 5], [6, 7], [1, 2], [3, 4], [-1, -1]]
+    tokens = [11, 12, 13, 14, 15, 16, 17]
+    lengths = [3, 7]  # (each turn's whole sequence: the second repeats the first)
+    starts = [0, 2]  # (each turn returned from there on, -1 rows before)
+
+    def turn(i: int, cut: int) -> mr.Routes:
+        n = lengths[i]
+        mine = [[-1, -1]] * starts[i] + rows[starts[i] : n - 1] + [[-1, -1]]
+        pieces = [(0, cut), (cut, n)] if cut else [(0, n)]  # (each piece built on its own, as an engine returns them)
+        made = [mr.Routes([torch.tensor(mine[a:b])], names=names, num_experts=8) for a, b in pieces]
+        if ids == "known to the routes":
+            made = [r.with_token_ids(tokens[a:b]) for r, (a, b) in zip(made, pieces, strict=True)]
+        return mr.Routes.cat(made)
+
+    plain = [turn(0, 0), turn(1, 0)]
+    joined = [turn(0, 2), turn(1, 3)]
+    given = [tokens[:n] for n in lengths] if ids == "given" else None
+    want = mr.interop.stitch_turns(plain, token_ids=given, overlap="first", gaps="native")
+    got = mr.interop.stitch_turns(joined, token_ids=given, overlap="first", gaps="native")
+    assert got.equal(want) and torch.equal(got.token_ids, want.token_ids)
+    if ids == "given":
+        with pytest.raises(mr.RoutesValidationError, match="joined"):
+            mr.interop.stitch_turns(joined, overlap="first", gaps="native")
+        tried()
 
 
 @pytest.mark.reliability("bad inputs")

@@ -1454,6 +1454,7 @@ _MARKS = (
     "_ids_lost",
     "_prompt_kept",
     "_cut_from",
+    "_joined",
 )
 #: the marks that hold one value per row (``_router_ids``: per router and row)
 _ROW_MARKS = ("_token_ids", "_fed_mask", "_layout_pos", "_token_rank", "_router_ids")
@@ -1471,6 +1472,7 @@ def _marked(kind: str) -> mr.Routes:
     r._layout_pos = torch.tensor([0, 1, 2, -1, 0, 1, -1, -2])  # (a BatchLayout's places, then rows not laid out)
     r._rows_moved, r._caches_interleaved, r._rows_untold = "DynamicCache.crop", "DynamicCache", "from_vllm"
     r._recorded_names = (*r.names, "dec.layers.0.gate")
+    r._joined = 2  # (joined by Routes.cat from the routes of two sequences)
     r._prompt_kept = torch.tensor([[False, True, True], [True, True, False]])  # (its first forward's 4 rows)
     if kind != "routers":  # (a capture that kept no router's ids, or kept one router's and lost the other's)
         r._ids_lost = "router 'x' made calls on a part of a forward's tokens"

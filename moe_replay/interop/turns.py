@@ -62,7 +62,10 @@ def stitch_turns(
 
     Raises:
         RoutesValidationError: turns of different models, a turn shorter than the one
-            before, token ids that are not prefixes, disagreeing overlaps, gaps.
+            before, token ids that are not prefixes, disagreeing overlaps, gaps; a turn
+            joined from several routes (``Routes.cat``: the turn of several conversations
+            at once, as an engine call returns a batch) where no token ids, given or known
+            for its every row, check it as one sequence's.
     """
     if not is_one_of(overlap, _OVERLAP):
         raise RoutesValidationError(f"overlap must be one of {_OVERLAP}, got {overlap!r}")
@@ -73,6 +76,8 @@ def stitch_turns(
         check_same_routers(parts, "turn")
     except (TypeError, ValueError) as e:
         raise RoutesValidationError(str(e)) from None
+    if token_ids is None and len(parts) > 1:
+        _refuse_joined(parts)
     parts = [in_token_order(p, f"stitch_turns: turn {i}") for i, p in enumerate(parts)]  # (row t: token t)
     for i in range(1, len(parts)):
         if parts[i].num_tokens < parts[i - 1].num_tokens:
@@ -139,7 +144,26 @@ def stitch_turns(
     recorded = {p._recorded_names for p in parts}  # (the routers the turns were recorded on, where all say the same)
     stitched._recorded_names = recorded.pop() if len(recorded) == 1 else None
     stitched._fed_mask = _conversation_mask(parts, total)
+    if token_ids is None and len(parts) == 1:  # (one turn, checked as nothing: rows joined stay so marked)
+        stitched._joined = parts[0]._joined
     return stitched
+
+
+def _refuse_joined(parts: list[Routes]) -> None:
+    """Refuse turns joined by ``Routes.cat`` from routes of several parts where no token id of theirs is unknown:
+    the turns of a batch of conversations (each turn the routes of an engine call over all of them) would be laid
+    over each other as one conversation's, the second conversation's rows at other positions in each turn, and
+    nothing in the rows shows it. Token ids (given, or known for every row) are checked as one sequence instead."""
+    for i, r in enumerate(parts):
+        ids = r._token_ids
+        if r._joined > 1 and (ids is None or ids.numel() != r.num_tokens or bool((ids < 0).any())):
+            raise RoutesValidationError(
+                f"turn {i} holds the routes of {r._joined} parts joined (Routes.cat), and no token ids show that "
+                "they are pieces of one sequence: the turns of several conversations at once (an engine call's "
+                "batch) stitched as one conversation would lay one conversation's rows over another's. Stitch each "
+                "conversation's turns apart (the routes of its own sequence in each turn), or pass token_ids= "
+                "(each turn's whole token sequence), which are checked as one conversation"
+            )
 
 
 def _conversation_mask(parts: list[Routes], total: int) -> torch.Tensor | None:
