@@ -2744,10 +2744,10 @@ def feed_levels(model: nn.Module, scopes: Sequence[nn.Module]) -> list[nn.Module
     policy and a reference model, each called on its own), no forward of the model enters any of
     them, and the capture would know none of its tokens: the levels are then those of each part
     below the common ancestor that holds routers, found the same way, so each part's forwards are seen.
-    Where one does, a part below the common ancestor that is a model of its own (it holds an
-    ``nn.Embedding`` no other part holds: a reference model beside the language model that a policy's
-    forward runs) adds its levels too: called on its own, its forwards are seen there; called inside a
-    forward of the model, they are that forward.
+    Where one does, a part below the common ancestor that may be a model of its own (it holds an
+    ``nn.Embedding``: a reference model beside the language model that a policy's forward runs, an
+    encoder beside its decoder) adds its levels too: called on its own, its forwards are seen there;
+    called inside a forward of the model, they are that forward.
     """
     names = {id(m): name for name, m in model.named_modules()}
     paths = [names[id(s)].split(".")[:-1] if names.get(id(s)) else [] for s in scopes if id(s) in names]
@@ -2781,9 +2781,10 @@ def _levels_below(module: nn.Module, paths: list[list[str]], entered: bool) -> l
     heads = list(dict.fromkeys(p[0] for p in rest if p))
     if entered:
         # (a forward enters the routers' common ancestor, but need not enter each part below it that holds routers:
-        # a part that is a model of its own, fed token ids through an embedding no other part holds (a reference
-        # model beside the language model that the policy's forward runs), may be called on its own too, and its
-        # forwards are then seen at its own levels; inside the ancestor's forward they are the same forward)
+        # a part that is a model of its own, fed token ids through an embedding (a reference model beside the
+        # language model that the policy's forward runs, an encoder that generate() calls apart), may be called on
+        # its own too, and its forwards are then seen at its own levels; inside the ancestor's forward they are the
+        # same forward)
         heads = _models_among(module, heads) if len(heads) > 1 else []
     # (else no module so far is entered by a forward: the parts below, each called on its own, are the levels)
     for head in heads:
@@ -2792,17 +2793,11 @@ def _levels_below(module: nn.Module, paths: list[list[str]], entered: bool) -> l
 
 
 def _models_among(module: nn.Module, heads: list[str]) -> list[str]:
-    """The parts ``heads`` of ``module`` that are models of their own: each holds an ``nn.Embedding`` (the tokens
-    it is fed come in there) that no other of them holds, so it can be called on its own token ids. Layers of a
-    stack, MoE blocks and a decoder sharing its encoder's embedding are none."""
-    held = {
-        head: {id(m) for m in module.get_submodule(head).modules() if isinstance(m, nn.Embedding)} for head in heads
-    }
-    return [
-        head
-        for head, mine in held.items()
-        if mine and all(not (mine & theirs) for other, theirs in held.items() if other != head)
-    ]
+    """The parts ``heads`` of ``module`` that may be models of their own, called on their own token ids: each holds
+    an ``nn.Embedding`` (where tokens come in), its own or one it shares with another part (an encoder and a decoder
+    of one vocabulary). Layers of a stack and MoE blocks hold none; a level of one that does is entered inside the
+    forwards of the levels above it, where it is the same forward."""
+    return [head for head in heads if any(isinstance(m, nn.Embedding) for m in module.get_submodule(head).modules())]
 
 
 class FeedForward:

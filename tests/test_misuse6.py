@@ -229,6 +229,55 @@ def test_a_model_called_beside_the_attached_models_forward_is_refused_on_swapped
     tried()
 
 
+class _EncoderDecoder(nn.Module):
+    """Two models whose forward runs one, then the other (an encoder, then its decoder), the first also called on its
+    own (as ``generate()`` calls an encoder apart); ``tie``: the second uses the first's embedding, or its weight."""
+
+    def __init__(self, tie: str) -> None:
+        super().__init__()
+        self.encoder = _model()
+        self.decoder = mr.models.build("softmax_topk", num_layers=2, seed=1)
+        if tie == "embedding":
+            self.decoder.embed = self.encoder.embed
+        elif tie == "weight":
+            self.decoder.embed.weight = self.encoder.embed.weight
+
+    def forward(self, x: torch.Tensor) -> object:
+        self.encoder(x)
+        return self.decoder(x)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("tie", ["none", "embedding", "weight"])
+def test_a_part_called_on_its_own_beside_the_forward_that_runs_it_is_checked(tie: str) -> None:
+    """A part of the attached module that its forward runs, called on its own too (an encoder that generate() calls
+    apart), whether or not it shares its embedding with the other part: its own forwards are seen, so its batches
+    swapped between capture and replay are refused before a router reads a row, the model left as it was, and a
+    replay in the captured order forces its rows exactly."""
+    model = _EncoderDecoder(tie)
+    x1, x2 = _ids(1), _ids(2)
+    session = mr.attach(model)
+    with session.capture():
+        model(x1)
+        model.encoder(x2)
+    routes = session.routes()
+    before = snapshot(model)
+    with pytest.raises(mr.TokenMismatchError, match="other tokens"):
+        with torch.no_grad(), session.replay(routes):
+            model(x1)
+            model.encoder(x1)  # (the rows of x2)
+    tried()
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    forced = _forced(routes)
+    with torch.no_grad(), session.replay(forced):
+        model(x1)
+        out = model.encoder(x2).logits
+    n = x1.numel()
+    assert torch.equal(out, _forced_by_hand(model.encoder, x2, _part(forced, "encoder.")[n:]))
+    session.detach()
+
+
 # ----------------------------------------------------------------------------- turns of several conversations at once
 @pytest.mark.reliability("silent replays")
 def test_turns_that_each_join_two_conversations_are_refused_by_stitch_turns() -> None:
