@@ -341,7 +341,9 @@ class FeedRecord:
         return stop
 
     def unseen(self) -> None:
-        """A forward compiled, traced, captured in a CUDA graph or under a transform: nothing to record."""
+        """A forward compiled, traced, captured in a CUDA graph or under a transform: nothing to record (nor a cache's
+        rows kept from what it returns: see :meth:`returned`)."""
+        self._shape_fed = self._plain_in = self._plain_rows = None
 
     def fed(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
