@@ -1850,9 +1850,9 @@ def _rows_elsewhere(given: torch.Tensor, returned: torch.Tensor) -> torch.Tensor
 
 
 def _row_hash(rows: torch.Tensor) -> torch.Tensor:
-    """One integer per batch row of ``rows`` from the bits of its values (equal rows, equal integers; other rows,
+    """One integer per batch row of ``rows`` from the bytes of its values (equal rows, equal integers; other rows,
     others but by a chance of one in 2**64): int64 arithmetic, exact in any order of summing."""
-    bits = rows.reshape(rows.shape[0], -1).double().view(torch.int64)
+    bits = rows.reshape(rows.shape[0], -1).contiguous().view(torch.uint8).long()  # (any dtype's bytes, any device)
     weights = torch.arange(1, bits.shape[1] + 1, device=bits.device, dtype=torch.int64) * 2654435761 + 40503
     return (bits * weights).sum(dim=1)
 
