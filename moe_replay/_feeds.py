@@ -80,7 +80,7 @@ from .evidence import _HOOKS, _autocast_cache_aside, _Snapshot
 from .intercept import _CONTAINERS, EAGER, ORDER_PROBE, ClassForward, OrderStop, _code_of, _fingerprint
 from .routes import NO_FORWARD_ID, PADDING_ID, UNTOLD_RANK
 
-__all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels"]
+__all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels", "one_stream"]
 
 #: cache methods that move or copy rows between forwards: beam search, contrastive search
 ROW_MOVES = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
@@ -3107,6 +3107,26 @@ class FeedForward:
 
 
 _compiling = dynamo_compiling  # (one frame; export traces with dynamo too, make_fx is seen by _unseen)
+
+
+def one_stream(levels: Sequence[FeedForward]) -> None:
+    """A level below an encoder-decoder's level (its encoder's stack, which shares the model's config and so says
+    ``is_encoder_decoder`` too) is fed one token stream where its forward names no ``decoder_input_ids``:
+    ``generate()`` calls the encoder on its own, and its rows are those of the ids it is fed."""
+    paired = [w for w in levels if w.paired]
+    for w in paired:
+        if _names(w.__wrapped__, "decoder_input_ids"):
+            continue
+        if any(o is not w and any(m is w.module for m in o.module.modules()) for o in paired):
+            w.paired = False
+
+
+def _names(forward: Callable[..., Any], name: str) -> bool:
+    """Does ``forward`` name a parameter ``name`` (True where no signature can be read)?"""
+    try:
+        return name in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return True
 
 
 def _place_of(forward: Callable[..., Any], name: str) -> int | None:

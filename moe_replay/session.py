@@ -45,6 +45,7 @@ from ._feeds import (
     OrderNote,
     RouterFeedCheck,
     feed_levels,
+    one_stream,
 )
 from ._output_guard import is_guard
 from ._progress import Progress
@@ -2392,6 +2393,7 @@ class Session:
             module.forward = wrapper
             self._feed_installed.append((module, own))
             self._feed_wrappers.append(wrapper)
+        one_stream(self._feed_wrappers)  # (an encoder's stack below its encoder-decoder: fed one token stream)
 
     # ------------------------------------------------------------- scores
     @_block_method("keep_scores()")

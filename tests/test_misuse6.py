@@ -351,3 +351,31 @@ def test_verify_on_a_holder_of_models_names_what_to_run_instead(holder: str) -> 
         assert session.routes().num_tokens > 0
     assert_untouched(both, before)
     tried(2)
+
+
+@pytest.mark.reliability("silent replays")
+def test_hf_encoder_decoder_generate_calls_replayed_on_swapped_batches_are_refused() -> None:
+    """Once silent: generate() of a transformers encoder-decoder calls its encoder on its own, outside every forward
+    of the model, and its stack shares the model's config (is_encoder_decoder), so even seen at a level of its own its
+    forward was read as one of two token streams and kept no ids: two generate() calls replayed with their batches
+    swapped forced one batch's encoder experts on the other. The encoder's stack, below the model's level and fed no
+    decoder_input_ids, keeps its ids now: that replay is refused, and the captured order replays as generated."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4,
+        num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1, pad_token_id=0, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
+    x1, x2 = (torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            want = [model.generate(x, max_new_tokens=3, do_sample=False) for x in (x1, x2)]
+        routes = session.routes()
+        with pytest.raises(mr.TokenMismatchError, match="other tokens"):
+            with session.replay(routes), torch.no_grad():
+                model.generate(x2, max_new_tokens=3, do_sample=False)
+        tried()
+        with session.replay(routes), torch.no_grad():
+            got = [model.generate(x, max_new_tokens=3, do_sample=False) for x in (x1, x2)]
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
