@@ -431,7 +431,8 @@ class FeedRecord:
             if tuple(t.shape) == shape and t.untyped_storage().data_ptr() != storage and t.device == sample.device:
                 moved = _rows_elsewhere(_row_sample(t, dim), sample)
                 if moved.device.type == "cpu":
-                    self._reordered = bool(moved)
+                    if bool(moved):
+                        self._reordered = True
                 else:  # (no host sync per forward: read with the routes)
                     self._reordered = moved if self._reordered is False else self._reordered | moved
         self._plain_in = [tuple(t.shape) for t in tensors] if tensors else None
