@@ -67,6 +67,8 @@ from ._torch_compat import (
     functorch_transform,
     graph_capturing,
     hidden_from_dispatch_modes,
+    mark_static_address,
+    maybe_mark_dynamic,
     tracing,
 )
 from .errors import (
@@ -926,6 +928,161 @@ class MoveWatch(FeedRecord):
         return True
 
 
+class TracedFeedCheck:
+    """The token check of a forward that ``torch.compile`` runs whole, one per model level (:class:`FeedForward`),
+    kept for the session: what :meth:`FeedCheck.fed` compares in eager code, as tensor ops of the compiled code itself.
+
+    Compiled code runs no Python per call and must not sync the host, so it cannot refuse a forward as it begins.
+    Instead, the level's compiled forward compares the ids it is fed with the token ids of the rows its routers are
+    about to read (from the routers' device cursors), and marks the first mismatch in :attr:`state`, a small tensor on
+    the routers' device (its address kept across calls, as the rings': CUDA graphs of ``mode="reduce-overhead"``
+    update it too). :meth:`FeedCheck.finish` reads it as the block ends (a strict replay syncs there anyway), and an
+    eager forward of the block reads it where it is on the CPU: the refusal comes after the fact, but before the block
+    returns. Only shapes are traced: other batches, routes or blocks run the same compiled code.
+
+    Where the forward's order is not told (no eager forward established it), or a sequence's padding may be taken out
+    before the routers, each order it may take is compared, and the forward is marked only where none fits.
+    """
+
+    #: the places in :attr:`state`: a mismatch found (0/1), the forward's first row, the first token that differs (in
+    #: the routers' order), its id, the id its row was recorded for (-1: a token of a sequence at a row recorded at
+    #: prompt padding), the tokens that differ, the forward's tokens, and the compiled forwards found fed other tokens
+    FOUND, START, AT, GOT, WANT, BAD, COUNT, FORWARDS = range(8)
+
+    def __init__(self) -> None:
+        #: armed by a replay's check for its block (see :meth:`arm`); compiled code is traced for either value
+        self.active = False
+        self.want: torch.Tensor | None = None  # [rows + 1] the token id of each row, -1: unknown (and past the end)
+        self.padding: torch.Tensor | None = None  # [rows + 1] True for each row recorded at prompt padding
+        self.sources: list[Any] = []  # the routers' replay sources (their device cursors)
+        self.state: torch.Tensor | None = None  # see FOUND..FORWARDS
+
+    def arm(self, want: torch.Tensor, padding: torch.Tensor, sources: Sequence[Any]) -> torch.Tensor:
+        """As a block starts (eager): compare the forwards compiled whole with ``want`` (on the routers' device);
+        returns the cleared :attr:`state` the block reads as it ends."""
+        device = want.device
+        with torch.inference_mode(False):  # (an ordinary tensor, whatever the caller's mode)
+            if self.state is None or self.state.device != device:
+                self.state = mark_static_address(torch.zeros(8, dtype=torch.long, device=device))
+            else:
+                self.state.zero_()
+        self.want, self.padding, self.sources = want, padding, list(sources)
+        self.active = True
+        return self.state
+
+    def disarm(self) -> None:
+        """As the block ends: compiled code compares nothing again (the state is kept for the block to read)."""
+        self.active = False
+        self.want = self.padding = None
+        self.sources = []
+
+    def feed(self, args: tuple[Any, ...], kwargs: dict[str, Any], order: str | None, mask_at: int | None) -> None:
+        """Traced as a forward compiled whole enters the level: its ids against the rows its routers read next."""
+        want, padding, state = self.want, self.padding, self.state
+        _, ids, _ = _inputs(args, kwargs)
+        if ids is None or want is None or padding is None or state is None or not self.sources:
+            return
+        if order in (MIXED, OTHER_ORDER) or ids.numel() == 0 or ids.dim() > 2:
+            return  # (a mixed order is refused by an eager forward of several sequences; rows of no order: unknown)
+        given = kwargs.get("attention_mask")
+        if given is None and mask_at is not None and len(args) > mask_at:
+            given = args[mask_at]
+        ids = ids.detach().to(want.device, torch.long)
+        cursors = [src.next_row() for src in self.sources]
+        start = cursors[0] if len(cursors) == 1 else torch.stack(cursors).max()
+        last = want.shape[0] - 1  # (the row past the end: -1, compared with nothing; an overdraw is refused at exit)
+        fed = _tokens_fed(given, ids) if ids.dim() == 2 else None  # (1: a token, 0: padding, -1: not known)
+        fed = None if fed is None else fed.to(want.device)
+        ways: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (ids, their rows' ids, differ) per order
+        orders = [order] if order in (BATCH_MAJOR, SEQUENCE_FIRST) else [BATCH_MAJOR, SEQUENCE_FIRST]
+        if order == UNPADDED and fed is not None:
+            orders = []
+        if ids.dim() < 2 or ids.shape[0] == 1 or ids.shape[1] == 1:
+            orders = orders[:1]  # (one sequence, or one position each: every order is the same)
+        for o in orders:
+            flat = in_router_order(ids, o).reshape(-1)
+            rows = torch.clamp(start + torch.arange(flat.shape[0], device=want.device), max=last)
+            wanted = want.index_select(0, rows)
+            differ = (wanted >= 0) & (flat != wanted)
+            if fed is not None:
+                differ = differ | (padding.index_select(0, rows) & (in_router_order(fed, o).reshape(-1) == 1))
+            ways.append((flat, wanted, differ))
+        # (the routers may see only the tokens its mask keeps, batch-major: told so, or one sequence, or not told)
+        unpadded = order not in (BATCH_MAJOR, SEQUENCE_FIRST) or (order == BATCH_MAJOR and ids.shape[0] == 1)
+        if fed is not None and unpadded:
+            flat = ids.reshape(-1)
+            kept = fed.reshape(-1) == 1
+            rows = torch.clamp(start + torch.cumsum(kept, 0) - 1, min=0, max=last)
+            wanted = torch.where(kept, want.index_select(0, rows), -1)
+            differ = kept & (((wanted >= 0) & (flat != wanted)) | padding.index_select(0, rows))
+            ways.append((flat, wanted, differ))
+        if not ways:
+            return
+        refused = torch.stack([differ.any() for _, _, differ in ways]).all()
+        flat, wanted, differ = ways[0]
+        at = torch.argmax(differ.to(torch.int32))  # (the first that differs)
+        tally = state[self.FORWARDS] + refused.long()
+        found = torch.stack(
+            [
+                torch.ones_like(start),
+                start,
+                at,
+                flat.index_select(0, at.reshape(1))[0],
+                wanted.index_select(0, at.reshape(1))[0],
+                differ.sum(),
+                torch.ones_like(flat).sum(),
+                tally,
+            ]
+        )
+        kept_state = torch.cat([state[: self.FORWARDS], tally.reshape(1)])
+        state.copy_(torch.where(refused & (state[self.FOUND] == 0), found, kept_state))
+
+    def refusal(self, found: Sequence[int], hint: str, sequence_first: bool) -> TokenMismatchError:
+        """The error for what :attr:`state` holds (``found``, read on the host: its FOUND is 1)."""
+        start, at, got, want = found[self.START], found[self.AT], found[self.GOT], found[self.WANT]
+        count, forwards = found[self.COUNT], found[self.FORWARDS]
+        which = (
+            f"a forward of this replay() that ran compiled (the model compiled whole), the one that read rows "
+            f"{start}..{start + count - 1} of the routes,"
+        )
+        if want < 0:
+            what = (
+                f"{which} fed token(s) of its sequences where its routes hold rows recorded at prompt padding (first: "
+                f"token {at} of the forward, id {got}, read row {start + at}, recorded at a padding position: "
+                "attention mask 0 in the capture), so those tokens took the experts that padding got. The batch is "
+                "padded otherwise than the capture's (another padding side or length, or fed without its attention "
+                "mask)"
+            )
+            fix = (
+                "Replay the capture's batch with its attention mask, or lay the routes out for this batch "
+                "(mr.split_generation, mr.BatchLayout), whose padding rows are routed natively"
+            )
+        else:
+            what = (
+                f"{which} was fed other tokens than its routes were recorded for: {found[self.BAD]} of its {count} "
+                f"tokens differ (first: token {at} of the forward, row {start + at} of the routes, is {got}, but that "
+                f"row was recorded for {want}), so it took the experts of other tokens"
+            )
+            fix = (
+                "Are these the routes of another batch, micro-batch or rank, or the same sequences in another order? "
+                "Replay the forwards the routes were recorded for, in their order, or reorder the routes to the batch "
+                "(routes[index], mr.BatchLayout). Routes whose tokens differ on purpose: routes.with_token_ids(None) "
+                "drops the check"
+            )
+        more = f" ({forwards} compiled forwards of this block were)" if forwards > 1 else ""
+        return TokenMismatchError(
+            what
+            + more
+            + ". Compiled code cannot stop a forward as it begins: this was found after it ran (as the block ended, or "
+            "at its next eager forward), so its outputs, and whatever this block computed from them (a loss, a "
+            "backward, an optimizer step), came from the experts of other tokens: discard them (and the weights a "
+            "step changed). "
+            + fix
+            + (f". {_SEQUENCE_FIRST_HINT}" if sequence_first else "")
+            + (f". {hint}" if hint else "")
+        )
+
+
 class FeedCheck:
     """During a replay: every forward of the model is fed the tokens its rows were recorded for.
 
@@ -977,6 +1134,8 @@ class FeedCheck:
         #: (forward, first row, copy of its ids, which of them it fed as tokens or None) to compare
         self.pending: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
         self._lost = False  # a forward's rows were read where the host does not see them
+        #: the token checks of the levels' forwards compiled whole, armed for this block (see :meth:`_arm_traced`)
+        self._traced: list[tuple[TracedFeedCheck, torch.Tensor, FeedForward]] = []
         self._read_once = False  # device ids were read back once, at their first forward
         self._thread: int | None = None
         self._inside = False  # a checked forward runs now (the modules it enters below are the same forward)
@@ -1014,6 +1173,7 @@ class FeedCheck:
         for src in self._sources:
             src.cleared = 0
             src.guard = self._unseen_read
+        self._traced = self._arm_traced()
         remove = _enter_levels(levels, self)
 
         def stop() -> None:
@@ -1021,8 +1181,50 @@ class FeedCheck:
             self._open()
             for src in self._sources:
                 src.guard = None
+            for traced, _, _ in self._traced:
+                traced.disarm()
 
         return stop
+
+    def _arm_traced(self) -> list[tuple[TracedFeedCheck, torch.Tensor, FeedForward]]:
+        """Arm the token check of the forwards compiled whole on each level (see :class:`TracedFeedCheck`): the
+        routes' ids (and rows recorded at padding) on the routers' device; returns each level's check, the state it
+        marks and the level. None armed where the routers' rows are on several devices, or some level reaches a part of
+        the routers only (a holder of several models: its forwards read the rows of its routers alone)."""
+        if type(self) is not FeedCheck or self.scope_of is not None or not self._sources:
+            return []
+        devices = {src.device for src in self._sources}
+        if len(devices) != 1 or any(level.below is not None for level in self._levels):
+            return []
+        device = devices.pop()
+        rows = self.want.numel()
+        padding = self.padding if self.padding is not None else torch.zeros(rows, dtype=torch.bool)
+        with torch.inference_mode(False):
+            host = torch.cat([self.want.reshape(-1).to(torch.long), torch.full((1,), -1, dtype=torch.long)])
+            pads = torch.cat([padding.reshape(-1).to("cpu", torch.bool), torch.zeros(1, dtype=torch.bool)])
+            if device.type == "cuda":  # (an asynchronous upload: entering replay never syncs)
+                host, pads = host.pin_memory(), pads.pin_memory()
+            want = mark_static_address(host.to(device, non_blocking=True))
+            at_padding = mark_static_address(pads.to(device, non_blocking=True))
+        maybe_mark_dynamic(want, 0)  # (routes of another length: no recompile)
+        maybe_mark_dynamic(at_padding, 0)
+        return [(level.traced, level.traced.arm(want, at_padding, self._sources), level) for level in self._levels]
+
+    def _refuse_traced(self, on_host_only: bool = False) -> None:
+        """Refuse the block where a forward compiled whole was fed other tokens than its rows were recorded for (read
+        from the levels' device states, where a forward ran compiled: one copy to the host; ``on_host_only``: only where
+        they are on the CPU, no sync)."""
+        armed = [(state, level) for _, state, level in self._traced if level.compiled]
+        if not armed or (on_host_only and armed[0][0].device.type != "cpu"):
+            return
+        read = torch.stack([state for state, _ in armed]).tolist()
+        found = [(f, level) for f, (_, level) in zip(read, armed, strict=True) if f[TracedFeedCheck.FOUND]]
+        if not found:
+            return
+        first, level = min(found, key=lambda f: f[0][TracedFeedCheck.START])
+        for state, _ in armed:  # (told once)
+            state.zero_()
+        raise level.traced.refusal(first, self.hint, level.order == SEQUENCE_FIRST)
 
     def left(self) -> None:
         """The forward fed last has ended: a router that read in it other row counts than it was fed tokens routes a
@@ -1063,6 +1265,8 @@ class FeedCheck:
         if paired or (not self._lost and any(map(_COMPILED, self._levels))):
             self._open()
         if self._lost:
+            if self._traced:  # (a forward compiled whole before it fed other tokens: refused here, where no sync)
+                self._refuse_traced(on_host_only=True)
             self.forwards += 1
             return True
         count, ids, shape = _inputs(args, kwargs)
@@ -1194,7 +1398,8 @@ class FeedCheck:
             self.pending.append((self.forwards, start, flat.clone(), None if tokens is None else tokens.clone()))
 
     def finish(self) -> None:
-        """Compare the forwards whose ids were on a device, in order (one copy to the host per device)."""
+        """Compare the forwards whose ids were on a device, in order (one copy to the host per device), then those
+        that ran compiled (see :class:`TracedFeedCheck`)."""
         pending, self.pending = self.pending, []
         host: dict[int, torch.Tensor] = {}
         for device in {ids.device for _, _, ids, _ in pending}:
@@ -1203,6 +1408,7 @@ class FeedCheck:
             host.update(zip([i for i, _ in mine], flat.split([ids.numel() for _, ids in mine]), strict=True))
         for i, (forward, start, _, tokens) in enumerate(pending):
             self._compare(forward, start, host[i], None if tokens is None else tokens.cpu())
+        self._refuse_traced()
 
     def _unseen_read(self, router: str, start: int, n: int) -> None:
         """A router reads rows no forward this check has seen was fed: refuse (see :meth:`start`), unless it is
@@ -2818,6 +3024,9 @@ class FeedForward:
         self.records: list[FeedRecord | FeedCheck] = []
         #: a forward ran compiled since the last block began (its routers read where the host does not count)
         self.compiled = False
+        #: the token check of its forwards compiled whole (kept where a detached session's wrapper is made again:
+        #: compiled code reaches it through this object)
+        self.traced: TracedFeedCheck = getattr(self, "traced", None) or TracedFeedCheck()
         #: an encoder-decoder (a transformers config says so): its forwards feed two token streams
         self.paired = bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
         #: the place of ``attention_mask`` among the forward's positional arguments (None: by name only)
@@ -2856,8 +3065,12 @@ class FeedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _compiling():
-            # (dynamo reads nothing of the records, and stores a constant: no guard on what a block holds)
+            # (dynamo reads nothing of the records, and stores a constant: no guard on what a block holds; a replay's
+            # token check is armed or not, and compares on the device: see TracedFeedCheck)
             self.compiled = True
+            traced = self.traced
+            if traced.active and not self.paired and not exporting():
+                traced.feed(args, kwargs, self.order, self.mask_at)
             return self._run(args, kwargs)
         watched = None
         for owner in self.owners:

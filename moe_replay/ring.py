@@ -716,6 +716,15 @@ class ReplaySource:
             self._cursor.clamp_min_(self.host_consumed)
             self._lag = 0
 
+    def next_row(self) -> torch.Tensor:
+        """The row the next read starts at, on the device (0-dim int64; in compiled code too, as :meth:`read` counts
+        the eager reads before it): what a forward compiled whole compares its token ids from."""
+        cursor = self._cursor
+        if self._lag:
+            cursor.clamp_min_(self.host_consumed)
+            self._lag = 0
+        return cursor
+
     def read_eager(self, n: int) -> torch.Tensor:
         """:meth:`read` for an eager caller that checked ``n`` rows are left: rows at the host's count.
 

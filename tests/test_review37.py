@@ -282,12 +282,6 @@ def test_first_captures_of_sessions_on_models_of_their_own_in_threads_at_once_re
 
 # --------------------------------------------------------------------------- a compiled model fed the wrong batch
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the check of the token ids a replayed forward is fed runs in eager code only: a model compiled whole "
-    "(torch.compile(model)) runs its first forward of a replay() block compiled too, so routes recorded for another "
-    "batch are forced on it with no TokenMismatchError (an eager forward of the same block is refused)",
-)
 def test_routes_of_another_batch_replayed_through_a_compiled_model_are_refused() -> None:
     """Routes captured for one batch, replayed through ``torch.compile(model)`` fed another batch of the same
     shape: the eager model refuses it (``TokenMismatchError``, before any router reads a row); the compiled one

@@ -1,0 +1,194 @@
+"""The token check of a replay whose forwards run compiled whole (``torch.compile(model)``).
+
+Compiled code cannot stop a forward as it begins: the ids it is fed are compared with the rows' token ids on the
+device, by the compiled code itself, and a mismatch is refused as the block ends (or at its next eager forward on the
+CPU). Each case must be exact (no refusal of the batch the routes were recorded for, no recompile per batch) or
+refused with a ``TokenMismatchError``: never silent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import moe_replay as mr
+
+from .test_feeds import _SequenceFirst, _Unpadding
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _two_batches(seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 100, (2, 8), generator=g), torch.randint(0, 100, (2, 8), generator=g)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_model_compiled_whole_refuses_another_batch_and_compiles_once_for_every_batch() -> None:
+    """Routes of one batch replayed through ``torch.compile(model, fullgraph=True)`` fed another batch of the same
+    shape are refused as the block ends, saying the outputs came from other tokens' experts; the batch they were
+    recorded for replays exactly; and no batch, block or refusal compiles anything new."""
+    model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense")
+    first, other = _two_batches()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            want = model(first).logits
+        routes = session.routes()
+        with pytest.raises(mr.TokenMismatchError, match="ran compiled.*discard them"), session.replay(routes):
+            compiled(other)
+        graphs = counter.frame_count
+        with session.replay(routes):
+            torch.testing.assert_close(compiled(first).logits, want)
+        with pytest.raises(mr.TokenMismatchError, match="16 of its 16 tokens differ"), session.replay(routes):
+            compiled(other)
+        assert counter.frame_count == graphs
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_later_compiled_forward_of_the_block_fed_other_tokens_is_refused_by_its_rows() -> None:
+    """The block's second forward is the one fed other tokens (one token changed): refused, naming the rows it read
+    and the token; its first forward, fed its own tokens, alone replays."""
+    model = mr.models.build("softmax_topk", num_layers=1, expert_impl="dense")
+    first, second = _two_batches(7)
+    changed = second.clone()
+    changed[1, 3] = (changed[1, 3] + 1) % 100
+    compiled = torch.compile(model, backend="eager")
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(first)
+            model(second)
+        routes = session.routes()
+        with session.replay(routes):
+            compiled(first)
+            compiled(second)
+        with pytest.raises(mr.TokenMismatchError, match=r"rows 16\.\.31 .* 1 of its 16 tokens differ .*token 11"):
+            with session.replay(routes):
+                compiled(first)
+                compiled(changed)
+
+
+@pytest.mark.reliability("silent replays")
+def test_an_eager_forward_after_a_compiled_one_fed_other_tokens_is_refused_as_it_begins() -> None:
+    """On the CPU the mark compiled code leaves is read at the block's next eager forward, before it runs: the block
+    is refused there, not only as it ends."""
+    model = mr.models.build("softmax_topk", num_layers=1, expert_impl="dense")
+    first, other = _two_batches()
+    compiled = torch.compile(model, backend="eager")
+    ran: list[str] = []
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(first)
+            model(first)
+        routes = session.routes()
+        with pytest.raises(mr.TokenMismatchError, match="ran compiled"), session.replay(routes):
+            compiled(other)
+            ran.append("compiled")
+            model(first)
+            ran.append("eager")
+    assert ran == ["compiled"]
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_compiled_model_refuses_tokens_fed_at_rows_recorded_at_prompt_padding() -> None:
+    """A capture of a left-padded batch, replayed through a compiled model on the same ids fed without their attention
+    mask: the padding's rows would be forced on tokens of the sequences, refused as the eager forward is; with the mask,
+    exact."""
+    model = mr.models.build("softmax_topk", num_layers=1, expert_impl="dense")
+    ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = mr.BatchLayout.padded([3, 5], side="left").attention_mask()
+    compiled = torch.compile(model, backend="eager")
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(ids, attention_mask=mask)
+        routes = session.routes()
+        with session.replay(routes):
+            compiled(ids, attention_mask=mask)
+        with pytest.raises(mr.TokenMismatchError, match="recorded at prompt padding"), session.replay(routes):
+            model(ids)  # (eager: refused)
+        with pytest.raises(mr.TokenMismatchError, match="ran compiled.*recorded at prompt padding"):
+            with session.replay(routes):
+                compiled(ids)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_compiled_model_whose_routers_see_the_batch_sequence_first_replays_and_refuses_in_their_order() -> None:
+    """Routers that see the tokens position by position: the capture's batch replays through the compiled model (its
+    ids compared in the routers' order, not read row by row), and the same sequences in another order are refused."""
+    model = _SequenceFirst().eval()
+    ids = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="eager")
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            want = model(ids)
+        routes = session.routes()
+        with session.replay(routes):
+            torch.testing.assert_close(compiled(ids), want)
+        with pytest.raises(mr.TokenMismatchError, match="ran compiled"), session.replay(routes):
+            compiled(ids[[1, 0, 2]])
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_compiled_model_whose_routers_see_only_the_unpadded_tokens_replays_its_capture_and_refuses_others() -> None:
+    """Routers that see only the tokens the attention mask keeps (fewer rows than ids fed): the capture's padded batch
+    replays through the compiled model (compared token by token among those kept), other sequences are refused."""
+    model = _Unpadding()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(1, 128, (3, 5), generator=g), torch.randint(1, 128, (3, 5), generator=g)
+    compiled = torch.compile(model, backend="eager")
+    with mr.attach(model, include="layers.*", top_k=2, num_experts=8) as session, torch.no_grad():
+        with session.capture():
+            want = model(a, mask)
+        routes = session.routes()
+        with session.replay(routes):
+            torch.testing.assert_close(compiled(a, mask), want)
+        with pytest.raises(mr.TokenMismatchError, match="ran compiled"), session.replay(routes):
+            compiled(b, mask)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_model_compiled_whole_through_aot_autograd_refuses_another_batch() -> None:
+    """The check's mark is an in-place write of an input of the graph: through AOT autograd's functionalization (what
+    inductor and CUDA graphs get) it still lands, and the batch the routes were recorded for replays."""
+    model = mr.models.build("softmax_topk", num_layers=1, expert_impl="dense")
+    first, other = _two_batches(3)
+    compiled = torch.compile(model, backend="aot_eager")
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(first)
+        routes = session.routes()
+        with session.replay(routes), torch.no_grad():
+            compiled(first)
+        with pytest.raises(mr.TokenMismatchError, match="ran compiled"), session.replay(routes), torch.no_grad():
+            compiled(other)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a model compiled whole whose first forward with gradients comes before any eager forward with gradients: "
+    "the router's refusal inside the trace makes dynamo fall back frame by frame, and the forward runs with its rows "
+    "forced, neither compiled through the token check nor fed to the eager one: another batch's routes replay silently",
+)
+def test_a_compiled_forward_with_gradients_before_any_eager_one_is_checked_or_refused() -> None:
+    """The first forward with gradients of a model compiled whole, in a replay block, fed another batch: refused (by
+    the token check, or as a forward compiled code cannot establish the decision of), never forced silently."""
+    model = mr.models.build("softmax_topk", num_layers=1, expert_impl="dense")
+    first, other = _two_batches(3)
+    compiled = torch.compile(model, backend="eager")
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(first)
+        routes = session.routes()
+        with pytest.raises(mr.MoEReplayError), session.replay(routes):
+            compiled(other)
