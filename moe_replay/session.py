@@ -2127,8 +2127,11 @@ class Session:
         ids are on the host, and for the first forward fed ids on a device (one host sync);
         the later forwards' device ids when the block ends (no host sync per forward). With
         ``strict=False``, which never syncs the host, only a model on the CPU is checked.
-        Forwards fed embeddings, and those after a compiled or CUDA-graph forward (whose
-        reads the host does not count), are not checked. Routes that know no token ids but were
+        A forward of a model compiled whole (``torch.compile(model)``) compares its ids on the device, in the
+        compiled code, and is refused when the block ends (on the CPU, at its next eager forward): after it ran, so
+        its outputs, and whatever the block computed from them, must be discarded. Forwards fed embeddings, and
+        eager ones after a compiled or CUDA-graph forward (whose reads the host does not count), are not checked.
+        Routes that know no token ids but were
         laid out by :class:`~moe_replay.BatchLayout` (or :func:`~moe_replay.pad_routes`,
         :func:`~moe_replay.pack_routes`) are checked against the ``attention_mask`` and
         ``position_ids`` keywords each forward is fed: a sequence's row where the mask marks padding,
@@ -2168,7 +2171,7 @@ class Session:
                 copy of the model, and forced nothing); in eager mode, at the forward that reads past the end of
                 its rows.
             TokenMismatchError: a forward fed other tokens than its rows were recorded for, or one
-                whose tokens no check saw.
+                whose tokens no check saw (a forward of a model compiled whole: as the block ends).
             SessionStateError: on leaving, if the model changed inside the block (a router
                 replaced or moved, a module added on the way to the routers).
 
