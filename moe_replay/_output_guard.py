@@ -39,6 +39,8 @@ _GLOBAL_HOOKS = _torch_compat.global_forward_hooks
 _TRACED: dict[int, list[tuple[torch.Tensor, int | None]]] = {}
 #: the float tensors it returned, with where they held zeros, as :data:`_TRACED`
 _TRACED_FLOATS: dict[int, list[tuple[torch.Tensor, int | None, torch.Tensor]]] = {}
+#: copies of the integer tensors it returned, as :data:`_TRACED` (a change of their values in place is compared)
+_TRACED_VALUES: dict[int, list[torch.Tensor]] = {}
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -104,6 +106,29 @@ def _mark_new_zeros(flag: torch.Tensor, output: Any, then: list[tuple[torch.Tens
             flag.logical_or_(((t.detach() == 0) & ~zero).any().to(flag.device))
 
 
+def _mark_changed(flag: torch.Tensor, output: Any, then: list[torch.Tensor]) -> None:
+    """As compiled code runs a router's forward hooks: or into ``flag`` whether the integer tensors of ``output`` hold
+    other values than ``then``, copies of those the intercepted forward returned (a change in place: the same tensors,
+    whose version counters dynamo does not trace). No branch on values, no sync."""
+    now = _integer_tensors(output, version=_unversioned)
+    if len(now) != len(then):
+        return
+    for (t, _), u in zip(now, then, strict=True):
+        if t.shape == u.shape:
+            flag.logical_or_((t.detach() != u).any().to(flag.device))
+
+
+def _remap_message(name: str, culprits: str) -> str:
+    return (
+        f"a forward hook run after router '{name}', or a wrapper around its forward, replaced or changed "
+        "the integer tensors (expert indices, dispatch masks) its forward returned"
+        + culprits
+        + ": its MoE layer would dispatch other experts than those recorded or forced. Remove the hook, or "
+        "make the change inside the router's forward, before its top-k (replay then forces the experts the "
+        "router chose)"
+    )
+
+
 def _cut_message(name: str, culprits: str) -> str:
     return (
         f"a forward hook run after router '{name}', or a wrapper around its forward, cut to zero "
@@ -166,7 +191,7 @@ class OutputGuard:
             model(x)  # UnsupportedRouterError: a hook changed the indices the router returned
     """
 
-    __slots__ = ("cuts", "enter", "expected", "floats", "handles", "name")
+    __slots__ = ("cuts", "enter", "expected", "floats", "handles", "name", "remaps")
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -180,6 +205,9 @@ class OutputGuard:
         #: set by compiled code where a hook cut float tensors to zero (see :meth:`cut_in_compiled_code`); one
         #: tensor for the guard's life, so that code compiled in one block runs again in the next
         self.cuts: torch.Tensor | None = None
+        #: set by compiled code where a hook changed the values of the integer tensors the router returned in place
+        #: (the same tensors: dynamo traces no version counter), as :attr:`cuts`
+        self.remaps: torch.Tensor | None = None
         self.install(module)
 
     def install(self, module: nn.Module) -> None:
@@ -215,7 +243,9 @@ class OutputGuard:
         with it (dynamo does not follow the module's hooks added or removed since), so what the trace compares is
         what it runs. Kept by this guard's id in a dict of this module: a guard of a block ended since is no
         object compiled code must reach again."""
-        _TRACED[id(self)] = _integer_tensors(out, version=_unversioned)
+        ints = _integer_tensors(out, version=_unversioned)
+        _TRACED[id(self)] = ints
+        _TRACED_VALUES[id(self)] = [t.detach().clone() for t, _ in ints]
         _TRACED_FLOATS[id(self)] = [(t, None, t.detach() == 0) for t in _float_tensors(out)]
 
     def arm(self, device: torch.device) -> None:
@@ -226,10 +256,23 @@ class OutputGuard:
                 self.cuts = _torch_compat.mark_static_address(torch.zeros((), dtype=torch.bool, device=device))
             else:
                 self.cuts.zero_()
+            if self.remaps is None or self.remaps.device != device:
+                self.remaps = _torch_compat.mark_static_address(torch.zeros((), dtype=torch.bool, device=device))
+            else:
+                self.remaps.zero_()
 
     def cut_in_compiled_code(self, module: nn.Module) -> None:
         """As a block ends: refuse it where compiled code found float tensors cut to zero by a hook (one read of the
         flag: a sync, where hooks run after this router)."""
+        remaps = self.remaps
+        if remaps is not None and bool(remaps):
+            remaps.zero_()
+            ran = [_hook_name(h) for h in module._forward_hooks.values() if not is_guard(h)]
+            raise UnsupportedRouterError(
+                _remap_message(self.name, _culprits(ran, module.__dict__.get("forward")))
+                + ". (Found in compiled code, which cannot stop at the forward: this block's forwards dispatched "
+                "the changed indices)"
+            )
         cuts = self.cuts
         if cuts is not None and bool(cuts):
             cuts.zero_()
@@ -248,17 +291,21 @@ class OutputGuard:
         self.expected = None
         self.floats = []
         _TRACED.pop(id(self), None)  # (what a compiled forward left for a hook run that never came)
+        _TRACED_VALUES.pop(id(self), None)
         _TRACED_FLOATS.pop(id(self), None)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():  # (dynamo tracing: what the trace of the forward returned, if any)
             expected = _TRACED.pop(id(self), None)
             floats = _TRACED_FLOATS.pop(id(self), None)
+            values = _TRACED_VALUES.pop(id(self), None)
             if expected is None and self.expected is not None:  # (an eager forward, this hook compiled on its own)
                 expected, self.expected = self.expected, None
                 floats, self.floats = self.floats, []
             if expected is not None and floats and self.cuts is not None:
                 _mark_new_zeros(self.cuts, output, floats)
+            if expected is not None and values and self.remaps is not None:
+                _mark_changed(self.remaps, output, values)
             if expected is None or _same_traced(_integer_tensors(output, version=_unversioned), expected):
                 return
             culprits = " (in the code torch.compile traced: hooks on its module, or global module hooks)"
@@ -271,14 +318,7 @@ class OutputGuard:
                 raise UnsupportedRouterError(_cut_message(self.name, culprits))
             if expected is None or _same(_integer_tensors(output), expected):
                 return
-        raise UnsupportedRouterError(
-            f"a forward hook run after router '{self.name}', or a wrapper around its forward, replaced or changed "
-            "the integer tensors (expert indices, dispatch masks) its forward returned"
-            + culprits
-            + ": its MoE layer would dispatch other experts than those recorded or forced. Remove the hook, or "
-            "make the change inside the router's forward, before its top-k (replay then forces the experts the "
-            "router chose)"
-        )
+        raise UnsupportedRouterError(_remap_message(self.name, culprits))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return _inert
