@@ -40,6 +40,7 @@ __all__ = [
     "functorch_transform",
     "fwd_grad_enabled",
     "global_forward_hooks",
+    "global_forward_pre_hooks",
     "graph_capturing",
     "hidden_from_dispatch_modes",
     "in_compiled_autograd",
@@ -157,6 +158,11 @@ _global_hooks = _find(
     "torch.nn.modules.module._global_forward_hooks", "to see a global forward hook run after a router"
 )
 global_forward_hooks: dict[int, Any] = _global_hooks if isinstance(_global_hooks, dict) else {}
+#: torch's global module forward pre-hooks (``register_module_forward_pre_hook``), by handle id, likewise.
+_global_pre_hooks = _find(
+    "torch.nn.modules.module._global_forward_pre_hooks", "to see a global forward pre-hook added after a decision"
+)
+global_forward_pre_hooks: dict[int, Any] = _global_pre_hooks if isinstance(_global_pre_hooks, dict) else {}
 
 
 def in_compiled_autograd() -> bool:

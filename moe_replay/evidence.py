@@ -1593,6 +1593,87 @@ def _grad_like(obj: Any, ref: Any) -> Any:
 _COPY_LIMIT = 1 << 20
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"forward"}  # torch's own state (hook dicts...) is not ours
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
+_HOOK_FNS = ("_forward_hooks", "_forward_pre_hooks")  # (the others map a hook's id to a flag)
+
+#: Router scopes whose forward is shown to depend on the user's own hooks of their submodules: their probe runs keep
+#: those hooks in (see :meth:`_Snapshot.hooks_aside`). A scope joins where a run with the hooks set aside fails on the
+#: forward's own inputs, or where the real forward's output differs from what such a run gave (see
+#: :data:`PREDICTED`): a hook that makes or cuts the choice (a top-k of a gate that only scores, a cut of the combine
+#: weights) is then seen as the forward's own code is.
+HOOKS_NEEDED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+#: The output of the run with the hooks of its submodules set aside on the forward's own inputs, unchanged (its
+#: tensors' leaves, detached), and the run-to-run tolerance, for a scope whose decision was just established with
+#: user hooks set aside: the real forward that follows, with them, is compared with it (see
+#: :func:`differs`).
+PREDICTED: weakref.WeakKeyDictionary[nn.Module, tuple[list[Any], float]] = weakref.WeakKeyDictionary()
+
+
+def _own_hook(hook: Any) -> bool:
+    """Is ``hook`` one of moe_replay's own (a guard, a watch, a nested router's), not the user's? Read without
+    running user code."""
+    if getattr(hook, "__moe_replay_own__", False):
+        return True
+    plain = isinstance(hook, types.FunctionType | types.MethodType)
+    where = hook.__module__ if plain else type(hook).__module__
+    return isinstance(where, str) and (where == "moe_replay" or where.startswith("moe_replay."))
+
+
+def user_hooks_inside(scope: nn.Module) -> bool:
+    """Does a submodule of ``scope`` (not ``scope`` itself, whose hooks run outside its forward) hold a forward hook
+    or pre-hook of the user's own?"""
+    return any(
+        not _own_hook(h)
+        for m in scope.modules()
+        if m is not scope
+        for name in _HOOK_FNS
+        for h in (vars(m).get(name) or {}).values()
+    )
+
+
+def differs(base: list[Any], out: Any, tolerance: float) -> bool:
+    """Does ``out``, a forward's output, differ from ``base`` (the leaves of a run's, see :data:`PREDICTED`) by more
+    than ``tolerance``?"""
+    worst, _ = _distance(base, _leaves(out, [], ints=True), tolerance)
+    return worst > tolerance
+
+
+def _detached_leaves(out: Any) -> list[Any]:
+    return [t.detach() if isinstance(t, torch.Tensor) else t for t in _leaves(out, [], ints=True)]
+
+
+def forced_leaves(
+    scope: nn.Module,
+    forward: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    ev: Evidence,
+    rows: torch.Tensor | None,
+) -> list[Any] | None:
+    """The leaves of the output of a run of ``scope``'s forward on these inputs, with the user's hooks of its
+    submodules set aside and its decision (one top-k) answered with ``rows`` as a replay answers it: what a replay's
+    forward that established ``ev`` returns where no hook changes it. None where it cannot be told (a decision in
+    slots or chunks, not one top-k, no rows, a run that fails)."""
+    if rows is None or len(ev.decision) != 1 or ev.chunks or ev.calls[ev.decision[0]].family != "topk":
+        return None
+    held = torch.return_types.topk((rows, rows))
+    force = {i: (held, ev.top_k) for i in (*ev.decision, *ev.mirrors)}
+    probe = _Prober(forward, args, kwargs, scope)
+    NESTING.establishing += 1
+    try:
+        out, _ = probe.run(force=force)
+        return _detached_leaves(out)
+    except Exception:
+        return None
+    finally:
+        NESTING.establishing -= 1
+        probe.snapshot.restore()
+
+
+class _HooksNeeded(Exception):
+    """A probe run with the user's hooks of the scope's submodules set aside failed on the forward's own inputs: the
+    forward may need them (a pre-hook that loads offloaded weights, a hook that takes the top-k of a gate that only
+    scores); the decision is established again with them in."""
 
 
 def _shallow(v: Any) -> Any:
@@ -1638,6 +1719,9 @@ class _Snapshot:
         )
         self.py_random, self.np_random = random.getstate(), np.random.get_state()
         self.modules = list(scope.modules())
+        #: the user's hooks of the submodules run in the probe runs (see :data:`HOOKS_NEEDED`); only moe_replay's own
+        #: are set aside
+        self.hooks_in = scope in HOOKS_NEEDED
         self.held: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = [
             (m, dict(m._buffers), dict(m._parameters)) for m in self.modules
         ]  # rebinding, too
@@ -1757,7 +1841,8 @@ class _Snapshot:
 
     @contextlib.contextmanager
     def hooks_aside(self) -> Iterator[None]:
-        """The forward hooks of the scope's submodules are not called during a probe run, and hooks registered during
+        """The forward hooks of the scope's submodules are not called during a probe run (where the forward is shown
+        to depend on them, :data:`HOOKS_NEEDED`, moe_replay's own alone are not), and hooks registered during
         it are dropped with it: code that registers its hooks at its first forward and notes so in an attribute
         (transformers' output recording, ``output_router_logits``) does it again in the forward after the runs, as
         the attribute is put back, and would otherwise leave a hook per run (each output then recorded several
@@ -1766,7 +1851,12 @@ class _Snapshot:
             (m, name, held) for m in self.modules[1:] for name in _HOOKS if (held := getattr(m, name, None)) is not None
         ]
         for m, name, held in saved:
-            setattr(m, name, type(held)())
+            if self.hooks_in and name in _HOOK_FNS:  # (a copy: hooks registered during the run are dropped with it)
+                setattr(m, name, type(held)((k, h) for k, h in held.items() if not _own_hook(h)))
+            elif self.hooks_in:
+                setattr(m, name, type(held)(held))
+            else:
+                setattr(m, name, type(held)())
         try:
             yield
         finally:
@@ -2098,7 +2188,37 @@ def _established(
     call: int | None,
     family: str | None,
 ) -> Evidence | None:
-    """:func:`establish` on inputs with tokens, its calls between the probe runs let by the orphan watch."""
+    """:func:`establish` on inputs with tokens, its calls between the probe runs let by the orphan watch.
+
+    The probe runs set the user's hooks of the scope's submodules aside (so that a hook counting or logging sees one
+    forward); where a run so fails on the forward's own inputs, the forward needs them (a pre-hook that loads offloaded
+    weights, a top-k made in a gate's hook): the scope joins :data:`HOOKS_NEEDED` and the decision is established with
+    them in."""
+    try:
+        return _established_with(name, scope, forward, args, kwargs, num_experts, top_k, declared_top_k, call, family)
+    except _HooksNeeded:
+        pass
+    HOOKS_NEEDED.add(scope)
+    try:
+        return _established_with(name, scope, forward, args, kwargs, num_experts, top_k, declared_top_k, call, family)
+    except BaseException:
+        HOOKS_NEEDED.discard(scope)
+        raise
+
+
+def _established_with(
+    name: str,
+    scope: nn.Module,
+    forward: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_experts: int | None,
+    top_k: int | None,
+    declared_top_k: bool,
+    call: int | None,
+    family: str | None,
+) -> Evidence | None:
+    """:func:`_established` with the hooks set aside or kept in, as :data:`HOOKS_NEEDED` says."""
     probe = _Prober(forward, args, kwargs, scope)
     try:
         ev = _establish(
@@ -2727,10 +2847,13 @@ def _establish(
     """
     args, kwargs = probe.args, probe.kwargs
     try:
+        aside = not probe.snapshot.hooks_in and user_hooks_inside(probe.scope)
         try:
             base, seen = probe.run(trace=True)
         except Exception as e:
-            raise _needs_hooks(name, probe, e) from e
+            if aside:  # (established again with them in)
+                raise _HooksNeeded() from e
+            raise
         calls: Sequence[Call] = seen.calls
         if calls and not any(c.rows for c in calls):
             return None  # no token to choose for
@@ -2744,6 +2867,8 @@ def _establish(
             )
         noise, _ = _distance(base, again)
         tolerance = 0.0 if noise == 0 else 16 * noise
+        if aside:  # the real forward runs them: what it returns is compared with this (see differs)
+            PREDICTED[probe.scope] = (_detached_leaves(base), tolerance)
         fix = (
             "If a fused kernel or soft routing (every expert weighted, no choice) makes the decision, it cannot be "
             "replayed, nor where the experts are chosen out of sight (a custom operator, a TorchScript function, "
@@ -3188,35 +3313,6 @@ def _leader(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode, broad: Sequ
         if not torch.equal(lead, mine) and torch.equal(follow, lead):
             return c
     return anchor
-
-
-def _needs_hooks(name: str, probe: _Prober, error: Exception) -> Exception:
-    """The error to raise for ``error``, raised by a probe run on the forward's own inputs.
-
-    A probe run sets the forward hooks of the scope's submodules aside (:meth:`_Snapshot.hooks_aside`).
-    Where there were any, the forward may fail for want of them: a pre-hook that loads, gathers or
-    materialises a module's weights (an offloading hook, DeepSpeed ZeRO-3's) leaves them missing there. That
-    is refused by name, with the way out; the forward's own error, where no hook was set aside, is returned as
-    it is (the forward fails natively too).
-    """
-    hooked = [
-        path or type(m).__name__
-        for path, m in probe.scope.named_modules()
-        if m is not probe.scope and any(getattr(m, h, None) for h in _HOOKS)
-    ]
-    if not hooked:
-        return error
-    more = " ..." if len(hooked) > 3 else ""
-    return UnsupportedRouterError(
-        f"router '{name}': establishing which call decides runs the forward of {type(probe.scope).__name__} again "
-        "with the forward hooks of its submodules set aside (so that hooks counting or logging see one forward), "
-        f"and there it raised {type(error).__name__}: {str(error)[:200]}. Hooks were set aside on "
-        f"{', '.join(repr(h) for h in hooked[:3])}{more}: a hook that loads, gathers or materialises weights "
-        "(offloading, DeepSpeed ZeRO-3) leaves them missing there. Put such a hook on the router's module or one "
-        "above it (its hooks run before this forward), or establish before installing it: attach, run "
-        "session.verify(example) in each mode the model will run (training with gradients, eval without), "
-        "detach, install the hook, then attach again; nothing was recorded or forced"
-    )
 
 
 def _refuse_shaped_source(

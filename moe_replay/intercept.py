@@ -61,16 +61,21 @@ from ._code_settings import (
 from ._output_guard import OutputGuard, _integer_tensors, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
-    _HOOKS,
+    _HOOK_FNS,
     DECISION_FUNCS,
+    HOOKS_NEEDED,
     NESTING,
     NO_OUT,
+    PREDICTED,
     UNWRAP,
     Evidence,
     _first_floating,
+    _own_hook,
     best_others,
     decision_call,
+    differs,
     establish,
+    forced_leaves,
     run_unestablished,
     still_decides,
     through_out,
@@ -384,7 +389,40 @@ def _settings_and_held(scope: nn.Module) -> dict[str, Any]:
     out = _fingerprint(scope)
     for _, _, name, tensor, value in _held_indices(scope):
         out[f"{name} (held)"] = HeldStamp(tensor, value) if tensor is not None else value
+    out[_HOOKS_KEY] = _user_hooks(scope)
     return out
+
+
+#: The setting that stands for the user's forward hooks of a scope's submodules and the global module hooks.
+_HOOKS_KEY = "(forward hooks inside its scope, and global module hooks)"
+
+
+def _user_hooks(scope: nn.Module) -> tuple[tuple[str, int], ...]:
+    """The user's forward hooks and pre-hooks of ``scope``'s submodules (where, by handle id), and the global module
+    hooks (``register_module_forward_hook``, ``register_module_forward_pre_hook``), moe_replay's own left out. A
+    decision is established with the first set aside and the second in, and checked against the first by the real
+    forward's output (:meth:`RouterHook._hooks_checked`): one added since (a cut of the combine weights after the
+    top-k) was in neither, so it is a setting: established again as the next block starts, refused where added
+    inside a block in which the router ran."""
+    out = [
+        (path, key)
+        for path, m in scope.named_modules()
+        if m is not scope
+        for name in _HOOK_FNS
+        for key, h in (vars(m).get(name) or {}).items()
+        if not _own_hook(h) and not _torchs_hook(h)
+    ]
+    for kind, hooks in (("global", _GLOBAL_HOOKS), ("global pre", _torch_compat.global_forward_pre_hooks)):
+        out.extend((kind, key) for key, h in list(hooks.items()) if not _own_hook(h) and not _torchs_hook(h))
+    return tuple(out)
+
+
+def _torchs_hook(hook: Any) -> bool:
+    """Is ``hook`` torch's own (``FlopCounterMode``'s module tracker, FSDP's): it chooses no experts, and comes and
+    goes with a context a user may open inside a block."""
+    where = getattr(hook, "__module__", None) if isinstance(hook, types.FunctionType | types.MethodType) else None
+    where = where if where is not None else type(hook).__module__
+    return isinstance(where, str) and where.startswith("torch.")
 
 
 def _held_moved(then: tuple[_Held, ...], scope: nn.Module) -> str | None:
@@ -811,6 +849,12 @@ class RouterHook:
                     if kept and key.rsplit(".", 1)[-1] in around:
                         continue  # (set by the model's forward around its routers, as it was outside before)
                     was, is_ = then.get(key, _ABSENT), now.get(key, _ABSENT)
+                    if key == _HOOKS_KEY:
+                        return (
+                            f"a forward hook was added or removed inside the scope of router '{self.name}'"
+                            f"{_hooks_inside(self.scope, short=True)}, or a global module hook, since its decision "
+                            "was established"
+                        )
                     return (
                         f"'{key}' of router '{self.name}' is {'unset' if is_ is _ABSENT else repr(is_)}, but was "
                         f"{'unset' if was is _ABSENT else repr(was)} when its decision was established"
@@ -1130,6 +1174,7 @@ class RouterHook:
             return _uncompiled(RouterHook._run, self, forward, args, kwargs, lean_ok)
         ev: Evidence | None = None
         how = "mode"
+        fresh = False  # the decision was established at this forward
         if self.decision != "lookup":
             mode = self.mode()
             ev = self.evidence.get(mode)
@@ -1142,7 +1187,9 @@ class RouterHook:
                 if not self._still_holds(ev, forward, args, kwargs):
                     ev = None  # another of its calls of the decision's form decides now: established afresh
             if ev is None:
+                PREDICTED.pop(self.scope, None)
                 ev = self.prove(forward, args, kwargs)
+                fresh = ev is not None
             if ev is None:  # no token to choose for: nothing to record or force
                 if not compiling:
                     self.calls += 1
@@ -1207,6 +1254,8 @@ class RouterHook:
                 self._chunks = False
             if self._pending is not None:  # the decision was established at this forward
                 self._settle()
+        if fresh and ev is not None:
+            ev = self._hooks_checked(ev, out, forward, args, kwargs)
         if chunks is not None:  # a decision chunk by chunk of the tokens: one call of every row, as one of a call
             self._chunks_end(chunks, ev, forward, args, kwargs)
         elif grown is not None and ev is not None:  # its second call of one established as one: chunks, proven now
@@ -1235,6 +1284,64 @@ class RouterHook:
                 scan = not _lean.takes_only_tensors(forward, args, kwargs)
                 self._lean[self.mode()] = (ev, not why, why, None if why else witness, scan)
         return out
+
+    def _hooks_checked(
+        self, ev: Evidence, out: Any, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Evidence:
+        """The evidence of the forward that established ``ev`` and returned ``out``, checked against the user's
+        forward hooks inside the scope.
+
+        The runs that establish a decision set the user's hooks of the scope's submodules aside, so that a hook that
+        counts or logs sees one forward. The real forward runs them: where it returned other values than those runs
+        did on its inputs (see :data:`~moe_replay.evidence.PREDICTED`), a hook changes what the forward
+        computes (a bias on a gate's logits, a cast, or a choice: a cut of the combine weights after the top-k), and
+        the decision is established again with the hooks in (the scope joins ``HOOKS_NEEDED``): a choice a hook makes
+        is then seen as the forward's own code's. Where that refuses, or finds another decision than the one this
+        forward recorded or forced, this forward is refused. A replay's forward is forced: it is compared with a run so
+        forced with its rows (:func:`~moe_replay.evidence.forced_leaves`), and where none can be made (a decision in
+        slots, an ``argmax``), the decision is established again with the hooks in as well."""
+        predicted = PREDICTED.pop(self.scope, None)
+        if predicted is None:  # (no hook of the user's was set aside)
+            return ev
+        base: list[Any] | None = predicted[0]
+        if self.replaying:  # forced: compared with such a run forced with the same rows, where one can be made
+            with _hidden(), EAGER:
+                base = forced_leaves(self.scope, forward, args, kwargs, ev, self._answered)
+        if base is not None and not differs(base, out, predicted[1]):
+            return ev
+        HOOKS_NEEDED.add(self.scope)
+        lead = (
+            f"router '{self.name}': the forward of {type(self.scope).__name__} returned other values than the runs "
+            "that established its decision on the same inputs, with the forward hooks of its submodules set aside "
+            f"(so that hooks counting or logging see one forward){_hooks_inside(self.scope, short=True)}: a hook "
+            "changes what it computes, so its decision was established again with them in"
+        )
+        family = self.decision if self.decision not in ("auto", "lookup") else None
+        try:
+            again = self._establish(forward, args, kwargs, family)
+        except UnsupportedRouterError as e:
+            self.forget(why="a forward hook inside its scope changed its output")
+            raise UnsupportedRouterError(
+                f"{lead}, and there: {str(e).removeprefix(f'router {self.name!r}: ')}"
+            ) from None
+        if again is None or [again.calls[i].signature for i in again.decision] != [
+            ev.calls[i].signature for i in ev.decision
+        ]:
+            self.forget(why="a forward hook inside its scope changed its output")
+            raise UnsupportedRouterError(
+                f"{lead}, and with them another call decides ({again.describe() if again is not None else 'none'}; "
+                f"without them: {ev.describe()}). This forward is refused (its rows were recorded or forced by the "
+                "other); the next forward runs with the decision established with the hooks in"
+            )
+        mode = self.mode()
+        known = _KNOWN.get(self.scope)
+        if known is not None:
+            for key in [k for k, v in known.items() if v is ev]:
+                known[key] = again
+        self.evidence[mode] = again
+        self._lean.pop(mode, None)
+        self._arm(again)
+        return again
 
     def _refused_lean(self, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A lean forward refused at :class:`ScopedForward` (another library wraps one of torch's names since
@@ -2406,25 +2513,28 @@ class ClassForward:
         return f"<forward of {type(self.module).__name__} (its class's)>"
 
 
-def _hooks_inside(scope: nn.Module) -> str:
+def _hooks_inside(scope: nn.Module, short: bool = False) -> str:
     """A sentence naming the forward hooks inside ``scope`` (none: ``""``), for an error on its decision-like calls.
 
     The runs that establish a decision set the forward hooks of the scope's submodules aside (so that a hook
     counting or logging sees one forward): a decision-like call made in one (a gate's hook taking a top-k of
     the logits to log the experts' load) is in every real forward but in none of those runs, so every forward
-    differs from the one the decision was established on. Read without running anything (``vars``).
+    differs from the one the decision was established on. Read without running anything (``vars``). ``short``: only
+    where they are (`` (hooks on ...)``).
     """
     hooked = []
     for path, m in scope.named_modules():
         if m is scope:
             continue
-        fns = [f for h in _HOOKS for f in (vars(m).get(h) or {}).values()]
+        fns = [f for h in _HOOK_FNS for f in (vars(m).get(h) or {}).values() if not _own_hook(f)]
         if fns:
             names = ", ".join(getattr(f, "__qualname__", None) or type(f).__name__ for f in fns[:2])
             hooked.append(f"'{path}' ({names}{', ...' if len(fns) > 2 else ''})")
     if not hooked:
         return ""
     more = ", ..." if len(hooked) > 3 else ""
+    if short:
+        return f" (hooks on {', '.join(hooked[:3])}{more})"
     return (
         f". Forward hooks are registered inside its scope, on {', '.join(hooked[:3])}{more}; they run in its "
         "forwards but are set aside in the runs that establish its decision, so a decision-like call made in "
