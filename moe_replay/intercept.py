@@ -1324,9 +1324,11 @@ class RouterHook:
             raise UnsupportedRouterError(
                 f"{lead}, and there: {str(e).removeprefix(f'router {self.name!r}: ')}"
             ) from None
-        if again is None or [again.calls[i].signature for i in again.decision] != [
-            ev.calls[i].signature for i in ev.decision
-        ]:
+        if (
+            again is None
+            or again.decision != ev.decision
+            or [again.calls[i].signature for i in again.decision] != [ev.calls[i].signature for i in ev.decision]
+        ):
             self.forget(why="a forward hook inside its scope changed its output")
             raise UnsupportedRouterError(
                 f"{lead}, and with them another call decides ({again.describe() if again is not None else 'none'}; "
@@ -1340,6 +1342,11 @@ class RouterHook:
                 known[key] = again
         self.evidence[mode] = again
         self._lean.pop(mode, None)
+        self._has_twins(again)
+        if again.chunks:
+            _CHUNKS_KNOWN.setdefault(self.scope, {})[again] = _ChunkState(
+                {(again.chunk_dims, again.count)}, _held_indices(self.scope)
+            )
         self._arm(again)
         return again
 
