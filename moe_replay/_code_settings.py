@@ -46,7 +46,7 @@ import os
 import sys
 import types
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -62,6 +62,8 @@ __all__ = [
     "hook_written",
     "is_written",
     "reads_state",
+    "settings_in",
+    "static_attribute",
     "written",
 ]
 
@@ -108,6 +110,24 @@ def held_stamp(value: Any) -> Any:
     if isinstance(value, list | tuple) and len(value) <= 256 and all(type(i) in (int, bool) for i in value):
         return tuple(value)
     return None
+
+
+def settings_in(items: Iterable[tuple[Any, Any]]) -> list[tuple[str, Any]]:
+    """The settings among ``(key, value)`` pairs whose key is a public ``str``, as compared: :func:`is_setting` and
+    :func:`comparable` in one loop, a plain value read without a call (a config's dozens of them, at every block)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in items:
+        kind = type(value)
+        if kind in _PLAIN:
+            if kind is float and value != value:
+                value = "nan"
+        elif isinstance(value, enum.Enum):
+            value = comparable(value)
+        else:
+            continue
+        if type(key) is str and key[:1] != "_":
+            out.append((key, value))
+    return out
 
 
 def comparable(value: Any) -> Any:
@@ -184,7 +204,7 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
             if where is None:  # a class attribute read through self: the instance's own comes first
                 if name in instance:
                     continue
-                value = inspect.getattr_static(cls, name, _MISSING)
+                value = _in_class(cls, name)  # (as inspect.getattr_static finds it on the class, faster)
             else:
                 value = where.get(name, _MISSING)
             if is_setting(value):
@@ -583,7 +603,9 @@ def _function(fn: Any) -> types.FunctionType | None:
         if isinstance(fn, types.MethodType | staticmethod | classmethod):
             fn = fn.__func__
             continue
-        inner = inspect.getattr_static(fn, "__wrapped__", None)  # (nothing of a user's object runs)
+        inner = _attribute(fn, "__wrapped__")  # (as inspect.getattr_static finds it: nothing of a user's object runs)
+        if inner is _MISSING:
+            return None
         if isinstance(inner, property) and type(fn).__module__.startswith("moe_replay."):
             inner = getattr(fn, "__wrapped__", None)  # (a copy's class forward, looked up: ClassForward)
         if inner is None or inner is fn or isinstance(inner, property):
@@ -1241,6 +1263,12 @@ def _attribute(obj: Any, key: str) -> Any:
                 if held is not None and key in held:
                     return held[key]
     return found
+
+
+def static_attribute(obj: Any, key: str) -> Any:
+    """``inspect.getattr_static(obj, key, None)``, faster (see :func:`_attribute`)."""
+    found = _attribute(obj, key)
+    return None if found is _MISSING else found
 
 
 def _follow(obj: Any, steps: tuple[_Step, ...], depth: int) -> list[tuple[str, Any]]:

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._code_settings import is_generator
+from ._code_settings import is_generator, static_attribute
 from ._torch_compat import (
     COMPILER,
     HOOK_HANDLES,
@@ -2927,9 +2927,11 @@ def _path_state(modules: Sequence[nn.Module]) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     configs: dict[int, list[tuple[str, Any]]] = {}
     for i, m in enumerate(modules):
-        out[f"{i} forward"] = (type(m), inspect.getattr_static(type(m), "forward", None), _own_forward(m))
-        out[f"{i} hooks"] = tuple(
-            key for name in _HOOKS for key, hook in (m.__dict__.get(name) or {}).items() if not _ours(hook)
+        out[f"{i} forward"] = (type(m), static_attribute(type(m), "forward"), _own_forward(m))
+        out[f"{i} hooks"] = (
+            tuple(key for name in _HOOKS for key, hook in (m.__dict__.get(name) or {}).items() if not _ours(hook))
+            if any(map(m.__dict__.get, _HOOKS))
+            else ()  # (none: the common case, read in C)
         )
         children = []
         for name, child in m._modules.items():

@@ -30,8 +30,10 @@ checkpointing checks that.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import enum
 import inspect
 import operator
 import sys
@@ -56,6 +58,7 @@ from ._code_settings import (
     is_setting,
     is_written,
     reads_state,
+    settings_in,
     written,
 )
 from ._output_guard import OutputGuard, _integer_tensors, runs_foreign_hooks
@@ -370,14 +373,32 @@ def _held_indices(scope: nn.Module) -> tuple[_Held, ...]:
     no sync), and lists or tuples of plain values (a chunk order, chunk sizes), with their items."""
     out: list[_Held] = []
     for prefix, m in _scope_modules(scope):
-        for store in (m._parameters, m._buffers, m.__dict__):
-            for k, v in store.items():
+        own = m.__dict__
+        keys = own_keys(own)
+        for store, items in (
+            (m._parameters, m._parameters.items()),
+            (m._buffers, m._buffers.items()),
+            (own, zip(keys, map(own.__getitem__, keys), strict=True)),
+        ):
+            for k, v in items:
                 if isinstance(v, torch.Tensor):
                     if not (v.is_floating_point() or v.is_complex()):
                         out.append((store, k, prefix + k, v, None if v.is_inference() else v._version))
                 elif isinstance(v, list | tuple) and len(v) <= 256 and all(type(i) in (int, bool) for i in v):
                     out.append((store, k, prefix + k, None, tuple(v)))
     return tuple(out)
+
+
+def own_keys(own: dict[str, Any]) -> list[str]:
+    """The keys of a module's ``__dict__`` (``own``) but those every module has, whose values torch keeps (dicts of
+    parameters, buffers, children and hooks, a set, flags: no tensor, list or callable among them), sorted: what a
+    walk of the dict for anything else (a tensor, a list, code set on the module) reads, found in C. Where one of
+    those holds another type than torch keeps there, it is read too (after the others)."""
+    standard = own.keys() & _MODULE_OWN
+    keys = sorted(own.keys() - _MODULE_OWN)
+    if not _MODULE_OWN_TYPES.issuperset(map(type, map(own.__getitem__, standard))):
+        keys += sorted(standard)
+    return keys
 
 
 def _settings_and_held(scope: nn.Module) -> dict[str, Any]:
@@ -2593,11 +2614,15 @@ def _settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
 
 def _held_settings(v: Any) -> list[tuple[str, Any]]:
     """The plain settings a config object or a dict holds, by name (as compared)."""
-    items = v.items() if isinstance(v, dict) else vars(v).items()
-    return [(sub, comparable(w)) for sub, w in items if is_setting(w) and type(sub) is str and sub[:1] != "_"]
+    return settings_in(v.items() if isinstance(v, dict) else vars(v).items())
 
 
 _ABSENT = object()  # a setting a module does not have
+_PLAIN_SETTINGS = frozenset((int, float, str, bool, type(None)))  # (as is_setting reads them, with enum members)
+#: the attributes every module has (private, and ``training``: decisions are kept by mode), none of them a setting
+_MODULE_OWN = frozenset((*vars(nn.Module()), "training"))
+#: what torch keeps under them (dicts of parameters, buffers, children and hooks, a set, flags): no tensor, no list
+_MODULE_OWN_TYPES = frozenset((dict, collections.OrderedDict, set, bool, type(None)))
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)  # (experts: their settings do not decide)
 
 
@@ -2625,10 +2650,15 @@ def _fingerprint(
             (f"{name}.", m) for name, m in scope._modules.items() if m is not None and not isinstance(m, _CONTAINERS)
         ]
     for prefix, m in modules:
-        for k, v in vars(m).items():
-            if k.startswith("_") or k == "training":
+        own = vars(m)
+        for k in sorted(own.keys() - _MODULE_OWN):  # (the attributes every module has left out at once, in C)
+            if k.startswith("_"):
                 continue
-            if is_setting(v):
+            v = own[k]
+            kind = type(v)
+            if kind in _PLAIN_SETTINGS:  # (is_setting and comparable, inline: the common case)
+                out[prefix + k] = "nan" if kind is float and v != v else v
+            elif isinstance(v, enum.Enum):
                 out[prefix + k] = comparable(v)
             elif isinstance(v, dict) or _config_like(v):
                 held = memo.get(id(v)) if memo is not None else None
@@ -2639,10 +2669,11 @@ def _fingerprint(
                 out.update((f"{prefix}{k}.{sub}", w) for sub, w in held)
         # what its code reads besides: module-level globals, class attributes, closure cells, 0-d flag buffers
         read = code_settings(m, m.__dict__.get("forward")) if code else flag_buffers(m)
-        out.update(
-            (f"{prefix}{k[5:]}" if k.startswith("self.") else f"{prefix}{k}" if k.startswith("buffer ") else k, v)
-            for k, v in read.items()
-        )
+        if read:
+            out.update(
+                (f"{prefix}{k[5:]}" if k.startswith("self.") else f"{prefix}{k}" if k.startswith("buffer ") else k, v)
+                for k, v in read.items()
+            )
     return out
 
 

@@ -13,6 +13,7 @@ every router stay in one order. Give each thread its own model and session.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -73,7 +74,7 @@ from .errors import (
     _from_compiler,
 )
 from .evidence import VerifyReport
-from .intercept import EAGER, ClassForward, RouterHook, ScopedForward
+from .intercept import EAGER, ClassForward, RouterHook, ScopedForward, own_keys
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_call, watch_first_runs, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, calls_made_by, index_dtype
@@ -1399,15 +1400,22 @@ class Session:
         model = self._model_ref()
         if model is None:
             return [frozenset()] * len(self._hooks)
-        memo: dict[int, frozenset[str]] = {}
+        # (by class and own forward: what assigned_on_others reads of a module, the same for each layer of one class)
+        memo: dict[tuple[type, int], frozenset[str]] = {}
         out = []
         for scope in self._scopes():
             names: set[str] = set()
-            for m in _on_the_way(model, [scope]):
-                found = memo.get(id(m))
+            m: nn.Module | None = model
+            for part in [*scope.split(".")[:-1], None] if scope else [None]:  # (model, then each module on the way)
+                assert m is not None
+                key = (type(m), id(m.__dict__.get("forward")))
+                found = memo.get(key)
                 if found is None:
-                    found = memo[id(m)] = assigned_on_others(m)
+                    found = memo[key] = assigned_on_others(m)
                 names.update(found)
+                m = m._modules.get(part) if part is not None else None
+                if m is None:
+                    break
             out.append(frozenset(names))
         return out
 
@@ -2571,7 +2579,7 @@ class _Skeleton:
     of a small model).
     """
 
-    __slots__ = ("_code", "_hooks", "_parts", "not_run")
+    __slots__ = ("_code", "_hooks", "_parts", "_snaps", "not_run")
 
     def __init__(self, model: nn.Module, scopes: Sequence[str]) -> None:
         #: paths of the modules in MoE blocks that the watched forward did not run, and no run of them since
@@ -2582,6 +2590,8 @@ class _Skeleton:
         ]
         self._hooks = (_scope_hooks(model, scopes), _way_hooks(modules))
         self._code = _code_on_the_way(modules)
+        #: each class's dict as the code was read (see :func:`_class_snapshot`), with its group in ``_code``
+        self._snaps = _class_snapshots(modules, self._code)
 
     def holds(self, model: nn.Module, scopes: Sequence[str]) -> bool:
         """Is ``model`` still made of the modules this skeleton was taken from, on the way to ``scopes``, with
@@ -2595,7 +2605,7 @@ class _Skeleton:
             now = [c for c in m._modules.values() if c is not None]
             if ref() is not m or len(now) != len(kids) or any(r() is not c for r, c in zip(kids, now, strict=True)):
                 return False
-        return _same_code(self._code, _code_on_the_way(modules))
+        return _same_code(self._code, _code_on_the_way(modules, self._snaps, self._code))
 
 
 def _way_hooks(modules: Sequence[nn.Module]) -> tuple[tuple[int, ...], ...]:
@@ -2607,6 +2617,10 @@ def _way_hooks(modules: Sequence[nn.Module]) -> tuple[tuple[int, ...], ...]:
     for m in modules:
         for c in (m, *m._modules.values()):
             if c is not None:
+                hooks, pre = c.__dict__.get("_forward_hooks"), c.__dict__.get("_forward_pre_hooks")
+                if type(hooks) in _HOOK_DICT_TYPES and type(pre) in _HOOK_DICT_TYPES and not hooks and not pre:
+                    out.append(())  # (none: the common case, read without a walk)
+                    continue
                 out.append(tuple(k for d in _HOOK_DICTS for k, h in getattr(c, d, {}).items() if not _ours_hook(h)))
     return tuple(out)
 
@@ -2619,24 +2633,71 @@ def _ours_hook(hook: Any) -> bool:
     return module == "moe_replay" or module.startswith("moe_replay.")
 
 
-def _code_on_the_way(modules: Sequence[nn.Module]) -> tuple[tuple[tuple[str, int, Any], ...], ...]:
+_Code = tuple[tuple[str, int, Any], ...]  # (the code one module or class holds, by key: see _code_on_the_way)
+#: a class's dict as its code was read, and what was read (:func:`_class_snapshot`)
+_Snap = tuple[type, tuple[Any, ...], list[int], list[type], list[Any], _Code]
+
+
+def _code_on_the_way(
+    modules: Sequence[nn.Module], snaps: Sequence[_Snap] = (), then: Sequence[_Code] = ()
+) -> tuple[_Code, ...]:
     """The code held by ``modules`` (those on the way to the routers), as it is now: each module's own callable
     attributes (a ``forward`` or a method set on the instance), and the attributes of its classes up to
     ``nn.Module``, each by identity (held weakly where it can be). A method patched on one of them, or on its class,
     after a forward passed the watch is code that forward never ran: a block whose ``route`` now takes a top-k of
     its own over the router's scores would dispatch by it, neither recorded nor forced. So are the module-level
     functions named by the ``forward`` of each class, and by every method of a class outside torch and transformers
-    (a helper the block calls, replaced). moe_replay's own wrappers are left out: a later session brings new ones."""
-    out: list[tuple[tuple[str, int, Any], ...]] = []
+    (a helper the block calls, replaced). moe_replay's own wrappers are left out: a later session brings new ones.
+
+    ``snaps``: the classes' snapshots (:func:`_class_snapshots`) taken with an earlier result. A class whose dict
+    still matches its snapshot, every value it held alive, holds the code it held then: its group is that result's
+    (the same object: :func:`_same_code` compares it as such), not read again entry by entry."""
+    out: list[_Code] = []
     for m in modules:
-        out.append(tuple(_held(k, v) for k, v in vars(m).items() if callable(v) and not _ours(v) and not _torchs(v)))
-    for klass in _classes_of(modules):
-        out.append(
-            (("", id(klass), None), *(_held(k, v) for k, v in vars(klass).items() if callable(v) or _descriptor(v)))
-        )
+        d = vars(m)
+        out.append(tuple(_held(k, v) for k in own_keys(d) if callable(v := d[k]) and not _ours(v) and not _torchs(v)))
+    for i, klass in enumerate(_classes_of(modules)):
+        group = snaps[i][5] if i < len(snaps) and _unchanged_class(klass, snaps[i]) else None
+        if group is None:
+            group = (
+                ("", id(klass), None),
+                *(_held(k, v) for k, v in vars(klass).items() if callable(v) or isinstance(v, _DESCRIPTORS)),
+            )
+        out.append(group)
         for fn in _helpers_read(klass):
             out.append(tuple(_held(name, fn.__globals__[name]) for name in _globals_named(fn)))
     return tuple(out)
+
+
+_DEREF = weakref.ref.__call__  # (what a weak reference holds, called in C: map(_DEREF, refs))
+
+
+def _class_snapshots(modules: Sequence[nn.Module], code: Sequence[_Code]) -> list[_Snap]:
+    """The dict of each class of ``modules`` as it is now, cheap to compare again (in C, no entry read in Python):
+    the class, its keys in order, the id and the type of each value, and the weak references and the group of
+    ``code`` (:func:`_code_on_the_way` of ``modules``, just read) that hold the code read from it."""
+    out: list[_Snap] = []
+    for klass in _classes_of(modules):
+        group = next(g for g in code[len(modules) :] if g[:1] == (("", id(klass), None),))
+        space = vars(klass)
+        refs = [ref for _, _, ref in group[1:] if ref is not None]
+        out.append((klass, tuple(space), list(map(id, space.values())), list(map(type, space.values())), refs, group))
+    return out
+
+
+def _unchanged_class(klass: type, snap: _Snap) -> bool:
+    """Does ``klass``'s dict match ``snap``: the same class, the same keys in order, each value of the same id and
+    type, and each callable or descriptor read from it then still alive? Then it holds those same objects (a value
+    that took the id of a dead one is caught by its weak reference; one with none is compared by id alone, as
+    :func:`_same_code` does), which of them are code is read from their types, and the code read from it holds."""
+    space = vars(klass)
+    return (
+        snap[0] is klass
+        and tuple(space) == snap[1]
+        and list(map(id, space.values())) == snap[2]
+        and list(map(type, space.values())) == snap[3]
+        and None not in map(_DEREF, snap[4])
+    )
 
 
 def _classes_of(modules: Sequence[nn.Module]) -> list[type]:
@@ -2653,8 +2714,10 @@ def _classes_of(modules: Sequence[nn.Module]) -> list[type]:
 def _helpers_read(klass: type) -> list[types.FunctionType]:
     """The functions of ``klass`` whose module-level helpers are compared: its ``forward``, and every method of a
     class outside torch, transformers and moe_replay."""
-    own = not _library(getattr(klass, "__module__", "") or "")
-    return [v for k, v in vars(klass).items() if isinstance(v, types.FunctionType) and (own or k == "forward")]
+    if _library(getattr(klass, "__module__", "") or ""):  # (its forward alone: one lookup, not a walk of its dict)
+        forward = vars(klass).get("forward")
+        return [forward] if isinstance(forward, types.FunctionType) else []
+    return [v for v in vars(klass).values() if isinstance(v, types.FunctionType)]
 
 
 def _globals_named(fn: types.FunctionType) -> list[str]:
@@ -2675,8 +2738,8 @@ def _code_places(modules: Sequence[nn.Module]) -> tuple[list[Any], list[str]]:
     keys: list[str] = []
     for m in modules:
         d = m.__dict__
-        for k, v in d.items():
-            if callable(v):
+        for k in own_keys(d):
+            if callable(d[k]):
                 places.append(d)
                 keys.append(k)
     for klass in _classes_of(modules):
@@ -2700,8 +2763,7 @@ def _library(module: str) -> bool:
     return module.split(".", 1)[0] in ("torch", "transformers", "moe_replay")
 
 
-def _descriptor(value: Any) -> bool:
-    return isinstance(value, (property, staticmethod, classmethod, functools.partialmethod))
+_DESCRIPTORS = (property, staticmethod, classmethod, functools.partialmethod)
 
 
 def _held(key: str, value: Any) -> tuple[str, int, Any]:
@@ -2721,6 +2783,8 @@ def _same_code(
     if len(then) != len(now):
         return False
     for a, b in zip(then, now, strict=True):
+        if a is b:  # (a class's group, taken as it was: its dict unchanged, its code alive, see _unchanged_class)
+            continue
         if len(a) != len(b):
             return False
         for (k, i, ref), (k2, i2, _) in zip(a, b, strict=True):
@@ -2737,6 +2801,7 @@ def _ours(value: Any) -> bool:
 
 #: The hook dicts of a module whose hooks run around its forward (outside a scope's intercepted forward).
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+_HOOK_DICT_TYPES = (dict, collections.OrderedDict)  # (what torch keeps them in)
 
 
 def _router_ids(routes: Routes, feeds: FeedRecord, calls: Sequence[tuple[tuple[int, int], ...] | None]) -> None:
