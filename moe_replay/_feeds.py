@@ -2940,7 +2940,7 @@ def _path_state(modules: Sequence[nn.Module]) -> dict[str, Any] | None:
                 children.extend((f"{name}.{sub}", _Same(c)) for sub, c in child._modules.items())
         out[f"{i} children"] = tuple(children)
         out[f"{i} training"] = m.training
-        out.update((f"{i} {k}", v) for k, v in _fingerprint(m, code=False, children=False, memo=configs).items())
+        out.update(_fingerprint(m, code=False, children=False, memo=configs, prefix=f"{i} "))  # (its keys: "{i} ...")
     return out
 
 

@@ -2632,6 +2632,7 @@ def _fingerprint(
     code: bool = True,
     children: bool = True,
     memo: dict[int, list[tuple[str, Any]]] | None = None,
+    prefix: str = "",
 ) -> dict[str, Any]:
     """The settings a router scope's decision may depend on, by name: the plain values (``int``, ``float``,
     ``str``, ``bool``, ``None``) of the scope and of its children outside containers (a gate, a router module,
@@ -2642,12 +2643,15 @@ def _fingerprint(
     one: decisions are kept by mode. Cheap enough for every block. ``code=False``: the modules' own attributes and
     flag buffers alone (what the runs that establish a decision put back after each run). ``memo``: the settings of
     the configs read already, by ``id``, for calls that read the same config through many modules at one time.
-    ``children=False``: the scope's own alone."""
+    ``children=False``: the scope's own alone. ``prefix``: put before the keys of the modules' own attributes and
+    buffers (not before those of globals their code reads)."""
     out: dict[str, Any] = {}
-    modules = [("", scope)]
+    modules = [(prefix, scope)]
     if children:
         modules += [
-            (f"{name}.", m) for name, m in scope._modules.items() if m is not None and not isinstance(m, _CONTAINERS)
+            (f"{prefix}{name}.", m)
+            for name, m in scope._modules.items()
+            if m is not None and not isinstance(m, _CONTAINERS)
         ]
     for prefix, m in modules:
         own = vars(m)
