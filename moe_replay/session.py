@@ -2635,7 +2635,7 @@ def _ours_hook(hook: Any) -> bool:
 
 _Code = tuple[tuple[str, int, Any], ...]  # (the code one module or class holds, by key: see _code_on_the_way)
 #: a class's dict as its code was read, and what was read (:func:`_class_snapshot`)
-_Snap = tuple[type, tuple[Any, ...], list[int], list[type], list[Any], _Code]
+_Snap = tuple[Any, tuple[Any, ...], list[int], list[Any], list[Any], _Code]
 
 
 def _code_on_the_way(
@@ -2675,13 +2675,15 @@ _DEREF = weakref.ref.__call__  # (what a weak reference holds, called in C: map(
 def _class_snapshots(modules: Sequence[nn.Module], code: Sequence[_Code]) -> list[_Snap]:
     """The dict of each class of ``modules`` as it is now, cheap to compare again (in C, no entry read in Python):
     the class, its keys in order, the id and the type of each value, and the weak references and the group of
-    ``code`` (:func:`_code_on_the_way` of ``modules``, just read) that hold the code read from it."""
+    ``code`` (:func:`_code_on_the_way` of ``modules``, just read) that hold the code read from it. The class and the
+    types are held weakly, as the code is (a class whose method closes over the model would keep it alive)."""
     out: list[_Snap] = []
     for klass in _classes_of(modules):
         group = next(g for g in code[len(modules) :] if g[:1] == (("", id(klass), None),))
         space = vars(klass)
         refs = [ref for _, _, ref in group[1:] if ref is not None]
-        out.append((klass, tuple(space), list(map(id, space.values())), list(map(type, space.values())), refs, group))
+        kinds = [weakref.ref(type(v)) for v in space.values()]
+        out.append((weakref.ref(klass), tuple(space), list(map(id, space.values())), kinds, refs, group))
     return out
 
 
@@ -2692,10 +2694,10 @@ def _unchanged_class(klass: type, snap: _Snap) -> bool:
     :func:`_same_code` does), which of them are code is read from their types, and the code read from it holds."""
     space = vars(klass)
     return (
-        snap[0] is klass
+        snap[0]() is klass
         and tuple(space) == snap[1]
         and list(map(id, space.values())) == snap[2]
-        and list(map(type, space.values())) == snap[3]
+        and all(map(operator.is_, map(type, space.values()), map(_DEREF, snap[3])))
         and None not in map(_DEREF, snap[4])
     )
 

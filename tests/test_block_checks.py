@@ -7,7 +7,9 @@ once per class: each test changes one thing those shortcuts could miss and expec
 
 from __future__ import annotations
 
+import gc
 import types
+import weakref
 
 import pytest
 import torch
@@ -74,6 +76,19 @@ def test_a_constant_changed_on_a_class_on_the_way_is_no_code_change() -> None:
     assert skeleton.holds(model, ["layer.gate"])
     layer_cls.route = lambda self, x: x  # type: ignore[attr-defined]
     assert not skeleton.holds(model, ["layer.gate"])
+
+
+@pytest.mark.reliability("lifecycle")
+def test_the_skeleton_of_a_watched_model_keeps_none_of_its_classes_alive() -> None:
+    """Held per model as long as the model lives, a skeleton holding a class whose method closes over the model
+    would keep the model alive for good: it holds the classes and their code weakly."""
+    model, layer_cls = _holder()
+    skeleton = _Skeleton(model, ["layer.gate"])
+    gone = weakref.ref(layer_cls)
+    del model, layer_cls
+    gc.collect()
+    assert gone() is None
+    assert skeleton.not_run == set()
 
 
 @pytest.mark.reliability("silent replays")
