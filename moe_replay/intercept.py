@@ -374,7 +374,7 @@ def _held_indices(scope: nn.Module) -> tuple[_Held, ...]:
     out: list[_Held] = []
     for prefix, m in _scope_modules(scope):
         own = m.__dict__
-        keys = own_keys(own)
+        keys = _own_keys(own)
         for store, items in (
             (m._parameters, m._parameters.items()),
             (m._buffers, m._buffers.items()),
@@ -389,7 +389,7 @@ def _held_indices(scope: nn.Module) -> tuple[_Held, ...]:
     return tuple(out)
 
 
-def own_keys(own: dict[str, Any]) -> list[str]:
+def _own_keys(own: dict[str, Any]) -> list[str]:
     """The keys of a module's ``__dict__`` (``own``) but those every module has, whose values torch keeps (dicts of
     parameters, buffers, children and hooks, a set, flags: no tensor, list or callable among them), sorted: what a
     walk of the dict for anything else (a tensor, a list, code set on the module) reads, found in C. Where one of

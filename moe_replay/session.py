@@ -74,7 +74,7 @@ from .errors import (
     _from_compiler,
 )
 from .evidence import VerifyReport
-from .intercept import EAGER, ClassForward, RouterHook, ScopedForward, own_keys
+from .intercept import EAGER, ClassForward, RouterHook, ScopedForward, _own_keys
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_call, watch_first_runs, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, calls_made_by, index_dtype
@@ -2655,7 +2655,7 @@ def _code_on_the_way(
     out: list[_Code] = []
     for m in modules:
         d = vars(m)
-        out.append(tuple(_held(k, v) for k in own_keys(d) if callable(v := d[k]) and not _ours(v) and not _torchs(v)))
+        out.append(tuple(_held(k, v) for k in _own_keys(d) if callable(v := d[k]) and not _ours(v) and not _torchs(v)))
     for i, klass in enumerate(_classes_of(modules)):
         group = snaps[i][5] if i < len(snaps) and _unchanged_class(klass, snaps[i]) else None
         if group is None:
@@ -2740,7 +2740,7 @@ def _code_places(modules: Sequence[nn.Module]) -> tuple[list[Any], list[str]]:
     keys: list[str] = []
     for m in modules:
         d = m.__dict__
-        for k in own_keys(d):
+        for k in _own_keys(d):
             if callable(d[k]):
                 places.append(d)
                 keys.append(k)

@@ -17,7 +17,7 @@ from torch import nn
 
 import moe_replay as mr
 from moe_replay.errors import MoEReplayError
-from moe_replay.intercept import _held_indices, own_keys
+from moe_replay.intercept import _held_indices, _own_keys
 from moe_replay.session import _Skeleton
 from tests.tinymoe import RouterSpec, TinyBlock, TinyMoE
 
@@ -123,10 +123,10 @@ def test_own_keys_leaves_out_only_what_every_module_holds_as_torch_keeps_it() ->
     m = nn.Linear(2, 2)
     m.order = [1, 0]
     m._private = 3
-    assert own_keys(vars(m)) == sorted(k for k in vars(m) if k not in vars(nn.Module()) and k != "training")
+    assert _own_keys(vars(m)) == sorted(k for k in vars(m) if k not in vars(nn.Module()) and k != "training")
     own = dict(vars(m))
     own["_non_persistent_buffers_set"] = [1, 0]  # (not the set torch keeps there: those keys are read too, after)
-    assert own_keys(own) == own_keys(vars(m)) + sorted(k for k in own if k not in own_keys(vars(m)))
+    assert _own_keys(own) == _own_keys(vars(m)) + sorted(k for k in own if k not in _own_keys(vars(m)))
 
 
 @pytest.mark.reliability("silent replays")
