@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import operator
 import threading
@@ -3033,6 +3034,9 @@ class FeedForward:
         self.paired = bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
         #: the place of ``attention_mask`` among the forward's positional arguments (None: by name only)
         self.mask_at = _place_of(self.__wrapped__, "attention_mask")
+        #: the name of the forward's first parameter, where that is not ``input_ids``: token ids given by that name
+        #: (torchtitan's ``tokens=``, nanoGPT's ``idx=``) are read as those given by position are
+        self.ids_name = _first_name(self.__wrapped__)
         #: the attached sessions it serves (two sessions, on the base model and on the whole, share a module)
         self.users = 1
         #: the router scopes (by ``id``) below it, where it holds some of its sessions' routers only: one model of a
@@ -3128,19 +3132,23 @@ class FeedForward:
             for r in entered:
                 r.unseen()
         elif current_graph_task_id() == -1:
+            fed_args, fed_kwargs = args, kwargs  # (what the records read, and the order runs run again)
+            name = self.ids_name if not args and "input_ids" not in kwargs and self.ids_name in kwargs else None
+            if name is not None:  # (the first parameter given by its name: read as given by position; run by name)
+                fed_args, fed_kwargs = (kwargs[name],), {k: v for k, v in kwargs.items() if k != name}
             # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
-            named, at, place = kwargs, self.mask_at, self.mask_from
-            if place is not None or (at is not None and len(args) > at and "attention_mask" not in kwargs):
-                named = self._named(args, kwargs)
-            order = self._order(entered, args, named, kwargs)
+            named, at, place = fed_kwargs, self.mask_at, self.mask_from
+            if place is not None or (at is not None and len(fed_args) > at and "attention_mask" not in fed_kwargs):
+                named = self._named(fed_args, fed_kwargs)
+            order = self._order(entered, fed_args, named, fed_kwargs, name)
             if self.mask_from is not place:  # (a mask found elsewhere by the runs at this forward, or no longer)
-                named = self._named(args, kwargs)
+                named = self._named(fed_args, fed_kwargs)
             # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
             watching = [
                 (r, r.calls_made() if r.calls_made is not None else None) for r in entered if isinstance(r, FeedRecord)
             ]
             # (fed no token count, it is left to the levels it enters below: they may see its tokens)
-            entered = [r for r in entered if r.fed(args, named, self.paired, order)]
+            entered = [r for r in entered if r.fed(fed_args, named, self.paired, order)]
             if self.unpads and order == BATCH_MAJOR:  # (its later routers that see only the tokens its mask keeps)
                 later = [self.scopes[i] for i in self.unpads if i < len(self.scopes)]
                 for r in entered:
@@ -3193,10 +3201,12 @@ class FeedForward:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         given: dict[str, Any] | None = None,
+        ids_name: str | None = None,
     ) -> str:
         """The order in which the routers see this forward's tokens: established once (:func:`token_order`) at the
         first forward that can tell, for the records and checks that keep or compare ids. ``kwargs`` are those the
-        forward was given with its attention mask by name, ``given`` those it was given (the mask by position)."""
+        forward was given with its attention mask by name, ``given`` those it was given (the mask by position).
+        ``ids_name``: the forward was given its ids by that name, here ``args[0]``: the runs give them by it."""
         order = self.order
         checked = order is not None and all(r in self._checked for r in entered)
         if order is not None and checked and not self._padless:
@@ -3247,7 +3257,10 @@ class FeedForward:
         # (its forwards enter no block)
         mask = kwargs.get("attention_mask")  # (the runs are given what the forward was: a mask by position twice fails)
         runs_given = kwargs if given is None else given
-        found = token_order(self._run, self.scopes, args, runs_given, self.module, path, seen, mask, located, kept_only)
+        run = self._run
+        if ids_name is not None:  # (the runs call the forward as it was called: its ids by name)
+            run = functools.partial(_by_name, self._run, ids_name)
+        found = token_order(run, self.scopes, args, runs_given, self.module, path, seen, mask, located, kept_only)
         if located:  # (given by name or by place at later forwards: both, where the forward's signature has them)
             name, at, marks_padding = located[0]
             if name is None and at is not None:
@@ -3359,6 +3372,26 @@ def _place_of(forward: Callable[..., Any], name: str) -> int | None:
         if param.name == name:
             return i
     return None
+
+
+def _first_name(forward: Callable[..., Any]) -> str | None:
+    """The name of ``forward``'s first parameter where it can be given by name and is not ``input_ids`` (read by that
+    name already); None where it has none (or no signature can be read)."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if not params or params[0].kind not in named or params[0].name == "input_ids":
+        return None
+    return params[0].name
+
+
+def _by_name(
+    run: Callable[[tuple[Any, ...], dict[str, Any]], Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``run`` with ``args[0]`` given as ``name`` (a forward's first parameter, given by name)."""
+    return run(args[1:], {**kwargs, name: args[0]})
 
 
 def _name_at(forward: Callable[..., Any], at: int) -> str | None:
