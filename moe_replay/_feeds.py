@@ -139,7 +139,8 @@ UNPADDED = "unpadded"
 #: (``Routes._order_untold``)
 UNTOLD = "untold"
 #: a later router sees the tokens of ``[batch, positions]`` ids in another order than the first router (a layer that
-#: transposes, reverses or regroups the batch between them): no one order of ids fits every router's rows, so a
+#: transposes, reverses or regroups the batch between them), or the first router sees them in an order of their own (a
+#: layer before it sorts the sequences by length): no one order of ids fits every router's rows, so a
 #: capture keeps none (its routes are refused), and a replay of such a forward of several sequences of several
 #: positions is refused
 MIXED = "mixed"
@@ -1921,7 +1922,7 @@ class OrderNote(FeedCheck):
         elif order == SEQUENCE_FIRST:
             self._began(grid, True, "")
         elif order == MIXED:
-            self._began(grid, None, " (its routers see its tokens in more than one order: a later layer reorders them)")
+            self._began(grid, None, " (its routers see its tokens in more than one order, or in one of their own)")
         elif order == UNTOLD and ids is not None:  # (a cache that holds tokens, across processes: read as a capture
             self._began(grid, False, "")  # reads its ids, batch-major)
         elif order == UNTOLD:
@@ -2296,7 +2297,9 @@ def token_order(
     ``p * batch`` and rows at multiples of ``batch`` where they see them sequence-first. Rows one per token the
     forward's attention mask keeps (the padding taken out before the routers) are :data:`UNPADDED` where the changed
     token's row is its place among them, sequence by sequence (:func:`_unpadded`). Anything else (rows that are not
-    one per token, no row changed, a run that fails) is :data:`OTHER_ORDER`, read as before: batch-major, unchecked.
+    one per token, no row changed, a run that fails) is :data:`OTHER_ORDER`, read as before: batch-major, unchecked;
+    but where the row that changed most (the changed token's own) is neither of its two places, the tokens reach the
+    first router reordered (a layer that sorts the sequences by length): :data:`MIXED`.
     Fewer rows than the tokens that the attention mask does not explain are those of another of the forward's inputs
     where one alone does (:func:`_locate_mask`). A later router whose row the changed token moved most is a row of
     another sequence in the first router's order sees the tokens in another order: :data:`MIXED` (:func:`_mixed`).
@@ -2406,15 +2409,24 @@ def token_order(
         return _mixed(notes, BATCH_MAJOR, batch * positions, lambda j: j < positions)
     if at * batch in moved and all(q % batch == 0 for q in moved):
         return _mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j % batch == 0)
+    # (the row that changed most is the changed token's own, whose input changed itself: where that is neither its row
+    # sequence by sequence nor position by position, the tokens reach the first router reordered, by a layer that
+    # sorts the sequences by length, say, and no order of the ids fits its rows; elsewhere, rows of other tokens moved
+    # too, as a statistic over the batch moves them, and the rows are read as before)
+    change = (second.double() - first.double()).norm(dim=-1)
+    if moved and bool(torch.isfinite(change).all()) and int(change.argmax()) not in (at, at * batch):
+        return MIXED
     return OTHER_ORDER
 
 
 def _mixed_words(batch: int, positions: int) -> str:
     """Why a ``[batch, positions]`` forward's routers' rows know no one order of its tokens (:data:`MIXED`)."""
     return (
-        f"the routers see the tokens of a [{batch}, {positions}] forward in more than one order: a later router sees "
-        "them in another order than the first (a layer between them transposes, reverses or regroups the batch), so "
-        "no one order of the ids fits every router's rows"
+        f"the routers see the tokens of a [{batch}, {positions}] forward in more than one order, or in an order of "
+        "their own: a later router sees them in another order than the first (a layer between them transposes, "
+        "reverses or regroups the batch), or the first sees them neither sequence by sequence nor position by "
+        "position (a layer before it sorts or regroups the sequences), so no one order of the ids fits every "
+        "router's rows"
     )
 
 
