@@ -2402,21 +2402,21 @@ def token_order(
                 seq0 = None if found is None else _kept_tokens(found[:1, -positions:])
                 return _mixed(notes, UNPADDED, first.shape[0], lambda j: seq0 is not None and j < int(seq0.sum()))
         return told
+    # (the row that changed most is the changed token's own, whose input changed itself: where that is neither its row
+    # sequence by sequence nor position by position, the tokens reach the first router reordered, by a layer that
+    # sorts the sequences by length or moves left padding to the right, say, and no order of the ids fits its rows)
+    change = (second.double() - first.double()).norm(dim=-1)
+    top = int(change.argmax()) if moved and bool(torch.isfinite(change).all()) else None
     # (the changed token's own row changes, and only rows of its sequence: told apart as at >= 1 and batch >= 2)
-    if at in moved and all(q < positions for q in moved):
+    if at in moved and all(q < positions for q in moved) and top in (None, at):
         if unpads is not None:
             unpads.extend(_later_unpadded(notes, mask, at, batch, positions))
         return _mixed(notes, BATCH_MAJOR, batch * positions, lambda j: j < positions)
-    if at * batch in moved and all(q % batch == 0 for q in moved):
+    if at * batch in moved and all(q % batch == 0 for q in moved) and top in (None, at * batch):
         return _mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j % batch == 0)
-    # (the row that changed most is the changed token's own, whose input changed itself: where that is neither its row
-    # sequence by sequence nor position by position, the tokens reach the first router reordered, by a layer that
-    # sorts the sequences by length, say, and no order of the ids fits its rows; elsewhere, rows of other tokens moved
-    # too, as a statistic over the batch moves them, and the rows are read as before)
-    change = (second.double() - first.double()).norm(dim=-1)
-    if moved and bool(torch.isfinite(change).all()) and int(change.argmax()) not in (at, at * batch):
+    if top is not None and top not in (at, at * batch):
         return MIXED
-    return OTHER_ORDER
+    return OTHER_ORDER  # (rows of other tokens moved too, as a statistic over the batch moves them: read as before)
 
 
 def _mixed_words(batch: int, positions: int) -> str:

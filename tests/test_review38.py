@@ -322,3 +322,76 @@ def test_a_capture_of_a_model_that_unpads_by_the_pad_id_replays_its_own_batch() 
             with session.replay(routes):
                 model(ids.flip(0))
     session.detach()
+
+
+# ------------------------------------------------------------------- left padding moved to the right inside the model
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * D)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(h).chunk(3, -1)
+        see = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+        see = see | ~see.any(-1, keepdim=True)  # (rows of padding attend anywhere)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=see)
+
+
+class _LeftToRightPadding(nn.Module):
+    """Fed left padding, moves each sequence's tokens to its start (right padding) before its layers, as code written
+    for right padding does, and back after: the routers see sequence 0's tokens at other positions than fed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.attn = _Attention()
+        self.layers = nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        order = (1 - attention_mask).argsort(dim=-1, stable=True)  # (the kept tokens first)
+        mask = attention_mask.gather(1, order)
+        h = self.emb(input_ids.gather(1, order))
+        h = h + self.attn(h, mask)
+        for layer in self.layers:
+            h = layer(h)
+        return h.scatter(1, order[..., None].expand_as(h), h)
+
+
+@pytest.mark.reliability("silent replays")
+def test_rows_of_a_sequence_whose_tokens_move_before_the_routers_are_not_labelled_with_the_ids_as_fed() -> None:
+    """Once silent: a model that moves left padding to the right before its layers shows the routers sequence 0's
+    tokens from its row 0 on. The changed token's row moved with the rows of padding after it, all within sequence 0,
+    and the rows were read batch-major: the capture labelled the rows of its first tokens as padding and the rows of
+    its last tokens and padding with its tokens' ids, and those rows, laid out for sequence 0 unpadded, were forced on
+    it with no ``TokenMismatchError``. The changed token's own row is the one that changed most: in neither of its
+    places, the rows keep no ids and are refused; the capture's own forward replays by row order on purpose."""
+    torch.manual_seed(0)
+    model = _LeftToRightPadding()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, V, (2, 8), generator=g)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    session = mr.attach(model, include="layers.*.gate")
+    with torch.no_grad():
+        with session.capture():
+            out = model(ids, mask)
+        routes = session.routes()
+        with session.capture():
+            model(ids[:1, 3:], mask[:1, 3:])
+        own = session.routes()  # (sequence 0 alone, unpadded)
+        kept = routes[3:8]  # (the rows a capture that reads them batch-major gives sequence 0's tokens)
+        try:
+            with session.capture():
+                with session.replay(kept):
+                    model(ids[:1, 3:], mask[:1, 3:])
+                got = session.routes()
+        except mr.TokenMismatchError:
+            pass
+        else:
+            assert got.equal(own) and kept.equal(own), "rows of other positions were forced on sequence 0's tokens"
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(routes):
+                model(ids, mask)
+        with session.replay(routes.with_token_ids(None)):
+            assert torch.equal(model(ids, mask), out)
+    session.detach()
