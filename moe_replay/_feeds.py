@@ -119,6 +119,9 @@ _CONSUMED = operator.attrgetter("host_consumed")  # (a replay source's rows read
 _COMPILED = operator.attrgetter("compiled")  # (a level that a compiled call entered)
 #: the names under which a forward is given its KV cache, read where it is a list of tensors per layer
 _CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
+#: the names a forward is given its tokens by, read as such: a first parameter of another name given by name is read
+#: in their stead only where neither is given
+_INPUT_NAMES = frozenset({"input_ids", "inputs_embeds"})
 #: types that are no cache (looked up in no table)
 _PLAIN = frozenset({torch.Tensor, type(None), bool, int, float, str})
 
@@ -3145,7 +3148,7 @@ class FeedForward:
                 r.unseen()
         elif current_graph_task_id() == -1:
             fed_args, fed_kwargs = args, kwargs  # (what the records read, and the order runs run again)
-            name = self.ids_name if not args and "input_ids" not in kwargs and self.ids_name in kwargs else None
+            name = self.ids_name if not args and self.ids_name in kwargs and not _INPUT_NAMES & kwargs.keys() else None
             if name is not None:  # (the first parameter given by its name: read as given by position; run by name)
                 fed_args, fed_kwargs = (kwargs[name],), {k: v for k, v in kwargs.items() if k != name}
             # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)

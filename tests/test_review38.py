@@ -395,3 +395,41 @@ def test_rows_of_a_sequence_whose_tokens_move_before_the_routers_are_not_labelle
         with session.replay(routes.with_token_ids(None)):
             assert torch.equal(model(ids, mask), out)
     session.detach()
+
+
+class _LabelsFirst(nn.Module):
+    """A forward whose first parameter is not the ids (``labels``), fed embeddings by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(), _Block()])
+
+    def forward(
+        self, labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert inputs_embeds is not None and labels is not None
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h)
+        return h, F.cross_entropy(h.flatten(0, 1), labels.flatten().clamp(min=0) % D)
+
+
+@pytest.mark.reliability("round trips")
+def test_a_first_parameter_given_by_name_beside_embeddings_is_not_read_as_the_ids() -> None:
+    """Only a forward given neither ``input_ids`` nor ``inputs_embeds`` has its first parameter read as its ids: here
+    the labels, which differ between the rollout and the training forward (-100 at the prompt), are no token ids, and
+    the replay of the embeddings the routes were recorded for forces them."""
+    torch.manual_seed(0)
+    model = _LabelsFirst()
+    embeds = torch.randn(2, 6, D)
+    labels = torch.randint(0, V, (2, 6))
+    session = mr.attach(model, include="layers.*.gate")
+    with torch.no_grad(), session.capture():
+        model(labels=labels, inputs_embeds=embeds)
+    routes = session.routes()
+    assert routes.token_ids is None
+    with torch.no_grad(), session.capture():
+        with session.replay(routes):
+            model(labels=labels.masked_fill(torch.arange(6) < 3, -100), inputs_embeds=embeds)
+        assert session.routes().equal(routes)
+    session.detach()
