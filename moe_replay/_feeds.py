@@ -3091,7 +3091,8 @@ class FeedForward:
             self.compiled = True
             traced = self.traced
             if traced.active and not self.paired and not exporting():
-                traced.feed(args, kwargs, self.order, self.mask_at)
+                fed_args, fed_kwargs, _ = self._by_first_name(args, kwargs)
+                traced.feed(fed_args, fed_kwargs, self.order, self.mask_at)
             return self._run(args, kwargs)
         watched = None
         for owner in self.owners:
@@ -3128,6 +3129,17 @@ class FeedForward:
                 return self._enter(entered, args, kwargs)
         return self._run(args, kwargs)
 
+    def _by_first_name(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any], str | None]:
+        """The inputs of a forward as the records and checks read them, and the name its ids were given by: the first
+        parameter given by its name (:attr:`ids_name`), where no ``input_ids`` or ``inputs_embeds`` are given, is read
+        as given by position (the forward itself runs as it was called); else ``args`` and ``kwargs``, and None."""
+        name = self.ids_name
+        if args or name is None or name not in kwargs or _INPUT_NAMES & kwargs.keys():
+            return args, kwargs, None
+        return (kwargs[name],), {k: v for k, v in kwargs.items() if k != name}, name
+
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The level's own forward."""
         before = self.before
@@ -3147,10 +3159,7 @@ class FeedForward:
             for r in entered:
                 r.unseen()
         elif current_graph_task_id() == -1:
-            fed_args, fed_kwargs = args, kwargs  # (what the records read, and the order runs run again)
-            name = self.ids_name if not args and self.ids_name in kwargs and not _INPUT_NAMES & kwargs.keys() else None
-            if name is not None:  # (the first parameter given by its name: read as given by position; run by name)
-                fed_args, fed_kwargs = (kwargs[name],), {k: v for k, v in kwargs.items() if k != name}
+            fed_args, fed_kwargs, name = self._by_first_name(args, kwargs)  # (what the records read, the runs run)
             # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
             named, at, place = fed_kwargs, self.mask_at, self.mask_from
             if place is not None or (at is not None and len(fed_args) > at and "attention_mask" not in fed_kwargs):

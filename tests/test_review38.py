@@ -433,3 +433,25 @@ def test_a_first_parameter_given_by_name_beside_embeddings_is_not_read_as_the_id
             model(labels=labels.masked_fill(torch.arange(6) < 3, -100), inputs_embeds=embeds)
         assert session.routes().equal(routes)
     session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_model_compiled_whole_fed_its_ids_by_the_name_of_its_first_parameter_checks_them() -> None:
+    """Once silent: the token check of a model compiled whole read the ids only as ``input_ids=`` or by position, so
+    ``compiled(tokens=ids)`` on the batch with its sequences swapped was forced with no ``TokenMismatchError``. They
+    are read by that name there too: the swapped batch is refused as the block ends, the batch itself replays."""
+    torch.manual_seed(0)
+    model = _NamedIds()
+    a = torch.randint(0, V, (2, 8))
+    session = mr.attach(model, include="layers.*.gate")
+    with torch.no_grad():
+        with session.capture():
+            want = model(tokens=a)
+        routes = session.routes()
+        compiled = torch.compile(model, backend="eager")
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(routes):
+                compiled(tokens=a.flip(0))
+        with session.replay(routes):
+            assert torch.equal(compiled(tokens=a), want)
+    session.detach()
