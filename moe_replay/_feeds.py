@@ -366,7 +366,7 @@ class FeedRecord:
         """
         count, ids, fed = _inputs(args, kwargs)
         self._kept_now = None
-        self._shape_fed = fed
+        self._shape_fed = None
         before = self._given_before
         given = self._watch_caches(args, kwargs)
         if not given:  # (a cache of plain tensors, as code of one's own keeps it: a list of (keys, values) per layer)
@@ -375,6 +375,8 @@ class FeedRecord:
                 None,
             )
             given = plain is not None
+            if not given:  # (given no cache: one it returns is read against the positions it was fed, see returned)
+                self._shape_fed = fed
             self._given_before = self._given_before or given
             if self._notes_loops:
                 self._plain_given(plain)
@@ -2070,14 +2072,16 @@ def _row_hash(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _returned_cache(out: Any) -> list[Any] | tuple[Any, ...] | None:
-    """The cache of plain tensors a forward returned under one of the names a cache is given by, or None."""
+    """The cache of plain tensors a forward returned under the first of the names a cache is given by that it
+    returns, or None (a cache object, such as transformers' ``DynamicCache``, is none: no other name is read)."""
+    mapping = isinstance(out, dict)
     for name in _CACHE_NAMES:
         try:
-            found = out.get(name) if isinstance(out, dict) else getattr(out, name, None)
+            found = out.get(name) if mapping else getattr(out, name, None)
         except Exception:  # (an output object whose attribute raises: it says nothing)
             return None
-        if isinstance(found, list | tuple) and found:
-            return found
+        if found is not None:
+            return found if isinstance(found, list | tuple) and found else None
     return None
 
 
