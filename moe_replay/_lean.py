@@ -56,6 +56,7 @@ __all__ = [
     "held_in_arguments",
     "leave",
     "put_back",
+    "settle",
     "takes_only_tensors",
     "unwrapped",
 ]
@@ -92,6 +93,10 @@ SWAP = _Swap()
 
 # only dynamo can trace a wrapper (they are in place while an eager router forward runs alone)
 _compiling = _torch_compat.dynamo_compiling
+
+
+#: torch's caches of its namespaces, built from its own functions before the wrappers go in (see :func:`settle`)
+_build_namespace_caches = _torch_compat.build_namespace_caches
 
 
 def _wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -239,12 +244,26 @@ def enter() -> bool:
         if SWAP.depth > 1:
             return CURRENT(names) == OURS
         if CURRENT(names) == THEIRS:  # the usual case, in one go
+            _build_namespace_caches()  # (torch's, of its namespace, from its own functions: see settle)
             names.update(ON)
             return True
         for name, orig, wrapper in _SWAPS:
             if names[name] is orig:  # never over another library's wrapper
                 names[name] = wrapper
         return False
+
+
+def settle() -> None:
+    """Have torch build the caches it keeps of its namespaces, while no router forward has the wrappers in.
+
+    Torch builds some caches once per process from the functions its namespaces hold
+    (:func:`~moe_replay._torch_compat.build_namespace_caches`); one built while the wrappers are in would hold them
+    for good, and compiled code would trace ``torch.topk`` without the session's mode. :func:`enter` builds them
+    before it puts the wrappers in, a lean router's forward (which puts them in inline) does not: a capture,
+    replay or verify block calls this as it opens."""
+    with SWAP.lock:
+        if SWAP.depth == 0 and CURRENT(NAMES) == THEIRS:
+            _build_namespace_caches()
 
 
 def leave() -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointFrame",
     "bad_fork",
     "before_graph_capture",
+    "build_namespace_caches",
     "check",
     "current_graph_task_id",
     "dynamo_compiling",
@@ -137,6 +138,37 @@ _top_hooks = _function(
 #: ``torch.utils.checkpoint`` marks the region it runs (and recomputes). A partial, so that the
 #: router's hot path calls torch's function with no Python frame between.
 top_saved_tensors_hooks: Callable[[], tuple[Any, Any] | None] = functools.partial(_top_hooks, False)
+
+#: torch's caches of the functions its namespaces hold, each built once per process (``functools.cache``) by
+#: reading those namespaces: which functions dispatch to ``__torch_function__`` modes, and with what tests
+#: (torch.overrides), which of them dynamo dispatches to a mode and how it traces each (dynamo's own: only loaded
+#: where dynamo is; ``torch._dynamo.reset()`` leaves them, ``trace_rules.clear_lru_cache()`` empties the last).
+_NAMESPACE_CACHES = (
+    ("torch.overrides", "_get_overridable_functions"),
+    ("torch.overrides", "get_testing_overrides"),
+    ("torch.overrides", "get_ignored_functions"),
+    ("torch._dynamo.variables.torch", "get_overridable_functions"),
+    ("torch._dynamo.trace_rules", "get_torch_obj_rule_map"),
+)
+
+
+def build_namespace_caches() -> None:
+    """Build the caches torch keeps of the functions in its namespaces now, while they hold torch's own functions.
+
+    The lean interception puts wrappers of ``torch.topk``, ``torch.where``... in torch's namespace while an eager
+    router forward runs (:mod:`moe_replay._lean`). A cache first built inside such a forward (a ``torch.compile``d
+    helper the router calls is compiled there) holds the wrappers in place of torch's functions for the rest of
+    the process: dynamo then never dispatches ``torch.topk`` to a ``__torch_function__`` mode, so a router traced
+    in any later compiled forward takes its own top-k, and a replay there forces nothing. Called before the
+    wrappers go in; a cache built already costs a call. A cache this torch lacks (or one that fails to build) is
+    left to torch: torch raises its own errors where it uses it."""
+    for module_name, name in _NAMESPACE_CACHES:
+        module = sys.modules.get(module_name)  # (dynamo is not imported for this: its caches come with it)
+        build = getattr(module, name, None) if module is not None else None
+        if callable(build):
+            with contextlib.suppress(Exception):
+                build()
+
 
 #: ``() -> bool``: is dynamo tracing the caller? One Python frame where ``is_compiling()`` takes
 #: two; dynamo reads it as True. For code that only dynamo can trace: torch's own

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-from . import _torch_compat
+from . import _lean, _torch_compat
 from ._checks import check_flag, is_integer
 from ._code_settings import assigned_on_others
 from ._feeds import (
@@ -1273,6 +1273,7 @@ class Session:
             else:
                 owner.open()
                 _thread_refusal()  # (for compiled code traced in another thread while the block is open)
+                _lean.settle()  # (torch's caches of its namespace built before a lean forward puts wrappers there)
             owner.ident = me
             owner.blocks += 1
         try:

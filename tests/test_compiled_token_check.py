@@ -8,6 +8,7 @@ refused with a ``TokenMismatchError``: never silent.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +16,9 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import moe_replay as mr
+from moe_replay import _torch_compat
 
+from .test_decisions3 import CompiledHelperTopK, Model, MoE
 from .test_feeds import _SequenceFirst, _Unpadding
 
 
@@ -70,6 +73,37 @@ def test_a_model_compiled_whole_refuses_another_batch_and_compiles_once_for_ever
         with pytest.raises(mr.TokenMismatchError, match="16 of its 16 tokens differ"), session.replay(routes):
             compiled(other)
         assert counter.frame_count == graphs
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("emptied", ["fresh_process", "dynamo_rules_cleared"])
+def test_a_router_with_a_compiled_helper_leaves_a_later_model_compiled_whole_replaying_exactly(emptied: str) -> None:
+    """A router whose top-k runs in a ``torch.compile``d helper, captured until its forwards go lean (the helper
+    compiled inside them, with the lean wrappers in torch's namespace), in a process whose torch has not built its
+    caches of its namespaces yet (a fresh one: dynamo's rules of torch functions built as moe_replay is imported, or
+    those emptied too, as ``torch.distributed``'s process group start does): after ``torch._dynamo.reset()``, another
+    model compiled whole still has its router's decision forced, batch after batch (the batch its routes were
+    recorded for exactly, another one refused), as in a process that never ran the helper."""
+    for module_name, name in _torch_compat._NAMESPACE_CACHES:  # (torch builds each at its first use)
+        if name != "get_torch_obj_rule_map" or emptied == "dynamo_rules_cleared":
+            getattr(getattr(sys.modules.get(module_name), name, None), "cache_clear", lambda: None)()
+    helped = Model(MoE(CompiledHelperTopK()))
+    with mr.attach(helped) as session, torch.no_grad(), session.capture():
+        for seed in range(3):
+            helped(torch.randn(8, 12, generator=torch.Generator().manual_seed(seed)))
+    torch._dynamo.reset()
+    model = mr.models.build("softmax_topk", num_layers=1, expert_impl="dense")
+    first, other = _two_batches()
+    compiled = torch.compile(model, backend=CompileCounter(), fullgraph=True)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            want = model(first).logits
+        routes = session.routes()
+        for _ in range(2):
+            with pytest.raises(mr.TokenMismatchError, match="ran compiled"), session.replay(routes):
+                compiled(other)
+            with session.replay(routes):
+                torch.testing.assert_close(compiled(first).logits, want)
 
 
 @pytest.mark.reliability("silent replays")
