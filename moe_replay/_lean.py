@@ -13,8 +13,11 @@ becomes lean for a (training, gradients) mode once one whole forward under the m
 the mode *and* the wrappers) has shown that every call the mode acted on came through the
 wrappers (``torch.topk(x, k)``, not ``x.topk(k)`` nor a name bound at import). Its later
 forwards then see exactly the calls the mode would have seen, without the mode. Routers whose
-calls do not all go through the wrappers keep the mode; compiled code always does, and never
-sees a wrapper (they are in place only while an eager router forward runs).
+calls do not all go through the wrappers keep the mode, and so do compiled routers. The wrappers
+are in place only while an eager router forward runs; a compiled helper that such a forward calls
+traces them and breaks its graph where one hands a call to the router, which so still sees it. Torch's
+caches of its own namespace are built before the wrappers first go in, so none of them records a
+wrapper (see ``_torch_compat.build_namespace_caches``).
 
 Only names still bound to torch's own functions are wrapped, and only our own wrappers are put
 back, so other code that wraps these names keeps working.
