@@ -1167,13 +1167,7 @@ class RouterHook:
                 "recorded or forced in call order: this forward is refused; the decision is established again at "
                 f"the next forward{_hooks_inside(self.scope)}"
             )
-        mode = self.mode()
-        known = _KNOWN.get(self.scope)
-        if known is not None:
-            for key in [k for k, v in known.items() if v is ev]:
-                known[key] = again
-        self.evidence[mode] = again
-        self._lean.pop(mode, None)
+        self._adopt(ev, again)
         _CHUNKS_KNOWN.setdefault(self.scope, {})[again] = _ChunkState(
             {(again.chunk_dims, again.count), (dims, count)}, _held_indices(self.scope)
         )
@@ -1356,13 +1350,7 @@ class RouterHook:
                 f"without them: {ev.describe()}). This forward is refused (its rows were recorded or forced by the "
                 "other); the next forward runs with the decision established with the hooks in"
             )
-        mode = self.mode()
-        known = _KNOWN.get(self.scope)
-        if known is not None:
-            for key in [k for k, v in known.items() if v is ev]:
-                known[key] = again
-        self.evidence[mode] = again
-        self._lean.pop(mode, None)
+        self._adopt(ev, again)
         self._has_twins(again)
         if again.chunks:
             _CHUNKS_KNOWN.setdefault(self.scope, {})[again] = _ChunkState(
@@ -1575,6 +1563,17 @@ class RouterHook:
             "forced in this forward is not what it returned. The decision is established again at the next "
             "forward"
         )
+
+    def _adopt(self, ev: Evidence, again: Evidence) -> None:
+        """``again``, established again, in place of ``ev`` for this router's mode and wherever the decision is
+        known by; its lean form is learned anew."""
+        mode = self.mode()
+        known = _KNOWN.get(self.scope)
+        if known is not None:
+            for key in [k for k, v in known.items() if v is ev]:
+                known[key] = again
+        self.evidence[mode] = again
+        self._lean.pop(mode, None)
 
     def on_lean(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A call of a wrapped torch function in this router's lean forward (see :mod:`moe_replay._lean`)
