@@ -249,6 +249,9 @@ def exporting() -> bool:
 _jit_tracing: Callable[[], bool] = getattr(torch._C, "_is_tracing", None) or torch.jit.is_tracing
 _PROXY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
 _dispatch_mode: Callable[[Any], Any] = getattr(torch._C, "_get_dispatch_mode", None) or (lambda key: None)
+#: ``() -> int``: how many torch dispatch modes are set in this thread, its infrastructure modes (``make_fx``'s proxy
+#: mode, a fake tensor mode) counted: where none is, no proxy mode is either, known without the slower keyed read
+_dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 1)
 
 
 _fx_tracer: Any
@@ -270,7 +273,11 @@ def _tracing_any() -> bool:
 
 
 def _tracing_usual() -> bool:  # (where torch has both: the same, without the tests of what it has)
-    return _jit_tracing() or _dispatch_mode(_PROXY) is not None or _fx_tracer._is_fx_tracing_flag
+    return (
+        _jit_tracing()
+        or (_dispatch_modes() != 0 and _dispatch_mode(_PROXY) is not None)  # (no mode at all: none is make_fx's)
+        or _fx_tracer._is_fx_tracing_flag
+    )
 
 
 #: ``() -> bool``: is ``torch.jit.trace`` (the TorchScript ``torch.onnx.export`` too), ``make_fx`` or
