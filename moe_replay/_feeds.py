@@ -2375,24 +2375,53 @@ def token_order(
     else:  # (runs that fail without the cache the forward was given say nothing of the forward: not told)
         return None if emptied else OTHER_ORDER
     first, second = rows
+
+    def rolled(order: str, keep: torch.Tensor | None = None) -> str:
+        # (a layer that reorders the sequences by what they hold (sorts them by length) may leave them in place at
+        # this forward, or move only others than sequence 0, and reorder another forward otherwise: the order told is
+        # kept only where the routers' rows follow the sequences when the batch is rolled one place)
+        if order not in (BATCH_MAJOR, SEQUENCE_FIRST, UNPADDED) or first is None:
+            return order
+        moved_args = tuple(_roll_batch(a, batch, positions) for a in args)
+        moved_rest = {k: _roll_batch(v, batch, positions) for k, v in rest.items()}
+
+        def fed_rolled(x: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            if key is not None:
+                return moved_args, {**moved_rest, key: x}
+            return (x, *moved_args[1:]), moved_rest
+
+        got = _order_rows(run, fed_rolled, (grid.roll(1, 0),), devices, kept, aside)
+        if got is None:  # (a forward that fails on its sequences rolled: told as before)
+            return order
+        return order if _follows_roll(first, got[0], grid.detach(), order, keep) else MIXED
+
     if (first is not None and first.is_meta) or (second is not None and second.is_meta):
         return None  # (a model on the meta device, fed real ids: its rows hold no values to compare)
-    if first is None or second is None or first.shape != second.shape:
+    if first is None or second is None:
         return OTHER_ORDER
-    moved = set((first != second).any(dim=-1).nonzero().flatten().tolist())
+    if first.shape != second.shape:
+        # (the changed token is taken out, or one taken out no longer is: a model that takes its padding out by the
+        # ids' value, the token changed to its pad id. Fewer rows than the tokens are looked for among its inputs)
+        if located is None or first.shape[0] >= batch * positions or first.shape[1:] != second.shape[1:]:
+            return OTHER_ORDER
+        moved = None
+    else:
+        moved = set((first != second).any(dim=-1).nonzero().flatten().tolist())
     if first.shape[0] != batch * positions:
-        told = _unpadded(moved, first.shape[0], mask, at, batch, positions)
+        told = OTHER_ORDER if moved is None else _unpadded(moved, first.shape[0], mask, at, batch, positions)
         if told == UNPADDED:  # (sequence 0's kept tokens come first)
             seq0 = _kept_tokens(mask[:1, -positions:])
-            return _mixed(notes, told, first.shape[0], lambda j: seq0 is not None and j < int(seq0.sum()))
+            told = _mixed(notes, told, first.shape[0], lambda j: seq0 is not None and j < int(seq0.sum()))
+            return rolled(told, _kept_tokens(mask[:, -positions:]))
         if told == OTHER_ORDER and first.shape[0] < batch * positions and located is not None:
             # (fewer rows than the tokens, not those the attention mask keeps: a mask under another name, or of True
             # at padding, among the forward's own tensors, where one alone tells the rows as its kept tokens)
 
-            def moved_at(place: int) -> set[int] | None:  # (the rows a change of the token at ``place`` moves)
-                if place == at:
+            def moved_at(place: int, keep: torch.Tensor) -> set[int] | None:
+                # (the rows a change of the token at ``place`` to one of the tokens ``keep`` keeps moves)
+                if place == at and moved is not None:
                     return moved
-                others = (flat != flat[place]).any(dim=-1).nonzero().flatten()
+                others = ((flat != flat[place]).any(dim=-1) & keep.reshape(-1).to(flat.device)).nonzero().flatten()
                 if not others.numel():
                     return None
                 other_at = grid.detach().clone()
@@ -2407,8 +2436,11 @@ def token_order(
                 located.append(where)
                 found = mask_at(where, args, kwargs)
                 seq0 = None if found is None else _kept_tokens(found[:1, -positions:])
-                return _mixed(notes, UNPADDED, first.shape[0], lambda j: seq0 is not None and j < int(seq0.sum()))
+                told = _mixed(notes, UNPADDED, first.shape[0], lambda j: seq0 is not None and j < int(seq0.sum()))
+                return rolled(told, None if found is None else _kept_tokens(found[:, -positions:]))
         return told
+    if moved is None:  # (the changed run saw another count of rows: none to compare)
+        return OTHER_ORDER
     # (the row that changed most is the changed token's own, whose input changed itself: where that is neither its row
     # sequence by sequence nor position by position, the tokens reach the first router reordered, by a layer that
     # sorts the sequences by length or moves left padding to the right, say, and no order of the ids fits its rows)
@@ -2418,12 +2450,74 @@ def token_order(
     if at in moved and all(q < positions for q in moved) and top in (None, at):
         if unpads is not None:
             unpads.extend(_later_unpadded(notes, mask, at, batch, positions))
-        return _mixed(notes, BATCH_MAJOR, batch * positions, lambda j: j < positions)
+        return rolled(_mixed(notes, BATCH_MAJOR, batch * positions, lambda j: j < positions))
     if at * batch in moved and all(q % batch == 0 for q in moved) and top in (None, at * batch):
-        return _mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j % batch == 0)
+        return rolled(_mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j % batch == 0))
     if top is not None and top not in (at, at * batch):
         return MIXED
     return OTHER_ORDER  # (rows of other tokens moved too, as a statistic over the batch moves them: read as before)
+
+
+def _roll_batch(value: Any, batch: int, positions: int) -> Any:
+    """``value`` with its sequences rolled one place along the batch (sequence ``b`` to place ``b + 1``), where it is a
+    tensor of one entry per sequence (``[batch, ...]``: a mask, position ids; one of ``[batch]`` only where ``batch !=
+    positions``, as a ``cache_position`` of as many entries is not one per sequence); else ``value`` as it is."""
+    if not isinstance(value, torch.Tensor) or value.dim() < 1 or int(value.shape[0]) != batch:
+        return value
+    return value.roll(1, 0) if value.dim() >= 2 or batch != positions else value
+
+
+def _token_rows(keep: torch.Tensor | None, order: str, batch: int, positions: int) -> torch.Tensor:
+    """The row at which the routers see each token of a ``[batch, positions]`` forward whose routers see them in
+    ``order`` (on the host), -1 where they see none (:data:`UNPADDED`: only the tokens ``keep`` keeps, sequence by
+    sequence)."""
+    if order == UNPADDED and keep is not None:
+        rows = torch.full((batch, positions), -1, dtype=torch.long)
+        rows[keep] = torch.arange(int(keep.sum()))
+        return rows
+    grid = torch.arange(batch * positions)
+    return grid.view(positions, batch).t() if order == SEQUENCE_FIRST else grid.view(batch, positions)
+
+
+def _follows_roll(
+    plain: torch.Tensor, rolled: torch.Tensor | None, grid: torch.Tensor, order: str, keep: torch.Tensor | None
+) -> bool:
+    """Do the first router's input rows of a run on the ``[batch, positions]`` ids (or embeddings) ``grid`` with its
+    sequences rolled one place (``rolled``) follow the sequences, in ``order``, from those of the run as fed
+    (``plain``): each token's row of the rolled run closer to its row of the run as fed than to the row the rolled run
+    holds at its place (the rows a layer that sorts the sequences by what they hold gives both runs alike)? Each
+    sequence is weighed over its tokens whose rows the two readings tell apart (those of another id there); one of no
+    such token (a sequence the same as the one before it) says nothing. ``keep``: the tokens kept, where the routers
+    see only those (:data:`UNPADDED`)."""
+    batch, positions = int(grid.shape[0]), int(grid.shape[1])
+    if rolled is None or rolled.shape != plain.shape:
+        return False
+    keep = None if keep is None else keep.to("cpu", torch.bool)
+    at = _token_rows(keep, order, batch, positions)  # (each token's row in the run as fed)
+    moved = _token_rows(None if keep is None else keep.roll(1, 0), order, batch, positions).roll(-1, 0)
+    if int(at.max()) >= plain.shape[0] or int(moved.max()) >= plain.shape[0]:
+        return False
+    ours = at.reshape(-1) >= 0
+    owner = torch.full((plain.shape[0],), -1, dtype=torch.long)
+    owner[at.reshape(-1)[ours]] = torch.arange(batch * positions)[ours]  # (the token at each row of the run as fed)
+    flat = grid.reshape(batch * positions, -1).cpu()
+    mine, there = moved.reshape(-1), at.reshape(-1)
+    held = owner[mine.clamp(min=0)]  # (the token the run as fed holds at each token's row of the rolled run)
+    tells = ours & (held >= 0) & (flat != flat[held.clamp(min=0)]).any(-1)
+    if not bool(tells.any()):
+        return True
+    device = plain.device
+    now = rolled.double()[mine.clamp(min=0).to(device)]
+    follows = (now - plain.double()[there.clamp(min=0).to(device)]).norm(dim=-1).cpu()
+    stays = (now - plain.double()[mine.clamp(min=0).to(device)]).norm(dim=-1).cpu()
+    if not bool(torch.isfinite(follows).all() and torch.isfinite(stays).all()):
+        return True  # (rows that hold no values to compare: told as before)
+    sequence = torch.arange(batch).repeat_interleave(positions)
+    for b in range(batch):
+        weigh = tells & (sequence == b)
+        if bool(weigh.any()) and not float(follows[weigh].sum()) < float(stays[weigh].sum()):
+            return False
+    return True
 
 
 def _mixed_words(batch: int, positions: int) -> str:
@@ -2538,8 +2632,9 @@ def _sketch(rows: torch.Tensor) -> torch.Tensor:
 
 #: where a level's padding mask is, where it is not its ``attention_mask`` of 1 at each token: the forward's parameter
 #: name and place among its positional arguments (either None where it has none), and whether it marks padding (True,
-#: as a key padding mask does) rather than tokens
-MaskPlace = tuple[str | None, int | None, bool]
+#: as a key padding mask does) rather than tokens, or the pad id where it is the ids themselves (a token wherever they
+#: hold another value: a model that takes its padding out by the ids' value, given no mask)
+MaskPlace = tuple[str | None, int | None, bool, int | None]
 
 
 def _mask_candidates(
@@ -2561,18 +2656,20 @@ def _mask_candidates(
 def mask_at(place: MaskPlace, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The ``[batch, keys]`` mask at ``place`` among a forward's inputs, 1 (True) at each token it keeps; None where the
     forward was given none there. On a device: no host sync (one comparison where it marks padding)."""
-    name, at, marks_padding = place
+    name, at, marks_padding, pad = place
     value = kwargs.get(name) if name is not None else None
     if value is None and at is not None and len(args) > at:
         value = args[at]
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return None
     flat = value.reshape(value.shape[0], -1)
+    if pad is not None:
+        return flat != pad
     return flat == 0 if marks_padding else flat
 
 
 def _locate_mask(
-    moved_at: Callable[[int], set[int] | None],
+    moved_at: Callable[[int, torch.Tensor], set[int] | None],
     rows: int,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -2583,10 +2680,28 @@ def _locate_mask(
 ) -> MaskPlace | None:
     """Where the padding mask of a forward of ``[batch, positions]`` tokens whose routers saw ``rows`` rows, fewer,
     is among its inputs, read as marking tokens or padding: the one place and reading alone whose kept tokens the
-    rows are, sequence by sequence (:func:`_unpadded`, with the rows ``moved_at`` each changed token moves); None
-    where none or several are (its attention ``mask`` read as marking tokens was tried before). On a device: host
-    syncs (at a forward that tells the order only)."""
+    rows are, sequence by sequence (:func:`_unpadded`, with the rows ``moved_at`` each token changed to one the
+    reading keeps moves); None where none or several are (its attention ``mask`` read as marking tokens was tried
+    before). Given no mask, integer ids are read as one too, a token wherever they hold another value than one pad id
+    (one of as many entries as the tokens the routers did not see). On a device: host syncs (at a forward that tells
+    the order only)."""
     found: list[MaskPlace] = []
+    ids = args[0] if key is None and args else kwargs.get(key) if key is not None else None
+    if (
+        mask is None
+        and isinstance(ids, torch.Tensor)
+        and ids.dim() == 2
+        and not ids.is_floating_point()
+        and tuple(ids.shape) == (batch, positions)
+    ):
+        values, counts = ids.unique(return_counts=True)
+        for pad in values[counts == batch * positions - rows].tolist():
+            reading = ids != pad
+            at = _last_token(reading, batch, positions)
+            moved = None if at is None else moved_at(at, reading)
+            told = None if moved is None or at is None else _unpadded(moved, rows, reading, at, batch, positions)
+            if told == UNPADDED:
+                found.append((key, 0 if key is None else None, False, int(pad)))
     for where, value in _mask_candidates(args, kwargs, key, batch):
         flat = value.reshape(batch, -1)
         if flat.shape[1] < positions:
@@ -2600,14 +2715,14 @@ def _locate_mask(
             if keep is None or int(keep.sum()) != rows:
                 continue
             at = _last_token(reading, batch, positions)
-            moved = None if at is None else moved_at(at)
+            moved = None if at is None else moved_at(at, keep)
             if (
                 moved is not None
                 and at is not None
                 and _unpadded(moved, rows, reading, at, batch, positions) == UNPADDED
             ):
                 name, place = (where, None) if isinstance(where, str) else (None, where)
-                found.append((name, place, marks_padding))
+                found.append((name, place, marks_padding, None))
     return found[0] if len(found) == 1 else None
 
 
@@ -2640,7 +2755,7 @@ def _unpadded(moved: set[int], rows: int, mask: Any, at: int, batch: int, positi
 def _order_rows(
     run: Callable[..., Any],
     fed: Callable[[torch.Tensor], tuple[tuple[Any, ...], dict[str, Any]]],
-    inputs: tuple[torch.Tensor, torch.Tensor],
+    inputs: tuple[torch.Tensor, ...],
     devices: list[torch.device],
     kept: _Snapshot | None,
     aside: bool,
@@ -2779,6 +2894,19 @@ def _padded(mask: Any, batch: int, positions: int) -> bool:
     return bool((cols != cols.reshape(-1)[:1]).any()) if cols.numel() else False
 
 
+def _uneven(mask: Any, batch: int, positions: int) -> bool:
+    """Do the sequences of a forward of ``[batch, positions]`` tokens hold other counts of tokens (its ``[batch, >=
+    positions]`` attention ``mask`` keeps other counts of each: :func:`_kept_tokens`)? False for no mask or one of
+    another shape. On a device: one host sync (asked where :func:`_padded` is)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < positions:
+        return False
+    keep = _kept_tokens(mask[:, -positions:])
+    if keep is None:
+        return False
+    counts = keep.sum(-1)
+    return bool((counts != counts[:1]).any())
+
+
 def _hooked(modules: Sequence[nn.Module]) -> bool:
     """Does one of ``modules`` hold a hook of its own (not a session's), which a token-order probe sets aside?"""
     return any(not _ours(hook) for m in modules for name in _HOOKS for hook in (m.__dict__.get(name) or {}).values())
@@ -2831,7 +2959,7 @@ class _Found:
     the first router (the level first) and their state then (:func:`_path_state`), less the keys the level's own
     forward changes (a forward counter: its state, not a setting)."""
 
-    __slots__ = ("mask", "order", "own", "padless", "path", "runs", "scopes", "state", "unpads")
+    __slots__ = ("mask", "order", "own", "padless", "path", "runs", "scopes", "state", "tied", "unpads")
 
     def __init__(
         self,
@@ -2852,6 +2980,10 @@ class _Found:
         #: told at a forward without padding: whether the routers see only the tokens a mask keeps is not told, and a
         #: forward with padding tells the order again (:func:`_padded`)
         self.padless = padless and order != UNPADDED
+        #: told at a forward whose sequences all hold as many tokens (its mask keeps as many of each, or it has none):
+        #: a layer that sorts the sequences by length left them in place there, and a forward whose sequences hold
+        #: other counts tells the order again (:func:`_uneven`)
+        self.tied = False
         self.scopes = tuple(weakref.ref(s) for s in scopes)
         self.runs = runs
         self.path = tuple(weakref.ref(m) for m in path)
@@ -3075,6 +3207,9 @@ class FeedForward:
         self._settling: _Found | None = None  # found at the forward running now: settled as it ends
         #: the order was told at a forward without padding: a forward with padding tells it again (:func:`_padded`)
         self._padless = False
+        #: the order was told at a forward whose sequences all hold as many tokens: one whose counts differ tells it
+        #: again (:func:`_uneven`)
+        self._tied = False
         #: the check of the first router's input in the forward running now (:func:`_order_check`), or None
         self._verify: Callable[[torch.Tensor | None], None] | None = None
         #: where the padding mask whose kept tokens the routers see is among the forward's inputs, where the order runs
@@ -3237,7 +3372,7 @@ class FeedForward:
         ``ids_name``: the forward was given its ids by that name, here ``args[0]``: the runs give them by it."""
         order = self.order
         checked = order is not None and all(r in self._checked for r in entered)
-        if order is not None and checked and not self._padless:
+        if order is not None and checked and not self._padless and not self._tied:
             return order
         shape = _inputs(args, kwargs)[2]
         if shape is not None and min(int(shape[0]), int(shape[1])) < 2:
@@ -3254,11 +3389,14 @@ class FeedForward:
         # (told at a forward without padding, where its routers' rows were one per token whether or not they see only
         # the tokens a mask keeps: a forward with padding tells it again. Once told, a mask on a device is not read, as
         # that would cost a host sync per forward: where such a padded forward's routers saw fewer rows than its tokens,
-        # their ids are refused as the routes are read, see session._unpadded_untold)
+        # their ids are refused as the routes are read, see session._unpadded_untold. Told where the sequences all held
+        # as many tokens, a forward whose sequences hold other counts tells it again: a layer that sorts them by
+        # length may reorder it)
         mask = kwargs.get("attention_mask")
         host = not checked or not isinstance(mask, torch.Tensor) or mask.device.type == "cpu"
         padded = shape is not None and host and _padded(mask, int(shape[0]), int(shape[1]))
-        if order is not None and checked and not padded:
+        uneven = padded and shape is not None and _uneven(mask, int(shape[0]), int(shape[1]))
+        if order is not None and checked and not (padded and self._padless) and not (uneven and self._tied):
             return order
         if self.paired:
             return BATCH_MAJOR
@@ -3270,13 +3408,14 @@ class FeedForward:
         known = [self._found] if self._found is not None else []
         known += [f for f in _ORDER_OF.get(self.module, ()) if f is not self._found]
         for f in known:
-            if f.holds(self.scopes, runs) and not (padded and f.padless):
+            if f.holds(self.scopes, runs) and not (padded and f.padless) and not (uneven and f.tied):
                 self._adopt(f, entered)
                 return f.order
         # (an order told without padding, told again at this padded forward: kept where the runs cannot run here)
-        prior = (order, self._found) if order is not None and self._padless else None
+        prior = (order, self._found, True, self._tied) if order is not None and self._padless else None
+        prior_place = self.mask_from
         self.order = self._found = self.mask_from = None
-        self._padless = False
+        self._padless = self._tied = False
         self.unpads = frozenset()
         path: list[nn.Module] = []
         seen: list[torch.Tensor | None] = []
@@ -3285,21 +3424,27 @@ class FeedForward:
         # (its forwards enter no block)
         mask = kwargs.get("attention_mask")  # (the runs are given what the forward was: a mask by position twice fails)
         runs_given = kwargs if given is None else given
+        if prior_place is not None:  # (its mask as given: the one found elsewhere before is looked for again)
+            mask = runs_given.get("attention_mask")
+            if mask is None and self.mask_at is not None and len(args) > self.mask_at:
+                mask = args[self.mask_at]
         run = self._run
         if ids_name is not None:  # (the runs call the forward as it was called: its ids by name)
             run = functools.partial(_by_name, self._run, ids_name)
         found = token_order(run, self.scopes, args, runs_given, self.module, path, seen, mask, located, kept_only)
         if located:  # (given by name or by place at later forwards: both, where the forward's signature has them)
-            name, at, marks_padding = located[0]
+            name, at, marks_padding, pad = located[0]
             if name is None and at is not None:
                 name = _name_at(self.__wrapped__, at)
             elif name is not None:
                 at = _place_of(self.__wrapped__, name)
-            located[0] = (name, at, marks_padding)
+            located[0] = (name, at, marks_padding, pad)
         if found is not None:
             # (the router scope it stopped at ran none of its own code: compared as a scope)
             way = [m for m in path if all(m is not s for s in self.scopes)]
             f = _Found(found, self.scopes, runs, [self.module, *way], not padded, located[0] if located else None)
+            reads = mask_at(located[0], args, runs_given) if located else kwargs.get("attention_mask")
+            f.tied = found != MIXED and not (shape is not None and _uneven(reads, int(shape[0]), int(shape[1])))
             f.unpads = frozenset(i for i, scope in enumerate(self.scopes) if id(scope) in kept_only)
             fed = _inputs(args, kwargs)[2]
             if seen and seen[0] is not None and fed is not None and found not in (OTHER_ORDER, MIXED) and _hooked(way):
@@ -3307,7 +3452,7 @@ class FeedForward:
                 # checked at its first router (:func:`_order_check`), and the order kept for later blocks once it
                 # passed (till then the first forward of each block tells it again)
                 self.order, self._found, self._padless, self.mask_from = found, None, f.padless, f.mask
-                self.unpads = f.unpads
+                self.unpads, self._tied = f.unpads, f.tied
                 self._checked.update(entered)
                 grid = (int(fed[0]), int(fed[1]))
                 self._verify = _order_check(seen[0], found, grid, lambda: self._keep(f))
@@ -3315,7 +3460,7 @@ class FeedForward:
             self._adopt(f, entered)
             self._keep(f)
         elif prior is not None:  # (its routers' rows, where fewer than its tokens, are refused as read: _ids_lost)
-            self.order, self._found, self._padless = prior[0], prior[1], True
+            self.order, self._found, self._padless, self._tied = prior
             self.mask_from = None if prior[1] is None else prior[1].mask
             self.unpads = frozenset() if prior[1] is None else prior[1].unpads
             return prior[0]
@@ -3331,7 +3476,7 @@ class FeedForward:
     def _adopt(self, found: _Found, entered: list[FeedRecord | FeedCheck]) -> None:
         """Take ``found`` as the order of the blocks ``entered`` (and of the later forwards of these blocks)."""
         self.order, self._found, self._padless, self.mask_from = found.order, found, found.padless, found.mask
-        self.unpads = found.unpads
+        self.unpads, self._tied = found.unpads, found.tied
         self._checked.update(entered)
 
     @property
