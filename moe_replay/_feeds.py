@@ -2306,10 +2306,14 @@ def token_order(
     token's row is its place among them, sequence by sequence (:func:`_unpadded`). Anything else (rows that are not
     one per token, no row changed, a run that fails) is :data:`OTHER_ORDER`, read as before: batch-major, unchecked;
     but where the row that changed most (the changed token's own) is neither of its two places, the tokens reach the
-    first router reordered (a layer that sorts the sequences by length): :data:`MIXED`.
+    first router reordered (a layer that sorts the sequences by length): :data:`MIXED`. A sort may leave sequence 0 in
+    place (it moves others, or none at this forward and some at the next): an order told is kept only where a third
+    run, on the batch with its sequences (and every input of one entry per sequence) rolled one place, shows the first
+    router the rows of the run as fed moved with their sequences (:func:`_follows_roll`); else :data:`MIXED`.
     Fewer rows than the tokens that the attention mask does not explain are those of another of the forward's inputs
-    where one alone does (:func:`_locate_mask`). A later router whose row the changed token moved most is a row of
-    another sequence in the first router's order sees the tokens in another order: :data:`MIXED` (:func:`_mixed`).
+    where one alone does, or of the ids read by a pad id where no mask is given (:func:`_locate_mask`). A later
+    router whose row the changed token moved most is a row of another sequence in the first router's order sees the
+    tokens in another order: :data:`MIXED` (:func:`_mixed`).
 
     It runs where it changes nothing: not for one sequence or one position (every order is the same), not
     where the forward is given a cache it would update, not across processes (the other ranks would not run it
