@@ -2394,10 +2394,15 @@ def token_order(
                 return moved_args, {**moved_rest, key: x}
             return (x, *moved_args[1:]), moved_rest
 
-        got = _order_rows(run, fed_rolled, (grid.roll(1, 0),), devices, kept, aside)
+        base, rows_as_fed = grid, first
+        if second is not None and second.shape == first.shape and bool((grid == grid.roll(1, 0)).all()):
+            # (every sequence the same as the one before it, as a batch of one prompt repeated: rolled, they tell
+            # nothing. The changed batch's sequence 0 is another: a sort by what they hold moves it)
+            base, rows_as_fed = changed, second
+        got = _order_rows(run, fed_rolled, (base.roll(1, 0),), devices, kept, aside)
         if got is None:  # (a forward that fails on its sequences rolled: told as before)
             return order
-        return order if _follows_roll(first, got[0], grid.detach(), order, keep) else MIXED
+        return order if _follows_roll(rows_as_fed, got[0], base.detach(), order, keep) else MIXED
 
     if (first is not None and first.is_meta) or (second is not None and second.is_meta):
         return None  # (a model on the meta device, fed real ids: its rows hold no values to compare)

@@ -341,6 +341,50 @@ def test_rows_of_a_forward_that_sorts_after_one_of_even_lengths_are_not_labelled
     session.detach()
 
 
+class _SortsByContent(nn.Module):
+    """Runs its layers on its sequences sorted by what they hold (the sum of their ids), then puts them back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.layers = nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        order = input_ids.sum(-1).argsort(descending=True, stable=True)
+        h = self.emb(input_ids)[order]
+        for layer in self.layers:
+            h = layer(h)
+        return h[order.argsort()]
+
+
+@pytest.mark.reliability("silent replays")
+def test_rows_of_a_model_that_sorts_by_content_told_at_one_prompt_repeated_keep_no_ids() -> None:
+    """Once silent: the block's first forward is one prompt repeated (rolled one place, the batch is the same batch,
+    and its rows tell nothing), the second three other sequences, which the model sorts, and the order told at the
+    first was kept: the second's rows were labelled with the ids as fed. The rolled run of a batch of one sequence
+    repeated is that of the batch whose sequence 0 the runs changed: the sort moves it, and the rows keep no ids."""
+    torch.manual_seed(0)
+    model = _SortsByContent()
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(1, V, (1, 8), generator=g).expand(3, 8)
+    ids = torch.randint(1, V, (3, 8), generator=g)
+    ids = ids[ids.sum(-1).argsort()]  # (the least first: the model runs them in the other order)
+    session = mr.attach(model, include="layers.*.gate")
+    with torch.no_grad():
+        with session.capture():
+            model(prompt)
+            model(ids)
+        routes = session.routes()
+        assert routes.token_ids is None or torch.equal(
+            routes.token_ids[24:], ids[ids.sum(-1).argsort(descending=True, stable=True)].flatten()
+        )
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(routes):
+                model(prompt)
+                model(ids)
+    session.detach()
+
+
 class _DropsOut(nn.Module):
     """Embedding dropout before its layers (in training: each run draws its own mask by position)."""
 
