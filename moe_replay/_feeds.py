@@ -62,6 +62,7 @@ from ._code_settings import is_generator, static_attribute
 from ._torch_compat import (
     COMPILER,
     HOOK_HANDLES,
+    compile_region,
     current_graph_task_id,
     dynamo_compiling,
     exporting,
@@ -949,12 +950,18 @@ class TracedFeedCheck:
 
     Where the forward's order is not told (no eager forward established it), or a sequence's padding may be taken out
     before the routers, each order it may take is compared, and the forward is marked only where none fits.
+
+    Routes whose rows are each router's own (``Routes._router_ids``: one MoE block called at several layers, a router
+    also called outside every forward) are compared router by router (:attr:`wants`): each router's next rows, where
+    the forward is fed, against its own ids, and a router is counted as the forward ends where it read rows in it (one
+    that a forward does not call reads none, and its next rows are a later forward's).
     """
 
     #: the places in :attr:`state`: a mismatch found (0/1), the forward's first row, the first token that differs (in
     #: the routers' order), its id, the id its row was recorded for (-1: a token of a sequence at a row recorded at
-    #: prompt padding), the tokens that differ, the forward's tokens, and the compiled forwards found fed other tokens
-    FOUND, START, AT, GOT, WANT, BAD, COUNT, FORWARDS = range(8)
+    #: prompt padding; ``NO_FORWARD_ID``: a row recorded outside every forward), the tokens that differ, the forward's
+    #: tokens, the compiled forwards found fed other tokens, and the router whose rows they are (-1: every router's)
+    FOUND, START, AT, GOT, WANT, BAD, COUNT, FORWARDS, ROUTER = range(9)
 
     def __init__(self) -> None:
         #: armed by a replay's check for its block (see :meth:`arm`); compiled code is traced for either value
@@ -962,44 +969,95 @@ class TracedFeedCheck:
         self.want: torch.Tensor | None = None  # [rows + 1] the token id of each row, -1: unknown (and past the end)
         self.padding: torch.Tensor | None = None  # [rows + 1] True for each row recorded at prompt padding
         self.sources: list[Any] = []  # the routers' replay sources (their device cursors)
-        self.state: torch.Tensor | None = None  # see FOUND..FORWARDS
+        #: each source's own ``want`` and ``padding``, where the rows are each router's own; None: ``want`` for all
+        self.wants: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.names: list[str] = []  # the sources' routers (what a refusal names; read in eager code only)
+        self.state: torch.Tensor | None = None  # see FOUND..ROUTER
 
-    def arm(self, want: torch.Tensor, padding: torch.Tensor, sources: Sequence[Any]) -> torch.Tensor:
-        """As a block starts (eager): compare the forwards compiled whole with ``want`` (on the routers' device);
-        returns the cleared :attr:`state` the block reads as it ends."""
+    def arm(
+        self,
+        want: torch.Tensor,
+        padding: torch.Tensor,
+        sources: Sequence[Any],
+        wants: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """As a block starts (eager): compare the forwards compiled whole with ``want`` (on the routers' device), or
+        each router's rows with its own ``wants``; returns the cleared :attr:`state` the block reads as it ends."""
         device = want.device
         with torch.inference_mode(False):  # (an ordinary tensor, whatever the caller's mode)
-            if self.state is None or self.state.device != device:
-                self.state = mark_static_address(torch.zeros(8, dtype=torch.long, device=device))
+            if self.state is None or self.state.device != device or self.state.numel() != 9:
+                self.state = mark_static_address(torch.zeros(9, dtype=torch.long, device=device))
             else:
                 self.state.zero_()
-        self.want, self.padding, self.sources = want, padding, list(sources)
+        self.want, self.padding, self.sources, self.wants = want, padding, list(sources), wants
+        self.names = [getattr(src, "name", "") for src in sources]
         self.active = True
         return self.state
 
     def disarm(self) -> None:
         """As the block ends: compiled code compares nothing again (the state is kept for the block to read)."""
         self.active = False
-        self.want = self.padding = None
+        self.want = self.padding = self.wants = None
         self.sources = []
 
-    def feed(self, args: tuple[Any, ...], kwargs: dict[str, Any], order: str | None, mask_at: int | None) -> None:
-        """Traced as a forward compiled whole enters the level: its ids against the rows its routers read next."""
+    def feed(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], order: str | None, mask_at: int | None
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """Traced as a forward compiled whole enters the level: its ids against the rows its routers read next.
+        Returns what :meth:`ran` compares as the forward ends, where the rows are each router's own (else None)."""
         want, padding, state = self.want, self.padding, self.state
         _, ids, _ = _inputs(args, kwargs)
         if ids is None or want is None or padding is None or state is None or not self.sources:
-            return
+            return None
         if order in (MIXED, OTHER_ORDER) or ids.numel() == 0 or ids.dim() > 2:
-            return  # (a mixed order is refused by an eager forward of several sequences; rows of no order: unknown)
+            return (
+                None  # (a mixed order is refused by an eager forward of several sequences; rows of no order: unknown)
+            )
         given = kwargs.get("attention_mask")
         if given is None and mask_at is not None and len(args) > mask_at:
             given = args[mask_at]
         ids = ids.detach().to(want.device, torch.long)
-        cursors = [src.next_row() for src in self.sources]
-        start = cursors[0] if len(cursors) == 1 else torch.stack(cursors).max()
-        last = want.shape[0] - 1  # (the row past the end: -1, compared with nothing; an overdraw is refused at exit)
         fed = _tokens_fed(given, ids) if ids.dim() == 2 else None  # (1: a token, 0: padding, -1: not known)
         fed = None if fed is None else fed.to(want.device)
+        cursors = [src.next_row() for src in self.sources]
+        if self.wants is None:
+            start = cursors[0] if len(cursors) == 1 else torch.stack(cursors).max()
+            compared = self._compared(ids, fed, order, want, padding, start)
+            if compared is not None:
+                self._mark(*compared)
+            return None
+        # (per router: its place, the row it stood at, whether its rows differ, what a mismatch marks)
+        pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for j, (start, (mine, at_padding)) in enumerate(zip(cursors, self.wants, strict=True)):
+            start = start.clone()  # (the cursor itself moves as the router reads)
+            compared = self._compared(ids, fed, order, mine, at_padding, start)
+            if compared is not None:
+                refused, found = compared
+                pending.append((j, start, refused, torch.cat([found, torch.full_like(found[:1], j)])))
+        return pending
+
+    def ran(self, pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] | None) -> None:
+        """Traced as the forward ends, where the rows are each router's own (``pending`` from :meth:`feed`): mark the
+        first router that read rows in it and whose rows were recorded for other tokens."""
+        if not pending:
+            return
+        refused = torch.stack([bad & (self.sources[j].next_row() > start) for j, start, bad, _ in pending])
+        first = torch.argmax(refused.to(torch.int32))
+        found = torch.stack([found for _, _, _, found in pending]).index_select(0, first.reshape(1))[0]
+        self._mark(refused.any(), found)
+
+    def _compared(
+        self,
+        ids: torch.Tensor,
+        fed: torch.Tensor | None,
+        order: str | None,
+        want: torch.Tensor,
+        padding: torch.Tensor,
+        start: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Whether the ids fed differ from the rows ``want`` (with ``padding``) from ``start`` on, in every order the
+        forward may take, and what a mismatch marks (:attr:`state`'s places up to ``FORWARDS``, that one 0)."""
+        last = want.shape[0] - 1  # (the row past the end: -1, compared with nothing; an overdraw is refused at exit)
         ways: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (ids, their rows' ids, differ) per order
         orders = [order] if order in (BATCH_MAJOR, SEQUENCE_FIRST) else [BATCH_MAJOR, SEQUENCE_FIRST]
         if order == UNPADDED and fed is not None:
@@ -1010,7 +1068,7 @@ class TracedFeedCheck:
             flat = in_router_order(ids, o).reshape(-1)
             rows = torch.clamp(start + torch.arange(flat.shape[0], device=want.device), max=last)
             wanted = want.index_select(0, rows)
-            differ = (wanted >= 0) & (flat != wanted)
+            differ = ((wanted >= 0) & (flat != wanted)) | (wanted == NO_FORWARD_ID)
             if fed is not None:
                 differ = differ | (padding.index_select(0, rows) & (in_router_order(fed, o).reshape(-1) == 1))
             ways.append((flat, wanted, differ))
@@ -1021,14 +1079,15 @@ class TracedFeedCheck:
             kept = fed.reshape(-1) == 1
             rows = torch.clamp(start + torch.cumsum(kept, 0) - 1, min=0, max=last)
             wanted = torch.where(kept, want.index_select(0, rows), -1)
-            differ = kept & (((wanted >= 0) & (flat != wanted)) | padding.index_select(0, rows))
+            differ = kept & (
+                ((wanted >= 0) & (flat != wanted)) | (wanted == NO_FORWARD_ID) | padding.index_select(0, rows)
+            )
             ways.append((flat, wanted, differ))
         if not ways:
-            return
+            return None
         refused = torch.stack([differ.any() for _, _, differ in ways]).all()
         flat, wanted, differ = ways[0]
         at = torch.argmax(differ.to(torch.int32))  # (the first that differs)
-        tally = state[self.FORWARDS] + refused.long()
         found = torch.stack(
             [
                 torch.ones_like(start),
@@ -1038,21 +1097,39 @@ class TracedFeedCheck:
                 wanted.index_select(0, at.reshape(1))[0],
                 differ.sum(),
                 torch.ones_like(flat).sum(),
-                tally,
+                torch.zeros_like(start),
             ]
         )
-        kept_state = torch.cat([state[: self.FORWARDS], tally.reshape(1)])
-        state.copy_(torch.where(refused & (state[self.FOUND] == 0), found, kept_state))
+        return refused, found
+
+    def _mark(self, refused: torch.Tensor, found: torch.Tensor) -> None:
+        """Mark :attr:`state` with ``found`` (its places up to ``FORWARDS``, and ``ROUTER`` where given) where
+        ``refused`` and nothing is marked yet; count the forward found fed other tokens."""
+        state = self.state
+        if state is None:
+            return
+        tally = state[self.FORWARDS] + refused.long()
+        router = found[self.ROUTER :] if found.shape[0] > self.ROUTER else torch.full_like(found[:1], -1)
+        marked = torch.cat([found[: self.FORWARDS], tally.reshape(1), router])
+        kept_state = torch.cat([state[: self.FORWARDS], tally.reshape(1), state[self.ROUTER :]])
+        state.copy_(torch.where(refused & (state[self.FOUND] == 0), marked, kept_state))
 
     def refusal(self, found: Sequence[int], hint: str, sequence_first: bool) -> TokenMismatchError:
         """The error for what :attr:`state` holds (``found``, read on the host: its FOUND is 1)."""
         start, at, got, want = found[self.START], found[self.AT], found[self.GOT], found[self.WANT]
         count, forwards = found[self.COUNT], found[self.FORWARDS]
-        which = (
-            f"a forward of this replay() that ran compiled (the model compiled whole), the one that read rows "
-            f"{start}..{start + count - 1} of the routes,"
-        )
-        if want < 0:
+        router = found[self.ROUTER] if len(found) > self.ROUTER else -1
+        name = self.names[router] if 0 <= router < len(self.names) else ""
+        rows = f"rows {start}..{start + count - 1} of the routes" + (f" of router '{name}'" if name else "")
+        which = f"a forward of this replay() that ran compiled (the model compiled whole), the one that read {rows},"
+        if want == NO_FORWARD_ID:
+            what = (
+                f"{which} read rows that the capture recorded from a call of router '{name}' outside every forward of "
+                "the model (on hidden states of one's own, as an auxiliary loss computes them), the token of no "
+                "forward, so it forced those experts on its tokens"
+            )
+            fix = "Replay the forwards and the router's own calls in the order they were captured"
+        elif want < 0:
             what = (
                 f"{which} fed token(s) of its sequences where its routes hold rows recorded at prompt padding (first: "
                 f"token {at} of the forward, id {got}, read row {start + at}, recorded at a padding position: "
@@ -1088,6 +1165,21 @@ class TracedFeedCheck:
             + (f". {_SEQUENCE_FIRST_HINT}" if sequence_first else "")
             + (f". {hint}" if hint else "")
         )
+
+
+def _on_device(want: torch.Tensor, padding: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows' token ids and which were recorded at prompt padding, with a row past the end (-1, no padding), on the
+    routers' ``device`` for :class:`TracedFeedCheck` (an asynchronous upload: entering replay never syncs)."""
+    with torch.inference_mode(False):
+        host = torch.cat([want.reshape(-1).to(torch.long), torch.full((1,), -1, dtype=torch.long)])
+        pads = torch.cat([padding.reshape(-1).to("cpu", torch.bool), torch.zeros(1, dtype=torch.bool)])
+        if device.type == "cuda":
+            host, pads = host.pin_memory(), pads.pin_memory()
+        on = mark_static_address(host.to(device, non_blocking=True))
+        at_padding = mark_static_address(pads.to(device, non_blocking=True))
+    maybe_mark_dynamic(on, 0)  # (routes of another length: no recompile)
+    maybe_mark_dynamic(at_padding, 0)
+    return on, at_padding
 
 
 class FeedCheck:
@@ -1198,7 +1290,7 @@ class FeedCheck:
         routes' ids (and rows recorded at padding) on the routers' device; returns each level's check, the state it
         marks and the level. None armed where the routers' rows are on several devices, or some level reaches a part of
         the routers only (a holder of several models: its forwards read the rows of its routers alone)."""
-        if type(self) is not FeedCheck or self.scope_of is not None or not self._sources:
+        if type(self) not in (FeedCheck, RouterFeedCheck) or self.scope_of is not None or not self._sources:
             return []
         devices = {src.device for src in self._sources}
         if len(devices) != 1 or any(level.below is not None for level in self._levels):
@@ -1206,16 +1298,15 @@ class FeedCheck:
         device = devices.pop()
         rows = self.want.numel()
         padding = self.padding if self.padding is not None else torch.zeros(rows, dtype=torch.bool)
-        with torch.inference_mode(False):
-            host = torch.cat([self.want.reshape(-1).to(torch.long), torch.full((1,), -1, dtype=torch.long)])
-            pads = torch.cat([padding.reshape(-1).to("cpu", torch.bool), torch.zeros(1, dtype=torch.bool)])
-            if device.type == "cuda":  # (an asynchronous upload: entering replay never syncs)
-                host, pads = host.pin_memory(), pads.pin_memory()
-            want = mark_static_address(host.to(device, non_blocking=True))
-            at_padding = mark_static_address(pads.to(device, non_blocking=True))
-        maybe_mark_dynamic(want, 0)  # (routes of another length: no recompile)
-        maybe_mark_dynamic(at_padding, 0)
-        return [(level.traced, level.traced.arm(want, at_padding, self._sources), level) for level in self._levels]
+        want, at_padding = _on_device(self.want, padding, device)
+        wants = None
+        if isinstance(self, RouterFeedCheck):  # (each router's rows its own: compared router by router)
+            wants = [
+                _on_device(w, w == PADDING_ID, device) for w in map(self.wants.__getitem__, map(id, self._sources))
+            ]
+        return [
+            (level.traced, level.traced.arm(want, at_padding, self._sources, wants), level) for level in self._levels
+        ]
 
     def _refuse_traced(self, on_host_only: bool = False) -> None:
         """Refuse the block where a forward compiled whole was fed other tokens than its rows were recorded for (read
@@ -1559,6 +1650,8 @@ class RouterFeedCheck(FeedCheck):
         if paired or (not self._lost and any(map(_COMPILED, self._levels))):
             self._open()
         if self._lost:
+            if self._traced:  # (a forward compiled whole before it fed other tokens: refused here, where no sync)
+                self._refuse_traced(on_host_only=True)
             self.forwards += 1
             return True
         count, ids, shape = _inputs(args, kwargs)
@@ -1661,6 +1754,7 @@ class RouterFeedCheck(FeedCheck):
         for forward, src, start, got, tokens in later:
             want = self.wants[id(src)][start : start + got.numel()]
             self._compare(forward, start, got.cpu(), None if tokens is None else tokens.cpu(), want, want == PADDING_ID)
+        self._refuse_traced()
 
     def _unseen_read(self, router: str, start: int, n: int) -> None:
         """A router reads its next rows: in the forward that runs now, on all of its tokens (checked against their
@@ -2221,11 +2315,15 @@ def _flat(parts: list[torch.Tensor | None], sizes: list[int], dtype: torch.dtype
 
 
 def _unseen() -> bool:
-    """Is this forward compiled, traced, exported, captured in a CUDA graph or run under a ``torch.func``
-    transform? Its ids are symbols or batches, and no host call sees the forwards of what it makes."""
+    """Is this forward traced, exported, captured in a CUDA graph or run under a ``torch.func`` transform? Its ids
+    are symbols or batches, and no host call sees the forwards of what it makes.
+
+    Not whether dynamo compiles it: the caller asks that in its own frame (``_compiling()``). Called from eager code
+    while dynamo falls back frame by frame (a trace that raised), this function is compiled as a frame of its own,
+    where ``is_compiling()`` is True for a caller that runs eagerly: its answer would open the token check of an eager
+    forward. What it reads here is the same in a frame of its own."""
     return (
-        dynamo_compiling()  # (torch.compiler.is_compiling() with one frame where it takes two: dynamo reads it as
-        or COMPILER._is_compiling_flag  # True, and the flag is what export and AOT tracing set in eager code)
+        COMPILER._is_compiling_flag  # (what export and AOT tracing set in eager code)
         or graph_capturing()
         or functorch_transform() is not None
         or tracing()
@@ -3234,14 +3332,7 @@ class FeedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _compiling():
-            # (dynamo reads nothing of the records, and stores a constant: no guard on what a block holds; a replay's
-            # token check is armed or not, and compares on the device: see TracedFeedCheck)
-            self.compiled = True
-            traced = self.traced
-            if traced.active and not self.paired and not exporting():
-                fed_args, fed_kwargs, _ = self._by_first_name(args, kwargs)
-                traced.feed(fed_args, fed_kwargs, self.order, self.mask_at)
-            return self._run(args, kwargs)
+            return self._compiled(args, kwargs)
         watched = None
         for owner in self.owners:
             if owner.abandoned:  # (a block made and dropped without `with`: the caller believes it open)
@@ -3265,6 +3356,20 @@ class FeedForward:
         if watched is not None:
             return watched(lambda: self._fed(args, kwargs))
         return self._fed(args, kwargs)
+
+    def _compiled(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A forward that dynamo compiles (traced once: its graph runs for every call it guards)."""
+        # (dynamo reads nothing of the records, and stores a constant: no guard on what a block holds; a replay's
+        # token check is armed or not, and compares on the device: see TracedFeedCheck)
+        self.compiled = True
+        traced = self.traced
+        if not traced.active or self.paired or exporting():
+            return self._run(args, kwargs)
+        fed_args, fed_kwargs, _ = self._by_first_name(args, kwargs)
+        pending = traced.feed(fed_args, fed_kwargs, self.order, self.mask_at)
+        out = self._run(args, kwargs)
+        traced.ran(pending)  # (routes of each router's own: the routers that read rows in this forward)
+        return out
 
     def _fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A forward in eager code: fed to the records and checks watching it, where some are, then run."""
@@ -3295,8 +3400,38 @@ class FeedForward:
             return before(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)  # (a later patch of the class is followed)
 
+    def _feed_records(
+        self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[list[FeedRecord | FeedCheck], list[tuple[FeedRecord, tuple[int, ...] | None]]]:
+        """An eager forward's inputs fed to the records and checks ``entered`` (its token order told first, where
+        not yet): those it is taken by (see :meth:`FeedCheck.fed`), and the records with their routers' calls as it
+        began."""
+        fed_args, fed_kwargs, name = self._by_first_name(args, kwargs)  # (what the records read, the runs run)
+        # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
+        named, at, place = fed_kwargs, self.mask_at, self.mask_from
+        if place is not None or (at is not None and len(fed_args) > at and "attention_mask" not in fed_kwargs):
+            named = self._named(fed_args, fed_kwargs)
+        order = self._order(entered, fed_args, named, fed_kwargs, name)
+        if self.mask_from is not place:  # (a mask found elsewhere by the runs at this forward, or no longer)
+            named = self._named(fed_args, fed_kwargs)
+        # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
+        watching = [
+            (r, r.calls_made() if r.calls_made is not None else None) for r in entered if isinstance(r, FeedRecord)
+        ]
+        # (fed no token count, it is left to the levels it enters below: they may see its tokens)
+        entered = [r for r in entered if r.fed(fed_args, named, self.paired, order)]
+        if self.unpads and order == BATCH_MAJOR:  # (its later routers that see only the tokens its mask keeps)
+            later = [self.scopes[i] for i in self.unpads if i < len(self.scopes)]
+            for r in entered:
+                r.unpads(later)
+        return entered, watching
+
     def _enter(self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A forward of the model, fed to the records and checks ``entered`` (then it runs)."""
+        if _compiling():  # (a frame of its own that dynamo compiles, its caller run eagerly: dynamo fell back frame by
+            # frame from a trace that raised, or a graph break. From here on the forward is compiled code, which only
+            # the compiled token check sees)
+            return self._compiled(args, kwargs)
         # (the records, and their routers' calls as the forward began)
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
         for r in entered:  # (the routers this forward can reach: one model's of a holder, or every one)
@@ -3307,24 +3442,11 @@ class FeedForward:
             for r in entered:
                 r.unseen()
         elif current_graph_task_id() == -1:
-            fed_args, fed_kwargs, name = self._by_first_name(args, kwargs)  # (what the records read, the runs run)
-            # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
-            named, at, place = fed_kwargs, self.mask_at, self.mask_from
-            if place is not None or (at is not None and len(fed_args) > at and "attention_mask" not in fed_kwargs):
-                named = self._named(fed_args, fed_kwargs)
-            order = self._order(entered, fed_args, named, fed_kwargs, name)
-            if self.mask_from is not place:  # (a mask found elsewhere by the runs at this forward, or no longer)
-                named = self._named(fed_args, fed_kwargs)
-            # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
-            watching = [
-                (r, r.calls_made() if r.calls_made is not None else None) for r in entered if isinstance(r, FeedRecord)
-            ]
-            # (fed no token count, it is left to the levels it enters below: they may see its tokens)
-            entered = [r for r in entered if r.fed(fed_args, named, self.paired, order)]
-            if self.unpads and order == BATCH_MAJOR:  # (its later routers that see only the tokens its mask keeps)
-                later = [self.scopes[i] for i in self.unpads if i < len(self.scopes)]
-                for r in entered:
-                    r.unpads(later)
+            feed = self._feed_records
+            if compile_region():  # (eager code dynamo gave up inside a compiled call: each function it calls would be
+                # compiled as a frame of its own, and the token-order runs could not set their eager stance)
+                feed = torch.compiler.disable(feed)
+            entered, watching = feed(entered, args, kwargs)
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True

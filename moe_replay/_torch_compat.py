@@ -303,6 +303,19 @@ is_batched: Callable[[torch.Tensor], bool] = getattr(torch._C._functorch, "is_ba
 bad_fork: Callable[[], bool] = getattr(torch._C, "_cuda_isInBadFork", None) or (lambda: False)
 
 
+_eval_frame_callback: Callable[[], Any] = _find(
+    "torch._C._dynamo.eval_frame.get_eval_frame_callback", "to run a token check's eager work inside a compiled call"
+) or (lambda: None)
+
+
+def compile_region() -> bool:
+    """Does eager code run inside a ``torch.compile``d call (a frame dynamo gave up, run eagerly with its callback
+    still set)? Each Python function it calls is then compiled as a frame of its own, where ``is_compiling()`` is True
+    for its eager caller, and ``torch.compiler.set_stance`` refuses to run."""
+    callback = _eval_frame_callback()
+    return callback is not None and callback is not False
+
+
 def graph_capturing() -> bool:
     """Is a CUDA graph being captured on the current stream?
 

@@ -113,8 +113,10 @@ def _static_address(t: torch.Tensor) -> torch.Tensor:
     return _torch_compat.mark_static_address(t)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+#: ``() -> bool``: is dynamo tracing the caller? torch's own function, called in the caller's frame: a function of
+#: this package would be compiled as a frame of its own where dynamo falls back frame by frame, and answer True for an
+#: eager caller
+_compiling = torch.compiler.is_compiling
 
 
 class _Positions:

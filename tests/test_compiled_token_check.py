@@ -197,12 +197,6 @@ def test_a_compiled_model_whose_routers_see_only_the_unpadded_tokens_replays_its
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a model compiled whole whose first forward with gradients comes before any eager forward with gradients: "
-    "the router's refusal inside the trace makes dynamo fall back frame by frame, and the forward runs with its rows "
-    "forced, neither compiled through the token check nor fed to the eager one: another batch's routes replay silently",
-)
 def test_a_compiled_forward_with_gradients_before_any_eager_one_is_checked_or_refused() -> None:
     """The first forward with gradients of a model compiled whole, in a replay block, fed another batch: refused (by
     the token check, or as a forward compiled code cannot establish the decision of), never forced silently."""
@@ -218,27 +212,34 @@ def test_a_compiled_forward_with_gradients_before_any_eager_one_is_checked_or_re
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="routes whose rows are each router's own (one MoE block called at several layers: Routes._router_ids) are "
-    "checked per router read in eager code only; a model compiled whole arms no device check for them, so another "
-    "batch's routes are forced on its forwards silently",
-)
 def test_routes_of_a_block_called_at_two_layers_replayed_through_a_compiled_model_on_another_batch_are_refused() -> (
     None
 ):
     """One MoE block called at two layers (each router's rows its own, two calls per forward), routes of one batch
-    replayed through the model compiled whole on another batch: refused, as the eager forward is."""
+    replayed through the model compiled whole on another batch: refused, as the eager forward is, naming the router
+    whose rows were another forward's; the capture's forwards in their order replay exactly, and no batch or block
+    compiles anything new."""
     model = _SharedBlock()
     g = torch.Generator().manual_seed(0)
     a, b = torch.randint(1, 128, (3, 5), generator=g), torch.randint(1, 128, (3, 5), generator=g)
-    compiled = torch.compile(model, backend="eager")
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
     with mr.attach(model) as session, torch.no_grad():
         with session.capture():
-            model(a)
+            want = [model(a), model(b)]
         routes = session.routes()
         assert routes._router_ids is not None
         with pytest.raises(mr.TokenMismatchError), session.replay(routes):
             model(b)  # (eager: refused)
-        with pytest.raises(mr.TokenMismatchError), session.replay(routes):
+        with pytest.raises(mr.TokenMismatchError, match="ran compiled"), session.replay(routes):
             compiled(b)
+        with session.replay(routes):
+            got = [compiled(a), compiled(b)]
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x, y, equal_nan=True)
+        graphs = counter.frame_count
+        with pytest.raises(mr.TokenMismatchError, match=r"rows 30\.\.44 of the routes of router 'block\.router'"):
+            with session.replay(routes):
+                compiled(a)
+                compiled(a)
+        assert counter.frame_count == graphs
