@@ -212,6 +212,25 @@ def test_a_compiled_forward_with_gradients_before_any_eager_one_is_checked_or_re
 
 
 @pytest.mark.reliability("silent replays")
+def test_a_capture_whose_first_forward_with_gradients_ran_compiled_keeps_its_token_ids() -> None:
+    """The first forward with gradients of a model compiled whole, captured before any eager one: dynamo falls back
+    frame by frame (the router's refusal inside the trace), and the forward runs eagerly. Its routes keep the ids it
+    was fed (once, a function of the check compiled as a frame of its own said the forward was compiled, and the
+    routes kept none), so a replay of them on another batch is refused."""
+    model = mr.models.build("softmax_topk", num_layers=1, expert_impl="dense")
+    first, other = _two_batches(3)
+    compiled = torch.compile(model, backend="eager")
+    with mr.attach(model) as session:
+        with session.capture():
+            compiled(first)
+        routes = session.routes()
+        assert routes.token_ids is not None
+        torch.testing.assert_close(routes.token_ids, first.reshape(-1).to(routes.token_ids.dtype))
+        with pytest.raises(mr.TokenMismatchError), session.replay(routes), torch.no_grad():
+            model(other)
+
+
+@pytest.mark.reliability("silent replays")
 def test_routes_of_a_block_called_at_two_layers_replayed_through_a_compiled_model_on_another_batch_are_refused() -> (
     None
 ):
