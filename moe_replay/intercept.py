@@ -272,6 +272,7 @@ _grad = torch.is_grad_enabled
 _get_ident = threading.get_ident
 _hidden = _torch_compat.hidden_from_dispatch_modes
 _GLOBAL_HOOKS = _torch_compat.global_forward_hooks
+_HANDLES = _torch_compat.HOOK_HANDLES  # (its next_id moves whenever a hook is registered anywhere)
 _NOTHING = contextlib.nullcontext()
 _LEAN_NAMES, _LEAN_SWAP, _lean_current = _lean.NAMES, _lean.SWAP, _lean.CURRENT
 _LEAN_OURS, _LEAN_THEIRS, _LEAN_ON, _LEAN_OFF = _lean.OURS, _lean.THEIRS, _lean.ON, _lean.OFF
@@ -415,6 +416,7 @@ def _settings_and_held(scope: nn.Module) -> dict[str, Any]:
 
 
 #: The setting that stands for the user's forward hooks of a scope's submodules and the global module hooks.
+_GLOBAL_KINDS = ("global", "global pre")  # (where the global module hooks are said to be, in place of a path)
 _HOOKS_KEY = "(forward hooks inside its scope, and global module hooks)"
 
 
@@ -433,7 +435,7 @@ def _user_hooks(scope: nn.Module) -> tuple[tuple[str, int], ...]:
         for key, h in (vars(m).get(name) or {}).items()
         if not _own_hook(h) and not _torchs_hook(h)
     ]
-    for kind, hooks in (("global", _GLOBAL_HOOKS), ("global pre", _torch_compat.global_forward_pre_hooks)):
+    for kind, hooks in zip(_GLOBAL_KINDS, (_GLOBAL_HOOKS, _torch_compat.global_forward_pre_hooks), strict=True):
         out.extend((kind, key) for key, h in list(hooks.items()) if not _own_hook(h) and not _torchs_hook(h))
     return tuple(out)
 
@@ -508,6 +510,9 @@ class RouterHook:
     _outside: dict[str, Any] | None = None
     _restless: bool = False  # it changes state the runs of _still_holds put back (its modules', a global count)
     _pending: tuple[tuple[bool, bool], dict[str, Any]] | None = None
+    # how many hooks torch had made (``HOOK_HANDLES.next_id``) when this router last compared the user's hooks inside
+    # its scope with those its decisions were established under (see follow_hooks)
+    _hooks_at: int = -1
     _decided: bool = False
     _masks: list[tuple[torch.Tensor, torch.Tensor | _EitherSide]] = field(default_factory=list)
     _ordinal: int = 0  # decision-like calls seen so far in this forward
@@ -705,6 +710,7 @@ class RouterHook:
             )
         self.evidence[self.mode()] = ev
         self._dropped.pop(self.mode(), None)
+        self._hooks_at = _HANDLES.next_id  # (first: a hook registered from here on is after these settings)
         self._pending = (self.mode(), _settings_and_held(self.scope))  # (the probe runs put every attribute back)
         self.top_k, self.num_experts = ev.top_k, ev.num_experts
         if self.on_established is not None:
@@ -871,6 +877,8 @@ class RouterHook:
                         continue  # (set by the model's forward around its routers, as it was outside before)
                     was, is_ = then.get(key, _ABSENT), now.get(key, _ABSENT)
                     if key == _HOOKS_KEY:
+                        if self._hooks_changed(was, is_, _HANDLES.next_id) is None:
+                            continue  # (only hooks its decision was established without removed)
                         return (
                             f"a forward hook was added or removed inside the scope of router '{self.name}'"
                             f"{_hooks_inside(self.scope, short=True)}, or a global module hook, since its decision "
@@ -909,6 +917,50 @@ class RouterHook:
             changed = self.changed_setting(around)
             if changed is not None:
                 self.forget(every_mode=True, why=f"a change of its settings or code: {changed}")
+
+    def follow_hooks(self) -> None:
+        """At a forward in a block, where torch made a hook since this router last looked (``HOOK_HANDLES.next_id``
+        moved: any hook, anywhere, moves it): drop its decisions where hooks of the user's were added inside its
+        scope, or global module hooks, since they were established, so that this forward establishes its decision
+        again with them (see :func:`_user_hooks`: they are a setting of the decision). The runs that establish it
+        set the new hooks of the scope's submodules aside, and what this forward returns is compared with them (see
+        :meth:`_hooks_checked`): a hook that only reads or logs changes nothing, and the replay goes on exactly; one
+        that cuts the combine weights, or changes the decision, is refused there as the forward's own code would be.
+
+        Only hooks registered since this router last looked, every one of those the decisions were established
+        under still there: the forwards of this router before ran without them (each started with the count as it
+        was). A hook removed, or one put in a module's hook dict by other means, is left to the block's end, which
+        refuses a block whose router ran under settings its decision was not established under (see
+        :meth:`changed_setting`)."""
+        if _in_backward() or _graph_capturing() or self._pending is not None:
+            return  # (a recompute gets its forward's rows; a graph capture cannot establish: the block end refuses)
+        at, self._hooks_at = self._hooks_at, _HANDLES.next_id
+        if not self._settled or is_written(_HOOKS_KEY, self._own):
+            return
+        now = _user_hooks(self.scope)
+        changes = {self._hooks_changed(then.get(_HOOKS_KEY, now), now, at) for m, then in self._settled.items()}
+        if changes == {"added"} or changes == {None, "added"}:  # (another change: refused as the block ends)
+            self.forget(
+                every_mode=True,
+                why=f"a forward hook added inside a block inside the scope of router '{self.name}'"
+                f"{_hooks_inside(self.scope, short=True)}, or a global module hook",
+            )
+
+    def _hooks_changed(self, was: tuple[tuple[str, int], ...], now: tuple[tuple[str, int], ...], at: int) -> str | None:
+        """How the user's hooks of the scope (see :func:`_user_hooks`) changed from ``was``, those a decision was
+        established under, to ``now``: None where they did not, or only by every hook of its submodules removed
+        where its decision was established with them set aside (its forwards then run as the runs that established
+        it did; with some of them left, they would run under a set of hooks no run saw); ``"added"`` where, besides,
+        hooks were registered since torch had made ``at`` hooks; ``"other"`` otherwise (a global module hook
+        removed, some hooks of the submodules removed, a hook put in a module's hook dict by other means)."""
+        then, here = set(was), set(now)
+        gone = then - here
+        if gone and (self.scope in HOOKS_NEEDED or gone != {h for h in then if h[0] not in _GLOBAL_KINDS}):
+            return "other"
+        new = here - then
+        if not new:
+            return None
+        return "added" if all(key >= at for _, key in new) else "other"
 
     def forget(self, *, every_mode: bool = False, why: str | None = None) -> None:
         """Drop the evidence of the mode now running, or of every mode (here and for later sessions): it no
@@ -1191,6 +1243,8 @@ class RouterHook:
         how = "mode"
         fresh = False  # the decision was established at this forward
         if self.decision != "lookup":
+            if not compiling and _HANDLES.next_id != self._hooks_at and (self.capturing or self.replaying):
+                self.follow_hooks()  # (a hook added inside its scope in a block: established again at this forward)
             mode = self.mode()
             ev = self.evidence.get(mode)
             if ev is not None and self._restless and ev.twins:
@@ -2264,6 +2318,8 @@ class ScopedForward:
         if _transform() is not None and not _compiling():  # (export and AOT tracing run transforms of their own)
             hook._refuse_transform()
         grad = _grad()
+        if _HANDLES.next_id != hook._hooks_at:  # a hook was made somewhere since this router last looked
+            hook.follow_hooks()
         lean = hook._lean.get((hook.scope.training, grad))
         if (
             lean is None
