@@ -665,7 +665,9 @@ class RouterHook:
             self.call,
             family,
             self.top_k if self.declared_top_k else None,
-            _settings(self.scope),
+            # (and the user's hooks inside the scope: a decision established before one was added, by an earlier
+            # session, was never compared with what the forward returns with it)
+            (_settings(self.scope), _user_hooks(self.scope)),
         )
         ev = known.get(key)
         if ev is not None and self._has_twins(ev) and not self._still_holds(ev, forward, args, kwargs):

@@ -320,3 +320,51 @@ def test_a_flop_counter_opened_inside_a_block_is_no_change_of_settings() -> None
     finally:
         for counter in adds:
             counter.__exit__(None, None, None)
+
+
+def across_sessions(add: Callable[[nn.Module], Any]) -> str:
+    """Capture a forward under one session, detach, move the router's weights and ``add`` a hook, then replay under a
+    new session on the same model: ``"exact"``, ``"refused: ..."`` or ``"silent: ..."``."""
+    torch.manual_seed(0)
+    model = Model(PlainRenorm())
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(x)
+    routes = session.routes()
+    _perturb(model.moe)
+    add(model)
+    state, hooks = snapshot(model), _hooks(model)
+    session = mr.attach(model)
+    try:
+        with torch.no_grad(), session.replay(routes):
+            out = model(x)
+        forced = routes.per_layer()[0].long()
+        if not torch.equal(_sets(model.moe.last), _sets(forced)):
+            return "silent: the replay used other experts than the recorded ones"
+        if not torch.allclose(out, x + model.moe.reference(x, forced), atol=1e-5, rtol=1e-4):
+            return "silent: the replay's output is not the hand-forced one"
+        return "exact"
+    except mr.MoEReplayError as err:
+        assert _hooks(model) == hooks
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in state.items())
+        return "refused: " + str(err).split("\n")[0]
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_cut_added_between_sessions_is_refused() -> None:
+    """Once silent: a decision established by an earlier session on the same module was taken up by the next one
+    without a look at the hooks added inside its scope since (never compared with what the forward returns with
+    them). The user's hooks are part of what a decision is known by: established again, the cut is refused."""
+    got = across_sessions(_add_cut)
+    assert got.startswith("refused"), got
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_logging_hook_added_between_sessions_replays_exactly() -> None:
+    """The decision established again for the new hook's sake, with it set aside: it sees the real forward alone."""
+    log = Log()
+    assert across_sessions(lambda model: model.moe.renorm.register_forward_hook(log)) == "exact"
+    assert log.calls == 1
