@@ -34,6 +34,7 @@ import collections
 import contextlib
 import copy
 import enum
+import functools
 import inspect
 import operator
 import sys
@@ -438,6 +439,21 @@ def _user_hooks(scope: nn.Module) -> tuple[tuple[str, int], ...]:
     for kind, hooks in zip(_GLOBAL_KINDS, (_GLOBAL_HOOKS, _torch_compat.global_forward_pre_hooks), strict=True):
         out.extend((kind, key) for key, h in list(hooks.items()) if not _own_hook(h) and not _torchs_hook(h))
     return tuple(out)
+
+
+def _hook_code(hook: Any) -> types.CodeType | None:
+    """The code object a call of ``hook`` runs (a function's, a method's, a partial's, a callable object's
+    ``__call__``), or None."""
+    for _ in range(8):
+        if isinstance(hook, functools.partial):
+            hook = hook.func
+        elif isinstance(hook, types.MethodType):
+            hook = hook.__func__
+        elif isinstance(hook, types.FunctionType):
+            return hook.__code__
+        else:
+            hook = getattr(type(hook), "__call__", None)  # noqa: B004  # (a callable object's own __call__)
+    return None
 
 
 def _torchs_hook(hook: Any) -> bool:
@@ -1716,8 +1732,19 @@ class RouterHook:
     def on_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], sig: tuple[str, int, int]) -> Any:
         """A decision-like call of the scope forward: the decision's, or passed through."""
         i = self._ordinal
-        self._ordinal = i + 1
         expected = self._plan.get(i)
+        armed = self._armed
+        if (
+            (
+                expected != sig
+                if expected is not None
+                else armed is not None and (i >= armed.count or self._others.get(i, sig)[::2] != sig[::2])
+            )
+            and not _compiling()
+            and self._in_hook_set_aside()
+        ):  # (not one of the calls its decision was established on: see _in_hook_set_aside)
+            return func(*args, **kwargs)
+        self._ordinal = i + 1
         if expected is None and self._may_grow(i, sig):
             self._grow_into_chunks(sig)
             expected = sig
@@ -1745,6 +1772,33 @@ class RouterHook:
         if type(out) is _TOPK_RESULT and self._decided and not self._compiled:  # (eager forwards are checked)
             self._answered = out[1]
         return out
+
+    def _in_hook_set_aside(self) -> bool:
+        """Is the decision-like call being made (one its decision's plan does not hold there) made in a forward hook
+        of the user's on a submodule of the scope, which the runs that established the decision set aside (a top-k
+        of a gate's logits to log the experts' load)? Such a call was in none of those runs, so it is none of the
+        calls its decision was established on: it runs as it is, uncounted. What the forward returns with the hooks
+        in was compared with what those runs gave as the decision was established (see :meth:`_hooks_checked`): a
+        call in a hook that changes it had the decision established again with the hooks in, and is seen there as
+        the forward's own code's. Read from the Python stack, only for a call out of plan."""
+        if self.scope in HOOKS_NEEDED:
+            return False
+        codes = {
+            code
+            for m in self.scope.modules()
+            if m is not self.scope
+            for name in _HOOK_FNS
+            for h in (vars(m).get(name) or {}).values()
+            if not _own_hook(h) and (code := _hook_code(h)) is not None
+        }
+        f: types.FrameType | None = sys._getframe(1) if codes else None
+        for _ in range(MAX_STACK_DEPTH):
+            if f is None:
+                return False
+            if f.f_code in codes:
+                return True
+            f = f.f_back
+        return False
 
     def _check_lookup_returned(self, out: Any) -> None:
         """After an eager forward of a declared table lookup: indices it returns are the lookup's, each row as a
@@ -2621,11 +2675,12 @@ def _hooks_inside(scope: nn.Module, short: bool = False) -> str:
     if short:
         return f" (hooks on {', '.join(hooked[:3])}{more})"
     return (
-        f". Forward hooks are registered inside its scope, on {', '.join(hooked[:3])}{more}; they run in its "
-        "forwards but are set aside in the runs that establish its decision, so a decision-like call made in "
-        "one (a top-k of the gate's logits to log the experts' load) makes every forward differ from the "
-        "established one. Remove such a hook, and read the experts chosen from session.routes() (or the scores "
-        "from session.keep_scores()) instead"
+        f". Forward hooks are registered inside its scope, on {', '.join(hooked[:3])}{more}. A decision-like call "
+        "made in one that the runs establishing its decision set aside runs uncounted; where a hook changed the "
+        "forward's output, they ran with the hooks in, and a call made in one counts as the forward's own, so one "
+        "made at some forwards only (a top-k of the gate's logits to log the experts' load every few steps) makes "
+        "them differ from the established one. Read the experts chosen from session.routes() (or the scores from "
+        "session.keep_scores()) instead of taking a top-k in a hook"
     )
 
 
