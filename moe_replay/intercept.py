@@ -441,6 +441,12 @@ def _user_hooks(scope: nn.Module) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def _count_user_hooks(dicts: list[dict[int, Any]]) -> int:
+    """How many hooks of the user's (moe_replay's own and torch's aside, as :func:`_user_hooks` counts) ``dicts``
+    hold."""
+    return sum(1 for d in dicts if d for h in list(d.values()) if not _own_hook(h) and not _torchs_hook(h))
+
+
 def _hook_code(hook: Any) -> types.CodeType | None:
     """The code object a call of ``hook`` runs (a function's, a method's, a partial's, a callable object's
     ``__call__``), or None."""
@@ -529,6 +535,10 @@ class RouterHook:
     # how many hooks torch had made (``HOOK_HANDLES.next_id``) when this router last compared the user's hooks inside
     # its scope with those its decisions were established under (see follow_hooks)
     _hooks_at: int = -1
+    # the hook dicts of the scope's submodules and the global ones, and how many hooks of the user's they held when it
+    # last looked: where none was added since, the count does not grow (see follow_hooks)
+    _hook_dicts: list[dict[int, Any]] = field(default_factory=list)
+    _hook_count: int = 0
     _decided: bool = False
     _masks: list[tuple[torch.Tensor, torch.Tensor | _EitherSide]] = field(default_factory=list)
     _ordinal: int = 0  # decision-like calls seen so far in this forward
@@ -729,6 +739,18 @@ class RouterHook:
         self.evidence[self.mode()] = ev
         self._dropped.pop(self.mode(), None)
         self._hooks_at = _HANDLES.next_id  # (first: a hook registered from here on is after these settings)
+        self._hook_dicts = [
+            *(
+                d
+                for m in self.scope.modules()
+                if m is not self.scope
+                for n in _HOOK_FNS
+                if (d := vars(m).get(n)) is not None
+            ),
+            _GLOBAL_HOOKS,
+            _torch_compat.global_forward_pre_hooks,
+        ]
+        self._hook_count = _count_user_hooks(self._hook_dicts)
         self._pending = (self.mode(), _settings_and_held(self.scope))  # (the probe runs put every attribute back)
         self.top_k, self.num_experts = ev.top_k, ev.num_experts
         if self.on_established is not None:
@@ -947,14 +969,20 @@ class RouterHook:
 
         Only hooks registered since this router last looked, every one of those the decisions were established
         under still there: the forwards of this router before ran without them (each started with the count as it
-        was). A hook removed, or one put in a module's hook dict by other means, is left to the block's end, which
-        refuses a block whose router ran under settings its decision was not established under (see
-        :meth:`changed_setting`)."""
+        was). A hook removed, one put in a module's hook dict by other means, or one on a submodule added since, is
+        left to the block's end, which refuses a block whose router ran under settings its decision was not
+        established under (see :meth:`changed_setting`). Where the hook dicts of its submodules (as they were when
+        its decision was established) and the global ones hold no more hooks of the user's than when it last looked,
+        none was added there: nothing more is read (torch's count moves with every tensor's hook too, at each
+        forward under FSDP)."""
         if _in_backward() or _graph_capturing() or self._pending is not None:
             return  # (a recompute gets its forward's rows; a graph capture cannot establish: the block end refuses)
         at, self._hooks_at = self._hooks_at, _HANDLES.next_id
-        if not self._settled or is_written(_HOOKS_KEY, self._own):
-            return
+        count, was = _count_user_hooks(self._hook_dicts), self._hook_count
+        self._hook_count = count
+        if count <= was or not self._settled or is_written(_HOOKS_KEY, self._own):
+            return  # (none added to the hook dicts it holds: a tensor's hook, one elsewhere; or one removed as well,
+            # or added to a submodule added since: refused as the block ends)
         now = _user_hooks(self.scope)
         changes = {self._hooks_changed(then.get(_HOOKS_KEY, now), now, at) for m, then in self._settled.items()}
         if changes == {"added"} or changes == {None, "added"}:  # (another change: refused as the block ends)
