@@ -410,7 +410,7 @@ def test_a_top_k_made_to_log_in_a_gates_hook_is_exact_and_logged_once_per_forwar
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("when", ["", "between", "inside"])
+@pytest.mark.parametrize("when", ["start", "between", "inside"])
 def test_a_choice_made_by_a_top_k_in_a_gates_hook_is_refused(when: str) -> None:
     """A top-k in a gate's hook whose result reaches the combine weights (a boost of each token's top-1 expert) is a
     choice the replay does not force: the forward's output differs from the runs' with the hook set aside, so the
