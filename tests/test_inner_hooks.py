@@ -461,3 +461,41 @@ def test_a_cut_in_a_hook_that_cuts_nothing_where_the_decision_is_established_is_
         pass
     finally:
         session.detach()
+
+
+def _forwards_run(tensor_hooks: bool) -> int:
+    """How many times the block's renormalising submodule runs (the runs that establish a decision too: a global
+    module hook counts them) over a capture and a replay of three forwards each, a tensor's hook registered before
+    each forward of the replay where ``tensor_hooks`` (as FSDP does at each)."""
+    log = Log()
+    counter = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: log(m, args, out) if isinstance(m, _Renorm) else None
+    )
+    try:
+        torch.manual_seed(0)
+        model = Model(PlainRenorm())
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+        leaf = torch.zeros(1, requires_grad=True)
+        with mr.attach(model) as session, torch.no_grad():
+            with session.capture():
+                for _ in range(3):
+                    model(x)
+            routes = session.routes()
+            with session.replay(routes):
+                for _ in range(3):
+                    if tensor_hooks:
+                        leaf.register_hook(lambda g: g)
+                    model(x)
+    finally:
+        counter.remove()
+    return log.calls
+
+
+@pytest.mark.reliability("silent replays")
+def test_hooks_made_elsewhere_at_every_forward_establish_nothing_again() -> None:
+    """torch's count of hooks made, which each router reads, moves with a tensor's hook too: no hook of its scope
+    changed, so its decision is not established again (its submodules run as often as without them, probe runs
+    counted)."""
+    runs = _forwards_run(tensor_hooks=True)
+    assert runs > 6  # (the runs that established the decision are counted)
+    assert runs == _forwards_run(tensor_hooks=False)
