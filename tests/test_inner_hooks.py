@@ -421,7 +421,7 @@ def test_a_choice_made_by_a_top_k_in_a_gates_hook_is_refused(when: str) -> None:
             lambda m, args, out: out + 2.0 * torch.nn.functional.one_hot(out.topk(1).indices[..., 0], E)
         )
 
-    got = replayed(BoostedTopOneInAGatesHook) if not when else replayed(PlainRenorm, add=add, when=when)
+    got = replayed(BoostedTopOneInAGatesHook) if when == "start" else replayed(PlainRenorm, add=add, when=when)
     assert got.startswith("refused"), got
 
 
