@@ -3765,6 +3765,8 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
         _refuse_earlier_choice(name, probe, calls, force, first, ev)
     if first.choices:
         _refuse_scored_choice(name, probe, calls, force, first, ev)
+    else:
+        _refuse_choice_on_more_tokens(name, probe, calls, ev)
     if drew:
         _refuse_drawn_choice(name, probe, calls, force, ev, seen.drawn)
 
@@ -3815,6 +3817,33 @@ def _refuse_scored_choice(
             "every other input tried. A later choice from the current scores would not be replayed",
             fix + "; or name the module whose forward returns the decision with include=",
         )
+
+
+def _refuse_choice_on_more_tokens(name: str, probe: _Prober, calls: Sequence[Call], ev: Evidence) -> None:
+    """The part of :func:`_refuse_later_choice` for a forward that makes no later choice on its real inputs.
+
+    Its code may still choose after the decision on other batches: a branch on the token count (a capacity
+    enforced on large batches only), or one on a capacity the real tokens left unfilled (``if
+    counts.max() > capacity:``). Neither runs on the real inputs, and a later forward that takes it makes the
+    same decision-like calls (a top-k of one expert's weights over its tokens has one dimension), so nothing
+    would tell it there. So the decision is held on one of the tokens repeated ``_MANY_TOKENS`` times, which
+    sends every token to the same experts (any capacity below that count fills): later choices made there are
+    varied as on the real inputs (:func:`_vary`), and refused where they pick the experts. A branch taken only
+    on still more tokens is not run."""
+    where = _check_on_more_tokens(probe, calls, ev, one_token=True)
+    if where is None:
+        return
+    raise _refuse(
+        name,
+        calls,
+        f"after its decision ({_chosen(ev)}) its forward chooses again from the current scores on more tokens "
+        f"than it was first run on: with the decision held, {where} changes when the scores change. A replay of "
+        "such a batch forces the decision but not that later choice (tokens dropped by score over a capacity, "
+        "a cut taken on large batches only), so the experts used would not be the recorded ones",
+        "Make that choice part of the decision (mask the scores with masked_fill or torch.where before the "
+        "top-k), or drop tokens and experts after it only by rules that neither read the scores nor draw from "
+        "the random stream (position, a fixed capacity)",
+    )
 
 
 def _refuse_escapes(

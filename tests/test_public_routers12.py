@@ -21,7 +21,7 @@ import moe_replay as mr
 from tests.test_evidence import D, E, Experts, dispatch
 from tests.test_public_routers2 import _x
 from tests.test_public_routers6 import Layers, _Used, assert_exact
-from tests.test_public_routers9 import _pick
+from tests.test_public_routers9 import _assert_refused, _pick
 
 
 # ----------------------------------------------------------------------- GroveMoE: adjugate experts per group
@@ -163,3 +163,54 @@ def test_routes_of_another_batch_are_refused_and_those_of_the_batch_replay(case:
         assert len(used) == len(routers)
         for router, rows in zip(routers, used, strict=True):
             assert router.used is not None and torch.equal(router.used.long(), rows.long())
+
+
+# ----------------------------------------------------------------------- a capacity by score on some batches only
+class OverloadDropBlock(_Used):
+    """Capacity-aware token drop at inference (He et al. 2025, "Capacity-Aware Inference: Mitigating the Straggler
+    Effect in Mixture of Experts", arXiv 2503.05066): an overloaded expert keeps its ``capacity`` best tokens by
+    routing weight, the others' slot is dropped. Written as such code is to spare work: the drop runs only where it
+    has something to drop (``when="overloaded"``: an expert over its capacity; ``"large"``: a batch of more than 64
+    tokens, as a prefill), and one expert's tokens are ranked by a one-dimensional ``topk``; ``"large-cut"``: a
+    minimum weight instead, on such batches only. The block's first
+    batch (24 tokens, spread over the experts) takes neither branch."""
+
+    def __init__(self, when: str) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.capacity, self.when = E, 2, 20, when
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = _pick(self.gate(x).softmax(-1), self.forced, self.top_k)
+        keep = torch.ones_like(w, dtype=torch.bool)
+        if self.when == "large-cut" and x.shape[0] > 64:  # (a minimum weight, on large batches only)
+            keep = w > 0.15
+        overloaded = bool((torch.bincount(idx.flatten(), minlength=E) > self.capacity).any())
+        if overloaded if self.when == "overloaded" else self.when == "large" and x.shape[0] > 64:
+            for e in range(E):
+                tok, slot = (idx == e).nonzero(as_tuple=True)
+                if tok.numel() > self.capacity:
+                    kept = torch.zeros(tok.numel(), dtype=torch.bool)
+                    kept[torch.topk(w[tok, slot], self.capacity).indices] = True
+                    keep[tok[~kept], slot[~kept]] = False
+        self.used = idx
+        return dispatch(self.experts, x, idx, w * keep)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("when", ["overloaded", "large", "large-cut"])
+def test_a_capacity_by_score_taken_only_on_other_batches_than_the_first_is_refused(when: str) -> None:
+    """Once silent: a drop by score over a capacity (or a weight cut) that the first batch never reaches (no
+    expert overloaded, or too few tokens for the branch that enforces it) made no later choice there, so it was
+    never checked, and a later batch of 200 tokens that takes it made the same decision-like calls (its top-k over
+    one expert's tokens has one dimension): its rows named experts its tokens did not use, and a replay dropped
+    other slots, by the current weights. Now the decision is also held on one token repeated past any capacity at
+    its first forward: refused there, saying why, the model as it was."""
+    x = _x(24)
+    model = Layers(lambda: OverloadDropBlock(when))
+    first = model.layers[0]  # (the first batch takes no branch that drops: the case tries something)
+    with torch.no_grad():
+        idx = first.gate(x).softmax(-1).topk(2).indices
+    assert torch.bincount(idx.flatten(), minlength=E).max() <= first.capacity
+    _assert_refused(model, x, "chooses again from the current scores on more tokens than it was first run on")
