@@ -3766,7 +3766,7 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
     if first.choices:
         _refuse_scored_choice(name, probe, calls, force, first, ev)
     else:
-        _refuse_choice_on_more_tokens(name, probe, calls, ev)
+        _refuse_choice_on_more_tokens(name, probe, calls, force, ev)
     if drew:
         _refuse_drawn_choice(name, probe, calls, force, ev, seen.drawn)
 
@@ -3819,27 +3819,44 @@ def _refuse_scored_choice(
         )
 
 
-def _refuse_choice_on_more_tokens(name: str, probe: _Prober, calls: Sequence[Call], ev: Evidence) -> None:
+def _refuse_choice_on_more_tokens(
+    name: str, probe: _Prober, calls: Sequence[Call], force: dict[int, tuple[Any, int]], ev: Evidence
+) -> None:
     """The part of :func:`_refuse_later_choice` for a forward that makes no later choice on its real inputs.
 
     Its code may still choose after the decision on other batches: a branch on the token count (a capacity
-    enforced on large batches only), or one on a capacity the real tokens left unfilled (``if
-    counts.max() > capacity:``). Neither runs on the real inputs, and a later forward that takes it makes the
-    same decision-like calls (a top-k of one expert's weights over its tokens has one dimension), so nothing
-    would tell it there. So the decision is held on one of the tokens repeated ``_MANY_TOKENS`` times, which
-    sends every token to the same experts (any capacity below that count fills): later choices made there are
-    varied as on the real inputs (:func:`_vary`), and refused where they pick the experts. A branch taken only
-    on still more tokens is not run."""
+    enforced on large batches only), one on a capacity the real tokens left unfilled (``if counts.max() >
+    capacity:``), or one on a value read back to Python (``if float(w.min()) < eps:``). None runs on the real
+    inputs, and a later forward that takes it makes the same decision-like calls (a top-k of one expert's
+    weights over its tokens has one dimension), so nothing would tell it there. So the decision is held on one
+    of the tokens repeated ``_MANY_TOKENS`` times, which sends every token to the same experts (any capacity
+    below that count fills), and on the inputs of the real ones' shape four times as spread (sharper scores,
+    more lopsided weights): later choices made there are varied as on the real inputs (:func:`_vary`), and
+    refused where they pick the experts. A branch taken only on still more tokens, or on values none of these
+    reach, is not run."""
     where = _check_on_more_tokens(probe, calls, ev, one_token=True)
+    on = "on more tokens than it was first run on"
+    if where is None:
+        on = "on other inputs than it was first run on"
+        spread = list(_other_inputs(probe.args, probe.kwargs))[-2:]  # (the two four times as spread)
+        for args, kwargs in spread if _first_floating((probe.args, probe.kwargs)) is not None else ():
+            try:
+                _, first = probe.run(force=force, inputs=(args, kwargs))
+            except Exception:  # (a forward that fails on other inputs tells nothing either way)
+                continue
+            if first.choices:
+                where = _vary(probe, force, first, args, kwargs, ev, early=False)[1]
+                if where is not None:
+                    break
     if where is None:
         return
     raise _refuse(
         name,
         calls,
-        f"after its decision ({_chosen(ev)}) its forward chooses again from the current scores on more tokens "
-        f"than it was first run on: with the decision held, {where} changes when the scores change. A replay of "
-        "such a batch forces the decision but not that later choice (tokens dropped by score over a capacity, "
-        "a cut taken on large batches only), so the experts used would not be the recorded ones",
+        f"after its decision ({_chosen(ev)}) its forward chooses again from the current scores {on}: with the "
+        f"decision held, {where} changes when the scores change. A replay of such a batch forces the decision "
+        "but not that later choice (tokens dropped by score over a capacity, a cut taken on some batches only), "
+        "so the experts used would not be the recorded ones",
         "Make that choice part of the decision (mask the scores with masked_fill or torch.where before the "
         "top-k), or drop tokens and experts after it only by rules that neither read the scores nor draw from "
         "the random stream (position, a fixed capacity)",
