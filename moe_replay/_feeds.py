@@ -51,7 +51,9 @@ import operator
 import threading
 import types
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from itertools import compress, repeat
 from typing import Any, cast
 
 import torch
@@ -116,7 +118,11 @@ _MOVES_OF: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDic
 _ORDER_OF: weakref.WeakKeyDictionary[nn.Module, list[_Found]] = weakref.WeakKeyDictionary()
 #: the orders kept per model level (one per mode or layout its sessions ran under, the latest first)
 _ORDERS_KEPT = 4
-_CONSUMED = operator.attrgetter("host_consumed")  # (a replay source's rows read by the host)
+_CONSUMED = operator.attrgetter("host_consumed")
+_NUM_ROWS = operator.attrgetter("num_rows")  # (a replay source's rows)
+#: a record's or check's (``_inside``, ``_thread``): one fed a forward of this thread that runs now is inside it
+_INSIDE_THREAD = operator.attrgetter("_inside", "_thread")
+_get_ident = threading.get_ident  # (a replay source's rows read by the host)
 _COMPILED = operator.attrgetter("compiled")  # (a level that a compiled call entered)
 #: the names under which a forward is given its KV cache, read where it is a list of tensors per layer
 _CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
@@ -279,6 +285,10 @@ class FeedRecord:
         #: other tokens than before show a decode loop begun again from a copy of a prefix's cache (:attr:`interleaved`)
         self._switched: tuple[str, Any, Any] | None = None
         self._last: weakref.ref[Any] | None = None  # the KV cache given to the latest forward given one
+        #: the kinds (types) of the values the forward fed last was given, and the place among them of its one cache,
+        #: which is ``_last``'s: a forward given values of those kinds with ``_last`` there is read in brief (see
+        #: :meth:`_watch_caches`); None where that forward was given no cache, or several
+        self._same: tuple[tuple[type, ...], int] | None = None
         #: the tokens that cache held as that forward ended (an int; -1 where unknown or a static cache's count, which
         #: is on its device), and the tokens each watched cache held as this capture first watched it, by id: a cache
         #: the next forward is given holding fewer is a rollback between forwards, whatever took them out
@@ -323,6 +333,7 @@ class FeedRecord:
         #: several times per forward (one module at several layers, a loop of layers) has rows of each call, and
         #: :meth:`rows` gives each its forward's ids. None: one call per forward
         self.calls_made: Callable[[], tuple[int, ...]] | None = None
+        self._began: tuple[int, ...] | None = None  # (calls_made as the forward fed now began: FeedForward._enter)
 
     # ------------------------------------------------------------- recording
     def start(self, levels: Sequence[FeedForward]) -> Callable[[], None]:
@@ -381,8 +392,8 @@ class FeedRecord:
             self._given_before = self._given_before or given
             if self._notes_loops:
                 self._plain_given(plain)
-        elif self._notes_loops:
-            self._plain_given(None)
+        elif self._notes_loops:  # (_plain_given(None), inline: a cache object given, no plain tensors)
+            self._plain_out = self._plain_rows = self._plain_in = None
         if paired:
             count, ids, fed = -1, None, None
         elif count < 0:
@@ -390,12 +401,13 @@ class FeedRecord:
         if before and not given and self._notes_loops and count > 0:  # (its tokens start from no cached ones)
             self._fresh.append(("", None))
         untold = False
-        if order == MIXED and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and self.mixed is None:
-            self.mixed = _mixed_words(int(fed[0]), int(fed[1]))
-        if order == SEQUENCE_FIRST:
-            self.sequence_first = True
-        elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and order != BATCH_MAJOR:
-            self.untold = untold = True  # (embeddings whose order was not told, or told as neither)
+        if order != BATCH_MAJOR:
+            if order == MIXED and fed is not None and min(int(fed[0]), int(fed[1])) > 1 and self.mixed is None:
+                self.mixed = _mixed_words(int(fed[0]), int(fed[1]))
+            if order == SEQUENCE_FIRST:
+                self.sequence_first = True
+            elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1:
+                self.untold = untold = True  # (embeddings whose order was not told, or told as neither)
         if self._keep_inputs:
             self._keep(count, ids, fed, kwargs, BATCH_MAJOR if order == UNTOLD else order, untold)  # (read as before)
         if self._rollback is not None:  # (a forward after tokens were taken out of a cache: its rows follow theirs)
@@ -589,8 +601,21 @@ class FeedRecord:
     def _watch_caches(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Watch the row moves of a cache among the inputs of a forward, and note a cache given again after another,
         or a new one; return whether the forward was given a cache."""
+        values = (*args, *kwargs.values())
+        kinds = tuple(map(type, values))
+        same = self._same
+        if same is not None and same[0] == kinds:  # (a decode step given what the forward before was)
+            value = values[same[1]]
+            if self._last is not None and value is self._last():
+                # the cache given to the forward before, at its place, the other values of the kinds they were (none
+                # of a kind that has a method of ROW_MOVES): the loop below, in brief
+                if self._held_after > 0 and self._notes_loops:
+                    self._taken_between(value)
+                self._given_before = True
+                return True
         given = False
-        for value in (*args, *kwargs.values()):  # the cache, at any place or name (cache, past_key_values...)
+        caches = 0  # (values of a kind that has a method of ROW_MOVES)
+        for value in values:  # the cache, at any place or name (cache, past_key_values...)
             kind = type(value)
             if kind in _PLAIN:
                 continue
@@ -601,6 +626,7 @@ class FeedRecord:
                     moves += tuple(name for name in SHRINKS if callable(getattr(kind, name, None)))
                 _MOVES_OF[kind] = moves
             if moves:
+                caches += 1
                 seen = self._caches.get(id(value))
                 again = seen is not None and seen[0]() is value
                 if not again:
@@ -629,6 +655,11 @@ class FeedRecord:
                         if id(value) in self._caches:
                             self._last = self._caches[id(value)][0]
         self._given_before = self._given_before or given
+        # (where it was given one cache, now this record's latest, the next forward given values of the same kinds
+        # with that cache at the same place takes the brief way above)
+        last = self._last() if caches == 1 and self._last is not None else None
+        at = next((i for i, v in enumerate(values) if v is last), None) if last is not None else None
+        self._same = (kinds, at) if at is not None else None
         return given
 
     def _keep(
@@ -651,35 +682,35 @@ class FeedRecord:
         kept = None  # (ids carry no autograd history)
         if ids is not None:
             kept = ids.clone() if order is BATCH_MAJOR else in_router_order(ids, order).clone()
-        mask = kwargs.get("attention_mask")
+        mask = None
         own = False  # (a [batch, positions] mask of its own, kept: the tokens its routers see where it unpads)
-        if (  # [batch, positions] fed, several per sequence: a prompt forward (or a training one)
-            fed is not None
-            and fed[1] > 1
-            and isinstance(mask, torch.Tensor)
-            and mask.dim() == 2
-            and mask.shape[0] == fed[0]
-            and mask.shape[1] >= fed[1]
-        ):
-            width = fed[1]
-            # a float mask is kept as it is: 0/1 or additive is read when the rows are (no host sync here)
-            mask = mask[:, -width:].clone() if mask.is_floating_point() else mask[:, -width:] != 0
-            if order is not BATCH_MAJOR:
-                mask = in_router_order(mask, order)
-            own = True
-        elif fed is not None and fed[1] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            mask = _tokens_of_4d(mask, fed[0], fed[1])  # (a static cache's: [batch, heads, queries, keys])
-            if mask is not None and order is not BATCH_MAJOR:
-                mask = in_router_order(mask, order)
-        else:
-            mask = None
-        forward = _Forward(count, kept, mask, None if self.calls_made is None else self.calls_made())
-        forward.unpadded = own and order == UNPADDED
-        forward.width = int(fed[1]) if own and fed is not None else None
-        forward.either = own and not forward.unpadded and order == BATCH_MAJOR and fed is not None and int(fed[0]) == 1
+        if fed is not None and fed[1] > 1:  # [batch, positions] fed, several per sequence: a prompt forward (or a
+            given = kwargs.get("attention_mask")  # training one); a decode step keeps no mask
+            if (
+                isinstance(given, torch.Tensor)
+                and given.dim() == 2
+                and given.shape[0] == fed[0]
+                and given.shape[1] >= fed[1]
+            ):
+                width = fed[1]
+                # a float mask is kept as it is: 0/1 or additive is read when the rows are (no host sync here)
+                mask = given[:, -width:].clone() if given.is_floating_point() else given[:, -width:] != 0
+                if order is not BATCH_MAJOR:
+                    mask = in_router_order(mask, order)
+                own = True
+            elif isinstance(given, torch.Tensor) and given.dim() == 4:
+                mask = _tokens_of_4d(given, fed[0], fed[1])  # (a static cache's: [batch, heads, queries, keys])
+                if mask is not None and order is not BATCH_MAJOR:
+                    mask = in_router_order(mask, order)
+        forward = _Forward(count, kept, mask, self._began)
+        if own and fed is not None:  # (else as made: not unpadded, no width, not either)
+            forward.unpadded = unpadded = order == UNPADDED
+            forward.width = int(fed[1])
+            forward.either = not unpadded and order == BATCH_MAJOR and int(fed[0]) == 1
         if order == SEQUENCE_FIRST and fed is not None:  # (ids or embeddings: each row's place in the tokens' order)
             forward.shape = (int(fed[0]), int(fed[1]))
-        forward.untold = untold
+        if untold:
+            forward.untold = True
         self.forwards.append(forward)
         self._kept_now = forward
 
@@ -731,7 +762,7 @@ class FeedRecord:
                     else:
                         own[name] = before
         self._caches.clear()
-        self._last = None
+        self._last = self._same = None
         self._left = {key: left for key, left in self._left.items() if left[0]() is not None}
         self._copies = {key: made for key, made in self._copies.items() if made[0]() is not None}
         self._starts.clear()
@@ -1386,14 +1417,18 @@ class FeedCheck:
             kept = self._either(ids, kwargs.get("attention_mask"), start)  # (one sequence: see _either)
         if kept is not None:  # (its routers see only the tokens its mask keeps: one row each)
             ids, count = kept, kept.numel()
-        for src in self._sources:  # the rows this forward may read
-            src.cleared = min(src.num_rows, start + count)
+        # the rows this forward may read: src.cleared = min(src.num_rows, start + count) for each (in C: it runs at
+        # every forward, for every router)
+        sources = self._sources
+        deque(map(setattr, sources, repeat("cleared"), map(min, map(_NUM_ROWS, sources), repeat(start + count))), 0)
         self._current = (count, None)
         if ids is None or not compared:
             return True
         if order == SEQUENCE_FIRST:
             self.sequence_first = True
-        flat = in_router_order(ids.detach(), order).reshape(-1)
+            flat = in_router_order(ids, order).reshape(-1)
+        else:  # (in_router_order's, inline; integer ids carry no autograd history: nothing to detach)
+            flat = ids.reshape(-1)
         self._current = (count, flat)
         tokens = None  # which of them it feeds as tokens of a sequence, where rows recorded at padding are read
         if self.padding is not None and bool(self.padding[start : start + count].any()):
@@ -1479,7 +1514,9 @@ class FeedCheck:
         """Compare the ids ``flat`` of this forward (and ``tokens``, which of them it feeds as tokens) with the rows
         from ``start`` on: now where they are on the host (and the first time they are on a device: one host
         sync), else when the block ends."""
-        flat = flat[: max(self.want.numel() - start, 0)]  # (past the end: the routers refuse)
+        room = self.want.numel() - start
+        if flat.numel() > room:
+            flat = flat[: max(room, 0)]  # (past the end: the routers refuse)
         if not flat.numel():
             return
         if flat.is_meta:
@@ -1557,6 +1594,9 @@ class FeedCheck:
             want = self.want[start : start + ids.numel()]
             padding = None if self.padding is None else self.padding[start : start + ids.numel()]
         got = ids.to("cpu", torch.long)
+        if want.dtype == torch.long and torch.equal(got, want):  # (every id that of its row: none bad, in one op)
+            self._compare_padding(forward, start, got, tokens, padding)
+            return
         bad = (want >= 0) & (got != want)
         if not bool(bad.any()):
             self._compare_padding(forward, start, got, tokens, padding)
@@ -2182,12 +2222,9 @@ def _returned_cache(out: Any) -> list[Any] | tuple[Any, ...] | None:
 def _count_now(cache: Any) -> int:
     """The tokens a KV cache holds now where it counts them on the host (``get_seq_length()`` an int), else -1: read at
     every forward, so never a static cache's device count (no copy, no kernel)."""
-    count = getattr(type(cache), "get_seq_length", None)
-    if not callable(count):
-        return -1
-    try:
-        held = count(cache)
-    except Exception:  # (a cache of one's own whose count fails: it says nothing)
+    try:  # (none, one that is no method, or a cache of one's own whose count fails: it says nothing)
+        held = type(cache).get_seq_length(cache)
+    except Exception:
         return -1
     return held if type(held) is int else -1
 
@@ -3373,11 +3410,13 @@ class FeedForward:
 
     def _fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A forward in eager code: fed to the records and checks watching it, where some are, then run."""
-        if self.records:
-            me = threading.get_ident()
+        records = self.records
+        if records:
+            me = _get_ident()
             if ORDER_PROBE.thread == me and ORDER_PROBE.check is None:  # (a probe's forward: no block's)
                 return self._run(args, kwargs)
-            entered = [r for r in self.records if not r._inside and r._thread == me]
+            # (those not inside a forward already fed to them, of this thread: in C, no frame per record)
+            entered = list(compress(records, map((False, me).__eq__, map(_INSIDE_THREAD, records))))
             if entered:  # (none inside a forward already fed to them: the modules it enters are the same forward)
                 return self._enter(entered, args, kwargs)
         return self._run(args, kwargs)
@@ -3406,7 +3445,10 @@ class FeedForward:
         """An eager forward's inputs fed to the records and checks ``entered`` (its token order told first, where
         not yet): those it is taken by (see :meth:`FeedCheck.fed`), and the records with their routers' calls as it
         began."""
-        fed_args, fed_kwargs, name = self._by_first_name(args, kwargs)  # (what the records read, the runs run)
+        if args or self.ids_name is None:  # (_by_first_name's first test, inline: given its ids by position)
+            fed_args, fed_kwargs, name = args, kwargs, None
+        else:  # (what the records read, the runs run)
+            fed_args, fed_kwargs, name = self._by_first_name(args, kwargs)
         # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
         named, at, place = fed_kwargs, self.mask_at, self.mask_from
         if place is not None or (at is not None and len(fed_args) > at and "attention_mask" not in fed_kwargs):
@@ -3414,12 +3456,18 @@ class FeedForward:
         order = self._order(entered, fed_args, named, fed_kwargs, name)
         if self.mask_from is not place:  # (a mask found elsewhere by the runs at this forward, or no longer)
             named = self._named(fed_args, fed_kwargs)
-        # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
-        watching = [
-            (r, r.calls_made() if r.calls_made is not None else None) for r in entered if isinstance(r, FeedRecord)
-        ]
-        # (fed no token count, it is left to the levels it enters below: they may see its tokens)
-        entered = [r for r in entered if r.fed(fed_args, named, self.paired, order)]
+        watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
+        taken: list[FeedRecord | FeedCheck] = []
+        paired = self.paired
+        for r in entered:
+            if isinstance(r, FeedRecord):  # (its routers' calls as the forward begins, read once: see _keep)
+                r._began = made = r.calls_made() if r.calls_made is not None else None
+                # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
+                watching.append((r, made))
+            # (fed no token count, it is left to the levels it enters below: they may see its tokens)
+            if r.fed(fed_args, named, paired, order):
+                taken.append(r)
+        entered = taken
         if self.unpads and order == BATCH_MAJOR:  # (its later routers that see only the tokens its mask keeps)
             later = [self.scopes[i] for i in self.unpads if i < len(self.scopes)]
             for r in entered:
@@ -3434,9 +3482,10 @@ class FeedForward:
             return self._compiled(args, kwargs)
         # (the records, and their routers' calls as the forward began)
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
+        below = self.below
         for r in entered:  # (the routers this forward can reach: one model's of a holder, or every one)
             if isinstance(r, FeedCheck):
-                r.reach = self.below
+                r.reach = below
         if _unseen():
             # (nothing baked into a graph's every replay or a traced program; under vmap no row is one token)
             for r in entered:
