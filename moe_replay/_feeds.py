@@ -48,6 +48,7 @@ import copy
 import functools
 import inspect
 import operator
+import sys
 import threading
 import types
 import weakref
@@ -122,7 +123,9 @@ _CONSUMED = operator.attrgetter("host_consumed")
 _NUM_ROWS = operator.attrgetter("num_rows")  # (a replay source's rows)
 #: a record's or check's (``_inside``, ``_thread``): one fed a forward of this thread that runs now is inside it
 _INSIDE_THREAD = operator.attrgetter("_inside", "_thread")
-_get_ident = threading.get_ident  # (a replay source's rows read by the host)
+_get_ident = threading.get_ident
+_MODULES = sys.modules
+_GETITEM = operator.getitem  # (a replay source's rows read by the host)
 _COMPILED = operator.attrgetter("compiled")  # (a level that a compiled call entered)
 #: the names under which a forward is given its KV cache, read where it is a list of tensors per layer
 _CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
@@ -166,20 +169,27 @@ _SEQUENCE_FIRST_HINT = (
 class _Forward:
     """What one forward of the model was fed."""
 
-    __slots__ = (
-        "calls",
-        "count",
-        "either",
-        "end",
-        "grid",
-        "ids",
-        "later",
-        "mask",
-        "shape",
-        "unpadded",
-        "untold",
-        "width",
-    )
+    # (what every forward sets; the rest is read from the class where a forward sets none, as a decode step: its
+    # instance dict is made only where one does)
+    __slots__ = ("__dict__", "calls", "count", "end", "ids", "mask")
+    #: the [batch, positions] of ids whose tokens its routers saw sequence-first (ids and mask kept in that order), or
+    #: None: they saw them in the order of the ids
+    shape: tuple[int, int] | None = None
+    #: fed embeddings of several sequences whose order its routers saw them in was not told (see ``ranks``)
+    untold = False
+    #: its routers saw only the tokens its kept ``mask`` marks (:data:`UNPADDED`): its ``count``, ``ids`` and ``mask``
+    #: are those of the tokens it was fed until :meth:`unpad` (read with the routes: no host sync here)
+    unpadded = False
+    #: one sequence with padding, at a level not told :data:`UNPADDED`: its routers saw its tokens as fed or only those
+    #: its mask keeps (in the same order either way), told by the rows they were called on (``_calls``)
+    either = False
+    #: after :meth:`unpad`: the ``[batch, positions]`` mask of the tokens its routers saw (on the host), which its
+    #: ``mask`` no longer holds (split_generation lays the rows of such a prompt forward over it)
+    grid: torch.Tensor | None = None
+    width: int | None = None  # (the positions of the [batch, positions] it was fed, where it may unpad)
+    #: the routers (by index) that saw only the tokens its mask keeps where the first saw every position: their rows
+    #: are those of :meth:`view`
+    later: frozenset[int] = frozenset()
 
     def __init__(
         self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: tuple[int, ...] | None = None
@@ -190,24 +200,6 @@ class _Forward:
         #: each router's calls recorded before this forward (FeedRecord.calls_made), None where unknown
         self.calls = calls
         self.end: tuple[int, ...] | None = None  # and when it ended, None where unknown
-        #: the [batch, positions] of ids whose tokens its routers saw sequence-first (ids and mask kept in that
-        #: order), or None: they saw them in the order of the ids
-        self.shape: tuple[int, int] | None = None
-        #: fed embeddings of several sequences whose order its routers saw them in was not told (see ``ranks``)
-        self.untold = False
-        #: its routers saw only the tokens its kept ``mask`` marks (:data:`UNPADDED`): its ``count``, ``ids`` and
-        #: ``mask`` are those of the tokens it was fed until :meth:`unpad` (read with the routes: no host sync here)
-        self.unpadded = False
-        #: one sequence with padding, at a level not told :data:`UNPADDED`: its routers saw its tokens as fed or only
-        #: those its mask keeps (in the same order either way), told by the rows they were called on (``_calls``)
-        self.either = False
-        #: after :meth:`unpad`: the ``[batch, positions]`` mask of the tokens its routers saw (on the host), which its
-        #: ``mask`` no longer holds (split_generation lays the rows of such a prompt forward over it)
-        self.grid: torch.Tensor | None = None
-        self.width: int | None = None  # (the positions of the [batch, positions] it was fed, where it may unpad)
-        #: the routers (by index) that saw only the tokens its mask keeps where the first saw every position: their
-        #: rows are those of :meth:`view`
-        self.later: frozenset[int] = frozenset()
 
     def view(self, router: int) -> _Forward:
         """This forward as router ``router`` saw it: itself, or, for a router of ``later``, one of only the tokens its
@@ -1411,9 +1403,10 @@ class FeedCheck:
             return True
         kept = None
         compared = ids is not None and (self.device_ids or ids.device.type == "cpu")
-        if ids is not None and compared and order == UNPADDED:
-            kept = _unpad_fed(ids, kwargs.get("attention_mask"))
-        elif ids is not None and compared and order == BATCH_MAJOR and shape is not None and shape[0] == 1:
+        if ids is not None and compared and order != BATCH_MAJOR:
+            if order == UNPADDED:
+                kept = _unpad_fed(ids, kwargs.get("attention_mask"))
+        elif ids is not None and compared and shape is not None and shape[0] == 1:
             kept = self._either(ids, kwargs.get("attention_mask"), start)  # (one sequence: see _either)
         if kept is not None:  # (its routers see only the tokens its mask keeps: one row each)
             ids, count = kept, kept.numel()
@@ -2082,8 +2075,10 @@ def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, torch.T
     """What a forward of the model was fed: its token count (-1 where unknown), its ids (None where it was
     fed embeddings), and its ``[batch, positions]`` shape where it has one."""
     ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
-    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() > 0:
-        return ids.numel(), ids, ids.shape if ids.dim() == 2 else None
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+        shape = ids.shape
+        if shape:  # (not 0-d)
+            return ids.numel(), ids, shape if len(shape) == 2 else None
     embeds = kwargs.get("inputs_embeds")
     count = int(embeds.shape[:-1].numel()) if isinstance(embeds, torch.Tensor) and embeds.dim() > 1 else -1
     return count, None, embeds.shape[:2] if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 else None
@@ -3371,11 +3366,15 @@ class FeedForward:
         if _compiling():
             return self._compiled(args, kwargs)
         watched = None
+        me = _get_ident()
         for owner in self.owners:
             if owner.abandoned:  # (a block made and dropped without `with`: the caller believes it open)
                 owner.refuse_abandoned()
             if owner.blocks:  # (not a forward of another asyncio task while the block's awaits)
-                owner.admit_forward(self.module)  # (named only where it refuses)
+                # (_Owner.admit_forward's first tests, inline: another thread's forward, or no event loop here)
+                aio = _MODULES.get("asyncio")
+                if owner.ident == me and aio is not None and aio._get_running_loop() is not None:
+                    owner.admit_forward(self.module)  # (named only where it refuses)
                 stamp = owner.stamp  # (_Owner.moved, inline: a hook or a method changed on the way to the routers
                 if stamp is not None:  # since the block's first forward passed the watch, or on their classes)
                     try:
@@ -3384,7 +3383,7 @@ class FeedForward:
                             *map(len, owner.way),
                             *map(type, owner.mods),
                             *owner.classes,
-                            *map(operator.getitem, owner.places, owner.keys),
+                            *map(_GETITEM, owner.places, owner.keys),
                         ] != stamp
                     except Exception:  # (a value gone from its place, or one whose == raises: it changed)
                         moved = True
@@ -3392,7 +3391,17 @@ class FeedForward:
                         watched = owner.recheck(args, kwargs) or watched
         if watched is not None:
             return watched(lambda: self._fed(args, kwargs))
-        return self._fed(args, kwargs)
+        records = self.records  # (_fed, then _run, inline: they run at every forward of every level)
+        if records:
+            if ORDER_PROBE.thread == me and ORDER_PROBE.check is None:  # (a probe's forward: no block's)
+                return self._run(args, kwargs)
+            entered = list(compress(records, map((False, me).__eq__, map(_INSIDE_THREAD, records))))
+            if entered:
+                return self._enter(entered, args, kwargs)
+        before = self.before
+        if before is not None:
+            return before(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)  # (a later patch of the class is followed)
 
     def _compiled(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A forward that dynamo compiles (traced once: its graph runs for every call it guards)."""
@@ -3551,7 +3560,7 @@ class FeedForward:
         forward was given with its attention mask by name, ``given`` those it was given (the mask by position).
         ``ids_name``: the forward was given its ids by that name, here ``args[0]``: the runs give them by it."""
         order = self.order
-        checked = order is not None and all(r in self._checked for r in entered)
+        checked = order is not None and all(map(self._checked.__contains__, entered))
         if order is not None and checked and not self._padless and not self._tied:
             return order
         shape = _inputs(args, kwargs)[2]

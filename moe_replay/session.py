@@ -174,7 +174,7 @@ def _device_of(module: nn.Module) -> torch.device:
     return device
 
 
-_READ_BY_DEVICE = operator.attrgetter("read_by_device")
+_READ_BY_DEVICE = operator.attrgetter("_by_device")  # (ReplaySource.read_by_device's own: no frame per router)
 _HOST_CONSUMED = operator.attrgetter("host_consumed")
 _HOOKS = _torch_compat.HOOK_HANDLES
 
