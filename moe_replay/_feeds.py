@@ -502,7 +502,14 @@ class FeedRecord:
             self.forwards[-1].end = self.calls_made()
         if self._notes_loops:
             cache = self._last() if self._last is not None else None
-            self._held_after = _count_now(cache) if cache is not None else -1
+            if cache is None:
+                self._held_after = -1
+                return
+            try:  # (_count_now, inline: it runs at every forward)
+                held = type(cache).get_seq_length(cache)
+            except Exception:
+                held = -1
+            self._held_after = held if type(held) is int else -1
 
     @property
     def rolled_back(self) -> str | None:
@@ -540,8 +547,11 @@ class FeedRecord:
         ended is a rollback, whatever took them out (a layer's own ``crop``, the class's method called on it, its
         tensors sliced back). Counts that only grow (a sliding window's, a linear-attention layer's) never read as
         one; a static cache's count, on its device, is not read per step."""
-        held = _count_now(cache)
-        if 0 <= held < self._held_after:
+        try:  # (_count_now, inline: it runs at every forward given the cache again)
+            held = type(cache).get_seq_length(cache)
+        except Exception:
+            return
+        if type(held) is int and 0 <= held < self._held_after:
             start = self._starts.get(id(cache), -1)
             self._shrunk(f"{type(cache).__name__} {HELD_FEWER}", start, self._held_after, held)
 
