@@ -3398,7 +3398,10 @@ class FeedForward:
                     except Exception:  # (a value gone from its place, or one whose == raises: it changed)
                         moved = True
                     if moved:  # (watched again)
-                        watched = owner.recheck(args, kwargs) or watched
+                        recheck = owner.recheck
+                        if compile_region():  # (eager code inside a compiled call: dynamo would compile each of the
+                            recheck = torch.compiler.disable(recheck)  # checks' functions as a frame of its own)
+                        watched = recheck(args, kwargs) or watched
         if watched is not None:
             return watched(lambda: self._fed(args, kwargs))
         records = self.records  # (_fed, then _run, inline: they run at every forward of every level)
