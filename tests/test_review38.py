@@ -309,16 +309,30 @@ def test_rows_of_sequences_a_layer_reorders_past_the_first_in_a_fixed_order_keep
     session.detach()
 
 
+_ON_A_GPU = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.xfail(
+        strict=True,
+        reason="a mask on a device is not read at a later forward of the block (no host sync): the order told at "
+        "sequences of one length is not told again where the lengths differ",
+    ),
+]
+
+
 @pytest.mark.reliability("silent replays")
-def test_rows_of_a_forward_that_sorts_after_one_of_even_lengths_are_not_labelled_with_the_ids_as_fed() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_ON_A_GPU)])
+def test_rows_of_a_forward_that_sorts_after_one_of_even_lengths_are_not_labelled_with_the_ids_as_fed(
+    device: str,
+) -> None:
     """Once silent: the block's first forward holds two sequences of 6 tokens each (padded: a sort by length leaves
     them in place, and so does the rolled batch), the second sequences of 6 and 8 (sorted: sequence 1 first), and the
     order told at the first was kept: the second's rows cut for sequence 0 were sequence 1's. An order told where the
     sequences held as many tokens is told again at a forward whose counts differ: refused (or exact)."""
     torch.manual_seed(0)
-    model = _SortsByLength()
-    ids, second = _padded_batch()
-    first = torch.ones(2, 8, dtype=torch.long)
+    model = _SortsByLength().to(device)
+    ids, second = (t.to(device) for t in _padded_batch())
+    first = torch.ones(2, 8, dtype=torch.long, device=device)
     first[:, 6:] = 0
     session = mr.attach(model, include="layers.*.gate")
     with torch.no_grad():
