@@ -87,8 +87,12 @@ def paired_ratios(
     steps: int,
     run_variant: Callable[[], Any],
     run_plain: Callable[[], Any],
+    plain_times: list[float] | None = None,
 ) -> list[float]:
-    """``steps`` pairs, the variant first in every other pair: the variant's time over the plain time of each."""
+    """``steps`` pairs, the variant first in every other pair: the variant's time over the plain time of each.
+
+    ``plain_times``, if given, gets the plain run's seconds of each pair (what a ratio's points are worth).
+    """
     out = []
     for i in range(steps):
         if i % 2 == 0:
@@ -98,6 +102,8 @@ def paired_ratios(
             b = _time(device, run_plain)
             a = _time(device, run_variant)
         out.append(a / b)
+        if plain_times is not None:
+            plain_times.append(b)
     return out
 
 
@@ -239,6 +245,7 @@ def bench_decode(models: list[nn.Module], info: dict[str, Any], device: torch.de
     out: dict[str, Any] = {}
     for name in args.variants:
         ratios: list[float] = []
+        plain_times: list[float] = []
         for v in (0, 1):  # which copy runs the variant
             wv, wp = work[v], work[1 - v]
             with torch.no_grad():
@@ -252,7 +259,7 @@ def bench_decode(models: list[nn.Module], info: dict[str, Any], device: torch.de
                             n = min(_CHUNK, args.steps - done)
                             wv.prepare(n)
                             wp.prepare(n)
-                            ratios += paired_ratios(device, n, wv.forward, wp.forward)
+                            ratios += paired_ratios(device, n, wv.forward, wp.forward, plain_times)
                 except Exception as e:  # the recipe fits (logits, weights, indices) routers only
                     if not name.startswith("recipe"):
                         raise
@@ -261,7 +268,7 @@ def bench_decode(models: list[nn.Module], info: dict[str, Any], device: torch.de
             if not fits:
                 break
         if ratios:
-            out[name] = _summary(ratios)
+            out[name] = _summary(ratios, plain_times)
         print(f"  decode {name}: {out[name]}", file=sys.stderr, flush=True)
     return out
 
@@ -282,6 +289,7 @@ def bench_generate(models: list[nn.Module], device: torch.device, args: argparse
     out: dict[str, Any] = {}
     for name in ("capture", "recipe_capture"):
         ratios: list[float] = []
+        plain_times: list[float] = []
         for v in (0, 1):
             mv, mp = models[v], models[1 - v]
 
@@ -297,7 +305,7 @@ def bench_generate(models: list[nn.Module], device: torch.device, args: argparse
                             return m.generate(ids, **kwargs)
 
                     plain()
-                    ratios += paired_ratios(device, args.generate_pairs, variant, plain)
+                    ratios += paired_ratios(device, args.generate_pairs, variant, plain, plain_times)
             else:
                 recipe = RecipeRouting(routers_of(mv)).install(record=True)
                 try:
@@ -307,20 +315,21 @@ def bench_generate(models: list[nn.Module], device: torch.device, args: argparse
                         return m.generate(ids, **kwargs)
 
                     plain()
-                    ratios += paired_ratios(device, args.generate_pairs, variant, plain)
+                    ratios += paired_ratios(device, args.generate_pairs, variant, plain, plain_times)
                 finally:
                     recipe.uninstall()
-        out[name] = _summary(ratios)
+        out[name] = _summary(ratios, plain_times)
         print(f"  generate {name}: {out[name]}", file=sys.stderr, flush=True)
     return out
 
 
-def _summary(ratios: list[float]) -> dict[str, Any]:
+def _summary(ratios: list[float], plain_times: list[float]) -> dict[str, Any]:
     return {
         "ratio": statistics.median(ratios),
         "q1": _quantile(ratios, 0.25),
         "q3": _quantile(ratios, 0.75),
         "pairs": len(ratios),
+        "plain_ms": 1000 * statistics.median(plain_times),
     }
 
 
