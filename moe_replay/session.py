@@ -2930,7 +2930,9 @@ def _fewer_untold(
                 "routers by a mask the capture could not find among the forward's inputs, or at a forward whose "
                 "token order could not be told: one sequence, a cache that holds tokens, several processes), in an "
                 "order not told; pass the model its mask as attention_mask (1 at each token, 0 at padding), and "
-                "capture a forward of several padded sequences first"
+                "capture a forward of several padded sequences first. Or the module the session is attached to "
+                "changed the ids before the model it calls (a wrapper that cuts the last token for next-token "
+                "inputs): attach the session to that model, whose ids are the ones its routers see"
             )
     return None
 

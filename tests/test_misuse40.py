@@ -92,6 +92,24 @@ def test_a_session_on_a_wrapper_that_changes_the_ids_replays_exactly_and_refuses
         _replays_exactly_and_refuses_another_batch(session, wrapper, model)
 
 
+@pytest.mark.reliability("wrappers")
+def test_the_refusal_of_a_wrapper_that_cuts_the_last_token_names_the_attach_that_replays_it() -> None:
+    """Goes with the known gap above: the refusal of the wrapper's own batch named padding and masks alone, none of
+    which the batch has. It names the model the wrapper calls too, and that session replays the batch exactly."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    wrapper = _Changing(model, "last token cut")
+    x = _batch(0)
+    with mr.attach(wrapper) as session:
+        with session.capture(), torch.no_grad():
+            wrapper(x)
+        routes = session.routes()
+        with pytest.raises(mr.TokenMismatchError, match="changed the ids before the model it calls.*attach"):
+            with session.replay(routes), torch.no_grad():
+                wrapper(x)
+    with mr.attach(model) as session:  # (as the message says)
+        _replays_exactly_and_refuses_another_batch(session, wrapper, model)
+
+
 class _FedADict(nn.Module):
     """A model of one's own whose forward takes its batch as one dict (as a data loader hands it over) and embeds the
     batch's ``input_ids`` itself: no module between it and its routers is fed the ids."""
