@@ -37,11 +37,13 @@ class _Changing(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> object:
         if self.change == "last token cut":  # the inputs of next-token prediction
             return self.inner(input_ids[:, :-1])
+        if self.change == "sequences reversed":  # (as a sort by length may order them)
+            return self.inner(input_ids.flip(0))
         bos = torch.full((input_ids.shape[0], 1), BOS, dtype=input_ids.dtype)
         return self.inner(torch.cat([bos, input_ids], dim=1))
 
 
-CHANGES = ["last token cut", "bos put first"]
+CHANGES = ["last token cut", "bos put first", "sequences reversed"]
 
 
 def _replays_exactly_and_refuses_another_batch(session: mr.Session, run: nn.Module, model: nn.Module) -> None:
@@ -80,7 +82,8 @@ def test_a_session_on_the_model_a_wrapper_feeds_changed_ids_replays_exactly_and_
     reason="a forward is taken by the outermost level fed ids: a wrapper that cuts the last token has 16 ids for the "
     "routers' 14 rows, and a replay of its own batch is refused with advice about padding (a false refusal); one "
     "that puts a BOS first has 16 ids for 18 rows, read as a stream of the routers' own: the routes keep no ids and "
-    "the batch with its sequences swapped is forced unchecked (silent)",
+    "the batch with its sequences swapped is forced unchecked (silent); one that reverses the sequences is refused "
+    "as a layer that regroups them (a false refusal)",
 )
 @pytest.mark.parametrize("change", CHANGES)
 def test_a_session_on_a_wrapper_that_changes_the_ids_replays_exactly_and_refuses_another_batch(change: str) -> None:
