@@ -267,7 +267,7 @@ class OutputGuard:
         remaps = self.remaps
         if remaps is not None and bool(remaps):
             remaps.zero_()
-            ran = [_hook_name(h) for h in module._forward_hooks.values() if not is_guard(h)]
+            ran = [_hook_name(h) for h in module._forward_hooks.values() if _theirs(h)]
             raise UnsupportedRouterError(
                 _remap_message(self.name, _culprits(ran, module.__dict__.get("forward")))
                 + ". (Found in compiled code, which cannot stop at the forward: this block's forwards dispatched "
@@ -276,7 +276,7 @@ class OutputGuard:
         cuts = self.cuts
         if cuts is not None and bool(cuts):
             cuts.zero_()
-            ran = [_hook_name(h) for h in module._forward_hooks.values() if not is_guard(h)]
+            ran = [_hook_name(h) for h in module._forward_hooks.values() if _theirs(h)]
             raise UnsupportedRouterError(
                 _cut_message(self.name, _culprits(ran, module.__dict__.get("forward")))
                 + ". (Found in compiled code, which cannot stop at the forward: this block's forwards used "
@@ -312,7 +312,7 @@ class OutputGuard:
         else:
             expected, self.expected = self.expected, None
             floats, self.floats = self.floats, []
-            ran = [_hook_name(h) for h in module._forward_hooks.values() if not is_guard(h)]
+            ran = [_hook_name(h) for h in module._forward_hooks.values() if _theirs(h)]
             culprits = _culprits(ran, module.__dict__.get("forward"))
             if expected is not None and floats and _new_zeros(output, floats):
                 raise UnsupportedRouterError(_cut_message(self.name, culprits))
@@ -355,15 +355,21 @@ def is_guard(h: Any) -> bool:
     return isinstance(h, OutputGuard | _Enter)
 
 
+def _theirs(h: Any) -> bool:
+    """Is ``h``, a module's forward hook, someone else's: neither a guard's nor one marked by :func:`own_hook` (the
+    watch of the user's hooks inside an outer router's scope, see :mod:`moe_replay._inner_hooks`)?"""
+    return not is_guard(h) and not getattr(h, "__moe_replay_own__", False)
+
+
 def own_hook(fn: Any) -> Any:
-    """Mark ``fn``, a global module hook of moe_replay's own (the watch for unfound routers), as one that leaves
-    what a module returned as it was: no guard is needed for it."""
+    """Mark ``fn``, a module hook of moe_replay's own (the watch for unfound routers, a global one; the watch of the
+    user's hooks inside a scope), as one that leaves what a module returned as it was: no guard is needed for it."""
     fn.__moe_replay_own__ = True
     return fn
 
 
 def runs_foreign_hooks(module: nn.Module) -> bool:
     """Do forward hooks other than moe_replay's own run after ``module``'s forward (its own, or global ones)?"""
-    return any(not is_guard(h) for h in module._forward_hooks.values()) or any(
+    return any(map(_theirs, module._forward_hooks.values())) or any(
         not getattr(h, "__moe_replay_own__", False) for h in _GLOBAL_HOOKS.values()
     )

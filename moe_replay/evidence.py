@@ -323,6 +323,9 @@ class Evidence:
         chunk_dims: the dimensions of the hidden states the chunks were proven on (0 where not in chunks): a forward
             of as many calls on hidden states of as many dimensions makes its chunks as that one did; others are
             proven again.
+        hooks_aside: it was established with the user's forward hooks of the scope's submodules set aside (see
+            :data:`HOOKS_NEEDED`): they were shown to change nothing on the forward that established it alone, so
+            each later forward checks that they hand on what they are given (see :mod:`moe_replay._inner_hooks`).
     """
 
     calls: tuple[Call, ...]
@@ -336,6 +339,7 @@ class Evidence:
     squashed: bool | None = None
     chunks: bool = False
     chunk_dims: int = 0
+    hooks_aside: bool = False
 
     @property
     def count(self) -> int:
@@ -2249,6 +2253,8 @@ def _established_with(
                 probe.snapshot.restore()
     except _Communicates as e:
         raise _communicates(name, scope, e.args[0]) from None
+    if not probe.snapshot.hooks_in and user_hooks_inside(scope):  # (each later forward watches them: see Evidence)
+        ev = dataclasses.replace(ev, hooks_aside=True)
     return ev
 
 

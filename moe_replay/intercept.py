@@ -62,6 +62,7 @@ from ._code_settings import (
     settings_in,
     written,
 )
+from ._inner_hooks import HookWatch
 from ._output_guard import OutputGuard, _integer_tensors, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
@@ -441,6 +442,21 @@ def _user_hooks(scope: nn.Module) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def _user_hook(hook: Any) -> bool:
+    """Is ``hook`` the user's: neither moe_replay's own nor torch's (see :func:`_user_hooks`)?"""
+    return not _own_hook(hook) and not _torchs_hook(hook)
+
+
+def _hooked_submodules(scope: nn.Module) -> tuple[tuple[str, nn.Module], ...]:
+    """The submodules of ``scope`` (not ``scope`` itself) that hold forward hooks or pre-hooks of the user's, by
+    path."""
+    return tuple(
+        (path, m)
+        for path, m in scope.named_modules()
+        if m is not scope and any(_user_hook(h) for name in _HOOK_FNS for h in list((vars(m).get(name) or {}).values()))
+    )
+
+
 def _count_user_hooks(dicts: list[dict[int, Any]]) -> int:
     """How many hooks of the user's (moe_replay's own and torch's aside, as :func:`_user_hooks` counts) ``dicts``
     hold."""
@@ -539,6 +555,9 @@ class RouterHook:
     # last looked: where none was added since, the count does not grow (see follow_hooks)
     _hook_dicts: list[dict[int, Any]] = field(default_factory=list)
     _hook_count: int = 0
+    # the submodules of the scope that held hooks of the user's when a decision was last established (by path): a
+    # forward under a decision established with them set aside watches them (see moe_replay._inner_hooks)
+    _inner_hooked: tuple[tuple[str, nn.Module], ...] = ()
     _decided: bool = False
     _masks: list[tuple[torch.Tensor, torch.Tensor | _EitherSide]] = field(default_factory=list)
     _ordinal: int = 0  # decision-like calls seen so far in this forward
@@ -751,6 +770,7 @@ class RouterHook:
             _torch_compat.global_forward_pre_hooks,
         ]
         self._hook_count = _count_user_hooks(self._hook_dicts)
+        self._inner_hooked = _hooked_submodules(self.scope)
         self._pending = (self.mode(), _settings_and_held(self.scope))  # (the probe runs put every attribute back)
         self.top_k, self.num_experts = ev.top_k, ev.num_experts
         if self.on_established is not None:
@@ -1334,6 +1354,12 @@ class RouterHook:
         self._entry_grad = torch.is_grad_enabled()
         chunks = None
         state = NESTING
+        watch = None
+        if ev is not None and ev.hooks_aside and self._inner_hooked and self._eager and not _in_backward():
+            # its decision was established with the user's hooks inside set aside, shown to change nothing on that
+            # forward alone: each must hand on what it is given at this one too (see moe_replay._inner_hooks)
+            watch = HookWatch(self._inner_hooked, _user_hook)
+            watch.install()
         try:
             if self._chunks:  # (its calls joined as it returns)
                 chunks = self._chunks_begin(ev, args, kwargs, compiling)
@@ -1361,6 +1387,8 @@ class RouterHook:
                 with _DecisionMode(self, compiling):
                     out = forward(*args, **kwargs)
         finally:
+            if watch is not None:
+                watch.remove()
             self._masks = []
             seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []
             self._choice = None
@@ -1369,8 +1397,9 @@ class RouterHook:
                 self._chunks = False
             if self._pending is not None:  # the decision was established at this forward
                 self._settle()
-        if fresh and ev is not None:
-            ev = self._hooks_checked(ev, out, forward, args, kwargs)
+        changed = watch.changed if watch is not None else None
+        if (fresh or changed is not None) and ev is not None:
+            ev = self._hooks_checked(ev, out, forward, args, kwargs, changed)
         if chunks is not None:  # a decision chunk by chunk of the tokens: one call of every row, as one of a call
             self._chunks_end(chunks, ev, forward, args, kwargs)
         elif grown is not None and ev is not None:  # its second call of one established as one: chunks, proven now
@@ -1401,7 +1430,13 @@ class RouterHook:
         return out
 
     def _hooks_checked(
-        self, ev: Evidence, out: Any, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        ev: Evidence,
+        out: Any,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        changed: str | None = None,
     ) -> Evidence:
         """The evidence of the forward that established ``ev`` and returned ``out``, checked against the user's
         forward hooks inside the scope.
@@ -1414,22 +1449,35 @@ class RouterHook:
         is then seen as the forward's own code's. Where that refuses, or finds another decision than the one this
         forward recorded or forced, this forward is refused. A replay's forward is forced: it is compared with a run so
         forced with its rows (:func:`~moe_replay.evidence.forced_leaves`), and where none can be made (a decision in
-        slots, an ``argmax``), the decision is established again with the hooks in as well."""
+        slots, an ``argmax``), the decision is established again with the hooks in as well.
+
+        ``changed``: at a later forward of a decision so established, the hooks (named) that handed on other values
+        than they were given (see :mod:`moe_replay._inner_hooks`): shown to change nothing on the forward that
+        established it alone (a cut that cut nothing on its tokens), they do on this one's, so the decision is
+        established again with them in on this forward's inputs, and this forward refused where that refuses or
+        finds another decision."""
         predicted = PREDICTED.pop(self.scope, None)
-        if predicted is None:  # (no hook of the user's was set aside)
-            return ev
-        base: list[Any] | None = predicted[0]
-        if self.replaying:  # forced: compared with such a run forced with the same rows, where one can be made
-            with _hidden(), EAGER:
-                base = forced_leaves(self.scope, forward, args, kwargs, ev, self._answered)
-        if base is not None and not differs(base, out, predicted[1]):
-            return ev
+        if changed is None:
+            if predicted is None:  # (no hook of the user's was set aside)
+                return ev
+            base: list[Any] | None = predicted[0]
+            if self.replaying:  # forced: compared with such a run forced with the same rows, where one can be made
+                with _hidden(), EAGER:
+                    base = forced_leaves(self.scope, forward, args, kwargs, ev, self._answered)
+            if base is not None and not differs(base, out, predicted[1]):
+                return ev
         HOOKS_NEEDED.add(self.scope)
         lead = (
             f"router '{self.name}': the forward of {type(self.scope).__name__} returned other values than the runs "
             "that established its decision on the same inputs, with the forward hooks of its submodules set aside "
             f"(so that hooks counting or logging see one forward){_hooks_inside(self.scope, short=True)}: a hook "
             "changes what it computes, so its decision was established again with them in"
+            if changed is None
+            else f"router '{self.name}': {changed} handed on other values than they were given at this forward "
+            f"(replaced or changed in place){_hooks_inside(self.scope, short=True)}, where its decision was "
+            "established with the forward hooks of its submodules set aside (so that hooks counting or logging see "
+            "one forward) on a forward where they changed nothing: a hook changes what it computes, so its decision "
+            "was established again with them in, on this forward's inputs"
         )
         family = self.decision if self.decision not in ("auto", "lookup") else None
         try:
@@ -2409,6 +2457,7 @@ class ScopedForward:
             lean is None
             or not lean[1]
             or lean[0] is not hook._armed
+            or lean[0].hooks_aside  # (the user's hooks inside its scope are watched at each forward: see _run)
             or (lean[4] and _code_in_arguments(args, kwargs) is not None)  # (code handed to it: the mode)
             or NESTING.probing
             or _COMPILER._is_compiling_flag  # (export, AOT tracing: is_compiling() in eager code)

@@ -6,6 +6,7 @@ start, added between blocks or inside one, or the first forward under a session 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -426,12 +427,6 @@ def test_a_choice_made_by_a_top_k_in_a_gates_hook_is_refused(when: str) -> None:
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a hook inside a scope is compared by its effect on the forward that establishes the decision alone: a cut "
-    "of the combine weights in a hook that cuts nothing on that forward's tokens (every weight above its threshold) "
-    "is taken for one that changes nothing, and cuts unseen at the later forwards (silent)",
-)
 def test_a_cut_in_a_hook_that_cuts_nothing_where_the_decision_is_established_is_refused() -> None:
     """The first forward's tokens all keep their weights under the hook's cut; the next ones do not: refused."""
     torch.manual_seed(0)
@@ -457,6 +452,153 @@ def test_a_cut_in_a_hook_that_cuts_nothing_where_the_decision_is_established_is_
                 out, x + model.moe.reference(x, forced), atol=1e-5, rtol=1e-4
             )
         assert exact, "silent: the replay's output is not the hand-forced one"
+    except mr.MoEReplayError:
+        pass
+    finally:
+        session.detach()
+
+
+def _cut_in_place(m: nn.Module, args: Any, out: torch.Tensor) -> None:
+    """:func:`_cut` written into the submodule's output, returning nothing."""
+    out.mul_(out >= 0.3)
+
+
+def _cut_before(m: nn.Module, args: Any) -> tuple[torch.Tensor]:
+    """A pre-hook of the renormalising submodule that cuts, from the top-k's values it is given, those under 0.3 of
+    their sum: the same choice as :func:`_cut`, made on its input."""
+    w = args[0]
+    return (w * (w / w.sum(-1, keepdim=True) >= 0.3),)
+
+
+def _doubled_on_full_batches(m: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor | None:
+    """Combine weights doubled on forwards of ``T`` tokens, by their count alone: a change of values, no choice."""
+    return out * 2.0 if out.shape[0] == T else None
+
+
+def calm_then_all(
+    hook: Callable[..., Any], *, pre: bool = False, first_replay: bool = False, factor: float = 1.0
+) -> str:
+    """A forward of the tokens whose renormalised weights are all at least 0.3 (where a cut under 0.3 cuts nothing, on
+    the forward that establishes the decision), then one of every token, captured and replayed (the router's weights
+    moved) with ``hook`` on the renormalising submodule (a pre-hook where ``pre``); ``first_replay``: captured before
+    the hook was registered, the replay the first forwards of a new session with it. ``"exact"`` (the second replayed
+    forward used the recorded experts and gave the hand-forced output, its combine weights times ``factor``),
+    ``"refused: ..."`` or ``"silent: ..."``."""
+    torch.manual_seed(0)
+    model = Model(PlainRenorm())
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        w, idx = model.moe.gate(x).softmax(-1).topk(model.moe.top_k)
+        if first_replay:  # (calm where the replay establishes the decision: the moved weights at the recorded experts)
+            moved = copy.deepcopy(model)
+            _perturb(moved.moe)
+            w = moved.moe.gate(x).softmax(-1).gather(-1, idx)
+        calm = x[(w / w.sum(-1, keepdim=True) >= 0.3).all(-1)]
+    assert 0 < len(calm) < T
+    if first_replay:
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(calm)
+            model(x)
+        routes = session.routes()
+    (model.moe.renorm.register_forward_pre_hook if pre else model.moe.renorm.register_forward_hook)(hook)
+    state, hooks = snapshot(model), _hooks(model)
+    session = mr.attach(model)
+    try:
+        with torch.no_grad():
+            if not first_replay:
+                with session.capture():
+                    model(calm)
+                    model(x)
+                routes = session.routes()
+            _perturb(model.moe)
+            state = snapshot(model)
+            with session.replay(routes):
+                model(calm)
+                out = model(x)
+            forced = routes.per_layer()[0][len(calm) :].long()
+            if not torch.equal(_sets(model.moe.last), _sets(forced)):
+                return "silent: the replay used other experts than the recorded ones"
+            if not torch.allclose(out, x + factor * model.moe.reference(x, forced), atol=1e-5, rtol=1e-4):
+                return "silent: the replay's output is not the hand-forced one"
+        return "exact"
+    except mr.MoEReplayError as err:
+        assert _hooks(model) == hooks
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in state.items())
+        return "refused: " + str(err).split("\n")[0]
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("first_replay", [False, True], ids=["captured", "replayed first"])
+@pytest.mark.parametrize(
+    ("hook", "pre"),
+    [(_cut, False), (_cut_in_place, False), (_cut_before, True)],
+    ids=["returned", "in place", "pre-hook"],
+)
+def test_a_cut_that_cuts_only_after_the_forward_that_established_the_decision_is_refused(
+    hook: Callable[..., Any], pre: bool, first_replay: bool
+) -> None:
+    """Once silent: the hooks inside a scope were judged by their effect on the forward that established its decision
+    alone. Each later forward watches them: a hook that hands on other values than it was given (returned, written in
+    place, or a pre-hook's) has the decision established again with the hooks in, on that forward's inputs, where the
+    cut is seen as a later choice: refused, whether the establishing forward was a capture or a replay."""
+    got = calm_then_all(hook, pre=pre, first_replay=first_replay)
+    assert got.startswith("refused"), got
+    assert "handed on other values" in got, got
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("first_replay", [False, True], ids=["captured", "replayed first"])
+@pytest.mark.parametrize(
+    ("hook", "factor"),
+    [(lambda m, args, out: out.clone(), 1.0), (Log(), 1.0), (_doubled_on_full_batches, 2.0)],
+    ids=["a copy", "a log", "doubled by the token count"],
+)
+def test_hooks_that_change_no_choice_at_later_forwards_replay_exactly(
+    hook: Callable[..., Any], factor: float, first_replay: bool
+) -> None:
+    """The watch of later forwards refuses nothing that is exact: a hook that hands on a copy of what it was given or
+    only reads passes it, and one that changes values by the token count alone (no choice) has the decision
+    established again with the hooks in, the same decision: exact."""
+    assert calm_then_all(hook, first_replay=first_replay, factor=factor) == "exact"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the hooks inside a scope whose decision was established with them set aside are watched at each eager "
+    "forward alone: compiled code runs them unwatched, so a cut that cut nothing where the decision was established "
+    "cuts unseen in a compiled forward (silent)",
+)
+def test_a_cut_that_cuts_only_in_a_later_compiled_forward_is_refused() -> None:
+    """Routes captured before the cut was registered; the replay's decision established at an eager forward of tokens
+    where the cut cuts nothing, its next forward compiled: exact or refused."""
+    torch.manual_seed(0)
+    model = Model(PlainRenorm())
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        idx = model.moe.gate(x).softmax(-1).topk(model.moe.top_k).indices
+        moved = copy.deepcopy(model)
+        _perturb(moved.moe)
+        w = moved.moe.gate(x).softmax(-1).gather(-1, idx)
+        calm = x[(w / w.sum(-1, keepdim=True) >= 0.3).all(-1)]
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(calm)
+        model(x)
+    routes = session.routes()
+    _perturb(model.moe)
+    model.moe.renorm.register_forward_hook(_cut)
+    compiled = torch.compile(model, backend="eager")
+    session = mr.attach(model)
+    try:
+        with torch.no_grad(), session.replay(routes):
+            model(calm)
+            out = compiled(x)
+        forced = routes.per_layer()[0][len(calm) :].long()
+        assert torch.equal(_sets(model.moe.last), _sets(forced))
+        assert torch.allclose(out, x + model.moe.reference(x, forced), atol=1e-5, rtol=1e-4), "silent"
     except mr.MoEReplayError:
         pass
     finally:
