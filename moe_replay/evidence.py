@@ -323,9 +323,10 @@ class Evidence:
         chunk_dims: the dimensions of the hidden states the chunks were proven on (0 where not in chunks): a forward
             of as many calls on hidden states of as many dimensions makes its chunks as that one did; others are
             proven again.
-        hooks_aside: it was established with the user's forward hooks of the scope's submodules set aside (see
-            :data:`HOOKS_NEEDED`): they were shown to change nothing on the forward that established it alone, so
-            each later forward checks that they hand on what they are given (see :mod:`moe_replay._inner_hooks`).
+        hooks_aside: it was established with the user's forward hooks of the scope's submodules (torch's own aside)
+            set aside (see :data:`HOOKS_NEEDED`): they were shown to change nothing on the forward that established
+            it alone, so each later forward checks that they hand on what they are given (see
+            :mod:`moe_replay._inner_hooks`).
     """
 
     calls: tuple[Call, ...]
@@ -1623,6 +1624,26 @@ def _own_hook(hook: Any) -> bool:
     return isinstance(where, str) and (where == "moe_replay" or where.startswith("moe_replay."))
 
 
+def torchs_hook(hook: Any) -> bool:
+    """Is ``hook`` torch's own (``FlopCounterMode``'s module tracker, FSDP's): it chooses no experts, and comes and
+    goes with a context a user may open inside a block."""
+    where = getattr(hook, "__module__", None) if isinstance(hook, types.FunctionType | types.MethodType) else None
+    where = where if where is not None else type(hook).__module__
+    return isinstance(where, str) and where.startswith("torch.")
+
+
+def _watched_hooks_inside(scope: nn.Module) -> bool:
+    """Does a submodule of ``scope`` hold a forward hook or pre-hook of the user's, torch's own aside (FSDP's: they
+    gather and free parameters, and choose nothing): those a later forward watches (:attr:`Evidence.hooks_aside`)?"""
+    return any(
+        not _own_hook(h) and not torchs_hook(h)
+        for m in scope.modules()
+        if m is not scope
+        for name in _HOOK_FNS
+        for h in list((vars(m).get(name) or {}).values())
+    )
+
+
 def user_hooks_inside(scope: nn.Module) -> bool:
     """Does a submodule of ``scope`` (not ``scope`` itself, whose hooks run outside its forward) hold a forward hook
     or pre-hook of the user's own?"""
@@ -2253,7 +2274,7 @@ def _established_with(
                 probe.snapshot.restore()
     except _Communicates as e:
         raise _communicates(name, scope, e.args[0]) from None
-    if not probe.snapshot.hooks_in and user_hooks_inside(scope):  # (each later forward watches them: see Evidence)
+    if not probe.snapshot.hooks_in and _watched_hooks_inside(scope):  # (each later forward watches them: see Evidence)
         ev = dataclasses.replace(ev, hooks_aside=True)
     return ev
 

@@ -86,6 +86,7 @@ from .evidence import (
     through_out,
     unwrap,
 )
+from .evidence import torchs_hook as _torchs_hook
 from .losses import _mark_outside_graph
 from .ring import CaptureRing, ReplaySource
 
@@ -476,14 +477,6 @@ def _hook_code(hook: Any) -> types.CodeType | None:
         else:
             hook = getattr(type(hook), "__call__", None)  # noqa: B004  # (a callable object's own __call__)
     return None
-
-
-def _torchs_hook(hook: Any) -> bool:
-    """Is ``hook`` torch's own (``FlopCounterMode``'s module tracker, FSDP's): it chooses no experts, and comes and
-    goes with a context a user may open inside a block."""
-    where = getattr(hook, "__module__", None) if isinstance(hook, types.FunctionType | types.MethodType) else None
-    where = where if where is not None else type(hook).__module__
-    return isinstance(where, str) and where.startswith("torch.")
 
 
 def _held_moved(then: tuple[_Held, ...], scope: nn.Module) -> str | None:
