@@ -1864,6 +1864,23 @@ class _Snapshot:
         for g, _ in self.generators:
             g.manual_seed(seed)
 
+    def small_state(self, width: int) -> list[torch.Tensor]:
+        """The floating tensors of at most ``width`` elements (one per expert, or one) that the scope holds and a
+        run may write: a threshold, a per-expert minimum or scale, state that training or a schedule moves."""
+        return [
+            t
+            for t, _, version in self.tensors
+            if version is not None and t.is_floating_point() and 0 < t.numel() <= width
+        ]
+
+    def move_small(self, seed: int, width: int) -> None:
+        """The tensors of :meth:`small_state` set to random values in ``[0, 1)`` (drawn from their own generator:
+        the random streams the forward reads are not touched), until the next restore."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for t in self.small_state(width):
+                t.copy_(torch.rand(t.shape, generator=g).to(t))
+
     @contextlib.contextmanager
     def hooks_aside(self) -> Iterator[None]:
         """The forward hooks of the scope's submodules are not called during a probe run (where the forward is shown
@@ -1966,10 +1983,13 @@ class _Prober:
         bump: tuple[int, int] | None = None,
         trace: bool = False,
         own: torch.Tensor | None = None,
+        moved: tuple[int, int] | None = None,
     ) -> tuple[Any, _ProbeMode]:
         """One run of the forward (on ``inputs``, else its own), its calls changed or held as asked; returns its
         output and the mode that saw its calls. Every tensor of the inputs is copied first (the forward may write
-        into them), but ``own``: a tensor of ``inputs`` made for this run alone, that nothing reads after it."""
+        into them), but ``own``: a tensor of ``inputs`` made for this run alone, that nothing reads after it.
+        ``moved``: ``(seed, width)`` of :meth:`_Snapshot.move_small`, the scope's small floating state moved for
+        this run (put back by the next restore)."""
         mode = _ProbeMode(
             change, hold or {}, slot, values, force, choices, fill, early, scramble, peak, lift, watch, bump, trace
         )
@@ -1981,6 +2001,8 @@ class _Prober:
         self.snapshot.restore()
         if reseed is not None:  # (another random state than the forward's: what it draws comes out otherwise)
             self.snapshot.reseed(reseed)
+        if moved is not None:
+            self.snapshot.move_small(*moved)
         NESTING.probing += 1
         start = time.perf_counter()
         try:
@@ -3814,6 +3836,19 @@ def _refuse_scored_choice(
         where = _check_on_more_tokens(probe, calls, ev)
     if where is None and checked:
         where = _check_on_more_tokens(probe, calls, ev, one_token=True)
+    if where is None and checked:
+        moved = _vary_state(probe, force, first, ev)
+        if moved is not None:
+            raise _refuse(
+                name,
+                calls,
+                f"after its decision ({chosen}) its forward chooses again by comparing values with tensors it "
+                f"holds (at {later}): with the decision held and those tensors moved, as training or a schedule "
+                f"moves them (a minimum weight, a threshold per expert), {moved} changes. On the state it was "
+                "first run under that choice cut nothing, but once it does, a replay forces the decision and "
+                "not that later choice, and the rows recorded name experts it dropped",
+                fix,
+            )
     if where is not None and not any(first.scored) and any(first.cuts):
         raise _refuse(
             name,
@@ -4015,6 +4050,34 @@ def _vary(
         if where is not None:
             return checked, where
     return checked, None
+
+
+def _vary_state(probe: _Prober, force: dict[int, tuple[Any, int]], first: _ProbeMode, ev: Evidence) -> str | None:
+    """The later choices of ``first`` (on the real inputs, the decision held) made afresh and held at ``first``'s
+    with the scope's small floating state moved (see :meth:`_Snapshot.move_small`): what changes structure, or None.
+    A cut by a threshold the router holds in a tensor (a minimum weight at 0, a per-expert floor) cuts nothing on
+    the state the decision was established under; raised later (by a schedule, by training), it drops experts the
+    rows still name. Moving that state shows it, on the forward's own inputs. Tried twice, and put back after."""
+    if not probe.snapshot.small_state(ev.num_experts):
+        return None
+    hidden = _hidden_shape((probe.args, probe.kwargs))
+    try:
+        for seed in (1, 2):
+            moved = (seed, ev.num_experts)
+            fresh, again = probe.run(force=force, moved=moved)
+            if len(again.choices) != len(first.choices) or _same(again.choices, first.choices):
+                continue
+            held, holding = probe.run(force=force, choices=first.choices, moved=moved)
+            if holding.unheld:
+                return "the number or shape of its later choices"
+            where = _restructured(fresh, held, ev, hidden)
+            if where is not None:
+                return where
+    except Exception:  # (a forward that fails on the moved state tells nothing either way)
+        return None
+    finally:
+        probe.snapshot.restore()
+    return None
 
 
 def _discrete(result: Any) -> bool:

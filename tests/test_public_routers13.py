@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 import moe_replay as mr
-from tests.test_evidence import D, E, Experts
+from tests.test_evidence import D, E, Experts, dispatch
 from tests.test_public_routers2 import _x
 from tests.test_public_routers6 import Layers, _Used, assert_exact
+from tests.test_public_routers9 import _assert_refused, _pick
 
 
 def _gumbel(shape: torch.Size) -> torch.Tensor:
@@ -359,3 +360,100 @@ def test_routes_of_another_batch_are_refused_and_those_of_the_batch_replay(case:
         assert len(used) == len(routers)
         for router, rows in zip(routers, used, strict=True):
             assert router.used is not None and torch.equal(router.used.long(), rows.long())
+
+
+# ----------------------------------------------------------------------- a minimum weight kept in a tensor
+class TensorMinWeightGate(_Used):
+    """A top-k whose slots under a minimum weight are dropped (dynamic routing by a weight threshold, as XMoE's
+    and top-p routers cut the experts a token needs least), the minimum kept in a tensor rather than a Python
+    number: a frozen 0-d ``Parameter`` (``"frozen-0d-parameter"``, set by a schedule), a learned one
+    (``"learned-0d-parameter"``), or one per expert in a buffer (``"per-expert-buffer"``, read at the chosen
+    experts). It starts at 0, where no softmax weight is under it: the cut drops nothing until it is raised."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.kind = E, 2, kind
+        self.gate = nn.Linear(D, E, bias=False)
+        if kind == "per-expert-buffer":
+            self.register_buffer("min_weight", torch.zeros(E))
+        else:
+            self.min_weight = nn.Parameter(torch.zeros(()), requires_grad=kind == "learned-0d-parameter")
+
+    def raise_minimum(self, value: float) -> None:
+        with torch.no_grad():
+            self.min_weight.fill_(value)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = _pick(self.gate(x).softmax(-1), self.forced, self.top_k)
+        floor = self.min_weight[idx] if self.min_weight.dim() else self.min_weight
+        keep = w > floor
+        self.used = torch.where(keep, idx, -1)
+        return w * keep, idx
+
+
+class MinWeightBlock(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.router = TensorMinWeightGate(kind)
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        return dispatch(self.experts, x, idx, w)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("kind", ["frozen-0d-parameter", "learned-0d-parameter", "per-expert-buffer"])
+def test_a_minimum_weight_kept_in_a_tensor_that_cuts_nothing_yet_is_refused(kind: str) -> None:
+    """Once silent: a cut by a minimum weight held in a tensor (a frozen or learned 0-d ``Parameter``, a floor per
+    expert in a buffer) that starts at 0 cut nothing as the decision was established, so no later choice was seen;
+    raised afterwards (by a schedule, by training), it dropped slots the rows still named, and a replay of earlier
+    routes used other experts than forced, with no error. Now the later choices are also held with the router's
+    small floating state moved: refused at the first capture, saying why, the model as it was. The same cut raised
+    before the first forward is refused as a later choice, as before."""
+    x = _x()
+    raised = Layers(lambda: MinWeightBlock(kind))
+    for m in raised.modules():
+        if isinstance(m, TensorMinWeightGate):
+            m.raise_minimum(0.35)
+    _assert_refused(raised, x, "chooses again from the current scores")
+    model = Layers(lambda: MinWeightBlock(kind))
+    routers = [m for m in model.modules() if isinstance(m, TensorMinWeightGate)]
+    with torch.no_grad():
+        model(x)
+    assert all(r.used is not None and bool((r.used >= 0).all()) for r in routers)  # (it cuts nothing yet)
+    for r in routers:  # (raised, it cuts: the case tries something)
+        r.raise_minimum(0.35)
+    with torch.no_grad():
+        model(x)
+    assert all(r.used is not None and bool((r.used < 0).any()) for r in routers)
+    for r in routers:
+        r.raise_minimum(0.0)
+    _assert_refused(model, x, "chooses again by comparing values with tensors it holds.*a minimum weight")
+
+
+class ScaledFloorGate(TensorMinWeightGate):
+    """The same router with state it holds that no later choice compares with: a learned per-expert scale of the
+    logits and a 0-d temperature (X-MoE's), and a floor of 0 kept as a Python number beside a softmax (a cut that
+    can never drop a slot: none is under 0)."""
+
+    def __init__(self) -> None:
+        super().__init__("per-expert-buffer")
+        self.scale = nn.Parameter(torch.ones(E))
+        self.temperature = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = _pick((self.gate(x) * self.scale / self.temperature).softmax(-1), self.forced, self.top_k)
+        keep = w >= 0.0
+        self.used = torch.where(keep, idx, -1)
+        return w * keep, idx
+
+
+@pytest.mark.reliability("silent replays")
+def test_state_a_router_holds_that_no_later_choice_compares_with_replays_exactly() -> None:
+    """The check above moves the router's small floating tensors; a router whose scale, temperature and floor-free
+    guard hold such tensors, with no cut that can bite, still replays as forced by hand."""
+    model = Layers(lambda: MinWeightBlock("per-expert-buffer"))
+    for block in model.layers:
+        block.router = ScaledFloorGate()
+    assert_exact(model, _x())
