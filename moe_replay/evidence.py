@@ -1866,11 +1866,16 @@ class _Snapshot:
 
     def small_state(self, width: int) -> list[torch.Tensor]:
         """The floating tensors of at most ``width`` elements (one per expert, or one) that the scope holds and a
-        run may write: a threshold, a per-expert minimum or scale, state that training or a schedule moves."""
+        run may write: a threshold, a per-expert minimum or scale, state that training or a schedule moves. Not a
+        plain tensor of one element that takes no gradient: the code that reads one reads a setting, compared at
+        every block (a change establishes the decision again: see :mod:`moe_replay._code_settings`)."""
         return [
             t
             for t, _, version in self.tensors
-            if version is not None and t.is_floating_point() and 0 < t.numel() <= width
+            if version is not None
+            and t.is_floating_point()
+            and 0 < t.numel() <= width
+            and not (type(t) is torch.Tensor and t.numel() == 1 and not t.requires_grad)
         ]
 
     def move_small(self, seed: int, width: int) -> None:
@@ -1958,6 +1963,8 @@ class _Prober:
         self.took = 0.0  # seconds of the longest run on the real inputs
         self.limit = limit  # seconds a run on ``args``/``kwargs`` may take (None: no limit; they are the forward's)
         self.snapshot = _Snapshot(scope) if snapshot is None else snapshot
+        #: ``(seed, width)`` of :meth:`_Snapshot.move_small` for every run that names none (see :func:`_vary_state`)
+        self.moved: tuple[int, int] | None = None
         #: the real forward's inputs, whose tensors requiring gradients the inputs of every run mirror
         self.grads: tuple[tuple[Any, ...], dict[str, Any]] = (args, kwargs)
         #: inputs of the shape of its own made of real values (the real forward's other tokens, each alone, for a
@@ -2001,6 +2008,7 @@ class _Prober:
         self.snapshot.restore()
         if reseed is not None:  # (another random state than the forward's: what it draws comes out otherwise)
             self.snapshot.reseed(reseed)
+        moved = moved if moved is not None else self.moved
         if moved is not None:
             self.snapshot.move_small(*moved)
         NESTING.probing += 1
@@ -4060,22 +4068,25 @@ def _vary_state(probe: _Prober, force: dict[int, tuple[Any, int]], first: _Probe
     rows still name. Moving that state shows it, on the forward's own inputs. Tried twice, and put back after."""
     if not probe.snapshot.small_state(ev.num_experts):
         return None
-    hidden = _hidden_shape((probe.args, probe.kwargs))
+    inputs = (probe.args, probe.kwargs)
+    hidden = _hidden_shape(inputs)
     try:
         for seed in (1, 2):
-            moved = (seed, ev.num_experts)
-            fresh, again = probe.run(force=force, moved=moved)
+            probe.moved = (seed, ev.num_experts)  # (every run below, those of _hidden_moved too)
+            fresh, again = probe.run(force=force)
             if len(again.choices) != len(first.choices) or _same(again.choices, first.choices):
                 continue
-            held, holding = probe.run(force=force, choices=first.choices, moved=moved)
+            held, holding = probe.run(force=force, choices=first.choices)
             if holding.unheld:
                 return "the number or shape of its later choices"
             where = _restructured(fresh, held, ev, hidden)
+            where = where or _hidden_moved(probe, force, fresh, first, again, inputs, ev)
             if where is not None:
                 return where
     except Exception:  # (a forward that fails on the moved state tells nothing either way)
         return None
     finally:
+        probe.moved = None
         probe.snapshot.restore()
     return None
 

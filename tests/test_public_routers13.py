@@ -402,9 +402,50 @@ class MinWeightBlock(nn.Module):
         return dispatch(self.experts, x, idx, w)
 
 
+class MinWeightHiddenBlock(_Used):
+    """The same cut in a block whose gate is a bare ``Linear`` (HF v4 style: the top-k in the block, which returns
+    its hidden states alone); the minimum kept as in :class:`TensorMinWeightGate`, or in a 0-d float buffer
+    (``"0d-buffer"``: read as a setting, compared at every block)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+        if kind == "per-expert-buffer":
+            self.register_buffer("min_weight", torch.zeros(E))
+        elif kind == "0d-buffer":
+            self.register_buffer("min_weight", torch.zeros(()))
+        else:
+            self.min_weight = nn.Parameter(torch.zeros(()), requires_grad=kind == "learned-0d-parameter")
+
+    def raise_minimum(self, value: float) -> None:
+        with torch.no_grad():
+            self.min_weight.fill_(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = _pick(self.gate(x).softmax(-1), self.forced, self.top_k)
+        keep = w > (self.min_weight[idx] if self.min_weight.dim() else self.min_weight)
+        self.used = torch.where(keep, idx, -1)
+        return dispatch(self.experts, x, idx, w * keep)
+
+
+_MIN_WEIGHT: dict[str, Callable[[], nn.Module]] = {
+    "router-frozen-0d-parameter": lambda: MinWeightBlock("frozen-0d-parameter"),
+    "router-learned-0d-parameter": lambda: MinWeightBlock("learned-0d-parameter"),
+    "router-per-expert-buffer": lambda: MinWeightBlock("per-expert-buffer"),
+    "block-frozen-0d-parameter": lambda: MinWeightHiddenBlock("frozen-0d-parameter"),
+    "block-per-expert-buffer": lambda: MinWeightHiddenBlock("per-expert-buffer"),
+}
+
+
+def _minimum_routers(model: nn.Module) -> list[TensorMinWeightGate | MinWeightHiddenBlock]:
+    return [m for m in model.modules() if isinstance(m, TensorMinWeightGate | MinWeightHiddenBlock)]
+
+
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("kind", ["frozen-0d-parameter", "learned-0d-parameter", "per-expert-buffer"])
-def test_a_minimum_weight_kept_in_a_tensor_that_cuts_nothing_yet_is_refused(kind: str) -> None:
+@pytest.mark.parametrize("case", list(_MIN_WEIGHT))
+def test_a_minimum_weight_kept_in_a_tensor_that_cuts_nothing_yet_is_refused(case: str) -> None:
     """Once silent: a cut by a minimum weight held in a tensor (a frozen or learned 0-d ``Parameter``, a floor per
     expert in a buffer) that starts at 0 cut nothing as the decision was established, so no later choice was seen;
     raised afterwards (by a schedule, by training), it dropped slots the rows still named, and a replay of earlier
@@ -412,13 +453,12 @@ def test_a_minimum_weight_kept_in_a_tensor_that_cuts_nothing_yet_is_refused(kind
     small floating state moved: refused at the first capture, saying why, the model as it was. The same cut raised
     before the first forward is refused as a later choice, as before."""
     x = _x()
-    raised = Layers(lambda: MinWeightBlock(kind))
-    for m in raised.modules():
-        if isinstance(m, TensorMinWeightGate):
-            m.raise_minimum(0.35)
+    raised = Layers(_MIN_WEIGHT[case])
+    for m in _minimum_routers(raised):
+        m.raise_minimum(0.35)
     _assert_refused(raised, x, "chooses again from the current scores")
-    model = Layers(lambda: MinWeightBlock(kind))
-    routers = [m for m in model.modules() if isinstance(m, TensorMinWeightGate)]
+    model = Layers(_MIN_WEIGHT[case])
+    routers = _minimum_routers(model)
     with torch.no_grad():
         model(x)
     assert all(r.used is not None and bool((r.used >= 0).all()) for r in routers)  # (it cuts nothing yet)
@@ -457,3 +497,25 @@ def test_state_a_router_holds_that_no_later_choice_compares_with_replays_exactly
     for block in model.layers:
         block.router = ScaledFloorGate()
     assert_exact(model, _x())
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_minimum_weight_in_a_0d_float_buffer_replays_until_raised_then_is_refused() -> None:
+    """A minimum kept in a 0-d float buffer is read as a setting (compared at every block), not moved by the check
+    above: at 0 its rows are the experts used and they replay; raised, the next forward establishes the decision
+    again and is refused, the rows never naming an expert the cut dropped."""
+    model = Layers(lambda: MinWeightHiddenBlock("0d-buffer"))
+    x = _x()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        routes = session.routes()
+        for name, r in zip(session.names, _minimum_routers(model), strict=True):
+            assert r.used is not None and torch.equal(r.used.long(), routes.layer(name).long())
+        with torch.no_grad(), session.replay(routes):
+            model(x)
+        for r in _minimum_routers(model):
+            r.raise_minimum(0.35)
+        with pytest.raises(mr.MoEReplayError, match="chooses again from the current scores"):
+            with torch.no_grad(), session.capture():
+                model(x)
