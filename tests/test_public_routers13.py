@@ -519,3 +519,62 @@ def test_a_minimum_weight_in_a_0d_float_buffer_replays_until_raised_then_is_refu
         with pytest.raises(mr.MoEReplayError, match="chooses again from the current scores"):
             with torch.no_grad(), session.capture():
                 model(x)
+
+
+class ArgumentMinWeightGate(_Used):
+    """A top-k cut by a minimum weight its block passes at each call (``router(x, min_weight=...)``: a schedule
+    the block reads, as tutel's layer takes ``top_k``/``capacity_factor`` per call), a Python number or a 0-d
+    tensor; 0 at first, where no softmax weight is under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, 2
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor, min_weight: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = _pick(self.gate(x).softmax(-1), self.forced, self.top_k)
+        keep = w > min_weight
+        self.used = torch.where(keep, idx, -1)
+        return w * keep, idx
+
+
+class ArgumentMinWeightBlock(nn.Module):
+    def __init__(self, tensor: bool) -> None:
+        super().__init__()
+        self.router, self.experts, self.tensor = ArgumentMinWeightGate(), Experts(), tensor
+        self.min_weight: float | torch.Tensor = torch.zeros(()) if tensor else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x, min_weight=self.min_weight)
+        return dispatch(self.experts, x, idx, w)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a minimum weight passed to the router's forward as an argument (a Python number or a 0-d tensor) that "
+    "cuts nothing as the decision is established is not compared at later forwards: raised, the rows recorded name "
+    "experts the cut dropped (silent)",
+)
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("tensor", [False, True], ids=["number", "0d-tensor"])
+def test_a_minimum_weight_passed_to_the_router_and_raised_later_is_exact_or_refused(tensor: bool) -> None:
+    """The router's decision established with ``min_weight=0`` (nothing cut); the block then passes 0.35: the next
+    capture records the experts used (the cut slots as dropped), or is refused."""
+    model = Layers(lambda: ArgumentMinWeightBlock(tensor))
+    x = _x()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        for block in model.layers:
+            block.min_weight = torch.tensor(0.35) if tensor else 0.35
+        try:
+            with torch.no_grad(), session.capture():
+                model(x)
+            routes = session.routes()
+        except mr.MoEReplayError:
+            return
+        routers = [b.router for b in model.layers]
+        assert all(r.used is not None and bool((r.used < 0).any()) for r in routers)  # (the cut drops slots)
+        for name, r in zip(session.names, routers, strict=True):
+            assert r.used is not None
+            assert torch.equal(r.used.long(), routes.layer(name).long()), f"'{name}': the rows are not the experts used"
