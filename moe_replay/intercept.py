@@ -2799,6 +2799,87 @@ def _held_settings(v: Any) -> list[tuple[str, Any]]:
     return settings_in(v.items() if isinstance(v, dict) else vars(v).items())
 
 
+class _HeldSettings:
+    """What a config object held as its settings were last read (:func:`_config_settings`): the names in its
+    ``__dict__`` and their values' types, in order, and the values :func:`settings_in` reads (those of a plain type
+    or an ``enum``), all by identity; with the settings, and those keyed under each head they were asked for."""
+
+    __slots__ = ("at", "by_head", "held", "keys", "kinds", "ref", "values")
+
+    def __init__(self, v: Any, own: dict[Any, Any], held: list[tuple[str, Any]]) -> None:
+        self.ref = weakref.ref(v, functools.partial(_forget_held, id(v)))
+        self.keys = tuple(own)
+        values = tuple(own.values())
+        self.kinds = tuple(map(type, values))
+        read = [i for i, kind in enumerate(self.kinds) if kind in _PLAIN_SETTINGS or issubclass(kind, enum.Enum)]
+        # (each place twice: an itemgetter of one place returns the value itself, of two or more a tuple)
+        self.at = operator.itemgetter(*read, *read) if read else None
+        self.values = self.at(values) if self.at is not None else ()
+        self.held = held
+        self.by_head: dict[str, dict[str, Any]] = {}
+
+    def holds(self, own: dict[Any, Any]) -> bool:
+        """Does ``own`` (the object's ``__dict__`` now) hold what it did: the same names in the same order, values of
+        the same types, the very same values where they are settings? Compared by identity, in C (nothing of the
+        model's code runs): a value set again (``config.use_bias = False`` once more, an int that is not cached)
+        reads as changed, and the settings are read again."""
+        keys = self.keys
+        if len(own) != len(keys) or not all(map(operator.is_, keys, own)):
+            return False
+        values = tuple(own.values())
+        if not all(map(operator.is_, self.kinds, map(type, values))):
+            return False
+        at = self.at
+        return at is None or all(map(operator.is_, self.values, at(values)))
+
+
+#: the settings of the config objects read (by ``id``; each entry goes with its object): a router's path and its
+#: scope read the same config at every block, its dozens of settings unchanged
+_HELD: dict[int, _HeldSettings] = {}
+
+
+def _forget_held(key: int, ref: weakref.ref[Any]) -> None:
+    entry = _HELD.get(key)
+    if entry is not None and entry.ref is ref:
+        del _HELD[key]
+
+
+def _config_settings(v: Any, head: str, memo: dict[int, list[tuple[str, Any]]] | None) -> dict[str, Any]:
+    """The settings a config object or a dict ``v`` holds (:func:`_held_settings`), keyed under ``head``
+    (``"config."``). A config object's are kept from the last read while its ``__dict__`` holds the same names and
+    the same values (:meth:`_HeldSettings.holds`); ``memo``: those read in this call, by ``id`` (a dict's too)."""
+    held = memo.get(id(v)) if memo is not None else None
+    if isinstance(v, dict):
+        if held is None:
+            held = _held_settings(v)
+            if memo is not None:
+                memo[id(v)] = held
+        return {head + sub: w for sub, w in held}
+    kept = _HELD.get(id(v))
+    if held is None:
+        own = vars(v)
+        if kept is not None and type(own) is dict and kept.ref() is v and kept.holds(own):
+            held = kept.held
+        else:
+            held = settings_in(own.items())
+            kept = None
+            if type(own) is dict:
+                try:
+                    kept = _HeldSettings(v, own, held)
+                except TypeError:  # (no weak reference to it: read at every call)
+                    pass
+                else:
+                    _HELD[id(v)] = kept
+        if memo is not None:
+            memo[id(v)] = held
+    if kept is None or kept.held is not held:  # (read in this call, not kept)
+        return {head + sub: w for sub, w in held}
+    made = kept.by_head.get(head)
+    if made is None:
+        made = kept.by_head[head] = {head + sub: w for sub, w in held}
+    return made
+
+
 _ABSENT = object()  # a setting a module does not have
 _PLAIN_SETTINGS = frozenset((int, float, str, bool, type(None)))  # (as is_setting reads them, with enum members)
 #: the attributes every module has (private, and ``training``: decisions are kept by mode), none of them a setting
@@ -2847,12 +2928,7 @@ def _fingerprint(
             elif isinstance(v, enum.Enum):
                 out[prefix + k] = comparable(v)
             elif isinstance(v, dict) or _config_like(v):
-                held = memo.get(id(v)) if memo is not None else None
-                if held is None:
-                    held = _held_settings(v)
-                    if memo is not None:
-                        memo[id(v)] = held
-                out.update((f"{prefix}{k}.{sub}", w) for sub, w in held)
+                out.update(_config_settings(v, f"{prefix}{k}.", memo))
         # what its code reads besides: module-level globals, class attributes, closure cells, 0-d flag buffers
         read = code_settings(m, m.__dict__.get("forward")) if code else flag_buffers(m)
         if read:
