@@ -357,7 +357,12 @@ class FeedRecord:
         self._shape_fed = self._plain_in = self._plain_rows = None
 
     def fed(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        paired: bool = False,
+        order: str = BATCH_MAJOR,
+        inputs: _Fed | None = None,
     ) -> bool:
         """A forward entering a level: watch its cache; keep its ids and prompt mask (once per forward).
 
@@ -367,8 +372,9 @@ class FeedRecord:
         routers read the rows of two token streams (the encoder's, the decoder's): no one id per
         row, so none is kept. ``order``: how the routers see the tokens of ``[batch, positions]``
         ids (:func:`token_order`): the ids and mask are kept in that order, one per row.
+        ``inputs``: ``_inputs(args, kwargs)``, where the caller read it already.
         """
-        count, ids, fed = _inputs(args, kwargs)
+        count, ids, fed = _inputs(args, kwargs) if inputs is None else inputs
         self._kept_now = None
         self._shape_fed = None
         before = self._given_before
@@ -945,7 +951,12 @@ class MoveWatch(FeedRecord):
         self.entered = 0
 
     def fed(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        paired: bool = False,
+        order: str = BATCH_MAJOR,
+        inputs: _Fed | None = None,
     ) -> bool:
         """A forward entering a level: refused after a row move; its cache watched (at the first level it
         enters, which is given the cache that the levels below it are given too)."""
@@ -1381,7 +1392,12 @@ class FeedCheck:
         self._open()
 
     def fed(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        paired: bool = False,
+        order: str = BATCH_MAJOR,
+        inputs: _Fed | None = None,
     ) -> bool:
         """A forward entering a level: its ids against the rows it will read, in the ``order`` its routers see
         them (:func:`token_order`).
@@ -1400,7 +1416,7 @@ class FeedCheck:
                 self._refuse_traced(on_host_only=True)
             self.forwards += 1
             return True
-        count, ids, shape = _inputs(args, kwargs)
+        count, ids, shape = _inputs(args, kwargs) if inputs is None else inputs
         if count < 0:
             return False
         self.forwards += 1
@@ -1686,7 +1702,12 @@ class RouterFeedCheck(FeedCheck):
         }
 
     def fed(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        paired: bool = False,
+        order: str = BATCH_MAJOR,
+        inputs: _Fed | None = None,
     ) -> bool:
         """A forward entering a level: each router's next rows against its ids (see :meth:`FeedCheck.fed`)."""
         self._current = (-1, None)
@@ -1697,7 +1718,7 @@ class RouterFeedCheck(FeedCheck):
                 self._refuse_traced(on_host_only=True)
             self.forwards += 1
             return True
-        count, ids, shape = _inputs(args, kwargs)
+        count, ids, shape = _inputs(args, kwargs) if inputs is None else inputs
         if count < 0:
             return False
         self.forwards += 1
@@ -1866,11 +1887,16 @@ class OrderCheck(FeedCheck):
         return _enter_levels(levels, self)
 
     def fed(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        paired: bool = False,
+        order: str = BATCH_MAJOR,
+        inputs: _Fed | None = None,
     ) -> bool:
         """A forward entering a level: refused where its routers see its ``[batch, positions]`` tokens sequence-first
         (``order``, :func:`token_order`) and it holds two sequences of two positions or more."""
-        count, _, shape = _inputs(args, kwargs)
+        count, _, shape = _inputs(args, kwargs) if inputs is None else inputs
         if count < 0:
             return False
         self.forwards += 1
@@ -2046,11 +2072,16 @@ class OrderNote(FeedCheck):
         any are kept, are of no forward the session saw)."""
 
     def fed(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], paired: bool = False, order: str = BATCH_MAJOR
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        paired: bool = False,
+        order: str = BATCH_MAJOR,
+        inputs: _Fed | None = None,
     ) -> bool:
         """A forward entering a level: noted with its ``[batch, positions]`` and the ``order`` its routers see them
         in (:func:`token_order`). Returns whether it is taken here (see :meth:`FeedCheck.fed`)."""
-        count, ids, shape = _inputs(args, kwargs)
+        count, ids, shape = _inputs(args, kwargs) if inputs is None else inputs
         if paired:
             self._began(None, None, " (an encoder-decoder: its routers see two streams of tokens)")
             return True
@@ -2081,7 +2112,11 @@ class OrderNote(FeedCheck):
         """Nothing is left to compare."""
 
 
-def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, torch.Tensor | None, torch.Size | None]:
+#: what a forward was fed (:func:`_inputs`): its token count, its ids, its ``[batch, positions]``
+_Fed = tuple[int, torch.Tensor | None, torch.Size | None]
+
+
+def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Fed:
     """What a forward of the model was fed: its token count (-1 where unknown), its ids (None where it was
     fed embeddings), and its ``[batch, positions]`` shape where it has one."""
     ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
@@ -3475,19 +3510,20 @@ class FeedForward:
         named, at, place = fed_kwargs, self.mask_at, self.mask_from
         if place is not None or (at is not None and len(fed_args) > at and "attention_mask" not in fed_kwargs):
             named = self._named(fed_args, fed_kwargs)
-        order = self._order(entered, fed_args, named, fed_kwargs, name)
+        inputs = _inputs(fed_args, named)  # (read once: where its mask is found changes none of it)
+        order = self._order(entered, fed_args, named, fed_kwargs, name, inputs)
         if self.mask_from is not place:  # (a mask found elsewhere by the runs at this forward, or no longer)
             named = self._named(fed_args, fed_kwargs)
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
         taken: list[FeedRecord | FeedCheck] = []
         paired = self.paired
         for r in entered:
+            # (fed no token count, it is left to the levels it enters below: they may see its tokens)
             if isinstance(r, FeedRecord):  # (its routers' calls as the forward begins, read once: see _keep)
                 r._began = made = r.calls_made() if r.calls_made is not None else None
                 # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
                 watching.append((r, made))
-            # (fed no token count, it is left to the levels it enters below: they may see its tokens)
-            if r.fed(fed_args, named, paired, order):
+            if r.fed(fed_args, named, paired, order, inputs):
                 taken.append(r)
         entered = taken
         if self.unpads and order == BATCH_MAJOR:  # (its later routers that see only the tokens its mask keeps)
@@ -3567,16 +3603,18 @@ class FeedForward:
         kwargs: dict[str, Any],
         given: dict[str, Any] | None = None,
         ids_name: str | None = None,
+        inputs: _Fed | None = None,
     ) -> str:
         """The order in which the routers see this forward's tokens: established once (:func:`token_order`) at the
         first forward that can tell, for the records and checks that keep or compare ids. ``kwargs`` are those the
         forward was given with its attention mask by name, ``given`` those it was given (the mask by position).
-        ``ids_name``: the forward was given its ids by that name, here ``args[0]``: the runs give them by it."""
+        ``ids_name``: the forward was given its ids by that name, here ``args[0]``: the runs give them by it.
+        ``inputs``: ``_inputs(args, kwargs)``, where the caller read it already."""
         order = self.order
         checked = order is not None and all(map(self._checked.__contains__, entered))
         if order is not None and checked and not self._padless and not self._tied:
             return order
-        shape = _inputs(args, kwargs)[2]
+        shape = (_inputs(args, kwargs) if inputs is None else inputs)[2]
         if shape is not None and min(int(shape[0]), int(shape[1])) < 2:
             # (one token per sequence, a decode step, or one sequence: every order is the same, but for the padding
             # of a model that takes it out, as told at an earlier forward, or by an earlier session on this model)
@@ -3648,7 +3686,7 @@ class FeedForward:
             reads = mask_at(located[0], args, runs_given) if located else kwargs.get("attention_mask")
             f.tied = found != MIXED and not (shape is not None and _uneven(reads, int(shape[0]), int(shape[1])))
             f.unpads = frozenset(i for i, scope in enumerate(self.scopes) if id(scope) in kept_only)
-            fed = _inputs(args, kwargs)[2]
+            fed = (_inputs(args, kwargs) if inputs is None else inputs)[2]
             if seen and seen[0] is not None and fed is not None and found not in (OTHER_ORDER, MIXED) and _hooked(way):
                 # told with the hooks of the modules on the way set aside: the forward itself, run with them, is
                 # checked at its first router (:func:`_order_check`), and the order kept for later blocks once it
