@@ -2811,7 +2811,8 @@ class _HeldSettings:
         self.keys = tuple(own)
         values = tuple(own.values())
         self.kinds = tuple(map(type, values))
-        read = [i for i, kind in enumerate(self.kinds) if kind in _PLAIN_SETTINGS or issubclass(kind, enum.Enum)]
+        # (the places settings_in reads, told as it tells them)
+        read = [i for i, x in enumerate(values) if type(x) in _PLAIN_SETTINGS or isinstance(x, enum.Enum)]
         # (each place twice: an itemgetter of one place returns the value itself, of two or more a tuple)
         self.at = operator.itemgetter(*read, *read) if read else None
         self.values = self.at(values) if self.at is not None else ()
