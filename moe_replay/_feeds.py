@@ -53,7 +53,7 @@ import threading
 import types
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import compress, repeat
 from typing import Any, cast
 
@@ -3402,6 +3402,10 @@ class FeedForward:
         #: the later routers' scopes that see only the tokens the attention mask keeps, where the first sees every
         #: position (:func:`_later_unpadded`), as places among ``scopes``
         self.unpads: frozenset[int] = frozenset()
+        #: a level of a session it serves lies inside its module (set by the session): a forward given its batch as one
+        #: mapping (``model({"input_ids": ..., ...})``) is read as given its entries by name only where none does
+        #: (:meth:`_unbatched`); else it is left to the levels it enters below, which may be fed the ids themselves
+        self.levels_inside = False
 
     def leave(self) -> None:
         """One of the sessions it serves detaches; it stays for the others."""
@@ -3460,6 +3464,7 @@ class FeedForward:
         if not traced.active or self.paired or exporting():
             return self._run(args, kwargs)
         fed_args, fed_kwargs, _ = self._by_first_name(args, kwargs)
+        fed_args, fed_kwargs, _ = self._unbatched(fed_args, fed_kwargs)
         pending = traced.feed(fed_args, fed_kwargs, self.order, self.mask_at)
         out = self._run(args, kwargs)
         traced.ran(pending)  # (routes of each router's own: the routers that read rows in this forward)
@@ -3489,6 +3494,27 @@ class FeedForward:
             return args, kwargs, None
         return (kwargs[name],), {k: v for k, v in kwargs.items() if k != name}, name
 
+    def _unbatched(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any], Mapping[str, Any] | None]:
+        """The inputs of a forward given its batch as one mapping of its token ids (or embeddings) and the rest, its
+        only positional argument, as the records and checks read them: its entries given by name (``model(batch)``
+        read as ``model(**batch)``), and the mapping; else ``args`` and ``kwargs``, and None. Only at a level with no
+        level inside it (:attr:`levels_inside`): no module between it and its routers is fed the ids, and the
+        mapping's are those its routers' tokens come from."""
+        if self.levels_inside or len(args) != 1 or not isinstance(args[0], Mapping) or _INPUT_NAMES & kwargs.keys():
+            return args, kwargs, None
+        batch = args[0]
+        ids = batch.get("input_ids")
+        embeds = batch.get("inputs_embeds")
+        if not (isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() > 0) and not (
+            ids is None and isinstance(embeds, torch.Tensor) and embeds.dim() > 1
+        ):
+            return args, kwargs, None
+        if not all(isinstance(k, str) for k in batch) or kwargs.keys() & batch.keys():
+            return args, kwargs, None
+        return (), {**kwargs, **batch}, batch
+
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The level's own forward."""
         before = self.before
@@ -3506,12 +3532,15 @@ class FeedForward:
             fed_args, fed_kwargs, name = args, kwargs, None
         else:  # (what the records read, the runs run)
             fed_args, fed_kwargs, name = self._by_first_name(args, kwargs)
+        batch = None
+        if fed_args and not self.levels_inside:  # (given its batch as one mapping: read as given its entries by name)
+            fed_args, fed_kwargs, batch = self._unbatched(fed_args, fed_kwargs)
         # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
         named, at, place = fed_kwargs, self.mask_at, self.mask_from
         if place is not None or (at is not None and len(fed_args) > at and "attention_mask" not in fed_kwargs):
             named = self._named(fed_args, fed_kwargs)
         inputs = _inputs(fed_args, named)  # (read once: where its mask is found changes none of it)
-        order = self._order(entered, fed_args, named, fed_kwargs, name, inputs)
+        order = self._order(entered, fed_args, named, fed_kwargs, name, inputs, batch)
         if self.mask_from is not place:  # (a mask found elsewhere by the runs at this forward, or no longer)
             named = self._named(fed_args, fed_kwargs)
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
@@ -3604,12 +3633,14 @@ class FeedForward:
         given: dict[str, Any] | None = None,
         ids_name: str | None = None,
         inputs: _Fed | None = None,
+        batch: Mapping[str, Any] | None = None,
     ) -> str:
         """The order in which the routers see this forward's tokens: established once (:func:`token_order`) at the
         first forward that can tell, for the records and checks that keep or compare ids. ``kwargs`` are those the
         forward was given with its attention mask by name, ``given`` those it was given (the mask by position).
         ``ids_name``: the forward was given its ids by that name, here ``args[0]``: the runs give them by it.
-        ``inputs``: ``_inputs(args, kwargs)``, where the caller read it already."""
+        ``inputs``: ``_inputs(args, kwargs)``, where the caller read it already. ``batch``: it was given its inputs as
+        that one mapping, here its entries by name: the runs give them in a copy of it."""
         order = self.order
         checked = order is not None and all(map(self._checked.__contains__, entered))
         if order is not None and checked and not self._padless and not self._tied:
@@ -3671,6 +3702,8 @@ class FeedForward:
         run = self._run
         if ids_name is not None:  # (the runs call the forward as it was called: its ids by name)
             run = functools.partial(_by_name, self._run, ids_name)
+        if batch is not None:  # (the runs call the forward as it was called: its inputs in one mapping)
+            run = functools.partial(_in_batch, run, batch)
         found = token_order(run, self.scopes, args, runs_given, self.module, path, seen, mask, located, kept_only)
         if located:  # (given by name or by place at later forwards: both, where the forward's signature has them)
             name, at, marks_padding, pad = located[0]
@@ -3805,6 +3838,23 @@ def _by_name(
 ) -> Any:
     """``run`` with ``args[0]`` given as ``name`` (a forward's first parameter, given by name)."""
     return run(args[1:], {**kwargs, name: args[0]})
+
+
+def _in_batch(
+    run: Callable[[tuple[Any, ...], dict[str, Any]], Any],
+    batch: Mapping[str, Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``run`` given its inputs as ``batch`` was (:meth:`FeedForward._unbatched`): ``batch``'s entries taken from
+    ``kwargs`` (a token-order run's, its ids changed or its sequences rolled) in a copy of it, its only argument."""
+    given = {k: kwargs[k] for k in batch if k in kwargs}
+    try:
+        copied: Any = copy.copy(batch)
+        copied.update(given)
+    except Exception:  # (a mapping that cannot be copied or updated: a plain dict of its entries)
+        copied = {**batch, **given}
+    return run((copied, *args), {k: v for k, v in kwargs.items() if k not in batch})
 
 
 def _name_at(forward: Callable[..., Any], at: int) -> str | None:

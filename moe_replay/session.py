@@ -2405,6 +2405,10 @@ class Session:
             module.forward = wrapper
             self._feed_installed.append((module, own))
             self._feed_wrappers.append(wrapper)
+        for wrapper in self._feed_wrappers:  # (a batch given as one mapping is read only where no level lies inside)
+            inside = {id(m) for m in wrapper.module.modules() if m is not wrapper.module}
+            if any(id(o.module) in inside for o in self._feed_wrappers):
+                wrapper.levels_inside = True
         one_stream(self._feed_wrappers)  # (an encoder's stack below its encoder-decoder: fed one token stream)
 
     # ------------------------------------------------------------- scores

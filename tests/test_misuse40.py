@@ -147,15 +147,66 @@ class _AsDict(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the ids of a forward are read from input_ids= or its first argument alone: a model fed its batch as one "
-    "dict gives no token count, its capture keeps no ids, and a replay on the batch with its sequences swapped is "
-    "forced unchecked (silent)",
-)
 def test_a_model_fed_its_batch_as_one_dict_replays_exactly_and_refuses_another_batch() -> None:
     """A model fed ``{"input_ids": ...}``: its capture should know the ids, its batch replay exactly and the batch with
     its sequences swapped be refused, as for a model fed the ids themselves."""
     model = _FedADict()
     with mr.attach(model) as session:
         _replays_exactly_and_refuses_another_batch(session, _AsDict(model), model)
+
+
+class _FedEither(_FedADict):
+    """:class:`_FedADict` whose routers see the tokens sequence-first (its blocks run ``[positions, batch, hidden]``) or
+    only those the attention mask keeps (the padding taken out before them)."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = self.embed(batch["input_ids"])
+        h = h + self.mix(h.mean(dim=1, keepdim=True))
+        if self.layout == "sequence-first":
+            h = h.transpose(0, 1)
+        else:
+            h = h[batch["attention_mask"].bool()]
+        for block in self.blocks:
+            h = h + block(h)
+        return h
+
+
+class _FedByName(_FedEither):
+    """The same model fed its entries by name."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("layout", ["sequence-first", "padding taken out"])
+def test_a_model_fed_one_dict_keeps_the_ids_and_order_of_the_model_fed_its_entries_by_name(layout: str) -> None:
+    """A dict batch is read as its entries given by name: its mask, and the order in which the routers see its tokens
+    (told by runs given the dict), are those of the same model given ``input_ids=`` and ``attention_mask=``."""
+    x = _batch(0)
+    mask = torch.ones_like(x)
+    mask[1, 5:] = 0  # (sequence 1 padded)
+    kept = []
+    for model, fed in (
+        (_FedEither(layout), {"batch": {"input_ids": x, "attention_mask": mask}}),
+        (_FedByName(layout), {"input_ids": x, "attention_mask": mask}),
+    ):
+        with mr.attach(model) as session:
+            with session.capture(), torch.no_grad():
+                model(**fed)
+            kept.append(session.routes())
+            if isinstance(model, _FedByName):
+                continue
+            with session.replay(kept[0]), session.capture(), torch.no_grad():
+                model({"input_ids": x, "attention_mask": mask})
+            assert session.routes().equal(kept[0])
+            with pytest.raises(mr.TokenMismatchError):
+                with session.replay(kept[0]), torch.no_grad():
+                    model({"input_ids": x.flip(0), "attention_mask": mask.flip(0)})
+    assert kept[1].token_ids is not None
+    assert kept[0].equal(kept[1])
+    assert torch.equal(kept[0].token_ids, kept[1].token_ids)
