@@ -31,7 +31,11 @@ A forward is seen where it enters the model or any module between the model and 
 (:func:`feed_levels`): from a session's attach until its detach, each of those modules has
 a ``forward`` of the session's (:class:`FeedForward`) that feeds the outermost call to the blocks
 open, then runs the module's own (a call fed no token ids nor embeddings, such as a layer fed
-hidden states or a wrapper fed a batch of its own, is left to the modules it enters below). So a
+hidden states or a wrapper fed a batch of its own, is left to the modules it enters below). A call
+fed token ids (or a batch given as one mapping of them, ``model({"input_ids": ...})``) at a module
+with such a module inside it is left to those below too: the innermost fed ids takes it (a wrapper
+that cuts the last token, puts a BOS first or reorders the sequences feeds the model the ids its
+routers see), and it is the outer call's where a module below is fed none or none is entered. So a
 wrapper around the model that calls an inner module (PEFT's ``PeftModel.generate`` runs the base
 model's ``generate()``, whose forwards never enter the ``PeftModel``), or code that calls
 ``model.forward(...)`` itself, is seen too. It runs once per forward of the model, not per router
@@ -249,6 +253,10 @@ class FeedRecord:
 
     #: note forwards that begin a decode loop again (see :attr:`interleaved`)
     _notes_loops = True
+    #: a forward an outer level was fed ids of, left to the levels inside it (see ``_take_deferred``), and the level
+    #: whose forward it was taken as
+    _deferred: tuple[Any, ...] | None = None
+    _held_by: FeedForward | None = None
 
     def __init__(self, keep_inputs: bool = True, limit: int | None = None) -> None:
         self.forwards: list[_Forward] = []
@@ -1258,6 +1266,10 @@ class FeedCheck:
     reach: frozenset[int] | None = None
     #: each source's router scope (by ``id``), by the ``id`` of the source: set where some level reaches a part only
     scope_of: dict[int, int] | None = None
+    #: a forward an outer level was fed ids of, left to the levels inside it (see ``_take_deferred``), and the level
+    #: whose forward it was taken as
+    _deferred: tuple[Any, ...] | None = None
+    _held_by: FeedForward | None = None
 
     def __init__(
         self,
@@ -1315,7 +1327,7 @@ class FeedCheck:
             level.compiled = False
         for src in self._sources:
             src.cleared = 0
-            src.guard = self._unseen_read
+            src.guard = self._guard
         self._traced = self._arm_traced()
         remove = _enter_levels(levels, self)
 
@@ -1328,6 +1340,15 @@ class FeedCheck:
                 traced.disarm()
 
         return stop
+
+    def _guard(self, router: str, start: int, n: int) -> None:
+        """A router reads past the rows of the forwards this check was fed: first the forward an outer level deferred
+        to the levels inside it, where none of them took it (see ``_take_deferred``); then :meth:`_unseen_read`."""
+        if self._deferred is not None and _take_deferred(self):
+            src = next((s for s in self._sources if s.name == router), None)
+            if src is not None and start + n <= src.cleared:
+                return
+        self._unseen_read(router, start, n)
 
     def _arm_traced(self) -> list[tuple[TracedFeedCheck, torch.Tensor, FeedForward]]:
         """Arm the token check of the forwards compiled whole on each level (see :class:`TracedFeedCheck`): the
@@ -3350,7 +3371,8 @@ def _models_among(module: nn.Module, heads: list[str]) -> list[str]:
 class FeedForward:
     """A level's ``forward`` while its session is attached: the outermost forward in the thread of each record or
     check watching it (a capture or replay block) is fed to it, then the level's own forward runs. A forward fed no
-    token count is fed on to the levels it enters below (see :meth:`FeedCheck.fed`).
+    token count is fed on to the levels it enters below (see :meth:`FeedCheck.fed`), and one fed ids at a level with
+    a level inside it is left to the innermost level fed ids (see ``_take_deferred``).
 
     Installed at attach and taken out at detach (a compiled model's guards then see one
     object for the whole session); with no block open it only passes the call on.
@@ -3402,9 +3424,9 @@ class FeedForward:
         #: the later routers' scopes that see only the tokens the attention mask keeps, where the first sees every
         #: position (:func:`_later_unpadded`), as places among ``scopes``
         self.unpads: frozenset[int] = frozenset()
-        #: a level of a session it serves lies inside its module (set by the session): a forward given its batch as one
-        #: mapping (``model({"input_ids": ..., ...})``) is read as given its entries by name only where none does
-        #: (:meth:`_unbatched`); else it is left to the levels it enters below, which may be fed the ids themselves
+        #: a level of a session it serves lies inside its module (set by the session): a forward fed ids here is left
+        #: to the levels it enters below, where one fed ids takes it, the innermost (the ids the routers' tokens come
+        #: from); where none is before a router reads, it is this level's (see ``_take_deferred``)
         self.levels_inside = False
 
     def leave(self) -> None:
@@ -3464,7 +3486,8 @@ class FeedForward:
         if not traced.active or self.paired or exporting():
             return self._run(args, kwargs)
         fed_args, fed_kwargs, _ = self._by_first_name(args, kwargs)
-        fed_args, fed_kwargs, _ = self._unbatched(fed_args, fed_kwargs)
+        if not self.levels_inside:  # (a level inside may be fed the ids themselves, and compares them)
+            fed_args, fed_kwargs, _ = self._unbatched(fed_args, fed_kwargs)
         pending = traced.feed(fed_args, fed_kwargs, self.order, self.mask_at)
         out = self._run(args, kwargs)
         traced.ran(pending)  # (routes of each router's own: the routers that read rows in this forward)
@@ -3499,10 +3522,10 @@ class FeedForward:
     ) -> tuple[tuple[Any, ...], dict[str, Any], Mapping[str, Any] | None]:
         """The inputs of a forward given its batch as one mapping of its token ids (or embeddings) and the rest, its
         only positional argument, as the records and checks read them: its entries given by name (``model(batch)``
-        read as ``model(**batch)``), and the mapping; else ``args`` and ``kwargs``, and None. Only at a level with no
-        level inside it (:attr:`levels_inside`): no module between it and its routers is fed the ids, and the
-        mapping's are those its routers' tokens come from."""
-        if self.levels_inside or len(args) != 1 or not isinstance(args[0], Mapping) or _INPUT_NAMES & kwargs.keys():
+        read as ``model(**batch)``), and the mapping; else ``args`` and ``kwargs``, and None. At a level with a level
+        inside it (:attr:`levels_inside`), the forward is taken by the innermost level fed ids (``_take_deferred``):
+        the mapping's ids count only where no module inside is fed ids."""
+        if len(args) != 1 or not isinstance(args[0], Mapping) or _INPUT_NAMES & kwargs.keys():
             return args, kwargs, None
         batch = args[0]
         ids = batch.get("input_ids")
@@ -3524,16 +3547,18 @@ class FeedForward:
 
     def _feed_records(
         self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[list[FeedRecord | FeedCheck], list[tuple[FeedRecord, tuple[int, ...] | None]]]:
+    ) -> tuple[
+        list[FeedRecord | FeedCheck], list[tuple[FeedRecord, tuple[int, ...] | None]], list[FeedRecord | FeedCheck]
+    ]:
         """An eager forward's inputs fed to the records and checks ``entered`` (its token order told first, where
-        not yet): those it is taken by (see :meth:`FeedCheck.fed`), and the records with their routers' calls as it
-        began."""
+        not yet): those it is taken by (see :meth:`FeedCheck.fed`), the records with their routers' calls as it
+        began, and those it is left to the levels inside this one for (see ``_take_deferred``)."""
         if args or self.ids_name is None:  # (_by_first_name's first test, inline: given its ids by position)
             fed_args, fed_kwargs, name = args, kwargs, None
         else:  # (what the records read, the runs run)
             fed_args, fed_kwargs, name = self._by_first_name(args, kwargs)
         batch = None
-        if fed_args and not self.levels_inside:  # (given its batch as one mapping: read as given its entries by name)
+        if fed_args:  # (given its batch as one mapping: read as given its entries by name)
             fed_args, fed_kwargs, batch = self._unbatched(fed_args, fed_kwargs)
         # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
         named, at, place = fed_kwargs, self.mask_at, self.mask_from
@@ -3545,21 +3570,35 @@ class FeedForward:
             named = self._named(fed_args, fed_kwargs)
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
         taken: list[FeedRecord | FeedCheck] = []
+        deferred: list[FeedRecord | FeedCheck] = []
         paired = self.paired
+        later = [self.scopes[i] for i in self.unpads if i < len(self.scopes)] if order == BATCH_MAJOR else []
+        # (fed ids at a level with a level inside: the forward is taken by the innermost level fed ids, whose forward
+        # the routers' tokens come from, where one is entered before any router reads; else here, see _take_deferred)
+        ids_fed = not paired and inputs[1] is not None
+        defer = ids_fed and self.levels_inside
         for r in entered:
-            # (fed no token count, it is left to the levels it enters below: they may see its tokens)
             if isinstance(r, FeedRecord):  # (its routers' calls as the forward begins, read once: see _keep)
                 r._began = made = r.calls_made() if r.calls_made is not None else None
                 # (a forward that raises is noted whether or not this level is fed it: see FeedRecord.raised)
                 watching.append((r, made))
+            if r._deferred is not None:  # (a forward an outer level was fed ids of, not yet taken)
+                if not ids_fed:  # (fed no ids here: taken by that level, as its forward, before this one runs)
+                    _take_deferred(r)
+                    continue
+                r._deferred = None  # (fed ids here too: taken here, or by a level inside)
+            if defer and type(r) in _DEFERRED:
+                r._deferred = (self, fed_args, named, paired, order, later, self.below)
+                deferred.append(r)
+                continue
+            # (fed no token count, it is left to the levels it enters below: they may see its tokens)
             if r.fed(fed_args, named, paired, order, inputs):
                 taken.append(r)
         entered = taken
-        if self.unpads and order == BATCH_MAJOR:  # (its later routers that see only the tokens its mask keeps)
-            later = [self.scopes[i] for i in self.unpads if i < len(self.scopes)]
+        if later:  # (its later routers that see only the tokens its mask keeps)
             for r in entered:
                 r.unpads(later)
-        return entered, watching
+        return entered, watching, deferred
 
     def _enter(self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A forward of the model, fed to the records and checks ``entered`` (then it runs)."""
@@ -3569,6 +3608,7 @@ class FeedForward:
             return self._compiled(args, kwargs)
         # (the records, and their routers' calls as the forward began)
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
+        deferred: list[FeedRecord | FeedCheck] = []
         below = self.below
         for r in entered:  # (the routers this forward can reach: one model's of a holder, or every one)
             if isinstance(r, FeedCheck):
@@ -3582,7 +3622,7 @@ class FeedForward:
             if compile_region():  # (eager code dynamo gave up inside a compiled call: each function it calls would be
                 # compiled as a frame of its own, and the token-order runs could not set their eager stance)
                 feed = torch.compiler.disable(feed)
-            entered, watching = feed(entered, args, kwargs)
+            entered, watching, deferred = feed(entered, args, kwargs)
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True
@@ -3605,6 +3645,14 @@ class FeedForward:
         finally:
             if check is not None and ORDER_PROBE.check is check:  # (no router reached)
                 ORDER_PROBE.check = ORDER_PROBE.thread = None
+            for r in deferred:  # (fed this forward, but not taken by a level inside it)
+                if r._deferred is not None and r._deferred[0] is self:  # (no level inside entered)
+                    if isinstance(r, FeedRecord):  # (its routers, if any ran, ran in this forward: it is this one's)
+                        _take_deferred(r)
+                    r._deferred = None  # (a check: no router read a row, nothing to compare)
+                if r._held_by is self:  # (taken here: see _take_deferred)
+                    r._held_by = None
+                    entered.append(r)
             for r in entered:
                 r._inside = False
                 if isinstance(r, FeedRecord):
@@ -3781,6 +3829,9 @@ class FeedForward:
         return f"<moe_replay forward of {type(self.module).__name__} (its inputs recorded in blocks)>"
 
 
+#: the records and checks whose forwards a level with a level inside leaves to it (see ``_take_deferred``)
+_DEFERRED = (FeedRecord, FeedCheck, RouterFeedCheck)
+
 _compiling = dynamo_compiling  # (one frame; export traces with dynamo too, make_fx is seen by _unseen)
 
 
@@ -3838,6 +3889,25 @@ def _by_name(
 ) -> Any:
     """``run`` with ``args[0]`` given as ``name`` (a forward's first parameter, given by name)."""
     return run(args[1:], {**kwargs, name: args[0]})
+
+
+def _take_deferred(r: FeedRecord | FeedCheck) -> bool:
+    """Feed ``r`` the forward an outer level deferred to the levels inside it (:meth:`FeedForward._feed_records`),
+    where none of them was fed its ids before a router read or a level inside was fed no ids: it is that level's
+    forward, ended as that level's forward ends. Returns whether it was taken."""
+    pending, r._deferred = r._deferred, None
+    if pending is None:
+        return False
+    level, args, kwargs, paired, order, later, below = pending
+    if isinstance(r, FeedCheck):
+        r.reach = below
+    if not r.fed(args, kwargs, paired, order):
+        return False
+    if later:
+        r.unpads(later)
+    r._inside = True
+    r._held_by = level
+    return True
 
 
 def _in_batch(

@@ -77,14 +77,6 @@ def test_a_session_on_the_model_a_wrapper_feeds_changed_ids_replays_exactly_and_
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a forward is taken by the outermost level fed ids: a wrapper that cuts the last token has 16 ids for the "
-    "routers' 14 rows, and a replay of its own batch is refused with advice about padding (a false refusal); one "
-    "that puts a BOS first has 16 ids for 18 rows, read as a stream of the routers' own: the routes keep no ids and "
-    "the batch with its sequences swapped is forced unchecked (silent); one that reverses the sequences is refused "
-    "as a layer that regroups them (a false refusal)",
-)
 @pytest.mark.parametrize("change", CHANGES)
 def test_a_session_on_a_wrapper_that_changes_the_ids_replays_exactly_and_refuses_another_batch(change: str) -> None:
     """The same wrapper attached itself: the ids the routers see are those the model beneath it is fed, so its batch
@@ -96,21 +88,26 @@ def test_a_session_on_a_wrapper_that_changes_the_ids_replays_exactly_and_refuses
 
 
 @pytest.mark.reliability("wrappers")
-def test_the_refusal_of_a_wrapper_that_cuts_the_last_token_names_the_attach_that_replays_it() -> None:
-    """Goes with the known gap above: the refusal of the wrapper's own batch named padding and masks alone, none of
-    which the batch has. It names the model the wrapper calls too, and that session replays the batch exactly."""
+def test_a_wrapper_that_cuts_the_last_token_replays_its_batch_as_the_model_it_calls_does() -> None:
+    """Attached to the wrapper or to the model it calls, a session keeps the same ids for the rows (those the model is
+    fed), and each replays the other's routes of the wrapper's batch."""
     model = mr.models.build("softmax_topk", num_layers=2)
     wrapper = _Changing(model, "last token cut")
     x = _batch(0)
-    with mr.attach(wrapper) as session:
-        with session.capture(), torch.no_grad():
-            wrapper(x)
-        routes = session.routes()
-        with pytest.raises(mr.TokenMismatchError, match="changed the ids before the model it calls.*attach"):
-            with session.replay(routes), torch.no_grad():
+    kept = []
+    for attached in (wrapper, model):
+        with mr.attach(attached) as session:
+            with session.capture(), torch.no_grad():
                 wrapper(x)
-    with mr.attach(model) as session:  # (as the message says)
-        _replays_exactly_and_refuses_another_batch(session, wrapper, model)
+            kept.append(session.routes())
+    assert kept[0].token_ids is not None
+    assert torch.equal(kept[0].token_ids, kept[1].token_ids)
+    for attached, routes in ((wrapper, kept[1]), (model, kept[0])):
+        with mr.attach(attached) as session:
+            with session.replay(routes), session.capture(), torch.no_grad():
+                wrapper(x)
+            assert torch.equal(session.routes().indices, routes.indices)
+            assert torch.equal(session.routes().token_ids, routes.token_ids)
 
 
 class _FedADict(nn.Module):
@@ -240,16 +237,31 @@ class _FedADictOverAStack(_FedADict):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a batch given as one dict is read only at a level with no level inside it (one inside may be fed the ids "
-    "themselves, with their mask by name); where the only level inside is fed hidden states, no level takes the "
-    "forward: its capture keeps no ids and a replay on the batch with its sequences swapped is forced unchecked "
-    "(silent)",
-)
 def test_a_model_fed_one_dict_over_a_stack_fed_hidden_states_replays_exactly_and_refuses_another_batch() -> None:
     """As a model fed one dict, where a module between it and its routers is fed hidden states: the dict's ids are
     those the routers' tokens come from, so its batch should replay exactly and the swapped batch be refused."""
     model = _FedADictOverAStack()
     with mr.attach(model) as session:
         _replays_exactly_and_refuses_another_batch(session, _AsDict(model), model)
+
+
+class _InHalves(nn.Module):
+    """A training wrapper that runs the model it calls once per sequence (micro-batches of one), cutting the last
+    token of each."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.inner(row[None, :-1]).logits for row in input_ids])
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_wrapper_that_calls_the_model_per_sequence_replays_exactly_and_refuses_another_batch() -> None:
+    """Each call of the model inside the wrapper's forward is a forward of its own, fed the ids its routers see: the
+    batch replays exactly and the batch with its sequences swapped is refused, as on the model alone."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    wrapper = _InHalves(model)
+    with mr.attach(wrapper) as session:
+        _replays_exactly_and_refuses_another_batch(session, wrapper, model)
