@@ -79,8 +79,10 @@ def test_a_session_on_the_model_a_wrapper_feeds_changed_ids_replays_exactly_and_
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("change", CHANGES)
 def test_a_session_on_a_wrapper_that_changes_the_ids_replays_exactly_and_refuses_another_batch(change: str) -> None:
-    """The same wrapper attached itself: the ids the routers see are those the model beneath it is fed, so its batch
-    should replay exactly and the batch with its sequences swapped be refused, as on the model alone."""
+    """Once silent (BOS put first: the routes kept no ids, another batch was forced unchecked) or a false refusal (last
+    token cut, sequences reversed: the wrapper's own ids were checked): the same wrapper attached itself. The ids the
+    routers see are those the model beneath it is fed, the innermost level fed ids, so its batch replays exactly and
+    the batch with its sequences swapped is refused, as on the model alone."""
     model = mr.models.build("softmax_topk", num_layers=2)
     wrapper = _Changing(model, change)
     with mr.attach(wrapper) as session:
@@ -89,8 +91,9 @@ def test_a_session_on_a_wrapper_that_changes_the_ids_replays_exactly_and_refuses
 
 @pytest.mark.reliability("wrappers")
 def test_a_wrapper_that_cuts_the_last_token_replays_its_batch_as_the_model_it_calls_does() -> None:
-    """Attached to the wrapper or to the model it calls, a session keeps the same ids for the rows (those the model is
-    fed), and each replays the other's routes of the wrapper's batch."""
+    """Once a false refusal (naming padding, then the attach of the model it calls): attached to the wrapper or to the
+    model it calls, a session keeps the same ids for the rows (those the model is fed), and each replays the other's
+    routes of the wrapper's batch."""
     model = mr.models.build("softmax_topk", num_layers=2)
     wrapper = _Changing(model, "last token cut")
     x = _batch(0)
@@ -145,8 +148,8 @@ class _AsDict(nn.Module):
 
 @pytest.mark.reliability("silent replays")
 def test_a_model_fed_its_batch_as_one_dict_replays_exactly_and_refuses_another_batch() -> None:
-    """A model fed ``{"input_ids": ...}``: its capture should know the ids, its batch replay exactly and the batch with
-    its sequences swapped be refused, as for a model fed the ids themselves."""
+    """Once silent (its capture kept no ids): a model fed ``{"input_ids": ...}`` knows the ids, its batch replays
+    exactly and the batch with its sequences swapped is refused, as for a model fed the ids themselves."""
     model = _FedADict()
     with mr.attach(model) as session:
         _replays_exactly_and_refuses_another_batch(session, _AsDict(model), model)
@@ -238,8 +241,9 @@ class _FedADictOverAStack(_FedADict):
 
 @pytest.mark.reliability("silent replays")
 def test_a_model_fed_one_dict_over_a_stack_fed_hidden_states_replays_exactly_and_refuses_another_batch() -> None:
-    """As a model fed one dict, where a module between it and its routers is fed hidden states: the dict's ids are
-    those the routers' tokens come from, so its batch should replay exactly and the swapped batch be refused."""
+    """Once silent: as a model fed one dict, where a module between it and its routers is fed hidden states: no module
+    inside is fed ids, so the dict's are those the routers' tokens come from; its batch replays exactly and the
+    swapped batch is refused."""
     model = _FedADictOverAStack()
     with mr.attach(model) as session:
         _replays_exactly_and_refuses_another_batch(session, _AsDict(model), model)
@@ -259,8 +263,9 @@ class _InHalves(nn.Module):
 
 @pytest.mark.reliability("silent replays")
 def test_a_wrapper_that_calls_the_model_per_sequence_replays_exactly_and_refuses_another_batch() -> None:
-    """Each call of the model inside the wrapper's forward is a forward of its own, fed the ids its routers see: the
-    batch replays exactly and the batch with its sequences swapped is refused, as on the model alone."""
+    """Once a false refusal (the wrapper's 16 ids for rows of 7 per call): each call of the model inside the wrapper's
+    forward is a forward of its own, fed the ids its routers see; the batch replays exactly and the batch with its
+    sequences swapped is refused, as on the model alone."""
     model = mr.models.build("softmax_topk", num_layers=2)
     wrapper = _InHalves(model)
     with mr.attach(wrapper) as session:
