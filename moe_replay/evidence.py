@@ -1874,7 +1874,7 @@ class _Snapshot:
             for t, _, version in self.tensors
             if version is not None
             and t.is_floating_point()
-            and 0 < t.numel() <= width
+            and t.numel() in (1, width)
             and not (type(t) is torch.Tensor and t.numel() == 1 and not t.requires_grad)
         ]
 
