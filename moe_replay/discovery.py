@@ -754,6 +754,32 @@ def _owns_gate(module: nn.Module) -> bool:
     )
 
 
+def _gateless_block(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """An MoE block with no gate at all, whose forward scores the experts from its input and the tensors handed to
+    it (Moirai-MoE: the distances of the tokens to centroids its encoder passes in) and takes the top-k itself.
+
+    It holds one expert container of the E experts it declares and a k, no parameter outside that container, no
+    module named like a router beside or inside it (a gate beside it is the router: the block is its scope), and its
+    forward reaches a decision call. Its first forward establishes that decision, as any router's."""
+    containers = [c for a, c in module.named_children() if _named_experts(a, c)]
+    if len(containers) != 1 or not isinstance(containers[0], nn.ModuleList | nn.Sequential):
+        return False
+    count = _int_attr(module, _EXPERT_KEYS)
+    if count is None or count != len(containers[0]) or count < 2 or not _int_attr(module, _TOPK_KEYS):
+        return False
+    held = {id(p) for p in containers[0].parameters()}
+    if any(id(p) not in held for p in module.parameters()):
+        return False
+    if any(n and _looks_like_router(n, m) for n, m in module.named_modules()):
+        return False
+    holder = modules.get(_holder(name, modules)) if name else None
+    if holder is not None and any(
+        c is not module and (_looks_like_router(a, c) or _owns_gate(c)) for a, c in holder.named_children()
+    ):
+        return False
+    return _reaches_decision(_class_forward(module), type(module), instance=module)
+
+
 def _looks_like_router(name: str, module: nn.Module) -> bool:
     attr = name.rsplit(".", 1)[-1]
     cls = type(module).__name__
@@ -977,7 +1003,12 @@ def find_routers(
                 continue
         elif not name or isinstance(module, nn.ModuleList | nn.ModuleDict):
             continue  # (a list of gates named ``gates`` has no forward: the gates in it are the routers)
-        elif not (_looks_like_router(name, module) or _in_gate_list(name, module, modules) or _owns_gate(module)):
+        elif not (
+            _looks_like_router(name, module)
+            or _in_gate_list(name, module, modules)
+            or _owns_gate(module)
+            or _gateless_block(name, module, modules)
+        ):
             continue
         if exc is not None and exc(name, module):
             if inc is not None:
@@ -998,7 +1029,12 @@ def find_routers(
         parent = modules.get(_holder(name, modules)) if name else None
         config = _nearest_config(name, modules)
         counts = _expert_counts(module, parent, config)
-        candidates = [num_experts] if num_experts else _expert_widths(module, counts)
+        if num_experts:
+            candidates = [num_experts]
+        elif inc is None and _gateless_block(name, module, modules):
+            candidates = sorted(counts, reverse=True)  # (its Linear layers are its experts', not a gate's)
+        else:
+            candidates = _expert_widths(module, counts)
         if not candidates:  # a router with no weight of its own (its block scores): an expert count says E
             candidates = sorted(counts, reverse=True)
         width = candidates[0] if candidates else None
