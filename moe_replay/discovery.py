@@ -754,30 +754,35 @@ def _owns_gate(module: nn.Module) -> bool:
     )
 
 
-def _gateless_block(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
-    """An MoE block with no gate at all, whose forward scores the experts from its input and the tensors handed to
-    it (Moirai-MoE: the distances of the tokens to centroids its encoder passes in) and takes the top-k itself.
+def _gateless_experts(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> int | None:
+    """E, where ``module`` is an MoE block with no gate module, whose forward scores its experts itself and takes the
+    top-k (Moirai-MoE: the distances of the tokens to centroids its encoder hands in; a block scoring them against
+    learned centroids of its own); else None.
 
-    It holds one expert container of the E experts it declares and a k, no parameter outside that container, no
-    module named like a router beside or inside it (a gate beside it is the router: the block is its scope), and its
-    forward reaches a decision call. Its first forward establishes that decision, as any router's."""
+    It holds one expert container of E experts (E as it declares, if it does) and a k, no parameter outside that
+    container but at most one of its own that scores them (2-D, with E rows or columns), no other module with
+    parameters, no module named like a router beside or inside it (a gate beside it is the router: the block is its
+    scope), and its forward reaches a decision call. Its first forward establishes that decision, as any router's."""
     containers = [c for a, c in module.named_children() if _named_experts(a, c)]
     if len(containers) != 1 or not isinstance(containers[0], nn.ModuleList | nn.Sequential):
-        return False
-    count = _int_attr(module, _EXPERT_KEYS)
-    if count is None or count != len(containers[0]) or count < 2 or not _int_attr(module, _TOPK_KEYS):
-        return False
-    held = {id(p) for p in containers[0].parameters()}
-    if any(id(p) not in held for p in module.parameters()):
-        return False
+        return None
+    count = len(containers[0])
+    declared = _int_attr(module, _EXPERT_KEYS)
+    if count < 2 or declared not in (None, count) or not _int_attr(module, _TOPK_KEYS):
+        return None
+    if any(c is not containers[0] and any(True for _ in c.parameters()) for c in module.children()):
+        return None
+    own = [p for _, p in _own_params(module)]
+    if len(own) > 1 or any(p.dim() != 2 or count not in p.shape for p in own):
+        return None
     if any(n and _looks_like_router(n, m) for n, m in module.named_modules()):
-        return False
+        return None
     holder = modules.get(_holder(name, modules)) if name else None
     if holder is not None and any(
         c is not module and (_looks_like_router(a, c) or _owns_gate(c)) for a, c in holder.named_children()
     ):
-        return False
-    return _reaches_decision(_class_forward(module), type(module), instance=module)
+        return None
+    return count if _reaches_decision(_class_forward(module), type(module), instance=module) else None
 
 
 def _looks_like_router(name: str, module: nn.Module) -> bool:
@@ -1007,7 +1012,7 @@ def find_routers(
             _looks_like_router(name, module)
             or _in_gate_list(name, module, modules)
             or _owns_gate(module)
-            or _gateless_block(name, module, modules)
+            or _gateless_experts(name, module, modules) is not None
         ):
             continue
         if exc is not None and exc(name, module):
@@ -1029,10 +1034,13 @@ def find_routers(
         parent = modules.get(_holder(name, modules)) if name else None
         config = _nearest_config(name, modules)
         counts = _expert_counts(module, parent, config)
+        gateless = _gateless_experts(name, module, modules) if inc is None else None
+        if gateless:  # (its Linear layers are its experts', not a gate's)
+            counts.add(gateless)
         if num_experts:
             candidates = [num_experts]
-        elif inc is None and _gateless_block(name, module, modules):
-            candidates = sorted(counts, reverse=True)  # (its Linear layers are its experts', not a gate's)
+        elif gateless:
+            candidates = [gateless]
         else:
             candidates = _expert_widths(module, counts)
         if not candidates:  # a router with no weight of its own (its block scores): an expert count says E
@@ -1046,7 +1054,7 @@ def find_routers(
         if refusal is not None and inc is None:  # a known router family that cannot be replayed: report it
             width, k = max(counts, default=width or 0), top_k or _top_k(module, parent, config) or 1
         elif inc is None:
-            if not _near_experts(module, parent, candidates):
+            if not gateless and not _near_experts(module, parent, candidates):
                 continue
             given = num_experts
             if counts and given and given not in counts and given not in _expert_widths(module, counts):

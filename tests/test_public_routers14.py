@@ -86,6 +86,35 @@ class MoiraiEncoder(nn.Module):
         return self.norm(x)
 
 
+# ----------------------------------------------------------------------- learned centroids, no gate module
+class CentroidMoEFFN(_Used):
+    """A public ``MoEFFN`` ("MoE with learned centroids and sigmoid routing"): no gate module, a ``centroids``
+    parameter ``[E, d]`` of its own, the sigmoid of ``u @ centroids.t()``, a ``topk`` (``moe_top_k``, no expert
+    count attribute), the top-k values scattered into zeros and renormalised, every expert run and mixed by
+    ``einsum``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moe_top_k = 2
+        self.experts = Experts()
+        self.centroids = nn.Parameter(torch.randn(E, D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.size()
+        u = x.view(b * s, d)
+        gates = torch.sigmoid(u @ self.centroids.t())
+        if self.forced is None:
+            topk_vals, topk_idx = gates.topk(self.moe_top_k, dim=-1)
+        else:
+            topk_idx = self.forced
+            topk_vals = gates.gather(-1, topk_idx)
+        self.used = topk_idx
+        mask = torch.zeros_like(gates).scatter_(-1, topk_idx, topk_vals)
+        gates = mask / mask.sum(dim=-1, keepdim=True)
+        all_outs = torch.stack([expert(u) for expert in self.experts], dim=1)
+        return torch.einsum("be,bed->bd", gates, all_outs).view(b, s, d)
+
+
 # ----------------------------------------------------------------------- NLLB-MoE: the whole route_tokens
 class NllbMoeTop2Router(_Used):
     """HF ``transformers/models/nllb_moe/modeling_nllb_moe.py`` ``NllbMoeTop2Router.route_tokens``: ``argmax`` of
@@ -171,6 +200,7 @@ def _nllb(**kw: object) -> nn.Module:
 
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     "moirai-moe-cdist-centroids": (MoiraiEncoder, lambda: _x(2, 12), {}),
+    "learned-centroids-sigmoid": (lambda: Layers(CentroidMoEFFN), lambda: _x(2, 12), {}),
     "nllb-all-before-eval-fraction": (lambda: _nllb(before=True), _x, {}),
 }
 
@@ -178,8 +208,9 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", list(EXACT))
 def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
-    """Moirai-MoE's gate-less block (the top-k of the distances to centroids its encoder hands in; once not found
-    with zero configuration, a false refusal) and NLLB-MoE's whole ``route_tokens`` (a second ``argmax`` after Gumbel
+    """Moirai-MoE's gate-less block (the top-k of the distances to centroids its encoder hands in) and a block scoring
+    its experts against learned centroids of its own (both once not found with zero configuration, a false refusal),
+    and NLLB-MoE's whole ``route_tokens`` (a second ``argmax`` after Gumbel
     noise added in place, normalised before or after a capacity drop by position, an eval capacity written into the
     router at each call): every router found and nothing else, the recorded rows the experts used, and a replay
     after the routers change those experts forced by hand, in output and gradients."""
@@ -205,7 +236,7 @@ class IdsModel(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("case", ["moirai-moe-cdist-centroids"])
+@pytest.mark.parametrize("case", ["moirai-moe-cdist-centroids", "learned-centroids-sigmoid"])
 def test_routes_of_another_batch_are_refused_and_those_of_the_batch_replay(case: str) -> None:
     """Fed token ids: routes of batch A replayed on batch B (or on A's sequences swapped) are refused with
     ``TokenMismatchError``; on A itself, after every parameter and the centroids change, they replay the experts
