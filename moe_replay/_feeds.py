@@ -1969,9 +1969,11 @@ class OrderCheck(FeedCheck):
         ):
             pos = None
         fed = [t for t in (mask, pos) if t is not None]
-        if not fed:
-            return
         grid = places.view(batch, positions)
+        if not fed:
+            if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
+                self._refuse_unplaced(self.forwards, start, grid)
+            return
         if all(t.device.type == "cpu" for t in fed):
             self._refuse_places(self.forwards, start, grid, mask, pos)
         elif self.device_ids:
@@ -1999,6 +2001,26 @@ class OrderCheck(FeedCheck):
             at = wrong.nonzero()
             if at.numel():
                 self._places_refused(forward, start, wrong, at, what)
+
+    def _refuse_unplaced(self, forward: int, start: int, grid: torch.Tensor) -> None:
+        """Refuse forward ``forward`` fed neither an attention mask nor ``position_ids`` where the rows it reads (their
+        places ``grid``) hold padding of the layout: nothing then tells where its sequences sit in the batch. A batch
+        padded on the other side, or holding sequences of other lengths, would put the recorded rows on padding and
+        route its own tokens natively at the layout's padding, forcing nothing on them without a word."""
+        at = grid.eq(-1).nonzero()
+        if not at.numel():  # (no padding in these rows: a mask could not tell more than the row count does)
+            return
+        row, col = int(at[0, 0]), int(at[0, 1])
+        raise TokenMismatchError(
+            f"forward {forward} of this replay() reads rows laid out by mr.BatchLayout for a padded batch (the "
+            f"layout's padding first at batch position [{row}, {col}], row {start + row * int(grid.shape[1]) + col} "
+            "of the routes), but it is fed neither an attention_mask nor position_ids, and the routes know no token "
+            "ids: nothing tells that its sequences sit where the layout put them. A batch padded on the other side, "
+            "or with other lengths, would take the recorded experts on its padding and route its own tokens "
+            "natively. Pass the batch's mask (attention_mask=layout.attention_mask()) or its position_ids "
+            "(layout.position_ids()), or give the routes their tokens' ids (with_token_ids on each sequence's "
+            "routes before the layout) so that every row is checked" + (f". {self.hint}" if self.hint else "")
+        )
 
     def _places_refused(self, forward: int, start: int, wrong: torch.Tensor, at: torch.Tensor, what: str) -> None:
         """The error of :meth:`_refuse_places`: ``wrong`` marks the positions that do not fit (``at``, theirs)."""

@@ -2145,8 +2145,10 @@ class Session:
         :func:`~moe_replay.pack_routes`) are checked against the ``attention_mask`` and
         ``position_ids`` keywords each forward is fed: a sequence's row where the mask marks padding,
         padding of the layout where it marks a token, or positions that restart inside a sequence
-        (another padding side, order or lengths than the layout's) raise :class:`TokenMismatchError`;
-        sequences of the same lengths in another order cannot be told apart without ids. A
+        (another padding side, order or lengths than the layout's) raise :class:`TokenMismatchError`, and
+        so does a forward fed neither where the rows it reads hold the layout's padding (nothing then
+        tells where its sequences sit); sequences of the same lengths in another order cannot be told
+        apart without ids. A
         forward is seen where it enters the attached model or a module between it and the
         routers (a wrapper calling the inner model, ``.forward`` called directly); one that
         enters none of them (a block called alone) is refused at its first router.

@@ -1,0 +1,91 @@
+"""Misuse of the public API in a training workflow: per-sequence routes that know no token ids (an engine's arrays),
+laid out by a BatchLayout for a padded batch and replayed on a forward that is fed the batch without its attention
+mask or position_ids. Nothing then tells where the sequences sit in the batch: a batch padded on the other side would
+take the recorded experts on its padding and route its own tokens natively. Each replay is exact (every sequence's
+tokens dispatch their recorded experts, checked by a capture inside it after the routers were moved) or refused,
+with the model left as it was."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import moe_replay as mr
+
+LENGTHS = (5, 3)
+
+
+def _move_routers(model: torch.nn.Module) -> None:
+    """Move every router's weight far enough that it chooses other experts on the same tokens."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".router." in name:
+                p.add_(3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def rollout() -> tuple[Any, ...]:
+    """A model, its session, two sequences, and each sequence's routes captured on its own, without ids."""
+    model = mr.models.build("softmax_topk", seed=0)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, model.config.vocab_size, (n,), generator=g) for n in LENGTHS]
+    session = mr.attach(model)
+    per = []
+    for seq in seqs:
+        with session.capture(), torch.no_grad():
+            model(seq[None])
+        per.append(session.routes().with_token_ids(None))  # (an engine's arrays: rows only)
+    _move_routers(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, session, seqs, per, state
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("fed_side", ["right", "left"])
+@pytest.mark.parametrize("feeds", ["attention_mask", "position_ids", "nothing"])
+def test_laid_out_routes_without_ids_on_a_padded_batch_fed_no_mask_are_exact_or_refused(
+    rollout: tuple[Any, ...], feeds: str, fed_side: str
+) -> None:
+    """Once silent: routes laid out for a right-padded batch, replayed on the same sequences padded on the left and
+    fed without an attention mask or position_ids, forced the second sequence's experts on its padding and routed
+    its tokens natively; every check passed. A forward fed neither is now refused where the rows it reads hold the
+    layout's padding (a mask or the positions shows where the sequences sit; the ids would check every row)."""
+    model, session, seqs, per, state = rollout
+    model.load_state_dict(state)
+    routes = mr.BatchLayout.padded(list(LENGTHS), side="right").routes(per)
+    fed = mr.BatchLayout.padded(list(LENGTHS), side=fed_side)
+    ids = fed.tokens(seqs)
+    kwargs = {} if feeds == "nothing" else {feeds: getattr(fed, feeds)()}
+    before = _state(model)
+    exact = fed_side == "right" and feeds != "nothing"  # (fed nothing: where the sequences sit is not told)
+    if not exact:
+        with pytest.raises(mr.TokenMismatchError), session.replay(routes), torch.no_grad():
+            model(ids, **kwargs)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert session.state == "idle"
+        return
+    with session.replay(routes), session.capture(), torch.no_grad():
+        model(ids, **kwargs)
+    got = fed.unpack(session.routes().with_token_ids(None))
+    for i, want in enumerate(per):
+        assert got[i].equal(want), f"sequence {i} did not dispatch its recorded experts"
+
+
+@pytest.mark.reliability("silent replays")
+def test_laid_out_routes_without_padding_on_a_batch_fed_no_mask_replay(rollout: tuple[Any, ...]) -> None:
+    """A layout with no padding (sequences packed in one row) holds nothing a mask could tell: a forward fed neither
+    mask nor positions replays it by row order, as before."""
+    model, session, seqs, per, state = rollout
+    model.load_state_dict(state)
+    layout = mr.BatchLayout.packed(list(LENGTHS))
+    with session.replay(layout.routes(per)), session.capture(), torch.no_grad():
+        model(layout.tokens(seqs))
+    got = layout.unpack(session.routes().with_token_ids(None))
+    assert all(g.equal(w) for g, w in zip(got, per, strict=True))
