@@ -344,6 +344,39 @@ def _check_same_tokens(a: Routes, b: Routes, names: Sequence[str]) -> None:
             )
 
 
+def _check_same_places(a: Routes, b: Routes) -> None:
+    """Refuse routes laid out by a :class:`~moe_replay.BatchLayout` compared with rows of another batch, where
+    nothing else tells (routes that know no token ids): each row's place in its sequence against the other side's
+    (two layouts: a sequence's token at another place), or against the mask a capture was fed (a sequence's token at a
+    row the capture recorded at padding). Either means that the rows compared are not the same tokens (the batch
+    padded on the other side, sequences of other lengths or in another order), and the figures would be of other
+    tokens' decisions."""
+    if len(set(a.tokens_per_layer)) != 1 or a.tokens_per_layer != b.tokens_per_layer:
+        return  # (routers of other row counts: no row is one token of one batch)
+    t = a.tokens_per_layer[0]
+    pa, pb = (r._layout_pos if r._layout_pos is not None and r._layout_pos.shape == (t,) else None for r in (a, b))
+    if pa is None and pb is None:
+        return
+    if pa is not None and pb is not None:
+        wrong = (pa >= 0) & (pb >= 0) & (pa != pb)
+        what = "a token at another place in its sequence in the layout of the other"
+    else:
+        places, other = (pa, b) if pa is not None else (pb, a)
+        fed = other._fed_mask
+        if places is None or fed is None or fed.shape != (t,):
+            return
+        wrong = (places >= 0) & (fed == 0)
+        what = "padding in the batch the other was captured on (its attention mask 0 there)"
+    at = wrong.nonzero().flatten()
+    if at.numel():
+        raise RoutesValidationError(
+            f"the two were laid out for other batches: row {int(at[0])} (and {at.numel() - 1} more) holds a token of "
+            f"a sequence in the layout of one, but {what}, so the rows compared would be other tokens' decisions. "
+            "Lay both out for the same batch (the same lengths, order and padding side: mr.BatchLayout of the batch "
+            "as fed), or give them their token ids (with_token_ids) so that each row's token is checked"
+        )
+
+
 def _padding_rows(r: Routes, t: int) -> torch.Tensor:
     """Boolean ``[t]``: the rows a capture recorded at prompt padding (attention mask 0, no token id since given).
 
@@ -390,7 +423,10 @@ def compare(
         RoutesValidationError: the two hold different routers, token counts, k or
             expert counts, were recorded for other tokens (both know their
             :attr:`~moe_replay.Routes.token_ids`, or each router's own where its rows are not one
-            per token of the same forwards, and they differ), or hold rows that are no
+            per token of the same forwards, and they differ), were laid out by a
+            :class:`~moe_replay.BatchLayout` for another batch than the other's (a sequence's token at
+            another place in the other's layout, or at a row the other's capture recorded at padding),
+            or hold rows that are no
             decision (built with ``validate=False``: a row mixing -1 with experts, or
             repeating an expert), or one holds rows recorded sequence-first, the other rows in
             another order, and not both know their token ids, or one holds rows of forwards fed
@@ -484,6 +520,7 @@ def compare(
             )
     t = counts.pop()
     _check_same_tokens(a, b, names)
+    _check_same_places(a, b)
     width = max(ea) if ea else 0
     differ, compared, excluded, shared = [], [], [], []
     load_a = np.zeros((len(names), width), dtype=np.int64)

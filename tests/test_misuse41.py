@@ -89,3 +89,39 @@ def test_laid_out_routes_without_padding_on_a_batch_fed_no_mask_replay(rollout: 
         model(layout.tokens(seqs))
     got = layout.unpack(session.routes().with_token_ids(None))
     assert all(g.equal(w) for g, w in zip(got, per, strict=True))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("other", ["capture", "layout"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_compare_of_routes_laid_out_for_another_batch_is_refused(
+    rollout: tuple[Any, ...], side: str, other: str
+) -> None:
+    """Once silent: an engine's routes (no ids) laid out right-padded, compared with a capture of the batch padded on
+    the left (or with the same routes laid out left-padded), compared each row with another token's: the figures were
+    of misaligned rows. Rows of a sequence's token at a row the capture recorded at padding, or at another place in the
+    other layout, are now refused; laid out for the same batch, the comparison is the hand count."""
+    model, session, seqs, per, state = rollout
+    model.load_state_dict(state)
+    fed = mr.BatchLayout.padded(list(LENGTHS), side=side)
+    if other == "capture":
+        with session.capture(), torch.no_grad():
+            model(fed.tokens(seqs), attention_mask=fed.attention_mask())
+        b = session.routes().with_token_ids(None)
+    else:
+        b = fed.routes(per)
+    a = mr.BatchLayout.padded(list(LENGTHS), side="right").routes(per)
+    if side == "left":
+        with pytest.raises(mr.RoutesValidationError, match="laid out for other batches"):
+            mr.compare(a, b)
+        return
+    got = mr.compare(a, b)
+    # (by hand: each sequence's own rows, the capture's on the moved routers, at the positions the layout gives it)
+    ours = fed.unpack(b) if other == "capture" else per
+    differ = sum(
+        int((~(x.layer(n).sort(1).values == y.layer(n).sort(1).values).all(1)).sum())
+        for x, y in zip(per, ours, strict=True)
+        for n in a.names
+    )
+    assert got.compared.sum() == sum(LENGTHS) * len(a.names)
+    assert got.differ.sum() == differ
