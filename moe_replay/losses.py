@@ -468,7 +468,9 @@ def load_balancing_loss(
             ``kept[name]``, or probabilities made from the kept scores with the kept indices),
             which know whose token each row is: each row gets its own token's weight, also where
             the routers saw the batch sequence-first (see :meth:`RouterScores.row_mask`). A
-            router with no token counted (all padding, or no token at all) contributes 0.
+            router with no token counted (all padding, or no token at all) contributes 0. Rows of
+            ``indices`` that are all -1 (a token Routes hold no route for: the padding of a
+            :class:`~moe_replay.BatchLayout`) count for nothing where the mask gives them weight 0.
 
     Returns:
         A scalar float32 tensor.
@@ -481,11 +483,12 @@ def load_balancing_loss(
             than one dimension (or a list of masks) for rows whose
             tokens are not known (tensors not kept by :meth:`Session.keep_scores`, a forward whose
             routers' order is not known: see :meth:`RouterScores.row_mask`) or that does not match
-            the forwards kept; or (on the CPU) indices that are not experts ``0..E-1`` or repeat an
-            expert in a counted row, probs that are negative or above 1 (logits) or not finite, a mask with
-            negative or non-finite weights. On an accelerator, and in compiled code, out-of-range
-            indices stop the kernel that counts them instead, and the other values are not checked
-            (no host sync is spent on the checks).
+            the forwards kept; or (on the CPU) indices that are not experts ``0..E-1`` (a -1 row
+            of a token the mask counts) or repeat an expert in a counted row, probs that are
+            negative or above 1 (logits) or not finite, a mask with negative or non-finite weights.
+            On an accelerator, and in compiled code, out-of-range indices stop the kernel that
+            counts them instead, and the other values are not checked (no host sync is spent on
+            the checks).
         ArgumentTypeError: ``probs``, ``indices`` or ``mask`` that are not tensors (or lists of them),
             ``probs`` or ``indices`` that are not dense (sparse, nested, quantized), or a complex mask.
 
@@ -536,14 +539,6 @@ def load_balancing_loss(
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise InvalidArgumentError(f"router {i}: indices must be integers (expert numbers), got {idx.dtype}")
         host = p.device.type == "cpu" and not torch.compiler.is_compiling()
-        if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
-            # on the host at no cost; on an accelerator, or compiled, the kernel refuses them (no sync here)
-            low, high = torch.stack([idx.min(), idx.max()]).tolist()
-            if low < 0 or high >= e:
-                raise InvalidArgumentError(
-                    f"router {i}: indices must be experts 0..{e - 1}, got values from {low} to {high} (-1 marks an "
-                    "unrecorded row of Routes: select the recorded tokens, or pass a mask and valid rows)"
-                )
         if host and p.numel():
             low, high = torch.stack([p.detach().min(), p.detach().max()]).float().tolist()
             # (above 1 by more than rounding: positive logits, or exp() of them, are no probabilities either)
@@ -565,6 +560,16 @@ def load_balancing_loss(
             raise InvalidArgumentError(f"mask has {w.shape[0]} elements, but router {i} has {t} tokens")
         if host and mask is not None and w.numel() and not bool(((w >= 0) & w.isfinite()).all()):
             raise InvalidArgumentError("mask must hold token weights, finite and not negative (1 counts, 0 skips)")
+        if mask is not None and idx.numel():
+            idx = _skip_unrecorded(idx, w)  # (-1 rows of Routes at padding, weight 0: no expert counted there)
+        if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            # on the host at no cost; on an accelerator, or compiled, the kernel refuses them (no sync here)
+            low, high = torch.stack([idx.min(), idx.max()]).tolist()
+            if low < 0 or high >= e:
+                raise InvalidArgumentError(
+                    f"router {i}: indices must be experts 0..{e - 1}, got values from {low} to {high} (-1 marks an "
+                    "unrecorded row of Routes: select the recorded tokens, or give such rows weight 0 in mask)"
+                )
         if host and idx.device.type == "cpu" and idx.shape[1] > 1 and t:
             repeats = (idx.sort(dim=1).values.diff(dim=1) == 0).any(dim=1) & (w > 0)
             if bool(repeats.any()):
@@ -580,6 +585,22 @@ def load_balancing_loss(
         p_mean = (p.float() * w[:, None]).sum(0) / total
         losses.append(e * (f * p_mean).sum())
     return torch.stack(losses).mean()
+
+
+def _skip_unrecorded(idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``idx`` with its unrecorded rows (all -1, as Routes mark a token routed natively: padding of a layout) that the
+    mask gives weight 0 set to expert 0: they count for nothing, and are no error. A -1 row of a counted token, or a
+    row mixing -1 with experts, is left as it is (refused by the range check, or by the kernel on an accelerator).
+    Host indices are read on the host (their weights brought there only where some row is -1: no sync otherwise);
+    others beside their weights, with no sync."""
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool((idx < 0).any()):
+            return idx
+        weights = w.detach().cpu()
+    else:
+        weights = w.detach().to(idx.device)
+    skipped = (idx < 0).all(dim=1) & (weights == 0)
+    return torch.where(skipped[:, None], torch.zeros_like(idx), idx)
 
 
 def _masks(mask: object) -> list[torch.Tensor] | None:

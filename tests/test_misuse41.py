@@ -125,3 +125,48 @@ def test_compare_of_routes_laid_out_for_another_batch_is_refused(
     )
     assert got.compared.sum() == sum(LENGTHS) * len(a.names)
     assert got.differ.sum() == differ
+
+
+def _by_hand(probs: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> float:
+    """Switch's E * sum_e f_e * P_e over the tokens of weight w, counted one (token, slot) at a time."""
+    e = probs.shape[1]
+    f = [0.0] * e
+    for row, weight in zip(idx.tolist(), w.tolist(), strict=True):
+        for expert in row:
+            if weight:
+                f[expert] += weight
+    total = float(w.sum())
+    p_mean = (probs.double() * w[:, None].double()).sum(0) / total
+    return e * sum(f[j] / total * float(p_mean[j]) for j in range(e))
+
+
+@pytest.mark.reliability("round trips")
+@pytest.mark.parametrize("mask_dims", [1, 2])
+def test_load_balancing_loss_on_laid_out_routes_skips_their_padding_rows(
+    rollout: tuple[Any, ...], mask_dims: int
+) -> None:
+    """Once a false refusal: the replay routes of a padded batch (-1 rows at its padding) given as the experts used,
+    with the batch's attention mask, were refused as indices out of 0..E-1, though the mask gives those rows weight 0.
+    They now count for nothing; the loss is the hand count, and equals the one on the kept indices. A -1 row of a token
+    the mask counts is still refused."""
+    model, session, seqs, per, state = rollout
+    model.load_state_dict(state)
+    layout = mr.BatchLayout.padded(list(LENGTHS), side="left")
+    routes = layout.routes(per)
+    mask = layout.attention_mask()
+    with session.replay(routes), session.keep_scores() as kept:
+        model(layout.tokens(seqs), attention_mask=mask)
+    probs = kept.scores  # (this router's top-k runs on probabilities)
+    used = [routes.layer(n) for n in kept.names]
+    given = mask.reshape(-1) if mask_dims == 1 else mask
+    loss = mr.load_balancing_loss(probs, used, mask=given)
+    w = mask.reshape(-1).float()
+    want = sum(_by_hand(p.detach(), u.clamp(min=0), w) for p, u in zip(probs, used, strict=True)) / len(used)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert loss.item() == pytest.approx(mr.load_balancing_loss(probs, kept.indices, mask=given).item(), rel=1e-6)
+    loss.backward()  # (the gradient reaches the routers through the kept scores)
+    assert all(s.module.weight.grad is not None for s in session.sites)
+    model.zero_grad()
+    counted = torch.ones_like(w)  # (every row counted: the -1 rows are tokens of no recorded route)
+    with pytest.raises(mr.InvalidArgumentError, match="indices must be experts"):
+        mr.load_balancing_loss([p.detach() for p in probs], used, mask=counted)
