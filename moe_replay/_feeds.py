@@ -1889,9 +1889,13 @@ class OrderCheck(FeedCheck):
         kept: bool = False,
         places: torch.Tensor | None = None,
         device_ids: bool = True,
+        layout: torch.Tensor | None = None,
     ) -> None:
         super().__init__(torch.zeros(0, dtype=torch.long), position, hint, device_ids=device_ids)
         self._rank = rank
+        #: each row's place in its sequence as the BatchLayout gave it (-1 at its padding), rows that force nothing
+        #: too, or None: a sequence that runs on from one batch row into the next is refused by it
+        self._layout = layout if places is not None else None
         self._kept = kept
         #: each row's place in its sequence in the batch a BatchLayout laid the rows out for, -1 at its padding, -2
         #: where not known (``Routes._layout_pos``), or None; and (forward, first row, the places of its rows, a copy
@@ -1970,6 +1974,8 @@ class OrderCheck(FeedCheck):
             pos = None
         fed = [t for t in (mask, pos) if t is not None]
         grid = places.view(batch, positions)
+        if self._layout is not None and self._layout.numel() >= start + count:
+            self._refuse_run_on(self.forwards, start, self._layout[start : start + count].view(batch, positions))
         if not fed:
             if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
                 self._refuse_unplaced(self.forwards, start, grid)
@@ -2001,6 +2007,31 @@ class OrderCheck(FeedCheck):
             at = wrong.nonzero()
             if at.numel():
                 self._places_refused(forward, start, wrong, at, what)
+
+    def _refuse_run_on(self, forward: int, start: int, grid: torch.Tensor) -> None:
+        """Refuse forward ``forward`` where a sequence of the layout runs on from the end of one batch row into the
+        next (the place at a row's start follows the place at the previous row's end): a BatchLayout puts each
+        sequence in one row, so the rows were laid out for a batch of other rows (another row length, other
+        sequences), and every row after the first would take other tokens' experts. Whatever the forward is fed."""
+        if grid.shape[0] < 2:
+            return
+        first, last = grid[1:, 0], grid[:-1, -1]
+        wrong = (first > 0) & (last >= 0) & (first == last + 1)
+        at = wrong.nonzero().flatten()
+        if not at.numel():
+            return
+        row = int(at[0]) + 1
+        first_row = start + row * int(grid.shape[1])
+        raise TokenMismatchError(
+            f"forward {forward} of this replay() reads rows laid out by mr.BatchLayout for another batch: the "
+            f"sequence at the end of its batch row {row - 1} runs on into row {row} (row {first_row} of the routes is "
+            f"place {int(grid[row, 0])} of a sequence), but a layout puts each sequence in one row: "
+            f"these rows were laid out for rows of another length than this [{int(grid.shape[0])}, "
+            f"{int(grid.shape[1])}] batch (another micro-batch, padding trimmed otherwise), and its tokens would take "
+            "the experts of other tokens. Lay the routes out for the batch as fed (mr.BatchLayout of its sequences), "
+            "or give them their tokens' ids (routes.with_token_ids(ids)) so that every row is checked"
+            + (f". {self.hint}" if self.hint else "")
+        )
 
     def _refuse_unplaced(self, forward: int, start: int, grid: torch.Tensor) -> None:
         """Refuse forward ``forward`` fed neither an attention mask nor ``position_ids`` where the rows it reads (their

@@ -2146,9 +2146,10 @@ class Session:
         ``position_ids`` keywords each forward is fed: a sequence's row where the mask marks padding,
         padding of the layout where it marks a token, or positions that restart inside a sequence
         (another padding side, order or lengths than the layout's) raise :class:`TokenMismatchError`, and
-        so does a forward fed neither where the rows it reads hold the layout's padding (nothing then
-        tells where its sequences sit); sequences of the same lengths in another order cannot be told
-        apart without ids. A
+        so do a forward fed neither where the rows it reads hold the layout's padding (nothing then
+        tells where its sequences sit) and one whose rows run a sequence on from one batch row into the
+        next (rows laid out for a batch of another row length); sequences of the same lengths in another
+        order cannot be told apart without ids. A
         forward is seen where it enters the attached model or a module between it and the
         routers (a wrapper calling the inner model, ``.forward`` called directly); one that
         enters none of them (a block called alone) is refused at its first router.
@@ -2337,6 +2338,7 @@ class Session:
             # (rows that know their place in their tokens' order are checked against each forward's order by it; and
             # each forward begins with its routers in step, where every router holds as many rows)
             places = routes._layout_pos if len(set(routes.tokens_per_layer)) == 1 else None
+            layout = places
             if places is not None and routes.num_layers:
                 # (a sequence's rows that force nothing, -1 padding of its own a mask may mark padding: not known there)
                 places = torch.where((places >= 0) & routes.missing.all(dim=1), -2, places)
@@ -2347,6 +2349,7 @@ class Session:
                 kept=kept,
                 places=places,
                 device_ids=strict,
+                layout=layout,
             )
             order.scope_of = self._scope_of(held)
             return order, order.start(self._feed_wrappers, held if len({src.num_rows for src in held}) == 1 else [])

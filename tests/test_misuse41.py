@@ -170,3 +170,43 @@ def test_load_balancing_loss_on_laid_out_routes_skips_their_padding_rows(
     counted = torch.ones_like(w)  # (every row counted: the -1 rows are tokens of no recorded route)
     with pytest.raises(mr.InvalidArgumentError, match="indices must be experts"):
         mr.load_balancing_loss([p.detach() for p in probs], used, mask=counted)
+
+
+def _engine_rows(routes: mr.Routes) -> mr.Routes:
+    """As an engine returns them: no ids, and no route for the last token (never fed back)."""
+    rows = [r.clone() for r in routes.per_layer()]
+    for r in rows:
+        r[-1] = -1
+    return mr.Routes(rows, names=routes.names, num_experts=list(routes.experts_per_layer))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("rows", ["captured", "engine"])
+def test_laid_out_routes_on_a_batch_of_other_rows_are_refused_before_any_router_reads(
+    rollout: tuple[Any, ...], rows: str
+) -> None:
+    """Once silent with strict=False (and refused only by the row count as a strict block ended, after the forward
+    ran): routes laid out for a [2, 5] batch replayed on a [2, 3] micro-batch of the second sequence twice read the
+    first sequence's rows 3 and 4 at the start of the second batch row, and the mask and padding matched. A
+    sequence that runs on from one batch row into the next is no layout of this batch: refused as the forward
+    begins, whatever the forward is fed, with the rows that force nothing (an engine's last token) too."""
+    model, session, seqs, per, state = rollout
+    model.load_state_dict(state)
+    source = per if rows == "captured" else [_engine_rows(r) for r in per]
+    routes = mr.BatchLayout.padded(list(LENGTHS)).routes(source)
+    fed = mr.BatchLayout.padded([LENGTHS[1], LENGTHS[1]])
+    before = _state(model)
+    with pytest.raises(mr.TokenMismatchError, match="runs on into row 1"):
+        with session.replay(routes, strict=False), session.capture(), torch.no_grad():
+            model(fed.tokens([seqs[1], seqs[1]]), attention_mask=fed.attention_mask())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert session.state == "idle"
+    with session.replay(routes, strict=False), session.capture(), torch.no_grad():  # (the batch it was laid out for)
+        model(
+            mr.BatchLayout.padded(list(LENGTHS)).tokens(seqs),
+            attention_mask=mr.BatchLayout.padded(list(LENGTHS)).attention_mask(),
+        )
+    got = mr.BatchLayout.padded(list(LENGTHS)).unpack(session.routes().with_token_ids(None))
+    for g, want in zip(got, source, strict=True):
+        held = ~want.missing.all(dim=1)
+        assert all(torch.equal(g.layer(n)[held], want.layer(n)[held]) for n in want.names)
