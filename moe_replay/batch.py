@@ -320,7 +320,8 @@ class BatchLayout:
 
         Raises:
             RoutesValidationError: not one row per position of the batch, a layout that does not
-                fit the attention mask the capture was fed, or rows of routers that saw the tokens
+                fit the attention mask the capture was fed, routes laid out by another layout
+                (:meth:`routes` of other lengths or padding side), or rows of routers that saw the tokens
                 sequence-first whose tokens the capture could not tell.
         """
         if not isinstance(routes, Routes):
@@ -332,7 +333,24 @@ class BatchLayout:
             )
         routes = in_token_order(routes, "BatchLayout.unpack")
         self._check_fed_mask(routes._fed_mask)
+        self._check_laid_out(routes._layout_pos)
         return [routes[self.flat_positions(i)] for i in range(self.num_sequences)]
+
+    def _check_laid_out(self, places: torch.Tensor | None) -> None:
+        """Refuse routes laid out by another layout (each row's place in its sequence, -2 where not known): read
+        through this one, each sequence would get the rows of other positions."""
+        if places is None or places.shape != (self.rows * self.row_length,):
+            return
+        wrong = ((places >= -1) & (places != self._places())).nonzero().flatten()
+        if wrong.numel():
+            row, col = divmod(int(wrong[0]), self.row_length)
+            raise RoutesValidationError(
+                f"BatchLayout.unpack: these routes were laid out by another BatchLayout: batch position [{row}, {col}] "
+                f"(and {wrong.numel() - 1} more) holds place {int(places[wrong[0]])} of a sequence there "
+                f"({'padding' if int(places[wrong[0]]) == -1 else 'a token'}), place {int(self._places()[wrong[0]])} "
+                "in this layout, so sequences would get the rows of other positions; unpack them with the layout "
+                "that laid them out (its lengths, order and padding side)"
+            )
 
     def _check_fed_mask(self, fed: torch.Tensor | None) -> None:
         """Refuse a layout whose tokens and padding are not those of the mask a capture was fed (-1: not known)."""

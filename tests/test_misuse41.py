@@ -210,3 +210,22 @@ def test_laid_out_routes_on_a_batch_of_other_rows_are_refused_before_any_router_
     for g, want in zip(got, source, strict=True):
         held = ~want.missing.all(dim=1)
         assert all(torch.equal(g.layer(n)[held], want.layer(n)[held]) for n in want.names)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("other", ["left", "other lengths"])
+def test_unpack_of_routes_laid_out_by_another_layout_is_refused(rollout: tuple[Any, ...], other: str) -> None:
+    """Once silent: routes laid out right-padded, unpacked through a left-padded layout (or one of other lengths,
+    the same row count), gave each sequence the rows of other positions. Their own layout gives each sequence its
+    routes back."""
+    _, _, _, per, _ = rollout
+    routes = mr.BatchLayout.padded(list(LENGTHS)).routes(per)
+    wrong = (
+        mr.BatchLayout.padded(list(LENGTHS), side="left")
+        if other == "left"
+        else mr.BatchLayout.padded([LENGTHS[1], LENGTHS[0]])
+    )
+    with pytest.raises(mr.RoutesValidationError, match="laid out by another BatchLayout"):
+        wrong.unpack(routes)
+    back = mr.BatchLayout.padded(list(LENGTHS)).unpack(routes)
+    assert all(b.equal(p) for b, p in zip(back, per, strict=True))
