@@ -50,6 +50,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
+from ._arguments import ArgumentStamp, stamp_arguments
 from ._code_settings import (
     HeldStamp,
     code_settings,
@@ -225,6 +226,13 @@ _RETURNS_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[Evidence, tuple[int | 
 #: Per router scope whose decision is made chunk by chunk of the tokens (``Evidence.chunks``), per such evidence:
 #: what its forwards were shown on (see :class:`_ChunkState`). Kept for later sessions, as the evidence is.
 _CHUNKS_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[Evidence, _ChunkState]] = weakref.WeakKeyDictionary()
+
+#: Per router scope, per key of ``_KNOWN``: the settings among the arguments its forward was given as that evidence
+#: was established (see :mod:`moe_replay._arguments`), or None where its forward takes its tokens alone. Kept for later
+#: sessions, as the evidence is: one handed another minimum weight establishes it again.
+_ARG_STAMPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], ArgumentStamp | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 #: Why the evidence of a router with twin calls was dropped where one of them decided (see ``_still_holds``).
 _TWIN_DECIDES = (
@@ -606,6 +614,11 @@ class RouterHook:
     # object per block would make compiled code traced with the last one recompile, see OutputGuard.install)
     _spare: OutputGuard | None = None
     wrapped: bool = False  # the scope's forward is a wrapper (accelerate's, a user's) around the session's
+    # per mode: the settings among the arguments its forward was given as its decision was established (a minimum
+    # weight, a temperature, a flag handed at each call: see moe_replay._arguments), None where it takes its tokens
+    # alone; and those of the decision armed, which each lean forward compares its arguments with
+    _arg_stamps: dict[tuple[bool, bool], ArgumentStamp | None] = field(default_factory=dict)
+    _arg_stamp: ArgumentStamp | None = None
 
     def __post_init__(self) -> None:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
@@ -708,6 +721,10 @@ class RouterHook:
             (_settings(self.scope), _user_hooks(self.scope)),
         )
         ev = known.get(key)
+        stamps = _ARG_STAMPS.setdefault(self.scope, {})
+        stamp = stamps.get(key)
+        if ev is not None and stamp is not None and not stamp.holds(args, kwargs):
+            ev = None  # (established by an earlier session with other settings among its forward's arguments)
         if ev is not None and self._has_twins(ev) and not self._still_holds(ev, forward, args, kwargs):
             ev = None  # (established by an earlier session, on inputs where another of its calls decided)
         if ev is not None and ev.chunks and self._chunks_moved(ev) is not None:
@@ -726,6 +743,7 @@ class RouterHook:
             if ev is None:
                 return None
             known[key] = ev
+            stamp = stamps[key] = stamp_arguments(forward, args, kwargs, ev.num_experts)
             self._has_twins(ev)
             if ev.chunks:
                 chunks = _CHUNKS_KNOWN.setdefault(self.scope, {})
@@ -749,6 +767,7 @@ class RouterHook:
                 "by mode, name the decision with an Adapter. Nothing was recorded or forced"
             )
         self.evidence[self.mode()] = ev
+        self._arg_stamps[self.mode()] = stamp
         self._dropped.pop(self.mode(), None)
         self._hooks_at = _HANDLES.next_id  # (first: a hook registered from here on is after these settings)
         self._hook_dicts = [
@@ -769,6 +788,26 @@ class RouterHook:
         if self.on_established is not None:
             self.on_established(self)
         return ev
+
+    def _arguments_changed(
+        self, stamp: ArgumentStamp, args: tuple[Any, ...], kwargs: dict[str, Any], compiling: bool
+    ) -> str:
+        """The settings among this forward's arguments differ from those its decision was established with (see
+        :mod:`moe_replay._arguments`): drop the decision of this mode, so that this forward establishes it again on
+        them, and say what changed; refused in compiled code and inside a CUDA-graph capture, where it cannot be
+        established (nor a tensor's value read)."""
+        if compiling or _graph_capturing():
+            changed = stamp.changed(args, kwargs, tensors=not compiling)
+            raise UnsupportedRouterError(
+                f"router '{self.name}': {changed}, or it could not be read here; its decision is established on "
+                "the settings among its forward's arguments (a minimum weight, a temperature, a flag handed at each "
+                "call), and a change establishes it again, which takes an eager forward, outside torch.compile and "
+                "CUDA graph capture. Run one eager forward of the model with the new arguments first "
+                "(session.verify(example) does it, or call the uncompiled module)"
+            )
+        why = f"a change of its forward's arguments: {stamp.changed(args, kwargs)}"
+        self.forget(why=why)
+        return why
 
     def _has_twins(self, ev: Evidence) -> bool:
         """Does ``ev`` have twins (other calls over its decision's width)? Which of them dispatches may then hang on
@@ -1036,10 +1075,15 @@ class RouterHook:
             self.evidence.pop(mode, None)
             self._lean.pop(mode, None)
             self._settled.pop(mode, None)
+            self._arg_stamps.pop(mode, None)
             if known is not None:
+                stamps = _ARG_STAMPS.get(self.scope)
                 for key in [k for k in known if k[0] == mode]:
                     del known[key]
+                    if stamps is not None:
+                        stamps.pop(key, None)
         self._armed = None
+        self._arg_stamp = None
         self._form = None
 
     def _arm(self, ev: Evidence) -> None:
@@ -1053,6 +1097,7 @@ class RouterHook:
             plan = self._plan
             self._others = {c.ordinal: c.signature for c in ev.calls if c.ordinal not in plan and c.width not in tokens}
         self._armed = ev
+        self._arg_stamp = self._arg_stamps.get(self.mode())
         self._chunks = ev.chunks
         self._form = None
 
@@ -1306,6 +1351,11 @@ class RouterHook:
                 self.follow_hooks()  # (a hook added inside its scope in a block: established again at this forward)
             mode = self.mode()
             ev = self.evidence.get(mode)
+            stamp = self._arg_stamps.get(mode) if ev is not None else None
+            moved = None  # (the settings among its arguments that changed since, in words)
+            if stamp is not None and not stamp.holds(args, kwargs, not compiling) and (compiling or not _in_backward()):
+                moved = self._arguments_changed(stamp, args, kwargs, compiling)
+                ev = None  # (established afresh on this forward's arguments)
             if ev is not None and self._restless and ev.twins:
                 if compiling:
                     # which of its twin calls dispatches is checked by its effect at each forward, which compiled
@@ -1316,7 +1366,14 @@ class RouterHook:
                     ev = None  # another of its calls of the decision's form decides now: established afresh
             if ev is None:
                 PREDICTED.pop(self.scope, None)
-                ev = self.prove(forward, args, kwargs)
+                try:
+                    ev = self.prove(forward, args, kwargs)
+                except UnsupportedRouterError as e:
+                    if moved is None:
+                        raise
+                    raise UnsupportedRouterError(
+                        f"{e}. (Its decision was established again at this forward, after {moved})"
+                    ) from None
                 fresh = ev is not None
             if ev is None:  # no token to choose for: nothing to record or force
                 if not compiling:
@@ -2451,7 +2508,14 @@ class ScopedForward:
             or not lean[1]
             or lean[0] is not hook._armed
             or lean[0].hooks_aside  # (the user's hooks inside its scope are watched at each forward: see _run)
-            or (lean[4] and _code_in_arguments(args, kwargs) is not None)  # (code handed to it: the mode)
+            or (
+                lean[4]  # (its forward takes more than its tokens: code handed to it runs under the mode; other
+                # settings among its arguments than its decision was established with establish it again)
+                and (
+                    _code_in_arguments(args, kwargs) is not None
+                    or ((stamp := hook._arg_stamp) is not None and not stamp.holds(args, kwargs))
+                )
+            )
             or NESTING.probing
             or _COMPILER._is_compiling_flag  # (export, AOT tracing: is_compiling() in eager code)
             or _tracing()  # (jit.trace, make_fx: refused in _call)

@@ -717,14 +717,16 @@ def test_a_router_that_returns_its_indices_on_some_forwards_only_is_captured_and
 
 def test_a_router_whose_output_without_indices_is_not_made_from_its_decision_is_refused() -> None:
     """The other side: the branch without indices returns the unrouted scores, so its decision reaches nothing it
-    returns there; the forward is refused, naming what it returned, not taken as routed by the recorded rows."""
+    returns there; the forward is refused, not taken as routed by the recorded rows. The flag is an argument of the
+    router's forward, a setting of its decision: its change establishes the decision again on this forward, where
+    no call changes the output, and the refusal says so and names the argument."""
     model = ev.TwoLayers(lambda: AsksForIndicesSometimes(ReturnsIndicesOnRequest(unrouted=True)))
     x = torch.randn(ev.T, ev.D)
     with mr.attach(model) as session, torch.no_grad(), session.capture():
         model(x)
-        with pytest.raises(mr.UnsupportedRouterError, match="returned no indices in this forward") as caught:
+        with pytest.raises(mr.UnsupportedRouterError, match="no decision-like call in its forward changes") as caught:
             model(x)
-    assert "does not show which experts were chosen" in str(caught.value)
+    assert "argument 'return_indices' of its forward is False, but was True" in str(caught.value)
 
 
 class ChoosesByMode(nn.Module):
