@@ -31,6 +31,7 @@ __all__ = ["ArgumentStamp", "stamp_arguments"]
 
 _TENSOR = torch.Tensor
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+_NOTHING = object()  # (no argument is this: the fast path gives way to the slow one)
 
 
 def _one_parameter(forward: Callable[..., Any]) -> bool:
@@ -54,14 +55,23 @@ class _Item:
     tensor's version counter as then (None: an inference tensor, which has none: compared by value), and, for a
     tensor, a copy of the value the decision was established with."""
 
-    __slots__ = ("obj", "tensor", "value", "version", "where")
+    __slots__ = ("obj", "plain", "tensor", "value", "version", "where")
 
     def __init__(self, where: int | str, obj: Any) -> None:
         self.where = where
-        self.obj = obj
         self.tensor = isinstance(obj, _TENSOR)
+        self.plain = not self.tensor
         self.version = _version(obj) if self.tensor else None
+        # (an inference tensor has no version counter: never taken as the very object, compared by value)
+        self.obj: Any = _NOTHING if self.tensor and self.version is None else obj
         self.value: torch.Tensor | None = obj.detach().clone() if self.tensor else None
+
+    def holds(self, now: Any, tensors: bool) -> bool:
+        """:meth:`same`, past the fast path's identity: ``tensors=False`` (compiled code) takes a tensor, or a number
+        traced as dynamic, as the same (neither is at hand while it traces)."""
+        if not tensors and (self.tensor or type(now) in _SYMBOLIC):
+            return True
+        return self.same(now)
 
     def same(self, now: Any) -> bool:
         """Is ``now`` the setting this item holds? A tensor of other identity or version is read (a sync on a GPU:
@@ -71,7 +81,7 @@ class _Item:
         if held is not None:
             if not isinstance(now, _TENSOR):
                 return False
-            if now is self.obj and self.version is not None and _version(now) == self.version:
+            if now is self.obj and _version(now) == self.version:
                 return True
             if now.is_meta or held.is_meta or now.shape != held.shape or now.dtype != held.dtype:
                 return False
@@ -81,6 +91,8 @@ class _Item:
                 equal = bool(torch.equal(now.detach(), held))
             if equal and not now.is_inference():  # (the same value in another tensor: compared by identity next)
                 self.obj, self.version = now, _version(now)
+            elif equal:
+                self.obj = _NOTHING
             return equal
         was = self.obj
         if type(now) is not type(was) or isinstance(now, enum.Enum):
@@ -117,10 +129,10 @@ def _version(t: torch.Tensor) -> int | None:
 class ArgumentStamp:
     """The arguments a router's forward got other than its tokens, where they are settings of its decision (see the
     module's docstring), as its decision was established: how many it got by position, the keywords, and each
-    setting. :meth:`holds` compares a later forward's arguments with them; a few bytecodes per setting where
-    each is the very object it was (a float attribute handed on, the same 0-d tensor not written since)."""
+    setting. :meth:`holds` compares a later forward's arguments with them: where each is the very object it was (a
+    float attribute handed on, the same 0-d tensor not written since), a few bytecodes per setting."""
 
-    __slots__ = ("count", "items", "keys")
+    __slots__ = ("count", "items", "keys", "named", "positional")
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], num_experts: int) -> None:
         self.count = len(args)
@@ -132,25 +144,30 @@ class ArgumentStamp:
             if (isinstance(value, _TENSOR) and _is_setting_tensor(value, num_experts))
             or (not isinstance(value, _TENSOR) and is_setting(value))
         )
+        self.positional: tuple[tuple[int, _Item], ...] = tuple(
+            (item.where, item) for item in self.items if isinstance(item.where, int)
+        )
+        self.named: tuple[tuple[str, _Item], ...] = tuple(
+            (item.where, item) for item in self.items if isinstance(item.where, str)
+        )
 
     def holds(self, args: tuple[Any, ...], kwargs: dict[str, Any], tensors: bool = True) -> bool:
         """Are ``args``/``kwargs`` given as the decision's were, each setting the same? ``tensors=False``: the plain
         settings alone (compiled code, where a tensor's value is not at hand)."""
         if len(args) != self.count or kwargs.keys() != self.keys:
             return False
-        for item in self.items:
-            where = item.where
-            now = args[where] if type(where) is int else kwargs[where]  # type: ignore[index]
-            if item.tensor:
-                if not tensors:
-                    continue
-                if now is item.obj and item.version is not None and now._version == item.version:
-                    continue  # (the very tensor, not written since)
-            elif now is item.obj:
-                continue  # (the very object: a plain value handed on from an attribute)
-            elif not tensors and type(now) in _SYMBOLIC:
-                continue  # (a number compiled code takes as dynamic: not at hand while it traces)
-            if not item.same(now):
+        now: Any
+        for at, item in self.positional:
+            now = args[at]
+            if tensors and now is item.obj and (item.plain or now._version == item.version):
+                continue  # (the very object: a plain value handed on from an attribute, a tensor not written since)
+            if not item.holds(now, tensors):
+                return False
+        for name, item in self.named:
+            now = kwargs[name]
+            if tensors and now is item.obj and (item.plain or now._version == item.version):
+                continue
+            if not item.holds(now, tensors):
                 return False
         return True
 

@@ -192,34 +192,42 @@ def _blocks(model: nn.Module) -> list[HandedMinimumBlock]:
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("change", ["written in place", "handed later", "same value in place"])
+@pytest.mark.parametrize(
+    "change", ["written in place", "handed later", "same value in place", "inference tensor written in place"]
+)
 def test_a_minimum_weight_handed_to_the_router_changed_inside_a_capture_is_refused(change: str) -> None:
-    """A 0-d minimum weight at 0 (nothing cut) written in place to 0.35 between two forwards of one capture, or
-    handed only from the second on (the default, 0, before): the second forward is refused, saying the cut; written
-    in place with the value it had, it records the experts used."""
+    """A 0-d minimum weight at 0 (nothing cut) written in place to 0.35 between two forwards of one capture (also an
+    inference tensor, which counts no versions, under ``inference_mode``), or handed only from the second on (the
+    default, 0, before): the next forward is refused, saying the cut; written in place with the value it had, it
+    records the experts used."""
     model = Layers(HandedMinimumBlock)
     blocks = _blocks(model)
-    for b in blocks:
-        b.handed = {} if change == "handed later" else {"min_weight": torch.zeros(())}
     x = _x()
-    with mr.attach(model) as session:
-        with torch.no_grad(), session.capture():
-            model(x)
-            model(x)  # (lean from here on)
-            assert all(h.interception() == "lean" for h in session._hooks)
-            for b in blocks:
-                if change == "handed later":
-                    b.handed = {"min_weight": torch.tensor(0.35)}
-                else:
-                    b.handed["min_weight"].fill_(0.0 if change == "same value in place" else 0.35)
-            if change == "same value in place":
+    with torch.inference_mode() if change.startswith("inference") else torch.no_grad():
+        for b in blocks:
+            b.handed = {} if change == "handed later" else {"min_weight": torch.zeros(())}
+        with mr.attach(model) as session:
+            with session.capture():
                 model(x)
-            else:
-                with pytest.raises(mr.MoEReplayError, match="chooses again from the current scores"):
+                model(x)  # (lean from here on)
+                assert all(h.interception() == "lean" for h in session._hooks)
+                if change != "handed later":
+                    for b in blocks:
+                        b.handed["min_weight"].fill_(0.0)
+                    model(x)  # (the same value, written: no change)
+                for b in blocks:
+                    if change == "handed later":
+                        b.handed = {"min_weight": torch.tensor(0.35)}
+                    else:
+                        b.handed["min_weight"].fill_(0.0 if change == "same value in place" else 0.35)
+                if change == "same value in place":
                     model(x)
-        if change == "same value in place":
-            _rows_are_used(session, model)
-            assert all(b.router.used is not None and bool((b.router.used >= 0).all()) for b in blocks)
+                else:
+                    with pytest.raises(mr.MoEReplayError, match="chooses again from the current scores"):
+                        model(x)
+            if change == "same value in place":
+                _rows_are_used(session, model)
+                assert all(b.router.used is not None and bool((b.router.used >= 0).all()) for b in blocks)
 
 
 @pytest.mark.reliability("silent replays")
