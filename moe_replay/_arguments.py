@@ -11,7 +11,7 @@ Settings among the arguments: plain values (``int``, ``float``, ``str``, ``bool`
 compared by value; and tensors of one value (0-d) or of one value per expert (1-d, ``num_experts`` long), compared by
 identity and version counter first (no sync), and by value only where either moved (a new tensor of the same value
 each call is the same setting). What varies by the tokens is none: the hidden states, a mask or position ids (of a
-token count), a cache object.
+token count), a cache object; nor is code handed in a setting's place (it runs under the mode).
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ class _Item:
     tensor's version counter as then (None: an inference tensor, which has none: compared by value), and, for a
     tensor, a copy of the value the decision was established with."""
 
-    __slots__ = ("obj", "plain", "tensor", "value", "version", "where")
+    __slots__ = ("experts", "obj", "plain", "tensor", "value", "version", "where")
 
-    def __init__(self, where: int | str, obj: Any) -> None:
-        self.where = where
+    def __init__(self, where: int | str, obj: Any, experts: int) -> None:
+        self.where, self.experts = where, experts
         self.tensor = isinstance(obj, _TENSOR)
         self.plain = not self.tensor
         self.version = _version(obj) if self.tensor else None
@@ -76,7 +76,14 @@ class _Item:
     def same(self, now: Any) -> bool:
         """Is ``now`` the setting this item holds? A tensor of other identity or version is read (a sync on a GPU:
         only where either moved); inside a CUDA-graph capture, where it cannot be read, it is not the same. A plain
-        value is compared by type and value (an ``enum`` member by identity: none runs its own ``__eq__``)."""
+        value is compared by type and value (an ``enum`` member by identity: none runs its own ``__eq__``). Code
+        handed in its place (torch's ``masked_fill``, a function of the block's) is no setting: a forward handed code
+        runs under the mode (see ``_lean.code_in_arguments``), which sees the calls it makes; nor is a tensor of
+        another shape than a setting's (a padding mask given where None was)."""
+        if callable(now):  # code handed in its place: that forward runs under the mode, which sees every call
+            return True
+        if isinstance(now, _TENSOR) and not _is_setting_tensor(now, self.experts):
+            return True  # (a tensor of the tokens in its place, a mask where None was: it varies with them)
         held = self.value
         if held is not None:
             if not isinstance(now, _TENSOR):
@@ -139,7 +146,7 @@ class ArgumentStamp:
         self.keys = frozenset(kwargs)
         named: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
         self.items: tuple[_Item, ...] = tuple(
-            _Item(where, value)
+            _Item(where, value, num_experts)
             for where, value in named
             if (isinstance(value, _TENSOR) and _is_setting_tensor(value, num_experts))
             or (not isinstance(value, _TENSOR) and is_setting(value))
