@@ -24,8 +24,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -172,6 +175,29 @@ def _parameter_byte_cap() -> int:
     return min(MAX_PARAMETER_BYTES, memory) if memory > 0 else MAX_PARAMETER_BYTES
 
 
+#: False while :func:`build` constructs a model: it draws every parameter from its own seeded generator afterwards, so
+#: the modules here skip their own draw from the global one (build's use of the global stream stays as it was).
+_DRAW_AT_CONSTRUCTION: contextvars.ContextVar[bool] = contextvars.ContextVar("moe_replay_draw", default=True)
+
+
+@contextlib.contextmanager
+def _drawn_later() -> Iterator[None]:
+    token = _DRAW_AT_CONSTRUCTION.set(False)
+    try:
+        yield
+    finally:
+        _DRAW_AT_CONSTRUCTION.reset(token)
+
+
+def _draw_uniform(p: torch.Tensor, fan_in: int) -> None:
+    """``p`` drawn as ``nn.Linear`` draws its weight, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` from the global
+    generator (where not constructed by :func:`build`, which draws every parameter itself)."""
+    if _DRAW_AT_CONSTRUCTION.get():
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        with torch.no_grad():
+            p.uniform_(-bound, bound)
+
+
 @dataclass
 class MoEOutput:
     """What :class:`MoETransformer` returns."""
@@ -189,6 +215,11 @@ class SoftmaxTopKRouter(nn.Module):
         super().__init__()
         self.top_k, self.num_experts, self.norm_topk_prob = cfg.top_k, cfg.num_experts, cfg.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The gate weight drawn as ``nn.Linear(hidden_size, num_experts)`` draws its own."""
+        _draw_uniform(self.weight, self.weight.shape[1])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = F.linear(x, self.weight)
@@ -206,6 +237,11 @@ class TopKSoftmaxRouter(nn.Module):
         super().__init__()
         self.top_k, self.num_experts = cfg.top_k, cfg.num_experts
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The gate weight drawn as ``nn.Linear(hidden_size, num_experts)`` draws its own."""
+        _draw_uniform(self.weight, self.weight.shape[1])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x, self.weight)
@@ -230,6 +266,11 @@ class GroupedSigmoidRouter(nn.Module):
         self.weights_from_topk = cfg.group_weights_from_topk
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The gate weight drawn as ``nn.Linear(hidden_size, num_experts)`` draws its own."""
+        _draw_uniform(self.weight, self.weight.shape[1])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
@@ -254,6 +295,11 @@ class Top1ArgmaxRouter(nn.Module):
         super().__init__()
         self.top_k, self.num_experts = 1, cfg.num_experts
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The gate weight drawn as ``nn.Linear(hidden_size, num_experts)`` draws its own."""
+        _draw_uniform(self.weight, self.weight.shape[1])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float)
@@ -284,6 +330,12 @@ class Experts(nn.Module):
         self.num_experts, self.impl = cfg.num_experts, cfg.expert_impl
         self.gate_up = nn.Parameter(torch.empty(cfg.num_experts, 2 * cfg.expert_size, cfg.hidden_size))
         self.down = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, cfg.expert_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert's weights drawn as ``nn.Linear`` draws its own (fan-in ``hidden_size``, then ``expert_size``)."""
+        _draw_uniform(self.gate_up, self.gate_up.shape[-1])
+        _draw_uniform(self.down, self.down.shape[-1])
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)
@@ -325,7 +377,12 @@ class _DenseMLP(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """Router + experts (+ an optional gated shared expert)."""
+    """Router + experts (+ an optional gated shared expert).
+
+    Built alone (outside :func:`build`, which draws every parameter from its seed), its parameters are drawn at
+    construction from the global generator, as ``nn.Linear`` draws its own (``torch.manual_seed`` makes them
+    reproducible); so are those of the routers and :class:`Experts` built alone.
+    """
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
@@ -584,6 +641,7 @@ def build(style: str = "softmax_topk", *, seed: int = 0, **overrides: Any) -> Mo
             f"fields: {[f.name for f in fields(MoEConfig) if f.name != 'router']}"
         )
     cfg = replace(MoEConfig(router=style), **overrides) if overrides else MoEConfig(router=style)
-    model = MoETransformer(cfg)
+    with _drawn_later():  # (every parameter is drawn next, from the seeded generator)
+        model = MoETransformer(cfg)
     _init(model, seed)
     return model.eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -89,3 +91,67 @@ def test_a_build_past_the_memory_cap_is_refused_before_allocating(monkeypatch: p
     monkeypatch.setattr(mr.models, "MAX_PARAMETER_BYTES", size)
     with pytest.raises(pytest.fail.Exception, match="allocated"):  # (at the cap: built)
         mr.models.build("softmax_topk")
+
+
+def _drawn(seed: int, make: Callable[[], torch.nn.Module]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {name: p.detach().clone() for name, p in make().named_parameters()}
+
+
+_CONFIG = {"hidden_size": 16, "num_experts": 8, "top_k": 2, "expert_size": 12}
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("style", mr.models.STYLES)
+@pytest.mark.parametrize("part", ["block", "router", "experts", "transformer"])
+def test_a_module_built_alone_draws_its_parameters_as_nn_linear_does(style: str, part: str) -> None:
+    """Built outside build(), a block, its router and its experts draw their parameters from the global generator at
+    construction, as nn.Linear does: finite, seeded, within nn.Linear's bound. They were left uninitialised
+    (torch.empty): values, NaN now and then, made of whatever memory earlier work left."""
+    cfg = mr.models.MoEConfig(router=style, **_CONFIG)
+    makers: dict[str, Callable[[], torch.nn.Module]] = {
+        "block": lambda: mr.models.MoEBlock(cfg),
+        "router": lambda: mr.models.MoEBlock(cfg).get_submodule("gate" if style == "linear_gate" else "router"),
+        "experts": lambda: mr.models.Experts(cfg),
+        "transformer": lambda: mr.models.MoETransformer(mr.models.MoEConfig(router=style, num_layers=1, **_CONFIG)),
+    }
+    poison = torch.full((1 << 16,), float("nan"))  # (memory that held NaN, freed: an empty tensor may reuse it)
+    del poison
+    first, again, other = _drawn(0, makers[part]), _drawn(0, makers[part]), _drawn(1, makers[part])
+    assert first.keys() == again.keys() == other.keys()
+    for name, p in first.items():
+        assert torch.isfinite(p).all(), name
+        assert torch.equal(p, again[name]), "the same seed must give the same parameters"
+        if p.dim() >= 2 and not name.startswith(("embed.", "pos.")):  # (a drawn weight: not a norm's, an embedding's)
+            r = other[name]
+            assert not torch.equal(p, r), "another seed must give other parameters"
+            fan_in = p.shape[-1]
+            assert p.abs().max() <= 1 / fan_in**0.5, "drawn as nn.Linear draws its weight"
+            assert p.std() > 0.2 / fan_in**0.5
+
+
+def test_build_draws_every_parameter_from_its_seed_alone() -> None:
+    """build(seed=...) gives the same weights whatever the global generator's state, and other weights for another
+    seed: the modules' own draw at construction changes nothing of what build promises, nor the global stream it
+    leaves (build draws its parameters from its own generator)."""
+    torch.manual_seed(1)
+    a = mr.models.build("grouped_sigmoid", num_layers=1, **_CONFIG)
+    after_a = torch.get_rng_state()
+    torch.manual_seed(2)
+    b = mr.models.build("grouped_sigmoid", num_layers=1, **_CONFIG)
+    c = mr.models.build("grouped_sigmoid", num_layers=1, seed=3, **_CONFIG)
+    for (name, p), q, r in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+        if not name.endswith("norm.weight"):
+            assert not torch.equal(p, r), name
+    torch.manual_seed(1)  # the global stream build leaves: as many draws as its nn.Linear and nn.Embedding make
+    expected = _linear_draws(a)
+    assert torch.equal(after_a, expected)
+
+
+def _linear_draws(model: torch.nn.Module) -> torch.Tensor:
+    """The global generator's state after drawing what torch's own modules of ``model`` draw at construction."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear | torch.nn.Embedding):
+            m.reset_parameters()
+    return torch.get_rng_state()
