@@ -39,8 +39,8 @@ class _SharedBlock(torch.nn.Module):
         self.embed = torch.nn.Embedding(128, 16)
         cfg = mr.models.MoEConfig(hidden_size=16, num_experts=8, top_k=2, expert_size=16)
         self.block, self.other = mr.models.MoEBlock(cfg), mr.models.MoEBlock(cfg)
-        g = torch.Generator().manual_seed(0)  # (a block's parameters are made uninitialised: drawn here, not left to
-        with torch.no_grad():  # whatever memory the tests before left, which made the routes NaN now and then)
+        g = torch.Generator().manual_seed(0)  # (drawn wider than a block's own draw, from a generator of their own:
+        with torch.no_grad():  # routes that do not depend on what the tests before drew from the global one)
             for p in (*self.block.parameters(), *self.other.parameters()):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
