@@ -53,6 +53,20 @@ def check_shape(arr: np.ndarray, lm: LayerMap, layout: str, what: str) -> None:
     )
 
 
+def check_holds(arr: np.ndarray, lm: LayerMap, what: str) -> None:
+    """Refuse an array whose dtype cannot write every expert of the map: cast to it on the way, an expert may have
+    wrapped around to another one (expert 299 of int8 reads 43, a real expert too), which no range check sees. Any
+    integer dtype that holds them all reads the same experts."""
+    high = int(np.iinfo(arr.dtype).max)
+    if lm.max_experts - 1 > high:
+        raise RoutesValidationError(
+            f"{what} is {arr.dtype}, which holds expert numbers up to {high} only, but the LayerMap has "
+            f"{lm.max_experts} experts: an array cast to {arr.dtype} on the way may have wrapped an expert around to "
+            "another. Pass the array in a dtype that holds every expert (as the engine wrote it), or check the "
+            "LayerMap's num_experts"
+        )
+
+
 def columns(
     arr: np.ndarray,
     lm: LayerMap,
@@ -71,6 +85,7 @@ def columns(
     buffers with zeros, so one is padding or damage from elsewhere, not a route.
     """
     check_shape(arr, lm, layout, what)
+    check_holds(arr, lm, what)
     rows = arr.astype(np.int64)
     if not negative_ok and rows.size and rows.min() < 0:
         t = int(np.argwhere(rows < 0)[0][0])

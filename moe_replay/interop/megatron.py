@@ -210,7 +210,7 @@ def from_megatron(
     if not is_one_of(missing, ("error", "native")):
         raise RoutesValidationError(f"from_megatron: missing must be 'error' or 'native', got {missing!r:.60}")
     for i, (nm, t) in enumerate(zip(names, tensors, strict=True)):
-        if missing == "error" and t.numel() and int(t.min()) < 0:
+        if missing == "error" and t.numel() and t.dtype.is_signed and int(t.min()) < 0:  # (min has no uint16 kernel)
             row = int((t < 0).reshape(t.shape[0], -1).any(dim=1).nonzero()[0, 0]) if t.ndim else 0
             raise RoutesValidationError(
                 f"Megatron layer {i} (router '{nm}') holds a negative index at token {row}: Megatron gathers every "

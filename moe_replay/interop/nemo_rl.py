@@ -42,7 +42,7 @@ import torch
 from .._checks import check_count, is_one_of
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes
-from ._common import as_array, columns, cut_last, make_routes, rows_untold, to_array, with_last
+from ._common import as_array, check_holds, columns, cut_last, make_routes, rows_untold, to_array, with_last
 from .layer_map import LayerMap, check_layout, check_map
 
 __all__ = ["from_nemo_rl", "nemo_rl_dtype", "to_nemo_rl"]
@@ -211,6 +211,7 @@ def from_nemo_rl(
             )
     else:
         arr = as_array(payload, _WHAT)
+        check_holds(arr, layer_map, _WHAT)  # (before the rows are widened to int64, which would hide it)
     if num_tokens is None:
         num_tokens = counted
     elif counted is not None and check_count(num_tokens, "num_tokens") != counted:
