@@ -73,6 +73,7 @@ __all__ = [
     "VerifyReport",
     "decision_call",
     "establish",
+    "left_as_it_was",
     "run_unestablished",
     "still_decides",
     "through_out",
@@ -1737,7 +1738,8 @@ class _Snapshot:
     counters, loggers) see one forward, not the probe runs.
     """
 
-    def __init__(self, scope: nn.Module) -> None:
+    def __init__(self, scope: nn.Module, *, runs: str = "a forward of this router") -> None:
+        self.runs = runs  # (what the runs put back are, as a refusal names them)
         self.cpu = torch.get_rng_state()
         self.cuda = (
             torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -1827,9 +1829,9 @@ class _Snapshot:
         changed = [p for p, version in self.big if version is not None and p._version != version]
         if changed:
             raise UnsupportedRouterError(
-                f"a forward of this router changes a tensor of {tuple(changed[0].shape)} in place (a large parameter, "
-                "or one of many tensors it keeps in attributes); moe_replay does not copy such tensors and cannot put "
-                "it back after the runs that establish the decision. Keep such state in a buffer"
+                f"{self.runs} changes a tensor of {tuple(changed[0].shape)} in place (a large parameter, or one of "
+                "many tensors it keeps in attributes); moe_replay does not copy such tensors and cannot put it back "
+                "after the runs that establish the decision. Keep such state in a buffer"
             )
 
     def drew(self) -> bool:
@@ -1909,6 +1911,39 @@ class _Snapshot:
         finally:
             for m, name, hooks in saved:
                 setattr(m, name, hooks)
+
+
+@contextlib.contextmanager
+def left_as_it_was(model: nn.Module, runs: str) -> Iterator[None]:
+    """``model`` after the block as it was before it, whatever its forwards in the block changed: what the runs that
+    establish a decision put back (:class:`_Snapshot`: the random streams, buffers and small parameters, a norm's
+    running statistics, plain attributes, what the modules' code changes outside them) and the forward hooks its
+    code registered in the block (transformers' output recording, registered at a first forward and noted in an
+    attribute that is put back: the next forward registers them again). moe_replay's own hooks stay. ``runs``
+    names the forwards, for a refusal of a large tensor changed in place."""
+    snapshot = _Snapshot(model, runs=runs)
+    before = [(m, name, set(getattr(m, name, None) or ())) for m in snapshot.modules for name in _HOOK_FNS]
+    try:
+        yield
+    finally:
+        for m, name, keys in before:
+            held = getattr(m, name, None)
+            if not isinstance(held, dict):
+                continue
+            for key in [k for k, hook in held.items() if k not in keys and not _own_hook(hook)]:
+                for extra in _HOOK_EXTRAS[name]:  # (torch's flags of a hook, by its id: with_kwargs, always_call)
+                    flags = getattr(m, extra, None)
+                    if isinstance(flags, dict):
+                        flags.pop(key, None)
+                del held[key]
+        snapshot.restore()
+
+
+#: the dicts of flags torch keeps by a hook's id beside each dict of hooks
+_HOOK_EXTRAS = {
+    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+}
 
 
 @contextlib.contextmanager

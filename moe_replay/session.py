@@ -73,7 +73,7 @@ from .errors import (
     UnsupportedRouterError,
     _from_compiler,
 )
-from .evidence import VerifyReport
+from .evidence import VerifyReport, left_as_it_was
 from .intercept import EAGER, ClassForward, RouterHook, ScopedForward, _own_keys
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_call, watch_first_runs, watch_forward
@@ -2475,7 +2475,10 @@ class Session:
         Each router must run, and which of its calls decides is established by effect (the first
         forward under a session does this once per router; see :mod:`moe_replay.evidence`): a
         call whose choice is changed must change the output, calls whose choice does not reach the
-        output (logging, a stable-softmax ``max``) are named and ignored. Nothing is recorded.
+        output (logging, a stable-softmax ``max``) are named and ignored. Nothing is recorded, and the model is
+        left as it was: what the forward changes is put back after it (in train mode a norm's running statistics and
+        ``num_batches_tracked``, counters in buffers or attributes, the random streams dropout draws from, a hook its
+        code registers at a first forward), as after the runs that establish a decision.
 
         The forward runs eagerly, also on a compiled model (``torch.compile``'s wrapper,
         ``model.compile()``, compiled layers): compiled code cannot establish a decision, so
@@ -2545,8 +2548,9 @@ class Session:
 
             seen = register_module_forward_pre_hook(_ran)
             try:  # eagerly, also where the model or some of its modules are compiled: the decisions are
-                # established by running forwards, which compiled code cannot (the fix every refusal names)
-                with torch.no_grad(), EAGER, watch:
+                # established by running forwards, which compiled code cannot (the fix every refusal names); the
+                # model is left as it was (a norm's running statistics, a step count, the random streams)
+                with left_as_it_was(model, "verify()'s forward"), torch.no_grad(), EAGER, watch:
                     model(*args, **kwargs)
             finally:
                 seen.remove()

@@ -274,6 +274,65 @@ def test_verify_without_an_input_is_refused_and_the_session_goes_on(tokens: torc
     assert_untouched(model, before)
 
 
+class _StatefulMoE(torch.nn.Module):
+    """A tiny MoE whose forward in train mode writes state: a BatchNorm's running statistics and
+    ``num_batches_tracked``, a counter buffer, a plain step count, dropout draws, and (as transformers' output
+    recording does at its first forward) a forward hook it registers once, noted in an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = mr.models.MoEConfig(hidden_size=16, num_experts=8, top_k=2, expert_size=16)
+        self.embed = torch.nn.Embedding(64, 16)
+        self.norm = torch.nn.BatchNorm1d(16)
+        self.block = MoEBlock(cfg)
+        self.drop = torch.nn.Dropout(0.25)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.steps = 0
+        self.seen: list[int] = []
+
+    def _record(self, module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        self.seen.append(out.shape[0])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "_recording", False):
+            self.block.register_forward_hook(self._record)
+            self._recording = True
+        self.calls += 1
+        self.steps += 1
+        h = self.norm(self.embed(ids).reshape(-1, 16))
+        return self.drop(self.block(h))
+
+
+@pytest.mark.reliability("lifecycle")
+def test_verify_in_train_mode_leaves_the_model_as_it_was() -> None:
+    """verify() put back only what its establishing runs changed: its own forward, in train mode, moved a
+    BatchNorm's running statistics and num_batches_tracked, a counter buffer and a step count, drew from the global
+    random stream (dropout) and left a hook the forward registers once. A verification changes nothing of the
+    model; the capture and replay after it run as they would have without it."""
+    torch.manual_seed(0)
+    model, twin = _StatefulMoE().train(), _StatefulMoE().train()
+    twin.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 64, (2, 6))
+    before, rng = snapshot(model), torch.get_rng_state()
+    with mr.attach(model) as session:
+        report = session.verify(ids)
+        assert report == {"block.router": 1}
+        assert torch.equal(torch.get_rng_state(), rng), "verify drew from the global random stream"
+        after = model.state_dict()
+        changed = [k for k, v in before.items() if not torch.equal(after[k], v)]
+        assert not changed, f"verify changed {changed}"
+        assert (model.steps, model.seen, "_recording" in vars(model)) == (0, [], False)
+        assert not model.block._forward_hooks, "a hook the forward registered is left"
+        with session.capture():
+            out = model(ids)
+        captured = snapshot(model)
+        assert session.routes().num_tokens == ids.numel()
+    torch.set_rng_state(rng)  # the twin runs the same forward with no session nor verify: the same output and state
+    assert torch.equal(out, twin(ids))
+    assert all(torch.equal(v, captured[k]) for k, v in twin.state_dict().items())
+    assert (model.steps, model.seen, model.calls.item()) == (1, [12], 1)
+
+
 def test_detach_leaves_model_untouched(style: str, tokens: torch.Tensor) -> None:
     model = build(style)
     before = snapshot(model)
