@@ -3041,13 +3041,20 @@ def _module_state(scope: nn.Module) -> set[str]:
     return keys
 
 
+_NO_CONFIGS = (nn.Module, torch.Tensor, type, types.ModuleType)
+
+
 def _config_like(v: Any) -> bool:
-    """Is ``v`` an object that holds settings (a config, a namespace, a dataclass), read one level deep?"""
-    return (
-        hasattr(v, "__dict__")
-        and not isinstance(v, nn.Module | torch.Tensor | type | types.ModuleType)
-        and not callable(v)
-    )
+    """Is ``v`` an object that holds settings (a config, a namespace, a dataclass), read one level deep?
+
+    As ``isinstance(v, nn.Module | torch.Tensor | type | types.ModuleType)`` tells, with ``v.__class__`` read once:
+    ``isinstance`` reads it again for each class ``type(v)`` is not, through a config's own ``__getattribute__``
+    (transformers' ``PretrainedConfig`` maps names in Python at every read), and this runs at every block."""
+    kind = type(v)
+    if issubclass(kind, _NO_CONFIGS) or callable(v) or not hasattr(v, "__dict__"):
+        return False
+    told = getattr(v, "__class__", kind)  # (a proxy may say another class, as isinstance reads it)
+    return told is kind or not (isinstance(told, type) and issubclass(told, _NO_CONFIGS))
 
 
 def _is_int(t: torch.Tensor) -> bool:

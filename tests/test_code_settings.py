@@ -1443,3 +1443,49 @@ def test_a_refused_attach_leaves_every_random_state_the_routers_code_draws_from_
     assert all(_same_random_state(_random_state(r), b) for r, b in zip(routers, before, strict=True))
     assert not kind.startswith("autograd") or LazyNoise.generator is None
     conftest.assert_untouched(model, weights)
+
+
+class _CountedConfig(types.SimpleNamespace):
+    """A config whose attribute reads run Python code, as transformers' ``PretrainedConfig.__getattribute__`` does
+    (it maps names through ``attribute_map`` at every read); it counts the reads of ``__class__``."""
+
+    class_reads = 0
+
+    def __getattribute__(self, key: str) -> Any:
+        if key == "__class__":
+            type(self).class_reads += 1
+        return super().__getattribute__(key)
+
+
+class _Posing:
+    """An object that says it is another class (as a proxy does): ``isinstance`` believes it."""
+
+    def __init__(self, posed: type) -> None:
+        self.posed = posed
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return self.posed
+
+
+def test_a_config_held_by_a_router_is_told_from_modules_and_tensors_with_one_read_of_its_class() -> None:
+    """Whether an attribute is a config to read settings from runs at every block for each one a router scope holds;
+    it read ``__class__`` through a config's own ``__getattribute__`` once for each class it was not (a module, a
+    tensor, a class, a Python module): four Python calls per config per block. Now once, with the same answers,
+    those of objects that say they are another class included."""
+    from moe_replay.intercept import _config_like
+
+    def by_isinstance(v: Any) -> bool:
+        return (
+            hasattr(v, "__dict__")
+            and not isinstance(v, nn.Module | torch.Tensor | type | types.ModuleType)
+            and not callable(v)
+        )
+
+    config = _CountedConfig(num_experts=8, norm_topk_prob=True)
+    before = _CountedConfig.class_reads
+    assert _config_like(config)
+    assert _CountedConfig.class_reads - before <= 1
+    cases = [config, types.SimpleNamespace(a=1), nn.Linear(2, 2), torch.zeros(1), int, types, print, 3, "x", {}]
+    cases += [_Posing(nn.Linear), _Posing(torch.Tensor), _Posing(int), _Posing(types.SimpleNamespace), _Posing(type)]
+    assert [_config_like(v) for v in cases] == [by_isinstance(v) for v in cases]
