@@ -3611,8 +3611,8 @@ class FeedForward:
         else:  # (what the records read, the runs run)
             fed_args, fed_kwargs, name = self._by_first_name(args, kwargs)
         batch = None
-        if fed_args:  # (given its batch as one mapping: read as given its entries by name)
-            fed_args, fed_kwargs, batch = self._unbatched(fed_args, fed_kwargs)
+        if fed_args and type(fed_args[0]) is not _TENSOR:  # (given its batch as one mapping: read as given its
+            fed_args, fed_kwargs, batch = self._unbatched(fed_args, fed_kwargs)  # entries by name; a tensor is none)
         # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
         named, at, place = fed_kwargs, self.mask_at, self.mask_from
         if place is not None or (at is not None and len(fed_args) > at and "attention_mask" not in fed_kwargs):
@@ -3625,7 +3625,8 @@ class FeedForward:
         taken: list[FeedRecord | FeedCheck] = []
         deferred: list[FeedRecord | FeedCheck] = []
         paired = self.paired
-        later = [self.scopes[i] for i in self.unpads if i < len(self.scopes)] if order == BATCH_MAJOR else []
+        unpads = self.unpads  # (none in the common case: no list made)
+        later = [self.scopes[i] for i in unpads if i < len(self.scopes)] if unpads and order == BATCH_MAJOR else []
         # (fed ids at a level with a level inside: the forward is taken by the innermost level fed ids, whose forward
         # the routers' tokens come from, where one is entered before any router reads; else here, see _take_deferred)
         ids_fed = not paired and inputs[1] is not None
@@ -3743,8 +3744,9 @@ class FeedForward:
         ``inputs``: ``_inputs(args, kwargs)``, where the caller read it already. ``batch``: it was given its inputs as
         that one mapping, here its entries by name: the runs give them in a copy of it."""
         order = self.order
-        checked = order is not None and all(map(self._checked.__contains__, entered))
-        if order is not None and checked and not self._padless and not self._tied:
+        # (whether it was checked for these blocks is read only where it is used: a decode step of an order told
+        # without padding and with even sequences returns at its shape, before)
+        if order is not None and not self._padless and not self._tied and all(map(self._checked.__contains__, entered)):
             return order
         shape = (_inputs(args, kwargs) if inputs is None else inputs)[2]
         if shape is not None and min(int(shape[0]), int(shape[1])) < 2:
@@ -3764,6 +3766,7 @@ class FeedForward:
         # their ids are refused as the routes are read, see session._unpadded_untold. Told where the sequences all held
         # as many tokens, a forward whose sequences hold other counts tells it again: a layer that sorts them by
         # length may reorder it)
+        checked = order is not None and all(map(self._checked.__contains__, entered))
         mask = kwargs.get("attention_mask")
         host = not checked or not isinstance(mask, torch.Tensor) or mask.device.type == "cpu"
         padded = shape is not None and host and _padded(mask, int(shape[0]), int(shape[1]))
@@ -3886,6 +3889,7 @@ class FeedForward:
 _DEFERRED = (FeedRecord, FeedCheck, RouterFeedCheck)
 
 _compiling = dynamo_compiling  # (one frame; export traces with dynamo too, make_fx is seen by _unseen)
+_TENSOR = torch.Tensor
 
 
 def one_stream(levels: Sequence[FeedForward]) -> None:
