@@ -3754,8 +3754,10 @@ class FeedForward:
             # of a model that takes it out, as told at an earlier forward, or by an earlier session on this model)
             if order is not None:
                 return UNPADDED if order == UNPADDED else BATCH_MAJOR
+            if not (int(shape[0]) == 1 < int(shape[1])):  # (several sequences of one token each: none to take out)
+                return BATCH_MAJOR
             runs = (type(self.module).forward, _Same(self.before))
-            told = _ORDER_OF.get(self.module, ()) if int(shape[0]) == 1 < int(shape[1]) else ()
+            told = _ORDER_OF.get(self.module, ())
             unpads = next((f for f in told if f.order == UNPADDED and f.holds(self.scopes, runs)), None)
             if unpads is not None:
                 self.mask_from = unpads.mask  # (the mask whose kept tokens they see, where found elsewhere)
