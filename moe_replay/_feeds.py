@@ -3749,7 +3749,7 @@ class FeedForward:
         if order is not None and not self._padless and not self._tied and all(map(self._checked.__contains__, entered)):
             return order
         shape = (_inputs(args, kwargs) if inputs is None else inputs)[2]
-        if shape is not None and min(int(shape[0]), int(shape[1])) < 2:
+        if shape is not None and (int(shape[1]) < 2 or int(shape[0]) < 2):
             # (one token per sequence, a decode step, or one sequence: every order is the same, but for the padding
             # of a model that takes it out, as told at an earlier forward, or by an earlier session on this model)
             if order is not None:
