@@ -2089,13 +2089,18 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
     while ``fn`` runs (a bare ``except:`` in its code may take one). Once ``fn`` has returned or raised, none is raised
     any more. Arming a run costs a lock and a queue entry, not a thread of its own (a first step establishes many
     routers, each with runs on inputs of the probe's own making).
+
+    ``seconds`` counts the processor time of this thread where the platform tells it (``time.pthread_getcpuclockid``):
+    a run that waits, its process descheduled on a loaded machine or its thread waiting on a device, is not stopped for
+    the time it waited (a stop there made a router whose probe ran slow under load look like one that loops, and
+    refused it), up to :data:`_WAITING_FACTOR` times ``seconds`` of wall time.
     """
     if seconds is None or _SET_ASYNC_EXC is None:
         return fn(*args, **kwargs)
     # (no Event nor plain Lock in this thread's way out: a stop raised just as one was taken would leave it taken, and
     # the next take would wait forever; the re-entrant lock is given back, as often as this thread took it, and the
     # watchdog is handed the run through a queue written in C)
-    arm = _Armed(threading.get_ident(), time.monotonic() + seconds)
+    arm = _Armed(threading.get_ident(), seconds)
     _watchdog().put(arm)
     over = False
     try:
@@ -2125,12 +2130,55 @@ class _Armed:
     """One run :func:`_within` limits: its thread, its deadline, and whether it ended (``done``) or was stopped
     (``fired``), both changed under ``lock`` by the run's thread and by the watchdog."""
 
-    __slots__ = ("deadline", "done", "fired", "lock", "thread")
+    __slots__ = ("clock", "cpu_start", "cutoff", "deadline", "done", "fired", "lock", "seconds", "thread")
 
-    def __init__(self, thread: int, deadline: float) -> None:
-        self.thread, self.deadline = thread, deadline
+    def __init__(self, thread: int, seconds: float) -> None:
+        now = time.monotonic()
+        self.thread, self.seconds, self.deadline = thread, seconds, now + seconds
+        self.cutoff = now + _WAITING_FACTOR * seconds  # (stopped here, whatever it ran)
+        self.clock = _cpu_clock(thread)  # (read in the run's own thread: its processor time, or None)
+        self.cpu_start = _cpu_time(self.clock)
         self.lock = threading.RLock()
         self.done = self.fired = False
+
+    def waited(self, now: float) -> float:
+        """At its deadline (under :attr:`lock`): how much longer the run is given, 0 where it is stopped now. A run
+        that used less processor time than its limit spent the rest waiting; it is given the processor time it has
+        left, up to :attr:`cutoff`."""
+        if self.fired or self.clock is None or now >= self.cutoff:
+            return 0.0
+        used = _cpu_time(self.clock) - self.cpu_start
+        if used != used or used >= self.seconds:  # (NaN: the clock could not be read)
+            return 0.0
+        return min(max(self.seconds - used, 0.01), self.cutoff - now)
+
+
+#: A run whose thread used less processor time than its limit is stopped at the latest after this many times the
+#: limit in wall time (a forward that waits on a device in a loop still stops).
+_WAITING_FACTOR = 20.0
+
+
+def _cpu_clock(thread: int) -> int | None:
+    """The processor-time clock of ``thread`` (its ``threading.get_ident()``), or None where the platform has none."""
+    get = getattr(time, "pthread_getcpuclockid", None)
+    if get is None:
+        return None
+    try:
+        clock = get(thread)
+        time.clock_gettime(clock)
+    except (OSError, OverflowError, ValueError):
+        return None
+    return int(clock)
+
+
+def _cpu_time(clock: int | None) -> float:
+    """The processor time ``clock`` tells, NaN where it cannot be read (a thread gone)."""
+    if clock is None:
+        return float("nan")
+    try:
+        return time.clock_gettime(clock)
+    except (OSError, OverflowError, ValueError):
+        return float("nan")
 
 
 #: The queue of the process's watchdog thread (see :func:`_watchdog`), None until a limited run first needs it, and
@@ -2175,6 +2223,10 @@ def _watch(armed: queue.SimpleQueue[_Armed]) -> None:
             _, _, arm = heapq.heappop(due)
             with arm.lock:
                 if arm.done:
+                    continue
+                more = arm.waited(now)
+                if more > 0.0:  # (it waited more than it ran: given the time it has left)
+                    heapq.heappush(due, (now + more, next(order), arm))
                     continue
                 arm.fired = True
                 _SET_ASYNC_EXC(ctypes.c_ulong(arm.thread), ctypes.py_object(_Overtime))

@@ -2403,6 +2403,39 @@ def test_a_probe_runs_time_limit_starts_no_thread_of_its_own(monkeypatch: pytest
 
 
 @pytest.mark.reliability("faults")
+@pytest.mark.skipif(not hasattr(time, "pthread_getcpuclockid"), reason="needs a thread's processor-time clock")
+def test_a_probe_run_that_waits_is_not_stopped_for_the_time_it_waited(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe run's limit counts the processor time its thread runs: on a loaded machine (its process descheduled)
+    or waiting on a device, a run slower in wall time than its limit is not stopped as one that loops, which made the
+    router look like one whose forward runs or not by its scores, and refused it. A run that waits on and on still
+    stops, after a multiple of its limit in wall time, and a spinning one at its limit."""
+    from moe_replay import evidence
+
+    def waits(seconds: float) -> str:  # (as a descheduled process: wall time passes, the thread runs nothing)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(0.01)
+        return "done"
+
+    assert evidence._within(0.1, waits, 0.5) == "done"
+    monkeypatch.setattr(evidence, "_WAITING_FACTOR", 4.0)
+    began = time.monotonic()
+    with pytest.raises(evidence.ProbeTimeout):
+        evidence._within(0.1, waits, 60.0)
+    assert time.monotonic() - began < 30.0
+
+    def spin() -> None:
+        end = time.monotonic() + 60.0
+        while time.monotonic() < end:
+            pass
+
+    began = time.monotonic()
+    with pytest.raises(evidence.ProbeTimeout):
+        evidence._within(0.05, spin)
+    assert time.monotonic() - began < 30.0
+
+
+@pytest.mark.reliability("faults")
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_probe_runs_time_limit_still_stops_it_in_a_forked_child() -> None:
     """The watchdog thread that stops probe runs past their limit is not forked with the process (a data-loader
