@@ -383,6 +383,12 @@ def is_generator(value: Any) -> bool:
     return type(value).__name__ == "FakeScriptObject" and isinstance(value, torch.Generator)
 
 
+#: :func:`is_generator` for a ``__torch_function__`` that dynamo may trace (a mode active in a compiled forward): run
+#: eagerly there, one graph break, instead of compiled as a frame of its own once per type of value it is given (each a
+#: recompile, up to dynamo's limit). Eager callers call :func:`is_generator` itself (no wrapper's cost)
+is_generator_anywhere: Callable[[Any], bool] = torch.compiler.disable(is_generator)
+
+
 def _generators_in(value: Any, found: dict[int, torch.Generator], depth: int) -> None:
     """Add to ``found`` ``value`` where it is a ``torch.Generator``, and ``depth`` levels inside it: the attributes of
     a class (its MRO's own), of a module or of a plain object, the items of a list, tuple or dict. Nothing of it runs

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._code_settings import is_generator, static_attribute
+from ._code_settings import is_generator_anywhere, static_attribute
 from ._torch_compat import (
     COMPILER,
     HOOK_HANDLES,
@@ -3108,7 +3108,7 @@ class _Drawn(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         for value in (*args, *kwargs.values()):
-            if is_generator(value) and id(value) not in self.states:
+            if is_generator_anywhere(value) and id(value) not in self.states:
                 self.states[id(value)] = (value, value.get_state())
         return func(*args, **kwargs)
 

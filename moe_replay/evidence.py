@@ -60,6 +60,7 @@ from ._code_settings import (
     container_contents,
     hook_written,
     is_generator,
+    is_generator_anywhere,
     is_written,
     refill_container,
 )
@@ -707,7 +708,7 @@ class _ProbeMode(TorchFunctionMode):
         kwargs = kwargs or {}
         func = unwrap(func, kwargs)
         generator = kwargs.get("generator")
-        if generator is not None and self.snapshot is not None and is_generator(generator):
+        if generator is not None and self.snapshot is not None and is_generator_anywhere(generator):
             self.snapshot.note_generator(generator)
         if _collective(func):  # before it runs: a probe run on this rank alone never talks to the others
             raise _Communicates(getattr(func, "__name__", None) or str(func))
