@@ -1025,6 +1025,10 @@ class TracedFeedCheck:
         self.wants: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.names: list[str] = []  # the sources' routers (what a refusal names; read in eager code only)
         self.state: torch.Tensor | None = None  # see FOUND..ROUTER
+        #: a forward of the block armed last was fed its tokens here (its ids compared, or embeddings, which no check
+        #: reads; set by the compiled code as it runs, an attribute it stores and never reads: no guard): its routers'
+        #: rows are checked in :attr:`state` where the host saw no forward fed them (:meth:`FeedCheck._compiled_read`)
+        self.covered = False
 
     def arm(
         self,
@@ -1044,6 +1048,7 @@ class TracedFeedCheck:
         self.want, self.padding, self.sources, self.wants = want, padding, list(sources), wants
         self.names = [getattr(src, "name", "") for src in sources]
         self.active = True
+        self.covered = False
         return self.state
 
     def disarm(self) -> None:
@@ -1059,6 +1064,8 @@ class TracedFeedCheck:
         Returns what :meth:`ran` compares as the forward ends, where the rows are each router's own (else None)."""
         want, padding, state = self.want, self.padding, self.state
         _, ids, _ = _inputs(args, kwargs)
+        if want is not None and (ids is not None or isinstance(kwargs.get("inputs_embeds"), torch.Tensor)):
+            self.covered = True  # (fed the forward's tokens, as an eager forward is: its ids compared below)
         if ids is None or want is None or padding is None or state is None or not self.sources:
             return None
         if order in (MIXED, OTHER_ORDER) or ids.numel() == 0 or ids.dim() > 2:
@@ -1585,12 +1592,33 @@ class FeedCheck:
             self._compare(forward, start, host[i], None if tokens is None else tokens.cpu())
         self._refuse_traced()
 
+    def _compiled_read(self, router: str, start: int, n: int) -> None:
+        """A router reads rows no forward this check has seen was fed, where a forward of the block ran compiled (its
+        routers read where the host does not count): the rows from here on are read unchecked by the host, which is
+        sound only where a compiled forward's ids were compared with them on the device (:class:`TracedFeedCheck`,
+        read as the block ends), or fed embeddings, as an eager forward's are taken unchecked. Where none was (the
+        compiled code was fed hidden states only), refused."""
+        if any(traced.covered for traced, _, _ in self._traced):
+            self._open()
+            return
+        compiled = next((level for level in self._levels if level.compiled), None)
+        name = type(compiled.module).__name__ if compiled is not None else self._entry
+        raise TokenMismatchError(
+            f"router '{router}' reads rows {start}..{start + n - 1} of this replay's routes in a forward that ran "
+            f"compiled (torch.compile: {name}'s forward, or the frames dynamo compiled inside it after a graph break) "
+            "where no check saw the token ids fed to it: neither an eager forward of the model nor its compiled code "
+            "compared them with the ids the routes were recorded for, so these rows may be another batch's. Replay "
+            "the block's first forward through the eager model (or compile the model whole, "
+            "torch.compile(model, fullgraph=True) where it can), or drop the check with routes.with_token_ids(None) to "
+            "replay by row order alone" + (f". {self.hint}" if self.hint else "")
+        )
+
     def _unseen_read(self, router: str, start: int, n: int) -> None:
         """A router reads rows no forward this check has seen was fed: refuse (see :meth:`start`), unless it is
         called again in the forward that runs now, on all of its tokens (one router module at several layers, a
         loop of layers): those rows are checked against the forward's ids as its first call's were."""
         if any(level.compiled for level in self._levels):  # (a compiled forward, whose routers run eagerly inside)
-            self._open()
+            self._compiled_read(router, start, n)
             return
         count, flat = self._current
         src = next((s for s in self._sources if s.name == router), None)
@@ -1846,7 +1874,7 @@ class RouterFeedCheck(FeedCheck):
         ids), or outside every forward, rows recorded by such calls alone; else refused (see
         :meth:`FeedCheck._unseen_read`)."""
         if any(level.compiled for level in self._levels):
-            self._open()
+            self._compiled_read(router, start, n)
             return
         src = next((s for s in self._sources if s.name == router), None)
         if src is not None and start == src.cleared and n > 0:
@@ -3546,6 +3574,20 @@ class FeedForward:
         traced.ran(pending)  # (routes of each router's own: the routers that read rows in this forward)
         return out
 
+    def _traced_feed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """An eager forward inside a compiled call (dynamo fell back from this level's forward to the frames inside
+        it): its ids compared with the rows its routers read next as compiled code compares them, on the device
+        (:meth:`TracedFeedCheck.feed`), where a replay's check is armed; the level then counts as compiled, its state
+        read as the block ends. Returns what :meth:`TracedFeedCheck.ran` compares as it ends, False where nothing."""
+        traced = self.traced
+        if not traced.active or self.paired or exporting():
+            return False
+        self.compiled = True
+        fed_args, fed_kwargs, _ = self._by_first_name(args, kwargs)
+        if not self.levels_inside:
+            fed_args, fed_kwargs, _ = self._unbatched(fed_args, fed_kwargs)
+        return traced.feed(fed_args, fed_kwargs, self.order, self.mask_at)
+
     def _fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A forward in eager code: fed to the records and checks watching it, where some are, then run."""
         records = self.records
@@ -3663,6 +3705,7 @@ class FeedForward:
         # (the records, and their routers' calls as the forward began)
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
         deferred: list[FeedRecord | FeedCheck] = []
+        pending: Any = False  # (what the token check of compiled code compares as the forward ends, where it ran)
         below = self.below
         for r in entered:  # (the routers this forward can reach: one model's of a holder, or every one)
             if isinstance(r, FeedCheck):
@@ -3676,7 +3719,12 @@ class FeedForward:
             if compile_region():  # (eager code dynamo gave up inside a compiled call: each function it calls would be
                 # compiled as a frame of its own, and the token-order runs could not set their eager stance)
                 feed = torch.compiler.disable(feed)
-            entered, watching, deferred = feed(entered, args, kwargs)
+                entered, watching, deferred = feed(entered, args, kwargs)
+                # (the levels inside may run compiled, where the host counts no read and a forward deferred to them
+                # is not taken: its ids are compared on the device here, as compiled code compares them)
+                pending = torch.compiler.disable(self._traced_feed)(args, kwargs)
+            else:
+                entered, watching, deferred = feed(entered, args, kwargs)
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True
@@ -3690,6 +3738,8 @@ class FeedForward:
                 out = before(*args, **kwargs)
             else:
                 out = type(self.module).forward(self.module, *args, **kwargs)
+            if pending is not False:
+                torch.compiler.disable(self.traced.ran)(pending)
             return out
         except BaseException as exc:
             for r, made in watching:
