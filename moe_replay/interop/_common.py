@@ -53,17 +53,18 @@ def check_shape(arr: np.ndarray, lm: LayerMap, layout: str, what: str) -> None:
     )
 
 
-def check_holds(arr: np.ndarray, lm: LayerMap, what: str) -> None:
+def check_holds(
+    arr: np.ndarray, lm: LayerMap, what: str, fix: str = "in a dtype that holds every expert (as the engine wrote it)"
+) -> None:
     """Refuse an array whose dtype cannot write every expert of the map: cast to it on the way, an expert may have
     wrapped around to another one (expert 299 of int8 reads 43, a real expert too), which no range check sees. Any
-    integer dtype that holds them all reads the same experts."""
+    integer dtype that holds them all reads the same experts. ``fix`` names the array to pass instead."""
     high = int(np.iinfo(arr.dtype).max)
     if lm.max_experts - 1 > high:
         raise RoutesValidationError(
             f"{what} is {arr.dtype}, which holds expert numbers up to {high} only, but the LayerMap has "
             f"{lm.max_experts} experts: an array cast to {arr.dtype} on the way may have wrapped an expert around to "
-            "another. Pass the array in a dtype that holds every expert (as the engine wrote it), or check the "
-            "LayerMap's num_experts"
+            f"another. Pass the array {fix}, or check the LayerMap's num_experts"
         )
 
 

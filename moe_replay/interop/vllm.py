@@ -44,6 +44,7 @@ from ..errors import RoutesValidationError
 from ..routes import Routes
 from ._common import (
     as_array,
+    check_holds,
     check_routed_rows,
     check_start,
     columns,
@@ -197,19 +198,6 @@ def _detect(arr: np.ndarray, version: Any, split: bool, start: int = 0) -> str:
     )
 
 
-def _check_holds(arr: np.ndarray, lm: LayerMap) -> None:
-    """Refuse an array whose dtype cannot write every expert: cast to it on the way, an expert may have wrapped
-    around to another one (expert 300 of int8 reads 44), which no range check sees."""
-    high = int(np.iinfo(arr.dtype).max)
-    if lm.max_experts - 1 > high:
-        raise RoutesValidationError(
-            f"routed_experts is {arr.dtype}, which holds expert numbers up to {high} only, but the LayerMap has "
-            f"{lm.max_experts} experts: an array cast to {arr.dtype} on the way may have wrapped an expert around to "
-            "another. Pass the array vLLM returned (uint8/uint16, or int32 from its OpenAI server), or check the "
-            "LayerMap's num_experts"
-        )
-
-
 def from_vllm(
     routed_experts: Any,
     layer_map: LayerMap,
@@ -265,7 +253,8 @@ def from_vllm(
             "vLLM <= 0.20 (int32) has no routed_experts_prompt_start; an int32 array with prompt_start > 0 fits no "
             "release. Pass version= if the dtype was changed on the way"
         )
-    _check_holds(arr, layer_map)  # (a wider dtype than vLLM writes, uint16 for 16 experts, reads the same experts)
+    # (a wider dtype than vLLM writes, uint16 for 16 experts, reads the same experts)
+    check_holds(arr, layer_map, "routed_experts", "vLLM returned (uint8/uint16, or int32 from its OpenAI server)")
     want = p - start + c - 1
     if want < 0:
         raise RoutesValidationError(f"prompt_len={p}, prompt_start={start}, completion_len={c} leave no token")
