@@ -1298,6 +1298,8 @@ class FeedCheck:
         self._lost = False  # a forward's rows were read where the host does not see them
         #: the token checks of the levels' forwards compiled whole, armed for this block (see :meth:`_arm_traced`)
         self._traced: list[tuple[TracedFeedCheck, torch.Tensor, FeedForward]] = []
+        #: why none could be armed, where these routes know token ids (see :meth:`unchecked`); None: armed, or no ids
+        self._unarmed: str | None = None
         self._read_once = False  # device ids were read back once, at their first forward
         self._thread: int | None = None
         self._inside = False  # a checked forward runs now (the modules it enters below are the same forward)
@@ -1331,11 +1333,12 @@ class FeedCheck:
         self._levels = list(levels)
         self._entry = type(levels[0].module).__name__ if levels else "the model"
         for level in self._levels:
-            level.compiled = False
+            level.compiled = level.unchecked = False
         for src in self._sources:
             src.cleared = 0
             src.guard = self._guard
         self._traced = self._arm_traced()
+        self._unarmed = self._why_unarmed() if not self._traced else None
         remove = _enter_levels(levels, self)
 
         def stop() -> None:
@@ -1380,6 +1383,39 @@ class FeedCheck:
             (level.traced, level.traced.arm(want, at_padding, self._sources, wants), level) for level in self._levels
         ]
 
+    def _why_unarmed(self) -> str | None:
+        """Why :meth:`_arm_traced` armed no compiled token check, where these routes know token ids (a forward that
+        runs compiled then compares its ids nowhere: see :meth:`unchecked`); None where the check has no ids to
+        compare, or is not a check of token ids."""
+        if type(self) not in (FeedCheck, RouterFeedCheck) or not self._sources or not self._levels:
+            return None
+        if len({src.device for src in self._sources}) != 1:
+            return "its routers' rows are on several devices"
+        if self.scope_of is not None or any(level.below is not None for level in self._levels):
+            return "the attached module holds several models, whose forwards each read the rows of its own routers"
+        return "no compiled token check could be armed for its routers"
+
+    def unchecked(self) -> None:
+        """Refuse the block where a forward ran compiled whose token ids no check compared (:attr:`_unarmed`: no
+        compiled token check was armed, and no eager forward of the model that this check took held it, see
+        :meth:`left`): its routers read rows on the device, which may be another batch's. Read on the host, no sync."""
+        why = self._unarmed
+        if why is None:
+            return
+        ran = next((level for level in self._levels if level.unchecked), None)
+        if ran is None:
+            return
+        for level in self._levels:  # (told once)
+            level.unchecked = False
+        raise TokenMismatchError(
+            f"a forward of this replay() ran compiled (torch.compile: {type(ran.module).__name__}'s forward) where no "
+            f"check could compare its token ids with the ids its routes were recorded for ({why}: the compiled token "
+            "check is not armed for them, and no eager forward of the model was fed its tokens), so its routers may "
+            "have read another batch's rows: discard what the block computed. Replay through the eager model (or "
+            "compile its layers, whose eager caller keeps the check), or drop the check with "
+            "routes.with_token_ids(None) to replay by row order alone" + (f". {self.hint}" if self.hint else "")
+        )
+
     def _refuse_traced(self, on_host_only: bool = False) -> None:
         """Refuse the block where a forward compiled whole was fed other tokens than its rows were recorded for (read
         from the levels' device states, where a forward ran compiled: one copy to the host; ``on_host_only``: only where
@@ -1398,8 +1434,12 @@ class FeedCheck:
 
     def left(self) -> None:
         """The forward fed last has ended: a router that read in it other row counts than it was fed tokens routes a
-        stream of its own, whose rows are not in step with the others' (see :meth:`_in_step`)."""
+        stream of its own, whose rows are not in step with the others' (see :meth:`_in_step`). Compiled code that ran
+        inside it ran in a forward the check took (see :meth:`unchecked`)."""
         self._current = (-1, None)
+        if self._unarmed is not None:
+            for level in self._levels:
+                level.unchecked = False
         began, self._step_began = self._step_began, None
         if began is not None:
             count, steady, rows = began
@@ -1442,6 +1482,8 @@ class FeedCheck:
         if self._lost:
             if self._traced:  # (a forward compiled whole before it fed other tokens: refused here, where no sync)
                 self._refuse_traced(on_host_only=True)
+            elif self._unarmed is not None:  # (one compiled with no check of its tokens: refused here)
+                self.unchecked()
             self.forwards += 1
             return True
         count, ids, shape = _inputs(args, kwargs) if inputs is None else inputs
@@ -1591,6 +1633,7 @@ class FeedCheck:
         for i, (forward, start, _, tokens) in enumerate(pending):
             self._compare(forward, start, host[i], None if tokens is None else tokens.cpu())
         self._refuse_traced()
+        self.unchecked()
 
     def _compiled_read(self, router: str, start: int, n: int) -> None:
         """A router reads rows no forward this check has seen was fed, where a forward of the block ran compiled (its
@@ -1765,6 +1808,8 @@ class RouterFeedCheck(FeedCheck):
         if self._lost:
             if self._traced:  # (a forward compiled whole before it fed other tokens: refused here, where no sync)
                 self._refuse_traced(on_host_only=True)
+            elif self._unarmed is not None:  # (one compiled with no check of its tokens: refused here)
+                self.unchecked()
             self.forwards += 1
             return True
         count, ids, shape = _inputs(args, kwargs) if inputs is None else inputs
@@ -1850,7 +1895,8 @@ class RouterFeedCheck(FeedCheck):
         return True
 
     def finish(self) -> None:
-        """Compare the forwards whose ids were on a device, in order."""
+        """Compare the forwards whose ids were on a device, in order, then those that ran compiled (see
+        :meth:`FeedCheck.finish`)."""
         kept_later, self._kept_later = self._kept_later, []
         for forward, src, start, n, ids, mask in kept_later:
             kept = _unpad_fed(ids.cpu(), mask.cpu())
@@ -1868,6 +1914,7 @@ class RouterFeedCheck(FeedCheck):
             want = self.wants[id(src)][start : start + got.numel()]
             self._compare(forward, start, got.cpu(), None if tokens is None else tokens.cpu(), want, want == PADDING_ID)
         self._refuse_traced()
+        self.unchecked()
 
     def _unseen_read(self, router: str, start: int, n: int) -> None:
         """A router reads its next rows: in the forward that runs now, on all of its tokens (checked against their
@@ -3465,6 +3512,10 @@ class FeedForward:
         self.records: list[FeedRecord | FeedCheck] = []
         #: a forward ran compiled since the last block began (its routers read where the host does not count)
         self.compiled = False
+        #: a forward fed token ids (or hidden states) ran compiled with no armed token check (set by the compiled code
+        #: as it runs, an attribute it stores and never reads: no guard): its rows were compared by no check, unless
+        #: an eager forward of the model that a check took holds it (see :meth:`FeedCheck.unchecked`)
+        self.unchecked = False
         #: the token check of its forwards compiled whole (kept where a detached session's wrapper is made again:
         #: compiled code reaches it through this object)
         self.traced: TracedFeedCheck = getattr(self, "traced", None) or TracedFeedCheck()
@@ -3565,6 +3616,8 @@ class FeedForward:
         self.compiled = True
         traced = self.traced
         if not traced.active or self.paired or exporting():
+            if not self.paired and not exporting() and not isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
+                self.unchecked = True  # (fed embeddings: read unchecked, as an eager forward's are)
             return self._run(args, kwargs)
         fed_args, fed_kwargs, _ = self._by_first_name(args, kwargs)
         if not self.levels_inside:  # (a level inside may be fed the ids themselves, and compares them)
