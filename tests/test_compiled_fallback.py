@@ -118,19 +118,15 @@ def _held(num_layers: int = 1) -> tuple[_Holder, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("before", ["nothing", "capture"])
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_another_batch_through_a_compiled_model_of_a_holder_is_refused_and_routes_without_ids_replay(
-    before: str,
-) -> None:
+def test_another_batch_through_a_compiled_model_of_a_holder_is_refused_and_routes_without_ids_replay() -> None:
     """Once silent: a session on a holder of two models arms no compiled token check, and routes of one batch
     replayed through ``torch.compile`` of one of them fed another batch forced the first batch's experts unchecked
-    (compiled whole, or dynamo falling back frame by frame after another model of the same build was compiled in a
-    capture). Refused now, naming what to do, the models left as they were; routes without token ids replay by row
-    order through the same compiled model, exactly."""
+    (the same after another model of the same build was compiled in a capture, where dynamo falls back frame by
+    frame and the model's layers run compiled: refused by the same mark, left out here for time). Refused now, naming
+    what to do, the models left as they were; routes without token ids replay by row order through the same compiled
+    model, exactly."""
     holder, first, other = _held()
-    if before == "capture":
-        _compiled_before("capture", first)
     session = mr.attach(holder)
     try:
         with session.capture(), torch.no_grad():
