@@ -89,3 +89,26 @@ def test_the_package_type_checks() -> None:
             timeout=900,
         )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def test_the_repository_top_level_holds_only_the_project_files() -> None:
+    """A file a test or an experiment writes into the working directory must not be committed."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=False)
+    if listed.returncode != 0:
+        pytest.skip("git is not available")
+    top = {line.split("/", 1)[0] for line in listed.stdout.splitlines() if line}
+    allowed = {
+        ".ci",
+        ".gitignore",
+        "LICENSE",
+        "README.md",
+        "benchmarks",
+        "docs",
+        "moe_replay",
+        "notebooks",
+        "pyproject.toml",
+        "tests",
+    }
+    assert top <= allowed, f"unexpected tracked top-level entries: {sorted(top - allowed)}"
