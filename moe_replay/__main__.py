@@ -242,8 +242,11 @@ def inspect_model(
     )
     refused = [s for s in sites if s.unsupported]
     lines = [f"model: {origin}", format_sites(sites), ""]
+    # Before a forward, a router is only not refused by its source: its decision is proven at
+    # its first forward, so only --verify may call the routers replayable.
+    kept = "replayable" if verify and not refused else "not refused before a forward"
     lines.append(
-        f"{len(sites)} router(s), {len(sites) - len(refused)} replayable"
+        f"{len(sites)} router(s), {len(sites) - len(refused)} {kept}"
         + (
             f"; attach() refuses {len(refused)}: exclude them with --exclude to replay the others"
             if 0 < len(refused) < len(sites)
@@ -270,6 +273,11 @@ def inspect_model(
         lines.extend(str(calls).splitlines()[1:])
     elif verify:
         lines.append("verify: skipped, some routers are refused")
+    elif not refused:
+        lines.append(
+            "each decision is proven at its router's first forward, where attach() may still refuse it: "
+            "--verify runs that forward now"
+        )
     return "\n".join(lines)
 
 

@@ -375,4 +375,13 @@ def test_seeds_torch_cannot_take_and_empty_patterns_are_usage_errors(argv: list[
 def test_seeds_at_the_ends_of_torch_range_run(capsys) -> None:
     for seed in (str(2**64 - 1), str(-(2**63))):
         assert main(["inspect", "softmax_topk", "--seed", seed]) == 0
-        assert "2 router(s), 2 replayable" in capsys.readouterr().out
+        assert "2 router(s), 2 not refused before a forward" in capsys.readouterr().out
+
+
+def test_inspect_without_verify_does_not_call_a_router_replayable_that_attach_refuses(capsys) -> None:
+    """``--top-k 5`` on top-2 routers printed "4 replayable" where attach() refuses every one."""
+    assert main(["inspect", "softmax_topk", "--top-k", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "replayable" not in text and "--verify runs that forward now" in text
+    assert main(["inspect", "softmax_topk", "--top-k", "5", "--verify"]) != 0
+    assert "replayable" not in capsys.readouterr().out
