@@ -243,7 +243,10 @@ def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_to
     check_map(layer_map, "from_megatron_inference")
     arr = as_array(routing_indices, "routing_indices")
     if arr.dtype.name in ("uint8", "uint16", "int16"):
-        raise RoutesValidationError(f"routing_indices is {arr.dtype}; Megatron inference writes int32")
+        raise RoutesValidationError(
+            f"routing_indices is {arr.dtype}; Megatron inference writes int32, and a cast to a narrower type may have "
+            "wrapped expert ids into other experts: pass the int32 array of DynamicInferenceRequest.routing_indices"
+        )
     if num_tokens is not None:
         check_routed_rows(arr, check_count(num_tokens, "num_tokens"), "routing_indices")
     layers = columns(arr, layer_map, "moe", "Megatron routing_indices")

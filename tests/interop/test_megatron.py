@@ -61,6 +61,9 @@ def test_inference_routing_indices() -> None:
         interop.from_megatron_inference(arr, M.layer_map, num_tokens=8)
     with pytest.raises(mr.RoutesValidationError, match="fits layout='all'"):  # an all-layer array is not this format
         interop.from_megatron_inference(np.zeros((6, 4, 2), np.int32), M.layer_map)
+    for narrow in (np.uint8, np.int16):  # a cast may have wrapped ids: the refusal says which array to pass
+        with pytest.raises(mr.RoutesValidationError, match=r"pass the int32 array of DynamicInferenceRequest"):
+            interop.from_megatron_inference(arr.astype(narrow), M.layer_map, num_tokens=7)
 
 
 def test_router_fusion_bypass_is_refused() -> None:
