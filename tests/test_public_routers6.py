@@ -84,9 +84,12 @@ def assert_exact(
         with _forced_by_hand(ref, rows):
             expected = ref(x)
             _loss(expected).backward()
+        held = [(b, b.clone()) for b in model.buffers()]  # (a router's EMA moves in training: this forward is a probe)
         torch.manual_seed(4)
         with torch.no_grad():
             model(x)
+            for buffer, value in held:
+                buffer.copy_(value)
         assert any(
             not torch.equal(_sets(as_used(r)), _sets(m.used))
             for m, r in zip(routers.values(), rows, strict=True)
@@ -749,6 +752,51 @@ class MixLoRALinear(_Used):
         return self.base_layer(x) + (w[..., None] * lora).sum(1)
 
 
+class BalancingBiasGate(_Used):
+    """DeepSeek-V3's loss-free balancing with the bias moved inside the forward in training (as several open
+    re-implementations do): sigmoid scores, the top-k over scores plus a per-expert bias, weights from the scores
+    alone, then the bias stepped against each expert's load, in place, under ``no_grad``."""
+
+    def __init__(self, n: int = E, k: int = 2, d: int = D, rate: float = 0.05) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.rate = n, k, rate
+        self.gate = nn.Linear(d, n, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(n))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.gate(x).sigmoid()
+        idx = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices if self.forced is None else self.forced
+        if self.training:
+            with torch.no_grad():
+                load = torch.bincount(idx.flatten(), minlength=self.num_experts).float()
+                self.expert_bias.add_(self.rate * (load.mean() - load).sign())
+        self.used = idx
+        w = scores.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+class RunningScaleGate(_Used):
+    """A router that divides its logits by a running scale, an EMA of their spread moved in place in training before
+    it is used, so that both the choice and the weights of a forward depend on every forward before it."""
+
+    def __init__(self, n: int = E, k: int = 2, d: int = D, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.momentum = n, k, momentum
+        self.gate = nn.Linear(d, n, bias=False)
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gate(x)
+        if self.training:
+            with torch.no_grad():
+                self.scale.mul_(1 - self.momentum).add_(self.momentum * logits.std())
+        probs = (logits / self.scale).softmax(-1)
+        idx = probs.topk(self.top_k, dim=-1).indices if self.forced is None else self.forced
+        self.used = idx
+        w = probs.gather(1, idx)
+        return w / w.sum(-1, keepdim=True), idx
+
+
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, input, options: ``train`` and attach options)
     "mh-moe-sub-tokens": (lambda: Layers(MultiHeadMoeBlock), _x, {}),
@@ -765,6 +813,8 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "moa-map-reduce": (lambda: Layers(MoAAttention), _x, {"change": 0.5}),
     "speechmoe-embedding-input": (lambda: SpeechMoE(), _x, {}),
     "thor-beside-moe": (lambda: Layers(ThorAndMoE), _x, {}),
+    "running-scale-moved-in-training": (lambda: Layers(lambda: GateBlock(RunningScaleGate())), _x, {"train": True}),
+    "balancing-bias-moved-in-training": (lambda: Layers(lambda: GateBlock(BalancingBiasGate())), _x, {"train": True}),
 }
 
 
@@ -776,8 +826,9 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     (torchscale Multiway), weights read by advanced indexing, ids sorted after the top-k, k as a tensor, the top-k's
     named tuple returned, task-conditioned gates, LoRA experts in a Linear (MixLoRA), attention heads as experts
     routed in a method that is not forward (MoA), a router fed a second tensor (SpeechMoE), stochastic experts
-    beside an MoE (THOR): every router found and nothing else, the recorded rows the experts used, and a replay
-    after the routers change those experts forced by hand, in output and gradients."""
+    beside an MoE (THOR), a running scale or a balancing bias moved in place in training: every router found and
+    nothing else, the recorded rows the experts used, and a replay after the routers change those experts forced by
+    hand, in output and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
