@@ -184,3 +184,64 @@ def test_a_replay_that_is_the_first_forward_and_meets_a_fault_still_refuses_anot
             block.router.gate.weight.copy_(before[f"{name}.router.gate.weight"])
     assert_untouched(model, before)
     tried(2)
+
+
+class _SequenceFirst(nn.Module):
+    """A model fed ``[batch, positions]`` ids whose layers run sequence-first (``[positions, batch, hidden]``, as
+    fairseq and Megatron do), its routers the faulty ones: they see position 0 of every sequence first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(_Block() for _ in range(2))
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids).transpose(0, 1)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.transpose(0, 1))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("nth", [1, 2, 6, 12])
+def test_a_fault_in_the_first_forward_of_routers_that_see_the_batch_sequence_first_keeps_each_rows_token(
+    nth: int,
+) -> None:
+    """The first forward under a session runs the model again to tell the order in which its routers see the tokens;
+    a fault raised by a router's code in those runs (or in the runs that establish its decision) must not leave the
+    rows of routers that see the batch sequence-first labelled batch-major: the capture's rows then know their true
+    tokens or the model's own exception comes out, and routes laid out batch-major (each sequence captured alone,
+    padded into one batch) are refused on that batch, never forced on other tokens."""
+    model = _SequenceFirst().eval()
+    before = snapshot(model)
+    ids = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(2))
+    want = ids.t().reshape(-1)  # each row's own token, as the routers see them
+    session = mr.attach(model)
+    _RAISE[0] = RuntimeError
+    _AT.value, _CALLS.value = nth, 0
+    try:
+        with session.capture(), torch.no_grad():
+            model(ids)
+    except RuntimeError as e:
+        assert str(e) == "injected fault" and session.state == "idle"
+    else:
+        assert torch.equal(session.routes().token_ids, want)
+    finally:
+        _AT.value = 0
+    assert _CALLS.value >= nth  # the fault was reached
+    parts = []
+    for row in ids:  # each sequence alone (one row: no order to tell)
+        with session.capture(), torch.no_grad():
+            model(row[None])
+        parts.append(session.routes())
+    with session.capture(), torch.no_grad():
+        model(ids)
+    assert torch.equal(session.routes().token_ids, want)
+    with pytest.raises(mr.TokenMismatchError, match="sequence-first"):
+        with session.replay(mr.pad_routes(parts)), torch.no_grad():
+            model(ids)
+    session.detach()
+    assert_untouched(model, before)
+    tried()
