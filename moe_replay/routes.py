@@ -16,6 +16,8 @@ import operator
 import os
 import stat
 import struct
+import uuid
+import weakref
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -1191,10 +1193,24 @@ class Routes:
             "joined": self._joined or None,
             # (rows in the order the routers saw the tokens: a replay without ids is not refused for them)
             "routers_order": self._routers_order or None,
+            # (a slice of a capture: the capture's forwards, so that slices saved apart join again as in memory)
+            "cut_from": self._cut_meta(),
         }
         if not any(v for v in known.values()):
             return None
         return known
+
+    def _cut_meta(self) -> dict[str, Any] | None:
+        """Where these rows are a slice of a capture's: that capture's forwards and the rows the slice holds, as JSON
+        for :meth:`save` (None otherwise, or where the capture or the slice ran more calls than :data:`_MAX_RUNS`, whose
+        calls the file does not keep)."""
+        if self._cut_from is None or self._call_rows is None or len(self._call_rows) > _MAX_RUNS:
+            return None
+        whole, start, end = self._cut_from
+        if len(whole.call_rows) > _MAX_RUNS:
+            return None
+        calls = [[int(n), int(c)] for n, c in whole.call_rows]
+        return {"key": whole.key, "calls": calls, "start": int(start), "end": int(end)}
 
     def _ensure_valid(self) -> None:
         """Run the per-row checks that ``validate=False`` skipped (once)."""
@@ -1247,7 +1263,9 @@ class Routes:
         rows, the order of the tokens of rows whose routers saw them sequence-first, or that their
         order was not told, the forwards fed embeddings), which
         :func:`~moe_replay.split_generation` and :meth:`BatchLayout.unpack` read after :meth:`load`
-        as before.
+        as before; and, for a slice of a capture, the capture's forwards it was cut from, so that
+        slices saved apart (a capture written in chunks of rows, cut through a forward) and loaded
+        again join with :meth:`cat` into the capture's forwards, as in memory.
 
         The file is written whole or not at all: it is written beside ``path`` first and moved
         there once complete, so a write that fails (a full disk, an interrupt) leaves a file that
@@ -1704,12 +1722,33 @@ def _run_start(rows: slice | torch.Tensor, n: int) -> int | None:
 
 
 class _Forwards:
-    """What a capture knew of its forwards (its rows per call, its prompt mask), shared by the slices cut from it."""
+    """What a capture knew of its forwards (its rows per call, its prompt mask), shared by the slices cut from it.
 
-    __slots__ = ("call_rows", "prompt_kept")
+    ``key`` names it in files: slices of one capture saved apart and loaded again share one object
+    (:data:`_FORWARDS_BY_KEY`), so that they join as in memory (see :func:`_rejoined`)."""
 
-    def __init__(self, call_rows: tuple[tuple[int, int], ...], prompt_kept: torch.Tensor | None) -> None:
+    __slots__ = ("__weakref__", "call_rows", "key", "prompt_kept")
+
+    def __init__(
+        self, call_rows: tuple[tuple[int, int], ...], prompt_kept: torch.Tensor | None, key: str | None = None
+    ) -> None:
         self.call_rows, self.prompt_kept = call_rows, prompt_kept
+        self.key = uuid.uuid4().hex if key is None else key
+        _FORWARDS_BY_KEY[self.key] = self
+
+
+#: Every :class:`_Forwards` alive, by its key: the slices of one capture read from files find their capture's.
+_FORWARDS_BY_KEY: weakref.WeakValueDictionary[str, _Forwards] = weakref.WeakValueDictionary()
+
+
+def _loaded_forwards(key: str, call_rows: tuple[tuple[int, int], ...]) -> _Forwards:
+    """The forwards of the capture named ``key`` (see :class:`_Forwards`), as a slice read from a file holds them: the
+    object of the slices of that capture already in memory where it holds the same calls, a new one otherwise (one
+    that names other calls under that key is no slice of the same capture: it joins none of them)."""
+    held = _FORWARDS_BY_KEY.get(key)
+    if held is not None:
+        return held if held.call_rows == call_rows else _Forwards(call_rows, None, uuid.uuid4().hex)
+    return _Forwards(call_rows, None, key)
 
 
 def _clip_calls(call_rows: tuple[tuple[int, int], ...], start: int, end: int) -> tuple[tuple[int, int], ...]:
@@ -1840,6 +1879,28 @@ def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) 
     if joined is not None and (type(joined) is not int or joined < 2):
         raise _corrupted(path, "its count of routes joined is not an integer over 1")
     routes._joined = joined or 0
+    cut = forwards.get("cut_from")
+    if cut is not None:
+        routes._cut_from = _read_cut(cut, routes, rows, path)
+
+
+def _read_cut(cut: Any, routes: Routes, rows: int, path: str | os.PathLike[str]) -> tuple[_Forwards, int, int]:
+    """The capture's forwards a slice saved in a file was cut from, and the rows it holds of them (see
+    :meth:`Routes._cut_meta`), checked against the slice's own forwards."""
+    if not isinstance(cut, dict) or set(cut) != {"key", "calls", "start", "end"}:
+        raise _corrupted(path, "the capture it was cut from is not described as a slice")
+    key, calls, start, end = cut["key"], cut["calls"], cut["start"], cut["end"]
+    if not isinstance(key, str) or not 0 < len(key) <= 64 or not all(type(v) is int for v in (start, end)):
+        raise _corrupted(path, "the capture it was cut from is not named, or its rows are not integers")
+    if not isinstance(calls, list) or not all(
+        isinstance(r, list) and len(r) == 2 and all(type(v) is int and v > 0 for v in r) for r in calls
+    ):
+        raise _corrupted(path, "the forwards of the capture it was cut from are not [rows, calls] runs")
+    whole = tuple((r[0], r[1]) for r in calls)
+    total = sum(r * c for r, c in whole)
+    if not 0 <= start <= end <= total or end - start != rows or _clip_calls(whole, start, end) != routes._call_rows:
+        raise _corrupted(path, f"its rows are no slice {start}:{end} of the capture it says it was cut from")
+    return (_loaded_forwards(key, whole), start, end)
 
 
 def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:

@@ -8,6 +8,7 @@ session and meets such a fault still refuses another batch."""
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import pytest
 import torch
@@ -245,3 +246,38 @@ def test_a_fault_in_the_first_forward_of_routers_that_see_the_batch_sequence_fir
     session.detach()
     assert_untouched(model, before)
     tried()
+
+
+@pytest.mark.reliability("files")
+@pytest.mark.parametrize("cut", [3, 5, 8, 9, 11], ids=lambda c: f"cut at row {c}")
+def test_a_capture_saved_in_chunks_cut_through_a_forward_splits_once_loaded_and_joined(tmp_path: Any, cut: int) -> None:
+    """Once a false refusal: a generate() capture written in two files of rows cut through a forward (chunks of a
+    fixed row count, cut through the prompt forward or a decode step), loaded and joined with Routes.cat, was refused
+    by split_generation as forwards of 3 and 5 rows where one prompt forward of 8 ran, while the same slices joined in
+    memory split as the capture. The file now keeps the capture's forwards a slice was cut from: the loaded slices
+    join into those forwards and split into the capture's very routes and token ids; slices of another capture of
+    the same shape join none of them, and are refused as before."""
+    model = mr.models.build("softmax_topk", seed=0)
+    ids = torch.randint(1, model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    session = mr.attach(model)
+    with session.capture(), torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, attention_mask=mask)
+    capture = session.routes()
+    with session.capture(), torch.no_grad():  # another rollout of the same shape
+        model.generate(ids.flip(0), max_new_tokens=4, attention_mask=mask.flip(0))
+    other = session.routes()
+    session.detach()
+    want = mr.split_generation(capture, attention_mask=mask, sequences=out)
+    for name, part in (("a", capture[:cut]), ("b", capture[cut:]), ("c", other[cut:])):
+        part.save(tmp_path / f"{name}.npz")
+    b, a = mr.Routes.load(tmp_path / "b.npz"), mr.Routes.load(tmp_path / "a.npz")  # (in either order)
+    joined = mr.Routes.cat([a, b])
+    assert joined.equal(capture)
+    got = mr.split_generation(joined, attention_mask=mask, sequences=out)
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.equal(w) and torch.equal(g.token_ids, w.token_ids)
+    with pytest.raises(mr.RoutesValidationError):  # (forwards that do not fit, or other tokens)
+        mr.split_generation(mr.Routes.cat([a, mr.Routes.load(tmp_path / "c.npz")]), attention_mask=mask, sequences=out)
+    tried(2)
