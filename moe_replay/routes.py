@@ -1724,8 +1724,8 @@ def _run_start(rows: slice | torch.Tensor, n: int) -> int | None:
 class _Forwards:
     """What a capture knew of its forwards (its rows per call, its prompt mask), shared by the slices cut from it.
 
-    ``key`` names it in files: slices of one capture saved apart and loaded again share one object
-    (:data:`_FORWARDS_BY_KEY`), so that they join as in memory (see :func:`_rejoined`)."""
+    ``key`` names it in files and pickles: slices of one capture saved, pickled or copied apart and read again share
+    one object (:data:`_FORWARDS_BY_KEY`), so that they join as in memory (see :func:`_rejoined`)."""
 
     __slots__ = ("__weakref__", "call_rows", "key", "prompt_kept")
 
@@ -1736,19 +1736,25 @@ class _Forwards:
         self.key = uuid.uuid4().hex if key is None else key
         _FORWARDS_BY_KEY[self.key] = self
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled and copied by its key (a slice sent to another process, or deep-copied, joins its capture's)."""
+        return (_loaded_forwards, (self.key, self.call_rows, self.prompt_kept))
+
 
 #: Every :class:`_Forwards` alive, by its key: the slices of one capture read from files find their capture's.
 _FORWARDS_BY_KEY: weakref.WeakValueDictionary[str, _Forwards] = weakref.WeakValueDictionary()
 
 
-def _loaded_forwards(key: str, call_rows: tuple[tuple[int, int], ...]) -> _Forwards:
-    """The forwards of the capture named ``key`` (see :class:`_Forwards`), as a slice read from a file holds them: the
-    object of the slices of that capture already in memory where it holds the same calls, a new one otherwise (one
-    that names other calls under that key is no slice of the same capture: it joins none of them)."""
+def _loaded_forwards(
+    key: str, call_rows: tuple[tuple[int, int], ...], prompt_kept: torch.Tensor | None = None
+) -> _Forwards:
+    """The forwards of the capture named ``key`` (see :class:`_Forwards`), as a slice read from a file or a pickle
+    holds them: the object of the slices of that capture already in memory where it holds the same calls, a new one
+    otherwise (one that names other calls under that key is no slice of the same capture: it joins none of them)."""
     held = _FORWARDS_BY_KEY.get(key)
     if held is not None:
-        return held if held.call_rows == call_rows else _Forwards(call_rows, None, uuid.uuid4().hex)
-    return _Forwards(call_rows, None, key)
+        return held if held.call_rows == call_rows else _Forwards(call_rows, prompt_kept, uuid.uuid4().hex)
+    return _Forwards(call_rows, prompt_kept, key)
 
 
 def _clip_calls(call_rows: tuple[tuple[int, int], ...], start: int, end: int) -> tuple[tuple[int, int], ...]:

@@ -7,7 +7,10 @@ session and meets such a fault still refuses another batch."""
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import gc
+import pickle
 from typing import Any
 
 import pytest
@@ -249,14 +252,18 @@ def test_a_fault_in_the_first_forward_of_routers_that_see_the_batch_sequence_fir
 
 
 @pytest.mark.reliability("files")
+@pytest.mark.parametrize("how", ["files", "pickles", "deep copies"])
 @pytest.mark.parametrize("cut", [3, 5, 8, 9, 11], ids=lambda c: f"cut at row {c}")
-def test_a_capture_saved_in_chunks_cut_through_a_forward_splits_once_loaded_and_joined(tmp_path: Any, cut: int) -> None:
-    """Once a false refusal: a generate() capture written in two files of rows cut through a forward (chunks of a
-    fixed row count, cut through the prompt forward or a decode step), loaded and joined with Routes.cat, was refused
-    by split_generation as forwards of 3 and 5 rows where one prompt forward of 8 ran, while the same slices joined in
-    memory split as the capture. The file now keeps the capture's forwards a slice was cut from: the loaded slices
-    join into those forwards and split into the capture's very routes and token ids; slices of another capture of
-    the same shape join none of them, and are refused as before."""
+def test_a_capture_sent_in_chunks_cut_through_a_forward_splits_once_read_and_joined(
+    tmp_path: Any, cut: int, how: str
+) -> None:
+    """Once a false refusal: a generate() capture sent on in two chunks of rows cut through a forward (written to two
+    files, pickled to another process, deep-copied), read back and joined with Routes.cat, was refused by
+    split_generation as forwards of 3 and 5 rows where one prompt forward of 8 ran, while the same slices joined in
+    memory split as the capture. A slice now carries the capture's forwards it was cut from by name: read back (in
+    either order, the capture itself gone), the slices join into those forwards and split into the capture's very
+    routes and token ids; slices of another capture of the same shape join none of them, and are refused as
+    before."""
     model = mr.models.build("softmax_topk", seed=0)
     ids = torch.randint(1, model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
@@ -268,16 +275,33 @@ def test_a_capture_saved_in_chunks_cut_through_a_forward_splits_once_loaded_and_
         model.generate(ids.flip(0), max_new_tokens=4, attention_mask=mask.flip(0))
     other = session.routes()
     session.detach()
-    want = mr.split_generation(capture, attention_mask=mask, sequences=out)
+    # (what the split gives, as plain tensors: no object that holds the capture's forwards stays alive)
+    want = [(r.per_layer(), r.token_ids) for r in mr.split_generation(capture, attention_mask=mask, sequences=out)]
+    whole = capture.per_layer()
+    sent: dict[str, Any] = {}
     for name, part in (("a", capture[:cut]), ("b", capture[cut:]), ("c", other[cut:])):
-        part.save(tmp_path / f"{name}.npz")
-    b, a = mr.Routes.load(tmp_path / "b.npz"), mr.Routes.load(tmp_path / "a.npz")  # (in either order)
+        if how == "files":
+            part.save(tmp_path / f"{name}.npz")
+        elif how == "pickles":
+            sent[name] = pickle.dumps(part)
+        else:
+            sent[name] = copy.deepcopy(part)
+    del capture, other, part
+    gc.collect()  # (the capture gone, as in another process)
+
+    def read(name: str) -> mr.Routes:
+        if how == "files":
+            return mr.Routes.load(tmp_path / f"{name}.npz")
+        return pickle.loads(sent[name]) if how == "pickles" else sent[name]
+
+    b, a = read("b"), read("a")  # (in either order)
     joined = mr.Routes.cat([a, b])
-    assert joined.equal(capture)
+    assert all(torch.equal(x, y) for x, y in zip(joined.per_layer(), whole, strict=True))
     got = mr.split_generation(joined, attention_mask=mask, sequences=out)
     assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert g.equal(w) and torch.equal(g.token_ids, w.token_ids)
+    for g, (rows, token_ids) in zip(got, want, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(g.per_layer(), rows, strict=True))
+        assert torch.equal(g.token_ids, token_ids)
     with pytest.raises(mr.RoutesValidationError):  # (forwards that do not fit, or other tokens)
-        mr.split_generation(mr.Routes.cat([a, mr.Routes.load(tmp_path / "c.npz")]), attention_mask=mask, sequences=out)
+        mr.split_generation(mr.Routes.cat([a, read("c")]), attention_mask=mask, sequences=out)
     tried(2)
