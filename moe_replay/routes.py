@@ -1329,6 +1329,10 @@ class Routes:
         if mask is not None and mask.numel() and (forwards is None or forwards["mask_runs"] is None):
             # (too many runs for the metadata: the padded sequences of a large rollout) one value per row, not dropped
             arrays["prompt_mask"] = mask.numpy()
+        calls = self._call_rows
+        if calls is not None and (forwards is None or forwards["calls"] is None):
+            # (too many runs for the metadata: a capture of many forwards of changing sizes) an array, not dropped
+            arrays["call_runs"] = np.asarray(calls, dtype=np.int64).reshape(-1, 2)
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         _write_whole(os.fspath(path), lambda f: np.savez_compressed(f, **arrays))
 
@@ -1385,6 +1389,7 @@ class Routes:
             if ids is not None:
                 routes._token_ids = _ids(ids, routes, "its token_ids")
             _read_forwards(routes, meta.get("forwards"), path)
+            _read_call_runs(routes, extra.get("call_runs"), path)
             _read_router_ids(routes, extra, path)  # (after the forwards: a prompt's kept tokens are of the first)
             recorded = meta.get("recorded_names")
             if recorded is not None:
@@ -1514,6 +1519,7 @@ def _read_members(
         "ids_lost.npy",
         "prompt_kept.npy",
         "layout_places.npy",
+        "call_runs.npy",
     ]
     extra = sorted(set(infos) - set(wanted) - set(optional))
     if extra:
@@ -1561,6 +1567,10 @@ def _read_members(
         shape, dtype = _header(zf, infos["layout_places.npy"], path)
         if len(shape) != 1 or dtype.kind != "i":
             raise _corrupted(path, f"its layout places are a {dtype} array of shape {shape}, not one int per row")
+    if "call_runs.npy" in infos:
+        shape, dtype = _header(zf, infos["call_runs.npy"], path)
+        if len(shape) != 2 or shape[1] != 2 or dtype.kind != "i":
+            raise _corrupted(path, f"its forwards' calls are a {dtype} array of shape {shape}, not [rows, calls] pairs")
     layers = []
     held = [n for n in optional if n in infos]
     for n in wanted[1:] + held:
@@ -1578,7 +1588,7 @@ def _read_members(
         None if untold is None else bool(untold),
         {
             n.removesuffix(".npy"): found[n]
-            for n in ("router_ids.npy", "ids_lost.npy", "prompt_kept.npy", "layout_places.npy")
+            for n in ("router_ids.npy", "ids_lost.npy", "prompt_kept.npy", "layout_places.npy", "call_runs.npy")
             if n in found
         },
     )
@@ -1888,6 +1898,20 @@ def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) 
     cut = forwards.get("cut_from")
     if cut is not None:
         routes._cut_from = _read_cut(cut, routes, rows, path)
+
+
+def _read_call_runs(routes: Routes, runs: torch.Tensor | None, path: str | os.PathLike[str]) -> None:
+    """The capture's ``(rows, calls)`` runs that :meth:`Routes.save` kept as an array (more than :data:`_MAX_RUNS`
+    of them), checked against the rows per router, into loaded ``routes``."""
+    if runs is None:
+        return
+    t = set(routes.tokens_per_layer)
+    if routes._call_rows is not None or len(t) != 1:
+        raise _corrupted(path, "it keeps its forwards' calls twice, or for routers of different row counts")
+    pairs = [(int(r), int(c)) for r, c in runs.tolist()]
+    if any(r <= 0 or c <= 0 for r, c in pairs) or sum(r * c for r, c in pairs) != t.pop():
+        raise _corrupted(path, f"its forwards' calls do not describe its {routes.num_tokens} rows per router")
+    routes._call_rows = tuple(pairs)
 
 
 def _read_cut(cut: Any, routes: Routes, rows: int, path: str | os.PathLike[str]) -> tuple[_Forwards, int, int]:

@@ -919,6 +919,32 @@ def test_a_prompt_mask_of_more_runs_than_the_metadata_holds_is_saved(
         mr.Routes.load(tmp_path / "bad.npz")
 
 
+@pytest.mark.reliability("files")
+def test_a_capture_of_more_call_runs_than_the_metadata_holds_keeps_its_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once dropped without a word: the rows of each router call of a capture of more runs of calls than a file's
+    metadata keeps (forwards of changing sizes) were left out of the file, so the loaded routes no longer knew where
+    one forward ends and the next begins."""
+    model = mr.models.build("softmax_topk")
+    with mr.attach(model) as session:
+        with session.capture():
+            for n in (3, 5, 2, 4):
+                model(torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(n)))
+        a = session.routes()
+    assert a._call_rows is not None and len(a._call_rows) == 4
+    monkeypatch.setattr(mr.routes, "_MAX_RUNS", 2)  # (4 runs of calls: past it)
+    a.save(tmp_path / "a.npz")
+    back = mr.Routes.load(tmp_path / "a.npz")
+    assert back._call_rows == a._call_rows and back.equal(a)
+    with np.load(tmp_path / "a.npz") as f:
+        arrays = dict(f)
+    for bad in (arrays["call_runs"][:-1], arrays["call_runs"] * np.array([1, 0]), arrays["call_runs"][:, :1]):
+        np.savez_compressed(tmp_path / "bad.npz", **{**arrays, "call_runs": bad})
+        with pytest.raises(mr.RoutesValidationError, match="calls"):
+            mr.Routes.load(tmp_path / "bad.npz")
+
+
 @pytest.mark.reliability("round trips")
 def test_the_token_order_of_rows_captured_sequence_first_stays_with_them() -> None:
     """Routes captured from routers that see a [2, 4] batch sequence-first hold row ``p * 2 + b`` for token ``(b, p)``.
