@@ -1871,7 +1871,7 @@ def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) 
         return pairs
 
     def text(value: Any, what: str) -> str | None:
-        if value is not None and (not isinstance(value, str) or len(value) > 200):
+        if value is not None and (not isinstance(value, str) or len(value) > 4000):  # (names a cache class)
             raise _corrupted(path, f"its {what} is not a short string")
         return value
 

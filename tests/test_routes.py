@@ -945,6 +945,19 @@ def test_a_capture_of_more_call_runs_than_the_metadata_holds_keeps_its_calls(
             mr.Routes.load(tmp_path / "bad.npz")
 
 
+def test_a_long_cache_class_name_in_what_routes_say_of_their_forwards_loads(tmp_path: Path) -> None:
+    """save() wrote the text of a cache move that names its cache's class, and load() refused its own file as
+    corrupted where that text passed 200 characters (a cache class of a long qualified name)."""
+    model = mr.models.build("softmax_topk")
+    with mr.attach(model) as session:
+        with session.capture():
+            model(torch.randint(1, 128, (2, 4), generator=torch.Generator().manual_seed(1)))
+        a = session.routes()
+    a._rows_moved = "a cache of class " + "pkg.module." * 40 + "Cache rolled back"
+    a.save(tmp_path / "a.npz")
+    assert mr.Routes.load(tmp_path / "a.npz")._rows_moved == a._rows_moved
+
+
 @pytest.mark.reliability("round trips")
 def test_the_token_order_of_rows_captured_sequence_first_stays_with_them() -> None:
     """Routes captured from routers that see a [2, 4] batch sequence-first hold row ``p * 2 + b`` for token ``(b, p)``.
