@@ -361,8 +361,19 @@ def _check_same_places(a: Routes, b: Routes) -> None:
         wrong = (pa >= 0) & (pb >= 0) & (pa != pb)
         what = "a token at another place in its sequence in the layout of the other"
     else:
-        places, other = (pa, b) if pa is not None else (pb, a)
+        (places, laid, other) = (pa, a, b) if pa is not None else (pb, b, a)
         fed = other._fed_mask
+        known = fed is not None and fed.shape == (t,) and bool((fed >= 0).any())
+        told = laid.token_ids is not None and other.token_ids is not None  # (then _check_same_tokens compared them)
+        if places is not None and not known and not told and bool((places < 0).any()):
+            # (a capture of a padded batch fed no mask keeps nothing of where its sequences sit: padded on the
+            # other side, each of its rows is compared with another token's)
+            raise RoutesValidationError(
+                f"one side was laid out for a padded batch ({int((places < 0).sum())} rows of padding), and the other "
+                "knows neither its token ids nor where its batch was padded (a capture fed no attention mask), so "
+                "nothing tells whether its rows are the same tokens. Feed the captured forward its attention_mask, "
+                "or give both their token ids (with_token_ids)"
+            )
         if places is None or fed is None or fed.shape != (t,):
             return
         wrong = (places >= 0) & (fed == 0)

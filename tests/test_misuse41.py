@@ -232,20 +232,26 @@ def test_unpack_of_routes_laid_out_by_another_layout_is_refused(rollout: tuple[A
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a capture of a padded batch fed no attention mask keeps no mask, and routes laid out without ids know no "
-    "tokens: compare() of the two cannot tell that the batch was padded on the other side, and compares each row "
-    "with another token's (the replay refuses such a forward; compare and unpack have nothing to read)",
-)
 def test_compare_of_laid_out_routes_with_a_capture_fed_no_mask_is_exact_or_refused(rollout: tuple[Any, ...]) -> None:
-    """Engine routes (no ids) laid out right-padded, compared with a capture of the same sequences padded on the
-    left and fed without a mask: the rows are other tokens', so the comparison must be refused."""
+    """Once silent: engine routes (no ids) laid out right-padded, compared with a capture of the same sequences
+    padded on the left and fed without a mask (its ids kept or dropped): the rows are other tokens', so the
+    comparison must be refused. Fed its mask, the capture is compared where it is the same batch."""
     model, session, seqs, per, state = rollout
     model.load_state_dict(state)
-    left = mr.BatchLayout.padded(list(LENGTHS), side="left")
-    with session.capture(), torch.no_grad():
-        model(left.tokens(seqs))
-    captured = session.routes().with_token_ids(None)
-    with pytest.raises(mr.RoutesValidationError):
-        mr.compare(captured, mr.BatchLayout.padded(list(LENGTHS)).routes(per))
+    right = mr.BatchLayout.padded(list(LENGTHS))
+    for side in ("left", "right"):
+        layout = mr.BatchLayout.padded(list(LENGTHS), side=side)
+        with session.capture(), torch.no_grad():
+            model(layout.tokens(seqs))
+        captured = session.routes()
+        for r in (captured, captured.with_token_ids(None)):
+            with pytest.raises(mr.RoutesValidationError, match="attention_mask"):
+                mr.compare(r, right.routes(per))
+        with session.capture(), torch.no_grad():
+            model(layout.tokens(seqs), attention_mask=layout.attention_mask())
+        fed = session.routes().with_token_ids(None)
+        if side == "left":
+            with pytest.raises(mr.RoutesValidationError, match="laid out for other batches"):
+                mr.compare(fed, right.routes(per))
+        else:
+            assert mr.compare(fed, right.routes(per)).tokens == sum(LENGTHS)
