@@ -74,8 +74,9 @@ def patched(name: str) -> Iterator[None]:
             mock.patch.multiple(
                 intercept,
                 _cuda_capturing=bool,
-                _cuda_bad_fork=bool,
                 _tracing=bool,
+                _jit_tracing=bool,
+                _dispatch_modes=int,
                 _transform=none,
                 _top_hooks=none,
                 _graph_task=minus_one,

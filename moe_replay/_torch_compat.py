@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from .errors import MoEReplayError
 __all__ = [
     "COMPILER",
     "CUDA",
+    "FORK",
+    "FX",
     "TESTED_TORCH",
     "BackwardCFunction",
     "CheckpointFrame",
@@ -34,6 +37,7 @@ __all__ = [
     "build_namespace_caches",
     "check",
     "current_graph_task_id",
+    "dispatch_modes",
     "dynamo_compiling",
     "engine_backward",
     "exporting",
@@ -46,6 +50,7 @@ __all__ = [
     "hidden_from_dispatch_modes",
     "in_compiled_autograd",
     "is_batched",
+    "jit_tracing",
     "mark_static_address",
     "maybe_mark_dynamic",
     "missing",
@@ -286,6 +291,21 @@ def _tracing_usual() -> bool:  # (where torch has both: the same, without the te
 tracing: Callable[[], bool] = _tracing_usual if _PROXY is not None and _fx_tracer is not None else _tracing_any
 
 
+class _NoFxFlag:
+    """``torch.fx._symbolic_trace`` as far as its flag goes, on a torch that keeps none (:data:`tracing` reads none)."""
+
+    _is_fx_tracing_flag = False
+
+
+#: :data:`tracing` in parts, for a caller that runs at every router forward and spells it inline, with no Python
+#: frame of its own: ``jit_tracing() or (dispatch_modes() != 0 and tracing()) or FX._is_fx_tracing_flag`` is
+#: :data:`tracing`'s answer (``dispatch_modes()`` is never 0 where a proxy mode is set, nor where torch cannot count
+#: its modes; ``FX`` holds the flag :data:`tracing` reads, or a False one where it reads none).
+jit_tracing: Callable[[], bool] = _jit_tracing
+dispatch_modes: Callable[[], int] = _dispatch_modes
+FX: Any = _fx_tracer if _fx_tracer is not None else _NoFxFlag()
+
+
 #: ``() -> object | None``: the innermost ``torch.func`` transform running now (``vmap``, ``grad``,
 #: ``jvp``...), or None outside every transform.
 functorch_transform: Callable[[], Any] = _find(
@@ -301,6 +321,34 @@ transforms_active: Callable[[], bool] = _find(
 is_batched: Callable[[torch.Tensor], bool] = getattr(torch._C._functorch, "is_batchedtensor", None) or (lambda t: False)
 #: ``() -> bool``: is this a forked child of a process that had initialised CUDA?
 bad_fork: Callable[[], bool] = getattr(torch._C, "_cuda_isInBadFork", None) or (lambda: False)
+
+
+class _Fork:
+    """:data:`bad_fork`'s answer, kept as a field: read with no call where it runs at every router forward.
+
+    It changes only at a fork, in the child, and :func:`os.register_at_fork` runs :func:`_forked` there,
+    after torch's own handler has set its flag (a C-level ``pthread_atfork`` handler, run inside the fork
+    itself) and before any Python code of the child runs on. A fork that skips CPython's handlers (C code
+    that forks without ``PyOS_AfterFork_Child``) leaves the field False: the stream query it guards then
+    raises torch's own error about CUDA in a forked subprocess, as without it."""
+
+    __slots__ = ("bad",)
+
+    def __init__(self) -> None:
+        self.bad = bool(bad_fork())  # (imported in a child forked already)
+
+
+#: ``FORK.bad``: :data:`bad_fork`'s answer, kept up to date at each fork (see :class:`_Fork`).
+FORK = _Fork()
+
+
+def _forked() -> None:
+    """In a forked child, before it runs on: torch's flag read once (see :class:`_Fork`)."""
+    FORK.bad = bool(bad_fork())
+
+
+if hasattr(os, "register_at_fork"):  # (where a process can fork: every POSIX system)
+    os.register_at_fork(after_in_child=_forked)
 
 
 _eval_frame_callback: Callable[[], Any] = _find(
@@ -321,9 +369,9 @@ def graph_capturing() -> bool:
 
     ``torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()`` with two Python
     frames fewer (it runs at every router forward): a stream can only capture once CUDA is
-    initialised (in this process: not in a forked child).
+    initialised (in this process: not in a forked child, which :data:`FORK` tells with no call).
     """
-    return CUDA._initialized and not bad_fork() and stream_capturing()
+    return CUDA._initialized and not FORK.bad and stream_capturing()
 
 
 _dispatch_depth: Callable[[], int] = _find(

@@ -272,13 +272,16 @@ _frame_callback = _torch_compat.frame_callback
 _COMPILER = _torch_compat.COMPILER
 _CUDA = _torch_compat.CUDA
 _cuda_capturing = _torch_compat.stream_capturing
-_cuda_bad_fork = _torch_compat.bad_fork
+_FORK = _torch_compat.FORK  # (its field bad: is this a forked child of a process that had initialised CUDA?)
 _in_compiled_autograd = _torch_compat.in_compiled_autograd
 _transform = _torch_compat.functorch_transform
 _is_batched = _torch_compat.is_batched
 _transforms_active = _torch_compat.transforms_active
 _exporting = _torch_compat.exporting
 _tracing = _torch_compat.tracing
+_jit_tracing = _torch_compat.jit_tracing  # (_tracing in parts, spelled inline where every router forward asks it)
+_dispatch_modes = _torch_compat.dispatch_modes
+_FX = _torch_compat.FX
 _grad = torch.is_grad_enabled
 _get_ident = threading.get_ident
 _hidden = _torch_compat.hidden_from_dispatch_modes
@@ -2518,7 +2521,10 @@ class ScopedForward:
             )
             or NESTING.probing
             or _COMPILER._is_compiling_flag  # (export, AOT tracing: is_compiling() in eager code)
-            or _tracing()  # (jit.trace, make_fx: refused in _call)
+            # (jit.trace, make_fx, fx.symbolic_trace: refused in _call; _tracing() inline, with no frame of its own)
+            or _jit_tracing()
+            or (_dispatch_modes() != 0 and _tracing())
+            or _FX._is_fx_tracing_flag
             or _frame_callback() is not None  # (eager inside a compiled call: dynamo would compile its forward)
         ):
             return self._nested(args, kwargs)
@@ -2533,8 +2539,9 @@ class ScopedForward:
         hook._ordinal = 0
         hook._answered = None
         hook._entry_grad = grad
-        # (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing(), inline)
-        hook._eager = eager = not (_CUDA._initialized and not _cuda_bad_fork() and _cuda_capturing())
+        # (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing(), inline: the fork's answer is
+        # kept, as it changes only at a fork)
+        hook._eager = eager = not (_CUDA._initialized and not _FORK.bad and _cuda_capturing())
         chunks = hook._chunks_begin(ev, args, kwargs, False) if hook._chunks else None  # (joined as it returns)
         # before the wrappers go in, as it may raise: the checkpoint regions, none in the common case
         if _top_hooks() is None and _graph_task() == -1 and (grad or _fwd_grad()):
