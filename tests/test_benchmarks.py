@@ -323,6 +323,26 @@ def test_hostwork_counts_the_python_each_variant_adds_per_router_call(tmp_path: 
     assert "| replay |" in text.getvalue()
 
 
+def test_hostwork_counts_moe_replays_own_work_per_forward_and_per_generate_step(tmp_path: Path) -> None:
+    from benchmarks import hostwork
+
+    assert hostwork.count_own(lambda: None) == {"bytecodes": 0, "frames": 0, "c_calls": 0, "by_c_call": {}}
+    own = hostwork.count_own(lambda: mr.format_sites([]))
+    assert own["frames"] >= 1 and own["bytecodes"] > 0  # (the library's own frame, counted)
+    out = tmp_path / "own.json"
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert hostwork.main(["--own", "--size", "smoke", "--layers", "2", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    routers = r["meta"]["routers"]
+    for name in ("capture", "replay"):
+        assert r[name]["bytecodes"] > 0 and r[name]["c_calls"] == sum(r[name]["by_c_call"].values())
+        assert r[name]["by_c_call"]["torch.is_grad_enabled"] >= routers  # (a state read at every router call)
+        assert r[name]["per_router_call"]["bytecodes"] == r[name]["bytecodes"] / routers
+    assert r["generate_step"]["bytecodes"] > 0
+    assert "| generate_step |" in text.getvalue()
+
+
 def test_spans_times_every_router_call_of_each_variant_against_the_plain_one(tmp_path: Path) -> None:
     from benchmarks import spans
 
