@@ -143,3 +143,36 @@ def test_compiled_code_reads_the_forks_kept_answer_as_it_is_at_each_call(monkeyp
     assert branch(torch.zeros(1)).item() == (1.0 if want else -1.0)
     monkeypatch.setattr(_torch_compat.FORK, "bad", not want)
     assert branch(torch.zeros(1)).item() == (-1.0 if want else 1.0)
+
+
+@pytest.mark.reliability("faults")
+def test_a_lean_router_asks_the_stream_only_where_cuda_is_up_and_the_process_is_no_bad_fork(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As on a CUDA host (CUDA initialised, stubbed here): each lean router call asks whether the stream is capturing,
+    unless the kept answer says this is a forked child of a process that had initialised CUDA, where torch's stream
+    query would fail; nothing asks torch's bad-fork flag itself at a router call."""
+    from moe_replay import intercept
+
+    torch.manual_seed(0)
+    model = _FxMoE()
+    x = torch.randn(3, 5, 8)
+    asked: list[str] = []
+
+    class _Up:
+        _initialized = True
+
+    with mr.attach(model, include="routers.*", top_k=2, num_experts=6) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+            model(x)  # (established, and lean)
+        monkeypatch.setattr(intercept, "_CUDA", _Up())
+        monkeypatch.setattr(intercept, "_cuda_capturing", lambda: asked.append("stream") or False)
+        monkeypatch.setattr(_torch_compat, "bad_fork", lambda: asked.append("fork") or False)
+        for bad in (False, True):
+            asked.clear()
+            monkeypatch.setattr(_torch_compat.FORK, "bad", bad)
+            with session.capture():
+                model(x)
+            tried(1)
+            assert asked == ([] if bad else ["stream"] * len(model.routers)), (bad, asked)
