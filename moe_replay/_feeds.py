@@ -1058,10 +1058,16 @@ class TracedFeedCheck:
         self.sources = []
 
     def feed(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], order: str | None, mask_at: int | None
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        order: str | None,
+        mask_at: int | None,
+        began: Sequence[int] | None = None,
     ) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] | None:
-        """Traced as a forward compiled whole enters the level: its ids against the rows its routers read next.
-        Returns what :meth:`ran` compares as the forward ends, where the rows are each router's own (else None)."""
+        """Traced as a forward compiled whole enters the level: its ids against the rows its routers read next (or,
+        eager, those they stood at as the forward began: ``began``, one row per source). Returns what :meth:`ran`
+        compares as the forward ends, where the rows are each router's own (else None)."""
         want, padding, state = self.want, self.padding, self.state
         _, ids, _ = _inputs(args, kwargs)
         if want is not None and (ids is not None or isinstance(kwargs.get("inputs_embeds"), torch.Tensor)):
@@ -1078,7 +1084,10 @@ class TracedFeedCheck:
         ids = ids.detach().to(want.device, torch.long)
         fed = _tokens_fed(given, ids) if ids.dim() == 2 else None  # (1: a token, 0: padding, -1: not known)
         fed = None if fed is None else fed.to(want.device)
-        cursors = [src.next_row() for src in self.sources]
+        if began is None:
+            cursors = [src.next_row() for src in self.sources]
+        else:
+            cursors = list(torch.tensor(began, dtype=torch.long).to(want.device).unbind())
         if self.wants is None:
             start = cursors[0] if len(cursors) == 1 else torch.stack(cursors).max()
             compared = self._compared(ids, fed, order, want, padding, start)
@@ -1180,7 +1189,10 @@ class TracedFeedCheck:
         router = found[self.ROUTER] if len(found) > self.ROUTER else -1
         name = self.names[router] if 0 <= router < len(self.names) else ""
         rows = f"rows {start}..{start + count - 1} of the routes" + (f" of router '{name}'" if name else "")
-        which = f"a forward of this replay() that ran compiled (the model compiled whole), the one that read {rows},"
+        which = (
+            f"a forward of this replay() that ran compiled (the model compiled whole, or code compiled inside its "
+            f"forward), the one that read {rows},"
+        )
         if want == NO_FORWARD_ID:
             what = (
                 f"{which} read rows that the capture recorded from a call of router '{name}' outside every forward of "
@@ -1363,25 +1375,40 @@ class FeedCheck:
     def _arm_traced(self) -> list[tuple[TracedFeedCheck, torch.Tensor, FeedForward]]:
         """Arm the token check of the forwards compiled whole on each level (see :class:`TracedFeedCheck`): the
         routes' ids (and rows recorded at padding) on the routers' device; returns each level's check, the state it
-        marks and the level. None armed where the routers' rows are on several devices, or some level reaches a part of
-        the routers only (a holder of several models: its forwards read the rows of its routers alone)."""
-        if type(self) not in (FeedCheck, RouterFeedCheck) or self.scope_of is not None or not self._sources:
+        marks and the level. A level that reaches a part of the routers only (one model of a holder of several, called
+        on its own) compares its forwards with the rows of those routers alone. None armed where the routers' rows are
+        on several devices."""
+        if type(self) not in (FeedCheck, RouterFeedCheck) or not self._sources:
             return []
         devices = {src.device for src in self._sources}
-        if len(devices) != 1 or any(level.below is not None for level in self._levels):
+        if len(devices) != 1:
             return []
         device = devices.pop()
         rows = self.want.numel()
         padding = self.padding if self.padding is not None else torch.zeros(rows, dtype=torch.bool)
         want, at_padding = _on_device(self.want, padding, device)
-        wants = None
+        each: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if isinstance(self, RouterFeedCheck):  # (each router's rows its own: compared router by router)
-            wants = [
-                _on_device(w, w == PADDING_ID, device) for w in map(self.wants.__getitem__, map(id, self._sources))
-            ]
-        return [
-            (level.traced, level.traced.arm(want, at_padding, self._sources, wants), level) for level in self._levels
-        ]
+            each = {
+                id(src): _on_device(w, w == PADDING_ID, device)
+                for src, w in zip(self._sources, map(self.wants.__getitem__, map(id, self._sources)), strict=True)
+            }
+        armed = []
+        for level in self._levels:
+            sources = self._reached(level)
+            if not sources:
+                continue
+            wants = [each[id(src)] for src in sources] if each else None
+            armed.append((level.traced, level.traced.arm(want, at_padding, sources, wants), level))
+        return armed
+
+    def _reached(self, level: FeedForward) -> list[Any]:
+        """The sources whose rows the forwards of ``level`` read: its own model's routers, where it is one model of a
+        holder of several (each called on its own: see :attr:`scope_of`), else every router's."""
+        scope_of, below = self.scope_of, level.below
+        if below is None or scope_of is None:
+            return list(self._sources)
+        return [src for src in self._sources if scope_of.get(id(src)) in below]
 
     def _why_unarmed(self) -> str | None:
         """Why :meth:`_arm_traced` armed no compiled token check, where these routes know token ids (a forward that
@@ -1391,8 +1418,6 @@ class FeedCheck:
             return None
         if len({src.device for src in self._sources}) != 1:
             return "its routers' rows are on several devices"
-        if self.scope_of is not None or any(level.below is not None for level in self._levels):
-            return "the attached module holds several models, whose forwards each read the rows of its own routers"
         return "no compiled token check could be armed for its routers"
 
     def unchecked(self) -> None:
@@ -3627,11 +3652,35 @@ class FeedForward:
         traced.ran(pending)  # (routes of each router's own: the routers that read rows in this forward)
         return out
 
-    def _traced_feed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _placed(
+        self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, list[int] | None]:
+        """An eager forward of this level, in a replay whose compiled token check is armed: where a check that took it
+        no longer places its rows on the host (code compiled inside an earlier forward, its layers compiled in place,
+        read rows on the device), its ids are compared with the rows its routers read next on the device, as compiled
+        code compares them (returns what :meth:`TracedFeedCheck.ran` compares as it ends); where a check of each
+        router's own rows took it, which compares each read as the router makes it on the host, returns the rows its
+        routers stand at, compared on the device as the forward ends if code compiled inside it read (no router read
+        of a compiled layer passes the host). No op, no sync otherwise."""
+        lost = False
+        own = False
+        for r in entered:
+            if isinstance(r, FeedCheck):
+                lost = lost or r._lost
+                own = own or isinstance(r, RouterFeedCheck)
+        if lost:
+            return self._traced_feed(args, kwargs), None
+        if own and not any(src.read_by_device for src in self.traced.sources):
+            return False, [src.host_consumed for src in self.traced.sources]
+        return False, None
+
+    def _traced_feed(self, args: tuple[Any, ...], kwargs: dict[str, Any], began: list[int] | None = None) -> Any:
         """An eager forward inside a compiled call (dynamo fell back from this level's forward to the frames inside
-        it): its ids compared with the rows its routers read next as compiled code compares them, on the device
-        (:meth:`TracedFeedCheck.feed`), where a replay's check is armed; the level then counts as compiled, its state
-        read as the block ends. Returns what :meth:`TracedFeedCheck.ran` compares as it ends, False where nothing."""
+        it), or one whose routers read in compiled code (see :meth:`_placed`; ``began``: the rows they stood at as it
+        began, else their device cursors now): its ids compared with the rows its routers read as compiled code
+        compares them, on the device (:meth:`TracedFeedCheck.feed`), where a replay's check is armed; the level then
+        counts as compiled, its state read as the block ends. Returns what :meth:`TracedFeedCheck.ran` compares as it
+        ends, False where nothing."""
         traced = self.traced
         if not traced.active or self.paired or exporting():
             return False
@@ -3639,7 +3688,7 @@ class FeedForward:
         fed_args, fed_kwargs, _ = self._by_first_name(args, kwargs)
         if not self.levels_inside:
             fed_args, fed_kwargs, _ = self._unbatched(fed_args, fed_kwargs)
-        return traced.feed(fed_args, fed_kwargs, self.order, self.mask_at)
+        return traced.feed(fed_args, fed_kwargs, self.order, self.mask_at, began)
 
     def _fed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A forward in eager code: fed to the records and checks watching it, where some are, then run."""
@@ -3759,6 +3808,7 @@ class FeedForward:
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
         deferred: list[FeedRecord | FeedCheck] = []
         pending: Any = False  # (what the token check of compiled code compares as the forward ends, where it ran)
+        began: list[int] | None = None  # (the rows its routers stood at, where read by the host until now: see _placed)
         below = self.below
         for r in entered:  # (the routers this forward can reach: one model's of a holder, or every one)
             if isinstance(r, FeedCheck):
@@ -3778,6 +3828,8 @@ class FeedForward:
                 pending = torch.compiler.disable(self._traced_feed)(args, kwargs)
             else:
                 entered, watching, deferred = feed(entered, args, kwargs)
+                if self.traced.active:  # (a replay's check of token ids, where compiled code may read its rows)
+                    pending, began = self._placed(entered, args, kwargs)
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True
@@ -3791,6 +3843,8 @@ class FeedForward:
                 out = before(*args, **kwargs)
             else:
                 out = type(self.module).forward(self.module, *args, **kwargs)
+            if began is not None and any(src.read_by_device for src in self.traced.sources):
+                pending = self._traced_feed(args, kwargs, began)  # (code compiled inside it read: see _placed)
             if pending is not False:
                 torch.compiler.disable(self.traced.ran)(pending)
             return out

@@ -149,16 +149,11 @@ def test_another_batch_through_a_compiled_model_of_a_holder_is_refused_and_route
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a session on a holder of models checks each router's rows as it reads them on the host; layers compiled "
-    "where they sit, below every level the session watches (a model of several layers), read their rows on the "
-    "device, so no check compares the forward's ids: another batch is forced unchecked",
-)
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_another_batch_through_compiled_layers_of_a_holders_model_is_refused() -> None:
-    """Layers compiled where they sit (``layer.compile()``) in a model of a holder: the model's forward runs eagerly,
-    its routers compiled; routes of one batch replayed on another must be refused."""
+    """Once silent: layers compiled where they sit (``layer.compile()``) in a model of a holder: the model's forward
+    runs eagerly, its routers compiled; routes of one batch replayed on another must be refused (each model of the
+    holder compares its forwards' ids with its own routers' rows on the device)."""
     holder, first, other = _held(num_layers=2)
     session = mr.attach(holder)
     try:
@@ -169,5 +164,34 @@ def test_another_batch_through_compiled_layers_of_a_holders_model_is_refused() -
             layer.compile(backend="eager")
         with pytest.raises(mr.TokenMismatchError), session.replay(routes, strict=False), torch.no_grad():
             holder.policy(other)
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_a_later_forward_through_layers_compiled_in_place_fed_another_batch_is_refused() -> None:
+    """Once silent: layers compiled where they sit in a model (its forward eager, its routers compiled): the block's
+    first forward is compared with its rows on the host, but once compiled code has read rows the host no longer
+    knows where a forward's rows begin, and a later forward fed another batch was forced unchecked. Its ids are
+    compared with its rows on the device now, as compiled code compares them; forwards fed their own tokens replay
+    exactly."""
+    g = torch.Generator().manual_seed(5)
+    first, other = torch.randint(0, 100, (2, 8), generator=g), torch.randint(0, 100, (2, 8), generator=g)
+    model = mr.models.build("softmax_topk", num_layers=2, expert_impl="dense")
+    session = mr.attach(model)
+    try:
+        with session.capture(), torch.no_grad():
+            expected = [model(first).logits, model(other).logits]
+        routes = session.routes()
+        for layer in model.layers:
+            layer.compile(backend="eager")
+        with pytest.raises(mr.TokenMismatchError, match="rows 16..31"), session.replay(routes), torch.no_grad():
+            model(first)
+            model(first)  # (the second forward's rows were recorded for the other batch)
+        with session.replay(routes), torch.no_grad():
+            got = [model(first).logits, model(other).logits]
+        for g_, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g_, e)
     finally:
         session.detach()
