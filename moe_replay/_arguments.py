@@ -139,7 +139,7 @@ class ArgumentStamp:
     setting. :meth:`holds` compares a later forward's arguments with them: where each is the very object it was (a
     float attribute handed on, the same 0-d tensor not written since), a few bytecodes per setting."""
 
-    __slots__ = ("count", "items", "keys", "named", "positional")
+    __slots__ = ("count", "items", "keys", "named", "positional", "tensors")
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], num_experts: int) -> None:
         self.count = len(args)
@@ -157,6 +157,8 @@ class ArgumentStamp:
         self.named: tuple[tuple[str, _Item], ...] = tuple(
             (item.where, item) for item in self.items if isinstance(item.where, str)
         )
+        #: the settings that are tensors: compiled code compares them on the device (see :meth:`mark_moved`)
+        self.tensors: tuple[_Item, ...] = tuple(item for item in self.items if item.tensor)
 
     def holds(self, args: tuple[Any, ...], kwargs: dict[str, Any], tensors: bool = True) -> bool:
         """Are ``args``/``kwargs`` given as the decision's were, each setting the same? ``tensors=False``: the plain
@@ -177,6 +179,37 @@ class ArgumentStamp:
             if not item.holds(now, tensors):
                 return False
         return True
+
+    def mark_moved(self, flag: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Traced, in compiled code (after :meth:`holds` took the plain settings as the same): mark ``flag``, a 0-d
+        bool on the router's device, where a tensor setting's value is not the one the decision was established with
+        (a minimum weight written in place since). Compared on the device, as the forward runs: no sync; the flag is
+        read as the block ends. A tensor no longer there, or of another shape, dtype or device, marks it at every
+        call (none of that is a value: it is known as the code is traced)."""
+        moved: torch.Tensor | None = None
+        for item in self.tensors:
+            where = item.where
+            now = args[where] if type(where) is int else kwargs[where]  # type: ignore[index]
+            if callable(now) or (isinstance(now, _TENSOR) and not _is_setting_tensor(now, item.experts)):
+                continue  # (as same() takes them: code in its place, a tensor of the tokens)
+            held = item.value
+            assert held is not None
+            if (
+                not isinstance(now, _TENSOR)
+                or now.shape != held.shape
+                or now.dtype != held.dtype
+                or now.device != held.device
+            ):
+                differ = torch.ones((), dtype=torch.bool, device=flag.device)
+            else:
+                differ = (now.detach() != held).any().to(flag.device)  # (NaN differs, as torch.equal reads it)
+            moved = differ if moved is None else moved | differ
+        if moved is not None:
+            flag.logical_or_(moved)
+
+    def tensor_names(self) -> str:
+        """The tensor settings, in words (what a refusal of :meth:`mark_moved`'s flag names)."""
+        return ", ".join(f"argument {item.where!r}" for item in self.tensors)
 
     def changed(self, args: tuple[Any, ...], kwargs: dict[str, Any], tensors: bool = True) -> str:
         """What differs from the arguments the decision was established with, in words (after :meth:`holds` said

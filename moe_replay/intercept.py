@@ -622,6 +622,10 @@ class RouterHook:
     # alone; and those of the decision armed, which each lean forward compares its arguments with
     _arg_stamps: dict[tuple[bool, bool], ArgumentStamp | None] = field(default_factory=dict)
     _arg_stamp: ArgumentStamp | None = None
+    # where a decision was established with tensors among its forward's settings: set by compiled code where one's
+    # value is not the one it was established with (see ArgumentStamp.mark_moved), cleared as each block starts and
+    # read as it ends; one tensor for the hook's life, so that code compiled in one block runs again in the next
+    _settings_moved: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
@@ -771,6 +775,8 @@ class RouterHook:
             )
         self.evidence[self.mode()] = ev
         self._arg_stamps[self.mode()] = stamp
+        if stamp is not None and stamp.tensors:
+            self._arm_settings(stamp)
         self._dropped.pop(self.mode(), None)
         self._hooks_at = _HANDLES.next_id  # (first: a hook registered from here on is after these settings)
         self._hook_dicts = [
@@ -1359,6 +1365,8 @@ class RouterHook:
             if stamp is not None and not stamp.holds(args, kwargs, not compiling) and (compiling or not _in_backward()):
                 moved = self._arguments_changed(stamp, args, kwargs, compiling)
                 ev = None  # (established afresh on this forward's arguments)
+            elif compiling and stamp is not None and stamp.tensors and (flag := self._settings_moved) is not None:
+                stamp.mark_moved(flag, args, kwargs)  # (a tensor setting's value, compared on the device)
             if ev is not None and self._restless and ev.twins:
                 if compiling:
                     # which of its twin calls dispatches is checked by its effect at each forward, which compiled
@@ -1605,11 +1613,43 @@ class RouterHook:
             guard = self.install_guard()
             guard.keep_last(self.scope)
             guard.arm(device_of(self.scope))
+        if self._settings_moved is not None:
+            self._arm_settings()
+
+    def _arm_settings(self, stamp: ArgumentStamp | None = None) -> None:
+        """The flag compiled code marks where a tensor among its forward's settings moved: cleared as a block starts
+        (no ``stamp``); made where none is, or where ``stamp``'s first tensor setting is on another device (a decision
+        established with it)."""
+        with torch.inference_mode(False):  # (an ordinary tensor, whatever the caller's mode)
+            flag = self._settings_moved
+            held = stamp.tensors[0].value if stamp is not None and stamp.tensors else None
+            if flag is None or (held is not None and flag.device != held.device):
+                device = held.device if held is not None else torch.device("cpu")
+                # (its address kept across calls, as the rings': CUDA graphs of mode="reduce-overhead" update it)
+                self._settings_moved = _torch_compat.mark_static_address(
+                    torch.zeros((), dtype=torch.bool, device=device)
+                )
+            elif stamp is None:  # (as a block starts; one established inside a block keeps what compiled code marked)
+                flag.zero_()
 
     def check_guard(self) -> None:
-        """As a block ends: refuse float tensors that compiled code found cut to zero by a hook after this router."""
+        """As a block ends: refuse float tensors that compiled code found cut to zero by a hook after this router, and
+        a tensor among its forward's settings that compiled code found written since its decision was established."""
         if self._guard is not None:
             self._guard.cut_in_compiled_code(self.scope)
+        flag = self._settings_moved
+        if flag is not None and bool(flag):  # (one read, a sync: only a router handed a tensor setting)
+            flag.zero_()
+            stamps = [s for s in self._arg_stamps.values() if s is not None and s.tensors]
+            names = stamps[0].tensor_names() if stamps else "a tensor argument"
+            raise UnsupportedRouterError(
+                f"router '{self.name}': the value of a tensor among the settings of its forward ({names}) is not "
+                "the one its decision was established with (written in place since); its decision holds for the "
+                "settings it was established on (a minimum weight may cut slots the rows name), and compiled code, "
+                "which cannot establish it again, ran on the new value. Found in compiled code, which cannot stop at "
+                "the forward: this block's forwards ran with it, discard what they computed. Run one eager forward of "
+                "the model with the new value first (session.verify(example) does it, or call the uncompiled module)"
+            )
 
     def install_guard(self) -> OutputGuard:
         """The output guard on the scope, put there if it is not (for a block whose scope's forward is wrapped,
