@@ -626,6 +626,8 @@ class RouterHook:
     # value is not the one it was established with (see ArgumentStamp.mark_moved), cleared as each block starts and
     # read as it ends; one tensor for the hook's life, so that code compiled in one block runs again in the next
     _settings_moved: torch.Tensor | None = None
+    # compiled code compared them in a forward of the block running now (stored by it, never read there: no guard)
+    _settings_compared: bool = False
 
     def __post_init__(self) -> None:
         self._lean = _LEAN_KNOWN.setdefault(self.scope, {})  # shared by every session on this scope
@@ -1367,6 +1369,7 @@ class RouterHook:
                 ev = None  # (established afresh on this forward's arguments)
             elif compiling and stamp is not None and stamp.tensors and (flag := self._settings_moved) is not None:
                 stamp.mark_moved(flag, args, kwargs)  # (a tensor setting's value, compared on the device)
+                self._settings_compared = True
             if ev is not None and self._restless and ev.twins:
                 if compiling:
                     # which of its twin calls dispatches is checked by its effect at each forward, which compiled
@@ -1615,6 +1618,7 @@ class RouterHook:
             guard.arm(device_of(self.scope))
         if self._settings_moved is not None:
             self._arm_settings()
+            self._settings_compared = False
 
     def _arm_settings(self, stamp: ArgumentStamp | None = None) -> None:
         """The flag compiled code marks where a tensor among its forward's settings moved: cleared as a block starts
@@ -1638,7 +1642,8 @@ class RouterHook:
         if self._guard is not None:
             self._guard.cut_in_compiled_code(self.scope)
         flag = self._settings_moved
-        if flag is not None and bool(flag):  # (one read, a sync: only a router handed a tensor setting)
+        # (one read, a sync: only where compiled code compared a tensor setting of this router in the block)
+        if flag is not None and self._settings_compared and bool(flag):
             flag.zero_()
             stamps = [s for s in self._arg_stamps.values() if s is not None and s.tensors]
             names = stamps[0].tensor_names() if stamps else "a tensor argument"
