@@ -89,6 +89,7 @@ from .errors import (
 )
 from .evidence import _HOOKS, _autocast_cache_aside, _Snapshot
 from .intercept import _CONTAINERS, EAGER, ORDER_PROBE, ClassForward, OrderStop, _code_of, _fingerprint
+from .ring import FORWARD
 from .routes import NO_FORWARD_ID, PADDING_ID, UNTOLD_RANK
 
 __all__ = ["FeedCheck", "FeedForward", "FeedRecord", "MoveWatch", "feed_levels", "one_stream"]
@@ -1346,9 +1347,14 @@ class FeedCheck:
         self._entry = type(levels[0].module).__name__ if levels else "the model"
         for level in self._levels:
             level.compiled = level.unchecked = False
+        strays = type(self) is FeedCheck  # (a read of rows recorded outside every forward may be due elsewhere)
         for src in self._sources:
             src.cleared = 0
             src.guard = self._guard
+            if strays:
+                with torch.inference_mode(False):
+                    src.stray = mark_static_address(torch.zeros((), dtype=torch.bool, device=src.device))
+                src.checked = True
         self._traced = self._arm_traced()
         self._unarmed = self._why_unarmed() if not self._traced else None
         remove = _enter_levels(levels, self)
@@ -1358,6 +1364,7 @@ class FeedCheck:
             self._open()
             for src in self._sources:
                 src.guard = None
+                src.checked = False
             for traced, _, _ in self._traced:
                 traced.disarm()
 
@@ -1659,6 +1666,28 @@ class FeedCheck:
             self._compare(forward, start, host[i], None if tokens is None else tokens.cpu())
         self._refuse_traced()
         self.unchecked()
+        self._refuse_strays()
+
+    def _refuse_strays(self) -> None:
+        """Refuse the block where compiled code read rows while no forward of the model ran (see
+        :attr:`~moe_replay.ring.ReplaySource.stray`: a MoE block compiled and called on its own, fed hidden states):
+        no check compared the tokens of those rows. Read where compiled code read rows (one copy to the host)."""
+        marked = [src for src in self._sources if src.stray is not None and src.read_by_device]
+        if not marked or not bool(torch.stack([src.stray.to(marked[0].device) for src in marked]).any()):
+            return
+        src = next(src for src in marked if bool(src.stray))
+        for each in marked:  # (told once)
+            each.stray.zero_()
+        raise TokenMismatchError(
+            f"router '{src.name}' read rows of this replay's routes in compiled code (torch.compile) that ran outside "
+            f"every forward of {self._entry} (the module the session is attached to) and of the modules between it "
+            "and its routers fed token ids: a submodule compiled and called on its own (fed hidden states), so the "
+            "tokens of those rows were never compared with the ids the routes were recorded for. Compiled code "
+            "cannot stop at the read: this was found as the block ended, so what it computed came from rows that "
+            "may be another batch's: discard it. Run the forward through the attached model, attach the session to "
+            "the module you call, or drop the check with routes.with_token_ids(None) to replay by row order alone"
+            + (f". {self.hint}" if self.hint else "")
+        )
 
     def _compiled_read(self, router: str, start: int, n: int) -> None:
         """A router reads rows no forward this check has seen was fed, where a forward of the block ran compiled (its
@@ -2288,6 +2317,19 @@ class OrderNote(FeedCheck):
 
 #: what a forward was fed (:func:`_inputs`): its token count, its ids, its ``[batch, positions]``
 _Fed = tuple[int, torch.Tensor | None, torch.Size | None]
+
+
+def _fed_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Was a forward fed token ids or embeddings (as :func:`_inputs` reads them, or as one mapping), not hidden states?
+    Read from types and ranks alone (nothing a compiled forward would guard on besides)."""
+    ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+    if isinstance(ids, Mapping):
+        ids = ids.get("input_ids", ids.get("inputs_embeds"))
+        return isinstance(ids, torch.Tensor) and ids.dim() > 0
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() > 0:
+        return True
+    embeds = kwargs.get("inputs_embeds")
+    return isinstance(embeds, torch.Tensor) and embeds.dim() > 1
 
 
 def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Fed:
@@ -3640,17 +3682,23 @@ class FeedForward:
         # token check is armed or not, and compares on the device: see TracedFeedCheck)
         self.compiled = True
         traced = self.traced
-        if not traced.active or self.paired or exporting():
-            if not self.paired and not exporting() and not isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
-                self.unchecked = True  # (fed embeddings: read unchecked, as an eager forward's are)
-            return self._run(args, kwargs)
-        fed_args, fed_kwargs, _ = self._by_first_name(args, kwargs)
-        if not self.levels_inside:  # (a level inside may be fed the ids themselves, and compares them)
-            fed_args, fed_kwargs, _ = self._unbatched(fed_args, fed_kwargs)
-        pending = traced.feed(fed_args, fed_kwargs, self.order, self.mask_at)
-        out = self._run(args, kwargs)
-        traced.ran(pending)  # (routes of each router's own: the routers that read rows in this forward)
-        return out
+        was = FORWARD.on
+        if _fed_tokens(args, kwargs) or (not args and _fed_tokens(*self._by_first_name(args, kwargs)[:2])):
+            FORWARD.on = True  # (fed tokens: the rows its routers read are this forward's, see ring._Fed)
+        try:
+            if not traced.active or self.paired or exporting():
+                if not self.paired and not exporting() and not isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
+                    self.unchecked = True  # (fed embeddings: read unchecked, as an eager forward's are)
+                return self._run(args, kwargs)
+            fed_args, fed_kwargs, _ = self._by_first_name(args, kwargs)
+            if not self.levels_inside:  # (a level inside may be fed the ids themselves, and compares them)
+                fed_args, fed_kwargs, _ = self._unbatched(fed_args, fed_kwargs)
+            pending = traced.feed(fed_args, fed_kwargs, self.order, self.mask_at)
+            out = self._run(args, kwargs)
+            traced.ran(pending)  # (routes of each router's own: the routers that read rows in this forward)
+            return out
+        finally:
+            FORWARD.on = was
 
     def _placed(
         self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -3837,6 +3885,9 @@ class FeedForward:
         if check is not None:  # (its first router hands its input to the check, then runs)
             ORDER_PROBE.check, ORDER_PROBE.thread = check, threading.get_ident()
         out: Any = None
+        was = FORWARD.on
+        if entered or deferred:  # (a forward a check took, or left to the levels inside: code compiled inside it
+            FORWARD.on = True  # reads its rows, see ring._Fed)
         try:
             before = self.before
             if before is not None:
@@ -3854,6 +3905,7 @@ class FeedForward:
                     r.raised = r.raised or f"{type(exc).__name__}({str(exc)[:200]!r}) in a forward"
             raise
         finally:
+            FORWARD.on = was
             if check is not None and ORDER_PROBE.check is check:  # (no router reached)
                 ORDER_PROBE.check = ORDER_PROBE.thread = None
             for r in deferred:  # (fed this forward, but not taken by a level inside it)

@@ -652,6 +652,20 @@ class CaptureRing:
         return out
 
 
+class _Fed:
+    """Whether a forward of a level of an attached model (see ``moe_replay._feeds.FeedForward``) runs now: set by its
+    eager forward and, as dynamo traces it, by its compiled one (a store dynamo replays after the graph). Compiled code
+    that reads rows checks it as it is traced (dynamo guards on it: code compiled where no forward runs, a MoE block
+    compiled on its own, is traced apart from code compiled inside one)."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+#: see :class:`_Fed`
+FORWARD = _Fed()
+
+
 class ReplaySource:
     """The recorded rows of one router on its device, consumed in order by a device cursor.
 
@@ -687,6 +701,11 @@ class ReplaySource:
         #: (a replay's token check clears the rows of each forward it sees)
         self.cleared = self.num_rows
         self.guard: Callable[[str, int, int], None] | None = None
+        #: a replay's token check compares the ids each forward is fed with these rows: compiled code that reads them
+        #: where no forward of the model runs (a MoE block compiled and called on its own) marks :attr:`stray`, a 0-d
+        #: bool on the device that the check reads as the block ends (see ``FeedCheck.finish``)
+        self.checked = False
+        self.stray: torch.Tensor | None = None
         self._by_device = False  # a graph or compiled region read: the host count is behind the device's
         self._chunk = self.buf[:0].long()  # the rows from _chunk_at on, as int64, for eager reads
         self._chunk_at = 0
@@ -771,6 +790,8 @@ class ReplaySource:
         else:  # an eager read by the device cursor (code after a graph break): the host's count stays behind
             self._catch_up()
             self._by_device = True
+        if self.checked and not FORWARD.on and self.stray is not None:  # (rows no forward was fed: see _Fed)
+            self.stray.fill_(True)
         if _triton.enabled(self.buf):  # CUDA: one kernel (clamp, gather, cast, advance)
             out = _triton.source_read(self.buf, cursor, n, self.num_rows)
             if out is not None:
