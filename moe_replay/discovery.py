@@ -49,6 +49,7 @@ _EXPERT_KEYS = (
     "num_routed_experts",
     "expert_count",
     "num_total_experts",
+    "num_moe_experts",
 )
 _TOPK_KEYS = (
     "top_k",
@@ -677,6 +678,10 @@ def _expert_counts(module: nn.Module, parent: nn.Module | None, config: Any) -> 
         experts = getattr(holder, "experts", None)
         if isinstance(experts, nn.ModuleList | nn.Sequential):
             counts.add(len(experts))
+        for attr, child in holder.named_children():  # a list under another expert name (``local_experts``)
+            if child is not module and isinstance(child, _CONTAINERS) and len(child) > 1:
+                if _named_experts(attr, child):
+                    counts.add(len(child))
         v = _int_attr(experts, _EXPERT_KEYS)
         if v:
             counts.add(v)
@@ -760,9 +765,11 @@ def _gateless_experts(name: str, module: nn.Module, modules: dict[str, nn.Module
     learned centroids of its own); else None.
 
     It holds one expert container of E experts (E as it declares, if it does) and a k, no parameter outside that
-    container but at most one of its own that scores them (2-D, with E rows or columns), no other module with
-    parameters, no module named like a router beside or inside it (a gate beside it is the router: the block is its
-    scope), and its forward reaches a decision call. Its first forward establishes that decision, as any router's."""
+    container but at most one of its own that scores them (2-D, with E rows or columns, or as many as the routed
+    experts it declares, fewer than E: ProMoE scores all but an unconditional expert that labels pick), no other
+    module with parameters but a shared expert, no module named like a router beside or inside it (a gate beside it
+    is the router: the block is its scope), and its forward reaches a decision call. Its first forward establishes
+    that decision, as any router's. Returns the count it scores."""
     containers = [c for a, c in module.named_children() if _named_experts(a, c)]
     if len(containers) != 1 or not isinstance(containers[0], nn.ModuleList | nn.Sequential):
         return None
@@ -770,11 +777,20 @@ def _gateless_experts(name: str, module: nn.Module, modules: dict[str, nn.Module
     declared = _int_attr(module, _EXPERT_KEYS)
     if count < 2 or declared not in (None, count) or not _int_attr(module, _TOPK_KEYS):
         return None
-    if any(c is not containers[0] and any(True for _ in c.parameters()) for c in module.children()):
+    if any(
+        c is not containers[0] and not _shared_expert(a) and any(True for _ in c.parameters())
+        for a, c in module.named_children()
+    ):
         return None
+    # the experts it scores: all of them, or fewer that it declares (routed ones beside an expert that no score
+    # picks, as ProMoE's unconditional expert)
+    fewer = {v for v in (_int_attr(module, (key,)) for key in _EXPERT_KEYS) if v and 1 < v < count}
+    scored = [count, *sorted(fewer)]
     own = [p for _, p in _own_params(module)]
-    if len(own) > 1 or any(p.dim() != 2 or count not in p.shape for p in own):
+    if len(own) > 1 or any(p.dim() != 2 or not any(c in p.shape for c in scored) for p in own):
         return None
+    if own:
+        count = next(c for c in scored if c in own[0].shape)
     if any(n and _looks_like_router(n, m) for n, m in module.named_modules()):
         return None
     holder = modules.get(_holder(name, modules)) if name else None
@@ -783,6 +799,11 @@ def _gateless_experts(name: str, module: nn.Module, modules: dict[str, nn.Module
     ):
         return None
     return count if _reaches_decision(_class_forward(module), type(module), instance=module) else None
+
+
+def _shared_expert(attr: str) -> bool:
+    """Named like a shared expert (``shared_expert``, ``shared_experts``): one every token goes through."""
+    return "shared" in attr.lower() and "expert" in attr.lower()
 
 
 def _looks_like_router(name: str, module: nn.Module) -> bool:
