@@ -451,6 +451,146 @@ class GPTSanJapaneseSparseMLP(nn.Module):
         return router_probs * next_states
 
 
+# ----------------------------------------------------------------------- Adaptive Clustering: the last layer's choice
+class _ACGate(_Used):
+    """What the gates of Fsoft-AIC/Tight-Clusters-Make-Specialized-Experts (ICLR 2025, ``custom_gates.py``) share:
+    expert embeddings renormalised *in place* to norm 1.5 under ``no_grad`` at every forward, scores made finite, a
+    ``torch.topk(..., sorted=False)``, the softmax of the top-k values as weights."""
+
+    def _make_finite(self, scores: torch.Tensor) -> torch.Tensor:
+        ok = scores.isfinite()
+        if not ok.all():
+            scores[~ok] = scores[ok].min()
+        return scores
+
+    def _renormalise(self, embeddings: torch.Tensor) -> None:
+        with torch.no_grad():
+            embeddings.mul_(1.5 / embeddings.norm(p=2.0, dim=1, keepdim=True))
+
+    def _choose(self, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = self._make_finite(gate)
+        if self.forced is None:
+            gate_top_k_val, gate_top_k_idx = torch.topk(gate, k=self.top_k, dim=-1, largest=True, sorted=False)
+        else:
+            gate_top_k_idx = self.forced
+            gate_top_k_val = gate.gather(-1, gate_top_k_idx)
+        self.used = gate_top_k_idx
+        return gate_top_k_idx, F.softmax(gate_top_k_val.view(-1, self.top_k), dim=-1)
+
+
+class XMoEGate(_ACGate):
+    """``CustomNaiveGate_Balance_XMoE``: the input reduced to 8 dimensions, its product with the normalised expert
+    embeddings (``_cosine``)."""
+
+    def __init__(self, top_k: int = 2) -> None:
+        super().__init__()
+        self.tot_expert, self.top_k = E, top_k
+        self.gate = nn.Linear(D, E)  # (held, unused by the forward)
+        self.inp_reduction = nn.Linear(D, 8, bias=False)
+        self.expert_embeddings = nn.Parameter(nn.init.orthogonal_(torch.empty(E, 8), gain=0.32))
+
+    def forward(self, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        reduced_inp = self.inp_reduction(inp)
+        self._renormalise(self.expert_embeddings)
+        mat2 = F.normalize(self.expert_embeddings.float(), p=2.0, dim=1, eps=1e-4)
+        return self._choose(reduced_inp.float().matmul(mat2.transpose(0, 1)).type_as(reduced_inp))
+
+
+class ACSparseProjectGate(_ACGate):
+    """``CustomNaiveGate_Balance_SparseProjectMoE`` (the Adaptive Clustering router): feature weights from the
+    *previous layer's* top-1 experts as cluster labels (handed in with its indices): on a ``randperm`` sample of the
+    tokens, under ``no_grad``, each feature's mean absolute difference over all tokens less that within each
+    cluster, soft-thresholded by a learned ``delta`` and L1-normalised (summary statistics by ``torch.max``,
+    ``torch.min`` and ``.item()``); the weighted input against the expert embeddings."""
+
+    def __init__(self, top_k: int = 2, delta: float = 0.5) -> None:
+        super().__init__()
+        self.tot_expert, self.top_k = E, top_k
+        self.gate = nn.Linear(D, E)  # (held, unused by the forward)
+        self.delta = nn.Parameter(torch.tensor(delta))
+        self.expert_embeddings = nn.Parameter(nn.init.orthogonal_(torch.empty(E, D), gain=0.32))
+        self.inp_reduction = nn.Linear(D, 8, bias=False)  # (held, unused by the forward)
+
+    def _sparse_project(self, mat1: torch.Tensor, cluster_labels: torch.Tensor, stab: float = 1e-3) -> torch.Tensor:
+        with torch.no_grad():
+            mat1, cluster_labels = mat1.detach(), cluster_labels.detach()
+            random_indices = torch.randperm(mat1.shape[0])[:2000]
+            mat1, cluster_labels = mat1[random_indices], cluster_labels[random_indices]
+            n, d = mat1.shape
+            n_clusters = torch.unique(cluster_labels).numel()
+            first_term = torch.abs(mat1.unsqueeze(1) - mat1.unsqueeze(0)).sum(dim=(0, 1)) / n
+            second_term = torch.zeros(d)
+            for k in range(n_clusters):
+                cluster_mask = cluster_labels == k
+                n_k = cluster_mask.sum()
+                if n_k > 0:
+                    x_k = mat1[cluster_mask]
+                    second_term += torch.abs(x_k.unsqueeze(1) - x_k.unsqueeze(0)).sum(dim=(0, 1)) / n_k
+            a = first_term - second_term
+            delta = self.delta
+        num = torch.sign(torch.relu(a)) * torch.relu(torch.relu(a) - delta)
+        w = num / (torch.norm(num, p=1) + stab)
+        mx, max_index = torch.max(w, dim=0)
+        mn, min_index = torch.min(w, dim=0)
+        self.sparse_w_stats = (torch.sum(w == 0.0).item(), (mx.item(), max_index.item()), (mn.item(), min_index.item()))
+        return w
+
+    def forward(
+        self, inp: torch.Tensor, gate_top_k_idx: torch.Tensor, gate_score: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._renormalise(self.expert_embeddings)
+        w = self._sparse_project(inp, gate_top_k_idx[:, 0])
+        gate = (inp * w).float().matmul(self.expert_embeddings.transpose(0, 1)).type_as(inp)
+        return self._choose(gate)
+
+
+class ACFMoE(nn.Module):
+    """The repository's ``FMoE``: the gate called by its class (the Adaptive Clustering one handed the previous
+    layer's ``gate_top_k_idx`` and ``gate_score``), every slot's expert output (fastmoe's scatter and gather, here
+    by ``torch.where``), ``torch.bmm`` with the scores; returns ``(output, (gate_top_k_idx, gate_score))``."""
+
+    def __init__(self, gate: _ACGate) -> None:
+        super().__init__()
+        self.num_expert, self.top_k = E, gate.top_k
+        self.experts = Experts()
+        self.gate = gate
+
+    def forward(
+        self, moe_inp: torch.Tensor, gate_top_k_idx: torch.Tensor | None = None, gate_score: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(self.gate, ACSparseProjectGate):
+            assert gate_top_k_idx is not None
+            gate_top_k_idx, gate_score = self.gate(moe_inp, gate_top_k_idx, gate_score)
+        else:
+            gate_top_k_idx, gate_score = self.gate(moe_inp)
+        fwd = moe_inp.new_zeros(moe_inp.shape[0], self.top_k, moe_inp.shape[-1])
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(gate_top_k_idx == e)
+            if tok.numel():
+                fwd = fwd.index_put((tok, slot), expert(moe_inp[tok]))
+        moe_outp = torch.bmm(gate_score.view(-1, 1, self.top_k), fwd).reshape(-1, moe_inp.shape[-1])
+        return moe_outp, (gate_top_k_idx, gate_score)
+
+
+class ACTransformer(nn.Module):
+    """The repository's transformer in miniature: an XMoE layer, then Adaptive Clustering layers, each handed the
+    layer before's indices and scores, residual."""
+
+    def __init__(self, layers: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        gates: list[_ACGate] = [XMoEGate(), *(ACSparseProjectGate() for _ in range(layers - 1))]
+        self.layers = nn.ModuleList(ACFMoE(g) for g in gates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_top_k_idx: torch.Tensor | None = None
+        gate_score: torch.Tensor | None = None
+        for layer in self.layers:
+            out, (gate_top_k_idx, gate_score) = layer(x, gate_top_k_idx, gate_score)
+            x = x + out
+        return x
+
+
 def _in_groups(rows: torch.Tensor, groups: int) -> torch.Tensor:
     """The expert ids that rows of positions within a group name (``groups`` rows per token, in group order)."""
     local = rows.long().view(-1, groups, rows.shape[-1])
@@ -481,6 +621,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     ),
     "gptsan-top1-capacity-train": (lambda: Layers(GPTSanJapaneseSparseMLP), lambda: _x(2, 12), {"train": True}),
     "gptsan-top1-capacity-eval": (lambda: Layers(GPTSanJapaneseSparseMLP), lambda: _x(2, 12), {}),
+    "adaptive-clustering-last-layers-choice": (ACTransformer, _x, {"change": 0.5, "same_forwards": True}),
 }
 
 

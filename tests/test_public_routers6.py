@@ -53,13 +53,16 @@ def assert_exact(
     train: bool = False,
     make_ref: Callable[[nn.Module], nn.Module] = copy.deepcopy,
     as_used: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows,
+    same_forwards: bool = False,
     **attach: object,
 ) -> mr.Session:
     """Capture, then replay after the routers change, against the recorded experts forced by hand on a copy never
     attached: discovery finds exactly the ``_Used`` modules (or one module inside each), the captured rows are the
     experts used, the replay's routers use the recorded experts, and its output and gradients are the hand-forced
     ones. The same seed before the forwards compared, so that noise in training is drawn alike. ``as_used``: the
-    expert ids that recorded rows name (where the routes hold positions in a group of the experts)."""
+    expert ids that recorded rows name (where the routes hold positions in a group of the experts).
+    ``same_forwards``: the copy also runs the free forward the model runs before its replay (a model that changes its
+    own parameters in place at every forward)."""
     model.train(train)
     ref = make_ref(model)
     routers = _routers(model)
@@ -80,6 +83,10 @@ def assert_exact(
             assert torch.equal(ref(x), captured.detach()), "the rows forced by hand do not give the captured output"
         perturb(model, change)
         perturb(ref, change)
+        if same_forwards:
+            torch.manual_seed(4)
+            with torch.no_grad():
+                ref(x)
         torch.manual_seed(4)
         with _forced_by_hand(ref, rows):
             expected = ref(x)
