@@ -10,6 +10,7 @@ with a ``MoEReplayError`` that says why, the model left as it was.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -18,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import moe_replay as mr
-from tests.test_evidence import D, E, Experts
-from tests.test_public_routers2 import _x
-from tests.test_public_routers6 import Layers, _Used, assert_exact
+from tests.test_evidence import D, E, Experts, perturb
+from tests.test_public_routers2 import _forced_by_hand, _x
+from tests.test_public_routers6 import Layers, _sets, _Used, assert_exact
 
 
 # ----------------------------------------------------------------------- Time-MoE: softmax top-k, a gated shared expert
@@ -591,6 +592,105 @@ class ACTransformer(nn.Module):
         return x
 
 
+# ----------------------------------------------------------------------- HunyuanImage-3: two paths, picked by a flag
+def _hunyuan_topkgating(
+    logits: torch.Tensor, topk: int, norm_topk_prob: bool, forced: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hunyuan ``topkgating`` without group limits and without dropping (``drop_tokens=False``): softmax,
+    ``torch.topk``, the chosen gates' sum by ``one_hot(...) @ gates``, a capacity of the largest expert load
+    (``bincount(...).max().item()``), priorities by ``cumsum`` with the first choices first, dispatch and combine
+    masks ``[tokens, E, capacity]``."""
+    gates = F.softmax(logits.float(), dim=1)
+    num_experts = int(gates.shape[1])
+    if forced is None:
+        _expert_gate, expert_index = torch.topk(gates, topk)
+    else:
+        expert_index = forced
+    used = expert_index
+    expert_mask = F.one_hot(expert_index, num_experts)
+    expert_capacity = int(torch.max(torch.bincount(expert_index.flatten(), minlength=num_experts)).item())
+    if norm_topk_prob and topk > 1:
+        gates_s = torch.clamp(
+            torch.matmul(expert_mask.float(), gates.unsqueeze(-1)).sum(dim=1), min=torch.finfo(gates.dtype).eps
+        )
+        router_probs = gates / gates_s
+    else:
+        router_probs = gates
+    expert_index = torch.transpose(expert_index, 0, 1).reshape(-1)
+    expert_mask = F.one_hot(expert_index, num_experts).to(torch.int32)
+    token_priority = torch.cumsum(expert_mask, dim=0) * expert_mask - 1
+    token_priority = torch.transpose(token_priority.reshape((topk, -1, num_experts)), 0, 1)
+    token_priority = torch.max(token_priority, dim=1)[0]
+    valid_mask = torch.logical_and(token_priority >= 0, token_priority < expert_capacity)
+    token_priority = torch.masked_fill(token_priority, ~valid_mask, 0)
+    dispatch_mask = F.one_hot(token_priority, expert_capacity).to(torch.bool)
+    dispatch_mask = torch.masked_fill(dispatch_mask, ~valid_mask.unsqueeze(-1).expand(-1, -1, expert_capacity), 0)
+    combine_weights = torch.einsum("...te,...tec->...tec", router_probs, dispatch_mask)
+    return combine_weights, dispatch_mask, used
+
+
+class HunyuanImage3TopKGate(_Used):
+    """HunyuanImage-3 ``HunyuanTopKGate``: an fp32 ``wg``; ``forward(hidden_states, topk_impl)`` runs ``topkgating``
+    (``"default"``) or ``easy_topk`` (``"easy"``: softmax, ``torch.topk``, the weights renormalised with a clamp),
+    the path chosen by the block at each call."""
+
+    def __init__(self, k: int = 2) -> None:
+        super().__init__()
+        self.moe_topk, self.norm_topk_prob = k, True
+        self.wg = nn.Linear(D, E, bias=False, dtype=torch.float32)
+
+    def forward(self, hidden_states: torch.Tensor, topk_impl: str = "default") -> tuple[torch.Tensor, ...]:
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1]).float()
+        logits = self.wg(hidden_states)
+        if topk_impl == "default":
+            combine, dispatch, self.used = _hunyuan_topkgating(logits, self.moe_topk, self.norm_topk_prob, self.forced)
+            return combine, dispatch
+        gates = F.softmax(logits, dim=1)
+        if self.forced is None:
+            topk_weight_1, expert_index = torch.topk(gates, self.moe_topk)
+        else:
+            expert_index = self.forced
+            topk_weight_1 = gates.gather(1, expert_index)
+        self.used = expert_index
+        weight_sums = torch.clamp(topk_weight_1.sum(dim=1, keepdim=True), min=1e-8)
+        return topk_weight_1 / weight_sums, expert_index
+
+
+class HunyuanImage3MoE(nn.Module):
+    """HunyuanImage-3 ``HunyuanMoE``: a shared MLP; with ``enable_fused_moe()`` the gate's ``easy`` path and a fused
+    kernel (flashinfer's ``cutlass_fused_moe``, here a loop over the experts), else the ``default`` path with its
+    ``einsum`` dispatch and combine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self._use_fused_moe = E, False
+        self.shared_mlp = nn.Linear(D, D)
+        self.gate = HunyuanImage3TopKGate()
+        self.experts = Experts()
+
+    def enable_fused_moe(self, enable: bool = True) -> None:
+        self._use_fused_moe = enable
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        bsz, seq_len, hidden_size = hidden_states.shape
+        hidden_states_mlp = self.shared_mlp(hidden_states)
+        reshaped_input = hidden_states.reshape(-1, hidden_size)
+        if self._use_fused_moe:
+            topk_weight, topk_index = self.gate(hidden_states, "easy")
+            combined = torch.zeros_like(reshaped_input)
+            for e, expert in enumerate(self.experts):
+                tok, slot = torch.where(topk_index == e)
+                if tok.numel():
+                    combined = combined.index_add(0, tok, topk_weight[tok, slot, None] * expert(reshaped_input[tok]))
+        else:
+            combine_weights, dispatch_mask = self.gate(hidden_states, "default")
+            dispatched = torch.einsum("sec,sm->ecm", dispatch_mask.type_as(hidden_states), reshaped_input)
+            chunks = dispatched.chunk(self.num_experts, dim=0)
+            expert_output = torch.cat([expert(c) for c, expert in zip(chunks, self.experts, strict=True)], dim=0)
+            combined = torch.einsum("sec,ecm->sm", combine_weights.type_as(hidden_states), expert_output)
+        return hidden_states_mlp + combined.reshape(bsz, seq_len, hidden_size)
+
+
 def _in_groups(rows: torch.Tensor, groups: int) -> torch.Tensor:
     """The expert ids that rows of positions within a group name (``groups`` rows per token, in group order)."""
     local = rows.long().view(-1, groups, rows.shape[-1])
@@ -621,6 +721,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     ),
     "gptsan-top1-capacity-train": (lambda: Layers(GPTSanJapaneseSparseMLP), lambda: _x(2, 12), {"train": True}),
     "gptsan-top1-capacity-eval": (lambda: Layers(GPTSanJapaneseSparseMLP), lambda: _x(2, 12), {}),
+    "hunyuanimage3-topkgating-default": (lambda: Layers(HunyuanImage3MoE), lambda: _x(2, 12), {}),
     "adaptive-clustering-last-layers-choice": (ACTransformer, _x, {"change": 0.5, "same_forwards": True}),
 }
 
@@ -777,3 +878,41 @@ def test_a_label_dropout_that_picks_which_tokens_the_top_k_sees_is_exact_or_refu
         with pytest.raises(mr.MoEReplayError):
             with torch.no_grad(), session.replay(routes):
                 model(x)
+
+
+def _fused(model: nn.Module, enable: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, HunyuanImage3MoE):
+            m.enable_fused_moe(enable)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("captured_fused", [False, True])
+def test_a_path_switched_by_the_block_between_capture_and_replay_is_exact(captured_fused: bool) -> None:
+    """HunyuanImage-3's block picks its gate's path per call (``topkgating``'s capacity masks, or ``easy_topk`` for
+    the fused kernel) by a flag set with ``enable_fused_moe()``: captured on one path and replayed on the other after
+    the routers change, the replay forces the recorded experts as by hand on that path (the block's flag is one of
+    the settings compared at each block, and both paths decide with a ``torch.topk`` of the same gates)."""
+    model = Layers(HunyuanImage3MoE)
+    x = _x(2, 12)
+    _fused(model, captured_fused)
+    ref = copy.deepcopy(model)
+    routers = [m for m in model.modules() if isinstance(m, _Used)]
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        routes = session.routes()
+        rows = [routes.layer(name) for name in session.names]
+        for router, r in zip(routers, rows, strict=True):
+            assert router.used is not None and torch.equal(_sets(r), _sets(router.used))
+        perturb(model)
+        perturb(ref)
+        _fused(model, not captured_fused)
+        _fused(ref, not captured_fused)
+        with session.replay(routes):
+            replayed = model(x)
+        with _forced_by_hand(ref, rows):
+            expected = ref(x)
+        for router, r in zip(routers, rows, strict=True):
+            assert router.used is not None and torch.equal(_sets(r), _sets(router.used))
+        assert torch.equal(replayed.detach(), expected.detach())
