@@ -891,8 +891,8 @@ def _fused(model: nn.Module, enable: bool) -> None:
 def test_a_path_switched_by_the_block_between_capture_and_replay_is_exact(captured_fused: bool) -> None:
     """HunyuanImage-3's block picks its gate's path per call (``topkgating``'s capacity masks, or ``easy_topk`` for
     the fused kernel) by a flag set with ``enable_fused_moe()``: captured on one path and replayed on the other after
-    the routers change, the replay forces the recorded experts as by hand on that path (the block's flag is one of
-    the settings compared at each block, and both paths decide with a ``torch.topk`` of the same gates)."""
+    the routers change, the replay forces the recorded experts as by hand on that path (both paths decide with a
+    ``torch.topk`` of the same gates)."""
     model = Layers(HunyuanImage3MoE)
     x = _x(2, 12)
     _fused(model, captured_fused)
