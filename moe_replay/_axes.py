@@ -461,6 +461,34 @@ def _at(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, *names: str, defa
 
 
 def _reshaped(before: tuple[int, ...], lab: Labels, after: tuple[int, ...]) -> Labels:
+    """Labels of a reshape of ``before`` (labelled ``lab``) to ``after``: the dimensions it keeps keep theirs; each
+    run of dimensions it merges or splits into another run of the same number of elements (``[batch, seq, 3 * d]`` to
+    ``[batch * seq, 3, heads, d / heads]``: the tokens merged, the features split) holds the most of what that run held
+    (a weight's, unknown, the input's); new dimensions of size 1 are data (nothing runs along them). Where the runs
+    cannot be told apart, see :func:`_reshaped_ends`."""
+    kept = [(s, b) for s, b in zip(before, lab, strict=True) if s != 1]
+    sizes = [s for s in after if s != 1]
+    inner: list[int] = []
+    i = j = 0
+    while i < len(kept) and j < len(sizes):
+        held, n_before, n_after, made = [kept[i][1]], kept[i][0], sizes[j], 1
+        i, j = i + 1, j + 1
+        while n_before != n_after:
+            if n_before < n_after and i < len(kept):
+                n_before, i = n_before * kept[i][0], i + 1
+                held.append(kept[i - 1][1])
+            elif n_after < n_before and j < len(sizes):
+                n_after, j, made = n_after * sizes[j], j + 1, made + 1
+            else:
+                return _reshaped_ends(before, lab, after)
+        inner += [max(held)] * made
+    if i != len(kept) or j != len(sizes):
+        return _reshaped_ends(before, lab, after)
+    it = iter(inner)
+    return tuple(DATA if s == 1 else next(it) for s in after)
+
+
+def _reshaped_ends(before: tuple[int, ...], lab: Labels, after: tuple[int, ...]) -> Labels:
     """Labels of a reshape of ``before`` (labelled ``lab``) to ``after``: the leading and trailing dimensions it keeps
     (equal sizes, in order) keep theirs; those it merges or splits hold the most of what the merged held (a weight's,
     unknown, the input's); new dimensions of size 1 are data (nothing runs along them)."""

@@ -11,6 +11,7 @@ with a ``MoEReplayError`` that says why, the model left as it was.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
@@ -21,7 +22,7 @@ from torch import nn
 import moe_replay as mr
 from tests.test_evidence import D, E, Experts, perturb
 from tests.test_public_routers2 import _forced_by_hand, _x
-from tests.test_public_routers6 import Layers, _sets, _Used, assert_exact
+from tests.test_public_routers6 import GateBlock, Layers, _sets, _Used, assert_exact
 
 
 # ----------------------------------------------------------------------- Time-MoE: softmax top-k, a gated shared expert
@@ -915,3 +916,107 @@ def test_a_path_switched_by_the_block_between_capture_and_replay_is_exact(captur
         for router, r in zip(routers, rows, strict=True):
             assert router.used is not None and torch.equal(_sets(r), _sets(router.used))
         assert torch.equal(replayed.detach(), expected.detach())
+
+
+# ----------------------------------------------------------------------- MoBA: a top-k over blocks of keys in attention
+def _moba_attn_varlen_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    moba_chunk_size: int,
+    moba_topk: int,
+) -> torch.Tensor:
+    """MoonshotAI/MoBA ``moba/moba_naive.py`` ``moba_attn_varlen_naive``: per sequence, each chunk of keys mean-pooled,
+    the queries' scores against those means (``einsum("shd,nhd->hsn")``), later chunks ``-inf`` and a query's own
+    chunk ``inf``, a ``torch.topk`` of the chunks for each query and head, the chosen chunks' keys attended to
+    (causally), the others masked."""
+    softmax_scale = q.shape[-1] ** (-0.5)
+    o = torch.zeros_like(q)
+    for batch_idx in range(cu_seqlens.numel() - 1):
+        batch_start, batch_end = int(cu_seqlens[batch_idx].item()), int(cu_seqlens[batch_idx + 1].item())
+        q_, k_, v_ = q[batch_start:batch_end], k[batch_start:batch_end], v[batch_start:batch_end]
+        o_ = o[batch_start:batch_end]
+        batch_size = batch_end - batch_start
+        num_block = math.ceil(batch_size / moba_chunk_size)
+        key_gate_weight = torch.cat(
+            [
+                k_[i * moba_chunk_size : min(batch_size, (i + 1) * moba_chunk_size)].mean(dim=0, keepdim=True)
+                for i in range(num_block)
+            ],
+            dim=0,
+        )
+        gate = torch.einsum("shd,nhd->hsn", q_.type(torch.float32), key_gate_weight.type(torch.float32))
+        for i in range(num_block):
+            gate[:, : (i + 1) * moba_chunk_size, i] = float("-inf")
+            gate[:, i * moba_chunk_size : (i + 1) * moba_chunk_size, i] = float("inf")
+        gate_top_k_val, gate_top_k_idx = torch.topk(
+            gate, k=min(moba_topk, num_block), dim=-1, largest=True, sorted=False
+        )
+        gate_top_k_val, _ = gate_top_k_val.min(dim=-1)
+        need_attend = gate >= gate_top_k_val.unsqueeze(-1)
+        gate_idx_mask = torch.zeros(need_attend.shape, dtype=torch.bool).scatter_(
+            dim=-1, index=gate_top_k_idx, value=True
+        )
+        need_attend = torch.logical_and(need_attend, gate_idx_mask)
+        gate[need_attend] = 0
+        gate[~need_attend] = -float("inf")
+        gate = gate.repeat_interleave(moba_chunk_size, dim=-1)[:, :, :batch_size]
+        gate.masked_fill_(torch.ones_like(gate, dtype=torch.bool).tril().logical_not(), -float("inf"))
+        qk = torch.einsum("xhd,yhd->hxy", q_.type(torch.float32), k_.type(torch.float32))
+        qk += gate
+        qk *= softmax_scale
+        o_ += torch.einsum("hxy,yhd->xhd", qk.softmax(dim=-1), v_.type(torch.float32))
+    return o
+
+
+class MobaAttention(nn.Module):
+    """An attention layer calling MoBA on the packed sequences (``cu_seqlens``), as Kimi's ``moba`` patch does."""
+
+    def __init__(self, heads: int = 2, chunk: int = 2, topk: int = 3) -> None:
+        super().__init__()
+        self.heads, self.moba_chunk_size, self.moba_topk = heads, chunk, topk
+        self.qkv = nn.Linear(D, 3 * D)
+        self.o_proj = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b * s, 3, self.heads, d // self.heads).unbind(1)
+        cu_seqlens = torch.arange(b + 1) * s
+        o = _moba_attn_varlen_naive(q, k, v, cu_seqlens, self.moba_chunk_size, self.moba_topk)
+        return self.o_proj(o.reshape(b, s, d))
+
+
+class MobaMoELayer(nn.Module):
+    """A decoder layer: MoBA attention, then a Mixtral-style MoE block, both residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = MobaAttention()
+        self.mlp = GateBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(x)
+        return x + self.mlp(x.flatten(0, 1)).view_as(x)
+
+
+class MobaMoEModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([MobaMoELayer(), MobaMoELayer()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("tokens", [12, 16])
+def test_moba_attention_beside_an_moe_block_is_no_decision(tokens: int) -> None:
+    """MoBA's top-k over blocks of mean-pooled keys, in attention beside an MoE block, chooses keys for each query,
+    not experts (16 tokens make as many blocks as experts): once refused as a choice among a learned projection's
+    outputs (a reshape that merged the batch with the sequence while it split the features into heads took the tokens
+    for a weight's dimension, a false refusal). The MoE block's routers replay as by hand."""
+    assert_exact(MobaMoEModel(), _x(2, tokens), change=0.3)
