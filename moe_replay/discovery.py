@@ -678,10 +678,6 @@ def _expert_counts(module: nn.Module, parent: nn.Module | None, config: Any) -> 
         experts = getattr(holder, "experts", None)
         if isinstance(experts, nn.ModuleList | nn.Sequential):
             counts.add(len(experts))
-        for attr, child in holder.named_children():  # a list under another expert name (``local_experts``)
-            if child is not module and isinstance(child, _CONTAINERS) and len(child) > 1:
-                if _named_experts(attr, child):
-                    counts.add(len(child))
         v = _int_attr(experts, _EXPERT_KEYS)
         if v:
             counts.add(v)
