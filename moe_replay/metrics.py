@@ -359,7 +359,10 @@ def _check_same_places(a: Routes, b: Routes) -> None:
         return
     if pa is not None and pb is not None:
         wrong = (pa >= 0) & (pb >= 0) & (pa != pb)
-        what = "a token at another place in its sequence in the layout of the other"
+        what = (
+            "holds a token of a sequence in the layout of one, but a token at another place in its sequence in the "
+            "layout of the other"
+        )
     else:
         (places, laid, other) = (pa, a, b) if pa is not None else (pb, b, a)
         fed = other._fed_mask
@@ -377,14 +380,28 @@ def _check_same_places(a: Routes, b: Routes) -> None:
         if places is None or fed is None or fed.shape != (t,):
             return
         wrong = (places >= 0) & (fed == 0)
-        what = "padding in the batch the other was captured on (its attention mask 0 there)"
+        what = (
+            "holds a token of a sequence in the layout of one, but padding in the batch the other was captured on "
+            "(its attention mask 0 there)"
+        )
+        # (and a token of the capture at a row the layout holds padding: its sequences sit elsewhere, as a batch
+        # padded on the other side fed a mask of ones, or sequences of other lengths; each token the layout holds
+        # may then be at another place in the capture's sequence. Ids on both sides check each row instead)
+        extra = (places == -1) & (fed == 1) & (not told)
+        if bool(extra.any()) and not bool(wrong.any()):
+            wrong = extra
+            what = (
+                "holds padding in the layout of one, but a token in the batch the other was captured on (its "
+                "attention mask 1 there: its sequences sit elsewhere, and a token of the layout may be at another "
+                "place in its sequence there)"
+            )
     at = wrong.nonzero().flatten()
     if at.numel():
         raise RoutesValidationError(
-            f"the two were laid out for other batches: row {int(at[0])} (and {at.numel() - 1} more) holds a token of "
-            f"a sequence in the layout of one, but {what}, so the rows compared would be other tokens' decisions. "
-            "Lay both out for the same batch (the same lengths, order and padding side: mr.BatchLayout of the batch "
-            "as fed), or give them their token ids (with_token_ids) so that each row's token is checked"
+            f"the two were laid out for other batches: row {int(at[0])} (and {at.numel() - 1} more) {what}, so "
+            "the rows compared would be other tokens' decisions. Lay both out for the same batch (the same lengths, "
+            "order and padding side: mr.BatchLayout of the batch as fed), or give them their token ids "
+            "(with_token_ids) so that each row's token is checked"
         )
 
 
