@@ -359,9 +359,13 @@ def _check_same_places(a: Routes, b: Routes) -> None:
         return
     if pa is not None and pb is not None:
         wrong = (pa >= 0) & (pb >= 0) & (pa != pb)
+        if a.token_ids is None or b.token_ids is None:
+            # (a token in one layout at padding in the other: sequences of other lengths or in another order, whose
+            # tokens at the same places are other tokens; ids on both sides check each row instead)
+            wrong |= ((pa >= 0) & (pb == -1)) | ((pa == -1) & (pb >= 0))
         what = (
-            "holds a token of a sequence in the layout of one, but a token at another place in its sequence in the "
-            "layout of the other"
+            "holds a token of a sequence in the layout of one, but a token at another place in its sequence, or "
+            "padding, in the layout of the other"
         )
     else:
         (places, laid, other) = (pa, a, b) if pa is not None else (pb, b, a)

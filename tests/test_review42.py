@@ -63,3 +63,30 @@ def test_compare_of_a_layout_with_a_capture_fed_a_mask_of_ones_is_exact_or_refus
     # (the hand count: each sequence's rows of the capture against its own capture)
     by_hand = sum(int(mr.compare(captured[right.flat_positions(i)], per[i]).differ.sum()) for i in range(len(per)))
     assert int(got.differ.sum()) == by_hand
+
+
+@pytest.mark.reliability("silent replays")
+def test_compare_of_two_layouts_of_sequences_in_another_order_is_exact_or_refused(rollout: tuple[Any, ...]) -> None:
+    """Once silent: engine routes (no ids) laid out right-padded for sequences of lengths 5 and 3, compared with the
+    same routes laid out for the two in the other order (3 and 5), compared the first sequence's first tokens with the
+    other sequence's at the same places: no place differed where both held a token, so nothing was refused. A token
+    in one layout at padding in the other is now refused; the same layout on both sides compares as the hand count,
+    and with the ids of both, each row is checked instead (there: other tokens, refused)."""
+    _, _, _, per = rollout
+    bare = [p.with_token_ids(None) for p in per]
+    a = mr.BatchLayout.padded(list(LENGTHS)).routes(bare)
+    b = mr.BatchLayout.padded(list(LENGTHS[::-1])).routes(bare[::-1])
+    for x, y in ((a, b), (b, a)):
+        tried()
+        with pytest.raises(mr.RoutesValidationError, match="laid out for other batches"):
+            mr.compare(x, y)
+    tried()
+    same = mr.compare(a, mr.BatchLayout.padded(list(LENGTHS)).routes(bare))
+    assert same.tokens == sum(LENGTHS) and int(same.differ.sum()) == 0  # (the same rows on both sides)
+    tried()
+    told = (
+        mr.BatchLayout.padded(list(LENGTHS)).routes(per),
+        mr.BatchLayout.padded(list(LENGTHS[::-1])).routes(per[::-1]),
+    )
+    with pytest.raises(mr.RoutesValidationError, match="other tokens"):
+        mr.compare(*told)
