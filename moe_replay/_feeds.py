@@ -2132,6 +2132,11 @@ class OrderCheck(FeedCheck):
             restart = pos[:, 1:].ne(pos[:, :-1] + 1).expand_as(inside)
             wrong = inside & restart
             checks.append((torch.cat([torch.zeros_like(wrong[:, :1]), wrong], 1), "positions"))
+            if mask is None:
+                # (positions that run on through a batch row holding the layout's padding, one run from its start
+                # to its end, tell nowhere a sequence starts: a batch padded on the other side reads the same)
+                flat = pos[:, 1:].eq(pos[:, :-1] + 1).all(1, keepdim=True).expand_as(grid)
+                checks.append((grid.eq(-1) & flat, "run on"))
         for wrong, what in checks:
             at = wrong.nonzero()
             if at.numel():
@@ -2190,6 +2195,10 @@ class OrderCheck(FeedCheck):
             "padding": "its attention mask marks a token where the routes hold the layout's padding (a sequence "
             "longer than its routes: give every token a row, -1 for one no engine routed)",
             "positions": "its position_ids start a new sequence inside a sequence of the routes",
+            "run on": "it is fed no attention mask, and its position_ids run on, one after another, through a batch "
+            "row where the routes hold the layout's padding, so they tell nothing of where its sequences start "
+            "(pass the batch's attention_mask, or position_ids that restart at each sequence, "
+            "layout.position_ids())",
         }[what]
         raise TokenMismatchError(
             f"forward {forward} of this replay() reads rows laid out by mr.BatchLayout for another batch: {shown} "

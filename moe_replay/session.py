@@ -2147,7 +2147,8 @@ class Session:
         padding of the layout where it marks a token, or positions that restart inside a sequence
         (another padding side, order or lengths than the layout's) raise :class:`TokenMismatchError`, and
         so do a forward fed neither where the rows it reads hold the layout's padding (nothing then
-        tells where its sequences sit) and one whose rows run a sequence on from one batch row into the
+        tells where its sequences sit), or fed no mask and positions that run on through a batch row
+        holding that padding (they tell no more), and one whose rows run a sequence on from one batch row into the
         next (rows laid out for a batch of another row length); sequences of the same lengths in another
         order cannot be told apart without ids. A
         forward is seen where it enters the attached model or a module between it and the

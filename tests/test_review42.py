@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import moe_replay as mr
-from tests.conftest import tried
+from tests.conftest import perturb_routers, tried
 
 LENGTHS = (5, 3)
 
@@ -90,3 +90,44 @@ def test_compare_of_two_layouts_of_sequences_in_another_order_is_exact_or_refuse
     )
     with pytest.raises(mr.RoutesValidationError, match="other tokens"):
         mr.compare(*told)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_layout_replayed_on_a_batch_fed_positions_that_run_on_is_exact_or_refused(
+    rollout: tuple[Any, ...], side: str
+) -> None:
+    """Once silent: engine routes (no ids) laid out left-padded, replayed on the same sequences padded on the right
+    and fed no mask but position_ids 0, 1, ... along every row (as a model fed no mask counts them), forced the second
+    sequence's recorded experts on its tokens at other places and on its padding: the positions restarted nowhere
+    inside a sequence of the layout, so every check passed. Positions that run on through a row holding the layout's
+    padding tell nowhere a sequence starts, and are now refused as a forward fed nothing is (the model left as it
+    was); fed the layout's own position_ids, each sequence dispatches its recorded experts."""
+    model, session, seqs, per = rollout
+    bare = [p.with_token_ids(None) for p in per]
+    routes = mr.BatchLayout.padded(list(LENGTHS), side=side).routes(bare)
+    right = mr.BatchLayout.padded(list(LENGTHS), side="right")
+    ids = right.tokens(seqs)
+    run_on = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    before = _state(model)
+    tried()
+    with pytest.raises(mr.TokenMismatchError, match="run on"), session.replay(routes), torch.no_grad():
+        model(ids, position_ids=run_on)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert session.state == "idle"
+    if side == "left":
+        return
+    tried()
+    perturb_routers(session, scale=3.0, seed=5)  # (the routers choose other experts: only a forced replay matches)
+    try:
+        with session.replay(routes), session.capture(), torch.no_grad():
+            model(ids, position_ids=right.position_ids())
+        got = right.unpack(session.routes().with_token_ids(None))
+    finally:
+        model.load_state_dict(before)
+    for i, want in enumerate(bare):
+        assert got[i].equal(want), f"sequence {i} did not dispatch its recorded experts"
