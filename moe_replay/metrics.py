@@ -359,7 +359,7 @@ def _check_same_places(a: Routes, b: Routes) -> None:
         return
     if pa is not None and pb is not None:
         wrong = (pa >= 0) & (pb >= 0) & (pa != pb)
-        if a.token_ids is None or b.token_ids is None:
+        if not _ids_check(a, b, (pa >= 0) | (pb >= 0)):
             # (a token in one layout at padding in the other: sequences of other lengths or in another order, whose
             # tokens at the same places are other tokens; ids on both sides check each row instead)
             wrong |= ((pa >= 0) & (pb == -1)) | ((pa == -1) & (pb >= 0))
@@ -371,7 +371,7 @@ def _check_same_places(a: Routes, b: Routes) -> None:
         (places, laid, other) = (pa, a, b) if pa is not None else (pb, b, a)
         fed = other._fed_mask
         known = fed is not None and fed.shape == (t,) and bool((fed >= 0).any())
-        told = laid.token_ids is not None and other.token_ids is not None  # (then _check_same_tokens compared them)
+        told = places is not None and _ids_check(laid, other, places >= 0)  # (then _check_same_tokens did)
         if places is not None and not known and not told and bool((places < 0).any()):
             # (a capture of a padded batch fed no mask keeps nothing of where its sequences sit: padded on the
             # other side, each of its rows is compared with another token's)
@@ -407,6 +407,15 @@ def _check_same_places(a: Routes, b: Routes) -> None:
             "order and padding side: mr.BatchLayout of the batch as fed), or give them their token ids "
             "(with_token_ids) so that each row's token is checked"
         )
+
+
+def _ids_check(a: Routes, b: Routes, rows: torch.Tensor) -> bool:
+    """Do both sides know the token id of each of ``rows`` (a boolean ``[t]``), so that :func:`_check_same_tokens`
+    compared them? An id of -1 (a part of unknown tokens joined to one of known) is compared with none."""
+    ids_a, ids_b = a.token_ids, b.token_ids
+    if ids_a is None or ids_b is None or ids_a.shape != rows.shape or ids_b.shape != rows.shape:
+        return False
+    return bool(((ids_a >= 0) & (ids_b >= 0) | ~rows).all())
 
 
 def _padding_rows(r: Routes, t: int) -> torch.Tensor:

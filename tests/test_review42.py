@@ -131,3 +131,20 @@ def test_layout_replayed_on_a_batch_fed_positions_that_run_on_is_exact_or_refuse
         model.load_state_dict(before)
     for i, want in enumerate(bare):
         assert got[i].equal(want), f"sequence {i} did not dispatch its recorded experts"
+
+
+@pytest.mark.reliability("silent replays")
+def test_compare_of_layouts_whose_ids_are_partly_unknown_is_refused(rollout: tuple[Any, ...]) -> None:
+    """Once silent: routes laid out for sequences of which only the first knows its ids (the second an engine's
+    arrays), compared with the same laid out in the other order: each side knew some ids, so the places were not
+    checked, while the ids compared no row of the first sequence against the second (-1 there). Rows that not both
+    sides know the ids of are now checked by their places, and refused."""
+    _, _, _, per = rollout
+    mixed = [per[0], per[1].with_token_ids(None)]
+    a = mr.BatchLayout.padded(list(LENGTHS)).routes(mixed)
+    b = mr.BatchLayout.padded(list(LENGTHS[::-1])).routes(mixed[::-1])
+    assert a.token_ids is not None and b.token_ids is not None  # (each side knows some ids)
+    for x, y in ((a, b), (b, a)):
+        tried()
+        with pytest.raises(mr.RoutesValidationError, match="laid out for other batches"):
+            mr.compare(x, y)
