@@ -1210,7 +1210,14 @@ class Routes:
         if len(whole.call_rows) > _MAX_RUNS:
             return None
         calls = [[int(n), int(c)] for n, c in whole.call_rows]
-        return {"key": whole.key, "calls": calls, "start": int(start), "end": int(end)}
+        meta: dict[str, Any] = {"key": whole.key, "calls": calls, "start": int(start), "end": int(end)}
+        if whole.prompt_kept is not None:  # (the mask of the tokens its prompt forward's routers saw, as bits)
+            kept = whole.prompt_kept.reshape(-1).numpy().astype(bool)
+            meta["kept"] = {
+                "shape": [int(v) for v in whole.prompt_kept.shape],
+                "bits": np.packbits(kept).tobytes().hex(),
+            }
+        return meta
 
     def _ensure_valid(self) -> None:
         """Run the per-row checks that ``validate=False`` skipped (once)."""
@@ -1263,9 +1270,10 @@ class Routes:
         rows, the order of the tokens of rows whose routers saw them sequence-first, or that their
         order was not told, the forwards fed embeddings), which
         :func:`~moe_replay.split_generation` and :meth:`BatchLayout.unpack` read after :meth:`load`
-        as before; and, for a slice of a capture, the capture's forwards it was cut from, so that
-        slices saved apart (a capture written in chunks of rows, cut through a forward) and loaded
-        again join with :meth:`cat` into the capture's forwards, as in memory.
+        as before; and, for a slice of a capture, the capture's forwards it was cut from (with the
+        mask of the tokens its prompt forward's routers saw, where it recorded one), so that slices
+        saved apart (a capture written in chunks of rows, cut through a forward) and loaded again
+        join with :meth:`cat` into the capture's forwards, as in memory.
 
         The file is written whole or not at all: it is written beside ``path`` first and moved
         there once complete, so a write that fails (a full disk, an interrupt) leaves a file that
@@ -1917,7 +1925,7 @@ def _read_call_runs(routes: Routes, runs: torch.Tensor | None, path: str | os.Pa
 def _read_cut(cut: Any, routes: Routes, rows: int, path: str | os.PathLike[str]) -> tuple[_Forwards, int, int]:
     """The capture's forwards a slice saved in a file was cut from, and the rows it holds of them (see
     :meth:`Routes._cut_meta`), checked against the slice's own forwards."""
-    if not isinstance(cut, dict) or set(cut) != {"key", "calls", "start", "end"}:
+    if not isinstance(cut, dict) or set(cut) - {"kept"} != {"key", "calls", "start", "end"}:
         raise _corrupted(path, "the capture it was cut from is not described as a slice")
     key, calls, start, end = cut["key"], cut["calls"], cut["start"], cut["end"]
     if not isinstance(key, str) or not 0 < len(key) <= 64 or not all(type(v) is int for v in (start, end)):
@@ -1930,7 +1938,33 @@ def _read_cut(cut: Any, routes: Routes, rows: int, path: str | os.PathLike[str])
     total = sum(r * c for r, c in whole)
     if not 0 <= start <= end <= total or end - start != rows or _clip_calls(whole, start, end) != routes._call_rows:
         raise _corrupted(path, f"its rows are no slice {start}:{end} of the capture it says it was cut from")
-    return (_loaded_forwards(key, whole), start, end)
+    kept = None if cut.get("kept") is None else _read_cut_kept(cut["kept"], whole, path)
+    return (_loaded_forwards(key, whole, kept), start, end)
+
+
+def _read_cut_kept(kept: Any, whole: tuple[tuple[int, int], ...], path: str | os.PathLike[str]) -> torch.Tensor:
+    """The mask of the tokens the prompt forward's routers saw, of the capture a slice was cut from (see
+    :meth:`Routes._cut_meta`): as many tokens kept as that forward's rows."""
+    shape = kept.get("shape") if isinstance(kept, dict) else None
+    bits = kept.get("bits") if isinstance(kept, dict) else None
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(type(v) is int and v > 0 for v in shape)
+        or not isinstance(bits, str)
+        or len(bits) != 2 * -(-shape[0] * shape[1] // 8)
+    ):
+        raise _corrupted(path, "the prompt mask of the capture it was cut from is not a [rows, positions] bit mask")
+    try:
+        flat = np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8))[: shape[0] * shape[1]]
+    except ValueError:
+        raise _corrupted(path, "the prompt mask of the capture it was cut from is not hexadecimal") from None
+    mask = torch.from_numpy(flat.astype(bool)).reshape(shape[0], shape[1])
+    if not whole or int(mask.sum()) != whole[0][0]:
+        raise _corrupted(
+            path, "the prompt mask of the capture it was cut from keeps other than its first forward's rows"
+        )
+    return mask
 
 
 def _read_meta(meta: Any, path: str | os.PathLike[str]) -> tuple[list[str], list[int]]:

@@ -148,3 +148,31 @@ def test_compare_of_layouts_whose_ids_are_partly_unknown_is_refused(rollout: tup
         tried()
         with pytest.raises(mr.RoutesValidationError, match="laid out for other batches"):
             mr.compare(x, y)
+
+
+@pytest.mark.reliability("files")
+@pytest.mark.parametrize("cut", [5, 12, 14])
+def test_chunks_of_an_unpadding_capture_saved_apart_split_once_loaded_and_joined(tmp_path: Any, cut: int) -> None:
+    """Once a false refusal: a decode loop of a model that takes the padding out of its prompts, saved in two files
+    cut through its prompt forward (at row 5), loaded with the capture gone and joined, was refused by
+    split_generation as a capture that did not record its prompt mask, while the same chunks joined in memory (or
+    pickled) split: the file named the capture's forwards but not the mask of the tokens its prompt forward saw. It
+    keeps it now, and the chunks split into the capture's parts."""
+    import gc
+
+    from tests.test_generation import _unpadded_capture, _UnpaddingDecoder
+
+    torch.manual_seed(0)
+    routes, mask, _, session = _unpadded_capture(_UnpaddingDecoder())
+    session.detach()
+    want = [r.per_layer() for r in mr.split_generation(routes, attention_mask=mask)]
+    routes[:cut].save(tmp_path / "a.npz")
+    routes[cut:].save(tmp_path / "b.npz")
+    del routes
+    gc.collect()  # (the capture gone, as in another process)
+    tried()
+    joined = mr.Routes.cat([mr.Routes.load(tmp_path / "a.npz"), mr.Routes.load(tmp_path / "b.npz")])
+    got = mr.split_generation(joined, attention_mask=mask)
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(g.per_layer(), w, strict=True))
