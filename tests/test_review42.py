@@ -176,3 +176,34 @@ def test_chunks_of_an_unpadding_capture_saved_apart_split_once_loaded_and_joined
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(g.per_layer(), w, strict=True))
+
+
+@pytest.mark.reliability("files")
+def test_a_slice_file_whose_kept_prompt_mask_is_corrupted_is_refused(tmp_path: Any) -> None:
+    """The prompt mask a slice's file keeps of the capture it was cut from is checked as it is read: bits of another
+    length, text that is not hexadecimal, or a mask that keeps other than the first forward's rows is refused as a
+    corrupted file, never used to split."""
+    import json
+
+    import numpy as np
+
+    from tests.test_generation import _unpadded_capture, _UnpaddingDecoder
+
+    torch.manual_seed(0)
+    routes, _, _, session = _unpadded_capture(_UnpaddingDecoder())
+    session.detach()
+    routes[:5].save(tmp_path / "a.npz")
+    with np.load(tmp_path / "a.npz") as f:
+        arrays = dict(f)
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    kept = meta["forwards"]["cut_from"]["kept"]
+    bits = kept["bits"]
+    flipped = f"{int(bits[:2], 16) ^ 0x80:02x}" + bits[2:]  # (one token more or fewer kept)
+    for bad in ({**kept, "bits": bits[:-2]}, {**kept, "bits": "zz" + bits[2:]}, {**kept, "bits": flipped}):
+        meta["forwards"]["cut_from"]["kept"] = bad
+        np.savez_compressed(
+            tmp_path / "bad.npz", **{**arrays, "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+        )
+        tried()
+        with pytest.raises(mr.RoutesValidationError, match="prompt mask of the capture it was cut from"):
+            mr.Routes.load(tmp_path / "bad.npz")
