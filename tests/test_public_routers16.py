@@ -1,0 +1,330 @@
+"""More public MoE router code, with zero configuration (see ``test_public_routers15``).
+
+Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
+router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
+moe_replay. The rule checked: a replay is proven exact (every router found and nothing else, the recorded rows are
+the experts used, a replay after the routers change uses the recorded experts, and its output and gradients are
+those of the same forward with the recorded experts forced by hand, which never calls moe_replay), or it is refused
+with a ``MoEReplayError`` that says why, the model left as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.test_evidence import D, E, Experts
+from tests.test_public_routers2 import _x
+from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
+
+
+def _flat_dispatch(
+    experts: nn.ModuleList, x: torch.Tensor, scores: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """SonicMoE's flat routing inputs (``[T * K]`` scores, token and expert ids, tokens ascending) run expert by
+    expert and written back with ``index_add``."""
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        sel = (ids == e).nonzero(as_tuple=True)[0]
+        if sel.numel():
+            tok = tokens[sel].long()
+            out = out.index_add(0, tok, scores[sel, None].to(x.dtype) * expert(x[tok]))
+    return out
+
+
+def _group_mask(scores: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """The DeepSeek-V3 group limit as the upstream code writes it: each group scored by the sum of its two best,
+    the ``topk_group`` best groups kept, the other experts' scores set to 0."""
+    n = scores.shape[-1]
+    group_scores = scores.view(-1, n_group, n // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, n // n_group).reshape(-1, n)
+    return scores.masked_fill(~score_mask.bool(), 0.0)
+
+
+# ----------------------------------------------------------------------- Solar-Open: sigmoid, a correction bias
+class SolarOpenMoE(_Used):
+    """Upstage Solar-Open-100B's MoE (a DeepSeek-V3 gate without groups): the sigmoid of a bias-free gate, a
+    ``e_score_correction_bias`` buffer added for the choice only, ``torch.topk`` of the corrected scores, the
+    uncorrected scores gathered, normalised and scaled by ``routed_scaling_factor``; a shared expert beside."""
+
+    def __init__(self, k: int = 2, routed_scaling_factor: float = 2.5) -> None:
+        super().__init__()
+        self.top_k, self.routed_scaling_factor = k, routed_scaling_factor
+        self.weight = nn.Parameter(torch.randn(E, D) / D**0.5)
+        self.register_buffer("e_score_correction_bias", 0.3 * torch.randn(E))
+        self.experts = Experts()
+        self.shared_experts = nn.Linear(D, D)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        scores_for_choice = scores + self.e_score_correction_bias.unsqueeze(0)
+        if self.forced is None:
+            topk_idx = torch.topk(scores_for_choice, k=self.top_k, dim=-1, sorted=False)[1]
+        else:
+            topk_idx = self.forced
+        self.used = topk_idx
+        topk_weight = scores.gather(1, topk_idx)
+        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        topk_weight = topk_weight * self.routed_scaling_factor
+        y = _flat_dispatch(
+            self.experts,
+            x,
+            topk_weight.reshape(-1),
+            torch.arange(x.shape[0]).repeat_interleave(self.top_k),
+            topk_idx.reshape(-1),
+        )
+        return (y + self.shared_experts(x)).view(shape)
+
+
+# ----------------------------------------------------------------------- K-EXAONE: grouped sigmoid, some layers dense
+class ExaoneMoeGate(_Used):
+    """LG K-EXAONE's ``ExaoneMoe`` gate: sigmoid scores plus a correction bias, DeepSeek-V3's group limit (groups
+    scored by the sum of their two best, ``masked_fill(..., 0.0)``), ``torch.topk`` of what is left, the uncorrected
+    scores gathered, normalised, scaled; returns ``(topk_idx, topk_weight)``."""
+
+    def __init__(self, k: int = 2, n_group: int = 4, topk_group: int = 2) -> None:
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group, self.routed_scaling_factor = k, n_group, topk_group, 2.5
+        self.weight = nn.Parameter(torch.randn(E, D) / D**0.5)
+        self.register_buffer("e_score_correction_bias", 0.2 * torch.randn(E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = _group_mask(scores + self.e_score_correction_bias, self.n_group, self.topk_group)
+        topk_idx = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1] if self.forced is None else self.forced
+        self.used = topk_idx
+        topk_weight = scores.gather(1, topk_idx)
+        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20) * self.routed_scaling_factor
+        return topk_idx, topk_weight
+
+
+class ExaoneMoeSparseMoeBlock(nn.Module):
+    """The block: the gate, the routed experts, a shared SwiGLU expert added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = ExaoneMoeGate()
+        self.experts = Experts()
+        self.shared_experts = nn.Linear(D, D)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        topk_idx, topk_weight = self.gate(x)
+        k = topk_idx.shape[-1]
+        tokens = torch.arange(x.shape[0]).repeat_interleave(k)
+        y = _flat_dispatch(self.experts, x, topk_weight.reshape(-1), tokens, topk_idx.reshape(-1))
+        return (y + self.shared_experts(x)).view(shape)
+
+
+class ExaoneMoeModel(nn.Module):
+    """Selective MoE layers (``is_moe_layer``): a dense MLP where the list says no, the MoE block where it says yes."""
+
+    def __init__(self, is_moe_layer: tuple[bool, ...] = (False, True, True)) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(ExaoneMoeSparseMoeBlock() if moe else nn.Linear(D, D) for moe in is_moe_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------- XTuner: a router fed logits, a histc of ids
+class XtunerNoAuxRouter(_Used):
+    """InternLM/xtuner v1 ``NoAuxRouter``: fed the *logits* of a gate outside it; sigmoid, a correction bias for the
+    choice, ``torch.topk``, the uncorrected scores gathered, normalised, scaled, and ``torch.histc`` of the ids for
+    the dispatcher's token counts; returns a dict."""
+
+    def __init__(self, k: int = 2) -> None:
+        super().__init__()
+        self.top_k, self.n_routed_experts, self.routed_scaling_factor = k, E, 1.5
+        self.register_buffer("e_score_correction_bias", 0.2 * torch.randn(E))
+
+    def forward(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        scores = logits.sigmoid()
+        scores_for_choice = scores + self.e_score_correction_bias.unsqueeze(0)
+        topk_idx = torch.topk(scores_for_choice, k=self.top_k, dim=-1)[1] if self.forced is None else self.forced
+        self.used = topk_idx
+        topk_weight = scores.gather(1, topk_idx)
+        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20) * self.routed_scaling_factor
+        # (upstream runs ``histc`` on the int64 ids, on CUDA; the CPU kernel takes floats)
+        tokens_per_expert = torch.histc(topk_idx.float(), bins=self.n_routed_experts, min=0, max=self.n_routed_experts)
+        return {
+            "logits": logits,
+            "topk_weights": topk_weight,
+            "topk_ids": topk_idx,
+            "tokens_per_expert": tokens_per_expert,
+        }
+
+
+class XtunerMoEBlock(nn.Module):
+    """The block: ``gate`` Linear, the router on its logits, a permute dispatcher that sorts the ``(token, slot)``
+    pairs by expert (``argsort`` of the flat ids) and splits them by the router's ``tokens_per_expert``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.router = XtunerNoAuxRouter()
+        self.experts = Experts()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        results = self.router(self.gate(x))
+        ids, weights = results["topk_ids"], results["topk_weights"]
+        k = ids.shape[-1]
+        order = ids.reshape(-1).argsort(stable=True)
+        permuted = x[order // k]
+        counts = results["tokens_per_expert"].long().tolist()
+        outs = [expert(chunk) for expert, chunk in zip(self.experts, permuted.split(counts), strict=True)]
+        expert_out = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
+        y = torch.zeros_like(x).index_add(0, order // k, expert_out)
+        return y.view(shape)
+
+
+# ----------------------------------------------------------------------- SonicMoE: routing functions over the block
+def _sonic_softmax_topk(hidden_states: torch.Tensor, moe_block: SonicMoeBlock) -> tuple[torch.Tensor, ...]:
+    """SonicMoE ``softmax_topk_routing`` (qwen3_moe, olmoe, mixtral): ``F.linear`` of the gate's weight (the gate
+    module never runs), softmax, ``torch.topk``, optional renormalisation, flattened with token ids."""
+    gate = moe_block.gate
+    t = hidden_states.shape[0]
+    k = gate.top_k
+    router_logits = F.linear(hidden_states, gate.weight)
+    router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    if moe_block.forced is None:
+        top_values, top_indices = torch.topk(router_probs, k, dim=-1)
+    else:
+        top_indices = moe_block.forced
+        top_values = router_probs.gather(1, top_indices)
+    moe_block.used = top_indices
+    if getattr(gate, "norm_topk_prob", True):
+        top_values = top_values / top_values.sum(dim=-1, keepdim=True)
+    token_indices = torch.arange(t, dtype=torch.int32).unsqueeze(1).expand(t, k)
+    return top_values.reshape(-1), token_indices.reshape(-1), top_indices.to(torch.int32).reshape(-1), router_logits
+
+
+def _sonic_softmax_group_topk(hidden_states: torch.Tensor, moe_block: SonicMoeBlock) -> tuple[torch.Tensor, ...]:
+    """SonicMoE ``softmax_group_topk_routing`` (mistral4): softmax, the group limit on the probabilities, a
+    ``topk(sorted=False)``, the probabilities gathered, renormalised, scaled."""
+    gate = moe_block.gate
+    t = hidden_states.shape[0]
+    k = moe_block.top_k
+    router_logits = F.linear(hidden_states, gate.weight)
+    router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    choice = _group_mask(router_probs, moe_block.n_group, moe_block.topk_group)
+    topk_indices = torch.topk(choice, k=k, dim=-1, sorted=False)[1] if moe_block.forced is None else moe_block.forced
+    moe_block.used = topk_indices
+    topk_weights = router_probs.gather(1, topk_indices)
+    topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20) * moe_block.routed_scaling_factor
+    token_indices = torch.arange(t, dtype=torch.int32).unsqueeze(1).expand(t, k)
+    return topk_weights.reshape(-1), token_indices.reshape(-1), topk_indices.to(torch.int32).reshape(-1), router_logits
+
+
+def _sonic_sigmoid_topk(hidden_states: torch.Tensor, moe_block: SonicMoeBlock) -> tuple[torch.Tensor, ...]:
+    """SonicMoE ``sigmoid_topk_routing`` (minimax_m2: no groups, the correction bias on the block)."""
+    gate = moe_block.gate
+    t = hidden_states.shape[0]
+    k = moe_block.top_k
+    router_logits = F.linear(hidden_states.float(), gate.weight.float())
+    router_probs = router_logits.sigmoid()
+    choice = router_probs + moe_block.e_score_correction_bias
+    topk_indices = torch.topk(choice, k=k, dim=-1, sorted=False)[1] if moe_block.forced is None else moe_block.forced
+    moe_block.used = topk_indices
+    topk_weights = router_probs.gather(1, topk_indices)
+    topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20) * moe_block.routed_scaling_factor
+    token_indices = torch.arange(t, dtype=torch.int32).unsqueeze(1).expand(t, k)
+    return topk_weights.reshape(-1), token_indices.reshape(-1), topk_indices.to(torch.int32).reshape(-1), router_logits
+
+
+class SonicTopKRouter(nn.Module):
+    """A transformers-style router module that SonicMoE's patched block only reads weights and settings from."""
+
+    def __init__(self, k: int = 2) -> None:
+        super().__init__()
+        self.top_k, self.num_experts, self.norm_topk_prob = k, E, True
+        self.weight = nn.Parameter(torch.randn(E, D) / D**0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(hidden_states, self.weight)
+        probs = logits.softmax(-1)
+        values, indices = probs.topk(self.top_k, dim=-1)
+        return logits, values / values.sum(-1, keepdim=True), indices
+
+
+class SonicMoeBlock(_Used):
+    """A MoE block whose forward SonicMoE replaced: ``routing_fn(hidden, self)`` reads ``self.gate``'s weight, the
+    flat ``[T * K]`` scores, token and expert ids feed the grouped experts; the gate module itself never runs."""
+
+    def __init__(self, routing_fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
+        super().__init__()
+        self.routing_fn = routing_fn
+        self.top_k, self.n_group, self.topk_group, self.routed_scaling_factor = 2, 4, 2, 1.5
+        self.gate = SonicTopKRouter()
+        self.register_buffer("e_score_correction_bias", 0.2 * torch.randn(E))
+        self.experts = Experts()
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        scores, tokens, ids, router_logits = self.routing_fn(x, self)
+        return _flat_dispatch(self.experts, x, scores, tokens, ids).view(shape), router_logits
+
+
+class SonicDecoderLayer(nn.Module):
+    def __init__(self, routing_fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
+        super().__init__()
+        self.mlp = SonicMoeBlock(routing_fn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _router_logits = self.mlp(x)
+        return out
+
+
+EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
+    # name: (model, input, options: ``train``, ``change`` and attach options)
+    "solar-open-sigmoid-bias": (lambda: Layers(SolarOpenMoE), lambda: _x(2, 12), {}),
+    "k-exaone-grouped-sigmoid-dense-first": (ExaoneMoeModel, lambda: _x(2, 12), {}),
+    "xtuner-noaux-router-on-logits": (lambda: Layers(XtunerMoEBlock), lambda: _x(2, 12), {}),
+}
+
+SONIC = {"softmax-topk": _sonic_softmax_topk, "softmax-group-topk": _sonic_softmax_group_topk}
+SONIC["sigmoid-topk"] = _sonic_sigmoid_topk
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(EXACT))
+def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
+    """Solar-Open's and K-EXAONE's sigmoid gates with a correction bias (K-EXAONE's grouped, after a dense layer),
+    XTuner's router fed the gate's logits with a ``histc`` dispatcher, SonicMoE's routing functions that read the
+    gate's weight from a patched block (the gate module never runs): every router found and nothing else, the
+    recorded rows the experts used, and a replay after the routers change those experts forced by hand, in output
+    and gradients."""
+    make, x, options = EXACT[case]
+    opts = dict(options)
+    train = bool(opts.pop("train", False))
+    change = float(opts.pop("change", 3.0))  # type: ignore[arg-type]
+    assert_exact(make(), x(), train=train, change=change, **opts)  # type: ignore[arg-type]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("routing", list(SONIC))
+def test_sonic_routing_functions_that_bypass_the_gate_module_are_refused_and_replay_with_the_block_included(
+    routing: str,
+) -> None:
+    """SonicMoE's patched block takes its top-k in a plain function over ``gate.weight``, and the gate module that
+    discovery finds never runs: with zero configuration the top-k is seen outside every attached router and refused,
+    with a message that names the block to include; ``include=`` the block, it replays exactly."""
+    make = lambda: Layers(lambda: SonicDecoderLayer(SONIC[routing]))  # noqa: E731
+    assert_refused(make(), _x(2, 12), r"decides outside it.*include=\['layers\.0\.mlp'\]")
+    assert_exact(make(), _x(2, 12), include=["layers.0.mlp", "layers.1.mlp"])
