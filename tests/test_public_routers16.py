@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.test_evidence import D, E, Experts
+import moe_replay as mr
+from tests.test_evidence import D, E, Experts, dispatch
 from tests.test_public_routers2 import _x
 from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
 
@@ -291,12 +292,128 @@ class SonicDecoderLayer(nn.Module):
         return out
 
 
+# ----------------------------------------------------------------------- a memory layer's load-adjusted second top-k
+class LoadAdjustedMemoryRouter(_Used):
+    """A memory-MoE router with ``bias_term_adjust`` (auxiliary-loss-free balancing in the forward, under
+    ``torch.no_grad``): a first ``torch.topk(router_weight, 2)`` scattered into ``-inf`` and softmaxed only to count
+    the tokens each memory gets (``count_nonzero`` over the tokens), the sign of the load violation added to the
+    scores times the bias, the bias moved by ``u`` and kept for the next forward, then a second ``torch.topk`` that
+    decides, scattered into ``-inf`` and softmaxed into dense weights; the experts run where the weights are not 0."""
+
+    def __init__(self, u: float = 0.05) -> None:
+        super().__init__()
+        self.u, self.num_memories = u, E
+        self.router = nn.Linear(D, E, bias=False)
+        self.softmax = nn.Softmax(dim=-1)
+        self.register_buffer("bias", 0.5 * torch.rand(1, E))
+        self.experts = Experts()
+
+    def _bias_term_adjust(self, router_weight: torch.Tensor) -> torch.Tensor:
+        avg_load_per_expert = router_weight.shape[1] * 2 / self.num_memories
+        with torch.no_grad():
+            vals, idx = torch.topk(router_weight, 2, dim=-1)
+            full = torch.full_like(router_weight, float("-inf")).scatter(-1, idx, vals)
+            load = torch.count_nonzero(self.softmax(full), dim=-2)
+            direction = torch.sign((avg_load_per_expert - load).mean(dim=0))
+        router_weight = router_weight + direction.unsqueeze(0).unsqueeze(0) * self.bias
+        self.bias = self.bias + self.u * direction.unsqueeze(0)
+        if self.forced is None:
+            vals, idx = torch.topk(router_weight, 2, dim=-1)
+        else:
+            idx = self.forced.view(*router_weight.shape[:2], -1)
+            vals = router_weight.gather(-1, idx)
+        self.used = idx.reshape(-1, idx.shape[-1])
+        full = torch.full_like(router_weight, float("-inf")).scatter(-1, idx, vals)
+        return self.softmax(full)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self._bias_term_adjust(self.router(x))
+        flat, w = x.reshape(-1, D), weights.reshape(-1, E)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            tok = w[:, e].nonzero(as_tuple=True)[0]
+            if tok.numel():
+                out = out.index_add(0, tok, w[tok, e, None] * expert(flat[tok]))
+        return out.view_as(x)
+
+
+# ----------------------------------------------------------------------- Gate_v2: a dynamic bias, detached weights
+class GateV2(_Used):
+    """A DeepSeek-V3-style ``Gate_v2``: a ``dyn_bias`` buffer added for the choice only (moved between steps by
+    ``update_dyn_bias`` from the tokens each expert got), ``.topk(...).indices``, the softmax of the unbiased logits
+    *detached* and gathered, times ``route_scale``; ``return_router_stats`` also returns the probabilities and ids
+    copied to the host."""
+
+    def __init__(self, k: int = 2, route_scale: float = 1.5) -> None:
+        super().__init__()
+        self.topk, self.route_scale = k, route_scale
+        self.weight = nn.Parameter(torch.randn(E, D) / D**0.5)
+        self.register_buffer("dyn_bias", torch.zeros(E))
+
+    def forward(self, x: torch.Tensor, return_router_stats: bool = False) -> tuple[torch.Tensor, ...] | tuple:
+        logits = F.linear(x, self.weight)
+        route_logits = logits + self.dyn_bias
+        indices = route_logits.topk(self.topk, dim=-1).indices if self.forced is None else self.forced
+        self.used = indices
+        probs = logits.softmax(dim=-1).detach()
+        weights = probs.gather(1, indices) * self.route_scale
+        if return_router_stats:
+            return weights, indices, {"probs": probs.detach().cpu(), "indices": indices.detach().cpu()}
+        return weights, indices
+
+    @torch.no_grad()
+    def update_dyn_bias(self, tokens_per_expert: torch.Tensor, target: float, gamma: float = 1e-2) -> None:
+        self.dyn_bias[tokens_per_expert > target] -= gamma
+        self.dyn_bias[tokens_per_expert < target] += gamma
+
+
+class GateV2MoE(nn.Module):
+    """The block: the gate with its stats, the experts, the stats' ids counted for the balance and the bias moved
+    after each training forward (as the training loop calls ``update_dyn_bias``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = GateV2()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, D)
+        weights, indices, stats = self.gate(flat, return_router_stats=True)
+        y = dispatch(self.experts, flat, indices, weights)
+        if self.training:
+            counts = torch.bincount(stats["indices"].flatten(), minlength=E).float()
+            self.gate.update_dyn_bias(counts, target=indices.numel() / E)
+        return y.view_as(x)
+
+
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, input, options: ``train``, ``change`` and attach options)
     "solar-open-sigmoid-bias": (lambda: Layers(SolarOpenMoE), lambda: _x(2, 12), {}),
     "k-exaone-grouped-sigmoid-dense-first": (ExaoneMoeModel, lambda: _x(2, 12), {}),
     "xtuner-noaux-router-on-logits": (lambda: Layers(XtunerMoEBlock), lambda: _x(2, 12), {}),
+    "gate-v2-dynamic-bias-eval": (lambda: Layers(GateV2MoE), lambda: _x(2, 12), {}),
+    "gate-v2-dynamic-bias-train": (
+        lambda: Layers(GateV2MoE),
+        lambda: _x(2, 12),
+        {"train": True, "same_forwards": True},
+    ),
 }
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=mr.UnsupportedRouterError,
+    reason="a false refusal: an earlier top-k that only counts the load, whose sign shifts the decision's scores "
+    "per expert, is read as a mask of the decision's scores that moe_replay cannot undo",
+)
+@pytest.mark.reliability("silent replays")
+def test_a_load_count_top_k_that_shifts_the_decisions_scores_per_expert_replays_exactly() -> None:
+    """A memory router balanced in its forward (``bias_term_adjust``): a first top-k only counts each memory's
+    tokens, the sign of the load violation times a bias shifts every token's scores alike per memory, and a second
+    top-k decides. Left free in a replay, the first top-k shifts the scores as it does in the same forward with the
+    recorded memories forced by hand, and no forced memory is masked, so the replay should be exact."""
+    assert_exact(Layers(LoadAdjustedMemoryRouter), _x(2, 12), same_forwards=True)
+
 
 SONIC = {"softmax-topk": _sonic_softmax_topk, "softmax-group-topk": _sonic_softmax_group_topk}
 SONIC["sigmoid-topk"] = _sonic_sigmoid_topk
