@@ -425,7 +425,8 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     strict=True,
     raises=mr.UnsupportedRouterError,
     reason="a false refusal: an earlier top-k that only counts the load, whose sign shifts the decision's scores "
-    "per expert, is read as a mask of the decision's scores that moe_replay cannot undo",
+    "alike for every token per expert, is read as a mask of the decision's scores that moe_replay cannot undo "
+    "(and the sign, a choice from floating values before the decision, as one that picks experts)",
 )
 @pytest.mark.reliability("silent replays")
 def test_a_load_count_top_k_that_shifts_the_decisions_scores_per_expert_replays_exactly() -> None:
