@@ -55,8 +55,9 @@ the batch there); where that other dimension is made by a weight (learned routin
 and the nearest module on the path holding a grouped convolution computes one group per routing token, attention too:
 attention experts as a convolution's groups, each taking its tokens (mixture-of-attention; one routing token, CoLT5's
 heavy tokens, has no groups; a top-k over each query's keys has the queries there, as many as the keys). And in
-attention, a decision-like call (a top-k, an arg-max, a ``max``'s indices, a ranking) along
-a dimension a weight made (a projection's outputs, not
+attention (a module on the path named for it, or, above a module of projections alone, one seen calling
+``scaled_dot_product_attention`` in its own forward: attention written inline in a block), a decision-like call (a
+top-k, an arg-max, a ``max``'s indices, a ranking) along a dimension a weight made (a projection's outputs, not
 the keys nor the tokens, which are the input's), whatever the width, is followed: where its indices make a mask of
 the chosen entries (a one-hot, a scatter) or pick an expert's weights (a weight of three or more dimensions), heads or
 experts are chosen per token (mixture-of-heads, SwitchHead); rows of a learned memory read by them are no choice.
@@ -404,6 +405,8 @@ class OrphanWatch(TorchFunctionMode):
         self.reported: set[str] = set()  # the top-k's among keys found picking rows (each is named once)
         #: the followed choices made in attention along a learned projection's outputs (see :meth:`_head_choice`)
         self.heads: set[str] = set()
+        #: the modules seen calling ``scaled_dot_product_attention`` (attention written inline in a block's forward)
+        self.attending: set[str] = set()
         self.keys: dict[str, int] = {}  # the number of keys each followed top-k chose among (see _pick)
         self.weights: dict[int, str] | None = None  # the model's weights by their storage (read when first needed)
         #: the dimensions known to run over the forward's input (tokens, features): a draw, sort or ranking along
@@ -554,6 +557,10 @@ class OrphanWatch(TorchFunctionMode):
             return func(*args, **kwargs)
         source = None  # where a top-k among keys is taken outside every router, whose indices are followed
         drawn = None  # what a draw from no scores among a bank's width is reported as, unless it picks input rows
+        if func is F.scaled_dot_product_attention and not torch.compiler.is_compiling():
+            caller, _ = _calling_module(self.names)
+            if caller:
+                self.attending.add(caller)
         if func in _TOKEN_RANKINGS and len(self.found) < 8 and not torch.compiler.is_compiling():
             self._expert_choice(func, args, kwargs)
         if func in DECISION_FUNCS and not torch.compiler.is_compiling():
@@ -755,8 +762,20 @@ class OrphanWatch(TorchFunctionMode):
             and x.dim() >= 1
             and self.axes.labels(x)[-1] == WEIGHT
             and not self._known(name)
-            and self._in_attention(name)
+            and (self._in_attention(name) or self._attends_inline(name))
         )
+
+    def _attends_inline(self, name: str) -> bool:
+        """Does a module above ``name`` compute attention in its own forward (``scaled_dot_product_attention``, seen
+        earlier in the watched forwards), ``name`` holding only projections (weights of two dimensions, no table of
+        rows: a product-key memory's keys and rows are followed as keys)?"""
+        module = self.modules.get(name)
+        if module is None or any(p.dim() > 2 for p in module.parameters()):
+            return False
+        if any(isinstance(m, nn.Embedding) for m in module.modules()):
+            return False
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in self.attending for i in range(1, len(parts)))
 
     def _bernoulli(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Note a Bernoulli draw per entry whose probabilities vary, along a dimension as wide as a bank of experts on
