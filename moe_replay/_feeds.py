@@ -1355,16 +1355,19 @@ class FeedCheck:
                 with torch.inference_mode(False):
                     src.stray = mark_static_address(torch.zeros((), dtype=torch.bool, device=src.device))
                 src.checked = True
+        if strays:  # (eager forwards store FORWARD.on while it is open: see ring._Fed)
+            FORWARD.checks.add(id(self))
         self._traced = self._arm_traced()
         self._unarmed = self._why_unarmed() if not self._traced else None
         remove = _enter_levels(levels, self)
 
         def stop() -> None:
+            self._open()  # (before its levels let it go: see FeedForward.placing)
             remove()
-            self._open()
             for src in self._sources:
                 src.guard = None
                 src.checked = False
+            FORWARD.checks.discard(id(self))
             for traced, _, _ in self._traced:
                 traced.disarm()
 
@@ -1480,9 +1483,16 @@ class FeedCheck:
                     id(src) for src, row in zip(steady, rows, strict=True) if src.host_consumed - row not in (0, count)
                 )
 
+    def _lose_place(self) -> None:
+        """The host no longer knows where the rows of this check's forwards begin (:attr:`_lost`): its levels' eager
+        forwards look for it from here on (:attr:`FeedForward.placing`)."""
+        self._lost = True
+        for level in self._levels:
+            level.placing = True
+
     def _open(self) -> None:
         """Every row may be read unchecked from here on (the forwards past this one cannot be checked)."""
-        self._lost = True
+        self._lose_place()
         for src in self._sources:
             src.cleared = src.num_rows
 
@@ -2056,7 +2066,7 @@ class OrderCheck(FeedCheck):
         self.forwards += 1
         self._fed_mask = (kwargs.get("attention_mask"), shape)
         if paired:  # (an encoder-decoder's routers see the encoder's tokens and the decoder's: never in step)
-            self._lost = True
+            self._lose_place()
         start = self._in_step(count) if not self._lost else None
         if not self._kept and order == MIXED:
             _refuse_mixed(order, shape, self.forwards, self.hint)
@@ -3592,6 +3602,10 @@ class FeedForward:
         #: as it runs, an attribute it stores and never reads: no guard): its rows were compared by no check, unless
         #: an eager forward of the model that a check took holds it (see :meth:`FeedCheck.unchecked`)
         self.unchecked = False
+        #: a check watching it may have lost the host's place in its routers' rows, or checks each router's own rows
+        #: (see :meth:`_placed`): kept by the checks (set as one starts or loses its place, read again as one stops),
+        #: so that an eager forward of a replay whose checks keep their place looks at none of them
+        self.placing = False
         #: the token check of its forwards compiled whole (kept where a detached session's wrapper is made again:
         #: compiled code reaches it through this object)
         self.traced: TracedFeedCheck = getattr(self, "traced", None) or TracedFeedCheck()
@@ -3709,16 +3723,15 @@ class FeedForward:
         finally:
             FORWARD.on = was
 
-    def _placed(
-        self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[Any, list[int] | None]:
+    def _placed(self, entered: list[FeedRecord | FeedCheck], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """An eager forward of this level, in a replay whose compiled token check is armed: where a check that took it
         no longer places its rows on the host (code compiled inside an earlier forward, its layers compiled in place,
         read rows on the device), its ids are compared with the rows its routers read next on the device, as compiled
         code compares them (returns what :meth:`TracedFeedCheck.ran` compares as it ends); where a check of each
         router's own rows took it, which compares each read as the router makes it on the host, returns the rows its
-        routers stand at, compared on the device as the forward ends if code compiled inside it read (no router read
-        of a compiled layer passes the host). No op, no sync otherwise."""
+        routers stand at (a :class:`_Began`), compared on the device as the forward ends if code compiled inside it
+        read (no router read of a compiled layer passes the host). No op, no sync otherwise (returns False). Called
+        only where :attr:`placing` says a check may need it."""
         lost = False
         own = False
         for r in entered:
@@ -3726,10 +3739,10 @@ class FeedForward:
                 lost = lost or r._lost
                 own = own or isinstance(r, RouterFeedCheck)
         if lost:
-            return self._traced_feed(args, kwargs), None
+            return self._traced_feed(args, kwargs)
         if own and not any(src.read_by_device for src in self.traced.sources):
-            return False, [src.host_consumed for src in self.traced.sources]
-        return False, None
+            return _Began(src.host_consumed for src in self.traced.sources)
+        return False
 
     def _traced_feed(self, args: tuple[Any, ...], kwargs: dict[str, Any], began: list[int] | None = None) -> Any:
         """An eager forward inside a compiled call (dynamo fell back from this level's forward to the frames inside
@@ -3865,7 +3878,6 @@ class FeedForward:
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
         deferred: list[FeedRecord | FeedCheck] = []
         pending: Any = False  # (what the token check of compiled code compares as the forward ends, where it ran)
-        began: list[int] | None = None  # (the rows its routers stood at, where read by the host until now: see _placed)
         below = self.below
         for r in entered:  # (the routers this forward can reach: one model's of a holder, or every one)
             if isinstance(r, FeedCheck):
@@ -3885,8 +3897,8 @@ class FeedForward:
                 pending = torch.compiler.disable(self._traced_feed)(args, kwargs)
             else:
                 entered, watching, deferred = feed(entered, args, kwargs)
-                if self.traced.active:  # (a replay's check of token ids, where compiled code may read its rows)
-                    pending, began = self._placed(entered, args, kwargs)
+                if self.placing and self.traced.active:  # (a replay's check of token ids, where compiled code may
+                    pending = self._placed(entered, args, kwargs)  # read its rows: see placing)
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True
@@ -3894,19 +3906,23 @@ class FeedForward:
         if check is not None:  # (its first router hands its input to the check, then runs)
             ORDER_PROBE.check, ORDER_PROBE.thread = check, threading.get_ident()
         out: Any = None
-        was = FORWARD.on
-        if entered or deferred:  # (a forward a check took, or left to the levels inside: code compiled inside it
-            FORWARD.on = True  # reads its rows, see ring._Fed)
+        # (a forward a check took, or left to the levels inside: code compiled inside it reads its rows, see ring._Fed;
+        # stored only while a check that reads it is open, and only where no outer forward stored it)
+        fed = FORWARD.checks and not FORWARD.on and (entered or deferred)
+        if fed:
+            FORWARD.on = True
         try:
             before = self.before
             if before is not None:
                 out = before(*args, **kwargs)
             else:
                 out = type(self.module).forward(self.module, *args, **kwargs)
-            if began is not None and any(src.read_by_device for src in self.traced.sources):
-                pending = self._traced_feed(args, kwargs, began)  # (code compiled inside it read: see _placed)
             if pending is not False:
-                torch.compiler.disable(self.traced.ran)(pending)
+                if type(pending) is _Began:  # (the rows its routers stood at, read by the host until now: see _placed)
+                    read = any(src.read_by_device for src in self.traced.sources)  # (code compiled inside it read)
+                    pending = self._traced_feed(args, kwargs, pending) if read else False
+                if pending is not False:
+                    torch.compiler.disable(self.traced.ran)(pending)
             return out
         except BaseException as exc:
             for r, made in watching:
@@ -3914,7 +3930,8 @@ class FeedForward:
                     r.raised = r.raised or f"{type(exc).__name__}({str(exc)[:200]!r}) in a forward"
             raise
         finally:
-            FORWARD.on = was
+            if fed:
+                FORWARD.on = False
             if check is not None and ORDER_PROBE.check is check:  # (no router reached)
                 ORDER_PROBE.check = ORDER_PROBE.thread = None
             for r in deferred:  # (fed this forward, but not taken by a level inside it)
@@ -4214,14 +4231,27 @@ def _name_at(forward: Callable[..., Any], at: int) -> str | None:
     return params[at].name if at < len(params) and all(p.kind in positional for p in params[: at + 1]) else None
 
 
+class _Began(list[int]):
+    """The rows a forward's routers stood at as it began, where a check of each router's own rows took it (see
+    :meth:`FeedForward._placed`): compared on the device as it ends, where code compiled inside it read rows."""
+
+
+def _unplaced(record: FeedRecord | FeedCheck) -> bool:
+    """Must an eager forward ask ``record`` where its rows begin (:meth:`FeedForward._placed`)? A check that lost the
+    host's place in them, or that checks each router's own rows."""
+    return isinstance(record, FeedCheck) and (record._lost or isinstance(record, RouterFeedCheck))
+
+
 def _enter_levels(levels: Sequence[FeedForward], record: FeedRecord | FeedCheck) -> Callable[[], None]:
     """Feed ``record`` the forwards entering ``levels``; returns the function that stops it."""
     for wrapper in levels:
         wrapper.records.append(record)
+        wrapper.placing = wrapper.placing or _unplaced(record)
 
     def remove() -> None:
         for wrapper in levels:
             if record in wrapper.records:
                 wrapper.records.remove(record)
+            wrapper.placing = any(map(_unplaced, wrapper.records))
 
     return remove

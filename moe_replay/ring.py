@@ -656,10 +656,18 @@ class _Fed:
     """Whether a forward of a level of an attached model (see ``moe_replay._feeds.FeedForward``) runs now: set by its
     eager forward and, as dynamo traces it, by its compiled one (a store dynamo replays after the graph). Compiled code
     that reads rows checks it as it is traced (dynamo guards on it: code compiled where no forward runs, a MoE block
-    compiled on its own, is traced apart from code compiled inside one)."""
+    compiled on its own, is traced apart from code compiled inside one).
+
+    Only a replay's token check that looks for such reads (:attr:`ReplaySource.checked`) reads it from eager code:
+    an eager forward stores it only while one is open (:attr:`checks`), so that a capture, or a replay with no such
+    check, pays nothing for it. Code compiled inside a forward sets it as it is traced either way, so what dynamo
+    guards on there does not depend on which block is open."""
 
     def __init__(self) -> None:
         self.on = False
+        #: the token checks (by ``id``) open now that mark reads of rows outside every forward (see
+        #: ``moe_replay._feeds.FeedCheck.start``): while none is, an eager forward leaves :attr:`on` as it is
+        self.checks: set[int] = set()
 
 
 #: see :class:`_Fed`
