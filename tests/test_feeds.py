@@ -2831,3 +2831,27 @@ def test_the_token_order_runs_are_not_judged_as_the_forward_by_the_orphan_watch(
         torch.no_grad(),
     ):
         other(ids)
+
+
+def test_a_levels_placing_flag_follows_the_checks_that_may_lose_the_hosts_place_in_their_rows() -> None:
+    """An eager forward of a replay asks the checks it entered where its rows begin only where its level's flag says
+    one may need it: set while a check of each router's own rows watches it or a check lost the host's place in its
+    rows (whichever stops first), clear once none of them watches it, and never set by a check that keeps its place."""
+    from moe_replay._feeds import FeedCheck, FeedForward, RouterFeedCheck
+
+    level = FeedForward(torch.nn.Linear(2, 2), None)
+    kept = FeedCheck(torch.zeros(4, dtype=torch.long), lambda: 0)
+    stop_kept = kept.start([level], [])
+    assert not level.placing
+    own = RouterFeedCheck({})
+    stop_own = own.start([level], [])
+    assert level.placing  # (a check of each router's own rows)
+    kept._open()  # (the host lost its place in the rows of the other)
+    stop_own()
+    assert level.placing  # (the check that lost its place still watches it)
+    stop_kept()
+    assert not level.placing and not level.records
+    again = FeedCheck(torch.zeros(4, dtype=torch.long), lambda: 0)
+    stop_again = again.start([level], [])
+    assert not level.placing  # (a new block starts in place)
+    stop_again()
