@@ -3906,14 +3906,20 @@ class FeedForward:
         if check is not None:  # (its first router hands its input to the check, then runs)
             ORDER_PROBE.check, ORDER_PROBE.thread = check, threading.get_ident()
         out: Any = None
-        # (a forward a check took, or left to the levels inside: code compiled inside it reads its rows, see ring._Fed;
-        # stored only while a check that reads it is open, and only where no outer forward stored it)
-        fed = FORWARD.checks and not FORWARD.on and (entered or deferred)
-        if fed:
-            FORWARD.on = True
         try:
             before = self.before
-            if before is not None:
+            if FORWARD.checks and not FORWARD.on and (entered or deferred):
+                # (a forward a check took, or left to the levels inside: code compiled inside it reads its rows, see
+                # ring._Fed; stored only while a check that reads it is open, and where no outer forward stored it)
+                FORWARD.on = True
+                try:
+                    if before is not None:
+                        out = before(*args, **kwargs)
+                    else:
+                        out = type(self.module).forward(self.module, *args, **kwargs)
+                finally:
+                    FORWARD.on = False
+            elif before is not None:
                 out = before(*args, **kwargs)
             else:
                 out = type(self.module).forward(self.module, *args, **kwargs)
@@ -3930,8 +3936,6 @@ class FeedForward:
                     r.raised = r.raised or f"{type(exc).__name__}({str(exc)[:200]!r}) in a forward"
             raise
         finally:
-            if fed:
-                FORWARD.on = False
             if check is not None and ORDER_PROBE.check is check:  # (no router reached)
                 ORDER_PROBE.check = ORDER_PROBE.thread = None
             for r in deferred:  # (fed this forward, but not taken by a level inside it)
