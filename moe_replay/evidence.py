@@ -2102,10 +2102,10 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
     # the next take would wait forever; the re-entrant lock is given back, as often as this thread took it, and the
     # watchdog is handed the run through a queue written in C)
     arm = _Armed(threading.get_ident(), seconds)
-    _watchdog().put(arm)
     over = False
     try:
         try:
+            _watchdog().put(arm)  # (inside: a stop landing as it is handed over is still disarmed below)
             return fn(*args, **kwargs)
         except _Overtime:
             over = True
@@ -2131,7 +2131,7 @@ class _Armed:
     """One run :func:`_within` limits: its thread, its deadline, and whether it ended (``done``) or was stopped
     (``fired``), both changed under ``lock`` by the run's thread and by the watchdog."""
 
-    __slots__ = ("clock", "cpu_start", "cutoff", "deadline", "done", "fired", "lock", "seconds", "thread")
+    __slots__ = ("clock", "cpu_start", "cutoff", "deadline", "done", "fired", "lock", "owner", "seconds", "thread")
 
     def __init__(self, thread: int, seconds: float) -> None:
         now = time.monotonic()
@@ -2141,6 +2141,8 @@ class _Armed:
         self.cpu_start = _cpu_time(self.clock)
         self.lock = threading.RLock()
         self.done = self.fired = False
+        # (the run's thread itself: once it ended, its id may be another thread's, which no stop must reach)
+        self.owner = threading.current_thread()
 
     def waited(self, now: float) -> float:
         """At its deadline (under :attr:`lock`): how much longer the run is given, 0 where it is stopped now. A run
@@ -2229,8 +2231,13 @@ def _watch(armed: queue.SimpleQueue[_Armed]) -> None:
                 if more > 0.0:  # (it waited more than it ran: given the time it has left)
                     heapq.heappush(due, (now + more, next(order), arm))
                     continue
+                if not arm.owner.is_alive():  # (ended without disarming: its id may be reused, no stop is sent)
+                    arm.done = True
+                    continue
                 arm.fired = True
-                _SET_ASYNC_EXC(ctypes.c_ulong(arm.thread), ctypes.py_object(_Overtime))
+                if not _SET_ASYNC_EXC(ctypes.c_ulong(arm.thread), ctypes.py_object(_Overtime)):
+                    arm.done = True  # (no such thread any more)
+                    continue
             heapq.heappush(due, (now + _AGAIN_SECONDS, next(order), arm))
 
 

@@ -2372,6 +2372,29 @@ def test_a_stop_that_lands_anywhere_in_a_probe_runs_way_out_hangs_nothing() -> N
 
 
 @pytest.mark.reliability("faults")
+def test_a_run_whose_thread_ended_without_disarming_is_never_stopped_again() -> None:
+    """A run's thread that ended without disarming its limit (an exception landing as the run was handed over) left
+    the watchdog raising its stop every quarter of a second, for ever, into that thread's id: once the id was reused
+    by another thread, stops landed in code that was no probe run. The watchdog now drops a run whose thread ended."""
+    from moe_replay import evidence
+
+    armed: list[evidence._Armed] = []
+
+    def leave_armed() -> None:
+        arm = evidence._Armed(threading.get_ident(), 0.01)
+        evidence._watchdog().put(arm)  # (and never disarmed)
+        armed.append(arm)
+
+    thread = threading.Thread(target=leave_armed)
+    thread.start()
+    thread.join()
+    deadline = time.monotonic() + 30.0
+    while not armed[0].done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert armed[0].done and not armed[0].fired
+
+
+@pytest.mark.reliability("faults")
 def test_a_probe_runs_time_limit_starts_no_thread_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each router's first forward makes many probe runs on inputs of the probe's own making, each under a time limit:
     a timer thread started per run made the first step slow. One watchdog thread serves them all (started at most
