@@ -923,9 +923,12 @@ def _refuse_after(trainer: Any) -> None:
 
 
 def _every_row(routes: Routes) -> Routes:
-    """The same routes without what their capture knew of its prompt padding: :func:`compare` compares every row."""
+    """The same routes without what their capture knew of its prompt padding, nor the batch layout they were laid out
+    for: :func:`compare` compares every row. (Only for the replayed routes against the capture of the very forward
+    that replayed them, row for row: the replay's own checks placed each row.)"""
     out = routes.with_token_ids(routes.token_ids)
     out._fed_mask = None
+    out._layout_pos = None
     return out
 
 
