@@ -132,6 +132,7 @@ _get_ident = threading.get_ident
 _MODULES = sys.modules
 _GETITEM = operator.getitem  # (a replay source's rows read by the host)
 _COMPILED = operator.attrgetter("compiled")  # (a level that a compiled call entered)
+_BY_DEVICE = operator.attrgetter("_by_device")  # (a replay source's read_by_device, with no frame of a property)
 #: the names under which a forward is given its KV cache, read where it is a list of tensors per layer
 _CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
 #: the names a forward is given its tokens by, read as such: a first parameter of another name given by name is read
@@ -1350,7 +1351,7 @@ class FeedCheck:
         strays = type(self) is FeedCheck  # (a read of rows recorded outside every forward may be due elsewhere)
         for src in self._sources:
             src.cleared = 0
-            src.guard = self._guard
+            src.guard, src.outside = self._guard, None
             if strays:
                 with torch.inference_mode(False):
                     src.stray = mark_static_address(torch.zeros((), dtype=torch.bool, device=src.device))
@@ -1364,10 +1365,10 @@ class FeedCheck:
         def stop() -> None:
             self._open()  # (before its levels let it go: see FeedForward.placing)
             remove()
-            for src in self._sources:
-                src.guard = None
-                src.checked = False
             FORWARD.checks.discard(id(self))
+            for src in self._sources:
+                src.guard = src.outside = None
+                src.checked = False
             for traced, _, _ in self._traced:
                 traced.disarm()
 
@@ -1490,11 +1491,22 @@ class FeedCheck:
         for level in self._levels:
             level.placing = True
 
+    def lost_place(self) -> None:
+        """A forward of ids enters a level that leaves it to the levels inside: where a forward of the block ran
+        compiled, the host no longer places its rows (as :meth:`fed` finds first), which the level must know before
+        those inside take it, so that it compares the ids it holds on the device (``FeedForward._placed``)."""
+        if not self._lost and any(map(_COMPILED, self._levels)):
+            self._open()
+
     def _open(self) -> None:
-        """Every row may be read unchecked from here on (the forwards past this one cannot be checked)."""
+        """Every row may be read unchecked from here on (the forwards past this one cannot be checked), inside a
+        forward of the model: an eager read where none runs (a MoE block called on its own) is refused at the read
+        (see :attr:`~moe_replay.ring.ReplaySource.outside`; compiled code marks ``stray`` instead)."""
         self._lose_place()
+        outside = self._outside_read if id(self) in FORWARD.checks else None
         for src in self._sources:
             src.cleared = src.num_rows
+            src.outside = outside
 
     def unseen(self) -> None:
         """A forward compiled, traced, captured in a CUDA graph or under a transform: its rows are read where the
@@ -1522,6 +1534,8 @@ class FeedCheck:
         if paired or (not self._lost and any(map(_COMPILED, self._levels))):
             self._open()
         if self._lost:
+            if (_inputs(args, kwargs) if inputs is None else inputs)[0] < 0:
+                return False  # (fed hidden states: not taken, as where the host knows its place; see ring._Fed)
             if self._traced:  # (a forward compiled whole before it fed other tokens: refused here, where no sync)
                 self._refuse_traced(on_host_only=True)
             elif self._unarmed is not None:  # (one compiled with no check of its tokens: refused here)
@@ -1744,6 +1758,10 @@ class FeedCheck:
                 "Replay the forwards the routes were recorded for, or drop the check with "
                 "routes.with_token_ids(None) to replay by row order alone" + (f". {self.hint}" if self.hint else "")
             )
+        self._outside_read(router, start, n)
+
+    def _outside_read(self, router: str, start: int, n: int) -> None:
+        """A router reads rows in a forward that entered no level fed tokens (a submodule called on its own): refuse."""
         raise TokenMismatchError(
             f"router '{router}' reads rows {start}..{start + n - 1} of this replay's routes in a forward that did not "
             f"enter {self._entry} (the module the session is attached to) nor any module between it and its routers "
@@ -1870,6 +1888,8 @@ class RouterFeedCheck(FeedCheck):
         if paired or (not self._lost and any(map(_COMPILED, self._levels))):
             self._open()
         if self._lost:
+            if (_inputs(args, kwargs) if inputs is None else inputs)[0] < 0:
+                return False  # (fed hidden states: not taken, as where the host knows its place; see ring._Fed)
             if self._traced:  # (a forward compiled whole before it fed other tokens: refused here, where no sync)
                 self._refuse_traced(on_host_only=True)
             elif self._unarmed is not None:  # (one compiled with no check of its tokens: refused here)
@@ -3744,6 +3764,17 @@ class FeedForward:
             return _Began(src.host_consumed for src in self.traced.sources)
         return False
 
+    def _deferred_placed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A forward of ids this level leaves to the levels inside (see ``levels_inside``), in a replay whose compiled
+        token check is armed: a level inside compiled in place reads its rows on the device and takes no forward, so
+        its ids are compared here, on the device, with the rows its routers read (as :meth:`_placed`): from their
+        device cursors where compiled code read before, else from the rows they stand at (a :class:`_Began`, compared
+        as the forward ends only if code compiled inside it read: an eager forward pays a list of counts)."""
+        sources = self.traced.sources
+        if any(map(_BY_DEVICE, sources)):
+            return self._traced_feed(args, kwargs)
+        return _Began(map(_CONSUMED, sources))
+
     def _traced_feed(self, args: tuple[Any, ...], kwargs: dict[str, Any], began: list[int] | None = None) -> Any:
         """An eager forward inside a compiled call (dynamo fell back from this level's forward to the frames inside
         it), or one whose routers read in compiled code (see :meth:`_placed`; ``began``: the rows they stood at as it
@@ -3856,6 +3887,8 @@ class FeedForward:
                     continue
                 r._deferred = None  # (fed ids here too: taken here, or by a level inside)
             if defer and type(r) in _DEFERRED:
+                if type(r) is not FeedRecord:  # (as it would be taken here: see FeedCheck.lost_place)
+                    r.lost_place()  # type: ignore[union-attr]
                 r._deferred = (self, fed_args, named, paired, order, later, self.below)
                 deferred.append(r)
                 continue
@@ -3898,7 +3931,12 @@ class FeedForward:
             else:
                 entered, watching, deferred = feed(entered, args, kwargs)
                 if self.placing and self.traced.active:  # (a replay's check of token ids, where compiled code may
-                    pending = self._placed(entered, args, kwargs)  # read its rows: see placing)
+                    # read its rows: see placing; a forward of ids left to the levels inside is placed here, where
+                    # its ids are, as none inside is fed them)
+                    pending = self._placed([*entered, *deferred] if deferred else entered, args, kwargs)
+                if pending is False and deferred and self.traced.active:  # (a check's forward left to those inside)
+                    if set(map(type, deferred)) != _RECORD_ONLY:
+                        pending = self._deferred_placed(args, kwargs)
         # (else a forward inside backward: a checkpoint's recompute, which reads its forward's rows, not the next)
         for r in entered:
             r._inside = True
@@ -3908,9 +3946,15 @@ class FeedForward:
         out: Any = None
         try:
             before = self.before
-            if FORWARD.checks and not FORWARD.on and (entered or deferred):
+            checks = FORWARD.checks
+            if (
+                checks
+                and not FORWARD.on
+                and not (checks.isdisjoint(map(id, entered)) and checks.isdisjoint(map(id, deferred)))
+            ):
                 # (a forward a check took, or left to the levels inside: code compiled inside it reads its rows, see
-                # ring._Fed; stored only while a check that reads it is open, and where no outer forward stored it)
+                # ring._Fed; stored only while a check that reads it is open, and where no outer forward stored it;
+                # not for a forward only a record took, as a capture's records take a forward fed hidden states)
                 FORWARD.on = True
                 try:
                     if before is not None:
@@ -3925,7 +3969,7 @@ class FeedForward:
                 out = type(self.module).forward(self.module, *args, **kwargs)
             if pending is not False:
                 if type(pending) is _Began:  # (the rows its routers stood at, read by the host until now: see _placed)
-                    read = any(src.read_by_device for src in self.traced.sources)  # (code compiled inside it read)
+                    read = any(map(_BY_DEVICE, self.traced.sources))  # (code compiled inside it read)
                     pending = self._traced_feed(args, kwargs, pending) if read else False
                 if pending is not False:
                     torch.compiler.disable(self.traced.ran)(pending)
@@ -4128,6 +4172,7 @@ class FeedForward:
 
 #: the records and checks whose forwards a level with a level inside leaves to it (see ``_take_deferred``)
 _DEFERRED = (FeedRecord, FeedCheck, RouterFeedCheck)
+_RECORD_ONLY = {FeedRecord}  # (the types of forwards left to the levels inside where no check is among them)
 
 _compiling = dynamo_compiling  # (one frame; export traces with dynamo too, make_fx is seen by _unseen)
 _TENSOR = torch.Tensor

@@ -714,6 +714,10 @@ class ReplaySource:
         #: bool on the device that the check reads as the block ends (see ``FeedCheck.finish``)
         self.checked = False
         self.stray: torch.Tensor | None = None
+        #: set by a replay's token check that no longer places the rows of its forwards on the host (a forward ran
+        #: compiled): an eager read where no forward of the model runs calls it (it raises), as rows past ``cleared``
+        #: call ``guard`` where the check knows its place
+        self.outside: Callable[[str, int, int], None] | None = None
         self._by_device = False  # a graph or compiled region read: the host count is behind the device's
         self._chunk = self.buf[:0].long()  # the rows from _chunk_at on, as int64, for eager reads
         self._chunk_at = 0
@@ -762,6 +766,9 @@ class ReplaySource:
         goes by the device cursor. Reads of one size are views prepared many at a time (no op).
         """
         h = self.host_consumed
+        outside = self.outside
+        if outside is not None and not FORWARD.on:  # (rows read outside every forward, after the check lost its place)
+            outside(self.name, h, n)
         self.host_consumed = h + n
         self.last_read = n
         if self._by_device:

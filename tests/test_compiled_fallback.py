@@ -195,17 +195,13 @@ def test_a_later_forward_through_layers_compiled_in_place_fed_another_batch_is_r
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="once a forward of the block ran compiled, the host no longer knows where the rows of a forward begin and "
-    "opens every row to eager reads: a MoE block then called on its own, eagerly, on hidden states reads the next "
-    "rows with no check of their tokens (the compiled call of it is refused)",
-)
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_an_eager_moe_block_called_on_its_own_after_a_compiled_forward_in_a_replay_is_refused() -> None:
+@pytest.mark.parametrize("layers", [1, 2])
+def test_an_eager_moe_block_called_on_its_own_after_a_compiled_forward_in_a_replay_is_refused(layers: int) -> None:
     """A forward of the model compiled whole, then the MoE block called alone, eagerly, on hidden states: its rows
-    belong to no forward fed ids, as where it is called first (refused there by the router's guard)."""
-    model = _build()
+    belong to no forward fed ids, as where it is called first (refused there by the router's guard). With one layer
+    the block is a level of its own (fed hidden states), with two it is not."""
+    model = mr.models.build("softmax_topk", num_layers=layers, expert_impl="dense")
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(5))
     session = mr.attach(model)
     try:
@@ -269,12 +265,6 @@ def test_only_a_replay_looking_for_stray_reads_marks_its_forwards_and_layers_com
 
 @pytest.mark.reliability("silent replays")
 @pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the one layer of a one-layer model is a level of its own, fed hidden states: compiled in place "
-    "(layer.compile()), its routers read their rows on the device and no check compares the model's token ids with "
-    "them, so another batch replays the capture's experts unchecked",
-)
 def test_another_batch_through_a_one_layer_model_with_its_layer_compiled_in_place_is_refused() -> None:
     """Routes of one batch replayed on another through a one-layer model whose layer is compiled in place: refused,
     as the eager model and a two-layer model with a layer compiled in place are."""
@@ -289,5 +279,59 @@ def test_another_batch_through_a_one_layer_model_with_its_layer_compiled_in_plac
         routes = session.routes()
         with pytest.raises(mr.TokenMismatchError), session.replay(routes), torch.no_grad():
             model(other)
+        both = mr.Routes.cat([routes, routes])
+        with session.replay(both), torch.no_grad():  # (the capture's batch, twice: exact, not refused)
+            got = [model(first).logits, model(first).logits]
+        with session.capture(), torch.no_grad():
+            expected = model(first).logits
+        for out in got:
+            torch.testing.assert_close(out, expected)
+        with pytest.raises(mr.TokenMismatchError), session.replay(both), torch.no_grad():
+            model(first)
+            model(other)  # (a later forward, once the layer's compiled code has read rows on the device)
+    finally:
+        session.detach()
+
+
+class _Wrapper(nn.Module):
+    """A wrapper fed the ids it hands on (a PEFT model's, an RL trainer's): a level with a level inside fed ids too."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor) -> object:
+        return self.inner(input_ids)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("wrapped", [False, True], ids=["model", "wrapped"])
+def test_eager_forwards_of_the_model_after_a_compiled_one_in_a_replay_are_not_refused(
+    layers: int, wrapped: bool
+) -> None:
+    """The other side of the check above: after a compiled forward, eager forwards of the model (and a capture's
+    records of a forward fed hidden states) read their rows as before, exactly; a forward of other ids is refused,
+    also where a wrapper fed the ids hands them on to the model (both levels see them)."""
+    model: nn.Module = mr.models.build("softmax_topk", num_layers=layers, expert_impl="dense")
+    if wrapped:
+        model = _Wrapper(model)
+    g = torch.Generator().manual_seed(6)
+    first, second = torch.randint(0, 100, (2, 8), generator=g), torch.randint(0, 100, (2, 8), generator=g)
+    session = mr.attach(model)
+    try:
+        with session.capture(), torch.no_grad():
+            expected = [model(first).logits, model(second).logits, model(first).logits]
+        routes = session.routes()
+        compiled = torch.compile(model, backend="eager")
+        with session.replay(routes), torch.no_grad():
+            got = [compiled(first).logits, model(second).logits, model(first).logits]
+        for g_, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g_, e)
+        with pytest.raises(mr.TokenMismatchError), session.replay(routes), torch.no_grad():
+            compiled(first)
+            model(first)  # (the second forward's rows were recorded for other ids)
+            model(first)
     finally:
         session.detach()
