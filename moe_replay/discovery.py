@@ -235,11 +235,43 @@ def _reaches_decision(fn: Any, owner: type, depth: int = 0, instance: Any = None
         targets = [scope[name]] if name in scope else [k.__dict__.get(name) for k in owner.__mro__]  # super() too
         if instance is not None and name not in scope:  # what the forward reaches as ``self.<name>``
             targets.append(inspect.getattr_static(instance, name, None))
+            if _held_reaches_decision(_held(instance, name), names, depth):
+                return True
         for target in targets:
             if _opaque_call(target) or (
                 isinstance(target, types.FunctionType) and _reaches_decision(target, owner, depth + 1, instance)
             ):
                 return True
+    return False
+
+
+def _held(instance: Any, name: str) -> Any:
+    """The object ``instance`` holds as ``self.<name>`` (a submodule or a plain helper object of the model's own
+    code), or None: tensors, functions, classes and objects of torch or the standard library are no helpers."""
+    held = instance._modules.get(name) if isinstance(instance, nn.Module) else None
+    if held is None:
+        held = inspect.getattr_static(instance, name, None)
+    if held is None or isinstance(held, (torch.Tensor, type, types.FunctionType, types.MethodType, types.ModuleType)):
+        return None
+    root = (type(held).__module__ or "").split(".")[0]
+    return None if root in ("torch", "builtins", "functools", "collections", "typing") else held
+
+
+def _held_reaches_decision(held: Any, names: set[str], depth: int) -> bool:
+    """Does a method of ``held`` that the forward names (``self.routing_method.apply(logits)``: a routing object's
+    method called by name, not through ``forward``) reach a decision call? The method's own class and the object's
+    attributes are followed as for a forward."""
+    if held is None or depth >= 3:
+        return False
+    for method in names:
+        fn = inspect.getattr_static(type(held), method, None)
+        fn = getattr(fn, "__func__", fn)  # (a staticmethod or classmethod)
+        if (
+            isinstance(fn, types.FunctionType)
+            and not (fn.__module__ or "").startswith("torch")  # (nn.Module's own methods: no decision)
+            and _reaches_decision(fn, type(held), depth + 1, held)
+        ):
+            return True
     return False
 
 
