@@ -1073,7 +1073,8 @@ class _ProbeMode(TorchFunctionMode):
         written = _chooses(func, args, kwargs, out)
         if written is None:
             return out
-        return self._choice(out, written, scored, None if written else _selection(func, args, kwargs, out))
+        held = self._choice(out, written, scored, None if written else _selection(func, args, kwargs, out))
+        return out if held is out or written else _regathered(func, args, kwargs, held)
 
     def _choice(self, out: Any, written: list[torch.Tensor], scored: bool, selection: _Selection | None = None) -> Any:
         """Keep a later choice's result, or answer it with the one held for it (of the same structure only;
@@ -1232,6 +1233,49 @@ def _ranks_one_row(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     scores move, which a replay of the decision alone does not hold."""
     x = _arg(args, kwargs, 0, "input")
     return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 1 and x.numel() > 1
+
+
+#: Calls that return ``(values, indices)`` with the values their input's own at the indices.
+_VALUES_AT = frozenset({"topk", "sort", "max", "min", "kthvalue", "mode", "median", "nanmedian"})
+
+
+def _regathered(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], held: Any) -> Any:
+    """A held later ``topk``/``max`` (a choice of some of its input's entries) answered as a replay answers a
+    forced one: its held indices, and the values its input has there *now* (as the call itself reads them), not
+    the values it had on the run it was held from; any other held result as it is (a full sort chooses no entry,
+    only their order). A held top-k of the current scores with stale values would move the output where nothing
+    but its values did (on other inputs, a weight read from another run)."""
+    name = getattr(func, "__name__", "")
+    leaves = _leaves(held, [])
+    source = args[0] if args else kwargs.get("input")
+    if name not in _VALUES_AT or len(leaves) != 2 or not isinstance(source, torch.Tensor):
+        return held
+    values, indices = leaves
+    if not (
+        isinstance(values, torch.Tensor)
+        and isinstance(indices, torch.Tensor)
+        and values.is_floating_point()
+        and indices.dtype == torch.int64
+        and values.shape == indices.shape
+        and values.dtype == source.dtype
+    ):
+        return held
+    at = {"topk": 2, "kthvalue": 2}.get(name, 1)
+    dim = kwargs.get("dim", args[at] if len(args) > at else -1)
+    if not isinstance(dim, int) or isinstance(dim, bool) or source.dim() == 0:
+        return held
+    keep = indices.dim() == source.dim()
+    if keep and indices.shape[dim] >= source.shape[dim]:
+        return held  # (a full sort orders what it was given and chooses none of it: held as it was)
+    try:
+        at_dim = indices if keep else indices.unsqueeze(dim)
+        got = source.gather(dim, at_dim)
+        got = got if keep else got.squeeze(dim)
+    except (RuntimeError, IndexError):  # (indices of another shape than a gather takes: kept as held)
+        return held
+    with contextlib.suppress(TypeError):
+        return type(held)((got, indices)) if type(held) is not tuple else (got, indices)
+    return held
 
 
 def _hold(out: Any, written: list[torch.Tensor], held: Any) -> tuple[Any, bool]:
@@ -4132,7 +4176,7 @@ def _vary(
         except Exception:  # (a forward that fails on other inputs tells nothing either way)
             continue
         checked += 1
-        if _same(again.early, first.early) if early else _same(again.choices, first.choices):
+        if _same(again.early, first.early) if early else _same_choices(again.choices, first.choices, ev.top_k):
             continue  # the choices come out as on the real inputs: holding them changes nothing
         try:
             if early:
@@ -4169,7 +4213,7 @@ def _vary_state(probe: _Prober, force: dict[int, tuple[Any, int]], first: _Probe
         for seed in (1, 2):
             probe.moved = (seed, ev.num_experts)  # (every run below, those of _hidden_moved too)
             fresh, again = probe.run(force=force)
-            if len(again.choices) != len(first.choices) or _same(again.choices, first.choices):
+            if len(again.choices) != len(first.choices) or _same_choices(again.choices, first.choices, ev.top_k):
                 continue
             held, holding = probe.run(force=force, choices=first.choices)
             if holding.unheld:
@@ -4224,7 +4268,7 @@ def _hidden_moved(
         for n, (a, b) in enumerate(zip(again.choices, first.choices, strict=False))
         if (again.scored[n] or again.cuts[n] or (n < len(first.cuts) and first.cuts[n]))
         and _names_integers(a)
-        and not _same([a], [b])
+        and not _same_choices([a], [b], ev.top_k)
         and not (n < len(first.faint) and again.faint[n] and first.faint[n])  # (an underflow guard: no choice)
     ]
     if not differ or len(again.choices) != len(first.choices):
@@ -4258,7 +4302,7 @@ def _reweighed(
         if again.scored[n]
         and n < len(again.widths)
         and again.widths[n] == ev.num_experts
-        and not _same([a], [b])
+        and not _same_choices([a], [b], ev.top_k)
         and not (n < len(first.faint) and again.faint[n] and first.faint[n])
     ]
     if not differ or len(again.choices) != len(first.choices):
@@ -4779,6 +4823,34 @@ def _same(a: list[Any], b: list[Any]) -> bool:
         and x.dtype == y.dtype
         and torch.equal(x, y)
         for x, y in zip(la, lb, strict=True)
+    )
+
+
+def _same_choices(a: list[Any], b: list[Any], k: int) -> bool:
+    """Are two runs' later choices the same choices, result for result? As :func:`_same`, but a later ``topk``
+    (or ``sort``, ``max``) of ``k`` that names the same experts in each row (in any order, whatever its values) is
+    the same choice: with the decision held, a second top-k over scores masked to the decision's experts (a dense
+    ``[tokens, E]`` tensor zero elsewhere, as TensorRT-LLM's DeepSeek-V3 routing takes it) only reads the decision
+    back, sorted by the current values, and a replay makes it so too. Its values are the current scores there,
+    which differ on other inputs without any choice."""
+    return len(a) == len(b) and all(_same([x], [y]) or _reads_back(x, y, k) for x, y in zip(a, b, strict=True))
+
+
+def _reads_back(a: Any, b: Any, k: int) -> bool:
+    """Are ``a`` and ``b`` each a ``(values, indices)`` result of ``k`` per row naming the same experts per row?"""
+    la, lb = _leaves(a, []), _leaves(b, [])
+    if len(la) != 2 or len(lb) != 2 or not all(isinstance(t, torch.Tensor) for t in (*la, *lb)):
+        return False
+    (va, ia), (vb, ib) = la, lb
+    return (
+        va.is_floating_point()
+        and vb.is_floating_point()
+        and not (ia.is_floating_point() or ia.is_complex() or ia.dtype == torch.bool)
+        and ia.dtype == ib.dtype
+        and va.shape == ia.shape == vb.shape == ib.shape
+        and ia.dim() >= 1
+        and ia.shape[-1] == k
+        and torch.equal(ia.sort(-1).values, ib.sort(-1).values)
     )
 
 

@@ -199,6 +199,92 @@ class TrtllmQwen3MoE(_Used):
         return out.view(shape)
 
 
+# NVIDIA/TensorRT-LLM tensorrt_llm/_torch/models/modeling_deepseekv3.py: ``Deepseekv3RoutingImpl.noaux_tc``'s torch
+# path (no fused kernel), in two versions: the groups left out multiplied by a 0/1 mask (``scores_with_bias *
+# score_mask``) or set to ``-inf`` (``torch.where``); then the top-k of the biased scores scattered into a 0/1 mask of
+# the *unbiased* scores, those normalised and scaled, and a second ``torch.topk`` over the dense result gives the
+# values and ids the MoE uses.
+class TrtllmDeepseekV3Routing(TrtllmRoutingMethod):
+    """``DeepSeekV3MoeRoutingMethod`` calling ``Deepseekv3RoutingImpl.apply(logits, e_score_correction_bias)``, the
+    bias read from the gate through a callable (as upstream passes ``callable_e_score_correction_bias``)."""
+
+    def __init__(
+        self, bias: Callable[[], torch.Tensor], where: bool, n_group: int = 4, topk_group: int = 2, k: int = 2
+    ) -> None:
+        super().__init__(k)
+        self.bias, self.where = bias, where
+        self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, 2.5
+
+    def apply(  # type: ignore[override]
+        self, router_logits: torch.Tensor, forced: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        scores = torch.sigmoid(router_logits)
+        scores_with_bias = scores + self.bias()
+        shape = list(scores_with_bias.shape)
+        group_scores = torch.sum(
+            torch.topk(
+                scores_with_bias.view([*shape[:-1], self.n_group, shape[-1] // self.n_group]),
+                k=2,
+                dim=-1,
+                largest=True,
+                sorted=True,
+            )[0],
+            dim=-1,
+        )
+        _, group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, largest=True, sorted=True)
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(-1, group_idx, 1)
+        score_mask = (
+            group_mask.unsqueeze(-1).expand([*shape[:-1], self.n_group, shape[-1] // self.n_group]).reshape(shape)
+        )
+        if self.where:
+            scores_with_bias = torch.where(score_mask.bool(), scores_with_bias, torch.tensor(float("-inf")))
+        else:
+            scores_with_bias = scores_with_bias * score_mask
+        if forced is None:
+            _, topk_idx = torch.topk(scores_with_bias, k=self.top_k, dim=-1, largest=True, sorted=True)
+        else:
+            topk_idx = forced
+        new_mask = torch.zeros_like(scores)
+        new_mask.scatter_(-1, topk_idx, 1)
+        scores = scores * new_mask
+        score_sum = torch.sum(scores, dim=-1, keepdim=True) + 1e-20
+        scores = scores / score_sum * self.routed_scaling_factor
+        topk_values, topk_indices = torch.topk(scores, k=self.top_k, dim=-1, largest=True)
+        return topk_indices.to(torch.int32), topk_values.to(torch.float32)
+
+
+class TrtllmDeepseekV3Gate(nn.Module):
+    """``DeepseekV3Gate``: the router GEMM only (``F.linear`` of its weight), the correction bias a frozen
+    ``nn.Parameter`` on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D) / D**0.5)
+        self.e_score_correction_bias = nn.Parameter(0.1 * torch.randn(E), requires_grad=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states.float(), self.weight.float())
+
+
+class TrtllmDeepseekV3MoE(_Used):
+    """``Deepseekv3MoE``: the gate's logits into the fused MoE, whose routing method reads the gate's bias; a shared
+    expert beside."""
+
+    def __init__(self, where: bool) -> None:
+        super().__init__()
+        self.gate = TrtllmDeepseekV3Gate()
+        self.experts = TrtllmVanillaMoE(TrtllmDeepseekV3Routing(lambda: self.gate.e_score_correction_bias, where))
+        self.shared_experts = nn.Linear(D, D)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        out = self.experts(x, self.gate(x), forced=self.forced)
+        self.used = self.experts.used
+        return (out + self.shared_experts(x)).view(shape)
+
+
 # ----------------------------------------------------------------------- TensorRT-LLM's routing reference
 # NVIDIA/TensorRT-LLM tests/unittest/_torch/thop/parallel/test_moe.py ``routing_reference_renormalize`` and
 # ``routing_reference`` (also in alibaba/rtp-llm's fused-MoE executor tests): the top-k of the logits softmaxed, the
@@ -469,6 +555,12 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "trtllm-default-softmax-topk-train": (_trtllm(TrtllmDefaultRouting), lambda: _x(2, 12), {"train": True}),
     "trtllm-renormalize-topk-softmax": (_trtllm(TrtllmRenormalizeRouting), lambda: _x(2, 12), {}),
     "trtllm-llama4-top1-sigmoid": (_trtllm(TrtllmLlama4Routing), lambda: _x(2, 12), {}),
+    "trtllm-deepseekv3-noaux-tc-where": (lambda: Layers(lambda: TrtllmDeepseekV3MoE(True)), lambda: _x(2, 12), {}),
+    "trtllm-deepseekv3-noaux-tc-mask-product": (
+        lambda: Layers(lambda: TrtllmDeepseekV3MoE(False)),
+        lambda: _x(2, 12),
+        {},
+    ),
     "trtllm-routing-reference-renormalize": (lambda: Layers(TrtllmReferenceRenormalizeMoE), lambda: _x(2, 12), {}),
     "primus-megatron-topk-router-unforced": (lambda: Layers(lambda: PrimusMoELayer(False)), lambda: _x(2, 12), {}),
     "uclaml-sequence-router-uniform-noise": (lambda: Layers(UclamlMoE), lambda: _x(3, 8), {}),
@@ -480,13 +572,16 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
 @pytest.mark.parametrize("case", list(EXACT))
 def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     """TensorRT-LLM's routing methods called through ``apply`` by a vanilla fused MoE (softmax then top-k, top-k then
-    softmax, Llama-4's top-1 sigmoid) and its test suite's routing reference (a second top-k on the host),
+    softmax, Llama-4's top-1 sigmoid, DeepSeek-V3's ``noaux_tc`` with its groups masked by ``-inf`` or by a product
+    and a second top-k of the dense scores) and its test suite's routing reference (a second top-k on the host),
     Megatron's router as Primus subclasses it, a sequence router whose gate is a plain object adding uniform noise:
     every router found and nothing else, the recorded rows the experts used, and a replay after the routers change
     those experts forced by hand, in output and gradients.
 
     Once falsely refused: a block whose fused experts module makes the choice in a method of a routing object it
-    holds (``self.routing_method.apply(logits)``, not a ``forward``) was read as soft routing."""
+    holds (``self.routing_method.apply(logits)``, not a ``forward``) was read as soft routing; and DeepSeek-V3's second
+    top-k, which only reads the decision back from scores masked to its experts, was taken for a later choice of its
+    own (held on other inputs with the values of the first, the hidden states moved)."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
