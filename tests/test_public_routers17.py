@@ -10,6 +10,7 @@ with a ``MoEReplayError`` that says why, the model left as it was.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import moe_replay as mr
 from tests.test_evidence import D, E
 from tests.test_public_routers2 import _x
 from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
@@ -493,6 +495,45 @@ class UclamlMoE(nn.Module):
         return torch.einsum("beij,ebsn->bsn", combine_tensor, output)
 
 
+class UclamlCachedRouter(nn.Module):
+    """The same file's ``CachedRouter``: the routing of its first call kept in a Python dict (``self.state``) and
+    returned, with no choice made, to every later call until ``init`` clears it for the next batch; one instance is
+    handed to every MoE layer, so the first layer routes and the others reuse its experts."""
+
+    def __init__(self, router: nn.Module) -> None:
+        super().__init__()
+        self.router = router
+        self.state: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def init(self) -> None:
+        self.state.clear()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if "routing" in self.state:
+            return self.state["routing"]
+        out = self.router(x)
+        self.state["routing"] = out
+        return out
+
+
+class UclamlCachedModel(nn.Module):
+    """Two sequence-routed MoE layers sharing one cached router, the cache cleared as each batch starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        shared = UclamlCachedRouter(UclamlRouter())
+        self.layers = nn.ModuleList([UclamlMoE(), UclamlMoE()])
+        for layer in self.layers:
+            layer.router = shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.layers[0].router.init()
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
 # ----------------------------------------------------------------------- Primus: Megatron's router, balanced by force
 # AMD-AGI/Primus primus/backends/megatron/core/transformer/moe/router.py ``BalancedTopKRouter(TopKRouter)``: Megatron's
 # ``routing`` (a ``torch.topk`` of the logits, the softmax of the top values scattered into dense ``probs`` and a
@@ -627,6 +668,24 @@ def test_a_sparse_mixer_of_k_rounds_of_max_is_refused() -> None:
     calls that each reach the output, none of them the whole decision (as HF PhiMoE's sparsemixer): refused, naming
     the calls, never replayed as one of them."""
     assert_refused(_trtllm(TrtllmSparseMixerRouting)(), _x(2, 12), r"more than one independent choice.*max\(\) over 8")
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_routing_cached_by_the_first_layer_and_reused_by_the_others_is_refused() -> None:
+    """One ``CachedRouter`` shared by both layers: the second call returns the first call's routing from a Python
+    dict, with no choice made. The second layer's experts are no decision of its own to record or force: refused,
+    naming it. The first layer's forward has run by then, as its own code runs it (its ``WSLinear`` filled its
+    ``init_std`` and set its flag, a first forward's work that restoring the buffer alone would break), so the
+    model is checked to be left working as a copy never attached works, with no interception left."""
+    model, x = UclamlCachedModel().eval(), _x(3, 8)
+    ref = copy.deepcopy(model)
+    with pytest.raises(mr.UnsupportedRouterError, match=r"'layers\.1\.router'.*makes no decision-like call"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(x)
+    torch.manual_seed(5)
+    out = model(x)
+    torch.manual_seed(5)
+    assert torch.equal(out, ref(x))
 
 
 @pytest.mark.reliability("silent replays")
