@@ -95,6 +95,12 @@ class Adapter:
             the scope's forward, as listed by a refusal or by ``verify()``; for forwards where
             moe_replay cannot tell which call decides.
 
+    Raises:
+        ArgumentTypeError: ``name`` or ``unsupported`` is not a str, ``match`` is not a predicate
+            of ``(name, module)``.
+        InvalidArgumentError: ``scope`` or ``decision`` is none of its choices, ``call`` is not an
+            int >= 0.
+
     Example:
         >>> import moe_replay as mr
         >>> ad = mr.Adapter("my-gate", match=lambda n, m: n.endswith(".wg"), scope="parent")
@@ -108,10 +114,64 @@ class Adapter:
     call: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ArgumentTypeError(f"Adapter name must be a str (a label for tables), got {self.name!r:.60}")
+        if not callable(self.match) or isinstance(self.match, nn.Module):  # (a module is callable, on its inputs)
+            raise ArgumentTypeError(
+                f"Adapter match must be a predicate (name, module) -> bool, got {self.match!r:.60} "
+                f"({type(self.match).__name__}); for router modules, names or globs pass include= to attach or "
+                "find_routers"
+            )
+        _check_predicate(self.match)
         if not is_one_of(self.scope, ("router", "parent")):
             raise InvalidArgumentError(f"Adapter scope must be 'router' or 'parent', got {self.scope!r}")
         if not is_one_of(self.decision, DECISIONS):
             raise InvalidArgumentError(f"Adapter decision must be one of {'/'.join(DECISIONS)}, got {self.decision!r}")
+        if self.unsupported is not None and not isinstance(self.unsupported, str):
+            raise ArgumentTypeError(
+                f"Adapter unsupported must be None or a reason (a str) the matched routers are refused with, got "
+                f"{self.unsupported!r:.60} ({type(self.unsupported).__name__})"
+            )
+        if self.call is not None:
+            if not is_integer(self.call) or int(self.call) < 0:
+                raise InvalidArgumentError(
+                    f"Adapter call must be None or the number (an int >= 0, counted from 0 in call order) of a "
+                    f"decision-like call, as a refusal or verify() lists them; got {self.call!r:.60}"
+                )
+            object.__setattr__(self, "call", int(self.call))  # (a numpy integer or a 0-d tensor as the int it holds)
+
+    def _matches(self, name: str, module: nn.Module) -> bool:
+        """Does this adapter apply to the module ``name``? ``match``'s answer read as a truth value.
+
+        Raises:
+            ArgumentTypeError: ``match`` answered a value of no single truth value (a tensor or an array
+                of several elements).
+        """
+        answer = self.match(name, module)
+        try:
+            return bool(answer)
+        except (RuntimeError, ValueError):  # (torch's and numpy's "ambiguous" truth value of several elements)
+            raise ArgumentTypeError(
+                f"Adapter {self.name!r}: match({name!r}, module) returned a {type(answer).__name__} of no single "
+                "truth value; the predicate must return a bool (for a tensor, bool(t.any()) or bool(t.all()))"
+            ) from None
+
+
+def _check_predicate(match: Callable[..., Any]) -> None:
+    """Refuse a ``match`` that cannot be called with ``(name, module)`` (a predicate of one argument): it would
+    raise Python's own TypeError at the first module discovery looks at, naming no Adapter."""
+    try:
+        signature = inspect.signature(match)
+    except (TypeError, ValueError):  # (a builtin or C callable of no signature: called as it is)
+        return
+    try:
+        signature.bind("name", object())
+    except TypeError:
+        raise ArgumentTypeError(
+            f"Adapter match must take two arguments, (name, module), as in match=lambda name, module: "
+            f"name.endswith('.gate'); got {getattr(match, '__qualname__', match)!r:.80} with the signature "
+            f"{signature}"
+        ) from None
 
 
 def _class_forward(module: nn.Module) -> Any:
@@ -1095,7 +1155,7 @@ def find_routers(
         if not candidates:  # a router with no weight of its own (its block scores): an expert count says E
             candidates = sorted(counts, reverse=True)
         width = candidates[0] if candidates else None
-        refusal = next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.unsupported and a.match(name, module)), None)
+        refusal = next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.unsupported and a._matches(name, module)), None)
         product_key = _product_key_experts(module, parent) if refusal is None else None
         if product_key:
             refusal, counts = _PRODUCT_KEY, {product_key}
@@ -1125,7 +1185,7 @@ def find_routers(
             # say the router has fewer experts than top_k; num_experts= is checked above)
             if top_k is not None and counts and top_k > max(int(width), *counts):
                 too_many[name] = f"'{name}' ({max(int(width), *counts)} experts)"
-        adapter = refusal or next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a.match(name, module)), None)
+        adapter = refusal or next((a for a in (*adapters, *BUILTIN_ADAPTERS) if a._matches(name, module)), None)
         if (
             adapter is None
             and name

@@ -1,0 +1,100 @@
+"""Misuse of the public API that earlier rounds did not try: an ``Adapter`` built with fields of the wrong kind (a
+``match`` that is no predicate of ``(name, module)``, a ``call`` that numbers no call, an ``unsupported`` reason that
+is no text). Each is refused with a :class:`~moe_replay.MoEReplayError` naming the field and what to pass, before
+any module is touched, and the model is left as it was."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import moe_replay as mr
+
+from .conftest import assert_untouched, snapshot, tried
+
+
+def _on_router(name: str, module: nn.Module) -> bool:
+    return name.endswith("router")
+
+
+# --- Adapter fields -----------------------------------------------------------------------------------------------
+
+
+_PREDICATE = "match must be a predicate"
+_CALL = r"call must be None or the number \(an int >= 0"
+_ARITY = r"must take two arguments, \(name, module\)"
+_REASON = "unsupported must be None or a reason"
+
+_BAD_FIELDS: list[tuple[str, dict[str, Any], type[mr.MoEReplayError], str]] = [
+    ("match None", {"match": None}, mr.ArgumentTypeError, _PREDICATE),
+    ("match a glob", {"match": "*.router"}, mr.ArgumentTypeError, _PREDICATE),
+    ("match a list", {"match": ["layers.0.mlp.router"]}, mr.ArgumentTypeError, _PREDICATE),
+    ("match a module", {"match": nn.Linear(2, 2)}, mr.ArgumentTypeError, "pass include="),
+    ("match of one argument", {"match": lambda name: True}, mr.ArgumentTypeError, _ARITY),
+    ("name None", {"name": None}, mr.ArgumentTypeError, "name must be a str"),
+    ("unsupported an array", {"unsupported": np.array([1, 2])}, mr.ArgumentTypeError, _REASON),
+    ("unsupported a tensor", {"unsupported": torch.tensor([1, 2])}, mr.ArgumentTypeError, _REASON),
+    ("call -1", {"call": -1}, mr.InvalidArgumentError, _CALL),
+    ("call 1.5", {"call": 1.5}, mr.InvalidArgumentError, _CALL),
+    ("call a str", {"call": "0"}, mr.InvalidArgumentError, _CALL),
+    ("call True", {"call": True}, mr.InvalidArgumentError, _CALL),
+]
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(("case", "fields", "error", "message"), _BAD_FIELDS, ids=[c for c, *_ in _BAD_FIELDS])
+def test_an_adapter_of_fields_of_the_wrong_kind_is_refused_where_it_is_built(
+    case: str, fields: dict[str, Any], error: type[mr.MoEReplayError], message: str
+) -> None:
+    """A ``match`` that is no predicate raised Python's own ``TypeError`` ("'str' object is not callable") from deep in
+    discovery, a ``call`` of ``"0"`` a bare ``TypeError`` at the first forward, ``call=-1`` or ``1.5`` a refusal saying
+    the forward "does not make call #-1", and an array as ``unsupported`` numpy's "truth value is ambiguous": each is
+    now refused where the Adapter is built, naming the field, and attach never sees it."""
+    model = mr.models.build("softmax_topk")
+    before = snapshot(model)
+    given = {"name": "mine", "match": _on_router, **fields}
+    with pytest.raises(error, match=message):
+        mr.Adapter(**given)
+    assert_untouched(model, before)
+    tried()
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("call", [0, np.int64(0), torch.tensor(0)], ids=["int", "np.int64", "0-d tensor"])
+def test_an_adapter_call_given_as_a_numpy_integer_or_a_0_d_tensor_names_the_call_it_holds(call: object) -> None:
+    """``call=`` given as a numpy integer or a 0-d tensor (a count kept from an array) is the plain int it holds: the
+    capture under it is the capture of the plain ``call=0``, and the generic one's."""
+    x = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    captured = []
+    for adapters in ([], [mr.Adapter("mine", match=_on_router, call=call)]):  # type: ignore[arg-type]
+        model = mr.models.build("softmax_topk")
+        adapter_calls = [a.call for a in adapters]
+        assert all(type(c) is int for c in adapter_calls)
+        with mr.attach(model, adapters=adapters) as session:
+            with session.capture():
+                model(x)
+            captured.append(session.routes())
+    assert captured[0].equal(captured[1])
+    tried()
+
+
+@pytest.mark.reliability("bad inputs")
+def test_an_adapter_match_answering_a_tensor_of_several_values_is_refused_naming_the_adapter() -> None:
+    """A predicate that answers a tensor of several elements raised torch's "Boolean value of Tensor with more than one
+    value is ambiguous" from discovery; it is refused naming the Adapter and what to return, and the model is left as
+    it was. Answers of one truth value (a ``re.Match`` or None, a one-element tensor) are read as Python reads them."""
+    model = mr.models.build("softmax_topk")
+    before = snapshot(model)
+    several = mr.Adapter("several", match=lambda n, m: torch.tensor([n.endswith("router"), False]))
+    with pytest.raises(mr.ArgumentTypeError, match="Adapter 'several': match.*no single truth value"):
+        mr.attach(model, adapters=[several])
+    assert_untouched(model, before)
+    for match in (lambda n, m: re.search(r"router$", n), lambda n, m: torch.tensor([n.endswith("router")])):
+        sites = mr.find_routers(model, adapters=[mr.Adapter("one", match=match)])
+        assert [s.adapter for s in sites] == ["one", "one"]
+    tried(3)
