@@ -98,3 +98,36 @@ def test_an_adapter_match_answering_a_tensor_of_several_values_is_refused_naming
         sites = mr.find_routers(model, adapters=[mr.Adapter("one", match=match)])
         assert [s.adapter for s in sites] == ["one", "one"]
     tried(3)
+
+
+# --- the TRL trainer's own arguments -----------------------------------------------------------------------------
+
+
+@pytest.mark.reliability("bad inputs")
+def test_the_trl_trainers_counts_and_flags_given_as_numpy_values_are_the_values_they_hold(tmp_path: Any) -> None:
+    """``capacity=np.int64(...)`` (a row count computed with numpy) was refused as "not a positive number of rows"
+    while ``mr.attach`` takes it, and numpy's True and False as ``verify_replay`` or ``replay_ref_model`` as "not True
+    or False". Each is now the value it holds: the session's ring has that many rows, the replays are verified, and
+    ``replay_ref_model=np.False_`` attaches no session to the reference model, as ``False`` does, where ``None``
+    attaches one."""
+    trl_tests = pytest.importorskip("tests.integrations.test_trl")
+    from moe_replay.integrations import trl as mr_trl
+
+    path = tmp_path / "policy"  # (beta != 0: TRL builds the reference model from the policy's path)
+    trl_tests.policy(seed=1).save_pretrained(path)
+    trl_tests.tokenizer().save_pretrained(path)
+    for ref in (np.False_, False, None):
+        trainer = mr_trl.RoutingReplayGRPOTrainer(
+            model=str(path), reward_funcs=trl_tests.reward, args=trl_tests.config(str(tmp_path / "out"), beta=0.1),
+            train_dataset=trl_tests.dataset(), processing_class=trl_tests.tokenizer(),
+            capacity=np.int64(4096), verify_replay=np.True_, replay_ref_model=ref,
+        )  # fmt: skip
+        try:
+            assert trainer.ref_model is not None  # (a reference model there is, in every case)
+            assert trainer.moe_session is not None
+            assert trainer.moe_session.memory()["cpu"]["rows"] == 4096 * len(trainer.moe_session.names)
+            assert trainer._mr_verify is True
+            assert (trainer.moe_ref_session is None) == (ref is not None)
+        finally:
+            trainer.detach_routing_replay()
+    tried(3)

@@ -395,12 +395,14 @@ def _check_options(
     """Refuse this integration's own arguments when they are of the wrong kind; returns ``attach_kwargs``.
 
     A flag is never read by truth value: ``allow_untested_trl="false"`` from a config file is a true string."""
-    if not isinstance(replay_ref_model, (bool, type(None))):
+    if not isinstance(replay_ref_model, bool | np.bool_ | None):
         raise InvalidArgumentError(f"replay_ref_model must be None, True or False, got {replay_ref_model!r}")
     for name, flag in (("verify_replay", verify_replay), ("allow_untested_trl", allow_untested_trl)):
-        if not isinstance(flag, bool):
+        if not isinstance(flag, bool | np.bool_):
             raise InvalidArgumentError(f"{name} must be True or False, got {flag!r}")
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+    # (a numpy integer or a 0-d tensor, a count kept from an array, is the count it holds, as mr.attach takes it)
+    rows: Any = capacity
+    if rows is not None and (not is_integer(rows) or int(rows) < 1):
         raise InvalidArgumentError(f"capacity must be a positive number of rows (or None), got {capacity!r}")
     if attach_kwargs is None:
         return {}
@@ -556,6 +558,10 @@ class RoutingReplayMixin:
         if not is_one_of(mode, MODES):
             raise InvalidArgumentError(f"routing_replay must be one of {MODES} (or True/False), got {routing_replay!r}")
         attach_kwargs = _check_options(replay_ref_model, verify_replay, capacity, attach_kwargs, allow_untested_trl)
+        # (numpy's True and False as the flags they are: `wanted is False` below reads np.False_ as no answer)
+        replay_ref_model = None if replay_ref_model is None else bool(replay_ref_model)
+        verify_replay, allow_untested_trl = bool(verify_replay), bool(allow_untested_trl)
+        capacity = None if capacity is None else int(capacity)
         self._mr_mode: str = mode
         self.moe_session = None
         self.moe_ref_session = None
