@@ -386,6 +386,7 @@ class BatchLayout:
             )
         seqs = []
         for i, ids in enumerate(sequences):
+            check_values(ids, f"sequence {i}")  # (meta, sparse, nested, quantized: no ids to copy)
             try:
                 t = torch.as_tensor(ids)
             except (TypeError, ValueError, RuntimeError) as e:

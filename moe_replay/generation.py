@@ -77,6 +77,8 @@ def _integers(values: object, what: str) -> torch.Tensor:
 
 
 def _as_mask(attention_mask: object) -> torch.Tensor:
+    # (meta, sparse, nested, quantized: no 0/1 values to read, and torch's own error at the first comparison)
+    check_values(attention_mask, "attention_mask", InvalidArgumentError)
     try:
         mask = torch.as_tensor(attention_mask)
     except (TypeError, ValueError, RuntimeError) as e:

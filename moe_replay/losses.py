@@ -624,8 +624,10 @@ def _masks(mask: object) -> list[torch.Tensor] | None:
 
 def _real_masks(masks: list[torch.Tensor]) -> None:
     """Refuse masks whose values are no token weights: complex ones (a cast to float drops their imaginary part,
-    with a warning at most) and those with no values (meta)."""
-    for m in masks:
+    with a warning at most), those with no values (meta) and those whose values are not plain elements (sparse,
+    nested, quantized: torch's own error at the reshape that reads them)."""
+    for i, m in enumerate(masks):
+        check_dense(m, "mask" if len(masks) == 1 else f"mask[{i}]")
         if m.dtype.is_complex:
             raise ArgumentTypeError(
                 f"mask must hold real token weights (1 counts, 0 skips), got a {m.dtype} tensor: pass mask.real or "

@@ -242,3 +242,60 @@ def test_decode_steps_replayed_without_the_kv_cache_of_their_prompt_are_refused(
         session.detach()
     assert_untouched(model, before)
     tried()
+
+
+# --- tensors whose values are not plain elements: sparse, nested, quantized ------------------------------------------
+
+
+def _odd_layouts(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``t`` as tensors of no plain elements in memory: sparse (COO, and CSR where ``t`` has rows), nested (its rows,
+    or ``t`` as a batch of one), quantized, on the meta device."""
+    odd = {
+        "sparse": t.to_sparse(),
+        "nested": torch.nested.nested_tensor(list(t) if t.dim() > 1 else [t]),
+        "quantized": torch.quantize_per_tensor(t.float(), 1.0, 0, torch.qint32),
+        "meta": t.to("meta"),
+    }
+    if t.dim() == 2:
+        odd["sparse csr"] = t.to_sparse_csr()
+    return odd
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_masks_and_token_ids_of_no_plain_elements_are_refused_as_such() -> None:
+    """An attention mask or token ids given as a sparse, nested, quantized or meta tensor raised torch's own error
+    ("Could not run 'aten::eq.Scalar' with arguments from the 'SparseCPU' backend", "reshape is not implemented for
+    sparse tensors") from ``split_generation``, ``from_verl``, ``BatchLayout.tokens``, ``from_sglang`` and
+    ``load_balancing_loss``; each is now refused naming the argument and what to pass."""
+    model = mr.models.build("softmax_topk")
+    x = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        layer_map = mr.LayerMap.from_session(session, model.config.num_layers)
+    one = routes[:8]
+    verl = mr.interop.to_verl([one], layer_map, prompt_lengths=[3], progress=False)
+    sglang = mr.interop.to_sglang(one, layer_map, drop_last=True)  # (its 8 tokens, the last unrouted)
+    probs, experts = torch.full((8, 8), 1 / 8), one.layer(routes.names[0])
+    # (each call with the plain tensor it takes, and how it is given the odd one)
+    calls: dict[str, tuple[torch.Tensor, Any]] = {
+        "split_generation": (
+            torch.ones(2, 8, dtype=torch.long),
+            lambda m: mr.split_generation(routes, attention_mask=m),
+        ),
+        "from_verl": (
+            torch.ones(1, 8, dtype=torch.long),
+            lambda m: mr.interop.from_verl(verl, m, layer_map, last_routed=True, progress=False),
+        ),
+        "BatchLayout.tokens": (x[0], lambda m: mr.BatchLayout.padded([8]).tokens([m])),
+        "from_sglang": (x[0], lambda m: mr.interop.from_sglang(sglang, layer_map, token_ids=m)),
+        "load_balancing_loss": (torch.ones(8), lambda m: mr.load_balancing_loss(probs, experts, mask=m)),
+    }
+    for given, call in calls.values():
+        call(given)  # (the plain tensor is taken)
+        for value in _odd_layouts(given).values():
+            with pytest.raises(mr.MoEReplayError, match=r"meta device|sparse|nested|quantized"):
+                call(value)
+            tried()

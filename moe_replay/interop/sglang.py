@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._checks import check_count, is_collection, is_integer
+from .._checks import check_count, check_values, is_collection, is_integer
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes
 from ._common import (
@@ -93,6 +93,7 @@ def _meta_tokens(meta: Mapping[str, Any]) -> int | None:
 def _id_count(token_ids: Any) -> np.ndarray | torch.Tensor | list[Any]:
     """``token_ids`` flattened to one entry per token (their values are checked by ``with_token_ids``)."""
     if isinstance(token_ids, torch.Tensor):
+        check_values(token_ids, "from_sglang: token_ids")  # (meta, sparse, nested, quantized: no ids to read)
         return token_ids.detach().reshape(-1)
     if isinstance(token_ids, np.ndarray):
         return token_ids.reshape(-1)

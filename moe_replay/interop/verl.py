@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._checks import MAX_COUNT, check_count, check_flag, is_integer
+from .._checks import MAX_COUNT, check_count, check_flag, check_values, is_integer
 from .._progress import check, steps
 from ..batch import BatchLayout, _lengths, check_same_routers, routes_list
 from ..errors import ArgumentTypeError, RoutesValidationError
@@ -121,8 +121,8 @@ def _exactly(values: np.ndarray, dtype: torch.dtype, what: str) -> torch.Tensor:
 
 def _mask(attention_mask: torch.Tensor) -> np.ndarray:
     """``attention_mask`` as a bool array; only 0 and 1 are a mask (position ids or token ids are not)."""
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.device.type == "meta":
-        raise RoutesValidationError("attention_mask is a tensor on the meta device: it holds no values")
+    # (meta, sparse, nested, quantized: no 0/1 values to read, and torch's own error at the first comparison)
+    check_values(attention_mask, "attention_mask", RoutesValidationError)
     try:
         mask = torch.as_tensor(attention_mask).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as e:
