@@ -430,9 +430,10 @@ class Axes:
 
 
 def _tensors(values: Iterable[Any]) -> Iterable[torch.Tensor]:
-    """The tensors in ``values`` and in lists, tuples and dicts of them, in order (parameters left out)."""
+    """The tensors in ``values`` and in lists, tuples and dicts of them, in order (parameters left out, and nested
+    tensors, whose batch has no one shape to mark: a strided one has no sizes to read at all)."""
     for value in values:
-        if isinstance(value, torch.nn.Parameter):
+        if isinstance(value, torch.nn.Parameter) or (isinstance(value, torch.Tensor) and value.is_nested):
             continue
         if isinstance(value, torch.Tensor):
             yield value

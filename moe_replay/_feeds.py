@@ -59,7 +59,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import compress, repeat
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -2375,13 +2375,29 @@ def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Fed:
     """What a forward of the model was fed: its token count (-1 where unknown), its ids (None where it was
     fed embeddings), and its ``[batch, positions]`` shape where it has one."""
     ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
-    if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+    if _plain(ids) and not ids.is_floating_point():
         shape = ids.shape
         if shape:  # (not 0-d)
             return ids.numel(), ids, shape if len(shape) == 2 else None
     embeds = kwargs.get("inputs_embeds")
-    count = int(embeds.shape[:-1].numel()) if isinstance(embeds, torch.Tensor) and embeds.dim() > 1 else -1
-    return count, None, embeds.shape[:2] if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 else None
+    if not _plain(embeds):
+        return -1, None, None
+    count = int(embeds.shape[:-1].numel()) if embeds.dim() > 1 else -1
+    return count, None, embeds.shape[:2] if embeds.dim() == 3 else None
+
+
+def _plain(value: Any) -> TypeGuard[torch.Tensor]:
+    """A tensor of plain elements in memory, whose ids or embeddings a forward's records can read: not a nested
+    (jagged) tensor, whose batch has no one ``[batch, positions]``, nor a sparse or quantized one, which have no
+    strides to read rows by. A forward fed such a tensor is read as fed none: a module below it that is fed plain
+    ids (a wrapper that unbinds a jagged batch and calls the model per sequence) takes the forward."""
+    return (
+        isinstance(value, torch.Tensor)
+        and not value.is_nested
+        and value.layout == torch.strided
+        and not value.is_quantized
+        and value.device.type != "meta"
+    )
 
 
 class _Noting:

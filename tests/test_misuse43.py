@@ -299,3 +299,59 @@ def test_masks_and_token_ids_of_no_plain_elements_are_refused_as_such() -> None:
             with pytest.raises(mr.MoEReplayError, match=r"meta device|sparse|nested|quantized"):
                 call(value)
             tried()
+
+
+class _JaggedWrapper(nn.Module):
+    """A model that takes its batch as a jagged nested tensor of token ids (one sequence each, of any length) or as a
+    sparse tensor, and runs the MoE model it holds on each sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = mr.models.build("softmax_topk")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.is_nested:
+            return torch.cat([self.inner(seq[None]).logits[0] for seq in ids.unbind()])
+        return self.inner(ids.to_dense()).logits.flatten(0, 1)
+
+
+@pytest.mark.reliability("wrappers")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("layout", ["jagged", "strided nested", "sparse"])
+def test_a_model_fed_a_nested_or_sparse_batch_captures_replays_and_refuses_another_batch(layout: str) -> None:
+    """A forward fed a nested (jagged) or sparse batch of token ids, which the model runs natively, raised torch's own
+    errors from the session's reading of its inputs ("'NestedIntNode' object has no attribute 'int_'", "reshape is
+    not implemented for sparse tensors", "NestedTensorImpl doesn't support sizes"). Such a batch is now read as fed no
+    ids at the outer call, and the model's calls inside it, fed plain ids, are its forwards: the capture is the
+    native forward's, knows its tokens, replays the recorded experts after the routers moved, and refuses the
+    batch with its sequences swapped; the model is left as it was."""
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 128, (n,), generator=g) for n in ((5, 8) if layout != "sparse" else (8, 8))]
+
+    def batch(parts: list[torch.Tensor]) -> torch.Tensor:
+        if layout == "sparse":
+            return torch.stack(parts).to_sparse()
+        return torch.nested.nested_tensor(parts, layout=torch.jagged if layout == "jagged" else torch.strided)
+
+    model = _JaggedWrapper()
+    before = snapshot(model)
+    native = model(batch(seqs))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model(batch(seqs))
+        routes = session.routes()
+        assert torch.equal(out, native)
+        assert torch.equal(routes.token_ids, torch.cat(seqs))
+        _move_routers(model)
+        with session.replay(routes), session.capture(), torch.no_grad():
+            model(batch(seqs))
+        assert session.routes().equal(routes)
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(routes), torch.no_grad():
+                model(batch(seqs[::-1]))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "router" not in k)
+    assert all(
+        "forward" not in m.__dict__ and not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()
+    )
+    tried()
