@@ -355,3 +355,25 @@ def test_a_model_fed_a_nested_or_sparse_batch_captures_replays_and_refuses_anoth
         "forward" not in m.__dict__ and not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()
     )
     tried()
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("multiple", [np.int64(5), torch.tensor(5)], ids=["np.int64", "0-d tensor"])
+def test_rollout_routes_from_generate_takes_pad_to_multiple_of_as_the_count_it_holds(multiple: object) -> None:
+    """``pad_to_multiple_of=torch.tensor(5)`` (read off a config as a tensor) was checked as a count, then used as
+    given: the prompt width became a tensor, compared with no row count, and the capture was refused with "holds [14]
+    rows per router, but ... give ... = 14". It is now the int it holds: the same routes as ``5``."""
+    trl = pytest.importorskip("moe_replay.integrations.trl")
+    model = mr.models.build("softmax_topk")
+    x = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    x[0, :2] = 0
+    with mr.attach(model) as session:
+        with session.capture():
+            seq = model.generate(x, max_new_tokens=3, attention_mask=(x != 0).long())
+        routes = session.routes()
+    prompts, completions = [x[0, 2:].tolist(), x[1].tolist()], [seq[0, 5:].tolist(), seq[1, 5:].tolist()]
+    want = trl.rollout_routes_from_generate(routes, prompts, completions, pad_to_multiple_of=5)
+    assert [r.num_tokens for r in want] == [6, 8]
+    got = trl.rollout_routes_from_generate(routes, prompts, completions, pad_to_multiple_of=multiple)
+    assert all(a.equal(b) and torch.equal(a.token_ids, b.token_ids) for a, b in zip(got, want, strict=True))
+    tried()

@@ -203,8 +203,10 @@ def rollout_routes_from_generate(
     if len(prompts) != len(completions) or not prompts:
         raise RoutesValidationError(f"got {len(prompts)} prompts for {len(completions)} completions")
     width = max(len(p) for p in prompts)
-    if pad_to_multiple_of is not None and check_count(pad_to_multiple_of, "pad_to_multiple_of") > 0:
-        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    # (the count it holds, a plain int: a 0-d tensor would make the width a tensor, compared with no row count)
+    multiple = 0 if pad_to_multiple_of is None else check_count(pad_to_multiple_of, "pad_to_multiple_of")
+    if multiple > 0:
+        width = math.ceil(width / multiple) * multiple
     empty = [i for i, c in enumerate(completions) if not c]
     if empty:
         raise RoutesValidationError(f"completion {empty[0]} is empty; generate() returns at least one token")
