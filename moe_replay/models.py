@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -39,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import _progress
-from ._checks import is_one_of
+from ._checks import is_integer, is_one_of
 from .errors import InvalidArgumentError
 
 __all__ = [
@@ -98,12 +99,15 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for f in fields(self):  # (each field of its own type first: a str or float count fails deep in torch)
             value, kind = getattr(self, f.name), f.type
-            if kind == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            # (a numpy integer or a 0-d tensor is the count it holds, as everywhere in the package: kept as an int)
+            if kind == "int" and (not is_integer(value) or int(value) < 0):
                 raise InvalidArgumentError(f"{f.name} must be a non-negative int, got {value!r:.60}")
-            if kind == "bool" and not isinstance(value, bool):
+            if kind == "bool" and not isinstance(value, bool | np.bool_):
                 raise InvalidArgumentError(f"{f.name} must be True or False, got {value!r:.60}")
-            if kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            if kind == "float" and not (is_integer(value) or isinstance(value, float | np.floating)):
                 raise InvalidArgumentError(f"{f.name} must be a number, got {value!r:.60}")
+            if kind in ("int", "bool", "float"):
+                setattr(self, f.name, {"int": int, "bool": bool, "float": float}[kind](value))
         if not is_one_of(self.router, STYLES):
             raise InvalidArgumentError(f"unknown router style {self.router!r}; choose one of {STYLES}")
         if self.router == "top1_argmax":
@@ -628,8 +632,9 @@ def build(style: str = "softmax_topk", *, seed: int = 0, **overrides: Any) -> Mo
             parameters would take more than :data:`MAX_PARAMETER_BYTES` (or the machine's memory, where less):
             refused from the sizes alone, before anything is allocated.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+    if not is_integer(seed) or not -(2**63) <= int(seed) < 2**64:
         raise InvalidArgumentError(f"seed must be an int (a torch.Generator seed), got {seed!r:.60}")
+    seed = int(seed)  # (a numpy integer or a 0-d tensor: the seed it holds)
     if "router" in overrides:
         raise InvalidArgumentError(
             f"pass the router style as build's first argument, not router={overrides['router']!r}"

@@ -377,3 +377,23 @@ def test_rollout_routes_from_generate_takes_pad_to_multiple_of_as_the_count_it_h
     got = trl.rollout_routes_from_generate(routes, prompts, completions, pad_to_multiple_of=multiple)
     assert all(a.equal(b) and torch.equal(a.token_ids, b.token_ids) for a, b in zip(got, want, strict=True))
     tried()
+
+
+# --- the reference models' sizes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("as_count", [np.int64, np.int32, torch.tensor], ids=["np.int64", "np.int32", "0-d tensor"])
+def test_a_reference_model_built_of_sizes_and_a_seed_given_as_numpy_integers_is_the_model_of_the_ints(
+    as_count: Any,
+) -> None:
+    """``mr.models.build(num_experts=np.int64(4))`` was refused as "num_experts must be a non-negative int, got
+    np.int64(4)", and a numpy seed as "seed must be an int", where every other count of the package is taken as the
+    int it holds. They are now: the same weights as the plain ints, and a config of plain ints."""
+    sizes = {"num_experts": 4, "top_k": 2, "num_layers": 1, "hidden_size": 16, "expert_size": 8}
+    want = mr.models.build("softmax_topk", seed=3, **sizes)
+    got = mr.models.build("softmax_topk", seed=as_count(3), **{k: as_count(v) for k, v in sizes.items()})
+    assert all(type(getattr(got.config, k)) is int and getattr(got.config, k) == v for k, v in sizes.items())
+    assert want.state_dict().keys() == got.state_dict().keys()
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in want.state_dict().items())
+    tried()
