@@ -154,7 +154,8 @@ class BatchLayout:
         if not is_collection(self.placements):
             raise ArgumentTypeError(f"placements must be (row, start, length) triples, got {self.placements!r:.60}")
         for i, place in enumerate(self.placements):
-            if not isinstance(place, Sequence) or len(place) != 3 or not all(is_integer(v) for v in place):
+            # (a row of a [sequences, 3] array or tensor is such a triple too: numpy or 0-d tensor ints, read as ints)
+            if not is_collection(place) or len(place) != 3 or not all(is_integer(v) for v in place):
                 raise InvalidArgumentError(f"placement {i} must be a (row, start, length) of ints, got {place!r}")
         object.__setattr__(self, "rows", int(self.rows))
         object.__setattr__(self, "row_length", int(self.row_length))

@@ -397,3 +397,16 @@ def test_a_reference_model_built_of_sizes_and_a_seed_given_as_numpy_integers_is_
     assert want.state_dict().keys() == got.state_dict().keys()
     assert all(torch.equal(v, got.state_dict()[k]) for k, v in want.state_dict().items())
     tried()
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("as_array", [np.array, torch.tensor], ids=["numpy", "tensor"])
+def test_a_batch_layout_of_placements_given_as_an_array_is_the_layout_of_the_triples(as_array: Any) -> None:
+    """``BatchLayout(1, 4, np.array([[0, 0, 2], [0, 2, 2]]))`` (placements kept as one ``[sequences, 3]`` array) was
+    refused as "placement 0 must be a (row, start, length) of ints, got array([0, 0, 2])", three ints; each row is now
+    the triple it holds: the same layout, of plain ints, as the tuples give."""
+    triples = ((0, 0, 2), (0, 2, 2), (1, 1, 3))
+    want = mr.BatchLayout(2, 4, triples)
+    got = mr.BatchLayout(2, 4, as_array([list(t) for t in triples]))
+    assert got == want and all(type(v) is int for p in got.placements for v in p)
+    tried()
