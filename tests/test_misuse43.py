@@ -410,3 +410,27 @@ def test_a_batch_layout_of_placements_given_as_an_array_is_the_layout_of_the_tri
     got = mr.BatchLayout(2, 4, as_array([list(t) for t in triples]))
     assert got == want and all(type(v) is int for p in got.placements for v in p)
     tried()
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_stitch_turns_refuses_turn_token_ids_of_no_plain_elements_as_such() -> None:
+    """A turn's token ids given to ``stitch_turns`` as a nested, quantized or meta tensor raised torch's own error
+    ("NestedTensorImpl doesn't support sizes", "Tensor.item() cannot be called on meta tensors"); they are refused
+    naming the turn, and the plain tensors stitch."""
+    names = ["layers.0.gate"]
+    g = torch.Generator().manual_seed(0)
+    rows = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)])
+    ids = torch.randint(0, 100, (6,), generator=g)
+    turns = [mr.Routes([rows[:4]], names, 8), mr.Routes([rows], names, 8)]
+    stitched = mr.interop.stitch_turns(turns, token_ids=[ids[:4], ids])
+    assert torch.equal(stitched.token_ids, ids)
+    odd = {
+        "nested": torch.nested.nested_tensor([ids[:4]]),
+        "quantized": torch.quantize_per_tensor(ids[:4].float(), 1.0, 0, torch.qint32),
+        "meta": ids[:4].to("meta"),
+    }
+    for value in odd.values():
+        with pytest.raises(mr.ArgumentTypeError, match=r"stitch_turns: token_ids\[0\] is a .*(nested|quantized|meta)"):
+            mr.interop.stitch_turns(turns, token_ids=[value, ids])
+        tried()

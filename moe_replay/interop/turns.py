@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._checks import is_collection, is_one_of
+from .._checks import check_values, is_collection, is_one_of
 from ..batch import check_same_routers, routes_list
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import PADDING_ID, Routes, in_token_order
@@ -91,6 +91,8 @@ def stitch_turns(
             raise ArgumentTypeError(
                 f"token_ids must hold each turn's token ids (a list of lists, one per turn), got {token_ids!r:.60}"
             )
+        for i, given in enumerate(turn_ids):  # (meta, sparse, nested, quantized: no ids to read, torch's own error)
+            check_values(given, f"stitch_turns: token_ids[{i}]")
         ids = [list(t) for t in turn_ids]
         if len(ids) != len(parts):
             raise RoutesValidationError(f"got token_ids for {len(ids)} turns and routes for {len(parts)}")
