@@ -363,6 +363,7 @@ def test_rollout_routes_from_generate_takes_pad_to_multiple_of_as_the_count_it_h
     """``pad_to_multiple_of=torch.tensor(5)`` (read off a config as a tensor) was checked as a count, then used as
     given: the prompt width became a tensor, compared with no row count, and the capture was refused with "holds [14]
     rows per router, but ... give ... = 14". It is now the int it holds: the same routes as ``5``."""
+    pytest.importorskip("trl")  # (the integration raises its own MissingDependencyError without it)
     trl = pytest.importorskip("moe_replay.integrations.trl")
     model = mr.models.build("softmax_topk")
     x = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(0))
