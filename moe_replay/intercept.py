@@ -2226,9 +2226,13 @@ class RouterHook:
             else:
                 self.capture_ring.write(row)
         if self._regions:
-            self._keep(self._regions, row, self._row is not None)
+            # a copy: code after the decision may edit the indices it was handed in place (a capacity cut writing
+            # its sentinel, an offset for expert parallelism), and the recompute must get the experts as chosen
+            with self._aside():
+                kept = row.clone()
+            self._keep(self._regions, kept, self._row is not None)
             if self._row is None:  # a later call that finds these experts again is answered as in the recompute
-                self._row = row
+                self._row = kept
         if self.seen is not None and self._source is not None:
             if any(isinstance(region, _FunctionCtx) and not again for region, again in self._regions):
                 _mark_outside_graph(self._source)  # (kept in a reentrant checkpoint's forward: no gradients)
@@ -2278,7 +2282,8 @@ class RouterHook:
         self._keep(regions, forced, kept.forced)  # regions first run inside this recompute (nested checkpoints)
         if kept.forced:  # (under an outer reentrant checkpoint the forward ran without gradients: checked now)
             self._refuse_inner_checkpoint()
-        return forced
+        with self._aside():  # (a copy: the recompute's code may edit what it is handed in place, as its forward
+            return forced.clone()  # did, and a later backward of the same forward reads the kept rows again)
 
     def _forced(self, n: int) -> torch.Tensor:
         """The next ``n`` recorded rows ``[n, k]`` (-1 rows stay -1)."""

@@ -1,0 +1,108 @@
+"""Adversarial review of the decision mechanism (round 43): router and block code written as people write it, each
+captured and replayed; the replay forces the captured experts with the model's own output and gradients, or it is
+refused. Never neither."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import moe_replay as mr
+from tests.conftest import tried
+
+E, D, K, T = 6, 12, 2, 40
+
+
+def _tokens(seed: int = 1, shape: tuple[int, ...] = (T, D)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+class _DetachedGate(nn.Module):
+    """The top-k of the detached probabilities; the weights read through a one-hot of the chosen experts (the
+    indices reach no autograd node, so the code after the router may edit them in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D, generator=torch.Generator().manual_seed(3)))
+        self.top_k, self.num_experts = K, E
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.weight).softmax(-1)
+        idx = probs.detach().topk(self.top_k).indices
+        return (probs[:, None, :] * F.one_hot(idx, E).to(probs)).sum(-1), idx
+
+
+class _CapacityCutInPlace(nn.Module):
+    """A checkpointed MoE block that drops the slots past each expert's capacity (in token order) by writing a
+    sentinel into the router's indices in place, weight 0 there: ``fill`` 0 (a zero-padded slot, as
+    some code routes dropped slots to expert 0) or ``E`` (a zero expert appended to the experts)."""
+
+    def __init__(self, fill: int, reentrant: bool) -> None:
+        super().__init__()
+        self.gate = _DetachedGate()
+        self.w = nn.Parameter(torch.randn(E, D, D, generator=torch.Generator().manual_seed(11)) / math.sqrt(D))
+        self.fill, self.reentrant = fill, reentrant
+        self.capacity = T * K // E // 2  # (tight: some slots are dropped)
+
+    def _inner(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x)
+        flat = idx.reshape(-1)
+        place = F.one_hot(flat, E).cumsum(0).gather(1, flat[:, None]).reshape(idx.shape) - 1
+        drop = place >= self.capacity
+        w = w.masked_fill(drop, 0.0)
+        idx.masked_fill_(drop, self.fill)
+        every = torch.einsum("td,edf->tef", x, torch.cat([self.w, self.w.new_zeros(1, D, D)]))
+        return x + (w[..., None] * every.gather(1, idx[..., None].expand(-1, -1, D))).sum(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = checkpoint(self._inner, x, use_reentrant=self.reentrant)
+        return out
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    x = x.clone().requires_grad_(True)  # (a reentrant checkpoint needs an input that takes gradients)
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("fill", [0, E])
+def test_indices_cut_in_place_after_the_decision_give_the_recompute_the_experts_as_chosen(
+    fill: int, reentrant: bool
+) -> None:
+    """Once silent (and, with a sentinel out of the experts' range, an IndexError in backward): a checkpointed block
+    that drops slots past a capacity by writing a sentinel into the router's indices in place (legal in plain torch:
+    the indices reach no autograd node) changed the rows moe_replay kept for the block's recompute, so the recompute
+    of a capture, or of a replay, was forced with the sentinel where the forward had its experts: the gradients
+    differed from the plain model's, with every check passing. The rows are kept as chosen now: a capture and a
+    replay of it on the same tokens give the plain model's output and gradients."""
+    torch.manual_seed(0)
+    model = _CapacityCutInPlace(fill, reentrant)
+    x = _tokens()
+    want_out, want_grads = _step(model, x)
+    session = mr.attach(model, include=["gate"])
+    try:
+        for mode in ("capture", "replay"):
+            tried()
+            if mode == "capture":
+                with session.capture():
+                    out, grads = _step(model, x)
+                routes = session.routes()
+                assert routes.per_layer()[0].shape == (T, K)
+            else:
+                with session.replay(routes):
+                    out, grads = _step(model, x)
+            assert torch.equal(out, want_out), mode
+            assert len(grads) == len(want_grads)
+            for got, want in zip(grads, want_grads, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{mode}: gradients differ")
+    finally:
+        session.detach()
