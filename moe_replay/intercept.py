@@ -2237,7 +2237,9 @@ class RouterHook:
             if any(isinstance(region, _FunctionCtx) and not again for region, again in self._regions):
                 _mark_outside_graph(self._source)  # (kept in a reentrant checkpoint's forward: no gradients)
             ev = self.evidence.get(self.mode())
-            self.seen.append((self._source, row, self._choice, None if ev is None else ev.squashed))
+            with self._aside():  # (a copy, as for a recompute: the code after the decision may edit its indices)
+                chosen = row.clone()
+            self.seen.append((self._source, chosen, self._choice, None if ev is None else ev.squashed))
             self._choice = None
 
     def _keep(self, regions: list[tuple[Any, bool]], rows: torch.Tensor, forced: bool) -> None:

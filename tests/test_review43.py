@@ -106,3 +106,34 @@ def test_indices_cut_in_place_after_the_decision_give_the_recompute_the_experts_
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{mode}: gradients differ")
     finally:
         session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("mode", ["capture", "replay"])
+@pytest.mark.parametrize("fill", [0, E])
+def test_indices_cut_in_place_after_the_decision_are_kept_for_the_load_balancing_loss_as_chosen(
+    fill: int, mode: str
+) -> None:
+    """Once a refusal of a sound forward (or, with a sentinel that makes no duplicate, a loss over other experts):
+    ``keep_scores`` kept the very indices the router handed its block, so a block that writes a sentinel into them
+    in place (slots past a capacity) left ``kept.indices`` holding the sentinel, and ``load_balancing_loss`` refused
+    an expert used twice or one out of range. The rows kept are the experts as chosen, as ``routes()`` records
+    them."""
+    torch.manual_seed(0)
+    model = _CapacityCutInPlace(fill, reentrant=False)
+    x = _tokens()
+    session = mr.attach(model, include=["gate"])
+    try:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+        tried()
+        run = session.capture() if mode == "capture" else session.replay(routes)
+        with run, session.keep_scores() as kept:
+            model(x)
+        (rows,) = routes.per_layer()
+        assert torch.equal(kept.indices[0].long(), rows.long())
+        loss = mr.load_balancing_loss(kept.scores, kept.indices)  # (refused before: an expert twice, or out of range)
+        assert torch.isfinite(loss)
+    finally:
+        session.detach()
