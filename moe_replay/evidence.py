@@ -2050,6 +2050,8 @@ class _Prober:
         #: inputs of the shape of its own made of real values (the real forward's other tokens, each alone, for a
         #: forward on one of them): later and earlier choices are varied on them first
         self.others: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        #: the inputs the last run was given (copies), as it left them
+        self.ran: tuple[tuple[Any, ...], dict[str, Any]] = (args, kwargs)
 
     def run(
         self,
@@ -2103,6 +2105,7 @@ class _Prober:
                 mode,
             ):
                 run_args, run_kwargs = _grad_like((_clone(args, own), _clone(kwargs, own)), self.grads)
+                self.ran = (run_args, run_kwargs)  # (what the run wrote into them is read by _escaped_indices)
                 out = _within(limit, self.forward, *run_args, **run_kwargs)
         finally:
             NESTING.probing -= 1
@@ -2309,6 +2312,38 @@ def _release_all(lock: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- establish
+def _escaped_indices(probe: _Prober, calls: Sequence[Call]) -> tuple[Call, str] | None:
+    """A decision-like call whose indices a run of the forward leaves outside its output: in an attribute of a module
+    of the scope (``self.idx = idx``, or a cast of it) or in an argument (a dict it fills, a tensor it writes them
+    into), with where; None where no call's are. Read after one more run (not a hot path: a refusal's wording)."""
+    _, seen = probe.run()
+    found: list[tuple[str, torch.Tensor]] = []
+    for mod_name, m in probe.scope.named_modules():
+        for key, v in vars(m).items():
+            if key not in _MODULE_INTERNALS:
+                found += [
+                    (f"attribute {key!r} of {f'{mod_name!r}' if mod_name else 'the router'}", t) for t in _leaves(v, [])
+                ]
+    run_args, run_kwargs = probe.ran
+    found += [("an argument of its forward", t) for t in _leaves([run_args, run_kwargs], [])]
+    for c, out in zip(calls, seen.outs, strict=False):
+        if c.family not in FORCEABLE:
+            continue
+        idx = _leaves(out, [])[-1] if c.family in ("topk", "max", "min") else out
+        if not isinstance(idx, torch.Tensor) or idx.is_floating_point():
+            continue
+        for where, t in found:
+            if (
+                isinstance(t, torch.Tensor)
+                and not t.is_floating_point()
+                and t.dtype != torch.bool
+                and t.numel() == idx.numel() > 0
+                and torch.equal(t.detach().reshape(-1).long().cpu(), idx.detach().reshape(-1).long().cpu())
+            ):
+                return c, where
+    return None
+
+
 def _refuse(name: str, calls: Sequence[Call], why: str, fix: str) -> UnsupportedRouterError:
     seen = "\n  ".join(c.describe() + ("" if c.effect is None else f" (changes the output: {c.effect})") for c in calls)
     return UnsupportedRouterError(
@@ -3135,7 +3170,21 @@ def _establish(
                     (c for c in calls if c.family in _VALUED and moves(probe.run(values=c.ordinal, lift=True)[0])),
                     None,
                 )
-                if read is not None:
+                escaped = _escaped_indices(probe, calls)
+                if escaped is not None:
+                    call_of, where = escaped
+                    why = (
+                        f"the indices of {call_of.describe()} leave its forward outside what it returns ({where}), "
+                        "and what it returns does not change with them: the module that reads them there (its MoE "
+                        "block) dispatches by them, out of the router's forward"
+                    )
+                    fix = (
+                        "Intercept the router in the block that reads its indices: attach with adapters=[mr.Adapter("
+                        f"'parent', match=lambda name, module: name == {name!r}, scope='parent')], or return the "
+                        "indices from the router's forward"
+                    )
+                    read = None
+                if escaped is None and read is not None:
                     why = (
                         f"its output reads the values of {read.describe()} but the indices of no decision-like "
                         "call: its experts are chosen by comparing the scores with those values (a threshold, "

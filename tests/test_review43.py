@@ -137,3 +137,120 @@ def test_indices_cut_in_place_after_the_decision_are_kept_for_the_load_balancing
         assert torch.isfinite(loss)
     finally:
         session.detach()
+
+
+# ------------------------------------------------------------------------ indices handed to the block out of band
+class _ScoreGate(nn.Module):
+    """A softmax gate ``[E, D]`` whose top-k values are what its forward returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D, generator=torch.Generator().manual_seed(3)))
+        self.top_k, self.num_experts = K, E
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight).softmax(-1)
+
+
+class _IndicesInAnAttribute(_ScoreGate):
+    """Returns the weights; the experts kept in ``self.chosen`` for the block to read."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, self.chosen = self.probs(x).topk(self.top_k)
+        return weights
+
+
+class _IndicesInADictArgument(_ScoreGate):
+    """Returns the weights; the experts written into a dict the block hands in."""
+
+    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights, state["chosen"] = self.probs(x).topk(self.top_k)
+        return weights
+
+
+class _IndicesIntoAnOutTensor(_ScoreGate):
+    """Returns the weights; the experts copied into a dispatch buffer the block hands in."""
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        weights, chosen = self.probs(x).topk(self.top_k)
+        out.copy_(chosen)
+        return weights
+
+
+class _OutOfBandBlock(nn.Module):
+    """The block of such a gate: it reads the experts where the gate left them."""
+
+    def __init__(self, gate: _ScoreGate) -> None:
+        super().__init__()
+        self.gate = gate
+        self.w = nn.Parameter(torch.randn(E, D, D, generator=torch.Generator().manual_seed(11)) / math.sqrt(D))
+        self.last = torch.empty(0)
+
+    def combine(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        every = torch.einsum("td,edf->tef", x, self.w)
+        return x + (weights[..., None] * every.gather(1, chosen.long()[..., None].expand(-1, -1, D))).sum(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate
+        if isinstance(gate, _IndicesInAnAttribute):
+            weights = gate(x)
+            chosen = gate.chosen
+        elif isinstance(gate, _IndicesInADictArgument):
+            state: dict[str, torch.Tensor] = {}
+            weights = gate(x, state)
+            chosen = state["chosen"]
+        else:
+            chosen = torch.empty(x.shape[0], K, dtype=torch.long)
+            weights = gate(x, chosen)
+        self.last = chosen.detach().clone()
+        return self.combine(x, weights, chosen)
+
+
+OUT_OF_BAND = {
+    "attribute": (_IndicesInAnAttribute, "attribute 'chosen' of the router"),
+    "dict argument": (_IndicesInADictArgument, "an argument of its forward"),
+    "out tensor argument": (_IndicesIntoAnOutTensor, "an argument of its forward"),
+}
+
+
+@pytest.mark.parametrize("how", list(OUT_OF_BAND))
+def test_a_gate_that_hands_its_indices_to_its_block_out_of_band_is_refused_naming_where_and_the_fix(how: str) -> None:
+    """Once a misleading refusal: a gate that returns its weights and leaves its experts in an attribute or an
+    argument (its block reads them there) was refused as a threshold router ("its experts are chosen by comparing
+    the scores with those values"), with no word of the fix. The refusal now names where the indices went and the
+    Adapter that intercepts the block, under which the replay forces the captured experts with the hand-forced
+    output."""
+    make, where = OUT_OF_BAND[how]
+    torch.manual_seed(0)
+    block = _OutOfBandBlock(make())
+    x1 = _tokens(1)
+    session = mr.attach(block)
+    tried()
+    with pytest.raises(mr.UnsupportedRouterError) as err:
+        session.verify(x1)
+    session.detach()
+    message = str(err.value)
+    assert "leave its forward outside what it returns" in message and where in message, message
+    assert "scope='parent'" in message, message
+    adapter = mr.Adapter("parent", match=lambda name, module: name == "gate", scope="parent")
+    session = mr.attach(block, adapters=[adapter])
+    try:
+        with torch.no_grad(), session.capture():
+            block(x1)
+        (rows,) = session.routes().per_layer()
+        assert torch.equal(rows.long(), block.last)
+        with torch.no_grad():
+            block.gate.weight.mul_(-1.0)  # (the gate now chooses other experts: only a forced replay matches)
+            block(x1)
+        assert not torch.equal(block.last.sort(-1).values, rows.long().sort(-1).values)
+        tried()
+        with session.replay(session.routes()):
+            out = block(x1)
+            out.square().sum().backward()
+        assert torch.equal(block.last.sort(-1).values, rows.long().sort(-1).values)
+        forced = rows.long()
+        with torch.no_grad():
+            want = block.combine(x1, block.gate.probs(x1).gather(-1, forced), forced)
+        torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-6)
+    finally:
+        session.detach()
