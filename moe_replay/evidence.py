@@ -75,6 +75,7 @@ __all__ = [
     "decision_call",
     "establish",
     "left_as_it_was",
+    "makes_its_calls",
     "run_unestablished",
     "still_decides",
     "through_out",
@@ -2519,6 +2520,28 @@ def still_decides(
             return False
         least = min(decided)
         return all(8 * reach(i) < least for i in ev.twins)
+    except (Exception, _Communicates):  # (raised again, in words, by the establishment that follows)
+        return False
+    finally:
+        NESTING.establishing -= 1
+        probe.snapshot.restore()
+
+
+def makes_its_calls(
+    scope: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ev: Evidence
+) -> bool:
+    """Does the forward make the decision-like calls ``ev`` was established on, on these inputs?
+
+    A check for a router whose forward was seen to make other decision-like calls from one forward to the next (a
+    branch on the number of its tokens: a stable softmax's ``max`` on long inputs alone): such a forward would be
+    refused at its first call that is not the plan's, where nothing could establish it any more. One run, state put
+    back after it; False where it makes other calls or raises (the decision is then established afresh on them).
+    """
+    probe = _Prober(forward, args, kwargs, scope)
+    NESTING.establishing += 1
+    try:
+        _, seen = probe.run()
+        return [c.signature for c in seen.calls] == [c.signature for c in ev.calls]
     except (Exception, _Communicates):  # (raised again, in words, by the establishment that follows)
         return False
     finally:

@@ -82,6 +82,7 @@ from .evidence import (
     differs,
     establish,
     forced_leaves,
+    makes_its_calls,
     run_unestablished,
     still_decides,
     through_out,
@@ -610,6 +611,11 @@ class RouterHook:
     # per mode whose evidence was dropped since it was established: why, in words (a refusal of the rows in use
     # after the decision is established again tells what happened, not a change of the model it may not be)
     _dropped: dict[tuple[bool, bool], str] = field(default_factory=dict)
+    # per mode whose evidence was dropped: the signatures of the decision-like calls it was established on; and the
+    # modes in which its forward was seen making other decision-like calls from one forward to the next (a branch
+    # on its number of tokens), whose eager forwards are checked for the calls of their evidence before they run
+    _calls_dropped: dict[tuple[bool, bool], tuple[tuple[str, int, int], ...]] = field(default_factory=dict)
+    _varies: set[tuple[bool, bool]] = field(default_factory=set)
     # during a block in which forward hooks run after the scope's forward: the last of them, which checks
     # that they left the integer tensors it returned as they were (see moe_replay._output_guard)
     _guard: OutputGuard | None = None
@@ -819,6 +825,21 @@ class RouterHook:
         why = f"a change of its forward's arguments: {stamp.changed(args, kwargs)}"
         self.forget(why=why)
         return why
+
+    def _makes_its_calls(
+        self, ev: Evidence, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> bool:
+        """Does this forward make the decision-like calls ``ev`` was established on? Asked, before each eager
+        forward, of a router seen making other calls from one forward to the next in this mode (``_varies``): one run
+        of its forward, its state put back. Where it makes others, the evidence of this mode is dropped (the caller
+        establishes it afresh on this forward's inputs), rather than the forward refused at its first other call."""
+        with _hidden(), EAGER:
+            same = makes_its_calls(self.scope, forward, args, kwargs, ev)
+        if not same:
+            self.forget(
+                why="a forward that makes other decision-like calls (a branch on its inputs, such as their number)"
+            )
+        return same
 
     def _has_twins(self, ev: Evidence) -> bool:
         """Does ``ev`` have twins (other calls over its decision's width)? Which of them dispatches may then hang on
@@ -1083,7 +1104,9 @@ class RouterHook:
         for mode in modes:
             if why is not None and mode in self.evidence:
                 self._dropped[mode] = why
-            self.evidence.pop(mode, None)
+            dropped = self.evidence.pop(mode, None)
+            if dropped is not None and not dropped.chunks:
+                self._calls_dropped[mode] = tuple(c.signature for c in dropped.calls)
             self._lean.pop(mode, None)
             self._settled.pop(mode, None)
             self._arg_stamps.pop(mode, None)
@@ -1370,6 +1393,9 @@ class RouterHook:
             elif compiling and stamp is not None and stamp.tensors and (flag := self._settings_moved) is not None:
                 stamp.mark_moved(flag, args, kwargs)  # (a tensor setting's value, compared on the device)
                 self._settings_compared = True
+            if ev is not None and mode in self._varies and not compiling and not ev.chunks and not _in_backward():
+                if not _graph_capturing() and not self._makes_its_calls(ev, forward, args, kwargs):
+                    ev = None  # (established afresh on this forward's inputs)
             if ev is not None and self._restless and ev.twins:
                 if compiling:
                     # which of its twin calls dispatches is checked by its effect at each forward, which compiled
@@ -1389,6 +1415,9 @@ class RouterHook:
                         f"{e}. (Its decision was established again at this forward, after {moved})"
                     ) from None
                 fresh = ev is not None
+                was = self._calls_dropped.pop(mode, None)
+                if ev is not None and was is not None and not ev.chunks and was != tuple(c.signature for c in ev.calls):
+                    self._varies.add(mode)  # (other calls than the forward before: checked before each forward)
             if ev is None:  # no token to choose for: nothing to record or force
                 if not compiling:
                     self.calls += 1
@@ -1931,6 +1960,7 @@ class RouterHook:
             return func(*args, **kwargs)
         if sig != expected:
             if not _compiling():
+                self._varies.add(self.mode())  # (its next forwards are checked for their calls before they run)
                 self.forget(
                     why=f"a forward whose decision-like call #{i} was {sig[0]}(k={sig[1]}) over {sig[2]} where it was "
                     f"{expected[0]}(k={expected[1]}) over {expected[2]} (its control flow changed: its k?)"
@@ -2026,6 +2056,7 @@ class RouterHook:
         their effect could tell, on inputs the establishment never saw. The decision is established again at the
         next forward (on its inputs, which then shows which call dispatches)."""
         if not _compiling():
+            self._varies.add(self.mode())  # (its next forwards are checked for their calls before they run)
             self.forget(
                 why=f"a forward whose decision-like call #{i} was {sig[0]}(k={sig[1]}) over {sig[2]} where it was "
                 f"{was[0]}(k={was[1]}) over {was[2]} (another branch of its code)"
