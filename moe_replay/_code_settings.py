@@ -71,6 +71,10 @@ __all__ = [
 _PLAIN = frozenset((int, float, str, bool, type(None)))
 
 
+#: the end of the key of a tensor or list of integers a router's code names, compared as a setting (its contents)
+_HELD = " (held)"
+
+
 def is_setting(value: Any) -> bool:
     """Is ``value`` compared as a setting: a plain value, or a member of an ``enum`` (``Mode.BIASED``)?"""
     return type(value) in _PLAIN or isinstance(value, enum.Enum)
@@ -222,7 +226,7 @@ def code_settings(module: nn.Module, forward: Any = None) -> dict[str, Any]:
                 value, spelled = holder.get(name, _MISSING), f"{holder.get('__name__', '')}.{name}"
             stamp = held_stamp(value) if value is not _MISSING else None
             if stamp is not None:
-                out[f"{spelled} (held)"] = stamp
+                out[f"{spelled}{_HELD}"] = stamp
     out.update(flag_buffers(module))
     return out
 
@@ -323,9 +327,15 @@ _HOOK_STORES: weakref.WeakKeyDictionary[types.CodeType, frozenset[str]] = weakre
 
 def is_written(key: str, names: set[str] | frozenset[str]) -> bool:
     """Is the setting ``key`` one of ``names`` (see :func:`written`): one of them, a name that ends with ``*`` that it
-    begins with, or read further into one (``CACHE['a']`` into ``CACHE['a'].size``)?"""
+    begins with, or read further into one (``CACHE['a']`` into ``CACHE['a'].size``)? A container's contents compared
+    as a setting (``"mod.ORDER (held)"``, see :func:`code_settings`) are written where it is, or its entries are
+    (``ORDER.append(...)``, ``ORDER[i] = ...``)."""
     if key in names:
         return True
+    if key.endswith(_HELD):
+        key = key[: -len(_HELD)]
+        if key in names or any(name.startswith(key) and name[len(key) : len(key) + 1] in (".", "[") for name in names):
+            return True
     for name in names:
         if name.endswith("*"):
             if key.startswith(name[:-1]):

@@ -290,11 +290,11 @@ class _PlainBlock(nn.Module):
         return x + (weights[..., None] * every.gather(1, chosen[..., None].expand(-1, -1, D))).sum(1)
 
 
-def _two_rollouts(long: bool) -> None:
+def _two_rollouts(gate: nn.Module) -> None:
     """Two rollouts of a prefill (40 tokens) and decode steps (4 tokens), captured; the gate's weights moved; the
     captured experts replayed in every forward."""
     torch.manual_seed(0)
-    block = _PlainBlock(_StableByLength(long))
+    block = _PlainBlock(gate)
     sizes = (40, 4, 4, 40, 4)
     xs = [_tokens(i, (n, D)) for i, n in enumerate(sizes)]
     session = mr.attach(block)
@@ -328,7 +328,7 @@ def test_a_router_whose_calls_depend_on_its_number_of_tokens_captures_and_replay
     refused at its first call. A router seen making other calls from one forward to the next is now checked for the
     calls of its evidence before each eager forward, and established again on that forward's inputs where they
     differ: two rollouts are captured and replayed exactly."""
-    _two_rollouts(long=True)
+    _two_rollouts(_StableByLength(long=True))
 
 
 @pytest.mark.reliability("silent replays")
@@ -341,4 +341,46 @@ def test_a_router_whose_calls_depend_on_its_number_of_tokens_captures_and_replay
 )
 def test_a_router_with_one_more_call_on_a_few_tokens_captures_its_first_decode_step() -> None:
     """As above, the maximum subtracted on a few tokens alone (decode steps), not on long inputs."""
-    _two_rollouts(long=False)
+    _two_rollouts(_StableByLength(long=False))
+
+
+#: the experts of each decode step, logged by :class:`_DecodeStepsLogged` (a module-level list, as a notebook keeps)
+DECODE_CHOICES: list[torch.Tensor] = []
+
+
+class _DecodeStepsLogged(nn.Module):
+    """A softmax top-k gate that appends its choices to a list on a few tokens alone (decode steps): a module-level
+    list, or one it holds (``held=True``)."""
+
+    def __init__(self, held: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D, generator=torch.Generator().manual_seed(3)))
+        self.top_k, self.num_experts = K, E
+        self.log: list[torch.Tensor] = [] if held else DECODE_CHOICES
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, chosen = F.linear(x, self.weight).softmax(-1).topk(self.top_k)
+        if x.shape[0] < 16:
+            if self.log is DECODE_CHOICES:
+                DECODE_CHOICES.append(chosen.detach())
+            else:
+                self.log.append(chosen.detach())
+        return weights, chosen
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("held", [False, True], ids=["module-level list", "list it holds"])
+def test_a_gate_that_logs_to_a_list_on_some_forwards_captures_and_replays(held: bool) -> None:
+    """Once a false refusal: a gate appending its decode steps' experts to a list (a module-level one, or one it
+    holds), empty when its decision was established on a prefill, was refused as "the model changed inside this
+    capture() block": the empty list was compared as a setting (a list of integers, such as a token order), and its
+    entries' being written by the gate's own code did not make its contents the gate's state. Two rollouts now
+    capture and replay, and the list holds one entry per decode step run (none for the runs that establish the
+    decision)."""
+    DECODE_CHOICES.clear()
+    gate = _DecodeStepsLogged(held)
+    try:
+        _two_rollouts(gate)
+        assert len(gate.log) == 2 * 3  # (3 decode steps captured, 3 replayed)
+    finally:
+        DECODE_CHOICES.clear()
