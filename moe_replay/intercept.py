@@ -3115,12 +3115,20 @@ def _scope_modules(scope: nn.Module) -> list[tuple[str, nn.Module]]:
 def _written(scope: nn.Module) -> set[str]:
     """The keys of :func:`_fingerprint` that the code of the scope's modules assigns (``self._step += 1``, a global
     set once a warning is given), their forward hooks and pre-hooks too (a hook counting calls: ``m.calls += 1``):
-    their state, not settings (see :func:`moe_replay._code_settings.written` and ``hook_written``)."""
-    return {
-        prefix + k[5:] if k.startswith("self.") else k
-        for prefix, m in _scope_modules(scope)
-        for k in written(m, m.__dict__.get("forward")) | hook_written(m)
-    }
+    their state, not settings (see :func:`moe_replay._code_settings.written` and ``hook_written``). A 0-d buffer
+    the code assigns or changes in place (``self.steps += 1`` on a count of decode steps) is its state too: keyed
+    ``"buffer <name>"``, as :func:`_fingerprint` keys its flag buffers."""
+    out: set[str] = set()
+    for prefix, m in _scope_modules(scope):
+        buffers = m._buffers
+        for k in written(m, m.__dict__.get("forward")) | hook_written(m):
+            if not k.startswith("self."):
+                out.add(k)
+                continue
+            out.add(prefix + k[5:])
+            if k[5:] in buffers:
+                out.add(f"{prefix}buffer {k[5:]}")
+    return out
 
 
 def _module_state(scope: nn.Module) -> set[str]:

@@ -384,3 +384,31 @@ def test_a_gate_that_logs_to_a_list_on_some_forwards_captures_and_replays(held: 
         assert len(gate.log) == 2 * 3  # (3 decode steps captured, 3 replayed)
     finally:
         DECODE_CHOICES.clear()
+
+
+class _DecodeStepsCounted(nn.Module):
+    """A softmax top-k gate that counts its decode steps (a few tokens) in a 0-d integer buffer, in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D, generator=torch.Generator().manual_seed(3)))
+        self.top_k, self.num_experts = K, E
+        self.register_buffer("decode_steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, chosen = F.linear(x, self.weight).softmax(-1).topk(self.top_k)
+        if x.shape[0] < 16:
+            self.decode_steps += 1
+        return weights, chosen
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_gate_that_counts_some_forwards_in_a_buffer_captures_and_replays() -> None:
+    """Once a false refusal: a gate counting its decode steps in a 0-d integer buffer (``self.decode_steps += 1``),
+    not counted on the prefill its decision was established on, was refused at the first decode step as "the model
+    changed inside this capture() block": the buffer was compared as a setting (a flag or a step count someone
+    sets), though the gate's own code assigns it. Two rollouts now capture and replay, and the count is the decode
+    steps run (none for the runs that establish the decision)."""
+    gate = _DecodeStepsCounted()
+    _two_rollouts(gate)
+    assert int(gate.decode_steps) == 2 * 3  # (3 decode steps captured, 3 replayed)
