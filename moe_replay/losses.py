@@ -37,8 +37,15 @@ from typing import Any, NamedTuple, SupportsIndex
 
 import torch
 
+from ._arguments import _version  # (a tensor's version counter; None for an inference tensor)
 from ._checks import check_dense
-from .errors import ArgumentTypeError, InvalidArgumentError, RouterNotFoundError, UnknownRouterError
+from .errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    RouterNotFoundError,
+    UnknownRouterError,
+    UnsupportedRouterError,
+)
 
 __all__ = ["RouterScores", "load_balancing_loss"]
 
@@ -210,9 +217,12 @@ class _Calls(list[_Call]):
         super().__init__()
         self.owner = owner
         self.forward_of: list[int] = []  # per decision, its forward in owner._forwards (-1: none seen)
+        #: per decision, its scores' version counter as kept (views share it): moved, something wrote into them since
+        self.versions: list[int | None] = []
 
     def append(self, item: _Call) -> None:
         self.forward_of.append(self.owner._now)
+        self.versions.append(_version(item[0]))
         super().append(item)
 
     def extend(self, items: Iterable[_Call]) -> None:
@@ -230,7 +240,24 @@ def _rebuilt_calls(owner: RouterScores, items: list[_Call], forward_of: list[int
     calls = _Calls.__new__(_Calls)
     list.extend(calls, items)
     calls.owner, calls.forward_of = owner, forward_of
+    calls.versions = [_version(item[0]) for item in items]  # (a copy's own tensors, as they are now)
     return calls
+
+
+def _check_unwritten(name: str, calls: _Calls) -> None:
+    """Refuse one router's kept scores where something wrote into them in place after its decision was made on them
+    (the model's code after the router returned: a ``masked_fill_``, an in-place softmax or division): they no longer
+    hold what the decision was made on, and a loss on them would count other values."""
+    moved = [i for i, (c, v) in enumerate(zip(calls, calls.versions, strict=False)) if _version(c[0]) != v]
+    if moved:
+        raise UnsupportedRouterError(
+            f"router '{name}''s scores kept by keep_scores() were written in place after its decision was made on "
+            f"them (decision {moved[0]} of {len(calls)} kept): the model's code after the router changed the tensor "
+            "the top-k read (an in-place masked_fill_, division or softmax), so the kept scores no longer hold what "
+            "the experts were chosen from, and a load-balancing loss on them would count other values. Make the "
+            "later write out of place (scores = scores.masked_fill(...)), or compute the loss from the router's "
+            "own outputs"
+        )
 
 
 class RouterScores:
@@ -334,6 +361,7 @@ class RouterScores:
                 f"router '{name}' made no decision while the scores were kept; run the forward inside "
                 "`with session.keep_scores():`"
             )
+        _check_unwritten(name, calls)
         if len(calls) == 1:
             scores, indices = calls[0][0], calls[0][1]
         else:

@@ -609,3 +609,61 @@ def test_routers_named_past_a_module_name_on_one_side_in_another_order_are_paire
     twice = [note_router(rows[0], "layers.0.router"), note_router(rows[1], "module.layers.0.router")]
     with pytest.raises(mr.InvalidArgumentError, match="other orders"):
         mr.load_balancing_loss(probs, twice)
+
+
+class _ScoresRouter(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(16, 8, bias=False)
+        self.top_k, self.num_experts = 2, 8
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        probs = self.gate(x).softmax(-1)
+        weights, idx = torch.topk(probs, self.top_k)
+        return probs, weights, idx
+
+
+class _BlockThatMasksItsScores(torch.nn.Module):
+    """A block that, after its router returned, masks the small probabilities of the tensor the top-k read."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.router = _ScoresRouter()
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(8))
+        self.num_experts, self.in_place = 8, in_place
+        self.masked: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs, weights, idx = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + (weights * (idx == e)).sum(-1, keepdim=True) * expert(x)
+        small = probs < 0.1
+        self.masked = probs.masked_fill_(small, 0.0) if self.in_place else probs.masked_fill(small, 0.0)
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "out-of-place"])
+def test_scores_written_in_place_after_the_decision_are_refused_by_keep_scores(in_place: bool) -> None:
+    """The scores ``keep_scores()`` keeps are the tensor the top-k read, held by reference: a write into it after the
+    decision (the block masking small probabilities in place) would make a load-balancing loss count other values than
+    the experts were chosen from. It is refused, naming the router; a write into a new tensor changes nothing."""
+    torch.manual_seed(0)
+    block = _BlockThatMasksItsScores(in_place)
+    model = torch.nn.Sequential(block)
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        want = block.router(x)[0].clone()  # (the probabilities the decision is made on)
+    with torch.no_grad(), mr.attach(model) as session, session.keep_scores() as kept:
+        model(x)
+    if in_place:
+        assert block.masked is not None and not torch.equal(block.masked, want)  # (the write did change them)
+        with pytest.raises(mr.UnsupportedRouterError, match=r"'0\.router''s scores .* written in place"):
+            mr.load_balancing_loss(kept.scores, kept.indices)
+        with pytest.raises(mr.UnsupportedRouterError, match="written in place"):
+            kept["0.router"]
+    else:
+        scores, indices = kept["0.router"]
+        torch.testing.assert_close(scores, want)
+        assert torch.isfinite(mr.load_balancing_loss(kept.scores, kept.indices))
