@@ -1968,8 +1968,9 @@ class RouterHook:
             raise UnsupportedRouterError(
                 f"router '{self.name}': decision-like call #{i} of its forward is now {sig[0]}(k={sig[1]}) over "
                 f"{sig[2]}, but it was {expected[0]}(k={expected[1]}) over {expected[2]} when its decision was "
-                "established; its control flow changed (an attribute such as its k?). Nothing was recorded or "
-                "forced; if the change was on purpose, the decision is established again at the next forward"
+                "established; its control flow changed (an attribute such as its k, or a branch on its input: "
+                "a call made only on a few tokens, or only on many). Nothing was recorded or forced; if the change "
+                "was on purpose, the decision is established again at the next forward"
                 f"{_hooks_inside(self.scope)}"
             )
         out = self.decide(func, args, kwargs, sig[1])
