@@ -50,6 +50,10 @@ _EXPERT_KEYS = (
     "expert_count",
     "num_total_experts",
     "num_moe_experts",
+    "experts_num",
+    "expert_num",
+    "num_global_experts",
+    "global_expert_num",
 )
 _TOPK_KEYS = (
     "top_k",
