@@ -45,6 +45,11 @@ of one), and a top-p taken in the experts' order by a threshold on the running t
 entries as a bank holds (not along the input's dimension: a capacity's running count of tokens), then compared, is
 a choice among experts too.
 
+A choice among MoE blocks is one among experts too: where a module holds a list of like modules that each hold
+experts (each group with its own router: a hierarchical MoE, as a language-group gate over per-language MoE blocks),
+a top-k or ranking it takes itself over as many entries as the list is long picks a group per token, and no attached
+router records or forces it (a model's own stack of MoE layers, which its forward runs in turn, is none).
+
 Three more forms are read by the dimensions they run along rather than by width alone. Bernoulli draws per entry
 (``torch.bernoulli``, ``bernoulli_``, or by hand: ``rand_like(p) < p``) of probabilities that vary, along as many
 entries as a bank holds, not along the input's tokens: experts kept at random by a policy (a dropout mask drawn by
@@ -351,6 +356,19 @@ def _expert_banks(module: nn.Module) -> set[int]:
     return banks | _gated_lists(module)
 
 
+def _moe_groups(module: nn.Module) -> set[int]:
+    """The lengths of the lists of like MoE blocks that ``module`` holds directly (two or more of one class, each
+    holding experts): groups of experts, each with its own router, that a choice in ``module`` picks among (a
+    hierarchical MoE whose first level, a language or task gate, chooses a group per token). Only the module that
+    holds such a list counts: a model's stack of MoE layers is one too, and its forward chooses among no layers."""
+    counts: set[int] = set()
+    for child in module.children():
+        if isinstance(child, nn.ModuleList) and len(child) >= 2 and len({type(m) for m in child}) == 1:
+            if all(_holds_experts(m) for m in child):
+                counts.add(len(child))
+    return counts
+
+
 def _per_adapter(child: nn.Module) -> list[nn.Module]:
     """``child``, or the values of a ``ModuleDict`` keyed by adapter name (peft keeps each adapter's modules so)."""
     return list(child.values()) if isinstance(child, nn.ModuleDict) else [child]
@@ -500,6 +518,8 @@ class OrphanWatch(TorchFunctionMode):
             return False  # (an expert's own top-k, over its hidden units: a k-sparse activation chooses no expert)
         if sig[2] in self.widths and self._in_moe(name):
             return True
+        if name and sig[1] < sig[2] and sig[2] in _moe_groups(self.modules[name]) and not self._known(name):
+            return True  # (a choice among the MoE blocks the module holds: the first level of a hierarchy)
         if sig[0] in _BANK_ONLY:
             return self._vector_orphan(name, sig[2])  # over exactly a bank's experts: a top-1, a top-p, a threshold
         if sig[0] not in _INDEX_CHOICES or sig[1] >= sig[2]:

@@ -499,6 +499,7 @@ def test_balm_top_k_with_no_capacity_replays_exactly(train: bool) -> None:
     assert_exact(_balm(BalmTopKRouter)(), _x(2, 12), train=train)
 
 
+_GROUPS = r"(?s)outside every attached router.*'layers\.0\.moe_group' \(DlgGroupMoELayer\): topk over 2"
 REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, dict[str, object]]] = {
     # name: (model, input, what the error says, options: ``train`` and attach options)
     "balm-topk-capacity-drops-by-score": (
@@ -521,6 +522,8 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         {},
     ),
     "ple-cgc-dense-gates": (lambda: Layers(PleCGC), lambda: _x(2, 12), "no MoE router found", {}),
+    "dlg-moe-language-groups-then-experts": (DlgEncoder, lambda: _x(2, 12), _GROUPS, {}),
+    "dlg-moe-dynamic-k-train": (lambda: DlgEncoder(True), lambda: _x(2, 12), _GROUPS, {"train": True}),
 }
 
 
@@ -531,8 +534,13 @@ def test_refused_naming_why(case: str) -> None:
     used are not all the recorded ones), its top-p router (a sort and a cumulative threshold: as many experts per
     token as the scores say) and its expert-choice router (a top-k over the tokens); UniMoE-Audio's GRIN block (a
     per-token ``k`` from a sorted softmax, then SparseMixer's rounds of ``max`` over the tokens of each ``k``); PLE's
-    dense customised gates (nothing to record): refused with a ``MoEReplayError`` saying why, the model as it
-    was."""
+    dense customised gates (nothing to record); DLG-MoE's language-group gate, a top-1 among the block's MoE groups
+    (each with its own in-group router) made in the block that holds them: refused with a ``MoEReplayError`` saying
+    why, the model as it was.
+
+    Once silent: DLG-MoE's in-group routers were found and captured while its group choice, over two MoE blocks and
+    no expert width, was watched by nothing; a replay forced the in-group rows in order on whatever tokens the
+    current group choice sent each group (refused only where the counts happened to differ)."""
     make, x, match, options = REFUSED[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
