@@ -447,6 +447,101 @@ class MoEAdaptersLayer(nn.Module):
         return out.view(shape)
 
 
+# ----------------------------------------------------------------------- Octavius: one sample-level gate, LoRA experts
+# OpenGVLab/LAMM src/model/Octavius/moe/layer.py ``Top2Gating`` and ``MoeLinear`` (with moe_lora.py's
+# ``MoeLoraModel``): one gate for the whole language model, called once per forward on the instruction's token
+# embeddings with ``reduce_token=True`` (the mean over the tokens: one choice per sample); its ``w_gating`` is
+# ``[dim, E]`` (``einsum('...bnd,...de->...bne')``); the top-2 is two ``topk(k=1)`` calls, the second over the scores
+# with the first expert zeroed; the second-expert policy (``"random"`` by default, in evaluation too) draws a coin
+# into a mask that the dense gate never reads; the ``[b, E]`` gate is handed to every LoRA layer by ``set_gate``,
+# which weighs every expert's output (``einsum('bned,be->bned')``, zeros for the others).
+class OctaviusTop2Gating(_Used):
+    def __init__(self, num_gates: int = E, second_policy: str = "random", threshold: float = 0.2) -> None:
+        super().__init__()
+        self.eps, self.num_gates = 1e-9, num_gates
+        self.w_gating = nn.Parameter(torch.randn(D, num_gates))
+        self.second_policy, self.second_threshold = second_policy, threshold
+
+    @staticmethod
+    def top1(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, index = tensor.topk(k=1, dim=-1)
+        return values.squeeze(dim=-1), index.squeeze(dim=-1)
+
+    def forward(self, x: torch.Tensor, reduce_token: bool = True) -> torch.Tensor:
+        b = x.shape[-3]
+        raw_gates = torch.einsum("...bnd,...de->...bne", x, self.w_gating)
+        if reduce_token:
+            raw_gates = raw_gates.mean(dim=1).unsqueeze(dim=1)
+        raw_gates = raw_gates.softmax(dim=-1)
+        if self.forced is None:
+            gate_1, index_1 = self.top1(raw_gates)
+        else:
+            index_1 = self.forced[:, None, 0]
+            gate_1 = raw_gates.gather(-1, index_1.unsqueeze(-1)).squeeze(-1)
+        mask_1 = F.one_hot(index_1, self.num_gates).float()
+        gates_without_top_1 = raw_gates * (1.0 - mask_1)
+        if self.forced is None:
+            gate_2, index_2 = self.top1(gates_without_top_1)
+        else:
+            index_2 = self.forced[:, None, 1]
+            gate_2 = gates_without_top_1.gather(-1, index_2.unsqueeze(-1)).squeeze(-1)
+        mask_2 = F.one_hot(index_2, self.num_gates).float()
+        denom = gate_1 + gate_2 + self.eps
+        gate_1, gate_2 = gate_1 / denom, gate_2 / denom
+        if self.second_policy == "random":
+            probs = torch.zeros_like(gate_2).uniform_(0.0, 1.0)
+            mask_2 = mask_2 * (probs < (gate_2 / max(self.second_threshold, self.eps))).float().unsqueeze(-1)
+        self.used = torch.cat([index_1, index_2], dim=-1)
+        soft_gate = torch.zeros(b, self.num_gates, dtype=gate_1.dtype)
+        soft_gate = soft_gate.scatter(1, index_1, gate_1)
+        return soft_gate.scatter(1, index_2, gate_2)
+
+
+class OctaviusMoeLinear(nn.Linear):
+    """``MoeLinear``: the frozen base ``Linear`` plus ``E`` LoRA experts stacked in ``ParameterDict``s keyed by the
+    adapter name, every expert computed and weighed by the gate set on it."""
+
+    moe_gate: torch.Tensor | None = None
+
+    def __init__(self, r: int = 4) -> None:
+        super().__init__(D, D)
+        self.weight.requires_grad = False
+        self.lora_moe_A = nn.ParameterDict({"default": nn.Parameter(torch.randn(E, D, r) / D**0.5)})
+        self.lora_moe_B = nn.ParameterDict({"default": nn.Parameter(torch.randn(E, r, D) / r**0.5)})
+        self.active_adapter, self.scaling = "default", 1.0
+
+    def set_gate(self, gate: torch.Tensor) -> None:
+        self.moe_gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self.weight, bias=self.bias)
+        out = torch.einsum("bnd,edh->bneh", x, self.lora_moe_A[self.active_adapter])
+        out = torch.einsum("bneh,ehd->bned", out, self.lora_moe_B[self.active_adapter])
+        assert self.moe_gate is not None
+        out = torch.einsum("bned,be->bned", out, self.moe_gate)
+        return result + out.sum(dim=2)
+
+
+class OctaviusModel(nn.Module):
+    """The language model with ``MoeLinear`` projections: the gate called on the embedded instruction, its output set
+    on every LoRA layer, the layers run in turn."""
+
+    def __init__(self, second_policy: str = "random") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(D, D)
+        self.gate = OctaviusTop2Gating(second_policy=second_policy)
+        self.layers = nn.ModuleList(OctaviusMoeLinear() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        soft_gate = self.gate(h, reduce_token=True)
+        for layer in self.layers:
+            layer.set_gate(soft_gate)
+            h = h + torch.tanh(layer(h))
+        return h
+
+
 # ----------------------------------------------------------------------- the cases
 def _balm(router: Callable[[], BalmBaseRouter], capacity: float = -1) -> Callable[[], nn.Module]:
     return lambda: Layers(lambda: BalmSparseFFN(router, capacity))
@@ -462,6 +557,19 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         lambda: _x(2, 12),
         {"train": True, "change": 0.5},  # (a larger change underflows a softmax weight to 0: refused, rightly)
     ),
+    # Octavius's gate named (no experts beside it, its expert count ``num_gates``: zero configuration finds no router,
+    # see ``REFUSED``); its ``w_gating`` is unscaled ``randn``, as upstream: a larger change saturates its softmax
+    "octavius-sample-gate-set-on-lora-layers": (OctaviusModel, lambda: _x(3, 8), {"change": 0.5, "include": "gate"}),
+    "octavius-sample-gate-set-on-lora-layers-train": (
+        OctaviusModel,
+        lambda: _x(3, 8),
+        {"train": True, "change": 0.5, "include": "gate"},
+    ),
+    "octavius-sample-gate-all-policy": (
+        lambda: OctaviusModel("all"),
+        lambda: _x(3, 8),
+        {"change": 0.5, "include": "gate"},
+    ),
 }
 
 
@@ -472,10 +580,12 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     owns no weight (the block's per-task ``[d, E]`` router and noise matrices are passed to it, its expert count an
     ``*_expert_num`` attribute) with its noisy top-(k+1) in training: every router found and nothing else, the
     recorded rows the experts used, and a replay after the routers change those experts forced by hand, in output and
-    gradients.
+    gradients; Octavius's sample-level top-2 (two ``topk(k=1)`` calls over the mean of the instruction's tokens), made
+    once in the model and handed to every LoRA layer as a dense gate tensor, with its second-expert coin drawn (and
+    never read) or not, its gate named with ``include=``.
 
-    Once falsely refused: the MoE-Adapters gate was not found (no weight of its own says its expert count, and
-    ``experts_num`` / ``global_expert_num`` were no expert-count attributes discovery read)."""
+    Once falsely refused: the MoE-Adapters gate was not found (no experts beside it, and its expert counts,
+    ``experts_num`` / ``global_expert_num``, were no attributes discovery read)."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
@@ -522,6 +632,7 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         {},
     ),
     "ple-cgc-dense-gates": (lambda: Layers(PleCGC), lambda: _x(2, 12), "no MoE router found", {}),
+    "octavius-gate-with-no-experts-beside-it": (OctaviusModel, lambda: _x(3, 8), "no MoE router found", {}),
     "dlg-moe-language-groups-then-experts": (DlgEncoder, lambda: _x(2, 12), _GROUPS, {}),
     "dlg-moe-dynamic-k-train": (lambda: DlgEncoder(True), lambda: _x(2, 12), _GROUPS, {"train": True}),
 }
@@ -534,9 +645,10 @@ def test_refused_naming_why(case: str) -> None:
     used are not all the recorded ones), its top-p router (a sort and a cumulative threshold: as many experts per
     token as the scores say) and its expert-choice router (a top-k over the tokens); UniMoE-Audio's GRIN block (a
     per-token ``k`` from a sorted softmax, then SparseMixer's rounds of ``max`` over the tokens of each ``k``); PLE's
-    dense customised gates (nothing to record); DLG-MoE's language-group gate, a top-1 among the block's MoE groups
-    (each with its own in-group router) made in the block that holds them: refused with a ``MoEReplayError`` saying
-    why, the model as it was.
+    dense customised gates (nothing to record); Octavius's gate with no expert beside it and its expert count in
+    ``num_gates`` (not found: naming it replays exactly, above); DLG-MoE's language-group gate, a top-1 among the
+    block's MoE groups (each with its own in-group router) made in the block that holds them: refused with a
+    ``MoEReplayError`` saying why, the model as it was.
 
     Once silent: DLG-MoE's in-group routers were found and captured while its group choice, over two MoE blocks and
     no expert width, was watched by nothing; a replay forced the in-group rows in order on whatever tokens the
