@@ -2313,11 +2313,8 @@ def _release_all(lock: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- establish
-def _escaped_indices(probe: _Prober, calls: Sequence[Call]) -> tuple[Call, str] | None:
-    """A decision-like call whose indices a run of the forward leaves outside its output: in an attribute of a module
-    of the scope (``self.idx = idx``, or a cast of it) or in an argument (a dict it fills, a tensor it writes them
-    into), with where; None where no call's are. Read after one more run (not a hot path: a refusal's wording)."""
-    _, seen = probe.run()
+def _left_outside(probe: _Prober) -> list[tuple[str, torch.Tensor]]:
+    """What the last run of the forward left in its scope's modules' attributes and in its arguments, with where."""
     found: list[tuple[str, torch.Tensor]] = []
     for mod_name, m in probe.scope.named_modules():
         for key, v in vars(m).items():
@@ -2327,13 +2324,25 @@ def _escaped_indices(probe: _Prober, calls: Sequence[Call]) -> tuple[Call, str] 
                 ]
     run_args, run_kwargs = probe.ran
     found += [("an argument of its forward", t) for t in _leaves([run_args, run_kwargs], [])]
+    return found
+
+
+def _escaped_indices(probe: _Prober, calls: Sequence[Call], read: Call | None = None) -> tuple[Call, str] | None:
+    """A decision-like call whose indices a run of the forward leaves outside its output: in an attribute of a module
+    of the scope (``self.idx = idx``, or a cast of it) or in an argument (a dict it fills, a tensor it writes them
+    into), with where; None where no call's are. Read after one more run (not a hot path: a refusal's wording).
+    ``read``: a call whose values the output reads; what moves with its values (experts picked by comparing the
+    scores with a ``max``'s values) is made from the values, not the indices, though it may hold the same numbers."""
+    _, seen = probe.run()
+    found = _left_outside(probe)
+    from_values: set[int] | None = None
     for c, out in zip(calls, seen.outs, strict=False):
         if c.family not in FORCEABLE:
             continue
         idx = _leaves(out, [])[-1] if c.family in ("topk", "max", "min") else out
         if not isinstance(idx, torch.Tensor) or idx.is_floating_point():
             continue
-        for where, t in found:
+        for at, (where, t) in enumerate(found):
             if (
                 isinstance(t, torch.Tensor)
                 and not t.is_floating_point()
@@ -2341,6 +2350,19 @@ def _escaped_indices(probe: _Prober, calls: Sequence[Call]) -> tuple[Call, str] 
                 and t.numel() == idx.numel() > 0
                 and torch.equal(t.detach().reshape(-1).long().cpu(), idx.detach().reshape(-1).long().cpu())
             ):
+                if read is not None:
+                    if from_values is None:  # (one more run, its values lifted: what moves with them is theirs)
+                        probe.run(values=read.ordinal, lift=True)
+                        moved = _left_outside(probe)
+                        from_values = {
+                            i
+                            for i, ((_, before), (_, after)) in enumerate(zip(found, moved, strict=False))
+                            if isinstance(before, torch.Tensor)
+                            and isinstance(after, torch.Tensor)
+                            and (after.shape != before.shape or not torch.equal(after.cpu(), before.cpu()))
+                        }
+                    if at in from_values:
+                        continue
                 return c, where
     return None
 
@@ -3193,7 +3215,7 @@ def _establish(
                     (c for c in calls if c.family in _VALUED and moves(probe.run(values=c.ordinal, lift=True)[0])),
                     None,
                 )
-                escaped = _escaped_indices(probe, calls)
+                escaped = _escaped_indices(probe, calls, read)
                 if escaped is not None:
                     call_of, where = escaped
                     why = (

@@ -50,7 +50,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _lean, _torch_compat
-from ._arguments import ArgumentStamp, stamp_arguments
+from ._arguments import ArgumentStamp, _version, stamp_arguments
 from ._code_settings import (
     HeldStamp,
     code_settings,
@@ -506,10 +506,12 @@ def _held_moved(then: tuple[_Held, ...], scope: nn.Module) -> str | None:
 class _Kept:
     """The rows one router got inside one checkpointed region, and the recompute's position in them."""
 
-    __slots__ = ("forced", "graph_task", "pos", "rows")
+    __slots__ = ("forced", "given", "graph_task", "pos", "rows")
 
     def __init__(self) -> None:
-        self.rows: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []  # (copies, as the decision made them)
+        #: per row, the tensor the router was handed and its version counter then (None: none kept)
+        self.given: list[tuple[torch.Tensor, int | None] | None] = []
         self.graph_task = -1
         self.pos = 0
         self.forced = False  # some rows were forced (replayed), not chosen by the scores
@@ -2262,7 +2264,7 @@ class RouterHook:
             # its sentinel, an offset for expert parallelism), and the recompute must get the experts as chosen
             with self._aside():
                 kept = row.clone()
-            self._keep(self._regions, kept, self._row is not None)
+            self._keep(self._regions, kept, self._row is not None, given=row)
             if self._row is None:  # a later call that finds these experts again is answered as in the recompute
                 self._row = kept
         if self.seen is not None and self._source is not None:
@@ -2274,15 +2276,19 @@ class RouterHook:
             self.seen.append((self._source, chosen, self._choice, None if ev is None else ev.squashed))
             self._choice = None
 
-    def _keep(self, regions: list[tuple[Any, bool]], rows: torch.Tensor, forced: bool) -> None:
+    def _keep(
+        self, regions: list[tuple[Any, bool]], rows: torch.Tensor, forced: bool, given: torch.Tensor | None = None
+    ) -> None:
         """Keep the rows on every region that may be recomputed later (all of them, in a forward);
-        ``forced``: they were replayed, not chosen by the scores."""
+        ``forced``: they were replayed, not chosen by the scores; ``given``: the tensor the router was handed, whose
+        rows these are a copy of (the recompute hands it again where nothing wrote into it since)."""
         for region, recomputing in regions:
             if not recomputing:
                 kept = self.kept.get(region)
                 if kept is None:
                     kept = self.kept[region] = _Kept()
                 kept.rows.append(rows)
+                kept.given.append(None if given is None else (given, _version(given)))
                 kept.forced = kept.forced or forced
 
     def _recomputed(self, regions: list[tuple[Any, bool]], n: int) -> torch.Tensor | None:
@@ -2307,6 +2313,7 @@ class RouterHook:
                 "each time"
             )
         forced = kept.rows[kept.pos]
+        given = kept.given[kept.pos]
         kept.pos += 1
         if forced.shape[0] != n:
             raise ReplayConsumptionError(
@@ -2316,6 +2323,8 @@ class RouterHook:
         self._keep(regions, forced, kept.forced)  # regions first run inside this recompute (nested checkpoints)
         if kept.forced:  # (under an outer reentrant checkpoint the forward ran without gradients: checked now)
             self._refuse_inner_checkpoint()
+        if given is not None and _version(given[0]) == given[1]:  # (nothing wrote into what its forward was handed:
+            return given[0]  # handed again, as a router that keeps the indices it returned for its recompute expects)
         with self._aside():  # (a copy: the recompute's code may edit what it is handed in place, as its forward
             return forced.clone()  # did, and a later backward of the same forward reads the kept rows again)
 

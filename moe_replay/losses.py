@@ -39,6 +39,7 @@ import torch
 
 from ._arguments import _version  # (a tensor's version counter; None for an inference tensor)
 from ._checks import check_dense
+from ._torch_compat import dynamo_compiling
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -222,7 +223,7 @@ class _Calls(list[_Call]):
 
     def append(self, item: _Call) -> None:
         self.forward_of.append(self.owner._now)
-        self.versions.append(_version(item[0]))
+        self.versions.append(None if dynamo_compiling() else _version(item[0]))  # (compiled: not traced, not checked)
         super().append(item)
 
     def extend(self, items: Iterable[_Call]) -> None:
@@ -248,7 +249,9 @@ def _check_unwritten(name: str, calls: _Calls) -> None:
     """Refuse one router's kept scores where something wrote into them in place after its decision was made on them
     (the model's code after the router returned: a ``masked_fill_``, an in-place softmax or division): they no longer
     hold what the decision was made on, and a loss on them would count other values."""
-    moved = [i for i, (c, v) in enumerate(zip(calls, calls.versions, strict=False)) if _version(c[0]) != v]
+    moved = [
+        i for i, (c, v) in enumerate(zip(calls, calls.versions, strict=False)) if v is not None and _version(c[0]) != v
+    ]
     if moved:
         raise UnsupportedRouterError(
             f"router '{name}''s scores kept by keep_scores() were written in place after its decision was made on "
