@@ -2927,9 +2927,11 @@ def _check_elsewhere(name: str, probe: _Prober, ev: Evidence, what: str) -> None
                 calls,
                 f"on {what}, changing the choice of its decision ({_chosen(ev)}) does not change the output, as it "
                 "does on the tokens it was established on: its forward takes another branch there, where the "
-                "experts are chosen otherwise (from the values, a dense mask), and forcing this decision would not "
-                "force the experts used",
-                "Choose the experts with the decision's indices whatever the number of tokens",
+                "experts are chosen otherwise (from the values, a dense mask) or none is used (a capacity computed "
+                "from the number of tokens that is zero there drops every token), and forcing this decision would "
+                "not force the experts used",
+                "Choose the experts with the decision's indices whatever the number of tokens (a capacity of at least "
+                "one token per expert)",
             )
         last = ev.top_k - 1  # (a cut or a threshold drops the last slots first)
         if len(ev.decision) == 1 and anchor.family == "topk" and last > 0 and not last_reaches(last):

@@ -777,7 +777,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     ),
     "nnue-mix9-bucket-per-board": (NnueMix9, lambda: _x(6, 5), {}),
     "nnue-mix9-bucket-per-board-jitter-train": (NnueMix9, lambda: _x(6, 5), {"train": True}),
-    # (a capacity of at least one token per expert, even on one token)
+    # (a capacity of at least one token per expert on one token: see ``REFUSED`` for PiKV's default)
     "pikv-mlp-router-capacity-by-order": (lambda: Layers(lambda: PikvMoE(capacity_factor=4.0)), lambda: _x(2, 12), {}),
     "fusemoe-laplace-joint": (FuseMoEModel, lambda: _x(10), {}),
     "fusemoe-laplace-joint-noisy-train": (FuseMoEModel, lambda: _x(10), {"train": True}),
@@ -812,6 +812,13 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         r"'layers\.0\.feed_forward\.switch': after its decision .* draws from the random stream and chooses again",
         {"train": True},
     ),
+    "pikv-capacity-zero-on-one-token": (
+        lambda: Layers(PikvMoE),
+        lambda: _x(2, 12),
+        r"'layers\.0\.router': on one of its tokens alone, changing the choice of its decision .* does not change "
+        r"the output.*a capacity",
+        {},
+    ),
     "pikv-adaptive-router-batch-k": (
         lambda: Layers(lambda: PikvMoE(PikvAdaptiveRouter, 4.0)),
         lambda: _x(2, 12),
@@ -838,11 +845,15 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_refused_naming_why(case: str) -> None:
     """labml's Switch with ``drop_tokens`` (an expert over capacity keeps a random permutation's first tokens: a
-    replay under another random state drops others); PiKV's adaptive router (a batch-level k from the
+    replay under another random state drops others); PiKV's capacity of ``int(1.5 * k * tokens / E)`` (zero on one
+    token: every token dropped, the decision reaches nothing there) and its adaptive router (a batch-level k from the
     ``argmax`` of a predictor, made a Python number before the top-k); FuseMoE's per-modality gates (one top-k per
     modality in one forward of the block, their gate weights in a plain list no ``parameters()`` hold); the fast
     feedforward tree (a chain of sign comparisons, no top-k: no router): refused with a ``MoEReplayError`` saying
-    why, the model as it was."""
+    why, the model as it was.
+
+    Once said wrongly: PiKV's capacity was refused as a branch "where the experts are chosen otherwise (from the
+    values, a dense mask)", where none is used at all."""
     make, x, match, options = REFUSED[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
