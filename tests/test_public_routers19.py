@@ -645,13 +645,12 @@ class FuseMoEModel(nn.Module):
     """The fusion model around the MoE: each modality's encoder, the MoE over their concatenation (``joint``) or
     the list of them (``permod``), a classifier on the mixed log-probabilities."""
 
-    def __init__(self, router_type: str = "joint") -> None:
+    def __init__(self, router_type: str = "joint", num_modalities: int = 2) -> None:
         super().__init__()
         torch.manual_seed(0)
-        width = D if router_type == "joint" else D // 2
         self.router_type = router_type
-        self.encoders = nn.ModuleList(nn.Linear(D, width // 2 if router_type == "joint" else width) for _ in range(2))
-        self.moe = FuseMoE(router_type)
+        self.encoders = nn.ModuleList(nn.Linear(D, D // num_modalities) for _ in range(num_modalities))
+        self.moe = FuseMoE(router_type, num_modalities)
         self.head = nn.Linear(D, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -781,6 +780,13 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "pikv-mlp-router-capacity-by-order": (lambda: Layers(lambda: PikvMoE(capacity_factor=4.0)), lambda: _x(2, 12), {}),
     "fusemoe-laplace-joint": (FuseMoEModel, lambda: _x(10), {}),
     "fusemoe-laplace-joint-noisy-train": (FuseMoEModel, lambda: _x(10), {"train": True}),
+    # (one modality: one choice per forward, by a gate no ``parameters()`` hold; the encoders before it change)
+    "fusemoe-laplace-per-modality-one-unregistered-gate": (lambda: FuseMoEModel("permod", 1), lambda: _x(10), {}),
+    "fusemoe-laplace-per-modality-one-unregistered-gate-train": (
+        lambda: FuseMoEModel("permod", 1),
+        lambda: _x(10),
+        {"train": True},
+    ),
 }
 
 
@@ -795,8 +801,9 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     multiplicative jitter in training, one bucket per board handed to every switched layer, which gathers its weights
     by ``F.embedding``); PiKV's MLP router with dispatch and combine tensors filled in order in Python up to a
     capacity; FuseMoE's Laplace gate (``-cdist`` to the gate's columns, noisy top-(k+1) sliced to k, experts' log
-    probabilities mixed in probability space): every router found and nothing else, the recorded rows the experts
-    used, and a replay after the routers change those experts forced by hand, in output and gradients."""
+    probabilities mixed in probability space), its weights registered or in a plain list: every router found and
+    nothing else, the recorded rows the experts used, and a replay after the routers change those experts forced by
+    hand, in output and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
