@@ -754,6 +754,110 @@ class MoondreamText(nn.Module):
         return x
 
 
+# ----------------------------------------------------------------------- ktransformers: an injected proxy gate
+# kvcache-ai/ktransformers ktransformers/operators/base_operator.py (``BaseInjectedModule``) and operators/gate.py
+# (``KMoEGate``): the injection framework replaces a model's ``mlp.gate`` by a proxy module that holds the original
+# gate as ``orig_module`` (a registered child), reads any attribute it lacks from it (``__getattr__``), writes any
+# attribute it does not have itself *to* it (``__setattr__``), and whose ``forward`` calls
+# ``self.orig_module.forward(...)`` directly (the original's hooks never run). The original is DeepSeek-V3's
+# ``MoEGate`` (noaux_tc: sigmoid, a correction bias, a group top-k ``sorted=False`` and the final top-k, the weights
+# gathered from the unbiased scores, renormalised and scaled), returning ``(topk_idx, topk_weight)``.
+class KtDeepseekV3MoEGate(_Used):
+    def __init__(self) -> None:
+        super().__init__()
+        self.top_k, self.n_routed_experts, self.routed_scaling_factor = 2, E, 2.5
+        self.n_group, self.topk_group, self.norm_topk_prob = 2, 1, True
+        self.weight = nn.Parameter(torch.randn(E, D) * 0.3)
+        self.e_score_correction_bias = nn.Parameter(torch.randn(E) * 0.1)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bsz, seq_len, h = hidden_states.shape
+        hidden_states = hidden_states.view(-1, h)
+        logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32), None)
+        scores = logits.sigmoid()
+        scores_for_choice = scores.view(bsz * seq_len, -1) + self.e_score_correction_bias.unsqueeze(0)
+        group_scores = scores_for_choice.view(bsz * seq_len, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = (
+            group_mask.unsqueeze(-1)
+            .expand(bsz * seq_len, self.n_group, self.n_routed_experts // self.n_group)
+            .reshape(bsz * seq_len, -1)
+        )
+        tmp_scores = scores_for_choice.masked_fill(~score_mask.bool(), 0.0)
+        if self.forced is None:
+            _, topk_idx = torch.topk(tmp_scores, k=self.top_k, dim=-1, sorted=False)
+        else:
+            topk_idx = self.forced
+        self.used = topk_idx
+        topk_weight = scores.gather(1, topk_idx)
+        denominator = topk_weight.sum(dim=-1, keepdim=True) + 1e-20
+        topk_weight = topk_weight / denominator * self.routed_scaling_factor
+        return topk_idx, topk_weight
+
+
+class KtBaseInjectedModule(nn.Module):
+    """``BaseInjectedModule`` (its ``key``, ``gguf_loader``, ``config`` and ``device`` kept as upstream does)."""
+
+    def __init__(self, key: str, orig_module: nn.Module) -> None:
+        nn.Module.__init__(self)
+        nn.Module.__setattr__(self, "orig_module", orig_module)
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "device", "cpu")
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return object.__getattribute__(self, name)
+        except AttributeError:
+            if name == "orig_module":
+                return nn.Module.__getattr__(self, "orig_module")
+            try:
+                return nn.Module.__getattr__(self, "orig_module").__getattr__(name)
+            except AttributeError:
+                return super(nn.Module, nn.Module.__getattr__(self, "orig_module")).__getattribute__(name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "orig_module":
+            return nn.Module.__setattr__(self, "orig_module", value)
+        elif hasattr(self, name):
+            return object.__setattr__(self, name, value)
+        return nn.Module.__getattr__(self, "orig_module").__setattr__(name, value)
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.orig_module.forward(*args, **kwargs)
+
+
+class KtMoEGate(KtBaseInjectedModule):
+    """``KMoEGate``: ``forward`` returns ``self.orig_module.forward(hidden_states)``."""
+
+    def forward(self, hidden_states: torch.Tensor) -> object:  # type: ignore[override]
+        return self.orig_module.forward(hidden_states)
+
+
+class KtDeepseekV3MoE(nn.Module):
+    """DeepSeek-V3's MoE block as ktransformers runs it on its torch path: the injected gate, a loop over the
+    experts chosen, a shared expert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts_per_tok = 2
+        self.experts = nn.ModuleList(LitGptLLaMAMLP(D) for _ in range(E))
+        self.gate = KtMoEGate("blk.mlp.gate", KtDeepseekV3MoEGate())
+        self.shared_experts = LitGptLLaMAMLP(2 * D)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        identity, orig_shape = hidden_states, hidden_states.shape
+        topk_idx, topk_weight = self.gate(hidden_states)
+        flat = hidden_states.view(-1, hidden_states.shape[-1])
+        y = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(topk_idx == e)
+            if token.numel():
+                y = y.index_add(0, token, topk_weight[token, slot, None].to(flat.dtype) * expert(flat[token]))
+        return y.view(*orig_shape) + self.shared_experts(identity)
+
+
 # ----------------------------------------------------------------------- the cases
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, input, options: ``train``, ``change`` and attach options)
@@ -778,6 +882,12 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "nnue-mix9-bucket-per-board-jitter-train": (NnueMix9, lambda: _x(6, 5), {"train": True}),
     # (a capacity of at least one token per expert on one token: see ``REFUSED`` for PiKV's default)
     "pikv-mlp-router-capacity-by-order": (lambda: Layers(lambda: PikvMoE(capacity_factor=4.0)), lambda: _x(2, 12), {}),
+    "ktransformers-injected-proxy-gate": (lambda: Layers(KtDeepseekV3MoE), lambda: _x(2, 12), {"holders": True}),
+    "ktransformers-injected-proxy-gate-train": (
+        lambda: Layers(KtDeepseekV3MoE),
+        lambda: _x(2, 12),
+        {"train": True, "holders": True},
+    ),
     "fusemoe-laplace-joint": (FuseMoEModel, lambda: _x(10), {}),
     "fusemoe-laplace-joint-noisy-train": (FuseMoEModel, lambda: _x(10), {"train": True}),
     # (one modality: one choice per forward, by a gate no ``parameters()`` hold; the encoders before it change)
@@ -793,17 +903,18 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", list(EXACT))
 def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
-    """LitGPT's top-k taken in the block over a bare gate (experts by ``torch.where`` of ``[E, tokens, k]`` masks)
-    and its DeepSeek-V3 ``GroupedTopkRouter`` (both top-k ``sorted=False``, in a ``no_grad`` method, over the biased
-    and group-masked sigmoid scores); eole's unsorted top-k with the softmax before or after it, the experts run in
-    runs of the ``argsort``ed ids made a Python list; labml's Switch (``torch.max``, token ids per expert by
-    ``nonzero``, scaled by the top probability or by ``p / p.detach()``); the gomoku NNUE's ``SwitchGate`` (no weight,
-    multiplicative jitter in training, one bucket per board handed to every switched layer, which gathers its weights
-    by ``F.embedding``); PiKV's MLP router with dispatch and combine tensors filled in order in Python up to a
-    capacity; FuseMoE's Laplace gate (``-cdist`` to the gate's columns, noisy top-(k+1) sliced to k, experts' log
-    probabilities mixed in probability space), its weights registered or in a plain list: every router found and
-    nothing else, the recorded rows the experts used, and a replay after the routers change those experts forced by
-    hand, in output and gradients."""
+    """LitGPT's top-k taken in the block over a bare gate (experts by ``torch.where`` of ``[E, tokens, k]`` masks) and
+    its DeepSeek-V3 ``GroupedTopkRouter`` (both top-k ``sorted=False``, in a ``no_grad`` method, over the biased and
+    group-masked sigmoid scores); eole's unsorted top-k with the softmax before or after it, the experts run in runs of
+    the ``argsort``ed ids made a Python list; labml's Switch (``torch.max``, token ids per expert by ``nonzero``, scaled
+    by the top probability or by ``p / p.detach()``); the gomoku NNUE's ``SwitchGate`` (no weight, multiplicative jitter
+    in training, one bucket per board handed to every switched layer, which gathers its weights by ``F.embedding``);
+    ktransformers' injected proxy gate (attributes read from and written to the original gate, whose ``forward`` it
+    calls directly; the proxy found, the original forced); PiKV's MLP router with dispatch and combine tensors filled in
+    order in Python up to a capacity; FuseMoE's Laplace gate (``-cdist`` to the gate's columns, noisy top-(k+1) sliced
+    to k, experts' log probabilities mixed in probability space), its weights registered or in a plain list: every
+    router found and nothing else, the recorded rows the experts used, and a replay after the routers change those
+    experts forced by hand, in output and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
