@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -43,15 +43,20 @@ def is_one_of(value: Any, choices: Iterable[str]) -> bool:
 
 
 def is_collection(value: Any) -> bool:
-    """Items in order: a list, tuple, 1-D or wider array or tensor; never a str, bytes, 0-d array or set.
+    """Items in order: a list, tuple, 1-D or wider array or tensor; never a str, bytes, 0-d array, set or mapping.
 
     A 0-d array or tensor is iterable to ``isinstance(..., Iterable)`` but raises when iterated:
     it is one value, as a number is. A set iterates in an order of its own (``{3, 2}`` gives 2
     first), so lengths, names or parts given as one would be taken in another order than written.
+    A mapping (a dict) iterates over its keys alone, so its values would be dropped unsaid
+    (``names={"a": 1}`` read as ``["a"]``). A nested or sparse tensor has no rows to iterate
+    (torch raises its own error), so it is refused here as any other non-list is.
     """
-    if isinstance(value, str | bytes | AbstractSet):
+    if isinstance(value, str | bytes | AbstractSet | Mapping):
         return False
-    if isinstance(value, np.ndarray | torch.Tensor):
+    if isinstance(value, torch.Tensor):
+        return value.ndim > 0 and not value.is_nested and value.layout == torch.strided
+    if isinstance(value, np.ndarray):
         return value.ndim > 0
     return isinstance(value, Iterable)
 

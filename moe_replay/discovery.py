@@ -21,7 +21,7 @@ import inspect
 import math
 import re
 import types
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Union, cast
@@ -511,7 +511,7 @@ def _frozen_matcher(spec: Matcher | None) -> Matcher | None:
     iterator would match nothing, with no word."""
     if spec is None or isinstance(spec, str | bytes | re.Pattern | type | nn.Module) or callable(spec):
         return spec
-    if is_collection(spec) or isinstance(spec, AbstractSet):
+    if is_collection(spec) or isinstance(spec, AbstractSet | Mapping):
         return [_frozen_matcher(s) for s in spec]
     return spec
 
@@ -520,7 +520,7 @@ def _matcher_parts(spec: Matcher | None) -> list[Any]:
     """The single matchers of ``spec``, lists flattened."""
     if spec is None:
         return []
-    if not isinstance(spec, str | bytes) and (is_collection(spec) or isinstance(spec, AbstractSet)):
+    if not isinstance(spec, str | bytes) and (is_collection(spec) or isinstance(spec, AbstractSet | Mapping)):
         return [p for s in cast(Iterable[Any], spec) for p in _matcher_parts(s)]
     return [spec]
 
@@ -559,7 +559,8 @@ def _compile_matcher(spec: Matcher | None, role: str = "include/exclude") -> Cal
         )
     if callable(spec):
         return functools.partial(_call_predicate, spec, role)
-    if is_collection(spec) or isinstance(spec, AbstractSet):  # (not a 0-d array or tensor: one value, no list)
+    # (not a 0-d array or tensor: one value, no list; a set or a dict's keys are names, whose order does not matter)
+    if is_collection(spec) or isinstance(spec, AbstractSet | Mapping):
         spec = list(spec)
         if any(s is None for s in spec):  # (None alone means "no matcher": in a list it would match nothing, unsaid)
             raise ArgumentTypeError(

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, SupportsIndex
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, SupportsIndex, cast
 
 import torch
 
 from ._arguments import _version  # (a tensor's version counter; None for an inference tensor)
-from ._checks import check_dense
+from ._checks import check_dense, is_collection
 from ._torch_compat import dynamo_compiling
 from .errors import (
     ArgumentTypeError,
@@ -760,9 +760,14 @@ def _tensors(value: object, what: str) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
     need = f"{what} must be a tensor or a list of tensors, one per router"
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable) or hasattr(value, "shape"):
-        raise ArgumentTypeError(f"{need}; got a {type(value).__name__}")
-    out = list(value)
+    if not is_collection(value) or hasattr(value, "shape"):  # (a dict or a set: keys, or no order, unsaid)
+        hint = ""
+        if isinstance(value, Mapping):
+            hint = ": a dict iterates over its keys; pass its values as a list, in the routers' order"
+        elif type(value).__name__ == "Routes":  # (by name: routes imports this module, not the other way)
+            hint = ": pass routes.per_layer() (one [tokens, k] tensor per router), or routes.layer(name)"
+        raise ArgumentTypeError(f"{need}; got a {type(value).__name__}{hint}")
+    out = list(cast(Iterable[Any], value))  # (a collection: checked just above)
     bad = next((i for i, x in enumerate(out) if not isinstance(x, torch.Tensor)), None)
     if bad is not None:
         raise ArgumentTypeError(f"{need}; {what}[{bad}] is a {type(out[bad]).__name__}")

@@ -87,12 +87,12 @@ def stitch_turns(
             )
     if token_ids is not None:
         turn_ids = list(token_ids) if is_collection(token_ids) else None
+        for i, given in enumerate(turn_ids or []):  # (meta, sparse, nested, quantized: no ids to read, torch's own
+            check_values(given, f"stitch_turns: token_ids[{i}]")  # error; said as such, before "no list of lists")
         if turn_ids is None or not all(is_collection(t) for t in turn_ids):
             raise ArgumentTypeError(
                 f"token_ids must hold each turn's token ids (a list of lists, one per turn), got {token_ids!r:.60}"
             )
-        for i, given in enumerate(turn_ids):  # (meta, sparse, nested, quantized: no ids to read, torch's own error)
-            check_values(given, f"stitch_turns: token_ids[{i}]")
         ids = [list(t) for t in turn_ids]
         if len(ids) != len(parts):
             raise RoutesValidationError(f"got token_ids for {len(ids)} turns and routes for {len(parts)}")

