@@ -78,7 +78,16 @@ from .intercept import EAGER, ClassForward, RouterHook, ScopedForward, _own_keys
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_call, watch_first_runs, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, calls_made_by, index_dtype
-from .routes import LOST_ID, PADDING_ID, UNTOLD_RANK, Routes, _known_or_none, _out_of_order, fingerprint
+from .routes import (
+    LOST_ID,
+    PADDING_ID,
+    UNTOLD_RANK,
+    Routes,
+    _known_or_none,
+    _missing_rows,
+    _out_of_order,
+    fingerprint,
+)
 
 __all__ = ["DEFAULT_CAPACITY", "Session", "attach"]
 
@@ -2113,6 +2122,8 @@ class Session:
                 + self._other_model(routes)
                 + " Record the routes on this model"
             )
+        if strict:
+            _check_forces_some(routes, [j for _, _, j in plan])
         self._renamed = renamed
         return routes, plan
 
@@ -2176,7 +2187,9 @@ class Session:
         Raises:
             RoutesValidationError / RouterNotFoundError: before any forward, if the routes
                 do not fit the model (at a router's first forward, for its k as above), or hold
-                no router at all (strict or not: such a block would force nothing).
+                no router at all (strict or not: such a block would force nothing), or (strict)
+                hold rows that are all -1, every row of every router: such a block would force no
+                expert and run as a plain forward (pass ``strict=False`` to route natively on purpose).
             ReplayConsumptionError: on leaving, if a router consumed too few (strict, or of routes read
                 without a token count) or too many rows,
                 or if no forward entered the model and no router read a row of routes that hold some (strict
@@ -3237,6 +3250,26 @@ def _check_untold_rows(sources: Sequence[tuple[Any, ReplaySource]], read: dict[i
             "every token its neighbour's experts), so rows left over may mean they are shifted. Pass the reader its "
             "num_tokens= (or the tokens' ids), or slice the routes to the tokens you replay (routes[:n])"
         )
+
+
+def _check_forces_some(routes: Routes, layers: list[int]) -> None:
+    """Refuse a strict replay of ``routes`` whose rows for the routers it replays (``layers``) are all -1.
+
+    A -1 row routes its token natively, so routes of such rows only would force no expert: the
+    block would run as a plain forward and say nothing (the routes of a prompt vLLM served wholly
+    from its prefix cache, padding alone, a slice holding only a generation's last token). Routes
+    of no row are left to the consumption checks. The rows are validated: one column is read.
+    """
+    rows = [routes._data[j] for j in layers]
+    total = sum(int(r.shape[0]) for r in rows)
+    if not total or sum(_missing_rows(r, True) for r in rows) != total:
+        return
+    raise RoutesValidationError(
+        f"every row of these routes is -1 ({total} rows over {len(rows)} router(s)): -1 means 'route this token "
+        "natively', so this replay would force no expert and run as a plain forward. Replay routes that hold "
+        "recorded experts (a capture's, an engine's output read with its token count), or pass strict=False to "
+        "route natively on purpose"
+    )
 
 
 def _check_forced(sources: Sequence[ReplaySource], strict: bool, device_read: bool) -> None:

@@ -15,7 +15,7 @@ import torch
 
 import moe_replay as mr
 
-from .conftest import tried
+from .conftest import assert_untouched, snapshot, tried
 
 
 def _captured() -> tuple[torch.nn.Module, torch.Tensor, mr.Routes]:
@@ -85,3 +85,47 @@ def test_load_balancing_loss_refuses_a_dict_of_tensors_and_says_how_to_pass_rout
         mr.load_balancing_loss([probs, probs], routes)
     loss = mr.load_balancing_loss([probs, probs], list(routes.per_layer()))  # (the way it says)
     assert loss.ndim == 0 and bool(torch.isfinite(loss))
+
+
+# --- a strict replay that forces nothing ---------------------------------------------------------------------------
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_strict_replay_of_routes_whose_rows_are_all_minus_one_is_refused_before_any_forward() -> None:
+    """Routes whose every row is -1 (route natively) made a strict replay engage nothing: the block ran as a plain
+    forward and said nothing (a prompt served wholly from an engine's prefix cache, padding alone, a slice of a
+    generation's last token). A strict replay now refuses them before any forward; ``strict=False`` routes natively
+    on purpose, and routes with one recorded row still replay."""
+    model, x, routes = _captured()
+    blank = mr.Routes([torch.full_like(r, -1) for r in routes.per_layer()], names=routes.names, num_experts=8)
+    before = snapshot(model)
+    with mr.attach(model) as session:
+        free = model(x).logits
+        with pytest.raises(mr.RoutesValidationError, match=r"every row of these routes is -1.*strict=False"):
+            with session.replay(blank):
+                pytest.fail("the block ran")  # (refused as it is entered)
+        with session.replay(blank, strict=False):
+            native = model(x).logits
+        assert torch.equal(native, free)  # (natively, as asked)
+        one = [torch.full_like(r, -1) for r in routes.per_layer()]
+        one[1][5] = routes.layer(routes.names[1])[5]
+        partial = mr.Routes(one, names=routes.names, num_experts=8).with_token_ids(routes.token_ids)
+        with session.replay(partial), session.capture():  # (one row forced: a replay)
+            model(x)
+        assert torch.equal(session.routes().layer(routes.names[1])[5], one[1][5])
+        # (routes of routers all -1 beside a router with recorded rows: some expert is forced)
+        mixed = mr.Routes([one[0], routes.layer(routes.names[1])], names=routes.names, num_experts=8)
+        with session.replay(mixed.with_token_ids(routes.token_ids)):
+            model(x)
+    assert_untouched(model, before)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_strict_replay_of_no_rows_is_left_to_the_consumption_check() -> None:
+    """Routes of no row force nothing either, but a forward of no token reads none: the -1 check leaves them be, and
+    a forward of tokens is refused as an overdraw, as before."""
+    model, x, routes = _captured()
+    with mr.attach(model) as session:
+        with pytest.raises(mr.ReplayConsumptionError):
+            with session.replay(routes[:0].with_token_ids(None)):
+                model(x)

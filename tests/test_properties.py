@@ -143,7 +143,11 @@ def test_random_routes_are_forced_exactly(
     rows = [_random_rows(s, t, g, missing) for s in cfg["specs"]]
     routes = mr.Routes(rows, names=model.router_names, num_experts=[s.num_experts for s in cfg["specs"]])
     strict = subset == 0
-    if not strict:  # replay only some routers (strict=False): the others route natively
+    if strict and t > 0 and all(bool((r < 0).all()) for r in rows):  # routes that would force no expert at all
+        with mr.attach(model) as session, pytest.raises(mr.RoutesValidationError, match="every row of these routes"):
+            session.replay(routes).__enter__()  # (refused strict: a plain forward, unsaid)
+        strict = False  # (and routed natively where asked to)
+    if not strict and subset:  # replay only some routers (strict=False): the others route natively
         keep = [n for i, n in enumerate(model.router_names) if subset >> i & 1]
         routes = routes.select(keep)
         if not keep:  # routes of no router would force nothing: refused, strict or not

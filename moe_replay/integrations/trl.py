@@ -796,8 +796,8 @@ class RoutingReplayMixin:
         replaying = self._mr_mode == "replay"
         own_aux = compute_aux_loss and replaying
         with contextlib.ExitStack() as stack:
-            if replaying:
-                stack.enter_context(session.replay(batch.routes))
+            if replaying:  # (a batch with no recorded row, every token prefix-cached or a last one, routes natively)
+                stack.enter_context(session.replay(batch.routes, strict=not bool(batch.missing.all())))
             if self._mr_verify and replaying:
                 stack.enter_context(session.capture())
             kept = stack.enter_context(session.keep_scores())

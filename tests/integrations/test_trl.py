@@ -212,6 +212,29 @@ def test_native_rows_share_matches_the_layout(trained: Any) -> None:
     assert float(whole.missing.float().mean()) == pytest.approx(expected)
 
 
+def test_a_batch_whose_every_row_is_native_is_routed_natively_not_refused(trained: Any) -> None:
+    """A strict replay refuses routes whose every row is -1; the trainer's batch of such rows (every prompt token
+    served from an engine's prefix cache, completions of one token) holds nothing to force, and runs natively, its
+    tokens checked as any batch's."""
+    t = trained.trainer
+    rollout = t._mr_rollouts["train"]
+    held, layouts = rollout.routes, dict(rollout.layouts)
+    blank = [
+        mr.Routes([torch.full_like(x, -1) for x in r.per_layer()], names=r.names, num_experts=r.experts_per_layer)
+        for r in held
+    ]
+    rollout.routes, rollout.layouts = [b.with_token_ids(r.token_ids) for b, r in zip(blank, held, strict=True)], {}
+    try:
+        rows = list(range(len(held)))
+        ids, mask, c = grid(rollout, rows)
+        got = _forward_metrics(t, rows, ids, mask, c)
+        assert got["moe_replay/native_rows"] == 1.0
+        with pytest.raises(mr.RoutesValidationError, match="do not line up"):  # (its tokens are still checked)
+            _forward_metrics(t, rows, ids.flip(0), mask.flip(0), c)
+    finally:
+        rollout.routes, rollout.layouts = held, layouts
+
+
 def grid(rollout: Any, rows: list[int], extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """TRL's batch for ``rows`` of a rollout: prompts left-padded, completions right-padded (plus ``extra`` columns)."""
     p = max(len(x) for x in rollout.prompts)
