@@ -1256,6 +1256,17 @@ def find_routers(
                 f"module paths look like {[n for n in list(modules)[1:4]]}"
                 + (_GLOB_NOT_REGEX if any(isinstance(p, str) for p in _matcher_parts(include)) else "")
             )
+        if exclude is not None:  # (the search found routers, and exclude= took every one out: say so)
+            try:
+                dropped = find_routers(model, adapters=adapters, top_k=top_k, num_experts=num_experts)
+            except MoEReplayError:
+                dropped = []
+            if dropped:
+                raise RouterNotFoundError(
+                    f"exclude={_describe(exclude)} took out every router found in {type(model).__name__}: without it, "
+                    f"{len(dropped)} router(s) are found ({[d.name for d in dropped[:3]]}"
+                    f"{' ...' if len(dropped) > 3 else ''}); narrow exclude= to the modules to leave out"
+                )
         if num_experts is not None:  # routers of another expert count than the one given?
             try:
                 found = find_routers(model, exclude=exclude, adapters=adapters, top_k=top_k)

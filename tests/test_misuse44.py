@@ -129,3 +129,34 @@ def test_a_strict_replay_of_no_rows_is_left_to_the_consumption_check() -> None:
         with pytest.raises(mr.ReplayConsumptionError):
             with session.replay(routes[:0].with_token_ids(None)):
                 model(x)
+
+
+# --- errors that say what is wrong ---------------------------------------------------------------------------------
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    "exclude",
+    ["*", "layers.*", ["layers.0.mlp.router", "layers.1.mlp.router"], lambda name, module: True],
+    ids=["star", "glob", "every name", "predicate"],
+)
+def test_an_exclude_that_takes_out_every_router_is_named_as_the_cause(exclude: Any) -> None:
+    """``attach(model, exclude="*")`` said "no MoE router found ... name the routers with include=", as if discovery
+    had failed; the exclusion took them out. The error now names exclude= and the routers found without it."""
+    model = mr.models.build("softmax_topk")
+    before = snapshot(model)
+    for call in (mr.find_routers, mr.attach):
+        tried()
+        with pytest.raises(mr.RouterNotFoundError, match=r"exclude=.* took out every router found") as info:
+            call(model, exclude=exclude)
+        assert "layers.0.mlp.router" in str(info.value)
+    assert_untouched(model, before)
+    assert mr.find_routers(model, exclude="layers.0.*")  # (an exclude that leaves one is taken)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_the_cli_names_an_exclude_that_takes_out_every_router(capsys: pytest.CaptureFixture[str]) -> None:
+    from moe_replay.__main__ import main
+
+    assert main(["inspect", "softmax_topk", "--exclude", "*"]) != 0
+    assert "--exclude '*' took out every router found" in capsys.readouterr().err
