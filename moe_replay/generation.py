@@ -82,7 +82,10 @@ def _as_mask(attention_mask: object) -> torch.Tensor:
     try:
         mask = torch.as_tensor(attention_mask)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise InvalidArgumentError(f"attention_mask must be a [batch, prompt_len] tensor of 0/1, got {e}") from None
+        raise InvalidArgumentError(
+            f"attention_mask must be a [batch, prompt_len] tensor of 0/1, got a {type(attention_mask).__name__} "
+            f"({e}); pass the attention mask given to generate()"
+        ) from None
     if mask.dim() != 2:
         raise InvalidArgumentError(f"attention_mask must be [batch, prompt_len], got shape {tuple(mask.shape)}")
     if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
@@ -756,6 +759,12 @@ def split_generation(
     fed_last = False  # a decode loop that fed its last sampled token too: every token has its row
     if sequences is not None:
         seq_n = int(sequences.shape[1]) - p
+        if seq_n < 0:  # (not even the prompt: no count of new tokens to compare)
+            raise RoutesValidationError(
+                f"sequences hold {int(sequences.shape[1])} positions, fewer than the prompt's {p}: generate() returns "
+                f"the prompt and the new tokens, [{b}, {p} + new]; pass its output whole (sequences=output, or "
+                "output.sequences)"
+            )
         if seq_n == n - 1 and seq_n >= 1 and _fed_its_last(routes, sequences, b):
             n, fed_last = seq_n, True
         elif seq_n != n:

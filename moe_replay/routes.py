@@ -1429,8 +1429,8 @@ class Routes:
                 if bool((places < -2).any()):
                     raise _corrupted(path, "its layout places hold values below -2")
                 routes._layout_pos = places.to(torch.long)
-        except RoutesValidationError as e:
-            raise RoutesValidationError(f"{path}: {e}") from e
+        except RoutesValidationError as e:  # (named once: a field's own check may have named the file already)
+            raise RoutesValidationError(str(e) if os.fspath(path) in str(e) else f"{path}: {e}") from e
         except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
             raise _corrupted(path, f"{type(e).__name__}: {e}") from e
         if meta.get("fingerprint") not in (None, routes.fingerprint):

@@ -6,10 +6,13 @@ model is left as it was."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,3 +163,43 @@ def test_the_cli_names_an_exclude_that_takes_out_every_router(capsys: pytest.Cap
 
     assert main(["inspect", "softmax_topk", "--exclude", "*"]) != 0
     assert "--exclude '*' took out every router found" in capsys.readouterr().err
+
+
+@pytest.mark.reliability("files")
+def test_a_corrupted_field_of_a_routes_file_names_the_file_once(tmp_path: Path) -> None:
+    """A routes file whose forwards field was damaged said ``<path>: cannot read routes from <path>: ...``."""
+    _, _, routes = _captured()
+    path = tmp_path / "r.npz"
+    routes.save(path)
+    arrays = dict(np.load(path))
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta["forwards"] = [1]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted") as info:
+        mr.Routes.load(path)
+    assert str(info.value).count(str(path)) == 1, str(info.value)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_split_generation_of_sequences_shorter_than_the_prompt_says_so() -> None:
+    """``split_generation(..., sequences=<cut to 4 of the prompt's 8 positions>)`` said "sequences hold -4 new
+    tokens"; a mask given as a dict said "got Could not infer dtype of dict"."""
+    _, x, routes = _captured()
+    mask = torch.ones(2, 8, dtype=torch.long)
+    with pytest.raises(mr.RoutesValidationError, match=r"sequences hold 4 positions, fewer than the prompt's 8"):
+        mr.split_generation(routes, attention_mask=mask, sequences=x[:, :4])
+    with pytest.raises(mr.InvalidArgumentError, match=r"got a dict \(.*pass the attention mask"):
+        mr.split_generation(routes, attention_mask={"input_ids": x})
+
+
+@pytest.mark.reliability("bad inputs")
+def test_the_repr_of_a_layer_map_of_many_dense_layers_stays_one_short_line() -> None:
+    """A LayerMap of 10 MoE layers in 10,000 printed every dense layer: a 59,000-character repr."""
+    names = [f"model.layers.{i}.mlp.gate" for i in range(9990, 10000)]
+    lm = mr.LayerMap.from_names(names, num_layers=10000, num_experts=8, top_k=2)
+    text = repr(lm)
+    assert len(text) < 200 and "\n" not in text, text
+    assert "dense_layers=[0, 1, 2, 3, 4, 5, ... (+9983 more), 9989]" in text
+    small = mr.LayerMap.from_names(names[:2], layers=[0, 3], num_layers=4, num_experts=8, top_k=2)
+    assert "dense_layers=[1, 2]" in repr(small)

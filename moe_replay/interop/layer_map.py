@@ -391,5 +391,14 @@ class LayerMap:
     def __repr__(self) -> str:
         return (
             f"LayerMap(routers={len(self.names)}, num_layers={self.num_layers}, moe_layers={len(self.moe_layers)}, "
-            f"dense_layers={list(self.dense_layers)}, mtp={list(self.extra_names)})"
+            f"dense_layers={_few(self.dense_layers)}, mtp={_few(self.extra_names)})"
         )
+
+
+def _few(values: Sequence[Any], most: int = 8) -> str:
+    """``values`` as a list, its middle left out past ``most`` items: a repr of a map of many dense layers (or MTP
+    routers) stays one line."""
+    if len(values) <= most:
+        return repr(list(values))
+    head = ", ".join(repr(v) for v in values[: most - 2])
+    return f"[{head}, ... (+{len(values) - most + 1} more), {values[-1]!r}]"
