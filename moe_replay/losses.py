@@ -136,12 +136,54 @@ def note_router(t: torch.Tensor, name: str) -> torch.Tensor:
         _ROUTER_OF.pop(key, None)
 
     _ROUTER_OF[key] = (weakref.ref(t, forget), name)
+    node = t.grad_fn  # (and on the op that made it: probabilities computed from it name the router too)
+    if node is not None:
+        _metadata(node).setdefault(_ROUTER_KEY, set()).add(name)  # (a node of several routers' outputs names none)
     return t
 
 
 def _router_of(t: torch.Tensor) -> str | None:
     held = _ROUTER_OF.get(id(t))
-    return held[1] if held is not None and held[0]() is t else None
+    return held[1] if held is not None and held[0]() is t else _router_made_from(t)
+
+
+#: the key under which :func:`note_router` marks the autograd node that made a router's noted tensor
+_ROUTER_KEY = "moe_replay.router"
+#: how many ops back from a tensor :func:`_router_made_from` looks for a noted router's scores
+_ROUTER_DEPTH = 3
+
+
+def _router_made_from(t: torch.Tensor) -> str | None:
+    """The router whose noted scores ``t`` was computed from, a few ops back (``scores.softmax(-1)``,
+    ``scores.float().sigmoid()``, a renormalisation), through its autograd graph.
+
+    None where no op within :data:`_ROUTER_DEPTH` made noted scores, where the nearest such ops are of several
+    routers, or where ``t`` has no graph (made without gradients, or traced by ``torch.compile``). Probabilities made
+    from kept scores then pair with their own router's indices as the kept scores do, in whichever order the two
+    lists hold the routers."""
+    if dynamo_compiling():  # (a traced tensor's graph is not the one its values will have: not read)
+        return None
+    level = [] if t.grad_fn is None else [t.grad_fn]
+    seen: set[int] = set()
+    for _ in range(_ROUTER_DEPTH + 1):
+        names: set[str] = set()
+        below = []
+        for node in level:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            names |= _metadata(node).get(_ROUTER_KEY, set())
+            below += [n for n, _ in node.next_functions if n is not None]
+        if names:  # (the nearest noted ops: a router's own scores come before those of the layers under it)
+            return next(iter(names)) if len(names) == 1 else None
+        level = below[:64]
+    return None
+
+
+def _metadata(node: Any) -> dict[str, Any]:
+    """An autograd node's ``metadata`` dict (an attribute of torch's nodes, typed as a method in its stubs)."""
+    held = node.metadata
+    return cast(dict[str, Any], held() if callable(held) else held)
 
 
 def _same_router(a: str, b: str) -> bool:
@@ -488,7 +530,8 @@ def load_balancing_loss(
         indices: ``[T, k]`` experts each token used (one tensor, or one per router), on any
             device (``Routes.layer(name)`` is on the host): they are moved to ``probs``' device.
             Each is paired with the probabilities of its router: where both lists are tensors that
-            name their routers (those of :meth:`Session.keep_scores`, ``Routes.per_layer()``,
+            name their routers (those of :meth:`Session.keep_scores`, probabilities computed from its scores with
+            gradients on, a few ops back such as ``scores.softmax(-1)``, ``Routes.per_layer()``,
             ``Routes.layer(name)``) and hold the same routers in other orders, by those names;
             where only some name them and they disagree, the call is refused.
         mask: optional weights of the tokens to count, e.g. the attention mask; padding gets

@@ -203,3 +203,34 @@ def test_the_repr_of_a_layer_map_of_many_dense_layers_stays_one_short_line() -> 
     assert "dense_layers=[0, 1, 2, 3, 4, 5, ... (+9983 more), 9989]" in text
     small = mr.LayerMap.from_names(names[:2], layers=[0, 3], num_layers=4, num_experts=8, top_k=2)
     assert "dense_layers=[1, 2]" in repr(small)
+
+
+# --- probabilities made from kept scores -----------------------------------------------------------------------------
+
+
+@pytest.mark.reliability("silent replays")
+def test_probabilities_made_from_kept_scores_pair_with_their_own_routers_indices_in_any_order() -> None:
+    """``load_balancing_loss([s.softmax(-1) for s in kept.scores][::-1], kept.indices)`` counted each router's
+    probabilities with the other router's experts, a wrong loss without a word: the kept scores name their routers,
+    but the probabilities made from them did not. They now name the router whose kept scores they were made from, a
+    few ops back through their graph, and are paired by name as the kept scores are."""
+    model = mr.models.build("softmax_topk", num_layers=3)
+    x = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    with mr.attach(model) as session, session.keep_scores() as kept:
+        model(x)
+    probs = [s.float().softmax(-1) for s in kept.scores]
+    want = mr.load_balancing_loss(probs, kept.indices)
+    by_hand = []
+    for p, idx in zip(probs, kept.indices, strict=True):
+        f = torch.zeros(p.shape[1]).index_add_(0, idx.reshape(-1), torch.ones(idx.numel())) / p.shape[0]
+        by_hand.append(p.shape[1] * (f * p.mean(0)).sum())
+    assert want.item() == pytest.approx(torch.stack(by_hand).mean().item(), abs=1e-6)
+    for order in ([2, 1, 0], [1, 2, 0]):
+        tried()
+        moved = [probs[i] for i in order]
+        got = mr.load_balancing_loss(moved, kept.indices)  # (paired by name: each router's own)
+        assert got.item() == pytest.approx(want.item(), abs=1e-6), order
+        renormed = [(p / p.sum(-1, keepdim=True)) for p in moved]  # (two ops back)
+        assert mr.load_balancing_loss(renormed, kept.indices).item() == pytest.approx(want.item(), abs=1e-6)
+    got.backward()  # (gradients reach every router through the probabilities, as before)
+    assert all(layer.mlp.router.weight.grad is not None for layer in model.layers)
