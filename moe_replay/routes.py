@@ -560,12 +560,18 @@ class Routes:
             )
         return name in self._names
 
-    @staticmethod
-    def _uniform(values: Sequence[int], what: str, alt: str) -> int:
+    def _uniform(self, values: Sequence[int], what: str, alt: str) -> int:
         if not values:
             raise InvalidArgumentError("these routes hold no router")
         if len(set(values)) != 1:
-            raise InvalidArgumentError(f"routers differ in {what} ({sorted(set(values))}); use .{alt}")
+            groups: dict[int, list[str]] = {}
+            for n, v in zip(self._names, values, strict=True):
+                groups.setdefault(int(v), []).append(n)
+            held = "; ".join(f"{v}: {ns[:2]}{' ...' if len(ns) > 2 else ''}" for v, ns in sorted(groups.items()))
+            raise InvalidArgumentError(
+                f"routers differ in {what} ({held}), and this needs one for all routers: take the routers that "
+                f"share one with routes.select([...]) first, or read each router's with .{alt} or routes.layer(name)"
+            )
         return int(values[0])
 
     # ------------------------------------------------------------------ views

@@ -234,3 +234,18 @@ def test_probabilities_made_from_kept_scores_pair_with_their_own_routers_indices
         assert mr.load_balancing_loss(renormed, kept.indices).item() == pytest.approx(want.item(), abs=1e-6)
     got.backward()  # (gradients reach every router through the probabilities, as before)
     assert all(layer.mlp.router.weight.grad is not None for layer in model.layers)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_routes_of_routers_that_see_other_token_counts_say_which_and_how_to_slice_them() -> None:
+    """``routes[:2]`` of an encoder's and a decoder's routers (4 and 6 rows) said "routers differ in token counts ([4,
+    6]); use .tokens_per_layer", naming neither the routers nor a way to slice; it now names both groups and
+    ``select``, which slices."""
+    rows = [torch.tensor([[0, 1]] * 4), torch.tensor([[2, 3]] * 6)]
+    routes = mr.Routes(rows, names=["encoder.0.gate", "decoder.0.gate"], num_experts=8)
+    for call in (lambda: routes[:2], lambda: routes.indices, lambda: len(routes), lambda: routes.to_numpy()):
+        tried()
+        with pytest.raises(mr.InvalidArgumentError, match=r"4: \['encoder.0.gate'\]; 6: \['decoder.0.gate'\]") as info:
+            call()
+        assert "routes.select([...])" in str(info.value)
+    assert routes.select(["encoder.0.gate"])[:2].num_tokens == 2  # (the way it says)
