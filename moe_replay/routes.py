@@ -1468,6 +1468,15 @@ def reorder_hint(part: Routes, first: Routes, i: int, what: str = "part") -> str
     return f": the same routers in another order; reorder {what} {i} with .select() and the names of {what} 0"
 
 
+def _unique_keys(pairs: list[tuple[str, Any]], twice: list[str]) -> dict[str, Any]:
+    """A JSON object of the metadata, its keys named more than once added to ``twice``: :meth:`Routes.save` never
+    writes one, and ``json`` alone keeps the last silently (an edited file's second ``"names"`` read over the first).
+    """
+    keys = [k for k, _ in pairs]
+    twice.extend(sorted({k for k in keys if keys.count(k) > 1}))
+    return dict(pairs)
+
+
 def _header(
     zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str | os.PathLike[str]
 ) -> tuple[tuple[int, ...], np.dtype]:
@@ -1521,7 +1530,13 @@ def _read_members(
     if len(shape) != 1 or dtype != np.uint8 or meta_info.file_size > _MAX_META_BYTES:
         raise RoutesValidationError(f"{path} is not a moe_replay routes file (its metadata is not short JSON)")
     with zf.open(meta_info) as f:
-        meta = json.loads(bytes(npformat.read_array(f, allow_pickle=False)).decode())
+        twice: list[str] = []
+        meta = json.loads(
+            bytes(npformat.read_array(f, allow_pickle=False)).decode(),
+            object_pairs_hook=lambda pairs: _unique_keys(pairs, twice),
+        )
+    if twice:
+        raise _corrupted(path, f"its metadata names the key {twice[0]!r} twice")
     names, experts = _read_meta(meta, path)
     wanted = ["meta.npy", *(f"layer_{i}.npy" for i in range(len(names)))]
     optional = [

@@ -249,3 +249,20 @@ def test_routes_of_routers_that_see_other_token_counts_say_which_and_how_to_slic
             call()
         assert "routes.select([...])" in str(info.value)
     assert routes.select(["encoder.0.gate"])[:2].num_tokens == 2  # (the way it says)
+
+
+@pytest.mark.reliability("files")
+def test_a_routes_file_whose_metadata_names_a_key_twice_is_refused(tmp_path: Path) -> None:
+    """A routes file whose metadata named ``"names"`` twice (an edited file) loaded with the second list, read over
+    the first without a word; save() never writes a key twice, so such a file is refused as corrupted."""
+    _, _, routes = _captured()
+    path = tmp_path / "r.npz"
+    routes.save(path)
+    arrays = dict(np.load(path))
+    text = bytes(arrays["meta"]).decode()
+    assert mr.Routes.load(path).names == routes.names
+    edited = text[:-1] + ', "names": ["other.0.gate", "other.1.gate"]}'
+    arrays["meta"] = np.frombuffer(edited.encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted.*names the key 'names' twice"):
+        mr.Routes.load(path)
