@@ -177,7 +177,7 @@ class _Forward:
 
     # (what every forward sets; the rest is read from the class where a forward sets none, as a decode step: its
     # instance dict is made only where one does)
-    __slots__ = ("__dict__", "calls", "count", "end", "ids", "mask")
+    __slots__ = ("__dict__", "calls", "count", "end", "ids", "mask", "places")
     #: the [batch, positions] of ids whose tokens its routers saw sequence-first (ids and mask kept in that order), or
     #: None: they saw them in the order of the ids
     shape: tuple[int, int] | None = None
@@ -203,6 +203,9 @@ class _Forward:
         self.count = count  # tokens fed (rows per router call); -1 where unknown
         self.ids = ids  # a copy of the ids fed, None where fed embeddings
         self.mask = mask  # a copy of the attention mask of the tokens fed, or None
+        #: each token's place in its sequence as the forward gave it (see :func:`places_fed`), in the order of ``ids``,
+        #: -1 at padding; None where not known
+        self.places: torch.Tensor | None = None
         #: each router's calls recorded before this forward (FeedRecord.calls_made), None where unknown
         self.calls = calls
         self.end: tuple[int, ...] | None = None  # and when it ended, None where unknown
@@ -213,7 +216,7 @@ class _Forward:
         if router not in self.later:
             return self
         kept = _Forward(self.count, self.ids, self.mask, self.calls)
-        kept.end, kept.unpadded, kept.width = self.end, True, self.width
+        kept.end, kept.unpadded, kept.width, kept.places = self.end, True, self.width, self.places
         kept.unpad()
         return kept
 
@@ -238,6 +241,8 @@ class _Forward:
         keep = keep.reshape(-1)
         if self.ids is not None:
             self.ids = self.ids.reshape(-1)[keep.to(self.ids.device)]
+        if self.places is not None:
+            self.places = self.places.reshape(-1)[keep.to(self.places.device)]
         self.count = int(keep.sum())
         self.mask = torch.ones(self.count, dtype=torch.bool, device=keep.device)
 
@@ -308,6 +313,8 @@ class FeedRecord:
         self._reordered: bool | torch.Tensor = False
         self._shape_fed: torch.Size | None = None  # (the [batch, positions] of the forward fed last, where it has one)
         self._keep_inputs = keep_inputs
+        #: the KV caches the forwards of this capture were given or returned (see :func:`places_fed`)
+        self._built = _Built()
         #: a forward of this capture fed embeddings of several sequences of several positions: the order its routers
         #: saw them in is not told (its rows are in that order: see ``Routes._order_untold``)
         self.untold = False
@@ -417,7 +424,7 @@ class FeedRecord:
             elif ids is None and fed is not None and min(int(fed[0]), int(fed[1])) > 1:
                 self.untold = untold = True  # (embeddings whose order was not told, or told as neither)
         if self._keep_inputs:
-            self._keep(count, ids, fed, kwargs, BATCH_MAJOR if order == UNTOLD else order, untold)  # (read as before)
+            self._keep(count, ids, fed, kwargs, BATCH_MAJOR if order == UNTOLD else order, untold, args)  # (as before)
         if self._rollback is not None:  # (a forward after tokens were taken out of a cache: its rows follow theirs)
             self._follow()
         self._count += 1
@@ -470,6 +477,8 @@ class FeedRecord:
     def returned(self, out: Any) -> None:
         """The forward fed last returned ``out``: where it was given a cache of plain tensors and returns one grown
         along one dimension (its tokens'), keep those tensors (weakly) for the next forward (:meth:`_plain_given`)."""
+        if self._keep_inputs:  # (the cache it returns: built by this capture's forwards, see _keep)
+            self._built.note(_returned_object(out))
         shapes, self._plain_in = self._plain_in, None
         fed, self._shape_fed = self._shape_fed, None
         if (shapes is None and fed is None) or not self._notes_loops:
@@ -688,9 +697,11 @@ class FeedRecord:
         kwargs: dict[str, Any],
         order: str = BATCH_MAJOR,
         untold: bool = False,
+        args: tuple[Any, ...] = (),
     ) -> None:
-        """Keep a copy of the ids a forward was fed (``_inputs``), and of its prompt mask, in the ``order`` its
-        routers see them (:func:`token_order`); ``untold``: an order not told, its rows kept as if batch-major."""
+        """Keep a copy of the ids a forward was fed (``_inputs``), of its prompt mask and of each token's place in its
+        sequence (:func:`places_fed`, read from ``args`` and ``kwargs``), in the ``order`` its routers see them
+        (:func:`token_order`); ``untold``: an order not told, its rows kept as if batch-major."""
         if self._limit is not None:
             self._held += max(count, 0)
             if self._held > self._limit:  # (past a keep_newest ring's capacity: its rows no longer start at a forward)
@@ -721,6 +732,16 @@ class FeedRecord:
                 if mask is not None and order is not BATCH_MAJOR:
                     mask = in_router_order(mask, order)
         forward = _Forward(count, kept, mask, self._began)
+        if kept is not None:  # (each token's place in its sequence: a replay of its row elsewhere is refused)
+            held = _cache_held(kwargs)
+            places = places_fed(args, kwargs, fed, held)
+            if places is not None and places.numel() == count:
+                cache = _given_cache(kwargs) if held else None
+                if cache is not None and not self._built.holds(cache):
+                    # (after tokens of a cache no forward of this capture built: marked, see AFTER_OUTSIDE)
+                    places = torch.where(places >= 0, AFTER_OUTSIDE - places, places)
+                self._built.note(_given_cache(kwargs) if cache is None else cache)
+                forward.places = places.reshape(-1) if order is BATCH_MAJOR else in_router_order(places, order)
         if own and fed is not None:  # (else as made: not unpadded, no width, not either)
             forward.unpadded = unpadded = order == UNPADDED
             forward.width = int(fed[1])
@@ -801,7 +822,7 @@ class FeedRecord:
             held = getattr(self, name)
             if held is not None and isinstance(held[1], torch.Tensor):
                 setattr(self, name, (held[0], held[1].cpu()))
-        for name in ("ids", "mask"):
+        for name in ("ids", "mask", "places"):
             groups: dict[tuple[torch.device, torch.dtype], list[_Forward]] = {}
             for f in self.forwards:
                 t = getattr(f, name)
@@ -855,6 +876,18 @@ class FeedRecord:
         if ids is not None and any(f is None for f in parts):
             ids[torch.cat([torch.full((n,), f is None) for f, n in zip(parts, sizes, strict=True)])] = NO_FORWARD_ID
         return ids, _flat(masks, sizes, torch.int8)
+
+    def places(self, calls: tuple[tuple[int, int], ...] | None) -> torch.Tensor | None:
+        """Each row's place in its sequence as its forward gave it (see :func:`places_fed`), as :meth:`rows` reads the
+        ids: one host int64 per row, -1 where not known (padding, a forward whose places were not read), marked
+        :data:`AFTER_OUTSIDE` after tokens of a cache no forward of the capture built; None where the forwards do not
+        line up with the router calls or no place is known."""
+        parts = self._calls(calls)
+        if parts is None or calls is None:
+            return None
+        sizes = [n for n, c in calls for _ in range(c)]
+        flat = _flat([None if f is None else f.places for f in parts], sizes, torch.long)
+        return flat if flat is not None and bool((flat != -1).any()) else None
 
     def apart(self, calls: tuple[tuple[int, int], ...], router: int) -> bool:
         """Did a forward call router ``router`` (whose calls were ``calls``) only on other row counts than it was fed
@@ -1280,6 +1313,10 @@ class FeedCheck:
             sequence), or None. A forward that feeds such a row a token of a sequence (its attention mask
             says token there, or it has none) is refused: that token would take the experts a padding
             token got.
+        places: each row's place in its sequence as its forward gave it (``Routes._seq_pos``, -1 where not known), or
+            None. A forward that feeds a row's token at another place (read by :func:`places_fed`, where it can be) is
+            refused: its routers see that token after other tokens (none, where a suffix is fed without its prefix
+            or KV cache) than the row was recorded after.
     """
 
     #: the routers' scopes (by ``id``) that the forward fed last can reach, where that is not every router of the
@@ -1300,8 +1337,25 @@ class FeedCheck:
         *,
         device_ids: bool = True,
         padding: torch.Tensor | None = None,
+        places: torch.Tensor | None = None,
+        origin: tuple[Any, int] | None = None,
+        before: tuple[_Built, Any] | None = None,
     ) -> None:
         self.want = want
+        self.places = places if places is not None and places.numel() == want.numel() else None
+        #: the places of :attr:`places` with those marked :data:`AFTER_OUTSIDE` read as plain ones (compared)
+        self._seq_plain = None if self.places is None else unmarked_places(self.places)
+        #: (forward, first row, the places it fed its tokens at) of forwards whose places are on a device, compared
+        #: when the block ends (see :meth:`_check_seq_places`)
+        self._seq_later: list[tuple[int, int, torch.Tensor]] = []
+        self._seq_read = False  # a forward's places on a device were read back once, at the first of them
+        #: the KV caches the forwards of this block were given or returned (see :meth:`_check_cache`), each with the
+        #: row of the whole capture its forwards' rows end at; the row of the whole capture these routes' first row is
+        #: (their capture's ``_Forwards``, the row), and the caches the replay block before built (with its capture's)
+        self._built = _Built()
+        self.origin = origin
+        self._before = before
+        self._end = -1  # (the row of the whole capture the rows of the forward that runs now end at)
         self.padding = padding if padding is not None and bool(padding.any()) else None
         self.position = position
         self.hint = hint  # what the error adds, about these routes
@@ -1581,7 +1635,108 @@ class FeedCheck:
             fed = _tokens_fed(given, ids) if kept is None else torch.ones_like(kept, dtype=torch.int8)
             tokens = None if fed is None else in_router_order(fed, order).reshape(-1)
         self._check(start, flat, tokens)
+        if self.places is not None:
+            held = self._check_cache(start, count, kwargs)
+            if kept is None and order in (BATCH_MAJOR, SEQUENCE_FIRST):
+                self._check_seq_places(start, count, args, kwargs, shape, order, held)
         return True
+
+    def _check_cache(self, start: int, count: int, kwargs: dict[str, Any]) -> int | None:
+        """Refuse a forward given a KV cache that holds tokens (as the host counts them) where no forward of this
+        block built it (given it, or returned it), while the rows it reads were recorded after earlier tokens of
+        their sequences: the cache holds the context of other forwards (another batch's prompts, a prefill run
+        outside the replay), which the recorded experts were not chosen in, and the places of its tokens may fit
+        all the same. Caches this block's forwards build are noted as they are given and returned. Returns the
+        tokens the cache holds (:func:`_cache_held`)."""
+        origin = self.origin
+        self._end = -1 if origin is None else origin[1] + start + count
+        held = _cache_held(kwargs)
+        if held is None:
+            return held
+        cache = _given_cache(kwargs)
+        if held and not self._built.holds(cache) and not self._continued(cache, start):
+            want = cast(torch.Tensor, self.places)[start : start + count]
+            # (rows recorded after tokens of a cache their capture's forwards built: see places_fed; those after a
+            # cache built outside their capture are not checked for its origin)
+            if bool((want > 0).any()):
+                j = int((want > 0).nonzero()[0])
+                raise TokenMismatchError(
+                    f"forward {self.forwards} of this replay() is given a KV cache ({type(cache).__name__}, holding "
+                    f"{held} tokens) that no earlier forward of this replay() built, while its rows were recorded "
+                    f"after earlier tokens of their sequences (row {start + j} of the routes, at place "
+                    f"{int(want[j])}): the cache holds the context of other forwards (another batch's prompts, a "
+                    "prefill run outside the replay), and the recorded experts would be forced on tokens that see "
+                    "another context. Replay the forwards that fill the cache from the start of the routes (the "
+                    "prompt's forward first) in this replay() block, or in the block just before it on the capture's "
+                    "rows just before these (routes[:n], then routes[n:]), and pass on the cache they return"
+                    + (f". {self.hint}" if self.hint else "")
+                )
+        self._built.note(cache, self._end)
+        return held
+
+    def _continued(self, cache: Any, start: int) -> bool:
+        """Did the replay block before this one build ``cache`` from the rows of the same capture that end where the
+        rows of this forward (from ``start`` on) begin (a decode loop replayed over two blocks, its prompt's forward in
+        the first)?"""
+        before, origin = self._before, self.origin
+        if before is None or origin is None or before[1] is not origin[0]:
+            return False
+        end = before[0].end_of(cache)
+        return end is not None and end >= 0 and end == origin[1] + start
+
+    def returned(self, out: Any) -> None:
+        """The forward fed last returned ``out``: note the KV cache it returns as built by this block."""
+        if self.places is not None:
+            self._built.note(_returned_object(out), self._end)
+
+    def _check_seq_places(
+        self,
+        start: int,
+        count: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        shape: torch.Size | None,
+        order: str,
+        held: int | None,
+    ) -> None:
+        """Compare the place in its sequence at which a forward feeds each token (:func:`places_fed`; ``held``: the
+        tokens its cache holds) with the place its row from ``start`` on was recorded at, where both are known: host
+        places now (and the first on a device: one host sync, before any router runs), later ones on a device when
+        the block ends."""
+        fed = places_fed(args, kwargs, shape, held)
+        if fed is None or fed.numel() != count:
+            return
+        flat = in_router_order(fed, order).reshape(-1)[: max(self.want.numel() - start, 0)]
+        if flat.device.type == "cpu" or not self._seq_read:
+            self._seq_read = self._seq_read or flat.device.type != "cpu"
+            self._compare_seq_places(self.forwards, start, flat)
+        else:
+            self._seq_later.append((self.forwards, start, flat))
+
+    def _compare_seq_places(self, forward: int, start: int, fed: torch.Tensor) -> None:
+        """Refuse forward ``forward`` where it feeds the token of a row (its rows from ``start`` on) at another place in
+        its sequence (``fed``, -1 at padding) than the row was recorded at."""
+        got = fed.to("cpu", torch.long)
+        want = cast(torch.Tensor, self._seq_plain)[start : start + got.numel()]
+        if torch.equal(got, want):  # (every token at its row's place, in one op)
+            return
+        bad = (want >= 0) & (got >= 0) & (got != want)
+        if not bool(bad.any()):
+            return
+        j = int(bad.nonzero()[0])
+        token = int(self.want[start + j])
+        raise TokenMismatchError(
+            f"forward {forward} of this replay() feeds its tokens at other places in their sequences than its routes "
+            f"were recorded at: {int(bad.sum())} of its {got.numel()} tokens (first: token {j} of the forward, row "
+            f"{start + j} of the routes, id {token}, comes at place {int(got[j])} of its sequence, but its row was "
+            f"recorded at place {int(want[j])}), so its routers see it after other tokens than the recorded experts "
+            "were chosen after, and the replay would force the experts of another context. Was a part of a sequence "
+            "fed without the tokens before it (a suffix without its prefix, a decode step without the KV cache of "
+            "its prompt), or were rows picked out of their sequences (routes[::2])? Feed each sequence from its "
+            "start, or pass the KV cache its earlier forwards made (the places are read from the cache's length, the "
+            "attention mask and position_ids); slice the routes to whole sequences from their start"
+            + (f". {self.hint}" if self.hint else "")
+        )
 
     def _either(self, ids: torch.Tensor, mask: Any, start: int) -> torch.Tensor | None:
         """The ids of the tokens the host ``mask`` of a forward of one sequence with padding keeps, where the rows from
@@ -1688,6 +1843,11 @@ class FeedCheck:
             host.update(zip([i for i, _ in mine], flat.split([ids.numel() for _, ids in mine]), strict=True))
         for i, (forward, start, _, tokens) in enumerate(pending):
             self._compare(forward, start, host[i], None if tokens is None else tokens.cpu())
+        later, self._seq_later = self._seq_later, []
+        if later:  # (one copy to the host)
+            read = torch.cat([fed for _, _, fed in later]).cpu().split([fed.numel() for _, _, fed in later])
+            for (forward, start, _), fed in zip(later, read, strict=True):
+                self._compare_seq_places(forward, start, fed)
         self._refuse_traced()
         self.unchecked()
         self._refuse_strays()
@@ -2489,6 +2649,20 @@ def _plain_tensors(cache: Any, depth: int = 0) -> list[torch.Tensor]:
     return [t for v in cache for t in _plain_tensors(v, depth + 1)]
 
 
+def _first_tensor(value: Any, depth: int = 0) -> torch.Tensor | None:
+    """The first tensor of a cache of plain tensors (that of :func:`_plain_tensors`, found without listing them), or
+    None."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if depth > 3 or not isinstance(value, list | tuple):
+        return None
+    for v in value:
+        found = _first_tensor(v, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def _row_sample(t: torch.Tensor, dim: int) -> torch.Tensor:
     """A few values of ``t`` (batch rows along its dimension 0) at every token (along ``dim``): the first
     ``_SAMPLED`` along its last dimension (the first along the others), a view ``[batch, tokens, ...]``. Rows that hold
@@ -2527,6 +2701,20 @@ def _returned_cache(out: Any) -> list[Any] | tuple[Any, ...] | None:
             return None
         if found is not None:
             return found if isinstance(found, list | tuple) and found else None
+    return None
+
+
+def _returned_object(out: Any) -> Any:
+    """The KV cache a forward returned under the first of the names a cache is given by that it returns (a cache
+    object or one of plain tensors), or None."""
+    mapping = isinstance(out, dict)
+    for name in _CACHE_NAMES:
+        try:
+            found = out.get(name) if mapping else getattr(out, name, None)
+        except Exception:  # (an output object whose attribute raises: it says nothing)
+            return None
+        if found is not None:
+            return found
     return None
 
 
@@ -2601,6 +2789,135 @@ def _tokens_fed(mask: Any, ids: torch.Tensor) -> torch.Tensor | None:
     ones = mask == 1  # a float mask of 0s and 1s (with a 1) as an integer one; any other is additive (0: a token)
     zero_one = ones.any() & (ones | (mask == 0)).all()
     return torch.where(zero_one, ones, mask > torch.finfo(mask.dtype).min / 2).to(torch.int8)
+
+
+#: a row's place ``p`` after tokens of a KV cache that no forward of its capture built (a prefill run before the
+#: capture, a cache filled by hand) is kept as ``AFTER_OUTSIDE - p`` (see ``Routes._seq_pos``): its place is checked,
+#: and the origin of the cache a replay gives its forward is not (the capture's was not known either)
+AFTER_OUTSIDE = -2
+
+
+def unmarked_places(places: torch.Tensor) -> torch.Tensor:
+    """``places`` (``Routes._seq_pos``) with the places marked :data:`AFTER_OUTSIDE` read as plain places."""
+    return torch.where(places <= AFTER_OUTSIDE, AFTER_OUTSIDE - places, places)
+
+
+class _Built:
+    """The KV caches that forwards of one capture or replay block were given or returned, each with the row of the
+    routes the rows of the forwards that built it end at (-1 where not counted): cache objects by id (weakly), caches
+    of plain tensors (a list of ``(keys, values)`` per layer, not weakly referable) by their first tensor's (address,
+    shape). A cache of plain tensors freed and another made at the same address and of the same shape reads as noted
+    (a cache of another origin is then not told apart)."""
+
+    __slots__ = ("objects", "plain")
+
+    def __init__(self) -> None:
+        self.objects: dict[int, tuple[weakref.ref[Any], int]] = {}
+        self.plain: dict[tuple[int, tuple[int, ...]], int] = {}
+
+    def holds(self, cache: Any) -> bool:
+        """Was ``cache`` noted?"""
+        return self.end_of(cache) is not None
+
+    def end_of(self, cache: Any) -> int | None:
+        """The row the forwards that built ``cache`` end at, where it was noted (-1: not counted); else None."""
+        if isinstance(cache, list | tuple):
+            first = _first_tensor(cache)
+            return None if first is None else self.plain.get((first.data_ptr(), tuple(first.shape)))
+        held = self.objects.get(id(cache))
+        return held[1] if held is not None and held[0]() is cache else None
+
+    def note(self, cache: Any, end: int = -1) -> None:
+        """Note ``cache`` (None: nothing), built by forwards whose rows end at row ``end``."""
+        if cache is None:
+            return
+        if isinstance(cache, list | tuple):
+            first = _first_tensor(cache)
+            if first is not None:
+                self.plain[(first.data_ptr(), tuple(first.shape))] = end
+            return
+        held = self.objects.get(id(cache))
+        if held is not None and held[0]() is cache:
+            if held[1] != end:
+                self.objects[id(cache)] = (held[0], end)
+            return
+        try:
+            self.objects[id(cache)] = (weakref.ref(cache), end)
+        except TypeError:  # (no weak reference to it: not noted; a later forward given it reads it as another's)
+            pass
+
+
+def _given_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a forward is given by name, or None."""
+    return next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def _cache_held(kwargs: dict[str, Any]) -> int | None:
+    """The tokens the KV cache a forward is given (by name) holds before it runs, where the host knows it: 0 for none
+    (or an empty one), ``get_seq_length()`` where it is an int, the third of four dimensions of the first tensor of a
+    cache of plain tensors (transformers' legacy ``[batch, heads, tokens, head_dim]``); None where not known (a static
+    cache counts on its device: no host sync here)."""
+    given = [kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None]
+    if not given:
+        return 0
+    if len(given) > 1:
+        return None
+    cache = given[0]
+    if isinstance(cache, list | tuple):
+        first = _first_tensor(cache)
+        if first is None:
+            return None if any(cache) else 0
+        return int(first.shape[-2]) if first.dim() == 4 else None
+    held = _count_now(cache)
+    return held if held >= 0 else None
+
+
+def places_fed(
+    args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Size | None, held: int | None = -1
+) -> torch.Tensor | None:
+    """Each token's place in its sequence as a ``[batch, positions]`` forward is fed it (``shape``): the real tokens
+    before it in its sequence, those of its KV cache included, padding left out (-1 at padding), as ``[batch,
+    positions]`` int64 on the device of what it is read from; None where not known (given anything but the ids
+    positionally, a 4-d or additive mask, a cache whose length the host does not know, positions of several axes).
+
+    Read from the ``position_ids`` given (packed rows restart them at each sequence), else from the ``[batch, cached +
+    positions]`` attention mask (its tokens counted), else from the tokens the cache holds before the forward, as the
+    model places them. No host sync (a device's mask or positions are read on it). ``held``: :func:`_cache_held`,
+    where the caller read it already (-1: not read)."""
+    if shape is None or len(args) > 1:
+        return None
+    batch, positions = int(shape[0]), int(shape[1])
+    mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if mask is not None and not (
+        isinstance(mask, torch.Tensor)
+        and mask.dim() == 2
+        and mask.shape[0] == batch
+        and mask.shape[1] >= positions
+        and not mask.is_floating_point()
+    ):
+        return None  # (a 4-d or an additive mask: not read)
+    if pos is not None:
+        if not isinstance(pos, torch.Tensor) or pos.is_floating_point() or pos.dim() not in (1, 2):
+            return None
+        if pos.shape[-1] != positions or (pos.dim() == 2 and pos.shape[0] not in (1, batch)):
+            return None
+        places = pos.detach().reshape(-1, positions).to(torch.long).expand(batch, positions)
+        if mask is not None:
+            places = places.masked_fill(mask[:, -positions:] == 0, -1)
+        return places
+    if held is not None and held < 0:
+        held = _cache_held(kwargs)
+    if held is None:
+        return None
+    if mask is not None:
+        if mask.shape[1] != held + positions:
+            return None
+        real = mask != 0
+        counted = real.long().cumsum(-1)[:, -positions:] - 1
+        return counted.masked_fill(~real[:, -positions:], -1)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    device = ids.device if isinstance(ids, torch.Tensor) else None
+    return torch.arange(held, held + positions, device=device).expand(batch, positions)
 
 
 def _unpad_fed(ids: torch.Tensor, mask: Any) -> torch.Tensor | None:
@@ -4008,7 +4325,7 @@ class FeedForward:
                     entered.append(r)
             for r in entered:
                 r._inside = False
-                if isinstance(r, FeedRecord):
+                if isinstance(r, FeedRecord) or type(r) is FeedCheck:
                     r.returned(out)
                 r.left()
             settling, self._settling = self._settling, None

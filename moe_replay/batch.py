@@ -84,6 +84,11 @@ def take_rows(routes: Routes, index: torch.Tensor) -> Routes:
         mask = fed[safe]
         mask[hole] = -1
         out._fed_mask = mask
+    places = routes._seq_pos  # (each row's place in its sequence goes with it: a replay checks it with the ids)
+    if places is not None and places.numel():
+        taken_places = places[safe]
+        taken_places[hole] = -1
+        out._seq_pos = taken_places
     return out
 
 

@@ -472,6 +472,7 @@ class Routes:
         self._dropped_rows = 0
         self._token_ids: torch.Tensor | None = None
         self._fed_mask: torch.Tensor | None = None
+        self._seq_pos: torch.Tensor | None = None
         self._layout_pos: torch.Tensor | None = None
         self._token_rank: torch.Tensor | None = None
         self._order_untold = False
@@ -658,7 +659,10 @@ class Routes:
         :func:`~moe_replay.split_generation` keep them with their rows, and
         :meth:`Session.replay` checks that every forward is fed these tokens, refusing
         routes recorded for other tokens (another batch, order or rank) where the replayed
-        forwards would otherwise take them silently. They are no part of :meth:`equal`.
+        forwards would otherwise take them silently. They are no part of :meth:`equal`. A capture also
+        keeps each row's place in its sequence (the tokens before it, its KV cache's included), which
+        goes where the row goes and is checked with its id: the row's token fed in another context (a
+        suffix without its prefix or KV cache, rows picked out of their sequences) is refused.
 
         None too where the routers' rows are not one per token of the same forwards (one MoE block
         called at several layers, a router also called on hidden states of one's own in the
@@ -727,6 +731,7 @@ class Routes:
         """
         self._call_rows, self._dropped_rows = source._call_rows, source._dropped_rows
         self._fed_mask, self._rows_moved = source._fed_mask, source._rows_moved
+        self._seq_pos = source._seq_pos
         self._layout_pos = source._layout_pos
         self._caches_interleaved, self._rows_picked = source._caches_interleaved, source._rows_picked
         self._token_rank, self._order_untold = source._token_rank, source._order_untold
@@ -820,6 +825,7 @@ class Routes:
         data = [d[rows] for d in self._data]
         out = Routes._trusted(data, self._names, self._experts, self._validated)
         out._token_ids = None if self._token_ids is None else _known_or_none(self._token_ids[rows])
+        out._seq_pos = None if self._seq_pos is None else self._seq_pos[rows].clone()
         if self._router_ids is not None:
             out._router_ids = tuple(v[rows] for v in self._router_ids)
         out._ids_lost = self._ids_lost
@@ -1058,6 +1064,10 @@ class Routes:
                     for p in parts
                 ]
             )
+        if any(p._seq_pos is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
+            self._seq_pos = torch.cat(
+                [p._seq_pos if p._seq_pos is not None else torch.full((p.num_tokens,), -1) for p in parts]
+            )
         if any(p._layout_pos is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
             self._layout_pos = torch.cat(
                 [p._layout_pos if p._layout_pos is not None else torch.full((p.num_tokens,), -2) for p in parts]
@@ -1108,6 +1118,14 @@ class Routes:
         #: tokens per sequence (-1 where unknown); and the cache method that moved rows between forwards, if
         #: one did (split_generation checks them)
         obj._fed_mask = None
+        #: set by Session.routes() only, one int64 per row: the row's place in its sequence as its forward gave it (the
+        #: tokens before it in its sequence, cached ones included, padding left out), -1 where not known, ``-2 - p``
+        #: for place ``p`` after tokens of a KV cache no forward of the capture built (_feeds.AFTER_OUTSIDE). A replay
+        #: that checks token ids refuses a forward that feeds a row's token at another place (a suffix fed without
+        #: its prefix or KV cache, rows picked out of their sequences), or gives it a cache holding tokens that no
+        #: forward of the replay built where the capture's forwards built theirs: its routers would see another
+        #: context
+        obj._seq_pos = None
         #: set by BatchLayout.routes() only, one int64 per row: the row's place in its sequence in the batch it was
         #: laid out for (0, 1, ...), -1 at that batch's padding, -2 where not known. A replay of routes that know no
         #: token ids refuses a forward whose attention mask or position_ids show its rows fall on other positions
@@ -1339,6 +1357,8 @@ class Routes:
             arrays["prompt_kept"] = self._prompt_kept.numpy()
         if self._layout_pos is not None:  # (each row's place in the batch a BatchLayout laid it out for)
             arrays["layout_places"] = self._layout_pos.numpy()
+        if self._seq_pos is not None:  # (each row's place in its sequence, as its forward gave it)
+            arrays["token_places"] = self._seq_pos.numpy()
         mask = self._fed_mask
         if mask is not None and mask.numel() and (forwards is None or forwards["mask_runs"] is None):
             # (too many runs for the metadata: the padded sequences of a large rollout) one value per row, not dropped
@@ -1435,6 +1455,12 @@ class Routes:
                 if bool((places < -2).any()):
                     raise _corrupted(path, "its layout places hold values below -2")
                 routes._layout_pos = places.to(torch.long)
+            places = extra.get("token_places")
+            if places is not None:
+                if len(set(routes.tokens_per_layer)) != 1 or places.shape != (routes.num_tokens,):
+                    held = f"{places.numel()} values for {routes.num_tokens} rows"
+                    raise _corrupted(path, f"its token places hold {held}")
+                routes._seq_pos = places.to(torch.long).clone()
         except RoutesValidationError as e:  # (named once: a field's own check may have named the file already)
             raise RoutesValidationError(str(e) if os.fspath(path) in str(e) else f"{path}: {e}") from e
         except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
@@ -1548,6 +1574,7 @@ def _read_members(
         "ids_lost.npy",
         "prompt_kept.npy",
         "layout_places.npy",
+        "token_places.npy",
         "call_runs.npy",
     ]
     extra = sorted(set(infos) - set(wanted) - set(optional))
@@ -1596,6 +1623,10 @@ def _read_members(
         shape, dtype = _header(zf, infos["layout_places.npy"], path)
         if len(shape) != 1 or dtype.kind != "i":
             raise _corrupted(path, f"its layout places are a {dtype} array of shape {shape}, not one int per row")
+    if "token_places.npy" in infos:
+        shape, dtype = _header(zf, infos["token_places.npy"], path)
+        if len(shape) != 1 or dtype.kind != "i":
+            raise _corrupted(path, f"its token places are a {dtype} array of shape {shape}, not one int per row")
     if "call_runs.npy" in infos:
         shape, dtype = _header(zf, infos["call_runs.npy"], path)
         if len(shape) != 2 or shape[1] != 2 or dtype.kind != "i":
@@ -1617,7 +1648,14 @@ def _read_members(
         None if untold is None else bool(untold),
         {
             n.removesuffix(".npy"): found[n]
-            for n in ("router_ids.npy", "ids_lost.npy", "prompt_kept.npy", "layout_places.npy", "call_runs.npy")
+            for n in (
+                "router_ids.npy",
+                "ids_lost.npy",
+                "prompt_kept.npy",
+                "layout_places.npy",
+                "token_places.npy",
+                "call_runs.npy",
+            )
             if n in found
         },
     )
@@ -2201,6 +2239,8 @@ def in_token_order(routes: Routes, what: str) -> Routes:
         out._fed_mask = routes._fed_mask[order]
     if routes._layout_pos is not None and routes._layout_pos.numel() == order.numel():
         out._layout_pos = routes._layout_pos[order]
+    if routes._seq_pos is not None and routes._seq_pos.numel() == order.numel():
+        out._seq_pos = routes._seq_pos[order]
     return out
 
 

@@ -720,6 +720,9 @@ class Session:
         self._kept_ran: list[bool] = []  # per router: it ran in the last capture (kept with its rows)
         self._renamed: dict[str, str] | None = None  # the prefix map of the last replay, if it needed one
         self._feeds: FeedRecord | None = None  # what the model's forwards were fed during the last capture
+        #: the KV caches the forwards of the last replay block built, with the capture its rows were cut from (a
+        #: decode loop replayed over two blocks goes on from them: see FeedCheck._continued)
+        self._replay_built: tuple[Any, Any] | None = None
 
     # ------------------------------------------------------------- properties
     @property
@@ -1923,6 +1926,8 @@ class Session:
             if ids is not None and routes._fed_mask is not None:
                 ids = torch.where(routes._fed_mask == 0, -1, ids)  # prompt padding: the token of no sequence
             routes._token_ids = None if ids is None else _known_or_none(ids)
+            if routes._token_ids is not None:  # (each row's place in its sequence: checked with its id at replay)
+                routes._seq_pos = self._feeds.places(routes._call_rows)
             if routes._token_ids is None and all(c is not None for c in each):  # (rows of no one id each)
                 _router_ids(routes, self._feeds, each)
             if self._feeds.mixed is not None:  # (routers that saw a forward's tokens in more than one order: each
@@ -2269,6 +2274,10 @@ class Session:
                 h.replay_source = None
         if ok and check is not None:
             check.finish()  # (before the row counts: forwards fed other tokens are why they would differ)
+        # (the caches this block's forwards built, for the next block to go on from: see FeedCheck._continued)
+        self._replay_built = (
+            (check._built, check.origin[0]) if ok and type(check) is FeedCheck and check.origin is not None else None
+        )
         held = [src for _, src in sources if src is not None]
         every = [(h, src) for h, src in sources if src is not None]
         # (a forward that entered the model, refused by either watch or not, was seen: none went around it alone; so
@@ -2380,6 +2389,9 @@ class Session:
             hint=_GENERATE_HINT if generated else "",
             device_ids=strict,
             padding=padding,
+            places=routes._seq_pos,
+            origin=_rows_origin(routes),
+            before=self._replay_built,
         )
         check.scope_of = self._scope_of(held)
         return check, check.start(self._feed_wrappers, held)
@@ -3270,6 +3282,17 @@ def _check_forces_some(routes: Routes, layers: list[int]) -> None:
         "recorded experts (a capture's, an engine's output read with its token count), or pass strict=False to "
         "route natively on purpose"
     )
+
+
+def _rows_origin(routes: Routes) -> tuple[Any, int] | None:
+    """Where the rows of ``routes`` sit in the capture they come from: (its ``_Forwards``, the row of the capture their
+    first row is), or None where they are no capture's run of rows (see ``FeedCheck._continued``)."""
+    if routes._cut_from is not None:
+        whole, start, _ = routes._cut_from
+        return whole, start
+    if routes._call_rows is not None and routes._rows_picked is None and routes._joined <= 1:
+        return routes._whole_forwards(), 0
+    return None
 
 
 def _check_forced(sources: Sequence[ReplaySource], strict: bool, device_read: bool) -> None:

@@ -5,7 +5,9 @@ any module is touched, and the model is left as it was."""
 
 from __future__ import annotations
 
+import pickle
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -176,17 +178,12 @@ def test_rows_of_a_capture_replayed_on_their_tokens_in_their_own_context_force_t
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (silent): a replay checks each row's token id, not the place in its sequence the row was "
-    "recorded at, so a capture's rows of tokens 4..7 of a sequence replayed on those tokens fed alone (no prefix, no "
-    "KV cache), or every other row on every other token, force the experts chosen in another context unrefused",
-)
 @pytest.mark.parametrize("part", ["a suffix fed without its prefix", "every other token"])
 def test_rows_of_a_capture_replayed_on_their_token_ids_in_another_context_are_refused(part: str) -> None:
     """Each row's token id matches, but the rows were recorded for those tokens after others the forward is not fed:
-    the routers see other hidden states, and the experts forced are those of another context. Refused, with the model
-    left as it was."""
+    the routers see other hidden states, and the experts forced are those of another context. Refused (each row's
+    place in its sequence is recorded with it, and compared with the place the forward feeds its token at), with the
+    model left as it was."""
     model, session, x, routes = _captured_pair()
     before = snapshot(model)
     rows, fed = {
@@ -195,7 +192,7 @@ def test_rows_of_a_capture_replayed_on_their_token_ids_in_another_context_are_re
     }[part]
     assert torch.equal(rows.token_ids, fed.reshape(-1))  # (the ids alone fit)
     try:
-        with pytest.raises(mr.MoEReplayError):
+        with pytest.raises(mr.TokenMismatchError, match="other places in their sequences"):
             with session.replay(rows), torch.no_grad():
                 model(fed)
     finally:
@@ -204,19 +201,22 @@ def test_rows_of_a_capture_replayed_on_their_token_ids_in_another_context_are_re
     tried()
 
 
+_DECODE_CACHES = {
+    "no KV cache": "other places in their sequences",
+    "another batch's KV cache": "no earlier forward of this replay",
+    "another batch's KV cache, then its own": "no earlier forward of this replay",
+}
+
+
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (silent): a replay of a generate() capture in a decode loop of one's own checks each step's "
-    "token ids only, so steps fed without the KV cache of their prompt, or with the cache of another batch, force the "
-    "experts recorded beside the prompt unrefused",
-)
-@pytest.mark.parametrize("cache", ["no KV cache", "another batch's KV cache"])
+@pytest.mark.parametrize("cache", list(_DECODE_CACHES))
 def test_decode_steps_replayed_without_the_kv_cache_of_their_prompt_are_refused(cache: str) -> None:
     """The capture of ``generate()`` replayed in the same decode loop, but its steps fed their tokens with no cache (a
-    loop that forgot to pass it on) or with a cache made from other prompts: the routers see the new tokens beside
-    another context (none, or other tokens) than the one their rows were recorded in. Refused, with the model left as
-    it was; the same loop with its own cache replays (checked first)."""
+    loop that forgot to pass it on) or with a cache made from other prompts (at every step, or at the first and the
+    cache it returned after: each token at the place it was recorded at): the routers see the new tokens beside
+    another context (none, or other tokens) than the one their rows were recorded in. Refused (a cache that holds
+    tokens must be one the replay's own forwards built, as the capture's built theirs), with the model left as it
+    was; the same loop with its own cache replays (checked first)."""
     model = mr.models.build("softmax_topk")
     x, y = (torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(s)) for s in (0, 7))
     session = mr.attach(model)
@@ -231,16 +231,129 @@ def test_decode_steps_replayed_without_the_kv_cache_of_their_prompt_are_refused(
         with session.replay(routes), torch.no_grad():
             kv = model(seq[:, :4], use_cache=True).past_key_values
             for i in range(2):
-                past = {"own": kv, "no KV cache": None, "another batch's KV cache": other}[given]
+                past = {
+                    "own": kv,
+                    "no KV cache": None,
+                    "another batch's KV cache": other,
+                    "another batch's KV cache, then its own": other if i == 0 else kv,
+                }[given]
                 kv = model(seq[:, 4 + i : 5 + i], past_key_values=past, use_cache=True).past_key_values
 
     decode("own")
     try:
-        with pytest.raises(mr.MoEReplayError):
+        with pytest.raises(mr.TokenMismatchError, match=_DECODE_CACHES[cache]):
             decode(cache)
     finally:
         session.detach()
     assert_untouched(model, before)
+    tried()
+
+
+def _kept_through(routes: mr.Routes, how: str, tmp: Path) -> mr.Routes:
+    """``routes`` through one of the ways routes travel: a file, a pickle, cat of two slices, other ids."""
+    if how == "save, load":
+        routes.save(tmp / "r.npz")
+        return mr.Routes.load(tmp / "r.npz")
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(routes))
+    if how == "cat of two slices":
+        return mr.Routes.cat([routes[:5], routes[5:]])
+    return routes.with_token_ids(routes.token_ids)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["save, load", "pickle", "cat of two slices", "with_token_ids"])
+def test_each_rows_place_in_its_sequence_travels_with_it(how: str, tmp_path: Path) -> None:
+    """The place each row was recorded at goes wherever the row goes (a file, a pickle, cat, other ids): the routes
+    still replay on their own batch, and their suffix fed without its prefix is still refused."""
+    model, session, x, routes = _captured_pair()
+    kept = _kept_through(routes, how, tmp_path)
+    _move_routers(model)
+    with session.replay(kept), session.capture(), torch.no_grad():
+        model(x)
+    assert session.routes().equal(routes)
+    try:
+        with pytest.raises(mr.TokenMismatchError, match="other places in their sequences"):
+            with session.replay(kept[4:8]), torch.no_grad():
+                model(x[0:1, 4:8])
+    finally:
+        session.detach()
+    tried()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("fed", ["in two chunks", "with a cache filled before the capture, again"])
+def test_rows_replayed_in_their_own_context_by_other_forwards_force_the_recorded_experts(fed: str) -> None:
+    """Forwards that give each token the context it was recorded in, another way than the capture did: a prefill cut in
+    two chunks (the second given the cache the first returned), and decode steps captured on a cache filled before
+    the capture, replayed on one filled the same way before the replay (its origin is as unknown as the capture's,
+    and each token's place is checked). Each forces the recorded experts."""
+    model = mr.models.build("softmax_topk")
+    x = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    session = mr.attach(model)
+    with torch.no_grad():
+        if fed == "in two chunks":
+            with session.capture():
+                model(x)
+            # (the rows in the order the chunks read them: each sequence's first five, then each one's last three)
+            chunked = session.routes()[
+                torch.cat([torch.arange(0, 5), torch.arange(8, 13), torch.arange(5, 8), torch.arange(13, 16)])
+            ]
+            _move_routers(model)
+            with session.replay(chunked), session.capture():
+                kv = model(x[:, :5], use_cache=True).past_key_values
+                model(x[:, 5:], past_key_values=kv)
+            assert session.routes().equal(chunked)
+        else:
+            prefill = model(x[:, :6], use_cache=True).past_key_values
+            with session.capture():
+                kv = model(x[:, 6:7], past_key_values=prefill, use_cache=True).past_key_values
+                model(x[:, 7:8], past_key_values=kv)
+            routes = session.routes()
+            with session.replay(routes), session.capture():
+                kv = model(x[:, 6:7], past_key_values=prefill, use_cache=True).past_key_values
+                model(x[:, 7:8], past_key_values=kv)
+            assert session.routes().equal(routes)
+            with pytest.raises(mr.TokenMismatchError, match="other places in their sequences"):
+                with session.replay(routes):  # (its steps fed with no cache: refused all the same)
+                    model(x[:, 6:7])
+    session.detach()
+    tried()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("given", ["its own", "another capture's replay's"])
+def test_a_decode_loop_replayed_over_two_blocks_goes_on_from_the_cache_of_its_own_rows_only(given: str) -> None:
+    """A ``generate()`` capture replayed in two blocks, the prompt's forward in the first and the decode steps in the
+    second, given the cache the first built: its own rows' cache goes on (the recorded experts are forced), while the
+    cache a replay of another capture's rows (other prompts, as long) built in the block before is refused."""
+    model = mr.models.build("softmax_topk")
+    x, y = (torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(s)) for s in (0, 7))
+    session = mr.attach(model)
+    with session.capture():
+        seq = model.generate(x, max_new_tokens=3)
+    routes = session.routes()
+    with session.capture(), torch.no_grad():
+        model(y)
+    theirs = session.routes()
+    _move_routers(model)
+    with torch.no_grad():
+        with session.replay(routes[:8] if given == "its own" else theirs):
+            kv = model(seq[:, :4] if given == "its own" else y, use_cache=True).past_key_values
+
+        def decode() -> None:
+            cache = kv
+            with session.replay(routes[8:]), session.capture():
+                for i in range(2):
+                    cache = model(seq[:, 4 + i : 5 + i], past_key_values=cache, use_cache=True).past_key_values
+
+        if given == "its own":
+            decode()
+            assert session.routes().equal(routes[8:])
+        else:
+            with pytest.raises(mr.TokenMismatchError, match="no earlier forward of this replay"):
+                decode()
+    session.detach()
     tried()
 
 

@@ -1480,6 +1480,7 @@ _MARKS = (
     "_dropped_rows",
     "_token_ids",
     "_fed_mask",
+    "_seq_pos",
     "_layout_pos",
     "_token_rank",
     "_order_untold",
@@ -1496,7 +1497,7 @@ _MARKS = (
     "_joined",
 )
 #: the marks that hold one value per row (``_router_ids``: per router and row)
-_ROW_MARKS = ("_token_ids", "_fed_mask", "_layout_pos", "_token_rank", "_router_ids")
+_ROW_MARKS = ("_token_ids", "_fed_mask", "_seq_pos", "_layout_pos", "_token_rank", "_router_ids")
 
 
 def _marked(kind: str) -> mr.Routes:
@@ -1509,6 +1510,7 @@ def _marked(kind: str) -> mr.Routes:
     r._call_rows, r._dropped_rows = ((4, 2),), 2
     r._fed_mask = torch.tensor([1, 1, 0, 1, -1, -1, -1, -1], dtype=torch.int8)
     r._layout_pos = torch.tensor([0, 1, 2, -1, 0, 1, -1, -2])  # (a BatchLayout's places, then rows not laid out)
+    r._seq_pos = torch.tensor([0, 1, -1, 2, 3, 3, 4, -1])  # (each row's place in its sequence, -1 at padding)
     r._rows_moved, r._caches_interleaved, r._rows_untold = "DynamicCache.crop", "DynamicCache", "from_vllm"
     r._recorded_names = (*r.names, "dec.layers.0.gate")
     r._joined = 2  # (joined by Routes.cat from the routes of two sequences)
@@ -1544,6 +1546,8 @@ def _expected(base: mr.Routes, rows: torch.Tensor, routers: list[int], **changed
         want["_token_ids"] = base._token_ids[rows]
     if base._fed_mask is not None:
         want["_fed_mask"] = base._fed_mask[rows]
+    if base._seq_pos is not None:
+        want["_seq_pos"] = base._seq_pos[rows]
     if base._layout_pos is not None:
         want["_layout_pos"] = base._layout_pos[rows]
     if base._token_rank is not None:

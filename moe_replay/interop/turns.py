@@ -146,6 +146,7 @@ def stitch_turns(
     recorded = {p._recorded_names for p in parts}  # (the routers the turns were recorded on, where all say the same)
     stitched._recorded_names = recorded.pop() if len(recorded) == 1 else None
     stitched._fed_mask = _conversation_mask(parts, total)
+    stitched._seq_pos = _conversation_places(parts, total)
     if token_ids is None and len(parts) == 1:  # (one turn, checked as nothing: rows joined stay so marked)
         stitched._joined = parts[0]._joined
     return stitched
@@ -187,6 +188,23 @@ def _conversation_mask(parts: list[Routes], total: int) -> torch.Tensor | None:
                 known = True
                 mask[:n][ids == PADDING_ID] = 0
     return mask if known else None
+
+
+def _conversation_places(parts: list[Routes], total: int) -> torch.Tensor | None:
+    """Each position's place in the conversation as the turns that routed it were fed it (see ``Routes._seq_pos``), -1
+    where no turn knows it or two turns disagree; None where none knows any. A replay checks them with the ids."""
+    places = torch.full((total,), -1, dtype=torch.long)
+    differ = torch.zeros(total, dtype=torch.bool)
+    known = False
+    for r in parts:
+        n, mine = r.num_tokens, r._seq_pos
+        if mine is None or mine.numel() != n:
+            continue
+        known = True
+        now = places[:n]
+        differ[:n] |= (now != -1) & (mine != -1) & (mine != now)
+        places[:n] = torch.where(now == -1, mine, now)
+    return places.masked_fill(differ, -1) if known else None
 
 
 def _conversation_tokens(parts: list[Routes], given: list[list[int]] | None, total: int) -> torch.Tensor:
