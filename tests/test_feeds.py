@@ -1045,8 +1045,8 @@ def test_the_token_order_probe_leaves_the_model_as_one_forward_does(block: str) 
     ids = _batch()
     plain(ids)
     with mr.attach(model) as session:
-        missing = torch.full((ids.numel(), 2), -1)  # (-1 rows: route natively, checked against their tokens)
-        routes = mr.Routes([missing], names=session.names, num_experts=8).with_token_ids(ids)
+        rows = torch.tensor([0, 1]).repeat(ids.numel(), 1)  # (rows checked against their tokens)
+        routes = mr.Routes([rows], names=session.names, num_experts=8).with_token_ids(ids)
         with session.capture() if block == "capture" else session.replay(routes):
             model(ids)
     assert model.forwards == plain.forwards == 1

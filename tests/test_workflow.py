@@ -829,9 +829,11 @@ _RECIPE: dict[str, tuple[str, str, str, bool]] = {
     "as-written": ("exact", "right", "mask", False),
     "no-attention-mask": ("exact", "right", "bare", False),
     "left-padded-layout": ("exact", "left", "mask", False),
-    "left-padded-no-mask": ("exact", "left", "bare", False),
+    # (no mask: its tokens see the padding before them, at places past it; packed rows without positions: each
+    # sequence sees the ones before it in its row; other contexts than the rollout's, refused by the token places)
+    "left-padded-no-mask": ("refused", "left", "bare", False),
     "packed-with-positions": ("exact", "packed", "positions", False),
-    "packed-without-positions": ("exact", "packed", "bare", False),
+    "packed-without-positions": ("refused", "packed", "bare", False),
     "rollout-reversed": ("refused", "right", "mask", True),
 }
 
