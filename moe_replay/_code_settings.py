@@ -427,11 +427,50 @@ def _generators_in(value: Any, found: dict[int, torch.Generator], depth: int) ->
         _generators_in(item, found, depth - 1)
 
 
+#: the most objects :func:`_tensors_in` looks into from one value the code names (a large registry is not walked)
+_TENSOR_WALK = 256
+
+
+def _tensors_in(value: Any, found: dict[int, torch.Tensor], depth: int, budget: list[int] | None = None) -> None:
+    """Add to ``found`` ``value`` where it is a tensor, and ``depth`` levels inside it (as :func:`_generators_in`
+    looks for generators): the attributes of a class, of a module or of a plain object, the items of a list, tuple or
+    dict. Nothing of it runs; at most :data:`_TENSOR_WALK` objects are looked at."""
+    budget = [_TENSOR_WALK] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0 or value is _MISSING:
+        return
+    if isinstance(value, torch.Tensor):
+        found.setdefault(id(value), value)
+        return
+    if depth <= 0 or is_setting(value) or isinstance(value, nn.Module) or is_generator(value):
+        return  # (a module's own tensors are the snapshot's)
+    if isinstance(value, types.ModuleType | type):
+        if _skipped(value):
+            return
+        spaces = [_DICT_OF(k) for k in _MRO_OF(value) if not _skipped(k)] if isinstance(value, type) else [vars(value)]
+        items: list[Any] = [v for space in spaces for v in space.values()]
+    elif isinstance(value, dict):
+        items = list(dict.values(value))
+    elif isinstance(value, list | tuple):
+        items = list(list.__iter__(value) if isinstance(value, list) else tuple.__iter__(value))
+    elif isinstance(value, types.FunctionType | types.MethodType | types.BuiltinFunctionType | property):
+        return
+    else:
+        try:
+            own = object.__getattribute__(value, "__dict__")
+        except AttributeError:
+            return
+        items = list(dict.values(own)) if type(own) is dict else []
+    for item in items[: max(budget[0], 0)]:
+        _tensors_in(item, found, depth - 1, budget)
+
+
 class OutsideState:
     """What the code of some modules changes outside their own attributes (see :func:`written`), as it is now, to be
     put back after runs that are not the model's forwards: the globals and closure cells it rebinds, the attributes
     it sets on classes and other objects, the contents of the dicts, lists, sets and deques it fills (put back in
-    place: the code holds them). Nothing of the model's runs: values are compared by identity, containers read and
+    place: the code holds them), and the small tensors it reaches outside the modules, by value (see
+    :meth:`_save_tensors`). Nothing of the model's runs: values are compared by identity, containers read and
     refilled through their builtin type's own methods."""
 
     def __init__(self, modules: list[nn.Module]) -> None:
@@ -449,6 +488,35 @@ class OutsideState:
             cached = _read_code(m, m.__dict__.get("forward"))
             for place in () if cached is None else cached[3]:
                 self._save(m, place, seen)
+            if cached is not None:
+                self._save_tensors(m, cached, seen)
+
+    def _save_tensors(self, module: nn.Module, cached: _Code, seen: set[tuple[int, Any]]) -> None:
+        """Save by value the small tensors the code reaches outside the modules, as :func:`generators` finds its
+        generators: held by a global, a closure cell or a class attribute it names, a level or two inside (a dict of
+        statistics, an attribute of a tracker object), or at a chain it reads. The code may change any of them in place
+        by a way no place names: ``STATS[name] += counts`` (an in-place add, then the same tensor stored back), an
+        ``out=`` argument, a local alias (``t = STATS["load"]; t.add_(1)``). Put back only where a run changed one
+        (its version moved)."""
+        found: dict[int, torch.Tensor] = {}
+        for kind, where, name in cached[5]:
+            value = _in_class(where, name) if kind == "class" else where.get(name, _MISSING)
+            _tensors_in(value, found, 2)
+        for kind, where, name, steps in cached[1]:
+            if kind == "defaults":
+                continue
+            obj: Any = module if kind == "self" else where.get(name, _MISSING)
+            for step in steps:
+                if obj is _MISSING or step[0] == "()":  # (a call is not made: only what it names is read)
+                    break
+                obj = _step(obj, step)
+                if not isinstance(obj, nn.Module):  # (a module's own tensors are the snapshot's)
+                    _tensors_in(obj, found, 1)
+        for t in found.values():
+            if (id(t), None) in seen or t.numel() > _TENSOR_LIMIT or t.is_meta or t.is_inference():
+                continue
+            seen.add((id(t), None))
+            self.saved.append(("tensor", t, t._version, t.detach().clone()))
 
     def __bool__(self) -> bool:
         return bool(self.saved)

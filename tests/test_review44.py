@@ -1,0 +1,172 @@
+"""Adversarial review of a session's trust in its model (round 44): the model, its code or its state changed under an
+attached session, the way users and libraries change them; a replay forces the captured experts, a capture records
+the experts used, the model (and the state its code keeps) is left as a plain forward leaves it, or the session
+refuses. Never neither."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moe_replay as mr
+from tests.conftest import tried
+
+E, D, K, T = 6, 12, 2, 20
+
+
+def _tokens(seed: int = 1) -> torch.Tensor:
+    return torch.randn(T, D, generator=torch.Generator().manual_seed(seed))
+
+
+class _Gate(nn.Module):
+    """A softmax top-k router whose forward counts the experts it chose into ``self.tally`` (see the subclasses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D, generator=torch.Generator().manual_seed(3)))
+        self.top_k, self.num_experts = K, E
+
+    def tally(self, counts: torch.Tensor) -> None:
+        """Where the subclass keeps its expert load."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.weight).softmax(-1)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        with torch.no_grad():
+            self.tally(torch.zeros(E).index_add_(0, idx.flatten(), torch.ones(idx.numel())))
+        return weights / weights.sum(-1, keepdim=True), idx
+
+
+class _Block(nn.Module):
+    def __init__(self, gate: _Gate, seed: int) -> None:
+        super().__init__()
+        self.gate = gate
+        self.w = nn.Parameter(torch.randn(E, D, D, generator=torch.Generator().manual_seed(seed)) / D**0.5)
+        self.used = torch.empty(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, idx = self.gate(x)
+        self.used = idx.detach().clone()  # (the experts this forward dispatched to, as the block read them)
+        every = torch.einsum("td,edf->tef", x, self.w)
+        return x + (weights[..., None] * every.gather(1, idx[..., None].expand(-1, -1, D))).sum(1)
+
+
+class _Model(nn.Module):
+    def __init__(self, gate: Callable[[], _Gate]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Block(gate(), 10 + i) for i in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _used(model: _Model) -> torch.Tensor:
+    return torch.stack([layer.used for layer in model.layers], 1)
+
+
+# expert-load statistics kept outside the modules, as training code keeps them for its logs (Megatron keeps a
+# module-level tracker of tensors its routers add to); each gate below adds to its own in another way
+_LOAD: dict[str, torch.Tensor] = {"counts": torch.zeros(E)}
+_LOAD_LIST = [torch.zeros(E)]
+_LOAD_OUT = torch.zeros(E)
+_TOTAL = torch.zeros(E)
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self.counts = torch.zeros(E)
+
+
+_TRACKER = _Tracker()
+
+
+class _DictEntryAdded(_Gate):
+    def tally(self, counts: torch.Tensor) -> None:
+        _LOAD["counts"] += counts  # (an in-place add, then the same tensor stored back)
+
+
+class _AttributeAdded(_Gate):
+    def tally(self, counts: torch.Tensor) -> None:
+        _TRACKER.counts += counts
+
+
+class _GlobalAdded(_Gate):
+    def tally(self, counts: torch.Tensor) -> None:
+        global _TOTAL
+        _TOTAL += counts
+
+
+class _WrittenOut(_Gate):
+    def tally(self, counts: torch.Tensor) -> None:
+        torch.add(_LOAD_OUT, counts, out=_LOAD_OUT)
+
+
+class _AliasAdded(_Gate):
+    def tally(self, counts: torch.Tensor) -> None:
+        load = _LOAD_LIST[0]
+        load.add_(counts)
+
+
+class _HeldTrackerAdded(_Gate):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracker = _TRACKER  # (an object of the training loop's, handed to the router)
+
+    def tally(self, counts: torch.Tensor) -> None:
+        self.tracker.counts += counts
+
+
+_KEPT: list[tuple[type[_Gate], Callable[[], torch.Tensor]]] = [
+    (_DictEntryAdded, lambda: _LOAD["counts"]),
+    (_AttributeAdded, lambda: _TRACKER.counts),
+    (_GlobalAdded, lambda: _TOTAL),
+    (_WrittenOut, lambda: _LOAD_OUT),
+    (_AliasAdded, lambda: _LOAD_LIST[0]),
+    (_HeldTrackerAdded, lambda: _TRACKER.counts),
+]
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize(("gate", "kept"), _KEPT, ids=[g.__name__ for g, _ in _KEPT])
+def test_statistics_a_router_adds_to_a_tensor_outside_its_modules_count_the_forwards_alone(
+    gate: type[_Gate], kept: Callable[[], torch.Tensor]
+) -> None:
+    """The runs that establish a decision are no forwards of the model: a tensor outside the modules that the router's
+    code adds to in place (a dict entry's ``+=``, an attribute's, a global's, an ``out=`` argument, a local alias) holds
+    after a capture and a replay what plain forwards leave in it, not the sum of every probe run too."""
+    x = _tokens()
+    model = _Model(gate)
+    plain = _Model(gate)  # (the same weights, from the same seeds; the same statistics, outside)
+    kept().zero_()
+    with torch.no_grad():
+        plain(x)
+        plain(x)
+    after_two = kept().clone()
+    with torch.no_grad():
+        plain(x)
+        plain(x)
+    after_four = kept().clone()
+    kept().zero_()
+    session = mr.attach(model)
+    try:
+        with torch.no_grad():
+            with session.capture():
+                model(x)
+                model(x)
+            assert torch.equal(kept(), after_two), "a capture left the probe runs' counts in the model's statistics"
+            routes = session.routes()
+            with session.replay(routes):
+                model(x)
+                assert torch.equal(_used(model).long(), routes.indices[:T].long())
+                model(x)
+        assert torch.equal(kept(), after_four)
+    finally:
+        session.detach()
+        kept().zero_()
+    tried(2)
