@@ -43,12 +43,14 @@ import enum
 import importlib
 import inspect
 import os
+import random
 import sys
 import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -353,15 +355,16 @@ def reads_state(module: nn.Module, forward: Any = None) -> bool:
     return cached is not None and cached[4]
 
 
-def generators(modules: list[nn.Module]) -> list[torch.Generator]:
+def generators(modules: list[nn.Module]) -> list[Any]:
     """The random generators the code of ``modules``' forwards may draw from outside the modules' own attributes,
-    as they hold them now: a ``torch.Generator`` held by a global, a closure cell or a class attribute the code names
-    (``_RNG``, ``self.rng`` on the class), one level inside what it names (an attribute of a class or module it names:
-    ``Noise.generator``, an item of a list or dict), or at a chain it reads (``self.sampler.generator``). Their state
+    as they hold them now: a ``torch.Generator`` (or another random stream of :func:`is_host_stream`) held by a
+    global, a closure cell or a class attribute the code names (``_RNG``, ``self.rng`` on the class), one level inside
+    what it names (an attribute of a class or module it names: ``Noise.generator``, an item of a list or dict), or at a
+    chain it reads (``self.sampler.generator``). Their state
     is put back after runs that are not the model's forwards, as the global random state is. A generator the code
     creates on first use is not held yet: the assignment that stores it is put back instead (see :class:`OutsideState`).
     Read from the code and the objects' own dictionaries; nothing of the model's runs."""
-    found: dict[int, torch.Generator] = {}
+    found: dict[int, Any] = {}
     for m in modules:
         cls = type(m)
         if cls.__module__.partition(".")[0] in _NOT_FOLLOWED:  # (torch's own modules: nothing of theirs)
@@ -384,6 +387,16 @@ def generators(modules: list[nn.Module]) -> list[torch.Generator]:
     return list(found.values())
 
 
+def is_host_stream(value: Any) -> bool:
+    """Is ``value`` a random stream of the host's that is not torch's: a ``random.Random`` (not the operating
+    system's ``SystemRandom``, which holds no state), a numpy ``Generator`` or ``RandomState``? A router may draw its
+    noise from one it holds (``self.rng = np.random.default_rng(seed)``) or from a global one; its state is put
+    back after runs that are not the model's forwards, as a ``torch.Generator``'s is."""
+    if isinstance(value, random.Random):
+        return not isinstance(value, random.SystemRandom)
+    return isinstance(value, np.random.Generator | np.random.RandomState)
+
+
 def is_generator(value: Any) -> bool:
     """``isinstance(value, torch.Generator)``, read without torch's own check of it where it is plainly no generator:
     ``torch.Generator``'s metaclass checks each instance in Python (a traced wrapper of a generator passes too), a
@@ -399,11 +412,11 @@ def is_generator(value: Any) -> bool:
 is_generator_anywhere: Callable[[Any], bool] = torch.compiler.disable(is_generator)
 
 
-def _generators_in(value: Any, found: dict[int, torch.Generator], depth: int) -> None:
-    """Add to ``found`` ``value`` where it is a ``torch.Generator``, and ``depth`` levels inside it: the attributes of
-    a class (its MRO's own), of a module or of a plain object, the items of a list, tuple or dict. Nothing of it runs
-    (its own dictionary is read, not its ``__getattr__``)."""
-    if is_generator(value):
+def _generators_in(value: Any, found: dict[int, Any], depth: int) -> None:
+    """Add to ``found`` ``value`` where it is a ``torch.Generator`` (or a stream of :func:`is_host_stream`), and
+    ``depth`` levels inside it: the attributes of a class (its MRO's own), of a module or of a plain object, the items
+    of a list, tuple or dict. Nothing of it runs (its own dictionary is read, not its ``__getattr__``)."""
+    if is_generator(value) or is_host_stream(value):
         found.setdefault(id(value), value)
         return
     if depth <= 0 or value is _MISSING or is_setting(value) or isinstance(value, torch.Tensor | nn.Module):

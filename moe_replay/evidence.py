@@ -61,6 +61,7 @@ from ._code_settings import (
     hook_written,
     is_generator,
     is_generator_anywhere,
+    is_host_stream,
     is_written,
     refill_container,
 )
@@ -1772,10 +1773,68 @@ def _attr_tensors(v: Any, depth: int = 0) -> Iterator[torch.Tensor]:
             yield from _attr_tensors(item, depth + 1)
 
 
+class _HostStream:
+    """A random stream of the host's that is not torch's (``random.Random``, a numpy ``Generator`` or
+    ``RandomState``: see :func:`~moe_replay._code_settings.is_host_stream`), read, put back, compared and seeded as
+    :class:`_Snapshot` does a ``torch.Generator``."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def state(self) -> Any:
+        s = self.stream
+        if isinstance(s, random.Random):
+            return s.getstate()
+        return _copy_state(s.bit_generator.state if isinstance(s, np.random.Generator) else s.get_state())
+
+    def put(self, state: Any) -> None:
+        s = self.stream
+        if isinstance(s, random.Random):
+            s.setstate(state)
+        elif isinstance(s, np.random.Generator):
+            s.bit_generator.state = state
+        else:
+            s.set_state(state)
+
+    def holds(self, state: Any) -> bool:
+        """Is the stream at ``state`` still (no run drew from it)?"""
+        return _same_state(self.state(), state)
+
+    def seed(self, seed: int) -> None:
+        s = self.stream
+        if isinstance(s, np.random.Generator):
+            s.bit_generator.state = type(s.bit_generator)(seed).state
+        else:
+            s.seed(seed)
+
+
+def _copy_state(state: Any) -> Any:
+    """A copy of a numpy stream's state (its arrays copied: the stream may write them in place)."""
+    if isinstance(state, dict):
+        return {k: _copy_state(v) for k, v in state.items()}
+    if isinstance(state, tuple | list):
+        return type(state)(_copy_state(v) for v in state)
+    return state.copy() if isinstance(state, np.ndarray) else state
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    """Are two states of a stream (nested dicts, tuples and arrays, as numpy gives them) equal?"""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
 class _Snapshot:
     """What a probe run could change in the scope, put back after each run.
 
-    The global and CUDA random state, every generator a module holds (or its code reads, or a probe run
+    The global and CUDA random state, every generator a module holds (a ``torch.Generator``, or the host's
+    ``random.Random`` or numpy stream: :class:`_HostStream`; or its code reads, or a probe run
     is handed: :meth:`note_generator`), the buffers and small
     parameters (in place, as a forward may update a balancing bias), the plain attributes
     of every module in the scope (step counters, cached statistics), and what their code
@@ -1823,10 +1882,16 @@ class _Snapshot:
                     else:
                         self.big.append((t, _version(t)))
         #: the generators the modules hold, and those their code reads outside them (a class's, a global)
-        held_generators = {id(g): g for m in self.modules for g in vars(m).values() if is_generator(g)}
+        held_generators = {
+            id(g): g for m in self.modules for g in vars(m).values() if is_generator(g) or is_host_stream(g)
+        }
         for g in code_generators(self.modules):
             held_generators.setdefault(id(g), g)
-        self.generators = [(g, g.get_state()) for g in held_generators.values()]
+        self.generators = [(g, g.get_state()) for g in held_generators.values() if is_generator(g)]
+        #: the host's other random streams they hold or read (``random.Random``, numpy's): see :class:`_HostStream`
+        self.streams = [
+            (h, h.state()) for g in held_generators.values() if not is_generator(g) for h in (_HostStream(g),)
+        ]
         self._generator_ids = set(held_generators)
         #: what the modules' code changes outside them (a step count in a global, a warn-once registry)
         self.outside = OutsideState(self.modules)
@@ -1854,6 +1919,8 @@ class _Snapshot:
                     now.update(then)
         for g, state in self.generators:
             g.set_state(state)
+        for h, state in self.streams:
+            h.put(state)
         with torch.no_grad():
             for i, (t, v, version) in enumerate(self.tensors):
                 if version is None:  # an inference tensor: changed in place only under inference_mode, by value
@@ -1892,6 +1959,8 @@ class _Snapshot:
         np_then: Any = self.np_random
         if np_now[0] != np_then[0] or not np.array_equal(np_now[1], np_then[1]) or np_now[2:] != np_then[2:]:
             return True
+        if any(not h.holds(state) for h, state in self.streams):
+            return True
         return any(not torch.equal(g.get_state(), state) for g, state in self.generators)
 
     def note_generator(self, generator: torch.Generator) -> None:
@@ -1911,6 +1980,8 @@ class _Snapshot:
         np.random.seed(seed)
         for g, _ in self.generators:
             g.manual_seed(seed)
+        for h, _ in self.streams:
+            h.seed(seed)
 
     def small_state(self, width: int) -> list[torch.Tensor]:
         """The floating tensors of at most ``width`` elements (one per expert, or one) that the scope holds and a

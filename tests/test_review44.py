@@ -5,8 +5,10 @@ refuses. Never neither."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,3 +221,99 @@ def test_a_router_called_once_more_per_forward_after_the_capture_is_refused_with
             return
         forced = _used(model)
         assert torch.equal(forced.long(), used_first.long()), "the real calls were forced with another forward's rows"
+
+
+# noisy top-k gating (noise added to the logits in training), drawn from a random stream of the host's that is not
+# torch's: one the router holds, or a global one its code names
+_PY_NOISE = random.Random(0)
+_NP_NOISE = np.random.default_rng(0)
+_NP_LEGACY_NOISE = np.random.RandomState(0)
+
+
+class _Noisy(_Gate):
+    def noise(self) -> list[list[float]] | np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        if self.training:
+            logits = logits + torch.as_tensor(self.noise(), dtype=logits.dtype)
+        weights, idx = torch.topk(logits.softmax(-1), self.top_k, dim=-1)
+        return weights / weights.sum(-1, keepdim=True), idx
+
+
+class _HeldPythonRandom(_Noisy):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rng = random.Random(0)
+
+    def noise(self) -> list[list[float]]:
+        return [[self.rng.gauss(0.0, 1.0) for _ in range(E)] for _ in range(T)]
+
+
+class _GlobalPythonRandom(_Noisy):
+    def noise(self) -> list[list[float]]:
+        return [[_PY_NOISE.gauss(0.0, 1.0) for _ in range(E)] for _ in range(T)]
+
+
+class _HeldNumpyGenerator(_Noisy):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rng = np.random.default_rng(0)
+
+    def noise(self) -> np.ndarray:
+        return self.rng.normal(size=(T, E))
+
+
+class _GlobalNumpyGenerator(_Noisy):
+    def noise(self) -> np.ndarray:
+        return _NP_NOISE.normal(size=(T, E))
+
+
+class _GlobalRandomState(_Noisy):
+    def noise(self) -> np.ndarray:
+        return _NP_LEGACY_NOISE.randn(T, E)
+
+
+def _reseed_host_noise() -> None:
+    _PY_NOISE.seed(0)
+    _NP_NOISE.bit_generator.state = np.random.PCG64(0).state
+    _NP_LEGACY_NOISE.seed(0)
+
+
+_NOISY = [_HeldPythonRandom, _GlobalPythonRandom, _HeldNumpyGenerator, _GlobalNumpyGenerator, _GlobalRandomState]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("gate", _NOISY, ids=[g.__name__ for g in _NOISY])
+def test_a_router_drawing_noise_from_a_random_stream_of_the_host_captures_as_a_plain_forward_and_replays(
+    gate: type[_Noisy],
+) -> None:
+    """A router that draws the noise of its gating from a ``random.Random`` or a numpy generator (its own or a global
+    one) is established like one that draws from a ``torch.Generator``: the runs that establish its decision put the
+    stream back, so a capture's forwards draw what plain forwards draw (the same outputs, the same experts, the stream
+    left where plain forwards leave it), and the replay forces the captured experts."""
+    x = _tokens()
+    _reseed_host_noise()
+    plain = _Model(gate)
+    with torch.no_grad():
+        plain_out = [plain(x), plain(x)]
+    plain_rows = _used(plain).clone()  # (of the second forward)
+    plain_next = plain(x)
+    _reseed_host_noise()
+    model = _Model(gate)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            out = [model(x), model(x)]
+        assert all(torch.equal(a, b) for a, b in zip(out, plain_out, strict=True))
+        routes = session.routes()
+        assert torch.equal(routes.indices[T:].long(), plain_rows.long())
+        assert torch.equal(model(x), plain_next)  # (the stream left where two plain forwards leave it)
+        for layer in model.layers:
+            layer.gate.weight.mul_(-1.0)  # (the routers drift: left free, they would choose otherwise)
+        with session.replay(routes):
+            model(x)
+            assert torch.equal(_used(model).long(), routes.indices[:T].long())
+            model(x)
+            assert torch.equal(_used(model).long(), routes.indices[T:].long())
+    tried(2)
