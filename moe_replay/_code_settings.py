@@ -440,6 +440,37 @@ def _generators_in(value: Any, found: dict[int, Any], depth: int) -> None:
         _generators_in(item, found, depth - 1)
 
 
+def _namespaces(module: nn.Module, cached: _Code) -> list[dict[str, Any]]:
+    """The module-level namespaces of the code a forward runs, outside the libraries whose code is not followed: its
+    own function's globals, those of the functions it names (a global, a class attribute, at a chain it reads:
+    ``tracking.save_to_tracker``), and the modules it names (``tracking``)."""
+    spaces: dict[int, dict[str, Any]] = {}
+
+    def add(value: Any) -> None:
+        if isinstance(value, types.MethodType):
+            value = value.__func__
+        if isinstance(value, types.FunctionType) and not _skipped(value):
+            spaces.setdefault(id(value.__globals__), value.__globals__)
+        elif isinstance(value, types.ModuleType) and not _skipped(value):
+            space = vars(value)
+            spaces.setdefault(id(space), space)
+
+    add(_function(module.__dict__.get("forward") or getattr(type(module), "forward", None)))
+    for kind, where, name in cached[5]:
+        add(_in_class(where, name) if kind == "class" else where.get(name, _MISSING))
+    for kind, where, name, steps in cached[1]:
+        if kind == "defaults":
+            continue
+        obj: Any = module if kind == "self" else where.get(name, _MISSING)
+        add(obj)
+        for step in steps:
+            if obj is _MISSING or step[0] == "()":  # (a call is not made: only what it names is read)
+                break
+            obj = _step(obj, step)
+            add(obj)
+    return list(spaces.values())
+
+
 #: the most objects :func:`_tensors_in` looks into from one value the code names (a large registry is not walked)
 _TENSOR_WALK = 256
 
@@ -482,8 +513,9 @@ class OutsideState:
     """What the code of some modules changes outside their own attributes (see :func:`written`), as it is now, to be
     put back after runs that are not the model's forwards: the globals and closure cells it rebinds, the attributes
     it sets on classes and other objects, the contents of the dicts, lists, sets and deques it fills (put back in
-    place: the code holds them), and the small tensors it reaches outside the modules, by value (see
-    :meth:`_save_tensors`). Nothing of the model's runs: values are compared by identity, containers read and
+    place: the code holds them), the small tensors it reaches outside the modules, by value (see
+    :meth:`_save_tensors`), and the containers and small tensors its namespaces hold at module level (see
+    :meth:`_save_namespace`). Nothing of the model's runs: values are compared by identity, containers read and
     refilled through their builtin type's own methods."""
 
     def __init__(self, modules: list[nn.Module]) -> None:
@@ -503,6 +535,8 @@ class OutsideState:
                 self._save(m, place, seen)
             if cached is not None:
                 self._save_tensors(m, cached, seen)
+                for space in _namespaces(m, cached):
+                    self._save_namespace(space, seen)
 
     def _save_tensors(self, module: nn.Module, cached: _Code, seen: set[tuple[int, Any]]) -> None:
         """Save by value the small tensors the code reaches outside the modules, as :func:`generators` finds its
@@ -530,6 +564,37 @@ class OutsideState:
                 continue
             seen.add((id(t), None))
             self.saved.append(("tensor", t, t._version, t.detach().clone()))
+
+    def _save_namespace(self, space: dict[str, Any], seen: set[tuple[int, Any]]) -> None:
+        """Save the module-level state of a namespace of the code (see :func:`_namespaces`): the contents of its
+        dicts, lists, sets and deques, and of those they hold (a tracker's dict of dicts of tensors), and the small
+        tensors among them, by value. The code may fill them through what no place names: a function that returns the
+        registry it fills (Megatron's ``get_moe_layer_wise_logging_tracker()[name]["values"][layer] += loss``, an
+        auxiliary loss appended to the list a getter returns). At most :data:`_TENSOR_WALK` of them per namespace."""
+        budget = [_TENSOR_WALK]
+        for name, value in list(dict.items(space)):
+            if not (isinstance(name, str) and name.startswith("__")):
+                self._save_held(value, seen, 3, budget)
+
+    def _save_held(self, value: Any, seen: set[tuple[int, Any]], depth: int, budget: list[int]) -> None:
+        """Save ``value`` where it is a small tensor, or a container (with what it holds, ``depth`` levels deep)."""
+        if not isinstance(value, torch.Tensor | dict | list | set | collections.deque) or (id(value), None) in seen:
+            return
+        budget[0] -= 1
+        if budget[0] < 0:
+            return
+        if isinstance(value, torch.Tensor):
+            if value.numel() <= _TENSOR_LIMIT and not (value.is_meta or value.is_inference()):
+                seen.add((id(value), None))
+                self.saved.append(("tensor", value, value._version, value.detach().clone()))
+            return
+        if depth <= 0 or not isinstance(value, dict | list | set | collections.deque):
+            return
+        seen.add((id(value), None))
+        contents = container_contents(value)
+        self.saved.append(("in", value, None, contents))
+        for item in (v for _, v in contents[1]) if issubclass(contents[0], dict) else contents[1]:
+            self._save_held(item, seen, depth - 1, budget)
 
     def __bool__(self) -> bool:
         return bool(self.saved)

@@ -317,3 +317,80 @@ def test_a_router_drawing_noise_from_a_random_stream_of_the_host_captures_as_a_p
             model(x)
             assert torch.equal(_used(model).long(), routes.indices[T:].long())
     tried(2)
+
+
+# Megatron's layer-wise logging tracker: a module-level dict, reached through a getter, of per-layer tensors that the
+# routers add their auxiliary losses to; and a list of auxiliary losses, reached through another getter
+_LOGGING_TRACKER: dict[str, dict[str, torch.Tensor]] = {}
+_AUX_LOSSES: list[torch.Tensor] = []
+
+
+def _logging_tracker() -> dict[str, dict[str, torch.Tensor]]:
+    return _LOGGING_TRACKER
+
+
+def _aux_losses() -> list[torch.Tensor]:
+    return _AUX_LOSSES
+
+
+def _save_to_tracker(name: str, loss: torch.Tensor, layer: int, num_layers: int) -> None:
+    tracker = _logging_tracker()
+    if name not in tracker:
+        tracker[name] = {"values": torch.zeros(num_layers)}
+    tracker[name]["values"][layer] += loss.detach()
+
+
+class _TrackedGate(_Gate):
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.weight).softmax(-1)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        load = torch.zeros(E).index_add_(0, idx.flatten(), torch.ones(idx.numel())) / idx.numel()
+        aux = E * (probs.mean(0) * load).sum()
+        _save_to_tracker("load_balancing_loss", aux, self.layer, 2)
+        _aux_losses().append(aux)
+        return weights / weights.sum(-1, keepdim=True), idx
+
+
+def _tracked_model() -> _Model:
+    layers = iter(range(2))
+    return _Model(lambda: _TrackedGate(next(layers)))
+
+
+@pytest.mark.reliability("lifecycle")
+def test_auxiliary_losses_a_router_logs_through_getters_of_module_level_registries_count_the_forwards_alone() -> None:
+    """The runs that establish a decision leave no auxiliary loss behind in a module-level registry the router's code
+    reaches through a getter (Megatron's ``get_moe_layer_wise_logging_tracker()``, a list of losses to add to the
+    training loss): after a capture and a replay, the tracker holds what plain forwards log, and the list as many
+    losses as they append."""
+    x = _tokens()
+    try:
+        plain = _tracked_model()
+        with torch.no_grad():
+            plain(x)
+            plain(x)
+        logged, appended = _LOGGING_TRACKER["load_balancing_loss"]["values"].clone(), len(_AUX_LOSSES)
+        _LOGGING_TRACKER.clear()
+        _AUX_LOSSES.clear()
+        model = _tracked_model()
+        with mr.attach(model) as session, torch.no_grad():
+            with session.capture():
+                model(x)
+                model(x)
+            assert torch.equal(_LOGGING_TRACKER["load_balancing_loss"]["values"], logged)
+            assert len(_AUX_LOSSES) == appended
+            routes = session.routes()
+            _LOGGING_TRACKER.clear()
+            _AUX_LOSSES.clear()
+            model.train(False)  # (another mode: its decision is established again)
+            with session.replay(routes):
+                model(x)
+                model(x)
+            assert torch.equal(_LOGGING_TRACKER["load_balancing_loss"]["values"], logged)
+            assert len(_AUX_LOSSES) == appended
+    finally:
+        _LOGGING_TRACKER.clear()
+        _AUX_LOSSES.clear()
