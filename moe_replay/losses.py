@@ -164,14 +164,16 @@ def _router_made_from(t: torch.Tensor) -> str | None:
     if dynamo_compiling():  # (a traced tensor's graph is not the one its values will have: not read)
         return None
     level = [] if t.grad_fn is None else [t.grad_fn]
-    seen: set[int] = set()
+    # (the nodes seen, held: torch makes a new Python object for a node at each access, and an id of one let go
+    # could come back as another node's)
+    seen: dict[int, Any] = {}
     for _ in range(_ROUTER_DEPTH + 1):
         names: set[str] = set()
         below = []
         for node in level:
             if id(node) in seen:
                 continue
-            seen.add(id(node))
+            seen[id(node)] = node
             names |= _metadata(node).get(_ROUTER_KEY, set())
             below += [n for n, _ in node.next_functions if n is not None]
         if names:  # (the nearest noted ops: a router's own scores come before those of the layers under it)
