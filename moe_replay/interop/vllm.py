@@ -268,6 +268,11 @@ def from_vllm(
             )
         elif start and rows == want + start:
             hint = " The array covers the whole prompt: was routed_experts_prompt_start set on the request?"
+        elif rows > want:
+            hint = (
+                f" These rows fit completion_len={rows - (p - start) + 1}: a completion streamed with "
+                "output_kind=DELTA holds only its last chunk's token_ids; pass the whole completion's length."
+            )
         raise RoutesValidationError(
             f"routed_experts has {rows} rows; vLLM {layout} writes prompt_len - prompt_start + completion_len - 1 = "
             f"{p} - {start} + {c} - 1 = {want} (the last token is never routed).{hint}"
@@ -525,9 +530,7 @@ def from_vllm_output(
     else:
         raise RoutesValidationError(f"expected a vLLM RequestOutput or CompletionOutput, got {type(output).__name__}")
     if comp.routed_experts is None:
-        raise RoutesValidationError(
-            "this output has no routed_experts: start vLLM with enable_return_routed_experts=True"
-        )
+        raise RoutesValidationError(_why_no_routes(output, comp))
     assert prompt_len is not None
     arr = _array(comp.routed_experts, "routed_experts")
     layout = _detect(arr, version, split=prompt_routed is not None, start=check_start(prompt_start, "prompt_start"))
@@ -566,6 +569,27 @@ def from_vllm_output(
         version=version if version is not None else _layout_version(layout),
     )
     return _with_tokens(routes, ids, prompt_len, comp.token_ids)
+
+
+def _why_no_routes(output: Any, comp: Any) -> str:
+    """Why a vLLM output holds no ``routed_experts``, as its own fields tell: vLLM sets them on the final output of a
+    request only, so a streamed chunk (``finished`` False, no ``finish_reason``) or an aborted request has none even
+    with the option on, and the option's advice would send the user to a server that already has it."""
+    finished = getattr(output, "finished", None)
+    reason = getattr(comp, "finish_reason", None)
+    if finished is False or (not hasattr(output, "outputs") and hasattr(comp, "finish_reason") and reason is None):
+        return (
+            "this output has no routed_experts and is not finished (finished=False, or no finish_reason: a streamed "
+            "chunk): vLLM sets routed_experts on a request's final output only. Read the output whose finished is "
+            "True (with stream=True, the last chunk), whose token_ids hold the whole completion"
+        )
+    if isinstance(reason, str) and reason == "abort":
+        return (
+            "this output has no routed_experts and its request was aborted (finish_reason='abort'): vLLM returned no "
+            "routes for its tokens, so they cannot be replayed. Drop this sample, or build routes that route it "
+            "natively (-1 rows)"
+        )
+    return "this output has no routed_experts: start vLLM with enable_return_routed_experts=True"
 
 
 def _listed(value: Any, what: str, holds: str) -> Any:

@@ -1,0 +1,64 @@
+"""Misuse of the engine formats by a hurried RL engineer (round 45): outputs read at the wrong moment of a request."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import moe_replay as mr
+from moe_replay import interop
+
+from .engines import Model, vllm_033_request_output
+
+DEEPSEEK = Model()  # 4 hidden layers, layer 0 dense, 16 experts, top-2
+
+
+def _request(prompt: list[int], completion: list[int]) -> SimpleNamespace:
+    """A finished vLLM 0.22-0.33 RequestOutput of one sample, as the engine writes it."""
+    truth = DEEPSEEK.truth(len(prompt) + len(completion))
+    out = vllm_033_request_output(DEEPSEEK, prompt, [(completion, truth)])
+    out.finished = True
+    out.outputs[0].finish_reason = "length"
+    return out
+
+
+@pytest.mark.reliability("bad inputs")
+def test_an_output_without_routes_says_why_its_own_fields_tell() -> None:
+    """vLLM sets routed_experts on a request's final output only: a streamed chunk (finished False) and an aborted
+    request have none with the option on, and the error sent the user to turn on an option the server had."""
+    lm = DEEPSEEK.layer_map
+    chunk = _request([1, 2, 3], [4, 5])
+    chunk.finished, chunk.outputs[0].finish_reason, chunk.outputs[0].routed_experts = False, None, None
+    with pytest.raises(mr.RoutesValidationError, match="not finished") as info:
+        interop.from_vllm_output(chunk, lm)
+    assert "enable_return_routed_experts" not in str(info.value)
+    with pytest.raises(mr.RoutesValidationError, match="not finished"):  # the chunk's CompletionOutput alone
+        interop.from_vllm_output(chunk.outputs[0], lm, prompt_len=3)
+    aborted = _request([1, 2, 3], [4, 5])
+    aborted.outputs[0].finish_reason, aborted.outputs[0].routed_experts = "abort", None
+    with pytest.raises(mr.RoutesValidationError, match="aborted") as info:
+        interop.from_vllm_output(aborted, lm)
+    assert "enable_return_routed_experts" not in str(info.value)
+    off = _request([1, 2, 3], [4, 5])  # finished, and no routes: the option was off
+    off.outputs[0].routed_experts = None
+    with pytest.raises(mr.RoutesValidationError, match="enable_return_routed_experts=True"):
+        interop.from_vllm_output(off, lm)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_the_final_chunk_of_a_delta_stream_is_refused_naming_the_completion_it_fits() -> None:
+    """With output_kind=DELTA the final chunk's token_ids are its own tokens only, while routed_experts covers the
+    whole sequence: refused (never shifted), and the error names the completion length the rows fit."""
+    prompt, completion = [1, 2, 3, 4], [5, 6, 7, 8]
+    whole = _request(prompt, completion)
+    routes = interop.from_vllm_output(whole, DEEPSEEK.layer_map)
+    assert routes.num_tokens == len(prompt) + len(completion)
+    delta = _request(prompt, completion)
+    delta.outputs[0].token_ids = completion[-1:]  # the last chunk's new token
+    with pytest.raises(mr.RoutesValidationError, match=f"fit completion_len={len(completion)}"):
+        interop.from_vllm_output(delta, DEEPSEEK.layer_map)
+    arr = np.asarray(whole.outputs[0].routed_experts)
+    with pytest.raises(mr.RoutesValidationError, match=f"fit completion_len={len(completion)}.*DELTA"):
+        interop.from_vllm(arr, DEEPSEEK.layer_map, prompt_len=len(prompt), completion_len=1)
