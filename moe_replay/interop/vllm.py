@@ -476,8 +476,10 @@ def from_vllm_output(
     int32: <= 0.20). The row count must then fit exactly; nothing is shifted to fit.
 
     Args:
-        output: a ``RequestOutput`` (completion ``index`` is read; with ``n > 1`` each
-            completion carries its own full array) or one ``CompletionOutput``.
+        output: a ``RequestOutput`` (completion ``index`` is read: the one whose
+            ``CompletionOutput.index`` it is, where completions carry one, else the one at that
+            position; with ``n > 1`` each completion carries its own full array) or one
+            ``CompletionOutput``.
         prompt_len: the prompt's token count; read from ``RequestOutput.prompt_token_ids``
             when not given, required with a ``CompletionOutput``.
         prompt_start: the request's ``routed_experts_prompt_start`` (0.22+).
@@ -501,9 +503,7 @@ def from_vllm_output(
         prompt_len = check_start(prompt_len, "prompt_len")  # 2.5 is refused, never cut to 2
     if hasattr(output, "outputs"):
         outs = _listed(output.outputs, "RequestOutput.outputs", "its CompletionOutputs")
-        if not is_integer(index) or not -len(outs) <= int(index) < len(outs):
-            raise RoutesValidationError(f"index={index}, but this RequestOutput has {len(outs)} completions")
-        comp = outs[int(index)]
+        comp = _completion(outs, index)
         if not (hasattr(comp, "routed_experts") and hasattr(comp, "token_ids")):
             raise RoutesValidationError(
                 f"RequestOutput.outputs[{index}] is a {type(comp).__name__}, not a vLLM CompletionOutput (with "
@@ -569,6 +569,31 @@ def from_vllm_output(
         version=version if version is not None else _layout_version(layout),
     )
     return _with_tokens(routes, ids, prompt_len, comp.token_ids)
+
+
+def _completion(outs: Any, index: Any) -> Any:
+    """The completion ``index`` of a ``RequestOutput``'s ``outputs``: the one whose ``CompletionOutput.index`` it is,
+    where every completion carries its own, else (and for an index from the end) the one at that position.
+
+    A streamed output of ``n > 1`` samples carries the samples that changed in that step only, so the position of a
+    completion in ``outputs`` is not its number: read by position, ``index=1`` would give another sample's routes.
+    """
+    if not is_integer(index):
+        raise RoutesValidationError(f"index={index!r:.40}, but a completion's index is an integer")
+    numbers: list[Any] = [getattr(c, "index", None) for c in outs]
+    own = all(is_integer(n) for n in numbers) and len({int(n) for n in numbers}) == len(numbers)
+    if own and int(index) >= 0:
+        for c, n in zip(outs, numbers, strict=True):
+            if int(n) == int(index):
+                return c
+        raise RoutesValidationError(
+            f"index={index}, but this RequestOutput holds the completions numbered {sorted(int(n) for n in numbers)} "
+            "(CompletionOutput.index): a streamed output of n > 1 samples carries only the samples of that step. "
+            f"Read the output that holds completion {index}"
+        )
+    if not -len(outs) <= int(index) < len(outs):
+        raise RoutesValidationError(f"index={index}, but this RequestOutput has {len(outs)} completions")
+    return outs[int(index)]
 
 
 def _why_no_routes(output: Any, comp: Any) -> str:

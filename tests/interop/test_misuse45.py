@@ -62,3 +62,23 @@ def test_the_final_chunk_of_a_delta_stream_is_refused_naming_the_completion_it_f
     arr = np.asarray(whole.outputs[0].routed_experts)
     with pytest.raises(mr.RoutesValidationError, match=f"fit completion_len={len(completion)}.*DELTA"):
         interop.from_vllm(arr, DEEPSEEK.layer_map, prompt_len=len(prompt), completion_len=1)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_completion_is_read_by_its_own_number_not_its_place_in_a_streamed_output() -> None:
+    """A streamed output of n > 1 samples holds the samples that changed in that step, in any order: read by its
+    place in ``outputs``, ``index=1`` gave another sample's routes."""
+    prompt = [1, 2, 3]
+    samples = [([4, 5], DEEPSEEK.truth(5, seed=0)), ([6, 7], DEEPSEEK.truth(5, seed=1)), ([8, 9], DEEPSEEK.truth(5, 2))]
+    full = vllm_033_request_output(DEEPSEEK, prompt, samples)
+    for i, c in enumerate(full.outputs):
+        c.index = i
+    lm = DEEPSEEK.layer_map
+    want = [interop.from_vllm_output(full, lm, index=i) for i in range(3)]
+    streamed = SimpleNamespace(prompt_token_ids=prompt, outputs=[full.outputs[2], full.outputs[1]])
+    for i in (1, 2):
+        got = interop.from_vllm_output(streamed, lm, index=i)
+        assert got.equal(want[i]) and got.token_ids.tolist() == want[i].token_ids.tolist()
+    with pytest.raises(mr.RoutesValidationError, match=r"numbered \[1, 2\]"):
+        interop.from_vllm_output(streamed, lm, index=0)
+    assert interop.from_vllm_output(streamed, lm, index=-1).equal(want[1])  # (from the end: by place)
