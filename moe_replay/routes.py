@@ -10,6 +10,7 @@ index and ``-1`` (int16 up to 32767 experts), and convert to int64 on demand.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import operator
@@ -2244,6 +2245,33 @@ def in_token_order(routes: Routes, what: str) -> Routes:
     return out
 
 
+def _write_in_place(path: str, write: Any) -> None:
+    """Replace the bytes of the file at ``path`` (in a folder that takes no new file) with what ``write(file)``
+    writes, never leaving it half-written: the new bytes are made in memory first, so a ``write`` that fails (an
+    interrupt, a value it cannot write) leaves the file as it was; where putting them in the file fails (a full disk),
+    its old bytes are put back (where they could be read and written: else :meth:`Routes.load` refuses what is left as
+    truncated)."""
+    buf = io.BytesIO()
+    write(buf)
+    data = buf.getvalue()
+    try:
+        with open(path, "rb") as f:
+            old: bytes | None = f.read()
+    except OSError:  # (a file that may be written but not read: nothing to put back)
+        old = None
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except BaseException:
+        if old is not None:
+            try:
+                with open(path, "wb") as f:
+                    f.write(old)
+            except OSError:  # (left as the failed write left it: load refuses it as truncated, never reads it)
+                pass
+        raise
+
+
 def _write_whole(path: str, write: Any) -> None:
     """Run ``write(file)`` on a new file beside ``path`` and move it to ``path`` once complete (``os.replace``, atomic
     on one file system); where ``write`` fails, the new file goes and a file at ``path`` stays as it was. A symbolic
@@ -2255,8 +2283,7 @@ def _write_whole(path: str, write: Any) -> None:
     try:
         f = open(part, "xb")  # (created as open() creates any file: the mode the umask leaves)
     except PermissionError:  # a folder that takes no new file, a file in it that may be written: in place
-        with open(path, "wb") as f:
-            write(f)
+        _write_in_place(path, write)
         return
     try:
         with f:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import io
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -82,3 +86,62 @@ def test_a_completion_is_read_by_its_own_number_not_its_place_in_a_streamed_outp
     with pytest.raises(mr.RoutesValidationError, match=r"numbered \[1, 2\]"):
         interop.from_vllm_output(streamed, lm, index=0)
     assert interop.from_vllm_output(streamed, lm, index=-1).equal(want[1])  # (from the end: by place)
+
+
+def _in_place_only(monkeypatch: pytest.MonkeyPatch, fail_first_write: bool = False) -> None:
+    """Make Routes.save meet a folder that takes no new file (its file may still be written), as for a user whose
+    folder is read-only to them; ``fail_first_write``: the first write of the file's bytes stops halfway (a full
+    disk)."""
+    import builtins
+
+    import moe_replay.routes as routes_module
+
+    writes = {"n": 0}
+
+    class _HalfWritten(io.FileIO):
+        def write(self, data: Any) -> int:  # type: ignore[override]
+            super().write(bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fake_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if "x" in mode:
+            raise PermissionError(errno.EACCES, "Permission denied", file)
+        if "w" in mode:
+            writes["n"] += 1
+            if fail_first_write and writes["n"] == 1:
+                return _HalfWritten(file, "w")
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(routes_module, "open", fake_open, raising=False)
+
+
+@pytest.mark.reliability("files")
+def test_a_save_that_fails_midway_in_a_folder_that_takes_no_new_file_leaves_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the folder takes no new file, save wrote the file in place: a save that failed midway (an interrupt, a
+    full disk) left it half-written, the routes saved there before lost."""
+    path = tmp_path / "routes.npz"
+    lm = DEEPSEEK.layer_map
+    old = interop.from_vllm_output(_request([1, 2, 3], [4, 5]), lm)
+    new = interop.from_vllm_output(_request([1, 2, 3, 4, 5, 6], [7, 8]), lm)
+    old.save(path)
+    _in_place_only(monkeypatch)
+    real = np.savez_compressed
+
+    def interrupted(file: Any, **arrays: Any) -> None:
+        file.write(b"PK\x03\x04" + b"\0" * 64)  # (a zip's first bytes, then the interrupt)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(path)
+    assert mr.Routes.load(path).equal(old)
+    monkeypatch.setattr(np, "savez_compressed", real)
+    _in_place_only(monkeypatch, fail_first_write=True)
+    with pytest.raises(OSError, match="No space left"):
+        new.save(path)
+    assert mr.Routes.load(path).equal(old)
+    _in_place_only(monkeypatch)  # (and where nothing fails, the file is replaced)
+    new.save(path)
+    assert mr.Routes.load(path).equal(new)
