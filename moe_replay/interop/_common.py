@@ -286,3 +286,14 @@ def rows_untold(routes: Routes, reader: str) -> Routes:
     the front would have shifted every token's experts."""
     routes._rows_untold = reader
     return routes
+
+
+def one_of_many(value: Any, reader: str, holds: str) -> str:
+    """What to do with ``value`` given to ``reader``, which reads one sequence, where it is a list or tuple of them (an
+    engine call's batch: one output per prompt or sample); an empty string for anything else."""
+    if not isinstance(value, list | tuple):
+        return ""
+    return (
+        f": a {type(value).__name__} of {len(value)}, as a batched engine call returns them ({holds}), but {reader} "
+        f"reads one sequence. Read each: [{reader}(x, layer_map) for x in outputs]"
+    )

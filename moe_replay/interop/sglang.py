@@ -36,6 +36,7 @@ from ._common import (
     columns,
     cut_last,
     make_routes,
+    one_of_many,
     rows_untold,
     skip_front,
     to_array,
@@ -52,7 +53,12 @@ def _payload(response: Mapping[str, Any] | str | bytes) -> tuple[str | bytes, in
     if isinstance(response, str | bytes):
         return response, None
     if not isinstance(response, Mapping):
-        raise RoutesValidationError(f"expected an SGLang response or meta_info dict, got {type(response).__name__}")
+        raise RoutesValidationError(
+            f"expected an SGLang response or meta_info dict, got {type(response).__name__}"
+            + one_of_many(
+                response, "from_sglang", "a /generate of a batch or of n > 1 samples returns one response each"
+            )
+        )
     meta = response.get("meta_info", response)
     if not isinstance(meta, Mapping) or meta.get("routed_experts") is None:
         raise RoutesValidationError(

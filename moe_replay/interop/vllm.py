@@ -52,6 +52,7 @@ from ._common import (
     make_routes,
     npy_from_base64,
     npy_to_base64,
+    one_of_many,
     ordered,
     rows_untold,
     skip_front,
@@ -528,7 +529,10 @@ def from_vllm_output(
                 "a CompletionOutput does not know its prompt: pass prompt_len=len(request_output.prompt_token_ids)"
             )
     else:
-        raise RoutesValidationError(f"expected a vLLM RequestOutput or CompletionOutput, got {type(output).__name__}")
+        raise RoutesValidationError(
+            f"expected a vLLM RequestOutput or CompletionOutput, got {type(output).__name__}"
+            + one_of_many(output, "from_vllm_output", "LLM.generate returns one RequestOutput per prompt")
+        )
     if comp.routed_experts is None:
         raise RoutesValidationError(_why_no_routes(output, comp))
     assert prompt_len is not None

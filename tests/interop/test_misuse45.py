@@ -145,3 +145,21 @@ def test_a_save_that_fails_midway_in_a_folder_that_takes_no_new_file_leaves_the_
     _in_place_only(monkeypatch)  # (and where nothing fails, the file is replaced)
     new.save(path)
     assert mr.Routes.load(path).equal(new)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_batch_of_outputs_given_to_a_reader_of_one_sequence_says_to_read_each() -> None:
+    """LLM.generate returns a list of RequestOutputs and a batched /generate a list of responses: passed whole, the
+    error said only "got list", not that the reader takes one sequence."""
+    lm = DEEPSEEK.layer_map
+    batch = [_request([1, 2, 3], [4, 5]), _request([6, 7], [8])]
+    want = [interop.from_vllm_output(out, lm) for out in batch]
+    for whole in (batch, tuple(batch), [out.outputs[0] for out in batch]):
+        with pytest.raises(mr.RoutesValidationError, match=rf"of {len(batch)}.* reads one sequence. Read each"):
+            interop.from_vllm_output(whole, lm)
+    meta = {
+        "meta_info": {"routed_experts": interop.to_sglang(interop.from_vllm_output(batch[1], lm), lm)["routed_experts"]}
+    }
+    assert interop.from_sglang(meta, lm, num_tokens=want[1].num_tokens).equal(want[1])  # (one response: read)
+    with pytest.raises(mr.RoutesValidationError, match=r"a list of 2.* reads one sequence. Read each"):
+        interop.from_sglang([meta, meta], lm)
