@@ -149,11 +149,10 @@ def load_model(target: str, *, seed: int = 0, layers: int | None = None) -> tupl
             extra["num_layers"] = layers
         try:
             reference = models.build(target, seed=seed, **extra)
-        except InvalidArgumentError as e:  # (its advice names the config's fields, which this command does not set)
-            size = str(e).split(": use smaller sizes", 1)
-            if layers is None or len(size) != 2:
+        except InvalidArgumentError as e:
+            if layers is None:
                 raise
-            raise _UsageError(f"--layers {layers}: {size[0]}; ask for fewer --layers") from None
+            raise _too_big(e, f"--layers {layers}") from None
         cfg = reference.config
         return reference, (
             f"reference MoE '{target}': {cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k}"
@@ -190,6 +189,15 @@ def load_model(target: str, *, seed: int = 0, layers: int | None = None) -> tupl
     if layers is not None and isinstance(depth, int) and depth < layers:  # capped: say so, not only in --help
         origin += f", {depth} layers (its default depth; --layers {layers} asks for more)"
     return model, origin
+
+
+def _too_big(e: InvalidArgumentError, option: str) -> Exception:
+    """A usage error naming ``option`` for a reference model the option makes too big to build, whose message names
+    the config's fields (which no option of this command sets); ``e`` itself where it says something else."""
+    size = str(e).split(": use smaller sizes", 1)
+    if len(size) != 2:
+        return e
+    return _UsageError(f"{option}: {size[0]}; ask for fewer {option.split()[0]}")
 
 
 def _first_line(e: BaseException) -> str:
@@ -304,7 +312,7 @@ examples:
 
 The exit status is 0 when replay reproduced every recorded route and gradients reached
 every router, 1 otherwise, and 2 when --device cannot be used here or --new-tokens is
-not a positive count."""
+not a positive count or more positions than a reference model may hold."""
 
 _INSPECT_EPILOG = f"""\
 MODEL is one of:
@@ -445,6 +453,10 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             return 2
         try:
             out = demo(args.style, args.new_tokens, args.seed, str(device), progress=args.progress)
+        except InvalidArgumentError as e:  # a --new-tokens the reference model cannot hold the positions of
+            usage = _too_big(e, f"--new-tokens {args.new_tokens}")
+            print(f"error: {usage}", file=sys.stderr)
+            return 2 if isinstance(usage, _UsageError) else 1
         except MoEReplayError as e:  # a refusal on this device or torch: its message, not a traceback
             print(f"error: {e}", file=sys.stderr)
             return 1

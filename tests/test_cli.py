@@ -385,3 +385,14 @@ def test_inspect_without_verify_does_not_call_a_router_replayable_that_attach_re
     assert "replayable" not in text and "--verify runs that forward now" in text
     assert main(["inspect", "softmax_topk", "--top-k", "5", "--verify"]) != 0
     assert "replayable" not in capsys.readouterr().out
+
+
+@pytest.mark.reliability("bad inputs")
+def test_demo_new_tokens_past_what_a_reference_model_holds_is_a_usage_error(capsys) -> None:
+    """--new-tokens past the positions a reference model may hold exited 1 (the code of a failed replay) with advice
+    naming config fields (num_layers, max_positions, ...) that no option of the command sets."""
+    assert main(["demo", "--new-tokens", str(10**11)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+    assert captured.err.startswith(f"error: --new-tokens {10**11}: ") and "ask for fewer --new-tokens" in captured.err
+    assert "max_positions" not in captured.err
