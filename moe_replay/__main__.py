@@ -239,6 +239,22 @@ def inspect_model(
     that its decision call is seen; ``progress`` shows (``True``) or hides (``False``) its bar
     over the routers, which ``None`` shows where stderr is a terminal.
     """
+    return _inspect(target, include, exclude, top_k, num_experts, verify, seed, layers, progress)[0]
+
+
+def _inspect(
+    target: str,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    top_k: int | None,
+    num_experts: int | None,
+    verify: bool,
+    seed: int,
+    layers: int | None,
+    progress: bool | None,
+) -> tuple[str, str]:
+    """:func:`inspect_model`'s table, and why a ``verify`` asked for ran no forward (attach() refuses routers of the
+    model); an empty string where it ran, or was not asked for."""
     progress = _progress.check(progress, "inspect_model()")
     model, origin = load_model(target, seed=seed, layers=layers)
     sites = find_routers(
@@ -281,12 +297,21 @@ def inspect_model(
         lines.extend(str(calls).splitlines()[1:])
     elif verify:
         lines.append("verify: skipped, some routers are refused")
+        why = (
+            "none of its routers can be replayed exactly, so there is nothing to verify"
+            if len(refused) == len(sites)
+            else "--exclude them to verify the others"
+        )
+        return "\n".join(lines), (
+            f"--verify ran no forward: attach() refuses {len(refused)} router(s) of this model (marked 'refused' "
+            f"above); {why}"
+        )
     elif not refused:
         lines.append(
             "each decision is proven at its router's first forward, where attach() may still refuse it: "
             "--verify runs that forward now"
         )
-    return "\n".join(lines)
+    return "\n".join(lines), ""
 
 
 # --------------------------------------------------------------------------- parser
@@ -330,7 +355,11 @@ examples:
   python -m moe_replay inspect ./my-model --include 'layers.*.moe.router' --top-k 2
 
 Columns: router (module path), class, E (experts), k (experts per token), and how the
-decision call is intercepted. Routers marked 'refused' make attach() raise."""
+decision call is intercepted. Routers marked 'refused' make attach() raise.
+
+The exit status is 0 when the table is printed (and --verify ran every router), 1 when
+the model cannot be loaded, attach() refuses the options given, or --verify could not
+run because attach() refuses some router, and 2 for an option that is not valid."""
 
 
 def _positive(text: str) -> int:
@@ -462,21 +491,23 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             return 1
         return 0 if out["replay_drift"] == 0.0 and out["min_grad"] > 0 else 1
     try:
-        print(
-            inspect_model(
-                args.model,
-                include=args.include,
-                exclude=args.exclude,
-                top_k=args.top_k,
-                num_experts=args.num_experts,
-                verify=args.verify,
-                seed=args.seed,
-                layers=args.layers,
-                progress=args.progress,
-            )
+        table, refused = _inspect(
+            args.model,
+            args.include,
+            args.exclude,
+            args.top_k,
+            args.num_experts,
+            args.verify,
+            args.seed,
+            args.layers,
+            args.progress,
         )
     except (_UsageError, MoEReplayError, ImportError) as e:
         print(f"error: {_as_options(str(e))}", file=sys.stderr)
+        return 1
+    print(table)
+    if refused:  # (the check asked for did not run: not a success a script may take for one)
+        print(f"error: {refused}", file=sys.stderr)
         return 1
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -396,3 +397,31 @@ def test_demo_new_tokens_past_what_a_reference_model_holds_is_a_usage_error(caps
     assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
     assert captured.err.startswith(f"error: --new-tokens {10**11}: ") and "ask for fewer --new-tokens" in captured.err
     assert "max_positions" not in captured.err
+
+
+@pytest.mark.reliability("bad inputs")
+def test_inspect_verify_that_runs_no_forward_exits_1(capsys) -> None:
+    """``inspect MODEL --verify`` on a model whose routers attach() refuses printed "verify: skipped" and exited 0, so a
+    script that gates on the check took the skipped check for a passed one."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    refuse_first = mr.Adapter("x", match=lambda n, m: n == "layers.0.mlp.router", unsupported="a test refusal")
+    refused = [s for s in mr.find_routers(model, adapters=[refuse_first]) if s.unsupported]
+    assert refused  # (the refusal the command meets below, made by the library itself)
+    import moe_replay.__main__ as cli
+
+    real = cli.find_routers
+
+    def with_refusal(model: torch.nn.Module, **kwargs: Any) -> Any:
+        return real(model, adapters=[refuse_first], **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "find_routers", with_refusal)
+        assert main(["inspect", "softmax_topk", "--layers", "2", "--verify"]) == 1
+        captured = capsys.readouterr()
+        assert "verify: skipped" in captured.out and len(captured.err.splitlines()) == 1
+        assert captured.err.startswith("error: --verify ran no forward") and "--exclude them" in captured.err
+        assert main(["inspect", "softmax_topk", "--layers", "2"]) == 0  # (without --verify: the table is the answer)
+    assert main(["inspect", "softmax_topk", "--layers", "2", "--verify"]) == 0
+    if importlib.util.find_spec("transformers") is not None:  # every router refused: nothing to exclude
+        assert main(["inspect", "phimoe", "--verify"]) == 1
+        assert "nothing to verify" in capsys.readouterr().err
