@@ -47,6 +47,7 @@ and the rows of such a capture are split by their order alone, unchecked.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import functools
@@ -264,9 +265,14 @@ class FeedRecord:
     #: whose forward it was taken as
     _deferred: tuple[Any, ...] | None = None
     _held_by: FeedForward | None = None
+    #: the level whose forward no level took runs now (see :meth:`bare_began`), with the routers' calls as it began
+    _bare: tuple[FeedForward, tuple[int, ...] | None] | None = None
 
     def __init__(self, keep_inputs: bool = True, limit: int | None = None) -> None:
         self.forwards: list[_Forward] = []
+        #: the routers' calls as each forward no level took began and ended (a model fed a tensor of no known name:
+        #: its tokens unknown), for :meth:`forward_calls`
+        self.bare: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
         #: the first cache method that moved rows during the capture, as ``Class.method``
         self.moved: str | None = None
         #: a call of a cache method of SHRINKS that took out tokens a forward of this capture had put in the cache, as
@@ -429,6 +435,20 @@ class FeedRecord:
             self._follow()
         self._count += 1
         return True
+
+    def bare_began(self, level: FeedForward) -> bool:
+        """A forward enters ``level`` that it did not take (fed no token count), nor any level around it: count the
+        router calls it makes (see :meth:`bare_left`) where the calls are counted. Returns whether it is counted."""
+        if not self._keep_inputs or self.calls_made is None or self._began is None:
+            return False
+        self._bare = (level, self._began)
+        return True
+
+    def bare_left(self) -> None:
+        """The forward of :meth:`bare_began` has ended."""
+        bare, self._bare = self._bare, None
+        if bare is not None and bare[1] is not None and self.calls_made is not None and self._keep_inputs:
+            self.bare.append((bare[1], self.calls_made()))
 
     def unpads(self, scopes: Sequence[nn.Module]) -> None:
         """The routers of ``scopes`` see only the tokens the mask of the forward fed last keeps (the first router every
@@ -889,6 +909,33 @@ class FeedRecord:
         flat = _flat([None if f is None else f.places for f in parts], sizes, torch.long)
         return flat if flat is not None and bool((flat != -1).any()) else None
 
+    def forward_calls(self, calls: tuple[tuple[int, int], ...] | None) -> tuple[int, ...] | None:
+        """The router calls each forward of this capture made, in order (``Routes._forward_calls``), where every
+        router made as many calls in each forward, every call of theirs was in a forward, and the forwards were
+        counted from the first call of ``calls`` (those of every router) to the last; else None."""
+        if calls is None or not self._keep_inputs or not self.lined_up():
+            return None
+        taken: list[tuple[int, int]] = []
+        for f in self.forwards:
+            if not f.count:
+                continue
+            if f.calls is None or f.end is None or not f.calls:
+                return None  # (not counted)
+            taken.append((f.calls[0], f.end[0]))
+        spans = list(taken)
+        for began, ended in self.bare:  # (those that hold no forward a level inside them took: those hold theirs)
+            if not began or len(set(began)) > 1 or len(set(ended)) > 1:
+                return None
+            if not any(began[0] <= a and b <= ended[0] for a, b in taken):
+                spans.append((began[0], ended[0]))
+        total, at, out = sum(c for _, c in calls), 0, []
+        for a, b in sorted(spans):
+            if a != at or b < a:
+                return None  # (calls outside the forwards: a block called alone; or forwards that overlap)
+            out.append(b - a)
+            at = b
+        return tuple(out) if out and at == total else None
+
     def apart(self, calls: tuple[tuple[int, int], ...], router: int) -> bool:
         """Did a forward call router ``router`` (whose calls were ``calls``) only on other row counts than it was fed
         tokens (a decoder's canvas of its own; a canvas as long as another forward's tokens too)? False where the
@@ -1288,6 +1335,74 @@ def _on_device(want: torch.Tensor, padding: torch.Tensor, device: torch.device) 
     return on, at_padding
 
 
+class _CapturedCalls:
+    """The router calls each forward of a capture made (``Routes._forward_calls`` over ``Routes._call_rows``, every
+    router's the same): the captured forward a replay forward begins in, and the rows each of its calls read.
+
+    A replay forward may read part of a captured forward of one call, or several of them in one call (the batch split
+    or joined otherwise); where a captured forward called its routers more than once (a router shared by layers, a
+    block that calls its router again), a replay forward reads all of its calls, from its first, one captured call each.
+    """
+
+    __slots__ = ("begins", "bounds", "forwards")
+
+    def __init__(self, call_rows: tuple[tuple[int, int], ...], forward_calls: tuple[int, ...]) -> None:
+        self.bounds = [0]  # the row each call begins at, then the row the last ends at
+        for n, c in call_rows:
+            for _ in range(c):
+                self.bounds.append(self.bounds[-1] + n)
+        self.begins: list[int] = []  # the row each forward of calls begins at
+        self.forwards: list[tuple[int, int, int]] = []  # (its number in the capture, its first call, its calls)
+        at = 0
+        for i, c in enumerate(forward_calls):
+            if c:
+                self.begins.append(self.bounds[at])
+                self.forwards.append((i, at, c))
+            at += c
+
+    @staticmethod
+    def of(
+        call_rows: tuple[tuple[int, int], ...] | None, forward_calls: tuple[int, ...] | None
+    ) -> _CapturedCalls | None:
+        """The calls of routes whose capture counted them (see ``Routes._forward_calls``), or None."""
+        if call_rows is None or forward_calls is None or sum(forward_calls) != sum(c for _, c in call_rows):
+            return None
+        if any(n <= 0 for n, _ in call_rows):
+            return None
+        return _CapturedCalls(call_rows, forward_calls)
+
+    def at(self, row: int) -> int | None:
+        """The forward (an index of :attr:`forwards`) whose rows hold ``row``, or None past the last."""
+        j = bisect.bisect_right(self.begins, row) - 1
+        return j if j >= 0 and row < self.end(j) else None
+
+    def end(self, j: int) -> int:
+        """The row forward ``j``'s calls end at."""
+        _, first, calls = self.forwards[j]
+        return self.bounds[first + calls]
+
+    def made(self, j: int, row: int) -> int:
+        """The calls of forward ``j`` whose rows end at or before ``row``."""
+        _, first, calls = self.forwards[j]
+        return bisect.bisect_right(self.bounds, row, first + 1, first + calls + 1) - first - 1
+
+    def describe(self, j: int) -> str:
+        """Forward ``j`` in words: its number in the capture, its calls and their rows."""
+        number, first, calls = self.forwards[j]
+        rows = [self.bounds[c + 1] - self.bounds[c] for c in range(first, first + calls)]
+        each = f"{rows[0]} rows each" if len(set(rows)) == 1 else f"of {', '.join(map(str, rows[:8]))} rows"
+        return f"forward {number + 1} of the capture ({calls} call{'s' if calls != 1 else ''} of each router, {each})"
+
+
+#: what a refusal of a forward whose routers make other calls than the captured one says to do
+_OTHER_CALLS_HINT = (
+    "A forward replays a captured forward by making the router calls it made, on the rows it made them on, or the "
+    "routers read the rows of other calls (a call turned on or off since the capture: a log of the routing, an "
+    "auxiliary loss; the layers run in another order). Replay with the model as it was captured (turn the call "
+    "on or off again), or capture again with the model as it runs now"
+)
+
+
 class FeedCheck:
     """During a replay: every forward of the model is fed the tokens its rows were recorded for.
 
@@ -1328,6 +1443,13 @@ class FeedCheck:
     #: whose forward it was taken as
     _deferred: tuple[Any, ...] | None = None
     _held_by: FeedForward | None = None
+    #: the calls each forward of the routes' capture made, where it counted them (see :meth:`know_calls`), and the
+    #: forward of them (an index of its ``forwards``) and the row the forward that runs now began at
+    _captured: _CapturedCalls | None = None
+    _began_in: tuple[int, int] | None = None
+    #: the level whose forward no level took runs now (see :meth:`bare_began`), and how many such forwards ran
+    _bare: tuple[FeedForward] | None = None
+    _bares = 0
 
     def __init__(
         self,
@@ -1428,6 +1550,86 @@ class FeedCheck:
 
         return stop
 
+    def bare_began(self, level: FeedForward) -> bool:
+        """A forward enters ``level`` that it did not take (fed no token count), nor any level around it: not checked
+        here (see :meth:`OrderCheck.bare_began`)."""
+        return False
+
+    def bare_left(self) -> None:
+        """The forward of :meth:`bare_began` has ended."""
+        self._bare, self._began_in = None, None
+
+    def know_calls(self, call_rows: tuple[tuple[int, int], ...] | None, forward_calls: tuple[int, ...] | None) -> None:
+        """Check each forward against the router calls the captured forward it replays made (see
+        :class:`_CapturedCalls`), where the routes know them: ``Routes._call_rows`` and ``Routes._forward_calls``."""
+        self._captured = _CapturedCalls.of(call_rows, forward_calls)
+
+    def _enter_captured(self, start: int) -> None:
+        """A forward begins with its routers at row ``start``: the captured forward it begins in. Where that forward
+        called its routers more than once, this one begins at its first call, or the one before made fewer calls than
+        it (refused here, before a router reads a row)."""
+        captured = self._captured
+        self._began_in = None
+        if captured is None:
+            return
+        j = captured.at(start)
+        if j is None:
+            return
+        self._began_in = (j, start)
+        calls = captured.forwards[j][2]
+        if calls > 1 and start != captured.begins[j]:
+            made = captured.made(j, start)
+            name = self._sources[0].name if self._sources else "its routers"
+            raise TokenMismatchError(
+                f"forward {self._number()} of this replay() begins at row {start} of the routes, inside "
+                f"{captured.describe(j)}: the forward before it made {made} call{'s' if made != 1 else ''} of router "
+                f"'{name}' where the captured forward made {calls}, so this one would read the rows of the calls it "
+                f"left. {_OTHER_CALLS_HINT}" + (f". {self.hint}" if self.hint else "")
+            )
+
+    def _captured_call(self, router: str, start: int, n: int) -> None:
+        """A router reads ``n`` rows from ``start`` on in the forward that runs now, past the rows of its first call:
+        the next call the captured forward it began in made (as many rows, from there), or refused."""
+        captured, began = self._captured, self._began_in
+        if captured is None or began is None or start == began[1]:
+            return  # (not known, or its first call: a router that reads other row counts than it is fed tokens)
+        j, row = began
+        _, first, calls = captured.forwards[j]
+        bounds = captured.bounds
+        k = bisect.bisect_left(bounds, start, first + 1, first + calls)
+        if k < first + calls and bounds[k] == start and bounds[k + 1] == start + n and row == captured.begins[j]:
+            return
+        made = captured.made(j, min(start, captured.end(j)))
+        raise TokenMismatchError(
+            f"router '{router}' is called again in forward {self._number()} of this replay(), on rows {start}.."
+            f"{start + n - 1} of the routes, while that forward replays {captured.describe(j)} from row {row}: this "
+            f"is call {made + 1} of the router or later in this forward where the captured forward made {calls}, or a "
+            f"call on other rows than the captured call there, so it would read the rows of another call or forward. "
+            f"{_OTHER_CALLS_HINT}" + (f". {self.hint}" if self.hint else "")
+        )
+
+    def _number(self) -> int:
+        """The number of the forward that runs now in this block (1 for the first), those no level took counted."""
+        return self.forwards + self._bares
+
+    def _calls_at_end(self) -> None:
+        """The block ends: refuse where its last forward made fewer calls than the captured forward it began in (where
+        the host counts the rows read)."""
+        captured = self._captured
+        if captured is None or self._lost:
+            return
+        at = self.position()
+        j = None if at is None else captured.at(at)
+        if j is None or at is None or captured.forwards[j][2] < 2 or at == captured.begins[j]:
+            return
+        made, calls = captured.made(j, at), captured.forwards[j][2]
+        name = self._sources[0].name if self._sources else "its routers"
+        raise TokenMismatchError(
+            f"the last forward of this replay() stops at row {at} of the routes, inside {captured.describe(j)}: it "
+            f"made {made} call{'s' if made != 1 else ''} of router '{name}' where the captured forward made {calls}. "
+            f"{_OTHER_CALLS_HINT}" + (f". {self.hint}" if self.hint else "")
+        )
+
     def _guard(self, router: str, start: int, n: int) -> None:
         """A router reads past the rows of the forwards this check was fed: first the forward an outer level deferred
         to the levels inside it, where none of them took it (see ``_take_deferred``); then :meth:`_unseen_read`."""
@@ -1526,7 +1728,7 @@ class FeedCheck:
         """The forward fed last has ended: a router that read in it other row counts than it was fed tokens routes a
         stream of its own, whose rows are not in step with the others' (see :meth:`_in_step`). Compiled code that ran
         inside it ran in a forward the check took (see :meth:`unchecked`)."""
-        self._current = (-1, None)
+        self._current, self._began_in = (-1, None), None
         if self._unarmed is not None:
             for level in self._levels:
                 level.unchecked = False
@@ -1584,7 +1786,7 @@ class FeedCheck:
         ``paired``: the level is an encoder-decoder (see :meth:`FeedRecord.fed`), whose rows no one
         id each describes: this forward and those after it are not checked.
         """
-        self._current = (-1, None)
+        self._current, self._began_in = (-1, None), None
         if paired or (not self._lost and any(map(_COMPILED, self._levels))):
             self._open()
         if self._lost:
@@ -1607,6 +1809,7 @@ class FeedCheck:
         if start is None:  # (rows read on the device: the host does not know where this forward's rows begin)
             self._open()
             return True
+        self._enter_captured(start)
         kept = None
         compared = ids is not None and (self.device_ids or ids.device.type == "cpu")
         if ids is not None and compared and order != BATCH_MAJOR:
@@ -1851,6 +2054,7 @@ class FeedCheck:
         self._refuse_traced()
         self.unchecked()
         self._refuse_strays()
+        self._calls_at_end()
 
     def _refuse_strays(self) -> None:
         """Refuse the block where compiled code read rows while no forward of the model ran (see
@@ -1907,6 +2111,7 @@ class FeedCheck:
             if count > 0 and n == count and start == src.cleared:
                 if flat is not None:
                     self._check(start, flat)
+                self._captured_call(router, start, n)  # (a call the captured forward did not make: refused)
                 src.cleared = min(src.num_rows, start + n)
                 return
             raise TokenMismatchError(
@@ -2224,11 +2429,64 @@ class OrderCheck(FeedCheck):
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
-        reads are not guarded: rows are not compared with ids; ``sources`` are checked to be in step)."""
+        reads are not guarded: rows are not compared with ids; ``sources`` are checked to be in step), except where the
+        routes know the calls each captured forward made (:meth:`know_calls`): a router called again in a forward is
+        checked against them (:meth:`_order_guard`)."""
         self._thread = threading.get_ident()
         self._levels = list(levels)
         self._sources = list(sources)
-        return _enter_levels(levels, self)
+        remove = _enter_levels(levels, self)
+        if self._captured is None or not self._sources:
+            return remove
+        for src in self._sources:
+            src.cleared, src.guard = src.num_rows, self._order_guard
+
+        def stop() -> None:
+            remove()
+            for src in self._sources:
+                src.guard = None
+                src.cleared = src.num_rows
+
+        return stop
+
+    def bare_began(self, level: FeedForward) -> bool:
+        """A forward enters ``level`` that it did not take (fed no token count), nor any level around it: where the
+        routes know the calls each captured forward made, the captured forward it begins in (its routers in step),
+        whose first call its routers' first calls read unguarded (every row of it, where it made one call)."""
+        if self._captured is None or self._lost or not self._sources:
+            return False
+        start = self.position()
+        if start is None:
+            self._place_calls(None, 0)
+            return False
+        rows = set(map(_CONSUMED, self._sources))
+        if len(rows) != 1:  # (out of step: refused where a forward that gives its tokens enters, see _in_step)
+            return False
+        self._bares += 1
+        self._bare = (level,)
+        self._enter_captured(start)
+        began = self._began_in
+        captured = self._captured
+        if began is None:
+            end = start
+        else:
+            _, first, calls = captured.forwards[began[0]]
+            end = captured.end(began[0]) if calls == 1 else captured.bounds[first + 1]
+        sources = self._sources
+        deque(map(setattr, sources, repeat("cleared"), map(min, map(_NUM_ROWS, sources), repeat(end))), 0)
+        return True
+
+    def _order_guard(self, router: str, start: int, n: int) -> None:
+        """A router reads past the rows of its forward's tokens (see :meth:`_place_calls`): its first call in the
+        forward (rows of another count than its tokens: a decoder's canvas), or one outside every forward, as before;
+        a further call, the next call the captured forward made (:meth:`FeedCheck._captured_call`), or refused."""
+        src = next((s for s in self._sources if s.name == router), None)
+        if src is None:
+            return
+        placed = (self._inside or self._bare is not None) and not self._lost
+        if placed:
+            self._captured_call(router, start, n)
+        src.cleared = min(src.num_rows, start + n) if placed else src.num_rows
 
     def fed(
         self,
@@ -2248,6 +2506,9 @@ class OrderCheck(FeedCheck):
         if paired:  # (an encoder-decoder's routers see the encoder's tokens and the decoder's: never in step)
             self._lose_place()
         start = self._in_step(count) if not self._lost else None
+        self._began_in = None
+        if self._captured is not None:
+            self._place_calls(start, count)
         if not self._kept and order == MIXED:
             _refuse_mixed(order, shape, self.forwards, self.hint)
         if not self._kept and order == SEQUENCE_FIRST and shape is not None and min(int(shape[0]), int(shape[1])) > 1:
@@ -2267,6 +2528,18 @@ class OrderCheck(FeedCheck):
         if self._places is not None and start is not None and order == BATCH_MAJOR and shape is not None:
             self._check_places(start, count, shape, kwargs)
         return True
+
+    def _place_calls(self, start: int | None, count: int) -> None:
+        """Where the routes know the calls each captured forward made: the rows this forward's first calls may read
+        unguarded, ``src.cleared = min(src.num_rows, start + count)`` for each (in C: it runs at every forward), and the
+        captured forward it begins in; where the host does not place its rows, every row from here on, unchecked."""
+        sources = self._sources
+        if start is None:
+            self._lost = True
+            deque(map(setattr, sources, repeat("cleared"), map(_NUM_ROWS, sources)), 0)
+            return
+        deque(map(setattr, sources, repeat("cleared"), map(min, map(_NUM_ROWS, sources), repeat(start + count))), 0)
+        self._enter_captured(start)
 
     def _check_places(self, start: int, count: int, shape: torch.Size, kwargs: dict[str, Any]) -> None:
         """The rows a ``[batch, positions]`` forward reads from ``start`` on, laid out by a BatchLayout for a batch
@@ -2403,10 +2676,11 @@ class OrderCheck(FeedCheck):
 
     def finish(self) -> None:
         """Compare the forwards whose masks or positions were on a device (see :meth:`_check_places`), in order (no
-        ids are compared: these routes know none)."""
+        ids are compared: these routes know none), and the calls of its last forward (see :meth:`_calls_at_end`)."""
         later, self._places_later = self._places_later, []
         for forward, start, grid, mask, pos in later:
             self._refuse_places(forward, start, grid, mask, pos)
+        self._calls_at_end()
 
     def _check_rank(self, count: int, shape: torch.Size | None, order: str) -> None:
         """The rows a ``[batch, positions]`` forward fed ``count`` tokens in ``order`` reads, by their place in their
@@ -4225,9 +4499,12 @@ class FeedForward:
                 r._deferred = (self, fed_args, named, paired, order, later, self.below)
                 deferred.append(r)
                 continue
-            # (fed no token count, it is left to the levels it enters below: they may see its tokens)
+            # (fed no token count, it is left to the levels it enters below: they may see its tokens; where it is
+            # no level's around it, its router calls are counted all the same, see bare_began)
             if r.fed(fed_args, named, paired, order, inputs):
                 taken.append(r)
+            elif r._bare is None:
+                r.bare_began(self)
         entered = taken
         if later:  # (its later routers that see only the tokens its mask keeps)
             for r in entered:
@@ -4241,6 +4518,7 @@ class FeedForward:
             # the compiled token check sees)
             return self._compiled(args, kwargs)
         # (the records, and their routers' calls as the forward began)
+        every = entered
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
         deferred: list[FeedRecord | FeedCheck] = []
         pending: Any = False  # (what the token check of compiled code compares as the forward ends, where it ran)
@@ -4328,6 +4606,10 @@ class FeedForward:
                 if isinstance(r, FeedRecord) or type(r) is FeedCheck:
                     r.returned(out)
                 r.left()
+            for r in every:  # (a forward no level took, which began here: see bare_began)
+                bare = r._bare
+                if bare is not None and bare[0] is self:
+                    r.bare_left()
             settling, self._settling = self._settling, None
             if settling is not None:
                 settling.settle()

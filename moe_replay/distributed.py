@@ -164,7 +164,8 @@ def _known(routes: Routes) -> list[int]:
     :meth:`Session.routes` records them and :func:`~moe_replay.split_generation` checks them (and
     the rows a ``keep_newest`` capture dropped); routes sent to another rank are the same capture,
     so they travel with the rows and :func:`_restore` puts them back. Laid out as: the count of
-    runs (-1: none known) and the runs flat; the length of the name of the cache method that
+    runs (-1: none known) and the runs flat; the count of forwards whose router calls are known (-1: none,
+    ``Routes._forward_calls``) and each one's calls; the length of the name of the cache method that
     moved rows (0: none) and its UTF-8 bytes; likewise the name of the cache type given to two
     decode loops in turn, what picked rows out of order, and the engine reader that placed the rows
     by their count alone (``Routes._rows_untold``); the count of the routers the routes were
@@ -183,6 +184,8 @@ def _known(routes: Routes) -> list[int]:
     """
     calls = routes._call_rows
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
+    each = routes._forward_calls if calls is not None else None  # (the router calls of each forward)
+    out += [-1] if each is None else [len(each), *(int(c) for c in each)]
     for text in (routes._rows_moved, routes._caches_interleaved, routes._rows_picked, routes._rows_untold):
         encoded = (text or "").encode()
         out += [len(encoded), *encoded]
@@ -211,6 +214,10 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
     if runs >= 0:
         routes._call_rows = tuple((int(known[at + 2 * i]), int(known[at + 2 * i + 1])) for i in range(runs))
         at += 2 * runs
+    n, at = int(known[at]), at + 1
+    if n >= 0:  # (the router calls of each forward, where the sender knew them)
+        routes._forward_calls = tuple(int(c) for c in known[at : at + n])
+        at += n
     texts: list[str | None] = []
     for _ in range(4):  # the cache method that moved rows, the cache type given to two loops in turn, rows picked,
         # and the engine reader that placed the rows by their count alone

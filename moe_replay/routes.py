@@ -404,6 +404,9 @@ class Routes:
         [[2, 3]]
     """
 
+    #: (see _trusted; a class default for routes pickled before it was kept)
+    _forward_calls: tuple[int, ...] | None = None
+
     def __init__(
         self,
         layers: Sequence[torch.Tensor],
@@ -488,6 +491,7 @@ class Routes:
         self._ids_lost: str | None = None
         self._prompt_kept: torch.Tensor | None = None
         self._cut_from: tuple[_Forwards, int, int] | None = None  # (see _trusted)
+        self._forward_calls = None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -743,6 +747,7 @@ class Routes:
         self._ids_lost = source._ids_lost
         self._prompt_kept = source._prompt_kept
         self._cut_from = source._cut_from
+        self._forward_calls = source._forward_calls
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -877,6 +882,7 @@ class Routes:
             self._cut_from = (whole, at + start, at + end)
         else:
             self._cut_from = (source._whole_forwards(), start, end)
+        self._forward_calls = _whole_calls_of(self._cut_from)
 
     def _whole_forwards(self) -> _Forwards:
         """What these routes know of their forwards, as one object for every slice cut from them."""
@@ -884,6 +890,8 @@ class Routes:
         if held is None or held.call_rows is not self._call_rows or held.prompt_kept is not self._prompt_kept:
             assert self._call_rows is not None
             held = self._forwards = _Forwards(self._call_rows, self._prompt_kept)
+        if held.forward_calls is None:
+            held.forward_calls = self._forward_calls
         return held
 
     def _pick_forwards(self, source: Routes, rows: slice | torch.Tensor) -> None:
@@ -1082,6 +1090,9 @@ class Routes:
             else:
                 runs.append((rows, calls))
         self._call_rows = tuple(runs)
+        # (the calls of each forward, where every part holds whole forwards that know theirs: one after another)
+        each = [p._forward_calls for p in joined]
+        self._forward_calls = tuple(c for e in each for c in e) if all(e is not None for e in each) else None
 
     def _keep_row_marks(self, parts: Sequence[Routes]) -> None:
         """Keep what holds for every row of ``parts`` on these routes, made of their rows in other places (a pick,
@@ -1192,6 +1203,11 @@ class Routes:
         #: (one object for every slice of it) and the rows the slice holds, ``(forwards, start, end)``, so that
         #: cat() of slices that meet again (a forward cut through, joined) keeps that forward whole
         obj._cut_from = None
+        #: the router calls each forward of the capture made (every router as many, each call's rows those of
+        #: ``_call_rows`` in order), set by Session.routes() where its forwards line up with its rows, kept by the
+        #: methods that keep every forward's rows in place (with_token_ids, select, rename, in_token_order) and by
+        #: none else: a replay checks that each of its forwards makes the calls of the captured forward it reads
+        obj._forward_calls = None
         return obj
 
     def _forwards_meta(self) -> dict[str, Any] | None:
@@ -1207,8 +1223,9 @@ class Routes:
             values, counts = torch.unique_consecutive(self._fed_mask, return_counts=True)
             if values.numel() <= _MAX_RUNS:
                 mask = [[int(v), int(c)] for v, c in zip(values.tolist(), counts.tolist(), strict=True)]
+        known_calls = calls is not None and len(calls) <= _MAX_RUNS
         known = {
-            "calls": [[int(n), int(c)] for n, c in calls] if calls is not None and len(calls) <= _MAX_RUNS else None,
+            "calls": [[int(n), int(c)] for n, c in calls] if calls is not None and known_calls else None,
             "mask_runs": mask,
             "rows_moved": self._rows_moved,
             "caches_interleaved": self._caches_interleaved,
@@ -1220,6 +1237,8 @@ class Routes:
             "routers_order": self._routers_order or None,
             # (a slice of a capture: the capture's forwards, so that slices saved apart join again as in memory)
             "cut_from": self._cut_meta(),
+            # (the router calls each forward made, as [calls, forwards] runs: a replay checks each forward's calls)
+            "forward_calls": _calls_runs(self._forward_calls) if known_calls else None,
         }
         if not any(v for v in known.values()):
             return None
@@ -1805,12 +1824,14 @@ class _Forwards:
     ``key`` names it in files and pickles: slices of one capture saved, pickled or copied apart and read again share
     one object (:data:`_FORWARDS_BY_KEY`), so that they join as in memory (see :func:`_rejoined`)."""
 
-    __slots__ = ("__weakref__", "call_rows", "key", "prompt_kept")
+    __slots__ = ("__weakref__", "call_rows", "forward_calls", "key", "prompt_kept")
 
     def __init__(
         self, call_rows: tuple[tuple[int, int], ...], prompt_kept: torch.Tensor | None, key: str | None = None
     ) -> None:
         self.call_rows, self.prompt_kept = call_rows, prompt_kept
+        #: the router calls each forward made (``Routes._forward_calls``), where known (in memory only)
+        self.forward_calls: tuple[int, ...] | None = None
         self.key = uuid.uuid4().hex if key is None else key
         _FORWARDS_BY_KEY[self.key] = self
 
@@ -1857,13 +1878,41 @@ class _Rejoined:
     """The forwards of slices of one capture's rows that meet again, as one slice of its rows ``start:end`` holds
     them (what ``Routes._cat_forwards`` reads of a part)."""
 
-    __slots__ = ("_call_rows", "_cut_from", "_prompt_kept")
+    __slots__ = ("_call_rows", "_cut_from", "_forward_calls", "_prompt_kept")
 
     def __init__(self, whole: _Forwards, start: int, end: int) -> None:
         self._call_rows = _clip_calls(whole.call_rows, start, end)
+        self._forward_calls = _whole_calls_of((whole, start, end))
         first = whole.call_rows[0][0] if whole.call_rows else 0
         self._prompt_kept = whole.prompt_kept if start == 0 and end >= first else None
         self._cut_from = (whole, start, end)
+
+
+def _whole_calls_of(cut: tuple[_Forwards, int, int] | None) -> tuple[int, ...] | None:
+    """The router calls each forward made (``Routes._forward_calls``) that rows ``start:end`` of a capture hold
+    (``cut``: its forwards, start, end): each forward they hold whole, its calls; one they cut through, one call of the
+    rows they hold where it made one call; None where they cut through a forward of several calls (those rows hold
+    parts of several calls, on other tokens each) or the capture's calls are not known."""
+    if cut is None:
+        return None
+    whole, start, end = cut
+    if whole.forward_calls is None:
+        return None
+    sizes = [n for n, c in whole.call_rows for _ in range(c)]
+    out: list[int] = []
+    at = call = 0
+    for calls in whole.forward_calls:
+        rows = sum(sizes[call : call + calls])
+        lo, hi = max(start, at), min(end, at + rows)
+        if calls and hi > lo:
+            if lo == at and hi == at + rows:
+                out.append(calls)
+            elif calls == 1:
+                out.append(1)
+            else:
+                return None
+        at, call = at + rows, call + calls
+    return tuple(out)
 
 
 def _rejoined(parts: Sequence[Any]) -> list[Any]:
@@ -1916,6 +1965,37 @@ def _is_integer(index: Any) -> bool:
     )
 
 
+def _calls_runs(forward_calls: tuple[int, ...] | None) -> list[list[int]] | None:
+    """``Routes._forward_calls`` as ``[calls, forwards]`` runs for a file (None where unknown or of more runs than
+    :data:`_MAX_RUNS`)."""
+    if forward_calls is None:
+        return None
+    runs: list[list[int]] = []
+    for c in forward_calls:
+        if runs and runs[-1][0] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([int(c), 1])
+    return runs if len(runs) <= _MAX_RUNS else None
+
+
+def _read_forward_calls(
+    value: Any, call_rows: tuple[tuple[int, int], ...] | None, path: str | os.PathLike[str]
+) -> tuple[int, ...] | None:
+    """The router calls of each forward a file keeps (:func:`_calls_runs`), checked against its calls of rows."""
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, list)
+        and all(isinstance(r, list) and len(r) == 2 and all(type(v) is int and v >= 0 for v in r) for r in value)
+        and call_rows is not None
+        and sum(c * n for c, n in value) == sum(c for _, c in call_rows)
+    )
+    if not ok:
+        raise _corrupted(path, "its forwards' router calls do not describe its calls of rows")
+    return tuple(c for c, n in value for _ in range(n))
+
+
 def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) -> None:
     """Give loaded ``routes`` what their file keeps of the capture's forwards (:meth:`Routes._forwards_meta`)."""
     if forwards is None:
@@ -1963,6 +2043,7 @@ def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) 
     if joined is not None and (type(joined) is not int or joined < 2):
         raise _corrupted(path, "its count of routes joined is not an integer over 1")
     routes._joined = joined or 0
+    routes._forward_calls = _read_forward_calls(forwards.get("forward_calls"), routes._call_rows, path)
     cut = forwards.get("cut_from")
     if cut is not None:
         routes._cut_from = _read_cut(cut, routes, rows, path)

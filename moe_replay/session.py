@@ -1945,6 +1945,7 @@ class Session:
                 self._feeds.moved or self._feeds.reordered or self._feeds.rolled_back
             )
             routes._caches_interleaved = self._feeds.interleaved
+            routes._forward_calls = self._feeds.forward_calls(routes._call_rows)
             fed = [f for f in self._feeds.forwards if f.count]  # (read after rows(): the padding taken out)
             runs = routes._call_rows
             if fed and fed[0].grid is not None and runs and runs[0][0] == fed[0].count == int(fed[0].grid.sum()):
@@ -2375,6 +2376,8 @@ class Session:
                 layout=layout,
             )
             order.scope_of = self._scope_of(held)
+            if len({src.num_rows for src in held}) == 1:  # (every router in step: each forward's calls are checked)
+                order.know_calls(routes._call_rows, routes._forward_calls)
             return order, order.start(self._feed_wrappers, held if len({src.num_rows for src in held}) == 1 else [])
         if not strict and _device_of(model).type != "cpu":  # its ids are on the device: nothing to check at no sync
             return None, None
@@ -2394,6 +2397,7 @@ class Session:
             before=self._replay_built,
         )
         check.scope_of = self._scope_of(held)
+        check.know_calls(routes._call_rows, routes._forward_calls)
         return check, check.start(self._feed_wrappers, held)
 
     def _scope_of(self, held: Sequence[ReplaySource]) -> dict[int, int] | None:

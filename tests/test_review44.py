@@ -5,8 +5,10 @@ refuses. Never neither."""
 
 from __future__ import annotations
 
+import pickle
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moe_replay as mr
+from moe_replay.distributed import split_routes
 from tests.conftest import tried
 
 E, D, K, T = 6, 12, 2, 20
@@ -188,13 +191,6 @@ class _LogsItsRouting(_Block):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="routes keep the rows of each router call, not which calls made each forward of the model: a router "
-    "called once more per forward after the capture (a logging call turned on) reads the next forward's rows for its "
-    "real call and, where the replay runs as many calls as were recorded, every router consumes exactly its rows; "
-    "only token ids (none for a model fed embeddings) tell the forwards apart",
-)
 def test_a_router_called_once_more_per_forward_after_the_capture_is_refused_without_token_ids() -> None:
     """Capture two forwards of a model fed embeddings; turn on a second call of each router per forward (a log of its
     routing); replay the first forward alone: it makes as many router calls as the capture recorded, but its real
@@ -221,6 +217,128 @@ def test_a_router_called_once_more_per_forward_after_the_capture_is_refused_with
             return
         forced = _used(model)
         assert torch.equal(forced.long(), used_first.long()), "the real calls were forced with another forward's rows"
+
+
+class _FedIds(nn.Module):
+    """The model of :class:`_Model` behind an embedding, fed token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, D)
+        self.body = _Model(_Gate)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.body(self.embed(input_ids))
+
+
+def _travelled(routes: mr.Routes, how: str, tmp_path: Path) -> mr.Routes:
+    """``routes`` as they come back from a file, a pickle, a split joined again, or as captured."""
+    if how == "saved":
+        routes.save(tmp_path / "r.npz")
+        return mr.Routes.load(tmp_path / "r.npz")
+    if how == "pickled":
+        return pickle.loads(pickle.dumps(routes))
+    if how == "split and joined":
+        return mr.Routes.cat(split_routes(routes, [7, routes.num_tokens - 7]))
+    return routes
+
+
+_TRAVELS = ["captured", "saved", "pickled", "split and joined"]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", _TRAVELS)
+@pytest.mark.parametrize("fed", ["embeddings", "ids"])
+def test_a_router_called_once_more_per_forward_is_refused_however_the_routes_travelled(
+    fed: str, how: str, tmp_path: Path
+) -> None:
+    """The same forward twice (token ids cannot tell the forwards apart), or embeddings; a second call of each router
+    turned on per forward after the capture: a replay of both forwards is refused at the first forward's second call,
+    before it reads the second forward's rows, with the routes as captured or back from a file, a pickle or a split
+    joined again; the routers' weights are as they were."""
+    model: nn.Module = _FedIds() if fed == "ids" else _Model(_Gate)
+    body = model.body if isinstance(model, _FedIds) else model
+    for layer in body.layers:
+        layer.__class__ = _LogsItsRouting
+    x = torch.arange(T) % 50 if fed == "ids" else _tokens(1)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+            model(x)
+        routes = _travelled(session.routes(), how, tmp_path)
+        weights = [layer.gate.weight.clone() for layer in body.layers]
+        for layer in body.layers:
+            layer.log = True
+        with pytest.raises(mr.TokenMismatchError, match=r"layers\.0\.gate' is called again in forward 1 .* made 1"):
+            with session.replay(routes):
+                model(x)
+                model(x)
+        assert all(torch.equal(layer.gate.weight, w) for layer, w in zip(body.layers, weights, strict=True))
+    tried()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", _TRAVELS)
+def test_a_router_called_once_less_per_forward_than_captured_is_refused(how: str, tmp_path: Path) -> None:
+    """Captured with a second call of each router per forward (a log turned on), replayed with it off: the second
+    forward would begin at the first forward's second call; refused as it enters, and a block of one forward (which
+    leaves rows unread, strict=False) is refused as it ends. With the log on again, replayed exactly."""
+    model = _Model(_Gate)
+    for layer in model.layers:
+        layer.__class__ = _LogsItsRouting
+        layer.log = True
+    first, second = _tokens(1), _tokens(2)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(first)
+            used_first = _used(model)
+            model(second)
+            used_second = _used(model)
+        routes = _travelled(session.routes(), how, tmp_path)
+        with session.replay(routes):  # (as captured: each forward makes the calls its captured forward made)
+            model(first)
+            assert torch.equal(_used(model).long(), used_first.long())
+            model(second)
+            assert torch.equal(_used(model).long(), used_second.long())
+        for layer in model.layers:
+            layer.log = False
+        with pytest.raises(
+            mr.TokenMismatchError, match=r"forward 2 of this replay\(\) begins at row 20 .* made 1 call"
+        ):
+            with session.replay(routes):
+                model(first)
+                model(second)
+        with pytest.raises(
+            mr.TokenMismatchError, match=r"last forward of this replay\(\) stops at row 20 .* made 1 call"
+        ):
+            with session.replay(routes, strict=False):
+                model(first)
+    tried(3)
+
+
+@pytest.mark.reliability("silent replays")
+def test_forwards_of_one_router_call_replayed_in_another_grouping_stay_exact() -> None:
+    """Where each captured forward called each router once, a replay may split a forward or join two (the batch
+    split otherwise): each token still gets its own rows, and nothing is refused."""
+    model = _Model(_Gate)
+    first, second = _tokens(1), _tokens(2)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(first)
+            used_first = _used(model)
+            model(second)
+            used_second = _used(model)
+        routes = session.routes()
+        with session.replay(routes):  # (split)
+            model(first[:7])
+            part = _used(model)
+            model(first[7:])
+            assert torch.equal(torch.cat([part, _used(model)]).long(), used_first.long())
+            model(second)
+        with session.replay(routes):  # (joined)
+            model(torch.cat([first, second]))
+            assert torch.equal(_used(model).long(), torch.cat([used_first, used_second]).long())
+    tried(2)
 
 
 # noisy top-k gating (noise added to the logits in training), drawn from a random stream of the host's that is not

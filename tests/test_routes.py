@@ -1495,6 +1495,7 @@ _MARKS = (
     "_prompt_kept",
     "_cut_from",
     "_joined",
+    "_forward_calls",
 )
 #: the marks that hold one value per row (``_router_ids``: per router and row)
 _ROW_MARKS = ("_token_ids", "_fed_mask", "_seq_pos", "_layout_pos", "_token_rank", "_router_ids")
@@ -1508,6 +1509,7 @@ def _marked(kind: str) -> mr.Routes:
     rows = [torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(8)]) for _ in range(2)]
     r = mr.Routes(rows, names=["enc.layers.0.gate", "enc.layers.1.gate"], num_experts=6)
     r._call_rows, r._dropped_rows = ((4, 2),), 2
+    r._forward_calls = (1, 1)  # (each router called once in each of the two forwards)
     r._fed_mask = torch.tensor([1, 1, 0, 1, -1, -1, -1, -1], dtype=torch.int8)
     r._layout_pos = torch.tensor([0, 1, 2, -1, 0, 1, -1, -2])  # (a BatchLayout's places, then rows not laid out)
     r._seq_pos = torch.tensor([0, 1, -1, 2, 3, 3, 4, -1])  # (each row's place in its sequence, -1 at padding)
@@ -1587,7 +1589,7 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
             lambda: base[:4],
             every[:4],
             [0, 1],
-            {"_call_rows": ((4, 1),), "_rows_untold": None, "_cut_from": (whole, 0, 4)},
+            {"_call_rows": ((4, 1),), "_rows_untold": None, "_cut_from": (whole, 0, 4), "_forward_calls": (1,)},
         ),
         "r[2:6]": (
             lambda: base[2:6],
@@ -1611,6 +1613,7 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
                 "_routers_order": False,
                 "_order_untold": False,
                 "_prompt_kept": None,
+                "_forward_calls": None,
             },
         ),
         "select(reversed)": (base.select(names[::-1]), every, [1, 0], {}),
@@ -1657,6 +1660,7 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
                 "_routers_order": False,
                 "_prompt_kept": None,  # (a conversation's rows, in token order: no forward's)
                 "_layout_pos": None,  # (nor a batch's: laid out again, they get places of their own)
+                "_forward_calls": None,
             },
         )
         table["in_token_order"] = (
