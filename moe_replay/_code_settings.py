@@ -47,7 +47,7 @@ import random
 import sys
 import types
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -372,19 +372,26 @@ def generators(modules: list[nn.Module]) -> list[Any]:
         cached = _read_code(m, m.__dict__.get("forward"))
         if cached is None:
             continue
-        for kind, where, name in cached[5]:
-            value = _in_class(where, name) if kind == "class" else where.get(name, _MISSING)
-            _generators_in(value, found, 1)
-        for kind, where, name, steps in cached[1]:
-            if kind == "defaults":
-                continue
-            obj: Any = m if kind == "self" else where.get(name, _MISSING)
-            for step in steps:
-                if obj is _MISSING or step[0] == "()":  # (a call is not made: only what it names is read)
-                    break
-                obj = _step(obj, step)
-                _generators_in(obj, found, 0)
+        for value, named in _reached(m, cached):
+            _generators_in(value, found, 1 if named else 0)
     return list(found.values())
+
+
+def _reached(module: nn.Module, cached: _Code) -> Iterator[tuple[Any, bool]]:
+    """What the code of ``module`` reaches by name, nothing of it run: ``(value, True)`` for each global, closure cell
+    or class attribute it names, ``(value, False)`` for each object along each chain it reads (``self.tracker.stats``,
+    up to a call, which is not made)."""
+    for kind, where, name in cached[5]:
+        yield (_in_class(where, name) if kind == "class" else where.get(name, _MISSING)), True
+    for kind, where, name, steps in cached[1]:
+        if kind == "defaults":
+            continue
+        obj: Any = module if kind == "self" else where.get(name, _MISSING)
+        for step in steps:
+            if obj is _MISSING or step[0] == "()":  # (a call is not made: only what it names is read)
+                break
+            obj = _step(obj, step)
+            yield obj, False
 
 
 def is_host_stream(value: Any) -> bool:
@@ -546,19 +553,11 @@ class OutsideState:
         ``out=`` argument, a local alias (``t = STATS["load"]; t.add_(1)``). Put back only where a run changed one
         (its version moved)."""
         found: dict[int, torch.Tensor] = {}
-        for kind, where, name in cached[5]:
-            value = _in_class(where, name) if kind == "class" else where.get(name, _MISSING)
-            _tensors_in(value, found, 2)
-        for kind, where, name, steps in cached[1]:
-            if kind == "defaults":
-                continue
-            obj: Any = module if kind == "self" else where.get(name, _MISSING)
-            for step in steps:
-                if obj is _MISSING or step[0] == "()":  # (a call is not made: only what it names is read)
-                    break
-                obj = _step(obj, step)
-                if not isinstance(obj, nn.Module):  # (a module's own tensors are the snapshot's)
-                    _tensors_in(obj, found, 1)
+        for value, named in _reached(module, cached):
+            if named:
+                _tensors_in(value, found, 2)
+            elif not isinstance(value, nn.Module):  # (a module's own tensors are the snapshot's)
+                _tensors_in(value, found, 1)
         for t in found.values():
             if (id(t), None) in seen or t.numel() > _TENSOR_LIMIT or t.is_meta or t.is_inference():
                 continue

@@ -2967,15 +2967,8 @@ def _row_hash(rows: torch.Tensor) -> torch.Tensor:
 def _returned_cache(out: Any) -> list[Any] | tuple[Any, ...] | None:
     """The cache of plain tensors a forward returned under the first of the names a cache is given by that it
     returns, or None (a cache object, such as transformers' ``DynamicCache``, is none: no other name is read)."""
-    mapping = isinstance(out, dict)
-    for name in _CACHE_NAMES:
-        try:
-            found = out.get(name) if mapping else getattr(out, name, None)
-        except Exception:  # (an output object whose attribute raises: it says nothing)
-            return None
-        if found is not None:
-            return found if isinstance(found, list | tuple) and found else None
-    return None
+    found = _returned_object(out)
+    return found if isinstance(found, list | tuple) and found else None
 
 
 def _returned_object(out: Any) -> Any:
