@@ -753,14 +753,20 @@ class FeedRecord:
                     mask = in_router_order(mask, order)
         forward = _Forward(count, kept, mask, self._began)
         if kept is not None:  # (each token's place in its sequence: a replay of its row elsewhere is refused)
-            held = _cache_held(kwargs)
+            held: int | torch.Tensor | None = _cache_held(kwargs)
+            if held is None:  # (a static cache's count, on its device: read in stream order, no host sync)
+                held = _device_held(kwargs)
             places = places_fed(args, kwargs, fed, held)
             if places is not None and places.numel() == count:
-                cache = _given_cache(kwargs) if held else None
+                cache = _given_cache(kwargs)
                 if cache is not None and not self._built.holds(cache):
                     # (after tokens of a cache no forward of this capture built: marked, see AFTER_OUTSIDE)
-                    places = torch.where(places >= 0, AFTER_OUTSIDE - places, places)
-                self._built.note(_given_cache(kwargs) if cache is None else cache)
+                    if isinstance(held, torch.Tensor):
+                        outside = (places >= 0) & (held.to(places.device) > 0)
+                        places = torch.where(outside, AFTER_OUTSIDE - places, places)
+                    elif held:
+                        places = torch.where(places >= 0, AFTER_OUTSIDE - places, places)
+                self._built.note(cache)
                 forward.places = places.reshape(-1) if order is BATCH_MAJOR else in_router_order(places, order)
         if own and fed is not None:  # (else as made: not unpadded, no width, not either)
             forward.unpadded = unpadded = order == UNPADDED
@@ -1471,6 +1477,9 @@ class FeedCheck:
         #: when the block ends (see :meth:`_check_seq_places`)
         self._seq_later: list[tuple[int, int, torch.Tensor]] = []
         self._seq_read = False  # a forward's places on a device were read back once, at the first of them
+        #: (forward, cache type, row, its place, the tokens the cache held: a 0-d tensor on a device) of forwards given
+        #: a cache that counts on its device and that no forward of this block built, checked when the block ends
+        self._cache_later: list[tuple[int, str, int, int, torch.Tensor]] = []
         #: the KV caches the forwards of this block were given or returned (see :meth:`_check_cache`), each with the
         #: row of the whole capture its forwards' rows end at; the row of the whole capture these routes' first row is
         #: (their capture's ``_Forwards``, the row), and the caches the replay block before built (with its capture's)
@@ -1844,38 +1853,56 @@ class FeedCheck:
                 self._check_seq_places(start, count, args, kwargs, shape, order, held)
         return True
 
-    def _check_cache(self, start: int, count: int, kwargs: dict[str, Any]) -> int | None:
-        """Refuse a forward given a KV cache that holds tokens (as the host counts them) where no forward of this
-        block built it (given it, or returned it), while the rows it reads were recorded after earlier tokens of
-        their sequences: the cache holds the context of other forwards (another batch's prompts, a prefill run
-        outside the replay), which the recorded experts were not chosen in, and the places of its tokens may fit
-        all the same. Caches this block's forwards build are noted as they are given and returned. Returns the
-        tokens the cache holds (:func:`_cache_held`)."""
+    def _check_cache(self, start: int, count: int, kwargs: dict[str, Any]) -> int | torch.Tensor | None:
+        """Refuse a forward given a KV cache that holds tokens where no forward of this block built it (given it, or
+        returned it), while the rows it reads were recorded after earlier tokens of their sequences: the cache holds
+        the context of other forwards (another batch's prompts, a prefill run outside the replay), which the recorded
+        experts were not chosen in, and the places of its tokens may fit all the same. Caches this block's forwards
+        build are noted as they are given and returned. Returns the tokens the cache holds (:func:`_cache_held`, or
+        :func:`_device_held`'s count of a cache that counts on its device, whose refusal waits for :meth:`finish`
+        where that device is not the host's: no host sync per forward)."""
         origin = self.origin
         self._end = -1 if origin is None else origin[1] + start + count
-        held = _cache_held(kwargs)
+        held: int | torch.Tensor | None = _cache_held(kwargs)
         if held is None:
-            return held
+            held = _device_held(kwargs)
+            if held is None:
+                return None
         cache = _given_cache(kwargs)
-        if held and not self._built.holds(cache) and not self._continued(cache, start):
+        if (
+            (isinstance(held, torch.Tensor) or held)
+            and not self._built.holds(cache)
+            and not self._continued(cache, start)
+        ):
             want = cast(torch.Tensor, self.places)[start : start + count]
             # (rows recorded after tokens of a cache their capture's forwards built: see places_fed; those after a
             # cache built outside their capture are not checked for its origin)
             if bool((want > 0).any()):
                 j = int((want > 0).nonzero()[0])
-                raise TokenMismatchError(
-                    f"forward {self.forwards} of this replay() is given a KV cache ({type(cache).__name__}, holding "
-                    f"{held} tokens) that no earlier forward of this replay() built, while its rows were recorded "
-                    f"after earlier tokens of their sequences (row {start + j} of the routes, at place "
-                    f"{int(want[j])}): the cache holds the context of other forwards (another batch's prompts, a "
-                    "prefill run outside the replay), and the recorded experts would be forced on tokens that see "
-                    "another context. Replay the forwards that fill the cache from the start of the routes (the "
-                    "prompt's forward first) in this replay() block, or in the block just before it on the capture's "
-                    "rows just before these (routes[:n], then routes[n:]), and pass on the cache they return"
-                    + (f". {self.hint}" if self.hint else "")
-                )
+                found = (self.forwards, type(cache).__name__, start + j, int(want[j]))
+                if not isinstance(held, torch.Tensor):
+                    self._refuse_cache(*found, held)
+                elif held.device.type == "cpu":
+                    if int(held) > 0:
+                        self._refuse_cache(*found, int(held))
+                else:  # (its count now, compared when the block ends)
+                    self._cache_later.append((*found, held.clone()))
         self._built.note(cache, self._end)
         return held
+
+    def _refuse_cache(self, forward: int, kind: str, row: int, place: int, held: int) -> None:
+        """Refuse forward ``forward``, given a cache of type ``kind`` holding ``held`` tokens that no earlier forward
+        of this replay built, while row ``row`` of its routes was recorded at place ``place`` (:meth:`_check_cache`)."""
+        raise TokenMismatchError(
+            f"forward {forward} of this replay() is given a KV cache ({kind}, holding {held} tokens) that no earlier "
+            f"forward of this replay() built, while its rows were recorded after earlier tokens of their sequences "
+            f"(row {row} of the routes, at place {place}): the cache holds the context of other forwards (another "
+            "batch's prompts, a prefill run outside the replay), and the recorded experts would be forced on tokens "
+            "that see another context. Replay the forwards that fill the cache from the start of the routes (the "
+            "prompt's forward first) in this replay() block, or in the block just before it on the capture's rows "
+            "just before these (routes[:n], then routes[n:]), and pass on the cache they return"
+            + (f". {self.hint}" if self.hint else "")
+        )
 
     def _continued(self, cache: Any, start: int) -> bool:
         """Did the replay block before this one build ``cache`` from the rows of the same capture that end where the
@@ -1900,7 +1927,7 @@ class FeedCheck:
         kwargs: dict[str, Any],
         shape: torch.Size | None,
         order: str,
-        held: int | None,
+        held: int | torch.Tensor | None,
     ) -> None:
         """Compare the place in its sequence at which a forward feeds each token (:func:`places_fed`; ``held``: the
         tokens its cache holds) with the place its row from ``start`` on was recorded at, where both are known: host
@@ -2046,6 +2073,12 @@ class FeedCheck:
             host.update(zip([i for i, _ in mine], flat.split([ids.numel() for _, ids in mine]), strict=True))
         for i, (forward, start, _, tokens) in enumerate(pending):
             self._compare(forward, start, host[i], None if tokens is None else tokens.cpu())
+        caches, self._cache_later = self._cache_later, []
+        if caches:  # (one copy to the host)
+            counts = torch.stack([held.to(caches[0][-1].device) for *_, held in caches]).tolist()
+            for (forward, kind, row, place, _), held in zip(caches, counts, strict=True):
+                if held > 0:
+                    self._refuse_cache(forward, kind, row, place, held)
         later, self._seq_later = self._seq_later, []
         if later:  # (one copy to the host)
             read = torch.cat([fed for _, _, fed in later]).cpu().split([fed.numel() for _, _, fed in later])
@@ -3139,49 +3172,110 @@ def _cache_held(kwargs: dict[str, Any]) -> int | None:
     return held if held >= 0 else None
 
 
+def _device_held(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The tokens the one KV cache object a forward is given (by name) holds before it runs, where it counts them on
+    its device (a static cache's ``get_seq_length()``: a 0-d integer tensor, which it adds to in place): that tensor
+    itself, to be read in stream order before the forward runs (no copy, no host sync); None for any other cache."""
+    given = [kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None]
+    if len(given) != 1 or isinstance(given[0], list | tuple):
+        return None
+    count = getattr(type(given[0]), "get_seq_length", None)
+    if not callable(count):
+        return None
+    try:
+        held = count(given[0])
+    except Exception:  # (a cache of one's own whose count fails: it says nothing)
+        return None
+    if isinstance(held, torch.Tensor) and held.numel() == 1 and not held.is_floating_point() and not held.is_meta:
+        return held.detach().reshape(())
+    return None
+
+
+def _places_of_4d(mask: torch.Tensor, batch: int, own: torch.Tensor) -> torch.Tensor | None:
+    """The places ``own`` (``[1 or batch, positions]``: the positions given, or the cache's count on from each token)
+    of the tokens of a ``[batch, positions]`` forward given a ``[batch, heads, positions, keys]`` attention ``mask``
+    (boolean, or additive float) whose keys are the cache's slots in order, where query ``i`` attends every key up
+    to ``own[i]`` and none after it (its place is then the tokens before it); -1 elsewhere (not known: padding
+    before it, a sliding window that dropped keys, a row of padding unmasked to attend everything, keys laid out
+    otherwise). None where the mask is of no known kind. On the device: no host sync."""
+    positions = own.shape[-1]
+    if mask.shape[0] not in (1, batch) or mask.shape[2] != positions or mask.is_meta:
+        return None
+    if mask.dtype == torch.bool:
+        attend = mask[:, 0]
+    elif mask.is_floating_point():  # additive: 0 where attended, a large negative number (or -inf) where not
+        attend = mask[:, 0] > torch.finfo(mask.dtype).min / 2
+    else:
+        return None
+    own = own.to(mask.device, torch.long)
+    keys = torch.arange(mask.shape[3], device=mask.device)
+    upto = keys <= own[..., None]  # [1 or batch, positions, keys]: the keys up to each query's own
+    whole = (attend == upto).all(dim=-1) & (own < mask.shape[3])
+    return torch.where(whole, own, -1).expand(batch, positions)
+
+
 def places_fed(
-    args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Size | None, held: int | None = -1
+    args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Size | None, held: int | torch.Tensor | None = -1
 ) -> torch.Tensor | None:
     """Each token's place in its sequence as a ``[batch, positions]`` forward is fed it (``shape``): the real tokens
     before it in its sequence, those of its KV cache included, padding left out (-1 at padding), as ``[batch,
     positions]`` int64 on the device of what it is read from; None where not known (given anything but the ids
-    positionally, a 4-d or additive mask, a cache whose length the host does not know, positions of several axes).
+    positionally, an additive 2-d mask, a cache whose length is known nowhere, positions of several axes).
 
     Read from the ``position_ids`` given (packed rows restart them at each sequence), else from the ``[batch, cached +
     positions]`` attention mask (its tokens counted), else from the tokens the cache holds before the forward, as the
-    model places them. No host sync (a device's mask or positions are read on it). ``held``: :func:`_cache_held`,
-    where the caller read it already (-1: not read)."""
+    model places them: counted on the host, or on the device by a static cache (its count read in stream order as the
+    forward begins), a 4-d mask telling where the places are whole (:func:`_places_of_4d`). No host sync (a device's
+    mask, positions or count are read on it). ``held``: :func:`_cache_held` (or :func:`_device_held`'s count), where
+    the caller read it already (-1: not read)."""
     if shape is None or len(args) > 1:
         return None
     batch, positions = int(shape[0]), int(shape[1])
     mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
-    if mask is not None and not (
-        isinstance(mask, torch.Tensor)
-        and mask.dim() == 2
-        and mask.shape[0] == batch
-        and mask.shape[1] >= positions
-        and not mask.is_floating_point()
+    four = isinstance(mask, torch.Tensor) and mask.dim() == 4  # (read with the positions or the cache's count)
+    if (
+        mask is not None
+        and not four
+        and not (
+            isinstance(mask, torch.Tensor)
+            and mask.dim() == 2
+            and mask.shape[0] == batch
+            and mask.shape[1] >= positions
+            and not mask.is_floating_point()
+        )
     ):
-        return None  # (a 4-d or an additive mask: not read)
+        return None  # (an additive 2-d mask: not read)
     if pos is not None:
         if not isinstance(pos, torch.Tensor) or pos.is_floating_point() or pos.dim() not in (1, 2):
             return None
         if pos.shape[-1] != positions or (pos.dim() == 2 and pos.shape[0] not in (1, batch)):
             return None
+        if four:
+            return _places_of_4d(cast(torch.Tensor, mask), batch, pos.detach().reshape(-1, positions))
         places = pos.detach().reshape(-1, positions).to(torch.long).expand(batch, positions)
         if mask is not None:
             places = places.masked_fill(mask[:, -positions:] == 0, -1)
         return places
-    if held is not None and held < 0:
+    if isinstance(held, int) and held < 0:
         held = _cache_held(kwargs)
-    if held is None:
-        return None
+    if held is None:  # (not counted on the host: a static cache's count, on its device)
+        held = _device_held(kwargs)
+        if held is None:
+            return None
+    if four:
+        own = torch.arange(positions, device=held.device if isinstance(held, torch.Tensor) else None) + held
+        return _places_of_4d(cast(torch.Tensor, mask), batch, own[None])
     if mask is not None:
-        if mask.shape[1] != held + positions:
+        if isinstance(held, int) and mask.shape[1] != held + positions:
             return None
         real = mask != 0
         counted = real.long().cumsum(-1)[:, -positions:] - 1
-        return counted.masked_fill(~real[:, -positions:], -1)
+        counted = counted.masked_fill(~real[:, -positions:], -1)
+        if isinstance(held, torch.Tensor):  # (a mask of other keys than the cache's and these tokens: not known)
+            return torch.where(held.to(counted.device) + positions == mask.shape[1], counted, -1)
+        return counted
+    if isinstance(held, torch.Tensor):
+        return (torch.arange(positions, device=held.device) + held).expand(batch, positions)
     ids = kwargs.get("input_ids", args[0] if args else None)
     device = ids.device if isinstance(ids, torch.Tensor) else None
     return torch.arange(held, held + positions, device=device).expand(batch, positions)

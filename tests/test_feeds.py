@@ -771,6 +771,53 @@ def test_a_4d_mask_is_read_as_tokens_only_where_each_token_attends_no_later_key(
     assert _tokens_of_4d(mask, 3, 4) is None and _tokens_of_4d(mask.long(), 2, 4) is None
 
 
+def test_places_after_a_device_count_of_cached_tokens_are_read_where_a_4d_mask_leaves_out_no_key() -> None:
+    """A static cache counts its tokens on its device (a 0-d tensor): the places of a forward's tokens are read from
+    that count on the device, and, given a [batch, heads, queries, keys] mask, only where each query attends every key
+    up to its own and none after it. Padding before a token, keys a sliding window dropped, a row of padding unmasked
+    to attend everything, or a 2-d mask of other keys than the cache's and the tokens' leave the place unknown: -1,
+    never a guess."""
+    from moe_replay._feeds import places_fed
+
+    class _Counting:  # (a cache that counts its tokens on its device, as a static one does)
+        def __init__(self, held: int) -> None:
+            self.held = torch.tensor(held)
+
+        def get_seq_length(self) -> torch.Tensor:
+            return self.held
+
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    cache = _Counting(3)
+    steps = torch.ones(4, 6, dtype=torch.bool).tril()[3:]  # a step after 3 cached tokens, 6 slots
+    padded = steps.clone()
+    padded[:, 0] = False  # its sequence's first token was padding
+    window = steps.clone()
+    window[:, :2] = False  # a sliding window of 2 keys: the 2 oldest dropped
+    everything = torch.ones(1, 6, dtype=torch.bool)  # a row of padding made to attend every key
+    mask = torch.stack([steps, padded])[:, None]
+    got = places_fed((ids,), {"past_key_values": cache, "attention_mask": mask}, ids.shape)
+    assert got is not None and got.tolist() == [[int(cache.held)], [-1]]
+    additive = torch.zeros(2, 1, 1, 6).masked_fill(~mask, torch.finfo(torch.float32).min)
+    fed = {"past_key_values": cache, "attention_mask": additive}
+    assert places_fed((ids,), fed, ids.shape).tolist() == got.tolist()
+    for odd in (window, everything):
+        fed = {"past_key_values": cache, "attention_mask": torch.stack([steps, odd])[:, None]}
+        assert places_fed((ids,), fed, ids.shape).tolist() == [[int(cache.held)], [-1]]
+    assert places_fed((ids,), {"past_key_values": cache}, ids.shape).tolist() == [[int(cache.held)]] * 2
+    positions = torch.tensor([[3], [3]])  # (positions given: the same check of the mask)
+    fed = {"past_key_values": cache, "attention_mask": mask, "position_ids": positions}
+    assert places_fed((ids,), fed, ids.shape).tolist() == got.tolist()
+    two_d = torch.ones(2, 4, dtype=torch.long)
+    two_d[1, 0] = 0
+    fed = {"past_key_values": cache, "attention_mask": two_d}
+    counted = (two_d.sum(dim=1, keepdim=True) - 1).tolist()  # (its tokens counted: padding left out)
+    assert places_fed((ids,), fed, ids.shape).tolist() == counted
+    fed = {"past_key_values": cache, "attention_mask": torch.ones(2, 6, dtype=torch.long)}  # (the cache's slots)
+    assert places_fed((ids,), fed, ids.shape).tolist() == [[-1], [-1]]
+    cache.held.add_(1)  # (read as it is when the forward begins, not as it was)
+    assert places_fed((ids,), {"past_key_values": cache}, ids.shape).tolist() == [[int(cache.held)]] * 2
+
+
 class _SequenceFirst(torch.nn.Module):
     """A model fed ``[batch, positions]`` ids whose layers run sequence-first ``[positions, batch, hidden]`` (as
     fairseq and Megatron do): its routers see the tokens of position 0 of every sequence, then position 1..."""

@@ -1627,6 +1627,62 @@ def test_generate_calls_from_copies_of_a_shared_prompts_static_cache_are_refused
         mr.split_generation(capture, batch_size=1, prompt_len=1)
 
 
+@pytest.mark.reliability("silent replays")
+def test_static_cache_decode_steps_record_their_places_and_replay_exactly(tmp_path: Any) -> None:
+    """A static cache counts its tokens on its device: each forward's places are read from that count (on the device,
+    in stream order: no host sync), where its 4-d mask leaves out no key before a token. Unpadded, a static cache's
+    capture records the places a dynamic cache's does; it replays exactly through generate(), through a loop of one's
+    own that passes the cache on (the routes saved and loaded too), and over two blocks (routes[:n] with the prompt,
+    then routes[n:]). Its decode steps replayed without their cache, or given a static cache the prompt filled outside
+    the replay, are refused."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    static_cache = tiny_hf.transformers.StaticCache
+    model = tiny_hf.build("qwen3_moe")
+    name = tiny_hf.cache_kwarg(model)
+    prompt = torch.randint(3, 128, (2, P), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_new_tokens=N, pad_token_id=0, do_sample=False)
+    cut = prompt.numel()  # (the prompt forward's rows, then one row per sequence per step)
+
+    def steps(routes: mr.Routes, cache: Any, prompt_too: bool = True, decoded: range = range(N - 1)) -> mr.Routes:
+        """Replay ``routes`` in a loop of one's own over ``out``, ``cache`` passed on; return what it routed."""
+        with session.replay(routes), session.capture(), torch.no_grad():
+            if prompt_too:
+                model(out[:, :P], use_cache=True, **{name: cache})
+            for i in decoded:
+                model(out[:, P + i : P + i + 1], use_cache=True, **{name: cache})
+        return session.routes()
+
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            want = model.generate(prompt, **kwargs)
+        dynamic = session.routes()
+        with session.capture(), torch.no_grad():
+            out = model.generate(prompt, cache_implementation="static", **kwargs)
+        static = session.routes()
+        assert torch.equal(out, want) and static._seq_pos is not None and dynamic._seq_pos is not None
+        assert torch.equal(static._seq_pos, dynamic._seq_pos) and bool((static._seq_pos >= 0).all())
+        with session.replay(static), session.capture(), torch.no_grad():
+            assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), out)
+        assert torch.equal(session.routes().indices, static.indices)
+        static.save(tmp_path / "static.routes")
+        for routes in (static, mr.Routes.load(tmp_path / "static.routes")):
+            assert torch.equal(routes._seq_pos, static._seq_pos)
+            replayed = steps(routes, static_cache(config=model.config, max_cache_len=P + N))
+            assert torch.equal(replayed.indices, static.indices)
+        cache = static_cache(config=model.config, max_cache_len=P + N)
+        first = steps(static[:cut], cache, decoded=range(0))
+        then = steps(static[cut:], cache, prompt_too=False)
+        assert torch.equal(mr.Routes.cat([first, then]).indices, static.indices)
+        with pytest.raises(mr.TokenMismatchError, match=r"other places in their sequences"):
+            steps(static[cut:], None, prompt_too=False)
+        outside = static_cache(config=model.config, max_cache_len=P + N)
+        with torch.no_grad():
+            model(out[:, :P], use_cache=True, **{name: outside})
+        held = rf"KV cache \(StaticCache, holding {P} tokens\) that no earlier forward of this replay\(\) built"
+        with pytest.raises(mr.TokenMismatchError, match=held):
+            steps(static[cut:], outside, prompt_too=False)
+
+
 class _UnpaddingDecoder(torch.nn.Module):
     """MoE blocks that see only the prompt tokens the attention mask keeps (padding taken out first, sequence by
     sequence), then one new token per sequence at each decode step."""

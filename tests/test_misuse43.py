@@ -358,17 +358,12 @@ def test_a_decode_loop_replayed_over_two_blocks_goes_on_from_the_cache_of_its_ow
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (silent): a static cache counts its tokens on its device and generate() gives its decode steps "
-    "a 4-d mask and neither position_ids nor a 2-d mask, so their places are not recorded (not read per step: no host "
-    "sync, and a 4-d mask's count of attended keys is no place under a sliding window); such steps replayed without "
-    "the cache of their prompt are checked by their token ids alone",
-)
 def test_static_cache_decode_steps_replayed_without_the_cache_of_their_prompt_are_refused() -> None:
     """The capture of ``generate(cache_implementation="static")`` replayed in a decode loop of one's own that forgets
     to pass the cache on: its steps' tokens come at place 0 where they were recorded at 4 and 5. Refused, as the same
-    loop over a dynamic cache's capture is."""
+    loop over a dynamic cache's capture is. Once silent: a static cache counts its tokens on its device and
+    generate() gives its decode steps a 4-d mask, so no place was recorded; the cache's count is read on the device
+    (no host sync), each step's place where its 4-d mask shows no key before it left out."""
     tiny_hf = pytest.importorskip("tests.tiny_hf")
     model = tiny_hf.build("mixtral")
     x = torch.randint(3, 100, (2, 4), generator=torch.Generator().manual_seed(0))
