@@ -306,6 +306,9 @@ class FeedRecord:
         #: is on its device), and the tokens each watched cache held as this capture first watched it, by id: a cache
         #: the next forward is given holding fewer is a rollback between forwards, whatever took them out
         self._held_after: int = -1
+        #: where that cache counts its tokens on its device (a static cache), the 0-d tensor it counts them in, kept
+        #: (not read: no host sync per forward) for a forward given another cache once that one is let go
+        self._count_after: torch.Tensor | None = None
         self._starts: dict[int, Any] = {}
         #: the shapes of the plain tensors of the cache given to the forward running now (None: none given), and the
         #: tensors the forward before returned in its cache, each (weakly) with the dimension it grew them along
@@ -548,13 +551,17 @@ class FeedRecord:
         if self._notes_loops:
             cache = self._last() if self._last is not None else None
             if cache is None:
-                self._held_after = -1
+                self._held_after, self._count_after = -1, None
                 return
             try:  # (_count_now, inline: it runs at every forward)
                 held = type(cache).get_seq_length(cache)
             except Exception:
                 held = -1
-            self._held_after = held if type(held) is int else -1
+            if type(held) is int:
+                self._held_after, self._count_after = held, None
+            else:  # (a static cache's count, on its device: the tensor it adds to, kept, not read)
+                self._held_after = -1
+                self._count_after = held if isinstance(held, torch.Tensor) and held.numel() == 1 else None
 
     @property
     def rolled_back(self) -> str | None:
@@ -697,6 +704,9 @@ class FeedRecord:
                                 before: Any = self._held_after
                                 if before < 0 and last is not None:
                                     before = _tokens_held(last)
+                                elif before < 0 and self._count_after is not None:  # (a static cache let go: its
+                                    # count as its last forward ended, which nothing changes since)
+                                    before = self._count_after.detach().reshape(()).clone()
                                 if not isinstance(before, int) or before >= 0:
                                     self._switched = (kind.__name__, held, before)
                         if id(value) in self._caches:
@@ -831,7 +841,7 @@ class FeedRecord:
         self._left = {key: left for key, left in self._left.items() if left[0]() is not None}
         self._copies = {key: made for key, made in self._copies.items() if made[0]() is not None}
         self._starts.clear()
-        self._held_after = -1
+        self._held_after, self._count_after = -1, None
 
     def to_host(self) -> None:
         """Move the kept inputs to the host, one copy per device and dtype: a detached session holds no device

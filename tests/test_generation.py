@@ -1600,14 +1600,12 @@ def test_generate_calls_from_copies_of_a_shared_prompts_cache_are_refused_not_sp
 
 
 @pytest.mark.reliability("bad inputs")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a static cache counts its tokens on its device, so the count the cache before held as its last forward "
-    "ended is not kept per forward; where that cache is gone when the copy is given, nothing shows the new loop",
-)
 def test_generate_calls_from_copies_of_a_shared_prompts_static_cache_are_refused() -> None:
-    """Still silent: as test_generate_calls_from_copies_of_a_shared_prompts_cache_are_refused_not_split_as_one, with
-    a StaticCache of the shared prompt, each copy made as the one before is let go."""
+    """Once silent: as test_generate_calls_from_copies_of_a_shared_prompts_cache_are_refused_not_split_as_one, with
+    a StaticCache of the shared prompt, each copy made as the one before is let go. A static cache counts its tokens
+    on its device: the tensor it counts in is kept as each forward ends (not read), and read once a new cache is
+    given, so the count the cache before held is known after that cache is gone. A copy of the cache the forwards
+    before left, that one let go, holds the tokens it held: it continues them, and splits."""
     tiny_hf = pytest.importorskip("tests.tiny_hf")
     transformers = pytest.importorskip("transformers")
     model = tiny_hf.build("qwen3_moe")
@@ -1622,9 +1620,19 @@ def test_generate_calls_from_copies_of_a_shared_prompts_static_cache_are_refused
                 ids = torch.cat([system, torch.tensor([[question]])], dim=1)
                 model.generate(ids, **{name: copy.deepcopy(shared)}, max_new_tokens=N, pad_token_id=0)
         capture = session.routes()
-    assert capture._call_rows == ((1, 2 * N),)  # the premise: the row counts of one generate() of 2N tokens
-    with pytest.raises(mr.RoutesValidationError, match=r"new StaticCache that held 4 tokens"):
-        mr.split_generation(capture, batch_size=1, prompt_len=1)
+        assert capture._call_rows == ((1, 2 * N),)  # the premise: the row counts of one generate() of 2N tokens
+        with pytest.raises(mr.RoutesValidationError, match=r"new StaticCache that held 4 tokens"):
+            mr.split_generation(capture, batch_size=1, prompt_len=1)
+        with session.capture(), torch.no_grad():  # a copy of the cache the forwards before left, let go: they go on
+            ids = torch.cat([system, torch.tensor([[7]])], dim=1)
+            first = model.generate(
+                ids, **{name: copy.deepcopy(shared)}, max_new_tokens=N, pad_token_id=0, return_dict_in_generate=True
+            )
+            sequences, left = first.sequences, copy.deepcopy(getattr(first, "cache", None) or first.past_key_values)
+            del first
+            out = model.generate(sequences, **{name: left}, max_new_tokens=N, pad_token_id=0)
+        parts = mr.split_generation(session.routes(), batch_size=1, prompt_len=1, sequences=out[:, 4:])
+    assert parts[0].num_tokens == 1 + 2 * N
 
 
 @pytest.mark.reliability("silent replays")
