@@ -1691,6 +1691,41 @@ def test_static_cache_decode_steps_record_their_places_and_replay_exactly(tmp_pa
             steps(static[cut:], outside, prompt_too=False)
 
 
+@pytest.mark.reliability("bad inputs")
+def test_a_static_cache_capture_of_padded_prompts_replays_without_a_false_refusal() -> None:
+    """No false refusal: a static cache's steps of a left-padded sequence attend no key of its padding, so their 4-d
+    masks leave keys out before them and their places are not known (-1, never a guess: a count of attended keys is
+    no place under a sliding window); those of the unpadded sequence are, and are a dynamic cache's. generate()
+    replayed and its split parts in a teacher-forced forward replay; the steps without their cache are refused."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    prompt, mask = _prompt()
+    kwargs = dict(attention_mask=mask, max_new_tokens=N, pad_token_id=0, do_sample=False)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model.generate(prompt, **kwargs)
+        dynamic = session.routes()
+        with session.capture(), torch.no_grad():
+            out = model.generate(prompt, cache_implementation="static", **kwargs)
+        static = session.routes()
+        assert static._seq_pos is not None and dynamic._seq_pos is not None
+        known = static._seq_pos >= 0
+        assert torch.equal(static._seq_pos[known], dynamic._seq_pos[known])
+        unpadded = int((mask.sum(dim=1) == P).nonzero()[0])  # (its rows: in the prompt forward, then one per step)
+        rows = torch.cat([torch.arange(P) + unpadded * P, B * P + unpadded + B * torch.arange(N - 1)])
+        assert bool(known[rows].all())
+        with session.replay(static), session.capture(), torch.no_grad():
+            assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), out)
+        assert torch.equal(session.routes().indices, static.indices)
+        parts = mr.split_generation(static, attention_mask=mask, sequences=out, keep_padding=True)
+        grown = torch.cat([mask, torch.ones(B, out.shape[1] - P, dtype=mask.dtype)], dim=1)
+        with session.replay(mr.Routes.cat(parts)), torch.no_grad():
+            model(out, attention_mask=grown)
+        with pytest.raises(mr.TokenMismatchError, match=r"other places in their sequences"):
+            with session.replay(static[B * P :]), torch.no_grad():
+                model(out[:, P : P + 1], use_cache=True)
+
+
 class _UnpaddingDecoder(torch.nn.Module):
     """MoE blocks that see only the prompt tokens the attention mask keeps (padding taken out first, sequence by
     sequence), then one new token per sequence at each decode step."""
