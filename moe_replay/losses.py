@@ -449,6 +449,11 @@ class RouterScores:
             raise _outside_graph_error(f"the scores of router '{bad[0]}' were")
         return out
 
+    def _outside_graph_router(self) -> str | None:
+        """The first router whose scores, with gradients on, were kept where they have none (the forward of a
+        reentrant activation checkpoint): :attr:`scores` refuses them. None where every router's carry theirs."""
+        return next((n for n in self.names if _outside_graph(self._get(n)[0])), None)
+
     @property
     def indices(self) -> list[torch.Tensor]:
         """Per router, the ``[T, k]`` experts the forward used."""

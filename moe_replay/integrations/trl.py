@@ -45,7 +45,10 @@ them (Qwen-MoE, Mixtral, OLMoE), the group-masked copy for group-limited routers
 Tested with TRL 1.16 (``GRPOTrainer`` internals change between releases: other versions are
 refused unless ``allow_untested_trl=True``). Not supported (refused at construction): tools
 and environments, ``rollout_func``, transformers continuous batching, vision-language
-models, and vLLM server mode (TRL's server does not return ``routed_experts``).
+models, and vLLM server mode (TRL's server does not return ``routed_experts``); with
+``routing_replay="replay"``, a load-balancing loss under reentrant gradient checkpointing
+(``use_reentrant=True``: the loss forward runs without gradients, so the replayed loss would
+give the routers none).
 """
 
 from __future__ import annotations
@@ -583,6 +586,8 @@ class RoutingReplayMixin:
         with _engine_returns_routes(use_vllm and getattr(config, "vllm_mode", "colocate") == "colocate"):
             super().__init__(*args, **kwargs)
         _refuse_after(self)
+        if mode == "replay":
+            _refuse_reentrant_aux_loss(self)
         if capacity is None:
             a = self.args  # type: ignore[attr-defined]
             rows = a.per_device_train_batch_size * a.steps_per_generation * (a.max_completion_length + 1024)
@@ -804,6 +809,8 @@ class RoutingReplayMixin:
             logps, entropies, aux = plain(compute_aux_loss and not own_aux)
             stats = _disagreement(kept, batch, replaying, attention_mask)
             if own_aux:
+                if kept._outside_graph_router() is not None:
+                    raise UnsupportedTrainerSetupError(_REENTRANT_AUX_LOSS)
                 aux = _replay_aux_loss(kept, attention_mask.reshape(-1))
             del kept
         if self._mr_verify and replaying:
@@ -928,6 +935,32 @@ def _refuse_after(trainer: Any) -> None:
     refusal = _unsplittable(setting)
     if refusal:
         raise UnsupportedTrainerSetupError(refusal)
+
+
+#: Why the replayed load-balancing loss cannot be computed under a reentrant activation checkpoint.
+_REENTRANT_AUX_LOSS = (
+    "routing replay computes the load-balancing loss from the replayed experts and the router scores of the loss "
+    "forward, but gradient checkpointing with use_reentrant=True runs that forward without gradients, so the loss "
+    "would give the routers no gradient. Set gradient_checkpointing_kwargs={'use_reentrant': False} in GRPOConfig "
+    "(TRL forces True for a PEFT model under DeepSpeed ZeRO-3: there, leave gradient_checkpointing off), or "
+    "router_aux_loss_coef=0.0 to train without the load-balancing loss"
+)
+
+
+def _refuse_reentrant_aux_loss(trainer: Any) -> None:
+    """Refuse, before training, a replayed load-balancing loss that reentrant gradient checkpointing would cut off
+    from the routers (the check at each loss forward catches a reentrant checkpoint set up another way)."""
+    args = getattr(trainer, "args", None)
+    if not getattr(trainer, "aux_loss_enabled", False):
+        return
+    # (transformers 5 names them activation_checkpointing*, the gradient_checkpointing* names their aliases; TRL
+    # writes use_reentrant under the old name: either says it)
+    names = ("activation_checkpointing", "gradient_checkpointing")
+    if not any(getattr(args, n, False) for n in names):
+        return
+    settings = [getattr(args, f"{n}_kwargs", None) for n in names]
+    if any(isinstance(kw, dict) and kw.get("use_reentrant") is True for kw in settings):
+        raise UnsupportedTrainerSetupError(_REENTRANT_AUX_LOSS)
 
 
 def _every_row(routes: Routes) -> Routes:
