@@ -303,6 +303,78 @@ def test_rows_routed_natively_are_recomputed_with_the_experts_their_forward_chos
     tried(1)
 
 
+# ----------------------------------------------------------------------------- a transformers model in training
+def _hf_router_forced(router: nn.Module, rows: torch.Tensor) -> None:
+    """transformers' Mixtral and Qwen3-MoE router forward, written out with its top-k replaced by ``rows``: the
+    weights gathered from the same probabilities, normalized and cast as the model's own code does."""
+
+    def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden_states = hidden_states.reshape(-1, router.hidden_dim)
+        logits = F.linear(hidden_states, router.weight)
+        probs = F.softmax(logits.float(), dim=-1)
+        values = probs.gather(-1, rows)
+        if getattr(router, "norm_topk_prob", True):
+            values = values / values.sum(dim=-1, keepdim=True)
+        return logits, values.to(logits.dtype), rows
+
+    router.forward = forward  # type: ignore[method-assign]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("reentrant", [None, True, False])
+def test_a_transformers_training_step_gives_the_gradients_and_aux_loss_of_its_routers_forced_by_hand(
+    family: str, reentrant: bool | None
+) -> None:
+    """A tiny transformers model, routes captured in eval mode, its routers stepped, then a train-mode step under
+    gradient checkpointing (Mixtral with router jitter drawn on the hidden states before its gate) that asks for the
+    model's own load-balancing loss: the loss, the aux loss (computed by the model from its router logits, which
+    replay must not alter) and every gradient equal the same model's with its routers' top-k replaced by hand."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    def build() -> nn.Module:
+        model = tiny_hf.build(family)
+        for module in model.modules():
+            if hasattr(module, "jitter_noise"):
+                module.jitter_noise = 0.2
+        if reentrant is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        return model
+
+    model = build()
+    session = mr.attach(model)
+    with session.capture(), torch.no_grad():
+        model(ids)
+    routes = session.routes()
+    with torch.no_grad():
+        for site in session.sites:
+            assert site.module is not None
+            site.module.weight.add_(torch.randn(site.module.weight.shape, generator=torch.Generator().manual_seed(5)))
+    with session.capture(), torch.no_grad():
+        model(ids)
+    assert not session.routes().equal(routes)  # (free, the stepped routers choose other experts)
+    reference = build()
+    reference.load_state_dict(model.state_dict())
+    model.train()
+    with session.replay(routes):
+        torch.manual_seed(11)
+        out = model(ids, labels=ids, output_router_logits=True)
+    (out.loss + 0.1 * out.aux_loss).backward()
+    session.detach()
+    modules = dict(reference.named_modules())
+    for name in routes.names:
+        _hf_router_forced(modules[name], routes.layer(name).long())
+    reference.train()
+    torch.manual_seed(11)
+    want = reference(ids, labels=ids, output_router_logits=True)
+    (want.loss + 0.1 * want.aux_loss).backward()
+    torch.testing.assert_close(out.loss.detach(), want.loss.detach())
+    torch.testing.assert_close(out.aux_loss.detach(), want.aux_loss.detach())
+    _assert_same_grads(_grads(model), _grads(reference))
+    tried(1)
+
+
 # ----------------------------------------------------------------------------- TRL
 def _trl() -> Any:
     """The TRL test helpers (a tiny Qwen3-MoE policy, its tokenizer, data and reward), skipped without TRL."""
