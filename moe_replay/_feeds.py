@@ -3588,17 +3588,32 @@ def token_order(
     # sequence by sequence nor position by position, the tokens reach the first router reordered, by a layer that
     # sorts the sequences by length or moves left padding to the right, say, and no order of the ids fits its rows)
     change = (second.double() - first.double()).norm(dim=-1)
-    top = int(change.argmax()) if moved and bool(torch.isfinite(change).all()) else None
+    finite = bool(moved) and bool(torch.isfinite(change).all())
+    # (the padding of sequence 0 after the changed token, the last it holds, sees that token where attention looks back
+    # (a right-padded completion) and may change more than the token's own row: its rows, in each order's places,
+    # are left out of the row that changed most)
+    trailing = range(at + 1, positions)
+    top = _top_change(change, list(trailing)) if finite else None
+    top_first = _top_change(change, [q * batch for q in trailing]) if finite else None
     # (the changed token's own row changes, and only rows of its sequence: told apart as at >= 1 and batch >= 2)
     if at in moved and all(q < positions for q in moved) and top in (None, at):
         if unpads is not None:
             unpads.extend(_later_unpadded(notes, mask, at, batch, positions))
         return rolled(_mixed(notes, BATCH_MAJOR, batch * positions, lambda j: j < positions))
-    if at * batch in moved and all(q % batch == 0 for q in moved) and top in (None, at * batch):
+    if at * batch in moved and all(q % batch == 0 for q in moved) and top_first in (None, at * batch):
         return rolled(_mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j % batch == 0))
-    if top is not None and top not in (at, at * batch):
+    if top is not None and top not in (at, at * batch) and top_first not in (at, at * batch):
         return MIXED
     return OTHER_ORDER  # (rows of other tokens moved too, as a statistic over the batch moves them: read as before)
+
+
+def _top_change(change: torch.Tensor, left_out: list[int]) -> int:
+    """The row whose values changed most (``change``: one norm per row, finite), the rows ``left_out`` aside (those
+    past the end of ``change`` ignored)."""
+    rows = [q for q in left_out if q < change.shape[0]]
+    if not rows or len(rows) >= change.shape[0]:
+        return int(change.argmax())
+    return int(change.index_fill(0, torch.tensor(rows, device=change.device), -1.0).argmax())
 
 
 def _roll_batch(value: Any, batch: int, positions: int) -> Any:

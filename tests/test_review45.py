@@ -303,6 +303,69 @@ def test_rows_routed_natively_are_recomputed_with_the_experts_their_forward_chos
     tried(1)
 
 
+# ----------------------------------------------------------------------------- right-padded batches
+class _PaddedContextModel(nn.Module):
+    """Batch-major MoE layers fed ids and an attention mask, whose padding rows hold a multiple of the mean of the
+    tokens before them in their sequence (as a right-padded completion's padding attends back to its tokens): a change
+    of a sequence's last token moves its padding's rows more than its own row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, D)
+        self.layers = nn.ModuleList(_Block(0.0, 0.0) for _ in range(2))
+        self.head = nn.Linear(D, V)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)
+        keep = attention_mask[..., None].float()
+        before = (h * keep).cumsum(1) / keep.cumsum(1).clamp(min=1)
+        h = h * keep + 4 * before * (1 - keep)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("routes_from", ["the capture of the batch", "a layout of per-sequence captures"])
+def test_a_batch_whose_first_sequence_is_right_padded_replays_when_its_padding_sees_its_last_token(
+    routes_from: str,
+) -> None:
+    """The order of a batch's tokens at the routers is told by changing sequence 0's last token and finding the row that
+    changed most. A right-padded sequence 0 (TRL pads completions on the right) whose padding attends back to that token
+    moves its padding's rows more than the token's own: the batch-major forward was refused as one whose routers see
+    the tokens reordered (in TRL, the evaluation's old-logprob forward of a trained policy). It replays, exactly."""
+    ids = _ids(3, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    ids[0, 3:] = 0
+    model = _PaddedContextModel()
+    session = mr.attach(model)
+    if routes_from == "the capture of the batch":
+        with session.capture(), torch.no_grad():
+            model(ids, attention_mask=mask)
+        routes = session.routes()
+    else:
+        sequences = [ids[0, :3], ids[1], ids[2]]
+        with session.capture(), torch.no_grad():
+            for seq in sequences:
+                model(seq[None], attention_mask=torch.ones_like(seq)[None])
+        layout = mr.BatchLayout.padded([3, 6, 6])
+        parts = [session.routes()[a:b] for a, b in ((0, 3), (3, 9), (9, 15))]
+        routes = layout.routes(parts)
+        assert torch.equal(layout.tokens(sequences), ids) and torch.equal(layout.attention_mask(), mask)
+    _step_routers(model, seed=8)  # type: ignore[arg-type]
+    for layer in model.layers:
+        layer.used.clear()
+    with session.replay(routes), torch.no_grad():
+        model(ids, attention_mask=mask)
+    session.detach()
+    for i, layer in enumerate(model.layers):
+        kept = ~routes.missing[:, i]
+        assert torch.equal(layer.used[0][kept], routes.indices[:, i][kept].long())
+    tried(1)
+
+
 # ----------------------------------------------------------------------------- a transformers model in training
 def _hf_router_forced(router: nn.Module, rows: torch.Tensor) -> None:
     """transformers' Mixtral and Qwen3-MoE router forward, written out with its top-k replaced by ``rows``: the
@@ -496,3 +559,27 @@ def test_trl_replayed_aux_loss_under_a_reentrant_checkpoint_of_the_models_code_i
             trainer.train()
         trainer.detach_routing_replay()
     tried(1)
+
+
+@pytest.mark.reliability("silent replays")
+def test_trl_evaluation_with_gradient_accumulation_replays_every_forward_exactly() -> None:
+    """GRPOTrainer evaluating every step (``eval_strategy="steps"``) with ``gradient_accumulation_steps=2``: the
+    evaluation's generation computes old log-probabilities on right-padded completions of the trained policy, whose
+    padding rows move more than a completion's last token (refused as reordered before); every replayed forward, in
+    training and in evaluation, uses the rollout's experts."""
+    t = _trl()
+    kw: dict[str, Any] = {
+        "max_steps": 2, "eval_strategy": "steps", "eval_steps": 1, "per_device_eval_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as out:
+        trainer = t.mr_trl.RoutingReplayGRPOTrainer(
+            model=t.policy(), reward_funcs=t.reward, args=t.config(out, **kw), train_dataset=t.dataset(),
+            eval_dataset=t.dataset(4), processing_class=t.tokenizer(),
+        )  # fmt: skip
+        replays = t.spy_replays(trainer.moe_session)
+        trainer.train()
+        trainer.detach_routing_replay()
+    assert any("eval_loss" in log for log in trainer.state.log_history)
+    assert replays and all(int(c.differ.sum()) == 0 and int(c.compared.sum()) > 0 for _, c in replays)
+    tried(len(replays))
