@@ -187,6 +187,8 @@ class _Pick(torch.autograd.Function):
         ctx.shape = source.shape
 
     @staticmethod
+    @torch.compiler.disable  # (a backward run from a compiled training step: dynamo's guards on ctx.saved_tensors
+    # would unpack them a second time, which a non-reentrant checkpoint's saved-tensor hooks refuse)
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (index,) = ctx.saved_tensors
         return grad.new_zeros(ctx.shape).scatter_add(-1, index, grad), None

@@ -384,6 +384,7 @@ class _Block:
         self._entered = False
         self._open = False  # entered and not left yet
 
+    @torch.compiler.disable
     def __enter__(self) -> Any:
         if self._entered:
             raise SessionStateError(
@@ -397,6 +398,7 @@ class _Block:
         self._owner.entered.append(weakref.ref(self))
         return value
 
+    @torch.compiler.disable
     def __exit__(self, *exc: Any) -> bool | None:
         if self._cm is None or not self._open:
             return None  # (never entered, or left already: nothing to leave)
@@ -436,6 +438,8 @@ class _Block:
         return run
 
     def __del__(self) -> None:
+        if not hasattr(self, "_open"):  # (made without its __init__: never handed out, nothing to note)
+            return
         if not self._entered or self._open:  # (dropped open: its context manager goes with it and ends the block)
             try:
                 self._owner.abandoned.append((self._what, self._open))
@@ -496,7 +500,9 @@ def _block_method(what: str) -> Callable[[Callable[..., Iterator[Any]]], Callabl
                 ) from None
             return _Block(self._owner, what, functools.partial(cm, self, *args, **kwargs))
 
-        return method
+        # (host-side bookkeeping, never traced: a block opened inside a compiled training step runs it eagerly at a
+        # graph break, as a block opened around the compiled call does)
+        return torch.compiler.disable(method, recursive=True)
 
     return make
 

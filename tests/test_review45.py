@@ -272,6 +272,46 @@ def test_a_compiled_training_step_replaying_other_routes_in_turn_forces_each_as_
     session.detach()
 
 
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("ckpt", ["none", "non_reentrant"])
+def test_a_whole_training_step_compiled_with_its_replay_block_inside_forces_each_routes_as_by_hand(ckpt: str) -> None:
+    """``torch.compile`` of a whole training step (``aot_eager``) that opens ``session.replay(routes)`` itself, runs
+    backward and an optimizer step: dynamo failed inside the session's bookkeeping (an internal error while tracing
+    the block's entry) and, under a non-reentrant checkpoint, in the backward of the gathered combine weights (its
+    guards unpacked the saved index twice). The block's entry and exit run eagerly at a graph break, and each call
+    forces its own routes."""
+    torch._dynamo.reset()
+    ids = _ids(6)
+    model = _Model(ckpt)
+    session = mr.attach(model)
+    first = _captured(model, ids, session)
+    _step_routers(model, seed=5)
+    second = _captured(model, ids, session)
+    assert not second.equal(first)
+    model.loss(ids).backward()  # (the eager forward with gradients that establishes the decisions first)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def step(ids: torch.Tensor, routes: mr.Routes) -> torch.Tensor:
+        optimizer.zero_grad()
+        with session.replay(routes):
+            loss = model.loss(ids)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    compiled = torch.compile(step, backend="aot_eager")
+    for routes in (first, second, first):
+        loss = compiled(ids, routes)
+        ref = _forced_copy(model, ckpt=ckpt)
+        _force(ref, routes.indices)
+        ref_loss = ref.loss(ids)
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss.detach())
+        _assert_same_grads(_grads(model), _grads(ref))
+        tried(1)
+    session.detach()
+
+
 # ----------------------------------------------------------------------------- native rows under recompute
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("ckpt", ["reentrant", "non_reentrant"])
