@@ -653,6 +653,143 @@ class BlockFfnMoE(nn.Module):
         return self._topk_calculator(x, routed["topk_indices"], routed["topk_scores"])
 
 
+# ----------------------------------------------------------------------- BlockFFN: a ReLU router, every expert run
+# thunlp/BlockFFN pretrain/cpm/dragonfly/blockffn.py (``BLockFeedForward``) and pretrain/cpm/dragonfly/moe_modules.py
+# (``MoELinearActiveGate``, ``MoEUpDownExperts`` with ``use_linear``): the router is a bare ``w_gate`` ``[E, d]`` with a
+# ReLU, its scores normalised by their sum (``norm_after_router="sum"``); the experts are one wide Linear whose
+# ``E`` slices of ``dim_expert`` units are each scaled by their expert's score: the sparsity is the ReLU's zeros, and
+# no call chooses experts.
+class BlockFfnLinearActiveGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.randn(E, D) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw_score = F.linear(x, self.w_gate)
+        return raw_score, torch.relu(raw_score)
+
+
+class BlockFfnUpDownExperts(nn.Module):
+    def __init__(self, dim_expert: int = 4) -> None:
+        super().__init__()
+        self.num_expert, self.dim_expert = E, dim_expert
+        self.moe_w_in = nn.Parameter(torch.randn(E * dim_expert, D) * 0.3)
+        self.moe_w_out = nn.Parameter(torch.randn(D, E * dim_expert) * 0.3)
+
+    def forward(self, x: torch.Tensor, router_score: torch.Tensor) -> torch.Tensor:
+        seq_len = router_score.shape[0]
+        x_in = F.silu(F.linear(x, self.moe_w_in))
+        scored_x_in = x_in.view(seq_len, self.num_expert, self.dim_expert) * router_score.unsqueeze(-1)
+        return F.linear(scored_x_in.view(seq_len, self.num_expert * self.dim_expert), self.moe_w_out)
+
+
+class BlockFfnBlockFeedForward(nn.Module):
+    def __init__(self, norm_scale: float = 1.0) -> None:
+        super().__init__()
+        self.moe_router = BlockFfnLinearActiveGate()
+        self.moe_experts = BlockFfnUpDownExperts()
+        self.num_expert, self.norm_scale = E, norm_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_len, dim_model = x.shape
+        x = x.view(batch_size * seq_len, dim_model)
+        _raw_router_score, router_score = self.moe_router(x)
+        router_score = router_score / (torch.sum(router_score, dim=-1, keepdim=True) * self.norm_scale + 1e-5)
+        return self.moe_experts(x, router_score).view(batch_size, seq_len, dim_model)
+
+
+# ----------------------------------------------------------------------- WeNet U2++ MoE: macaron MoE feed-forwards
+# wenet-e2e/wenet wenet/transformer/positionwise_feed_forward.py (``MoEFFNLayer``) and
+# wenet/transformer/encoder_layer.py (``ConformerEncoderLayer``): a bias-free ``gate`` Linear, ``torch.topk`` of the
+# raw logits, a softmax over the k values, a loop over the experts (``torch.where(selected_experts == i)``,
+# ``output[token_ids] += ...``); U2++ MoE makes both feed-forwards of a Conformer layer MoE layers, the macaron one
+# before attention and the last one after it, each added at half scale (``ff_scale = 0.5``).
+class WenetPositionwiseFeedForward(nn.Module):
+    def __init__(self, hidden_units: int = 2 * D) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(D, hidden_units, bias=False)
+        self.activation = nn.ReLU()
+        self.dropout = nn.Dropout(0.0)
+        self.w_2 = nn.Linear(hidden_units, D, bias=False)
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        return self.w_2(self.dropout(self.activation(self.w_1(xs))))
+
+
+class WenetMoEFFNLayer(_Used):
+    def __init__(self, n_expert: int = E, n_expert_activated: int = 2) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, n_expert, bias=False)
+        self.experts = nn.ModuleList(WenetPositionwiseFeedForward() for _ in range(n_expert))
+        self.n_expert, self.n_expert_activated = n_expert, n_expert_activated
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        B, L, D_ = xs.size()
+        xs = xs.view(-1, D_)
+        router = self.gate(xs)
+        if self.forced is None:
+            logits, selected_experts = torch.topk(router, self.n_expert_activated)
+        else:
+            logits, selected_experts = router.gather(-1, self.forced), self.forced
+        self.used = selected_experts
+        weights = F.softmax(logits, dim=1, dtype=torch.float).to(dtype=xs.dtype)
+        output = torch.zeros_like(xs)
+        for i, expert in enumerate(self.experts):
+            token_ids, ith_expert = torch.where(selected_experts == i)
+            output[token_ids] += weights[token_ids, ith_expert, None] * expert(xs[token_ids])
+        return output.view(B, L, D_)
+
+
+class WenetConformerEncoderLayer(nn.Module):
+    """``ConformerEncoderLayer``'s macaron feed-forward, a token mixer standing for attention and convolution, and
+    the last feed-forward, each a residual branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feed_forward_macaron = WenetMoEFFNLayer()
+        self.feed_forward = WenetMoEFFNLayer()
+        self.norm_ff_macaron, self.norm_mha, self.norm_ff = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
+        self.self_attn = nn.Linear(D, D)
+        self.ff_scale = 0.5
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ff_scale * self.dropout(self.feed_forward_macaron(self.norm_ff_macaron(x)))
+        mixed = self.self_attn(self.norm_mha(x))
+        x = x + mixed.cumsum(dim=1) / torch.arange(1, x.shape[1] + 1)[:, None]
+        return x + self.ff_scale * self.dropout(self.feed_forward(self.norm_ff(x)))
+
+
+class WenetConformerEncoder(nn.Module):
+    def __init__(self, num_blocks: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoders = nn.ModuleList(WenetConformerEncoderLayer() for _ in range(num_blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.encoders:
+            x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------- Wan2.2: two experts by a timestep boundary
+# Wan-Video/Wan2.2 wan/text2video.py (``WanT2V._prepare_model_for_timestep``): the MoE is two whole denoisers, a
+# high-noise and a low-noise one, and each sampling step runs the one its timestep picks (``t.item() >= boundary``):
+# a choice by a number, per step, with no router and no scores.
+class Wan22TwoExpertDenoiser(nn.Module):
+    def __init__(self, boundary: float = 0.875) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.boundary = boundary
+        self.high_noise_model = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        self.low_noise_model = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.tensor(0.9) if t is None else t
+        model = self.high_noise_model if t.item() >= self.boundary else self.low_noise_model
+        return model(x)
+
+
 # ----------------------------------------------------------------------- the cases
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, input, options: ``train``, ``change`` and attach options)
@@ -710,6 +847,8 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     ),
     "blockffn-topk-router-returns-a-dict": (lambda: Layers(BlockFfnMoE), lambda: _x(2, 12), {}),
     "blockffn-topk-router-returns-a-dict-train": (lambda: Layers(BlockFfnMoE), lambda: _x(2, 12), {"train": True}),
+    "wenet-u2pp-moe-macaron-feed-forwards": (WenetConformerEncoder, lambda: _x(2, 12), {}),
+    "wenet-u2pp-moe-macaron-feed-forwards-train": (WenetConformerEncoder, lambda: _x(2, 12), {"train": True}),
     "cumo-mlp-moe-projector-losses-returned": (CuMoProjector, lambda: _x(2, 12), {"change": 0.5}),
     "cumo-mlp-moe-projector-losses-returned-train": (
         CuMoProjector,
@@ -729,17 +868,18 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
 @pytest.mark.parametrize("case", list(EXACT))
 def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     """GPT-NeoX's dropless MoE (a top-1 by ``max(keepdim=True)`` or a top-k, and the Sinkhorn router: in training a
-    top-k of the Sinkhorn-balanced costs under ``no_grad`` after a data-dependent Python loop, the weights gathered
-    from the sigmoid or softmax; the experts by sorted runs and a weighted scatter); InternEvo's dropless layer (the
-    gate returns the softmax, the top-k and its in-place renormalisation in the layer's method, the experts over
-    ``split`` runs, rows put back by ``index_copy``; with a capacity by position, each expert keeping the tokens a
-    second top-k over the tokens of the top-k mask picks, the others dropped); unsloth's reference grouped-GEMM Qwen3
-    block (the router weight a bare Parameter of the block, the top-k in its ``run_router``, a ``histc`` and stable
-    ``argsort``, a dataclass returned) and its ``calculate_topk`` with the sigmoid after the top-k; CuMo's MoE
-    projector and CLIP encoder layers (a top-k beside attention in the layer, a balance loss from the first slot's
-    ``one_hot``, the losses in the output); BlockFFN's baseline top-k router (a bare weight, a dict returned, experts
-    returning dicts over rows repeated per slot): every router found and nothing else, the recorded rows the experts
-    used, and a replay after the routers change those experts forced by hand, in output and gradients."""
+    top-k of the Sinkhorn-balanced costs under ``no_grad`` after a data-dependent Python loop, the weights gathered from
+    the sigmoid or softmax; the experts by sorted runs and a weighted scatter); InternEvo's dropless layer (the gate
+    returns the softmax, the top-k and its in-place renormalisation in the layer's method, the experts over ``split``
+    runs, rows put back by ``index_copy``; with a capacity by position, each expert keeping the tokens a second top-k
+    over the tokens of the top-k mask picks, the others dropped); unsloth's reference grouped-GEMM Qwen3 block (the
+    router weight a bare Parameter of the block, the top-k in its ``run_router``, a ``histc`` and stable ``argsort``, a
+    dataclass returned) and its ``calculate_topk`` with the sigmoid after the top-k; CuMo's MoE projector and CLIP
+    encoder layers (a top-k beside attention in the layer, a balance loss from the first slot's ``one_hot``, the losses
+    in the output); BlockFFN's baseline top-k router (a bare weight, a dict returned, experts returning dicts over rows
+    repeated per slot); WeNet's U2++ MoE Conformer (both feed-forwards of a layer MoE, at half scale, a top-k of the raw
+    logits softmaxed over the k): every router found and nothing else, the recorded rows the experts used, and a replay
+    after the routers change those experts forced by hand, in output and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
@@ -762,6 +902,14 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         r"'layers\.0\.router': its decision .* is a top-k over tokens, not over experts",
         {},
     ),
+    "blockffn-relu-router-every-expert-run": (
+        lambda: Layers(BlockFfnBlockFeedForward),
+        lambda: _x(2, 12),
+        r"'layers\.0\.moe_router': its forward makes no decision-like call .*a threshold \(the experts whose weight "
+        r"passes a relu",
+        {},
+    ),
+    "wan22-two-experts-by-timestep": (Wan22TwoExpertDenoiser, lambda: _x(2, 12), "no MoE router found", {}),
     "internevo-capacity-drop-by-probs": (
         lambda: Layers(lambda: InternEvoLayer(capacity_factor=1.0)),
         lambda: _x(2, 12),
@@ -775,11 +923,12 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_refused_naming_why(case: str) -> None:
-    """BlockFFN's top-p router (a sort, a ``cumsum`` and an ``argmax`` of where it crosses p, ``-1`` in the cut slots)
-    and expert-choice router (a top-k over the tokens); InternEvo's capacity by score (each expert keeps its best
-    tokens by a second top-k over the tokens of the top-k-masked weights: a replay under changed routers would drop
-    others): refused with a ``MoEReplayError`` saying
-    why, the model as it was."""
+    """BlockFFN's own ReLU router (every expert run, scaled by a ReLU score normalised by the sum: no choice at all);
+    Wan2.2's two denoisers picked per step by the timestep (no router: none found); BlockFFN's baseline top-p router (a
+    sort, a ``cumsum`` and an ``argmax`` of where it crosses p, ``-1`` in the cut slots) and expert-choice router (a
+    top-k over the tokens); InternEvo's capacity by score (each expert keeps its best tokens by a second top-k over the
+    tokens of the top-k-masked weights: a replay under changed routers would drop others): refused with a
+    ``MoEReplayError`` saying why, the model as it was."""
     make, x, match, options = REFUSED[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
