@@ -925,7 +925,7 @@ class _ProbeMode(TorchFunctionMode):
     def _mark(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, func: Any = None) -> bool:
         """After the decision: is this call read from the scores? Its results are then too (not those of a call
         that takes only their shape, as ``zeros_like``: a mask of the chosen experts scattered into it is no score)."""
-        if func in _SHAPE_ONLY or not any(self._is_scored(t) for t in _leaves((args, kwargs), [])):
+        if func in _SHAPE_ONLY or not any(self._is_scored(t) for t in _leaves(_read(func, args, kwargs), [])):
             return False
         for t in _leaves(out, []):
             self._score(t)
@@ -1138,6 +1138,19 @@ _SHAPE_ONLY = frozenset(
     }
 )
 _ALONG = ELEMENTWISE - _SHAPE_ONLY
+#: Methods that take only the shape (or the type and device) of their second tensor, none of its values.
+_SHAPE_OF_OTHER = frozenset({"expand_as", "view_as", "reshape_as", "type_as"})
+
+
+def _read(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The arguments of a call whose values it reads: all of them, but the tensor whose shape alone an
+    ``expand_as``/``view_as``/``reshape_as`` (or whose type alone a ``type_as``) takes. A mask of the chosen
+    experts expanded as the floating rows it will multiply is no choice made from those rows."""
+    if getattr(func, "__name__", "") in _SHAPE_OF_OTHER:
+        return args[:1]
+    return (args, kwargs)
+
+
 #: Calls that hand a tensor's values over to code outside torch (numpy, a Python list), where no mode sees what
 #: is chosen from them; so are the operators of other libraries (``torch.ops.<library>``) that make integers.
 _ESCAPES = frozenset({torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.__array__})
@@ -1211,7 +1224,7 @@ def _floating(result: Any) -> bool:
 
 def _chooses(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[torch.Tensor] | None:
     """Is this call a choice (see :meth:`_ProbeMode._after`)? The tensors it wrote into (``out=``, in place) if so."""
-    ins = _leaves((args, kwargs), [])
+    ins = _leaves(_read(func, args, kwargs), [])
     if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in ins):
         return None
     name = getattr(func, "__name__", "").partition(".")[0]  # (an aten operator: gt.Tensor)
