@@ -3053,6 +3053,17 @@ def _tokens_held(cache: Any) -> int | torch.Tensor | None:
     return held if isinstance(held, int) and not isinstance(held, bool) else -1
 
 
+def _attended(mask: torch.Tensor) -> torch.Tensor | None:
+    """Which keys each query of a ``[batch, heads, queries, keys]`` attention mask attends, read from its first head
+    (``[batch, queries, keys]``): a boolean mask as it is, an additive float one where it is not a large negative number
+    (or -inf). None for a mask of another kind."""
+    if mask.dtype == torch.bool:
+        return mask[:, 0]
+    if mask.is_floating_point():  # additive: 0 where attended, a large negative number (or -inf) where not
+        return mask[:, 0] > torch.finfo(mask.dtype).min / 2
+    return None
+
+
 def _tokens_of_4d(mask: torch.Tensor, batch: int, width: int) -> torch.Tensor | None:
     """Which of the ``width`` tokens of each sequence a forward fed are tokens (1) or padding (0), read from the
     ``[batch, heads, queries, keys]`` attention mask it was given (``generate()`` with a static cache gives one);
@@ -3065,11 +3076,8 @@ def _tokens_of_4d(mask: torch.Tensor, batch: int, width: int) -> torch.Tensor | 
     """
     if mask.shape[0] != batch or mask.shape[2] != width or mask.shape[3] < width:
         return None
-    if mask.dtype == torch.bool:
-        attend = mask[:, 0]
-    elif mask.is_floating_point():  # additive: 0 where attended, a large negative number (or -inf) where not
-        attend = mask[:, 0] > torch.finfo(mask.dtype).min / 2
-    else:
+    attend = _attended(mask)
+    if attend is None:
         return None
     queries = torch.arange(width, device=mask.device)
     keys = torch.arange(mask.shape[3], device=mask.device)
@@ -3211,11 +3219,8 @@ def _places_of_4d(mask: torch.Tensor, batch: int, own: torch.Tensor) -> torch.Te
     positions = own.shape[-1]
     if mask.shape[0] not in (1, batch) or mask.shape[2] != positions or mask.is_meta:
         return None
-    if mask.dtype == torch.bool:
-        attend = mask[:, 0]
-    elif mask.is_floating_point():  # additive: 0 where attended, a large negative number (or -inf) where not
-        attend = mask[:, 0] > torch.finfo(mask.dtype).min / 2
-    else:
+    attend = _attended(mask)
+    if attend is None:
         return None
     own = own.to(mask.device, torch.long)
     keys = torch.arange(mask.shape[3], device=mask.device)
