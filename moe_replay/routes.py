@@ -548,6 +548,23 @@ class Routes:
         """Token count (``num_tokens``): 0 for routes of no router; raises where routers differ in it."""
         return self.num_tokens if self._data else 0
 
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """``np.asarray(routes)``: the ``[T, L, k]`` array of :meth:`to_numpy` (a new array each time).
+
+        Without it numpy would read routes as a sequence of tokens, each a sequence of one token, and fail after
+        64 dimensions with no word of what to pass.
+
+        Raises:
+            InvalidArgumentError: ``copy=False`` (the array is always a new one), or routers that differ in their
+                token counts or k (no one ``[T, L, k]`` array holds them: see :meth:`to_numpy`).
+        """
+        if copy is False:
+            raise InvalidArgumentError(
+                "np.asarray(routes, copy=False): routes hold one tensor per router, so their [tokens, routers, k] "
+                "array is always a new one; leave copy unset, or call routes.to_numpy()"
+            )
+        return self.to_numpy(dtype)
+
     def __bool__(self) -> bool:
         """Does any router hold a row? Never raises (routes of no router, or routers that differ in
         their token counts, have no one ``len``)."""

@@ -1,0 +1,57 @@
+"""Notebook use the earlier rounds did not try: ``np.asarray(routes)`` (which numpy read as a sequence of tokens, each
+a sequence of one token, and gave up on after 64 dimensions with no word of what to pass), ``format_sites`` given one
+site picked out of the list, the model or the session, and a ``KeyboardInterrupt`` that stops a forward of an HF model
+half-way inside a capture or a replay, or a cell that raises after its forwards ran. Each gives the plain answer or a
+:class:`~moe_replay.MoEReplayError` naming what to pass, and an interrupt leaves the model as it was and the session
+usable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import moe_replay as mr
+
+from .conftest import tried
+
+
+def _captured() -> tuple[torch.nn.Module, torch.Tensor, mr.Routes]:
+    model = mr.models.build("softmax_topk")
+    x = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session:
+        with session.capture():
+            model(x)
+        routes = session.routes()
+    return model, x, routes
+
+
+@pytest.mark.reliability("bad inputs")
+def test_numpy_reads_routes_as_their_array_and_refuses_what_no_one_array_holds() -> None:
+    """Once a bare ValueError: ``np.asarray(routes)`` walked the routes as nested sequences (a token of routes is
+    routes of one token) until numpy's 64 dimensions, saying nothing of ``to_numpy``. It is now the ``[T, L, k]``
+    array ``to_numpy`` gives, in the dtype asked for; routers of other token counts are refused as ``to_numpy``
+    refuses them, and ``copy=False`` (no array to share) says so."""
+    _, _, routes = _captured()
+    rows = [r.clone() for r in routes.per_layer()]
+    rows[1][3] = -1  # (a row of no recorded route travels as -1)
+    routes = mr.Routes(rows, names=routes.names, num_experts=routes.experts_per_layer)
+    for read in (np.asarray, np.array, lambda r: np.asarray(r, dtype=np.int64)):
+        tried()
+        arr = read(routes)
+        assert arr.shape == (routes.num_tokens, routes.num_layers, routes.top_k)
+        for j, name in enumerate(routes.names):
+            assert np.array_equal(arr[:, j], routes.layer(name).numpy())
+        assert np.array_equal(arr, routes.to_numpy())
+    assert np.asarray(routes, dtype=np.int64).dtype == np.int64
+    arr = np.asarray(routes)
+    arr[0, 0, 0] = 7  # (a new array: the routes keep their rows)
+    assert int(routes.layer(routes.names[0])[0, 0]) == int(rows[0][0, 0])
+    with pytest.raises(mr.InvalidArgumentError, match="copy"):
+        np.asarray(routes, copy=False)
+    mixed = mr.Routes(
+        [torch.tensor([[0, 1]] * 3), torch.tensor([[2]] * 5)], names=["encoder.gate", "decoder.gate"], num_experts=4
+    )
+    with pytest.raises(mr.InvalidArgumentError, match="token counts"):
+        np.asarray(mixed)
+    assert np.asarray(mr.Routes([], names=[], num_experts=4)).shape == (0, 0, 0)
