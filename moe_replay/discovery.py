@@ -476,11 +476,12 @@ def shared_scope(first: RouterSite, second: RouterSite) -> str:
     )
 
 
-def format_sites(sites: Sequence[RouterSite]) -> str:
+def format_sites(sites: Sequence[RouterSite] | RouterSite) -> str:
     """A plain-text table of routers, as printed by ``python -m moe_replay inspect``.
 
-    Raises ``ArgumentTypeError`` for anything but :class:`RouterSite` items (what
-    :func:`find_routers` returns).
+    One :class:`RouterSite` (``sites[0]``) is a table of one row. Raises ``ArgumentTypeError`` for
+    anything but :class:`RouterSite` items (what :func:`find_routers` returns), naming what to pass
+    for a model or a session.
 
     Example:
         >>> import moe_replay as mr
@@ -490,9 +491,23 @@ def format_sites(sites: Sequence[RouterSite]) -> str:
         layers.0.mlp.gate  Linear  8  2  decision by effect in forward of 'layers.0.mlp'
         layers.1.mlp.gate  Linear  8  2  decision by effect in forward of 'layers.1.mlp'
     """
+    if isinstance(sites, RouterSite):  # (one site picked out of the list: its table of one row)
+        sites = [sites]
+    if isinstance(sites, nn.Module):
+        raise ArgumentTypeError(
+            f"format_sites takes the RouterSites find_routers returns, got the model {type(sites).__name__}: "
+            "pass mr.find_routers(model)"
+        )
+    if type(sites).__name__ == "Session" and hasattr(sites, "sites"):
+        raise ArgumentTypeError(
+            "format_sites takes the RouterSites find_routers returns, got a Session: pass session.sites (or print "
+            "session.table())"
+        )
     sites = list(sites) if is_collection(sites) or isinstance(sites, AbstractSet) else sites
     if not isinstance(sites, list) or not all(isinstance(s, RouterSite) for s in sites):
-        raise ArgumentTypeError(f"format_sites takes the RouterSites find_routers returns, got {sites!r:.80}")
+        raise ArgumentTypeError(
+            f"format_sites takes the RouterSites find_routers returns (a list of them, or one), got {sites!r:.80}"
+        )
     rows = [("router", "class", "E", "k", "intercepted")]
     rows += [(s.name, s.module_class, str(s.num_experts), str(s.top_k or "?"), s.how) for s in sites]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

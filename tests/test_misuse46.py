@@ -13,7 +13,7 @@ import torch
 
 import moe_replay as mr
 
-from .conftest import tried
+from .conftest import assert_untouched, snapshot, tried
 
 
 def _captured() -> tuple[torch.nn.Module, torch.Tensor, mr.Routes]:
@@ -55,3 +55,26 @@ def test_numpy_reads_routes_as_their_array_and_refuses_what_no_one_array_holds()
     with pytest.raises(mr.InvalidArgumentError, match="token counts"):
         np.asarray(mixed)
     assert np.asarray(mr.Routes([], names=[], num_experts=4)).shape == (0, 0, 0)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_format_sites_takes_one_site_and_names_what_to_pass_for_a_model_or_a_session() -> None:
+    """``format_sites(sites[0])`` was refused as no list of sites; it is the table of that one router now. The
+    model or a session given instead are refused naming ``find_routers(model)`` and ``session.sites``."""
+    model = mr.models.build("softmax_topk")
+    before = snapshot(model)
+    sites = mr.find_routers(model)
+    whole = mr.format_sites(sites).splitlines()
+    one = mr.format_sites(sites[0]).splitlines()
+    assert len(one) == 3 and one[2].split() == whole[2].split()
+    assert sites[0].name in one[2] and sites[1].name not in "\n".join(one)
+    with pytest.raises(mr.ArgumentTypeError, match=r"find_routers\(model\)"):
+        mr.format_sites(model)
+    with mr.attach(model) as session:
+        with pytest.raises(mr.ArgumentTypeError, match=r"session\.sites"):
+            mr.format_sites(session)  # type: ignore[arg-type]
+        assert mr.format_sites(session.sites).splitlines()[2].split()[0] == sites[0].name
+    for bad in ("layers.0.mlp.router", 3, None):
+        with pytest.raises(mr.ArgumentTypeError, match="a list of them"):
+            mr.format_sites(bad)  # type: ignore[arg-type]
+    assert_untouched(model, before)
