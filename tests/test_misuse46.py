@@ -78,3 +78,80 @@ def test_format_sites_takes_one_site_and_names_what_to_pass_for_a_model_or_a_ses
         with pytest.raises(mr.ArgumentTypeError, match="a list of them"):
             mr.format_sites(bad)  # type: ignore[arg-type]
     assert_untouched(model, before)
+
+
+class _Interrupt:
+    """A forward hook on a router that raises ``KeyboardInterrupt`` at its ``at``-th call, as Ctrl-C in a cell."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, module: torch.nn.Module, args: object, out: object) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.reliability("lifecycle")
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_an_interrupt_inside_a_forward_of_a_hf_model_leaves_it_as_it_was_and_the_session_exact(family: str) -> None:
+    """Ctrl-C while a router of an HF model runs (its first forward, a capture, a replay), re-run cells after it: the
+    model keeps no hook, mode or changed tensor, the interrupted capture is refused until captured again, and the
+    session's next capture and replay force exactly the recorded experts."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    from torch.overrides import _get_current_function_mode_stack
+
+    model = tiny_hf.build(family)
+    x = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    before = snapshot(model)
+    session = mr.attach(model)
+    gate = model.get_submodule(session.names[-1])
+
+    def run(block: object) -> None:
+        with block:  # type: ignore[attr-defined]
+            model(x)
+
+    interrupted: list[object] = [_nullblock(), session.capture()]  # (the first forward, then a capture)
+    for i, block in enumerate([*interrupted, "capture", "replay", "capture"]):
+        if i == 2:
+            run(session.capture())  # (a capture run to its end between interrupted cells)
+            routes = session.routes()
+        if isinstance(block, str):
+            block = session.capture() if block == "capture" else session.replay(routes)
+        tried()
+        hook = gate.register_forward_hook(_Interrupt(1))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run(block)
+        finally:
+            hook.remove()
+        assert not _get_current_function_mode_stack() and session.state == "idle"
+    with pytest.raises(mr.SessionStateError, match="interrupted"):
+        session.routes()  # (the last capture stopped half-way)
+    run(session.capture())
+    again = session.routes()
+    assert again.equal(routes)
+    with session.replay(routes), session.keep_scores() as kept:
+        model(x)
+    for name, used in zip(kept.names, kept.indices, strict=True):
+        assert torch.equal(used.long().cpu(), routes.layer(name).long())
+    # a cell that raises after its forward ran: the capture is marked, its rows kept for allow_partial
+    with pytest.raises(KeyboardInterrupt):
+        with session.capture():
+            model(x)
+            raise KeyboardInterrupt
+    with pytest.raises(mr.SessionStateError, match="allow_partial"):
+        session.routes()
+    assert session.routes(allow_partial=True).equal(routes)
+    session.detach()
+    assert_untouched(model, before)
+
+
+class _nullblock:
+    """No block: a forward outside capture and replay (the session's first forward establishes its routers)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
