@@ -149,9 +149,20 @@ class Adapter:
 
         Raises:
             ArgumentTypeError: ``match`` answered a value of no single truth value (a tensor or an array
-                of several elements).
+                of several elements), or raised (``module.top_k`` read from a module that has none: it is
+                asked of the modules discovery looks at, of any class), its error chained, as an ``include=``
+                predicate's is.
         """
-        answer = self.match(name, module)
+        try:
+            answer = self.match(name, module)
+        except MoEReplayError:
+            raise
+        except Exception as exc:  # (the user's code: its error is chained, under ours)
+            raise ArgumentTypeError(
+                f"Adapter {self.name!r}: match raised {type(exc).__name__}: {exc} (on module '{name}', a "
+                f"{type(module).__name__}); match is asked of the modules discovery looks at, of any class, so it "
+                "must answer True or False for any module (read attributes with getattr(module, 'top_k', None))"
+            ) from exc
         try:
             return bool(answer)
         except (RuntimeError, ValueError):  # (torch's and numpy's "ambiguous" truth value of several elements)
@@ -1084,6 +1095,8 @@ def find_routers(
     Raises:
         RouterNotFoundError: no router found, or ``include`` matched nothing.
         InvalidArgumentError: ``top_k`` or ``num_experts`` is not a positive int, or ``top_k`` exceeds it.
+        ArgumentTypeError: an ``include``/``exclude`` predicate or an adapter's ``match`` raised on a module
+            (its error chained) or answered no single truth value.
 
     Example:
         >>> import moe_replay as mr

@@ -80,6 +80,25 @@ def test_format_sites_takes_one_site_and_names_what_to_pass_for_a_model_or_a_ses
     assert_untouched(model, before)
 
 
+@pytest.mark.reliability("bad inputs")
+def test_an_adapter_match_that_raises_is_named_as_an_include_predicate_is() -> None:
+    """An adapter's ``match`` reading ``module.top_k`` raised torch's bare AttributeError out of ``find_routers`` and
+    ``attach`` at the first module without it, naming neither the adapter nor the module, where an ``include=``
+    predicate's error is named. It is an ArgumentTypeError naming both, the user's error chained, and ``attach``
+    leaves the model as it was; the same predicate written with ``getattr`` is taken."""
+    model = mr.models.build("linear_gate")
+    before = snapshot(model)
+    raising = mr.Adapter("k-two", match=lambda name, module: module.top_k == 2, scope="parent")
+    for call in (lambda: mr.find_routers(model, adapters=[raising]), lambda: mr.attach(model, adapters=[raising])):
+        tried()
+        with pytest.raises(mr.ArgumentTypeError, match=r"Adapter 'k-two': match raised AttributeError") as err:
+            call()
+        assert isinstance(err.value.__cause__, AttributeError) and "getattr(module" in str(err.value)
+        assert_untouched(model, before)
+    guarded = mr.Adapter("gates", match=lambda name, module: name.endswith(".gate"), scope="parent")
+    assert [s.adapter for s in mr.find_routers(model, adapters=[guarded])] == ["gates", "gates"]
+
+
 class _Interrupt:
     """A forward hook on a router that raises ``KeyboardInterrupt`` at its ``at``-th call, as Ctrl-C in a cell."""
 
