@@ -781,7 +781,11 @@ def split_generation(
             )
     steps = n if fed_last else n - 1  # decode steps (each of b rows) given to the new tokens
     if new_tokens is not None and check_count(new_tokens, "new_tokens") != n:
-        raise RoutesValidationError(f"new_tokens={new_tokens}, but the capture holds {steps} decode steps")
+        fed = "its last token fed back too" if fed_last else "the last token is never fed back"
+        raise RoutesValidationError(
+            f"new_tokens={int(new_tokens)}, but the capture holds {steps} decode steps (= {n} new tokens: {fed}); "
+            f"pass new_tokens={n}, the new tokens generate() added per sequence, or leave it out (read from the rows)"
+        )
 
     prompt_mask = _prompt_mask(b, p, attention_mask, prompt_lengths, padding_side)
     _check_prompt_mask(routes, prompt_mask, attention_mask, prompt_lengths, padding_side)

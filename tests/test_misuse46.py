@@ -1,7 +1,8 @@
 """Notebook use the earlier rounds did not try: ``np.asarray(routes)`` (which numpy read as a sequence of tokens, each
 a sequence of one token, and gave up on after 64 dimensions with no word of what to pass), ``format_sites`` given one
-site picked out of the list, the model or the session, and a ``KeyboardInterrupt`` that stops a forward of an HF model
-half-way inside a capture or a replay, or a cell that raises after its forwards ran. Each gives the plain answer or a
+site picked out of the list, the model or the session, an adapter whose ``match`` raises, a ``new_tokens`` count one
+off in ``split_generation``, and a ``KeyboardInterrupt`` that stops a forward of an HF model half-way inside a capture
+or a replay, or a cell that raises after its forwards ran. Each gives the plain answer or a
 :class:`~moe_replay.MoEReplayError` naming what to pass, and an interrupt leaves the model as it was and the session
 usable."""
 
@@ -97,6 +98,26 @@ def test_an_adapter_match_that_raises_is_named_as_an_include_predicate_is() -> N
         assert_untouched(model, before)
     guarded = mr.Adapter("gates", match=lambda name, module: name.endswith(".gate"), scope="parent")
     assert [s.adapter for s in mr.find_routers(model, adapters=[guarded])] == ["gates", "gates"]
+
+
+@pytest.mark.reliability("clear errors")
+def test_a_new_tokens_count_one_off_names_the_count_split_generation_reads() -> None:
+    """``generate(max_new_tokens=N)`` runs N - 1 decode steps (its last token is never fed back);
+    ``split_generation(..., new_tokens=N - 1)`` said only "new_tokens=N-1, but the capture holds N-1 decode steps", a
+    refusal that reads as an agreement. It now says the capture holds N new tokens and to pass new_tokens=N, which
+    splits."""
+    model = mr.models.build("softmax_topk")
+    prompt = torch.randint(0, model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session:
+        with session.capture():
+            out = model.generate(prompt, max_new_tokens=5)
+        routes = session.routes()
+    for wrong in (4, 6):
+        tried()
+        with pytest.raises(mr.RoutesValidationError, match=r"holds 4 decode steps \(= 5 new tokens.*pass new_tokens=5"):
+            mr.split_generation(routes, sequences=out, prompt_len=4, new_tokens=wrong)
+    parts = mr.split_generation(routes, sequences=out, prompt_len=4, new_tokens=5)
+    assert [p.num_tokens for p in parts] == [9, 9]
 
 
 class _Interrupt:
