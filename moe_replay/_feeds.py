@@ -2773,13 +2773,22 @@ class OrderNote(FeedCheck):
         began: called with the forward's ``[batch, positions]`` (None where it has none), whether its routers see
             them sequence-first (None where that is not known), and why not known (words, or "").
         ended: called as that forward ends.
+        raised: called with the exception a forward raised, at each level it leaves (before ``ended``).
     """
 
     def __init__(
-        self, began: Callable[[tuple[int, int] | None, bool | None, str], None], ended: Callable[[], None]
+        self,
+        began: Callable[[tuple[int, int] | None, bool | None, str], None],
+        ended: Callable[[], None],
+        raised: Callable[[BaseException], None] | None = None,
     ) -> None:
         super().__init__(torch.zeros(0, dtype=torch.long), lambda: None)
-        self._began, self._ended = began, ended
+        self._began, self._ended, self._raised = began, ended, raised
+
+    def forward_raised(self, exc: BaseException) -> None:
+        """A forward noted here raised ``exc`` (a level of it: called at each level it leaves)."""
+        if self._raised is not None:
+            self._raised(exc)
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any] = ()) -> Callable[[], None]:
         """Note the forwards entering ``levels`` in this thread until the returned function is called."""
@@ -4706,6 +4715,9 @@ class FeedForward:
             for r, made in watching:
                 if r.calls_made is None or made is None or r.calls_made() != made:
                     r.raised = r.raised or f"{type(exc).__name__}({str(exc)[:200]!r}) in a forward"
+            for r in entered:
+                if type(r) is OrderNote:  # (scores kept: a forward that raised may have kept some routers' only)
+                    r.forward_raised(exc)
             raise
         finally:
             if check is not None and ORDER_PROBE.check is check:  # (no router reached)

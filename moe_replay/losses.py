@@ -44,6 +44,7 @@ from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
     RouterNotFoundError,
+    SessionStateError,
     UnknownRouterError,
     UnsupportedRouterError,
 )
@@ -330,6 +331,12 @@ class RouterScores:
     ``kept[name]``) carry it, so that :func:`load_balancing_loss` and :meth:`row_mask` give each
     row its own token's weight of an attention mask in either order.
 
+    A forward of the model that raises after some of its routers' decisions were kept (Ctrl-C, or
+    an error caught inside the block and the forward retried) leaves rows of a forward that stopped
+    half-way: reading them (``scores``, ``indices``, ``kept[name]``, :meth:`row_mask`) then raises
+    ``SessionStateError``, as :meth:`Session.routes` does after an interrupted capture; keep the
+    scores again around forwards that complete.
+
     Example:
         >>> import torch, moe_replay as mr
         >>> model = mr.models.build("softmax_topk")
@@ -358,6 +365,10 @@ class RouterScores:
         #: session's forward of the model: see :meth:`_began`), and the one running now (-1: none)
         self._forwards: list[_Fed] = []
         self._now = -1
+        #: decisions kept when the forward that began last began (see :meth:`_raised`)
+        self._kept_at_begin = 0
+        #: a forward that raised after some of its routers' decisions were kept (what it raised), else None
+        self._interrupted: str | None = None
 
     def __copy__(self) -> RouterScores:
         # (a shallow copy shares the scores, their graph too: only a deep copy or a pickle cuts them from it)
@@ -383,6 +394,18 @@ class RouterScores:
         sequence-first (None: not known, ``why``)."""
         self._forwards.append(_Fed(grid, sequence_first, why))
         self._now = len(self._forwards) - 1
+        self._kept_at_begin = self._kept()
+
+    def _kept(self) -> int:
+        """Decisions kept so far, over all routers."""
+        return sum(len(calls) for calls in self._calls.values())
+
+    def _raised(self, exc: BaseException) -> None:
+        """A forward of the model raised ``exc``: where some of its routers' decisions were kept before it did, the
+        kept rows hold a forward that stopped half-way (a router after the one that raised kept none of its tokens,
+        and the tokens of the ones before never reached the loss), which :meth:`_get` refuses from then on."""
+        if self._interrupted is None and self._kept() != self._kept_at_begin:
+            self._interrupted = f"{type(exc).__name__}({str(exc)[:200]!r})"
 
     def _ended(self) -> None:
         """The forward of the model that began last has ended."""
@@ -402,6 +425,15 @@ class RouterScores:
         return True if True in marks else (False if marks == {False} else None)
 
     def _get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._interrupted is not None:
+            tokens = ", ".join(f"'{n}': {sum(int(c[0].shape[0]) for c in self._calls[n])}" for n in self.names[:4])
+            raise SessionStateError(
+                f"a forward of the model raised {self._interrupted} while these scores were kept, after some of its "
+                f"routers' decisions were kept: the rows hold a forward that stopped half-way (rows per router: "
+                f"{tokens}{' ...' if len(self.names) > 4 else ''}), and a loss on them would count tokens the model "
+                "never finished, or some routers' only. Keep the scores again, around forwards that complete (a "
+                "forward retried after an error in its own `with session.keep_scores():` block)"
+            )
         calls = self._calls[name]
         if not calls:
             raise RouterNotFoundError(
@@ -442,6 +474,7 @@ class RouterScores:
         Raises:
             InvalidArgumentError: with gradients on, scores kept in the forward of a reentrant
                 activation checkpoint, which has none (a loss on them would give the routers none).
+            SessionStateError: a forward raised after some of its routers' decisions were kept.
         """
         out = [self._get(n)[0] for n in self.names]
         bad = [n for n, s in zip(self.names, out, strict=True) if _outside_graph(s)]
@@ -508,7 +541,9 @@ class RouterScores:
 
     def __repr__(self) -> str:
         tokens = [sum(int(c[0].shape[0]) for c in self._calls[n]) for n in self.names]
-        return f"RouterScores(routers={len(self.names)}, tokens={tokens})"
+        shown = str(tokens) if len(tokens) <= 8 else f"[{', '.join(map(str, tokens[:8]))}, ...]"
+        cut = f", interrupted by {self._interrupted}" if self._interrupted is not None else ""
+        return f"RouterScores(routers={len(self.names)}, tokens={shown}{cut})"
 
 
 def load_balancing_loss(

@@ -2495,7 +2495,7 @@ class Session:
                 h.seen = kept._calls[h.name]
             # (each forward of the model, with the order its routers see its tokens in: a mask of the batch's tokens
             # is put in the order of the kept rows with it)
-            stop_notes = OrderNote(kept._began, kept._ended).start(self._feed_wrappers)
+            stop_notes = OrderNote(kept._began, kept._ended, kept._raised).start(self._feed_wrappers)
             try:
                 yield kept
             finally:

@@ -1,10 +1,10 @@
 """Notebook use the earlier rounds did not try: ``np.asarray(routes)`` (which numpy read as a sequence of tokens, each
 a sequence of one token, and gave up on after 64 dimensions with no word of what to pass), ``format_sites`` given one
 site picked out of the list, the model or the session, an adapter whose ``match`` raises, a ``new_tokens`` count one
-off in ``split_generation``, and a ``KeyboardInterrupt`` that stops a forward of an HF model half-way inside a capture
-or a replay, or a cell that raises after its forwards ran. Each gives the plain answer or a
-:class:`~moe_replay.MoEReplayError` naming what to pass, and an interrupt leaves the model as it was and the session
-usable."""
+off in ``split_generation``, scores kept over a forward that raised half-way, and a ``KeyboardInterrupt`` that stops
+a forward of an HF model half-way inside a capture or a replay, or a cell that raises after its forwards ran. Each
+gives the plain answer or a :class:`~moe_replay.MoEReplayError` naming what to pass, and an interrupt leaves the model
+as it was and the session usable."""
 
 from __future__ import annotations
 
@@ -118,6 +118,58 @@ def test_a_new_tokens_count_one_off_names_the_count_split_generation_reads() -> 
             mr.split_generation(routes, sequences=out, prompt_len=4, new_tokens=wrong)
     parts = mr.split_generation(routes, sequences=out, prompt_len=4, new_tokens=5)
     assert [p.num_tokens for p in parts] == [9, 9]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("caught", [False, True], ids=["interrupted", "caught-in-the-block"])
+def test_scores_kept_over_a_forward_that_raised_half_way_are_refused_not_counted(caught: bool) -> None:
+    """Once silent: a forward interrupted after its first router (Ctrl-C, or an error a retry loop catches inside the
+    block) left the kept scores holding that router's rows of the forward and none of the next router's, and
+    ``load_balancing_loss`` counted them without a word. Reading them is now refused, naming what raised and the rows
+    per router; a block whose forwards all completed, or one whose forward raised before any router kept a row, is
+    read as before, and the session keeps scores again as it did."""
+    model = mr.models.build("softmax_topk")
+    x = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session:
+        with session.keep_scores() as whole:
+            model(x)
+        want = mr.load_balancing_loss(whole.scores, whole.indices)
+
+        def stop(module: torch.nn.Module, args: object) -> None:
+            raise KeyboardInterrupt
+
+        for where in (model.layers[1].mlp, model.embed):  # (after the first router kept its rows; before any)
+            tried()
+            try:
+                with session.keep_scores() as kept:
+                    model(x)  # (a forward that completes)
+                    hook = where.register_forward_pre_hook(stop)
+                    try:
+                        model(x)
+                    except KeyboardInterrupt:
+                        if not caught:
+                            raise
+                    finally:
+                        hook.remove()
+            except KeyboardInterrupt:
+                assert not caught
+            if where is model.embed:  # (no router kept a row of the forward that raised: its rows are whole)
+                assert "interrupted" not in repr(kept)
+                assert torch.equal(mr.load_balancing_loss(kept.scores, kept.indices), want)
+                continue
+            assert "interrupted by KeyboardInterrupt" in repr(kept)
+            for read in (
+                lambda: kept.scores,
+                lambda: kept.indices,
+                lambda: kept[session.names[0]],
+                lambda: kept.row_mask(torch.ones(2, 8)),
+                lambda: mr.load_balancing_loss(kept.scores, kept.indices),
+            ):
+                with pytest.raises(mr.SessionStateError, match=r"raised KeyboardInterrupt.*'layers.0.mlp.router': 32"):
+                    read()
+        with session.keep_scores() as again:
+            model(x)
+        assert torch.equal(mr.load_balancing_loss(again.scores, again.indices), want)
 
 
 class _Interrupt:
