@@ -1358,9 +1358,12 @@ class _CapturedCalls:
     A replay forward may read part of a captured forward of one call, or several of them in one call (the batch split
     or joined otherwise); where a captured forward called its routers more than once (a router shared by layers, a
     block that calls its router again), a replay forward reads all of its calls, from its first, one captured call each.
+    A forward of several calls that the routes hold a part of (a slice cut through it: negated in
+    ``Routes._forward_calls``) is read by no replay forward: its rows are parts of several calls, each of other tokens
+    or layers than a forward beginning there would read them for.
     """
 
-    __slots__ = ("begins", "bounds", "forwards")
+    __slots__ = ("begins", "bounds", "cut", "forwards")
 
     def __init__(self, call_rows: tuple[tuple[int, int], ...], forward_calls: tuple[int, ...]) -> None:
         self.bounds = [0]  # the row each call begins at, then the row the last ends at
@@ -1369,19 +1372,22 @@ class _CapturedCalls:
                 self.bounds.append(self.bounds[-1] + n)
         self.begins: list[int] = []  # the row each forward of calls begins at
         self.forwards: list[tuple[int, int, int]] = []  # (its number in the capture, its first call, its calls)
+        self.cut: set[int] = set()  # (the forwards of :attr:`forwards` the routes hold a part of)
         at = 0
         for i, c in enumerate(forward_calls):
             if c:
+                if c < 0:
+                    self.cut.add(len(self.forwards))
                 self.begins.append(self.bounds[at])
-                self.forwards.append((i, at, c))
-            at += c
+                self.forwards.append((i, at, abs(c)))
+            at += abs(c)
 
     @staticmethod
     def of(
         call_rows: tuple[tuple[int, int], ...] | None, forward_calls: tuple[int, ...] | None
     ) -> _CapturedCalls | None:
         """The calls of routes whose capture counted them (see ``Routes._forward_calls``), or None."""
-        if call_rows is None or forward_calls is None or sum(forward_calls) != sum(c for _, c in call_rows):
+        if call_rows is None or forward_calls is None or sum(map(abs, forward_calls)) != sum(c for _, c in call_rows):
             return None
         if any(n <= 0 for n, _ in call_rows):
             return None
@@ -1594,6 +1600,15 @@ class FeedCheck:
         j = captured.at(start)
         if j is None:
             return
+        if j in captured.cut:
+            raise TokenMismatchError(
+                f"forward {self._number()} of this replay() begins at row {start} of the routes, in the part of a "
+                f"forward of the capture that they hold ({captured.describe(j)}), cut through by a slice: its rows are "
+                "parts of router calls the captured forward made on other layers' or tokens' hidden states, not the "
+                f"calls a forward beginning there makes. Slice the routes at the forwards of their capture "
+                f"(routes[a:b] where a and b are where forwards begin), or cut its tokens with split_routes()"
+                + (f". {self.hint}" if self.hint else "")
+            )
         self._began_in = (j, start)
         calls = captured.forwards[j][2]
         if calls > 1 and start != captured.begins[j]:

@@ -165,7 +165,7 @@ def _known(routes: Routes) -> list[int]:
     the rows a ``keep_newest`` capture dropped); routes sent to another rank are the same capture,
     so they travel with the rows and :func:`_restore` puts them back. Laid out as: the count of
     runs (-1: none known) and the runs flat; the count of forwards whose router calls are known (-1: none,
-    ``Routes._forward_calls``) and each one's calls; the length of the name of the cache method that
+    ``Routes._forward_calls``) and each one's calls (< 0: sliced); the length of the name of the cache method that
     moved rows (0: none) and its UTF-8 bytes; likewise the name of the cache type given to two
     decode loops in turn, what picked rows out of order, and the engine reader that placed the rows
     by their count alone (``Routes._rows_untold``); the count of the routers the routes were

@@ -1223,7 +1223,9 @@ class Routes:
         #: the router calls each forward of the capture made (every router as many, each call's rows those of
         #: ``_call_rows`` in order), set by Session.routes() where its forwards line up with its rows, kept by the
         #: methods that keep every forward's rows in place (with_token_ids, select, rename, in_token_order) and by
-        #: none else: a replay checks that each of its forwards makes the calls of the captured forward it reads
+        #: none else: a replay checks that each of its forwards makes the calls of the captured forward it reads. A
+        #: forward of several calls that a slice cuts through counts the calls of it the slice holds, negated: no
+        #: forward of a replay may read them (they hold parts of several calls, another layer's rows where it begins)
         obj._forward_calls = None
         return obj
 
@@ -1908,8 +1910,9 @@ class _Rejoined:
 def _whole_calls_of(cut: tuple[_Forwards, int, int] | None) -> tuple[int, ...] | None:
     """The router calls each forward made (``Routes._forward_calls``) that rows ``start:end`` of a capture hold
     (``cut``: its forwards, start, end): each forward they hold whole, its calls; one they cut through, one call of the
-    rows they hold where it made one call; None where they cut through a forward of several calls (those rows hold
-    parts of several calls, on other tokens each) or the capture's calls are not known."""
+    rows they hold where it made one call; where it made several (those rows hold parts of several calls, on other
+    tokens each), the calls of it they hold, negated: no forward of a replay may read them (see ``_CapturedCalls``).
+    None where the capture's calls are not known."""
     if cut is None:
         return None
     whole, start, end = cut
@@ -1919,16 +1922,18 @@ def _whole_calls_of(cut: tuple[_Forwards, int, int] | None) -> tuple[int, ...] |
     out: list[int] = []
     at = call = 0
     for calls in whole.forward_calls:
-        rows = sum(sizes[call : call + calls])
+        made = abs(calls)  # (a forward already cut through: negated, see above)
+        rows = sum(sizes[call : call + made])
         lo, hi = max(start, at), min(end, at + rows)
-        if calls and hi > lo:
+        if made and hi > lo:
             if lo == at and hi == at + rows:
                 out.append(calls)
             elif calls == 1:
                 out.append(1)
-            else:
-                return None
-        at, call = at + rows, call + calls
+            else:  # (the calls of it whose rows the slice holds, each cut through or whole)
+                edges = [at + sum(sizes[call : call + i]) for i in range(made + 1)]
+                out.append(-sum(1 for i in range(made) if edges[i] < hi and edges[i + 1] > lo))
+        at, call = at + rows, call + made
     return tuple(out)
 
 
@@ -2004,9 +2009,9 @@ def _read_forward_calls(
         return None
     ok = (
         isinstance(value, list)
-        and all(isinstance(r, list) and len(r) == 2 and all(type(v) is int and v >= 0 for v in r) for r in value)
+        and all(isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r) and r[1] >= 0 for r in value)
         and call_rows is not None
-        and sum(c * n for c, n in value) == sum(c for _, c in call_rows)
+        and sum(abs(c) * n for c, n in value) == sum(c for _, c in call_rows)
     )
     if not ok:
         raise _corrupted(path, "its forwards' router calls do not describe its calls of rows")
