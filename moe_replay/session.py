@@ -2158,7 +2158,8 @@ class Session:
         :class:`TokenMismatchError`, before any router reads a row where the
         ids are on the host, and for the first forward fed ids on a device (one host sync);
         the later forwards' device ids when the block ends (no host sync per forward). With
-        ``strict=False``, which never syncs the host, only a model on the CPU is checked.
+        ``strict=False``, which never syncs the host, only a model on the CPU is checked (on a device, each forward
+        is still checked to make the router calls of the captured forward it replays, where the host counts the reads).
         A forward of a model compiled whole (``torch.compile(model)``) compares its ids on the device, in the
         compiled code, and is refused when the block ends (on the CPU, at its next eager forward): after it ran, so
         its outputs, and whatever the block computed from them, must be discarded. Forwards fed embeddings, and
@@ -2363,18 +2364,22 @@ class Session:
             # (in C, no frame per router: it runs at every forward)
             return None if any(map(_READ_BY_DEVICE, held)) else max(map(_HOST_CONSUMED, held))
 
-        if routes._token_ids is None:
-            kept = routes._routers_order or routes._order_untold  # (a capture's rows: in the routers' order)
+        # (ids on a device, which strict=False never reads back: checked as routes of no ids are, by the host's count
+        # of the routers' reads, so that each forward still makes the calls of the captured forward it replays)
+        ids_unread = routes._token_ids is not None
+        if routes._token_ids is None or (not strict and _device_of(model).type != "cpu"):
+            # (a capture's rows: in the routers' order; or rows whose ids, unread, would tell their order)
+            kept = routes._routers_order or routes._order_untold or ids_unread
             # (rows that know their place in their tokens' order are checked against each forward's order by it; and
             # each forward begins with its routers in step, where every router holds as many rows)
-            places = routes._layout_pos if len(set(routes.tokens_per_layer)) == 1 else None
+            places = routes._layout_pos if len(set(routes.tokens_per_layer)) == 1 and not ids_unread else None
             layout = places
             if places is not None and routes.num_layers:
                 # (a sequence's rows that force nothing, -1 padding of its own a mask may mark padding: not known there)
                 places = torch.where((places >= 0) & routes.missing.all(dim=1), -2, places)
             order = OrderCheck(
                 hint=_GENERATE_HINT if generated else "",
-                rank=routes._token_rank,
+                rank=None if ids_unread else routes._token_rank,
                 position=position,
                 kept=kept,
                 places=places,
@@ -2385,8 +2390,6 @@ class Session:
             if len({src.num_rows for src in held}) == 1:  # (every router in step: each forward's calls are checked)
                 order.know_calls(routes._call_rows, routes._forward_calls)
             return order, order.start(self._feed_wrappers, held if len({src.num_rows for src in held}) == 1 else [])
-        if not strict and _device_of(model).type != "cpu":  # its ids are on the device: nothing to check at no sync
-            return None, None
 
         # (device ids are read back when the block ends: a strict replay syncs there anyway, strict=False never does)
         # the rows recorded at prompt padding (mask 0; their id -1, unless since given one): fed no token of a sequence

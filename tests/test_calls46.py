@@ -13,9 +13,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import moe_replay as mr
+import moe_replay.session as mr_session
 from moe_replay.distributed import split_routes
 from tests.conftest import tried
-from tests.test_review44 import D, T, _Block, _Gate, _LogsItsRouting, _Model, _tokens, _used
+from tests.test_review44 import D, T, _Block, _FedIds, _Gate, _LogsItsRouting, _Model, _tokens, _used
 
 
 class _SharedGate(nn.Module):
@@ -179,6 +180,47 @@ def test_a_generate_capture_replays_step_by_step() -> None:
             again = model.generate(prompt, 4)
         assert torch.equal(again, seq)
     tried()
+
+
+def _reports_a_device(monkeypatch: pytest.MonkeyPatch, model: nn.Module) -> None:
+    """The session takes ``model`` to run on a GPU (its ids there, never read back by a strict=False replay), the
+    rest as they are: the path a model on a device takes, on the CPU."""
+    real = mr_session._device_of
+
+    def device_of(module: nn.Module) -> torch.device:
+        return torch.device("cuda") if module is model else real(module)
+
+    monkeypatch.setattr(mr_session, "_device_of", device_of)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_router_called_once_more_is_refused_by_a_replay_that_does_not_read_its_ids(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once silent: routes that know their token ids, replayed with strict=False by a model on a device, were checked
+    for nothing (the ids are not read back at no sync), so a router called once more per forward read the next
+    forward's rows. The host counts the routers' reads: refused as with routes of no ids; replayed as captured, not."""
+    model = _FedIds()
+    for layer in model.body.layers:
+        layer.__class__ = _LogsItsRouting
+    x = torch.arange(T) % 50
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+            used = _used(model.body)
+            model(x)
+        routes = session.routes()
+        assert routes.token_ids is not None
+        _reports_a_device(monkeypatch, model)
+        with session.replay(routes, strict=False):  # (as captured, a forward of the two)
+            model(x)
+            assert torch.equal(_used(model.body).long(), used.long())
+        for layer in model.body.layers:
+            layer.log = True
+        with pytest.raises(mr.TokenMismatchError, match=r"layers\.0\.gate' is called again in forward 1"):
+            with session.replay(routes, strict=False):
+                model(x)
+    tried(2)
 
 
 class _SharedAndOwn(nn.Module):
