@@ -23,7 +23,7 @@ class _SharedGate(nn.Module):
     """Two blocks that call one router (a router shared by every layer): two calls of it per forward, each on other
     hidden states. Fed token ids (``ids``) or embeddings; each block may run under activation checkpointing."""
 
-    def __init__(self, ids: bool = False, checkpointed: bool = False) -> None:
+    def __init__(self, ids: bool = False, checkpointed: str = "") -> None:
         super().__init__()
         self.embed = nn.Embedding(50, D)
         self.ids, self.checkpointed = ids, checkpointed
@@ -33,7 +33,7 @@ class _SharedGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) if self.ids else x
         for layer in self.layers:
-            h = checkpoint(layer, h, use_reentrant=False) if self.checkpointed else layer(h)
+            h = checkpoint(layer, h, use_reentrant=self.checkpointed == "reentrant") if self.checkpointed else layer(h)
         return h
 
 
@@ -144,13 +144,14 @@ def test_a_slice_inside_a_forward_of_one_router_call_is_a_micro_batch() -> None:
 
 
 @pytest.mark.reliability("silent replays")
-def test_a_checkpointed_shared_router_recomputes_its_forwards_calls_in_a_replay() -> None:
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_a_checkpointed_shared_router_recomputes_its_forwards_calls_in_a_replay(mode: str) -> None:
     """A router shared by both layers, each layer under activation checkpointing: the recompute in backward reads
     its forward's rows again, call by call, and is not refused; the experts of each forward are those captured."""
-    model = _SharedGate(checkpointed=True)
+    model = _SharedGate(checkpointed=mode)
     first, second = _tokens(1).requires_grad_(), _tokens(2).requires_grad_()
     with mr.attach(model) as session:
-        with session.capture(), torch.no_grad():
+        with session.capture():
             model(first)
             used_first = _used(model)
             model(second)
@@ -180,6 +181,37 @@ def test_a_generate_capture_replays_step_by_step() -> None:
             again = model.generate(prompt, 4)
         assert torch.equal(again, seq)
     tried()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("routers", ["every", "one"])
+@pytest.mark.parametrize("fed", ["embeddings", "ids"])
+def test_a_router_called_once_more_is_refused_by_a_partial_replay_on_the_cpu(fed: str, routers: str) -> None:
+    """strict=False (rows left unread, routers without routes): a router called once more per forward than in the
+    capture is refused at its second call in the forward, routes of every router or of one, with ids (the same tokens
+    in both forwards) or fed embeddings; the forward as captured replays its rows."""
+    model: nn.Module = _FedIds() if fed == "ids" else _Model(_Gate)
+    body = model.body if isinstance(model, _FedIds) else model
+    for layer in body.layers:
+        layer.__class__ = _LogsItsRouting
+    x = _inputs(fed == "ids", 1)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+            used = _used(body)
+            model(_inputs(fed == "ids", 2))
+        routes = session.routes()
+        if routers == "one":
+            routes = routes.select(routes.names[:1])
+        with session.replay(routes, strict=False):
+            model(x)
+            assert torch.equal(_used(body)[:, 0].long(), used[:, 0].long())
+        for layer in body.layers:
+            layer.log = True
+        with pytest.raises(mr.TokenMismatchError, match=r"layers\.0\.gate' is called again in forward 1"):
+            with session.replay(routes, strict=False):
+                model(x)
+    tried(2)
 
 
 def _reports_a_device(monkeypatch: pytest.MonkeyPatch, model: nn.Module) -> None:
