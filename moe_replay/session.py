@@ -361,6 +361,22 @@ class _Owner:
         self.last = coro
 
 
+_GRAPH_BREAK = (
+    "a moe_replay session's replay(), capture() or other block runs eagerly, at a graph break, and "
+    "torch.compile(fullgraph=True) allows none: open the block outside the compiled function (with "
+    "session.replay(routes): compiled_step(batch)), or compile without fullgraph=True"
+)
+
+
+def _eager_block(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` never traced by torch.compile (it runs eagerly at a graph break), with the reason a compile with
+    ``fullgraph=True`` names where it meets it: open the block outside the compiled function."""
+    try:
+        return torch.compiler.disable(fn, recursive=True, reason=_GRAPH_BREAK)
+    except TypeError:  # (a torch whose disable takes no reason)
+        return torch.compiler.disable(fn, recursive=True)
+
+
 class _Block:
     """What :meth:`Session.capture`, :meth:`Session.replay` and :meth:`Session.keep_scores` return: their context
     manager, entered once (or a decorator whose every call enters a block of its own, as
@@ -384,7 +400,7 @@ class _Block:
         self._entered = False
         self._open = False  # entered and not left yet
 
-    @torch.compiler.disable
+    @_eager_block
     def __enter__(self) -> Any:
         if self._entered:
             raise SessionStateError(
@@ -398,7 +414,7 @@ class _Block:
         self._owner.entered.append(weakref.ref(self))
         return value
 
-    @torch.compiler.disable
+    @_eager_block
     def __exit__(self, *exc: Any) -> bool | None:
         if self._cm is None or not self._open:
             return None  # (never entered, or left already: nothing to leave)
@@ -502,7 +518,7 @@ def _block_method(what: str) -> Callable[[Callable[..., Iterator[Any]]], Callabl
 
         # (host-side bookkeeping, never traced: a block opened inside a compiled training step runs it eagerly at a
         # graph break, as a block opened around the compiled call does)
-        return torch.compiler.disable(method, recursive=True)
+        return _eager_block(method)
 
     return make
 
