@@ -3233,6 +3233,11 @@ def _device_held(kwargs: dict[str, Any]) -> torch.Tensor | None:
     return None
 
 
+#: an additive attention mask's values above this attend their key (0, or a small bias), and those at or below
+#: :data:`_MASKED` leave it out (-inf, the dtype's lowest, -1e9, -10000: no weight after the softmax)
+_ATTENDED, _MASKED = -1.0, -1e4
+
+
 def _places_of_4d(mask: torch.Tensor, batch: int, own: torch.Tensor) -> torch.Tensor | None:
     """The places ``own`` (``[1 or batch, positions]``: the positions given, or the cache's count on from each token)
     of the tokens of a ``[batch, positions]`` forward given a ``[batch, heads, positions, keys]`` attention ``mask``
@@ -3243,13 +3248,23 @@ def _places_of_4d(mask: torch.Tensor, batch: int, own: torch.Tensor) -> torch.Te
     positions = own.shape[-1]
     if mask.shape[0] not in (1, batch) or mask.shape[2] != positions or mask.is_meta:
         return None
-    attend = _attended(mask)
-    if attend is None:
+    unsure: torch.Tensor | None = None
+    if mask.dtype == torch.bool:
+        attend = mask[:, 0]
+    elif mask.is_floating_point():
+        # (additive: 0 (or a small bias) where attended; where not, a large negative number, whichever the code that
+        # made it chose: -inf, the dtype's lowest, -1e9, -10000 all leave a key no weight. A value between tells
+        # neither: that query's place is not known)
+        attend = mask[:, 0] > _ATTENDED
+        unsure = (attend | (mask[:, 0] <= _MASKED)).logical_not().any(dim=-1)
+    else:
         return None
     own = own.to(mask.device, torch.long)
     keys = torch.arange(mask.shape[3], device=mask.device)
     upto = keys <= own[..., None]  # [1 or batch, positions, keys]: the keys up to each query's own
     whole = (attend == upto).all(dim=-1) & (own < mask.shape[3])
+    if unsure is not None:
+        whole = whole & ~unsure
     return torch.where(whole, own, -1).expand(batch, positions)
 
 

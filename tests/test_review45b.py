@@ -12,6 +12,53 @@ import torch
 import moe_replay as mr
 
 
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("fill", [-1e9, -1e4], ids=["-1e9", "-1e4"])
+def test_an_additive_4d_mask_of_a_finite_fill_gives_the_places_its_2d_mask_gives(fill: float) -> None:
+    """A left-padded batch replayed with the 4-d additive mask of its 2-d mask, filled with -1e9 or -10000 (as much
+    model code makes it) rather than the dtype's lowest: those keys get no weight, so the forward is the capture's.
+    Once refused: such a fill was read as attending its key, the padded sequence's last token read at its slot's place
+    (padding counted) where it was recorded after its real tokens alone."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe")
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    ids[1, :2] = 0
+    allowed = (torch.ones(5, 5, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :])[:, None]
+    additive = torch.zeros(2, 1, 5, 5).masked_fill(~allowed, fill)
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            want = model(ids, attention_mask=mask).logits
+        routes = session.routes()
+        with session.replay(routes), session.capture(), torch.no_grad():
+            got = model(ids, attention_mask=additive).logits
+        assert session.routes().equal(routes)
+        assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1, 2:], want[1, 2:], atol=1e-5)
+        # (a place read from the 4-d mask is still checked: the padded sequence's tokens one place later are refused)
+        shifted = torch.zeros(2, 1, 5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), fill)
+        with pytest.raises(mr.TokenMismatchError, match="other places in their sequences"):
+            with session.replay(routes), torch.no_grad():
+                model(ids, attention_mask=shifted)
+
+
+@pytest.mark.reliability("silent replays")
+def test_an_additive_mask_value_between_attended_and_masked_leaves_the_place_unknown() -> None:
+    """A value that neither attends its key (0, a small bias) nor leaves it out (-10000 and below) tells no place."""
+    from moe_replay._feeds import places_fed
+
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()
+    for fill, known in ((float("-inf"), True), (-1e9, True), (-1e4, True), (-50.0, False)):
+        mask = torch.zeros(1, 1, 3, 3).masked_fill(~causal, fill)
+        got = places_fed((ids,), {"attention_mask": mask}, ids.shape)
+        assert got is not None
+        # (the queries whose row holds such a value: not known)
+        unknown = [not known and bool((mask[0, 0, i] == fill).any()) for i in range(3)]
+        assert got.tolist() == [[-1 if u else i for i, u in enumerate(unknown)]], fill
+        assert known or -1 in got.tolist()[0]
+
+
 @pytest.mark.reliability("bad inputs")
 def test_a_block_opened_inside_a_fullgraph_compile_names_what_to_do() -> None:
     """torch.compile(fullgraph=True) allows no graph break, and a block runs eagerly at one: the error says to open the
