@@ -3636,9 +3636,24 @@ def token_order(
     # (the padding of sequence 0 after the changed token, the last it holds, sees that token where attention looks back
     # (a right-padded completion) and may change more than the token's own row: its rows, in each order's places,
     # are left out of the row that changed most)
+    # (but never the changed token's own row in the other order: in a sequence-first model its row ``at * batch`` may
+    # lie among those of sequence 0's padding read batch-major, and left out it would let another row of its sequence
+    # pass for its own)
     trailing = range(at + 1, positions)
-    top = _top_change(change, list(trailing)) if finite else None
-    top_first = _top_change(change, [q * batch for q in trailing]) if finite else None
+    own = (at, at * batch)
+    top = _top_change(change, [q for q in trailing if q not in own]) if finite else None
+    top_first = _top_change(change, [q * batch for q in trailing if q * batch not in own]) if finite else None
+    left = {*trailing, *(q * batch for q in trailing)} - set(own)
+    if finite and int(change.argmax()) in left:
+        # (the row that changed most is one left out as sequence 0's padding: it is that, or the changed token's own
+        # row moved among them by a layer that reorders the tokens (right padding moved before them, say). Told by
+        # one run more, sequence 0's last padding token changed: its own row in an order must be the row that changes
+        # most for that order to be told (a model whose padding's ids change nothing tells nothing: taken as padding))
+        last = _padding_row(run, fed, grid, flat, positions - 1, devices, kept, aside)
+        if last is not None and last != positions - 1:
+            top = -1  # (not batch-major)
+        if last is not None and last != (positions - 1) * batch:
+            top_first = -1  # (not sequence-first)
     # (the changed token's own row changes, and only rows of its sequence: told apart as at >= 1 and batch >= 2)
     if at in moved and all(q < positions for q in moved) and top in (None, at):
         if unpads is not None:
@@ -3649,6 +3664,33 @@ def token_order(
     if top is not None and top not in (at, at * batch) and top_first not in (at, at * batch):
         return MIXED
     return OTHER_ORDER  # (rows of other tokens moved too, as a statistic over the batch moves them: read as before)
+
+
+def _padding_row(
+    run: Callable[..., Any],
+    fed: Callable[[torch.Tensor], tuple[tuple[Any, ...], dict[str, Any]]],
+    grid: torch.Tensor,
+    flat: torch.Tensor,
+    place: int,
+    devices: list[torch.device],
+    kept: _Snapshot | None,
+    aside: bool,
+) -> int | None:
+    """The first router's input row that changes most where the token at flat index ``place`` of the ``grid`` fed (a
+    padding token of sequence 0) is changed to another of its tokens (:func:`token_order`); None where no row changes
+    (a model whose padding's ids change nothing), rows of another count, or a run that fails."""
+    others = (flat != flat[place]).any(dim=-1).nonzero().flatten()
+    if not others.numel():
+        return None
+    changed = grid.detach().clone()
+    changed.view(flat.shape[0], -1)[place] = flat[int(others[0])]
+    rows = _order_rows(run, fed, (grid, changed), devices, kept, aside)
+    if rows is None or rows[0] is None or rows[1] is None or rows[0].shape != rows[1].shape:
+        return None
+    change = (rows[1].double() - rows[0].double()).norm(dim=-1)
+    if not bool((change > 0).any()) or not bool(torch.isfinite(change).all()):
+        return None
+    return int(change.argmax())
 
 
 def _top_change(change: torch.Tensor, left_out: list[int]) -> int:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import moe_replay as mr
+from tests.test_feeds import _SequenceFirst
 
 
 @pytest.mark.reliability("silent replays")
@@ -57,6 +58,86 @@ def test_an_additive_mask_value_between_attended_and_masked_leaves_the_place_unk
         unknown = [not known and bool((mask[0, 0, i] == fill).any()) for i in range(3)]
         assert got.tolist() == [[-1 if u else i for i, u in enumerate(unknown)]], fill
         assert known or -1 in got.tolist()[0]
+
+
+class _MixedSequenceFirst(_SequenceFirst):
+    """Sequence-first routers after attention both ways among each sequence's real tokens (weighted by position);
+    padding holds nothing."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        m = torch.ones(input_ids.shape) if attention_mask is None else attention_mask.to(x.dtype)
+        x = x * m[..., None]
+        mean = x.sum(1, keepdim=True) / m.sum(1, keepdim=True)[..., None]
+        weight = torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[None, :, None] / x.shape[1]
+        x = ((x + 3 * weight * mean) * m[..., None]).transpose(0, 1)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.transpose(0, 1))
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_sequence_first_model_whose_own_row_lies_in_sequence_0s_padding_read_batch_major_is_told() -> None:
+    """Once silent: sequence 0 right-padded (3 tokens of 8, batch 2), the changed token's own row in a sequence-first
+    model is row 4, among sequence 0's padding rows read batch-major; left out as padding, another row of its sequence
+    (row 2) passed for its own, the order was told batch-major and every row recorded for another token. The own row
+    of either order is never left out now."""
+    model = _MixedSequenceFirst().eval()
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    lengths = [3, 8]
+    mask = mr.BatchLayout.padded(lengths).attention_mask()
+    with mr.attach(model) as session:
+        parts = []
+        for row, n in zip(ids, lengths, strict=True):
+            with session.capture(), torch.no_grad():
+                model(row[None, :n])
+            parts.append(session.routes())
+        with session.capture(), torch.no_grad():
+            model(ids, attention_mask=mask)
+        native = session.routes()
+        want = torch.where(mask.bool(), ids, -1).t().reshape(-1)  # (each row's own token, as the routers see them)
+        assert native.token_ids is not None and torch.equal(native.token_ids, want)
+        with pytest.raises(mr.TokenMismatchError, match="sequence-first"):
+            with session.replay(mr.pad_routes(parts)), torch.no_grad():
+                model(ids, attention_mask=mask)
+
+
+class _Repad(_SequenceFirst):
+    """Batch-major routers that see each sequence's right padding moved to its front, after attention both ways
+    (padding attending back to the tokens, weighted by position)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        m = torch.ones(input_ids.shape) if attention_mask is None else attention_mask.to(x.dtype)
+        mean = (x * m[..., None]).sum(1, keepdim=True) / m.sum(1, keepdim=True)[..., None]
+        weight = torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[None, :, None] / x.shape[1]
+        x = x + 3 * weight * mean
+        order = torch.argsort(m, dim=1, stable=True)  # (padding first, the tokens after it in their order)
+        x = x.gather(1, order[..., None].expand_as(x))
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.gather(1, torch.argsort(order, dim=1)[..., None].expand_as(x)))
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_layer_that_moves_right_padding_before_the_tokens_is_not_read_batch_major() -> None:
+    """Once silent: a layer that moves sequence 0's right padding before its tokens put the changed token's own row
+    among the rows left out as its padding, and the order was read batch-major: rows recorded for other tokens. Where
+    the row that changed most is one left out as padding, one run more changes sequence 0's last padding token, whose
+    own row must change most in the order told: here it does not, and the order is told reordered. Each row knows the
+    token its router saw, or none; a replay of routes laid out batch-major is refused."""
+    model = _Repad().eval()
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = mr.BatchLayout.padded([3, 8]).attention_mask()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids, attention_mask=mask)
+        routes = session.routes()
+        seen = torch.where(mask.bool(), ids, -1).gather(1, torch.argsort(mask, dim=1, stable=True)).reshape(-1)
+        assert routes.token_ids is None or torch.equal(routes.token_ids, seen)
+        with pytest.raises(mr.TokenMismatchError):
+            with session.replay(mr.pad_routes([routes[:3], routes[8:]])), torch.no_grad():
+                model(ids, attention_mask=mask)
 
 
 @pytest.mark.reliability("bad inputs")
