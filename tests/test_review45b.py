@@ -209,3 +209,51 @@ def test_a_decode_step_given_another_sequences_cache_is_refused(kind: str) -> No
         with pytest.raises(mr.TokenMismatchError):
             with session.replay(routes), torch.no_grad():
                 loop(True)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_whole_training_step_compiled_by_inductor_with_its_blocks_inside_forces_and_records_the_routes() -> None:
+    """The whole training step compiled by inductor (on the host), a replay and a capture block opened inside it and a
+    non-reentrant checkpoint in the model: each call forces its own routes (the capture inside records exactly them),
+    with the loss and gradients of the model whose top-k is replaced by those experts by hand."""
+    from tests.test_review45 import (
+        _assert_same_grads,
+        _captured,
+        _force,
+        _forced_copy,
+        _grads,
+        _ids,
+        _Model,
+        _step_routers,
+    )
+
+    torch._dynamo.reset()
+    ids = _ids(6)
+    model = _Model("non_reentrant")
+    session = mr.attach(model)
+    first = _captured(model, ids, session)
+    _step_routers(model, seed=5)
+    second = _captured(model, ids, session)
+    assert not second.equal(first)
+    model.loss(ids).backward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def step(ids: torch.Tensor, routes: mr.Routes) -> torch.Tensor:
+        optimizer.zero_grad()
+        with session.replay(routes), session.capture():
+            loss = model.loss(ids)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    compiled = torch.compile(step, backend="inductor")
+    for routes in (first, second, first):
+        loss = compiled(ids, routes)
+        assert session.routes().equal(routes)
+        ref = _forced_copy(model, ckpt="non_reentrant")
+        _force(ref, routes.indices)
+        ref_loss = ref.loss(ids)
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss.detach())
+        _assert_same_grads(_grads(model), _grads(ref))
+    session.detach()
