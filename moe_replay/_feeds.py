@@ -3636,14 +3636,15 @@ def token_order(
     # (the padding of sequence 0 after the changed token, the last it holds, sees that token where attention looks back
     # (a right-padded completion) and may change more than the token's own row: its rows, in each order's places,
     # are left out of the row that changed most)
-    # (but never the changed token's own row in the other order: in a sequence-first model its row ``at * batch`` may
-    # lie among those of sequence 0's padding read batch-major, and left out it would let another row of its sequence
-    # pass for its own)
+    # (but never the changed token's own row in the other order where the rows that moved fit that order: in a
+    # sequence-first model its row ``at * batch`` may lie among those of sequence 0's padding read batch-major, and
+    # left out it would let another row of its sequence pass for its own)
     trailing = range(at + 1, positions)
-    own = (at, at * batch)
-    top = _top_change(change, [q for q in trailing if q not in own]) if finite else None
-    top_first = _top_change(change, [q * batch for q in trailing if q * batch not in own]) if finite else None
-    left = {*trailing, *(q * batch for q in trailing)} - set(own)
+    first_fits = at * batch in moved and all(q % batch == 0 for q in moved)
+    kept_out = [q for q in trailing if not (first_fits and q == at * batch)]
+    top = _top_change(change, kept_out) if finite else None
+    top_first = _top_change(change, [q * batch for q in trailing]) if finite else None
+    left = set(kept_out) | {q * batch for q in trailing}
     if finite and int(change.argmax()) in left:
         # (the row that changed most is one left out as sequence 0's padding: it is that, or the changed token's own
         # row moved among them by a layer that reorders the tokens (right padding moved before them, say). Told by

@@ -140,6 +140,61 @@ def test_a_layer_that_moves_right_padding_before_the_tokens_is_not_read_batch_ma
                 model(ids, attention_mask=mask)
 
 
+class _PaddingLooksBack(_SequenceFirst):
+    """Routers that see a batch batch-major or sequence-first, whose padding rows hold a multiple of the mean of the
+    tokens before them (a right-padded completion's padding attends back), with or without the pad token's own
+    embedding."""
+
+    def __init__(self, sequence_first: bool, pad_embedded: bool) -> None:
+        super().__init__()
+        self.sequence_first, self.pad_embedded = sequence_first, pad_embedded
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(input_ids)
+        keep = (torch.ones(input_ids.shape) if attention_mask is None else attention_mask.float())[..., None]
+        before = (h * keep).cumsum(1) / keep.cumsum(1).clamp(min=1)
+        h = (h if self.pad_embedded else h * keep) + 4 * before * (1 - keep)
+        h = h.transpose(0, 1) if self.sequence_first else h
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h.transpose(0, 1) if self.sequence_first else h)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("sequence_first", [False, True], ids=["batch-major", "sequence-first"])
+@pytest.mark.parametrize("pad_embedded", [False, True], ids=["padding-zeroed", "padding-embedded"])
+@pytest.mark.parametrize("shape", [(2, 8, 3), (3, 6, 3), (2, 6, 5)], ids=str)
+def test_the_order_of_a_batch_whose_first_sequence_is_right_padded_is_told_whatever_its_padding_sees(
+    sequence_first: bool, pad_embedded: bool, shape: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequence 0 right-padded (``n`` tokens of ``positions``), its padding attending back to its last token: the
+    order is told as the routers see the tokens (each row knows its own token), also where the changed token's own row
+    in one order lies among sequence 0's padding rows in the other (batch 2, 3 tokens of 8: row 4)."""
+    from moe_replay import _feeds
+
+    told: list[str | None] = []
+    tell = _feeds.token_order
+
+    def counted(*args: Any, **kwargs: Any) -> str | None:
+        told.append(tell(*args, **kwargs))
+        return told[-1]
+
+    monkeypatch.setattr(_feeds, "token_order", counted)
+    batch, positions, n = shape
+    ids = torch.randint(3, 128, (batch, positions), generator=torch.Generator().manual_seed(0))
+    mask = mr.BatchLayout.padded([n] + [positions] * (batch - 1)).attention_mask()
+    ids = torch.where(mask.bool(), ids, 0)
+    model = _PaddingLooksBack(sequence_first, pad_embedded).eval()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids, attention_mask=mask)
+        routes = session.routes()
+    seen = torch.where(mask.bool(), ids, -1)
+    seen = (seen.t() if sequence_first else seen).reshape(-1)
+    assert routes.token_ids is not None and torch.equal(routes.token_ids, seen)
+    assert told == [_feeds.SEQUENCE_FIRST if sequence_first else _feeds.BATCH_MAJOR]  # (told, not read unchecked)
+
+
 @pytest.mark.reliability("bad inputs")
 def test_a_block_opened_inside_a_fullgraph_compile_names_what_to_do() -> None:
     """torch.compile(fullgraph=True) allows no graph break, and a block runs eagerly at one: the error says to open the
