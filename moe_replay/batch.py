@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ._checks import check_count, check_values, is_collection, is_integer, is_one_of
+from ._feeds import unmarked_places
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -322,11 +323,14 @@ class BatchLayout:
         Where the capture kept the attention mask the forward was fed, the layout must fit it: a
         position of a sequence that the mask marks padding, or a position of padding that it marks
         a token (whose recorded route would be dropped), means the layout is not the batch's (the
-        other padding side, other lengths) and is refused.
+        other padding side, other lengths) and is refused. So is a layout holding one sequence
+        where the forward, by the ``position_ids`` or mask it was fed, restarted one or placed
+        padding (packed rows of another packing, padded on the other side).
 
         Raises:
             RoutesValidationError: not one row per position of the batch, a layout that does not
-                fit the attention mask the capture was fed, routes laid out by another layout
+                fit the attention mask the capture was fed or the places its position_ids gave,
+                routes laid out by another layout
                 (:meth:`routes` of other lengths or padding side), or rows of routers that saw the tokens
                 sequence-first whose tokens the capture could not tell.
         """
@@ -340,6 +344,7 @@ class BatchLayout:
         routes = in_token_order(routes, "BatchLayout.unpack")
         self._check_fed_mask(routes._fed_mask)
         self._check_laid_out(routes._layout_pos)
+        self._check_fed_places(routes._seq_pos)
         return [routes[self.flat_positions(i)] for i in range(self.num_sequences)]
 
     def _check_laid_out(self, places: torch.Tensor | None) -> None:
@@ -357,6 +362,41 @@ class BatchLayout:
                 "in this layout, so sequences would get the rows of other positions; unpack them with the layout "
                 "that laid them out (its lengths, order and padding side)"
             )
+
+    def _check_fed_places(self, places: torch.Tensor | None) -> None:
+        """Refuse a layout whose sequences are not those the forward gave its tokens places in (``Routes._seq_pos``:
+        from the ``position_ids`` or attention mask it was fed, -1 where not known).
+
+        Within each of the layout's sequences the known places must run on by one from token to token: a place that
+        does not (a sequence restarting, or padding's place) means the forward saw other sequences there (packed by
+        another packing, padded on the other side, other lengths), and each sequence would get the rows of tokens of
+        another. A forward fed no positions (places counted along the row), or one after a KV cache (places that
+        start past 0), fits its layout: each token's row is still its own.
+        """
+        total = self.rows * self.row_length
+        if places is None or places.shape != (total,):
+            return
+        fed = torch.where(places == -1, -1, unmarked_places(places)).view(self.rows, self.row_length)
+        owner = torch.full((total,), -1, dtype=torch.long)
+        for i in range(self.num_sequences):
+            owner[self.flat_positions(i)] = i
+        owner = owner.view(self.rows, self.row_length)
+        prev, cur, was, now = fed[:, :-1], fed[:, 1:], owner[:, :-1], owner[:, 1:]
+        known = (prev >= 0) & (cur >= 0) & (was >= 0) & (now >= 0)
+        runs_on = cur == prev + 1  # (the forward gave the two tokens one sequence)
+        at = (known & (was == now) & ~runs_on).nonzero()
+        if not at.numel():
+            return
+        row, col = int(at[0, 0]), int(at[0, 1]) + 1
+        raise RoutesValidationError(
+            f"BatchLayout.unpack: the forward these routes were captured on gave batch position [{row}, {col}] "
+            f"(and {at.shape[0] - 1} more) place {int(fed[row, col])} in its sequence, after place "
+            f"{int(fed[row, col - 1])} of the token before it, where this layout holds sequence {int(owner[row, col])} "
+            "running on: it saw other sequences there than this layout (packed by another "
+            "packing, padded on the other side, or other lengths), so sequences would get the rows of other tokens; "
+            "unpack with the layout of the batch that was fed (the one whose position_ids() or attention_mask() the "
+            "forward was given)"
+        )
 
     def _check_fed_mask(self, fed: torch.Tensor | None) -> None:
         """Refuse a layout whose tokens and padding are not those of the mask a capture was fed (-1: not known)."""
