@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -166,16 +167,17 @@ class BatchLayout:
         object.__setattr__(self, "rows", int(self.rows))
         object.__setattr__(self, "row_length", int(self.row_length))
         object.__setattr__(self, "placements", tuple(tuple(int(v) for v in p) for p in self.placements))
-        taken = torch.zeros(self.rows, self.row_length, dtype=torch.bool)
         for i, (r, s, n) in enumerate(self.placements):
             if not (0 <= r < self.rows and s >= 0 and n >= 0 and s + n <= self.row_length):
                 raise InvalidArgumentError(
                     f"sequence {i} at row {r}, positions {s}..{s + n - 1} does not fit a "
                     f"[{self.rows}, {self.row_length}] batch"
                 )
-            if bool(taken[r, s : s + n].any()):
-                raise InvalidArgumentError(f"sequence {i} overlaps another sequence in row {r}")
-            taken[r, s : s + n] = True
+        # (each row's sequences by start, compared with the one before: no [rows, row_length] grid is allocated)
+        by_row = sorted((r, s, s + n, i) for i, (r, s, n) in enumerate(self.placements) if n)
+        for (r0, _, end0, i0), (r1, s1, _, i1) in pairwise(by_row):
+            if r0 == r1 and s1 < end0:
+                raise InvalidArgumentError(f"sequence {max(i0, i1)} overlaps another sequence in row {r1}")
 
     # ------------------------------------------------------------- builders
     @classmethod
@@ -302,10 +304,12 @@ class BatchLayout:
         """Replay routes for this batch: ``rows * row_length`` rows, batch-major, -1 at padding."""
         seqs = _sequences(sequences)
         self._check_count(len(seqs))
-        for i, (seq, n) in enumerate(zip(seqs, self.lengths, strict=True)):
-            if seq.num_tokens != n:
+        got = [seq.num_tokens for seq in seqs]
+        for i, (have, n) in enumerate(zip(got, self.lengths, strict=True)):
+            if have != n:
                 raise RoutesValidationError(
-                    f"sequence {i} has {seq.num_tokens} rows of routes but the layout gives it {n} positions"
+                    f"sequence {i} has {have} rows of routes but the layout gives it {n} positions"
+                    + _count_hint(got, self.lengths, "rows of routes")
                 )
         out = take_rows(Routes.cat(seqs), self.source_index())
         # each row's place in its sequence, -1 at padding: a replay of routes that know no token ids refuses a forward
@@ -439,13 +443,22 @@ class BatchLayout:
                 raise ArgumentTypeError(f"sequence {i} is not token ids (a tensor or a list of ints): {e}") from None
             if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
                 raise InvalidArgumentError(f"sequence {i} holds {t.dtype} values; token ids are integers")
+            if t.dtype == getattr(torch, "uint64", None) and t.numel():  # (past int64: wrapped to negatives by long())
+                top = int(t.detach().cpu().numpy().max())
+                if top > 2**63 - 1:
+                    raise InvalidArgumentError(
+                        f"sequence {i} holds token id {top} ({t.dtype}), past the int64 of token ids: pass the ids "
+                        "the model's vocabulary holds"
+                    )
             seqs.append(t.reshape(-1))
         self._check_count(len(seqs))
         out = torch.full((self.rows, self.row_length), int(pad_id), dtype=torch.long)
+        got = [ids.numel() for ids in seqs]
         for i, ((r, s, n), ids) in enumerate(zip(self.placements, seqs, strict=True)):
             if ids.numel() != n:
                 raise InvalidArgumentError(
                     f"sequence {i} has {ids.numel()} tokens but the layout gives it {n} positions"
+                    + _count_hint(got, self.lengths, "tokens")
                 )
             out[r, s : s + n] = ids.long()
         return out
@@ -471,6 +484,32 @@ class BatchLayout:
     def _check_count(self, n: int) -> None:
         if n != self.num_sequences:
             raise InvalidArgumentError(f"got {n} sequences for a layout of {self.num_sequences}")
+
+
+def _count_hint(got: Sequence[int], want: Sequence[int], what: str) -> str:
+    """What to do where sequences of ``got`` rows (or tokens) meet a layout of lengths ``want``: the sequences in
+    another order, each one off by one (the last generated token, whose row the routes hold but no forward is fed),
+    or a layout built from other lengths."""
+    if sorted(got) == sorted(want):
+        return (
+            f": the sequences hold {list(got)[:8]} {what}, the layout's lengths in another order; pass them in the "
+            "order the layout was built from (or build it from the sequences in the order given)"
+        )
+    off = {g - w for g, w in zip(got, want, strict=True)}
+    if off == {1}:
+        return (
+            f": every sequence holds one more than the layout's length ({list(got)[:8]} {what}). Routes of a "
+            "rollout hold a row for the last generated token, which is never fed back; build the layout from "
+            "the whole sequences (prompt plus every generated token), or cut the last row of each Routes "
+            "(routes[:-1]) and token where the training forward leaves it out"
+        )
+    if off == {-1}:
+        return (
+            f": every sequence holds one less than the layout's length ({list(got)[:8]} {what}): a layout built "
+            "from lengths counted once more (an end token or the last generated token added again?); build it "
+            f"from the sequences' own lengths ({list(got)[:8]})"
+        )
+    return f": build the layout from the sequences' own lengths ({list(got)[:8]} {what}), in the order given"
 
 
 def routes_list(values: Sequence[Routes], what: str = "sequence") -> list[Routes]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,62 @@ def test_unpack_of_a_packed_capture_fed_no_positions_keeps_each_tokens_row(rollo
     assert [g.num_tokens for g in got] == list(LENGTHS)
     for name in whole.names:
         assert torch.equal(torch.cat([g.layer(name) for g in got]), whole.layer(name))
+
+
+@pytest.mark.reliability("bad inputs")
+def test_token_ids_past_int64_are_refused_not_wrapped() -> None:
+    """Once a wrong answer: ``BatchLayout.tokens`` of uint64 ids (a numpy array from a tokenizer) past int64 wrapped
+    them to negative ids, which the model's embedding then failed on with an error of its own far from the cause.
+    They are now refused naming the id; uint64 ids that fit are taken as they are."""
+    layout = mr.BatchLayout.padded([3, 1])
+    big = np.array([2**63, 1, 1], dtype=np.uint64)
+    with pytest.raises(mr.InvalidArgumentError, match=f"token id {2**63}"):
+        layout.tokens([big, np.array([7], dtype=np.uint64)])
+    got = layout.tokens([np.array([5, 1, 1], dtype=np.uint64), np.array([7], dtype=np.uint64)])
+    assert got.tolist() == [[5, 1, 1], [7, 0, 0]]
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_layout_far_wider_than_memory_is_built_without_a_grid() -> None:
+    """Once a bare ``RuntimeError``: building a layout allocated a ``[rows, row_length]`` grid only to find
+    overlapping sequences, so a layout of one huge length failed in the allocator. The overlap check now reads the
+    placements; overlaps are still refused, and sequences that only touch are not."""
+    layout = mr.BatchLayout.packed([2**40])
+    assert layout.lengths == (2**40,)
+    with pytest.raises(mr.InvalidArgumentError, match="sequence 2 overlaps another sequence in row 0"):
+        mr.BatchLayout(1, 10, ((0, 0, 10), (0, 10, 0), (0, 3, 2)))
+    with pytest.raises(mr.InvalidArgumentError, match="overlaps another sequence in row 1"):
+        mr.BatchLayout(2, 10, ((1, 5, 3), (0, 0, 10), (1, 0, 6)))
+    assert mr.BatchLayout(2, 10, ((1, 5, 3), (0, 0, 10), (1, 0, 5), (1, 8, 0))).num_sequences == 4
+
+
+@pytest.mark.reliability("clear errors")
+@pytest.mark.parametrize(
+    ("mistake", "says"),
+    [
+        ("one short", "Routes of a rollout hold a row for the last generated token"),
+        ("one long", "counted once more"),
+        ("reversed", "in another order"),
+        ("other", "build the layout from the sequences' own lengths"),
+    ],
+)
+def test_a_layout_of_other_lengths_says_what_to_build_it_from(
+    rollout: tuple[Any, ...], mistake: str, says: str
+) -> None:
+    """Once an error that did not say what to do: routes or tokens of sequences whose lengths are not the layout's
+    named the counts alone. The most common slips (a layout built without the last generated token, whose row a
+    rollout's routes hold; one counted once more; the sequences in another order) are now named, with the lengths
+    to build the layout from."""
+    _, _, seqs, per, _ = rollout
+    lengths = [r.num_tokens for r in per]
+    wrong = {
+        "one short": [n - 1 for n in lengths],
+        "one long": [n + 1 for n in lengths],
+        "reversed": lengths[::-1],
+        "other": [n + 2 for n in lengths[:-1]] + lengths[-1:],
+    }[mistake]
+    layout = mr.BatchLayout.padded(wrong)
+    with pytest.raises(mr.RoutesValidationError, match=says):
+        layout.routes(per)
+    with pytest.raises(mr.InvalidArgumentError, match=says):
+        layout.tokens(seqs)
