@@ -53,7 +53,13 @@ def split_routes(routes: Routes, tokens: Sequence[int]) -> list[Routes]:
         raise ArgumentTypeError(f"split_routes takes Routes, got {type(routes).__name__}")
     sizes = [check_count(t, f"split size {i}") for i, t in enumerate(_ordered(tokens, "split_routes sizes"))]
     if sum(sizes) != routes.num_tokens:
-        raise InvalidArgumentError(f"split sizes {sizes} must add up to the {routes.num_tokens} tokens")
+        rest = routes.num_tokens - sum(sizes[:-1])
+        fix = f" (the last part takes the rest: {[*sizes[:-1], rest]})" if sizes and rest >= 0 else ""
+        raise InvalidArgumentError(
+            f"split sizes {sizes} add up to {sum(sizes)}, not the {routes.num_tokens} tokens of these routes: give "
+            f"sizes that cover every row once{fix}, so that no row is dropped or asked for twice; routes of a "
+            "BatchLayout are cut at whole batch rows (multiples of its row_length)"
+        )
     out, start = [], 0
     for t in sizes:
         part = routes[start : start + t]  # (a slice keeps the rows of the capture's forwards that it holds)

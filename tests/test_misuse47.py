@@ -245,3 +245,21 @@ def test_unpack_of_two_forwards_of_other_widths_by_one_layout_is_refused(rollout
     assert [g.num_tokens for g in got] == [*LENGTHS, 2, 3]
     for i, want in enumerate(per):
         assert got[i].with_token_ids(None).equal(want.with_token_ids(None))
+
+
+@pytest.mark.reliability("clear errors")
+def test_split_sizes_of_a_world_that_does_not_divide_the_batch_say_what_to_pass(rollout: tuple[Any, ...]) -> None:
+    """Once an error that did not say what to do: a laid-out batch cut into ``world`` equal parts (``num_tokens //
+    world`` each) where the world does not divide it named the sizes alone. It now names the sizes that cover every
+    row (the last part taking the rest) and to cut at whole batch rows; those sizes cut it without a row lost."""
+    _, _, _, per, _ = rollout
+    layout = mr.BatchLayout.padded([*LENGTHS, 2])
+    routes = layout.routes([*per, per[1][:2]])
+    world = 2
+    equal = [routes.num_tokens // world] * world
+    rest = [equal[0], routes.num_tokens - equal[0]]
+    with pytest.raises(mr.InvalidArgumentError, match=rf"the last part takes the rest: \[{rest[0]}, {rest[1]}\]"):
+        mr.distributed.split_routes(routes, equal)
+    parts = mr.distributed.split_routes(routes, rest)
+    for name in routes.names:
+        assert torch.equal(torch.cat([p.layer(name) for p in parts]), routes.layer(name))
