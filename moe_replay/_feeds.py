@@ -925,25 +925,30 @@ class FeedRecord:
         flat = _flat([None if f is None else f.places for f in parts], sizes, torch.long)
         return flat if flat is not None and bool((flat != -1).any()) else None
 
-    def forward_calls(self, calls: tuple[tuple[int, int], ...] | None) -> tuple[int, ...] | None:
+    def forward_calls(
+        self, calls: tuple[tuple[int, int], ...] | None, router: int | None = None
+    ) -> tuple[int, ...] | None:
         """The router calls each forward of this capture made, in order (``Routes._forward_calls``), where every
         router made as many calls in each forward, every call of theirs was in a forward, and the forwards were
-        counted from the first call of ``calls`` (those of every router) to the last; else None."""
-        if calls is None or not self._keep_inputs or not self.lined_up():
+        counted from the first call of ``calls`` (those of every router) to the last; else None. ``router``: the
+        calls router ``router`` of the session made in each forward (``calls`` its own: ``Routes._router_calls``),
+        whatever the others made, 0 in a forward that did not call it."""
+        if calls is None or not self._keep_inputs or (router is None and not self.lined_up()):
             return None
+        r = 0 if router is None else router
         taken: list[tuple[int, int]] = []
         for f in self.forwards:
             if not f.count:
                 continue
-            if f.calls is None or f.end is None or not f.calls:
+            if f.calls is None or f.end is None or len(f.calls) <= r or len(f.end) <= r:
                 return None  # (not counted)
-            taken.append((f.calls[0], f.end[0]))
+            taken.append((f.calls[r], f.end[r]))
         spans = list(taken)
         for began, ended in self.bare:  # (those that hold no forward a level inside them took: those hold theirs)
-            if not began or len(set(began)) > 1 or len(set(ended)) > 1:
+            if len(began) <= r or len(ended) <= r or (router is None and (len(set(began)) > 1 or len(set(ended)) > 1)):
                 return None
-            if not any(began[0] <= a and b <= ended[0] for a, b in taken):
-                spans.append((began[0], ended[0]))
+            if not any(began[r] <= a and b <= ended[r] for a, b in taken):
+                spans.append((began[r], ended[r]))
         total, at, out = sum(c for _, c in calls), 0, []
         for a, b in sorted(spans):
             if a != at or b < a:
@@ -1363,7 +1368,7 @@ class _CapturedCalls:
     or layers than a forward beginning there would read them for.
     """
 
-    __slots__ = ("begins", "bounds", "cut", "forwards")
+    __slots__ = ("begins", "bounds", "cut", "forwards", "own")
 
     def __init__(self, call_rows: tuple[tuple[int, int], ...], forward_calls: tuple[int, ...]) -> None:
         self.bounds = [0]  # the row each call begins at, then the row the last ends at
@@ -1373,6 +1378,7 @@ class _CapturedCalls:
         self.begins: list[int] = []  # the row each forward of calls begins at
         self.forwards: list[tuple[int, int, int]] = []  # (its number in the capture, its first call, its calls)
         self.cut: set[int] = set()  # (the forwards of :attr:`forwards` the routes hold a part of)
+        self.own = False  # the calls of one router (``Routes._router_calls``), not those of every router
         at = 0
         for i, c in enumerate(forward_calls):
             if c:
@@ -1413,7 +1419,8 @@ class _CapturedCalls:
         number, first, calls = self.forwards[j]
         rows = [self.bounds[c + 1] - self.bounds[c] for c in range(first, first + calls)]
         each = f"{rows[0]} rows each" if len(set(rows)) == 1 else f"of {', '.join(map(str, rows[:8]))} rows"
-        return f"forward {number + 1} of the capture ({calls} call{'s' if calls != 1 else ''} of each router, {each})"
+        whose = "the router" if self.own else "each router"
+        return f"forward {number + 1} of the capture ({calls} call{'s' if calls != 1 else ''} of {whose}, {each})"
 
 
 #: what a refusal of a forward whose routers make other calls than the captured one says to do
@@ -1472,6 +1479,9 @@ class FeedCheck:
     #: the level whose forward no level took runs now (see :meth:`bare_began`), and how many such forwards ran
     _bare: tuple[FeedForward] | None = None
     _bares = 0
+    #: whether the host had lost the place of the block's forwards as it stopped (:meth:`start`'s stop opens every
+    #: row after the block, so :meth:`finish` reads this); None before it stops
+    _lost_at_stop: bool | None = None
 
     def __init__(
         self,
@@ -1564,6 +1574,7 @@ class FeedCheck:
         remove = _enter_levels(levels, self)
 
         def stop() -> None:
+            self._lost_at_stop = self._lost  # (what finish() reads of the block's forwards: before _open below)
             self._open()  # (before its levels let it go: see FeedForward.placing)
             remove()
             FORWARD.checks.discard(id(self))
@@ -1593,13 +1604,18 @@ class FeedCheck:
         """A forward begins with its routers at row ``start``: the captured forward it begins in. Where that forward
         called its routers more than once, this one begins at its first call, or the one before made fewer calls than
         it (refused here, before a router reads a row)."""
-        captured = self._captured
         self._began_in = None
-        if captured is None:
-            return
+        if self._captured is not None:
+            name = self._sources[0].name if self._sources else "its routers"
+            self._began_in = self._begin_in(self._captured, start, name)
+
+    def _begin_in(self, captured: _CapturedCalls, start: int, name: str) -> tuple[int, int] | None:
+        """A forward's first call of router ``name`` (of every router, where all made the same calls) reads from row
+        ``start`` on: the captured forward it begins in (an index of ``captured.forwards``) and ``start``, or None
+        past the last; refused where it begins inside a forward of several calls (see :meth:`_enter_captured`)."""
         j = captured.at(start)
         if j is None:
-            return
+            return None
         if j in captured.cut:
             raise TokenMismatchError(
                 f"forward {self._number()} of this replay() begins at row {start} of the routes, in the part of a "
@@ -1609,22 +1625,27 @@ class FeedCheck:
                 f"(routes[a:b] where a and b are where forwards begin), or cut its tokens with split_routes()"
                 + (f". {self.hint}" if self.hint else "")
             )
-        self._began_in = (j, start)
         calls = captured.forwards[j][2]
         if calls > 1 and start != captured.begins[j]:
             made = captured.made(j, start)
-            name = self._sources[0].name if self._sources else "its routers"
             raise TokenMismatchError(
                 f"forward {self._number()} of this replay() begins at row {start} of the routes, inside "
                 f"{captured.describe(j)}: the forward before it made {made} call{'s' if made != 1 else ''} of router "
                 f"'{name}' where the captured forward made {calls}, so this one would read the rows of the calls it "
                 f"left. {_OTHER_CALLS_HINT}" + (f". {self.hint}" if self.hint else "")
             )
+        return j, start
 
     def _captured_call(self, router: str, start: int, n: int) -> None:
         """A router reads ``n`` rows from ``start`` on in the forward that runs now, past the rows of its first call:
         the next call the captured forward it began in made (as many rows, from there), or refused."""
-        captured, began = self._captured, self._began_in
+        self._next_call(self._captured, self._began_in, router, start, n)
+
+    def _next_call(
+        self, captured: _CapturedCalls | None, began: tuple[int, int] | None, router: str, start: int, n: int
+    ) -> None:
+        """Router ``router`` reads ``n`` rows from ``start`` on in the forward that runs now, which began in captured
+        forward ``began`` (see :meth:`_begin_in`): its first call, or the next call that forward made, or refused."""
         if captured is None or began is None or start == began[1]:
             return  # (not known, or its first call: a router that reads other row counts than it is fed tokens)
         j, row = began
@@ -1649,15 +1670,21 @@ class FeedCheck:
     def _calls_at_end(self) -> None:
         """The block ends: refuse where its last forward made fewer calls than the captured forward it began in (where
         the host counts the rows read)."""
-        captured = self._captured
-        if captured is None or self._lost:
+        if self._captured is None or self._place_lost():
             return
-        at = self.position()
+        self._stops_whole(self._captured, self.position(), self._sources[0].name if self._sources else "its routers")
+
+    def _place_lost(self) -> bool:
+        """Whether the host lost the place of this block's forwards (:attr:`_lost`) before the block stopped."""
+        return self._lost if self._lost_at_stop is None else self._lost_at_stop
+
+    def _stops_whole(self, captured: _CapturedCalls, at: int | None, name: str) -> None:
+        """The block ends with router ``name`` (every router, where all made the same calls) at row ``at``: refused
+        inside a captured forward of several calls (see :meth:`_calls_at_end`)."""
         j = None if at is None else captured.at(at)
         if j is None or at is None or captured.forwards[j][2] < 2 or at == captured.begins[j]:
             return
         made, calls = captured.made(j, at), captured.forwards[j][2]
-        name = self._sources[0].name if self._sources else "its routers"
         raise TokenMismatchError(
             f"the last forward of this replay() stops at row {at} of the routes, inside {captured.describe(j)}: it "
             f"made {made} call{'s' if made != 1 else ''} of router '{name}' where the captured forward made {calls}. "
@@ -2290,6 +2317,19 @@ class RouterFeedCheck(FeedCheck):
         self._kept_only: set[int] = set()
         self._fed_now: tuple[torch.Tensor, Any] | None = None
         self._kept_later: list[tuple[int, Any, int, int, torch.Tensor, torch.Tensor]] = []
+        #: each router's own calls in each forward of the capture, by source id (see :meth:`know_router_calls`), and
+        #: the captured forward each began in, in the forward that runs now, with the row it began at
+        self._captured_each: dict[int, _CapturedCalls] = {}
+        self._began_each: dict[int, tuple[int, int] | None] = {}
+
+    def know_router_calls(self, calls: dict[int, tuple[tuple[tuple[int, int], ...], tuple[int, ...]] | None]) -> None:
+        """Check each router's calls in each forward against the calls of it that the captured forward it replays
+        made (see :class:`_CapturedCalls`), where the routes know them: ``Routes._router_calls`` of each router, by
+        the ``id`` of its source. Each router's reads pass :meth:`_unseen_read` already: no work is added per call."""
+        each = {key: _CapturedCalls.of(*own) for key, own in calls.items() if own is not None}
+        self._captured_each = {key: captured for key, captured in each.items() if captured is not None}
+        for captured in self._captured_each.values():
+            captured.own = True
 
     def unpads(self, scopes: Sequence[nn.Module]) -> None:
         """The routers of ``scopes`` see only the tokens the mask of the forward fed last keeps: each of their reads
@@ -2352,9 +2392,22 @@ class RouterFeedCheck(FeedCheck):
         else:
             self._tokens = lambda: None
         self._current = (count, flat)
+        self._began_each = {}  # (each router's first call in it: see _router_call)
         for src in self._sources:  # (each read of this forward is looked at: see _unseen_read)
             src.cleared = src.host_consumed
         return True
+
+    def _router_call(self, src: Any, start: int, n: int) -> None:
+        """Router ``src`` reads ``n`` rows from ``start`` on in the forward that runs now: its first call there begins
+        in a captured forward (at its first call, where that one made several), a further one is that forward's next
+        call of it, on as many rows, or refused (:meth:`FeedCheck._begin_in`, :meth:`FeedCheck._next_call`)."""
+        captured = self._captured_each.get(id(src))
+        if captured is None:
+            return
+        if id(src) not in self._began_each:
+            self._began_each[id(src)] = self._begin_in(captured, start, src.name)
+            return
+        self._next_call(captured, self._began_each[id(src)], src.name, start, n)
 
     def _check_router(self, src: Any, start: int, n: int, flat: torch.Tensor | None) -> None:
         """Router ``src``'s ``n`` rows from ``start`` on, read by the forward that runs now, fed ``flat``."""
@@ -2422,6 +2475,11 @@ class RouterFeedCheck(FeedCheck):
             self._compare(forward, start, got.cpu(), None if tokens is None else tokens.cpu(), want, want == PADDING_ID)
         self._refuse_traced()
         self.unchecked()
+        if not self._place_lost():  # (each router's last forward made every call of the captured forward it began in)
+            for src in self._sources:
+                captured = self._captured_each.get(id(src))
+                if captured is not None:
+                    self._stops_whole(captured, src.host_consumed, src.name)
 
     def _unseen_read(self, router: str, start: int, n: int) -> None:
         """A router reads its next rows: in the forward that runs now, on all of its tokens (checked against their
@@ -2434,10 +2492,12 @@ class RouterFeedCheck(FeedCheck):
         if src is not None and start == src.cleared and n > 0:
             count, flat = self._current
             if self._inside and count > 0 and n == count:
+                self._router_call(src, start, n)  # (a call the captured forward did not make: refused)
                 self._check_router(src, start, n, flat)
                 src.cleared = min(src.num_rows, start + n)
                 return
             if self._inside and id(src) in self._kept_only and 0 < n < count and self._kept_read(src, start, n):
+                self._router_call(src, start, n)
                 src.cleared = min(src.num_rows, start + n)
                 return
             want = self.wants[id(src)][start : start + n]

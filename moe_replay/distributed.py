@@ -186,7 +186,9 @@ def _known(routes: Routes) -> list[int]:
     joined into them (``Routes._joined``); then why token ids were lost (length and
     UTF-8 bytes, 0: none), the mask of the tokens its first forward's routers saw where the model took the padding
     out (``Routes._prompt_kept``: -1 where none, else its two sizes and values), and each router's own token ids
-    (``Routes._router_ids``: -1 where none, else each router's count of rows and its ids).
+    (``Routes._router_ids``: -1 where none, else each router's count of rows and its ids), followed where they are
+    kept by each router's own calls (``Routes._router_calls``: -1 where none, else for each router -1 where not known,
+    or its count of ``(rows, calls)`` runs, the runs flat, its count of forwards and each one's calls).
     """
     calls = routes._call_rows
     out = [-1] if calls is None else [len(calls), *(int(v) for run in calls for v in run)]
@@ -211,6 +213,15 @@ def _known(routes: Routes) -> list[int]:
         return [*out, -1]
     for ids in routes._router_ids:
         out += [ids.numel(), *ids.tolist()]
+    if routes._router_calls is None:
+        return [*out, -1]
+    out.append(len(routes._router_calls))
+    for own in routes._router_calls:
+        if own is None:
+            out.append(-1)
+            continue
+        runs, forwards = own
+        out += [len(runs), *(int(v) for run in runs for v in run), len(forwards), *(int(c) for c in forwards)]
     return out
 
 
@@ -264,6 +275,20 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
             per.append(torch.tensor(list(known[at : at + n]), dtype=torch.long))
             at += n
         routes._router_ids = tuple(per)
+        count, at = int(known[at]), at + 1
+        if count >= 0:  # (each router's own calls, where the sender knew them)
+            each: list[tuple[tuple[tuple[int, int], ...], tuple[int, ...]] | None] = []
+            for _ in range(count):
+                n, at = int(known[at]), at + 1
+                if n < 0:
+                    each.append(None)
+                    continue
+                own = tuple((int(known[at + 2 * i]), int(known[at + 2 * i + 1])) for i in range(n))
+                at += 2 * n
+                m, at = int(known[at]), at + 1
+                each.append((own, tuple(int(c) for c in known[at : at + m])))
+                at += m
+            routes._router_calls = tuple(each)
     routes._dropped_rows = int(dropped)
     return routes
 

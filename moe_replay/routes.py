@@ -50,6 +50,8 @@ MAX_LOAD_BYTES = 1 << 33
 _MAX_META_BYTES = 1 << 24
 #: the most runs of a capture's forwards (calls, prompt mask) that a routes file keeps in its metadata
 _MAX_RUNS = 1 << 16
+#: one router's own calls (``Routes._router_calls``): its ``(rows, calls)`` runs and the calls each forward made of it
+_RouterCalls = tuple[tuple[tuple[int, int], ...], tuple[int, ...]]
 #: Unsigned dtypes whose values do not all fit int64 (uint64) or that torch compares only partly.
 _WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
 
@@ -406,6 +408,7 @@ class Routes:
 
     #: (see _trusted; a class default for routes pickled before it was kept)
     _forward_calls: tuple[int, ...] | None = None
+    _router_calls: tuple[_RouterCalls | None, ...] | None = None
 
     def __init__(
         self,
@@ -492,6 +495,7 @@ class Routes:
         self._prompt_kept: torch.Tensor | None = None
         self._cut_from: tuple[_Forwards, int, int] | None = None  # (see _trusted)
         self._forward_calls = None
+        self._router_calls = None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -765,6 +769,7 @@ class Routes:
         self._prompt_kept = source._prompt_kept
         self._cut_from = source._cut_from
         self._forward_calls = source._forward_calls
+        self._router_calls = source._router_calls
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -862,6 +867,9 @@ class Routes:
             # them is refused, never taken as rows in token order)
             out._token_rank = torch.full((out._data[0].shape[0] if out._data else 0,), UNTOLD_RANK, dtype=torch.long)
         start = _run_start(rows, n)
+        if start is not None and self._router_calls is not None:  # (each router's calls: the rows of them held)
+            end = start + (data[0].shape[0] if data else 0)
+            out._router_calls = tuple(None if c is None else _cut_calls(c, start, end) for c in self._router_calls)
         if start is not None:
             out._clip_forwards(self, start)
             out._routers_order = self._routers_order  # (a run of rows: still in the order the routers saw them)
@@ -954,6 +962,8 @@ class Routes:
         out._token_ids = self._token_ids if pos else None
         if self._router_ids is not None and pos:
             out._router_ids = tuple(self._router_ids[i] for i in pos)
+            if self._router_calls is not None:
+                out._router_calls = tuple(self._router_calls[i] for i in pos)
             # (why the ids were lost holds where a router that lost them is kept: the others' are known, and checked)
             if not any(bool((v == LOST_ID).any()) for v in out._router_ids):
                 out._ids_lost = None
@@ -1044,6 +1054,7 @@ class Routes:
         # a part of unknown tokens: -1 for each of its rows; a part of several row counts: no one id per row fits
         if any(p._router_ids is not None for p in parts):  # (each router's own ids, of the parts that know one)
             out._router_ids = tuple(torch.cat([_rows_ids(p, j) for p in parts]) for j in range(first.num_layers))
+            out._router_calls = _cat_router_calls(parts)
         elif any(p._token_ids is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
             out._token_ids = torch.cat(
                 [p._token_ids if p._token_ids is not None else torch.full((p.num_tokens,), -1) for p in parts]
@@ -1227,6 +1238,13 @@ class Routes:
         #: forward of several calls that a slice cuts through counts the calls of it the slice holds, negated: no
         #: forward of a replay may read them (they hold parts of several calls, another layer's rows where it begins)
         obj._forward_calls = None
+        #: each router's own calls, where the routers' differ (``_call_rows`` None) and each keeps its own token ids
+        #: (``_router_ids``: a block called at two layers beside a block of its own): for each router, None where not
+        #: known, else its ``(rows, calls)`` runs and the calls each forward of the capture made of it, as
+        #: ``_call_rows`` and ``_forward_calls`` are for every router (a forward that did not call it: 0). Set by
+        #: Session.routes(), cut by slices, picked by select, joined by cat: a replay checks each router's calls in
+        #: each of its forwards against those of the captured forward it reads (see ``RouterFeedCheck``)
+        obj._router_calls = None
         return obj
 
     def _forwards_meta(self) -> dict[str, Any] | None:
@@ -1259,6 +1277,9 @@ class Routes:
             # (the router calls each forward made, as [calls, forwards] runs: a replay checks each forward's calls)
             "forward_calls": _calls_runs(self._forward_calls) if known_calls else None,
         }
+        own = _router_calls_meta(self._router_calls)
+        if own is not None:  # (each router's own calls and its forwards', where the routers' differ: a key of its own)
+            known["router_calls"] = own
         if not any(v for v in known.values()):
             return None
         return known
@@ -1918,10 +1939,18 @@ def _whole_calls_of(cut: tuple[_Forwards, int, int] | None) -> tuple[int, ...] |
     whole, start, end = cut
     if whole.forward_calls is None:
         return None
-    sizes = [n for n, c in whole.call_rows for _ in range(c)]
+    return _calls_held(whole.call_rows, whole.forward_calls, start, end)
+
+
+def _calls_held(
+    call_rows: tuple[tuple[int, int], ...], forward_calls: tuple[int, ...], start: int, end: int
+) -> tuple[int, ...]:
+    """The router calls each forward made that rows ``start:end`` of routes whose calls were ``call_rows`` and
+    ``forward_calls`` hold (see :func:`_whole_calls_of`)."""
+    sizes = [n for n, c in call_rows for _ in range(c)]
     out: list[int] = []
     at = call = 0
-    for calls in whole.forward_calls:
+    for calls in forward_calls:
         made = abs(calls)  # (a forward already cut through: negated, see above)
         rows = sum(sizes[call : call + made])
         lo, hi = max(start, at), min(end, at + rows)
@@ -1934,6 +1963,87 @@ def _whole_calls_of(cut: tuple[_Forwards, int, int] | None) -> tuple[int, ...] |
                 edges = [at + sum(sizes[call : call + i]) for i in range(made + 1)]
                 out.append(-sum(1 for i in range(made) if edges[i] < hi and edges[i + 1] > lo))
         at, call = at + rows, call + made
+    return tuple(out)
+
+
+def _cut_calls(calls: _RouterCalls, start: int, end: int) -> _RouterCalls:
+    """One router's own calls (``Routes._router_calls``) that its rows ``start:end`` hold: each call the rows of it
+    held there, each forward the calls of it held (negated where a forward of several calls is cut through, see
+    :func:`_whole_calls_of`)."""
+    call_rows, forward_calls = calls
+    return _clip_calls(call_rows, start, end), _calls_held(call_rows, forward_calls, start, end)
+
+
+def _cat_router_calls(parts: Sequence[Routes]) -> tuple[_RouterCalls | None, ...] | None:
+    """Each router's own calls (``Routes._router_calls``) of ``parts`` joined by :meth:`Routes.cat`, one part's after
+    another's: a part whose routers all made the same calls gives each of them those (``_call_rows`` and
+    ``_forward_calls``); a router whose calls a part does not know, None. None where no part keeps its routers' own
+    (routes whose routers all made the same calls keep them in ``_call_rows`` alone, as before) or no router's are
+    known."""
+    if all(p._router_calls is None for p in parts):
+        return None
+    out: list[_RouterCalls | None] = []
+    for j in range(parts[0].num_layers):
+        runs: list[tuple[int, int]] = []
+        forwards: list[int] = []
+        for p in parts:
+            own = p._router_calls[j] if p._router_calls is not None else None
+            if own is None and p._call_rows is not None and p._forward_calls is not None:
+                own = (p._call_rows, p._forward_calls)
+            if own is None and not p._data[j].shape[0]:
+                continue  # (a part of no rows: no calls)
+            if own is None:
+                break
+            for rows, count in own[0]:
+                if runs and runs[-1][0] == rows:
+                    runs[-1] = (rows, runs[-1][1] + count)
+                else:
+                    runs.append((rows, count))
+            forwards.extend(own[1])
+        else:
+            out.append((tuple(runs), tuple(forwards)))
+            continue
+        out.append(None)
+    return tuple(out) if any(c is not None for c in out) else None
+
+
+def _router_calls_meta(each: tuple[_RouterCalls | None, ...] | None) -> list[Any] | None:
+    """``Routes._router_calls`` as JSON for a file: for each router, None or ``[runs, forward runs]`` (see
+    :func:`_calls_runs`); a router of more runs than :data:`_MAX_RUNS` is None. None where none is known."""
+    if each is None:
+        return None
+    out: list[Any] = []
+    for calls in each:
+        runs = None if calls is None or len(calls[0]) > _MAX_RUNS else _calls_runs(calls[1])
+        out.append(None if calls is None or runs is None else [[[int(n), int(c)] for n, c in calls[0]], runs])
+    return out if any(c is not None for c in out) else None
+
+
+def _read_router_calls(
+    value: Any, routes: Routes, path: str | os.PathLike[str]
+) -> tuple[_RouterCalls | None, ...] | None:
+    """Each router's own calls that a file keeps (:func:`_router_calls_meta`), checked against its rows."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != routes.num_layers:
+        raise _corrupted(path, "its routers' own calls are not one entry per router")
+    out: list[_RouterCalls | None] = []
+    for j, entry in enumerate(value):
+        if entry is None:
+            out.append(None)
+            continue
+        ok = (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], list)
+            and all(isinstance(r, list) and len(r) == 2 and all(type(v) is int and v > 0 for v in r) for r in entry[0])
+            and sum(n * c for n, c in entry[0]) == routes.tokens_per_layer[j]
+        )
+        if not ok:
+            raise _corrupted(path, f"router '{routes.names[j]}''s own calls do not describe its rows")
+        call_rows = tuple((int(n), int(c)) for n, c in entry[0])
+        forward_calls = _read_forward_calls(entry[1], call_rows, path)
+        out.append(None if forward_calls is None else (call_rows, forward_calls))
     return tuple(out)
 
 
@@ -2066,6 +2176,7 @@ def _read_forwards(routes: Routes, forwards: Any, path: str | os.PathLike[str]) 
         raise _corrupted(path, "its count of routes joined is not an integer over 1")
     routes._joined = joined or 0
     routes._forward_calls = _read_forward_calls(forwards.get("forward_calls"), routes._call_rows, path)
+    routes._router_calls = _read_router_calls(forwards.get("router_calls"), routes, path)
     cut = forwards.get("cut_from")
     if cut is not None:
         routes._cut_from = _read_cut(cut, routes, rows, path)

@@ -1952,6 +1952,11 @@ class Session:
                 routes._seq_pos = self._feeds.places(routes._call_rows)
             if routes._token_ids is None and all(c is not None for c in each):  # (rows of no one id each)
                 _router_ids(routes, self._feeds, each)
+                if routes._router_ids is not None and routes._call_rows is None:  # (each router's own calls, too)
+                    routes._router_calls = tuple(
+                        None if (made := self._feeds.forward_calls(c, i)) is None or c is None else (c, made)
+                        for i, c in enumerate(each)
+                    )
             if self._feeds.mixed is not None:  # (routers that saw a forward's tokens in more than one order: each
                 routes._ids_lost = self._feeds.mixed  # row in its router's own, which a replay by row order keeps)
             rank = None
@@ -2374,6 +2379,8 @@ class Session:
                 device_ids=strict,
                 scopes={id(src): scopes[src.name] for src, _ in known if src is not None and src.name in scopes},
             )
+            if routes._router_calls is not None:  # (each router's calls in each forward: checked as it reads)
+                each.know_router_calls({id(src): routes._router_calls[j] for src, j in known})
             return each, each.start(self._feed_wrappers, [src for src, _ in known])
 
         def position() -> int | None:  # the row the routers read next, where the host counts their reads

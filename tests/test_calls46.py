@@ -272,12 +272,6 @@ class _SharedAndOwn(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="routes whose token ids are each router's own (a block called at several layers) know no router calls per "
-    "forward (Routes._forward_calls needs every router's the same): a call turned on after the capture reads the rows "
-    "of another call or forward, and ids alike (the same tokens in each forward) do not tell them apart",
-)
 def test_a_router_called_once_more_with_each_routers_own_ids_is_refused() -> None:
     """Two forwards of the same tokens captured; a log of each router's routing turned on (a second call per block
     call): a replay of one forward makes as many calls of each router as the capture recorded for both, every id

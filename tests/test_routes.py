@@ -1496,6 +1496,7 @@ _MARKS = (
     "_cut_from",
     "_joined",
     "_forward_calls",
+    "_router_calls",
 )
 #: the marks that hold one value per row (``_router_ids``: per router and row)
 _ROW_MARKS = ("_token_ids", "_fed_mask", "_seq_pos", "_layout_pos", "_token_rank", "_router_ids")
@@ -1527,6 +1528,7 @@ def _marked(kind: str) -> mr.Routes:
     else:
         ids = torch.tensor([10, 11, -3, 13, 14, 15, 16, 17])
         r._router_ids, r._order_untold = (ids, ids.clone()), True
+        r._router_calls = ((((4, 2),), (1, 1)),) * 2  # (each router's own calls: one in each forward)
     return r
 
 
@@ -1556,6 +1558,8 @@ def _expected(base: mr.Routes, rows: torch.Tensor, routers: list[int], **changed
         want["_token_rank"] = _out_of_order(base._token_rank[rows])
     if base._router_ids is not None:
         want["_router_ids"] = tuple(base._router_ids[j][rows] for j in routers)
+    if base._router_calls is not None:  # (each router's own calls go with it)
+        want["_router_calls"] = tuple(base._router_calls[j] for j in routers)
     want.update(changed)
     return want
 
@@ -1680,6 +1684,12 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
         # (and, joined again, each row keeps the mark as its own: a layout of them is refused, never taken as rows
         # in token order)
         table["cat(split_routes)"][3].update(_order_untold=False, _token_rank=torch.full((8,), mr.routes.UNTOLD_RANK))
+        # (each router's own calls: the rows of them a slice holds, and the calls of the parts joined, one after
+        # another: a forward of one call cut in two is two calls of one forward each)
+        table["r[:4]"][3]["_router_calls"] = ((((4, 1),), (1,)),) * 2
+        table["r[2:6]"][3]["_router_calls"] = ((((2, 2),), (1, 1)),) * 2
+        table["r[[5, 1]]"][3]["_router_calls"] = None
+        table["cat(split_routes)"][3]["_router_calls"] = ((((3, 1), (1, 1), (4, 1)), (1, 1, 1)),) * 2
     for what, (made, rows, routers, changed) in table.items():
         made = made() if callable(made) else made
         want = _expected(base, rows, routers, **changed)
