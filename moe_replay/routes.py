@@ -2040,7 +2040,7 @@ def _read_router_calls(
             and sum(n * c for n, c in entry[0]) == routes.tokens_per_layer[j]
         )
         if not ok:
-            raise _corrupted(path, f"router '{routes.names[j]}''s own calls do not describe its rows")
+            raise _corrupted(path, f"the own calls of router '{routes.names[j]}' do not describe its rows")
         call_rows = tuple((int(n), int(c)) for n, c in entry[0])
         forward_calls = _read_forward_calls(entry[1], call_rows, path)
         out.append(None if forward_calls is None else (call_rows, forward_calls))

@@ -153,6 +153,18 @@ MALFORMED = {
     "forwards not an object": ({**_META, "forwards": [1]}, _LAYERS, "forwards are not a JSON object"),
     "calls over other rows": ({**_META, "forwards": {"calls": [[2, 2]]}}, _LAYERS, "calls do not describe its 3"),
     "calls of no rows": ({**_META, "forwards": {"calls": [[0, 1], [3, 1]]}}, _LAYERS, "calls do not describe"),
+    # (each router's own calls, where the routers' differ: one entry per router, describing its rows)
+    "own calls of one router": ({**_META, "forwards": {"router_calls": [None]}}, _LAYERS, "not one entry per router"),
+    "own calls over other rows": (
+        {**_META, "forwards": {"router_calls": [[[[2, 1]], [[1, 1]]], None]}},
+        _LAYERS,
+        "own calls of router 'a' do not describe its rows",
+    ),
+    "own forwards of other calls": (
+        {**_META, "forwards": {"router_calls": [None, [[[3, 1]], [[2, 1]]]]}},
+        _LAYERS,
+        "forwards' router calls do not describe",
+    ),
     "mask of other values": ({**_META, "forwards": {"mask_runs": [[2, 3]]}}, _LAYERS, "mask do not describe"),
     "mask of fewer rows": ({**_META, "forwards": {"mask_runs": [[1, 2]]}}, _LAYERS, "mask do not describe"),
     "cache move not text": ({**_META, "forwards": {"rows_moved": 5}}, _LAYERS, "cache move is not a short string"),
