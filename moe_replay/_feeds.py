@@ -2507,6 +2507,105 @@ class RouterFeedCheck(FeedCheck):
         super()._unseen_read(router, start, n)
 
 
+class RouterCallCheck(FeedCheck):
+    """The check of a replay with ``strict=False`` by a model on a device, of routes whose routers' rows are each
+    router's own (``Routes._router_ids``), where the routes know each router's calls (``Routes._router_calls``): the
+    ids are never read back there (no sync), and no read of a router is looked at, so the calls are checked forward by
+    forward, from the host's count of each router's reads as a forward begins and ends (:meth:`fed`, :meth:`left`).
+
+    A forward's first call of a router begins in a captured forward, at its first call where it made several
+    (refused as the forward begins, before a router reads a row); a forward that read more rows of a router than the
+    calls of the captured forward it began in hold (a call turned on since the capture: its rows another call's or
+    forward's), or more than one call's on every token of it where that one made one call, is refused as the next
+    forward begins or the block ends, before the block returns; a block that ends inside a captured forward of several
+    calls too. Per-forward work only: nothing is added per router call.
+
+    Args:
+        captured: each router's own calls (:class:`_CapturedCalls`), by the ``id`` of its source.
+        hint: what a refusal adds about these routes.
+    """
+
+    def __init__(self, captured: dict[int, _CapturedCalls], hint: str = "") -> None:
+        super().__init__(torch.zeros(0, dtype=torch.long), lambda: None, hint, device_ids=False)
+        self._captured_each = captured
+        #: each checked router's source, the captured forward its first call in the forward that runs now began in,
+        #: the row it stood at as that forward began, and the token count it was fed
+        self._open_reads: list[tuple[Any, tuple[int, int] | None, int, int]] = []
+        self._overdrawn: str | None = None  # (a forward that read another call's rows: refused at the next point)
+
+    def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
+        """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
+        reads are not guarded: their counts are read as each forward begins and ends)."""
+        self._thread = threading.get_ident()
+        self._levels = list(levels)
+        self._sources = [src for src in sources if id(src) in self._captured_each]
+        return _enter_levels(levels, self)
+
+    def fed(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        paired: bool = False,
+        order: str = BATCH_MAJOR,
+        inputs: _Fed | None = None,
+    ) -> bool:
+        """A forward entering a level: each router's first call in it begins in a captured forward (see the class)."""
+        self._refuse_overdrawn()
+        self._open_reads = []
+        count = (_inputs(args, kwargs) if inputs is None else inputs)[0]
+        if count < 0:
+            return False
+        self.forwards += 1
+        if paired or any(src.read_by_device for src in self._sources):
+            self._lost = True  # (the host does not count the reads from here on)
+        if self._lost:
+            return True
+        for src in self._sources:
+            start = src.host_consumed
+            began = self._begin_in(self._captured_each[id(src)], start, src.name)
+            self._open_reads.append((src, began, start, count))
+        return True
+
+    def left(self) -> None:
+        """The forward fed last has ended: each router read the rows of the calls of the captured forward it began
+        in, or it is noted, and refused at the next forward or as the block ends (this runs in the cleanup of the
+        forward: it does not raise)."""
+        reads, self._open_reads = self._open_reads, []
+        if self._lost or self._overdrawn is not None:
+            return
+        for src, began, start, count in reads:
+            at = src.host_consumed
+            if began is None or at == start:
+                continue
+            captured = self._captured_each[id(src)]
+            j = began[0]
+            calls = captured.forwards[j][2]
+            over = at > captured.end(j) if calls > 1 else at - start > count
+            if over:
+                self._overdrawn = (
+                    f"router '{src.name}' read rows {start}..{at - 1} of the routes in forward {self.forwards} of "
+                    f"this replay(), which was fed {count} tokens and began in {captured.describe(j)}: more than "
+                    f"{'the rows of its calls' if calls > 1 else 'one call on every token'}, so a further call of it "
+                    f"read the rows of another call or forward. Its outputs are not a replay: discard them. "
+                    f"{_OTHER_CALLS_HINT}" + (f". {self.hint}" if self.hint else "")
+                )
+                return
+
+    def _refuse_overdrawn(self) -> None:
+        if self._overdrawn is not None:
+            why, self._overdrawn = self._overdrawn, None
+            raise TokenMismatchError(why)
+
+    def finish(self) -> None:
+        """The block ends: refuse a forward noted in :meth:`left`, and a block that ends inside a captured forward of
+        several calls of a router."""
+        self._refuse_overdrawn()
+        if self._lost:
+            return
+        for src in self._sources:
+            self._stops_whole(self._captured_each[id(src)], src.host_consumed, src.name)
+
+
 class OrderCheck(FeedCheck):
     """The check of a replay whose routes know no token ids and no token order (an engine's rollout read without its
     ids, routes laid out by :class:`~moe_replay.BatchLayout` or :func:`~moe_replay.pad_routes` from such routes): their

@@ -44,7 +44,9 @@ from ._feeds import (
     MoveWatch,
     OrderCheck,
     OrderNote,
+    RouterCallCheck,
     RouterFeedCheck,
+    _CapturedCalls,
     feed_levels,
     one_stream,
 )
@@ -2363,7 +2365,22 @@ class Session:
             return None, None
         if routes._router_ids is not None:  # (each router's own ids: its rows are not one per token of a forward)
             if not strict and _device_of(model).type != "cpu":
-                return None, None
+                # (its ids are on the device: not read back at no sync; each router's calls are checked forward by
+                # forward where the routes know them)
+                own = routes._router_calls
+                mine: dict[int, _CapturedCalls] = {}
+                for src, j in zip(sources, layers, strict=True):
+                    # (the routers the strict check compares: a router of a stream of its own, its ids unknown, not)
+                    made = None if own is None or not bool((routes._router_ids[j] != -1).any()) else own[j]
+                    captured = None if src is None or made is None else _CapturedCalls.of(*made)
+                    if src is not None and captured is not None:
+                        mine[id(src)] = captured
+                if not mine:
+                    return None, None
+                for captured in mine.values():
+                    captured.own = True
+                calls = RouterCallCheck(mine, _GENERATE_HINT if generated else "")
+                return calls, calls.start(self._feed_wrappers, held)
             # (a router of a stream of its own, every id unknown, a decoder's beside an encoder's: read unchecked, as
             # before; the forwards' order is checked by the others)
             known = [
