@@ -197,6 +197,10 @@ class _Forward:
     #: the routers (by index) that saw only the tokens its mask keeps where the first saw every position: their rows
     #: are those of :meth:`view`
     later: frozenset[int] = frozenset()
+    #: its lineage: the index (in ``FeedRecord.forwards``) of the latest earlier forward of the capture given or
+    #: returning the KV cache object it was given (the forward whose cache it went on from), or None (a fresh cache,
+    #: none, one of plain tensors, or one no forward of the capture was given: see :meth:`FeedRecord.lineage`)
+    parent: int | None = None
 
     def __init__(
         self, count: int, ids: torch.Tensor | None, mask: torch.Tensor | None, calls: tuple[int, ...] | None = None
@@ -324,6 +328,9 @@ class FeedRecord:
         self._keep_inputs = keep_inputs
         #: the KV caches the forwards of this capture were given or returned (see :func:`places_fed`)
         self._built = _Built()
+        #: the KV cache objects the forwards of this capture were given or returned, each with the index (in
+        #: ``forwards``) of the latest forward that was (see :attr:`_Forward.parent`)
+        self._made_by = _Built()
         #: a forward of this capture fed embeddings of several sequences of several positions: the order its routers
         #: saw them in is not told (its rows are in that order: see ``Routes._order_untold``)
         self.untold = False
@@ -501,7 +508,11 @@ class FeedRecord:
         """The forward fed last returned ``out``: where it was given a cache of plain tensors and returns one grown
         along one dimension (its tokens'), keep those tensors (weakly) for the next forward (:meth:`_plain_given`)."""
         if self._keep_inputs:  # (the cache it returns: built by this capture's forwards, see _keep)
-            self._built.note(_returned_object(out))
+            returned = _returned_object(out)
+            self._built.note(returned)
+            now = self._kept_now
+            if now is not None and self.forwards and self.forwards[-1] is now:
+                _note_object(self._made_by, returned, len(self.forwards) - 1)
         shapes, self._plain_in = self._plain_in, None
         fed, self._shape_fed = self._shape_fed, None
         if (shapes is None and fed is None) or not self._notes_loops:
@@ -762,6 +773,12 @@ class FeedRecord:
                 if mask is not None and order is not BATCH_MAJOR:
                     mask = in_router_order(mask, order)
         forward = _Forward(count, kept, mask, self._began)
+        given = _given_cache(kwargs)
+        if given is not None:  # (its lineage: the forward whose cache it goes on from, see lineage)
+            parent = self._made_by.end_of(given)
+            if parent is not None and parent >= 0:
+                forward.parent = parent
+            _note_object(self._made_by, given, len(self.forwards))
         if kept is not None:  # (each token's place in its sequence: a replay of its row elsewhere is refused)
             held: int | torch.Tensor | None = _cache_held(kwargs)
             if held is None:  # (a static cache's count, on its device: read in stream order, no host sync)
@@ -924,6 +941,41 @@ class FeedRecord:
         sizes = [n for n, c in calls for _ in range(c)]
         flat = _flat([None if f is None else f.places for f in parts], sizes, torch.long)
         return flat if flat is not None and bool((flat != -1).any()) else None
+
+    def lineage(self, calls: tuple[tuple[int, int], ...] | None, places: torch.Tensor | None) -> torch.Tensor | None:
+        """Each row's lineage (``Routes._lineage``), as :meth:`rows` reads the ids: how many rows before it the rows of
+        the forward whose KV cache its forward went on from begin (:attr:`_Forward.parent`), where that forward's rows
+        are among them and the forward went on from tokens of it (a place of its rows past 0, of ``places``:
+        :meth:`places`); 0 where not known (a fresh cache, a cache of plain tensors, a copy). One host int64 per row,
+        or None where the forwards do not line up with the router calls or no row's lineage is known.
+
+        A replay compares it at each forward's first row with the forward of its own block that was last given or
+        returned the cache object that forward is given (:meth:`FeedCheck._check_lineage`): a decode step given
+        another sequence's cache, built by the block and holding as many tokens, is refused."""
+        if places is None:
+            return None
+        parts = self._calls(calls)
+        if parts is None or calls is None:
+            return None
+        sizes = [n for n, c in calls for _ in range(c)]
+        if sum(sizes) != places.numel():
+            return None
+        first: dict[int, int] = {}  # (each forward's first row, by id)
+        at = 0
+        for f, n in zip(parts, sizes, strict=True):
+            if f is not None and id(f) not in first:
+                first[id(f)] = at
+            at += n
+        out = torch.zeros(at, dtype=torch.long)
+        at, known = 0, False
+        for f, n in zip(parts, sizes, strict=True):
+            parent = None if f is None or f.parent is None else self.forwards[f.parent]
+            begins = None if parent is None else first.get(id(parent))
+            if begins is not None and n and bool((places[at : at + n] > 0).any()):  # (it went on from its tokens)
+                out[at : at + n] = torch.arange(at, at + n) - begins
+                known = True
+            at += n
+        return out if known else None
 
     def forward_calls(
         self, calls: tuple[tuple[int, int], ...] | None, router: int | None = None
@@ -1461,6 +1513,10 @@ class FeedCheck:
             None. A forward that feeds a row's token at another place (read by :func:`places_fed`, where it can be) is
             refused: its routers see that token after other tokens (none, where a suffix is fed without its prefix
             or KV cache) than the row was recorded after.
+        lineage: each row's lineage (``Routes._lineage``: how many rows before it the rows of the forward whose KV
+            cache its forward went on from begin, 0 where not known), or None. A forward given a cache object that
+            a forward of this block was last given or returned, whose rows begin elsewhere than its first row's
+            lineage says, is refused (:meth:`_check_lineage`): it goes on from another sequence's context.
     """
 
     #: the routers' scopes (by ``id``) that the forward fed last can reach, where that is not every router of the
@@ -1494,8 +1550,15 @@ class FeedCheck:
         places: torch.Tensor | None = None,
         origin: tuple[Any, int] | None = None,
         before: tuple[_Built, Any] | None = None,
+        lineage: torch.Tensor | None = None,
     ) -> None:
         self.want = want
+        self.lineage = lineage if lineage is not None and lineage.numel() == want.numel() else None
+        #: the KV cache objects the forwards of this block were given or returned, each with the row of the routes
+        #: the latest such forward began at (see :meth:`_check_lineage`), and the row the forward that runs now began
+        #: at (None: one not checked)
+        self._made_by = _Built()
+        self._start_now: int | None = None
         self.places = places if places is not None and places.numel() == want.numel() else None
         #: the places of :attr:`places` with those marked :data:`AFTER_OUTSIDE` read as plain ones (compared)
         self._seq_plain = None if self.places is None else unmarked_places(self.places)
@@ -1847,7 +1910,7 @@ class FeedCheck:
         ``paired``: the level is an encoder-decoder (see :meth:`FeedRecord.fed`), whose rows no one
         id each describes: this forward and those after it are not checked.
         """
-        self._current, self._began_in = (-1, None), None
+        self._current, self._began_in, self._start_now = (-1, None), None, None
         if paired or (not self._lost and any(map(_COMPILED, self._levels))):
             self._open()
         if self._lost:
@@ -1871,6 +1934,8 @@ class FeedCheck:
             self._open()
             return True
         self._enter_captured(start)
+        if self.lineage is not None:
+            self._check_lineage(start, kwargs)
         kept = None
         compared = ids is not None and (self.device_ids or ids.device.type == "cpu")
         if ids is not None and compared and order != BATCH_MAJOR:
@@ -1968,8 +2033,47 @@ class FeedCheck:
 
     def returned(self, out: Any) -> None:
         """The forward fed last returned ``out``: note the KV cache it returns as built by this block."""
-        if self.places is not None:
-            self._built.note(_returned_object(out), self._end)
+        begun, self._start_now = self._start_now, None
+        if self.places is not None or begun is not None:
+            returned = _returned_object(out)
+            if self.places is not None:
+                self._built.note(returned, self._end)
+            if begun is not None:
+                _note_object(self._made_by, returned, begun)
+
+    def _check_lineage(self, start: int, kwargs: dict[str, Any]) -> None:
+        """Refuse a forward whose rows begin at ``start`` given a KV cache object that an earlier forward of this block
+        was last given or returned, where that forward's rows begin elsewhere than the lineage of the row at ``start``
+        says the forward the captured one went on from began (:meth:`FeedRecord.lineage`): a decode step given another
+        sequence's cache, holding as many tokens, would see another prompt. Where the routes know no lineage for the
+        row (a fresh cache, one the rows do not reach back to) or no forward of this block had the cache (one built
+        before the block, a copy), it is not compared. One dict lookup per forward; no host sync."""
+        self._start_now = None
+        cache = _given_cache(kwargs)
+        if cache is None or isinstance(cache, list | tuple):
+            return
+        lineage = cast(torch.Tensor, self.lineage)
+        if start < lineage.numel():
+            want = int(lineage[start])
+            begun = self._made_by.end_of(cache)
+            if 0 < want <= start and begun is not None and begun >= 0 and start - want != begun:
+                self._refuse_lineage(type(cache).__name__, start, start - want, begun)
+        self._made_by.note(cache, start)
+        self._start_now = start
+
+    def _refuse_lineage(self, kind: str, start: int, want: int, begun: int) -> None:
+        """Refuse the forward that runs now (rows from ``start`` on), given a cache of type ``kind`` that the forward
+        of this block beginning at row ``begun`` last had, while its captured forward went on from the cache of the
+        forward whose rows begin at row ``want`` (:meth:`_check_lineage`)."""
+        raise TokenMismatchError(
+            f"forward {self._number()} of this replay() is given a KV cache ({kind}) that the forward of this "
+            f"replay() whose rows begin at row {begun} of the routes was last given or returned, while the forward it "
+            f"replays (rows from {start} on) went on from the cache of the forward whose rows begin at row {want}: it "
+            "goes on from another sequence's context (caches swapped between decode loops, or one loop given "
+            "another's cache), and the recorded experts would be forced on tokens that see another prompt. Give each "
+            "forward the cache its captured forward went on from: the one the forward at row "
+            f"{want} was given or returned" + (f". {self.hint}" if self.hint else "")
+        )
 
     def _check_seq_places(
         self,
@@ -3346,6 +3450,14 @@ class _Built:
             self.objects[id(cache)] = (weakref.ref(cache), end)
         except TypeError:  # (no weak reference to it: not noted; a later forward given it reads it as another's)
             pass
+
+
+def _note_object(made_by: _Built, cache: Any, forward: int) -> None:
+    """Note in ``made_by`` that the forward (or row) ``forward`` was given or returned ``cache``, where it is a cache
+    object (a cache of plain tensors, told by its first tensor's address, has no lineage: a freed cache's address
+    taken by another would read as its lineage)."""
+    if cache is not None and not isinstance(cache, list | tuple):
+        made_by.note(cache, forward)
 
 
 def _given_cache(kwargs: dict[str, Any]) -> Any:

@@ -179,7 +179,8 @@ def _known(routes: Routes) -> list[int]:
     tells a wrapper's prefix from a part of the model by them); the count of rows whose fed token
     ids are known (-1: none) and those ids; likewise the prompt-mask values, and each row's place
     in the order of the tokens (rows of routers that saw the tokens sequence-first), in the batch a layout laid it out
-    for (``Routes._layout_pos``) and in its sequence as its forward gave it (``Routes._seq_pos``); last, 1
+    for (``Routes._layout_pos``) and in its sequence as its forward gave it (``Routes._seq_pos``), and the rows back to
+    the forward whose KV cache its forward went on from (``Routes._lineage``); last, 1
     where the rows are in the order their routers saw the tokens of forwards fed embeddings,
     not told (``Routes._order_untold``), plus 2 where they are a capture's rows in the order its
     routers saw the tokens, which it told (``Routes._routers_order``), plus 4 times the count of routes
@@ -202,7 +203,14 @@ def _known(routes: Routes) -> list[int]:
     for name in recorded or ():
         encoded = name.encode()
         out += [len(encoded), *encoded]
-    for fed in (routes._token_ids, routes._fed_mask, routes._token_rank, routes._layout_pos, routes._seq_pos):
+    for fed in (
+        routes._token_ids,
+        routes._fed_mask,
+        routes._token_rank,
+        routes._layout_pos,
+        routes._seq_pos,
+        routes._lineage,
+    ):
         out += [-1] if fed is None else [fed.numel(), *fed.tolist()]
     out.append(int(routes._order_untold) | 2 * int(routes._routers_order) | 4 * routes._joined)
     lost = (routes._ids_lost or "").encode()
@@ -250,11 +258,11 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         at += n
     routes._recorded_names = tuple(recorded) if count >= 0 else None
     fed: list[torch.Tensor | None] = []
-    for dtype in (torch.long, torch.int8, torch.long, torch.long, torch.long):
+    for dtype in (torch.long, torch.int8, torch.long, torch.long, torch.long, torch.long):
         n, at = int(known[at]), at + 1
         fed.append(torch.tensor(list(known[at : at + n]), dtype=dtype) if n >= 0 else None)
         at += max(n, 0)
-    routes._token_ids, routes._fed_mask, routes._token_rank, routes._layout_pos, routes._seq_pos = fed
+    routes._token_ids, routes._fed_mask, routes._token_rank, routes._layout_pos, routes._seq_pos, routes._lineage = fed
     routes._order_untold, routes._routers_order = bool(int(known[at]) & 1), bool(int(known[at]) & 2)
     routes._joined = int(known[at]) >> 2
     at += 1

@@ -409,6 +409,8 @@ class Routes:
     #: (see _trusted; a class default for routes pickled before it was kept)
     _forward_calls: tuple[int, ...] | None = None
     _router_calls: tuple[_RouterCalls | None, ...] | None = None
+    #: (see _trusted; a class default for routes pickled before it was kept)
+    _lineage: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -480,6 +482,7 @@ class Routes:
         self._token_ids: torch.Tensor | None = None
         self._fed_mask: torch.Tensor | None = None
         self._seq_pos: torch.Tensor | None = None
+        self._lineage: torch.Tensor | None = None
         self._layout_pos: torch.Tensor | None = None
         self._token_rank: torch.Tensor | None = None
         self._order_untold = False
@@ -757,7 +760,7 @@ class Routes:
         """
         self._call_rows, self._dropped_rows = source._call_rows, source._dropped_rows
         self._fed_mask, self._rows_moved = source._fed_mask, source._rows_moved
-        self._seq_pos = source._seq_pos
+        self._seq_pos, self._lineage = source._seq_pos, source._lineage
         self._layout_pos = source._layout_pos
         self._caches_interleaved, self._rows_picked = source._caches_interleaved, source._rows_picked
         self._token_rank, self._order_untold = source._token_rank, source._order_untold
@@ -871,6 +874,8 @@ class Routes:
             end = start + (data[0].shape[0] if data else 0)
             out._router_calls = tuple(None if c is None else _cut_calls(c, start, end) for c in self._router_calls)
         if start is not None:
+            if self._lineage is not None:  # (a run of rows: each lineage that reaches back past its first row is cut)
+                out._lineage = _cut_lineage(self._lineage[rows])
             out._clip_forwards(self, start)
             out._routers_order = self._routers_order  # (a run of rows: still in the order the routers saw them)
             if out.tokens_per_layer == self.tokens_per_layer:  # (every row, routes[:]: no rows chosen, the mark stays)
@@ -1105,6 +1110,17 @@ class Routes:
             self._seq_pos = torch.cat(
                 [p._seq_pos if p._seq_pos is not None else torch.full((p.num_tokens,), -1) for p in parts]
             )
+        if any(p._lineage is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
+            # (each part's own: a lineage that reaches back past its part's first row is cut)
+            self._lineage = _cut_lineage(
+                torch.cat(
+                    [
+                        torch.arange(p.num_tokens) + 1 if p._lineage is None else p._lineage  # (past its row: cut)
+                        for p in parts
+                    ]
+                ),
+                torch.cat([torch.arange(p.num_tokens) for p in parts]),
+            )
         if any(p._layout_pos is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
             self._layout_pos = torch.cat(
                 [p._layout_pos if p._layout_pos is not None else torch.full((p.num_tokens,), -2) for p in parts]
@@ -1166,6 +1182,13 @@ class Routes:
         #: forward of the replay built where the capture's forwards built theirs: its routers would see another
         #: context
         obj._seq_pos = None
+        #: set by Session.routes() only, one int64 per row: how many rows before it the rows of the forward whose KV
+        #: cache object the row's forward went on from begin (its lineage: the latest earlier forward of the capture
+        #: given or returning that cache), 0 where not known (a fresh cache, a cache of plain tensors, a copy, a
+        #: forward the rows do not reach back to). A replay refuses a forward given a cache that another forward of
+        #: its block had last (a decode step given another sequence's cache of as many tokens). Runs of rows and
+        #: joins cut a lineage that reaches back past their first row; rows picked out of order keep none
+        obj._lineage = None
         #: set by BatchLayout.routes() only, one int64 per row: the row's place in its sequence in the batch it was
         #: laid out for (0, 1, ...), -1 at that batch's padding, -2 where not known. A replay of routes that know no
         #: token ids refuses a forward whose attention mask or position_ids show its rows fall on other positions
@@ -1419,6 +1442,8 @@ class Routes:
             arrays["layout_places"] = self._layout_pos.numpy()
         if self._seq_pos is not None:  # (each row's place in its sequence, as its forward gave it)
             arrays["token_places"] = self._seq_pos.numpy()
+        if self._lineage is not None:  # (the rows back to the forward whose cache each row's forward went on from)
+            arrays["token_lineage"] = self._lineage.numpy()
         mask = self._fed_mask
         if mask is not None and mask.numel() and (forwards is None or forwards["mask_runs"] is None):
             # (too many runs for the metadata: the padded sequences of a large rollout) one value per row, not dropped
@@ -1521,6 +1546,14 @@ class Routes:
                     held = f"{places.numel()} values for {routes.num_tokens} rows"
                     raise _corrupted(path, f"its token places hold {held}")
                 routes._seq_pos = places.to(torch.long).clone()
+            lineage = extra.get("token_lineage")
+            if lineage is not None:
+                if len(set(routes.tokens_per_layer)) != 1 or lineage.shape != (routes.num_tokens,):
+                    held = f"{lineage.numel()} values for {routes.num_tokens} rows"
+                    raise _corrupted(path, f"its token lineage holds {held}")
+                if bool((lineage < 0).any()):
+                    raise _corrupted(path, "its token lineage holds values below 0")
+                routes._lineage = _cut_lineage(lineage.to(torch.long).clone())
         except RoutesValidationError as e:  # (named once: a field's own check may have named the file already)
             raise RoutesValidationError(str(e) if os.fspath(path) in str(e) else f"{path}: {e}") from e
         except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
@@ -1635,6 +1668,7 @@ def _read_members(
         "prompt_kept.npy",
         "layout_places.npy",
         "token_places.npy",
+        "token_lineage.npy",
         "call_runs.npy",
     ]
     extra = sorted(set(infos) - set(wanted) - set(optional))
@@ -1687,6 +1721,10 @@ def _read_members(
         shape, dtype = _header(zf, infos["token_places.npy"], path)
         if len(shape) != 1 or dtype.kind != "i":
             raise _corrupted(path, f"its token places are a {dtype} array of shape {shape}, not one int per row")
+    if "token_lineage.npy" in infos:
+        shape, dtype = _header(zf, infos["token_lineage.npy"], path)
+        if len(shape) != 1 or dtype.kind != "i":
+            raise _corrupted(path, f"its token lineage is a {dtype} array of shape {shape}, not one int per row")
     if "call_runs.npy" in infos:
         shape, dtype = _header(zf, infos["call_runs.npy"], path)
         if len(shape) != 2 or shape[1] != 2 or dtype.kind != "i":
@@ -1714,6 +1752,7 @@ def _read_members(
                 "prompt_kept.npy",
                 "layout_places.npy",
                 "token_places.npy",
+                "token_lineage.npy",
                 "call_runs.npy",
             )
             if n in found
@@ -1765,6 +1804,14 @@ _READ_ERRORS = (
 
 def _int_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _cut_lineage(lineage: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``lineage`` (``Routes._lineage``) with 0 (not known) where it reaches back past the first row, each row at
+    ``rows`` (its own index where None): the forward it names is not among the rows. None where no row's is known."""
+    at = torch.arange(lineage.numel()) if rows is None else rows
+    cut = torch.where(lineage <= at, lineage, 0)
+    return cut if bool(cut.any()) else None
 
 
 def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
@@ -2456,6 +2503,7 @@ def in_token_order(routes: Routes, what: str) -> Routes:
         out._layout_pos = routes._layout_pos[order]
     if routes._seq_pos is not None and routes._seq_pos.numel() == order.numel():
         out._seq_pos = routes._seq_pos[order]
+    out._lineage = None  # (counted in rows of the order they were recorded in: not kept)
     return out
 
 

@@ -1952,6 +1952,8 @@ class Session:
             routes._token_ids = None if ids is None else _known_or_none(ids)
             if routes._token_ids is not None:  # (each row's place in its sequence: checked with its id at replay)
                 routes._seq_pos = self._feeds.places(routes._call_rows)
+                # (and the forward whose KV cache each row's forward went on from: checked at replay)
+                routes._lineage = self._feeds.lineage(routes._call_rows, routes._seq_pos)
             if routes._token_ids is None and all(c is not None for c in each):  # (rows of no one id each)
                 _router_ids(routes, self._feeds, each)
                 if routes._router_ids is not None and routes._call_rows is None:  # (each router's own calls, too)
@@ -2444,6 +2446,7 @@ class Session:
             places=routes._seq_pos,
             origin=_rows_origin(routes),
             before=self._replay_built,
+            lineage=routes._lineage,
         )
         check.scope_of = self._scope_of(held)
         check.know_calls(routes._call_rows, routes._forward_calls)

@@ -1509,9 +1509,10 @@ _MARKS = (
     "_joined",
     "_forward_calls",
     "_router_calls",
+    "_lineage",
 )
 #: the marks that hold one value per row (``_router_ids``: per router and row)
-_ROW_MARKS = ("_token_ids", "_fed_mask", "_seq_pos", "_layout_pos", "_token_rank", "_router_ids")
+_ROW_MARKS = ("_token_ids", "_fed_mask", "_seq_pos", "_layout_pos", "_token_rank", "_router_ids", "_lineage")
 
 
 def _marked(kind: str) -> mr.Routes:
@@ -1526,6 +1527,7 @@ def _marked(kind: str) -> mr.Routes:
     r._fed_mask = torch.tensor([1, 1, 0, 1, -1, -1, -1, -1], dtype=torch.int8)
     r._layout_pos = torch.tensor([0, 1, 2, -1, 0, 1, -1, -2])  # (a BatchLayout's places, then rows not laid out)
     r._seq_pos = torch.tensor([0, 1, -1, 2, 3, 3, 4, -1])  # (each row's place in its sequence, -1 at padding)
+    r._lineage = torch.tensor([0, 0, 0, 0, 4, 5, 6, 7])  # (the second forward went on from the first's cache)
     r._rows_moved, r._caches_interleaved, r._rows_untold = "DynamicCache.crop", "DynamicCache", "from_vllm"
     r._recorded_names = (*r.names, "dec.layers.0.gate")
     r._joined = 2  # (joined by Routes.cat from the routes of two sequences)
@@ -1564,6 +1566,8 @@ def _expected(base: mr.Routes, rows: torch.Tensor, routers: list[int], **changed
         want["_fed_mask"] = base._fed_mask[rows]
     if base._seq_pos is not None:
         want["_seq_pos"] = base._seq_pos[rows]
+    if base._lineage is not None:
+        want["_lineage"] = base._lineage[rows]
     if base._layout_pos is not None:
         want["_layout_pos"] = base._layout_pos[rows]
     if base._token_rank is not None:
@@ -1605,7 +1609,13 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
             lambda: base[:4],
             every[:4],
             [0, 1],
-            {"_call_rows": ((4, 1),), "_rows_untold": None, "_cut_from": (whole, 0, 4), "_forward_calls": (1,)},
+            {
+                "_call_rows": ((4, 1),),
+                "_rows_untold": None,
+                "_cut_from": (whole, 0, 4),
+                "_forward_calls": (1,),
+                "_lineage": None,  # (its first forward went on from no cache)
+            },
         ),
         "r[2:6]": (
             lambda: base[2:6],
@@ -1617,6 +1627,7 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
                 "_rows_untold": None,
                 "_prompt_kept": None,
                 "_cut_from": (whole, 2, 6),
+                "_lineage": None,  # (the second forward's rows reach back to the first's, cut off)
             },
         ),
         "r[[5, 1]]": (
@@ -1630,6 +1641,7 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
                 "_order_untold": False,
                 "_prompt_kept": None,
                 "_forward_calls": None,
+                "_lineage": None,  # (rows out of order: no forward to reach back to)
             },
         ),
         "select(reversed)": (base.select(names[::-1]), every, [1, 0], {}),
@@ -1645,14 +1657,15 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
             lambda: mr.Routes.cat([base[:4], base[4:]]),
             every,
             [0, 1],
-            {"_rows_untold": None, "_cut_from": (whole, 0, 8)},
+            # (each part's lineage that reaches back past its first row is cut, joined again or not)
+            {"_rows_untold": None, "_cut_from": (whole, 0, 8), "_lineage": None},
         ),
         # (the forward cut by the split is one again once joined: its forwards and prompt mask are the capture's)
         "cat(split_routes)": (
             lambda: mr.Routes.cat(mr.distributed.split_routes(base, [3, 5])),
             every,
             [0, 1],
-            {"_cut_from": (whole, 0, 8)},
+            {"_cut_from": (whole, 0, 8), "_lineage": None},
         ),
         "save, load": (mr.Routes.load(tmp_path / "r.npz"), every, [0, 1], {}),
         "pickle": (pickle.loads(pickle.dumps(base)), every, [0, 1], {}),
@@ -1677,13 +1690,14 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
                 "_prompt_kept": None,  # (a conversation's rows, in token order: no forward's)
                 "_layout_pos": None,  # (nor a batch's: laid out again, they get places of their own)
                 "_forward_calls": None,
+                "_lineage": None,
             },
         )
         table["in_token_order"] = (
             base.in_token_order(),
             order,
             [0, 1],
-            {"_token_rank": None, "_routers_order": False},
+            {"_token_rank": None, "_routers_order": False, "_lineage": None},  # (rows counted in another order)
         )
     if kind == "lost":  # (one router's ids lost: its rows and another router's are not one token each, no pick)
         table = {w: table[w] for w in table if not w.startswith(("r[", "cat"))}
