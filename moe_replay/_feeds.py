@@ -1549,15 +1549,17 @@ class FeedCheck:
         padding: torch.Tensor | None = None,
         places: torch.Tensor | None = None,
         origin: tuple[Any, int] | None = None,
-        before: tuple[_Built, Any] | None = None,
+        before: tuple[_Built, Any, _Built] | None = None,
         lineage: torch.Tensor | None = None,
     ) -> None:
         self.want = want
         self.lineage = lineage if lineage is not None and lineage.numel() == want.numel() else None
         #: the KV cache objects the forwards of this block were given or returned, each with the row of the routes
         #: the latest such forward began at (see :meth:`_check_lineage`), and the row the forward that runs now began
-        #: at (None: one not checked)
+        #: at (None: one not checked); and the same with the row of the whole capture each began at (where the rows'
+        #: origin is known), for the replay block after this one (see :meth:`_check_lineage`)
         self._made_by = _Built()
+        self._made_whole = _Built()
         self._start_now: int | None = None
         self.places = places if places is not None and places.numel() == want.numel() else None
         #: the places of :attr:`places` with those marked :data:`AFTER_OUTSIDE` read as plain ones (compared)
@@ -1934,7 +1936,7 @@ class FeedCheck:
             self._open()
             return True
         self._enter_captured(start)
-        if self.lineage is not None:
+        if self.lineage is not None or self.origin is not None:
             self._check_lineage(start, kwargs)
         kept = None
         compared = ids is not None and (self.device_ids or ids.device.type == "cpu")
@@ -2024,12 +2026,33 @@ class FeedCheck:
     def _continued(self, cache: Any, start: int) -> bool:
         """Did the replay block before this one build ``cache`` from the rows of the same capture that end where the
         rows of this forward (from ``start`` on) begin (a decode loop replayed over two blocks, its prompt's forward in
-        the first)?"""
+        the first), or was the forward of that block that last had it the one the captured forward went on from (its
+        whole capture's lineage: two interleaved loops replayed over two blocks)?"""
         before, origin = self._before, self.origin
         if before is None or origin is None or before[1] is not origin[0]:
             return False
         end = before[0].end_of(cache)
-        return end is not None and end >= 0 and end == origin[1] + start
+        if end is not None and end >= 0 and end == origin[1] + start:
+            return True
+        went = self._went_on_before(cache, start)
+        return went is not None and went[0] == went[1]
+
+    def _went_on_before(self, cache: Any, start: int) -> tuple[int, int] | None:
+        """Where the replay block before this one replayed rows of the same capture and one of its forwards had
+        ``cache`` last, and the whole capture's lineage (``_Forwards.lineage``) is known at the row of this forward
+        (from ``start`` on): the row of the capture the forward its captured forward went on from began at, and the
+        row that forward of the block before began at; else None."""
+        before, origin = self._before, self.origin
+        if before is None or origin is None or before[1] is not origin[0]:
+            return None
+        whole: torch.Tensor | None = getattr(origin[0], "lineage", None)
+        row = origin[1] + start
+        if whole is None or row >= whole.numel():
+            return None
+        want, had = int(whole[row]), before[2].end_of(cache)
+        if not 0 < want <= row or had is None or had < 0:
+            return None
+        return row - want, had
 
     def returned(self, out: Any) -> None:
         """The forward fed last returned ``out``: note the KV cache it returns as built by this block."""
@@ -2040,39 +2063,52 @@ class FeedCheck:
                 self._built.note(returned, self._end)
             if begun is not None:
                 _note_object(self._made_by, returned, begun)
+                if self.origin is not None:
+                    _note_object(self._made_whole, returned, self.origin[1] + begun)
 
     def _check_lineage(self, start: int, kwargs: dict[str, Any]) -> None:
         """Refuse a forward whose rows begin at ``start`` given a KV cache object that an earlier forward of this block
         was last given or returned, where that forward's rows begin elsewhere than the lineage of the row at ``start``
         says the forward the captured one went on from began (:meth:`FeedRecord.lineage`): a decode step given another
-        sequence's cache, holding as many tokens, would see another prompt. Where the routes know no lineage for the
-        row (a fresh cache, one the rows do not reach back to) or no forward of this block had the cache (one built
-        before the block, a copy), it is not compared. One dict lookup per forward; no host sync."""
+        sequence's cache, holding as many tokens, would see another prompt. A cache that no forward of this block had
+        is compared, where the replay block just before this one replayed the rows of the same capture just before
+        these (``routes[:n]``, then ``routes[n:]``), with the forward of that block that last had it, by the lineage
+        of the whole capture (which a slice's own cuts off). Where the routes know no lineage for the row (a fresh
+        cache, one the rows do not reach back to) or no forward of either block had the cache (one built before, a
+        copy), it is not compared. One dict lookup per forward; no host sync."""
         self._start_now = None
         cache = _given_cache(kwargs)
         if cache is None or isinstance(cache, list | tuple):
             return
-        lineage = cast(torch.Tensor, self.lineage)
-        if start < lineage.numel():
+        begun = self._made_by.end_of(cache)
+        lineage, origin = self.lineage, self.origin
+        if lineage is not None and start < lineage.numel() and begun is not None and begun >= 0:
             want = int(lineage[start])
-            begun = self._made_by.end_of(cache)
-            if 0 < want <= start and begun is not None and begun >= 0 and start - want != begun:
-                self._refuse_lineage(type(cache).__name__, start, start - want, begun)
+            if 0 < want <= start and start - want != begun:
+                self._refuse_lineage(type(cache).__name__, start, start - want, begun, "of the routes")
+        elif begun is None and origin is not None:  # (one the block before had, where it replayed the rows before)
+            went = self._went_on_before(cache, start)
+            if went is not None and went[0] != went[1]:
+                where = "of the capture these routes were cut from (the replay block before this one)"
+                self._refuse_lineage(type(cache).__name__, origin[1] + start, went[0], went[1], where)
         self._made_by.note(cache, start)
+        if origin is not None:
+            self._made_whole.note(cache, origin[1] + start)
         self._start_now = start
 
-    def _refuse_lineage(self, kind: str, start: int, want: int, begun: int) -> None:
+    def _refuse_lineage(self, kind: str, start: int, want: int, begun: int, where: str) -> None:
         """Refuse the forward that runs now (rows from ``start`` on), given a cache of type ``kind`` that the forward
-        of this block beginning at row ``begun`` last had, while its captured forward went on from the cache of the
-        forward whose rows begin at row ``want`` (:meth:`_check_lineage`)."""
+        beginning at row ``begun`` last had, while its captured forward went on from the cache of the forward whose
+        rows begin at row ``want`` (rows ``where``: of the routes, or of their whole capture; see
+        :meth:`_check_lineage`)."""
         raise TokenMismatchError(
-            f"forward {self._number()} of this replay() is given a KV cache ({kind}) that the forward of this "
-            f"replay() whose rows begin at row {begun} of the routes was last given or returned, while the forward it "
-            f"replays (rows from {start} on) went on from the cache of the forward whose rows begin at row {want}: it "
-            "goes on from another sequence's context (caches swapped between decode loops, or one loop given "
-            "another's cache), and the recorded experts would be forced on tokens that see another prompt. Give each "
-            "forward the cache its captured forward went on from: the one the forward at row "
-            f"{want} was given or returned" + (f". {self.hint}" if self.hint else "")
+            f"forward {self._number()} of this replay() is given a KV cache ({kind}) that the replayed forward whose "
+            f"rows begin at row {begun} {where} was last given or returned, while the forward it replays (rows from "
+            f"{start} on) went on from the cache of the forward whose rows begin at row {want}: it goes on from "
+            "another sequence's context (caches swapped between decode loops, or one loop given another's cache), and "
+            "the recorded experts would be forced on tokens that see another prompt. Give each forward the cache its "
+            f"captured forward went on from: the one the forward at row {want} was given or returned"
+            + (f". {self.hint}" if self.hint else "")
         )
 
     def _check_seq_places(

@@ -922,6 +922,8 @@ class Routes:
             held = self._forwards = _Forwards(self._call_rows, self._prompt_kept)
         if held.forward_calls is None:
             held.forward_calls = self._forward_calls
+        if held.lineage is None and self._cut_from is None and self._lineage is not None:
+            held.lineage = self._lineage  # (these routes' rows are the capture's: see _rows_origin)
         return held
 
     def _pick_forwards(self, source: Routes, rows: slice | torch.Tensor) -> None:
@@ -1911,7 +1913,7 @@ class _Forwards:
     ``key`` names it in files and pickles: slices of one capture saved, pickled or copied apart and read again share
     one object (:data:`_FORWARDS_BY_KEY`), so that they join as in memory (see :func:`_rejoined`)."""
 
-    __slots__ = ("__weakref__", "call_rows", "forward_calls", "key", "prompt_kept")
+    __slots__ = ("__weakref__", "call_rows", "forward_calls", "key", "lineage", "prompt_kept")
 
     def __init__(
         self, call_rows: tuple[tuple[int, int], ...], prompt_kept: torch.Tensor | None, key: str | None = None
@@ -1919,6 +1921,9 @@ class _Forwards:
         self.call_rows, self.prompt_kept = call_rows, prompt_kept
         #: the router calls each forward made (``Routes._forward_calls``), where known (in memory only)
         self.forward_calls: tuple[int, ...] | None = None
+        #: the whole capture's lineage (``Routes._lineage``), where known (in memory only): a replay block of a slice
+        #: compares a cache the block before it built by it (``FeedCheck._check_lineage``), as the slice's own cuts it
+        self.lineage: torch.Tensor | None = None
         self.key = uuid.uuid4().hex if key is None else key
         _FORWARDS_BY_KEY[self.key] = self
 

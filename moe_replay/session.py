@@ -746,7 +746,7 @@ class Session:
         self._feeds: FeedRecord | None = None  # what the model's forwards were fed during the last capture
         #: the KV caches the forwards of the last replay block built, with the capture its rows were cut from (a
         #: decode loop replayed over two blocks goes on from them: see FeedCheck._continued)
-        self._replay_built: tuple[Any, Any] | None = None
+        self._replay_built: tuple[Any, Any, Any] | None = None
 
     # ------------------------------------------------------------- properties
     @property
@@ -2309,7 +2309,9 @@ class Session:
             check.finish()  # (before the row counts: forwards fed other tokens are why they would differ)
         # (the caches this block's forwards built, for the next block to go on from: see FeedCheck._continued)
         self._replay_built = (
-            (check._built, check.origin[0]) if ok and type(check) is FeedCheck and check.origin is not None else None
+            (check._built, check.origin[0], check._made_whole)
+            if ok and type(check) is FeedCheck and check.origin is not None
+            else None
         )
         held = [src for _, src in sources if src is not None]
         every = [(h, src) for h, src in sources if src is not None]

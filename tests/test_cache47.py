@@ -200,17 +200,13 @@ def test_per_sequence_routes_of_a_generate_capture_replay_in_a_teacher_forced_fo
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (silent): routes[n:] cut the lineage of their first decode step (the forward it went on from "
-    "is in routes[:n]), and a cache the block before built ending at the row where the block begins passes for the "
-    "one the step continues: a second block of one step given the other loop's cache, holding as many tokens, is "
-    "checked by places alone",
-)
 def test_a_swapped_cache_in_the_second_of_two_replay_blocks_is_refused() -> None:
     """Two interleaved loops captured in one block, replayed over two: their prompts' forwards in the first, and the
     first loop's decode step, given the second loop's cache (the last one the first block built), in the second.
-    (With both steps in the second block, the one given a cache that the block before did not end with is refused.)"""
+    Once silent: routes[n:] cut the lineage of their first step, and a cache the block before built ending where the
+    block begins passed for the one it continues; the whole capture's lineage compares it now. Given its own cache
+    (built by the block before, though not by its last forward), the step is forced: once refused as a cache no
+    forward of the replay built."""
     model = tiny_hf.build("qwen3_moe")
     name = tiny_hf.cache_kwarg(model)
     with mr.attach(model) as session:
@@ -222,6 +218,13 @@ def test_a_swapped_cache_in_the_second_of_two_replay_blocks_is_refused() -> None
         with session.replay(routes[:cut]), torch.no_grad():
             for prompt, cache in zip(_prompts(2), caches, strict=True):
                 model(prompt, use_cache=True, **{name: cache})
-        with pytest.raises(mr.TokenMismatchError):
+        with pytest.raises(mr.TokenMismatchError, match="the replay block before this one"):
             with session.replay(routes[cut : cut + 1]), torch.no_grad():
                 model(_STEP, use_cache=True, **{name: caches[1]})
+        caches = [_made(model, "DynamicCache"), _made(model, "DynamicCache")]
+        with session.replay(routes[:cut]), torch.no_grad():
+            for prompt, cache in zip(_prompts(2), caches, strict=True):
+                model(prompt, use_cache=True, **{name: cache})
+        with session.replay(routes[cut : cut + 1]), session.capture(), torch.no_grad():
+            model(_STEP, use_cache=True, **{name: caches[0]})
+        assert session.routes().equal(routes[cut : cut + 1])
