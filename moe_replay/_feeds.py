@@ -271,6 +271,8 @@ class FeedRecord:
     _held_by: FeedForward | None = None
     #: the level whose forward no level took runs now (see :meth:`bare_began`), with the routers' calls as it began
     _bare: tuple[FeedForward, tuple[int, ...] | None] | None = None
+    #: told of each deep copy of a watched cache, with the cache it copies (a replay's :meth:`FeedCheck.copied`)
+    copies_to: Callable[[Any, Any], None] | None = None
 
     def __init__(self, keep_inputs: bool = True, limit: int | None = None) -> None:
         self.forwards: list[_Forward] = []
@@ -618,9 +620,20 @@ class FeedRecord:
             start = self._starts.get(id(cache), -1)
             self._shrunk(f"{type(cache).__name__} {HELD_FEWER}", start, self._held_after, held)
 
-    def _copied(self, copied: Any) -> None:
-        """A watched cache was deep-copied (a snapshot a decode loop may go back to): note when."""
-        if self._active and self._notes_loops and id(copied) not in self._copies:
+    def _copied(self, copied: Any, original: Any = None) -> None:
+        """A watched cache (``original``) was deep-copied (a snapshot a decode loop may go back to): note when, and
+        that the copy continues the forward that last had the original (its lineage: see :attr:`_Forward.parent`; a
+        replay's check is told by :attr:`copies_to`)."""
+        if not self._active:
+            return
+        if original is not None:
+            if self._keep_inputs:
+                parent = self._made_by.end_of(original)
+                if parent is not None and parent >= 0:
+                    _note_object(self._made_by, copied, parent)
+            if self.copies_to is not None:
+                self.copies_to(copied, original)
+        if self._notes_loops and id(copied) not in self._copies:
             try:
                 self._copies[id(copied)] = (weakref.ref(copied), self._count)
             except TypeError:  # (no weak reference to it)
@@ -971,7 +984,8 @@ class FeedRecord:
         for f, n in zip(parts, sizes, strict=True):
             parent = None if f is None or f.parent is None else self.forwards[f.parent]
             begins = None if parent is None else first.get(id(parent))
-            if begins is not None and n and bool((places[at : at + n] > 0).any()):  # (it went on from its tokens)
+            # (it went on from tokens of the cache: a copy's are marked as after a cache no forward built)
+            if begins is not None and n and bool((unmarked_places(places[at : at + n]) > 0).any()):
                 out[at : at + n] = torch.arange(at, at + n) - begins
                 known = True
             at += n
@@ -2095,6 +2109,14 @@ class FeedCheck:
         if origin is not None:
             self._made_whole.note(cache, origin[1] + start)
         self._start_now = start
+
+    def copied(self, copied: Any, original: Any) -> None:
+        """``original``, a cache watched in this block (:class:`MoveWatch`), was deep-copied: the copy continues the
+        forward that last had it (see :meth:`_check_lineage`)."""
+        for made in (self._made_by, self._made_whole):
+            begun = made.end_of(original)
+            if begun is not None and begun >= 0:
+                _note_object(made, copied, begun)
 
     def _refuse_lineage(self, kind: str, start: int, want: int, begun: int, where: str) -> None:
         """Refuse the forward that runs now (rows from ``start`` on), given a cache of type ``kind`` that the forward
@@ -3238,7 +3260,7 @@ class _Noting:
             return self
         rec = self.record() if self.record is not None else None
         if rec is not None:  # (a snapshot of the cache, made while the capture runs)
-            rec._copied(copied)
+            rec._copied(copied, self.cache())
         return _Noting(None, self.name, copy.deepcopy(self.before, memo), weakref.ref(copied))
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -3276,7 +3298,7 @@ class _Shrinking(_Noting):
             return self
         rec = self.record() if self.record is not None else None
         if rec is not None:
-            rec._copied(copied)
+            rec._copied(copied, self.cache())
         return _Shrinking(None, self.name, copy.deepcopy(self.before, memo), weakref.ref(copied), self.start)
 
 

@@ -2278,6 +2278,8 @@ class Session:
             routes, [h.replay_source for h, _, _ in plan], generated, strict, [j for _, _, j in plan]
         )
         moves = MoveWatch() if self._model_ref() is not None else None
+        if moves is not None and isinstance(check, FeedCheck):  # (a copy of a cache continues its lineage)
+            moves.copies_to = check.copied
         stop_moves = moves.start(self._feed_wrappers) if moves is not None else None
         skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
         stop = self._watch()

@@ -231,15 +231,10 @@ def test_a_swapped_cache_in_the_second_of_two_replay_blocks_is_refused() -> None
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (silent): a deep copy of a cache has no lineage (neither a capture nor a replay notes which "
-    "forward built the cache it was copied from), so a replay that gives a decode step a copy of the other loop's "
-    "cache, holding as many tokens, is checked by the step's ids alone",
-)
 def test_a_decode_step_given_a_copy_of_the_other_loops_cache_is_refused() -> None:
     """Two prompts prefilled into a cache each; each loop's step goes on from a deep copy of its own cache (a loop
-    that keeps its prompt's cache for later): replayed with each step given a copy of the other's."""
+    that keeps its prompt's cache for later): replayed with each step given a copy of the other's, it is refused (once
+    silent: a copy had no lineage); each copy continues the forward that last had the cache it copies."""
     model = tiny_hf.build("qwen3_moe")
     name = tiny_hf.cache_kwarg(model)
 
@@ -259,6 +254,6 @@ def test_a_decode_step_given_a_copy_of_the_other_loops_cache_is_refused() -> Non
         assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(same, want, strict=True))
         with session.capture(), torch.no_grad():
             assert not torch.allclose(loop(True)[0], want[0])  # (the premise: the step sees the other prompt)
-        with pytest.raises(mr.TokenMismatchError):
+        with pytest.raises(mr.TokenMismatchError, match="went on from the cache of the forward"):
             with session.replay(routes), torch.no_grad():
                 loop(True)
