@@ -198,8 +198,8 @@ class _Forward:
     #: are those of :meth:`view`
     later: frozenset[int] = frozenset()
     #: its lineage: the index (in ``FeedRecord.forwards``) of the latest earlier forward of the capture given or
-    #: returning the KV cache object it was given (the forward whose cache it went on from), or None (a fresh cache,
-    #: none, one of plain tensors, or one no forward of the capture was given: see :meth:`FeedRecord.lineage`)
+    #: returning the KV cache it was given, or the cache it is a deep copy of (the forward whose cache it went on
+    #: from), or None (none, or one no forward of the capture had: see :meth:`FeedRecord.lineage` and :class:`_Made`)
     parent: int | None = None
 
     def __init__(
@@ -332,7 +332,7 @@ class FeedRecord:
         self._built = _Built()
         #: the KV cache objects the forwards of this capture were given or returned, each with the index (in
         #: ``forwards``) of the latest forward that was (see :attr:`_Forward.parent`)
-        self._made_by = _Built()
+        self._made_by = _Made()
         #: a forward of this capture fed embeddings of several sequences of several positions: the order its routers
         #: saw them in is not told (its rows are in that order: see ``Routes._order_untold``)
         self.untold = False
@@ -959,7 +959,7 @@ class FeedRecord:
         """Each row's lineage (``Routes._lineage``), as :meth:`rows` reads the ids: how many rows before it the rows of
         the forward whose KV cache its forward went on from begin (:attr:`_Forward.parent`), where that forward's rows
         are among them and the forward went on from tokens of it (a place of its rows past 0, of ``places``:
-        :meth:`places`); 0 where not known (a fresh cache, a cache of plain tensors, a copy). One host int64 per row,
+        :meth:`places`); 0 where not known (a fresh cache, one no forward of the capture had). One host int64 per row,
         or None where the forwards do not line up with the router calls or no row's lineage is known.
 
         A replay compares it at each forward's first row with the forward of its own block that was last given or
@@ -1563,7 +1563,7 @@ class FeedCheck:
         padding: torch.Tensor | None = None,
         places: torch.Tensor | None = None,
         origin: tuple[Any, int] | None = None,
-        before: tuple[_Built, Any, _Built] | None = None,
+        before: tuple[_Built, Any, _Made] | None = None,
         lineage: torch.Tensor | None = None,
     ) -> None:
         self.want = want
@@ -1572,8 +1572,8 @@ class FeedCheck:
         #: the latest such forward began at (see :meth:`_check_lineage`), and the row the forward that runs now began
         #: at (None: one not checked); and the same with the row of the whole capture each began at (where the rows'
         #: origin is known), for the replay block after this one (see :meth:`_check_lineage`)
-        self._made_by = _Built()
-        self._made_whole = _Built()
+        self._made_by = _Made()
+        self._made_whole = _Made()
         self._start_now: int | None = None
         self.places = places if places is not None and places.numel() == want.numel() else None
         #: the places of :attr:`places` with those marked :data:`AFTER_OUTSIDE` read as plain ones (compared)
@@ -2089,10 +2089,10 @@ class FeedCheck:
         these (``routes[:n]``, then ``routes[n:]``), with the forward of that block that last had it, by the lineage
         of the whole capture (which a slice's own cuts off). Where the routes know no lineage for the row (a fresh
         cache, one the rows do not reach back to) or no forward of either block had the cache (one built before, a
-        copy), it is not compared. One dict lookup per forward; no host sync."""
-        self._start_now = None
+        copy of plain tensors), it is not compared. One dict lookup per forward; no host sync."""
+        self._start_now = start  # (the cache it returns is noted as this forward's, given one or none)
         cache = _given_cache(kwargs)
-        if cache is None or isinstance(cache, list | tuple):
+        if cache is None:
             return
         begun = self._made_by.end_of(cache)
         lineage, origin = self.lineage, self.origin
@@ -2108,7 +2108,6 @@ class FeedCheck:
         self._made_by.note(cache, start)
         if origin is not None:
             self._made_whole.note(cache, origin[1] + start)
-        self._start_now = start
 
     def copied(self, copied: Any, original: Any) -> None:
         """``original``, a cache watched in this block (:class:`MoveWatch`), was deep-copied: the copy continues the
@@ -3510,11 +3509,42 @@ class _Built:
             pass
 
 
-def _note_object(made_by: _Built, cache: Any, forward: int) -> None:
-    """Note in ``made_by`` that the forward (or row) ``forward`` was given or returned ``cache``, where it is a cache
-    object (a cache of plain tensors, told by its first tensor's address, has no lineage: a freed cache's address
-    taken by another would read as its lineage)."""
-    if cache is not None and not isinstance(cache, list | tuple):
+class _Made:
+    """The KV caches that forwards of one capture or replay block were given or returned, each with the forward (an
+    index, or the row of the routes it began at) that was the latest to (see ``_Forward.parent``): cache objects by
+    identity, caches of plain tensors (a list of ``(keys, values)`` per layer) by the identity of their first tensor
+    (a forward that grows the cache returns new tensors; one given the tensors of another loop's cache is told by
+    them). Both held weakly: a freed one is never read as another."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held: dict[int, tuple[weakref.ref[Any], int]] = {}
+
+    def end_of(self, cache: Any) -> int | None:
+        """The forward noted with ``cache`` (-1: not counted), or None where it was not noted."""
+        key = _first_tensor(cache) if isinstance(cache, list | tuple) else cache
+        held = None if key is None else self.held.get(id(key))
+        return held[1] if held is not None and held[0]() is key else None
+
+    def note(self, cache: Any, forward: int) -> None:
+        """Note ``cache`` (None: nothing) as the forward ``forward``'s."""
+        key = _first_tensor(cache) if isinstance(cache, list | tuple) else cache
+        if key is None:
+            return
+        held = self.held.get(id(key))
+        if held is not None and held[0]() is key:
+            self.held[id(key)] = (held[0], forward)
+            return
+        try:
+            self.held[id(key)] = (weakref.ref(key), forward)
+        except TypeError:  # (no weak reference to it: it has no lineage)
+            pass
+
+
+def _note_object(made_by: _Made, cache: Any, forward: int) -> None:
+    """Note in ``made_by`` that the forward (or row) ``forward`` was given or returned ``cache`` (None: nothing)."""
+    if cache is not None:
         made_by.note(cache, forward)
 
 

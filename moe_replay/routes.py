@@ -1185,11 +1185,12 @@ class Routes:
         #: context
         obj._seq_pos = None
         #: set by Session.routes() only, one int64 per row: how many rows before it the rows of the forward whose KV
-        #: cache object the row's forward went on from begin (its lineage: the latest earlier forward of the capture
-        #: given or returning that cache), 0 where not known (a fresh cache, a cache of plain tensors, a copy, a
-        #: forward the rows do not reach back to). A replay refuses a forward given a cache that another forward of
-        #: its block had last (a decode step given another sequence's cache of as many tokens). Runs of rows and
-        #: joins cut a lineage that reaches back past their first row; rows picked out of order keep none
+        #: cache the row's forward went on from begin (its lineage: the latest earlier forward of the capture given or
+        #: returning that cache, or the one it is a deep copy of), 0 where not known (a fresh cache, one no forward of
+        #: the capture had, a forward the rows do not reach back to). A replay refuses a forward given a cache that
+        #: another forward of its block had last (a decode step given another sequence's cache of as many tokens).
+        #: Runs of rows and joins cut a lineage that reaches back past their first row (a replay block of such a run
+        #: reads the whole capture's, ``_Forwards.lineage``); rows picked out of order keep none
         obj._lineage = None
         #: set by BatchLayout.routes() only, one int64 per row: the row's place in its sequence in the batch it was
         #: laid out for (0, 1, ...), -1 at that batch's padding, -2 where not known. A replay of routes that know no

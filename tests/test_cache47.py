@@ -257,3 +257,31 @@ def test_a_decode_step_given_a_copy_of_the_other_loops_cache_is_refused() -> Non
         with pytest.raises(mr.TokenMismatchError, match="went on from the cache of the forward"):
             with session.replay(routes), torch.no_grad():
                 loop(True)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_decode_step_given_the_other_loops_plain_tensor_cache_is_refused() -> None:
+    """The reference model's cache of plain tensors: two prompts prefilled, one step each on its own cache, replayed
+    with the caches swapped, is refused: a cache of plain tensors is told by its first tensor (each forward returns
+    new ones), held weakly."""
+    model = mr.models.build("softmax_topk")
+    prompts = [torch.randint(3, 128, (1, 3), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+
+    def loop(swapped: bool) -> list[torch.Tensor]:
+        caches = [model(p, use_cache=True).past_key_values for p in prompts]
+        if swapped:
+            caches.reverse()
+        return [model(_STEP, past_key_values=c, use_cache=True).logits for c in caches]
+
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            want = loop(False)
+        routes = session.routes()
+        with session.capture(), torch.no_grad():
+            assert not torch.allclose(loop(True)[0], want[0])  # (the premise: the step sees the other prompt)
+        with session.replay(routes), torch.no_grad():  # (the loop as captured: forced)
+            same = loop(False)
+        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(same, want, strict=True))
+        with pytest.raises(mr.TokenMismatchError, match="went on from the cache of the forward"):
+            with session.replay(routes), torch.no_grad():
+                loop(True)
