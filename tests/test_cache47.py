@@ -285,3 +285,28 @@ def test_a_decode_step_given_the_other_loops_plain_tensor_cache_is_refused() -> 
         with pytest.raises(mr.TokenMismatchError, match="went on from the cache of the forward"):
             with session.replay(routes), torch.no_grad():
                 loop(True)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_decode_step_given_the_other_loops_cache_that_the_model_made_is_refused() -> None:
+    """Each prompt's forward given no cache makes one (a DynamicCache the model returns): a step given the other
+    loop's is refused, and each loop's steps on its own are forced."""
+    model = tiny_hf.build("qwen3_moe")
+    prompts = _prompts(2)
+
+    def loop(swapped: bool) -> list[torch.Tensor]:
+        caches = [model(p, use_cache=True).past_key_values for p in prompts]
+        if swapped:
+            caches.reverse()
+        return [model(_STEP, past_key_values=c, use_cache=True).logits for c in caches]
+
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            want = loop(False)
+        routes = session.routes()
+        with session.replay(routes), torch.no_grad():
+            same = loop(False)
+        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(same, want, strict=True))
+        with pytest.raises(mr.TokenMismatchError, match=r"forward 3 of this replay\(\) is given a KV cache"):
+            with session.replay(routes), torch.no_grad():
+                loop(True)
