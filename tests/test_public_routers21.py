@@ -10,6 +10,7 @@ with a ``MoEReplayError`` that says why, the model left as it was.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -584,6 +585,271 @@ def _patch_moe_hard(train: bool) -> nn.Module:
     return model.train(train)
 
 
+# ----------------------------------------------------------------------- Diff-MoE: experts conditioned on the timestep
+# kunncheng/Diff-MoE models.py (``MoEGate``, ``MoeMLP_Temporal_Calibration``, ``SparseMoeBlock_SpatialTemporalMoE``,
+# ``DiTBlock_SpatialTemporalMoE``): a DiT whose MoE experts each take the timestep-and-class condition ``c`` (their own
+# adaLN shift, scale and gate) and a global channel weight (a squeeze-excitation of the pooled tokens). The gate is
+# DeepSeek-MoE's (a ``weight`` Parameter, softmax, ``torch.topk(sorted=False)``, no renormalisation, a balance loss in
+# training added by a custom autograd Function); in training each token is repeated per slot and ``y[flat_topk_idx ==
+# i] = expert(...)``; in eval ``moe_infer`` (under ``no_grad``) sorts the flat ids, counts them with ``bincount`` and a
+# NumPy ``cumsum``, and ``scatter_reduce_``s the weighted outputs. The experts' MLP runs in ``pretraining_tp`` slices;
+# two shared experts (one wider MLP) take the block's input. A depthwise conv mixes the tokens before the MoE.
+class DiffMoEGate(_Used):
+    def __init__(self, num_experts_per_tok: int = 2, aux_loss_alpha: float = 0.01) -> None:
+        super().__init__()
+        self.top_k, self.n_routed_experts, self.alpha = num_experts_per_tok, E, aux_loss_alpha
+        self.weight = nn.Parameter(torch.empty((E, D)))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        bsz, seq_len, h = hidden_states.shape
+        scores = F.linear(hidden_states.reshape(-1, h), self.weight, None).softmax(dim=-1)
+        if self.forced is None:
+            topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        else:
+            topk_weight, topk_idx = scores.gather(-1, self.forced), self.forced
+        self.used = topk_idx
+        aux_loss = None
+        if self.training and self.alpha > 0.0:
+            mask_ce = F.one_hot(topk_idx.view(bsz, -1).view(-1), num_classes=self.n_routed_experts)
+            aux_loss = (scores.mean(0) * mask_ce.float().mean(0) * self.n_routed_experts).sum() * self.alpha
+        return topk_idx, topk_weight, aux_loss
+
+
+class DiffMoEAddAuxiliaryLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = loss.dtype  # type: ignore[attr-defined]
+        ctx.required_aux_loss = loss.requires_grad  # type: ignore[attr-defined]
+        return x
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        grad_loss = torch.ones(1, dtype=ctx.dtype) if ctx.required_aux_loss else None  # type: ignore[attr-defined]
+        return grad_output, grad_loss  # type: ignore[return-value]
+
+
+class DiffMoETemporalMLP(nn.Module):
+    """``MoeMLP_Temporal`` (``calibrated``: ``MoeMLP_Temporal_Calibration``, weighed by the global channel weight)."""
+
+    def __init__(self, intermediate_size: int = 2 * D, pretraining_tp: int = 2, rank: int = 4) -> None:
+        super().__init__()
+        self.intermediate_size, self.pretraining_tp = intermediate_size, pretraining_tp
+        self.gate_proj = nn.Linear(D, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(D, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, D, bias=False)
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        # (upstream zero-initialises the last modulation layer: every expert the identity until trained)
+        self.adaLN_modulation = nn.Sequential(nn.Linear(D, rank, bias=False), nn.ReLU(), nn.Linear(rank, 3 * D))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, global_info: torch.Tensor | None = None) -> torch.Tensor:
+        identity = x
+        shift, scale, gate = self.adaLN_modulation(c).chunk(3, dim=-1)
+        x = self.norm(x) * (1 + scale) + shift
+        sl = self.intermediate_size // self.pretraining_tp
+        gate_slices = self.gate_proj.weight.split(sl, dim=0)
+        up_slices = self.up_proj.weight.split(sl, dim=0)
+        down_slices = self.down_proj.weight.split(sl, dim=1)
+        gate_proj = torch.cat([F.linear(x, gate_slices[i]) for i in range(self.pretraining_tp)], dim=-1)
+        up_proj = torch.cat([F.linear(x, up_slices[i]) for i in range(self.pretraining_tp)], dim=-1)
+        inner = F.silu(gate_proj) * up_proj
+        if global_info is not None:
+            inner = inner * global_info
+        parts = inner.split(sl, dim=-1)
+        down_proj = sum(F.linear(parts[i], down_slices[i]) for i in range(self.pretraining_tp))
+        return identity + gate * down_proj
+
+
+class DiffMoESparseMoeBlock(nn.Module):
+    def __init__(self, num_experts_per_tok: int = 2, n_shared_experts: int = 2, rank: int = 4) -> None:
+        super().__init__()
+        self.num_experts_per_tok = num_experts_per_tok
+        self.experts = nn.ModuleList(DiffMoETemporalMLP() for _ in range(E))
+        self.gate = DiffMoEGate(num_experts_per_tok)
+        self.se = nn.Sequential(nn.Linear(D, rank, bias=False), nn.ReLU(), nn.Linear(rank, 2 * D, bias=False))
+        self.shared_experts = DiffMoETemporalMLP(D * n_shared_experts)
+
+    def forward(self, hidden_states: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        identity, orig_shape = hidden_states, hidden_states.shape
+        pooled_token = F.adaptive_avg_pool2d(hidden_states, output_size=(1, hidden_states.size(2))).squeeze(1)
+        global_info = torch.sigmoid(self.se(pooled_token))
+        topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+        c = c.repeat_interleave(int(orig_shape[1]), dim=0)
+        global_info = global_info.repeat_interleave(int(orig_shape[1]), dim=0)
+        flat_topk_idx = topk_idx.view(-1)
+        if self.training:
+            k = self.num_experts_per_tok
+            hidden_states = hidden_states.repeat_interleave(k, dim=0)
+            _c, _global_info = c.repeat_interleave(k, dim=0), global_info.repeat_interleave(k, dim=0)
+            y = torch.empty_like(hidden_states, dtype=hidden_states.dtype)
+            for i, expert in enumerate(self.experts):
+                sel = flat_topk_idx == i
+                y[sel] = expert(hidden_states[sel], _c[sel], _global_info[sel]).float()
+            y = (y.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)).sum(dim=1).view(*orig_shape)
+            assert aux_loss is not None
+            y = DiffMoEAddAuxiliaryLoss.apply(y, aux_loss)
+        else:
+            y = self.moe_infer(hidden_states, c, flat_topk_idx, topk_weight.view(-1, 1), global_info).view(*orig_shape)
+        return y + self.shared_experts(identity, c.reshape(orig_shape[0], orig_shape[1], -1))
+
+    @torch.no_grad()
+    def moe_infer(
+        self, x: torch.Tensor, c: torch.Tensor, flat_idx: torch.Tensor, flat_w: torch.Tensor, global_info: torch.Tensor
+    ) -> torch.Tensor:
+        expert_cache = torch.zeros_like(x)
+        idxs = flat_idx.argsort()
+        tokens_per_expert = flat_idx.bincount().cpu().numpy().cumsum(0)
+        token_idxs = idxs // self.num_experts_per_tok
+        for i, end_idx in enumerate(tokens_per_expert):
+            start_idx = 0 if i == 0 else tokens_per_expert[i - 1]
+            if start_idx == end_idx:
+                continue
+            exp_token_idx = token_idxs[start_idx:end_idx]
+            expert_out = self.experts[i](x[exp_token_idx], c[exp_token_idx], global_info[exp_token_idx])
+            expert_out.mul_(flat_w[idxs[start_idx:end_idx]])
+            index = exp_token_idx.view(-1, 1).repeat(1, x.shape[-1])
+            expert_cache.scatter_reduce_(0, index, expert_out, reduce="sum")
+        return expert_cache
+
+
+class DiffMoEDiTBlock(nn.Module):
+    """The MoE half of ``DiTBlock_SpatialTemporalMoE``: adaLN modulation, a depthwise conv over the token grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.moe = DiffMoESparseMoeBlock()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 3 * D))
+        self.dwconv = nn.Conv2d(D, D, kernel_size=3, stride=1, padding=1, groups=D)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(3, dim=1)
+        side = int(x.shape[1] ** 0.5)
+        shortcut = x
+        x = self.dwconv(x.transpose(1, 2).reshape(x.shape[0], D, side, side)).flatten(2).transpose(1, 2)
+        moe_in = self.norm2(x) * (1 + scale_mlp.unsqueeze(1)) + shift_mlp.unsqueeze(1)
+        return shortcut + gate_mlp.unsqueeze(1) * self.moe(moe_in, c)
+
+
+class DiffMoEDiT(nn.Module):
+    """Two blocks under one condition: a sinusoidal timestep embedding (one timestep per sample) through an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.t_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList([DiffMoEDiTBlock(), DiffMoEDiTBlock()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.arange(x.shape[0], dtype=torch.float32) * 250.0
+        freqs = torch.exp(-math.log(10000) * torch.arange(D // 2, dtype=torch.float32) / (D // 2))
+        c = self.t_mlp(torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=-1))
+        for block in self.blocks:
+            x = block(x, c)
+        return x
+
+
+# ----------------------------------------------------------------------- ProSize-MoE: a size prompt beside the tokens
+# phdymz/ProSize-MoE experiments/proteinshake_eval/task_moe/gates.py (``TopKGate``), task_moe/layer.py (``TaskMoE``),
+# task_moe/experts.py (``FusedExperts``) and models/graph_new.py (``GINConv``, ``GNN``): a protein-size-guided MoE in a
+# GIN. Each residue's gate input is its features concatenated with a prompt embedding of its protein's size bucket
+# (per 50 residues upstream, per 3 here); the gate (an fp32 Linear, multiplicative input jitter in training) takes
+# ``torch.topk(...).indices``, chunks them into slots, makes one integer one-hot mask per slot by ``scatter_`` and
+# weighs each slot by the softmax gathered through its mask, renormalised over the two. Every expert Linear runs and
+# the masks pick and weigh their outputs. The GIN MLP is two such MoE Linears around a BatchNorm and a ReLU; the layer
+# also returns the masks of both (the encoder returns them; the test model returns the residues' features).
+class ProSizeTopKGate(_Used):
+    def __init__(self, model_dim: int, prompt_dim: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.noisy_gate_policy = k, "Jitter"
+        self.wg = nn.Linear(model_dim + prompt_dim, E, bias=True).float()
+
+    def forward(self, x: torch.Tensor, prompt: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        input_fp32 = x.float()
+        if self.noisy_gate_policy == "Jitter" and self.training:
+            uniform = torch.distributions.uniform.Uniform(low=torch.tensor(1.0 - 1e-2), high=torch.tensor(1.0 + 1e-2))
+            input_fp32 = input_fp32 * uniform.rsample(input_fp32.shape)
+        return self.top2gating(self.wg(torch.cat([input_fp32, prompt], dim=-1)))
+
+    def top2gating(self, logits: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        b, num_experts = logits.shape
+        topk_indices = torch.topk(logits, self.k, dim=-1).indices if self.forced is None else self.forced
+        self.used = topk_indices
+        masks_se = []
+        for x in topk_indices.chunk(self.k, dim=-1):
+            mask = torch.zeros([x.view(-1).size(0), num_experts], dtype=x.dtype).scatter_(
+                1, x.view(-1).unsqueeze(-1), 1
+            )
+            masks_se.append(mask.view(b, num_experts))
+        gates = F.softmax(logits, dim=-1)
+        gates_s = [(gates * m).sum(dim=-1) for m in masks_se]
+        denom_s = torch.clamp(sum(gates_s), min=torch.finfo(gates_s[0].dtype).eps)  # type: ignore[arg-type]
+        return masks_se, [g / denom_s for g in gates_s]
+
+
+class ProSizeTaskMoE(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.num_experts = E
+        self.gate = ProSizeTopKGate(in_dim)
+        self.experts = nn.ModuleList(nn.Linear(in_dim, out_dim) for _ in range(E))
+
+    def forward(
+        self, hidden_states: torch.Tensor, prompt: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        masks_se, gates = self.gate(hidden_states, prompt)
+        x = torch.cat([layer(hidden_states).unsqueeze(-2) for layer in self.experts], dim=-2)
+        out = (masks_se[0].unsqueeze(-1) * x).sum(-2) * gates[0].unsqueeze(-1)
+        out = out + (masks_se[1].unsqueeze(-1) * x).sum(-2) * gates[1].unsqueeze(-1)
+        return out, (masks_se, gates)
+
+
+class ProSizeGINConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.ModuleList([ProSizeTaskMoE(D, 2 * D), nn.BatchNorm1d(2 * D), nn.ReLU(), ProSizeTaskMoE(2 * D, D)])
+        self.eps = nn.Parameter(torch.Tensor([0.1]))
+
+    def forward(
+        self, x: torch.Tensor, edge_index: torch.Tensor, prompt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        src, dst = edge_index
+        out = (1 + self.eps) * x + torch.zeros_like(x).index_add(0, dst, F.relu(x[src]))
+        out, gate = self.mlp[0](out, prompt)
+        gates = [(gate[0][0] + gate[0][1]).unsqueeze(-2)]
+        out = self.mlp[2](self.mlp[1](out))
+        out, gate = self.mlp[3](out, prompt)
+        gates.append((gate[0][0] + gate[0][1]).unsqueeze(-2))
+        return out, torch.cat(gates, dim=1)
+
+
+class ProSizeGNN(nn.Module):
+    """Two GIN layers over a batch of two chain graphs (5 and 7 residues), each residue prompted by its graph's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gnns = nn.ModuleList([ProSizeGINConv(), ProSizeGINConv()])
+        self.batch_norms = nn.ModuleList([nn.BatchNorm1d(D), nn.BatchNorm1d(D)])
+        self.prompt = nn.Embedding(21, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = torch.tensor([5, 7])
+        starts = torch.cumsum(sizes, 0) - sizes
+        src = torch.cat([torch.arange(n - 1) + s for n, s in zip(sizes.tolist(), starts.tolist(), strict=True)])
+        edge_index = torch.stack([torch.cat([src, src + 1]), torch.cat([src + 1, src])])
+        prompt_atom = self.prompt(torch.clamp(sizes // 3, min=0, max=20))[
+            torch.repeat_interleave(torch.arange(2), sizes)
+        ]
+        output = x
+        for layer in range(2):
+            output, _gate = self.gnns[layer](output, edge_index, prompt_atom)
+            output = self.batch_norms[layer](output)
+            output = output if layer == 1 else F.relu(output)
+        return output
+
+
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, input, options: ``train``, ``change`` and ``assert_exact`` / attach options)
     # (no router weight, no expert container: named with ``include=``; without it none is found, see below)
@@ -610,6 +876,11 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     ),
     "patch-moe-hard-topk-after-its-own-eval": (lambda: _patch_moe_hard(False), lambda: _x(2, 6), {}),
     "patch-moe-hard-topk-after-its-own-eval-train": (lambda: _patch_moe_hard(True), lambda: _x(2, 6), {"train": True}),
+    # (in eval the experts run under ``no_grad``: no gradient reaches the gate, natively as by hand)
+    "diff-moe-timestep-conditioned-experts": (DiffMoEDiT, lambda: _x(2, 16), {}),
+    "diff-moe-timestep-conditioned-experts-train": (DiffMoEDiT, lambda: _x(2, 16), {"train": True}),
+    "prosize-moe-size-prompted-gates-in-a-gin": (ProSizeGNN, lambda: _x(12), {}),
+    "prosize-moe-size-prompted-gates-in-a-gin-train": (ProSizeGNN, lambda: _x(12), {"train": True}),
 }
 
 
@@ -622,7 +893,10 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     a ``finfo.min`` tensor and softmaxed again, every LoRA rank slice run and scaled, a cached similarity in eval);
     A-MoE-ASC's BERT MoE feed-forward (only the real tokens' rows routed, a capacity by order); the patch-wise MoE after
     its own ``eval()`` (a top-k of the raw logits, tokens gathered by Python dicts of lists, a usage log kept under
-    ``no_grad``), in eval and back in training: every router found and nothing else, the recorded rows the experts
+    ``no_grad``), in eval and back in training; Diff-MoE's DiT (experts conditioned on the timestep and a channel
+    weight, a DeepSeek-MoE gate, repeated tokens in training, a NumPy ``cumsum`` of counts under ``no_grad`` in eval);
+    ProSize-MoE's GIN (gates fed the residues and a size prompt, integer one-hot masks per slot, every expert run, a
+    BatchNorm between two MoE Linears): every router found and nothing else, the recorded rows the experts
     used, and a replay after the routers change those experts forced by hand, in output and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
@@ -707,3 +981,24 @@ def test_patch_moe_usage_log_counts_the_captured_forward_once() -> None:
             want = torch.stack([torch.bincount(rows[:, p].flatten(), minlength=E) for p in range(6)]).float()
             assert torch.equal(layer.moe.sequence_histogram[:6], want), name
             assert not layer.moe.sequence_histogram[6:].any(), name
+
+
+@pytest.mark.reliability("silent replays")
+def test_prosize_batch_norm_statistics_move_once_per_captured_forward() -> None:
+    """ProSize-MoE's GIN in training (BatchNorms between and after its MoE Linears): after attaching and one captured
+    forward, every running statistic is that of one plain forward of a copy never attached, the same seed before
+    both (the jitter draws alike): the forwards that establish the decisions move none of them."""
+    model = ProSizeGNN().train()
+    ref = copy.deepcopy(model)
+    x = _x(12)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        ref(x)
+    with mr.attach(model) as session:
+        torch.manual_seed(1)
+        with torch.no_grad(), session.capture():
+            model(x)
+    want = dict(ref.named_buffers())
+    moved = [n for n, b in model.named_buffers() if not torch.equal(b, want[n])]
+    assert not moved, moved
+    assert any(not torch.equal(b, dict(ProSizeGNN().named_buffers())[n]) for n, b in model.named_buffers())
