@@ -297,3 +297,94 @@ def one_of_many(value: Any, reader: str, holds: str) -> str:
         f": a {type(value).__name__} of {len(value)}, as a batched engine call returns them ({holds}), but {reader} "
         f"reads one sequence. Read each: [{reader}(x, layer_map) for x in outputs]"
     )
+
+
+#: The axes of an engine array as engines write it: one row per token, one column per layer, k experts.
+ENGINE_AXES = ("tokens", "layers", "k")
+
+
+def axes_names(axes: str, what: str) -> tuple[str, ...]:
+    """The axis names of ``axes=`` (a permutation of ``"tokens,layers,k"``), in its order."""
+    names = tuple(a.strip() for a in axes.split(",")) if isinstance(axes, str) else ()
+    if sorted(names) != sorted(ENGINE_AXES):
+        raise RoutesValidationError(
+            f"{what}: axes={axes!r:.60}, but axes names the order of the array's three axes, a permutation of "
+            "'tokens,layers,k' (as engines write it; 'layers,tokens,k' for a stack of per-layer arrays)"
+        )
+    return names
+
+
+def in_axes(arr: np.ndarray, axes: str | None, what: str) -> np.ndarray:
+    """``arr`` with its axes put in the engine order ``[tokens, layers, k]``, where ``axes`` names the order it is in
+    (a permutation of ``"tokens,layers,k"``, e.g. ``"layers,tokens,k"`` for a stack of per-layer arrays); ``arr``
+    itself where ``axes`` is None (its order is then proven by :func:`check_axes`, or refused)."""
+    if axes is None:
+        return arr
+    names = axes_names(axes, what)
+    if arr.ndim != 3:
+        raise RoutesValidationError(f"{what}: axes={axes!r} names three axes, but the array has shape {arr.shape}")
+    return np.ascontiguousarray(arr.transpose([names.index(a) for a in ENGINE_AXES]))
+
+
+#: The other orders an engine array's axes come in: a stack of per-layer ``[tokens, k]`` arrays on the first axis
+#: (Megatron's list, ``torch.stack(per_layer)``) or on the last (``torch.stack(per_layer, dim=-1)``).
+_MISTAKEN_AXES = (("layers", "tokens", "k"), ("tokens", "k", "layers"))
+
+
+def _fits_map(arr: np.ndarray, lm: LayerMap, layout: str) -> bool:
+    """Whether ``arr``, read as ``[tokens, width, k]``, could be an engine's array for ``lm``: dense columns zero
+    (layout "all"), every router's column of experts it has, no expert twice in a row of k. Rows all -1 or all 0 are
+    passed over (no route, or a row an engine left unwritten), so that they never prove an order."""
+    rows = arr.astype(np.int64)
+    if layout == "all" and lm.dense_layers and (rows[:, list(lm.dense_layers)] != 0).any():
+        return False
+    for nm, e in zip(lm.names, lm.num_experts, strict=True):
+        col = lm.column(nm, layout)
+        if col is None:
+            continue
+        x = rows[:, col]
+        x = x[~((x == -1).all(axis=1) | (x == 0).all(axis=1))]
+        if x.size and (x.min() < 0 or x.max() >= e):
+            return False
+        s = np.sort(x, axis=1)
+        if x.shape[1] > 1 and (s[:, 1:] == s[:, :-1]).any():
+            return False
+    return True
+
+
+def check_axes(arr: np.ndarray, lm: LayerMap, layout: str, what: str, *, told: bool, fix: str = "axes=") -> None:
+    """Refuse an array whose axes order its data does not prove, where another order fits the same shape.
+
+    An array ``[tokens, width, k]`` with as many tokens as layer columns (or as many columns as
+    k) has the shape of its own transpose: a stack of per-layer arrays ``[layers, tokens, k]``
+    would be read without complaint, every token given another token's experts. Unless the
+    order was told (``told``: ``axes=``, or the engine's own output object, which holds its
+    array as the engine writes it), every other order of the same shape is read too: the
+    array is taken as ``[tokens, layers, k]`` where that reading fits the map (dense columns
+    zero, experts in range, none twice in a row) and no other does. ``fix`` names the argument
+    that settles it.
+    """
+    if told or arr.ndim != 3 or not arr.size or arr.shape[1:] != (lm.width(layout), lm.k):
+        return  # (a shape that fits no order of the map is refused by check_shape)
+    others = []
+    for names in _MISTAKEN_AXES:
+        alt = arr.transpose([names.index(a) for a in ENGINE_AXES])
+        if alt.shape == arr.shape and not np.array_equal(alt, arr) and _fits_map(alt, lm, layout):
+            others.append(",".join(names))
+    if not others:
+        return
+    ours = _fits_map(arr, lm, layout)
+    shape = f"{tuple(arr.shape)} ({arr.shape[0]} rows, {arr.shape[1]} layer columns, k={arr.shape[2]})"
+    if not ours:
+        raise RoutesValidationError(
+            f"{what} of shape {shape} does not fit the LayerMap read as [tokens, layers, k], as engines write it, but "
+            f"fits it read as [{others[0]}]: its axes are in another order. Pass {fix}'{others[0]}' if that is how "
+            "it was made, or check the LayerMap"
+        )
+    raise RoutesValidationError(
+        f"{what} of shape {shape} cannot tell its axes: read as [tokens, layers, k] (as engines write it) or as "
+        f"[{others[0]}] (e.g. a stack of per-layer arrays) it fits the LayerMap either way, and each reading gives "
+        f"every token other experts. Nothing else known settles it (no dense layer column, no expert out of range "
+        f"or repeated in either reading). Pass {fix}'tokens,layers,k' if the engine wrote it, {fix}'{others[0]}' "
+        "if it was stacked per layer"
+    )

@@ -32,9 +32,11 @@ from ..errors import ArgumentTypeError, InvalidArgumentError, RoutesValidationEr
 from ..routes import Routes, in_token_order, order_untold
 from ._common import (
     as_array,
+    check_axes,
     check_routed_rows,
     columns,
     cut_last,
+    in_axes,
     make_routes,
     ordered,
     rows_untold,
@@ -223,7 +225,9 @@ def from_megatron(
     return Routes(tensors, names=names, num_experts=num_experts)
 
 
-def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_tokens: int | None = None) -> Routes:
+def from_megatron_inference(
+    routing_indices: Any, layer_map: LayerMap, *, num_tokens: int | None = None, axes: str | None = None
+) -> Routes:
     """Routes of one sequence from Megatron inference's ``routing_indices``.
 
     ``DynamicInferenceRequest.routing_indices`` is ``[total_tokens - 1, num_moe_layers, k]``
@@ -236,12 +240,17 @@ def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_to
             ``strict=False`` that leaves rows of such routes unread is refused, since a row too
             many at the front would shift every token's experts: slice them, ``routes[:n]``,
             for a partial replay).
+        axes: the order of the array's axes, ``"tokens,layers,k"`` as Megatron writes it, or
+            another order of those names (``"layers,tokens,k"``: a stack of per-layer arrays).
+            Needed only where the data cannot prove it: an array with as many rows as MoE
+            layers (or as many MoE layers as k) that fits the LayerMap read in either order is
+            refused without it.
 
     Returns:
         ``rows + 1`` tokens, the last one -1.
     """
     check_map(layer_map, "from_megatron_inference")
-    arr = as_array(routing_indices, "routing_indices")
+    arr = in_axes(as_array(routing_indices, "routing_indices"), axes, "Megatron routing_indices")
     if arr.dtype.name in ("uint8", "uint16", "int16"):
         raise RoutesValidationError(
             f"routing_indices is {arr.dtype}; Megatron inference writes int32, and a cast to a narrower type may have "
@@ -249,6 +258,7 @@ def from_megatron_inference(routing_indices: Any, layer_map: LayerMap, *, num_to
         )
     if num_tokens is not None:
         check_routed_rows(arr, check_count(num_tokens, "num_tokens"), "routing_indices")
+    check_axes(arr, layer_map, "moe", "Megatron routing_indices", told=axes is not None)
     layers = columns(arr, layer_map, "moe", "Megatron routing_indices")
     routes = make_routes(with_last(layers), layer_map, "Megatron routing_indices")
     return routes if num_tokens is not None else rows_untold(routes, "from_megatron_inference")

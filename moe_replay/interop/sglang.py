@@ -32,9 +32,12 @@ from .._checks import check_count, check_values, is_collection, is_integer
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes
 from ._common import (
+    axes_names,
+    check_axes,
     check_start,
     columns,
     cut_last,
+    in_axes,
     make_routes,
     one_of_many,
     rows_untold,
@@ -152,6 +155,7 @@ def from_sglang(
     num_tokens: int | None = None,
     start_len: int = 0,
     token_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    axes: str | None = None,
 ) -> Routes:
     """Routes of one sequence from SGLang's ``meta_info["routed_experts"]``.
 
@@ -177,6 +181,12 @@ def from_sglang(
             ``/generate`` response (with ``output_ids`` and ``meta_info["prompt_tokens"]``), the
             routes know its ``output_ids`` (-1 for the prompt's tokens) without ``token_ids=``;
             ``token_ids=`` given too must name the same completion ids.
+        axes: the order of the flat array's axes, ``"tokens,layers,k"`` as SGLang writes it, or
+            another order of those names (``"layers,tokens,k"``: bytes of a stack of per-layer
+            arrays). The bytes hold no shape: a payload with as many rows as hidden layers (or
+            as many layers as k) that fits the LayerMap read in either order is refused without
+            it, unless it comes in a whole ``/generate`` response (``meta_info`` with it), which
+            holds it as SGLang writes it.
 
     Returns:
         ``start_len + rows + 1`` tokens; the first ``start_len`` and the last are -1.
@@ -212,9 +222,17 @@ def from_sglang(
             f"SGLang routed_experts holds {len(raw)} bytes, not whole rows of num_hidden_layers*k = {width}*{k} "
             "int32 values: check the LayerMap's num_layers and k"
         )
-    arr = np.frombuffer(raw, dtype="<i4").reshape(-1, width, k)
+    flat = np.frombuffer(raw, dtype="<i4")
+    if axes is None:
+        arr = flat.reshape(-1, width, k)
+    else:
+        sizes = {"tokens": -1, "layers": width, "k": k}
+        arr = in_axes(flat.reshape([sizes[a] for a in axes_names(axes, "SGLang routed_experts")]), axes, "SGLang")
     for expected, source, at_most in counts:
         _check_rows(arr.shape[0], start, expected, source, at_most)
+    # (a whole /generate response holds the payload as SGLang wrote it: tokens, then layers, then k)
+    whole = isinstance(response, Mapping) and "meta_info" in response
+    check_axes(arr, layer_map, "all", "SGLang routed_experts", told=axes is not None or whole)
     layers = columns(arr, layer_map, "all", "SGLang routed_experts")
     routes = make_routes(with_last(with_front(layers, start)), layer_map, "SGLang routed_experts")
     told = _response_ids(response, routes.num_tokens)

@@ -43,12 +43,15 @@ from .._checks import check_count, is_collection, is_integer
 from ..errors import RoutesValidationError
 from ..routes import Routes
 from ._common import (
+    ENGINE_AXES,
     as_array,
+    check_axes,
     check_holds,
     check_routed_rows,
     check_start,
     columns,
     cut_last,
+    in_axes,
     make_routes,
     npy_from_base64,
     npy_to_base64,
@@ -207,6 +210,7 @@ def from_vllm(
     completion_len: int,
     prompt_start: int = 0,
     version: str | tuple[int, ...] | None = None,
+    axes: str | None = None,
 ) -> Routes:
     """Routes of one sequence from a ``CompletionOutput.routed_experts`` array (vLLM <= 0.20, 0.22-0.33).
 
@@ -227,6 +231,11 @@ def from_vllm(
             at the front; they get -1 rows.
         version: ``vllm.__version__`` of the engine, needed when the dtype was changed on
             the way (e.g. to int64).
+        axes: the order of the array's axes, ``"tokens,layers,k"`` as vLLM writes it, or
+            another order of those names (``"layers,tokens,k"``: a stack of per-layer arrays).
+            Needed only where the array's data cannot prove its order: an array with as many
+            rows as layer columns (or as many columns as k) that fits the LayerMap read in
+            either order is refused without it.
 
     Returns:
         ``prompt_len + completion_len`` rows; the first ``prompt_start`` and the last are -1.
@@ -237,7 +246,7 @@ def from_vllm(
             holds experts; invalid expert indices (negative, or past the router's experts).
     """
     check_map(layer_map, "from_vllm")
-    arr = _array(routed_experts, "routed_experts")
+    arr = in_axes(_array(routed_experts, "routed_experts"), axes, "vLLM routed_experts")
     start = check_start(prompt_start, "prompt_start")
     layout = _detect(arr, version, split=False, start=start)
     if layout == _SPLIT:
@@ -278,6 +287,7 @@ def from_vllm(
             f"routed_experts has {rows} rows; vLLM {layout} writes prompt_len - prompt_start + completion_len - 1 = "
             f"{p} - {start} + {c} - 1 = {want} (the last token is never routed).{hint}"
         )
+    check_axes(arr, layer_map, "all", f"vLLM {layout} routed_experts", told=axes is not None)
     layers = columns(arr, layer_map, "all", f"vLLM {layout} routed_experts")
     return make_routes(with_last(with_front(layers, start)), layer_map, f"vLLM {layout} routed_experts")
 
@@ -302,7 +312,9 @@ def to_vllm(
     )
 
 
-def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: int | None = None) -> Routes:
+def from_vllm_legacy(
+    routed_experts: Any, layer_map: LayerMap, *, num_tokens: int | None = None, axes: str | None = None
+) -> Routes:
     """Routes of one sequence from vLLM <= 0.20's ``routed_experts``: ``[seq_len - 1, num_hidden_layers, k]`` int32.
 
     The dtype of another release is refused: uint8/uint16 (vLLM 0.22+, whose array starts
@@ -321,12 +333,14 @@ def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: in
             ``strict=False`` (which leaves rows unread) of such routes is refused if it leaves
             any, since a row too many at the front would shift every token's experts; slice
             them (``routes[:n]``) for a partial replay.
+        axes: the order of the array's axes, as :func:`from_vllm` takes it: needed only where
+            the data cannot prove it (as many rows as layer columns, fitting either way).
 
     Returns:
         ``rows + 1`` tokens, the last one -1.
     """
     check_map(layer_map, "from_vllm_legacy")
-    arr = _array(routed_experts, "routed_experts")
+    arr = in_axes(_array(routed_experts, "routed_experts"), axes, "vLLM routed_experts")
     if arr.dtype.name in _DTYPE_OF[_CURRENT] + _DTYPE_OF[_SPLIT]:
         other = _CURRENT if arr.dtype.name in _DTYPE_OF[_CURRENT] else _SPLIT
         use = "from_vllm(..., prompt_start=) (its rows start at routed_experts_prompt_start)"
@@ -336,6 +350,7 @@ def from_vllm_legacy(routed_experts: Any, layer_map: LayerMap, *, num_tokens: in
         )
     if num_tokens is not None:
         check_routed_rows(arr, check_count(num_tokens, "num_tokens"), "routed_experts")
+    check_axes(arr, layer_map, "all", "vLLM <=0.20 routed_experts", told=axes is not None)
     layers = columns(arr, layer_map, "all", "vLLM <=0.20 routed_experts")
     routes = make_routes(with_last(layers), layer_map, "vLLM <=0.20 routed_experts")
     return routes if num_tokens is not None else rows_untold(routes, "from_vllm_legacy")
@@ -356,6 +371,7 @@ def from_vllm_split(
     completion_len: int,
     cached_tokens: int | None = None,
     prompt_len: int | None = None,
+    axes: str | None = None,
 ) -> Routes:
     """Routes of one sequence from vLLM 0.21's split arrays (MoE layers only, int16).
 
@@ -377,6 +393,8 @@ def from_vllm_split(
             that leaves rows of the routes unread is refused (a row too many at the front
             would shift every token's experts): slice them, ``routes[:n]``, for a partial
             replay. :func:`from_vllm_output` counts the prompt itself.
+        axes: the order of both arrays' axes, as :func:`from_vllm` takes it: needed only
+            where the data cannot prove it (as many rows as MoE layers, fitting either way).
 
     Returns:
         ``prompt_len + completion_len`` rows; the last one -1.
@@ -387,8 +405,8 @@ def from_vllm_split(
             prompt rows without ``cached_tokens=``, invalid experts.
     """
     check_map(layer_map, "from_vllm_split")
-    gen = _array(routed_experts, "routed_experts")
-    prompt = _array(prompt_routed_experts, "prompt_routed_experts")
+    gen = in_axes(_array(routed_experts, "routed_experts"), axes, "vLLM 0.21 routed_experts")
+    prompt = in_axes(_array(prompt_routed_experts, "prompt_routed_experts"), axes, "vLLM 0.21 prompt_routed_experts")
     for arr, what in ((prompt, "prompt_routed_experts"), (gen, "routed_experts")):
         if arr.dtype.name in ("int32", "uint8", "uint16"):
             raise RoutesValidationError(f"{what} is {arr.dtype}; vLLM 0.21 writes int16")
@@ -405,6 +423,8 @@ def from_vllm_split(
                 f"prompt_routed_experts has {prompt.shape[0] if prompt.ndim else 0} rows for a prompt of {p} tokens; "
                 "vLLM 0.21 writes one per prompt token"
             )
+    for arr, what in ((prompt, "vLLM 0.21 prompt_routed_experts"), (gen, "vLLM 0.21 routed_experts")):
+        check_axes(arr, layer_map, "moe", what, told=axes is not None)
     p_layers = columns(prompt, layer_map, "moe", "vLLM 0.21 prompt_routed_experts")
     g_layers = columns(gen, layer_map, "moe", "vLLM 0.21 routed_experts")
     p_rows = np.asarray(prompt, dtype=np.int64)
@@ -553,7 +573,13 @@ def from_vllm_output(
                 f"{prompt_len} tokens; vLLM 0.21 writes one per prompt token"
             )
         routes = from_vllm_split(
-            prompt, arr, layer_map, completion_len=completion_len, cached_tokens=cached_tokens, prompt_len=prompt_len
+            prompt,
+            arr,
+            layer_map,
+            completion_len=completion_len,
+            cached_tokens=cached_tokens,
+            prompt_len=prompt_len,
+            axes=",".join(ENGINE_AXES),  # (vLLM's own output holds its arrays as vLLM writes them)
         )
         return _with_tokens(routes, ids, prompt_len, comp.token_ids)
     if prompt_routed is not None:
@@ -571,6 +597,7 @@ def from_vllm_output(
         completion_len=completion_len,
         prompt_start=prompt_start,
         version=version if version is not None else _layout_version(layout),
+        axes=",".join(ENGINE_AXES),  # (vLLM's own output holds its array as vLLM writes it)
     )
     return _with_tokens(routes, ids, prompt_len, comp.token_ids)
 

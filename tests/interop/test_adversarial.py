@@ -27,6 +27,8 @@ from moe_replay import interop
 
 from ..conftest import examples, tried
 
+_ENGINE = "tokens,layers,k"  # (the order engines write; said where a small square array cannot prove it)
+
 #: (style, overrides): a dense first layer and k=2; top-1 (a zero row is a route of expert 0); 300 experts (uint16)
 _MODELS = {
     "dense-first k2": ("softmax_topk", {"num_layers": 3, "first_dense_layers": 1, "num_experts": 8, "top_k": 2}),
@@ -210,10 +212,12 @@ def test_turns_sent_from_where_the_last_one_ended_stitch_to_the_capture(case: An
         )  # fmt: skip  (the engine never routes a turn's last token)
         if engine == "vllm":
             arr = interop.to_vllm(part, lm, prompt_start=start)
-            turns.append(interop.from_vllm(arr, lm, prompt_len=end - 1, completion_len=1, prompt_start=start))
+            turns.append(
+                interop.from_vllm(arr, lm, prompt_len=end - 1, completion_len=1, prompt_start=start, axes=_ENGINE)
+            )
         else:
             meta = interop.to_sglang(part, lm, start_len=start)
-            turns.append(interop.from_sglang(meta, lm, start_len=start, token_ids=ids[:end]))
+            turns.append(interop.from_sglang(meta, lm, start_len=start, token_ids=ids[:end], axes=_ENGINE))
         start = end - 1  # the previous turn's last token: it has no route of its own
     tried()
     assert interop.stitch_turns(turns).equal(seq)

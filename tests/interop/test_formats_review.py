@@ -34,6 +34,7 @@ _MODELS = {
 }
 _P, _C = 5, 4  # prompt and completion lengths
 _N = _P + _C
+_ENGINE = "tokens,layers,k"  # (the order engines write; said where a small square array cannot prove it)
 
 
 def _sglang_payload(model: E.Model, truth: np.ndarray, start: int = 0) -> str:
@@ -353,14 +354,16 @@ def test_vllm_021_prompt_rows_read_without_the_prompt_length_are_not_replayed_sh
         reference = logits(captured, True)
         prompt, gen = interop.to_vllm_split(captured, lm, _P, drop_last=True)
         front = np.concatenate([prompt[-1:], prompt])  # a row too many at the front: every row one token late
-        shifted = interop.from_vllm_split(front, gen, lm, completion_len=_C, cached_tokens=0)
+        shifted = interop.from_vllm_split(front, gen, lm, completion_len=_C, cached_tokens=0, axes=_ENGINE)
         for strict in (False, True):
             with pytest.raises(mr.ReplayConsumptionError):
                 logits(shifted, strict)
         with pytest.raises(mr.RoutesValidationError, match="prompt of 5 tokens"):
             interop.from_vllm_split(front, gen, lm, completion_len=_C, cached_tokens=0, prompt_len=_P)
         for given in (None, _P):
-            exact = interop.from_vllm_split(prompt, gen, lm, completion_len=_C, cached_tokens=0, prompt_len=given)
+            exact = interop.from_vllm_split(
+                prompt, gen, lm, completion_len=_C, cached_tokens=0, prompt_len=given, axes=_ENGINE
+            )
             assert torch.equal(logits(exact, False), reference)
 
 
@@ -379,7 +382,7 @@ def test_vllm_021_completion_rows_clipped_to_the_output_leave_the_last_token_unr
     clipped = np.concatenate([gen, draft[None].astype(gen.dtype)])
     for rows in (gen, clipped):
         tried()
-        got = interop.from_vllm_split(prompt, rows, lm, completion_len=_C, cached_tokens=0, prompt_len=_P)
+        got = interop.from_vllm_split(prompt, rows, lm, completion_len=_C, cached_tokens=0, prompt_len=_P, axes=_ENGINE)
         assert got.equal(want)
 
 
@@ -474,12 +477,12 @@ def test_a_prompt_start_or_start_len_other_than_the_requests_is_refused(model: s
         for told in range(_P + 1):
             for read, args in (
                 (lambda o, s: interop.from_vllm_output(o, lm, prompt_start=s), (out, told)),
-                (lambda o, s: interop.from_sglang(o, lm, start_len=s, num_tokens=_N), (meta, told)),
+                (lambda o, s: interop.from_sglang(o, lm, start_len=s, num_tokens=_N, axes=_ENGINE), (meta, told)),
             ):
                 assert _exact_or_refused(read, args, want, f"start {start} read as {told}") == (told == start)
             tried()
             try:
-                bounded = interop.from_sglang(meta, lm, start_len=told)
+                bounded = interop.from_sglang(meta, lm, start_len=told, axes=_ENGINE)
             except mr.MoEReplayError:
                 assert told != start
                 continue

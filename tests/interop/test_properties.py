@@ -39,6 +39,6 @@ def test_vllm_and_sglang_read_every_row_in_place(case) -> None:
     assert r.equal(m.routes(kept, front=start))
     assert np.array_equal(interop.to_vllm(r, m.layer_map, prompt_start=start), arr)
     meta = sglang_meta_info(m, truth, start_len=start, trim=trim)
-    s = interop.from_sglang(meta, m.layer_map, num_tokens=p + g - trim, start_len=start)
+    s = interop.from_sglang(meta, m.layer_map, num_tokens=p + g - trim, start_len=start, axes="tokens,layers,k")
     assert s.equal(r)
     assert interop.to_sglang(s, m.layer_map, start_len=start) == {"routed_experts": meta["routed_experts"]}

@@ -36,7 +36,8 @@ def test_capture_round_trips_through_every_format() -> None:
         later = mr.Routes([x.index_fill(0, torch.arange(p - 1), -1) for x in s.per_layer()], s.names, 16)
         assert interop.from_vllm(turn, lm, prompt_len=p, completion_len=c, prompt_start=p - 1).equal(later)
         assert interop.from_vllm_legacy(interop.to_vllm_legacy(s, lm), lm).equal(s)
-        assert interop.from_vllm_split(*interop.to_vllm_split(s, lm, p), lm, completion_len=c, cached_tokens=0).equal(s)
+        split = interop.to_vllm_split(s, lm, p)
+        assert interop.from_vllm_split(*split, lm, completion_len=c, cached_tokens=0, axes="tokens,layers,k").equal(s)
         assert interop.from_sglang(interop.to_sglang(s, lm), lm, num_tokens=s.num_tokens).equal(s)
         assert interop.from_megatron_inference(interop.to_megatron_inference(s, lm), lm).equal(s)
         for layout in ("all", "moe"):
@@ -204,7 +205,13 @@ def _converter_calls() -> dict[str, tuple[object, dict[str, object]]]:
         "to_vllm_legacy": (interop.to_vllm_legacy, {"routes": r, "layer_map": lm}),
         "from_vllm_split": (
             interop.from_vllm_split,
-            {"prompt_routed_experts": split[0], "routed_experts": split[1], "layer_map": lm, "completion_len": 1},
+            {
+                "prompt_routed_experts": split[0],
+                "routed_experts": split[1],
+                "layer_map": lm,
+                "completion_len": 1,
+                "axes": "tokens,layers,k",
+            },
         ),
         "to_vllm_split": (interop.to_vllm_split, {"routes": r, "layer_map": lm, "prompt_len": 2}),
         "from_sglang": (interop.from_sglang, {"response": interop.to_sglang(r, lm), "layer_map": lm}),
@@ -216,7 +223,7 @@ def _converter_calls() -> dict[str, tuple[object, dict[str, object]]]:
         ),
         "from_megatron_inference": (
             interop.from_megatron_inference,
-            {"routing_indices": interop.to_megatron_inference(r, lm), "layer_map": lm},
+            {"routing_indices": interop.to_megatron_inference(r, lm), "layer_map": lm, "axes": "tokens,layers,k"},
         ),
         "to_megatron_inference": (interop.to_megatron_inference, {"routes": r, "layer_map": lm}),
         "from_nemo_rl": (interop.from_nemo_rl, {"payload": interop.to_nemo_rl(r, lm), "layer_map": lm}),

@@ -1,0 +1,174 @@
+"""Engine arrays whose shape fits more than one order of their axes: proven from what is known, or refused.
+
+An engine writes ``[tokens, layers, k]``. An array with as many rows as layer columns (or as many
+layer columns as k) has the shape of a stack of per-layer arrays too, and was read without complaint
+in the wrong order, every token given another token's experts. Each case here is checked against a
+capture of the same tokens in PyTorch.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import moe_replay as mr
+from moe_replay import interop
+
+from ..conftest import tried
+from . import engines as E
+
+_ENGINE = "tokens,layers,k"
+_STACKED = "layers,tokens,k"
+
+
+def _captured(num_layers: int, first_dense: int, tokens: int, top_k: int = 2, seed: int = 0) -> tuple[Any, ...]:
+    """A model, its LayerMap, ``tokens`` ids, the captured routes and the logits of that forward."""
+    model = mr.models.build(
+        "softmax_topk", num_layers=num_layers, first_dense_layers=first_dense, num_experts=8, top_k=top_k, seed=seed
+    )
+    ids = torch.randint(1, 128, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            logits = model(ids).logits
+        lm = mr.LayerMap.from_session(session, num_layers=num_layers)
+        routes = session.routes()
+    return model, lm, ids, routes, logits
+
+
+def _replayed(model: Any, ids: torch.Tensor, routes: mr.Routes) -> torch.Tensor:
+    with mr.attach(model) as session, session.replay(routes), torch.no_grad():
+        return model(ids).logits
+
+
+def _unrouted_last(routes: mr.Routes) -> mr.Routes:
+    """The routes as an engine returns them: the last token's row -1 (never routed)."""
+    return mr.Routes(
+        [x.index_fill(0, torch.tensor([routes.num_tokens - 1]), -1) for x in routes.per_layer()],
+        routes.names,
+        routes.experts_per_layer,
+    )
+
+
+def _b64(arr: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(arr.astype("<i4")).tobytes()).decode()
+
+
+#: name -> (engine array of the sequence from the routes, reader taking (array, layer_map, axes=...)); p: prompt length
+_READERS: dict[str, tuple[Callable[..., np.ndarray], Callable[..., mr.Routes]]] = {
+    "vllm 0.22+": (
+        lambda r, lm: interop.to_vllm(r, lm),
+        lambda a, lm, n, **kw: interop.from_vllm(a, lm, prompt_len=n - 2, completion_len=2, **kw),
+    ),
+    "vllm <=0.20": (
+        lambda r, lm: interop.to_vllm_legacy(r, lm),
+        lambda a, lm, n, **kw: interop.from_vllm_legacy(a, lm, num_tokens=n, **kw),
+    ),
+    "sglang payload": (
+        lambda r, lm: interop.to_vllm_legacy(r, lm),
+        lambda a, lm, n, **kw: interop.from_sglang(_b64(a), lm, num_tokens=n, **kw),
+    ),
+    "sglang meta_info": (
+        lambda r, lm: interop.to_vllm_legacy(r, lm),
+        lambda a, lm, n, **kw: interop.from_sglang({"routed_experts": _b64(a)}, lm, num_tokens=n, **kw),
+    ),
+    "megatron inference": (
+        lambda r, lm: interop.to_megatron_inference(r, lm),
+        lambda a, lm, n, **kw: interop.from_megatron_inference(a, lm, num_tokens=n, **kw),
+    ),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("reader", list(_READERS))
+def test_a_square_array_of_an_all_moe_model_stacked_per_layer_is_refused_naming_axes(reader: str) -> None:
+    """Once silent: on a model whose every layer routes, an array of as many routed tokens as layers, given stacked
+    per layer ([layers, tokens, k]), fit every check and was read with each token given another's experts. Nothing
+    in it tells the order (no dense column, every expert in range, none repeated in either reading): it is refused
+    naming axes=, and read exactly with the order told; the engine's own order is refused without axes= too."""
+    write, read = _READERS[reader]
+    model, lm, ids, routes, logits = _captured(4, 0, tokens=5)
+    truth = _unrouted_last(routes)
+    arr = write(truth, lm)
+    assert arr.shape[0] == arr.shape[1]  # (the case: as many routed tokens as layer columns)
+    stacked = np.ascontiguousarray(arr.transpose(1, 0, 2))
+    for given in (stacked, arr):
+        tried()
+        with pytest.raises(mr.RoutesValidationError, match="cannot tell its axes.*axes='tokens,layers,k'"):
+            read(given, lm, 5)
+    assert read(stacked, lm, 5, axes=_STACKED).equal(truth)
+    assert read(arr, lm, 5, axes=_ENGINE).equal(truth)
+    assert torch.equal(_replayed(model, ids, read(stacked, lm, 5, axes=_STACKED)), logits)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("reader", ["vllm 0.22+", "vllm <=0.20", "sglang payload"])
+def test_a_square_array_of_a_model_with_a_dense_layer_is_proven_by_its_dense_column(reader: str) -> None:
+    """With a dense first layer (DeepSeek's first_k_dense_replace) the engine's own order is proven by its data: the
+    dense column is zero, while read stacked the dense layer's row (zero) lands in every token's routes. So the
+    engine's array reads without axes= (exactly the capture), and the stacked one is refused as in another order."""
+    write, read = _READERS[reader]
+    model, lm, ids, routes, logits = _captured(4, 1, tokens=5)
+    truth = _unrouted_last(routes)
+    arr = write(truth, lm)
+    assert arr.shape[0] == arr.shape[1]
+    got = read(arr, lm, 5)
+    assert got.equal(truth)
+    assert torch.equal(_replayed(model, ids, got), logits)
+    with pytest.raises(mr.RoutesValidationError, match="fits it read as \\[layers,tokens,k\\].*axes='layers,tokens,k'"):
+        read(np.ascontiguousarray(arr.transpose(1, 0, 2)), lm, 5)
+    assert read(np.ascontiguousarray(arr.transpose(1, 0, 2)), lm, 5, axes=_STACKED).equal(truth)
+
+
+@pytest.mark.reliability("silent replays")
+def test_an_engine_output_object_holds_its_array_in_the_engines_order() -> None:
+    """vLLM's own RequestOutput and a whole SGLang /generate response hold the array as the engine wrote it: a square
+    one of an all-MoE model reads without axes=, exactly the capture."""
+    model, lm, ids, routes, logits = _captured(4, 0, tokens=5)
+    truth = _unrouted_last(routes)
+    tok = ids[0].tolist()
+    arr = interop.to_vllm(truth, lm)
+    out = SimpleNamespace(
+        prompt_token_ids=tok[:3], outputs=[SimpleNamespace(index=0, token_ids=tok[3:], routed_experts=arr)]
+    )
+    assert interop.from_vllm_output(out, lm).equal(truth)
+    response = {
+        "output_ids": tok[3:],
+        "meta_info": {"routed_experts": _b64(arr), "prompt_tokens": 3, "completion_tokens": 2},
+    }
+    assert interop.from_sglang(response, lm).equal(truth)
+    with pytest.raises(mr.RoutesValidationError, match="cannot tell its axes"):
+        interop.from_sglang(response["meta_info"], lm)
+
+
+@pytest.mark.reliability("silent replays")
+def test_an_array_stacked_on_its_last_axis_when_k_equals_the_layers_is_exact_or_refused() -> None:
+    """k == number of layers: [tokens, k, layers] (per-layer arrays stacked on the last axis) has the engine's
+    shape. Read without axes= it is refused (or, where its data proves the order, read exactly), never read with
+    each token's experts mixed across layers; told, it reads exactly."""
+    model, lm, ids, routes, logits = _captured(2, 0, tokens=4, top_k=2)
+    truth = _unrouted_last(routes)
+    arr = interop.to_vllm(truth, lm)
+    swapped = np.ascontiguousarray(arr.transpose(0, 2, 1))
+    tried()
+    try:
+        got = interop.from_vllm(swapped, lm, prompt_len=2, completion_len=2)
+    except mr.RoutesValidationError as e:
+        assert "axes" in str(e)
+    else:
+        assert got.equal(truth)
+    assert interop.from_vllm(swapped, lm, prompt_len=2, completion_len=2, axes="tokens,k,layers").equal(truth)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("axes", ["tokens,layers", "tokens,layers,experts", 3, "k,k,tokens"])
+def test_axes_that_name_no_order_of_the_three_axes_are_refused(axes: Any) -> None:
+    lm = E.Model(num_layers=4, moe_layers=(0, 1, 2, 3)).layer_map
+    arr = np.zeros((4, 4, 2), np.uint8)
+    with pytest.raises(mr.RoutesValidationError, match="permutation of 'tokens,layers,k'"):
+        interop.from_vllm(arr, lm, prompt_len=3, completion_len=2, axes=axes)
