@@ -80,6 +80,43 @@ def _check_layer_order(names: Sequence[str], fix: str) -> None:
         last[stack] = (layer, nm)
 
 
+def _check_layer_numbers(layer_numbers: Any, names: list[Any], count: int) -> None:
+    """Refuse Megatron layer numbers that do not prove the list is in construction (layer) order, or that
+    do not keep one distance to the hidden layers ``names`` say."""
+    if not is_collection(layer_numbers) or isinstance(layer_numbers, str | bytes | Mapping):
+        raise ArgumentTypeError(
+            f"from_megatron: layer_numbers must be the RouterReplay layer_number of each tensor, in the list's order; "
+            f"got {type(layer_numbers).__name__}"
+        )
+    numbers = list(layer_numbers)
+    if not all(is_integer(n) and int(n) >= 0 for n in numbers):
+        raise RoutesValidationError(f"from_megatron: layer_numbers must be integers >= 0, got {numbers[:8]!r:.80}")
+    numbers = [int(n) for n in numbers]
+    if len(numbers) != count:
+        raise RoutesValidationError(f"from_megatron: {len(numbers)} layer_numbers for {count} Megatron layers")
+    for j in range(1, count):
+        if numbers[j] <= numbers[j - 1]:
+            raise RoutesValidationError(
+                f"from_megatron: tensor {j} is of layer {numbers[j]}, after layer {numbers[j - 1]}: Megatron's list "
+                "is in the order its routers were built, layer order, so this list was reordered on the way (each "
+                "router would get another layer's routes). Pass the tensors in layer order, with their layer_numbers"
+            )
+    rx = re.compile(LAYER_PATTERN)
+    distance: dict[str, tuple[int, str, int]] = {}  # (names of one stack, decoder or MTP, keep one distance)
+    for n, number in zip(names, numbers, strict=True):
+        m = rx.search(n) if isinstance(n, str) else None
+        if m is None:
+            continue
+        stack, d = n[: m.start(1)], number - int(m.group(1))
+        seen = distance.setdefault(stack, (d, n, number))
+        if seen[0] != d:
+            raise RoutesValidationError(
+                f"from_megatron: router '{seen[1]}' is given layer_number {seen[2]} and '{n}' {number}, not one "
+                "distance from the layers their names say: the names are of other routers than the list's tensors. "
+                "Pass the names of the routers the tensors are of, in the list's order"
+            )
+
+
 def _seq_first(n: int, batch_size: Any) -> torch.Tensor:
     """Index mapping batch-major ``[B, S]`` rows to Megatron's sequence-first ``[S, B]`` order.
 
@@ -170,6 +207,7 @@ def from_megatron(
     *,
     batch_size: int | None = None,
     missing: str = "error",
+    layer_numbers: Sequence[int] | None = None,
 ) -> Routes:
     """Routes from Megatron's per-MoE-layer list (``RouterReplay.get_recorded_data()``).
 
@@ -181,6 +219,14 @@ def from_megatron(
     is refused by default (padding, or damage from another tool). ``missing="native"``
     reads a whole row of -1 as no route, as NeMo-RL's patched Megatron routes such rows
     natively (and as :func:`to_megatron` refuses to write without ``fill=``).
+
+    The list's order is its only tie to the layers: the tensors hold no layer number, so a
+    list reordered on the way (reversed, sorted by name as text) reads each router another
+    layer's routes, and nothing in the tensors tells. ``layer_numbers`` proves it: the
+    ``layer_number`` of each tensor's ``RouterReplay`` (Megatron-core 0.19,
+    ``router_replay.py:111``), in the list's order. They must rise (construction order), and
+    where ``names`` say their hidden layers, keep the same distance to them (Megatron numbers
+    layers from 1, a pipeline stage from its offset): anything else is refused.
     """
     if not is_collection(tensors):
         raise ArgumentTypeError(
@@ -198,6 +244,8 @@ def from_megatron(
     names = list(names)
     if all(isinstance(n, str) for n in names):  # (other kinds are refused by Routes below)
         _check_layer_order(names, "Pass names in the order of Megatron's list (get_recorded_data()), layer order")
+    if layer_numbers is not None:
+        _check_layer_numbers(layer_numbers, names, len(tensors))
     tensors = [
         torch.from_numpy(np.ascontiguousarray(as_array(t, f"Megatron layer {i}"))) for i, t in enumerate(tensors)
     ]
