@@ -30,7 +30,7 @@ from .._progress import check, steps
 from ..batch import BatchLayout, _lengths, check_same_routers, routes_list
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes, check_exact
-from ._common import as_array, columns, make_routes, to_array
+from ._common import ENGINE_AXES, as_array, axes_names, check_axes, columns, make_routes, to_array
 from .layer_map import LayerMap, check_map
 
 __all__ = ["from_verl", "to_verl"]
@@ -57,6 +57,12 @@ def to_verl(
     for the last token). ``dtype`` is int16, as verl stores it; a dtype that cannot hold
     every value exactly (bool, uint8 and -1 rows or ``fill=300``) is refused, as
     :meth:`Routes.to_numpy` refuses it, rather than wrapped around.
+
+    ``axes`` names the order of each sequence's three axes after the batch's,
+    ``"tokens,layers,k"`` as verl writes it, or another order of those names
+    (``"layers,tokens,k"``: ``[batch, layers, seq, k]``). It is needed only where a
+    sequence's data cannot prove it: a batch as wide as the layer count (or with as many
+    layers as k) whose sequences fit the LayerMap read in either order is refused without it.
 
     ``progress`` draws a bar over the sequences on stderr (``tqdm``'s where installed): ``None``
     shows it where stderr is a terminal (``MOE_REPLAY_PROGRESS=0`` or ``1`` decides instead
@@ -177,6 +183,7 @@ def from_verl(
     fill: int = 0,
     input_ids: torch.Tensor | None = None,
     progress: bool | None = None,
+    axes: str | None = None,
 ) -> list[Routes]:
     """Per-sequence routes from verl's ``[batch, seq, layers, k]`` ``routed_experts``.
 
@@ -201,6 +208,12 @@ def from_verl(
     (:attr:`~moe_replay.Routes.token_ids`), so a replay fed other tokens (micro-batches
     regrouped between the rollout and the update) is refused.
 
+    ``axes`` names the order of each sequence's three axes after the batch's,
+    ``"tokens,layers,k"`` as verl writes it, or another order of those names
+    (``"layers,tokens,k"``: ``[batch, layers, seq, k]``). It is needed only where a
+    sequence's data cannot prove it: a batch as wide as the layer count (or with as many
+    layers as k) whose sequences fit the LayerMap read in either order is refused without it.
+
     ``progress`` draws a bar over the sequences on stderr (``tqdm``'s where installed): ``None``
     shows it where stderr is a terminal (``MOE_REPLAY_PROGRESS=0`` or ``1`` decides instead
     where set), ``True`` always, ``False`` never. It changes nothing else.
@@ -221,6 +234,10 @@ def from_verl(
             f"from_verl: fill must be an integer (the padding value, 0 as verl writes), got {fill!r}"
         )
     arr = as_array(routed_experts, "routed_experts")
+    if axes is not None:
+        names = axes_names(axes, "verl routed_experts")
+        if arr.ndim == 4:  # (any other shape is refused below)
+            arr = np.ascontiguousarray(arr.transpose([0, *(1 + names.index(a) for a in ENGINE_AXES)]))
     mask = _mask(attention_mask)
     if arr.ndim != 4 or tuple(mask.shape) != arr.shape[:2]:
         raise RoutesValidationError(
@@ -269,6 +286,8 @@ def from_verl(
                 "would drop that row. Pass the attention_mask of this batch, or fill= if padding was written with "
                 "another value"
             )
+        slab = np.where(keep[:, None, None], arr[i], 0)  # (padding holds fill=: no route, as zeros are)
+        check_axes(slab, layer_map, layout, f"verl sequence {i}", told=axes is not None)
         rows = arr[i][keep]
         at_edge = int(at[-1]) == arr.shape[1] - 1
         cut = truncated and at_edge and _holds_route(rows[-1], int(fill))  # the engine routed its last token

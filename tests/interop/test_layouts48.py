@@ -216,3 +216,21 @@ def test_a_reversed_megatron_list_without_layer_numbers_is_refused() -> None:
     except mr.MoEReplayError:
         return
     assert got.equal(routes), "a reversed list read silently as other routes"
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_verl_batch_as_wide_as_the_layers_given_stacked_per_layer_is_refused_naming_axes() -> None:
+    """Once silent: a verl batch of routes recorded in a training forward (last_routed=True, no padding) as wide as
+    the model has layers, given as [batch, layers, seq, k], read every token with another token's experts. It is
+    refused naming axes= where nothing proves the order, and read exactly with the order told."""
+    model, lm, ids, routes, logits = _captured(4, 0, tokens=4)
+    batch = interop.to_verl([routes], lm, prompt_lengths=[2])
+    mask = torch.ones(1, 4, dtype=torch.long)
+    stacked = batch.transpose(1, 2).contiguous()
+    tried()
+    with pytest.raises(mr.RoutesValidationError, match="cannot tell its axes"):
+        interop.from_verl(stacked, mask, lm, last_routed=True)
+    got = interop.from_verl(stacked, mask, lm, last_routed=True, axes=_STACKED)[0]
+    assert got.equal(routes)
+    assert torch.equal(_replayed(model, ids, got), logits)
+    assert interop.from_verl(batch, mask, lm, last_routed=True, axes=_ENGINE)[0].equal(routes)
