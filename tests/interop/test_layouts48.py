@@ -234,3 +234,23 @@ def test_a_verl_batch_as_wide_as_the_layers_given_stacked_per_layer_is_refused_n
     assert got.equal(routes)
     assert torch.equal(_replayed(model, ids, got), logits)
     assert interop.from_verl(batch, mask, lm, last_routed=True, axes=_ENGINE)[0].equal(routes)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="from_megatron takes no k and no LayerMap: a per-layer tensor given as [k, tokens] where tokens == k (a "
+    "micro-batch of k tokens) has the shape of Megatron's [tokens, k] and is read with each token given the "
+    "experts of one choice rank across tokens; nothing in the list tells",
+)
+def test_a_megatron_tensor_given_as_k_by_tokens_when_tokens_equal_k_is_refused() -> None:
+    model, lm, ids, routes, logits = _captured(2, 0, tokens=2)
+    tensors = interop.to_megatron(routes, layer_map=lm)
+    swapped = [t.T.contiguous() for t in tensors]
+    assert all(t.shape == s.shape for t, s in zip(tensors, swapped, strict=True))
+    tried()
+    try:
+        got = interop.from_megatron(swapped, lm.names, 8)
+    except mr.MoEReplayError:
+        return
+    assert got.equal(routes), "a [k, tokens] list read silently as other routes"
