@@ -352,39 +352,38 @@ def _fits_map(arr: np.ndarray, lm: LayerMap, layout: str) -> bool:
     return True
 
 
-def check_axes(arr: np.ndarray, lm: LayerMap, layout: str, what: str, *, told: bool, fix: str = "axes=") -> None:
+def check_axes(
+    arr: np.ndarray, lm: LayerMap, layout: str, what: str, *, told: bool, flat: bool = False, hint: str = ""
+) -> None:
     """Refuse an array whose axes order its data does not prove, where another order fits the same shape.
 
     An array ``[tokens, width, k]`` with as many tokens as layer columns (or as many columns as
     k) has the shape of its own transpose: a stack of per-layer arrays ``[layers, tokens, k]``
-    would be read without complaint, every token given another token's experts. Unless the
-    order was told (``told``: ``axes=``, or the engine's own output object, which holds its
-    array as the engine writes it), every other order of the same shape is read too: the
-    array is taken as ``[tokens, layers, k]`` where that reading fits the map (dense columns
-    zero, experts in range, none twice in a row) and no other does. ``fix`` names the argument
-    that settles it.
+    would be read without complaint, every token given another token's experts. Bytes with no
+    shape (``flat``: SGLang's payload) fit another order at any size. Unless the order was told
+    (``told``: ``axes=``, or the engine's own output, which holds its array as the engine
+    writes it), every other order that fits is read too: the array is taken as ``[tokens,
+    layers, k]`` where that reading fits the map (dense columns zero, experts in range, none
+    twice in a row) and no other does. ``hint`` adds another way to settle it.
     """
     if told or arr.ndim != 3 or not arr.size or arr.shape[1:] != (lm.width(layout), lm.k):
         return  # (a shape that fits no order of the map is refused by check_shape)
+    sizes = dict(zip(ENGINE_AXES, arr.shape, strict=True))
     others = []
     for names in _MISTAKEN_AXES:
-        alt = arr.transpose([names.index(a) for a in ENGINE_AXES])
+        given = arr.reshape([sizes[a] for a in names]) if flat else arr
+        alt = given.transpose([names.index(a) for a in ENGINE_AXES])
         if alt.shape == arr.shape and not np.array_equal(alt, arr) and _fits_map(alt, lm, layout):
             others.append(",".join(names))
     if not others:
         return
-    ours = _fits_map(arr, lm, layout)
+    if not _fits_map(arr, lm, layout):
+        return  # (read in the engine's order the array fits no map: the checks that follow refuse it, saying why)
     shape = f"{tuple(arr.shape)} ({arr.shape[0]} rows, {arr.shape[1]} layer columns, k={arr.shape[2]})"
-    if not ours:
-        raise RoutesValidationError(
-            f"{what} of shape {shape} does not fit the LayerMap read as [tokens, layers, k], as engines write it, but "
-            f"fits it read as [{others[0]}]: its axes are in another order. Pass {fix}'{others[0]}' if that is how "
-            "it was made, or check the LayerMap"
-        )
     raise RoutesValidationError(
         f"{what} of shape {shape} cannot tell its axes: read as [tokens, layers, k] (as engines write it) or as "
         f"[{others[0]}] (e.g. a stack of per-layer arrays) it fits the LayerMap either way, and each reading gives "
         f"every token other experts. Nothing else known settles it (no dense layer column, no expert out of range "
-        f"or repeated in either reading). Pass {fix}'tokens,layers,k' if the engine wrote it, {fix}'{others[0]}' "
-        "if it was stacked per layer"
+        f"or repeated in either reading). Pass axes='tokens,layers,k' if the engine wrote it, axes='{others[0]}' "
+        f"if it was stacked per layer{hint}"
     )

@@ -73,7 +73,9 @@ _FORMATS: dict[str, tuple[Callable[..., Any], Callable[..., mr.Routes]]] = {
     "sglang": (
         lambda r, lm, p: interop.to_sglang(r, lm)["routed_experts"],
         # (a damaged array is sent as its own bytes: a cast is a payload re-encoded in another dtype)
-        lambda a, lm, p, n: interop.from_sglang(_b64(a) if isinstance(a, np.ndarray) else a, lm, num_tokens=n),
+        lambda a, lm, p, n: interop.from_sglang(
+            _b64(a) if isinstance(a, np.ndarray) else a, lm, num_tokens=n, axes=_ENGINE
+        ),
     ),
     "megatron inference": (
         lambda r, lm, p: interop.to_megatron_inference(r, lm),

@@ -83,12 +83,12 @@ _ENGINES: dict[str, tuple[Callable[[E.Model, np.ndarray], Any], Callable[[Any, m
     ),
     "sglang": (
         lambda m, t: _sglang_payload(m, t),
-        lambda a, lm: interop.from_sglang(a, lm, num_tokens=_N),
+        lambda a, lm: interop.from_sglang(a, lm, num_tokens=_N, axes=_ENGINE),
         0,
     ),
     "sglang start_len": (
         lambda m, t: _sglang_payload(m, t, start=2),
-        lambda a, lm: interop.from_sglang(a, lm, num_tokens=_N, start_len=2),
+        lambda a, lm: interop.from_sglang(a, lm, num_tokens=_N, start_len=2, axes=_ENGINE),
         2,
     ),
     "megatron inference": (
@@ -597,7 +597,7 @@ def test_a_partial_rollout_resumed_and_concatenated_is_exact_only_from_the_last_
             joined = joined.astype(first.dtype)
             read = lambda a: interop.from_vllm(a, lm, prompt_len=_P, completion_len=_C)  # noqa: E731
         else:
-            read = lambda a: interop.from_sglang(_rewrap("sglang", a), lm, num_tokens=_N)  # noqa: E731
+            read = lambda a: interop.from_sglang(_rewrap("sglang", a), lm, num_tokens=_N, axes=_ENGINE)  # noqa: E731
         assert _exact_or_refused(read, (joined,), want, f"resumed from {start}") == (start == cut - 1)
 
 

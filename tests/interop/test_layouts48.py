@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import moe_replay as mr
 from moe_replay import interop
 
-from ..conftest import tried
+from ..conftest import examples, tried
 from . import engines as E
 
 _ENGINE = "tokens,layers,k"
@@ -97,10 +99,10 @@ def test_a_square_array_of_an_all_moe_model_stacked_per_layer_is_refused_naming_
     arr = write(truth, lm)
     assert arr.shape[0] == arr.shape[1]  # (the case: as many routed tokens as layer columns)
     stacked = np.ascontiguousarray(arr.transpose(1, 0, 2))
-    for given in (stacked, arr):
+    for either in (stacked, arr):
         tried()
         with pytest.raises(mr.RoutesValidationError, match="cannot tell its axes.*axes='tokens,layers,k'"):
-            read(given, lm, 5)
+            read(either, lm, 5)
     assert read(stacked, lm, 5, axes=_STACKED).equal(truth)
     assert read(arr, lm, 5, axes=_ENGINE).equal(truth)
     assert torch.equal(_replayed(model, ids, read(stacked, lm, 5, axes=_STACKED)), logits)
@@ -120,15 +122,16 @@ def test_a_square_array_of_a_model_with_a_dense_layer_is_proven_by_its_dense_col
     got = read(arr, lm, 5)
     assert got.equal(truth)
     assert torch.equal(_replayed(model, ids, got), logits)
-    with pytest.raises(mr.RoutesValidationError, match="fits it read as \\[layers,tokens,k\\].*axes='layers,tokens,k'"):
+    with pytest.raises(mr.RoutesValidationError, match="column 0 holds expert choices"):
         read(np.ascontiguousarray(arr.transpose(1, 0, 2)), lm, 5)
     assert read(np.ascontiguousarray(arr.transpose(1, 0, 2)), lm, 5, axes=_STACKED).equal(truth)
 
 
 @pytest.mark.reliability("silent replays")
 def test_an_engine_output_object_holds_its_array_in_the_engines_order() -> None:
-    """vLLM's own RequestOutput and a whole SGLang /generate response hold the array as the engine wrote it: a square
-    one of an all-MoE model reads without axes=, exactly the capture."""
+    """vLLM's own RequestOutput and SGLang's own meta_info (whole response or not: it always counts prompt_tokens and
+    completion_tokens) hold the array as the engine wrote it: a square one of an all-MoE model reads without axes=,
+    exactly the capture. The payload alone, or in a dict without SGLang's counts, carries no shape: refused."""
     model, lm, ids, routes, logits = _captured(4, 0, tokens=5)
     truth = _unrouted_last(routes)
     tok = ids[0].tolist()
@@ -142,8 +145,10 @@ def test_an_engine_output_object_holds_its_array_in_the_engines_order() -> None:
         "meta_info": {"routed_experts": _b64(arr), "prompt_tokens": 3, "completion_tokens": 2},
     }
     assert interop.from_sglang(response, lm).equal(truth)
-    with pytest.raises(mr.RoutesValidationError, match="cannot tell its axes"):
-        interop.from_sglang(response["meta_info"], lm)
+    assert interop.from_sglang(response["meta_info"], lm).equal(truth)
+    for bare in (response["meta_info"]["routed_experts"], {"routed_experts": _b64(arr)}):
+        with pytest.raises(mr.RoutesValidationError, match="cannot tell its axes.*meta_info SGLang sent"):
+            interop.from_sglang(bare, lm, num_tokens=5)
 
 
 @pytest.mark.reliability("silent replays")
@@ -254,3 +259,57 @@ def test_a_megatron_tensor_given_as_k_by_tokens_when_tokens_equal_k_is_refused()
     except mr.MoEReplayError:
         return
     assert got.equal(routes), "a [k, tokens] list read silently as other routes"
+
+
+@st.composite
+def _shapes(draw: st.DrawFn) -> tuple[E.Model, int, int, int]:
+    """Small models and sequences, where as many routed tokens as layers (or layers as k) are common."""
+    num_layers = draw(st.integers(1, 5))
+    dense = draw(st.integers(0, num_layers - 1))
+    num_experts = draw(st.sampled_from([2, 4, 8, 300]))
+    k = draw(st.integers(1, min(num_experts, 4)))
+    model = E.Model(num_layers=num_layers, moe_layers=tuple(range(dense, num_layers)), num_experts=num_experts, k=k)
+    tokens = draw(st.integers(2, 7))
+    return model, tokens, draw(st.integers(1, tokens - 1)), draw(st.integers(0, 2**16))
+
+
+_ORDERS = {"engine": (0, 1, 2), "stacked": (1, 0, 2), "stacked last": (0, 2, 1)}
+
+
+@pytest.mark.reliability("silent replays")
+@examples(60)
+@given(_shapes(), st.sampled_from(list(_ORDERS)))
+def test_an_array_in_any_order_of_its_axes_reads_exactly_or_is_refused(case: Any, order: str) -> None:
+    """Any model shape, any sequence, the engine's array given as the engine wrote it or stacked per layer (on the
+    first or the last axis): every bare-array reader gives the engine's routes exactly or refuses; none reads
+    another token's (or layer's) experts. Told the order with axes=, it reads exactly."""
+    m, tokens, prompt, seed = case
+    truth = m.truth(tokens, seed=seed)
+    want = m.routes(truth)
+    lm = m.layer_map
+    arr = E.vllm_033_routed_experts(m, truth, prompt)
+    moe = E.megatron_routing_indices(m, truth)
+    perm = _ORDERS[order]
+    names = ",".join(np.array(["tokens", "layers", "k"])[list(perm)])
+    reads: dict[str, tuple[np.ndarray, Callable[..., mr.Routes]]] = {
+        "vllm": (
+            arr,
+            lambda a, **kw: interop.from_vllm(a, lm, prompt_len=prompt, completion_len=tokens - prompt, **kw),
+        ),
+        "sglang": (
+            arr,
+            lambda a, **kw: interop.from_sglang(
+                _b64(a), lm, num_tokens=tokens, **({"axes": kw["axes"]} if "axes" in kw else {})
+            ),
+        ),
+        "megatron inference": (moe, lambda a, **kw: interop.from_megatron_inference(a, lm, num_tokens=tokens, **kw)),
+    }
+    for name, (a, read) in reads.items():
+        tried()
+        try:
+            got = read(np.ascontiguousarray(a.transpose(perm)))
+        except mr.MoEReplayError:
+            pass
+        else:
+            assert got.equal(want), f"{name}: an array {order} read silently as other routes"
+        assert read(np.ascontiguousarray(a.transpose(perm)), axes=names).equal(want), name

@@ -390,7 +390,7 @@ def test_an_array_the_engine_never_wrote_is_refused_for_top1_routers(engine: str
             arr = vllm_033_routed_experts(m, truth, 4)
             return interop.from_vllm(arr, m.layer_map, prompt_len=4, completion_len=t - 4)
         if engine == "sglang":
-            return interop.from_sglang(sglang_meta_info(m, truth), m.layer_map, num_tokens=t)
+            return interop.from_sglang(sglang_meta_info(m, truth, prompt_len=4), m.layer_map, num_tokens=t)
         return interop.from_megatron_inference(megatron_routing_indices(m, truth), m.layer_map, num_tokens=t)
 
     unwritten = np.zeros((40, 3, 1), dtype=np.int64)  # 39 routed tokens x 3 routers
@@ -416,7 +416,7 @@ def test_layers_the_engine_never_wrote_are_refused_for_top1_routers(engine: str)
             arr = vllm_033_routed_experts(m, truth, 4)
             return interop.from_vllm(arr, m.layer_map, prompt_len=4, completion_len=t - 4)
         if engine == "sglang":
-            return interop.from_sglang(sglang_meta_info(m, truth), m.layer_map, num_tokens=t)
+            return interop.from_sglang(sglang_meta_info(m, truth, prompt_len=4), m.layer_map, num_tokens=t)
         return interop.from_megatron_inference(megatron_routing_indices(m, truth), m.layer_map, num_tokens=t)
 
     truth = m.truth(t, seed=11)
