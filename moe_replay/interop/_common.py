@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -352,8 +353,24 @@ def _fits_map(arr: np.ndarray, lm: LayerMap, layout: str) -> bool:
     return True
 
 
+def _fits_framed(
+    arr: np.ndarray, lm: LayerMap, layout: str, body: Callable[[np.ndarray], np.ndarray | None] | None
+) -> bool:
+    """:func:`_fits_map` of the rows ``body`` keeps of ``arr`` (all of them without ``body``)."""
+    rows = arr if body is None else body(arr)
+    return rows is not None and _fits_map(rows, lm, layout)
+
+
 def check_axes(
-    arr: np.ndarray, lm: LayerMap, layout: str, what: str, *, told: bool, flat: bool = False, hint: str = ""
+    arr: np.ndarray,
+    lm: LayerMap,
+    layout: str,
+    what: str,
+    *,
+    told: bool,
+    flat: bool = False,
+    hint: str = "",
+    body: Callable[[np.ndarray], np.ndarray | None] | None = None,
 ) -> None:
     """Refuse an array whose axes order its data does not prove, where another order fits the same shape.
 
@@ -364,7 +381,9 @@ def check_axes(
     (``told``: ``axes=``, or the engine's own output, which holds its array as the engine
     writes it), every other order that fits is read too: the array is taken as ``[tokens,
     layers, k]`` where that reading fits the map (dense columns zero, experts in range, none
-    twice in a row) and no other does. ``hint`` adds another way to settle it.
+    twice in a row) and no other does. ``hint`` adds another way to settle it. ``body`` takes a
+    reading to the rows that must fit the map, or None where the format's own frame does not
+    fit it (NeMo-RL's placeholder last row).
     """
     if told or arr.ndim != 3 or not arr.size or arr.shape[1:] != (lm.width(layout), lm.k):
         return  # (a shape that fits no order of the map is refused by check_shape)
@@ -373,11 +392,11 @@ def check_axes(
     for names in _MISTAKEN_AXES:
         given = arr.reshape([sizes[a] for a in names]) if flat else arr
         alt = given.transpose([names.index(a) for a in ENGINE_AXES])
-        if alt.shape == arr.shape and not np.array_equal(alt, arr) and _fits_map(alt, lm, layout):
+        if alt.shape == arr.shape and not np.array_equal(alt, arr) and _fits_framed(alt, lm, layout, body):
             others.append(",".join(names))
     if not others:
         return
-    if not _fits_map(arr, lm, layout):
+    if not _fits_framed(arr, lm, layout, body):
         return  # (read in the engine's order the array fits no map: the checks that follow refuse it, saying why)
     shape = f"{tuple(arr.shape)} ({arr.shape[0]} rows, {arr.shape[1]} layer columns, k={arr.shape[2]})"
     raise RoutesValidationError(

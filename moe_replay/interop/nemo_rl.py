@@ -42,7 +42,18 @@ import torch
 from .._checks import check_count, is_one_of
 from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes
-from ._common import as_array, check_holds, columns, cut_last, make_routes, rows_untold, to_array, with_last
+from ._common import (
+    as_array,
+    check_axes,
+    check_holds,
+    columns,
+    cut_last,
+    in_axes,
+    make_routes,
+    rows_untold,
+    to_array,
+    with_last,
+)
 from .layer_map import LayerMap, check_layout, check_map
 
 __all__ = ["from_nemo_rl", "nemo_rl_dtype", "to_nemo_rl"]
@@ -159,6 +170,7 @@ def from_nemo_rl(
     num_tokens: int | None = None,
     missing: str = "error",
     cached_tokens: int | None = None,
+    axes: str | None = None,
 ) -> Routes:
     """Routes of one sequence from NeMo-RL's ``routed_experts``: the envelope or the legacy list.
 
@@ -184,6 +196,13 @@ def from_nemo_rl(
             refused: with k = 1 it is also a route (expert 0 in every MoE layer). 0 when
             caching was off. On a model without dense layers both layouts have as many
             columns: pass it for a payload of vLLM 0.21 there too.
+
+        axes: the order of the array's axes, ``"tokens,layers,k"`` as NeMo-RL writes it, or
+            another order of those names (``"layers,tokens,k"``: a stack of per-layer arrays).
+            Needed only where the data cannot prove it: an envelope or list with as many rows
+            as layer columns (or as many columns as k) that fits the LayerMap, placeholder row
+            and all, read in either order is refused without it. A message or item (with its
+            token ids) holds the array as NeMo-RL writes it.
 
     Returns:
         ``S`` tokens; the last is -1. From a message or item, they know their tokens
@@ -212,6 +231,7 @@ def from_nemo_rl(
     else:
         arr = as_array(payload, _WHAT)
         check_holds(arr, layer_map, _WHAT)  # (before the rows are widened to int64, which would hide it)
+    arr = in_axes(arr, axes, _WHAT)
     if num_tokens is None:
         num_tokens = counted
     elif counted is not None and check_count(num_tokens, "num_tokens") != counted:
@@ -224,6 +244,8 @@ def from_nemo_rl(
     if not arr.shape[0]:
         raise RoutesValidationError(f"{_WHAT} holds no token")
     placeholder = np.arange(arr.shape[2])
+    # (a message or item, with its token ids, holds the array as NeMo-RL writes it)
+    check_axes(arr, layer_map, layout, _WHAT, told=axes is not None or token_ids is not None, body=_framed)
     if not (arr[-1] == placeholder).all():
         raise RoutesValidationError(
             f"{_WHAT}: the last row {arr[-1].tolist()[:4]} is not NeMo-RL's placeholder {placeholder.tolist()} in "
@@ -265,6 +287,16 @@ def from_nemo_rl(
     if token_ids is not None:
         return routes.with_token_ids(token_ids)
     return routes if num_tokens is not None else rows_untold(routes, "from_nemo_rl")
+
+
+def _framed(arr: np.ndarray) -> np.ndarray | None:
+    """The token rows of a reading of a NeMo-RL array (its placeholder last row cut), None where that row is not the
+    placeholder ``arange(k)`` in every column; rows of -1 (no route) read as zero rows, which prove no order."""
+    if not arr.shape[0] or not (arr[-1] == np.arange(arr.shape[2])).all():
+        return None
+    body = arr[:-1].astype(np.int64)
+    body[(body == -1).all(axis=2)] = 0
+    return body
 
 
 def _cached(body: np.ndarray, hole: np.ndarray, cached_tokens: int | None) -> np.ndarray:

@@ -313,3 +313,30 @@ def test_an_array_in_any_order_of_its_axes_reads_exactly_or_is_refused(case: Any
         else:
             assert got.equal(want), f"{name}: an array {order} read silently as other routes"
         assert read(np.ascontiguousarray(a.transpose(perm)), axes=names).equal(want), name
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_nemo_rl_payload_stacked_per_layer_is_refused_where_its_placeholder_row_does_not_tell() -> None:
+    """Once silent: NeMo-RL's [S, L, K] payload ends with the placeholder row arange(k); stacked per layer its last
+    row is the last layer's routes, which on a top-1 model sending every token there to expert 0 looks the same,
+    and the array was read with each token given another token's experts. Such a payload is refused naming axes=;
+    a message with its token ids holds it as NeMo-RL writes it; told, either order reads exactly."""
+    model, lm, ids, routes, logits = _captured(4, 0, tokens=4, top_k=1)
+    truth = _unrouted_last(routes)
+    rows = interop.to_vllm(truth, lm).astype(np.int8)  # [3, 4, 1]
+    rows[:, 3] = 0  # (the last layer sends every routed token to expert 0)
+    full = np.concatenate([rows, np.zeros((1, 4, 1), np.int8)])  # NeMo-RL's placeholder row: arange(1)
+    want = interop.from_vllm(rows, lm, prompt_len=2, completion_len=2, version="0.33", axes=_ENGINE)
+    stacked = np.ascontiguousarray(full.transpose(1, 0, 2))
+    for payload in (E.nemo_rl_envelope(stacked), stacked.tolist(), E.nemo_rl_envelope(full)):
+        tried()
+        with pytest.raises(mr.RoutesValidationError, match="cannot tell its axes"):
+            interop.from_nemo_rl(payload, lm, num_tokens=4)
+    assert interop.from_nemo_rl(E.nemo_rl_envelope(stacked), lm, num_tokens=4, axes=_STACKED).equal(want)
+    assert interop.from_nemo_rl(E.nemo_rl_envelope(full), lm, num_tokens=4, axes=_ENGINE).equal(want)
+    tok = ids[0].tolist()
+    message = {"routed_experts": E.nemo_rl_envelope(full), "prompt_token_ids": tok[:2], "generation_token_ids": tok[2:]}
+    got = interop.from_nemo_rl({"message": message}, lm)
+    assert got.equal(want)
+    with mr.attach(model) as session, session.replay(got), torch.no_grad():
+        model(ids)  # (the replay reads every row, on the tokens the message names)
