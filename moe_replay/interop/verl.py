@@ -286,8 +286,9 @@ def from_verl(
                 "would drop that row. Pass the attention_mask of this batch, or fill= if padding was written with "
                 "another value"
             )
-        slab = np.where(keep[:, None, None], arr[i], 0)  # (padding holds fill=: no route, as zeros are)
-        check_axes(slab, layer_map, layout, f"verl sequence {i}", told=axes is not None)
+        if axes is None and (arr.shape[1] == arr.shape[2] or arr.shape[2] == arr.shape[3]):  # (another order fits)
+            slab = np.where(keep[:, None, None], arr[i], 0)  # (padding holds fill=: no route, as zeros are)
+            check_axes(slab, layer_map, layout, f"verl sequence {i}", told=False)
         rows = arr[i][keep]
         at_edge = int(at[-1]) == arr.shape[1] - 1
         cut = truncated and at_edge and _holds_route(rows[-1], int(fill))  # the engine routed its last token
