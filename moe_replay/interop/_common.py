@@ -397,7 +397,17 @@ def check_axes(
     if not others:
         return
     if not _fits_framed(arr, lm, layout, body):
-        return  # (read in the engine's order the array fits no map: the checks that follow refuse it, saying why)
+        # (read in the engine's order the array fits no map: the reason the checks give, and the order it does fit)
+        rows = arr if body is None else body(arr)
+        try:
+            if rows is not None:
+                make_routes(columns(rows, lm, layout, what, negative_ok=True), lm, what)
+        except RoutesValidationError as e:
+            raise RoutesValidationError(
+                f"{e}. Read as [{others[0]}] instead, the array fits the LayerMap: if it was made so (a stack of "
+                f"per-layer arrays), pass axes='{others[0]}'{hint}"
+            ) from None
+        return
     shape = f"{tuple(arr.shape)} ({arr.shape[0]} rows, {arr.shape[1]} layer columns, k={arr.shape[2]})"
     raise RoutesValidationError(
         f"{what} of shape {shape} cannot tell its axes: read as [tokens, layers, k] (as engines write it) or as "
