@@ -368,7 +368,6 @@ def check_axes(
     what: str,
     *,
     told: bool,
-    flat: bool = False,
     hint: str = "",
     body: Callable[[np.ndarray], np.ndarray | None] | None = None,
 ) -> None:
@@ -376,8 +375,7 @@ def check_axes(
 
     An array ``[tokens, width, k]`` with as many tokens as layer columns (or as many columns as
     k) has the shape of its own transpose: a stack of per-layer arrays ``[layers, tokens, k]``
-    would be read without complaint, every token given another token's experts. Bytes with no
-    shape (``flat``: SGLang's payload) fit another order at any size. Unless the order was told
+    would be read without complaint, every token given another token's experts. Unless the order was told
     (``told``: ``axes=``, or the engine's own output, which holds its array as the engine
     writes it), every other order that fits is read too: the array is taken as ``[tokens,
     layers, k]`` where that reading fits the map (dense columns zero, experts in range, none
@@ -387,11 +385,9 @@ def check_axes(
     """
     if told or arr.ndim != 3 or not arr.size or arr.shape[1:] != (lm.width(layout), lm.k):
         return  # (a shape that fits no order of the map is refused by check_shape)
-    sizes = dict(zip(ENGINE_AXES, arr.shape, strict=True))
     others = []
     for names in _MISTAKEN_AXES:
-        given = arr.reshape([sizes[a] for a in names]) if flat else arr
-        alt = given.transpose([names.index(a) for a in ENGINE_AXES])
+        alt = arr.transpose([names.index(a) for a in ENGINE_AXES])
         if alt.shape == arr.shape and not np.array_equal(alt, arr) and _fits_framed(alt, lm, layout, body):
             others.append(",".join(names))
     if not others:

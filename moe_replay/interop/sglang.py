@@ -33,7 +33,6 @@ from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes
 from ._common import (
     axes_names,
-    check_axes,
     check_start,
     columns,
     cut_last,
@@ -181,14 +180,11 @@ def from_sglang(
             ``/generate`` response (with ``output_ids`` and ``meta_info["prompt_tokens"]``), the
             routes know its ``output_ids`` (-1 for the prompt's tokens) without ``token_ids=``;
             ``token_ids=`` given too must name the same completion ids.
-        axes: the order of the flat array's axes, ``"tokens,layers,k"`` as SGLang writes it, or
-            another order of those names (``"layers,tokens,k"``: bytes of a stack of per-layer
-            arrays). The bytes hold no shape, so those of a per-layer stack fit at any size: a
-            payload whose data does not prove the order (a dense layer's zero column, experts in
-            range and none repeated in one reading only) is refused without it, unless it comes
-            in SGLang's own ``meta_info`` (or whole response), which holds it as SGLang writes
-            it (told by the ``prompt_tokens`` and ``completion_tokens`` SGLang always sends
-            beside it).
+        axes: the order of the flat array's axes, ``"tokens,layers,k"`` as SGLang writes it (the
+            default), or another order of those names (``"layers,tokens,k"``: the bytes of a stack
+            of per-layer arrays). The payload is SGLang's wire encoding and holds no shape, so it is
+            read in SGLang's order unless told otherwise: bytes made by other code than SGLang's
+            (or :func:`to_sglang`) must say their order here.
 
     Returns:
         ``start_len + rows + 1`` tokens; the first ``start_len`` and the last are -1.
@@ -232,17 +228,6 @@ def from_sglang(
         arr = in_axes(flat.reshape([sizes[a] for a in axes_names(axes, "SGLang routed_experts")]), axes, "SGLang")
     for expected, source, at_most in counts:
         _check_rows(arr.shape[0], start, expected, source, at_most)
-    # (SGLang's own meta_info, which always counts prompt_tokens and completion_tokens, holds the payload as SGLang
-    # writes it: tokens, then layers, then k; bytes without it carry no shape, and fit a per-layer stack's as well)
-    check_axes(
-        arr,
-        layer_map,
-        "all",
-        "SGLang routed_experts",
-        told=axes is not None or meta_count is not None,
-        flat=axes is None,
-        hint=", or pass the meta_info SGLang sent with it (its prompt_tokens and completion_tokens)",
-    )
     layers = columns(arr, layer_map, "all", "SGLang routed_experts")
     routes = make_routes(with_last(with_front(layers, start)), layer_map, "SGLang routed_experts")
     told = _response_ids(response, routes.num_tokens)

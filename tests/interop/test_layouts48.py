@@ -71,14 +71,6 @@ _READERS: dict[str, tuple[Callable[..., np.ndarray], Callable[..., mr.Routes]]] 
         lambda r, lm: interop.to_vllm_legacy(r, lm),
         lambda a, lm, n, **kw: interop.from_vllm_legacy(a, lm, num_tokens=n, **kw),
     ),
-    "sglang payload": (
-        lambda r, lm: interop.to_vllm_legacy(r, lm),
-        lambda a, lm, n, **kw: interop.from_sglang(_b64(a), lm, num_tokens=n, **kw),
-    ),
-    "sglang meta_info": (
-        lambda r, lm: interop.to_vllm_legacy(r, lm),
-        lambda a, lm, n, **kw: interop.from_sglang({"routed_experts": _b64(a)}, lm, num_tokens=n, **kw),
-    ),
     "megatron inference": (
         lambda r, lm: interop.to_megatron_inference(r, lm),
         lambda a, lm, n, **kw: interop.from_megatron_inference(a, lm, num_tokens=n, **kw),
@@ -109,7 +101,7 @@ def test_a_square_array_of_an_all_moe_model_stacked_per_layer_is_refused_naming_
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("reader", ["vllm 0.22+", "vllm <=0.20", "sglang payload"])
+@pytest.mark.parametrize("reader", ["vllm 0.22+", "vllm <=0.20"])
 def test_a_square_array_of_a_model_with_a_dense_layer_is_proven_by_its_dense_column(reader: str) -> None:
     """With a dense first layer (DeepSeek's first_k_dense_replace) the engine's own order is proven by its data: the
     dense column is zero, while read stacked the dense layer's row (zero) lands in every token's routes. So the
@@ -146,9 +138,25 @@ def test_an_engine_output_object_holds_its_array_in_the_engines_order() -> None:
     }
     assert interop.from_sglang(response, lm).equal(truth)
     assert interop.from_sglang(response["meta_info"], lm).equal(truth)
-    for bare in (response["meta_info"]["routed_experts"], {"routed_experts": _b64(arr)}):
-        with pytest.raises(mr.RoutesValidationError, match="cannot tell its axes.*meta_info SGLang sent"):
-            interop.from_sglang(bare, lm, num_tokens=5)
+
+
+@pytest.mark.reliability("false refusals")
+def test_sglangs_payload_alone_is_read_in_sglangs_order_and_a_stacks_bytes_say_theirs() -> None:
+    """SGLang's base64 payload is its wire encoding, [tokens, layers, k] with no shape: given alone (the string
+    kept from meta_info, or in a dict without SGLang's counts) on an all-MoE model it reads exactly in SGLang's
+    order, as SGLang wrote it; the bytes of a per-layer stack made by other code say their order with axes=."""
+    model, lm, ids, routes, logits = _captured(4, 0, tokens=5)
+    truth = _unrouted_last(routes)
+    arr = interop.to_vllm_legacy(truth, lm)
+    payload = interop.to_sglang(truth, lm)["routed_experts"]
+    assert payload == _b64(arr)  # (this library's writer writes SGLang's order)
+    for bare in (payload, payload.encode(), {"routed_experts": payload}):
+        got = interop.from_sglang(bare, lm, num_tokens=5)
+        assert got.equal(truth)
+        assert torch.equal(_replayed(model, ids, got), logits)
+    stacked = _b64(np.ascontiguousarray(arr.transpose(1, 0, 2)))
+    assert interop.from_sglang(stacked, lm, num_tokens=5, axes=_STACKED).equal(truth)
+    assert not interop.from_sglang(stacked, lm, num_tokens=5).equal(truth)  # (what axes= is for)
 
 
 @pytest.mark.reliability("silent replays")
@@ -296,12 +304,6 @@ def test_an_array_in_any_order_of_its_axes_reads_exactly_or_is_refused(case: Any
             arr,
             lambda a, **kw: interop.from_vllm(a, lm, prompt_len=prompt, completion_len=tokens - prompt, **kw),
         ),
-        "sglang": (
-            arr,
-            lambda a, **kw: interop.from_sglang(
-                _b64(a), lm, num_tokens=tokens, **({"axes": kw["axes"]} if "axes" in kw else {})
-            ),
-        ),
         "megatron inference": (moe, lambda a, **kw: interop.from_megatron_inference(a, lm, num_tokens=tokens, **kw)),
     }
     for name, (a, read) in reads.items():
@@ -313,6 +315,9 @@ def test_an_array_in_any_order_of_its_axes_reads_exactly_or_is_refused(case: Any
         else:
             assert got.equal(want), f"{name}: an array {order} read silently as other routes"
         assert read(np.ascontiguousarray(a.transpose(perm)), axes=names).equal(want), name
+    # (SGLang's bytes hold no shape: read in SGLang's order unless told, and told any order they read exactly)
+    told = interop.from_sglang(_b64(np.ascontiguousarray(arr.transpose(perm))), lm, num_tokens=tokens, axes=names)
+    assert told.equal(want)
 
 
 @pytest.mark.reliability("silent replays")
