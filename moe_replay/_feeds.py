@@ -958,9 +958,11 @@ class FeedRecord:
     def lineage(self, calls: tuple[tuple[int, int], ...] | None, places: torch.Tensor | None) -> torch.Tensor | None:
         """Each row's lineage (``Routes._lineage``), as :meth:`rows` reads the ids: how many rows before it the rows of
         the forward whose KV cache its forward went on from begin (:attr:`_Forward.parent`), where that forward's rows
-        are among them and the forward went on from tokens of it (a place of its rows past 0, of ``places``:
-        :meth:`places`); 0 where not known (a fresh cache, one no forward of the capture had). One host int64 per row,
-        or None where the forwards do not line up with the router calls or no row's lineage is known.
+        are among them and the forward went on from tokens of it (a place of its rows past 0 and none at 0, of
+        ``places``: :meth:`places`); 0 where not known (a fresh cache, one no forward of the capture had, one emptied
+        before the forward: a sequence that begins there, at place 0, continues no earlier forward, whichever cache
+        object it is given). One host int64 per row, or None where the forwards do not line up with the router calls
+        or no row's lineage is known.
 
         A replay compares it at each forward's first row with the forward of its own block that was last given or
         returned the cache object that forward is given (:meth:`FeedCheck._check_lineage`): a decode step given
@@ -984,8 +986,10 @@ class FeedRecord:
         for f, n in zip(parts, sizes, strict=True):
             parent = None if f is None or f.parent is None else self.forwards[f.parent]
             begins = None if parent is None else first.get(id(parent))
-            # (it went on from tokens of the cache: a copy's are marked as after a cache no forward built)
-            if begins is not None and n and bool((unmarked_places(places[at : at + n]) > 0).any()):
+            # (it went on from tokens of the cache: a copy's are marked as after a cache no forward built; a place 0
+            # begins a sequence: the cache was emptied (reset, cropped) or fresh, whichever forward had it last)
+            fed = unmarked_places(places[at : at + n])
+            if begins is not None and n and bool((fed > 0).any()) and not bool((fed == 0).any()):
                 out[at : at + n] = torch.arange(at, at + n) - begins
                 known = True
             at += n
