@@ -1438,7 +1438,7 @@ class _CapturedCalls:
     or layers than a forward beginning there would read them for.
     """
 
-    __slots__ = ("begins", "bounds", "cut", "forwards", "own")
+    __slots__ = ("begins", "bounds", "counted", "cut", "forwards", "own")
 
     def __init__(self, call_rows: tuple[tuple[int, int], ...], forward_calls: tuple[int, ...]) -> None:
         self.bounds = [0]  # the row each call begins at, then the row the last ends at
@@ -1449,6 +1449,7 @@ class _CapturedCalls:
         self.forwards: list[tuple[int, int, int]] = []  # (its number in the capture, its first call, its calls)
         self.cut: set[int] = set()  # (the forwards of :attr:`forwards` the routes hold a part of)
         self.own = False  # the calls of one router (``Routes._router_calls``), not those of every router
+        self.counted = forward_calls  # (every forward of the capture counted, those that made no call included)
         at = 0
         for i, c in enumerate(forward_calls):
             if c:
@@ -1718,6 +1719,31 @@ class FeedCheck:
                 f"left. {_OTHER_CALLS_HINT}" + (f". {self.hint}" if self.hint else "")
             )
         return j, start
+
+    def _in_one_forward(self, began: dict[str, tuple[_CapturedCalls, tuple[int, int] | None]], name: str) -> None:
+        """Router ``name`` began reading in the forward that runs now (``began``: each router's calls and the captured
+        forward its first read in this forward began in, by name, ``name``'s last): where the routers' captured calls
+        count the same forwards, the captured forward it began in is the one every router that read before it in this
+        forward began in, or refused. A router that the capture called in some forwards only (a layer skipped, a
+        block that called it again on a flag) would else read the rows of another forward of the capture, one that
+        called it, on this forward's tokens, while every router's calls fit some captured forward."""
+        mine = began[name]
+        if mine[1] is None:
+            return
+        number = mine[0].forwards[mine[1][0]][0]
+        for other, (captured, at) in began.items():
+            if other == name or at is None or len(captured.counted) != len(mine[0].counted):
+                continue
+            theirs = captured.forwards[at[0]][0]
+            if theirs != number:
+                raise TokenMismatchError(
+                    f"forward {self._number()} of this replay() reads router '{name}' from row {mine[1][1]} of its "
+                    f"routes, in forward {number + 1} of the capture, while router '{other}' read its rows in it from "
+                    f"row {at[1]} on, in forward {theirs + 1} of the capture: the capture called '{name}' in other "
+                    "forwards than this replay does (a layer skipped or dropped, a block that calls its router on a "
+                    "flag, a router called a number of times that its inputs decide), so its rows are those of "
+                    f"another forward's tokens. {_OTHER_CALLS_HINT}" + (f". {self.hint}" if self.hint else "")
+                )
 
     def _captured_call(self, router: str, start: int, n: int) -> None:
         """A router reads ``n`` rows from ``start`` on in the forward that runs now, past the rows of its first call:
@@ -2486,6 +2512,8 @@ class RouterFeedCheck(FeedCheck):
         #: the captured forward each began in, in the forward that runs now, with the row it began at
         self._captured_each: dict[int, _CapturedCalls] = {}
         self._began_each: dict[int, tuple[int, int] | None] = {}
+        #: the same by router name, with its calls (see :meth:`FeedCheck._in_one_forward`)
+        self._began_named: dict[str, tuple[_CapturedCalls, tuple[int, int] | None]] = {}
 
     def know_router_calls(self, calls: dict[int, tuple[tuple[tuple[int, int], ...], tuple[int, ...]] | None]) -> None:
         """Check each router's calls in each forward against the calls of it that the captured forward it replays
@@ -2558,6 +2586,7 @@ class RouterFeedCheck(FeedCheck):
             self._tokens = lambda: None
         self._current = (count, flat)
         self._began_each = {}  # (each router's first call in it: see _router_call)
+        self._began_named = {}
         for src in self._sources:  # (each read of this forward is looked at: see _unseen_read)
             src.cleared = src.host_consumed
         return True
@@ -2570,7 +2599,9 @@ class RouterFeedCheck(FeedCheck):
         if captured is None:
             return
         if id(src) not in self._began_each:
-            self._began_each[id(src)] = self._begin_in(captured, start, src.name)
+            self._began_each[id(src)] = began = self._begin_in(captured, start, src.name)
+            self._began_named[src.name] = (captured, began)
+            self._in_one_forward(self._began_named, src.name)
             return
         self._next_call(captured, self._began_each[id(src)], src.name, start, n)
 
@@ -2738,10 +2769,17 @@ class RouterCallCheck(FeedCheck):
         reads, self._open_reads = self._open_reads, []
         if self._lost or self._overdrawn is not None:
             return
+        named: dict[str, tuple[_CapturedCalls, tuple[int, int] | None]] = {}
         for src, began, start, count in reads:
             at = src.host_consumed
             if began is None or at == start:
                 continue
+            named[src.name] = (self._captured_each[id(src)], began)
+            try:  # (the routers that read in this forward: each began in the same captured forward)
+                self._in_one_forward(named, src.name)
+            except TokenMismatchError as refused:
+                self._overdrawn = str(refused)
+                return
             captured = self._captured_each[id(src)]
             j = began[0]
             calls = captured.forwards[j][2]
@@ -2786,6 +2824,11 @@ class OrderCheck(FeedCheck):
     Every forward begins with the routers of ``sources`` (those of as many rows each) in step, or is refused
     (:meth:`FeedCheck._in_step`).
     """
+
+    #: the check of each router's calls forward by forward (see :class:`RouterCallCheck`), where the routers hold
+    #: other row counts (one called at several layers, or skipped in some forwards) and the routes know their calls:
+    #: finished with this one
+    each_router: RouterCallCheck | None = None
 
     def __init__(
         self,
@@ -3063,6 +3106,8 @@ class OrderCheck(FeedCheck):
         for forward, start, grid, mask, pos in later:
             self._refuse_places(forward, start, grid, mask, pos)
         self._calls_at_end()
+        if self.each_router is not None:
+            self.each_router.finish()
 
     def _check_rank(self, count: int, shape: torch.Size | None, order: str) -> None:
         """The rows a ``[batch, positions]`` forward fed ``count`` tokens in ``order`` reads, by their place in their

@@ -674,6 +674,27 @@ class _HostRows:
         return self._rows
 
 
+def _router_call_check(
+    routes: Routes,
+    sources: Sequence[ReplaySource | None],
+    layers: Sequence[int],
+    generated: bool,
+    checked: Callable[[int], bool],
+) -> RouterCallCheck | None:
+    """The check of each router's calls forward by forward (:class:`~moe_replay._feeds.RouterCallCheck`) for the
+    replay sources ``sources`` of the routes' routers ``layers``, those whose router ``checked`` accepts and whose
+    calls the routes know (``Routes._router_calls``); None where there are none."""
+    own = routes._router_calls
+    mine: dict[int, _CapturedCalls] = {}
+    for src, j in zip(sources, layers, strict=True):
+        made = None if own is None or not checked(j) else own[j]
+        captured = None if src is None or made is None else _CapturedCalls.of(*made)
+        if src is not None and captured is not None:
+            captured.own = True
+            mine[id(src)] = captured
+    return RouterCallCheck(mine, _GENERATE_HINT if generated else "") if mine else None
+
+
 class Session:
     """Routing capture and replay on one model. Create it with :func:`attach`.
 
@@ -2372,20 +2393,12 @@ class Session:
         if routes._router_ids is not None:  # (each router's own ids: its rows are not one per token of a forward)
             if not strict and _device_of(model).type != "cpu":
                 # (its ids are on the device: not read back at no sync; each router's calls are checked forward by
-                # forward where the routes know them)
-                own = routes._router_calls
-                mine: dict[int, _CapturedCalls] = {}
-                for src, j in zip(sources, layers, strict=True):
-                    # (the routers the strict check compares: a router of a stream of its own, its ids unknown, not)
-                    made = None if own is None or not bool((routes._router_ids[j] != -1).any()) else own[j]
-                    captured = None if src is None or made is None else _CapturedCalls.of(*made)
-                    if src is not None and captured is not None:
-                        mine[id(src)] = captured
-                if not mine:
+                # forward where the routes know them; the routers the strict check compares only: a router of a
+                # stream of its own, its ids unknown, not)
+                ids_of = routes._router_ids
+                calls = _router_call_check(routes, sources, layers, generated, lambda j: bool((ids_of[j] != -1).any()))
+                if calls is None:
                     return None, None
-                for captured in mine.values():
-                    captured.own = True
-                calls = RouterCallCheck(mine, _GENERATE_HINT if generated else "")
                 return calls, calls.start(self._feed_wrappers, held)
             # (a router of a stream of its own, every id unknown, a decoder's beside an encoder's: read unchecked, as
             # before; the forwards' order is checked by the others)
@@ -2435,7 +2448,19 @@ class Session:
             order.scope_of = self._scope_of(held)
             if len({src.num_rows for src in held}) == 1:  # (every router in step: each forward's calls are checked)
                 order.know_calls(routes._call_rows, routes._forward_calls)
-            return order, order.start(self._feed_wrappers, held if len({src.num_rows for src in held}) == 1 else [])
+                return order, order.start(self._feed_wrappers, held)
+            stop_order = order.start(self._feed_wrappers, [])
+            # (routers of other row counts: each one's calls are checked forward by forward, where the routes know them)
+            order.each_router = _router_call_check(routes, sources, layers, generated, lambda j: True)
+            if order.each_router is None:
+                return order, stop_order
+            stop_calls = order.each_router.start(self._feed_wrappers, held)
+
+            def stop_both() -> None:
+                stop_order()
+                stop_calls()
+
+            return order, stop_both
 
         # (device ids are read back when the block ends: a strict replay syncs there anyway, strict=False never does)
         # the rows recorded at prompt padding (mask 0; their id -1, unless since given one): fed no token of a sequence
