@@ -2068,7 +2068,8 @@ class FeedCheck:
         )
 
     def _continued(self, cache: Any, start: int) -> bool:
-        """Did the replay block before this one build ``cache`` from the rows of the same capture that end where the
+        """Did the replay block before this one (or one of the blocks in a row before it that replayed rows of the same
+        capture: see :meth:`_Built.keep_older`) build ``cache`` from the rows of the same capture that end where the
         rows of this forward (from ``start`` on) begin (a decode loop replayed over two blocks, its prompt's forward in
         the first), or was the forward of that block that last had it the one the captured forward went on from (its
         whole capture's lineage: two interleaved loops replayed over two blocks)?"""
@@ -2133,7 +2134,7 @@ class FeedCheck:
         elif begun is None and origin is not None:  # (one the block before had, where it replayed the rows before)
             went = self._went_on_before(cache, start)
             if went is not None and went[0] != went[1]:
-                where = "of the capture these routes were cut from (the replay block before this one)"
+                where = "of the capture these routes were cut from (the replay block before this one, or one before it)"
                 self._refuse_lineage(type(cache).__name__, origin[1] + start, went[0], went[1], where)
         self._made_by.note(cache, start)
         if origin is not None:
@@ -3538,6 +3539,14 @@ class _Built:
         held = self.objects.get(id(cache))
         return held[1] if held is not None and held[0]() is cache else None
 
+    def keep_older(self, older: _Built) -> None:
+        """Keep the cache objects ``older`` (an earlier replay block's, of the same capture) noted that this one did
+        not note, and that are alive: a cache a later block has is compared by what the block that had it last did.
+        Caches of plain tensors are not kept (told by their address, which a freed one's successor may take)."""
+        for key, (ref, end) in older.objects.items():
+            if key not in self.objects and ref() is not None:
+                self.objects[key] = (ref, end)
+
     def note(self, cache: Any, end: int = -1) -> None:
         """Note ``cache`` (None: nothing), built by forwards whose rows end at row ``end``."""
         if cache is None:
@@ -3575,6 +3584,13 @@ class _Made:
         key = _first_tensor(cache) if isinstance(cache, list | tuple) else cache
         held = None if key is None else self.held.get(id(key))
         return held[1] if held is not None and held[0]() is key else None
+
+    def keep_older(self, older: _Made) -> None:
+        """Keep what ``older`` (an earlier replay block's, of the same capture, counted in its rows) noted of the
+        caches this one did not note, where they are alive (see :meth:`_Built.keep_older`)."""
+        for key, (ref, forward) in older.held.items():
+            if key not in self.held and ref() is not None:
+                self.held[key] = (ref, forward)
 
     def note(self, cache: Any, forward: int) -> None:
         """Note ``cache`` (None: nothing) as the forward ``forward``'s."""

@@ -766,7 +766,8 @@ class Session:
         self._renamed: dict[str, str] | None = None  # the prefix map of the last replay, if it needed one
         self._feeds: FeedRecord | None = None  # what the model's forwards were fed during the last capture
         #: the KV caches the forwards of the last replay block built, with the capture its rows were cut from (a
-        #: decode loop replayed over two blocks goes on from them: see FeedCheck._continued)
+        #: decode loop replayed over two blocks goes on from them: see FeedCheck._continued), and those earlier
+        #: blocks in a row of the same capture built that it did not have
         self._replay_built: tuple[Any, Any, Any] | None = None
 
     # ------------------------------------------------------------- properties
@@ -2330,12 +2331,20 @@ class Session:
                 h.replay_source = None
         if ok and check is not None:
             check.finish()  # (before the row counts: forwards fed other tokens are why they would differ)
-        # (the caches this block's forwards built, for the next block to go on from: see FeedCheck._continued)
-        self._replay_built = (
-            (check._built, check.origin[0], check._made_whole)
-            if ok and type(check) is FeedCheck and check.origin is not None
-            else None
+        # (the caches this block's forwards built, for the next block to go on from: see FeedCheck._continued; with
+        # those the blocks before it built from the same capture, which it did not have: interleaved decode loops
+        # replayed one forward per block go on from caches built blocks before)
+        before, self._replay_built = (
+            self._replay_built,
+            (
+                (check._built, check.origin[0], check._made_whole)
+                if ok and type(check) is FeedCheck and check.origin is not None
+                else None
+            ),
         )
+        if before is not None and self._replay_built is not None and before[1] is self._replay_built[1]:
+            self._replay_built[0].keep_older(before[0])
+            self._replay_built[2].keep_older(before[2])
         held = [src for _, src in sources if src is not None]
         every = [(h, src) for h, src in sources if src is not None]
         # (a forward that entered the model, refused by either watch or not, was seen: none went around it alone; so
