@@ -252,6 +252,21 @@ class _Forward:
         self.mask = torch.ones(self.count, dtype=torch.bool, device=keep.device)
 
 
+def _continues(forward: _Forward, places: torch.Tensor) -> bool:
+    """Did ``forward`` go on from tokens its KV cache held, by the places its rows of one router call were fed at
+    (``places``, -1 where not known)? Where its ids were a ``[batch, positions]`` grid of those rows, in their order:
+    a sequence whose first known place is past 0 (a decode step, a prompt's second chunk; one sequence is enough);
+    else where some place is past 0 and none is 0. A forward whose every sequence begins at place 0 (a prompt's forward
+    on a fresh, reset or cropped cache) continues no earlier forward, whatever cache object it is given."""
+    ids = forward.ids
+    if forward.shape is None and not forward.unpadded and ids is not None and ids.dim() == 2:
+        if ids.numel() == places.numel():
+            grid = places.reshape(ids.shape)
+            first = grid.masked_fill(grid < 0, torch.iinfo(grid.dtype).max).amin(dim=1)  # (places rise along each)
+            return bool(((first > 0) & (grid >= 0).any(dim=1)).any())
+    return bool((places > 0).any()) and not bool((places == 0).any())
+
+
 class FeedRecord:
     """The inputs of each forward of one model during a capture, and any move of its cache's rows.
 
@@ -958,11 +973,11 @@ class FeedRecord:
     def lineage(self, calls: tuple[tuple[int, int], ...] | None, places: torch.Tensor | None) -> torch.Tensor | None:
         """Each row's lineage (``Routes._lineage``), as :meth:`rows` reads the ids: how many rows before it the rows of
         the forward whose KV cache its forward went on from begin (:attr:`_Forward.parent`), where that forward's rows
-        are among them and the forward went on from tokens of it (a place of its rows past 0 and none at 0, of
-        ``places``: :meth:`places`); 0 where not known (a fresh cache, one no forward of the capture had, one emptied
-        before the forward: a sequence that begins there, at place 0, continues no earlier forward, whichever cache
-        object it is given). One host int64 per row, or None where the forwards do not line up with the router calls
-        or no row's lineage is known.
+        are among them and the forward went on from tokens of it (a sequence of it whose first token is past place 0,
+        of ``places``: :meth:`places`; see :func:`_continues`); 0 where not known (a fresh cache, one no forward of
+        the capture had, one emptied before the forward: a forward whose every sequence begins there, at place 0,
+        continues no earlier forward, whichever cache object it is given). One host int64 per row, or None where the
+        forwards do not line up with the router calls or no row's lineage is known.
 
         A replay compares it at each forward's first row with the forward of its own block that was last given or
         returned the cache object that forward is given (:meth:`FeedCheck._check_lineage`): a decode step given
@@ -986,10 +1001,9 @@ class FeedRecord:
         for f, n in zip(parts, sizes, strict=True):
             parent = None if f is None or f.parent is None else self.forwards[f.parent]
             begins = None if parent is None else first.get(id(parent))
-            # (it went on from tokens of the cache: a copy's are marked as after a cache no forward built; a place 0
-            # begins a sequence: the cache was emptied (reset, cropped) or fresh, whichever forward had it last)
-            fed = unmarked_places(places[at : at + n])
-            if begins is not None and n and bool((fed > 0).any()) and not bool((fed == 0).any()):
+            # (it went on from tokens of the cache: a copy's are marked as after a cache no forward built; a sequence
+            # whose first token is at place 0 begins there: emptied (reset, cropped) or fresh, whoever had it last)
+            if begins is not None and n and _continues(cast(_Forward, f), unmarked_places(places[at : at + n])):
                 out[at : at + n] = torch.arange(at, at + n) - begins
                 known = True
             at += n

@@ -65,6 +65,26 @@ def test_a_pool_of_reset_caches_handed_to_other_prompts_than_captured_is_forced_
                 _pool(model, [0, 1, 1], reset=False)
 
 
+@pytest.mark.reliability("silent replays")
+def test_a_forward_continues_its_cache_where_one_of_its_sequences_does() -> None:
+    """The lineage of a forward is recorded where it went on from tokens its cache held: a decode step, a prompt's
+    second chunk, and a batch of which one sequence goes on while another (left-padded) begins (that one sequence
+    is enough: its rows would see another context); not a prompt's forward whose every sequence begins at place 0."""
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    forward = _feeds._Forward(6, ids, None)
+    for places, continues in [
+        ([[4, 5, 6], [-1, 0, 1]], True),  # (one sequence goes on, the other begins)
+        ([[0, 1, 2], [-1, 0, 1]], False),  # (a prompt's forward on an emptied cache)
+        ([[3, 4, 5], [2, 3, 4]], True),  # (a second chunk)
+        ([[-1, -1, -1], [-1, 0, 1]], False),
+    ]:
+        assert _feeds._continues(forward, torch.tensor(places).reshape(-1)) is continues
+    step = _feeds._Forward(2, torch.zeros(2, 1, dtype=torch.long), None)
+    assert _feeds._continues(step, torch.tensor([5, 3]))
+    assert not _feeds._continues(_feeds._Forward(3, None, None), torch.tensor([0, 1, 2]))  # (fed embeddings)
+    assert _feeds._continues(_feeds._Forward(3, None, None), torch.tensor([3, 4, 5]))
+
+
 def _interleaved_forwards(model: Any, swap: bool) -> list[Callable[[], torch.Tensor]]:
     """Two prompts' forwards, each on a cache of its own, then one decode step of each (given the other's: ``swap``)."""
     name = tiny_hf.cache_kwarg(model)
