@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MappingView
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -11,7 +11,16 @@ import torch
 
 from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError
 
-__all__ = ["MAX_COUNT", "check_count", "check_dense", "check_flag", "is_collection", "is_integer", "is_one_of"]
+__all__ = [
+    "MAX_COUNT",
+    "check_count",
+    "check_dense",
+    "check_flag",
+    "is_collection",
+    "is_integer",
+    "is_one_of",
+    "router_names",
+]
 
 #: The largest count or offset taken: one past it no tensor or array index holds.
 MAX_COUNT = 2**63 - 1
@@ -59,6 +68,39 @@ def is_collection(value: Any) -> bool:
     if isinstance(value, np.ndarray):
         return value.ndim > 0
     return isinstance(value, Iterable)
+
+
+def router_names(value: Any, role: str) -> tuple[str, ...]:
+    """``value`` as router names in the order given: any iterable of ``str`` with an order of its own.
+
+    A list, tuple, iterator or generator, or a dict's ``keys()`` (which iterate in the dict's order) are
+    taken. A bare ``str`` is one name, not a list of its characters; a set has no order of its own and a
+    dict iterates over its keys alone, dropping its values unsaid: each is refused, saying what to pass.
+
+    Raises:
+        ArgumentTypeError: a str or bytes, a set, a mapping, or anything but an iterable of str.
+    """
+    if isinstance(value, str | bytes):
+        raise ArgumentTypeError(
+            f"{role} takes a list of router names, got one {type(value).__name__} {value!r:.60}: "
+            f"for one router pass a list, [{value!r:.60}]"
+        )
+    if isinstance(value, Mapping | AbstractSet) and not isinstance(value, MappingView):
+        what = "a mapping (its values would be dropped)" if isinstance(value, Mapping) else "a set (it has no order)"
+        raise ArgumentTypeError(
+            f"{role} takes a list of router names in order, got {what}: {value!r:.60}; pass a list, e.g. d.keys() or "
+            "sorted(names)"
+        )
+    if not (isinstance(value, MappingView) or is_collection(value)) or isinstance(value, torch.Tensor | np.ndarray):
+        raise ArgumentTypeError(f"{role} takes a list of router names (any iterable of str), got {value!r:.60}")
+    names = tuple(value)
+    odd = [n for n in names if not isinstance(n, str)]
+    if odd:  # (str(None) would be a router named 'None': never one of the model's)
+        raise ArgumentTypeError(
+            f"{role}: router names must be str (module paths, as model.named_modules() gives them), got "
+            f"{odd[0]!r:.60} ({type(odd[0]).__name__})"
+        )
+    return tuple(str(n) for n in names)  # (a numpy str_ as a plain str)
 
 
 def check_count(value: Any, name: str) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import is_collection, is_integer, is_one_of
+from ._checks import is_integer, is_one_of, router_names
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -508,11 +508,7 @@ def compare(
     if not isinstance(labels, tuple | list) or len(labels) != 2 or not all(isinstance(x, str) for x in labels):
         raise ArgumentTypeError(f"labels must be two strings, one for a and one for b, got {labels!r}")
     if names is not None:
-        if not is_collection(names):
-            raise ArgumentTypeError(f"names must be a list of router names, got {names!r:.60}")
-        names = tuple(names)
-        if not all(isinstance(n, str) for n in names):
-            raise ArgumentTypeError(f"names must be router names (str), got {list(names)!r:.80}")
+        names = router_names(names, "names=")
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
             raise InvalidArgumentError(f"names lists a router more than once: {twice[:3]}; name each once")

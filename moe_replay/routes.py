@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npformat
 
-from ._checks import check_count, check_dense, check_flag, check_values, is_collection
+from ._checks import check_count, check_dense, check_flag, check_values, is_collection, router_names
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -433,16 +433,7 @@ class Routes:
             )
         if not is_collection(layers):
             raise ArgumentTypeError(f"layers must be one [tokens, k] tensor per router (a list), got {layers!r:.60}")
-        if not is_collection(names):
-            raise ArgumentTypeError(f"names must be a sequence of router names, got {names!r:.60}")
-        names = tuple(names)
-        odd = [n for n in names if not isinstance(n, str)]
-        if odd:  # (str(None) would be a router named 'None': never one of the model's)
-            raise ArgumentTypeError(
-                f"router names must be str (module paths, as model.named_modules() gives them), got {odd[0]!r:.60} "
-                f"({type(odd[0]).__name__})"
-            )
-        names = tuple(str(n) for n in names)  # (a numpy str_ as a plain str)
+        names = router_names(names, "names=")
         layers = list(layers)
         if len(layers) != len(names):
             raise RoutesValidationError(f"got {len(layers)} routing tensors for {len(names)} router names")
@@ -820,9 +811,7 @@ class Routes:
     ) -> Routes:
         """Build routes from a ``[T, L, k]`` integer array (-1 rows are unrecorded)."""
         array = integer_array(array, "the routes array")
-        if not is_collection(names):
-            raise ArgumentTypeError(f"names must be a sequence of router names, got {names!r:.60}")
-        names = list(names)
+        names = list(router_names(names, "names="))
         if array.ndim != 3:
             raise RoutesValidationError(f"expected a [tokens, layers, k] array, got shape {array.shape}")
         if array.shape[1] != len(names):
@@ -949,12 +938,7 @@ class Routes:
 
     def select(self, names: Iterable[str]) -> Routes:
         """Keep only the named routers, in the order given."""
-        if not is_collection(names):
-            raise ArgumentTypeError(f"select() takes router names (a list of str), got {names!r:.60}")
-        names = list(names)
-        odd = [n for n in names if not isinstance(n, str)]
-        if odd:
-            raise ArgumentTypeError(f"select() takes router names (str), got {odd[0]!r:.60} ({type(odd[0]).__name__})")
+        names = list(router_names(names, "select()"))
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
             raise RoutesValidationError(f"select() names a router more than once: {twice[:4]}; name each once")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import is_collection, is_integer, is_one_of
+from .._checks import is_collection, is_integer, is_one_of, router_names
 from ..errors import ArgumentTypeError, InvalidArgumentError, LayerMapError, UnknownRouterError
 from ..routes import _MAX_EXPERTS, Routes
 from ..session import Session
@@ -227,15 +227,10 @@ class LayerMap:
         mtp: str = "error",
     ) -> LayerMap:
         """Map router names to hidden layers, parsing ``...layers.<i>...`` unless ``layers`` is given."""
-        if not is_collection(names):
-            raise LayerMapError(f"names must be router module paths (a list of str), got {names!r:.80}")
-        names = list(names)  # (read once: an iterator would be empty the second time)
-        odd = [n for n in names if not isinstance(n, str)]
-        if odd:  # (str(None) would map a router named 'None': never one of the model's)
-            raise LayerMapError(
-                f"names must be router module paths (str), got {odd[0]!r:.60} ({type(odd[0]).__name__})"
-            )
-        names = tuple(str(n) for n in names)
+        try:  # (read once: an iterator would be empty the second time)
+            names = router_names(names, "names=")
+        except ArgumentTypeError as e:  # (a map that cannot be built: this class's own error, as before)
+            raise LayerMapError(f"names must be router module paths in order: {e}") from e
         if layers is not None and not is_collection(layers):
             raise LayerMapError(f"layers must be one hidden-layer index per router (a list of int), got {layers!r:.60}")
         if layers is None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._checks import check_count, is_collection, is_integer, is_one_of
+from .._checks import check_count, is_collection, is_integer, is_one_of, router_names
 from ..errors import ArgumentTypeError, InvalidArgumentError, RoutesValidationError, UnsupportedRouterError
 from ..routes import Routes, in_token_order, order_untold
 from ._common import (
@@ -239,9 +239,7 @@ def from_megatron(
             "k] array (routes.indices) would be read with tokens as layers. Pass list(t) of a [layers, tokens, k] "
             "stack, or t.unbind(1) of [tokens, layers, k]"
         )
-    if not is_collection(names):
-        raise ArgumentTypeError(f"from_megatron: names must be the router names in layer order, got {names!r:.60}")
-    names = list(names)
+    names = list(router_names(names, "from_megatron: names="))
     if all(isinstance(n, str) for n in names):  # (other kinds are refused by Routes below)
         _check_layer_order(names, "Pass names in the order of Megatron's list (get_recorded_data()), layer order")
     if layer_numbers is not None:
