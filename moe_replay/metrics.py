@@ -191,7 +191,9 @@ class RoutingComparison:
                 no router of the comparison.
 
         Returns:
-            The matplotlib ``Figure``. Needs matplotlib: ``pip install "moe_replay[plot]"``.
+            The matplotlib ``Figure``, closed in pyplot: a notebook shows it once when a cell ends with
+            ``c.plot()`` (or ``display(fig)``); elsewhere ``fig.savefig(path)``. Needs matplotlib:
+            ``pip install "moe_replay[plot]"``.
 
         Example:
             >>> import torch, moe_replay as mr
@@ -208,7 +210,7 @@ class RoutingComparison:
                 "RoutingComparison.plot() needs matplotlib: pip install 'moe_replay[plot]' (or matplotlib)"
             ) from e
         pos = None if router is None else self._router_position(router)  # before a figure is made
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))  # (on the user's backend: a notebook's draws it)
         ticks, axis = _router_labels(self.names)
         x = np.arange(len(self.names))
         per = self.per_layer
@@ -263,6 +265,9 @@ class RoutingComparison:
         right.set_title(title)
         right.legend()
         fig.tight_layout()
+        # (closed in pyplot, not left open: a notebook cell ending in c.plot() shows the figure it returns once, not
+        # again as an open figure at the cell's end, and a later plt.show() does not show it once more)
+        plt.close(fig)
         return fig
 
 

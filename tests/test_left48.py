@@ -58,3 +58,27 @@ def test_router_names_are_taken_from_any_ordered_iterable_of_str_and_a_bare_str_
         assert "names" in str(e.value) or "select" in str(e.value), call
         with pytest.raises(mr.MoEReplayError, match="has no order"):
             take(set(names))
+
+
+# --- 5. a plot shown once -------------------------------------------------------------------------------------------
+
+
+def test_a_comparisons_plot_leaves_no_pyplot_figure_open_so_a_notebook_shows_it_once() -> None:
+    """``plot()`` built its figure through pyplot and returned it: a notebook cell ending in ``c.plot()`` showed it
+    as the cell's value and again as an open pyplot figure (and ``plt.show()`` later showed it once more)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    _, _, routes = _captured()
+    plt.close("all")
+    c = mr.compare(routes, routes, labels=("rollout", "training"))
+    figs = [c.plot(), c.plot(router=0)]
+    assert plt.get_fignums() == [], "plot() left a figure open in pyplot"
+    for fig in figs:
+        assert isinstance(fig, Figure) and len(fig.axes) == 2
+        assert fig.axes[1].get_legend_handles_labels()[1] == ["rollout", "training"]
+        fig.canvas.draw()  # (it renders: a canvas of its own)

@@ -201,6 +201,7 @@ after
 fig = after.plot()
 fig.set_size_inches(9, 2.8)
 fig.tight_layout()
+fig
 
 # %% [markdown]
 # ## 5. A training step with replay under activation checkpointing
