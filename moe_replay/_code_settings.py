@@ -530,6 +530,10 @@ class OutsideState:
         #: ``"class"`` a class attribute, ``"cell"`` a closure cell, ``"in"`` a container's contents, ``"tensor"``
         #: a tensor changed in place (its version then, a copy of its values)
         self.saved: list[tuple[str, Any, Any, Any]] = []
+        #: the tensors too large to copy within :data:`_LARGE_BUDGET`, with their versions: a run that changes one
+        #: cannot be undone, and :meth:`unrestorable` names it
+        self.watched: list[tuple[torch.Tensor, int]] = []
+        self._budget = _LARGE_BUDGET
         seen: set[tuple[int, Any]] = set()
         # (the modules' own tensors are the snapshot's)
         seen.update((id(t), None) for m in modules for t in (*m._parameters.values(), *m._buffers.values()))
@@ -559,10 +563,27 @@ class OutsideState:
             elif not isinstance(value, nn.Module):  # (a module's own tensors are the snapshot's)
                 _tensors_in(value, found, 1)
         for t in found.values():
-            if (id(t), None) in seen or t.numel() > _TENSOR_LIMIT or t.is_meta or t.is_inference():
-                continue
-            seen.add((id(t), None))
-            self.saved.append(("tensor", t, t._version, t.detach().clone()))
+            self._save_tensor(t, seen)
+
+    def _save_tensor(self, t: torch.Tensor, seen: set[tuple[int, Any]]) -> None:
+        """Save ``t`` by value, to be put back where a run changes it in place: one of at most
+        :data:`_TENSOR_LIMIT` elements always, a larger one while :data:`_LARGE_BUDGET` lasts (a history or a
+        table of counts the code writes a slot of); one beyond it is watched by its version
+        (:meth:`unrestorable`), never left changed unsaid."""
+        if (id(t), None) in seen or t.is_meta or t.is_inference():
+            return
+        seen.add((id(t), None))
+        n = t.numel()
+        if n > _TENSOR_LIMIT:
+            if n > self._budget:
+                self.watched.append((t, t._version))
+                return
+            self._budget -= n
+        self.saved.append(("tensor", t, t._version, t.detach().clone()))
+
+    def unrestorable(self) -> list[torch.Tensor]:
+        """The tensors too large to copy (see :meth:`_save_tensor`) that a run changed in place since saved."""
+        return [t for t, version in self.watched if t._version != version]
 
     def _save_namespace(self, space: dict[str, Any], seen: set[tuple[int, Any]]) -> None:
         """Save the module-level state of a namespace of the code (see :func:`_namespaces`): the contents of its
@@ -583,9 +604,7 @@ class OutsideState:
         if budget[0] < 0:
             return
         if isinstance(value, torch.Tensor):
-            if value.numel() <= _TENSOR_LIMIT and not (value.is_meta or value.is_inference()):
-                seen.add((id(value), None))
-                self.saved.append(("tensor", value, value._version, value.detach().clone()))
+            self._save_tensor(value, seen)
             return
         if depth <= 0 or not isinstance(value, dict | list | set | collections.deque):
             return
@@ -620,14 +639,8 @@ class OutsideState:
         if kind == "self" and len(steps) == 1 and last[0] == "[]" and steps[0][1] in vars(module):
             return  # (a container the module holds: the snapshot puts back a copy of it)
         if isinstance(obj, torch.Tensor):  # changed in place (_STEP.add_(1), _STEP[0] += 1): a small one, by value
-            if (
-                last[0] != "."
-                and (id(obj), None) not in seen
-                and obj.numel() <= _TENSOR_LIMIT
-                and not (obj.is_meta or obj.is_inference())
-            ):
-                seen.add((id(obj), None))
-                self.saved.append(("tensor", obj, obj._version, obj.detach().clone()))
+            if last[0] != ".":
+                self._save_tensor(obj, seen)
             return
         if last[0] in ("[]", "()"):
             if isinstance(obj, dict | list | set | collections.deque) and (id(obj), None) not in seen:
@@ -682,8 +695,11 @@ class OutsideState:
                     where[key] = value
 
 
-#: the most elements of a tensor outside the modules that :class:`OutsideState` copies to put back (a step count)
+#: the most elements of a tensor outside the modules that :class:`OutsideState` always copies to put back (a step count)
 _TENSOR_LIMIT = 1 << 16
+#: the most elements of the larger such tensors, all together, that one :class:`OutsideState` copies (a table of counts
+#: per step); a larger one still is watched, and a run that changes it refused
+_LARGE_BUDGET = 1 << 24
 #: the builtin container types :class:`OutsideState` puts back, the nearest first (an OrderedDict keeps its order)
 CONTAINERS = (collections.OrderedDict, dict, list, set, collections.deque)
 

@@ -1953,11 +1953,13 @@ class _Snapshot:
                     refill_container(v, contents)
                 m.__dict__[k] = v
         changed = [p for p, version in self.big if version is not None and p._version != version]
+        changed += self.outside.unrestorable()
         if changed:
             raise UnsupportedRouterError(
-                f"{self.runs} changes a tensor of {tuple(changed[0].shape)} in place (a large parameter, or one of "
-                "many tensors it keeps in attributes); moe_replay does not copy such tensors and cannot put it back "
-                "after the runs that establish the decision. Keep such state in a buffer"
+                f"{self.runs} changes a tensor of {tuple(changed[0].shape)} in place (a large parameter, one of "
+                "many tensors it keeps in attributes, or a very large one outside the model); moe_replay does not "
+                "copy such tensors and cannot put it back after the runs that establish the decision. Keep such "
+                "state in a buffer"
             )
 
     def drew(self) -> bool:

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import moe_replay as mr
 
@@ -82,3 +84,92 @@ def test_a_comparisons_plot_leaves_no_pyplot_figure_open_so_a_notebook_shows_it_
         assert isinstance(fig, Figure) and len(fig.axes) == 2
         assert fig.axes[1].get_legend_handles_labels()[1] == ["rollout", "training"]
         fig.canvas.draw()  # (it renders: a canvas of its own)
+
+
+# --- 2, 3. what a router's forward changes outside the model, put back after the runs that establish its decision --
+
+_BIG = torch.zeros(100_000)  # (more elements than were ever copied to be put back)
+_SMALL = torch.zeros(8)
+
+
+class _Router(nn.Module):
+    """A softmax top-2 router over 8 experts, to be given outside state by the subclasses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 16, generator=torch.Generator().manual_seed(1)))
+        self.top_k = 2
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = F.linear(x, self.weight).softmax(-1).topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+class _Block(nn.Module):
+    def __init__(self, router: nn.Module) -> None:
+        super().__init__()
+        self.router = router
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            hit = (idx == e).any(-1)
+            if hit.any():
+                out[hit] += (w * (idx == e)).sum(-1, keepdim=True)[hit] * expert(x[hit])
+        return out
+
+
+def _model(make: Any) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(_Block(make()), _Block(make()))
+
+
+class _CountsInABigGlobal(_Router):
+    """Counts each expert's tokens per step into a large global table (a step's slot of a long history)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, idx = self.route(x)
+        with torch.no_grad():
+            _BIG[: idx.numel()] += idx.reshape(-1).float()
+            _SMALL[:] += 1
+        return w, idx
+
+
+@pytest.mark.reliability("the model is left as it was")
+def test_a_large_tensor_outside_the_model_that_a_router_writes_is_as_one_forward_left_it() -> None:
+    """A router that writes a global tensor of more than 65,536 elements: the runs that establish its decision
+    added to it unsaid (only smaller tensors outside the model were put back), so the table after the first
+    forward was not what one forward leaves."""
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
+    _BIG.zero_(), _SMALL.zero_()
+    with torch.no_grad():
+        _model(_CountsInABigGlobal)(x)
+    want_big, want_small = _BIG.clone(), _SMALL.clone()
+    _BIG.zero_(), _SMALL.zero_()
+    model = _model(_CountsInABigGlobal)
+    try:
+        with mr.attach(model) as session, session.capture(), torch.no_grad():
+            model(x)
+    except mr.UnsupportedRouterError as e:  # (refused, naming the tensor it cannot put back: not silent)
+        assert "100000" in str(e) and torch.equal(_BIG, torch.zeros_like(_BIG)), e
+        return
+    assert torch.equal(_SMALL, want_small)
+    assert torch.equal(_BIG, want_big), "the establishing runs' writes to a large outside tensor were left in it"
+
+
+@pytest.mark.reliability("the model is left as it was")
+def test_an_outside_tensor_too_large_to_copy_that_a_router_writes_is_refused_not_left_changed_unsaid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Beyond what is copied to be put back, a tensor outside the model is watched: the runs that change it are
+    refused, naming its shape, rather than leaving it changed with no word."""
+    import moe_replay._code_settings as code_settings
+
+    monkeypatch.setattr(code_settings, "_LARGE_BUDGET", 0)
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
+    model = _model(_CountsInABigGlobal)
+    with pytest.raises(mr.UnsupportedRouterError, match=r"\(100000,\).*cannot put it back"):
+        with mr.attach(model) as session, session.capture(), torch.no_grad():
+            model(x)
