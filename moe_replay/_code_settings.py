@@ -63,6 +63,7 @@ __all__ = [
     "generators",
     "hook_written",
     "is_written",
+    "named_globals",
     "reads_state",
     "settings_in",
     "static_attribute",
@@ -392,6 +393,20 @@ def _reached(module: nn.Module, cached: _Code) -> Iterator[tuple[Any, bool]]:
                 break
             obj = _step(obj, step)
             yield obj, False
+
+
+def named_globals(modules: list[nn.Module]) -> list[tuple[dict[str, Any], str]]:
+    """The globals the code of ``modules`` names that hold no setting (an iterator it draws from with ``next()``, a
+    registry), each as the namespace that holds it and its name there, once; none of their code run."""
+    out: dict[tuple[int, str], tuple[dict[str, Any], str]] = {}
+    for m in modules:
+        if type(m).__module__.partition(".")[0] in _NOT_FOLLOWED:  # (torch's own modules: nothing of theirs)
+            continue
+        cached = _read_code(m, m.__dict__.get("forward"))
+        for kind, where, name in () if cached is None else cached[5]:
+            if kind == "global" and type(where) is dict:
+                out.setdefault((id(where), name), (where, name))
+    return list(out.values())
 
 
 def is_host_stream(value: Any) -> bool:

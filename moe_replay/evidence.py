@@ -66,6 +66,7 @@ from ._code_settings import (
     refill_container,
 )
 from ._code_settings import generators as code_generators
+from ._code_settings import named_globals as code_globals
 from ._code_settings import written as code_written
 from .errors import UnsupportedRouterError
 
@@ -1769,6 +1770,62 @@ def _shallow(v: Any) -> Any:
     return container_contents(v) if isinstance(v, CONTAINERS) else None
 
 
+def _plain_iterator(v: Any) -> bool:
+    """An iterator whose one use is ``next()``: a generator, or one of Python's own (``iter(a_list)``,
+    ``itertools.cycle``, ``map``): what :class:`_Redrawn` stands in for. Not an object of the user's class, whose other
+    methods a stand-in would hide, nor a file."""
+    kind = type(v)
+    return isinstance(v, _Redrawn | types.GeneratorType) or (
+        kind.__module__ in ("builtins", "itertools") and hasattr(kind, "__next__")
+    )
+
+
+class _Drawing:
+    """Whether the runs of a :class:`_Snapshot` are running: its :class:`_Redrawn` keep what they draw then."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+class _Redrawn:
+    """Stands in a module's attribute for an iterator the module holds (``self.noise_iter``, an ``itertools.cycle`` of
+    seeds), which no state can be read from and put back as a random stream's is.
+
+    While the runs of a snapshot run, every run draws first what the runs before it drew (``drawn``, from its
+    start), then on from the iterator, keeping what it draws. Put back after them, it gives the forwards that follow
+    what the runs drew, in order, then hands the attribute its iterator back: the model's forwards see the very
+    items they would have seen with no run made, and the iterator itself afterwards."""
+
+    __slots__ = ("at", "drawing", "drawn", "home", "key", "source")
+
+    def __init__(self, source: Iterator[Any], drawn: list[Any], drawing: _Drawing, home: dict[str, Any], key: str):
+        self.source, self.drawn, self.drawing, self.home, self.key = source, drawn, drawing, home, key
+        self.at = 0
+
+    def __iter__(self) -> _Redrawn:
+        return self
+
+    def __next__(self) -> Any:
+        if self.at < len(self.drawn):
+            item = self.drawn[self.at]
+        elif self.drawing.on:
+            item = next(self.source)  # (the end of a finite one ends the run, as it would end the forward)
+            self.drawn.append(item)
+        else:
+            self._hand_back()
+            return next(self.source)
+        self.at += 1
+        if not self.drawing.on and self.at == len(self.drawn):
+            self._hand_back()
+        return item
+
+    def _hand_back(self) -> None:
+        if self.home.get(self.key) is self:
+            self.home[self.key] = self.source
+
+
 def _version(t: torch.Tensor) -> int | None:
     """``t``'s version counter; None for an inference tensor, which keeps none (made under inference_mode)."""
     return None if t.is_inference() else t._version
@@ -1894,6 +1951,15 @@ class _Snapshot:
                         self.tensors.append((t, t.detach().clone(), _version(t)))
                     else:
                         self.big.append((t, _version(t)))
+        #: the plain iterators the modules hold and the globals their code names hold (see :class:`_Redrawn`): the
+        #: namespace holding each, its name there, the iterator, and what the runs drew from it
+        self.drawing = _Drawing()
+        self.iterators: list[tuple[dict[str, Any], str, Any, list[Any]]] = [
+            (m.__dict__, k, v, []) for m, attrs in self.attrs for k, (v, _) in attrs.items() if _plain_iterator(v)
+        ]
+        self.iterators += [
+            (space, name, v, []) for space, name in code_globals(self.modules) if _plain_iterator(v := space.get(name))
+        ]
         #: the generators the modules hold, and those their code reads outside them (a class's, a global)
         held_generators = {
             id(g): g for m in self.modules for g in vars(m).values() if is_generator(g) or is_host_stream(g)
@@ -1952,6 +2018,8 @@ class _Snapshot:
                 if contents is not None:
                     refill_container(v, contents)
                 m.__dict__[k] = v
+        for home, k, v, drawn in self.iterators:  # (what the runs drew, given to the forwards that follow first)
+            home[k] = _Redrawn(v, drawn, self.drawing, home, k) if drawn else v
         changed = [p for p, version in self.big if version is not None and p._version != version]
         changed += self.outside.unrestorable()
         if changed:
@@ -1961,6 +2029,18 @@ class _Snapshot:
                 "copy such tensors and cannot put it back after the runs that establish the decision. Keep such "
                 "state in a buffer"
             )
+
+    @contextlib.contextmanager
+    def drawn_again(self) -> Iterator[None]:
+        """Runs in the block draw from the iterators the modules hold through a :class:`_Redrawn` each, which keeps
+        what they draw for the forwards after them (each run draws the same from the start)."""
+        for home, k, v, drawn in self.iterators:
+            home[k] = _Redrawn(v, drawn, self.drawing, home, k)
+        self.drawing.on = True
+        try:
+            yield
+        finally:
+            self.drawing.on = False
 
     def drew(self) -> bool:
         """Has a run since the last :meth:`restore` drawn from a random stream the snapshot puts back?"""
@@ -2056,7 +2136,8 @@ def left_as_it_was(model: nn.Module, runs: str) -> Iterator[None]:
     snapshot = _Snapshot(model, runs=runs)
     before = [(m, name, set(getattr(m, name, None) or ())) for m in snapshot.modules for name in _HOOK_FNS]
     try:
-        yield
+        with snapshot.drawn_again():
+            yield
     finally:
         for m, name, keys in before:
             held = getattr(m, name, None)
@@ -2188,6 +2269,7 @@ class _Prober:
             with (
                 torch.autograd.graph.saved_tensors_hooks(_keep, _keep),
                 self.snapshot.hooks_aside(),
+                self.snapshot.drawn_again(),
                 _autocast_cache_aside(),
                 mode,
             ):

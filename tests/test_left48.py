@@ -3,6 +3,8 @@ as a strict xfail that fails because of the silence it names)."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -173,3 +175,103 @@ def test_an_outside_tensor_too_large_to_copy_that_a_router_writes_is_refused_not
     with pytest.raises(mr.UnsupportedRouterError, match=r"\(100000,\).*cannot put it back"):
         with mr.attach(model) as session, session.capture(), torch.no_grad():
             model(x)
+
+
+def _noise(seed: int) -> Iterator[torch.Tensor]:
+    """An endless stream of jitter tensors (a generator function; no random stream behind it to put back)."""
+    step = seed
+    while True:
+        yield 1e-2 * torch.sin(torch.arange(8.0) * step)
+        step += 1
+
+
+class _NoiseFromAGenerator(_Router):
+    """Draws its jitter with ``next(self.noise_iter)``, once per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noise_iter = _noise(3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        jitter = next(self.noise_iter)
+        w, idx = (F.linear(x, self.weight) + jitter).softmax(-1).topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+class _SeedsFromACycle(_Router):
+    """Seeds its jitter from ``itertools.cycle`` of seeds, one per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seeds = itertools.cycle([11, 12, 13, 14, 15])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(next(self.seeds))
+        jitter = 1e-2 * torch.randn((*x.shape[:-1], 8), generator=g)
+        w, idx = (F.linear(x, self.weight) + jitter).softmax(-1).topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+@pytest.mark.reliability("the model is left as it was")
+@pytest.mark.parametrize("make", [_NoiseFromAGenerator, _SeedsFromACycle], ids=["generator", "cycle"])
+def test_an_iterator_a_router_draws_from_gives_the_forwards_after_attach_the_draws_they_get_without_it(
+    make: Any,
+) -> None:
+    """The runs that establish a router's decision drew from the iterator it holds (its jitter, its seeds), so
+    the user's forwards after attach saw other draws than without moe_replay: another output, unsaid. They see the
+    same draws now, in the same order, and the iterator gives its next items as it would."""
+    xs = [torch.randn(6, 16, generator=torch.Generator().manual_seed(s)) for s in (2, 3, 4)]
+    plain = _model(make)
+    with torch.no_grad():
+        want = [plain(x) for x in xs]
+    attached = _model(make)
+    held = [vars(block.router)["noise_iter" if make is _NoiseFromAGenerator else "seeds"] for block in attached]
+    with mr.attach(attached) as session, torch.no_grad():
+        with session.capture():
+            got = [attached(x) for x in xs]
+        routes = session.routes()
+        with session.replay(routes):
+            replayed = [attached(x) for x in xs]
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(w, g), "the forward after attach saw other draws"
+    with torch.no_grad():
+        again = [plain(x) for x in xs]
+    for w, r in zip(again, replayed, strict=True):  # (the replay forwards draw on, as the plain model's do)
+        assert torch.equal(w, r)
+    for block, it in zip(attached, held, strict=True):  # (the iterator itself again, once what was drawn is given)
+        assert vars(block.router)["noise_iter" if make is _NoiseFromAGenerator else "seeds"] is it
+    for p, a in zip(plain, attached, strict=True):
+        nxt = getattr(p.router, "noise_iter", None) or p.router.seeds
+        got_nxt = getattr(a.router, "noise_iter", None) or a.router.seeds
+        assert torch.equal(torch.as_tensor(next(nxt)), torch.as_tensor(next(got_nxt)))
+
+
+_GLOBAL_SEEDS = itertools.cycle([21, 22, 23])
+
+
+class _SeedsFromAGlobalCycle(_Router):
+    """Seeds its jitter from an ``itertools.cycle`` held by its module's globals, not by the router."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(next(_GLOBAL_SEEDS))
+        jitter = 1e-2 * torch.randn((*x.shape[:-1], 8), generator=g)
+        w, idx = (F.linear(x, self.weight) + jitter).softmax(-1).topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+@pytest.mark.reliability("the model is left as it was")
+def test_an_iterator_outside_the_model_that_a_router_draws_from_gives_the_forwards_after_attach_the_same_draws() -> (
+    None
+):
+    """As an iterator the router holds, one it reads from its module's globals."""
+    global _GLOBAL_SEEDS
+    xs = [torch.randn(6, 16, generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
+    _GLOBAL_SEEDS = itertools.cycle([21, 22, 23])
+    plain = _model(_SeedsFromAGlobalCycle)
+    with torch.no_grad():
+        want = [plain(x) for x in xs]
+    _GLOBAL_SEEDS = itertools.cycle([21, 22, 23])
+    attached = _model(_SeedsFromAGlobalCycle)
+    with mr.attach(attached) as session, torch.no_grad(), session.capture():
+        got = [attached(x) for x in xs]
+    assert all(torch.equal(w, g) for w, g in zip(want, got, strict=True)), "the forwards after attach saw other draws"
