@@ -409,6 +409,11 @@ class Routes:
     #: (see _trusted; a class default for routes pickled before it was kept)
     _forward_calls: tuple[int, ...] | None = None
     _router_calls: tuple[_RouterCalls | None, ...] | None = None
+    #: where each router's rows were cut from, where these routes are a run of rows of routes that kept each router's
+    #: own calls: for each router, None or ``(its calls in those routes, start, end)``, the calls the very object
+    #: (in memory only). Slices of one router's rows that meet again in :meth:`cat` hold the calls of the rows they
+    #: make up together, not each slice's parts of calls one after another (see :func:`_cat_router_calls`)
+    _router_cut: tuple[tuple[_RouterCalls, int, int] | None, ...] | None = None
     #: (see _trusted; a class default for routes pickled before it was kept)
     _lineage: torch.Tensor | None = None
 
@@ -764,6 +769,8 @@ class Routes:
         self._cut_from = source._cut_from
         self._forward_calls = source._forward_calls
         self._router_calls = source._router_calls
+        if source._router_cut is not None:  # (in memory only: not a mark of a file or the wire)
+            self._router_cut = source._router_cut
 
     def to_numpy(self, dtype: np.dtype | type | None = None) -> np.ndarray:
         """``[T, L, k]`` array (int16 up to 32767 experts, -1 for unrecorded rows).
@@ -862,6 +869,11 @@ class Routes:
         if start is not None and self._router_calls is not None:  # (each router's calls: the rows of them held)
             end = start + (data[0].shape[0] if data else 0)
             out._router_calls = tuple(None if c is None else _cut_calls(c, start, end) for c in self._router_calls)
+            held = self._router_cut or (None,) * len(self._router_calls)  # (a slice of a slice: of the first's rows)
+            out._router_cut = tuple(
+                None if c is None else (c, start, end) if was is None else (was[0], was[1] + start, was[1] + end)
+                for c, was in zip(self._router_calls, held, strict=True)
+            )
         if start is not None:
             if self._lineage is not None:  # (a run of rows: each lineage that reaches back past its first row is cut)
                 out._lineage = _cut_lineage(self._lineage[rows])
@@ -955,6 +967,8 @@ class Routes:
             out._router_ids = tuple(self._router_ids[i] for i in pos)
             if self._router_calls is not None:
                 out._router_calls = tuple(self._router_calls[i] for i in pos)
+            if self._router_cut is not None:
+                out._router_cut = tuple(self._router_cut[i] for i in pos)
             # (why the ids were lost holds where a router that lost them is kept: the others' are known, and checked)
             if not any(bool((v == LOST_ID).any()) for v in out._router_ids):
                 out._ids_lost = None
@@ -1045,7 +1059,7 @@ class Routes:
         # a part of unknown tokens: -1 for each of its rows; a part of several row counts: no one id per row fits
         if any(p._router_ids is not None for p in parts):  # (each router's own ids, of the parts that know one)
             out._router_ids = tuple(torch.cat([_rows_ids(p, j) for p in parts]) for j in range(first.num_layers))
-            out._router_calls = _cat_router_calls(parts)
+            out._router_calls, out._router_cut = _cat_router_calls(parts)
         elif any(p._token_ids is not None for p in parts) and all(len(set(p.tokens_per_layer)) == 1 for p in parts):
             out._token_ids = torch.cat(
                 [p._token_ids if p._token_ids is not None else torch.full((p.num_tokens,), -1) for p in parts]
@@ -2011,18 +2025,22 @@ def _cut_calls(calls: _RouterCalls, start: int, end: int) -> _RouterCalls:
     return _clip_calls(call_rows, start, end), _calls_held(call_rows, forward_calls, start, end)
 
 
-def _cat_router_calls(parts: Sequence[Routes]) -> tuple[_RouterCalls | None, ...] | None:
+def _cat_router_calls(
+    parts: Sequence[Routes],
+) -> tuple[tuple[_RouterCalls | None, ...] | None, tuple[tuple[_RouterCalls, int, int] | None, ...] | None]:
     """Each router's own calls (``Routes._router_calls``) of ``parts`` joined by :meth:`Routes.cat`, one part's after
     another's: a part whose routers all made the same calls gives each of them those (``_call_rows`` and
     ``_forward_calls``); a router whose calls a part does not know, None. None where no part keeps its routers' own
     (routes whose routers all made the same calls keep them in ``_call_rows`` alone, as before) or no router's are
-    known."""
+    known. Consecutive parts whose rows of a router are consecutive slices of the same calls (``Routes._router_cut``:
+    a forward of several calls cut through, joined again) give the calls of the rows they make up together: a forward
+    whole again is whole. Also where each router's rows of the whole were cut from, where they are one such slice."""
     if all(p._router_calls is None for p in parts):
-        return None
+        return None, None
     out: list[_RouterCalls | None] = []
+    cuts: list[tuple[_RouterCalls, int, int] | None] = []
     for j in range(parts[0].num_layers):
-        runs: list[tuple[int, int]] = []
-        forwards: list[int] = []
+        pieces: list[tuple[_RouterCalls, tuple[_RouterCalls, int, int] | None]] = []
         for p in parts:
             own = p._router_calls[j] if p._router_calls is not None else None
             if own is None and p._call_rows is not None and p._forward_calls is not None:
@@ -2031,17 +2049,31 @@ def _cat_router_calls(parts: Sequence[Routes]) -> tuple[_RouterCalls | None, ...
                 continue  # (a part of no rows: no calls)
             if own is None:
                 break
-            for rows, count in own[0]:
-                if runs and runs[-1][0] == rows:
-                    runs[-1] = (rows, runs[-1][1] + count)
-                else:
-                    runs.append((rows, count))
-            forwards.extend(own[1])
+            cut = p._router_cut[j] if p._router_cut is not None else None
+            last = pieces[-1][1] if pieces else None
+            if cut is not None and last is not None and cut[0] is last[0] and cut[1] == last[2]:
+                joined = (cut[0], last[1], cut[2])  # (the slice before it goes on in it: one slice of both)
+                pieces[-1] = (_cut_calls(cut[0], joined[1], joined[2]), joined)
+            else:
+                pieces.append((own, cut))
         else:
+            runs: list[tuple[int, int]] = []
+            forwards: list[int] = []
+            for own, _ in pieces:
+                for rows, count in own[0]:
+                    if runs and runs[-1][0] == rows:
+                        runs[-1] = (rows, runs[-1][1] + count)
+                    else:
+                        runs.append((rows, count))
+                forwards.extend(own[1])
             out.append((tuple(runs), tuple(forwards)))
+            cuts.append(pieces[0][1] if len(pieces) == 1 else None)
             continue
         out.append(None)
-    return tuple(out) if any(c is not None for c in out) else None
+        cuts.append(None)
+    if not any(c is not None for c in out):
+        return None, None
+    return tuple(out), (tuple(cuts) if any(c is not None for c in cuts) else None)
 
 
 def _router_calls_meta(each: tuple[_RouterCalls | None, ...] | None) -> list[Any] | None:

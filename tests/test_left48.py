@@ -275,3 +275,35 @@ def test_an_iterator_outside_the_model_that_a_router_draws_from_gives_the_forwar
     with mr.attach(attached) as session, torch.no_grad(), session.capture():
         got = [attached(x) for x in xs]
     assert all(torch.equal(w, g) for w, g in zip(want, got, strict=True)), "the forwards after attach saw other draws"
+
+
+# --- 1. slices of one router's rows cut inside a forward of several calls, joined again ------------------------------
+
+
+@pytest.mark.reliability("silent replays")
+def test_slices_of_a_routers_rows_cut_inside_a_forward_of_several_calls_and_joined_again_replay_exactly() -> None:
+    """A router called twice per forward beside one called once (each keeps its own calls): its rows cut inside a
+    forward (rows 30, 10 and 50, a slice of a slice) and joined again with ``Routes.cat`` are whole forwards again,
+    and were refused as cut through. They replay exactly now; pieces that do not meet again are still refused."""
+    from tests.test_calls47 import _captured as captured_calls
+    from tests.test_calls47 import _SharedAndOwn, _x
+
+    model = _SharedAndOwn()
+    with mr.attach(model) as session:
+        routes, used = captured_calls(model, session, [_x(0), _x(0)])
+        shared = routes.select(["shared.gate"])
+        assert shared._router_calls is not None and shared.num_tokens == 80  # (two forwards of two 20-row calls)
+        for part in (
+            mr.Routes.cat([shared[:30], shared[30:]]),
+            mr.Routes.cat([shared[:10], shared[10:50], shared[50:]]),
+            mr.Routes.cat([shared[:60][:30], shared[:60][30:], shared[60:]]),
+        ):
+            assert part._router_calls == shared._router_calls
+            with session.replay(part, strict=False), torch.no_grad():  # (the own block's router left free)
+                for _ in range(2):
+                    model(_x(0))
+                    assert torch.equal(model.shared.used.long(), used[1][2])
+        for apart in (mr.Routes.cat([shared[:30], shared[50:]]), mr.Routes.cat([shared[30:], shared[:30]])):
+            with pytest.raises(mr.TokenMismatchError, match="cut through by a slice"):
+                with session.replay(apart, strict=False), torch.no_grad():
+                    model(_x(0))
