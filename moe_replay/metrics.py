@@ -424,16 +424,17 @@ def _ids_check(a: Routes, b: Routes, rows: torch.Tensor) -> bool:
 
 
 def _padding_rows(r: Routes, t: int) -> torch.Tensor:
-    """Boolean ``[t]``: the rows a capture recorded at prompt padding (attention mask 0, no token id since given).
+    """Boolean ``[t]``: the rows a capture recorded at prompt padding (attention mask 0).
 
     The router ran there on the token of no sequence: its choice is no decision of the model on a token (a
-    replay refuses to put a sequence's token on such a row, see ``Session.replay``), so it is not compared.
+    replay refuses to put a sequence's token on such a row, see ``Session.replay``), so it is not compared. An id
+    given since (``with_token_ids(input_ids)`` of the padded batch gives each such row the pad token's) does not
+    make it one: the router still ran on padding there.
     """
-    fed, ids = r._fed_mask, r._token_ids
+    fed = r._fed_mask
     if fed is None or fed.shape != (t,):
         return torch.zeros(t, dtype=torch.bool)
-    pad = fed == 0
-    return pad & (ids < 0) if ids is not None and ids.shape == (t,) else pad
+    return fed == 0
 
 
 def _pct(x: float) -> str:

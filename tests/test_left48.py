@@ -307,3 +307,31 @@ def test_slices_of_a_routers_rows_cut_inside_a_forward_of_several_calls_and_join
             with pytest.raises(mr.TokenMismatchError, match="cut through by a slice"):
                 with session.replay(apart, strict=False), torch.no_grad():
                     model(_x(0))
+
+
+# --- 6. rows at padding given ids -----------------------------------------------------------------------------------
+
+
+@pytest.mark.reliability("bad inputs")
+def test_rows_recorded_at_padding_are_not_compared_once_the_padded_batchs_ids_are_given() -> None:
+    """``with_token_ids(input_ids)`` of a left-padded batch gives its padding rows the pad token's id, and compare
+    then counted the routers' choices there as decisions (12 tokens where the batch holds 10): the routes know their
+    prompt mask, and an id given since does not make a row at padding a token's."""
+    model = mr.models.build("softmax_topk")
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    ids[0, :2] = 0  # (the pad token)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with mr.attach(model) as session:
+        with session.capture():
+            model(ids, attention_mask=mask)
+        before = session.routes()
+        with torch.no_grad():
+            model.layers[0].mlp.router.weight.add_(torch.randn(model.layers[0].mlp.router.weight.shape))
+        with session.capture():
+            model(ids, attention_mask=mask)
+        after = session.routes()
+    real = mask.reshape(-1).bool()
+    want = mr.compare(before[real].with_token_ids(None), after[real].with_token_ids(None))
+    for given in (mr.compare(before.with_token_ids(ids), after.with_token_ids(ids)), mr.compare(before, after)):
+        assert given.tokens == int(real.sum()) and given.padding_rows == 2 * int((~real).sum())
+        assert given.differ.tolist() == want.differ.tolist() and given.tokens_differ == want.tokens_differ
