@@ -226,9 +226,10 @@ def test_the_verl_converters_show_their_sequences_and_convert_the_same(
     batch[mask == 0] = 0
     batch[:, -1] = 0  # (the unrouted last token, as verl writes it)
     batch[3, 3] = 0
-    shown = interop.from_verl(batch, mask, lm, progress=True)
+    told = "tokens,layers,k"  # (as many layers as k: the batch's data alone cannot tell its axes)
+    shown = interop.from_verl(batch, mask, lm, progress=True, axes=told)
     assert _bars(capsys.readouterr().err, 4)
-    hidden = interop.from_verl(batch, mask, lm)
+    hidden = interop.from_verl(batch, mask, lm, axes=told)
     assert capsys.readouterr().err == ""
     assert all(a.equal(b) for a, b in zip(shown, hidden, strict=True))
     for i, part in enumerate(shown):  # each sequence's own rows, the last one unrouted
