@@ -801,6 +801,10 @@ def _expert_counts(module: nn.Module, parent: nn.Module | None, config: Any) -> 
         experts = getattr(holder, "experts", None)
         if isinstance(experts, nn.ModuleList | nn.Sequential):
             counts.add(len(experts))
+    for child in parent.children() if parent is not None else ():
+        declared = _declared_moe(child) if child is not module else None
+        if declared:
+            counts.add(declared)  # a sibling MoE layer that declares E and k (TGI's ``DenseMoELayer``)
         v = _int_attr(experts, _EXPERT_KEYS)
         if v:
             counts.add(v)
@@ -846,7 +850,18 @@ def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[
             return True  # a sibling that runs the experts it holds (ScatterMoE's ``moe_mlp.experts``)
         if any(e in widths for e in _stacked(child)):
             return True
+        if _declared_moe(child) in widths:
+            return True  # a sibling MoE layer that declares the experts and k the gate's logits are passed to (TGI)
     return parent is not None and any(e in widths for e in _stacked(parent))  # the block's own (gpt-oss)
+
+
+def _declared_moe(module: nn.Module) -> int | None:
+    """E, where ``module`` declares both an expert count and a top-k (TGI's ``DenseMoELayer``: ``n_experts`` and
+    ``topk``, its experts in plain lists no module holds): the MoE layer a gate beside it feeds; else None."""
+    if _looks_like_router("", module) and not _has_experts(module):
+        return None
+    count = _int_attr(module, _EXPERT_KEYS)
+    return count if count and count > 1 and _int_attr(module, _TOPK_KEYS) else None
 
 
 def _runs_experts_only(module: nn.Module) -> bool:
