@@ -3472,7 +3472,8 @@ def _establish(
             raise _refuse(
                 name,
                 calls,
-                f"its experts are chosen by a {odd} of the scores; moe_replay forces topk, argmax/argmin and "
+                f"its experts are chosen by {'an' if odd[0] in 'aeiou' else 'a'} {odd} of the scores; moe_replay "
+                "forces topk, argmax/argmin and "
                 "max/min decisions",
                 "Select the experts with torch.topk(scores, k), or name another call with mr.Adapter(..., call=N)",
             )

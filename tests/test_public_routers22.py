@@ -585,6 +585,74 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
+# ----------------------------------------------------------------------- vLLM: forced load balance for benchmarks
+# vllm-project/vllm vllm/model_executor/layers/fused_moe/router/fused_moe_router.py (``FusedMoERouter.select_experts``,
+# ``_force_load_balance``): with ``VLLM_USE_FORCE_LOAD_BLANCE`` set (a benchmarking aid), the ids of the router's own
+# choice (here ``fused_topk``: softmax, ``topk``, renormalised, int32 ids) are replaced by the first k of an
+# ``argsort`` of uniform noise, the weights of the real choice kept; the ids are then copied into the router's
+# ``_routing_replay_out`` buffer when an engine capturer is bound (none here).
+def _force_load_balance(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    random_matrix = torch.rand(topk_ids.size(0), num_experts, device=topk_ids.device)
+    return torch.argsort(random_matrix, dim=1)[:, : topk_ids.size(1)].to(topk_ids.dtype)
+
+
+class VllmFusedTopKRouter:
+    """``FusedTopKRouter`` (a plain object) with ``select_experts`` of its ``FusedMoERouter`` base."""
+
+    def __init__(self, force_load_balance: bool) -> None:
+        self.top_k, self.renormalize, self.force_load_balance = 2, True, force_load_balance
+        self._routing_replay_out: torch.Tensor | None = None
+
+    def select_experts(
+        self, router_logits: torch.Tensor, forced: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        topk_weights, topk_ids = _pick(torch.softmax(router_logits, dim=-1, dtype=torch.float32), forced, self.top_k)
+        if self.renormalize:
+            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        topk_ids = topk_ids.to(torch.int32)
+        if self.force_load_balance:
+            topk_ids = _force_load_balance(topk_ids, router_logits.shape[-1])
+        if self._routing_replay_out is not None:
+            self._routing_replay_out[: topk_ids.shape[0]].copy_(topk_ids.to(torch.int16))
+        return topk_weights, topk_ids
+
+
+class VllmBalancedFusedMoE(nn.Module):
+    def __init__(self, force_load_balance: bool) -> None:
+        super().__init__()
+        self.top_k, self.global_num_experts = 2, E
+        self.router = VllmFusedTopKRouter(force_load_balance)
+        self.w13_weight = nn.Parameter(torch.randn(E, 16, D) / 4)
+        self.w2_weight = nn.Parameter(torch.randn(E, D, 8) / 4)
+
+    def forward(
+        self, hidden_states: torch.Tensor, router_logits: torch.Tensor, forced: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        w, ids = self.router.select_experts(router_logits, forced)
+        out = torch.zeros_like(hidden_states)
+        for slot in range(self.top_k):
+            e = ids[:, slot].long()
+            gate, up = torch.einsum("tod,td->to", self.w13_weight[e], hidden_states).chunk(2, -1)
+            out = out + w[:, slot, None] * torch.einsum("tdi,ti->td", self.w2_weight[e], F.silu(gate) * up)
+        return out, ids
+
+
+class VllmMixtralMoE(_Used):
+    """vLLM's ``MixtralMoE``: the ``gate`` logits over the flat tokens into the fused layer."""
+
+    def __init__(self, force_load_balance: bool = False) -> None:
+        super().__init__()
+        self.gate = VllmReplicatedLinear(D, E)
+        self.experts = VllmBalancedFusedMoE(force_load_balance)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.view(-1, x.shape[-1])
+        router_logits, _ = self.gate(flat)
+        out, ids = self.experts(flat, router_logits, self.forced)
+        self.used = ids.long()
+        return out.view(x.shape)
+
+
 # ----------------------------------------------------------------------- ERNIE-4.5-VL (vLLM): modality experts
 # vllm-project/vllm vllm/model_executor/models/ernie45_vl_moe.py (``Ernie4_5_VLMoeMoE``): text and vision experts,
 # each with its own fp32 gate and ``FusedMoE``; the block takes a ``visual_token_mask``: all vision tokens go through
@@ -763,6 +831,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         _ids,
         {"change": 1.0, "train": True},
     ),
+    "vllm-fused-topk-router-select-experts": (lambda: Layers(VllmMixtralMoE), lambda: _x(2, 12), {}),
     "vllm-ernie45-vl-text-and-vision-split-by-mask": (lambda: Layers(Ernie45VlMoE), lambda: _x(2, 12), {}),
     "vllm-ernie45-vl-text-and-vision-split-by-mask-train": (
         lambda: Layers(Ernie45VlMoE),
@@ -841,6 +910,13 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         r"'layers\.0\.gate': its forward makes no decision-like call",
         {},
     ),
+    # (the ids of the real choice replaced by an argsort of noise, its weights kept: the argsort decides)
+    "vllm-force-load-balance-random-argsort": (
+        lambda: Layers(lambda: VllmMixtralMoE(force_load_balance=True)),
+        lambda: _x(2, 12),
+        r"'layers\.0\.gate': its experts are chosen by an argsort of the scores",
+        {},
+    ),
     "tgi-sparse-moe-fused-kernel": (lambda: Layers(TgiSparseBlock), lambda: _x(2, 12), "no MoE router found", {}),
 }
 
@@ -850,7 +926,8 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
 def test_refused_naming_why(case: str) -> None:
     """NeMo Automodel's ``FakeBalancedGate`` (round-robin experts by ``arange``, no choice made from the input);
     Apertus' dense xIELU MLP (no experts); vLLM's DeepSeek-V4 hash layer (the experts a table's row for the token
-    id); TGI's sparse layer (the choice inside a fused kernel, the k and E on a module the gate does not sit beside):
+    id); vLLM's forced load balance for benchmarks (the real top-k's ids replaced by an ``argsort`` of noise); TGI's
+    sparse layer (the choice inside a fused kernel, the k and E on a module the gate does not sit beside):
     refused with a ``MoEReplayError`` saying why, the model as it was."""
     make, x, match, options = REFUSED[case]
     opts = dict(options)
