@@ -189,7 +189,9 @@ class TgiSparseBlock(nn.Module):
 # a softmax over the k values), ``softmax_with_bias`` (softmax, the correction bias added for the choice, groups by
 # their ``topk(2)`` sums multiplied by a 0/1 mask, ``topk``, the unbiased probs gathered), ``sqrtsoftplus``
 # (DeepSeek-V4's ``sqrt(softplus(logits))``, bias added for the choice), ``sigmoid`` (groups by ``amax`` without a
-# bias, masked by multiplication); renormalised (``norm_topk_prob``), times ``route_scale``. With
+# bias, masked by multiplication); renormalised (``norm_topk_prob``), times ``route_scale``. In training, the expert
+# load (a scatter of the ids) accumulates for the bias update and, with ``aux_loss_coeff``, the load-balancing loss
+# rides on the weights through ``MoEAuxLossAutoScaler``. With
 # ``use_routing_core`` (the gate's routing captured as a CUDA graph) the choice runs in a parameterless child module
 # whose forward is passed the gate itself and calls back ``gate._route_scores``. The gate returns ``(weights,
 # indices, aux_loss)`` from ``forward(x, token_mask, cp_mesh)``. ``FakeBalancedGate`` (performance experiments) sends
@@ -199,6 +201,20 @@ class AutomodelRoutingCore(nn.Module):
 
     def forward(self, scores: torch.Tensor, gate: AutomodelGate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return gate._route_scores(scores)
+
+
+class MoEAuxLossAutoScaler(torch.autograd.Function):
+    """``MoEAuxLossAutoScaler``: the weights passed through, the aux loss given a unit gradient in backward."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return output
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        (aux_loss,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad_output, torch.ones_like(aux_loss)
 
 
 class AutomodelGate(_Used):
@@ -211,8 +227,11 @@ class AutomodelGate(_Used):
         bias: bool = False,
         routing_core: bool = False,
         topk: int = 2,
+        aux_loss_coeff: float = 0.0,
     ) -> None:
         super().__init__()
+        self.aux_loss_coeff, self.bias_update_factor = aux_loss_coeff, 0.001 if aux_loss_coeff else 0.0
+        self._cumulative_expert_load: torch.Tensor | None = None
         self.n_experts, self.topk, self.score_func = E, topk, score_func
         self.softmax_before_topk, self.n_groups, self.topk_groups = softmax_before_topk, n_groups, topk_groups
         self.route_scale, self.norm_topk_prob, self.score_dtype = 2.5, True, torch.float32
@@ -280,9 +299,24 @@ class AutomodelGate(_Used):
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
         scores = F.linear(x, self.weight.to(dtype=x.dtype))
         if self.use_routing_core:
-            weights, indices, _ = self.routing_core(scores, self)
+            weights, indices, original_scores = self.routing_core(scores, self)
         else:
-            weights, indices, _ = self._route_scores(scores)
+            weights, indices, original_scores = self._route_scores(scores)
+        if self.bias_update_factor > 0 or self.aux_loss_coeff > 0:
+            expert_mask = indices.new_zeros((indices.shape[0], self.n_experts))
+            contribution = token_mask.to(dtype=expert_mask.dtype).unsqueeze(-1).expand(-1, indices.shape[1])
+            expert_load = expert_mask.scatter_(dim=1, index=indices, src=contribution).sum(dim=0)
+            if self.bias_update_factor > 0 and self.training:
+                load = expert_load.detach()
+                self._cumulative_expert_load = (
+                    load if self._cumulative_expert_load is None else self._cumulative_expert_load + load
+                )
+            if self.aux_loss_coeff > 0 and self.training:
+                context_length = torch.clamp(token_mask.sum(), min=1)
+                expert_scores = (original_scores.float() * token_mask.unsqueeze(-1)).sum(dim=0)
+                f_i = expert_load.float() * self.n_experts / (self.topk * context_length)
+                aux_loss = torch.sum(f_i * expert_scores / context_length)
+                weights = MoEAuxLossAutoScaler.apply(weights, self.aux_loss_coeff * aux_loss)
         return weights.type_as(x), indices, None
 
 
@@ -818,6 +852,13 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         _x,
         {"train": True},
     ),
+    "automodel-gate-aux-loss-and-expert-load-train": (
+        lambda: Layers(
+            lambda: AutomodelMoE(lambda: AutomodelGate("softmax_with_bias", bias=True, aux_loss_coeff=0.01))
+        ),
+        _x,
+        {"train": True},
+    ),
     "vllm-dots1-grouped-topk-bias-on-the-gate-int32-ids": (lambda: Layers(Dots1MoE), lambda: _x(2, 12), {}),
     "vllm-deepseek-v3-grouped-topk-four-of-eight-groups": (
         lambda: Layers(lambda: Dots1MoE(3, n_group=4, topk_group=2)),
@@ -933,6 +974,40 @@ def test_refused_naming_why(case: str) -> None:
     opts = dict(options)
     train = bool(opts.pop("train", False))
     assert_refused(make(), x(), match, train=train, **opts)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_deepseek_v4_hash_layer_excluded_the_learned_one_replays_exactly(train: bool) -> None:
+    """vLLM's DeepSeek-V4 with its first layer hash-routed (the experts a table's row for the token id, the same in
+    every forward of the same tokens): with that layer's gate excluded, the learned layer's routes replay exactly
+    after the routers change, as by hand, the hash layer routing by its table as it always does."""
+    model = DeepseekV4Model(1)
+    model.train(train)
+    ref = copy.deepcopy(model)
+    x = _ids()
+    with mr.attach(model, exclude="layers.0.gate") as session:
+        assert session.names == ("layers.1.gate",)
+        with torch.no_grad(), session.capture():
+            model(x)
+        routes = session.routes()
+        row = routes.layer("layers.1.gate")
+        assert torch.equal(row.long().sort(-1).values, model.layers[1].used.sort(-1).values)
+        perturb(model, 1.0)
+        perturb(ref, 1.0)
+        ref.layers[1].forced = row.long()
+        expected = ref(x)
+        expected.square().sum().backward()
+        with torch.no_grad():
+            assert not torch.equal(model(x), expected), "the changed routers choose the recorded experts anyway"
+        with session.replay(routes):
+            replayed = model(x)
+        replayed.square().sum().backward()
+        assert torch.equal(replayed, expected)
+        want = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            assert (p.grad is None) == (want[name].grad is None), name
+            assert p.grad is None or torch.equal(p.grad, want[name].grad), name
 
 
 @pytest.mark.reliability("silent replays")
