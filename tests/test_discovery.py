@@ -869,3 +869,38 @@ def test_an_empty_exclude_list_excludes_nothing(spec: object) -> None:
     assert expected and [s.name for s in mr.find_routers(model, exclude=spec)] == expected
     with mr.attach(model, exclude=spec) as session:
         assert list(session.names) == expected
+
+
+class _DeclaringLayer(nn.Module):
+    """An MoE layer fed logits by the gate beside it, its experts in plain lists (as text-generation-inference's
+    ``DenseMoELayer``), declaring what ``attrs`` say."""
+
+    def __init__(self, **attrs: int) -> None:
+        super().__init__()
+        for key, value in attrs.items():
+            setattr(self, key, value)
+
+    def forward(self, x: torch.Tensor, gating_output: torch.Tensor) -> torch.Tensor:
+        w, idx = gating_output.softmax(-1).topk(2, dim=-1)
+        return x * w.sum(-1, keepdim=True) + idx.sum(-1, keepdim=True)
+
+
+class _GateBesideLayer(nn.Module):
+    def __init__(self, width: int = 8, **attrs: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(16, width, bias=False)
+        self.moe = _DeclaringLayer(**attrs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(x, self.gate(x))
+
+
+def test_a_gate_beside_a_layer_declaring_its_expert_count_and_k_is_found() -> None:
+    """A gate as wide as the expert count that the module beside it declares, with a k, is a router (its logits
+    feed that MoE layer); a module declaring only a count, or another count than the gate's width, makes no gate a
+    router."""
+    found = mr.find_routers(nn.ModuleList([_GateBesideLayer(n_experts=8, topk=2)]))
+    assert [(s.name, s.num_experts) for s in found] == [("0.gate", 8)]
+    for model in (_GateBesideLayer(n_experts=8), _GateBesideLayer(width=6, n_experts=8, topk=2)):
+        with pytest.raises(mr.MoEReplayError, match="no MoE router found"):
+            mr.find_routers(nn.ModuleList([model]))
