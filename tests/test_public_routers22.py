@@ -767,6 +767,64 @@ class Ernie45VlMoE(nn.Module):
         return final_hidden_states.view(shape)
 
 
+# ----------------------------------------------------------------------- Klear: routed and shared mixed by softmax
+# ml-explore/mlx-lm mlx_lm/models/klear.py (``KlearSparseMoeBlock``, the port of Kwai-Klear's Klear-46B-A2.5B hub
+# code): a bare ``gate`` Linear, sigmoid scores in fp32, a trainable ``expert_bias`` Parameter added for the choice,
+# ``topk(...).indices`` of the biased scores, the unbiased scores gathered, renormalised, cast to the input's dtype;
+# ``SwitchGLU`` experts over stacked ``[E, ...]`` weights indexed by the ids (one output per slot), summed weighted;
+# the routed and the shared experts' outputs mixed by a 2-way softmax of a ``coefficient`` Linear.
+class SwitchGLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.randn(E, 8, D) / 4)
+        self.up_proj = nn.Parameter(torch.randn(E, 8, D) / 4)
+        self.down_proj = nn.Parameter(torch.randn(E, D, 8) / 4)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        gate = torch.einsum("...kid,...d->...ki", self.gate_proj[indices], x)
+        up = torch.einsum("...kid,...d->...ki", self.up_proj[indices], x)
+        return torch.einsum("...kdi,...ki->...kd", self.down_proj[indices], F.silu(gate) * up)
+
+
+class KlearSparseMoeBlock(_Used):
+    def __init__(self, top_k: int = 2) -> None:
+        super().__init__()
+        self.norm_topk_prob, self.num_experts, self.top_k = True, E, top_k
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = SwitchGLU()
+        self.shared_experts = MLPShared()
+        self.coefficient = nn.Linear(D, 2)
+        self.expert_bias = nn.Parameter(torch.randn(E) / 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing_weights = torch.sigmoid(self.gate(x).to(torch.float32))
+        biased_weights = routing_weights + self.expert_bias.reshape((1, 1, -1))
+        inds = (
+            torch.topk(biased_weights, self.top_k, dim=-1).indices
+            if self.forced is None
+            else self.forced.view(*x.shape[:-1], self.top_k)
+        )
+        self.used = inds.reshape(-1, self.top_k)
+        scores = torch.gather(routing_weights, -1, inds)
+        if self.norm_topk_prob:
+            scores = scores / (torch.sum(scores, dim=-1, keepdim=True) + 1e-20)
+        scores = scores.to(x.dtype)
+        y_experts = (self.experts(x, inds) * scores[..., None]).sum(dim=-2)
+        coef = F.softmax(self.coefficient(x), dim=-1)
+        return y_experts * coef[..., :1] + self.shared_experts(x) * coef[..., 1:]
+
+
+class MLPShared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(D, 8, bias=False)
+        self.up_proj = nn.Linear(D, 8, bias=False)
+        self.down_proj = nn.Linear(8, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 # ----------------------------------------------------------------------- Apertus: a dense model of the list
 # huggingface/transformers src/transformers/models/apertus/modeling_apertus.py (``ApertusMLP``) and
 # src/transformers/activations.py (``XIELUActivation``): no experts, an up/down MLP with the xIELU activation (two
@@ -859,6 +917,12 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         _x,
         {"train": True},
     ),
+    "klear-sigmoid-bias-parameter-coefficient-mix": (lambda: Layers(KlearSparseMoeBlock), lambda: _x(2, 12), {}),
+    "klear-sigmoid-bias-parameter-coefficient-mix-train": (
+        lambda: Layers(KlearSparseMoeBlock),
+        lambda: _x(2, 12),
+        {"train": True},
+    ),
     "vllm-dots1-grouped-topk-bias-on-the-gate-int32-ids": (lambda: Layers(Dots1MoE), lambda: _x(2, 12), {}),
     "vllm-deepseek-v3-grouped-topk-four-of-eight-groups": (
         lambda: Layers(lambda: Dots1MoE(3, n_group=4, topk_group=2)),
@@ -891,8 +955,10 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     ``sqrtsoftplus``, sigmoid with groups by ``amax``, and the choice in a parameterless routing-core child that is
     passed the gate); vLLM's grouped top-k with the bias Parameter set on the gate and shared with the fused layer,
     int32 ids (dots.llm1, DeepSeek-V3 with four of eight groups); vLLM's ERNIE-4.5-VL with text and vision tokens
-    split by a mask between two gates: every router found and nothing else, the recorded rows the experts used, and a
-    replay after the routers change those experts forced by hand, in output and gradients."""
+    split by a mask between two gates; Klear (a trainable bias Parameter for the choice, ``SwitchGLU`` experts by
+    indexed stacked weights, routed and shared outputs mixed by a softmax): every router found and nothing else, the
+    recorded rows the experts used, and a replay after the routers change those experts forced by hand, in output
+    and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
