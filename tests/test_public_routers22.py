@@ -1001,6 +1001,59 @@ def test_ernie45_vl_one_modality_only(visual: str) -> None:
             assert p.grad is None or torch.equal(p.grad, want[name].grad), name
 
 
+class ErnieVlLayerByTypes(nn.Module):
+    """``Ernie4_5_VLMoeMoE`` fed the modality mask from the model's ``mm_token_type_ids``: the rows of each modality
+    gathered by boolean indexing, each routed by its own gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden_size = D
+        self.text = ErnieVlModality(E)
+        self.vision = ErnieVlModality(6)
+
+    def forward(self, hidden_states: torch.Tensor, visual_token_mask: torch.Tensor) -> torch.Tensor:
+        visual = visual_token_mask.view(-1, 1).repeat(1, self.hidden_size)
+        out = torch.zeros_like(hidden_states)
+        out[~visual] = self.text(hidden_states[~visual].reshape(-1, self.hidden_size)).flatten()
+        out[visual] = self.vision(hidden_states[visual].reshape(-1, self.hidden_size)).flatten()
+        return out
+
+
+class ErnieVlByTypes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed_tokens = nn.Embedding(32, D)
+        self.layers = nn.ModuleList([ErnieVlLayerByTypes(), ErnieVlLayerByTypes()])
+
+    def forward(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids).view(-1, D)
+        visual = mm_token_type_ids.view(-1).bool()
+        for layer in self.layers:
+            h = h + layer(h, visual)
+        return h
+
+
+@pytest.mark.reliability("silent replays")
+def test_ernie45_vl_another_modality_split_of_the_same_tokens_is_refused() -> None:
+    """ERNIE-4.5-VL's modality routers fed the same token ids with other token types at replay (as many vision
+    tokens, other ones): each router would be forced the rows recorded for other tokens, so the replay is refused,
+    saying which token a row was recorded for; with the captured types it replays."""
+    model = ErnieVlByTypes()
+    ids = _ids()
+    captured_types = (torch.arange(24) % 3 == 0).long().view(2, 12)
+    other_types = (torch.arange(24) % 3 == 1).long().view(2, 12)
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            captured = model(ids, captured_types)
+        routes = session.routes()
+        with pytest.raises(mr.MoEReplayError, match=r"was fed other tokens than its routes were recorded for"):
+            with torch.no_grad(), session.replay(routes):
+                model(ids, other_types)
+        with torch.no_grad(), session.replay(routes):
+            assert torch.equal(model(ids, captured_types), captured)
+
+
 REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, dict[str, object]]] = {
     # name: (model, input, what the error says, options: ``train`` and attach options)
     "automodel-fake-balanced-gate": (
