@@ -4959,6 +4959,17 @@ def _refuse_rows_out_of_order(
     described = " + ".join(calls[o].describe() for o in ordinals if o < len(calls))
     if own:
         of_row = _rows_order(probe, calls, ordinals, seen)
+        if of_row is not None and not _follows_tokens(of_row, x) and of_row.unique().numel() < of_row.numel():
+            raise _refuse(  # (rows that follow no token of their own: no order, the other tokens' states mixed in)
+                name,
+                calls,
+                f"its decision ({described}) is made over scores that follow other tokens than their own (changing "
+                "one token's hidden state changes the rows of others, and the rows do not each follow a token of their "
+                "own: a draw seeded by the input, a normalisation across the tokens): its rows cannot be told apart by "
+                "token, so forcing them would not force each token's own choice",
+                "Score each token from its own hidden state, or name the module whose forward returns the experts "
+                "in token order with include=",
+            )
         if of_row is not None and not _follows_tokens(of_row, x):
             raise _refuse(
                 name,

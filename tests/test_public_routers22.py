@@ -339,6 +339,33 @@ class AutomodelFakeBalancedGate(nn.Module):
         return weights.type_as(x), indices, None
 
 
+class AutomodelNoisyFakeBalancedGate(nn.Module):
+    """``FakeBalancedGate`` with ``noise > 0``: a generator seeded from the input's first values (so that a
+    checkpoint's recompute draws the same), noisy weights, and a ``topk`` of uniform draws plus a per-expert
+    popularity bias, also drawn."""
+
+    def __init__(self, topk: int = 2, noise: float = 0.5) -> None:
+        super().__init__()
+        self.n_routed_experts, self.n_activated_experts, self.skip_first_n_experts = E, topk, 0
+        self.noise = noise
+
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor, cp_mesh: object | None
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        n_tokens, a_exp = x.size(0), self.n_activated_experts
+        available_experts = self.n_routed_experts - self.skip_first_n_experts
+        seed = int(x.view(-1)[:4].to(torch.float32).sum().item() * 1e6) & 0x7FFFFFFF
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        uniform_weights = torch.ones(n_tokens, a_exp, device=x.device) / a_exp
+        raw_weights = torch.rand(n_tokens, a_exp, device=x.device, generator=gen)
+        raw_weights = raw_weights / raw_weights.sum(dim=-1, keepdim=True)
+        weights = (1 - self.noise) * uniform_weights + self.noise * raw_weights
+        expert_bias = torch.randn(available_experts, device=x.device, generator=gen) * self.noise * 0.1
+        scores = torch.rand(n_tokens, available_experts, device=x.device, generator=gen) + expert_bias
+        _, indices = scores.topk(a_exp, dim=-1)
+        return weights.type_as(x), indices + self.skip_first_n_experts, None
+
+
 class AutomodelMoE(nn.Module):
     """``MoE``: a token mask from the padding mask (none here: every token valid), the gate, the experts (a loop
     over ``ModuleList`` experts here, upstream's ``GroupedExperts``), the shared experts."""
@@ -1062,6 +1089,13 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         r"'layers\.0\.gate': its forward makes no decision-like call",
         {},
     ),
+    # (a top-k of draws seeded by the first token's values: every row follows that token, none its own)
+    "automodel-fake-balanced-gate-noisy": (
+        lambda: Layers(lambda: AutomodelMoE(AutomodelNoisyFakeBalancedGate)),
+        _x,
+        r"'layers\.0\.gate': its decision .* is made over scores that follow other tokens than their own",
+        {},
+    ),
     "apertus-dense-xielu-mlp": (lambda: Layers(ApertusMLP), _x, "no MoE router found", {}),
     # (the choice is the table's row for the token id: no decision to record or force; exclude= the hash layers)
     "vllm-deepseek-v4-hash-layer-table-lookup": (
@@ -1084,7 +1118,8 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_refused_naming_why(case: str) -> None:
-    """NeMo Automodel's ``FakeBalancedGate`` (round-robin experts by ``arange``, no choice made from the input);
+    """NeMo Automodel's ``FakeBalancedGate`` (round-robin experts by ``arange``, no choice made from the input; with
+    noise, a top-k of draws seeded by the input's first values);
     Apertus' dense xIELU MLP (no experts); vLLM's DeepSeek-V4 hash layer (the experts a table's row for the token
     id); vLLM's forced load balance for benchmarks (the real top-k's ids replaced by an ``argsort`` of noise); TGI's
     sparse layer (the choice inside a fused kernel, the k and E on a module the gate does not sit beside):
