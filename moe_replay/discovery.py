@@ -858,8 +858,8 @@ def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[
 def _declared_moe(module: nn.Module) -> int | None:
     """E, where ``module`` declares both an expert count and a top-k (TGI's ``DenseMoELayer``: ``n_experts`` and
     ``topk``, its experts in plain lists no module holds): the MoE layer a gate beside it feeds; else None."""
-    if _looks_like_router("", module) and not _has_experts(module):
-        return None
+    if _looks_like_router("", module) or any(n and _looks_like_router(n, m) for n, m in module.named_modules()):
+        return None  # (a router itself, or an MoE block with a router of its own: the gate beside it feeds no layer)
     count = _int_attr(module, _EXPERT_KEYS)
     return count if count and count > 1 and _int_attr(module, _TOPK_KEYS) else None
 

@@ -897,10 +897,12 @@ class _GateBesideLayer(nn.Module):
 
 def test_a_gate_beside_a_layer_declaring_its_expert_count_and_k_is_found() -> None:
     """A gate as wide as the expert count that the module beside it declares, with a k, is a router (its logits
-    feed that MoE layer); a module declaring only a count, or another count than the gate's width, makes no gate a
-    router."""
+    feed that MoE layer); a module declaring only a count, or another count than the gate's width, or one holding a
+    router of its own (an MoE block beside a gate that feeds something else), makes no gate a router."""
     found = mr.find_routers(nn.ModuleList([_GateBesideLayer(n_experts=8, topk=2)]))
     assert [(s.name, s.num_experts) for s in found] == [("0.gate", 8)]
-    for model in (_GateBesideLayer(n_experts=8), _GateBesideLayer(width=6, n_experts=8, topk=2)):
+    own_router = _GateBesideLayer(n_experts=8, topk=2)
+    own_router.moe.router = nn.Linear(16, 8, bias=False)  # (never run: only what the block holds counts here)
+    for model in (_GateBesideLayer(n_experts=8), _GateBesideLayer(width=6, n_experts=8, topk=2), own_router):
         with pytest.raises(mr.MoEReplayError, match="no MoE router found"):
             mr.find_routers(nn.ModuleList([model]))
