@@ -714,6 +714,35 @@ class VllmMixtralMoE(_Used):
         return out.view(x.shape)
 
 
+# ----------------------------------------------------------------------- MiniMax-M1 (vLLM): an fp32 gate, bf16 logits
+# vllm-project/vllm vllm/model_executor/models/minimax_text_01.py (``MiniMaxText01MoE``): the gate a
+# ``ReplicatedLinear`` with fp32 parameters fed ``hidden_states.to(torch.float32)``, its logits cast back to the
+# model's dtype (bf16 here) before the ``FusedMoE`` (softmax in fp32, ``topk``, renormalised): the choice is made over
+# logits rounded to bf16, where experts tie more often.
+class MiniMaxText01MoE(_Used):
+    def __init__(self) -> None:
+        super().__init__()
+        self.top_k, self.num_total_experts, self.hidden_size = 2, E, D
+        self.gate = VllmReplicatedLinear(D, E)  # (fp32, as ``params_dtype=torch.float32``; the model cast around it)
+        self.experts = VllmBalancedFusedMoE(force_load_balance=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        hidden_states = hidden_states.view(-1, self.hidden_size)
+        router_logits_fp32, _ = self.gate(hidden_states.to(torch.float32))
+        out, ids = self.experts(hidden_states, router_logits_fp32.to(hidden_states.dtype), self.forced)
+        self.used = ids.long()
+        return out.to(hidden_states.dtype).view(shape)
+
+
+def _minimax_bf16() -> nn.Module:
+    """Two MiniMax-M1 MoE layers in bf16, their gates kept in fp32."""
+    model = Layers(MiniMaxText01MoE).to(torch.bfloat16)
+    for layer in model.layers:
+        layer.gate.float()
+    return model
+
+
 # ----------------------------------------------------------------------- ERNIE-4.5-VL (vLLM): modality experts
 # vllm-project/vllm vllm/model_executor/models/ernie45_vl_moe.py (``Ernie4_5_VLMoeMoE``): text and vision experts,
 # each with its own fp32 gate and ``FusedMoE``; the block takes a ``visual_token_mask``: all vision tokens go through
@@ -964,6 +993,12 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         {"change": 1.0, "train": True},
     ),
     "vllm-fused-topk-router-select-experts": (lambda: Layers(VllmMixtralMoE), lambda: _x(2, 12), {}),
+    "vllm-minimax-m1-fp32-gate-bf16-logits": (_minimax_bf16, lambda: _x(2, 12).bfloat16(), {"change": 1.0}),
+    "vllm-minimax-m1-fp32-gate-bf16-logits-train": (
+        _minimax_bf16,
+        lambda: _x(2, 12).bfloat16(),
+        {"change": 1.0, "train": True},
+    ),
     "vllm-ernie45-vl-text-and-vision-split-by-mask": (lambda: Layers(Ernie45VlMoE), lambda: _x(2, 12), {}),
     "vllm-ernie45-vl-text-and-vision-split-by-mask-train": (
         lambda: Layers(Ernie45VlMoE),
@@ -981,7 +1016,8 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     or after the top-k, softmax with a correction bias and groups masked by a product, DeepSeek-V4's
     ``sqrtsoftplus``, sigmoid with groups by ``amax``, and the choice in a parameterless routing-core child that is
     passed the gate); vLLM's grouped top-k with the bias Parameter set on the gate and shared with the fused layer,
-    int32 ids (dots.llm1, DeepSeek-V3 with four of eight groups); vLLM's ERNIE-4.5-VL with text and vision tokens
+    int32 ids (dots.llm1, DeepSeek-V3 with four of eight groups); MiniMax-M1's fp32 gate whose logits are cast to bf16
+    before the choice; vLLM's ERNIE-4.5-VL with text and vision tokens
     split by a mask between two gates; Klear (a trainable bias Parameter for the choice, ``SwitchGLU`` experts by
     indexed stacked weights, routed and shared outputs mixed by a softmax): every router found and nothing else, the
     recorded rows the experts used, and a replay after the routers change those experts forced by hand, in output
