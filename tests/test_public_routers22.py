@@ -1014,14 +1014,15 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     """TGI's dense MoE layer (``fused_topk`` or DeepSeek-V2's ``grouped_topk`` over logits passed in, the k weights
     scattered into a ``[tokens, E]`` map, every expert run on every token); NeMo Automodel's ``Gate`` (softmax before
     or after the top-k, softmax with a correction bias and groups masked by a product, DeepSeek-V4's
-    ``sqrtsoftplus``, sigmoid with groups by ``amax``, and the choice in a parameterless routing-core child that is
-    passed the gate); vLLM's grouped top-k with the bias Parameter set on the gate and shared with the fused layer,
-    int32 ids (dots.llm1, DeepSeek-V3 with four of eight groups); MiniMax-M1's fp32 gate whose logits are cast to bf16
-    before the choice; vLLM's ERNIE-4.5-VL with text and vision tokens
-    split by a mask between two gates; Klear (a trainable bias Parameter for the choice, ``SwitchGLU`` experts by
-    indexed stacked weights, routed and shared outputs mixed by a softmax): every router found and nothing else, the
-    recorded rows the experts used, and a replay after the routers change those experts forced by hand, in output
-    and gradients."""
+    ``sqrtsoftplus``, sigmoid with groups by ``amax``, the choice in a parameterless routing-core child that is
+    passed the gate, the expert load and aux loss in training); vLLM's grouped top-k with the bias Parameter set on
+    the gate and shared with the fused layer, int32 ids (dots.llm1, DeepSeek-V3 with four of eight groups); vLLM's
+    DeepSeek-V4 router (``sqrt(softplus)``, ids and weights copied into preallocated buffers); vLLM's plain fused
+    top-k router; MiniMax-M1's fp32 gate whose logits are cast to bf16 before the choice; vLLM's ERNIE-4.5-VL with
+    text and vision tokens split by a mask between two gates; Klear (a trainable bias Parameter for the choice,
+    ``SwitchGLU`` experts by indexed stacked weights, routed and shared outputs mixed by a softmax): every router
+    found and nothing else, the recorded rows the experts used, and a replay after the routers change those experts
+    forced by hand, in output and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
