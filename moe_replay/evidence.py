@@ -3321,7 +3321,8 @@ def _establish(
             "numpy or Python lists, a random draw such as torch.multinomial): choose them with torch.topk (or "
             "argmax) in the router's Python code; identical experts (an upcycled model before training) hide "
             "every choice: establish it on a trained model; otherwise name the module that makes it with "
-            "include=, or the call with mr.Adapter(..., call=N)"
+            "include=, or the call with mr.Adapter(..., call=N); a layer whose experts follow from no scores (a table "
+            "of experts per token id, a hash layer) has nothing to replay: leave it out with exclude="
         )
         if call is not None:
             if not 0 <= call < len(calls):

@@ -1138,7 +1138,7 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
     "vllm-deepseek-v4-hash-layer-table-lookup": (
         lambda: DeepseekV4Model(1),
         _ids,
-        r"'layers\.0\.gate': its forward makes no decision-like call",
+        r"(?s)'layers\.0\.gate': its forward makes no decision-like call.*a hash layer.*leave it out with exclude=",
         {},
     ),
     # (the ids of the real choice replaced by an argsort of noise, its weights kept: the argsort decides)
