@@ -22,6 +22,7 @@ import gc
 import inspect
 import itertools
 import operator
+import signal
 import sys
 import threading
 import types
@@ -155,6 +156,44 @@ def _runs_nothing(module: nn.Module) -> bool:
     forward = module.__dict__.get("forward", getattr(type(module), "forward", None))
     forward = getattr(forward, "__wrapped__", forward)  # (a feed level's wrapper: what it runs)
     return getattr(forward, "__func__", forward) is nn.Module.forward
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold a Ctrl-C (``SIGINT``) that arrives inside the block, and raise it once the block is over.
+
+    Taking out a session's wrappers changes many modules' forwards and the session's
+    lists of them one after the other: a ``KeyboardInterrupt`` raised half-way (a notebook's interrupt
+    lands between any two bytecodes) would leave some routers wrapped and others not, a session that
+    believes itself attached to forwards it no longer wraps, and a model that neither a second
+    ``detach()`` nor a new ``attach()`` could put right. The signal is noted while the block runs and
+    handed to the handler that was there before (Python's raises ``KeyboardInterrupt``) as the block
+    ends, whether it ends normally or by an exception. Outside the main thread (no signal is delivered
+    there) and where ``SIGINT`` is ignored or left to the system, the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # (SIG_IGN, SIG_DFL, or a handler not installed from Python)
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+
+    def note(signum: int, frame: Any) -> None:
+        caught.append((signum, frame))
+
+    try:
+        signal.signal(signal.SIGINT, note)
+    except (ValueError, OSError):  # (an interpreter other than the main one may not set handlers)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            previous(*caught[0])
 
 
 def _gone(module: nn.Module, wrapper: Any) -> bool:
@@ -1257,6 +1296,11 @@ class Session:
         if recompute_check:
             self._check_no_forced_recompute()
         plan = self._removal_plan()
+        with _interrupts_held():  # (a Ctrl-C half-way would leave some forwards wrapped: it waits for the end)
+            self._detach_now(plan)
+
+    def _detach_now(self, plan: list[Callable[[], None]]) -> None:
+        """Carry out :meth:`_detach` once nothing refuses it: take out every wrapper by ``plan``, forget the model."""
         self._set(capturing=False, replaying=False)
         self._keep_rows()
         if self._feeds is not None:
