@@ -1201,6 +1201,19 @@ class TracedFeedCheck:
     #: prompt padding; ``NO_FORWARD_ID``: a row recorded outside every forward), the tokens that differ, the forward's
     #: tokens, the compiled forwards found fed other tokens, and the router whose rows they are (-1: every router's)
     FOUND, START, AT, GOT, WANT, BAD, COUNT, FORWARDS, ROUTER = range(9)
+    #: the places in :attr:`calls_state`: a forward found whose router calls are not those of one captured forward
+    #: (0/1), the compiled forwards checked so far (the forward found: its number among them), the router (its place
+    #: in :attr:`sources`), the rows it read in the forward (first, end), the captured forward they began in (its index
+    #: in the router's captured calls), the tokens the forward was fed, another router that read in it and the
+    #: captured forward it began in (-1: none), and what was found (``CALLS_MORE``, ``CALLS_WHOLE``, ``CALLS_OTHER``)
+    CALL_FOUND, CALL_FORWARD, CALL_ROUTER, CALL_START, CALL_END, CALL_AT, CALL_COUNT, CALL_OTHER, CALL_OTHER_AT = range(
+        9
+    )
+    CALL_KIND = 9
+    #: a router read more rows than one call on each of the forward's tokens where the captured forward made one call;
+    #: read other rows than all the calls of a captured forward of several; began in another captured forward than a
+    #: router before it in the forward
+    CALLS_MORE, CALLS_WHOLE, CALLS_OTHER = 1, 2, 3
 
     def __init__(self) -> None:
         #: armed by a replay's check for its block (see :meth:`arm`); compiled code is traced for either value
@@ -1212,6 +1225,12 @@ class TracedFeedCheck:
         self.wants: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.names: list[str] = []  # the sources' routers (what a refusal names; read in eager code only)
         self.state: torch.Tensor | None = None  # see FOUND..ROUTER
+        #: each source's captured calls, where the routes know each router's own (``Routes._router_calls``): a
+        #: ``[forwards, 4]`` tensor of each captured forward's first row, the row its calls end at, its number in the
+        #: capture and whether it called the router more than once (see :meth:`_calls_ran`); None where not known
+        self.calls: list[torch.Tensor | None] | None = None
+        #: what the calls check marks (see CALL_FOUND..CALL_KIND), the address kept across calls as :attr:`state`'s
+        self.calls_state: torch.Tensor | None = None
         #: a forward of the block armed last was fed its tokens here (its ids compared, or embeddings, which no check
         #: reads; set by the compiled code as it runs, an attribute it stores and never reads: no guard): its routers'
         #: rows are checked in :attr:`state` where the host saw no forward fed them (:meth:`FeedCheck._compiled_read`)
@@ -1223,15 +1242,22 @@ class TracedFeedCheck:
         padding: torch.Tensor,
         sources: Sequence[Any],
         wants: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        calls: list[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """As a block starts (eager): compare the forwards compiled whole with ``want`` (on the routers' device), or
-        each router's rows with its own ``wants``; returns the cleared :attr:`state` the block reads as it ends."""
+        each router's rows with its own ``wants`` and its reads in each forward with its captured ``calls`` (see
+        :attr:`calls`); returns the cleared :attr:`state` the block reads as it ends."""
         device = want.device
         with torch.inference_mode(False):  # (an ordinary tensor, whatever the caller's mode)
             if self.state is None or self.state.device != device or self.state.numel() != 9:
                 self.state = mark_static_address(torch.zeros(9, dtype=torch.long, device=device))
             else:
                 self.state.zero_()
+            if self.calls_state is None or self.calls_state.device != device:
+                self.calls_state = mark_static_address(torch.zeros(self.CALL_KIND + 1, dtype=torch.long, device=device))
+            else:
+                self.calls_state.zero_()
+        self.calls = calls if wants is not None and calls is not None and any(c is not None for c in calls) else None
         self.want, self.padding, self.sources, self.wants = want, padding, list(sources), wants
         self.names = [getattr(src, "name", "") for src in sources]
         self.active = True
@@ -1241,7 +1267,7 @@ class TracedFeedCheck:
     def disarm(self) -> None:
         """As the block ends: compiled code compares nothing again (the state is kept for the block to read)."""
         self.active = False
-        self.want = self.padding = self.wants = None
+        self.want = self.padding = self.wants = self.calls = None
         self.sources = []
 
     def feed(
@@ -1289,6 +1315,10 @@ class TracedFeedCheck:
             if compared is not None:
                 refused, found = compared
                 pending.append((j, start, refused, torch.cat([found, torch.full_like(found[:1], j)])))
+            elif self.calls is not None and self.calls[j] is not None:  # (its calls are checked all the same)
+                found = torch.zeros(self.ROUTER + 1, dtype=torch.long, device=want.device)
+                found[self.COUNT] = ids.numel()
+                pending.append((j, start, torch.zeros((), dtype=torch.bool, device=want.device), found))
         return pending
 
     def ran(self, pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] | None) -> None:
@@ -1296,10 +1326,70 @@ class TracedFeedCheck:
         first router that read rows in it and whose rows were recorded for other tokens."""
         if not pending:
             return
-        refused = torch.stack([bad & (self.sources[j].next_row() > start) for j, start, bad, _ in pending])
+        ends = [self.sources[j].next_row() for j, _, _, _ in pending]
+        refused = torch.stack([bad & (end > start) for (_, start, bad, _), end in zip(pending, ends, strict=True)])
         first = torch.argmax(refused.to(torch.int32))
         found = torch.stack([found for _, _, _, found in pending]).index_select(0, first.reshape(1))[0]
         self._mark(refused.any(), found)
+        self._calls_ran(pending, ends)
+
+    def _calls_ran(
+        self, pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]], ends: list[torch.Tensor]
+    ) -> None:
+        """As a forward ends, where the routes know each router's captured calls (:attr:`calls`): each router that
+        read rows in it read those of the calls of one captured forward, the same one for every router (as
+        :class:`RouterCallCheck` and :meth:`FeedCheck._in_one_forward` check on the host), or the first that did not is
+        marked in :attr:`calls_state`, read as the block ends. Tensor ops only: no sync."""
+        calls, state = self.calls, self.calls_state
+        if calls is None or state is None:
+            return
+        marks: list[torch.Tensor] = []  # (per router: what it marks, its kind 0 where nothing is wrong)
+        read_at: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []  # (read, captured number, index, j)
+        for (j, start, _, found), end in zip(pending, ends, strict=True):
+            held = calls[j]
+            if held is None or held.shape[0] == 0:
+                continue
+            count = found[self.COUNT]
+            raw = torch.searchsorted(held[:, 0].contiguous(), start.reshape(1), right=True)[0] - 1
+            at = raw.clamp(min=0)
+            row = held.index_select(0, at.reshape(1))[0]  # (first row, end row, number, several calls)
+            read = (end > start) & (raw >= 0) & (start < row[1])
+            several = row[3] > 0
+            whole = several & ((start != row[0]) | (end != row[1]) | (row[3] > 1))  # (2: cut through by a slice)
+            more = ~several & (end - start > count)
+            kind = (whole.long() * self.CALLS_WHOLE + more.long() * self.CALLS_MORE) * read.long()
+            minus = torch.full_like(start, -1)
+            marks.append(torch.stack([kind, torch.full_like(start, j), start, end, at, count, minus, minus]))
+            read_at.append((read, row[2], at, j))
+        if not marks:
+            return
+        # (a router that read in this forward and began in another captured forward than the first that read)
+        first_read = torch.stack([r for r, _, _, _ in read_at])
+        lead = torch.argmax(first_read.to(torch.int32))
+        numbers = torch.stack([n for _, n, _, _ in read_at])
+        places = torch.stack([a for _, _, a, _ in read_at])
+        routers = torch.tensor([j for _, _, _, j in read_at], dtype=torch.long, device=state.device)
+        lead_number = numbers.index_select(0, lead.reshape(1))[0]
+        table = torch.stack(marks)
+        other = first_read & first_read.any() & (numbers != lead_number)
+        kinds = torch.where((table[:, 0] == 0) & other, torch.full_like(table[:, 0], self.CALLS_OTHER), table[:, 0])
+        table = torch.cat(
+            [
+                kinds.reshape(-1, 1),
+                table[:, 1:6],
+                torch.where(other, routers.index_select(0, lead.reshape(1)), table[:, 6]).reshape(-1, 1),
+                torch.where(other, places.index_select(0, lead.reshape(1)), table[:, 7]).reshape(-1, 1),
+            ],
+            dim=1,
+        )
+        bad = table[:, 0] > 0
+        pick = torch.argmax(bad.to(torch.int32))
+        chosen = table.index_select(0, pick.reshape(1))[0]
+        counted = state[self.CALL_FORWARD] + 1
+        marked = torch.cat([torch.ones_like(counted).reshape(1), counted.reshape(1), chosen[1:], chosen[:1]])
+        counted_kept = torch.where(state[self.CALL_FOUND] == 0, counted, state[self.CALL_FORWARD])
+        kept = torch.cat([state[: self.CALL_FORWARD], counted_kept.reshape(1), state[self.CALL_ROUTER :]])
+        state.copy_(torch.where(bad.any() & (state[self.CALL_FOUND] == 0), marked, kept))
 
     def _compared(
         self,
@@ -1515,6 +1605,18 @@ _OTHER_CALLS_HINT = (
     "auxiliary loss; the layers run in another order). Replay with the model as it was captured (turn the call "
     "on or off again), or capture again with the model as it runs now"
 )
+
+
+def _calls_on_device(captured: _CapturedCalls, device: torch.device) -> torch.Tensor:
+    """A router's captured calls as :attr:`TracedFeedCheck.calls` holds them: per captured forward that called it,
+    its first row, the row its calls end at, its number in the capture, and 1 where it made several calls (2 where the
+    routes hold a part of it, cut through by a slice: no forward may read it, as :meth:`FeedCheck._begin_in` says)."""
+    rows = [
+        (captured.begins[j], captured.end(j), number, 2 if j in captured.cut else int(calls > 1))
+        for j, (number, _, calls) in enumerate(captured.forwards)
+    ]
+    with torch.inference_mode(False):
+        return torch.tensor(rows, dtype=torch.long).reshape(-1, 4).to(device)
 
 
 class FeedCheck:
@@ -1844,13 +1946,16 @@ class FeedCheck:
                 id(src): _on_device(w, w == PADDING_ID, device)
                 for src, w in zip(self._sources, map(self.wants.__getitem__, map(id, self._sources)), strict=True)
             }
+        held = self._captured_each if isinstance(self, RouterFeedCheck) else {}
+        calls = {key: _calls_on_device(captured, device) for key, captured in held.items()}
         armed = []
         for level in self._levels:
             sources = self._reached(level)
             if not sources:
                 continue
             wants = [each[id(src)] for src in sources] if each else None
-            armed.append((level.traced, level.traced.arm(want, at_padding, sources, wants), level))
+            mine = [calls.get(id(src)) for src in sources] if calls else None
+            armed.append((level.traced, level.traced.arm(want, at_padding, sources, wants, mine), level))
         return armed
 
     def _reached(self, level: FeedForward) -> list[Any]:
@@ -1899,14 +2004,81 @@ class FeedCheck:
         armed = [(state, level) for _, state, level in self._traced if level.compiled]
         if not armed or (on_host_only and armed[0][0].device.type != "cpu"):
             return
-        read = torch.stack([state for state, _ in armed]).tolist()
+        calls = [level.traced.calls_state for _, level in armed]
+        held = [c for c in calls if c is not None]
+        made: list[tuple[list[int], FeedForward]] = []
+        if len(held) == len(armed):  # (one copy to the host for both)
+            both = torch.cat([torch.stack([state for state, _ in armed]), torch.stack(held)], dim=1).tolist()
+            read = [row[: TracedFeedCheck.ROUTER + 1] for row in both]
+            made = [(row[TracedFeedCheck.ROUTER + 1 :], level) for row, (_, level) in zip(both, armed, strict=True)]
+        else:
+            read = torch.stack([state for state, _ in armed]).tolist()
         found = [(f, level) for f, (_, level) in zip(read, armed, strict=True) if f[TracedFeedCheck.FOUND]]
         if not found:
+            self._refuse_traced_calls(made)  # (the tokens fit: the calls of each router in each forward)
             return
         first, level = min(found, key=lambda f: f[0][TracedFeedCheck.START])
         for state, _ in armed:  # (told once)
             state.zero_()
         raise level.traced.refusal(first, self.hint, level.order == SEQUENCE_FIRST)
+
+    def _refuse_traced_calls(self, read: list[tuple[list[int], FeedForward]]) -> None:
+        """Refuse the block where a compiled forward's routers did not make the calls of one captured forward (read
+        from each level's :attr:`TracedFeedCheck.calls_state`, with its token state: see :meth:`_refuse_traced`)."""
+        t = TracedFeedCheck
+        found = [(f, level) for f, level in read if f[t.CALL_FOUND]]
+        if not found:
+            return
+        f, level = found[0]
+        for _, each in read:  # (told once)
+            if each.traced.calls_state is not None:
+                each.traced.calls_state.zero_()
+        names = level.traced.names
+        held: dict[int, _CapturedCalls] = getattr(self, "_captured_each", {})
+        by_name = {src.name: held.get(id(src)) for src in self._sources}
+
+        def router(j: int, at: int) -> tuple[str, _CapturedCalls | None, int | None]:
+            """The name of router ``j`` of the level, its captured calls and the captured forward ``at`` of them."""
+            name = names[j] if 0 <= j < len(names) else "?"
+            captured = by_name.get(name)
+            return name, captured, at if captured is not None and 0 <= at < len(captured.forwards) else None
+
+        name, captured, at = router(f[t.CALL_ROUTER], f[t.CALL_AT])
+        start, end = f[t.CALL_START], f[t.CALL_END]
+        which = (
+            f"compiled forward {f[t.CALL_FORWARD]} of this replay() (the model compiled whole, or code compiled inside "
+            "its forward)"
+        )
+        if f[t.CALL_KIND] == t.CALLS_OTHER:
+            other, theirs, other_at = router(f[t.CALL_OTHER], f[t.CALL_OTHER_AT])
+            number = "?" if captured is None or at is None else captured.forwards[at][0] + 1
+            their = "?" if theirs is None or other_at is None else theirs.forwards[other_at][0] + 1
+            what = (
+                f"{which} read router '{name}' from row {start} of its routes, in forward {number} of the capture, "
+                f"while router '{other}' read its rows in it in forward {their} of the capture: the capture called "
+                "these routers in other forwards than this replay does (a layer skipped or dropped, a block that calls "
+                "its router on a flag, a router called a number of times that its inputs decide), so "
+                f"'{name}' took the rows of another forward's tokens"
+            )
+        else:
+            began = "a captured forward" if captured is None or at is None else captured.describe(at)
+            why = (
+                "more than one call on every token, so a further call of it read the rows of another call or forward"
+                if f[t.CALL_KIND] == t.CALLS_MORE
+                else "other rows than all the calls of that forward, so it made more or fewer calls than the captured "
+                "forward (or began inside it) and read the rows of other calls"
+            )
+            what = (
+                f"{which} read rows {start}..{end - 1} of the routes of router '{name}', fed {f[t.CALL_COUNT]} tokens, "
+                f"and began in {began}: {why}"
+            )
+        raise TokenMismatchError(
+            what
+            + ". Compiled code cannot stop a forward as it begins: this was found as the block ended, so its outputs, "
+            "and whatever this block computed from them, are not a replay: discard them. "
+            + _OTHER_CALLS_HINT
+            + (f". {self.hint}" if self.hint else "")
+        )
 
     def left(self) -> None:
         """The forward fed last has ended: a router that read in it other row counts than it was fed tokens routes a
@@ -2750,7 +2922,45 @@ class RouterCallCheck(FeedCheck):
         self._thread = threading.get_ident()
         self._levels = list(levels)
         self._sources = [src for src in sources if id(src) in self._captured_each]
-        return _enter_levels(levels, self)
+        for level in self._levels:
+            level.compiled = False
+        self._traced = self._arm_calls_traced()
+        remove = _enter_levels(levels, self)
+
+        def stop() -> None:
+            remove()
+            for traced, _, _ in self._traced:
+                traced.disarm()
+
+        return stop
+
+    def _arm_calls_traced(self) -> list[tuple[TracedFeedCheck, torch.Tensor, FeedForward]]:
+        """Arm each level's compiled check (see :class:`TracedFeedCheck`) with each router's captured calls alone, its
+        rows' ids unknown (no id is compared, none read back): a forward that runs compiled counts its routers' reads
+        on the device, where the host sees none, and is checked there as the host checks an eager one (read as the
+        block ends). None armed where the routers' rows are on several devices."""
+        devices = {src.device for src in self._sources}
+        if len(devices) != 1:
+            return []
+        device = devices.pop()
+        with torch.inference_mode(False):
+            unknown = {
+                id(src): (
+                    torch.full((src.num_rows + 1,), -1, dtype=torch.long, device=device),
+                    torch.zeros(src.num_rows + 1, dtype=torch.bool, device=device),
+                )
+                for src in self._sources
+            }
+        calls = {key: _calls_on_device(captured, device) for key, captured in self._captured_each.items()}
+        armed = []
+        for level in self._levels:
+            sources = self._reached(level)
+            if not sources:
+                continue
+            wants = [unknown[id(src)] for src in sources]
+            mine: list[torch.Tensor | None] = [calls.get(id(src)) for src in sources]
+            armed.append((level.traced, level.traced.arm(*wants[0], sources, wants, mine), level))
+        return armed
 
     def fed(
         self,
@@ -2816,8 +3026,10 @@ class RouterCallCheck(FeedCheck):
 
     def finish(self) -> None:
         """The block ends: refuse a forward noted in :meth:`left`, and a block that ends inside a captured forward of
-        several calls of a router."""
+        several calls of a router, and a forward that ran compiled whose routers did not make the calls of one
+        captured forward (read on the device, see :meth:`_arm_calls_traced`)."""
         self._refuse_overdrawn()
+        self._refuse_traced()
         if self._lost:
             return
         for src in self._sources:
