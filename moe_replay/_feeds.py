@@ -1257,7 +1257,7 @@ class TracedFeedCheck:
                 self.calls_state = mark_static_address(torch.zeros(self.CALL_KIND + 1, dtype=torch.long, device=device))
             else:
                 self.calls_state.zero_()
-        self.calls = calls if wants is not None and calls is not None and any(c is not None for c in calls) else None
+        self.calls = calls if calls is not None and any(c is not None for c in calls) else None
         self.want, self.padding, self.sources, self.wants = want, padding, list(sources), wants
         self.names = [getattr(src, "name", "") for src in sources]
         self.active = True
@@ -1306,7 +1306,9 @@ class TracedFeedCheck:
             compared = self._compared(ids, fed, order, want, padding, start)
             if compared is not None:
                 self._mark(*compared)
-            return None
+            if self.calls is None:
+                return None
+            return [(j, c.clone(), *self._unmarked(ids, want.device)) for j, c in enumerate(cursors)]
         # (per router: its place, the row it stood at, whether its rows differ, what a mismatch marks)
         pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for j, (start, (mine, at_padding)) in enumerate(zip(cursors, self.wants, strict=True)):
@@ -1316,10 +1318,15 @@ class TracedFeedCheck:
                 refused, found = compared
                 pending.append((j, start, refused, torch.cat([found, torch.full_like(found[:1], j)])))
             elif self.calls is not None and self.calls[j] is not None:  # (its calls are checked all the same)
-                found = torch.zeros(self.ROUTER + 1, dtype=torch.long, device=want.device)
-                found[self.COUNT] = ids.numel()
-                pending.append((j, start, torch.zeros((), dtype=torch.bool, device=want.device), found))
+                pending.append((j, start, *self._unmarked(ids, want.device)))
         return pending
+
+    def _unmarked(self, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`ran` takes of a router whose rows' ids are not compared: never refused for its tokens, the
+        forward's token count (what the calls check reads)."""
+        found = torch.zeros(self.ROUTER + 1, dtype=torch.long, device=device)
+        found[self.COUNT] = ids.numel()
+        return torch.zeros((), dtype=torch.bool, device=device), found
 
     def ran(self, pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] | None) -> None:
         """Traced as the forward ends, where the rows are each router's own (``pending`` from :meth:`feed`): mark the
@@ -1946,8 +1953,7 @@ class FeedCheck:
                 id(src): _on_device(w, w == PADDING_ID, device)
                 for src, w in zip(self._sources, map(self.wants.__getitem__, map(id, self._sources)), strict=True)
             }
-        held = self._captured_each if isinstance(self, RouterFeedCheck) else {}
-        calls = {key: _calls_on_device(captured, device) for key, captured in held.items()}
+        calls = {key: _calls_on_device(captured, device) for key, captured in self._calls_by_source().items()}
         armed = []
         for level in self._levels:
             sources = self._reached(level)
@@ -1957,6 +1963,40 @@ class FeedCheck:
             mine = [calls.get(id(src)) for src in sources] if calls else None
             armed.append((level.traced, level.traced.arm(want, at_padding, sources, wants, mine), level))
         return armed
+
+    def _arm_calls_traced(self) -> list[tuple[TracedFeedCheck, torch.Tensor, FeedForward]]:
+        """Arm each level's compiled check (see :class:`TracedFeedCheck`) with each router's captured calls alone, its
+        rows' ids unknown (no id is compared, none read back): a forward that runs compiled counts its routers' reads
+        on the device, where the host sees none, and is checked there as the host checks an eager one (read as the
+        block ends). None armed where the routers' rows are on several devices."""
+        devices = {src.device for src in self._sources}
+        if len(devices) != 1 or not self._calls_by_source():
+            return []
+        device = devices.pop()
+        with torch.inference_mode(False):
+            unknown = {
+                id(src): (
+                    torch.full((src.num_rows + 1,), -1, dtype=torch.long, device=device),
+                    torch.zeros(src.num_rows + 1, dtype=torch.bool, device=device),
+                )
+                for src in self._sources
+            }
+        calls = {key: _calls_on_device(captured, device) for key, captured in self._calls_by_source().items()}
+        armed = []
+        for level in self._levels:
+            sources = self._reached(level)
+            if not sources:
+                continue
+            wants = [unknown[id(src)] for src in sources]
+            mine: list[torch.Tensor | None] = [calls.get(id(src)) for src in sources]
+            armed.append((level.traced, level.traced.arm(*wants[0], sources, wants, mine), level))
+        return armed
+
+    def _calls_by_source(self) -> dict[int, _CapturedCalls]:
+        """The captured calls of each router this check reads, by the ``id`` of its source: every router's the same
+        (:meth:`know_calls`), where the routes know them."""
+        captured = self._captured
+        return {} if captured is None else {id(src): captured for src in self._sources}
 
     def _reached(self, level: FeedForward) -> list[Any]:
         """The sources whose rows the forwards of ``level`` read: its own model's routers, where it is one model of a
@@ -2034,7 +2074,7 @@ class FeedCheck:
             if each.traced.calls_state is not None:
                 each.traced.calls_state.zero_()
         names = level.traced.names
-        held: dict[int, _CapturedCalls] = getattr(self, "_captured_each", {})
+        held = self._calls_by_source()
         by_name = {src.name: held.get(id(src)) for src in self._sources}
 
         def router(j: int, at: int) -> tuple[str, _CapturedCalls | None, int | None]:
@@ -2711,6 +2751,10 @@ class RouterFeedCheck(FeedCheck):
         for captured in self._captured_each.values():
             captured.own = True
 
+    def _calls_by_source(self) -> dict[int, _CapturedCalls]:
+        """Each router's own captured calls, by the ``id`` of its source."""
+        return self._captured_each
+
     def unpads(self, scopes: Sequence[nn.Module]) -> None:
         """The routers of ``scopes`` see only the tokens the mask of the forward fed last keeps: each of their reads
         in it is checked against those tokens' ids (where its rows are as many: on a device, when the block ends)."""
@@ -2934,33 +2978,9 @@ class RouterCallCheck(FeedCheck):
 
         return stop
 
-    def _arm_calls_traced(self) -> list[tuple[TracedFeedCheck, torch.Tensor, FeedForward]]:
-        """Arm each level's compiled check (see :class:`TracedFeedCheck`) with each router's captured calls alone, its
-        rows' ids unknown (no id is compared, none read back): a forward that runs compiled counts its routers' reads
-        on the device, where the host sees none, and is checked there as the host checks an eager one (read as the
-        block ends). None armed where the routers' rows are on several devices."""
-        devices = {src.device for src in self._sources}
-        if len(devices) != 1:
-            return []
-        device = devices.pop()
-        with torch.inference_mode(False):
-            unknown = {
-                id(src): (
-                    torch.full((src.num_rows + 1,), -1, dtype=torch.long, device=device),
-                    torch.zeros(src.num_rows + 1, dtype=torch.bool, device=device),
-                )
-                for src in self._sources
-            }
-        calls = {key: _calls_on_device(captured, device) for key, captured in self._captured_each.items()}
-        armed = []
-        for level in self._levels:
-            sources = self._reached(level)
-            if not sources:
-                continue
-            wants = [unknown[id(src)] for src in sources]
-            mine: list[torch.Tensor | None] = [calls.get(id(src)) for src in sources]
-            armed.append((level.traced, level.traced.arm(*wants[0], sources, wants, mine), level))
-        return armed
+    def _calls_by_source(self) -> dict[int, _CapturedCalls]:
+        """Each router's own captured calls, by the ``id`` of its source."""
+        return self._captured_each
 
     def fed(
         self,
@@ -3092,12 +3112,17 @@ class OrderCheck(FeedCheck):
             return remove
         for src in self._sources:
             src.cleared, src.guard = src.num_rows, self._order_guard
+        for level in self._levels:  # (forwards that run compiled: their calls checked on the device)
+            level.compiled = False
+        self._traced = self._arm_calls_traced()
 
         def stop() -> None:
             remove()
             for src in self._sources:
                 src.guard = None
                 src.cleared = src.num_rows
+            for traced, _, _ in self._traced:
+                traced.disarm()
 
         return stop
 
@@ -3328,10 +3353,12 @@ class OrderCheck(FeedCheck):
 
     def finish(self) -> None:
         """Compare the forwards whose masks or positions were on a device (see :meth:`_check_places`), in order (no
-        ids are compared: these routes know none), and the calls of its last forward (see :meth:`_calls_at_end`)."""
+        ids are compared: these routes know none), the calls of the forwards that ran compiled (read on the device, see
+        :meth:`_arm_calls_traced`) and those of its last forward (see :meth:`_calls_at_end`)."""
         later, self._places_later = self._places_later, []
         for forward, start, grid, mask, pos in later:
             self._refuse_places(forward, start, grid, mask, pos)
+        self._refuse_traced()
         self._calls_at_end()
         if self.each_router is not None:
             self.each_router.finish()

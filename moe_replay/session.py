@@ -2250,10 +2250,12 @@ class Session:
         ids are on the host, and for the first forward fed ids on a device (one host sync);
         the later forwards' device ids when the block ends (no host sync per forward). With
         ``strict=False``, which never syncs the host, only a model on the CPU is checked (on a device, each forward
-        is still checked to make the router calls of the captured forward it replays, where the host counts the reads).
-        A forward of a model compiled whole (``torch.compile(model)``) compares its ids on the device, in the
-        compiled code, and is refused when the block ends (on the CPU, at its next eager forward): after it ran, so
-        its outputs, and whatever the block computed from them, must be discarded. Forwards fed embeddings, and
+        is still checked to make the router calls of the captured forward it replays, where the host counts the reads,
+        and in compiled code as below). A forward of a model compiled whole (``torch.compile(model)``) compares its ids
+        on the device, in the compiled code, and its routers' reads with the calls of the captured forward it replays
+        (where the routes know them: each router's calls, as an eager forward's are checked, with or without ids),
+        and is refused when the block ends (on the CPU, at its next eager forward): after it ran, so its outputs, and
+        whatever the block computed from them, must be discarded. Forwards fed embeddings, and
         eager ones after a compiled or CUDA-graph forward (whose reads the host does not count), are not checked.
         Routes that know no token ids but were
         laid out by :class:`~moe_replay.BatchLayout` (or :func:`~moe_replay.pad_routes`,

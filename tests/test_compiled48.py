@@ -29,7 +29,8 @@ def _fresh_dynamo() -> Iterator[None]:
 
 
 class _Loop(torch.nn.Module):
-    """Embeddings, then two MoE blocks: ``a`` called ``1 + extra`` times, ``b`` skipped where ``skip``. With
+    """Embeddings, then the stack of two MoE blocks ``loops - 1`` times, then ``a`` called ``1 + extra`` times and ``b``
+    unless ``skip``. With
     ``by_data``, the hidden states decide both (against thresholds that the test sets to say which way they go):
     dynamo breaks the graph there."""
 
@@ -44,15 +45,18 @@ class _Loop(torch.nn.Module):
             for p in (*self.a.parameters(), *self.b.parameters()):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         self.by_data = by_data
-        self.extra, self.skip = 0, False
+        self.extra, self.skip, self.loops = 0, False, 1
 
-    def set(self, extra: int, skip: bool) -> None:
-        self.extra, self.skip = extra, skip
+    def set(self, extra: int, skip: bool, loops: int = 1) -> None:
+        self.extra, self.skip, self.loops = extra, skip, loops
         self.skip_above = float("-inf") if skip else float("inf")
         self.again_above = float("-inf") if extra else float("inf")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(input_ids)
+        for _ in range(self.loops - 1):  # (the whole stack run again: every router called once more)
+            h = h + self.a(h)
+            h = h + self.b(h)
         h = h + self.a(h)
         if self.by_data:
             if not bool(h.mean() > self.skip_above):
@@ -241,3 +245,42 @@ def test_compiled_forwards_more_or_fewer_than_the_routes_hold_are_refused(run: s
                 model.set(extra, skip)
                 compiled(x)
         assert session.state == "idle"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ids", [True, False], ids=["ids", "no_ids"])
+def test_a_stack_looped_once_more_in_a_compiled_forward_than_captured_is_refused(backend: str, ids: bool) -> None:
+    """Once silent: every router called once more in the first compiled forward than the capture's first (the whole
+    stack looped again, its routes' rows the same count for every router) and once less in the second read the second
+    forward's rows in the first; refused now as the block ends, and the capture's order replays exactly."""
+    model = _Loop()
+    x = _tokens()
+    plan = [(0, False, 1), (0, False, 2)]
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            for extra, skip, loops in plan:
+                model.set(extra, skip, loops)
+                model(x)
+        routes = session.routes()
+        routes = routes if ids else routes.with_token_ids(None)
+        assert routes._call_rows is not None and len(set(routes.tokens_per_layer)) == 1
+        compiled = torch.compile(model, backend=backend)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(mr.TokenMismatchError, match="compiled forward 1 "), session.replay(routes):
+            for extra, skip, loops in reversed(plan):
+                model.set(extra, skip, loops)
+                compiled(x)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert session.state == "idle"
+        _move_routers(model)  # (the routers choose other experts now: the replay forces the recorded ones)
+        with session.capture():
+            for extra, skip, loops in plan:
+                model.set(extra, skip, loops)
+                model(x)
+        assert not session.routes().equal(routes)
+        with session.replay(routes), session.capture():
+            for extra, skip, loops in plan:
+                model.set(extra, skip, loops)
+                compiled(x)
+        assert session.routes().with_token_ids(None).equal(routes.with_token_ids(None))
