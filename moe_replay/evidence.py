@@ -1780,50 +1780,124 @@ def _plain_iterator(v: Any) -> bool:
     )
 
 
-class _Drawing:
-    """Whether the runs of a :class:`_Snapshot` are running: its :class:`_Redrawn` keep what they draw then."""
+class _Tape:
+    """What runs that establish a decision drew from one iterator and no forward after them was given yet: each item
+    with the value ``send()`` passed for it (None for ``next()``), in the order drawn. One per iterator, however many
+    attributes or globals hold it (two routers that draw from one shared stream draw from one sequence), kept while
+    an item waits. ``running`` counts the snapshots whose runs run now (one inside another's forward too), ``at`` is
+    where the run that runs now reads."""
 
-    __slots__ = ("on",)
+    __slots__ = ("__weakref__", "at", "homes", "items", "running", "source")
 
-    def __init__(self) -> None:
-        self.on = False
+    def __init__(self, source: Iterator[Any]) -> None:
+        self.source = source
+        self.items: list[tuple[Any, Any]] = []
+        self.homes: list[tuple[dict[str, Any], str]] = []
+        self.at = 0
+        self.running = 0
+
+    def hold(self, home: dict[str, Any], key: str) -> None:
+        """Note ``home[key]`` as a place that holds the iterator (given back there once no item waits)."""
+        if not any(h is home and k == key for h, k in self.homes):
+            self.homes.append((home, key))
+
+    def hand_back(self) -> None:
+        """Every place that holds a stand-in of this tape holds the iterator itself again."""
+        for home, key in self.homes:
+            held = home.get(key)
+            if isinstance(held, _Redrawn) and held.tape is self:
+                home[key] = self.source
+        self.homes.clear()
+
+
+#: the tape of each iterator an item of which waits, by the iterator's id (its tape holds it, so the id is its own)
+_TAPES: weakref.WeakValueDictionary[int, _Tape] = weakref.WeakValueDictionary()
+
+
+def _tape_of(v: Any) -> _Tape:
+    """The tape of iterator ``v``: a stand-in's, the one of the iterator it is (where another place's stand-in keeps
+    items of it), or a new one."""
+    if isinstance(v, _Redrawn):
+        return v.tape
+    tape = _TAPES.get(id(v))
+    if tape is None or tape.source is not v:
+        tape = _TAPES[id(v)] = _Tape(v)
+    return tape
+
+
+def _same_sent(a: Any, b: Any) -> bool:
+    """Were ``a`` and ``b`` (values passed to a generator's ``send()``) the same? Tensors by value; anything whose
+    comparison fails or gives no plain truth value counts as other."""
+    if a is b:
+        return True
+    try:
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+        same = a == b
+        return same if isinstance(same, bool) else False
+    except Exception:  # (a comparison that raises: not known to be the same)
+        return False
 
 
 class _Redrawn:
-    """Stands in a module's attribute for an iterator the module holds (``self.noise_iter``, an ``itertools.cycle`` of
-    seeds), which no state can be read from and put back as a random stream's is.
+    """Stands in a module's attribute (or a global) for an iterator the module holds (``self.noise_iter``, an
+    ``itertools.cycle`` of seeds), which no state can be read from and put back as a random stream's is.
 
-    While the runs of a snapshot run, every run draws first what the runs before it drew (``drawn``, from its
-    start), then on from the iterator, keeping what it draws. Put back after them, it gives the forwards that follow
-    what the runs drew, in order, then hands the attribute its iterator back: the model's forwards see the very
-    items they would have seen with no run made, and the iterator itself afterwards."""
+    While the runs of a snapshot run, every run draws first what the runs before it drew (its :class:`_Tape`, from
+    where the forward the runs are made in stands), then on from the iterator, keeping what it draws. Put back after
+    them, it gives the forwards that follow what the runs drew, in order, then hands every place that holds it the
+    iterator back: the model's forwards see the very items they would have seen with no run made, and the iterator
+    itself afterwards. A generator driven with ``send()`` gets an item again only for the value it was drawn for;
+    another value is refused, as what the generator gives for it cannot be known without the draw the runs made."""
 
-    __slots__ = ("at", "drawing", "drawn", "home", "key", "source")
+    __slots__ = ("home", "key", "tape")
 
-    def __init__(self, source: Iterator[Any], drawn: list[Any], drawing: _Drawing, home: dict[str, Any], key: str):
-        self.source, self.drawn, self.drawing, self.home, self.key = source, drawn, drawing, home, key
-        self.at = 0
+    def __init__(self, tape: _Tape, home: dict[str, Any], key: str):
+        self.tape, self.home, self.key = tape, home, key
+        tape.hold(home, key)
 
     def __iter__(self) -> _Redrawn:
         return self
 
     def __next__(self) -> Any:
-        if self.at < len(self.drawn):
-            item = self.drawn[self.at]
-        elif self.drawing.on:
-            item = next(self.source)  # (the end of a finite one ends the run, as it would end the forward)
-            self.drawn.append(item)
-        else:
-            self._hand_back()
-            return next(self.source)
-        self.at += 1
-        if not self.drawing.on and self.at == len(self.drawn):
-            self._hand_back()
+        return self._draw(None, sent=False)
+
+    def send(self, value: Any) -> Any:
+        """The next item for ``value``, as a generator's ``send()`` gives it (``None``: as ``next()``)."""
+        return self._draw(value, sent=True)
+
+    def _draw(self, value: Any, *, sent: bool) -> Any:
+        tape = self.tape
+        if tape.running:
+            if tape.at < len(tape.items):
+                item = self._again(tape.items[tape.at], value)
+            else:
+                item = self._from_source(value, sent)  # (the end of a finite one ends the run, as the forward's)
+                tape.items.append((value, item))
+            tape.at += 1
+            return item
+        if not tape.items:
+            tape.hand_back()
+            return self._from_source(value, sent)
+        item = self._again(tape.items.pop(0), value)
+        if not tape.items:
+            tape.hand_back()
         return item
 
-    def _hand_back(self) -> None:
-        if self.home.get(self.key) is self:
-            self.home[self.key] = self.source
+    def _from_source(self, value: Any, sent: bool) -> Any:
+        source: Any = self.tape.source
+        return source.send(value) if sent and value is not None else next(source)
+
+    def _again(self, drawn: tuple[Any, Any], value: Any) -> Any:
+        if not _same_sent(drawn[0], value):
+            raise UnsupportedRouterError(
+                f"'{self.key}' is a generator driven with send(): the runs that establish a router's decision drew "
+                f"an item from it for {drawn[0]!r:.40}, and a forward now sends {value!r:.40}; what the generator "
+                "gives for that value cannot be known without the draw those runs made. Send it values that do not "
+                "change between a forward and its runs (or draw with next()), or keep the state it carries in an "
+                "attribute or buffer of the router"
+            )
+        return drawn[1]
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -1953,13 +2027,16 @@ class _Snapshot:
                         self.big.append((t, _version(t)))
         #: the plain iterators the modules hold and the globals their code names hold (see :class:`_Redrawn`): the
         #: namespace holding each, its name there, the iterator, and what the runs drew from it
-        self.drawing = _Drawing()
-        self.iterators: list[tuple[dict[str, Any], str, Any, list[Any]]] = [
-            (m.__dict__, k, v, []) for m, attrs in self.attrs for k, (v, _) in attrs.items() if _plain_iterator(v)
+        self.iterators: list[tuple[dict[str, Any], str, _Tape]] = [
+            (m.__dict__, k, _tape_of(v)) for m, attrs in self.attrs for k, (v, _) in attrs.items() if _plain_iterator(v)
         ]
         self.iterators += [
-            (space, name, v, []) for space, name in code_globals(self.modules) if _plain_iterator(v := space.get(name))
+            (space, name, _tape_of(v))
+            for space, name in code_globals(self.modules)
+            if _plain_iterator(v := space.get(name))
         ]
+        #: where each tape's runs begin: where the run of another snapshot these runs are made inside stands
+        self.starts = {id(tape): tape.at for _, _, tape in self.iterators if tape.running}
         #: the generators the modules hold, and those their code reads outside them (a class's, a global)
         held_generators = {
             id(g): g for m in self.modules for g in vars(m).values() if is_generator(g) or is_host_stream(g)
@@ -2018,8 +2095,8 @@ class _Snapshot:
                 if contents is not None:
                     refill_container(v, contents)
                 m.__dict__[k] = v
-        for home, k, v, drawn in self.iterators:  # (what the runs drew, given to the forwards that follow first)
-            home[k] = _Redrawn(v, drawn, self.drawing, home, k) if drawn else v
+        for home, k, tape in self.iterators:  # (what the runs drew, given to the forwards that follow first)
+            home[k] = _Redrawn(tape, home, k) if tape.items or tape.running else tape.source
         changed = [p for p, version in self.big if version is not None and p._version != version]
         changed += self.outside.unrestorable()
         if changed:
@@ -2033,14 +2110,20 @@ class _Snapshot:
     @contextlib.contextmanager
     def drawn_again(self) -> Iterator[None]:
         """Runs in the block draw from the iterators the modules hold through a :class:`_Redrawn` each, which keeps
-        what they draw for the forwards after them (each run draws the same from the start)."""
-        for home, k, v, drawn in self.iterators:
-            home[k] = _Redrawn(v, drawn, self.drawing, home, k)
-        self.drawing.on = True
+        what they draw for the forwards after them (each run draws the same, from where the forward stands that the
+        runs are made in: the first item no forward was given, or where another snapshot's run stands)."""
+        tapes = list({id(tape): tape for _, _, tape in self.iterators}.values())
+        for home, k, tape in self.iterators:
+            home[k] = _Redrawn(tape, home, k)
+        for tape in tapes:
+            tape.at = self.starts.get(id(tape), 0)  # (each run draws from where the forward it is made in stands)
+            tape.running += 1
         try:
             yield
         finally:
-            self.drawing.on = False
+            for tape in tapes:
+                tape.at = self.starts.get(id(tape), 0)  # (the forward they were made in goes on from there)
+                tape.running -= 1
 
     def drew(self) -> bool:
         """Has a run since the last :meth:`restore` drawn from a random stream the snapshot puts back?"""
