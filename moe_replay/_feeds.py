@@ -3986,7 +3986,7 @@ def places_fed(
         places = pos.detach().reshape(-1, positions).to(torch.long).expand(batch, positions)
         if mask is not None:
             places = places.masked_fill(mask[:, -positions:] == 0, -1)
-        return places
+        return _after_cached(places, args, kwargs, shape, held)
     if isinstance(held, int) and held < 0:
         held = _cache_held(kwargs)
     if held is None:  # (not counted on the host: a static cache's count, on its device)
@@ -4010,6 +4010,32 @@ def places_fed(
     ids = kwargs.get("input_ids", args[0] if args else None)
     device = ids.device if isinstance(ids, torch.Tensor) else None
     return torch.arange(held, held + positions, device=device).expand(batch, positions)
+
+
+def _after_cached(
+    places: torch.Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    shape: torch.Size,
+    held: int | torch.Tensor | None,
+) -> torch.Tensor:
+    """``places`` read from the ``position_ids`` a forward is given, but where a sequence's ids put a token among the
+    real tokens its KV cache holds (a prompt fed from place 0 with a cache not reset, still holding another
+    sequence's tokens, which its attention reads), that sequence's places as the cache and the mask count them: a
+    token's place counts the tokens before it that it attends, whatever ids it is given. Packed rows that restart
+    their ids in a forward given an empty cache keep them. No host sync (a static cache's count is read on its
+    device); ``places`` where the cache's tokens are not counted."""
+    if not any(kwargs.get(n) is not None for n in _CACHE_NAMES):
+        return places
+    counted = places_fed(args, {k: v for k, v in kwargs.items() if k != "position_ids"}, shape, held)
+    if counted is None or counted.shape != places.shape:
+        return places
+    counted = counted.to(places.device)
+    # (the real tokens the cache holds before each sequence's first token here: its first counted place)
+    big = torch.iinfo(torch.long).max
+    before = counted.masked_fill(counted < 0, big).amin(dim=1, keepdim=True)
+    among = ((places >= 0) & (places < before)).any(dim=1, keepdim=True) & (before < big)
+    return torch.where(among, counted, places)
 
 
 def _unpad_fed(ids: torch.Tensor, mask: Any) -> torch.Tensor | None:

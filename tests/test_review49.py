@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 
 import moe_replay as mr
 from tests.test_left48 import _Block, _Router
+
+tiny_hf = pytest.importorskip("tests.tiny_hf")
 
 _XS = [torch.randn(6, 16, generator=torch.Generator().manual_seed(s)) for s in (2, 3, 4)]
 
@@ -159,3 +162,48 @@ def test_an_iterator_the_runs_drew_more_from_than_the_forwards_is_the_routers_ow
     with mr.attach(model) as session, session.capture(), torch.no_grad():
         model(_XS[0])
     assert all(vars(b.router)["noise_iter"] is it for b, it in zip(model, held, strict=True))
+
+
+# --- a prompt fed from place 0 with a cache that still holds tokens -------------------------------------------------
+
+
+def _prompts_on(model: Any, kind: str, reuse: bool) -> list[torch.Tensor]:
+    """Two prompts, each fed its ``position_ids`` from 0 (as a collator writes them); each on a fresh cache, or both
+    on one (``reuse``: the second prompt's cache not reset, its attention reading the first prompt's keys)."""
+    name = tiny_hf.cache_kwarg(model)
+    caches = [
+        tiny_hf.transformers.DynamicCache(config=model.config)
+        if kind == "dynamic"
+        else tiny_hf.transformers.StaticCache(config=model.config, max_cache_len=16)
+        for _ in range(2)
+    ]
+    out = []
+    for i, seed in enumerate((1, 2)):
+        prompt = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(seed))
+        cache = caches[0] if reuse else caches[i]
+        out.append(model(prompt, use_cache=True, position_ids=torch.arange(4)[None], **{name: cache}).logits)
+    return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_prompt_fed_from_place_0_with_a_cache_not_reset_is_refused(kind: str) -> None:
+    """Once silent (before this round too): a prompt captured on a fresh cache, replayed on a cache that still held
+    another prompt's tokens but fed ``position_ids`` from 0, was read at places 0.. from the ids it was given, so
+    its places and ids matched its routes while its attention read the other prompt's keys: the captured experts were
+    forced on tokens in another context (a capture there records other routes). A token's place counts the tokens it
+    attends, the cache's included: refused. Replayed on fresh caches, forced exactly."""
+    model = tiny_hf.build("qwen3_moe")
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            want = _prompts_on(model, kind, reuse=False)
+        routes = session.routes()
+        with session.replay(routes), torch.no_grad():
+            got = _prompts_on(model, kind, reuse=False)
+        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want, strict=True))
+        with session.capture(), torch.no_grad():
+            _prompts_on(model, kind, reuse=True)
+        assert not session.routes().equal(routes)  # (the context moves the routes: forcing them there is not exact)
+        with pytest.raises(mr.TokenMismatchError, match="forward 2 of this replay.*other places"):
+            with session.replay(routes), torch.no_grad():
+                _prompts_on(model, kind, reuse=True)
