@@ -359,6 +359,7 @@ def _check_same_places(a: Routes, b: Routes) -> None:
     if len(set(a.tokens_per_layer)) != 1 or a.tokens_per_layer != b.tokens_per_layer:
         return  # (routers of other row counts: no row is one token of one batch)
     t = a.tokens_per_layer[0]
+    _check_same_padding(a, b, t)
     pa, pb = (r._layout_pos if r._layout_pos is not None and r._layout_pos.shape == (t,) else None for r in (a, b))
     if pa is None and pb is None:
         return
@@ -412,6 +413,27 @@ def _check_same_places(a: Routes, b: Routes) -> None:
             "order and padding side: mr.BatchLayout of the batch as fed), or give them their token ids "
             "(with_token_ids) so that each row's token is checked"
         )
+
+
+def _check_same_padding(a: Routes, b: Routes, t: int) -> None:
+    """Refuse two captures whose prompt masks (``Routes._fed_mask``) put padding at a row where the other holds a token
+    of a sequence, where the ids of both sides do not tell that row's token: a batch padded on the other side, or
+    sequences of other lengths. Such a row is no decision of one side, and the row of the other side's token is
+    another token's or padding, so leaving it out as padding would drop that token's decisions unsaid."""
+    fa, fb = a._fed_mask, b._fed_mask
+    if fa is None or fb is None or fa.shape != (t,) or fb.shape != (t,):
+        return
+    other = ((fa == 0) & (fb == 1)) | ((fa == 1) & (fb == 0))
+    if not bool(other.any()) or _ids_check(a, b, other):
+        return
+    at = other.nonzero().flatten()
+    pad, tok = ("a", "b") if int(fa[at[0]]) == 0 else ("b", "a")
+    raise RoutesValidationError(
+        f"the two were captured on batches padded otherwise: row {int(at[0])} (and {at.numel() - 1} more) is padding "
+        f"in the batch {pad} was captured on (its attention mask 0 there) but a token of a sequence in {tok}'s (mask "
+        "1), so the rows compared would not be the same tokens and that token's decisions would be left out as "
+        "padding. Capture both on the batch padded the same way, or compare each sequence's rows (routes[i:j])"
+    )
 
 
 def _ids_check(a: Routes, b: Routes, rows: torch.Tensor) -> bool:
@@ -473,7 +495,8 @@ def compare(
             per token of the same forwards, and they differ), were laid out by a
             :class:`~moe_replay.BatchLayout` for another batch than the other's (a sequence's token at
             another place in the other's layout, or at a row the other's capture recorded at padding),
-            or hold rows that are no
+            were captured on batches padded otherwise (a row padding in one and a token in the
+            other, where their ids do not tell), or hold rows that are no
             decision (built with ``validate=False``: a row mixing -1 with experts, or
             repeating an expert), or one holds rows recorded sequence-first, the other rows in
             another order, and not both know their token ids, or one holds rows of forwards fed

@@ -207,3 +207,29 @@ def test_a_prompt_fed_from_place_0_with_a_cache_not_reset_is_refused(kind: str) 
         with pytest.raises(mr.TokenMismatchError, match="forward 2 of this replay.*other places"):
             with session.replay(routes), torch.no_grad():
                 _prompts_on(model, kind, reuse=True)
+
+
+# --- compare of captures of batches padded otherwise ----------------------------------------------------------------
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("ids", ["captured", "none"])
+def test_compare_of_captures_of_a_batch_padded_on_either_side_is_refused_not_left_out_as_padding(ids: str) -> None:
+    """Once silent: a capture of a left-padded batch compared with one of the same sequences right-padded, both fed
+    their masks. Each side's padding rows hold the other side's first tokens, so compare left those rows out as
+    padding and reported the rest: the short sequence's decisions were dropped unsaid ("tokens=4" of a batch of
+    six). Refused, with or without ids; the same batch padded the same way is compared whole."""
+    model = mr.models.build("softmax_topk")
+    left, left_mask = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]]), torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    right, right_mask = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 10]]), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    with mr.attach(model) as session, torch.no_grad():
+        captured = []
+        for batch, mask in ((left, left_mask), (right, right_mask), (left, left_mask)):
+            with session.capture():
+                model(batch, attention_mask=mask)
+            got = session.routes()
+            captured.append(got if ids == "captured" else got.with_token_ids(None))
+    same = mr.compare(captured[0], captured[2])
+    assert same.tokens == int(left_mask.sum())  # (every token of the batch compared, padding left out)
+    with pytest.raises(mr.RoutesValidationError, match="padded otherwise"):
+        mr.compare(captured[0], captured[1])
