@@ -2502,7 +2502,13 @@ class Session:
             )
             order.scope_of = self._scope_of(held)
             if len({src.num_rows for src in held}) == 1:  # (every router in step: each forward's calls are checked)
-                order.know_calls(routes._call_rows, routes._forward_calls)
+                call_rows, forward_calls = routes._call_rows, routes._forward_calls
+                own = routes._router_calls
+                if call_rows is None and own is not None and own[0] is not None and all(c == own[0] for c in own):
+                    # (the same calls of every router, kept router by router: slices of a forward cut through, joined
+                    # again in another order, make no calls of a captured forward)
+                    call_rows, forward_calls = own[0]
+                order.know_calls(call_rows, forward_calls)
                 return order, order.start(self._feed_wrappers, held)
             stop_order = order.start(self._feed_wrappers, [])
             # (routers of other row counts: each one's calls are checked forward by forward, where the routes know them)

@@ -233,3 +233,32 @@ def test_compare_of_captures_of_a_batch_padded_on_either_side_is_refused_not_lef
     assert same.tokens == int(left_mask.sum())  # (every token of the batch compared, padding left out)
     with pytest.raises(mr.RoutesValidationError, match="padded otherwise"):
         mr.compare(captured[0], captured[1])
+
+
+# --- slices of one router's calls joined again, on routes that know no ids ------------------------------------------
+
+
+@pytest.mark.reliability("silent replays")
+def test_slices_of_a_routers_calls_joined_in_another_order_are_refused_without_ids_too() -> None:
+    """Once silent: a router called twice per forward (its own calls kept router by router), its rows cut inside a
+    forward and joined in another order with ``Routes.cat``, were refused as cut through while the routes knew
+    their ids, but forced once the ids were dropped (an engine's rows, ``with_token_ids(None)``): every router held
+    as many rows, so only the order of the rows was checked, and each call read rows of other tokens. The calls the
+    routes keep router by router are checked without ids too; the same slices joined in order replay exactly."""
+    from tests.test_calls47 import _captured as captured_calls
+    from tests.test_calls47 import _SharedAndOwn, _x
+
+    model = _SharedAndOwn()
+    with mr.attach(model) as session:
+        routes, used = captured_calls(model, session, [_x(0), _x(0)])
+        shared = routes.select(["shared.gate"])
+        for whole in (shared.with_token_ids(None), mr.Routes.cat([shared[:30], shared[30:]]).with_token_ids(None)):
+            with session.replay(whole, strict=False), torch.no_grad():  # (the own block's router left free)
+                for _ in range(2):
+                    model(_x(0))
+                    assert torch.equal(model.shared.used.long(), used[1][2])
+        swapped = mr.Routes.cat([shared[30:], shared[:30]]).with_token_ids(None)
+        assert swapped._router_calls is not None
+        with pytest.raises(mr.TokenMismatchError, match="cut through by a slice"):
+            with session.replay(swapped, strict=False), torch.no_grad():
+                model(_x(0))
