@@ -4536,9 +4536,10 @@ def _vary(
             if holding.early_unheld if early else holding.unheld:
                 where: str | None = f"the number or shape of its {'earlier' if early else 'later'} choices"
             elif early:
-                where = _restructured(fresh, held, ev, hidden) or _hidden_differs(fresh, held, hidden, ev)
+                where = _restructured(fresh, held, ev, hidden, _decided_rows(again, ev))
+                where = where or _hidden_differs(fresh, held, hidden, ev)
             else:
-                where = _restructured(fresh, held, ev, hidden)
+                where = _restructured(fresh, held, ev, hidden, _decided_rows(again, ev))
                 where = where or _hidden_moved(probe, force, fresh, first, again, inputs, ev)
                 where = where or _reweighed(probe, force, fresh, first, again, inputs, ev)
         except Exception as e:
@@ -4567,7 +4568,7 @@ def _vary_state(probe: _Prober, force: dict[int, tuple[Any, int]], first: _Probe
             held, holding = probe.run(force=force, choices=first.choices)
             if holding.unheld:
                 return "the number or shape of its later choices"
-            where = _restructured(fresh, held, ev, hidden)
+            where = _restructured(fresh, held, ev, hidden, _decided_rows(again, ev))
             where = where or _hidden_moved(probe, force, fresh, first, again, inputs, ev)
             if where is not None:
                 return where
@@ -4868,7 +4869,7 @@ def _drawn(
     own, first = probe.run(force=force, inputs=inputs)
     other, again = probe.run(force=force, inputs=inputs, reseed=_RESEED)
     hidden = _hidden_shape(inputs if inputs is not None else (probe.args, probe.kwargs))
-    where = _restructured(own, other, ev, hidden)
+    where = _restructured(own, other, ev, hidden, _decided_rows(first, ev) + _decided_rows(again, ev))
     if where is not None or len(again.choices) != len(first.choices):
         return where
     differ = [n for n, (a, b) in enumerate(zip(again.choices, first.choices, strict=True)) if not _same([a], [b])]
@@ -5241,11 +5242,37 @@ def _replaced(obj: Any, path: tuple[Any, ...], value: Any) -> Any:
     return type(obj)(items) if isinstance(obj, list) or type(obj) is tuple else tuple(items)
 
 
-def _restructured(a: Any, b: Any, ev: Evidence, hidden: torch.Size | None = None) -> str | None:
+def _decided_rows(mode: _ProbeMode, ev: Evidence) -> tuple[int, ...]:
+    """The rows (tokens) the decision's calls chose for in the run ``mode`` watched."""
+    return tuple(mode.calls[i].rows for i in ev.decision if i < len(mode.calls))
+
+
+def _weighs_experts(t: torch.Tensor, hidden: torch.Size | None, ev: Evidence, rows: tuple[int, ...] = ()) -> bool:
+    """Can floating ``t`` hold weights of experts, so that its zeros say which experts are used? Such weights are
+    laid along the experts (``E``), the slots (``k``) or the tokens (one weight per token, a top-1 gate; ``[tokens *
+    k]`` or ``[tokens * E]`` flattened): a dimension of one of those sizes, the tokens read from the hidden states
+    the forward took (each of their leading dimensions, and all of them together) and from the rows the decision
+    chose for (``rows``: the tokens it kept, packed). A tensor with none (a mask over the edges of a graph) holds no
+    expert's weight: its zeros are the model's own function of the scores, as its other values are. Where neither
+    says the tokens, every tensor can."""
+    tokens = set(rows)
+    if hidden is not None and len(hidden) >= 2:
+        tokens.update((*hidden[:-1], math.prod(hidden[:-1])))
+    if not tokens:
+        return True
+    k, e = ev.top_k, ev.num_experts
+    sizes = {k, e, *tokens, *(n * k for n in tokens), *(n * e for n in tokens)}
+    return any(size in sizes for size in t.shape)
+
+
+def _restructured(
+    a: Any, b: Any, ev: Evidence, hidden: torch.Size | None = None, rows: tuple[int, ...] = ()
+) -> str | None:
     """Which tensor of two outputs of one forward has another structure, or None: other integers (rows of
     ``k`` compared as sets: an order of slots is no other choice), or zeros in other places. Scalars
     (statistics) are not compared, nor the zeros of hidden states (see :func:`_hidden_like`; in bf16 a
-    sum of experts rounds to 0 here or there): :func:`_hidden_differs` reads those."""
+    sum of experts rounds to 0 here or there): :func:`_hidden_differs` reads those; nor those of a tensor
+    that holds no weights of experts (see :func:`_weighs_experts`; ``rows``: the decision's rows in the run)."""
     k = ev.top_k
     la, lb = _leaves(a, []), _leaves(b, [])
     if len(la) != len(lb):
@@ -5264,6 +5291,8 @@ def _restructured(a: Any, b: Any, ev: Evidence, hidden: torch.Size | None = None
                 x, y = x.sort(-1).values, y.sort(-1).values
             if not torch.equal(x, y):
                 return f"{what} ({str(x.dtype).removeprefix('torch.')}: the experts it names)"
+            continue
+        if not _weighs_experts(x, hidden, ev, rows):
             continue
         tol = max(1e-3, 2 * torch.finfo(x.dtype).eps) if x.is_floating_point() else 1e-3  # (bf16 rounds to 0 too)
         x, y = x.abs().double(), y.abs().double()

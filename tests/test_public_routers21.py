@@ -951,18 +951,69 @@ def test_refused_naming_why(case: str) -> None:
 
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="falsely refused: MoG's edge mask (which edges each node keeps, by a sort of the gated expert scores) "
-    "changes its zeros when the scores change with the experts held, and is taken for a later choice of experts "
-    "from the scores, though it has no dimension of the expert count or k",
-)
 def test_mog_edge_mask_after_the_decision_replays_exactly(train: bool) -> None:
     """MoG's graph sparsification MoE: the experts (each keeps its own share of every node's edges) all run, and the
     gates of the chosen experts set how many edges each node keeps, by a sort of the gated scores over the edges. A
     replay forcing the recorded experts is the same forward with them forced by hand: the edge mask is the model's
     function of its scores, not a choice of experts."""
     assert_exact(Layers(MoGGraphLayer), _x(12), train=train)
+
+
+class FlatCapacityGate(_Used):
+    """A top-1 gate that drops, per expert, the tokens past ``capacity`` by their score, and hands its weights on as
+    one per token or flattened over the tokens (``[tokens]``, no dimension of the experts or of k): a dropped token
+    keeps its expert id and gets the weight 0. ``packed``: only the tokens of even position are routed (the others
+    are padding, left out before the decision), so the weights run along fewer tokens than the input has."""
+
+    def __init__(self, capacity: int = 2, packed: bool = False) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.capacity, self.packed = E, 1, capacity, packed
+        self.gate = nn.Linear(D, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.packed:
+            x = x[torch.arange(x.shape[0]) % 2 == 0]
+        probs = self.gate(x).softmax(-1)
+        if self.forced is None:
+            w, idx = probs.topk(1, dim=-1)
+        else:
+            idx = self.forced
+            w = probs.gather(-1, idx)
+        self.used = idx
+        w, idx = w.flatten(), idx.flatten()
+        keep = torch.zeros_like(w)
+        for e in range(self.num_experts):
+            tok = (idx == e).nonzero().squeeze(-1)
+            keep[tok[w[tok].topk(min(self.capacity, tok.numel())).indices]] = 1.0
+        return w * keep, idx
+
+
+class FlatCapacityBlock(nn.Module):
+    def __init__(self, packed: bool = False) -> None:
+        super().__init__()
+        self.gate = FlatCapacityGate(packed=packed)
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x)
+        rows = torch.arange(x.shape[0])[torch.arange(x.shape[0]) % 2 == 0] if self.gate.packed else None
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok = (idx == e).nonzero().squeeze(-1)
+            at = tok if rows is None else rows[tok]
+            out = out.index_add(0, at, w[tok, None] * expert(x[at]))
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("packed", [False, True], ids=["every-token", "packed"])
+def test_capacity_drop_by_score_into_per_token_weights_is_refused(packed: bool) -> None:
+    """Zeros in a tensor with no dimension of the experts or of k still say which experts are used where it runs
+    along the tokens (all of the input's, or those the decision chose for): a top-1 gate that drops the tokens past
+    each expert's capacity by score, its weights handed on one per token (the dropped ones 0, their ids kept), is
+    refused as a later choice of experts (beside MoG's edge mask, whose zeros run along the graph's edges and replay
+    exactly)."""
+    assert_refused(Layers(lambda: FlatCapacityBlock(packed)), _x(12), "chooses again from the current scores")
 
 
 @pytest.mark.reliability("silent replays")
