@@ -5249,12 +5249,12 @@ def _decided_rows(mode: _ProbeMode, ev: Evidence) -> tuple[int, ...]:
 
 def _weighs_experts(t: torch.Tensor, hidden: torch.Size | None, ev: Evidence, rows: tuple[int, ...] = ()) -> bool:
     """Can floating ``t`` hold weights of experts, so that its zeros say which experts are used? Such weights are
-    laid along the experts (``E``), the slots (``k``) or the tokens (one weight per token, a top-1 gate; ``[tokens *
-    k]`` or ``[tokens * E]`` flattened): a dimension of one of those sizes, the tokens read from the hidden states
-    the forward took (each of their leading dimensions, and all of them together) and from the rows the decision
-    chose for (``rows``: the tokens it kept, packed). A tensor with none (a mask over the edges of a graph) holds no
-    expert's weight: its zeros are the model's own function of the scores, as its other values are. Where neither
-    says the tokens, every tensor can."""
+    laid along the experts (``E``), the slots (``k``, or each expert's slots: a multiple of ``E``) or the tokens (one
+    weight per token, a top-1 gate; ``[tokens * k]`` or ``[tokens * E]`` flattened): a dimension of one of those
+    sizes, the tokens read from the hidden states the forward took (each of their leading dimensions, and all of them
+    together) and from the rows the decision chose for (``rows``: the tokens it kept, packed). A tensor with none (a
+    mask over the edges of a graph) holds no expert's weight: its zeros are the model's own function of the scores,
+    as its other values are. Where neither says the tokens, every tensor can."""
     tokens = set(rows)
     if hidden is not None and len(hidden) >= 2:
         tokens.update((*hidden[:-1], math.prod(hidden[:-1])))
@@ -5262,7 +5262,8 @@ def _weighs_experts(t: torch.Tensor, hidden: torch.Size | None, ev: Evidence, ro
         return True
     k, e = ev.top_k, ev.num_experts
     sizes = {k, e, *tokens, *(n * k for n in tokens), *(n * e for n in tokens)}
-    return any(size in sizes for size in t.shape)
+    # (a multiple of E: each expert's slots laid flat, ``[E * capacity]``, GShard's dispatch buffer)
+    return any(size in sizes or (e > 1 and size % e == 0) for size in t.shape)
 
 
 def _restructured(

@@ -1016,6 +1016,53 @@ def test_capacity_drop_by_score_into_per_token_weights_is_refused(packed: bool) 
     assert_refused(Layers(lambda: FlatCapacityBlock(packed)), _x(12), "chooses again from the current scores")
 
 
+class SlotCapacityGate(FlatCapacityGate):
+    """A top-1 gate that returns its weights in expert-major slots (``[E * capacity]`` flattened, GShard's dispatch
+    buffer laid flat) with the token of each slot: each expert's first ``capacity`` tokens in token order take its
+    slots, and those past ``capacity - 1`` by score get the weight 0 in theirs. The slot buffer has no dimension of k
+    nor of the tokens; its length is a multiple of E."""
+
+    def __init__(self, capacity: int = 3) -> None:
+        super().__init__(capacity=capacity - 1)  # (a slot more than it keeps: a dropped token's weight 0)
+        self.slots = capacity
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        w, idx = super().forward(x)
+        c = self.slots
+        slots = w.new_zeros(E * c)
+        owner = torch.full((E * c,), -1, dtype=torch.long)
+        for e in range(E):
+            tok = (idx == e).nonzero().squeeze(-1)[:c]
+            slots = slots.index_put((torch.arange(tok.numel()) + e * c,), w[tok])
+            owner[e * c : e * c + tok.numel()] = tok
+        return slots, owner
+
+
+class SlotCapacityBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = SlotCapacityGate()
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slots, owner = self.gate(x)
+        c = self.gate.slots
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            used = owner[e * c : (e + 1) * c] >= 0
+            tok = owner[e * c : (e + 1) * c][used]
+            out = out.index_add(0, tok, slots[e * c : (e + 1) * c][used, None] * expert(x[tok]))
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+def test_capacity_drop_by_score_into_expert_major_slots_is_refused() -> None:
+    """Zeros in a flat buffer of each expert's slots (``[E * capacity]``, no dimension of k or of the tokens) still
+    say which experts are used: a capacity drop by score that writes its weights there is refused as a later choice
+    of experts, though its length is neither the tokens' nor k's nor E's."""
+    assert_refused(Layers(SlotCapacityBlock), _x(12), "chooses again from the current scores")
+
+
 @pytest.mark.reliability("silent replays")
 def test_patch_moe_usage_log_counts_the_captured_forward_once() -> None:
     """The patch MoE's own usage log (``sequence_histogram``, a plain tensor attribute its hard routing adds to under
