@@ -1623,7 +1623,10 @@ def _calls_on_device(captured: _CapturedCalls, device: torch.device) -> torch.Te
         for j, (number, _, calls) in enumerate(captured.forwards)
     ]
     with torch.inference_mode(False):
-        return torch.tensor(rows, dtype=torch.long).reshape(-1, 4).to(device)
+        host = torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
+        if device.type == "cuda":
+            host = host.pin_memory()  # (an asynchronous upload: entering replay never syncs)
+        return host.to(device, non_blocking=True)
 
 
 class FeedCheck:
