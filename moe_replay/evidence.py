@@ -1780,6 +1780,40 @@ def _plain_iterator(v: Any) -> bool:
     )
 
 
+#: a place an iterator is held in: a namespace (a module's ``__dict__``, a global namespace) or a dict or list a
+#: module's attribute holds, with the key or index it is held at there
+_Home = dict[Any, Any] | list[Any]
+
+
+def _held_at(home: _Home, key: Any) -> Any:
+    """What ``home`` holds at ``key`` now (None where nothing is: a list cut shorter, a key deleted), none of a
+    subclass's own methods run."""
+    if isinstance(home, dict):
+        return dict.get(home, key)
+    return list.__getitem__(home, key) if isinstance(key, int) and 0 <= key < list.__len__(home) else None
+
+
+def _put_at(home: _Home, key: Any, value: Any) -> None:
+    """Hold ``value`` at ``key`` in ``home`` (a list cut shorter since is left as it is)."""
+    if isinstance(home, dict):
+        dict.__setitem__(home, key, value)
+    elif isinstance(key, int) and 0 <= key < list.__len__(home):
+        list.__setitem__(home, key, value)
+
+
+def _homes_in(m: nn.Module, attrs: dict[str, tuple[Any, Any]]) -> Iterator[tuple[_Home, Any, Any]]:
+    """Each place module ``m``'s attributes hold a value at: its own namespace, and one level into the dicts and
+    lists they hold (``self.noise = {"jitter": itertools.cycle(...)}``), as (home, key, value)."""
+    for k, (v, contents) in attrs.items():
+        yield m.__dict__, k, v
+        if contents is None or not isinstance(v, dict | list):
+            continue
+        kind, items = contents
+        pairs = items if issubclass(kind, dict) else enumerate(items)
+        for key, item in pairs:
+            yield v, key, item
+
+
 class _Tape:
     """What runs that establish a decision drew from one iterator and no forward after them was given yet: each item
     with the value ``send()`` passed for it (None for ``next()``), in the order drawn. One per iterator, however many
@@ -1792,11 +1826,11 @@ class _Tape:
     def __init__(self, source: Iterator[Any]) -> None:
         self.source = source
         self.items: list[tuple[Any, Any]] = []
-        self.homes: list[tuple[dict[str, Any], str]] = []
+        self.homes: list[tuple[_Home, Any]] = []
         self.at = 0
         self.running = 0
 
-    def hold(self, home: dict[str, Any], key: str) -> None:
+    def hold(self, home: _Home, key: Any) -> None:
         """Note ``home[key]`` as a place that holds the iterator (given back there once no item waits)."""
         if not any(h is home and k == key for h, k in self.homes):
             self.homes.append((home, key))
@@ -1804,9 +1838,9 @@ class _Tape:
     def hand_back(self) -> None:
         """Every place that holds a stand-in of this tape holds the iterator itself again."""
         for home, key in self.homes:
-            held = home.get(key)
+            held = _held_at(home, key)
             if isinstance(held, _Redrawn) and held.tape is self:
-                home[key] = self.source
+                _put_at(home, key, self.source)
         self.homes.clear()
 
 
@@ -1852,7 +1886,7 @@ class _Redrawn:
 
     __slots__ = ("home", "key", "tape")
 
-    def __init__(self, tape: _Tape, home: dict[str, Any], key: str):
+    def __init__(self, tape: _Tape, home: _Home, key: Any):
         self.tape, self.home, self.key = tape, home, key
         tape.hold(home, key)
 
@@ -2026,9 +2060,12 @@ class _Snapshot:
                     else:
                         self.big.append((t, _version(t)))
         #: the plain iterators the modules hold and the globals their code names hold (see :class:`_Redrawn`): the
-        #: namespace holding each, its name there, the iterator, and what the runs drew from it
-        self.iterators: list[tuple[dict[str, Any], str, _Tape]] = [
-            (m.__dict__, k, _tape_of(v)) for m, attrs in self.attrs for k, (v, _) in attrs.items() if _plain_iterator(v)
+        #: namespace (or the dict or list an attribute holds) holding each, its key there, and the iterator's tape
+        self.iterators: list[tuple[_Home, Any, _Tape]] = [
+            (home, k, _tape_of(v))
+            for m, attrs in self.attrs
+            for home, k, v in _homes_in(m, attrs)
+            if _plain_iterator(v)
         ]
         self.iterators += [
             (space, name, _tape_of(v))
@@ -2096,7 +2133,7 @@ class _Snapshot:
                     refill_container(v, contents)
                 m.__dict__[k] = v
         for home, k, tape in self.iterators:  # (what the runs drew, given to the forwards that follow first)
-            home[k] = _Redrawn(tape, home, k) if tape.items or tape.running else tape.source
+            _put_at(home, k, _Redrawn(tape, home, k) if tape.items or tape.running else tape.source)
         changed = [p for p, version in self.big if version is not None and p._version != version]
         changed += self.outside.unrestorable()
         if changed:
@@ -2114,7 +2151,7 @@ class _Snapshot:
         runs are made in: the first item no forward was given, or where another snapshot's run stands)."""
         tapes = list({id(tape): tape for _, _, tape in self.iterators}.values())
         for home, k, tape in self.iterators:
-            home[k] = _Redrawn(tape, home, k)
+            _put_at(home, k, _Redrawn(tape, home, k))
         for tape in tapes:
             tape.at = self.starts.get(id(tape), 0)  # (each run draws from where the forward it is made in stands)
             tape.running += 1
