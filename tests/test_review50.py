@@ -6,15 +6,24 @@ refused; plain use is not refused, and the model is left as it was."""
 from __future__ import annotations
 
 import itertools
+import signal
+import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import moe_replay as mr
+from moe_replay import session as session_module
+from tests.test_compiled48 import _captured, _Loop, _move_routers, _tokens
 from tests.test_left48 import _Block, _Router
+from tests.test_session_lifecycle import model_and_input, ours_reachable
+
+from .conftest import assert_untouched, snapshot
 
 _XS = [torch.randn(6, 16, generator=torch.Generator().manual_seed(s)) for s in (2, 3, 4)]
 
@@ -88,3 +97,160 @@ def test_an_iterator_held_in_a_dict_or_list_attribute_replays_and_the_forwards_g
     assert [next(s) for s in streams] == [next(s) for s in plain_streams]
     with mr.attach(model) as session, session.replay(routes), torch.no_grad():
         [model(x) for x in _XS]  # (not refused: every row consumed)
+
+
+# --- the per-router call check of compiled forwards -----------------------------------------------------------------
+
+
+@pytest.fixture
+def _fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class _Checkpointed(_Loop):
+    """:class:`tests.test_compiled48._Loop` with every block call under non-reentrant activation checkpointing: a
+    compiled training step's backward runs each router again (a recompute reads its rows a second time)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for _ in range(1 + self.extra):
+            h = h + checkpoint(self.a, h, use_reentrant=False)
+        if not self.skip:
+            h = h + checkpoint(self.b, h, use_reentrant=False)
+        return h
+
+
+def _steps(model: _Loop, run: Callable[[torch.Tensor], torch.Tensor], plan: list[tuple[int, bool]]) -> list[Any]:
+    """Each forward of ``plan`` through ``run`` and its backward: the outputs and the routers' gradients."""
+    got = []
+    for extra, skip in plan:
+        model.set(extra, skip)
+        model.zero_grad()
+        out = run(_tokens())
+        out.square().sum().backward()
+        got.append((out.detach(), model.a.router.weight.grad.clone()))
+    return got
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.usefixtures("_fresh_dynamo")
+def test_a_compiled_checkpointed_training_step_replays_as_the_eager_one_and_its_calls_are_checked() -> None:
+    """A training step compiled whole, its blocks checkpointed (the backward's recompute reads each router's rows
+    again, which the compiled call check must not count as calls), over a capture whose forwards call ``a`` twice in
+    one and skip ``b`` in the other: the compiled replay gives the eager replay's outputs and router gradients; the
+    same forwards in the other order are refused as the block ends, the model's weights untouched."""
+    model = _Checkpointed()
+    plan = [(1, False), (0, True)]
+    with mr.attach(model) as session:
+        with torch.no_grad():
+            routes = _captured(model, session, plan, _tokens())
+        _move_routers(model)
+        with session.replay(routes):
+            want = _steps(model, model, plan)
+        compiled = torch.compile(model, backend="eager")
+        with session.replay(routes):
+            got = _steps(model, compiled, plan)
+        for (wo, wg), (go, gg) in zip(want, got, strict=True):
+            torch.testing.assert_close(go, wo)
+            torch.testing.assert_close(gg, wg)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(mr.TokenMismatchError, match=r"compiled forward 1 .*'a\.router'"), session.replay(routes):
+            _steps(model, compiled, plan[::-1])
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert session.state == "idle"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.parametrize("modes", ["eager,compiled,compiled", "compiled,eager,eager", "compiled,eager,compiled"])
+def test_a_block_of_eager_and_compiled_forwards_that_swaps_two_captured_forwards_is_refused(modes: str) -> None:
+    """A replay block whose forwards run some eager and some compiled, the first as captured and the two after it in
+    each other's place (``a`` called twice in one, ``b`` skipped in the other: the same rows in all for ``a``):
+    refused, whichever of them ran compiled, never forced on the other forward's calls."""
+    model = _Loop()
+    x = _tokens()
+    with mr.attach(model) as session, torch.no_grad():
+        routes = _captured(model, session, [(0, False), (1, False), (0, True)], x)
+        compiled = torch.compile(model, backend="eager")
+        with pytest.raises(mr.TokenMismatchError), session.replay(routes):
+            for (extra, skip), mode in zip([(0, False), (0, True), (1, False)], modes.split(","), strict=True):
+                model.set(extra, skip)
+                (model if mode == "eager" else compiled)(x)
+        assert session.state == "idle"
+
+
+# --- detach() under Ctrl-C ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.reliability("lifecycle")
+def test_a_ctrl_c_in_detach_reaches_the_users_own_handler_once_and_the_handler_is_kept() -> None:
+    """A notebook's own SIGINT handler (one that notes the interrupt and raises nothing): a Ctrl-C landing half-way
+    through detach() waits until every forward is back, is handed to that handler once, and the handler is the one
+    installed after detach, as before it; the model is left as it was."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach only the main thread")
+    model, x = model_and_input()
+    before = snapshot(model)
+    seen: list[int] = []
+
+    def notebooks(signum: int, frame: Any) -> None:
+        seen.append(signum)
+
+    real = session_module._restore_forward
+    calls = [0]
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            signal.raise_signal(signal.SIGINT)
+            assert seen == [], "the interrupt reached the handler before every forward was back"
+        return real(*args, **kwargs)
+
+    previous = signal.signal(signal.SIGINT, notebooks)
+    try:
+        session = mr.attach(model)
+        with torch.no_grad(), session.capture():
+            model(x)
+        session_module._restore_forward = interrupted  # type: ignore[assignment]
+        try:
+            session.detach()
+        finally:
+            session_module._restore_forward = real  # type: ignore[assignment]
+        assert seen == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is notebooks
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert calls[0] > 1
+    assert not session.attached
+    assert_untouched(model, before)
+    assert ours_reachable(model) == []
+
+
+@pytest.mark.reliability("lifecycle")
+def test_detach_from_another_thread_than_the_main_one_detaches_whole() -> None:
+    """detach() called from a worker thread (a data loader's, a server's): no signal handler can be set there, and
+    it detaches whole all the same, the main thread's SIGINT handler untouched."""
+    model, x = model_and_input()
+    before = snapshot(model)
+    handler = signal.getsignal(signal.SIGINT)
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            session.detach()
+        except BaseException as e:  # (handed to the test's thread)
+            errors.append(e)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert errors == []
+    assert not session.attached
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert_untouched(model, before)
+    assert ours_reachable(model) == []
