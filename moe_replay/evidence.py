@@ -1557,6 +1557,29 @@ def _leaves(obj: Any, out: list[Any], depth: int = 0, ints: bool = False) -> lis
     return out
 
 
+def _leaf_spans(
+    obj: Any, out: list[tuple[int, ...]], spans: tuple[int, ...] = (), depth: int = 0
+) -> list[tuple[int, ...]]:
+    """For each tensor :func:`_leaves` finds in ``obj`` (in its order, ``ints`` off), the lengths of the lists,
+    tuples and mappings it sits in, outermost first: a list of one tensor per expert lays them along the experts as
+    a dimension of a stacked tensor would."""
+    if isinstance(obj, torch.Tensor) or depth > 8:
+        out.append(spans)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            _leaf_spans(v, out, (*spans, len(obj)), depth + 1)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            _leaf_spans(v, out, (*spans, len(obj)), depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _leaf_spans(getattr(obj, f.name), out, spans, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type | nn.Module) and not callable(obj):
+        for v in vars(obj).values():  # a plain result object
+            _leaf_spans(v, out, spans, depth + 1)
+    return out
+
+
 def _distance(a: Any, b: Any, tol: float = 0.0) -> tuple[float, int]:
     """How far two forward outputs are apart, and in how many elements (by more than ``tol``).
 
@@ -5284,14 +5307,18 @@ def _decided_rows(mode: _ProbeMode, ev: Evidence) -> tuple[int, ...]:
     return tuple(mode.calls[i].rows for i in ev.decision if i < len(mode.calls))
 
 
-def _weighs_experts(t: torch.Tensor, hidden: torch.Size | None, ev: Evidence, rows: tuple[int, ...] = ()) -> bool:
+def _weighs_experts(
+    t: torch.Tensor, hidden: torch.Size | None, ev: Evidence, rows: tuple[int, ...] = (), spans: tuple[int, ...] = ()
+) -> bool:
     """Can floating ``t`` hold weights of experts, so that its zeros say which experts are used? Such weights are
     laid along the experts (``E``), the slots (``k``, or each expert's slots: a multiple of ``E``) or the tokens (one
     weight per token, a top-1 gate; ``[tokens * k]`` or ``[tokens * E]`` flattened): a dimension of one of those
     sizes, the tokens read from the hidden states the forward took (each of their leading dimensions, and all of them
     together) and from the rows the decision chose for (``rows``: the tokens it kept, packed). A tensor with none (a
     mask over the edges of a graph) holds no expert's weight: its zeros are the model's own function of the scores,
-    as its other values are. Where neither says the tokens, every tensor can."""
+    as its other values are. Where neither says the tokens, every tensor can. ``spans``: the lengths of the lists,
+    tuples and mappings ``t`` sits in (see :func:`_leaf_spans`); one of E (or a multiple) lays its tensors along the
+    experts (each expert's slots a tensor of its own)."""
     tokens = set(rows)
     if hidden is not None and len(hidden) >= 2:
         tokens.update((*hidden[:-1], math.prod(hidden[:-1])))
@@ -5300,6 +5327,8 @@ def _weighs_experts(t: torch.Tensor, hidden: torch.Size | None, ev: Evidence, ro
     k, e = ev.top_k, ev.num_experts
     sizes = {k, e, *tokens, *(n * k for n in tokens), *(n * e for n in tokens)}
     # (a multiple of E: each expert's slots laid flat, ``[E * capacity]``, GShard's dispatch buffer)
+    if any(e > 1 and span % e == 0 for span in spans):
+        return True
     return any(size in sizes or (e > 1 and size % e == 0) for size in t.shape)
 
 
@@ -5315,6 +5344,7 @@ def _restructured(
     la, lb = _leaves(a, []), _leaves(b, [])
     if len(la) != len(lb):
         return "the number of tensors it returns"
+    spans = _leaf_spans(a, [])
     for n, (x, y) in enumerate(zip(la, lb, strict=True)):
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dim() == 0:
             continue
@@ -5330,7 +5360,7 @@ def _restructured(
             if not torch.equal(x, y):
                 return f"{what} ({str(x.dtype).removeprefix('torch.')}: the experts it names)"
             continue
-        if not _weighs_experts(x, hidden, ev, rows):
+        if not _weighs_experts(x, hidden, ev, rows, spans[n]):
             continue
         tol = max(1e-3, 2 * torch.finfo(x.dtype).eps) if x.is_floating_point() else 1e-3  # (bf16 rounds to 0 too)
         x, y = x.abs().double(), y.abs().double()

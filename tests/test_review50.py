@@ -20,7 +20,11 @@ from torch.utils.checkpoint import checkpoint
 import moe_replay as mr
 from moe_replay import session as session_module
 from tests.test_compiled48 import _captured, _Loop, _move_routers, _tokens
+from tests.test_evidence import D, E
 from tests.test_left48 import _Block, _Router
+from tests.test_public_routers2 import _x
+from tests.test_public_routers6 import Layers, assert_refused
+from tests.test_public_routers21 import FlatCapacityGate
 from tests.test_session_lifecycle import model_and_input, ours_reachable
 
 from .conftest import assert_untouched, snapshot
@@ -254,3 +258,51 @@ def test_detach_from_another_thread_than_the_main_one_detaches_whole() -> None:
     assert signal.getsignal(signal.SIGINT) is handler
     assert_untouched(model, before)
     assert ours_reachable(model) == []
+
+
+# --- zeros read as a later choice of experts ------------------------------------------------------------------------
+
+
+class _PerExpertSlotsGate(FlatCapacityGate):
+    """A top-1 gate that hands its weights on as one tensor of ``capacity`` slots per expert (a list of E: no
+    dimension of E, k or the tokens in any of them), with each slot's token: each expert's first ``capacity`` tokens
+    in token order take its slots, and those past ``capacity - 1`` by score get the weight 0 in theirs."""
+
+    def __init__(self, capacity: int = 3) -> None:
+        super().__init__(capacity=capacity - 1)  # (a slot more than it keeps: a dropped token's weight 0)
+        self.slots = capacity
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # type: ignore[override]
+        w, idx = super().forward(x)
+        c = self.slots
+        weights, owners = [], []
+        for e in range(self.num_experts):
+            tok = (idx == e).nonzero().squeeze(-1)[:c]
+            weights.append(w.new_zeros(c).index_put((torch.arange(tok.numel()),), w[tok]))
+            owners.append(torch.cat([tok, torch.full((c - tok.numel(),), -1, dtype=torch.long)]))
+        return weights, owners
+
+
+class _PerExpertSlotsBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = _PerExpertSlotsGate()
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, owners = self.gate(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            used = owners[e] >= 0
+            tok = owners[e][used]
+            out = out.index_add(0, tok, weights[e][used, None] * expert(x[tok]))
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_capacity_drop_by_score_into_a_list_of_each_experts_slots_is_refused() -> None:
+    """Once silent: zeros were read as a choice of experts only in a tensor with a dimension of E, k or the tokens,
+    so a gate that hands its weights on as a list of E tensors of each expert's slots (none of those sizes in any)
+    had its capacity drop by score, a second choice from the current scores, replayed unrefused. A list, tuple or
+    mapping of E lays its tensors along the experts: refused, as the same slots in one ``[E * capacity]`` buffer are."""
+    assert_refused(Layers(_PerExpertSlotsBlock), _x(12), "chooses again from the current scores")
