@@ -1941,6 +1941,40 @@ class _Redrawn:
             tape.hand_back()
         return item
 
+    def close(self) -> None:
+        """Close the iterator as a generator's ``close()`` does: the items the runs drew that no forward was given
+        yet are let go (a closed generator gives none), every place holds the iterator itself again, and it is
+        closed where it can be."""
+        tape = self.tape
+        if tape.running:
+            raise UnsupportedRouterError(
+                f"'{self.key}' is closed inside a forward whose router's decision is being established: the runs that "
+                "establish it run the forward again and need the same items. Close the iterator outside the forward"
+            )
+        source: Any = tape.source
+        closing = source.close  # (an iterator with no close(), one of a list: its own AttributeError, nothing changed)
+        tape.items.clear()
+        tape.hand_back()
+        closing()
+
+    def throw(self, *args: Any) -> Any:
+        """Throw into the iterator as a generator's ``throw()`` does, where no item the runs drew waits (the
+        generator is where the model's forwards left it); refused where one does, as the generator stands past the
+        point a forward without the runs would throw into, and what it gives there cannot be known."""
+        tape = self.tape
+        if tape.running or tape.items:
+            raise UnsupportedRouterError(
+                f"'{self.key}' is a generator thrown into while items the runs that establish a router's decision "
+                "drew from it wait for the forwards that follow: the generator stands past the point the model's own "
+                "forwards reached, so what it gives for the throw cannot be known. Throw into it once those items "
+                "were drawn (or draw with next() only), or keep the state it carries in an attribute or buffer of the "
+                "router"
+            )
+        source: Any = tape.source
+        throwing = source.throw  # (an iterator with no throw(): its own AttributeError, nothing changed)
+        tape.hand_back()
+        return throwing(*args)
+
     def _from_source(self, value: Any, sent: bool) -> Any:
         source: Any = self.tape.source
         return source.send(value) if sent and value is not None else next(source)

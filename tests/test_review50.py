@@ -306,3 +306,52 @@ def test_a_capacity_drop_by_score_into_a_list_of_each_experts_slots_is_refused()
     had its capacity drop by score, a second choice from the current scores, replayed unrefused. A list, tuple or
     mapping of E lays its tensors along the experts: refused, as the same slots in one ``[E * capacity]`` buffer are."""
     assert_refused(Layers(_PerExpertSlotsBlock), _x(12), "chooses again from the current scores")
+
+
+class _JitterFromAGenerator(_Router):
+    """Draws one jitter item per token from a generator it holds: the runs that establish its decision on more
+    tokens than a forward draw items no forward was given yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noise = self._items()
+        self.closed = False
+
+    def _items(self) -> Iterator[int]:
+        try:
+            yield from itertools.count()
+        finally:
+            self.closed = True
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        j = torch.tensor([float(next(self.noise)) for _ in range(x.shape[0])])
+        logits = F.linear(x, self.weight) + 0.3 * torch.sin(j)[:, None] * torch.arange(8.0)
+        w, idx = logits.softmax(-1).topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+@pytest.mark.reliability("the model is left as it was")
+def test_a_generator_a_router_holds_closes_and_is_thrown_into_as_without_the_library() -> None:
+    """Once an AttributeError: while items the runs that establish a decision drew wait for later forwards, the
+    router's attribute holds a stand-in, which had no close() nor throw(). close() now closes the generator itself
+    (its cleanup runs) and puts it back in the attribute; throw() while items wait is refused with a clear error,
+    the items kept, as the generator stands past where the model's forwards left it; once none waits it throws."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(_JitterFromAGenerator()), _Block(_JitterFromAGenerator()))
+    own = [vars(b.router)["noise"] for b in model]
+    with mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(_XS[0][:1])  # (one token: the runs drew more than this forward)
+    first, second = (b.router for b in model)
+    assert vars(first)["noise"] is not own[0], "no item waits: the case this test is for does not arise"
+    with pytest.raises(mr.MoEReplayError, match=r"thrown into"):
+        first.noise.throw(ValueError("stop"))
+    assert not first.closed
+    first.noise.close()
+    assert first.closed and vars(first)["noise"] is own[0]
+    with pytest.raises(StopIteration):
+        next(first.noise)
+    while vars(second)["noise"] is not own[1]:  # (the forwards that follow are given every waiting item)
+        next(second.noise)
+    with pytest.raises(ValueError, match="stop"):
+        second.noise.throw(ValueError("stop"))
+    assert second.closed
