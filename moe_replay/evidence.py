@@ -1561,16 +1561,18 @@ def _leaf_spans(
     obj: Any, out: list[tuple[int, ...]], spans: tuple[int, ...] = (), depth: int = 0
 ) -> list[tuple[int, ...]]:
     """For each tensor :func:`_leaves` finds in ``obj`` (in its order, ``ints`` off), the lengths of the lists,
-    tuples and mappings it sits in, outermost first: a list of one tensor per expert lays them along the experts as
-    a dimension of a stacked tensor would."""
+    tuples and mappings of tensors alike (one shape, one dtype) it sits in, outermost first: a list of one tensor per
+    expert lays them along the experts as a dimension of their stack would. A tuple of unlike tensors (weights and
+    indices) is no such dimension."""
     if isinstance(obj, torch.Tensor) or depth > 8:
         out.append(spans)
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            _leaf_spans(v, out, (*spans, len(obj)), depth + 1)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            _leaf_spans(v, out, (*spans, len(obj)), depth + 1)
+    elif isinstance(obj, Mapping | list | tuple):
+        items = list(obj.values()) if isinstance(obj, Mapping) else list(obj)
+        alike = bool(items) and all(
+            isinstance(v, torch.Tensor) and v.shape == items[0].shape and v.dtype == items[0].dtype for v in items
+        )
+        for v in items:
+            _leaf_spans(v, out, (*spans, len(items)) if alike else spans, depth + 1)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
             _leaf_spans(getattr(obj, f.name), out, spans, depth + 1)
@@ -5351,8 +5353,8 @@ def _weighs_experts(
     together) and from the rows the decision chose for (``rows``: the tokens it kept, packed). A tensor with none (a
     mask over the edges of a graph) holds no expert's weight: its zeros are the model's own function of the scores,
     as its other values are. Where neither says the tokens, every tensor can. ``spans``: the lengths of the lists,
-    tuples and mappings ``t`` sits in (see :func:`_leaf_spans`); one of E (or a multiple) lays its tensors along the
-    experts (each expert's slots a tensor of its own)."""
+    tuples and mappings of tensors alike ``t`` sits in (see :func:`_leaf_spans`); one of E (or a multiple) lays its
+    tensors along the experts (each expert's slots a tensor of its own)."""
     tokens = set(rows)
     if hidden is not None and len(hidden) >= 2:
         tokens.update((*hidden[:-1], math.prod(hidden[:-1])))
