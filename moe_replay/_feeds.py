@@ -3271,10 +3271,15 @@ class OrderCheck(FeedCheck):
         if pos is not None:
             pos = pos.cpu()
             # (two tokens of a sequence, one after the other in it: not its first after padding, -1 + 1)
-            inside = grid[:, :-1].ge(0) & grid[:, 1:].eq(grid[:, :-1] + 1)
-            restart = pos[:, 1:].ne(pos[:, :-1] + 1).expand_as(inside)
-            wrong = inside & restart
+            step = grid[:, 1:] - grid[:, :-1]
+            inside = grid[:, :-1].ge(0) & step.eq(1)
+            fed_step = (pos[:, 1:] - pos[:, :-1]).expand_as(inside)
+            wrong = inside & fed_step.ne(1)
             checks.append((torch.cat([torch.zeros_like(wrong[:, :1]), wrong], 1), "positions"))
+            # (two rows later in their sequence with a gap between them, as rows picked out of their sequences are: a
+            # context-parallel rank's chunks of each sequence; the positions fed must be as far apart)
+            apart = grid[:, :-1].ge(0) & step.gt(1) & fed_step.ne(step)
+            checks.append((torch.cat([torch.zeros_like(apart[:, :1]), apart], 1), "gaps"))
             if mask is None:
                 # (positions that run on through a batch row holding the layout's padding, one run from its start
                 # to its end, tell nowhere a sequence starts: a batch padded on the other side reads the same)
@@ -3338,6 +3343,9 @@ class OrderCheck(FeedCheck):
             "padding": "its attention mask marks a token where the routes hold the layout's padding (a sequence "
             "longer than its routes: give every token a row, -1 for one no engine routed)",
             "positions": "its position_ids start a new sequence inside a sequence of the routes",
+            "gaps": "its position_ids put two rows of a sequence, picked out of it with a gap between them (a "
+            "context-parallel rank's chunks of each sequence, routes[index]), another distance apart than the routes "
+            "hold them (another rank's chunks, or tokens fed as if they followed each other)",
             "run on": "it is fed no attention mask, and its position_ids run on, one after another, through a batch "
             "row where the routes hold the layout's padding, so they tell nothing of where its sequences start "
             "(pass the batch's attention_mask, or position_ids that restart at each sequence, "

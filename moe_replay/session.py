@@ -2261,8 +2261,10 @@ class Session:
         laid out by :class:`~moe_replay.BatchLayout` (or :func:`~moe_replay.pad_routes`,
         :func:`~moe_replay.pack_routes`) are checked against the ``attention_mask`` and
         ``position_ids`` keywords each forward is fed: a sequence's row where the mask marks padding,
-        padding of the layout where it marks a token, or positions that restart inside a sequence
-        (another padding side, order or lengths than the layout's) raise :class:`TokenMismatchError`, and
+        padding of the layout where it marks a token, positions that restart inside a sequence
+        (another padding side, order or lengths than the layout's), or positions another distance apart than
+        two rows picked out of a sequence with a gap between them (``routes[index]``: a context-parallel rank's
+        chunks, fed another rank's) raise :class:`TokenMismatchError`, and
         so do a forward fed neither where the rows it reads hold the layout's padding (nothing then
         tells where its sequences sit), or fed no mask and positions that run on through a batch row
         holding that padding (they tell no more), and one whose rows run a sequence on from one batch row into the

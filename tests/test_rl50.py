@@ -180,6 +180,48 @@ def test_ulysses_ranks_replay_their_slices_of_remove_padding_rows(ids: str, roll
     assert other is None, "rank 1 was forced with rank 0's rows"
 
 
+def _zigzag(lengths: list[int], rank: int, ranks: int) -> torch.Tensor:
+    """The rows of packed sequences a context-parallel rank holds, Megatron's load-balanced split: each sequence cut
+    into ``2 * ranks`` chunks, rank ``r`` taking chunks ``r`` and ``2 * ranks - 1 - r``."""
+    out, at = [], 0
+    for n in lengths:
+        chunks = torch.arange(at, at + n).tensor_split(2 * ranks)
+        out += [chunks[rank], chunks[2 * ranks - 1 - rank]]
+        at += n
+    return torch.cat(out)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("ids", ["token-ids", "no-token-ids"])
+def test_context_parallel_ranks_replay_their_chunks_of_each_sequence(ids: str, rollout: tuple[Any, ...]) -> None:
+    """Context parallel with Megatron's load-balanced chunks: each rank holds two chunks of every sequence (the rows
+    picked with ``routes[index]``), fed their tokens and their position_ids in their sequences: exact. Rank 0's rows
+    on rank 1's chunks, or a rank's chunks fed as if they followed each other: refused. Once silent without token
+    ids: the positions were only checked where two rows follow each other in a sequence, and the chunks of the two
+    ranks restart nowhere inside each other."""
+    model, session, _, seqs, per, want, _, state = rollout
+    model.load_state_dict(state)
+    source = per if ids == "token-ids" else [r.with_token_ids(None) for r in per]
+    idx = [0, 2, 3]  # (7, 5 and 5 tokens)
+    lengths = [LENGTHS[i] for i in idx]
+    layout = mr.BatchLayout.packed(lengths)
+    routes = layout.routes([source[i] for i in idx])
+    tokens, positions = layout.tokens([seqs[i] for i in idx]), layout.position_ids()
+    full = {name: torch.cat([want[i][name] for i in idx]) for name in want[0]}
+    chunks = [_zigzag(lengths, rank, 2) for rank in range(2)]
+    for rank, at in enumerate(chunks):
+        got = _outcome(model, session, routes[at], lambda at=at: model(tokens[:, at], position_ids=positions[:, at]))
+        assert got is not None, f"rank {rank}: refused though exact"
+        for name, rows in got.items():
+            assert torch.equal(rows, full[name][at]), f"rank {rank} at {name}"
+    other = _outcome(
+        model, session, routes[chunks[0]], lambda: model(tokens[:, chunks[1]], position_ids=positions[:, chunks[1]])
+    )
+    assert other is None, "rank 1's chunks were forced with rank 0's rows"
+    run = torch.arange(len(chunks[0]))[None]  # (the chunks fed as one run of tokens)
+    assert _outcome(model, session, routes[chunks[0]], lambda: model(tokens[:, chunks[0]], position_ids=run)) is None
+
+
 # ----------------------------------------------------------------------------- R2 under dynamic batches, DP balance
 @pytest.mark.reliability("false refusals")
 def test_r2_capture_of_dynamic_micro_batches_balanced_across_ranks(rollout: tuple[Any, ...]) -> None:
