@@ -472,3 +472,27 @@ def test_transformers_rollouts_of_edge_batches(case: str) -> None:
         _assert_exact(got, layout, list(range(b)), want, last=False)
     finally:
         session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="routes laid out without token ids are checked against the position_ids fed only where those restart or "
+    "jump inside a sequence, never by their values: one long sequence's Ulysses slice fed another rank's tokens of "
+    "it, whose positions run on as the rows' do (4..7 for rows 0..3), is forced with the other slice's experts",
+)
+def test_ulysses_slice_of_one_sequence_fed_another_ranks_tokens_without_ids(rollout: tuple[Any, ...]) -> None:
+    """One sequence of the rollout in two Ulysses slices, its routes laid out without token ids: rank 0's rows fed
+    rank 1's tokens of the same sequence with their position_ids (no attention mask, no KV cache) must be refused, as
+    other sequences' rows are."""
+    model, session, _, seqs, per, _, _, state = rollout
+    model.load_state_dict(state)
+    layout = mr.BatchLayout.packed([LENGTHS[0]])
+    routes = layout.routes([per[0].with_token_ids(None)])
+    tokens, positions = layout.tokens([seqs[0]]), layout.position_ids()
+    half = LENGTHS[0] // 2
+    wrong = slice(LENGTHS[0] - half, LENGTHS[0])  # (rank 1's tokens, as many as rank 0's rows)
+    assert (
+        _outcome(model, session, routes[:half], lambda: model(tokens[:, wrong], position_ids=positions[:, wrong]))
+        is None
+    )
