@@ -3100,7 +3100,7 @@ class OrderCheck(FeedCheck):
         #: where not known (``Routes._layout_pos``), or None; and (forward, first row, the places of its rows, a copy
         #: of its attention mask and position_ids) of the forwards fed them on a device, read when the block ends
         self._places = places if places is not None and bool((places >= 0).any()) else None
-        self._places_later: list[tuple[int, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+        self._places_later: list[tuple[int, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool]] = []
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
@@ -3252,17 +3252,26 @@ class OrderCheck(FeedCheck):
             if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
                 self._refuse_unplaced(self.forwards, start, grid)
             return
+        # (fed no mask and no KV cache, position_ids are each token's place in its sequence: compared by value)
+        whole = mask is None and pos is not None and _cache_held(kwargs) == 0
         if all(t.device.type == "cpu" for t in fed):
-            self._refuse_places(self.forwards, start, grid, mask, pos)
+            self._refuse_places(self.forwards, start, grid, mask, pos, whole)
         elif self.device_ids:
             held = [None if t is None else t.detach().clone() for t in (mask, pos)]
-            self._places_later.append((self.forwards, start, grid, held[0], held[1]))
+            self._places_later.append((self.forwards, start, grid, held[0], held[1], whole))
 
     def _refuse_places(
-        self, forward: int, start: int, grid: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None
+        self,
+        forward: int,
+        start: int,
+        grid: torch.Tensor,
+        mask: torch.Tensor | None,
+        pos: torch.Tensor | None,
+        whole: bool = False,
     ) -> None:
         """Refuse forward ``forward`` (its rows from ``start`` on, their places ``grid``) where its host ``mask`` or
-        ``pos`` (position_ids) do not fit them."""
+        ``pos`` (position_ids) do not fit them; ``whole`` (fed no mask and no KV cache): where a row's position is
+        not its place."""
         checks: list[tuple[torch.Tensor, str]] = []
         if mask is not None:
             mask = mask.cpu()
@@ -3285,6 +3294,8 @@ class OrderCheck(FeedCheck):
                 # to its end, tell nowhere a sequence starts: a batch padded on the other side reads the same)
                 flat = pos[:, 1:].eq(pos[:, :-1] + 1).all(1, keepdim=True).expand_as(grid)
                 checks.append((grid.eq(-1) & flat, "run on"))
+            if whole:
+                checks.append((grid.ge(0) & pos.expand_as(grid).ne(grid), "values"))
         for wrong, what in checks:
             at = wrong.nonzero()
             if at.numel():
@@ -3346,6 +3357,9 @@ class OrderCheck(FeedCheck):
             "gaps": "its position_ids put two rows of a sequence, picked out of it with a gap between them (a "
             "context-parallel rank's chunks of each sequence, routes[index]), another distance apart than the routes "
             "hold them (another rank's chunks, or tokens fed as if they followed each other)",
+            "values": "it is fed position_ids with neither an attention mask nor a KV cache, and they put a token at "
+            "another place in its sequence than its row holds (a sequence-parallel rank's slice fed another rank's "
+            "tokens of the same sequence?)",
             "run on": "it is fed no attention mask, and its position_ids run on, one after another, through a batch "
             "row where the routes hold the layout's padding, so they tell nothing of where its sequences start "
             "(pass the batch's attention_mask, or position_ids that restart at each sequence, "
@@ -3367,8 +3381,8 @@ class OrderCheck(FeedCheck):
         ids are compared: these routes know none), the calls of the forwards that ran compiled (read on the device, see
         :meth:`_arm_calls_traced`) and those of its last forward (see :meth:`_calls_at_end`)."""
         later, self._places_later = self._places_later, []
-        for forward, start, grid, mask, pos in later:
-            self._refuse_places(forward, start, grid, mask, pos)
+        for forward, start, grid, mask, pos, whole in later:
+            self._refuse_places(forward, start, grid, mask, pos, whole)
         self._refuse_traced()
         self._calls_at_end()
         if self.each_router is not None:
