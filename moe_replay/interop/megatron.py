@@ -117,6 +117,60 @@ def _check_layer_numbers(layer_numbers: Any, names: list[Any], count: int) -> No
             )
 
 
+_MEGATRON_AXES = ("tokens,k", "k,tokens")
+
+
+def _megatron_axes(axes: Any) -> bool:
+    """Whether ``axes=`` of :func:`from_megatron` says the tensors are transposed (``"k,tokens"``)."""
+    told = axes.replace(" ", "") if isinstance(axes, str) else None
+    if told not in _MEGATRON_AXES:
+        raise InvalidArgumentError(
+            f"from_megatron: axes={axes!r:.60}, but axes names the order of each tensor's two axes: 'tokens,k' (as "
+            "Megatron writes it) or 'k,tokens' (transposed)"
+        )
+    return told == "k,tokens"
+
+
+def _no_repeat(t: torch.Tensor) -> bool:
+    """Whether every row of ``t`` that is not all -1 holds no negative index and no expert twice."""
+    rows = t[~(t < 0).all(dim=1)].long()
+    if not rows.numel():
+        return True
+    if bool((rows < 0).any()):
+        return False
+    s = rows.sort(dim=1).values
+    return not bool((s[:, 1:] == s[:, :-1]).any())
+
+
+def _check_square(tensors: list[torch.Tensor]) -> None:
+    """Refuse square ``[tokens, k]`` tensors (a micro-batch of k tokens) whose data does not prove their axes.
+
+    A ``[k, tokens]`` tensor of k tokens has the shape of ``[tokens, k]``, and read so it gives each token the
+    experts of one choice rank across tokens. Top-k experts are distinct in a row: where every layer holds
+    no expert twice in a row read either way (and is not its own transpose), nothing tells the order.
+    """
+    square = [t for t in tensors if t.ndim == 2 and t.shape[0] == t.shape[1] and t.shape[0] > 1]
+    if len(square) != len(tensors) or not square:
+        return
+    if all(torch.equal(t, t.T) for t in square):
+        return
+    for i, t in enumerate(square):
+        if not _no_repeat(t) and _no_repeat(t.T):
+            raise RoutesValidationError(
+                f"from_megatron: Megatron layer {i} is {t.shape[0]}x{t.shape[1]} and repeats an expert in a row read "
+                "as Megatron's [tokens, k], but not read as a transposed [k, tokens]. If the tensors were "
+                "transposed, pass axes='k,tokens'"
+            )
+    if all(_no_repeat(t) and _no_repeat(t.T) for t in square):
+        n = square[0].shape[0]
+        raise RoutesValidationError(
+            f"from_megatron: each tensor is {n}x{n}, a micro-batch of as many tokens as k, so it reads as Megatron's "
+            f"[tokens, k] and as a transposed [k, tokens] alike (no expert twice in a row either way), and each "
+            "reading gives every token other experts. Pass axes='tokens,k' if the tensors are Megatron's own "
+            "(get_recorded_data()), axes='k,tokens' if they were transposed"
+        )
+
+
 def _seq_first(n: int, batch_size: Any) -> torch.Tensor:
     """Index mapping batch-major ``[B, S]`` rows to Megatron's sequence-first ``[S, B]`` order.
 
@@ -208,6 +262,7 @@ def from_megatron(
     batch_size: int | None = None,
     missing: str = "error",
     layer_numbers: Sequence[int] | None = None,
+    axes: str | None = None,
 ) -> Routes:
     """Routes from Megatron's per-MoE-layer list (``RouterReplay.get_recorded_data()``).
 
@@ -227,6 +282,12 @@ def from_megatron(
     ``router_replay.py:111``), in the list's order. They must rise (construction order), and
     where ``names`` say their hidden layers, keep the same distance to them (Megatron numbers
     layers from 1, a pipeline stage from its offset): anything else is refused.
+
+    ``axes`` names the order of each tensor's two axes: ``"tokens,k"`` as Megatron writes it, or
+    ``"k,tokens"`` (a transposed tensor). It is needed only where the data cannot prove it: a
+    micro-batch of as many tokens as k has square tensors, and where each layer read either way
+    holds no expert twice in a row, it is refused without ``axes``. A one-token step of a top-1
+    model (``[1, 1]``) and tensors equal to their own transpose read the same either way.
     """
     if not is_collection(tensors):
         raise ArgumentTypeError(
@@ -249,6 +310,8 @@ def from_megatron(
     ]
     if len(tensors) != len(names):
         raise RoutesValidationError(f"got {len(tensors)} Megatron layers for {len(names)} router names")
+    if axes is not None and _megatron_axes(axes):
+        tensors = [t.T.contiguous() if t.ndim == 2 else t for t in tensors]
     rows = [t.shape[0] if t.ndim else 0 for t in tensors]
     if len(set(rows)) > 1:  # every MoE layer routes every token of the micro-batch once
         raise RoutesValidationError(
@@ -265,6 +328,8 @@ def from_megatron(
                 "index and records no 'route natively' row, so this is padding or damage from another tool. If -1 "
                 "rows mean 'route natively' (NeMo-RL's patched Megatron), pass missing='native'"
             )
+    if axes is None:
+        _check_square(tensors)
     if batch_size is not None:
         inverse = [torch.argsort(_seq_first(t.shape[0], batch_size)) for t in tensors]
         tensors = [t[i] for t, i in zip(tensors, inverse, strict=True)]

@@ -250,23 +250,47 @@ def test_a_verl_batch_as_wide_as_the_layers_given_stacked_per_layer_is_refused_n
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="from_megatron takes no k and no LayerMap: a per-layer tensor given as [k, tokens] where tokens == k (a "
-    "micro-batch of k tokens) has the shape of Megatron's [tokens, k] and is read with each token given the "
-    "experts of one choice rank across tokens; nothing in the list tells",
-)
 def test_a_megatron_tensor_given_as_k_by_tokens_when_tokens_equal_k_is_refused() -> None:
-    model, lm, ids, routes, logits = _captured(2, 0, tokens=2)
-    tensors = interop.to_megatron(routes, layer_map=lm)
-    swapped = [t.T.contiguous() for t in tensors]
-    assert all(t.shape == s.shape for t, s in zip(tensors, swapped, strict=True))
-    tried()
-    try:
-        got = interop.from_megatron(swapped, lm.names, 8)
-    except mr.MoEReplayError:
-        return
-    assert got.equal(routes), "a [k, tokens] list read silently as other routes"
+    """Once silent: from_megatron takes no k and no LayerMap, so a per-layer tensor given as [k, tokens] where tokens
+    == k (a micro-batch of k tokens) has the shape of Megatron's [tokens, k], and was read with each token given the
+    experts of one choice rank across tokens. Where no layer holds an expert twice in a row read either way it is
+    refused naming axes=, and told the order either way it reads exactly (the replay gives the captured logits)."""
+    for seed in range(8):
+        model, lm, ids, routes, logits = _captured(2, 0, tokens=2, seed=seed)
+        tensors = interop.to_megatron(routes, layer_map=lm)
+        swapped = [t.T.contiguous() for t in tensors]
+        if all(torch.equal(t, s) for t, s in zip(tensors, swapped, strict=True)):
+            continue  # (a tensor its own transpose reads the same either way)
+        tried()
+        try:
+            got = interop.from_megatron(swapped, lm.names, 8)
+        except mr.MoEReplayError as e:
+            assert "axes=" in str(e) or "repeats an expert" in str(e), e
+        else:
+            raise AssertionError(f"a [k, tokens] list read silently as other routes: {got.equal(routes)}")
+        told = interop.from_megatron(swapped, lm.names, 8, axes="k,tokens")
+        assert told.equal(routes)
+        assert torch.equal(_replayed(model, ids, told), logits)
+        assert interop.from_megatron(tensors, lm.names, 8, axes="tokens,k").equal(routes)
+    with pytest.raises(mr.MoEReplayError, match="axes names the order"):
+        interop.from_megatron(tensors, lm.names, 8, axes="tokens,layers,k")
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_one_token_megatron_step_of_a_top1_model_and_an_ordinary_batch_read_without_axes() -> None:
+    """The square-tensor refusal leaves ordinary outputs alone: a one-token step of a top-1 model ([1, 1] per
+    layer), a micro-batch of more tokens than k, and a square micro-batch whose data proves the order (an expert
+    twice in a row of the transposed reading) read exactly without axes=."""
+    for tokens, top_k in ((1, 1), (5, 2), (1, 2)):
+        model, lm, ids, routes, logits = _captured(2, 0, tokens=tokens, top_k=top_k)
+        got = interop.from_megatron(interop.to_megatron(routes, layer_map=lm), lm.names, 8)
+        assert got.equal(routes)
+        assert torch.equal(_replayed(model, ids, got), logits)
+    proven = [torch.tensor([[0, 1], [0, 2]]), torch.tensor([[3, 4], [3, 5]])]  # (the transpose repeats expert 0, 3)
+    got = interop.from_megatron(proven, ["layers.0.router", "layers.1.router"], 8)
+    assert [t.tolist() for t in got.per_layer()] == [t.tolist() for t in proven]
+    with pytest.raises(mr.RoutesValidationError, match="axes='k,tokens'"):
+        interop.from_megatron([proven[0].T, proven[1]], ["layers.0.router", "layers.1.router"], 8)
 
 
 @st.composite

@@ -117,7 +117,7 @@ def test_routers_out_of_layer_order_are_refused_not_given_other_layers_routes() 
     with such names: each router got another layer's routes. Both are refused; layer_map= orders them."""
     layers = (1, 10, 11, 2)  # sorted(f"...layers.{i}...") of layers 1, 2, 10, 11
     names = [f"decoder.layers.{i}.mlp.router" for i in layers]
-    rows = {i: torch.tensor([[i % 8, (i + 1) % 8], [(i + 3) % 8, (i + 5) % 8]]) for i in layers}
+    rows = {i: torch.tensor([[i % 8, (i + 1) % 8], [(i + 3) % 8, (i + 5) % 8], [(i + 2) % 8, i % 8]]) for i in layers}
     routes = mr.Routes([rows[i] for i in layers], names=names, num_experts=8)
     with pytest.raises(
         mr.RoutesValidationError, match=r"layers\.11.*\(layer 11\) comes before .*layers\.2.*layer_map="
