@@ -390,6 +390,24 @@ _disable_modes: Callable[[], Any] = (
 )
 
 
+#: ``() -> list``: the torch function modes on the stack now, innermost last.
+function_mode_stack: Callable[[], list[Any]] = _find(
+    "torch.overrides._get_current_function_mode_stack", "to take off a router's mode a Ctrl-C left on the stack"
+) or (lambda: [])
+_pop_function_mode: Callable[[], Any] = _find(
+    "torch.overrides._pop_mode", "to take off a router's mode a Ctrl-C left on the stack"
+) or (lambda: None)
+
+
+def drop_function_mode(mode: Any) -> None:
+    """Take ``mode`` off the torch function mode stack where it is still innermost: a ``KeyboardInterrupt`` that
+    lands inside its ``__enter__``, after its push and before the ``with`` that pops it is in place, leaves it
+    there for every later torch call of the thread. Where its ``with`` popped it, nothing is done."""
+    stack = function_mode_stack()
+    if stack and stack[-1] is mode:
+        _pop_function_mode()
+
+
 def hidden_from_dispatch_modes() -> contextlib.AbstractContextManager[Any]:
     """A context in which the torch dispatch modes now active do not see the ops run (eager code only).
 

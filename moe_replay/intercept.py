@@ -1449,7 +1449,7 @@ class RouterHook:
         self._entry_grad = torch.is_grad_enabled()
         chunks = None
         state = NESTING
-        watch = None
+        watch = decider = None
         if ev is not None and ev.hooks_aside and self._inner_hooked and self._eager and not _in_backward():
             # its decision was established with the user's hooks inside set aside, shown to change nothing on that
             # forward alone: each must hand on what it is given at this one too (see moe_replay._inner_hooks)
@@ -1473,14 +1473,20 @@ class RouterHook:
                 auditing, state.auditing = state.auditing, True
                 _lean.enter()
                 try:
-                    with _DecisionMode(self, compiling, audit=True):
+                    decider = _DecisionMode(self, compiling, audit=True)
+                    with decider:
                         out = forward(*args, **kwargs)
                 finally:
                     state.auditing = auditing
                     _lean.leave()
             else:
-                with _DecisionMode(self, compiling):
+                decider = _DecisionMode(self, compiling)
+                with decider:
                     out = forward(*args, **kwargs)
+        except BaseException:
+            if decider is not None:  # (a Ctrl-C inside the mode's __enter__, after its push: its with never popped it)
+                _torch_compat.drop_function_mode(decider)
+            raise
         finally:
             if watch is not None:
                 watch.remove()

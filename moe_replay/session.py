@@ -22,7 +22,6 @@ import gc
 import inspect
 import itertools
 import operator
-import signal
 import sys
 import threading
 import types
@@ -51,6 +50,7 @@ from ._feeds import (
     feed_levels,
     one_stream,
 )
+from ._interrupts import hold_interrupts, interrupts_held
 from ._output_guard import is_guard
 from ._progress import Progress
 from .discovery import (
@@ -158,42 +158,16 @@ def _runs_nothing(module: nn.Module) -> bool:
     return getattr(forward, "__func__", forward) is nn.Module.forward
 
 
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
+def _interrupts_held() -> contextlib.AbstractContextManager[None]:
     """Hold a Ctrl-C (``SIGINT``) that arrives inside the block, and raise it once the block is over.
 
     Taking out a session's wrappers changes many modules' forwards and the session's
     lists of them one after the other: a ``KeyboardInterrupt`` raised half-way (a notebook's interrupt
     lands between any two bytecodes) would leave some routers wrapped and others not, a session that
     believes itself attached to forwards it no longer wraps, and a model that neither a second
-    ``detach()`` nor a new ``attach()`` could put right. The signal is noted while the block runs and
-    handed to the handler that was there before (Python's raises ``KeyboardInterrupt``) as the block
-    ends, whether it ends normally or by an exception. Outside the main thread (no signal is delivered
-    there) and where ``SIGINT`` is ignored or left to the system, the block runs as it is.
+    ``detach()`` nor a new ``attach()`` could put right. See :func:`~moe_replay._interrupts.interrupts_held`.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if not callable(previous):  # (SIG_IGN, SIG_DFL, or a handler not installed from Python)
-        yield
-        return
-    caught: list[tuple[int, Any]] = []
-
-    def note(signum: int, frame: Any) -> None:
-        caught.append((signum, frame))
-
-    try:
-        signal.signal(signal.SIGINT, note)
-    except (ValueError, OSError):  # (an interpreter other than the main one may not set handlers)
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            previous(*caught[0])
+    return interrupts_held()
 
 
 def _gone(module: nn.Module, wrapper: Any) -> bool:
@@ -1367,18 +1341,24 @@ class Session:
         """Hold the session for this thread while a capture/replay/keep_scores/verify block is open."""
         self._check_outside_forward(what)
         owner, me = self._owner, threading.get_ident()
-        with owner.lock:
-            if owner.ident is not None and owner.ident != me:
-                raise _other_thread(what, owner.ident)
-            if owner.blocks:
-                owner.admit_forward(what)
-            else:
-                owner.open()
-                _thread_refusal()  # (for compiled code traced in another thread while the block is open)
-                _lean.settle()  # (torch's caches of its namespace built before a lean forward puts wrappers there)
-            owner.ident = me
-            owner.blocks += 1
+        release = hold_interrupts()  # (a Ctrl-C after the count rose and before the try would keep it raised)
         try:
+            with owner.lock:
+                if owner.ident is not None and owner.ident != me:
+                    raise _other_thread(what, owner.ident)
+                if owner.blocks:
+                    owner.admit_forward(what)
+                else:
+                    owner.open()
+                    _thread_refusal()  # (for compiled code traced in another thread while the block is open)
+                    _lean.settle()  # (torch's caches of its namespace built before a lean forward puts wrappers there)
+                owner.ident = me
+                owner.blocks += 1
+        except BaseException:
+            release()
+            raise
+        try:
+            release()  # (a Ctrl-C held since the count rose is raised here, where the finally lowers it)
             for h in self._hooks:
                 h.prepare_guard(_device_of)
             yield
@@ -1388,7 +1368,7 @@ class Session:
                 raise
             raise ours from e
         finally:
-            with owner.lock:
+            with interrupts_held(), owner.lock:  # (the count and the guards alike, or neither)
                 owner.blocks -= 1
                 if owner.blocks == 0:
                     owner.close()
@@ -1777,6 +1757,7 @@ class Session:
                 if _stale_ring(h):  # rings of the last capture, kept readable until now
                     self._new_ring(h, site)
             rings = self._rings()
+        release = hold_interrupts()  # (held until the try that puts every setting back is in place)
         limit = self._budget.limit
         try:
             if max_bytes is not None:
@@ -1797,38 +1778,48 @@ class Session:
             self._budget.limit = limit
             if clear:
                 self._has_capture = False  # the rings were cleared: nothing to read
+            release()
             raise
-        for h in self._hooks:
-            h.calls = h.decisions = 0
-        self._has_capture = True
-        if clear or self._feeds is None:
-            self._feeds = FeedRecord(limit=self.capacity if self.keep_newest else None)
-        if rings:  # (each router's calls: routes() reads each router's ids where the routers' calls differ)
-            # (the calls of rows each router's ring counts now: 0 for a router of none; _hooks changes only in place)
-            self._feeds.calls_made = functools.partial(calls_made_by, self._hooks)
-        self._feeds.scopes = [h.scope for h in self._hooks]  # (a later router that sees only the kept tokens)
-        model = self._model_ref()
-        stop_feeds = self._feeds.start(self._feed_wrappers) if model is not None else None
-        skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
-        stop = self._watch()
-        self._set(capturing=True)
+        stop_feeds = stop = None
+        running = False
         try:
+            for h in self._hooks:
+                h.calls = h.decisions = 0
+            self._has_capture = True
+            if clear or self._feeds is None:
+                self._feeds = FeedRecord(limit=self.capacity if self.keep_newest else None)
+            if rings:  # (each router's calls: routes() reads each router's ids where the routers' calls differ)
+                # (the calls of rows each router's ring counts now: 0 for a router of none; _hooks changes in place)
+                self._feeds.calls_made = functools.partial(calls_made_by, self._hooks)
+            self._feeds.scopes = [h.scope for h in self._hooks]  # (a later router that sees only the kept tokens)
+            model = self._model_ref()
+            stop_feeds = self._feeds.start(self._feed_wrappers) if model is not None else None
+            skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
+            stop = self._watch()
+            self._set(capturing=True)
+            running = True
+            release()  # (a Ctrl-C held since the settings changed is raised here, where the finally puts them back)
             yield
             self._check_unchanged("capture()", skeleton, calls)
             if self._feeds is not None and self._feeds.raised is not None:  # (caught inside the block: no exit error)
                 self._interrupted = f"{self._feeds.raised}, caught inside the block"
         except BaseException as exc:
-            self._interrupted = f"{type(exc).__name__}({str(exc)[:200]!r})"
+            if running:  # (an error in the setup above recorded nothing: not an interrupted capture)
+                self._interrupted = f"{type(exc).__name__}({str(exc)[:200]!r})"
             if isinstance(exc, RuntimeError) and OVERFLOW_MARK in str(exc):
                 raise self._device_overflow(exc) from exc
             raise
         finally:
-            self._set(capturing=False)
-            if stop is not None:
-                stop()
-            if stop_feeds is not None:
-                stop_feeds()
-            self._budget.limit = limit
+            try:
+                with interrupts_held():  # (every router's flag and every watch put back, or a Ctrl-C waits for it)
+                    self._set(capturing=False)
+                    if stop is not None:
+                        stop()
+                    if stop_feeds is not None:
+                        stop_feeds()
+                    self._budget.limit = limit
+            finally:
+                release()  # (where the setup raised first: a Ctrl-C held since then)
 
     def _first_segments(self, rings: Sequence[CaptureRing], rows: int | None) -> list[torch.Tensor | None]:
         """The first segments the rings need for ``rows`` rows once reset, allocated while they still hold the last
