@@ -48,7 +48,7 @@ import sys
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from torch import nn
 
 __all__ = [
     "HeldStamp",
+    "Home",
     "OutsideState",
     "assigned_on_others",
     "code_settings",
@@ -63,7 +64,7 @@ __all__ = [
     "generators",
     "hook_written",
     "is_written",
-    "named_globals",
+    "named_places",
     "reads_state",
     "settings_in",
     "static_attribute",
@@ -395,10 +396,51 @@ def _reached(module: nn.Module, cached: _Code) -> Iterator[tuple[Any, bool]]:
             yield obj, False
 
 
-def named_globals(modules: list[nn.Module]) -> list[tuple[dict[str, Any], str]]:
-    """The globals the code of ``modules`` names that hold no setting (an iterator it draws from with ``next()``, a
-    registry), each as the namespace that holds it and its name there, once; none of their code run."""
-    out: dict[tuple[int, str], tuple[dict[str, Any], str]] = {}
+class Home(Protocol):
+    """A namespace an iterator is held in, read and set by name: a dict, or a closure cell or class read as one."""
+
+    def get(self, key: str, default: Any = None, /) -> Any: ...
+
+    def __setitem__(self, key: str, value: Any, /) -> None: ...
+
+
+class _CellHome:
+    """A closure cell, read and set by its free variable's name as a namespace's item (a dict's ``get`` and
+    ``[name] =``): where an iterator the code draws from is stood in for and given back."""
+
+    def __init__(self, name: str, cell: types.CellType) -> None:
+        self.name, self.cell = name, cell
+
+    def get(self, key: str, default: Any = None, /) -> Any:
+        try:
+            return self.cell.cell_contents if key == self.name else default
+        except ValueError:  # an empty cell
+            return default
+
+    def __setitem__(self, key: str, value: Any, /) -> None:
+        if key == self.name:
+            self.cell.cell_contents = value
+
+
+class _ClassHome:
+    """A class's attributes, read from its own dictionary and set on it, as a namespace's items."""
+
+    def __init__(self, klass: type) -> None:
+        self.klass = klass
+
+    def get(self, key: str, default: Any = None, /) -> Any:
+        return _DICT_OF(self.klass).get(key, default)
+
+    def __setitem__(self, key: str, value: Any, /) -> None:
+        setattr(self.klass, key, value)
+
+
+def named_places(modules: list[nn.Module]) -> list[tuple[Home, str]]:
+    """The places outside the modules' own attributes that the code of ``modules`` names and that hold no setting
+    (an iterator it draws from with ``next()``, a registry): globals, closure cells and class attributes, each as a
+    namespace that holds it (a module's dict, or a cell's or class's read and set by name) and its name there, once;
+    none of their code run. A class attribute's namespace is the class of the MRO that holds it."""
+    out: dict[tuple[int, str], tuple[Home, str]] = {}
     for m in modules:
         if type(m).__module__.partition(".")[0] in _NOT_FOLLOWED:  # (torch's own modules: nothing of theirs)
             continue
@@ -406,6 +448,13 @@ def named_globals(modules: list[nn.Module]) -> list[tuple[dict[str, Any], str]]:
         for kind, where, name in () if cached is None else cached[5]:
             if kind == "global" and type(where) is dict:
                 out.setdefault((id(where), name), (where, name))
+            elif kind == "cell" and isinstance(where, _Cells) and name in where.cells:
+                cell = where.cells[name]
+                out.setdefault((id(cell), name), (_CellHome(name, cell), name))
+            elif kind == "class" and isinstance(where, type):
+                holder = next((k for k in _MRO_OF(where) if name in _DICT_OF(k)), None)
+                if holder is not None:
+                    out.setdefault((id(holder), name), (_ClassHome(holder), name))
     return list(out.values())
 
 

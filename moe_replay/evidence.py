@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import heapq
 import itertools
 import math
@@ -56,6 +57,7 @@ from . import _torch_compat
 from ._axes import ELEMENTWISE
 from ._code_settings import (
     CONTAINERS,
+    Home,
     OutsideState,
     container_contents,
     hook_written,
@@ -63,10 +65,10 @@ from ._code_settings import (
     is_generator_anywhere,
     is_host_stream,
     is_written,
+    named_places,
     refill_container,
 )
 from ._code_settings import generators as code_generators
-from ._code_settings import named_globals as code_globals
 from ._code_settings import written as code_written
 from .errors import UnsupportedRouterError
 
@@ -1805,9 +1807,10 @@ def _plain_iterator(v: Any) -> bool:
     )
 
 
-#: a place an iterator is held in: a namespace (a module's ``__dict__``, a global namespace) or a dict or list a
-#: module's attribute holds, with the key or index it is held at there
-_Home = dict[Any, Any] | list[Any]
+#: a place an iterator is held in: a namespace (a module's ``__dict__``, a global namespace, a plain object's) or a
+#: dict or list a module's attribute holds, with the key or index it is held at there, or a closure cell or class
+#: read and set by name (:class:`~moe_replay._code_settings.Home`)
+_Home = dict[Any, Any] | list[Any] | Home
 
 
 def _held_at(home: _Home, key: Any) -> Any:
@@ -1815,6 +1818,8 @@ def _held_at(home: _Home, key: Any) -> Any:
     subclass's own methods run."""
     if isinstance(home, dict):
         return dict.get(home, key)
+    if not isinstance(home, list):
+        return home.get(key)
     return list.__getitem__(home, key) if isinstance(key, int) and 0 <= key < list.__len__(home) else None
 
 
@@ -1822,6 +1827,8 @@ def _put_at(home: _Home, key: Any, value: Any) -> None:
     """Hold ``value`` at ``key`` in ``home`` (a list cut shorter since is left as it is)."""
     if isinstance(home, dict):
         dict.__setitem__(home, key, value)
+    elif not isinstance(home, list):
+        home[key] = value
     elif isinstance(key, int) and 0 <= key < list.__len__(home):
         list.__setitem__(home, key, value)
 
@@ -1837,6 +1844,49 @@ def _homes_in(m: nn.Module, attrs: dict[str, tuple[Any, Any]]) -> Iterator[tuple
         pairs = items if issubclass(kind, dict) else enumerate(items)
         for key, item in pairs:
             yield v, key, item
+
+
+#: how deep inside the plain objects a module keeps an iterator is looked for (``self.cfg.seeds``: one object deep)
+_KEPT_DEPTH = 3
+#: the most plain objects looked into per snapshot (a config of many nested sections is not walked whole)
+_KEPT_OBJECTS = 256
+
+
+def _plain_object(v: Any) -> bool:
+    """An object of the user's kept in an attribute, whose own attributes may hold an iterator (a config, a noise
+    source): one with a ``__dict__`` of its own that is not a module, a tensor, a class, a function or a Python
+    module, nor an iterator (stood in for itself)."""
+    return (
+        isinstance(getattr(v, "__dict__", None), dict)
+        and not isinstance(v, nn.Module | torch.Tensor | type | types.ModuleType | _Redrawn)
+        and not callable(getattr(type(v), "__next__", None))
+        and not isinstance(v, types.FunctionType | types.MethodType | types.BuiltinFunctionType | functools.partial)
+    )
+
+
+def _kept_iterators(
+    attrs: list[tuple[nn.Module, dict[str, tuple[Any, Any]]]],
+) -> list[tuple[_Home, Any, _Tape]]:
+    """The plain iterators held by the attributes of plain objects the modules keep (``self.noise = NoiseSource()``,
+    ``next(self.noise.it)``), a few objects deep, each object once (no cycle is followed), as
+    ``(the object's dict, the attribute, its tape)``."""
+    out: list[tuple[_Home, Any, _Tape]] = []
+    seen: set[int] = set()
+    todo = [(v, 1) for _, values in attrs for v, _ in values.values() if _plain_object(v)]
+    while todo and len(seen) < _KEPT_OBJECTS:
+        obj, depth = todo.pop(0)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        space = vars(obj)
+        for k, v in list(space.items()):
+            if not isinstance(k, str):
+                continue
+            if _plain_iterator(v):
+                out.append((space, k, _tape_of(v)))
+            elif depth < _KEPT_DEPTH and _plain_object(v):
+                todo.append((v, depth + 1))
+    return out
 
 
 class _Tape:
@@ -2126,9 +2176,10 @@ class _Snapshot:
             for home, k, v in _homes_in(m, attrs)
             if _plain_iterator(v)
         ]
+        self.iterators += _kept_iterators(self.attrs)
         self.iterators += [
             (space, name, _tape_of(v))
-            for space, name in code_globals(self.modules)
+            for space, name in named_places(self.modules)
             if _plain_iterator(v := space.get(name))
         ]
         #: where each tape's runs begin: where the run of another snapshot these runs are made inside stands

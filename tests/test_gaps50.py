@@ -7,6 +7,7 @@ and the session's next capture records exactly what a plain capture records."""
 from __future__ import annotations
 
 import inspect
+import itertools
 import signal
 import sys
 import threading
@@ -17,6 +18,8 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import moe_replay as mr
@@ -153,3 +156,128 @@ def test_a_ctrl_c_as_a_routers_mode_is_pushed_leaves_no_mode_on_the_stack(block:
     assert sent, "the interrupt was never sent: no router ran under its mode"
     _left_right(session, model, x, want)
     session.detach()
+
+
+# --- iterators a router reaches outside its own attributes ----------------------------------------------------------
+
+
+class _Router(nn.Module):
+    """A softmax top-2 router over 8 experts, jittered by a seed its subclass draws from an iterator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 16, generator=torch.Generator().manual_seed(1)))
+        self.top_k = 2
+
+    def seed(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed())
+        jitter = 1e-2 * torch.randn((*x.shape[:-1], 8), generator=g)
+        w, idx = (F.linear(x, self.weight) + jitter).softmax(-1).topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+class _Block(nn.Module):
+    def __init__(self, router: nn.Module) -> None:
+        super().__init__()
+        self.router = router
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            hit = (idx == e).any(-1)
+            if hit.any():
+                out[hit] += (w * (idx == e)).sum(-1, keepdim=True)[hit] * expert(x[hit])
+        return out
+
+
+class _Section:
+    """A plain object of a config, which may hold another and point back to its parent (a cycle)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+class _TwoObjectsDeep(_Router):
+    """Draws from ``self.cfg.noise.seeds``: an iterator two plain objects deep, inside a config that points back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = _Section(noise=_Section(seeds=itertools.cycle([31, 32, 33])))
+        self.cfg.noise.parent = self.cfg
+
+    def seed(self) -> int:
+        return next(self.cfg.noise.seeds)
+
+
+def _in_a_closure() -> type[_Router]:
+    seeds = itertools.cycle([41, 42, 43])
+
+    class _FromACell(_Router):
+        """Draws from an iterator in a closure cell of its forward."""
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            g = torch.Generator().manual_seed(next(seeds))
+            jitter = 1e-2 * torch.randn((*x.shape[:-1], 8), generator=g)
+            w, idx = (F.linear(x, self.weight) + jitter).softmax(-1).topk(self.top_k, dim=-1)
+            return w / w.sum(-1, keepdim=True), idx
+
+    return _FromACell
+
+
+def _on_a_class() -> type[_Router]:
+    class _FromItsClass(_Router):
+        """Draws from an iterator its class holds."""
+
+        seeds = itertools.cycle([51, 52, 53])
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            g = torch.Generator().manual_seed(next(_FromItsClass.seeds))
+            jitter = 1e-2 * torch.randn((*x.shape[:-1], 8), generator=g)
+            w, idx = (F.linear(x, self.weight) + jitter).softmax(-1).topk(self.top_k, dim=-1)
+            return w / w.sum(-1, keepdim=True), idx
+
+    return _FromItsClass
+
+
+_HOLDERS: dict[str, Callable[[], type[_Router]]] = {
+    "two plain objects deep": lambda: _TwoObjectsDeep,
+    "a closure cell": _in_a_closure,
+    "a class attribute": _on_a_class,
+}
+_XS = [torch.randn(6, 16, generator=torch.Generator().manual_seed(s)) for s in (2, 3, 4)]
+
+
+@pytest.mark.reliability("the model is left as it was")
+@pytest.mark.parametrize("holder", list(_HOLDERS))
+def test_an_iterator_a_router_reaches_outside_its_attributes_gives_the_forwards_after_attach_the_same_draws(
+    holder: str,
+) -> None:
+    """Once silent: an iterator a router draws from through plain objects it keeps (two deep, with a cycle back),
+    or held by a closure cell of its forward or by its class, was advanced by the runs that establish its decision,
+    so the forwards after attach saw other draws than the plain model's. Each is stood in for while those runs
+    run: the forwards after attach, captured and replayed, see the plain model's draws, and the replay forces
+    exactly the captured experts."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(_Block(_HOLDERS[holder]()()), _Block(_HOLDERS[holder]()()))
+    torch.manual_seed(0)
+    attached = nn.Sequential(_Block(_HOLDERS[holder]()()), _Block(_HOLDERS[holder]()()))
+    with torch.no_grad():
+        want = [plain(x) for x in _XS]
+    tried()
+    with mr.attach(attached) as session, torch.no_grad():
+        with session.capture():
+            got = [attached(x) for x in _XS]
+        routes = session.routes()
+        with session.replay(routes), session.keep_scores() as kept:
+            again = [attached(x) for x in _XS]
+    assert all(torch.equal(w, g) for w, g in zip(want, got, strict=True)), "the forwards after attach saw other draws"
+    with torch.no_grad():
+        want = [plain(x) for x in _XS]  # (the replay's forwards draw on, as the plain model's do)
+    assert all(torch.equal(w, g) for w, g in zip(want, again, strict=True)), "the replay's forwards saw other draws"
+    for name, used in zip(kept.names, kept.indices, strict=True):
+        assert torch.equal(used.long().cpu(), routes.layer(name).long())
