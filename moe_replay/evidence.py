@@ -29,6 +29,7 @@ forward then runs once, exactly as it would have.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import functools
@@ -43,6 +44,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -1896,11 +1898,14 @@ class _Tape:
     an item waits. ``running`` counts the snapshots whose runs run now (one inside another's forward too), ``at`` is
     where the run that runs now reads."""
 
-    __slots__ = ("__weakref__", "at", "homes", "items", "running", "source")
+    __slots__ = ("__weakref__", "at", "homes", "items", "replica", "running", "source")
 
     def __init__(self, source: Iterator[Any]) -> None:
         self.source = source
         self.items: list[tuple[Any, Any]] = []
+        #: a copy of the source made where the forwards stand, which the runs draw from instead of the source (see
+        #: :func:`_replica`); None where the source cannot be copied (a generator): the runs then draw from it
+        self.replica: Iterator[Any] | None = None
         self.homes: list[tuple[_Home, Any]] = []
         self.at = 0
         self.running = 0
@@ -1910,6 +1915,14 @@ class _Tape:
         if not any(h is home and k == key for h, k in self.homes):
             self.homes.append((home, key))
 
+    def settle(self) -> None:
+        """The runs are over and drew from a replica, never from the source: what they drew is not kept, and every
+        place that holds a stand-in holds the source again, where the forwards stand (no more drawn from it than
+        they drew)."""
+        self.items.clear()
+        self.replica = None
+        self.hand_back()
+
     def hand_back(self) -> None:
         """Every place that holds a stand-in of this tape holds the iterator itself again."""
         for home, key in self.homes:
@@ -1917,6 +1930,41 @@ class _Tape:
             if isinstance(held, _Redrawn) and held.tape is self:
                 _put_at(home, key, self.source)
         self.homes.clear()
+
+
+#: iterators of data alone, which a shallow copy replicates (the same items, in the same order, from the same place)
+_SHALLOW_COPIED = (
+    *{type(it) for it in (iter([]), iter(()), iter(range(1)), iter(range(2**64)), iter(""), iter(b""))},
+    itertools.count,
+    itertools.repeat,
+)
+
+
+def _replica(source: Any, depth: int = 0) -> Iterator[Any] | None:
+    """A copy of iterator ``source`` that gives the very items it would give from now on, and leaves it where it
+    stands as the copy is drawn from: for iterators over data alone (a list's, a range's, ``count``, ``repeat``, a
+    ``cycle`` of one of these). None for anything else (a generator, ``map`` of a function that may draw or count):
+    the runs then draw from the source itself, and a stand-in gives what they drew to the forwards after them."""
+    if type(source) in _SHALLOW_COPIED:
+        try:
+            return copy.copy(source)  # (over the same data, from the same place)
+        except Exception:  # (a copy refused: no replica)
+            return None
+    if type(source) is itertools.cycle and depth == 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # (a cycle's state, read as a copy reads it)
+            try:
+                reduced: Any = source.__reduce__()
+                _, (inner,), (saved, firstpass) = reduced
+                inner = _replica(inner, depth + 1)
+                if inner is None:
+                    return None
+                out: Any = itertools.cycle(inner)
+                out.__setstate__((list(saved), firstpass))
+            except Exception:  # (a Python whose cycle keeps its state otherwise: no replica)
+                return None
+        return out
+    return None
 
 
 #: the tape of each iterator an item of which waits, by the iterator's id (its tape holds it, so the id is its own)
@@ -1981,10 +2029,14 @@ class _Redrawn:
             if tape.at < len(tape.items):
                 item = self._again(tape.items[tape.at], value)
             else:
+                if not tape.items and tape.replica is None:  # (no item waits: the source stands where forwards do)
+                    tape.replica = _replica(tape.source)
                 item = self._from_source(value, sent)  # (the end of a finite one ends the run, as the forward's)
                 tape.items.append((value, item))
             tape.at += 1
             return item
+        if tape.replica is not None:  # (the runs drew from a replica: the source stands where the forwards do)
+            tape.settle()
         if not tape.items:
             tape.hand_back()
             return self._from_source(value, sent)
@@ -2028,7 +2080,8 @@ class _Redrawn:
         return throwing(*args)
 
     def _from_source(self, value: Any, sent: bool) -> Any:
-        source: Any = self.tape.source
+        tape = self.tape
+        source: Any = tape.replica if tape.running and tape.replica is not None else tape.source
         return source.send(value) if sent and value is not None else next(source)
 
     def _again(self, drawn: tuple[Any, Any], value: Any) -> Any:
@@ -2243,6 +2296,8 @@ class _Snapshot:
                     refill_container(v, contents)
                 m.__dict__[k] = v
         for home, k, tape in self.iterators:  # (what the runs drew, given to the forwards that follow first)
+            if tape.replica is not None and not tape.running:  # (drawn from a replica: the source itself is in step)
+                tape.settle()
             _put_at(home, k, _Redrawn(tape, home, k) if tape.items or tape.running else tape.source)
         changed = [p for p, version in self.big if version is not None and p._version != version]
         changed += self.outside.unrestorable()
