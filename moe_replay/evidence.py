@@ -46,7 +46,7 @@ import time
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -4503,7 +4503,12 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
 
     A forward that draws from a random stream with the decision held is run again so under another
     random state (see :func:`_refuse_drawn_choice`): experts dropped at random after the decision
-    (DeepSpeed's random token selection) are refused too.
+    (DeepSpeed's random token selection) are refused too. A cut by values that are not the scores
+    (the hidden states' own) that none of those inputs trips is varied once more on the real inputs
+    with the later half of the tokens' hidden states zeroed (:func:`_padded_inputs`): padding tokens,
+    which a router may drop after its decision (Flaxformer's ``ignore_padding_tokens``), so that a
+    router first run on a batch without padding is not accepted to record a later padded batch's
+    padding tokens under experts they did not use.
     """
     force = _force(calls, seen, ev)
     _, first = probe.run(force=force)
@@ -4530,6 +4535,12 @@ def _refuse_scored_choice(
         "the random stream (position, a fixed capacity)"
     )
     checked, where = _vary(probe, force, first, probe.args, probe.kwargs, ev, early=False)
+    if where is None and checked and any(first.cuts) and not any(first.scored):
+        # (a cut by the hidden states' own values that no rolled or random input trips: padding tokens, whose rows
+        # are zeros where T5 and Flaxformer feed them, dropped after the decision on a later, padded batch)
+        padded = _padded_inputs(probe.args, probe.kwargs)
+        _, where = _vary(probe, force, first, probe.args, probe.kwargs, ev, early=False, others=padded)
+        where = None if where is None else f"{where}, with some tokens' hidden states all zeros as padding,"
     if where is None and checked and calls[ev.decision[0]].rows < _FEW_TOKENS:
         where = _check_on_more_tokens(probe, calls, ev)
     if where is None and checked:
@@ -4715,13 +4726,16 @@ def _vary(
     ev: Evidence,
     *,
     early: bool,
+    others: Iterable[tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
 ) -> tuple[int, str | None]:
     """Run the held decision on other inputs than ``args``/``kwargs``, the later choices (``early``: the
     earlier ones) made afresh and held at ``first``'s: how many inputs ran, and what changed structure
-    (None: nothing). Later choices are also read in the hidden states a scope returns (:func:`_hidden_moved`)."""
+    (None: nothing). Later choices are also read in the hidden states a scope returns (:func:`_hidden_moved`).
+    ``others``: the inputs to run instead of the usual ones (:func:`_other_inputs`)."""
     checked = 0
     own = args is probe.args and kwargs is probe.kwargs
-    for inputs in itertools.chain(probe.others if own else (), _other_inputs(args, kwargs)):
+    usual = itertools.chain(probe.others if own else (), _other_inputs(args, kwargs))
+    for inputs in usual if others is None else others:
         try:
             fresh, again = probe.run(force=force, inputs=inputs)
         except Exception:  # (a forward that fails on other inputs tells nothing either way)
@@ -5374,6 +5388,21 @@ def _other_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tup
     for other in others:
         new_args, new_kwargs = _replaced((args, kwargs), found[0], other)
         yield new_args, new_kwargs
+
+
+def _padded_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The inputs with the later half of their first floating tensor's token rows (the hidden states, see
+    :func:`_other_inputs`) set to zero, as padding tokens' rows are where the model zeroes them before the MoE
+    layer. Nothing when there is no such tensor or it holds one token row."""
+    found = _first_floating((args, kwargs))
+    if found is None:
+        return
+    x = found[1]
+    rows = x.detach().reshape(-1, x.shape[-1]).clone()
+    if rows.shape[0] < 2:
+        return
+    rows[rows.shape[0] // 2 :] = 0
+    yield _replaced((args, kwargs), found[0], rows.reshape(x.shape))
 
 
 def _same(a: list[Any], b: list[Any]) -> bool:
