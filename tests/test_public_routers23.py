@@ -227,6 +227,62 @@ class FastMoELayer(nn.Module):
         return out
 
 
+# laekov/fastmoe fmoe/gates/dc_gate.py (``DCGate``, a distributed-capacity GShard gate) over ``NaiveGate``: the top-2
+# of the gate's scores with a softmax over the two values (``return_all_scores``), the balance loss from the top-1,
+# a capacity of ``ceil(cap_rate * tokens)`` (1.2 in training, 2.4 in eval: every token fits on one worker) applied by
+# ``limit_by_capacity`` (a CUDA op writing -1 into the ids past an expert's capacity, by position here), then, with
+# ``random_routing``, the second slot set to -1 where twice its weight is under a uniform draw.
+class FastMoEDCGate(_Used):
+    def __init__(self, capacity: tuple[float, float] = (1.2, 2.4), random_routing: bool = True) -> None:
+        super().__init__()
+        self.num_expert, self.world_size, self.tot_expert, self.top_k = E, 1, E, 2
+        self.gate = nn.Linear(D, E)
+        self.capacity, self.random_routing = capacity, random_routing
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate_score = self.gate(x)
+        if self.forced is None:
+            gate_top_k_val, topk_idx = torch.topk(gate_score, k=self.top_k, dim=-1, largest=True, sorted=False)
+        else:
+            topk_idx = self.forced
+            gate_top_k_val = gate_score.gather(-1, topk_idx)
+        topk_val = F.softmax(gate_top_k_val.view(-1, self.top_k), dim=-1)
+        S = gate_score.shape[0]
+        top1_idx = topk_idx.view((-1, self.top_k))[:, 0]
+        c_e = torch.scatter_add(torch.zeros(self.tot_expert), 0, top1_idx, torch.ones_like(top1_idx, dtype=torch.float))
+        m_e = torch.mean(F.softmax(gate_score, dim=1), dim=0)
+        self.loss = torch.mean(c_e / S * m_e) * (self.num_expert**2)
+        cap_rate = self.capacity[0 if self.training else 1]
+        capacity = math.ceil(cap_rate * x.shape[0])
+        flat = topk_idx.reshape(-1)
+        places = (F.one_hot(flat, self.tot_expert).cumsum(0) - 1).gather(1, flat[:, None])[:, 0]
+        topk_idx = flat.masked_fill(places >= capacity, -1).view(-1, self.top_k)
+        if self.random_routing:
+            rand_routing_prob = torch.rand(gate_score.size(0), device=x.device)
+            mask = 2 * topk_val[:, 1] < rand_routing_prob
+            topk_idx[:, 1].masked_fill_(mask, -1)
+        self.used = topk_idx
+        return topk_idx, topk_val
+
+
+class FastMoEDCLayer(nn.Module):
+    """``FMoE`` with ids of -1 skipped (no expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = FastMoEDCGate()
+        self.experts = Experts()
+
+    def forward(self, moe_inp: torch.Tensor) -> torch.Tensor:
+        idx, w = self.gate(moe_inp)
+        out = torch.zeros_like(moe_inp)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if tok.numel():
+                out = out.index_add(0, tok, w[tok, slot, None] * expert(moe_inp[tok]))
+        return out
+
+
 # ----------------------------------------------------------------------- tutel v0.1: the gate runs the experts
 # microsoft/tutel tutel/impls/moe_layer.py (the v0.1 ``TopKGate.apply_on_expert_fn`` and ``MOELayer.forward``): the
 # layer calls its gate's ``apply_on_expert_fn(input, expert_fn, group)``, never the gate's forward (it has none);
@@ -616,6 +672,19 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         r"'layers\.0\.gates\.0': on one of its tokens alone, changing the choice of its decision .* does not change",
         {},
     ),
+    # (the second slot dropped at random after the choice, by a draw against twice its weight)
+    "fastmoe-dc-gate-random-routing": (
+        lambda: Layers(FastMoEDCLayer),
+        _x,
+        r"'layers\.0\.gate': after its decision .* its forward chooses again from the current scores",
+        {},
+    ),
+    "fastmoe-dc-gate-random-routing-train": (
+        lambda: Layers(FastMoEDCLayer),
+        _x,
+        r"'layers\.0\.gate': after its decision .* its forward chooses again from the current scores",
+        {"train": True},
+    ),
     "mixture-of-vectors-soft-merge": (lambda: Layers(MixtureOfVectors), _x, "no MoE router found", {}),
 }
 
@@ -626,7 +695,8 @@ def test_refused_naming_why(case: str) -> None:
     """FastMoE's ``ZeroGate`` (every token to expert 0 whatever the input: no choice); FastMoE's ``FasterGate``
     where many tokens' top-1 expert is remote (a top-k over this node's experts whose second slot is overwritten,
     for the outgoing tokens with the best top-1, by a first top-k's top-1); Flaxformer's batch-prioritized routing
-    (tokens sorted by their top gate before the capacity is filled); Flaxformer's ``ignore_padding_tokens`` (gates
+    (tokens sorted by their top gate before the capacity is filled); FastMoE's ``DCGate`` (the second slot dropped
+    where twice its weight is under a uniform draw); Flaxformer's ``ignore_padding_tokens`` (gates
     zeroed and indices made negative after the ``top_k`` for all-zero tokens, whether or not the first batch holds
     any: the padding tokens' rows would name experts they did not use); tutel's capacity capped at half the even
     share (zero on a batch of fewer tokens than experts, where every token is dropped); Mixture of Vectors (IA3
