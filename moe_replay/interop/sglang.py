@@ -50,8 +50,9 @@ from .layer_map import LayerMap, check_map
 __all__ = ["from_sglang", "to_sglang"]
 
 
-def _payload(response: Mapping[str, Any] | str | bytes) -> tuple[str | bytes, int | None]:
-    """The base64 payload, and the sequence's token count where ``meta_info`` says it (else None)."""
+def _payload(response: Mapping[str, Any] | str | bytes) -> tuple[str | bytes, tuple[int, int] | None]:
+    """The base64 payload, and the most and fewest tokens its rows may cover where ``meta_info`` says them (else
+    None)."""
     if isinstance(response, str | bytes):
         return response, None
     if not isinstance(response, Mapping):
@@ -82,20 +83,26 @@ def _payload(response: Mapping[str, Any] | str | bytes) -> tuple[str | bytes, in
     return payload, _meta_tokens(meta)
 
 
-def _meta_tokens(meta: Mapping[str, Any]) -> int | None:
-    """``prompt_tokens + completion_tokens`` of ``meta_info``: the tokens SGLang's rows are counted against.
+def _meta_tokens(meta: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The most and the fewest tokens SGLang's rows may cover, by ``meta_info``'s ``prompt_tokens`` and
+    ``completion_tokens``.
 
     SGLang sends ``prompt_tokens = len(origin_input_ids)`` and a ``completion_tokens`` that
     is ``len(output_ids_through_stop)`` in recent releases and ``len(output_ids)`` (which a
-    stop string may leave longer than the rows' sequence) in earlier ones. So their sum less
-    one (less ``start_len``) bounds the row count from above: more rows than that are
-    refused, fewer are left to ``num_tokens=`` and the replay's own count. None where either
-    is absent or not a count (a ``meta_info`` rebuilt by another tool).
+    stop string may leave longer than the rows' sequence) in earlier ones. So their sum bounds
+    the rows' sequence from above: more rows are refused. The prompt is always prefilled and
+    routed (prefix-cached tokens carry the routes recorded in their KV slot), and a stop keeps
+    the token that completes it: the rows' sequence holds the whole prompt, plus one token
+    where any was generated. Fewer rows than that are not a stop string's trim but another
+    model's payload (fewer layers or a smaller k read as fewer rows of this model's width) or a
+    ``start_len`` not given: refused. None where either count is absent or not a count (a
+    ``meta_info`` rebuilt by another tool).
     """
     counts: list[Any] = [meta.get("prompt_tokens"), meta.get("completion_tokens")]
     if not all(is_integer(c) and int(c) >= 0 for c in counts):
         return None
-    return int(counts[0]) + int(counts[1])
+    prompt, completion = int(counts[0]), int(counts[1])
+    return prompt + completion, prompt + min(completion, 1)
 
 
 def _id_count(token_ids: Any) -> np.ndarray | torch.Tensor | list[Any]:
@@ -115,7 +122,7 @@ def _id_count(token_ids: Any) -> np.ndarray | torch.Tensor | list[Any]:
 
 def _check_rows(rows: int, start: int, expected: int, source: str, at_most: bool = False) -> None:
     """SGLang's ``rows`` fit a sequence of ``expected`` tokens with ``start_len=start`` (``source`` says who said so);
-    ``at_most``: ``expected`` is an upper bound, and fewer rows fit too.
+    ``at_most``: ``expected`` is an upper bound, and fewer rows fit too (down to what :func:`_check_fewest` allows).
 
     Checked before any row is read: a count that does not fit is refused here, not by a replay
     that runs out of rows (or has rows left) after its forwards.
@@ -147,6 +154,24 @@ def _check_rows(rows: int, start: int, expected: int, source: str, at_most: bool
     )
 
 
+def _check_fewest(rows: int, start: int, fewest: int, lm: LayerMap) -> None:
+    """SGLang's ``rows`` cover at least ``fewest`` tokens with ``start_len=start``: the prompt, and a generated token
+    where ``meta_info`` counts any (see :func:`_meta_tokens`)."""
+    want = fewest - 1 - start
+    if rows >= want:
+        return
+    hint = ""
+    if not start:
+        hint = f", or the request set routed_experts_start_len (then pass start_len={fewest - 1 - rows})"
+    raise RoutesValidationError(
+        f"SGLang routed_experts has {rows} rows of num_hidden_layers*k = {lm.num_layers}*{lm.k} int32 values, but "
+        f"meta_info's prompt_tokens and completion_tokens say they cover at least {fewest} tokens (the prompt is "
+        f"always routed, and a stop keeps the token that completes it): {want} rows with start_len={start}. A stop "
+        f"string's trim leaves no fewer. The payload is of another model than the LayerMap's (fewer layers or a "
+        f"smaller k: check the LayerMap's num_layers and k){hint}"
+    )
+
+
 def from_sglang(
     response: Mapping[str, Any] | str | bytes,
     layer_map: LayerMap,
@@ -165,7 +190,8 @@ def from_sglang(
             check the row count: SGLang writes ``num_tokens - 1 - start_len`` rows. A
             response or ``meta_info`` holding SGLang's ``prompt_tokens`` and
             ``completion_tokens`` bounds that count itself (more rows are refused; fewer may
-            be a stop string's trim, which only ``num_tokens`` tells). Without ``num_tokens``
+            be a stop string's trim, which only ``num_tokens`` tells, but never fewer than the
+            prompt and one generated token: those are another model's payload, refused). Without ``num_tokens``
             (nor token ids, nor counts that fit the rows exactly) the rows are taken as the
             sequence: only the replay's row count refuses a row too many or too few, and a
             replay with ``strict=False`` that leaves rows of them unread is refused (a row too
@@ -193,7 +219,8 @@ def from_sglang(
         RoutesValidationError: not base64, a size that is not whole rows of
             ``num_hidden_layers * k`` int32 values, a row count that does not fit
             ``num_tokens`` or ``token_ids``, more rows than ``meta_info``'s token counts
-            allow (checked before any row is read), a dense layer's column holding experts, invalid experts;
+            allow or fewer than its prompt (checked before any row is read), a dense layer's
+            column holding experts, invalid experts;
             a response's ``output_ids`` that are not token ids, that no ``prompt_tokens`` places, that
             name fewer tokens than the rows cover, or that ``token_ids=`` contradicts.
     """
@@ -209,7 +236,7 @@ def from_sglang(
         ids = _id_count(token_ids)
         counts.append((len(ids), f"token_ids holds {len(ids)} ids", False))
     if meta_count is not None:
-        counts.append((meta_count, "meta_info's prompt_tokens + completion_tokens", True))
+        counts.append((meta_count[0], "meta_info's prompt_tokens + completion_tokens", True))
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -228,6 +255,8 @@ def from_sglang(
         arr = in_axes(flat.reshape([sizes[a] for a in axes_names(axes, "SGLang routed_experts")]), axes, "SGLang")
     for expected, source, at_most in counts:
         _check_rows(arr.shape[0], start, expected, source, at_most)
+    if meta_count is not None:
+        _check_fewest(arr.shape[0], start, meta_count[1], layer_map)
     layers = columns(arr, layer_map, "all", "SGLang routed_experts")
     routes = make_routes(with_last(with_front(layers, start)), layer_map, "SGLang routed_experts")
     told = _response_ids(response, routes.num_tokens)
@@ -238,7 +267,7 @@ def from_sglang(
     if ids is not None:
         return routes.with_token_ids(ids)
     # (meta_info's counts bound the rows; they place them only where they count exactly as many tokens)
-    if num_tokens is not None or meta_count == routes.num_tokens:
+    if num_tokens is not None or (meta_count is not None and meta_count[0] == routes.num_tokens):
         return routes
     return rows_untold(routes, "from_sglang")
 
