@@ -150,6 +150,16 @@ def make_routes(layers: list[torch.Tensor], lm: LayerMap, what: str) -> Routes:
                 "nothing). Check that the engine records routes for every MoE layer; where this router does send "
                 "every token to expert 0, build the routes with mr.Routes(...)"
             )
+    for nm, i, k, x in zip(lm.names, lm.layers, lm.top_k, written, strict=True):
+        if k > 1 and x.shape[0] and not bool(x.any()):
+            # (k zeros repeat expert 0: no route, but the zeros an engine leaves where no router wrote)
+            raise RoutesValidationError(
+                f"{what}: every one of the {x.shape[0]} rows of router '{nm}' (hidden layer {i}) is {k} zeros, which "
+                "no router writes (expert 0 repeated) but an engine leaves in a dense layer's column, or one never "
+                f"written. The payload is of a model with no router at layer {i} (another revision: a dense layer "
+                "there, fewer or other MoE layers), or the engine recorded nothing for it. Check that the LayerMap "
+                "(num_layers, layers=) is of the model that wrote the payload"
+            )
     try:
         return Routes(layers, names=lm.names, num_experts=lm.num_experts)
     except RoutesValidationError as e:

@@ -120,7 +120,7 @@ def _id_count(token_ids: Any) -> np.ndarray | torch.Tensor | list[Any]:
     return list(token_ids)
 
 
-def _check_rows(rows: int, start: int, expected: int, source: str, at_most: bool = False) -> None:
+def _check_rows(rows: int, start: int, expected: int, source: str, lm: LayerMap, at_most: bool = False) -> None:
     """SGLang's ``rows`` fit a sequence of ``expected`` tokens with ``start_len=start`` (``source`` says who said so);
     ``at_most``: ``expected`` is an upper bound, and fewer rows fit too (down to what :func:`_check_fewest` allows).
 
@@ -148,6 +148,11 @@ def _check_rows(rows: int, start: int, expected: int, source: str, at_most: bool
         hint = ". The rows cover the whole sequence: did the request set routed_experts_start_len?"
     if source.startswith("token_ids"):
         hint += ". token_ids are the prompt's input_ids then the response's output_ids, one per token"
+    # (the payload holds no shape: a model with other layers or another k reads as another row count)
+    hint += (
+        f". Rows are counted in num_hidden_layers*k = {lm.num_layers}*{lm.k} int32 values of the LayerMap: a payload "
+        "of a model with other layers or another k reads as another count"
+    )
     raise RoutesValidationError(
         f"SGLang routed_experts has {rows} rows; a sequence of {expected} tokens ({source}) with start_len={start} "
         f"has {want} (the last token is never routed); these rows fit {rows + 1 + start} tokens{hint}"
@@ -254,7 +259,7 @@ def from_sglang(
         sizes = {"tokens": -1, "layers": width, "k": k}
         arr = in_axes(flat.reshape([sizes[a] for a in axes_names(axes, "SGLang routed_experts")]), axes, "SGLang")
     for expected, source, at_most in counts:
-        _check_rows(arr.shape[0], start, expected, source, at_most)
+        _check_rows(arr.shape[0], start, expected, source, layer_map, at_most)
     if meta_count is not None:
         _check_fewest(arr.shape[0], start, meta_count[1], layer_map)
     layers = columns(arr, layer_map, "all", "SGLang routed_experts")
