@@ -59,7 +59,7 @@ import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from typing import Any, TypeGuard, cast
 
 import torch
@@ -3206,7 +3206,7 @@ class OrderCheck(FeedCheck):
         if self._rank is not None:
             self._check_rank(count, shape, order)
         if self._places is not None and start is not None and order == BATCH_MAJOR and shape is not None:
-            self._check_places(start, count, shape, kwargs)
+            self._check_places(start, count, shape, kwargs, args)
         return True
 
     def _place_calls(self, start: int | None, count: int) -> None:
@@ -3221,7 +3221,9 @@ class OrderCheck(FeedCheck):
         deque(map(setattr, sources, repeat("cleared"), map(min, map(_NUM_ROWS, sources), repeat(start + count))), 0)
         self._enter_captured(start)
 
-    def _check_places(self, start: int, count: int, shape: torch.Size, kwargs: dict[str, Any]) -> None:
+    def _check_places(
+        self, start: int, count: int, shape: torch.Size, kwargs: dict[str, Any], args: tuple[Any, ...] = ()
+    ) -> None:
         """The rows a ``[batch, positions]`` forward reads from ``start`` on, laid out by a BatchLayout for a batch
         (each row's place in its sequence, -1 at padding), against the attention mask and ``position_ids`` it is fed:
         a row of a sequence at a position the mask marks padding (or padding of the layout where it marks a token),
@@ -3252,8 +3254,9 @@ class OrderCheck(FeedCheck):
             if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
                 self._refuse_unplaced(self.forwards, start, grid)
             return
-        # (fed no mask and no KV cache, position_ids are each token's place in its sequence: compared by value)
-        whole = mask is None and pos is not None and _cache_held(kwargs) == 0
+        # (fed no mask and no KV cache, position_ids are each token's place in its sequence: compared by value; a
+        # forward given anything else that may hold earlier tokens, a cache under a name of its own, is not compared)
+        whole = mask is None and pos is not None and _cache_held(kwargs) == 0 and _batch_alone(args, kwargs, shape)
         if all(t.device.type == "cpu" for t in fed):
             self._refuse_places(self.forwards, start, grid, mask, pos, whole)
         elif self.device_ids:
@@ -3894,6 +3897,29 @@ def _note_object(made_by: _Made, cache: Any, forward: int) -> None:
 def _given_cache(kwargs: dict[str, Any]) -> Any:
     """The KV cache a forward is given by name, or None."""
     return next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def _batch_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Size) -> bool:
+    """Whether a ``[batch, positions]`` forward is given nothing that may hold tokens before its own but a KV cache
+    under a known name (read by :func:`_cache_held`): every other argument None, a plain value (a flag, a count, a
+    name), or a tensor laid along its batch and positions (its ids, embeddings, labels, a mask, position_ids) or
+    along its positions alone (``cache_position`` of a forward given no cache, read as such only where it starts at
+    0). A cache given under a name of its own (``kv_cache``, ``layer_past``, ``inference_params``: a list, a mapping,
+    an object, a tensor of another shape) makes the positions fed no longer each token's place in what it attends."""
+    lead = tuple(int(d) for d in shape[:2])
+    for name, value in chain(enumerate(args), kwargs.items()):
+        if name in _CACHE_NAMES or value is None or type(value) in _PLAIN:
+            continue
+        if not isinstance(value, torch.Tensor):
+            return False
+        if value.dim() >= 2 and tuple(value.shape[:2]) == lead:
+            continue
+        if name == "cache_position" and value.dim() == 1 and value.numel() == lead[1]:
+            if value.device.type == "cpu" and value.numel() and int(value[0]) != 0:
+                return False
+            continue
+        return False
+    return True
 
 
 def _cache_held(kwargs: dict[str, Any]) -> int | None:

@@ -1,0 +1,241 @@
+"""Review of round 50's merges: position_ids compared by value with laid-out rows, Ctrl-C held across capture's
+set-up, and the ordinary uses these must neither refuse falsely nor let through silently.
+
+Outcome of every replay: exact (each MoE layer dispatched the captured experts, read by the test's own hooks), or a
+``MoEReplayError`` with the model's tensors unchanged.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import moe_replay as mr
+
+from .test_workflow import _dispatched, _joined, _perturb, _state, _unchanged, _watch_experts
+
+Oracle = dict[str, torch.Tensor]
+
+
+class _OwnCacheName(nn.Module):
+    """A model of one's own that takes its KV cache under a name of its own (``kv_cache``, as gpt-fast and
+    Megatron's ``inference_params`` do) and hands it to the inner model."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: Any = None) -> Any:
+        """The inner model's output, its cache given as ``past_key_values``."""
+        return self.inner(input_ids, position_ids=position_ids, past_key_values=kv_cache, use_cache=True)
+
+
+def _outcome(
+    model: nn.Module, session: mr.Session, routes: mr.Routes, forward: Callable[[], Any], watched: nn.Module
+) -> Oracle | None:
+    """The experts ``forward`` dispatched replaying ``routes``, or None where refused (model's tensors unchanged)."""
+    before = _state(watched)
+    try:
+        with _dispatched(watched) as rec, session.replay(routes):
+            forward()
+    except mr.MoEReplayError:
+        _unchanged(watched, before)
+        assert session.state == "idle"
+        return None
+    return _joined(rec)
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_continuation_fed_its_cache_under_a_name_of_ones_own_is_not_refused_by_its_positions() -> None:
+    """A second turn fed after its first turn's KV cache, the cache given under a name the library does not know
+    (``kv_cache``), its rows laid out as a sequence of their own (BatchLayout of the turn's routes) and fed the
+    positions that follow the cached tokens: the replay is exact, as it is where the cache is given as
+    ``past_key_values``. The value check of position_ids must not read such a forward as one fed no cache."""
+    torch.manual_seed(0)
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _OwnCacheName(inner)
+    session = mr.attach(model)
+    try:
+        first, second = torch.randint(1, 128, (1, 5)), torch.randint(1, 128, (1, 4))
+        later = torch.arange(5, 9)[None]
+        with torch.no_grad():
+            cache = inner(first, use_cache=True).past_key_values
+            with _dispatched(inner) as rec, session.capture():
+                model(second, position_ids=later, kv_cache=cache)
+        want, turn = _joined(rec), session.routes()
+        _perturb(inner)
+        routes = mr.BatchLayout.packed([4]).routes([turn.with_token_ids(None)])  # (as an engine's: no ids)
+        for name in ("past_key_values", "kv_cache"):
+            with torch.no_grad():
+                if name == "kv_cache":
+                    run: Callable[[], Any] = lambda: model(second, position_ids=later, kv_cache=cache)  # noqa: E731
+                else:
+                    run = lambda: inner(second, position_ids=later, past_key_values=cache)  # noqa: E731
+                got = _outcome(model, session, routes, run, inner)
+            assert got is not None, f"refused though exact (cache given as {name})"
+            for layer, rows in got.items():
+                assert torch.equal(rows, want[layer]), f"{name}: {layer}"
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_slice_fed_another_slices_tokens_with_an_unknown_cache_name_given_none_is_still_refused() -> None:
+    """The value check still holds where the forward is given a cache argument of its own name set to None (no
+    cache at all): a Ulysses slice's rows fed the other slice's tokens and positions are refused."""
+    torch.manual_seed(1)
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _OwnCacheName(inner)
+    session = mr.attach(model)
+    try:
+        seq = torch.randint(1, 128, (1, 8))
+        with torch.no_grad(), session.capture():
+            model(seq)
+        routes = mr.BatchLayout.packed([8]).routes([session.routes().with_token_ids(None)])
+        _perturb(inner)
+        pos = torch.arange(8)[None]
+        with torch.no_grad():
+            own = _outcome(model, session, routes[:4], lambda: model(seq[:, :4], position_ids=pos[:, :4]), inner)
+            assert own is not None, "refused though exact"
+            other = _outcome(
+                model, session, routes[:4], lambda: model(seq[:, 4:], position_ids=pos[:, 4:], kv_cache=None), inner
+            )
+        assert other is None, "rank 0's rows forced on rank 1's tokens"
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_window_of_a_long_document_replayed_with_its_captured_positions() -> None:
+    """A window of a long document captured fed its positions in the document (no mask, no KV cache), laid out with
+    BatchLayout (places from 0) and replayed fed the same tokens and positions: exact where the routes know their
+    token ids; without them the positions cannot be told from another slice's, and the refusal names the remedy."""
+    torch.manual_seed(2)
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(model)
+    session = mr.attach(model)
+    try:
+        window = torch.randint(1, 128, (1, 6))
+        pos = torch.arange(10, 16)[None]
+        with torch.no_grad(), _dispatched(model) as rec, session.capture():
+            model(window, position_ids=pos)
+        want, captured = _joined(rec), session.routes()
+        _perturb(model)
+        routes = mr.BatchLayout.packed([6]).routes([captured])
+        with torch.no_grad():
+            got = _outcome(model, session, routes, lambda: model(window, position_ids=pos), model)
+        assert got is not None, "refused though exact, with token ids"
+        for layer, rows in got.items():
+            assert torch.equal(rows, want[layer]), layer
+        bare = mr.BatchLayout.packed([6]).routes([captured.with_token_ids(None)])
+        with pytest.raises(mr.MoEReplayError, match=r"with_token_ids"), torch.no_grad(), session.replay(bare):
+            model(window, position_ids=pos)
+    finally:
+        session.detach()
+
+
+# ----------------------------------------------------------------------------- Ctrl-C held across set-up windows
+def _small() -> tuple[nn.Module, mr.Session, torch.Tensor]:
+    torch.manual_seed(3)
+    model = mr.models.build("softmax_topk", num_layers=2, first_dense_layers=0)
+    return model, mr.attach(model), torch.randint(1, 128, (1, 5))
+
+
+@pytest.mark.reliability("interrupts")
+@pytest.mark.parametrize("handler", ["own", "ignore", "default"])
+def test_a_users_sigint_handler_is_kept_through_capture_and_replay(handler: str) -> None:
+    """A SIGINT handler the user set (one of their own, SIG_IGN, SIG_DFL) is the one in place after capture() and
+    replay() blocks open and close, and during the forwards inside them; a SIGINT sent inside a block reaches the
+    user's own handler once."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are set in the main thread only")
+    calls: list[int] = []
+
+    def own(signum: int, frame: Any) -> None:
+        calls.append(signum)
+
+    chosen: Any = {"own": own, "ignore": signal.SIG_IGN, "default": signal.SIG_DFL}[handler]
+    seen: list[Any] = []
+    model, session, x = _small()
+    previous = signal.signal(signal.SIGINT, chosen)
+    try:
+        model.register_forward_pre_hook(lambda *_: seen.append(signal.getsignal(signal.SIGINT)))
+        with torch.no_grad():
+            with session.capture():
+                model(x)
+                if handler == "own":
+                    signal.raise_signal(signal.SIGINT)
+            assert signal.getsignal(signal.SIGINT) is chosen
+            with session.replay(session.routes()):
+                model(x)
+            assert signal.getsignal(signal.SIGINT) is chosen
+        assert seen == [chosen, chosen]
+        assert calls == ([signal.SIGINT] if handler == "own" else [])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        session.detach()
+
+
+@pytest.mark.reliability("interrupts")
+def test_capture_and_replay_in_a_worker_thread_leave_the_main_threads_handler() -> None:
+    """capture() and replay() run in a thread other than the main one (no handler can be set there): exact, and the
+    main thread's SIGINT handler is the one it was."""
+    model, session, x = _small()
+    before = signal.getsignal(signal.SIGINT)
+    out: list[Any] = []
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                with session.capture():
+                    a = model(x).logits
+                with session.replay(session.routes()):
+                    b = model(x).logits
+            out.append(torch.equal(a, b))
+        except BaseException as e:  # (handed to the main thread's assert)
+            out.append(e)
+
+    try:
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        assert out == [True]
+        assert signal.getsignal(signal.SIGINT) is before
+        assert session.state == "idle"
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("interrupts")
+def test_a_keyboard_interrupt_raised_in_a_forward_hook_leaves_the_session_and_modes_right() -> None:
+    """A KeyboardInterrupt raised (not signalled) by a user's forward hook on a router in a capture block: the block
+    ends with it, no torch function mode is left on the stack, the session is idle and the next capture records
+    what a plain capture records."""
+    model, session, x = _small()
+    with torch.no_grad(), session.capture():
+        model(x)
+    want = session.routes()
+    router = session.sites[0].module
+    handle = router.register_forward_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with pytest.raises(KeyboardInterrupt), torch.no_grad(), session.capture():
+            model(x)
+        handle.remove()
+        from moe_replay import _torch_compat
+
+        assert _torch_compat.function_mode_stack() == []
+        assert session.state == "idle"
+        with torch.no_grad(), session.capture():
+            model(x)
+        assert session.routes().equal(want)
+    finally:
+        handle.remove()
+        session.detach()
