@@ -3236,6 +3236,10 @@ class OrderCheck(FeedCheck):
         if count != batch * positions or places.numel() != count or not bool((places >= 0).any()):
             return  # (an overdraw is refused by the read)
         mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            # (a [batch, heads, queries, keys] mask of a forward whose tokens start their sequences: which are tokens,
+            # 1, and which padding, 0; -1 for a sequence it does not tell, read as none when compared)
+            mask = _tokens_of_4d(mask, batch, positions)
         if not (isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, positions)):
             mask = None
         if not (
@@ -3256,7 +3260,13 @@ class OrderCheck(FeedCheck):
             return
         # (fed no mask and no KV cache, position_ids are each token's place in its sequence: compared by value; a
         # forward given anything else that may hold earlier tokens, a cache under a name of its own, is not compared)
-        whole = mask is None and pos is not None and _cache_held(kwargs) == 0 and _batch_alone(args, kwargs, shape)
+        # (a mask of another shape, a 4-d one, is a mask fed all the same)
+        whole = (
+            kwargs.get("attention_mask") is None
+            and pos is not None
+            and _cache_held(kwargs) == 0
+            and _batch_alone(args, kwargs, shape)
+        )
         if all(t.device.type == "cpu" for t in fed):
             self._refuse_places(self.forwards, start, grid, mask, pos, whole)
         elif self.device_ids:
@@ -3276,6 +3286,8 @@ class OrderCheck(FeedCheck):
         ``pos`` (position_ids) do not fit them; ``whole`` (fed no mask and no KV cache): where a row's position is
         not its place."""
         checks: list[tuple[torch.Tensor, str]] = []
+        if mask is not None and bool(mask.lt(0).any()):
+            mask = None  # (a 4-d mask that does not tell each token from padding: as none)
         if mask is not None:
             mask = mask.cpu()
             checks.append((grid.ge(0) & mask.eq(0), "mask"))

@@ -239,3 +239,62 @@ def test_a_keyboard_interrupt_raised_in_a_forward_hook_leaves_the_session_and_mo
     finally:
         handle.remove()
         session.detach()
+
+
+class _Mask4D(nn.Module):
+    """A model of one's own fed a 4-d ``[batch, 1, queries, keys]`` boolean attention mask (as packed or custom
+    attention code takes it), handing its inner model the keys it attends."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> Any:
+        """The inner model's output, fed the keys the 4-d mask attends as a 2-d mask."""
+        keys = None if attention_mask is None else attention_mask[:, 0].any(-2).long()
+        return self.inner(input_ids, attention_mask=keys, position_ids=position_ids)
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_left_padded_batch_fed_a_4d_mask_and_plain_positions_is_not_refused_by_their_values() -> None:
+    """A left-padded batch fed a 4-d attention mask and position_ids that count the padding (``arange`` over each
+    row, as a forward given no positions computes them), captured and replayed alike, its routes laid out without
+    token ids: exact. A mask is fed, so the positions are not each token's place and must not be compared by value
+    (once a 4-d mask read as none made them so)."""
+    torch.manual_seed(4)
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _Mask4D(inner)
+    session = mr.attach(model)
+    try:
+        layout = mr.BatchLayout.padded([3, 5], side="left")
+        seqs = [torch.randint(1, 128, (n,)) for n in (3, 5)]
+        tokens, keys = layout.tokens(seqs), layout.attention_mask().bool()
+        causal = torch.ones(5, 5, dtype=torch.bool).tril()
+        mask4 = (causal[None] & keys[:, None, :])[:, None]
+        pos = torch.arange(5)[None].expand(2, 5)
+        with torch.no_grad(), _dispatched(inner) as rec, session.capture():
+            model(tokens, attention_mask=mask4, position_ids=pos)
+        want = _joined(rec)
+        routes = layout.routes([r.with_token_ids(None) for r in layout.unpack(session.routes())])
+        _perturb(inner)
+        with torch.no_grad():
+            run = lambda: model(tokens, attention_mask=mask4, position_ids=pos)  # noqa: E731
+            got = _outcome(model, session, routes, run, inner)
+        assert got is not None, "refused though exact"
+        real = keys.flatten()
+        for layer, rows in got.items():
+            assert torch.equal(rows[real], want[layer][real]), layer
+        # (the same rows laid out padded on the other side: the 4-d mask tells where the sequences are)
+        right = mr.BatchLayout.padded([3, 5], side="right").routes(
+            [r.with_token_ids(None) for r in layout.unpack(session.routes())]
+        )
+        with torch.no_grad():
+            assert _outcome(model, session, right, run, inner) is None, "rows of another padding side forced"
+    finally:
+        session.detach()
