@@ -3260,9 +3260,10 @@ class OrderCheck(FeedCheck):
             return
         # (fed no mask and no KV cache, position_ids are each token's place in its sequence: compared by value; a
         # forward given anything else that may hold earlier tokens, a cache under a name of its own, is not compared)
-        # (a mask of another shape, a 4-d one, is a mask fed all the same)
+        # (a mask of another shape, a 4-d one, is a mask fed all the same: compared by value only where it is a
+        # [batch, positions] one, whose positions may also count the padding before a sequence, as an arange does)
         whole = (
-            kwargs.get("attention_mask") is None
+            (kwargs.get("attention_mask") is None or mask is not None)
             and pos is not None
             and _cache_held(kwargs) == 0
             and _batch_alone(args, kwargs, shape)
@@ -3283,8 +3284,9 @@ class OrderCheck(FeedCheck):
         whole: bool = False,
     ) -> None:
         """Refuse forward ``forward`` (its rows from ``start`` on, their places ``grid``) where its host ``mask`` or
-        ``pos`` (position_ids) do not fit them; ``whole`` (fed no mask and no KV cache): where a row's position is
-        not its place."""
+        ``pos`` (position_ids) do not fit them; ``whole`` (fed no KV cache, and no mask or a ``[batch, positions]``
+        one): where a row's position is not its place (nor, fed a mask, its column where its sequence's first row is
+        in its batch row: positions counting the padding)."""
         checks: list[tuple[torch.Tensor, str]] = []
         if mask is not None and bool(mask.lt(0).any()):
             mask = None  # (a 4-d mask that does not tell each token from padding: as none)
@@ -3310,7 +3312,14 @@ class OrderCheck(FeedCheck):
                 flat = pos[:, 1:].eq(pos[:, :-1] + 1).all(1, keepdim=True).expand_as(grid)
                 checks.append((grid.eq(-1) & flat, "run on"))
             if whole:
-                checks.append((grid.ge(0) & pos.expand_as(grid).ne(grid), "values"))
+                fed = pos.expand_as(grid)
+                wrong = grid.ge(0) & fed.ne(grid)
+                if mask is not None:  # (or the token's column, where the row holds its sequence's first token)
+                    column = torch.arange(grid.shape[1]).expand_as(grid)
+                    first = (column - grid).clamp(0, grid.shape[1] - 1)
+                    counted = fed.eq(column) & column.ge(grid) & grid.gather(1, first).eq(0)
+                    wrong = wrong & ~counted
+                checks.append((wrong, "values"))
         for wrong, what in checks:
             at = wrong.nonzero()
             if at.numel():
@@ -3372,8 +3381,9 @@ class OrderCheck(FeedCheck):
             "gaps": "its position_ids put two rows of a sequence, picked out of it with a gap between them (a "
             "context-parallel rank's chunks of each sequence, routes[index]), another distance apart than the routes "
             "hold them (another rank's chunks, or tokens fed as if they followed each other)",
-            "values": "it is fed position_ids with neither an attention mask nor a KV cache, and they put a token at "
-            "another place in its sequence than its row holds (a sequence-parallel rank's slice fed another rank's "
+            "values": "it is fed position_ids and no KV cache, and they put a token at another place in its sequence "
+            "than its row holds (nor, with an attention mask, at its column in a batch row holding its sequence from "
+            "its first token: positions that count the padding) (a sequence-parallel rank's slice fed another rank's "
             "tokens of the same sequence?)",
             "run on": "it is fed no attention mask, and its position_ids run on, one after another, through a batch "
             "row where the routes hold the layout's padding, so they tell nothing of where its sequences start "

@@ -2255,8 +2255,10 @@ class Session:
         padding of the layout where it marks a token, positions that restart inside a sequence
         (another padding side, order or lengths than the layout's), or positions another distance apart than
         two rows picked out of a sequence with a gap between them (``routes[index]``: a context-parallel rank's
-        chunks, fed another rank's), or, fed neither a mask nor a KV cache, positions that are not the rows' places
-        (a sequence-parallel rank's slice of a sequence fed another rank's) raise :class:`TokenMismatchError`, and
+        chunks, fed another rank's), or, fed no KV cache (nor anything else that may hold earlier tokens),
+        positions that are not the rows' places, nor, fed a ``[batch, positions]`` mask, their columns in a batch
+        row that holds their sequence from its first token (a sequence-parallel rank's slice of a sequence fed
+        another rank's) raise :class:`TokenMismatchError`, and
         so do a forward fed neither where the rows it reads hold the layout's padding (nothing then
         tells where its sequences sit), or fed no mask and positions that run on through a batch row
         holding that padding (they tell no more), and one whose rows run a sequence on from one batch row into the

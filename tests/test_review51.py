@@ -7,6 +7,7 @@ Outcome of every replay: exact (each MoE layer dispatched the captured experts, 
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 from collections.abc import Callable
@@ -296,5 +297,38 @@ def test_a_left_padded_batch_fed_a_4d_mask_and_plain_positions_is_not_refused_by
         )
         with torch.no_grad():
             assert _outcome(model, session, right, run, inner) is None, "rows of another padding side forced"
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_slice_fed_another_slices_tokens_with_a_mask_of_ones_is_refused() -> None:
+    """One sequence in two sequence-parallel slices, its routes laid out without token ids: slice 0's rows fed slice
+    1's tokens, their position_ids and an attention mask of ones are refused, as they are without the mask, and so
+    are slice 1's rows fed slice 0's; each slice fed its own is exact. Once silent: fed a mask, positions were
+    compared by their steps only."""
+    torch.manual_seed(5)
+    model = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(model)
+    session = mr.attach(model)
+    try:
+        seq = torch.randint(1, 128, (1, 8))
+        with torch.no_grad(), _dispatched(model) as rec, session.capture():
+            model(seq)
+        want = _joined(rec)
+        routes = mr.BatchLayout.packed([8]).routes([session.routes().with_token_ids(None)])
+        _perturb(model)
+        pos, ones = torch.arange(8)[None], torch.ones(1, 4, dtype=torch.long)
+        halves = (slice(0, 4), slice(4, 8))
+        with torch.no_grad():
+            for rows, fed in itertools.product(halves, halves):
+                run = lambda f=fed: model(seq[:, f], attention_mask=ones, position_ids=pos[:, f])  # noqa: E731
+                got = _outcome(model, session, routes[rows], run, model)
+                if rows == fed:
+                    assert got is not None, f"slice {rows} refused though exact"
+                    for layer, dispatched in got.items():
+                        assert torch.equal(dispatched, want[layer][rows]), f"slice {rows} at {layer}"
+                else:
+                    assert got is None, f"rows {rows} forced on the tokens of {fed}"
     finally:
         session.detach()
