@@ -48,7 +48,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -1940,31 +1940,67 @@ _SHALLOW_COPIED = (
 )
 
 
-def _replica(source: Any, depth: int = 0) -> Iterator[Any] | None:
+#: iterators over other iterators that draw nothing else (no function of the user's is called): rebuilt from their
+#: ``__reduce__`` over replicas of the iterators they draw from
+_REBUILT = (zip, enumerate, itertools.islice)
+#: how deep iterators over iterators are replicated
+_REPLICA_DEPTH = 4
+
+
+def _replica(source: Any, depth: int = 0, memo: dict[int, Any] | None = None) -> Iterator[Any] | None:
     """A copy of iterator ``source`` that gives the very items it would give from now on, and leaves it where it
-    stands as the copy is drawn from: for iterators over data alone (a list's, a range's, ``count``, ``repeat``, a
-    ``cycle`` of one of these). None for anything else (a generator, ``map`` of a function that may draw or count):
-    the runs then draw from the source itself, and a stand-in gives what they drew to the forwards after them."""
+    stands as the copy is drawn from: for iterators over data alone (a list's, a range's, ``count``, ``repeat``), and
+    ``cycle``, ``zip``, ``enumerate`` and ``islice`` of such iterators (an iterator they draw from twice, as
+    ``zip(it, it)`` does, replicated once: ``memo``). None for anything else (a generator, ``map`` of a function
+    that may draw or count): the runs then draw from the source itself, and a stand-in gives what they drew to the
+    forwards after them."""
+    memo = {} if memo is None else memo
+    if id(source) in memo:
+        return cast(Iterator[Any], memo[id(source)])
+    out: Any = None
     if type(source) in _SHALLOW_COPIED:
         try:
-            return copy.copy(source)  # (over the same data, from the same place)
+            out = copy.copy(source)  # (over the same data, from the same place)
         except Exception:  # (a copy refused: no replica)
             return None
-    if type(source) is itertools.cycle and depth == 0:
+    elif type(source) in (itertools.cycle, *_REBUILT) and depth < _REPLICA_DEPTH:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # (a cycle's state, read as a copy reads it)
+            warnings.simplefilter("ignore", DeprecationWarning)  # (their state, read as a copy reads it)
             try:
-                reduced: Any = source.__reduce__()
-                _, (inner,), (saved, firstpass) = reduced
-                inner = _replica(inner, depth + 1)
-                if inner is None:
-                    return None
-                out: Any = itertools.cycle(inner)
-                out.__setstate__((list(saved), firstpass))
-            except Exception:  # (a Python whose cycle keeps its state otherwise: no replica)
+                out = _rebuilt(source, depth, memo)
+            except Exception:  # (a Python that keeps their state otherwise: no replica)
                 return None
+    if out is not None:
+        memo[id(source)] = out
+    return cast("Iterator[Any] | None", out)
+
+
+def _rebuilt(source: Any, depth: int, memo: dict[int, Any]) -> Any:
+    """A ``cycle``, ``zip``, ``enumerate`` or ``islice`` made again from its ``__reduce__``, over replicas of the
+    iterators it draws from (see :func:`_replica`); None where one of those has none."""
+    reduced: Any = source.__reduce__()
+    made, args = reduced[0], reduced[1]
+    if made is not type(source):
+        return None
+    if made is itertools.cycle:
+        (inner,), (saved, firstpass) = args, reduced[2]
+        inner = _replica(inner, depth + 1, memo)
+        if inner is None:
+            return None
+        out: Any = itertools.cycle(inner)
+        out.__setstate__((list(saved), firstpass))
         return out
-    return None
+    given = []
+    for arg in args:
+        if isinstance(arg, Iterator):
+            arg = _replica(arg, depth + 1, memo)
+            if arg is None:
+                return None
+        given.append(arg)
+    out = made(*given)
+    if len(reduced) > 2 and reduced[2] is not None:
+        out.__setstate__(reduced[2])
+    return out
 
 
 #: the tape of each iterator an item of which waits, by the iterator's id (its tape holds it, so the id is its own)
