@@ -3924,18 +3924,19 @@ def _given_cache(kwargs: dict[str, Any]) -> Any:
 def _batch_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Size) -> bool:
     """Whether a ``[batch, positions]`` forward is given nothing that may hold tokens before its own but a KV cache
     under a known name (read by :func:`_cache_held`): every other argument None, a plain value (a flag, a count, a
-    name), or a tensor laid along its batch and positions (its ids, embeddings, labels, a mask, position_ids) or
-    along its positions alone (``cache_position`` of a forward given no cache, read as such only where it starts at
-    0). A cache given under a name of its own (``kv_cache``, ``layer_past``, ``inference_params``: a list, a mapping,
-    an object, a tensor of another shape) makes the positions fed no longer each token's place in what it attends."""
+    name, a 0-d tensor), or a tensor laid along its batch and positions (its ids, embeddings, labels, a mask,
+    position_ids) or along its positions alone (``cache_position`` of a forward given no cache, read as such only
+    where it starts at 0). A cache given under a name of its own (``kv_cache``, ``layer_past``,
+    ``inference_params``: a list, a mapping, an object, a tensor of another shape) makes the positions fed no
+    longer each token's place in what it attends."""
     lead = tuple(int(d) for d in shape[:2])
     for name, value in chain(enumerate(args), kwargs.items()):
         if name in _CACHE_NAMES or value is None or type(value) in _PLAIN:
             continue
         if not isinstance(value, torch.Tensor):
             return False
-        if value.dim() >= 2 and tuple(value.shape[:2]) == lead:
-            continue
+        if value.dim() == 0 or (value.dim() >= 2 and tuple(value.shape[:2]) == lead):
+            continue  # (a count, as a trainer's num_items_in_batch; or laid along the batch)
         if name == "cache_position" and value.dim() == 1 and value.numel() == lead[1]:
             if value.device.type == "cpu" and value.numel() and int(value[0]) != 0:
                 return False

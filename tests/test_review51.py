@@ -7,6 +7,7 @@ Outcome of every replay: exact (each MoE layer dispatched the captured experts, 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import signal
 import threading
@@ -33,8 +34,15 @@ class _OwnCacheName(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: Any = None) -> Any:
-        """The inner model's output, its cache given as ``past_key_values``."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: Any = None,
+        num_items_in_batch: torch.Tensor | None = None,
+    ) -> Any:
+        """The inner model's output, its cache given as ``past_key_values`` (``num_items_in_batch``: a trainer's
+        count of the tokens its loss counts, unused here)."""
         return self.inner(input_ids, position_ids=position_ids, past_key_values=kv_cache, use_cache=True)
 
 
@@ -110,7 +118,11 @@ def test_a_slice_fed_another_slices_tokens_with_an_unknown_cache_name_given_none
             other = _outcome(
                 model, session, routes[:4], lambda: model(seq[:, 4:], position_ids=pos[:, 4:], kv_cache=None), inner
             )
-        assert other is None, "rank 0's rows forced on rank 1's tokens"
+            assert other is None, "rank 0's rows forced on rank 1's tokens"
+            count = torch.tensor(4)  # (a 0-d tensor, as a trainer's num_items_in_batch: it holds no tokens)
+            run = lambda: model(seq[:, 4:], position_ids=pos[:, 4:], num_items_in_batch=count)  # noqa: E731
+            counted = _outcome(model, session, routes[:4], run, inner)
+        assert counted is None, "rank 0's rows forced on rank 1's tokens, given a count"
     finally:
         session.detach()
 
@@ -426,3 +438,29 @@ class _RouterBlock(nn.Module):
                 if hit.any():
                     out[hit] += w[hit, slot, None] * self.experts[e](x[hit])
         return x + out
+
+
+@pytest.mark.reliability("interrupts")
+def test_capture_and_replay_inside_asyncio_keep_its_sigint_handler() -> None:
+    """capture() and replay() inside a coroutine run by ``asyncio.run`` (which puts a SIGINT handler of its own in
+    place while it runs): exact, asyncio's handler in place inside and after the blocks, Python's after the run."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are set in the main thread only")
+    model, session, x = _small()
+    before = signal.getsignal(signal.SIGINT)
+
+    async def main() -> tuple[bool, bool]:
+        theirs = signal.getsignal(signal.SIGINT)
+        with torch.no_grad():
+            with session.capture():
+                a = model(x).logits
+            with session.replay(session.routes()):
+                b = model(x).logits
+        return torch.equal(a, b), signal.getsignal(signal.SIGINT) is theirs
+
+    try:
+        assert asyncio.run(main()) == (True, True)
+        assert signal.getsignal(signal.SIGINT) is before
+        assert session.state == "idle"
+    finally:
+        session.detach()
