@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import _torch_compat
+from ._interrupts import interrupts_held
 from ._output_guard import own_hook
 
 __all__ = ["HookWatch"]
@@ -129,7 +130,13 @@ class HookWatch:
 
     def install(self) -> None:
         """Put the watch's hooks around the user's, on each module that holds some (its forward hooks, its
-        pre-hooks)."""
+        pre-hooks). A Ctrl-C while it does waits for the end (a dict half rebuilt by :func:`_put_first` would lose
+        the user's hooks); call it inside the ``try`` whose ``finally`` calls :meth:`remove`."""
+        with interrupts_held():
+            self._install()
+
+    def _install(self) -> None:
+        """:meth:`install`, with Ctrl-C held."""
         first, last = self._keys
         for _, m in self.modules:
             own = vars(m)
@@ -147,7 +154,13 @@ class HookWatch:
                     kw[first] = kw[last] = True
 
     def remove(self) -> None:
-        """Take the watch's hooks off again (those of the user's registered during the forward stay)."""
+        """Take the watch's hooks off again (those of the user's registered during the forward stay); a Ctrl-C while
+        it does waits for the end. Taking off hooks that were never put on does nothing."""
+        with interrupts_held():
+            self._remove()
+
+    def _remove(self) -> None:
+        """:meth:`remove`, with Ctrl-C held."""
         for _, m in self.modules:
             own = vars(m)
             for name in ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs"):

@@ -64,6 +64,8 @@ from ._code_settings import (
     written,
 )
 from ._inner_hooks import HookWatch
+from ._interrupts import _nothing as _no_hold
+from ._interrupts import hold_interrupts
 from ._output_guard import OutputGuard, _integer_tensors, runs_foreign_hooks
 from .errors import ReplayConsumptionError, RoutesValidationError, UnsupportedRouterError, _script_refusal
 from .evidence import (
@@ -1450,29 +1452,38 @@ class RouterHook:
         chunks = None
         state = NESTING
         watch = decider = None
-        if ev is not None and ev.hooks_aside and self._inner_hooked and self._eager and not _in_backward():
-            # its decision was established with the user's hooks inside set aside, shown to change nothing on that
-            # forward alone: each must hand on what it is given at this one too (see moe_replay._inner_hooks)
-            watch = HookWatch(self._inner_hooked, _user_hook)
-            watch.install()
+        # each change below that a finally undoes is made inside its try, or with Ctrl-C held until the try is in
+        # place (release: called there, and again, harmlessly, by the outer finally)
+        release = _no_hold
         try:
+            if ev is not None and ev.hooks_aside and self._inner_hooked and self._eager and not _in_backward():
+                # its decision was established with the user's hooks inside set aside, shown to change nothing on
+                # that forward alone: each must hand on what it is given at this one too (see moe_replay._inner_hooks)
+                watch = HookWatch(self._inner_hooked, _user_hook)
+                watch.install()
             if self._chunks:  # (its calls joined as it returns)
                 chunks = self._chunks_begin(ev, args, kwargs, compiling)
-            if how == "lean" and not _lean.enter():  # another library wraps one of the names: the mode
-                _lean.leave()
-                how = "mode"
+            if how == "lean":
+                release = hold_interrupts()  # (the wrappers' depth raised: held until the try that lowers it)
+                if not _lean.enter():  # another library wraps one of the names: the mode
+                    _lean.leave()
+                    release()
+                    how = "mode"
             if how == "lean":  # the lean wrappers hand this forward's decision-like calls to on_lean
-                state.lean = self
                 try:
+                    state.lean = self
+                    release()
                     out = forward(*args, **kwargs)
                 finally:
                     state.lean = None
                     _lean.leave()
             elif how == "audit":  # the mode decides, and checks that every call it acts on came through a wrapper
                 self._missed = False
+                release = hold_interrupts()  # (held until the try that sets both back)
                 auditing, state.auditing = state.auditing, True
                 _lean.enter()
                 try:
+                    release()
                     decider = _DecisionMode(self, compiling, audit=True)
                     with decider:
                         out = forward(*args, **kwargs)
@@ -1488,16 +1499,19 @@ class RouterHook:
                 _torch_compat.drop_function_mode(decider)
             raise
         finally:
-            if watch is not None:
-                watch.remove()
-            self._masks = []
-            seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []
-            self._choice = None
-            grown, self._grown = self._grown, None
-            if grown is not None:  # (armed again from the evidence: by _grown_end, or at the next forward)
-                self._chunks = False
-            if self._pending is not None:  # the decision was established at this forward
-                self._settle()
+            try:
+                if watch is not None:
+                    watch.remove()
+                self._masks = []
+                seen, self._slots, self._row, self._source, self._regions = len(self._slots), [], None, None, []
+                self._choice = None
+                grown, self._grown = self._grown, None
+                if grown is not None:  # (armed again from the evidence: by _grown_end, or at the next forward)
+                    self._chunks = False
+                if self._pending is not None:  # the decision was established at this forward
+                    self._settle()
+            finally:
+                release()  # (last: a Ctrl-C held is raised once everything above is undone)
         changed = watch.changed if watch is not None else None
         if (fresh or changed is not None) and ev is not None:
             ev = self._hooks_checked(ev, out, forward, args, kwargs, changed)

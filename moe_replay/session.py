@@ -423,10 +423,23 @@ class _Block:
                 f"session.{self._what[:-1]}...) again for each `with`"
             )
         self._entered = True
-        self._cm = self._make()
-        value = self._cm.__enter__()
-        self._open = True
-        self._owner.entered.append(weakref.ref(self))
+        # Ctrl-C held from making the block's context manager until the block knows itself open: `with` calls no
+        # __exit__ when __enter__ raises, so an interrupt landing after the context manager was entered would leave
+        # the block open (the session capturing or replaying) for as long as anything, a traceback say, kept it
+        release = hold_interrupts()
+        try:
+            self._cm = self._make()
+            value = self._cm.__enter__()
+            self._open = True
+            self._owner.entered.append(weakref.ref(self))
+        except BaseException:
+            release()
+            raise
+        try:
+            release()  # (a Ctrl-C held since is raised here, and leaves the block at once)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
         return value
 
     @_eager_block
