@@ -46,7 +46,7 @@ import time
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -1898,10 +1898,12 @@ class _Tape:
     an item waits. ``running`` counts the snapshots whose runs run now (one inside another's forward too), ``at`` is
     where the run that runs now reads."""
 
-    __slots__ = ("__weakref__", "at", "homes", "items", "replica", "running", "source")
+    __slots__ = ("__weakref__", "at", "homes", "items", "modules", "replica", "running", "source")
 
     def __init__(self, source: Iterator[Any]) -> None:
         self.source = source
+        #: the modules whose runs stood in for it (weakly): a session's detach gives back those of its model's
+        self.modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.items: list[tuple[Any, Any]] = []
         #: a copy of the source made where the forwards stand, which the runs draw from instead of the source (see
         #: :func:`_replica`); None where the source cannot be copied (a generator): the runs then draw from it
@@ -2132,6 +2134,100 @@ class _Redrawn:
         return drawn[1]
 
 
+class _Primed:
+    """Iterator ``source`` with one item drawn from it already, given first: what ``yield from`` delegates to once
+    the items the runs drew are given (``send()``, ``throw()`` and ``close()`` reach the source itself)."""
+
+    __slots__ = ("first", "source")
+
+    def __init__(self, first: Any, source: Any) -> None:
+        self.first, self.source = [first], source
+
+    def __iter__(self) -> _Primed:
+        return self
+
+    def __next__(self) -> Any:
+        return self.first.pop() if self.first else next(self.source)
+
+    def send(self, value: Any) -> Any:
+        if self.first:
+            return self.first.pop()
+        return self.source.send(value) if value is not None else next(self.source)
+
+    def throw(self, *args: Any) -> Any:
+        return self.source.throw(*args)
+
+    def close(self) -> None:
+        closing = getattr(self.source, "close", None)
+        if closing is not None:
+            closing()
+
+
+def _rest_of(items: list[tuple[Any, Any]], source: Any, key: Any) -> Generator[Any, Any, Any]:
+    """A generator that gives the items the runs drew from ``source`` and no forward was given (each for the value
+    it was drawn for, as :class:`_Redrawn` gives them), then the source's own from where it stands: what the source
+    would give a model whose forwards made no run. ``close()`` closes the source too; ``throw()`` while an item
+    waits is refused, as :meth:`_Redrawn.throw` refuses it."""
+    sent: Any = None
+    for value, item in items:
+        if not _same_sent(value, sent):
+            raise UnsupportedRouterError(
+                f"'{key}' is a generator driven with send(): the runs that establish a router's decision drew an "
+                f"item from it for {value!r:.40}, and the model now sends {sent!r:.40}; what the generator gives for "
+                "that value cannot be known without the draw those runs made. Send it values that do not change "
+                "between a forward and its runs (or draw with next())"
+            )
+        try:
+            sent = yield item
+        except GeneratorExit:  # (close(): the source is closed too, as a closed generator gives nothing more)
+            closing = getattr(source, "close", None)
+            if closing is not None:
+                closing()
+            raise
+        except BaseException:
+            raise UnsupportedRouterError(
+                f"'{key}' is a generator thrown into while items the runs that establish a router's decision drew "
+                "from it wait: the generator stands past the point the model's own forwards reached, so what it "
+                "gives for the throw cannot be known. Throw into it once those items were drawn (or draw with "
+                "next() only)"
+            ) from None
+    try:
+        first = next(source) if sent is None else source.send(sent)
+    except StopIteration as stop:
+        return stop.value
+    return (yield from _Primed(first, source))
+
+
+def give_back_iterators(modules: list[nn.Module]) -> list[str]:
+    """Every place that holds a stand-in (:class:`_Redrawn`) for an iterator the runs of ``modules`` drew from holds
+    the iterator itself again, where no item the runs drew waits for a forward. Where one waits (a generator, which
+    cannot be copied, drawn from more by the runs than by the forwards), it holds a generator that gives the waiting
+    items and then the iterator's own: the same items the plain model would draw, in another object. Returns the
+    names of the places given such a generator (empty where every place holds the user's own iterator)."""
+    mine = {id(m) for m in modules}
+    given: list[str] = []
+    for tape in list(_TAPES.values()):
+        if tape.running or not any(id(m) in mine for m in list(tape.modules)):
+            continue
+        if tape.replica is not None:  # (the runs drew from a replica: the source stands where the forwards do)
+            tape.settle()
+        if not tape.items:
+            tape.hand_back()
+            continue
+        homes = [
+            (home, key)
+            for home, key in tape.homes
+            if isinstance(held := _held_at(home, key), _Redrawn) and held.tape is tape
+        ]
+        rest = _rest_of(list(tape.items), tape.source, homes[0][1] if homes else "")
+        for home, key in homes:
+            _put_at(home, key, rest)
+            given.append(str(key))
+        tape.items.clear()
+        tape.homes.clear()
+    return given
+
+
 def _version(t: torch.Tensor) -> int | None:
     """``t``'s version counter; None for an inference tensor, which keeps none (made under inference_mode)."""
     return None if t.is_inference() else t._version
@@ -2354,6 +2450,7 @@ class _Snapshot:
         for home, k, tape in self.iterators:
             _put_at(home, k, _Redrawn(tape, home, k))
         for tape in tapes:
+            tape.modules.update(self.modules)
             tape.at = self.starts.get(id(tape), 0)  # (each run draws from where the forward it is made in stands)
             tape.running += 1
         try:

@@ -25,6 +25,7 @@ import operator
 import sys
 import threading
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ from .errors import (
     UnsupportedRouterError,
     _from_compiler,
 )
-from .evidence import VerifyReport, left_as_it_was
+from .evidence import VerifyReport, give_back_iterators, left_as_it_was
 from .intercept import EAGER, ClassForward, RouterHook, ScopedForward, _own_keys
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_call, watch_first_runs, watch_forward
@@ -1312,6 +1313,16 @@ class Session:
         with _ATTACH_LOCK:
             if model is not None and _session_of(model) is self:
                 del _ATTACHED[model]
+        given = give_back_iterators(list(model.modules())) if model is not None else []
+        if given:  # (the items the plain model would draw, in an object other than the user's)
+            warnings.warn(
+                f"moe_replay: detach() gave {given[:4]} a generator of its own, not the iterator the model held: the "
+                "runs that established a router's decision drew more items from it (a generator, which cannot be "
+                "copied) than the forwards since did. It gives those items first and then the iterator's own, so the "
+                "model draws what it would have; code that holds the old iterator elsewhere sees it past those items",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _check_no_forced_recompute(self) -> None:
         """Refuse to go while a checkpointed region of a replayed forward still awaits its recompute."""

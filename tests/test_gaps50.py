@@ -303,26 +303,3 @@ class _GeneratorPerToken(_Router):
         logits = F.linear(x, self.weight) + 0.3 * torch.sin(j)[:, None] * torch.arange(8.0)
         w, idx = logits.softmax(-1).topk(self.top_k, dim=-1)
         return w / w.sum(-1, keepdim=True), idx
-
-
-@pytest.mark.reliability("the model is left as it was")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a generator cannot be copied nor rewound: where the runs that establish a decision drew more items from "
-    "one a router holds than the forwards after them did, the stand-in that gives them back stays in the router's "
-    "attribute after detach() (the right draws, but not the user's generator)",
-)
-def test_a_generator_the_runs_drew_more_from_than_the_forwards_is_the_routers_own_after_detach() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(_Block(_GeneratorPerToken()), _Block(_GeneratorPerToken()))
-    torch.manual_seed(0)
-    plain = nn.Sequential(_Block(_GeneratorPerToken()), _Block(_GeneratorPerToken()))
-    held = [vars(b.router)["noise"] for b in model]
-    with torch.no_grad():
-        want = plain(_XS[0])
-    tried()
-    with mr.attach(model) as session, session.capture(), torch.no_grad():
-        got = model(_XS[0])
-    assert torch.equal(got, want)
-    assert [next(b.router.noise) for b in model] == [next(b.router.noise) for b in plain]
-    assert all(vars(b.router)["noise"] is it for b, it in zip(model, held, strict=True)), "a stand-in after detach"

@@ -4,6 +4,8 @@ a block's ``__enter__`` changed state before the ``try`` that undoes it was in p
 from __future__ import annotations
 
 import signal
+import types
+import warnings
 from typing import Any
 
 import pytest
@@ -12,15 +14,16 @@ from torch import nn
 
 import moe_replay as mr
 from moe_replay import _lean, _torch_compat
+from moe_replay.evidence import _Redrawn
 from moe_replay.intercept import NESTING, RouterHook, ScopedForward
-from moe_replay.session import _Block
+from moe_replay.session import _Block as _SessionBlock
 
 from .conftest import tried
 from .test_decisions3 import D, Model, T
 from .test_evidence import D as ED
 from .test_evidence import RouterBlock, TwoLayers
 from .test_evidence import T as ET
-from .test_gaps50 import _code, _ctrl_c_after
+from .test_gaps50 import _XS, _Block, _code, _ctrl_c_after, _GeneratorPerToken
 from .test_inner_hooks import LoggedRenorm
 from .test_lean import SeenModes
 from .test_session_lifecycle import model_and_input
@@ -142,10 +145,71 @@ def test_a_ctrl_c_as_a_block_is_entered_leaves_no_block_open(line: str) -> None:
     hooks = _hooks_of(model)
     tried()
     kept: list[Any] = []
-    with pytest.raises(KeyboardInterrupt) as info, _ctrl_c_after(_code(_Block.__enter__), line) as sent:
+    with pytest.raises(KeyboardInterrupt) as info, _ctrl_c_after(_code(_SessionBlock.__enter__), line) as sent:
         with session.capture():
             pass
     kept.append(info.value.__traceback__)  # (a notebook keeps the last traceback: it must not keep the block open)
     assert sent, "the interrupt was never sent: the line moved"
     _exact_after(session, model, x, hooks)
     session.detach()
+
+
+# --- a generator the runs drew more from than the forwards, after detach --------------------------------------------
+
+
+@pytest.mark.reliability("the model is left as it was")
+def test_a_generator_the_runs_drew_more_from_is_given_back_as_a_plain_generator_with_a_warning() -> None:
+    """Once left wrong: where the runs that establish a decision drew more items from a generator a router holds
+    than the forwards after them did, the library's stand-in stayed in the router's attribute after detach(), an
+    object of moe_replay's in the user's model. A generator cannot be copied nor rewound, so the user's own cannot
+    be given back: detach gives a plain Python generator that yields the waiting items and then the user's own,
+    says so with a warning naming the attribute, and the model draws exactly what the plain model draws, send()
+    and close() reaching the user's generator."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(_GeneratorPerToken()), _Block(_GeneratorPerToken()))
+    torch.manual_seed(0)
+    plain = nn.Sequential(_Block(_GeneratorPerToken()), _Block(_GeneratorPerToken()))
+    held = [vars(b.router)["noise"] for b in model]
+    with torch.no_grad():
+        want = plain(_XS[0])
+    tried()
+    session = mr.attach(model)
+    with session.capture(), torch.no_grad():
+        got = model(_XS[0])
+    assert torch.equal(got, want)
+    waiting = [type(vars(b.router)["noise"]).__module__.startswith("moe_replay") for b in model]
+    assert any(waiting), "no stand-in waits: the case shows nothing"
+    with pytest.warns(RuntimeWarning, match="noise"):
+        session.detach()
+    now = [vars(b.router)["noise"] for b in model]
+    assert all(isinstance(g, types.GeneratorType) and not type(g).__module__.startswith("moe_replay") for g in now)
+    assert not any(isinstance(v, _Redrawn) for b in model for v in vars(b.router).values()), "a stand-in after detach"
+    with torch.no_grad():
+        assert torch.equal(model(_XS[1]), plain(_XS[1]))  # (the waiting items, then the user's own)
+        assert torch.equal(model(_XS[2]), plain(_XS[2]))
+    assert [next(b.router.noise) for b in model] == [next(b.router.noise) for b in plain]
+    for g, it in zip(now, held, strict=True):
+        g.close()
+        assert it.gi_frame is None, "close() did not reach the user's generator"
+
+
+@pytest.mark.reliability("the model is left as it was")
+def test_an_iterator_no_item_of_which_waits_is_the_users_own_after_detach_with_no_warning() -> None:
+    """Where the forwards drew every item the runs drew, detach leaves the user's own iterator and warns of
+    nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(_GeneratorPerToken()), _Block(_GeneratorPerToken()))
+    held = [vars(b.router)["noise"] for b in model]
+    session = mr.attach(model)
+    with session.capture(), torch.no_grad():
+        model(_XS[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            for _ in range(100):  # (the forwards draw every waiting item)
+                if not any(isinstance(vars(b.router)["noise"], _Redrawn) for b in model):
+                    break
+                model(_XS[1])
+        assert not any(isinstance(vars(b.router)["noise"], _Redrawn) for b in model), "items still wait"
+        session.detach()
+    assert all(vars(b.router)["noise"] is it for b, it in zip(model, held, strict=True))
