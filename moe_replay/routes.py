@@ -698,6 +698,11 @@ class Routes:
     def with_token_ids(self, token_ids: torch.Tensor | np.ndarray | Sequence[int] | None) -> Routes:
         """The same routes, recorded for these tokens (see :attr:`token_ids`); ``None`` drops them.
 
+        Dropping them lets other tokens take the rows, not other places: rows of a capture keep the place in its
+        sequence each was recorded at, and a replay forces a row only at that place of a forward (its
+        ``position_ids``, or the places its mask and KV cache give), so a slice of them fed another slice's
+        positions (a wrong sequence-parallel rank) is refused as it is with the ids.
+
         Args:
             token_ids: one id per row in row order, -1 where unknown; or the ``[batch, positions]``
                 ids of the forwards, read row-major, sequence by sequence. That is the row order of

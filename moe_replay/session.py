@@ -50,6 +50,7 @@ from ._feeds import (
     _CapturedCalls,
     feed_levels,
     one_stream,
+    unmarked_places,
 )
 from ._interrupts import hold_interrupts, interrupts_held
 from ._output_guard import is_guard
@@ -2508,6 +2509,10 @@ class Session:
             # each forward begins with its routers in step, where every router holds as many rows)
             places = routes._layout_pos if len(set(routes.tokens_per_layer)) == 1 and not ids_unread else None
             layout = places
+            if places is None and routes._seq_pos is not None and len(set(routes.tokens_per_layer)) == 1:
+                # a capture's rows whose ids were dropped (with_token_ids(None): other tokens may take them), not laid
+                # out: each still holds the place in its sequence it was recorded at, and is forced only there
+                places = _places_of_capture(routes._seq_pos) if not ids_unread else None
             if places is not None and routes.num_layers:
                 # (a sequence's rows that force nothing, -1 padding of its own a mask may mark padding: not known there)
                 places = torch.where((places >= 0) & routes.missing.all(dim=1), -2, places)
@@ -3448,6 +3453,14 @@ def _check_forces_some(routes: Routes, layers: list[int]) -> None:
         "recorded experts (a capture's, an engine's output read with its token count), or pass strict=False to "
         "route natively on purpose"
     )
+
+
+def _places_of_capture(seq_pos: torch.Tensor) -> torch.Tensor:
+    """The places a capture's rows were recorded at (``Routes._seq_pos``), as :class:`~moe_replay._feeds.OrderCheck`
+    reads a layout's: each row's place in its sequence, -2 where not known (a place after a cache no forward of the
+    capture built is a place all the same)."""
+    plain = unmarked_places(seq_pos.to(torch.long))
+    return torch.where(seq_pos == -1, -2, plain)
 
 
 def _rows_origin(routes: Routes) -> tuple[Any, int] | None:

@@ -26,6 +26,7 @@ from .test_evidence import T as ET
 from .test_gaps50 import _XS, _Block, _code, _ctrl_c_after, _GeneratorPerToken
 from .test_inner_hooks import LoggedRenorm
 from .test_lean import SeenModes
+from .test_rl50 import LENGTHS, _outcome, rollout  # noqa: F401  (a fixture)
 from .test_session_lifecycle import model_and_input
 
 # --- Ctrl-C in a router's forward and as a block is entered ---------------------------------------------------------
@@ -213,3 +214,30 @@ def test_an_iterator_no_item_of_which_waits_is_the_users_own_after_detach_with_n
         assert not any(isinstance(vars(b.router)["noise"], _Redrawn) for b in model), "items still wait"
         session.detach()
     assert all(vars(b.router)["noise"] is it for b, it in zip(model, held, strict=True))
+
+
+# --- a capture's rows stripped of their ids, sliced with no layout --------------------------------------------------
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_ulysses_slice_of_a_captures_rows_without_ids_fed_another_ranks_tokens_is_refused(
+    rollout: tuple[Any, ...],  # noqa: F811  (the fixture of test_rl50)
+) -> None:
+    """A capture's rows of one sequence, stripped of their token ids (on purpose: the tokens may differ) and sliced
+    for two Ulysses ranks with no layout: rank 0's rows fed rank 1's tokens of the sequence with their position_ids
+    are refused, as the same rows laid out are; each rank fed its own slice is exact. Dropping the ids lets other
+    tokens take the rows, not other places: each row keeps the place it was recorded at, and it is compared."""
+    model, session, _, seqs, per, want, _, state = rollout
+    model.load_state_dict(state)
+    n = LENGTHS[0]
+    routes = per[0].with_token_ids(None)
+    tokens, positions = seqs[0][None], torch.arange(n)[None]
+    half = n // 2
+    for own in (slice(0, half), slice(half, n)):
+        got = _outcome(model, session, routes[own], lambda s=own: model(tokens[:, s], position_ids=positions[:, s]))
+        assert got is not None, "refused though exact"
+        for name, rows in got.items():
+            assert torch.equal(rows, want[0][name][own]), f"slice {own} at {name}"
+    wrong = slice(n - half, n)  # (rank 1's tokens, as many as rank 0's rows)
+    got = _outcome(model, session, routes[:half], lambda: model(tokens[:, wrong], position_ids=positions[:, wrong]))
+    assert got is None, "rank 1's tokens were forced with rank 0's rows"
