@@ -1282,9 +1282,18 @@ class TracedFeedCheck:
         eager, those they stood at as the forward began: ``began``, one row per source). Returns what :meth:`ran`
         compares as the forward ends, where the rows are each router's own (else None)."""
         want, padding, state = self.want, self.padding, self.state
-        _, ids, _ = _inputs(args, kwargs)
+        count, ids, _ = _inputs(args, kwargs)
         if want is not None and (ids is not None or isinstance(kwargs.get("inputs_embeds"), torch.Tensor)):
             self.covered = True  # (fed the forward's tokens, as an eager forward is: its ids compared below)
+        if ids is None and count > 0 and self.calls is not None and want is not None and state is not None:
+            # fed embeddings: no id to compare, but each router's calls are checked as the forward ends all the same,
+            # by the forward's token count (a router called once more, a layer dropped: other forwards' rows)
+            cursors = self._cursors(began, want.device)
+            return [
+                (j, c.clone(), *self._unmarked(count, want.device))
+                for j, c in enumerate(cursors)
+                if self.calls[j] is not None
+            ]
         if ids is None or want is None or padding is None or state is None or not self.sources:
             return None
         if order in (MIXED, OTHER_ORDER) or ids.numel() == 0 or ids.dim() > 2:
@@ -1297,10 +1306,7 @@ class TracedFeedCheck:
         ids = ids.detach().to(want.device, torch.long)
         fed = _tokens_fed(given, ids) if ids.dim() == 2 else None  # (1: a token, 0: padding, -1: not known)
         fed = None if fed is None else fed.to(want.device)
-        if began is None:
-            cursors = [src.next_row() for src in self.sources]
-        else:
-            cursors = list(torch.tensor(began, dtype=torch.long).to(want.device).unbind())
+        cursors = self._cursors(began, want.device)
         if self.wants is None:
             start = cursors[0] if len(cursors) == 1 else torch.stack(cursors).max()
             compared = self._compared(ids, fed, order, want, padding, start)
@@ -1308,7 +1314,7 @@ class TracedFeedCheck:
                 self._mark(*compared)
             if self.calls is None:
                 return None
-            return [(j, c.clone(), *self._unmarked(ids, want.device)) for j, c in enumerate(cursors)]
+            return [(j, c.clone(), *self._unmarked(ids.numel(), want.device)) for j, c in enumerate(cursors)]
         # (per router: its place, the row it stood at, whether its rows differ, what a mismatch marks)
         pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for j, (start, (mine, at_padding)) in enumerate(zip(cursors, self.wants, strict=True)):
@@ -1318,14 +1324,20 @@ class TracedFeedCheck:
                 refused, found = compared
                 pending.append((j, start, refused, torch.cat([found, torch.full_like(found[:1], j)])))
             elif self.calls is not None and self.calls[j] is not None:  # (its calls are checked all the same)
-                pending.append((j, start, *self._unmarked(ids, want.device)))
+                pending.append((j, start, *self._unmarked(ids.numel(), want.device)))
         return pending
 
-    def _unmarked(self, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cursors(self, began: Sequence[int] | None, device: torch.device) -> list[torch.Tensor]:
+        """The row each source reads next (its device cursor), or, eager, the rows ``began`` they stood at."""
+        if began is None:
+            return [src.next_row() for src in self.sources]
+        return list(torch.tensor(began, dtype=torch.long).to(device).unbind())
+
+    def _unmarked(self, count: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """What :meth:`ran` takes of a router whose rows' ids are not compared: never refused for its tokens, the
         forward's token count (what the calls check reads)."""
         found = torch.zeros(self.ROUTER + 1, dtype=torch.long, device=device)
-        found[self.COUNT] = ids.numel()
+        found[self.COUNT] = count
         return torch.zeros((), dtype=torch.bool, device=device), found
 
     def ran(self, pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] | None) -> None:

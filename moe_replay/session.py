@@ -2038,7 +2038,8 @@ class Session:
                 routes._lineage = self._feeds.lineage(routes._call_rows, routes._seq_pos)
             if routes._token_ids is None and all(c is not None for c in each):  # (rows of no one id each)
                 _router_ids(routes, self._feeds, each)
-                if routes._router_ids is not None and routes._call_rows is None:  # (each router's own calls, too)
+                if routes._call_rows is None:  # (each router's own calls, too: known from the forwards' bounds, ids
+                    # or none; forwards fed embeddings keep none, and their routers' calls are checked all the same)
                     routes._router_calls = tuple(
                         None if (made := self._feeds.forward_calls(c, i)) is None or c is None else (c, made)
                         for i, c in enumerate(each)

@@ -19,6 +19,7 @@ from moe_replay.intercept import NESTING, RouterHook, ScopedForward
 from moe_replay.session import _Block as _SessionBlock
 
 from .conftest import tried
+from .test_compiled48 import _Loop, _tokens
 from .test_decisions3 import D, Model, T
 from .test_evidence import D as ED
 from .test_evidence import RouterBlock, TwoLayers
@@ -241,3 +242,67 @@ def test_a_ulysses_slice_of_a_captures_rows_without_ids_fed_another_ranks_tokens
     wrong = slice(n - half, n)  # (rank 1's tokens, as many as rank 0's rows)
     got = _outcome(model, session, routes[:half], lambda: model(tokens[:, wrong], position_ids=positions[:, wrong]))
     assert got is None, "rank 1's tokens were forced with rank 0's rows"
+
+
+# --- the compiled per-router call check of forwards fed embeddings --------------------------------------------------
+
+
+class _LoopOfEmbeds(_Loop):
+    """:class:`_Loop` fed ``inputs_embeds`` (as HF models take them) instead of its token ids."""
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        h = h + self.a(h)
+        for _ in range(self.extra):
+            h = h + self.a(h)
+        if not self.skip:
+            h = h + self.b(h)
+        return h
+
+
+_PLANS = {
+    # a capture whose first forward called a once and whose second twice, replayed the other way round
+    "called once more": ([(0, False), (1, False)], [(1, False), (0, False)], "called again|more than one call"),
+    # b skipped in the second forward at capture, in the first at replay
+    "layer dropped": ([(0, False), (0, True)], [(0, True), (0, False)], "forward 1 of the capture"),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(_PLANS))
+def test_compiled_forwards_fed_embeddings_make_the_captured_router_calls_or_are_refused(case: str) -> None:
+    """Once silent: the per-router call check of compiled forwards (on the device) ran only for forwards fed token
+    ids: fed ``inputs_embeds``, a router called once more, or a layer dropped, in another forward than at capture
+    was forced with another forward's rows. Refused as the block ends, as the eager replay refuses it; the forwards
+    that make the captured calls replay exactly."""
+    torch._dynamo.reset()
+    captured, other, match = _PLANS[case]
+    model = _LoopOfEmbeds()
+    e = model.embed(_tokens()).detach()
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            for extra, skip in captured:
+                model.set(extra, skip)
+                model(inputs_embeds=e)
+        routes = session.routes()
+        with pytest.raises(mr.MoEReplayError, match=match), session.replay(routes):
+            for extra, skip in other:
+                model.set(extra, skip)
+                model(inputs_embeds=e)  # (eager: refused)
+        compiled = torch.compile(model, backend="eager")
+        with session.replay(routes), session.keep_scores() as kept:
+            for extra, skip in captured:
+                model.set(extra, skip)
+                compiled(inputs_embeds=e)
+        for name, used in zip(kept.names, kept.indices, strict=True):
+            assert torch.equal(used.long().cpu(), routes.layer(name).long())
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(mr.MoEReplayError, match=match), session.replay(routes):
+            for extra, skip in other:
+                model.set(extra, skip)
+                compiled(inputs_embeds=e)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert session.state == "idle"
+    torch._dynamo.reset()
