@@ -3108,6 +3108,8 @@ class OrderCheck(FeedCheck):
         #: too, or None: a sequence that runs on from one batch row into the next is refused by it
         self._layout = layout if places is not None else None
         self._kept = kept
+        #: the places are those a capture recorded its rows at (routes whose ids were dropped), not a layout's
+        self.captured = False
         #: each row's place in its sequence in the batch a BatchLayout laid the rows out for, -1 at its padding, -2
         #: where not known (``Routes._layout_pos``), or None; and (forward, first row, the places of its rows, a copy
         #: of its attention mask and position_ids) of the forwards fed them on a device, read when the block ends
@@ -3402,10 +3404,21 @@ class OrderCheck(FeedCheck):
             "(pass the batch's attention_mask, or position_ids that restart at each sequence, "
             "layout.position_ids())",
         }[what]
+        where = (
+            f"(first at batch position [{row}, {col}], row {start + row * int(wrong.shape[1]) + col} of the routes; "
+            f"{int(wrong.sum())} such position(s)), so its tokens would take the experts of other tokens."
+        )
+        if self.captured:  # (a capture's rows, their ids dropped: each keeps the place it was recorded at)
+            raise TokenMismatchError(
+                f"forward {forward} of this replay() reads rows a capture recorded at other places of their sequences "
+                f"than this batch puts its tokens at: {shown} {where} Their token ids were dropped "
+                "(with_token_ids(None): other tokens may take them), not their places. Feed the tokens at the places "
+                "they were captured at (a sequence-parallel rank its own slice of the rows), or lay the routes out "
+                "for the batch as fed (mr.BatchLayout)" + (f". {self.hint}" if self.hint else "")
+            )
         raise TokenMismatchError(
             f"forward {forward} of this replay() reads rows laid out by mr.BatchLayout for another batch: {shown} "
-            f"(first at batch position [{row}, {col}], row {start + row * int(wrong.shape[1]) + col} of the routes; "
-            f"{int(wrong.sum())} such position(s)), so its tokens would take the experts of other tokens. The batch "
+            f"{where} The batch "
             "holds its sequences in another order, with other lengths or padded on the other side than the layout "
             "(a shuffle, verl's rearrange_micro_batches, a re-tokenized prompt). The routes know no token ids to "
             "check each row: build the layout from the batch as fed (its sequences in its order, its padding side), "

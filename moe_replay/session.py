@@ -2514,6 +2514,7 @@ class Session:
                 # a capture's rows whose ids were dropped (with_token_ids(None): other tokens may take them), not laid
                 # out: each still holds the place in its sequence it was recorded at, and is forced only there
                 places = _places_of_capture(routes._seq_pos) if not ids_unread else None
+            captured = places is not None and layout is None
             if places is not None and routes.num_layers:
                 # (a sequence's rows that force nothing, -1 padding of its own a mask may mark padding: not known there)
                 places = torch.where((places >= 0) & routes.missing.all(dim=1), -2, places)
@@ -2527,6 +2528,7 @@ class Session:
                 layout=layout,
             )
             order.scope_of = self._scope_of(held)
+            order.captured = captured
             if len({src.num_rows for src in held}) == 1:  # (every router in step: each forward's calls are checked)
                 call_rows, forward_calls = routes._call_rows, routes._forward_calls
                 own = routes._router_calls

@@ -242,6 +242,9 @@ def test_a_ulysses_slice_of_a_captures_rows_without_ids_fed_another_ranks_tokens
     wrong = slice(n - half, n)  # (rank 1's tokens, as many as rank 0's rows)
     got = _outcome(model, session, routes[:half], lambda: model(tokens[:, wrong], position_ids=positions[:, wrong]))
     assert got is None, "rank 1's tokens were forced with rank 0's rows"
+    with pytest.raises(mr.TokenMismatchError, match=r"recorded at other places.*with_token_ids\(None\)"):
+        with session.replay(routes[:half]), torch.no_grad():
+            model(tokens[:, wrong], position_ids=positions[:, wrong])
 
 
 # --- the compiled per-router call check of forwards fed embeddings --------------------------------------------------
