@@ -10,6 +10,7 @@ with a ``MoEReplayError`` that says why, the model left as it was.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moe_replay as mr
 from tests.test_evidence import D, E, Experts, dispatch
 from tests.test_public_routers2 import _x
 from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
@@ -541,3 +543,83 @@ def test_refused_naming_why(case: str) -> None:
     opts = dict(options)
     train = bool(opts.pop("train", False))
     assert_refused(make(), x(), match, train=train, **opts)
+
+
+# ----------------------------------------------------------------------- Qwen3-Omni's talker, the real code
+# huggingface/transformers src/transformers/models/qwen3_omni_moe/modeling_qwen3_omni_moe.py
+# (``Qwen3OmniMoeTalkerModel``): the talker text model as transformers builds it (a tiny random config; no
+# download), fed embeddings as the talker is (the thinker's projected hidden states). The transformers sweep
+# cannot build it alone (its config is a sub-config of the composite model), so it is checked here.
+def _talker() -> nn.Module:
+    pytest.importorskip("transformers")
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTalkerTextConfig
+
+    config = Qwen3OmniMoeTalkerTextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = modeling.Qwen3OmniMoeTalkerModel(config).eval()
+    with torch.no_grad():  # (its init leaves the routers' weights at zero and the expert tables unset)
+        for name, p in model.named_parameters():
+            if ".mlp.experts." in name or name.endswith(".mlp.gate.weight"):
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def _force_talker_router(router: nn.Module, rows: torch.Tensor) -> None:
+    """``Qwen3OmniMoeTalkerTextTopKRouter.forward`` with ``rows`` in place of its ``topk``, by hand."""
+
+    def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden_states = hidden_states.reshape(-1, router.hidden_dim)
+        router_logits = F.linear(hidden_states, router.weight)
+        router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
+        router_top_value = router_probs.gather(-1, rows)
+        if router.norm_topk_prob:
+            router_top_value = router_top_value / router_top_value.sum(dim=-1, keepdim=True)
+        return router_logits, router_top_value.to(router_logits.dtype), rows
+
+    router.forward = forward  # type: ignore[method-assign]
+
+
+@pytest.mark.reliability("silent replays")
+def test_qwen3_omni_talker_of_transformers_replays_the_recorded_experts() -> None:
+    """The real ``Qwen3OmniMoeTalkerModel``: its two routers found (not the ``shared_expert_gate`` beside them),
+    and after the routers change, a replay's output and router gradients are those of the recorded experts forced
+    by hand into a copy never attached, while a free forward chooses other experts."""
+    model = _talker()
+    ref = copy.deepcopy(model)
+    embeds = _x(2, 6, seed=3).repeat(1, 1, 2)
+    with mr.attach(model) as session:
+        assert session.names == ("layers.0.mlp.gate", "layers.1.mlp.gate")
+        with torch.no_grad(), session.capture():
+            model(inputs_embeds=embeds)
+        routes = session.routes()
+        rows = [routes.layer(name).long() for name in session.names]
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for m in (model, ref):
+                for name in session.names:
+                    gate = m.get_submodule(name)
+                    gate.weight.copy_(torch.randn(gate.weight.shape, generator=generator))
+                generator.manual_seed(7)
+        with torch.no_grad(), session.capture():
+            model(inputs_embeds=embeds)
+        free = session.routes()
+        assert any(not torch.equal(free.layer(n).long(), r) for n, r in zip(session.names, rows, strict=True))
+        for name, r in zip(session.names, rows, strict=True):
+            _force_talker_router(ref.get_submodule(name), r)
+        expected = ref(inputs_embeds=embeds).last_hidden_state
+        expected.square().sum().backward()
+        with session.replay(routes), session.capture():
+            replayed = model(inputs_embeds=embeds).last_hidden_state
+        again = session.routes()
+        replayed.square().sum().backward()
+        for name, r in zip(session.names, rows, strict=True):
+            assert torch.equal(again.layer(name).long(), r), name
+            grad = model.get_submodule(name).weight.grad
+            assert grad is not None and grad.abs().sum() > 0, name
+            assert torch.equal(grad, ref.get_submodule(name).weight.grad), name
+        assert torch.equal(replayed, expected)
