@@ -623,3 +623,82 @@ def test_qwen3_omni_talker_of_transformers_replays_the_recorded_experts() -> Non
             assert grad is not None and grad.abs().sum() > 0, name
             assert torch.equal(grad, ref.get_submodule(name).weight.grad), name
         assert torch.equal(replayed, expected)
+
+
+# ----------------------------------------------------------------------- ERNIE-4.5-VL: a router per modality, real
+# huggingface/transformers src/transformers/models/ernie4_5_vl_moe/modeling_ernie4_5_vl_moe.py
+# (``Ernie4_5_VLMoeMoeBlock``, ``Ernie4_5_VLMoeMoeTopKRouter``): every MoE layer holds a text MoE and a vision MoE,
+# each with its own router; ``moe_mm_token_type_ids`` sends the text tokens through the one and the image tokens
+# through the other (boolean indexing, a different number of rows for each), plus a shared expert; the router's top-k
+# runs on the softmax plus ``e_score_correction_bias``, the weights gathered from the unbiased softmax. The
+# transformers sweep runs text only, where the vision routers stay idle: here a batch mixes both.
+def _force_ernie_router(router: nn.Module, rows: torch.Tensor) -> None:
+    """``Ernie4_5_VLMoeMoeTopKRouter.forward`` with ``rows`` in place of its ``topk``, by hand."""
+
+    def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = F.linear(hidden_states.float(), router.weight.float())
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        routing_weights = torch.gather(routing_weights, dim=-1, index=rows)
+        routing_weights = routing_weights / torch.clamp(routing_weights.sum(dim=-1, keepdim=True), min=router.norm_min)
+        return router_logits, routing_weights.to(hidden_states.dtype), rows
+
+    router.forward = forward  # type: ignore[method-assign]
+
+
+@pytest.mark.reliability("silent replays")
+def test_ernie_4_5_vl_text_and_vision_routers_on_a_mixed_batch_replay_exactly() -> None:
+    """The real ERNIE-4.5-VL language model on a batch of text and image tokens (a different number of each): both
+    routers of every MoE layer found and recorded (each its own rows), and after the routers change, a replay's
+    output and router gradients are those of the recorded experts forced by hand into a copy never attached, while
+    a free forward chooses other experts."""
+    pytest.importorskip("transformers")
+    from tests import hf_sweep
+
+    built = hf_sweep.build("ernie4_5_vl_moe")
+    assert not isinstance(built, str)
+    model = built.model.get_submodule("model.language_model").eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # (the tiny build leaves the routers at zero and the correction bias at zero)
+        for name, p in model.named_parameters():
+            if name.endswith("_moe.gate.weight"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+            elif name.endswith("e_score_correction_bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+    ref = copy.deepcopy(model)
+    hidden = model.config.hidden_size
+    token_types = torch.zeros(2, 8, dtype=torch.long)
+    token_types[:, 2:5] = 1
+    token_types[1, 5] = 1
+    inputs = {"inputs_embeds": torch.randn(2, 8, hidden, generator=generator), "moe_mm_token_type_ids": token_types}
+    gates = [n for n, _ in model.named_modules() if n.endswith(("text_moe.gate", "vision_moe.gate"))]
+    with mr.attach(model) as session:
+        assert list(session.names) == gates and any("vision" in n for n in gates)
+        with torch.no_grad(), session.capture():
+            model(**inputs)
+        routes = session.routes()
+        rows = {n: routes.layer(n).long() for n in session.names}
+        vision, text = int(token_types.sum()), int((token_types == 0).sum())
+        assert {n: r.shape[0] for n, r in rows.items()} == {n: vision if "vision" in n else text for n in gates}
+        with torch.no_grad():
+            for name in session.names:
+                weight = torch.randn(model.get_submodule(name).weight.shape, generator=generator)
+                model.get_submodule(name).weight.copy_(weight)
+                ref.get_submodule(name).weight.copy_(weight)
+        with torch.no_grad(), session.capture():
+            model(**inputs)
+        free = session.routes()
+        assert all(not torch.equal(free.layer(n).long(), rows[n]) for n in session.names)
+        for name in session.names:
+            _force_ernie_router(ref.get_submodule(name), rows[name])
+        expected = ref(**inputs).last_hidden_state
+        expected.square().sum().backward()
+        with session.replay(routes), session.capture():
+            replayed = model(**inputs).last_hidden_state
+        again = session.routes()
+        replayed.square().sum().backward()
+        for name in session.names:
+            assert torch.equal(again.layer(name).long(), rows[name]), name
+            grad = model.get_submodule(name).weight.grad
+            assert grad is not None and grad.abs().sum() > 0, name
+            assert torch.equal(grad, ref.get_submodule(name).weight.grad), name
+        assert torch.equal(replayed, expected)
