@@ -551,7 +551,7 @@ def test_refused_naming_why(case: str) -> None:
 # download), fed embeddings as the talker is (the thinker's projected hidden states). The transformers sweep
 # cannot build it alone (its config is a sub-config of the composite model), so it is checked here.
 def _talker() -> nn.Module:
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers.models.qwen3_omni_moe")
     from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as modeling
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTalkerTextConfig
 
@@ -651,7 +651,7 @@ def test_ernie_4_5_vl_text_and_vision_routers_on_a_mixed_batch_replay_exactly() 
     routers of every MoE layer found and recorded (each its own rows), and after the routers change, a replay's
     output and router gradients are those of the recorded experts forced by hand into a copy never attached, while
     a free forward chooses other experts."""
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers.models.ernie4_5_vl_moe")
     from tests import hf_sweep
 
     built = hf_sweep.build("ernie4_5_vl_moe")
