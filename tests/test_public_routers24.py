@@ -702,3 +702,26 @@ def test_ernie_4_5_vl_text_and_vision_routers_on_a_mixed_batch_replay_exactly() 
             assert grad is not None and grad.abs().sum() > 0, name
             assert torch.equal(grad, ref.get_submodule(name).weight.grad), name
         assert torch.equal(replayed, expected)
+
+
+def _dropped(model: nn.Module, x: torch.Tensor) -> int:
+    """How many items LIMoE's routers of ``model`` drop over ``x`` (each layer on its own input), by hand."""
+    count = 0
+    with torch.no_grad():
+        for layer in model.layers:
+            _, w = layer.router(x, torch.arange(x.shape[1]) >= layer.num_image_tokens)
+            count += int((w == 0).sum())
+            x = x + layer(x)
+    return count
+
+
+@pytest.mark.reliability("silent replays")
+def test_limoe_batch_priority_is_refused_on_a_first_batch_where_nothing_drops() -> None:
+    """LIMoE's batch priority routing on a first batch where every item fits its expert's buffer (the sort by the
+    top gate changes nothing on that batch) and a capacity that a larger batch overflows: refused at that first
+    capture, so that a later batch whose items are dropped by their gate is never recorded as if the recorded
+    experts were the ones used; the model as it was."""
+    model = Layers(lambda: LIMoEMoeLayer(batch_priority=True, capacity_factor=2.0)).eval()
+    fits, drops = _x(1, 4, seed=1), _x(2, 12)
+    assert _dropped(model, fits) == 0 and _dropped(model, drops) > 0
+    assert_refused(model, fits, r"'layers\.0\.router': after its decision .* chooses again from the current scores")
