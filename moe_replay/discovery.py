@@ -665,6 +665,16 @@ def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
     return [t for t in (*params.values(), *buffers.values()) if t is not None]
 
 
+def _read_attr(obj: Any, key: str) -> Any:
+    """``getattr(obj, key, None)``, with a read that raises taken as absent: a config attribute that has no single
+    value (transformers' per-layer configs raise on a global read of a value that differs between layers) or a
+    property that fails says nothing about the routers, whose own modules hold the value."""
+    try:
+        return getattr(obj, key, None)
+    except Exception:
+        return None
+
+
 def _int_attr(obj: Any, keys: Sequence[str]) -> int | None:
     if obj is None:
         return None
@@ -676,7 +686,7 @@ def _int_attr(obj: Any, keys: Sequence[str]) -> int | None:
     for key in keys:
         if own is not None and key not in own and not hasattr(type(obj), key):
             continue
-        v = getattr(obj, key, None)
+        v = _read_attr(obj, key)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
@@ -689,7 +699,7 @@ def _config_int(config: Any, keys: Sequence[str]) -> int | None:
     if found is not None:
         return found
     for sub in _NESTED_CONFIGS:
-        found = _int_attr(getattr(config, sub, None), keys)
+        found = _int_attr(_read_attr(config, sub), keys)
         if found is not None:
             return found
     return None

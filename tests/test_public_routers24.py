@@ -725,3 +725,123 @@ def test_limoe_batch_priority_is_refused_on_a_first_batch_where_nothing_drops() 
     fits, drops = _x(1, 4, seed=1), _x(2, 12)
     assert _dropped(model, fits) == 0 and _dropped(model, drops) > 0
     assert_refused(model, fits, r"'layers\.0\.router': after its decision .* chooses again from the current scores")
+
+
+# ----------------------------------------------------------------------- dots3 note: a vision MoE, real
+# huggingface/transformers src/transformers/models/dots3_note/modeling_dots3_note.py (``Dots3NoteVisionTopKRouter``,
+# ``Dots3NoteVisionMoE``, ``Dots3NoteVisionModel``) and configuration_dots3_note.py (``pyramid_num_routed``): the
+# vision encoder's MoE blocks hold a pyramid of expert counts (dense first layers, then more experts deeper), kept
+# in a per-layer config whose global ``num_local_experts`` has no single value (a read of it raises); the router
+# (a float ``weight``, sigmoid) takes the block's ``e_score_correction_bias`` as an argument, a ``topk(sorted=False)``
+# of the biased scores, the weights gathered from the unbiased ones, renormalised and scaled. The transformers sweep
+# runs text only, where the vision encoder never runs.
+def _dots3_vision() -> nn.Module:
+    pytest.importorskip("transformers.models.dots3_note")
+    from transformers.models.dots3_note import configuration_dots3_note as configuration
+    from transformers.models.dots3_note import modeling_dots3_note as modeling
+
+    config = configuration.Dots3NoteVisionConfig(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, patch_size=2,
+        moe_intermediate_size=16, adapter_in_dim=32, adapter_out_dim=32, num_experts_per_tok=2,
+        pyramid_num_routed=[-1, 4, 8],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = modeling.Dots3NoteVisionModel(config).eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # (the router weights and expert tables are left unset by its init)
+        for name, p in model.named_parameters():
+            if ".mlp.experts." in name or name.endswith(".mlp.gate.weight"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn(b.shape, generator=generator))
+    return model
+
+
+def _force_dots3_router(router: nn.Module, rows: torch.Tensor) -> None:
+    """``Dots3NoteVisionTopKRouter.forward`` with ``rows`` in place of its ``topk``, by hand."""
+
+    def forward(
+        hidden_states: torch.Tensor, e_score_correction_bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden_states = hidden_states.reshape(-1, router.hidden_dim)
+        router_logits = F.linear(hidden_states.float(), router.weight.float())
+        top_k_weights = torch.sigmoid(router_logits).gather(1, rows)
+        top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return router_logits, top_k_weights * router.router_scaling_factor, rows
+
+    router.forward = forward  # type: ignore[method-assign]
+
+
+@pytest.mark.reliability("silent replays")
+def test_dots3_note_vision_moe_with_a_pyramid_of_expert_counts_replays_exactly() -> None:
+    """The real dots3 note vision encoder over one image: attach reads a per-layer config whose global expert count
+    raises (once a transformers error out of ``attach``), finds both MoE routers with their own expert counts (4,
+    then 8), and after the routers change, a replay's output and router gradients are those of the recorded experts
+    forced by hand into a copy never attached, while a free forward chooses other experts."""
+    model = _dots3_vision()
+    ref = copy.deepcopy(model)
+    pixels = torch.randn(16, 12, generator=torch.Generator().manual_seed(4))  # (16 patches of 3 x 2 x 2)
+    inputs = {"pixel_values": pixels, "grid_thw": torch.tensor([[1, 4, 4]])}
+    with mr.attach(model) as session:
+        assert session.names == ("blocks.1.mlp.gate", "blocks.2.mlp.gate")
+        with torch.no_grad(), session.capture():
+            model(**inputs)
+        routes = session.routes()
+        rows = {n: routes.layer(n).long() for n in session.names}
+        assert [int(r.max()) < e for r, e in zip(rows.values(), (4, 8), strict=True)] == [True, True]
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name in session.names:
+                weight = torch.randn(model.get_submodule(name).weight.shape, generator=generator)
+                model.get_submodule(name).weight.copy_(weight)
+                ref.get_submodule(name).weight.copy_(weight)
+        with torch.no_grad(), session.capture():
+            model(**inputs)
+        free = session.routes()
+        assert all(not torch.equal(free.layer(n).long(), rows[n]) for n in session.names)
+        for name in session.names:
+            _force_dots3_router(ref.get_submodule(name), rows[name])
+        expected = ref(**inputs).last_hidden_state
+        expected.square().sum().backward()
+        with session.replay(routes), session.capture():
+            replayed = model(**inputs).last_hidden_state
+        again = session.routes()
+        replayed.square().sum().backward()
+        for name in session.names:
+            assert torch.equal(again.layer(name).long(), rows[name]), name
+            grad = model.get_submodule(name).weight.grad
+            assert grad is not None and grad.abs().sum() > 0, name
+            assert torch.equal(grad, ref.get_submodule(name).weight.grad), name
+        assert torch.equal(replayed, expected)
+
+
+class _PerLayerConfig:
+    """A config whose global expert count has no single value: reading it raises, as transformers' per-layer
+    configs do (not an ``AttributeError``, so ``getattr(..., None)`` does not swallow it)."""
+
+    @property
+    def num_experts(self) -> int:
+        raise RuntimeError("num_experts differs between layers: read it from the layer's config")
+
+
+class _ConfiguredLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.test_public_routers6 import GateBlock
+
+        torch.manual_seed(0)
+        self.config = _PerLayerConfig()
+        self.layers = nn.ModuleList([GateBlock(), GateBlock()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_config_attribute_that_raises_on_read_is_no_evidence_and_no_crash() -> None:
+    """A model whose config raises on a read of its expert count (a per-layer value with no global one): discovery
+    takes the count from the routers themselves; capture and replay are exact, never the config's error."""
+    assert_exact(_ConfiguredLayers(), _x())
