@@ -2167,10 +2167,12 @@ def _rest_of(items: list[tuple[Any, Any]], source: Any, key: Any) -> Generator[A
     """A generator that gives the items the runs drew from ``source`` and no forward was given (each for the value
     it was drawn for, as :class:`_Redrawn` gives them), then the source's own from where it stands: what the source
     would give a model whose forwards made no run. ``close()`` closes the source too; ``throw()`` while an item
-    waits is refused, as :meth:`_Redrawn.throw` refuses it."""
+    waits is refused, as :meth:`_Redrawn.throw` refuses it. Started at once by its maker (it first gives None), so a
+    throw before its first item is refused too: a generator not started would raise it without running a line."""
     sent: Any = None
-    for value, item in items:
-        if not _same_sent(value, sent):
+    started = False
+    for value, item in [(None, None), *items]:
+        if started and not _same_sent(value, sent):
             raise UnsupportedRouterError(
                 f"'{key}' is a generator driven with send(): the runs that establish a router's decision drew an "
                 f"item from it for {value!r:.40}, and the model now sends {sent!r:.40}; what the generator gives for "
@@ -2191,6 +2193,7 @@ def _rest_of(items: list[tuple[Any, Any]], source: Any, key: Any) -> Generator[A
                 "gives for the throw cannot be known. Throw into it once those items were drawn (or draw with "
                 "next() only)"
             ) from None
+        started = True
     try:
         first = next(source) if sent is None else source.send(sent)
     except StopIteration as stop:
@@ -2220,6 +2223,7 @@ def give_back_iterators(modules: list[nn.Module]) -> list[str]:
             if isinstance(held := _held_at(home, key), _Redrawn) and held.tape is tape
         ]
         rest = _rest_of(list(tape.items), tape.source, homes[0][1] if homes else "")
+        next(rest)  # (started: see _rest_of)
         for home, key in homes:
             _put_at(home, key, rest)
             given.append(str(key))

@@ -339,19 +339,38 @@ def test_a_generator_a_router_holds_closes_and_is_thrown_into_as_without_the_lib
     torch.manual_seed(0)
     model = nn.Sequential(_Block(_JitterFromAGenerator()), _Block(_JitterFromAGenerator()))
     own = [vars(b.router)["noise"] for b in model]
-    with mr.attach(model) as session, torch.no_grad(), session.capture():
-        model(_XS[0][:1])  # (one token: the runs drew more than this forward)
+    with mr.attach(model) as session:  # (attached: the stand-in is in the attribute while items wait)
+        with torch.no_grad(), session.capture():
+            model(_XS[0][:1])  # (one token: the runs drew more than this forward)
+        first, second = (b.router for b in model)
+        assert vars(first)["noise"] is not own[0], "no item waits: the case this test is for does not arise"
+        with pytest.raises(mr.MoEReplayError, match=r"thrown into"):
+            first.noise.throw(ValueError("stop"))
+        assert not first.closed
+        first.noise.close()
+        assert first.closed and vars(first)["noise"] is own[0]
+        with pytest.raises(StopIteration):
+            next(first.noise)
+        while vars(second)["noise"] is not own[1]:  # (the forwards that follow are given every waiting item)
+            next(second.noise)
+        with pytest.raises(ValueError, match="stop"):
+            second.noise.throw(ValueError("stop"))
+        assert second.closed
+
+
+@pytest.mark.reliability("the model is left as it was")
+def test_a_generator_handed_back_at_detach_refuses_a_throw_while_items_wait() -> None:
+    """Where items the runs drew still wait at detach, the router's attribute is given a plain generator of them and
+    then the router's own; a throw into it before its first item is refused as a throw into the stand-in is (a
+    generator not started would raise the exception without running a line), and close() closes the router's own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(_JitterFromAGenerator()), _Block(_JitterFromAGenerator()))
+    own = [vars(b.router)["noise"] for b in model]
+    with pytest.warns(RuntimeWarning), mr.attach(model) as session, torch.no_grad(), session.capture():
+        model(_XS[0][:1])
     first, second = (b.router for b in model)
     assert vars(first)["noise"] is not own[0], "no item waits: the case this test is for does not arise"
     with pytest.raises(mr.MoEReplayError, match=r"thrown into"):
         first.noise.throw(ValueError("stop"))
-    assert not first.closed
-    first.noise.close()
-    assert first.closed and vars(first)["noise"] is own[0]
-    with pytest.raises(StopIteration):
-        next(first.noise)
-    while vars(second)["noise"] is not own[1]:  # (the forwards that follow are given every waiting item)
-        next(second.noise)
-    with pytest.raises(ValueError, match="stop"):
-        second.noise.throw(ValueError("stop"))
+    second.noise.close()
     assert second.closed
