@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ._checks import is_integer, is_one_of, router_names
+from ._feeds import unmarked_places
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -347,6 +348,36 @@ def _check_same_tokens(a: Routes, b: Routes, names: Sequence[str]) -> None:
                 "comparable; compare routes of the same tokens in the same order (or drop the ids with "
                 "with_token_ids(None) to compare them anyway)"
             )
+    _check_same_places_in_sequences(a, b)
+
+
+def _check_same_places_in_sequences(a: Routes, b: Routes) -> None:
+    """Refuse rows of one token id that were recorded at other places in their sequences (``Routes._seq_pos``).
+
+    A token id alone does not tell a token: a run of one repeated id (padding fed as tokens, a line of spaces, the
+    same prompt twice) gives every row of it one id, so rows cut or picked out of it at other places pass the id
+    check while each is compared with another token's decision, made after other tokens. A replay refuses such rows
+    by the same places; here they are checked where both sides know each row's id and place. Dropping the ids
+    (``with_token_ids(None)``) compares the rows anyway, as it does for other ids.
+    """
+    ids_a, ids_b = a.token_ids, b.token_ids
+    pa, pb = a._seq_pos, b._seq_pos
+    if ids_a is None or ids_b is None or pa is None or pb is None:
+        return
+    if not ids_a.shape == ids_b.shape == pa.shape == pb.shape:
+        return
+    pa, pb = unmarked_places(pa), unmarked_places(pb)
+    wrong = ((ids_a >= 0) & (ids_b >= 0) & (pa >= 0) & (pb >= 0) & (pa != pb)).nonzero().flatten()
+    if wrong.numel():
+        row = int(wrong[0])
+        raise RoutesValidationError(
+            f"the two were recorded for other tokens: row {row} is token {int(ids_a[row])} on both sides, but at "
+            f"place {int(pa[row])} of its sequence in a and at place {int(pb[row])} in b ({wrong.numel()} of "
+            f"{ids_a.numel()} rows differ so), so each decision was made after other tokens and they are not "
+            "comparable. Were rows cut or picked out of their sequences on one side (routes[1:], routes[::2], "
+            "halves joined in another order)? Compare routes of the same tokens in the same order (or drop the ids "
+            "with with_token_ids(None) to compare them anyway)"
+        )
 
 
 def _check_same_places(a: Routes, b: Routes) -> None:
@@ -492,7 +523,9 @@ def compare(
         RoutesValidationError: the two hold different routers, token counts, k or
             expert counts, were recorded for other tokens (both know their
             :attr:`~moe_replay.Routes.token_ids`, or each router's own where its rows are not one
-            per token of the same forwards, and they differ), were laid out by a
+            per token of the same forwards, and they differ; or where both know each row's token id and its
+            place in its sequence, the same id at other places: rows cut or picked out of a run of one repeated
+            token), were laid out by a
             :class:`~moe_replay.BatchLayout` for another batch than the other's (a sequence's token at
             another place in the other's layout, or at a row the other's capture recorded at padding),
             were captured on batches padded otherwise (a row padding in one and a token in the

@@ -1,0 +1,105 @@
+"""Misuse of routes and their metrics by a notebook user in a hurry: rows cut, picked or joined out of their sequences
+and compared with a capture, routes read into torch and numpy, metrics of routes with -1 rows. Each answer is exact
+(checked against a computation of the user's own) or refused with a ``MoEReplayError`` that says what is wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import moe_replay as mr
+
+
+@pytest.fixture(scope="module")
+def repeated() -> dict[str, Any]:
+    """A capture of one sequence of a single repeated token id (padding fed as tokens, a line of spaces): every row
+    holds the same id, and the routers still choose differently along the sequence (each place sees more of it)."""
+    model = mr.models.build("softmax_topk", num_layers=2, seed=0)
+    ids = torch.full((1, 8), 7)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(ids)
+        routes = session.routes()
+    rows = routes.layer(routes.names[0])
+    assert len({tuple(sorted(r.tolist())) for r in rows}) > 1, "the example needs decisions that differ by place"
+    return {"model": model, "ids": ids, "routes": routes}
+
+
+def _by_hand(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of rows whose expert sets differ."""
+    return float((a.sort(dim=1).values != b.sort(dim=1).values).any(dim=1).float().mean())
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "how",
+    ["reversed", "halves swapped", "shifted by one"],
+)
+def test_rows_of_one_repeated_token_at_other_places_are_refused_by_compare(repeated: dict[str, Any], how: str) -> None:
+    """Once a silent wrong figure: rows of one repeated token id picked, joined or cut at other places of their
+    sequence than the other side's were compared row by row (the ids match, so the id check passed), each with the
+    decision of another token made after other tokens: ``compare`` reported differing decisions of routing that did
+    not differ, while a replay of the same rows is refused for their places. Now refused by the same places; dropping
+    the ids compares them anyway, as for other ids."""
+    r = repeated["routes"]
+    n = len(r)
+    if how == "reversed":
+        a, b = r, r[list(range(n - 1, -1, -1))]
+    elif how == "halves swapped":
+        a, b = r, mr.Routes.cat([r[n // 2 :], r[: n // 2]])
+    else:
+        a, b = r[1:], r[:-1]
+    assert torch.equal(a.token_ids, b.token_ids)  # (the id check alone cannot tell)
+    with pytest.raises(mr.RoutesValidationError, match="at place"):
+        mr.compare(a, b)
+    with pytest.raises(mr.RoutesValidationError, match="at place"):
+        mr.compare(b, a)
+    # the way out the error names: without ids, the rows are compared as they are
+    got = mr.compare(a.with_token_ids(None), b)
+    name = r.names[0]
+    assert got.per_layer[0] == pytest.approx(_by_hand(a.layer(name), b.layer(name)))
+
+
+@pytest.mark.reliability("false refusals")
+def test_rows_of_one_repeated_token_at_their_own_places_are_compared(repeated: dict[str, Any]) -> None:
+    """The same rows at their own places compare as they are: cut and joined back, a slice with the capture of that
+    slice's tokens in their context, rows taken in token order, a copy read back from a file."""
+    r, model, ids = repeated["routes"], repeated["model"], repeated["ids"]
+    n = len(r)
+    assert mr.compare(r, mr.Routes.cat([r[: n // 2], r[n // 2 :]])).overall == 0
+    assert mr.compare(r[2:5], r[2:5]).overall == 0
+    assert mr.compare(r, r.in_token_order()).overall == 0
+    # a capture of the same tokens in the same context, by another session: ids and places agree
+    with mr.attach(model) as again, torch.no_grad():
+        with again.capture():
+            model(ids)
+        other = again.routes()
+    assert mr.compare(r[3:], other[3:]).overall == 0
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_rollout_compared_with_its_teacher_forced_capture_is_not_refused_for_places() -> None:
+    """The README's rollout against its training forward: a left-padded generate() split per sequence, and a capture of
+    the right-padded teacher-forced batch laid out back per sequence. Each row's token sits at the same place of its
+    sequence on both sides (padding is no place), so the comparison runs; its figure matches a count by hand."""
+    model = mr.models.build("softmax_topk", num_layers=2, seed=0)
+    prompt = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            out = model.generate(prompt, max_new_tokens=4, attention_mask=mask, do_sample=False)
+        rollout = mr.split_generation(session.routes(), attention_mask=mask, sequences=out)
+        tokens = [torch.cat([p[m.bool()], o[6:]]) for p, m, o in zip(prompt, mask, out, strict=True)]
+        layout = mr.BatchLayout.padded([len(t) for t in tokens])
+        with session.capture():
+            model(layout.tokens(tokens), attention_mask=layout.attention_mask())
+        training = mr.Routes.cat(layout.unpack(session.routes()))
+    a = mr.Routes.cat(rollout)
+    report = mr.compare(a, training)
+    for i, name in enumerate(report.names):
+        x, y = a.layer(name), training.layer(name)
+        both = ~((x < 0).all(dim=1) | (y < 0).all(dim=1))
+        assert report.per_layer[i] == pytest.approx(_by_hand(x[both], y[both]))
+        assert report.compared[i] == int(both.sum())
