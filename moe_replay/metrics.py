@@ -45,6 +45,7 @@ from .errors import (
     UnknownRouterError,
 )
 from .routes import Routes, _rows_ids, in_token_order, order_untold
+from .session import _WRAPPER_NAMES, _prefix_maps, _unwrapped_map
 
 __all__ = ["RoutingComparison", "compare"]
 
@@ -299,6 +300,42 @@ def _router_labels(names: Sequence[str]) -> tuple[list[str], str]:
     return short, "router"
 
 
+def _only_wrappers(prefix: str) -> bool:
+    """Is ``prefix`` (of a prefix change) made of wrappers' module names alone (DDP's ``module.``, PEFT's
+    ``base_model.model.``, ``torch.compile``'s ``_orig_mod.``; see ``session._WRAPPER_NAMES``), or empty?"""
+    return all(part in _WRAPPER_NAMES for part in prefix.split(".") if part)
+
+
+def _named_as(b: Routes, a: Routes) -> Routes:
+    """``b`` under ``a``'s router names, where the two hold the same routers of one model named through other wrappers.
+
+    A capture of a model wrapped by DDP, ``torch.compile`` or PEFT names its routers ``module.layers.0...``,
+    ``_orig_mod.layers.0...`` or ``base_model.model.layers.0...``; the same model's routes captured bare or read from an
+    engine name them ``layers.0...``. A replay fits such names by itself; compared, they are paired by the one change
+    of wrappers' module names (at the front, or inside the paths as FSDP1 and ``checkpoint_wrapper`` put them) that
+    maps every router of ``b`` onto a distinct router of ``a``, all of them. Any other difference (another part of a
+    model, another layer, a change that fits in more than one way) leaves ``b`` as it is, to be refused naming it.
+    """
+    if len(a.names) != len(b.names):
+        return b
+    candidates = [c for c in _prefix_maps(b.names, a.names) if _only_wrappers(c[0][0]) and _only_wrappers(c[0][1])]
+    if len(candidates) == 1:
+        return b.rename(dict([candidates[0][0]]))
+    if not candidates and (by_path := _unwrapped_map(b.names, a.names)) is not None:
+        return b.rename(by_path)
+    return b
+
+
+def _rename_hint(a: Routes, b: Routes) -> str:
+    """How to fit ``b``'s router names onto ``a``'s, where one prefix change would (but not by wrappers alone, or in
+    more than one way): the rename that says which."""
+    fits = _prefix_maps(b.names, a.names) if len(a.names) == len(b.names) else []
+    if not fits:
+        return ""
+    ways = "; ".join(f"b.rename({{{old!r}: {new!r}}})" for (old, new), _ in fits[:3])
+    return f", or, where they are the same routers under other module names, rename one side first: {ways}"
+
+
 def _in_one_order(a: Routes, b: Routes) -> tuple[Routes, Routes]:
     """``a`` and ``b`` with their rows in one order, where one holds rows recorded sequence-first and the other not.
 
@@ -510,9 +547,12 @@ def compare(
 
     Args:
         a, b: routes of the same tokens (e.g. an engine's rollout and a training forward);
-            routers are matched by name. A capture of routers that saw the tokens sequence-first
-            is compared with rows in another order (an engine's) token by token, where both know
-            their :attr:`~moe_replay.Routes.token_ids`.
+            routers are matched by name. Names that differ by wrappers' module names alone (a
+            capture of the model under DDP's ``module.``, ``torch.compile``'s ``_orig_mod.`` or
+            PEFT's ``base_model.model.`` against its bare routes) are paired as a replay pairs them,
+            where one change fits every router; the report names them as ``a`` does. A capture of
+            routers that saw the tokens sequence-first is compared with rows in another order (an
+            engine's) token by token, where both know their :attr:`~moe_replay.Routes.token_ids`.
         mode: ``"set"`` (default): a decision is the set of k experts; ``"slot"``: the
             ordered k slots.
         names: compare only these routers (default: all, which both must hold).
@@ -574,13 +614,15 @@ def compare(
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
             raise InvalidArgumentError(f"names lists a router more than once: {twice[:3]}; name each once")
+    if set(a.names) != set(b.names):
+        b = _named_as(b, a)
     if names is None:
         if set(a.names) != set(b.names):
             only_a = [n for n in a.names if n not in b.names]
             only_b = [n for n in b.names if n not in a.names]
             raise RoutesValidationError(
                 f"the two hold different routers (only in a: {only_a[:3]}, only in b: {only_b[:3]}); pass names= "
-                "to compare the common ones"
+                "to compare the common ones" + _rename_hint(a, b)
             )
         names = a.names
     names = tuple(names)

@@ -1588,7 +1588,18 @@ def _missing_rows(rows: torch.Tensor, whole: bool) -> int:
 
 def reorder_hint(part: Routes, first: Routes, i: int, what: str = "part") -> str:
     """What to do when ``part`` (number ``i``) holds the routers of ``first`` in another order ("" when not)."""
-    if set(part.names) != set(first.names) or part.names == first.names:
+    if set(part.names) != set(first.names):
+        from .session import _prefix_maps  # (session builds on routes)
+
+        fits = _prefix_maps(part.names, first.names) if len(part.names) == len(first.names) else []
+        if not fits:
+            return ""
+        ways = " or ".join(f".rename({{{old!r}: {new!r}}})" for (old, new), _ in fits[:3])
+        return (
+            f": where these are the same routers under other module names (a model wrapped by DDP, torch.compile or "
+            f"PEFT), rename {what} {i} to the names of {what} 0 first with {ways}"
+        )
+    if part.names == first.names:
         return ""
     return f": the same routers in another order; reorder {what} {i} with .select() and the names of {what} 0"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +104,81 @@ def test_a_rollout_compared_with_its_teacher_forced_capture_is_not_refused_for_p
         both = ~((x < 0).all(dim=1) | (y < 0).all(dim=1))
         assert report.per_layer[i] == pytest.approx(_by_hand(x[both], y[both]))
         assert report.compared[i] == int(both.sum())
+
+
+class _Wrapper(torch.nn.Module):
+    """A wrapper around a whole model under one attribute (DDP's ``module``, ``torch.compile``'s ``_orig_mod``)."""
+
+    def __init__(self, model: torch.nn.Module, attr: str) -> None:
+        super().__init__()
+        self.attr = attr
+        setattr(self, attr, model)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, self.attr)(*args, **kwargs)
+
+
+def _peft_like(model: torch.nn.Module) -> torch.nn.Module:
+    """PEFT's nesting: ``base_model.model.<the model>``."""
+    return _Wrapper(_Wrapper(model, "model"), "base_model")
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.parametrize("wrap", ["module", "_orig_mod", "peft"])
+def test_a_capture_of_a_wrapped_model_is_compared_with_the_bare_models_routes(wrap: str) -> None:
+    """Once a false refusal with a hint that led nowhere: a rollout captured on the bare model (or read from an engine)
+    compared with the training capture of the same model under DDP, ``torch.compile`` or PEFT was refused as holding
+    other routers ("pass names= to compare the common ones", of which there were none), though a replay fits those
+    names by itself. Now paired by the one change of wrappers' module names, both ways, with the figures of the
+    explicit rename; the routers' names of ``a`` name the report."""
+    model = mr.models.build("softmax_topk", num_layers=2, seed=0)
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(ids)
+        bare = session.routes()
+    wrapped = _peft_like(model) if wrap == "peft" else _Wrapper(model, wrap)
+    with mr.attach(wrapped) as session, torch.no_grad():
+        with torch.no_grad():  # (move the routers: the two captures differ somewhere)
+            model.layers[1].mlp.router.weight.mul_(-1)
+        with session.capture():
+            wrapped(ids)
+        training = session.routes()
+        with torch.no_grad():
+            model.layers[1].mlp.router.weight.mul_(-1)
+    prefix = "base_model.model." if wrap == "peft" else f"{wrap}."
+    assert all(n.startswith(prefix) for n in training.names)
+    want = mr.compare(bare, training.rename({prefix: ""}))
+    assert want.per_layer[1] > 0  # (the example differs where the router moved)
+    got = mr.compare(bare, training)
+    assert got.names == bare.names
+    assert got == want
+    back = mr.compare(training, bare)
+    assert back.names == training.names
+    assert np.array_equal(back.differ, want.differ) and np.array_equal(back.compared, want.compared)
+    assert mr.compare(bare, training, names=[bare.names[1]]).per_layer[0] == want.per_layer[1]
+
+
+@pytest.mark.reliability("clear errors")
+def test_routers_of_another_part_or_layer_are_still_refused_and_cat_names_the_rename() -> None:
+    """Only wrappers' module names are fitted: routes of an encoder against a decoder's, or of other layers, are
+    refused as before (naming the rename that would say they are the same), and ``Routes.cat`` of one routes under a
+    wrapper's names and one bare says which rename joins them."""
+    rows = [torch.tensor([[0, 1], [2, 3]]), torch.tensor([[1, 2], [3, 0]])]
+    enc = mr.Routes(rows, names=["encoder.layers.0.gate", "encoder.layers.1.gate"], num_experts=4)
+    dec = enc.rename({"encoder.": "decoder."})
+    with pytest.raises(mr.RoutesValidationError, match=r"different routers.*rename\(\{'decoder\.': 'encoder\.'\}\)"):
+        mr.compare(enc, dec)
+    other_layers = mr.Routes(rows, names=["encoder.layers.2.gate", "encoder.layers.3.gate"], num_experts=4)
+    with pytest.raises(mr.RoutesValidationError, match="different routers"):
+        mr.compare(enc, other_layers)
+    # wrappers inside the paths (FSDP1's units, checkpoint_wrapper): fitted too; another module name inside is not
+    inner = {f"encoder.layers.{i}.": f"encoder.layers.{i}._checkpoint_wrapped_module." for i in (0, 1)}
+    assert mr.compare(enc, enc.rename(inner)).compared.tolist() == [len(r) for r in rows]
+    foo = {f"encoder.layers.{i}.": f"encoder.layers.{i}.foo." for i in (0, 1)}
+    with pytest.raises(mr.RoutesValidationError, match="different routers"):
+        mr.compare(enc, enc.rename(foo))
+    wrapped = enc.rename({"": "module."})
+    with pytest.raises(mr.RoutesValidationError, match=r"rename part 1 .*\.rename\(\{'module\.': ''\}\)"):
+        mr.Routes.cat([enc, wrapped])
+    assert mr.Routes.cat([enc, wrapped.rename({"module.": ""})]).equal(mr.Routes.cat([enc, enc]))
