@@ -162,3 +162,20 @@ def check_dense(value: Any, what: str, error: type[MoEReplayError] = ArgumentTyp
             f"{what} is a quantized tensor ({value.dtype}): its values are scaled, not integers; pass the integer "
             "tensor (tensor.int_repr() holds the stored integers, tensor.dequantize() the values)"
         )
+
+
+def as_tensor(value: Any) -> torch.Tensor:
+    """``torch.as_tensor(value)``, numpy arrays that torch does not take as they are included.
+
+    torch refuses an array of negative strides (``np.arange(n)[::-1]``, ``np.argsort(x)[::-1]``) or of the other byte
+    order with a ``ValueError``, and warns of a read-only one (``np.frombuffer``, a memory-mapped file); each holds
+    plain numbers, taken here from a native, C-ordered copy. Anything else goes to ``torch.as_tensor`` as it is (its
+    errors are the caller's to name).
+    """
+    if (
+        isinstance(value, np.ndarray)
+        and not value.dtype.hasobject
+        and (not value.dtype.isnative or not value.flags.writeable or any(s < 0 for s in value.strides))
+    ):
+        value = np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
+    return torch.as_tensor(value)

@@ -31,7 +31,7 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from ._checks import check_count, check_values, is_collection, is_integer, is_one_of
+from ._checks import as_tensor, check_count, check_values, is_collection, is_integer, is_one_of
 from ._feeds import unmarked_places
 from .errors import (
     ArgumentTypeError,
@@ -438,7 +438,7 @@ class BatchLayout:
         for i, ids in enumerate(sequences):
             check_values(ids, f"sequence {i}")  # (meta, sparse, nested, quantized: no ids to copy)
             try:
-                t = torch.as_tensor(ids)
+                t = as_tensor(ids)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise ArgumentTypeError(f"sequence {i} is not token ids (a tensor or a list of ints): {e}") from None
             if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:

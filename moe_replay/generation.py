@@ -48,7 +48,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import check_count, check_flag, check_values, is_integer, is_one_of
+from ._checks import as_tensor, check_count, check_flag, check_values, is_integer, is_one_of
 from ._feeds import HELD_FEWER, PLAIN_REORDERED, SHRINKS
 from ._progress import Progress, check
 from .batch import take_rows
@@ -66,7 +66,7 @@ def _integers(values: object, what: str) -> torch.Tensor:
     """``values`` as a 1-D int64 tensor; floats, bools and strings are refused, never cut (2.9 is not 2)."""
     check_values(values, what, InvalidArgumentError)
     try:
-        t = torch.as_tensor(values)
+        t = as_tensor(values)
     except (TypeError, ValueError, RuntimeError) as e:
         raise InvalidArgumentError(f"{what} must be integers, got {values!r:.80}: {e}") from None
     if t.numel() == 0:
@@ -80,7 +80,7 @@ def _as_mask(attention_mask: object) -> torch.Tensor:
     # (meta, sparse, nested, quantized: no 0/1 values to read, and torch's own error at the first comparison)
     check_values(attention_mask, "attention_mask", InvalidArgumentError)
     try:
-        mask = torch.as_tensor(attention_mask)
+        mask = as_tensor(attention_mask)
     except (TypeError, ValueError, RuntimeError) as e:
         raise InvalidArgumentError(
             f"attention_mask must be a [batch, prompt_len] tensor of 0/1, got a {type(attention_mask).__name__} "
@@ -234,7 +234,7 @@ def _batch_size(
     if prompt_lengths is not None:
         counts["prompt_lengths"] = len(_integers(prompt_lengths, "prompt_lengths"))
     if sequences is not None:
-        counts["sequences"] = int(torch.as_tensor(sequences).shape[0])
+        counts["sequences"] = int(as_tensor(sequences).shape[0])
     if not counts or min(counts.values()) < 1:
         raise InvalidArgumentError("give batch_size (or attention_mask, prompt_lengths or sequences to infer it)")
     if len(set(counts.values())) == 1:
@@ -390,7 +390,7 @@ def _width_hint(
         f"The capture's first forward (generate()'s prompt forward) routed {calls[0][0]} rows, {u} per sequence, "
         f"not {p}"
     )
-    width = int(torch.as_tensor(attention_mask).shape[1]) if attention_mask is not None else None
+    width = int(as_tensor(attention_mask).shape[1]) if attention_mask is not None else None
     if width is not None and sequences is not None and width == int(sequences.shape[1]) and u < p:
         return (
             f"{said}: the attention_mask given covers generate()'s whole output ({width} columns); pass the prompt "
@@ -740,7 +740,7 @@ def split_generation(
             raise InvalidArgumentError(
                 "give prompt_len, the padded prompt width (or a [batch, prompt_len] attention_mask)"
             )
-        prompt_len = int(torch.as_tensor(attention_mask).shape[1])
+        prompt_len = int(as_tensor(attention_mask).shape[1])
     b, p = batch_size, check_count(prompt_len, "prompt_len")
     if attention_mask is not None or prompt_lengths is not None:
         _check_unpadded(routes._call_rows, _prompt_mask(b, p, attention_mask, prompt_lengths, padding_side))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npformat
 
-from ._checks import check_count, check_dense, check_flag, check_values, is_collection, router_names
+from ._checks import as_tensor, check_count, check_dense, check_flag, check_values, is_collection, router_names
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -828,7 +828,7 @@ class Routes:
             raise RoutesValidationError(f"expected a [tokens, layers, k] array, got shape {array.shape}")
         if array.shape[1] != len(names):
             raise RoutesValidationError(f"array has {array.shape[1]} layers but {len(names)} names were given")
-        t = torch.from_numpy(array.astype(np.int64, copy=False))  # uint64 past int64 was refused above
+        t = torch.from_numpy(array.astype(np.int64))  # uint64 past int64 was refused above (a copy: never read-only)
         if is_collection(num_experts):  # (the dtype they came in must write every expert: as Routes checks its rows)
             counts: Any = num_experts
             for name, e in zip(names, counts, strict=False):
@@ -1878,7 +1878,7 @@ def _token_rows(index: Any, n: int) -> slice | torch.Tensor:
                 "positions (ints) or a boolean mask with one entry per token"
             )
         try:
-            rows = torch.as_tensor(index if isinstance(index, torch.Tensor) else np.asarray(index))
+            rows = as_tensor(index if isinstance(index, torch.Tensor) else np.asarray(index))
         except (TypeError, ValueError, RuntimeError) as e:
             raise ArgumentTypeError(f"token indices must be integers or a boolean mask, got {index!r}") from e
         if rows.device.type == "meta":

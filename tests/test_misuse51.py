@@ -4,6 +4,7 @@ and compared with a capture, routes read into torch and numpy, metrics of routes
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -182,3 +183,52 @@ def test_routers_of_another_part_or_layer_are_still_refused_and_cat_names_the_re
     with pytest.raises(mr.RoutesValidationError, match=r"rename part 1 .*\.rename\(\{'module\.': ''\}\)"):
         mr.Routes.cat([enc, wrapped])
     assert mr.Routes.cat([enc, wrapped.rename({"module.": ""})]).equal(mr.Routes.cat([enc, enc]))
+
+
+def _numpy_kinds(values: list[Any], dtype: Any) -> dict[str, Any]:
+    """The same numbers as numpy arrays torch does not take as they are: reversed twice (negative strides), of the
+    other byte order, read-only (a buffer, a memory-mapped file)."""
+    plain = np.asarray(values, dtype=dtype)
+    swapped = plain.astype(plain.dtype.newbyteorder("S" if plain.dtype.isnative else "="))
+    read_only = plain.copy()
+    read_only.flags.writeable = False
+    return {
+        "negative strides": np.flip(np.flip(plain).copy()),
+        "other byte order": swapped,
+        "read-only": read_only,
+    }
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.parametrize("kind", ["negative strides", "other byte order", "read-only"])
+def test_numpy_arrays_torch_does_not_take_as_they_are_index_lay_out_and_split_as_plain_ones(kind: str) -> None:
+    """Once a false refusal with a wrong word: ``routes[np.argsort(x)[::-1]]`` (tokens by descending score), a mask
+    flipped with ``np.fliplr`` given to ``split_generation``, token ids reversed with ``[::-1]`` given to
+    ``BatchLayout.tokens`` were refused as "not integers" or "not token ids" (torch's ValueError on a numpy array of
+    negative strides or of the other byte order, caught and misnamed); a read-only array got torch's warning of
+    undefined behaviour. Each now gives what the plain array gives, without a warning."""
+    model = mr.models.build("softmax_topk", num_layers=2, seed=0)
+    prompt = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            out = model.generate(prompt, max_new_tokens=3, attention_mask=torch.tensor(mask), do_sample=False)
+        routes = session.routes()
+    n = len(routes)
+    order = list(range(n - 1, -1, -1))
+    keep = [i % 3 != 1 for i in range(n)]
+    want_split = mr.split_generation(routes, attention_mask=torch.tensor(mask), sequences=out)
+    layout = mr.BatchLayout.padded([3, 2])
+    want_tokens = layout.tokens([torch.tensor([3, 2, 1]), torch.tensor([5, 4])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert routes[_numpy_kinds(order, np.int64)[kind]].equal(routes[order])
+        assert routes[_numpy_kinds(keep, bool)[kind]].equal(routes[keep])
+        got = mr.split_generation(routes, attention_mask=_numpy_kinds(mask, np.int64)[kind], sequences=out)
+        assert len(got) == len(want_split) and all(a.equal(b) for a, b in zip(got, want_split, strict=True))
+        seqs = [_numpy_kinds([3, 2, 1], np.int64)[kind], _numpy_kinds([5, 4], np.int32)[kind]]
+        assert torch.equal(layout.tokens(seqs), want_tokens)
+        arr = routes.to_numpy()
+        odd = _numpy_kinds(arr.tolist(), arr.dtype)[kind]
+        plain = mr.Routes.from_numpy(arr, names=routes.names, num_experts=8)
+        assert mr.Routes.from_numpy(odd, names=routes.names, num_experts=8).equal(plain)

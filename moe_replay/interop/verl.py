@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._checks import MAX_COUNT, check_count, check_flag, check_values, is_integer
+from .._checks import MAX_COUNT, as_tensor, check_count, check_flag, check_values, is_integer
 from .._progress import check, steps
 from ..batch import BatchLayout, _lengths, check_same_routers, routes_list
 from ..errors import ArgumentTypeError, RoutesValidationError
@@ -130,7 +130,7 @@ def _mask(attention_mask: torch.Tensor) -> np.ndarray:
     # (meta, sparse, nested, quantized: no 0/1 values to read, and torch's own error at the first comparison)
     check_values(attention_mask, "attention_mask", RoutesValidationError)
     try:
-        mask = torch.as_tensor(attention_mask).detach().cpu()
+        mask = as_tensor(attention_mask).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as e:
         raise RoutesValidationError(f"attention_mask must be a [batch, seq] tensor of 0 and 1: {e}") from None
     if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
