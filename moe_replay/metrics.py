@@ -606,6 +606,12 @@ def compare(
             hint = ": for what a session captured pass session.routes()"
         elif any(isinstance(x, (torch.Tensor, np.ndarray)) for x in (a, b)):
             hint = ": wrap index arrays with mr.Routes(...) or Routes.from_numpy(...)"
+        elif any(isinstance(x, list | tuple) and x and all(isinstance(p, Routes) for p in x) for x in (a, b)):
+            # (split_generation and BatchLayout.unpack give one Routes per sequence)
+            hint = (
+                ": for one Routes per sequence (split_generation, BatchLayout.unpack) join each side with "
+                "mr.Routes.cat(...), or compare the sequences one by one"
+            )
         raise ArgumentTypeError(f"compare takes two Routes, got {got}{hint}")
     if not isinstance(labels, tuple | list) or len(labels) != 2 or not all(isinstance(x, str) for x in labels):
         raise ArgumentTypeError(f"labels must be two strings, one for a and one for b, got {labels!r}")

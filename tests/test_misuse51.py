@@ -232,3 +232,17 @@ def test_numpy_arrays_torch_does_not_take_as_they_are_index_lay_out_and_split_as
         odd = _numpy_kinds(arr.tolist(), arr.dtype)[kind]
         plain = mr.Routes.from_numpy(arr, names=routes.names, num_experts=8)
         assert mr.Routes.from_numpy(odd, names=routes.names, num_experts=8).equal(plain)
+
+
+@pytest.mark.reliability("clear errors")
+def test_compare_of_lists_of_routes_per_sequence_says_to_join_them() -> None:
+    """``split_generation`` and ``BatchLayout.unpack`` give one Routes per sequence; passed to ``compare`` as they
+    come, the refusal said only that it takes two Routes. It now says how to join them, and joined they compare."""
+    a = [mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["g"], num_experts=4)] * 2
+    b = [mr.Routes([torch.tensor([[0, 1], [3, 1]])], names=["g"], num_experts=4)] * 2
+    with pytest.raises(mr.ArgumentTypeError, match=r"mr\.Routes\.cat"):
+        mr.compare(a, b)  # type: ignore[arg-type]
+    with pytest.raises(mr.ArgumentTypeError, match=r"mr\.Routes\.cat"):
+        mr.compare(mr.Routes.cat(a), tuple(b))  # type: ignore[arg-type]
+    joined = mr.compare(mr.Routes.cat(a), mr.Routes.cat(b))
+    assert joined.per_layer[0] == pytest.approx(_by_hand(mr.Routes.cat(a).layer("g"), mr.Routes.cat(b).layer("g")))
