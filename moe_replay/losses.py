@@ -624,8 +624,19 @@ def load_balancing_loss(
     if bad:
         raise _outside_graph_error(f"probs of router {bad[0]} are scores")
     if len(probs) != len(indices) or not probs:
+        stacked = [
+            f"{what} is one tensor of shape {tuple(v[0].shape)}"
+            for what, v in (("probs", probs), ("indices", indices))
+            if len(v) == 1 and v[0].dim() == 3
+        ]
         raise InvalidArgumentError(
             f"load_balancing_loss takes one probability tensor per index tensor, got {len(probs)} and {len(indices)}"
+            + (
+                f"; {stacked[0]}, the [tokens, routers, ...] of all routers at once (as routes.indices): pass one "
+                "tensor per router, e.g. routes.per_layer() or list(t.unbind(1))"
+                if stacked
+                else ""
+            )
         )
     indices = _by_router(probs, indices)  # (each router's probabilities with its own experts)
     masks = _masks(mask)

@@ -246,3 +246,21 @@ def test_compare_of_lists_of_routes_per_sequence_says_to_join_them() -> None:
         mr.compare(mr.Routes.cat(a), tuple(b))  # type: ignore[arg-type]
     joined = mr.compare(mr.Routes.cat(a), mr.Routes.cat(b))
     assert joined.per_layer[0] == pytest.approx(_by_hand(mr.Routes.cat(a).layer("g"), mr.Routes.cat(b).layer("g")))
+
+
+@pytest.mark.reliability("clear errors")
+def test_load_balancing_loss_of_all_routers_indices_in_one_tensor_says_to_pass_one_per_router() -> None:
+    """``routes.indices`` (``[tokens, routers, k]``) given as the indices of a model of several routers was refused as
+    "got 2 and 1" tensors, with no word of what the one tensor was. The refusal now names it and what to pass, and
+    what it names gives the loss of each router's own rows."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(5)]) for _ in range(2)]
+    routes = mr.Routes(rows, names=["a", "b"], num_experts=4)
+    probs = [torch.rand(5, 4, generator=g).softmax(-1) for _ in range(2)]
+    with pytest.raises(mr.InvalidArgumentError, match=r"indices is one tensor of shape \(5, 2, 2\).*per_layer"):
+        mr.load_balancing_loss(probs, routes.indices)
+    with pytest.raises(mr.InvalidArgumentError, match=r"probs is one tensor of shape \(5, 2, 4\)"):
+        mr.load_balancing_loss(torch.stack(probs, 1), list(routes.per_layer()))
+    each = [mr.load_balancing_loss(p, r) for p, r in zip(probs, rows, strict=True)]
+    got = mr.load_balancing_loss(probs, list(routes.indices.unbind(1)))
+    assert got.item() == pytest.approx(sum(e.item() for e in each) / 2)
