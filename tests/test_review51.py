@@ -393,8 +393,8 @@ class _PerTokenFrom(nn.Module):
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="map calls a function of the user's, which may draw or count, so it is not copied: where the "
-                "runs that establish a decision drew more items from it than the forwards did, the stand-in that "
-                "gives them back stays in the router's attribute after detach()",
+                "runs that establish a decision drew more items from it than the forwards did, detach() hands back "
+                "a plain generator of the waiting items and then the user's own, not the user's object",
             ),
         ),
     ],
