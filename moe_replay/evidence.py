@@ -37,6 +37,7 @@ import heapq
 import itertools
 import math
 import numbers
+import operator
 import os
 import queue
 import random
@@ -1925,6 +1926,14 @@ class _Tape:
         self.replica = None
         self.hand_back()
 
+    def catch_up(self) -> None:
+        """Give the replica up in the middle of the runs (a ``map``'s met an item that is not a plain value, see
+        :class:`_Pure`): the source is drawn from as the replica was, so that it stands where the runs do and the items
+        they drew are the source's own (the same values: the replica's function is pure on the plain values it was
+        called on), kept for the forwards after them as for an iterator that cannot be copied."""
+        self.replica = None
+        self.items[:] = [(value, next(self.source)) for value, _ in self.items]
+
     def hand_back(self) -> None:
         """Every place that holds a stand-in of this tape holds the iterator itself again."""
         for home, key in self.homes:
@@ -1948,6 +1957,50 @@ _REBUILT = (zip, enumerate, itertools.islice)
 #: how deep iterators over iterators are replicated
 _REPLICA_DEPTH = 4
 
+#: functions a ``map`` may call on a replica's items as well as on the source's: Python's own, which run no code of
+#: the user's on plain values (see :data:`_PLAIN_VALUES`), draw nothing and change nothing
+_PURE_FUNCTIONS: frozenset[Any] = frozenset(
+    {int, float, complex, bool, str, bytes, abs, round, divmod, pow, ord, chr, hex, oct, bin, repr, ascii}
+    | {getattr(math, n) for n in dir(math) if callable(getattr(math, n)) and not n.startswith("_")}
+    | {
+        getattr(operator, n)
+        for n in (
+            "abs add and_ eq floordiv ge gt index inv invert le lshift lt mod mul ne neg not_ or_ pos pow rshift sub "
+            "truediv truth xor"
+        ).split()
+    }
+)
+#: the items a pure function of a ``map``'s replica is called on (a tuple of them too): values whose conversions and
+#: arithmetic run no code of the user's
+_PLAIN_VALUES = (int, float, complex, bool, str, bytes, type(None))
+
+
+class _NotPlain(Exception):
+    """A ``map``'s replica met an item that is not a plain value: calling the function on it may run the user's code
+    (a ``__float__`` that counts), so the replica is given up (see :meth:`_Tape.catch_up`)."""
+
+
+class _Pure:
+    """A function of :data:`_PURE_FUNCTIONS` as a ``map``'s replica calls it: on plain values only (see
+    :data:`_PLAIN_VALUES`), else :class:`_NotPlain` before any call."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        if not all(_plain_value(a) for a in args):
+            raise _NotPlain
+        return self.fn(*args)
+
+
+def _plain_value(v: Any) -> bool:
+    """A value of :data:`_PLAIN_VALUES`' exact types, or a tuple of them (a ``zip``'s item)."""
+    if type(v) is tuple:
+        return all(type(a) in _PLAIN_VALUES for a in v)
+    return type(v) in _PLAIN_VALUES
+
 
 def _replica(source: Any, depth: int = 0, memo: dict[int, Any] | None = None) -> Iterator[Any] | None:
     """A copy of iterator ``source`` that gives the very items it would give from now on, and leaves it where it
@@ -1965,7 +2018,7 @@ def _replica(source: Any, depth: int = 0, memo: dict[int, Any] | None = None) ->
             out = copy.copy(source)  # (over the same data, from the same place)
         except Exception:  # (a copy refused: no replica)
             return None
-    elif type(source) in (itertools.cycle, *_REBUILT) and depth < _REPLICA_DEPTH:
+    elif type(source) in (itertools.cycle, map, *_REBUILT) and depth < _REPLICA_DEPTH:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # (their state, read as a copy reads it)
             try:
@@ -1975,6 +2028,11 @@ def _replica(source: Any, depth: int = 0, memo: dict[int, Any] | None = None) ->
     if out is not None:
         memo[id(source)] = out
     return cast("Iterator[Any] | None", out)
+
+
+def _pure_function(fn: Any) -> bool:
+    """Is ``fn`` one of :data:`_PURE_FUNCTIONS` (by identity: a user's object that compares equal is not)?"""
+    return any(fn is f for f in _PURE_FUNCTIONS)
 
 
 def _rebuilt(source: Any, depth: int, memo: dict[int, Any]) -> Any:
@@ -1992,7 +2050,12 @@ def _rebuilt(source: Any, depth: int, memo: dict[int, Any]) -> Any:
         out: Any = itertools.cycle(inner)
         out.__setstate__((list(saved), firstpass))
         return out
-    given = []
+    given: list[Any] = []
+    if made is map:  # (a known function over replicas: called on plain values only, see _Pure)
+        fn, *args = args
+        if not _pure_function(fn):
+            return None
+        given.append(_Pure(fn))
     for arg in args:
         if isinstance(arg, Iterator):
             arg = _replica(arg, depth + 1, memo)
@@ -2119,7 +2182,13 @@ class _Redrawn:
 
     def _from_source(self, value: Any, sent: bool) -> Any:
         tape = self.tape
-        source: Any = tape.replica if tape.running and tape.replica is not None else tape.source
+        if tape.running and tape.replica is not None:
+            replica: Any = tape.replica
+            try:
+                return replica.send(value) if sent and value is not None else next(replica)
+            except _NotPlain:  # (a map's replica met an item its function may run the user's code on)
+                tape.catch_up()
+        source: Any = tape.source
         return source.send(value) if sent and value is not None else next(source)
 
     def _again(self, drawn: tuple[Any, Any], value: Any) -> Any:

@@ -362,6 +362,7 @@ _DRAWS: dict[str, Callable[[], Iterator[Any]]] = {
     "zip of one iterator twice": _pairs,
     "enumerate": lambda: enumerate(iter(torch.arange(100000.0))),
     "islice of a cycle": lambda: itertools.islice(itertools.cycle(range(7)), 1, None, 2),
+    "map": lambda: map(float, range(100000)),
 }
 
 
@@ -386,25 +387,15 @@ class _PerTokenFrom(nn.Module):
 @pytest.mark.reliability("the model is left as it was")
 @pytest.mark.parametrize(
     "draws",
-    [
-        *_DRAWS,
-        pytest.param(
-            "map",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="map calls a function of the user's, which may draw or count, so it is not copied: where the "
-                "runs that establish a decision drew more items from it than the forwards did, detach() hands back "
-                "a plain generator of the waiting items and then the user's own, not the user's object",
-            ),
-        ),
-    ],
+    list(_DRAWS),
 )
 def test_an_iterator_over_iterators_of_data_is_the_routers_own_after_detach_and_in_step(draws: str) -> None:
-    """A router draws per token from zip, enumerate or islice over iterators of data (one iterator drawn twice per
-    item too): captured forwards see the plain model's draws, and after detach() the router holds its own iterator,
-    advanced by exactly what the forwards drew. Once left a stand-in: only iterators of data alone and cycles of
-    them were copied for the runs."""
-    make = _DRAWS.get(draws, lambda: map(float, range(100000)))
+    """A router draws per token from zip, enumerate, islice or a map of ``float`` over iterators of data (one
+    iterator drawn twice per item too): captured forwards see the plain model's draws, and after detach() the router
+    holds its own iterator, advanced by exactly what the forwards drew. Once left a stand-in: only iterators of data
+    alone and cycles of them were copied for the runs (a map, then, handed back as a generator of the waiting
+    items)."""
+    make = _DRAWS[draws]
     torch.manual_seed(0)
     model = nn.Sequential(_RouterBlock(_PerTokenFrom(make())), _RouterBlock(_PerTokenFrom(make())))
     torch.manual_seed(0)
