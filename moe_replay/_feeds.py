@@ -3256,14 +3256,8 @@ class OrderCheck(FeedCheck):
             mask = _tokens_of_4d(mask, batch, positions)
         if not (isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, positions)):
             mask = None
-        if not (
-            isinstance(pos, torch.Tensor)
-            and pos.dim() == 2
-            and positions > 1
-            and int(pos.shape[1]) == positions
-            and int(pos.shape[0]) in (1, batch)
-        ):
-            pos = None
+        if positions < 2 or _positions_form(pos, batch, positions) is None:
+            pos = None  # (of a form that tells the positions: read as text positions in _refuse_places)
         fed = [t for t in (mask, pos) if t is not None]
         grid = places.view(batch, positions)
         if self._layout is not None and self._layout.numel() >= start + count:
@@ -3308,8 +3302,9 @@ class OrderCheck(FeedCheck):
             mask = mask.cpu()
             checks.append((grid.ge(0) & mask.eq(0), "mask"))
             checks.append((grid.eq(-1) & mask.ne(0), "padding"))
+        if pos is not None:  # (mrope's rows or GLM's where they tell the text positions, see _text_positions)
+            pos = _text_positions(pos.cpu(), int(grid.shape[0]), int(grid.shape[1]))
         if pos is not None:
-            pos = pos.cpu()
             # (two tokens of a sequence, one after the other in it: not its first after padding, -1 + 1)
             step = grid[:, 1:] - grid[:, :-1]
             inside = grid[:, :-1].ge(0) & step.eq(1)
@@ -4076,13 +4071,12 @@ def places_fed(
     ):
         return None  # (an additive 2-d mask: not read)
     if pos is not None:
-        if not isinstance(pos, torch.Tensor) or pos.is_floating_point() or pos.dim() not in (1, 2):
-            return None
-        if pos.shape[-1] != positions or (pos.dim() == 2 and pos.shape[0] not in (1, batch)):
+        text = _text_positions(pos, batch, positions)
+        if text is None:
             return None
         if four:
-            return _places_of_4d(cast(torch.Tensor, mask), batch, pos.detach().reshape(-1, positions))
-        places = pos.detach().reshape(-1, positions).to(torch.long).expand(batch, positions)
+            return _places_of_4d(cast(torch.Tensor, mask), batch, text.detach())
+        places = text.detach().to(torch.long).expand(batch, positions)
         if mask is not None:
             places = places.masked_fill(mask[:, -positions:] == 0, -1)
         return _after_cached(places, args, kwargs, shape, held)
@@ -4109,6 +4103,50 @@ def places_fed(
     ids = kwargs.get("input_ids", args[0] if args else None)
     device = ids.device if isinstance(ids, torch.Tensor) else None
     return torch.arange(held, held + positions, device=device).expand(batch, positions)
+
+
+def _positions_form(pos: Any, batch: int, positions: int) -> str | None:
+    """The form of the ``position_ids`` a ``[batch, positions]`` forward is fed: ``"flat"`` (``[positions]``: one
+    sequence's, or every row's), ``"rows"`` (``[1 or batch, positions]``), ``"mrope"`` (Qwen2-VL's and its heirs'
+    ``[3, 1 or batch, positions]``: temporal, height and width rows; ``[4, ...]`` with the text positions first) or
+    ``"glm"`` (GLM's ``[1 or batch, 2, positions]``: the positions, then the positions inside a generated block);
+    None for anything else (a float tensor, another shape). No two forms share a shape for one batch size."""
+    if (
+        not isinstance(pos, torch.Tensor)
+        or pos.is_floating_point()
+        or int(pos.shape[-1] if pos.dim() else -1) != positions
+    ):
+        return None
+    lead = tuple(int(n) for n in pos.shape[:-1])
+    if not lead:
+        return "flat"
+    if len(lead) == 1:
+        return "rows" if lead[0] in (1, batch) else None
+    if len(lead) != 2:
+        return None
+    if lead[0] in (3, 4) and lead[1] in (1, batch):
+        return "mrope"
+    return "glm" if lead[1] == 2 and lead[0] in (1, batch) else None
+
+
+def _text_positions(pos: Any, batch: int, positions: int) -> torch.Tensor | None:
+    """Each token's position in its sequence as the ``position_ids`` a ``[batch, positions]`` forward is fed give it,
+    ``[1 or batch, positions]`` (see :func:`_positions_form`); None where they do not tell it. The rows of mrope tell
+    it where all of them are equal (text: an image's tokens share a temporal position and the text after an image
+    goes on from its largest), GLM's where no token is inside a generated block (its second row all zeros: a block's
+    tokens share the first row's position). Those two are read on the host only: None on a device (no host sync)."""
+    form = _positions_form(pos, batch, positions)
+    if form is None:
+        return None
+    if form == "flat":
+        return cast(torch.Tensor, pos)[None]
+    if form == "rows":
+        return cast(torch.Tensor, pos)
+    if pos.device.type != "cpu":
+        return None
+    if form == "mrope":
+        return cast(torch.Tensor, pos[0]) if bool((pos == pos[:1]).all()) else None
+    return None if bool(pos[:, 1].any()) else cast(torch.Tensor, pos[:, 0])
 
 
 def _after_cached(
