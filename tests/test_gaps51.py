@@ -91,12 +91,13 @@ _N = 12  # (tokens of the captured sequence)
 def _as_fed(form: str, positions: torch.Tensor, text: bool = True) -> torch.Tensor:
     """``[batch, seq]`` text ``positions`` in the ``form`` a model of that family is fed: ``mrope``, Qwen2-VL's
     ``[3, batch, seq]`` (temporal, height, width: three equal rows for text; ``text=False``, an image's tokens, whose
-    height and width rows differ from the temporal one); ``glm``, ``[batch, 2, seq]`` (the positions, then the
+    height and width rows differ from the temporal one), ``[4, batch, seq]`` with the text positions first, as newer
+    transformers pass them; ``glm``, ``[batch, 2, seq]`` (the positions, then the
     positions inside a block: zeros for a prompt; ``text=False``, the last three tokens in a generated block);
     ``flat``, ``[seq]`` (one sequence); ``batch-seq``, as they are."""
-    if form == "mrope":
+    if form in ("mrope", "mrope with text row"):
         rows = [positions, positions, positions] if text else [positions, positions // 2, positions % 3]
-        return torch.stack(rows)
+        return torch.stack(rows if form == "mrope" else [positions, *rows])
     if form == "glm":
         block = torch.zeros_like(positions)
         if not text:
@@ -110,7 +111,7 @@ def _as_fed(form: str, positions: torch.Tensor, text: bool = True) -> torch.Tens
 
 def _text_positions(form: str, pos: torch.Tensor) -> torch.Tensor:
     """The ``[batch, seq]`` text positions a model of ``form`` reads from ``pos`` (the temporal row of mrope)."""
-    if form == "mrope":
+    if form in ("mrope", "mrope with text row"):
         return pos[0]
     if form == "glm":
         return pos[:, 0]
@@ -130,7 +131,7 @@ class _FedPositions(nn.Module):
         return self.inner(input_ids, position_ids=pos)
 
 
-_FORMS = ["batch-seq", "mrope", "glm", "flat"]
+_FORMS = ["batch-seq", "mrope", "mrope with text row", "glm", "flat"]
 
 
 @pytest.fixture(scope="module", params=_FORMS)
@@ -178,7 +179,7 @@ def test_a_captures_rows_fed_another_chunks_tokens_with_position_ids_of_another_
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("form", ["mrope", "glm"])
+@pytest.mark.parametrize("form", ["mrope", "mrope with text row", "glm"])
 def test_position_ids_that_do_not_tell_the_text_positions_replay_exactly(form: str) -> None:
     """Ordinary forwards of a VLM (mrope rows that differ at an image's tokens) and of GLM (tokens in a generated
     block): their positions are not each token's place in its sequence, so they are not compared with the places
