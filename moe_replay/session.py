@@ -133,12 +133,18 @@ _SPARE: weakref.WeakKeyDictionary[nn.Module, dict[type, Any]] = weakref.WeakKeyD
 
 class _Retired:
     """A wrapper of a detached session, emptied, kept to be put back (see :data:`_SPARE`). A reference kept from
-    before detach that calls it is told so."""
+    before detach that calls it is told so: a forward kept aside (``f = model.forward``), or a shallow copy of the
+    module made while the session was attached (``copy.copy``), whose instance dict holds this very object. It holds
+    the class name of the module it was taken off, for the error, and nothing of the module."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        owner = self.__dict__.get("_owner", "the module")
         raise SessionStateError(
-            "this is a moe_replay forward of a session that has detached (kept from before detach): call the "
-            "module itself, which runs its own forward, or attach a session again"
+            f"this is a moe_replay forward of a session that has detached, taken off {owner} and called through a "
+            "reference kept from before detach: a forward kept aside (f = model.forward), or a shallow copy of the "
+            "model made while the session was attached (copy.copy shares the instance dict's forward, which was the "
+            "session's). Call the module itself, which runs its own forward; make a copy after detach, or with "
+            "copy.deepcopy (which gets the plain forward); or attach a session again"
         )
 
 
@@ -148,6 +154,7 @@ def _reused(module: nn.Module, cls: type, *args: Any) -> Any:
     old = spare.pop(cls, None) if spare else None
     if old is None:
         return cls(*args)
+    old.__dict__.clear()  # (what it held retired)
     old.__class__ = cls
     old.__init__(*args)
     return old
@@ -182,6 +189,7 @@ def _retire(module: nn.Module, wrapper: Any) -> None:
     cls = type(wrapper)
     wrapper.__dict__.clear()
     wrapper.__class__ = _Retired
+    wrapper.__dict__["_owner"] = type(module).__name__  # (a name only: the model is freed as without a session)
     _SPARE.setdefault(module, {})[cls] = wrapper
 
 
