@@ -100,3 +100,88 @@ def test_a_shallow_copy_of_an_attached_model_runs_its_own_forward() -> None:
         got = copied(x)
     session.detach()
     assert torch.equal(got, want)
+
+
+@pytest.mark.reliability("lifecycle")
+def test_a_model_sharing_a_layer_with_an_attached_one_is_refused_and_its_rows_replay_only_in_their_order() -> None:
+    """A second model built around one layer of an attached model (a value head on the policy's first layer, say):
+    attaching to it is refused naming the router already intercepted, and leaves it as it was. Its forward inside the
+    policy's capture adds rows to the shared router only, in call order; a replay that runs the two forwards in the
+    other order (each would take the other's experts: the rows differ) is refused, and one in their order forces
+    them, each model's output as captured."""
+    policy, x = _model(), _ids()
+    other = _model(seed=3)
+    other.layers[0] = policy.layers[0]
+    before = _plain_state(other)
+    session = mr.attach(policy)
+    shared_attached = _plain_state(other)  # (the shared layer's router holds the policy session's forward)
+    with pytest.raises(mr.SessionStateError, match=r"'layers\.0\.mlp\.router' is already intercepted"):
+        mr.attach(other)
+    assert _same_state(_plain_state(other), shared_attached)
+    with torch.no_grad():
+        with session.capture():
+            want_policy = policy(x).logits
+            want_other = other(x).logits
+        routes = session.routes()
+        shared = routes.layer("layers.0.mlp.router")
+        assert routes.tokens_per_layer == (2 * x.numel(), x.numel())
+        assert not torch.equal(shared[: x.numel()].sort(-1).values, shared[x.numel() :].sort(-1).values)
+        with pytest.raises(mr.TokenMismatchError), session.replay(routes):
+            other(x)
+            policy(x)
+        with session.replay(routes):
+            assert torch.equal(policy(x).logits, want_policy)
+            assert torch.equal(other(x).logits, want_other)
+    session.detach()
+    assert _same_state(_plain_state(other), before)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_pre_hook_with_kwargs_that_changes_a_routers_input_added_after_attach_is_recorded_and_forced() -> None:
+    """A forward pre-hook (``with_kwargs=True``) added on a router after attach that changes its input: the capture
+    records the experts chosen from the changed input, and a replay forces them and gives the model's output."""
+    model, x = _model(), _ids()
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    plain = session.routes()
+    router = model.get_submodule(session.names[0])
+    handle = router.register_forward_pre_hook(lambda m, a, kw: ((-a[0], *a[1:]), kw), with_kwargs=True)
+    with torch.no_grad():
+        want = model(x).logits  # (the hooked model, run outside every block)
+        with session.capture():
+            model(x)
+        hooked = session.routes()
+        with session.replay(hooked):
+            got = model(x).logits
+    handle.remove()
+    session.detach()
+    name = session.names[0]
+    assert not torch.equal(hooked.layer(name).sort(-1).values, plain.layer(name).sort(-1).values), "needs a change"
+    assert torch.equal(got, want)
+
+
+@pytest.mark.reliability("round trips")
+def test_a_capture_appended_to_after_a_replay_a_verify_and_kept_scores_holds_the_rows_of_one_capture() -> None:
+    """``capture(clear=False)`` after a replay, a ``verify()`` and ``keep_scores()`` in between: none of those
+    forwards adds rows, and the rows are those one capture of the same two forwards records."""
+    model, x, y = _model(), _ids(), _ids(3, 5, seed=2)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(x)
+        with session.replay(session.routes()):
+            model(x)
+        session.verify(y)
+        with session.keep_scores():
+            model(y)
+        with session.capture(clear=False):
+            model(y)
+        appended = session.routes()
+        with session.capture():
+            model(x)
+            model(y)
+        once = session.routes()
+    assert len(appended) == x.numel() + y.numel()
+    assert appended.equal(once)
+    assert appended.token_ids is not None and once.token_ids is not None
+    assert torch.equal(appended.token_ids, once.token_ids)
