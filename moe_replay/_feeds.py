@@ -50,6 +50,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
+import enum
 import functools
 import inspect
 import operator
@@ -3943,26 +3944,60 @@ def _given_cache(kwargs: dict[str, Any]) -> Any:
 
 def _batch_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Size) -> bool:
     """Whether a ``[batch, positions]`` forward is given nothing that may hold tokens before its own but a KV cache
-    under a known name (read by :func:`_cache_held`): every other argument None, a plain value (a flag, a count, a
-    name, a 0-d tensor), or a tensor laid along its batch and positions (its ids, embeddings, labels, a mask,
-    position_ids) or along its positions alone (``cache_position`` of a forward given no cache, read as such only
-    where it starts at 0). A cache given under a name of its own (``kv_cache``, ``layer_past``,
-    ``inference_params``: a list, a mapping, an object, a tensor of another shape) makes the positions fed no
-    longer each token's place in what it attends."""
+    under a known name (read by :func:`_cache_held`): no argument that :func:`_may_hold_tokens` may (its ids,
+    embeddings, labels, a mask, position_ids, a count, ``cu_seqlens``, a dataclass of such may not), and
+    ``cache_position`` read as that of a forward given no cache only where it starts at 0. A cache given under a name
+    of its own (``kv_cache``, ``layer_past``, ``inference_params``: keys and values stacked in one tensor, a list,
+    mapping or object holding them, a module) makes the positions fed no longer each token's place in what it
+    attends."""
     lead = tuple(int(d) for d in shape[:2])
     for name, value in chain(enumerate(args), kwargs.items()):
-        if name in _CACHE_NAMES or value is None or type(value) in _PLAIN:
+        if name in _CACHE_NAMES:
             continue
-        if not isinstance(value, torch.Tensor):
-            return False
-        if value.dim() == 0 or (value.dim() >= 2 and tuple(value.shape[:2]) == lead):
-            continue  # (a count, as a trainer's num_items_in_batch; or laid along the batch)
-        if name == "cache_position" and value.dim() == 1 and value.numel() == lead[1]:
-            if value.device.type == "cpu" and value.numel() and int(value[0]) != 0:
+        if name == "cache_position" and isinstance(value, torch.Tensor) and value.dim() == 1:
+            if value.numel() != lead[1] or (value.device.type == "cpu" and value.numel() and int(value[0]) != 0):
                 return False
             continue
-        return False
+        if _may_hold_tokens(value):
+            return False
     return True
+
+
+#: how deep the lists, mappings and plain objects a forward is given are read for a tensor that may hold earlier
+#: tokens, and how many items of each at most (deeper or larger: read as one that may)
+_HOLDS_DEPTH, _HOLDS_ITEMS = 3, 64
+#: values that hold no tokens and no attributes to read
+_NO_TOKENS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device})
+
+
+def _may_hold_tokens(value: Any, depth: int = 0) -> bool:
+    """Whether a forward's argument ``value`` may hold tokens before its own (a KV cache under a name of its own): a
+    tensor of five or more dimensions (keys and values stacked over layers, ``[layers, 2, batch, heads, past,
+    head_dim]``), or a list, tuple, mapping or plain object that holds a tensor of three or more (a legacy cache of
+    ``(keys, values)`` tuples, Megatron's ``inference_params``); a module, a callable, an object whose attributes
+    cannot be read, or one too deep or large to read may too. Never a plain value, nor a tensor given alone of four
+    dimensions or fewer (a 0-d count as a trainer's ``num_items_in_batch``, ``cu_seqlens``, ids, a mask, embeddings,
+    pixels), nor an object holding only small tensors and plain values (Megatron's ``PackedSeqParams``), nor an
+    empty cache."""
+    if type(value) in _NO_TOKENS or isinstance(value, enum.Enum):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.dim() >= (3 if depth else 5)
+    if depth >= _HOLDS_DEPTH or isinstance(value, nn.Module) or callable(value):
+        return True
+    items: Any
+    if isinstance(value, list | tuple):
+        items = value
+    elif type(value) is dict:
+        items = list(value.values())
+    else:
+        space = getattr(value, "__dict__", None)
+        if type(space) is not dict or getattr(type(value), "__slots__", None):
+            return True  # (a mapping of the user's class, slots or a C object: not read, it may)
+        items = list(space.values())
+    if len(items) > _HOLDS_ITEMS:
+        return True
+    return any(_may_hold_tokens(item, depth + 1) for item in items)
 
 
 def _cache_held(kwargs: dict[str, Any]) -> int | None:

@@ -1,0 +1,115 @@
+"""Adversarial review of round 47's merges: the value check of position_ids where a forward is given other
+arguments (a dataclass of sequence lengths, a KV cache as one tensor under a name of its own), and iterators a router
+draws from that the runs establishing its decision could not stand in for."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import moe_replay as mr
+
+from .test_review51 import _outcome
+from .test_workflow import _dispatched, _joined, _perturb, _watch_experts
+
+
+# ----------------------------------------------------------------------------- what may hold earlier tokens
+@dataclasses.dataclass
+class _PackedSeqParams:
+    """What Megatron hands a forward of packed sequences besides its tokens: their boundaries and longest length."""
+
+    cu_seqlens_q: torch.Tensor
+    max_seqlen_q: int
+    qkv_format: str = "thd"
+
+
+class _Megatronish(nn.Module):
+    """A model of one's own fed ``packed_seq_params`` (sequence boundaries, no tokens) or a KV cache as one tensor
+    under a name of its own (``kv_cache``: ``[layers, 2, batch, heads, past, head_dim]``), handed to the inner model
+    as the list of ``(keys, values)`` it takes."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        packed_seq_params: _PackedSeqParams | None = None,
+        kv_cache: torch.Tensor | None = None,
+    ) -> Any:
+        """The inner model's output."""
+        past = None if kv_cache is None else [(layer[0], layer[1]) for layer in kv_cache.unbind(0)]
+        return self.inner(input_ids, position_ids=position_ids, past_key_values=past, use_cache=True)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_slice_fed_another_ranks_tokens_with_packed_seq_params_is_refused() -> None:
+    """A sequence-parallel rank's rows of one sequence, laid out without token ids, fed the other rank's tokens and
+    positions with a dataclass of sequence boundaries beside them (Megatron's ``PackedSeqParams``: 1-d tensors and
+    counts, no tokens) are refused, as they are fed nothing else; each rank fed its own slice is exact. Once forced
+    silently: any object given to a forward was read as a KV cache that may hold earlier tokens, and the positions
+    fed were then compared by their steps only."""
+    torch.manual_seed(3)
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _Megatronish(inner)
+    session = mr.attach(model)
+    try:
+        seq = torch.randint(1, 128, (1, 8))
+        with torch.no_grad(), _dispatched(inner) as rec, session.capture():
+            model(seq)
+        want = _joined(rec)
+        routes = mr.BatchLayout.packed([8]).routes([session.routes().with_token_ids(None)])
+        _perturb(inner)
+        pos = torch.arange(8)[None]
+        params = _PackedSeqParams(torch.tensor([0, 4], dtype=torch.int32), 4)
+        with torch.no_grad():
+            for own in (slice(0, 4), slice(4, 8)):
+                run: Callable[[], Any] = lambda s=own: model(  # noqa: E731
+                    seq[:, s], position_ids=pos[:, s], packed_seq_params=params
+                )
+                got = _outcome(model, session, routes[own], run, inner)
+                assert got is not None, f"slice {own} refused though exact"
+                for layer, rows in got.items():
+                    assert torch.equal(rows, want[layer][own]), f"slice {own} at {layer}"
+            wrong = lambda: model(seq[:, 4:], position_ids=pos[:, 4:], packed_seq_params=params)  # noqa: E731
+            assert _outcome(model, session, routes[:4], wrong, inner) is None, "rank 0's rows forced on rank 1's"
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_continuation_fed_its_cache_as_one_tensor_under_a_name_of_its_own_is_exact() -> None:
+    """A second turn fed after its first turn's KV cache, the cache one stacked tensor under a name of its own
+    (``kv_cache``), its rows laid out as a sequence of their own and fed the positions after the cached tokens: the
+    replay is exact, as with the cache given as a list. Once refused: every plain tensor given to a forward was read
+    as one that holds no earlier token, so the positions were compared with the rows' places by value."""
+    torch.manual_seed(4)
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _Megatronish(inner)
+    session = mr.attach(model)
+    try:
+        first, second = torch.randint(1, 128, (1, 5)), torch.randint(1, 128, (1, 4))
+        later = torch.arange(5, 9)[None]
+        with torch.no_grad():
+            cache = torch.stack([torch.stack(kv) for kv in inner(first, use_cache=True).past_key_values])
+            with _dispatched(inner) as rec, session.capture():
+                model(second, position_ids=later, kv_cache=cache)
+        want, turn = _joined(rec), session.routes()
+        _perturb(inner)
+        routes = mr.BatchLayout.packed([4]).routes([turn.with_token_ids(None)])
+        with torch.no_grad():
+            got = _outcome(model, session, routes, lambda: model(second, position_ids=later, kv_cache=cache), inner)
+        assert got is not None, "refused though exact"
+        for layer, rows in got.items():
+            assert torch.equal(rows, want[layer]), layer
+    finally:
+        session.detach()
