@@ -28,6 +28,7 @@ forward then runs once, exactly as it would have.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import ctypes
@@ -1801,13 +1802,33 @@ def _shallow(v: Any) -> Any:
 
 
 def _plain_iterator(v: Any) -> bool:
-    """An iterator whose one use is ``next()``: a generator, or one of Python's own (``iter(a_list)``,
-    ``itertools.cycle``, ``map``): what :class:`_Redrawn` stands in for. Not an object of the user's class, whose other
-    methods a stand-in would hide, nor a file."""
+    """An iterator whose one use is ``next()``: a generator, one of Python's own (``iter(a_list)``,
+    ``itertools.cycle``, ``map``) or of compiled code with nothing but the iterator protocol (a deque's): what
+    :class:`_Redrawn` stands in for. Not an object of the user's class, whose other methods a stand-in would hide, nor
+    a file."""
     kind = type(v)
-    return isinstance(v, _Redrawn | types.GeneratorType) or (
-        kind.__module__ in ("builtins", "itertools") and hasattr(kind, "__next__")
-    )
+    if isinstance(v, _Redrawn | types.GeneratorType):
+        return True
+    return hasattr(kind, "__next__") and (kind.__module__ in ("builtins", "itertools") or _bare_iterator_type(kind))
+
+
+#: :func:`_bare_iterator_type` of each type asked about
+_BARE: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _bare_iterator_type(kind: type) -> bool:
+    """Is ``kind`` an iterator type of compiled code that has nothing but the iterator protocol (a
+    ``collections.deque``'s, an ``array``'s): no public name a stand-in would hide, and no method written in Python
+    (a class of the user's, whose ``__next__`` may do more than draw)? Not numpy's ``flatiter`` (its ``index``,
+    ``coords``, ``base``)."""
+    bare = _BARE.get(kind)
+    if bare is None:
+        bare = _BARE[kind] = not any(not name.startswith("_") for name in dir(kind)) and not any(
+            isinstance(v, types.FunctionType | staticmethod | classmethod | property)
+            for k in kind.__mro__
+            for v in vars(k).values()
+        )
+    return bare
 
 
 #: a place an iterator is held in: a namespace (a module's ``__dict__``, a global namespace, a plain object's) or a
@@ -1946,6 +1967,9 @@ class _Tape:
 #: iterators of data alone, which a shallow copy replicates (the same items, in the same order, from the same place)
 _SHALLOW_COPIED = (
     *{type(it) for it in (iter([]), iter(()), iter(range(1)), iter(range(2**64)), iter(""), iter(b""))},
+    type(reversed([])),
+    type(iter(collections.deque())),
+    type(reversed(collections.deque())),
     itertools.count,
     itertools.repeat,
 )
