@@ -140,6 +140,9 @@ _CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
 #: the names a forward is given its tokens by, read as such: a first parameter of another name given by name is read
 #: in their stead only where neither is given
 _INPUT_NAMES = frozenset({"input_ids", "inputs_embeds"})
+#: the inputs of a forward the checks read by name (its mask, its tokens' places, its KV cache): given by position,
+#: read as given by name (see ``FeedForward.named_at``)
+_READ_BY_NAME = ("attention_mask", "position_ids", "cache_position", *_CACHE_NAMES)
 #: types that are no cache (looked up in no table)
 _PLAIN = frozenset({torch.Tensor, type(None), bool, int, float, str})
 
@@ -5314,6 +5317,11 @@ class FeedForward:
         self.paired = bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
         #: the place of ``attention_mask`` among the forward's positional arguments (None: by name only)
         self.mask_at = _place_of(self.__wrapped__, "attention_mask")
+        #: the places among the forward's positional arguments of each input the checks read by name (its mask,
+        #: position_ids, cache_position, a KV cache), where it has one: given by position, read as given by name
+        self.named_at = tuple(
+            (name, at) for name in _READ_BY_NAME if (at := _place_of(self.__wrapped__, name)) is not None
+        )
         #: the name of the forward's first parameter, where that is not ``input_ids``: token ids given by that name
         #: (torchtitan's ``tokens=``, nanoGPT's ``idx=``) are read as those given by position are
         self.ids_name = _first_name(self.__wrapped__)
@@ -5540,8 +5548,8 @@ class FeedForward:
         if fed_args and type(fed_args[0]) is not _TENSOR:  # (given its batch as one mapping: read as given its
             fed_args, fed_kwargs, batch = self._unbatched(fed_args, fed_kwargs)  # entries by name; a tensor is none)
         # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
-        named, at, place = fed_kwargs, self.mask_at, self.mask_from
-        if place is not None or (at is not None and len(fed_args) > at and "attention_mask" not in fed_kwargs):
+        named, place = fed_kwargs, self.mask_from
+        if place is not None or any(len(fed_args) > at and n not in fed_kwargs for n, at in self.named_at):
             named = self._named(fed_args, fed_kwargs)
         inputs = _inputs(fed_args, named)  # (read once: where its mask is found changes none of it)
         order = self._order(entered, fed_args, named, fed_kwargs, name, inputs, batch)
@@ -5692,12 +5700,13 @@ class FeedForward:
                 settling.settle()
 
     def _named(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The inputs of a forward as the records read them: its attention mask by name, where it was given by
-        position, or where the runs found the mask whose kept tokens its routers see elsewhere (``mask_from``)."""
-        at = self.mask_at
+        """The inputs of a forward as the records read them: its attention mask, position_ids, cache_position and KV
+        cache by name, where they were given by position (``named_at``), and the mask where the runs found the mask
+        whose kept tokens its routers see elsewhere (``mask_from``)."""
         named = kwargs
-        if at is not None and len(args) > at and "attention_mask" not in kwargs:
-            named = {**kwargs, "attention_mask": args[at]}
+        for name, at in self.named_at:
+            if len(args) > at and name not in kwargs:
+                named = {**named, name: args[at]}
         if self.mask_from is not None:
             named = {**named, "attention_mask": mask_at(self.mask_from, args, kwargs)}
         return named

@@ -117,6 +117,41 @@ def test_a_continuation_fed_its_cache_as_one_tensor_under_a_name_of_its_own_is_e
         session.detach()
 
 
+@pytest.mark.reliability("silent replays")
+def test_position_ids_given_by_position_are_checked_as_given_by_name() -> None:
+    """A forward given its position_ids as its second positional argument (``model(ids, positions)``): a
+    sequence-parallel rank's rows fed the other rank's tokens and positions are refused, as they are where the
+    positions are given by name; each rank's own slice is exact. Once forced silently: only an attention mask given
+    by position was read as given by name, and position_ids given so were never compared with the rows' places."""
+    torch.manual_seed(6)
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _Megatronish(inner)
+    session = mr.attach(model)
+    try:
+        seq = torch.randint(1, 128, (1, 8))
+        with torch.no_grad(), _dispatched(inner) as rec, session.capture():
+            model(seq)
+        want = _joined(rec)
+        routes = mr.BatchLayout.packed([8]).routes([session.routes().with_token_ids(None)])
+        _perturb(inner)
+        pos = torch.arange(8)[None]
+        with torch.no_grad():
+            for own in (slice(0, 4), slice(4, 8)):
+                got = _outcome(model, session, routes[own], lambda s=own: model(seq[:, s], pos[:, s]), inner)
+                assert got is not None, f"slice {own} refused though exact"
+                for layer, rows in got.items():
+                    assert torch.equal(rows, want[layer][own]), f"slice {own} at {layer}"
+            for given in ("by name", "by position"):
+                if given == "by name":
+                    wrong: Callable[[], Any] = lambda: model(seq[:, 4:], position_ids=pos[:, 4:])  # noqa: E731
+                else:
+                    wrong = lambda: model(seq[:, 4:], pos[:, 4:])  # noqa: E731
+                assert _outcome(model, session, routes[:4], wrong, inner) is None, f"forced, positions {given}"
+    finally:
+        session.detach()
+
+
 # ----------------------------------------------------------------------------- iterators a router draws from
 _COPIED: dict[str, Callable[[], Iterator[Any]]] = {
     "a deque's": lambda: iter(collections.deque(range(100000))),
