@@ -1,0 +1,526 @@
+"""MoE code of embedding, small-LM, diffusion and recent LLM repositories, with zero configuration (see
+``test_public_routers24``).
+
+Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
+router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
+moe_replay. The rule checked: a replay is proven exact (every router found and nothing else, the recorded rows are
+the experts used, a replay after the routers change uses the recorded experts, and its output and gradients are
+those of the same forward with the recorded experts forced by hand, which never calls moe_replay), or it is refused
+with a ``MoEReplayError`` that says why, the model left as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.test_evidence import D, E, Experts
+from tests.test_public_routers2 import _x
+from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
+
+
+class _SwiGLU(nn.Module):
+    """A SwiGLU MLP (minimind's ``FeedForward``, Step-3.5's ``Step3p5MoeExpertMLP`` with its optional clamp)."""
+
+    def __init__(self, hidden: int = 2 * D, limit: float | None = None) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(D, hidden, bias=False)
+        self.up_proj = nn.Linear(D, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, D, bias=False)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.up_proj(x)
+        gate = F.silu(self.gate_proj(x))
+        if self.limit is not None:
+            gate = gate.clamp(min=None, max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+        return self.down_proj(gate * up)
+
+
+# ----------------------------------------------------------------------- nomic-embed-text-v2-moe (contrastors)
+# nomic-ai/contrastors src/contrastors/layers/moe.py (``Router``, ``MoEBlock``): the ``Router`` module returns the
+# logits of its bare Linear only; the block unpads the real tokens by the attention mask (flash-attn's
+# ``unpad_input``: the rows where the mask is one, in order), softmaxes, takes ``torch.topk`` (no renormalisation),
+# adds each expert's weighted output at ``torch.where(experts == i)`` by ``results[batch_idx] += ...``, adds a learned
+# output ``bias`` and pads back; it returns the output and the router logits (for the load-balancing loss).
+class NomicRouter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(D, E, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.router(hidden_states.reshape(-1, D))
+
+
+class NomicMoEBlock(_Used):
+    def __init__(self, top_k: int = 2) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = E, top_k
+        self.router = NomicRouter()
+        self.experts = Experts()
+        self.bias = nn.Parameter(torch.randn(D) * 0.1)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        input_shape = hidden_states.shape
+        batch, seqlen = hidden_states.shape[:2]
+        indices = None
+        if attention_mask is not None:
+            indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()
+            hidden_states = hidden_states.reshape(batch * seqlen, -1)[indices]
+        hidden_states = hidden_states.reshape(-1, input_shape[-1])
+        router_logits = self.router(hidden_states)
+        router_weights = F.softmax(router_logits, dim=-1)
+        if self.forced is None:
+            weights, experts = torch.topk(router_weights, self.top_k, dim=-1)
+        else:
+            experts = self.forced
+            weights = router_weights.gather(-1, experts)
+        self.used = experts
+        results = torch.zeros(
+            (*router_logits.shape[:-1], input_shape[-1]), device=hidden_states.device, dtype=hidden_states.dtype
+        )
+        for i, expert in enumerate(self.experts):
+            batch_idx, nth_expert = torch.where(experts == i)
+            results[batch_idx] += weights[batch_idx, nth_expert].unsqueeze(-1) * expert(hidden_states[batch_idx])
+        results += self.bias
+        if indices is not None:
+            padded = results.new_zeros(batch * seqlen, input_shape[-1])
+            padded[indices] = results
+            results = padded
+        return results.reshape(input_shape), router_logits
+
+
+class NomicBertMoE(nn.Module):
+    """Every other layer an MoE (``moe_every_n_layers=2``), the rest dense; a padded batch (its mask held on the
+    model, as a collator would feed it) and the load-balancing loss read off the returned logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([NomicMoEBlock(), nn.Linear(D, D), NomicMoEBlock(), nn.Linear(D, D)])
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, 5:] = 0
+        self.register_buffer("attention_mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = []
+        for layer in self.layers:
+            if isinstance(layer, NomicMoEBlock):
+                out, router_logits = layer(x, self.attention_mask)
+                logits.append(router_logits)
+                x = x + out
+            else:
+                x = x + torch.tanh(layer(x))
+        self.aux = sum(F.softmax(lg, -1).mean(0).square().sum() for lg in logits)
+        return x * self.attention_mask[..., None]
+
+
+# ----------------------------------------------------------------------- MiniMind: a bare gate, unsorted top-k
+# jingyaogong/minimind model/model_minimind.py (``MOEFeedForward``): a bare ``gate`` Linear in the block, softmax,
+# ``torch.topk(..., sorted=False)``, renormalised with ``+ 1e-20``; each expert's rows found by ``mask.any(dim=-1)``
+# and its weights read by boolean indexing ``topk_weight[mask]``, ``index_add_`` in place; in training an unused
+# expert's parameters enter the output times zero (``y[0, 0] += 0 * sum(...)``, in place); the aux loss counts
+# ``one_hot(topk_idx)``.
+class MiniMindMOEFeedForward(_Used):
+    def __init__(self, num_experts_per_tok: int = 2, norm_topk_prob: bool = True, aux_coef: float = 0.1) -> None:
+        super().__init__()
+        self.num_experts, self.num_experts_per_tok = E, num_experts_per_tok
+        self.norm_topk_prob, self.router_aux_loss_coef = norm_topk_prob, aux_coef
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(_SwiGLU() for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_len, hidden_dim = x.shape
+        x_flat = x.view(-1, hidden_dim)
+        scores = F.softmax(self.gate(x_flat), dim=-1)
+        if self.forced is None:
+            topk_weight, topk_idx = torch.topk(scores, k=self.num_experts_per_tok, dim=-1, sorted=False)
+        else:
+            topk_idx = self.forced
+            topk_weight = scores.gather(-1, topk_idx)
+        self.used = topk_idx
+        if self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        y = torch.zeros_like(x_flat)
+        for i, expert in enumerate(self.experts):
+            mask = topk_idx == i
+            if mask.any():
+                token_idx = mask.any(dim=-1).nonzero().flatten()
+                weight = topk_weight[mask].view(-1, 1)
+                y.index_add_(0, token_idx, (expert(x_flat[token_idx]) * weight).to(y.dtype))
+            elif self.training:
+                y[0, 0] += 0 * sum(p.sum() for p in expert.parameters())
+        if self.training and self.router_aux_loss_coef > 0:
+            load = F.one_hot(topk_idx, self.num_experts).float().mean(0)
+            self.aux_loss = (load * scores.mean(0)).sum() * self.num_experts * self.router_aux_loss_coef
+        else:
+            self.aux_loss = scores.new_zeros(1).squeeze()
+        return y.view(batch_size, seq_len, hidden_dim)
+
+
+class MiniMindModel(nn.Module):
+    """``MiniMindBlock``s (attention left out): ``hidden_states + mlp(post_attention_layernorm(hidden_states))``; the
+    model sums the blocks' aux losses into its output, as ``MiniMindForCausalLM`` returns them beside the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(MiniMindMOEFeedForward() for _ in range(2))
+        self.norms = nn.ModuleList(nn.RMSNorm(D) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, mlp in zip(self.norms, self.layers, strict=True):
+            x = x + mlp(norm(x))
+        aux = sum(m.aux_loss for m in self.layers)
+        return x + aux
+
+
+# ----------------------------------------------------------------------- SegMoE: one choice for the whole batch
+# segmind/segmoe segmoe/main.py (``SparseMoeBlock``; the copy in AUTOMATIC1111/stable-diffusion-webui
+# modules/segmoe/segmoe_model.py): the gate's logits summed over every token of the batch, ``torch.topk`` of that one
+# row picks the k experts of the whole forward; each token's weights are the softmax of its own logits at those
+# experts (advanced indexing of the full logits, not the top-k values); the experts are run in a Python loop over
+# ``selected_experts[0].tolist()``, each on every token.
+class SegMoESparseMoeBlock(_Used):
+    def __init__(self, num_experts_per_tok: int = 2) -> None:
+        super().__init__()
+        self.hidden_dim, self.num_experts, self.top_k = D, E, num_experts_per_tok
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, f_map_sz = hidden_states.shape
+        hidden_states = hidden_states.view(-1, f_map_sz)
+        router_logits = self.gate(hidden_states)
+        if self.forced is None:
+            _, selected_experts = torch.topk(router_logits.sum(dim=0, keepdim=True), self.top_k, dim=1)
+        else:
+            selected_experts = self.forced
+        self.used = selected_experts
+        routing_weights = F.softmax(router_logits[:, selected_experts[0]], dim=1, dtype=torch.float)
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        final_hidden_states = torch.zeros(
+            (batch_size * sequence_length, self.hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device
+        )
+        for i, expert_idx in enumerate(selected_experts[0].tolist()):
+            expert_layer = self.experts[expert_idx]
+            current = routing_weights[:, i].view(batch_size * sequence_length, -1) * expert_layer(hidden_states)
+            final_hidden_states = final_hidden_states + current
+        return final_hidden_states.reshape(batch_size, sequence_length, self.hidden_dim)
+
+
+# ----------------------------------------------------------------------- Step-3.5-Flash: routing functions, fp32 gate
+# stepfun-ai/Step-3.5-Flash modeling_step3p5.py (``Step3p5MoEMLP``; as adapted in msmodelslim's
+# ``Step3p5MoEMLPWithUnpackExperts``, with the same routing in sglang python/sglang/srt/models/step3p5.py): the block
+# picks its routing function at construction, a bound method ``router_bias_func`` (sigmoid, ``router_bias`` added for
+# the choice only, the weights ``torch.gather``-ed from the unbiased sigmoid, renormalised with ``+ 1e-20``) or the
+# free function ``sigmoid_routing_function`` (the sigmoid divided by its sum over all experts before the top-k,
+# renormalised); with ``need_fp32_gate`` the logits are ``torch.matmul(h.float(), gate.weight.t().float())``; the
+# weights times ``moe_router_scaling_factor``; HF's one-hot ``expert_mask`` loop; SwiGLU experts clamped at
+# ``swiglu_limit``. The shared expert runs beside the MoE in the decoder layer.
+def sigmoid_routing_function(
+    gating_output: torch.Tensor, topk: int, renormalize: bool, forced: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gating_output = gating_output.float()
+    gate_prob = torch.sigmoid(gating_output)
+    gate_prob = gate_prob / gate_prob.sum(dim=-1, keepdim=True)
+    if forced is None:
+        topk_prob, indices = torch.topk(gate_prob, k=topk, dim=1)
+    else:
+        indices = forced
+        topk_prob = gate_prob.gather(1, indices)
+    expert_topk_weight = topk_prob
+    if renormalize:
+        expert_topk_weight = expert_topk_weight / torch.sum(expert_topk_weight, dim=-1, keepdim=True)
+    return expert_topk_weight, indices
+
+
+class Step3p5MoEMLP(_Used):
+    def __init__(self, router_bias: bool = True, need_fp32_gate: bool = True, swiglu_limit: float = 7.0) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.routed_scaling_factor = E, 2, 3.0
+        self.need_fp32_gate, self.use_moe_router_bias = need_fp32_gate, router_bias
+        if router_bias:
+            self.router_bias = nn.Parameter(torch.randn(E) * 0.05, requires_grad=False)
+            self.custom_routing_function: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.router_bias_func
+        else:
+            self.custom_routing_function = sigmoid_routing_function
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(_SwiGLU(limit=swiglu_limit) for _ in range(E))
+
+    def router_bias_func(
+        self, gating_output: torch.Tensor, topk: int, renormalize: bool, forced: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        gate_prob = torch.sigmoid(gating_output.float())
+        gate_prob_with_bias = gate_prob + self.router_bias.unsqueeze(0)
+        if forced is None:
+            _, indices = torch.topk(gate_prob_with_bias, k=topk, dim=1)
+        else:
+            indices = forced
+        topk_prob = torch.gather(gate_prob, 1, indices)
+        expert_topk_weight = topk_prob
+        if renormalize:
+            expert_topk_weight = expert_topk_weight / (torch.sum(expert_topk_weight, dim=-1, keepdim=True) + 1e-20)
+        return expert_topk_weight, indices
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        if self.need_fp32_gate:
+            router_logits = torch.matmul(hidden_states.to(torch.float32), self.gate.weight.t().to(torch.float32))
+        else:
+            router_logits = self.gate(hidden_states)
+        routing_weights, selected_experts = self.custom_routing_function(
+            router_logits, self.top_k, renormalize=True, forced=self.forced
+        )
+        self.used = selected_experts
+        routing_weights = routing_weights * self.routed_scaling_factor
+        final_hidden_states = torch.zeros(
+            (batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device
+        )
+        expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+        for expert_idx in range(self.num_experts):
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
+            current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
+            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+        return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+
+
+class Step3p5DecoderLayer(nn.Module):
+    """``Step3p5DecoderLayer``'s feed-forward half: the MoE and the layer's ``share_expert`` summed."""
+
+    def __init__(self, router_bias: bool = True, need_fp32_gate: bool = True) -> None:
+        super().__init__()
+        self.moe = Step3p5MoEMLP(router_bias, need_fp32_gate)
+        self.share_expert = _SwiGLU(limit=16.0)
+        self.post_attention_layernorm = nn.RMSNorm(D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.post_attention_layernorm(x)
+        return self.moe(h) + self.share_expert(h)
+
+
+# ----------------------------------------------------------------------- HiDream-I1: image tokens routed, adaLN first
+# huggingface/diffusers src/diffusers/models/transformers/transformer_hidream_image.py (``MoEGate``,
+# ``MOEFeedForwardSwiGLU``, ``HiDreamImageTransformerBlock``, ``HiDreamImageSingleTransformerBlock``): the gate (a bare
+# ``weight [E, d]``, ``F.linear``, softmax, ``torch.topk(..., sorted=False)``, no renormalisation, the aux loss in
+# training only) routes the image tokens of the double-stream blocks (the text tokens go through a dense feed-forward
+# of their own) and the image and text tokens together in the single-stream blocks; its input is modulated first by
+# the timestep's adaLN shift and scale; in training ``repeat_interleave`` and ``y[flat_topk_idx == i] = expert(...)``,
+# in eval ``moe_infer`` (without gradients: the tokens sorted by expert by ``argsort``, counted by
+# ``bincount().cpu().numpy().cumsum``, written back by ``scatter_reduce_``); a shared expert beside. Attention is left
+# out (each stream's tokens mixed by a mean instead).
+class HiDreamMoEGate(_Used):
+    def __init__(self, num_routed_experts: int = E, num_activated_experts: int = 2, aux_loss_alpha: float = 0.01):
+        super().__init__()
+        self.top_k, self.n_routed_experts = num_activated_experts, num_routed_experts
+        self.alpha, self.norm_topk_prob = aux_loss_alpha, False
+        self.weight = nn.Parameter(torch.randn(num_routed_experts, D) / D**0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        bsz, seq_len, h = hidden_states.shape
+        hidden_states = hidden_states.view(-1, h)
+        logits = F.linear(hidden_states, self.weight, None)
+        scores = logits.softmax(dim=-1)
+        if self.forced is None:
+            topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        else:
+            topk_idx = self.forced
+            topk_weight = scores.gather(-1, topk_idx)
+        self.used = topk_idx
+        aux_loss = None
+        if self.training and self.alpha > 0.0:
+            mask_ce = F.one_hot(topk_idx.view(bsz, -1).view(-1), num_classes=self.n_routed_experts)
+            aux_loss = (scores.mean(0) * mask_ce.float().mean(0) * self.n_routed_experts).sum() * self.alpha
+        return topk_idx, topk_weight, aux_loss
+
+
+class HiDreamMOEFeedForwardSwiGLU(nn.Module):
+    def __init__(self, num_activated_experts: int = 2) -> None:
+        super().__init__()
+        self.shared_experts = _SwiGLU(D)
+        self.experts = nn.ModuleList(_SwiGLU() for _ in range(E))
+        self.gate = HiDreamMoEGate(num_activated_experts=num_activated_experts)
+        self.num_activated_experts = num_activated_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wtype = x.dtype
+        identity = x
+        orig_shape = x.shape
+        topk_idx, topk_weight, _ = self.gate(x)
+        x = x.view(-1, x.shape[-1])
+        flat_topk_idx = topk_idx.view(-1)
+        if self.training:
+            x = x.repeat_interleave(self.num_activated_experts, dim=0)
+            y = torch.empty_like(x, dtype=wtype)
+            for i, expert in enumerate(self.experts):
+                y[flat_topk_idx == i] = expert(x[flat_topk_idx == i]).to(dtype=wtype)
+            y = (y.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)).sum(dim=1)
+            y = y.view(*orig_shape).to(dtype=wtype)
+        else:
+            y = self.moe_infer(x, flat_topk_idx, topk_weight.view(-1, 1)).view(*orig_shape)
+        return y + self.shared_experts(identity)
+
+    @torch.no_grad()
+    def moe_infer(
+        self, x: torch.Tensor, flat_expert_indices: torch.Tensor, flat_expert_weights: torch.Tensor
+    ) -> torch.Tensor:
+        expert_cache = torch.zeros_like(x)
+        idxs = flat_expert_indices.argsort()
+        tokens_per_expert = flat_expert_indices.bincount().cpu().numpy().cumsum(0)
+        token_idxs = idxs // self.num_activated_experts
+        for i, end_idx in enumerate(tokens_per_expert):
+            start_idx = 0 if i == 0 else tokens_per_expert[i - 1]
+            if start_idx == end_idx:
+                continue
+            expert = self.experts[i]
+            exp_token_idx = token_idxs[start_idx:end_idx]
+            expert_out = expert(x[exp_token_idx])
+            expert_out.mul_(flat_expert_weights[idxs[start_idx:end_idx]])
+            expert_cache = expert_cache.to(expert_out.dtype)
+            expert_cache.scatter_reduce_(0, exp_token_idx.view(-1, 1).repeat(1, x.shape[-1]), expert_out, reduce="sum")
+        return expert_cache
+
+
+class HiDreamDoubleBlock(nn.Module):
+    """``HiDreamImageTransformerBlock``'s feed-forward half: image tokens through the MoE, text tokens through
+    ``ff_t``, each modulated by its own adaLN shift, scale and gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.ff_i = HiDreamMOEFeedForwardSwiGLU()
+        self.ff_t = _SwiGLU()
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, adaln: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        image = image + image.mean(1, keepdim=True) + text.mean(1, keepdim=True)  # (attention, left out)
+        text = text + image.mean(1, keepdim=True)
+        shift_i, scale_i, gate_i, shift_t, scale_t, gate_t = self.adaLN_modulation(adaln)[:, None].chunk(6, dim=-1)
+        norm_i = F.layer_norm(image, (D,), eps=1e-6) * (1 + scale_i) + shift_i
+        norm_t = F.layer_norm(text, (D,), eps=1e-6) * (1 + scale_t) + shift_t
+        return image + gate_i * self.ff_i(norm_i), text + gate_t * self.ff_t(norm_t)
+
+
+class HiDreamSingleBlock(nn.Module):
+    """``HiDreamImageSingleTransformerBlock``'s feed-forward half, over the image and text tokens joined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 3 * D))
+        self.ff_i = HiDreamMOEFeedForwardSwiGLU()
+
+    def forward(self, tokens: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+        tokens = tokens + tokens.mean(1, keepdim=True)  # (attention, left out)
+        shift, scale, gate = self.adaLN_modulation(adaln)[:, None].chunk(3, dim=-1)
+        return tokens + gate * self.ff_i(F.layer_norm(tokens, (D,), eps=1e-6) * (1 + scale) + shift)
+
+
+class HiDreamImageTransformer(nn.Module):
+    """Two double-stream blocks, then one single-stream block over the image tokens and the text tokens joined (as
+    ``HiDreamImageTransformer2DModel`` joins them); the first ``num_text`` tokens of the input are the text, the rest
+    the image; the adaLN input a timestep embedding made of the input's mean."""
+
+    def __init__(self, num_text: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.num_text = num_text
+        self.t_embedder = nn.Linear(D, D)
+        self.double_stream_blocks = nn.ModuleList(HiDreamDoubleBlock() for _ in range(2))
+        self.single_stream_blocks = nn.ModuleList([HiDreamSingleBlock()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        text, image = x[:, : self.num_text], x[:, self.num_text :]
+        adaln = F.silu(self.t_embedder(x.mean(1)))
+        for block in self.double_stream_blocks:
+            image, text = block(image, text, adaln)
+        tokens = torch.cat([image, text], dim=1)
+        for single in self.single_stream_blocks:
+            tokens = single(tokens, adaln)
+        return tokens[:, : image.shape[1]]
+
+
+# ----------------------------------------------------------------------- Seed-OSS: a dense model of the list
+# huggingface/transformers src/transformers/models/seed_oss/modeling_seed_oss.py: ByteDance Seed-OSS-36B is dense
+# (a SwiGLU ``SeedOssMLP`` in every layer, no experts); built from its own config class, tiny, on CPU: nothing to find.
+def _seed_oss() -> nn.Module:
+    pytest.importorskip("transformers.models.seed_oss")
+    from transformers.models.seed_oss.configuration_seed_oss import SeedOssConfig
+    from transformers.models.seed_oss.modeling_seed_oss import SeedOssModel
+
+    config = SeedOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return SeedOssModel(config)
+
+
+def _seed_oss_ids() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------- the cases
+EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
+    # name: (model, input, options: ``train``, ``change`` and attach options)
+    "nomic-embed-moe-unpadded-top-k-in-block": (NomicBertMoE, lambda: _x(2, 8), {}),
+    "nomic-embed-moe-unpadded-top-k-in-block-train": (NomicBertMoE, lambda: _x(2, 8), {"train": True}),
+    "minimind-bare-gate-unsorted-top-k": (MiniMindModel, lambda: _x(2, 6), {}),
+    "minimind-bare-gate-unsorted-top-k-train": (MiniMindModel, lambda: _x(2, 6), {"train": True}),
+    "step3p5-router-bias-fp32-gate": (lambda: Layers(Step3p5DecoderLayer), lambda: _x(2, 6), {}),
+    "step3p5-router-bias-fp32-gate-train": (lambda: Layers(Step3p5DecoderLayer), lambda: _x(2, 6), {"train": True}),
+    "step3p5-sigmoid-normalised-before-top-k": (
+        lambda: Layers(lambda: Step3p5DecoderLayer(router_bias=False, need_fp32_gate=False)),
+        lambda: _x(2, 6),
+        {},
+    ),
+    "step3p5-sigmoid-normalised-before-top-k-train": (
+        lambda: Layers(lambda: Step3p5DecoderLayer(router_bias=False, need_fp32_gate=False)),
+        lambda: _x(2, 6),
+        {"train": True},
+    ),
+    "segmoe-one-choice-for-the-batch": (lambda: Layers(SegMoESparseMoeBlock), lambda: _x(2, 6), {}),
+    "segmoe-one-choice-for-the-batch-train": (lambda: Layers(SegMoESparseMoeBlock), lambda: _x(2, 6), {"train": True}),
+    "hidream-image-tokens-routed-after-adaln": (HiDreamImageTransformer, lambda: _x(2, 9), {}),
+    "hidream-image-tokens-routed-after-adaln-train": (HiDreamImageTransformer, lambda: _x(2, 9), {"train": True}),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(EXACT))
+def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
+    """nomic-embed-text-v2-moe's block (a ``Router`` returning logits, the top-k in the block over the unpadded
+    tokens, an output bias); MiniMind's block (a bare gate, an unsorted top-k, weights read by boolean indexing, an
+    unused expert's parameters added times zero in training); Step-3.5-Flash's block (a routing function chosen at
+    construction: a bound method with a selection-only bias over an fp32 ``matmul`` with the transposed gate weight,
+    or a free function normalising the sigmoid before its top-k): every router found and nothing else, the recorded
+    rows the experts used, and a replay after the routers change those experts forced by hand, in output and
+    gradients."""
+    make, x, options = EXACT[case]
+    opts = dict(options)
+    train = bool(opts.pop("train", False))
+    change = float(opts.pop("change", 3.0))  # type: ignore[arg-type]
+    assert_exact(make(), x(), train=train, change=change, **opts)  # type: ignore[arg-type]
+
+
+REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, dict[str, object]]] = {
+    # name: (model, input, what the error says, options: ``train`` and attach options)
+    "seed-oss-dense-of-transformers": (_seed_oss, _seed_oss_ids, "no MoE router found", {}),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refused_naming_why(case: str) -> None:
+    """Refused with a ``MoEReplayError`` saying why, the model as it was."""
+    make, x, match, options = REFUSED[case]
+    opts = dict(options)
+    train = bool(opts.pop("train", False))
+    assert_refused(make(), x(), match, train=train, **opts)
