@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moe_replay as mr
 from tests.test_evidence import D, E, Experts
 from tests.test_public_routers2 import _x
 from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
@@ -524,3 +525,149 @@ def test_refused_naming_why(case: str) -> None:
     opts = dict(options)
     train = bool(opts.pop("train", False))
     assert_refused(make(), x(), match, train=train, **opts)
+
+
+# ----------------------------------------------------------------------- Ming-Lite-Omni: a router per modality, blended
+# inclusionAI/Ming modeling_bailing_moe.py (``BailingMoeGate``, ``BailingMoeSparseMoeBlock`` with ``multi_gate``):
+# three gates (text ``gate``, ``image_gate``, ``audio_gate``: a bare ``weight [E, d]``, ``F.linear``, a float softmax,
+# ``torch.topk``, renormalised) each run on every token; the block keeps each token's choice of its modality's gate by
+# arithmetic on the masks, ``topk_idx = topk_idx * ~image_mask + image_topk_idx * image_mask`` (the weights and the
+# logits alike); in training ``repeat_interleave`` and one expert per slot, in eval ``moe_infer`` (the tokens sorted
+# by ``argsort``, counted by a ``scatter_`` of ones, ``new_x[idxs] = outs``); a shared expert beside.
+class MingGate(nn.Module):
+    def __init__(self, top_k: int = 2) -> None:
+        super().__init__()
+        self.top_k, self.num_experts, self.norm_topk_prob = top_k, E, True
+        self.weight = nn.Parameter(torch.randn(E, D) / D**0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bsz, seq_len, h = hidden_states.shape
+        hidden_states = hidden_states.view(-1, h)
+        logits = F.linear(hidden_states, self.weight, None)
+        scores = logits.softmax(dim=-1, dtype=torch.float32)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+        return topk_idx, topk_weight, logits
+
+
+class MingSparseMoeBlock(nn.Module):
+    def __init__(self, num_experts_per_tok: int = 2) -> None:
+        super().__init__()
+        self.num_experts_per_tok = num_experts_per_tok
+        self.experts = nn.ModuleList(_SwiGLU() for _ in range(E))
+        self.image_gate = MingGate(num_experts_per_tok)
+        self.audio_gate = MingGate(num_experts_per_tok)
+        self.gate = MingGate(num_experts_per_tok)
+        self.shared_experts = _SwiGLU()
+
+    def forward(
+        self, hidden_states: torch.Tensor, image_mask: torch.Tensor | None, audio_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        identity = hidden_states
+        bsz, seq_len, h = hidden_states.shape
+        topk_idx, topk_weight, router_logits = self.gate(hidden_states)
+        if image_mask is not None:
+            image_topk_idx, image_topk_weight, image_router_logits = self.image_gate(hidden_states)
+            image_mask = image_mask.reshape(bsz * seq_len, 1)
+            topk_idx = topk_idx * ~image_mask + image_topk_idx * image_mask
+            topk_weight = topk_weight * ~image_mask + image_topk_weight * image_mask
+            router_logits = router_logits * ~image_mask + image_router_logits * image_mask
+        if audio_mask is not None:
+            audio_topk_idx, audio_topk_weight, audio_router_logits = self.audio_gate(hidden_states)
+            audio_mask = audio_mask.reshape(bsz * seq_len, 1)
+            topk_idx = topk_idx * ~audio_mask + audio_topk_idx * audio_mask
+            topk_weight = topk_weight * ~audio_mask + audio_topk_weight * audio_mask
+            router_logits = router_logits * ~audio_mask + audio_router_logits * audio_mask
+        self.used = topk_idx
+        hidden_states = hidden_states.view(-1, hidden_states.shape[-1])
+        flat_topk_idx = topk_idx.view(-1)
+        if self.training:
+            hidden_states = hidden_states.repeat_interleave(self.num_experts_per_tok, dim=0)
+            y = torch.empty_like(hidden_states)
+            for i, expert in enumerate(self.experts):
+                y[flat_topk_idx == i] = expert(hidden_states[flat_topk_idx == i])
+            y = (y.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)).sum(dim=1)
+            y = y.to(hidden_states.dtype).view(bsz, seq_len, h)
+        else:
+            y = self.moe_infer(hidden_states, topk_idx, topk_weight).view(bsz, seq_len, h)
+        y = y + self.shared_experts(identity)
+        return y, (router_logits.view(bsz, seq_len, -1), topk_idx.view(bsz, seq_len, -1))
+
+    @torch.no_grad()
+    def moe_infer(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        cnts = topk_ids.new_zeros((topk_ids.shape[0], len(self.experts)))
+        cnts.scatter_(1, topk_ids, 1)
+        tokens_per_expert = cnts.sum(dim=0)
+        idxs = topk_ids.view(-1).argsort()
+        sorted_tokens = x[idxs // topk_ids.shape[1]]
+        outputs = []
+        start_idx = 0
+        for i, num_tokens in enumerate(tokens_per_expert.cpu().numpy()):
+            end_idx = start_idx + num_tokens
+            if num_tokens == 0:
+                continue
+            outputs.append(self.experts[i](sorted_tokens[start_idx:end_idx]))
+            start_idx = end_idx
+        outs = torch.cat(outputs, dim=0) if len(outputs) else sorted_tokens.new_empty(0)
+        new_x = torch.empty_like(outs)
+        new_x[idxs] = outs
+        return (
+            new_x.view(*topk_ids.shape, -1)
+            .type(topk_weight.dtype)
+            .mul_(topk_weight.unsqueeze(dim=-1))
+            .sum(dim=1)
+            .type(new_x.dtype)
+        )
+
+
+class MingOmniLM(nn.Module):
+    """Two MoE layers over a batch of text, image and audio tokens (the masks fixed by the batch's layout, held on
+    the model as the processor would build them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(MingSparseMoeBlock() for _ in range(2))
+        kind = torch.tensor([[0, 1, 1, 1, 0, 0, 2, 2], [0, 0, 1, 1, 2, 2, 2, 0]])
+        self.register_buffer("image_mask", kind == 1)
+        self.register_buffer("audio_mask", kind == 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x, self.image_mask, self.audio_mask)[0]
+        return x
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="Ming-Lite-Omni's three modality gates each decide for every token and the block keeps one gate's choice "
+    "per token by arithmetic on the masks, outside every gate's forward: each gate's rows on the other modalities' "
+    "tokens are recorded as its routes though no token used them, and nothing says so",
+)
+def test_ming_omni_modality_gates_record_only_the_rows_their_tokens_used() -> None:
+    """Each recorded row of a modality's gate names the experts its token used, and a gate's rows on another
+    modality's tokens (whose choice the block throws away) are not presented as routes (``-1``: routed natively, as
+    they are discarded anyway), or the capture is refused with a ``MoEReplayError`` naming why."""
+    model = MingOmniLM().eval()
+    x = _x(2, 8)
+    owned = {
+        "image_gate": model.image_mask.flatten(),
+        "audio_gate": model.audio_mask.flatten(),
+        "gate": ~(model.image_mask | model.audio_mask).flatten(),
+    }
+    try:
+        with mr.attach(model) as session:
+            with torch.no_grad(), session.capture():
+                model(x)
+            routes = session.routes()
+    except mr.MoEReplayError:
+        return
+    for name in session.names:
+        layer, gate = name.rsplit(".", 1)
+        rows = routes.layer(name).long()
+        used = model.get_submodule(layer).used
+        mine = owned[gate]
+        assert torch.equal(rows[mine], used[mine]), f"'{name}': its rows are not the experts its tokens used"
+        assert bool((rows[~mine] == -1).all()), f"'{name}': rows of tokens it does not route are presented as routes"
