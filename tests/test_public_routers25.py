@@ -468,63 +468,53 @@ def _seed_oss_ids() -> torch.Tensor:
     return torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
 
 
-# ----------------------------------------------------------------------- the cases
-EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
-    # name: (model, input, options: ``train``, ``change`` and attach options)
-    "nomic-embed-moe-unpadded-top-k-in-block": (NomicBertMoE, lambda: _x(2, 8), {}),
-    "nomic-embed-moe-unpadded-top-k-in-block-train": (NomicBertMoE, lambda: _x(2, 8), {"train": True}),
-    "minimind-bare-gate-unsorted-top-k": (MiniMindModel, lambda: _x(2, 6), {}),
-    "minimind-bare-gate-unsorted-top-k-train": (MiniMindModel, lambda: _x(2, 6), {"train": True}),
-    "step3p5-router-bias-fp32-gate": (lambda: Layers(Step3p5DecoderLayer), lambda: _x(2, 6), {}),
-    "step3p5-router-bias-fp32-gate-train": (lambda: Layers(Step3p5DecoderLayer), lambda: _x(2, 6), {"train": True}),
-    "step3p5-sigmoid-normalised-before-top-k": (
-        lambda: Layers(lambda: Step3p5DecoderLayer(router_bias=False, need_fp32_gate=False)),
-        lambda: _x(2, 6),
-        {},
-    ),
-    "step3p5-sigmoid-normalised-before-top-k-train": (
-        lambda: Layers(lambda: Step3p5DecoderLayer(router_bias=False, need_fp32_gate=False)),
-        lambda: _x(2, 6),
-        {"train": True},
-    ),
-    "segmoe-one-choice-for-the-batch": (lambda: Layers(SegMoESparseMoeBlock), lambda: _x(2, 6), {}),
-    "segmoe-one-choice-for-the-batch-train": (lambda: Layers(SegMoESparseMoeBlock), lambda: _x(2, 6), {"train": True}),
-    "hidream-image-tokens-routed-after-adaln": (HiDreamImageTransformer, lambda: _x(2, 9), {}),
-    "hidream-image-tokens-routed-after-adaln-train": (HiDreamImageTransformer, lambda: _x(2, 9), {"train": True}),
-}
+# ----------------------------------------------------------------------- CogVLM: a visual expert by token type
+# THUDM/CogVLM (the ``cogvlm-chat-hf`` remote code modeling_cogvlm.py: ``get_expert_mask``, ``VisionExpertMLP``,
+# ``VisionExpertAttention``): image tokens go through a vision expert, text tokens through a language expert, split
+# by ``token_type_ids`` (a token counts as vision only where the next one is vision too: the last image token goes
+# to the language expert); ``output[vision_token_mask] = self.vision_mlp(hidden_states[vision_token_mask])``. No
+# router: the input picks the expert.
+LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE = 0, 1
 
 
-@pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("case", list(EXACT))
-def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
-    """nomic-embed-text-v2-moe's block (a ``Router`` returning logits, the top-k in the block over the unpadded
-    tokens, an output bias); MiniMind's block (a bare gate, an unsorted top-k, weights read by boolean indexing, an
-    unused expert's parameters added times zero in training); Step-3.5-Flash's block (a routing function chosen at
-    construction: a bound method with a selection-only bias over an fp32 ``matmul`` with the transposed gate weight,
-    or a free function normalising the sigmoid before its top-k): every router found and nothing else, the recorded
-    rows the experts used, and a replay after the routers change those experts forced by hand, in output and
-    gradients."""
-    make, x, options = EXACT[case]
-    opts = dict(options)
-    train = bool(opts.pop("train", False))
-    change = float(opts.pop("change", 3.0))  # type: ignore[arg-type]
-    assert_exact(make(), x(), train=train, change=change, **opts)  # type: ignore[arg-type]
+def get_expert_mask(token_type_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    vision_token_mask = torch.zeros_like(token_type_ids, dtype=torch.bool)
+    vision_token_mask[:, :-1] = (token_type_ids[:, :-1] == VISION_TOKEN_TYPE) & (
+        token_type_ids[:, 1:] == VISION_TOKEN_TYPE
+    )
+    return ~vision_token_mask, vision_token_mask
 
 
-REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, dict[str, object]]] = {
-    # name: (model, input, what the error says, options: ``train`` and attach options)
-    "seed-oss-dense-of-transformers": (_seed_oss, _seed_oss_ids, "no MoE router found", {}),
-}
+class VisionExpertMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.language_mlp = _SwiGLU()
+        self.vision_mlp = _SwiGLU()
+
+    def forward(self, hidden_states: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        output = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        language_token_mask, vision_token_mask = get_expert_mask(token_type_ids)
+        output[vision_token_mask] = self.vision_mlp(hidden_states[vision_token_mask])
+        output[language_token_mask] = self.language_mlp(hidden_states[language_token_mask])
+        return output
 
 
-@pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("case", list(REFUSED))
-def test_refused_naming_why(case: str) -> None:
-    """Refused with a ``MoEReplayError`` saying why, the model as it was."""
-    make, x, match, options = REFUSED[case]
-    opts = dict(options)
-    train = bool(opts.pop("train", False))
-    assert_refused(make(), x(), match, train=train, **opts)
+class CogVLMDecoder(nn.Module):
+    """Two decoder layers' MLP halves over a batch whose first tokens are an image (``token_type_ids`` held on the
+    model, as the processor builds them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlps = nn.ModuleList(VisionExpertMLP() for _ in range(2))
+        token_type_ids = torch.zeros(2, 8, dtype=torch.long)
+        token_type_ids[:, 1:5] = VISION_TOKEN_TYPE
+        self.register_buffer("token_type_ids", token_type_ids)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for mlp in self.mlps:
+            x = x + mlp(F.rms_norm(x, (D,)), self.token_type_ids)
+        return x
 
 
 # ----------------------------------------------------------------------- Ming-Lite-Omni: a router per modality, blended
@@ -671,3 +661,66 @@ def test_ming_omni_modality_gates_record_only_the_rows_their_tokens_used() -> No
         mine = owned[gate]
         assert torch.equal(rows[mine], used[mine]), f"'{name}': its rows are not the experts its tokens used"
         assert bool((rows[~mine] == -1).all()), f"'{name}': rows of tokens it does not route are presented as routes"
+
+
+# ----------------------------------------------------------------------- the cases
+EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
+    # name: (model, input, options: ``train``, ``change`` and attach options)
+    "nomic-embed-moe-unpadded-top-k-in-block": (NomicBertMoE, lambda: _x(2, 8), {}),
+    "nomic-embed-moe-unpadded-top-k-in-block-train": (NomicBertMoE, lambda: _x(2, 8), {"train": True}),
+    "minimind-bare-gate-unsorted-top-k": (MiniMindModel, lambda: _x(2, 6), {}),
+    "minimind-bare-gate-unsorted-top-k-train": (MiniMindModel, lambda: _x(2, 6), {"train": True}),
+    "step3p5-router-bias-fp32-gate": (lambda: Layers(Step3p5DecoderLayer), lambda: _x(2, 6), {}),
+    "step3p5-router-bias-fp32-gate-train": (lambda: Layers(Step3p5DecoderLayer), lambda: _x(2, 6), {"train": True}),
+    "step3p5-sigmoid-normalised-before-top-k": (
+        lambda: Layers(lambda: Step3p5DecoderLayer(router_bias=False, need_fp32_gate=False)),
+        lambda: _x(2, 6),
+        {},
+    ),
+    "step3p5-sigmoid-normalised-before-top-k-train": (
+        lambda: Layers(lambda: Step3p5DecoderLayer(router_bias=False, need_fp32_gate=False)),
+        lambda: _x(2, 6),
+        {"train": True},
+    ),
+    "segmoe-one-choice-for-the-batch": (lambda: Layers(SegMoESparseMoeBlock), lambda: _x(2, 6), {}),
+    "segmoe-one-choice-for-the-batch-train": (lambda: Layers(SegMoESparseMoeBlock), lambda: _x(2, 6), {"train": True}),
+    "hidream-image-tokens-routed-after-adaln": (HiDreamImageTransformer, lambda: _x(2, 9), {}),
+    "hidream-image-tokens-routed-after-adaln-train": (HiDreamImageTransformer, lambda: _x(2, 9), {"train": True}),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(EXACT))
+def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
+    """nomic-embed-text-v2-moe's block (a ``Router`` returning logits, the top-k in the block over the unpadded
+    tokens, an output bias); MiniMind's block (a bare gate, an unsorted top-k, weights read by boolean indexing, an
+    unused expert's parameters added times zero in training); Step-3.5-Flash's block (a routing function chosen at
+    construction: a bound method with a selection-only bias over an fp32 ``matmul`` with the transposed gate weight,
+    or a free function normalising the sigmoid before its top-k); SegMoE's one top-k over the logits summed over the
+    whole batch (one row per forward, weights read from each token's logits at those experts); HiDream-I1's gate
+    over adaLN-modulated image tokens (``moe_infer`` without gradients in eval): every router found and nothing
+    else, the recorded rows the experts used, and a replay after the routers change those experts forced by hand, in
+    output and gradients."""
+    make, x, options = EXACT[case]
+    opts = dict(options)
+    train = bool(opts.pop("train", False))
+    change = float(opts.pop("change", 3.0))  # type: ignore[arg-type]
+    assert_exact(make(), x(), train=train, change=change, **opts)  # type: ignore[arg-type]
+
+
+REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, dict[str, object]]] = {
+    # name: (model, input, what the error says, options: ``train`` and attach options)
+    "seed-oss-dense-of-transformers": (_seed_oss, _seed_oss_ids, "no MoE router found", {}),
+    "cogvlm-visual-expert-by-token-type": (CogVLMDecoder, lambda: _x(2, 8), "no MoE router found", {}),
+}
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refused_naming_why(case: str) -> None:
+    """Seed-OSS (dense, built by transformers) and CogVLM's visual expert (the token type picks the expert: no
+    router): refused with a ``MoEReplayError`` saying why, the model as it was."""
+    make, x, match, options = REFUSED[case]
+    opts = dict(options)
+    train = bool(opts.pop("train", False))
+    assert_refused(make(), x(), match, train=train, **opts)
