@@ -217,6 +217,42 @@ class SegMoESparseMoeBlock(_Used):
         return final_hidden_states.reshape(batch_size, sequence_length, self.hidden_dim)
 
 
+class SegMoEAttention(nn.Module):
+    """A diffusers ``Attention`` whose ``to_q``, ``to_k`` and ``to_v`` are SegMoE blocks (``moe_layers: all``: the
+    experts the source models' projections); as ``attn2`` its keys and values are made from the prompt's tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = 2
+        self.to_q, self.to_k, self.to_v = SegMoESparseMoeBlock(), SegMoESparseMoeBlock(), SegMoESparseMoeBlock()
+        self.to_out = nn.Linear(D, D)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        b = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = self.to_q(hidden_states), self.to_k(context), self.to_v(context)
+        q, k, v = (t.view(b, -1, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, D)
+        return self.to_out(out)
+
+
+class SegMoETransformerBlock(nn.Module):
+    """A diffusers ``BasicTransformerBlock`` of a SegMoE UNet: self-attention, cross-attention over the prompt's
+    embeddings (held on the model, as the pipeline feeds them each step), and the feed-forward, all SegMoE blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn1, self.attn2 = SegMoEAttention(), SegMoEAttention()
+        self.ff = SegMoESparseMoeBlock()
+        self.register_buffer("encoder_hidden_states", torch.randn(2, 5, D, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(F.layer_norm(x, (D,)))
+        x = x + self.attn2(F.layer_norm(x, (D,)), self.encoder_hidden_states)
+        return x + self.ff(F.layer_norm(x, (D,)))
+
+
 # ----------------------------------------------------------------------- Step-3.5-Flash: routing functions, fp32 gate
 # stepfun-ai/Step-3.5-Flash modeling_step3p5.py (``Step3p5MoEMLP``; as adapted in msmodelslim's
 # ``Step3p5MoEMLPWithUnpackExperts``, with the same routing in sglang python/sglang/srt/models/step3p5.py): the block
@@ -684,6 +720,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     ),
     "segmoe-one-choice-for-the-batch": (lambda: Layers(SegMoESparseMoeBlock), lambda: _x(2, 6), {}),
     "segmoe-one-choice-for-the-batch-train": (lambda: Layers(SegMoESparseMoeBlock), lambda: _x(2, 6), {"train": True}),
+    "segmoe-attention-and-feed-forward-blocks": (SegMoETransformerBlock, lambda: _x(2, 6), {}),
     "hidream-image-tokens-routed-after-adaln": (HiDreamImageTransformer, lambda: _x(2, 9), {}),
     "hidream-image-tokens-routed-after-adaln-train": (HiDreamImageTransformer, lambda: _x(2, 9), {"train": True}),
 }
