@@ -11,6 +11,7 @@ with a ``MoEReplayError`` that says why, the model left as it was.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -251,6 +252,105 @@ class SegMoETransformerBlock(nn.Module):
         x = x + self.attn1(F.layer_norm(x, (D,)))
         x = x + self.attn2(F.layer_norm(x, (D,)), self.encoder_hidden_states)
         return x + self.ff(F.layer_norm(x, (D,)))
+
+
+# ----------------------------------------------------------------------- sample_efficient_gpt: capacity by sorted place
+# thepowerfuldeez/sample_efficient_gpt sample_efficient_gpt/transformer/moe.py (``TopKMoE``): a router Linear with a
+# bias over the routed experts (the shared ones first in the module list, routed expert ``e`` is ``experts[e +
+# num_shared_experts]``), Gaussian jitter on the logits, a float softmax; top-1 by ``max``, else ``torch.topk``
+# renormalised with ``clamp_min``; the assignments sorted by expert (``argsort``), counted by ``bincount``, each
+# expert run on the first ``capacity`` of its run (``int(offsets[e].item())``): the rest get zero, dropped by their
+# place in the sorted order; the aux loss counts the chosen ids by ``bincount``.
+class SampleEfficientTopKMoE(_Used):
+    def __init__(
+        self, top_k: int = 2, capacity_factor: float = 1.0, router_jitter: float = 0.0, num_shared_experts: int = 1
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.num_shared_experts = E + num_shared_experts, num_shared_experts
+        self.num_routed_experts = E
+        self.top_k, self.capacity_factor, self.router_jitter = top_k, capacity_factor, router_jitter
+        self.aux_loss_coef, self.normalize_gates, self.gate_scale = 0.01, True, 1.0
+        self.router = nn.Linear(D, E, bias=True)
+        self.experts = nn.ModuleList(_SwiGLU() for _ in range(self.num_experts))
+
+    def _aux_loss(self, router_probs: torch.Tensor, expert_idx_flat: torch.Tensor, denom: int) -> torch.Tensor:
+        importance = router_probs.mean(dim=0)
+        load = torch.bincount(expert_idx_flat.to(torch.int64), minlength=self.num_routed_experts).float()
+        load = load / float(max(int(denom), 1))
+        return (self.aux_loss_coef * (importance * load).sum() * float(self.num_routed_experts)).to(router_probs.dtype)
+
+    def _run(self, x_in: torch.Tensor, gate: torch.Tensor, expert_idx: torch.Tensor, capacity: int) -> torch.Tensor:
+        order = torch.argsort(expert_idx)
+        x_sorted = x_in[order]
+        gate_sorted = gate[order].to(dtype=x_in.dtype)
+        expert_sorted = expert_idx[order]
+        out_sorted = torch.zeros_like(x_sorted)
+        offsets = torch.cumsum(torch.bincount(expert_sorted, minlength=self.num_routed_experts), dim=0)
+        start = 0
+        for e in range(self.num_routed_experts):
+            end = int(offsets[e].item())
+            take = min(end - start, capacity)
+            if take > 0:
+                y = self.experts[e + self.num_shared_experts](x_sorted[start : start + take])
+                out_sorted[start : start + take] = y * gate_sorted[start : start + take].unsqueeze(-1)
+            start = end
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=order.device)
+        return out_sorted[inv]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, d = x.shape
+        tokens = b * s
+        x_flat = x.reshape(tokens, d)
+        router_logits = self.router(x_flat)
+        if self.router_jitter:
+            router_logits = router_logits + self.router_jitter * torch.randn_like(router_logits)
+        router_probs = torch.softmax(router_logits.float(), dim=-1)
+        shared_out = torch.zeros_like(x_flat)
+        for e in range(self.num_shared_experts):
+            shared_out = shared_out + self.experts[e](x_flat)
+        if self.top_k == 1:
+            if self.forced is None:
+                gate, expert_idx = router_probs.max(dim=-1)
+            else:
+                expert_idx = self.forced[:, 0]
+                gate = router_probs.gather(-1, expert_idx[:, None])[:, 0]
+            self.used = expert_idx[:, None]
+            aux_loss = self._aux_loss(router_probs, expert_idx, denom=tokens)
+            capacity = max(1, math.ceil(self.capacity_factor * (tokens / self.num_routed_experts)))
+            out = self._run(x_flat, gate, expert_idx, capacity).reshape(b, s, d)
+            return out + shared_out.reshape(b, s, d), aux_loss.to(dtype=x.dtype)
+        if self.forced is None:
+            topk_probs, topk_idx = torch.topk(router_probs, k=self.top_k, dim=-1)
+        else:
+            topk_idx = self.forced
+            topk_probs = router_probs.gather(-1, topk_idx)
+        self.used = topk_idx
+        if self.normalize_gates:
+            topk_probs = topk_probs / topk_probs.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+        gate, expert_idx = topk_probs.reshape(-1), topk_idx.reshape(-1)
+        aux_loss = self._aux_loss(router_probs, expert_idx, denom=tokens * self.top_k)
+        assignments = tokens * self.top_k
+        capacity = max(1, math.ceil(self.capacity_factor * (assignments / self.num_routed_experts)))
+        out_rep = self._run(x_flat.repeat_interleave(self.top_k, dim=0), gate, expert_idx, capacity)
+        out = out_rep.reshape(tokens, self.top_k, d).sum(dim=1).reshape(b, s, d)
+        return out + shared_out.reshape(b, s, d), aux_loss.to(dtype=x.dtype)
+
+
+class SampleEfficientGPT(nn.Module):
+    """Two MoE layers, their aux losses added to the output (as the training loss adds them)."""
+
+    def __init__(self, top_k: int = 2, router_jitter: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(SampleEfficientTopKMoE(top_k, router_jitter=router_jitter) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        aux = x.new_zeros(())
+        for layer in self.layers:
+            out, loss = layer(F.rms_norm(x, (D,)))
+            x, aux = x + out, aux + loss
+        return x + aux
 
 
 # ----------------------------------------------------------------------- Step-3.5-Flash: routing functions, fp32 gate
@@ -721,6 +821,13 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "segmoe-one-choice-for-the-batch": (lambda: Layers(SegMoESparseMoeBlock), lambda: _x(2, 6), {}),
     "segmoe-one-choice-for-the-batch-train": (lambda: Layers(SegMoESparseMoeBlock), lambda: _x(2, 6), {"train": True}),
     "segmoe-attention-and-feed-forward-blocks": (SegMoETransformerBlock, lambda: _x(2, 6), {}),
+    "sample-efficient-gpt-capacity-by-sorted-place": (SampleEfficientGPT, lambda: _x(2, 6), {}),
+    "sample-efficient-gpt-capacity-by-sorted-place-jitter-train": (
+        lambda: SampleEfficientGPT(router_jitter=0.1),
+        lambda: _x(2, 6),
+        {"train": True},
+    ),
+    "sample-efficient-gpt-top-1-by-max": (lambda: SampleEfficientGPT(top_k=1), lambda: _x(2, 6), {}),
     "hidream-image-tokens-routed-after-adaln": (HiDreamImageTransformer, lambda: _x(2, 9), {}),
     "hidream-image-tokens-routed-after-adaln-train": (HiDreamImageTransformer, lambda: _x(2, 9), {"train": True}),
 }
@@ -735,7 +842,8 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     construction: a bound method with a selection-only bias over an fp32 ``matmul`` with the transposed gate weight,
     or a free function normalising the sigmoid before its top-k); SegMoE's one top-k over the logits summed over the
     whole batch (one row per forward, weights read from each token's logits at those experts); HiDream-I1's gate
-    over adaLN-modulated image tokens (``moe_infer`` without gradients in eval): every router found and nothing
+    over adaLN-modulated image tokens (``moe_infer`` without gradients in eval); sample_efficient_gpt's capacity by
+    the place in an ``argsort`` of the chosen ids (assignments past it dropped): every router found and nothing
     else, the recorded rows the experts used, and a replay after the routers change those experts forced by hand, in
     output and gradients."""
     make, x, options = EXACT[case]
