@@ -817,7 +817,7 @@ class FeedRecord:
                 held = _device_held(kwargs)
             places = places_fed(args, kwargs, fed, held)
             if places is not None and places.numel() == count:
-                cache = _given_cache(kwargs)
+                cache = given  # (the cache given, read above: nothing since changes the arguments)
                 if cache is not None and not self._built.holds(cache):
                     # (after tokens of a cache no forward of this capture built: marked, see AFTER_OUTSIDE)
                     if isinstance(held, torch.Tensor):
