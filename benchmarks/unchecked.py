@@ -38,7 +38,7 @@ def _unchecked_call(self: intercept.ScopedForward, *args: Any, **kwargs: Any) ->
         return _CHECKED_CALL(self, *args, **kwargs)
     hook._decided, hook._ordinal, hook._answered = False, 0, None
     hook._entry_grad, hook._eager, hook._slow = False, True, False
-    hook._fast = (*hook._form, None, hook.capture_ring)
+    hook._fast = (hook._form, None, hook.capture_ring)
     names = _lean.NAMES
     names.update(_lean.ON)
     state = NESTING

@@ -128,7 +128,7 @@ def _audited(state: Any, orig: Callable[..., Any], args: tuple[Any, ...], kwargs
 def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
     """:func:`_wrap` for ``topk``, which answers a lean router's decision in its learned form itself.
 
-    The hook's ``_fast`` is ``((ordinal, rest, keywords), ((width,), dtype), source, ring)`` in a forward
+    The hook's ``_fast`` is ``((ordinal, rest, keywords, (width,), dtype), source, ring)`` in a forward
     where the decision may be answered at once (see ``RouterHook._fast``): a call at that ordinal
     with those arguments after 2-D scores of that width and dtype is answered here, without a
     frame of the hook's: the native top-k with its indices copied into ``ring`` (capture), or the
@@ -144,17 +144,18 @@ def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
         if hook is None:
             return _audited(NESTING, orig, args, kwargs) if NESTING.auditing else orig(*args, **kwargs)
         form = hook._fast
-        if form is not None and args and (hook._ordinal, args[1:], kwargs) == form[0]:
+        if form is not None and args:
             x = args[0]
             if (
                 type(x) is _TENSOR
-                and (x.shape[1:], x.dtype) == form[1]  # (2-D scores of the width and dtype learned)
+                # (at the ordinal, with the arguments learned, after 2-D scores of the width and dtype learned)
+                and (hook._ordinal, args[1:], kwargs, x.shape[1:], x.dtype) == form[0]
                 and (not hook._entry_grad or (_top_hooks() is None and _fwd_grad()))  # (no checkpoint opened inside)
             ):
                 hook._ordinal += 1
                 hook._decided = True
                 hook.decisions += 1
-                _, _, src, ring = form
+                _, src, ring = form
                 if src is None:  # capture
                     out = orig(*args, **kwargs)
                     ring.write_eager(idx := out[1])

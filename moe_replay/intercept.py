@@ -596,12 +596,12 @@ class RouterHook:
     _lean: dict[tuple[bool, bool], _Verdict] = field(default_factory=dict)
     _missed: bool = False  # the audit saw a call that did not come through a lean wrapper
     # the lean fast path: the form of the decision call it answers, learned at the last one answered in full
-    # (its ordinal, the arguments after the scores and the keywords; the scores' shape after their rows and
-    # their dtype: each compared as one tuple); and, in a forward where the ``topk`` wrapper may answer it at
+    # (its ordinal, the arguments after the scores and the keywords, the scores' shape after their rows and
+    # their dtype: compared as one tuple); and, in a forward where the ``topk`` wrapper may answer it at
     # once (eager, outside checkpointing, nothing kept, the rows at hand), that form with the replay source to
     # read (None in capture) and the capture ring to write (None in replay alone), else None
-    _form: tuple[tuple[int, tuple[Any, ...], dict[str, Any]], tuple[tuple[int], torch.dtype]] | None = None
-    _fast: tuple[tuple[int, tuple[Any, ...], dict[str, Any]], tuple[tuple[int], torch.dtype], Any, Any] | None = None
+    _form: tuple[int, tuple[Any, ...], dict[str, Any], tuple[int], torch.dtype] | None = None
+    _fast: tuple[tuple[int, tuple[Any, ...], dict[str, Any], tuple[int], torch.dtype], Any, Any] | None = None
     _slow: bool = False  # this lean forward went through the general path: its per-forward fields are renewed
     # the indices a top-k decision call of this forward returned (None: not a top-k answered in one call); and
     # per evidence, where the router's output held them when first seen (None: it did not return them)
@@ -1917,7 +1917,7 @@ class RouterHook:
                 and _plain(args[1:], kwargs)
                 and self._rows_on(x.device)  # (the fast path gathers with rows of the router's own device)
             ):
-                self._form = ((i, args[1:], dict(kwargs)), ((sig[2],), x.dtype))  # the fast path answers the next
+                self._form = (i, args[1:], dict(kwargs), (sig[2],), x.dtype)  # the fast path answers the next
             if self._entry_grad and _in_backward():  # (in no checkpoint region it can see: not its forward's)
                 self._refuse_unseen_recompute()
             if self.replaying:
@@ -2667,13 +2667,13 @@ class ScopedForward:
                 if src is None or src.has_missing:
                     fast = None
                 elif not hook.capturing:
-                    fast = (*fast, src, None)
+                    fast = (fast, src, None)
                 else:
-                    fast = None if (ring := hook.capture_ring) is None else (*fast, src, ring)
+                    fast = None if (ring := hook.capture_ring) is None else (fast, src, ring)
             elif grad or (ring := hook.capture_ring) is None:  # with gradients, the values must come from a gather
                 fast = None
             else:
-                fast = (*fast, None, ring)
+                fast = (fast, None, ring)
             hook._fast = fast
         else:
             hook._regions, hook._slow, hook._fast = _regions(), True, None
