@@ -4131,8 +4131,8 @@ def places_fed(
         if isinstance(held, int) and mask.shape[1] != held + positions:
             return None
         real = mask != 0
-        counted = real.long().cumsum(-1)[:, -positions:] - 1
-        counted = counted.masked_fill(~real[:, -positions:], -1)
+        # (four ops, not six: a bool's cumsum counts in int64 itself, and one where sets the padding)
+        counted = torch.where(real[:, -positions:], real.cumsum(-1)[:, -positions:] - 1, -1)
         if isinstance(held, torch.Tensor):  # (a mask of other keys than the cache's and these tokens: not known)
             return torch.where(held.to(counted.device) + positions == mask.shape[1], counted, -1)
         return counted
