@@ -4202,6 +4202,13 @@ def _after_cached(
     device); ``places`` where the cache's tokens are not counted."""
     if not any(kwargs.get(n) is not None for n in _CACHE_NAMES):
         return places
+    if isinstance(held, int) and held < 0:
+        held = _cache_held(kwargs)
+    if isinstance(held, int) and kwargs.get("attention_mask") is None and len(args) <= 1:
+        # (counted on the host, no mask: every sequence's places go on from the cache's count, `held, held + 1, ...`
+        # in each row, so the least of each row is `held` itself: what the general case below finds in three ops)
+        among = ((places >= 0) & (places < held)).any(dim=1, keepdim=True)
+        return torch.where(among, torch.arange(held, held + int(shape[1]), device=places.device), places)
     counted = places_fed(args, {k: v for k, v in kwargs.items() if k != "position_ids"}, shape, held)
     if counted is None or counted.shape != places.shape:
         return places

@@ -771,6 +771,35 @@ def test_a_4d_mask_is_read_as_tokens_only_where_each_token_attends_no_later_key(
     assert _tokens_of_4d(mask, 3, 4) is None and _tokens_of_4d(mask.long(), 2, 4) is None
 
 
+@pytest.mark.parametrize("held", [0, 3])
+def test_positions_given_after_a_host_count_of_cached_tokens_are_read_as_after_a_device_count(held: int) -> None:
+    """Positions given to a forward after a KV cache's tokens: a row whose positions fall among the cached tokens (a
+    prompt fed from place 0 into a cache not reset) takes its places from the cache's count, the others keep theirs.
+    A count the host knows (an int) is read by a shortcut of its own, one the device holds (a 0-d tensor) by the
+    general ops: the same places from both."""
+    from moe_replay._feeds import places_fed
+
+    class _Counting:
+        def __init__(self, held: int | torch.Tensor) -> None:
+            self.held = held
+
+        def get_seq_length(self) -> int | torch.Tensor:
+            return self.held
+
+    ids = torch.zeros(3, 2, dtype=torch.long)
+    positions = torch.tensor([[0, 1], [held, held + 1], [held + 2, held + 3]])
+    for given in (positions, positions[:1]):  # (a row per sequence; one row for every sequence)
+        host = places_fed((ids,), {"past_key_values": _Counting(held), "position_ids": given}, ids.shape)
+        on_device = {"past_key_values": _Counting(torch.tensor(held)), "position_ids": given}
+        device = places_fed((ids,), on_device, ids.shape)
+        assert host is not None and device is not None
+        assert host.dtype == device.dtype == torch.long
+        assert host.tolist() == device.tolist()
+        fed = given.expand(3, 2).tolist()
+        kept = [row == own for row, own in zip(host.tolist(), fed, strict=True)]
+        assert kept == [own[0] >= held for own in fed]  # (a row fed among the cached tokens: placed after them)
+
+
 def test_places_after_a_device_count_of_cached_tokens_are_read_where_a_4d_mask_leaves_out_no_key() -> None:
     """A static cache counts its tokens on its device (a 0-d tensor): the places of a forward's tokens are read from
     that count on the device, and, given a [batch, heads, queries, keys] mask, only where each query attends every key
