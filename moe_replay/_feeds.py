@@ -137,6 +137,9 @@ _COMPILED = operator.attrgetter("compiled")  # (a level that a compiled call ent
 _BY_DEVICE = operator.attrgetter("_by_device")  # (a replay source's read_by_device, with no frame of a property)
 #: the names under which a forward is given its KV cache, read where it is a list of tensors per layer
 _CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
+#: is a value given (not None)? For ``filter(_GIVEN, map(kwargs.get, _CACHE_NAMES))``: the caches a forward is given by
+#: name, in C (no frame of a comprehension: this runs at every forward)
+_GIVEN = functools.partial(operator.is_not, None)
 #: the names a forward is given its tokens by, read as such: a first parameter of another name given by name is read
 #: in their stead only where neither is given
 _INPUT_NAMES = frozenset({"input_ids", "inputs_embeds"})
@@ -3942,7 +3945,7 @@ def _note_object(made_by: _Made, cache: Any, forward: int) -> None:
 
 def _given_cache(kwargs: dict[str, Any]) -> Any:
     """The KV cache a forward is given by name, or None."""
-    return next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
+    return next(filter(_GIVEN, map(kwargs.get, _CACHE_NAMES)), None)
 
 
 def _batch_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Size) -> bool:
@@ -4008,7 +4011,7 @@ def _cache_held(kwargs: dict[str, Any]) -> int | None:
     (or an empty one), ``get_seq_length()`` where it is an int, the third of four dimensions of the first tensor of a
     cache of plain tensors (transformers' legacy ``[batch, heads, tokens, head_dim]``); None where not known (a static
     cache counts on its device: no host sync here)."""
-    given = [kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None]
+    given = [*filter(_GIVEN, map(kwargs.get, _CACHE_NAMES))]
     if not given:
         return 0
     if len(given) > 1:
@@ -4027,7 +4030,7 @@ def _device_held(kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The tokens the one KV cache object a forward is given (by name) holds before it runs, where it counts them on
     its device (a static cache's ``get_seq_length()``: a 0-d integer tensor, which it adds to in place): that tensor
     itself, to be read in stream order before the forward runs (no copy, no host sync); None for any other cache."""
-    given = [kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None]
+    given = [*filter(_GIVEN, map(kwargs.get, _CACHE_NAMES))]
     if len(given) != 1 or isinstance(given[0], list | tuple):
         return None
     count = getattr(type(given[0]), "get_seq_length", None)
@@ -4200,7 +4203,7 @@ def _after_cached(
     token's place counts the tokens before it that it attends, whatever ids it is given. Packed rows that restart
     their ids in a forward given an empty cache keep them. No host sync (a static cache's count is read on its
     device); ``places`` where the cache's tokens are not counted."""
-    if not any(kwargs.get(n) is not None for n in _CACHE_NAMES):
+    if not any(map(_GIVEN, map(kwargs.get, _CACHE_NAMES))):
         return places
     if isinstance(held, int) and held < 0:
         held = _cache_held(kwargs)
