@@ -4120,7 +4120,7 @@ def places_fed(
         places = text.detach().to(torch.long).expand(batch, positions)
         if mask is not None:
             places = places.masked_fill(mask[:, -positions:] == 0, -1)
-        return _after_cached(places, args, kwargs, shape, held)
+        return _after_cached(places, args, kwargs, shape, held, own=mask is not None)
     if isinstance(held, int) and held < 0:
         held = _cache_held(kwargs)
     if held is None:  # (not counted on the host: a static cache's count, on its device)
@@ -4196,15 +4196,17 @@ def _after_cached(
     kwargs: dict[str, Any],
     shape: torch.Size,
     held: int | torch.Tensor | None,
+    own: bool = True,
 ) -> torch.Tensor:
     """``places`` read from the ``position_ids`` a forward is given, but where a sequence's ids put a token among the
     real tokens its KV cache holds (a prompt fed from place 0 with a cache not reset, still holding another
     sequence's tokens, which its attention reads), that sequence's places as the cache and the mask count them: a
     token's place counts the tokens before it that it attends, whatever ids it is given. Packed rows that restart
     their ids in a forward given an empty cache keep them. No host sync (a static cache's count is read on its
-    device); ``places`` where the cache's tokens are not counted."""
+    device); ``places`` where the cache's tokens are not counted, a copy where not ``own`` (a view of the caller's
+    ``position_ids``, which it may change in place after the forward: what is kept of it must not change)."""
     if not any(map(_GIVEN, map(kwargs.get, _CACHE_NAMES))):
-        return places
+        return places if own else places.clone()
     if isinstance(held, int) and held < 0:
         held = _cache_held(kwargs)
     if isinstance(held, int) and kwargs.get("attention_mask") is None and len(args) <= 1:
@@ -4214,7 +4216,7 @@ def _after_cached(
         return torch.where(among, torch.arange(held, held + int(shape[1]), device=places.device), places)
     counted = places_fed(args, {k: v for k, v in kwargs.items() if k != "position_ids"}, shape, held)
     if counted is None or counted.shape != places.shape:
-        return places
+        return places if own else places.clone()
     counted = counted.to(places.device)
     # (the real tokens the cache holds before each sequence's first token here: its first counted place)
     big = torch.iinfo(torch.long).max

@@ -771,6 +771,27 @@ def test_a_4d_mask_is_read_as_tokens_only_where_each_token_attends_no_later_key(
     assert _tokens_of_4d(mask, 3, 4) is None and _tokens_of_4d(mask.long(), 2, 4) is None
 
 
+@pytest.mark.reliability("silent replays")
+def test_positions_a_caller_changes_in_place_after_its_forward_leave_the_recorded_places_as_fed() -> None:
+    """A forward given ``position_ids`` with no cache and no mask (a training batch of packed sequences, say): the
+    places recorded for its tokens are those it was fed, even where the caller then reuses its positions' buffer
+    for its next batch (in place). Kept as a view of the caller's tensor, they followed it: the replay of that very
+    forward, fed the very same positions, was refused for feeding its tokens at other places than recorded."""
+    tiny_hf = pytest.importorskip("tests.tiny_hf")
+    model = tiny_hf.build("qwen3_moe").eval()
+    ids = torch.randint(3, 128, (2, 4), generator=torch.Generator().manual_seed(0))
+    buffer = torch.arange(4).expand(2, 4).clone()
+    with torch.no_grad(), mr.attach(model) as session:
+        with session.capture():
+            model(input_ids=ids, position_ids=buffer, use_cache=False)
+        buffer.add_(10)  # (the caller's buffer, filled for its next batch)
+        with session.replay(session.routes()):
+            model(input_ids=ids, position_ids=torch.arange(4).expand(2, 4).clone(), use_cache=False)
+        with pytest.raises(mr.MoEReplayError, match="other places"):  # (the check itself still holds)
+            with session.replay(session.routes()):
+                model(input_ids=ids, position_ids=buffer, use_cache=False)
+
+
 @pytest.mark.parametrize("held", [0, 3])
 def test_positions_given_after_a_host_count_of_cached_tokens_are_read_as_after_a_device_count(held: int) -> None:
     """Positions given to a forward after a KV cache's tokens: a row whose positions fall among the cached tokens (a
