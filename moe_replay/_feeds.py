@@ -3400,7 +3400,9 @@ class OrderCheck(FeedCheck):
             "values": "it is fed position_ids and no KV cache, and they put a token at another place in its sequence "
             "than its row holds (nor, with an attention mask, at its column in a batch row holding its sequence from "
             "its first token: positions that count the padding) (a sequence-parallel rank's slice fed another rank's "
-            "tokens of the same sequence?)",
+            "tokens of the same sequence? mrope position_ids of three rows, whose text after an image goes on from "
+            "the image's largest position and not from its place: give them with the text positions first, [4, "
+            "batch, seq], as transformers does)",
             "run on": "it is fed no attention mask, and its position_ids run on, one after another, through a batch "
             "row where the routes hold the layout's padding, so they tell nothing of where its sequences start "
             "(pass the batch's attention_mask, or position_ids that restart at each sequence, "
@@ -4175,7 +4177,10 @@ def _text_positions(pos: Any, batch: int, positions: int) -> torch.Tensor | None
     ``[1 or batch, positions]`` (see :func:`_positions_form`); None where they do not tell it. The rows of mrope tell
     it where all of them are equal (text: an image's tokens share a temporal position and the text after an image
     goes on from its largest), GLM's where no token is inside a generated block (its second row all zeros: a block's
-    tokens share the first row's position). Those two are read on the host only: None on a device (no host sync)."""
+    tokens share the first row's position). Those two are read on the host only: None on a device (no host sync).
+    The text row of mrope's four (transformers' ``text_position_ids``) tells it whatever the other rows hold: three
+    equal rows of text after an image go on from the image's largest position plus one, not from the token's
+    place, so a sequence-parallel slice after an image is read by its text row where it is given one."""
     form = _positions_form(pos, batch, positions)
     if form is None:
         return None
@@ -4183,6 +4188,8 @@ def _text_positions(pos: Any, batch: int, positions: int) -> torch.Tensor | None
         return cast(torch.Tensor, pos)[None]
     if form == "rows":
         return cast(torch.Tensor, pos)
+    if form == "mrope" and int(pos.shape[0]) == 4:
+        return cast(torch.Tensor, pos[0])
     if pos.device.type != "cpu":
         return None
     if form == "mrope":
