@@ -54,6 +54,7 @@ import enum
 import functools
 import inspect
 import operator
+import re
 import sys
 import threading
 import types
@@ -3957,7 +3958,9 @@ def _batch_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Siz
     ``cache_position`` read as that of a forward given no cache only where it starts at 0. A cache given under a name
     of its own (``kv_cache``, ``layer_past``, ``inference_params``: keys and values stacked in one tensor, a list,
     mapping or object holding them, a module) makes the positions fed no longer each token's place in what it
-    attends."""
+    attends. A name says more than a shape: one that names a cache (:data:`_CACHE_LIKE`) may hold earlier tokens
+    in a tensor of two dimensions or more (a latent cache's ``[layers, batch, past, rank]``, a list of ``[past,
+    hidden]``), one that names media (:data:`_MEDIA`: a video's 5-d pixels, a list of 3-d images) holds none."""
     lead = tuple(int(d) for d in shape[:2])
     for name, value in chain(enumerate(args), kwargs.items()):
         if name in _CACHE_NAMES:
@@ -3966,9 +3969,20 @@ def _batch_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Siz
             if value.numel() != lead[1] or (value.device.type == "cpu" and value.numel() and int(value[0]) != 0):
                 return False
             continue
-        if _may_hold_tokens(value):
+        named = name if isinstance(name, str) else ""
+        if _MEDIA.search(named):
+            continue
+        if _may_hold_tokens(value, least=(2, 2) if _CACHE_LIKE.search(named) else (5, 3)):
             return False
     return True
+
+
+#: names of a forward's inputs that hold media (pixels, audio features, their grids and masks), never a token of a
+#: sequence before the forward's own
+_MEDIA = re.compile(r"^(pixel|image|video|audio|input_features|feature_attention_mask)|_grid_thw$")
+#: names of a forward's inputs that say they hold a KV cache (under a name of its own: ``kv_cache``,
+#: ``layer_past``, ``inference_params``)
+_CACHE_LIKE = re.compile(r"cache|past|(^|_)kv(_|$)|inference_params")
 
 
 #: how deep the lists, mappings and plain objects a forward is given are read for a tensor that may hold earlier
@@ -3978,7 +3992,7 @@ _HOLDS_DEPTH, _HOLDS_ITEMS = 3, 64
 _NO_TOKENS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device})
 
 
-def _may_hold_tokens(value: Any, depth: int = 0) -> bool:
+def _may_hold_tokens(value: Any, depth: int = 0, least: tuple[int, int] = (5, 3)) -> bool:
     """Whether a forward's argument ``value`` may hold tokens before its own (a KV cache under a name of its own): a
     tensor of five or more dimensions (keys and values stacked over layers, ``[layers, 2, batch, heads, past,
     head_dim]``), or a list, tuple, mapping or plain object that holds a tensor of three or more (a legacy cache of
@@ -3986,11 +4000,11 @@ def _may_hold_tokens(value: Any, depth: int = 0) -> bool:
     cannot be read, or one too deep or large to read may too. Never a plain value, nor a tensor given alone of four
     dimensions or fewer (a 0-d count as a trainer's ``num_items_in_batch``, ``cu_seqlens``, ids, a mask, embeddings,
     pixels), nor an object holding only small tensors and plain values (Megatron's ``PackedSeqParams``), nor an
-    empty cache."""
+    empty cache. ``least``: the dimensions of a tensor that may, given alone and inside a container."""
     if type(value) in _NO_TOKENS or isinstance(value, enum.Enum):
         return False
     if isinstance(value, torch.Tensor):
-        return value.dim() >= (3 if depth else 5)
+        return value.dim() >= least[1 if depth else 0] and value.numel() > 0
     if depth >= _HOLDS_DEPTH or isinstance(value, nn.Module) or callable(value):
         return True
     items: Any
@@ -4005,7 +4019,7 @@ def _may_hold_tokens(value: Any, depth: int = 0) -> bool:
         items = list(space.values())
     if len(items) > _HOLDS_ITEMS:
         return True
-    return any(_may_hold_tokens(item, depth + 1) for item in items)
+    return any(_may_hold_tokens(item, depth + 1, least) for item in items)
 
 
 def _cache_held(kwargs: dict[str, Any]) -> int | None:

@@ -3,6 +3,8 @@ is given for a KV cache judged by its shape, and the one-slot probe of a decisio
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -137,3 +139,108 @@ def test_another_ranks_slice_fed_mrope_positions_with_their_text_row_and_an_imag
         _perturb(inner)
         got = _outcome(model, session, routes[:6], lambda: model(tokens[:, 6:], position_ids=fed))
         assert got is None, "rank 1's tokens were forced with rank 0's rows"
+
+
+# ----------------------------------------------------------------------------- what may hold earlier tokens
+class _OwnCache(nn.Module):
+    """A model of one's own fed its KV cache under a name of its own in one of two forms: ``"4-d"``, every layer's
+    keys and values stacked and their leading dimensions flattened (``[layers * 2 * batch, heads, past,
+    head_dim]``), ``"2-d list"``, a list of each layer's keys and values of its one sequence as ``[past, heads *
+    head_dim]`` (as a paged or latent cache keeps them); or beside it what holds no tokens (``pixel_values``: a
+    video's ``[batch, frames, channels, height, width]`` pixels, a list of images ``[channels, height, width]``)."""
+
+    def __init__(self, inner: nn.Module, form: str) -> None:
+        super().__init__()
+        self.inner, self.form = inner, form
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: Any = None,
+        pixel_values: Any = None,
+    ) -> Any:
+        """The inner model's output."""
+        return self.inner(input_ids, position_ids=position_ids, past_key_values=self._unpacked(kv_cache))
+
+    def _unpacked(self, cache: Any) -> Any:
+        if cache is None:
+            return None
+        heads = self.inner.config.num_heads
+        if self.form == "4-d":
+            layers = len(self.inner.layers)
+            stacked = cache.view(layers, 2, -1, *cache.shape[1:])
+            return [(kv[0], kv[1]) for kv in stacked.unbind(0)]
+        pairs = []
+        for i in range(0, len(cache), 2):
+            k, v = cache[i], cache[i + 1]
+            past = k.shape[0]
+            pairs.append(tuple(t.view(past, heads, -1).transpose(0, 1)[None] for t in (k, v)))
+        return pairs
+
+    def packed(self, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """``cache`` (``(keys, values)`` per layer, ``[batch, heads, past, head_dim]``) in this model's form."""
+        if self.form == "4-d":
+            return torch.stack([torch.stack(kv) for kv in cache]).flatten(0, 2)
+        return [t[0].transpose(0, 1).reshape(t.shape[2], -1) for kv in cache for t in kv]
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.parametrize("form", ["4-d", "2-d list"])
+def test_a_continuation_fed_its_cache_in_a_form_of_its_own_is_exact(form: str) -> None:
+    """A second turn fed after its first turn's KV cache, given under a name of its own as one 4-d tensor or a list
+    of 2-d ones, its rows laid out as a sequence of their own and fed the positions after the cached tokens: the
+    replay is exact, as with the cache as a 6-d tensor (tests/test_review53.py)."""
+    torch.manual_seed(8)
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _OwnCache(inner, form)
+    with mr.attach(model) as session:
+        first, second = torch.randint(1, 128, (1, 5)), torch.randint(1, 128, (1, 4))
+        later = torch.arange(5, 9)[None]
+        with torch.no_grad():
+            cache = model.packed(inner(first, use_cache=True).past_key_values)
+            with _dispatched(model) as rec, session.capture():
+                model(second, position_ids=later, kv_cache=cache)
+        want, turn = _joined(rec), session.routes()
+        _perturb(inner)
+        routes = mr.BatchLayout.packed([4]).routes([turn.with_token_ids(None)])
+        with torch.no_grad():
+            got = _outcome(model, session, routes, lambda: model(second, position_ids=later, kv_cache=cache))
+        assert got is not None, "refused though exact"
+        for layer, rows in got.items():
+            assert torch.equal(rows, want[layer]), layer
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("extra", ["video pixels", "list of images"])
+def test_another_ranks_slice_fed_beside_pixels_is_refused(extra: str) -> None:
+    """A sequence-parallel rank's rows of one sequence, laid out without token ids, fed the other rank's tokens and
+    positions with pixels beside them (a video's 5-d tensor, a list of 3-d images: no earlier tokens) are refused,
+    as they are fed nothing else; each rank fed its own slice is exact."""
+    torch.manual_seed(9)
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _OwnCache(inner, "4-d")
+    pixels: Any = torch.rand(1, 2, 3, 4, 4) if extra == "video pixels" else [torch.rand(3, 4, 4), torch.rand(3, 4, 4)]
+    with mr.attach(model) as session:
+        seq = torch.randint(1, 128, (1, 8))
+        with torch.no_grad(), _dispatched(model) as rec, session.capture():
+            model(seq, pixel_values=pixels)
+        want = _joined(rec)
+        routes = mr.BatchLayout.packed([8]).routes([session.routes().with_token_ids(None)])
+        _perturb(inner)
+        pos = torch.arange(8)[None]
+        with torch.no_grad():
+            for own in (slice(0, 4), slice(4, 8)):
+                got = _outcome(
+                    model,
+                    session,
+                    routes[own],
+                    lambda s=own: model(seq[:, s], position_ids=pos[:, s], pixel_values=pixels),
+                )
+                assert got is not None, f"slice {own} refused though exact"
+                for layer, rows in got.items():
+                    assert torch.equal(rows, want[layer][own]), f"slice {own} at {layer}"
+            wrong = lambda: model(seq[:, 4:], position_ids=pos[:, 4:], pixel_values=pixels)  # noqa: E731
+            assert _outcome(model, session, routes[:4], wrong) is None, "rank 0's rows forced on rank 1's"
