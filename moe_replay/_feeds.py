@@ -4109,8 +4109,10 @@ def places_fed(
     model places them: counted on the host, or on the device by a static cache (its count read in stream order as the
     forward begins), a 4-d mask telling where the places are whole (:func:`_places_of_4d`). No host sync (a device's
     mask, positions or count are read on it). ``held``: :func:`_cache_held` (or :func:`_device_held`'s count), where
-    the caller read it already (-1: not read)."""
-    if shape is None or len(args) > 1:
+    the caller read it already (-1: not read). Given by position, the inputs read by name (its mask, position_ids,
+    a KV cache: ``model(ids, mask)``, ``model(ids, None, positions)``) are read as given by name, where ``kwargs``
+    holds them so (see ``FeedForward.named_at``); any other given by position after the ids is not read: None."""
+    if shape is None or not all(_read_by_name(a, kwargs) for a in args[1:]):
         return None
     batch, positions = int(shape[0]), int(shape[1])
     mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
@@ -4160,6 +4162,12 @@ def places_fed(
     ids = kwargs.get("input_ids", args[0] if args else None)
     device = ids.device if isinstance(ids, torch.Tensor) else None
     return torch.arange(held, held + positions, device=device).expand(batch, positions)
+
+
+def _read_by_name(arg: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether ``arg``, given to a forward by position after its ids, is None or read as given by name: the very
+    object ``kwargs`` holds under a name of :data:`_READ_BY_NAME` (mapped from its place in the signature)."""
+    return arg is None or any(arg is kwargs.get(n) for n in _READ_BY_NAME)
 
 
 def _positions_form(pos: Any, batch: int, positions: int) -> str | None:
@@ -4228,6 +4236,8 @@ def _after_cached(
     ``position_ids``, which it may change in place after the forward: what is kept of it must not change)."""
     if not any(map(_GIVEN, map(kwargs.get, _CACHE_NAMES))):
         return places if own else places.clone()
+    given = kwargs.get("position_ids")  # (given by position too: read as none given, see _read_by_name)
+    args = tuple(None if a is given else a for a in args)
     if isinstance(held, int) and held < 0:
         held = _cache_held(kwargs)
     if isinstance(held, int) and kwargs.get("attention_mask") is None and len(args) <= 1:

@@ -1952,7 +1952,8 @@ def test_routes_of_as_many_rows_per_router_on_later_routers_that_see_the_kept_to
         routes = session.routes()
         routes = routes if ids else routes.with_token_ids(None)
         assert len(set(routes.tokens_per_layer)) == 1  # the premise: as many rows for every router
-        with pytest.raises(mr.TokenMismatchError, match="see only the tokens"):
+        # (without ids, the places its capture was fed its mask at, by position, already tell the padding from them)
+        with pytest.raises(mr.TokenMismatchError, match="see only the tokens|marks padding where the routes hold"):
             with session.replay(routes, strict=False), torch.no_grad():
                 model(a, mask)
         with session.replay(routes), torch.no_grad():

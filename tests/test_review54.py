@@ -244,3 +244,71 @@ def test_another_ranks_slice_fed_beside_pixels_is_refused(extra: str) -> None:
                     assert torch.equal(rows, want[layer][own]), f"slice {own} at {layer}"
             wrong = lambda: model(seq[:, 4:], position_ids=pos[:, 4:], pixel_values=pixels)  # noqa: E731
             assert _outcome(model, session, routes[:4], wrong) is None, "rank 0's rows forced on rank 1's"
+
+
+# ----------------------------------------------------------------------------- positional call forms
+class _HFOrder(nn.Module):
+    """A model whose forward takes ``(input_ids, attention_mask, position_ids)`` in HF's order, and hands no inner
+    forward anything: the library reads the inputs only as this forward is given them, by name or by position."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]``."""
+        m = self.inner
+        s = input_ids.shape[1]
+        pos = torch.arange(s)[None] if position_ids is None else position_ids
+        x = m.embed(input_ids) + m.pos(pos)
+        mask = torch.ones(s, s, dtype=torch.bool).tril()[None, None]
+        for layer in m.layers:
+            x, _ = layer(x, mask, None)
+        return m.lm_head(m.norm(x))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("capture", ["mask by position", "positions by position"])
+@pytest.mark.parametrize("replay", ["by name", "by position"])
+def test_a_capture_fed_its_inputs_by_position_keeps_its_rows_places(capture: str, replay: str) -> None:
+    """A capture whose forward was given its mask or position_ids by position (``model(ids, mask)``,
+    ``model(ids, None, positions)``, HF's positional call forms): its rows, stripped of their ids and sliced for
+    two sequence-parallel ranks, are exact each fed its own slice, and rank 0's rows fed rank 1's tokens and
+    positions are refused. Once forced silently: any input given by position after the ids made the capture keep no
+    place for its rows, so nothing was compared."""
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _HFOrder(inner)
+    tokens = torch.randint(1, 128, (1, _N), generator=torch.Generator().manual_seed(10))
+    pos = torch.arange(_N)[None]
+    with mr.attach(model) as session:
+        with _dispatched(model) as rec, session.capture(), torch.no_grad():
+            if capture == "mask by position":
+                model(tokens, torch.ones_like(tokens))
+            else:
+                model(tokens, None, pos)
+        routes = session.routes().with_token_ids(None)
+        want = _joined(rec)
+        _perturb(inner)
+
+        def run(s: slice, p: slice) -> Any:
+            return (
+                model(tokens[:, s], position_ids=pos[:, p])
+                if replay == "by name"
+                else model(tokens[:, s], None, pos[:, p])
+            )
+
+        half = _N // 2
+        for own in (slice(0, half), slice(half, _N)):
+            got = _outcome(model, session, routes[own], lambda s=own: run(s, s))
+            assert got is not None, f"refused though exact ({own})"
+            for name, rows in got.items():
+                assert torch.equal(rows, want[name][own]), f"slice {own} at {name}"
+        wrong = slice(half, _N)
+        got = _outcome(model, session, routes[:half], lambda: run(wrong, wrong))
+        assert got is None, "rank 1's tokens were forced with rank 0's rows"
