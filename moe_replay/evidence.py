@@ -3607,8 +3607,9 @@ def _check_elsewhere(name: str, probe: _Prober, ev: Evidence, what: str) -> None
         def any_slot_reaches() -> bool:
             # (moving every slot by one expert may keep the expert that carries the weight: a token whose chosen
             # scores are one saturated sigmoid and a bias-picked expert of weight 1e-18, [1, 0] moved to [2, 1],
-            # changes nothing representable; a slot moved alone to an expert the row does not hold does)
-            return anchor.family == "topk" and any(reaches(s) for s in range(ev.top_k))
+            # changes nothing representable; a slot moved alone to an expert the row does not hold does). The slots
+            # of the last call alone: a decision of several calls (successive top-1s) holds fewer in it than k
+            return anchor.family == "topk" and any(reaches(s) for s in range(min(ev.top_k, anchor.k)))
 
         if not reaches() and not any_slot_reaches():
             raise _refuse(

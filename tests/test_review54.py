@@ -312,3 +312,67 @@ def test_a_capture_fed_its_inputs_by_position_keeps_its_rows_places(capture: str
         wrong = slice(half, _N)
         got = _outcome(model, session, routes[:half], lambda: run(wrong, wrong))
         assert got is None, "rank 1's tokens were forced with rank 0's rows"
+
+
+# ----------------------------------------------------------------------------- the one-slot probe on one token
+_E, _D, _T = 8, 16, 24
+
+
+class _DenseOnOneToken(nn.Module):
+    """A Linear gate and a top-2 (one ``topk`` of two, or two ``topk(k=1)`` calls, the second on masked scores),
+    dispatched by its indices on several tokens; on one token alone every expert runs, weighted by its score (a
+    dense branch that uses no index of the decision)."""
+
+    def __init__(self, successive: bool) -> None:
+        super().__init__()
+        self.gate = nn.Linear(_D, _E, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(_D, _D) for _ in range(_E))
+        self.successive = successive
+        self.top_k = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum ``[tokens, hidden]``."""
+        probs = self.gate(x).softmax(-1)
+        if self.successive:
+            _, first = probs.topk(1, dim=-1)
+            _, second = probs.masked_fill(nn.functional.one_hot(first[:, 0], _E).bool(), -1.0).topk(1, dim=-1)
+            idx = torch.cat([first, second], -1)
+        else:
+            _, idx = probs.topk(2, dim=-1)
+        out = torch.zeros_like(x)
+        if x.shape[0] == 1:  # (one token alone: dense, the decision's indices unused)
+            for e, expert in enumerate(self.experts):
+                out = out + probs[:, e, None] * expert(x)
+            return out
+        w = probs.gather(-1, idx)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if tok.numel():
+                out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
+        return out
+
+
+class _Layers(nn.Module):
+    def __init__(self, successive: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([_DenseOnOneToken(successive), _DenseOnOneToken(successive)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("successive", [False, True], ids=["one top-2", "two top-1 calls"])
+def test_a_decision_unused_on_one_token_alone_is_refused_whatever_its_calls(successive: bool) -> None:
+    """A block whose decision's indices are unused on one token alone (a dense branch there) is refused at its
+    first forward, whether the decision is one ``topk`` of two or two ``topk(k=1)`` calls. Once accepted for the
+    two calls: the one-slot probe moved slot 2 of the decision's last call, which has one, and the error that raised
+    passed the check on one token over as a forward tied to its number of tokens."""
+    model = _Layers(successive)
+    x = torch.randn(_T, _D, generator=torch.Generator().manual_seed(3))
+    with mr.attach(model, include="layers.*", top_k=2, num_experts=_E) as session, torch.no_grad():
+        with pytest.raises(mr.UnsupportedRouterError, match="one of its tokens alone"), session.capture():
+            model(x)
