@@ -4210,8 +4210,8 @@ def _text_positions(pos: Any, batch: int, positions: int) -> torch.Tensor | None
         return cast(torch.Tensor, pos)[None]
     if form == "rows":
         return cast(torch.Tensor, pos)
-    if form == "mrope" and int(pos.shape[0]) == 4:
-        return cast(torch.Tensor, pos[0])
+    if form == "mrope" and int(pos.shape[0]) == 4 and (batch != 4 or int(pos.shape[1]) != 1):
+        return cast(torch.Tensor, pos[0])  # (not [4, 1, seq] for a batch of 4: that may be [batch, 1, seq])
     if pos.device.type != "cpu":
         return None
     if form == "mrope":

@@ -141,6 +141,24 @@ def test_another_ranks_slice_fed_mrope_positions_with_their_text_row_and_an_imag
         assert got is None, "rank 1's tokens were forced with rank 0's rows"
 
 
+def test_four_rows_of_positions_for_a_batch_of_four_are_read_by_their_text_row_only_where_not_batch_rows() -> None:
+    """``[4, 1, seq]`` position_ids fed a batch of four may be each sequence's ``[batch, 1, seq]``: read as mrope's
+    text row (row 0 for every sequence) only where the rows agree; fed a batch of one, or as ``[4, 4, seq]``, row 0
+    is the text row whatever the others hold."""
+    from moe_replay._feeds import _text_positions
+
+    rows = torch.stack([torch.arange(6), torch.arange(6) + 1, torch.arange(6) // 2, torch.arange(6) % 3])
+    assert _text_positions(rows[:, None], 4, 6) is None, "a batch's own rows read as one text row"
+    assert torch.equal(_tensor(_text_positions(rows[:, None], 1, 6)), rows[:1])
+    assert torch.equal(_tensor(_text_positions(rows[:, None].expand(4, 4, 6), 4, 6)), rows[:1].expand(4, 6))
+
+
+def _tensor(t: torch.Tensor | None) -> torch.Tensor:
+    """``t``, asserted to be a tensor."""
+    assert t is not None
+    return t
+
+
 # ----------------------------------------------------------------------------- what may hold earlier tokens
 class _OwnCache(nn.Module):
     """A model of one's own fed its KV cache under a name of its own in one of two forms: ``"4-d"``, every layer's
