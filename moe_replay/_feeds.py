@@ -4175,11 +4175,13 @@ def _positions_form(pos: Any, batch: int, positions: int) -> str | None:
     sequence's, or every row's), ``"rows"`` (``[1 or batch, positions]``), ``"mrope"`` (Qwen2-VL's and its heirs'
     ``[3, 1 or batch, positions]``: temporal, height and width rows; ``[4, ...]`` with the text positions first) or
     ``"glm"`` (GLM's ``[1 or batch, 2, positions]``: the positions, then the positions inside a generated block);
-    None for anything else (a float tensor, another shape). No two forms share a shape for one batch size."""
+    None for anything else (another shape, a float tensor on a device or holding a fraction). No two forms share a
+    shape for one batch size. Floats of whole numbers on the host are positions as integers are (a rotary embedding
+    takes either): left unread, another rank's slice fed them would be forced with nothing compared."""
     if (
         not isinstance(pos, torch.Tensor)
-        or pos.is_floating_point()
         or int(pos.shape[-1] if pos.dim() else -1) != positions
+        or (pos.is_floating_point() and not _whole_on_host(pos))
     ):
         return None
     lead = tuple(int(n) for n in pos.shape[:-1])
@@ -4194,6 +4196,11 @@ def _positions_form(pos: Any, batch: int, positions: int) -> str | None:
     return "glm" if lead[1] == 2 and lead[0] in (1, batch) else None
 
 
+def _whole_on_host(t: torch.Tensor) -> bool:
+    """Does floating tensor ``t``, on the host, hold whole numbers only (read on a device: no host sync, so not)?"""
+    return t.device.type == "cpu" and bool(torch.isfinite(t).all()) and bool((t == t.trunc()).all())
+
+
 def _text_positions(pos: Any, batch: int, positions: int) -> torch.Tensor | None:
     """Each token's position in its sequence as the ``position_ids`` a ``[batch, positions]`` forward is fed give it,
     ``[1 or batch, positions]`` (see :func:`_positions_form`); None where they do not tell it. The rows of mrope tell
@@ -4206,6 +4213,8 @@ def _text_positions(pos: Any, batch: int, positions: int) -> torch.Tensor | None
     form = _positions_form(pos, batch, positions)
     if form is None:
         return None
+    if pos.is_floating_point():  # (whole numbers, see _positions_form)
+        pos = pos.to(torch.long)
     if form == "flat":
         return cast(torch.Tensor, pos)[None]
     if form == "rows":

@@ -282,7 +282,7 @@ class _HFOrder(nn.Module):
         """Logits ``[batch, seq, vocab]``."""
         m = self.inner
         s = input_ids.shape[1]
-        pos = torch.arange(s)[None] if position_ids is None else position_ids
+        pos = torch.arange(s)[None] if position_ids is None else position_ids.long()
         x = m.embed(input_ids) + m.pos(pos)
         mask = torch.ones(s, s, dtype=torch.bool).tril()[None, None]
         for layer in m.layers:
@@ -394,3 +394,31 @@ def test_a_decision_unused_on_one_token_alone_is_refused_whatever_its_calls(succ
     with mr.attach(model, include="layers.*", top_k=2, num_experts=_E) as session, torch.no_grad():
         with pytest.raises(mr.UnsupportedRouterError, match="one of its tokens alone"), session.capture():
             model(x)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.bfloat16])
+def test_another_ranks_slice_fed_positions_of_another_dtype_is_refused(dtype: torch.dtype) -> None:
+    """Rank 0's rows of a capture fed no position_ids, stripped of their ids, fed rank 1's tokens and positions of
+    another dtype than int64 (int32, or floats a rotary embedding takes as they are) are refused; each rank fed its own
+    slice is exact. Once forced silently for floats: a floating position_ids was read as telling no place."""
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _HFOrder(inner)
+    tokens = torch.randint(1, 128, (1, _N), generator=torch.Generator().manual_seed(11))
+    pos = torch.arange(_N, dtype=dtype)[None]
+    with mr.attach(model) as session:
+        with _dispatched(model) as rec, session.capture(), torch.no_grad():
+            model(tokens)
+        routes = session.routes().with_token_ids(None)
+        want = _joined(rec)
+        _perturb(inner)
+        half = _N // 2
+        for own in (slice(0, half), slice(half, _N)):
+            got = _outcome(model, session, routes[own], lambda s=own: model(tokens[:, s], position_ids=pos[:, s]))
+            assert got is not None, f"refused though exact ({own})"
+            for name, rows in got.items():
+                assert torch.equal(rows, want[name][own]), f"slice {own} at {name}"
+        wrong = slice(half, _N)
+        got = _outcome(model, session, routes[:half], lambda: model(tokens[:, wrong], position_ids=pos[:, wrong]))
+        assert got is None, "rank 1's tokens were forced with rank 0's rows"
