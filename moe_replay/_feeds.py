@@ -3982,7 +3982,7 @@ def _batch_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Siz
 _MEDIA = re.compile(r"^(pixel|image|video|audio|input_features|feature_attention_mask)|_grid_thw$")
 #: names of a forward's inputs that say they hold a KV cache (under a name of its own: ``kv_cache``,
 #: ``layer_past``, ``inference_params``)
-_CACHE_LIKE = re.compile(r"cache|past|(^|_)kv(_|$)|inference_params")
+_CACHE_LIKE = re.compile(r"^(?!cache_position$).*(cache|past|(^|_)kv(_|$)|inference_params)")
 
 
 #: how deep the lists, mappings and plain objects a forward is given are read for a tensor that may hold earlier

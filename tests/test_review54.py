@@ -422,3 +422,25 @@ def test_another_ranks_slice_fed_positions_of_another_dtype_is_refused(dtype: to
         wrong = slice(half, _N)
         got = _outcome(model, session, routes[:half], lambda: model(tokens[:, wrong], position_ids=pos[:, wrong]))
         assert got is None, "rank 1's tokens were forced with rank 0's rows"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "alone"),
+    [
+        ("kv_cache", torch.zeros(6, 1, 4, 8), False),  # (a latent cache of 4 dimensions: it may hold tokens)
+        ("kv_cache", torch.zeros(6, 1, 0, 8), True),  # (an empty one holds none)
+        ("layer_past", [torch.zeros(4, 8)], False),
+        ("cache_position", torch.arange(6)[None], True),  # (a [1, seq] cache_position names no cache)
+        ("pixel_values_videos", torch.zeros(1, 2, 3, 4, 4), True),
+        ("image_grid_thw", torch.tensor([[1, 2, 2]]), True),
+        ("extra", torch.zeros(1, 2, 3, 4, 4), False),  # (a name that says nothing: read by its shape)
+    ],
+)
+def test_what_a_forward_is_given_beside_its_ids_is_judged_by_its_name_then_its_shape(
+    name: str, value: Any, alone: bool
+) -> None:
+    """A forward of ``[1, 6]`` tokens given ``value`` under ``name``: read as given nothing that may hold earlier
+    tokens (its position_ids then compared by value) where ``alone``."""
+    from moe_replay._feeds import _batch_alone
+
+    assert _batch_alone((), {name: value}, torch.Size([1, 6])) is alone
