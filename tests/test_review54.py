@@ -1,8 +1,12 @@
-"""Adversarial review of round 48's merges: position_ids of mrope's form at a slice after an image, what a forward
-is given for a KV cache judged by its shape, and the one-slot probe of a decision checked on one token alone."""
+"""Adversarial review of round 48's merges: position_ids of mrope's forms at a slice after an image, of a batch of
+four, of another dtype and given by position; what a forward is given for a KV cache judged by its name and shape;
+the one-slot probe of a decision checked on one token alone; iterators a router draws from, after Ctrl-C in the runs
+that establish its decision and past a map's failing item."""
 
 from __future__ import annotations
 
+import collections
+import os
 from typing import Any
 
 import pytest
@@ -444,3 +448,100 @@ def test_what_a_forward_is_given_beside_its_ids_is_judged_by_its_name_then_its_s
     from moe_replay._feeds import _batch_alone
 
     assert _batch_alone((), {name: value}, torch.Size([1, 6])) is alone
+
+
+# ----------------------------------------------------------------------------- iterators a router draws from
+class _Interrupted(nn.Module):
+    """A top-2 router drawing one jitter item per token from ``draws`` (as ``tests/test_review51.py``'s), which
+    raises ``KeyboardInterrupt`` at its call ``at`` (a run that establishes its decision, at the first forward)."""
+
+    def __init__(self, draws: Any, at: int, tally: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 16) * 0.3)
+        self.top_k = 2
+        self.noise = draws
+        self.at, self.tally = at, tally
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights and experts of each token."""
+        with open(self.tally, "a") as f:  # (counted in a file: the runs put the model's own state back)
+            f.write(".")
+        j = torch.tensor([float(next(self.noise)) for _ in range(x.shape[0])])
+        if os.path.getsize(self.tally) == self.at:
+            raise KeyboardInterrupt
+        logits = nn.functional.linear(x, self.weight) + 0.3 * torch.sin(j)[:, None] * torch.arange(8.0)
+        w, idx = logits.softmax(-1).topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+_COPIED = {
+    "a deque's": lambda: iter(collections.deque(range(1000))),
+    "a list's, reversed": lambda: reversed(list(range(1000))),
+    "a map of float": lambda: map(float, iter(list(range(1000)))),
+}
+
+
+@pytest.mark.reliability("the model is left as it was")
+@pytest.mark.parametrize("draws", list(_COPIED))
+@pytest.mark.parametrize("at", [2, 3])
+def test_an_interrupt_in_the_runs_that_establish_a_decision_leaves_the_routers_iterator_where_it_stood(
+    draws: str, at: int, tmp_path: Any
+) -> None:
+    """Ctrl-C in a run that establishes a router's decision, at the first forward of a capture: the router holds its
+    own iterator where it stood (the runs drew from a copy), attached and after detach, and the next forward draws
+    what the plain model's first would."""
+    from .test_review51 import _RouterBlock
+
+    make = _COPIED[draws]
+    torch.manual_seed(0)
+    router = _Interrupted(make(), at, str(tmp_path / "calls"))
+    model = nn.Sequential(_RouterBlock(router))
+    held = vars(router)["noise"]
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
+    session = mr.attach(model)
+    try:
+        with pytest.raises(KeyboardInterrupt), session.capture(), torch.no_grad():
+            model(x)
+        assert session.state == "idle"
+        router.at = -1
+        with session.capture(), torch.no_grad():
+            model(x)
+    finally:
+        session.detach()
+    assert vars(router)["noise"] is held, "not its own after detach"
+    assert float(next(router.noise)) == _nth(make(), 6), "drawn otherwise than by the one forward that ran"
+
+
+def _nth(it: Any, n: int) -> float:
+    """The item ``it`` gives after ``n`` (what the plain model's next forward of ``n`` tokens leaves it at)."""
+    for _ in range(n):
+        next(it)
+    return float(next(it))
+
+
+@pytest.mark.reliability("the model is left as it was")
+def test_a_map_whose_function_raises_past_the_forwards_items_raises_where_the_plain_model_does() -> None:
+    """A router draws per token from a ``map`` of ``int`` over strings, one of which ``int`` refuses: the runs that
+    establish its decision on more tokens draw past it from their copy, but the first forward is the plain model's,
+    the second raises the plain model's ValueError, and after detach the router holds its own map."""
+    from .test_review51 import _PerTokenFrom, _RouterBlock
+
+    def make() -> Any:
+        return map(int, iter(["1"] * 10 + ["x"] + ["2"] * 2000))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_RouterBlock(_PerTokenFrom(make())))
+    torch.manual_seed(0)
+    plain = nn.Sequential(_RouterBlock(_PerTokenFrom(make())))
+    held = vars(model[0].router)["noise"]
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = plain(x)
+        with pytest.raises(ValueError, match="'x'"):
+            plain(x)
+    with mr.attach(model) as session, session.capture(), torch.no_grad():
+        assert torch.equal(model(x), want), "the first forward saw other draws"
+        with pytest.raises(ValueError, match="'x'"):
+            model(x)
+    assert vars(model[0].router)["noise"] is held, "not its own after detach"
+    assert next(model[0].router.noise) == next(plain[0].router.noise)
