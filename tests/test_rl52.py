@@ -164,19 +164,13 @@ def test_grpo_samples_of_a_prompt_reordered_or_filtered_replay_their_own_rows(
     _assert_rows_forced(rec, 0, layout, [per[p][s] for p, s in picked])
     model.load_state_dict(before)
     in_rollout_order = sorted(picked)
-    if in_rollout_order != picked:
-        wrong = layout.routes([per[p][s] for p, s in in_rollout_order]) if _fits(layout, per, picked) else None
-        if wrong is not None:
-            assert _refused(model, session, wrong, lambda: model(ids, attention_mask=mask, position_ids=positions))
-
-
-def _fits(layout: mr.BatchLayout, per: list[list[mr.Routes]], picked: list[tuple[int, int]]) -> bool:
-    """Whether the picked samples in rollout order have the row counts of the batch's (laid out without error)."""
-    try:
-        layout.routes([per[p][s] for p, s in sorted(picked)])
-    except mr.MoEReplayError:
-        return False
-    return True
+    if in_rollout_order != picked:  # (laid out for their own lengths at the batch's widths: as many rows)
+        plens = [PROMPT_LENGTHS[p] for p, _ in in_rollout_order]
+        lengths = [len(tokens[p][s]) for p, s in in_rollout_order]
+        own = mr.BatchLayout.split(plens, lengths, prompt_width=max(plens), row_length=layout.row_length)
+        wrong = own.routes([per[p][s] for p, s in in_rollout_order])
+        assert wrong.num_tokens == routes.num_tokens
+        assert _refused(model, session, wrong, lambda: model(ids, attention_mask=mask, position_ids=positions))
 
 
 # ----------------------------------------------------------------------------- a reference model for the KL term
@@ -424,3 +418,73 @@ def test_a_training_step_with_checkpointing_accumulation_autocast_and_router_jit
         assert grads and all(gr is not None and gr.abs().sum() > 0 for gr in grads)
     finally:
         session.detach()
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.parametrize("ids", ["token-ids", "no-token-ids"])
+def test_a_vision_language_policy_replays_remove_padding_rows_fed_mrope_positions(ids: str) -> None:
+    """verl's remove-padding for a VLM: two rollouts whose prompts hold an image packed in one row, fed the mrope
+    ``position_ids`` ``[3, 1, tokens]`` of each sequence concatenated (restarting at each, the image's rows apart):
+    every token dispatches its engine rows. The rows in the other sequence order (12 and 14 tokens laid out as 14
+    and 12): refused where the routes know their tokens (without ids: see the strict xfail below)."""
+    _vlm_packed(ids, swapped=False)
+
+
+def _vlm_packed(ids: str, swapped: bool) -> None:
+    """The remove-padding VLM case: ``swapped``, only the rows in the other sequence order, which must be refused."""
+    model = _tiny_qwen3_vl_moe()
+    _watch_experts(model)
+    session = mr.attach(model)
+    try:
+        lm = mr.LayerMap.from_session(session, num_layers=2)
+        eng = engines.Model(num_layers=2, moe_layers=(0, 1), num_experts=8, k=2)
+        img = [192, 190, 190, 190, 190, 193]
+        prompts, gens = [[5, *img, 7, 8], [9, 10, 11, *img, 12]], [[20, 21, 22], [23, 24, 25, 26]]
+        per, seqs = [], []
+        for i, (p, gen) in enumerate(zip(prompts, gens, strict=True)):
+            req = engines.vllm_033_request_output(eng, p, [(gen, eng.truth(len(p) + len(gen), seed=60 + i))])
+            r = mr.interop.from_vllm_output(req, lm)
+            per.append(r if ids == "token-ids" else r.with_token_ids(None))
+            seqs.append(torch.tensor(p + gen))
+        layout = mr.BatchLayout.packed([len(s) for s in seqs])
+        x = layout.tokens(seqs)
+        grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
+        pixels = torch.randn(32, 96, generator=torch.Generator().manual_seed(1))
+        one = grid[:1]
+        pos = torch.cat(
+            [
+                model.model.get_rope_index(s[None], (s[None] == 190).long(), one, None, torch.ones_like(s[None]))[0]
+                for s in seqs
+            ],
+            -1,
+        )
+        assert not torch.equal(pos[0], pos[1]), "the test's positions hold no image"
+
+        def forward() -> Any:
+            t = (x == 190).long()
+            return model(input_ids=x, position_ids=pos, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=t)
+
+        if not swapped:
+            with _dispatched(model) as rec, session.replay(layout.routes(per)):
+                forward().logits.float().pow(2).mean().backward()
+            _assert_rows_forced(rec, 0, layout, per)
+            model.zero_grad(set_to_none=True)
+        if swapped or ids == "token-ids":
+            other = mr.BatchLayout.packed([len(s) for s in seqs[::-1]]).routes(per[::-1])
+            assert _refused(model, session, other, forward), "the sequences' rows were swapped silently"
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="silent: packed rows without ids fed mrope position_ids whose rows differ (an image) are compared with "
+    "nothing, though each sequence's start (every row 0) still shows where the rows' sequences begin: rows of two "
+    "sequences of 12 and 14 tokens laid out in the other order are forced on the wrong tokens",
+)
+def test_packed_vlm_rows_without_ids_in_another_sequence_order_are_refused() -> None:
+    """As :func:`test_a_vision_language_policy_replays_remove_padding_rows_fed_mrope_positions`, the routes without
+    ids laid out in the other sequence order (their sequences of other lengths start elsewhere in the row than the
+    fed positions restart): refused, as the same routes fed ``[batch, seq]`` text positions are."""
+    _vlm_packed("no-token-ids", swapped=True)
