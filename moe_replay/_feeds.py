@@ -3311,7 +3311,13 @@ class OrderCheck(FeedCheck):
             checks.append((grid.ge(0) & mask.eq(0), "mask"))
             checks.append((grid.eq(-1) & mask.ne(0), "padding"))
         if pos is not None:  # (mrope's rows or GLM's where they tell the text positions, see _text_positions)
-            pos = _text_positions(pos.cpu(), int(grid.shape[0]), int(grid.shape[1]))
+            fed_pos = pos.cpu()
+            pos = _text_positions(fed_pos, int(grid.shape[0]), int(grid.shape[1]))
+            starts = _mrope_starts(fed_pos, int(grid.shape[0]), int(grid.shape[1])) if pos is None else None
+            if starts is not None and mask is None:  # (fed no mask: no positions that count a padding to compare)
+                # (mrope's rows that differ (an image) tell no place, but still where each sequence starts: its first
+                # token, and it alone, at 0 in every row)
+                checks.append((grid.ge(0) & grid.eq(0).ne(starts.expand_as(grid)), "starts"))
         if pos is not None:
             # (two tokens of a sequence, one after the other in it: not its first after padding, -1 + 1)
             step = grid[:, 1:] - grid[:, :-1]
@@ -3395,6 +3401,8 @@ class OrderCheck(FeedCheck):
             "padding": "its attention mask marks a token where the routes hold the layout's padding (a sequence "
             "longer than its routes: give every token a row, -1 for one no engine routed)",
             "positions": "its position_ids start a new sequence inside a sequence of the routes",
+            "starts": "its mrope position_ids start a sequence (0 in every row) where the routes hold a token inside "
+            "one, or go on where the routes start one",
             "gaps": "its position_ids put two rows of a sequence, picked out of it with a gap between them (a "
             "context-parallel rank's chunks of each sequence, routes[index]), another distance apart than the routes "
             "hold them (another rank's chunks, or tokens fed as if they followed each other)",
@@ -4199,6 +4207,16 @@ def _positions_form(pos: Any, batch: int, positions: int) -> str | None:
 def _whole_on_host(t: torch.Tensor) -> bool:
     """Does floating tensor ``t``, on the host, hold whole numbers only (read on a device: no host sync, so not)?"""
     return t.device.type == "cpu" and bool(torch.isfinite(t).all()) and bool((t == t.trunc()).all())
+
+
+def _mrope_starts(pos: Any, batch: int, positions: int) -> torch.Tensor | None:
+    """Where mrope ``position_ids`` (see :func:`_positions_form`) start a sequence, ``[1 or batch, positions]``: a
+    sequence's first token is at 0 in every row (text, or an image's first patch) and no later token is, whether or
+    not the rows tell the text positions (an image's tokens share a temporal position, the text after it goes on
+    from the largest). None for another form, or on a device (read on the host only: no host sync)."""
+    if _positions_form(pos, batch, positions) != "mrope" or pos.device.type != "cpu":
+        return None
+    return cast(torch.Tensor, pos.eq(0).all(0))
 
 
 def _text_positions(pos: Any, batch: int, positions: int) -> torch.Tensor | None:

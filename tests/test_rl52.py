@@ -426,7 +426,7 @@ def test_a_vision_language_policy_replays_remove_padding_rows_fed_mrope_position
     """verl's remove-padding for a VLM: two rollouts whose prompts hold an image packed in one row, fed the mrope
     ``position_ids`` ``[3, 1, tokens]`` of each sequence concatenated (restarting at each, the image's rows apart):
     every token dispatches its engine rows. The rows in the other sequence order (12 and 14 tokens laid out as 14
-    and 12): refused where the routes know their tokens (without ids: see the strict xfail below)."""
+    and 12): refused where the routes know their tokens (without ids: the next test)."""
     _vlm_packed(ids, swapped=False)
 
 
@@ -477,14 +477,10 @@ def _vlm_packed(ids: str, swapped: bool) -> None:
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="silent: packed rows without ids fed mrope position_ids whose rows differ (an image) are compared with "
-    "nothing, though each sequence's start (every row 0) still shows where the rows' sequences begin: rows of two "
-    "sequences of 12 and 14 tokens laid out in the other order are forced on the wrong tokens",
-)
 def test_packed_vlm_rows_without_ids_in_another_sequence_order_are_refused() -> None:
     """As :func:`test_a_vision_language_policy_replays_remove_padding_rows_fed_mrope_positions`, the routes without
     ids laid out in the other sequence order (their sequences of other lengths start elsewhere in the row than the
-    fed positions restart): refused, as the same routes fed ``[batch, seq]`` text positions are."""
+    fed positions restart): refused, as the same routes fed ``[batch, seq]`` text positions are. Once silent: mrope
+    rows that differ (an image) were compared with nothing, though each sequence's start, 0 in every row, shows
+    where the sequences begin."""
     _vlm_packed("no-token-ids", swapped=True)
