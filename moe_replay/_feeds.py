@@ -3313,7 +3313,8 @@ class OrderCheck(FeedCheck):
         if pos is not None:  # (mrope's rows or GLM's where they tell the text positions, see _text_positions)
             fed_pos = pos.cpu()
             pos = _text_positions(fed_pos, int(grid.shape[0]), int(grid.shape[1]))
-            starts = _mrope_starts(fed_pos, int(grid.shape[0]), int(grid.shape[1])) if pos is None else None
+            mrope = _mrope_starts(fed_pos, int(grid.shape[0]), int(grid.shape[1]))
+            starts = mrope if pos is None else None
             if starts is not None and mask is None:  # (fed no mask: no positions that count a padding to compare)
                 # (mrope's rows that differ (an image) tell no place, but still where each sequence starts: its first
                 # token, and it alone, at 0 in every row)
@@ -3342,6 +3343,12 @@ class OrderCheck(FeedCheck):
                     first = (column - grid).clamp(0, grid.shape[1] - 1)
                     counted = fed.eq(column) & column.ge(grid) & grid.gather(1, first).eq(0)
                     wrong = wrong & ~counted
+                if mrope is not None:
+                    # (mrope's text after an image goes on from the image's largest position, not from its place: a
+                    # token is at its place only where its sequence starts in this forward, every row equal since)
+                    column = torch.arange(grid.shape[1]).expand_as(grid)
+                    first = (column - grid).clamp(0, grid.shape[1] - 1)
+                    wrong = wrong & column.ge(grid) & grid.gather(1, first).eq(0)
                 checks.append((wrong, "values"))
         for wrong, what in checks:
             at = wrong.nonzero()

@@ -484,3 +484,71 @@ def test_packed_vlm_rows_without_ids_in_another_sequence_order_are_refused() -> 
     rows that differ (an image) were compared with nothing, though each sequence's start, 0 in every row, shows
     where the sequences begin."""
     _vlm_packed("no-token-ids", swapped=True)
+
+
+def _no_route(like: mr.Routes, n: int) -> mr.Routes:
+    """``n`` rows of -1 (route natively) for ``like``'s routers."""
+    return mr.Routes(
+        [torch.full((n, k), -1) for k in like.k_per_layer], names=like.names, num_experts=like.experts_per_layer
+    )
+
+
+@pytest.mark.reliability("false refusals")
+def test_ulysses_ranks_of_a_vlm_replay_their_slices_of_embeddings_and_mrope_positions() -> None:
+    """verl's Ulysses sequence parallel for a VLM: the packed row's embeddings (the image's features merged) and its
+    mrope ``position_ids`` ``[3, 1, tokens]`` padded to a multiple of the ranks (a dummy sequence whose positions
+    restart at 0, routed natively) and sliced, each rank's language model fed its slice with the same slice of the
+    routes (no ids: none are fed): exact, though a rank's slice starts inside a sequence or inside the image; a rank
+    fed the next rank's slice with its own rows: refused (the next sequence starts elsewhere)."""
+    model = _tiny_qwen3_vl_moe()
+    _watch_experts(model)
+    session = mr.attach(model)
+    try:
+        lm = mr.LayerMap.from_session(session, num_layers=2)
+        eng = engines.Model(num_layers=2, moe_layers=(0, 1), num_experts=8, k=2)
+        img = [192, 190, 190, 190, 190, 193]
+        prompts, gens = [[5, *img, 7, 8], [9, 10, 11, *img, 12]], [[20, 21, 22], [23, 24, 25, 26]]
+        per, seqs = [], []
+        for i, (p, gen) in enumerate(zip(prompts, gens, strict=True)):
+            req = engines.vllm_033_request_output(eng, p, [(gen, eng.truth(len(p) + len(gen), seed=70 + i))])
+            per.append(mr.interop.from_vllm_output(req, lm).with_token_ids(None))
+            seqs.append(torch.tensor(p + gen))
+        layout = mr.BatchLayout.packed([len(s) for s in seqs])
+        x = layout.tokens(seqs)
+        grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
+        pixels = torch.randn(32, 96, generator=torch.Generator().manual_seed(2))
+        pos = torch.cat(
+            [
+                model.model.get_rope_index(s[None], (s[None] == 190).long(), grid[:1], None, torch.ones_like(s[None]))[
+                    0
+                ]
+                for s in seqs
+            ],
+            -1,
+        )
+        with torch.no_grad():
+            emb = model.model.get_input_embeddings()(x)
+            feats = torch.cat(model.model.get_image_features(pixels, grid).pooler_output)
+            emb[x == 190] = feats.to(emb.dtype)
+        ranks, n = 4, layout.row_length
+        pad = -n % ranks
+        emb = torch.nn.functional.pad(emb, (0, 0, 0, pad))
+        pos = torch.cat([pos, torch.arange(pad).expand(3, 1, pad)], -1)
+        routes = mr.Routes.cat([layout.routes(per), _no_route(per[0], pad)])
+        width = (n + pad) // ranks
+        lang = model.model.language_model
+        for rank in range(ranks):
+            sl = slice(rank * width, (rank + 1) * width)
+            with _dispatched(model) as rec, session.replay(routes[sl]), torch.no_grad():
+                lang(inputs_embeds=emb[:, sl], position_ids=pos[..., sl])
+            for name in routes.names:
+                want = routes.layer(name)[sl].long()
+                held = want[:, 0] >= 0
+                assert held.any() or rank == ranks - 1
+                assert torch.equal(rec[_experts_name(name)][0][held], want[held]), f"rank {rank} at {name}"
+        mine, next_ = slice(width, 2 * width), slice(2 * width, 3 * width)
+        assert _refused(
+            model, session, routes[mine], lambda: lang(inputs_embeds=emb[:, next_], position_ids=pos[..., next_])
+        )
+    finally:
+        session.detach()
