@@ -552,3 +552,36 @@ def test_ulysses_ranks_of_a_vlm_replay_their_slices_of_embeddings_and_mrope_posi
         )
     finally:
         session.detach()
+
+
+@pytest.mark.reliability("false refusals")
+def test_context_parallel_chunks_of_a_vlm_sequence_with_an_image_between_them_replay_exactly() -> None:
+    """Megatron's load-balanced context parallel over a VLM: each rank's two chunks of the sequence (the image inside
+    the chunks it does not hold), its language model fed their embeddings and mrope positions with the same rows of
+    the routes: exact."""
+    model = _tiny_qwen3_vl_moe()
+    _watch_experts(model)
+    session = mr.attach(model)
+    try:
+        lm = mr.LayerMap.from_session(session, num_layers=2)
+        eng = engines.Model(num_layers=2, moe_layers=(0, 1), num_experts=8, k=2)
+        seq = torch.tensor([5, 6, 7, 192, 190, 190, 190, 190, 193, 8, 9, 10])
+        req = engines.vllm_033_request_output(eng, seq[:10].tolist(), [(seq[10:].tolist(), eng.truth(12, seed=80))])
+        routes = mr.interop.from_vllm_output(req, lm).with_token_ids(None)
+        grid = torch.tensor([[1, 4, 4]])
+        pos = model.model.get_rope_index(seq[None], (seq[None] == 190).long(), grid, None, torch.ones_like(seq[None]))[
+            0
+        ]
+        with torch.no_grad():
+            emb = model.model.get_input_embeddings()(seq[None])
+            pixels = torch.randn(16, 96, generator=torch.Generator().manual_seed(3))
+            emb[seq[None] == 190] = torch.cat(model.model.get_image_features(pixels, grid).pooler_output).to(emb.dtype)
+        at = torch.cat([torch.arange(0, 3), torch.arange(9, 12)])  # (rank 0 of 2: chunks 0 and 3 of 4)
+        with _dispatched(model) as rec, session.replay(routes[at]), torch.no_grad():
+            model.model.language_model(inputs_embeds=emb[:, at], position_ids=pos[..., at])
+        for name in routes.names:
+            want = routes.layer(name)[at].long()
+            held = want[:, 0] >= 0
+            assert torch.equal(rec[_experts_name(name)][0][held], want[held]), name
+    finally:
+        session.detach()
