@@ -585,3 +585,37 @@ def test_context_parallel_chunks_of_a_vlm_sequence_with_an_image_between_them_re
             assert torch.equal(rec[_experts_name(name)][0][held], want[held]), name
     finally:
         session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="silent: an engine reader's routes of one sequence, read without ids, keep no place per row (a capture's "
+    "do, and BatchLayout's): sliced for sequence- or context-parallel ranks without a layout, rank 0's rows fed rank "
+    "1's tokens at their position_ids, or a rank's chunks fed as one run, are forced with nothing compared",
+)
+@pytest.mark.parametrize("misuse", ["another-ranks-slice", "chunks-fed-as-a-run"])
+def test_engine_rows_of_one_sequence_sliced_without_a_layout_and_fed_at_other_places_are_refused(
+    misuse: str, policy: tuple[Any, ...]
+) -> None:
+    """An engine's routes of one sequence read without ids (``from_vllm_output(...).with_token_ids(None)``, row t:
+    token t of the sequence) sliced for sequence-parallel ranks with ``routes[...]``, as laid out through
+    ``mr.BatchLayout.packed`` they are refused: rank 0's rows fed rank 1's tokens at their positions, or zigzag chunks
+    fed as if they followed each other."""
+    model, session, lm, state = policy
+    model.load_state_dict(state)
+    seq = torch.randint(1, 128, (12,), generator=torch.Generator().manual_seed(12))
+    req = engines.vllm_033_request_output(ENGINE, seq[:8].tolist(), [(seq[8:].tolist(), ENGINE.truth(12, seed=90))])
+    routes = mr.interop.from_vllm_output(req, lm).with_token_ids(None)
+    pos = torch.arange(12)[None]
+    if misuse == "another-ranks-slice":
+        rows, fed = routes[:6], slice(6, 12)
+        forward = lambda: model(seq[None, fed], position_ids=pos[:, fed])  # noqa: E731
+        laid = mr.BatchLayout.packed([12]).routes([routes])[:6]
+    else:
+        at = torch.cat([torch.arange(0, 3), torch.arange(9, 12)])
+        rows = routes[at]
+        forward = lambda: model(seq[None, at], position_ids=torch.arange(6)[None])  # noqa: E731
+        laid = mr.BatchLayout.packed([12]).routes([routes])[at]
+    assert _refused(model, session, laid, forward), "laid out: refused (the test's misuse is one)"
+    assert _refused(model, session, rows, forward), "an engine's rows forced at other places than they were routed"
