@@ -508,7 +508,9 @@ def from_vllm_output(
         cached_tokens: vLLM 0.21 only: prompt tokens served from the prefix cache.
 
     The result knows its tokens (:attr:`~moe_replay.Routes.token_ids`): the prompt's and the
-    completion's ids the output holds, so that a replay on other tokens is refused.
+    completion's ids the output holds, so that a replay on other tokens is refused; and each row
+    its place in the sequence (row t: token t), so that its rows, sliced without their ids (a
+    sequence-parallel rank's), are forced only on tokens fed at those places.
 
     Example:
         >>> from types import SimpleNamespace
@@ -665,6 +667,7 @@ def _listed(value: Any, what: str, holds: str) -> Any:
 def _with_tokens(routes: Routes, prompt: Any, prompt_len: int, completion: Any) -> Routes:
     """``routes`` knowing the tokens vLLM's output names (the prompt's -1 where only its length is known),
     so that a replay fed other tokens is refused (:attr:`Routes.token_ids`)."""
+    routes = _at_their_places(routes)
     given = [*(prompt if prompt is not None else [-1] * prompt_len), *completion]
     if not all(is_integer(t) for t in given):  # (int(1.5) would be token 1: never cut to an id)
         return routes  # (token ids of a kind no id is read from: the rows are all there is)
@@ -672,6 +675,13 @@ def _with_tokens(routes: Routes, prompt: Any, prompt_len: int, completion: Any) 
     if len(ids) != routes.num_tokens or any(t < -1 for t in ids):
         return routes
     return routes.with_token_ids(ids)
+
+
+def _at_their_places(routes: Routes) -> Routes:
+    """``routes`` of one sequence from its first token, each row knowing its place in it (row t: place t), as a
+    capture's rows do: sliced without their ids, they are forced only on tokens fed at those places."""
+    routes._seq_pos = torch.arange(routes.num_tokens)
+    return routes
 
 
 def _layout_version(layout: str) -> str:
