@@ -5399,6 +5399,9 @@ class FeedForward:
         self.named_at = tuple(
             (name, at) for name in _READ_BY_NAME if (at := _place_of(self.__wrapped__, name)) is not None
         )
+        #: the fewest positional arguments that reach one of them (a forward given fewer, the common ``model(ids)``,
+        #: is given none of them by position: no search at each forward)
+        self.named_from = min((at + 1 for _, at in self.named_at), default=sys.maxsize)
         #: the name of the forward's first parameter, where that is not ``input_ids``: token ids given by that name
         #: (torchtitan's ``tokens=``, nanoGPT's ``idx=``) are read as those given by position are
         self.ids_name = _first_name(self.__wrapped__)
@@ -5626,7 +5629,10 @@ class FeedForward:
             fed_args, fed_kwargs, batch = self._unbatched(fed_args, fed_kwargs)  # entries by name; a tensor is none)
         # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
         named, place = fed_kwargs, self.mask_from
-        if place is not None or any(len(fed_args) > at and n not in fed_kwargs for n, at in self.named_at):
+        if place is not None or (
+            len(fed_args) >= self.named_from
+            and any(len(fed_args) > at and n not in fed_kwargs for n, at in self.named_at)
+        ):
             named = self._named(fed_args, fed_kwargs)
         inputs = _inputs(fed_args, named)  # (read once: where its mask is found changes none of it)
         order = self._order(entered, fed_args, named, fed_kwargs, name, inputs, batch)
