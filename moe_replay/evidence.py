@@ -1894,7 +1894,28 @@ def _kept_iterators(
     """The plain iterators held by the attributes of plain objects the modules keep (``self.noise = NoiseSource()``,
     ``next(self.noise.it)``), a few objects deep, each object once (no cycle is followed), as
     ``(the object's dict, the attribute, its tape)``."""
-    out: list[tuple[_Home, Any, _Tape]] = []
+    return [(space, k, _tape_of(v)) for space, k, v in _kept_values(attrs, _plain_iterator)]
+
+
+def _is_flat(v: Any) -> bool:
+    """Is ``v`` numpy's flat iterator over an array (``array.flat``)?"""
+    return isinstance(v, np.flatiter)
+
+
+def _flat_copy(flat: Any, index: int) -> Any:
+    """A flat iterator over the same array as numpy's ``flat``, at ``index``: it gives the very items ``flat`` gives
+    from there, with the same public attributes, and leaves ``flat`` where it stands as it is drawn from."""
+    out = flat.base.flat
+    collections.deque(itertools.islice(out, index), maxlen=0)
+    return out
+
+
+def _kept_values(
+    attrs: list[tuple[nn.Module, dict[str, tuple[Any, Any]]]], wanted: Callable[[Any], bool]
+) -> list[tuple[dict[str, Any], str, Any]]:
+    """The values ``wanted`` picks held by the attributes of plain objects the modules keep, a few objects deep, each
+    object once, as ``(the object's dict, the attribute, the value)`` (see :func:`_kept_iterators`)."""
+    out: list[tuple[dict[str, Any], str, Any]] = []
     seen: set[int] = set()
     todo = [(v, 1) for _, values in attrs for v, _ in values.values() if _plain_object(v)]
     while todo and len(seen) < _KEPT_OBJECTS:
@@ -1906,8 +1927,8 @@ def _kept_iterators(
         for k, v in list(space.items()):
             if not isinstance(k, str):
                 continue
-            if _plain_iterator(v):
-                out.append((space, k, _tape_of(v)))
+            if wanted(v):
+                out.append((space, k, v))
             elif depth < _KEPT_DEPTH and _plain_object(v):
                 todo.append((v, depth + 1))
     return out
@@ -2464,6 +2485,21 @@ class _Snapshot:
             for space, name in named_places(self.modules)
             if _plain_iterator(v := space.get(name))
         ]
+        #: numpy's flat iterators the modules hold (``array.flat``), which no stand-in takes the place of (their
+        #: ``index``, ``coords`` and ``base`` are public): each run draws from a copy made where the forwards stand,
+        #: and every place holds the iterator itself again once the runs are put back (see :func:`_flat_copy`)
+        self.flats: list[tuple[_Home, Any, Any, int]] = [
+            (home, k, v, int(v.index))
+            for m, attrs in self.attrs
+            for home, k, v in _homes_in(m, attrs)
+            if isinstance(v, np.flatiter)
+        ]
+        self.flats += [(space, k, v, int(v.index)) for space, k, v in _kept_values(self.attrs, _is_flat)]
+        self.flats += [
+            (space, name, v, int(v.index))
+            for space, name in named_places(self.modules)
+            if isinstance(v := space.get(name), np.flatiter)
+        ]
         #: where each tape's runs begin: where the run of another snapshot these runs are made inside stands
         self.starts = {id(tape): tape.at for _, _, tape in self.iterators if tape.running}
         #: the generators the modules hold, and those their code reads outside them (a class's, a global)
@@ -2524,6 +2560,8 @@ class _Snapshot:
                 if contents is not None:
                     refill_container(v, contents)
                 m.__dict__[k] = v
+        for home, k, flat, _ in self.flats:  # (the runs drew from copies: the iterator itself stands untouched)
+            _put_at(home, k, flat)
         for home, k, tape in self.iterators:  # (what the runs drew, given to the forwards that follow first)
             if tape.replica is not None and not tape.running:  # (drawn from a replica: the source itself is in step)
                 tape.settle()
@@ -2546,6 +2584,8 @@ class _Snapshot:
         tapes = list({id(tape): tape for _, _, tape in self.iterators}.values())
         for home, k, tape in self.iterators:
             _put_at(home, k, _Redrawn(tape, home, k))
+        for home, k, flat, index in self.flats:
+            _put_at(home, k, _flat_copy(flat, index))
         for tape in tapes:
             tape.modules.update(self.modules)
             tape.at = self.starts.get(id(tape), 0)  # (each run draws from where the forward it is made in stands)
