@@ -1902,6 +1902,32 @@ def _is_flat(v: Any) -> bool:
     return isinstance(v, np.flatiter)
 
 
+def _unstood(v: Any) -> bool:
+    """Is ``v`` an iterator no stand-in takes the place of in the runs that establish a decision (one of the user's
+    class, a file: see :func:`_plain_iterator`), so that each run draws on from it? Not numpy's flat iterator (each
+    run draws from a copy of it, see :func:`_flat_copy`), nor a module or a tensor."""
+    return (
+        callable(getattr(type(v), "__next__", None))
+        and not isinstance(v, nn.Module | torch.Tensor | np.flatiter | type)
+        and not _plain_iterator(v)
+    )
+
+
+def _unstood_words(snapshot: _Snapshot) -> str:
+    """Words for a refusal of a router whose runs differ: the iterators of :meth:`_Snapshot.unstood`, named as the
+    likely cause, and what to do; empty where there is none."""
+    names = snapshot.unstood()
+    if not names:
+        return ""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f" (likely cause: it draws from {shown}, an iterator that no copy or stand-in takes the place of while the "
+        "runs that establish the decision run, so each run draws on from it and gets other items. Draw from a "
+        "random stream (a torch.Generator the module holds), or an iterator of Python's own (iter(a_list), "
+        "itertools.cycle), which the runs give back in step, or precompute the values into a buffer)"
+    )
+
+
 def _flat_copy(flat: Any, index: int) -> Any:
     """A flat iterator over the same array as numpy's ``flat``, at ``index``: it gives the very items ``flat`` gives
     from there, with the same public attributes, and leaves ``flat`` where it stands as it is drawn from."""
@@ -2596,6 +2622,27 @@ class _Snapshot:
             for tape in tapes:
                 tape.at = self.starts.get(id(tape), 0)  # (the forward they were made in goes on from there)
                 tape.running -= 1
+
+    def unstood(self) -> list[str]:
+        """The iterators the modules hold (in their attributes, one level into the lists and dicts those hold, in
+        plain objects they keep) or their code names outside them that no stand-in took the place of in the runs
+        (an iterator of the user's class, a file: see :func:`_plain_iterator`), as ``'name' (a Kind held by
+        Module)``: what each run drew on from, where the runs differ."""
+        out: list[str] = []
+        for m, attrs in self.attrs:
+            for _, k, v in _homes_in(m, attrs):
+                if _unstood(v):
+                    out.append(f"'{k}' (a {type(v).__name__} held by {type(m).__name__})")
+        out += [
+            f"'{k}' (a {type(v).__name__} in an object a module keeps)"
+            for _, k, v in _kept_values(self.attrs, _unstood)
+        ]
+        out += [
+            f"'{name}' (a {type(v).__name__} the code reads outside the modules)"
+            for space, name in named_places(self.modules)
+            if _unstood(v := space.get(name))
+        ]
+        return list(dict.fromkeys(out))
 
     def drew(self) -> bool:
         """Has a run since the last :meth:`restore` drawn from a random stream the snapshot puts back?"""
@@ -3870,7 +3917,8 @@ def _establish(
             raise _refuse(
                 name,
                 calls,
-                "its forward makes different decision-like calls from one run to the next on the same inputs",
+                "its forward makes different decision-like calls from one run to the next on the same inputs"
+                + _unstood_words(probe.snapshot),
                 "Make the forward's control flow deterministic, or name the decision with an Adapter",
             )
         noise, _ = _distance(base, again)
@@ -3941,7 +3989,9 @@ def _establish(
                         "no per-token choice to record or replay"
                     )
             elif noise > 0 and not math.isfinite(noise):
-                why = "its output differs between two runs on the same inputs, so no effect can be measured"
+                why = "its output differs between two runs on the same inputs, so no effect can be measured" + (
+                    _unstood_words(probe.snapshot)
+                )
             else:  # the values of a call reach the output where no call's indices do: a threshold?
                 moves = _beyond_rounding(base)
                 read = next(
