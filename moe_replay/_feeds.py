@@ -3122,7 +3122,9 @@ class OrderCheck(FeedCheck):
         #: where not known (``Routes._layout_pos``), or None; and (forward, first row, the places of its rows, a copy
         #: of its attention mask and position_ids) of the forwards fed them on a device, read when the block ends
         self._places = places if places is not None and bool((places >= 0).any()) else None
-        self._places_later: list[tuple[int, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool]] = []
+        self._places_later: list[
+            tuple[int, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool, tuple[int, ...]]
+        ] = []
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
@@ -3284,11 +3286,17 @@ class OrderCheck(FeedCheck):
             and _cache_held(kwargs) == 0
             and _batch_alone(args, kwargs, shape)
         )
+        # (a count given beside positions that is the count of tokens a KV cache the model keeps itself holds: the
+        # tokens before these, where the positions start there, see _refuse_places)
+        counts = _counts_given(args, kwargs, shape) if whole else ()
+        if counts:
+            kept = _kept_counts(self._levels)
+            counts = tuple(c for c in counts if c in kept)
         if all(t.device.type == "cpu" for t in fed):
-            self._refuse_places(self.forwards, start, grid, mask, pos, whole)
+            self._refuse_places(self.forwards, start, grid, mask, pos, whole, counts)
         elif self.device_ids:
             held = [None if t is None else t.detach().clone() for t in (mask, pos)]
-            self._places_later.append((self.forwards, start, grid, held[0], held[1], whole))
+            self._places_later.append((self.forwards, start, grid, held[0], held[1], whole, counts))
 
     def _refuse_places(
         self,
@@ -3298,11 +3306,14 @@ class OrderCheck(FeedCheck):
         mask: torch.Tensor | None,
         pos: torch.Tensor | None,
         whole: bool = False,
+        counts: tuple[int, ...] = (),
     ) -> None:
         """Refuse forward ``forward`` (its rows from ``start`` on, their places ``grid``) where its host ``mask`` or
         ``pos`` (position_ids) do not fit them; ``whole`` (fed no KV cache, and no mask or a ``[batch, positions]``
         one): where a row's position is not its place (nor, fed a mask, its column where its sequence's first row is
-        in its batch row: positions counting the padding)."""
+        in its batch row: positions counting the padding), unless every row's positions start at one of ``counts``
+        (counts given beside them to a model that keeps state that may hold tokens: a KV cache it keeps itself, and
+        how many tokens it holds, see :func:`_counts_given`), as for a forward given a cache that holds tokens."""
         checks: list[tuple[torch.Tensor, str]] = []
         if mask is not None and bool(mask.lt(0).any()):
             mask = None  # (a 4-d mask that does not tell each token from padding: as none)
@@ -3319,6 +3330,8 @@ class OrderCheck(FeedCheck):
                 # (mrope's rows that differ (an image) tell no place, but still where each sequence starts: its first
                 # token, and it alone, at 0 in every row)
                 checks.append((grid.ge(0) & grid.eq(0).ne(starts.expand_as(grid)), "starts"))
+        if whole and pos is not None and counts and pos.numel() and bool((pos[:, 0] == pos[0, 0]).all()):
+            whole = int(pos[0, 0]) not in counts  # (positions on from a count of tokens the model holds itself)
         if pos is not None:
             # (two tokens of a sequence, one after the other in it: not its first after padding, -1 + 1)
             step = grid[:, 1:] - grid[:, :-1]
@@ -3451,8 +3464,8 @@ class OrderCheck(FeedCheck):
         ids are compared: these routes know none), the calls of the forwards that ran compiled (read on the device, see
         :meth:`_arm_calls_traced`) and those of its last forward (see :meth:`_calls_at_end`)."""
         later, self._places_later = self._places_later, []
-        for forward, start, grid, mask, pos, whole in later:
-            self._refuse_places(forward, start, grid, mask, pos, whole)
+        for forward, start, grid, mask, pos, whole, counts in later:
+            self._refuse_places(forward, start, grid, mask, pos, whole, counts)
         self._refuse_traced()
         self._calls_at_end()
         if self.each_router is not None:
@@ -3998,6 +4011,44 @@ _MEDIA = re.compile(r"^(pixel|image|video|audio|input_features|feature_attention
 #: names of a forward's inputs that say they hold a KV cache (under a name of its own: ``kv_cache``,
 #: ``layer_past``, ``inference_params``)
 _CACHE_LIKE = re.compile(r"^(?!cache_position$).*(cache|past|(^|_)kv(_|$)|inference_params)")
+
+
+def _counts_given(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Size) -> tuple[int, ...]:
+    """The counts a ``[batch, positions]`` forward is given beside its tokens, as plain ints of its own arguments
+    (Llama's reference ``start_pos``, a ``past_length``, an ``offset``): each above 0 and none that is its own token
+    count (``positions`` or ``batch * positions``: a sequence-parallel rank's slice length, a ``max_seqlen``, which
+    equals where rank 1's positions start)."""
+    own = {int(shape[1]), int(shape[0]) * int(shape[1])}
+    return tuple(dict.fromkeys(v for v in chain(args, kwargs.values()) if type(v) is int and v > 0 and v not in own))
+
+
+#: how many modules :func:`_kept_counts` reads at most, and the attributes of every module that are torch's own state
+#: (its parameters', buffers' and submodules' dicts, its hooks, a forward's wrapper)
+_KEPT_MODULES = 4096
+_MODULE_STATE = frozenset(vars(nn.Module())) | {"forward"}
+
+
+def _kept_counts(levels: Sequence[FeedForward]) -> frozenset[int]:
+    """The tokens each KV cache the models of ``levels`` keep themselves holds, where it counts them on the host: an
+    attribute of one of their modules (not a parameter, buffer or submodule) holding a cache object whose
+    ``get_seq_length()`` is an int, or a list of ``(keys, values)`` whose first tensor is a floating ``[batch, heads,
+    tokens, head_dim]`` one (a model that keeps its last forward's ``past_key_values`` and is told how many tokens it
+    holds by a count). Static caches kept in buffers or preallocated attributes count nothing here."""
+    out: set[int] = set()
+    for level in levels:
+        for i, m in enumerate(level.module.modules()):
+            if i >= _KEPT_MODULES:
+                break
+            for k, v in vars(m).items():
+                if k in _MODULE_STATE or type(v) in _NO_TOKENS or isinstance(v, nn.Module | torch.Tensor | type):
+                    continue
+                if isinstance(v, list | tuple):
+                    first = _first_tensor(v)
+                    if first is not None and first.dim() == 4 and first.is_floating_point():
+                        out.add(int(first.shape[-2]))
+                elif callable(getattr(type(v), "get_seq_length", None)) and (held := _count_now(v)) > 0:
+                    out.add(held)
+    return frozenset(out)
 
 
 #: how deep the lists, mappings and plain objects a forward is given are read for a tensor that may hold earlier

@@ -4,6 +4,8 @@ differs between two runs naming the iterators it draws from."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,8 @@ from torch import nn
 
 import moe_replay as mr
 
-from .test_review51 import _first, _PerTokenFrom, _RouterBlock
+from .test_review51 import _first, _outcome, _PerTokenFrom, _RouterBlock
+from .test_workflow import _dispatched, _joined, _perturb, _watch_experts
 
 
 # ----------------------------------------------------------------------------- numpy's flat iterators
@@ -145,3 +148,56 @@ def test_a_router_whose_runs_differ_by_another_cause_names_no_iterator() -> None
         model(x)
     assert "differs between two runs" in str(err.value), str(err.value)
     assert "likely cause" not in str(err.value), str(err.value)
+
+
+# ----------------------------------------------------------------------------- counts and positions of a model's own
+class _Counted(nn.Module):
+    """A model of one's own fed its tokens' positions and a count beside them (``offset``: where a
+    sequence-parallel rank's slice starts, or how many tokens the cache it keeps holds) that it does not read; it
+    keeps its last forward's KV cache (``self.held``) where ``keeps``."""
+
+    def __init__(self, inner: nn.Module, keeps: bool) -> None:
+        super().__init__()
+        self.inner, self.keeps = inner, keeps
+        self.held: Any = None
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, offset: int = 0) -> Any:
+        """The inner model's output (fed no cache)."""
+        out = self.inner(input_ids, position_ids=position_ids, use_cache=self.keeps)
+        if self.keeps:
+            self.held = out.past_key_values
+        return out
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("keeps", [False, True], ids=["keeps nothing", "keeps its last cache"])
+def test_a_slice_fed_another_ranks_tokens_with_its_offset_as_a_count_is_refused(keeps: bool) -> None:
+    """A sequence-parallel rank's rows of a 12-token sequence (laid out without ids) fed the third rank's tokens, their
+    positions, and where that slice starts as an int (``offset=8``, which is neither the slice's length nor its token
+    count) are refused, whether the model keeps nothing or keeps its last forward's KV cache (which holds 4 tokens, not
+    8: the count is not that of the tokens a cache it keeps holds); each rank fed its own slice is exact. A count
+    read as the tokens a cache the model keeps holds (test_review53's continuation) must not open this."""
+    torch.manual_seed(7)
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _Counted(inner, keeps)
+    session = mr.attach(model)
+    try:
+        seq = torch.randint(1, 128, (1, 12))
+        with torch.no_grad(), _dispatched(inner) as rec, session.capture():
+            model(seq, torch.arange(12)[None])
+        want = _joined(rec)
+        routes = mr.BatchLayout.packed([12]).routes([session.routes().with_token_ids(None)])
+        _perturb(inner)
+        pos = torch.arange(12)[None]
+        with torch.no_grad():
+            for own in (slice(0, 4), slice(4, 8), slice(8, 12)):
+                run: Any = lambda s=own: model(seq[:, s], pos[:, s], offset=s.start)  # noqa: E731
+                got = _outcome(model, session, routes[own], run, inner)
+                assert got is not None, f"slice {own} refused though exact"
+                for layer, rows in got.items():
+                    assert torch.equal(rows, want[layer][own]), f"slice {own} at {layer}"
+            wrong = lambda: model(seq[:, 8:], pos[:, 8:], offset=8)  # noqa: E731
+            assert _outcome(model, session, routes[:4], wrong, inner) is None, "rank 0's rows forced on rank 2's"
+    finally:
+        session.detach()

@@ -226,12 +226,6 @@ class _HeldCache(nn.Module):
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a forward given position_ids and only plain values besides (a count of the tokens a cache the model "
-    "keeps itself holds) is read as one given no KV cache, so its positions are compared with the rows' places by "
-    "value: a continuation's rows laid out as a sequence of their own are refused though exact",
-)
 def test_a_continuation_of_a_model_that_keeps_its_own_cache_is_not_refused_by_its_positions() -> None:
     """A second turn of a model that keeps its KV cache itself, fed the positions after the cached tokens and a
     count of them, its rows laid out as a sequence of their own: the replay is exact, as it is where the cache is
