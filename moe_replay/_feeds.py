@@ -5450,6 +5450,12 @@ class FeedForward:
         self.named_at = tuple(
             (name, at) for name in _READ_BY_NAME if (at := _place_of(self.__wrapped__, name)) is not None
         )
+        #: the name the forward declares for its tokens' positions where it has no ``position_ids`` (vLLM's
+        #: ``positions``, ``pos``, ``pos_ids``: see :func:`_positions_name`), given by name or by position: read as
+        #: ``position_ids`` (compared with the rows' places where it is an integer tensor shaped like the tokens)
+        self.positions_name = _positions_name(self.__wrapped__)
+        if self.positions_name is not None and (at := _place_of(self.__wrapped__, self.positions_name)) is not None:
+            self.named_at += (("position_ids", at),)
         #: the fewest positional arguments that reach one of them (a forward given fewer, the common ``model(ids)``,
         #: is given none of them by position: no search at each forward)
         self.named_from = min((at + 1 for _, at in self.named_at), default=sys.maxsize)
@@ -5680,9 +5686,13 @@ class FeedForward:
             fed_args, fed_kwargs, batch = self._unbatched(fed_args, fed_kwargs)  # entries by name; a tensor is none)
         # (what the records read: the mask by name, given by position too, or found elsewhere by the runs)
         named, place = fed_kwargs, self.mask_from
-        if place is not None or (
-            len(fed_args) >= self.named_from
-            and any(len(fed_args) > at and n not in fed_kwargs for n, at in self.named_at)
+        if (
+            place is not None
+            or (
+                len(fed_args) >= self.named_from
+                and any(len(fed_args) > at and n not in fed_kwargs for n, at in self.named_at)
+            )
+            or (self.positions_name is not None and self.positions_name in fed_kwargs)
         ):
             named = self._named(fed_args, fed_kwargs)
         inputs = _inputs(fed_args, named)  # (read once: where its mask is found changes none of it)
@@ -5841,6 +5851,9 @@ class FeedForward:
         for name, at in self.named_at:
             if len(args) > at and name not in kwargs:
                 named = {**named, name: args[at]}
+        alias = self.positions_name
+        if alias is not None and alias in kwargs and "position_ids" not in kwargs:
+            named = {**named, "position_ids": kwargs[alias]}
         if self.mask_from is not None:
             named = {**named, "attention_mask": mask_at(self.mask_from, args, kwargs)}
         return named
@@ -6047,6 +6060,26 @@ def _place_of(forward: Callable[..., Any], name: str) -> int | None:
         if param.name == name:
             return i
     return None
+
+
+#: the names a forward's parameter for its tokens' positions goes by besides ``position_ids``: ``positions``
+#: (vLLM's models), ``pos``, ``position``, ``pos_ids``, ``position_id``; not gpt-fast's ``input_pos``, which also
+#: places the tokens in the static KV cache its modules keep (its positions after the cached tokens would be compared
+#: with a layout's places as those of a forward given no cache)
+_POSITIONS_NAME = re.compile(r"pos(?:itions?)?(?:_ids?)?")
+
+
+def _positions_name(forward: Callable[..., Any]) -> str | None:
+    """The parameter of ``forward`` that its name says holds its tokens' positions (:data:`_POSITIONS_NAME`), where it
+    declares no ``position_ids`` and exactly one such (None where it has none, or no signature can be read)."""
+    try:
+        names = list(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    if "position_ids" in names:
+        return None
+    found = [n for n in names if _POSITIONS_NAME.fullmatch(n)]
+    return found[0] if len(found) == 1 else None
 
 
 def _first_name(forward: Callable[..., Any]) -> str | None:

@@ -4,6 +4,7 @@ differs between two runs naming the iterators it draws from."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -199,5 +200,100 @@ def test_a_slice_fed_another_ranks_tokens_with_its_offset_as_a_count_is_refused(
                     assert torch.equal(rows, want[layer][own]), f"slice {own} at {layer}"
             wrong = lambda: model(seq[:, 8:], pos[:, 8:], offset=8)  # noqa: E731
             assert _outcome(model, session, routes[:4], wrong, inner) is None, "rank 0's rows forced on rank 2's"
+    finally:
+        session.detach()
+
+
+def _named_positions(name: str) -> type[nn.Module]:
+    """A model of one's own whose forward takes its tokens' positions under ``name`` (vLLM's ``positions``, ``pos``,
+    ``position``, ``pos_ids``) and may be given a KV cache, handed to the inner model as its ``position_ids``."""
+
+    class _Named(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            """The inner model's output."""
+            pos = args[0] if args else kwargs.get(name)
+            return self.inner(input_ids, position_ids=pos, past_key_values=kwargs.get("past_key_values"))
+
+    P = inspect.Parameter
+    params = [P(n, P.POSITIONAL_OR_KEYWORD, default=None if n != "self" else P.empty) for n in ("self", "input_ids")]
+    params += [P(name, P.POSITIONAL_OR_KEYWORD, default=None), P("past_key_values", P.KEYWORD_ONLY, default=None)]
+    _Named.forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return _Named
+
+
+_POSITION_NAMES = ["positions", "pos", "position", "pos_ids"]
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("given", ["by name", "by position"])
+@pytest.mark.parametrize("name", _POSITION_NAMES)
+def test_a_slice_fed_another_ranks_tokens_with_positions_under_a_name_of_its_own_is_refused(
+    name: str, given: str
+) -> None:
+    """A sequence-parallel rank's rows of one sequence, laid out without token ids, fed the other rank's tokens and
+    positions, the positions under the name the model's forward declares for them (vLLM's ``positions``, ``pos``,
+    ``position``, ``pos_ids``), by name or by position: refused, as with ``position_ids``;
+    each rank fed its own slice is exact."""
+    torch.manual_seed(6)
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _named_positions(name)(inner)
+    session = mr.attach(model)
+
+    def run(ids: torch.Tensor, pos: torch.Tensor) -> Any:
+        return model(ids, **{name: pos}) if given == "by name" else model(ids, pos)
+
+    try:
+        seq = torch.randint(1, 128, (1, 8))
+        with torch.no_grad(), _dispatched(inner) as rec, session.capture():
+            run(seq, torch.arange(8)[None])
+        want = _joined(rec)
+        routes = mr.BatchLayout.packed([8]).routes([session.routes().with_token_ids(None)])
+        _perturb(inner)
+        pos = torch.arange(8)[None]
+        with torch.no_grad():
+            for own in (slice(0, 4), slice(4, 8)):
+                got = _outcome(model, session, routes[own], lambda s=own: run(seq[:, s], pos[:, s]), inner)
+                assert got is not None, f"slice {own} refused though exact"
+                for layer, rows in got.items():
+                    assert torch.equal(rows, want[layer][own]), f"slice {own} at {layer}"
+            wrong = lambda: run(seq[:, 4:], pos[:, 4:])  # noqa: E731
+            assert _outcome(model, session, routes[:4], wrong, inner) is None, "rank 0's rows forced on rank 1's"
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.parametrize("name", _POSITION_NAMES)
+def test_a_continuation_fed_positions_under_a_name_of_its_own_beside_its_cache_is_exact(name: str) -> None:
+    """A second turn fed after its first turn's KV cache, its positions (those after the cached tokens) under the name
+    the model's forward declares for them, its rows laid out as a sequence of their own: the replay is exact, as with
+    ``position_ids`` (the positions are compared by their steps, not their values, beside a cache that holds tokens);
+    and a capture's own rows replay on the forward they were captured at."""
+    torch.manual_seed(4)
+    inner = mr.models.build("softmax_topk", num_layers=3, first_dense_layers=1)
+    _watch_experts(inner)
+    model = _named_positions(name)(inner)
+    session = mr.attach(model)
+    try:
+        first, second = torch.randint(1, 128, (1, 5)), torch.randint(1, 128, (1, 4))
+        later = torch.arange(5, 9)[None]
+        with torch.no_grad():
+            cache = inner(first, use_cache=True).past_key_values
+            with _dispatched(inner) as rec, session.capture():
+                model(second, **{name: later, "past_key_values": cache})
+        want, turn = _joined(rec), session.routes()
+        _perturb(inner)
+        with torch.no_grad():
+            run = lambda: model(second, **{name: later, "past_key_values": cache})  # noqa: E731
+            for routes in (turn.with_token_ids(None), mr.BatchLayout.packed([4]).routes([turn.with_token_ids(None)])):
+                got = _outcome(model, session, routes, run, inner)
+                assert got is not None, "refused though exact"
+                for layer, rows in got.items():
+                    assert torch.equal(rows, want[layer]), layer
     finally:
         session.detach()
