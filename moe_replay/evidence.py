@@ -1913,6 +1913,61 @@ def _unstood(v: Any) -> bool:
     )
 
 
+def _slot_names(kind: type) -> list[str]:
+    """The slots the classes of ``kind``'s MRO declare (not ``__dict__`` nor ``__weakref__``)."""
+    out: list[str] = []
+    for k in kind.__mro__:
+        slots = vars(k).get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if isinstance(name, str) and name not in ("__dict__", "__weakref__") and name not in out:
+                out.append(name)
+    return out
+
+
+def _stateful(v: Any) -> bool:
+    """Does iterator ``v`` keep its state where :func:`_own_state` can read it and put it back: a ``__dict__`` of its
+    own, or slots its classes declare (not a C iterator's state, which nothing reads)?"""
+    return type(getattr(v, "__dict__", None)) is dict or bool(_slot_names(type(v)))
+
+
+#: a slot that held nothing when :func:`_own_state` read it
+_UNSET = object()
+
+
+def _own_state(obj: Any) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """An iterator's own attributes, those of its ``__dict__`` and those of its slots: each value (:data:`_UNSET`
+    for a slot that holds none), and a shallow copy of a list, dict, set or deque's contents."""
+    space = getattr(obj, "__dict__", None)
+    held = {k: (v, _shallow(v)) for k, v in space.items()} if type(space) is dict else {}
+    slots = {}
+    for name in _slot_names(type(obj)):
+        v = getattr(obj, name, _UNSET)
+        slots[name] = (v, None if v is _UNSET else _shallow(v))
+    return held, slots
+
+
+def _put_own_state(obj: Any, state: tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]) -> None:
+    """Put an iterator's own attributes back as :func:`_own_state` read them (attributes added since taken out), none
+    of its class's ``__setattr__`` run."""
+    held, slots = state
+    space = getattr(obj, "__dict__", None)
+    if type(space) is dict:
+        for k in [k for k in space if k not in held]:
+            del space[k]
+        for k, (v, contents) in held.items():
+            if contents is not None:
+                refill_container(v, contents)
+            space[k] = v
+    for name, (v, contents) in slots.items():
+        if v is _UNSET:
+            if hasattr(obj, name):
+                object.__delattr__(obj, name)
+            continue
+        if contents is not None:
+            refill_container(v, contents)
+        object.__setattr__(obj, name, v)
+
+
 def _unstood_words(snapshot: _Snapshot) -> str:
     """Words for a refusal of a router whose runs differ: the iterators of :meth:`_Snapshot.unstood`, named as the
     likely cause, and what to do; empty where there is none."""
@@ -2526,6 +2581,22 @@ class _Snapshot:
             for space, name in named_places(self.modules)
             if isinstance(v := space.get(name), np.flatiter)
         ]
+        #: the iterators of the user's class the modules hold, which no stand-in takes the place of, that keep their
+        #: state in their own ``__dict__`` or slots (a counter, a position in a list): that state, put back after
+        #: each run as a module's plain attributes are (see :func:`_own_state`), so each run draws what the forward
+        #: would
+        self.own_states = [
+            (obj, _own_state(obj))
+            for obj in {
+                id(v): v
+                for _, _, v in [
+                    *(x for m, attrs in self.attrs for x in _homes_in(m, attrs)),
+                    *_kept_values(self.attrs, _unstood),
+                    *((space, name, space.get(name)) for space, name in named_places(self.modules)),
+                ]
+                if _unstood(v) and _stateful(v)
+            }.values()
+        ]
         #: where each tape's runs begin: where the run of another snapshot these runs are made inside stands
         self.starts = {id(tape): tape.at for _, _, tape in self.iterators if tape.running}
         #: the generators the modules hold, and those their code reads outside them (a class's, a global)
@@ -2586,6 +2657,8 @@ class _Snapshot:
                 if contents is not None:
                     refill_container(v, contents)
                 m.__dict__[k] = v
+        for obj, state in self.own_states:
+            _put_own_state(obj, state)
         for home, k, flat, _ in self.flats:  # (the runs drew from copies: the iterator itself stands untouched)
             _put_at(home, k, flat)
         for home, k, tape in self.iterators:  # (what the runs drew, given to the forwards that follow first)

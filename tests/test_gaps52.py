@@ -58,7 +58,8 @@ def test_a_router_drawing_per_token_from_a_numpy_flatiter_is_in_step_and_its_own
 
 # ----------------------------------------------------------------------------- the refusal names the iterator
 class _Jitter:
-    """An iterator of the user's class, with a method of its own besides ``next()``: no stand-in takes its place."""
+    """An iterator of the user's class, with a method of its own besides ``next()`` (so no stand-in takes its
+    place), keeping its state in its ``__dict__``."""
 
     def __init__(self) -> None:
         self.at = 0
@@ -75,6 +76,18 @@ class _Jitter:
         self.at = 0
 
 
+class _SlotJitter(_Jitter):
+    """:class:`_Jitter` keeping its state in slots."""
+
+    __slots__ = ("at",)
+
+
+def _unread() -> Any:
+    """An iterator of compiled code with public attributes (numpy's ``nditer``): no stand-in takes its place, and
+    nothing of its state can be read and put back."""
+    return np.nditer(np.arange(100000.0))
+
+
 class _Drawn(nn.Module):
     """A top-2 router over 8 experts whose first choice per token is the item it draws (mod 8) from an iterator it
     holds, itself (``self.noise``) or in a plain object it keeps (``self.cfg.jitter``): runs that draw other items
@@ -86,8 +99,9 @@ class _Drawn(nn.Module):
         self.top_k = 2
         if kept:
             self.cfg = _Cfg()
+            self.cfg.jitter = _unread()
         else:
-            self.noise = _Jitter()
+            self.noise = _unread()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights and experts of each token."""
@@ -118,15 +132,60 @@ class _Cfg:
     """A plain object a router keeps, holding the iterator it draws from."""
 
     def __init__(self) -> None:
-        self.jitter = _Jitter()
+        self.jitter = _SlotJitter()
+
+
+class _PerTokenFromKept(_PerTokenFrom):
+    """:class:`_PerTokenFrom` drawing from an iterator held by a plain object it keeps (``self.cfg.jitter``)."""
+
+    def __init__(self, draws: _Jitter) -> None:
+        nn.Module.__init__(self)
+        self.weight = nn.Parameter(torch.randn(8, 16) * 0.3)
+        self.top_k = 2
+        self.cfg = _Cfg()
+        self.cfg.jitter = draws
+
+    @property
+    def noise(self) -> Any:  # (what _PerTokenFrom.forward draws from)
+        return self.cfg.jitter
+
+
+@pytest.mark.reliability("the model is left as it was")
+@pytest.mark.parametrize("held", ["in an attribute", "in slots", "in an object the router keeps"])
+def test_a_router_drawing_per_token_from_an_iterator_of_its_own_class_is_in_step_and_its_own(held: str) -> None:
+    """Routers that draw one jitter item per token from an iterator of the user's class keeping its state in its
+    ``__dict__`` or its slots: the captured forwards see the plain model's draws, and after detach() each router holds
+    its own iterator, advanced by exactly what the forwards drew. Once left silently advanced by every run that
+    established the decision (1251 items past a 6-token forward), the forward seeing other draws than the plain
+    model's, where the jitter moved the output too little to refuse."""
+
+    def make() -> nn.Sequential:
+        if held != "in an object the router keeps":
+            kind = _Jitter if held == "in an attribute" else _SlotJitter
+            return nn.Sequential(_RouterBlock(_PerTokenFrom(kind())), _RouterBlock(_PerTokenFrom(kind())))
+        return nn.Sequential(_RouterBlock(_PerTokenFromKept(_Jitter())), _RouterBlock(_PerTokenFromKept(_Jitter())))
+
+    torch.manual_seed(0)
+    model = make()
+    torch.manual_seed(0)
+    plain = make()
+    held_its = [b.router.noise for b in model]
+    xs = [torch.randn(6, 16, generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
+    with torch.no_grad():
+        want = [plain(x) for x in xs]
+    with mr.attach(model) as session, session.capture(), torch.no_grad():
+        got = [model(x) for x in xs]
+    assert all(torch.equal(w, g) for w, g in zip(want, got, strict=True)), "the forwards saw other draws"
+    assert all(b.router.noise is it for b, it in zip(model, held_its, strict=True)), "not its own after detach"
+    assert [it.at for it in held_its] == [b.router.noise.at for b in plain], "drawn past the forwards"
 
 
 @pytest.mark.reliability("clear errors")
 @pytest.mark.parametrize("held", ["in an attribute", "in an object the router keeps"])
 def test_a_router_whose_runs_differ_by_an_iterator_of_its_own_is_refused_naming_it(held: str) -> None:
-    """A router that draws per token from an iterator of the user's class (no copy nor stand-in can take its place
-    in the runs that establish the decision, so each run draws on from it): refused as one whose output differs
-    between two runs, the refusal naming the iterator as the likely cause."""
+    """A router that draws per token from numpy's ``nditer`` (no copy nor stand-in can take its place in the runs
+    that establish the decision, nor can its state be put back, so each run draws on from it): refused as one whose
+    output differs between two runs, the refusal naming the iterator as the likely cause."""
     torch.manual_seed(0)
     model = nn.Sequential(_RouterBlock(_Drawn(kept=held != "in an attribute")))
     x = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
@@ -135,7 +194,7 @@ def test_a_router_whose_runs_differ_by_an_iterator_of_its_own_is_refused_naming_
     text = str(err.value)
     assert "differs between two runs" in text, text
     name = "'noise'" if held == "in an attribute" else "'jitter'"
-    assert f"likely cause: it draws from {name} (a _Jitter" in text, text
+    assert f"likely cause: it draws from {name} (a nditer" in text, text
 
 
 @pytest.mark.reliability("clear errors")
@@ -297,3 +356,41 @@ def test_a_continuation_fed_positions_under_a_name_of_its_own_beside_its_cache_i
                     assert torch.equal(rows, want[layer]), layer
     finally:
         session.detach()
+
+
+class _SmallJitter(_PerTokenFrom):
+    """:class:`_PerTokenFrom` whose jitter moves the logits by at most 0.007: other draws choose the same experts."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights and experts of each token."""
+        j = torch.tensor([_first(next(self.noise)) for _ in range(x.shape[0])])
+        logits = nn.functional.linear(x, self.weight) + 1e-3 * torch.sin(j)[:, None] * torch.arange(8.0)
+        w, idx = logits.softmax(-1).topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+@pytest.mark.reliability("the model is left as it was")
+@pytest.mark.xfail(
+    strict=True,
+    reason="an iterator of compiled code with public attributes (numpy's nditer) has no stand-in, no copy and no "
+    "state that can be read and put back: every run that establishes the decision draws on from it, and where its "
+    "items move the router's output too little to refuse, the capture goes on with the iterator far past where "
+    "the plain model's forward leaves it, the forward seeing other draws",
+)
+def test_a_router_drawing_per_token_from_an_nditer_is_in_step_or_refused() -> None:
+    """A router that draws a small jitter item per token from numpy's ``nditer``: the captured forward sees the plain
+    model's draws and leaves the iterator where the plain model's forward leaves its own, or it is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_RouterBlock(_SmallJitter(_unread())))
+    torch.manual_seed(0)
+    plain = nn.Sequential(_RouterBlock(_SmallJitter(_unread())))
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = plain(x)
+    try:
+        with mr.attach(model) as session, session.capture(), torch.no_grad():
+            got = model(x)
+    except mr.MoEReplayError:
+        return
+    assert torch.equal(got, want), "the forward saw other draws"
+    assert model[0].router.noise.iterindex == plain[0].router.noise.iterindex, "drawn past the forward"
