@@ -3312,8 +3312,8 @@ class OrderCheck(FeedCheck):
         ``pos`` (position_ids) do not fit them; ``whole`` (fed no KV cache, and no mask or a ``[batch, positions]``
         one): where a row's position is not its place (nor, fed a mask, its column where its sequence's first row is
         in its batch row: positions counting the padding), unless every row's positions start at one of ``counts``
-        (counts given beside them to a model that keeps state that may hold tokens: a KV cache it keeps itself, and
-        how many tokens it holds, see :func:`_counts_given`), as for a forward given a cache that holds tokens."""
+        (ints given beside them that a KV cache the model keeps itself holds as many tokens as, see
+        :func:`_kept_counts`), as for a forward given a cache that holds tokens."""
         checks: list[tuple[torch.Tensor, str]] = []
         if mask is not None and bool(mask.lt(0).any()):
             mask = None  # (a 4-d mask that does not tell each token from padding: as none)
