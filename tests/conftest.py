@@ -94,7 +94,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     path = os.environ.get("MOE_REPLAY_CASES")
     if path:
         out = {k: {**v, "cases": _CASES[k], "outcomes": dict(v.get("outcomes", {}))} for k, v in _RUNS.items()}
-        with open(path, "w") as f:
+        worker = os.environ.get("PYTEST_XDIST_WORKER")  # (each xdist worker its own file: the report merges them)
+        with open(f"{path}.{worker}" if worker else path, "w") as f:
             json.dump(out, f, indent=1, sort_keys=True)
 
 

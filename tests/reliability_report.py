@@ -42,16 +42,36 @@ TOPICS = (
 )
 
 
-def run() -> tuple[int, dict[str, dict], float]:
+def run(workers: int = 1) -> tuple[int, dict[str, dict], float]:
+    """Run the reliability tests (on ``workers`` pytest-xdist workers where more than one) and merge what each
+    process counted: a test's parametrized cases may run in several."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cases.json"
         env = {**os.environ, "MOE_REPLAY_CASES": str(out)}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, "-m", "pytest", "-q", "-m", "reliability", "-p", "no:cacheprovider"]
+        if workers > 1:
+            cmd += ["-n", str(workers)]
         start = time.perf_counter()
         code = subprocess.call(cmd, cwd=ROOT, env=env)
         wall = time.perf_counter() - start
-        return code, json.loads(out.read_text()) if out.exists() else {}, wall
+        return code, _merged(sorted(Path(tmp).glob("cases.json*"))), wall
+
+
+def _merged(paths: list[Path]) -> dict[str, dict]:
+    """The counts of every process's file, summed test by test."""
+    data: dict[str, dict] = {}
+    for path in paths:
+        for key, run in json.loads(path.read_text()).items():
+            if key not in data:
+                data[key] = {**run, "outcomes": dict(run.get("outcomes", {}))}
+                continue
+            into = data[key]
+            into["cases"] = into.get("cases", 0) + run.get("cases", 0)
+            into["items"] = into.get("items", 0) + run.get("items", 0)
+            for outcome, n in run.get("outcomes", {}).items():
+                into["outcomes"][outcome] = into["outcomes"].get(outcome, 0) + n
+    return data
 
 
 def _result(outcomes: dict[str, int]) -> str:
@@ -68,7 +88,7 @@ def _result(outcomes: dict[str, int]) -> str:
     return ", ".join(parts) or "not run"
 
 
-def render(data: dict[str, dict], wall: float) -> str:
+def render(data: dict[str, dict], wall: float, workers: int = 1) -> str:
     def order(kv: tuple[str, dict]) -> tuple[int, str]:
         topic = kv[1]["topic"]
         return (TOPICS.index(topic) if topic in TOPICS else len(TOPICS), kv[0])
@@ -91,7 +111,8 @@ def render(data: dict[str, dict], wall: float) -> str:
     summary = (
         f"{totals['tests']} tests, {totals['cases']} cases, {totals['failed']} failed, "
         f"{totals['xfailed']} known gaps (strict xfail). Hypothesis profile `{profile}`, examples x{factor}. "
-        f"Wall time of the run, pytest start-up included: {wall:.0f} s on {os.cpu_count()} CPU cores "
+        f"Wall time of the run, pytest start-up included: {wall:.0f} s on {os.cpu_count()} CPU cores"
+        f"{f' ({workers} pytest-xdist workers)' if workers > 1 else ''} "
         f"(Python {platform.python_version()}, torch {torch.__version__})."
     )
     return "\n".join([summary, "", *lines])
@@ -100,12 +121,13 @@ def render(data: dict[str, dict], wall: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--print", action="store_true", help="print the table instead of rewriting the doc")
+    parser.add_argument("--workers", type=int, default=1, help="pytest-xdist workers (the wall time is theirs)")
     args = parser.parse_args()
-    code, data, wall = run()
+    code, data, wall = run(args.workers)
     if not data:
         print("no reliability test ran", file=sys.stderr)
         return code or 1
-    table = render(data, wall)
+    table = render(data, wall, args.workers)
     if args.print:
         print(table)
         return code
