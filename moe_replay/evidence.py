@@ -4061,6 +4061,13 @@ def _establish(
                         "expert's choice of its tokens, or a batch-level top-k over tokens and experts at once) makes "
                         "no per-token choice to record or replay"
                     )
+                elif seen.escapes:
+                    why = (
+                        "its forward makes no decision-like call (topk, argmax, max, sort) in torch, and hands "
+                        f"floating values out of torch ({seen.escapes[0]}): experts chosen there (an argsort or a "
+                        "beam search in numpy, a Python loop over .tolist()) are out of moe_replay's sight, and soft "
+                        "routing (every expert weighted) has no choice to record or replay"
+                    )
             elif noise > 0 and not math.isfinite(noise):
                 why = "its output differs between two runs on the same inputs, so no effect can be measured" + (
                     _unstood_words(probe.snapshot)

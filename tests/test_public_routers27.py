@@ -597,12 +597,20 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     assert_exact(make(), x(), train=train, **opts)  # type: ignore[arg-type]
 
 
+_NUMPY = r"makes no decision-like call \(topk, argmax, max, sort\) in torch, and hands floating values out of torch"
+
 REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, dict[str, object]]] = {
     # name: (model, input, what the error says, options: ``train`` and attach options)
     "spatial-moe-conv-gate": (SMoENet, _image, "no MoE router found", {}),
     "spatial-moe-conv-gate-train": (SMoENet, _image, "no MoE router found", {"train": True}),
     "spatial-moe-latent-gate": (lambda: SMoENet("latent"), _image, "no MoE router found", {}),
     "hivemind-remote-moe": (lambda: Layers(RemoteMixtureOfExperts), _samples, "no MoE router found", {}),
+    "hivemind-remote-moe-named": (
+        RemoteMixtureOfExperts,
+        _samples,
+        rf"'': its forward {_NUMPY} \(numpy at ",
+        {"include": RemoteMixtureOfExperts},
+    ),
     "hivemind-remote-moe-named-in-layers": (
         lambda: Layers(RemoteMixtureOfExperts),
         _samples,
@@ -614,6 +622,12 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         _samples,
         "no MoE router found",
         {},
+    ),
+    "hivemind-switch-moe-named": (
+        RemoteSwitchMixtureOfExperts,
+        _samples,
+        rf"'': its forward {_NUMPY} \(numpy at ",
+        {"include": RemoteSwitchMixtureOfExperts},
     ),
     "torchrec-dcn-v2-mixture": (LowRankMixtureCrossNet, lambda: _x(6), "no MoE router found", {}),
     "torchrec-dcn-v2-mixture-named": (
@@ -631,7 +645,7 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
 def test_refused_naming_why(case: str) -> None:
     """Spatial MoE (experts as the channels of a convolution, a top-k over them at each pixel inside an autograd
     Function; a conv gate or a latent tensor that does not read the input); hivemind's MoE (a beam search over a grid
-    of experts, run on the scores in numpy: alone, and two named in one model) and its Switch variant;
+    of experts, run on the scores in numpy: alone, named, and two named in one model) and its Switch variant;
     torchrec's mixture of low-rank DCN experts (every expert weighted by a softmax); BAGEL's mixture of transformers
     (the experts set by each token's kind): refused with a ``MoEReplayError`` saying why, the model as it was."""
     make, x, match, options = REFUSED[case]
