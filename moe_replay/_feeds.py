@@ -82,6 +82,7 @@ from ._torch_compat import (
     mark_static_address,
     maybe_mark_dynamic,
     tracing,
+    version_of,
 )
 from .errors import (
     RoutesValidationError,
@@ -3125,6 +3126,16 @@ class OrderCheck(FeedCheck):
         self._places_later: list[
             tuple[int, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool, tuple[int, ...]]
         ] = []
+        #: a forward on the host whose position_ids were not its rows' places, let run on the evidence of a cache its
+        #: modules keep holding the tokens before them (see :func:`_static_held`): its entry of :attr:`_places_later`
+        #: and the caches that must show, when it ends, that it wrote them at its positions (:meth:`left`)
+        self._static: (
+            tuple[
+                tuple[int, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool, tuple[int, ...]],
+                list[_HeldCache],
+            ]
+            | None
+        ) = None
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
@@ -3293,10 +3304,29 @@ class OrderCheck(FeedCheck):
             kept = _kept_counts(self._levels)
             counts = tuple(c for c in counts if c in kept)
         if all(t.device.type == "cpu" for t in fed):
-            self._refuse_places(self.forwards, start, grid, mask, pos, whole, counts)
+            try:
+                self._refuse_places(self.forwards, start, grid, mask, pos, whole, counts)
+            except TokenMismatchError:
+                text = _text_positions(pos, batch, positions) if whole and pos is not None else None
+                caches = _static_held(self._levels, text) if text is not None else []
+                if not caches:
+                    raise
+                # (positions after tokens a cache its modules keep holds: the other checks now, the values where the
+                # forward ends, unless it wrote that cache at its positions, see left)
+                self._refuse_places(self.forwards, start, grid, mask, pos, False, counts)
+                self._static = ((self.forwards, start, grid, mask, pos, whole, counts), caches)
         elif self.device_ids:
             held = [None if t is None else t.detach().clone() for t in (mask, pos)]
             self._places_later.append((self.forwards, start, grid, held[0], held[1], whole, counts))
+
+    def left(self) -> None:
+        """The forward fed last has ended (see :meth:`FeedCheck.left`): one let run on the evidence of a static cache
+        its modules keep (:attr:`_static`) has its positions compared by value when the block ends, unless it wrote
+        one of those caches at its positions and nowhere else (:meth:`_HeldCache.written`)."""
+        super().left()
+        static, self._static = self._static, None
+        if static is not None and not any(h.written() for h in static[1]):
+            self._places_later.append(static[0])
 
     def _refuse_places(
         self,
@@ -3431,7 +3461,8 @@ class OrderCheck(FeedCheck):
             "its first token: positions that count the padding) (a sequence-parallel rank's slice fed another rank's "
             "tokens of the same sequence? mrope position_ids of three rows, whose text after an image goes on from "
             "the image's largest position and not from its place: give them with the text positions first, [4, "
-            "batch, seq], as transformers does)",
+            "batch, seq], as transformers does) (a static KV cache its modules keep lets such positions through where "
+            "it holds something at every place before them and the forward writes it at its positions alone)",
             "run on": "it is fed no attention mask, and its position_ids run on, one after another, through a batch "
             "row where the routes hold the layout's padding, so they tell nothing of where its sequences start "
             "(pass the batch's attention_mask, or position_ids that restart at each sequence, "
@@ -4049,6 +4080,72 @@ def _kept_counts(levels: Sequence[FeedForward]) -> frozenset[int]:
                 elif callable(getattr(type(v), "get_seq_length", None)) and (held := _count_now(v)) > 0:
                     out.add(held)
     return frozenset(out)
+
+
+class _HeldCache:
+    """A floating tensor a model's module keeps (a buffer, or a plain attribute as Meta's Llama reference keeps its
+    ``cache_k``) that holds something at every index before ``first`` along its dimension ``dim`` before a forward
+    fed positions ``first..last`` runs: a static KV cache may hold the tokens before them there. :meth:`written`
+    tells, when the forward has ended, whether it wrote the tensor at those positions and nowhere else along ``dim``,
+    as a static cache is written (gpt-fast's ``k_cache[:, :, input_pos] = k``, Meta's ``cache_k[:, start_pos:...]``,
+    torchtune's at its ``cache_pos``): a rotary table, a mask, a batch dimension, a cache written elsewhere or not at
+    all tell nothing."""
+
+    def __init__(self, tensor: torch.Tensor, dim: int, sums: torch.Tensor, first: int, last: int) -> None:
+        self.tensor, self.dim, self.sums, self.first, self.last = tensor, dim, sums, first, last
+        self.version = version_of(tensor)
+
+    def written(self) -> bool:
+        """Whether the forward that ran since wrote the tensor (its version moved) and changed it along :attr:`dim` at
+        its positions alone (the indices whose sum of magnitudes moved: none where it wrote the very values it held,
+        as a replay of the forward a capture saw on a cache not put back does)."""
+        if version_of(self.tensor) == self.version:
+            return False
+        moved = _index_sums(self.tensor, self.dim).ne(self.sums).nonzero().flatten()
+        return not moved.numel() or (int(moved[0]) >= self.first and int(moved[-1]) <= self.last)
+
+
+def _index_sums(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sum of magnitudes of ``t`` at each index of its dimension ``dim`` (0 where it holds nothing), on the host."""
+    with torch.no_grad():
+        return t.detach().abs().movedim(dim, 0).reshape(int(t.shape[dim]), -1).sum(1, dtype=torch.float64).cpu()
+
+
+def _static_held(levels: Sequence[FeedForward], text: torch.Tensor) -> list[_HeldCache]:
+    """The tensors the modules of ``levels`` keep (buffers, and plain tensor attributes that are not parameters:
+    floating, of two dimensions or more) that may be a static KV cache holding the tokens before the positions
+    ``text`` (``[1 or batch, positions]``, the first above 0): along a dimension that reaches the last position, each
+    holds something at every index before the first (see :class:`_HeldCache`). Read only for a forward whose positions
+    would be refused otherwise: it reads those tensors on the host."""
+    if not text.numel():
+        return []
+    first, last = int(text.min()), int(text.max())
+    if first <= 0:
+        return []
+    out: list[_HeldCache] = []
+    seen: set[int] = set()
+    for level in levels:
+        for i, m in enumerate(level.module.modules()):
+            if i >= _KEPT_MODULES:
+                break
+            kept = chain(m._buffers.values(), (v for k, v in vars(m).items() if k not in _MODULE_STATE))
+            for t in kept:
+                if (
+                    not isinstance(t, torch.Tensor)
+                    or isinstance(t, nn.Parameter)
+                    or id(t) in seen
+                    or not t.is_floating_point()
+                    or t.dim() < 2
+                    or t.is_meta
+                ):
+                    continue
+                seen.add(id(t))
+                for dim in range(t.dim()):
+                    if int(t.shape[dim]) > last:
+                        sums = _index_sums(t, dim)
+                        if bool(sums[:first].ne(0).all()):
+                            out.append(_HeldCache(t, dim, sums, first, last))
+    return out
 
 
 #: how deep the lists, mappings and plain objects a forward is given are read for a tensor that may hold earlier
@@ -6063,10 +6160,10 @@ def _place_of(forward: Callable[..., Any], name: str) -> int | None:
 
 
 #: the names a forward's parameter for its tokens' positions goes by besides ``position_ids``: ``positions``
-#: (vLLM's models), ``pos``, ``position``, ``pos_ids``, ``position_id``; not gpt-fast's ``input_pos``, which also
-#: places the tokens in the static KV cache its modules keep (its positions after the cached tokens would be compared
-#: with a layout's places as those of a forward given no cache)
-_POSITIONS_NAME = re.compile(r"pos(?:itions?)?(?:_ids?)?")
+#: (vLLM's models), ``pos``, ``position``, ``pos_ids``, ``position_id``, and gpt-fast's and torchtune's ``input_pos``,
+#: which also place the tokens in the static KV cache their modules keep (positions after the tokens such a cache
+#: holds are let through by the evidence of its writes, see :func:`_static_held`)
+_POSITIONS_NAME = re.compile(r"(?:input_)?pos(?:itions?)?(?:_ids?)?")
 
 
 def _positions_name(forward: Callable[..., Any]) -> str | None:

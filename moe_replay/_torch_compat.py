@@ -454,6 +454,12 @@ def mark_static_address(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def version_of(t: torch.Tensor) -> int:
+    """How many times ``t`` (or a tensor sharing its storage) was written in place: the private counter
+    ``Tensor._version`` autograd keeps. A later read that differs says the tensor was written between the two."""
+    return int(t._version)
+
+
 _warned: set[str] = set()
 
 
