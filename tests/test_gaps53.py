@@ -292,3 +292,62 @@ def test_a_continuation_whose_static_cache_is_written_elsewhere_than_its_positio
         assert session.state == "idle"
     finally:
         session.detach()
+
+
+# ----------------------------------------------------------------------------- mrope's three rows across an image
+def _text_mrope(n: int) -> torch.Tensor:
+    """Three-row mrope position_ids ``[3, 1, n]`` of a sequence of text alone: each token's place in every row."""
+    return torch.arange(n).expand(3, 1, n)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("fed", ["as a run", "farther apart", "text closer"])
+def test_context_parallel_chunks_fed_three_row_mrope_positions_at_other_distances_are_refused(fed: str) -> None:
+    """A context-parallel rank's two chunks of a capture's sequence (ids dropped) fed three-row mrope positions that
+    put them at another distance than their places: as if the chunks followed each other, farther apart (the image
+    between them in the sequence), or, a sequence of text alone, closer: refused. Bounds on the distance (an image
+    spans fewer positions than tokens, one at least) would let the chunks around an image through (test_rl52's
+    strict xfail) but also the last, which nothing in the forward tells from it: it stays refused."""
+    from .test_review54 import _capture_and_slices
+
+    model, inner, session, tokens, pos = _capture_and_slices(9)
+    at = torch.cat([torch.arange(0, 1), torch.arange(9, 12)])
+    given = {
+        "as a run": torch.arange(4).expand(3, 1, 4),
+        "farther apart": torch.cat([pos[..., :1], pos[..., 9:] + 4], -1),
+        "text closer": torch.cat([_text_mrope(12)[..., :1], _text_mrope(12)[..., 9:] - 3], -1),
+    }[fed]
+    with session:
+        with session.capture(), torch.no_grad():
+            model(tokens, position_ids=_text_mrope(12) if fed == "text closer" else None)
+        routes = session.routes().with_token_ids(None)
+        _perturb(inner)
+        got = _outcome(model, session, routes[at], lambda: model(tokens[:, at], position_ids=given), inner)
+        assert got is None, "chunks forced under positions that put them at other distances"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("fed", ["restarted", "later than their places", "with a jump", "text shifted"])
+def test_a_slice_fed_three_row_mrope_positions_at_other_places_is_refused(fed: str) -> None:
+    """A capture's rows with their ids, a sequence-parallel slice of the sequence's end: fed three-row mrope
+    positions that restart at 0 (a suffix fed without its prefix), that put its tokens later than their places, that
+    jump inside it, or, a sequence of text alone, that put them earlier than their places: refused. Read as places up
+    to what an image before the slice saved (test_review54's strict xfail), the last would go through, and nothing
+    in the forward tells it from a slice after an image."""
+    from .test_review54 import _capture_and_slices
+
+    model, inner, session, tokens, pos = _capture_and_slices(11)
+    own = pos[..., 7:]
+    given = {
+        "restarted": own - own[..., :1],
+        "later than their places": own + 4,
+        "with a jump": torch.cat([own[..., :2], own[..., 2:] + 1], -1),
+        "text shifted": _text_mrope(12)[..., 7:] - 3,
+    }[fed]
+    with session:
+        with session.capture(), torch.no_grad():
+            model(tokens, position_ids=_text_mrope(12) if fed == "text shifted" else None)
+        routes = session.routes()
+        _perturb(inner)
+        got = _outcome(model, session, routes[7:], lambda: model(tokens[:, 7:], position_ids=given), inner)
+        assert got is None, "a slice forced under positions at other places than its rows"
