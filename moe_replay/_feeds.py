@@ -60,7 +60,7 @@ import threading
 import types
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from itertools import chain, compress, repeat
 from typing import Any, TypeGuard, cast
 
@@ -5553,6 +5553,9 @@ class FeedForward:
         self.positions_name = _positions_name(self.__wrapped__)
         if self.positions_name is not None and (at := _place_of(self.__wrapped__, self.positions_name)) is not None:
             self.named_at += (("position_ids", at),)
+        #: the forward takes any keyword and declares no parameter for its positions: positions given under a name of
+        #: :func:`_positions_among` (``positions=``, ``pos=``, ``position_idx=``) are read as ``position_ids``
+        self.positions_open = _positions_open(self.__wrapped__)
         #: the fewest positional arguments that reach one of them (a forward given fewer, the common ``model(ids)``,
         #: is given none of them by position: no search at each forward)
         self.named_from = min((at + 1 for _, at in self.named_at), default=sys.maxsize)
@@ -5790,6 +5793,11 @@ class FeedForward:
                 and any(len(fed_args) > at and n not in fed_kwargs for n, at in self.named_at)
             )
             or (self.positions_name is not None and self.positions_name in fed_kwargs)
+            or (
+                self.positions_open
+                and "position_ids" not in fed_kwargs
+                and any(map(_POSITIONS_ANY.fullmatch, fed_kwargs))  # (in C: no frame at each forward)
+            )
         ):
             named = self._named(fed_args, fed_kwargs)
         inputs = _inputs(fed_args, named)  # (read once: where its mask is found changes none of it)
@@ -5949,6 +5957,8 @@ class FeedForward:
             if len(args) > at and name not in kwargs:
                 named = {**named, name: args[at]}
         alias = self.positions_name
+        if self.positions_open and "position_ids" not in kwargs:
+            alias = _positions_among(kwargs)
         if alias is not None and alias in kwargs and "position_ids" not in kwargs:
             named = {**named, "position_ids": kwargs[alias]}
         if self.mask_from is not None:
@@ -6164,19 +6174,49 @@ def _place_of(forward: Callable[..., Any], name: str) -> int | None:
 #: which also place the tokens in the static KV cache their modules keep (positions after the tokens such a cache
 #: holds are let through by the evidence of its writes, see :func:`_static_held`)
 _POSITIONS_NAME = re.compile(r"(?:input_)?pos(?:itions?)?(?:_ids?)?")
+#: the names read where a forward has none of :data:`_POSITIONS_NAME`: an index of positions (``position_idx``,
+#: ``pos_index``, ``position_indices``) and positions of a kind (``token_positions``, ``text_positions``); a count
+#: (``start_pos``, ``max_positions``: no tensor shaped like the tokens) is never read as positions, nor are a media
+#: input's (:data:`_MEDIA`)
+_POSITIONS_LIKE = re.compile(r"pos(?:itions?)?_(?:idx|index|indices)|[a-z]+_positions")
+#: either (a quick test of a forward's keywords before they are read: :func:`_positions_among` reads them)
+_POSITIONS_ANY = re.compile(f"{_POSITIONS_NAME.pattern}|{_POSITIONS_LIKE.pattern}")
+
+
+def _positions_among(names: Collection[str]) -> str | None:
+    """The one name of ``names`` that says it holds the tokens' positions: the one of :data:`_POSITIONS_NAME`, else
+    the one of :data:`_POSITIONS_LIKE` (never a media input's); None where there is none, or more than one of the
+    first kind found (which is the tokens' is not told)."""
+    for pattern in (_POSITIONS_NAME, _POSITIONS_LIKE):
+        found = [n for n in names if pattern.fullmatch(n) and not _MEDIA.search(n)]
+        if found:
+            return found[0] if len(found) == 1 else None
+    return None
 
 
 def _positions_name(forward: Callable[..., Any]) -> str | None:
-    """The parameter of ``forward`` that its name says holds its tokens' positions (:data:`_POSITIONS_NAME`), where it
-    declares no ``position_ids`` and exactly one such (None where it has none, or no signature can be read)."""
+    """The parameter of ``forward`` that its name says holds its tokens' positions (:func:`_positions_among`), where
+    it declares no ``position_ids`` (None where it has none, or no signature can be read)."""
     try:
         names = list(inspect.signature(forward).parameters)
     except (TypeError, ValueError):
         return None
     if "position_ids" in names:
         return None
-    found = [n for n in names if _POSITIONS_NAME.fullmatch(n)]
-    return found[0] if len(found) == 1 else None
+    return _positions_among(names)
+
+
+def _positions_open(forward: Callable[..., Any]) -> bool:
+    """Does ``forward`` take any keyword (``**kwargs``) and declare no parameter for its tokens' positions (neither
+    ``position_ids`` nor one :func:`_positions_name` finds)? Its positions given by a name of their own are then
+    looked for among the keywords of each forward it is given."""
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if "position_ids" in params or _positions_name(forward) is not None:
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _first_name(forward: Callable[..., Any]) -> str | None:
