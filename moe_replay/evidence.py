@@ -1946,6 +1946,26 @@ def _own_state(obj: Any) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[An
     return held, slots
 
 
+def _with_kept_objects(iterators: list[Any]) -> list[Any]:
+    """``iterators`` (of the user's class, see :func:`_stateful`), then the plain objects (:func:`_plain_object`) their
+    own attributes hold, a few objects deep (:data:`_KEPT_DEPTH`), each once (no cycle is followed): an iterator may
+    keep its state in an object of its own (``self.box.n += 1``), which putting back its own attributes alone leaves
+    moved."""
+    out = list(iterators)
+    seen = {id(v) for v in out}
+    todo = [(v, 1) for v in out]
+    while todo and len(out) < _KEPT_OBJECTS:
+        obj, depth = todo.pop(0)
+        own, slots = _own_state(obj)
+        for v, _ in itertools.chain(own.values(), slots.values()):
+            if id(v) not in seen and _plain_object(v):
+                seen.add(id(v))
+                out.append(v)
+                if depth < _KEPT_DEPTH:
+                    todo.append((v, depth + 1))
+    return out
+
+
 def _put_own_state(obj: Any, state: tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]) -> None:
     """Put an iterator's own attributes back as :func:`_own_state` read them (attributes added since taken out), none
     of its class's ``__setattr__`` run."""
@@ -2585,18 +2605,17 @@ class _Snapshot:
         #: state in their own ``__dict__`` or slots (a counter, a position in a list): that state, put back after
         #: each run as a module's plain attributes are (see :func:`_own_state`), so each run draws what the forward
         #: would
-        self.own_states = [
-            (obj, _own_state(obj))
-            for obj in {
-                id(v): v
-                for _, _, v in [
-                    *(x for m, attrs in self.attrs for x in _homes_in(m, attrs)),
-                    *_kept_values(self.attrs, _unstood),
-                    *((space, name, space.get(name)) for space, name in named_places(self.modules)),
-                ]
-                if _unstood(v) and _stateful(v)
-            }.values()
-        ]
+        own = {
+            id(v): v
+            for _, _, v in [
+                *(x for m, attrs in self.attrs for x in _homes_in(m, attrs)),
+                *_kept_values(self.attrs, _unstood),
+                *((space, name, space.get(name)) for space, name in named_places(self.modules)),
+            ]
+            if _unstood(v) and _stateful(v)
+        }
+        # (and the plain objects they keep their state in, a few deep: a counter object, a config whose step moves)
+        self.own_states = [(obj, _own_state(obj)) for obj in _with_kept_objects(list(own.values()))]
         #: where each tape's runs begin: where the run of another snapshot these runs are made inside stands
         self.starts = {id(tape): tape.at for _, _, tape in self.iterators if tape.running}
         #: the generators the modules hold, and those their code reads outside them (a class's, a global)
@@ -2605,6 +2624,10 @@ class _Snapshot:
         }
         for g in code_generators(self.modules):
             held_generators.setdefault(id(g), g)
+        for _, (attrs, slots) in self.own_states:  # (a random stream an iterator of the user's class draws from:
+            for g, _ in itertools.chain(attrs.values(), slots.values()):  # its state moves inside the object put back)
+                if is_generator(g) or is_host_stream(g):
+                    held_generators.setdefault(id(g), g)
         self.generators = [(g, g.get_state()) for g in held_generators.values() if is_generator(g)]
         #: the host's other random streams they hold or read (``random.Random``, numpy's): see :class:`_HostStream`
         self.streams = [
