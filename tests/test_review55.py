@@ -315,3 +315,45 @@ def test_a_slice_fed_another_ranks_tokens_through_a_compiled_model_is_refused() 
     finally:
         session.detach()
         torch.compiler.reset()
+
+
+# ----------------------------------------------------------------------------- an engine's flat batch
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a forward fed token ids of one dimension (vLLM's flat batch, its sequences packed end to end) has no "
+    "[batch, positions] shape, so neither its capture nor its replay reads places: rows without ids laid out for "
+    "the batch's sequences in another order are forced, its positions (by any name) compared with nothing",
+)
+@pytest.mark.parametrize("name", ["positions", "position_ids"])
+def test_rows_laid_out_in_another_order_fed_a_flat_batch_are_refused(name: str) -> None:
+    """Two sequences captured on their own through a forward of flat ids and positions (``[tokens]``), their rows
+    laid out without ids for a packed batch: fed the packed flat batch, the layout of its order is exact, and the
+    layout of the other order (each token given another sequence's experts) is refused, as it is for ``[1, tokens]``
+    ids."""
+    model = _wrapper(
+        [(name, _P.POSITIONAL_OR_KEYWORD)],
+        lambda inner, ids, args, kw: inner(ids.reshape(1, -1), position_ids=kw[name].reshape(1, -1)),
+    )
+    inner = model.inner
+    session = mr.attach(model)
+    try:
+        a, b = torch.randint(1, 128, (5,)), torch.randint(1, 128, (3,))
+        with torch.no_grad():
+            with _dispatched(inner) as rec, session.capture():
+                model(a, **{name: torch.arange(5)})
+            first, want_a = session.routes().with_token_ids(None), _joined(rec)
+            with _dispatched(inner) as rec, session.capture():
+                model(b, **{name: torch.arange(3)})
+            second, want_b = session.routes().with_token_ids(None), _joined(rec)
+        _perturb(inner)
+        run = lambda: model(torch.cat([a, b]), **{name: torch.cat([torch.arange(5), torch.arange(3)])})  # noqa: E731
+        with torch.no_grad():
+            got = _outcome(model, session, mr.BatchLayout.packed([5, 3]).routes([first, second]), run, inner)
+            assert got is not None, "refused though exact"
+            for layer, rows in got.items():
+                assert torch.equal(rows, torch.cat([want_a[layer], want_b[layer]])), layer
+            swapped = mr.BatchLayout.packed([3, 5]).routes([second, first])
+            assert _outcome(model, session, swapped, run, inner) is None, "another order's rows forced"
+    finally:
+        session.detach()
