@@ -82,6 +82,7 @@ __all__ = [
     "VerifyReport",
     "decision_call",
     "establish",
+    "faults_refused",
     "left_as_it_was",
     "makes_its_calls",
     "run_unestablished",
@@ -247,7 +248,7 @@ def through_out(
     result = answer(func, args, {k: v for k, v in kwargs.items() if k != "out"})
     made = tuple(result) if isinstance(result, tuple) else (result,)
     if len(made) != len(targets) or any(t.dtype != m.dtype for t, m in zip(targets, made, strict=False)):
-        func(*args, **kwargs)  # (torch's own error, as the call makes it)
+        _native(func, args, kwargs)  # (torch's own error, as the call makes it)
         raise UnsupportedRouterError(
             f"a {getattr(func, '__name__', func)} call writes into out= tensors moe_replay cannot fill with its answer "
             "(another number or dtype of tensors than it returns); call it without out="
@@ -714,6 +715,16 @@ class _ProbeMode(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
+        try:
+            return self._answer(func, types, args, kwargs)
+        except UnsupportedRouterError:
+            raise  # (a refusal made on purpose, see through_out)
+        except Exception as e:  # (the forward's calls' own errors are marked by _native: theirs to see)
+            _only_forwards(e)
+            raise
+
+    def _answer(self, func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
+        """The answer to one torch call the forward makes (see :meth:`__torch_function__`)."""
         kwargs = kwargs or {}
         func = unwrap(func, kwargs)
         generator = kwargs.get("generator")
@@ -995,7 +1006,7 @@ class _ProbeMode(TorchFunctionMode):
         if (func in _ESCAPES or _foreign(func)) and NESTING.depth == self.depth:
             return self._escape(func, args, kwargs)
         if func in _MASKS:
-            out = func(*args, **kwargs)
+            out = _native(func, args, kwargs)
             if isinstance(out, torch.Tensor):
                 self.masked.append(out)
                 if self.force and (src := _mask_source(func, args, kwargs, out)) is not None:
@@ -1007,7 +1018,7 @@ class _ProbeMode(TorchFunctionMode):
         if sig is None or NESTING.depth != self.depth:  # not a decision, or one of a router nested inside
             if sig is None and func in DECISION_FUNCS and len(self.aside) < 4:
                 self._note_aside(func, args, kwargs)
-            return func(*args, **kwargs)
+            return _native(func, args, kwargs)
         i = len(self.calls)
         x = _arg(args, kwargs, 0, "input")
         self.calls.append(Call(i, *sig, rows=x.numel() // sig[2], where=_where()))
@@ -1025,7 +1036,7 @@ class _ProbeMode(TorchFunctionMode):
                 if isinstance(t, torch.Tensor):
                     self._decided[id(t)] = weakref.ref(t)
         else:
-            out = func(*args, **kwargs)
+            out = _native(func, args, kwargs)
             if i == self.change:
                 out = _changed(sig[0], out, sig[2]) if self.slot is None else _changed_slot(out, self.slot, sig[2])
             elif i == self.values and sig[0] in _VALUED:
@@ -1043,7 +1054,7 @@ class _ProbeMode(TorchFunctionMode):
     def _escape(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A call that takes floating values out of torch's sight (see :data:`_ESCAPES`): noted, and with
         ``scramble``, made on copies of its inputs of that width with their experts moved."""
-        out = func(*args, **kwargs)
+        out = _native(func, args, kwargs)
         floating = [t for t in _leaves((args, kwargs), []) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if not any(t.dim() and t.shape[-1] >= 2 for t in floating) or (func not in _ESCAPES and _floating(out)):
             return out  # (nothing of a width to choose from; an operator that makes values only chooses nothing)
@@ -1064,7 +1075,7 @@ class _ProbeMode(TorchFunctionMode):
                 return rolled
             return t
 
-        return func(*[moved(a) for a in args], **{k: moved(v) for k, v in kwargs.items()})
+        return _native(func, tuple(moved(a) for a in args), {k: moved(v) for k, v in kwargs.items()})
 
     def _unmasked(self, x: torch.Tensor) -> torch.Tensor:
         """The scores ``x`` is a masked copy of (through any chain of masks), else ``x``: a replay reads there."""
@@ -1184,6 +1195,75 @@ class _Communicates(BaseException):
     A ``BaseException``, as :class:`_Overtime` is, so that no ``except Exception`` around a probe
     run takes it: :func:`establish` refuses the router with it.
     """
+
+
+class _LibraryFault(BaseException):
+    """An error raised by moe_replay's own code while it established or checked a decision (in the probe's mode,
+    inside the user's forward, or in the code that reads its runs), chained from that error.
+
+    A ``BaseException``, as :class:`_Communicates` is, so that no ``except Exception`` (the forward's own code's, or
+    the probe's around a run that may fail on other inputs) takes it for the forward's error and goes on without the
+    check: :func:`establish` and :func:`faults_refused` refuse the router with it.
+    """
+
+
+#: The attribute that marks an exception as the forward's own: raised by its code, or by a torch call it made, as
+#: opposed to moe_replay's code running inside it or around its runs (see :func:`_only_forwards`).
+_FORWARDS_OWN = "_moe_replay_forwards_own"
+
+
+def _mark_forwards(e: BaseException) -> None:
+    """Mark ``e`` as raised by the forward (see :data:`_FORWARDS_OWN`)."""
+    with contextlib.suppress(AttributeError, TypeError):  # (an exception class that takes no attribute: unmarked)
+        setattr(e, _FORWARDS_OWN, True)
+
+
+def _forwards_own(e: BaseException) -> bool:
+    """Was ``e`` raised by the forward's code or a torch call it made (not by moe_replay's own)?"""
+    return getattr(e, _FORWARDS_OWN, False) is True
+
+
+def _native(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """``func(*args, **kwargs)``, a call the forward made, answered natively: what it raises is the forward's own."""
+    try:
+        return func(*args, **kwargs)
+    except Exception as e:
+        _mark_forwards(e)
+        raise
+
+
+def _only_forwards(e: Exception) -> None:
+    """Let a probe go on past ``e`` only where the forward raised it (a forward tied to its number of tokens, or to its
+    inputs' values); an error of moe_replay's own code is raised again as a :class:`_LibraryFault`, so that no check
+    is passed over for it. A refusal of moe_replay's code made on purpose is raised as it is."""
+    if _forwards_own(e):
+        return
+    if isinstance(e, UnsupportedRouterError):
+        raise e
+    raise _LibraryFault(f"{type(e).__name__}: {e}") from e
+
+
+def _fault_refusal(name: str, fault: _LibraryFault) -> UnsupportedRouterError:
+    """The refusal of router ``name`` whose decision could not be established or checked for ``fault``."""
+    cause = fault.__cause__ if fault.__cause__ is not None else fault
+    err = UnsupportedRouterError(
+        f"router '{name}': moe_replay could not make its check of this router's decision, because moe_replay's own "
+        f"code raised while checking it ({fault.args[0] if fault.args else type(cause).__name__}). This is a fault "
+        "of moe_replay, not of the model: please report it with this traceback. The model was left as it was; "
+        "nothing was recorded or forced"
+    )
+    err.__cause__ = cause
+    return err
+
+
+@contextlib.contextmanager
+def faults_refused(name: str) -> Iterator[None]:
+    """Within it, an error of moe_replay's own code while establishing or checking router ``name``'s decision (a
+    :class:`_LibraryFault`) is raised as the :class:`~moe_replay.UnsupportedRouterError` that refuses the router."""
+    try:
+        yield
+    except _LibraryFault as fault:
+        raise _fault_refusal(name, fault) from fault.__cause__
 
 
 def _namespace(func: Any) -> str | None:
@@ -2973,7 +3053,11 @@ class _Prober:
             ):
                 run_args, run_kwargs = _grad_like((_clone(args, own), _clone(kwargs, own)), self.grads)
                 self.ran = (run_args, run_kwargs)  # (what the run wrote into them is read by _escaped_indices)
-                out = _within(limit, self.forward, *run_args, **run_kwargs)
+                try:
+                    out = _within(limit, self.forward, *run_args, **run_kwargs)
+                except Exception as e:  # (a _LibraryFault, raised by moe_replay's code inside it, is no Exception)
+                    _mark_forwards(e)
+                    raise
         finally:
             NESTING.probing -= 1
         if inputs is None:
@@ -3361,12 +3445,16 @@ def _established_with(
                 _check_elsewhere(name, other, ev, what)
             except UnsupportedRouterError:
                 raise
-            except Exception:  # a forward tied to its number of tokens (another input of that length): its own only
+            except Exception as e:  # a forward tied to its number of tokens (another input of that length)
+                _only_forwards(e)  # (its own only: an error of moe_replay refuses the router)
                 continue
             finally:
                 probe.snapshot.restore()
     except _Communicates as e:
         raise _communicates(name, scope, e.args[0]) from None
+    except _LibraryFault as fault:
+        probe.snapshot.restore()
+        raise _fault_refusal(name, fault) from fault.__cause__
     if not probe.snapshot.hooks_in and _watched_hooks_inside(scope):  # (each later forward watches them: see Evidence)
         ev = dataclasses.replace(ev, hooks_aside=True)
     return ev
@@ -3408,7 +3496,10 @@ def still_decides(
             return False
         least = min(decided)
         return all(8 * reach(i) < least for i in ev.twins)
-    except (Exception, _Communicates):  # (raised again, in words, by the establishment that follows)
+    except Exception as e:  # (raised again, in words, by the establishment that follows)
+        _only_forwards(e)  # (moe_replay's own error: refused by the caller, see faults_refused)
+        return False
+    except _Communicates:
         return False
     finally:
         NESTING.establishing -= 1
@@ -3430,7 +3521,10 @@ def makes_its_calls(
     try:
         _, seen = probe.run()
         return [c.signature for c in seen.calls] == [c.signature for c in ev.calls]
-    except (Exception, _Communicates):  # (raised again, in words, by the establishment that follows)
+    except Exception as e:  # (raised again, in words, by the establishment that follows)
+        _only_forwards(e)  # (moe_replay's own error: refused by the caller, see faults_refused)
+        return False
+    except _Communicates:
         return False
     finally:
         NESTING.establishing -= 1
@@ -3470,8 +3564,15 @@ class _BackwardWatch(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        try:
+            return self._answer(func, args, kwargs or {})
+        except Exception as e:  # (the backward's calls' own errors are marked by _native: theirs to see)
+            _only_forwards(e)
+            raise
+
+    def _answer(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The answer to one torch call the backward makes (see :meth:`__torch_function__`)."""
+        out = _native(func, args, kwargs)
         if torch.is_grad_enabled() or "out" in kwargs:
             return out
         found = decision_call(unwrap(func, kwargs), args, kwargs)
@@ -3525,7 +3626,8 @@ def _refuse_backward_choice(name: str, probe: _Prober, ev: Evidence) -> None:
     run.grads = _requiring((probe.args, probe.kwargs))
     try:
         out, _ = run.run()
-    except Exception:  # (established on this very forward: one that fails with gradients fails for its caller too)
+    except Exception as e:  # (established on this very forward: one that fails with gradients fails for its caller too)
+        _only_forwards(e)
         return
     finally:
         probe.snapshot.restore()
@@ -3546,7 +3648,7 @@ def _refuse_backward_choice(name: str, probe: _Prober, ev: Evidence) -> None:
         NESTING.probing += 1
         try:
             with probe.snapshot.hooks_aside(), _autocast_cache_aside(), watch:
-                got = engine(tuple(outs), tuple(grads), not last, False, tuple(wrt), True, False)
+                got = _native(engine, (tuple(outs), tuple(grads), not last, False, tuple(wrt), True, False), {})
         finally:
             NESTING.probing -= 1
             probe.snapshot.restore()
@@ -3557,7 +3659,8 @@ def _refuse_backward_choice(name: str, probe: _Prober, ev: Evidence) -> None:
         if not seen:
             return
         again, _ = backward(None)
-    except Exception:  # (a backward that fails natively fails for its caller too)
+    except Exception as e:  # (a backward that fails natively fails for its caller too)
+        _only_forwards(e)
         return
     noise, _ = _distance(native, again)
     try:

@@ -83,6 +83,7 @@ from .evidence import (
     decision_call,
     differs,
     establish,
+    faults_refused,
     forced_leaves,
     makes_its_calls,
     run_unestablished,
@@ -837,7 +838,7 @@ class RouterHook:
         forward, of a router seen making other calls from one forward to the next in this mode (``_varies``): one run
         of its forward, its state put back. Where it makes others, the evidence of this mode is dropped (the caller
         establishes it afresh on this forward's inputs), rather than the forward refused at its first other call."""
-        with _hidden(), EAGER:
+        with _hidden(), EAGER, faults_refused(self.name):
             same = makes_its_calls(self.scope, forward, args, kwargs, ev)
         if not same:
             self.forget(
@@ -884,7 +885,7 @@ class RouterHook:
                     "replay. Run this router eagerly, outside the graph (capture graphs of the parts around it)"
                 )
             return True  # (a step count: a graph cannot branch on it)
-        with _hidden(), EAGER:
+        with _hidden(), EAGER, faults_refused(self.name):
             holds = still_decides(self.scope, forward, args, kwargs, ev)
         if not holds:
             self.forget(why=why)
@@ -1577,7 +1578,7 @@ class RouterHook:
                 return ev
             base: list[Any] | None = predicted[0]
             if self.replaying:  # forced: compared with such a run forced with the same rows, where one can be made
-                with _hidden(), EAGER:
+                with _hidden(), EAGER, faults_refused(self.name):
                     base = forced_leaves(self.scope, forward, args, kwargs, ev, self._answered)
             if base is not None and not differs(base, out, predicted[1]):
                 return ev
