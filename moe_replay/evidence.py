@@ -74,7 +74,7 @@ from ._code_settings import (
 )
 from ._code_settings import generators as code_generators
 from ._code_settings import written as code_written
-from .errors import UnsupportedRouterError
+from .errors import MoEReplayError, UnsupportedRouterError
 
 __all__ = [
     "Call",
@@ -1240,7 +1240,14 @@ def _only_forwards(e: Exception) -> None:
         return
     if isinstance(e, UnsupportedRouterError):
         raise e
-    raise _LibraryFault(f"{type(e).__name__}: {e}") from e
+    raise _library_fault(e) from e
+
+
+def _library_fault(e: Exception) -> _LibraryFault:
+    """A :class:`_LibraryFault` for ``e``, an error of moe_replay's own code, chained from it."""
+    fault = _LibraryFault(f"{type(e).__name__}: {e}")
+    fault.__cause__ = e
+    return fault
 
 
 def _fault_refusal(name: str, fault: _LibraryFault) -> UnsupportedRouterError:
@@ -3455,6 +3462,13 @@ def _established_with(
     except _LibraryFault as fault:
         probe.snapshot.restore()
         raise _fault_refusal(name, fault) from fault.__cause__
+    except (MoEReplayError, _HooksNeeded):
+        raise
+    except Exception as e:  # (the forward's own, on its own inputs: raised to its caller as it raises natively)
+        if _forwards_own(e):
+            raise
+        probe.snapshot.restore()  # (moe_replay's own, outside any run: the router refused, not a bare error of ours)
+        raise _fault_refusal(name, _library_fault(e)) from e
     if not probe.snapshot.hooks_in and _watched_hooks_inside(scope):  # (each later forward watches them: see Evidence)
         ev = dataclasses.replace(ev, hooks_aside=True)
     return ev
@@ -3840,7 +3854,8 @@ def _slot_reaches_elsewhere(probe: _Prober, calls: Sequence[Call], ordinal: int,
                 continue
             tolerance = 0.0 if noise == 0 else 16 * noise
             out, _ = probe.run(change=ordinal, slot=slot, inputs=inputs)
-        except Exception:  # (a forward that fails on other inputs tells nothing either way)
+        except Exception as e:  # (a forward that fails on other inputs tells nothing either way)
+            _only_forwards(e)
             continue
         if _distance(base, out, tolerance)[0] > tolerance:
             return True
@@ -3968,7 +3983,8 @@ def _chooses_tokens(probe: _Prober, anchor: Call, tokens: int) -> bool:
         more = torch.cat([x.detach()] * (anchor.width // x.shape[d] + 1 if padded else 2), dim=d)
         try:
             _, seen = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, more))
-        except Exception:
+        except Exception as e:
+            _only_forwards(e)
             continue
         calls = seen.calls
         there = calls[anchor.ordinal] if anchor.ordinal < len(calls) else None
@@ -3995,7 +4011,8 @@ def _positions_are_tokens(probe: _Prober, anchor: Call, path: tuple[Any, ...], x
     try:
         _, before = probe.run()
         _, after = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, changed))
-    except Exception:
+    except Exception as e:
+        _only_forwards(e)
         return False
     if anchor.ordinal >= min(len(before.ins), len(after.ins)):
         return False
@@ -4022,7 +4039,8 @@ def _per_token_along(probe: _Prober, anchor: Call, path: tuple[Any, ...], x: tor
     try:
         _, before = probe.run()
         _, after = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, x.detach().roll(1, d)))
-    except Exception:
+    except Exception as e:
+        _only_forwards(e)
         return False
     if anchor.ordinal >= min(len(before.ins), len(after.ins)):
         return False
@@ -4105,6 +4123,7 @@ def _establish(
         try:
             base, seen = probe.run(trace=True)
         except Exception as e:
+            _only_forwards(e)
             if aside:  # (established again with them in)
                 raise _HooksNeeded() from e
             raise
@@ -4508,7 +4527,8 @@ def _in_chunks(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode) -> bool:
             changed = torch.where(picked.to(flat.device)[:, None], bumped, flat).reshape(x.shape)
             try:  # (``changed``, made for this run alone, is handed to the forward as it is)
                 _, moved = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, changed), own=changed)
-            except Exception:
+            except Exception as e:
+                _only_forwards(e)
                 return False
             if [c.signature for c in moved.calls] != [c.signature for c in calls] or len(moved.ins) < len(calls):
                 return False
@@ -4524,7 +4544,8 @@ def _in_chunks(probe: _Prober, calls: Sequence[Call], seen: _ProbeMode) -> bool:
     for c in calls[:-1]:  # (a chunk's choice moved leaves the later chunks' scores as they were: none shapes them)
         try:
             _, moved = probe.run(change=c.ordinal)
-        except Exception:
+        except Exception as e:
+            _only_forwards(e)
             return False
         if len(moved.ins) < len(calls) or any(
             moved.ins[o.ordinal].numel() != base[o.ordinal].numel()
@@ -5146,7 +5167,8 @@ def _refuse_choice_on_more_tokens(
         for args, kwargs in spread if _first_floating((probe.args, probe.kwargs)) is not None else ():
             try:
                 _, first = probe.run(force=force, inputs=(args, kwargs))
-            except Exception:  # (a forward that fails on other inputs tells nothing either way)
+            except Exception as e:  # (a forward that fails on other inputs tells nothing either way)
+                _only_forwards(e)
                 continue
             if first.choices:
                 where = _vary(probe, force, first, args, kwargs, ev, early=False)[1]
@@ -5271,7 +5293,8 @@ def _vary(
     for inputs in usual if others is None else others:
         try:
             fresh, again = probe.run(force=force, inputs=inputs)
-        except Exception:  # (a forward that fails on other inputs tells nothing either way)
+        except Exception as e:  # (a forward that fails on other inputs tells nothing either way)
+            _only_forwards(e)
             continue
         checked += 1
         if _same(again.early, first.early) if early else _same_choices(again.choices, first.choices, ev.top_k):
@@ -5321,7 +5344,8 @@ def _vary_state(probe: _Prober, force: dict[int, tuple[Any, int]], first: _Probe
             where = where or _hidden_moved(probe, force, fresh, first, again, inputs, ev)
             if where is not None:
                 return where
-    except Exception:  # (a forward that fails on the moved state tells nothing either way)
+    except Exception as e:  # (a forward that fails on the moved state tells nothing either way)
+        _only_forwards(e)
         return None
     finally:
         probe.moved = None
@@ -5473,7 +5497,8 @@ def _check_on_more_tokens(
             return None
         force = _force(seen.calls, seen, ev)
         _, first = probe.run(force=force, inputs=(args, kwargs))
-    except Exception:  # (a forward tied to its token count: checked on its own only)
+    except Exception as e:  # (a forward tied to its token count: checked on its own only)
+        _only_forwards(e)
         return None
     if not first.choices:
         return None
@@ -5534,7 +5559,8 @@ def _refuse_drawn_choice(
             if [c.signature for c in seen.calls] == [c.signature for c in calls]:
                 where = _drawn(probe, _force(seen.calls, seen, ev), (args, kwargs), ev)
                 where = where and f"{where} (on {tokens} copies of one token)"
-        except Exception:  # (a forward tied to its token count: checked on its own only)
+        except Exception as e:  # (a forward tied to its token count: checked on its own only)
+            _only_forwards(e)
             where = None
     if where is not None and drawn:
         raise _refuse(
@@ -5704,7 +5730,8 @@ def _rows_order(
     if seen is None:
         try:
             _, seen = probe.run()
-        except Exception:
+        except Exception as e:
+            _only_forwards(e)
             return None
     if [c.signature for c in seen.calls] != signature or len(seen.ins) < len(calls):
         return None
@@ -5724,7 +5751,8 @@ def _rows_order(
         values = torch.where(picked[:, None], bumped, flat).reshape(x.shape)
         try:  # (``values``, made for this run alone, is handed to the forward as it is: no copy of it)
             _, moved = probe.run(inputs=_replaced((probe.args, probe.kwargs), path, values), own=values)
-        except Exception:
+        except Exception as e:
+            _only_forwards(e)
             return None
         if [c.signature for c in moved.calls] != signature or len(moved.ins) < len(calls):
             return None
@@ -5877,7 +5905,8 @@ def _refuse_chosen_tokens(name: str, probe: _Prober, calls: Sequence[Call], deci
         other = (noise.to(x.device) * spread + ref.mean()).to(x.dtype)
         try:
             _, seen = probe.run(inputs=_replaced((probe.args, probe.kwargs), found[0], other))
-        except Exception:  # (a forward tied to its inputs' values: nothing to compare)
+        except Exception as e:  # (a forward tied to its inputs' values: nothing to compare)
+            _only_forwards(e)
             continue
         same = [c for c in seen.calls if c.signature == decision.signature][nth : nth + 1]
         if same and same[0].rows == decision.rows:

@@ -194,3 +194,41 @@ def test_a_fault_while_a_decision_is_checked_again_is_no_false_or_true(monkeypat
 
     assert not evidence.makes_its_calls(block, fails, (x,), {}, ev)
     assert not evidence.still_decides(block, fails, (x,), {}, ev)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_fault_in_any_probe_run_refuses_the_router_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error of moe_replay's own code in the first, a middle or the last of the runs that establish a decision
+    (here in the copy of the inputs each run makes) refuses the router by name: never passed over, and never a bare
+    builtin error of moe_replay's own out of the user's forward."""
+    grad_like = evidence._grad_like
+    runs = [0]
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        runs[0] += 1
+        return grad_like(*args, **kwargs)
+
+    def establish(fault_at: int | None) -> None:
+        model = _Model()
+        model.layers = model.layers[:1]
+        with mr.attach(model, include="layers.*", top_k=_K, num_experts=_E) as session, torch.no_grad():
+            with session.capture():
+                model(_inputs())
+
+    monkeypatch.setattr(evidence, "_grad_like", counting)
+    establish(None)
+    total = runs[0]
+    assert total > 8
+    for at in sorted({0, 4, total // 2, total - 1}):
+        runs[0] = 0
+
+        def faulty(*args: Any, at: int = at, **kwargs: Any) -> Any:
+            runs[0] += 1
+            if runs[0] == at + 1:
+                raise IndexError("the probe's own")
+            return grad_like(*args, **kwargs)
+
+        monkeypatch.setattr(evidence, "_grad_like", faulty)
+        with pytest.raises(mr.UnsupportedRouterError, match="router 'layers.0'.*could not make its check") as info:
+            establish(at)
+        assert isinstance(info.value.__cause__, IndexError), at
