@@ -33,6 +33,16 @@ returns routes aligned to *all* tokens (prompt plus completion) and gives the la
 natively. Every ``to_*`` function for an engine drops the last row (NeMo-RL's writes its
 placeholder row there); it refuses if the row holds a route unless ``drop_last=True``.
 
+**Places.** The readers of one sequence (``from_vllm_output``, ``from_vllm``, ``from_vllm_legacy``,
+``from_vllm_split``, ``from_sglang``, ``from_nemo_rl``, ``from_megatron_inference`` and each
+sequence of ``from_verl``) hold its rows from its first token, so row t is at place t of the
+sequence, and the routes keep that place per row, as a capture's rows do: rows sliced without
+their token ids (a sequence- or context-parallel rank's, with ``routes[...]``) are forced only
+on tokens fed at those places (their ``position_ids``, or the places an attention mask gives),
+and another rank's slice, or chunks fed as one run, are refused. ``from_megatron`` keeps no
+places: Megatron's per-layer list is a micro-batch of packed or ``[S, B]`` sequences whose
+boundaries it does not hold; lay such rows out with :class:`~moe_replay.BatchLayout`.
+
 Example:
     >>> import numpy as np, moe_replay as mr
     >>> lm = mr.LayerMap.from_names(["model.layers.1.mlp.gate"], num_layers=2, num_experts=4, top_k=2)

@@ -125,7 +125,14 @@ _UNWRITTEN_CELLS = 64
 
 
 def make_routes(layers: list[torch.Tensor], lm: LayerMap, what: str) -> Routes:
-    """Validated routes of the map's routers (range, k, duplicates), the error prefixed with ``what``.
+    """Validated routes of the map's routers (range, k, duplicates), the error prefixed with ``what``, each row
+    knowing its place in its sequence (``Routes._seq_pos``).
+
+    ``layers`` are the rows of one sequence from its first token, row t its token t (the tokens an engine was asked
+    to leave out, or did not route, as -1 rows), as every engine format read here holds them: so row t is at place
+    t, as a capture's rows are at the places their forward gave them. Sliced without their token ids (a sequence-
+    or context-parallel rank's rows), they are then forced only on tokens fed at those places, and another rank's
+    slice, or chunks fed as one run, are refused instead of forced on the wrong tokens.
 
     An array whose every route is expert 0 over many tokens is refused as never written (top-1
     routers pass the duplicate check there), and so is one router's column whose every route
@@ -161,9 +168,11 @@ def make_routes(layers: list[torch.Tensor], lm: LayerMap, what: str) -> Routes:
                 "(num_layers, layers=) is of the model that wrote the payload"
             )
     try:
-        return Routes(layers, names=lm.names, num_experts=lm.num_experts)
+        routes = Routes(layers, names=lm.names, num_experts=lm.num_experts)
     except RoutesValidationError as e:
         raise RoutesValidationError(f"{what}: {e}") from None
+    routes._seq_pos = torch.arange(routes.num_tokens)
+    return routes
 
 
 def ordered(routes: Routes, lm: LayerMap) -> list[torch.Tensor | None]:

@@ -288,6 +288,12 @@ def from_megatron(
     micro-batch of as many tokens as k has square tensors, and where each layer read either way
     holds no expert twice in a row, it is refused without ``axes``. A one-token step of a top-1
     model (``[1, 1]``) and tensors equal to their own transpose read the same either way.
+
+    The rows keep no place in their sequences (the engine readers' rows do): the list is a
+    micro-batch of packed or ``[S, B]`` sequences whose boundaries, padding and order it does not
+    hold, so a slice of these routes without token ids is checked by its row count alone. Lay
+    them out with :class:`~moe_replay.BatchLayout`, or give them their ids
+    (:meth:`~moe_replay.Routes.with_token_ids`), for a replay that checks each row's token.
     """
     if not is_collection(tensors):
         raise ArgumentTypeError(
@@ -358,7 +364,8 @@ def from_megatron_inference(
             refused without it.
 
     Returns:
-        ``rows + 1`` tokens, the last one -1.
+        ``rows + 1`` tokens, the last one -1; row t is token t of the sequence and keeps that
+        place (a slice of them is forced only on tokens fed at their places).
     """
     check_map(layer_map, "from_megatron_inference")
     arr = in_axes(as_array(routing_indices, "routing_indices"), axes, "Megatron routing_indices")

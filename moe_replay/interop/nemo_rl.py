@@ -206,7 +206,8 @@ def from_nemo_rl(
 
     Returns:
         ``S`` tokens; the last is -1. From a message or item, they know their tokens
-        (:attr:`~moe_replay.Routes.token_ids`): its prompt and generation ids.
+        (:attr:`~moe_replay.Routes.token_ids`): its prompt and generation ids. Row t is token t
+        of the sequence and keeps that place (a slice of them is forced only on tokens fed there).
 
     Raises:
         RoutesValidationError: not an ``nrlre1`` envelope (or another version), a dtype

@@ -218,7 +218,9 @@ def from_sglang(
             (or :func:`to_sglang`) must say their order here.
 
     Returns:
-        ``start_len + rows + 1`` tokens; the first ``start_len`` and the last are -1.
+        ``start_len + rows + 1`` tokens; the first ``start_len`` and the last are -1. Row t is
+        token t of the sequence and keeps that place: sliced without token ids (a
+        sequence-parallel rank's rows), it is forced only on a token fed at place t.
 
     Raises:
         RoutesValidationError: not base64, a size that is not whole rows of

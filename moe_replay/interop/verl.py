@@ -206,7 +206,9 @@ def from_verl(
 
     Given the batch's ``[batch, seq]`` ``input_ids``, each sequence's routes know their tokens
     (:attr:`~moe_replay.Routes.token_ids`), so a replay fed other tokens (micro-batches
-    regrouped between the rollout and the update) is refused.
+    regrouped between the rollout and the update) is refused. Each sequence's row t (its run of
+    mask 1s from its first prompt token) is token t, and keeps that place: sliced without ids (a
+    sequence-parallel rank's rows), it is forced only on a token fed at place t.
 
     ``axes`` names the order of each sequence's three axes after the batch's,
     ``"tokens,layers,k"`` as verl writes it, or another order of those names

@@ -239,6 +239,8 @@ def from_vllm(
 
     Returns:
         ``prompt_len + completion_len`` rows; the first ``prompt_start`` and the last are -1.
+        Row t is token t of the sequence, and keeps that place: sliced without token ids (a
+        sequence-parallel rank's rows), it is forced only on a token fed at place t.
 
     Raises:
         RoutesValidationError: dtype, layer width, k or row count do not fit the release and
@@ -337,7 +339,8 @@ def from_vllm_legacy(
             the data cannot prove it (as many rows as layer columns, fitting either way).
 
     Returns:
-        ``rows + 1`` tokens, the last one -1.
+        ``rows + 1`` tokens, the last one -1; row t is token t of the sequence and keeps that
+        place (a slice of them is forced only on tokens fed at their places).
     """
     check_map(layer_map, "from_vllm_legacy")
     arr = in_axes(_array(routed_experts, "routed_experts"), axes, "vLLM routed_experts")
@@ -397,7 +400,8 @@ def from_vllm_split(
             where the data cannot prove it (as many rows as MoE layers, fitting either way).
 
     Returns:
-        ``prompt_len + completion_len`` rows; the last one -1.
+        ``prompt_len + completion_len`` rows; the last one -1. Row t is token t of the
+        sequence and keeps that place (a slice of them is forced only on tokens fed there).
 
     Raises:
         RoutesValidationError: a dtype other than int16, row counts that do not fit
@@ -667,7 +671,6 @@ def _listed(value: Any, what: str, holds: str) -> Any:
 def _with_tokens(routes: Routes, prompt: Any, prompt_len: int, completion: Any) -> Routes:
     """``routes`` knowing the tokens vLLM's output names (the prompt's -1 where only its length is known),
     so that a replay fed other tokens is refused (:attr:`Routes.token_ids`)."""
-    routes = _at_their_places(routes)
     given = [*(prompt if prompt is not None else [-1] * prompt_len), *completion]
     if not all(is_integer(t) for t in given):  # (int(1.5) would be token 1: never cut to an id)
         return routes  # (token ids of a kind no id is read from: the rows are all there is)
@@ -675,13 +678,6 @@ def _with_tokens(routes: Routes, prompt: Any, prompt_len: int, completion: Any) 
     if len(ids) != routes.num_tokens or any(t < -1 for t in ids):
         return routes
     return routes.with_token_ids(ids)
-
-
-def _at_their_places(routes: Routes) -> Routes:
-    """``routes`` of one sequence from its first token, each row knowing its place in it (row t: place t), as a
-    capture's rows do: sliced without their ids, they are forced only on tokens fed at those places."""
-    routes._seq_pos = torch.arange(routes.num_tokens)
-    return routes
 
 
 def _layout_version(layout: str) -> str:
