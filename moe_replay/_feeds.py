@@ -3286,6 +3286,14 @@ class OrderCheck(FeedCheck):
         if not fed:
             if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
                 self._refuse_unplaced(self.forwards, start, grid)
+                if self._layout is None and _tokens_alone(args, kwargs, shape) and not _kept_counts(self._levels):
+                    # (rows that hold their places, laid out by no BatchLayout (a capture's or an engine reader's
+                    # rows, their ids dropped or sliced), fed their tokens alone: each token is at its column of its
+                    # batch row, as the model counts them. A layout fed so replays by row order, as it did)
+                    wrong = grid.ge(0) & grid.ne(torch.arange(positions).expand_as(grid))
+                    at = wrong.nonzero()
+                    if at.numel():
+                        self._places_refused(self.forwards, start, wrong, at, "implied")
             return
         # (fed no mask and no KV cache, position_ids are each token's place in its sequence: compared by value; a
         # forward given anything else that may hold earlier tokens, a cache under a name of its own, is not compared)
@@ -3463,6 +3471,10 @@ class OrderCheck(FeedCheck):
             "the image's largest position and not from its place: give them with the text positions first, [4, "
             "batch, seq], as transformers does) (a static KV cache its modules keep lets such positions through where "
             "it holds something at every place before them and the forward writes it at its positions alone)",
+            "implied": "it is fed its tokens alone (no position_ids, attention mask or KV cache), so each token is "
+            "at its column of its batch row (0, 1, ...), and a token there is at another place in its sequence than "
+            "its row holds (a suffix fed without its prefix or KV cache, another rank's slice, chunks fed as if they "
+            "followed each other: pass the position_ids the tokens were routed at)",
             "run on": "it is fed no attention mask, and its position_ids run on, one after another, through a batch "
             "row where the routes hold the layout's padding, so they tell nothing of where its sequences start "
             "(pass the batch's attention_mask, or position_ids that restart at each sequence, "
@@ -4034,6 +4046,23 @@ def _batch_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Siz
         if _may_hold_tokens(value, least=(2, 2) if _CACHE_LIKE.search(named) else (5, 3)):
             return False
     return True
+
+
+def _tokens_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Size) -> bool:
+    """Whether a ``[batch, positions]`` forward is given its tokens (ids or embeddings: the first tensor of that lead)
+    and nothing else but ``labels``, flags and ``None``: nothing that may say where its tokens sit (positions under a
+    name of its own, ``input_pos``, a count, a cache, ``cu_seqlens``), so each token is at its column of its batch
+    row, as a model that counts positions from 0 puts it."""
+    lead = tuple(int(d) for d in shape[:2])
+    seen = False
+    for name, value in chain(enumerate(args), kwargs.items()):
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, torch.Tensor) and tuple(value.shape[:2]) == lead and (not seen or name == "labels"):
+            seen = True
+            continue
+        return False
+    return seen
 
 
 #: names of a forward's inputs that hold media (pixels, audio features, their grids and masks), never a token of a

@@ -195,14 +195,17 @@ def test_a_readers_rows_sliced_for_a_rank_and_fed_at_their_places_replay_exactly
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.parametrize("batch", ["left-padded-mask", "left-padded-position-ids", "packed", "packed-cat"])
+@pytest.mark.parametrize(
+    "batch", ["left-padded-mask", "left-padded-position-ids", "left-padded-cat", "packed", "packed-cat"]
+)
 @pytest.mark.parametrize("ids", ["token-ids", "no-token-ids"])
 @pytest.mark.parametrize("reader", READERS)
 def test_a_readers_rows_in_a_padded_or_packed_batch_are_not_refused(
     reader: str, batch: str, ids: str, policy: tuple[Any, ...]
 ) -> None:
     """Two sequences of other lengths read by the same reader, laid out left-padded (fed the attention mask alone,
-    or with the layout's position_ids) or packed in one row (fed position_ids that restart at each sequence; laid
+    or with the layout's position_ids; laid out by ``BatchLayout.padded``, or joined by hand with -1 rows at the
+    padding) or packed in one row (fed position_ids that restart at each sequence; laid
     out by ``BatchLayout.packed``, or joined with ``Routes.cat``): every row is forced on its own token, the places
     the readers give their rows agreeing with the places the forward gives its tokens."""
     model, session, lm, state = policy
@@ -219,7 +222,8 @@ def test_a_readers_rows_in_a_padded_or_packed_batch_are_not_refused(
             forward = lambda: model(x, attention_mask=mask)  # noqa: E731
         else:
             forward = lambda: model(x, attention_mask=mask, position_ids=layout.position_ids())  # noqa: E731
-        routes = layout.routes(per)
+        pad = _no_route(per[1], lengths[0] - lengths[1])
+        routes = layout.routes(per) if batch != "left-padded-cat" else mr.Routes.cat([per[0], pad, per[1]])
     else:
         layout = mr.BatchLayout.packed(lengths)
         x, pos = layout.tokens(seqs), layout.position_ids()
@@ -233,6 +237,69 @@ def test_a_readers_rows_in_a_padded_or_packed_batch_are_not_refused(
         held = want[:, 0] >= 0
         assert held.any()
         assert torch.equal(rec[_experts_name(name)][0][where][held], want[held]), f"{reader} {batch}: {name}"
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.parametrize("ids", ["token-ids", "no-token-ids"])
+@pytest.mark.parametrize("reader", READERS)
+def test_a_readers_rows_fed_in_chunks_over_a_kv_cache_replay_exactly_and_a_chunk_without_its_cache_is_refused(
+    reader: str, ids: str, policy: tuple[Any, ...]
+) -> None:
+    """A sequence's rows replayed over two forwards, the prompt then the completion given the prompt's KV cache (a
+    chunked prefill): the cache gives the second chunk places 8.., where its rows were routed, and every row is
+    forced on its own token. The second chunk fed without the cache (at places 0..3, a suffix without its prefix) is
+    refused."""
+    model, session, lm, state = policy
+    model.load_state_dict(state)
+    seq = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(15))
+    routes = _read(reader, seq[0], 8, lm, seed=93)
+    routes = routes.with_token_ids(seq[0] if ids == "token-ids" else None)
+    with _dispatched(model) as rec, session.replay(routes), torch.no_grad():
+        out = model(seq[:, :8], use_cache=True)
+        model(seq[:, 8:], past_key_values=out.past_key_values, use_cache=True)
+    for name in routes.names:
+        want = routes.layer(name).long()
+        held = want[:, 0] >= 0
+        got = torch.cat([rec[_experts_name(name)][0], rec[_experts_name(name)][1]])
+        assert torch.equal(got[held], want[held]), f"{reader}: {name}"
+
+    def without_cache() -> None:
+        model(seq[:, :8], use_cache=True)
+        model(seq[:, 8:])
+
+    assert _refused(model, session, routes, without_cache), f"{reader}: a chunk fed without its cache was forced"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("source", ["capture", "engine"])
+def test_rows_fed_by_a_forward_of_their_tokens_alone_at_other_places_are_refused(
+    source: str, policy: tuple[Any, ...]
+) -> None:
+    """Rows that know their places but not their ids (a capture's with ``with_token_ids(None)``, an engine reader's),
+    sliced for rank 1 and fed rank 1's tokens alone (no position_ids, mask or cache: the model counts them from 0):
+    refused, the tokens being at places 0.. and the rows at 6..; rank 0's slice fed its tokens alone, and the whole
+    sequence with labels, replay exactly. Once silent: a forward fed no position_ids nor mask was compared with
+    nothing."""
+    model, session, lm, state = policy
+    model.load_state_dict(state)
+    seq = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(16))
+    if source == "capture":
+        with session.capture(), torch.no_grad():
+            model(seq)
+        routes = session.routes().with_token_ids(None)
+    else:
+        routes = _read("sglang", seq[0], 8, lm, seed=94).with_token_ids(None)
+    assert _refused(model, session, routes[6:], lambda: model(seq[:, 6:])), "rank 1's rows forced at places 0.."
+    assert _refused(model, session, routes[6:], lambda: model(seq[:, 6:], labels=seq[:, 6:]))
+    _assert_exact(model, session, routes[:6], lambda: model(seq[:, :6]), torch.arange(6))
+    _assert_exact(model, session, routes, lambda: model(seq, labels=seq), torch.arange(12))
+
+
+def _no_route(like: mr.Routes, n: int) -> mr.Routes:
+    """``n`` rows of -1 (route natively) for ``like``'s routers."""
+    return mr.Routes(
+        [torch.full((n, k), -1) for k in like.k_per_layer], names=like.names, num_experts=like.experts_per_layer
+    )
 
 
 def test_the_engine_payloads_hold_their_tokens_experts(policy: tuple[Any, ...]) -> None:
