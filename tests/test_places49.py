@@ -37,7 +37,6 @@ READERS = [
     "vllm",
     "vllm_prompt_start",
     "vllm_legacy",
-    "vllm_legacy_untold",
     "vllm_split",
     "sglang",
     "sglang_start_len",
@@ -293,6 +292,15 @@ def test_rows_fed_by_a_forward_of_their_tokens_alone_at_other_places_are_refused
     assert _refused(model, session, routes[6:], lambda: model(seq[:, 6:], labels=seq[:, 6:]))
     _assert_exact(model, session, routes[:6], lambda: model(seq[:, :6]), torch.arange(6))
     _assert_exact(model, session, routes, lambda: model(seq, labels=seq), torch.arange(12))
+
+
+def test_a_reader_told_no_token_count_keeps_no_places(policy: tuple[Any, ...]) -> None:
+    """Rows a reader placed by their row count alone (``from_vllm_legacy`` without ``num_tokens``): which token the
+    first row is is not known (a row too many at the front shifts them all), so they keep no places, and a slice of
+    them is checked by its row count alone, as the readers' docs say."""
+    _, _, lm, _ = policy
+    seq = torch.randint(1, 128, (12,), generator=torch.Generator().manual_seed(1))
+    assert _read("vllm_legacy_untold", seq, 8, lm, seed=3)._seq_pos is None
 
 
 def _no_route(like: mr.Routes, n: int) -> mr.Routes:

@@ -39,9 +39,11 @@ sequence of ``from_verl``) hold its rows from its first token, so row t is at pl
 sequence, and the routes keep that place per row, as a capture's rows do: rows sliced without
 their token ids (a sequence- or context-parallel rank's, with ``routes[...]``) are forced only
 on tokens fed at those places (their ``position_ids``, or the places an attention mask gives),
-and another rank's slice, or chunks fed as one run, are refused. ``from_megatron`` keeps no
-places: Megatron's per-layer list is a micro-batch of packed or ``[S, B]`` sequences whose
-boundaries it does not hold; lay such rows out with :class:`~moe_replay.BatchLayout`.
+and another rank's slice, or chunks fed as one run, are refused. Rows a reader placed by their
+row count alone (no ``num_tokens=``, ``prompt_len=`` or ids to count the tokens) keep none: the
+token their first row is is not known. ``from_megatron`` keeps no places: Megatron's
+per-layer list is a micro-batch of packed or ``[S, B]`` sequences whose boundaries it does not
+hold; lay such rows out with :class:`~moe_replay.BatchLayout`.
 
 Example:
     >>> import numpy as np, moe_replay as mr

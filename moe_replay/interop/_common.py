@@ -303,8 +303,11 @@ def with_last(layers: list[torch.Tensor]) -> list[torch.Tensor]:
 def rows_untold(routes: Routes, reader: str) -> Routes:
     """``routes``, marked as placed on their tokens by their row count alone (``reader`` read them without a token
     count or id): a replay with ``strict=False`` that leaves rows of them unread is refused, since a row too many at
-    the front would have shifted every token's experts."""
+    the front would have shifted every token's experts. Nor do their rows keep places (``Routes._seq_pos``): where
+    the sequence's token count is not known, neither is the token its first row is, so a slice that drops rows at
+    the front (``routes[1:]``, the rows the caller chose) is checked by its count alone."""
     routes._rows_untold = reader
+    routes._seq_pos = None
     return routes
 
 
