@@ -1,0 +1,99 @@
+"""Misuse of routes by a hurried user: a capture's rows whose token ids were dropped, fed at other places than they
+were recorded at with nothing that states the places (no ``position_ids``, no attention mask: a batch cut into rows of
+another length, a suffix without its prefix or KV cache). Each answer is the recorded experts forced (checked against
+a capture of the forced forward) or a ``MoEReplayError`` that says what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_replay as mr
+
+
+def _model(seed: int = 0) -> mr.models.MoETransformer:
+    return mr.models.build("softmax_topk", num_layers=2, seed=seed)
+
+
+def _ids(batch: int = 4, length: int = 8, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _perturb(model: mr.models.MoETransformer, session: mr.Session) -> None:
+    """Move every router's weights, so that a forward left free chooses other experts than the capture did."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in session.names:
+            for p in modules[name].parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 2.0)
+
+
+def _forced(session: mr.Session, routes: mr.Routes, *forwards: object, strict: bool = True) -> mr.Routes:
+    """The experts the routers used in ``forwards`` (callables) replayed under ``routes``."""
+    with torch.no_grad(), session.replay(routes, strict=strict), session.capture():
+        for forward in forwards:
+            forward()  # type: ignore[operator]
+    return session.routes()
+
+
+@pytest.mark.reliability("silent wrong answers")
+def test_rows_of_a_capture_without_ids_fed_at_other_places_and_no_positions_are_refused() -> None:
+    """Rows of a capture whose ids were dropped (``with_token_ids(None)``) keep the place in its sequence each was
+    recorded at; a forward fed neither positions nor a mask (each token at its column) was once not compared with
+    them: the batch cut into rows of another length, or the second half of a sequence fed alone, forced rows recorded
+    at places 4..7 on tokens at places 0..3 without a word, in a strict replay and with ``strict=False``. Each is
+    refused; the session stays usable, and the replays that feed the rows' tokens at their places force them."""
+    model, x = _model(), _ids()
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    routes = session.routes()
+    rows = routes.with_token_ids(None)
+    cases = [
+        ("rows of another length", rows, x.reshape(8, 4), True),
+        ("one row of every sequence", rows, x.reshape(1, 32), True),
+        ("a suffix without its prefix", rows[4:8], x[:1, 4:], True),
+        ("the suffix's rows on the prefix", rows[4:8], x[:1, :4], True),
+        ("a prefix of every sequence, strict=False", rows, x[:, :4], False),
+        ("the suffixes alone, strict=False", rows[4:], x[:, 4:], False),
+    ]
+    for what, given, batch, strict in cases:
+        with pytest.raises(mr.TokenMismatchError, match="other places of their sequences") as info:
+            with torch.no_grad(), session.replay(given, strict=strict):
+                model(batch)
+        assert "position_ids" in str(info.value), what
+    # (the session is left usable, and the plain replays are not refused: the rows forced where they were recorded)
+    _perturb(model, session)
+    with torch.no_grad(), session.capture():
+        model(x)
+    assert not session.routes().equal(routes), "the perturbation moved no decision: the test could not fail"
+    assert _forced(session, rows, lambda: model(x)).equal(routes)
+    assert _forced(session, rows[8:16], lambda: model(x[1:2])).equal(routes[8:16])
+    assert _forced(session, rows[16:], lambda: model(x[:2])).equal(routes[16:])  # (other tokens at their places)
+    session.detach()
+
+
+@pytest.mark.reliability("false refusals")
+def test_decode_steps_of_a_capture_without_ids_given_their_kv_cache_are_forced_and_without_it_refused() -> None:
+    """A prefill and a decode step given its KV cache, captured, replayed with their ids dropped: each token is at the
+    place its cache's length gives it, which is where its row was recorded, so the replay forces the recorded experts;
+    the decode step fed without its cache (at place 0) is refused, strict or not."""
+    model, x = _model(), _ids(batch=2, length=7)
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        cache = model(x[:, :6], use_cache=True).past_key_values
+        model(x[:, 6:], past_key_values=cache, use_cache=True)
+    routes = session.routes()
+    rows = routes.with_token_ids(None)
+    _perturb(model, session)
+
+    def prefill_then_step() -> None:
+        held = model(x[:, :6], use_cache=True).past_key_values
+        model(x[:, 6:], past_key_values=held, use_cache=True)
+
+    assert _forced(session, rows, prefill_then_step).equal(routes)
+    for strict in (True, False):
+        with pytest.raises(mr.TokenMismatchError, match="other places of their sequences"):
+            with torch.no_grad(), session.replay(rows[12:], strict=strict):
+                model(x[:, 6:])
+    session.detach()
