@@ -1757,6 +1757,9 @@ class FeedCheck:
         #: why none could be armed, where these routes know token ids (see :meth:`unchecked`); None: armed, or no ids
         self._unarmed: str | None = None
         self._read_once = False  # device ids were read back once, at their first forward
+        #: the tokens a forward of the block was fed, by its number, where they were more than the rows left to compare
+        #: them with (see :meth:`_check` and :meth:`_counts_told`)
+        self._fed_counts: dict[int, int] = {}
         self._thread: int | None = None
         self._inside = False  # a checked forward runs now (the modules it enters below are the same forward)
         self._sources: list[Any] = []
@@ -2540,6 +2543,7 @@ class FeedCheck:
         sync), else when the block ends."""
         room = self.want.numel() - start
         if flat.numel() > room:
+            self._fed_counts[self.forwards] = flat.numel()  # (for the refusal's words: see _counts_told)
             flat = flat[: max(room, 0)]  # (past the end: the routers refuse)
         if not flat.numel():
             return
@@ -2687,16 +2691,43 @@ class FeedCheck:
             self._compare_padding(forward, start, got, tokens, padding)
             return
         j = int(bad.nonzero()[0])
+        fed = self._fed_counts.get(forward, ids.numel())
+        which = f"its {ids.numel()}" if fed <= ids.numel() else f"the first {ids.numel()} of its {fed}"
         raise TokenMismatchError(
             f"forward {forward} of this replay() was fed other tokens than its routes were recorded for: "
-            f"{int(bad.sum())} of its {ids.numel()} tokens differ (first: token {j} of the forward, row {start + j} "
+            f"{int(bad.sum())} of {which} tokens differ (first: token {j} of the forward, row {start + j} "
             f"of the routes, is {int(got[j])}, but that row was recorded for {int(want[j])}), so it would take the "
-            "experts of other tokens. Are these the routes of another batch, micro-batch or rank, or the same "
+            f"experts of other tokens{self._counts_told(forward, start, fed)}. Are these the routes of "
+            "another batch, micro-batch or rank, or the same "
             "sequences in another order (shuffled, sorted by length, regrouped)? Replay the forwards the routes were "
             "recorded for, in their order, or reorder the routes to the batch (routes[index], mr.BatchLayout). Routes "
             "whose tokens differ on purpose: routes.with_token_ids(None) drops the check"
             + (f". {_SEQUENCE_FIRST_HINT}" if self.sequence_first else "")
             + (f". {self.hint}" if self.hint else "")
+        )
+
+    def _counts_told(self, forward: int, start: int, fed: int) -> str:
+        """What a refusal of forward ``forward`` (fed ``fed`` tokens, its rows from ``start`` on) adds where its token
+        count does not fit the rows: more tokens than the routes hold from there on, or, where the routes know the
+        forwards of their capture, another count than the captured forward beginning at that row was fed (routes of a
+        prompt replayed on the prompt and its completion, or the reverse); else nothing."""
+        left = self.want.numel() - start
+        if fed > left:
+            return (
+                f" (it was fed {fed} tokens, but the routes hold {left} rows from row {start} on: the rows of shorter "
+                "forwards, a prompt's capture replayed on the prompt and its completion, or fewer sequences?)"
+            )
+        captured = self._captured
+        j = None if captured is None else captured.at(start)
+        if captured is None or j is None or captured.begins[j] != start:
+            return ""
+        made = captured.end(j) - start
+        if made == fed:
+            return ""
+        return (
+            f" (it was fed {fed} tokens, but its rows from row {start} on were recorded by {captured.describe(j)}: "
+            "routes of forwards of other shapes, a capture of prompts and their completions replayed on the prompts "
+            "alone, or of another batch size?)"
         )
 
     def _compare_padding(

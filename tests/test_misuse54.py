@@ -1,7 +1,8 @@
 """Misuse of routes by a hurried user: a capture's rows whose token ids were dropped, fed at other places than they
 were recorded at with nothing that states the places (no ``position_ids``, no attention mask: a batch cut into rows of
-another length, a suffix without its prefix or KV cache). Each answer is the recorded experts forced (checked against
-a capture of the forced forward) or a ``MoEReplayError`` that says what is wrong."""
+another length, a suffix without its prefix or KV cache), and routes of a prompt replayed on the prompt and its
+completion, or the reverse. Each answer is the recorded experts forced (checked against a capture of the forced
+forward) or a ``MoEReplayError`` that says what is wrong."""
 
 from __future__ import annotations
 
@@ -96,4 +97,38 @@ def test_decode_steps_of_a_capture_without_ids_given_their_kv_cache_are_forced_a
         with pytest.raises(mr.TokenMismatchError, match="other places of their sequences"):
             with torch.no_grad(), session.replay(rows[12:], strict=strict):
                 model(x[:, 6:])
+    session.detach()
+
+
+@pytest.mark.reliability("clear errors")
+def test_routes_of_a_prompt_replayed_on_prompt_and_completion_or_the_reverse_name_the_counts() -> None:
+    """Once unclear: routes captured on the prompts alone replayed on the prompts and their completions (or the
+    reverse) were refused for other tokens, "15 of its 20 tokens differ", of a forward fed 32: the counts that tell
+    what went wrong were not said. The refusal now names the tokens fed and the rows the routes hold for them, and
+    which captured forward recorded them."""
+    model, x = _model(), _ids()
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x[:, :5])
+    prompts = session.routes()
+    with torch.no_grad(), session.capture():
+        model(x)
+    whole = session.routes()
+    for strict in (True, False):
+        with pytest.raises(mr.TokenMismatchError) as info:
+            with torch.no_grad(), session.replay(prompts, strict=strict):
+                model(x)
+        said = str(info.value)
+        assert "it was fed 32 tokens, but the routes hold 20 rows from row 0 on" in said, said
+        assert "of the first 20 of its 32 tokens differ" in said, said
+        with pytest.raises(mr.TokenMismatchError) as info:
+            with torch.no_grad(), session.replay(whole, strict=strict):
+                model(x[:, :5])
+        said = str(info.value)
+        assert "it was fed 20 tokens, but its rows from row 0 on were recorded by forward 1 of the capture" in said
+        assert "32 rows each" in said, said
+    # (rows that fit the forward are forced as before)
+    with torch.no_grad(), session.replay(whole[:16]), session.capture():
+        model(x[:2])
+    assert session.routes().equal(whole[:16])
     session.detach()
