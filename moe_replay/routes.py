@@ -1505,6 +1505,13 @@ class Routes:
         except RoutesValidationError:
             raise
         except _READ_ERRORS as e:
+            if isinstance(e, zipfile.BadZipFile) and _one_numpy_array(path):
+                raise RoutesValidationError(
+                    f"cannot read routes from {path}: it holds one numpy array (as np.save writes it), not a routes "
+                    "file (Routes.save writes an archive that holds the router names and expert counts beside each "
+                    "router's rows). Read the array and say what it holds: Routes.from_numpy(np.load(path), "
+                    "names=[...], num_experts=...) for a [tokens, routers, k] array"
+                ) from e
             raise RoutesValidationError(
                 f"cannot read routes from {path}: the file is truncated or corrupted ({type(e).__name__}: {e})"
             ) from e
@@ -1632,6 +1639,15 @@ def _header(
     if size != info.file_size:
         raise _corrupted(path, f"array {info.filename} declares {size} bytes but holds {info.file_size}")
     return tuple(int(d) for d in shape), dtype
+
+
+def _one_numpy_array(path: str | os.PathLike[str]) -> bool:
+    """Does the file at ``path`` begin as a ``.npy`` file does (one array, as ``np.save`` writes it)?"""
+    try:
+        with open(path, "rb") as f:
+            return f.read(6) == b"\x93NUMPY"
+    except OSError:
+        return False
 
 
 def _corrupted(path: str | os.PathLike[str], why: str) -> RoutesValidationError:

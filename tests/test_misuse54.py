@@ -1,11 +1,14 @@
 """Misuse of routes by a hurried user: a capture's rows whose token ids were dropped, fed at other places than they
 were recorded at with nothing that states the places (no ``position_ids``, no attention mask: a batch cut into rows of
-another length, a suffix without its prefix or KV cache), and routes of a prompt replayed on the prompt and its
-completion, or the reverse. Each answer is the recorded experts forced (checked against a capture of the forced
-forward) or a ``MoEReplayError`` that says what is wrong."""
+another length, a suffix without its prefix or KV cache), routes of a prompt replayed on the prompt and its completion
+or the reverse, a ``.npy`` file given to ``Routes.load``. Each answer is the recorded experts forced (checked against a
+capture of the forced forward) or a ``MoEReplayError`` that says what is wrong."""
 
 from __future__ import annotations
 
+import pathlib
+
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +135,30 @@ def test_routes_of_a_prompt_replayed_on_prompt_and_completion_or_the_reverse_nam
         model(x[:2])
     assert session.routes().equal(whole[:16])
     session.detach()
+
+
+@pytest.mark.reliability("clear errors")
+def test_load_of_one_numpy_array_says_what_it_is_and_how_to_read_it(tmp_path: pathlib.Path) -> None:
+    """Once unclear: ``Routes.load`` of a ``.npy`` file (``np.save(path, routes.indices.numpy())``, a hurried save)
+    was refused as "truncated or corrupted (BadZipFile)", though the file is whole; it now says the file holds one
+    numpy array and names ``Routes.from_numpy``, which reads it back as the routes it holds. A truncated routes file
+    is still refused as such."""
+    model, x = _model(), _ids()
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    routes = session.routes()
+    session.detach()
+    path = tmp_path / "routes.npy"
+    np.save(path, routes.to_numpy())
+    with pytest.raises(mr.RoutesValidationError, match="one numpy array") as info:
+        mr.Routes.load(path)
+    assert "Routes.from_numpy" in str(info.value) and "corrupted" not in str(info.value)
+    read = mr.Routes.from_numpy(np.load(path), names=list(routes.names), num_experts=routes.num_experts)
+    assert read.equal(routes)
+    whole = tmp_path / "routes.npz"
+    routes.save(whole)
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted"):
+        mr.Routes.load(cut)
