@@ -3167,6 +3167,10 @@ class OrderCheck(FeedCheck):
             ]
             | None
         ) = None
+        #: the forwards let run so whose positions are compared as the block ends (none of those caches written at
+        #: their positions alone), and the names of the caches each wrote or kept: a refusal then comes after the
+        #: forward ran, and says what it left written
+        self._static_ran: dict[int, list[str]] = {}
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
@@ -3366,6 +3370,7 @@ class OrderCheck(FeedCheck):
         static, self._static = self._static, None
         if static is not None and not any(h.written() for h in static[1]):
             self._places_later.append(static[0])
+            self._static_ran[static[0][0]] = [h.name for h in static[1]]
 
     def _refuse_places(
         self,
@@ -3538,8 +3543,14 @@ class OrderCheck(FeedCheck):
         ids are compared: these routes know none), the calls of the forwards that ran compiled (read on the device, see
         :meth:`_arm_calls_traced`) and those of its last forward (see :meth:`_calls_at_end`)."""
         later, self._places_later = self._places_later, []
+        ran, self._static_ran = self._static_ran, {}
         for forward, start, grid, mask, pos, whole, counts in later:
-            self._refuse_places(forward, start, grid, mask, pos, whole, counts)
+            try:
+                self._refuse_places(forward, start, grid, mask, pos, whole, counts)
+            except TokenMismatchError as e:
+                if forward not in ran:
+                    raise
+                raise TokenMismatchError(f"{e}. {_static_ran_note(ran[forward])}") from None
         self._refuse_traced()
         self._calls_at_end()
         if self.each_router is not None:
@@ -4151,18 +4162,40 @@ class _HeldCache:
     torchtune's at its ``cache_pos``): a rotary table, a mask, a batch dimension, a cache written elsewhere or not at
     all tell nothing."""
 
-    def __init__(self, tensor: torch.Tensor, dim: int, sums: torch.Tensor, first: int, last: int) -> None:
+    def __init__(self, name: str, tensor: torch.Tensor, dim: int, sums: torch.Tensor, first: int, last: int) -> None:
+        #: where the model keeps it (``layers.0.attn.kv_cache.k_cache``), for the error of a forward refused after it
+        #: ran
+        self.name = name
         self.tensor, self.dim, self.sums, self.first, self.last = tensor, dim, sums, first, last
         self.version = version_of(tensor)
 
     def written(self) -> bool:
         """Whether the forward that ran since wrote the tensor (its version moved) and changed it along :attr:`dim` at
-        its positions alone (the indices whose sum of magnitudes moved: none where it wrote the very values it held,
-        as a replay of the forward a capture saw on a cache not put back does)."""
+        its positions alone (the indices whose sum of magnitudes moved). Where it wrote the very values it held (a
+        replay of the forward a capture saw, on a cache not put back), its values cannot tell where it wrote: a rotary
+        table or a mask rewritten whole in place at each forward moves no value either. Such a write is read as one at
+        its positions only where the tensor holds nothing after them, as a cache that holds the tokens up to the
+        forward's last does, and a table does not."""
         if version_of(self.tensor) == self.version:
             return False
         moved = _index_sums(self.tensor, self.dim).ne(self.sums).nonzero().flatten()
-        return not moved.numel() or (int(moved[0]) >= self.first and int(moved[-1]) <= self.last)
+        if not moved.numel():
+            return not bool(self.sums[self.last + 1 :].ne(0).any())
+        return int(moved[0]) >= self.first and int(moved[-1]) <= self.last
+
+
+def _static_ran_note(names: Sequence[str]) -> str:
+    """What the error of a forward refused as its block ends, after it ran on the evidence of the static caches
+    ``names`` (see :class:`_HeldCache`), adds: that it ran, why, and what it left written."""
+    names = list(dict.fromkeys(names))  # (a tensor held along two dimensions is named once)
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return (
+        "This forward ran before it was refused: tensors its modules keep held something at every place before its "
+        f"positions, as a static KV cache holding the tokens before them does ({shown}), but it wrote none of them at "
+        "its positions alone, so nothing tells that they hold those tokens. What it wrote stays in them (a static "
+        "cache now holds this forward's keys and values, a cache's own count has moved on): reset or refill them "
+        "before the next forward"
+    )
 
 
 def _index_sums(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -4185,11 +4218,11 @@ def _static_held(levels: Sequence[FeedForward], text: torch.Tensor) -> list[_Hel
     out: list[_HeldCache] = []
     seen: set[int] = set()
     for level in levels:
-        for i, m in enumerate(level.module.modules()):
+        for i, (at, m) in enumerate(level.module.named_modules()):
             if i >= _KEPT_MODULES:
                 break
-            kept = chain(m._buffers.values(), (v for k, v in vars(m).items() if k not in _MODULE_STATE))
-            for t in kept:
+            kept = chain(m._buffers.items(), ((k, v) for k, v in vars(m).items() if k not in _MODULE_STATE))
+            for name, t in kept:
                 if (
                     not isinstance(t, torch.Tensor)
                     or isinstance(t, nn.Parameter)
@@ -4204,7 +4237,7 @@ def _static_held(levels: Sequence[FeedForward], text: torch.Tensor) -> list[_Hel
                     if int(t.shape[dim]) > last:
                         sums = _index_sums(t, dim)
                         if bool(sums[:first].ne(0).all()):
-                            out.append(_HeldCache(t, dim, sums, first, last))
+                            out.append(_HeldCache(f"{at}.{name}" if at else name, t, dim, sums, first, last))
     return out
 
 
