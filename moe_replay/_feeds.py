@@ -3171,6 +3171,9 @@ class OrderCheck(FeedCheck):
         #: their positions alone), and the names of the caches each wrote or kept: a refusal then comes after the
         #: forward ran, and says what it left written
         self._static_ran: dict[int, list[str]] = {}
+        #: the forwards whose position_ids were read from a keyword of another name (``word_positions=``, taken for
+        #: positions by its name, see :func:`_positions_among`), by forward: named where their positions are refused
+        self._positions_under: dict[int, str] = {}
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
@@ -3306,6 +3309,9 @@ class OrderCheck(FeedCheck):
         if count != batch * positions or places.numel() != count or not bool((places >= 0).any()):
             return  # (an overdraw is refused by the read)
         mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        under = None if pos is None else next((k for k, v in kwargs.items() if v is pos and k != "position_ids"), None)
+        if under is not None:
+            self._positions_under[self.forwards] = under
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             # (a [batch, heads, queries, keys] mask of a forward whose tokens start their sequences: which are tokens,
             # 1, and which padding, 0; -1 for a sequence it does not tell, read as none when compared)
@@ -3516,6 +3522,13 @@ class OrderCheck(FeedCheck):
             "(pass the batch's attention_mask, or position_ids that restart at each sequence, "
             "layout.position_ids())",
         }[what]
+        under = self._positions_under.get(forward)
+        if under is not None and what not in ("mask", "padding"):
+            shown += (
+                f" (its position_ids are the {under}= it was given, taken for its tokens' positions by their name: "
+                "where they hold something else than each token's place in its sequence, give the routes their "
+                "tokens' ids, routes.with_token_ids(ids), whose rows are then checked by id)"
+            )
         where = (
             f"(first at batch position [{row}, {col}], row {start + row * int(wrong.shape[1]) + col} of the routes; "
             f"{int(wrong.sum())} such position(s)), so its tokens would take the experts of other tokens."
@@ -3544,13 +3557,16 @@ class OrderCheck(FeedCheck):
         :meth:`_arm_calls_traced`) and those of its last forward (see :meth:`_calls_at_end`)."""
         later, self._places_later = self._places_later, []
         ran, self._static_ran = self._static_ran, {}
-        for forward, start, grid, mask, pos, whole, counts in later:
-            try:
-                self._refuse_places(forward, start, grid, mask, pos, whole, counts)
-            except TokenMismatchError as e:
-                if forward not in ran:
-                    raise
-                raise TokenMismatchError(f"{e}. {_static_ran_note(ran[forward])}") from None
+        try:
+            for forward, start, grid, mask, pos, whole, counts in later:
+                try:
+                    self._refuse_places(forward, start, grid, mask, pos, whole, counts)
+                except TokenMismatchError as e:
+                    if forward not in ran:
+                        raise
+                    raise TokenMismatchError(f"{e}. {_static_ran_note(ran[forward])}") from None
+        finally:
+            self._positions_under = {}
         self._refuse_traced()
         self._calls_at_end()
         if self.each_router is not None:

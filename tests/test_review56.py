@@ -241,3 +241,62 @@ def test_a_generation_loop_of_a_model_keeping_a_static_cache_replays_exactly(for
             assert torch.equal(rows, want[layer]), layer
     finally:
         session.detach()
+
+
+# --------------------------------------------------------------------------------- positions under names of their own
+class _Pooled(nn.Module):
+    """A wrapper taking any keyword beside the tokens and its mask (a reward or tagging head's inputs), passing the
+    tokens alone to a reference MoE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = mr.models.build("softmax_topk", num_layers=2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return self.inner(input_ids, attention_mask=attention_mask).logits
+
+
+_WORDS = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 2, 3, 3]])  # (each token's word: sub-words of one word share it)
+
+
+def _laid_out_word_replay() -> tuple[_Pooled, mr.Session, mr.Routes, torch.Tensor]:
+    model = _Pooled()
+    ids = torch.randint(1, 128, (2, 6))
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(ids, word_positions=_WORDS)
+    r = session.routes().with_token_ids(None)
+    return model, session, mr.BatchLayout.padded([6, 6]).routes([r[:6], r[6:]]), ids
+
+
+@pytest.mark.reliability("bad inputs")
+def test_positions_read_under_a_name_of_their_own_are_named_where_they_are_refused() -> None:
+    """A forward taking ``**kwargs`` fed ``word_positions=`` (each token's word index, read as its positions by the
+    name's form) with rows laid out without ids: where they are refused, the error names the keyword they were read
+    from and what to do where it holds something else, not only ``position_ids``, which the forward was never fed."""
+    model, session, routes, ids = _laid_out_word_replay()
+    try:
+        with pytest.raises(mr.TokenMismatchError, match=r"word_positions=.*with_token_ids"), torch.no_grad():
+            with session.replay(routes):
+                model(ids, word_positions=_WORDS)
+        assert session.state == "idle"
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.xfail(
+    strict=True,
+    reason="any [a-z]+_positions keyword of a forward taking **kwargs is read as position_ids: a word index per "
+    "token (word_positions) refuses an exact replay of rows laid out without ids",
+)
+def test_a_word_index_under_a_positions_like_name_does_not_refuse_an_exact_replay() -> None:
+    """The capture's own batch, fed the same ``word_positions=`` (a word index, not the tokens' places), replaying
+    its rows laid out without ids: exact, so not refused. The capture did not read them as places; the replay does."""
+    model, session, routes, ids = _laid_out_word_replay()
+    try:
+        with torch.no_grad(), session.replay(routes):
+            model(ids, word_positions=_WORDS)
+    finally:
+        session.detach()
