@@ -645,6 +645,15 @@ class OutsideState:
             self._budget -= n
         self.saved.append(("tensor", t, t._version, t.detach().clone()))
 
+    def _save_array(self, a: np.ndarray, seen: set[tuple[int, Any]]) -> None:
+        """Save a numpy array of numbers by value (``_STEP[0] += 1``, ``np.add(COUNTS, c, out=COUNTS)``: changed in
+        place, the same object stays bound), to be put back where a run changed it; at most :data:`_TENSOR_LIMIT`
+        elements."""
+        if (id(a), None) in seen or a.dtype.kind not in "biufc" or not a.flags.writeable or a.size > _TENSOR_LIMIT:
+            return
+        seen.add((id(a), None))
+        self.saved.append(("array", a, None, a.copy()))
+
     def unrestorable(self) -> list[torch.Tensor]:
         """The tensors too large to copy (see :meth:`_save_tensor`) that a run changed in place since saved."""
         return [t for t, version in self.watched if t._version != version]
@@ -662,13 +671,19 @@ class OutsideState:
 
     def _save_held(self, value: Any, seen: set[tuple[int, Any]], depth: int, budget: list[int]) -> None:
         """Save ``value`` where it is a small tensor, or a container (with what it holds, ``depth`` levels deep)."""
-        if not isinstance(value, torch.Tensor | dict | list | set | collections.deque) or (id(value), None) in seen:
+        if (
+            not isinstance(value, torch.Tensor | np.ndarray | dict | list | set | collections.deque)
+            or (id(value), None) in seen
+        ):
             return
         budget[0] -= 1
         if budget[0] < 0:
             return
         if isinstance(value, torch.Tensor):
             self._save_tensor(value, seen)
+            return
+        if isinstance(value, np.ndarray):
+            self._save_array(value, seen)
             return
         if depth <= 0 or not isinstance(value, dict | list | set | collections.deque):
             return
@@ -706,10 +721,18 @@ class OutsideState:
             if last[0] != ".":
                 self._save_tensor(obj, seen)
             return
+        if isinstance(obj, np.ndarray):  # (a numpy array, the same: _STEP[0] += 1)
+            if last[0] != ".":
+                self._save_array(obj, seen)
+            return
         if last[0] in ("[]", "()"):
             if isinstance(obj, dict | list | set | collections.deque) and (id(obj), None) not in seen:
                 seen.add((id(obj), None))
-                self.saved.append(("in", obj, None, container_contents(obj)))
+                contents = container_contents(obj)
+                self.saved.append(("in", obj, None, contents))
+                for item in (v for _, v in contents[1]) if issubclass(contents[0], dict) else contents[1]:
+                    if isinstance(item, np.ndarray):  # (STATS["n"] += 1 on an array: changed in place, kept bound)
+                        self._save_array(item, seen)
             return
         attr = last[1]
         if (id(obj), attr) in seen:
@@ -736,6 +759,9 @@ class OutsideState:
                     self.saved[i] = (how, where, where._version, value)
             elif how == "in":
                 refill_container(where, value)
+            elif how == "array":
+                if where.shape == value.shape and not np.array_equal(where, value):
+                    np.copyto(where, value)
             elif how == "cell":
                 try:
                     now = where.cell_contents

@@ -1882,10 +1882,24 @@ class _HooksNeeded(Exception):
 
 
 def _shallow(v: Any) -> Any:
-    """The contents of a container attribute (a list, dict, set or deque: see :func:`container_contents`), else
-    None: the same object is refilled in place where they changed, so that other code holding it (a model's
-    aux-loss list handed to each of its routers) keeps seeing the router's."""
+    """The contents of a container attribute (a list, dict, set or deque: see :func:`container_contents`), or a copy
+    of a numpy array of numbers (a step count or a statistic a router moves in place, ``self.step += 1``), else None:
+    the same object is refilled in place where they changed (:func:`_refill`), so that other code holding it (a
+    model's aux-loss list handed to each of its routers) keeps seeing the router's."""
+    if isinstance(v, np.ndarray):
+        numeric = v.dtype.kind in "biufc" and v.flags.writeable and v.size <= _COPY_LIMIT
+        return (np.ndarray, v.copy()) if numeric else None
     return container_contents(v) if isinstance(v, CONTAINERS) else None
+
+
+def _refill(v: Any, contents: Any) -> None:
+    """Put back in place what :func:`_shallow` read of ``v``, where it changed."""
+    kind, held = contents
+    if kind is np.ndarray:
+        if v.shape == held.shape and not np.array_equal(v, held):
+            np.copyto(v, held)
+        return
+    refill_container(v, contents)
 
 
 def _plain_iterator(v: Any) -> bool:
@@ -2063,7 +2077,7 @@ def _put_own_state(obj: Any, state: tuple[dict[str, tuple[Any, Any]], dict[str, 
             del space[k]
         for k, (v, contents) in held.items():
             if contents is not None:
-                refill_container(v, contents)
+                _refill(v, contents)
             space[k] = v
     for name, (v, contents) in slots.items():
         if v is _UNSET:
@@ -2071,7 +2085,7 @@ def _put_own_state(obj: Any, state: tuple[dict[str, tuple[Any, Any]], dict[str, 
                 object.__delattr__(obj, name)
             continue
         if contents is not None:
-            refill_container(v, contents)
+            _refill(v, contents)
         object.__setattr__(obj, name, v)
 
 
@@ -2765,7 +2779,7 @@ class _Snapshot:
                 delattr(m, k)
             for k, (v, contents) in attrs.items():
                 if contents is not None:
-                    refill_container(v, contents)
+                    _refill(v, contents)
                 m.__dict__[k] = v
         for obj, state in self.own_states:
             _put_own_state(obj, state)

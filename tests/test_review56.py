@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import moe_replay as mr
@@ -300,3 +302,96 @@ def test_a_word_index_under_a_positions_like_name_does_not_refuse_an_exact_repla
             model(ids, word_positions=_WORDS)
     finally:
         session.detach()
+
+
+# ------------------------------------------------------------------------- numpy arrays a router moves in place
+_STEP = np.zeros(1)
+_STATS = {"n": np.zeros(1)}
+
+
+class _Counter:
+    """An iterator of the user's class counting its items in a numpy array it moves in place."""
+
+    def __init__(self) -> None:
+        self.count = np.zeros(1)
+
+    def __iter__(self) -> _Counter:
+        return self
+
+    def __next__(self) -> float:
+        self.count += 1
+        return float(self.count[0]) * 1e-6
+
+    def rewind(self) -> None:
+        """Start again."""
+        self.count = np.zeros(1)
+
+
+class _NumpyStep(nn.Module):
+    """A top-2 router over 8 experts whose scores move a little with a step count kept in a numpy array moved in
+    place at each forward, ``where``: its own attribute, an iterator of the user's class it draws from, a global's
+    item, a global rebound in place (``_STEP += 1``) or an array a global dict holds."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 16) * 0.3)
+        self.top_k, self.where = 2, where
+        self.step = np.zeros(1)
+        self.noise = _Counter()
+
+    def _moved(self) -> float:
+        global _STEP
+        if self.where == "attribute":
+            self.step += 1
+            return float(self.step[0]) * 1e-6
+        if self.where == "iterator":
+            return next(self.noise)
+        if self.where == "global item":
+            _STEP[0] += 1
+        elif self.where == "global rebound":
+            _STEP += 1
+        else:
+            _STATS["n"] += 1
+            return float(_STATS["n"][0]) * 1e-6
+        return float(_STEP[0]) * 1e-6
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights and experts of each token."""
+        logits = F.linear(x, self.weight) + self._moved() * torch.arange(8.0)
+        w, idx = logits.softmax(-1).topk(self.top_k, dim=-1)
+        return w / w.sum(-1, keepdim=True), idx
+
+
+def _numpy_state(model: nn.Module) -> list[float]:
+    return [float(b.router.step[0]) for b in model] + [float(b.router.noise.count[0]) for b in model]
+
+
+@pytest.mark.reliability("the model is left as it was")
+@pytest.mark.parametrize("where", ["attribute", "iterator", "global item", "global rebound", "global dict"])
+def test_a_router_moving_a_numpy_array_in_place_is_in_step_and_left_as_the_plain_model(where: str) -> None:
+    """Routers whose scores move with a count kept in a numpy array changed in place (their own attribute, an
+    iterator's, a global's): the captured forwards see the plain model's values and every count ends where the plain
+    model's does. The runs that establish the decision put back lists, dicts and tensors but not numpy arrays: each
+    run moved the count on, the forwards saw other scores with nothing said (too small a change to refuse), and the
+    counts were left 44 steps on after two forwards."""
+    from .test_review51 import _RouterBlock
+
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(_RouterBlock(_NumpyStep(where)), _RouterBlock(_NumpyStep(where)))
+
+    def reset() -> None:
+        _STEP[:] = 0
+        _STATS["n"][:] = 0
+
+    model, plain = build(), build()
+    xs = [torch.randn(6, 16, generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
+    reset()
+    with torch.no_grad():
+        want = [plain(x) for x in xs]
+    plain_after = (_numpy_state(plain), float(_STEP[0]), float(_STATS["n"][0]))
+    reset()
+    with mr.attach(model) as session, session.capture(), torch.no_grad():
+        got = [model(x) for x in xs]
+    assert all(torch.equal(w, g) for w, g in zip(want, got, strict=True)), "the forwards saw other values"
+    assert (_numpy_state(model), float(_STEP[0]), float(_STATS["n"][0])) == plain_after, "left moved on"
