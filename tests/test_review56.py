@@ -395,3 +395,51 @@ def test_a_router_moving_a_numpy_array_in_place_is_in_step_and_left_as_the_plain
         got = [model(x) for x in xs]
     assert all(torch.equal(w, g) for w, g in zip(want, got, strict=True)), "the forwards saw other values"
     assert (_numpy_state(model), float(_STEP[0]), float(_STATS["n"][0])) == plain_after, "left moved on"
+
+
+# ---------------------------------------------------------------------- a batch row whose static cache holds nothing
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a static cache is read as holding the tokens before a forward's positions where it holds something at "
+    "every place summed over its other dimensions, the batch's included: a batch row whose slot holds nothing (a new "
+    "sequence without its prefix) beside one that holds its prefix is let through, its rows forced",
+)
+def test_a_continuation_whose_batch_row_has_an_empty_static_cache_slot_is_refused() -> None:
+    """gpt-fast's cache for a batch of two, both rows' prompts written, a continuation of both captured (rows laid
+    out without ids); row 1's slot emptied (a new sequence put in it without its prefix), row 0's kept: the replay of
+    the continuation at the same positions must be refused, as it is where both slots are empty. Row 1's tokens are
+    fed without the tokens before them, and their rows were recorded with them."""
+
+    class _Cache2(nn.Module):
+        def __init__(self, heads: int, head_dim: int) -> None:
+            super().__init__()
+            self.register_buffer("k_cache", torch.zeros(2, heads, _MAX, head_dim))
+            self.register_buffer("v_cache", torch.zeros(2, heads, _MAX, head_dim))
+
+        def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, Any]:
+            self.k_cache[:, :, input_pos] = k
+            self.v_cache[:, :, input_pos] = v
+            return self.k_cache, self.v_cache
+
+    model = _static_model("gpt-fast", "position_ids")
+    for layer in model.layers:
+        layer.attn.kv_cache = _Cache2(4, 8)
+    first, second = torch.randint(1, 128, (2, 5)), torch.randint(1, 128, (2, 4))
+    with torch.no_grad():
+        model(first, position_ids=torch.arange(5)[None])
+    session = mr.attach(model)
+    try:
+        later = torch.arange(5, 9)[None]
+        with torch.no_grad(), session.capture():
+            model(second, position_ids=later)
+        turn = session.routes().with_token_ids(None)
+        routes = mr.BatchLayout.padded([4, 4]).routes([turn[:4], turn[4:]])
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.attn.kv_cache.k_cache[1].zero_()
+                layer.attn.kv_cache.v_cache[1].zero_()
+        with pytest.raises(mr.TokenMismatchError), torch.no_grad(), session.replay(routes):
+            model(second, position_ids=later)
+    finally:
+        session.detach()
