@@ -339,6 +339,10 @@ class Evidence:
             set aside (see :data:`HOOKS_NEEDED`): they were shown to change nothing on the forward that established
             it alone, so each later forward checks that they hand on what they are given (see
             :mod:`moe_replay._inner_hooks`).
+        axis: ``(dim, ndim, width)`` where the forward chooses along another dimension than the last (a top-k along
+            the expert channels of ``[batch, E, H, W]`` scores, one choice per pixel): its decision-like calls along
+            ``dim`` of ``ndim``-dimensional scores ``width`` wide are read, recorded and forced as the same calls on
+            the scores with that dimension moved last (see :class:`MovedAxis`); None for a choice along the last.
     """
 
     calls: tuple[Call, ...]
@@ -353,6 +357,7 @@ class Evidence:
     chunks: bool = False
     chunk_dims: int = 0
     hooks_aside: bool = False
+    axis: tuple[int, int, int] | None = None
 
     @property
     def count(self) -> int:
@@ -384,6 +389,12 @@ class Evidence:
     def describe(self) -> str:
         """A few lines for ``verify()`` and error messages."""
         lines = [f"decides with {' + '.join(self.calls[i].describe() for i in self.decision)}: {self.reason}"]
+        if self.axis is not None:
+            dim, ndim, width = self.axis
+            lines.append(
+                f"  reads its choice along dim {dim} of {ndim}-dimensional scores ({width} experts), moved last: "
+                "one row per position of the other dimensions"
+            )
         for c in self.calls:
             if c.ordinal in self.mirrors:
                 lines.append(f"  answers {c.describe()} with the same experts (it finds the decision's again)")
@@ -679,6 +690,7 @@ class _ProbeMode(TorchFunctionMode):
         self.ins: list[torch.Tensor] = []  # each call's scores
         self.outs: list[Any] = []
         self.aside: list[str] = []  # choices along another dimension than the last (not decisions), described
+        self.axes: list[tuple[int, int, int]] = []  # those of a forceable family: (dim, ndim, width) each
         self.flat: list[str] = []  # top-ks of flat score tensors (not decisions), described
         self.drawn: list[str] = []  # one-hots drawn inside one call (``gumbel_softmax(hard=True)``), described
         self.masked: list[torch.Tensor] = []
@@ -993,6 +1005,9 @@ class _ProbeMode(TorchFunctionMode):
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.is_floating_point() and isinstance(dim, int):
             if dim not in (-1, x.dim() - 1):
                 self.aside.append(f"{family} along dim {dim} of {tuple(x.shape)} at {_where()}")
+                if family in FORCEABLE and -x.dim() <= dim < x.dim() and "out" not in kwargs:
+                    d = dim % x.dim()
+                    self.axes.append((d, x.dim(), int(x.shape[d])))
         elif (
             isinstance(x, torch.Tensor)
             and x.dim() == 1
@@ -1793,6 +1808,88 @@ HOOKS_NEEDED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 #: :func:`differs`).
 PREDICTED: weakref.WeakKeyDictionary[nn.Module, tuple[list[Any], float]] = weakref.WeakKeyDictionary()
 
+#: Per scope whose decision is made along another dimension than the last: ``(dim, ndim, width)`` of
+#: :attr:`Evidence.axis`, set as it is established that way (every probe run of the scope reads its choice moved last,
+#: see :class:`MovedAxis`) and dropped where it is established afresh or its session detaches.
+AXES: weakref.WeakKeyDictionary[nn.Module, tuple[int, int, int]] = weakref.WeakKeyDictionary()
+
+
+class MovedAxis(TorchFunctionMode):
+    """Reads a choice along another dimension than the last as one along the last.
+
+    Entered inside the modes that watch a router's forward (the innermost, so that it sees each call first), it
+    answers a ``topk``, ``argmax``/``argmin`` or ``max``/``min`` along ``dim`` of ``ndim``-dimensional floating scores
+    whose ``dim`` is ``width`` wide (the experts) by the same call on the scores with that dimension moved last,
+    made through the modes outside it (which record, force or probe it as any choice among experts, one row per
+    position of the other dimensions), its results moved back where the call puts them. The choice is the same:
+    a top-k along a dimension chooses per position of the others. Every other call goes through as it is.
+
+    ``any_width``: calls along that dimension of any width are moved (the runs that establish the decision: a
+    dimension whose width follows the number of tokens, a choice among tokens, is so seen as one, and refused).
+    """
+
+    def __init__(self, axis: tuple[int, int, int], any_width: bool = False) -> None:
+        super().__init__()
+        self.dim, self.ndim, self.width = axis
+        self.any_width = any_width
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in DECISION_FUNCS:
+            moved = _moved_call(unwrap(func, kwargs), args, kwargs, (self.dim, self.ndim, self.width), self.any_width)
+            if moved is not None:
+                margs, mkwargs, back = moved
+                return _moved_back(func(*margs, **mkwargs), self.dim, back)
+        return func(*args, **kwargs)
+
+
+def _moved_call(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], axis: tuple[int, int, int], any_width: bool = False
+) -> tuple[tuple[Any, ...], dict[str, Any], bool] | None:
+    """``(args, kwargs, back)`` of ``func``'s call with its scores' dimension ``axis[0]`` moved last and the call
+    made along the last (``back``: its results keep that dimension, to be moved back), or None where the call is
+    not one along that dimension of such scores (another family, another dimension or width unless ``any_width``,
+    ``out=``)."""
+    family = _FAMILY.get(func)
+    if family not in FORCEABLE or "out" in kwargs:
+        return None
+    dim, ndim, width = axis
+    x = _arg(args, kwargs, 0, "input")
+    if type(x) is not torch.Tensor or x.dim() != ndim or not x.is_floating_point():
+        return None
+    if int(x.shape[dim]) != width and not any_width:
+        return None
+    pos = 2 if family == "topk" else 1
+    given = _arg(args, kwargs, pos, "dim", -1 if family == "topk" else None)
+    if type(given) is not int or not -ndim <= given < ndim or given % ndim != dim or dim == ndim - 1:
+        return None
+    back = family == "topk" or bool(_arg(args, kwargs, pos + 1, "keepdim", False))
+    moved = x.movedim(dim, -1)
+    new_args, new_kwargs = list(args), dict(kwargs)
+    if args:
+        new_args[0] = moved
+    else:
+        new_kwargs["input"] = moved
+    if len(new_args) > pos:
+        new_args[pos] = -1
+    else:
+        new_kwargs["dim"] = -1
+    return tuple(new_args), new_kwargs, back
+
+
+def _moved_back(out: Any, dim: int, back: bool) -> Any:
+    """The results of a call made on scores with ``dim`` moved last, as the call along ``dim`` returns them: that
+    dimension moved back where it keeps it (``back``), laid out contiguously as torch lays out its own."""
+    if not back:
+        return out
+    if isinstance(out, torch.Tensor):
+        return out.movedim(-1, dim).contiguous()
+    if isinstance(out, tuple):
+        return type(out)(tuple(t.movedim(-1, dim).contiguous() for t in out))
+    return out
+
 
 def _own_hook(hook: Any) -> bool:
     """Is ``hook`` one of moe_replay's own (a guard, a watch, a nested router's), not the user's? Read without
@@ -1873,6 +1970,28 @@ def forced_leaves(
     finally:
         NESTING.establishing -= 1
         probe.snapshot.restore()
+
+
+class _AlongAnother(UnsupportedRouterError):
+    """The refusal of a forward that chooses only along another dimension than the last; ``axes``: ``(dim, ndim,
+    width)`` of each such choice of a forceable family, read as a choice among experts where they show one (see
+    :func:`_expert_axis`)."""
+
+    def __init__(self, message: str, axes: Sequence[tuple[int, int, int]]) -> None:
+        super().__init__(message)
+        self.axes = tuple(axes)
+
+
+def _expert_axis(axes: Sequence[tuple[int, int, int]], num_experts: int | None) -> tuple[int, int, int] | None:
+    """The one axis along which a forward's choices are all made, where it may be the experts' dimension: at least
+    two wide, as wide as the experts discovery expects (where it expects a number); else None."""
+    found = set(axes)
+    if len(found) != 1:
+        return None
+    axis = next(iter(found))
+    if axis[2] < 2 or (num_experts is not None and axis[2] != num_experts):
+        return None
+    return axis
 
 
 class _HooksNeeded(Exception):
@@ -3071,6 +3190,7 @@ class _Prober:
                 self.snapshot.drawn_again(),
                 _autocast_cache_aside(),
                 mode,
+                contextlib.nullcontext() if (axis := AXES.get(self.scope)) is None else MovedAxis(axis, any_width=True),
             ):
                 run_args, run_kwargs = _grad_like((_clone(args, own), _clone(kwargs, own)), self.grads)
                 self.ran = (run_args, run_kwargs)  # (what the run wrote into them is read by _escaped_indices)
@@ -3394,7 +3514,29 @@ def establish(
         _refuse_sharded_inside(name, scope)  # (on empty inputs too: every rank refuses at the same forward)
         if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in _leaves((args, kwargs), [])):
             return None
-        return _established(name, scope, forward, args, kwargs, num_experts, top_k, declared_top_k, call, family)
+        AXES.pop(scope, None)  # (established afresh: along the last dimension first)
+        try:
+            return _established(name, scope, forward, args, kwargs, num_experts, top_k, declared_top_k, call, family)
+        except _AlongAnother as e:
+            axis = _expert_axis(e.axes, num_experts)
+            if axis is None:
+                raise UnsupportedRouterError(str(e)) from None
+            refusal = e
+        # its only choices are along one other dimension: read them moved last, proven as any other decision (a top-k
+        # over tokens along it is refused as such there, and then as it was refused here)
+        AXES[scope] = axis
+        try:
+            ev = _established(name, scope, forward, args, kwargs, num_experts, top_k, declared_top_k, call, family)
+        except UnsupportedRouterError:
+            AXES.pop(scope, None)
+            raise UnsupportedRouterError(str(refusal)) from None
+        except BaseException:
+            AXES.pop(scope, None)
+            raise
+        if ev is None:
+            AXES.pop(scope, None)
+            return None
+        return dataclasses.replace(ev, axis=axis)
     finally:
         NESTING.establishing -= 1
 
@@ -4264,7 +4406,10 @@ def _establish(
                         "dispatch the tokens by those indices and read their weights at them (the values, or "
                         f"scores.gather(-1, indices)). {fix[0].upper()}{fix[1:]}"
                     )
-            raise _refuse(name, calls, why, fix)
+            refusal = _refuse(name, calls, why, fix)
+            if not calls and seen.aside and seen.axes and call is None and (family is None or family in FORCEABLE):
+                raise _AlongAnother(str(refusal), seen.axes)
+            raise refusal
         if lead is None and _in_chunks(probe, calls, seen):
             chunk_of = calls[0]
             if all(not _slot_unreached(probe, effect, calls, c.ordinal, chunk_of.k - 1) for c in calls):

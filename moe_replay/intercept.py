@@ -77,6 +77,7 @@ from .evidence import (
     PREDICTED,
     UNWRAP,
     Evidence,
+    MovedAxis,
     _first_floating,
     _own_hook,
     best_others,
@@ -1430,7 +1431,7 @@ class RouterHook:
                 return forward(*args, **kwargs)
             if compiling or ev is not self._armed:
                 self._arm(ev)
-            if not compiling and lean_ok:
+            if not compiling and lean_ok and ev.axis is None:  # (a choice along another dimension: the mode alone)
                 lean = self._lean.get(mode)
                 how = (
                     "audit"
@@ -1493,8 +1494,12 @@ class RouterHook:
                     _lean.leave()
             else:
                 decider = _DecisionMode(self, compiling)
-                with decider:
-                    out = forward(*args, **kwargs)
+                if ev is None or ev.axis is None:
+                    with decider:
+                        out = forward(*args, **kwargs)
+                else:  # (a choice along another dimension than the last, read moved last inside the decider)
+                    with decider, MovedAxis(ev.axis):
+                        out = forward(*args, **kwargs)
         except BaseException:
             if decider is not None:  # (a Ctrl-C inside the mode's __enter__, after its push: its with never popped it)
                 _torch_compat.drop_function_mode(decider)

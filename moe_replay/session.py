@@ -78,7 +78,7 @@ from .errors import (
     UnsupportedRouterError,
     _from_compiler,
 )
-from .evidence import VerifyReport, give_back_iterators, left_as_it_was
+from .evidence import AXES, VerifyReport, give_back_iterators, left_as_it_was
 from .intercept import EAGER, ClassForward, RouterHook, ScopedForward, _own_keys
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_call, watch_first_runs, watch_forward
@@ -1316,6 +1316,8 @@ class Session:
         self._wrappers.clear()
         self._feed_installed.clear()
         self._feed_wrappers.clear()
+        for hook in self._hooks:  # (a choice read along another dimension: read again as it is by a later session)
+            AXES.pop(hook.scope, None)
         self._hooks.clear()
         self._attached = False
         model = self._model_ref()

@@ -810,10 +810,11 @@ EXPECTED: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "checkpointed_gate": (lambda: CheckpointedMoE(PlainTopK()), "exact"),
     "guarded_renormalisation_in_the_block": (GuardedTopKBlock, "exact"),
     "gshard_capacity_dropping_by_position": (lambda: GShardTop2(1.0), "exact"),
-    # along another dimension than the last, under vmap: not read as a choice among experts (the message says so)
-    "experts_first_topk_dim0": (ExpertsFirst, "refused"),
-    "experts_first_argmax_dim0": (ExpertsFirstArgmax, "refused"),
-    "topk_middle_dim": (MiddleDim, "refused"),
+    # chosen along another dimension than the last, which is the experts': read with it moved last
+    "experts_first_topk_dim0": (ExpertsFirst, "exact"),
+    "experts_first_argmax_dim0": (ExpertsFirstArgmax, "exact"),
+    "topk_middle_dim": (MiddleDim, "exact"),
+    # under vmap: not read as a choice among experts (the message says so)
     "vmap_topk": (VmapGroups, "refused"),
     # chosen out of torch's sight or by calls replay cannot answer
     "kthvalue_top1": (KthvalueTop1, "refused"),

@@ -1247,12 +1247,26 @@ class _ExpertsInTheMiddle(nn.Module):
         return w.transpose(1, 2)[0], idx.transpose(1, 2)[0]
 
 
-def test_a_choice_along_another_dimension_is_refused_saying_so() -> None:
-    """Not as soft routing: the message names the call and asks for the experts last."""
+def test_a_choice_along_the_experts_dimension_is_read_moved_last() -> None:
+    """A top-k along dim 1 of ``[batch, E, seq]`` (the experts): established with that dimension moved last, which
+    ``verify()`` says, recorded per token, and forced in a replay after the routers change."""
     model = TwoLayers(lambda: RouterBlock(_ExpertsInTheMiddle()))
+    x = torch.randn(T, D)
     with mr.attach(model) as session:
-        with pytest.raises(mr.UnsupportedRouterError, match=r"another dimension than the last \(topk along dim 1"):
-            session.verify(torch.randn(T, D))
+        assert "along dim 1 of 3-dimensional scores" in str(session.verify(x))
+        with torch.no_grad(), session.capture():
+            model(x)
+        routes = session.routes()
+        assert routes.num_tokens == T
+        with torch.no_grad():
+            for name in session.names:
+                model.get_submodule(name).weight.mul_(-1)
+            with session.capture():
+                model(x)
+            assert not session.routes().equal(routes), "the changed routers choose the recorded experts anyway"
+            with session.replay(routes), session.capture():
+                model(x)
+        assert session.routes().equal(routes)
 
 
 class BusiestCapacityTop2Gate(nn.Module):

@@ -1069,6 +1069,9 @@ def _three_d() -> torch.Tensor:
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, input, options: ``train``, ``change`` and attach options)
     "glm4-moe-one-group": (lambda: Layers(lambda: GateBlock(Glm4MoeGate())), _x, {}),
+    # (experts-first scores chosen along dim 0, on as many tokens as experts: the dimension that stays as wide as the
+    # experts on more tokens is read as theirs)
+    "expert-major-as-many-tokens-as-experts": (lambda: Layers(lambda: GateBlock(ExpertMajorGate())), lambda: _x(E), {}),
     "glm4-moe-two-groups": (lambda: Layers(lambda: GateBlock(Glm4MoeGate(n_group=2, topk_group=1))), _x, {}),
     "glm4-moe-two-groups-both-kept": (
         lambda: Layers(lambda: GateBlock(Glm4MoeGate(n_group=2, topk_group=2))),
@@ -1162,12 +1165,6 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         lambda: Layers(ExpertChoiceBlock),
         lambda: _x(E),
         "is a top-k over tokens, not over experts",
-        {},
-    ),
-    "expert-major-as-many-tokens-as-experts": (
-        lambda: Layers(lambda: GateBlock(ExpertMajorGate())),
-        lambda: _x(E),
-        "chooses only along another dimension than the last",
         {},
     ),
     "flat-model-with-aux-topk": (

@@ -674,15 +674,7 @@ def test_uni_perceiver_shared_decision_idle_gate_is_named() -> None:
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.MoEReplayError,
-    reason="a top-k along the channel dimension of [batch, E, H, W] routing weights (one choice per pixel) is "
-    "refused when the module is named: moe_replay reads a choice only along the last dimension",
-)
 def test_spatial_moe_named_is_replayed_exactly() -> None:
     """Spatial MoE named with ``include=``: its decision is a plain top-k over the experts, along dim 1 of
-    ``[batch, E, H, W]`` (a row per pixel); recording and forcing it along that dimension would replay it exactly.
-    Today it is refused ("chooses only along another dimension than the last"), asking the model's code to be
-    changed."""
+    ``[batch, E, H, W]`` (a row per pixel), recorded and forced along that dimension: exact."""
     assert_exact(SMoENet(), _image(), include=SpatialMoE2d)

@@ -269,6 +269,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], bool | None, Callable[[], torch.
     "adamoe-null-experts": (lambda: TwoLayers(AdaMoEBlock), None, _x, {}),
     "pre-gated": (PreGatedModel, True, _x, {}),
     "aten-topk": (lambda: TwoLayers(lambda: RouterBlock(AtenTopKGate())), True, _x, {}),
+    "experts-first-top-k": (lambda: TwoLayers(lambda: RouterBlock(ExpertsFirstGate())), True, _x, {}),
 }
 
 
@@ -278,7 +279,8 @@ def test_replay_is_the_recorded_experts_forced_by_hand(case: str) -> None:
     """A router made by a hypernetwork, a top-1 by ``max`` against centroids, a frozen router over other inputs
     (word embeddings) than the hidden states it weighs, gates in sequence over one layer's experts, a router dense in
     training (here in eval), per-head choices in attention (named: no gate to find), null experts, a choice made a
-    block ahead (pre-gated), the aten operator: the recorded experts are the ones used, and a replay after the
+    block ahead (pre-gated), the aten operator, a top-k along dim 0 of experts-first ``[E, tokens]`` scores (read with
+    the experts moved last): the recorded experts are the ones used, and a replay after the
     routers change is those experts forced by hand, in output and gradients."""
     make, router_grads, x, attach = EXACT[case]
     assert_replay_is_forced_by_hand(make(), x(), router_grads=router_grads, **attach)
@@ -834,11 +836,15 @@ class LoryLayer(nn.Module):
 
 class ExpertsFirstGate(HyperlessGate):
     """A gate written experts-first (``W @ x.T``, scores ``[E, tokens]``, as JAX-style ``einsum('ed,td->et')``
-    code), its top-k along dim 0."""
+    code), its top-k along dim 0 (the experts: one choice per token)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = (self.gate.weight @ x.T).softmax(0)
-        w, idx = probs.topk(self.top_k, dim=0)
+        if self.forced is None:
+            w, idx = probs.topk(self.top_k, dim=0)
+        else:
+            idx = self.forced.T
+            w = probs.gather(0, idx)
         return w.T, idx.T
 
 
@@ -890,14 +896,6 @@ def _ids() -> torch.Tensor:
             lambda: TwoLayers(DSMoE).train(), _x, {}, mr.UnsupportedRouterError, "soft routing", id="ds-moe-training"
         ),
         pytest.param(
-            lambda: TwoLayers(lambda: RouterBlock(ExpertsFirstGate())),
-            _x,
-            {},
-            mr.UnsupportedRouterError,
-            "another dimension than the last",
-            id="experts-first-top-k",
-        ),
-        pytest.param(
             lambda: TwoLayers(lambda: RouterBlock(VmapGate())),
             _x,
             {},
@@ -923,9 +921,9 @@ def test_routers_with_no_choice_in_sight_are_refused(
     match: str,
 ) -> None:
     """No per-token choice moe_replay can record and force: a hash of the token ids (no scores), experts merged by a
-    softmax (Lory) or all weighted in training (DS-MoE), a top-k along the tokens' dimension of experts-first scores,
-    per token under ``vmap`` (seen as a top-k of flat scores), a threshold from a top-k's values (its indices never
-    read: a replay would gather the forced experts' values and keep whatever passes that threshold). Not found, or
+    softmax (Lory) or all weighted in training (DS-MoE), per token under ``vmap`` (seen as a top-k of flat scores), a
+    threshold from a top-k's values (its indices never read: a replay would gather the forced experts' values and
+    keep whatever passes that threshold). Not found, or
     refused saying why (once: the threshold as though no call mattered, the layers named with include= as two
     interceptions in one forward), the model left as it was."""
     model = make()

@@ -1013,6 +1013,8 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "straight-through-topk-function": (lambda: Layers(STTopKBlock), _x, {}),
     "colt5-heavy-tokens-beside-moe": (lambda: Layers(lambda: BesideMoE(CoLT5RoutedFF)), _x, {}),
     "padded-expert-count": (lambda: Layers(lambda: GateBlock(PaddedExpertsGate())), _x, {}),
+    # (a top-k along dim 0 of [E, tokens]: the experts' dimension, read moved last)
+    "expert-major-scores": (lambda: Layers(lambda: GateBlock(ExpertMajorGate())), _x, {}),
     "forward-patched-on-instance": (_patched_stack, _x, {}),
     "meo-merged-weights-named": (lambda: Layers(MEOLayer), _x, {"include": MEOLayer}),
     "meo-per-sequence-named": (lambda: Layers(lambda: MEOLayer(per_sequence=True)), _three_d, {"include": MEOLayer}),
@@ -1057,7 +1059,8 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     two views; dict outputs dispatched by lists or a sparse matrix; bilinear and attention routers; experts without
     a module list; a backward hook on the gate; ids packed into a float tensor; a sample router then a token router;
     ``functional_call``; ReLU scores with zero-weight slots; the decision in another method of the router; top-2
-    sliced to top-1 in eval; a full ranking (``topk`` of all ``E``) sliced to k: every router found and nothing
+    sliced to top-1 in eval; a full ranking (``topk`` of all ``E``) sliced to k; scores laid out ``[E, tokens]``,
+    chosen along dim 0 (the experts): every router found and nothing
     else, the recorded rows the experts used, and a replay after the routers change those experts forced by hand, in
     output and gradients."""
     make, x, options = EXACT[case]
@@ -1071,12 +1074,6 @@ _NOT_FOUND = "no MoE router found"
 _NONE = "makes no decision-like call"
 REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, dict[str, object]]] = {
     # name: (model, input, what the refusal says, options: ``train`` and attach options)
-    "expert-major-scores": (
-        lambda: Layers(lambda: GateBlock(ExpertMajorGate())),
-        _x,
-        "chooses only along another dimension than the last",
-        {},
-    ),
     "full-sort-sliced": (
         lambda: Layers(lambda: GateBlock(FullRankingGate("sort"))),
         _x,
@@ -1170,7 +1167,7 @@ def _assert_refused(
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_choices_no_recorded_row_holds_are_refused(case: str) -> None:
-    """Scores laid out ``[E, tokens]``; a full ranking sliced by a ``sort``; MEO's merged
+    """A full ranking sliced by a ``sort``; MEO's merged
     weights, not found; a hand-written Gumbel straight-through by equality with the ``max`` values, or with ``amax``;
     a capacity kept by score or by a random priority, experts replaced at random in training (later choices); a
     router overriding ``__call__`` (alone, or beside one that does not); a traced gate and a decision in numpy (no
