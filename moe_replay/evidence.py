@@ -1004,16 +1004,19 @@ class _ProbeMode(TorchFunctionMode):
         dim = _arg(args, kwargs, pos, "dim", default)
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.is_floating_point() and isinstance(dim, int):
             if dim not in (-1, x.dim() - 1):
-                self.aside.append(f"{family} along dim {dim} of {tuple(x.shape)} at {_where()}")
-                if family in FORCEABLE and -x.dim() <= dim < x.dim() and "out" not in kwargs:
-                    d = dim % x.dim()
-                    self.axes.append((d, x.dim(), int(x.shape[d])))
+                if len(self.aside) < 4:
+                    self.aside.append(f"{family} along dim {dim} of {tuple(x.shape)} at {_where()}")
+                # (every one: a sort along it, or a call writing into out=, is no choice read moved last)
+                forceable = family in FORCEABLE and -x.dim() <= dim < x.dim() and "out" not in kwargs
+                d = dim % x.dim() if -x.dim() <= dim < x.dim() else -1
+                self.axes.append((d if forceable else -1, x.dim(), int(x.shape[d]) if d >= 0 else 0))
         elif (
             isinstance(x, torch.Tensor)
             and x.dim() == 1
             and x.is_floating_point()
             and family == "topk"
             and len(self.flat) < 4
+            and len(self.aside) < 4
         ):
             self.flat.append(f"topk over all {x.numel()} values of a flat tensor at {_where()}")
 
@@ -1031,7 +1034,7 @@ class _ProbeMode(TorchFunctionMode):
         if func is _GUMBEL and _arg(args, kwargs, 2, "hard", False) and len(self.drawn) < 4:
             self.drawn.append(f"gumbel_softmax(hard=True) at {_where()}")
         if sig is None or NESTING.depth != self.depth:  # not a decision, or one of a router nested inside
-            if sig is None and func in DECISION_FUNCS and len(self.aside) < 4:
+            if sig is None and func in DECISION_FUNCS:
                 self._note_aside(func, args, kwargs)
             return _native(func, args, kwargs)
         i = len(self.calls)
@@ -1989,7 +1992,7 @@ def _expert_axis(axes: Sequence[tuple[int, int, int]], num_experts: int | None) 
     if len(found) != 1:
         return None
     axis = next(iter(found))
-    if axis[2] < 2 or (num_experts is not None and axis[2] != num_experts):
+    if axis[0] < 0 or axis[2] < 2 or (num_experts is not None and axis[2] != num_experts):
         return None
     return axis
 
@@ -4407,7 +4410,13 @@ def _establish(
                         f"scores.gather(-1, indices)). {fix[0].upper()}{fix[1:]}"
                     )
             refusal = _refuse(name, calls, why, fix)
-            if not calls and seen.aside and seen.axes and call is None and (family is None or family in FORCEABLE):
+            if (
+                not calls
+                and seen.aside
+                and not (seen.flat or seen.drawn or seen.escapes)
+                and call is None
+                and (family is None or family in FORCEABLE)
+            ):
                 raise _AlongAnother(str(refusal), seen.axes)
             raise refusal
         if lead is None and _in_chunks(probe, calls, seen):

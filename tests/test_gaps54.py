@@ -144,6 +144,36 @@ def test_a_choice_over_tokens_along_another_dimension_stays_refused(choose: str,
     assert_refused(model, x, "another dimension than the last", include=ExpertChoice)
 
 
+class ChannelMoEWithTokenOrder(ChannelMoE):
+    """:class:`ChannelMoE` whose forward also ranks the batch's rows along dim 0 (each expert's and position's best
+    rows first: a priority among the rows, as a capacity would take), that ranking weighting the output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.gate(x).softmax(dim=1)
+        rank = probs.argsort(dim=0, descending=True).argsort(dim=0)  # [B, E, N]: each row's rank per expert
+        return super().forward(x) * (1 + 0.1 * rank.float().mean(1, keepdim=True))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["argsort-of-rows", "topk-of-rows"])
+def test_a_choice_along_the_channels_beside_one_along_another_dimension_stays_refused(how: str) -> None:
+    """Where the forward also chooses along another dimension than the experts' (a ranking or a top-k of the batch's
+    rows), which is no choice among experts that the moved dimension reads, it is refused as before, the model as it
+    was."""
+    torch.manual_seed(0)
+    if how == "argsort-of-rows":
+        model: nn.Module = ChannelMoEWithTokenOrder()
+    else:
+
+        class _TopRows(ChannelMoE):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                best = self.gate(x).softmax(dim=1).topk(1, dim=0).values  # [1, E, N]: each expert's best row
+                return super().forward(x) * (1 + 0.1 * best.mean(1, keepdim=True))
+
+        model = _TopRows()
+    assert_refused(model, _features(3), "another dimension than the last", include=ChannelMoE)
+
+
 def _compiled(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return torch.compile(model, fullgraph=True, backend="eager")  # type: ignore[return-value]
 
