@@ -6022,7 +6022,8 @@ def _refuse_rows_out_of_order(
                 other = _Prober(probe.forward, probe.args, probe.kwargs, probe.scope, limit=probe.limit)
                 other.grads, other.took = probe.grads, probe.took
                 of_row = _rows_order(other, calls, ordinals)
-        except Exception:
+        except Exception as e:  # (the runs let the forward's own errors go: what is left is moe_replay's)
+            _only_forwards(e)  # (a fault flipping the state or reading the runs refuses, never keeps the order)
             return False
         finally:
             probe.snapshot.restore()
