@@ -69,6 +69,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._code_settings import is_generator_anywhere, static_attribute
+from ._faults import forwards_call, inside_forward, raised_inside
 from ._torch_compat import (
     COMPILER,
     HOOK_HANDLES,
@@ -85,6 +86,7 @@ from ._torch_compat import (
     version_of,
 )
 from .errors import (
+    MoEReplayError,
     RoutesValidationError,
     SessionStateError,
     TokenMismatchError,
@@ -3750,6 +3752,7 @@ class _Noting:
         self.before = before  # what the instance dict held under ``name`` before, or None: the class's method
         self.cache = cache
 
+    @inside_forward
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         cache = self.cache()
         rec = self.record() if self.record is not None else None
@@ -3793,6 +3796,7 @@ class _Shrinking(_Noting):
         super().__init__(record, name, before, cache)
         self.start = start  # the tokens the cache held as the capture first watched it
 
+    @inside_forward
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         cache = self.cache()
         rec = self.record() if self.record is not None else None
@@ -5221,11 +5225,33 @@ def _order_rows(
     notes: list[_Later] | None = None,
 ) -> list[torch.Tensor | None] | None:
     """The first router's input rows in a run of each of ``inputs`` (None: no router reached), from one random
-    state, with the submodules' hooks set ``aside``; None where a run fails. ``kept`` is put back after them.
-    ``path`` gets the modules the first run called before it stopped."""
+    state, with the submodules' hooks set ``aside``; None where a run fails (the forward's own error). ``kept`` is
+    put back after them. ``path`` gets the modules the first run called before it stopped. An error of moe_replay's
+    own code, in the runs or around them, refuses the forward (see :func:`_order_fault`): never an order untold."""
+    try:
+        return _told_rows(run, fed, inputs, devices, kept, aside, path, scopes, notes)
+    except MoEReplayError:
+        raise
+    except Exception as e:  # (the runs' errors are the forward's, taken inside: this one is moe_replay's)
+        raise _order_fault(e) from e
+
+
+def _told_rows(
+    run: Callable[..., Any],
+    fed: Callable[[torch.Tensor], tuple[tuple[Any, ...], dict[str, Any]]],
+    inputs: tuple[torch.Tensor, ...],
+    devices: list[torch.device],
+    kept: _Snapshot | None,
+    aside: bool,
+    path: list[nn.Module] | None,
+    scopes: Sequence[nn.Module] | None,
+    notes: list[_Later] | None,
+) -> list[torch.Tensor | None] | None:
+    """:func:`_order_rows`, whose errors are moe_replay's own but those of the forward in its runs."""
     rows: list[torch.Tensor | None] = []
     entered: list[nn.Module] = []
 
+    @inside_forward
     def note(module: nn.Module, args: Any) -> None:
         if not rows and not (later is not None and later.seen):  # (the first run's, to its first router)
             entered.append(module)
@@ -5268,11 +5294,14 @@ def _order_rows(
                     later = _Later(scopes)
                     notes.append(later)
                     ORDER_PROBE.note = later.note
+                given = fed(x)  # (moe_replay's own, outside the forward: see _order_rows)
                 try:
-                    run(*fed(x))
+                    run(*given)
                 except OrderStop as stop:
                     rows.append(stop.rows if later is None else later.first)
-                except Exception:  # (a forward that fails on the changed token: the order stays untold)
+                except Exception as e:  # (a forward that fails on the changed token: the order stays untold)
+                    if not isinstance(e, MoEReplayError) and raised_inside(e):  # (moe_replay's code inside it)
+                        raise _order_fault(e) from e
                     if later is None or not later.seen:
                         return None
                     rows.append(later.first)  # (it failed past its first router: told as far as it went)
@@ -5291,6 +5320,17 @@ def _order_rows(
     return rows
 
 
+def _order_fault(e: Exception) -> MoEReplayError:
+    """The refusal of a forward whose token order could not be told for ``e``, an error of moe_replay's own code in
+    the runs that tell it (a hook, a router's ``forward`` wrapper, the inputs it makes), which would otherwise leave
+    the order untold and the checks that read it off."""
+    return MoEReplayError(
+        f"moe_replay could not tell the order in which the routers see this forward's tokens, because its own code "
+        f"raised in the runs that tell it ({type(e).__name__}: {e}). This is a fault of moe_replay, not of the model: "
+        "please report it with this traceback. The model was left as it was"
+    )
+
+
 class _Drawn(TorchFunctionMode):
     """The ``torch.Generator`` objects the calls made while it is active are handed (``torch.randn(...,
     generator=g)``), each with its state before the first of them: put back by :meth:`put_back`. The token-order runs
@@ -5302,6 +5342,7 @@ class _Drawn(TorchFunctionMode):
         super().__init__()
         self.states: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
 
+    @inside_forward
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
@@ -5309,7 +5350,7 @@ class _Drawn(TorchFunctionMode):
         for value in (*args, *kwargs.values()):
             if is_generator_anywhere(value) and id(value) not in self.states:
                 self.states[id(value)] = (value, value.get_state())
-        return func(*args, **kwargs)
+        return forwards_call(func, args, kwargs)  # (the forward's call: its errors its own)
 
     def put_back(self) -> None:
         """Every generator noted set back to its state before its first draw."""
@@ -5710,6 +5751,7 @@ class FeedForward:
         """One of the sessions it serves detaches; it stays for the others."""
         self.users -= 1
 
+    @inside_forward  # (an error of its own in a probe or token-order run is told by its traceback, see _faults)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _compiling():
             return self._compiled(args, kwargs)
@@ -5871,6 +5913,7 @@ class FeedForward:
             return args, kwargs, None
         return (), {**kwargs, **batch}, batch
 
+    @inside_forward  # (what a token-order run calls: its own errors are moe_replay's, see _order_rows)
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The level's own forward."""
         before = self.before
@@ -6341,6 +6384,7 @@ def _first_name(forward: Callable[..., Any]) -> str | None:
     return params[0].name
 
 
+@inside_forward
 def _by_name(
     run: Callable[[tuple[Any, ...], dict[str, Any]], Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
@@ -6367,6 +6411,7 @@ def _take_deferred(r: FeedRecord | FeedCheck) -> bool:
     return True
 
 
+@inside_forward
 def _in_batch(
     run: Callable[[tuple[Any, ...], dict[str, Any]], Any],
     batch: Mapping[str, Any],

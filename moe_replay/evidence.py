@@ -74,6 +74,7 @@ from ._code_settings import (
 )
 from ._code_settings import generators as code_generators
 from ._code_settings import written as code_written
+from ._faults import FORWARDS_OWN, forwards_call, inside_forward, raised_inside
 from .errors import MoEReplayError, UnsupportedRouterError
 
 __all__ = [
@@ -1227,7 +1228,7 @@ class _LibraryFault(BaseException):
 
 #: The attribute that marks an exception as the forward's own: raised by its code, or by a torch call it made, as
 #: opposed to moe_replay's code running inside it or around its runs (see :func:`_only_forwards`).
-_FORWARDS_OWN = "_moe_replay_forwards_own"
+_FORWARDS_OWN = FORWARDS_OWN
 
 
 def _mark_forwards(e: BaseException) -> None:
@@ -1242,11 +1243,14 @@ def _forwards_own(e: BaseException) -> bool:
 
 
 def _native(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
-    """``func(*args, **kwargs)``, a call the forward made, answered natively: what it raises is the forward's own."""
+    """``func(*args, **kwargs)``, a call the forward made, answered natively: what it raises is the forward's own, but
+    an error of moe_replay's code that the call entered in turn (a checkpoint's recompute of a nested router in a
+    backward run: see ``_faults.raised_inside``)."""
     try:
         return func(*args, **kwargs)
     except Exception as e:
-        _mark_forwards(e)
+        if not raised_inside(e):
+            _mark_forwards(e)
         raise
 
 
@@ -2466,6 +2470,17 @@ def _same_sent(a: Any, b: Any) -> bool:
         return False
 
 
+def _drawn_from(it: Any, value: Any, sent: bool) -> Any:
+    """The next item of iterator ``it`` (for ``value``, where ``sent`` and not None, as ``send()`` gives it), drawn for
+    the forward: what it raises, its end among them, is the forward's own (see ``_faults.raised_inside``)."""
+    return forwards_call(_next_item, (it, value, sent), {})
+
+
+def _next_item(it: Any, value: Any, sent: bool) -> Any:
+    """``it.send(value)`` where ``sent`` and ``value`` is not None, else ``next(it)``."""
+    return it.send(value) if sent and value is not None else next(it)
+
+
 class _Redrawn:
     """Stands in a module's attribute (or a global) for an iterator the module holds (``self.noise_iter``, an
     ``itertools.cycle`` of seeds), which no state can be read from and put back as a random stream's is.
@@ -2486,9 +2501,11 @@ class _Redrawn:
     def __iter__(self) -> _Redrawn:
         return self
 
+    @inside_forward
     def __next__(self) -> Any:
         return self._draw(None, sent=False)
 
+    @inside_forward
     def send(self, value: Any) -> Any:
         """The next item for ``value``, as a generator's ``send()`` gives it (``None``: as ``next()``)."""
         return self._draw(value, sent=True)
@@ -2515,6 +2532,7 @@ class _Redrawn:
             tape.hand_back()
         return item
 
+    @inside_forward
     def close(self) -> None:
         """Close the iterator as a generator's ``close()`` does: the items the runs drew that no forward was given
         yet are let go (a closed generator gives none), every place holds the iterator itself again, and it is
@@ -2526,11 +2544,13 @@ class _Redrawn:
                 "establish it run the forward again and need the same items. Close the iterator outside the forward"
             )
         source: Any = tape.source
-        closing = source.close  # (an iterator with no close(), one of a list: its own AttributeError, nothing changed)
+        # (an iterator with no close(), one of a list: its own AttributeError, nothing changed)
+        closing = forwards_call(getattr, (source, "close"), {})
         tape.items.clear()
         tape.hand_back()
-        closing()
+        forwards_call(closing, (), {})
 
+    @inside_forward
     def throw(self, *args: Any) -> Any:
         """Throw into the iterator as a generator's ``throw()`` does, where no item the runs drew waits (the
         generator is where the model's forwards left it); refused where one does, as the generator stands past the
@@ -2545,20 +2565,22 @@ class _Redrawn:
                 "router"
             )
         source: Any = tape.source
-        throwing = source.throw  # (an iterator with no throw(): its own AttributeError, nothing changed)
+        # (an iterator with no throw(): its own AttributeError, nothing changed)
+        throwing = forwards_call(getattr, (source, "throw"), {})
         tape.hand_back()
-        return throwing(*args)
+        return forwards_call(throwing, args, {})
 
     def _from_source(self, value: Any, sent: bool) -> Any:
         tape = self.tape
         if tape.running and tape.replica is not None:
             replica: Any = tape.replica
-            try:
-                return replica.send(value) if sent and value is not None else next(replica)
+            try:  # (what the copy raises, the end of the items among them, the source would raise: the forward's)
+                return _drawn_from(replica, value, sent)
             except _NotPlain:  # (a map's replica met an item its function may run the user's code on)
                 tape.catch_up()
         source: Any = tape.source
-        return source.send(value) if sent and value is not None else next(source)
+        # (the source's own items and errors, its end among them: the forward's, as it would draw them unwatched)
+        return _drawn_from(source, value, sent)
 
     def _again(self, drawn: tuple[Any, Any], value: Any) -> Any:
         if not _same_sent(drawn[0], value):
@@ -3200,6 +3222,8 @@ class _Prober:
                 try:
                     out = _within(limit, self.forward, *run_args, **run_kwargs)
                 except Exception as e:  # (a _LibraryFault, raised by moe_replay's code inside it, is no Exception)
+                    if not isinstance(e, MoEReplayError) and raised_inside(e):  # (moe_replay's code the forward
+                        raise _library_fault(e) from e  # entered, outside this mode: a nested router's, a stand-in's)
                     _mark_forwards(e)
                     raise
         finally:

@@ -63,6 +63,7 @@ from ._code_settings import (
     settings_in,
     written,
 )
+from ._faults import forwards_call, inside_forward
 from ._inner_hooks import HookWatch
 from ._interrupts import _nothing as _no_hold
 from ._interrupts import hold_interrupts
@@ -2594,6 +2595,7 @@ class ScopedForward:
         self._class_fn: Any = cast(Any, inner).__func__ if self._class_forward() else None
         self._class_raw = _raw_forward(type(hook.scope)) if self._class_fn is not None else None
 
+    @inside_forward  # (an error of its own raised in a probe run is told by its traceback: nothing added to its calls)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if ORDER_PROBE.thread is not None and ORDER_PROBE.thread == _get_ident():
             ran = ORDER_PROBE.stop(
@@ -2762,8 +2764,8 @@ class ScopedForward:
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hook = self.__moe_replay_hook__
-        if NESTING.probing:  # inside another router's probe run (in this thread): run plainly
-            return self.__wrapped__(*args, **kwargs)
+        if NESTING.probing:  # inside another router's probe run (in this thread): run plainly (its errors its own)
+            return forwards_call(self.__wrapped__, args, kwargs)
         if hook.kept and _grad() and (_dynamo_compiling() or _in_compiled_autograd()) and _top_hooks() is None:
             # rows wait for a checkpoint's recompute, and compiled autograd (traced or run eagerly) runs this
             # forward with gradients in no non-reentrant checkpoint: a reentrant checkpoint's recompute, whose
