@@ -822,7 +822,7 @@ class FeedRecord:
             held: int | torch.Tensor | None = _cache_held(kwargs)
             if held is None:  # (a static cache's count, on its device: read in stream order, no host sync)
                 held = _device_held(kwargs)
-            places = places_fed(args, kwargs, fed, held)
+            places = places_fed(args, kwargs, fed if fed is not None else _flat_shape(ids, kwargs), held)
             if places is not None and places.numel() == count:
                 cache = given  # (the cache given, read above: nothing since changes the arguments)
                 if cache is not None and not self._built.holds(cache):
@@ -3280,6 +3280,11 @@ class OrderCheck(FeedCheck):
             )
         if self._rank is not None:
             self._check_rank(count, shape, order)
+        if shape is None and self._places is not None and order in (BATCH_MAJOR, UNTOLD):
+            # (a flat batch fed its positions: read as one [1, tokens] row, whose one order needs no telling, as a
+            # [1, tokens] forward's is not told)
+            shape = _flat_shape(_inputs(args, kwargs)[1] if inputs is None else inputs[1], kwargs)
+            order = BATCH_MAJOR if shape is not None else order
         if self._places is not None and start is not None and order == BATCH_MAJOR and shape is not None:
             self._check_places(start, count, shape, kwargs, args)
         return True
@@ -3719,6 +3724,18 @@ def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Fed:
         return -1, None, None
     count = int(embeds.shape[:-1].numel()) if embeds.dim() > 1 else -1
     return count, None, embeds.shape[:2] if embeds.dim() == 3 else None
+
+
+def _flat_shape(ids: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Size | None:
+    """The ``[1, tokens]`` shape a forward fed token ids of one dimension (an engine's flat batch, its sequences
+    packed end to end, vLLM's) is read as where it is given ``position_ids`` of as many tokens (by their own name or
+    one read as theirs: vLLM's ``positions``): they tell each token's place in its sequence, packed sequences
+    restarting them, as a packed ``[1, tokens]`` row's do. None otherwise (flat ids given no positions tell no place:
+    a decode step's tokens may each be a sequence of its own)."""
+    if ids is None or ids.dim() != 1 or ids.numel() < 1:
+        return None
+    shape = torch.Size((1, int(ids.numel())))
+    return shape if _positions_form(kwargs.get("position_ids"), 1, int(shape[1])) is not None else None
 
 
 def _plain(value: Any) -> TypeGuard[torch.Tensor]:

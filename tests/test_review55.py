@@ -319,12 +319,6 @@ def test_a_slice_fed_another_ranks_tokens_through_a_compiled_model_is_refused() 
 
 # ----------------------------------------------------------------------------- an engine's flat batch
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a forward fed token ids of one dimension (vLLM's flat batch, its sequences packed end to end) has no "
-    "[batch, positions] shape, so neither its capture nor its replay reads places: rows without ids laid out for "
-    "the batch's sequences in another order are forced, its positions (by any name) compared with nothing",
-)
 @pytest.mark.parametrize("name", ["positions", "position_ids"])
 def test_rows_laid_out_in_another_order_fed_a_flat_batch_are_refused(name: str) -> None:
     """Two sequences captured on their own through a forward of flat ids and positions (``[tokens]``), their rows
