@@ -1246,6 +1246,86 @@ class TracedFeedCheck:
         #: reads; set by the compiled code as it runs, an attribute it stores and never reads: no guard): its routers'
         #: rows are checked in :attr:`state` where the host saw no forward fed them (:meth:`FeedCheck._compiled_read`)
         self.covered = False
+        #: each row's place in its sequence (-1 at padding, -2 where not known, and past the end) on the routers'
+        #: device, where a replay of rows that know their places and no token ids is armed (:meth:`arm_places`): the
+        #: positions a forward compiled whole is fed are compared with them (:meth:`feed_places`); None otherwise
+        self.places: torch.Tensor | None = None
+        #: what :meth:`feed_places` marks (see PLACE_FOUND..PLACE_KIND), the address kept across calls
+        self.places_state: torch.Tensor | None = None
+        self.place_sources: list[Any] = []
+
+    #: the places in :attr:`places_state`: a forward found fed positions that do not fit its rows' places (0/1), the
+    #: row it began at, the token (its place in the forward, batch-major), the forward's positions per batch row, and
+    #: what was found (``PLACE_STEPS``: positions restarting or as far apart as no two rows; ``PLACE_VALUES``: a token
+    #: at another place of its sequence than its row, fed no mask and nothing that may hold tokens before its own)
+    PLACE_FOUND, PLACE_START, PLACE_AT, PLACE_WIDTH, PLACE_KIND = range(5)
+    PLACE_STEPS, PLACE_VALUES = 1, 2
+
+    def arm_places(self, places: torch.Tensor, sources: Sequence[Any]) -> torch.Tensor:
+        """As a block of rows that know their places starts (eager): compare the positions of the forwards compiled
+        whole with ``places`` (on the routers' device, one past the end); returns the cleared state read as it ends."""
+        device = places.device
+        with torch.inference_mode(False):
+            if self.places_state is None or self.places_state.device != device:
+                state = torch.zeros(self.PLACE_KIND + 1, dtype=torch.long, device=device)
+                self.places_state = mark_static_address(state)
+            else:
+                self.places_state.zero_()
+        self.places, self.place_sources = places, list(sources)
+        return self.places_state
+
+    def disarm_places(self) -> None:
+        """As the block ends: no compiled forward's positions are compared again (the state is kept to be read)."""
+        self.places = None
+        self.place_sources = []
+
+    def feed_places(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Traced as a forward compiled whole enters the level, where :meth:`arm_places` armed it: its integer
+        ``position_ids`` (``[positions]`` or ``[1 or batch, positions]``; those read as theirs by name) against the
+        places of the rows its routers read next, as :meth:`OrderCheck._check_places` compares an eager forward's:
+        two rows one after the other in a sequence fed positions that do not follow each other, rows apart fed
+        positions another distance apart, and, fed no mask and nothing that may hold earlier tokens, a token at
+        another place than its row's. The first mismatch is marked in :attr:`places_state`. Tensor ops only."""
+        places, state = self.places, self.places_state
+        if places is None or state is None or not self.place_sources:
+            return
+        count, ids, shape = _inputs(args, kwargs)
+        if shape is None:
+            shape = _flat_shape(ids, kwargs)
+        pos = kwargs.get("position_ids")
+        if shape is None or count != int(shape[0]) * int(shape[1]) or int(shape[1]) < 2:
+            return
+        batch, width = int(shape[0]), int(shape[1])
+        if not isinstance(pos, torch.Tensor) or pos.is_floating_point():
+            return  # (floats: read on the host only, see _positions_form; fractions tell no place)
+        if _positions_form(pos, batch, width) not in ("flat", "rows"):
+            return
+        device = places.device
+        fed = pos.detach().to(device, torch.long).reshape(-1, width).expand(batch, width)
+        cursors = [src.next_row() for src in self.place_sources]
+        start = cursors[0] if len(cursors) == 1 else torch.stack(cursors).max()
+        rows = torch.clamp(start + torch.arange(count, device=device), max=places.shape[0] - 1)
+        grid = places.index_select(0, rows).view(batch, width)
+        step, fed_step = grid[:, 1:] - grid[:, :-1], fed[:, 1:] - fed[:, :-1]
+        known = grid[:, :-1].ge(0)
+        steps = (known & step.eq(1) & fed_step.ne(1)) | (known & step.gt(1) & fed_step.ne(step))
+        wrong = torch.cat([torch.zeros_like(steps[:, :1]), steps], 1)
+        kind = torch.full_like(start, self.PLACE_STEPS)
+        alone = (
+            kwargs.get("attention_mask") is None
+            and "cache_position" not in kwargs
+            and all(kwargs.get(n) is None for n in _CACHE_NAMES)
+            and _batch_alone(args, kwargs, shape)
+        )
+        if alone:
+            values = grid.ge(0) & fed.ne(grid)
+            kind = torch.where(wrong.any(), kind, torch.full_like(start, self.PLACE_VALUES))
+            wrong = wrong | values
+        flat = wrong.reshape(-1)
+        at = torch.argmax(flat.to(torch.int32))
+        found = flat.any() & (state[self.PLACE_FOUND] == 0)
+        marked = torch.stack([torch.ones_like(start), start, at.to(torch.long), torch.full_like(start, width), kind])
+        state.copy_(torch.where(found, marked, state))
 
     def arm(
         self,
@@ -3176,6 +3256,9 @@ class OrderCheck(FeedCheck):
         #: the forwards whose position_ids were read from a keyword of another name (``word_positions=``, taken for
         #: positions by its name, see :func:`_positions_among`), by forward: named where their positions are refused
         self._positions_under: dict[int, str] = {}
+        #: the states of the levels whose compiled forwards compare their positions with the places (see
+        #: :meth:`_arm_places`), read as the block ends
+        self._places_armed: list[tuple[torch.Tensor, FeedForward]] = []
 
     def start(self, levels: Sequence[FeedForward], sources: Sequence[Any]) -> Callable[[], None]:
         """Check the forwards entering ``levels`` in this thread until the returned function is called (the routers'
@@ -3185,7 +3268,14 @@ class OrderCheck(FeedCheck):
         self._thread = threading.get_ident()
         self._levels = list(levels)
         self._sources = list(sources)
-        remove = _enter_levels(levels, self)
+        entered = _enter_levels(levels, self)
+        placed = self._arm_places()
+
+        def remove() -> None:
+            entered()
+            for level in placed:
+                level.traced.disarm_places()
+
         if self._captured is None or not self._sources:
             return remove
         for src in self._sources:
@@ -3230,6 +3320,56 @@ class OrderCheck(FeedCheck):
         sources = self._sources
         deque(map(setattr, sources, repeat("cleared"), map(min, map(_NUM_ROWS, sources), repeat(end))), 0)
         return True
+
+    def _arm_places(self) -> list[FeedForward]:
+        """Arm each level's compiled check with the rows' places (:meth:`TracedFeedCheck.arm_places`), where they are
+        known and the routers' rows are on one device: a forward compiled whole has its positions compared there, as
+        an eager one's are here. Returns the levels armed."""
+        devices = {src.device for src in self._sources}
+        if self._places is None or len(devices) != 1:
+            return []
+        device = devices.pop()
+        with torch.inference_mode(False):
+            places = torch.cat([self._places, torch.full((1,), -2, dtype=self._places.dtype)]).to(device)
+        armed = []
+        for level in self._levels:
+            sources = self._reached(level)
+            if sources:
+                self._places_armed.append((level.traced.arm_places(places, sources), level))
+                armed.append(level)
+        return armed
+
+    def _refuse_compiled_places(self) -> None:
+        """Refuse the block where a forward compiled whole was fed positions that do not fit its rows' places (read
+        from the levels' device states, see :meth:`_arm_places`)."""
+        armed, self._places_armed = self._places_armed, []
+        read = [(s.tolist(), level) for s, level in armed if level.compiled]
+        found = [(f, level) for f, level in read if f[TracedFeedCheck.PLACE_FOUND]]
+        if not found:
+            return
+        t = TracedFeedCheck
+        f = min(found, key=lambda x: x[0][t.PLACE_START])[0]
+        row, col = divmod(f[t.PLACE_AT], max(1, f[t.PLACE_WIDTH]))
+        what = (
+            "its position_ids put a token at another place in its sequence than its row holds (fed no mask and no KV "
+            "cache)"
+            if f[t.PLACE_KIND] == t.PLACE_VALUES
+            else "its position_ids restart a sequence inside a sequence of the routes, or put two of its rows another "
+            "distance apart than the routes hold them"
+        )
+        whose = (
+            "a capture recorded at other places of their sequences (their token ids dropped, not their places)"
+            if self.captured
+            else "laid out by mr.BatchLayout for another batch"
+        )
+        raise TokenMismatchError(
+            f"a forward of this replay() that ran compiled read rows {whose}: {what} (first at batch position "
+            f"[{row}, {col}], row {f[t.PLACE_START] + f[t.PLACE_AT]} of the routes), so its tokens would take the "
+            "experts of other tokens. Feed the tokens at the places their rows were captured at (a sequence-parallel "
+            "rank its own slice of the rows), lay the routes out for the batch as fed (mr.BatchLayout), or give them "
+            "their tokens' ids (routes.with_token_ids(ids)) so that every row is checked"
+            + (f". {self.hint}" if self.hint else "")
+        )
 
     def _order_guard(self, router: str, start: int, n: int) -> None:
         """A router reads past the rows of its forward's tokens (see :meth:`_place_calls`): its first call in the
@@ -3572,6 +3712,7 @@ class OrderCheck(FeedCheck):
                     if forward not in ran:
                         raise
                     raise TokenMismatchError(f"{e}. {_static_ran_note(ran[forward])}") from None
+            self._refuse_compiled_places()
         finally:
             self._positions_under = {}
         self._refuse_traced()
@@ -5822,6 +5963,12 @@ class FeedForward:
         was = FORWARD.on
         if _fed_tokens(args, kwargs) or (not args and _fed_tokens(*self._by_first_name(args, kwargs)[:2])):
             FORWARD.on = True  # (fed tokens: the rows its routers read are this forward's, see ring._Fed)
+        if traced.places is not None and not self.paired and not exporting():
+            # (a replay of rows that know their places, no ids: its positions compared with them on the device)
+            fed_args, fed_kwargs, _ = self._by_first_name(args, kwargs)
+            if not self.levels_inside:
+                fed_args, fed_kwargs, _ = self._unbatched(fed_args, fed_kwargs)
+            traced.feed_places(fed_args, self._named(fed_args, fed_kwargs))
         try:
             if not traced.active or self.paired or exporting():
                 if not self.paired and not exporting() and not isinstance(kwargs.get("inputs_embeds"), torch.Tensor):

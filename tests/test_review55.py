@@ -282,12 +282,6 @@ def test_a_router_drawing_from_an_iterator_keeping_its_state_deeper_is_in_step_o
 
 # ----------------------------------------------------------------------------- compiled forwards
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a forward torch.compile runs whole has its token ids compared on the device, never its positions with "
-    "the rows' places: rank 0's rows stripped of their ids, fed rank 1's tokens and position_ids through the "
-    "compiled model, are forced with nothing compared (the same eager forward is refused)",
-)
 def test_a_slice_fed_another_ranks_tokens_through_a_compiled_model_is_refused() -> None:
     """A sequence-parallel rank's rows of one sequence, laid out without token ids, fed the other rank's tokens and
     ``position_ids`` through ``torch.compile(model)``: refused, as in eager; each rank fed its own slice is exact."""
