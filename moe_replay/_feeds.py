@@ -822,7 +822,9 @@ class FeedRecord:
             held: int | torch.Tensor | None = _cache_held(kwargs)
             if held is None:  # (a static cache's count, on its device: read in stream order, no host sync)
                 held = _device_held(kwargs)
-            places = places_fed(args, kwargs, fed if fed is not None else _flat_shape(ids, kwargs), held)
+            placed = fed if fed is not None else _flat_shape(ids, kwargs)
+            _note_past(kwargs, placed)
+            places = places_fed(args, kwargs, placed, held)
             if places is not None and places.numel() == count:
                 cache = given  # (the cache given, read above: nothing since changes the arguments)
                 if cache is not None and not self._built.holds(cache):
@@ -3487,6 +3489,7 @@ class OrderCheck(FeedCheck):
         # forward given anything else that may hold earlier tokens, a cache under a name of its own, is not compared)
         # (a mask of another shape, a 4-d one, is a mask fed all the same: compared by value only where it is a
         # [batch, positions] one, whose positions may also count the padding before a sequence, as an arange does)
+        _note_past(kwargs, shape)
         whole = (
             (kwargs.get("attention_mask") is None or mask is not None)
             and pos is not None
@@ -4261,7 +4264,7 @@ def _batch_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Siz
                 return False
             continue
         named = name if isinstance(name, str) else ""
-        if _MEDIA.search(named):
+        if _MEDIA.search(named) or _fixed_past(named, value):
             continue
         if _may_hold_tokens(value, least=(2, 2) if _CACHE_LIKE.search(named) else (5, 3)):
             return False
@@ -4283,6 +4286,57 @@ def _tokens_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Si
             continue
         return False
     return seen
+
+
+#: the floating tensors of five dimensions or more given by a name that names neither media nor a cache (a video's
+#: ``frames``, OpenFlamingo's ``vision_x``; or keys and values stacked in one tensor), by (name, shape, dtype), and the
+#: first positions of the forwards given them (see :func:`_note_past`); at most :data:`_PAST_KEYS` of them
+_PAST_SEEN: dict[tuple[str, tuple[int, ...], torch.dtype], set[int]] = {}
+_PAST_KEYS = 256
+
+
+def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
+    """Note the first position a forward of ``shape`` is fed (its ``position_ids`` on the host) beside each floating
+    tensor of five dimensions or more it is given under a name of its own: a KV cache stacked in one tensor holds the
+    tokens before the positions, so one of its dimensions grows as they start later (or it is preallocated: a static
+    cache, whose name says so where the checks are to read it as one). The same name and shape seen beside two first
+    positions is no cache (:func:`_fixed_past`), whatever the name."""
+    if shape is None:
+        return
+    pos = kwargs.get("position_ids")
+    text = _text_positions(pos, int(shape[0]), int(shape[1])) if isinstance(pos, torch.Tensor) else None
+    if text is None or text.device.type != "cpu" or not text.numel():
+        return
+    first: int | None = None
+    for name, value in kwargs.items():
+        if (
+            isinstance(value, torch.Tensor)
+            and value.dim() >= 5
+            and value.is_floating_point()
+            and name not in _CACHE_NAMES
+            and not _CACHE_LIKE.search(name)
+            and not _MEDIA.search(name)
+        ):
+            key = (name, tuple(int(n) for n in value.shape), value.dtype)
+            starts = _PAST_SEEN.get(key)
+            if starts is None:
+                if len(_PAST_SEEN) >= _PAST_KEYS:
+                    continue
+                starts = _PAST_SEEN[key] = set()
+            if first is None:
+                first = int(text[:, 0].min())
+            if len(starts) < 2:
+                starts.add(first)
+
+
+def _fixed_past(name: str, value: Any) -> bool:
+    """Whether ``value``, given to a forward under ``name``, is a floating tensor whose name and shape were seen
+    beside forwards whose positions start at two places (:func:`_note_past`): no dimension of it counts the tokens
+    before a forward's own, so it holds none (a video's frames under a name of its own), as a cache would."""
+    if not isinstance(value, torch.Tensor) or value.dim() < 5 or not value.is_floating_point():
+        return False
+    starts = _PAST_SEEN.get((name, tuple(int(n) for n in value.shape), value.dtype))
+    return starts is not None and len(starts) > 1
 
 
 #: names of a forward's inputs that hold media (pixels, audio features, their grids and masks), never a token of a

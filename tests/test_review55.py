@@ -168,12 +168,6 @@ def test_a_slice_fed_another_ranks_tokens_with_fractional_positions_is_refused()
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a video's 5-d frames under a name that names no media (frames=, vision_x=) are read as a KV cache "
-    "stacked in one tensor, which may hold earlier tokens: the positions are compared by their steps only, and "
-    "rank 0's rows stripped of their ids, fed rank 1's tokens and positions, are forced",
-)
 @pytest.mark.parametrize("name", ["frames", "vision_x"])
 def test_a_slice_fed_another_ranks_tokens_beside_a_video_under_a_name_of_its_own_is_refused(name: str) -> None:
     """Another rank's slice fed beside a video's frames (``[batch, frames, channels, height, width]``, OpenFlamingo's
