@@ -3474,6 +3474,17 @@ class OrderCheck(FeedCheck):
         if self._layout is not None and self._layout.numel() >= start + count:
             self._refuse_run_on(self.forwards, start, self._layout[start : start + count].view(batch, positions))
         if not fed:
+            given = kwargs.get("position_ids")
+            if (
+                kwargs.get("attention_mask") is None
+                and positions > 1
+                and isinstance(given, torch.Tensor)
+                and given.is_floating_point()
+                and given.device.type == "cpu"
+                and given.dim()
+                and int(given.shape[-1]) == positions
+            ):
+                self._refuse_placeless(self.forwards, start)
             if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
                 self._refuse_unplaced(self.forwards, start, grid)
                 if self._layout is None and _tokens_alone(args, kwargs, shape) and not _kept_counts(self._levels):
@@ -3621,6 +3632,19 @@ class OrderCheck(FeedCheck):
             "the experts of other tokens. Lay the routes out for the batch as fed (mr.BatchLayout of its sequences), "
             "or give them their tokens' ids (routes.with_token_ids(ids)) so that every row is checked"
             + (f". {self.hint}" if self.hint else "")
+        )
+
+    def _refuse_placeless(self, forward: int, start: int) -> None:
+        """Refuse forward ``forward``, fed no attention mask and floating ``position_ids`` that tell no place (their
+        fractions are no whole number of one step: see :func:`_host_scale`): the routes know no token ids, so nothing
+        tells that its tokens sit at the places its rows hold, and another rank's slice would be forced."""
+        raise TokenMismatchError(
+            f"forward {forward} of this replay() reads rows from row {start} of routes that know no token ids, each "
+            "at its place in its sequence, but it is fed no attention mask and position_ids of fractions that tell "
+            "no place (no whole number of one step: not positions scaled by one factor): nothing tells that its "
+            "tokens sit at the places of their rows (another rank's slice, a suffix without its prefix would be "
+            "forced). Pass integer position_ids (the model may scale them itself), or give the routes their tokens' "
+            "ids (routes.with_token_ids(ids)) so that every row is checked" + (f". {self.hint}" if self.hint else "")
         )
 
     def _refuse_unplaced(self, forward: int, start: int, grid: torch.Tensor) -> None:
@@ -4669,7 +4693,7 @@ def _positions_form(pos: Any, batch: int, positions: int) -> str | None:
     if (
         not isinstance(pos, torch.Tensor)
         or int(pos.shape[-1] if pos.dim() else -1) != positions
-        or (pos.is_floating_point() and not _whole_on_host(pos))
+        or (pos.is_floating_point() and _host_scale(pos) is None)
     ):
         return None
     lead = tuple(int(n) for n in pos.shape[:-1])
@@ -4682,6 +4706,24 @@ def _positions_form(pos: Any, batch: int, positions: int) -> str | None:
     if lead[0] in (3, 4) and lead[1] in (1, batch):
         return "mrope"
     return "glm" if lead[1] == 2 and lead[0] in (1, batch) else None
+
+
+def _host_scale(t: torch.Tensor) -> float | None:
+    """The step that floating positions ``t``, on the host, count their places in: 1.0 where they are whole numbers;
+    where they hold fractions (a model that interpolates its positions, scaling them by one factor), the least step
+    between two positions one after the other, where every position is a whole number of such steps; None where
+    neither (positions that tell no place), or on a device (not read: no host sync)."""
+    if _whole_on_host(t):
+        return 1.0
+    if t.device.type != "cpu" or t.dim() < 1 or t.shape[-1] < 2 or not bool(torch.isfinite(t).all()):
+        return None
+    steps = (t[..., 1:] - t[..., :-1]).to(torch.float64)
+    ahead = steps[steps > 0]
+    if not ahead.numel():
+        return None
+    step = float(ahead.min())
+    counted = t.to(torch.float64) / step
+    return step if bool(((counted - counted.round()).abs() <= 1e-4).all()) else None
 
 
 def _whole_on_host(t: torch.Tensor) -> bool:
@@ -4711,8 +4753,8 @@ def _text_positions(pos: Any, batch: int, positions: int) -> torch.Tensor | None
     form = _positions_form(pos, batch, positions)
     if form is None:
         return None
-    if pos.is_floating_point():  # (whole numbers, see _positions_form)
-        pos = pos.to(torch.long)
+    if pos.is_floating_point():  # (whole numbers, or whole numbers of one step: see _positions_form)
+        pos = (pos.to(torch.float64) / cast(float, _host_scale(pos))).round().to(torch.long)
     if form == "flat":
         return cast(torch.Tensor, pos)[None]
     if form == "rows":

@@ -189,3 +189,32 @@ def test_a_compiled_model_fed_another_ranks_positions_in_steps_of_another_width_
     finally:
         session.detach()
         torch.compiler.reset()
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_slice_fed_positions_of_fractions_that_tell_no_place_is_refused_with_the_way_out() -> None:
+    """Positions of fractions that are no whole number of one step (``0.3 * p + 0.1``: not positions scaled by one
+    factor) tell no place: rows without ids fed them and no mask are refused, naming integer positions and ids as the
+    way out, and the model is left as it was; positions scaled by one factor are read as places (see
+    test_review55)."""
+    model = _wrapper(
+        [("positions", _P.POSITIONAL_OR_KEYWORD)],
+        lambda inner, ids, args, kw: inner(ids, position_ids=((kw["positions"] - 0.1) / 0.3).round().long()),
+    )
+    inner = model.inner
+    session = mr.attach(model)
+    try:
+        seq, pos = torch.randint(1, 128, (1, 8)), torch.arange(8)[None]
+        with torch.no_grad(), session.capture():
+            model(seq, positions=pos)
+        routes = mr.BatchLayout.packed([8]).routes([session.routes().with_token_ids(None)])
+        run = lambda: model(seq[:, :4], positions=pos[:, :4] * 0.3 + 0.1)  # noqa: E731
+        with torch.no_grad(), pytest.raises(mr.MoEReplayError, match="fractions that tell no place") as err:
+            with session.replay(routes[:4]):
+                run()
+        with torch.no_grad():
+            assert _outcome(model, session, routes[:4], run, inner) is None, "forced with nothing compared"
+        assert "with_token_ids" in str(err.value) and "integer position_ids" in str(err.value)
+        assert session.state == "idle"
+    finally:
+        session.detach()

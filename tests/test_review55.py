@@ -149,12 +149,6 @@ def test_a_continuation_fed_positions_in_kwargs_beside_its_cache_is_exact(name: 
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="positions of fractions (a model of one's own that interpolates them, fed positions / 2) tell no place "
-    "the host reads: rank 0's rows stripped of their ids, fed rank 1's tokens and fractional positions, are forced "
-    "with nothing compared",
-)
 def test_a_slice_fed_another_ranks_tokens_with_fractional_positions_is_refused() -> None:
     """Positions that a model of one's own takes as fractions (scaled by a half, as position interpolation scales
     them) and scales back: another rank's slice fed them must be refused, as with whole positions."""
