@@ -4325,32 +4325,34 @@ def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
     tokens before the positions, so one of its dimensions grows as they start later (or it is preallocated: a static
     cache, whose name says so where the checks are to read it as one). The same name and shape seen beside two first
     positions is no cache (:func:`_fixed_past`), whatever the name."""
-    if shape is None:
-        return
     pos = kwargs.get("position_ids")
-    text = _text_positions(pos, int(shape[0]), int(shape[1])) if isinstance(pos, torch.Tensor) else None
+    if shape is None or not isinstance(pos, torch.Tensor):
+        return
+    given = [
+        (name, value)
+        for name, value in kwargs.items()
+        if isinstance(value, torch.Tensor)
+        and value.dim() >= 5
+        and value.is_floating_point()
+        and name not in _CACHE_NAMES
+        and not _CACHE_LIKE.search(name)
+        and not _MEDIA.search(name)
+    ]
+    if not given:  # (nearly every forward: its positions are not read for this)
+        return
+    text = _text_positions(pos, int(shape[0]), int(shape[1]))
     if text is None or text.device.type != "cpu" or not text.numel():
         return
-    first: int | None = None
-    for name, value in kwargs.items():
-        if (
-            isinstance(value, torch.Tensor)
-            and value.dim() >= 5
-            and value.is_floating_point()
-            and name not in _CACHE_NAMES
-            and not _CACHE_LIKE.search(name)
-            and not _MEDIA.search(name)
-        ):
-            key = (name, tuple(int(n) for n in value.shape), value.dtype)
-            starts = _PAST_SEEN.get(key)
-            if starts is None:
-                if len(_PAST_SEEN) >= _PAST_KEYS:
-                    continue
-                starts = _PAST_SEEN[key] = set()
-            if first is None:
-                first = int(text[:, 0].min())
-            if len(starts) < 2:
-                starts.add(first)
+    first = int(text[:, 0].min())
+    for name, value in given:
+        key = (name, tuple(int(n) for n in value.shape), value.dtype)
+        starts = _PAST_SEEN.get(key)
+        if starts is None:
+            if len(_PAST_SEEN) >= _PAST_KEYS:
+                continue
+            starts = _PAST_SEEN[key] = set()
+        if len(starts) < 2:
+            starts.add(first)
 
 
 def _fixed_past(name: str, value: Any) -> bool:
