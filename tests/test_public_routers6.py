@@ -926,12 +926,6 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         r"reads back experts drawn from the random stream inside one call \(gumbel_softmax\(hard=True\)",
         {"train": True},
     ),
-    "conv-gate-channels-first": (
-        lambda: Layers(ConvMoE),
-        lambda: _x(2, 3, 4).permute(0, 3, 1, 2),
-        "dimension than the last",
-        {},
-    ),
     "moge-router": (lambda: Layers(lambda: GateBlock(MoGEGate())), _x, _GROUPS, {}),
     "moge-router-k-top1": (lambda: Layers(lambda: GateBlock(MoGEGate(groups=4, k=4))), _x, _GROUPS, {}),
     "grouped-no-expert-count": (
@@ -949,13 +943,23 @@ def test_choices_that_no_one_call_holds_are_refused(case: str) -> None:
     """Product keys (PEER, XLM's product-key memory: a top-k per sub-key set, then a top-k of their sums, whose
     positions pick the experts), a top-k over every token-expert pair at once (Expert Race), experts choosing
     tokens in turn (Mixture of Nested Experts), a threshold (EvoMoE's DTS gate), a Gumbel-softmax draw inside one
-    call, a choice along the channels of a feature map, and one top-k in each group of the experts at once (Pangu's
+    call, and one top-k in each group of the experts at once (Pangu's
     mixture of grouped experts, k top-1 gating in one call: the recorded rows would be positions within a group,
     ``G`` per token): refused, saying why, the model left as it was."""
     make, x, match, options = REFUSED[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
     assert_refused(make(), x(), match, train=train, **opts)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_choice_along_the_channels_of_a_feature_map_replays_exactly() -> None:
+    """Once refused as a choice along another dimension than the last: a convolutional MoE's gate on feature maps
+    (channels first) takes its top-k over the channel dimension, one choice per pixel. That dimension is the
+    experts' and every choice is along it, so the decision is read with it moved last: a capture records each pixel's
+    experts, and a replay forces them, as by hand, in training too."""
+    assert_exact(Layers(ConvMoE), _x(2, 3, 4).permute(0, 3, 1, 2))
+    assert_exact(Layers(ConvMoE), _x(2, 3, 4).permute(0, 3, 1, 2), train=True)
 
 
 @pytest.mark.reliability("silent replays")
