@@ -20,8 +20,11 @@ import moe_replay as mr
 
 # The test models are tiny: intra-op threads buy nothing, and on a busy 2-core machine the
 # spinning of torch's thread pool made each op up to ~100x slower. One thread keeps the
-# suite's time steady.
+# suite's time steady. The processes tests start (notebook kernels, the CLI, examples, distributed
+# workers) read OMP_NUM_THREADS when torch starts: a notebook kernel on two threads beside a busy
+# worker ran its cells 16 times slower (notebook 03: 81 s, 5 s on one thread).
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # No test downloads anything: transformers must not even try (it reads this when it is imported).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
