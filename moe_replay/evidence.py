@@ -1653,9 +1653,30 @@ def best_others(
     return scores.topk(m, dim=-1, largest=largest).indices
 
 
+_ATOMS = frozenset(
+    {int, float, bool, complex, str, bytes, type(None), slice, type(Ellipsis), torch.dtype, torch.device, torch.layout}
+)  # (what holds no tensor: a slice's bounds are read as ints, never as tensors, here)
+
+
 def _leaves(obj: Any, out: list[Any], depth: int = 0, ints: bool = False) -> list[Any]:
     """The tensors in nested containers and result objects (``ints``: Python ints too), in order."""
-    if isinstance(obj, torch.Tensor) or depth > 8 or (ints and type(obj) is int):
+    kind = type(obj)  # (the common cases first: every torch call of a probe run reads its arguments here)
+    if kind is torch.Tensor or depth > 8:
+        out.append(obj)
+        return out
+    if kind in _ATOMS:
+        if ints and kind is int:
+            out.append(obj)
+        return out
+    if kind is tuple or kind is list:
+        for v in obj:  # (its tensors and atoms read here, without a call each)
+            inner = type(v)
+            if inner is torch.Tensor or (ints and inner is int):
+                out.append(v)
+            elif inner not in _ATOMS or depth >= 8:
+                _leaves(v, out, depth + 1, ints)
+        return out
+    if isinstance(obj, torch.Tensor) or (ints and kind is int):
         out.append(obj)
     elif isinstance(obj, Mapping):
         for v in obj.values():
