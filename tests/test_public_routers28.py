@@ -595,6 +595,47 @@ def _tamm() -> nn.Module:
     return nn.Sequential(TammMixtureOfExperts(), TammMixtureOfExperts())
 
 
+# ----------------------------------------------------------------------- S5: the dataset names the expert
+# MiliLab/S5 RS_Finetune/Semantic_Segmentation/model/backbone/vit_moe.py (``FFNMOE``, ``TransformerEncoderLayer``): a
+# remote-sensing ViT whose FFN keeps a shared first layer and a shared output for ``embed_dims - part_features``
+# channels, and an expert per dataset (``Linear(feedforward_channels, part_features)``) for the rest, concatenated;
+# ``task2id`` maps the dataset's name (handed to each layer's forward) to its expert: no router decides.
+class FFNMOE(nn.Module):
+    def __init__(self, task_names: tuple[str, ...] = ("vaihingen", "potsdam", "OpenEarthMap"), part: int = 4):
+        super().__init__()
+        self.num_expert, self.part_features = len(task_names), part
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Dropout(0.0)), nn.Linear(2 * D, D - part), nn.Dropout(0.0)
+        )
+        self.task2id = {name: i for i, name in enumerate(task_names)}
+        self.experts = nn.ModuleList(nn.Linear(2 * D, part) for _ in task_names)
+
+    def forward(self, x: torch.Tensor, task: str | int, identity: torch.Tensor | None = None) -> torch.Tensor:
+        expert_id = self.task2id[task] if isinstance(task, str) else int(task)
+        out = x
+        for layer in list(self.layers)[:-2]:
+            out = layer(out)
+        shared_out = self.layers[-1](self.layers[-2](out))
+        out = torch.cat([shared_out, self.experts[expert_id](out)], dim=-1)
+        return (x if identity is None else identity) + out
+
+
+class S5Encoder(nn.Module):
+    """Two encoder layers' FFN halves (``ffn(norm2(x), dataset, identity=x)``), the dataset held on the model."""
+
+    def __init__(self, dataset: str = "potsdam") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.dataset = dataset
+        self.norm2 = nn.ModuleList(nn.LayerNorm(D) for _ in range(2))
+        self.ffn = nn.ModuleList(FFNMOE() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm2, ffn in zip(self.norm2, self.ffn, strict=True):
+            x = ffn(norm2(x), self.dataset, identity=x)
+        return x
+
+
 # ----------------------------------------------------------------------- the cases
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, input, options: ``train`` and attach options)
@@ -644,6 +685,13 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
     # name: (model, input, what the error says, options: ``train`` and attach options)
     "k-svd-dynamic-skip": (lambda: Layers(DynamicSkippingSparseMoeBlock), _seq, _LATER, {}),
     "dynamic-k-threshold": (lambda: Layers(DynamicKMoELayer), _seq, _STEPS, {}),
+    "s5-expert-per-dataset": (S5Encoder, _seq, "no MoE router found", {}),
+    "s5-expert-per-dataset-named": (
+        S5Encoder,
+        _seq,
+        r"routers 'ffn\.0' and 'ffn\.1' make no decision-like call",
+        {"include": FFNMOE},
+    ),
 }
 
 
@@ -651,9 +699,9 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_refused_naming_why(case: str) -> None:
     """A dynamic skip of the second expert where its weight is under ``beta`` times the first one's (a later choice
-    from the scores, the skipped slot cleared in the expert mask), and dynamic-k routing (a sort, a running sum, the
-    first place past a threshold, copied token by token): refused with a ``MoEReplayError`` saying why, the model as
-    it was."""
+    from the scores, the skipped slot cleared in the expert mask); dynamic-k routing (a sort, a running sum, the first
+    place past a threshold, copied token by token); S5's expert per dataset (named by the dataset, no router; alone
+    and named): refused with a ``MoEReplayError`` saying why, the model as it was."""
     make, x, match, options = REFUSED[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
