@@ -23,6 +23,7 @@ from torch import nn
 from tests.test_evidence import D
 from tests.test_public_routers2 import _x
 from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
+from tests.test_public_routers27 import _FirstOut
 
 
 # ----------------------------------------------------------------------- UltraThinking: a hierarchy of four routers
@@ -171,12 +172,13 @@ def _seq() -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------- K-SVD: dynamic skipping of the second expert
-# jinuk0211/K-SVD dynamic_skip.py (``DynamicSkippingSparseMoeBlockWrapper``): wraps a Qwen3-MoE block's gate and
-# experts; softmax of the gate's logits, ``torch.topk``, then the second slot is skipped where its weight is under
-# ``beta`` times the first one's (the top-2 form the file keeps, commented, beside a k-wide one): its weight set to 0
-# in place, the weights renormalised (twice, as upstream), and the slot cleared in the one-hot expert mask
-# (``expert_mask[:, 1, mask_skip] = 0``), so the skipped expert never runs on that token. The experts then run per
-# expert on ``torch.where`` of the mask, weighted, ``index_add_`` into the output.
+# jinuk0211/K-SVD dynamic_skip.py (``DynamicSkippingSparseMoeBlockWrapper``): wraps a Qwen3-MoE block (kept as
+# ``self.model``, its gate and experts held again as ``self.gate`` and ``self.experts``); softmax of the gate's
+# logits, ``torch.topk``, then the second slot is skipped where its weight is under ``beta`` times the first one's
+# (the top-2 form the file keeps, commented, beside a k-wide one): its weight set to 0 in place, the weights
+# renormalised (twice, as upstream), and the slot cleared in the one-hot expert mask (``expert_mask[:, 1, mask_skip]
+# = 0``), so the skipped expert never runs on that token. The experts then run per expert on ``torch.where`` of the
+# mask, weighted, ``index_add_`` into the output.
 class QwenExpert(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -188,12 +190,43 @@ class QwenExpert(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DynamicSkippingSparseMoeBlock(_Used):
-    def __init__(self, num_experts: int = 6, beta: float = 0.9) -> None:
+class Qwen3MoeSparseMoeBlock(nn.Module):
+    """The wrapped block (v4-era HF Qwen3-MoE): softmax, top-k, renormalised, the one-hot loop over experts."""
+
+    def __init__(self, num_experts: int = 6, top_k: int = 2) -> None:
         super().__init__()
-        self.beta, self.num_experts, self.top_k = beta, num_experts, 2
+        self.num_experts, self.top_k = num_experts, top_k
         self.gate = nn.Linear(D, num_experts, bias=False)
         self.experts = nn.ModuleList(QwenExpert() for _ in range(num_experts))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        router_logits = self.gate(hidden_states)
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        final_hidden_states = torch.zeros_like(hidden_states)
+        expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+        for expert_idx in range(self.num_experts):
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            if top_x.numel():
+                current = self.experts[expert_idx](hidden_states[top_x]) * routing_weights[top_x, idx, None]
+                final_hidden_states.index_add_(0, top_x, current)
+        return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim), router_logits
+
+
+class DynamicSkippingSparseMoeBlock(_Used):
+    """The wrapper: the block kept as ``self.model``, its gate and experts also held as ``self.gate`` and
+    ``self.experts`` (one module under two paths each); the block's own forward never runs."""
+
+    def __init__(self, beta: float = 0.9) -> None:
+        super().__init__()
+        model = Qwen3MoeSparseMoeBlock()
+        self.model, self.beta = model, beta
+        self.num_experts, self.top_k = model.num_experts, model.top_k
+        self.gate = model.gate
+        self.experts = model.experts
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
@@ -636,6 +669,70 @@ class S5Encoder(nn.Module):
         return x
 
 
+# ------------------------------------------------------------ Expert_Sparsity: a wrapper that routes for its block
+# Lucky-Lance/Expert_Sparsity model/wrapper.py (``PrunableMixtralSparseMoeBlockWrapper``): expert pruning (Lu et al.
+# 2024) wraps each Mixtral block as ``self.model`` and routes in the wrapper's own forward: the block's gate, the
+# logits of the experts in ``experts_to_drop`` set to ``-inf`` in place, softmax in float32, ``torch.topk`` of
+# ``self.model.top_k``, renormalised, the one-hot expert mask, and each of the block's experts run on its tokens (the
+# v4-era ``MixtralBLockSparseTop2MLP(hidden_states, routing_weights)`` weighting inside the expert), ``index_add_``;
+# the wrapper returns ``(hidden_states, router_logits)``. The wrapped block's own forward never runs.
+class MixtralBlockSparseTop2MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(D, 2 * D, bias=False)
+        self.w2 = nn.Linear(2 * D, D, bias=False)
+        self.w3 = nn.Linear(D, 2 * D, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        return routing_weights * self.w2(F.silu(self.w1(hidden_states)) * self.w3(hidden_states))
+
+
+class MixtralSparseMoeBlock(nn.Module):
+    """The wrapped block (v4-era HF Mixtral): its gate, experts, ``num_experts`` and ``top_k``; its own forward, the
+    same top-k, is what the wrapper replaces."""
+
+    def __init__(self, num_experts: int = 6, top_k: int = 2) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.gate = nn.Linear(D, num_experts, bias=False)
+        self.experts = nn.ModuleList(MixtralBlockSparseTop2MLP() for _ in range(num_experts))
+
+
+class PrunableMixtralSparseMoeBlockWrapper(_Used):
+    def __init__(self, experts_to_drop: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.model = MixtralSparseMoeBlock()
+        self.experts_to_drop = experts_to_drop
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        router_logits = self.model.gate(hidden_states)
+        if self.experts_to_drop is not None:
+            for e in self.experts_to_drop:
+                router_logits[:, e] = -float("inf")
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        if self.forced is None:
+            routing_weights, selected_experts = torch.topk(routing_weights, self.model.top_k, dim=-1)
+        else:
+            selected_experts = self.forced
+            routing_weights = routing_weights.gather(-1, selected_experts)
+        self.used = selected_experts
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        final_hidden_states = torch.zeros((batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype)
+        expert_mask = F.one_hot(selected_experts, num_classes=self.model.num_experts).permute(2, 1, 0)
+        for expert_idx in range(self.model.num_experts):
+            expert_layer = self.model.experts[expert_idx]
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            if top_x.shape[0] == 0:
+                continue
+            top_x_list, idx_list = top_x.tolist(), idx.tolist()
+            current_state = hidden_states[None, top_x_list].reshape(-1, hidden_dim)
+            current_hidden_states = expert_layer(current_state, routing_weights[top_x_list, idx_list, None])
+            final_hidden_states.index_add_(0, top_x, current_hidden_states)
+        return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim), router_logits
+
+
 # ----------------------------------------------------------------------- the cases
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, input, options: ``train`` and attach options)
@@ -658,6 +755,18 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     ),
     "tamm-router-sampler-capacity": (_tamm, _seq, {"holders": True}),
     "tamm-router-sampler-capacity-train": (_tamm, _seq, {"holders": True, "train": True}),
+    # (the wrapper returns ``(hidden_states, router_logits)``; the router found is the wrapped block's gate, whose
+    # caller, the wrapper, takes the top-k)
+    "expert-sparsity-prunable-wrapper": (
+        lambda: Layers(lambda: _FirstOut(PrunableMixtralSparseMoeBlockWrapper())),
+        _seq,
+        {"holders": True},
+    ),
+    "expert-sparsity-prunable-wrapper-experts-dropped": (
+        lambda: Layers(lambda: _FirstOut(PrunableMixtralSparseMoeBlockWrapper(experts_to_drop=(1, 4)))),
+        _seq,
+        {"holders": True},
+    ),
 }
 
 
@@ -668,9 +777,11 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     outputs; dynamo disabled, autocast off, advanced-index dispatch masks); MomentumSMoE's gates (a softmax over the
     k chosen through a ``-inf`` scatter, an EMA penalty buffer moved at each training forward before the top-k, and a
     multi-head cosine gate that renormalises its expert embeddings in place at every forward), with the momentum
-    carried from layer to layer; tamm's router, whose top-k runs in a sampler child and whose output is a dataclass,
-    with a capacity drop by position after it: every router found and nothing else, the recorded rows the experts
-    used, and a replay after the routers change those experts forced by hand, in output and gradients."""
+    carried from layer to layer; Expert_Sparsity's pruning wrapper (the wrapped block's gate called from the
+    wrapper's forward, which takes the top-k; pruned experts' logits set to ``-inf`` in place first); tamm's router,
+    whose top-k runs in a sampler child and whose output is a dataclass, with a capacity drop by position after it:
+    every router found and nothing else, the recorded rows the experts used, and a replay after the routers change
+    those experts forced by hand, in output and gradients."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
