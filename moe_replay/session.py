@@ -2020,8 +2020,9 @@ class Session:
             if silent:
                 raise UnsupportedRouterError(
                     f"routers {silent} recorded no row while others recorded up to {max(written)}: they never "
-                    "ran during the capture (a module outside the forward path, or built twice?). Exclude "
-                    "them with exclude=, or call routes(allow_silent=True)"
+                    "ran during the capture (a module outside the forward path, or built twice?)"
+                    + _aliases_of_silent(silent, self._sites, written)
+                    + ". Exclude them with exclude=, or call routes(allow_silent=True)"
                 )
         rows = [
             r.rows(w) if r is not None else torch.zeros(0, s.top_k or 1, dtype=torch.long)
@@ -3512,6 +3513,22 @@ def _check_forced(sources: Sequence[ReplaySource], strict: bool, device_read: bo
             if not strict
             else ""
         )
+    )
+
+
+def _aliases_of_silent(silent: Sequence[str], sites: Sequence[RouterSite], written: Sequence[int]) -> str:
+    """What the error for routers that recorded no row adds where one of them is a module that another path of the
+    same module recorded rows for (a wrapper that holds a block and its gate again under its own names): the idle
+    path's block never ran, its module did, under the other path; ``""`` where none is.
+    """
+    recorded = {id(s.module): s.name for s, w in zip(sites, written, strict=True) if w > 0}
+    pairs = [(s.name, recorded[id(s.module)]) for s in sites if s.name in silent and id(s.module) in recorded]
+    if not pairs:
+        return ""
+    said = "; ".join(f"'{idle}' is the module that '{other}' recorded rows for" for idle, other in pairs[:4])
+    return (
+        f" ({said}: one module at two paths, whose block at the idle path never ran, the module itself running under "
+        "the other path; its rows are there)"
     )
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moe_replay as mr
+from tests.conftest import assert_untouched, snapshot
 from tests.test_evidence import D
 from tests.test_public_routers2 import _x
 from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
@@ -319,6 +321,37 @@ class DynamicKMoELayer(nn.Module):
                         token_output += selected_probs[b, s, i] * expert_output
                 output[b, s] = token_output
         return self.output_norm(output)
+
+
+class AliasingSparseMoeBlockWrapper(_Used):
+    """K-SVD's wrapper structure with its skip left out: the block kept as ``self.model``, its gate and experts held
+    again under the wrapper's names, and the wrapper's forward the block's own top-k (its forward never runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        model = Qwen3MoeSparseMoeBlock()
+        self.model, self.num_experts, self.top_k = model, model.num_experts, model.top_k
+        self.gate = model.gate
+        self.experts = model.experts
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_dim = hidden_states.shape[-1]
+        flat = hidden_states.view(-1, hidden_dim)
+        routing_weights = F.softmax(self.gate(flat), dim=1, dtype=torch.float)
+        if self.forced is None:
+            routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+        else:
+            selected_experts = self.forced
+            routing_weights = routing_weights.gather(-1, selected_experts)
+        self.used = selected_experts
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+        for expert_idx in range(self.num_experts):
+            idx, top_x = torch.where(expert_mask[expert_idx])
+            if top_x.numel():
+                out.index_add_(0, top_x, self.experts[expert_idx](flat[top_x]) * routing_weights[top_x, idx, None])
+        return out.view_as(hidden_states)
 
 
 # ------------------------------------------------------------------ MomentumSMoE: three gates, a momentum across layers
@@ -757,6 +790,12 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "tamm-router-sampler-capacity-train": (_tamm, _seq, {"holders": True, "train": True}),
     # (the wrapper returns ``(hidden_states, router_logits)``; the router found is the wrapped block's gate, whose
     # caller, the wrapper, takes the top-k)
+    # (the idle paths of the aliased gates left out, as the refusal below says)
+    "k-svd-wrapper-aliases-no-skip-idle-paths-excluded": (
+        lambda: Layers(AliasingSparseMoeBlockWrapper),
+        _seq,
+        {"exclude": "layers.*.model.gate"},
+    ),
     "expert-sparsity-prunable-wrapper": (
         lambda: Layers(lambda: _FirstOut(PrunableMixtralSparseMoeBlockWrapper())),
         _seq,
@@ -817,3 +856,23 @@ def test_refused_naming_why(case: str) -> None:
     opts = dict(options)
     train = bool(opts.pop("train", False))
     assert_refused(make(), x(), match, train=train, **opts)
+
+
+@pytest.mark.reliability("silent replays")
+def test_gate_aliased_by_a_wrapper_names_the_path_that_recorded_its_rows() -> None:
+    """A wrapper that keeps its block as ``self.model`` and holds the block's gate again as ``self.gate`` (K-SVD's
+    structure): zero configuration finds the gate at both paths; the block at ``model`` never runs, so that path
+    records no row, and the error says which path of the same module recorded them (and ``exclude=``) rather than
+    only that the router never ran; the model as it was after detaching."""
+    model = Layers(AliasingSparseMoeBlockWrapper).eval()
+    before = snapshot(model)
+    with mr.attach(model) as session:
+        assert set(session.names) == {f"layers.{i}.{path}gate" for i in (0, 1) for path in ("", "model.")}
+        with torch.no_grad(), session.capture():
+            model(_seq())
+        with pytest.raises(
+            mr.MoEReplayError,
+            match=r"'layers\.0\.model\.gate' is the module that 'layers\.0\.gate' recorded rows for.*exclude=",
+        ):
+            session.routes()
+    assert_untouched(model, before)
