@@ -1,4 +1,5 @@
-"""MoE code of hierarchical, dynamic-skip and dynamic-k research models, with zero configuration (see
+"""MoE code of hierarchical and momentum research models, block wrappers for pruning and skipping, a router whose
+top-k runs in a child module, dynamic-k routing and per-dataset experts, with zero configuration (see
 ``test_public_routers27``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
@@ -171,6 +172,10 @@ class HierarchicalMoELayer(nn.Module):
 
 def _seq() -> torch.Tensor:
     return _x(2, 5)
+
+
+def _short() -> torch.Tensor:
+    return _x(2, 3)
 
 
 # ----------------------------------------------------------------------- K-SVD: dynamic skipping of the second expert
@@ -771,10 +776,10 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     # name: (model, input, options: ``train`` and attach options)
     # (a smaller change of the routers: a forced expert's softmax score under float32's range makes the renormalised
     # weights 0/0, upstream as by hand, and NaN is never equal to itself)
-    "ultrathinking-hierarchical-moe": (HierarchicalMoELayer, _seq, {"change": 0.5}),
+    "ultrathinking-hierarchical-moe": (HierarchicalMoELayer, _short, {"change": 0.5}),
     "ultrathinking-hierarchical-moe-train": (
         HierarchicalMoELayer,
-        _seq,
+        _short,
         {"change": 0.5, "train": True},
     ),
     "momentum-smoe-balance-gate": (MomentumSMoE, _seq, {}),
@@ -786,8 +791,8 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         _seq,
         {"same_forwards": True, "train": True},
     ),
-    "tamm-router-sampler-capacity": (_tamm, _seq, {"holders": True}),
-    "tamm-router-sampler-capacity-train": (_tamm, _seq, {"holders": True, "train": True}),
+    "tamm-router-sampler-capacity": (_tamm, _short, {"holders": True}),
+    "tamm-router-sampler-capacity-train": (_tamm, _short, {"holders": True, "train": True}),
     # (the wrapper returns ``(hidden_states, router_logits)``; the router found is the wrapped block's gate, whose
     # caller, the wrapper, takes the top-k)
     # (the idle paths of the aliased gates left out, as the refusal below says)
