@@ -3234,6 +3234,10 @@ class OrderCheck(FeedCheck):
         self._kept = kept
         #: the places are those a capture recorded its rows at (routes whose ids were dropped), not a layout's
         self.captured = False
+        #: where the places are a layout's: the places a capture recorded the same rows at (-2 where not known), or
+        #: None. Rows a layout placed from 0 may be a turn laid out alone, fed after the tokens a static cache the
+        #: model keeps holds; rows recorded at other places than the positions they are fed are not that turn
+        self.recorded: torch.Tensor | None = None
         #: each row's place in its sequence in the batch a BatchLayout laid the rows out for, -1 at its padding, -2
         #: where not known (``Routes._layout_pos``), or None; and (forward, first row, the places of its rows, a copy
         #: of its attention mask and position_ids) of the forwards fed them on a device, read when the block ends
@@ -3517,7 +3521,14 @@ class OrderCheck(FeedCheck):
             try:
                 self._refuse_places(self.forwards, start, grid, mask, pos, whole, counts)
             except TokenMismatchError:
-                text = _text_positions(pos, batch, positions) if whole and pos is not None else None
+                # (a capture's rows hold the places their forward gave them, the tokens a cache held before included:
+                # fed at other positions they are never a continuation after a cache; only rows a layout placed from
+                # 0 in a sequence of their own may be, and not where a capture recorded them at other places)
+                text = (
+                    _text_positions(pos, batch, positions) if whole and pos is not None and not self.captured else None
+                )
+                if text is not None and not self._at_recorded(start, count, text):
+                    raise
                 caches = _static_held(self._levels, text) if text is not None else []
                 if not caches:
                     raise
@@ -3528,6 +3539,16 @@ class OrderCheck(FeedCheck):
         elif self.device_ids:
             held = [None if t is None else t.detach().clone() for t in (mask, pos)]
             self._places_later.append((self.forwards, start, grid, held[0], held[1], whole, counts))
+
+    def _at_recorded(self, start: int, count: int, text: torch.Tensor) -> bool:
+        """Whether the rows a forward reads from ``start`` on (``count`` of them) are fed at the places a capture
+        recorded them at (:attr:`recorded`), where it recorded any: its text positions ``text`` (``[1 or batch,
+        positions]``) hold each known one. True where none is known."""
+        if self.recorded is None or self.recorded.numel() < start + count:
+            return True
+        rows = self.recorded[start : start + count].view(-1, int(text.shape[-1]))
+        known = rows.ge(0)
+        return bool(rows.eq(text.expand_as(rows)).logical_or(~known).all())
 
     def left(self) -> None:
         """The forward fed last has ended (see :meth:`FeedCheck.left`): one let run on the evidence of a static cache

@@ -2540,6 +2540,8 @@ class Session:
             )
             order.scope_of = self._scope_of(held)
             order.captured = captured
+            if layout is not None and routes._seq_pos is not None and routes._seq_pos.numel() == layout.numel():
+                order.recorded = _places_of_capture(routes._seq_pos)
             if len({src.num_rows for src in held}) == 1:  # (every router in step: each forward's calls are checked)
                 call_rows, forward_calls = routes._call_rows, routes._forward_calls
                 own = routes._router_calls
