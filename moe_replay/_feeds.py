@@ -3471,7 +3471,9 @@ class OrderCheck(FeedCheck):
             mask = _tokens_of_4d(mask, batch, positions)
         if not (isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, positions)):
             mask = None
-        if positions < 2 or _positions_form(pos, batch, positions) is None:
+        if (positions < 2 and not _one_token_rows_placed(args, kwargs, shape)) or _positions_form(
+            pos, batch, positions
+        ) is None:
             pos = None  # (of a form that tells the positions: read as text positions in _refuse_places)
         fed = [t for t in (mask, pos) if t is not None]
         grid = places.view(batch, positions)
@@ -4314,6 +4316,14 @@ def _batch_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Siz
         if _may_hold_tokens(value, least=(2, 2) if _CACHE_LIKE.search(named) else (5, 3)):
             return False
     return True
+
+
+def _one_token_rows_placed(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Size) -> bool:
+    """Whether the ``position_ids`` of a ``[batch, 1]`` forward place its tokens: fed no attention mask and nothing
+    that may hold earlier tokens (a KV cache, by name or shape), each row is a sequence of one token at its position,
+    as a forward fed its tokens sequence-first (``[positions, 1]``) reads them. A decode step given its cache is
+    not compared by value."""
+    return kwargs.get("attention_mask") is None and _cache_held(kwargs) == 0 and _batch_alone(args, kwargs, shape)
 
 
 def _tokens_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Size) -> bool:

@@ -7,7 +7,7 @@ every token whose row names experts dispatches exactly those, or the replay is r
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -236,5 +236,74 @@ def test_a_turn_after_a_static_cache_stacked_in_one_tensor_of_its_own_name_repla
         assert got is not None, "the turn after the prompt's stacked static cache refused though exact"
         for layer, rows in got.items():
             assert torch.equal(rows, want[layer]), layer
+    finally:
+        session.detach()
+
+
+def _rank0(batch: int) -> torch.Tensor:
+    """The rows of the first 4 positions of each of ``batch`` sequences of 12, laid out batch-major (as the routers
+    of :class:`_SequenceFirst` see them)."""
+    return (torch.arange(batch)[:, None] * 12 + torch.arange(4)).reshape(-1)
+
+
+class _SequenceFirst(nn.Module):
+    """A static-cache decoder's layers (test_gaps53's, no cache kept: a rotary table and a causal mask) behind a
+    forward that takes its tokens sequence-first, as ``nn.Transformer`` does by default: ids ``[positions, batch]``
+    and their ``position_ids`` of the same shape (every sequence at the same positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _static_model("tables", "position_ids")
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.run(input_ids.t(), position_ids[:, 0])
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    "batch",
+    [
+        1,
+        pytest.param(
+            2,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="a [positions, batch] forward of two sequences or more, whose routers see them batch-major, "
+                "has its rows read in the routers' order and its places not compared: another rank's slice fed its "
+                "positions is forced",
+            ),
+        ),
+    ],
+)
+def test_a_sequence_first_forward_of_another_ranks_slice_fed_its_positions_is_refused(batch: int) -> None:
+    """A model that takes ``[positions, batch]`` ids (one sequence per sequence-parallel rank) and their
+    ``position_ids``: the capture of the 12-token sequence records each row's place (0..11), and rank 0's rows fed
+    rank 0's slice are exact. Fed rank 2's tokens at rank 2's positions (8..11) they must be refused, as they are for
+    a ``[1, positions]`` forward; the rows with their token ids are. Read as a batch of one-token rows, fed no cache
+    and no mask, each row's position is its place: their positions were not compared, and rank 0's rows were forced
+    on rank 2's tokens."""
+    model = _SequenceFirst()
+    _watch_experts(model)
+    seq = torch.randint(1, 128, (12, batch), generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(12)[:, None].expand(12, batch)
+    session = mr.attach(model)
+    try:
+        with torch.no_grad(), _dispatched(model) as rec, session.capture():
+            model(seq, position_ids=pos)
+        want, captured = _joined(rec), session.routes()
+        assert sorted(cast(torch.Tensor, captured._seq_pos).tolist()) == sorted(pos.reshape(-1).tolist()), "places"
+        routes = captured.with_token_ids(None)
+        _perturb(model)
+        with torch.no_grad():
+            own = _outcome(model, session, routes[_rank0(batch)], lambda: model(seq[:4], position_ids=pos[:4]), model)
+            by_ids = _outcome(
+                model, session, captured[_rank0(batch)], lambda: model(seq[8:], position_ids=pos[8:]), model
+            )
+            other = _outcome(model, session, routes[_rank0(batch)], lambda: model(seq[8:], position_ids=pos[8:]), model)
+        assert own is not None, "rank 0's own slice refused though exact"
+        for layer, got in own.items():
+            assert torch.equal(got, want[layer][_rank0(batch)]), layer
+        assert by_ids is None, "rows with their ids forced on other tokens"
+        assert other is None, "rank 0's rows forced on rank 2's tokens"
     finally:
         session.detach()
