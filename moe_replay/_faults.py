@@ -9,19 +9,33 @@ raised in moe_replay's code entered from the forward (an *entry*, :func:`inside_
 code below that entry, is moe_replay's own. The user's code an entry calls (the router's forward, the iterator it
 draws from) has a frame of its own below it; where an entry calls something that raises with no frame of its own (a
 C iterator's ``StopIteration``), the entry marks that error as the forward's (``forwards_call``).
+
+An error of moe_replay's own may not reach the run's maker at all: the user's code around an entry may catch it (an
+``except Exception`` around a nested router's call) and the run go on as another forward. So an entry's code that runs
+in those runs notes such an error as it leaves (:func:`note_fault`), and the maker of each run reads the note as the
+run ends (:func:`run_begins`, :func:`run_ends`): a run that saw one is refused, whatever the forward did with it.
 """
 
 from __future__ import annotations
 
 import os
 import sysconfig
+import threading
 import types
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["forwards_call", "inside_forward", "mark_forwards", "raised_inside"]
+__all__ = [
+    "forwards_call",
+    "inside_forward",
+    "mark_forwards",
+    "note_fault",
+    "raised_inside",
+    "run_begins",
+    "run_ends",
+]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -86,9 +100,14 @@ def _kind(code: types.CodeType) -> str:
 def raised_inside(e: BaseException) -> bool:
     """Was ``e`` raised by moe_replay's code that the forward entered: a frame of an entry in its traceback with no
     frame of the user's code below it, and not marked as the forward's own?"""
+    return _raised_below(e, False)
+
+
+def _raised_below(e: BaseException, inside: bool) -> bool:
+    """:func:`raised_inside`, where ``inside`` tells whether the traceback's first frame runs in moe_replay's code
+    entered from the forward (an entry's own ``except`` reads it: its frame is the first)."""
     if getattr(e, FORWARDS_OWN, False) is True:
         return False
-    inside = False
     tb = e.__traceback__
     while tb is not None:
         kind = _kind(tb.tb_frame.f_code)
@@ -98,3 +117,44 @@ def raised_inside(e: BaseException) -> bool:
             inside = False
         tb = tb.tb_next
     return inside
+
+
+class _Runs(threading.local):
+    """The runs of a forward that moe_replay makes in this thread (a probe run, a token-order run), and the first
+    error of its own that left one of its entries in the innermost of them (see :func:`note_fault`)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.fault: Exception | None = None
+
+
+_RUNS = _Runs()
+
+
+def note_fault(e: Exception) -> None:
+    """Note ``e``, leaving moe_replay's code that the forward entered (called in that code's ``except``), where it is
+    moe_replay's own error (no frame of the user's code below, not marked the forward's) and a run that moe_replay
+    makes is under way in this thread: the user's code around may catch it and the run go on as another forward, so
+    the run's maker reads it as the run ends (:func:`run_ends`). Nothing is noted outside such runs."""
+    runs = _RUNS
+    if runs.depth and runs.fault is None and _raised_below(e, True):
+        runs.fault = e
+
+
+def run_begins() -> Exception | None:
+    """A run of the forward begins in this thread: returns what the run around it noted so far (handed back to
+    :func:`run_ends`), and notes afresh."""
+    runs = _RUNS
+    outer, runs.fault = runs.fault, None
+    runs.depth += 1
+    return outer
+
+
+def run_ends(outer: Exception | None) -> Exception | None:
+    """The run begun by :func:`run_begins` (which returned ``outer``) ended: returns the error of moe_replay's own
+    that left one of its entries in it (None where none did), whether or not the forward caught it; the run around
+    it notes as before."""
+    runs = _RUNS
+    fault, runs.fault = runs.fault, outer
+    runs.depth -= 1
+    return fault

@@ -69,7 +69,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._code_settings import is_generator_anywhere, static_attribute
-from ._faults import forwards_call, inside_forward, raised_inside
+from ._faults import forwards_call, inside_forward, note_fault, raised_inside, run_begins, run_ends
 from ._torch_compat import (
     COMPILER,
     HOOK_HANDLES,
@@ -5540,8 +5540,12 @@ def _told_rows(
 
     @inside_forward
     def note(module: nn.Module, args: Any) -> None:
-        if not rows and not (later is not None and later.seen):  # (the first run's, to its first router)
-            entered.append(module)
+        try:
+            if not rows and not (later is not None and later.seen):  # (the first run's, to its first router)
+                entered.append(module)
+        except Exception as e:  # (its own error in a run: noted, whatever the forward's code does with it)
+            note_fault(e)
+            raise
 
     later: _Later | None = None
 
@@ -5582,17 +5586,26 @@ def _told_rows(
                     notes.append(later)
                     ORDER_PROBE.note = later.note
                 given = fed(x)  # (moe_replay's own, outside the forward: see _order_rows)
+                outer = run_begins()
                 try:
                     run(*given)
                 except OrderStop as stop:
+                    _order_noted(run_ends(outer), stop)
                     rows.append(stop.rows if later is None else later.first)
                 except Exception as e:  # (a forward that fails on the changed token: the order stays untold)
-                    if not isinstance(e, MoEReplayError) and raised_inside(e):  # (moe_replay's code inside it)
+                    _order_noted(run_ends(outer), e)
+                    if raised_inside(e):  # (moe_replay's code inside it; a refusal it made on purpose as it is)
+                        if isinstance(e, MoEReplayError):
+                            raise
                         raise _order_fault(e) from e
                     if later is None or not later.seen:
                         return None
                     rows.append(later.first)  # (it failed past its first router: told as far as it went)
+                except BaseException:
+                    run_ends(outer)
+                    raise
                 else:
+                    _order_noted(run_ends(outer), None)
                     rows.append(None if later is None else later.first)  # (None: no router reached)
                 finally:
                     ORDER_PROBE.note = None
@@ -5605,6 +5618,17 @@ def _told_rows(
     if path is not None:
         path[:] = entered
     return rows
+
+
+def _order_noted(fault: Exception | None, raised: BaseException | None) -> None:
+    """Raise ``fault``, an error of moe_replay's code that left one of its entries inside a token-order run
+    (``_faults.run_ends``), unless it is ``raised``, what the run itself raised: the forward's code caught it and went
+    on, so the run told another forward's order. A refusal made on purpose is raised as it is."""
+    if fault is None or fault is raised:
+        return
+    if isinstance(fault, MoEReplayError):
+        raise fault
+    raise _order_fault(fault) from fault
 
 
 def _order_fault(e: Exception) -> MoEReplayError:
@@ -5634,10 +5658,14 @@ class _Drawn(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        for value in (*args, *kwargs.values()):
-            if is_generator_anywhere(value) and id(value) not in self.states:
-                self.states[id(value)] = (value, value.get_state())
-        return forwards_call(func, args, kwargs)  # (the forward's call: its errors its own)
+        try:
+            for value in (*args, *kwargs.values()):
+                if is_generator_anywhere(value) and id(value) not in self.states:
+                    self.states[id(value)] = (value, value.get_state())
+            return forwards_call(func, args, kwargs)  # (the forward's call: its errors its own)
+        except Exception as e:  # (its own error in a run: noted, whatever the forward's code does with it)
+            note_fault(e)
+            raise
 
     def put_back(self) -> None:
         """Every generator noted set back to its state before its first draw."""

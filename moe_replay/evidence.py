@@ -74,7 +74,7 @@ from ._code_settings import (
 )
 from ._code_settings import generators as code_generators
 from ._code_settings import written as code_written
-from ._faults import FORWARDS_OWN, forwards_call, inside_forward, raised_inside
+from ._faults import FORWARDS_OWN, forwards_call, inside_forward, note_fault, raised_inside, run_begins, run_ends
 from .errors import MoEReplayError, UnsupportedRouterError
 
 __all__ = [
@@ -1260,9 +1260,21 @@ def _only_forwards(e: Exception) -> None:
     is passed over for it. A refusal of moe_replay's code made on purpose is raised as it is."""
     if _forwards_own(e):
         return
-    if isinstance(e, UnsupportedRouterError):
+    if isinstance(e, MoEReplayError):
         raise e
     raise _library_fault(e) from e
+
+
+def _refuse_noted(fault: Exception | None, raised: BaseException | None) -> None:
+    """Raise ``fault``, an error of moe_replay's code that left one of its entries inside a run of the forward
+    (``_faults.run_ends``), unless it is ``raised``, what the run itself raised (told apart by its caller): the
+    forward's code caught it and went on, so the run was another forward than the router's. A refusal made on purpose
+    is raised as it is; any other error as a :class:`_LibraryFault`, which refuses the router by name."""
+    if fault is None or fault is raised:
+        return
+    if isinstance(fault, MoEReplayError):
+        raise fault
+    raise _library_fault(fault) from fault
 
 
 def _library_fault(e: Exception) -> _LibraryFault:
@@ -2524,12 +2536,20 @@ class _Redrawn:
 
     @inside_forward
     def __next__(self) -> Any:
-        return self._draw(None, sent=False)
+        try:
+            return self._draw(None, sent=False)
+        except Exception as e:  # (its own error or refusal inside a run: noted, whatever the forward does with it)
+            note_fault(e)
+            raise
 
     @inside_forward
     def send(self, value: Any) -> Any:
         """The next item for ``value``, as a generator's ``send()`` gives it (``None``: as ``next()``)."""
-        return self._draw(value, sent=True)
+        try:
+            return self._draw(value, sent=True)
+        except Exception as e:  # (its own error or refusal inside a run: noted, whatever the forward does with it)
+            note_fault(e)
+            raise
 
     def _draw(self, value: Any, *, sent: bool) -> Any:
         tape = self.tape
@@ -2558,6 +2578,14 @@ class _Redrawn:
         """Close the iterator as a generator's ``close()`` does: the items the runs drew that no forward was given
         yet are let go (a closed generator gives none), every place holds the iterator itself again, and it is
         closed where it can be."""
+        try:
+            self._close()
+        except Exception as e:  # (its own error or refusal inside a run: noted, whatever the forward does with it)
+            note_fault(e)
+            raise
+
+    def _close(self) -> None:
+        """:meth:`close`'s work."""
         tape = self.tape
         if tape.running:
             raise UnsupportedRouterError(
@@ -2576,6 +2604,14 @@ class _Redrawn:
         """Throw into the iterator as a generator's ``throw()`` does, where no item the runs drew waits (the
         generator is where the model's forwards left it); refused where one does, as the generator stands past the
         point a forward without the runs would throw into, and what it gives there cannot be known."""
+        try:
+            return self._throw(args)
+        except Exception as e:  # (its own error or refusal inside a run: noted, whatever the forward does with it)
+            note_fault(e)
+            raise
+
+    def _throw(self, args: tuple[Any, ...]) -> Any:
+        """:meth:`throw`'s work."""
         tape = self.tape
         if tape.running or tape.items:
             raise UnsupportedRouterError(
@@ -3240,13 +3276,21 @@ class _Prober:
             ):
                 run_args, run_kwargs = _grad_like((_clone(args, own), _clone(kwargs, own)), self.grads)
                 self.ran = (run_args, run_kwargs)  # (what the run wrote into them is read by _escaped_indices)
+                outer = run_begins()
                 try:
                     out = _within(limit, self.forward, *run_args, **run_kwargs)
                 except Exception as e:  # (a _LibraryFault, raised by moe_replay's code inside it, is no Exception)
-                    if not isinstance(e, MoEReplayError) and raised_inside(e):  # (moe_replay's code the forward
-                        raise _library_fault(e) from e  # entered, outside this mode: a nested router's, a stand-in's)
+                    _refuse_noted(run_ends(outer), e)
+                    if raised_inside(e):  # (moe_replay's code the forward entered, outside this mode: a nested
+                        if isinstance(e, MoEReplayError):  # router's, a stand-in's; a refusal it made on purpose is
+                            raise  # raised as it is, never the forward's own)
+                        raise _library_fault(e) from e
                     _mark_forwards(e)
                     raise
+                except BaseException:
+                    run_ends(outer)
+                    raise
+                _refuse_noted(run_ends(outer), None)
         finally:
             NESTING.probing -= 1
         if inputs is None:
@@ -3864,9 +3908,18 @@ def _refuse_backward_choice(name: str, probe: _Prober, ev: Evidence) -> None:
     def backward(move: str | None, last: bool = False) -> tuple[Any, list[str]]:
         watch = _BackwardWatch(ev.num_experts, move)
         NESTING.probing += 1
+        outer = run_begins()
         try:
             with probe.snapshot.hooks_aside(), _autocast_cache_aside(), watch:
                 got = _native(engine, (tuple(outs), tuple(grads), not last, False, tuple(wrt), True, False), {})
+        except Exception as e:
+            _refuse_noted(run_ends(outer), e)
+            raise
+        except BaseException:
+            run_ends(outer)
+            raise
+        else:
+            _refuse_noted(run_ends(outer), None)
         finally:
             NESTING.probing -= 1
             probe.snapshot.restore()

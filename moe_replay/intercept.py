@@ -63,7 +63,7 @@ from ._code_settings import (
     settings_in,
     written,
 )
-from ._faults import forwards_call, inside_forward
+from ._faults import forwards_call, inside_forward, note_fault
 from ._inner_hooks import HookWatch
 from ._interrupts import _nothing as _no_hold
 from ._interrupts import hold_interrupts
@@ -2554,6 +2554,14 @@ class OrderProbe(threading.local):
         where ``check`` is set, hand them to it once (then neither is set) and return None: the router goes on. Where
         ``note`` is set, note them and run the scope's own forward (``forward``, its :class:`ScopedForward`), plain:
         its output, in a tuple."""
+        try:
+            return self._stop(args, kwargs, forward)
+        except Exception as e:  # (an error of its own in a token-order run: noted, whatever the forward's code around
+            note_fault(e)  # this call does with it, see _faults)
+            raise
+
+    def _stop(self, args: tuple[Any, ...], kwargs: dict[str, Any], forward: Any) -> tuple[Any] | None:
+        """:meth:`stop`'s work."""
         rows = None
         for value in (*args, *kwargs.values()):
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
@@ -2754,12 +2762,15 @@ class ScopedForward:
         lean, state.lean = state.lean, None
         try:
             out = self._call(args, kwargs)
+            hook = self.__moe_replay_hook__
+            if _GLOBAL_HOOKS or hook.scope._forward_hooks:  # hooks run after this forward (see OutputGuard)
+                hook.guard_output(out)
+        except Exception as e:  # (an error of its own in a run moe_replay makes: noted, whatever the forward's code
+            note_fault(e)  # around this call does with it, see _faults)
+            raise
         finally:
             state.depth -= 1
             state.lean = lean
-        hook = self.__moe_replay_hook__
-        if _GLOBAL_HOOKS or hook.scope._forward_hooks:  # hooks run after this forward (see OutputGuard)
-            hook.guard_output(out)
         return out
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
