@@ -5631,11 +5631,16 @@ def _order_noted(fault: Exception | None, raised: BaseException | None) -> None:
     raise _order_fault(fault) from fault
 
 
+class _OrderFault(MoEReplayError):
+    """The refusal of a forward whose token order could not be told for an error of moe_replay's own code in the runs
+    that tell it (see :func:`_order_fault`), chained from that error."""
+
+
 def _order_fault(e: Exception) -> MoEReplayError:
     """The refusal of a forward whose token order could not be told for ``e``, an error of moe_replay's own code in
     the runs that tell it (a hook, a router's ``forward`` wrapper, the inputs it makes), which would otherwise leave
     the order untold and the checks that read it off."""
-    return MoEReplayError(
+    return _OrderFault(
         f"moe_replay could not tell the order in which the routers see this forward's tokens, because its own code "
         f"raised in the runs that tell it ({type(e).__name__}: {e}). This is a fault of moe_replay, not of the model: "
         "please report it with this traceback. The model was left as it was"
@@ -6521,7 +6526,14 @@ class FeedForward:
             run = functools.partial(_by_name, self._run, ids_name)
         if batch is not None:  # (the runs call the forward as it was called: its inputs in one mapping)
             run = functools.partial(_in_batch, run, batch)
-        found = token_order(run, self.scopes, args, runs_given, self.module, path, seen, mask, located, kept_only)
+        try:
+            found = token_order(run, self.scopes, args, runs_given, self.module, path, seen, mask, located, kept_only)
+        except _OrderFault as fault:
+            if not (isinstance(fault.__cause__, TypeError) and self._unbound(args, runs_given, ids_name, batch)):
+                raise
+            # (the runs called the forward as the caller did, and the caller's call does not fit its parameters:
+            # the caller's own error, which the forward raises as it runs, as it does unwatched)
+            found = None
         if located:  # (given by name or by place at later forwards: both, where the forward's signature has them)
             name, at, marks_padding, pad = located[0]
             if name is None and at is not None:
@@ -6555,6 +6567,32 @@ class FeedForward:
             self.unpads = frozenset() if prior[1] is None else prior[1].unpads
             return prior[0]
         return found or UNTOLD
+
+    def _unbound(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], ids_name: str | None, batch: Mapping[str, Any] | None
+    ) -> bool:
+        """Does the call the token-order runs make of this level's forward, given ``args`` and ``kwargs`` as
+        :meth:`_order` gives them (its ids by ``ids_name``, its inputs in ``batch``), not fit the forward's parameters
+        (the ``TypeError`` Python raises as it binds them, before any of its code runs)? False where its parameters
+        cannot be read."""
+        try:
+            signature = inspect.signature(self.__wrapped__)
+        except (TypeError, ValueError):
+            return False
+
+        def bind(a: tuple[Any, ...], k: dict[str, Any]) -> None:
+            signature.bind(*a, **k)
+
+        check: Callable[[tuple[Any, ...], dict[str, Any]], Any] = bind
+        if ids_name is not None:  # (as the runs call it: see _order)
+            check = functools.partial(_by_name, check, ids_name)
+        if batch is not None:
+            check = functools.partial(_in_batch, check, batch)
+        try:
+            check(args, kwargs)
+        except TypeError:
+            return True
+        return False
 
     def _keep(self, found: _Found) -> None:
         """Keep ``found``, told at the forward running now, for this level's later blocks and later sessions (settled

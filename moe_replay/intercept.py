@@ -2572,8 +2572,8 @@ class OrderProbe(threading.local):
             if not self.depth and note(forward.__moe_replay_hook__.scope, rows):
                 raise OrderStop(rows)
             self.depth += 1
-            try:
-                return (forward.__wrapped__(*args, **kwargs),)
+            try:  # (the scope's own forward, called as the forward's code called it: its errors its own)
+                return (forwards_call(forward.__wrapped__, args, kwargs),)
             finally:
                 self.depth -= 1
         if check is None:

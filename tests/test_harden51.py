@@ -1,6 +1,7 @@
 """Errors of the user's forward stay the user's; errors of moe_replay's code inside the runs it makes are never lost.
 
-An error of moe_replay's code inside a probe run (a nested
+A call of a watched forward that does not fit its parameters (the caller's ``TypeError``) was read, in the runs that
+tell a forward's token order, as moe_replay's own fault. An error of moe_replay's code inside a probe run (a nested
 router's interception, the stand-in that serves a router again what the runs drew from an iterator, its refusal among
 them) could be caught by the forward's own ``except Exception`` around the call: the run went on as another forward
 than the router's, and the router was established on it. Faults are injected as in ``test_harden50``: a private helper
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 import moe_replay as mr
-from moe_replay import _faults, evidence, intercept
+from moe_replay import _faults, _feeds, evidence, intercept
 
 from .test_harden50 import (
     _E,
@@ -31,6 +32,7 @@ from .test_harden50 import (
     _hooks,
     _Inner,
     _inputs,
+    _lm,
     _Model,
     _refused_for,
     _state,
@@ -43,6 +45,55 @@ def _raised(call: Callable[[], Any]) -> BaseException:
     except Exception as e:
         return e
     raise AssertionError("it did not raise")
+
+
+#: calls of a model's forward that fit none of its parameters
+_MISFITS: dict[str, Callable[[nn.Module, torch.Tensor], Any]] = {
+    "an unknown keyword": lambda model, ids: model(ids, no_such_argument=1),
+    "too many by position": lambda model, ids: model(ids, *([None] * 12)),
+}
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("misfit", list(_MISFITS))
+def test_a_call_that_fits_no_parameter_of_the_forward_raises_the_callers_own_type_error(misfit: str) -> None:
+    """A capture's forward called with arguments its forward does not take raises the ``TypeError`` it raises with no
+    session attached, the model as it was, and the session goes on: the runs that tell the forward's token order call
+    it as the caller did, and its error was taken for moe_replay's own (a request to report a fault)."""
+    model, ids = _lm()
+    call = _MISFITS[misfit]
+    native = _raised(lambda: call(model, ids))
+    assert isinstance(native, TypeError)
+    state, hooks = _state(model), _hooks(model)
+    with mr.attach(model) as session, torch.no_grad():
+        with pytest.raises(TypeError) as info, session.capture():
+            call(model, ids)
+        assert type(info.value) is type(native) and str(info.value) == str(native)
+        with session.capture():  # (the session goes on as before)
+            model(ids)
+        assert session.routes().indices.shape[0] == ids.numel()
+    _as_it_was(model, state, hooks)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_type_error_of_moe_replays_own_in_a_token_order_run_still_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``TypeError`` of moe_replay's own code inside a token-order run of a call that fits the forward's parameters
+    is still moe_replay's fault: the forward is refused, naming it, with the model as it was (the caller's own
+    ``TypeError`` alone is the caller's)."""
+    model, ids = _lm()
+    state, hooks = _state(model), _hooks(model)
+
+    def faulty(value: Any, depth: int = 0) -> bool:
+        if isinstance(value, torch.Tensor) and value.dtype == torch.long:  # (token ids: a call of the forward's)
+            raise TypeError("a generator's state")
+        return False
+
+    with mr.attach(model) as session, torch.no_grad():
+        monkeypatch.setattr(_feeds, "is_generator_anywhere", _filed_under(faulty, _feeds))
+        with pytest.raises(mr.MoEReplayError, match="could not tell the order") as info, session.capture():
+            model(ids)
+        assert isinstance(info.value.__cause__, TypeError)
+    _as_it_was(model, state, hooks)
 
 
 class _Catching(_Block):
