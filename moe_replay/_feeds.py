@@ -5631,20 +5631,21 @@ def _order_noted(fault: Exception | None, raised: BaseException | None) -> None:
     raise _order_fault(fault) from fault
 
 
-class _OrderFault(MoEReplayError):
-    """The refusal of a forward whose token order could not be told for an error of moe_replay's own code in the runs
-    that tell it (see :func:`_order_fault`), chained from that error."""
+#: the attribute that marks the refusal :func:`_order_fault` makes (a plain MoEReplayError, chained from the error)
+_ORDER_FAULT = "_moe_replay_order_fault"
 
 
 def _order_fault(e: Exception) -> MoEReplayError:
     """The refusal of a forward whose token order could not be told for ``e``, an error of moe_replay's own code in
     the runs that tell it (a hook, a router's ``forward`` wrapper, the inputs it makes), which would otherwise leave
     the order untold and the checks that read it off."""
-    return _OrderFault(
+    err = MoEReplayError(
         f"moe_replay could not tell the order in which the routers see this forward's tokens, because its own code "
         f"raised in the runs that tell it ({type(e).__name__}: {e}). This is a fault of moe_replay, not of the model: "
         "please report it with this traceback. The model was left as it was"
     )
+    setattr(err, _ORDER_FAULT, True)
+    return err
 
 
 class _Drawn(TorchFunctionMode):
@@ -6107,7 +6108,7 @@ class FeedForward:
         records = self.records  # (_fed, then _run, inline: they run at every forward of every level)
         if records:
             if ORDER_PROBE.thread == me and ORDER_PROBE.check is None:  # (a probe's forward: no block's)
-                return self._run(args, kwargs)
+                return self._called(args, kwargs)
             entered = list(compress(records, map((False, me).__eq__, map(_INSIDE_THREAD, records))))
             if entered:
                 return self._enter(entered, args, kwargs)
@@ -6200,7 +6201,7 @@ class FeedForward:
         if records:
             me = _get_ident()
             if ORDER_PROBE.thread == me and ORDER_PROBE.check is None:  # (a probe's forward: no block's)
-                return self._run(args, kwargs)
+                return self._called(args, kwargs)
             # (those not inside a forward already fed to them, of this thread: in C, no frame per record)
             entered = list(compress(records, map((False, me).__eq__, map(_INSIDE_THREAD, records))))
             if entered:  # (none inside a forward already fed to them: the modules it enters are the same forward)
@@ -6238,6 +6239,14 @@ class FeedForward:
         if not all(isinstance(k, str) for k in batch) or kwargs.keys() & batch.keys():
             return args, kwargs, None
         return (), {**kwargs, **batch}, batch
+
+    def _called(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The level's own forward, called by the forward's code inside a token-order run (a level inside the level
+        whose order it tells), as that code called it: what the call raises is the forward's own (arguments that fit
+        none of its parameters among it), but an error of moe_replay's code it enters in turn."""
+        if self.before is not None:
+            return forwards_call(self.before, args, kwargs)
+        return forwards_call(type(self.module).forward, (self.module, *args), kwargs)
 
     @inside_forward  # (what a token-order run calls: its own errors are moe_replay's, see _order_rows)
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -6528,8 +6537,12 @@ class FeedForward:
             run = functools.partial(_in_batch, run, batch)
         try:
             found = token_order(run, self.scopes, args, runs_given, self.module, path, seen, mask, located, kept_only)
-        except _OrderFault as fault:
-            if not (isinstance(fault.__cause__, TypeError) and self._unbound(args, runs_given, ids_name, batch)):
+        except MoEReplayError as fault:
+            if not (
+                getattr(fault, _ORDER_FAULT, False)
+                and isinstance(fault.__cause__, TypeError)
+                and self._unbound(args, runs_given, ids_name, batch)
+            ):
                 raise
             # (the runs called the forward as the caller did, and the caller's call does not fit its parameters:
             # the caller's own error, which the forward raises as it runs, as it does unwatched)

@@ -75,6 +75,46 @@ def test_a_call_that_fits_no_parameter_of_the_forward_raises_the_callers_own_typ
     _as_it_was(model, state, hooks)
 
 
+class _Holder(nn.Module):
+    """A model that holds another model and calls it (a level inside a level), with arguments its forward does not
+    take where ``misfit``."""
+
+    def __init__(self, inner: nn.Module, misfit: bool) -> None:
+        super().__init__()
+        self.model = inner
+        self.config = inner.config
+        self.misfit = misfit
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        """The inner model's output."""
+        if self.misfit:
+            return self.model(input_ids, attention_mask, *([None] * 8))
+        return self.model(input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("misfit", [True, False], ids=["misfit", "fits"])
+def test_a_call_of_a_model_inside_that_fits_no_parameter_raises_the_callers_own_type_error(misfit: bool) -> None:
+    """A model's call of the model it holds with arguments that forward does not take raises, inside a capture, the
+    ``TypeError`` it raises with no session attached, with the model as it was: the runs that tell the outer forward's
+    token order made that call too, and its error was taken for moe_replay's own. The same model calling it as it
+    should is captured."""
+    inner, ids = _lm()
+    model = _Holder(inner, misfit)
+    state, hooks = _state(model), _hooks(model)
+    with mr.attach(model) as session, torch.no_grad():
+        if misfit:
+            native = _raised(lambda: inner(ids, None, *([None] * 8)))
+            with pytest.raises(TypeError) as info, session.capture():
+                model(ids)
+            assert type(info.value) is type(native) and str(info.value) == str(native)
+        else:
+            with session.capture():
+                model(ids)
+            assert session.routes().indices.shape[0] == ids.numel()
+    _as_it_was(model, state, hooks)
+
+
 @pytest.mark.reliability("silent replays")
 def test_a_type_error_of_moe_replays_own_in_a_token_order_run_still_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ``TypeError`` of moe_replay's own code inside a token-order run of a call that fits the forward's parameters
