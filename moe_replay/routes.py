@@ -1505,13 +1505,9 @@ class Routes:
         except RoutesValidationError:
             raise
         except _READ_ERRORS as e:
-            if isinstance(e, zipfile.BadZipFile) and _one_numpy_array(path):
-                raise RoutesValidationError(
-                    f"cannot read routes from {path}: it holds one numpy array (as np.save writes it), not a routes "
-                    "file (Routes.save writes an archive that holds the router names and expert counts beside each "
-                    "router's rows). Read the array and say what it holds: Routes.from_numpy(np.load(path), "
-                    "names=[...], num_experts=...) for a [tokens, routers, k] array"
-                ) from e
+            held = _other_file(path) if isinstance(e, zipfile.BadZipFile) else None
+            if held is not None:
+                raise RoutesValidationError(f"cannot read routes from {path}: {held}") from e
             raise RoutesValidationError(
                 f"cannot read routes from {path}: the file is truncated or corrupted ({type(e).__name__}: {e})"
             ) from e
@@ -1641,13 +1637,59 @@ def _header(
     return tuple(int(d) for d in shape), dtype
 
 
-def _one_numpy_array(path: str | os.PathLike[str]) -> bool:
-    """Does the file at ``path`` begin as a ``.npy`` file does (one array, as ``np.save`` writes it)?"""
+#: What ``Routes.save`` writes, said where a file of another writer is refused.
+_SAVED_BY = (
+    "Routes.save writes an archive that holds the router names and expert counts beside each router's rows, which "
+    "Routes.load reads"
+)
+
+
+def _other_file(path: str | os.PathLike[str]) -> str | None:
+    """What the file at ``path``, no zip archive, holds where its first bytes tell a writer other than
+    :meth:`Routes.save` (one ``.npy`` array, a pickle), and how to read it; None where they tell none."""
     try:
         with open(path, "rb") as f:
-            return f.read(6) == b"\x93NUMPY"
+            head = f.read(6)
     except OSError:
-        return False
+        return None
+    if head == b"\x93NUMPY":
+        return (
+            f"it holds one numpy array (as np.save writes it), not a moe_replay routes file ({_SAVED_BY}). Read "
+            "the array and say what it holds: Routes.from_numpy(np.load(path), names=[...], num_experts=...) for a "
+            "[tokens, routers, k] array"
+        )
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # (a pickle's PROTO opcode, protocols 2 to 5)
+        return (
+            "it is a Python pickle (as pickle.dump, or torch.save with _use_new_zipfile_serialization=False, writes "
+            f"one), not a moe_replay routes file ({_SAVED_BY}). Only if you trust the file: read it with "
+            "pickle.load or torch.load(path, weights_only=False), then save the routes it holds with routes.save(path)"
+        )
+    return None
+
+
+def _other_archive(infos: Mapping[str, zipfile.ZipInfo]) -> str:
+    """What a zip archive of the members ``infos`` holds where it is no routes file (no metadata), and how to read
+    it: torch.save's, an ``.npz`` of arrays as ``np.savez`` writes it, or another archive."""
+    names = sorted(infos)
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return (
+            f"it is a torch.save archive (of routes, or a checkpoint), not a moe_replay routes file ({_SAVED_BY}). "
+            "Only if you trust the file: read it with torch.load(path, weights_only=False), then save the routes it "
+            "holds with routes.save(path)"
+        )
+    if names and all(n.endswith(".npy") for n in names):
+        arrays = [n[: -len(".npy")] for n in names]
+        return (
+            f"it holds the numpy arrays {arrays[:4]}{'...' if len(arrays) > 4 else ''} (as np.savez writes them), "
+            f"not a moe_replay routes file ({_SAVED_BY}). Read the array and say what it holds: "
+            f"Routes.from_numpy(np.load(path)[{arrays[0]!r}], names=[...], num_experts=...) for a "
+            "[tokens, routers, k] array"
+        )
+    shown = names[:4]
+    return (
+        f"it is a zip archive of {len(names)} members ({shown}{'...' if len(names) > 4 else ''}) with no "
+        f"'{_MAGIC}' metadata, not a moe_replay routes file ({_SAVED_BY})"
+    )
 
 
 def _corrupted(path: str | os.PathLike[str], why: str) -> RoutesValidationError:
@@ -1677,7 +1719,7 @@ def _read_members(
         )
     meta_info = infos.get("meta.npy")
     if meta_info is None:
-        raise RoutesValidationError(f"{path} is not a moe_replay routes file (no '{_MAGIC}' metadata)")
+        raise RoutesValidationError(f"cannot read routes from {path}: {_other_archive(infos)}")
     shape, dtype = _header(zf, meta_info, path)
     if len(shape) != 1 or dtype != np.uint8 or meta_info.file_size > _MAX_META_BYTES:
         raise RoutesValidationError(f"{path} is not a moe_replay routes file (its metadata is not short JSON)")

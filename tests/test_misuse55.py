@@ -1,0 +1,101 @@
+"""Misuse of the public API by a hurried user: routes written by another writer than ``Routes.save`` (``torch.save``,
+``pickle.dump``, ``np.savez``) given to ``Routes.load``, and more. Each answer is the plain result, or a
+``MoEReplayError`` that names what is wrong and what to do, with the model left exactly as it was."""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import moe_replay as mr
+
+
+def _model(seed: int = 0) -> mr.models.MoETransformer:
+    return mr.models.build("softmax_topk", num_layers=2, seed=seed)
+
+
+def _ids(batch: int = 2, length: int = 6, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _captured() -> tuple[mr.models.MoETransformer, mr.Session, mr.Routes, torch.Tensor]:
+    model, x = _model(), _ids()
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(x)
+    return model, session, session.routes(), x
+
+
+def _state(model: torch.nn.Module) -> dict[str, Any]:
+    """Everything of ``model`` that the library may change: its tensors, and each module's class, hooks and
+    instance ``forward``."""
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "modules": {
+            name: (
+                type(m),
+                list(m._forward_hooks.values()),
+                list(m._forward_pre_hooks.values()),
+                m.__dict__.get("forward"),
+            )
+            for name, m in model.named_modules()
+        },
+    }
+
+
+def _assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert before["modules"].keys() == after["modules"].keys()
+    for name, (cls, hooks, pre, fwd) in before["modules"].items():
+        cls2, hooks2, pre2, fwd2 = after["modules"][name]
+        assert cls is cls2 and fwd is fwd2, name
+        assert hooks == hooks2 and pre == pre2, name
+    assert before["tensors"].keys() == after["tensors"].keys()
+    for key, value in before["tensors"].items():
+        assert torch.equal(value, after["tensors"][key]), key
+
+
+@pytest.mark.reliability("clear errors")
+def test_load_of_routes_written_by_torch_save_pickle_or_np_savez_says_what_the_file_is_and_how_to_read_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Once unclear: routes saved by ``torch.save(routes, path)`` or ``np.savez(path, routes.to_numpy())`` were refused
+    by ``Routes.load`` as "not a moe_replay routes file (no 'moe_replay.routes' metadata)", and a ``pickle.dump`` of
+    them as "truncated or corrupted", though each file is whole: nothing said what the file was or how to read it.
+    Each refusal now names the writer and the reader that takes the file back; following it gives the routes."""
+    model, session, routes, _ = _captured()
+    before = _state(model)
+    torch.save(routes, tmp_path / "torch.pt")
+    with open(tmp_path / "pickled.pkl", "wb") as f:
+        pickle.dump(routes, f)
+    np.savez(tmp_path / "arrays.npz", indices=routes.to_numpy())
+    torch.save({"indices": routes.indices}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    cases = [
+        ("torch.pt", "torch.save archive", "torch.load(path, weights_only=False)"),
+        ("pickled.pkl", "Python pickle", "pickle.load"),
+        ("legacy.pt", "Python pickle", "torch.load(path, weights_only=False)"),
+        ("arrays.npz", "numpy arrays ['indices']", "Routes.from_numpy(np.load(path)['indices']"),
+    ]
+    for name, what, how in cases:
+        with pytest.raises(mr.RoutesValidationError) as info:
+            mr.Routes.load(tmp_path / name)
+        said = str(info.value)
+        assert what in said and how in said and "not a moe_replay routes file" in said, (name, said)
+        assert "truncated or corrupted" not in said, (name, said)
+    # (the readers named give the routes back)
+    assert torch.load(tmp_path / "torch.pt", weights_only=False).equal(routes)
+    with open(tmp_path / "pickled.pkl", "rb") as f:
+        assert pickle.load(f).equal(routes)
+    arrays = np.load(tmp_path / "arrays.npz")
+    assert mr.Routes.from_numpy(arrays["indices"], names=routes.names, num_experts=routes.num_experts).equal(routes)
+    # (a file cut short is still refused as such; a zip of other members says what it holds)
+    raw = (tmp_path / "torch.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(mr.RoutesValidationError, match="truncated or corrupted"):
+        mr.Routes.load(tmp_path / "cut.pt")
+    _assert_same(before, _state(model))
+    session.detach()
