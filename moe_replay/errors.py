@@ -108,6 +108,11 @@ class MissingDependencyError(MoEReplayError, ImportError):
     """An optional package that this feature needs is not installed (also an ``ImportError``)."""
 
 
+class _ReadOnlyError(MoEReplayError, AttributeError):
+    """An attribute set on a value that holds none of its own (:class:`~moe_replay.Routes`); also an
+    ``AttributeError``, as Python raises for a property that has no setter."""
+
+
 class _ScriptError(UnsupportedRouterError, AttributeError):
     """``torch.jit.script`` of a module whose ``forward`` is one of moe_replay's wrappers (also an ``AttributeError``:
     raised where TorchScript reads the wrapper's ``__globals__``, so ``hasattr`` and ``getattr`` with a default still

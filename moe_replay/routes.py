@@ -37,6 +37,7 @@ from .errors import (
     RoutesValidationError,
     TokenIndexError,
     UnknownRouterError,
+    _ReadOnlyError,
 )
 from .losses import note_router
 
@@ -387,7 +388,8 @@ class Routes:
     says whether any router holds a row (it never raises); ``len(r)`` is the token count (0 for
     routes of no router). Like a list they are unhashable (``hash(r)`` raises ``TypeError``, so
     they are no ``dict`` key or ``set`` member): key by ``id(r)``, or by ``r.fingerprint`` for
-    the router set alone.
+    the router set alone. Nothing is set on them (``r.token_ids = ids`` raises an ``AttributeError``
+    that names ``r.with_token_ids(ids)``, which returns the routes of those ids).
 
     Args:
         layers: one integer tensor ``[T_l, k_l]`` per router, in router order.
@@ -1355,6 +1357,16 @@ class Routes:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Routes are values: their own state is private (``_``-named); any other attribute set on them is refused,
+        naming the call that returns routes of what was meant (``routes.token_ids = ids`` is
+        ``routes.with_token_ids(ids)``), where it would otherwise be dropped (a property has no setter) or kept
+        beside the routes without a word (a misspelt name, ``routes.token_id = ids``)."""
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        raise _ReadOnlyError(f"Routes are values, and {name!r} cannot be set on them: {_instead(name)}")
+
     def __repr__(self) -> str:
         t = set(self.tokens_per_layer)
         k = set(self.k_per_layer)
@@ -1635,6 +1647,33 @@ def _header(
     if size != info.file_size:
         raise _corrupted(path, f"array {info.filename} declares {size} bytes but holds {info.file_size}")
     return tuple(int(d) for d in shape), dtype
+
+
+#: The call that gives routes of what setting each public attribute of theirs would have meant.
+_SETTERS = {
+    "token_ids": "routes.with_token_ids(ids) returns the same routes recorded for those tokens (None drops them)",
+    "names": "routes.rename({old_prefix: new_prefix}) returns them under other router names",
+    "num_experts": "build routes of other expert counts: mr.Routes(list(routes.per_layer()), names=routes.names, "
+    "num_experts=...)",
+    "indices": "build routes of other rows: mr.Routes.from_numpy(array, names=routes.names, "
+    "num_experts=routes.experts_per_layer)",
+}
+_SETTERS["experts_per_layer"] = _SETTERS["num_experts"]
+
+
+def _instead(name: str) -> str:
+    """What to call instead of setting the attribute ``name`` on routes."""
+    if name in _SETTERS:
+        return _SETTERS[name]
+    if isinstance(getattr(Routes, name, None), property):
+        return f"it is read from their rows; build new routes ({_SETTERS['indices']})"
+    if hasattr(Routes, name):
+        return f"{name} is a method of Routes; call it"
+    held = sorted(n for n in dir(Routes) if not n.startswith("_") and isinstance(getattr(Routes, n), property))
+    return (
+        f"Routes have no attribute {name!r} (a misspelt one? theirs: {', '.join(held)}); keep your own data beside "
+        "the routes (a dict or a dataclass holding them)"
+    )
 
 
 #: What ``Routes.save`` writes, said where a file of another writer is refused.

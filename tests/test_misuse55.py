@@ -99,3 +99,40 @@ def test_load_of_routes_written_by_torch_save_pickle_or_np_savez_says_what_the_f
         mr.Routes.load(tmp_path / "cut.pt")
     _assert_same(before, _state(model))
     session.detach()
+
+
+@pytest.mark.reliability("silent wrong answers")
+def test_an_attribute_set_on_routes_is_refused_naming_the_call_that_gives_what_was_meant() -> None:
+    """Once silent: ``routes.token_id = ids`` (a misspelt ``token_ids``) was kept beside the routes without a word, so
+    a replay of them checked no token, and ``routes.token_ids = ids`` raised Python's "has no setter", which names no
+    way to give routes their ids. Routes are values: any attribute set on them is refused with an
+    ``AttributeError`` that is a ``MoEReplayError`` and names the call to make; the routes are left as they were,
+    and the call named gives what was meant."""
+    model, session, routes, x = _captured()
+    plain = routes.with_token_ids(None)
+    ids = x.reshape(-1)
+    cases = {
+        "token_ids": (ids, "with_token_ids(ids)"),
+        "token_id": (ids, "no attribute 'token_id' (a misspelt one?"),
+        "names": (("a", "b"), "rename({old_prefix: new_prefix})"),
+        "num_experts": (16, "num_experts=...)"),
+        "indices": (routes.indices, "Routes.from_numpy(array"),
+        "num_tokens": (3, "it is read from their rows"),
+        "layer": (None, "layer is a method of Routes"),
+    }
+    for name, (value, how) in cases.items():
+        with pytest.raises(mr.MoEReplayError) as info:
+            setattr(plain, name, value)
+        assert isinstance(info.value, AttributeError), name
+        assert repr(name) in str(info.value) and how in str(info.value), (name, str(info.value))
+        assert name not in vars(plain), name
+    assert plain.token_ids is None and plain.equal(routes) and plain.names == routes.names
+    # (the call named gives the routes their ids, which a replay checks: another batch is refused)
+    known = plain.with_token_ids(ids)
+    assert known.token_ids is not None and torch.equal(known.token_ids, ids)
+    before = _state(model)
+    with pytest.raises(mr.TokenMismatchError):
+        with torch.no_grad(), session.replay(known):
+            model(x.flip(0))
+    _assert_same(before, _state(model))
+    session.detach()
