@@ -77,6 +77,7 @@ from .errors import (
     TokenMismatchError,
     UnsupportedRouterError,
     _from_compiler,
+    _ReadOnlyError,
 )
 from .evidence import AXES, VerifyReport, give_back_iterators, left_as_it_was
 from .intercept import EAGER, ClassForward, RouterHook, ScopedForward, _own_keys
@@ -775,9 +776,9 @@ class Session:
         #: :func:`_model_routers`): its routes then know no such routers, as routes built from rows
         self._model_routers: tuple[str, ...] | None = None
         self._watching = False  # a block of this session watches the model's next forward (see _watch)
-        self.capacity = int(capacity)
-        self.keep_newest = bool(keep_newest)
-        self.max_bytes = max_bytes
+        self._capacity = int(capacity)
+        self._keep_newest = bool(keep_newest)
+        self._max_bytes = max_bytes
         self._budget = Budget(max_bytes)
         self._hooks: list[RouterHook] = []
         self._installed: list[tuple[nn.Module, Any]] = []
@@ -807,6 +808,34 @@ class Session:
         self._replay_built: tuple[Any, Any, Any] | None = None
 
     # ------------------------------------------------------------- properties
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A session's settings are given where it is made or per block: an attribute set on it is refused, naming
+        the call that does what was meant, where it would otherwise change nothing the session does
+        (``session.max_bytes = n`` set no limit, though ``repr`` showed it) or be kept without a word (a misspelt
+        name, ``session.strict = False``)."""
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        raise _ReadOnlyError(f"{name!r} cannot be set on a Session: {_session_instead(name)}")
+
+    @property
+    def capacity(self) -> int:
+        """Rows per router the capture rings hold now (``attach``'s ``capacity``, or more after
+        :meth:`reserve` or a capture that grew them)."""
+        return self._capacity
+
+    @property
+    def keep_newest(self) -> bool:
+        """Whether the capture rings are fixed rings that wrap, keeping the newest rows (``attach``'s
+        ``keep_newest``)."""
+        return self._keep_newest
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The most bytes the capture rings may hold, all routers together (``attach``'s ``max_bytes``; None: no
+        limit). A ``capture(max_bytes=...)`` block sets its own."""
+        return self._max_bytes
+
     @property
     def sites(self) -> tuple[RouterSite, ...]:
         """The routers this session intercepts, in module order.
@@ -1808,7 +1837,7 @@ class Session:
             if expected_tokens is not None:
                 for r in rings:
                     r.reserve(r.host_written + expected_tokens)
-                self.capacity = max([self.capacity] + [r.capacity for r in rings])
+                self._capacity = max([self._capacity] + [r.capacity for r in rings])
         except BaseException:
             self._budget.limit = limit
             if clear:
@@ -1915,7 +1944,7 @@ class Session:
         for r in rings:
             if r.capacity < rows:
                 r.grow_first(rows)  # (the last capture's rows move into the new ring)
-        self.capacity = max([self.capacity] + [r.capacity for r in rings])
+        self._capacity = max([self._capacity] + [r.capacity for r in rings])
 
     def _check_fixed(self, rings: Sequence[CaptureRing], rows: int) -> None:
         """Refuse, before anything changes, rows that a ring fixed in a graph cannot take."""
@@ -3589,6 +3618,32 @@ def _model_routers(
     order = {n: i for i, n in enumerate(dict(model.named_modules(remove_duplicate=False)))}
     whole = set(names) | {f for f in found if not any(related(f, n) for n in names)}
     return tuple(sorted(whole, key=lambda n: order.get(n, len(order))))
+
+
+#: The call that does what setting each setting of a session would have meant.
+_SESSION_SETTERS = {
+    "capacity": "session.reserve(rows) grows the capture rings to hold that many rows per router",
+    "max_bytes": "give the limit to attach(model, max_bytes=...), or to one block: session.capture(max_bytes=...)",
+    "keep_newest": "it is how the capture rings are made: detach, then mr.attach(model, keep_newest=True)",
+    "strict": "pass it to each replay: session.replay(routes, strict=False)",
+    "clear": "pass it to each capture: session.capture(clear=False)",
+    "top_k": "the k of each router is read from its decision, or given to mr.attach(model, top_k=...)",
+    "num_experts": "the expert count of each router is read from it, or given to mr.attach(model, num_experts=...)",
+}
+
+
+def _session_instead(name: str) -> str:
+    """What to call instead of setting the attribute ``name`` on a session."""
+    if name in _SESSION_SETTERS:
+        return _SESSION_SETTERS[name]
+    if isinstance(getattr(Session, name, None), property):
+        return "it is read from the session's state, which its calls change"
+    if hasattr(Session, name):
+        return f"{name} is a method of Session; call it"
+    return (
+        f"a Session has no attribute {name!r} (a misspelt one?); keep your own data beside the session (a dict or a "
+        "dataclass holding it)"
+    )
 
 
 def attach(

@@ -136,3 +136,46 @@ def test_an_attribute_set_on_routes_is_refused_naming_the_call_that_gives_what_w
             model(x.flip(0))
     _assert_same(before, _state(model))
     session.detach()
+
+
+@pytest.mark.reliability("silent wrong answers")
+def test_a_setting_set_on_a_session_is_refused_naming_the_call_that_makes_it() -> None:
+    """Once silent: ``session.max_bytes = n`` after attach set no limit (the rings kept the limit they were made
+    with) though the session's ``repr`` and ``table()`` then showed it, so a capture grew past it without a
+    ``CaptureOverflowError``; ``session.keep_newest = True`` left the rings made as they were and made the later ones
+    wrap; ``session.strict = False`` was kept without a word and no replay read it. Each is refused with an
+    ``AttributeError`` that is a ``MoEReplayError`` and names the call to make; the session and the model are left
+    as they were, and the call named sets the limit."""
+    model, x = _model(), _ids()
+    pristine = _state(model)
+    session = mr.attach(model, capacity=4)
+    before, shown = _state(model), repr(session)
+    cases = {
+        "max_bytes": (64, "session.capture(max_bytes=...)"),
+        "keep_newest": (True, "mr.attach(model, keep_newest=True)"),
+        "capacity": (1, "session.reserve(rows)"),
+        "strict": (False, "session.replay(routes, strict=False)"),
+        "capture_limit": (64, "no attribute 'capture_limit' (a misspelt one?"),
+        "attached": (False, "read from the session's state"),
+        "detach": (None, "detach is a method of Session"),
+    }
+    for name, (value, how) in cases.items():
+        with pytest.raises(mr.MoEReplayError) as info:
+            setattr(session, name, value)
+        assert isinstance(info.value, AttributeError), name
+        assert repr(name) in str(info.value) and how in str(info.value), (name, str(info.value))
+        assert name not in vars(session), name
+    assert repr(session) == shown and session.max_bytes is None and not session.keep_newest
+    assert session.capacity == 4 and session.attached
+    _assert_same(before, _state(model))
+    # (the call named sets the limit: a capture past it is refused)
+    with pytest.raises(mr.CaptureOverflowError):
+        with torch.no_grad(), session.capture(max_bytes=24):
+            model(x)
+    with torch.no_grad(), session.capture():
+        model(x)
+    assert session.routes().num_tokens == x.numel()
+    session.reserve(16)
+    assert session.capacity == 16
+    session.detach()
+    _assert_same(pristine, _state(model))
