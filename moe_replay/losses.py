@@ -856,6 +856,12 @@ def _tensors(value: object, what: str) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
     need = f"{what} must be a tensor or a list of tensors, one per router"
+    if isinstance(value, RouterScores):  # (iterating it gives its routers' names: "probs[0] is a str" said nothing)
+        raise ArgumentTypeError(
+            f"{need}; got the RouterScores of a keep_scores() block, which holds both: pass "
+            "load_balancing_loss(kept.scores, kept.indices) (kept.scores' softmax(-1), one per router, for routers "
+            "whose top-k runs on logits)"
+        )
     if not is_collection(value) or hasattr(value, "shape"):  # (a dict or a set: keys, or no order, unsaid)
         hint = ""
         if isinstance(value, Mapping):

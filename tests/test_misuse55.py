@@ -179,3 +179,22 @@ def test_a_setting_set_on_a_session_is_refused_naming_the_call_that_makes_it() -
     assert session.capacity == 16
     session.detach()
     _assert_same(pristine, _state(model))
+
+
+@pytest.mark.reliability("clear errors")
+def test_load_balancing_loss_given_the_kept_scores_object_names_the_lists_to_pass() -> None:
+    """Once unclear: ``load_balancing_loss(kept, kept.indices)`` (the ``RouterScores`` of ``keep_scores`` given whole)
+    was refused as "probs[0] is a str" (iterating it gives router names). It now names the two lists it holds, and
+    passing them gives the loss; given for ``indices``, alike."""
+    model, x = _model(), _ids()
+    session = mr.attach(model)
+    with session.keep_scores() as kept:
+        model(x)
+    for probs, indices, what in ((kept, kept.indices, "probs"), (kept.scores, kept, "indices")):
+        with pytest.raises(mr.ArgumentTypeError) as info:
+            mr.load_balancing_loss(probs, indices)
+        said = str(info.value)
+        assert said.startswith(f"{what} must be") and "load_balancing_loss(kept.scores, kept.indices)" in said, said
+    loss = mr.load_balancing_loss(kept.scores, kept.indices)
+    assert loss.requires_grad and bool(torch.isfinite(loss))
+    session.detach()
