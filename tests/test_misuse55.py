@@ -198,3 +198,34 @@ def test_load_balancing_loss_given_the_kept_scores_object_names_the_lists_to_pas
     loss = mr.load_balancing_loss(kept.scores, kept.indices)
     assert loss.requires_grad and bool(torch.isfinite(loss))
     session.detach()
+
+
+@pytest.mark.reliability("silent wrong answers")
+def test_sglang_token_counts_that_are_no_counts_are_refused_never_read_as_absent() -> None:
+    """Once silent: a ``meta_info`` whose ``prompt_tokens`` or ``completion_tokens`` is there but no count (``5.0``,
+    as a table's float column gives it back, ``"5"``, a negative number) was read as holding no counts, so the rows
+    were taken without the check those counts give: rows of another model (fewer layers or a smaller k read as fewer
+    rows) were read as a sequence of their own length. Each is refused naming the field; the same counts as ints
+    refuse the rows, and counts that fit read them."""
+    from moe_replay import interop
+
+    lm = mr.LayerMap.from_names(["model.layers.1.mlp.gate"], num_layers=2, num_experts=4, top_k=2)
+    rows = mr.Routes([torch.tensor([[0, 3], [1, 2], [-1, -1]])], names=list(lm.names), num_experts=4)
+    payload = interop.to_sglang(rows, lm)  # (2 rows: a sequence of 3 tokens)
+    for prompt, completion, field in (
+        (5.0, 5, "prompt_tokens"),
+        ("5", 5, "prompt_tokens"),
+        (5, -1, "completion"),
+        (True, 2, "prompt_tokens"),
+        (5, 5.0, "completion_tokens"),
+    ):
+        meta = {**payload, "prompt_tokens": prompt, "completion_tokens": completion}
+        with pytest.raises(mr.RoutesValidationError) as info:
+            interop.from_sglang(meta, lm)
+        said = str(info.value)
+        assert f"meta_info's {field}" in said and "not a token count" in said and "num_tokens=" in said, said
+    with pytest.raises(mr.RoutesValidationError, match="say they cover at least 6 tokens"):
+        interop.from_sglang({**payload, "prompt_tokens": 5, "completion_tokens": 5}, lm)
+    read = interop.from_sglang({**payload, "prompt_tokens": np.int64(2), "completion_tokens": 1}, lm)
+    assert read.equal(rows)
+    assert interop.from_sglang({**payload, "prompt_tokens": None, "completion_tokens": 1}, lm).equal(rows)

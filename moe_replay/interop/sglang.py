@@ -95,12 +95,21 @@ def _meta_tokens(meta: Mapping[str, Any]) -> tuple[int, int] | None:
     the token that completes it: the rows' sequence holds the whole prompt, plus one token
     where any was generated. Fewer rows than that are not a stop string's trim but another
     model's payload (fewer layers or a smaller k read as fewer rows of this model's width) or a
-    ``start_len`` not given: refused. None where either count is absent or not a count (a
-    ``meta_info`` rebuilt by another tool).
+    ``start_len`` not given: refused. None where either count is absent (or null); a count that is
+    there but no count (``5.0`` from a table's float column, ``"5"`` from a text field, a negative
+    number) is refused, never read as absent: the check it gives would be dropped without a word.
     """
     counts: list[Any] = [meta.get("prompt_tokens"), meta.get("completion_tokens")]
-    if not all(is_integer(c) and int(c) >= 0 for c in counts):
+    if any(c is None for c in counts):
         return None
+    for key, c in zip(("prompt_tokens", "completion_tokens"), counts, strict=True):
+        if not is_integer(c) or int(c) < 0:
+            raise RoutesValidationError(
+                f"meta_info's {key} is {c!r:.40} ({type(c).__name__}), not a token count: SGLang sends non-negative "
+                "integers, so this meta_info was rebuilt elsewhere (a table's float column, a text field). Give the "
+                f"counts as ints (int(meta_info[{key!r}]) where it holds a whole number), or drop them and pass "
+                "num_tokens=, which checks the rows alike"
+            )
     prompt, completion = int(counts[0]), int(counts[1])
     return prompt + completion, prompt + min(completion, 1)
 
@@ -226,7 +235,8 @@ def from_sglang(
         RoutesValidationError: not base64, a size that is not whole rows of
             ``num_hidden_layers * k`` int32 values, a row count that does not fit
             ``num_tokens`` or ``token_ids``, more rows than ``meta_info``'s token counts
-            allow or fewer than its prompt (checked before any row is read), a dense layer's
+            allow or fewer than its prompt (checked before any row is read), a ``meta_info``
+            token count that is no count (``5.0``, ``"5"``, negative), a dense layer's
             column holding experts, invalid experts;
             a response's ``output_ids`` that are not token ids, that no ``prompt_tokens`` places, that
             name fewer tokens than the rows cover, or that ``token_ids=`` contradicts.
