@@ -229,3 +229,31 @@ def test_sglang_token_counts_that_are_no_counts_are_refused_never_read_as_absent
     read = interop.from_sglang({**payload, "prompt_tokens": np.int64(2), "completion_tokens": 1}, lm)
     assert read.equal(rows)
     assert interop.from_sglang({**payload, "prompt_tokens": None, "completion_tokens": 1}, lm).equal(rows)
+
+
+@pytest.mark.reliability("silent wrong answers")
+def test_a_top_k_below_the_routers_k_given_to_attach_records_no_row_cut_to_it() -> None:
+    """``attach(model, top_k=1)`` on routers that choose 2 experts (a hurried reading of a config's k): a capture
+    that kept each token's first expert only would replay another model. The first forward in a block is refused,
+    naming the k the decision chooses; no row is kept, the model is left as it was, and once detached it is as it
+    was before attach; attached without ``top_k=`` it records both experts."""
+    model, x = _model(), _ids()
+    pristine = _state(model)
+    session = mr.attach(model, top_k=1)
+    attached = _state(model)
+    for block in (session.capture, session.keep_scores):
+        with pytest.raises(mr.UnsupportedRouterError) as info:
+            with torch.no_grad(), block():
+                model(x)
+        said = str(info.value)
+        assert "top_k=1 was given" in said and "chooses 2 experts per token" in said and "Pass top_k=2" in said, said
+        _assert_same(attached, _state(model))
+    with pytest.raises(mr.MoEReplayError):
+        session.routes()
+    session.detach()
+    _assert_same(pristine, _state(model))
+    with mr.attach(model) as fixed:
+        with torch.no_grad(), fixed.capture():
+            model(x)
+        assert fixed.routes().k_per_layer == (2, 2)
+    _assert_same(pristine, _state(model))
