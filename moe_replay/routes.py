@@ -108,7 +108,17 @@ _MAX_EXPERTS = 2**31 - 1
 def _path(path: Any, what: str) -> str | os.PathLike[str]:
     """``path`` if it names a file (a ``str`` or ``os.PathLike`` of one), else a clear error."""
     if not isinstance(path, str | os.PathLike):
-        raise ArgumentTypeError(f"{what} takes a file path (a str or os.PathLike), got {type(path).__name__}")
+        hint = ""
+        named = getattr(path, "name", None)
+        if hasattr(path, "read") or hasattr(path, "write"):  # (an open file, or a buffer of one)
+            hint = (
+                f": an open file is not read or written here; pass its path, file.name ({named!r})"
+                if isinstance(named, str) and os.path.isfile(named)
+                else ": an open file or a buffer is not read or written here; pass the path of a file on disk"
+            )
+        elif isinstance(path, bytes | bytearray | memoryview) and (len(path) > 4096 or bytes(path[:2]) == b"PK"):
+            hint = ": these look like a file's contents, not its path; write them to a file and pass its path"
+        raise ArgumentTypeError(f"{what} takes a file path (a str or os.PathLike), got {type(path).__name__}{hint}")
     text = os.fspath(path)
     if not isinstance(text, str):
         raise ArgumentTypeError(f"{what} takes a file path (a str or os.PathLike), got a path of bytes {text!r}")

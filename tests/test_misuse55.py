@@ -257,3 +257,33 @@ def test_a_top_k_below_the_routers_k_given_to_attach_records_no_row_cut_to_it() 
             model(x)
         assert fixed.routes().k_per_layer == (2, 2)
     _assert_same(pristine, _state(model))
+
+
+@pytest.mark.reliability("clear errors")
+def test_save_and_load_given_an_open_file_a_buffer_or_a_files_bytes_say_to_pass_a_path(tmp_path: pathlib.Path) -> None:
+    """Once unclear: ``Routes.load(open(path, "rb"))``, ``routes.save(io.BytesIO())`` and ``Routes.load(f.read())``
+    were refused as "takes a file path, got BufferedReader" (or ``bytes``), which did not say that an open file is not
+    taken, nor which path to pass. The refusal now says so and names the open file's own path; loading that path
+    gives the routes; nothing is written anywhere."""
+    import io
+
+    model, session, routes, _ = _captured()
+    before = _state(model)
+    path = tmp_path / "routes.npz"
+    routes.save(path)
+    with open(path, "rb") as f:
+        with pytest.raises(mr.ArgumentTypeError, match=r"an open file is not read or written here; pass its path"):
+            mr.Routes.load(f)
+        with pytest.raises(mr.ArgumentTypeError) as info:
+            mr.Routes.load(f)
+        assert repr(str(path)) in str(info.value)
+        raw = f.read()
+    with pytest.raises(mr.ArgumentTypeError, match="look like a file's contents, not its path"):
+        mr.Routes.load(raw)
+    buffer = io.BytesIO()
+    with pytest.raises(mr.ArgumentTypeError, match="an open file or a buffer is not read or written here"):
+        routes.save(buffer)
+    assert buffer.getvalue() == b"" and sorted(p.name for p in tmp_path.iterdir()) == ["routes.npz"]
+    assert mr.Routes.load(path).equal(routes)
+    _assert_same(before, _state(model))
+    session.detach()
