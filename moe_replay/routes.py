@@ -17,6 +17,7 @@ import operator
 import os
 import stat
 import struct
+import types
 import uuid
 import weakref
 import zipfile
@@ -1371,8 +1372,9 @@ class Routes:
         """Routes are values: their own state is private (``_``-named); any other attribute set on them is refused,
         naming the call that returns routes of what was meant (``routes.token_ids = ids`` is
         ``routes.with_token_ids(ids)``), where it would otherwise be dropped (a property has no setter) or kept
-        beside the routes without a word (a misspelt name, ``routes.token_id = ids``)."""
-        if name.startswith("_"):
+        beside the routes without a word (a misspelt name, ``routes.token_id = ids``). A method may be wrapped on
+        the instance (a spy or a mock of it)."""
+        if name.startswith("_") or _is_method(type(self), name):  # (a method wrapped on the instance: a spy, a mock)
             object.__setattr__(self, name, value)
             return
         raise _ReadOnlyError(f"Routes are values, and {name!r} cannot be set on them: {_instead(name)}")
@@ -1671,14 +1673,21 @@ _SETTERS = {
 _SETTERS["experts_per_layer"] = _SETTERS["num_experts"]
 
 
+def _is_method(cls: type, name: str) -> bool:
+    """Is ``name`` a method of ``cls`` (a function, classmethod or staticmethod it or a base defines), which an
+    instance may wrap with one of its own, as a spy or a mock does?"""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return isinstance(vars(klass)[name], types.FunctionType | classmethod | staticmethod)
+    return False
+
+
 def _instead(name: str) -> str:
     """What to call instead of setting the attribute ``name`` on routes."""
     if name in _SETTERS:
         return _SETTERS[name]
     if isinstance(getattr(Routes, name, None), property):
         return f"it is read from their rows; build new routes ({_SETTERS['indices']})"
-    if hasattr(Routes, name):
-        return f"{name} is a method of Routes; call it"
     held = sorted(n for n in dir(Routes) if not n.startswith("_") and isinstance(getattr(Routes, n), property))
     return (
         f"Routes have no attribute {name!r} (a misspelt one? theirs: {', '.join(held)}); keep your own data beside "

@@ -89,6 +89,7 @@ from .routes import (
     PADDING_ID,
     UNTOLD_RANK,
     Routes,
+    _is_method,
     _known_or_none,
     _missing_rows,
     _out_of_order,
@@ -812,8 +813,8 @@ class Session:
         """A session's settings are given where it is made or per block: an attribute set on it is refused, naming
         the call that does what was meant, where it would otherwise change nothing the session does
         (``session.max_bytes = n`` set no limit, though ``repr`` showed it) or be kept without a word (a misspelt
-        name, ``session.strict = False``)."""
-        if name.startswith("_"):
+        name, ``session.strict = False``). A method may be wrapped on the instance (a spy or a mock of it)."""
+        if name.startswith("_") or _is_method(type(self), name):  # (a method wrapped on the instance: a spy, a mock)
             object.__setattr__(self, name, value)
             return
         raise _ReadOnlyError(f"{name!r} cannot be set on a Session: {_session_instead(name)}")
@@ -3638,8 +3639,6 @@ def _session_instead(name: str) -> str:
         return _SESSION_SETTERS[name]
     if isinstance(getattr(Session, name, None), property):
         return "it is read from the session's state, which its calls change"
-    if hasattr(Session, name):
-        return f"{name} is a method of Session; call it"
     return (
         f"a Session has no attribute {name!r} (a misspelt one?); keep your own data beside the session (a dict or a "
         "dataclass holding it)"
