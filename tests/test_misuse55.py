@@ -59,7 +59,7 @@ def _assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
         assert torch.equal(value, after["tensors"][key]), key
 
 
-@pytest.mark.reliability("clear errors")
+@pytest.mark.reliability("files")
 def test_load_of_routes_written_by_torch_save_pickle_or_np_savez_says_what_the_file_is_and_how_to_read_it(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -101,7 +101,7 @@ def test_load_of_routes_written_by_torch_save_pickle_or_np_savez_says_what_the_f
     session.detach()
 
 
-@pytest.mark.reliability("silent wrong answers")
+@pytest.mark.reliability("silent replays")
 def test_an_attribute_set_on_routes_is_refused_naming_the_call_that_gives_what_was_meant() -> None:
     """Once silent: ``routes.token_id = ids`` (a misspelt ``token_ids``) was kept beside the routes without a word, so
     a replay of them checked no token, and ``routes.token_ids = ids`` raised Python's "has no setter", which names no
@@ -137,7 +137,7 @@ def test_an_attribute_set_on_routes_is_refused_naming_the_call_that_gives_what_w
     session.detach()
 
 
-@pytest.mark.reliability("silent wrong answers")
+@pytest.mark.reliability("bad inputs")
 def test_a_setting_set_on_a_session_is_refused_naming_the_call_that_makes_it() -> None:
     """Once silent: ``session.max_bytes = n`` after attach set no limit (the rings kept the limit they were made
     with) though the session's ``repr`` and ``table()`` then showed it, so a capture grew past it without a
@@ -192,7 +192,7 @@ def test_a_setting_set_on_a_session_is_refused_naming_the_call_that_makes_it() -
     _assert_same(pristine, _state(model))
 
 
-@pytest.mark.reliability("clear errors")
+@pytest.mark.reliability("bad inputs")
 def test_load_balancing_loss_given_the_kept_scores_object_names_the_lists_to_pass() -> None:
     """Once unclear: ``load_balancing_loss(kept, kept.indices)`` (the ``RouterScores`` of ``keep_scores`` given whole)
     was refused as "probs[0] is a str" (iterating it gives router names). It now names the two lists it holds, and
@@ -211,7 +211,7 @@ def test_load_balancing_loss_given_the_kept_scores_object_names_the_lists_to_pas
     session.detach()
 
 
-@pytest.mark.reliability("silent wrong answers")
+@pytest.mark.reliability("bad inputs")
 def test_sglang_token_counts_that_are_no_counts_are_refused_never_read_as_absent() -> None:
     """Once silent: a ``meta_info`` whose ``prompt_tokens`` or ``completion_tokens`` is there but no count (``5.0``,
     as a table's float column gives it back, ``"5"``, a negative number) was read as holding no counts, so the rows
@@ -242,7 +242,7 @@ def test_sglang_token_counts_that_are_no_counts_are_refused_never_read_as_absent
     assert interop.from_sglang({**payload, "prompt_tokens": None, "completion_tokens": 1}, lm).equal(rows)
 
 
-@pytest.mark.reliability("silent wrong answers")
+@pytest.mark.reliability("silent replays")
 def test_a_top_k_below_the_routers_k_given_to_attach_records_no_row_cut_to_it() -> None:
     """``attach(model, top_k=1)`` on routers that choose 2 experts (a hurried reading of a config's k): a capture
     that kept each token's first expert only would replay another model. The first forward in a block is refused,
@@ -270,7 +270,7 @@ def test_a_top_k_below_the_routers_k_given_to_attach_records_no_row_cut_to_it() 
     _assert_same(pristine, _state(model))
 
 
-@pytest.mark.reliability("clear errors")
+@pytest.mark.reliability("files")
 def test_save_and_load_given_an_open_file_a_buffer_or_a_files_bytes_say_to_pass_a_path(tmp_path: pathlib.Path) -> None:
     """Once unclear: ``Routes.load(open(path, "rb"))``, ``routes.save(io.BytesIO())`` and ``Routes.load(f.read())``
     were refused as "takes a file path, got BufferedReader" (or ``bytes``), which did not say that an open file is not
@@ -298,3 +298,34 @@ def test_save_and_load_given_an_open_file_a_buffer_or_a_files_bytes_say_to_pass_
     assert mr.Routes.load(path).equal(routes)
     _assert_same(before, _state(model))
     session.detach()
+
+
+@pytest.mark.reliability("re-entrance")
+def test_attach_from_a_hook_in_the_middle_of_a_forward_leaves_that_forward_plain_and_replays_after() -> None:
+    """Re-entrance: ``mr.attach`` called by a forward hook of a layer while the model's forward runs (a callback that
+    attaches lazily). The forward it runs in goes on as a plain one (its output unchanged); the session then
+    captures and replays exactly, and once detached, with the hook removed, the model is as it was."""
+    model, x = _model(), _ids()
+    pristine = _state(model)
+    with torch.no_grad():
+        plain = model(x).logits
+    made: list[mr.Session] = []
+
+    def attach_once(module: torch.nn.Module, args: Any, out: Any) -> None:
+        if not made:
+            made.append(mr.attach(model))
+
+    handle = model.layers[0].register_forward_hook(attach_once)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, plain)
+    (session,) = made
+    with torch.no_grad(), session.capture():
+        captured = model(x).logits
+    routes = session.routes()
+    assert torch.equal(captured, plain) and routes.num_tokens == x.numel()
+    with torch.no_grad(), session.replay(routes), session.capture():
+        assert torch.equal(model(x).logits, plain)
+    assert session.routes().equal(routes)
+    session.detach()
+    handle.remove()
+    _assert_same(pristine, _state(model))
