@@ -1,6 +1,9 @@
 """Misuse of the public API by a hurried user: routes written by another writer than ``Routes.save`` (``torch.save``,
-``pickle.dump``, ``np.savez``) given to ``Routes.load``, and more. Each answer is the plain result, or a
-``MoEReplayError`` that names what is wrong and what to do, with the model left exactly as it was."""
+``pickle.dump``, ``np.savez``), an open file or a file's bytes given to ``Routes.load``; attributes set on routes
+and on a session (``routes.token_ids = ids``, ``session.max_bytes = n``); the kept scores object given whole to the
+loss; SGLang token counts that are no counts; a ``top_k`` below the routers' given to ``attach``; ``attach`` from a
+hook in the middle of a forward. Each answer is the plain result, or a ``MoEReplayError`` that names what is wrong
+and what to do, with the model left exactly as it was."""
 
 from __future__ import annotations
 
