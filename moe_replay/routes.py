@@ -1374,7 +1374,10 @@ class Routes:
         ``routes.with_token_ids(ids)``), where it would otherwise be dropped (a property has no setter) or kept
         beside the routes without a word (a misspelt name, ``routes.token_id = ids``). A method may be wrapped on
         the instance (a spy or a mock of it)."""
-        if name.startswith("_") or _is_method(type(self), name):  # (a method wrapped on the instance: a spy, a mock)
+        if name[:1] == "_" and name[:2] != "__":  # (its own state, set often: straight into its __dict__)
+            self.__dict__[name] = value
+            return
+        if name[:2] == "__" or _is_method(type(self), name):  # (a method wrapped on the instance: a spy, a mock)
             object.__setattr__(self, name, value)
             return
         raise _ReadOnlyError(f"Routes are values, and {name!r} cannot be set on them: {_instead(name)}")

@@ -814,7 +814,10 @@ class Session:
         the call that does what was meant, where it would otherwise change nothing the session does
         (``session.max_bytes = n`` set no limit, though ``repr`` showed it) or be kept without a word (a misspelt
         name, ``session.strict = False``). A method may be wrapped on the instance (a spy or a mock of it)."""
-        if name.startswith("_") or _is_method(type(self), name):  # (a method wrapped on the instance: a spy, a mock)
+        if name[:1] == "_" and name[:2] != "__":  # (its own state, set often: straight into its __dict__)
+            self.__dict__[name] = value
+            return
+        if name[:2] == "__" or _is_method(type(self), name):  # (a method wrapped on the instance: a spy, a mock)
             object.__setattr__(self, name, value)
             return
         raise _ReadOnlyError(f"{name!r} cannot be set on a Session: {_session_instead(name)}")
