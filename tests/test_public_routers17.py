@@ -23,7 +23,7 @@ from torch import nn
 import moe_replay as mr
 from tests.test_evidence import D, E
 from tests.test_public_routers2 import _x
-from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
+from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused, one_layer
 
 
 # ----------------------------------------------------------------------- TensorRT-LLM: routing methods, a vanilla MoE
@@ -602,7 +602,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         lambda: _x(2, 12),
         {},
     ),
-    "trtllm-routing-reference-renormalize": (lambda: Layers(TrtllmReferenceRenormalizeMoE), lambda: _x(2, 12), {}),
+    "trtllm-routing-reference-renormalize": (one_layer(TrtllmReferenceRenormalizeMoE), lambda: _x(2, 12), {}),
     "primus-megatron-topk-router-unforced": (lambda: Layers(lambda: PrimusMoELayer(False)), lambda: _x(2, 12), {}),
     "uclaml-sequence-router-uniform-noise": (lambda: Layers(UclamlMoE), lambda: _x(3, 8), {}),
     "uclaml-sequence-router-uniform-noise-train": (lambda: Layers(UclamlMoE), lambda: _x(3, 8), {"train": True}),

@@ -22,7 +22,7 @@ from torch import nn
 import moe_replay as mr
 from tests.test_evidence import D, E, perturb
 from tests.test_public_routers2 import _forced_by_hand, _x
-from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
+from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused, one_layer
 
 
 # ----------------------------------------------------------------------- GPT-NeoX: dropless MoE, top-1 by max
@@ -499,7 +499,7 @@ class CuMoCLIPSMoEVisionTransformer(nn.Module):
     """``CLIPSMoEVisionTransformer`` from the patch embeddings on (``with_losses``: the tower's two losses too, as
     the training loss takes them; without: the image features alone, as inference uses them)."""
 
-    def __init__(self, num_layers: int = 3, with_losses: bool = True) -> None:
+    def __init__(self, num_layers: int = 2, with_losses: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.with_losses = with_losses
@@ -763,7 +763,7 @@ class WenetConformerEncoderLayer(nn.Module):
 
 
 class WenetConformerEncoder(nn.Module):
-    def __init__(self, num_blocks: int = 2) -> None:
+    def __init__(self, num_blocks: int = 1) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.encoders = nn.ModuleList(WenetConformerEncoderLayer() for _ in range(num_blocks))
@@ -900,14 +900,14 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         lambda: _x(12, 2),
         {"train": True},
     ),
-    "gpt-neox-sinkhorn-router-top1-sigmoid": (lambda: Layers(lambda: NeoxMoELayer("sinkhorn")), lambda: _x(12, 2), {}),
+    "gpt-neox-sinkhorn-router-top1-sigmoid": (one_layer(lambda: NeoxMoELayer("sinkhorn")), lambda: _x(12, 2), {}),
     "gpt-neox-sinkhorn-router-top1-sigmoid-train": (
-        lambda: Layers(lambda: NeoxMoELayer("sinkhorn")),
+        one_layer(lambda: NeoxMoELayer("sinkhorn")),
         lambda: _x(12, 2),
         {"train": True},
     ),
     "gpt-neox-sinkhorn-router-top2-train": (
-        lambda: Layers(lambda: NeoxMoELayer("sinkhorn", 2)),
+        one_layer(lambda: NeoxMoELayer("sinkhorn", 2)),
         lambda: _x(12, 2),
         {"train": True},
     ),
@@ -1057,7 +1057,7 @@ def test_neox_sinkhorn_captured_in_one_mode_replayed_in_the_other(capture_train:
     of the Sinkhorn-balanced costs under ``no_grad`` in training): routes captured in one mode (a rollout in eval)
     and replayed in the other after the routers change give the output and gradients of the recorded experts forced
     by hand in that mode."""
-    model = Layers(lambda: NeoxMoELayer("sinkhorn", 2))
+    model = one_layer(lambda: NeoxMoELayer("sinkhorn", 2))()
     ref = copy.deepcopy(model)
     x = _x(12, 2)
     with mr.attach(model) as session:

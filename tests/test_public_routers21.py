@@ -23,7 +23,7 @@ from torch import nn
 import moe_replay as mr
 from tests.test_evidence import D, E
 from tests.test_public_routers2 import _x
-from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
+from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused, one_layer
 
 
 # ----------------------------------------------------------------------- LiME: zero-parameter routing in a LoRA Linear
@@ -578,8 +578,8 @@ class PatchMoEBlock(nn.Module):
 
 
 def _patch_moe_hard(train: bool) -> nn.Module:
-    """Two patch MoE layers after their own ``eval()`` (hard top-k for good), back in training if ``train``."""
-    model = Layers(PatchMoEBlock)
+    """A patch MoE layer after its own ``eval()`` (hard top-k for good), back in training if ``train``."""
+    model = one_layer(PatchMoEBlock)()
     for layer in model.layers:
         layer.eval()
     return model.train(train)
@@ -956,7 +956,7 @@ def test_mog_edge_mask_after_the_decision_replays_exactly(train: bool) -> None:
     gates of the chosen experts set how many edges each node keeps, by a sort of the gated scores over the edges. A
     replay forcing the recorded experts is the same forward with them forced by hand: the edge mask is the model's
     function of its scores, not a choice of experts."""
-    assert_exact(Layers(MoGGraphLayer), _x(12), train=train)
+    assert_exact(one_layer(MoGGraphLayer)(), _x(12), train=train)
 
 
 class FlatCapacityGate(_Used):

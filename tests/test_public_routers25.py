@@ -22,7 +22,7 @@ from torch import nn
 import moe_replay as mr
 from tests.test_evidence import D, E, Experts
 from tests.test_public_routers2 import _x
-from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
+from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused, one_layer
 
 
 class _SwiGLU(nn.Module):
@@ -807,14 +807,14 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "minimind-bare-gate-unsorted-top-k": (MiniMindModel, lambda: _x(2, 6), {}),
     "minimind-bare-gate-unsorted-top-k-train": (MiniMindModel, lambda: _x(2, 6), {"train": True}),
     "step3p5-router-bias-fp32-gate": (lambda: Layers(Step3p5DecoderLayer), lambda: _x(2, 6), {}),
-    "step3p5-router-bias-fp32-gate-train": (lambda: Layers(Step3p5DecoderLayer), lambda: _x(2, 6), {"train": True}),
+    "step3p5-router-bias-fp32-gate-train": (one_layer(Step3p5DecoderLayer), lambda: _x(2, 6), {"train": True}),
     "step3p5-sigmoid-normalised-before-top-k": (
         lambda: Layers(lambda: Step3p5DecoderLayer(router_bias=False, need_fp32_gate=False)),
         lambda: _x(2, 6),
         {},
     ),
     "step3p5-sigmoid-normalised-before-top-k-train": (
-        lambda: Layers(lambda: Step3p5DecoderLayer(router_bias=False, need_fp32_gate=False)),
+        one_layer(lambda: Step3p5DecoderLayer(router_bias=False, need_fp32_gate=False)),
         lambda: _x(2, 6),
         {"train": True},
     ),

@@ -632,8 +632,12 @@ class AdaMixOnly(nn.Module):
 # ----------------------------------------------------------------------- the cases
 EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict[str, object]]] = {
     # name: (model, input, options: ``train``, ``change``, ``same_forwards`` and attach options)
-    "gmoe-graph-experts-one-and-two-hops": (GMoEGraphNetwork, lambda: _x(12), {}),
-    "gmoe-graph-experts-one-and-two-hops-noisy-train": (GMoEGraphNetwork, lambda: _x(12), {"train": True}),
+    "gmoe-graph-experts-one-and-two-hops": (lambda: GMoEGraphNetwork(num_layer=1), lambda: _x(12), {}),
+    "gmoe-graph-experts-one-and-two-hops-noisy-train": (
+        lambda: GMoEGraphNetwork(num_layer=1),
+        lambda: _x(12),
+        {"train": True},
+    ),
     "switch-dit-one-choice-per-timestep-task": (SwitchDiT, lambda: _x(2, 6), {}),
     "switch-dit-one-choice-per-timestep-task-train": (SwitchDiT, lambda: _x(2, 6), {"train": True}),
     "dit-moe-adaln-shared-experts-moe-infer": (DiTMoE, lambda: _x(2, 6), {}),

@@ -135,6 +135,19 @@ def assert_refused(model: nn.Module, x: torch.Tensor, match: str, *, train: bool
 Layers = ResidualStack
 
 
+def one_layer(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """A maker of :data:`Layers` of one block: for a router whose probe runs cost many times a vectorised router's (a
+    Python loop over every token and slot, a data-dependent iteration), whose decision is established on hundreds of
+    tokens, a second block alike adds minutes of CI time and no check."""
+
+    def build() -> nn.Module:
+        stack = Layers(make)
+        del stack.layers[1]
+        return stack
+
+    return build
+
+
 class MixtralGate(_Used):
     """A Mixtral-style gate: softmax, top-k, renormalised."""
 
