@@ -145,17 +145,16 @@ def _wrap_topk(orig: Callable[..., Any]) -> Callable[..., Any]:
             return _audited(NESTING, orig, args, kwargs) if NESTING.auditing else orig(*args, **kwargs)
         form = hook._fast
         if form is not None and args:
+            learned, src, ring = form
             x = args[0]
             if (
                 type(x) is _TENSOR
                 # (at the ordinal, with the arguments learned, after 2-D scores of the width and dtype learned)
-                and (hook._ordinal, args[1:], kwargs, x.shape[1:], x.dtype) == form[0]
+                and (hook._ordinal, args[1:], kwargs, x.shape[1:], x.dtype) == learned
                 and (not hook._entry_grad or (_top_hooks() is None and _fwd_grad()))  # (no checkpoint opened inside)
             ):
                 hook._ordinal += 1
                 hook._decided = True
-                hook.decisions += 1
-                _, src, ring = form
                 if src is None:  # capture
                     out = orig(*args, **kwargs)
                     ring.write_eager(idx := out[1])

@@ -544,7 +544,6 @@ class RouterHook:
     #: (scores, indices, the masked scores its top-k ran on) per decision, while scores are kept
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool | None]] | None = None
     calls: int = 0  # scope forwards since the counter was reset (eager only)
-    decisions: int = 0  # decisions seen since the counter was reset (eager only)
     call: int | None = None  # the decision call an Adapter names
     declared_top_k: bool = False  # top_k was given by the user: evidence must agree
     on_established: Callable[[RouterHook], None] | None = None
@@ -1935,7 +1934,6 @@ class RouterHook:
                     forced = src.read_eager(n) if src.host_consumed + n <= src.cleared else self._forced(n)
                     forced = _on_device_of(forced, x)
                     self._decided = True
-                    self.decisions += 1
                     if self.capturing and self.capture_ring is not None:
                         self.capture_ring.write_eager(forced)
                     if func is _TOPK_FN and x.dim() == 2:  # the common form, answered directly
@@ -1947,7 +1945,6 @@ class RouterHook:
                 self._ordinal = i + 1
                 out = func(*args, **kwargs)
                 self._decided = True
-                self.decisions += 1
                 ring = self.capture_ring
                 if self.capturing and ring is not None:
                     idx = out[1] if func is _TOPK_FN and out[1].dim() == 2 else self._indices_of(func, out, n, sig[1])
@@ -2276,8 +2273,6 @@ class RouterHook:
         if self._chunks:  # the next call of the decision starts the rows of the next chunk of tokens
             self._slots = []
         self._decided = True
-        if not self._compiled:
-            self.decisions += 1
         if self._recompute:
             return
         if self.capturing and not self.verifying and self.capture_ring is not None:
@@ -2612,7 +2607,7 @@ class ScopedForward:
             if ran is not None:  # or, one that runs on past it, this router's own forward ran, plain)
                 return ran[0]
         hook = self.__moe_replay_hook__
-        if self._class_fn is not None and type(hook.scope).forward is not self._class_fn:
+        if type(hook.scope).forward is not (fn := self._class_fn) and fn is not None:  # (the class's, when it wraps it)
             self._follow_class()
         if _dynamo_compiling():
             out = self._call(args, kwargs)
@@ -2638,8 +2633,8 @@ class ScopedForward:
         if (
             lean is None
             or not lean[1]
-            or lean[0] is not hook._armed
-            or lean[0].hooks_aside  # (the user's hooks inside its scope are watched at each forward: see _run)
+            or (ev := lean[0]) is not hook._armed
+            or ev.hooks_aside  # (the user's hooks inside its scope are watched at each forward: see _run)
             or (
                 lean[4]  # (its forward takes more than its tokens: code handed to it runs under the mode; other
                 # settings among its arguments than its decision was established with establish it again)
@@ -2660,7 +2655,6 @@ class ScopedForward:
         # The hot path, a lean router armed: RouterHook._run without the mode, in this one frame (it runs
         # at every router call of an eager decode step: each line counts). Every per-forward field of the
         # hook starts as _run leaves it (reset in its finally).
-        ev = lean[0]
         owner = hook.owner
         if owner is not None and owner.ident != _get_ident() and owner.ident is not None:
             hook._admit()  # raises, unless this is a recompute in autograd's thread

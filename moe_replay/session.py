@@ -1852,7 +1852,7 @@ class Session:
         running = False
         try:
             for h in self._hooks:
-                h.calls = h.decisions = 0
+                h.calls = 0
             self._has_capture = True
             if clear or self._feeds is None:
                 self._feeds = FeedRecord(limit=self.capacity if self.keep_newest else None)
@@ -2778,7 +2778,7 @@ class Session:
             self._check_in_place()
             self._follow_settings()
             for h in self._hooks:
-                h.calls, h.decisions = 0, 0
+                h.calls = 0
                 h.verifying = True
             watch = OrphanWatch(model, self._scopes(), self._widths(), self._excluded)
             watch.seed(args, kwargs)  # (the example batch: its tokens and features are no experts)
