@@ -144,6 +144,11 @@ _CACHE_NAMES = ("past_key_values", "cache", "past_key_value", "past")
 #: is a value given (not None)? For ``filter(_GIVEN, map(kwargs.get, _CACHE_NAMES))``: the caches a forward is given by
 #: name, in C (no frame of a comprehension: this runs at every forward)
 _GIVEN = functools.partial(operator.is_not, None)
+#: a cache of plain tensors is given as either (a tuple of types, made once: ``list | tuple`` is a new object per test)
+_LIST_OR_TUPLE = (list, tuple)
+#: ``isinstance(value, torch.Tensor)`` and ``value.dim()``, in C (mapped over a forward's inputs)
+_IS_TENSOR = functools.partial(type(torch.Tensor).__instancecheck__, torch.Tensor)
+_DIM = operator.methodcaller("dim")
 #: the names a forward is given its tokens by, read as such: a first parameter of another name given by name is read
 #: in their stead only where neither is given
 _INPUT_NAMES = frozenset({"input_ids", "inputs_embeds"})
@@ -540,7 +545,8 @@ class FeedRecord:
             self._built.note(returned)
             now = self._kept_now
             if now is not None and self.forwards and self.forwards[-1] is now:
-                _note_object(self._made_by, returned, len(self.forwards) - 1)
+                if returned is not None:  # (_note_object, inline)
+                    self._made_by.note(returned, len(self.forwards) - 1)
         shapes, self._plain_in = self._plain_in, None
         fed, self._shape_fed = self._shape_fed, None
         if (shapes is None and fed is None) or not self._notes_loops:
@@ -642,9 +648,14 @@ class FeedRecord:
             held = type(cache).get_seq_length(cache)
         except Exception:
             return
-        if type(held) is int and 0 <= held < self._held_after:
+        if type(held) is int and 0 <= held < (before := self._held_after):
             start = self._starts.get(id(cache), -1)
-            self._shrunk(f"{type(cache).__name__} {HELD_FEWER}", start, self._held_after, held)
+            if type(start) is not int:  # (a count first watched on a device)
+                self._shrunk(f"{type(cache).__name__} {HELD_FEWER}", start, before, held)
+            elif 0 <= start < before:  # (_shrunk on the host, inline: tokens the capture's forwards had put in went)
+                was = self._rollback
+                what = f"{type(cache).__name__} {HELD_FEWER}"
+                self._rollback = (what, True) if was is None else (was[0], was[1] | True)
 
     def _copied(self, copied: Any, original: Any = None) -> None:
         """A watched cache (``original``) was deep-copied (a snapshot a decode loop may go back to): note when, and
@@ -817,7 +828,7 @@ class FeedRecord:
             parent = self._made_by.end_of(given)
             if parent is not None and parent >= 0:
                 forward.parent = parent
-            _note_object(self._made_by, given, len(self.forwards))
+            self._made_by.note(given, len(self.forwards))  # (_note_object, inline: a cache is given)
         if kept is not None:  # (each token's place in its sequence: a replay of its row elsewhere is refused)
             held: int | torch.Tensor | None = _cache_held(kwargs)
             if held is None:  # (a static cache's count, on its device: read in stream order, no host sync)
@@ -827,7 +838,7 @@ class FeedRecord:
             places = places_fed(args, kwargs, placed, held)
             if places is not None and places.numel() == count:
                 cache = given  # (the cache given, read above: nothing since changes the arguments)
-                if cache is not None and not self._built.holds(cache):
+                if cache is not None and self._built.end_of(cache) is None:  # (_Built.holds, inline)
                     # (after tokens of a cache no forward of this capture built: marked, see AFTER_OUTSIDE)
                     if isinstance(held, torch.Tensor):
                         outside = (places >= 0) & (held.to(places.device) > 0)
@@ -4029,7 +4040,7 @@ def _plain_tensors(cache: Any, depth: int = 0) -> list[torch.Tensor]:
     """The tensors of a cache of plain tensors (a list of ``(keys, values)`` per layer), in order."""
     if isinstance(cache, torch.Tensor):
         return [cache]
-    if depth > 3 or not isinstance(cache, list | tuple):
+    if depth > 3 or not isinstance(cache, _LIST_OR_TUPLE):
         return []
     return [t for v in cache for t in _plain_tensors(v, depth + 1)]
 
@@ -4039,7 +4050,7 @@ def _first_tensor(value: Any, depth: int = 0) -> torch.Tensor | None:
     None."""
     if isinstance(value, torch.Tensor):
         return value
-    if depth > 3 or not isinstance(value, list | tuple):
+    if depth > 3 or not isinstance(value, _LIST_OR_TUPLE):
         return None
     for v in value:
         found = _first_tensor(v, depth + 1)
@@ -4079,7 +4090,7 @@ def _returned_cache(out: Any) -> list[Any] | tuple[Any, ...] | None:
     """The cache of plain tensors a forward returned under the first of the names a cache is given by that it
     returns, or None (a cache object, such as transformers' ``DynamicCache``, is none: no other name is read)."""
     found = _returned_object(out)
-    return found if isinstance(found, list | tuple) and found else None
+    return found if isinstance(found, _LIST_OR_TUPLE) and found else None
 
 
 def _returned_object(out: Any) -> Any:
@@ -4207,7 +4218,7 @@ class _Built:
 
     def end_of(self, cache: Any) -> int | None:
         """The row the forwards that built ``cache`` end at, where it was noted (-1: not counted); else None."""
-        if isinstance(cache, list | tuple):
+        if isinstance(cache, _LIST_OR_TUPLE):
             first = _first_tensor(cache)
             return None if first is None else self.plain.get((first.data_ptr(), tuple(first.shape)))
         held = self.objects.get(id(cache))
@@ -4225,7 +4236,7 @@ class _Built:
         """Note ``cache`` (None: nothing), built by forwards whose rows end at row ``end``."""
         if cache is None:
             return
-        if isinstance(cache, list | tuple):
+        if isinstance(cache, _LIST_OR_TUPLE):
             first = _first_tensor(cache)
             if first is not None:
                 self.plain[(first.data_ptr(), tuple(first.shape))] = end
@@ -4255,7 +4266,7 @@ class _Made:
 
     def end_of(self, cache: Any) -> int | None:
         """The forward noted with ``cache`` (-1: not counted), or None where it was not noted."""
-        key = _first_tensor(cache) if isinstance(cache, list | tuple) else cache
+        key = _first_tensor(cache) if isinstance(cache, _LIST_OR_TUPLE) else cache
         held = None if key is None else self.held.get(id(key))
         return held[1] if held is not None and held[0]() is key else None
 
@@ -4268,7 +4279,7 @@ class _Made:
 
     def note(self, cache: Any, forward: int) -> None:
         """Note ``cache`` (None: nothing) as the forward ``forward``'s."""
-        key = _first_tensor(cache) if isinstance(cache, list | tuple) else cache
+        key = _first_tensor(cache) if isinstance(cache, _LIST_OR_TUPLE) else cache
         if key is None:
             return
         held = self.held.get(id(key))
@@ -4359,6 +4370,9 @@ def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
     pos = kwargs.get("position_ids")
     if shape is None or not isinstance(pos, torch.Tensor):
         return
+    # (in C, no frame per input: nearly every forward is given no tensor of five dimensions, nothing to read below)
+    if max(map(_DIM, filter(_IS_TENSOR, kwargs.values())), default=0) < 5:
+        return
     given = [
         (name, value)
         for name, value in kwargs.items()
@@ -4433,7 +4447,7 @@ def _kept_counts(levels: Sequence[FeedForward]) -> frozenset[int]:
             for k, v in vars(m).items():
                 if k in _MODULE_STATE or type(v) in _NO_TOKENS or isinstance(v, nn.Module | torch.Tensor | type):
                     continue
-                if isinstance(v, list | tuple):
+                if isinstance(v, _LIST_OR_TUPLE):
                     first = _first_tensor(v)
                     if first is not None and first.dim() == 4 and first.is_floating_point():
                         out.add(int(first.shape[-2]))
@@ -4553,7 +4567,7 @@ def _may_hold_tokens(value: Any, depth: int = 0, least: tuple[int, int] = (5, 3)
     if depth >= _HOLDS_DEPTH or isinstance(value, nn.Module) or callable(value):
         return True
     items: Any
-    if isinstance(value, list | tuple):
+    if isinstance(value, _LIST_OR_TUPLE):
         items = value
     elif type(value) is dict:
         items = list(value.values())
@@ -4578,7 +4592,7 @@ def _cache_held(kwargs: dict[str, Any]) -> int | None:
     if len(given) > 1:
         return None
     cache = given[0]
-    if isinstance(cache, list | tuple):
+    if isinstance(cache, _LIST_OR_TUPLE):
         first = _first_tensor(cache)
         if first is None:
             return None if any(cache) else 0
@@ -4657,7 +4671,7 @@ def places_fed(
     the caller read it already (-1: not read). Given by position, the inputs read by name (its mask, position_ids,
     a KV cache: ``model(ids, mask)``, ``model(ids, None, positions)``) are read as given by name, where ``kwargs``
     holds them so (see ``FeedForward.named_at``); any other given by position after the ids is not read: None."""
-    if shape is None or not all(_read_by_name(a, kwargs) for a in args[1:]):
+    if shape is None or (len(args) > 1 and not all(_read_by_name(a, kwargs) for a in args[1:])):
         return None
     batch, positions = int(shape[0]), int(shape[1])
     mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
@@ -4729,7 +4743,7 @@ def _positions_form(pos: Any, batch: int, positions: int) -> str | None:
         or (pos.is_floating_point() and _host_scale(pos) is None)
     ):
         return None
-    lead = tuple(int(n) for n in pos.shape[:-1])
+    lead = tuple(map(int, pos.shape[:-1]))
     if not lead:
         return "flat"
     if len(lead) == 1:
@@ -4819,7 +4833,8 @@ def _after_cached(
     if not any(map(_GIVEN, map(kwargs.get, _CACHE_NAMES))):
         return places if own else places.clone()
     given = kwargs.get("position_ids")  # (given by position too: read as none given, see _read_by_name)
-    args = tuple(None if a is given else a for a in args)
+    if args:  # (given by position too: read as none given; a generate() step is given none by position)
+        args = tuple(None if a is given else a for a in args)
     if isinstance(held, int) and held < 0:
         held = _cache_held(kwargs)
     if isinstance(held, int) and kwargs.get("attention_mask") is None and len(args) <= 1:
@@ -4931,7 +4946,7 @@ def _wants_ids(record: FeedRecord | FeedCheck) -> bool:
 def _holds_state(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Is a forward given something its run would change (a KV cache object, a legacy cache of tuples)?"""
     for value in (*args, *kwargs.values()):
-        if isinstance(value, list | tuple) and value:
+        if isinstance(value, _LIST_OR_TUPLE) and value:
             return True
         kind = type(value)
         if kind not in _PLAIN and not isinstance(value, torch.Tensor):
