@@ -21,7 +21,7 @@ from torch import nn
 import moe_replay as mr
 from tests.test_evidence import D, E
 from tests.test_public_routers2 import _x
-from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
+from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused, one_layer
 
 
 # ----------------------------------------------------------------------- LitGPT: a top-k in the block, a DSv3 router
@@ -871,7 +871,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         lambda: _x(2, 12),
         {"train": True},
     ),
-    "labml-switch-scaled": (lambda: Layers(LabmlSwitchLayer), lambda: _x(12, 2), {}),
+    "labml-switch-scaled": (one_layer(LabmlSwitchLayer), lambda: _x(12, 2), {}),
     # (``p / p.detach()`` is 0/0 where a larger change underflows the forced expert's probability, natively too)
     "labml-switch-straight-through-train": (
         lambda: Layers(lambda: LabmlSwitchLayer(is_scale_prob=False)),
@@ -881,7 +881,7 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     "nnue-mix9-bucket-per-board": (NnueMix9, lambda: _x(6, 5), {}),
     "nnue-mix9-bucket-per-board-jitter-train": (NnueMix9, lambda: _x(6, 5), {"train": True}),
     # (a capacity of at least one token per expert on one token: see ``REFUSED`` for PiKV's default)
-    "pikv-mlp-router-capacity-by-order": (lambda: Layers(lambda: PikvMoE(capacity_factor=4.0)), lambda: _x(2, 12), {}),
+    "pikv-mlp-router-capacity-by-order": (one_layer(lambda: PikvMoE(capacity_factor=4.0)), lambda: _x(2, 12), {}),
     "ktransformers-injected-proxy-gate": (lambda: Layers(KtDeepseekV3MoE), lambda: _x(2, 12), {"holders": True}),
     "ktransformers-injected-proxy-gate-train": (
         lambda: Layers(KtDeepseekV3MoE),
@@ -938,7 +938,7 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         {},
     ),
     "pikv-adaptive-router-batch-k": (
-        lambda: Layers(lambda: PikvMoE(PikvAdaptiveRouter, 4.0)),
+        one_layer(lambda: PikvMoE(PikvAdaptiveRouter, 4.0)),
         lambda: _x(2, 12),
         r"'layers\.0\.router': before its decision .* chooses from floating values .* what picks experts after it",
         {},

@@ -20,7 +20,7 @@ from torch import nn
 
 from tests.test_evidence import D, E, Experts
 from tests.test_public_routers2 import _x
-from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused
+from tests.test_public_routers6 import Layers, _Used, assert_exact, assert_refused, one_layer
 
 
 # ----------------------------------------------------------------------- Flaxformer: padding tokens ignored
@@ -588,15 +588,15 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
         _x,
         {"train": True},
     ),
-    "tutel-v01-gate-runs-the-experts": (lambda: Layers(lambda: TutelV01MOELayer(2.0)), _x, {}),
-    "tutel-v01-gate-runs-the-experts-train": (lambda: Layers(lambda: TutelV01MOELayer(2.0)), _x, {"train": True}),
+    "tutel-v01-gate-runs-the-experts": (one_layer(lambda: TutelV01MOELayer(2.0)), _x, {}),
+    "tutel-v01-gate-runs-the-experts-train": (one_layer(lambda: TutelV01MOELayer(2.0)), _x, {"train": True}),
     "tutel-v01-smaller-batch-padded-to-the-first": (_tutel_v01_padded, _x, {}),
-    "tutel-adaptive-capacity-nothing-dropped": (lambda: Layers(TutelAdaptiveMOELayer), _x, {}),
-    "tutel-adaptive-capacity-nothing-dropped-train": (lambda: Layers(TutelAdaptiveMOELayer), _x, {"train": True}),
+    "tutel-adaptive-capacity-nothing-dropped": (one_layer(TutelAdaptiveMOELayer), _x, {}),
+    "tutel-adaptive-capacity-nothing-dropped-train": (one_layer(TutelAdaptiveMOELayer), _x, {"train": True}),
     # (the adaptive capacity capped at the even share per slot: places past it dropped, by position)
-    "tutel-adaptive-capacity-capped": (lambda: Layers(lambda: TutelAdaptiveMOELayer(-1.0)), _x, {}),
+    "tutel-adaptive-capacity-capped": (one_layer(lambda: TutelAdaptiveMOELayer(-1.0)), _x, {}),
     "tutel-adaptive-capacity-prescore": (
-        lambda: Layers(lambda: TutelAdaptiveMOELayer(0.0, is_postscore=False)),
+        one_layer(lambda: TutelAdaptiveMOELayer(0.0, is_postscore=False)),
         _x,
         {},
     ),

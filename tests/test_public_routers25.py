@@ -340,10 +340,12 @@ class SampleEfficientTopKMoE(_Used):
 class SampleEfficientGPT(nn.Module):
     """Two MoE layers, their aux losses added to the output (as the training loss adds them)."""
 
-    def __init__(self, top_k: int = 2, router_jitter: float = 0.0) -> None:
+    def __init__(self, top_k: int = 2, router_jitter: float = 0.0, num_layers: int = 1) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.layers = nn.ModuleList(SampleEfficientTopKMoE(top_k, router_jitter=router_jitter) for _ in range(2))
+        self.layers = nn.ModuleList(
+            SampleEfficientTopKMoE(top_k, router_jitter=router_jitter) for _ in range(num_layers)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         aux = x.new_zeros(())
