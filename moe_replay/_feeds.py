@@ -3542,7 +3542,7 @@ class OrderCheck(FeedCheck):
                 )
                 if text is not None and not self._at_recorded(start, count, text):
                     raise
-                caches = _static_held(self._levels, text) if text is not None else []
+                caches = _static_held(self._levels, text, batch) if text is not None else []
                 if not caches:
                     raise
                 # (positions after tokens a cache its modules keep holds: the other checks now, the values where the
@@ -4507,12 +4507,33 @@ def _index_sums(t: torch.Tensor, dim: int) -> torch.Tensor:
         return t.detach().abs().movedim(dim, 0).reshape(int(t.shape[dim]), -1).sum(1, dtype=torch.float64).cpu()
 
 
-def _static_held(levels: Sequence[FeedForward], text: torch.Tensor) -> list[_HeldCache]:
+def _held_per_slice(t: torch.Tensor, dim: int, first: int, batch: int) -> bool:
+    """Whether ``t`` holds something at every index before ``first`` along ``dim`` in at least ``batch`` slices of
+    each other dimension that has that many (its batch dimension among them, wherever it is): a cache that holds the
+    prefix of some sequences only sums to something at every place all the same. The slices that hold it are
+    counted, not looked for first: a cache larger than the batch may keep a sequence in any of its slots (Meta's
+    ``cache_k[:bsz]`` keeps them first, a slot allocator anywhere)."""
+    with torch.no_grad():
+        magnitudes = t.detach().abs()
+        for other in range(t.dim()):
+            if other == dim or int(t.shape[other]) < batch:
+                continue
+            per = magnitudes.movedim((dim, other), (0, 1))[:first].reshape(first, int(t.shape[other]), -1)
+            holding = per.sum(-1, dtype=torch.float64).ne(0).all(0)
+            if int(holding.sum()) < batch:
+                return False
+    return True
+
+
+def _static_held(levels: Sequence[FeedForward], text: torch.Tensor, batch: int) -> list[_HeldCache]:
     """The tensors the modules of ``levels`` keep (buffers, and plain tensor attributes that are not parameters:
     floating, of two dimensions or more) that may be a static KV cache holding the tokens before the positions
-    ``text`` (``[1 or batch, positions]``, the first above 0): along a dimension that reaches the last position, each
-    holds something at every index before the first (see :class:`_HeldCache`). Read only for a forward whose positions
-    would be refused otherwise: it reads those tensors on the host."""
+    ``text`` (``[1 or batch, positions]``, the first above 0) for each of the forward's ``batch`` sequences: along a
+    dimension that reaches the last position, each holds something at every index before the first (see
+    :class:`_HeldCache`), and does so in as many slices as there are sequences along each of its other dimensions
+    that has that many (:func:`_held_per_slice`: a batch row whose slot holds nothing beside one that holds its
+    prefix is a sequence fed without the tokens before it). Read only for a forward whose positions would be refused
+    otherwise: it reads those tensors on the host."""
     if not text.numel():
         return []
     first, last = int(text.min()), int(text.max())
@@ -4539,7 +4560,7 @@ def _static_held(levels: Sequence[FeedForward], text: torch.Tensor) -> list[_Hel
                 for dim in range(t.dim()):
                     if int(t.shape[dim]) > last:
                         sums = _index_sums(t, dim)
-                        if bool(sums[:first].ne(0).all()):
+                        if bool(sums[:first].ne(0).all()) and _held_per_slice(t, dim, first, batch):
                             out.append(_HeldCache(f"{at}.{name}" if at else name, t, dim, sums, first, last))
     return out
 

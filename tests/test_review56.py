@@ -396,12 +396,6 @@ def test_a_router_moving_a_numpy_array_in_place_is_in_step_and_left_as_the_plain
 
 # ---------------------------------------------------------------------- a batch row whose static cache holds nothing
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a static cache is read as holding the tokens before a forward's positions where it holds something at "
-    "every place summed over its other dimensions, the batch's included: a batch row whose slot holds nothing (a new "
-    "sequence without its prefix) beside one that holds its prefix is let through, its rows forced",
-)
 def test_a_continuation_whose_batch_row_has_an_empty_static_cache_slot_is_refused() -> None:
     """gpt-fast's cache for a batch of two, both rows' prompts written, a continuation of both captured (rows laid
     out without ids); row 1's slot emptied (a new sequence put in it without its prefix), row 0's kept: the replay of
