@@ -145,7 +145,61 @@ def note_router(t: torch.Tensor, name: str) -> torch.Tensor:
 
 def _router_of(t: torch.Tensor) -> str | None:
     held = _ROUTER_OF.get(id(t))
-    return held[1] if held is not None and held[0]() is t else _router_made_from(t)
+    if held is not None and held[0]() is t:
+        return held[1]
+    return _router_in_stack(t) or _router_made_from(t)
+
+
+#: tensors that stack several routers' rows along one dimension, handed out by ``Routes.indices`` (``[T, L, k]``),
+#: by the address of their storage (held weakly): a slice of one router's rows out of them (``unbind(1)``,
+#: ``indices[:, j]``) shares that storage and names its router by where it starts (see :func:`_router_in_stack`)
+_STACKS: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...], int]] = {}
+
+
+def note_stack(t: torch.Tensor, names: Sequence[str], dim: int) -> torch.Tensor:
+    """Note ``t`` as holding the rows of the routers ``names`` along its dimension ``dim``, one router at each index
+    (see :func:`load_balancing_loss`); returns ``t``."""
+    key = _storage_address(t)
+    if key is None or int(t.shape[dim]) != len(names):
+        return t
+
+    def forget(_: object, key: int = key) -> None:
+        held = _STACKS.get(key)
+        if held is not None and held[0]() is None:
+            del _STACKS[key]
+
+    _STACKS[key] = (weakref.ref(t, forget), tuple(names), dim)
+    return t
+
+
+def _storage_address(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage, or None where it has none that can be read (a meta tensor, or any tensor
+    while ``torch.compile`` traces: compiled code reads no address)."""
+    if dynamo_compiling() or t.layout is not torch.strided or t.is_meta:
+        return None
+    try:
+        return int(t.untyped_storage().data_ptr()) or None
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _router_in_stack(t: torch.Tensor) -> str | None:
+    """The router whose rows ``t`` is, where ``t`` is one router's slice of a stack :func:`note_stack` noted that
+    is still alive: it shares the stack's storage, has its shape and strides without the stacked dimension, and
+    starts at one of that dimension's indices. None otherwise (a copy names nothing)."""
+    key = _storage_address(t)
+    held = _STACKS.get(key) if key is not None else None
+    stack = held[0]() if held is not None else None
+    if held is None or stack is None or _storage_address(stack) != key:
+        return None
+    names, dim = held[1], held[2]
+    shape, strides = list(stack.shape), list(stack.stride())
+    step = strides.pop(dim)
+    del shape[dim]
+    if t.dtype != stack.dtype or list(t.shape) != shape or list(t.stride()) != strides or step <= 0:
+        return None
+    at, off = divmod(int(t.storage_offset()) - int(stack.storage_offset()), int(step))
+    return names[at] if off == 0 and 0 <= at < len(names) else None
 
 
 #: the key under which :func:`note_router` marks the autograd node that made a router's noted tensor
@@ -574,8 +628,10 @@ def load_balancing_loss(
             Each is paired with the probabilities of its router: where both lists are tensors that
             name their routers (those of :meth:`Session.keep_scores`, probabilities computed from its scores with
             gradients on, a few ops back such as ``scores.softmax(-1)``, ``Routes.per_layer()``,
-            ``Routes.layer(name)``) and hold the same routers in other orders, by those names;
-            where only some name them and they disagree, the call is refused.
+            ``Routes.layer(name)``, one router's rows sliced out of a live ``Routes.indices`` such as
+            ``routes.indices.unbind(1)``) and hold the same routers in other orders, by those names;
+            where only some name them and they disagree, the call is refused. A copy (a clone, numpy
+            rows) names no router.
         mask: optional weights of the tokens to count, e.g. the attention mask; padding gets
             0. One dimension: one weight per row, ``[T]``, in the order of the rows. More than one
             (the batch's ``[batch, positions]`` attention mask, or several forwards' stacked along

@@ -40,7 +40,7 @@ from .errors import (
     UnknownRouterError,
     _ReadOnlyError,
 )
-from .losses import note_router
+from .losses import note_router, note_stack
 
 __all__ = ["FORMAT_VERSION", "MAX_LOAD_BYTES", "Routes"]
 
@@ -628,7 +628,7 @@ class Routes:
         self.num_tokens, self.top_k  # noqa: B018 - raise early with a clear message
         if not self._data:
             return torch.empty(0, 0, 0, dtype=torch.long)
-        return torch.stack([d.long() for d in self._data], dim=1)
+        return note_stack(torch.stack([d.long() for d in self._data], dim=1), self._names, 1)
 
     def in_token_order(self) -> Routes:
         """These routes with their rows in the order of their tokens, sequence by sequence.

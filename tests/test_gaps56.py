@@ -4,6 +4,9 @@
   forward has sequences hold them (a batch row whose slot holds nothing beside one that holds its prefix is refused,
   test_review56): a cache larger than the batch, its sequence kept in any slot, and a batch whose every row holds its
   prefix, still replay exactly.
+- One router's rows sliced out of ``Routes.indices`` (``unbind(1)``, ``indices[:, j]``) name their router, so
+  ``load_balancing_loss`` pairs them with that router's probabilities in any order (test_losses): in the
+  probabilities' own order, and sliced from routes of one router, they are counted as before.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 import moe_replay as mr
 
 from .test_gaps53 import _MAX, _static_model
+from .test_losses import by_hand
 from .test_review51 import _outcome
 from .test_workflow import _dispatched, _joined, _perturb, _watch_experts
 
@@ -110,3 +114,53 @@ def test_a_continuation_whose_slot_is_empty_beside_another_slots_stale_prefix_is
             model(second, position_ids=later)
     finally:
         session.detach()
+
+
+# ------------------------------------------------------------------------- one router's rows sliced out of a stack
+def _kept_loss_case(layers: int) -> tuple[mr.Routes, Any, float]:
+    """Routes of a capture, the scores kept in a replay of them, and the loss counted by hand per router."""
+    model = mr.models.build("softmax_topk", num_layers=layers)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        routes = session.routes()
+        with session.replay(routes), session.keep_scores() as kept, torch.no_grad():
+            model(ids)
+    want = sum(by_hand(kept[n][0], kept[n][1]) for n in kept.names) / len(kept.names)
+    return routes, kept, want
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.parametrize("sliced", ["unbind", "indexed", "one router"])
+def test_rows_sliced_out_of_routes_indices_in_the_probs_order_count_each_routers_own(sliced: str) -> None:
+    """Each router's rows sliced out of ``routes.indices`` in the order of the kept probabilities (``unbind(1)``,
+    ``indices[:, j]``, or the routes of one router selected first): no error, each router's own loss, the same as
+    with ``per_layer()``; the other order (reversed) is paired by name to the same loss."""
+    routes, kept, want = _kept_loss_case(1 if sliced == "one router" else 3)
+    stack = routes.indices
+    rows = list(stack.unbind(1)) if sliced != "indexed" else [stack[:, j] for j in range(stack.shape[1])]
+    assert all(r.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr() for r in rows)  # (views)
+    assert mr.load_balancing_loss(kept.scores, rows).item() == pytest.approx(want, abs=1e-5)
+    assert mr.load_balancing_loss(kept.scores, routes.per_layer()).item() == pytest.approx(want, abs=1e-5)
+    if len(rows) > 1:
+        assert mr.load_balancing_loss(kept.scores[::-1], rows).item() == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a copy of one router's rows (a clone, to_numpy() rows) shares nothing with the routes it came from: in "
+    "another router order than the probabilities, of the same shapes, it is counted with another router's "
+    "probabilities, a wrong loss without a word",
+)
+def test_copied_rows_in_another_router_order_are_paired_or_refused() -> None:
+    """Each router's rows sliced out of ``routes.indices`` and cloned, given in the reverse of the probabilities'
+    router order: paired with their own router's probabilities, or refused."""
+    routes, kept, want = _kept_loss_case(2)
+    copies = [r.clone() for r in routes.indices.unbind(1)][::-1]
+    try:
+        got = mr.load_balancing_loss(kept.scores, copies).item()
+    except mr.MoEReplayError:
+        return
+    assert got == pytest.approx(want, abs=1e-5)

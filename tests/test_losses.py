@@ -572,12 +572,6 @@ def test_routers_named_alike_in_other_stacks_are_not_taken_for_one_router() -> N
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="indices that name no router (routes.indices.unbind(1), to_numpy() rows, a clone) carry nothing that "
-    "tells which router they are: in another router order than the probs, of the same shapes, they are counted with "
-    "other routers' probabilities, a wrong loss without a word",
-)
 def test_unnamed_indices_in_another_router_order_are_refused() -> None:
     model = mr.models.build("softmax_topk", num_layers=2)
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
