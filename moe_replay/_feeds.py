@@ -4359,6 +4359,11 @@ def _tokens_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Si
 #: first positions of the forwards given them (see :func:`_note_past`); at most :data:`_PAST_KEYS` of them
 _PAST_SEEN: dict[tuple[str, tuple[int, ...], torch.dtype], set[int]] = {}
 _PAST_KEYS = 256
+#: of those, the tensor last given under each (held weakly) and its version counter then; and the ones whose tensor
+#: was written in place between two forwards that were given it (a KV cache stacked in one preallocated tensor, which
+#: each forward writes at its positions: a video's frames are read, not written)
+_PAST_LAST: dict[tuple[str, tuple[int, ...], torch.dtype], tuple[weakref.ref[torch.Tensor], int]] = {}
+_PAST_WRITTEN: set[tuple[str, tuple[int, ...], torch.dtype]] = set()
 
 
 def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
@@ -4366,7 +4371,8 @@ def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
     tensor of five dimensions or more it is given under a name of its own: a KV cache stacked in one tensor holds the
     tokens before the positions, so one of its dimensions grows as they start later (or it is preallocated: a static
     cache, whose name says so where the checks are to read it as one). The same name and shape seen beside two first
-    positions is no cache (:func:`_fixed_past`), whatever the name."""
+    positions is no cache (:func:`_fixed_past`), whatever the name, unless the tensor given was written in place
+    between two forwards given it, as a cache is written at each forward's positions."""
     pos = kwargs.get("position_ids")
     if shape is None or not isinstance(pos, torch.Tensor):
         return
@@ -4398,16 +4404,23 @@ def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
             starts = _PAST_SEEN[key] = set()
         if len(starts) < 2:
             starts.add(first)
+        last, version = _PAST_LAST.get(key, (None, None)), version_of(value)
+        if last[0] is not None and last[0]() is value and last[1] != version:
+            _PAST_WRITTEN.add(key)
+        _PAST_LAST[key] = (weakref.ref(value), version)
 
 
 def _fixed_past(name: str, value: Any) -> bool:
     """Whether ``value``, given to a forward under ``name``, is a floating tensor whose name and shape were seen
     beside forwards whose positions start at two places (:func:`_note_past`): no dimension of it counts the tokens
-    before a forward's own, so it holds none (a video's frames under a name of its own), as a cache would."""
+    before a forward's own, so it holds none (a video's frames under a name of its own), as a cache would. One written
+    in place between two forwards given it is a cache preallocated for every place (a static cache stacked in one
+    tensor), not fixed media."""
     if not isinstance(value, torch.Tensor) or value.dim() < 5 or not value.is_floating_point():
         return False
-    starts = _PAST_SEEN.get((name, tuple(int(n) for n in value.shape), value.dtype))
-    return starts is not None and len(starts) > 1
+    key = (name, tuple(int(n) for n in value.shape), value.dtype)
+    starts = _PAST_SEEN.get(key)
+    return starts is not None and len(starts) > 1 and key not in _PAST_WRITTEN
 
 
 #: names of a forward's inputs that hold media (pixels, audio features, their grids and masks), never a token of a
@@ -4514,12 +4527,13 @@ def _held_per_slice(t: torch.Tensor, dim: int, first: int, batch: int) -> bool:
     counted, not looked for first: a cache larger than the batch may keep a sequence in any of its slots (Meta's
     ``cache_k[:bsz]`` keeps them first, a slot allocator anywhere)."""
     with torch.no_grad():
-        magnitudes = t.detach().abs()
+        head = t.detach().narrow(dim, 0, first).abs()  # (the places before the positions alone)
         for other in range(t.dim()):
             if other == dim or int(t.shape[other]) < batch:
                 continue
-            per = magnitudes.movedim((dim, other), (0, 1))[:first].reshape(first, int(t.shape[other]), -1)
-            holding = per.sum(-1, dtype=torch.float64).ne(0).all(0)
+            rest = [d for d in range(t.dim()) if d not in (dim, other)]
+            sums = head.sum(dim=rest, dtype=torch.float64) if rest else head.double()
+            holding = sums.ne(0).all(dim=0 if dim < other else 1)  # (per slice of ``other``: every place held)
             if int(holding.sum()) < batch:
                 return False
     return True

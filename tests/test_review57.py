@@ -203,12 +203,6 @@ class _StackedModel(nn.Module):
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a floating tensor of five dimensions or more given under a name of its own beside positions that start "
-    "at two places is read as holding no earlier tokens: a static cache stacked in one preallocated tensor, given "
-    "to a prompt's forward and to its next turn's, is then no cache, and the turn laid out alone is refused",
-)
 def test_a_turn_after_a_static_cache_stacked_in_one_tensor_of_its_own_name_replays_exactly() -> None:
     """A multi-turn capture (a prompt at places 0..4, then a turn at 5..8) of a model fed a preallocated static cache
     stacked in one tensor (``kvs``, ``[layers, 2, batch, heads, 32, head_dim]``, written in place at each forward's
