@@ -4170,17 +4170,14 @@ def _check_elsewhere(name: str, probe: _Prober, ev: Evidence, what: str) -> None
             return anchor.family == "topk" and any(reaches(s) for s in range(min(ev.top_k, anchor.k)))
 
         if not reaches() and not any_slot_reaches():
-            if _uses_nothing_of_its_tokens(probe, calls, base, tolerance):
-                return  # (no expert is used there, whatever the decision: a replay forces nothing that matters)
             raise _refuse(
                 name,
                 calls,
                 f"on {what}, changing the choice of its decision ({_chosen(ev)}) does not change the output, as it "
                 "does on the tokens it was established on: its forward takes another branch there, where the "
                 "experts are chosen otherwise (from the values, a dense mask) or none is used (a capacity computed "
-                "from the number of tokens that is zero there drops every token) while its output still follows the "
-                "token's values (probabilities returned beside the dispatch), so nothing shows that no expert is "
-                "chosen otherwise, and forcing this decision may not force the experts used",
+                "from the number of tokens that is zero there drops every token), and forcing this decision would "
+                "not force the experts used",
                 "Choose the experts with the decision's indices whatever the number of tokens (a capacity of at least "
                 "one token per expert)",
             )
@@ -4213,27 +4210,6 @@ def _check_elsewhere(name: str, probe: _Prober, ev: Evidence, what: str) -> None
             f"{e}. (Found on {what}: a router's decision is checked on another number of tokens too, as a "
             "forward may take another branch there: a decode step's one token, a prefill's many)"
         ) from e
-
-
-def _uses_nothing_of_its_tokens(probe: _Prober, calls: Sequence[Call], base: Any, tolerance: float) -> bool:
-    """Is the output on ``probe``'s inputs (``base``, within ``tolerance``) the same on each other input of their
-    shape (``probe.others``, then :func:`_other_inputs`), the forward making the same decision-like calls on every
-    one? Asked where no change of the decision reaches the output there: its forward then uses no expert on such
-    inputs (a capacity computed from the number of tokens that is zero there drops every slot), so a replay of them
-    is exact whatever it forces. Where the experts are chosen otherwise there (from the values, a dense mask), the
-    output follows the tokens' values: False, as where no other input runs or only ``probe``'s own were tried."""
-    signature = [c.signature for c in calls]
-    tried = 0
-    for inputs in itertools.chain(probe.others, _other_inputs(probe.args, probe.kwargs)):
-        try:
-            out, seen = probe.run(inputs=inputs)
-        except Exception as e:  # (a forward that fails on other inputs of that shape shows nothing)
-            _only_forwards(e)
-            return False
-        if [c.signature for c in seen.calls] != signature or _distance(base, out, tolerance)[0] > tolerance:
-            return False
-        tried += 1
-    return tried > 0
 
 
 def _chooses_tokens(probe: _Prober, anchor: Call, tokens: int) -> bool:

@@ -7,9 +7,6 @@
 - One router's rows sliced out of ``Routes.indices`` (``unbind(1)``, ``indices[:, j]``) name their router, so
   ``load_balancing_loss`` pairs them with that router's probabilities in any order (test_losses): in the
   probabilities' own order, and sliced from routes of one router, they are counted as before.
-- A block that uses no expert on a forward of one token (a capacity computed from the token count that is zero
-  there) is no longer refused as taking another branch there where its output on one token is the same whatever the
-  token's values (test_decisions4): tutel's capacity capped at zero on few tokens replays exactly too.
 - A floating tensor of five dimensions or more under a name of its own, beside positions that start at two places,
   is read as a cache where it was written in place between two forwards given it (test_review57): a static cache
   stacked in one tensor over three turns replays its last turn laid out alone.
@@ -27,10 +24,6 @@ import moe_replay as mr
 
 from .test_gaps53 import _MAX, _static_model
 from .test_losses import by_hand
-from .test_public_routers2 import _x
-from .test_public_routers6 import Layers, assert_exact
-from .test_public_routers19 import PikvMoE
-from .test_public_routers23 import TutelAdaptiveMOELayer
 from .test_review51 import _outcome
 from .test_review57 import _StackedModel
 from .test_workflow import _dispatched, _joined, _perturb, _watch_experts
@@ -175,32 +168,6 @@ def test_copied_rows_in_another_router_order_are_paired_or_refused() -> None:
     except mr.MoEReplayError:
         return
     assert got == pytest.approx(want, abs=1e-5)
-
-
-# ----------------------------------------------------------------------------- no expert used on one token
-@pytest.mark.reliability("false refusals")
-def test_a_capacity_capped_at_zero_on_few_tokens_replays_exactly() -> None:
-    """tutel's adaptive capacity capped at half the even share (``int(0.5 * share)``: zero on fewer tokens than
-    experts, every slot dropped there; by position past it on more): captured and replayed after its router moved,
-    the experts used and the output and gradients are those of the recorded experts forced by hand. Once refused as
-    a branch on one token, where its output is zero whatever the token."""
-    model = Layers(lambda: TutelAdaptiveMOELayer(-0.5))
-    model.layers = nn.ModuleList(model.layers[:1])  # (one block: the same case, half the runs)
-    assert_exact(model, _x(9))
-
-
-@pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.UnsupportedRouterError,
-    reason="a router that uses no expert on one token (PiKV's capacity of int(1.5 * k * T / E), zero there) but "
-    "returns its probabilities beside the dispatch: its output on one token follows the token's values, so nothing "
-    "tells that no expert is chosen there otherwise, and it is refused as taking another branch",
-)
-def test_a_capacity_of_zero_on_one_token_beside_returned_probabilities_replays_exactly() -> None:
-    """PiKV's router returns its dispatch and combine tensors (empty on one token: no room) and its probabilities:
-    a replay is exact, as where the probabilities are not returned."""
-    assert_exact(Layers(PikvMoE), _x(1, 12))
 
 
 # ------------------------------------------------------------------ a static cache stacked in one tensor, three turns

@@ -664,6 +664,14 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
         r"'layers\.0\.router': after its decision .* its forward chooses again from the current scores",
         {},
     ),
+    # (capped at half the even share: ``int(0.5 * 1) == 0`` on a batch of fewer tokens than experts, every token
+    # dropped there, as upstream)
+    "tutel-adaptive-capacity-capped-at-zero-on-few-tokens": (
+        lambda: Layers(lambda: TutelAdaptiveMOELayer(-0.5)),
+        _x,
+        r"'layers\.0\.gates\.0': on one of its tokens alone, changing the choice of its decision .* does not change",
+        {},
+    ),
     # (the second slot dropped at random after the choice, by a draw against twice its weight)
     "fastmoe-dc-gate-random-routing": (
         lambda: Layers(FastMoEDCLayer),
@@ -690,7 +698,8 @@ def test_refused_naming_why(case: str) -> None:
     (tokens sorted by their top gate before the capacity is filled); FastMoE's ``DCGate`` (the second slot dropped
     where twice its weight is under a uniform draw); Flaxformer's ``ignore_padding_tokens`` (gates
     zeroed and indices made negative after the ``top_k`` for all-zero tokens, whether or not the first batch holds
-    any: the padding tokens' rows would name experts they did not use); Mixture of Vectors (IA3
+    any: the padding tokens' rows would name experts they did not use); tutel's capacity capped at half the even
+    share (zero on a batch of fewer tokens than experts, where every token is dropped); Mixture of Vectors (IA3
     vectors merged by a softmax, no discrete choice): refused with a ``MoEReplayError`` saying why, the model as
     it was."""
     make, x, match, options = REFUSED[case]
