@@ -3482,7 +3482,7 @@ class OrderCheck(FeedCheck):
             mask = _tokens_of_4d(mask, batch, positions)
         if not (isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, positions)):
             mask = None
-        if (positions < 2 and not _one_token_rows_placed(args, kwargs, shape)) or _positions_form(
+        if (positions < 2 and not (self.captured or _one_token_rows_placed(args, kwargs, shape))) or _positions_form(
             pos, batch, positions
         ) is None:
             pos = None  # (of a form that tells the positions: read as text positions in _refuse_places)
@@ -3524,6 +3524,10 @@ class OrderCheck(FeedCheck):
             and _cache_held(kwargs) == 0
             and _batch_alone(args, kwargs, shape)
         )
+        # (a capture's rows hold the places their forward's positions gave them, the tokens a cache held before
+        # included: fed positions, whatever cache or mask beside them, each is compared with its place by value; a
+        # decode step fed a mask over its cache, and a cache its modules keep, let another step's rows be forced)
+        whole = whole or (self.captured and pos is not None)
         # (a count given beside positions that is the count of tokens a KV cache the model keeps itself holds: the
         # tokens before these, where the positions start there, see _refuse_places)
         counts = _counts_given(args, kwargs, shape) if whole else ()
@@ -3714,7 +3718,8 @@ class OrderCheck(FeedCheck):
             "gaps": "its position_ids put two rows of a sequence, picked out of it with a gap between them (a "
             "context-parallel rank's chunks of each sequence, routes[index]), another distance apart than the routes "
             "hold them (another rank's chunks, or tokens fed as if they followed each other)",
-            "values": "it is fed position_ids and no KV cache, and they put a token at another place in its sequence "
+            "values": "it is fed position_ids (and no KV cache, or for rows a capture recorded at the places its "
+            "positions gave them, a KV cache's tokens counted), and they put a token at another place in its sequence "
             "than its row holds (nor, with an attention mask, at its column in a batch row holding its sequence from "
             "its first token: positions that count the padding) (a sequence-parallel rank's slice fed another rank's "
             "tokens of the same sequence? mrope position_ids of three rows, whose text after an image goes on from "
