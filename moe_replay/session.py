@@ -3556,8 +3556,12 @@ def _aliases_of_silent(silent: Sequence[str], sites: Sequence[RouterSite], writt
     same module recorded rows for (a wrapper that holds a block and its gate again under its own names): the idle
     path's block never ran, its module did, under the other path; ``""`` where none is.
     """
-    recorded = {id(s.module): s.name for s, w in zip(sites, written, strict=True) if w > 0}
-    pairs = [(s.name, recorded[id(s.module)]) for s in sites if s.name in silent and id(s.module) in recorded]
+    recorded = {id(s.module): s for s, w in zip(sites, written, strict=True) if w > 0}
+    pairs = [
+        (s.name, recorded[id(s.module)].name)
+        for s in sites
+        if s.name in silent and id(s.module) in recorded and _scopes_nested(s, recorded[id(s.module)])
+    ]
     if not pairs:
         return ""
     said = "; ".join(f"'{idle}' is the module that '{other}' recorded rows for" for idle, other in pairs[:4])
@@ -3565,6 +3569,20 @@ def _aliases_of_silent(silent: Sequence[str], sites: Sequence[RouterSite], writt
         f" ({said}: one module at two paths, whose block at the idle path never ran, the module itself running under "
         "the other path; its rows are there)"
     )
+
+
+def _scopes_nested(one: RouterSite, other: RouterSite) -> bool:
+    """Is either site's scope module inside the other's (the block a wrapper holds, whose gate it holds again)? Two
+    blocks side by side that share one gate module (a gate tied across layers, one layer skipped) are not: the idle
+    block's rows are under no other path."""
+    a, b = one.scope_module, other.scope_module
+    if a is None or b is None:
+        return (
+            one.scope == other.scope
+            or one.scope.startswith(other.scope + ".")
+            or other.scope.startswith(one.scope + ".")
+        )
+    return any(m is b for m in a.modules()) or any(m is a for m in b.modules())
 
 
 def _read_counters(counters: Sequence[torch.Tensor]) -> list[int]:

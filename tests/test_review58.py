@@ -140,3 +140,62 @@ def test_laid_out_rows_fed_other_places_than_recorded_after_a_list_cache_are_ref
         assert got is None, "rows recorded at 5 and 6 forced at 7 and 8"
     finally:
         session.detach()
+
+
+class _TiedGateBlock(nn.Module):
+    """A softmax top-2 over eight experts, its gate a module it is handed (one gate tied across layers)."""
+
+    def __init__(self, gate: nn.Linear) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+        self.top_k = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[tokens, 16]`` in and out."""
+        w, idx = self.gate(x).softmax(-1).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out = out.index_add(0, tok, w[tok, slot, None] * expert(x[tok]))
+        return out
+
+
+class _LayerDrop(nn.Module):
+    """Three MoE layers, the first two sharing one gate module; the second dropped at this forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        tied = nn.Linear(16, 8, bias=False)
+        self.blocks = nn.ModuleList([_TiedGateBlock(tied), _TiedGateBlock(tied), _TiedGateBlock(nn.Linear(16, 8))])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[tokens, 16]`` in and out, block 1 skipped."""
+        for i, block in enumerate(self.blocks):
+            if i != 1:
+                x = x + block(x)
+        return x
+
+
+@pytest.mark.reliability("clear errors")
+def test_a_dropped_layer_sharing_its_gate_with_a_layer_that_ran_is_not_said_to_have_rows_under_it() -> None:
+    """A gate tied across two layers, the second layer dropped at the captured forward: routes() refuses its idle path
+    naming exclude=, and does not say its rows are under the first layer's path (they are the first layer's own; the
+    dropped block is no wrapper of the block that ran, nor inside it). With it excluded the replay is exact."""
+    model = _LayerDrop()
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    with mr.attach(model) as session, torch.no_grad():
+        assert session.names == ("blocks.0.gate", "blocks.1.gate", "blocks.2.gate")
+        with session.capture():
+            model(x)
+        with pytest.raises(mr.UnsupportedRouterError, match="exclude=") as info:
+            session.routes()
+    message = str(info.value)
+    assert "blocks.1.gate" in message
+    assert "recorded rows for" not in message and "its rows are there" not in message, message
+    with mr.attach(model, exclude="blocks.1.gate") as session, torch.no_grad():
+        with session.capture():
+            native = model(x)
+        with session.replay(session.routes()):
+            assert torch.equal(model(x), native)
