@@ -199,3 +199,46 @@ def test_a_dropped_layer_sharing_its_gate_with_a_layer_that_ran_is_not_said_to_h
             native = model(x)
         with session.replay(session.routes()):
             assert torch.equal(model(x), native)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("masked", [False, True], ids=["cache", "cache and mask"])
+def test_a_decode_steps_rows_fed_another_step_given_its_kv_cache_are_refused(masked: bool) -> None:
+    """A decode loop given its KV cache (and the mask over it), each step fed its position and captured on its own,
+    its ids dropped: step 1's rows fed step 4, with step 4's own cache, must be refused, the model unchanged; step
+    4's own rows are exact. A forward given a cache had its positions compared with no row's place."""
+    torch.manual_seed(0)
+    model = mr.models.build("softmax_topk", num_layers=2)
+    _watch_experts(model)
+    g = torch.Generator().manual_seed(2)
+    prompt, tokens = torch.randint(1, 128, (1, 5), generator=g), torch.randint(1, 128, (1, 5), generator=g)
+
+    def step(i: int, cache: object) -> object:
+        mask = {"attention_mask": torch.ones(1, 6 + i, dtype=torch.long)} if masked else {}
+        out = model(
+            tokens[:, i : i + 1], position_ids=torch.tensor([[5 + i]]), past_key_values=cache, use_cache=True, **mask
+        )
+        return out.past_key_values
+
+    session = mr.attach(model)
+    try:
+        with torch.no_grad():
+            caches = [model(prompt, use_cache=True).past_key_values]
+            rows, want = [], []
+            for i in range(5):
+                with _dispatched(model) as rec, session.capture():
+                    caches.append(step(i, caches[-1]))
+                rows.append(session.routes().with_token_ids(None))
+                want.append(_joined(rec))
+            assert any(not torch.equal(want[1][k], want[4][k]) for k in want[4]), "step 1's and step 4's experts differ"
+            _perturb(model)
+            assert _outcome(model, session, rows[1], lambda: step(4, caches[4]), model) is None, (
+                "step 1's rows forced on step 4's token"
+            )
+            own = _outcome(model, session, rows[4], lambda: step(4, caches[4]), model)
+        assert own is not None, "step 4's own rows refused though exact"
+        assert own.keys() == want[4].keys()
+        for layer, got in own.items():
+            assert torch.equal(got, want[4][layer]), layer
+    finally:
+        session.detach()
