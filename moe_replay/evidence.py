@@ -452,16 +452,37 @@ _MACHINERY = ("evidence.py", "intercept.py", "orphans.py", "session.py", "_lean.
 
 def _where() -> str:
     """``file:line`` of the innermost frame of model code (outside torch and this interception)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    own = {os.path.join(here, name) for name in _MACHINERY}
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
     f: types.FrameType | None = sys._getframe(2)
     while f is not None:
-        path = os.path.abspath(f.f_code.co_filename)
-        if path not in own and not path.startswith(torch_dir):
-            return f"{os.path.basename(path)}:{f.f_lineno}"
+        name = f.f_code.co_filename
+        model = _MODEL_FILES.get(name, _UNREAD)
+        if model is _UNREAD:
+            model = _model_file(name)
+        if model is not None:
+            return f"{model}:{f.f_lineno}"
         f = f.f_back
     return "?"
+
+
+def _model_file(name: str) -> str | None:
+    """The base name of code file ``name`` where it is model code (outside torch and this interception), else None.
+    Kept for an absolute name, which reads the same from any working directory (at most :data:`_MODEL_FILES_KEPT`)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    own = {os.path.join(here, machinery) for machinery in _MACHINERY}
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    path = os.path.abspath(name)
+    model = None if path in own or path.startswith(torch_dir) else os.path.basename(path)
+    if os.path.isabs(name):
+        if len(_MODEL_FILES) >= _MODEL_FILES_KEPT:
+            _MODEL_FILES.clear()
+        _MODEL_FILES[name] = model
+    return model
+
+
+#: :func:`_model_file` of each absolute code file name :func:`_where` has passed (read once per file).
+_MODEL_FILES: dict[str, str | None] = {}
+_UNREAD = object()
+_MODEL_FILES_KEPT = 4096
 
 
 def _changed(family: str, out: Any, width: int) -> Any:
@@ -533,6 +554,12 @@ _PRODUCTS = frozenset({"linear", "mm", "addmm", "matmul", "bmm", "baddbmm", "ein
 
 def _floats(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def _discrete_dtype(t: torch.Tensor) -> bool:
+    """Does ``t`` hold integers or booleans (neither floating nor complex values)? Its dtype read once."""
+    dtype = t.dtype
+    return not (dtype.is_floating_point or dtype.is_complex)
 
 
 def _is_peak(t: torch.Tensor, peak: torch.Tensor, forced: torch.Tensor) -> bool:
@@ -743,14 +770,15 @@ class _ProbeMode(TorchFunctionMode):
         generator = kwargs.get("generator")
         if generator is not None and self.snapshot is not None and is_generator_anywhere(generator):
             self.snapshot.note_generator(generator)
-        if _collective(func):  # before it runs: a probe run on this rank alone never talks to the others
+        namespace = _namespace(func)  # (read once: asked again of the call below)
+        if _collective(func, namespace):  # before it runs: a probe run on this rank alone never talks to the others
             raise _Communicates(getattr(func, "__name__", None) or str(func))
         if "out" in kwargs:  # (a decision-like call into out= tensors: answered as one without, then written there)
             written = through_out(func, args, kwargs, lambda f, a, k: self.__torch_function__(f, types, a, k))
             if written is not NO_OUT:
                 return written
         answered = self.answered
-        out = self._call(func, args, kwargs)
+        out = self._call(func, args, kwargs, namespace)
         if func in _PEAKS and NESTING.depth == self.depth:
             out = self._peaked(args, kwargs, out)
         if (self.watch is not None or self.bump is not None) and NESTING.depth == self.depth:
@@ -763,16 +791,20 @@ class _ProbeMode(TorchFunctionMode):
                     self.trace[id(t)] = (len(self.trace), named, ins)
         if not self.force or NESTING.depth != self.depth:  # (a call of a router nested inside: its own)
             return out
+        # the tensors of the call's arguments, of those whose values it reads, and of its result: read once here
+        given = _leaves((args, kwargs), [])
+        read = _read(func, args, given)
+        made = _leaves(out, [])
         if not answered:  # before the decision: where each floating result came from, and earlier choices
             if self.answered == answered:
-                ins = tuple(id(t) for t in _leaves((args, kwargs), []) if isinstance(t, torch.Tensor))
-                for t in _leaves(out, []):
+                ins = tuple(id(t) for t in given if isinstance(t, torch.Tensor))
+                for t in made:
                     if isinstance(t, torch.Tensor) and t.is_floating_point():
                         self._made[id(t)] = (weakref.ref(t), ins)
                 ranks = func in DECISION_FUNCS and _ranks_one_row(args, kwargs) and _names_integers(out)
                 chooses = func not in DECISION_FUNCS or ranks
-                written = _chooses(func, args, kwargs, out) if chooses else None
-                compared = None if func in DECISION_FUNCS else self._cut_compared(func, args, kwargs, out)
+                written = _chooses(func, args, kwargs, read, made) if chooses else None
+                compared = None if func in DECISION_FUNCS else self._cut_compared(func, args, kwargs, made)
                 written = compared if written is None else written
                 if written is not None and (ranks or _discrete(out) or _steps(func, kwargs)):
                     n = len(self.early)
@@ -782,35 +814,44 @@ class _ProbeMode(TorchFunctionMode):
                         out, unheld = _hold(out, written, self.early_held[n] if n < len(self.early_held) else None)
                         self.early_unheld |= unheld
             return out
-        scored = self._mark(args, kwargs, out, func)
+        scored = self._mark(func, read, made)
         if self.answered == answered:  # a call after the forced decision (not one of its slots)
-            self._cut_follow(func, args, kwargs, out)
-            return self._after(func, args, kwargs, out, scored)
+            self._cut_follow(func, given, made)
+            return self._after(func, args, kwargs, out, scored, read, made)
         return out
 
-    def _cut_follow(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    def _cut_follow(self, func: Any, given: list[Any], made: list[Any]) -> None:
         """After the forced decision: follow its own results through elementwise calls and views (``w / w.sum()``,
         ``idx.masked_fill(...)``), and the integers or booleans of the later choices through elementwise calls that
         make integers or booleans of them alone (``large & (slot == 1)``); an elementwise call that takes both notes
-        those choices as cuts of the decision (:attr:`cuts`)."""
+        those choices as cuts of the decision (:attr:`cuts`). ``given``: the leaves of the call's arguments;
+        ``made``: those of its result (see :func:`_leaves`)."""
         if func not in _ALONG and func not in _VIEWS:
             return
-        ins = [t for t in _leaves((args, kwargs), []) if isinstance(t, torch.Tensor)]
-        decided = any((ref := self._decided.get(id(t))) is not None and ref() is t for t in ins)
-        cuts = (
-            {got[1] for t in ins if (got := self._cut_by.get(id(t))) is not None and got[0]() is t}
-            if self._cut_by
-            else set()
-        )
+        ins = [t for t in given if isinstance(t, torch.Tensor)]
+        decided = False
+        for t in ins:
+            ref = self._decided.get(id(t))
+            if ref is not None and ref() is t:
+                decided = True
+                break
+        cuts: set[int] = set()
+        if self._cut_by:
+            for t in ins:
+                got = self._cut_by.get(id(t))
+                if got is not None and got[0]() is t:
+                    cuts.add(got[1])
         if decided and cuts and func in _ALONG:
             for n in cuts:
                 self.cuts[n] = True
-        for t in _leaves(out, []):
+        if not decided and not cuts:
+            return
+        for t in made:
             if not isinstance(t, torch.Tensor):
                 continue
             if decided:
                 self._decided[id(t)] = weakref.ref(t)
-            elif cuts and not (t.is_floating_point() or t.is_complex()):
+            elif _discrete_dtype(t):  # (``cuts`` is not empty here)
                 self._cut_by[id(t)] = (weakref.ref(t), min(cuts))
 
     def _peaked(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -928,13 +969,16 @@ class _ProbeMode(TorchFunctionMode):
                 todo.extend((j, made[0]) for j in made[2])
         return False
 
-    def _cut_compared(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Any] | None:
-        """Before the decision: note what a piecewise cut makes; a comparison of it with 0 is a choice (by the
-        threshold the cut applied), answered as :func:`_chooses` answers one (``[]``: it wrote into nothing)."""
+    def _cut_compared(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], made: list[Any]
+    ) -> list[Any] | None:
+        """Before the decision: note what a piecewise cut makes (``made``: the leaves of its result); a comparison of
+        it with 0 is a choice (by the threshold the cut applied), answered as :func:`_chooses` answers one (``[]``: it
+        wrote into nothing)."""
         name = getattr(func, "__name__", "").partition(".")[0].strip("_")  # (an aten operator: gt.Tensor)
         base = name[:-1] if name.endswith("_") else name
         if base in _CUT_NAMES and base not in _COMPARISONS:
-            for t in _leaves(out, []):
+            for t in made:
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
                     self._cut[id(t)] = weakref.ref(t)
             return None
@@ -953,12 +997,21 @@ class _ProbeMode(TorchFunctionMode):
         if isinstance(t, torch.Tensor):
             self._scores[id(t)] = weakref.ref(t)
 
-    def _mark(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, func: Any = None) -> bool:
-        """After the decision: is this call read from the scores? Its results are then too (not those of a call
-        that takes only their shape, as ``zeros_like``: a mask of the chosen experts scattered into it is no score)."""
-        if func in _SHAPE_ONLY or not any(self._is_scored(t) for t in _leaves(_read(func, args, kwargs), [])):
+    def _mark(self, func: Any, read: list[Any], made: list[Any]) -> bool:
+        """After the decision: is this call read from the scores (``read``: the leaves of the arguments whose values
+        it reads, see :func:`_read`)? Its results (``made``: the leaves of its result) are then too (not those of a
+        call that takes only their shape, as ``zeros_like``: a mask of the chosen experts scattered into it is no
+        score)."""
+        if func in _SHAPE_ONLY or not self._scores:
             return False
-        for t in _leaves(out, []):
+        scores = self._scores
+        for t in read:
+            ref = scores.get(id(t))
+            if ref is not None and ref() is t:
+                break
+        else:
+            return False
+        for t in made:
             self._score(t)
         return True
 
@@ -1021,8 +1074,9 @@ class _ProbeMode(TorchFunctionMode):
         ):
             self.flat.append(f"topk over all {x.numel()} values of a flat tensor at {_where()}")
 
-    def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if (func in _ESCAPES or _foreign(func)) and NESTING.depth == self.depth:
+    def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], namespace: str | None) -> Any:
+        """The answer to a call of the forward (``namespace``: its operator's, see :func:`_namespace`)."""
+        if (func in _ESCAPES or _foreign(func, namespace)) and NESTING.depth == self.depth:
             return self._escape(func, args, kwargs)
         if func in _MASKS:
             out = _native(func, args, kwargs)
@@ -1103,13 +1157,23 @@ class _ProbeMode(TorchFunctionMode):
                 return self._unmasked(src)
         return x
 
-    def _after(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, scored: bool) -> Any:
+    def _after(
+        self,
+        func: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        out: Any,
+        scored: bool,
+        read: list[Any],
+        made: list[Any],
+    ) -> Any:
         """A call after the forced decision: a *later choice* when it makes integers or booleans out of
         floating values (a comparison with a threshold, a ``topk``/``argmax``/``sort`` of weights, a
         rounding cast) or cuts them piecewise (``relu``, ``clamp``, ``threshold``...). Its result is kept,
         or answered with the one held for it. Tests for an exact zero or a non-finite value (``bool()``,
-        ``nonzero``, ``isnan``, ``x > 0``...) are not choices: they tell an underflow from a weight."""
-        written = _chooses(func, args, kwargs, out)
+        ``nonzero``, ``isnan``, ``x > 0``...) are not choices: they tell an underflow from a weight. ``read`` and
+        ``made``: the leaves of the arguments whose values it reads and of its result (see :func:`_chooses`)."""
+        written = _chooses(func, args, kwargs, read, made)
         if written is None:
             return out
         held = self._choice(out, written, scored, None if written else _selection(func, args, kwargs, out))
@@ -1179,13 +1243,14 @@ _ALONG = ELEMENTWISE - _SHAPE_ONLY
 _SHAPE_OF_OTHER = frozenset({"expand_as", "view_as", "reshape_as", "type_as"})
 
 
-def _read(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The arguments of a call whose values it reads: all of them, but the tensor whose shape alone an
-    ``expand_as``/``view_as``/``reshape_as`` (or whose type alone a ``type_as``) takes. A mask of the chosen
-    experts expanded as the floating rows it will multiply is no choice made from those rows."""
+def _read(func: Any, args: tuple[Any, ...], given: list[Any]) -> list[Any]:
+    """The tensors (see :func:`_leaves`) of the arguments of a call whose values it reads: all of them (``given``,
+    the leaves of its arguments), but the tensor whose shape alone an ``expand_as``/``view_as``/``reshape_as`` (or
+    whose type alone a ``type_as``) takes. A mask of the chosen experts expanded as the floating rows it will multiply
+    is no choice made from those rows."""
     if getattr(func, "__name__", "") in _SHAPE_OF_OTHER:
-        return args[:1]
-    return (args, kwargs)
+        return _leaves(args[:1], [])
+    return given
 
 
 #: Calls that hand a tensor's values over to code outside torch (numpy, a Python list), where no mode sees what
@@ -1199,13 +1264,13 @@ _OWN_OPS = frozenset({"aten", "prims"})
 _COLLECTIVE_OPS = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
 
 
-def _collective(func: Any) -> bool:
+def _collective(func: Any, namespace: str | None = None) -> bool:
     """Is ``func`` a ``torch.distributed`` collective or point-to-point call, or one of their operators (an
     overload, or the packet of them that ``torch.ops.<namespace>.<name>`` is, as the functional collectives
-    call it)?"""
+    call it)? ``namespace``: its :func:`_namespace`, where read already."""
     if getattr(func, "__module__", None) == "torch.distributed.distributed_c10d":
         return True
-    return _namespace(func) in _COLLECTIVE_OPS
+    return (_namespace(func) if namespace is None else namespace) in _COLLECTIVE_OPS
 
 
 class _Communicates(BaseException):
@@ -1338,9 +1403,11 @@ def _read_namespace(func: Any) -> str | None:
     return namespace if isinstance(namespace, str) else None
 
 
-def _foreign(func: Any) -> bool:
-    """Is ``func`` an operator registered by another library (``torch.ops.mylib.route``, or an overload of it)?"""
-    namespace = _namespace(func)
+def _foreign(func: Any, namespace: object = _UNREAD) -> bool:
+    """Is ``func`` an operator registered by another library (``torch.ops.mylib.route``, or an overload of it)?
+    ``namespace``: its :func:`_namespace`, where read already."""
+    if namespace is _UNREAD:
+        namespace = _namespace(func)
     return namespace is not None and namespace not in _OWN_OPS
 
 
@@ -1350,16 +1417,27 @@ def _floating(result: Any) -> bool:
     return all(t.is_floating_point() or t.is_complex() for t in ts)
 
 
-def _chooses(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[torch.Tensor] | None:
-    """Is this call a choice (see :meth:`_ProbeMode._after`)? The tensors it wrote into (``out=``, in place) if so."""
-    ins = _leaves(_read(func, args, kwargs), [])
-    if not any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in ins):
+def _chooses(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], read: list[Any], made: list[Any]
+) -> list[torch.Tensor] | None:
+    """Is this call a choice (see :meth:`_ProbeMode._after`)? The tensors it wrote into (``out=``, in place) if so.
+    ``read``: the leaves of the arguments whose values it reads (see :func:`_read`);
+    ``made``: those of its result (see :func:`_leaves`)."""
+    for t in read:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            break
+    else:
         return None
     name = getattr(func, "__name__", "").partition(".")[0]  # (an aten operator: gt.Tensor)
     if name.startswith("_") and not name.startswith("__"):
         name = name.lstrip("_")  # (F.threshold is torch's _threshold)
-    outs = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor)]
-    discrete = any(not (t.is_floating_point() or t.is_complex()) for t in outs)
+    outs = [t for t in made if isinstance(t, torch.Tensor)]
+    discrete = False
+    for t in outs:
+        dtype = t.dtype  # (read once: each read of a tensor's is a torch call the modes below see)
+        if not (dtype.is_floating_point or dtype.is_complex):
+            discrete = True
+            break
     if _tests_zero(name, args, kwargs, outs) or not (discrete or _cuts(name, args, kwargs)):
         return None
     if name.endswith("_like") or name.startswith("new_"):  # (the shape of a tensor, not its values)
@@ -1670,6 +1748,10 @@ _ATOMS = frozenset(
 )  # (what holds no tensor: a slice's bounds are read as ints, never as tensors, here)
 
 
+#: torch's structured results (``torch.return_types.topk``...): tuples, read as :func:`_leaves` reads a tuple.
+_RESULT_TYPES = frozenset(getattr(torch.return_types, "all_return_types", ()))
+
+
 def _leaves(obj: Any, out: list[Any], depth: int = 0, ints: bool = False) -> list[Any]:
     """The tensors in nested containers and result objects (``ints``: Python ints too), in order."""
     kind = type(obj)  # (the common cases first: every torch call of a probe run reads its arguments here)
@@ -1680,8 +1762,8 @@ def _leaves(obj: Any, out: list[Any], depth: int = 0, ints: bool = False) -> lis
         if ints and kind is int:
             out.append(obj)
         return out
-    if kind is tuple or kind is list:
-        for v in obj:  # (its tensors and atoms read here, without a call each)
+    if kind is tuple or kind is list or kind is dict or kind in _RESULT_TYPES:
+        for v in obj.values() if kind is dict else obj:  # (its tensors and atoms read here, without a call each)
             inner = type(v)
             if inner is torch.Tensor or (ints and inner is int):
                 out.append(v)
@@ -3113,16 +3195,16 @@ class _Snapshot:
         ]
         for m, name, held in saved:
             if self.hooks_in and name in _HOOK_FNS:  # (a copy: hooks registered during the run are dropped with it)
-                setattr(m, name, type(held)((k, h) for k, h in held.items() if not _own_hook(h)))
+                _set_hooks(m, name, type(held)((k, h) for k, h in held.items() if not _own_hook(h)))
             elif self.hooks_in:
-                setattr(m, name, type(held)(held))
+                _set_hooks(m, name, type(held)(held))
             else:
-                setattr(m, name, type(held)())
+                _set_hooks(m, name, type(held)())
         try:
             yield
         finally:
             for m, name, hooks in saved:
-                setattr(m, name, hooks)
+                _set_hooks(m, name, hooks)
 
 
 @contextlib.contextmanager
@@ -3176,6 +3258,17 @@ def _syncs_allowed() -> Iterator[None]:
 
 def _keep(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _set_hooks(m: nn.Module, name: str, hooks: Any) -> None:
+    """Set ``m``'s hook table ``name`` (one of :data:`_HOOKS`) to ``hooks``. Where the module keeps ``nn.Module``'s
+    own attribute setting, the table is put straight into its attributes, which is what that setting does with a
+    value that is no parameter, buffer nor module, without its checks (every probe run sets each table twice)."""
+    attrs = getattr(m, "__dict__", None)
+    if type(m).__setattr__ is nn.Module.__setattr__ and isinstance(attrs, dict) and name in attrs:
+        attrs[name] = hooks
+    else:
+        setattr(m, name, hooks)
 
 
 @contextlib.contextmanager
