@@ -29,6 +29,7 @@ __all__ = [
     "CUDA",
     "FORK",
     "FX",
+    "NO_TORCH_FUNCTION",
     "TESTED_TORCH",
     "BackwardCFunction",
     "CheckpointFrame",
@@ -452,6 +453,15 @@ def mark_static_address(t: torch.Tensor) -> torch.Tensor:
     """
     t._dynamo_static_input_type = "unguarded"  # type: ignore[attr-defined]
     return t
+
+
+#: ``torch._C.DisableTorchFunction``: a context in which no torch function mode (nor a tensor subclass's
+#: ``__torch_function__``) sees the calls made. moe_replay's own reads of a tensor's metadata inside a probe run (its
+#: dtype, its version counter) are calls each mode below the probe's would otherwise be handed, several per call
+#: of the forward. Where torch lacks it, the reads are made as they are (seen by the modes, the same values).
+NO_TORCH_FUNCTION: Callable[[], contextlib.AbstractContextManager[Any]] = (
+    getattr(torch._C, "DisableTorchFunction", None) or contextlib.nullcontext
+)
 
 
 def version_of(t: torch.Tensor) -> int:

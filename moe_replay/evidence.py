@@ -75,6 +75,7 @@ from ._code_settings import (
 from ._code_settings import generators as code_generators
 from ._code_settings import written as code_written
 from ._faults import FORWARDS_OWN, forwards_call, inside_forward, note_fault, raised_inside, run_begins, run_ends
+from ._torch_compat import NO_TORCH_FUNCTION
 from .errors import MoEReplayError, UnsupportedRouterError
 
 __all__ = [
@@ -553,13 +554,17 @@ _PRODUCTS = frozenset({"linear", "mm", "addmm", "matmul", "bmm", "baddbmm", "ein
 
 
 def _floats(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point()
+    """Is ``t`` a tensor of floating values?"""
+    if not isinstance(t, torch.Tensor):
+        return False
+    with NO_TORCH_FUNCTION():  # (a read of metadata alone: not handed to the modes below, see _torch_compat)
+        return t.is_floating_point()
 
 
 def _discrete_dtype(t: torch.Tensor) -> bool:
-    """Does ``t`` hold integers or booleans (neither floating nor complex values)? Its dtype read once."""
-    dtype = t.dtype
-    return not (dtype.is_floating_point or dtype.is_complex)
+    """Does ``t`` hold integers or booleans (neither floating nor complex values)?"""
+    with NO_TORCH_FUNCTION():  # (a read of metadata alone: not handed to the modes below, see _torch_compat)
+        return not (t.is_floating_point() or t.is_complex())
 
 
 def _is_peak(t: torch.Tensor, peak: torch.Tensor, forced: torch.Tensor) -> bool:
@@ -799,7 +804,7 @@ class _ProbeMode(TorchFunctionMode):
             if self.answered == answered:
                 ins = tuple(id(t) for t in given if isinstance(t, torch.Tensor))
                 for t in made:
-                    if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    if _floats(t):
                         self._made[id(t)] = (weakref.ref(t), ins)
                 ranks = func in DECISION_FUNCS and _ranks_one_row(args, kwargs) and _names_integers(out)
                 chooses = func not in DECISION_FUNCS or ranks
@@ -828,16 +833,15 @@ class _ProbeMode(TorchFunctionMode):
         ``made``: those of its result (see :func:`_leaves`)."""
         if func not in _ALONG and func not in _VIEWS:
             return
-        ins = [t for t in given if isinstance(t, torch.Tensor)]
-        decided = False
-        for t in ins:
+        decided = False  # (a weak reference's tensor is no other leaf: ``given`` is read as its tensors)
+        for t in given:
             ref = self._decided.get(id(t))
             if ref is not None and ref() is t:
                 decided = True
                 break
         cuts: set[int] = set()
         if self._cut_by:
-            for t in ins:
+            for t in given:
                 got = self._cut_by.get(id(t))
                 if got is not None and got[0]() is t:
                     cuts.add(got[1])
@@ -1264,13 +1268,13 @@ _OWN_OPS = frozenset({"aten", "prims"})
 _COLLECTIVE_OPS = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
 
 
-def _collective(func: Any, namespace: str | None = None) -> bool:
+def _collective(func: Any, namespace: object = _UNREAD) -> bool:
     """Is ``func`` a ``torch.distributed`` collective or point-to-point call, or one of their operators (an
     overload, or the packet of them that ``torch.ops.<namespace>.<name>`` is, as the functional collectives
     call it)? ``namespace``: its :func:`_namespace`, where read already."""
     if getattr(func, "__module__", None) == "torch.distributed.distributed_c10d":
         return True
-    return (_namespace(func) if namespace is None else namespace) in _COLLECTIVE_OPS
+    return (_namespace(func) if namespace is _UNREAD else namespace) in _COLLECTIVE_OPS
 
 
 class _Communicates(BaseException):
@@ -1423,21 +1427,26 @@ def _chooses(
     """Is this call a choice (see :meth:`_ProbeMode._after`)? The tensors it wrote into (``out=``, in place) if so.
     ``read``: the leaves of the arguments whose values it reads (see :func:`_read`);
     ``made``: those of its result (see :func:`_leaves`)."""
-    for t in read:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            break
-    else:
-        return None
+    with NO_TORCH_FUNCTION():  # (reads of metadata alone: not handed to the modes below, see _torch_compat)
+        for t in read:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                break
+        else:
+            return None
     name = getattr(func, "__name__", "").partition(".")[0]  # (an aten operator: gt.Tensor)
     if name.startswith("_") and not name.startswith("__"):
         name = name.lstrip("_")  # (F.threshold is torch's _threshold)
-    outs = [t for t in made if isinstance(t, torch.Tensor)]
-    discrete = False
-    for t in outs:
-        dtype = t.dtype  # (read once: each read of a tensor's is a torch call the modes below see)
-        if not (dtype.is_floating_point or dtype.is_complex):
-            discrete = True
+    outs = made  # (its tensors: all of it, but objects nested past what _leaves reads)
+    for t in made:
+        if not isinstance(t, torch.Tensor):
+            outs = [t for t in made if isinstance(t, torch.Tensor)]
             break
+    discrete = False
+    with NO_TORCH_FUNCTION():
+        for t in outs:
+            if not (t.is_floating_point() or t.is_complex()):
+                discrete = True
+                break
     if _tests_zero(name, args, kwargs, outs) or not (discrete or _cuts(name, args, kwargs)):
         return None
     if name.endswith("_like") or name.startswith("new_"):  # (the shape of a tensor, not its values)
@@ -1767,7 +1776,7 @@ def _leaves(obj: Any, out: list[Any], depth: int = 0, ints: bool = False) -> lis
             inner = type(v)
             if inner is torch.Tensor or (ints and inner is int):
                 out.append(v)
-            elif inner not in _ATOMS or depth >= 8:
+            elif depth >= 8 or not (inner in _ATOMS or (inner is dict and not v)):  # (no keywords: nothing)
                 _leaves(v, out, depth + 1, ints)
         return out
     if isinstance(obj, torch.Tensor) or (ints and kind is int):
@@ -3039,7 +3048,7 @@ class _Snapshot:
             for now, then in ((m._buffers, buffers), (m._parameters, params)):
                 if not isinstance(now, dict):  # a TorchScript module's (a view of its slots: none are rebound)
                     continue
-                if len(now) != len(then) or any(now.get(k) is not v for k, v in then.items()):
+                if len(now) != len(then) or not _same_entries(now, then):
                     now.clear()
                     now.update(then)
         for g, state in self.generators:
@@ -3051,15 +3060,19 @@ class _Snapshot:
                 if version is None:  # an inference tensor: changed in place only under inference_mode, by value
                     if torch.is_inference_mode_enabled() and t.shape == v.shape and not torch.equal(t, v):
                         t.copy_(v)
-                elif t._version != version and t.shape == v.shape:  # only what a run changed: no needless bump
+                    continue
+                with NO_TORCH_FUNCTION():  # (a read of metadata alone: not handed to the modes below)
+                    written = t._version != version
+                if written and t.shape == v.shape:  # only what a run changed: no needless bump
                     t.copy_(v)
                     self.tensors[i] = (t, v, t._version)
                 elif id(t) in self.by_value and t.shape == v.shape and not torch.equal(t, v):
                     t.data.copy_(v)  # (as the kernel wrote it: no new version, which a graph that saved it would see)
         self.outside.restore()
         for m, attrs in self.attrs:
-            for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_INTERNALS]:
-                delattr(m, k)
+            if vars(m).keys() - attrs.keys() - _MODULE_INTERNALS:  # (attributes a run added: taken off, in order)
+                for k in [k for k in vars(m) if k not in attrs and k not in _MODULE_INTERNALS]:
+                    delattr(m, k)
             for k, (v, contents) in attrs.items():
                 if contents is not None:
                     _refill(v, contents)
@@ -3190,21 +3203,30 @@ class _Snapshot:
         (transformers' output recording, ``output_router_logits``) does it again in the forward after the runs, as
         the attribute is put back, and would otherwise leave a hook per run (each output then recorded several
         times)."""
-        saved = [
-            (m, name, held) for m in self.modules[1:] for name in _HOOKS if (held := getattr(m, name, None)) is not None
-        ]
-        for m, name, held in saved:
+        saved: list[tuple[nn.Module, str, Any, dict[str, Any] | None]] = []
+        for m in self.modules[1:]:
+            attrs = _plain_attributes(m)
+            for name in _HOOKS:
+                held = getattr(m, name, None)
+                if held is not None:
+                    saved.append((m, name, held, attrs if attrs is not None and name in attrs else None))
+        for m, name, held, attrs in saved:
             if self.hooks_in and name in _HOOK_FNS:  # (a copy: hooks registered during the run are dropped with it)
-                _set_hooks(m, name, type(held)((k, h) for k, h in held.items() if not _own_hook(h)))
-            elif self.hooks_in:
-                _set_hooks(m, name, type(held)(held))
+                table = type(held)((k, h) for k, h in held.items() if not _own_hook(h))
             else:
-                _set_hooks(m, name, type(held)())
+                table = type(held)(held) if self.hooks_in else type(held)()
+            if attrs is not None:
+                attrs[name] = table
+            else:
+                setattr(m, name, table)
         try:
             yield
         finally:
-            for m, name, hooks in saved:
-                _set_hooks(m, name, hooks)
+            for m, name, hooks, attrs in saved:
+                if attrs is not None:
+                    attrs[name] = hooks
+                else:
+                    setattr(m, name, hooks)
 
 
 @contextlib.contextmanager
@@ -3260,15 +3282,20 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _set_hooks(m: nn.Module, name: str, hooks: Any) -> None:
-    """Set ``m``'s hook table ``name`` (one of :data:`_HOOKS`) to ``hooks``. Where the module keeps ``nn.Module``'s
-    own attribute setting, the table is put straight into its attributes, which is what that setting does with a
-    value that is no parameter, buffer nor module, without its checks (every probe run sets each table twice)."""
+def _same_entries(now: dict[str, Any], then: dict[str, Any]) -> bool:
+    """Does ``now`` hold each entry of ``then`` (the same object under the same name)?"""
+    for k, v in then.items():
+        if now.get(k) is not v:
+            return False
+    return True
+
+
+def _plain_attributes(m: nn.Module) -> dict[str, Any] | None:
+    """``m``'s attributes (its ``__dict__``) where it keeps ``nn.Module``'s own attribute setting, else None. A hook
+    table (one of :data:`_HOOKS`, no parameter, buffer nor module) set there is what that setting does with it,
+    without its checks: every probe run sets each table of each submodule twice."""
     attrs = getattr(m, "__dict__", None)
-    if type(m).__setattr__ is nn.Module.__setattr__ and isinstance(attrs, dict) and name in attrs:
-        attrs[name] = hooks
-    else:
-        setattr(m, name, hooks)
+    return attrs if type(m).__setattr__ is nn.Module.__setattr__ and isinstance(attrs, dict) else None
 
 
 @contextlib.contextmanager
