@@ -771,19 +771,20 @@ class _ProbeMode(TorchFunctionMode):
     def _answer(self, func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Any:
         """The answer to one torch call the forward makes (see :meth:`__torch_function__`)."""
         kwargs = kwargs or {}
-        func = unwrap(func, kwargs)
+        if func in UNWRAP:  # (a lean wrapper or an aten operator: what it stands for)
+            func = unwrap(func, kwargs)
         generator = kwargs.get("generator")
         if generator is not None and self.snapshot is not None and is_generator_anywhere(generator):
             self.snapshot.note_generator(generator)
-        namespace = _namespace(func)  # (read once: asked again of the call below)
-        if _collective(func, namespace):  # before it runs: a probe run on this rank alone never talks to the others
+        _, collective, foreign = _operator(func)  # (read once per call: see _collective, _foreign)
+        if collective:  # before it runs: a probe run on this rank alone never talks to the others
             raise _Communicates(getattr(func, "__name__", None) or str(func))
         if "out" in kwargs:  # (a decision-like call into out= tensors: answered as one without, then written there)
             written = through_out(func, args, kwargs, lambda f, a, k: self.__torch_function__(f, types, a, k))
             if written is not NO_OUT:
                 return written
         answered = self.answered
-        out = self._call(func, args, kwargs, namespace)
+        out = self._call(func, args, kwargs, foreign)
         if func in _PEAKS and NESTING.depth == self.depth:
             out = self._peaked(args, kwargs, out)
         if (self.watch is not None or self.bump is not None) and NESTING.depth == self.depth:
@@ -797,8 +798,13 @@ class _ProbeMode(TorchFunctionMode):
         if not self.force or NESTING.depth != self.depth:  # (a call of a router nested inside: its own)
             return out
         # the tensors of the call's arguments, of those whose values it reads, and of its result: read once here
-        given = _leaves((args, kwargs), [])
-        read = _read(func, args, given)
+        given = _leaves(args, [], 1)  # (as _leaves((args, kwargs), []) reads them)
+        if kwargs:
+            _leaves(kwargs, given, 1)
+        # the arguments whose values it reads: all of them, but the tensor whose shape alone an ``expand_as``/
+        # ``view_as``/``reshape_as`` (or whose type alone a ``type_as``) takes: a mask of the chosen experts expanded
+        # as the floating rows it will multiply is no choice made from those rows
+        read = _leaves(args[:1], []) if getattr(func, "__name__", "") in _SHAPE_OF_OTHER else given
         made = _leaves(out, [])
         if not answered:  # before the decision: where each floating result came from, and earlier choices
             if self.answered == answered:
@@ -821,7 +827,8 @@ class _ProbeMode(TorchFunctionMode):
             return out
         scored = self._mark(func, read, made)
         if self.answered == answered:  # a call after the forced decision (not one of its slots)
-            self._cut_follow(func, given, made)
+            if func in _ALONG or func in _VIEWS:
+                self._cut_follow(func, given, made)
             return self._after(func, args, kwargs, out, scored, read, made)
         return out
 
@@ -1003,7 +1010,7 @@ class _ProbeMode(TorchFunctionMode):
 
     def _mark(self, func: Any, read: list[Any], made: list[Any]) -> bool:
         """After the decision: is this call read from the scores (``read``: the leaves of the arguments whose values
-        it reads, see :func:`_read`)? Its results (``made``: the leaves of its result) are then too (not those of a
+        it reads, see :meth:`_answer`)? Its results (``made``: the leaves of its result) are then too (not those of a
         call that takes only their shape, as ``zeros_like``: a mask of the chosen experts scattered into it is no
         score)."""
         if func in _SHAPE_ONLY or not self._scores:
@@ -1078,9 +1085,9 @@ class _ProbeMode(TorchFunctionMode):
         ):
             self.flat.append(f"topk over all {x.numel()} values of a flat tensor at {_where()}")
 
-    def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], namespace: str | None) -> Any:
-        """The answer to a call of the forward (``namespace``: its operator's, see :func:`_namespace`)."""
-        if (func in _ESCAPES or _foreign(func, namespace)) and NESTING.depth == self.depth:
+    def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], foreign: bool) -> Any:
+        """The answer to a call of the forward (``foreign``: it is another library's operator, see :func:`_foreign`)."""
+        if (func in _ESCAPES or foreign) and NESTING.depth == self.depth:
             return self._escape(func, args, kwargs)
         if func in _MASKS:
             out = _native(func, args, kwargs)
@@ -1247,16 +1254,6 @@ _ALONG = ELEMENTWISE - _SHAPE_ONLY
 _SHAPE_OF_OTHER = frozenset({"expand_as", "view_as", "reshape_as", "type_as"})
 
 
-def _read(func: Any, args: tuple[Any, ...], given: list[Any]) -> list[Any]:
-    """The tensors (see :func:`_leaves`) of the arguments of a call whose values it reads: all of them (``given``,
-    the leaves of its arguments), but the tensor whose shape alone an ``expand_as``/``view_as``/``reshape_as`` (or
-    whose type alone a ``type_as``) takes. A mask of the chosen experts expanded as the floating rows it will multiply
-    is no choice made from those rows."""
-    if getattr(func, "__name__", "") in _SHAPE_OF_OTHER:
-        return _leaves(args[:1], [])
-    return given
-
-
 #: Calls that hand a tensor's values over to code outside torch (numpy, a Python list), where no mode sees what
 #: is chosen from them; so are the operators of other libraries (``torch.ops.<library>``) that make integers.
 _ESCAPES = frozenset({torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.__array__})
@@ -1268,13 +1265,11 @@ _OWN_OPS = frozenset({"aten", "prims"})
 _COLLECTIVE_OPS = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
 
 
-def _collective(func: Any, namespace: object = _UNREAD) -> bool:
+def _collective(func: Any) -> bool:
     """Is ``func`` a ``torch.distributed`` collective or point-to-point call, or one of their operators (an
     overload, or the packet of them that ``torch.ops.<namespace>.<name>`` is, as the functional collectives
-    call it)? ``namespace``: its :func:`_namespace`, where read already."""
-    if getattr(func, "__module__", None) == "torch.distributed.distributed_c10d":
-        return True
-    return (_namespace(func) if namespace is _UNREAD else namespace) in _COLLECTIVE_OPS
+    call it)?"""
+    return _operator(func)[1]
 
 
 class _Communicates(BaseException):
@@ -1379,20 +1374,32 @@ def faults_refused(name: str) -> Iterator[None]:
 def _namespace(func: Any) -> str | None:
     """The namespace of an operator (``torch.ops.<namespace>.<name>``, or an overload of it), else None. Asked of
     every call of every probe run: read once per function (see :data:`_NAMESPACES`)."""
+    return _operator(func)[0]
+
+
+def _operator(func: Any) -> tuple[str | None, bool, bool]:
+    """``(namespace, collective, foreign)`` of ``func``: its :func:`_namespace`, whether it is a collective (see
+    :func:`_collective`) and whether another library's operator (see :func:`_foreign`), read once per function."""
     known = _NAMESPACES.get(id(func))
     if known is not None and known[0] is func:
         return known[1]
     namespace = _read_namespace(func)
+    collective = getattr(func, "__module__", None) == "torch.distributed.distributed_c10d"
+    traits = (
+        namespace,
+        collective or namespace in _COLLECTIVE_OPS,
+        namespace is not None and namespace not in _OWN_OPS,
+    )
     if len(_NAMESPACES) >= _NAMESPACES_KEPT:
         _NAMESPACES.clear()
-    _NAMESPACES[id(func)] = (func, namespace)
-    return namespace
+    _NAMESPACES[id(func)] = (func, traits)
+    return traits
 
 
-#: The namespace of each function :func:`_namespace` was asked of (None: no operator's), by its id, the function
-#: held beside it (so that its id is no other's), at most :data:`_NAMESPACES_KEPT` of them (then read afresh):
-#: torch's functions and operators, and a model's own. (No ``==`` nor hash of the model's objects runs.)
-_NAMESPACES: dict[int, tuple[Any, str | None]] = {}
+#: The :func:`_operator` traits of each function it was asked of (a namespace of None: no operator's), by its id, the
+#: function held beside it (so that its id is no other's), at most :data:`_NAMESPACES_KEPT` of them (then read
+#: afresh): torch's functions and operators, and a model's own. (No ``==`` nor hash of the model's objects runs.)
+_NAMESPACES: dict[int, tuple[Any, tuple[str | None, bool, bool]]] = {}
 _NAMESPACES_KEPT = 4096
 
 
@@ -1407,12 +1414,9 @@ def _read_namespace(func: Any) -> str | None:
     return namespace if isinstance(namespace, str) else None
 
 
-def _foreign(func: Any, namespace: object = _UNREAD) -> bool:
-    """Is ``func`` an operator registered by another library (``torch.ops.mylib.route``, or an overload of it)?
-    ``namespace``: its :func:`_namespace`, where read already."""
-    if namespace is _UNREAD:
-        namespace = _namespace(func)
-    return namespace is not None and namespace not in _OWN_OPS
+def _foreign(func: Any) -> bool:
+    """Is ``func`` an operator registered by another library (``torch.ops.mylib.route``, or an overload of it)?"""
+    return _operator(func)[2]
 
 
 def _floating(result: Any) -> bool:
@@ -1425,7 +1429,7 @@ def _chooses(
     func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], read: list[Any], made: list[Any]
 ) -> list[torch.Tensor] | None:
     """Is this call a choice (see :meth:`_ProbeMode._after`)? The tensors it wrote into (``out=``, in place) if so.
-    ``read``: the leaves of the arguments whose values it reads (see :func:`_read`);
+    ``read``: the leaves of the arguments whose values it reads (see :meth:`_ProbeMode._answer`);
     ``made``: those of its result (see :func:`_leaves`)."""
     with NO_TORCH_FUNCTION():  # (reads of metadata alone: not handed to the modes below, see _torch_compat)
         for t in read:
@@ -1447,7 +1451,7 @@ def _chooses(
             if not (t.is_floating_point() or t.is_complex()):
                 discrete = True
                 break
-    if _tests_zero(name, args, kwargs, outs) or not (discrete or _cuts(name, args, kwargs)):
+    if not (discrete or _cuts(name, args, kwargs)) or _tests_zero(name, args, kwargs, outs):
         return None
     if name.endswith("_like") or name.startswith("new_"):  # (the shape of a tensor, not its values)
         return None

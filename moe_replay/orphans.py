@@ -89,7 +89,7 @@ from ._axes import DATA, ELEMENTWISE, WEIGHT, Axes
 from ._output_guard import own_hook
 from ._torch_compat import module_call_kwargs
 from .errors import UnsupportedRouterError
-from .evidence import _FAMILY, _PEAKS, DECISION_FUNCS, NESTING, _arg, _where, decision_call, unwrap
+from .evidence import _FAMILY, _PEAKS, DECISION_FUNCS, NESTING, UNWRAP, _arg, _where, decision_call, unwrap
 from .intercept import EAGER, ORDER_PROBE, ScopedForward
 
 __all__ = ["OrphanWatch", "watch_first_runs", "watch_forward"]
@@ -569,7 +569,8 @@ class OrphanWatch(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        func = unwrap(func, kwargs)
+        if func in UNWRAP:  # (a lean wrapper or an aten operator: what it stands for)
+            func = unwrap(func, kwargs)
         if NESTING.probing or NESTING.establishing or _ordering():
             # (the probe runs that establish a decision: its own calls, and a repeat of the forward's, and its reading
             # of them between the runs; and the token-order runs, a repeat of the forward up to its last router,
