@@ -1374,13 +1374,8 @@ class Routes:
         ``routes.with_token_ids(ids)``), where it would otherwise be dropped (a property has no setter) or kept
         beside the routes without a word (a misspelt name, ``routes.token_id = ids``). A method may be wrapped on
         the instance (a spy or a mock of it)."""
-        if name[:1] == "_" and name[:2] != "__":  # (its own state, set often: straight into its __dict__)
-            self.__dict__[name] = value
-            return
-        if name[:2] == "__" or _is_method(type(self), name):  # (a method wrapped on the instance: a spy, a mock)
-            object.__setattr__(self, name, value)
-            return
-        raise _ReadOnlyError(f"Routes are values, and {name!r} cannot be set on them: {_instead(name)}")
+        if not _set_own(self, name, value):
+            raise _ReadOnlyError(f"Routes are values, and {name!r} cannot be set on them: {_instead(name)}")
 
     def __repr__(self) -> str:
         t = set(self.tokens_per_layer)
@@ -1674,6 +1669,19 @@ _SETTERS = {
     "num_experts=routes.experts_per_layer)",
 }
 _SETTERS["experts_per_layer"] = _SETTERS["num_experts"]
+
+
+def _set_own(obj: Any, name: str, value: Any) -> bool:
+    """Set attribute ``name`` of ``obj`` where it is the object's own private state (``_``-named: straight into its
+    ``__dict__``, as it is set often) or a method wrapped on the instance (a spy or a mock of it); False, setting
+    nothing, where it is any other name, which the caller refuses."""
+    if name[:1] == "_" and name[:2] != "__":
+        obj.__dict__[name] = value
+        return True
+    if name[:2] == "__" or _is_method(type(obj), name):
+        object.__setattr__(obj, name, value)
+        return True
+    return False
 
 
 def _is_method(cls: type, name: str) -> bool:

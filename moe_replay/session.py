@@ -89,10 +89,10 @@ from .routes import (
     PADDING_ID,
     UNTOLD_RANK,
     Routes,
-    _is_method,
     _known_or_none,
     _missing_rows,
     _out_of_order,
+    _set_own,
     fingerprint,
 )
 
@@ -814,13 +814,8 @@ class Session:
         the call that does what was meant, where it would otherwise change nothing the session does
         (``session.max_bytes = n`` set no limit, though ``repr`` showed it) or be kept without a word (a misspelt
         name, ``session.strict = False``). A method may be wrapped on the instance (a spy or a mock of it)."""
-        if name[:1] == "_" and name[:2] != "__":  # (its own state, set often: straight into its __dict__)
-            self.__dict__[name] = value
-            return
-        if name[:2] == "__" or _is_method(type(self), name):  # (a method wrapped on the instance: a spy, a mock)
-            object.__setattr__(self, name, value)
-            return
-        raise _ReadOnlyError(f"{name!r} cannot be set on a Session: {_session_instead(name)}")
+        if not _set_own(self, name, value):
+            raise _ReadOnlyError(f"{name!r} cannot be set on a Session: {_session_instead(name)}")
 
     @property
     def capacity(self) -> int:
