@@ -557,14 +557,30 @@ def _floats(t: Any) -> bool:
     """Is ``t`` a tensor of floating values?"""
     if not isinstance(t, torch.Tensor):
         return False
-    with NO_TORCH_FUNCTION():  # (a read of metadata alone: not handed to the modes below, see _torch_compat)
+    with _metadata_reads((t,)):
         return t.is_floating_point()
 
 
 def _discrete_dtype(t: torch.Tensor) -> bool:
     """Does ``t`` hold integers or booleans (neither floating nor complex values)?"""
-    with NO_TORCH_FUNCTION():  # (a read of metadata alone: not handed to the modes below, see _torch_compat)
+    with _metadata_reads((t,)):
         return not (t.is_floating_point() or t.is_complex())
+
+
+#: torch's own tensor types: no ``__torch_function__`` of theirs answers a read of their metadata (a Parameter's is
+#: disabled), so moe_replay reads it without handing it to the modes below (see :func:`_metadata_reads`).
+_PLAIN_TENSORS = frozenset({torch.Tensor, nn.Parameter})
+
+
+def _metadata_reads(ts: Iterable[Any]) -> contextlib.AbstractContextManager[Any]:
+    """The context of moe_replay's own reads of the dtype or version counter of the tensors among ``ts`` inside a probe
+    run: :data:`NO_TORCH_FUNCTION` where each is of torch's own types (the same values, not handed to the modes below,
+    see _torch_compat), else none. A subclass's ``__torch_function__`` may answer for a tensor it holds (its version
+    counter, its dtype): read with it disabled, a write into the held tensor would go unseen, and not be undone."""
+    for t in ts:
+        if type(t) not in _PLAIN_TENSORS and isinstance(t, torch.Tensor):
+            return contextlib.nullcontext()
+    return NO_TORCH_FUNCTION()
 
 
 def _is_peak(t: torch.Tensor, peak: torch.Tensor, forced: torch.Tensor) -> bool:
@@ -1431,7 +1447,7 @@ def _chooses(
     """Is this call a choice (see :meth:`_ProbeMode._after`)? The tensors it wrote into (``out=``, in place) if so.
     ``read``: the leaves of the arguments whose values it reads (see :meth:`_ProbeMode._answer`);
     ``made``: those of its result (see :func:`_leaves`)."""
-    with NO_TORCH_FUNCTION():  # (reads of metadata alone: not handed to the modes below, see _torch_compat)
+    with _metadata_reads(read):  # (reads of metadata alone: not handed to the modes below, see _torch_compat)
         for t in read:
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 break
@@ -1446,7 +1462,7 @@ def _chooses(
             outs = [t for t in made if isinstance(t, torch.Tensor)]
             break
     discrete = False
-    with NO_TORCH_FUNCTION():
+    with _metadata_reads(outs):
         for t in outs:
             if not (t.is_floating_point() or t.is_complex()):
                 discrete = True
@@ -3065,7 +3081,7 @@ class _Snapshot:
                     if torch.is_inference_mode_enabled() and t.shape == v.shape and not torch.equal(t, v):
                         t.copy_(v)
                     continue
-                with NO_TORCH_FUNCTION():  # (a read of metadata alone: not handed to the modes below)
+                with _metadata_reads((t,)):  # (a read of metadata alone: not handed to the modes below)
                     written = t._version != version
                 if written and t.shape == v.shape:  # only what a run changed: no needless bump
                     t.copy_(v)
