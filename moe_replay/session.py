@@ -1661,6 +1661,12 @@ class Session:
                         new.keep_call_rows(ring.call_rows(written))
 
     def __enter__(self) -> Session:
+        if not self._attached:  # (else the block would run, and each call in it be refused on its own)
+            raise SessionStateError(
+                "`with session:` on a session that was detached: it intercepts nothing now, so the block's "
+                "capture(), replay() and keep_scores() would each be refused. Attach again and enter that "
+                "session: `with mr.attach(model) as session:`"
+            )
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
