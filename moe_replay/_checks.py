@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable, Mapping, MappingView
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -179,3 +180,25 @@ def as_tensor(value: Any) -> torch.Tensor:
     ):
         value = np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
     return torch.as_tensor(value)
+
+
+def _set_own(obj: Any, name: str, value: Any) -> bool:
+    """Set attribute ``name`` of ``obj`` where it is the object's own private state (``_``-named: straight into its
+    ``__dict__``, as it is set often) or a method wrapped on the instance (a spy or a mock of it); False, setting
+    nothing, where it is any other name, which the caller refuses."""
+    if name[:1] == "_" and name[:2] != "__":
+        obj.__dict__[name] = value
+        return True
+    if name[:2] == "__" or _is_method(type(obj), name):
+        object.__setattr__(obj, name, value)
+        return True
+    return False
+
+
+def _is_method(cls: type, name: str) -> bool:
+    """Is ``name`` a method of ``cls`` (a function, classmethod or staticmethod it or a base defines), which an
+    instance may wrap with one of its own, as a spy or a mock does?"""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return isinstance(vars(klass)[name], types.FunctionType | classmethod | staticmethod)
+    return False

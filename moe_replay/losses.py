@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, SupportsIndex, cast
 import torch
 
 from ._arguments import _version  # (a tensor's version counter; None for an inference tensor)
-from ._checks import check_dense, is_collection
+from ._checks import _set_own, check_dense, is_collection
 from ._torch_compat import dynamo_compiling
 from .errors import (
     ArgumentTypeError,
@@ -47,6 +47,7 @@ from .errors import (
     SessionStateError,
     UnknownRouterError,
     UnsupportedRouterError,
+    _ReadOnlyError,
 )
 
 __all__ = ["RouterScores", "load_balancing_loss"]
@@ -409,20 +410,36 @@ class RouterScores:
         [(16,), (16,)]
     """
 
+    #: the routers, in module order (what iterating gives)
+    names: tuple[str, ...]
+    # per decision: the scores, the experts used, the masked copy of the scores the top-k ran on where a group-limited
+    # router masks them first (None otherwise: the top-k ran on the scores themselves), and whether the scores were
+    # made through a squashing after the logits (see Evidence.squashed; None: unknown)
+    _calls: dict[str, _Calls]
+    # the forwards of the model that entered it while the scores were kept, in call order (told by the session's
+    # forward of the model: see _began), and the one running now (-1: none)
+    _forwards: list[_Fed]
+    _now: int
+    # decisions kept when the forward that began last began (see _raised)
+    _kept_at_begin: int
+    # a forward that raised after some of its routers' decisions were kept (what it raised), else None
+    _interrupted: str | None
+
     def __init__(self, names: Sequence[str]) -> None:
-        self.names: tuple[str, ...] = tuple(names)
-        # per decision: the scores, the experts used, the masked copy of the scores the top-k ran on where a
-        # group-limited router masks them first (None otherwise: the top-k ran on the scores themselves), and
-        # whether the scores were made through a squashing after the logits (see Evidence.squashed; None: unknown)
-        self._calls: dict[str, _Calls] = {n: _Calls(self) for n in self.names}
-        #: the forwards of the model that entered it while the scores were kept, in call order (told by the
-        #: session's forward of the model: see :meth:`_began`), and the one running now (-1: none)
-        self._forwards: list[_Fed] = []
-        self._now = -1
-        #: decisions kept when the forward that began last began (see :meth:`_raised`)
-        self._kept_at_begin = 0
-        #: a forward that raised after some of its routers' decisions were kept (what it raised), else None
-        self._interrupted: str | None = None
+        # (its state is written into its __dict__, past __setattr__, which refuses public names: built per block of
+        # keep_scores() and told of each forward of the model, it costs no more than a plain object)
+        own = self.__dict__
+        own["names"] = tuple(names)
+        own["_calls"] = {n: _Calls(self) for n in self.names}
+        own.update(_forwards=[], _now=-1, _kept_at_begin=0, _interrupted=None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Kept scores are what the routers saw: an attribute set on them is refused, naming what to do instead,
+        where it would otherwise be kept without a word (a misspelt name) or change what they hand out
+        (``kept.scores = ...``, which :func:`load_balancing_loss` would never read). A method may be wrapped on the
+        instance (a spy or a mock of it)."""
+        if not _set_own(self, name, value):
+            raise _ReadOnlyError(f"{name!r} cannot be set on RouterScores: {_scores_instead(name)}")
 
     def __copy__(self) -> RouterScores:
         # (a shallow copy shares the scores, their graph too: only a deep copy or a pickle cuts them from it)
@@ -447,8 +464,9 @@ class RouterScores:
         """A forward of the model begins: its ``[batch, positions]`` (None: none) and whether its routers see them
         sequence-first (None: not known, ``why``)."""
         self._forwards.append(_Fed(grid, sequence_first, why))
-        self._now = len(self._forwards) - 1
-        self._kept_at_begin = self._kept()
+        own = self.__dict__  # (past __setattr__: see __init__)
+        own["_now"] = len(self._forwards) - 1
+        own["_kept_at_begin"] = self._kept()
 
     def _kept(self) -> int:
         """Decisions kept so far, over all routers."""
@@ -463,7 +481,7 @@ class RouterScores:
 
     def _ended(self) -> None:
         """The forward of the model that began last has ended."""
-        self._now = -1
+        self.__dict__["_now"] = -1  # (past __setattr__: see __init__)
 
     def _row_order(self, name: str) -> _RowOrder:
         calls = self._calls[name]
@@ -598,6 +616,20 @@ class RouterScores:
         shown = str(tokens) if len(tokens) <= 8 else f"[{', '.join(map(str, tokens[:8]))}, ...]"
         cut = f", interrupted by {self._interrupted}" if self._interrupted is not None else ""
         return f"RouterScores(routers={len(self.names)}, tokens={shown}{cut})"
+
+
+def _scores_instead(name: str) -> str:
+    """What to do instead of setting the attribute ``name`` on :class:`RouterScores`."""
+    if name == "names" or isinstance(getattr(RouterScores, name, None), property):
+        return (
+            "it is read from what the routers' decisions kept while keep_scores() was open. Compute on what they "
+            "hand out (kept.scores, kept.indices, kept[name]) into values of your own"
+        )
+    held = sorted({"names", *(n for n in dir(RouterScores) if not n.startswith("_"))})
+    return (
+        f"RouterScores have no attribute {name!r} (a misspelt one? theirs: {', '.join(held)}); keep your own data "
+        "beside them (a dict or a dataclass holding them)"
+    )
 
 
 def load_balancing_loss(

@@ -17,7 +17,6 @@ import operator
 import os
 import stat
 import struct
-import types
 import uuid
 import weakref
 import zipfile
@@ -29,7 +28,16 @@ import numpy as np
 import torch
 from numpy.lib import format as npformat
 
-from ._checks import as_tensor, check_count, check_dense, check_flag, check_values, is_collection, router_names
+from ._checks import (
+    _set_own,
+    as_tensor,
+    check_count,
+    check_dense,
+    check_flag,
+    check_values,
+    is_collection,
+    router_names,
+)
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -1669,28 +1677,6 @@ _SETTERS = {
     "num_experts=routes.experts_per_layer)",
 }
 _SETTERS["experts_per_layer"] = _SETTERS["num_experts"]
-
-
-def _set_own(obj: Any, name: str, value: Any) -> bool:
-    """Set attribute ``name`` of ``obj`` where it is the object's own private state (``_``-named: straight into its
-    ``__dict__``, as it is set often) or a method wrapped on the instance (a spy or a mock of it); False, setting
-    nothing, where it is any other name, which the caller refuses."""
-    if name[:1] == "_" and name[:2] != "__":
-        obj.__dict__[name] = value
-        return True
-    if name[:2] == "__" or _is_method(type(obj), name):
-        object.__setattr__(obj, name, value)
-        return True
-    return False
-
-
-def _is_method(cls: type, name: str) -> bool:
-    """Is ``name`` a method of ``cls`` (a function, classmethod or staticmethod it or a base defines), which an
-    instance may wrap with one of its own, as a spy or a mock does?"""
-    for klass in cls.__mro__:
-        if name in vars(klass):
-            return isinstance(vars(klass)[name], types.FunctionType | classmethod | staticmethod)
-    return False
 
 
 def _instead(name: str) -> str:

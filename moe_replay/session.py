@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from . import _lean, _torch_compat
-from ._checks import check_flag, is_integer
+from ._checks import _set_own, check_flag, is_integer
 from ._code_settings import assigned_on_others
 from ._feeds import (
     FeedCheck,
@@ -92,7 +92,6 @@ from .routes import (
     _known_or_none,
     _missing_rows,
     _out_of_order,
-    _set_own,
     fingerprint,
 )
 

@@ -5,6 +5,8 @@ with the model left exactly as it was."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 from typing import Any
 
 import pytest
@@ -75,3 +77,61 @@ def test_entering_a_detached_session_is_refused_naming_attach_again() -> None:
         with again:
             pass
     _assert_same(pristine, _state(model))
+
+
+def _kept(grad: bool = True) -> tuple[mr.RouterScores, torch.nn.Module, torch.Tensor]:
+    model, x = _model(), _ids()
+    with torch.set_grad_enabled(grad), mr.attach(model) as session, session.keep_scores() as kept:
+        model(x)
+        model(x[:1])  # (two forwards: both told to the kept scores, as before)
+    return kept, model, x
+
+
+@pytest.mark.reliability("bad inputs")
+def test_an_attribute_set_on_the_kept_scores_is_refused_naming_what_to_do_instead() -> None:
+    """Once silent: a misspelt name set on the ``RouterScores`` of ``keep_scores`` (``kept.indice = ...``,
+    ``kept.mask = ...``) was kept without a word, ``kept.names = [...]`` replaced the routers it hands out, and
+    ``kept.scores = [...]`` raised Python's own "no setter" error, which names nothing to do. Each public name is
+    refused with an ``AttributeError`` that is a ``MoEReplayError`` naming what to do; what the scores hand out is
+    unchanged, private state and a method wrapped on the instance (a spy) still work, and a copy or a pickle of
+    scores kept without a graph holds the same."""
+    kept, _, x = _kept()
+    names, tokens = kept.names, [int(s.shape[0]) for s in kept.scores]
+    assert tokens == [x.numel() + x.shape[1]] * len(names)
+    cases = {
+        "scores": "kept.scores, kept.indices, kept[name]",
+        "indices": "kept.scores, kept.indices, kept[name]",
+        "names": "kept.scores, kept.indices, kept[name]",
+        "indice": "no attribute 'indice' (a misspelt one?",
+        "mask": "no attribute 'mask' (a misspelt one?",
+    }
+    for name, how in cases.items():
+        with pytest.raises(mr.MoEReplayError) as info:
+            setattr(kept, name, [torch.zeros(1)])
+        assert isinstance(info.value, AttributeError), name
+        assert repr(name) in str(info.value) and how in str(info.value), (name, str(info.value))
+        assert name not in vars(kept) or name == "names", name
+    assert kept.names == names and [int(s.shape[0]) for s in kept.scores] == tokens
+    loss = mr.load_balancing_loss(kept.scores, kept.indices)
+    loss.backward()  # (the scores still hold their graph)
+    # (private state is kept, and a method may be wrapped on the instance, as a spy or a mock does)
+    kept._mine = 1
+    assert kept._mine == 1
+    seen: list[Any] = []
+    original = kept.row_mask
+
+    def spy(mask: Any) -> list[torch.Tensor]:
+        seen.append(mask)
+        return original(mask)
+
+    kept.row_mask = spy  # type: ignore[method-assign]
+    mask = torch.ones_like(x)
+    assert [int(m.shape[0]) for m in kept.row_mask([mask, mask[:1]])] == tokens and len(seen) == 1
+    del kept.row_mask
+    # (copies and pickles of scores kept without a graph are built as before, and refuse setting as the original)
+    plain, _, _ = _kept(grad=False)
+    for other in (copy.copy(plain), copy.deepcopy(plain), pickle.loads(pickle.dumps(plain))):
+        assert other.names == plain.names
+        assert all(torch.equal(a, b) for a, b in zip(other.scores, plain.scores, strict=True))
+        with pytest.raises(mr.MoEReplayError, match="'scores' cannot be set"):
+            other.scores = []  # type: ignore[misc]
