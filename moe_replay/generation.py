@@ -131,8 +131,8 @@ def generation_lengths(
         sequences: ``[B, prompt_len + N]`` as ``generate()`` returns them.
         prompt_len: padded prompt width ``P``.
         eos_token_id: one id or several; ``None`` means every sequence ran all ``N`` steps.
-            A negative id is refused: it matches no token, so it would read every sequence
-            as never ended.
+            A negative id, or an empty list of ids, is refused: it matches no token, so it would
+            read every sequence as never ended (pass ``None`` for that).
 
     Example:
         >>> import torch, moe_replay as mr
@@ -156,6 +156,12 @@ def generation_lengths(
     if eos_token_id is None:
         return torch.full((b,), n, dtype=torch.long)
     eos = _integers(eos_token_id, "eos_token_id")
+    if eos.numel() == 0:  # (more likely a list that was never filled than a way of saying "none")
+        raise InvalidArgumentError(
+            f"eos_token_id is empty ({eos_token_id!r:.40}): it holds no id to find, so every sequence would be read "
+            "as running all its steps. Pass the tokenizer's eos_token_id (or generation_config.eos_token_id), one id "
+            "or several, or None if no sequence stopped early"
+        )
     if bool((eos < 0).any()):
         # no token id is negative, so such an id matches no token and every sequence would read as never ended
         raise InvalidArgumentError(

@@ -843,7 +843,8 @@ def test_generation_lengths_refuses_an_eos_that_is_not_an_integer() -> None:
         mr.generation_lengths(seq, 2, 2.5)  # once matched token 2
     with pytest.raises(mr.InvalidArgumentError, match="eos_token_id must be integers"):
         mr.generation_lengths(seq, 2, "2")  # type: ignore[arg-type]
-    assert mr.generation_lengths(seq, 2, []).tolist() == [3, 3]  # no end-of-sequence id: all ran
+    with pytest.raises(mr.InvalidArgumentError, match="eos_token_id is empty"):  # (None says none: test_misuse56)
+        mr.generation_lengths(seq, 2, [])
     assert mr.generation_lengths(seq.int(), 2, 2**40).tolist() == [3, 3]  # never in int32 ids
     assert mr.generation_lengths(seq, 2, torch.tensor([2, 7])).tolist() == [2, 3]
 

@@ -9,6 +9,7 @@ import copy
 import pickle
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,31 @@ def test_an_attribute_set_on_the_kept_scores_is_refused_naming_what_to_do_instea
         assert all(torch.equal(a, b) for a, b in zip(other.scores, plain.scores, strict=True))
         with pytest.raises(mr.MoEReplayError, match="'scores' cannot be set"):
             other.scores = []  # type: ignore[misc]
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    "empty",
+    [[], (), torch.tensor([], dtype=torch.long), np.array([], dtype=np.int64)],
+    ids=["list", "tuple", "tensor", "numpy"],
+)
+def test_an_empty_eos_token_id_is_refused_naming_none_for_no_eos(empty: Any) -> None:
+    """Once silent: ``generation_lengths(seqs, p, eos_token_id=[])`` (a list of end ids never filled) read every
+    sequence as running all its steps, past the end-of-sequence token it holds, as ``None`` does; through
+    ``split_generation`` each sequence then kept the rows after its end. An empty ``eos_token_id`` is refused,
+    naming ``None`` for no end token; one id and ``None`` read as before."""
+    seqs = torch.tensor([[5, 6, 7, 2, 0], [5, 6, 8, 9, 4]])
+    with pytest.raises(mr.InvalidArgumentError) as info:
+        mr.generation_lengths(seqs, prompt_len=2, eos_token_id=empty)
+    assert "eos_token_id is empty" in str(info.value) and "or None" in str(info.value), str(info.value)
+    assert mr.generation_lengths(seqs, prompt_len=2, eos_token_id=2).tolist() == [2, 3]
+    assert mr.generation_lengths(seqs, prompt_len=2, eos_token_id=None).tolist() == [3, 3]
+    # (a generate() capture: the prompts' 2 x 2 rows, then 2 decode steps of 2 rows; the last token is never fed)
+    routes = mr.Routes([torch.tensor([[0, 1]]).repeat(8, 1)], names=["r"], num_experts=4)
+    with pytest.raises(mr.InvalidArgumentError, match="eos_token_id is empty"):
+        mr.split_generation(routes, batch_size=2, prompt_len=2, sequences=seqs, eos_token_id=empty)
+    ended, full = (
+        [s.num_tokens for s in mr.split_generation(routes, batch_size=2, prompt_len=2, sequences=seqs, eos_token_id=e)]
+        for e in (2, None)
+    )
+    assert ended[0] == full[0] - 1 and ended[1] == full[1]  # (the first stopped at its eos, a step early)
