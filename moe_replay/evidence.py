@@ -5645,11 +5645,24 @@ def _refuse_earlier_choice(
     made afresh and held at their results on the real inputs; an output of another structure (other
     experts named, zeros in other places) refuses it. Comparisons that only test for zero, and the
     choices of the decision-like calls (a group selection, which the decision reads through), are not
-    held here.
+    held here. Earlier choices that no other input could vary (none to make, or the forward fails on every one)
+    are refused as unchecked, as later ones are: nothing shows them harmless.
     """
-    _, where = _vary(probe, force, first, probe.args, probe.kwargs, ev, early=True)
+    checked, where = _vary(probe, force, first, probe.args, probe.kwargs, ev, early=True)
+    chosen = " + ".join(calls[i].describe() for i in ev.decision)
+    if not checked:  # (no other input ran: the earlier choices were never varied, so nothing shows them harmless)
+        raise _refuse(
+            name,
+            calls,
+            f"before its decision ({chosen}) its forward makes choices from floating values (at "
+            f"{', '.join(dict.fromkeys(first.early_where))}) that could not be checked: it takes no floating input "
+            "of two or more dimensions to vary, or fails on every other input tried. A choice before the decision "
+            "that picks experts after it (a number of experts per token from a threshold) would not be replayed",
+            "Make every choice of experts part of the decision (mask the scores with masked_fill or torch.where "
+            "before the top-k), let the forward run on other inputs of the same shape, or name the module whose "
+            "forward returns the experts used with include=",
+        )
     if where is not None:
-        chosen = " + ".join(calls[i].describe() for i in ev.decision)
         raise _refuse(
             name,
             calls,
