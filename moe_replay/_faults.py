@@ -32,6 +32,7 @@ __all__ = [
     "inside_forward",
     "mark_forwards",
     "note_fault",
+    "raised_by_library",
     "raised_inside",
     "run_begins",
     "run_ends",
@@ -101,6 +102,22 @@ def raised_inside(e: BaseException) -> bool:
     """Was ``e`` raised by moe_replay's code that the forward entered: a frame of an entry in its traceback with no
     frame of the user's code below it, and not marked as the forward's own?"""
     return _raised_below(e, False)
+
+
+def raised_by_library(e: BaseException) -> bool:
+    """Was ``e`` raised in moe_replay's own code (the innermost frame of its traceback that is not torch's or Python's
+    is moe_replay's), and not marked as the forward's own? A refusal that code running inside a forward makes on
+    purpose (the probe's mode, entered through torch's dispatch, not through an entry) is told so."""
+    if getattr(e, FORWARDS_OWN, False) is True:
+        return False
+    last = "neutral"
+    tb = e.__traceback__
+    while tb is not None:
+        kind = _kind(tb.tb_frame.f_code)
+        if kind != "neutral":
+            last = kind
+        tb = tb.tb_next
+    return last in ("entry", "library")
 
 
 def _raised_below(e: BaseException, inside: bool) -> bool:

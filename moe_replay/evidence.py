@@ -74,7 +74,16 @@ from ._code_settings import (
 )
 from ._code_settings import generators as code_generators
 from ._code_settings import written as code_written
-from ._faults import FORWARDS_OWN, forwards_call, inside_forward, note_fault, raised_inside, run_begins, run_ends
+from ._faults import (
+    FORWARDS_OWN,
+    forwards_call,
+    inside_forward,
+    note_fault,
+    raised_by_library,
+    raised_inside,
+    run_begins,
+    run_ends,
+)
 from ._torch_compat import NO_TORCH_FUNCTION
 from .errors import MoEReplayError, UnsupportedRouterError
 
@@ -3425,6 +3434,8 @@ class _Prober:
                         if isinstance(e, MoEReplayError):  # router's, a stand-in's; a refusal it made on purpose is
                             raise  # raised as it is, never the forward's own)
                         raise _library_fault(e) from e
+                    if isinstance(e, MoEReplayError) and raised_by_library(e):  # (a refusal this mode made on purpose,
+                        raise  # entered through torch's dispatch, not an entry: never the forward's own either)
                     _mark_forwards(e)
                     raise
                 except BaseException:
@@ -5615,7 +5626,8 @@ def _refuse_escapes(
     mode = _ProbeMode(None, {}, scramble=ev.num_experts)  # (what a run that raises noted is lost with it)
     try:
         moved, mode = probe.run(force=force, scramble=ev.num_experts)
-    except Exception:  # the forward fails on what comes back (split sizes read from the moved values, say)
+    except Exception as e:  # the forward fails on what comes back (split sizes read from the moved values, say)
+        _only_forwards(e)  # (moe_replay's own error there refuses as such, never as the forward's failure)
         mode.escapes, mode._rolled = seen.escapes, [held]
     else:
         if not mode._rolled or _distance(held, moved, tolerance)[0] <= tolerance:
@@ -5733,7 +5745,8 @@ def _vary(
                 where = _restructured(fresh, held, ev, hidden, _decided_rows(again, ev))
                 where = where or _hidden_moved(probe, force, fresh, first, again, inputs, ev)
                 where = where or _reweighed(probe, force, fresh, first, again, inputs, ev)
-        except Exception as e:
+        except Exception as e:  # (the forward's own error when they are held; moe_replay's own refuses as such)
+            _only_forwards(e)
             where = f"whether its forward runs at all ({type(e).__name__} when they are held)"
         if where is not None:
             return checked, where

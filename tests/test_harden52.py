@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import moe_replay as mr
+from moe_replay import evidence
 
-from .test_harden50 import _as_it_was, _hooks, _state
+from .test_harden50 import _as_it_was, _filed_under, _hooks, _state
 
 _D, _E, _K, _T = 8, 4, 2, 6
 
@@ -96,3 +97,121 @@ def test_the_same_earlier_choice_on_a_forward_that_runs_on_other_inputs_is_refus
     assert "router 'router'" in message and "before its decision" in message
     assert "could not be checked" not in message and "what picks experts after it" in message
     _as_it_was(model, state, hooks)
+
+
+@pytest.mark.reliability("faults")
+def test_a_fault_of_moe_replay_comparing_held_choices_is_refused_as_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error of moe_replay's code reading the runs that hold the earlier choices was reported as the forward
+    failing when they are held ("whether its forward runs at all"): the user was told their model is at fault. It
+    refuses the router as moe_replay's own fault now, chained from the error, with the model as it was."""
+    model, x = _made(restricted=False)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a fault in reading the runs")
+
+    monkeypatch.setattr(evidence, "_restructured", _filed_under(broken, evidence))
+    state, hooks = _state(model), _hooks(model)
+    with pytest.raises(mr.UnsupportedRouterError) as info:
+        _captured(model, x)
+    message = str(info.value)
+    assert "router 'router'" in message and "could not make its check" in message, message
+    assert "whether its forward runs at all" not in message
+    assert isinstance(info.value.__cause__, RuntimeError)
+    _as_it_was(model, state, hooks)
+
+
+@pytest.mark.reliability("faults")
+def test_a_refusal_made_on_purpose_in_a_held_run_is_raised_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal of moe_replay's own (an ``UnsupportedRouterError`` with its reason) raised while the earlier choices
+    are held was reworded as the forward failing when they are held, its reason lost. It is raised as it is."""
+    model, x = _made(restricted=False)
+
+    def refusing(*args: Any, **kwargs: Any) -> Any:
+        raise mr.UnsupportedRouterError("router 'router': a reason of moe_replay's own")
+
+    monkeypatch.setattr(evidence, "_restructured", _filed_under(refusing, evidence))
+    state, hooks = _state(model), _hooks(model)
+    with pytest.raises(mr.UnsupportedRouterError) as info:
+        _captured(model, x)
+    message = str(info.value)
+    assert "a reason of moe_replay's own" in message and "whether its forward runs at all" not in message, message
+    _as_it_was(model, state, hooks)
+
+
+class _LoggingRouter(nn.Module):
+    """A top-k router that keeps its scores as a Python list for logging (values handed out of torch, read by
+    nothing that reaches its output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(_D, _E, bias=False)
+        self.seen: list[Any] = []
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(self.gate(x), dim=-1)
+        self.seen = probs.tolist()
+        return torch.topk(probs, _K, dim=-1)
+
+
+class _LoggingModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = _LoggingRouter()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.router(x)
+
+
+@pytest.mark.reliability("faults")
+def test_a_refusal_made_on_purpose_in_the_run_that_moves_escaped_values_is_raised_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refusal of moe_replay's own raised inside the run that hands escaped values back with their experts moved was
+    taken for the forward failing on them, and the router refused as one that chooses outside torch: its reason was
+    lost. It is raised as it is; without it, the logging router is accepted."""
+    torch.manual_seed(0)
+    x = torch.randn(_T, _D)
+    real = evidence._ProbeMode._escape
+
+    def escape(self: Any, func: Any, args: Any, kwargs: Any) -> Any:
+        if self.scramble is not None:
+            raise mr.UnsupportedRouterError("router 'router': a reason of moe_replay's own")
+        return real(self, func, args, kwargs)
+
+    monkeypatch.setattr(evidence._ProbeMode, "_escape", _filed_under(escape, evidence))
+    model = _LoggingModel()
+    state, hooks = _state(model), _hooks(model)
+    with pytest.raises(mr.UnsupportedRouterError) as info:
+        _captured(model, x)
+    message = str(info.value)
+    assert "a reason of moe_replay's own" in message and "out of torch" not in message, message
+    _as_it_was(model, state, hooks)
+    monkeypatch.undo()
+    _captured(_LoggingModel(), x)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_refusal_the_probes_mode_makes_on_other_inputs_refuses_the_router(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal the probe's mode makes on purpose inside a run (reached through torch's dispatch, not through an entry
+    of moe_replay's) was marked as the forward's own error: on inputs of other values it read as a forward tied to its
+    inputs' values, the checks made there were passed over, and the router accepted. It refuses the router now, with
+    the model as it was; the same router with no such refusal is accepted."""
+    torch.manual_seed(0)
+    x = torch.randn(_T, _D)
+    model = _LoggingModel()
+    with torch.no_grad():
+        scores = F.softmax(model.router.gate(x), dim=-1)
+    real = evidence._ProbeMode._answer
+
+    def answer(self: Any, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        if func is torch.topk and args[0].shape == scores.shape and not torch.allclose(args[0], scores):
+            raise mr.UnsupportedRouterError("a refusal of moe_replay's own on other inputs")
+        return real(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(evidence._ProbeMode, "_answer", _filed_under(answer, evidence))
+    state, hooks = _state(model), _hooks(model)
+    with pytest.raises(mr.UnsupportedRouterError, match="a refusal of moe_replay's own on other inputs"):
+        _captured(model, x)
+    _as_it_was(model, state, hooks)
+    monkeypatch.undo()
+    _captured(_LoggingModel(), x)
