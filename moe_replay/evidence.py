@@ -1373,6 +1373,14 @@ def _library_fault(e: Exception) -> _LibraryFault:
     return fault
 
 
+def _named_refusal(name: str, refusal: UnsupportedRouterError) -> UnsupportedRouterError:
+    """``refusal``, made on purpose by moe_replay's code inside a run of router ``name``'s forward (which knows the
+    call, not the router), naming the router it refuses."""
+    return UnsupportedRouterError(
+        f"router '{name}': {refusal}. The model was left as it was; nothing was recorded or forced"
+    )
+
+
 def _fault_refusal(name: str, fault: _LibraryFault) -> UnsupportedRouterError:
     """The refusal of router ``name`` whose decision could not be established or checked for ``fault``."""
     cause = fault.__cause__ if fault.__cause__ is not None else fault
@@ -3861,6 +3869,10 @@ def _established_with(
     except _LibraryFault as fault:
         probe.snapshot.restore()
         raise _fault_refusal(name, fault) from fault.__cause__
+    except UnsupportedRouterError as e:
+        if type(e) is UnsupportedRouterError and not str(e).startswith("router '"):
+            raise _named_refusal(name, e) from e  # (a refusal made inside a run, by the probe's mode: see through_out)
+        raise
     except (MoEReplayError, _HooksNeeded):
         raise
     except Exception as e:  # (the forward's own, on its own inputs: raised to its caller as it raises natively)

@@ -205,13 +205,14 @@ def test_a_refusal_the_probes_mode_makes_on_other_inputs_refuses_the_router(monk
 
     def answer(self: Any, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         if func is torch.topk and args[0].shape == scores.shape and not torch.allclose(args[0], scores):
-            raise mr.UnsupportedRouterError("a refusal of moe_replay's own on other inputs")
+            raise mr.UnsupportedRouterError("a refusal of moe_replay's own on other inputs")  # (naming no router)
         return real(self, func, types, args, kwargs)
 
     monkeypatch.setattr(evidence._ProbeMode, "_answer", _filed_under(answer, evidence))
     state, hooks = _state(model), _hooks(model)
-    with pytest.raises(mr.UnsupportedRouterError, match="a refusal of moe_replay's own on other inputs"):
+    with pytest.raises(mr.UnsupportedRouterError, match="a refusal of moe_replay's own on other inputs") as info:
         _captured(model, x)
+    assert str(info.value).startswith("router 'router': "), info.value  # (named: the refusal alone names no router)
     _as_it_was(model, state, hooks)
     monkeypatch.undo()
     _captured(_LoggingModel(), x)
