@@ -4364,11 +4364,13 @@ def _tokens_alone(args: tuple[Any, ...], kwargs: dict[str, Any], shape: torch.Si
 #: first positions of the forwards given them (see :func:`_note_past`); at most :data:`_PAST_KEYS` of them
 _PAST_SEEN: dict[tuple[str, tuple[int, ...], torch.dtype], set[int]] = {}
 _PAST_KEYS = 256
-#: of those, the tensor last given under each (held weakly) and its version counter then; and the ones whose tensor
-#: was written in place between two forwards that were given it (a KV cache stacked in one preallocated tensor, which
-#: each forward writes at its positions: a video's frames are read, not written)
-_PAST_LAST: dict[tuple[str, tuple[int, ...], torch.dtype], tuple[weakref.ref[torch.Tensor], int]] = {}
+#: of those, the ones whose tensor a forward given it wrote in place while it ran (a KV cache stacked in one
+#: preallocated tensor, which each forward writes at its positions: a video's frames are read by the forward, and a
+#: buffer the caller refills with the next clip between forwards is written by no forward); and the tensors noted
+#: by forwards that have not ended yet, each with its key and version counter as the forward began (see
+#: :func:`_past_ended`)
 _PAST_WRITTEN: set[tuple[str, tuple[int, ...], torch.dtype]] = set()
+_PAST_OPEN: list[tuple[tuple[str, tuple[int, ...], torch.dtype], weakref.ref[torch.Tensor], int]] = []
 
 
 def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
@@ -4376,8 +4378,8 @@ def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
     tensor of five dimensions or more it is given under a name of its own: a KV cache stacked in one tensor holds the
     tokens before the positions, so one of its dimensions grows as they start later (or it is preallocated: a static
     cache, whose name says so where the checks are to read it as one). The same name and shape seen beside two first
-    positions is no cache (:func:`_fixed_past`), whatever the name, unless the tensor given was written in place
-    between two forwards given it, as a cache is written at each forward's positions."""
+    positions is no cache (:func:`_fixed_past`), whatever the name, unless a forward given it wrote it in place
+    while it ran (:func:`_past_ended`), as a cache is written at each forward's positions."""
     pos = kwargs.get("position_ids")
     if shape is None or not isinstance(pos, torch.Tensor):
         return
@@ -4409,18 +4411,34 @@ def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
             starts = _PAST_SEEN[key] = set()
         if len(starts) < 2:
             starts.add(first)
-        last, version = _PAST_LAST.get(key, (None, None)), version_of(value)
-        if last[0] is not None and last[0]() is value and last[1] != version:
+        if key not in _PAST_WRITTEN and len(_PAST_OPEN) < _PAST_KEYS:
+            _PAST_OPEN.append((key, weakref.ref(value), version_of(value)))
+
+
+def _past_ended(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A forward given ``args`` and ``kwargs`` has ended: each tensor noted as it began (:func:`_note_past`) that it
+    was given and that it wrote in place while it ran (its version counter moved) is a cache it writes at its
+    positions, as a static cache stacked in one tensor is (:func:`_fixed_past`). Writes between forwards (a buffer
+    refilled with the next clip of a video) are no forward's: they tell nothing. Called only where some are open."""
+    given = {id(v) for v in chain(args, kwargs.values()) if isinstance(v, torch.Tensor)}
+    still = []
+    for key, ref, version in _PAST_OPEN:
+        value = ref()
+        if value is None:
+            continue
+        if id(value) not in given:  # (an outer forward's, still running)
+            still.append((key, ref, version))
+        elif version_of(value) != version:
             _PAST_WRITTEN.add(key)
-        _PAST_LAST[key] = (weakref.ref(value), version)
+    _PAST_OPEN[:] = still
 
 
 def _fixed_past(name: str, value: Any) -> bool:
     """Whether ``value``, given to a forward under ``name``, is a floating tensor whose name and shape were seen
     beside forwards whose positions start at two places (:func:`_note_past`): no dimension of it counts the tokens
-    before a forward's own, so it holds none (a video's frames under a name of its own), as a cache would. One written
-    in place between two forwards given it is a cache preallocated for every place (a static cache stacked in one
-    tensor), not fixed media."""
+    before a forward's own, so it holds none (a video's frames under a name of its own), as a cache would. One that a
+    forward given it wrote in place while it ran is a cache preallocated for every place (a static cache stacked in
+    one tensor), not fixed media; one the caller refilled between forwards (the next clip) is still media."""
     if not isinstance(value, torch.Tensor) or value.dim() < 5 or not value.is_floating_point():
         return False
     key = (name, tuple(int(n) for n in value.shape), value.dtype)
@@ -6477,6 +6495,8 @@ class FeedForward:
                 if r._held_by is self:  # (taken here: see _take_deferred)
                     r._held_by = None
                     entered.append(r)
+            if _PAST_OPEN:  # (a tensor of five dimensions or more noted as a forward began: written while it ran?)
+                _past_ended(args, kwargs)
             for r in entered:
                 r._inside = False
                 if isinstance(r, FeedRecord) or type(r) is FeedCheck:

@@ -204,12 +204,6 @@ def test_the_last_of_three_turns_after_a_static_cache_stacked_in_one_tensor_repl
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a static cache stacked in one tensor under a name of its own, handed to each turn as a new tensor (a "
-    "copy of the last one): no tensor given twice was written between the forwards, so beside positions that start "
-    "at two places it is read as a video's frames, and the turn laid out alone is refused though exact",
-)
 def test_a_turn_after_a_stacked_static_cache_handed_on_as_a_copy_replays_exactly() -> None:
     """A prompt (places 0..4) and a turn (5..8) captured, the turn given a copy of the stacked cache the prompt
     filled; the turn's rows laid out alone, replayed on a copy of that cache: exact."""
