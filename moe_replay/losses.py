@@ -152,16 +152,17 @@ def _router_of(t: torch.Tensor) -> str | None:
 
 
 #: tensors that stack several routers' rows along one dimension, handed out by ``Routes.indices`` (``[T, L, k]``),
-#: by the address of their storage (held weakly): a slice of one router's rows out of them (``unbind(1)``,
-#: ``indices[:, j]``) shares that storage and names its router by where it starts (see :func:`_router_in_stack`)
-_STACKS: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...], int]] = {}
+#: by the address of their storage (held weakly), with their routers, that dimension and their version counter then:
+#: a slice of one router's rows out of them (``unbind(1)``, ``indices[:, j]``) shares that storage and names its
+#: router by where it starts, while no write has moved the counter (see :func:`_router_in_stack`)
+_STACKS: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...], int, int]] = {}
 
 
 def note_stack(t: torch.Tensor, names: Sequence[str], dim: int) -> torch.Tensor:
     """Note ``t`` as holding the rows of the routers ``names`` along its dimension ``dim``, one router at each index
     (see :func:`load_balancing_loss`); returns ``t``."""
-    key = _storage_address(t)
-    if key is None or int(t.shape[dim]) != len(names):
+    key, version = _storage_address(t), _version(t)
+    if key is None or version is None or int(t.shape[dim]) != len(names):
         return t
 
     def forget(_: object, key: int = key) -> None:
@@ -169,7 +170,7 @@ def note_stack(t: torch.Tensor, names: Sequence[str], dim: int) -> torch.Tensor:
         if held is not None and held[0]() is None:
             del _STACKS[key]
 
-    _STACKS[key] = (weakref.ref(t, forget), tuple(names), dim)
+    _STACKS[key] = (weakref.ref(t, forget), tuple(names), dim, version)
     return t
 
 
@@ -187,11 +188,13 @@ def _storage_address(t: torch.Tensor) -> int | None:
 def _router_in_stack(t: torch.Tensor) -> str | None:
     """The router whose rows ``t`` is, where ``t`` is one router's slice of a stack :func:`note_stack` noted that
     is still alive: it shares the stack's storage, has its shape and strides without the stacked dimension, and
-    starts at one of that dimension's indices. None otherwise (a copy names nothing)."""
+    starts at one of that dimension's indices. None otherwise: a copy names nothing, nor does a slice of a stack
+    written in place since it was handed out (by the caller, or through any slice of it: routers reordered with
+    ``ind.copy_(ind.flip(1))``, one slot refilled with another's rows), whose slots may hold other routers' rows."""
     key = _storage_address(t)
     held = _STACKS.get(key) if key is not None else None
     stack = held[0]() if held is not None else None
-    if held is None or stack is None or _storage_address(stack) != key:
+    if held is None or stack is None or _storage_address(stack) != key or _version(stack) != held[3]:
         return None
     names, dim = held[1], held[2]
     shape, strides = list(stack.shape), list(stack.stride())
@@ -663,7 +666,7 @@ def load_balancing_loss(
             ``Routes.layer(name)``, one router's rows sliced out of a live ``Routes.indices`` such as
             ``routes.indices.unbind(1)``) and hold the same routers in other orders, by those names;
             where only some name them and they disagree, the call is refused. A copy (a clone, numpy
-            rows) names no router.
+            rows), and a slice of a ``Routes.indices`` written in place since, name no router.
         mask: optional weights of the tokens to count, e.g. the attention mask; padding gets
             0. One dimension: one weight per row, ``[T]``, in the order of the rows. More than one
             (the batch's ``[batch, positions]`` attention mask, or several forwards' stacked along

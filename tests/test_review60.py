@@ -9,6 +9,10 @@ import inspect
 import pytest
 import torch
 
+import moe_replay as mr
+
+from .test_gaps56 import _kept_loss_case
+from .test_losses import by_hand
 from .test_review55 import _by_name, _slices, _wrapper
 
 _P = inspect.Parameter
@@ -35,3 +39,29 @@ def test_a_slice_fed_another_ranks_tokens_beside_a_video_buffer_refilled_in_plac
     exact, refused = _slices(model, run)
     assert exact, "refused though exact"
     assert refused, "rank 0's rows forced on rank 1's"
+
+
+# ------------------------------------------------------------ rows of a stack written in place after it was handed out
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("write", ["flipped in place", "one slot overwritten"])
+def test_rows_of_a_routes_indices_stack_written_in_place_are_not_paired_by_their_old_slots(write: str) -> None:
+    """``routes.indices`` written in place after it was handed out (its routers reordered to the probabilities'
+    order, ``ind.copy_(ind.flip(1))``, or one router's slot refilled with another's rows) no longer holds one router
+    at each index: its slices must not name the router that slot held, or the loss pairs rows with another router's
+    probabilities. Each is counted with the probabilities it is given beside (no name to go by), or refused."""
+    routes, kept, _ = _kept_loss_case(3)
+    names = list(kept.names)
+    ind = routes.indices
+    if write == "flipped in place":
+        ind.copy_(ind.flip(1))
+        probs = list(kept.scores)[::-1]
+        want = sum(by_hand(kept[n][0], kept[n][1]) for n in names) / len(names)
+    else:
+        ind[:, 0] = ind[:, 2]  # (router 0's slot now holds router 2's rows, given beside router 2's probabilities)
+        probs = [kept[names[2]][0], kept[names[1]][0], kept[names[2]][0]]
+        want = sum(by_hand(p, r) for p, r in zip(probs, ind.unbind(1), strict=True)) / 3
+    try:
+        got = mr.load_balancing_loss(probs, list(ind.unbind(1))).item()
+    except mr.MoEReplayError:
+        return
+    assert got == pytest.approx(want, abs=1e-5), "rows paired with another router's probabilities"
