@@ -4370,7 +4370,43 @@ _PAST_KEYS = 256
 #: by forwards that have not ended yet, each with its key and version counter as the forward began (see
 #: :func:`_past_ended`)
 _PAST_WRITTEN: set[tuple[str, tuple[int, ...], torch.dtype]] = set()
-_PAST_OPEN: list[tuple[tuple[str, tuple[int, ...], torch.dtype], weakref.ref[torch.Tensor], int]] = []
+_PAST_OPEN: list[_PastOpen] = []
+
+
+class _PastOpen:
+    """A floating tensor of five dimensions or more under a name of its own, noted as a forward fed positions
+    ``first..last`` began (:func:`_note_past`): its version counter then, and the sum of its magnitudes at each index
+    of each dimension that reaches past ``last`` (where a cache stacked in one tensor keeps its places), so that
+    :meth:`written_at_positions` tells, once the forward has ended, whether it wrote it as such a cache is written."""
+
+    __slots__ = ("first", "given", "key", "last", "sums", "version")
+
+    def __init__(
+        self, key: tuple[str, tuple[int, ...], torch.dtype], value: torch.Tensor, first: int, last: int
+    ) -> None:
+        self.key, self.given, self.first, self.last = key, weakref.ref(value), first, last
+        self.version = version_of(value)
+        self.sums = {d: _index_sums(value, d) for d in range(value.dim()) if int(value.shape[d]) > last + 1 - first}
+
+    def written_at_positions(self, value: torch.Tensor) -> bool:
+        """Whether the forward that ran since wrote ``value`` in place at its positions alone along one of the noted
+        dimensions (the indices whose sums moved lie within ``first..last``, and that dimension has others): a frame
+        normalized in place, written whole or where no position is, tells nothing. Where no value moved (a replay
+        writing what a capture wrote), only a dimension holding nothing after ``last`` is read as written there, as
+        :meth:`_HeldCache.written` reads it."""
+        if version_of(value) == self.version:
+            return False
+        for d, before in self.sums.items():
+            if int(value.shape[d]) <= self.last:
+                continue
+            moved = _index_sums(value, d).ne(before).nonzero().flatten()
+            if not moved.numel():
+                if not bool(before[self.last + 1 :].ne(0).any()) and self.first > 0:
+                    return True
+                continue
+            if int(moved[0]) >= self.first and int(moved[-1]) <= self.last:
+                return True
+        return False
 
 
 def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
@@ -4401,7 +4437,7 @@ def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
     text = _text_positions(pos, int(shape[0]), int(shape[1]))
     if text is None or text.device.type != "cpu" or not text.numel():
         return
-    first = int(text[:, 0].min())
+    first, last = int(text[:, 0].min()), int(text.max())
     for name, value in given:
         key = (name, tuple(int(n) for n in value.shape), value.dtype)
         starts = _PAST_SEEN.get(key)
@@ -4409,27 +4445,30 @@ def _note_past(kwargs: dict[str, Any], shape: torch.Size | None) -> None:
             if len(_PAST_SEEN) >= _PAST_KEYS:
                 continue
             starts = _PAST_SEEN[key] = set()
-        if len(starts) < 2:
+        fixed = len(starts) > 1  # (seen beside two starts before this forward, never written at its positions)
+        if not fixed:
             starts.add(first)
-        if key not in _PAST_WRITTEN and len(_PAST_OPEN) < _PAST_KEYS:
-            _PAST_OPEN.append((key, weakref.ref(value), version_of(value)))
+        if not fixed and key not in _PAST_WRITTEN and len(_PAST_OPEN) < _PAST_KEYS:
+            if any(int(n) > last + 1 for n in value.shape):  # (else no dimension keeps places past these)
+                _PAST_OPEN.append(_PastOpen(key, value, first, last))
 
 
 def _past_ended(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """A forward given ``args`` and ``kwargs`` has ended: each tensor noted as it began (:func:`_note_past`) that it
-    was given and that it wrote in place while it ran (its version counter moved) is a cache it writes at its
-    positions, as a static cache stacked in one tensor is (:func:`_fixed_past`). Writes between forwards (a buffer
-    refilled with the next clip of a video) are no forward's: they tell nothing. Called only where some are open."""
+    was given and that it wrote in place at its positions alone while it ran (:meth:`_PastOpen.written_at_positions`)
+    is a cache, as a static cache stacked in one tensor is (:func:`_fixed_past`). Writes between forwards (a buffer
+    refilled with the next clip of a video) are no forward's, and writes elsewhere (frames normalized in place) are
+    no cache's: they tell nothing. Called only where some are open."""
     given = {id(v) for v in chain(args, kwargs.values()) if isinstance(v, torch.Tensor)}
     still = []
-    for key, ref, version in _PAST_OPEN:
-        value = ref()
+    for noted in _PAST_OPEN:
+        value = noted.given()
         if value is None:
             continue
         if id(value) not in given:  # (an outer forward's, still running)
-            still.append((key, ref, version))
-        elif version_of(value) != version:
-            _PAST_WRITTEN.add(key)
+            still.append(noted)
+        elif noted.written_at_positions(value):
+            _PAST_WRITTEN.add(noted.key)
     _PAST_OPEN[:] = still
 
 

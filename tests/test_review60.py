@@ -65,3 +65,24 @@ def test_rows_of_a_routes_indices_stack_written_in_place_are_not_paired_by_their
     except mr.MoEReplayError:
         return
     assert got == pytest.approx(want, abs=1e-5), "rows paired with another router's probabilities"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("op", ["clamp_", "sub_"])
+def test_a_slice_fed_another_ranks_tokens_beside_a_video_its_forward_normalizes_in_place_is_refused(op: str) -> None:
+    """A video's frames under a name of its own (each frame larger than the positions fed) that the model's forward
+    normalizes in place (``frames.clamp_(0, 1)``, which moves no value, or ``frames.sub_(0.5)``, which moves every
+    one): written whole, at no positions, as no cache is; another rank's slice fed beside it is refused, as beside
+    frames the forward only reads."""
+    clip = torch.rand(1, 2, 3, 16, 12)
+
+    def to_inner(inner: torch.nn.Module, ids: torch.Tensor, args: tuple[object, ...], kw: dict[str, object]) -> object:
+        frames = kw["frames"]
+        assert isinstance(frames, torch.Tensor)
+        frames.clamp_(0.0, 1.0) if op == "clamp_" else frames.sub_(0.5)  # (in place, every frame: no position's slot)
+        return inner(ids, position_ids=kw["position_ids"])
+
+    model = _wrapper([("position_ids", _P.POSITIONAL_OR_KEYWORD), ("frames", _P.POSITIONAL_OR_KEYWORD)], to_inner)
+    exact, refused = _slices(model, lambda ids, pos: model(ids, position_ids=pos, frames=clip.clone()))
+    assert exact, "refused though exact"
+    assert refused, "rank 0's rows forced on rank 1's"
