@@ -3553,6 +3553,14 @@ class OrderCheck(FeedCheck):
                 # forward ends, unless it wrote that cache at its positions, see left)
                 self._refuse_places(self.forwards, start, grid, mask, pos, False, counts)
                 self._static = ((self.forwards, start, grid, mask, pos, whole, counts), caches)
+            if not whole and pos is not None and self.recorded is not None and not self.captured:
+                # (rows a layout placed, fed beside something that may hold earlier tokens, a cache of a count not
+                # read (stacked in one tensor of its own name): their positions are not compared with the layout's
+                # places, as a turn laid out alone goes on after the tokens such a cache holds, but rows a capture
+                # recorded at other places than the positions fed are not that turn: another turn's tokens)
+                text = _text_positions(pos, batch, positions)
+                if text is not None and not self._at_recorded(start, count, text):
+                    self._refuse_places(self.forwards, start, grid, mask, pos, True, counts)
         elif self.device_ids:
             held = [None if t is None else t.detach().clone() for t in (mask, pos)]
             self._places_later.append((self.forwards, start, grid, held[0], held[1], whole, counts))

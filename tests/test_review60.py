@@ -13,7 +13,10 @@ import moe_replay as mr
 
 from .test_gaps56 import _kept_loss_case
 from .test_losses import by_hand
+from .test_review51 import _outcome
 from .test_review55 import _by_name, _slices, _wrapper
+from .test_review57 import _StackedModel
+from .test_workflow import _dispatched, _joined, _perturb, _watch_experts
 
 _P = inspect.Parameter
 
@@ -86,3 +89,41 @@ def test_a_slice_fed_another_ranks_tokens_beside_a_video_its_forward_normalizes_
     exact, refused = _slices(model, lambda ids, pos: model(ids, position_ids=pos, frames=clip.clone()))
     assert exact, "refused though exact"
     assert refused, "rank 0's rows forced on rank 1's"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("handed", ["in place", "as a copy"])
+def test_a_turns_rows_fed_the_next_turn_after_a_stacked_static_cache_are_refused(handed: str) -> None:
+    """Three turns of four tokens (places 0..3, 4..7, 8..11) captured, fed a static cache stacked in one tensor of its
+    own name (written at each forward's positions; the same tensor each turn, or a copy of the last): the second
+    turn's rows laid out alone, fed the third turn's tokens and positions on the cache holding the first two turns,
+    are refused; fed their own turn's tokens on the cache holding the first, they are exact."""
+    torch.manual_seed(1)
+    model = _StackedModel()
+    _watch_experts(model)
+    kvs = torch.zeros(2, 2, 1, 4, 28, 8)  # (a shape of its own: what was noted of other tests' caches tells nothing)
+    turns = [torch.randint(1, 128, (1, 4)) for _ in range(3)]
+    places = [torch.arange(4 * i, 4 * i + 4)[None] for i in range(3)]
+    held = []
+    session = mr.attach(model)
+    try:
+        with torch.no_grad(), _dispatched(model) as rec, session.capture():
+            for ids, pos in zip(turns, places, strict=True):
+                held.append(kvs.clone())
+                kvs = kvs if handed == "in place" else kvs.clone()  # (each turn a copy of the last one's)
+                model(ids, position_ids=pos, kvs=kvs)
+        want = {layer: rows[4:8] for layer, rows in _joined(rec).items()}
+        routes = mr.BatchLayout.packed([4]).routes([session.routes().with_token_ids(None)[4:8]])
+        _perturb(model)
+        assert not all(torch.equal(r[4:8], r[8:]) for r in _joined(rec).values()), "turns 2 and 3 differ"
+        with torch.no_grad():
+            own = held[1].clone()
+            got = _outcome(model, session, routes, lambda: model(turns[1], position_ids=places[1], kvs=own), model)
+            assert got is not None, "the second turn refused though exact"
+            for layer, rows in got.items():
+                assert torch.equal(rows, want[layer]), layer
+            nxt = held[2].clone()
+            wrong = _outcome(model, session, routes, lambda: model(turns[2], position_ids=places[2], kvs=nxt), model)
+        assert wrong is None, "the second turn's rows forced on the third turn's tokens"
+    finally:
+        session.detach()
