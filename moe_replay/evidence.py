@@ -6332,9 +6332,13 @@ def _refuse_chosen_tokens(name: str, probe: _Prober, calls: Sequence[Call], deci
     Its rows are a subset of the tokens chosen afresh at every forward, so they are not one per token, and a
     replay would make that choice again from the current values. Seen as a decision made for another share
     of the tokens on random inputs of the same shape (their values' mean, the second four times as spread),
-    or not made at all on them; a forward that fails on them tells nothing. Few tokens hold little to choose
-    from (one token is all in or all out): more such inputs are tried where the forward has fewer than
-    ``_FEW_TOKENS``, none of other shapes (a branch taken on more tokens only is never run for it).
+    or not made at all on them. Few tokens hold little to choose from (one token is all in or all out): more
+    such inputs are tried where the forward has fewer than ``_FEW_TOKENS``, none of other shapes (a branch
+    taken on more tokens only is never run for it). A forward that fails on every random input (it asserts
+    a property of its inputs, or indexes a table with their values) is tried on inputs made of its own
+    tokens' rows instead (one token's row in every row, then its rows drawn again with repeats: see
+    :func:`_real_rows_inputs`); where no such input runs either, nothing shows the decision made for every
+    token, and it is refused as unchecked.
     """
     found = _first_floating((probe.args, probe.kwargs))
     tokens = _tokens(probe.args, probe.kwargs)
@@ -6344,30 +6348,66 @@ def _refuse_chosen_tokens(name: str, probe: _Prober, calls: Sequence[Call], deci
     ref = x.detach().float()
     nth = [c.ordinal for c in calls if c.signature == decision.signature].index(decision.ordinal)
     tries = 2 if tokens >= _FEW_TOKENS else min(_FEW_CHOICE_TRIES, 1 + math.ceil(_FEW_TOKENS / tokens))
-    for n in range(tries):
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(len(_OTHER_INPUTS) + 1 + n))
-        spread = ref.std(unbiased=False) * (4 if n == 1 else 1)
-        other = (noise.to(x.device) * spread + ref.mean()).to(x.dtype)
-        try:
-            _, seen = probe.run(inputs=_replaced((probe.args, probe.kwargs), found[0], other))
-        except Exception as e:  # (a forward tied to its inputs' values: nothing to compare)
-            _only_forwards(e)
-            continue
-        same = [c for c in seen.calls if c.signature == decision.signature][nth : nth + 1]
-        if same and same[0].rows == decision.rows:
-            continue
-        made = f"for {same[0].rows}" if same else "for none"
-        raise _refuse(
-            name,
-            calls,
-            f"its decision ({decision.describe()}) is made for {decision.rows} of the {tokens} tokens it took, "
-            f"and {made} of as many tokens of other values: which tokens it decides for is chosen from their "
-            "values before it (top-any or threshold gating, with a fallback top-k for the tokens no threshold "
-            "takes), so its rows are not one per token, and a replay would choose those tokens again from the "
-            "current values",
-            "Decide for every token in one call (mask the scores with masked_fill or torch.where before one "
-            "top-k), or name the module whose forward returns the experts used with include=",
-        )
+
+    def randoms() -> Iterator[torch.Tensor]:
+        for n in range(tries):
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(len(_OTHER_INPUTS) + 1 + n))
+            spread = ref.std(unbiased=False) * (4 if n == 1 else 1)
+            yield (noise.to(x.device) * spread + ref.mean()).to(x.dtype)
+
+    ran = False
+    for others in (randoms(), _real_rows_inputs(x)):
+        for other in others:
+            try:
+                _, seen = probe.run(inputs=_replaced((probe.args, probe.kwargs), found[0], other))
+            except Exception as e:  # (a forward tied to its inputs' values: nothing to compare)
+                _only_forwards(e)
+                continue
+            ran = True
+            same = [c for c in seen.calls if c.signature == decision.signature][nth : nth + 1]
+            if same and same[0].rows == decision.rows:
+                continue
+            made = f"for {same[0].rows}" if same else "for none"
+            raise _refuse(
+                name,
+                calls,
+                f"its decision ({decision.describe()}) is made for {decision.rows} of the {tokens} tokens it took, "
+                f"and {made} of as many tokens of other values: which tokens it decides for is chosen from their "
+                "values before it (top-any or threshold gating, with a fallback top-k for the tokens no threshold "
+                "takes), so its rows are not one per token, and a replay would choose those tokens again from the "
+                "current values",
+                "Decide for every token in one call (mask the scores with masked_fill or torch.where before one "
+                "top-k), or name the module whose forward returns the experts used with include=",
+            )
+        if ran:
+            return
+    raise _refuse(
+        name,
+        calls,
+        f"whether its decision ({decision.describe()}, made for {decision.rows} of the {tokens} tokens it took) is "
+        "made for every token could not be checked: its forward fails on every other input tried (random values "
+        "of its hidden states' mean and spread, and its own tokens' rows repeated or drawn again), so nothing "
+        "shows that the tokens it decides for are not chosen from their values before it (top-any or threshold "
+        "gating), which a replay would choose again from the current values",
+        "Let the forward run on other inputs of the same shape (check its inputs' values outside the router), "
+        "or name the module whose forward returns the experts used with include=",
+    )
+
+
+def _real_rows_inputs(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Inputs of ``x``'s shape made of its own token rows (its last dimension's vectors): one token's row in
+    every row (the first, middle and last token's), then its rows drawn again with repeats (seeded). Each row
+    is one the forward took, so a check of each row's values (a norm, a range, a table index) holds on them,
+    while a choice of tokens by their values is made for all of them or none where one row fills them. Those
+    equal to ``x`` are left out (one token, or all rows alike: nothing new to run)."""
+    rows = x.detach().reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    picks = [torch.full((n,), j, dtype=torch.long) for j in dict.fromkeys((0, n // 2, n - 1))]
+    picks.append(torch.randint(n, (n,), generator=torch.Generator().manual_seed(len(_OTHER_INPUTS) + 1)))
+    for pick in picks:
+        other = rows[pick.to(rows.device)].reshape(x.shape)
+        if not torch.equal(other, x.detach()):
+            yield other
 
 
 #: At most this many random inputs tried by :func:`_refuse_chosen_tokens` on a forward of few tokens.
