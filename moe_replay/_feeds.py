@@ -4554,6 +4554,9 @@ class _HeldCache:
         self.name = name
         self.tensor, self.dim, self.sums, self.first, self.last = tensor, dim, sums, first, last
         self.version = version_of(tensor)
+        #: per other dimension of the tensor: which of its slices held something at every index before ``first``,
+        #: and each slice's sum of magnitudes at ``first..last``, before the forward (see :meth:`written`)
+        self.slices = _slice_sums(tensor, dim, first, last)
 
     def written(self) -> bool:
         """Whether the forward that ran since wrote the tensor (its version moved) and changed it along :attr:`dim` at
@@ -4567,7 +4570,15 @@ class _HeldCache:
         moved = _index_sums(self.tensor, self.dim).ne(self.sums).nonzero().flatten()
         if not moved.numel():
             return not bool(self.sums[self.last + 1 :].ne(0).any())
-        return int(moved[0]) >= self.first and int(moved[-1]) <= self.last
+        if int(moved[0]) < self.first or int(moved[-1]) > self.last:
+            return False
+        # (and only in slices that held the tokens before: a batch row written in a slot that held nothing beside
+        # a slot holding another sequence's stale prefix was fed without the tokens before it)
+        now = _slice_sums(self.tensor, self.dim, self.first, self.last)
+        return all(
+            bool(held.logical_or(after.eq(before)).all())
+            for (held, before), (_, after) in zip(self.slices, now, strict=True)
+        )
 
 
 def _static_ran_note(names: Sequence[str]) -> str:
@@ -4582,6 +4593,25 @@ def _static_ran_note(names: Sequence[str]) -> str:
         "cache now holds this forward's keys and values, a cache's own count has moved on): reset or refill them "
         "before the next forward"
     )
+
+
+def _slice_sums(t: torch.Tensor, dim: int, first: int, last: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each dimension of ``t`` but ``dim``: which of its slices hold something at every index before ``first``
+    along ``dim``, and each slice's sum of magnitudes at the indices ``first..last`` along ``dim`` (on the host)."""
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        whole = t.detach().abs()
+        head = whole.narrow(dim, 0, first)
+        span = whole.narrow(dim, first, last - first + 1)
+        for other in range(t.dim()):
+            if other == dim:
+                continue
+            rest = [d for d in range(t.dim()) if d not in (dim, other)]
+            held = head.sum(dim=rest, dtype=torch.float64) if rest else head.double()
+            held = held.ne(0).all(dim=0 if dim < other else 1)
+            sums = span.movedim(other, 0).reshape(int(t.shape[other]), -1).sum(1, dtype=torch.float64)
+            out.append((held.cpu(), sums.cpu()))
+    return out
 
 
 def _index_sums(t: torch.Tensor, dim: int) -> torch.Tensor:

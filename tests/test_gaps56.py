@@ -87,12 +87,6 @@ def test_a_continuation_after_a_static_cache_of_more_slots_than_its_batch_is_not
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a static cache's slices holding the tokens before a forward's positions are counted, not matched to the "
-    "batch's rows: a cache of more slots than sequences whose batch slot is empty beside another slot's stale prefix "
-    "is read as holding the batch's prefix, its rows forced",
-)
 def test_a_continuation_whose_slot_is_empty_beside_another_slots_stale_prefix_is_refused() -> None:
     """A prompt written into the second slot of a two-slot static cache, the continuation captured there (rows laid
     out without ids); the cache set to write the batch's one sequence in the first slot, which holds nothing: its
