@@ -4581,6 +4581,57 @@ class _HeldCache:
         )
 
 
+class _ListedCache(_HeldCache):
+    """A Python list of floating tensors a model's module keeps (a hand-written decode loop's KV cache, each forward's
+    keys appended) whose tensors together hold exactly ``first`` indices along their dimension ``dim``, something at
+    each, before a forward fed positions ``first..last`` runs: it may hold the tokens before them. :meth:`written`
+    tells, when the forward has ended, whether it kept those tensors and appended ones that hold as many indices
+    along ``dim`` as it has positions, as such a cache is written."""
+
+    def __init__(self, name: str, kept: list[Any], dim: int, first: int, last: int) -> None:
+        self.name, self.dim, self.first, self.last = name, dim, first, last
+        self.kept, self.held = kept, list(kept)
+
+    def written(self) -> bool:
+        """Whether the list still starts with the tensors it held, and what the forward appended holds its positions'
+        count of indices along :attr:`dim` (tensors of the same other dimensions)."""
+        n = len(self.held)
+        if len(self.kept) <= n or any(a is not b for a, b in zip(self.kept[:n], self.held, strict=False)):
+            return False
+        added = self.kept[n:]
+        return all(_like(t, self.held[0], self.dim) for t in added) and sum(int(t.shape[self.dim]) for t in added) == (
+            self.last - self.first + 1
+        )
+
+
+def _like(t: Any, ref: torch.Tensor, dim: int) -> bool:
+    """Whether ``t`` is a floating tensor of ``ref``'s dimensions, the same size as it along each but ``dim``."""
+    return (
+        isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and t.dim() == ref.dim()
+        and not t.is_meta
+        and all(int(t.shape[d]) == int(ref.shape[d]) for d in range(t.dim()) if d != dim)
+    )
+
+
+def _listed_held(name: str, kept: list[Any], first: int, last: int, batch: int) -> list[_HeldCache]:
+    """``kept`` as a cache holding the tokens before positions ``first..last`` (see :class:`_ListedCache`), along
+    each dimension where its tensors (floating, of two dimensions or more, alike but along it) hold exactly ``first``
+    indices together, something at each of them in as many slices as the forward has sequences
+    (:func:`_held_per_slice`); none where it holds anything else or more than ``_HOLDS_ITEMS`` items."""
+    if not kept or len(kept) > _HOLDS_ITEMS or not isinstance(kept[0], torch.Tensor) or kept[0].dim() < 2:
+        return []
+    out: list[_HeldCache] = []
+    for dim in range(kept[0].dim()):
+        if not all(_like(t, kept[0], dim) for t in kept) or sum(int(t.shape[dim]) for t in kept) != first:
+            continue
+        whole = torch.cat([t.detach() for t in kept], dim)
+        if bool(_index_sums(whole, dim).ne(0).all()) and _held_per_slice(whole, dim, first, batch):
+            out.append(_ListedCache(name, kept, dim, first, last))
+    return out
+
+
 def _static_ran_note(names: Sequence[str]) -> str:
     """What the error of a forward refused as its block ends, after it ran on the evidence of the static caches
     ``names`` (see :class:`_HeldCache`), adds: that it ran, why, and what it left written."""
@@ -4646,8 +4697,9 @@ def _static_held(levels: Sequence[FeedForward], text: torch.Tensor, batch: int) 
     dimension that reaches the last position, each holds something at every index before the first (see
     :class:`_HeldCache`), and does so in as many slices as there are sequences along each of its other dimensions
     that has that many (:func:`_held_per_slice`: a batch row whose slot holds nothing beside one that holds its
-    prefix is a sequence fed without the tokens before it). Read only for a forward whose positions would be refused
-    otherwise: it reads those tensors on the host."""
+    prefix is a sequence fed without the tokens before it); and the Python lists of tensors they keep that hold
+    exactly the places before the positions (:func:`_listed_held`). Read only for a forward whose positions would be
+    refused otherwise: it reads those tensors on the host."""
     if not text.numel():
         return []
     first, last = int(text.min()), int(text.max())
@@ -4661,6 +4713,10 @@ def _static_held(levels: Sequence[FeedForward], text: torch.Tensor, batch: int) 
                 break
             kept = chain(m._buffers.items(), ((k, v) for k, v in vars(m).items() if k not in _MODULE_STATE))
             for name, t in kept:
+                if isinstance(t, list) and id(t) not in seen:
+                    seen.add(id(t))
+                    out.extend(_listed_held(f"{at}.{name}" if at else name, t, first, last, batch))
+                    continue
                 if (
                     not isinstance(t, torch.Tensor)
                     or isinstance(t, nn.Parameter)

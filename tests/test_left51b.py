@@ -1,6 +1,6 @@
 """Items left alone before: a router whose forward fails on every random input (the check of the tokens it decides
 for could not run, and passed), and rows laid out after a KV cache kept in Python lists, fed at the very places a
-capture recorded them at (refused though exact: a known gap), other places still refused.
+capture recorded them at (refused though exact), other places and a missing prefix still refused.
 
 The oracle is the test's own hooks on each experts module (or the routes' rows against the experts each token used):
 every token whose row names experts dispatches exactly those, or the replay is refused with the model as it was.
@@ -174,36 +174,59 @@ def _put_back_lists(model: nn.Module, after_prompt: list) -> None:
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="rows a layout placed from 0, fed at the places a capture recorded them at, are let through only on the "
-    "evidence of a cache holding the tokens before them (a static cache's tensors): a cache kept in Python lists "
-    "shows none, so they are refused though exact",
-)
 @pytest.mark.parametrize("part", ["whole turn", "last two"])
 def test_laid_out_rows_fed_at_their_recorded_places_after_a_list_cache_replay_exactly(part: str) -> None:
     """Rows laid out with BatchLayout after a KV cache kept in Python lists, fed at exactly the places a capture
-    recorded them at (the whole turn at 5 to 8, or its last two rows at 7 and 8), the lists holding the prompt: the
-    replay forces the captured experts. Refused today, naming with_token_ids: their positions are compared with the
-    layout's places (0 to 3), and nothing a list holds is read as a cache holding the tokens before them (a suffix
-    fed without its prefix at its recorded places is refused, test_review56)."""
+    recorded them at, the lists holding every token before them (the whole turn at 5 to 8 after the prompt, or its
+    last two rows at 7 and 8 after the turn's first two were fed): the replay forces the captured experts. Once
+    refused, naming with_token_ids: their positions were compared with the layout's places (0 to 3), and nothing a
+    list held was read as a cache holding the tokens before them."""
     model, session, turn, routes, want, after_prompt = _list_cache_turn()
     try:
         cut = 0 if part == "whole turn" else 2
         _perturb(model)
-        _put_back_lists(model, after_prompt)
+
+        def before() -> None:
+            _put_back_lists(model, after_prompt)
+            if cut:
+                model(turn[:, :cut], position_ids=torch.arange(5, 5 + cut)[None])
+
         with torch.no_grad(), _dispatched(model) as rec:
+            before()
             model(turn[:, cut:], position_ids=torch.arange(5 + cut, 9)[None])
-        native = _joined(rec)
-        _put_back_lists(model, after_prompt)
-        forward = lambda: model(turn[:, cut:], position_ids=torch.arange(5 + cut, 9)[None])  # noqa: E731
+        native = {k: v[cut:] for k, v in _joined(rec).items()}
         with torch.no_grad():
+            before()
+            forward = lambda: model(turn[:, cut:], position_ids=torch.arange(5 + cut, 9)[None])  # noqa: E731
             got = _outcome(model, session, routes[cut:], forward, model)
         assert got is not None, "rows fed at their recorded places refused"
         assert got.keys() == want.keys()
         assert any(not torch.equal(native[k], want[k][cut:]) for k in want), "the perturbed model alone routes alike"
         for layer, rows in got.items():
             assert torch.equal(rows, want[layer][cut:]), layer
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("held", ["nothing", "the prompt alone"])
+def test_laid_out_rows_fed_at_their_recorded_places_after_a_list_cache_missing_their_prefix_are_refused(
+    held: str,
+) -> None:
+    """The same rows fed at their recorded places while the lists do not hold every token before them (emptied: the
+    whole turn fed without its prompt; or holding the prompt alone while the turn's last two rows are fed at 7 and 8):
+    refused, the model unchanged, as a suffix fed without its prefix is after a static cache."""
+    model, session, turn, routes, _, after_prompt = _list_cache_turn()
+    try:
+        if held == "nothing":
+            _put_back_lists(model, [([], []) for _ in after_prompt])
+            cut = 0
+        else:
+            _put_back_lists(model, after_prompt)
+            cut = 2
+        forward = lambda: model(turn[:, cut:], position_ids=torch.arange(5 + cut, 9)[None])  # noqa: E731
+        with torch.no_grad():
+            assert _outcome(model, session, routes[cut:], forward, model) is None
     finally:
         session.detach()
 
