@@ -4576,7 +4576,7 @@ def _establish(
             if not 0 <= call < len(calls):
                 raise _refuse(name, calls, f"the Adapter names call #{call}, which its forward does not make", fix)
             chosen = calls[call]
-            _refuse_chosen_tokens(name, probe, calls, chosen)
+            unchecked = _refuse_chosen_tokens(name, probe, calls, chosen)
             k = chosen.k
             named = "named by an Adapter"
             ev = _verdict(name, calls, (call,), chosen.width, k, top_k, declared_top_k, probe.scope, named)
@@ -4585,6 +4585,8 @@ def _establish(
             _refuse_escapes(name, probe, calls, seen, ev, tolerance)
             _refuse_value_twins(name, probe, calls, seen, ev, base)
             _refuse_shifted_ids(name, calls, seen, ev, base, _tokens(args, kwargs))
+            if unchecked is not None:
+                raise unchecked
             return dataclasses.replace(ev, squashed=_squashed(seen, ev))
 
         reach: dict[int, int] = {}  # output elements that changing each call changes
@@ -4759,7 +4761,7 @@ def _establish(
                 "routes to record or replay",
                 "Route by token choice (a top-k over experts per token)",
             )
-        _refuse_chosen_tokens(name, probe, calls, anchor)
+        unchecked = _refuse_chosen_tokens(name, probe, calls, anchor)
         _refuse_rows_out_of_order(name, probe, calls, (anchor.ordinal,), seen=seen2)  # (its plain run: no other)
         used = calls[anchor.ordinal].k
 
@@ -4892,6 +4894,8 @@ def _establish(
         _refuse_escapes(name, probe, calls, seen, ev, tolerance)
         _refuse_value_twins(name, probe, calls, seen, ev, base)
         _refuse_shifted_ids(name, calls, seen, ev, base, _tokens(args, kwargs))
+        if unchecked is not None:  # (the other checks passed: this one could not run)
+            raise unchecked
         return dataclasses.replace(ev, squashed=_squashed(seen, ev))
     finally:
         probe.snapshot.restore()
@@ -6325,7 +6329,9 @@ def _refuse_rows_out_of_order(
     )
 
 
-def _refuse_chosen_tokens(name: str, probe: _Prober, calls: Sequence[Call], decision: Call) -> None:
+def _refuse_chosen_tokens(
+    name: str, probe: _Prober, calls: Sequence[Call], decision: Call
+) -> UnsupportedRouterError | None:
     """Refuse a decision made for the tokens that their values pick (top-any gating: the tokens no expert's
     threshold takes get a fallback top-k of their own, ``topk(logits[inactive], k)``).
 
@@ -6338,12 +6344,13 @@ def _refuse_chosen_tokens(name: str, probe: _Prober, calls: Sequence[Call], deci
     a property of its inputs, or indexes a table with their values) is tried on inputs made of its own
     tokens' rows instead (one token's row in every row, then its rows drawn again with repeats: see
     :func:`_real_rows_inputs`); where no such input runs either, nothing shows the decision made for every
-    token, and it is refused as unchecked.
+    token: the refusal as unchecked is returned, for the caller to raise once its other checks (which may
+    name what is wrong more closely) have passed. None where the check ran and passed.
     """
     found = _first_floating((probe.args, probe.kwargs))
     tokens = _tokens(probe.args, probe.kwargs)
     if found is None or not tokens:
-        return
+        return None
     x = found[1]
     ref = x.detach().float()
     nth = [c.ordinal for c in calls if c.signature == decision.signature].index(decision.ordinal)
@@ -6380,8 +6387,8 @@ def _refuse_chosen_tokens(name: str, probe: _Prober, calls: Sequence[Call], deci
                 "top-k), or name the module whose forward returns the experts used with include=",
             )
         if ran:
-            return
-    raise _refuse(
+            return None
+    return _refuse(
         name,
         calls,
         f"whether its decision ({decision.describe()}, made for {decision.rows} of the {tokens} tokens it took) is "

@@ -123,7 +123,8 @@ def test_a_check_of_the_tokens_decided_for_that_no_input_can_run_refuses_as_unch
     """The same gate, its forward also failing on any two rows alike (so on its own rows drawn again too): nothing
     shows which tokens it decides for, and it is refused as unchecked, naming how to let the check run."""
     message = _refused(_UnitModel("values", distinct=True), _tokens())
-    assert "could not be checked" in message and "fails on every other input tried" in message, message
+    assert "is made for every token could not be checked" in message, message
+    assert "its own tokens' rows repeated or drawn again" in message, message
 
 
 @pytest.mark.reliability("false refusals")
