@@ -585,10 +585,12 @@ class RouterScores:
             One ``[T]`` tensor per router, in the order of :attr:`names`, on ``mask``'s device.
 
         Raises:
-            InvalidArgumentError: a mask that does not match the forwards kept, or one of a
+            InvalidArgumentError: a mask that does not match the forwards kept (a one-dimensional
+                one of another length than a router's rows included), or one of a
                 forward whose routers' order is not known (one fed embeddings whose order could
                 not be told, an encoder-decoder's, one whose rows are not one per token), or
-                decisions kept in no forward of the model the session saw.
+                decisions kept in no forward of the model the session saw; on the CPU, a mask with
+                negative or non-finite weights.
             RouterNotFoundError: a router that made no decision while the scores were kept.
         """
         masks = _masks(mask)
@@ -597,11 +599,14 @@ class RouterScores:
         listed = not isinstance(mask, torch.Tensor)
         out = []
         for n in self.names:
-            self._get(n)  # (a router that made no decision: the error that says so)
+            rows = int(self._get(n)[0].shape[0])  # (a router that made no decision: the error that says so)
             if listed or masks[0].dim() > 1:
-                out.append(_in_row_order(masks, listed, self._row_order(n), f"router '{n}'"))
+                w = _in_row_order(masks, listed, self._row_order(n), f"router '{n}'")
             else:
-                out.append(masks[0].reshape(-1))
+                w = masks[0].reshape(-1)
+            host = w.device.type == "cpu" and not torch.compiler.is_compiling()  # (no sync spent elsewhere)
+            _check_row_weights(w, rows, f"router '{n}'", host=host)
+            out.append(w)
         return out
 
     def __len__(self) -> int:
@@ -774,10 +779,8 @@ def load_balancing_loss(
         else:
             w = _in_row_order(masks, listed, orders[i], f"router {i}") if by_token else masks[0].reshape(-1)
             w = w.to(p.device, torch.float32)
-        if w.shape[0] != t:
-            raise InvalidArgumentError(f"mask has {w.shape[0]} elements, but router {i} has {t} tokens")
-        if host and mask is not None and w.numel() and not bool(((w >= 0) & w.isfinite()).all()):
-            raise InvalidArgumentError("mask must hold token weights, finite and not negative (1 counts, 0 skips)")
+        if mask is not None:
+            _check_row_weights(w, t, f"router {i}", host=host)
         if mask is not None and idx.numel():
             idx = _skip_unrecorded(idx, w)  # (-1 rows of Routes at padding, weight 0: no expert counted there)
         if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -819,6 +822,23 @@ def _skip_unrecorded(idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         weights = w.detach().to(idx.device)
     skipped = (idx < 0).all(dim=1) & (weights == 0)
     return torch.where(skipped[:, None], torch.zeros_like(idx), idx)
+
+
+def _check_row_weights(w: torch.Tensor, rows: int, what: str, *, host: bool) -> None:
+    """Refuse ``w``, the weights of one router's ``rows`` rows read from a mask, where they are not one per row
+    (a one-dimensional mask of another length, which a loss on the rows would broadcast: one weight for every row)
+    or, where ``host`` (on the CPU, eagerly: no sync spent), not token weights (negative, NaN or infinite)."""
+    if w.dim() != 1 or w.shape[0] != rows:
+        raise InvalidArgumentError(
+            f"{what}: the mask gives {w.numel()} weight(s), but the router kept {rows} rows: a one-dimensional mask "
+            "is one weight per row, in the order of the rows. Give the [batch, positions] attention mask of the "
+            "forwards kept (a list of them, one per forward, in call order), or one weight per row"
+        )
+    if host and w.numel() and not bool(((w >= 0) & w.isfinite()).all()):
+        raise InvalidArgumentError(
+            f"{what}: mask must hold token weights, finite and not negative (1 counts, 0 skips): pass the attention "
+            "mask, or weights of your own that are"
+        )
 
 
 def _masks(mask: object) -> list[torch.Tensor] | None:
