@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
-from collections.abc import Iterable, Mapping, MappingView
+from collections.abc import Callable, Iterable, Mapping, MappingView
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError
+from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError, _ReadOnlyError
+
+_T = TypeVar("_T")
 
 __all__ = [
     "MAX_COUNT",
     "check_count",
     "check_dense",
     "check_flag",
+    "frozen_value",
     "is_collection",
     "is_integer",
     "is_one_of",
@@ -202,3 +206,44 @@ def _is_method(cls: type, name: str) -> bool:
         if name in vars(klass):
             return isinstance(vars(klass)[name], types.FunctionType | classmethod | staticmethod)
     return False
+
+
+def frozen_value(instead: str | None = None) -> Callable[[_T], _T]:
+    """A class decorator, over ``@dataclass(frozen=True)``: an attribute set on or deleted from an instance is
+    refused with a :class:`~moe_replay.MoEReplayError` (also an ``AttributeError``, as the dataclass's own refusal
+    is) that names the class, the attribute and what to do, instead of ``dataclasses``' bare
+    ``FrozenInstanceError``. ``instead``: what gives one with other values, where not
+    ``dataclasses.replace(value, field=...)`` (a value computed by a call says that call). Its ``__init__`` sets its
+    fields as before."""
+
+    def make(cls: _T) -> _T:
+        assert isinstance(cls, type) and dataclasses.is_dataclass(cls)
+
+        def refuse(self: Any, name: str, *_: Any) -> None:
+            raise _frozen_refusal(type(self), name, instead)
+
+        cls.__setattr__ = refuse  # type: ignore[assignment]
+        cls.__delattr__ = refuse  # type: ignore[assignment]
+        return cls
+
+    return make
+
+
+def _frozen_refusal(cls: type, name: str, instead: str | None) -> _ReadOnlyError:
+    """The error for setting or deleting attribute ``name`` of a :func:`frozen_value` instance of ``cls``."""
+    fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    what = f"{cls.__name__} is a frozen value, and {name!r} cannot be set on it or deleted from it: "
+    if name in fields or isinstance(getattr(cls, name, None), property):
+        if instead is not None:
+            return _ReadOnlyError(what + instead)
+        if name in fields:
+            return _ReadOnlyError(
+                f"{what}build one with another {name}, dataclasses.replace(value, {name}=...) (checked as the "
+                "constructor checks it), and use that"
+            )
+        return _ReadOnlyError(f"{what}it is read from its fields ({', '.join(fields)})")
+    public = [n for n in fields if not n.startswith("_")]
+    return _ReadOnlyError(
+        f"{what}{cls.__name__} has no field {name!r} (a misspelt one? its fields: {', '.join(public)}); keep your own "
+        "data beside it (a dict or a dataclass holding it)"
+    )

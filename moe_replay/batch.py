@@ -31,7 +31,7 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from ._checks import as_tensor, check_count, check_values, is_collection, is_integer, is_one_of
+from ._checks import as_tensor, check_count, check_values, frozen_value, is_collection, is_integer, is_one_of
 from ._feeds import unmarked_places
 from .errors import (
     ArgumentTypeError,
@@ -126,6 +126,10 @@ def _lengths(values: Sequence[int] | torch.Tensor, what: str = "lengths") -> lis
     return out
 
 
+@frozen_value(
+    "build another layout with BatchLayout.padded(...), .packed(...) or .split(...) (they check the lengths) "
+    "and use that"
+)
 @dataclass(frozen=True)
 class BatchLayout:
     """Where each sequence sits in a ``[rows, row_length]`` training batch.

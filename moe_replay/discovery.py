@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import is_collection, is_integer, is_one_of
+from ._checks import frozen_value, is_collection, is_integer, is_one_of
 from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError, RouterNotFoundError
 from .intercept import DECISIONS
 
@@ -82,6 +82,7 @@ _CLASS_HIT = re.compile(r"(router|gate|gating)", re.I)
 _CLASS_MISS = re.compile(r"(mlp|expert|attention|decoder|layer$|block|proj|norm|activation|gated|glu)", re.I)
 
 
+@frozen_value()
 @dataclass(frozen=True)
 class Adapter:
     """How to intercept routers that the generic path gets wrong.
@@ -413,6 +414,10 @@ def _early_caller(gate: str, block: str, modules: dict[str, nn.Module]) -> str |
     return caller if _reaches_decision(_class_forward(outer), type(outer), instance=outer) else None
 
 
+@frozen_value(
+    "it describes a router as find_routers found it; to set what is found, pass top_k=, num_experts=, include=, "
+    "exclude= or adapters= to find_routers or attach"
+)
 @dataclass(frozen=True)
 class RouterSite:
     """One router found in a model.

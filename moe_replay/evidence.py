@@ -59,6 +59,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _torch_compat
 from ._axes import ELEMENTWISE
+from ._checks import frozen_value
 from ._code_settings import (
     CONTAINERS,
     Home,
@@ -288,6 +289,7 @@ def _count(v: Any) -> Any:
     return v
 
 
+@frozen_value("it records a call seen as a decision was established; it changes nothing if edited")
 @dataclass(frozen=True)
 class Call:
     """One decision-like call seen in a router's forward.
@@ -320,6 +322,10 @@ class Call:
         return f"#{self.ordinal} {self.family}({k}) over {self.width} at {self.where}"
 
 
+@frozen_value(
+    "it records how a decision was established; to choose the call that decides, give the router an "
+    "mr.Adapter(..., call=n) or decision= and attach again"
+)
 @dataclass(frozen=True)
 class Evidence:
     """How a router's decision was established.

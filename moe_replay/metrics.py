@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import is_integer, is_one_of, router_names
+from ._checks import frozen_value, is_integer, is_one_of, router_names
 from ._feeds import unmarked_places
 from .errors import (
     ArgumentTypeError,
@@ -50,6 +50,10 @@ from .session import _WRAPPER_NAMES, _prefix_maps, _unwrapped_map
 __all__ = ["RoutingComparison", "compare"]
 
 
+@frozen_value(
+    "it holds what mr.compare(a, b) computed; compare again (names=, mode=, labels=), or keep values of your own "
+    "beside it (report.as_dict() is a dict of them)"
+)
 @dataclass(frozen=True, repr=False, eq=False)
 class RoutingComparison:
     """What :func:`compare` returns. Fractions are of compared decisions or tokens.

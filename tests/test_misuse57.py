@@ -1,9 +1,11 @@
 """Misuse of the public API by a hurried user: a one-dimensional mask of the wrong length (or one weight) given to
 ``RouterScores.row_mask``; an attribute set on (or deleted from) the frozen values the library hands out
-(``LayerMap``, ``BatchLayout``, ``RouterSite``, ``Adapter``, ``RoutingComparison``). Each answer is the plain
-result, or a ``MoEReplayError`` that names what is wrong and what to do."""
+(``LayerMap``, ``BatchLayout``, ``RouterSite``, ``Adapter``, ``RoutingComparison``, a verify report's evidence).
+Each answer is the plain result, or a ``MoEReplayError`` that names what is wrong and what to do."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -66,3 +68,67 @@ def test_row_mask_refuses_weights_load_balancing_loss_refuses(bad: float) -> Non
     with pytest.raises(mr.InvalidArgumentError, match="finite and not negative"):
         mr.load_balancing_loss(kept.scores, kept.indices, mask=mask)
     session.detach()
+
+
+def _frozen_values() -> dict[str, tuple[object, str]]:
+    """One of each frozen value the public API hands out, with one of its fields."""
+    x = _ids()
+    model = _model()
+    session = mr.attach(model)
+    with session.capture():
+        model(x)
+    routes = session.routes()
+    report = session.verify(x)
+    evidence = report.evidence[session.names[0]]
+    values: dict[str, tuple[object, str]] = {
+        "LayerMap": (mr.LayerMap.from_session(session, num_layers=2), "num_layers"),
+        "RouterSite": (session.sites[0], "top_k"),
+        "Adapter": (mr.Adapter("mine", match=lambda name, module: False), "scope"),
+        "RoutingComparison": (mr.compare(routes, routes), "tokens"),
+        "BatchLayout": (mr.BatchLayout.padded([3, 4]), "row_length"),
+        "Evidence": (evidence, "top_k"),
+        "Call": (evidence.calls[0], "k"),
+    }
+    session.detach()
+    return values
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    "kind", ["LayerMap", "RouterSite", "Adapter", "RoutingComparison", "BatchLayout", "Evidence", "Call"]
+)
+def test_an_attribute_set_on_a_frozen_value_is_refused_with_a_library_error(kind: str) -> None:
+    """Once a bare ``dataclasses.FrozenInstanceError`` ("cannot assign to field 'num_layers'"), not a
+    ``MoEReplayError``, and saying nothing of what to do: ``layer_map.num_layers = 48``, ``site.top_k = 8``, a
+    misspelt attribute, ``del layout.row_length``. Each is refused with a ``MoEReplayError`` (still an
+    ``AttributeError``, so ``hasattr``/``getattr`` with a default behave as before) that names the class and the
+    attribute and says what gives one with other values; the value is left as it was."""
+    value, field = _frozen_values()[kind]
+    held = getattr(value, field)
+    for act in (
+        lambda: setattr(value, field, 1),
+        lambda: delattr(value, field),
+        lambda: setattr(value, "no_such_field", 1),
+    ):
+        with pytest.raises(mr.MoEReplayError, match=rf"{kind} is a frozen value, and '\w+' cannot be set") as info:
+            act()
+        assert isinstance(info.value, AttributeError)
+        assert getattr(value, field) is held
+    assert not hasattr(value, "no_such_field")
+    with pytest.raises(mr.MoEReplayError, match="no field 'no_such_field'"):
+        value.no_such_field = 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.reliability("bad inputs")
+def test_a_layer_map_rebuilt_with_another_field_is_checked_as_built() -> None:
+    """The refusal names ``dataclasses.replace(value, field=...)`` for a ``LayerMap``: that builds one with the
+    field changed, and checks it as the constructor does (a layer count that leaves a router out of range is
+    refused), so following the message never hands on a map the library would not build."""
+    layer_map = _frozen_values()["LayerMap"][0]
+    assert isinstance(layer_map, mr.LayerMap)
+    with pytest.raises(mr.MoEReplayError, match="dataclasses.replace"):
+        layer_map.num_layers = 3  # type: ignore[misc]
+    wider = dataclasses.replace(layer_map, num_layers=3)
+    assert wider.num_layers == 3 and wider.names == layer_map.names
+    with pytest.raises(mr.LayerMapError):
+        dataclasses.replace(layer_map, num_layers=1)

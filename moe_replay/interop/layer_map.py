@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import is_collection, is_integer, is_one_of, router_names
+from .._checks import frozen_value, is_collection, is_integer, is_one_of, router_names
 from ..errors import ArgumentTypeError, InvalidArgumentError, LayerMapError, UnknownRouterError
 from ..routes import _MAX_EXPERTS, Routes
 from ..session import Session
@@ -76,6 +76,7 @@ def _layer_pattern(pattern: Any) -> re.Pattern[str]:
 _MAX_LAYERS = 2**16
 
 
+@frozen_value()
 @dataclass(frozen=True)
 class LayerMap:
     """Explicit map between an engine's layer numbering and a model's router names.
