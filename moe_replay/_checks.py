@@ -199,6 +199,16 @@ def _set_own(obj: Any, name: str, value: Any) -> bool:
     return False
 
 
+def _del_own(obj: Any, name: str) -> bool:
+    """Delete attribute ``name`` of ``obj`` where :func:`_set_own` would set it: its own private state, or a method
+    wrapped on the instance (a spy or a mock taken off again); False, deleting nothing, where it is any other name
+    (a property, a misspelt one), which the caller refuses with what to do rather than a bare ``AttributeError``."""
+    if (name[:1] == "_" and name[:2] != "__") or (name in vars(obj) and _is_method(type(obj), name)):
+        object.__delattr__(obj, name)
+        return True
+    return False
+
+
 def _is_method(cls: type, name: str) -> bool:
     """Is ``name`` a method of ``cls`` (a function, classmethod or staticmethod it or a base defines), which an
     instance may wrap with one of its own, as a spy or a mock does?"""

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, SupportsIndex, cast
 import torch
 
 from ._arguments import _version  # (a tensor's version counter; None for an inference tensor)
-from ._checks import _set_own, check_dense, is_collection
+from ._checks import _del_own, _set_own, check_dense, is_collection
 from ._torch_compat import dynamo_compiling
 from .errors import (
     ArgumentTypeError,
@@ -443,6 +443,12 @@ class RouterScores:
         instance (a spy or a mock of it)."""
         if not _set_own(self, name, value):
             raise _ReadOnlyError(f"{name!r} cannot be set on RouterScores: {_scores_instead(name)}")
+
+    def __delattr__(self, name: str) -> None:
+        """An attribute deleted from kept scores is refused as one set on them is (a method wrapped on the instance
+        may be taken off again)."""
+        if not _del_own(self, name):
+            raise _ReadOnlyError(f"{name!r} cannot be deleted from RouterScores: {_scores_instead(name)}")
 
     def __copy__(self) -> RouterScores:
         # (a shallow copy shares the scores, their graph too: only a deep copy or a pickle cuts them from it)

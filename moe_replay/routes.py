@@ -29,6 +29,7 @@ import torch
 from numpy.lib import format as npformat
 
 from ._checks import (
+    _del_own,
     _set_own,
     as_tensor,
     check_count,
@@ -1384,6 +1385,12 @@ class Routes:
         the instance (a spy or a mock of it)."""
         if not _set_own(self, name, value):
             raise _ReadOnlyError(f"Routes are values, and {name!r} cannot be set on them: {_instead(name)}")
+
+    def __delattr__(self, name: str) -> None:
+        """Routes are values: an attribute deleted from them is refused as one set on them is (a method wrapped on the
+        instance may be taken off again)."""
+        if not _del_own(self, name):
+            raise _ReadOnlyError(f"Routes are values, and {name!r} cannot be deleted from them: {_instead(name)}")
 
     def __repr__(self) -> str:
         t = set(self.tokens_per_layer)

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from . import _lean, _torch_compat
-from ._checks import _set_own, check_flag, is_integer
+from ._checks import _del_own, _set_own, check_flag, is_integer
 from ._code_settings import assigned_on_others
 from ._feeds import (
     FeedCheck,
@@ -815,6 +815,12 @@ class Session:
         name, ``session.strict = False``). A method may be wrapped on the instance (a spy or a mock of it)."""
         if not _set_own(self, name, value):
             raise _ReadOnlyError(f"{name!r} cannot be set on a Session: {_session_instead(name)}")
+
+    def __delattr__(self, name: str) -> None:
+        """An attribute deleted from a session is refused as one set on it is (a method wrapped on the instance may be
+        taken off again)."""
+        if not _del_own(self, name):
+            raise _ReadOnlyError(f"{name!r} cannot be deleted from a Session: {_session_instead(name)}")
 
     @property
     def capacity(self) -> int:

@@ -132,3 +132,35 @@ def test_a_layer_map_rebuilt_with_another_field_is_checked_as_built() -> None:
     assert wider.num_layers == 3 and wider.names == layer_map.names
     with pytest.raises(mr.LayerMapError):
         dataclasses.replace(layer_map, num_layers=1)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_an_attribute_deleted_from_routes_a_session_or_kept_scores_is_refused_as_one_set() -> None:
+    """``routes.names = ...`` was refused with a ``MoEReplayError`` that says what to do, but ``del routes.names``,
+    ``del session.capacity`` and ``del kept.scores`` raised Python's bare "property has no deleter"
+    ``AttributeError``. Deleting is refused as setting is (a ``MoEReplayError``, still an ``AttributeError``), and a
+    method wrapped on the instance (``mock.patch.object``) is still taken off again as the patch ends."""
+    from unittest import mock
+
+    x = _ids()
+    model = _model()
+    session = mr.attach(model)
+    with session.keep_scores() as kept, session.capture():
+        model(x)
+    routes = session.routes()
+    for value, name, match in (
+        (routes, "names", "cannot be deleted from them: routes.rename"),
+        (session, "capacity", "cannot be deleted from a Session: session.reserve"),
+        (kept, "scores", "cannot be deleted from RouterScores"),
+    ):
+        held = getattr(value, name)
+        with pytest.raises(mr.MoEReplayError, match=match) as info:
+            delattr(value, name)
+        assert isinstance(info.value, AttributeError)
+        after = getattr(value, name)
+        assert after == held if isinstance(held, int) else len(after) == len(held)
+    with mock.patch.object(session, "routes", wraps=session.routes) as spy:
+        assert session.routes().equal(routes)
+    assert spy.call_count == 1 and "routes" not in vars(session)
+    assert session.routes().equal(routes)
+    session.detach()
