@@ -2029,7 +2029,13 @@ class Session:
                 f"the last capture was interrupted by {self._interrupted}; a forward may have stopped half-way, "
                 f"so the routers' rows may not line up (rows per router: {counts}"
                 + (", ..." if len(written) > 4 else "")
-                + "). Capture again, or call routes(allow_partial=True) to read the rows written before the exception"
+                + (
+                    "). Capture again"
+                    if self._attached
+                    else "). This session was detached since: attach the model again, mr.attach(model), and capture "
+                    "again"
+                )
+                + ", or call routes(allow_partial=True) to read the rows written before the exception"
             )
         allow_silent = allow_silent or allow_partial
         if not any(written) and not any(h.calls for h in self._hooks) and not allow_silent:

@@ -164,3 +164,26 @@ def test_an_attribute_deleted_from_routes_a_session_or_kept_scores_is_refused_as
     assert spy.call_count == 1 and "routes" not in vars(session)
     assert session.routes().equal(routes)
     session.detach()
+
+
+@pytest.mark.reliability("bad inputs")
+def test_routes_of_an_interrupted_capture_read_after_detach_say_to_attach_again() -> None:
+    """Once a message that said what cannot be done: ``routes()`` of a capture an exception interrupted, read after
+    ``detach()``, said "Capture again", which a detached session refuses. It says the session was detached and to
+    attach the model again; ``allow_partial=True`` still reads the rows, and on a session still attached the
+    message says to capture again."""
+    x = _ids()
+    for detach in (True, False):
+        model = _model()
+        session = mr.attach(model)
+        with pytest.raises(KeyError), session.capture():
+            model(x)
+            raise KeyError("the caller's own error")
+        if detach:
+            session.detach()
+        want = "detached since: attach the model again" if detach else r"\)\. Capture again, or call"
+        with pytest.raises(mr.SessionStateError, match=want):
+            session.routes()
+        assert session.routes(allow_partial=True).num_tokens == x.numel()
+        if not detach:
+            session.detach()
