@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError, _ReadOnlyError
+from .errors import ArgumentTypeError, InvalidArgumentError, MoEReplayError, _FrozenError
 
 _T = TypeVar("_T")
 
@@ -239,21 +239,21 @@ def frozen_value(instead: str | None = None) -> Callable[[_T], _T]:
     return make
 
 
-def _frozen_refusal(cls: type, name: str, instead: str | None) -> _ReadOnlyError:
+def _frozen_refusal(cls: type, name: str, instead: str | None) -> _FrozenError:
     """The error for setting or deleting attribute ``name`` of a :func:`frozen_value` instance of ``cls``."""
     fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     what = f"{cls.__name__} is a frozen value, and {name!r} cannot be set on it or deleted from it: "
     if name in fields or isinstance(getattr(cls, name, None), property):
         if instead is not None:
-            return _ReadOnlyError(what + instead)
+            return _FrozenError(what + instead)
         if name in fields:
-            return _ReadOnlyError(
+            return _FrozenError(
                 f"{what}build one with another {name}, dataclasses.replace(value, {name}=...) (checked as the "
                 "constructor checks it), and use that"
             )
-        return _ReadOnlyError(f"{what}it is read from its fields ({', '.join(fields)})")
+        return _FrozenError(f"{what}it is read from its fields ({', '.join(fields)})")
     public = [n for n in fields if not n.startswith("_")]
-    return _ReadOnlyError(
+    return _FrozenError(
         f"{what}{cls.__name__} has no field {name!r} (a misspelt one? its fields: {', '.join(public)}); keep your own "
         "data beside it (a dict or a dataclass holding it)"
     )

@@ -7,6 +7,7 @@ Every error names what is wrong and what to do about it. All of them derive from
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from typing import Any
 
@@ -111,6 +112,11 @@ class MissingDependencyError(MoEReplayError, ImportError):
 class _ReadOnlyError(MoEReplayError, AttributeError):
     """An attribute set on a value that holds none of its own (:class:`~moe_replay.Routes`); also an
     ``AttributeError``, as Python raises for a property that has no setter."""
+
+
+class _FrozenError(_ReadOnlyError, dataclasses.FrozenInstanceError):
+    """An attribute set on or deleted from a frozen value the API hands out (:class:`~moe_replay.BatchLayout`...);
+    also the ``dataclasses.FrozenInstanceError`` the dataclass itself raises, so code that catches that still does."""
 
 
 class _ScriptError(UnsupportedRouterError, AttributeError):

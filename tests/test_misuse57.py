@@ -101,7 +101,8 @@ def test_an_attribute_set_on_a_frozen_value_is_refused_with_a_library_error(kind
     """Once a bare ``dataclasses.FrozenInstanceError`` ("cannot assign to field 'num_layers'"), not a
     ``MoEReplayError``, and saying nothing of what to do: ``layer_map.num_layers = 48``, ``site.top_k = 8``, a
     misspelt attribute, ``del layout.row_length``. Each is refused with a ``MoEReplayError`` (still an
-    ``AttributeError``, so ``hasattr``/``getattr`` with a default behave as before) that names the class and the
+    ``AttributeError`` and a ``dataclasses.FrozenInstanceError``, so ``hasattr``/``getattr`` with a default and code
+    that catches the dataclass's own error behave as before) that names the class and the
     attribute and says what gives one with other values; the value is left as it was."""
     value, field = _frozen_values()[kind]
     held = getattr(value, field)
@@ -113,6 +114,7 @@ def test_an_attribute_set_on_a_frozen_value_is_refused_with_a_library_error(kind
         with pytest.raises(mr.MoEReplayError, match=rf"{kind} is a frozen value, and '\w+' cannot be set") as info:
             act()
         assert isinstance(info.value, AttributeError)
+        assert isinstance(info.value, dataclasses.FrozenInstanceError)  # (code that catches the dataclass's still does)
         assert getattr(value, field) is held
     assert not hasattr(value, "no_such_field")
     with pytest.raises(mr.MoEReplayError, match="no field 'no_such_field'"):
