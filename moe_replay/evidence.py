@@ -5742,7 +5742,7 @@ def _vary(
     ``others``: the inputs to run instead of the usual ones (:func:`_other_inputs`)."""
     checked = 0
     own = args is probe.args and kwargs is probe.kwargs
-    usual = itertools.chain(probe.others if own else (), _other_inputs(args, kwargs))
+    usual = itertools.chain(probe.others if own else (), _other_inputs(args, kwargs), _beside_inputs(args, kwargs))
     for inputs in usual if others is None else others:
         try:
             fresh, again = probe.run(force=force, inputs=inputs)
@@ -6448,6 +6448,49 @@ def _other_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tup
     for other in others:
         new_args, new_kwargs = _replaced((args, kwargs), found[0], other)
         yield new_args, new_kwargs
+
+
+def _beside_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The inputs with each floating tensor of one or more dimensions and values but the hidden states (the first of
+    two or more dimensions, which :func:`_other_inputs` replaces) replaced in turn: its rows (a vector's values)
+    rolled by one, then, where its values and their spread are finite (no mask of -inf, nor one of the dtype's least
+    value), random values four times its spread. A choice made from such a tensor (a number of experts per token from
+    a threshold on a second input, or on a weight per token) is varied so, not only one made from the hidden
+    states."""
+    first = _first_floating((args, kwargs))
+    seen = {id(first[1])} if first is not None else set()
+    for path, x in _floating_paths((args, kwargs), []):
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        rows = x.detach().reshape(-1, x.shape[-1] if x.dim() > 1 else 1)
+        others: list[torch.Tensor] = []
+        if rows.shape[0] > 1:
+            others.append(rows.roll(1, 0).reshape(x.shape))
+        ref = x.detach().float()
+        spread, mean = ref.std(unbiased=False) * 4, ref.mean()
+        if bool(torch.isfinite(ref).all() and torch.isfinite(spread) and torch.isfinite(mean)):
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(len(_OTHER_INPUTS)))
+            others.append((noise.to(x.device) * spread + mean).to(x.dtype))
+        for other in others:
+            yield _replaced((args, kwargs), path, other)
+
+
+def _floating_paths(
+    obj: Any, out: list[tuple[tuple[Any, ...], torch.Tensor]], path: tuple[Any, ...] = (), depth: int = 0
+) -> list[tuple[tuple[Any, ...], torch.Tensor]]:
+    """``(path, tensor)`` of each floating tensor of one or more dimensions and values in nested tuples, lists, dicts,
+    as deep as :func:`_first_floating` reads them."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.dim() >= 1 and obj.numel() > 1:
+            out.append((path, obj))
+        return out
+    if depth > 4:
+        return out
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
+    for key, value in items:
+        _floating_paths(value, out, (*path, key), depth + 1)
+    return out
 
 
 def _padded_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
