@@ -152,10 +152,12 @@ def _router_of(t: torch.Tensor) -> str | None:
 
 
 #: tensors that stack several routers' rows along one dimension, handed out by ``Routes.indices`` (``[T, L, k]``),
-#: by the address of their storage (held weakly), with their routers, that dimension and their version counter then:
-#: a slice of one router's rows out of them (``unbind(1)``, ``indices[:, j]``) shares that storage and names its
-#: router by where it starts, while no write has moved the counter (see :func:`_router_in_stack`)
-_STACKS: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...], int, int]] = {}
+#: by the address of their storage (held weakly), with their routers, that dimension, their version counter and a
+#: copy of their values then: a slice of one router's rows out of them (``unbind(1)``, ``indices[:, j]``) shares that
+#: storage and names its router by where it starts, while no write has moved the counter and its rows are still that
+#: router's (a write that moves no counter, through ``.data`` or numpy, is seen by its values; see
+#: :func:`_router_in_stack`)
+_STACKS: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...], int, int, torch.Tensor]] = {}
 
 
 def note_stack(t: torch.Tensor, names: Sequence[str], dim: int) -> torch.Tensor:
@@ -170,7 +172,7 @@ def note_stack(t: torch.Tensor, names: Sequence[str], dim: int) -> torch.Tensor:
         if held is not None and held[0]() is None:
             del _STACKS[key]
 
-    _STACKS[key] = (weakref.ref(t, forget), tuple(names), dim, version)
+    _STACKS[key] = (weakref.ref(t, forget), tuple(names), dim, version, t.detach().clone())
     return t
 
 
@@ -190,7 +192,9 @@ def _router_in_stack(t: torch.Tensor) -> str | None:
     is still alive: it shares the stack's storage, has its shape and strides without the stacked dimension, and
     starts at one of that dimension's indices. None otherwise: a copy names nothing, nor does a slice of a stack
     written in place since it was handed out (by the caller, or through any slice of it: routers reordered with
-    ``ind.copy_(ind.flip(1))``, one slot refilled with another's rows), whose slots may hold other routers' rows."""
+    ``ind.copy_(ind.flip(1))``, one slot refilled with another's rows), whose slots may hold other routers' rows;
+    a write no version counter sees (through ``.data``, or numpy's view of it) is told by the slice's values, which
+    must be the rows its router's slot held when the stack was handed out."""
     key = _storage_address(t)
     held = _STACKS.get(key) if key is not None else None
     stack = held[0]() if held is not None else None
@@ -203,7 +207,9 @@ def _router_in_stack(t: torch.Tensor) -> str | None:
     if t.dtype != stack.dtype or list(t.shape) != shape or list(t.stride()) != strides or step <= 0:
         return None
     at, off = divmod(int(t.storage_offset()) - int(stack.storage_offset()), int(step))
-    return names[at] if off == 0 and 0 <= at < len(names) else None
+    if off != 0 or not 0 <= at < len(names) or not torch.equal(t, held[4].select(dim, at)):
+        return None
+    return names[at]
 
 
 #: the key under which :func:`note_router` marks the autograd node that made a router's noted tensor

@@ -1,5 +1,7 @@
 """Round 61's review: choices a router makes from a floating input of its own beside the hidden states (a second
-tensor argument), before or after its decision, which a replay would make again from current values."""
+tensor argument), before or after its decision, which a replay would make again from current values; and a
+``Routes.indices`` written in place by a write no version counter sees (``.data``, numpy), its slices paired with
+routers by their old slots."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from torch import nn
 
 import moe_replay as mr
 
+from .test_gaps56 import _kept_loss_case
 from .test_harden50 import _as_it_was, _hooks, _state
+from .test_losses import by_hand
 
 _D, _E, _K, _T = 8, 4, 2, 6
 
@@ -113,3 +117,40 @@ def test_a_second_floating_input_the_router_only_weighs_by_is_accepted() -> None
         recorded = session.routes().layer("router")
     want = torch.topk(model.router.gate(x), _K, dim=-1).indices
     assert torch.equal(recorded.reshape(want.shape).long(), want)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("through", [".data", "numpy", "copy_"])
+def test_rows_of_a_routes_indices_stack_written_past_its_version_counter_are_not_paired_by_their_old_slots(
+    through: str,
+) -> None:
+    """``routes.indices`` reordered in place after it was handed out (its routers flipped to the probabilities'
+    order) through ``.data`` or numpy's view of it, which move no version counter: its slices were still named by
+    the router each slot held, and paired with another router's probabilities, a wrong loss without a word. They
+    are counted with the probabilities they are given beside (or refused), as after ``copy_``, which moves it."""
+    routes, kept, _ = _kept_loss_case(3)
+    names = list(kept.names)
+    ind = routes.indices
+    flipped = ind.flip(1).clone()
+    if through == ".data":
+        ind.data.copy_(flipped)
+    elif through == "numpy":
+        ind.numpy()[:] = flipped.numpy()
+    else:
+        ind.copy_(flipped)
+    assert torch.equal(ind, flipped)
+    want = sum(by_hand(kept[n][0], kept[n][1]) for n in names) / len(names)
+    try:
+        got = mr.load_balancing_loss(list(kept.scores)[::-1], list(ind.unbind(1))).item()
+    except mr.MoEReplayError:
+        return
+    assert got == pytest.approx(want, abs=1e-5), "rows paired with another router's probabilities"
+
+
+@pytest.mark.reliability("false refusals")
+def test_slices_of_an_unwritten_routes_indices_stack_still_name_their_routers() -> None:
+    """The check by values names each slice of a stack left as it was handed out: in the reversed order of the
+    probabilities, they are paired by name to each router's own loss."""
+    routes, kept, want = _kept_loss_case(3)
+    rows = list(routes.indices.unbind(1))
+    assert mr.load_balancing_loss(list(kept.scores)[::-1], rows).item() == pytest.approx(want, abs=1e-5)
