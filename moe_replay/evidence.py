@@ -5737,19 +5737,24 @@ def _vary(
     others: Iterable[tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
 ) -> tuple[int, str | None]:
     """Run the held decision on other inputs than ``args``/``kwargs``, the later choices (``early``: the
-    earlier ones) made afresh and held at ``first``'s: how many inputs ran, and what changed structure
-    (None: nothing). Later choices are also read in the hidden states a scope returns (:func:`_hidden_moved`).
+    earlier ones) made afresh and held at ``first``'s: how many inputs ran (of those varying the hidden states: the
+    inputs beside them, varied after, count for none), and what changed structure (None: nothing). Later choices
+    are also read in the hidden states a scope returns (:func:`_hidden_moved`).
     ``others``: the inputs to run instead of the usual ones (:func:`_other_inputs`)."""
     checked = 0
     own = args is probe.args and kwargs is probe.kwargs
-    usual = itertools.chain(probe.others if own else (), _other_inputs(args, kwargs), _beside_inputs(args, kwargs))
-    for inputs in usual if others is None else others:
+    usual = itertools.chain(probe.others if own else (), _other_inputs(args, kwargs))
+    # (the inputs beside the hidden states varied too, counted as no check: a forward that runs on them alone has
+    # varied nothing its hidden states choose from)
+    tried = ((i, True) for i in (usual if others is None else others))
+    beside = ((i, False) for i in (_beside_inputs(args, kwargs) if others is None else ()))
+    for inputs, counts in itertools.chain(tried, beside):
         try:
             fresh, again = probe.run(force=force, inputs=inputs)
         except Exception as e:  # (a forward that fails on other inputs tells nothing either way)
             _only_forwards(e)
             continue
-        checked += 1
+        checked += counts
         if _same(again.early, first.early) if early else _same_choices(again.choices, first.choices, ev.top_k):
             continue  # the choices come out as on the real inputs: holding them changes nothing
         try:

@@ -120,6 +120,30 @@ def test_a_second_floating_input_the_router_only_weighs_by_is_accepted() -> None
 
 
 @pytest.mark.reliability("silent replays")
+def test_an_earlier_choice_that_only_a_second_input_could_vary_is_still_refused_as_unchecked() -> None:
+    """A forward that fails on every hidden state but its own, with a second floating input it chooses nothing from:
+    the runs that vary that input alone must not count as having checked the choice made from the hidden states
+    (else it is accepted unchecked, as before choices were refused so). Refused as unchecked, the model as it was."""
+
+    class _Restricted(_TwoInputRouter):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if not torch.equal(x, own):
+                raise ValueError("this router runs on its own batch only")
+            return super().forward(x, y)
+
+    torch.manual_seed(0)
+    own, y = torch.randn(_T, _D), torch.randn(_T, _D)
+    model = _Model("before", "x")
+    model.router = _Restricted("before", "x")
+    state, hooks = _state(model), _hooks(model)
+    with pytest.raises(mr.UnsupportedRouterError) as info:
+        _captured(model, own, y)
+    message = str(info.value)
+    assert "router 'router'" in message and "could not be checked" in message, message
+    _as_it_was(model, state, hooks)
+
+
+@pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize("through", [".data", "numpy", "copy_"])
 def test_rows_of_a_routes_indices_stack_written_past_its_version_counter_are_not_paired_by_their_old_slots(
     through: str,
