@@ -152,19 +152,20 @@ def _router_of(t: torch.Tensor) -> str | None:
 
 
 #: tensors that stack several routers' rows along one dimension, handed out by ``Routes.indices`` (``[T, L, k]``),
-#: by the address of their storage (held weakly), with their routers, that dimension, their version counter and a
-#: copy of their values then: a slice of one router's rows out of them (``unbind(1)``, ``indices[:, j]``) shares that
-#: storage and names its router by where it starts, while no write has moved the counter and its rows are still that
-#: router's (a write that moves no counter, through ``.data`` or numpy, is seen by its values; see
+#: by the address of their storage (held weakly), with their routers, that dimension, their version counter and the
+#: rows each router's slot was made from: a slice of one router's rows out of them (``unbind(1)``, ``indices[:, j]``)
+#: shares that storage and names its router by where it starts, while no write has moved the counter and its rows are
+#: still that router's (a write that moves no counter, through ``.data`` or numpy, is seen by its values; see
 #: :func:`_router_in_stack`)
-_STACKS: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...], int, int, torch.Tensor]] = {}
+_STACKS: dict[int, tuple[weakref.ref[torch.Tensor], tuple[str, ...], int, int, tuple[torch.Tensor, ...]]] = {}
 
 
-def note_stack(t: torch.Tensor, names: Sequence[str], dim: int) -> torch.Tensor:
-    """Note ``t`` as holding the rows of the routers ``names`` along its dimension ``dim``, one router at each index
-    (see :func:`load_balancing_loss`); returns ``t``."""
+def note_stack(t: torch.Tensor, names: Sequence[str], dim: int, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Note ``t`` as holding the rows of the routers ``names`` along its dimension ``dim``, one router at each index,
+    made from ``rows`` (each router's, in any integer dtype, held as they are: the routes' own, no copy; see
+    :func:`load_balancing_loss`); returns ``t``."""
     key, version = _storage_address(t), _version(t)
-    if key is None or version is None or int(t.shape[dim]) != len(names):
+    if key is None or version is None or int(t.shape[dim]) != len(names) or len(rows) != len(names):
         return t
 
     def forget(_: object, key: int = key) -> None:
@@ -172,7 +173,7 @@ def note_stack(t: torch.Tensor, names: Sequence[str], dim: int) -> torch.Tensor:
         if held is not None and held[0]() is None:
             del _STACKS[key]
 
-    _STACKS[key] = (weakref.ref(t, forget), tuple(names), dim, version, t.detach().clone())
+    _STACKS[key] = (weakref.ref(t, forget), tuple(names), dim, version, tuple(rows))
     return t
 
 
@@ -207,7 +208,7 @@ def _router_in_stack(t: torch.Tensor) -> str | None:
     if t.dtype != stack.dtype or list(t.shape) != shape or list(t.stride()) != strides or step <= 0:
         return None
     at, off = divmod(int(t.storage_offset()) - int(stack.storage_offset()), int(step))
-    if off != 0 or not 0 <= at < len(names) or not torch.equal(t, held[4].select(dim, at)):
+    if off != 0 or not 0 <= at < len(names) or not torch.equal(t, held[4][at].to(t.dtype)):
         return None
     return names[at]
 

@@ -637,7 +637,7 @@ class Routes:
         self.num_tokens, self.top_k  # noqa: B018 - raise early with a clear message
         if not self._data:
             return torch.empty(0, 0, 0, dtype=torch.long)
-        return note_stack(torch.stack([d.long() for d in self._data], dim=1), self._names, 1)
+        return note_stack(torch.stack([d.long() for d in self._data], dim=1), self._names, 1, self._data)
 
     def in_token_order(self) -> Routes:
         """These routes with their rows in the order of their tokens, sequence by sequence.
