@@ -78,6 +78,8 @@ _RANKS = {f: 2 if "topk" in getattr(f, "__name__", "") else 1 for f in _funcs("t
 _SPLIT = _funcs(_NAMES_SPLIT)
 _UNBIND = _funcs(["unbind"])
 _KTHVALUE = _funcs(["kthvalue"])
+#: ``max``/``min`` as imported (inside a forward ``torch.max`` may be a lean wrapper, see moe_replay._lean)
+_EXTREMES = (torch.max, torch.Tensor.max, torch.min, torch.Tensor.min)
 _SELF = _funcs(_NAMES_SELF)
 _MATMUL = frozenset(
     (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm)
@@ -193,9 +195,7 @@ class Axes:
                 self._cat(func, x, args, kwargs, out)
             return
         lab = self.labels(x)
-        if func in (torch.max, torch.Tensor.max, torch.min, torch.Tensor.min) and isinstance(
-            _at(args, kwargs, 1, "other", "dim"), torch.Tensor
-        ):
+        if func in _EXTREMES and isinstance(_at(args, kwargs, 1, "other", "dim"), torch.Tensor):
             if isinstance(out, torch.Tensor):
                 self._set(out, self._broadcast(out, args))
             return

@@ -187,6 +187,9 @@ class _Nesting(threading.local):
 NESTING = _Nesting()
 
 _MASKS = frozenset({torch.masked_fill, torch.Tensor.masked_fill, torch.where, torch.Tensor.where})
+#: ``masked_fill`` as imported: torch's own function, read once (inside a forward ``torch.masked_fill`` may be a lean
+#: wrapper, see moe_replay._lean, and the mode is handed torch's own)
+_MASKED_FILLS = (torch.masked_fill, torch.Tensor.masked_fill)
 #: Families whose result carries values beside the indices.
 _VALUED = frozenset({"topk", "max", "min", "sort", "kthvalue"})
 #: Maxima by value alone: natively the value of the best expert, where taken along the experts (see _ProbeMode.peaks);
@@ -1754,7 +1757,7 @@ def _mask_source(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: 
     arguments, the one of the output's shape that is not a fill (constant along the last dimension)."""
     if out.dim() == 0:
         return None
-    if func in (torch.masked_fill, torch.Tensor.masked_fill):
+    if func in _MASKED_FILLS:
         x = _arg(args, kwargs, 0, "input")
         return x if isinstance(x, torch.Tensor) and x.shape == out.shape else None
     a = (args[0] if args else None) if func is torch.Tensor.where else _arg(args, kwargs, 1, "input")
