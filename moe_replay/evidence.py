@@ -6464,13 +6464,16 @@ def _beside_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tu
     rolled by one, then, where its values and their spread are finite (no mask of -inf, nor one of the dtype's least
     value), random values four times its spread. A choice made from such a tensor (a number of experts per token from
     a threshold on a second input, or on a weight per token) is varied so, not only one made from the hidden
-    states."""
+    states. A tensor of zeros and ones is a mask the caller hands in (DeepSpeed's ``used_token``, padding routed
+    nowhere): data the same forward is given again at its replay, as its token ids are, not varied."""
     first = _first_floating((args, kwargs))
     seen = {id(first[1])} if first is not None else set()
     for path, x in _floating_paths((args, kwargs), []):
         if id(x) in seen:
             continue
         seen.add(id(x))
+        if bool(((x == 0) | (x == 1)).all()):  # (a mask: see above)
+            continue
         rows = x.detach().reshape(-1, x.shape[-1] if x.dim() > 1 else 1)
         others: list[torch.Tensor] = []
         if rows.shape[0] > 1:
