@@ -3423,7 +3423,13 @@ class OrderCheck(FeedCheck):
             self._place_calls(start, count)
         if not self._kept and order == MIXED:
             _refuse_mixed(order, shape, self.forwards, self.hint)
-        if not self._kept and order == SEQUENCE_FIRST and shape is not None and min(int(shape[0]), int(shape[1])) > 1:
+        if (
+            not self._kept
+            and order == SEQUENCE_FIRST
+            and shape is not None
+            and min(int(shape[0]), int(shape[1])) > 1
+            and not self._ranked(count)
+        ):
             raise TokenMismatchError(
                 f"forward {self.forwards} of this replay() feeds a [{int(shape[0])}, {int(shape[1])}] batch whose "
                 "routers see its tokens sequence-first (position 0 of every sequence, then position 1...), but its "
@@ -3442,8 +3448,11 @@ class OrderCheck(FeedCheck):
             # [1, tokens] forward's is not told)
             shape = _flat_shape(_inputs(args, kwargs)[1] if inputs is None else inputs[1], kwargs)
             order = BATCH_MAJOR if shape is not None else order
-        if self._places is not None and start is not None and order == BATCH_MAJOR and shape is not None:
-            self._check_places(start, count, shape, kwargs, args)
+        if self._places is not None and start is not None and shape is not None:
+            if order == BATCH_MAJOR:
+                self._check_places(start, count, shape, kwargs, args)
+            elif order == SEQUENCE_FIRST:
+                self._check_places_sequence_first(start, count, shape, kwargs, args)
         return True
 
     def _place_calls(self, start: int | None, count: int) -> None:
@@ -3565,6 +3574,38 @@ class OrderCheck(FeedCheck):
             held = [None if t is None else t.detach().clone() for t in (mask, pos)]
             self._places_later.append((self.forwards, start, grid, held[0], held[1], whole, counts))
 
+    def _check_places_sequence_first(
+        self, start: int, count: int, shape: torch.Size, kwargs: dict[str, Any], args: tuple[Any, ...]
+    ) -> None:
+        """The rows a forward whose routers see its ``shape`` ids sequence-first reads from ``start`` on (in the
+        routers' order: each column of the ids in turn), against the ``position_ids`` it is fed, of the ids' shape:
+        each token's position must be its row's place, where they tell it by value (a capture's rows, whose places are
+        those its positions gave them; or rows fed no attention mask and no KV cache). Which dimension of such ids holds
+        a sequence is not known (a model that transposes its ``[batch, positions]`` ids, or one fed ``[positions,
+        batch]`` ids, as ``nn.Transformer`` is), so only values are compared, token by token: another rank's slice fed
+        its positions, a suffix fed without its prefix, are refused; positions of another form, a mask's padding or
+        the tokens a cache holds are left to the ids (see :meth:`_check_places` for batch-major forwards)."""
+        batch, positions = int(shape[0]), int(shape[1])
+        places = cast(torch.Tensor, self._places)[start : start + count]
+        if count != batch * positions or places.numel() != count or not bool((places >= 0).any()):
+            return
+        pos = kwargs.get("position_ids")
+        if not isinstance(pos, torch.Tensor) or tuple(pos.shape) != (batch, positions):
+            return
+        if _positions_form(pos, batch, positions) != "rows":
+            return
+        plain = kwargs.get("attention_mask") is None and _cache_held(kwargs) == 0 and _batch_alone(args, kwargs, shape)
+        if not (self.captured or plain):
+            return
+        under = next((k for k, v in kwargs.items() if v is pos and k != "position_ids"), None)
+        if under is not None:
+            self._positions_under[self.forwards] = under
+        grid = places.view(positions, batch).t()  # (each token's place, as its ids are laid out)
+        if pos.device.type == "cpu":
+            self._refuse_places(self.forwards, start, grid, None, pos, True)
+        elif self.device_ids:
+            self._places_later.append((self.forwards, start, grid, None, pos.detach().clone(), True, ()))
+
     def _at_recorded(self, start: int, count: int, text: torch.Tensor) -> bool:
         """Whether the rows a forward reads from ``start`` on (``count`` of them) are fed at the places a capture
         recorded them at (:attr:`recorded`), where it recorded any: its text positions ``text`` (``[1 or batch,
@@ -3653,7 +3694,7 @@ class OrderCheck(FeedCheck):
         for wrong, what in checks:
             at = wrong.nonzero()
             if at.numel():
-                self._places_refused(forward, start, wrong, at, what)
+                self._places_refused(forward, start, wrong, at, what, grid.stride())
 
     def _refuse_run_on(self, forward: int, start: int, grid: torch.Tensor) -> None:
         """Refuse forward ``forward`` where a sequence of the layout runs on from the end of one batch row into the
@@ -3713,9 +3754,19 @@ class OrderCheck(FeedCheck):
             "routes before the layout) so that every row is checked" + (f". {self.hint}" if self.hint else "")
         )
 
-    def _places_refused(self, forward: int, start: int, wrong: torch.Tensor, at: torch.Tensor, what: str) -> None:
-        """The error of :meth:`_refuse_places`: ``wrong`` marks the positions that do not fit (``at``, theirs)."""
+    def _places_refused(
+        self,
+        forward: int,
+        start: int,
+        wrong: torch.Tensor,
+        at: torch.Tensor,
+        what: str,
+        strides: tuple[int, ...] | None = None,
+    ) -> None:
+        """The error of :meth:`_refuse_places`: ``wrong`` marks the positions that do not fit (``at``, theirs);
+        ``strides``: those of the places' grid over the routes' rows (batch-major where not given)."""
         row, col = int(at[0, 0]), int(at[0, 1])
+        step = (int(wrong.shape[1]), 1) if strides is None else (int(strides[0]), int(strides[1]))
         shown = {
             "mask": "its attention mask marks padding where the routes hold a token of a sequence",
             "padding": "its attention mask marks a token where the routes hold the layout's padding (a sequence "
@@ -3751,7 +3802,7 @@ class OrderCheck(FeedCheck):
                 "tokens' ids, routes.with_token_ids(ids), whose rows are then checked by id)"
             )
         where = (
-            f"(first at batch position [{row}, {col}], row {start + row * int(wrong.shape[1]) + col} of the routes; "
+            f"(first at batch position [{row}, {col}], row {start + row * step[0] + col * step[1]} of the routes; "
             f"{int(wrong.sum())} such position(s)), so its tokens would take the experts of other tokens."
         )
         if self.captured:  # (a capture's rows, their ids dropped: each keeps the place it was recorded at)
@@ -3793,6 +3844,16 @@ class OrderCheck(FeedCheck):
         self._calls_at_end()
         if self.each_router is not None:
             self.each_router.finish()
+
+    def _ranked(self, count: int) -> bool:
+        """Do the ``count`` rows a forward reads next each know their place in their tokens' order (a capture's rows
+        cut through or picked, ``Routes._token_rank``), where the host counts the rows read? Their order is then
+        checked against the forward's by :meth:`_check_rank`, and rows read sequence-first need no refusing."""
+        at = self.position()
+        if self._rank is None or at is None:
+            return False
+        rank = self._rank[at : at + count]
+        return rank.numel() == count and bool((rank >= 0).all())
 
     def _check_rank(self, count: int, shape: torch.Size | None, order: str) -> None:
         """The rows a ``[batch, positions]`` forward fed ``count`` tokens in ``order`` reads, by their place in their
@@ -5371,6 +5432,12 @@ def token_order(
         return rolled(_mixed(notes, BATCH_MAJOR, batch * positions, lambda j: j < positions))
     if at * batch in moved and all(q % batch == 0 for q in moved) and top_first in (None, at * batch):
         return rolled(_mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j % batch == 0))
+    # (a forward fed its tokens sequence-first, [positions, batch] read as [batch, positions]: its routers see every
+    # sequence in turn, as position 0 of each read sequence, then position 1..., and its sequences run along the read
+    # batch, so the changed token's own row and only rows of its true sequence, the read position's, change)
+    column = range(at * batch, (at + 1) * batch)
+    if at * batch in moved and all(q in column for q in moved) and top_first in (None, at * batch):
+        return rolled(_mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j in column))
     if top is not None and top not in (at, at * batch) and top_first not in (at, at * batch):
         return MIXED
     return OTHER_ORDER  # (rows of other tokens moved too, as a statistic over the batch moves them: read as before)

@@ -254,21 +254,7 @@ class _SequenceFirst(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize(
-    "batch",
-    [
-        1,
-        pytest.param(
-            2,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a [positions, batch] forward of two sequences or more, whose routers see them batch-major, "
-                "has its rows read in the routers' order and its places not compared: another rank's slice fed its "
-                "positions is forced",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("batch", [1, 2])
 def test_a_sequence_first_forward_of_another_ranks_slice_fed_its_positions_is_refused(batch: int) -> None:
     """A model that takes ``[positions, batch]`` ids (one sequence per sequence-parallel rank) and their
     ``position_ids``: the capture of the 12-token sequence records each row's place (0..11), and rank 0's rows fed

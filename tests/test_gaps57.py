@@ -1,0 +1,125 @@
+"""Known gaps closed in round 57, and the cases beside each that must stay as they were.
+
+Forwards whose routers see their tokens sequence-first: a model fed ``[positions, batch]`` ids (as ``nn.Transformer``
+takes them) whose layers run batch-major, and a model fed ``[batch, positions]`` ids whose layers run sequence-first
+(fairseq's, Megatron's). A capture of either records each row's token and place in the order its routers saw them,
+and rows whose ids were dropped are forced only where the positions fed are their places. The oracle is the test's own
+hooks on each experts module: every token whose row names experts dispatches exactly those, or the replay is refused
+with the model as it was.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import moe_replay as mr
+from moe_replay.models import MoEBlock, MoEConfig
+
+from .test_review51 import _outcome
+from .test_review57 import _SequenceFirst
+from .test_workflow import _dispatched, _joined, _perturb, _watch_experts
+
+
+def _slice_rows(batch: int, positions: int, lo: int, hi: int) -> torch.Tensor:
+    """The rows of positions ``lo..hi - 1`` of each of ``batch`` sequences of ``positions``, in the order routers that
+    see them batch-major hold them (each sequence in turn)."""
+    return (torch.arange(batch)[:, None] * positions + torch.arange(lo, hi)).reshape(-1)
+
+
+@pytest.mark.reliability("round trips")
+def test_a_positions_first_forward_records_each_rows_token_and_place_in_the_routers_order() -> None:
+    """A ``[positions, batch]`` forward of three sequences whose layers run batch-major (causal attention along the
+    positions): the capture tells the routers' order (every sequence in turn) and records each row's token id and
+    place in it, not those of the ids read row by row."""
+    model = _SequenceFirst()
+    seq = torch.randint(1, 128, (6, 3), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(6)[:, None].expand(6, 3)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(seq, position_ids=pos)
+        routes = session.routes()
+    assert routes._seq_pos is not None
+    assert torch.equal(routes._seq_pos.long(), pos.t().reshape(-1))
+    assert routes.token_ids is not None
+    assert torch.equal(routes.token_ids.long(), seq.t().reshape(-1))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("fed", ["another slice", "a suffix without its prefix"])
+def test_rows_without_ids_of_a_positions_first_forward_fed_other_places_are_refused(fed: str) -> None:
+    """A ``[positions, batch]`` model's capture of three sequences of 9, its ids dropped: the rows of positions 0..2
+    are exact on their own tokens and positions, and refused (the model unchanged) on the tokens of positions 6..8
+    fed their positions; the whole capture's rows fed positions 3..8 alone (a suffix without its prefix) are refused
+    as well."""
+    model = _SequenceFirst()
+    _watch_experts(model)
+    seq = torch.randint(1, 128, (9, 3), generator=torch.Generator().manual_seed(6))
+    pos = torch.arange(9)[:, None].expand(9, 3)
+    session = mr.attach(model)
+    try:
+        with torch.no_grad(), _dispatched(model) as rec, session.capture():
+            model(seq, position_ids=pos)
+        want, routes = _joined(rec), session.routes().with_token_ids(None)
+        _perturb(model)
+        first = _slice_rows(3, 9, 0, 3)
+        with torch.no_grad():
+            own = _outcome(model, session, routes[first], lambda: model(seq[:3], position_ids=pos[:3]), model)
+            if fed == "another slice":
+                other = _outcome(model, session, routes[first], lambda: model(seq[6:], position_ids=pos[6:]), model)
+            else:
+                tail = _slice_rows(3, 9, 0, 6)
+                other = _outcome(model, session, routes[tail], lambda: model(seq[3:], position_ids=pos[3:]), model)
+        assert own is not None, "the rows of the slice they were captured at refused though exact"
+        for layer, got in own.items():
+            assert torch.equal(got, want[layer][first]), layer
+        assert other is None, "rows forced on tokens at other places"
+    finally:
+        session.detach()
+
+
+class _Transposing(nn.Module):
+    """fairseq's shape of a model: ``[batch, positions]`` ids and their ``position_ids``, its MoE layers run on
+    ``[positions, batch, hidden]`` (its routers see the tokens sequence-first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        cfg = MoEConfig(hidden_size=32, num_heads=4, num_experts=8, top_k=2, expert_size=16, vocab_size=128)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos = nn.Embedding(32, cfg.hidden_size)
+        self.blocks = nn.ModuleList(MoEBlock(cfg) for _ in range(2))
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = (self.embed(input_ids) + self.pos(position_ids)).transpose(0, 1)
+        for block in self.blocks:
+            x = x + block(x)
+        return x.transpose(0, 1)
+
+
+@pytest.mark.reliability("silent replays")
+def test_rows_without_ids_of_a_model_that_transposes_its_batch_fed_another_slice_are_refused() -> None:
+    """A ``[batch, positions]`` model whose routers see the batch sequence-first: its capture's rows of the first 3
+    positions of two sequences, their ids dropped, are exact on those tokens and positions, and refused on the tokens
+    of positions 6..8 fed their positions (their rows held in the routers' order, position by position)."""
+    model = _Transposing()
+    _watch_experts(model)
+    seq = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(7))
+    pos = torch.arange(9)[None].expand(2, 9)
+    session = mr.attach(model)
+    try:
+        with torch.no_grad(), _dispatched(model) as rec, session.capture():
+            model(seq, position_ids=pos)
+        want, routes = _joined(rec), session.routes().with_token_ids(None)
+        _perturb(model)
+        first = torch.arange(6)  # (positions 0..2 of both sequences, position by position)
+        with torch.no_grad():
+            own = _outcome(model, session, routes[first], lambda: model(seq[:, :3], position_ids=pos[:, :3]), model)
+            other = _outcome(model, session, routes[first], lambda: model(seq[:, 6:], position_ids=pos[:, 6:]), model)
+        assert own is not None, "the rows of the slice they were captured at refused though exact"
+        for layer, got in own.items():
+            assert torch.equal(got, want[layer][first]), layer
+        assert other is None, "rows forced on tokens at other places"
+    finally:
+        session.detach()
