@@ -6721,7 +6721,12 @@ class FeedForward:
         alias = self.positions_name
         if self.positions_open and "position_ids" not in kwargs:
             alias = _positions_among(kwargs)
-        if alias is not None and alias in kwargs and "position_ids" not in kwargs:
+        if (
+            alias is not None
+            and alias in kwargs
+            and "position_ids" not in kwargs
+            and not _no_places(alias, kwargs[alias], named.get("attention_mask"))
+        ):
             named = {**named, "position_ids": kwargs[alias]}
         if self.mask_from is not None:
             named = {**named, "attention_mask": mask_at(self.mask_from, args, kwargs)}
@@ -6991,6 +6996,25 @@ def _positions_among(names: Collection[str]) -> str | None:
         if found:
             return found[0] if len(found) == 1 else None
     return None
+
+
+def _no_places(name: str, value: Any, mask: Any) -> bool:
+    """Does ``value``, given under ``name``, a name only like a name of positions (:data:`_POSITIONS_LIKE`:
+    ``word_positions``, ``position_index``), hold something else than its tokens' places? Read on the host, a
+    ``[batch, positions]`` tensor of whole numbers: where two tokens side by side in a row (both kept by the
+    ``[batch, positions]`` attention ``mask``, where one is given) hold the same value (a word index, sub-words of one
+    word sharing it), it tells no place, as two tokens of one sequence are never at one place. Such a keyword is then
+    not read as the tokens' positions (a capture does not read it either); anything else is (a device tensor: no host
+    sync)."""
+    if _POSITIONS_NAME.fullmatch(name) or not isinstance(value, torch.Tensor) or value.dim() != 2:
+        return False
+    if value.device.type != "cpu" or value.is_floating_point() or value.dtype == torch.bool or value.shape[1] < 2:
+        return False
+    same = value[:, 1:] == value[:, :-1]
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(value.shape) and mask.device.type == "cpu":
+        kept = mask.ne(0)
+        same = same & kept[:, 1:] & kept[:, :-1]
+    return bool(same.any())
 
 
 def _positions_name(forward: Callable[..., Any]) -> str | None:

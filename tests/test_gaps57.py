@@ -18,6 +18,7 @@ import moe_replay as mr
 from moe_replay.models import MoEBlock, MoEConfig
 
 from .test_review51 import _outcome
+from .test_review56 import _Pooled
 from .test_review57 import _SequenceFirst
 from .test_workflow import _dispatched, _joined, _perturb, _watch_experts
 
@@ -121,5 +122,64 @@ def test_rows_without_ids_of_a_model_that_transposes_its_batch_fed_another_slice
         for layer, got in own.items():
             assert torch.equal(got, want[layer][first]), layer
         assert other is None, "rows forced on tokens at other places"
+    finally:
+        session.detach()
+
+
+# ------------------------------------------------------------------------------ a word index under a name of positions
+def _pooled_capture(mask: torch.Tensor | None, words: torch.Tensor) -> tuple[nn.Module, mr.Session, torch.Tensor]:
+    """test_review56's wrapper (any keyword beside the tokens and their mask), attached, its capture of a [2, 6] batch
+    fed ``words`` as ``word_positions=`` (and ``mask``) taken; its session, and the ids."""
+    model = _Pooled()
+    _watch_experts(model)
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    session = mr.attach(model)
+    with torch.no_grad(), session.capture():
+        model(ids, attention_mask=mask, word_positions=words)
+    return model, session, ids
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_word_index_beside_a_mask_of_left_padding_does_not_refuse_an_exact_replay() -> None:
+    """A left-padded batch (its mask given) fed a word index under ``word_positions=`` (sub-words of one word share
+    it, the padding at 0): its rows laid out by ``BatchLayout.padded`` without ids replay it exactly, the routers
+    moved, as the capture did not read the word index as places."""
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    words = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 1, 1, 2, 3, 3]])
+    model, session, ids = _pooled_capture(mask, words)
+    try:
+        r = session.routes().with_token_ids(None)
+        routes = mr.BatchLayout.padded([4, 6], side="left").routes([r[2:6], r[6:]])
+        with torch.no_grad(), _dispatched(model) as rec:
+            model(ids, attention_mask=mask, word_positions=words)
+        want = _joined(rec)
+        _perturb(model)
+        with torch.no_grad():
+            got = _outcome(model, session, routes, lambda: model(ids, attention_mask=mask, word_positions=words), model)
+        assert got is not None, "refused though exact"
+        for layer, rows in got.items():
+            held = mask.reshape(-1).bool()
+            assert torch.equal(rows[held], want[layer][held]), layer
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("name", ["token_positions", "position_index"])
+def test_positions_under_a_name_like_positions_that_tell_places_are_still_compared(name: str) -> None:
+    """Positions given under a name only like one of positions, each token at a place of its own: still read as the
+    tokens' positions, so a capture's rows of places 0..3 (ids dropped) fed the tokens of places 2..5 at their
+    positions are refused, the model unchanged, and fed their own tokens at 0..3 replay exactly."""
+    model, session, ids = _pooled_capture(None, torch.arange(6)[None].expand(2, 6))
+    try:
+        r = session.routes().with_token_ids(None)
+        first = _slice_rows(2, 6, 0, 4)
+        places = torch.arange(6)[None].expand(2, 6)
+        _perturb(model)
+        with torch.no_grad():
+            own = _outcome(model, session, r[first], lambda: model(ids[:, :4], **{name: places[:, :4]}), model)
+            other = _outcome(model, session, r[first], lambda: model(ids[:, 2:], **{name: places[:, 2:]}), model)
+        assert own is not None, "the rows' own tokens at their own positions refused though exact"
+        assert other is None, "rows forced on tokens at other places given under a name like positions"
     finally:
         session.detach()

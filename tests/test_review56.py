@@ -271,28 +271,25 @@ def _laid_out_word_replay() -> tuple[_Pooled, mr.Session, mr.Routes, torch.Tenso
 
 @pytest.mark.reliability("bad inputs")
 def test_positions_read_under_a_name_of_their_own_are_named_where_they_are_refused() -> None:
-    """A forward taking ``**kwargs`` fed ``word_positions=`` (each token's word index, read as its positions by the
-    name's form) with rows laid out without ids: where they are refused, the error names the keyword they were read
+    """A forward taking ``**kwargs`` fed ``token_positions=`` (positions 3..8, read as its tokens' positions by the
+    name's form) with rows laid out without ids at places 0..5: refused, and the error names the keyword they were read
     from and what to do where it holds something else, not only ``position_ids``, which the forward was never fed."""
     model, session, routes, ids = _laid_out_word_replay()
     try:
-        with pytest.raises(mr.TokenMismatchError, match=r"word_positions=.*with_token_ids"), torch.no_grad():
+        later = torch.arange(3, 9)[None].expand(2, 6)
+        with pytest.raises(mr.TokenMismatchError, match=r"token_positions=.*with_token_ids"), torch.no_grad():
             with session.replay(routes):
-                model(ids, word_positions=_WORDS)
+                model(ids, token_positions=later)
         assert session.state == "idle"
     finally:
         session.detach()
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="any [a-z]+_positions keyword of a forward taking **kwargs is read as position_ids: a word index per "
-    "token (word_positions) refuses an exact replay of rows laid out without ids",
-)
 def test_a_word_index_under_a_positions_like_name_does_not_refuse_an_exact_replay() -> None:
     """The capture's own batch, fed the same ``word_positions=`` (a word index, not the tokens' places), replaying
-    its rows laid out without ids: exact, so not refused. The capture did not read them as places; the replay does."""
+    its rows laid out without ids: exact, so not refused. Neither the capture nor the replay reads them as places: two
+    tokens side by side share a word, never a place."""
     model, session, routes, ids = _laid_out_word_replay()
     try:
         with torch.no_grad(), session.replay(routes):
