@@ -219,6 +219,89 @@ _ROUTER_KEY = "moe_replay.router"
 _ROUTER_DEPTH = 3
 
 
+#: the indices each router's kept scores were kept with (see :meth:`RouterScores.scores`), by the scores' id (held
+#: weakly): a copy of indices that names no router is compared with them (see :func:`_copies_in_order`)
+_KEPT: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
+#: the key of an autograd node's metadata under which kept scores note their indices, by router (see :data:`_KEPT`):
+#: probabilities computed from them find them a few ops back
+_KEPT_KEY = "moe_replay.kept_indices"
+
+
+def _note_kept(scores: torch.Tensor, name: str, indices: torch.Tensor) -> None:
+    """Note ``indices`` as the experts router ``name``'s kept ``scores`` were kept with (see :data:`_KEPT`)."""
+    key = id(scores)
+
+    def forget(_: object, key: int = key) -> None:
+        _KEPT.pop(key, None)
+
+    _KEPT[key] = (weakref.ref(scores, forget), indices)
+    node = scores.grad_fn
+    if node is not None:
+        _metadata(node).setdefault(_KEPT_KEY, {})[name] = indices
+
+
+def _kept_with(p: torch.Tensor, name: str) -> torch.Tensor | None:
+    """The indices router ``name``'s kept scores were kept with, where ``p`` are those scores or were computed from
+    them a few ops back (as :func:`_router_made_from` finds them); None where not known."""
+    held = _KEPT.get(id(p))
+    if held is not None and held[0]() is p:
+        return held[1]
+    if dynamo_compiling():
+        return None
+    level = [] if p.grad_fn is None else [p.grad_fn]
+    seen: dict[int, Any] = {}
+    for _ in range(_ROUTER_DEPTH + 1):
+        below = []
+        for node in level:
+            if id(node) in seen:
+                continue
+            seen[id(node)] = node
+            found = _metadata(node).get(_KEPT_KEY, {}).get(name)
+            if found is not None:
+                return cast(torch.Tensor, found)
+            below += [n for n, _ in node.next_functions if n is not None]
+        level = below[:64]
+    return None
+
+
+def _copies_in_order(
+    probs: list[torch.Tensor], indices: list[torch.Tensor], mine: list[str | None], theirs: list[str | None]
+) -> None:
+    """Refuse indices that name no router (a copy: a clone, numpy rows) given beside probabilities that name theirs,
+    where on the host they hold exactly the rows another router's scores were kept with and not those of the router
+    whose probabilities they are paired with: lists in other router orders, each router's probabilities counted with
+    another's experts. ``mine``, ``theirs``: the routers ``probs`` and ``indices`` name (:func:`_router_of`). Copies
+    of other rows (an engine's) are not told apart, and on an accelerator nothing is read (no host sync)."""
+    kept = [None if n is None else _kept_with(p, n) for p, n in zip(probs, mine, strict=True)]
+    if sum(k is not None for k in kept) < 2:
+        return
+    for i, x in enumerate(indices):
+        own = kept[i]
+        if own is None or theirs[i] is not None or not _host_rows(x) or _same_rows(x, own):
+            continue
+        other = next((j for j, k in enumerate(kept) if j != i and k is not None and _same_rows(x, k)), None)
+        if other is not None:
+            raise InvalidArgumentError(
+                f"load_balancing_loss: probs[{i}] are router '{mine[i]}''s, but indices[{i}], which name no router "
+                f"(a copy: a clone, numpy rows), hold exactly the experts router '{mine[other]}''s scores were kept "
+                f"with (probs[{other}]), not router '{mine[i]}''s: the two lists hold their routers in other orders, "
+                "and each router's probabilities would be counted with another router's experts. Pass them in one "
+                "order, or pass indices that name their routers (kept.indices, routes.per_layer(), routes.layer(n))"
+            )
+
+
+def _host_rows(x: torch.Tensor) -> bool:
+    """Are ``x``'s values readable at no cost (on the host, outside compiled code)?"""
+    return x.device.type == "cpu" and not dynamo_compiling()
+
+
+def _same_rows(x: torch.Tensor, kept: torch.Tensor) -> bool:
+    """Does ``x`` hold exactly the rows ``kept`` (on the host: else not compared, no host sync)?"""
+    if not _host_rows(kept) or tuple(x.shape) != tuple(kept.shape) or x.dtype.is_floating_point:
+        return False
+    return bool(torch.equal(x.long(), kept.long()))
+
+
 def _router_made_from(t: torch.Tensor) -> str | None:
     """The router whose noted scores ``t`` was computed from, a few ops back (``scores.softmax(-1)``,
     ``scores.float().sigmoid()``, a renormalisation), through its autograd graph.
@@ -290,6 +373,8 @@ def _by_router(probs: list[torch.Tensor], indices: list[torch.Tensor]) -> list[t
     clear error. Names that differ only by leading module names (routes renamed, ``module.`` of DDP) name one router.
     """
     mine, theirs = [_router_of(p) for p in probs], [_router_of(x) for x in indices]
+    if None in theirs and len(probs) == len(indices):
+        _copies_in_order(probs, indices, mine, theirs)
     wrong = [
         i
         for i, (a, b) in enumerate(zip(mine, theirs, strict=True))
@@ -538,6 +623,7 @@ class RouterScores:
         order = self._row_order(name)  # (what a mask of the batch's tokens is put in the order of: _in_row_order)
         _note_row_order(scores, order)
         _note_row_order(indices, order)
+        _note_kept(scores, name, indices)
         return note_router(scores, name), note_router(indices, name)
 
     def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -684,7 +770,9 @@ def load_balancing_loss(
             ``Routes.layer(name)``, one router's rows sliced out of a live ``Routes.indices`` such as
             ``routes.indices.unbind(1)``) and hold the same routers in other orders, by those names;
             where only some name them and they disagree, the call is refused. A copy (a clone, numpy
-            rows), and a slice of a ``Routes.indices`` written in place since, name no router.
+            rows), and a slice of a ``Routes.indices`` written in place since, name no router; on the
+            host, beside kept scores (or probabilities made from them), one that holds exactly the rows
+            another router's scores were kept with, not its own router's, is refused.
         mask: optional weights of the tokens to count, e.g. the attention mask; padding gets
             0. One dimension: one weight per row, ``[T]``, in the order of the rows. More than one
             (the batch's ``[batch, positions]`` attention mask, or several forwards' stacked along
@@ -704,7 +792,8 @@ def load_balancing_loss(
         InvalidArgumentError: shapes that do not match or hold no expert (k or E of 0), indices
             that are not integers, probs that are not floating point, probs that are scores kept
             (with gradients on) in the forward of a reentrant activation checkpoint, which has no
-            gradients, probs and indices that name other routers at one place (see ``indices``), a mask of more
+            gradients, probs and indices that name other routers at one place, copies of another router's kept
+            rows beside its probabilities (see ``indices``), a mask of more
             than one dimension (or a list of masks) for rows whose
             tokens are not known (tensors not kept by :meth:`Session.keep_scores`, a forward whose
             routers' order is not known: see :meth:`RouterScores.row_mask`) or that does not match

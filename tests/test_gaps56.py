@@ -146,12 +146,6 @@ def test_rows_sliced_out_of_routes_indices_in_the_probs_order_count_each_routers
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a copy of one router's rows (a clone, to_numpy() rows) shares nothing with the routes it came from: in "
-    "another router order than the probabilities, of the same shapes, it is counted with another router's "
-    "probabilities, a wrong loss without a word",
-)
 def test_copied_rows_in_another_router_order_are_paired_or_refused() -> None:
     """Each router's rows sliced out of ``routes.indices`` and cloned, given in the reverse of the probabilities'
     router order: paired with their own router's probabilities, or refused."""

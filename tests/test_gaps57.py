@@ -183,3 +183,45 @@ def test_positions_under_a_name_like_positions_that_tell_places_are_still_compar
         assert other is None, "rows forced on tokens at other places given under a name like positions"
     finally:
         session.detach()
+
+
+# ------------------------------------------------------------------------- copies of indices given to the loss
+def _kept(layers: int, grad: bool) -> tuple[mr.Routes, mr.RouterScores]:
+    """Routes of a capture of a reference model, and the scores kept in a replay of them (with gradients: ``grad``)."""
+    model = mr.models.build("softmax_topk", num_layers=layers)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(ids)
+        routes = session.routes()
+        with session.replay(routes), session.keep_scores() as kept, torch.set_grad_enabled(grad):
+            model(ids)
+    return routes, kept
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("made", ["kept scores", "softmax of them"])
+@pytest.mark.parametrize("copy", ["clone", "numpy"])
+def test_copied_rows_of_kept_scores_in_another_router_order_are_refused(made: str, copy: str) -> None:
+    """Three routers' rows copied out of ``routes.indices`` (cloned, or through numpy), given in another router order
+    than the kept probabilities (the scores themselves, or made from them with gradients): refused, naming the
+    router whose rows they are; in the probabilities' order, the loss of each router's own."""
+    routes, kept = _kept(3, grad=made != "kept scores")
+    probs = list(kept.scores) if made == "kept scores" else [s.softmax(-1) for s in kept.scores]
+    rows = routes.indices.unbind(1)
+    copies = [r.clone() if copy == "clone" else torch.from_numpy(r.numpy().copy()) for r in rows]
+    want = mr.load_balancing_loss(probs, list(kept.indices))
+    assert mr.load_balancing_loss(probs, copies).item() == pytest.approx(want.item(), abs=1e-6)
+    with pytest.raises(mr.InvalidArgumentError, match=r"indices\[0\].*name no router.*another router's experts"):
+        mr.load_balancing_loss(probs, [copies[1], copies[0], copies[2]])
+
+
+@pytest.mark.reliability("false refusals")
+def test_copies_of_other_rows_than_those_kept_are_counted_as_given() -> None:
+    """Rows of other experts than the kept scores were kept with (another capture's, copied: a clone), in the
+    probabilities' order: counted as given, router by router, not refused (nothing tells their router)."""
+    routes, kept = _kept(2, grad=False)
+    other = [(r + 1) % 8 for r in routes.indices.unbind(1)]
+    got = mr.load_balancing_loss(list(kept.scores), other)
+    want = torch.stack([mr.load_balancing_loss(p, x) for p, x in zip(kept.scores, other, strict=True)]).mean()
+    assert got.item() == pytest.approx(want.item(), abs=1e-6)
