@@ -3553,7 +3553,13 @@ class OrderCheck(FeedCheck):
                 text = (
                     _text_positions(pos, batch, positions) if whole and pos is not None and not self.captured else None
                 )
-                if text is not None and not self._at_recorded(start, count, text):
+                if text is not None and not (
+                    self._recorded_any(start, count) and self._at_recorded(start, count, text)
+                ):
+                    # (rows whose places only a layout gave, no capture or engine reader recorded them: a tensor the
+                    # model keeps that holds something before the positions and is written at them (a static cache a
+                    # capture left filled, a running statistic per position) does not tell a turn laid out alone from
+                    # another rank's slice)
                     raise
                 caches = _static_held(self._levels, text, batch) if text is not None else []
                 if not caches:
@@ -3605,6 +3611,13 @@ class OrderCheck(FeedCheck):
             self._refuse_places(self.forwards, start, grid, None, pos, True)
         elif self.device_ids:
             self._places_later.append((self.forwards, start, grid, None, pos.detach().clone(), True, ()))
+
+    def _recorded_any(self, start: int, count: int) -> bool:
+        """Did a capture or an engine reader record the place of any of the ``count`` rows a forward reads from
+        ``start`` on (:attr:`recorded`)? Rows a layout placed from an array (``Routes.from_numpy``) record none."""
+        if self.recorded is None or self.recorded.numel() < start + count:
+            return False
+        return bool((self.recorded[start : start + count] >= 0).any())
 
     def _at_recorded(self, start: int, count: int, text: torch.Tensor) -> bool:
         """Whether the rows a forward reads from ``start`` on (``count`` of them) are fed at the places a capture

@@ -17,6 +17,7 @@ from torch import nn
 import moe_replay as mr
 from moe_replay.models import MoEBlock, MoEConfig
 
+from .test_gaps53 import _caches, _feed, _put_back, _static_model
 from .test_review51 import _outcome
 from .test_review56 import _Pooled
 from .test_review57 import _SequenceFirst
@@ -225,3 +226,40 @@ def test_copies_of_other_rows_than_those_kept_are_counted_as_given() -> None:
     got = mr.load_balancing_loss(list(kept.scores), other)
     want = torch.stack([mr.load_balancing_loss(p, x) for p, x in zip(kept.scores, other, strict=True)]).mean()
     assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+# ------------------------------------------------------------ rows of no recorded place after a static cache
+@pytest.mark.reliability("silent replays")
+def test_a_turn_laid_out_from_an_array_after_a_static_cache_is_refused_unless_its_ids_are_given() -> None:
+    """A second turn (places 5..8) captured after a prompt a static cache holds, its rows rebuilt from an array (no
+    place recorded) and laid out as a sequence of their own: fed after that cache at their positions, nothing tells
+    them from another rank's slice, so they are refused with the model as it was (a false refusal the error says how
+    to avoid); given their token ids they replay exactly."""
+    model = _static_model("gpt-fast", "input_pos")
+    _watch_experts(model)
+    prompt, turn = torch.randint(1, 128, (1, 5)), torch.randint(1, 128, (1, 4))
+    later = torch.arange(5, 9)[None]
+    with torch.no_grad():
+        _feed(model, prompt, torch.arange(5)[None], "input_pos", "gpt-fast")
+    held = _caches(model)
+    session = mr.attach(model)
+    try:
+        with torch.no_grad(), _dispatched(model) as rec, session.capture():
+            _feed(model, turn, later, "input_pos", "gpt-fast")
+        want, captured = _joined(rec), session.routes()
+        bare = mr.Routes.from_numpy(captured.to_numpy(), names=captured.names, num_experts=captured.experts_per_layer)
+        _perturb(model)
+        run = lambda: _feed(model, turn, later, "input_pos", "gpt-fast")  # noqa: E731
+        _put_back(model, held)
+        with torch.no_grad(), pytest.raises(mr.TokenMismatchError, match=r"with_token_ids"):
+            with session.replay(mr.BatchLayout.packed([4]).routes([bare])):
+                run()
+        assert all(torch.equal(v, _caches(model)[k]) for k, v in held.items()), "the cache was written"
+        _put_back(model, held)
+        with torch.no_grad():
+            got = _outcome(model, session, mr.BatchLayout.packed([4]).routes([bare.with_token_ids(turn)]), run, model)
+        assert got is not None, "refused though its ids were given"
+        for layer, rows in got.items():
+            assert torch.equal(rows, want[layer]), layer
+    finally:
+        session.detach()

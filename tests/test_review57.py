@@ -123,19 +123,13 @@ def test_a_continuation_captured_after_a_static_cache_replays_exactly(style: str
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="rows whose places only a BatchLayout gave (no capture or engine recorded them: built from numpy) may be a "
-    "turn laid out alone, so positions after a floating tensor the model keeps, holding something before them and "
-    "written at them, are let through: another rank's slice after a static cache a capture left filled, or beside a "
-    "running statistic per position, is forced",
-)
 @pytest.mark.parametrize("kept", ["a static cache a capture left filled", "a running statistic per position"])
 def test_layout_rows_of_no_recorded_places_fed_another_ranks_slice_after_a_kept_tensor_are_refused(kept: str) -> None:
     """Rows built from an array (``Routes.from_numpy``: no places recorded) of a 12-token sequence, laid out by
     ``BatchLayout.packed([12])``, rank 0's slice fed rank 2's tokens and positions, after a static cache the capture
     left holding every place or beside a running statistic per position (test_review56's): must be refused. Such rows
-    are told from a turn laid out as a sequence of its own, fed after the tokens a static cache holds, by nothing."""
+    are told from a turn laid out as a sequence of its own, fed after the tokens a static cache holds, by nothing, so
+    they are refused there as well."""
     model: torch.nn.Module = _static_model("gpt-fast", "input_pos") if kept.startswith("a static") else _Kept("ema")
     name = "input_pos" if kept.startswith("a static") else "position_ids"
     _watch_experts(model)
