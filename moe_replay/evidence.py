@@ -3053,6 +3053,12 @@ class _Snapshot:
             ]
             if _unstood(v) and _stateful(v)
         }
+        #: the plain objects of the user's the modules hold (a routing-replay buffer whose list each forward appends
+        #: to, an executor that keeps its last result, a config whose step moves): their own attributes put back after
+        #: each run as a module's are, so that a run leaves no entry a later forward would read as the forward's
+        for _, _, v in (x for m, attrs in self.attrs for x in _homes_in(m, attrs)):
+            if _plain_object(v):
+                own.setdefault(id(v), v)
         # (and the plain objects they keep their state in, a few deep: a counter object, a config whose step moves)
         self.own_states = [(obj, _own_state(obj)) for obj in _with_kept_objects(list(own.values()))]
         #: where each tape's runs begin: where the run of another snapshot these runs are made inside stands
