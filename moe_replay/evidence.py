@@ -6407,6 +6407,19 @@ def _refuse_chosen_tokens(
                 "top-k), or name the module whose forward returns the experts used with include=",
             )
         if ran:
+            if 0 < decision.rows < tokens and _follows_its_rows(probe, found, decision, nth):
+                raise _refuse(
+                    name,
+                    calls,
+                    f"its decision ({decision.describe()}) is made for {decision.rows} of the {tokens} tokens it "
+                    "took, and with every token's row moved one place on it is made for the same rows, now at other "
+                    "places: which tokens it decides for is chosen from their values before it "
+                    "(as many each time: the tokens of highest value, a capacity filled by value), not by their "
+                    "places, so its rows are not one per token, and a replay would choose those tokens again from "
+                    "the current values",
+                    "Decide for every token in one call (mask the scores with masked_fill or torch.where before one "
+                    "top-k), or name the module whose forward returns the experts used with include=",
+                )
             return None
     return _refuse(
         name,
@@ -6419,6 +6432,49 @@ def _refuse_chosen_tokens(
         "Let the forward run on other inputs of the same shape (check its inputs' values outside the router), "
         "or name the module whose forward returns the experts used with include=",
     )
+
+
+def _follows_its_rows(probe: _Prober, found: tuple[Any, torch.Tensor], decision: Call, nth: int) -> bool:
+    """Whether ``decision`` (the ``nth`` call of its signature), made for fewer rows than its forward has tokens,
+    follows the tokens' values rather than their places: run on the hidden states ``found`` (its inputs' first
+    floating tensor, where it is and the tensor) with every token's row moved one place on (each row then differs
+    from the one at its place before), its scores are those of the same rows in the same order, or with the last
+    one first (the last token's row, chosen, moved to the first place). A choice by place (the tokens a mask keeps,
+    every other one) would now decide for the rows before those it decided for, whose scores differ; a choice per
+    pixel of a feature map, or per sequence from the mean of its rows, would be made on rows that mix others. False
+    for a decision made once per sequence of one (no order of its rows moves their mean), where the forward does not
+    run on the moved rows, where a row equals the one before it (nothing would tell them apart), or past
+    ``_FOLLOW_ROWS`` rows."""
+    x = found[1].detach()
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] < 2 or decision.rows > _FOLLOW_ROWS or decision.rows == x.numel() // (x.shape[-2] * x.shape[-1]):
+        return False
+    moved = rows.roll(1, 0)
+    if not bool(moved.ne(rows).any(-1).all()):
+        return False
+
+    def scores(inputs: tuple[tuple[Any, ...], dict[str, Any]] | None) -> torch.Tensor | None:
+        try:
+            _, seen = probe.run(inputs=inputs)
+        except Exception as e:  # (a forward tied to its rows' places: nothing to compare)
+            _only_forwards(e)
+            return None
+        same = [c for c in seen.calls if c.signature == decision.signature][nth : nth + 1]
+        if not same or same[0].rows != decision.rows or len(seen.ins) <= same[0].ordinal:
+            return None
+        return seen.ins[same[0].ordinal].detach().reshape(decision.rows, -1)
+
+    before = scores(None)
+    if before is None:
+        return False
+    after = scores(_replaced((probe.args, probe.kwargs), found[0], moved.reshape(x.shape)))
+    return after is not None and any(
+        torch.allclose(a, after, rtol=1e-3, atol=1e-6, equal_nan=True) for a in (before, before.roll(1, 0))
+    )
+
+
+#: At most this many rows of a decision made for some of its tokens are compared by :func:`_follows_its_rows`.
+_FOLLOW_ROWS = 4096
 
 
 def _real_rows_inputs(x: torch.Tensor) -> Iterator[torch.Tensor]:
