@@ -16,6 +16,9 @@ from torch import nn
 import moe_replay as mr
 
 from .test_left51b import _DenseBlock, _tokens
+from .test_review51 import _outcome
+from .test_review58 import _list_cache_model, _ListAttention
+from .test_workflow import _dispatched, _joined, _perturb, _watch_experts
 
 D, E = 16, 8
 
@@ -104,3 +107,83 @@ def test_tokens_chosen_by_place_are_replayed_exactly(unit: bool) -> None:
             model(x)
     for layer, name, w in zip(model.layers, session.names, want, strict=True):
         assert torch.equal(layer.used[-1], w), name
+
+
+class _LogAttention(_ListAttention):
+    """Causal attention over the forward's own tokens alone (no KV cache): the module keeps a log of each forward's
+    keys and values in two Python lists, for inspection, that no forward reads."""
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """``[1, positions, hidden]`` in and out."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        self.keys.append(k.detach())
+        self.values.append(v.detach())
+        n = int(k.shape[1])
+        seen = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+        return (q @ k.transpose(1, 2)).masked_fill(~seen, float("-inf")).softmax(-1) @ v
+
+
+def _log_model() -> nn.Module:
+    """:func:`_list_cache_model` whose attention keeps a log in lists instead of a KV cache (see
+    :class:`_LogAttention`), its experts watched."""
+    model = _list_cache_model()
+    for layer in model.layers:
+        qkv = layer.attn.qkv
+        layer.attn = _LogAttention()
+        layer.attn.qkv = qkv
+    _watch_experts(model)
+    return model
+
+
+def _emptied(model: nn.Module) -> None:
+    for layer in model.layers:
+        layer.attn.keys.clear()
+        layer.attn.values.clear()
+
+
+def _suffix_after_a_log(logged: int) -> dict[str, torch.Tensor] | None:
+    """A 9-token sequence captured in one forward (no cache), its last 4 rows laid out alone (ids dropped) and fed
+    at their recorded places 5 to 8 without the tokens before them, after a forward of ``logged`` other tokens
+    filled the logs: what the replay dispatched, or None where refused."""
+    model = _log_model()
+    g = torch.Generator().manual_seed(6)
+    seq, other = torch.randint(1, 128, (1, 9), generator=g), torch.randint(1, 128, (1, 5), generator=g)
+    session = mr.attach(model)
+    try:
+        with torch.no_grad():
+            with _dispatched(model) as rec, session.capture():
+                model(seq, position_ids=torch.arange(9)[None])
+            assert _joined(rec), "nothing dispatched: the oracle could not fail"
+            routes = mr.BatchLayout.packed([4]).routes([session.routes().with_token_ids(None)[5:]])
+            _perturb(model)
+            _emptied(model)
+            if logged:
+                model(other[:, :logged], position_ids=torch.arange(logged)[None])
+            return _outcome(
+                model, session, routes, lambda: model(seq[:, 5:], position_ids=torch.arange(5, 9)[None]), model
+            )
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("logged", [0, 3])
+def test_laid_out_rows_fed_without_their_prefix_beside_a_log_of_other_length_are_refused(logged: int) -> None:
+    """Rows laid out alone, fed at their recorded places without the tokens before them, on a model that keeps no
+    cache but a log of each forward's keys in lists (empty, or holding 3 tokens of another forward): refused, the
+    model unchanged; the lists do not hold as many tokens as the places before the positions."""
+    assert _suffix_after_a_log(logged) is None, "a suffix fed without its prefix forced"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="lists of tensors a module keeps that hold exactly the places before a forward's positions, appended as "
+    "many as it has, are read as a KV cache holding the tokens before them, whether or not attention reads them: a "
+    "log of each forward's keys lets a suffix fed without its prefix through",
+)
+def test_laid_out_rows_fed_without_their_prefix_beside_a_log_of_as_many_tokens_are_refused() -> None:
+    """The same rows fed after a forward of 5 other tokens filled the logs (as many as the places before the
+    positions): the model reads no cache, so the suffix runs without its prefix, its routers' context is not the
+    capture's, and the replay must be refused. Today the logs are read as a KV cache and the rows are forced."""
+    assert _suffix_after_a_log(5) is None, "a suffix fed without its prefix forced beside a log read as a cache"
