@@ -4678,6 +4678,37 @@ class _ListedCache(_HeldCache):
         )
 
 
+class _GrownCache(_HeldCache):
+    """A floating tensor a module keeps under attribute ``attr`` (a plain attribute or a buffer) that holds exactly
+    ``first`` indices along its dimension ``dim``, something at each, before a forward fed positions ``first..last``
+    runs: a KV cache grown by concatenation (``self.k = torch.cat([self.k, k], 1)``) may hold the tokens before them.
+    :meth:`written` tells, when the forward has ended, whether the module then keeps there a new tensor that starts
+    with the one it held, unchanged, and reaches the last position, as such a cache is grown."""
+
+    def __init__(
+        self, name: str, module: nn.Module, attr: str, held: torch.Tensor, dim: int, first: int, last: int
+    ) -> None:
+        self.name, self.module, self.attr, self.dim, self.first, self.last = name, module, attr, dim, first, last
+        self.held, self.version = held, version_of(held)
+
+    def written(self) -> bool:
+        """Whether the module keeps under :attr:`attr` a tensor other than the one it held, of its other dimensions,
+        holding ``last + 1`` indices along :attr:`dim`, the first ``first`` of them the held tensor's values (which
+        the forward did not write)."""
+        m = self.module
+        now = m._buffers[self.attr] if self.attr in m._buffers else vars(m).get(self.attr)
+        if (
+            not isinstance(now, torch.Tensor)
+            or now is self.held
+            or not _like(now, self.held, self.dim)
+            or version_of(self.held) != self.version
+        ):
+            return False
+        return int(now.shape[self.dim]) == self.last + 1 and torch.equal(
+            now.detach().narrow(self.dim, 0, self.first), self.held.detach()
+        )
+
+
 def _like(t: Any, ref: torch.Tensor, dim: int) -> bool:
     """Whether ``t`` is a floating tensor of ``ref``'s dimensions, the same size as it along each but ``dim``."""
     return (
@@ -4771,9 +4802,10 @@ def _static_held(levels: Sequence[FeedForward], text: torch.Tensor, batch: int) 
     dimension that reaches the last position, each holds something at every index before the first (see
     :class:`_HeldCache`), and does so in as many slices as there are sequences along each of its other dimensions
     that has that many (:func:`_held_per_slice`: a batch row whose slot holds nothing beside one that holds its
-    prefix is a sequence fed without the tokens before it); and the Python lists of tensors they keep that hold
-    exactly the places before the positions (:func:`_listed_held`). Read only for a forward whose positions would be
-    refused otherwise: it reads those tensors on the host."""
+    prefix is a sequence fed without the tokens before it); the tensors they keep that hold exactly the places before
+    the positions, something at each (a cache grown by concatenation, see :class:`_GrownCache`); and the Python lists
+    of tensors they keep that hold exactly those places together (:func:`_listed_held`). Read only for a forward
+    whose positions would be refused otherwise: it reads those tensors on the host."""
     if not text.numel():
         return []
     first, last = int(text.min()), int(text.max())
@@ -4806,6 +4838,9 @@ def _static_held(levels: Sequence[FeedForward], text: torch.Tensor, batch: int) 
                         sums = _index_sums(t, dim)
                         if bool(sums[:first].ne(0).all()) and _held_per_slice(t, dim, first, batch):
                             out.append(_HeldCache(f"{at}.{name}" if at else name, t, dim, sums, first, last))
+                    elif int(t.shape[dim]) == first:  # (a cache grown by concatenation: see _GrownCache)
+                        if bool(_index_sums(t, dim).ne(0).all()) and _held_per_slice(t, dim, first, batch):
+                            out.append(_GrownCache(f"{at}.{name}" if at else name, m, name, t, dim, first, last))
     return out
 
 

@@ -187,3 +187,134 @@ def test_laid_out_rows_fed_without_their_prefix_beside_a_log_of_as_many_tokens_a
     positions): the model reads no cache, so the suffix runs without its prefix, its routers' context is not the
     capture's, and the replay must be refused. Today the logs are read as a KV cache and the rows are forced."""
     assert _suffix_after_a_log(5) is None, "a suffix fed without its prefix forced beside a log read as a cache"
+
+
+class _CatAttention(_ListAttention):
+    """Causal attention over a KV cache the module grows by concatenation: ``kept="tensor"`` keeps it as plain
+    tensor attributes, reassigned at each forward (``self.k = torch.cat([self.k, k], 1)``); ``kept="slot"`` as the
+    one tensor of each of two Python lists, replaced in its slot; ``kept="last"`` keeps no cache (each forward
+    attends to its own tokens) but its last forward's keys and values, reassigned."""
+
+    def __init__(self, kept: str) -> None:
+        super().__init__()
+        self.kept = kept
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        if kept == "slot":
+            self.keys, self.values = [], []
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """``[1, positions, hidden]`` in and out; ``pos``: the tokens' places ``[positions]``."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.kept == "slot":
+            if not self.keys:
+                self.keys.append(k)
+                self.values.append(v)
+            else:
+                self.keys[0] = torch.cat([self.keys[0], k], 1)
+                self.values[0] = torch.cat([self.values[0], v], 1)
+            keys, values = self.keys[0], self.values[0]
+        elif self.kept == "tensor":
+            self.k = k if self.k is None else torch.cat([self.k, k], 1)
+            self.v = v if self.v is None else torch.cat([self.v, v], 1)
+            keys, values = self.k, self.v
+        else:
+            self.k, self.v = keys, values = k, v
+            pos = pos - pos[0]
+        seen = torch.arange(keys.shape[1])[None, :] <= pos[:, None]
+        return (q @ keys.transpose(1, 2)).masked_fill(~seen, float("-inf")).softmax(-1) @ values
+
+
+def _cat_cache_turn(kept: str) -> tuple[nn.Module, mr.Session, torch.Tensor, mr.Routes, dict[str, torch.Tensor]]:
+    """A model of :class:`_CatAttention` (``kept``), a 5-token prompt fed, then a 4-token turn at places 5 to 8
+    captured: the model, its session, the turn, its rows laid out alone (ids dropped), the experts it dispatched;
+    the caches are left as the prompt left them."""
+    model = _list_cache_model()
+    for layer in model.layers:
+        qkv = layer.attn.qkv
+        layer.attn = _CatAttention(kept)
+        layer.attn.qkv = qkv
+    _watch_experts(model)
+    g = torch.Generator().manual_seed(6)
+    prompt, turn = torch.randint(1, 128, (1, 5), generator=g), torch.randint(1, 128, (1, 4), generator=g)
+    session = mr.attach(model)
+    with torch.no_grad():
+        model(prompt, position_ids=torch.arange(5)[None])
+        held = [(a.k, a.v, list(a.keys), list(a.values)) for a in (layer.attn for layer in model.layers)]
+        with _dispatched(model) as rec, session.capture():
+            model(turn, position_ids=torch.arange(5, 9)[None])
+        want = _joined(rec)
+        for layer, (k, v, keys, values) in zip(model.layers, held, strict=True):
+            layer.attn.k, layer.attn.v, layer.attn.keys[:], layer.attn.values[:] = k, v, keys, values
+    routes = mr.BatchLayout.packed([4]).routes([session.routes().with_token_ids(None)])
+    return model, session, turn, routes, want
+
+
+@pytest.mark.reliability("false refusals")
+def test_laid_out_rows_fed_at_their_recorded_places_after_a_cache_grown_by_concatenation_replay_exactly() -> None:
+    """Rows laid out alone after a KV cache a module keeps as tensor attributes grown by concatenation (a
+    hand-written decoder's ``self.k = torch.cat([self.k, k], 1)``), fed at the very places a capture recorded them at,
+    the cache holding the prompt: the replay forces the captured experts (the perturbed model alone would use others).
+    Once refused, naming with_token_ids: a tensor holding exactly the places before the positions, replaced by one
+    that starts with it, was not read as a cache holding the tokens before them."""
+    model, session, turn, routes, want = _cat_cache_turn("tensor")
+    try:
+        _perturb(model)
+        forward = lambda: model(turn, position_ids=torch.arange(5, 9)[None])  # noqa: E731
+        held = [(layer.attn.k, layer.attn.v) for layer in model.layers]
+        with torch.no_grad(), _dispatched(model) as rec:
+            forward()
+        native = _joined(rec)
+        assert any(not torch.equal(native[k], want[k]) for k in want), "the perturbation moved no decision"
+        for layer, (k, v) in zip(model.layers, held, strict=True):
+            layer.attn.k, layer.attn.v = k, v
+        with torch.no_grad():
+            got = _outcome(model, session, routes, forward, model)
+        assert got is not None, "rows fed at their recorded places refused"
+        assert got.keys() == want.keys()
+        for layer, experts in got.items():
+            assert torch.equal(experts, want[layer]), layer
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("held", ["nothing", "the last forward's keys"])
+def test_laid_out_rows_fed_at_their_recorded_places_without_a_grown_cache_of_their_prefix_are_refused(
+    held: str,
+) -> None:
+    """The same rows fed at their recorded places where the module holds no cache of the tokens before them (the
+    cache emptied; or a model keeping only its last forward's keys, five of them, reassigned with the turn's four):
+    refused, the model unchanged."""
+    model, session, turn, routes, _ = _cat_cache_turn("tensor" if held == "nothing" else "last")
+    try:
+        if held == "nothing":
+            for layer in model.layers:
+                layer.attn.k = layer.attn.v = None
+        forward = lambda: model(turn, position_ids=torch.arange(5, 9)[None])  # noqa: E731
+        with torch.no_grad():
+            assert _outcome(model, session, routes, forward, model) is None
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a KV cache kept as the one tensor of a Python list, replaced in its slot by one grown by concatenation, "
+    "is not read as holding the tokens before a forward's positions: only a list the forward appends to is",
+)
+def test_laid_out_rows_fed_at_their_recorded_places_after_a_list_slot_grown_by_concatenation_replay_exactly() -> None:
+    """As above, the cache kept as the one tensor of each of two lists, replaced in its slot by the grown tensor
+    (``self.keys[0] = torch.cat([self.keys[0], k], 1)``): the replay is exact, and must not be refused."""
+    model, session, turn, routes, want = _cat_cache_turn("slot")
+    try:
+        _perturb(model)
+        forward = lambda: model(turn, position_ids=torch.arange(5, 9)[None])  # noqa: E731
+        with torch.no_grad():
+            got = _outcome(model, session, routes, forward, model)
+        assert got is not None, "rows fed at their recorded places refused"
+        for layer, experts in got.items():
+            assert torch.equal(experts, want[layer]), layer
+    finally:
+        session.detach()
