@@ -4660,16 +4660,29 @@ class _ListedCache(_HeldCache):
     keys appended) whose tensors together hold exactly ``first`` indices along their dimension ``dim``, something at
     each, before a forward fed positions ``first..last`` runs: it may hold the tokens before them. :meth:`written`
     tells, when the forward has ended, whether it kept those tensors and appended ones that hold as many indices
-    along ``dim`` as it has positions, as such a cache is written."""
+    along ``dim`` as it has positions, or replaced its last by one grown by concatenation to as many more, as such a
+    cache is written."""
 
     def __init__(self, name: str, kept: list[Any], dim: int, first: int, last: int) -> None:
         self.name, self.dim, self.first, self.last = name, dim, first, last
         self.kept, self.held = kept, list(kept)
+        self.version = version_of(kept[-1])
 
     def written(self) -> bool:
         """Whether the list still starts with the tensors it held, and what the forward appended holds its positions'
-        count of indices along :attr:`dim` (tensors of the same other dimensions)."""
+        count of indices along :attr:`dim` (tensors of the same other dimensions); or whether it holds as many tensors,
+        the same but its last, replaced by one that starts with the last's values (unwritten) and holds that many more
+        (``keys[-1] = torch.cat([keys[-1], k], dim)``)."""
         n = len(self.held)
+        if len(self.kept) == n and all(a is b for a, b in zip(self.kept[:-1], self.held[:-1], strict=False)):
+            now, old = self.kept[-1], self.held[-1]
+            return (
+                now is not old
+                and _like(now, old, self.dim)
+                and version_of(old) == self.version
+                and int(now.shape[self.dim]) == int(old.shape[self.dim]) + self.last - self.first + 1
+                and torch.equal(now.detach().narrow(self.dim, 0, int(old.shape[self.dim])), old.detach())
+            )
         if len(self.kept) <= n or any(a is not b for a, b in zip(self.kept[:n], self.held, strict=False)):
             return False
         added = self.kept[n:]

@@ -299,14 +299,10 @@ def test_laid_out_rows_fed_at_their_recorded_places_without_a_grown_cache_of_the
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a KV cache kept as the one tensor of a Python list, replaced in its slot by one grown by concatenation, "
-    "is not read as holding the tokens before a forward's positions: only a list the forward appends to is",
-)
 def test_laid_out_rows_fed_at_their_recorded_places_after_a_list_slot_grown_by_concatenation_replay_exactly() -> None:
     """As above, the cache kept as the one tensor of each of two lists, replaced in its slot by the grown tensor
-    (``self.keys[0] = torch.cat([self.keys[0], k], 1)``): the replay is exact, and must not be refused."""
+    (``self.keys[0] = torch.cat([self.keys[0], k], 1)``): the replay forces the captured experts. Once refused: only a
+    list the forward appended to was read as holding the tokens before the positions."""
     model, session, turn, routes, want = _cat_cache_turn("slot")
     try:
         _perturb(model)
@@ -314,7 +310,21 @@ def test_laid_out_rows_fed_at_their_recorded_places_after_a_list_slot_grown_by_c
         with torch.no_grad():
             got = _outcome(model, session, routes, forward, model)
         assert got is not None, "rows fed at their recorded places refused"
+        assert got.keys() == want.keys()
         for layer, experts in got.items():
             assert torch.equal(experts, want[layer]), layer
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+def test_the_last_rows_fed_at_their_recorded_places_after_a_list_slot_holding_the_prompt_alone_are_refused() -> None:
+    """The turn's last two rows fed at 7 and 8 while the list slots hold the prompt alone (5 tokens, not the 7 before
+    them): refused, the model unchanged."""
+    model, session, turn, routes, _ = _cat_cache_turn("slot")
+    try:
+        forward = lambda: model(turn[:, 2:], position_ids=torch.arange(7, 9)[None])  # noqa: E731
+        with torch.no_grad():
+            assert _outcome(model, session, routes[2:], forward, model) is None
     finally:
         session.detach()
