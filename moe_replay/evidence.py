@@ -6412,7 +6412,7 @@ def _refuse_chosen_tokens(
                     name,
                     calls,
                     f"its decision ({decision.describe()}) is made for {decision.rows} of the {tokens} tokens it "
-                    "took, and with every token's row moved one place on it is made for the same rows, now at other "
+                    "took, and with every token's row moved places on it is made for the same rows, now at other "
                     "places: which tokens it decides for is chosen from their values before it "
                     "(as many each time: the tokens of highest value, a capacity filled by value), not by their "
                     "places, so its rows are not one per token, and a replay would choose those tokens again from "
@@ -6437,20 +6437,19 @@ def _refuse_chosen_tokens(
 def _follows_its_rows(probe: _Prober, found: tuple[Any, torch.Tensor], decision: Call, nth: int) -> bool:
     """Whether ``decision`` (the ``nth`` call of its signature), made for fewer rows than its forward has tokens,
     follows the tokens' values rather than their places: run on the hidden states ``found`` (its inputs' first
-    floating tensor, where it is and the tensor) with every token's row moved one place on (each row then differs
-    from the one at its place before), its scores are those of the same rows in the same order, or with the last
-    one first (the last token's row, chosen, moved to the first place). A choice by place (the tokens a mask keeps,
-    every other one) would now decide for the rows before those it decided for, whose scores differ; a choice per
-    pixel of a feature map, or per sequence from the mean of its rows, would be made on rows that mix others. False
-    for a decision made once per sequence of one (no order of its rows moves their mean), where the forward does not
-    run on the moved rows, where a row equals the one before it (nothing would tell them apart), or past
-    ``_FOLLOW_ROWS`` rows."""
+    floating tensor, where it is and the tensor) with every token's row moved ``s`` places on (by one, and by about
+    half, ``s`` prime to the count of rows; each row then differs from the one at its place before), its scores are
+    those of the same rows in the same order, the last ``c`` of them first (the chosen rows among the last ``s``
+    moved to the first places), for some ``c`` that moves them. A choice by place (the tokens a mask keeps, every
+    other one) would now decide for the rows before those it decided for, whose scores differ; a choice per pixel of
+    a feature map, or per sequence from the mean of its rows, would be made on rows that mix others; a choice over
+    rows the hidden states do not make (a table of task embeddings) does not move. False for a decision made once
+    per sequence, where the forward does not run on the moved rows, where a row equals the one ``s`` before it
+    (nothing would tell them apart), or past ``_FOLLOW_ROWS`` rows."""
     x = found[1].detach()
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] < 2 or decision.rows > _FOLLOW_ROWS or decision.rows == x.numel() // (x.shape[-2] * x.shape[-1]):
-        return False
-    moved = rows.roll(1, 0)
-    if not bool(moved.ne(rows).any(-1).all()):
+    n = int(rows.shape[0])
+    if n < 2 or decision.rows > _FOLLOW_ROWS or decision.rows == x.numel() // (x.shape[-2] * x.shape[-1]):
         return False
 
     def scores(inputs: tuple[tuple[Any, ...], dict[str, Any]] | None) -> torch.Tensor | None:
@@ -6464,13 +6463,25 @@ def _follows_its_rows(probe: _Prober, found: tuple[Any, torch.Tensor], decision:
             return None
         return seen.ins[same[0].ordinal].detach().reshape(decision.rows, -1)
 
-    before = scores(None)
-    if before is None:
-        return False
-    after = scores(_replaced((probe.args, probe.kwargs), found[0], moved.reshape(x.shape)))
-    return after is not None and any(
-        torch.allclose(a, after, rtol=1e-3, atol=1e-6, equal_nan=True) for a in (before, before.roll(1, 0))
-    )
+    before: torch.Tensor | None = None
+    # (shifts prime to the count of rows: no choice by place of some of them maps onto itself moved so)
+    half = next((s for s in range(n // 2, 1, -1) if math.gcd(s, n) == 1), 1)
+    for shift in dict.fromkeys((1, half)):
+        moved = rows.roll(shift, 0)
+        if not 0 < shift < n or not bool(moved.ne(rows).any(-1).all()):
+            continue
+        before = scores(None) if before is None else before
+        if before is None:
+            return False
+        after = scores(_replaced((probe.args, probe.kwargs), found[0], moved.reshape(x.shape)))
+        if after is None:
+            continue
+        for j in range(1, decision.rows):  # (after's first row is before's row j: the last rows - j moved first)
+            if torch.allclose(before[j], after[0], rtol=1e-3, atol=1e-6) and torch.allclose(
+                before.roll(decision.rows - j, 0), after, rtol=1e-3, atol=1e-6
+            ):
+                return True
+    return False
 
 
 #: At most this many rows of a decision made for some of its tokens are compared by :func:`_follows_its_rows`.
