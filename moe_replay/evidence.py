@@ -6538,14 +6538,16 @@ def _beside_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tu
     value), random values four times its spread. A choice made from such a tensor (a number of experts per token from
     a threshold on a second input, or on a weight per token) is varied so, not only one made from the hidden
     states. A tensor of zeros and ones is a mask the caller hands in (DeepSpeed's ``used_token``, padding routed
-    nowhere): data the same forward is given again at its replay, as its token ids are, not varied."""
+    nowhere): data the same forward is given again at its replay, as its token ids are, not varied; not one that
+    requires gradients, which the model computed from its weights (a straight-through keep-mask it learns) and a
+    replay after training computes anew."""
     first = _first_floating((args, kwargs))
     seen = {id(first[1])} if first is not None else set()
     for path, x in _floating_paths((args, kwargs), []):
         if id(x) in seen:
             continue
         seen.add(id(x))
-        if bool(((x == 0) | (x == 1)).all()):  # (a mask: see above)
+        if not x.requires_grad and bool(((x == 0) | (x == 1)).all()):  # (a mask: see above)
             continue
         rows = x.detach().reshape(-1, x.shape[-1] if x.dim() > 1 else 1)
         others: list[torch.Tensor] = []
