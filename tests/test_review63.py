@@ -127,3 +127,80 @@ def test_a_mask_the_caller_hands_in_is_still_read_as_data() -> None:
         with session.replay(routes):
             w2, idx2 = model(x, keep)
     assert _used(w2, idx2) == _used(w, idx) and bool((w2 == 0).any())
+
+
+class _AvailabilityRouter(nn.Module):
+    """A top-k router over the softmax of logits an availability mask of the model's sets to ``-inf`` (an expert out of
+    service: ``avail`` 0 for it), the mask applied before the softmax, not to the top-k's input itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(_D, _E, bias=False)
+
+    def forward(self, x: torch.Tensor, avail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gate(x).masked_fill(avail == 0, float("-inf"))
+        return torch.topk(F.softmax(logits, dim=-1), _K, dim=-1)
+
+
+class _AvailabilityModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = _AvailabilityRouter()
+        self.register_buffer("avail", torch.ones(_E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.router(x, self.avail)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a forced expert masked to -inf before a softmax that feeds the top-k gets a weight of 0 at the replay",
+)
+def test_a_forced_expert_masked_before_the_softmax_of_the_top_k_input_keeps_a_weight() -> None:
+    """An availability mask applied to the logits before the softmax whose top-k decides: the capture's experts, one
+    of them taken out of service since (its logit ``-inf`` now), are forced at the replay, but the forced expert is
+    gathered from the masked softmax and weighs exactly 0, so the token uses one expert fewer than the capture
+    recorded, with every check passing. A mask applied to the top-k's input itself (``masked_fill`` of the scores,
+    then ``topk``) is read through (its forced experts keep their unmasked values); through a softmax it is not.
+    Every forced expert weighs more than 0 once fixed, or the replay is refused."""
+    torch.manual_seed(0)
+    x = torch.randn(_T, _D)
+    model = _AvailabilityModel()
+    with mr.attach(model, include=["router"], top_k=_K, num_experts=_E) as session, torch.no_grad():
+        with session.capture():
+            w, idx = model(x)
+        routes = session.routes()
+        assert bool((w > 0).all())  # (every captured slot used)
+        model.avail[int(idx[0, 0])] = 0  # (the expert token 0 chose first taken out of service)
+        try:
+            with session.replay(routes):
+                w2, idx2 = model(x)
+        except mr.MoEReplayError:
+            return  # (refused: what a fix may do)
+    assert torch.equal(idx2, idx)
+    assert bool((w2 > 0).all()), f"forced experts weighed 0: {(w2 == 0).nonzero().tolist()}"
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_forced_expert_masked_in_the_top_k_input_itself_keeps_its_unmasked_weight() -> None:
+    """Beside the gap above: the same mask applied to the top-k's input itself (the softmax's probabilities filled
+    with 0 where an expert is out of service) leaves every forced expert its unmasked probability at the replay."""
+
+    class _Filled(_AvailabilityRouter):
+        def forward(self, x: torch.Tensor, avail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.topk(F.softmax(self.gate(x), dim=-1).masked_fill(avail == 0, 0.0), _K, dim=-1)
+
+    torch.manual_seed(0)
+    x = torch.randn(_T, _D)
+    model = _AvailabilityModel()
+    model.router = _Filled()
+    with mr.attach(model, include=["router"], top_k=_K, num_experts=_E) as session, torch.no_grad():
+        with session.capture():
+            _, idx = model(x)
+        routes = session.routes()
+        model.avail[int(idx[0, 0])] = 0
+        with session.replay(routes):
+            w2, idx2 = model(x)
+    want = F.softmax(model.router.gate(x), dim=-1).gather(-1, idx)
+    assert torch.equal(idx2, idx) and torch.allclose(w2, want)
