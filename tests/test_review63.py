@@ -11,8 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import moe_replay as mr
+from moe_replay.models import MoEBlock, MoEConfig
 
 from .test_harden50 import _as_it_was, _hooks, _state
+from .test_review51 import _outcome
+from .test_workflow import _dispatched, _joined, _perturb, _watch_experts
 
 _D, _E, _K, _T = 8, 4, 2, 6
 
@@ -204,3 +207,83 @@ def test_a_forced_expert_masked_in_the_top_k_input_itself_keeps_its_unmasked_wei
             w2, idx2 = model(x)
     want = F.softmax(model.router.gate(x), dim=-1).gather(-1, idx)
     assert torch.equal(idx2, idx) and torch.allclose(w2, want)
+
+
+class _CountsItsPositions(nn.Module):
+    """``nn.Transformer``'s shape of a model: ids fed ``[positions, batch]``, no ``position_ids`` (it counts its
+    tokens' places itself and adds a learned embedding of each), a causal mixer along each sequence before each MoE
+    block (its routers see the batch sequence by sequence). ``sort``: a layer before them that orders the sequences
+    by their first token's id."""
+
+    def __init__(self, sort: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        cfg = MoEConfig(hidden_size=16, num_heads=2, num_experts=4, top_k=2, expert_size=8, vocab_size=64)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos = nn.Embedding(16, cfg.hidden_size)
+        self.blocks = nn.ModuleList(MoEBlock(cfg) for _ in range(2))
+        self.sort = sort
+
+    def forward(self, src: torch.Tensor) -> torch.Tensor:
+        seq = src.t()  # ([batch, positions])
+        if self.sort:
+            seq = seq[seq[:, 0].argsort(stable=True)]
+        x = self.embed(seq) + self.pos(torch.arange(seq.shape[1]))[None]
+        for block in self.blocks:
+            x = x + x.cumsum(1) / torch.arange(1, x.shape[1] + 1)[None, :, None]
+            x = x + block(x)
+        return x.transpose(0, 1)
+
+
+def _sequence_first_ids() -> torch.Tensor:
+    """Three sequences of five tokens, fed ``[positions, batch]``, each sequence's first token another."""
+    ids = torch.randint(1, 64, (5, 3), generator=torch.Generator().manual_seed(3))
+    ids[0] = torch.tensor([40, 7, 21])
+    return ids
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_positions_first_forward_that_counts_its_own_positions_replays_its_capture_exactly() -> None:
+    """A model fed ``[positions, batch]`` ids and no ``position_ids`` (it counts them itself, as ``nn.Transformer``'s
+    positional encoding does): its capture's routes were refused on the very forward they were captured from, its
+    ids dropped as of no one order, since the check that the routers' rows follow the sequences rolled the positions
+    (read as the batch), which such a model sees moved. Rolled along its true batch, the order is told: the replay
+    forces exactly the captured experts, and the same routes fed the sequences in another order are refused by
+    their ids, the model as it was."""
+    model = _CountsItsPositions()
+    _watch_experts(model)
+    ids = _sequence_first_ids()
+    session = mr.attach(model)
+    try:
+        with torch.no_grad(), _dispatched(model) as rec, session.capture():
+            model(ids)
+        want, routes = _joined(rec), session.routes()
+        assert routes.token_ids is not None
+        _perturb(model)
+        with torch.no_grad():
+            got = _outcome(model, session, routes, lambda: model(ids), model)
+            swapped = _outcome(model, session, routes, lambda: model(ids[:, [1, 0, 2]]), model)
+        assert got is not None, "the capture's routes refused on the forward they were captured from"
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert swapped is None, "routes forced on the sequences in another order"
+    finally:
+        session.detach()
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_positions_first_forward_that_sorts_its_sequences_keeps_no_ids() -> None:
+    """Beside it: the same model with a layer that orders the sequences by their first token before the routers still
+    has its order refused as its own (the rows do not follow its sequences when they are rolled), so its routes
+    replayed by ids are refused, not checked in an order its routers do not see."""
+    model = _CountsItsPositions(sort=True)
+    ids = _sequence_first_ids()
+    assert not bool((ids[0].argsort() == torch.arange(3)).all())  # (the sort moves the sequences)
+    with mr.attach(model) as session, torch.no_grad():
+        with session.capture():
+            model(ids)
+        routes = session.routes()
+        state = _state(model)
+        with pytest.raises(mr.TokenMismatchError, match="in an order of their own"):
+            with session.replay(routes):
+                model(ids)
+        assert all(torch.equal(v, state[k]) for k, v in _state(model).items())
