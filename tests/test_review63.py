@@ -212,17 +212,17 @@ def test_a_forced_expert_masked_in_the_top_k_input_itself_keeps_its_unmasked_wei
 class _CountsItsPositions(nn.Module):
     """``nn.Transformer``'s shape of a model: ids fed ``[positions, batch]``, no ``position_ids`` (it counts its
     tokens' places itself and adds a learned embedding of each), a causal mixer along each sequence before each MoE
-    block (its routers see the batch sequence by sequence). ``sort``: a layer before them that orders the sequences
-    by their first token's id."""
+    block (its routers see the batch sequence by sequence; ``mix=False``: none, each token's row its own alone).
+    ``sort``: a layer before them that orders the sequences by their first token's id."""
 
-    def __init__(self, sort: bool = False) -> None:
+    def __init__(self, sort: bool = False, mix: bool = True) -> None:
         super().__init__()
         torch.manual_seed(5)
         cfg = MoEConfig(hidden_size=16, num_heads=2, num_experts=4, top_k=2, expert_size=8, vocab_size=64)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos = nn.Embedding(16, cfg.hidden_size)
         self.blocks = nn.ModuleList(MoEBlock(cfg) for _ in range(2))
-        self.sort = sort
+        self.sort, self.mix = sort, mix
 
     def forward(self, src: torch.Tensor) -> torch.Tensor:
         seq = src.t()  # ([batch, positions])
@@ -230,7 +230,8 @@ class _CountsItsPositions(nn.Module):
             seq = seq[seq[:, 0].argsort(stable=True)]
         x = self.embed(seq) + self.pos(torch.arange(seq.shape[1]))[None]
         for block in self.blocks:
-            x = x + x.cumsum(1) / torch.arange(1, x.shape[1] + 1)[None, :, None]
+            if self.mix:
+                x = x + x.cumsum(1) / torch.arange(1, x.shape[1] + 1)[None, :, None]
             x = x + block(x)
         return x.transpose(0, 1)
 
@@ -287,3 +288,32 @@ def test_a_positions_first_forward_that_sorts_its_sequences_keeps_no_ids() -> No
             with session.replay(routes):
                 model(ids)
         assert all(torch.equal(v, state[k]) for k, v in _state(model).items())
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a [positions, batch] forward that counts its own positions and mixes no tokens before its first router "
+    "has its order checked by rolling its positions, which it sees moved: its capture's routes are refused",
+)
+def test_a_positions_first_forward_that_mixes_no_tokens_before_its_routers_replays_its_capture_exactly() -> None:
+    """The same model with no mixer: a change of one token moves its own row alone, which both readings of the ids
+    place alike, so the order is told as the ids read batch-first are and checked by rolling their first dimension,
+    the positions, which the model sees moved (it counts them itself). Its capture's routes are refused on the very
+    forward they came from; rolling the other dimension alike would let a layer that sorts the sequences by what a
+    roll along them keeps (their lengths) pass. Exact once fixed."""
+    model = _CountsItsPositions(mix=False)
+    _watch_experts(model)
+    ids = _sequence_first_ids()
+    session = mr.attach(model)
+    try:
+        with torch.no_grad(), _dispatched(model) as rec, session.capture():
+            model(ids)
+        want, routes = _joined(rec), session.routes()
+        _perturb(model)
+        with torch.no_grad():
+            got = _outcome(model, session, routes, lambda: model(ids), model)
+        assert got is not None, "the capture's routes refused on the forward they were captured from"
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    finally:
+        session.detach()
