@@ -5389,17 +5389,14 @@ def token_order(
         return None if emptied else OTHER_ORDER
     first, second = rows
 
-    def rolled(order: str, keep: torch.Tensor | None = None, along: int = 0) -> str:
+    def rolled(order: str, keep: torch.Tensor | None = None) -> str:
         # (a layer that reorders the sequences by what they hold (sorts them by length) may leave them in place at
         # this forward, or move only others than sequence 0, and reorder another forward otherwise: the order told is
-        # kept only where the routers' rows follow the sequences when the batch is rolled one place. ``along``: the
-        # dimension of the ids the true sequences run across, 1 where they were fed ``[positions, batch]``, so that
-        # the true batch is rolled, not the positions, which a model that counts them itself would see moved)
+        # kept only where the routers' rows follow the sequences when the batch is rolled one place)
         if order not in (BATCH_MAJOR, SEQUENCE_FIRST, UNPADDED) or first is None:
             return order
-        roll = _roll_batch if along == 0 else _roll_across
-        moved_args = tuple(roll(a, batch, positions) for a in args)
-        moved_rest = {k: roll(v, batch, positions) for k, v in rest.items()}
+        moved_args = tuple(_roll_batch(a, batch, positions) for a in args)
+        moved_rest = {k: _roll_batch(v, batch, positions) for k, v in rest.items()}
 
         def fed_rolled(x: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
             if key is not None:
@@ -5407,14 +5404,14 @@ def token_order(
             return (x, *moved_args[1:]), moved_rest
 
         base, rows_as_fed = grid, first
-        if second is not None and second.shape == first.shape and bool((grid == grid.roll(1, along)).all()):
+        if second is not None and second.shape == first.shape and bool((grid == grid.roll(1, 0)).all()):
             # (every sequence the same as the one before it, as a batch of one prompt repeated: rolled, they tell
             # nothing. The changed batch's sequence 0 is another: a sort by what they hold moves it)
             base, rows_as_fed = changed, second
-        got = _order_rows(run, fed_rolled, (base.roll(1, along),), devices, kept, aside)
+        got = _order_rows(run, fed_rolled, (base.roll(1, 0),), devices, kept, aside)
         if got is None:  # (a forward that fails on its sequences rolled: told as before)
             return order
-        return order if _follows_roll(rows_as_fed, got[0], base.detach(), order, keep, along) else MIXED
+        return order if _follows_roll(rows_as_fed, got[0], base.detach(), order, keep) else MIXED
 
     if (first is not None and first.is_meta) or (second is not None and second.is_meta):
         return None  # (a model on the meta device, fed real ids: its rows hold no values to compare)
@@ -5501,7 +5498,7 @@ def token_order(
     # batch, so the changed token's own row and only rows of its true sequence, the read position's, change)
     column = range(at * batch, (at + 1) * batch)
     if at * batch in moved and all(q in column for q in moved) and top_first in (None, at * batch):
-        return rolled(_mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j in column), along=1)
+        return rolled(_mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j in column))
     if top is not None and top not in (at, at * batch) and top_first not in (at, at * batch):
         return MIXED
     return OTHER_ORDER  # (rows of other tokens moved too, as a statistic over the batch moves them: read as before)
@@ -5552,21 +5549,6 @@ def _roll_batch(value: Any, batch: int, positions: int) -> Any:
     return value.roll(1, 0) if value.dim() >= 2 or batch != positions else value
 
 
-def _roll_across(value: Any, batch: int, positions: int) -> Any:
-    """``value`` with its true sequences rolled one place, for a forward fed its ids ``[positions, batch]`` and read
-    as ``[batch, positions]`` (see :func:`token_order`): a tensor laid out as the ids (``[batch, positions, ...]`` as
-    read: position ids) rolled along its second dimension, one of an entry per true sequence first (``[positions,
-    batch]`` as read, where the two differ: ``nn.Transformer``'s padding mask) along its first; else ``value`` as it
-    is."""
-    if not isinstance(value, torch.Tensor) or value.dim() < 2:
-        return value
-    if tuple(value.shape[:2]) == (batch, positions):
-        return value.roll(1, 1)
-    if tuple(value.shape[:2]) == (positions, batch):
-        return value.roll(1, 0)
-    return value
-
-
 def _token_rows(keep: torch.Tensor | None, order: str, batch: int, positions: int) -> torch.Tensor:
     """The row at which the routers see each token of a ``[batch, positions]`` forward whose routers see them in
     ``order`` (on the host), -1 where they see none (:data:`UNPADDED`: only the tokens ``keep`` keeps, sequence by
@@ -5580,12 +5562,7 @@ def _token_rows(keep: torch.Tensor | None, order: str, batch: int, positions: in
 
 
 def _follows_roll(
-    plain: torch.Tensor,
-    rolled: torch.Tensor | None,
-    grid: torch.Tensor,
-    order: str,
-    keep: torch.Tensor | None,
-    along: int = 0,
+    plain: torch.Tensor, rolled: torch.Tensor | None, grid: torch.Tensor, order: str, keep: torch.Tensor | None
 ) -> bool:
     """Do the first router's input rows of a run on the ``[batch, positions]`` ids (or embeddings) ``grid`` with its
     sequences rolled one place (``rolled``) follow the sequences, in ``order``, from those of the run as fed
@@ -5593,14 +5570,13 @@ def _follows_roll(
     holds at its place (the rows a layer that sorts the sequences by what they hold gives both runs alike)? Each
     sequence is weighed over its tokens whose rows the two readings tell apart (those of another id there); one of no
     such token (a sequence the same as the one before it) says nothing. ``keep``: the tokens kept, where the routers
-    see only those (:data:`UNPADDED`). ``along``: the dimension of ``grid`` its sequences were rolled along (1 for
-    ids fed ``[positions, batch]``, whose true sequences are its columns)."""
+    see only those (:data:`UNPADDED`)."""
     batch, positions = int(grid.shape[0]), int(grid.shape[1])
     if rolled is None or rolled.shape != plain.shape:
         return False
     keep = None if keep is None else keep.to("cpu", torch.bool)
     at = _token_rows(keep, order, batch, positions)  # (each token's row in the run as fed)
-    moved = _token_rows(None if keep is None else keep.roll(1, along), order, batch, positions).roll(-1, along)
+    moved = _token_rows(None if keep is None else keep.roll(1, 0), order, batch, positions).roll(-1, 0)
     if int(at.max()) >= plain.shape[0] or int(moved.max()) >= plain.shape[0]:
         return False
     ours = at.reshape(-1) >= 0
@@ -5618,8 +5594,8 @@ def _follows_roll(
     stays = (now - plain.double()[mine.clamp(min=0).to(device)]).norm(dim=-1).cpu()
     if not bool(torch.isfinite(follows).all() and torch.isfinite(stays).all()):
         return True  # (rows that hold no values to compare: told as before)
-    sequence = torch.arange(batch).repeat_interleave(positions) if along == 0 else torch.arange(positions).repeat(batch)
-    for b in range(batch if along == 0 else positions):
+    sequence = torch.arange(batch).repeat_interleave(positions)
+    for b in range(batch):
         weigh = tells & (sequence == b)
         if bool(weigh.any()) and not float(follows[weigh].sum()) < float(stays[weigh].sum()):
             return False
