@@ -778,12 +778,13 @@ def load_balancing_loss(
             (the batch's ``[batch, positions]`` attention mask, or several forwards' stacked along
             the batch), or a list of masks, one per forward kept: only with the scores and
             indices of :meth:`Session.keep_scores` (``kept.scores``, ``kept.indices``,
-            ``kept[name]``, or probabilities made from the kept scores with the kept indices),
-            which know whose token each row is: each row gets its own token's weight, also where
-            the routers saw the batch sequence-first (see :meth:`RouterScores.row_mask`). A
-            router with no token counted (all padding, or no token at all) contributes 0. Rows of
-            ``indices`` that are all -1 (a token Routes hold no route for: the padding of a
-            :class:`~moe_replay.BatchLayout`) count for nothing where the mask gives them weight 0.
+            ``kept[name]``, or probabilities made from the kept scores, row for row, with the kept
+            indices or the indices of the routes replayed), which know whose token each row is:
+            each row gets its own token's weight, also where the routers saw the batch sequence-first
+            (see :meth:`RouterScores.row_mask`). A router with no token counted (all padding, or
+            no token at all) contributes 0. Rows of ``indices`` that are all -1 (a token Routes hold
+            no route for: the padding of a :class:`~moe_replay.BatchLayout`) count for nothing where
+            the mask gives them weight 0.
 
     Returns:
         A scalar float32 tensor.
@@ -986,7 +987,22 @@ def _pair_order(probs: torch.Tensor, indices: torch.Tensor, i: int) -> _RowOrder
             f"router {i}: the probs and indices are rows kept for other forwards or routers (another keep_scores() "
             "block, another router's): pass the scores and indices of one router, kept in one block"
         )
+    if a is None and b is None:
+        a = _made_from_kept_order(probs)
     return a if a is not None else b
+
+
+def _made_from_kept_order(probs: torch.Tensor) -> _RowOrder | None:
+    """The order of the rows of probabilities computed from one router's kept scores a few ops back, row for row
+    (``kept.scores[i].softmax(-1)``): that of the scores they were made from, whatever indices they are paired
+    with (``routes.indices`` of the same forward, a copy of the kept indices), which hold one row per row of them.
+    None where they were made from no kept scores, or hold another number of rows than those (a slice)."""
+    name = _router_made_from(probs)
+    kept = None if name is None else _kept_with(probs, name)
+    order = None if kept is None else _row_order_of(kept)
+    if order is None or kept is None or kept.shape[0] != probs.shape[0]:
+        return None
+    return order
 
 
 def _in_row_order(masks: list[torch.Tensor], listed: bool, order: _RowOrder | None, what: str) -> torch.Tensor:
