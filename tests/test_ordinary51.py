@@ -473,3 +473,36 @@ def test_a_floating_input_beside_the_hidden_states_replays_exactly(kind: str) ->
         with session.replay(captured), session.capture():
             model(x, extra).sum().backward()
         assert torch.equal(session.routes().indices, captured.indices)
+
+
+# ----------------------------------------------------------------------------- a [positions, batch] forward
+@pytest.mark.reliability("false refusals")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a forward fed its tokens [positions, batch] whose routers see every sequence in turn is marked as seen "
+    "sequence-first in the grid read as [batch, positions], so Routes.in_token_order() puts its rows (already "
+    "sequence by sequence) position by position, and each rank's slice of them is refused on its own sequence",
+)
+def test_in_token_order_of_a_positions_first_forward_keeps_each_sequence_whole() -> None:
+    """A model fed ``[positions, batch]`` ids (as ``nn.Transformer`` takes them) whose layers run batch-major: its
+    routers see sequence 0, then sequence 1. ``in_token_order()`` must hold the rows sequence by sequence (their
+    token ids those of each column of the ids), and a data-parallel rank fed one sequence replays its slice of them
+    after the routers moved."""
+    from .test_review57 import _SequenceFirst
+
+    torch.manual_seed(0)
+    model = _SequenceFirst()
+    ids = torch.randint(1, 128, (6, 2), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(6)[:, None].expand(6, 2)
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(ids, position_ids=pos)
+        ordered = session.routes().in_token_order()
+        assert ordered.token_ids is not None
+        assert torch.equal(ordered.token_ids.long(), ids.t().reshape(-1))
+        perturb_routers(session, scale=2.0)
+        for b in range(2):
+            part = ordered[b * 6 : (b + 1) * 6]
+            with torch.no_grad(), session.replay(part), session.capture():
+                model(ids[:, b : b + 1], position_ids=pos[:, b : b + 1])
+            assert torch.equal(session.routes().indices, part.indices), b
