@@ -164,6 +164,21 @@ BATCH_MAJOR = "batch-major"
 #: the routers see them position by position (every sequence's position 0, then position 1...), as layers that
 #: run ``[positions, batch, hidden]`` do (fairseq, Megatron)
 SEQUENCE_FIRST = "sequence-first"
+
+
+class _GridTransposed(str):
+    """:data:`SEQUENCE_FIRST` (equal to it, and read as it by every check that lays the ids out in the routers'
+    order), told of a forward whose ids are themselves ``[positions, batch]`` (as ``nn.Transformer`` takes them),
+    read as ``[batch, positions]``: its routers see every true sequence in turn (the ids' columns), so its rows are
+    already in the order of its tokens, sequence by sequence, and are not reordered to the read grid's rows
+    (``FeedRecord.ranks``)."""
+
+    __slots__ = ()
+
+
+#: the routers see the tokens of ids fed ``[positions, batch]`` (read as ``[batch, positions]``) sequence by sequence:
+#: :data:`SEQUENCE_FIRST` of the read grid, whose rows follow its columns, the true sequences (``_GridTransposed``)
+GRID_TRANSPOSED = _GridTransposed(SEQUENCE_FIRST)
 #: neither: the routers' rows do not follow the tokens one to one in either order (told once, not checked)
 OTHER_ORDER = "other"
 #: the routers see the tokens batch-major, only those the forward's ``[batch, positions]`` attention mask keeps: the
@@ -198,6 +213,9 @@ class _Forward:
     #: the [batch, positions] of ids whose tokens its routers saw sequence-first (ids and mask kept in that order), or
     #: None: they saw them in the order of the ids
     shape: tuple[int, int] | None = None
+    #: its ids were ``[positions, batch]``, read as ``shape`` (:data:`GRID_TRANSPOSED`): its rows, in the routers'
+    #: order, are already sequence by sequence, position by position
+    transposed = False
     #: fed embeddings of several sequences whose order its routers saw them in was not told (see ``ranks``)
     untold = False
     #: its routers saw only the tokens its kept ``mask`` marks (:data:`UNPADDED`): its ``count``, ``ids`` and ``mask``
@@ -853,6 +871,8 @@ class FeedRecord:
             forward.either = not unpadded and order == BATCH_MAJOR and int(fed[0]) == 1
         if order == SEQUENCE_FIRST and fed is not None:  # (ids or embeddings: each row's place in the tokens' order)
             forward.shape = (int(fed[0]), int(fed[1]))
+            if isinstance(order, _GridTransposed):
+                forward.transposed = True
         if untold:
             forward.untold = True
         self.forwards.append(forward)
@@ -1095,7 +1115,7 @@ class FeedRecord:
                 continue
             if f.untold:  # (in the order its routers saw them, which is not told)
                 out.append(torch.full((f.count,), UNTOLD_RANK, dtype=torch.long))
-            elif f.shape is not None and f.shape[0] * f.shape[1] == f.count:
+            elif f.shape is not None and not f.transposed and f.shape[0] * f.shape[1] == f.count:
                 batch, positions = f.shape
                 out.append(torch.arange(at, at + f.count).view(batch, positions).t().reshape(-1))
             else:
@@ -3426,6 +3446,7 @@ class OrderCheck(FeedCheck):
         if (
             not self._kept
             and order == SEQUENCE_FIRST
+            and not isinstance(order, _GridTransposed)  # (its rows, in the routers' order, are sequence by sequence)
             and shape is not None
             and min(int(shape[0]), int(shape[1])) > 1
             and not self._ranked(count)
@@ -3892,12 +3913,15 @@ class OrderCheck(FeedCheck):
         if bool((rank < 0).any()):
             return
         want = torch.arange(rows)
-        if order == SEQUENCE_FIRST:
+        across = order == SEQUENCE_FIRST and not isinstance(
+            order, _GridTransposed
+        )  # (ids [positions, batch]: in order)
+        if across:
             want = want.view(batch, positions).t().reshape(-1)
         if not torch.equal(torch.argsort(torch.argsort(rank)), want):
             raise TokenMismatchError(
                 f"forward {self.forwards} of this replay() feeds a [{batch}, {positions}] batch whose routers see its "
-                f"tokens {'sequence-first' if order == SEQUENCE_FIRST else 'sequence by sequence'}, but the rows it "
+                f"tokens {'sequence-first' if across else 'sequence by sequence'}, but the rows it "
                 "reads stand in another order of their tokens (rows of a capture that saw a batch of another shape, "
                 "cut through one of its forwards by a slice or split_routes, or picked): they would force the experts "
                 "of other tokens. Replay the forwards the rows were recorded from, or lay the rows out in token order "
@@ -5498,7 +5522,7 @@ def token_order(
     # batch, so the changed token's own row and only rows of its true sequence, the read position's, change)
     column = range(at * batch, (at + 1) * batch)
     if at * batch in moved and all(q in column for q in moved) and top_first in (None, at * batch):
-        return rolled(_mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j in column))
+        return rolled(_mixed(notes, GRID_TRANSPOSED, batch * positions, lambda j: j in column))
     if top is not None and top not in (at, at * batch) and top_first not in (at, at * batch):
         return MIXED
     return OTHER_ORDER  # (rows of other tokens moved too, as a statistic over the batch moves them: read as before)

@@ -477,12 +477,6 @@ def test_a_floating_input_beside_the_hidden_states_replays_exactly(kind: str) ->
 
 # ----------------------------------------------------------------------------- a [positions, batch] forward
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a forward fed its tokens [positions, batch] whose routers see every sequence in turn is marked as seen "
-    "sequence-first in the grid read as [batch, positions], so Routes.in_token_order() puts its rows (already "
-    "sequence by sequence) position by position, and each rank's slice of them is refused on its own sequence",
-)
 def test_in_token_order_of_a_positions_first_forward_keeps_each_sequence_whole() -> None:
     """A model fed ``[positions, batch]`` ids (as ``nn.Transformer`` takes them) whose layers run batch-major: its
     routers see sequence 0, then sequence 1. ``in_token_order()`` must hold the rows sequence by sequence (their
