@@ -266,6 +266,7 @@ def test_a_trl_style_step_replays_the_rollout_over_prompt_and_completion() -> No
     completions cut at their own lengths, per-sequence routes, a ``[prompt | completion]`` batch laid out by
     ``BatchLayout.split``, replayed in train mode with kept scores, an aux loss with the attention mask, backward and
     an optimiser step that moves the routers before the second rollout. Every recorded expert is forced."""
+    pytest.importorskip("trl")  # (the integration needs TRL, a test extra)
     from moe_replay.integrations.trl import rollout_routes_from_generate
 
     model = _hf()
