@@ -5516,7 +5516,13 @@ def token_order(
             unpads.extend(_later_unpadded(notes, mask, at, batch, positions))
         return rolled(_mixed(notes, BATCH_MAJOR, batch * positions, lambda j: j < positions))
     if at * batch in moved and all(q % batch == 0 for q in moved) and top_first in (None, at * batch):
-        return rolled(_mixed(notes, SEQUENCE_FIRST, batch * positions, lambda j: j % batch == 0))
+        told = SEQUENCE_FIRST
+        if moved == {at * batch}:
+            # (the changed token's own row alone: no token reaches another's row before the first router, so the
+            # rows tell no sequence, and [batch, positions] ids of layers that run positions-first look as
+            # [positions, batch] ids do. Told by the positions the forward is fed, where they tell it)
+            told = _grid_axis(kwargs, batch, positions)
+        return rolled(_mixed(notes, told, batch * positions, lambda j: j % batch == 0))
     # (a forward fed its tokens sequence-first, [positions, batch] read as [batch, positions]: its routers see every
     # sequence in turn, as position 0 of each read sequence, then position 1..., and its sequences run along the read
     # batch, so the changed token's own row and only rows of its true sequence, the read position's, change)
@@ -5526,6 +5532,33 @@ def token_order(
     if top is not None and top not in (at, at * batch) and top_first not in (at, at * batch):
         return MIXED
     return OTHER_ORDER  # (rows of other tokens moved too, as a statistic over the batch moves them: read as before)
+
+
+def _grid_axis(kwargs: dict[str, Any], batch: int, positions: int) -> str:
+    """The order of a forward fed a ``[batch, positions]`` grid (ids, or embeddings) whose routers see its columns in
+    turn, told by the positions it is fed (``position_ids``, or the one keyword named for positions): those that run
+    along the grid's rows (``[positions]``, or increasing along each row and not down each column) tell
+    :data:`SEQUENCE_FIRST`; those that run down its columns (``[batch]`` of another length, or increasing down each
+    column and not along each row: ids ``[positions, batch]``) :data:`GRID_TRANSPOSED`. Anything else (none given,
+    a square grid fed one row of positions, positions of another form) is read as the ids are everywhere else,
+    ``[batch, positions]``: :data:`SEQUENCE_FIRST` (ids ``[positions, batch]`` fed no positions are then laid out
+    position by position: a known gap)."""
+    name = "position_ids" if "position_ids" in kwargs else _positions_among(kwargs)
+    pos = kwargs.get(name) if name is not None else None
+    if not isinstance(pos, torch.Tensor) or pos.is_meta or pos.is_complex() or pos.dtype == torch.bool:
+        return SEQUENCE_FIRST
+    pos = pos.detach()
+    if pos.dim() == 1 and batch != positions:
+        if int(pos.shape[0]) == positions:
+            return SEQUENCE_FIRST
+        return GRID_TRANSPOSED if int(pos.shape[0]) == batch else SEQUENCE_FIRST
+    if pos.dim() != 2 or tuple(pos.shape) != (batch, positions):
+        return SEQUENCE_FIRST
+    along = bool((pos[:, 1:] > pos[:, :-1]).all())
+    down = bool((pos[1:] > pos[:-1]).all())
+    if along != down:
+        return SEQUENCE_FIRST if along else GRID_TRANSPOSED
+    return SEQUENCE_FIRST
 
 
 def _padding_row(
