@@ -5539,13 +5539,20 @@ def _grid_axis(kwargs: dict[str, Any], batch: int, positions: int) -> str:
     turn, told by the positions it is fed (``position_ids``, or the one keyword named for positions): those that run
     along the grid's rows (``[positions]``, or increasing along each row and not down each column) tell
     :data:`SEQUENCE_FIRST`; those that run down its columns (``[batch]`` of another length, or increasing down each
-    column and not along each row: ids ``[positions, batch]``) :data:`GRID_TRANSPOSED`. Anything else (none given,
-    a square grid fed one row of positions, positions of another form) is read as the ids are everywhere else,
-    ``[batch, positions]``: :data:`SEQUENCE_FIRST` (ids ``[positions, batch]`` fed no positions are then laid out
-    position by position: a known gap)."""
+    column and not along each row: ids ``[positions, batch]``) :data:`GRID_TRANSPOSED`. Fed no positions, a mask
+    (a keyword named for one) ``[batch, positions]`` of the transposed grid's shape, none of the grid's own, tells
+    :data:`GRID_TRANSPOSED` (``nn.Transformer``'s ``src_key_padding_mask`` beside ``[positions, batch]`` ids). Anything
+    else (neither given, a square grid fed one row of positions, positions of another form) is read as the ids are
+    everywhere else, ``[batch, positions]``: :data:`SEQUENCE_FIRST` (ids ``[positions, batch]`` fed neither are then
+    laid out position by position: a known gap)."""
     name = "position_ids" if "position_ids" in kwargs else _positions_among(kwargs)
     pos = kwargs.get(name) if name is not None else None
     if not isinstance(pos, torch.Tensor) or pos.is_meta or pos.is_complex() or pos.dtype == torch.bool:
+        shapes = {
+            tuple(v.shape) for k, v in kwargs.items() if "mask" in k and isinstance(v, torch.Tensor) and v.dim() == 2
+        }
+        if (positions, batch) in shapes and (batch, positions) not in shapes:
+            return GRID_TRANSPOSED
         return SEQUENCE_FIRST
     pos = pos.detach()
     if pos.dim() == 1 and batch != positions:

@@ -7,6 +7,7 @@ the engine writers) must be refused (a known gap), while a replay on the forward
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -150,3 +151,36 @@ def test_positions_of_a_batch_major_grid_tell_its_rows_to_be_put_back_sequence_b
     ordered = _capture(model, ids, pos).in_token_order()
     assert ordered.token_ids is not None
     assert torch.equal(ordered.token_ids.long(), ids.reshape(-1))
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_positions_first_forward_fed_a_key_padding_mask_of_its_sequences_keeps_them_whole() -> None:
+    """Fed ``[positions, batch]`` ids alone and a ``[batch, positions]`` key padding mask (as ``nn.Transformer``
+    takes them): the mask's shape tells the sequences, and in token order each sequence's rows are those of the
+    sequence captured alone; a mask of the ids' own shape tells nothing of the kind."""
+
+    class _Masked(_Unplaced):
+        def forward(  # type: ignore[override]
+            self, input_ids: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            return super().forward(input_ids)
+
+    torch.manual_seed(0)
+    model = _Masked()
+    ids, _ = _batch(5, 2, seed=4)
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(ids, src_key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+        ordered = session.routes().in_token_order()
+    other = _Masked()  # (the order told is kept by the model: another one, fed a mask of the ids' shape)
+    with mr.attach(other) as session:
+        with torch.no_grad(), session.capture():
+            other(ids, src_key_padding_mask=torch.zeros(5, 2, dtype=torch.bool))
+        same = session.routes()
+    assert ordered.token_ids is not None
+    assert torch.equal(ordered.token_ids.long(), ids.t().reshape(-1))
+    for b in range(2):
+        own = _capture(model, ids[:, b : b + 1], None)
+        assert torch.equal(ordered[b * 5 : (b + 1) * 5].indices, own.indices), b
+    assert same.in_token_order().token_ids is not None
+    assert torch.equal(cast(torch.Tensor, same.in_token_order().token_ids).long(), ids.reshape(-1))
