@@ -149,13 +149,13 @@ class D2DMoEBlock(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("train", [False, True])
-def test_d2dmoe_top_k_routing_tensor_replays_the_recorded_experts_as_by_hand(train: bool) -> None:
+def test_d2dmoe_top_k_routing_tensor_replays_the_recorded_experts_as_by_hand() -> None:
     """D2DMoE's ``topk`` mode (the router MLP's top-k ids scattered as 1.0 into a routing tensor, every expert run and
-    weighted by it): found with zero configuration (the router MLP inside the layer), the recorded rows the experts
-    used, a replay after the router changes those experts forced by hand, in output and gradients."""
+    weighted by it), in eval as D2DMoE runs it: found with zero configuration (the router MLP inside the layer), the
+    recorded rows the experts used, a replay after the router changes those experts forced by hand, in output and
+    gradients (the experts' only: the 0/1 routing tensor carries none to the router)."""
     model = _one_block(lambda: D2DMoEBlock("topk"))()
-    assert_exact(model, _seq(), train=train)
+    assert_exact(model, _seq(), train=False)  # (the routers are used in eval: ``set_for_eval_with_topk``)
 
 
 @pytest.mark.reliability("silent replays")
@@ -296,7 +296,7 @@ def test_astramind_mod_around_mixtral_layers_replays_their_routers_as_by_hand(mo
     import tests.test_public_routers6 as by_hand
 
     monkeypatch.setattr(by_hand, "perturb", _perturb_gates)
-    x = torch.randn(2, 8, D, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(1))
     session = assert_exact(MoDStack(), x, train=False)
     assert session.names == ("layers.0.block.block_sparse_moe.gate", "layers.1.block.block_sparse_moe.gate")
 
@@ -383,3 +383,124 @@ def test_steermoe_soft_layer_wise_steering_is_refused(include: str | None, match
     model = EfficientLayerWiseSteeringEncoder()
     attach = {} if include is None else {"include": include}
     assert_refused(model, _seq(), match, **attach)
+
+
+# ----------------------------------------------------------------------- JiTMoE: DeepSeek-V3 routing in a diffusion DiT
+# yhlleo/EfficientMoE JiTMoE/moe.py (``TopkRouter``, ``DSMoE``, ``DSNaiveMoE``, ``SwiGLUFFN``; the MoE of its pixel-
+# space JiT diffusion transformer, model_jit.py): the ``gate`` holds a bare ``weight`` Parameter and the
+# ``e_score_correction_bias`` buffer and returns fp32 logits only; the block's ``route_tokens_to_experts`` takes
+# DeepSeek-V3's group-limited top-k of the biased sigmoid scores (the groups' top-2 sums, ``topk_group`` groups kept by
+# a 0/1 mask, ``masked_fill`` with 0), gathers the unbiased scores, renormalises them (``+ 1e-20``) and scales them.
+# The experts run over ``expert_hit`` (the ``nonzero`` ids of the experts any token chose), each indexed by a one-
+# element tensor; without the shared expert the block adds its input instead.
+class SwiGLUFFN(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden_dim, bias=bias)
+        self.w3 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.ffn_dropout = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(self.ffn_dropout(F.silu(x1) * x2))
+
+
+class DSNaiveMoE(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, moe_intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.blocks = nn.ModuleList(SwiGLUFFN(hidden_size, moe_intermediate_size) for _ in range(num_experts))
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(hidden_states)
+        expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            idx, top_x = torch.where(expert_mask[expert_idx].squeeze(0))
+            current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
+            current_hidden_states = self.blocks[expert_idx](current_state) * top_k_weights[top_x, idx, None]
+            final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+        return final_hidden_states
+
+
+class JiTTopkRouter(nn.Module):
+    def __init__(self, hidden_size: int, n_routed_experts: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.n_routed_experts = n_routed_experts
+        self.weight = nn.Parameter(torch.randn(n_routed_experts, hidden_size) * 0.5)
+        self.register_buffer("e_score_correction_bias", torch.randn(n_routed_experts) * 0.1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.reshape(-1, self.hidden_size)
+        return F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+
+
+class DSMoE(_Used):
+    def __init__(self, use_shared_expert: bool, num_experts: int = 8, n_group: int = 4, topk_group: int = 2) -> None:
+        super().__init__()
+        self.experts = DSNaiveMoE(num_experts, D, 4)
+        self.gate = JiTTopkRouter(D, num_experts)
+        self.use_shared_expert = use_shared_expert
+        if self.use_shared_expert:
+            self.shared_experts = SwiGLUFFN(D, 4)
+        self.n_routed_experts = num_experts
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.norm_topk_prob = True
+        self.routed_scaling_factor = 2.5
+        self.top_k = 2
+
+    def route_tokens_to_experts(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        router_logits = router_logits.sigmoid()
+        if self.forced is None:
+            router_logits_for_choice = router_logits + self.gate.e_score_correction_bias
+            group_scores = (
+                router_logits_for_choice.view(-1, self.n_group, self.n_routed_experts // self.n_group)
+                .topk(2, dim=-1)[0]
+                .sum(dim=-1)
+            )
+            groups_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores)
+            group_mask.scatter_(1, groups_idx, 1)
+            score_mask = (
+                group_mask.unsqueeze(-1)
+                .expand(-1, self.n_group, self.n_routed_experts // self.n_group)
+                .reshape(-1, self.n_routed_experts)
+            )
+            scores_for_choice = router_logits_for_choice.masked_fill(~score_mask.bool(), 0.0)
+            topk_indices = torch.topk(scores_for_choice, k=self.top_k, dim=-1, sorted=False)[1]
+        else:
+            topk_indices = self.forced
+        self.used = topk_indices
+        topk_weights = router_logits.gather(1, topk_indices)
+        if self.top_k > 1 and self.norm_topk_prob:
+            denominator = topk_weights.sum(dim=-1, keepdim=True) + 1e-20
+            topk_weights /= denominator
+        topk_weights = topk_weights * self.routed_scaling_factor
+        return topk_indices, topk_weights
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residuals = hidden_states
+        orig_shape = hidden_states.shape
+        router_logits = self.gate(hidden_states)
+        topk_indices, topk_weights = self.route_tokens_to_experts(router_logits)
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+        hidden_states = self.experts(hidden_states, topk_indices, topk_weights).view(*orig_shape)
+        if self.use_shared_expert:
+            hidden_states = hidden_states + self.shared_experts(residuals)
+        else:
+            hidden_states = hidden_states + residuals
+        return hidden_states
+
+
+@pytest.mark.reliability("silent replays")
+def test_jitmoe_group_limited_routing_replays_the_recorded_experts_as_by_hand() -> None:
+    """JiTMoE's DeepSeek-V3 routing (the gate returns fp32 logits only; the group-limited top-k of the biased sigmoid
+    scores in the block's method; the experts run over the ``nonzero`` ids of those hit): found with zero
+    configuration (the gate), the recorded rows the experts used, a replay after the gate changes those experts forced
+    by hand, in output and gradients."""
+    model = _one_block(lambda: DSMoE(use_shared_expert=True))()
+    assert_exact(model, _seq(), train=True)
