@@ -170,14 +170,14 @@ def test_d2dmoe_dynamic_k_routing_is_refused_naming_why(mode: str, match: str) -
 
 
 # ----------------------------------------------------------------------- astramind MoD: a Mixtral layer per sequence
-# astramind-ai/Mixture-of-depths MoD/MoD.py (``TokenRouter``, ``MoD``; MoD/modeling/models/MixtralMoD.py puts it
-# around every other Mixtral decoder layer): a ``Linear(d, 1)`` scores each token; the k-th best score of each
-# sequence (``torch.topk`` over the sequence, ``k = int(capacity * s)``) is a threshold, and the tokens strictly above
-# it (``weights > threshold``: k - 1 of them) go through the wrapped layer, one sequence at a time in a Python loop,
-# scaled by their score; the others pass unchanged. The wrapped layer's MoE (transformers' Mixtral sparse block: a
-# ``gate`` Linear, softmax, ``torch.topk``, the weights renormalised in place, a one-hot mask per expert) so runs once
-# per sequence on a different number of tokens. In training the capacity follows a schedule of the forwards counted;
-# here in eval it is fixed.
+# astramind-ai/Mixture-of-depths MoD/MoD.py (``TokenRouter``, ``MoD``; ``apply_mod_to_hf`` wraps every other decoder
+# layer of a transformers model, Mixtral's among them): a ``Linear(d, 1)`` scores each token; the k-th best score of
+# each sequence (``torch.topk`` over the sequence, ``k = int(capacity * s)``) is a threshold, and the tokens
+# strictly above it (``weights > threshold``: k - 1 of them) go through the wrapped layer, one sequence at a time in a
+# Python loop, scaled by their score; the others pass unchanged. The wrapped layer's MoE (transformers' Mixtral sparse
+# block: a ``gate`` Linear, softmax, ``torch.topk``, the weights renormalised in place, a one-hot mask per expert) so
+# runs once per sequence on a different number of tokens. In training the capacity follows a schedule of the forwards
+# counted; here in eval it is fixed (the attention arguments MoD passes on are left out).
 class MixtralSparseMoeBlock(_Used):
     def __init__(self, num_experts: int = 4, top_k: int = 2) -> None:
         super().__init__()
@@ -387,7 +387,7 @@ def test_steermoe_soft_layer_wise_steering_is_refused(include: str | None, match
 
 # ----------------------------------------------------------------------- JiTMoE: DeepSeek-V3 routing in a diffusion DiT
 # yhlleo/EfficientMoE JiTMoE/moe.py (``TopkRouter``, ``DSMoE``, ``DSNaiveMoE``, ``SwiGLUFFN``; the MoE of its pixel-
-# space JiT diffusion transformer, model_jit.py): the ``gate`` holds a bare ``weight`` Parameter and the
+# space JiT diffusion transformer): the ``gate`` holds a bare ``weight`` Parameter and the
 # ``e_score_correction_bias`` buffer and returns fp32 logits only; the block's ``route_tokens_to_experts`` takes
 # DeepSeek-V3's group-limited top-k of the biased sigmoid scores (the groups' top-2 sums, ``topk_group`` groups kept by
 # a 0/1 mask, ``masked_fill`` with 0), gathers the unbiased scores, renormalises them (``+ 1e-20``) and scales them.
