@@ -504,3 +504,54 @@ def test_jitmoe_group_limited_routing_replays_the_recorded_experts_as_by_hand() 
     by hand, in output and gradients."""
     model = _one_block(lambda: DSMoE(use_shared_expert=True))()
     assert_exact(model, _seq(), train=True)
+
+
+# ----------------------------------------------------------------------- EC-DiT: expert choice, the gate a Parameter
+# yhlleo/EfficientMoE DSMoE/models/models_ECDiT.py (``SparseMoEBlock``, the expert-choice baseline beside its DSMoE):
+# the block holds a bare ``gate_weight`` Parameter (no gate module); the token-expert softmax affinities are turned
+# ``[b, e, s]`` by an ``einsum``, and each expert takes its ``k = int(S / E * capacity)`` best tokens of the sequence
+# (``torch.topk`` over the tokens); a one-hot of those token ids dispatches by ``einsum``, and the outputs are combined
+# by another, weighted by the chosen affinities. A token may get any number of experts, none included.
+class ExpertChoiceMlp(nn.Module):
+    """timm's ``Mlp`` (fc1, tanh-approximated GELU, fc2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D, 8)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(8, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ECSparseMoEBlock(nn.Module):
+    def __init__(self, num_experts: int = 4, capacity: float = 2) -> None:
+        super().__init__()
+        self.gate_weight = nn.Parameter(torch.randn(num_experts, D) * 0.5)
+        self.experts = nn.ModuleList(ExpertChoiceMlp() for _ in range(num_experts))
+        self.capacity = capacity
+        self.num_experts = num_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        logits = F.linear(x, self.gate_weight, None)
+        affinity = logits.softmax(dim=-1)
+        affinity = torch.einsum("b s e->b e s", affinity)
+        k = int((S / self.num_experts) * self.capacity)
+        gating, index = torch.topk(affinity, k=k, dim=-1, sorted=False)
+        dispatch = F.one_hot(index, num_classes=S).to(dtype=x.dtype)
+        x_in = torch.einsum(" b e c s, b s d -> b e c d", dispatch, x)
+        x_e = torch.stack([self.experts[e](x_in[:, e]) for e in range(self.num_experts)], dim=1)
+        return torch.einsum("b e c s, b e c, b e c d -> b s d", dispatch, gating, x_e)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("shape", [(2, 8), (1, 4)], ids=["more-tokens-than-experts", "as-many-tokens-as-experts"])
+def test_ec_dit_expert_choice_is_refused(shape: tuple[int, int]) -> None:
+    """EC-DiT's expert choice (each expert's top-k tokens of the sequence, the gate a bare Parameter of the block) is no
+    choice of k experts per token: it is refused at the first capture as expert-choice routing, not recorded as token
+    choice, also where a sequence has as many tokens as there are experts; the model as it was."""
+    model = _one_block(ECSparseMoEBlock)()
+    x = torch.randn(*shape, D, generator=torch.Generator().manual_seed(1))
+    assert_refused(model, x, "expert-choice routing")
