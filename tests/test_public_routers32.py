@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests import test_public_routers6 as by_hand
 from tests.test_evidence import D
 from tests.test_public_routers import ResidualStack
 from tests.test_public_routers6 import _Used, assert_exact, assert_refused
@@ -293,12 +294,13 @@ def test_astramind_mod_around_mixtral_layers_replays_their_routers_as_by_hand(mo
     router found there), the Mixtral gates are found with zero configuration though each runs once per sequence on
     the tokens MoD passes; the recorded rows are the experts used over those calls, and a replay after the gates
     change forces them, in output and gradients as by hand."""
-    import tests.test_public_routers6 as by_hand
-
     monkeypatch.setattr(by_hand, "perturb", _perturb_gates)
+    model = MoDStack()
+    mod_routers = {n: p.detach().clone() for n, p in model.named_parameters() if ".router." in n}
     x = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(1))
-    session = assert_exact(MoDStack(), x, train=False)
+    session = assert_exact(model, x, train=False)
     assert session.names == ("layers.0.block.block_sparse_moe.gate", "layers.1.block.block_sparse_moe.gate")
+    assert mod_routers and all(torch.equal(model.get_parameter(n), p) for n, p in mod_routers.items())
 
 
 # ----------------------------------------------------------------------- MoE-Specialisation: a mask set by the caller
