@@ -22,7 +22,7 @@ k is the number of indices the decision calls produce together, E the width they
 from; attribute names and weight shapes found by discovery are hints that narrow the
 search, never a substitute for it. Where no call matters, or the evidence contradicts what
 the user declared, the router is refused with the calls that were seen. The model is left
-as it was: random state and buffers are put back after every probe run, and the real
+as it was: random state, buffers and the files a run writes are put back after every probe run, and the real
 forward then runs once, exactly as it would have.
 """
 
@@ -85,6 +85,7 @@ from ._faults import (
     run_begins,
     run_ends,
 )
+from ._files import files_as_they_were, writable_file
 from ._torch_compat import NO_TORCH_FUNCTION
 from .errors import MoEReplayError, UnsupportedRouterError
 
@@ -3061,6 +3062,19 @@ class _Snapshot:
                 own.setdefault(id(v), v)
         # (and the plain objects they keep their state in, a few deep: a counter object, a config whose step moves)
         self.own_states = [(obj, _own_state(obj)) for obj in _with_kept_objects(list(own.values()))]
+        #: the open file objects the modules hold that can be written and sought (a log opened at ``__init__``, an
+        #: ``io.StringIO``): where each stands is put back as each run ends (see :func:`files_as_they_were`)
+        self.files = list(
+            {
+                id(v): v
+                for _, _, v in [
+                    *(x for m, attrs in self.attrs for x in _homes_in(m, attrs)),
+                    *_kept_values(self.attrs, writable_file),
+                    *((space, name, space.get(name)) for space, name in named_places(self.modules)),
+                ]
+                if writable_file(v)
+            }.values()
+        )
         #: where each tape's runs begin: where the run of another snapshot these runs are made inside stands
         self.starts = {id(tape): tape.at for _, _, tape in self.iterators if tape.running}
         #: the generators the modules hold, and those their code reads outside them (a class's, a global)
@@ -3292,7 +3306,7 @@ def left_as_it_was(model: nn.Module, runs: str) -> Iterator[None]:
     snapshot = _Snapshot(model, runs=runs)
     before = [(m, name, set(getattr(m, name, None) or ())) for m in snapshot.modules for name in _HOOK_FNS]
     try:
-        with snapshot.drawn_again():
+        with snapshot.drawn_again(), files_as_they_were(snapshot.files):
             yield
     finally:
         for m, name, keys in before:
@@ -3442,6 +3456,7 @@ class _Prober:
                 torch.autograd.graph.saved_tensors_hooks(_keep, _keep),
                 self.snapshot.hooks_aside(),
                 self.snapshot.drawn_again(),
+                files_as_they_were(self.snapshot.files),
                 _autocast_cache_aside(),
                 mode,
                 contextlib.nullcontext() if (axis := AXES.get(self.scope)) is None else MovedAxis(axis, any_width=True),
@@ -4088,7 +4103,7 @@ def _refuse_backward_choice(name: str, probe: _Prober, ev: Evidence) -> None:
         NESTING.probing += 1
         outer = run_begins()
         try:
-            with probe.snapshot.hooks_aside(), _autocast_cache_aside(), watch:
+            with probe.snapshot.hooks_aside(), _autocast_cache_aside(), files_as_they_were(probe.snapshot.files), watch:
                 got = _native(engine, (tuple(outs), tuple(grads), not last, False, tuple(wrt), True, False), {})
         except Exception as e:
             _refuse_noted(run_ends(outer), e)

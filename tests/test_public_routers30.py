@@ -364,12 +364,6 @@ def _assert_logged_once(model: LoggedLayers, log_dir: Path, x: torch.Tensor) -> 
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the runs that establish each decision at a router's first forward run the block's own code: each "
-    "appends its line to the file, the runs with the decision's indices moved among them, and a file written "
-    "cannot be put back",
-)
 def test_esft_routing_logs_hold_one_line_per_forward_under_a_capture(tmp_path: Path) -> None:
     """sample-ESFT's routing log, written as the first capture establishes the decisions: one line a layer and a
     forward, the experts used, as without the session (the lines are counted to pick the experts ESFT trains)."""

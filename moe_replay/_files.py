@@ -1,0 +1,235 @@
+"""Files a forward writes, put back after the runs of it that moe_replay makes (the runs that establish a decision,
+those that tell the order of a forward's tokens, ``verify()``'s forward).
+
+A block may write what it chose outside the process: a routing log that appends one line a forward (sample-ESFT
+counts those lines to pick the experts it trains), a file of statistics it rewrites. Each run of its own code that
+moe_replay makes writes there too, and no snapshot of the modules' attributes holds a file's contents. So while such
+runs are under way in a thread, the files that thread opens for writing (through ``open``, ``io.open`` and so
+``pathlib``, ``numpy`` and ``torch.save``) are noted as they were before the first run opened them (their size where
+they are only appended to, else their bytes; none where they did not exist), and the file objects the modules hold
+that can be written and sought (a log opened at ``__init__``, an ``io.StringIO``) as they stand; as the runs end, the
+files opened in them are flushed and every one of them is put back: cut to its size, written back, or removed. A
+file whose bytes are too large to keep is not opened in a run: the router is refused, before anything is written.
+Other threads' files are never touched. Not seen: writes through ``os.open`` or a file descriptor, directories made,
+and a file object held deeper than the modules' attributes (a ``logging`` handler's stream).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import io
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UnsupportedRouterError
+
+__all__ = ["files_as_they_were", "writable_file"]
+
+#: Bytes of files opened in a run to be written over (not only appended to) that are kept to put them back; a file
+#: past what is left of it refuses the router rather than be written unrecoverably.
+_CONTENT_BUDGET = 64 * 2**20
+
+
+@dataclass
+class _Before:
+    """A file as it was before a run first opened it for writing: ``existed``, its ``size``, and its ``data`` where
+    the run may write over it (not only append)."""
+
+    existed: bool
+    size: int = 0
+    data: bytes | None = None
+
+
+@dataclass(eq=False)
+class _Frame:
+    """The files noted for one block of runs (see :func:`files_as_they_were`)."""
+
+    paths: dict[str, _Before] = field(default_factory=dict)
+    opened: list[weakref.ref[Any]] = field(default_factory=list)
+    budget: int = field(default_factory=lambda: _CONTENT_BUDGET)
+    refusal: UnsupportedRouterError | None = None
+
+
+class _Local(threading.local):
+    def __init__(self) -> None:
+        self.frames: list[_Frame] = []
+
+
+_LOCAL = _Local()
+_LOCK = threading.Lock()
+#: blocks of runs under way in any thread, and the ``open`` functions the wrappers stand in for while there are some
+_ACTIVE = 0
+_ORIGINAL: dict[str, Callable[..., Any]] = {}
+
+
+def _writes(mode: Any) -> bool:
+    return isinstance(mode, str) and any(c in mode for c in "wax+")
+
+
+def _note(file: Any, mode: str) -> None:
+    """Note the file at ``file`` as it is now in every block of runs of this thread that has not noted it yet (or
+    noted it as appended to only, where it is now opened to be written over)."""
+    if isinstance(file, int) or not isinstance(file, str | bytes | os.PathLike):
+        return
+    path = os.path.realpath(os.fsdecode(os.fspath(file)))
+    append = "a" in mode and "+" not in mode  # (appended to alone: the size before tells what to cut)
+    frames = [
+        f
+        for f in _LOCAL.frames
+        if path not in f.paths or (not append and f.paths[path].existed and f.paths[path].data is None)
+    ]
+    if not frames:
+        return
+    exists = os.path.isfile(path)
+    size = os.path.getsize(path) if exists else 0
+    data: bytes | None = None
+    if exists and not append:
+        if any(f.budget < size for f in frames):
+            refusal = UnsupportedRouterError(
+                f"a run of a forward that moe_replay makes to establish a router's decision (or to check it) opens "
+                f"{path!r} ({size} bytes) to write over it, more than moe_replay keeps to put the file back after "
+                "the run. Write such a file outside the router's forward (after it returns), or attach with "
+                "include=/exclude= so that the module that writes it is not part of a router's scope"
+            )
+            for f in frames:
+                f.refusal = f.refusal or refusal
+            raise refusal
+        with _ORIGINAL["open"](path, "rb") as fh:
+            data = fh.read()
+    for f in frames:
+        noted = f.paths.get(path)
+        if noted is None:
+            f.paths[path] = _Before(exists, size, data)
+        elif data is not None:  # (appended to in the runs so far: its bytes before are those up to its size then)
+            f.paths[path] = _Before(True, noted.size, data[: noted.size])
+        else:
+            continue
+        f.budget -= len(data or b"")
+
+
+def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+    def opened(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if not _LOCAL.frames or not _writes(mode):
+            return original(file, mode, *args, **kwargs)
+        _note(file, mode)
+        handle = original(file, mode, *args, **kwargs)
+        with contextlib.suppress(TypeError):
+            for f in _LOCAL.frames:
+                f.opened.append(weakref.ref(handle))
+        return handle
+
+    opened.__name__, opened.__qualname__, opened.__doc__ = original.__name__, original.__qualname__, original.__doc__
+    opened.__wrapped__ = original  # type: ignore[attr-defined]
+    return opened
+
+
+def _install() -> None:
+    global _ACTIVE
+    with _LOCK:
+        if _ACTIVE == 0:
+            _ORIGINAL["open"] = builtins.open
+            _ORIGINAL["io"] = io.open
+            builtins.open = _wrap(builtins.open)
+            io.open = _wrap(io.open)
+        _ACTIVE += 1
+
+
+def _uninstall() -> None:
+    global _ACTIVE
+    with _LOCK:
+        _ACTIVE -= 1
+        if _ACTIVE == 0:
+            if getattr(builtins.open, "__wrapped__", None) is _ORIGINAL["open"]:  # (not one set since by others)
+                builtins.open = _ORIGINAL["open"]
+            if getattr(io.open, "__wrapped__", None) is _ORIGINAL["io"]:
+                io.open = _ORIGINAL["io"]
+
+
+def writable_file(v: Any) -> bool:
+    """Is ``v`` an open file object that can be written and sought (a log file a module opened, an ``io.StringIO``)?"""
+    if not isinstance(v, io.IOBase):
+        return False
+    try:
+        return not v.closed and v.writable() and v.seekable()
+    except (OSError, ValueError):
+        return False
+
+
+def _held_state(f: Any) -> tuple[int, int | None, Any]:
+    """Where ``f`` stands (flushed): its position, its size on disk (None for an in-memory one), its value where it is
+    in memory."""
+    f.flush()
+    pos = f.tell()
+    if isinstance(f, io.StringIO | io.BytesIO):
+        return pos, None, f.getvalue()
+    return pos, os.fstat(f.fileno()).st_size, None
+
+
+def _put_held(f: Any, state: tuple[int, int | None, Any]) -> None:
+    pos, size, value = state
+    if f.closed:
+        return
+    f.flush()
+    if value is not None:
+        if f.getvalue() != value:
+            f.seek(0)
+            f.truncate(0)
+            f.write(value)
+    elif size is not None and os.fstat(f.fileno()).st_size != size:
+        f.truncate(size)
+    if f.tell() != pos:
+        f.seek(pos)
+
+
+def _put_path(path: str, before: _Before) -> None:
+    if not before.existed:
+        if os.path.isfile(path):
+            os.remove(path)
+        return
+    if before.data is not None:
+        with _ORIGINAL["open"](path, "rb") as fh:
+            same = fh.read() == before.data
+        if not same:
+            with _ORIGINAL["open"](path, "wb") as fh:
+                fh.write(before.data)
+    elif os.path.isfile(path) and os.path.getsize(path) != before.size:
+        os.truncate(path, before.size)
+
+
+@contextlib.contextmanager
+def files_as_they_were(held: Iterable[Any] = ()) -> Iterator[None]:
+    """The files this thread opens for writing in the block, and the file objects of ``held`` (see
+    :func:`writable_file`), as they were before it, once it ends (see the module's docstring). A refusal made in the
+    block for a file too large to keep is raised as it ends, whatever the forward did with it."""
+    states = []
+    for f in held:
+        with contextlib.suppress(OSError, ValueError):
+            states.append((f, _held_state(f)))
+    frame = _Frame()
+    _install()
+    _LOCAL.frames.append(frame)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        _LOCAL.frames[:] = [f for f in _LOCAL.frames if f is not frame]
+        try:
+            for ref in frame.opened:
+                handle = ref()
+                if handle is not None and not handle.closed:
+                    with contextlib.suppress(OSError, ValueError):
+                        handle.flush()
+            for path, before in reversed(frame.paths.items()):
+                _put_path(path, before)
+            for f, state in states:
+                _put_held(f, state)
+        finally:
+            _uninstall()
+    if not failed and frame.refusal is not None:
+        raise frame.refusal
