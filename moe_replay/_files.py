@@ -56,6 +56,8 @@ class _Frame:
 
 
 class _Local(threading.local):
+    """The blocks of runs under way in this thread, innermost last."""
+
     def __init__(self) -> None:
         self.frames: list[_Frame] = []
 
@@ -68,6 +70,7 @@ _ORIGINAL: dict[str, Callable[..., Any]] = {}
 
 
 def _writes(mode: Any) -> bool:
+    """Does an ``open`` of ``mode`` write (create, write over, append, or update)?"""
     return isinstance(mode, str) and any(c in mode for c in "wax+")
 
 
@@ -113,6 +116,8 @@ def _note(file: Any, mode: str) -> None:
 
 
 def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original`` (an ``open``), noting in this thread's blocks of runs the files it opens for writing first."""
+
     def opened(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         if not _LOCAL.frames or not _writes(mode):
             return original(file, mode, *args, **kwargs)
@@ -129,6 +134,7 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _install() -> None:
+    """The stand-ins for ``open`` in place (the first block of runs of any thread puts them there)."""
     global _ACTIVE
     with _LOCK:
         if _ACTIVE == 0:
@@ -140,6 +146,8 @@ def _install() -> None:
 
 
 def _uninstall() -> None:
+    """Python's own ``open`` back once the last block of runs of any thread ends (unless another stand-in was set
+    since: then it stays, and ours passes every call through)."""
     global _ACTIVE
     with _LOCK:
         _ACTIVE -= 1
@@ -171,6 +179,8 @@ def _held_state(f: Any) -> tuple[int, int | None, Any]:
 
 
 def _put_held(f: Any, state: tuple[int, int | None, Any]) -> None:
+    """File object ``f`` put back where :func:`_held_state` found it: its bytes after the size it had cut, or its
+    value written back in memory, and its position."""
     pos, size, value = state
     if f.closed:
         return
@@ -187,6 +197,7 @@ def _put_held(f: Any, state: tuple[int, int | None, Any]) -> None:
 
 
 def _put_path(path: str, before: _Before) -> None:
+    """The file at ``path`` put back as ``before`` noted it: removed, written back, or cut to its size."""
     if not before.existed:
         if os.path.isfile(path):
             os.remove(path)
