@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,13 +22,54 @@ def as_array(data: Any, what: str, holds: str = "expert indices") -> np.ndarray:
     return integer_array(data, what, holds)
 
 
-def npy_from_base64(text: str | bytes, what: str) -> np.ndarray:
-    """Decode base64 of a ``.npy`` file (no pickles)."""
+#: What to do with a payload that cannot be decoded: it is read only as the server sent it.
+_AS_SENT = (
+    "pass the field as the server sent it, whole: text cut short (a truncated log line or a size limit), decoded "
+    "or re-encoded on the way cannot be read back"
+)
+
+
+def b64_bytes(text: Any, what: str, sent: str) -> bytes:
+    """The bytes of the base64 text ``text``, an engine's ``what`` field (``sent`` says what the engine sends).
+
+    Text that is no base64 is refused with what is wrong in it (a length cut off the 4-character groups, a character
+    base64 does not use and where) and what to pass instead, never with the decoder's words alone.
+    """
+    if not isinstance(text, str | bytes):
+        raise RoutesValidationError(
+            f"{what} must be the base64 text the server sent ({sent}), got {type(text).__name__}: pass that field "
+            "itself, as it arrived"
+        )
     try:
-        raw = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as e:  # (binascii.Error is a ValueError)
+        chars = text.decode("ascii", errors="replace") if isinstance(text, bytes) else text
+        bad = re.search(r"[^A-Za-z0-9+/=]", chars)
+        if bad is not None:
+            why = f"it holds {bad.group()!r} at character {bad.start()}, which base64 does not use"
+        elif len(chars) % 4:
+            why = f"its {len(chars)} characters are no whole groups of 4, as base64 writes them: it was cut"
+        else:
+            why = str(e)
+        raise RoutesValidationError(f"{what} is not base64 text ({why}); {sent}: {_AS_SENT}") from None
+
+
+def npy_from_base64(text: str | bytes, what: str) -> np.ndarray:
+    """Decode base64 of a ``.npy`` file (no pickles); what is wrong with a payload that is not one is said."""
+    sent = "vLLM's OpenAI server sends base64 of the bytes np.save writes"
+    raw = b64_bytes(text, what, sent)
+    if not raw.startswith(b"\x93NUMPY"):
+        raise RoutesValidationError(
+            f"{what} is not base64 of a .npy file: it is base64 text, but its {len(raw)} bytes begin {raw[:8]!r}, "
+            "not a .npy header; "
+            f"{sent}. Raw int32 bytes (as SGLang sends) are read by from_sglang; an array already decoded is passed "
+            "as the array itself"
+        )
+    try:
         return np.load(io.BytesIO(raw), allow_pickle=False)
-    except Exception as e:  # binascii.Error, ValueError: not base64 or not an .npy file
-        raise RoutesValidationError(f"{what} is not base64 of a .npy file: {e}") from None
+    except (ValueError, OSError, EOFError) as e:  # (a pickle of objects, a header numpy cannot read, data cut)
+        held = "Python objects (a pickle), which is never read" if "pickle" in str(e) else f"no whole array ({e})"
+        raise RoutesValidationError(f"{what} is a .npy file that holds {held}; {sent}: {_AS_SENT}") from None
 
 
 def npy_to_base64(arr: np.ndarray) -> str:

@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +43,7 @@ from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes
 from ._common import (
     as_array,
+    b64_bytes,
     check_axes,
     check_holds,
     columns,
@@ -138,10 +138,7 @@ def _decode(text: str | bytes) -> np.ndarray:
     if m is None:
         raise RoutesValidationError(f"{_WHAT}: shape {shape!r} is not three integers <S>x<L>x<K>")
     dims = tuple(int(g) for g in m.groups())
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise RoutesValidationError(f"{_WHAT}: the data is not base64: {e}") from None
+    raw = b64_bytes(data, f"{_WHAT}'s data", "NeMo-RL writes base64 of the array's little-endian bytes")
     dt = _DTYPES[name]
     if len(raw) != dims[0] * dims[1] * dims[2] * dt.itemsize:
         raise RoutesValidationError(

@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from ..errors import ArgumentTypeError, RoutesValidationError
 from ..routes import Routes
 from ._common import (
     axes_names,
+    b64_bytes,
     check_start,
     columns,
     cut_last,
@@ -254,10 +254,7 @@ def from_sglang(
         counts.append((len(ids), f"token_ids holds {len(ids)} ids", False))
     if meta_count is not None:
         counts.append((meta_count[0], "meta_info's prompt_tokens + completion_tokens", True))
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise RoutesValidationError(f"SGLang routed_experts is not base64: {e}") from None
+    raw = b64_bytes(payload, "SGLang routed_experts", "SGLang sends base64 of the sequence's int32 rows")
     width, k = layer_map.num_layers, layer_map.k
     if len(raw) % (4 * width * k):
         raise RoutesValidationError(
