@@ -96,3 +96,38 @@ def test_an_engines_base64_field_cut_mangled_or_of_another_engine_says_what_is_w
     # the same reader reads the field whole
     whole = {_vllm: _VLLM_OK, _vllm_decoded: _VLLM_OK, _sglang: _SGLANG_OK, _nemo: _NEMO_OK}[read]
     assert read(whole).layer("layers.1.gate")[:5].tolist() == _rows()[:, 1].tolist()
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    ("mode", "setting", "value"),
+    [
+        ("measure", "verify_replay", True),
+        ("off", "verify_replay", True),
+        (False, "verify_replay", np.True_),
+        ("off", "replay_ref_model", True),
+    ],
+    ids=["verify, measure", "verify, off", "verify, False", "ref required, off"],
+)
+def test_a_trainer_setting_its_routing_replay_mode_would_not_read_is_refused(
+    mode: str | bool, setting: str, value: Any
+) -> None:
+    """Once silent: ``RoutingReplayGRPOTrainer(routing_replay="measure", verify_replay=True)`` trained with no
+    check at all (only replayed forwards are verified, and "measure" replays none), and ``routing_replay="off"``
+    with ``replay_ref_model=True``, which its docstring calls required (an error otherwise), trained with no
+    session on the reference model. Both are refused before the trainer is built, naming the setting and the mode
+    that has it; the model is not touched."""
+    pytest.importorskip("trl")
+    from moe_replay.integrations import trl as mr_trl
+
+    model = mr.models.build("softmax_topk")
+    forwards = {n: m.forward for n, m in model.named_modules()}
+    with pytest.raises(mr.InvalidArgumentError) as err:
+        mr_trl.RoutingReplayGRPOTrainer(model=model, routing_replay=mode, **{setting: value})
+    text = str(err.value)
+    assert f"{setting}=True" in text and "routing_replay='replay'" in text and "leave the setting out" in text
+    assert {n: m.forward for n, m in model.named_modules()} == forwards
+    assert all(getattr(m.forward, "__moe_replay_hook__", None) is None for m in model.modules())
+    # what each mode does read is taken as before: verification in "replay", a required reference in "measure"
+    mr_trl._check_mode_reads("replay", True, True)
+    mr_trl._check_mode_reads("measure", True, False)

@@ -428,6 +428,25 @@ def _check_options(
     return dict(attach_kwargs)
 
 
+def _check_mode_reads(mode: str, replay_ref_model: object, verify_replay: object) -> None:
+    """Refuse a setting that asks for what ``mode`` does not do, rather than train without it.
+
+    ``verify_replay=True`` checks replayed forwards, which only ``"replay"`` runs; ``replay_ref_model=True`` requires
+    the reference model's session (an error where there is none), which ``"off"`` never attaches."""
+    asked = []
+    if bool(verify_replay) and mode != "replay":
+        asked.append("verify_replay=True (it checks replayed forwards, and this mode replays none)")
+    if replay_ref_model is not None and bool(replay_ref_model) and mode == "off":
+        asked.append(
+            "replay_ref_model=True (it requires a session on the reference model, and this mode attaches none)"
+        )
+    if asked:
+        raise InvalidArgumentError(
+            f"routing_replay={mode!r} would train without {' and '.join(asked)}: set routing_replay='replay' to have "
+            "it, or leave the setting out"
+        )
+
+
 def _peft_reference_active(model: nn.Module) -> bool:
     """Whether a PEFT policy runs as its own reference: its adapters disabled, or TRL's ``"ref"`` adapter active.
 
@@ -531,7 +550,8 @@ class RoutingReplayMixin:
             its adapter disabled, always is); ``True``: required (an error otherwise).
         verify_replay: also capture every replayed forward and check, with
             :func:`~moe_replay.compare`, that it used every forced expert (a host copy per
-            forward; for debugging).
+            forward; for debugging). Only with ``"replay"``: refused with another mode, which
+            replays nothing to check (as ``replay_ref_model=True`` is with ``"off"``).
         capacity: capture rows per router; default: enough for one generation batch of
             ``max_completion_length`` tokens after prompts of up to 1024.
         attach_kwargs: passed to :func:`moe_replay.attach`: ``include``, ``exclude``, ``adapters``,
@@ -563,6 +583,7 @@ class RoutingReplayMixin:
         if not is_one_of(mode, MODES):
             raise InvalidArgumentError(f"routing_replay must be one of {MODES} (or True/False), got {routing_replay!r}")
         attach_kwargs = _check_options(replay_ref_model, verify_replay, capacity, attach_kwargs, allow_untested_trl)
+        _check_mode_reads(mode, replay_ref_model, verify_replay)
         # (numpy's True and False as the flags they are: `wanted is False` below reads np.False_ as no answer)
         replay_ref_model = None if replay_ref_model is None else bool(replay_ref_model)
         verify_replay, allow_untested_trl = bool(verify_replay), bool(allow_untested_trl)
