@@ -2199,6 +2199,35 @@ def _refill(v: Any, contents: Any) -> None:
     refill_container(v, contents)
 
 
+#: how deep inside a container attribute the containers it holds are put back (``self.stats = {"aux": []}``: one)
+_NESTED_DEPTH = 3
+#: the most containers held inside container attributes put back per snapshot, and the most items looked at
+_NESTED_CONTAINERS = 256
+_NESTED_ITEMS = 1 << 16
+
+
+def _nested_containers(tops: Iterable[Any]) -> list[tuple[Any, Any]]:
+    """The containers (a list, dict, set or deque) that the container values ``tops`` hold, a few deep
+    (:data:`_NESTED_DEPTH`), each once, with their contents (see :func:`container_contents`): putting back an
+    attribute's own contents leaves a list it holds grown (a log of aux losses kept per name in a dict, a cache kept
+    per layer in a list of lists), which a later forward or the training loop reads as the forward's."""
+    todo = [(v, 1) for v in tops if isinstance(v, CONTAINERS)]
+    seen = {id(v) for v, _ in todo}
+    out: list[tuple[Any, Any]] = []
+    budget = _NESTED_ITEMS
+    while todo and len(out) < _NESTED_CONTAINERS and budget > 0:
+        container, depth = todo.pop(0)
+        kind, items = container_contents(container)
+        budget -= len(items)
+        for v in (value for _, value in items) if issubclass(kind, dict) else items:
+            if isinstance(v, CONTAINERS) and id(v) not in seen and len(out) < _NESTED_CONTAINERS:
+                seen.add(id(v))
+                out.append((v, container_contents(v)))
+                if depth < _NESTED_DEPTH:
+                    todo.append((v, depth + 1))
+    return out
+
+
 def _plain_iterator(v: Any) -> bool:
     """An iterator whose one use is ``next()``: a generator, one of Python's own (``iter(a_list)``,
     ``itertools.cycle``, ``map``) or of compiled code with nothing but the iterator protocol (a deque's): what
@@ -3075,6 +3104,14 @@ class _Snapshot:
                 if writable_file(v)
             }.values()
         )
+        #: the containers held inside the container attributes of the modules and of the objects put back (a dict of
+        #: lists each forward appends to): their contents put back in place after each run, as the attributes' are
+        self.nested = _nested_containers(
+            [
+                *(v for _, attrs in self.attrs for v, _ in attrs.values()),
+                *(v for _, (held, slots) in self.own_states for v, _ in itertools.chain(held.values(), slots.values())),
+            ]
+        )
         #: where each tape's runs begin: where the run of another snapshot these runs are made inside stands
         self.starts = {id(tape): tape.at for _, _, tape in self.iterators if tape.running}
         #: the generators the modules hold, and those their code reads outside them (a class's, a global)
@@ -3145,6 +3182,8 @@ class _Snapshot:
                 m.__dict__[k] = v
         for obj, state in self.own_states:
             _put_own_state(obj, state)
+        for container, contents in self.nested:
+            refill_container(container, contents)
         for home, k, flat, _ in self.flats:  # (the runs drew from copies: the iterator itself stands untouched)
             _put_at(home, k, flat)
         for home, k, tape in self.iterators:  # (what the runs drew, given to the forwards that follow first)
