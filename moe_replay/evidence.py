@@ -2199,33 +2199,50 @@ def _refill(v: Any, contents: Any) -> None:
     refill_container(v, contents)
 
 
-#: how deep inside a container attribute the containers it holds are put back (``self.stats = {"aux": []}``: one)
+#: how deep inside a container attribute, or a plain object's, the containers and plain objects it holds are put back
+#: (``self.stats = {"aux": []}``, ``self.buffer.per_layer = [LayerLog()]``: one and two deep)
 _NESTED_DEPTH = 3
-#: the most containers held inside container attributes put back per snapshot, and the most items looked at
+#: the most containers and plain objects held inside attributes put back per snapshot, and the most items looked at
 _NESTED_CONTAINERS = 256
 _NESTED_ITEMS = 1 << 16
 
 
-def _nested_containers(tops: Iterable[Any]) -> list[tuple[Any, Any]]:
-    """The containers (a list, dict, set or deque) that the container values ``tops`` hold, a few deep
-    (:data:`_NESTED_DEPTH`), each once, with their contents (see :func:`container_contents`): putting back an
-    attribute's own contents leaves a list it holds grown (a log of aux losses kept per name in a dict, a cache kept
-    per layer in a list of lists), which a later forward or the training loop reads as the forward's."""
-    todo = [(v, 1) for v in tops if isinstance(v, CONTAINERS)]
+def _held_within(tops: Iterable[Any], holders: Iterable[Any]) -> tuple[list[Any], list[tuple[Any, Any]]]:
+    """What the values ``tops``, and the objects ``holders`` (whose own attributes are put back: an iterator of the
+    user's class among them), hold, a few deep (:data:`_NESTED_DEPTH`), each once, through the containers (a list,
+    dict, set or deque) and the plain objects (:func:`_plain_object`) among them: the plain objects found, and the
+    containers found, with their contents (see :func:`container_contents`).
+    Putting back an attribute's own value and contents leaves a list it holds grown (a log of aux losses kept per name
+    in a dict, a routing-replay buffer's per-layer logs kept in a list), which a later forward or the training loop
+    reads as the forward's."""
+    todo = [(v, 1) for v in tops if isinstance(v, CONTAINERS) or _plain_object(v)]
+    todo += [(v, 1) for v in holders]
     seen = {id(v) for v, _ in todo}
-    out: list[tuple[Any, Any]] = []
+    objects: list[Any] = []
+    containers: list[tuple[Any, Any]] = []
     budget = _NESTED_ITEMS
-    while todo and len(out) < _NESTED_CONTAINERS and budget > 0:
-        container, depth = todo.pop(0)
-        kind, items = container_contents(container)
-        budget -= len(items)
-        for v in (value for _, value in items) if issubclass(kind, dict) else items:
-            if isinstance(v, CONTAINERS) and id(v) not in seen and len(out) < _NESTED_CONTAINERS:
-                seen.add(id(v))
-                out.append((v, container_contents(v)))
-                if depth < _NESTED_DEPTH:
-                    todo.append((v, depth + 1))
-    return out
+    while todo and len(objects) + len(containers) < _NESTED_CONTAINERS and budget > 0:
+        holder, depth = todo.pop(0)
+        if isinstance(holder, CONTAINERS):
+            kind, items = container_contents(holder)
+            values = [value for _, value in items] if issubclass(kind, dict) else items
+        else:
+            own, slots = _own_state(holder)
+            values = [v for v, _ in itertools.chain(own.values(), slots.values())]
+        budget -= len(values)
+        for v in values:
+            if id(v) in seen or len(objects) + len(containers) >= _NESTED_CONTAINERS:
+                continue
+            if isinstance(v, CONTAINERS):
+                containers.append((v, container_contents(v)))
+            elif _plain_object(v):
+                objects.append(v)
+            else:
+                continue
+            seen.add(id(v))
+            if depth < _NESTED_DEPTH:
+                todo.append((v, depth + 1))
+    return objects, containers
 
 
 def _plain_iterator(v: Any) -> bool:
@@ -3090,7 +3107,14 @@ class _Snapshot:
             if _plain_object(v):
                 own.setdefault(id(v), v)
         # (and the plain objects they keep their state in, a few deep: a counter object, a config whose step moves)
-        self.own_states = [(obj, _own_state(obj)) for obj in _with_kept_objects(list(own.values()))]
+        kept_objects = _with_kept_objects(list(own.values()))
+        #: the containers held inside the attributes of the modules and of the objects put back, a few deep (a dict of
+        #: lists each forward appends to), their contents put back in place after each run as the attributes' are, and
+        #: the plain objects held inside those containers (a buffer's per-layer logs in a list), put back as the others
+        deeper, self.nested = _held_within((v for _, attrs in self.attrs for v, _ in attrs.values()), kept_objects)
+        kept_ids = {id(v) for v in kept_objects}
+        kept_objects += [v for v in deeper if id(v) not in kept_ids]
+        self.own_states = [(obj, _own_state(obj)) for obj in kept_objects]
         #: the open file objects the modules hold that can be written and sought (a log opened at ``__init__``, an
         #: ``io.StringIO``): where each stands is put back as each run ends (see :func:`files_as_they_were`)
         self.files = list(
@@ -3103,14 +3127,6 @@ class _Snapshot:
                 ]
                 if writable_file(v)
             }.values()
-        )
-        #: the containers held inside the container attributes of the modules and of the objects put back (a dict of
-        #: lists each forward appends to): their contents put back in place after each run, as the attributes' are
-        self.nested = _nested_containers(
-            [
-                *(v for _, attrs in self.attrs for v, _ in attrs.values()),
-                *(v for _, (held, slots) in self.own_states for v, _ in itertools.chain(held.values(), slots.values())),
-            ]
         )
         #: where each tape's runs begin: where the run of another snapshot these runs are made inside stands
         self.starts = {id(tape): tape.at for _, _, tape in self.iterators if tape.running}
