@@ -2455,14 +2455,21 @@ def _flat_copy(flat: Any, index: int) -> Any:
     return out
 
 
+def _unstood_holder(v: Any) -> bool:
+    """Is ``v`` an iterator of the user's class with a ``__dict__`` of its own (see :func:`_unstood`), whose attributes
+    may hold an iterator of Python's it draws from (``self.src = iter(items)``)?"""
+    return _unstood(v) and type(getattr(v, "__dict__", None)) is dict
+
+
 def _kept_values(
     attrs: list[tuple[nn.Module, dict[str, tuple[Any, Any]]]], wanted: Callable[[Any], bool]
 ) -> list[tuple[dict[str, Any], str, Any]]:
-    """The values ``wanted`` picks held by the attributes of plain objects the modules keep, a few objects deep, each
-    object once, as ``(the object's dict, the attribute, the value)`` (see :func:`_kept_iterators`)."""
+    """The values ``wanted`` picks held by the attributes of plain objects the modules keep (and of the iterators of
+    the user's class they hold: :func:`_unstood_holder`), a few objects deep, each object once, as ``(the object's
+    dict, the attribute, the value)`` (see :func:`_kept_iterators`)."""
     out: list[tuple[dict[str, Any], str, Any]] = []
     seen: set[int] = set()
-    todo = [(v, 1) for _, values in attrs for v, _ in values.values() if _plain_object(v)]
+    todo = [(v, 1) for _, values in attrs for v, _ in values.values() if _plain_object(v) or _unstood_holder(v)]
     while todo and len(seen) < _KEPT_OBJECTS:
         obj, depth = todo.pop(0)
         if id(obj) in seen:
