@@ -73,16 +73,23 @@ from ._faults import forwards_call, inside_forward, note_fault, raised_inside, r
 from ._files import files_as_they_were
 from ._torch_compat import (
     COMPILER,
+    CUDA,
+    EXPORT,
+    FORK,
+    FX,
     HOOK_HANDLES,
     compile_region,
     current_graph_task_id,
+    dispatch_modes,
     dynamo_compiling,
     exporting,
+    frame_callback,
     functorch_transform,
-    graph_capturing,
     hidden_from_dispatch_modes,
+    jit_tracing,
     mark_static_address,
     maybe_mark_dynamic,
+    stream_capturing,
     tracing,
     version_of,
 )
@@ -396,6 +403,9 @@ class FeedRecord:
         #: the mask keeps are told by scope (:meth:`unpads`)
         self.scopes: Sequence[nn.Module] = ()
         self._kept_now: _Forward | None = None  # (the forward kept for the forward running now, where kept)
+        #: the cache given to the forward running now, where :meth:`_keep` noted it in ``_built`` and ``_made_by`` as
+        #: that forward's, and the forward kept (:meth:`returned` notes a cache returned again only where another)
+        self._noted: tuple[Any, _Forward] | None = None
         #: a forward of this capture that raised after its routers recorded rows, the exception caught inside the
         #: block (a retry after an out-of-memory error): its rows stop half-way, so the routers' rows no longer line
         #: up. The exception in words, or None
@@ -460,7 +470,7 @@ class FeedRecord:
         ``inputs``: ``_inputs(args, kwargs)``, where the caller read it already.
         """
         count, ids, fed = _inputs(args, kwargs) if inputs is None else inputs
-        self._kept_now = None
+        self._kept_now = self._noted = None
         self._shape_fed = None
         before = self._given_before
         given = self._watch_caches(args, kwargs)
@@ -559,12 +569,15 @@ class FeedRecord:
     def returned(self, out: Any) -> None:
         """The forward fed last returned ``out``: where it was given a cache of plain tensors and returns one grown
         along one dimension (its tokens'), keep those tensors (weakly) for the next forward (:meth:`_plain_given`)."""
+        noted, self._noted = self._noted, None
         if self._keep_inputs:  # (the cache it returns: built by this capture's forwards, see _keep)
             returned = _returned_object(out)
-            self._built.note(returned)
             now = self._kept_now
-            if now is not None and self.forwards and self.forwards[-1] is now:
-                if returned is not None:  # (_note_object, inline)
+            latest = now is not None and self.forwards and self.forwards[-1] is now
+            # (the cache it was given, returned: noted in both as this forward's as it began, nothing since)
+            if noted is None or returned is not noted[0] or not latest or noted[1] is not now:
+                self._built.note(returned)
+                if latest and returned is not None:  # (_note_object, inline)
                     self._made_by.note(returned, len(self.forwards) - 1)
         shapes, self._plain_in = self._plain_in, None
         fed, self._shape_fed = self._shape_fed, None
@@ -673,8 +686,10 @@ class FeedRecord:
                 self._shrunk(f"{type(cache).__name__} {HELD_FEWER}", start, before, held)
             elif 0 <= start < before:  # (_shrunk on the host, inline: tokens the capture's forwards had put in went)
                 was = self._rollback
-                what = f"{type(cache).__name__} {HELD_FEWER}"
-                self._rollback = (what, True) if was is None else (was[0], was[1] | True)
+                if was is None:
+                    self._rollback = (f"{type(cache).__name__} {HELD_FEWER}", True)
+                elif was[1] is not True:  # (a device's count: or'ed with True, as _shrunk does)
+                    self._rollback = (was[0], was[1] | True)
 
     def _copied(self, copied: Any, original: Any = None) -> None:
         """A watched cache (``original``) was deep-copied (a snapshot a decode loop may go back to): note when, and
@@ -842,14 +857,14 @@ class FeedRecord:
                 if mask is not None and order is not BATCH_MAJOR:
                     mask = in_router_order(mask, order)
         forward = _Forward(count, kept, mask, self._began)
-        given = _given_cache(kwargs)
+        caches = [*filter(_GIVEN, map(kwargs.get, _CACHE_NAMES))]  # (read once, for _given_cache and _cache_held)
+        given = caches[0] if caches else None  # (_given_cache, inline)
         if given is not None:  # (its lineage: the forward whose cache it goes on from, see lineage)
-            parent = self._made_by.end_of(given)
+            parent = self._made_by.note(given, len(self.forwards))  # (noted, and what it read before)
             if parent is not None and parent >= 0:
                 forward.parent = parent
-            self._made_by.note(given, len(self.forwards))  # (_note_object, inline: a cache is given)
         if kept is not None:  # (each token's place in its sequence: a replay of its row elsewhere is refused)
-            held: int | torch.Tensor | None = _cache_held(kwargs)
+            held: int | torch.Tensor | None = _cache_held(kwargs, caches)
             if held is None:  # (a static cache's count, on its device: read in stream order, no host sync)
                 held = _device_held(kwargs)
             placed = fed if fed is not None else _flat_shape(ids, kwargs)
@@ -857,14 +872,15 @@ class FeedRecord:
             places = places_fed(args, kwargs, placed, held)
             if places is not None and places.numel() == count:
                 cache = given  # (the cache given, read above: nothing since changes the arguments)
-                if cache is not None and self._built.end_of(cache) is None:  # (_Built.holds, inline)
-                    # (after tokens of a cache no forward of this capture built: marked, see AFTER_OUTSIDE)
-                    if isinstance(held, torch.Tensor):
-                        outside = (places >= 0) & (held.to(places.device) > 0)
-                        places = torch.where(outside, AFTER_OUTSIDE - places, places)
-                    elif held:
-                        places = torch.where(places >= 0, AFTER_OUTSIDE - places, places)
-                self._built.note(cache)
+                if cache is not None:  # (noted, and whether it was before: _Built.holds)
+                    if self._built.note(cache) is None:
+                        # (after tokens of a cache no forward of this capture built: marked, see AFTER_OUTSIDE)
+                        if isinstance(held, torch.Tensor):
+                            outside = (places >= 0) & (held.to(places.device) > 0)
+                            places = torch.where(outside, AFTER_OUTSIDE - places, places)
+                        elif held:
+                            places = torch.where(places >= 0, AFTER_OUTSIDE - places, places)
+                    self._noted = (cache, forward)  # (noted in both as this forward's: see returned)
                 forward.places = places.reshape(-1) if order is BATCH_MAJOR else in_router_order(places, order)
         if own and fed is not None:  # (else as made: not unpadded, no width, not either)
             forward.unpadded = unpadded = order == UNPADDED
@@ -1860,6 +1876,9 @@ class FeedCheck:
         self.origin = origin
         self._before = before
         self._end = -1  # (the row of the whole capture the rows of the forward that runs now end at)
+        #: the cache given to the forward that runs now, where :meth:`_check_cache` noted it in ``_built`` as built by
+        #: the rows ending at ``_end``, and that end (:meth:`returned` notes a cache returned again only where another)
+        self._noted: tuple[Any, int] | None = None
         self.padding = padding if padding is not None and bool(padding.any()) else None
         self.position = position
         self.hint = hint  # what the error adds, about these routes
@@ -2325,7 +2344,7 @@ class FeedCheck:
         ``paired``: the level is an encoder-decoder (see :meth:`FeedRecord.fed`), whose rows no one
         id each describes: this forward and those after it are not checked.
         """
-        self._current, self._began_in, self._start_now = (-1, None), None, None
+        self._current, self._began_in, self._start_now, self._noted = (-1, None), None, None, None
         if paired or (not self._lost and any(map(_COMPILED, self._levels))):
             self._open()
         if self._lost:
@@ -2395,15 +2414,16 @@ class FeedCheck:
         where that device is not the host's: no host sync per forward)."""
         origin = self.origin
         self._end = -1 if origin is None else origin[1] + start + count
-        held: int | torch.Tensor | None = _cache_held(kwargs)
+        caches = [*filter(_GIVEN, map(kwargs.get, _CACHE_NAMES))]  # (read once, for _cache_held and _given_cache)
+        held: int | torch.Tensor | None = _cache_held(kwargs, caches)
         if held is None:
             held = _device_held(kwargs)
             if held is None:
                 return None
-        cache = _given_cache(kwargs)
+        cache = caches[0] if caches else None  # (_given_cache, inline)
         if (
             (isinstance(held, torch.Tensor) or held)
-            and not self._built.holds(cache)
+            and self._built.end_of(cache) is None  # (_Built.holds, inline)
             and not self._continued(cache, start)
         ):
             want = cast(torch.Tensor, self.places)[start : start + count]
@@ -2420,6 +2440,8 @@ class FeedCheck:
                 else:  # (its count now, compared when the block ends)
                     self._cache_later.append((*found, held.clone()))
         self._built.note(cache, self._end)
+        if cache is not None:  # (see returned)
+            self._noted = (cache, self._end)
         return held
 
     def _refuse_cache(self, forward: int, kind: str, row: int, place: int, held: int) -> None:
@@ -2471,9 +2493,11 @@ class FeedCheck:
     def returned(self, out: Any) -> None:
         """The forward fed last returned ``out``: note the KV cache it returns as built by this block."""
         begun, self._start_now = self._start_now, None
+        noted, self._noted = self._noted, None
         if self.places is not None or begun is not None:
             returned = _returned_object(out)
-            if self.places is not None:
+            # (the cache it was given, returned: noted as built by the rows ending at the same row as it began)
+            if self.places is not None and (noted is None or returned is not noted[0] or noted[1] != self._end):
                 self._built.note(returned, self._end)
             if begun is not None:
                 _note_object(self._made_by, returned, begun)
@@ -2549,7 +2573,8 @@ class FeedCheck:
         fed = places_fed(args, kwargs, shape, held)
         if fed is None or fed.numel() != count:
             return
-        flat = in_router_order(fed, order).reshape(-1)[: max(self.want.numel() - start, 0)]
+        fed = fed if order is BATCH_MAJOR else in_router_order(fed, order)  # (batch-major: flattened below)
+        flat = fed.reshape(-1)[: max(self.want.numel() - start, 0)]
         if flat.device.type == "cpu" or not self._seq_read:
             self._seq_read = self._seq_read or flat.device.type != "cpu"
             self._compare_seq_places(self.forwards, start, flat)
@@ -2800,7 +2825,8 @@ class FeedCheck:
             padding = None if self.padding is None else self.padding[start : start + ids.numel()]
         got = ids.to("cpu", torch.long)
         if want.dtype == torch.long and torch.equal(got, want):  # (every id that of its row: none bad, in one op)
-            self._compare_padding(forward, start, got, tokens, padding)
+            if tokens is not None and padding is not None:  # (_compare_padding's first test, inline)
+                self._compare_padding(forward, start, got, tokens, padding)
             return
         bad = (want >= 0) & (got != want)
         if not bool(bad.any()):
@@ -4029,7 +4055,14 @@ def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Fed:
     """What a forward of the model was fed: its token count (-1 where unknown), its ids (None where it was
     fed embeddings), and its ``[batch, positions]`` shape where it has one."""
     ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
-    if _plain(ids) and not ids.is_floating_point():
+    if (  # (_plain, inline: it runs at every forward of every level)
+        isinstance(ids, _TENSOR)
+        and not ids.is_floating_point()
+        and ids.layout == _STRIDED
+        and not ids.is_nested
+        and not ids.is_quantized
+        and ids.device.type != "meta"
+    ):
         shape = ids.shape
         if shape:  # (not 0-d)
             return ids.numel(), ids, shape if len(shape) == 2 else None
@@ -4344,24 +4377,29 @@ class _Built:
             if key not in self.objects and ref() is not None:
                 self.objects[key] = (ref, end)
 
-    def note(self, cache: Any, end: int = -1) -> None:
-        """Note ``cache`` (None: nothing), built by forwards whose rows end at row ``end``."""
+    def note(self, cache: Any, end: int = -1) -> int | None:
+        """Note ``cache`` (None: nothing), built by forwards whose rows end at row ``end``; returns what
+        :meth:`end_of` read of it before (one lookup where a caller reads it, then notes it)."""
         if cache is None:
-            return
+            return None
         if isinstance(cache, _LIST_OR_TUPLE):
             first = _first_tensor(cache)
-            if first is not None:
-                self.plain[(first.data_ptr(), tuple(first.shape))] = end
-            return
+            if first is None:
+                return None
+            key = (first.data_ptr(), tuple(first.shape))
+            was = self.plain.get(key)
+            self.plain[key] = end
+            return was
         held = self.objects.get(id(cache))
         if held is not None and held[0]() is cache:
             if held[1] != end:
                 self.objects[id(cache)] = (held[0], end)
-            return
+            return held[1]
         try:
             self.objects[id(cache)] = (weakref.ref(cache), end)
         except TypeError:  # (no weak reference to it: not noted; a later forward given it reads it as another's)
             pass
+        return None
 
 
 class _Made:
@@ -4389,19 +4427,21 @@ class _Made:
             if key not in self.held and ref() is not None:
                 self.held[key] = (ref, forward)
 
-    def note(self, cache: Any, forward: int) -> None:
-        """Note ``cache`` (None: nothing) as the forward ``forward``'s."""
+    def note(self, cache: Any, forward: int) -> int | None:
+        """Note ``cache`` (None: nothing) as the forward ``forward``'s; returns what :meth:`end_of` read of it before
+        (one lookup where a caller reads it, then notes it)."""
         key = _first_tensor(cache) if isinstance(cache, _LIST_OR_TUPLE) else cache
         if key is None:
-            return
+            return None
         held = self.held.get(id(key))
         if held is not None and held[0]() is key:
             self.held[id(key)] = (held[0], forward)
-            return
+            return held[1]
         try:
             self.held[id(key)] = (weakref.ref(key), forward)
         except TypeError:  # (no weak reference to it: it has no lineage)
             pass
+        return None
 
 
 def _note_object(made_by: _Made, cache: Any, forward: int) -> None:
@@ -4919,12 +4959,14 @@ def _may_hold_tokens(value: Any, depth: int = 0, least: tuple[int, int] = (5, 3)
     return any(_may_hold_tokens(item, depth + 1, least) for item in items)
 
 
-def _cache_held(kwargs: dict[str, Any]) -> int | None:
+def _cache_held(kwargs: dict[str, Any], given: list[Any] | None = None) -> int | None:
     """The tokens the KV cache a forward is given (by name) holds before it runs, where the host knows it: 0 for none
     (or an empty one), ``get_seq_length()`` where it is an int, the third of four dimensions of the first tensor of a
     cache of plain tensors (transformers' legacy ``[batch, heads, tokens, head_dim]``); None where not known (a static
-    cache counts on its device: no host sync here)."""
-    given = [*filter(_GIVEN, map(kwargs.get, _CACHE_NAMES))]
+    cache counts on its device: no host sync here). ``given``: the caches it is given by name, in the order of
+    ``_CACHE_NAMES``, where the caller read them already."""
+    if given is None:
+        given = [*filter(_GIVEN, map(kwargs.get, _CACHE_NAMES))]
     if not given:
         return 0
     if len(given) > 1:
@@ -5258,12 +5300,16 @@ def _unseen() -> bool:
     while dynamo falls back frame by frame (a trace that raised), this function is compiled as a frame of its own,
     where ``is_compiling()`` is True for a caller that runs eagerly: its answer would open the token check of an eager
     forward. What it reads here is the same in a frame of its own."""
+    # (graph_capturing(), tracing() and exporting() spelled inline, in their parts: it runs at every forward of every
+    # level, and their frames cost more than their reads)
     return (
         COMPILER._is_compiling_flag  # (what export and AOT tracing set in eager code)
-        or graph_capturing()
+        or (CUDA._initialized and not FORK.bad and stream_capturing())
         or functorch_transform() is not None
-        or tracing()
-        or exporting()
+        or jit_tracing()
+        or (dispatch_modes() != 0 and tracing())
+        or FX._is_fx_tracing_flag
+        or EXPORT._is_exporting_flag
     )
 
 
@@ -6688,7 +6734,15 @@ class FeedForward:
         ):
             named = self._named(fed_args, fed_kwargs)
         inputs = _inputs(fed_args, named)  # (read once: where its mask is found changes none of it)
-        order = self._order(entered, fed_args, named, fed_kwargs, name, inputs, batch)
+        order = self.order  # (_order's first tests, inline: an order told and checked for these blocks, kept as told;
+        # a forward of one token per sequence, a decode step, read as _order reads it: every order the same, but for
+        # the padding of a model that takes it out, as told)
+        if order is None or self._padless or self._tied or not all(map(self._checked.__contains__, entered)):
+            shape = inputs[2]
+            if shape is not None and int(shape[1]) < 2:
+                order = UNPADDED if order == UNPADDED else BATCH_MAJOR
+            else:
+                order = self._order(entered, fed_args, named, fed_kwargs, name, inputs, batch)
         if self.mask_from is not place:  # (a mask found elsewhere by the runs at this forward, or no longer)
             named = self._named(fed_args, fed_kwargs)
         watching: list[tuple[FeedRecord, tuple[int, ...] | None]] = []
@@ -6750,8 +6804,10 @@ class FeedForward:
                 r.unseen()
         elif current_graph_task_id() == -1:
             feed = self._feed_records
-            if compile_region():  # (eager code dynamo gave up inside a compiled call: each function it calls would be
-                # compiled as a frame of its own, and the token-order runs could not set their eager stance)
+            callback = frame_callback()  # (compile_region, inline: it runs at every forward of every level)
+            if callback is not None and callback is not False:  # (eager code dynamo gave up inside a compiled call:
+                # each function it calls would be compiled as a frame of its own, and the token-order runs could not
+                # set their eager stance)
                 feed = torch.compiler.disable(feed)
                 entered, watching, deferred = feed(entered, args, kwargs)
                 # (the levels inside may run compiled, where the host counts no read and a forward deferred to them
@@ -7062,6 +7118,7 @@ _RECORD_ONLY = {FeedRecord}  # (the types of forwards left to the levels inside 
 
 _compiling = dynamo_compiling  # (one frame; export traces with dynamo too, make_fx is seen by _unseen)
 _TENSOR = torch.Tensor
+_STRIDED = torch.strided
 
 
 def one_stream(levels: Sequence[FeedForward]) -> None:

@@ -27,6 +27,7 @@ from .errors import MoEReplayError
 __all__ = [
     "COMPILER",
     "CUDA",
+    "EXPORT",
     "FORK",
     "FX",
     "NO_TORCH_FUNCTION",
@@ -250,6 +251,19 @@ stream_capturing: Callable[[], bool] = (
 #: ``is_exporting()`` with True inside ``torch.compile`` too.)
 def exporting() -> bool:
     return bool(getattr(torch.compiler, "_is_exporting_flag", False))
+
+
+class _NoExportFlag:
+    """``torch.compiler`` as far as its export flag goes, on a torch that keeps none (:func:`exporting` reads False)."""
+
+    _is_exporting_flag = False
+
+
+#: An object whose ``_is_exporting_flag`` is :func:`exporting`'s answer: ``torch.compiler`` itself, read with no call
+#: (for a caller that spells it inline at every forward), or a False one where torch keeps no such flag.
+EXPORT: Any = (
+    torch.compiler if isinstance(getattr(torch.compiler, "_is_exporting_flag", None), bool) else _NoExportFlag()
+)
 
 
 _jit_tracing: Callable[[], bool] = getattr(torch._C, "_is_tracing", None) or torch.jit.is_tracing
