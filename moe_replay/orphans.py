@@ -177,6 +177,22 @@ _TOKEN_RANKINGS: dict[Any, tuple[int | None, int | None]] = {
     **{f: (1, None) for f in (torch.argmax, torch.Tensor.argmax, torch.argmin, torch.Tensor.argmin)},
     **{f: (None, -1) for f in (torch.multinomial, torch.Tensor.multinomial)},  # (drawn along the last dimension)
 }
+#: Rankings whose indices may choose which tokens reach the routers inside the module that takes them
+#: (Mixture-of-Depths' top-k over each sequence, a sort of the tokens by a score): see :attr:`OrphanWatch.choosers`.
+TOKEN_CHOICES = frozenset(
+    (torch.topk, torch.Tensor.topk, torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort)
+)
+
+
+def choice_indices(func: Any, out: Any) -> torch.Tensor | None:
+    """The indices a call of :data:`TOKEN_CHOICES` returned (its second result, or the whole of an ``argsort``)."""
+    if func in (torch.argsort, torch.Tensor.argsort):
+        return out if isinstance(out, torch.Tensor) else None
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor):
+        return out[1]
+    return None
+
+
 #: Cumulative sums: along a bank's experts, a distribution's CDF, which a comparison turns into a choice (the count of
 #: cumulative probabilities under a uniform draw is a sample drawn by hand; under a threshold, a top-p in order).
 _CUMSUMS = frozenset((torch.cumsum, torch.Tensor.cumsum, torch.Tensor.cumsum_))
@@ -210,6 +226,17 @@ def _ordering() -> bool:
     block's check follows)?"""
     thread = ORDER_PROBE.thread
     return thread is not None and ORDER_PROBE.check is None and thread == threading.get_ident()
+
+
+def _token_count(values: Iterable[Any]) -> int | None:
+    """The tokens the first tensor of ``values`` holds: its rows of features where it is floating (all dimensions but
+    the last), each entry where it is integer (token ids); None where there is no such tensor."""
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and not v.is_meta:
+            if v.is_floating_point():
+                return v.numel() // max(int(v.shape[-1]), 1) if v.dim() >= 2 else None
+            return v.numel() if v.dtype != torch.bool else None
+    return None
 
 
 def _calling_module(names: dict[int, str], depth: int = 2) -> tuple[str | None, bool]:
@@ -440,11 +467,24 @@ class OrphanWatch(TorchFunctionMode):
         self.uniform: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
         #: the grouped convolutions each module holds, by its name, as read (see :meth:`_grouped_experts`)
         self.grouped: dict[str, list[tuple[str, int]]] = {}
+        #: the modules that ranked floating scores along the input's tokens in their own forward while they or their
+        #: parent held an attached router (see :meth:`_holder_ranking`), by path: that holder's path, and where the
+        #: first such call was made
+        self.ranked: dict[str, tuple[str, str]] = {}
+        #: those of them whose routers ran after that ranking: the tokens reaching those routers may be the ones it
+        #: chose (Mixture-of-Depths), so each such module's rankings are recorded at capture and compared at replay
+        self.choosers: list[str] = []
+        #: the indices of every ranking that a module holding an attached router took in its own forward, with its
+        #: path, in call order (:meth:`chosen` keeps those of :attr:`choosers`)
+        self.choices: list[tuple[str, torch.Tensor]] = []
+        self.tokens: int | None = None  # the watched forward's tokens (see seed), where its input tells them
 
     def seed(self, args: Iterable[Any], kwargs: dict[str, Any] | None = None) -> None:
         """Mark the dimensions of the tensors the watched forward is called with as the input's (tokens, batch,
         features): along them, or dimensions made from them only, a draw, sort or ranking chooses no expert."""
-        self.axes.seed((*args, *(kwargs or {}).values()))
+        values = (*args, *(kwargs or {}).values())
+        self.axes.seed(values)
+        self.tokens = _token_count(values)
 
     def _in_moe(self, name: str) -> bool:
         """Inside an MoE block (a module holding experts), and not inside attention?
@@ -576,6 +616,9 @@ class OrphanWatch(TorchFunctionMode):
             # of them between the runs; and the token-order runs, a repeat of the forward up to its last router,
             # without gradients and hooks, before it: the watch judges the calls of the forward itself)
             return func(*args, **kwargs)
+        ranking = None  # the path of a module holding a router that ranks in its own forward (see _holder_ranking)
+        if func in TOKEN_CHOICES and not torch.compiler.is_compiling():
+            ranking = self._holder_ranking(func, args, kwargs)
         source = None  # where a top-k among keys is taken outside every router, whose indices are followed
         drawn = None  # what a draw from no scores among a bank's width is reported as, unless it picks input rows
         if func is F.scaled_dot_product_attention and not torch.compiler.is_compiling():
@@ -674,6 +717,7 @@ class OrphanWatch(TorchFunctionMode):
                     self._uniform_compared(args)
         if (
             not self.picked
+            and ranking is None
             and source is None
             and not self.axes.known
             and not self.drawn
@@ -683,6 +727,10 @@ class OrphanWatch(TorchFunctionMode):
         ):
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
+        if ranking is not None:
+            indices = choice_indices(func, out)
+            if indices is not None:
+                self.choices.append((ranking, indices.detach().clone()))
         if func in _UNIFORM and not torch.compiler.is_compiling():
             _weak_put(self.uniform, out, True)
         if self.picked:
@@ -702,6 +750,57 @@ class OrphanWatch(TorchFunctionMode):
             if width is not None:  # (the running total shifted or scaled: ``cumsum - p``, ``cumsum / total``)
                 _weak_put(self.cdf, out, width)
         return out
+
+    def _holder_ranking(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """The path of the module making this ranking call (:data:`TOKEN_CHOICES`) in its own forward, where that
+        module, or its parent (a token router beside the block it feeds), holds an attached router below it and it is
+        neither a router's scope, excluded, nor attention; else None. Where it ranks floating scores along the input's
+        tokens (a dimension known to be theirs), it is noted in :attr:`ranked`: the tokens those routers see may be
+        those it chooses by their values."""
+        name, in_hook = _calling_module(self.names, 3)
+        if name is None or in_hook or self._known(name) or self._in_attention(name):
+            return None
+        holder = name if self._holds_router(name) else name.rpartition(".")[0] if name else None
+        if holder is None or not self._holds_router(holder):
+            return None
+        x = _arg(args, kwargs, 0, "input")
+        dim = _arg(args, kwargs, 2 if func in (torch.topk, torch.Tensor.topk) else 1, "dim", -1)
+        if (
+            isinstance(x, torch.Tensor)
+            and x.is_floating_point()
+            and type(dim) is int
+            and x.dim() >= 1
+            and -x.dim() <= dim < x.dim()
+            and x.shape[dim] >= 2
+            and not self.axes.may_choose(x, dim)
+        ):
+            self.ranked.setdefault(name, (holder, _where()))
+        return name
+
+    def _holds_router(self, name: str) -> bool:
+        """Does the module at ``name`` hold an attached router's scope below it?"""
+        return any(s and (not name or s.startswith(name + ".")) for s in self.scopes)
+
+    def entered(self, module: nn.Module, args: Any) -> None:
+        """A module's forward starts in the watched forward, called with ``args``: where it is an attached router's
+        scope inside the holder of a module of :attr:`ranked`, and sees fewer tokens than the forward was fed (or
+        tokens not told), that module chose, before it, which tokens it sees (:attr:`choosers`). A router that sees
+        every token (a ranking of keys for attention, Mixture-of-Depths beside it) is fed no choice of tokens."""
+        if not self.ranked:
+            return
+        name = self.names.get(id(module))
+        if name is None or name not in self.scopes:
+            return
+        rows = _token_count((*args, *module_call_kwargs(3).values()))
+        if rows is not None and self.tokens is not None and rows >= self.tokens:
+            return
+        for path, (holder, _) in self.ranked.items():
+            if (not holder or name.startswith(holder + ".")) and path not in self.choosers:
+                self.choosers.append(path)
+
+    def chosen(self) -> list[tuple[str, torch.Tensor]]:
+        """The indices of the rankings :attr:`choosers` took in the watched forward, with their paths, in order."""
+        return [(path, indices) for path, indices in self.choices if path in self.choosers]
 
     def _expert_choice(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Note a ranking or draw along the input's tokens (a dimension known to be theirs) of scores with another
@@ -1161,7 +1260,7 @@ def watch_forward(
     scopes: Iterable[str],
     widths: Iterable[int],
     excluded: Callable[[str, nn.Module], bool] | None,
-    on_pass: Callable[[str, list[str]], None] | None = None,
+    on_pass: Callable[[str, list[str], OrphanWatch], None] | None = None,
     passed: Callable[[str], bool] | None = None,
 ) -> Callable[[], None]:
     """Watch the next forward of ``model``, or of the modules of it called on their own; returns a function
@@ -1173,7 +1272,8 @@ def watch_forward(
     forward ends, also when it raises. Once ``model``'s own forward has been watched they remove themselves;
     a part's forward passing leaves them in place for the rest of the model. ``on_pass`` is called with the
     module path once such a forward ran to its end with no decision outside the routers (not after one that
-    raised), and the paths of the modules in MoE blocks it did not run (:meth:`OrphanWatch.not_run`); the
+    raised), the paths of the modules in MoE blocks it did not run (:meth:`OrphanWatch.not_run`) and the watch (its
+    :attr:`~OrphanWatch.choosers` of the tokens reaching routers, and what they chose); the
     forward of a path ``passed`` says passed before is not watched again.
     """
     from torch.nn.modules import module as _module
@@ -1189,6 +1289,7 @@ def watch_forward(
         if "top" in state:
             if "watch" in state:
                 ran.add(id(module))
+                state["watch"].entered(module, args)
             return
         path = paths.get(id(module))
         if path is None:
@@ -1216,7 +1317,7 @@ def watch_forward(
             stop()
         watch.check()
         if on_pass is not None and sys.exc_info()[0] is None:  # (always_call: also run while the forward raises)
-            on_pass(path, watch.not_run(ran) if not path else [])
+            on_pass(path, watch.not_run(ran) if not path else [], watch)
         ran.clear()
 
     handles = [

@@ -509,6 +509,7 @@ class Routes:
         self._caches_interleaved: str | None = None
         self._rows_picked: str | None = None
         self._rows_untold: str | None = None
+        self._token_choices: tuple[tuple[str, torch.Tensor], ...] | None = None
         self._joined = 0
         self._recorded_names: tuple[str, ...] | None = None
         self._router_ids: tuple[torch.Tensor, ...] | None = None
@@ -789,6 +790,7 @@ class Routes:
         self._token_rank, self._order_untold = source._token_rank, source._order_untold
         self._routers_order = source._routers_order
         self._rows_untold = source._rows_untold
+        self._token_choices = source._token_choices
         self._joined = source._joined
         self._recorded_names = source._recorded_names
         self._ids_lost = source._ids_lost
@@ -908,6 +910,7 @@ class Routes:
             out._routers_order = self._routers_order  # (a run of rows: still in the order the routers saw them)
             if out.tokens_per_layer == self.tokens_per_layer:  # (every row, routes[:]: no rows chosen, the mark stays)
                 out._rows_untold = self._rows_untold
+                out._token_choices = self._token_choices
         else:
             out._pick_forwards(self, rows)
         return out
@@ -1253,6 +1256,11 @@ class Routes:
         #: Kept by the methods that keep every row (token ids, other routers, names, picks, cat, save and load, a
         #: slice of every row); a slice of fewer rows is rows the caller chose (``routes[:n]``), and drops it
         obj._rows_untold = None
+        #: set by Session.routes() only (kept by the methods that keep every row in place, and by a slice of every
+        #: row): the indices of the rankings by which modules holding routers chose which tokens reach them
+        #: (Mixture-of-Depths), ``(module path, indices)`` in call order; a replay compares them (see
+        #: ``moe_replay._token_choices``). None: no record (routes of no capture, or changed since)
+        obj._token_choices = None
         #: set by Routes.cat: how many routes of rows it joined (0 where none did; kept by the methods that keep every
         #: row in place). Joined routes may be several sequences' (a batch's, as an engine call returns them), which
         #: stitch_turns refuses as one conversation's turn where no token ids show they are pieces of one sequence

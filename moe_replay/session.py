@@ -55,6 +55,7 @@ from ._feeds import (
 from ._interrupts import hold_interrupts, interrupts_held
 from ._output_guard import is_guard
 from ._progress import Progress
+from ._token_choices import ChoiceLog, tap_choices
 from .discovery import (
     Adapter,
     Matcher,
@@ -789,6 +790,9 @@ class Session:
         self._paths: dict[int, str] = {}  # where a scope wrapped after attach now sits (its path, wrappers inserted)
         self._capturing = False
         self._replaying = False
+        #: the rankings of the modules that choose which tokens reach their routers (see :mod:`._token_choices`)
+        self._choices = ChoiceLog()
+        self._tapped: set[str] = set()  # the paths of those tapped in the open block
         self._attached = False
         self._has_capture = False
         self._interrupted: str | None = None  # the exception that ended the last capture, if one did
@@ -1083,16 +1087,25 @@ class Session:
         stops: list[Callable[[], None]] = [self._unstamp]
         passed_as_is = self._passed(model, scopes, "", self._left_out(model))
         if passed_as_is is not None:
+            if passed_as_is.choosers:  # (first: the stamp counts the hooks made)
+                stops.append(self._tap_choosers(model, passed_as_is.choosers))
             self._stamp(model, scopes)
             if passed_as_is.not_run:
                 stops.append(self._watch_first_runs(model, passed_as_is))
         else:
             ref = weakref.ref(model)
 
-            def on_pass(path: str, not_run: list[str]) -> None:
+            def on_pass(path: str, not_run: list[str], watch: OrphanWatch) -> None:
                 watched = ref()
                 if watched is not None:
-                    skeleton = self._mark_watched(watched, path, not_run)
+                    skeleton = self._mark_watched(watched, path, not_run, watch.choosers)
+                    # (the choices of the watched forward, made before its choosers were known: those of a module
+                    # tapped already were noted as it made them)
+                    for chooser, indices in watch.chosen():
+                        if chooser not in self._tapped:
+                            self._choices.note(chooser, indices)
+                    if watch.choosers:
+                        stops.append(self._tap_choosers(watched, watch.choosers))
                     if not path:
                         self._stamp(watched, self._scopes())
                     if not_run:  # (the rest of this block too)
@@ -1112,8 +1125,16 @@ class Session:
             self._watching = False
             for stop in stops:
                 stop()
+            self._tapped.clear()
 
         return stop_watching
+
+    def _tap_choosers(self, model: nn.Module, paths: Sequence[str]) -> Callable[[], None]:
+        """Tap, for the open block, the modules at ``paths`` that choose which tokens reach their routers (see
+        :mod:`._token_choices`), those not tapped already."""
+        new = [p for p in paths if p not in self._tapped]
+        self._tapped.update(new)
+        return tap_choices(model, new, self._choices)
 
     def _stamp(self, model: nn.Module, scopes: list[str]) -> None:
         """Note, as the model's forward is known to pass the watch in the open block, what :meth:`_recheck`
@@ -1192,13 +1213,17 @@ class Session:
         passed = _WATCHED.get(model, {}).get((tuple(scopes), model.training, path, left_out))
         return passed if passed is not None and passed.holds(model, scopes) else None
 
-    def _mark_watched(self, model: nn.Module, path: str = "", not_run: Sequence[str] = ()) -> _Skeleton:
+    def _mark_watched(
+        self, model: nn.Module, path: str = "", not_run: Sequence[str] = (), choosers: Sequence[str] = ()
+    ) -> _Skeleton:
         """Record that a forward of ``model`` (or of its module at ``path``) passed the watch with these
-        routers, as the model is now, and which modules in MoE blocks it did not run."""
+        routers, as the model is now, which modules in MoE blocks it did not run, and which modules chose the
+        tokens that reach their routers (:attr:`OrphanWatch.choosers`)."""
         scopes = self._scopes()
         key = (tuple(scopes), model.training, path, self._left_out(model))
         skeleton = _WATCHED.setdefault(model, {})[key] = _Skeleton(model, scopes)
         skeleton.not_run.update(not_run)
+        skeleton.choosers = tuple(choosers)
         return skeleton
 
     def _left_out(self, model: nn.Module) -> frozenset[str]:
@@ -1724,6 +1749,7 @@ class Session:
             self._capturing = capturing
         if replaying is not None:
             self._replaying = replaying
+        self._choices.capturing = self._capturing
         for h in self._hooks:
             h.capturing = self._capturing
             h.replaying = self._replaying and h.replay_source is not None
@@ -1862,6 +1888,7 @@ class Session:
             self._has_capture = True
             if clear or self._feeds is None:
                 self._feeds = FeedRecord(limit=self.capacity if self.keep_newest else None)
+                self._choices.recorded = []
             if rings:  # (each router's calls: routes() reads each router's ids where the routers' calls differ)
                 # (the calls of rows each router's ring counts now: 0 for a router of none; _hooks changes in place)
                 self._feeds.calls_made = functools.partial(calls_made_by, self._hooks)
@@ -2124,6 +2151,9 @@ class Session:
             routes._dropped_rows = max(
                 (w - r.capacity for r, w in zip(rings, written, strict=True) if r is not None), default=0
             )
+        # (which tokens the modules that choose them let reach their routers: a replay compares; rows dropped took
+        # the choices of their forwards with them, which no longer line up)
+        routes._token_choices = self._choices.kept() if not routes._dropped_rows else None
         return routes
 
     # ------------------------------------------------------------- replay
@@ -2430,6 +2460,7 @@ class Session:
         skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
         stop = self._watch()
         self._set(replaying=True)
+        self._choices.start_replay(getattr(routes, "_token_choices", None) if isinstance(routes, Routes) else None)
         ok = False
         try:
             yield
@@ -2444,6 +2475,7 @@ class Session:
             raise
         finally:
             self._set(replaying=False)
+            self._choices.end_replay()
             if stop is not None:
                 stop()
             if stop_check is not None:
@@ -2799,6 +2831,7 @@ class Session:
             bar = Progress(len(scopes), "moe_replay: establishing routers")  # (shown on a terminal only)
 
             def _ran(module: nn.Module, args: Any) -> None:
+                watch.entered(module, args)
                 key = id(module)
                 if key in scopes and key not in ran:
                     bar.update()  # (a router reached: the one before it is established)
@@ -2831,7 +2864,8 @@ class Session:
                 f"no router chose experts for any token in this forward ({idle[:4]} ran on none: an input with no "
                 "tokens?), so nothing was established. Verify on an example with tokens"
             )
-        self._mark_watched(model, "", watch.not_run(ran))  # a capture need not watch this model's forward again
+        # a capture need not watch this model's forward again
+        self._mark_watched(model, "", watch.not_run(ran), watch.choosers)
         return VerifyReport({h.name: h.calls for h in self._hooks}, evidence, idle)
 
 
@@ -2851,11 +2885,13 @@ class _Skeleton:
     of a small model).
     """
 
-    __slots__ = ("_code", "_hooks", "_parts", "_snaps", "not_run")
+    __slots__ = ("_code", "_hooks", "_parts", "_snaps", "choosers", "not_run")
 
     def __init__(self, model: nn.Module, scopes: Sequence[str]) -> None:
         #: paths of the modules in MoE blocks that the watched forward did not run, and no run of them since
         self.not_run: set[str] = set()
+        #: paths of the modules that chose which tokens reach their routers (tapped at every block)
+        self.choosers: tuple[str, ...] = ()
         modules = _on_the_way(model, scopes)
         self._parts = [
             (weakref.ref(m), tuple(weakref.ref(c) for c in m._modules.values() if c is not None)) for m in modules

@@ -4941,7 +4941,8 @@ class MoDBlock(nn.Module):
 
 def test_mixture_of_depths_around_moe_blocks_is_left_native_and_its_routers_exact() -> None:
     """The token choice of Mixture-of-Depths (a top-k over the sequence) is no router: the MoE routers inside are found
-    and replayed exactly while it chooses the same tokens (README, Limits: that choice is not recorded)."""
+    and replayed exactly while it chooses the same tokens (only the last layer's router changed); where a change
+    before it makes it choose others (the first layer's router changed), the replay is refused, naming it."""
     model = TwoLayers(MoDBlock)
     x = _x()
     with mr.attach(model) as session:
@@ -4949,19 +4950,28 @@ def test_mixture_of_depths_around_moe_blocks_is_left_native_and_its_routers_exac
         with torch.no_grad(), session.capture():
             want = model(x)
         routes = session.routes()
+
+        def change(layer: str) -> None:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.startswith(f"{layer}.block.router"):
+                        p.add_(3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(11)))
+
+        change("layers.1")
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "block.router" in n:
-                    p.add_(3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(11)))
             assert not torch.allclose(model(x), want)
-        spy = ExpertSpy(model.layers[0])  # (the first MoD sees the input: its choice of tokens is the same)
+        spy = ExpertSpy(model.layers[1])  # (the second MoD sees the first layer's output, which did not change)
         try:
             with torch.no_grad(), session.replay(routes), session.capture():
                 model(x)
-            assert torch.equal(spy.experts_of(0), as_sets(routes.layer("layers.0.block.router")))
+            assert torch.equal(spy.experts_of(0), as_sets(routes.layer("layers.1.block.router")))
         finally:
             spy.remove()
         assert session.routes().equal(routes)
+        change("layers.0")
+        with pytest.raises(mr.TokenMismatchError, match=r"'layers\.1' chooses.*other tokens"):
+            with torch.no_grad(), session.replay(routes):
+                model(x)
 
 
 # =================================================================== more public MoE code, each checked by hand

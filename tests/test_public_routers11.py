@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moe_replay as mr
 from tests.test_evidence import D, E, Experts, dispatch
 from tests.test_public_routers2 import _x
 from tests.test_public_routers6 import Layers, MixtralGate, _Used, assert_exact
@@ -1010,12 +1011,17 @@ EXACT: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], dict
     ),
     "deepseek-vl2-greedy-3d": (lambda: Layers(DeepSeekVL2MoE), _three_d, {}),
     "gemma3n-altup-modality-router-beside": (lambda: Layers(AltUpMoELayer), _x, {"change": 0.3}),
-    "mixture-of-depths-seq-as-wide-as-experts": (lambda: Layers(MixtureOfDepthsMoE), lambda: _x(3, E), {"change": 0.3}),
+    # (the changes reach Mixture-of-Depths' own router: it chooses other tokens at replay, which is refused)
+    "mixture-of-depths-seq-as-wide-as-experts": (
+        lambda: Layers(MixtureOfDepthsMoE),
+        lambda: _x(3, E),
+        {"change": 0.3, "refused": r"'layers\.0' chooses.*other tokens"},
+    ),
     "dsa-indexer-beside-seq-as-wide-as-experts": (lambda: Layers(DsaDecoderLayer), lambda: _x(3, E), {"change": 0.3}),
     "dsa-indexer+mixture-of-depths-seq-wider": (
         lambda: Pair(DsaDecoderLayer, MixtureOfDepthsMoE),
         lambda: _x(2, 12),
-        {"change": 0.3},
+        {"change": 0.3, "refused": r"'layers\.1' chooses.*other tokens"},
     ),
     "kimi-k2+lfm2-bf16": (_bf16_pair, lambda: _x().bfloat16(), {"change": 0.3}),
     "ernie45+qwen3-next-train": (lambda: Pair(ErnieBlock, Qwen3NextSparseMoeBlock), _x, {"train": True, "change": 0.3}),
@@ -1034,12 +1040,18 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
     choice under ``no_grad``, MiniCPM-MoE, DeepSeek-VL2; a DSA indexer, Mixture-of-Depths and Gemma-3n's AltUp
     beside them (top-k's of the decision's signature over positions): every router found and nothing else, the
     recorded rows the experts used, and a replay after the routers change those experts forced by hand, in output
-    and gradients."""
+    and gradients. Where the change makes Mixture-of-Depths around an MoE block choose other tokens (``refused``),
+    the replay is refused, naming it, rather than forcing the recorded rows on those tokens."""
     make, x, options = EXACT[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
     change = float(opts.pop("change", 3.0))  # type: ignore[arg-type]
-    assert_exact(make(), x(), train=train, change=change, **opts)  # type: ignore[arg-type]
+    refused = opts.pop("refused", None)
+    if refused is None:
+        assert_exact(make(), x(), train=train, change=change, **opts)  # type: ignore[arg-type]
+        return
+    with pytest.raises(mr.TokenMismatchError, match=str(refused)):
+        assert_exact(make(), x(), train=train, change=change, **opts)  # type: ignore[arg-type]
 
 
 REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, dict[str, object]]] = {

@@ -1510,6 +1510,7 @@ _MARKS = (
     "_forward_calls",
     "_router_calls",
     "_lineage",
+    "_token_choices",
 )
 #: the marks that hold one value per row (``_router_ids``: per router and row)
 _ROW_MARKS = ("_token_ids", "_fed_mask", "_seq_pos", "_layout_pos", "_token_rank", "_router_ids", "_lineage")
@@ -1532,6 +1533,7 @@ def _marked(kind: str) -> mr.Routes:
     r._recorded_names = (*r.names, "dec.layers.0.gate")
     r._joined = 2  # (joined by Routes.cat from the routes of two sequences)
     r._prompt_kept = torch.tensor([[False, True, True], [True, True, False]])  # (its first forward's 4 rows)
+    r._token_choices = (("enc.mod", torch.tensor([[2, 0]])), ("enc.mod", torch.tensor([[1, 3]])))  # (a MoD's choices)
     if kind != "routers":  # (a capture that kept no router's ids, or kept one router's and lost the other's)
         r._ids_lost = "router 'x' made calls on a part of a forward's tokens"
     if kind == "lost":
@@ -1547,6 +1549,8 @@ def _marked(kind: str) -> mr.Routes:
 
 
 def _same_mark(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple) and a and isinstance(a[0], tuple | str):  # (names; paths and indices: token choices)
+        return isinstance(b, tuple) and len(a) == len(b) and all(_same_mark(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, tuple) and a and isinstance(a[0], torch.Tensor):
         return isinstance(b, tuple) and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -1716,6 +1720,10 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
         table["r[:4]"][3]["_router_calls"] = ((((4, 1),), (1,)),) * 2
         table["r[2:6]"][3]["_router_calls"] = ((((2, 2),), (1, 1)),) * 2
         table["r[[5, 1]]"][3]["_router_calls"] = None
+    # (MoD's choices of tokens hold for the capture's forwards as they ran: kept only where every row stays in place)
+    for what in table:
+        if what.startswith(("r[:4]", "r[2:6]", "r[[", "cat", "save", "the wire", "stitch_turns")):
+            table[what][3]["_token_choices"] = None
     for what, (made, rows, routers, changed) in table.items():
         made = made() if callable(made) else made
         want = _expected(base, rows, routers, **changed)

@@ -1,0 +1,186 @@
+"""Which tokens reach the routers: a choice made by values outside them, recorded at capture and checked at replay.
+
+Routes are rows in the order a router sees its tokens. A module that holds routers may choose, by a ranking of
+scores it computes (Mixture-of-Depths' top-k over each sequence, a sort of the tokens by a score), which of the
+forward's tokens its routers see and in which order. The rows recorded for those routers are then those tokens' only;
+where the choice comes out otherwise at replay (the module's weights moved, as they do between an RL rollout and its
+training step), the recorded rows would be forced on other tokens with every count still matching. So the watched
+forward (:class:`~moe_replay.orphans.OrphanWatch`) finds such modules (:attr:`~moe_replay.orphans.OrphanWatch.
+choosers`: a ranking of floating scores along the input's tokens in the module's own forward, before a router inside
+it runs), and from then on each of their forwards is tapped: a capture records the indices of every ranking the
+module takes in its own forward, in call order, and the routes read from it keep them; a replay compares each with
+the recorded one and refuses, with :class:`~moe_replay.TokenMismatchError`, a choice that differs, or routes that hold
+no record of it. A recompute in backward (activation checkpointing) repeats the forward's choice and is not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ._torch_compat import current_graph_task_id
+from .errors import TokenMismatchError
+from .evidence import NESTING, UNWRAP, unwrap
+from .orphans import TOKEN_CHOICES, _calling_module, _Inert, _ordering, choice_indices
+
+__all__ = ["ChoiceLog", "tap_choices"]
+
+#: what a replay refused by :class:`ChoiceLog` tells the user to do
+_FIX = (
+    "Keep that choice as it was at the capture (the module's own scores, and everything before it, unchanged), or "
+    "exclude= the routers inside it to run them natively on purpose"
+)
+
+
+class ChoiceLog:
+    """The rankings of the modules that choose which tokens reach their routers, for one session (see the module's
+    docstring): those recorded by the capture open now or last, and those a replay compares with."""
+
+    def __init__(self) -> None:
+        #: ``(module path, indices)`` of each ranking in the capture, in call order
+        self.recorded: list[tuple[str, torch.Tensor]] = []
+        self.capturing = False
+        self.replaying = False
+        #: what the routes of the open replay recorded (None: routes that hold no record of the choice)
+        self.expected: tuple[tuple[str, torch.Tensor], ...] | None = None
+        self.at = 0  # the next ranking of the replay, among ``expected``
+
+    def start_replay(self, expected: tuple[tuple[str, torch.Tensor], ...] | None) -> None:
+        """A replay of routes that recorded ``expected`` starts."""
+        self.expected, self.at, self.replaying = expected, 0, True
+
+    def end_replay(self) -> None:
+        """The replay ended."""
+        self.expected, self.at, self.replaying = None, 0, False
+
+    def note(self, path: str, indices: torch.Tensor) -> None:
+        """The module at ``path`` ranked its tokens and got ``indices``: record them in a capture, compare them in a
+        replay (raising :class:`~moe_replay.TokenMismatchError` where they differ). A recompute in backward is none."""
+        if current_graph_task_id() != -1:
+            return
+        if self.capturing:
+            self.recorded.append((path, indices.detach().clone()))
+        if self.replaying:
+            self._compare(path, indices.detach())
+
+    def _compare(self, path: str, indices: torch.Tensor) -> None:
+        what = (
+            f"'{path}' chooses, by ranking scores of its own along the tokens, which tokens reach the routers inside "
+            "it (Mixture-of-Depths): routes are rows in the order a router sees its tokens"
+        )
+        if self.expected is None:
+            raise TokenMismatchError(
+                f"{what}, and these routes hold no record of that choice (they were not read by session.routes() of a "
+                "capture that watched it, or were changed since: saved and loaded, cut, joined), so this replay "
+                f"cannot show that its routers see the tokens they were recorded on. Replay the routes that "
+                f"session.routes() returned, as they are. {_FIX}"
+            )
+        at = self.at
+        self.at += 1
+        if at >= len(self.expected):
+            raise TokenMismatchError(
+                f"{what}, and it ranked its tokens more times in this replay than in the capture ({len(self.expected)} "
+                f"in all): these forwards are not those the routes were recorded on. {_FIX}"
+            )
+        want_path, want = self.expected[at]
+        same = (
+            want_path == path
+            and want.shape == indices.shape
+            and want.dtype == indices.dtype
+            and bool(torch.equal(want, indices.to(want.device)))
+        )
+        if not same:
+            raise TokenMismatchError(
+                f"{what}, and at its ranking {at + 1} of the replay it chose other tokens than at the capture "
+                f"(recorded at '{want_path}'): the recorded rows would be forced on other tokens. {_FIX}"
+            )
+
+    def kept(self) -> tuple[tuple[str, torch.Tensor], ...]:
+        """The capture's rankings on the host, for the routes read from it."""
+        return tuple((path, indices.cpu()) for path, indices in self.recorded)
+
+
+class _TapMode(TorchFunctionMode):
+    """Open while a choosing module's forward runs: hands each ranking it takes in its own forward to the log."""
+
+    def __init__(self, tap: _Tap) -> None:
+        super().__init__()
+        self.tap = tap
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        named = unwrap(func, kwargs) if func in UNWRAP else func
+        if named in TOKEN_CHOICES and not (NESTING.probing or NESTING.establishing or _ordering()):
+            name, in_hook = _calling_module(self.tap.names)
+            if name == self.tap.path and not in_hook:
+                indices = choice_indices(named, out)
+                if indices is not None:
+                    self.tap.log.note(self.tap.path, indices)
+        return out
+
+
+class _Tap(_Inert):
+    """The forward pre-hook (the instance) of a choosing module: opens a :class:`_TapMode` for its forward."""
+
+    def __init__(self, path: str, names: dict[int, str], log: ChoiceLog) -> None:
+        self.path, self.names, self.log = path, names, log
+        self.open: list[_TapMode] = []
+        self.handles: list[Any] = []
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        mode = _TapMode(self)
+        mode.__enter__()
+        self.open.append(mode)
+
+    def close(self) -> None:
+        """Leave the mode of the forward that ends (also where it raises)."""
+        if self.open:
+            self.open.pop().__exit__(None, None, None)
+
+
+class _TapLeave(_Inert):
+    """The forward hook of a :class:`_Tap`."""
+
+    def __init__(self, tap: _Tap) -> None:
+        self.tap = tap
+
+    def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.tap.close()
+
+
+def tap_choices(model: nn.Module, paths: Iterable[str], log: ChoiceLog) -> Callable[[], None]:
+    """Tap the forwards of the modules of ``model`` at ``paths`` (choosers of the tokens their routers see) into
+    ``log``; returns a function that takes the taps off."""
+    names = {id(m): n for n, m in model.named_modules()}
+    taps: list[_Tap] = []
+    for path in dict.fromkeys(paths):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:  # (gone since: a change on the way to the routers watches the model again)
+            continue
+        tap = _Tap(path, names, log)
+        tap.handles = [
+            module.register_forward_pre_hook(tap),
+            module.register_forward_hook(_TapLeave(tap), always_call=True),
+        ]
+        taps.append(tap)
+
+    def stop() -> None:
+        for tap in taps:
+            while tap.open:
+                tap.close()
+            for h in tap.handles:
+                h.remove()
+        taps.clear()
+
+    return stop
