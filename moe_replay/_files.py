@@ -4,20 +4,26 @@ those that tell the order of a forward's tokens, ``verify()``'s forward).
 A block may write what it chose outside the process: a routing log that appends one line a forward (sample-ESFT
 counts those lines to pick the experts it trains), a file of statistics it rewrites. Each run of its own code that
 moe_replay makes writes there too, and no snapshot of the modules' attributes holds a file's contents. So while such
-runs are under way in a thread, the files that thread opens for writing (through ``open``, ``io.open`` and so
-``pathlib``, ``numpy`` and ``torch.save``) are noted as they were before the first run opened them (their size where
-they are only appended to, else their bytes; none where they did not exist), and the file objects the modules hold
-that can be written and sought (a log opened at ``__init__``, an ``io.StringIO``) as they stand; as the runs end, the
-files opened in them are flushed and every one of them is put back: cut to its size, written back, or removed. A
-file whose bytes are too large to keep is not opened in a run: the router is refused, before anything is written.
-Other threads' files are never touched. Not seen: writes through ``os.open`` or a file descriptor, directories made,
-and a file object held deeper than the modules' attributes (a ``logging`` handler's stream).
+runs are under way in a thread, the files that thread changes at a path (opened for writing through ``open``,
+``io.open`` and so ``pathlib`` and ``numpy``, or ``os.open``; replaced, renamed, removed or cut through ``os``, and
+so ``pathlib``, ``shutil`` and ``tempfile``; saved with ``torch.save``, whose writer opens the path itself) are noted
+as they were before the first run changed them (their size where they are only appended to, else their bytes; none
+where they did not exist), and the file objects the modules hold that can be written and sought (a log opened at
+``__init__``, a statistics file rewritten in place, an ``io.StringIO``) as they stand, with their bytes where they
+may be written over; as the runs end, the files opened in them are flushed and every one of them is put back: cut to
+its size, written back, or removed. A file whose bytes are too large to keep is not changed in a run: the router is
+refused, before anything is written. Other threads' files are never touched, but a line another thread appends
+during a run to a file the run appends to is cut with the run's. Not seen: writes through a file descriptor alone
+or a path relative to a directory's descriptor, directories made, a file held open in place that is too large to
+keep (its size alone is put back), and a file object held deeper than the modules' attributes (a ``logging``
+handler's stream).
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import io
 import os
 import threading
@@ -74,12 +80,17 @@ def _writes(mode: Any) -> bool:
     return isinstance(mode, str) and any(c in mode for c in "wax+")
 
 
-def _note(file: Any, mode: str) -> None:
+def _note(file: Any, mode: str, follow: bool = True) -> None:
     """Note the file at ``file`` as it is now in every block of runs of this thread that has not noted it yet (or
-    noted it as appended to only, where it is now opened to be written over)."""
+    noted it as appended to only, where it is now opened to be written over); the file a link at ``file`` leads to
+    where ``follow``, else the name itself (one that is replaced or removed)."""
     if isinstance(file, int) or not isinstance(file, str | bytes | os.PathLike):
         return
-    path = os.path.realpath(os.fsdecode(os.fspath(file)))
+    path = os.fsdecode(os.fspath(file))
+    if follow:
+        path = os.path.realpath(path)
+    else:
+        path = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
     append = "a" in mode and "+" not in mode  # (appended to alone: the size before tells what to cut)
     frames = [
         f
@@ -133,8 +144,56 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     return opened
 
 
+def _path_calls() -> dict[tuple[Any, str], tuple[tuple[int, str], ...]]:
+    """The functions, beside ``open``, that change the file at a path they are given (write over it, replace it,
+    remove it or cut it), each with where its paths are among its arguments (place, keyword): ``os.open``, the
+    renames and removals of ``os`` (and so of ``pathlib``, ``shutil`` and ``tempfile``), ``os.truncate``, and
+    ``torch.save``, whose writer opens a path of its own."""
+    import torch.serialization
+
+    return {
+        (os, "open"): ((0, "path"),),
+        (os, "replace"): ((0, "src"), (1, "dst")),
+        (os, "rename"): ((0, "src"), (1, "dst")),
+        (os, "remove"): ((0, "path"),),
+        (os, "unlink"): ((0, "path"),),
+        (os, "truncate"): ((0, "path"),),
+        (torch, "save"): ((1, "f"),),
+        (torch.serialization, "save"): ((1, "f"),),
+    }
+
+
+def _os_open_mode(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The ``open`` mode that ``os.open``'s flags amount to, as far as a file is changed: ``"r"`` (read alone),
+    ``"a"`` (appended to alone) or ``"w"``."""
+    flags = args[1] if len(args) > 1 else kwargs.get("flags", 0)
+    if not isinstance(flags, int) or not flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND):
+        return "r"
+    return "a" if flags & os.O_APPEND and not flags & (os.O_RDWR | os.O_TRUNC) else "w"
+
+
+def _wrap_path_call(
+    original: Callable[..., Any], where: tuple[tuple[int, str], ...], flags: bool
+) -> Callable[..., Any]:
+    """``original`` (a function of :func:`_path_calls`; ``os.open`` where ``flags``, which tell whether it writes),
+    noting in this thread's blocks of runs the files at the paths it is given, as they are, before it changes them
+    (the name itself where it is a link; a path relative to a directory's descriptor is not seen)."""
+
+    def changed(*args: Any, **kwargs: Any) -> Any:
+        if _LOCAL.frames and not any(kwargs.get(k) is not None for k in ("dir_fd", "src_dir_fd", "dst_dir_fd")):
+            mode = _os_open_mode(args, kwargs) if flags else "w"
+            if mode != "r":
+                for place, name in where:
+                    _note(args[place] if len(args) > place else kwargs.get(name), mode, follow=flags)
+        return original(*args, **kwargs)
+
+    functools.update_wrapper(changed, original)
+    return changed
+
+
 def _install() -> None:
-    """The stand-ins for ``open`` in place (the first block of runs of any thread puts them there)."""
+    """The stand-ins for ``open`` and the functions of :func:`_path_calls` in place (the first block of runs of any
+    thread puts them there)."""
     global _ACTIVE
     with _LOCK:
         if _ACTIVE == 0:
@@ -142,12 +201,16 @@ def _install() -> None:
             _ORIGINAL["io"] = io.open
             builtins.open = _wrap(builtins.open)
             io.open = _wrap(io.open)
+            for (home, name), where in _path_calls().items():
+                key = f"{home.__name__}.{name}"
+                _ORIGINAL[key] = getattr(home, name)
+                setattr(home, name, _wrap_path_call(_ORIGINAL[key], where, flags=key == "os.open"))
         _ACTIVE += 1
 
 
 def _uninstall() -> None:
-    """Python's own ``open`` back once the last block of runs of any thread ends (unless another stand-in was set
-    since: then it stays, and ours passes every call through)."""
+    """Python's own ``open`` (and the functions of :func:`_path_calls`) back once the last block of runs of any thread
+    ends (unless another stand-in was set since: then it stays, and ours passes every call through)."""
     global _ACTIVE
     with _LOCK:
         _ACTIVE -= 1
@@ -156,6 +219,10 @@ def _uninstall() -> None:
                 builtins.open = _ORIGINAL["open"]
             if getattr(io.open, "__wrapped__", None) is _ORIGINAL["io"]:
                 io.open = _ORIGINAL["io"]
+            for home, name in _path_calls():
+                key = f"{home.__name__}.{name}"
+                if getattr(getattr(home, name), "__wrapped__", None) is _ORIGINAL[key]:
+                    setattr(home, name, _ORIGINAL[key])
 
 
 def writable_file(v: Any) -> bool:
@@ -169,30 +236,56 @@ def writable_file(v: Any) -> bool:
 
 
 def _held_state(f: Any) -> tuple[int, int | None, Any]:
-    """Where ``f`` stands (flushed): its position, its size on disk (None for an in-memory one), its value where it is
-    in memory."""
+    """Where ``f`` stands (flushed): its position, its size on disk (None for an in-memory one), and its value: in
+    memory, or the bytes on disk where it may be written over (not opened to append) and they are no larger than what
+    moe_replay keeps (past that, its size alone tells what to cut)."""
     f.flush()
     pos = f.tell()
     if isinstance(f, io.StringIO | io.BytesIO):
         return pos, None, f.getvalue()
-    return pos, os.fstat(f.fileno()).st_size, None
+    fd = f.fileno()
+    size = os.fstat(fd).st_size
+    appends = "a" in str(getattr(f, "mode", ""))
+    return pos, size, None if appends or size > _CONTENT_BUDGET else _bytes_of(f)
+
+
+def _bytes_of(f: Any) -> bytes | None:
+    """The bytes on disk of file object ``f`` (read at its descriptor, or at its name where it is opened to write
+    alone and the name still leads to its file), or None where neither can read them."""
+    fd = f.fileno()
+    st = os.fstat(fd)
+    if f.readable():
+        return os.pread(fd, st.st_size, 0)
+    name = getattr(f, "name", None)
+    if isinstance(name, str | bytes) and os.path.isfile(name):
+        there = os.stat(name)
+        if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+            with _ORIGINAL["open"](name, "rb") as fh:
+                data: bytes = fh.read()
+                return data
+    return None
 
 
 def _put_held(f: Any, state: tuple[int, int | None, Any]) -> None:
-    """File object ``f`` put back where :func:`_held_state` found it: its bytes after the size it had cut, or its
-    value written back in memory, and its position."""
+    """File object ``f`` put back where :func:`_held_state` found it: its value written back (in memory, or its bytes
+    on disk), or its bytes after the size it had cut, and its position."""
     pos, size, value = state
     if f.closed:
         return
     f.flush()
-    if value is not None:
+    if size is None:
         if f.getvalue() != value:
             f.seek(0)
             f.truncate(0)
             f.write(value)
-    elif size is not None and os.fstat(f.fileno()).st_size != size:
-        f.truncate(size)
-    if f.tell() != pos:
+    else:
+        fd = f.fileno()
+        now = os.fstat(fd).st_size
+        if value is not None and (now != size or _bytes_of(f) != value):
+            os.pwrite(fd, value, 0)
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+    if f.tell() != pos or size is not None:
         f.seek(pos)
 
 
@@ -200,16 +293,18 @@ def _put_path(path: str, before: _Before) -> None:
     """The file at ``path`` put back as ``before`` noted it: removed, written back, or cut to its size."""
     if not before.existed:
         if os.path.isfile(path):
-            os.remove(path)
+            _ORIGINAL.get("os.remove", os.remove)(path)
         return
     if before.data is not None:
-        with _ORIGINAL["open"](path, "rb") as fh:
-            same = fh.read() == before.data
+        same = False
+        if os.path.isfile(path):
+            with _ORIGINAL["open"](path, "rb") as fh:
+                same = fh.read() == before.data
         if not same:
             with _ORIGINAL["open"](path, "wb") as fh:
                 fh.write(before.data)
     elif os.path.isfile(path) and os.path.getsize(path) != before.size:
-        os.truncate(path, before.size)
+        _ORIGINAL.get("os.truncate", os.truncate)(path, before.size)
 
 
 @contextlib.contextmanager
