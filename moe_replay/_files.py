@@ -6,17 +6,18 @@ counts those lines to pick the experts it trains), a file of statistics it rewri
 moe_replay makes writes there too, and no snapshot of the modules' attributes holds a file's contents. So while such
 runs are under way in a thread, the files that thread changes at a path (opened for writing through ``open``,
 ``io.open`` and so ``pathlib`` and ``numpy``, or ``os.open``; replaced, renamed, removed or cut through ``os``, and
-so ``pathlib``, ``shutil`` and ``tempfile``; saved with ``torch.save``, whose writer opens the path itself) are noted
-as they were before the first run changed them (their size where they are only appended to, else their bytes; none
-where they did not exist), and the file objects the modules hold that can be written and sought (a log opened at
-``__init__``, a statistics file rewritten in place, an ``io.StringIO``) as they stand, with their bytes where they
-may be written over; as the runs end, the files opened in them are flushed and every one of them is put back: cut to
-its size, written back, or removed. A file whose bytes are too large to keep is not changed in a run: the router is
-refused, before anything is written. Other threads' files are never touched, but a line another thread appends
-during a run to a file the run appends to is cut with the run's. Not seen: writes through a file descriptor alone
-or a path relative to a directory's descriptor, directories made, a file held open in place that is too large to
-keep (its size alone is put back), and a file object held deeper than the modules' attributes (a ``logging``
-handler's stream).
+so ``pathlib``, ``shutil`` and ``tempfile``; saved with ``torch.save``, whose writer opens the path itself) are
+noted as they were before the first run changed them (their size where they are only appended to, else their bytes;
+none where they did not exist), and the file objects the modules hold or reach (see :func:`reachable_files`) that
+can be written and sought (a log opened at ``__init__``, a statistics file rewritten in place, an ``io.StringIO``, a
+``logging`` handler's stream) as they stand, with their bytes where they may be written over; as the runs end, the
+files opened in them are flushed and every one of them is put back: cut to its size, written back, or removed. A
+file whose bytes are too large to keep is not changed in a run: the router is refused, before anything is written.
+Other threads' files are never touched, but a line another thread appends during a run to a file the run appends to
+is cut with the run's. Not seen: writes through a file descriptor alone or a path relative to a directory's
+descriptor, or by native code that opens the path itself (safetensors' ``save_file``), directories made, a file held
+open in place that is too large to keep (its size alone is put back), and a file object out of the reach of
+:func:`reachable_files`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import builtins
 import contextlib
 import functools
 import io
+import itertools
 import os
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ from typing import Any
 
 from .errors import UnsupportedRouterError
 
-__all__ = ["files_as_they_were", "writable_file"]
+__all__ = ["files_as_they_were", "reachable_files", "writable_file"]
 
 #: Bytes of files opened in a run to be written over (not only appended to) that are kept to put them back; a file
 #: past what is left of it refuses the router rather than be written unrecoverably.
@@ -233,6 +236,57 @@ def writable_file(v: Any) -> bool:
         return not v.closed and v.writable() and v.seekable()
     except (OSError, ValueError):
         return False
+
+
+#: How far the search for the file objects the modules reach goes: objects looked at, and steps from a root.
+_REACH_OBJECTS = 2048
+_REACH_DEPTH = 3
+
+
+def _reached_from(v: Any) -> Iterator[Any]:
+    """The values one step from ``v``: a container's items (a dict's values), a function's closure cells, a bound
+    method's object and function, a partial's function and arguments, a plain object's attributes; none from a
+    module, a tensor, a class, a Python module or text."""
+    import torch
+
+    if isinstance(v, str | bytes | int | float | type | types.ModuleType | torch.Tensor | torch.nn.Module):
+        return
+    if isinstance(v, dict):
+        yield from itertools.islice(v.values(), _REACH_OBJECTS)
+    elif isinstance(v, list | tuple | set | frozenset):
+        yield from itertools.islice(v, _REACH_OBJECTS)
+    elif isinstance(v, types.FunctionType):
+        for cell in v.__closure__ or ():
+            with contextlib.suppress(ValueError):  # (a cell not yet set)
+                yield cell.cell_contents
+    elif isinstance(v, types.MethodType):
+        yield v.__self__
+        yield v.__func__
+    elif isinstance(v, functools.partial):
+        yield v.func
+        yield from v.args
+        yield from v.keywords.values()
+    elif isinstance(getattr(v, "__dict__", None), dict) and not isinstance(v, io.IOBase):
+        yield from itertools.islice(vars(v).values(), _REACH_OBJECTS)
+
+
+def reachable_files(roots: Iterable[Any]) -> list[Any]:
+    """The file objects of :func:`writable_file` reached from ``roots`` (the values of the modules' attributes and of
+    the places their code names) a few steps deep (see :func:`_reached_from`), each once, the objects looked at
+    bounded: a log kept in a registry ``dict`` a global holds, or in the closure of a function a module keeps."""
+    out: dict[int, Any] = {}
+    seen: set[int] = set()
+    todo = [(v, 0) for v in roots]
+    while todo and len(seen) < _REACH_OBJECTS:
+        v, depth = todo.pop(0)
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if writable_file(v):
+            out.setdefault(id(v), v)
+        elif depth < _REACH_DEPTH:
+            todo.extend((w, depth + 1) for w in _reached_from(v))
+    return list(out.values())
 
 
 def _held_state(f: Any) -> tuple[int, int | None, Any]:

@@ -85,7 +85,7 @@ from ._faults import (
     run_begins,
     run_ends,
 )
-from ._files import files_as_they_were, writable_file
+from ._files import files_as_they_were, reachable_files, writable_file
 from ._torch_compat import NO_TORCH_FUNCTION
 from .errors import MoEReplayError, UnsupportedRouterError
 
@@ -3123,18 +3123,22 @@ class _Snapshot:
         kept_objects += [v for v in deeper if id(v) not in kept_ids]
         self.own_states = [(obj, _own_state(obj)) for obj in kept_objects]
         #: the open file objects the modules hold that can be written and sought (a log opened at ``__init__``, an
-        #: ``io.StringIO``): where each stands is put back as each run ends (see :func:`files_as_they_were`)
-        self.files = list(
-            {
-                id(v): v
-                for _, _, v in [
-                    *(x for m, attrs in self.attrs for x in _homes_in(m, attrs)),
-                    *_kept_values(self.attrs, writable_file),
-                    *((space, name, space.get(name)) for space, name in named_places(self.modules)),
-                ]
-                if writable_file(v)
-            }.values()
-        )
+        #: ``io.StringIO``), and those reached from their attributes and the places their code names (a log kept in a
+        #: registry dict, or in a closure): where each stands is put back as each run ends (see
+        #: :func:`files_as_they_were` and :func:`reachable_files`)
+        files = {
+            id(v): v
+            for _, _, v in [
+                *(x for m, attrs in self.attrs for x in _homes_in(m, attrs)),
+                *_kept_values(self.attrs, writable_file),
+                *((space, name, space.get(name)) for space, name in named_places(self.modules)),
+            ]
+            if writable_file(v)
+        }
+        roots = [v for _, attrs in self.attrs for v, _ in attrs.values()]
+        for v in reachable_files([*roots, *(space.get(name) for space, name in named_places(self.modules))]):
+            files.setdefault(id(v), v)
+        self.files = list(files.values())
         #: where each tape's runs begin: where the run of another snapshot these runs are made inside stands
         self.starts = {id(tape): tape.at for _, _, tape in self.iterators if tape.running}
         #: the generators the modules hold, and those their code reads outside them (a class's, a global)

@@ -204,14 +204,10 @@ class _LoggingBlock(_LoggedBlock):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a logging handler's stream is held by the logger, not by the modules: the runs that establish the "
-    "decision log their lines to its file, which nothing puts back",
-)
 def test_a_blocks_lines_logged_through_a_logging_file_handler_are_one_a_forward(tmp_path: Path) -> None:
-    """A block that logs its experts through ``logging`` (a ``FileHandler`` on a module-level logger): one line a
-    forward, as without a session."""
+    """Once silent: a block that logs its experts through ``logging`` (a ``FileHandler`` on a module-level logger)
+    logged a line a run too, the handler's stream held by the logger, not the modules. Reached from the logger the
+    block's code names, it is put back: one line a forward, as without a session."""
     handler = logging.FileHandler(tmp_path / "routing.log")
     _LOGGER.addHandler(handler)
     _LOGGER.setLevel(logging.INFO)

@@ -28,14 +28,29 @@ from tests.conftest import assert_untouched, snapshot
 
 D, E, K = 8, 6, 2
 
-_HOWS = ["save", "replace", "remove", "held r+", "held w"]
+_HOWS = ["save", "replace", "remove", "held r+", "held w", "registry", "closure"]
+
+#: logs kept open outside the modules, by the key of the block that writes them
+_REGISTRY: dict[int, Any] = {}
+
+
+def _emitter(log: Any) -> Any:
+    """A function that writes a line to ``log``, which only its closure holds."""
+
+    def emit(line: str) -> None:
+        log.write(line)
+        log.flush()
+
+    return emit
 
 
 class _Block(nn.Module):
     """A softmax top-2 block over a loop of experts that changes the file at ``path`` at every forward, by ``how``:
     ``"save"`` a checkpoint of its experts written with ``torch.save``, ``"replace"`` its experts written to a
     temporary file then moved onto the path, ``"remove"`` the file removed, ``"held r+"``/``"held w"`` its experts
-    written over the start of a file it holds open (``r+``, or ``w`` with a line written at ``__init__``), ``"temp"``
+    written over the start of a file it holds open (``r+``, or ``w`` with a line written at ``__init__``),
+    ``"registry"``/``"closure"`` its experts appended to a log opened at ``__init__`` that a module-level ``dict`` or
+    the closure of a function it keeps holds, ``"temp"``
     a ``NamedTemporaryFile`` and a ``mkstemp`` file made and removed, ``"interrupt"`` a ``KeyboardInterrupt`` raised in
     the runs that moe_replay makes, ``"thread"`` its experts appended to the path, and a line appended there by
     another thread during the first of those runs (which writes a witness file of its own beside it)."""
@@ -51,6 +66,10 @@ class _Block(nn.Module):
         elif how == "held w":
             self.held = open(path, "w")
             self.held.write("opened\n")
+        elif how == "registry":
+            _REGISTRY[id(self)] = open(path, "a")  # (a log a module-level registry keeps, not the block)
+        elif how == "closure":
+            self.emit = _emitter(open(path, "a"))
 
     def _change(self, ids: torch.Tensor) -> None:
         line = " ".join(str(i) for i in ids.reshape(-1).tolist()) + "\n"
@@ -67,6 +86,11 @@ class _Block(nn.Module):
             self.held.write(line)
             self.held.truncate()
             self.held.flush()
+        elif self.how == "registry":
+            _REGISTRY[id(self)].write(line)
+            _REGISTRY[id(self)].flush()
+        elif self.how == "closure":
+            self.emit(line)
         elif self.how == "temp":
             with tempfile.NamedTemporaryFile(dir=self.path.parent) as t:
                 t.write(line.encode())
@@ -140,6 +164,9 @@ def _close(model: _Model) -> None:
     block = model.layers[0]
     if isinstance(block, _Block) and block.held is not None:
         block.held.close()
+    log = _REGISTRY.pop(id(block), None)
+    if log is not None:
+        log.close()
 
 
 def _functions() -> list[Any]:
@@ -152,8 +179,9 @@ def test_a_file_a_forward_saves_replaces_removes_or_rewrites_in_place_is_as_with
     how: str, tmp_path: Path
 ) -> None:
     """Once silent: ``torch.save`` to a path (its writer opens the path itself), ``os.replace`` of a temporary file
-    onto the path, ``os.remove`` and a held file rewritten in place were not put back after the runs, so
-    ``verify()`` saved over, replaced or removed the user's file. ``verify()`` leaves the file (and a held file's
+    onto the path, ``os.remove``, a held file rewritten in place and a log kept open in a registry or a closure were
+    not put back after the runs, so ``verify()`` saved over, replaced or removed the user's file, and a capture left
+    a line a run (many) in the log. ``verify()`` leaves the file (and a held file's
     place) as it was; a capture leaves what one plain forward leaves, and no temporary file."""
     x = _x()
     plain = _model(how, tmp_path / "plain")
