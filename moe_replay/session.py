@@ -582,12 +582,23 @@ _ONE_THREAD = (
     "mr.attach), or run the forwards in the thread that opened the block"
 )
 _THREAD_REFUSAL: Any = None
+#: held while :func:`_thread_refusal` defines its operator: two threads opening their first blocks at once define it
+#: once (a second definition would destroy the first's library under the other thread)
+_THREAD_REFUSAL_DEFINING = threading.Lock()
 
 
 def _thread_refusal() -> Any:
     """The operator that compiled code traced in another thread than a block's runs ahead of a router's forward:
     ``(tensor, router name, the block's thread) -> tensor``, which raises the :class:`SessionStateError` of an eager
-    forward in that thread. Defined as the first block opens (the code that defines it cannot be traced)."""
+    forward in that thread. Defined as the first block opens (the code that defines it cannot be traced), once."""
+    if _THREAD_REFUSAL is None:
+        with _THREAD_REFUSAL_DEFINING:
+            _define_thread_refusal()
+    return _THREAD_REFUSAL
+
+
+def _define_thread_refusal() -> None:
+    """:func:`_thread_refusal`'s operator defined, unless another thread defined it first."""
     global _THREAD_REFUSAL
     if _THREAD_REFUSAL is None:
 
@@ -601,7 +612,6 @@ def _thread_refusal() -> Any:
 
         refuse.register_autograd(lambda ctx, grad: (grad, None, None))
         _THREAD_REFUSAL = torch.ops.moe_replay.refuse_other_thread
-    return _THREAD_REFUSAL
 
 
 def _other_thread(what: str, holder: int) -> SessionStateError:

@@ -237,3 +237,48 @@ def test_a_line_another_thread_appends_during_a_run_is_kept(tmp_path: Path) -> N
     routes = " ".join(str(i) for i in session.routes().layer(session.names[0]).reshape(-1).tolist())
     assert lines[0] == "the user's line"
     assert sorted(lines[1:]) == sorted([routes, "the other thread's line"])
+
+
+@pytest.mark.reliability("refusals")
+def test_first_blocks_opened_in_several_threads_at_once_define_the_thread_refusal_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once a bare ``AssertionError`` from torch ("Library object has been destroyed"): threads that opened their
+    first blocks at once each defined the operator that refuses another thread's compiled forward, and a second
+    definition destroyed the first under the other thread. Threads that ask for it at once get one, defined once."""
+    import moe_replay.session as session_module
+
+    op = session_module._thread_refusal()
+    defined: list[str] = []
+
+    class _Defined:
+        def register_fake(self, fn: Any) -> Any:
+            return fn
+
+        def register_autograd(self, fn: Any) -> None:
+            return None
+
+    def custom_op(name: str, **_: Any) -> Any:
+        def define(fn: Any) -> _Defined:
+            defined.append(name)
+            threading.Event().wait(0.05)  # (a definition takes a while: the other threads ask meanwhile)
+            return _Defined()
+
+        return define
+
+    monkeypatch.setattr(session_module, "_THREAD_REFUSAL", None)
+    monkeypatch.setattr(torch.library, "custom_op", custom_op)
+    start = threading.Barrier(4)
+    got: list[Any] = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(session_module._thread_refusal())
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert defined == ["moe_replay::refuse_other_thread"]
+    assert got == [op] * 4
