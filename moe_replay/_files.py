@@ -28,6 +28,7 @@ import functools
 import io
 import itertools
 import os
+import sys
 import threading
 import types
 import weakref
@@ -109,8 +110,9 @@ def _note(file: Any, mode: str, follow: bool = True) -> None:
         if any(f.budget < size for f in frames):
             refusal = UnsupportedRouterError(
                 f"a run of a forward that moe_replay makes to establish a router's decision (or to check it) opens "
-                f"{path!r} ({size} bytes) to write over it, more than moe_replay keeps to put the file back after "
-                "the run. Write such a file outside the router's forward (after it returns), or attach with "
+                f"{path!r} ({size} bytes) to write over it (or replaces, removes or cuts it), more than moe_replay "
+                "keeps to put the file back after the run. Write such a file outside the router's forward (after it "
+                "returns), or attach with "
                 "include=/exclude= so that the module that writes it is not part of a router's scope"
             )
             for f in frames:
@@ -365,12 +367,14 @@ def _put_path(path: str, before: _Before) -> None:
 def files_as_they_were(held: Iterable[Any] = ()) -> Iterator[None]:
     """The files this thread opens for writing in the block, and the file objects of ``held`` (see
     :func:`writable_file`), as they were before it, once it ends (see the module's docstring). A refusal made in the
-    block for a file too large to keep is raised as it ends, whatever the forward did with it."""
+    block for a file too large to keep is raised as it ends, whatever the forward did with it; a file that cannot be
+    put back (the run made a directory at its path) is refused as it ends, every other one put back."""
     states = []
     for f in held:
         with contextlib.suppress(OSError, ValueError):
             states.append((f, _held_state(f)))
     frame = _Frame()
+    unput: list[tuple[str, Exception]] = []
     _install()
     _LOCAL.frames.append(frame)
     failed = True
@@ -386,10 +390,30 @@ def files_as_they_were(held: Iterable[Any] = ()) -> Iterator[None]:
                     with contextlib.suppress(OSError, ValueError):
                         handle.flush()
             for path, before in reversed(frame.paths.items()):
-                _put_path(path, before)
+                try:
+                    _put_path(path, before)
+                except OSError as e:  # (the others are put back all the same; this one is said, below)
+                    unput.append((path, e))
             for f, state in states:
-                _put_held(f, state)
+                try:
+                    _put_held(f, state)
+                except (OSError, ValueError) as e:
+                    unput.append((str(getattr(f, "name", f)), e))
         finally:
             _uninstall()
+        if unput:
+            refusal = UnsupportedRouterError(
+                "a run of a forward that moe_replay makes to establish a router's decision (or to check it) changed "
+                + "; ".join(f"{path!r} ({e})" for path, e in unput)
+                + ", and moe_replay could not put it back as it was: the file is as the run left it. Write such a "
+                "file outside the router's forward (after it returns), or attach with include=/exclude= so that the "
+                "module that writes it is not part of a router's scope"
+            )
+            pending = sys.exc_info()[1] if failed else None
+            if pending is None or isinstance(pending, Exception):
+                raise refusal from unput[0][1]
+            note = getattr(pending, "add_note", None)  # (an interrupt goes on as it is, saying so where it can)
+            if note is not None:
+                note(str(refusal))
     if not failed and frame.refusal is not None:
         raise frame.refusal

@@ -282,3 +282,41 @@ def test_first_blocks_opened_in_several_threads_at_once_define_the_thread_refusa
         t.join()
     assert defined == ["moe_replay::refuse_other_thread"]
     assert got == [op] * 4
+
+
+class _DirectoryInPlace(nn.Module):
+    """A block that appends a line to ``log`` at each forward, and in the runs moe_replay makes also appends to
+    ``other`` and then removes it and makes a directory at its path, where no file can be put back."""
+
+    def __init__(self, log: Path, other: Path) -> None:
+        super().__init__()
+        self.log, self.other = log, other
+        self.inner = _Block("none", log)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with open(self.log, "a") as f:
+            f.write("a forward\n")
+        if files._LOCAL.frames and not self.other.is_dir():
+            with open(self.other, "a") as f:
+                f.write("a run\n")
+            os.remove(self.other)
+            os.mkdir(self.other)
+        return self.inner(x)
+
+
+@pytest.mark.reliability("refusals")
+def test_a_file_a_run_leaves_beyond_putting_back_is_refused_naming_it_and_every_other_is_put_back(
+    tmp_path: Path,
+) -> None:
+    """A run that removes a file and makes a directory at its path: that file cannot be put back, and the router is
+    refused naming it, while the other file the run wrote is put back as it was, and ``open`` is Python's own."""
+    log, other = tmp_path / "log", tmp_path / "other"
+    log.write_text("the user's line\n")
+    other.write_text("the user's other line\n")
+    functions = _functions()
+    model = nn.Sequential(_DirectoryInPlace(log, other))
+    with pytest.raises(mr.MoEReplayError, match=r"other.*could not put it back"):
+        with mr.attach(model) as session:
+            session.verify(_x())
+    assert log.read_text() == "the user's line\n"
+    assert _functions() == functions and files._ACTIVE == 0
