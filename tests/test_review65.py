@@ -28,7 +28,7 @@ from tests.conftest import assert_untouched, snapshot
 
 D, E, K = 8, 6, 2
 
-_HOWS = ["save", "replace", "remove", "held r+", "held w", "registry", "closure"]
+_HOWS = ["save", "replace", "remove", "held r+", "held w", "registry", "closure", "relative"]
 
 #: logs kept open outside the modules, by the key of the block that writes them
 _REGISTRY: dict[int, Any] = {}
@@ -50,7 +50,8 @@ class _Block(nn.Module):
     temporary file then moved onto the path, ``"remove"`` the file removed, ``"held r+"``/``"held w"`` its experts
     written over the start of a file it holds open (``r+``, or ``w`` with a line written at ``__init__``),
     ``"registry"``/``"closure"`` its experts appended to a log opened at ``__init__`` that a module-level ``dict`` or
-    the closure of a function it keeps holds, ``"temp"``
+    the closure of a function it keeps holds, ``"relative"`` its experts appended to the path named relative to its
+    folder, made the working directory inside the forward, ``"temp"``
     a ``NamedTemporaryFile`` and a ``mkstemp`` file made and removed, ``"interrupt"`` a ``KeyboardInterrupt`` raised in
     the runs that moe_replay makes, ``"thread"`` its experts appended to the path, and a line appended there by
     another thread during the first of those runs (which writes a witness file of its own beside it)."""
@@ -91,6 +92,14 @@ class _Block(nn.Module):
             _REGISTRY[id(self)].flush()
         elif self.how == "closure":
             self.emit(line)
+        elif self.how == "relative":
+            cwd = os.getcwd()
+            os.chdir(self.path.parent)
+            try:
+                with open(self.path.name, "a") as f:
+                    f.write(line)
+            finally:
+                os.chdir(cwd)
         elif self.how == "temp":
             with tempfile.NamedTemporaryFile(dir=self.path.parent) as t:
                 t.write(line.encode())
