@@ -71,6 +71,7 @@ from torch.overrides import TorchFunctionMode
 from ._code_settings import is_generator_anywhere, static_attribute
 from ._faults import forwards_call, inside_forward, note_fault, raised_inside, run_begins, run_ends
 from ._files import files_as_they_were
+from ._quiet import unheard
 from ._torch_compat import (
     COMPILER,
     CUDA,
@@ -6011,6 +6012,7 @@ def _told_rows(
         _noting_calls(note if path is not None else None),
         drawn,
         files_as_they_were(kept.files if kept is not None else ()),
+        unheard(),
     ):
         state = torch.get_rng_state()
         cuda = [torch.cuda.get_rng_state(d) for d in devices]

@@ -23,6 +23,7 @@ from contextvars import ContextVar
 from typing import IO, Any
 
 from ._checks import check_flag
+from ._quiet import aloud
 
 _ENV = "MOE_REPLAY_PROGRESS"
 _SETTING: ContextVar[bool | None] = ContextVar("moe_replay_progress", default=None)
@@ -122,7 +123,8 @@ class Progress:
         if not self._on:
             return
         if self._tqdm is not None:
-            self._tqdm.update(n)
+            with aloud():  # (drawn over runs of forwards, which are unheard)
+                self._tqdm.update(n)
             return
         now = time.monotonic()
         if self.done == self.total or now - self._drawn >= 0.1:  # (at most ten draws a second)
@@ -137,14 +139,16 @@ class Progress:
             return
         self._on = False
         if self._tqdm is not None:
-            self._tqdm.close()
+            with aloud():
+                self._tqdm.close()
         elif self._drawn:
             self._write("\r\033[K")
 
     def _write(self, text: str) -> None:
         try:
-            self._stream.write(text)
-            self._stream.flush()
+            with aloud():  # (drawn over runs of forwards, which are unheard)
+                self._stream.write(text)
+                self._stream.flush()
         except (OSError, ValueError):  # a closed stream: the bar is only a display
             self._on = False
 

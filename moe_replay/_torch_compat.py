@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ._quiet import aloud
 from .errors import MoEReplayError
 
 __all__ = [
@@ -497,11 +498,12 @@ def maybe_mark_dynamic(t: torch.Tensor, dim: int) -> None:
     if fn is None:
         if "maybe_mark_dynamic" not in _warned:
             _warned.add("maybe_mark_dynamic")
-            warnings.warn(
-                f"torch {torch.__version__} has no torch._dynamo.maybe_mark_dynamic: a compiled model recompiles "
-                "for routes of each new length (still correct)",
-                stacklevel=3,
-            )
+            with aloud():  # (moe_replay's own: said inside the runs of a forward too)
+                warnings.warn(
+                    f"torch {torch.__version__} has no torch._dynamo.maybe_mark_dynamic: a compiled model "
+                    "recompiles for routes of each new length (still correct)",
+                    stacklevel=3,
+                )
         return
     fn(t, dim)
 

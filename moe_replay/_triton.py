@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ._quiet import aloud
+
 __all__ = ["disabled", "enabled", "forced", "ring_write", "source_read"]
 
 #: Elements one program handles while also moving the cursor (a decode step: batch x k).
@@ -142,12 +144,13 @@ def _copy_rows(src: torch.Tensor, dst: torch.Tensor, cursor: torch.Tensor, n: in
 def _give_up(err: Exception) -> None:
     global _kernel
     _kernel = None
-    warnings.warn(
-        f"moe_replay: the Triton ring kernels failed to run ({type(err).__name__}: {err}); using torch ops "
-        "from now on (set MOE_REPLAY_TRITON=0 to skip the kernels)",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+    with aloud():  # (moe_replay's own: said inside the runs of a forward too)
+        warnings.warn(
+            f"moe_replay: the Triton ring kernels failed to run ({type(err).__name__}: {err}); using torch ops "
+            "from now on (set MOE_REPLAY_TRITON=0 to skip the kernels)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def ring_write(buf: torch.Tensor, cursor: torch.Tensor, idx: torch.Tensor, n: int) -> bool:

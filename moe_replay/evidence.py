@@ -86,6 +86,7 @@ from ._faults import (
     run_ends,
 )
 from ._files import files_as_they_were, reachable_files, writable_file
+from ._quiet import unheard
 from ._torch_compat import NO_TORCH_FUNCTION
 from .errors import MoEReplayError, UnsupportedRouterError
 
@@ -3372,7 +3373,7 @@ def left_as_it_was(model: nn.Module, runs: str) -> Iterator[None]:
     snapshot = _Snapshot(model, runs=runs)
     before = [(m, name, set(getattr(m, name, None) or ())) for m in snapshot.modules for name in _HOOK_FNS]
     try:
-        with snapshot.drawn_again(), files_as_they_were(snapshot.files):
+        with snapshot.drawn_again(), files_as_they_were(snapshot.files), unheard():
             yield
     finally:
         for m, name, keys in before:
@@ -3523,6 +3524,7 @@ class _Prober:
                 self.snapshot.hooks_aside(),
                 self.snapshot.drawn_again(),
                 files_as_they_were(self.snapshot.files),
+                unheard(),
                 _autocast_cache_aside(),
                 mode,
                 contextlib.nullcontext() if (axis := AXES.get(self.scope)) is None else MovedAxis(axis, any_width=True),
@@ -4169,7 +4171,13 @@ def _refuse_backward_choice(name: str, probe: _Prober, ev: Evidence) -> None:
         NESTING.probing += 1
         outer = run_begins()
         try:
-            with probe.snapshot.hooks_aside(), _autocast_cache_aside(), files_as_they_were(probe.snapshot.files), watch:
+            with (
+                probe.snapshot.hooks_aside(),
+                _autocast_cache_aside(),
+                files_as_they_were(probe.snapshot.files),
+                unheard(),
+                watch,
+            ):
                 got = _native(engine, (tuple(outs), tuple(grads), not last, False, tuple(wrt), True, False), {})
         except Exception as e:
             _refuse_noted(run_ends(outer), e)
