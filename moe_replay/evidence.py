@@ -2391,6 +2391,11 @@ def _own_state(obj: Any) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[An
     return held, slots
 
 
+def _standard(kind: type) -> bool:
+    """Is ``kind`` a class of Python's standard library (a ``logging.Logger``, a ``ThreadPoolExecutor``)?"""
+    return str(getattr(kind, "__module__", "")).partition(".")[0] in sys.stdlib_module_names
+
+
 def _with_kept_objects(iterators: list[Any]) -> list[Any]:
     """``iterators`` (of the user's class, see :func:`_stateful`), then the plain objects (:func:`_plain_object`) their
     own attributes hold, a few objects deep (:data:`_KEPT_DEPTH`), each once (no cycle is followed): an iterator may
@@ -3113,6 +3118,11 @@ class _Snapshot:
         #: each run as a module's are, so that a run leaves no entry a later forward would read as the forward's
         for _, _, v in (x for m, attrs in self.attrs for x in _homes_in(m, attrs)):
             if _plain_object(v):
+                own.setdefault(id(v), v)
+        # (and those the globals their code names hold: a progress bar a forward moves, a counter object; not those
+        # of the standard library's classes, process-wide machinery other threads share: a logger, an executor)
+        for space, name in named_places(self.modules):
+            if _plain_object(v := space.get(name)) and not _standard(type(v)):
                 own.setdefault(id(v), v)
         # (and the plain objects they keep their state in, a few deep: a counter object, a config whose step moves)
         kept_objects = _with_kept_objects(list(own.values()))

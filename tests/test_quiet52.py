@@ -239,3 +239,42 @@ def test_a_blocks_lines_to_a_stream_it_holds_that_cannot_be_sought_are_one_a_for
             model.layers[0] = _HeldStreamBlock(out)
             _capture_then_replay(model, _x())
         assert len(source.read().splitlines()) == 2
+
+
+class _Ticks:
+    """A counter of the forwards, of the user's class, kept in a module-level global."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def tick(self) -> None:
+        self.n += 1
+
+
+_TICKS = _Ticks()
+_BAR: Any = None
+
+
+class _GlobalsBlock(_Block):
+    """The block of :class:`_Block` that moves a counter object and a progress bar held by module-level globals (not
+    by its attributes) at every forward, through their own methods."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _TICKS.tick()
+        _BAR.update(1)
+        return super().forward(x)
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_counter_and_a_progress_bar_in_globals_count_one_a_forward() -> None:
+    """Once silent: each run moved them too (a bar at dozens of steps after one forward). A capture then a replay
+    leave a counter object and a ``tqdm`` bar the forward's code names as globals at two, as two plain forwards do."""
+    tqdm = pytest.importorskip("tqdm").tqdm
+    global _BAR
+    _BAR = tqdm(total=None, file=io.StringIO(), mininterval=3600)
+    _TICKS.n = 0
+    model = _Model("none")
+    model.layers[0] = _GlobalsBlock("none")
+    _capture_then_replay(model, _x())
+    assert (_TICKS.n, _BAR.n) == (2, 2)
+    _BAR.close()
