@@ -20,7 +20,7 @@ from torch import nn
 
 from tests.test_evidence import D
 from tests.test_public_routers import ResidualStack
-from tests.test_public_routers6 import _Used, assert_exact
+from tests.test_public_routers6 import _Used, assert_exact, assert_refused
 
 
 def _seq(seq: int = 5) -> torch.Tensor:
@@ -277,3 +277,228 @@ def test_tesi_task_aware_gates_replay_the_recorded_experts_as_by_hand(train: boo
     model = _one_block(TaskAwareBlock)()
     session = assert_exact(model, _seq(3), train=train)
     assert session.names == ("layers.0.moe.gating",), session.names
+
+
+# ----------------------------------------------------------------------- Super-Linear: a gate over the periodogram
+# azencot-group/SuperLinear models/SuperLinear.py (``SparseMoE``, ``Model``) and layers/Linear_layers.py (``Naive``,
+# ``Mean``, ``RLinear`` with a non-affine ``RevIN``): a pretrained mixture of linear forecasters, one per frequency,
+# beside parameter-free ``naive`` and ``mean`` experts. Each channel's lookback window is a routed row; the gate is a
+# ``Linear`` over the row's normalised periodogram (``torch.fft.fft`` of the centred window, ``abs() ** 2`` over its
+# sum, the positive half), optionally batch-normalised (``moe_norm``), divided by a temperature in eval; Gaussian noise
+# is drawn at every forward and added in training only. ``torch.topk`` of the (noisy) logits, the k values softmaxed;
+# every expert runs on every row (``torch.stack``) and the chosen ones are ``gather``ed and summed by those weights.
+class RevIN(nn.Module):
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.mean = torch.zeros(0)
+        self.stdev = torch.ones(0)
+
+    def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "norm":
+            self.mean = torch.mean(x, dim=1, keepdim=True).detach()
+            self.stdev = torch.sqrt(torch.var(x, dim=1, keepdim=True, unbiased=False) + self.eps).detach()
+            return (x - self.mean) / self.stdev
+        return x * self.stdev + self.mean
+
+
+class Naive(nn.Module):
+    def __init__(self, input_len: int, output_len: int) -> None:
+        super().__init__()
+        self.output_len = output_len
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, -1].unsqueeze(1).repeat(1, self.output_len)
+
+
+class Mean(nn.Module):
+    def __init__(self, input_len: int, output_len: int) -> None:
+        super().__init__()
+        self.output_len = output_len
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1).unsqueeze(1).repeat(1, self.output_len)
+
+
+class RLinear(nn.Module):
+    def __init__(self, input_len: int, output_len: int) -> None:
+        super().__init__()
+        self.Linear = nn.Linear(input_len, output_len)
+        self.revin_layer = RevIN()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_shape = x.shape
+        if len(x_shape) == 2:
+            x = x.unsqueeze(-1)
+        x = x.clone()
+        x = self.revin_layer(x, "norm")
+        x = self.Linear(x.permute(0, 2, 1)).permute(0, 2, 1).clone()
+        x = self.revin_layer(x, "denorm")
+        if len(x_shape) == 2:
+            x = x.squeeze(-1)
+        return x
+
+
+class SuperLinearSparseMoE(_Used):
+    def __init__(self, experts: list[nn.Module], k: int = 2, fft_len: int = 16, moe_norm: bool = True) -> None:
+        super().__init__()
+        self.noise_std = 0.5
+        self.experts = nn.ModuleList(experts)
+        self.num_experts = len(experts)
+        self.k = k
+        self.moe_temp = 0.5
+        self.fft_len = fft_len
+        self.moe_norm = moe_norm
+        self.gating_network = nn.Linear(fft_len // 2, self.num_experts, bias=True)
+        if self.moe_norm:
+            self.batch_norm = nn.BatchNorm1d(self.num_experts)
+
+    def get_periodogram(self, inputs: torch.Tensor, n: int) -> torch.Tensor:
+        x_0 = inputs.unsqueeze(2) if inputs.dim() == 2 else inputs
+        x_0 = x_0 - torch.mean(x_0, dim=1, keepdim=True)
+        dft = torch.fft.fft(x_0, dim=1, n=n) / n**0.5
+        dft = dft[:, : n // 2, :]
+        periodogram = torch.abs(dft) ** 2
+        periodogram_sum = torch.sum(periodogram, dim=1, keepdim=True)
+        periodogram_sum[periodogram_sum == 0] = 1
+        periodogram = periodogram / periodogram_sum
+        return periodogram.squeeze(2) if inputs.dim() == 2 else periodogram
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_0 = self.get_periodogram(x, n=self.fft_len)
+        gate_outputs = self.gating_network(x_0)
+        if self.moe_norm:
+            gate_outputs = self.batch_norm(gate_outputs)
+        if not self.training:
+            gate_outputs = gate_outputs / self.moe_temp
+        noise = torch.randn_like(gate_outputs).to(x.device) * self.noise_std
+        scores = gate_outputs + noise if self.training else gate_outputs
+        if self.forced is None:
+            topk_values, topk_indices = torch.topk(scores, self.k, dim=1)
+        else:
+            topk_indices = self.forced
+            topk_values = scores.gather(1, topk_indices)
+        self.used = topk_indices
+        topk_gates = F.softmax(topk_values, dim=1)
+        expert_outputs = torch.stack([self.experts[i](x) for i in range(self.num_experts)], dim=1)
+        topk_indices_expanded = topk_indices.unsqueeze(-1).expand(-1, -1, expert_outputs.size(2))
+        sparse_expert_outputs = torch.gather(expert_outputs, 1, topk_indices_expanded)
+        return torch.sum(topk_gates.unsqueeze(2) * sparse_expert_outputs, dim=1)
+
+
+class SuperLinear(nn.Module):
+    """``Model.forward`` for a lookback of the training length (no resampling, no auto-regressive extension): the
+    ``[batch, length, channels]`` input made ``[batch * channels, length]`` rows, the forecast put back."""
+
+    def __init__(self, seq_len: int = 8, pred_len: int = 4) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            experts = [Naive(seq_len, pred_len), Mean(seq_len, pred_len)]
+            experts += [RLinear(seq_len, pred_len) for _ in range(3)]
+            self.moe = SuperLinearSparseMoE(experts)
+        self.train_seq_len = seq_len
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        x = x_in.permute(0, 2, 1)
+        b, v, length = x.shape
+        x = x[:, :, -self.train_seq_len :]
+        out = self.moe(x.reshape(b * v, length))
+        return out.reshape(b, v, out.shape[-1]).permute(0, 2, 1)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_super_linear_periodogram_gate_replays_the_recorded_experts_as_by_hand(train: bool) -> None:
+    """Super-Linear's mixture of frequency experts: the gate over each channel's periodogram (batch-normalised, its
+    noise drawn at every forward and added in training) is found with zero configuration; the recorded rows are the
+    experts each channel's window used (parameter-free ``naive`` / ``mean`` experts among them), and a replay after
+    the gate changes forces them, in output and gradients as by hand (in training, the same noise drawn and the batch
+    norm's running statistics moved alike)."""
+    model = SuperLinear()
+    x = torch.randn(2, 8, 3, generator=torch.Generator().manual_seed(1)).cumsum(1)
+    session = assert_exact(model, x, train=train)
+    assert session.names == ("moe.gating_network",), session.names
+
+
+# ----------------------------------------------------------------------- Kinesis: an expert policy drawn by sampling
+# denfujita/Kinesis src/learning/policy_moe.py (``PolicyMOE``; the Mathis group's Kinesis, musculoskeletal imitation
+# learning): a gate (an ``MLP`` of ``tanh`` layers, a ``Linear``, a ``Softmax``) over the running-normalised state
+# gives each pretrained expert policy's probability; ``forward`` returns a ``Categorical`` of them, and
+# ``select_action`` draws the expert (``dist.sample()``: ``torch.multinomial``), compares ``expert_idx.item()`` with
+# each expert's index in a Python loop and returns that expert's action with the index (whose log-probability PPO
+# trains the gate by).
+class KinesisMLP(nn.Module):
+    def __init__(self, input_dim: int, hidden_dims: list[int]) -> None:
+        super().__init__()
+        self.activation = torch.tanh
+        self.affine_layers = nn.ModuleList()
+        last_dim = input_dim
+        for nh in hidden_dims:
+            self.affine_layers.append(nn.Linear(last_dim, nh))
+            last_dim = nh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for affine in self.affine_layers:
+            x = self.activation(affine(x))
+        return x
+
+
+class RunningNorm(nn.Module):
+    """The state normalisation, its statistics loaded from the first expert (fixed here)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / (self.std + 1e-8)).clamp(-5.0, 5.0)
+
+
+class PolicyMOE(_Used):
+    def __init__(self, state_dim: int = 6, action_dim: int = 3, num_experts: int = 4) -> None:
+        super().__init__()
+        self.norm = RunningNorm(state_dim)
+        self.gate = nn.Sequential(KinesisMLP(state_dim, [8]), nn.Linear(8, num_experts), nn.Softmax(dim=1))
+        self.experts = nn.ModuleList(
+            nn.Sequential(KinesisMLP(state_dim, [8]), nn.Linear(8, action_dim)) for _ in range(num_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.distributions.Categorical:
+        return torch.distributions.Categorical(self.gate(self.norm(x)))
+
+    def select_action(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.forward(x)
+        expert_idx = dist.sample() if self.forced is None else self.forced.view(-1)
+        self.used = expert_idx.view(-1, 1)
+        action = torch.zeros(0)
+        for i, expert in enumerate(self.experts):
+            if i == expert_idx.item():
+                action = expert(x)
+                break
+        return action, expert_idx
+
+
+class KinesisAgent(nn.Module):
+    """The agent's step: one state, the action of the expert drawn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.policy = PolicyMOE()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        action, _ = self.policy.select_action(x)
+        return action
+
+
+@pytest.mark.reliability("silent replays")
+def test_kinesis_expert_drawn_by_sampling_is_refused_naming_the_random_draw() -> None:
+    """Kinesis's mixture-of-experts policy draws its expert from the gate's ``Categorical`` (a ``torch.multinomial``
+    outside the gate's forward) rather than ranking scores: the gate is found with zero configuration, and the first
+    capture refuses it with an error that names a random draw such as ``torch.multinomial`` as a choice out of sight,
+    the model left as it was (nothing recorded, nothing forced)."""
+    model = KinesisAgent()
+    assert_refused(model, torch.randn(1, 6, generator=torch.Generator().manual_seed(1)), "torch.multinomial")
