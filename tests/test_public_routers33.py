@@ -11,16 +11,20 @@ with a ``MoEReplayError`` that says why, the model left as it was.
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.test_evidence import D
+import moe_replay as mr
+from tests.test_evidence import D, perturb
 from tests.test_public_routers import ResidualStack
-from tests.test_public_routers6 import _Used, assert_exact, assert_refused
+from tests.test_public_routers6 import _sets, _Used, assert_exact, assert_refused
 
 
 def _seq(seq: int = 5) -> torch.Tensor:
@@ -447,6 +451,9 @@ class KinesisMLP(nn.Module):
 class RunningNorm(nn.Module):
     """The state normalisation, its statistics loaded from the first expert (fixed here)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
@@ -502,3 +509,259 @@ def test_kinesis_expert_drawn_by_sampling_is_refused_naming_the_random_draw() ->
     the model left as it was (nothing recorded, nothing forced)."""
     model = KinesisAgent()
     assert_refused(model, torch.randn(1, 6, generator=torch.Generator().manual_seed(1)), "torch.multinomial")
+
+
+# ----------------------------------------------------------------------- STAtten: a spiking router with GShard top-2
+# jacksuniscool/STAtten module/ms_conv.py (``SpikeRouter``, ``Experts``, ``MS_MoE_Conv``; spikingjelly's
+# ``MultiStepLIFNode``): the MLP of a spiking transformer made an MoE. The router's LIF neurons turn the
+# ``[T, B, C, H, W]`` input into spikes (a membrane potential charged over the T steps, a spike where it passes the
+# threshold, a hard reset; the potential is kept between calls as a plain attribute until ``reset()``), a 1x1
+# ``Conv2d`` and a ``BatchNorm2d`` score the experts at every pixel, softmaxed; GShard's top-2 (``top1`` = ``topk(k=1)``
+# twice, the first masked out by ``one_hot``) with an expert capacity (``cumsum_exclusive`` positions, at least 4),
+# gives the dispatch and combine tensors of ``[T * B, N, E, capacity]``; the experts are ``einsum``s of ``[E, C, F]``
+# weights with LIF neurons between (which take the experts' axis as their time steps). Training loops call
+# spikingjelly's ``functional.reset_net`` after every step.
+class _SigmoidSpike(torch.autograd.Function):
+    """spikingjelly's ``surrogate.Sigmoid``: a Heaviside step forward, the slope of ``sigmoid(alpha * x)`` back."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.alpha = alpha  # type: ignore[attr-defined]
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        sg = torch.sigmoid(ctx.alpha * x)  # type: ignore[attr-defined]
+        return grad * ctx.alpha * sg * (1 - sg), None  # type: ignore[attr-defined]
+
+
+class MultiStepLIFNode(nn.Module):
+    def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: float = 0.0) -> None:
+        super().__init__()
+        self.tau = tau
+        self.v_threshold = v_threshold
+        self.v_reset = v_reset
+        self.v: torch.Tensor | float = v_reset
+
+    def reset(self) -> None:
+        self.v = self.v_reset
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        spikes = []
+        for t in range(x_seq.shape[0]):
+            v = self.v + (x_seq[t] - (self.v - self.v_reset)) / self.tau
+            spike = _SigmoidSpike.apply(v - self.v_threshold, 4.0)
+            spike_d = spike.detach()  # (``detach_reset=True``)
+            self.v = (1.0 - spike_d) * v + spike_d * self.v_reset
+            spikes.append(spike)
+        return torch.stack(spikes)
+
+
+def top1(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, index = t.topk(k=1, dim=-1)
+    return values.squeeze(dim=-1), index.squeeze(dim=-1)
+
+
+def cumsum_exclusive(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    num_pad_dims = -dim - 1
+    pre_padding = (0, 0) * num_pad_dims
+    pre_slice = (slice(None),) * num_pad_dims
+    padded_t = F.pad(t, (*pre_padding, 1, 0)).cumsum(dim=dim)
+    index: tuple[Any, ...] = (..., slice(None, -1), *pre_slice)
+    return padded_t[index]
+
+
+def safe_one_hot(indexes: torch.Tensor, max_length: int) -> torch.Tensor:
+    max_index = int(indexes.max()) + 1
+    return F.one_hot(indexes, max(max_index + 1, max_length))[..., :max_length]
+
+
+class SpikeExperts(nn.Module):
+    def __init__(self, num_experts: int, in_features: int, hidden_features: int) -> None:
+        super().__init__()
+        std1, std2 = 1 / math.sqrt(in_features), 1 / math.sqrt(hidden_features)
+        self.w1 = nn.Parameter(torch.zeros(num_experts, in_features, hidden_features).uniform_(-std1, std1) * 4)
+        self.w2 = nn.Parameter(torch.zeros(num_experts, hidden_features, in_features).uniform_(-std2, std2))
+        self.act = MultiStepLIFNode()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(torch.einsum("...nd,...dh->...nh", x, self.w1))
+        return torch.einsum("...nh,...hd->...nd", hidden, self.w2)
+
+
+class SpikeRouter(_Used):
+    def __init__(self, in_features: int, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.eps = 1e-9
+        self.router_conv = nn.Conv2d(in_features, num_experts, kernel_size=1, stride=1)
+        self.router_bn = nn.BatchNorm2d(num_experts)
+        self.router_lif = MultiStepLIFNode()
+        self.cursor = 0  # (test bookkeeping: the forced rows a call of a run of forwards takes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t, b, _, h, w = x.shape
+        n = h * w
+        capacity_factor = 1.25 if self.training else 2.0
+        router_out = self.router_bn(self.router_conv(self.router_lif(x).flatten(0, 1)))
+        raw_gates = router_out.permute(0, 2, 3, 1).reshape(t * b, n, self.num_experts).softmax(dim=-1)
+        num_gates = self.num_experts
+        forced = None
+        if self.forced is not None:
+            forced = self.forced[self.cursor : self.cursor + t * b * n].view(t * b, n, 2)
+            self.cursor += t * b * n
+        if forced is None:
+            gate_1, index_1 = top1(raw_gates)
+        else:
+            index_1 = forced[..., 0]
+            gate_1 = raw_gates.gather(-1, index_1[..., None]).squeeze(-1)
+        mask_1 = F.one_hot(index_1, num_gates).float()
+        gates_without_top_1 = raw_gates * (1.0 - mask_1)
+        if forced is None:
+            gate_2, index_2 = top1(gates_without_top_1)
+        else:
+            index_2 = forced[..., 1]
+            gate_2 = gates_without_top_1.gather(-1, index_2[..., None]).squeeze(-1)
+        self.used = torch.stack([index_1, index_2], -1).reshape(-1, 2)
+        mask_2 = F.one_hot(index_2, num_gates).float()
+        denom = gate_1 + gate_2 + self.eps
+        gate_1, gate_2 = gate_1 / denom, gate_2 / denom
+        expert_capacity = max(min(n, int((n * capacity_factor) / num_gates)), 4)
+        position_in_expert_1 = cumsum_exclusive(mask_1, dim=-2) * mask_1
+        mask_1 = mask_1 * (position_in_expert_1 < float(expert_capacity)).float()
+        mask_1_count = mask_1.sum(dim=-2, keepdim=True)
+        mask_1_flat = mask_1.sum(dim=-1)
+        position_in_expert_1 = position_in_expert_1.sum(dim=-1)
+        gate_1 = gate_1 * mask_1_flat
+        position_in_expert_2 = (cumsum_exclusive(mask_2, dim=-2) + mask_1_count) * mask_2
+        mask_2 = mask_2 * (position_in_expert_2 < float(expert_capacity)).float()
+        mask_2_flat = mask_2.sum(dim=-1)
+        position_in_expert_2 = position_in_expert_2.sum(dim=-1)
+        gate_2 = gate_2 * mask_2_flat
+        combine_tensor = (
+            gate_1[..., None, None]
+            * mask_1_flat[..., None, None]
+            * F.one_hot(index_1, num_gates)[..., None]
+            * safe_one_hot(position_in_expert_1.long(), expert_capacity)[..., None, :]
+            + gate_2[..., None, None]
+            * mask_2_flat[..., None, None]
+            * F.one_hot(index_2, num_gates)[..., None]
+            * safe_one_hot(position_in_expert_2.long(), expert_capacity)[..., None, :]
+        )
+        return combine_tensor.bool().to(combine_tensor), combine_tensor
+
+
+class MSMoEConv(nn.Module):
+    def __init__(self, in_features: int = 8, num_experts: int = 4) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.out_features = in_features
+        self.router = SpikeRouter(in_features, num_experts)
+        self.experts = SpikeExperts(num_experts, in_features, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, b, c, h, w = x.shape
+        dispatch_tensor, combine_tensor = self.router(x)
+        x_flat = x.permute(0, 1, 3, 4, 2).reshape(t * b, h * w, c)
+        expert_inputs = torch.einsum("bnd,bnec->ebcd", x_flat, dispatch_tensor)
+        orig_shape = expert_inputs.shape
+        expert_outputs = self.experts(expert_inputs.reshape(self.num_experts, -1, c))
+        expert_outputs = expert_outputs.reshape(*orig_shape[:-1], self.out_features)
+        output = torch.einsum("ebcd,bnec->bnd", expert_outputs, combine_tensor)
+        return output.reshape(t, b, h, w, self.out_features).permute(0, 1, 4, 2, 3) + x
+
+
+class SpikingNet(nn.Module):
+    """One spiking MoE block; with ``reset_each_step`` the LIF neurons are reset before every forward (the training
+    loop's ``reset_net`` after each step), without it their potentials carry over from one forward to the next (a
+    stream cut into chunks). Each forward starts the router's forced rows where the last one stopped."""
+
+    def __init__(self, reset_each_step: bool) -> None:
+        super().__init__()
+        self.reset_each_step = reset_each_step
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.block = MSMoEConv()
+
+    def reset_net(self) -> None:
+        for m in self.modules():
+            if isinstance(m, MultiStepLIFNode):
+                m.reset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reset_each_step:
+            self.reset_net()
+            self.block.router.cursor = 0
+        return self.block(x)
+
+
+def _spikes(seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, 1, 8, 2, 2, generator=torch.Generator().manual_seed(seed)) * 4
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_statten_spiking_router_replays_the_recorded_experts_as_by_hand(train: bool) -> None:
+    """STAtten's spiking MoE, its LIF neurons reset before each step: the router (spikes, a 1x1 convolution, a batch
+    norm, GShard's top-2 of two ``topk(k=1)`` calls with a capacity no pixel passes here) is found with zero
+    configuration; the recorded rows are the two experts of each pixel at each time step, and a replay after the
+    router changes forces them, in output and gradients (through the spikes' surrogate) as by hand."""
+    model = SpikingNet(reset_each_step=True)
+    session = assert_exact(model, _spikes(), train=train)
+    assert session.names == ("block.router",), session.names
+
+
+@pytest.mark.reliability("silent replays")
+def test_statten_spiking_router_over_a_stream_replays_each_chunk_from_the_carried_potentials() -> None:
+    """Two chunks of a stream through STAtten's spiking MoE with no reset between them: each chunk's routing depends
+    on the membrane potentials the last one left. Capturing both leaves the outputs and the potentials of an
+    unattached copy run alike; after the router changes, a replay of both chunks from reset potentials forces the
+    recorded experts chunk by chunk, in output and gradients as forcing them by hand on the copy does."""
+    model = SpikingNet(reset_each_step=False).eval()
+    ref = copy.deepcopy(model)
+    router = model.block.router
+    chunks = [_spikes(1), _spikes(2)]
+    with mr.attach(model) as session:
+        assert session.names == ("block.router",), session.names
+        used = []
+        with torch.no_grad(), session.capture():
+            captured = []
+            for x in chunks:
+                captured.append(model(x))
+                assert router.used is not None
+                used.append(router.used)
+        routes = session.routes()
+        rows = routes.layer("block.router")
+        assert torch.equal(_sets(rows), _sets(torch.cat(used))), "the routes are not the experts used"
+        with torch.no_grad():
+            for x, out in zip(chunks, captured, strict=True):
+                assert torch.equal(ref(x), out), "capturing changed a chunk's output"
+        potentials = [(m.v, r.v) for m, r in zip(model.modules(), ref.modules(), strict=True) if hasattr(m, "v")]
+        assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in potentials)
+        perturb(model)
+        perturb(ref)
+        ref.reset_net()
+        ref.block.router.forced, ref.block.router.cursor = rows.long(), 0
+        expected = torch.cat([ref(x) for x in chunks])
+        ref.block.router.forced = None
+        expected.square().sum().backward()
+        model.reset_net()
+        free = []
+        with torch.no_grad():
+            for x in chunks:
+                model(x)
+                assert router.used is not None
+                free.append(router.used)
+        assert not torch.equal(_sets(torch.cat(free)), _sets(rows)), "the changed router chooses the same experts"
+        model.reset_net()
+        with session.replay(routes):
+            replayed = torch.cat([model(x) for x in chunks])
+        replayed.square().sum().backward()
+    assert torch.equal(replayed.detach(), expected.detach()), "the replay is not the recorded experts forced by hand"
+    want = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        want_grad = want[name].grad
+        assert (p.grad is None) == (want_grad is None), name
+        assert p.grad is None or (want_grad is not None and torch.equal(p.grad, want_grad)), name
