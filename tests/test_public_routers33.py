@@ -1,5 +1,5 @@
-"""MoE code of in-context reinforcement learning and multi-task vision, with zero configuration (see
-``test_public_routers32``).
+"""MoE code of reinforcement learning, multi-task vision, time-series forecasting and spiking networks, with zero
+configuration (see ``test_public_routers32``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
 router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
