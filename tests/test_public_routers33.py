@@ -765,3 +765,115 @@ def test_statten_spiking_router_over_a_stream_replays_each_chunk_from_the_carrie
         want_grad = want[name].grad
         assert (p.grad is None) == (want_grad is None), name
         assert p.grad is None or (want_grad is not None and torch.equal(p.grad, want_grad)), name
+
+
+# ----------------------------------------------------------------------- moe-rsl-rl: top-k logits in a -1e9 mask
+# iit-DLSLab/moe-rsl-rl moe_rsl_rl/modules/ac_moe_gated.py (``GatedMoENet._gate_sparse``) over ac_moe_common.py
+# (``BaseMoENet``, ``MLP_net``; after ami-iit/amp-rsl-rl's ``ActorMoE``): a PPO actor whose experts are MLP heads
+# after a shared backbone (``use_shared_layers="backbone"``), some of them controlling only the first actions (their
+# outputs padded with zeros and masked by ``expert_action_masks``). The gate reads the backbone's features; with
+# ``0 < top_k < E`` the top-k logits are scattered into a tensor full of ``-1e9`` and softmaxed (the others' weights
+# exactly zero), every expert runs on every observation, and ``(expert_out * weights).sum(-1)`` mixes them.
+class MLPNet(nn.Sequential):
+    def __init__(self, in_dim: int, hidden_dims: list[int], out_dim: int, act: nn.Module) -> None:
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dims[0]), act]
+        for i in range(len(hidden_dims)):
+            if i == len(hidden_dims) - 1:
+                layers.append(nn.Linear(hidden_dims[i], out_dim))
+            else:
+                layers.extend([nn.Linear(hidden_dims[i], hidden_dims[i + 1]), act])
+        super().__init__(*layers)
+
+
+class GatedMoENet(_Used):
+    expert_action_masks: torch.Tensor
+
+    def __init__(
+        self,
+        obs_dim: int = 6,
+        act_dim: int = 3,
+        num_experts: int = 4,
+        top_k: int = 2,
+        hidden_dims: tuple[int, int] = (8, 8),
+    ) -> None:
+        super().__init__()
+        self.act_dim = act_dim
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.is_sparse = 0 < top_k < num_experts
+        self.expert_output_dims = [act_dim, act_dim, 2, 1][:num_experts]
+        self.has_variable_expert_outputs = any(dim != act_dim for dim in self.expert_output_dims)
+        masks = torch.zeros(num_experts, act_dim)
+        for expert_idx, output_dim in enumerate(self.expert_output_dims):
+            masks[expert_idx, :output_dim] = 1.0
+        self.register_buffer("expert_action_masks", masks)
+        act = nn.ELU()
+        self.shared_backbone = nn.Sequential(nn.Linear(obs_dim, hidden_dims[0]), act)
+        last_dim = hidden_dims[-2]
+        self.experts = nn.ModuleList(
+            MLPNet(last_dim, [last_dim], self.expert_output_dims[i], act) for i in range(num_experts)
+        )
+        self.gate = nn.Sequential(nn.Linear(last_dim, num_experts))
+        self.softmax = nn.Softmax(dim=-1)
+        self._last_gate_weights = torch.empty(0)
+        self._last_unmasked_gate_weights = torch.empty(0)
+
+    def _pad_expert_action_output(self, expert_output: torch.Tensor, expert_idx: int) -> torch.Tensor:
+        output_dim = self.expert_output_dims[expert_idx]
+        if output_dim == self.act_dim:
+            return expert_output
+        padded_output = expert_output.new_zeros(expert_output.shape[0], self.act_dim)
+        padded_output[:, :output_dim] = expert_output
+        return padded_output
+
+    def _gate_sparse(self, gate_input: torch.Tensor) -> torch.Tensor:
+        gate_logits = self.gate(gate_input)
+        self._last_unmasked_gate_weights = self.softmax(gate_logits)
+        if self.forced is None:
+            topk_vals, topk_idx = torch.topk(gate_logits, k=self.top_k, dim=-1)
+        else:
+            topk_idx = self.forced
+            topk_vals = gate_logits.gather(-1, topk_idx)
+        self.used = topk_idx
+        masked_logits = torch.full_like(gate_logits, -1e9)
+        masked_logits.scatter_(dim=-1, index=topk_idx, src=topk_vals)
+        full_weights = self.softmax(masked_logits)
+        self._last_unmasked_gate_weights = full_weights
+        return full_weights.unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.shared_backbone(x)
+        expert_out = torch.stack(
+            [self._pad_expert_action_output(e(features), i) for i, e in enumerate(self.experts)], dim=-1
+        )
+        weights = self._gate_sparse(features)
+        self._last_gate_weights = weights
+        if self.has_variable_expert_outputs:
+            expert_out = expert_out * self.expert_action_masks.transpose(0, 1).unsqueeze(0).to(expert_out.dtype)
+        return (expert_out * weights).sum(dim=-1)
+
+
+class ActorCriticMoE(nn.Module):
+    """``act_inference``: the actor's mean action for a batch of observations (the critic a plain MLP)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.actor = GatedMoENet()
+            self.critic = MLPNet(6, [8], 1, nn.ELU())
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.actor(observations)
+
+
+@pytest.mark.reliability("silent replays")
+def test_moe_rsl_rl_top_k_in_a_large_negative_mask_replays_the_recorded_experts_as_by_hand() -> None:
+    """moe-rsl-rl's sparse gated actor (the top-k logits scattered into ``-1e9`` and softmaxed, every expert run and
+    the others weighted exactly zero, experts of fewer actions padded and masked) is found with zero configuration;
+    the recorded rows are the experts each observation weighs, and a replay after the gate changes forces them, in
+    output and gradients as by hand."""
+    model = ActorCriticMoE()
+    obs = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    session = assert_exact(model, obs, train=True)
+    assert session.names == ("actor.gate",), session.names
