@@ -6,8 +6,9 @@ forward's tokens its routers see and in which order. The rows recorded for those
 where the choice comes out otherwise at replay (the module's weights moved, as they do between an RL rollout and its
 training step), the recorded rows would be forced on other tokens with every count still matching. So the watched
 forward (:class:`~moe_replay.orphans.OrphanWatch`) finds such modules (:attr:`~moe_replay.orphans.OrphanWatch.
-choosers`: a ranking of floating scores along the input's tokens in the module's own forward, before a router inside
-it runs), and from then on each of their forwards is tapped: a capture records the indices of every ranking the
+choosers`: a ranking of floating scores along the input's tokens in the module's own forward, before a router in the
+nearest module holding routers around it runs on fewer tokens, or on all of them in the order of a ranking of every
+token), and from then on each of their forwards is tapped: a capture records the indices of every ranking the
 module takes in its own forward, in call order, and the routes read from it keep them; a replay compares each with
 the recorded one and refuses, with :class:`~moe_replay.TokenMismatchError`, a choice that differs, or routes that hold
 no record of it. A recompute in backward (activation checkpointing) repeats the forward's choice and is not counted.
@@ -69,8 +70,9 @@ class ChoiceLog:
 
     def _compare(self, path: str, indices: torch.Tensor) -> None:
         what = (
-            f"'{path}' chooses, by ranking scores of its own along the tokens, which tokens reach the routers inside "
-            "it (Mixture-of-Depths): routes are rows in the order a router sees its tokens"
+            f"'{path}' chooses, by ranking scores of its own along the tokens, which tokens reach the routers after "
+            "it, or in which order (Mixture-of-Depths, a sort of the tokens): routes are rows in the order a router "
+            "sees its tokens"
         )
         if self.expected is None:
             raise TokenMismatchError(

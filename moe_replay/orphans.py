@@ -467,10 +467,11 @@ class OrphanWatch(TorchFunctionMode):
         self.uniform: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
         #: the grouped convolutions each module holds, by its name, as read (see :meth:`_grouped_experts`)
         self.grouped: dict[str, list[tuple[str, int]]] = {}
-        #: the modules that ranked floating scores along the input's tokens in their own forward while they or their
-        #: parent held an attached router (see :meth:`_holder_ranking`), by path: that holder's path, and where the
-        #: first such call was made
-        self.ranked: dict[str, tuple[str, str]] = {}
+        #: the modules that ranked floating scores along the input's tokens in their own forward below a module holding
+        #: an attached router (see :meth:`_holder_ranking`), by path: the nearest such holder's path, where the first
+        #: such call was made, and whether one of its rankings put every token of a sequence in an order (a sort, or a
+        #: top-k of all of them) rather than choosing some
+        self.ranked: dict[str, tuple[str, str, bool]] = {}
         #: those of them whose routers ran after that ranking: the tokens reaching those routers may be the ones it
         #: chose (Mixture-of-Depths), so each such module's rankings are recorded at capture and compared at replay
         self.choosers: list[str] = []
@@ -752,19 +753,21 @@ class OrphanWatch(TorchFunctionMode):
         return out
 
     def _holder_ranking(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-        """The path of the module making this ranking call (:data:`TOKEN_CHOICES`) in its own forward, where that
-        module, or its parent (a token router beside the block it feeds), holds an attached router below it and it is
-        neither a router's scope, excluded, nor attention; else None. Where it ranks floating scores along the input's
-        tokens (a dimension known to be theirs), it is noted in :attr:`ranked`: the tokens those routers see may be
-        those it chooses by their values."""
+        """The path of the module making this ranking call (:data:`TOKEN_CHOICES`) in its own forward, where a module
+        on its path (itself first: a token router beside the block it feeds, a scorer nested deeper, the decoder layer
+        or the model around the block) holds an attached router below it and it is neither a router's scope,
+        excluded, nor attention; else None. Where it ranks floating scores along the input's tokens (a dimension known
+        to be theirs, not one among keys for each query), it is noted in :attr:`ranked` with the nearest such holder:
+        the tokens those routers see, or their order, may be those it chooses by their values."""
         name, in_hook = _calling_module(self.names, 3)
         if name is None or in_hook or self._known(name) or self._in_attention(name):
             return None
-        holder = name if self._holds_router(name) else name.rpartition(".")[0] if name else None
-        if holder is None or not self._holds_router(holder):
+        holder = self._router_holder(name)
+        if holder is None:
             return None
+        is_topk = func in (torch.topk, torch.Tensor.topk)
         x = _arg(args, kwargs, 0, "input")
-        dim = _arg(args, kwargs, 2 if func in (torch.topk, torch.Tensor.topk) else 1, "dim", -1)
+        dim = _arg(args, kwargs, 2 if is_topk else 1, "dim", -1)
         if (
             isinstance(x, torch.Tensor)
             and x.is_floating_point()
@@ -774,8 +777,28 @@ class OrphanWatch(TorchFunctionMode):
             and x.shape[dim] >= 2
             and not self.axes.may_choose(x, dim)
         ):
-            self.ranked.setdefault(name, (holder, _where()))
+            dim %= x.dim()
+            labels = self.axes.labels(x)
+            if any(i != dim and labels[i] == DATA and x.shape[i] == x.shape[dim] for i in range(x.dim())):
+                return name  # (among keys for each query, as many as they: a sparse attention's indexer)
+            k = _arg(args, kwargs, 1, "k", None) if is_topk else None
+            whole = not is_topk or k == x.shape[dim]
+            if name not in self.ranked:
+                self.ranked[name] = (holder, _where(), whole)
+            elif whole:
+                self.ranked[name] = (*self.ranked[name][:2], True)
         return name
+
+    def _router_holder(self, name: str) -> str | None:
+        """The nearest module on the path to ``name`` (itself first) that holds an attached router's scope below it,
+        or None."""
+        path = name
+        while True:
+            if self._holds_router(path):
+                return path
+            if not path:
+                return None
+            path = path.rpartition(".")[0]
 
     def _holds_router(self, name: str) -> bool:
         """Does the module at ``name`` hold an attached router's scope below it?"""
@@ -785,17 +808,17 @@ class OrphanWatch(TorchFunctionMode):
         """A module's forward starts in the watched forward, called with ``args``: where it is an attached router's
         scope inside the holder of a module of :attr:`ranked`, and sees fewer tokens than the forward was fed (or
         tokens not told), that module chose, before it, which tokens it sees (:attr:`choosers`). A router that sees
-        every token (a ranking of keys for attention, Mixture-of-Depths beside it) is fed no choice of tokens."""
+        every token (a ranking of keys for attention, Mixture-of-Depths beside it) is fed no choice of tokens, unless
+        the ranking put every token in an order (a sort of the tokens by a score): the router's rows may be in it."""
         if not self.ranked:
             return
         name = self.names.get(id(module))
         if name is None or name not in self.scopes:
             return
         rows = _token_count((*args, *module_call_kwargs(3).values()))
-        if rows is not None and self.tokens is not None and rows >= self.tokens:
-            return
-        for path, (holder, _) in self.ranked.items():
-            if (not holder or name.startswith(holder + ".")) and path not in self.choosers:
+        every = rows is not None and self.tokens is not None and rows >= self.tokens
+        for path, (holder, _, whole) in self.ranked.items():
+            if (not holder or name.startswith(holder + ".")) and path not in self.choosers and (whole or not every):
                 self.choosers.append(path)
 
     def chosen(self) -> list[tuple[str, torch.Tensor]]:
