@@ -129,16 +129,17 @@ class _TapMode(TorchFunctionMode):
 
 
 class _Tap(_Inert):
-    """The forward pre-hook (the instance) of a choosing module: opens a :class:`_TapMode` for its forward."""
+    """The forward pre-hook (the instance) of a choosing module: opens a :class:`_TapMode` for its forward. It and its
+    leaving hook run eagerly, also where the module's call is compiled (a graph break there, in a block only): code
+    traced with them would hold no tap, and its rankings would go unrecorded and uncompared."""
 
     def __init__(self, path: str, names: dict[int, str], log: ChoiceLog) -> None:
         self.path, self.names, self.log = path, names, log
         self.open: list[_TapMode] = []
         self.handles: list[Any] = []
 
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling():
-            return
         mode = _TapMode(self)
         mode.__enter__()
         self.open.append(mode)
@@ -155,9 +156,9 @@ class _TapLeave(_Inert):
     def __init__(self, tap: _Tap) -> None:
         self.tap = tap
 
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
-        if not torch.compiler.is_compiling():
-            self.tap.close()
+        self.tap.close()
 
 
 def tap_choices(model: nn.Module, paths: Iterable[str], log: ChoiceLog) -> Callable[[], None]:

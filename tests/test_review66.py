@@ -19,6 +19,8 @@ from torch import nn
 
 import moe_replay as mr
 from tests.test_evidence import D
+from tests.test_mod52 import _GatherStack
+from tests.test_mod52 import _x as _mod_x
 from tests.test_public_routers11 import DsaDecoderLayer
 from tests.test_public_routers32 import MixtralDecoderLayer, MixtralSparseMoeBlock
 
@@ -217,3 +219,51 @@ def test_sparse_attention_indexer_over_every_key_is_no_token_choice() -> None:
         with session.replay(routes), session.capture(), torch.no_grad():
             model(x)
         assert session.routes().equal(routes)
+
+
+def _compiled_mod_replays(verify_first: bool, whole: bool) -> None:
+    """MoD whose choice is made in its token router, that router (or the ``whole`` model) compiled in place: capture,
+    replay where the choice is the same (runs), then where the token router moved so that it chooses other tokens
+    (refused)."""
+    model = _GatherStack().eval()
+    del model.layers[1]  # (one layer: less to compile)
+    x = _mod_x()
+    router = model.layers[0].router
+    torch._dynamo.reset()
+    try:
+        with mr.attach(model) as session:
+            if verify_first:
+                session.verify(x)
+            (model if whole else router).compile(backend="eager")
+            with session.capture(), torch.no_grad():
+                model(x)
+            routes = session.routes()
+            with session.replay(routes), torch.no_grad():
+                model(x)
+            before = router(x)[1]
+            g = torch.Generator().manual_seed(5)
+            with torch.no_grad():
+                while torch.equal(router(x)[1], before):
+                    router.weight_predictor.weight.copy_(torch.randn(1, D, generator=g))
+            with pytest.raises(mr.TokenMismatchError, match="'layers.0.router'.*other tokens"):
+                with session.replay(routes), torch.no_grad():
+                    model(x)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_compiled_forward_of_a_known_token_chooser_is_checked() -> None:
+    """Once silent: the chooser's tap did nothing while its forward was traced, so a capture with the chooser
+    compiled recorded no ranking and a replay compared none. The tap now runs eagerly (a graph break at the
+    chooser's call, in a block only): the capture records the choice, and a replay where it differs is refused."""
+    _compiled_mod_replays(verify_first=True, whole=False)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.xfail(strict=True, reason="compiled whole from the first forward: no watch")
+def test_a_token_chooser_in_a_model_compiled_whole_from_its_first_forward_is_checked() -> None:
+    """The model compiled whole, with no eager forward before (no verify): the watch that finds the choosers never
+    runs, the choice is not recorded, and a replay where it differs forces the recorded rows on other tokens. (A
+    chooser compiled alone is seen by the eager forward around it.)"""
+    _compiled_mod_replays(verify_first=False, whole=True)
