@@ -196,6 +196,21 @@ def _wrap_path_call(
     return changed
 
 
+#: The stand-in made for each function set aside (by its key in ``_ORIGINAL``): the function and its stand-in, made
+#: once and set again at each first block of runs while the function is the same.
+_STAND_INS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+
+
+def _stand_in(
+    key: str, original: Callable[..., Any], make: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> Callable[..., Any]:
+    """The stand-in ``make`` makes for ``original``, made once while ``original`` stays the function at ``key``."""
+    kept = _STAND_INS.get(key)
+    if kept is None or kept[0] is not original:
+        kept = _STAND_INS[key] = (original, make(original))
+    return kept[1]
+
+
 def _install() -> None:
     """The stand-ins for ``open`` and the functions of :func:`_path_calls` in place (the first block of runs of any
     thread puts them there)."""
@@ -204,12 +219,13 @@ def _install() -> None:
         if _ACTIVE == 0:
             _ORIGINAL["open"] = builtins.open
             _ORIGINAL["io"] = io.open
-            builtins.open = _wrap(builtins.open)
-            io.open = _wrap(io.open)
+            builtins.open = _stand_in("open", builtins.open, _wrap)
+            io.open = _stand_in("io", io.open, _wrap)
             for (home, name), where in _path_calls().items():
                 key = f"{home.__name__}.{name}"
                 _ORIGINAL[key] = getattr(home, name)
-                setattr(home, name, _wrap_path_call(_ORIGINAL[key], where, flags=key == "os.open"))
+                make = functools.partial(_wrap_path_call, where=where, flags=key == "os.open")
+                setattr(home, name, _stand_in(key, _ORIGINAL[key], make))
         _ACTIVE += 1
 
 
@@ -316,7 +332,7 @@ def _bytes_of(f: Any) -> bytes | None:
     if isinstance(name, str | bytes) and os.path.isfile(name):
         there = os.stat(name)
         if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
-            with _ORIGINAL["open"](name, "rb") as fh:
+            with _ORIGINAL.get("open", builtins.open)(name, "rb") as fh:  # (held files are read before any stand-in)
                 data: bytes = fh.read()
                 return data
     return None
